@@ -1,0 +1,37 @@
+# LiveEdge — the two commands are `make run` and `make test`.
+GO        ?= go
+BIN       := bin
+FUZZTIME  ?= 10s
+TESTFLAGS ?= -race -timeout 25m
+CONFIG    ?= configs/single.yaml
+
+.PHONY: run build test vet fmt-check fuzz bench loadtest clean
+
+run: build
+	./$(BIN)/liveedge -config $(CONFIG)
+
+build:
+	$(GO) build -o $(BIN)/liveedge ./cmd/liveedge
+
+# Everything CI runs: static checks, every test under -race, a short fuzz run
+# of each parser (seed corpus in testdata/fuzz is always run by go test).
+test: vet fmt-check
+	$(GO) test $(TESTFLAGS) ./...
+	$(MAKE) fuzz
+
+vet:
+	$(GO) vet ./...
+
+fmt-check:
+	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
+	if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+
+fuzz:
+	$(GO) test -run='^$$' -fuzz='^FuzzDecodeClientFrame$$' -fuzztime=$(FUZZTIME) ./gateway/proto
+
+# Benchmarks: ratios against baselines measured in the same run (see README).
+bench:
+	$(GO) test -run='^$$' -bench=. -benchmem -benchtime=$${BENCHTIME:-2s} ./router/ ./gateway/ | tee bench.out
+
+clean:
+	rm -rf $(BIN) data bench.out

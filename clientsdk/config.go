@@ -1,0 +1,143 @@
+package clientsdk
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/url"
+	"time"
+)
+
+// Defaults applied to zero fields of Config.
+const (
+	DefaultRequestTimeout = 10 * time.Second
+	DefaultReconnectMin   = 100 * time.Millisecond
+	DefaultReconnectMax   = 5 * time.Second
+	DefaultDedupWindow    = 16384
+	DefaultEventBuffer    = 1024
+)
+
+// Config configures a Client. The zero value of every field but URL is usable.
+type Config struct {
+	// URL of the gateway's WebSocket endpoint: "ws://host:port/ws" (wss works
+	// too). Query parameters already in it are kept; token and batch are set by
+	// the client.
+	URL string
+
+	// Token is sent as ?token= at every (re)connect. Ignored when TokenFunc is
+	// set. With a static Token an HTTP 401 on reconnect is terminal.
+	Token string
+
+	// TokenFunc, when set, is called before every (re)connect for a fresh
+	// token; an error from it counts as a failed connection attempt. With a
+	// TokenFunc an HTTP 401 on reconnect is retried with backoff (the next call
+	// may return a valid token); on the first connect it fails Dial.
+	TokenFunc func(ctx context.Context) (string, error)
+
+	// NoBatch, when true, does not ask for batch frames. The zero value asks
+	// for them (?batch=1).
+	NoBatch bool
+
+	// RequestTimeout bounds a request whose context has no deadline (including
+	// the wait for a connection), each connection attempt (dial, upgrade and
+	// hello) and each frame write. Zero means DefaultRequestTimeout (10 s).
+	RequestTimeout time.Duration
+
+	// ReconnectMin and ReconnectMax bound the reconnect backoff: the n-th
+	// attempt waits a uniformly random time in [0, min(ReconnectMax,
+	// ReconnectMin·2^(n-1))] ("full jitter"). Zero means 100 ms and 5 s.
+	ReconnectMin time.Duration
+	ReconnectMax time.Duration
+
+	// DedupWindow is how many recent push mids are remembered for
+	// de-duplication. Zero means DefaultDedupWindow (16384).
+	DedupWindow int
+
+	// EventBuffer is the capacity of the queue between the connection's reader
+	// and the callback goroutine. Zero means DefaultEventBuffer (1024). When it
+	// is full the reader blocks (see the package documentation).
+	EventBuffer int
+
+	// OnPush receives each push once, from one goroutine, in arrival order.
+	// Nil discards pushes (they are still acknowledged).
+	OnPush func(Push)
+
+	// OnState receives connection state changes, from the same goroutine as
+	// OnPush. Nil discards them.
+	OnState func(StateEvent)
+
+	// Logger receives diagnostics. Nil discards them. Tokens are never logged.
+	Logger *slog.Logger
+
+	// HeartbeatInterval is how often the client makes sure it has sent
+	// something (a ping request when idle) so that the gateway does not close
+	// it as silent. Zero means half the heartbeat_s of the server's hello (no
+	// heartbeat if the hello has none); a negative value disables heartbeats.
+	// A ping unanswered within RequestTimeout closes the connection (and the
+	// client reconnects).
+	HeartbeatInterval time.Duration
+}
+
+func (cfg Config) withDefaults() (Config, error) {
+	if cfg.URL == "" {
+		return cfg, errors.New("clientsdk: Config.URL is empty")
+	}
+	u, err := url.Parse(cfg.URL)
+	if err != nil {
+		return cfg, fmt.Errorf("clientsdk: Config.URL: %w", err)
+	}
+	if u.Scheme != "ws" && u.Scheme != "wss" {
+		return cfg, fmt.Errorf("clientsdk: Config.URL: scheme must be ws or wss, not %q", u.Scheme)
+	}
+	if cfg.RequestTimeout <= 0 {
+		cfg.RequestTimeout = DefaultRequestTimeout
+	}
+	if cfg.ReconnectMin <= 0 {
+		cfg.ReconnectMin = DefaultReconnectMin
+	}
+	if cfg.ReconnectMax <= 0 {
+		cfg.ReconnectMax = DefaultReconnectMax
+	}
+	if cfg.ReconnectMax < cfg.ReconnectMin {
+		cfg.ReconnectMax = cfg.ReconnectMin
+	}
+	if cfg.DedupWindow <= 0 {
+		cfg.DedupWindow = DefaultDedupWindow
+	}
+	if cfg.EventBuffer <= 0 {
+		cfg.EventBuffer = DefaultEventBuffer
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	return cfg, nil
+}
+
+// dialURL is cfg.URL with the token and batch parameters set.
+func (cfg *Config) dialURL(token string) (string, error) {
+	u, err := url.Parse(cfg.URL)
+	if err != nil {
+		return "", err
+	}
+	q := u.Query()
+	q.Set("token", token)
+	if cfg.NoBatch {
+		q.Del("batch")
+	} else {
+		q.Set("batch", "1")
+	}
+	u.RawQuery = q.Encode()
+	return u.String(), nil
+}
+
+// redactedURL is cfg.URL without its query (which carries the token), for
+// errors and logs.
+func (cfg *Config) redactedURL() string {
+	u, err := url.Parse(cfg.URL)
+	if err != nil {
+		return "?"
+	}
+	u.RawQuery, u.User = "", nil
+	return u.String()
+}

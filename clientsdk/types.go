@@ -1,0 +1,108 @@
+package clientsdk
+
+import (
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/liveedge/liveedge/gateway/proto"
+)
+
+// Errors returned by the Client. Reply errors are *proto.Error.
+var (
+	// ErrDisconnected: the connection dropped while the request was in flight
+	// (it may or may not have been executed by the server; it is not resent).
+	ErrDisconnected = errors.New("clientsdk: disconnected")
+	// ErrClosed: the client was closed, by Close or by a terminal close code.
+	ErrClosed = errors.New("clientsdk: client closed")
+	// ErrUnauthorized: the server refused the WebSocket upgrade with HTTP 401
+	// (no or bad token).
+	ErrUnauthorized = errors.New("clientsdk: unauthorized (HTTP 401)")
+)
+
+// CloseError is the close frame the server sent: its code (gateway/proto
+// close.go) and reason.
+type CloseError struct {
+	Code   int
+	Reason string
+}
+
+func (e *CloseError) Error() string {
+	return fmt.Sprintf("clientsdk: closed by server: %d %s", e.Code, e.Reason)
+}
+
+// Push is one server push, as delivered to Config.OnPush. Data is the raw JSON
+// of the push's d, copied: it is safe to keep.
+type Push struct {
+	Mid  string
+	Biz  int
+	Room int64
+	Ack  bool
+	Data []byte
+}
+
+// State is the kind of a StateEvent.
+type State int
+
+// States reported to Config.OnState.
+const (
+	// StateConnected: connected, hello received, rooms re-joined; requests flow.
+	StateConnected State = iota + 1
+	// StateDisconnected: the connection dropped (Code, Reason, Err).
+	StateDisconnected
+	// StateReconnecting: about to wait Delay, then make attempt Attempt; Err is
+	// why the previous attempt failed (nil before the first).
+	StateReconnecting
+	// StateRoomDropped: re-joining Room after a reconnect failed with Err
+	// (a *proto.Error, typically 10004); the room left the joined set.
+	StateRoomDropped
+	// StateClosed: the client stopped for good. Err is nil after Close, else
+	// the terminal cause (a *CloseError with a code >= 4500, or ErrUnauthorized).
+	StateClosed
+)
+
+func (s State) String() string {
+	switch s {
+	case StateConnected:
+		return "connected"
+	case StateDisconnected:
+		return "disconnected"
+	case StateReconnecting:
+		return "reconnecting"
+	case StateRoomDropped:
+		return "room_dropped"
+	case StateClosed:
+		return "closed"
+	}
+	return fmt.Sprintf("State(%d)", int(s))
+}
+
+// StateEvent is one connection state change. Fields not meaningful for State
+// are zero.
+type StateEvent struct {
+	State State
+	// Hello is the server's hello (StateConnected).
+	Hello proto.Hello
+	// Code and Reason are the WebSocket close code and reason (StateDisconnected,
+	// StateClosed). 1006 means the connection broke without a close frame.
+	Code   int
+	Reason string
+	// Err is the cause (see the State constants).
+	Err error
+	// Attempt and Delay describe a reconnect attempt (StateReconnecting);
+	// Attempt is also set on StateConnected after a reconnect (0 for Dial).
+	Attempt int
+	Delay   time.Duration
+	// Room is the dropped room (StateRoomDropped).
+	Room int64
+}
+
+// Stats are cumulative counters of a Client.
+type Stats struct {
+	Reconnects      int64 // successful reconnects (the first connect is not one)
+	PushesReceived  int64 // push frames received, duplicates included
+	PushesDelivered int64 // pushes queued for OnPush
+	Duplicates      int64 // pushes dropped as already seen (acked again if ack:true)
+	AcksSent        int64 // mids acknowledged
+	Requests        int64 // request frames written
+}

@@ -1,0 +1,72 @@
+// Command liveedge runs one LiveEdge node.
+//
+//	liveedge [-config configs/single.yaml]
+//
+// Without -config the embedded single-node default is used. SIGTERM or SIGINT
+// drains connections (close 1001) and flushes storage before exit.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+
+	"github.com/liveedge/liveedge/configs"
+	"github.com/liveedge/liveedge/gateway"
+)
+
+func main() {
+	path := flag.String("config", "", "YAML config file (default: embedded configs/single.yaml)")
+	flag.Parse()
+	if err := run(*path); err != nil {
+		fmt.Fprintln(os.Stderr, "liveedge:", err)
+		os.Exit(1)
+	}
+}
+
+func run(path string) error {
+	cfg, err := configs.Load(path)
+	if err != nil {
+		return err
+	}
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(cfg.Log.Level)); err != nil {
+		return fmt.Errorf("log.level: %w", err)
+	}
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	node, err := gateway.New(cfg, log)
+	if err != nil {
+		return err
+	}
+	if err := node.Start(); err != nil {
+		_ = node.Shutdown(context.Background())
+		return err
+	}
+	printBanner(node)
+
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT)
+	s := <-sig
+	log.Info("shutting down", "signal", s.String(), "drain_timeout", cfg.Shutdown.DrainTimeout.D())
+	ctx, cancel := context.WithTimeout(context.Background(), cfg.Shutdown.DrainTimeout.D())
+	defer cancel()
+	return node.Shutdown(ctx)
+}
+
+func printBanner(n *gateway.Node) {
+	httpAddr, wsAddr := n.API.Addr(), n.WS.Addr()
+	var b strings.Builder
+	fmt.Fprintf(&b, "LiveEdge node %s is up\n", n.Config.Node.ID)
+	fmt.Fprintf(&b, "  HTTP      http://%s   (/healthz /readyz /metrics /api/v1/...)\n", httpAddr)
+	fmt.Fprintf(&b, "  WebSocket ws://%s/ws?token=TOKEN\n", wsAddr)
+	fmt.Fprintf(&b, "  data      %s\n", n.Config.Node.DataDir)
+	if n.Config.Auth.DevTokens {
+		fmt.Fprintf(&b, "Get a dev token:\n  curl -s -X POST http://%s/api/v1/dev/token -d '{\"user_id\":42,\"role\":\"viewer\"}'\n", httpAddr)
+	}
+	fmt.Print(b.String())
+}

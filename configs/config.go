@@ -1,0 +1,225 @@
+// Package configs holds LiveEdge's node configuration: the YAML files beside this
+// file (single.yaml is the embedded default) and the Config struct they load into.
+//
+// Precedence: built-in defaults (Default) < YAML file < environment variables named
+// LIVEEDGE_<SECTION>_<KEY> (e.g. LIVEEDGE_WS_ADDR, LIVEEDGE_AUTH_DEV_TOKENS=false).
+package configs
+
+import (
+	_ "embed"
+	"fmt"
+	"os"
+	"reflect"
+	"strconv"
+	"strings"
+	"time"
+
+	"gopkg.in/yaml.v3"
+)
+
+//go:embed single.yaml
+var singleYAML []byte
+
+// Duration is a time.Duration written as "30s" in YAML and env.
+type Duration time.Duration
+
+// D returns the time.Duration.
+func (d Duration) D() time.Duration { return time.Duration(d) }
+
+// UnmarshalYAML parses "30s" style durations.
+func (d *Duration) UnmarshalYAML(n *yaml.Node) error {
+	v, err := time.ParseDuration(n.Value)
+	if err != nil {
+		return fmt.Errorf("line %d: %w", n.Line, err)
+	}
+	*d = Duration(v)
+	return nil
+}
+
+// Config is one node's configuration. Zero values are replaced by Default's.
+type Config struct {
+	Node     Node     `yaml:"node"`
+	HTTP     HTTP     `yaml:"http"`
+	WS       WS       `yaml:"ws"`
+	Auth     Auth     `yaml:"auth"`
+	NATS     NATS     `yaml:"nats"`
+	Rooms    Rooms    `yaml:"rooms"`
+	Limits   Limits   `yaml:"limits"`
+	Shutdown Shutdown `yaml:"shutdown"`
+	Log      Log      `yaml:"log"`
+}
+
+// Node identifies the node and where it keeps its files.
+type Node struct {
+	ID      string `yaml:"id"`       // node name in hello frames and metrics
+	DataDir string `yaml:"data_dir"` // Pebble (DataDir/pebble) and JetStream (DataDir/nats)
+}
+
+// HTTP is the Hertz API listener.
+type HTTP struct {
+	Addr         string `yaml:"addr"`
+	MaxBodyBytes int    `yaml:"max_body_bytes"` // request bodies above this get 413
+}
+
+// WS is the WebSocket listener and per-connection limits.
+type WS struct {
+	Addr              string   `yaml:"addr"`
+	Heartbeat         Duration `yaml:"heartbeat"`            // sent in hello; silent for 2× → close 4402
+	SendQueueBytes    int      `yaml:"send_queue_bytes"`     // per-connection queue bound; overflow → close 4408
+	WriteTimeout      Duration `yaml:"write_timeout"`        // one socket write blocked longer → close
+	MaxFrameHardBytes int      `yaml:"max_frame_hard_bytes"` // frames above this close the connection (1009); 64 KiB..hard get 10001
+	AbuseLimit        int      `yaml:"abuse_limit"`          // bad frames per minute before close 4400
+	ResendAfter       Duration `yaml:"resend_after"`         // first resend of an unacked reliable push; doubles each try
+	ResendMaxTries    int      `yaml:"resend_max_tries"`     // resends before giving up on a push (≥ 3)
+	MaxRoomsPerConn   int      `yaml:"max_rooms_per_conn"`
+	MaxConns          int      `yaml:"max_conns"` // upgrades beyond this get 503
+}
+
+// Auth configures tokens.
+type Auth struct {
+	JWTSecret string `yaml:"jwt_secret"`
+	DevTokens bool   `yaml:"dev_tokens"` // enables /api/v1/dev/token (off in cluster configs)
+}
+
+// NATS configures the event bus.
+type NATS struct {
+	Embedded bool   `yaml:"embedded"` // run nats-server in process (JetStream under DataDir/nats)
+	URL      string `yaml:"url"`      // external NATS when not embedded
+	Listen   string `yaml:"listen"`   // embedded: also listen on this host:port ("" = in-process only)
+}
+
+// Rooms configures living rooms.
+type Rooms struct {
+	OpenCloseInterval Duration `yaml:"open_close_interval"` // per-anchor rate limit of open/close (0 = off)
+}
+
+// Limits are per-user rate limits (PROTOCOL.md §6); 0 turns a limit off.
+type Limits struct {
+	ChatPerSecond int `yaml:"chat_per_second"` // chat frames per user per second (burst = same)
+}
+
+// Shutdown configures graceful shutdown.
+type Shutdown struct {
+	DrainTimeout Duration `yaml:"drain_timeout"` // max time to flush send queues after close 1001
+}
+
+// Log configures slog.
+type Log struct {
+	Level string `yaml:"level"` // debug | info | warn | error
+}
+
+// Default returns the embedded single-node configuration.
+func Default() Config {
+	var c Config
+	if err := yaml.Unmarshal(singleYAML, &c); err != nil {
+		panic("configs: embedded single.yaml: " + err.Error())
+	}
+	return c
+}
+
+// Load reads path (empty = the embedded default) over the defaults, then applies
+// environment overrides, then validates.
+func Load(path string) (Config, error) {
+	c := Default()
+	if path != "" {
+		b, err := os.ReadFile(path)
+		if err != nil {
+			return c, err
+		}
+		if err := yaml.Unmarshal(b, &c); err != nil {
+			return c, fmt.Errorf("%s: %w", path, err)
+		}
+	}
+	if err := ApplyEnv(&c, os.Environ()); err != nil {
+		return c, err
+	}
+	return c, c.Validate()
+}
+
+// ApplyEnv applies LIVEEDGE_<SECTION>_<KEY>=value overrides from env.
+func ApplyEnv(c *Config, env []string) error {
+	vals := map[string]string{}
+	for _, kv := range env {
+		if k, v, ok := strings.Cut(kv, "="); ok && strings.HasPrefix(k, "LIVEEDGE_") {
+			vals[k] = v
+		}
+	}
+	rv := reflect.ValueOf(c).Elem()
+	for i := 0; i < rv.NumField(); i++ {
+		sec := rv.Type().Field(i)
+		sv := rv.Field(i)
+		for j := 0; j < sv.NumField(); j++ {
+			f := sv.Type().Field(j)
+			name := "LIVEEDGE_" + strings.ToUpper(sec.Tag.Get("yaml")+"_"+f.Tag.Get("yaml"))
+			v, ok := vals[name]
+			if !ok {
+				continue
+			}
+			if err := setField(sv.Field(j), v); err != nil {
+				return fmt.Errorf("%s: %w", name, err)
+			}
+		}
+	}
+	return nil
+}
+
+func setField(f reflect.Value, v string) error {
+	if f.Type() == reflect.TypeOf(Duration(0)) {
+		d, err := time.ParseDuration(v)
+		if err != nil {
+			return err
+		}
+		f.SetInt(int64(d))
+		return nil
+	}
+	switch f.Kind() {
+	case reflect.String:
+		f.SetString(v)
+	case reflect.Bool:
+		b, err := strconv.ParseBool(v)
+		if err != nil {
+			return err
+		}
+		f.SetBool(b)
+	case reflect.Int, reflect.Int64:
+		n, err := strconv.ParseInt(v, 10, 64)
+		if err != nil {
+			return err
+		}
+		f.SetInt(n)
+	default:
+		return fmt.Errorf("unsupported kind %s", f.Kind())
+	}
+	return nil
+}
+
+// Validate checks ranges and fills nothing: a bad config fails at start.
+func (c *Config) Validate() error {
+	var errs []string
+	check := func(ok bool, msg string) {
+		if !ok {
+			errs = append(errs, msg)
+		}
+	}
+	check(c.Node.ID != "", "node.id is empty")
+	check(c.Node.DataDir != "", "node.data_dir is empty")
+	check(c.HTTP.Addr != "", "http.addr is empty")
+	check(c.WS.Addr != "", "ws.addr is empty")
+	check(c.WS.Heartbeat.D() >= 100*time.Millisecond, "ws.heartbeat must be >= 100ms")
+	check(c.WS.SendQueueBytes >= 4096, "ws.send_queue_bytes must be >= 4096")
+	check(c.WS.WriteTimeout.D() > 0, "ws.write_timeout must be > 0")
+	check(c.WS.MaxFrameHardBytes >= 64<<10, "ws.max_frame_hard_bytes must be >= 65536")
+	check(c.WS.AbuseLimit > 0, "ws.abuse_limit must be > 0")
+	check(c.WS.ResendAfter.D() > 0, "ws.resend_after must be > 0")
+	check(c.WS.ResendMaxTries >= 3, "ws.resend_max_tries must be >= 3")
+	check(c.WS.MaxRoomsPerConn > 0, "ws.max_rooms_per_conn must be > 0")
+	check(c.WS.MaxConns > 0, "ws.max_conns must be > 0")
+	check(len(c.Auth.JWTSecret) >= 16, "auth.jwt_secret must be at least 16 bytes")
+	check(c.NATS.Embedded || c.NATS.URL != "", "nats.url is required when nats.embedded is false")
+	check(c.HTTP.MaxBodyBytes > 0, "http.max_body_bytes must be > 0")
+	check(c.Shutdown.DrainTimeout.D() > 0, "shutdown.drain_timeout must be > 0")
+	if len(errs) > 0 {
+		return fmt.Errorf("config: %s", strings.Join(errs, "; "))
+	}
+	return nil
+}

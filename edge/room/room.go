@@ -1,0 +1,300 @@
+// Package room owns living rooms: an anchor opens a room of a type and closes
+// it; viewers list open rooms by type and read a room's info. Rooms are durable
+// (Pebble, key room/<id>) and re-opened in the router when the node restarts.
+//
+// Invariants (kept by Service under mu): an anchor has at most one open room;
+// a room id is never reused; a closed room never becomes joinable again.
+// Durable writes happen outside mu (an anchor's open is reserved first).
+package room
+
+import (
+	"errors"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/liveedge/liveedge/edge/limit"
+	"github.com/liveedge/liveedge/gateway/proto"
+	"github.com/liveedge/liveedge/persist"
+	"github.com/liveedge/liveedge/router"
+)
+
+// Status of a room.
+const (
+	StatusOpen   = "open"
+	StatusClosed = "closed"
+)
+
+// MaxPageSize bounds GET /rooms paging.
+const MaxPageSize = 100
+
+// Room is the durable record of a living room.
+type Room struct {
+	ID       int64  `json:"room_id"`
+	Type     int    `json:"type"`
+	AnchorID int64  `json:"anchor_id"`
+	Status   string `json:"status"`
+	OpenedAt int64  `json:"opened_at"` // unix ms
+	ClosedAt int64  `json:"closed_at,omitempty"`
+}
+
+// Info is a room as shown to a viewer.
+type Info struct {
+	Room
+	Online        int    `json:"online"`
+	IsAnchor      bool   `json:"is_anchor"`
+	RedPacketCode string `json:"redpacket_code"`
+	PKOpponent    int64  `json:"pk_opponent"`
+}
+
+// Config configures Service.
+type Config struct {
+	// OpenCloseInterval rate-limits open/close per anchor (0 = no limit).
+	OpenCloseInterval time.Duration
+	// Now is the clock (nil = time.Now).
+	Now func() time.Time
+	// Events, if set, is told of every open ("opened") and close ("closed")
+	// after it is durable. It must not block.
+	Events func(kind string, r Room)
+}
+
+// Service manages rooms.
+type Service struct {
+	store  *persist.Store
+	router router.Router
+	now    func() time.Time
+	limit  *limit.Keyed
+	events func(kind string, r Room)
+
+	mu       sync.RWMutex
+	open     map[int64]*Room
+	byAnchor map[int64]int64 // anchor → open room id (0 = an open is in flight)
+	seq      int64
+}
+
+var errReserved = errors.New("room: open in flight")
+
+// New loads rooms from store and re-opens the open ones in r.
+func New(store *persist.Store, r router.Router, cfg Config) (*Service, error) {
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	if cfg.Events == nil {
+		cfg.Events = func(string, Room) {}
+	}
+	s := &Service{
+		store: store, router: r, now: cfg.Now, events: cfg.Events,
+		open: map[int64]*Room{}, byAnchor: map[int64]int64{},
+	}
+	if cfg.OpenCloseInterval > 0 {
+		s.limit = limit.New(1, cfg.OpenCloseInterval, 1, cfg.Now)
+	}
+	if b, err := store.Get(persist.SeqKey("room")); err == nil {
+		s.seq = int64(persist.DecodeUint64(b))
+	} else if !errors.Is(err, persist.ErrNotFound) {
+		return nil, err
+	}
+	err := store.Scan(persist.PrefixRoom, func(k, v []byte) error {
+		var rm Room
+		if err := proto.Unmarshal(v, &rm); err != nil {
+			return err
+		}
+		s.seq = max(s.seq, rm.ID)
+		if rm.Status == StatusOpen {
+			s.open[rm.ID] = &rm
+			s.byAnchor[rm.AnchorID] = rm.ID
+			r.OpenRoom(rm.ID)
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+func (s *Service) save(rm *Room) error {
+	v, err := proto.Marshal(rm)
+	if err != nil {
+		return err
+	}
+	return s.store.Put(persist.Key(persist.PrefixRoom, uint64(rm.ID)), v)
+}
+
+// Open opens a room of typ for anchor. If the anchor already has an open room,
+// that room is returned (opening is idempotent).
+func (s *Service) Open(anchor int64, typ int) (Room, error) {
+	if typ < 0 {
+		return Room{}, proto.BadRequest("type must be >= 0")
+	}
+	s.mu.Lock()
+	if id, ok := s.byAnchor[anchor]; ok {
+		s.mu.Unlock()
+		if id == 0 {
+			return Room{}, proto.Errorf(proto.CodeConflict, "an open is already in flight")
+		}
+		return s.mustGetOpen(id)
+	}
+	if !s.limit.Allow(uint64(anchor)) {
+		s.mu.Unlock()
+		return Room{}, proto.ErrRateLimited
+	}
+	s.seq++
+	rm := &Room{ID: s.seq, Type: typ, AnchorID: anchor, Status: StatusOpen, OpenedAt: s.now().UnixMilli()}
+	s.byAnchor[anchor] = 0 // reserve
+	seq := s.seq
+	s.mu.Unlock()
+
+	err := s.store.Apply(func(b *persist.Batch) error {
+		v, err := proto.Marshal(rm)
+		if err != nil {
+			return err
+		}
+		if err := b.Set(persist.Key(persist.PrefixRoom, uint64(rm.ID)), v, nil); err != nil {
+			return err
+		}
+		return b.Set(persist.SeqKey("room"), persist.EncodeUint64(uint64(seq)), nil)
+	})
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err != nil {
+		delete(s.byAnchor, anchor)
+		return Room{}, err
+	}
+	s.router.OpenRoom(rm.ID)
+	s.open[rm.ID] = rm
+	s.byAnchor[anchor] = rm.ID
+	s.events("opened", *rm)
+	return *rm, nil
+}
+
+func (s *Service) mustGetOpen(id int64) (Room, error) {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	if rm, ok := s.open[id]; ok {
+		return *rm, nil
+	}
+	return Room{}, errReserved
+}
+
+// Close closes room id on behalf of anchor: its viewers get biz 5559 and are
+// removed; later joins fail with 10004.
+func (s *Service) Close(anchor, id int64) error {
+	s.mu.Lock()
+	rm, ok := s.open[id]
+	if !ok {
+		s.mu.Unlock()
+		if _, err := s.load(id); err == nil {
+			return proto.Errorf(proto.CodeConflict, "room already closed")
+		}
+		return proto.ErrNotFound
+	}
+	if rm.AnchorID != anchor {
+		s.mu.Unlock()
+		return proto.Errorf(proto.CodeForbidden, "not the room's anchor")
+	}
+	if !s.limit.Allow(uint64(anchor)) {
+		s.mu.Unlock()
+		return proto.ErrRateLimited
+	}
+	delete(s.open, id)
+	s.byAnchor[anchor] = 0 // no new open until this close is durable
+	closed := *rm
+	closed.Status, closed.ClosedAt = StatusClosed, s.now().UnixMilli()
+	s.mu.Unlock()
+
+	err := s.save(&closed)
+	s.mu.Lock()
+	if err != nil {
+		s.open[id] = rm
+		s.byAnchor[anchor] = id
+		s.mu.Unlock()
+		return err
+	}
+	delete(s.byAnchor, anchor)
+	s.mu.Unlock()
+	d, _ := proto.Marshal(proto.RoomClosedPush{RoomID: id, Reason: "closed by anchor"})
+	s.router.CloseRoom(id, &proto.Push{Biz: proto.BizRoomClosed, Data: d, Ack: false})
+	s.events("closed", closed)
+	return nil
+}
+
+func (s *Service) load(id int64) (Room, error) {
+	var rm Room
+	v, err := s.store.Get(persist.Key(persist.PrefixRoom, uint64(id)))
+	if err != nil {
+		return rm, err
+	}
+	return rm, proto.Unmarshal(v, &rm)
+}
+
+// Get returns room id as seen by viewer (open or closed); 10004 if unknown.
+func (s *Service) Get(id, viewer int64) (Info, error) {
+	if id <= 0 {
+		return Info{}, proto.ErrNotFound
+	}
+	s.mu.RLock()
+	rm, ok := s.open[id]
+	var r Room
+	if ok {
+		r = *rm
+	}
+	s.mu.RUnlock()
+	if !ok {
+		var err error
+		if r, err = s.load(id); err != nil {
+			if errors.Is(err, persist.ErrNotFound) {
+				return Info{}, proto.ErrNotFound
+			}
+			return Info{}, err
+		}
+	}
+	return s.info(r, viewer), nil
+}
+
+func (s *Service) info(r Room, viewer int64) Info {
+	in := Info{Room: r, IsAnchor: viewer != 0 && viewer == r.AnchorID}
+	if r.Status == StatusOpen {
+		in.Online = s.router.Online(r.ID)
+	}
+	return in
+}
+
+// IsOpen reports whether room id is open.
+func (s *Service) IsOpen(id int64) bool {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	_, ok := s.open[id]
+	return ok
+}
+
+// List returns open rooms of typ (typ < 0: every type), newest first, page ≥ 1,
+// 1 ≤ pageSize ≤ 100, and the total count.
+func (s *Service) List(typ, page, pageSize int, viewer int64) ([]Info, int, error) {
+	if page < 1 {
+		return nil, 0, proto.BadRequest("page must be >= 1")
+	}
+	if pageSize < 1 || pageSize > MaxPageSize {
+		return nil, 0, proto.BadRequest("page_size must be in 1..%d", MaxPageSize)
+	}
+	s.mu.RLock()
+	rooms := make([]Room, 0, len(s.open))
+	for _, rm := range s.open {
+		if typ < 0 || rm.Type == typ {
+			rooms = append(rooms, *rm)
+		}
+	}
+	s.mu.RUnlock()
+	sort.Slice(rooms, func(i, j int) bool { return rooms[i].ID > rooms[j].ID })
+	total := len(rooms)
+	from := (page - 1) * pageSize
+	if from >= total {
+		return []Info{}, total, nil
+	}
+	to := min(from+pageSize, total)
+	out := make([]Info, 0, to-from)
+	for _, r := range rooms[from:to] {
+		out = append(out, s.info(r, viewer))
+	}
+	return out, total, nil
+}

@@ -1,0 +1,75 @@
+package gateway
+
+import (
+	"errors"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/golang-jwt/jwt/v5"
+)
+
+// Roles carried in tokens.
+const (
+	RoleViewer = "viewer"
+	RoleAnchor = "anchor"
+	RoleAdmin  = "admin"
+)
+
+// Identity is an authenticated caller.
+type Identity struct {
+	UserID  int64
+	Role    string
+	Expires time.Time
+}
+
+// Auth issues and verifies HS256 JWTs (PROTOCOL.md §1).
+type Auth struct {
+	secret []byte
+}
+
+// NewAuth returns an Auth with secret.
+func NewAuth(secret string) *Auth { return &Auth{secret: []byte(secret)} }
+
+type claims struct {
+	Role string `json:"role"`
+	jwt.RegisteredClaims
+}
+
+// ValidRole reports whether r is a known role.
+func ValidRole(r string) bool { return r == RoleViewer || r == RoleAnchor || r == RoleAdmin }
+
+// Issue returns a token for user with role valid for ttl.
+func (a *Auth) Issue(user int64, role string, ttl time.Duration) (string, error) {
+	c := claims{Role: role, RegisteredClaims: jwt.RegisteredClaims{
+		Subject:   strconv.FormatInt(user, 10),
+		IssuedAt:  jwt.NewNumericDate(time.Now()),
+		ExpiresAt: jwt.NewNumericDate(time.Now().Add(ttl)),
+	}}
+	return jwt.NewWithClaims(jwt.SigningMethodHS256, c).SignedString(a.secret)
+}
+
+var errBadToken = errors.New("bad token")
+
+// Verify parses and checks a token.
+func (a *Auth) Verify(tok string) (Identity, error) {
+	var c claims
+	_, err := jwt.ParseWithClaims(tok, &c, func(*jwt.Token) (any, error) { return a.secret, nil },
+		jwt.WithValidMethods([]string{"HS256"}), jwt.WithExpirationRequired())
+	if err != nil {
+		return Identity{}, errBadToken
+	}
+	uid, err := strconv.ParseInt(c.Subject, 10, 64)
+	if err != nil || uid <= 0 || !ValidRole(c.Role) {
+		return Identity{}, errBadToken
+	}
+	return Identity{UserID: uid, Role: c.Role, Expires: c.ExpiresAt.Time}, nil
+}
+
+// BearerToken extracts the token of an "Authorization: Bearer <t>" header value.
+func BearerToken(h string) string {
+	if len(h) > 7 && strings.EqualFold(h[:7], "bearer ") {
+		return strings.TrimSpace(h[7:])
+	}
+	return ""
+}

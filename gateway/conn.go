@@ -1,0 +1,337 @@
+package gateway
+
+import (
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/lxzan/gws"
+
+	"github.com/liveedge/liveedge/gateway/proto"
+	"github.com/liveedge/liveedge/router"
+)
+
+// maxPendingAcks bounds the reliable pushes awaiting an ack on one connection;
+// a client that lets more pile up is treated as slow (close 4408).
+const maxPendingAcks = 4096
+
+// maxWriteBytes bounds one merged batch write.
+const maxWriteBytes = 256 << 10
+
+// Conn is one WebSocket connection: one reader (gws's ReadLoop, which runs the
+// handlers) and at most one writer goroutine, started when the queue becomes
+// non-empty and gone when it is drained.
+//
+// Invariants (under mu): queued == Σ size of queue; once closeCode != 0 nothing
+// more is queued; the writer is the only goroutine that writes to ws, except
+// for gws's own control replies (pong, close echo) which take gws's lock.
+type Conn struct {
+	id    uint64
+	ident Identity
+	ws    *gws.Conn
+	srv   *Server
+	batch bool // the client accepts {"t":"batch"} frames
+
+	lastRead atomic.Int64 // unix ns of the last frame read
+
+	mu        sync.Mutex
+	queue     []*router.Frame
+	queued    int
+	writing   bool
+	closeCode int  // != 0: closing with this code
+	drain     bool // write what is queued before the close frame
+	badCount  int
+	badWindow time.Time
+
+	ackMu   sync.Mutex
+	pending map[string]*pendingPush
+	timer   *time.Timer
+	done    chan struct{}
+}
+
+type pendingPush struct {
+	msg   router.Msg
+	tries int
+	next  time.Time
+}
+
+var _ router.Session = (*Conn)(nil)
+
+// ID implements router.Session.
+func (c *Conn) ID() uint64 { return c.id }
+
+// UserID implements router.Session.
+func (c *Conn) UserID() int64 { return c.ident.UserID }
+
+// Send implements router.Session: queue f, never block.
+func (c *Conn) Send(f *router.Frame) bool {
+	if !c.enqueue(f) {
+		return false
+	}
+	for i := range f.Msgs {
+		if f.Msgs[i].Ack {
+			c.track(f.Msgs[i])
+		}
+	}
+	return true
+}
+
+// reply queues a reply frame.
+func (c *Conn) reply(b []byte) {
+	c.enqueue(router.NewFrame(router.Msg{Bytes: b}))
+}
+
+func (c *Conn) enqueue(f *router.Frame) bool {
+	c.mu.Lock()
+	if c.closeCode != 0 {
+		c.mu.Unlock()
+		return false
+	}
+	if c.queued+f.Size() > c.srv.cfg.WS.SendQueueBytes {
+		c.mu.Unlock()
+		c.srv.metrics.queueDrops.Inc()
+		c.Close(proto.CloseSlowConsumer, false)
+		return false
+	}
+	c.queue = append(c.queue, f)
+	c.queued += f.Size()
+	start := !c.writing
+	c.writing = true
+	c.mu.Unlock()
+	if start {
+		go c.writeLoop()
+	}
+	return true
+}
+
+// Close closes the connection with code. With drain, what is queued is written
+// first (bounded by the write timeout); without, it is discarded.
+func (c *Conn) Close(code int, drain bool) {
+	c.mu.Lock()
+	if c.closeCode != 0 {
+		c.mu.Unlock()
+		return
+	}
+	c.closeCode, c.drain = code, drain
+	if !drain {
+		c.queue, c.queued = nil, 0
+	}
+	start := !c.writing
+	c.writing = true
+	c.mu.Unlock()
+	if code == proto.CloseSlowConsumer {
+		c.srv.metrics.slowCloses.Inc()
+	}
+	if start {
+		go c.writeLoop()
+	}
+}
+
+// writeLoop drains the queue; it exits when the queue is empty, or after
+// writing the close frame.
+func (c *Conn) writeLoop() {
+	var spare []*router.Frame
+	var buf []byte
+	for {
+		c.mu.Lock()
+		code, drain := c.closeCode, c.drain
+		if len(c.queue) == 0 || (code != 0 && !drain) {
+			if code == 0 {
+				c.writing = false
+				c.mu.Unlock()
+				return
+			}
+			c.queue, c.queued = nil, 0
+			c.mu.Unlock()
+			_ = c.ws.SetWriteDeadline(time.Now().Add(time.Second))
+			_ = c.ws.WriteClose(uint16(code), []byte(proto.CloseReason(code)))
+			c.srv.metrics.closes.WithLabelValues(closeLabel(code)).Inc()
+			return
+		}
+		frames := c.queue
+		c.queue, c.queued = spare[:0], 0
+		c.mu.Unlock()
+
+		_ = c.ws.SetWriteDeadline(time.Now().Add(c.srv.cfg.WS.WriteTimeout.D()))
+		var err error
+		buf, err = c.write(frames, buf)
+		clear(frames)
+		spare = frames
+		if err != nil {
+			// gws has closed the socket; OnClose cleans up.
+			c.mu.Lock()
+			c.queue, c.queued = nil, 0
+			if c.closeCode == 0 {
+				c.closeCode = proto.CloseGoingAway
+			}
+			c.mu.Unlock()
+			return
+		}
+	}
+}
+
+// write sends frames: merged into batch frames for clients that accept them,
+// one WebSocket frame per message otherwise.
+func (c *Conn) write(frames []*router.Frame, buf []byte) ([]byte, error) {
+	m := c.srv.metrics
+	if !c.batch {
+		for _, f := range frames {
+			for i := range f.Msgs {
+				if err := c.ws.WriteMessage(gws.OpcodeText, f.Msgs[i].Bytes); err != nil {
+					return buf, err
+				}
+				m.framesOut.Inc()
+			}
+		}
+		return buf, nil
+	}
+	if len(frames) == 1 {
+		m.framesOut.Inc()
+		return buf, c.ws.WriteMessage(gws.OpcodeText, frames[0].Batch())
+	}
+	var parts [][]byte
+	size := 0
+	flush := func() error {
+		if len(parts) == 0 {
+			return nil
+		}
+		var out []byte
+		if len(parts) == 1 {
+			out = parts[0]
+		} else {
+			buf = proto.AppendBatch(buf[:0], parts)
+			out = buf
+		}
+		parts, size = parts[:0], 0
+		m.framesOut.Inc()
+		return c.ws.WriteMessage(gws.OpcodeText, out)
+	}
+	for _, f := range frames {
+		for i := range f.Msgs {
+			if size > 0 && size+len(f.Msgs[i].Bytes) > maxWriteBytes {
+				if err := flush(); err != nil {
+					return buf, err
+				}
+			}
+			parts = append(parts, f.Msgs[i].Bytes)
+			size += len(f.Msgs[i].Bytes)
+		}
+	}
+	return buf, flush()
+}
+
+// track registers a reliable push for resend until acked. A push already
+// pending (a resend of it) keeps its schedule.
+func (c *Conn) track(m router.Msg) {
+	c.ackMu.Lock()
+	if c.pending == nil {
+		c.ackMu.Unlock()
+		return // closed
+	}
+	if _, ok := c.pending[m.Mid]; ok {
+		c.ackMu.Unlock()
+		return
+	}
+	if len(c.pending) >= maxPendingAcks {
+		c.ackMu.Unlock()
+		c.Close(proto.CloseSlowConsumer, false)
+		return
+	}
+	after := c.srv.cfg.WS.ResendAfter.D()
+	c.pending[m.Mid] = &pendingPush{msg: m, next: time.Now().Add(after)}
+	if c.timer == nil {
+		c.timer = time.AfterFunc(after, c.resendDue)
+	}
+	c.ackMu.Unlock()
+}
+
+// acked forgets acknowledged pushes.
+func (c *Conn) acked(mids []string) {
+	c.ackMu.Lock()
+	for _, mid := range mids {
+		delete(c.pending, mid)
+	}
+	c.ackMu.Unlock()
+}
+
+// resendDue resends every due push (backoff doubles per try) and re-arms the
+// timer for the next one.
+func (c *Conn) resendDue() {
+	now := time.Now()
+	var due []router.Msg
+	c.ackMu.Lock()
+	if c.pending == nil {
+		c.ackMu.Unlock()
+		return
+	}
+	c.timer = nil
+	var next time.Time
+	base := c.srv.cfg.WS.ResendAfter.D()
+	for mid, p := range c.pending {
+		if !p.next.After(now) {
+			if p.tries >= c.srv.cfg.WS.ResendMaxTries {
+				delete(c.pending, mid)
+				c.srv.metrics.resendGiveUps.Inc()
+				continue
+			}
+			p.tries++
+			p.next = now.Add(base << p.tries)
+			due = append(due, p.msg)
+		}
+		if next.IsZero() || p.next.Before(next) {
+			next = p.next
+		}
+	}
+	if !next.IsZero() {
+		c.timer = time.AfterFunc(time.Until(next), c.resendDue)
+	}
+	c.ackMu.Unlock()
+	if len(due) > 0 {
+		c.srv.metrics.resends.Add(float64(len(due)))
+		c.enqueue(router.NewFrame(due...))
+	}
+}
+
+// stopAcks drops the resend state when the connection is gone.
+func (c *Conn) stopAcks() {
+	c.ackMu.Lock()
+	if c.timer != nil {
+		c.timer.Stop()
+		c.timer = nil
+	}
+	c.pending = nil
+	c.ackMu.Unlock()
+}
+
+// badFrame counts a bad frame; too many within a minute closes with 4400.
+func (c *Conn) badFrame(id int64, e *proto.Error) {
+	c.srv.metrics.badFrames.Inc()
+	c.reply(proto.EncodeErrorReply(id, e))
+	now := time.Now()
+	c.mu.Lock()
+	if now.Sub(c.badWindow) > time.Minute {
+		c.badWindow, c.badCount = now, 0
+	}
+	c.badCount++
+	abuse := c.badCount > c.srv.cfg.WS.AbuseLimit
+	c.mu.Unlock()
+	if abuse {
+		c.Close(proto.CloseAbuse, true)
+	}
+}
+
+func closeLabel(code int) string {
+	switch code {
+	case proto.CloseGoingAway:
+		return "going_away"
+	case proto.CloseAbuse:
+		return "abuse"
+	case proto.CloseHeartbeatTimeout:
+		return "heartbeat"
+	case proto.CloseSlowConsumer:
+		return "slow"
+	case proto.CloseNormal:
+		return "normal"
+	}
+	return "other"
+}

@@ -1,0 +1,292 @@
+package gateway
+
+import (
+	"context"
+	"log/slog"
+	"net"
+	"strconv"
+	"sync/atomic"
+	"time"
+
+	"github.com/cloudwego/hertz/pkg/app"
+	"github.com/cloudwego/hertz/pkg/app/server"
+	"github.com/cloudwego/hertz/pkg/common/adaptor"
+	"github.com/cloudwego/hertz/pkg/common/hlog"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/liveedge/liveedge/configs"
+	"github.com/liveedge/liveedge/edge/room"
+	"github.com/liveedge/liveedge/gateway/proto"
+)
+
+// devTokenTTL is the lifetime of tokens minted by /api/v1/dev/token.
+const devTokenTTL = 24 * time.Hour
+
+// API is the Hertz HTTP side of a node (PROTOCOL.md §4).
+type API struct {
+	cfg     configs.Config
+	log     *slog.Logger
+	auth    *Auth
+	rooms   *room.Service
+	metrics *metrics
+	ready   func() error
+
+	h  *server.Hertz
+	ln net.Listener
+
+	reqID atomic.Uint64
+}
+
+func init() { hlog.SetLevel(hlog.LevelWarn) }
+
+func newAPI(cfg configs.Config, log *slog.Logger, auth *Auth, rooms *room.Service, m *metrics, ready func() error) *API {
+	return &API{cfg: cfg, log: log, auth: auth, rooms: rooms, metrics: m, ready: ready}
+}
+
+// Listen binds the HTTP address and serves in the background.
+func (a *API) Listen() error {
+	ln, err := net.Listen("tcp", a.cfg.HTTP.Addr)
+	if err != nil {
+		return err
+	}
+	a.ln = ln
+	a.h = server.New(
+		server.WithListener(ln),
+		server.WithMaxRequestBodySize(a.cfg.HTTP.MaxBodyBytes),
+		server.WithReadTimeout(10*time.Second),
+		server.WithWriteTimeout(10*time.Second),
+		server.WithIdleTimeout(60*time.Second),
+		server.WithDisablePrintRoute(true),
+		server.WithExitWaitTime(time.Second),
+	)
+	a.routes()
+	go func() {
+		if err := a.h.Run(); err != nil {
+			a.log.Error("http server", "err", err)
+		}
+	}()
+	return nil
+}
+
+// Addr is the bound HTTP address.
+func (a *API) Addr() string { return a.ln.Addr().String() }
+
+// Shutdown stops the HTTP server.
+func (a *API) Shutdown(ctx context.Context) {
+	if a.h != nil {
+		_ = a.h.Shutdown(ctx)
+	}
+}
+
+func (a *API) routes() {
+	h := a.h
+	h.GET("/healthz", func(_ context.Context, c *app.RequestContext) { c.String(200, "ok") })
+	h.GET("/readyz", func(_ context.Context, c *app.RequestContext) {
+		if err := a.ready(); err != nil {
+			c.String(503, "not ready: "+err.Error())
+			return
+		}
+		c.String(200, "ready")
+	})
+	h.GET("/metrics", adaptor.HertzHandler(promhttp.HandlerFor(a.metrics.reg, promhttp.HandlerOpts{})))
+
+	v1 := h.Group("/api/v1")
+	if a.cfg.Auth.DevTokens {
+		v1.POST("/dev/token", a.devToken)
+	}
+	authed := v1.Group("", a.authenticate)
+	authed.GET("/rooms", a.listRooms)
+	authed.GET("/rooms/:id", a.getRoom)
+	authed.POST("/rooms", a.openRoom)
+	authed.DELETE("/rooms/:id", a.closeRoom)
+}
+
+// ok writes the success envelope.
+func ok(c *app.RequestContext, data any) {
+	if data == nil {
+		data = struct{}{}
+	}
+	b, err := proto.Marshal(struct {
+		Code int    `json:"code"`
+		Msg  string `json:"msg"`
+		Data any    `json:"data"`
+	}{0, "ok", data})
+	if err != nil {
+		b = []byte(`{"code":50000,"msg":"internal error","data":{}}`)
+		c.Data(500, "application/json", b)
+		return
+	}
+	c.Data(200, "application/json", b)
+}
+
+// fail writes the error envelope; non-*proto.Error errors are logged with a
+// request id and answered 50000 without details.
+func (a *API) fail(c *app.RequestContext, err error) {
+	e := proto.AsError(err)
+	if e.Code == proto.CodeInternal {
+		id := a.reqID.Add(1)
+		a.log.Error("http request failed", "req_id", id, "path", string(c.Path()), "err", err)
+		e = &proto.Error{Code: proto.CodeInternal, Msg: "internal error (request " + strconv.FormatUint(id, 10) + ")"}
+	}
+	b, _ := proto.Marshal(struct {
+		Code int      `json:"code"`
+		Msg  string   `json:"msg"`
+		Data struct{} `json:"data"`
+	}{Code: e.Code, Msg: e.Msg})
+	c.Data(proto.HTTPStatus(e.Code), "application/json", b)
+}
+
+// bind decodes the JSON body into v.
+func bind(c *app.RequestContext, v any) error {
+	body := c.Request.Body()
+	if len(body) == 0 {
+		return proto.BadRequest("empty body")
+	}
+	if err := proto.Unmarshal(body, v); err != nil {
+		return proto.BadRequest("bad JSON body")
+	}
+	return nil
+}
+
+const identKey = "liveedge.ident"
+
+func (a *API) authenticate(ctx context.Context, c *app.RequestContext) {
+	tok := BearerToken(string(c.GetHeader("Authorization")))
+	ident, err := a.auth.Verify(tok)
+	if err != nil {
+		a.fail(c, proto.Errorf(proto.CodeUnauthenticated, "missing or bad token"))
+		c.Abort()
+		return
+	}
+	c.Set(identKey, ident)
+	c.Next(ctx)
+}
+
+func identOf(c *app.RequestContext) Identity {
+	v, _ := c.Get(identKey)
+	id, _ := v.(Identity)
+	return id
+}
+
+type devTokenReq struct {
+	UserID int64  `json:"user_id"`
+	Role   string `json:"role"`
+}
+
+func (a *API) devToken(_ context.Context, c *app.RequestContext) {
+	var r devTokenReq
+	if err := bind(c, &r); err != nil {
+		a.fail(c, err)
+		return
+	}
+	if r.Role == "" {
+		r.Role = RoleViewer
+	}
+	if r.UserID <= 0 || !ValidRole(r.Role) {
+		a.fail(c, proto.BadRequest("user_id must be > 0 and role one of viewer, anchor, admin"))
+		return
+	}
+	tok, err := a.auth.Issue(r.UserID, r.Role, devTokenTTL)
+	if err != nil {
+		a.fail(c, err)
+		return
+	}
+	ok(c, map[string]string{"token": tok})
+}
+
+func pathID(c *app.RequestContext) (int64, error) {
+	id, err := strconv.ParseInt(c.Param("id"), 10, 64)
+	if err != nil || id <= 0 {
+		return 0, proto.BadRequest("bad id")
+	}
+	return id, nil
+}
+
+func queryInt(c *app.RequestContext, name string, def int) (int, error) {
+	s := string(c.Query(name))
+	if s == "" {
+		return def, nil
+	}
+	n, err := strconv.Atoi(s)
+	if err != nil {
+		return 0, proto.BadRequest("bad %s", name)
+	}
+	return n, nil
+}
+
+func (a *API) listRooms(_ context.Context, c *app.RequestContext) {
+	typ, err := queryInt(c, "type", -1)
+	if err != nil {
+		a.fail(c, err)
+		return
+	}
+	page, err := queryInt(c, "page", 1)
+	if err != nil {
+		a.fail(c, err)
+		return
+	}
+	size, err := queryInt(c, "page_size", 20)
+	if err != nil {
+		a.fail(c, err)
+		return
+	}
+	rooms, total, err := a.rooms.List(typ, page, size, identOf(c).UserID)
+	if err != nil {
+		a.fail(c, err)
+		return
+	}
+	ok(c, map[string]any{"rooms": rooms, "total": total, "page": page, "page_size": size,
+		"has_more": page*size < total})
+}
+
+func (a *API) getRoom(_ context.Context, c *app.RequestContext) {
+	id, err := pathID(c)
+	if err != nil {
+		a.fail(c, err)
+		return
+	}
+	info, err := a.rooms.Get(id, identOf(c).UserID)
+	if err != nil {
+		a.fail(c, err)
+		return
+	}
+	ok(c, info)
+}
+
+type openRoomReq struct {
+	Type int `json:"type"`
+}
+
+func (a *API) openRoom(_ context.Context, c *app.RequestContext) {
+	ident := identOf(c)
+	if ident.Role != RoleAnchor {
+		a.fail(c, proto.Errorf(proto.CodeForbidden, "only anchors open rooms"))
+		return
+	}
+	var r openRoomReq
+	if len(c.Request.Body()) > 0 {
+		if err := bind(c, &r); err != nil {
+			a.fail(c, err)
+			return
+		}
+	}
+	rm, err := a.rooms.Open(ident.UserID, r.Type)
+	if err != nil {
+		a.fail(c, err)
+		return
+	}
+	ok(c, map[string]any{"room_id": rm.ID, "type": rm.Type, "anchor_id": rm.AnchorID})
+}
+
+func (a *API) closeRoom(_ context.Context, c *app.RequestContext) {
+	id, err := pathID(c)
+	if err != nil {
+		a.fail(c, err)
+		return
+	}
+	if err := a.rooms.Close(identOf(c).UserID, id); err != nil {
+		a.fail(c, err)
+		return
+	}
+	ok(c, map[string]any{"room_id": id, "status": room.StatusClosed})
+}

@@ -1,0 +1,65 @@
+package gateway
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"github.com/liveedge/liveedge/router"
+)
+
+// metrics are one node's Prometheus metrics, on its own registry (so several
+// nodes can live in one test process).
+type metrics struct {
+	reg *prometheus.Registry
+
+	connections    prometheus.Gauge
+	framesIn       prometheus.Counter
+	framesOut      prometheus.Counter
+	badFrames      prometheus.Counter
+	resends        prometheus.Counter
+	resendGiveUps  prometheus.Counter
+	queueDrops     prometheus.Counter
+	slowCloses     prometheus.Counter
+	closes         *prometheus.CounterVec
+	upgradesDenied *prometheus.CounterVec
+}
+
+func newMetrics(node string, r router.Router) *metrics {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	f := func(name, help string) prometheus.Opts {
+		return prometheus.Opts{Namespace: "liveedge", Name: name, Help: help, ConstLabels: prometheus.Labels{"node": node}}
+	}
+	m := &metrics{
+		reg:           reg,
+		connections:   prometheus.NewGauge(prometheus.GaugeOpts(f("connections", "Open WebSocket connections."))),
+		framesIn:      prometheus.NewCounter(prometheus.CounterOpts(f("frames_in_total", "WebSocket frames read."))),
+		framesOut:     prometheus.NewCounter(prometheus.CounterOpts(f("frames_out_total", "WebSocket data frames written."))),
+		badFrames:     prometheus.NewCounter(prometheus.CounterOpts(f("bad_frames_total", "Client frames answered with 10001."))),
+		resends:       prometheus.NewCounter(prometheus.CounterOpts(f("resends_total", "Reliable pushes resent for want of an ack."))),
+		resendGiveUps: prometheus.NewCounter(prometheus.CounterOpts(f("resend_giveups_total", "Reliable pushes dropped after the last resend."))),
+		queueDrops:    prometheus.NewCounter(prometheus.CounterOpts(f("queue_drops_total", "Frames refused because a send queue was full."))),
+		slowCloses:    prometheus.NewCounter(prometheus.CounterOpts(f("slow_consumer_closes_total", "Connections closed with 4408."))),
+		closes: prometheus.NewCounterVec(prometheus.CounterOpts(f("closes_total", "Connections closed by the server, by reason.")),
+			[]string{"reason"}),
+		upgradesDenied: prometheus.NewCounterVec(prometheus.CounterOpts(f("upgrades_denied_total", "WebSocket upgrades refused, by reason.")),
+			[]string{"reason"}),
+	}
+	reg.MustRegister(m.connections, m.framesIn, m.framesOut, m.badFrames, m.resends, m.resendGiveUps,
+		m.queueDrops, m.slowCloses, m.closes, m.upgradesDenied)
+	stat := func(name, help string, gauge bool, get func(router.Stats) int64) {
+		fn := func() float64 { return float64(get(r.Stats())) }
+		if gauge {
+			reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts(f(name, help)), fn))
+		} else {
+			reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts(f(name, help)), fn))
+		}
+	}
+	stat("rooms", "Open rooms on this node.", true, func(s router.Stats) int64 { return s.Rooms })
+	stat("room_members", "Room memberships on this node.", true, func(s router.Stats) int64 { return s.MembersOnline })
+	stat("room_pushes_total", "Pushes published to rooms.", false, func(s router.Stats) int64 { return s.RoomPushes })
+	stat("user_pushes_total", "Pushes sent to users.", false, func(s router.Stats) int64 { return s.UserPushes })
+	stat("fanout_frames_total", "Frames handed to sessions by fan-out.", false, func(s router.Stats) int64 { return s.FramesFanned })
+	stat("room_queue_drops_total", "Pushes refused because a room queue was full.", false, func(s router.Stats) int64 { return s.RoomDropped })
+	return m
+}

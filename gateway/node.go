@@ -1,0 +1,221 @@
+package gateway
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"path/filepath"
+	"strconv"
+	"sync/atomic"
+	"time"
+
+	natsserver "github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+
+	"github.com/liveedge/liveedge/configs"
+	"github.com/liveedge/liveedge/edge/limit"
+	"github.com/liveedge/liveedge/edge/room"
+	"github.com/liveedge/liveedge/gateway/proto"
+	"github.com/liveedge/liveedge/persist"
+	"github.com/liveedge/liveedge/router"
+)
+
+// Node is one LiveEdge process: storage, event bus, router, business services
+// and the HTTP and WebSocket listeners. New builds it, Start binds the
+// listeners, Shutdown drains and flushes. cmd/liveedge is a thin wrapper.
+type Node struct {
+	Config configs.Config
+	Log    *slog.Logger
+
+	Store  *persist.Store
+	Router *router.Local
+	Rooms  *room.Service
+	WS     *Server
+	API    *API
+
+	natsSrv *natsserver.Server
+	NC      *nats.Conn
+
+	metrics  *metrics
+	draining atomic.Bool
+	closed   atomic.Bool
+}
+
+// RoomEventsStream is the JetStream stream of room lifecycle events
+// (subjects liveedge.room.opened / liveedge.room.closed).
+const RoomEventsStream = "LIVEEDGE_ROOMS"
+
+// New builds a node from cfg. Nothing listens until Start.
+func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if log == nil {
+		log = slog.Default()
+	}
+	log = log.With("node", cfg.Node.ID)
+	n := &Node{Config: cfg, Log: log}
+	defer func() {
+		if err != nil {
+			n.closeBackends()
+		}
+	}()
+	if n.Store, err = persist.Open(cfg.Node.DataDir); err != nil {
+		return nil, err
+	}
+	if err = n.startNATS(); err != nil {
+		return nil, err
+	}
+	n.Router = router.NewLocal(cfg.Node.ID, router.LocalConfig{MaxRoomsPerSes: cfg.WS.MaxRoomsPerConn})
+	n.Rooms, err = room.New(n.Store, n.Router, room.Config{
+		OpenCloseInterval: cfg.Rooms.OpenCloseInterval.D(),
+		Events:            n.publishRoomEvent,
+	})
+	if err != nil {
+		return nil, err
+	}
+	n.metrics = newMetrics(cfg.Node.ID, n.Router)
+	auth := NewAuth(cfg.Auth.JWTSecret)
+	n.WS = newServer(ServerDeps{
+		Config: cfg, Log: log, Auth: auth, Router: n.Router, Metrics: n.metrics,
+		ChatLimit: limit.New(cfg.Limits.ChatPerSecond, time.Second, max(1, cfg.Limits.ChatPerSecond), nil),
+	})
+	n.API = newAPI(cfg, log, auth, n.Rooms, n.metrics, n.ready)
+	return n, nil
+}
+
+func (n *Node) startNATS() error {
+	cfg := n.Config
+	if !cfg.NATS.Embedded {
+		nc, err := nats.Connect(cfg.NATS.URL, nats.Name(cfg.Node.ID), nats.MaxReconnects(-1))
+		if err != nil {
+			return fmt.Errorf("nats %s: %w", cfg.NATS.URL, err)
+		}
+		n.NC = nc
+		return n.ensureStreams()
+	}
+	opts := &natsserver.Options{
+		ServerName: cfg.Node.ID,
+		JetStream:  true,
+		StoreDir:   filepath.Join(cfg.Node.DataDir, "nats"),
+		NoLog:      true,
+		NoSigs:     true,
+		DontListen: cfg.NATS.Listen == "",
+	}
+	if cfg.NATS.Listen != "" {
+		host, port, err := net.SplitHostPort(cfg.NATS.Listen)
+		if err != nil {
+			return fmt.Errorf("nats.listen: %w", err)
+		}
+		opts.Host = host
+		if opts.Port, err = strconv.Atoi(port); err != nil {
+			return fmt.Errorf("nats.listen: %w", err)
+		}
+	}
+	ns, err := natsserver.NewServer(opts)
+	if err != nil {
+		return fmt.Errorf("embedded nats: %w", err)
+	}
+	ns.Start()
+	n.natsSrv = ns
+	if !ns.ReadyForConnections(10 * time.Second) {
+		return errors.New("embedded nats: not ready after 10s")
+	}
+	nc, err := nats.Connect("", nats.InProcessServer(ns), nats.Name(cfg.Node.ID))
+	if err != nil {
+		return fmt.Errorf("embedded nats connect: %w", err)
+	}
+	n.NC = nc
+	return n.ensureStreams()
+}
+
+func (n *Node) ensureStreams() error {
+	js, err := n.NC.JetStream()
+	if err != nil {
+		return err
+	}
+	_, err = js.AddStream(&nats.StreamConfig{
+		Name:     RoomEventsStream,
+		Subjects: []string{"liveedge.room.>"},
+		MaxAge:   7 * 24 * time.Hour,
+		Storage:  nats.FileStorage,
+	})
+	if err != nil && !errors.Is(err, nats.ErrStreamNameAlreadyInUse) {
+		return fmt.Errorf("jetstream stream %s: %w", RoomEventsStream, err)
+	}
+	return nil
+}
+
+// publishRoomEvent records a room lifecycle event on JetStream. Best effort:
+// the room record in Pebble is the source of truth; the stream feeds other
+// nodes and observers.
+func (n *Node) publishRoomEvent(kind string, r room.Room) {
+	b, err := proto.Marshal(r)
+	if err != nil {
+		return
+	}
+	if err := n.NC.Publish("liveedge.room."+kind, b); err != nil {
+		n.Log.Warn("room event not published", "kind", kind, "room", r.ID, "err", err)
+	}
+}
+
+// Start binds the WebSocket and HTTP listeners.
+func (n *Node) Start() error {
+	if err := n.WS.Listen(); err != nil {
+		return fmt.Errorf("ws listen %s: %w", n.Config.WS.Addr, err)
+	}
+	if err := n.API.Listen(); err != nil {
+		return fmt.Errorf("http listen %s: %w", n.Config.HTTP.Addr, err)
+	}
+	n.Log.Info("liveedge node started", "http", n.API.Addr(), "ws", n.WS.Addr())
+	return nil
+}
+
+func (n *Node) ready() error {
+	switch {
+	case n.draining.Load():
+		return errors.New("draining")
+	case n.NC == nil || !n.NC.IsConnected():
+		return errors.New("nats not connected")
+	}
+	return nil
+}
+
+// Shutdown stops accepting, closes every connection with 1001 after draining
+// its send queue (bounded by ctx), then flushes and closes storage and NATS.
+func (n *Node) Shutdown(ctx context.Context) error {
+	if !n.closed.CompareAndSwap(false, true) {
+		return nil
+	}
+	n.draining.Store(true)
+	start := time.Now()
+	n.WS.Shutdown(ctx)
+	hctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	n.API.Shutdown(hctx)
+	cancel()
+	err := n.closeBackends()
+	n.Log.Info("liveedge node stopped", "took", time.Since(start).Round(time.Millisecond), "err", err)
+	return err
+}
+
+func (n *Node) closeBackends() error {
+	var errs []error
+	if n.NC != nil {
+		if err := n.NC.Drain(); err != nil && !errors.Is(err, nats.ErrConnectionClosed) {
+			errs = append(errs, err)
+		}
+		n.NC.Close()
+	}
+	if n.natsSrv != nil {
+		n.natsSrv.Shutdown()
+		n.natsSrv.WaitForShutdown()
+	}
+	if n.Store != nil {
+		if err := n.Store.Close(); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}

@@ -1,0 +1,282 @@
+package proto
+
+import (
+	"strconv"
+	"unicode/utf8"
+
+	"github.com/bytedance/sonic"
+)
+
+// Frame types (the "t" field).
+const (
+	TypeHello = "hello"
+	TypeReply = "reply"
+	TypePush  = "push"
+	TypeBatch = "batch" // extension: several server frames in one text frame (opt-in, ?batch=1)
+
+	TypePing  = "ping"
+	TypeJoin  = "join"
+	TypeLeave = "leave"
+	TypeChat  = "chat"
+	TypeAck   = "ack"
+	TypeGift  = "gift"
+	TypeGrab  = "grab"
+)
+
+// Limits of client frames.
+const (
+	MaxFrameBytes = 64 << 10 // larger text frames get a 10001 reply
+	MaxChatRunes  = 500
+	MaxAckMids    = 1024
+)
+
+var jsonAPI = sonic.ConfigStd
+
+// Marshal encodes v as JSON (sonic, standard-library compatible output).
+func Marshal(v any) ([]byte, error) { return jsonAPI.Marshal(v) }
+
+// Unmarshal decodes JSON into v (sonic).
+func Unmarshal(b []byte, v any) error { return jsonAPI.Unmarshal(b, v) }
+
+// ClientFrame is one client → server frame: {"t":TYPE,"id":N,"d":{...}}.
+// D aliases the input buffer: use it before the buffer is reused.
+type ClientFrame struct {
+	T  string                 `json:"t"`
+	ID int64                  `json:"id"`
+	D  sonic.NoCopyRawMessage `json:"d"`
+}
+
+// DecodeClientFrame parses and validates the envelope of a client frame.
+// Every failure is an *Error with CodeBadRequest; it never panics (fuzzed).
+// When the envelope parsed far enough to carry an id, the id is returned with
+// the error so the reply can echo it.
+func DecodeClientFrame(b []byte) (ClientFrame, *Error) {
+	var f ClientFrame
+	if len(b) > MaxFrameBytes {
+		return f, BadRequest("frame larger than %d bytes", MaxFrameBytes)
+	}
+	if len(b) == 0 || b[0] != '{' && !isSpace(b[0]) {
+		return f, BadRequest("frame is not a JSON object")
+	}
+	if err := jsonAPI.Unmarshal(b, &f); err != nil {
+		f.D = nil
+		return f, BadRequest("bad JSON")
+	}
+	if f.T == "" {
+		return f, BadRequest("missing field t")
+	}
+	if f.ID < 0 {
+		return f, BadRequest("id must be >= 0")
+	}
+	return f, nil
+}
+
+func isSpace(c byte) bool { return c == ' ' || c == '\t' || c == '\n' || c == '\r' }
+
+// DecodeData parses the frame's d into v; an absent d is an error for types
+// that need one.
+func (f *ClientFrame) DecodeData(v any) *Error {
+	if len(f.D) == 0 || string(f.D) == "null" {
+		return BadRequest("missing field d")
+	}
+	if err := jsonAPI.Unmarshal(f.D, v); err != nil {
+		return BadRequest("bad field d: %s", shortErr(err))
+	}
+	return nil
+}
+
+func shortErr(err error) string {
+	s := err.Error()
+	if len(s) > 120 {
+		s = s[:120]
+	}
+	return s
+}
+
+// RoomReq is the d of join and leave.
+type RoomReq struct {
+	RoomID int64 `json:"room_id"`
+}
+
+// Validate checks the fields.
+func (r *RoomReq) Validate() *Error {
+	if r.RoomID <= 0 {
+		return BadRequest("missing or bad field room_id")
+	}
+	return nil
+}
+
+// ChatReq is the d of chat.
+type ChatReq struct {
+	RoomID int64  `json:"room_id"`
+	Text   string `json:"text"`
+}
+
+// Validate checks the fields.
+func (r *ChatReq) Validate() *Error {
+	if r.RoomID <= 0 {
+		return BadRequest("missing or bad field room_id")
+	}
+	if r.Text == "" {
+		return BadRequest("missing field text")
+	}
+	if !utf8.ValidString(r.Text) {
+		return BadRequest("text is not valid UTF-8")
+	}
+	if utf8.RuneCountInString(r.Text) > MaxChatRunes {
+		return BadRequest("text longer than %d characters", MaxChatRunes)
+	}
+	return nil
+}
+
+// AckReq is the d of ack.
+type AckReq struct {
+	Mids []string `json:"mids"`
+}
+
+// Validate checks the fields.
+func (r *AckReq) Validate() *Error {
+	if len(r.Mids) == 0 {
+		return BadRequest("missing field mids")
+	}
+	if len(r.Mids) > MaxAckMids {
+		return BadRequest("more than %d mids", MaxAckMids)
+	}
+	return nil
+}
+
+// Push is one server push before encoding. Data is the JSON of d.
+type Push struct {
+	Mid  string
+	Biz  int
+	Room int64
+	Data []byte
+	Ack  bool
+}
+
+// AppendPush appends the push frame
+// {"t":"push","mid":"..","biz":B,"room":R,"d":{..},"ack":bool} to dst.
+// Mid must be JSON-safe (the gateway's ids are [0-9a-z.-]).
+func AppendPush(dst []byte, p *Push) []byte {
+	dst = append(dst, `{"t":"push","mid":"`...)
+	dst = append(dst, p.Mid...)
+	dst = append(dst, `","biz":`...)
+	dst = strconv.AppendInt(dst, int64(p.Biz), 10)
+	dst = append(dst, `,"room":`...)
+	dst = strconv.AppendInt(dst, p.Room, 10)
+	dst = append(dst, `,"d":`...)
+	if len(p.Data) == 0 {
+		dst = append(dst, "{}"...)
+	} else {
+		dst = append(dst, p.Data...)
+	}
+	dst = append(dst, `,"ack":`...)
+	dst = strconv.AppendBool(dst, p.Ack)
+	return append(dst, '}')
+}
+
+// EncodeReply encodes {"t":"reply","id":N,"code":C,"msg":"..","d":{..}}.
+// d may be nil ({}), raw JSON ([]byte) or any value sonic can encode.
+func EncodeReply(id int64, code int, msg string, d any) []byte {
+	var data []byte
+	switch v := d.(type) {
+	case nil:
+		data = []byte("{}")
+	case []byte:
+		data = v
+	default:
+		b, err := jsonAPI.Marshal(v)
+		if err != nil {
+			code, msg, b = CodeInternal, "internal error", []byte("{}")
+		}
+		data = b
+	}
+	if msg == "" {
+		msg = "ok"
+	}
+	dst := make([]byte, 0, 48+len(msg)+len(data))
+	dst = append(dst, `{"t":"reply","id":`...)
+	dst = strconv.AppendInt(dst, id, 10)
+	dst = append(dst, `,"code":`...)
+	dst = strconv.AppendInt(dst, int64(code), 10)
+	dst = append(dst, `,"msg":`...)
+	dst = appendJSONString(dst, msg)
+	dst = append(dst, `,"d":`...)
+	dst = append(dst, data...)
+	return append(dst, '}')
+}
+
+// EncodeErrorReply encodes a reply carrying e.
+func EncodeErrorReply(id int64, e *Error) []byte { return EncodeReply(id, e.Code, e.Msg, nil) }
+
+func appendJSONString(dst []byte, s string) []byte {
+	b, err := jsonAPI.Marshal(s)
+	if err != nil {
+		return append(dst, `""`...)
+	}
+	return append(dst, b...)
+}
+
+// Hello is the d of the hello frame.
+type Hello struct {
+	UserID      int64  `json:"user_id"`
+	Node        string `json:"node"`
+	HeartbeatS  int    `json:"heartbeat_s"`
+	HeartbeatMS int64  `json:"heartbeat_ms,omitempty"` // extension: exact heartbeat (tests use sub-second ones)
+	Batch       bool   `json:"batch,omitempty"`        // extension: server may send "batch" frames
+	SessionID   string `json:"session_id,omitempty"`
+}
+
+// EncodeHello encodes {"t":"hello","d":{...}}.
+func EncodeHello(h Hello) []byte {
+	b, _ := jsonAPI.Marshal(struct {
+		T string `json:"t"`
+		D Hello  `json:"d"`
+	}{TypeHello, h})
+	return b
+}
+
+// AppendBatch appends {"t":"batch","d":[f1,f2,...]} built from already encoded
+// server frames.
+func AppendBatch(dst []byte, frames [][]byte) []byte {
+	dst = append(dst, `{"t":"batch","d":[`...)
+	for i, f := range frames {
+		if i > 0 {
+			dst = append(dst, ',')
+		}
+		dst = append(dst, f...)
+	}
+	return append(dst, "]}"...)
+}
+
+// ServerFrame is the client-side view of any server frame (used by the SDK and
+// tests). For a batch, Frames holds the inner frames.
+type ServerFrame struct {
+	T      string                 `json:"t"`
+	ID     int64                  `json:"id,omitempty"`
+	Code   int                    `json:"code,omitempty"`
+	Msg    string                 `json:"msg,omitempty"`
+	Mid    string                 `json:"mid,omitempty"`
+	Biz    int                    `json:"biz,omitempty"`
+	Room   int64                  `json:"room,omitempty"`
+	Ack    bool                   `json:"ack,omitempty"`
+	D      sonic.NoCopyRawMessage `json:"d,omitempty"`
+	Frames []ServerFrame          `json:"-"`
+}
+
+// DecodeServerFrame parses a server frame, expanding batches into Frames.
+// Raw fields alias b.
+func DecodeServerFrame(b []byte) (ServerFrame, error) {
+	var f ServerFrame
+	if err := jsonAPI.Unmarshal(b, &f); err != nil {
+		return f, err
+	}
+	if f.T == TypeBatch {
+		var inner []ServerFrame
+		if err := jsonAPI.Unmarshal(f.D, &inner); err != nil {
+			return f, err
+		}
+		f.Frames = inner
+	}
+	return f, nil
+}

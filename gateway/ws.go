@@ -1,0 +1,306 @@
+package gateway
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"net"
+	"net/http"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/lxzan/gws"
+
+	"github.com/liveedge/liveedge/configs"
+	"github.com/liveedge/liveedge/edge/limit"
+	"github.com/liveedge/liveedge/gateway/proto"
+	"github.com/liveedge/liveedge/router"
+)
+
+const connShards = 16
+
+// Server is the WebSocket side of a node: upgrades, per-connection reader and
+// writer, heartbeat sweeping and frame dispatch. It implements gws.Event.
+type Server struct {
+	cfg     configs.Config
+	log     *slog.Logger
+	auth    *Auth
+	router  router.Router
+	metrics *metrics
+	chat    *limit.Keyed
+
+	up      *gws.Upgrader
+	httpSrv *http.Server
+	ln      net.Listener
+
+	nextID   atomic.Uint64
+	count    atomic.Int64
+	draining atomic.Bool
+	stop     chan struct{}
+	sweeper  sync.WaitGroup
+
+	shards [connShards]struct {
+		mu    sync.Mutex
+		conns map[uint64]*Conn
+	}
+}
+
+// ServerDeps are what a Server needs from the node.
+type ServerDeps struct {
+	Config  configs.Config
+	Log     *slog.Logger
+	Auth    *Auth
+	Router  router.Router
+	Metrics *metrics
+	// ChatLimit limits chat per user (nil = off).
+	ChatLimit *limit.Keyed
+}
+
+func newServer(d ServerDeps) *Server {
+	s := &Server{cfg: d.Config, log: d.Log, auth: d.Auth, router: d.Router, metrics: d.Metrics,
+		chat: d.ChatLimit, stop: make(chan struct{})}
+	for i := range s.shards {
+		s.shards[i].conns = map[uint64]*Conn{}
+	}
+	s.up = gws.NewUpgrader(s, &gws.ServerOption{
+		ReadMaxPayloadSize: d.Config.WS.MaxFrameHardBytes,
+		CheckUtf8Enabled:   false, // bad text is answered with 10001, not a close
+		HandshakeTimeout:   5 * time.Second,
+	})
+	return s
+}
+
+// Listen binds the WebSocket address and serves in the background.
+func (s *Server) Listen() error {
+	ln, err := net.Listen("tcp", s.cfg.WS.Addr)
+	if err != nil {
+		return err
+	}
+	s.ln = ln
+	s.httpSrv = &http.Server{Handler: s, ReadHeaderTimeout: 5 * time.Second, MaxHeaderBytes: 16 << 10,
+		ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelDebug)}
+	go func() { _ = s.httpSrv.Serve(ln) }()
+	s.sweeper.Add(1)
+	go s.sweep()
+	return nil
+}
+
+// Addr is the bound WebSocket address.
+func (s *Server) Addr() string { return s.ln.Addr().String() }
+
+// ServeHTTP authenticates and upgrades GET /ws.
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if r.URL.Path != "/ws" {
+		writeJSONError(w, http.StatusNotFound, proto.ErrNotFound)
+		return
+	}
+	if s.draining.Load() {
+		s.metrics.upgradesDenied.WithLabelValues("draining").Inc()
+		writeJSONError(w, http.StatusServiceUnavailable, proto.Errorf(proto.CodeInternal, "node is shutting down"))
+		return
+	}
+	tok := BearerToken(r.Header.Get("Authorization"))
+	if tok == "" {
+		tok = r.URL.Query().Get("token")
+	}
+	ident, err := s.auth.Verify(tok)
+	if err != nil {
+		s.metrics.upgradesDenied.WithLabelValues("auth").Inc()
+		writeJSONError(w, http.StatusUnauthorized, proto.Errorf(proto.CodeUnauthenticated, "missing or bad token"))
+		return
+	}
+	if s.count.Load() >= int64(s.cfg.WS.MaxConns) {
+		s.metrics.upgradesDenied.WithLabelValues("full").Inc()
+		writeJSONError(w, http.StatusServiceUnavailable, proto.Errorf(proto.CodeInternal, "node is full"))
+		return
+	}
+	socket, err := s.up.Upgrade(w, r)
+	if err != nil {
+		return // gws answered the handshake error
+	}
+	c := &Conn{
+		id: s.nextID.Add(1), ident: ident, ws: socket, srv: s,
+		batch:   r.URL.Query().Get("batch") == "1",
+		pending: map[string]*pendingPush{},
+		done:    make(chan struct{}),
+	}
+	c.lastRead.Store(time.Now().UnixNano())
+	socket.Session().Store("c", c)
+	go socket.ReadLoop()
+}
+
+func writeJSONError(w http.ResponseWriter, status int, e *proto.Error) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	b, _ := proto.Marshal(map[string]any{"code": e.Code, "msg": e.Msg, "data": map[string]any{}})
+	_, _ = w.Write(b)
+}
+
+func connOf(socket *gws.Conn) *Conn {
+	v, _ := socket.Session().Load("c")
+	c, _ := v.(*Conn)
+	return c
+}
+
+func (s *Server) shardOf(id uint64) *struct {
+	mu    sync.Mutex
+	conns map[uint64]*Conn
+} {
+	return &s.shards[id%connShards]
+}
+
+// OnOpen implements gws.Event.
+func (s *Server) OnOpen(socket *gws.Conn) {
+	c := connOf(socket)
+	sh := s.shardOf(c.id)
+	sh.mu.Lock()
+	sh.conns[c.id] = c
+	sh.mu.Unlock()
+	s.count.Add(1)
+	s.metrics.connections.Inc()
+	s.router.Register(c)
+	hb := s.cfg.WS.Heartbeat.D()
+	c.reply(proto.EncodeHello(proto.Hello{
+		UserID: c.ident.UserID, Node: s.cfg.Node.ID,
+		HeartbeatS: max(1, int(hb/time.Second)), HeartbeatMS: hb.Milliseconds(),
+		Batch: c.batch, SessionID: strconv.FormatUint(c.id, 10),
+	}))
+	if s.draining.Load() {
+		c.Close(proto.CloseGoingAway, true)
+	}
+}
+
+// OnClose implements gws.Event.
+func (s *Server) OnClose(socket *gws.Conn, err error) {
+	c := connOf(socket)
+	if c == nil {
+		return
+	}
+	c.mu.Lock()
+	if c.closeCode == 0 {
+		c.closeCode = proto.CloseNormal // closed by the client or the network
+	}
+	c.queue, c.queued = nil, 0
+	c.mu.Unlock()
+	c.stopAcks()
+	s.router.Unregister(c)
+	sh := s.shardOf(c.id)
+	sh.mu.Lock()
+	delete(sh.conns, c.id)
+	sh.mu.Unlock()
+	s.count.Add(-1)
+	s.metrics.connections.Dec()
+	close(c.done)
+	var ce *gws.CloseError
+	if errors.As(err, &ce) && ce.Code == proto.CloseTooBig {
+		s.metrics.closes.WithLabelValues("too_big").Inc()
+	}
+}
+
+// OnPing implements gws.Event (WebSocket-level ping; pong through gws's lock).
+func (s *Server) OnPing(socket *gws.Conn, payload []byte) {
+	if c := connOf(socket); c != nil {
+		c.lastRead.Store(time.Now().UnixNano())
+	}
+	_ = socket.WritePong(payload)
+}
+
+// OnPong implements gws.Event.
+func (s *Server) OnPong(socket *gws.Conn, _ []byte) {
+	if c := connOf(socket); c != nil {
+		c.lastRead.Store(time.Now().UnixNano())
+	}
+}
+
+// OnMessage implements gws.Event: every client frame is handled here, on the
+// connection's reader goroutine, in order.
+func (s *Server) OnMessage(socket *gws.Conn, msg *gws.Message) {
+	defer msg.Close()
+	c := connOf(socket)
+	c.lastRead.Store(time.Now().UnixNano())
+	s.metrics.framesIn.Inc()
+	if msg.Opcode != gws.OpcodeText {
+		c.badFrame(0, proto.BadRequest("binary frames are not supported"))
+		return
+	}
+	s.dispatch(c, msg.Bytes())
+}
+
+// sweep closes connections silent for 2 × heartbeat with 4402.
+func (s *Server) sweep() {
+	defer s.sweeper.Done()
+	hb := s.cfg.WS.Heartbeat.D()
+	t := time.NewTicker(max(hb/4, 20*time.Millisecond))
+	defer t.Stop()
+	var silent []*Conn
+	for {
+		select {
+		case <-s.stop:
+			return
+		case now := <-t.C:
+			limit := now.Add(-2 * hb).UnixNano()
+			silent = silent[:0]
+			for i := range s.shards {
+				sh := &s.shards[i]
+				sh.mu.Lock()
+				for _, c := range sh.conns {
+					if c.lastRead.Load() < limit {
+						silent = append(silent, c)
+					}
+				}
+				sh.mu.Unlock()
+			}
+			for _, c := range silent {
+				c.Close(proto.CloseHeartbeatTimeout, false)
+			}
+		}
+	}
+}
+
+// Conns returns the number of open connections.
+func (s *Server) Conns() int { return int(s.count.Load()) }
+
+// Shutdown stops accepting, closes every connection with 1001 after draining
+// its queue, and waits for them (until ctx ends, then cuts the rest).
+func (s *Server) Shutdown(ctx context.Context) {
+	s.draining.Store(true)
+	if s.httpSrv != nil {
+		_ = s.httpSrv.Close() // listener only: upgraded connections are hijacked
+	}
+	all := s.snapshot()
+	for _, c := range all {
+		c.Close(proto.CloseGoingAway, true)
+	}
+	for _, c := range all {
+		select {
+		case <-c.done:
+		case <-ctx.Done():
+		}
+	}
+	for _, c := range s.snapshot() { // whatever did not drain in time
+		_ = c.ws.NetConn().Close()
+	}
+	for _, c := range all {
+		select {
+		case <-c.done:
+		case <-time.After(time.Second):
+		}
+	}
+	close(s.stop)
+	s.sweeper.Wait()
+}
+
+func (s *Server) snapshot() []*Conn {
+	var out []*Conn
+	for i := range s.shards {
+		sh := &s.shards[i]
+		sh.mu.Lock()
+		for _, c := range sh.conns {
+			out = append(out, c)
+		}
+		sh.mu.Unlock()
+	}
+	return out
+}

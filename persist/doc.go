@@ -1,0 +1,10 @@
+// Package persist is each node's durable storage: a Pebble database under
+// <data_dir>/pebble. It owns the on-disk key layout (keys.go) and the rule that a
+// write is acknowledged only after it is durable.
+//
+// Durability: every write goes through Store.Apply, which commits with
+// pebble.Sync. Pebble's commit pipeline group-commits concurrent syncing writers
+// into one WAL fsync, so many concurrent requests share one fsync instead of
+// paying one each. Store is safe for concurrent use; no lock is held across I/O
+// by this package.
+package persist

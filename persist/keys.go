@@ -1,0 +1,47 @@
+package persist
+
+import "encoding/binary"
+
+// Key layout. Every key starts with a short ASCII table name and '/'; ids are
+// 8-byte big-endian so keys sort numerically.
+//
+//	room/<id>        JSON room record (edge/room)
+//	seq/<name>       uint64 high-water mark of an id sequence
+var (
+	PrefixRoom = []byte("room/")
+	PrefixSeq  = []byte("seq/")
+)
+
+// Key returns prefix + big-endian id.
+func Key(prefix []byte, id uint64) []byte {
+	k := make([]byte, len(prefix)+8)
+	copy(k, prefix)
+	binary.BigEndian.PutUint64(k[len(prefix):], id)
+	return k
+}
+
+// KeyID returns the id at the end of a Key.
+func KeyID(k []byte) uint64 {
+	if len(k) < 8 {
+		return 0
+	}
+	return binary.BigEndian.Uint64(k[len(k)-8:])
+}
+
+// SeqKey is the key of sequence name.
+func SeqKey(name string) []byte { return append(append([]byte{}, PrefixSeq...), name...) }
+
+// EncodeUint64 / DecodeUint64 are the value encoding of sequences.
+func EncodeUint64(v uint64) []byte {
+	b := make([]byte, 8)
+	binary.BigEndian.PutUint64(b, v)
+	return b
+}
+
+// DecodeUint64 decodes EncodeUint64; short input is 0.
+func DecodeUint64(b []byte) uint64 {
+	if len(b) < 8 {
+		return 0
+	}
+	return binary.BigEndian.Uint64(b)
+}

@@ -1,0 +1,104 @@
+package persist
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"path/filepath"
+
+	"github.com/cockroachdb/pebble"
+)
+
+// Store is a node's Pebble database.
+type Store struct {
+	db *pebble.DB
+}
+
+// Open opens (creating if needed) the store under dir/pebble.
+func Open(dir string) (*Store, error) {
+	db, err := pebble.Open(filepath.Join(dir, "pebble"), &pebble.Options{
+		Logger: quietLogger{},
+	})
+	if err != nil {
+		return nil, fmt.Errorf("persist: open %s: %w", dir, err)
+	}
+	return &Store{db: db}, nil
+}
+
+// ErrNotFound is returned by Get for an absent key.
+var ErrNotFound = errors.New("persist: not found")
+
+// Get returns a copy of the value at key, or ErrNotFound.
+func (s *Store) Get(key []byte) ([]byte, error) {
+	v, closer, err := s.db.Get(key)
+	if errors.Is(err, pebble.ErrNotFound) {
+		return nil, ErrNotFound
+	}
+	if err != nil {
+		return nil, err
+	}
+	out := bytes.Clone(v)
+	_ = closer.Close()
+	return out, nil
+}
+
+// Apply builds a batch with fn and commits it durably (fsync, group-committed
+// with concurrent writers). fn returning an error discards the batch.
+func (s *Store) Apply(fn func(b *Batch) error) error {
+	b := s.db.NewBatch()
+	defer b.Close()
+	if err := fn(b); err != nil {
+		return err
+	}
+	return b.Commit(pebble.Sync)
+}
+
+// Put durably sets key to val.
+func (s *Store) Put(key, val []byte) error {
+	return s.Apply(func(b *Batch) error { return b.Set(key, val, nil) })
+}
+
+// Scan calls fn for every key with prefix, in key order. k and v are only valid
+// during the call.
+func (s *Store) Scan(prefix []byte, fn func(k, v []byte) error) error {
+	it, err := s.db.NewIter(&pebble.IterOptions{LowerBound: prefix, UpperBound: prefixEnd(prefix)})
+	if err != nil {
+		return err
+	}
+	for ok := it.First(); ok; ok = it.Next() {
+		if err := fn(it.Key(), it.Value()); err != nil {
+			_ = it.Close()
+			return err
+		}
+	}
+	return it.Close()
+}
+
+// Close flushes memtables and closes the database.
+func (s *Store) Close() error {
+	ferr := s.db.Flush()
+	cerr := s.db.Close()
+	return errors.Join(ferr, cerr)
+}
+
+func prefixEnd(p []byte) []byte {
+	end := bytes.Clone(p)
+	for i := len(end) - 1; i >= 0; i-- {
+		end[i]++
+		if end[i] != 0 {
+			return end[:i+1]
+		}
+	}
+	return nil
+}
+
+type quietLogger struct{}
+
+func (quietLogger) Infof(string, ...any)  {}
+func (quietLogger) Errorf(string, ...any) {}
+func (quietLogger) Fatalf(format string, args ...any) {
+	panic(fmt.Sprintf("pebble: "+format, args...))
+}
+
+// Batch is a Pebble write batch (see Store.Apply).
+type Batch = pebble.Batch

@@ -1,0 +1,149 @@
+package router
+
+import (
+	"errors"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/liveedge/liveedge/gateway/proto"
+)
+
+// Errors returned by a Router.
+var (
+	ErrNoRoom       = errors.New("router: room not open")
+	ErrRoomBusy     = errors.New("router: room queue full")
+	ErrTooManyRooms = errors.New("router: session is in too many rooms")
+)
+
+// Session is a local connection as the router sees it. Implemented by the
+// gateway's connection.
+type Session interface {
+	// ID is unique among the node's live sessions.
+	ID() uint64
+	// UserID is the authenticated user.
+	UserID() int64
+	// Send queues f for writing and never blocks. It returns false when the
+	// session is closing (its queue overflowed or it is gone); the router then
+	// stops sending to it.
+	Send(f *Frame) bool
+}
+
+// Router owns room membership and delivers pushes to sessions. A single node
+// uses Local; a later cluster router backs the same interface with NATS + Redis.
+//
+// Promises: pushes published to one room reach each member in publish order;
+// a push is encoded once per node, not once per receiver; no call blocks on a
+// slow session.
+type Router interface {
+	// OpenRoom makes room joinable. Idempotent.
+	OpenRoom(room int64)
+	// CloseRoom publishes final (if non-nil) to the room, then removes every
+	// member; later joins fail with ErrNoRoom.
+	CloseRoom(room int64, final *proto.Push)
+	// Join adds s to room and returns the room's online count.
+	Join(room int64, s Session) (online int, err error)
+	// Leave removes s from room (no-op if absent).
+	Leave(room int64, s Session)
+	// IsMember reports whether s has joined room.
+	IsMember(room int64, s Session) bool
+	// Online is the number of sessions in room.
+	Online(room int64) int
+	// PublishRoom queues p for every member of room, in order. A zero Mid is
+	// filled in; the mid is returned.
+	PublishRoom(room int64, p proto.Push) (mid string, err error)
+	// Register / Unregister index a session by user for SendUser.
+	Register(s Session)
+	Unregister(s Session)
+	// SendUser sends p to every session of user on this node and returns how
+	// many sessions it reached. A zero Mid is filled in.
+	SendUser(user int64, p proto.Push) (mid string, reached int)
+	// Stats is a snapshot of counters for metrics.
+	Stats() Stats
+}
+
+// Stats are cumulative counters and gauges of a Router.
+type Stats struct {
+	Rooms         int64 // open rooms (gauge)
+	RoomPushes    int64 // pushes published to rooms
+	UserPushes    int64 // pushes sent to users
+	FramesFanned  int64 // frames handed to sessions
+	RoomDropped   int64 // pushes refused because a room queue was full
+	SessionsGone  int64 // sends refused by a closing session
+	MembersOnline int64 // room memberships (gauge)
+}
+
+// Msg is one encoded server frame inside a Frame.
+type Msg struct {
+	Mid   string // "" for replies
+	Ack   bool   // reliable push: the receiver must ack Mid
+	Bytes []byte // the encoded frame (JSON object)
+}
+
+// Frame is an immutable group of encoded messages shared by every receiver of a
+// fan-out. Receivers that accept batch frames write it as one WebSocket frame
+// (Batch); the others write each Msg as its own frame.
+type Frame struct {
+	Msgs []Msg
+	size int
+
+	once  sync.Once
+	batch []byte
+}
+
+// NewFrame wraps msgs.
+func NewFrame(msgs ...Msg) *Frame {
+	f := &Frame{Msgs: msgs}
+	for _, m := range msgs {
+		f.size += len(m.Bytes)
+	}
+	return f
+}
+
+// Size is the number of payload bytes (for queue accounting).
+func (f *Frame) Size() int { return f.size }
+
+// Batch returns the single-frame encoding: the message itself when there is
+// one, else {"t":"batch","d":[...]}. Built once, shared by all receivers.
+func (f *Frame) Batch() []byte {
+	if len(f.Msgs) == 1 {
+		return f.Msgs[0].Bytes
+	}
+	f.once.Do(func() {
+		parts := make([][]byte, len(f.Msgs))
+		for i := range f.Msgs {
+			parts[i] = f.Msgs[i].Bytes
+		}
+		f.batch = proto.AppendBatch(make([]byte, 0, f.size+len(f.Msgs)+24), parts)
+	})
+	return f.batch
+}
+
+// MidSource makes push ids unique across nodes and restarts:
+// "<node>.<boot ms base36>.<seq base36>".
+type MidSource struct {
+	prefix string
+	seq    atomic.Uint64
+}
+
+// NewMidSource returns a MidSource for node.
+func NewMidSource(node string) *MidSource {
+	return &MidSource{prefix: sanitizeNode(node) + "." + strconv.FormatInt(time.Now().UnixMilli(), 36) + "."}
+}
+
+// Next returns a fresh mid.
+func (m *MidSource) Next() string {
+	return m.prefix + strconv.FormatUint(m.seq.Add(1), 36)
+}
+
+// sanitizeNode keeps mids JSON-safe whatever the node id is.
+func sanitizeNode(s string) string {
+	b := []byte(s)
+	for i, c := range b {
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_') {
+			b[i] = '_'
+		}
+	}
+	return string(b)
+}
