@@ -72,7 +72,8 @@ type WS struct {
 	ResendAfter       Duration `yaml:"resend_after"`         // first resend of an unacked reliable push; doubles each try
 	ResendMaxTries    int      `yaml:"resend_max_tries"`     // resends before giving up on a push (≥ 3)
 	MaxRoomsPerConn   int      `yaml:"max_rooms_per_conn"`
-	MaxConns          int      `yaml:"max_conns"` // upgrades beyond this get 503
+	MaxConns          int      `yaml:"max_conns"`          // upgrades beyond this get 503
+	SocketSendBuffer  int      `yaml:"socket_send_buffer"` // SO_SNDBUF per connection (0 = kernel autotuning)
 }
 
 // Auth configures tokens.

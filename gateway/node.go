@@ -34,6 +34,7 @@ type Node struct {
 	Rooms  *room.Service
 	WS     *Server
 	API    *API
+	Auth   *Auth
 
 	natsSrv *natsserver.Server
 	NC      *nats.Conn
@@ -78,6 +79,7 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 	}
 	n.metrics = newMetrics(cfg.Node.ID, n.Router)
 	auth := NewAuth(cfg.Auth.JWTSecret)
+	n.Auth = auth
 	n.WS = newServer(ServerDeps{
 		Config: cfg, Log: log, Auth: auth, Router: n.Router, Metrics: n.metrics,
 		ChatLimit: limit.New(cfg.Limits.ChatPerSecond, time.Second, max(1, cfg.Limits.ChatPerSecond), nil),

@@ -120,6 +120,11 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if err != nil {
 		return // gws answered the handshake error
 	}
+	if n := s.cfg.WS.SocketSendBuffer; n > 0 {
+		if tc, ok := socket.NetConn().(*net.TCPConn); ok {
+			_ = tc.SetWriteBuffer(n)
+		}
+	}
 	c := &Conn{
 		id: s.nextID.Add(1), ident: ident, ws: socket, srv: s,
 		batch:   r.URL.Query().Get("batch") == "1",

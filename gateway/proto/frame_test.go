@@ -1,0 +1,93 @@
+package proto
+
+import (
+	"strings"
+	"testing"
+)
+
+// decodeAll runs the whole client-frame path the gateway runs: envelope, then
+// the typed d of every known type, then validation.
+func decodeAll(b []byte) *Error {
+	f, err := DecodeClientFrame(b)
+	if err != nil {
+		return err
+	}
+	var v interface{ Validate() *Error }
+	switch f.T {
+	case TypeJoin, TypeLeave:
+		v = &RoomReq{}
+	case TypeChat:
+		v = &ChatReq{}
+	case TypeAck:
+		v = &AckReq{}
+	case TypePing:
+		return nil
+	default:
+		return BadRequest("unknown type")
+	}
+	if err := f.DecodeData(v); err != nil {
+		return err
+	}
+	return v.Validate()
+}
+
+func TestDecodeClientFrame(t *testing.T) {
+	cases := []struct {
+		in   string
+		code int
+	}{
+		{`{"t":"ping","id":1,"d":{}}`, 0},
+		{`{"t":"join","id":2,"d":{"room_id":7}}`, 0},
+		{`{"t":"chat","id":3,"d":{"room_id":7,"text":"hi"}}`, 0},
+		{`{"t":"ack","d":{"mids":["a"]}}`, 0},
+		{`{"t":"join","id":2,"d":{}}`, CodeBadRequest},              // missing field
+		{`{"t":"join","id":2}`, CodeBadRequest},                     // missing d
+		{`{"t":"join","id":2,"d":{"room_id":"x"}}`, CodeBadRequest}, // wrong type
+		{`{"t":"chat","id":3,"d":{"room_id":7,"text":""}}`, CodeBadRequest},
+		{`{"t":"chat","id":3,"d":{"room_id":7,"text":"` + strings.Repeat("字", 501) + `"}}`, CodeBadRequest},
+		{`{"t":"nope","id":4,"d":{}}`, CodeBadRequest},
+		{`{"id":4}`, CodeBadRequest},
+		{`not json`, CodeBadRequest},
+		{`[1,2]`, CodeBadRequest},
+		{``, CodeBadRequest},
+		{`{"t":"ping","id":-1}`, CodeBadRequest},
+		{`{"t":"ping","id":1.5}`, CodeBadRequest},
+		{`{"t":"ack","d":{"mids":[]}}`, CodeBadRequest},
+		{`{"t":"chat","d":{"room_id":1,"text":"` + strings.Repeat("a", MaxFrameBytes) + `"}}`, CodeBadRequest},
+	}
+	for _, c := range cases {
+		err := decodeAll([]byte(c.in))
+		got := 0
+		if err != nil {
+			got = err.Code
+		}
+		if got != c.code {
+			t.Errorf("%.60q: code %d, want %d (%v)", c.in, got, c.code, err)
+		}
+	}
+}
+
+func TestDecodeKeepsIDOnBadData(t *testing.T) {
+	f, err := DecodeClientFrame([]byte(`{"t":"join","id":77,"d":{"room_id":"x"}}`))
+	if err != nil || f.ID != 77 {
+		t.Fatalf("envelope: %v id %d", err, f.ID)
+	}
+}
+
+func TestEncodeRoundTrip(t *testing.T) {
+	p := Push{Mid: "gw-1.x.1", Biz: BizChat, Room: 9, Data: []byte(`{"from":1,"text":"a\"b"}`), Ack: true}
+	b := AppendPush(nil, &p)
+	f, err := DecodeServerFrame(b)
+	if err != nil || f.T != TypePush || f.Mid != p.Mid || f.Biz != BizChat || f.Room != 9 || !f.Ack {
+		t.Fatalf("push round trip: %+v %v (%s)", f, err, b)
+	}
+	batch := AppendBatch(nil, [][]byte{b, EncodeReply(3, 0, "ok", map[string]int{"x": 1})})
+	f, err = DecodeServerFrame(batch)
+	if err != nil || f.T != TypeBatch || len(f.Frames) != 2 || f.Frames[1].T != TypeReply || f.Frames[1].ID != 3 {
+		t.Fatalf("batch round trip: %+v %v", f, err)
+	}
+	r, err := DecodeServerFrame(EncodeErrorReply(5, BadRequest("bad \"x\"")))
+	if err != nil || r.Code != CodeBadRequest || r.Msg != `bad "x"` || r.ID != 5 {
+		t.Fatalf("error reply: %+v %v", r, err)
+	}
+}

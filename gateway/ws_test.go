@@ -1,0 +1,258 @@
+package gateway_test
+
+import (
+	"fmt"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/liveedge/liveedge/configs"
+	"github.com/liveedge/liveedge/gateway"
+	"github.com/liveedge/liveedge/gateway/nodetest"
+	"github.com/liveedge/liveedge/gateway/proto"
+)
+
+func dial(t *testing.T, n *gateway.Node, user int64, o nodetest.RawOptions) *nodetest.Raw {
+	t.Helper()
+	r := nodetest.MustDialRaw(t, nodetest.WSURL(n), nodetest.Token(t, n, user, gateway.RoleViewer), o)
+	if h := r.Next(5 * time.Second); h.T != proto.TypeHello {
+		t.Fatalf("first frame %q, want hello", h.T)
+	}
+	return r
+}
+
+// request sends a frame and returns the reply with that id (pushes skipped).
+func request(t *testing.T, r *nodetest.Raw, id int64, frame string) proto.ServerFrame {
+	t.Helper()
+	if err := r.Send(frame); err != nil {
+		t.Fatalf("send: %v", err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for time.Now().Before(deadline) {
+		f := r.Next(time.Until(deadline))
+		if f.T == proto.TypeReply && f.ID == id {
+			return f
+		}
+	}
+	t.Fatalf("no reply to id %d", id)
+	return proto.ServerFrame{}
+}
+
+func TestUpgradeRefusedWithoutValidToken(t *testing.T) {
+	n := nodetest.Start(t, nodetest.Config(t))
+	for name, tok := range map[string]string{"none": "", "garbage": "x.y.z", "other secret": otherSecretToken(t)} {
+		_, resp, err := nodetest.DialRaw(t, nodetest.WSURL(n), tok, nodetest.RawOptions{})
+		if err == nil {
+			t.Fatalf("%s: upgrade accepted", name)
+		}
+		if resp == nil || resp.StatusCode != http.StatusUnauthorized {
+			t.Fatalf("%s: want 401, got %v (%v)", name, resp, err)
+		}
+	}
+	// The same through the HTTP API.
+	if st := nodetest.DoJSON(t, "GET", nodetest.HTTPURL(n)+"/api/v1/rooms", "", "", nil); st != 401 {
+		t.Fatalf("API without token: %d", st)
+	}
+}
+
+func otherSecretToken(t *testing.T) string {
+	tok, err := gateway.NewAuth("another-secret-of-16+bytes").Issue(1, gateway.RoleViewer, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tok
+}
+
+// Bad JSON, unknown type, missing field, oversized and binary frames each get
+// a 10001 reply; the connection and the node keep working.
+func TestBadFramesGet10001AndConnectionSurvives(t *testing.T) {
+	n := nodetest.Start(t, nodetest.Config(t))
+	room := nodetest.OpenRoom(t, n, 1, 0)
+	r := dial(t, n, 100, nodetest.RawOptions{})
+
+	bad := []string{
+		`{not json`,
+		`{"t":"dance","id":5,"d":{}}`,
+		`{"t":"join","id":6,"d":{}}`,
+		`{"t":"chat","id":7,"d":{"room_id":` + strconv.FormatInt(room, 10) + `}}`,
+		`{"t":"join","id":8,"d":{"room_id":"seven"}}`,
+		`{"t":"chat","id":9,"d":{"room_id":1,"text":"` + strings.Repeat("x", 65<<10) + `"}}`,
+		`{"t":"chat","id":10,"d":{"room_id":1,"text":"` + strings.Repeat("x", 200<<10) + `"}}`,
+	}
+	for i, b := range bad {
+		if err := r.Send(b); err != nil {
+			t.Fatal(err)
+		}
+		f := r.NextOfType(proto.TypeReply, 5*time.Second)
+		if f.Code != proto.CodeBadRequest {
+			t.Fatalf("bad frame %d: code %d msg %q, want 10001", i, f.Code, f.Msg)
+		}
+	}
+	if err := r.SendBinary([]byte{1, 2, 3}); err != nil {
+		t.Fatal(err)
+	}
+	if f := r.NextOfType(proto.TypeReply, 5*time.Second); f.Code != proto.CodeBadRequest {
+		t.Fatalf("binary frame: code %d", f.Code)
+	}
+	// Still usable.
+	if f := request(t, r, 11, `{"t":"ping","id":11,"d":{}}`); f.Code != 0 {
+		t.Fatalf("ping after bad frames: %+v", f)
+	}
+	if f := request(t, r, 12, fmt.Sprintf(`{"t":"join","id":12,"d":{"room_id":%d}}`, room)); f.Code != 0 {
+		t.Fatalf("join after bad frames: %+v", f)
+	}
+	// Unknown / closed room → 10004; chat outside a joined room → 10003.
+	if f := request(t, r, 13, `{"t":"join","id":13,"d":{"room_id":999999}}`); f.Code != proto.CodeNotFound {
+		t.Fatalf("join unknown room: %+v", f)
+	}
+	if f := request(t, r, 14, `{"t":"chat","id":14,"d":{"room_id":999999,"text":"hi"}}`); f.Code != proto.CodeForbidden {
+		t.Fatalf("chat outside room: %+v", f)
+	}
+	// Another client is unaffected.
+	r2 := dial(t, n, 101, nodetest.RawOptions{})
+	if f := request(t, r2, 1, `{"t":"ping","id":1,"d":{}}`); f.Code != 0 {
+		t.Fatalf("second client ping: %+v", f)
+	}
+}
+
+func TestRepeatedAbuseClosesWith4400(t *testing.T) {
+	cfg := nodetest.Config(t)
+	cfg.WS.AbuseLimit = 5
+	n := nodetest.Start(t, cfg)
+	r := dial(t, n, 100, nodetest.RawOptions{})
+	for i := 0; i < 20; i++ {
+		if err := r.Send(`garbage`); err != nil {
+			break
+		}
+	}
+	select {
+	case <-r.Closed():
+	case <-time.After(5 * time.Second):
+		t.Fatal("not closed after repeated abuse")
+	}
+	if c := r.CloseCode(); c != proto.CloseAbuse {
+		t.Fatalf("close code %d, want 4400", c)
+	}
+	// The node still serves others.
+	r2 := dial(t, n, 101, nodetest.RawOptions{})
+	if f := request(t, r2, 1, `{"t":"ping","id":1,"d":{}}`); f.Code != 0 {
+		t.Fatalf("ping: %+v", f)
+	}
+}
+
+func TestSilentConnectionClosedAfterTwoHeartbeats(t *testing.T) {
+	cfg := nodetest.Config(t)
+	cfg.WS.Heartbeat = configsDuration(200 * time.Millisecond)
+	n := nodetest.Start(t, cfg)
+	r := dial(t, n, 100, nodetest.RawOptions{})
+	select {
+	case <-r.Closed():
+	case <-time.After(5 * time.Second):
+		t.Fatal("silent connection not closed")
+	}
+	if c := r.CloseCode(); c != proto.CloseHeartbeatTimeout {
+		t.Fatalf("close code %d, want 4402", c)
+	}
+}
+
+// A client that stops reading in a 200-client room is closed with 4408 while
+// the other 199 still get every push within 1 s.
+func TestSlowConsumerClosedRoomUnaffected(t *testing.T) {
+	const viewers = 200
+	cfg := nodetest.Config(t)
+	cfg.WS.SendQueueBytes = 64 << 10
+	cfg.WS.SocketSendBuffer = 16 << 10
+	n := nodetest.Start(t, cfg)
+	room := nodetest.OpenRoom(t, n, 1, 0)
+
+	clients := make([]*nodetest.Raw, viewers)
+	for i := range clients {
+		o := nodetest.RawOptions{Batch: i%2 == 0, Buf: 4096}
+		if i == 0 {
+			o.RcvBuf = 4 << 10
+		}
+		clients[i] = dial(t, n, int64(1000+i), o)
+		if f := request(t, clients[i], 1, fmt.Sprintf(`{"t":"join","id":1,"d":{"room_id":%d}}`, room)); f.Code != 0 {
+			t.Fatalf("join %d: %+v", i, f)
+		}
+	}
+	slow := clients[0]
+	slow.Pause()
+
+	// Every other client checks that each push arrives, in order, within 1 s.
+	const pushes = 600
+	var wg sync.WaitGroup
+	errs := make(chan error, viewers)
+	for _, c := range clients[1:] {
+		wg.Add(1)
+		go func(c *nodetest.Raw) {
+			defer wg.Done()
+			next := 0
+			for next < pushes {
+				select {
+				case f := <-c.Frames():
+					if f.T != proto.TypePush {
+						continue
+					}
+					var d struct {
+						Seq int   `json:"seq"`
+						At  int64 `json:"at"`
+					}
+					if err := proto.Unmarshal(f.D, &d); err != nil {
+						errs <- err
+						return
+					}
+					if d.Seq != next {
+						errs <- fmt.Errorf("got push %d, want %d", d.Seq, next)
+						return
+					}
+					if lat := time.Since(time.Unix(0, d.At)); lat > time.Second {
+						errs <- fmt.Errorf("push %d took %v", d.Seq, lat)
+						return
+					}
+					next++
+				case <-time.After(5 * time.Second):
+					errs <- fmt.Errorf("stalled after %d pushes", next)
+					return
+				}
+			}
+		}(c)
+	}
+	// A busy live room: ~500 pushes/s of ~450 bytes. The slow client's
+	// kernel buffers (its 4 KiB receive buffer, the server's 16 KiB send
+	// buffer) plus its 64 KiB queue overflow after ~230 pushes.
+	pad := strings.Repeat("p", 400)
+	for i := 0; i < pushes; i++ {
+		d := fmt.Sprintf(`{"seq":%d,"at":%d,"pad":"%s"}`, i, time.Now().UnixNano(), pad)
+		if _, err := n.Router.PublishRoom(room, proto.Push{Biz: proto.BizChat, Data: []byte(d)}); err != nil {
+			t.Fatalf("publish %d: %v", i, err)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	// The slow client was cut off with 4408; once it reads again it sees the
+	// close frame after whatever the kernel had buffered.
+	slow.Resume()
+	for {
+		select {
+		case <-slow.Frames():
+			continue
+		case <-slow.Closed():
+		case <-time.After(10 * time.Second):
+			t.Fatal("slow client was not closed")
+		}
+		break
+	}
+	if c := slow.CloseCode(); c != proto.CloseSlowConsumer {
+		t.Fatalf("slow client close code %d, want 4408", c)
+	}
+}
+
+func configsDuration(d time.Duration) configs.Duration { return configs.Duration(d) }
