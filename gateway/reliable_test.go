@@ -1,0 +1,73 @@
+package gateway_test
+
+import (
+	"testing"
+	"time"
+
+	"github.com/liveedge/liveedge/gateway/nodetest"
+	"github.com/liveedge/liveedge/gateway/proto"
+)
+
+// A reliable push is resent (same mid, ≥ 3 tries, growing gaps) until acked,
+// and never after the ack.
+func TestReliablePushResentUntilAcked(t *testing.T) {
+	cfg := nodetest.Config(t)
+	cfg.WS.ResendAfter = configsDuration(50 * time.Millisecond)
+	cfg.WS.ResendMaxTries = 4
+	n := nodetest.Start(t, cfg)
+	r := dial(t, n, 500, nodetest.RawOptions{Batch: true})
+
+	mid, reached := n.Router.SendUser(500, proto.Push{Biz: proto.BizWalletCredit, Data: []byte(`{"balance":1,"delta":1,"reason":"dev"}`), Ack: true})
+	if reached != 1 {
+		t.Fatalf("reached %d sessions", reached)
+	}
+	var at []time.Time
+	for len(at) < 4 { // the first delivery and three resends
+		f := r.NextOfType(proto.TypePush, 5*time.Second)
+		if f.Mid != mid || !f.Ack || f.Biz != proto.BizWalletCredit {
+			t.Fatalf("unexpected push %+v", f)
+		}
+		at = append(at, time.Now())
+	}
+	for i := 2; i < len(at); i++ {
+		if at[i].Sub(at[i-1]) < at[1].Sub(at[0])/2 {
+			t.Fatalf("no backoff between resends: %v", at)
+		}
+	}
+	if err := r.Send(`{"t":"ack","d":{"mids":["` + mid + `"]}}`); err != nil {
+		t.Fatal(err)
+	}
+	// At most one resend may cross the ack in flight; then silence for longer
+	// than the next backoff step.
+	if k := countPushes(r, mid, 2*time.Second); k > 1 {
+		t.Fatalf("push resent %d times after its ack", k)
+	}
+
+	// An immediately acked push is never resent.
+	mid2, _ := n.Router.SendUser(500, proto.Push{Biz: proto.BizOrderStatus, Ack: true})
+	if f := r.NextOfType(proto.TypePush, 5*time.Second); f.Mid != mid2 {
+		t.Fatalf("got %s want %s", f.Mid, mid2)
+	}
+	if err := r.Send(`{"t":"ack","d":{"mids":["` + mid2 + `"]}}`); err != nil {
+		t.Fatal(err)
+	}
+	if k := countPushes(r, mid2, time.Second); k > 1 {
+		t.Fatalf("acked push resent %d times", k)
+	}
+}
+
+// countPushes counts pushes with mid arriving within d.
+func countPushes(r *nodetest.Raw, mid string, d time.Duration) int {
+	quiet := time.After(d)
+	k := 0
+	for {
+		select {
+		case f := <-r.Frames():
+			if f.T == proto.TypePush && f.Mid == mid {
+				k++
+			}
+		case <-quiet:
+			return k
+		}
+	}
+}
