@@ -1,0 +1,398 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/liveedge/liveedge/clientsdk"
+	"github.com/liveedge/liveedge/gateway/nodetest"
+	"github.com/liveedge/liveedge/gateway/proto"
+)
+
+// These tests run the real binary as a subprocess, the way users and
+// operators do.
+
+var (
+	buildOnce sync.Once
+	binPath   string
+	buildErr  error
+)
+
+func binary(t *testing.T) string {
+	t.Helper()
+	buildOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "liveedge-bin")
+		if err != nil {
+			buildErr = err
+			return
+		}
+		binPath = filepath.Join(dir, "liveedge")
+		out, err := exec.Command("go", "build", "-o", binPath, ".").CombinedOutput()
+		if err != nil {
+			buildErr = fmt.Errorf("go build: %v\n%s", err, out)
+		}
+	})
+	if buildErr != nil {
+		t.Fatal(buildErr)
+	}
+	return binPath
+}
+
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().String()
+}
+
+type proc struct {
+	cmd    *exec.Cmd
+	stdout *lineBuffer
+	done   chan struct{}
+	err    error
+}
+
+// lineBuffer keeps a process's output for matching and failure messages.
+type lineBuffer struct {
+	mu  sync.Mutex
+	buf strings.Builder
+}
+
+func (l *lineBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.buf.Write(p)
+}
+
+func (l *lineBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.buf.String()
+}
+
+func start(t *testing.T, dir string, env []string, name string, args ...string) *proc {
+	t.Helper()
+	cmd := exec.Command(name, args...)
+	cmd.Dir = dir
+	cmd.Env = append(os.Environ(), env...)
+	out := &lineBuffer{}
+	cmd.Stdout, cmd.Stderr = out, out
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	p := &proc{cmd: cmd, stdout: out, done: make(chan struct{})}
+	go func() { p.err = cmd.Wait(); close(p.done) }()
+	t.Cleanup(func() {
+		select {
+		case <-p.done:
+		default:
+			_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+			<-p.done
+		}
+	})
+	return p
+}
+
+func waitReady(t *testing.T, p *proc, httpAddr string) {
+	t.Helper()
+	deadline := time.Now().Add(90 * time.Second) // make run compiles first
+	for time.Now().Before(deadline) {
+		select {
+		case <-p.done:
+			t.Fatalf("process exited early: %v\n%s", p.err, p.stdout)
+		default:
+		}
+		resp, err := http.Get("http://" + httpAddr + "/readyz")
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == 200 {
+				return
+			}
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	t.Fatalf("node not ready\n%s", p.stdout)
+}
+
+func nodeEnv(httpAddr, wsAddr, dataDir string, extra ...string) []string {
+	return append([]string{
+		"LIVEEDGE_HTTP_ADDR=" + httpAddr,
+		"LIVEEDGE_WS_ADDR=" + wsAddr,
+		"LIVEEDGE_NODE_DATA_DIR=" + dataDir,
+		"LIVEEDGE_ROOMS_OPEN_CLOSE_INTERVAL=0s",
+		"LIVEEDGE_LOG_LEVEL=warn",
+	}, extra...)
+}
+
+func devToken(t *testing.T, httpAddr string, user int64, role string) string {
+	t.Helper()
+	var out struct {
+		Data struct {
+			Token string `json:"token"`
+		} `json:"data"`
+	}
+	body := fmt.Sprintf(`{"user_id":%d,"role":%q}`, user, role)
+	if st := nodetest.DoJSON(t, "POST", "http://"+httpAddr+"/api/v1/dev/token", "", body, &out); st != 200 || out.Data.Token == "" {
+		t.Fatalf("dev token: %d", st)
+	}
+	return out.Data.Token
+}
+
+func openRoom(t *testing.T, httpAddr, anchorToken string) int64 {
+	t.Helper()
+	var out struct {
+		Data struct {
+			RoomID int64 `json:"room_id"`
+		} `json:"data"`
+	}
+	if st := nodetest.DoJSON(t, "POST", "http://"+httpAddr+"/api/v1/rooms", anchorToken, `{"type":1}`, &out); st != 200 {
+		t.Fatalf("open room: %d", st)
+	}
+	return out.Data.RoomID
+}
+
+func roomOnline(t *testing.T, httpAddr, token string, room int64) int {
+	var out struct {
+		Data struct {
+			Online int `json:"online"`
+		} `json:"data"`
+	}
+	nodetest.DoJSON(t, "GET", fmt.Sprintf("http://%s/api/v1/rooms/%d", httpAddr, room), token, "", &out)
+	return out.Data.Online
+}
+
+// SIGTERM with 1,000 connected SDK clients: the process exits cleanly within
+// the drain timeout; the clients see a normal close (1001) and reconnect —
+// and re-join their room — when the node is back.
+func TestSIGTERMDrainsAndClientsReconnect(t *testing.T) {
+	const clients = 1000
+	const drain = 5 * time.Second
+	bin := binary(t)
+	httpAddr, wsAddr, data := freeAddr(t), freeAddr(t), t.TempDir()
+	env := nodeEnv(httpAddr, wsAddr, data, "LIVEEDGE_SHUTDOWN_DRAIN_TIMEOUT="+drain.String())
+	p := start(t, "", env, bin)
+	waitReady(t, p, httpAddr)
+	room := openRoom(t, httpAddr, devToken(t, httpAddr, 1, "anchor"))
+	viewerTok := devToken(t, httpAddr, 2, "viewer")
+
+	var going, connected atomic.Int64
+	cs := make([]*clientsdk.Client, clients)
+	sem := make(chan struct{}, 50)
+	var wg sync.WaitGroup
+	for i := range cs {
+		wg.Add(1)
+		sem <- struct{}{}
+		go func(i int) {
+			defer wg.Done()
+			defer func() { <-sem }()
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			c, err := clientsdk.Dial(ctx, clientsdk.Config{
+				URL:          "ws://" + wsAddr + "/ws",
+				Token:        devTokenCached(t, httpAddr, int64(1000+i)),
+				ReconnectMin: 100 * time.Millisecond,
+				ReconnectMax: time.Second,
+				OnState: func(e clientsdk.StateEvent) {
+					switch e.State {
+					case clientsdk.StateDisconnected:
+						if e.Code == proto.CloseGoingAway {
+							going.Add(1)
+						}
+					case clientsdk.StateConnected:
+						if e.Attempt > 0 {
+							connected.Add(1)
+						}
+					}
+				},
+			})
+			if err != nil {
+				t.Errorf("dial %d: %v", i, err)
+				return
+			}
+			cs[i] = c
+			if _, err := c.Join(ctx, room); err != nil {
+				t.Errorf("join %d: %v", i, err)
+			}
+		}(i)
+	}
+	wg.Wait()
+	if t.Failed() {
+		t.FailNow()
+	}
+	t.Cleanup(func() {
+		for _, c := range cs {
+			_ = c.Close()
+		}
+	})
+	if n := roomOnline(t, httpAddr, viewerTok, room); n != clients {
+		t.Fatalf("online before SIGTERM: %d", n)
+	}
+
+	sent := time.Now()
+	if err := p.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-p.done:
+	case <-time.After(drain + 5*time.Second):
+		t.Fatalf("process did not exit within the drain timeout\n%s", p.stdout)
+	}
+	took := time.Since(sent)
+	if p.err != nil {
+		t.Fatalf("exit: %v\n%s", p.err, p.stdout)
+	}
+	if took > drain+time.Second {
+		t.Fatalf("shutdown took %v (drain timeout %v)", took, drain)
+	}
+	nodetest.Eventually(t, 10*time.Second, func() bool { return going.Load() == clients },
+		"%d of %d clients saw close 1001", going.Load(), clients)
+	t.Logf("SIGTERM → exit in %v; %d clients saw 1001", took.Round(time.Millisecond), going.Load())
+
+	p2 := start(t, "", env, bin)
+	waitReady(t, p2, httpAddr)
+	nodetest.Eventually(t, 30*time.Second, func() bool { return connected.Load() == clients },
+		"%d of %d clients reconnected", connected.Load(), clients)
+	nodetest.Eventually(t, 10*time.Second, func() bool { return roomOnline(t, httpAddr, viewerTok, room) == clients },
+		"room online after restart: %d", roomOnline(t, httpAddr, viewerTok, room))
+	_ = p2.cmd.Process.Signal(syscall.SIGTERM)
+	<-p2.done
+}
+
+var (
+	tokMu    sync.Mutex
+	tokCache = map[int64]string{}
+)
+
+func devTokenCached(t *testing.T, httpAddr string, user int64) string {
+	tokMu.Lock()
+	defer tokMu.Unlock()
+	if tok, ok := tokCache[user]; ok {
+		return tok
+	}
+	tok := devToken(t, httpAddr, user, "viewer")
+	tokCache[user] = tok
+	return tok
+}
+
+var curlLine = regexp.MustCompile(`(?m)^\s*(curl .*)$`)
+
+// `make run` from a clean clone works as a new user would try it: the dev
+// token curl it prints, open a room as an anchor, connect as a viewer, join,
+// chat.
+func TestMakeRunFromCleanClone(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds a clean clone")
+	}
+	for _, tool := range []string{"git", "make", "curl"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Fatalf("%s is needed (make test installs it): %v", tool, err)
+		}
+	}
+	root, err := filepath.Abs("../..")
+	if err != nil {
+		t.Fatal(err)
+	}
+	clone := filepath.Join(t.TempDir(), "liveedge")
+	if out, err := exec.Command("git", "clone", "-q", "--no-hardlinks", root, clone).CombinedOutput(); err != nil {
+		t.Fatalf("git clone: %v\n%s", err, out)
+	}
+	httpAddr, wsAddr := freeAddr(t), freeAddr(t)
+	p := start(t, clone, []string{"LIVEEDGE_HTTP_ADDR=" + httpAddr, "LIVEEDGE_WS_ADDR=" + wsAddr}, "make", "run")
+	waitReady(t, p, httpAddr)
+
+	// The banner tells the user where things are and how to get a token.
+	banner := p.stdout.String()
+	for _, want := range []string{"http://" + httpAddr, "ws://" + wsAddr + "/ws"} {
+		if !strings.Contains(banner, want) {
+			t.Fatalf("banner lacks %q:\n%s", want, banner)
+		}
+	}
+	m := curlLine.FindStringSubmatch(banner)
+	if m == nil {
+		t.Fatalf("banner has no curl line:\n%s", banner)
+	}
+	runCurl := func(cmdline string) string {
+		out, err := exec.Command("sh", "-c", cmdline).Output()
+		if err != nil {
+			t.Fatalf("%s: %v", cmdline, err)
+		}
+		return string(out)
+	}
+	tokenOf := func(out string) string {
+		var r struct {
+			Code int `json:"code"`
+			Data struct {
+				Token string `json:"token"`
+			} `json:"data"`
+		}
+		if err := proto.Unmarshal([]byte(out), &r); err != nil || r.Code != 0 || r.Data.Token == "" {
+			t.Fatalf("token answer %q: %v", out, err)
+		}
+		return r.Data.Token
+	}
+	viewer := tokenOf(runCurl(m[1]))
+	anchorCmd := strings.Replace(strings.Replace(m[1], `"viewer"`, `"anchor"`, 1), `42`, `7`, 1)
+	anchor := tokenOf(runCurl(anchorCmd))
+
+	out := runCurl(fmt.Sprintf(`curl -s -X POST -H 'Authorization: Bearer %s' http://%s/api/v1/rooms -d '{"type":1}'`, anchor, httpAddr))
+	var opened struct {
+		Code int `json:"code"`
+		Data struct {
+			RoomID int64 `json:"room_id"`
+		} `json:"data"`
+	}
+	if err := proto.Unmarshal([]byte(out), &opened); err != nil || opened.Code != 0 || opened.Data.RoomID <= 0 {
+		t.Fatalf("open room answer %q: %v", out, err)
+	}
+
+	got := make(chan clientsdk.Push, 16)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	c, err := clientsdk.Dial(ctx, clientsdk.Config{URL: "ws://" + wsAddr + "/ws", Token: viewer,
+		OnPush: func(p clientsdk.Push) { got <- p }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := c.Join(ctx, opened.Data.RoomID); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Chat(ctx, opened.Data.RoomID, "hello from a new user"); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case p := <-got:
+		var d proto.ChatPush
+		_ = proto.Unmarshal(p.Data, &d)
+		if p.Biz != proto.BizChat || d.Text != "hello from a new user" || d.From != 42 {
+			t.Fatalf("push %+v %+v", p, d)
+		}
+	case <-ctx.Done():
+		t.Fatal("no chat push")
+	}
+	_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGTERM)
+	select {
+	case <-p.done:
+	case <-time.After(15 * time.Second):
+		t.Fatal("make run did not stop on SIGTERM")
+	}
+	if _, err := os.Stat(filepath.Join(clone, "data", "pebble")); err != nil {
+		t.Fatalf("no Pebble data under ./data: %v", err)
+	}
+}
