@@ -5,7 +5,7 @@ FUZZTIME  ?= 10s
 TESTFLAGS ?= -race -timeout 25m
 CONFIG    ?= configs/single.yaml
 
-.PHONY: run build test vet fmt-check fuzz bench loadtest clean
+.PHONY: run build test tools vet fmt-check fuzz bench loadtest clean
 
 run: build
 	./$(BIN)/liveedge -config $(CONFIG)
@@ -15,9 +15,20 @@ build:
 
 # Everything CI runs: static checks, every test under -race, a short fuzz run
 # of each parser (seed corpus in testdata/fuzz is always run by go test).
-test: vet fmt-check
+test: tools vet fmt-check
 	$(GO) test $(TESTFLAGS) ./...
 	$(MAKE) fuzz
+
+# Tools the tests shell out to (a fresh Debian machine may lack them).
+TOOLS := git curl make
+tools:
+	@missing=""; for t in $(TOOLS); do command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+	$(GO) mod download
 
 vet:
 	$(GO) vet ./...

@@ -5,12 +5,33 @@ import "encoding/binary"
 // Key layout. Every key starts with a short ASCII table name and '/'; ids are
 // 8-byte big-endian so keys sort numerically.
 //
-//	room/<id>        JSON room record (edge/room)
-//	seq/<name>       uint64 high-water mark of an id sequence
+//	room/<id>               JSON room record (edge/room)
+//	seq/<name>              int64 high-water mark of an id sequence (merge: max)
+//	bal/<user>              int64 coin balance (merge: add)
+//	tally/<name>/<user>     int64 non-coin tally, e.g. gift value received (merge: add)
+//	trade/<user>/<id>       JSON Trade, append-only
+//	idem/<user>/<req_id>    JSON idempotency record (first result of a request)
+//	idemx/<ms>/<user>/<req> expiry index of idem records
+//	rec/<kind>/<id>         JSON business record (e.g. rec/gift/<order>)
 var (
-	PrefixRoom = []byte("room/")
-	PrefixSeq  = []byte("seq/")
+	PrefixRoom  = []byte("room/")
+	PrefixSeq   = []byte("seq/")
+	PrefixBal   = []byte("bal/")
+	PrefixTally = []byte("tally/")
+	PrefixTrade = []byte("trade/")
+	PrefixIdem  = []byte("idem/")
+	PrefixIdemX = []byte("idemx/")
+	PrefixRec   = []byte("rec/")
 )
+
+// Key2 returns prefix + big-endian a + big-endian b.
+func Key2(prefix []byte, a, b uint64) []byte {
+	k := make([]byte, len(prefix)+16)
+	copy(k, prefix)
+	binary.BigEndian.PutUint64(k[len(prefix):], a)
+	binary.BigEndian.PutUint64(k[len(prefix)+8:], b)
+	return k
+}
 
 // Key returns prefix + big-endian id.
 func Key(prefix []byte, id uint64) []byte {

@@ -18,6 +18,7 @@ type Store struct {
 func Open(dir string) (*Store, error) {
 	db, err := pebble.Open(filepath.Join(dir, "pebble"), &pebble.Options{
 		Logger: quietLogger{},
+		Merger: counterMerger,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("persist: open %s: %w", dir, err)
@@ -102,3 +103,42 @@ func (quietLogger) Fatalf(format string, args ...any) {
 
 // Batch is a Pebble write batch (see Store.Apply).
 type Batch = pebble.Batch
+
+// ScanRange calls fn for keys in [lower, upper) in order until fn returns
+// false or an error.
+func (s *Store) ScanRange(lower, upper []byte, fn func(k, v []byte) (bool, error)) error {
+	it, err := s.db.NewIter(&pebble.IterOptions{LowerBound: lower, UpperBound: upper})
+	if err != nil {
+		return err
+	}
+	for ok := it.First(); ok; ok = it.Next() {
+		more, err := fn(it.Key(), it.Value())
+		if err != nil {
+			_ = it.Close()
+			return err
+		}
+		if !more {
+			break
+		}
+	}
+	return it.Close()
+}
+
+// ScanReverse is ScanRange from the last key down.
+func (s *Store) ScanReverse(lower, upper []byte, fn func(k, v []byte) (bool, error)) error {
+	it, err := s.db.NewIter(&pebble.IterOptions{LowerBound: lower, UpperBound: upper})
+	if err != nil {
+		return err
+	}
+	for ok := it.Last(); ok; ok = it.Prev() {
+		more, err := fn(it.Key(), it.Value())
+		if err != nil {
+			_ = it.Close()
+			return err
+		}
+		if !more {
+			break
+		}
+	}
+	return it.Close()
+}

@@ -1,0 +1,18 @@
+// Package gateway is a LiveEdge node's edge to the network: the WebSocket
+// server (gws) that holds viewers' connections, the Hertz HTTP API, JWT auth,
+// metrics, and Node, which assembles storage, NATS, the router and the
+// business services and runs them until Shutdown.
+//
+// Per connection (Conn): one reader (gws's ReadLoop runs the handlers, in
+// frame order) and at most one writer goroutine, started when the send queue
+// becomes non-empty and gone when it is drained. The queue is bounded in
+// bytes (ws.send_queue_bytes); a connection that overflows it is closed with
+// 4408 and nothing it was sent delays anyone else. Reliable pushes (ack:true)
+// are resent with doubling backoff until acked or ws.resend_max_tries.
+//
+// Close codes and reply codes each live in one table, in gateway/proto.
+//
+// Lock order: Server shard mu → nothing; Conn.mu and Conn.ackMu are never held
+// together nor across a socket write; the router's locks are never held while
+// a Conn lock is taken (router calls Send outside its own locks).
+package gateway

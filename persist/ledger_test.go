@@ -1,0 +1,209 @@
+package persist_test
+
+import (
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/liveedge/liveedge/persist"
+	"github.com/liveedge/liveedge/persist/persisttest"
+)
+
+func openLedger(t *testing.T, dir string) (*persist.Store, *persist.Ledger) {
+	t.Helper()
+	st, err := persist.Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := persist.NewLedger(st, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st, l
+}
+
+func credit(t *testing.T, l *persist.Ledger, user, amount int64, req string) persist.Result {
+	t.Helper()
+	r, err := l.Apply(persist.Op{User: user, ReqID: req, Postings: []persist.Posting{{User: user, Delta: amount, Reason: persist.ReasonDev}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+func debitOp(user, amount int64, req string) persist.Op {
+	return persist.Op{User: user, ReqID: req, Postings: []persist.Posting{{User: user, Delta: -amount, Reason: persist.ReasonGift}}}
+}
+
+func TestConcurrentDebitsNeverOverdraw(t *testing.T) {
+	st, l := openLedger(t, t.TempDir())
+	defer st.Close()
+	credit(t, l, 1, 500, "c1")
+	var ok, insufficient atomic.Int64
+	var wg sync.WaitGroup
+	for i := 0; i < 1000; i++ {
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			_, err := l.Apply(debitOp(1, 1, fmt.Sprintf("g%d", i)))
+			switch {
+			case err == nil:
+				ok.Add(1)
+			case errors.Is(err, persist.ErrInsufficient):
+				insufficient.Add(1)
+			default:
+				t.Error(err)
+			}
+		}(i)
+	}
+	wg.Wait()
+	if ok.Load() != 500 || insufficient.Load() != 500 {
+		t.Fatalf("ok %d insufficient %d", ok.Load(), insufficient.Load())
+	}
+	if b, _ := l.Balance(1); b != 0 {
+		t.Fatalf("balance %d", b)
+	}
+	trades, err := l.Trades(1, 0, 10000)
+	if err != nil || len(trades) != 501 {
+		t.Fatalf("trades %d %v", len(trades), err)
+	}
+	c, d, b := persisttest.CheckConservation(t, l)
+	if c != 500 || d != 500 || b != 0 {
+		t.Fatalf("sums %d %d %d", c, d, b)
+	}
+}
+
+func TestSameReqIDDebitsOnce(t *testing.T) {
+	dir := t.TempDir()
+	st, l := openLedger(t, dir)
+	credit(t, l, 2, 100, "c1")
+	results := make([]persist.Result, 50)
+	var wg sync.WaitGroup
+	for i := range results {
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			r, err := l.Apply(debitOp(2, 7, "same"))
+			if err != nil {
+				t.Error(err)
+			}
+			results[i] = r
+		}(i)
+	}
+	wg.Wait()
+	for _, r := range results {
+		if r.TradeIDs[0] != results[0].TradeIDs[0] || r.Balances[0] != 93 {
+			t.Fatalf("different results: %+v vs %+v", r, results[0])
+		}
+	}
+	if b, _ := l.Balance(2); b != 93 {
+		t.Fatalf("balance %d", b)
+	}
+	persisttest.CheckConservation(t, l)
+
+	// After a restart the same req_id still replays the first result.
+	if err := st.Close(); err != nil {
+		t.Fatal(err)
+	}
+	st, l = openLedger(t, dir)
+	defer st.Close()
+	r, err := l.Apply(debitOp(2, 7, "same"))
+	if err != nil || !r.Replayed || r.TradeIDs[0] != results[0].TradeIDs[0] {
+		t.Fatalf("after restart: %+v %v", r, err)
+	}
+	if b, _ := l.Balance(2); b != 93 {
+		t.Fatalf("balance after restart %d", b)
+	}
+	// New trades get fresh ids after the restart.
+	r2 := credit(t, l, 2, 1, "c2")
+	if r2.TradeIDs[0] <= results[0].TradeIDs[0] {
+		t.Fatalf("trade id reused: %d", r2.TradeIDs[0])
+	}
+	persisttest.CheckConservation(t, l)
+}
+
+func TestInsufficientIsRepliedSameAndMovesNothing(t *testing.T) {
+	st, l := openLedger(t, t.TempDir())
+	defer st.Close()
+	credit(t, l, 3, 5, "c1")
+	for i := 0; i < 3; i++ {
+		if _, err := l.Apply(debitOp(3, 6, "big")); !errors.Is(err, persist.ErrInsufficient) {
+			t.Fatalf("try %d: %v", i, err)
+		}
+	}
+	if b, _ := l.Balance(3); b != 5 {
+		t.Fatalf("balance %d", b)
+	}
+	persisttest.CheckConservation(t, l)
+}
+
+func TestTransferAtomicAcrossUsers(t *testing.T) {
+	st, l := openLedger(t, t.TempDir())
+	defer st.Close()
+	credit(t, l, 10, 50, "c")
+	op := persist.Op{User: 10, ReqID: "t1", Postings: []persist.Posting{
+		{User: 10, Delta: -30, Reason: persist.ReasonGift}, {User: 11, Delta: 30, Reason: persist.ReasonGift}},
+		Tallies: []persist.Tally{{Name: "recv", User: 11, Delta: 30}}}
+	if _, err := l.Apply(op); err != nil {
+		t.Fatal(err)
+	}
+	op.ReqID = "t2"
+	if _, err := l.Apply(op); !errors.Is(err, persist.ErrInsufficient) {
+		t.Fatalf("second transfer: %v", err)
+	}
+	b10, _ := l.Balance(10)
+	b11, _ := l.Balance(11)
+	recv, _ := l.Tally("recv", 11)
+	if b10 != 20 || b11 != 30 || recv != 30 {
+		t.Fatalf("balances %d %d recv %d", b10, b11, recv)
+	}
+	persisttest.CheckConservation(t, l)
+}
+
+func TestTradesPagingNewestFirst(t *testing.T) {
+	st, l := openLedger(t, t.TempDir())
+	defer st.Close()
+	for i := 0; i < 25; i++ {
+		credit(t, l, 4, 1, fmt.Sprintf("c%d", i))
+	}
+	credit(t, l, 5, 1, "other")
+	var all []persist.Trade
+	before := int64(0)
+	for {
+		page, err := l.Trades(4, before, 10)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(page) == 0 {
+			break
+		}
+		all = append(all, page...)
+		before = page[len(page)-1].ID
+	}
+	if len(all) != 25 {
+		t.Fatalf("%d trades", len(all))
+	}
+	for i := 1; i < len(all); i++ {
+		if all[i].ID >= all[i-1].ID || all[i].User != 4 {
+			t.Fatalf("order at %d: %+v", i, all[i])
+		}
+	}
+}
+
+func TestExpireIdem(t *testing.T) {
+	st, l := openLedger(t, t.TempDir())
+	defer st.Close()
+	first := credit(t, l, 6, 1, "r1")
+	n, err := l.ExpireIdem(time.Now().Add(time.Hour))
+	if err != nil || n != 1 {
+		t.Fatalf("expired %d %v", n, err)
+	}
+	// Expired: the same req_id is a new request now.
+	again := credit(t, l, 6, 1, "r1")
+	if again.Replayed || again.TradeIDs[0] == first.TradeIDs[0] {
+		t.Fatalf("not expired: %+v", again)
+	}
+}
