@@ -41,7 +41,10 @@
 // reader blocks: nothing more is read, acks stop, and the gateway's bounded
 // send queue for this connection fills in turn, so the gateway will close the
 // connection with 4408 (slow consumer) and the client will reconnect. Keep the
-// callbacks fast, or hand work off to your own goroutines.
+// callbacks fast, or hand work off to your own goroutines. In particular a
+// callback that waits for a reply (Request, Join, ...) while the queue is full
+// waits in vain, since the reply sits behind the blocked reader: it ends with
+// its timeout.
 //
 // Callbacks may call any method of the Client, including Close. Close stops
 // reconnecting, closes the connection with 1000 and waits until every goroutine

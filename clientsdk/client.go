@@ -1,0 +1,627 @@
+package clientsdk
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"net/http"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/lxzan/gws"
+
+	"github.com/liveedge/liveedge/gateway/proto"
+)
+
+// Client is a self-reconnecting LiveEdge WebSocket client. Create it with
+// Dial; it is safe for concurrent use.
+type Client struct {
+	cfg Config
+	log *slog.Logger
+
+	ctx    context.Context // canceled when the client stops (Close or terminal)
+	cancel context.CancelFunc
+
+	nextID atomic.Int64
+	dedup  *dedup
+
+	mu         sync.Mutex
+	sess       *session      // the ready session; nil while (re)connecting
+	readyCh    chan struct{} // closed iff sess != nil
+	rooms      map[int64]struct{}
+	hello      proto.Hello
+	lastCode   int
+	lastReason string
+	stopErr    error // why the client stopped (nil: Close)
+	stopped    bool
+
+	events chan event // reader/run loop → dispatcher; closed by the run loop
+
+	cbMu         sync.Mutex
+	cbRunning    bool
+	cbStopped    bool
+	dispatchDone chan struct{}
+
+	wg sync.WaitGroup // every goroutine but the dispatcher
+
+	stats struct {
+		reconnects, pushes, delivered, dups, acks, requests atomic.Int64
+	}
+}
+
+type event struct {
+	push  Push
+	state *StateEvent
+}
+
+// Dial connects to cfg.URL and waits for the server's hello, bounded by ctx
+// and cfg.RequestTimeout. An HTTP 401 yields an error wrapping
+// ErrUnauthorized. Once Dial has returned, the client keeps itself connected
+// until Close or a terminal close code.
+func Dial(ctx context.Context, cfg Config) (*Client, error) {
+	cfg, err := cfg.withDefaults()
+	if err != nil {
+		return nil, err
+	}
+	c := &Client{
+		cfg:          cfg,
+		log:          cfg.Logger,
+		dedup:        newDedup(cfg.DedupWindow),
+		readyCh:      make(chan struct{}),
+		rooms:        make(map[int64]struct{}),
+		events:       make(chan event, cfg.EventBuffer),
+		dispatchDone: make(chan struct{}),
+	}
+	c.ctx, c.cancel = context.WithCancel(context.Background())
+	go c.dispatch()
+
+	s, err := c.connect(ctx)
+	if err == nil {
+		if err = c.activate(s, 0); err != nil {
+			s.closeWith(proto.CloseNormal, nil)
+			<-s.done
+		}
+	}
+	if err != nil {
+		c.cancel()
+		c.wg.Wait()
+		close(c.events)
+		<-c.dispatchDone
+		return nil, err
+	}
+	c.wg.Add(1)
+	go c.run(s)
+	return c, nil
+}
+
+// Close closes the connection with 1000, stops reconnecting, fails pending
+// requests with ErrClosed and waits for the client's goroutines (see the
+// package documentation for callbacks). It is idempotent and always returns nil.
+func (c *Client) Close() error {
+	c.stop(nil)
+	c.wg.Wait()
+	c.cbMu.Lock()
+	c.cbStopped = true
+	running := c.cbRunning
+	c.cbMu.Unlock()
+	if !running {
+		<-c.dispatchDone
+	}
+	return nil
+}
+
+// Closed is closed when the client has stopped: after Close, or after a
+// terminal close code (then see LastClose and Err).
+func (c *Client) Closed() <-chan struct{} { return c.ctx.Done() }
+
+// Err is nil while the client runs or after Close; after a terminal stop it
+// is the cause: a *CloseError (code >= 4500) or ErrUnauthorized.
+func (c *Client) Err() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.stopErr
+}
+
+// Hello returns the d of the last hello received.
+func (c *Client) Hello() proto.Hello {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.hello
+}
+
+// LastClose returns the close code and reason of the last connection that
+// ended (0, "" if none has). 1006 means the connection broke without a close
+// frame.
+func (c *Client) LastClose() (code int, reason string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.lastCode, c.lastReason
+}
+
+// Rooms returns the joined rooms (the set re-joined after a reconnect), sorted.
+func (c *Client) Rooms() []int64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.roomsLocked()
+}
+
+func (c *Client) roomsLocked() []int64 {
+	rs := make([]int64, 0, len(c.rooms))
+	for r := range c.rooms {
+		rs = append(rs, r)
+	}
+	slices.Sort(rs)
+	return rs
+}
+
+// Stats returns a snapshot of the counters.
+func (c *Client) Stats() Stats {
+	return Stats{
+		Reconnects:      c.stats.reconnects.Load(),
+		PushesReceived:  c.stats.pushes.Load(),
+		PushesDelivered: c.stats.delivered.Load(),
+		Duplicates:      c.stats.dups.Load(),
+		AcksSent:        c.stats.acks.Load(),
+		Requests:        c.stats.requests.Load(),
+	}
+}
+
+// Request sends {"t":typ,"id":N,"d":d} and returns the raw JSON d of the reply
+// (a copy). d may be nil ({}), raw JSON ([]byte) or any value to encode.
+// A reply with a non-zero code returns a *proto.Error. If ctx has no deadline,
+// Config.RequestTimeout applies; it includes waiting for a connection while
+// the client reconnects. A request in flight when the connection drops fails
+// with ErrDisconnected and is not resent.
+func (c *Client) Request(ctx context.Context, typ string, d any) ([]byte, error) {
+	return c.request(ctx, typ, d, nil)
+}
+
+func (c *Client) request(ctx context.Context, typ string, d any, onOK func()) ([]byte, error) {
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, c.cfg.RequestTimeout)
+		defer cancel()
+	}
+	for {
+		s, err := c.waitReady(ctx)
+		if err != nil {
+			return nil, err
+		}
+		id, cl, err := s.send(ctx, typ, d, onOK)
+		if errors.Is(err, errNotSent) {
+			continue // the connection went away before we wrote: wait for the next one
+		}
+		if err != nil {
+			return nil, err
+		}
+		return s.await(ctx, typ, id, cl)
+	}
+}
+
+func (c *Client) waitReady(ctx context.Context) (*session, error) {
+	for {
+		if c.ctx.Err() != nil {
+			return nil, c.closedErr()
+		}
+		c.mu.Lock()
+		s, ready := c.sess, c.readyCh
+		c.mu.Unlock()
+		if s != nil {
+			return s, nil
+		}
+		select {
+		case <-ready:
+		case <-ctx.Done():
+			return nil, fmt.Errorf("clientsdk: waiting for a connection: %w", ctx.Err())
+		case <-c.ctx.Done():
+			return nil, c.closedErr()
+		}
+	}
+}
+
+func (c *Client) closedErr() error {
+	if err := c.Err(); err != nil {
+		return fmt.Errorf("%w: %w", ErrClosed, err)
+	}
+	return ErrClosed
+}
+
+// Join joins a room and returns its online count. The room is remembered and
+// re-joined after every reconnect.
+func (c *Client) Join(ctx context.Context, roomID int64) (online int, err error) {
+	raw, err := c.request(ctx, proto.TypeJoin, proto.RoomReq{RoomID: roomID}, func() {
+		// Run by the reader on success, before this connection can be seen
+		// as closed: a later re-join always includes the room.
+		c.mu.Lock()
+		c.rooms[roomID] = struct{}{}
+		c.mu.Unlock()
+	})
+	if err != nil {
+		return 0, err
+	}
+	var r struct {
+		Online int `json:"online"`
+	}
+	if err := proto.Unmarshal(raw, &r); err != nil {
+		return 0, fmt.Errorf("clientsdk: join reply: %w", err)
+	}
+	return r.Online, nil
+}
+
+// Leave leaves a room. The room leaves the re-join set at once, whatever the
+// outcome of the request.
+func (c *Client) Leave(ctx context.Context, roomID int64) error {
+	c.mu.Lock()
+	delete(c.rooms, roomID)
+	c.mu.Unlock()
+	_, err := c.request(ctx, proto.TypeLeave, proto.RoomReq{RoomID: roomID}, nil)
+	return err
+}
+
+// Chat sends a chat message to a room and returns the mid of its push.
+func (c *Client) Chat(ctx context.Context, roomID int64, text string) (mid string, err error) {
+	raw, err := c.request(ctx, proto.TypeChat, proto.ChatReq{RoomID: roomID, Text: text}, nil)
+	if err != nil {
+		return "", err
+	}
+	var r struct {
+		Mid string `json:"mid"`
+	}
+	if err := proto.Unmarshal(raw, &r); err != nil {
+		return "", fmt.Errorf("clientsdk: chat reply: %w", err)
+	}
+	return r.Mid, nil
+}
+
+// Ping sends a ping request and waits for its reply.
+func (c *Client) Ping(ctx context.Context) error {
+	_, err := c.request(ctx, proto.TypePing, nil, nil)
+	return err
+}
+
+// --- connection management ---
+
+// connect opens one connection and waits for its hello, bounded by ctx and
+// RequestTimeout. On error nothing of the attempt is left running.
+func (c *Client) connect(ctx context.Context) (*session, error) {
+	ctx, cancel := context.WithTimeout(ctx, c.cfg.RequestTimeout)
+	defer cancel()
+	token := c.cfg.Token
+	if c.cfg.TokenFunc != nil {
+		t, err := c.cfg.TokenFunc(ctx)
+		if err != nil {
+			return nil, fmt.Errorf("clientsdk: token: %w", err)
+		}
+		token = t
+	}
+	addr, err := c.cfg.dialURL(token)
+	if err != nil {
+		return nil, fmt.Errorf("clientsdk: URL: %w", err)
+	}
+	handshake := c.cfg.RequestTimeout
+	if dl, ok := ctx.Deadline(); ok {
+		handshake = max(time.Until(dl), time.Millisecond)
+	}
+	s := newSession(c)
+	dialer := &ctxDialer{ctx: ctx}
+	conn, resp, err := gws.NewClient(s, &gws.ClientOption{
+		Addr:             addr,
+		HandshakeTimeout: handshake,
+		NewDialer:        func() (gws.Dialer, error) { return dialer, nil },
+	})
+	stopped := dialer.stop()
+	if err != nil {
+		if resp != nil && resp.StatusCode == http.StatusUnauthorized {
+			return nil, fmt.Errorf("%w: %s", ErrUnauthorized, c.cfg.redactedURL())
+		}
+		if ctx.Err() != nil {
+			return nil, fmt.Errorf("clientsdk: connect %s: %w", c.cfg.redactedURL(), ctx.Err())
+		}
+		if resp != nil {
+			return nil, fmt.Errorf("clientsdk: connect %s: HTTP %d: %w", c.cfg.redactedURL(), resp.StatusCode, err)
+		}
+		return nil, fmt.Errorf("clientsdk: connect %s: %w", c.cfg.redactedURL(), err)
+	}
+	if !stopped { // ctx closed the connection right after the handshake
+		_ = conn.NetConn().Close()
+		return nil, fmt.Errorf("clientsdk: connect %s: %w", c.cfg.redactedURL(), ctx.Err())
+	}
+	s.conn = conn
+	c.wg.Add(1)
+	go func() {
+		defer c.wg.Done()
+		conn.ReadLoop()
+	}()
+	select {
+	case h := <-s.helloCh:
+		c.mu.Lock()
+		c.hello = h
+		c.mu.Unlock()
+		return s, nil
+	case <-s.done:
+		return nil, fmt.Errorf("clientsdk: connect %s: before hello: %w", c.cfg.redactedURL(), s.closeError())
+	case <-ctx.Done():
+		s.closeWith(proto.CloseNormal, ctx.Err())
+		<-s.done
+		return nil, fmt.Errorf("clientsdk: connect %s: waiting for hello: %w", c.cfg.redactedURL(), ctx.Err())
+	}
+}
+
+// activate re-joins the remembered rooms on s, then makes s the ready
+// session, reports StateConnected and starts its heartbeat. An error means s
+// is unusable (the caller closes it).
+func (c *Client) activate(s *session, attempt int) error {
+	c.mu.Lock()
+	rooms := c.roomsLocked()
+	c.mu.Unlock()
+	if len(rooms) > 0 {
+		ctx, cancel := context.WithTimeout(c.ctx, c.cfg.RequestTimeout)
+		defer cancel()
+		type sent struct {
+			room int64
+			id   int64
+			cl   *call
+		}
+		calls := make([]sent, 0, len(rooms))
+		for _, r := range rooms { // pipelined: all joins out, then all replies
+			id, cl, err := s.send(ctx, proto.TypeJoin, proto.RoomReq{RoomID: r}, nil)
+			if errors.Is(err, errNotSent) {
+				<-s.done
+				return s.closeError()
+			}
+			if err != nil {
+				return err
+			}
+			calls = append(calls, sent{r, id, cl})
+		}
+		for _, sc := range calls {
+			_, err := s.await(ctx, proto.TypeJoin, sc.id, sc.cl)
+			var pe *proto.Error
+			switch {
+			case errors.As(err, &pe):
+				c.mu.Lock()
+				delete(c.rooms, sc.room)
+				c.mu.Unlock()
+				c.log.Info("clientsdk: room dropped: re-join refused", "room", sc.room, "code", pe.Code)
+				c.emitState(StateEvent{State: StateRoomDropped, Room: sc.room, Err: pe})
+			case errors.Is(err, ErrDisconnected):
+				<-s.done
+				return s.closeError()
+			case err != nil:
+				return err
+			}
+		}
+	}
+	c.mu.Lock()
+	if s.dead {
+		c.mu.Unlock()
+		return s.closeError() // done is closed once dead is set
+	}
+	if c.ctx.Err() != nil {
+		c.mu.Unlock()
+		return c.closedErr()
+	}
+	c.sess = s
+	close(c.readyCh)
+	hello := c.hello
+	c.mu.Unlock()
+	c.log.Info("clientsdk: connected", "node", hello.Node, "user_id", hello.UserID, "attempt", attempt)
+	c.emitState(StateEvent{State: StateConnected, Hello: hello, Attempt: attempt})
+
+	every := c.cfg.HeartbeatInterval
+	if every == 0 && hello.HeartbeatS > 0 {
+		every = time.Duration(hello.HeartbeatS) * time.Second / 2
+	}
+	if every > 0 {
+		c.wg.Add(1)
+		go c.heartbeat(s, every)
+	}
+	return nil
+}
+
+// heartbeat pings when nothing was written for half an interval, so the
+// gateway never sees the client silent for 2 × heartbeat; a ping without a
+// reply closes the connection (the run loop reconnects).
+func (c *Client) heartbeat(s *session, every time.Duration) {
+	defer c.wg.Done()
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-t.C:
+		case <-s.done:
+			return
+		case <-c.ctx.Done():
+			return
+		}
+		if time.Since(time.Unix(0, s.lastWrite.Load())) < every/2 {
+			continue
+		}
+		ctx, cancel := context.WithTimeout(c.ctx, c.cfg.RequestTimeout)
+		id, cl, err := s.send(ctx, proto.TypePing, nil, nil)
+		if err == nil {
+			_, err = s.await(ctx, proto.TypePing, id, cl)
+		}
+		cancel()
+		var pe *proto.Error
+		if err != nil && !errors.As(err, &pe) && errors.Is(err, context.DeadlineExceeded) {
+			c.log.Warn("clientsdk: heartbeat ping unanswered, closing connection")
+			s.closeWith(proto.CloseNormal, fmt.Errorf("clientsdk: heartbeat ping unanswered: %w", err))
+			return
+		}
+	}
+}
+
+// run owns the connection after Dial: it waits for the session to end,
+// reports it, and reconnects until the client stops. It closes c.events on
+// return, when no reader is left.
+func (c *Client) run(s *session) {
+	defer c.wg.Done()
+	defer close(c.events)
+	for {
+		select {
+		case <-s.done:
+		case <-c.ctx.Done():
+			s.closeWith(proto.CloseNormal, nil)
+			<-s.done
+		}
+		code, reason, err := s.closeCode, s.closeReason, s.closeErr
+		c.mu.Lock()
+		c.lastCode, c.lastReason = code, reason
+		c.mu.Unlock()
+		c.log.Info("clientsdk: disconnected", "code", code, "reason", reason, "err", err)
+		c.emitState(StateEvent{State: StateDisconnected, Code: code, Reason: reason, Err: err})
+		if c.ctx.Err() != nil {
+			c.emitState(StateEvent{State: StateClosed, Code: code, Reason: reason, Err: c.Err()})
+			return
+		}
+		if !proto.Reconnectable(code) {
+			c.terminate(code, reason, s.closeError())
+			return
+		}
+		if s = c.reconnect(); s == nil {
+			return
+		}
+	}
+}
+
+// reconnect retries with backoff until a session is active (returned) or the
+// client stops (nil, after reporting StateClosed).
+func (c *Client) reconnect() *session {
+	var lastErr error
+	for attempt := 1; ; attempt++ {
+		delay := c.backoff(attempt)
+		c.emitState(StateEvent{State: StateReconnecting, Attempt: attempt, Delay: delay, Err: lastErr})
+		t := time.NewTimer(delay)
+		select {
+		case <-t.C:
+		case <-c.ctx.Done():
+			t.Stop()
+		}
+		if c.ctx.Err() != nil {
+			c.emitState(StateEvent{State: StateClosed, Err: c.Err()})
+			return nil
+		}
+		s, err := c.connect(c.ctx)
+		if err == nil {
+			if err = c.activate(s, attempt); err == nil {
+				c.stats.reconnects.Add(1)
+				return s
+			}
+			s.closeWith(proto.CloseNormal, nil)
+			<-s.done
+		}
+		if c.ctx.Err() != nil {
+			c.emitState(StateEvent{State: StateClosed, Err: c.Err()})
+			return nil
+		}
+		c.log.Info("clientsdk: reconnect failed", "attempt", attempt, "err", err)
+		var ce *CloseError
+		if errors.As(err, &ce) && !proto.Reconnectable(ce.Code) {
+			c.terminate(ce.Code, ce.Reason, ce)
+			return nil
+		}
+		if errors.Is(err, ErrUnauthorized) && c.cfg.TokenFunc == nil {
+			c.terminate(0, "", err)
+			return nil
+		}
+		lastErr = err
+	}
+}
+
+// terminate stops the client for cause (a terminal close or a refused token).
+func (c *Client) terminate(code int, reason string, cause error) {
+	if code != 0 {
+		c.mu.Lock()
+		c.lastCode, c.lastReason = code, reason
+		c.mu.Unlock()
+	}
+	c.log.Warn("clientsdk: stopped: not reconnecting", "code", code, "err", cause)
+	c.mu.Lock()
+	if !c.stopped {
+		c.stopped, c.stopErr = true, cause
+	}
+	c.mu.Unlock()
+	// Queue the event before Closed fires, so that a caller woken by Closed
+	// finds StateClosed queued.
+	c.emitState(StateEvent{State: StateClosed, Code: code, Reason: reason, Err: c.Err()})
+	c.cancel()
+}
+
+// stop marks the client stopped (first cause wins) and cancels c.ctx.
+func (c *Client) stop(cause error) {
+	c.mu.Lock()
+	if !c.stopped {
+		c.stopped, c.stopErr = true, cause
+	}
+	c.mu.Unlock()
+	c.cancel()
+}
+
+func (c *Client) backoff(attempt int) time.Duration {
+	ceil := c.cfg.ReconnectMax
+	if attempt < 32 {
+		if d := c.cfg.ReconnectMin << (attempt - 1); d > 0 && d < ceil {
+			ceil = d
+		}
+	}
+	return time.Duration(rand.Int64N(int64(ceil) + 1))
+}
+
+// --- callbacks ---
+
+func (c *Client) emitState(ev StateEvent) {
+	if c.cfg.OnState == nil {
+		return
+	}
+	c.emit(event{state: &ev})
+}
+
+// emit queues ev for the dispatcher, blocking while the queue is full
+// (backpressure); it gives up (false) once the client has stopped and the
+// queue is still full.
+func (c *Client) emit(ev event) bool {
+	select {
+	case c.events <- ev:
+		return true
+	default:
+	}
+	select {
+	case c.events <- ev:
+		return true
+	case <-c.ctx.Done():
+		return false
+	}
+}
+
+// dispatch is the one goroutine that calls OnPush and OnState.
+func (c *Client) dispatch() {
+	defer close(c.dispatchDone)
+	for ev := range c.events {
+		c.cbMu.Lock()
+		if c.cbStopped {
+			c.cbMu.Unlock()
+			return
+		}
+		c.cbRunning = true
+		c.cbMu.Unlock()
+
+		if ev.state != nil {
+			c.cfg.OnState(*ev.state)
+		} else {
+			c.cfg.OnPush(ev.push)
+		}
+
+		c.cbMu.Lock()
+		c.cbRunning = false
+		stopped := c.cbStopped
+		c.cbMu.Unlock()
+		if stopped {
+			return
+		}
+	}
+}

@@ -1,0 +1,574 @@
+package clientsdk
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"runtime"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/liveedge/liveedge/gateway/proto"
+)
+
+// rec records what the callbacks saw.
+type rec struct {
+	mu     sync.Mutex
+	pushes []Push
+	states []StateEvent
+}
+
+func (r *rec) onPush(p Push) {
+	r.mu.Lock()
+	r.pushes = append(r.pushes, p)
+	r.mu.Unlock()
+}
+
+func (r *rec) onState(e StateEvent) {
+	r.mu.Lock()
+	r.states = append(r.states, e)
+	r.mu.Unlock()
+}
+
+func (r *rec) mids() []string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	ms := make([]string, len(r.pushes))
+	for i, p := range r.pushes {
+		ms[i] = p.Mid
+	}
+	return ms
+}
+
+func (r *rec) hasMid(mid string) bool { return slices.Contains(r.mids(), mid) }
+
+func (r *rec) countMid(mid string) int {
+	n := 0
+	for _, m := range r.mids() {
+		if m == mid {
+			n++
+		}
+	}
+	return n
+}
+
+func (r *rec) findState(s State) (StateEvent, bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, e := range r.states {
+		if e.State == s {
+			return e, true
+		}
+	}
+	return StateEvent{}, false
+}
+
+func (r *rec) hasState(s State) bool { _, ok := r.findState(s); return ok }
+
+func (r *rec) stateList() []State {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var ss []State
+	for _, e := range r.states {
+		ss = append(ss, e.State)
+	}
+	return ss
+}
+
+// dial connects a client to ts with fast reconnects; the client is closed at
+// the end of the test.
+func dial(t *testing.T, ts *tServer, r *rec, mod func(*Config)) *Client {
+	t.Helper()
+	cfg := Config{
+		URL:          ts.url(),
+		Token:        "good",
+		ReconnectMin: 10 * time.Millisecond,
+		ReconnectMax: 40 * time.Millisecond,
+	}
+	if r != nil {
+		cfg.OnPush, cfg.OnState = r.onPush, r.onState
+	}
+	if mod != nil {
+		mod(&cfg)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c, err := Dial(ctx, cfg)
+	if err != nil {
+		t.Fatalf("Dial: %v", err)
+	}
+	t.Cleanup(func() { _ = c.Close() })
+	return c
+}
+
+func TestPushDedupeAndAck(t *testing.T) {
+	ts := newTServer(t)
+	r := &rec{}
+	c := dial(t, ts, r, nil)
+	tc := ts.conn(0)
+	if !tc.batch {
+		t.Fatal("client did not ask for batch=1")
+	}
+	if h := c.Hello(); h.UserID != 42 || h.Node != "gw-test" || h.HeartbeatS != 30 || !h.Batch {
+		t.Fatalf("Hello() = %+v", h)
+	}
+
+	tc.send(t, pushFrame("a1", true, 1, "hello"))
+	tc.send(t, pushFrame("n1", false, 1, "no ack"))
+	tc.send(t, pushFrame("a1", true, 1, "hello")) // duplicate: acked, not surfaced
+	tc.send(t, proto.AppendBatch(nil, [][]byte{
+		pushFrame("a3", true, 1, "three"),
+		pushFrame("a4", true, 2, "four"),
+		pushFrame("a1", true, 1, "hello"), // duplicate inside a batch
+		pushFrame("n1", false, 1, "no ack"),
+	}))
+	waitFor(t, 5*time.Second, "3 ack frames", func() bool { return len(ts.acks()) == 3 })
+	waitFor(t, 5*time.Second, "4 pushes", func() bool { return len(r.mids()) == 4 })
+
+	if got, want := r.mids(), []string{"a1", "n1", "a3", "a4"}; !slices.Equal(got, want) {
+		t.Fatalf("delivered %v, want %v", got, want)
+	}
+	if got, want := fmt.Sprint(ts.acks()), "[[a1] [a1] [a3 a4 a1]]"; got != want {
+		t.Fatalf("ack frames %s, want %s (one ack frame per received frame)", got, want)
+	}
+	r.mu.Lock()
+	p0 := r.pushes[0]
+	r.mu.Unlock()
+	if p0.Biz != proto.BizChat || p0.Room != 1 || !p0.Ack || string(p0.Data) != `{"from":7,"text":"hello"}` {
+		t.Fatalf("push = %+v data %s", p0, p0.Data)
+	}
+
+	// The server resends a push whose ack it missed: acked again, surfaced once.
+	tc.send(t, pushFrame("r1", true, 1, "resent"))
+	waitFor(t, 5*time.Second, "ack of r1", func() bool { return ts.ackCount("r1") == 1 })
+	tc.send(t, pushFrame("r1", true, 1, "resent"))
+	waitFor(t, 5*time.Second, "second ack of r1", func() bool { return ts.ackCount("r1") == 2 })
+	tc.send(t, pushFrame("z", false, 1, "sentinel"))
+	waitFor(t, 5*time.Second, "sentinel", func() bool { return r.hasMid("z") })
+	if n := r.countMid("r1"); n != 1 {
+		t.Fatalf("r1 surfaced %d times", n)
+	}
+	// Data is a copy: the buffers it was read from have been reused since.
+	if string(p0.Data) != `{"from":7,"text":"hello"}` {
+		t.Fatalf("push data changed: %s", p0.Data)
+	}
+	st := c.Stats()
+	if st.PushesReceived != 10 || st.PushesDelivered != 6 || st.Duplicates != 4 || st.AcksSent != 7 {
+		t.Fatalf("stats %+v", st)
+	}
+}
+
+func TestRequests(t *testing.T) {
+	ts := newTServer(t)
+	c := dial(t, ts, nil, nil)
+	ctx := context.Background()
+
+	// 50 concurrent requests, answered out of order (some inside batch frames).
+	var wg sync.WaitGroup
+	errs := make(chan error, 50)
+	for i := range 50 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			raw, err := c.Request(ctx, "echo", map[string]int{"n": i})
+			if err != nil {
+				errs <- err
+				return
+			}
+			var v struct{ N int }
+			if err := proto.Unmarshal(raw, &v); err != nil || v.N != i {
+				errs <- fmt.Errorf("request %d got reply %s (%v)", i, raw, err)
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+
+	if err := c.Ping(ctx); err != nil {
+		t.Fatalf("Ping: %v", err)
+	}
+	online, err := c.Join(ctx, 5)
+	if err != nil || online != 7 {
+		t.Fatalf("Join = %d, %v", online, err)
+	}
+	mid, err := c.Chat(ctx, 5, "hi")
+	if err != nil || !strings.HasPrefix(mid, "c-") {
+		t.Fatalf("Chat = %q, %v", mid, err)
+	}
+	if got := c.Rooms(); !slices.Equal(got, []int64{5}) {
+		t.Fatalf("Rooms = %v", got)
+	}
+	if err := c.Leave(ctx, 5); err != nil {
+		t.Fatalf("Leave: %v", err)
+	}
+	if got := c.Rooms(); len(got) != 0 {
+		t.Fatalf("Rooms after leave = %v", got)
+	}
+
+	// A non-zero reply code is a *proto.Error; a failed join is not remembered.
+	_, err = c.Request(ctx, "fail", []byte(`{"x":1}`))
+	var pe *proto.Error
+	if !errors.As(err, &pe) || pe.Code != proto.CodeForbidden {
+		t.Fatalf("fail: err = %v, want code %d", err, proto.CodeForbidden)
+	}
+	ts.mu.Lock()
+	ts.refuse[9] = true
+	ts.mu.Unlock()
+	if _, err := c.Join(ctx, 9); !errors.As(err, &pe) || pe.Code != proto.CodeNotFound {
+		t.Fatalf("join refused: err = %v", err)
+	}
+	if got := c.Rooms(); len(got) != 0 {
+		t.Fatalf("Rooms after refused join = %v", got)
+	}
+}
+
+func TestRequestTimeout(t *testing.T) {
+	ts := newTServer(t)
+	c := dial(t, ts, nil, func(cfg *Config) { cfg.RequestTimeout = 200 * time.Millisecond })
+
+	start := time.Now()
+	_, err := c.Request(context.Background(), "noreply", nil)
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("err = %v, want deadline exceeded", err)
+	}
+	if d := time.Since(start); d < 150*time.Millisecond || d > 3*time.Second {
+		t.Fatalf("timed out after %v, want about 200ms (Config.RequestTimeout)", d)
+	}
+
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	start = time.Now()
+	if _, err := c.Request(ctx, "noreply", nil); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("err = %v, want deadline exceeded", err)
+	}
+	if d := time.Since(start); d > 150*time.Millisecond {
+		t.Fatalf("ctx deadline not honoured: %v", d)
+	}
+	// The connection is still fine.
+	if err := c.Ping(context.Background()); err != nil {
+		t.Fatalf("Ping after timeouts: %v", err)
+	}
+}
+
+func TestReconnectRejoin(t *testing.T) {
+	ts := newTServer(t)
+	r := &rec{}
+	var rejoinedAtConnected atomic.Value
+	c := dial(t, ts, r, func(cfg *Config) {
+		cfg.OnState = func(e StateEvent) {
+			if e.State == StateConnected && e.Attempt > 0 {
+				rejoinedAtConnected.Store(ts.joinsOn(1))
+			}
+			r.onState(e)
+		}
+	})
+	ctx := context.Background()
+	for _, room := range []int64{1, 2, 3} {
+		if _, err := c.Join(ctx, room); err != nil {
+			t.Fatalf("Join %d: %v", room, err)
+		}
+	}
+	tc0 := ts.conn(0)
+	tc0.send(t, pushFrame("x1", true, 1, "before"))
+	waitFor(t, 5*time.Second, "x1", func() bool { return r.hasMid("x1") })
+
+	// A request in flight when the connection drops fails with ErrDisconnected.
+	inflight := make(chan error, 1)
+	go func() {
+		_, err := c.Request(ctx, "noreply", nil)
+		inflight <- err
+	}()
+	waitFor(t, 5*time.Second, "noreply at server", func() bool { return ts.count("noreply") == 1 })
+
+	ts.mu.Lock()
+	ts.refuse[3] = true // room 3 was closed while we were away
+	ts.mu.Unlock()
+	ts.delay.Store(int64(150 * time.Millisecond)) // the next node is slow to accept
+	tc0.close(proto.CloseGoingAway)
+
+	select {
+	case err := <-inflight:
+		if !errors.Is(err, ErrDisconnected) {
+			t.Fatalf("in-flight request: err = %v, want ErrDisconnected", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("in-flight request not failed")
+	}
+
+	// A request issued while reconnecting waits for the new connection.
+	waitFor(t, 5*time.Second, "disconnected state", func() bool { return r.hasState(StateDisconnected) })
+	if err := c.Ping(ctx); err != nil {
+		t.Fatalf("Ping while reconnecting: %v", err)
+	}
+	waitFor(t, 5*time.Second, "connected again", func() bool {
+		return rejoinedAtConnected.Load() != nil
+	})
+
+	if e, _ := r.findState(StateDisconnected); e.Code != proto.CloseGoingAway {
+		t.Fatalf("disconnected event %+v, want code 1001", e)
+	}
+	if code, reason := c.LastClose(); code != proto.CloseGoingAway || reason != "going away" {
+		t.Fatalf("LastClose = %d %q", code, reason)
+	}
+	got := rejoinedAtConnected.Load().([]int64)
+	slices.Sort(got)
+	if !slices.Equal(got, []int64{1, 2, 3}) {
+		t.Fatalf("rooms re-joined before StateConnected: %v, want [1 2 3]", got)
+	}
+	if e, ok := r.findState(StateRoomDropped); !ok || e.Room != 3 {
+		t.Fatalf("room dropped event %+v (%v)", e, ok)
+	} else if pe := (*proto.Error)(nil); !errors.As(e.Err, &pe) || pe.Code != proto.CodeNotFound {
+		t.Fatalf("room dropped err %v", e.Err)
+	}
+	if got := c.Rooms(); !slices.Equal(got, []int64{1, 2}) {
+		t.Fatalf("Rooms = %v, want [1 2]", got)
+	}
+	want := []State{StateConnected, StateDisconnected, StateReconnecting, StateRoomDropped, StateConnected}
+	if got := r.stateList(); !slices.Equal(got, want) {
+		t.Fatalf("states %v, want %v", got, want)
+	}
+	if n := c.Stats().Reconnects; n != 1 {
+		t.Fatalf("Reconnects = %d", n)
+	}
+
+	// De-duplication spans reconnects.
+	tc1 := ts.conn(1)
+	tc1.send(t, pushFrame("x1", true, 1, "before"))
+	tc1.send(t, pushFrame("x2", true, 1, "after"))
+	waitFor(t, 5*time.Second, "x2", func() bool { return r.hasMid("x2") })
+	if n := r.countMid("x1"); n != 1 {
+		t.Fatalf("x1 surfaced %d times across reconnect", n)
+	}
+	waitFor(t, 5*time.Second, "x1 acked twice", func() bool { return ts.ackCount("x1") == 2 })
+	if err := c.Ping(ctx); err != nil {
+		t.Fatalf("Ping after reconnect: %v", err)
+	}
+}
+
+func TestTerminalCloseNoReconnect(t *testing.T) {
+	ts := newTServer(t)
+	r := &rec{}
+	c := dial(t, ts, r, nil)
+	ts.conn(0).close(proto.CloseTokenExpired)
+	select {
+	case <-c.Closed():
+	case <-time.After(5 * time.Second):
+		t.Fatal("Closed not signalled after 4501")
+	}
+	if code, _ := c.LastClose(); code != proto.CloseTokenExpired {
+		t.Fatalf("LastClose code = %d", code)
+	}
+	var ce *CloseError
+	if !errors.As(c.Err(), &ce) || ce.Code != proto.CloseTokenExpired {
+		t.Fatalf("Err() = %v", c.Err())
+	}
+	waitFor(t, 5*time.Second, "closed state", func() bool { return r.hasState(StateClosed) })
+	if e, _ := r.findState(StateClosed); e.Code != proto.CloseTokenExpired {
+		t.Fatalf("closed event %+v", e)
+	}
+	time.Sleep(150 * time.Millisecond) // > ReconnectMax: a reconnect would have happened
+	if n := ts.connCount(); n != 1 {
+		t.Fatalf("%d connections after a terminal close, want 1", n)
+	}
+	if r.hasState(StateReconnecting) {
+		t.Fatal("reconnecting after a terminal close")
+	}
+	if _, err := c.Request(context.Background(), proto.TypePing, nil); !errors.Is(err, ErrClosed) {
+		t.Fatalf("request after terminal close: %v", err)
+	}
+}
+
+func TestUnauthorized(t *testing.T) {
+	ts := newTServer(t)
+	before := runtime.NumGoroutine()
+	_, err := Dial(context.Background(), Config{URL: ts.url(), Token: "bad"})
+	if !errors.Is(err, ErrUnauthorized) || !strings.Contains(err.Error(), "401") {
+		t.Fatalf("Dial with a bad token: err = %v, want ErrUnauthorized (401)", err)
+	}
+	if strings.Contains(err.Error(), "bad") {
+		t.Fatalf("error leaks the token: %v", err)
+	}
+	noLeak(t, before)
+
+	// A static token refused on reconnect stops the client.
+	r := &rec{}
+	c := dial(t, ts, r, nil)
+	ts.token.Store("rotated")
+	ts.conn(0).close(proto.CloseGoingAway)
+	select {
+	case <-c.Closed():
+	case <-time.After(5 * time.Second):
+		t.Fatal("client still running after 401 on reconnect")
+	}
+	if !errors.Is(c.Err(), ErrUnauthorized) {
+		t.Fatalf("Err() = %v", c.Err())
+	}
+
+	// With a TokenFunc the client keeps trying and picks up the new token.
+	var calls atomic.Int32
+	c2 := dial(t, ts, nil, func(cfg *Config) {
+		cfg.Token = ""
+		cfg.TokenFunc = func(context.Context) (string, error) {
+			calls.Add(1)
+			return ts.token.Load().(string), nil
+		}
+	})
+	n := ts.connCount()
+	ts.token.Store("rotated-again")
+	ts.conn(n - 1).close(proto.CloseGoingAway)
+	waitFor(t, 5*time.Second, "reconnect with the new token", func() bool { return c2.Stats().Reconnects == 1 })
+	if calls.Load() < 2 {
+		t.Fatalf("TokenFunc called %d times", calls.Load())
+	}
+}
+
+func TestHeartbeat(t *testing.T) {
+	ts := newTServer(t)
+	c := dial(t, ts, nil, func(cfg *Config) { cfg.HeartbeatInterval = 30 * time.Millisecond })
+	waitFor(t, 5*time.Second, "heartbeat pings", func() bool { return ts.count(proto.TypePing) >= 3 })
+	waitFor(t, 5*time.Second, "Stats().Requests >= 3", func() bool { return c.Stats().Requests >= 3 })
+}
+
+func TestCloseStopsEverything(t *testing.T) {
+	ts := newTServer(t)
+	before := runtime.NumGoroutine()
+
+	r := &rec{}
+	c := dial(t, ts, r, func(cfg *Config) { cfg.HeartbeatInterval = 20 * time.Millisecond })
+	if _, err := c.Join(context.Background(), 1); err != nil {
+		t.Fatal(err)
+	}
+	ts.conn(0).send(t, pushFrame("p1", true, 1, "x"))
+	waitFor(t, 5*time.Second, "p1", func() bool { return r.hasMid("p1") })
+	// A request waiting for its reply fails with ErrClosed.
+	pending := make(chan error, 1)
+	go func() {
+		_, err := c.Request(context.Background(), "noreply", nil)
+		pending <- err
+	}()
+	waitFor(t, 5*time.Second, "noreply at server", func() bool { return ts.count("noreply") == 1 })
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-pending; !errors.Is(err, ErrClosed) && !errors.Is(err, ErrDisconnected) {
+		t.Fatalf("pending request: %v", err)
+	}
+	select {
+	case <-c.Closed():
+	default:
+		t.Fatal("Closed not closed after Close")
+	}
+	if code, _ := c.LastClose(); code != proto.CloseNormal {
+		t.Fatalf("LastClose = %d, want 1000", code)
+	}
+	select {
+	case <-ts.conn(0).closed:
+	case <-time.After(5 * time.Second):
+		t.Fatal("server connection still open")
+	}
+	if _, err := c.Request(context.Background(), proto.TypePing, nil); !errors.Is(err, ErrClosed) {
+		t.Fatalf("request after Close: %v", err)
+	}
+	_ = c.Close() // idempotent
+	noLeak(t, before)
+
+	// Close while a reconnect attempt is stuck in the handshake returns promptly.
+	r2 := &rec{}
+	c2 := dial(t, ts, r2, nil)
+	ts.delay.Store(int64(time.Minute))
+	ts.conn(1).close(proto.CloseGoingAway)
+	waitFor(t, 5*time.Second, "reconnecting", func() bool { return r2.hasState(StateReconnecting) })
+	time.Sleep(60 * time.Millisecond) // past ReconnectMax: the attempt is in the handshake
+	start := time.Now()
+	_ = c2.Close()
+	if d := time.Since(start); d > time.Second {
+		t.Fatalf("Close took %v while reconnecting", d)
+	}
+	ts.delay.Store(0)
+	noLeak(t, before)
+
+	// Close from inside a callback neither deadlocks nor leaks.
+	var c3p atomic.Pointer[Client]
+	c3 := dial(t, ts, nil, func(cfg *Config) {
+		cfg.OnPush = func(Push) { c3p.Load().Close() }
+	})
+	c3p.Store(c3)
+	ts.conn(2).send(t, pushFrame("q1", false, 0, "close me"))
+	select {
+	case <-c3.Closed():
+	case <-time.After(5 * time.Second):
+		t.Fatal("Close from OnPush did not close")
+	}
+	noLeak(t, before)
+}
+
+// noLeak waits until the goroutine count is back to before.
+func noLeak(t *testing.T, before int) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for runtime.NumGoroutine() > before {
+		if time.Now().After(deadline) {
+			buf := make([]byte, 1<<20)
+			buf = buf[:runtime.Stack(buf, true)]
+			t.Fatalf("goroutines: %d, want <= %d\n%s", runtime.NumGoroutine(), before, bytes.TrimSpace(buf))
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func TestDedupWindowBounded(t *testing.T) {
+	d := newDedup(3)
+	for _, m := range []string{"a", "b", "c"} {
+		if d.seen(m) {
+			t.Fatalf("%s seen", m)
+		}
+	}
+	if !d.seen("a") || !d.seen("c") {
+		t.Fatal("recent mids not remembered")
+	}
+	if d.seen("d") { // evicts a
+		t.Fatal("d seen")
+	}
+	if d.seen("a") { // a was evicted: new again (evicts b)
+		t.Fatal("evicted mid still remembered")
+	}
+	if len(d.set) != 3 {
+		t.Fatalf("set size %d, want 3", len(d.set))
+	}
+}
+
+func TestConfigDefaults(t *testing.T) {
+	if _, err := Dial(context.Background(), Config{URL: "http://x/ws"}); err == nil {
+		t.Fatal("http URL accepted")
+	}
+	cfg, err := Config{URL: "ws://h:1/ws?x=1"}.withDefaults()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.RequestTimeout != 10*time.Second || cfg.ReconnectMin != 100*time.Millisecond ||
+		cfg.ReconnectMax != 5*time.Second || cfg.DedupWindow != 16384 {
+		t.Fatalf("defaults %+v", cfg)
+	}
+	u, _ := cfg.dialURL("t o")
+	if u != "ws://h:1/ws?batch=1&token=t+o&x=1" {
+		t.Fatalf("dial URL %s", u)
+	}
+	cfg.NoBatch = true
+	if u, _ := cfg.dialURL("t"); strings.Contains(u, "batch") {
+		t.Fatalf("NoBatch URL %s", u)
+	}
+	c := &Client{cfg: cfg}
+	for a := 1; a < 50; a++ {
+		if d := c.backoff(a); d < 0 || d > cfg.ReconnectMax {
+			t.Fatalf("backoff(%d) = %v", a, d)
+		}
+	}
+}

@@ -1,0 +1,260 @@
+package clientsdk
+
+import (
+	"math/rand/v2"
+	"net/http"
+	"net/http/httptest"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/lxzan/gws"
+
+	"github.com/liveedge/liveedge/gateway/proto"
+)
+
+// tServer is a minimal test-only gateway speaking PROTOCOL.md §3: hello, replies
+// to ping/join/leave/chat (plus test types echo, noreply, fail), records acks,
+// and lets the test push frames and close connections.
+type tServer struct {
+	t          *testing.T
+	hs         *httptest.Server
+	up         *gws.Upgrader
+	token      atomic.Value // string: the valid token
+	heartbeatS int
+	delay      atomic.Int64 // nanoseconds to hold each upgrade (simulates a slow node)
+
+	mu        sync.Mutex
+	conns     []*tConn
+	ackFrames [][]string
+	joins     []tJoin
+	refuse    map[int64]bool // join of these rooms replies 10004
+	typeCount map[string]int
+	echoes    sync.WaitGroup
+}
+
+type tJoin struct {
+	conn int
+	room int64
+}
+
+type tConn struct {
+	n      int
+	batch  bool
+	ws     *gws.Conn
+	closed chan struct{}
+}
+
+func newTServer(t *testing.T) *tServer {
+	ts := &tServer{t: t, heartbeatS: 30, refuse: map[int64]bool{}, typeCount: map[string]int{}}
+	ts.token.Store("good")
+	ts.up = gws.NewUpgrader(ts, &gws.ServerOption{})
+	ts.hs = httptest.NewServer(ts)
+	t.Cleanup(func() {
+		ts.mu.Lock()
+		conns := ts.conns
+		ts.mu.Unlock()
+		for _, c := range conns {
+			_ = c.ws.NetConn().Close()
+		}
+		ts.hs.Close()
+		ts.echoes.Wait()
+	})
+	return ts
+}
+
+func (ts *tServer) url() string { return "ws" + strings.TrimPrefix(ts.hs.URL, "http") + "/ws" }
+
+func (ts *tServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if r.URL.Path != "/ws" {
+		http.NotFound(w, r)
+		return
+	}
+	if d := time.Duration(ts.delay.Load()); d > 0 {
+		select {
+		case <-time.After(d):
+		case <-r.Context().Done():
+			return
+		}
+	}
+	if r.URL.Query().Get("token") != ts.token.Load().(string) {
+		http.Error(w, "unauthorized", http.StatusUnauthorized)
+		return
+	}
+	ws, err := ts.up.Upgrade(w, r)
+	if err != nil {
+		return
+	}
+	ts.mu.Lock()
+	tc := &tConn{n: len(ts.conns), batch: r.URL.Query().Get("batch") == "1", ws: ws, closed: make(chan struct{})}
+	ts.conns = append(ts.conns, tc)
+	ts.mu.Unlock()
+	ws.Session().Store("c", tc)
+	go ws.ReadLoop()
+}
+
+func (ts *tServer) OnOpen(ws *gws.Conn) {
+	_ = ws.WriteMessage(gws.OpcodeText, proto.EncodeHello(proto.Hello{UserID: 42, Node: "gw-test", HeartbeatS: ts.heartbeatS, Batch: true}))
+}
+
+func (ts *tServer) OnClose(ws *gws.Conn, _ error) {
+	if v, ok := ws.Session().Load("c"); ok {
+		close(v.(*tConn).closed)
+	}
+}
+
+func (ts *tServer) OnPing(ws *gws.Conn, p []byte) { _ = ws.WritePong(p) }
+func (ts *tServer) OnPong(*gws.Conn, []byte)      {}
+
+func (ts *tServer) OnMessage(ws *gws.Conn, m *gws.Message) {
+	defer m.Close()
+	v, _ := ws.Session().Load("c")
+	tc := v.(*tConn)
+	f, perr := proto.DecodeClientFrame(m.Bytes())
+	if perr != nil {
+		_ = ws.WriteMessage(gws.OpcodeText, proto.EncodeErrorReply(f.ID, perr))
+		return
+	}
+	ts.mu.Lock()
+	ts.typeCount[f.T]++
+	ts.mu.Unlock()
+	reply := func(b []byte) { _ = ws.WriteMessage(gws.OpcodeText, b) }
+	switch f.T {
+	case proto.TypePing:
+		reply(proto.EncodeReply(f.ID, 0, "", map[string]int64{"ts": time.Now().UnixMilli()}))
+	case proto.TypeJoin, proto.TypeLeave:
+		var rr proto.RoomReq
+		if e := f.DecodeData(&rr); e != nil {
+			reply(proto.EncodeErrorReply(f.ID, e))
+			return
+		}
+		if f.T == proto.TypeLeave {
+			reply(proto.EncodeReply(f.ID, 0, "", nil))
+			return
+		}
+		ts.mu.Lock()
+		ts.joins = append(ts.joins, tJoin{tc.n, rr.RoomID})
+		refused := ts.refuse[rr.RoomID]
+		ts.mu.Unlock()
+		if refused {
+			reply(proto.EncodeErrorReply(f.ID, proto.ErrNotFound))
+			return
+		}
+		reply(proto.EncodeReply(f.ID, 0, "", map[string]int64{"room_id": rr.RoomID, "online": 7}))
+	case proto.TypeChat:
+		reply(proto.EncodeReply(f.ID, 0, "", map[string]string{"mid": "c-" + strconv.FormatInt(f.ID, 10)}))
+	case proto.TypeAck:
+		var ar proto.AckReq
+		if f.DecodeData(&ar) == nil {
+			ts.mu.Lock()
+			ts.ackFrames = append(ts.ackFrames, ar.Mids)
+			ts.mu.Unlock()
+		}
+	case "echo": // reply later, out of order, some wrapped in batch frames
+		d := append([]byte(nil), f.D...)
+		id, batch := f.ID, tc.batch && f.ID%3 == 0
+		ts.echoes.Add(1)
+		go func() {
+			defer ts.echoes.Done()
+			time.Sleep(time.Duration(rand.IntN(20)) * time.Millisecond)
+			b := proto.EncodeReply(id, 0, "", d)
+			if batch {
+				b = proto.AppendBatch(nil, [][]byte{b})
+			}
+			reply(b)
+		}()
+	case "fail":
+		reply(proto.EncodeErrorReply(f.ID, proto.ErrForbidden))
+	case "noreply":
+	default:
+		reply(proto.EncodeErrorReply(f.ID, proto.BadRequest("unknown type %q", f.T)))
+	}
+}
+
+// conn returns connection n, waiting for it to exist.
+func (ts *tServer) conn(n int) *tConn {
+	ts.t.Helper()
+	var tc *tConn
+	waitFor(ts.t, 5*time.Second, "server connection "+strconv.Itoa(n), func() bool {
+		ts.mu.Lock()
+		defer ts.mu.Unlock()
+		if len(ts.conns) > n {
+			tc = ts.conns[n]
+			return true
+		}
+		return false
+	})
+	return tc
+}
+
+func (ts *tServer) connCount() int {
+	ts.mu.Lock()
+	defer ts.mu.Unlock()
+	return len(ts.conns)
+}
+
+func (ts *tServer) count(typ string) int {
+	ts.mu.Lock()
+	defer ts.mu.Unlock()
+	return ts.typeCount[typ]
+}
+
+func (ts *tServer) acks() [][]string {
+	ts.mu.Lock()
+	defer ts.mu.Unlock()
+	return append([][]string(nil), ts.ackFrames...)
+}
+
+func (ts *tServer) ackCount(mid string) int {
+	n := 0
+	for _, f := range ts.acks() {
+		for _, m := range f {
+			if m == mid {
+				n++
+			}
+		}
+	}
+	return n
+}
+
+func (ts *tServer) joinsOn(conn int) []int64 {
+	ts.mu.Lock()
+	defer ts.mu.Unlock()
+	var rs []int64
+	for _, j := range ts.joins {
+		if j.conn == conn {
+			rs = append(rs, j.room)
+		}
+	}
+	return rs
+}
+
+func (tc *tConn) send(t *testing.T, b []byte) {
+	t.Helper()
+	if err := tc.ws.WriteMessage(gws.OpcodeText, b); err != nil {
+		t.Fatalf("server send: %v", err)
+	}
+}
+
+func (tc *tConn) close(code int) { _ = tc.ws.WriteClose(uint16(code), []byte(proto.CloseReason(code))) }
+
+// pushFrame encodes a chat push.
+func pushFrame(mid string, ack bool, room int64, text string) []byte {
+	d, _ := proto.Marshal(proto.ChatPush{From: 7, Text: text})
+	return proto.AppendPush(nil, &proto.Push{Mid: mid, Biz: proto.BizChat, Room: room, Data: d, Ack: ack})
+}
+
+// waitFor polls cond until it holds or timeout expires.
+func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}

@@ -1,0 +1,370 @@
+package clientsdk
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/lxzan/gws"
+
+	"github.com/liveedge/liveedge/gateway/proto"
+)
+
+// errNotSent: the session died before the request frame was written; the
+// request can safely wait for the next connection.
+var errNotSent = errors.New("clientsdk: not sent")
+
+// session is one WebSocket connection: its gws event handler, writer lock and
+// pending requests. It never reconnects; the Client replaces it.
+type session struct {
+	c    *Client
+	conn *gws.Conn
+
+	wsem      chan struct{} // one-slot write lock that a context can abandon
+	lastWrite atomic.Int64  // unix nanos of the last successful write
+
+	helloCh  chan proto.Hello // buffered 1; the hello, once
+	gotHello bool             // reader goroutine only
+
+	// Guarded by c.mu (so that "dead" and c.sess change together).
+	dead    bool
+	pending map[int64]*call
+
+	closeMu   sync.Mutex
+	local     bool // we closed it
+	localCode int
+	localErr  error
+
+	// Set by OnClose before done is closed.
+	closeCode   int
+	closeReason string
+	closeErr    error
+	done        chan struct{}
+}
+
+type call struct {
+	ch   chan reply // buffered 1
+	onOK func()     // run by the reader on a code-0 reply, before the reply is delivered
+}
+
+type reply struct {
+	code int
+	msg  string
+	d    []byte
+}
+
+func newSession(c *Client) *session {
+	return &session{
+		c:       c,
+		wsem:    make(chan struct{}, 1),
+		helloCh: make(chan proto.Hello, 1),
+		pending: make(map[int64]*call),
+		done:    make(chan struct{}),
+	}
+}
+
+// closeWith closes the connection from our side with code; cause is what
+// OnClose reports as the error (nil for an orderly close).
+func (s *session) closeWith(code int, cause error) {
+	s.closeMu.Lock()
+	if !s.local {
+		s.local, s.localCode, s.localErr = true, code, cause
+	}
+	s.closeMu.Unlock()
+	if s.conn != nil {
+		_ = s.conn.WriteClose(uint16(code), nil)
+	}
+}
+
+// closeError is why the session ended (valid after done is closed).
+func (s *session) closeError() error {
+	if s.closeErr != nil {
+		return s.closeErr
+	}
+	return &CloseError{Code: s.closeCode, Reason: s.closeReason}
+}
+
+// write sends one text frame. It returns errNotSent when the session ended
+// (or ctx expired: ctx.Err()) before the frame could be written, and the
+// write error otherwise.
+func (s *session) write(ctx context.Context, b []byte) error {
+	select {
+	case s.wsem <- struct{}{}:
+	case <-s.done:
+		return errNotSent
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	defer func() { <-s.wsem }()
+	select {
+	case <-s.done:
+		return errNotSent
+	default:
+	}
+	_ = s.conn.SetWriteDeadline(time.Now().Add(s.c.cfg.RequestTimeout))
+	if err := s.conn.WriteMessage(gws.OpcodeText, b); err != nil {
+		return err
+	}
+	s.lastWrite.Store(time.Now().UnixNano())
+	return nil
+}
+
+type requestFrame struct {
+	T  string `json:"t"`
+	ID int64  `json:"id"`
+	D  any    `json:"d"`
+}
+
+func encodeRequest(typ string, id int64, d any) ([]byte, error) {
+	switch v := d.(type) {
+	case nil:
+		d = struct{}{}
+	case []byte:
+		d = json.RawMessage(v)
+	}
+	b, err := proto.Marshal(requestFrame{T: typ, ID: id, D: d})
+	if err != nil {
+		return nil, fmt.Errorf("clientsdk: encode %s: %w", typ, err)
+	}
+	return b, nil
+}
+
+// send registers and writes one request. errNotSent means nothing was written
+// and the session is gone.
+func (s *session) send(ctx context.Context, typ string, d any, onOK func()) (int64, *call, error) {
+	c := s.c
+	id := c.nextID.Add(1)
+	b, err := encodeRequest(typ, id, d)
+	if err != nil {
+		return 0, nil, err
+	}
+	cl := &call{ch: make(chan reply, 1), onOK: onOK}
+	c.mu.Lock()
+	if s.dead {
+		c.mu.Unlock()
+		return 0, nil, errNotSent
+	}
+	s.pending[id] = cl
+	c.mu.Unlock()
+
+	if err := s.write(ctx, b); err != nil {
+		s.forget(id)
+		switch {
+		case errors.Is(err, errNotSent):
+			return 0, nil, errNotSent
+		case ctx.Err() != nil && errors.Is(err, ctx.Err()):
+			return 0, nil, fmt.Errorf("clientsdk: %s: %w", typ, err)
+		}
+		// A write that failed part-way may have reached the server.
+		return 0, nil, fmt.Errorf("%w: %s id %d: write: %v", ErrDisconnected, typ, id, err)
+	}
+	c.stats.requests.Add(1)
+	return id, cl, nil
+}
+
+// await waits for the reply of a sent request.
+func (s *session) await(ctx context.Context, typ string, id int64, cl *call) ([]byte, error) {
+	select {
+	case r := <-cl.ch:
+		return r.result()
+	case <-s.done:
+		// The reader delivers a reply before it closes done: prefer the reply.
+		select {
+		case r := <-cl.ch:
+			return r.result()
+		default:
+		}
+		return nil, fmt.Errorf("%w: %s id %d in flight", ErrDisconnected, typ, id)
+	case <-ctx.Done():
+		s.forget(id)
+		return nil, fmt.Errorf("clientsdk: %s id %d: %w", typ, id, ctx.Err())
+	case <-s.c.ctx.Done():
+		s.forget(id)
+		return nil, s.c.closedErr()
+	}
+}
+
+func (r reply) result() ([]byte, error) {
+	if r.code != proto.CodeOK {
+		return nil, &proto.Error{Code: r.code, Msg: r.msg}
+	}
+	if len(r.d) == 0 {
+		return []byte("{}"), nil
+	}
+	return r.d, nil
+}
+
+func (s *session) forget(id int64) {
+	s.c.mu.Lock()
+	delete(s.pending, id)
+	s.c.mu.Unlock()
+}
+
+// --- gws.Event ---
+
+func (s *session) OnOpen(*gws.Conn) {}
+
+func (s *session) OnPing(conn *gws.Conn, payload []byte) { _ = conn.WritePong(payload) }
+
+func (s *session) OnPong(*gws.Conn, []byte) {}
+
+func (s *session) OnClose(_ *gws.Conn, err error) {
+	s.closeMu.Lock()
+	local, lcode, lerr := s.local, s.localCode, s.localErr
+	s.closeMu.Unlock()
+	var ce *gws.CloseError
+	switch {
+	case errors.As(err, &ce):
+		s.closeCode, s.closeReason = int(ce.Code), string(ce.Reason)
+		if s.closeCode == 0 {
+			s.closeCode = 1005 // close frame without a status code
+		}
+		s.closeErr = &CloseError{Code: s.closeCode, Reason: s.closeReason}
+	case local:
+		s.closeCode, s.closeReason, s.closeErr = lcode, "closed by client", lerr
+	default:
+		s.closeCode, s.closeReason = 1006, "connection lost"
+		if err == nil || err.Error() == "" {
+			err = net.ErrClosed
+		}
+		s.closeErr = fmt.Errorf("clientsdk: connection lost: %w", err)
+	}
+	c := s.c
+	c.mu.Lock()
+	if c.sess == s {
+		c.sess = nil
+		c.readyCh = make(chan struct{})
+	}
+	s.dead = true
+	clear(s.pending) // their waiters see done
+	c.mu.Unlock()
+	close(s.done)
+}
+
+func (s *session) OnMessage(_ *gws.Conn, m *gws.Message) {
+	defer m.Close()
+	log := s.c.log
+	if m.Opcode != gws.OpcodeText {
+		log.Warn("clientsdk: ignoring non-text frame", "opcode", m.Opcode)
+		return
+	}
+	f, err := proto.DecodeServerFrame(m.Bytes())
+	if err != nil {
+		log.Warn("clientsdk: undecodable server frame", "err", err, "len", m.Data.Len())
+		return
+	}
+	if !s.gotHello {
+		var h proto.Hello
+		if f.T != proto.TypeHello || proto.Unmarshal(f.D, &h) != nil {
+			log.Warn("clientsdk: first frame is not a hello", "t", f.T)
+			s.closeWith(1002, errors.New("clientsdk: protocol error: first frame is not a hello"))
+			return
+		}
+		s.gotHello = true
+		s.helloCh <- h
+		return
+	}
+	var acks []string
+	if f.T == proto.TypeBatch {
+		for i := range f.Frames {
+			acks = s.handle(&f.Frames[i], acks)
+		}
+	} else {
+		acks = s.handle(&f, acks)
+	}
+	if len(acks) > 0 {
+		s.sendAcks(acks)
+	}
+}
+
+// handle processes one reply or push and returns acks with the mid to
+// acknowledge appended.
+func (s *session) handle(f *proto.ServerFrame, acks []string) []string {
+	c := s.c
+	switch f.T {
+	case proto.TypeReply:
+		c.mu.Lock()
+		cl := s.pending[f.ID]
+		delete(s.pending, f.ID)
+		c.mu.Unlock()
+		if cl == nil {
+			c.log.Debug("clientsdk: reply to no pending request (timed out?)", "id", f.ID)
+			return acks
+		}
+		if f.Code == proto.CodeOK && cl.onOK != nil {
+			cl.onOK()
+		}
+		cl.ch <- reply{code: f.Code, msg: f.Msg, d: append([]byte(nil), f.D...)}
+	case proto.TypePush:
+		c.stats.pushes.Add(1)
+		if f.Ack && f.Mid != "" {
+			acks = append(acks, f.Mid)
+		}
+		if f.Mid != "" && c.dedup.seen(f.Mid) {
+			c.stats.dups.Add(1)
+			return acks
+		}
+		if c.cfg.OnPush == nil {
+			return acks
+		}
+		p := Push{Mid: f.Mid, Biz: f.Biz, Room: f.Room, Ack: f.Ack, Data: append([]byte(nil), f.D...)}
+		if c.emit(event{push: p}) {
+			c.stats.delivered.Add(1)
+		}
+	default:
+		c.log.Debug("clientsdk: ignoring server frame", "t", f.T)
+	}
+	return acks
+}
+
+type ackFrame struct {
+	T string       `json:"t"`
+	D proto.AckReq `json:"d"`
+}
+
+func (s *session) sendAcks(mids []string) {
+	for len(mids) > 0 {
+		n := min(len(mids), proto.MaxAckMids)
+		b, err := proto.Marshal(ackFrame{T: proto.TypeAck, D: proto.AckReq{Mids: mids[:n]}})
+		if err != nil {
+			s.c.log.Error("clientsdk: encode ack", "err", err)
+			return
+		}
+		if err := s.write(s.c.ctx, b); err != nil {
+			s.c.log.Debug("clientsdk: ack not sent", "err", err)
+			return
+		}
+		s.c.stats.acks.Add(int64(n))
+		mids = mids[n:]
+	}
+}
+
+// ctxDialer dials with a context and closes the connection if the context
+// ends before stop is called (gws's handshake takes no context).
+type ctxDialer struct {
+	ctx    context.Context
+	stopFn func() bool
+}
+
+func (d *ctxDialer) Dial(network, addr string) (net.Conn, error) {
+	var nd net.Dialer
+	conn, err := nd.DialContext(d.ctx, network, addr)
+	if err != nil {
+		return nil, err
+	}
+	d.stopFn = context.AfterFunc(d.ctx, func() { _ = conn.Close() })
+	return conn, nil
+}
+
+// stop reports false if the context already closed the connection.
+func (d *ctxDialer) stop() bool {
+	if d.stopFn == nil {
+		return true
+	}
+	return d.stopFn()
+}
