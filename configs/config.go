@@ -45,6 +45,7 @@ type Config struct {
 	NATS     NATS     `yaml:"nats"`
 	Rooms    Rooms    `yaml:"rooms"`
 	Limits   Limits   `yaml:"limits"`
+	Gifts    Gifts    `yaml:"gifts"`
 	Shutdown Shutdown `yaml:"shutdown"`
 	Log      Log      `yaml:"log"`
 }
@@ -97,6 +98,13 @@ type Rooms struct {
 // Limits are per-user rate limits (PROTOCOL.md §6); 0 turns a limit off.
 type Limits struct {
 	ChatPerSecond int `yaml:"chat_per_second"` // chat frames per user per second (burst = same)
+	GiftPerSecond int `yaml:"gift_per_second"` // gifts per user per second (burst = same)
+}
+
+// Gifts configures gift sending.
+type Gifts struct {
+	EffectWindow Duration `yaml:"effect_window"` // combo merging window of room gift effects
+	MaxInflight  int      `yaml:"max_inflight"`  // gift requests one connection may have in flight
 }
 
 // Shutdown configures graceful shutdown.
@@ -217,6 +225,7 @@ func (c *Config) Validate() error {
 	check(c.WS.MaxConns > 0, "ws.max_conns must be > 0")
 	check(len(c.Auth.JWTSecret) >= 16, "auth.jwt_secret must be at least 16 bytes")
 	check(c.NATS.Embedded || c.NATS.URL != "", "nats.url is required when nats.embedded is false")
+	check(c.Gifts.MaxInflight > 0, "gifts.max_inflight must be > 0")
 	check(c.HTTP.MaxBodyBytes > 0, "http.max_body_bytes must be > 0")
 	check(c.Shutdown.DrainTimeout.D() > 0, "shutdown.drain_timeout must be > 0")
 	if len(errs) > 0 {

@@ -43,6 +43,8 @@ type Conn struct {
 	badCount  int
 	badWindow time.Time
 
+	sem chan struct{} // bounds async requests in flight
+
 	ackMu   sync.Mutex
 	pending map[string]*pendingPush
 	timer   *time.Timer
@@ -74,6 +76,17 @@ func (c *Conn) Send(f *router.Frame) bool {
 		}
 	}
 	return true
+}
+
+// async runs fn off the reader goroutine, at most cap(sem) at a time; when
+// that many are in flight the reader waits (backpressure on this client only).
+func (c *Conn) async(fn func()) {
+	c.sem <- struct{}{}
+	c.srv.inflight.Add(1)
+	go func() {
+		defer func() { <-c.sem; c.srv.inflight.Done() }()
+		fn()
+	}()
 }
 
 // reply queues a reply frame.

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"time"
 
+	"github.com/liveedge/liveedge/edge/gift"
 	"github.com/liveedge/liveedge/gateway/proto"
 	"github.com/liveedge/liveedge/router"
 )
@@ -29,6 +30,21 @@ func (s *Server) dispatch(c *Conn, b []byte) {
 		d, err = s.leave(c, &f)
 	case proto.TypeChat:
 		d, err = s.chatMsg(c, &f)
+	case proto.TypeGift:
+		var r gift.Req
+		if err = decodeValid(&f, &r); err == nil {
+			inRoom := s.router.IsMember(r.RoomID, c)
+			id, user := f.ID, c.ident.UserID
+			c.async(func() {
+				rep, err := s.gifts.Send(user, inRoom, r)
+				if err != nil {
+					c.reply(proto.EncodeErrorReply(id, err))
+					return
+				}
+				c.reply(proto.EncodeReply(id, proto.CodeOK, "ok", rep))
+			})
+			return
+		}
 	case proto.TypeAck:
 		var r proto.AckReq
 		if err = decodeValid(&f, &r); err == nil {

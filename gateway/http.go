@@ -27,6 +27,7 @@ type API struct {
 	cfg     configs.Config
 	log     *slog.Logger
 	auth    *Auth
+	node    *Node
 	rooms   *room.Service
 	metrics *metrics
 	ready   func() error
@@ -39,8 +40,8 @@ type API struct {
 
 func init() { hlog.SetLevel(hlog.LevelWarn) }
 
-func newAPI(cfg configs.Config, log *slog.Logger, auth *Auth, rooms *room.Service, m *metrics, ready func() error) *API {
-	return &API{cfg: cfg, log: log, auth: auth, rooms: rooms, metrics: m, ready: ready}
+func newAPI(n *Node, auth *Auth) *API {
+	return &API{cfg: n.Config, log: n.Log, auth: auth, node: n, rooms: n.Rooms, metrics: n.metrics, ready: n.ready}
 }
 
 // Listen binds the HTTP address and serves in the background.
@@ -93,8 +94,16 @@ func (a *API) routes() {
 	v1 := h.Group("/api/v1")
 	if a.cfg.Auth.DevTokens {
 		v1.POST("/dev/token", a.devToken)
+		v1.POST("/dev/credit", a.devCredit)
 	}
+	v1.GET("/gifts", a.listGifts)
 	authed := v1.Group("", a.authenticate)
+	authed.GET("/wallet", a.wallet)
+	authed.GET("/wallet/trades", a.trades)
+	authed.POST("/admin/gifts", a.createGift)
+	authed.PUT("/admin/gifts/:id", a.updateGift)
+	authed.POST("/pk", a.startPK)
+	authed.GET("/pk/:id", a.getPK)
 	authed.GET("/rooms", a.listRooms)
 	authed.GET("/rooms/:id", a.getRoom)
 	authed.POST("/rooms", a.openRoom)

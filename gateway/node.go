@@ -15,7 +15,9 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"github.com/liveedge/liveedge/configs"
+	"github.com/liveedge/liveedge/edge/gift"
 	"github.com/liveedge/liveedge/edge/limit"
+	"github.com/liveedge/liveedge/edge/pk"
 	"github.com/liveedge/liveedge/edge/room"
 	"github.com/liveedge/liveedge/gateway/proto"
 	"github.com/liveedge/liveedge/persist"
@@ -30,8 +32,11 @@ type Node struct {
 	Log    *slog.Logger
 
 	Store  *persist.Store
+	Ledger *persist.Ledger
 	Router *router.Local
 	Rooms  *room.Service
+	Gifts  *gift.Service
+	PK     *pk.Service
 	WS     *Server
 	API    *API
 	Auth   *Auth
@@ -40,6 +45,7 @@ type Node struct {
 	NC      *nats.Conn
 
 	metrics  *metrics
+	stopIdem chan struct{}
 	draining atomic.Bool
 	closed   atomic.Bool
 }
@@ -77,14 +83,33 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 	if err != nil {
 		return nil, err
 	}
+	if n.Ledger, err = persist.NewLedger(n.Store, nil); err != nil {
+		return nil, err
+	}
+	cat, err := gift.NewCatalogue(gift.PebbleCatalogue{Store: n.Store})
+	if err != nil {
+		return nil, err
+	}
+	n.Gifts = gift.New(n.Ledger, n.Router, cat, gift.Config{
+		PerSecond: cfg.Limits.GiftPerSecond, EffectWindow: cfg.Gifts.EffectWindow.D(),
+	}, log)
+	n.PK = pk.New(n.Router, n.Rooms.IsOpen)
+	n.Gifts.SetScorer(n.PK)
+	n.Rooms.SetOpponent(n.PK.Opponent)
+	if err = n.watchCatalogue(cat); err != nil {
+		return nil, err
+	}
 	n.metrics = newMetrics(cfg.Node.ID, n.Router)
 	auth := NewAuth(cfg.Auth.JWTSecret)
 	n.Auth = auth
 	n.WS = newServer(ServerDeps{
 		Config: cfg, Log: log, Auth: auth, Router: n.Router, Metrics: n.metrics,
 		ChatLimit: limit.New(cfg.Limits.ChatPerSecond, time.Second, max(1, cfg.Limits.ChatPerSecond), nil),
+		Gifts:     n.Gifts,
 	})
-	n.API = newAPI(cfg, log, auth, n.Rooms, n.metrics, n.ready)
+	n.API = newAPI(n, auth)
+	n.stopIdem = make(chan struct{})
+	go n.expireIdemLoop()
 	return n, nil
 }
 
@@ -163,6 +188,46 @@ func (n *Node) publishRoomEvent(kind string, r room.Room) {
 	}
 }
 
+// CatalogueSubject carries "the gift catalogue changed" between nodes.
+const CatalogueSubject = "liveedge.gift.catalogue"
+
+// watchCatalogue reloads the catalogue when any node announces a change and
+// announces local changes.
+func (n *Node) watchCatalogue(cat *gift.Catalogue) error {
+	cat.OnChange = func() {
+		if err := n.NC.Publish(CatalogueSubject, []byte(n.Config.Node.ID)); err != nil {
+			n.Log.Warn("catalogue change not announced", "err", err)
+		}
+	}
+	_, err := n.NC.Subscribe(CatalogueSubject, func(m *nats.Msg) {
+		if string(m.Data) == n.Config.Node.ID {
+			return
+		}
+		if err := cat.Reload(); err != nil {
+			n.Log.Error("catalogue reload", "err", err)
+		}
+	})
+	return err
+}
+
+// expireIdemLoop drops idempotency records older than their TTL, hourly.
+func (n *Node) expireIdemLoop() {
+	t := time.NewTicker(time.Hour)
+	defer t.Stop()
+	for {
+		select {
+		case <-n.stopIdem:
+			return
+		case now := <-t.C:
+			if k, err := n.Ledger.ExpireIdem(now.Add(-persist.DefaultIdemTTL)); err != nil {
+				n.Log.Error("idempotency expiry", "err", err)
+			} else if k > 0 {
+				n.Log.Info("idempotency records expired", "count", k)
+			}
+		}
+	}
+}
+
 // Start binds the WebSocket and HTTP listeners.
 func (n *Node) Start() error {
 	if err := n.WS.Listen(); err != nil {
@@ -204,6 +269,9 @@ func (n *Node) Shutdown(ctx context.Context) error {
 
 func (n *Node) closeBackends() error {
 	var errs []error
+	if n.stopIdem != nil {
+		close(n.stopIdem)
+	}
 	if n.NC != nil {
 		if err := n.NC.Drain(); err != nil && !errors.Is(err, nats.ErrConnectionClosed) {
 			errs = append(errs, err)

@@ -14,6 +14,7 @@ import (
 	"github.com/lxzan/gws"
 
 	"github.com/liveedge/liveedge/configs"
+	"github.com/liveedge/liveedge/edge/gift"
 	"github.com/liveedge/liveedge/edge/limit"
 	"github.com/liveedge/liveedge/gateway/proto"
 	"github.com/liveedge/liveedge/router"
@@ -24,12 +25,14 @@ const connShards = 16
 // Server is the WebSocket side of a node: upgrades, per-connection reader and
 // writer, heartbeat sweeping and frame dispatch. It implements gws.Event.
 type Server struct {
-	cfg     configs.Config
-	log     *slog.Logger
-	auth    *Auth
-	router  router.Router
-	metrics *metrics
-	chat    *limit.Keyed
+	cfg      configs.Config
+	log      *slog.Logger
+	auth     *Auth
+	router   router.Router
+	metrics  *metrics
+	chat     *limit.Keyed
+	gifts    *gift.Service
+	inflight sync.WaitGroup // async requests (gifts) still running
 
 	up      *gws.Upgrader
 	httpSrv *http.Server
@@ -56,11 +59,12 @@ type ServerDeps struct {
 	Metrics *metrics
 	// ChatLimit limits chat per user (nil = off).
 	ChatLimit *limit.Keyed
+	Gifts     *gift.Service
 }
 
 func newServer(d ServerDeps) *Server {
 	s := &Server{cfg: d.Config, log: d.Log, auth: d.Auth, router: d.Router, metrics: d.Metrics,
-		chat: d.ChatLimit, stop: make(chan struct{})}
+		chat: d.ChatLimit, gifts: d.Gifts, stop: make(chan struct{})}
 	for i := range s.shards {
 		s.shards[i].conns = map[uint64]*Conn{}
 	}
@@ -130,6 +134,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		batch:   r.URL.Query().Get("batch") == "1",
 		pending: map[string]*pendingPush{},
 		done:    make(chan struct{}),
+		sem:     make(chan struct{}, s.cfg.Gifts.MaxInflight),
 	}
 	c.lastRead.Store(time.Now().UnixNano())
 	socket.Session().Store("c", c)
@@ -292,6 +297,15 @@ func (s *Server) Shutdown(ctx context.Context) {
 		case <-c.done:
 		case <-time.After(time.Second):
 		}
+	}
+	// Requests already accepted (gift debits) finish: their results are
+	// durable before storage closes.
+	waited := make(chan struct{})
+	go func() { s.inflight.Wait(); close(waited) }()
+	select {
+	case <-waited:
+	case <-ctx.Done():
+		<-waited // a debit in flight is never cut off half-way
 	}
 	close(s.stop)
 	s.sweeper.Wait()

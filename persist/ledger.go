@@ -72,6 +72,10 @@ type Op struct {
 	Postings []Posting
 	Tallies  []Tally
 	Records  func(tradeIDs []int64) []Record // built once trade ids are known
+	// Check, if set, runs once for a request that is not a duplicate, before
+	// anything is reserved (e.g. a rate limit); its error is returned as is
+	// and is not remembered as the request's result.
+	Check func() error
 }
 
 // Result is what Apply did (or, with Replayed, what the first Apply of this
@@ -218,7 +222,14 @@ func (l *Ledger) Apply(op Op) (Result, error) {
 			return l.finish(op, c, Result{}, err)
 		}
 	}
-	res, err := l.reserveAndCommit(op)
+	var res Result
+	var err error
+	if op.Check != nil {
+		err = op.Check()
+	}
+	if err == nil {
+		res, err = l.reserveAndCommit(op)
+	}
 	if c == nil {
 		return res, err
 	}

@@ -11,6 +11,7 @@ import (
 	"errors"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/liveedge/liveedge/edge/limit"
@@ -58,13 +59,17 @@ type Config struct {
 	Events func(kind string, r Room)
 }
 
+// SetOpponent connects the PK service (room info shows the PK opponent).
+func (s *Service) SetOpponent(f func(room int64) int64) { s.opponent.Store(&f) }
+
 // Service manages rooms.
 type Service struct {
-	store  *persist.Store
-	router router.Router
-	now    func() time.Time
-	limit  *limit.Keyed
-	events func(kind string, r Room)
+	store    *persist.Store
+	router   router.Router
+	now      func() time.Time
+	limit    *limit.Keyed
+	events   func(kind string, r Room)
+	opponent atomic.Pointer[func(int64) int64]
 
 	mu       sync.RWMutex
 	open     map[int64]*Room
@@ -256,6 +261,9 @@ func (s *Service) info(r Room, viewer int64) Info {
 	in := Info{Room: r, IsAnchor: viewer != 0 && viewer == r.AnchorID}
 	if r.Status == StatusOpen {
 		in.Online = s.router.Online(r.ID)
+		if f := s.opponent.Load(); f != nil {
+			in.PKOpponent = (*f)(r.ID)
+		}
 	}
 	return in
 }

@@ -1,0 +1,219 @@
+// Package gift owns the gift catalogue and sending gifts: validation, the
+// exactly-once debit through a persist.Wallet, effect pushes to the room
+// (merged into combos by a per-room queue) and the reliable notices to the
+// receiver (biz 5556) and, on failure, to the sender (biz 5557).
+package gift
+
+import (
+	"errors"
+	"sort"
+	"strconv"
+	"sync"
+	"sync/atomic"
+
+	"github.com/liveedge/liveedge/gateway/proto"
+	"github.com/liveedge/liveedge/persist"
+)
+
+// Gift status.
+const (
+	StatusDisabled = 0
+	StatusEnabled  = 1
+)
+
+// Gift is one catalogue row.
+type Gift struct {
+	ID          int64  `json:"gift_id"`
+	Name        string `json:"name"`
+	Price       int64  `json:"price"`
+	Status      int    `json:"status"`
+	CoverImgURL string `json:"cover_img_url"`
+	SvgaURL     string `json:"svga_url"`
+}
+
+// Validate checks an admin-supplied row.
+func (g *Gift) Validate() *proto.Error {
+	switch {
+	case g.ID <= 0:
+		return proto.BadRequest("gift_id must be > 0")
+	case g.Name == "" || len(g.Name) > 64:
+		return proto.BadRequest("name must be 1..64 bytes")
+	case g.Price <= 0 || g.Price > 1_000_000:
+		return proto.BadRequest("price must be 1..1000000")
+	case g.Status != StatusEnabled && g.Status != StatusDisabled:
+		return proto.BadRequest("status must be 0 or 1")
+	case len(g.CoverImgURL) > 512 || len(g.SvgaURL) > 512:
+		return proto.BadRequest("urls must be <= 512 bytes")
+	}
+	return nil
+}
+
+// Seed is the catalogue a new node starts with (SPEC §2).
+var Seed = []Gift{
+	{ID: 22, Name: "天使少女", Price: 90},
+	{ID: 23, Name: "皇冠", Price: 20},
+	{ID: 24, Name: "爱心气泡", Price: 1},
+	{ID: 25, Name: "保时捷", Price: 500},
+	{ID: 27, Name: "飞天火箭", Price: 45},
+	{ID: 28, Name: "万圣节", Price: 45},
+	{ID: 29, Name: "神灯仙女", Price: 20},
+}
+
+func init() {
+	for i := range Seed {
+		g := &Seed[i]
+		g.Status = StatusEnabled
+		id := strconv.FormatInt(g.ID, 10)
+		g.CoverImgURL = "https://static.liveedge.example/gifts/" + id + ".png"
+		g.SvgaURL = "https://static.liveedge.example/gifts/" + id + ".svga"
+	}
+}
+
+var prefixGiftCat = append(append([]byte{}, persist.PrefixRec...), "giftcat/"...)
+
+// CatalogueStore is where the catalogue lives durably: the node's Pebble in
+// single-node mode, Redis in shared mode.
+type CatalogueStore interface {
+	LoadAll() ([]Gift, error)
+	Put(g Gift) error
+}
+
+// Catalogue serves the gift list from memory (an immutable snapshot swapped
+// atomically); writes go to the store and then replace the snapshot. Reload
+// re-reads the store (called when another node announces a change).
+type Catalogue struct {
+	store CatalogueStore
+	snap  atomic.Pointer[map[int64]Gift]
+	mu    sync.Mutex // serializes writers and reloads
+	// OnChange, if set, is called after a local write (to tell other nodes).
+	OnChange func()
+}
+
+// NewCatalogue loads the catalogue, seeding an empty store.
+func NewCatalogue(store CatalogueStore) (*Catalogue, error) {
+	c := &Catalogue{store: store}
+	all, err := store.LoadAll()
+	if err != nil {
+		return nil, err
+	}
+	if len(all) == 0 {
+		for _, g := range Seed {
+			if err := store.Put(g); err != nil {
+				return nil, err
+			}
+		}
+	}
+	return c, c.Reload()
+}
+
+// Reload re-reads the store into memory.
+func (c *Catalogue) Reload() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	all, err := c.store.LoadAll()
+	if err != nil {
+		return err
+	}
+	m := make(map[int64]Gift, len(all))
+	for _, g := range all {
+		m[g.ID] = g
+	}
+	c.snap.Store(&m)
+	return nil
+}
+
+// Get returns gift id.
+func (c *Catalogue) Get(id int64) (Gift, bool) {
+	g, ok := (*c.snap.Load())[id]
+	return g, ok
+}
+
+// List returns every gift (enabled ones only unless all), by id.
+func (c *Catalogue) List(all bool) []Gift {
+	m := *c.snap.Load()
+	out := make([]Gift, 0, len(m))
+	for _, g := range m {
+		if all || g.Status == StatusEnabled {
+			out = append(out, g)
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
+	return out
+}
+
+// ErrExists is returned by Create for a taken id.
+var ErrExists = errors.New("gift: id exists")
+
+// Create adds g (10409 if the id exists).
+func (c *Catalogue) Create(g Gift) error {
+	return c.write(g, func(exists bool) error {
+		if exists {
+			return proto.Errorf(proto.CodeConflict, "gift %d exists", g.ID)
+		}
+		return nil
+	})
+}
+
+// Update replaces g (10004 if unknown).
+func (c *Catalogue) Update(g Gift) error {
+	return c.write(g, func(exists bool) error {
+		if !exists {
+			return proto.ErrNotFound
+		}
+		return nil
+	})
+}
+
+func (c *Catalogue) write(g Gift, check func(exists bool) error) error {
+	if err := g.Validate(); err != nil {
+		return err
+	}
+	c.mu.Lock()
+	old := *c.snap.Load()
+	_, exists := old[g.ID]
+	if err := check(exists); err != nil {
+		c.mu.Unlock()
+		return err
+	}
+	if err := c.store.Put(g); err != nil {
+		c.mu.Unlock()
+		return err
+	}
+	m := make(map[int64]Gift, len(old)+1)
+	for k, v := range old {
+		m[k] = v
+	}
+	m[g.ID] = g
+	c.snap.Store(&m)
+	c.mu.Unlock()
+	if c.OnChange != nil {
+		c.OnChange()
+	}
+	return nil
+}
+
+// PebbleCatalogue stores the catalogue in the node's Pebble.
+type PebbleCatalogue struct{ Store *persist.Store }
+
+// LoadAll implements CatalogueStore.
+func (p PebbleCatalogue) LoadAll() ([]Gift, error) {
+	var out []Gift
+	err := p.Store.Scan(prefixGiftCat, func(_, v []byte) error {
+		var g Gift
+		if err := proto.Unmarshal(v, &g); err != nil {
+			return err
+		}
+		out = append(out, g)
+		return nil
+	})
+	return out, err
+}
+
+// Put implements CatalogueStore.
+func (p PebbleCatalogue) Put(g Gift) error {
+	v, err := proto.Marshal(g)
+	if err != nil {
+		return err
+	}
+	return p.Store.Put(persist.Key(prefixGiftCat, uint64(g.ID)), v)
+}

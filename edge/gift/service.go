@@ -1,0 +1,284 @@
+package gift
+
+import (
+	"errors"
+	"log/slog"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/liveedge/liveedge/edge/limit"
+	"github.com/liveedge/liveedge/gateway/proto"
+	"github.com/liveedge/liveedge/persist"
+	"github.com/liveedge/liveedge/router"
+)
+
+// Limits of a gift request.
+const (
+	MaxCount    = 99
+	MaxReqIDLen = 64
+	// TallyReceived is the persist tally of gift value a user received.
+	TallyReceived = "recv"
+)
+
+// Req is the d of a gift frame.
+type Req struct {
+	RoomID     int64  `json:"room_id"`
+	GiftID     int64  `json:"gift_id"`
+	ReceiverID int64  `json:"receiver_id"`
+	Count      int    `json:"count"`
+	ReqID      string `json:"req_id"`
+	PK         bool   `json:"pk,omitempty"` // extension: count towards the room's PK score
+}
+
+// Validate checks the shape of the request (not the business rules).
+func (r *Req) Validate() *proto.Error {
+	switch {
+	case r.RoomID <= 0:
+		return proto.BadRequest("missing or bad field room_id")
+	case r.GiftID <= 0:
+		return proto.BadRequest("missing or bad field gift_id")
+	case r.ReceiverID <= 0:
+		return proto.BadRequest("missing or bad field receiver_id")
+	case r.Count < 1 || r.Count > MaxCount:
+		return proto.BadRequest("count must be 1..%d", MaxCount)
+	case r.ReqID == "" || len(r.ReqID) > MaxReqIDLen:
+		return proto.BadRequest("req_id must be 1..%d bytes", MaxReqIDLen)
+	}
+	return nil
+}
+
+// Reply is the d of a successful gift reply.
+type Reply struct {
+	OrderID string `json:"order_id"`
+	Balance int64  `json:"balance"`
+}
+
+// Record is the durable gift record (rec/gift/<order id>).
+type Record struct {
+	OrderID    string `json:"order_id"`
+	SenderID   int64  `json:"sender_id"`
+	ReceiverID int64  `json:"receiver_id"`
+	RoomID     int64  `json:"room_id"`
+	GiftID     int64  `json:"gift_id"`
+	Count      int    `json:"count"`
+	Price      int64  `json:"price"`
+	Amount     int64  `json:"amount"`
+	ReqID      string `json:"req_id"`
+	PK         bool   `json:"pk,omitempty"`
+	At         int64  `json:"at"`
+}
+
+// EffectPush is the d of biz 5556.
+type EffectPush struct {
+	From      int64  `json:"from"`
+	To        int64  `json:"to"`
+	GiftID    int64  `json:"gift_id"`
+	Count     int    `json:"count"`
+	EffectURL string `json:"effect_url"`
+	Combo     int    `json:"combo,omitempty"` // extension: gifts merged into this effect
+	OrderID   string `json:"order_id,omitempty"`
+}
+
+// FailedPush is the d of biz 5557.
+type FailedPush struct {
+	ReqID string `json:"req_id"`
+	Code  int    `json:"code"`
+	Msg   string `json:"msg"`
+}
+
+// Scorer receives PK gifts (the PK service); nil = PK off.
+type Scorer interface {
+	AddScore(room int64, amount int64)
+}
+
+// Config configures Service.
+type Config struct {
+	PerSecond    int           // gifts per user per second (0 = no limit)
+	EffectWindow time.Duration // combo merging window of room effects (0 = 100 ms)
+}
+
+// Service sends gifts. Safe for concurrent use; Send blocks until the debit
+// is durable (or refused) and never on pushes.
+type Service struct {
+	wallet  persist.Wallet
+	router  router.Router
+	cat     *Catalogue
+	limit   *limit.Keyed
+	effects *effects
+	log     *slog.Logger
+	scorer  Scorer
+}
+
+// New returns a gift service.
+func New(w persist.Wallet, r router.Router, cat *Catalogue, cfg Config, log *slog.Logger) *Service {
+	if cfg.EffectWindow <= 0 {
+		cfg.EffectWindow = 100 * time.Millisecond
+	}
+	s := &Service{wallet: w, router: r, cat: cat, log: log,
+		limit: limit.New(cfg.PerSecond, time.Second, max(1, cfg.PerSecond), nil)}
+	s.effects = newEffects(r, cfg.EffectWindow)
+	return s
+}
+
+// SetScorer connects the PK service.
+func (s *Service) SetScorer(sc Scorer) { s.scorer = sc }
+
+// Catalogue returns the catalogue.
+func (s *Service) Catalogue() *Catalogue { return s.cat }
+
+// Send performs a gift from sender, who must be in r.RoomID (inRoom). On
+// failure the sender also gets a reliable biz 5557.
+func (s *Service) Send(sender int64, inRoom bool, r Req) (Reply, *proto.Error) {
+	rep, err := s.send(sender, inRoom, r)
+	if err != nil && !err.replayed {
+		d, _ := proto.Marshal(FailedPush{ReqID: r.ReqID, Code: err.Code, Msg: err.Msg})
+		s.router.SendUser(sender, proto.Push{Biz: proto.BizGiftFailed, Room: r.RoomID, Data: d, Ack: true})
+	}
+	if err != nil {
+		return rep, &err.Error
+	}
+	return rep, nil
+}
+
+type sendErr struct {
+	proto.Error
+	replayed bool
+}
+
+func fail(code int, msg string) *sendErr {
+	return &sendErr{Error: proto.Error{Code: code, Msg: msg}}
+}
+
+func (s *Service) send(sender int64, inRoom bool, r Req) (Reply, *sendErr) {
+	if !inRoom {
+		return Reply{}, fail(proto.CodeForbidden, "not in room")
+	}
+	if r.ReceiverID == sender {
+		return Reply{}, fail(proto.CodeGiftToSelf, "cannot send a gift to yourself")
+	}
+	g, ok := s.cat.Get(r.GiftID)
+	if !ok || g.Status != StatusEnabled {
+		return Reply{}, fail(proto.CodeGiftUnavailable, "gift not found or disabled")
+	}
+	amount := g.Price * int64(r.Count)
+	op := persist.Op{
+		User:     sender,
+		ReqID:    "gift:" + r.ReqID,
+		Postings: []persist.Posting{{User: sender, Delta: -amount, Reason: persist.ReasonGift}},
+		Tallies:  []persist.Tally{{Name: TallyReceived, User: r.ReceiverID, Delta: amount}},
+		Check: func() error {
+			if !s.limit.Allow(uint64(sender)) {
+				return errRateLimited
+			}
+			return nil
+		},
+		Records: func(ids []int64) []persist.Record {
+			rec := Record{OrderID: strconv.FormatInt(ids[0], 10), SenderID: sender, ReceiverID: r.ReceiverID,
+				RoomID: r.RoomID, GiftID: g.ID, Count: r.Count, Price: g.Price, Amount: amount, ReqID: r.ReqID,
+				PK: r.PK, At: time.Now().UnixMilli()}
+			v, _ := proto.Marshal(rec)
+			return []persist.Record{{Key: recordKey(rec.OrderID), Value: v}}
+		},
+	}
+	op.Postings[0].Ref = "gift to " + strconv.FormatInt(r.ReceiverID, 10)
+	res, err := s.wallet.Apply(op)
+	if err != nil {
+		e := fail(proto.CodeInternal, "internal error")
+		switch {
+		case errors.Is(err, persist.ErrInsufficient):
+			e = fail(proto.CodeInsufficientBalance, "insufficient balance")
+		case errors.Is(err, errRateLimited):
+			e = fail(proto.CodeRateLimited, "too many gifts, slow down")
+		default:
+			s.log.Error("gift debit failed", "sender", sender, "req_id", r.ReqID, "err", err)
+		}
+		e.replayed = res.Replayed
+		return Reply{}, e
+	}
+	orderID := strconv.FormatInt(res.TradeIDs[0], 10)
+	rep := Reply{OrderID: orderID, Balance: res.Balances[0]}
+	if res.Replayed {
+		return rep, nil // effects went out the first time
+	}
+	ev := EffectPush{From: sender, To: r.ReceiverID, GiftID: g.ID, Count: r.Count, EffectURL: g.SvgaURL, OrderID: orderID}
+	d, _ := proto.Marshal(ev)
+	s.router.SendUser(r.ReceiverID, proto.Push{Biz: proto.BizGift, Room: r.RoomID, Data: d, Ack: true})
+	s.effects.add(r.RoomID, ev)
+	if r.PK && s.scorer != nil {
+		s.scorer.AddScore(r.RoomID, amount)
+	}
+	return rep, nil
+}
+
+var errRateLimited = errors.New("gift: rate limited")
+
+func recordKey(orderID string) []byte {
+	return append(append(append([]byte{}, persist.PrefixRec...), "gift/"...), orderID...)
+}
+
+// effects is the per-room effect queue: gifts of one sender, gift and
+// receiver that arrive within the window are merged into one push (a combo),
+// in first-arrival order. The debit reply never waits for it.
+type effects struct {
+	router router.Router
+	window time.Duration
+
+	mu    sync.Mutex
+	rooms map[int64]*roomEffects
+}
+
+type roomEffects struct {
+	order []effectKey
+	acc   map[effectKey]*EffectPush
+}
+
+type effectKey struct {
+	from, to, gift int64
+}
+
+// maxEffectKeys bounds a room's pending effects; beyond it the room flushes early.
+const maxEffectKeys = 1024
+
+func newEffects(r router.Router, window time.Duration) *effects {
+	return &effects{router: r, window: window, rooms: map[int64]*roomEffects{}}
+}
+
+func (e *effects) add(room int64, ev EffectPush) {
+	k := effectKey{ev.From, ev.To, ev.GiftID}
+	e.mu.Lock()
+	re, ok := e.rooms[room]
+	if !ok {
+		re = &roomEffects{acc: map[effectKey]*EffectPush{}}
+		e.rooms[room] = re
+		time.AfterFunc(e.window, func() { e.flush(room) })
+	}
+	if acc, ok := re.acc[k]; ok {
+		acc.Count += ev.Count
+		acc.Combo++
+		acc.OrderID = ev.OrderID
+	} else {
+		ev.Combo = 1
+		re.acc[k] = &ev
+		re.order = append(re.order, k)
+	}
+	full := len(re.order) >= maxEffectKeys
+	e.mu.Unlock()
+	if full {
+		e.flush(room)
+	}
+}
+
+func (e *effects) flush(room int64) {
+	e.mu.Lock()
+	re := e.rooms[room]
+	delete(e.rooms, room)
+	e.mu.Unlock()
+	if re == nil {
+		return
+	}
+	for _, k := range re.order {
+		d, _ := proto.Marshal(re.acc[k])
+		_, _ = e.router.PublishRoom(room, proto.Push{Biz: proto.BizGift, Data: d})
+	}
+}
