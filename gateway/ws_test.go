@@ -2,6 +2,7 @@ package gateway_test
 
 import (
 	"fmt"
+	"io"
 	"net/http"
 	"strconv"
 	"strings"
@@ -232,14 +233,17 @@ func TestSlowConsumerClosedRoomUnaffected(t *testing.T) {
 		}
 		time.Sleep(2 * time.Millisecond)
 	}
+	// The node cut the slow client off (4408) while the room went on; once the
+	// client reads again it finds the close frame after what the kernel had
+	// buffered.
+	nodetest.Eventually(t, 10*time.Second, func() bool { return metricValue(t, n, "liveedge_slow_consumer_closes_total") == 1 },
+		"slow consumer not closed")
+	slow.Resume()
 	wg.Wait()
 	close(errs)
 	for err := range errs {
 		t.Error(err)
 	}
-	// The slow client was cut off with 4408; once it reads again it sees the
-	// close frame after whatever the kernel had buffered.
-	slow.Resume()
 	for {
 		select {
 		case <-slow.Frames():
@@ -256,3 +260,22 @@ func TestSlowConsumerClosedRoomUnaffected(t *testing.T) {
 }
 
 func configsDuration(d time.Duration) configs.Duration { return configs.Duration(d) }
+
+// metricValue reads one unlabelled-by-test metric of n from /metrics.
+func metricValue(t *testing.T, n *gateway.Node, name string) float64 {
+	t.Helper()
+	resp, err := http.Get(nodetest.HTTPURL(n) + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	for _, line := range strings.Split(string(b), "\n") {
+		if strings.HasPrefix(line, name+"{") || strings.HasPrefix(line, name+" ") {
+			f := strings.Fields(line)
+			v, _ := strconv.ParseFloat(f[len(f)-1], 64)
+			return v
+		}
+	}
+	return 0
+}

@@ -347,7 +347,7 @@ func TestMakeRunFromCleanClone(t *testing.T) {
 		return r.Data.Token
 	}
 	viewer := tokenOf(runCurl(m[1]))
-	anchorCmd := strings.Replace(strings.Replace(m[1], `"viewer"`, `"anchor"`, 1), `42`, `7`, 1)
+	anchorCmd := strings.Replace(strings.Replace(m[1], `"viewer"`, `"anchor"`, 1), `"user_id":42`, `"user_id":7`, 1)
 	anchor := tokenOf(runCurl(anchorCmd))
 
 	out := runCurl(fmt.Sprintf(`curl -s -X POST -H 'Authorization: Bearer %s' http://%s/api/v1/rooms -d '{"type":1}'`, anchor, httpAddr))
