@@ -22,7 +22,7 @@ test: tools vet fmt-check
 	$(MAKE) fuzz
 
 # Tools the tests shell out to (a fresh Debian machine may lack them).
-TOOLS := git curl make
+TOOLS := git curl make redis-server
 tools:
 	@missing=""; for t in $(TOOLS); do command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
 	if [ -n "$$missing" ]; then \
