@@ -93,6 +93,7 @@ type Wallet interface {
 	Apply(op Op) (Result, error)
 	Balance(user int64) (int64, error)
 	Trades(user int64, before int64, limit int) ([]Trade, error)
+	Tally(name string, user int64) (int64, error)
 }
 
 var _ Wallet = (*Ledger)(nil)
@@ -539,3 +540,5 @@ func (l *Ledger) Audit() (credits, debits, balances int64, err error) {
 	}
 	return
 }
+
+func unmarshalTrade(v []byte, t *Trade) error { return sonic.Unmarshal(v, t) }

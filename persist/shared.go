@@ -1,0 +1,706 @@
+package persist
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/bytedance/sonic"
+	"github.com/redis/rueidis"
+)
+
+// SharedWallet keeps balances in Redis, shared by every node, and each node's
+// share of the ledger in its own Pebble. Protocol of one Apply (docs/wallet.md):
+//
+//  1. intent/<seq> {op} is written to Pebble and fsynced;
+//  2. one Lua script in Redis checks the generation, the idempotency key and
+//     every balance, then moves them, allocates trade ids, records the result
+//     under the idempotency key and appends the trades to the user's recent
+//     list — atomically, no lock, no retry;
+//  3. the trades, this node's balance contributions (bal/<u>, merge-add), the
+//     tallies, the business records and the idempotency record are written to
+//     Pebble and the intent deleted, in one fsynced batch;
+//  4. only then does Apply return.
+//
+// A crash between 1 and 3 leaves an intent; at start (and whenever Redis
+// failed mid-call) the intent is resolved by reading its idempotency key from
+// Redis: present = the script ran, finish step 3 from the stored result;
+// absent = it did not, drop the intent. Every op carries a req_id for this
+// (an internal one when the caller gave none).
+//
+// Redis restarted empty (the generation key le:meta is gone): the wallet is
+// rebuilt from the ledgers. A new generation starts in state "rebuilding";
+// every node listed in Nodes adds its Pebble contributions (balances, tallies,
+// idempotency records, trade-id high-water mark) exactly once per generation;
+// the last one flips the state to "ready". Until then every Apply fails with
+// ErrWalletUnavailable — never a debit against a partial balance.
+type SharedWallet struct {
+	store *Store
+	rdb   rueidis.Client
+	node  string
+	nodes []string
+	log   *slog.Logger
+	now   func() time.Time
+	ttl   time.Duration
+
+	gen      atomic.Pointer[string]
+	intentNo atomic.Uint64
+	rebuild  sync.Mutex
+	// contributed is the generation this node has contributed to (under rebuild).
+	contributed string
+	stop        chan struct{}
+	stopped     sync.WaitGroup
+
+	// crashAt, in tests, stops Apply dead at a named point ("intent",
+	// "script") as if the process had been killed there.
+	crashAt func(point string) bool
+}
+
+var _ Wallet = (*SharedWallet)(nil)
+
+// ErrWalletUnavailable means the shared wallet cannot move money right now
+// (Redis unreachable or being rebuilt); nothing moved; retry later.
+var ErrWalletUnavailable = errors.New("persist: shared wallet unavailable")
+
+// SharedConfig configures a SharedWallet.
+type SharedConfig struct {
+	Node  string   // this node's id
+	Nodes []string // every node whose ledger holds wallet trades (rebuild waits for all)
+	Log   *slog.Logger
+}
+
+// Redis keys. Hash tags keep one user's keys in one slot.
+const (
+	keyMeta     = "le:meta"
+	keySeqTrade = "le:seq:trade"
+	keyContrib  = "le:contrib:" // + gen
+	recentMax   = 1000          // trades kept per user in Redis for listing
+)
+
+func balKey(u int64) string { return "le:bal:{" + strconv.FormatInt(u, 10) + "}" }
+func tallyRKey(n string, u int64) string {
+	return "le:tally:" + n + ":{" + strconv.FormatInt(u, 10) + "}"
+}
+func idemRKey(u int64, req string) string {
+	return "le:idem:{" + strconv.FormatInt(u, 10) + "}:" + req
+}
+func recentKey(u int64) string { return "le:trades:{" + strconv.FormatInt(u, 10) + "}" }
+
+var prefixIntent = []byte("intent/")
+
+// NewSharedWallet opens the shared wallet: it resolves leftover intents and,
+// if Redis has no generation, starts or joins a rebuild.
+func NewSharedWallet(store *Store, rdb rueidis.Client, cfg SharedConfig) (*SharedWallet, error) {
+	if cfg.Log == nil {
+		cfg.Log = slog.Default()
+	}
+	if len(cfg.Nodes) == 0 {
+		cfg.Nodes = []string{cfg.Node}
+	}
+	w := &SharedWallet{store: store, rdb: rdb, node: cfg.Node, nodes: cfg.Nodes, log: cfg.Log,
+		now: time.Now, ttl: DefaultIdemTTL}
+	var maxIntent uint64
+	_ = store.Scan(prefixIntent, func(k, _ []byte) error { maxIntent = max(maxIntent, KeyID(k)); return nil })
+	w.intentNo.Store(maxIntent)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := w.ensureGeneration(ctx); err != nil {
+		return nil, err
+	}
+	if err := w.ResolveIntents(ctx); err != nil {
+		return nil, err
+	}
+	w.stop = make(chan struct{})
+	w.stopped.Add(1)
+	go w.watch()
+	return w, nil
+}
+
+// errCrashed is what Apply returns at a test crash point.
+var errCrashed = errors.New("persist: simulated crash")
+
+// watch notices a lost generation (Redis restarted empty) even when this node
+// is idle, so that it contributes to the rebuild the other nodes wait for.
+func (w *SharedWallet) watch() {
+	defer w.stopped.Done()
+	t := time.NewTicker(200 * time.Millisecond)
+	defer t.Stop()
+	for {
+		select {
+		case <-w.stop:
+			return
+		case <-t.C:
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+			vals, err := w.rdb.Do(ctx, w.rdb.B().Hmget().Key(keyMeta).Field("gen", "state").Build()).ToArray()
+			cancel()
+			if err != nil || len(vals) != 2 {
+				continue
+			}
+			gen, _ := vals[0].ToString()
+			state, _ := vals[1].ToString()
+			cur := w.gen.Load()
+			if state != "ready" || cur == nil || *cur != gen {
+				w.onGenerationLost()
+			}
+		}
+	}
+}
+
+// Close stops the background watcher (the store and client belong to the caller).
+func (w *SharedWallet) Close() {
+	if w.stop != nil {
+		close(w.stop)
+		w.stopped.Wait()
+		w.stop = nil
+	}
+}
+
+type intent struct {
+	User     int64     `json:"user"`
+	ReqID    string    `json:"req_id"`
+	Gen      string    `json:"gen"`
+	Postings []Posting `json:"postings"`
+	Tallies  []Tally   `json:"tallies"`
+}
+
+// applyScript: see the SharedWallet doc. KEYS: meta, seq, idem, recent list
+// of the op's user, then n balance keys, then m tally keys. ARGV: gen, n, m,
+// ttl ms, now ms, user, req_id, then n × (delta, reason, ref), then m deltas.
+// Replies: {"ok", result} | {"dup", result} | {"poor"} | {"gen", gen, state}.
+// result = "id1,id2|bal1,bal2|at" (integers below 1e14 print exactly).
+var applyScript = rueidis.NewLuaScript(`
+local meta = redis.call('HMGET', KEYS[1], 'gen', 'state')
+if meta[1] ~= ARGV[1] or meta[2] ~= 'ready' then
+  return {'gen', meta[1] or '', meta[2] or ''}
+end
+local v = redis.call('GET', KEYS[3])
+if v then return {'dup', v} end
+local n, m = tonumber(ARGV[2]), tonumber(ARGV[3])
+local after = {}
+for i = 1, n do
+  local k = KEYS[4 + i]
+  local b = after[k] or tonumber(redis.call('GET', k) or '0')
+  b = b + tonumber(ARGV[5 + 3 * i - 2 + 2])
+  if b < 0 then return {'poor'} end
+  after[k] = b
+end
+local ids, bals = {}, {}
+local now = tonumber(ARGV[5])
+for i = 1, n do
+  local d = ARGV[5 + 3 * i]
+  bals[i] = redis.call('INCRBY', KEYS[4 + i], d)
+  ids[i] = redis.call('INCR', KEYS[2])
+  local user = string.match(KEYS[4 + i], '{(%d+)}')
+  local t = cjson.encode({trade_id = ids[i], user_id = tonumber(user), delta = tonumber(d),
+    reason = ARGV[5 + 3 * i + 1], ref = ARGV[5 + 3 * i + 2], balance = bals[i], at = now,
+    req_id = (user == ARGV[6]) and ARGV[7] or nil})
+  local lk = 'le:trades:{' .. user .. '}'
+  redis.call('ZADD', lk, ids[i], t)
+  redis.call('ZREMRANGEBYRANK', lk, 0, -` + strconv.Itoa(recentMax+1) + `)
+end
+for j = 1, m do redis.call('INCRBY', KEYS[4 + n + j], ARGV[7 + 3 * n + j]) end
+local res = table.concat(ids, ',') .. '|' .. table.concat(bals, ',') .. '|' .. ARGV[5]
+redis.call('SET', KEYS[3], res, 'PX', ARGV[4])
+return {'ok', res}
+`)
+
+func parseResult(s string) (Result, error) {
+	parts := strings.Split(s, "|")
+	if len(parts) != 3 {
+		return Result{}, fmt.Errorf("persist: bad shared result %q", s)
+	}
+	var r Result
+	for _, x := range strings.Split(parts[0], ",") {
+		id, err := strconv.ParseInt(x, 10, 64)
+		if err != nil {
+			return r, err
+		}
+		r.TradeIDs = append(r.TradeIDs, id)
+	}
+	for _, x := range strings.Split(parts[1], ",") {
+		b, err := strconv.ParseInt(x, 10, 64)
+		if err != nil {
+			return r, err
+		}
+		r.Balances = append(r.Balances, b)
+	}
+	at, err := strconv.ParseInt(parts[2], 10, 64)
+	r.At = at
+	return r, err
+}
+
+// Apply implements Wallet (see the type's doc for the protocol).
+func (w *SharedWallet) Apply(op Op) (Result, error) {
+	if len(op.Postings) == 0 && len(op.Tallies) == 0 {
+		return Result{}, ErrBadOp
+	}
+	for _, p := range op.Postings {
+		if p.User <= 0 {
+			return Result{}, fmt.Errorf("%w: user %d", ErrBadOp, p.User)
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	gen := w.gen.Load()
+	if gen == nil || *gen == "" {
+		return Result{}, ErrWalletUnavailable
+	}
+	in := intent{User: op.User, ReqID: op.ReqID, Gen: *gen, Postings: op.Postings, Tallies: op.Tallies}
+	if in.ReqID == "" {
+		in.ReqID = "auto:" + w.node + ":" + strconv.FormatUint(w.intentNo.Load()+1, 10) + ":" + strconv.FormatInt(w.now().UnixNano(), 36)
+	}
+	// Duplicates that finished before are answered from Redis without an
+	// intent (the script would answer "dup" too; this saves the fsync).
+	if op.ReqID != "" {
+		if v, err := w.rdb.Do(ctx, w.rdb.B().Get().Key(idemRKey(op.User, in.ReqID)).Build()).ToString(); err == nil {
+			r, err := parseResult(v)
+			r.Replayed = true
+			return r, err
+		}
+	}
+	if op.Check != nil {
+		if err := op.Check(); err != nil {
+			return Result{}, err
+		}
+	}
+	no := w.intentNo.Add(1)
+	ikey := Key(prefixIntent, no)
+	iv, err := sonic.Marshal(in)
+	if err != nil {
+		return Result{}, err
+	}
+	if err := w.store.Put(ikey, iv); err != nil {
+		return Result{}, err
+	}
+	if w.crashAt != nil && w.crashAt("intent") {
+		return Result{}, errCrashed
+	}
+	status, payload, err := w.runScript(ctx, in)
+	if w.crashAt != nil && w.crashAt("script") {
+		return Result{}, errCrashed
+	}
+	switch {
+	case err != nil:
+		// Unknown outcome: resolve from the idempotency key (now, or at the
+		// next start if Redis stays away).
+		if r, done, rerr := w.resolve(ctx, no, in, op.Records); rerr == nil && done {
+			return r, nil
+		}
+		w.log.Error("shared wallet: outcome unknown, intent kept", "intent", no, "err", err)
+		return Result{}, ErrWalletUnavailable
+	case status == "gen":
+		_ = w.store.Apply(func(b *Batch) error { return b.Delete(ikey, nil) })
+		go w.onGenerationLost()
+		return Result{}, ErrWalletUnavailable
+	case status == "poor":
+		_ = w.store.Apply(func(b *Batch) error { return b.Delete(ikey, nil) })
+		return Result{}, ErrInsufficient
+	case status == "dup":
+		_ = w.store.Apply(func(b *Batch) error { return b.Delete(ikey, nil) })
+		r, err := parseResult(payload)
+		r.Replayed = true
+		return r, err
+	}
+	r, err := parseResult(payload)
+	if err != nil {
+		return r, err
+	}
+	return r, w.finalize(no, in, r, op.Records)
+}
+
+func (w *SharedWallet) runScript(ctx context.Context, in intent) (status, payload string, err error) {
+	keys := []string{keyMeta, keySeqTrade, idemRKey(in.User, in.ReqID), recentKey(in.User)}
+	args := []string{in.Gen, strconv.Itoa(len(in.Postings)), strconv.Itoa(len(in.Tallies)),
+		strconv.FormatInt(w.ttl.Milliseconds(), 10), strconv.FormatInt(w.now().UnixMilli(), 10),
+		strconv.FormatInt(in.User, 10), in.ReqID}
+	for _, p := range in.Postings {
+		keys = append(keys, balKey(p.User))
+		args = append(args, strconv.FormatInt(p.Delta, 10), p.Reason, p.Ref)
+	}
+	for _, t := range in.Tallies {
+		keys = append(keys, tallyRKey(t.Name, t.User))
+		args = append(args, strconv.FormatInt(t.Delta, 10))
+	}
+	arr, err := applyScript.Exec(ctx, w.rdb, keys, args).ToArray()
+	if err != nil {
+		return "", "", err
+	}
+	if len(arr) == 0 {
+		return "", "", errors.New("persist: empty script reply")
+	}
+	status, _ = arr[0].ToString()
+	if len(arr) > 1 {
+		payload, _ = arr[1].ToString()
+	}
+	return status, payload, nil
+}
+
+// finalize is step 3: the node's durable share of the op, and the intent gone.
+func (w *SharedWallet) finalize(no uint64, in intent, r Result, records func([]int64) []Record) error {
+	return w.store.Apply(func(b *Batch) error {
+		for i, p := range in.Postings {
+			t := Trade{ID: r.TradeIDs[i], User: p.User, Delta: p.Delta, Reason: p.Reason, Ref: p.Ref,
+				Balance: r.Balances[i], At: r.At}
+			if p.User == in.User {
+				t.ReqID = in.ReqID
+			}
+			v, err := sonic.Marshal(t)
+			if err != nil {
+				return err
+			}
+			if err := b.Set(Key2(PrefixTrade, uint64(p.User), uint64(t.ID)), v, nil); err != nil {
+				return err
+			}
+			if err := b.Merge(Key(PrefixBal, uint64(p.User)), EncodeInt64(p.Delta), nil); err != nil {
+				return err
+			}
+		}
+		for _, t := range in.Tallies {
+			if err := b.Merge(TallyKey(t.Name, t.User), EncodeInt64(t.Delta), nil); err != nil {
+				return err
+			}
+		}
+		if n := len(r.TradeIDs); n > 0 {
+			if err := b.Merge(SeqKey("trade"), EncodeInt64(r.TradeIDs[n-1]), nil); err != nil {
+				return err
+			}
+		}
+		if records != nil {
+			for _, rec := range records(r.TradeIDs) {
+				if err := b.Set(rec.Key, rec.Value, nil); err != nil {
+					return err
+				}
+			}
+		}
+		v, err := sonic.Marshal(r)
+		if err != nil {
+			return err
+		}
+		if err := b.Set(idemKeyBytes(in.User, in.ReqID), v, nil); err != nil {
+			return err
+		}
+		x := Key2(PrefixIdemX, uint64(r.At), uint64(in.User))
+		if err := b.Set(append(x, in.ReqID...), nil, nil); err != nil {
+			return err
+		}
+		return b.Delete(Key(prefixIntent, no), nil)
+	})
+}
+
+// resolve settles intent no from Redis: done reports whether it is settled
+// (finished or dropped).
+func (w *SharedWallet) resolve(ctx context.Context, no uint64, in intent, records func([]int64) []Record) (Result, bool, error) {
+	cur := w.gen.Load()
+	if cur == nil || *cur != in.Gen {
+		// Redis lost the generation the script ran against: whatever it did
+		// is gone from Redis, and the caller was never told ok. Drop it.
+		return Result{}, true, w.store.Apply(func(b *Batch) error { return b.Delete(Key(prefixIntent, no), nil) })
+	}
+	v, err := w.rdb.Do(ctx, w.rdb.B().Get().Key(idemRKey(in.User, in.ReqID)).Build()).ToString()
+	if rueidis.IsRedisNil(err) {
+		return Result{}, true, w.store.Apply(func(b *Batch) error { return b.Delete(Key(prefixIntent, no), nil) })
+	}
+	if err != nil {
+		return Result{}, false, err
+	}
+	r, err := parseResult(v)
+	if err != nil {
+		return r, false, err
+	}
+	// Already finalized by us? (idem record present locally)
+	if _, err := w.store.Get(idemKeyBytes(in.User, in.ReqID)); err == nil {
+		return r, true, w.store.Apply(func(b *Batch) error { return b.Delete(Key(prefixIntent, no), nil) })
+	}
+	return r, true, w.finalize(no, in, r, records)
+}
+
+// ResolveIntents settles every intent left by a crash.
+func (w *SharedWallet) ResolveIntents(ctx context.Context) error {
+	type pend struct {
+		no uint64
+		in intent
+	}
+	var ps []pend
+	err := w.store.Scan(prefixIntent, func(k, v []byte) error {
+		var in intent
+		if err := sonic.Unmarshal(v, &in); err != nil {
+			return err
+		}
+		ps = append(ps, pend{KeyID(k), in})
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	for _, p := range ps {
+		if _, done, err := w.resolve(ctx, p.no, p.in, nil); err != nil || !done {
+			return fmt.Errorf("persist: intent %d unresolved: %v", p.no, err)
+		}
+	}
+	if len(ps) > 0 {
+		w.log.Info("shared wallet: intents resolved", "count", len(ps))
+	}
+	return nil
+}
+
+// Balance implements Wallet: read through rueidis client-side caching (Redis
+// invalidates the cached value when it changes).
+func (w *SharedWallet) Balance(user int64) (int64, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	defer cancel()
+	v, err := w.rdb.DoCache(ctx, w.rdb.B().Get().Key(balKey(user)).Cache(), time.Minute).AsInt64()
+	if rueidis.IsRedisNil(err) {
+		return 0, nil
+	}
+	return v, err
+}
+
+// Tally returns a tally (client-side cached).
+func (w *SharedWallet) Tally(name string, user int64) (int64, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	defer cancel()
+	v, err := w.rdb.DoCache(ctx, w.rdb.B().Get().Key(tallyRKey(name, user)).Cache(), time.Minute).AsInt64()
+	if rueidis.IsRedisNil(err) {
+		return 0, nil
+	}
+	return v, err
+}
+
+// Trades implements Wallet from the user's recent trades in Redis (the last
+// 1,000, from every node), newest first, ids below before.
+func (w *SharedWallet) Trades(user int64, before int64, limit int) ([]Trade, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	defer cancel()
+	maxScore := "+inf"
+	if before > 0 {
+		maxScore = "(" + strconv.FormatInt(before, 10)
+	}
+	vals, err := w.rdb.Do(ctx, w.rdb.B().Zrange().Key(recentKey(user)).Min(maxScore).Max("-inf").
+		Byscore().Rev().Limit(0, int64(limit)).Build()).AsStrSlice()
+	if err != nil {
+		return nil, err
+	}
+	out := make([]Trade, 0, len(vals))
+	for _, v := range vals {
+		var t Trade
+		if err := sonic.UnmarshalString(v, &t); err != nil {
+			return nil, err
+		}
+		out = append(out, t)
+	}
+	return out, nil
+}
+
+// --- generations and rebuild ---
+
+var initScript = rueidis.NewLuaScript(`
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('HSET', KEYS[1], 'gen', ARGV[1], 'state', 'rebuilding', 'nodes', ARGV[2])
+end
+return redis.call('HMGET', KEYS[1], 'gen', 'state')
+`)
+
+// contribScript adds one batch of a node's ledger to a rebuilding generation,
+// once: KEYS meta, contrib set; ARGV gen, marker, then triples (op, key, val)
+// with op "incr" (INCRBY), "idem" (SET val, PX from the next arg) or "seq"
+// (raise to at least val).
+var contribScript = rueidis.NewLuaScript(`
+local meta = redis.call('HMGET', KEYS[1], 'gen', 'state')
+if meta[1] ~= ARGV[1] or meta[2] ~= 'rebuilding' then return 'stale' end
+if redis.call('SISMEMBER', KEYS[2], ARGV[2]) == 1 then return 'done' end
+local i = 3
+while i <= #ARGV do
+  local op, k, v = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  if op == 'incr' then redis.call('INCRBY', k, v); i = i + 3
+  elseif op == 'idem' then redis.call('SET', k, v, 'PX', ARGV[i + 3]); i = i + 4
+  elseif op == 'seq' then
+    if tonumber(redis.call('GET', k) or '0') < tonumber(v) then redis.call('SET', k, v) end
+    i = i + 3
+  else return redis.error_reply('bad op ' .. op) end
+end
+redis.call('SADD', KEYS[2], ARGV[2])
+return 'ok'
+`)
+
+// finishScript marks node done and flips the generation to ready when every
+// node is done. KEYS meta, done set; ARGV gen, node.
+var finishScript = rueidis.NewLuaScript(`
+local meta = redis.call('HMGET', KEYS[1], 'gen', 'state', 'nodes')
+if meta[1] ~= ARGV[1] then return 'stale' end
+redis.call('SADD', KEYS[2], ARGV[2])
+if redis.call('SCARD', KEYS[2]) >= tonumber(meta[3]) then
+  redis.call('HSET', KEYS[1], 'state', 'ready')
+end
+return redis.call('HGET', KEYS[1], 'state')
+`)
+
+func newGen() string { return strconv.FormatInt(time.Now().UnixNano(), 36) }
+
+// ensureGeneration reads (or creates) the current generation. If it is
+// ready, Apply may use it; if it is rebuilding, this node contributes its
+// ledger (once per generation) and Apply stays unavailable until the watcher
+// sees the generation ready. It never waits for other nodes.
+func (w *SharedWallet) ensureGeneration(ctx context.Context) error {
+	w.rebuild.Lock()
+	defer w.rebuild.Unlock()
+	vals, err := initScript.Exec(ctx, w.rdb, []string{keyMeta}, []string{newGen(), strconv.Itoa(len(w.nodes))}).AsStrSlice()
+	if err != nil {
+		return fmt.Errorf("persist: shared wallet init: %w", err)
+	}
+	gen, state := vals[0], vals[1]
+	if state == "ready" {
+		w.gen.Store(&gen)
+		return nil
+	}
+	w.gen.Store(nil)
+	if w.contributed == gen {
+		return nil
+	}
+	state, err = w.contribute(ctx, gen)
+	if err != nil {
+		return err
+	}
+	w.contributed = gen
+	w.log.Info("shared wallet: ledger contributed to rebuild", "generation", gen, "state", state)
+	if state == "ready" {
+		w.gen.Store(&gen)
+	}
+	return nil
+}
+
+// Ready reports whether the wallet can move money now.
+func (w *SharedWallet) Ready() bool {
+	g := w.gen.Load()
+	return g != nil && *g != ""
+}
+
+// WaitReady waits until Ready or ctx ends.
+func (w *SharedWallet) WaitReady(ctx context.Context) error {
+	for !w.Ready() {
+		select {
+		case <-ctx.Done():
+			return ErrWalletUnavailable
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+	return nil
+}
+
+func (w *SharedWallet) onGenerationLost() {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if err := w.ensureGeneration(ctx); err != nil {
+		w.log.Error("shared wallet: rebuild", "err", err)
+	}
+}
+
+// contribute adds this node's ledger to generation gen, batch by batch, each
+// batch exactly once (a marker per batch). The ledger does not change while
+// the generation is rebuilding (Apply fails), so batches are deterministic.
+func (w *SharedWallet) contribute(ctx context.Context, gen string) (string, error) {
+	const batchOps = 300
+	var args []string
+	batch := 0
+	flush := func() error {
+		if len(args) == 0 {
+			return nil
+		}
+		marker := w.node + ":" + strconv.Itoa(batch)
+		full := append([]string{gen, marker}, args...)
+		res, err := contribScript.Exec(ctx, w.rdb, []string{keyMeta, keyContrib + gen}, full).ToString()
+		if err != nil {
+			return fmt.Errorf("persist: contribute: %w", err)
+		}
+		if res == "stale" {
+			return errStaleGen
+		}
+		batch++
+		args = args[:0]
+		return nil
+	}
+	add := func(a ...string) error {
+		args = append(args, a...)
+		if len(args) >= batchOps*3 {
+			return flush()
+		}
+		return nil
+	}
+	err := w.store.Scan(PrefixBal, func(k, v []byte) error {
+		return add("incr", balKey(int64(KeyID(k))), strconv.FormatInt(DecodeInt64(v), 10))
+	})
+	if err == nil {
+		err = w.store.Scan(PrefixTally, func(k, v []byte) error {
+			rest := k[len(PrefixTally):]
+			if len(rest) < 10 {
+				return nil
+			}
+			name := string(rest[:len(rest)-9])
+			user := int64(binary.BigEndian.Uint64(rest[len(rest)-8:]))
+			return add("incr", tallyRKey(name, user), strconv.FormatInt(DecodeInt64(v), 10))
+		})
+	}
+	cutoff := w.now().Add(-w.ttl)
+	if err == nil {
+		err = w.store.Scan(PrefixIdem, func(k, v []byte) error {
+			var r Result
+			if err := sonic.Unmarshal(v, &r); err != nil {
+				return err
+			}
+			at := time.UnixMilli(r.At)
+			if at.Before(cutoff) {
+				return nil
+			}
+			rest := k[len(PrefixIdem):]
+			user := int64(binary.BigEndian.Uint64(rest[:8]))
+			return add("idem", idemRKey(user, string(rest[8:])), formatResult(r),
+				strconv.FormatInt(w.ttl.Milliseconds()-w.now().Sub(at).Milliseconds(), 10))
+		})
+	}
+	if err == nil {
+		if v, gerr := w.store.Get(SeqKey("trade")); gerr == nil {
+			err = add("seq", keySeqTrade, strconv.FormatInt(DecodeInt64(v), 10))
+		}
+	}
+	if err == nil {
+		err = add("seq", keySeqTrade, "0") // every node flushes at least one batch
+	}
+	if err == nil {
+		err = flush()
+	}
+	if errors.Is(err, errStaleGen) {
+		return "stale", nil // the generation moved on; the watcher comes back
+	}
+	if err != nil {
+		return "", err
+	}
+	return finishScript.Exec(ctx, w.rdb, []string{keyMeta, keyContrib + gen + ":done"}, []string{gen, w.node}).ToString()
+}
+
+var errStaleGen = errors.New("persist: stale generation")
+
+func formatResult(r Result) string {
+	var b strings.Builder
+	for i, id := range r.TradeIDs {
+		if i > 0 {
+			b.WriteByte(',')
+		}
+		b.WriteString(strconv.FormatInt(id, 10))
+	}
+	b.WriteByte('|')
+	for i, x := range r.Balances {
+		if i > 0 {
+			b.WriteByte(',')
+		}
+		b.WriteString(strconv.FormatInt(x, 10))
+	}
+	b.WriteByte('|')
+	b.WriteString(strconv.FormatInt(r.At, 10))
+	return b.String()
+}
