@@ -46,6 +46,8 @@ type Config struct {
 	Rooms    Rooms    `yaml:"rooms"`
 	Limits   Limits   `yaml:"limits"`
 	Gifts    Gifts    `yaml:"gifts"`
+	Wallet   Wallet   `yaml:"wallet"`
+	Redis    Redis    `yaml:"redis"`
 	Shutdown Shutdown `yaml:"shutdown"`
 	Log      Log      `yaml:"log"`
 }
@@ -105,6 +107,22 @@ type Limits struct {
 type Gifts struct {
 	EffectWindow Duration `yaml:"effect_window"` // combo merging window of room gift effects
 	MaxInflight  int      `yaml:"max_inflight"`  // gift requests one connection may have in flight
+}
+
+// Wallet chooses where balances live.
+type Wallet struct {
+	// Mode is "local" (Pebble only, single node) or "shared" (balances in
+	// Redis shared by every node; each node's ledger in its Pebble).
+	Mode string `yaml:"mode"`
+	// Nodes lists every node id whose ledger holds wallet trades (shared
+	// mode): after Redis loses its data, money moves again only when all of
+	// them have contributed. Empty = this node alone.
+	Nodes []string `yaml:"nodes"`
+}
+
+// Redis is the shared hot-state store (cluster / shared mode).
+type Redis struct {
+	Addr string `yaml:"addr"` // host:port; "" = no Redis
 }
 
 // Shutdown configures graceful shutdown.
@@ -190,6 +208,17 @@ func setField(f reflect.Value, v string) error {
 			return err
 		}
 		f.SetBool(b)
+	case reflect.Slice:
+		if f.Type().Elem().Kind() != reflect.String {
+			return fmt.Errorf("unsupported slice of %s", f.Type().Elem().Kind())
+		}
+		var items []string
+		for _, x := range strings.Split(v, ",") {
+			if x = strings.TrimSpace(x); x != "" {
+				items = append(items, x)
+			}
+		}
+		f.Set(reflect.ValueOf(items))
 	case reflect.Int, reflect.Int64:
 		n, err := strconv.ParseInt(v, 10, 64)
 		if err != nil {
@@ -225,6 +254,8 @@ func (c *Config) Validate() error {
 	check(c.WS.MaxConns > 0, "ws.max_conns must be > 0")
 	check(len(c.Auth.JWTSecret) >= 16, "auth.jwt_secret must be at least 16 bytes")
 	check(c.NATS.Embedded || c.NATS.URL != "", "nats.url is required when nats.embedded is false")
+	check(c.Wallet.Mode == "local" || c.Wallet.Mode == "shared", "wallet.mode must be local or shared")
+	check(c.Wallet.Mode != "shared" || c.Redis.Addr != "", "redis.addr is required when wallet.mode is shared")
 	check(c.Gifts.MaxInflight > 0, "gifts.max_inflight must be > 0")
 	check(c.HTTP.MaxBodyBytes > 0, "http.max_body_bytes must be > 0")
 	check(c.Shutdown.DrainTimeout.D() > 0, "shutdown.drain_timeout must be > 0")

@@ -40,7 +40,7 @@ func (a *API) devCredit(_ context.Context, c *app.RequestContext) {
 		_, _ = rand.Read(b[:])
 		r.ReqID = hex.EncodeToString(b[:])
 	}
-	res, err := a.node.Ledger.Apply(persist.Op{User: r.UserID, ReqID: "dev:" + r.ReqID,
+	res, err := a.node.Wallet.Apply(persist.Op{User: r.UserID, ReqID: "dev:" + r.ReqID,
 		Postings: []persist.Posting{{User: r.UserID, Delta: r.Amount, Reason: persist.ReasonDev, Ref: "dev credit"}}})
 	if err != nil {
 		a.fail(c, err)
@@ -55,12 +55,12 @@ func (a *API) devCredit(_ context.Context, c *app.RequestContext) {
 
 func (a *API) wallet(_ context.Context, c *app.RequestContext) {
 	u := identOf(c).UserID
-	b, err := a.node.Ledger.Balance(u)
+	b, err := a.node.Wallet.Balance(u)
 	if err != nil {
 		a.fail(c, err)
 		return
 	}
-	recv, err := a.node.Ledger.Tally(gift.TallyReceived, u)
+	recv, err := a.node.Wallet.Tally(gift.TallyReceived, u)
 	if err != nil {
 		a.fail(c, err)
 		return
@@ -81,7 +81,7 @@ func (a *API) trades(_ context.Context, c *app.RequestContext) {
 			return
 		}
 	}
-	ts, err := a.node.Ledger.Trades(identOf(c).UserID, before, limit)
+	ts, err := a.node.Wallet.Trades(identOf(c).UserID, before, limit)
 	if err != nil {
 		a.fail(c, err)
 		return

@@ -13,6 +13,7 @@ import (
 
 	natsserver "github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
+	"github.com/redis/rueidis"
 
 	"github.com/liveedge/liveedge/configs"
 	"github.com/liveedge/liveedge/edge/gift"
@@ -32,7 +33,10 @@ type Node struct {
 	Log    *slog.Logger
 
 	Store  *persist.Store
-	Ledger *persist.Ledger
+	Ledger *persist.Ledger // local wallet mode only
+	Wallet persist.Wallet  // the wallet in use (Ledger or the shared one)
+	Redis  rueidis.Client  // nil unless redis.addr is set
+	shared *persist.SharedWallet
 	Router *router.Local
 	Rooms  *room.Service
 	Gifts  *gift.Service
@@ -83,14 +87,54 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 	if err != nil {
 		return nil, err
 	}
-	if n.Ledger, err = persist.NewLedger(n.Store, nil); err != nil {
-		return nil, err
+	var onCatalogueInvalidated atomic.Pointer[func()]
+	if cfg.Redis.Addr != "" {
+		n.Redis, err = rueidis.NewClient(rueidis.ClientOption{
+			InitAddress: []string{cfg.Redis.Addr},
+			ClientName:  "liveedge-" + cfg.Node.ID,
+			OnInvalidations: func(msgs []rueidis.RedisMessage) {
+				hit := msgs == nil // nil: the whole cache was flushed
+				for _, m := range msgs {
+					if k, _ := m.ToString(); k == gift.RedisCatalogueKey {
+						hit = true
+					}
+				}
+				if f := onCatalogueInvalidated.Load(); hit && f != nil {
+					go (*f)()
+				}
+			},
+		})
+		if err != nil {
+			return nil, fmt.Errorf("redis %s: %w", cfg.Redis.Addr, err)
+		}
 	}
-	cat, err := gift.NewCatalogue(gift.PebbleCatalogue{Store: n.Store})
+	var catStore gift.CatalogueStore = gift.PebbleCatalogue{Store: n.Store}
+	switch cfg.Wallet.Mode {
+	case "shared":
+		n.shared, err = persist.NewSharedWallet(n.Store, n.Redis, persist.SharedConfig{
+			Node: cfg.Node.ID, Nodes: cfg.Wallet.Nodes, Log: log})
+		if err != nil {
+			return nil, err
+		}
+		n.Wallet = n.shared
+		catStore = gift.RedisCatalogue{Client: n.Redis}
+	default:
+		if n.Ledger, err = persist.NewLedger(n.Store, nil); err != nil {
+			return nil, err
+		}
+		n.Wallet = n.Ledger
+	}
+	cat, err := gift.NewCatalogue(catStore)
 	if err != nil {
 		return nil, err
 	}
-	n.Gifts = gift.New(n.Ledger, n.Router, cat, gift.Config{
+	reload := func() {
+		if err := cat.Reload(); err != nil {
+			n.Log.Error("catalogue reload", "err", err)
+		}
+	}
+	onCatalogueInvalidated.Store(&reload)
+	n.Gifts = gift.New(n.Wallet, n.Router, cat, gift.Config{
 		PerSecond: cfg.Limits.GiftPerSecond, EffectWindow: cfg.Gifts.EffectWindow.D(),
 	}, log)
 	n.PK = pk.New(n.Router, n.Rooms.IsOpen)
@@ -219,6 +263,9 @@ func (n *Node) expireIdemLoop() {
 		case <-n.stopIdem:
 			return
 		case now := <-t.C:
+			if n.Ledger == nil {
+				continue // shared mode: Redis expires its keys; local records stay for rebuilds
+			}
 			if k, err := n.Ledger.ExpireIdem(now.Add(-persist.DefaultIdemTTL)); err != nil {
 				n.Log.Error("idempotency expiry", "err", err)
 			} else if k > 0 {
@@ -246,6 +293,8 @@ func (n *Node) ready() error {
 		return errors.New("draining")
 	case n.NC == nil || !n.NC.IsConnected():
 		return errors.New("nats not connected")
+	case n.shared != nil && !n.shared.Ready():
+		return errors.New("shared wallet not ready (rebuilding or Redis unreachable)")
 	}
 	return nil
 }
@@ -277,6 +326,12 @@ func (n *Node) closeBackends() error {
 			errs = append(errs, err)
 		}
 		n.NC.Close()
+	}
+	if n.shared != nil {
+		n.shared.Close()
+	}
+	if n.Redis != nil {
+		n.Redis.Close()
 	}
 	if n.natsSrv != nil {
 		n.natsSrv.Shutdown()

@@ -1,0 +1,249 @@
+package bench
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/cockroachdb/pebble"
+	"github.com/redis/rueidis"
+
+	"github.com/liveedge/liveedge/edge/gift"
+	"github.com/liveedge/liveedge/persist"
+	"github.com/liveedge/liveedge/persist/redistest"
+	"github.com/liveedge/liveedge/router"
+)
+
+// BenchmarkGiftDebit_Hot and _Spread: each round runs every system for the
+// same wall time (warm-up + measured window) with the same closed-loop client
+// concurrency on the same gift sequence, and reports acknowledged gifts/s in
+// the window and per-gift latency. The seed runs first; the liveedge line
+// carries x-seed = liveedge gifts/s ÷ seed gifts/s of the same round.
+//
+//	go test -run '^$' -bench GiftDebit -benchtime 1x ./edge/gift/bench/
+func BenchmarkGiftDebit_Hot(b *testing.B)    { benchDebit(b, hotWorkload()) }
+func BenchmarkGiftDebit_Spread(b *testing.B) { benchDebit(b, spreadWorkload()) }
+
+// debiter is one system under test: debit returns once the gift is
+// acknowledged to the caller (nil) or refused.
+type debiter interface {
+	debit(ctx context.Context, g giftOp) error
+}
+
+func benchDebit(b *testing.B, w *workload) {
+	k := loadKnobs()
+	var seedRate float64
+	b.Run("seed", func(b *testing.B) {
+		for i := range b.N {
+			sys, report := startSeed(b, w)
+			res := runClosedLoop(sys, w, k.conc, k.warmup, k.measure, fmt.Sprintf("s%d-", i))
+			report(res)
+			res.report(b)
+			seedRate = res.rate()
+		}
+	})
+	b.Run("liveedge", func(b *testing.B) {
+		for i := range b.N {
+			sys, report := startLiveEdge(b, w)
+			res := runClosedLoop(sys, w, k.conc, k.warmup, k.measure, fmt.Sprintf("l%d-", i))
+			report(res)
+			res.report(b)
+			if seedRate > 0 {
+				b.ReportMetric(res.rate()/seedRate, "x-seed")
+			}
+		}
+	})
+}
+
+// loadResult is what one closed-loop phase measured.
+type loadResult struct {
+	win      window
+	ok, fail int64
+	lat      latStats
+	cpu      time.Duration // this process's CPU time over the whole phase
+	started  int64
+}
+
+func (r loadResult) rate() float64 { return float64(r.ok) / r.win.secs() }
+
+func (r loadResult) report(b *testing.B) {
+	b.ReportMetric(r.rate(), "gifts/s")
+	b.ReportMetric(ms(r.lat.p50), "p50-ms")
+	b.ReportMetric(ms(r.lat.p99), "p99-ms")
+	b.ReportMetric(ms(r.lat.max), "max-ms")
+	b.ReportMetric(float64(r.fail), "failed")
+}
+
+// runClosedLoop runs conc clients, each starting the next gift of w as soon
+// as its previous one is answered, for warmup+measure, and counts the gifts
+// answered inside the measured window (latency = start to answer).
+func runClosedLoop(sys debiter, w *workload, conc int, warmup, measure time.Duration, nonce string) loadResult {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	start := time.Now()
+	win := window{from: start.Add(warmup).UnixNano(), to: start.Add(warmup + measure).UnixNano()}
+	var (
+		next, ok, fail atomic.Int64
+		stop           atomic.Bool
+		lat            latencies
+		wg             sync.WaitGroup
+		firstErr       atomic.Value
+	)
+	cpu0 := selfCPU()
+	for range conc {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			var mine []int64
+			var nOK, nFail int64
+			for !stop.Load() {
+				g := w.op(next.Add(1)-1, nonce)
+				t0 := time.Now().UnixNano()
+				err := sys.debit(ctx, g)
+				t1 := time.Now().UnixNano()
+				if !win.has(t1) {
+					continue
+				}
+				if err == nil {
+					nOK++
+					mine = append(mine, t1-t0)
+				} else if ctx.Err() == nil {
+					nFail++
+					firstErr.CompareAndSwap(nil, err)
+				}
+			}
+			ok.Add(nOK)
+			fail.Add(nFail)
+			lat.add(mine)
+		}()
+	}
+	time.Sleep(time.Until(time.Unix(0, win.to)))
+	stop.Store(true)
+	// Let gifts in flight finish (a seed gift may be asleep for up to 1 s per
+	// retry); after a grace period, cancel whatever is still sleeping.
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(3 * time.Second):
+		cancel()
+		<-done
+	}
+	res := loadResult{win: win, ok: ok.Load(), fail: fail.Load(), lat: lat.stats(), cpu: selfCPU() - cpu0, started: next.Load()}
+	if e := firstErr.Load(); e != nil {
+		fmt.Fprintf(os.Stderr, "giftbench: %d failed gifts, first: %v\n", res.fail, e)
+	}
+	return res
+}
+
+// ---- LiveEdge: gift.Service.Send on a real Pebble ledger ----
+
+type liveEdgeDebit struct{ svc *gift.Service }
+
+func (l liveEdgeDebit) debit(_ context.Context, g giftOp) error {
+	_, perr := l.svc.Send(g.sender, true, gift.Req{RoomID: g.room, GiftID: g.giftID, ReceiverID: g.receiver,
+		Count: 1, ReqID: g.reqID})
+	if perr != nil {
+		return perr
+	}
+	return nil
+}
+
+// startLiveEdge builds what a node builds for gifts (Pebble store, ledger,
+// catalogue, local router with the rooms open, gift service without a rate
+// limit) and credits every sender.
+func startLiveEdge(b *testing.B, w *workload) (debiter, func(loadResult)) {
+	b.Helper()
+	store, err := persist.Open(b.TempDir())
+	if err != nil {
+		b.Fatal(err)
+	}
+	ledger, err := persist.NewLedger(store, nil)
+	if err != nil {
+		b.Fatal(err)
+	}
+	cat, err := gift.NewCatalogue(gift.PebbleCatalogue{Store: store})
+	if err != nil {
+		b.Fatal(err)
+	}
+	rt := router.NewLocal("bench", router.LocalConfig{})
+	for r := int64(1); r <= debitRooms; r++ {
+		rt.OpenRoom(r)
+	}
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	svc := gift.New(ledger, rt, cat, gift.Config{PerSecond: 0}, log)
+	if err := parallel(w.senders, 64, func(u int64) error {
+		_, err := ledger.Apply(persist.Op{User: u, Postings: []persist.Posting{{User: u, Delta: startBalance, Reason: persist.ReasonDev}}})
+		return err
+	}); err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { _ = store.Close() })
+	return liveEdgeDebit{svc}, func(res loadResult) {
+		b.ReportMetric(float64(res.cpu.Microseconds())/float64(max(1, res.started)), "cpu-us/gift")
+	}
+}
+
+// ---- seed: Redis lock + sleep/retry + DECRBY + async DB ----
+
+func startSeed(b *testing.B, w *workload) (debiter, func(loadResult)) {
+	b.Helper()
+	srv := redistest.Start(b)
+	rdb, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{srv.Addr}, DisableCache: true})
+	if err != nil {
+		b.Fatal(err)
+	}
+	db, err := pebble.Open(b.TempDir(), &pebble.Options{Logger: quietLogger{}})
+	if err != nil {
+		b.Fatal(err)
+	}
+	s := newSeedDebit(rdb, db)
+	if err := s.credit(context.Background(), w.senders, startBalance); err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() {
+		s.close()
+		rdb.Close()
+		_ = db.Close()
+	})
+	return s, func(res loadResult) {
+		b.ReportMetric(float64(s.retries.Load())/float64(max(1, res.started)), "retries/gift")
+		b.ReportMetric(float64(s.rejected.Load()), "db-rejected")
+	}
+}
+
+// parallel calls fn for every item with n goroutines; the first error wins.
+func parallel(items []int64, n int, fn func(int64) error) error {
+	var (
+		next atomic.Int64
+		wg   sync.WaitGroup
+		mu   sync.Mutex
+		errs []error
+	)
+	for range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				i := next.Add(1) - 1
+				if i >= int64(len(items)) {
+					return
+				}
+				if err := fn(items[i]); err != nil {
+					mu.Lock()
+					errs = append(errs, err)
+					mu.Unlock()
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	return errors.Join(errs...)
+}
