@@ -540,5 +540,3 @@ func (l *Ledger) Audit() (credits, debits, balances int64, err error) {
 	}
 	return
 }
-
-func unmarshalTrade(v []byte, t *Trade) error { return sonic.Unmarshal(v, t) }

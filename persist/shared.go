@@ -290,10 +290,14 @@ func (w *SharedWallet) Apply(op Op) (Result, error) {
 	case err != nil:
 		// Unknown outcome: resolve from the idempotency key (now, or at the
 		// next start if Redis stays away).
-		if r, done, rerr := w.resolve(ctx, no, in, op.Records); rerr == nil && done {
+		r, out, rerr := w.resolve(ctx, no, in, op.Records)
+		switch {
+		case rerr == nil && out == outcomeDone:
 			return r, nil
+		case rerr == nil && out == outcomeNotRun:
+			return Result{}, ErrWalletUnavailable
 		}
-		w.log.Error("shared wallet: outcome unknown, intent kept", "intent", no, "err", err)
+		w.log.Error("shared wallet: outcome unknown, intent kept", "intent", no, "err", err, "resolve_err", rerr)
 		return Result{}, ErrWalletUnavailable
 	case status == "gen":
 		_ = w.store.Apply(func(b *Batch) error { return b.Delete(ikey, nil) })
@@ -394,31 +398,54 @@ func (w *SharedWallet) finalize(no uint64, in intent, r Result, records func([]i
 	})
 }
 
-// resolve settles intent no from Redis: done reports whether it is settled
-// (finished or dropped).
-func (w *SharedWallet) resolve(ctx context.Context, no uint64, in intent, records func([]int64) []Record) (Result, bool, error) {
-	cur := w.gen.Load()
-	if cur == nil || *cur != in.Gen {
+// Outcomes of resolving an intent.
+type outcome int
+
+const (
+	outcomeUnknown outcome = iota // Redis could not tell; the intent stays
+	outcomeDone                   // the script ran; the node's share is now durable
+	outcomeNotRun                 // the script did not run (or its effect is gone with Redis); intent dropped
+)
+
+// resolve settles intent no from Redis.
+func (w *SharedWallet) resolve(ctx context.Context, no uint64, in intent, records func([]int64) []Record) (Result, outcome, error) {
+	drop := func() (Result, outcome, error) {
+		if err := w.store.Apply(func(b *Batch) error { return b.Delete(Key(prefixIntent, no), nil) }); err != nil {
+			return Result{}, outcomeUnknown, err
+		}
+		return Result{}, outcomeNotRun, nil
+	}
+	meta, err := w.rdb.Do(ctx, w.rdb.B().Hget().Key(keyMeta).Field("gen").Build()).ToString()
+	if err != nil && !rueidis.IsRedisNil(err) {
+		return Result{}, outcomeUnknown, err
+	}
+	if meta != in.Gen {
 		// Redis lost the generation the script ran against: whatever it did
 		// is gone from Redis, and the caller was never told ok. Drop it.
-		return Result{}, true, w.store.Apply(func(b *Batch) error { return b.Delete(Key(prefixIntent, no), nil) })
+		return drop()
 	}
 	v, err := w.rdb.Do(ctx, w.rdb.B().Get().Key(idemRKey(in.User, in.ReqID)).Build()).ToString()
 	if rueidis.IsRedisNil(err) {
-		return Result{}, true, w.store.Apply(func(b *Batch) error { return b.Delete(Key(prefixIntent, no), nil) })
+		return drop()
 	}
 	if err != nil {
-		return Result{}, false, err
+		return Result{}, outcomeUnknown, err
 	}
 	r, err := parseResult(v)
 	if err != nil {
-		return r, false, err
+		return r, outcomeUnknown, err
 	}
 	// Already finalized by us? (idem record present locally)
 	if _, err := w.store.Get(idemKeyBytes(in.User, in.ReqID)); err == nil {
-		return r, true, w.store.Apply(func(b *Batch) error { return b.Delete(Key(prefixIntent, no), nil) })
+		if err := w.store.Apply(func(b *Batch) error { return b.Delete(Key(prefixIntent, no), nil) }); err != nil {
+			return r, outcomeUnknown, err
+		}
+		return r, outcomeDone, nil
 	}
-	return r, true, w.finalize(no, in, r, records)
+	if err := w.finalize(no, in, r, records); err != nil {
+		return r, outcomeUnknown, err
+	}
+	return r, outcomeDone, nil
 }
 
 // ResolveIntents settles every intent left by a crash.
@@ -440,7 +467,7 @@ func (w *SharedWallet) ResolveIntents(ctx context.Context) error {
 		return err
 	}
 	for _, p := range ps {
-		if _, done, err := w.resolve(ctx, p.no, p.in, nil); err != nil || !done {
+		if _, out, err := w.resolve(ctx, p.no, p.in, nil); err != nil || out == outcomeUnknown {
 			return fmt.Errorf("persist: intent %d unresolved: %v", p.no, err)
 		}
 	}
@@ -703,4 +730,53 @@ func formatResult(r Result) string {
 	b.WriteByte('|')
 	b.WriteString(strconv.FormatInt(r.At, 10))
 	return b.String()
+}
+
+// AuditShared checks conservation of a shared wallet over every node's
+// ledger: per user, Σ trades in all stores equals balance(user) (the shared
+// balance) and is never negative; Σ credits − Σ debits = Σ balances.
+func AuditShared(balance func(user int64) (int64, error), stores ...*Store) (credits, debits, balances int64, err error) {
+	sums := map[int64]int64{}
+	for _, st := range stores {
+		err = st.Scan(PrefixTrade, func(_, v []byte) error {
+			var tr Trade
+			if err := sonic.Unmarshal(v, &tr); err != nil {
+				return err
+			}
+			if tr.Delta > 0 {
+				credits += tr.Delta
+			} else {
+				debits -= tr.Delta
+			}
+			sums[tr.User] += tr.Delta
+			return nil
+		})
+		if err != nil {
+			return
+		}
+	}
+	for u, s := range sums {
+		b, berr := balance(u)
+		if berr != nil {
+			return credits, debits, balances, berr
+		}
+		if b != s || b < 0 {
+			return credits, debits, balances, fmt.Errorf("persist: audit: user %d shared balance %d, ledgers say %d", u, b, s)
+		}
+		balances += b
+	}
+	if credits-debits != balances {
+		err = fmt.Errorf("persist: audit: credits %d - debits %d != balances %d", credits, debits, balances)
+	}
+	return
+}
+
+// RedisBalance reads a user's shared balance straight from Redis (no cache),
+// for audits.
+func RedisBalance(rdb rueidis.Client, user int64) (int64, error) {
+	b, err := rdb.Do(context.Background(), rdb.B().Get().Key(balKey(user)).Build()).AsInt64()
+	if rueidis.IsRedisNil(err) {
+		return 0, nil
+	}
+	return b, err
 }

@@ -67,42 +67,17 @@ func (n *sharedNode) stop() {
 	}
 }
 
-// auditAcross sums every node's ledger: per user Σ trades must equal the
-// Redis balance, and credits − debits = Σ balances.
 func auditAcross(t *testing.T, rdb rueidis.Client, stores ...*Store) (credits, debits int64) {
 	t.Helper()
-	sums := map[int64]int64{}
-	for _, st := range stores {
-		err := st.Scan(PrefixTrade, func(_, v []byte) error {
-			var tr Trade
-			if err := unmarshalTrade(v, &tr); err != nil {
-				return err
-			}
-			if tr.Delta > 0 {
-				credits += tr.Delta
-			} else {
-				debits -= tr.Delta
-			}
-			sums[tr.User] += tr.Delta
-			return nil
-		})
-		if err != nil {
-			t.Fatal(err)
-		}
-	}
-	var total int64
-	for u, s := range sums {
+	credits, debits, _, err := AuditShared(func(u int64) (int64, error) {
 		b, err := rdb.Do(context.Background(), rdb.B().Get().Key(balKey(u)).Build()).AsInt64()
-		if err != nil && !rueidis.IsRedisNil(err) {
-			t.Fatal(err)
+		if rueidis.IsRedisNil(err) {
+			return 0, nil
 		}
-		if b != s || b < 0 {
-			t.Fatalf("user %d: Redis balance %d, ledgers say %d", u, b, s)
-		}
-		total += b
-	}
-	if credits-debits != total {
-		t.Fatalf("credits %d − debits %d != balances %d", credits, debits, total)
+		return b, err
+	}, stores...)
+	if err != nil {
+		t.Fatal(err)
 	}
 	return credits, debits
 }

@@ -13,6 +13,7 @@ import (
 	"github.com/liveedge/liveedge/clientsdk"
 	"github.com/liveedge/liveedge/gateway/nodetest"
 	"github.com/liveedge/liveedge/gateway/proto"
+	"github.com/liveedge/liveedge/persist/persisttest"
 	"github.com/liveedge/liveedge/persist/redistest"
 )
 
@@ -143,6 +144,10 @@ func TestSharedWalletTwoNodeProcesses(t *testing.T) {
 	for _, n := range ns {
 		_ = n.p.cmd.Process.Signal(syscall.SIGTERM)
 		<-n.p.done
+	}
+	c, d, b := persisttest.CheckSharedConservation(t, rs.Addr, ns[0].data, ns[1].data)
+	if c != 510 || d != 500 || b != 10 {
+		t.Fatalf("credits %d debits %d balances %d", c, d, b)
 	}
 }
 

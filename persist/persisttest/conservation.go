@@ -5,6 +5,8 @@ package persisttest
 import (
 	"testing"
 
+	"github.com/redis/rueidis"
+
 	"github.com/liveedge/liveedge/persist"
 )
 
@@ -19,6 +21,34 @@ func CheckConservation(tb testing.TB, l *persist.Ledger) (credits, debits, balan
 	}
 	if credits-debits != balances {
 		tb.Fatalf("conservation: credits %d − debits %d != balances %d", credits, debits, balances)
+	}
+	return credits, debits, balances
+}
+
+// CheckSharedConservation is CheckConservation for the shared wallet: the
+// ledgers of every node (their Pebble directories, nodes stopped) against the
+// balances in Redis at addr.
+func CheckSharedConservation(tb testing.TB, redisAddr string, dataDirs ...string) (credits, debits, balances int64) {
+	tb.Helper()
+	rdb, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{redisAddr}, DisableCache: true})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer rdb.Close()
+	var stores []*persist.Store
+	for _, d := range dataDirs {
+		st, err := persist.Open(d)
+		if err != nil {
+			tb.Fatal(err)
+		}
+		defer st.Close()
+		stores = append(stores, st)
+	}
+	credits, debits, balances, err = persist.AuditShared(func(u int64) (int64, error) {
+		return persist.RedisBalance(rdb, u)
+	}, stores...)
+	if err != nil {
+		tb.Fatalf("shared conservation: %v", err)
 	}
 	return credits, debits, balances
 }
