@@ -2,6 +2,7 @@ package gateway
 
 import (
 	"context"
+	"errors"
 	"log/slog"
 	"net"
 	"strconv"
@@ -17,6 +18,7 @@ import (
 	"github.com/liveedge/liveedge/configs"
 	"github.com/liveedge/liveedge/edge/room"
 	"github.com/liveedge/liveedge/gateway/proto"
+	"github.com/liveedge/liveedge/persist"
 )
 
 // devTokenTTL is the lifetime of tokens minted by /api/v1/dev/token.
@@ -132,7 +134,12 @@ func ok(c *app.RequestContext, data any) {
 // request id and answered 50000 without details.
 func (a *API) fail(c *app.RequestContext, err error) {
 	e := proto.AsError(err)
-	if e.Code == proto.CodeInternal {
+	switch {
+	case errors.Is(err, persist.ErrInsufficient):
+		e = &proto.Error{Code: proto.CodeInsufficientBalance, Msg: "insufficient balance"}
+	case errors.Is(err, persist.ErrWalletUnavailable):
+		e = &proto.Error{Code: proto.CodeInternal, Msg: "wallet temporarily unavailable, nothing moved; retry with the same req_id"}
+	case e.Code == proto.CodeInternal:
 		id := a.reqID.Add(1)
 		a.log.Error("http request failed", "req_id", id, "path", string(c.Path()), "err", err)
 		e = &proto.Error{Code: proto.CodeInternal, Msg: "internal error (request " + strconv.FormatUint(id, 10) + ")"}

@@ -190,6 +190,8 @@ func (s *Service) send(sender int64, inRoom bool, r Req) (Reply, *sendErr) {
 			e = fail(proto.CodeInsufficientBalance, "insufficient balance")
 		case errors.Is(err, errRateLimited):
 			e = fail(proto.CodeRateLimited, "too many gifts, slow down")
+		case errors.Is(err, persist.ErrWalletUnavailable):
+			e = fail(proto.CodeInternal, "wallet temporarily unavailable, nothing was debited; retry with the same req_id")
 		default:
 			s.log.Error("gift debit failed", "sender", sender, "req_id", r.ReqID, "err", err)
 		}

@@ -48,6 +48,15 @@ func benchDebit(b *testing.B, w *workload) {
 			seedRate = res.rate()
 		}
 	})
+	b.Run("ledger", func(b *testing.B) {
+		for i := range b.N {
+			sys, report := startLiveEdge(b, w)
+			sys = ledgerDebit{sys.(liveEdgeDebit).ledger}
+			res := runClosedLoop(sys, w, k.conc, k.warmup, k.measure, fmt.Sprintf("d%d-", i))
+			report(res)
+			res.report(b)
+		}
+	})
 	b.Run("liveedge", func(b *testing.B) {
 		for i := range b.N {
 			sys, report := startLiveEdge(b, w)
@@ -144,7 +153,10 @@ func runClosedLoop(sys debiter, w *workload, conc int, warmup, measure time.Dura
 
 // ---- LiveEdge: gift.Service.Send on a real Pebble ledger ----
 
-type liveEdgeDebit struct{ svc *gift.Service }
+type liveEdgeDebit struct {
+	svc    *gift.Service
+	ledger *persist.Ledger
+}
 
 func (l liveEdgeDebit) debit(_ context.Context, g giftOp) error {
 	_, perr := l.svc.Send(g.sender, true, gift.Req{RoomID: g.room, GiftID: g.giftID, ReceiverID: g.receiver,
@@ -158,7 +170,7 @@ func (l liveEdgeDebit) debit(_ context.Context, g giftOp) error {
 // startLiveEdge builds what a node builds for gifts (Pebble store, ledger,
 // catalogue, local router with the rooms open, gift service without a rate
 // limit) and credits every sender.
-func startLiveEdge(b *testing.B, w *workload) (debiter, func(loadResult)) {
+func startLiveEdge(b testing.TB, w *workload) (debiter, func(loadResult)) {
 	b.Helper()
 	store, err := persist.Open(b.TempDir())
 	if err != nil {
@@ -185,14 +197,14 @@ func startLiveEdge(b *testing.B, w *workload) (debiter, func(loadResult)) {
 		b.Fatal(err)
 	}
 	b.Cleanup(func() { _ = store.Close() })
-	return liveEdgeDebit{svc}, func(res loadResult) {
+	return liveEdgeDebit{svc, ledger}, func(res loadResult) {
 		b.ReportMetric(float64(res.cpu.Microseconds())/float64(max(1, res.started)), "cpu-us/gift")
 	}
 }
 
 // ---- seed: Redis lock + sleep/retry + DECRBY + async DB ----
 
-func startSeed(b *testing.B, w *workload) (debiter, func(loadResult)) {
+func startSeed(b testing.TB, w *workload) (debiter, func(loadResult)) {
 	b.Helper()
 	srv := redistest.Start(b)
 	rdb, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{srv.Addr}, DisableCache: true})

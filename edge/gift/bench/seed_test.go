@@ -85,8 +85,12 @@ func sleepCtx(ctx context.Context, d time.Duration) error {
 	}
 }
 
-func seedLockKey(user int64) string { return "qiyu-live-bank-provider:balance:lock:" + strconv.FormatInt(user, 10) }
-func seedBalKey(user int64) string  { return "qiyu-live-bank-provider:balance:" + strconv.FormatInt(user, 10) }
+func seedLockKey(user int64) string {
+	return "qiyu-live-bank-provider:balance:lock:" + strconv.FormatInt(user, 10)
+}
+func seedBalKey(user int64) string {
+	return "qiyu-live-bank-provider:balance:" + strconv.FormatInt(user, 10)
+}
 
 // debit is consumeForSendGift(user, num).
 func (s *seedDebit) debit(ctx context.Context, g giftOp) error {

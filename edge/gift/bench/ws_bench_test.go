@@ -1,0 +1,510 @@
+package bench
+
+import (
+	"bytes"
+	"fmt"
+	"net"
+	"net/http"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/lxzan/gws"
+
+	"github.com/liveedge/liveedge/gateway"
+	"github.com/liveedge/liveedge/gateway/nodetest"
+	"github.com/liveedge/liveedge/persist"
+)
+
+// BenchmarkGiftWS measures gifts over WebSocket end to end, load generator
+// in the same process (both share the machine's cores):
+//
+//   - echo: a bare gws server (net/http + gws.NewUpgrader on 127.0.0.1:0)
+//     that answers each gift frame, on the reading goroutine, with a reply
+//     frame of exactly the size LiveEdge's gift reply has. Closed loop:
+//     conns connections, window requests in flight on each.
+//
+//   - liveedge: a real node (nodetest.Start, gift rate limit off), the same
+//     client code and frames; every sender is in one of rooms rooms and gives
+//     1-coin gifts to its anchor (anchors are offline). x-echo = gifts/s ÷
+//     echo replies/s of this run.
+//
+//   - liveedge_half: the same node and connections, open loop at half the
+//     liveedge rate just measured, each gift stamped with its scheduled send
+//     time (no coordinated omission): p99 is the target figure.
+//
+//     go test -run '^$' -bench GiftWS -benchtime 1x ./edge/gift/bench/
+func BenchmarkGiftWS(b *testing.B) {
+	raiseNofile(b)
+	k := loadKnobs()
+	var echoRate, leRate float64
+	b.Run("echo", func(b *testing.B) {
+		for range b.N {
+			srv := startEcho(b)
+			fl := dialFleet(b, k, func(i int) connTarget {
+				room := int64(i%k.rooms) + 1
+				return connTarget{url: "ws://" + srv.addr + "/ws", user: senderBase + int64(i), room: room, anchor: room}
+			})
+			fl.joinAll(b)
+			res := fl.closedLoop(k.warmup, k.measure)
+			res.report(b)
+			echoRate = res.rate()
+			fl.close()
+		}
+	})
+	b.Run("liveedge", func(b *testing.B) {
+		for range b.N {
+			node, fl := startLiveEdgeWS(b, k)
+			res := fl.closedLoop(k.warmup, k.measure)
+			res.report(b)
+			leRate = res.rate()
+			if echoRate > 0 {
+				b.ReportMetric(leRate/echoRate, "x-echo")
+			}
+			checkNode(b, node, fl)
+			fl.close()
+		}
+	})
+	b.Run("liveedge_half", func(b *testing.B) {
+		if leRate == 0 {
+			b.Skip("needs the liveedge sub-benchmark of the same run (its rate)")
+		}
+		for range b.N {
+			node, fl := startLiveEdgeWS(b, k)
+			res := fl.openLoop(leRate/2, k.warmup, k.measure)
+			res.report(b)
+			b.ReportMetric(leRate/2, "offered/s")
+			checkNode(b, node, fl)
+			fl.close()
+		}
+	})
+}
+
+// ---- bare gws echo server ----
+
+type echoServer struct {
+	up      *gws.Upgrader
+	addr    string
+	orderID atomic.Int64
+}
+
+func startEcho(b testing.TB) *echoServer {
+	b.Helper()
+	s := &echoServer{}
+	s.orderID.Store(100_000) // 6 digits, like LiveEdge's trade ids in this benchmark
+	s.up = gws.NewUpgrader(s, &gws.ServerOption{})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	s.addr = ln.Addr().String()
+	hs := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		c, err := s.up.Upgrade(w, r)
+		if err != nil {
+			return
+		}
+		go c.ReadLoop()
+	})}
+	go func() { _ = hs.Serve(ln) }()
+	b.Cleanup(func() { _ = hs.Close() })
+	return s
+}
+
+func (s *echoServer) OnOpen(*gws.Conn)             {}
+func (s *echoServer) OnClose(*gws.Conn, error)     {}
+func (s *echoServer) OnPing(c *gws.Conn, p []byte) { _ = c.WritePong(p) }
+func (s *echoServer) OnPong(*gws.Conn, []byte)     {}
+func (s *echoServer) OnMessage(c *gws.Conn, m *gws.Message) {
+	id, _ := jsonInt(m.Bytes(), `"id":`)
+	m.Close()
+	var arr [128]byte
+	// LiveEdge's reply: {"t":"reply","id":N,"code":0,"msg":"ok","d":{"order_id":"123456","balance":999999999}}
+	out := append(arr[:0], `{"t":"reply","id":`...)
+	out = strconv.AppendInt(out, id, 10)
+	out = append(out, `,"code":0,"msg":"ok","d":{"order_id":"`...)
+	out = strconv.AppendInt(out, s.orderID.Add(1), 10)
+	out = append(out, `","balance":999999999}}`...)
+	_ = c.WriteMessage(gws.OpcodeText, out)
+}
+
+// ---- LiveEdge node ----
+
+func startLiveEdgeWS(b testing.TB, k knobs) (*gateway.Node, *fleet) {
+	b.Helper()
+	cfg := nodetest.Config(b)
+	cfg.Limits.GiftPerSecond = 0
+	cfg.Log.Level = "warn"
+	node := nodetest.Start(b, cfg)
+	rooms := make([]int64, k.rooms)
+	anchors := make([]int64, k.rooms)
+	for i := range rooms {
+		anchors[i] = int64(i + 1)
+		rooms[i] = nodetest.OpenRoom(b, node, anchors[i], 0)
+	}
+	users := make([]int64, k.conns)
+	for i := range users {
+		users[i] = senderBase + int64(i)
+	}
+	if err := parallel(users, 64, func(u int64) error {
+		_, err := node.Ledger.Apply(persist.Op{User: u, Postings: []persist.Posting{{User: u, Delta: startBalance, Reason: persist.ReasonDev}}})
+		return err
+	}); err != nil {
+		b.Fatal(err)
+	}
+	base := nodetest.WSURL(node)
+	fl := dialFleet(b, k, func(i int) connTarget {
+		u := users[i]
+		return connTarget{url: base + "?token=" + nodetest.Token(b, node, u, gateway.RoleViewer), user: u,
+			room: rooms[i%k.rooms], anchor: anchors[i%k.rooms]}
+	})
+	fl.joinAll(b)
+	return node, fl
+}
+
+// checkNode fails the benchmark if the node closed connections.
+func checkNode(b testing.TB, node *gateway.Node, fl *fleet) {
+	if n := node.WS.Conns(); n != len(fl.conns) {
+		b.Errorf("node has %d connections, want %d", n, len(fl.conns))
+	}
+}
+
+// ---- load generator (same code for both servers) ----
+
+// fleet is the client side: conns connections, each with one sender
+// goroutine and gws's reader goroutine.
+type fleet struct {
+	b      testing.TB
+	conns  []*wsConn
+	window int
+	phase  atomic.Pointer[phase]
+}
+
+// phase is one load phase: the measured window and what was measured in it.
+type phase struct {
+	win      window
+	lat      latencies
+	ok, fail atomic.Int64
+	reqs     atomic.Int64
+	reqBytes atomic.Int64
+	repBytes atomic.Int64
+}
+
+// ringSize bounds requests in flight on one connection (ids map to slots).
+const ringSize = 1024
+
+type wsConn struct {
+	fl     *fleet
+	ws     *gws.Conn
+	user   int64
+	room   int64
+	anchor int64
+
+	slots    [ringSize]atomic.Int64 // id % ringSize → send (or scheduled) time, unix ns
+	tokens   chan struct{}          // in-flight bound
+	inflight atomic.Int64
+	joined   chan struct{}
+	closed   chan struct{}
+	nextID   int64 // sender goroutine only
+
+	mu   sync.Mutex
+	lats []int64 // latencies in the current phase's window
+	ok   int64
+	fail int64
+	rep  int64 // reply bytes in the window
+}
+
+// connTarget is where connection i goes and what it sends.
+type connTarget struct {
+	url                string
+	user, room, anchor int64
+}
+
+func dialFleet(b testing.TB, k knobs, target func(i int) connTarget) *fleet {
+	b.Helper()
+	fl := &fleet{b: b, window: k.window}
+	fl.phase.Store(&phase{})
+	for i := range k.conns {
+		t := target(i)
+		c := &wsConn{fl: fl, user: t.user, room: t.room, anchor: t.anchor, tokens: make(chan struct{}, ringSize),
+			joined: make(chan struct{}), closed: make(chan struct{}), nextID: 1}
+		ws, _, err := gws.NewClient(c, &gws.ClientOption{Addr: t.url})
+		if err != nil {
+			fl.close()
+			b.Fatalf("dial %d: %v", i, err)
+		}
+		c.ws = ws
+		go ws.ReadLoop()
+		fl.conns = append(fl.conns, c)
+	}
+	b.Cleanup(fl.close)
+	return fl
+}
+
+func (fl *fleet) close() {
+	for _, c := range fl.conns {
+		_ = c.ws.WriteClose(1000, nil)
+	}
+	for _, c := range fl.conns {
+		select {
+		case <-c.closed:
+		case <-time.After(2 * time.Second):
+			_ = c.ws.NetConn().Close()
+		}
+	}
+	fl.conns = nil
+}
+
+// joinAll joins every connection to its room (id 0) and waits for the replies.
+func (fl *fleet) joinAll(b testing.TB) {
+	for _, c := range fl.conns {
+		if err := c.ws.WriteMessage(gws.OpcodeText, fmt.Appendf(nil, `{"t":"join","id":0,"d":{"room_id":%d}}`, c.room)); err != nil {
+			b.Fatal(err)
+		}
+	}
+	deadline := time.After(30 * time.Second)
+	for i, c := range fl.conns {
+		select {
+		case <-c.joined:
+		case <-deadline:
+			b.Fatalf("connection %d did not join its room", i)
+		}
+	}
+}
+
+// giftFrame is the gift request: {"t":"gift","id":N,"d":{...,"req_id":"<user>-<N>"}}.
+func (c *wsConn) giftFrame(dst []byte, id int64) []byte {
+	dst = append(dst, `{"t":"gift","id":`...)
+	dst = strconv.AppendInt(dst, id, 10)
+	dst = append(dst, `,"d":{"room_id":`...)
+	dst = strconv.AppendInt(dst, c.room, 10)
+	dst = append(dst, `,"gift_id":24,"receiver_id":`...)
+	dst = strconv.AppendInt(dst, c.anchor, 10)
+	dst = append(dst, `,"count":1,"req_id":"`...)
+	dst = strconv.AppendInt(dst, c.user, 10)
+	dst = append(dst, '-')
+	dst = strconv.AppendInt(dst, id, 10)
+	return append(dst, `"}}`...)
+}
+
+// send sends gift id stamped with at (unix ns); it blocks while ringSize
+// (closed loop: the window) requests are in flight.
+func (c *wsConn) send(buf []byte, at int64, stop <-chan struct{}) ([]byte, bool) {
+	select {
+	case c.tokens <- struct{}{}:
+	case <-stop:
+		return buf, false
+	}
+	id := c.nextID
+	c.nextID++
+	c.slots[id%ringSize].Store(at)
+	c.inflight.Add(1)
+	buf = c.giftFrame(buf[:0], id)
+	if err := c.ws.WriteMessage(gws.OpcodeText, buf); err != nil {
+		<-c.tokens
+		c.inflight.Add(-1)
+		return buf, false
+	}
+	if ph := c.fl.phase.Load(); ph.win.has(at) {
+		ph.reqs.Add(1)
+		ph.reqBytes.Add(int64(len(buf)))
+	}
+	return buf, true
+}
+
+func (c *wsConn) OnOpen(*gws.Conn) {}
+func (c *wsConn) OnClose(*gws.Conn, error) {
+	close(c.closed)
+}
+func (c *wsConn) OnPing(s *gws.Conn, p []byte) { _ = s.WritePong(p) }
+func (c *wsConn) OnPong(*gws.Conn, []byte)     {}
+
+var replyPrefix = []byte(`{"t":"reply","id":`)
+
+// OnMessage matches replies to requests by id; pushes (room gift effects)
+// and the hello are read and dropped.
+func (c *wsConn) OnMessage(_ *gws.Conn, m *gws.Message) {
+	defer m.Close()
+	now := time.Now().UnixNano()
+	p := m.Bytes()
+	if !bytes.HasPrefix(p, replyPrefix) {
+		return
+	}
+	id, _ := jsonInt(p, `"id":`)
+	if id == 0 {
+		close(c.joined)
+		return
+	}
+	code, _ := jsonInt(p, `"code":`)
+	at := c.slots[id%ringSize].Load()
+	<-c.tokens
+	c.inflight.Add(-1)
+	ph := c.fl.phase.Load()
+	if !ph.win.has(now) {
+		return
+	}
+	c.mu.Lock()
+	if code == 0 {
+		c.ok++
+		c.lats = append(c.lats, now-at)
+		c.rep += int64(len(p))
+	} else {
+		c.fail++
+	}
+	c.mu.Unlock()
+}
+
+// jsonInt reads the integer after key in p (no JSON parse: the load
+// generator must stay cheap).
+func jsonInt(p []byte, key string) (int64, bool) {
+	i := bytes.Index(p, []byte(key))
+	if i < 0 {
+		return 0, false
+	}
+	var n int64
+	ok := false
+	for _, ch := range p[i+len(key):] {
+		if ch < '0' || ch > '9' {
+			break
+		}
+		n, ok = n*10+int64(ch-'0'), true
+	}
+	return n, ok
+}
+
+// wsResult is what one phase measured.
+type wsResult struct {
+	win                window
+	ok, fail           int64
+	lat                latStats
+	reqBytes, repBytes float64 // average frame payload sizes
+	cpu                time.Duration
+}
+
+func (r wsResult) rate() float64 { return float64(r.ok) / r.win.secs() }
+
+func (r wsResult) report(b *testing.B) {
+	b.ReportMetric(r.rate(), "gifts/s")
+	b.ReportMetric(ms(r.lat.p50), "p50-ms")
+	b.ReportMetric(ms(r.lat.p99), "p99-ms")
+	b.ReportMetric(ms(r.lat.max), "max-ms")
+	b.ReportMetric(float64(r.fail), "failed")
+	b.ReportMetric(r.reqBytes, "req-B")
+	b.ReportMetric(r.repBytes, "rep-B")
+	b.ReportMetric(float64(r.cpu)/float64(time.Duration(r.win.to-r.win.from)), "cpu-cores")
+}
+
+// begin starts a phase measured from warmup to warmup+measure from now.
+func (fl *fleet) begin(warmup, measure time.Duration) *phase {
+	now := time.Now()
+	ph := &phase{win: window{from: now.Add(warmup).UnixNano(), to: now.Add(warmup + measure).UnixNano()}}
+	for _, c := range fl.conns {
+		c.mu.Lock()
+		c.lats, c.ok, c.fail, c.rep = c.lats[:0], 0, 0, 0
+		c.mu.Unlock()
+	}
+	fl.phase.Store(ph)
+	return ph
+}
+
+// finish stops the senders, waits for the replies in flight and collects.
+func (fl *fleet) finish(ph *phase, stop chan struct{}, senders *sync.WaitGroup, cpu0 time.Duration) wsResult {
+	close(stop)
+	senders.Wait()
+	cpu := selfCPU() - cpu0
+	deadline := time.Now().Add(30 * time.Second)
+	for _, c := range fl.conns {
+		for c.inflight.Load() > 0 && time.Now().Before(deadline) {
+			time.Sleep(5 * time.Millisecond)
+		}
+		if n := c.inflight.Load(); n > 0 {
+			fl.b.Errorf("connection of user %d: %d requests unanswered after 30 s", c.user, n)
+			break
+		}
+	}
+	res := wsResult{win: ph.win, cpu: cpu}
+	var repBytes int64
+	for _, c := range fl.conns {
+		c.mu.Lock()
+		res.ok += c.ok
+		res.fail += c.fail
+		repBytes += c.rep
+		ph.lat.add(c.lats)
+		c.mu.Unlock()
+	}
+	res.lat = ph.lat.stats()
+	if res.ok > 0 {
+		res.repBytes = float64(repBytes) / float64(res.ok)
+	}
+	if n := ph.reqs.Load(); n > 0 {
+		res.reqBytes = float64(ph.reqBytes.Load()) / float64(n)
+	}
+	return res
+}
+
+// closedLoop keeps window gifts in flight on every connection.
+func (fl *fleet) closedLoop(warmup, measure time.Duration) wsResult {
+	cpu0 := selfCPU()
+	ph := fl.begin(warmup, measure)
+	stop := make(chan struct{})
+	var senders sync.WaitGroup
+	for _, c := range fl.conns {
+		// Pre-fill the tokens above the window so that only window are free.
+		for range ringSize - fl.window {
+			c.tokens <- struct{}{}
+		}
+		senders.Add(1)
+		go func() {
+			defer senders.Done()
+			var buf []byte
+			for ok := true; ok; {
+				buf, ok = c.send(buf, time.Now().UnixNano(), stop)
+			}
+		}()
+	}
+	time.Sleep(time.Until(time.Unix(0, ph.win.to)))
+	res := fl.finish(ph, stop, &senders, cpu0)
+	for _, c := range fl.conns {
+		for range ringSize - fl.window {
+			<-c.tokens
+		}
+	}
+	return res
+}
+
+// openLoop sends rate gifts/s in total, spread evenly over the connections,
+// each stamped with its scheduled time.
+func (fl *fleet) openLoop(rate float64, warmup, measure time.Duration) wsResult {
+	cpu0 := selfCPU()
+	ph := fl.begin(warmup, measure)
+	stop := make(chan struct{})
+	var senders sync.WaitGroup
+	n := len(fl.conns)
+	interval := time.Duration(float64(time.Second) * float64(n) / rate)
+	start := time.Now()
+	end := time.Unix(0, ph.win.to)
+	for i, c := range fl.conns {
+		senders.Add(1)
+		go func() {
+			defer senders.Done()
+			var buf []byte
+			at := start.Add(interval * time.Duration(i) / time.Duration(n)) // stagger the connections
+			for ; at.Before(end); at = at.Add(interval) {
+				if d := time.Until(at); d > 0 {
+					select {
+					case <-time.After(d):
+					case <-stop:
+						return
+					}
+				}
+				var ok bool
+				if buf, ok = c.send(buf, at.UnixNano(), stop); !ok {
+					return
+				}
+			}
+		}()
+	}
+	time.Sleep(time.Until(end))
+	return fl.finish(ph, stop, &senders, cpu0)
+}
