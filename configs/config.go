@@ -47,6 +47,7 @@ type Config struct {
 	Limits   Limits   `yaml:"limits"`
 	Gifts    Gifts    `yaml:"gifts"`
 	Wallet   Wallet   `yaml:"wallet"`
+	Pay      Pay      `yaml:"pay"`
 	Redis    Redis    `yaml:"redis"`
 	Shutdown Shutdown `yaml:"shutdown"`
 	Log      Log      `yaml:"log"`
@@ -118,6 +119,17 @@ type Wallet struct {
 	// mode): after Redis loses its data, money moves again only when all of
 	// them have contributed. Empty = this node alone.
 	Nodes []string `yaml:"nodes"`
+}
+
+// Pay configures recharge payments and the provider webhook.
+type Pay struct {
+	Secrets        []string `yaml:"secrets"`         // webhook HMAC secrets accepted (several during rotation)
+	OrderTimeout   Duration `yaml:"order_timeout"`   // unpaid orders close (IN_VALID) after this
+	ProviderURL    string   `yaml:"provider_url"`    // provider base URL (pay_url, active query); "" = none
+	PublicURL      string   `yaml:"public_url"`      // how the provider reaches this node ("" = http://<http.addr>)
+	ReconcileAfter Duration `yaml:"reconcile_after"` // PAYING longer than this → active query
+	ReconcileEvery Duration `yaml:"reconcile_every"` // reconciler period
+	WorkerID       int      `yaml:"worker_id"`       // snowflake worker 0..31 (-1 = derived from node.id)
 }
 
 // Redis is the shared hot-state store (cluster / shared mode).
@@ -256,6 +268,8 @@ func (c *Config) Validate() error {
 	check(c.NATS.Embedded || c.NATS.URL != "", "nats.url is required when nats.embedded is false")
 	check(c.Wallet.Mode == "local" || c.Wallet.Mode == "shared", "wallet.mode must be local or shared")
 	check(c.Wallet.Mode != "shared" || c.Redis.Addr != "", "redis.addr is required when wallet.mode is shared")
+	check(len(c.Pay.Secrets) > 0, "pay.secrets needs at least one secret")
+	check(c.Pay.WorkerID >= -1 && c.Pay.WorkerID < 32, "pay.worker_id must be -1..31")
 	check(c.Gifts.MaxInflight > 0, "gifts.max_inflight must be > 0")
 	check(c.HTTP.MaxBodyBytes > 0, "http.max_body_bytes must be > 0")
 	check(c.Shutdown.DrainTimeout.D() > 0, "shutdown.drain_timeout must be > 0")

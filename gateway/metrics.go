@@ -22,6 +22,7 @@ type metrics struct {
 	slowCloses     prometheus.Counter
 	closes         *prometheus.CounterVec
 	upgradesDenied *prometheus.CounterVec
+	payNotifies    *prometheus.CounterVec
 }
 
 func newMetrics(node string, r router.Router) *metrics {
@@ -44,9 +45,11 @@ func newMetrics(node string, r router.Router) *metrics {
 			[]string{"reason"}),
 		upgradesDenied: prometheus.NewCounterVec(prometheus.CounterOpts(f("upgrades_denied_total", "WebSocket upgrades refused, by reason.")),
 			[]string{"reason"}),
+		payNotifies: prometheus.NewCounterVec(prometheus.CounterOpts(f("pay_notifies_total", "Payment webhook deliveries, by outcome.")),
+			[]string{"outcome"}),
 	}
 	reg.MustRegister(m.connections, m.framesIn, m.framesOut, m.badFrames, m.resends, m.resendGiveUps,
-		m.queueDrops, m.slowCloses, m.closes, m.upgradesDenied)
+		m.queueDrops, m.slowCloses, m.closes, m.upgradesDenied, m.payNotifies)
 	stat := func(name, help string, gauge bool, get func(router.Stats) int64) {
 		fn := func() float64 { return float64(get(r.Stats())) }
 		if gauge {

@@ -18,6 +18,7 @@ import (
 	"github.com/liveedge/liveedge/configs"
 	"github.com/liveedge/liveedge/edge/gift"
 	"github.com/liveedge/liveedge/edge/limit"
+	"github.com/liveedge/liveedge/edge/pay"
 	"github.com/liveedge/liveedge/edge/pk"
 	"github.com/liveedge/liveedge/edge/room"
 	"github.com/liveedge/liveedge/gateway/proto"
@@ -41,6 +42,7 @@ type Node struct {
 	Rooms  *room.Service
 	Gifts  *gift.Service
 	PK     *pk.Service
+	Pay    *pay.Service
 	WS     *Server
 	API    *API
 	Auth   *Auth
@@ -141,6 +143,19 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 	n.Gifts.SetScorer(n.PK)
 	n.Rooms.SetOpponent(n.PK.Opponent)
 	if err = n.watchCatalogue(cat); err != nil {
+		return nil, err
+	}
+	public := cfg.Pay.PublicURL
+	if public == "" {
+		public = "http://" + cfg.HTTP.Addr
+	}
+	n.Pay, err = pay.New(n.Store, n.Wallet, n.Router, pay.Config{
+		Node: cfg.Node.ID, WorkerID: cfg.Pay.WorkerID, Secrets: cfg.Pay.Secrets,
+		OrderTimeout: cfg.Pay.OrderTimeout.D(), ProviderURL: cfg.Pay.ProviderURL,
+		NotifyURL:      public + "/api/v1/pay/notify",
+		ReconcileAfter: cfg.Pay.ReconcileAfter.D(), ReconcileEvery: cfg.Pay.ReconcileEvery.D(), Log: log,
+	})
+	if err != nil {
 		return nil, err
 	}
 	n.metrics = newMetrics(cfg.Node.ID, n.Router)
@@ -283,6 +298,9 @@ func (n *Node) Start() error {
 	if err := n.API.Listen(); err != nil {
 		return fmt.Errorf("http listen %s: %w", n.Config.HTTP.Addr, err)
 	}
+	if n.Config.Pay.PublicURL == "" {
+		n.Pay.SetNotifyURL("http://" + n.API.Addr() + "/api/v1/pay/notify")
+	}
 	n.Log.Info("liveedge node started", "http", n.API.Addr(), "ws", n.WS.Addr())
 	return nil
 }
@@ -320,6 +338,9 @@ func (n *Node) closeBackends() error {
 	var errs []error
 	if n.stopIdem != nil {
 		close(n.stopIdem)
+	}
+	if n.Pay != nil {
+		n.Pay.Close()
 	}
 	if n.NC != nil {
 		if err := n.NC.Drain(); err != nil && !errors.Is(err, nats.ErrConnectionClosed) {

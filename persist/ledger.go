@@ -60,8 +60,8 @@ type Tally struct {
 
 // Record is an extra durable row written atomically with the op.
 type Record struct {
-	Key   []byte
-	Value []byte
+	Key   []byte `json:"k"`
+	Value []byte `json:"v"`
 }
 
 // Op is one atomic ledger operation: every posting, tally and record commits
@@ -72,6 +72,9 @@ type Op struct {
 	Postings []Posting
 	Tallies  []Tally
 	Records  func(tradeIDs []int64) []Record // built once trade ids are known
+	// Static are records known up front (e.g. an order's new state). In
+	// shared mode they travel in the intent, so crash recovery writes them too.
+	Static []Record
 	// Check, if set, runs once for a request that is not a duplicate, before
 	// anything is reserved (e.g. a rate limit); its error is returned as is
 	// and is not remembered as the request's result.
@@ -198,8 +201,8 @@ func (l *Ledger) Apply(op Op) (Result, error) {
 	if len(op.Postings) == 0 && len(op.Tallies) == 0 {
 		return Result{}, ErrBadOp
 	}
-	if len(op.ReqID) > 128 {
-		return Result{}, fmt.Errorf("%w: req_id longer than 128 bytes", ErrBadOp)
+	if len(op.ReqID) > 160 {
+		return Result{}, fmt.Errorf("%w: req_id longer than 160 bytes", ErrBadOp)
 	}
 	var c *call
 	if op.ReqID != "" {
@@ -367,6 +370,11 @@ func (l *Ledger) reserveAndCommit(op Op) (Result, error) {
 		}
 		if n := len(res.TradeIDs); n > 0 {
 			if err := b.Merge(SeqKey("trade"), EncodeInt64(res.TradeIDs[n-1]), nil); err != nil {
+				return err
+			}
+		}
+		for _, r := range op.Static {
+			if err := b.Set(r.Key, r.Value, nil); err != nil {
 				return err
 			}
 		}

@@ -168,6 +168,7 @@ type intent struct {
 	Gen      string    `json:"gen"`
 	Postings []Posting `json:"postings"`
 	Tallies  []Tally   `json:"tallies"`
+	Static   []Record  `json:"static,omitempty"`
 }
 
 // applyScript: see the SharedWallet doc. KEYS: meta, seq, idem, recent list
@@ -252,7 +253,7 @@ func (w *SharedWallet) Apply(op Op) (Result, error) {
 	if gen == nil || *gen == "" {
 		return Result{}, ErrWalletUnavailable
 	}
-	in := intent{User: op.User, ReqID: op.ReqID, Gen: *gen, Postings: op.Postings, Tallies: op.Tallies}
+	in := intent{User: op.User, ReqID: op.ReqID, Gen: *gen, Postings: op.Postings, Tallies: op.Tallies, Static: op.Static}
 	if in.ReqID == "" {
 		in.ReqID = "auto:" + w.node + ":" + strconv.FormatUint(w.intentNo.Load()+1, 10) + ":" + strconv.FormatInt(w.now().UnixNano(), 36)
 	}
@@ -373,6 +374,11 @@ func (w *SharedWallet) finalize(no uint64, in intent, r Result, records func([]i
 		}
 		if n := len(r.TradeIDs); n > 0 {
 			if err := b.Merge(SeqKey("trade"), EncodeInt64(r.TradeIDs[n-1]), nil); err != nil {
+				return err
+			}
+		}
+		for _, rec := range in.Static {
+			if err := b.Set(rec.Key, rec.Value, nil); err != nil {
 				return err
 			}
 		}

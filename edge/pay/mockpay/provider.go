@@ -1,0 +1,221 @@
+// Package mockpay is a payment provider for tests and demos that behaves like
+// a real one: a user "pays" an order, then the provider delivers signed
+// notifies to the merchant's webhook with Alipay's retry rhythm (compressed by
+// Factor) until it answers "success", and answers an active status query
+// (signed the same way). Faults can be injected: duplicate deliveries,
+// reordering, bad signatures, delays and lost notifies.
+//
+// It is used by cmd/mockpay and by LiveEdge's payment tests.
+package mockpay
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"io"
+	"math/big"
+	"net/http"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/liveedge/liveedge/edge/pay"
+	"github.com/liveedge/liveedge/gateway/proto"
+)
+
+// AlipaySchedule is the gap before each notify attempt (8 attempts in ~25 h).
+var AlipaySchedule = []time.Duration{0, 4 * time.Minute, 10 * time.Minute, 10 * time.Minute,
+	time.Hour, 2 * time.Hour, 6 * time.Hour, 15 * time.Hour}
+
+// Config configures a Provider. Zero values: no faults, real rhythm.
+type Config struct {
+	Secret     string        // signs notifies and query answers
+	Factor     float64       // schedule multiplier (0.001 turns 4 min into 240 ms); 0 = 1
+	Duplicates int           // extra copies of every delivery, sent concurrently
+	BadSigs    int           // the first N attempts of each payment carry a wrong signature
+	Delay      time.Duration // wait before the first attempt
+	Reorder    bool          // random extra delay (0..Factor×4 min) per attempt, so payments overtake each other
+	Lost       bool          // never deliver notifies (only the active query tells)
+	Client     *http.Client
+}
+
+// Provider is the mock provider.
+type Provider struct {
+	cfg Config
+
+	mu       sync.Mutex
+	payments map[string]*payment
+
+	Attempts  atomic.Int64 // HTTP deliveries made (copies included)
+	Delivered atomic.Int64 // payments whose notify was acknowledged
+	wg        sync.WaitGroup
+	stop      chan struct{}
+}
+
+type payment struct {
+	ev        pay.Event
+	notifyURL string
+	done      bool
+}
+
+// New returns a provider.
+func New(cfg Config) *Provider {
+	if cfg.Factor <= 0 {
+		cfg.Factor = 1
+	}
+	if cfg.Client == nil {
+		cfg.Client = &http.Client{Timeout: 5 * time.Second}
+	}
+	return &Provider{cfg: cfg, payments: map[string]*payment{}, stop: make(chan struct{})}
+}
+
+// Close stops deliveries and waits for them.
+func (p *Provider) Close() {
+	select {
+	case <-p.stop:
+	default:
+		close(p.stop)
+	}
+	p.wg.Wait()
+}
+
+func randomID() string {
+	var b [10]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+// Pay records a payment of amount for order and starts notifying notifyURL.
+// status is "SUCCESS" (default) or "FAILED". Paying an order twice is a no-op.
+func (p *Provider) Pay(orderID string, amount int64, notifyURL, status string) pay.Event {
+	if status == "" {
+		status = "SUCCESS"
+	}
+	p.mu.Lock()
+	if old, ok := p.payments[orderID]; ok {
+		p.mu.Unlock()
+		return old.ev
+	}
+	pm := &payment{ev: pay.Event{EventID: "evt_" + randomID(), OrderID: orderID, Amount: amount, Status: status,
+		PaidAt: time.Now().UnixMilli()}, notifyURL: notifyURL}
+	p.payments[orderID] = pm
+	p.mu.Unlock()
+	if !p.cfg.Lost && notifyURL != "" {
+		p.wg.Add(1)
+		go p.deliver(pm)
+	}
+	return pm.ev
+}
+
+// Sign signs body as the provider does (for tests that forge deliveries).
+func (p *Provider) Sign(body []byte) string { return pay.Sign(p.cfg.Secret, time.Now(), body) }
+
+func (p *Provider) scaled(d time.Duration) time.Duration {
+	return time.Duration(float64(d) * p.cfg.Factor)
+}
+
+func (p *Provider) deliver(pm *payment) {
+	defer p.wg.Done()
+	body, _ := proto.Marshal(pm.ev)
+	wait := p.cfg.Delay
+	for attempt, gap := range AlipaySchedule {
+		wait += p.scaled(gap)
+		if p.cfg.Reorder {
+			n, _ := rand.Int(rand.Reader, big.NewInt(int64(p.scaled(4*time.Minute))+1))
+			wait += time.Duration(n.Int64())
+		}
+		select {
+		case <-p.stop:
+			return
+		case <-time.After(wait):
+		}
+		wait = 0
+		sig := pay.Sign(p.cfg.Secret, time.Now(), body)
+		if attempt < p.cfg.BadSigs {
+			sig = pay.Sign(p.cfg.Secret+"-wrong", time.Now(), body)
+		}
+		var acked atomic.Bool
+		var wg sync.WaitGroup
+		for c := 0; c <= p.cfg.Duplicates; c++ {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				if p.post(pm.notifyURL, sig, body) {
+					acked.Store(true)
+				}
+			}()
+		}
+		wg.Wait()
+		if acked.Load() {
+			p.mu.Lock()
+			pm.done = true
+			p.mu.Unlock()
+			p.Delivered.Add(1)
+			return
+		}
+	}
+}
+
+// post delivers one notify; true when the merchant answered 200 "success".
+func (p *Provider) post(url, sig string, body []byte) bool {
+	p.Attempts.Add(1)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, url, bytes.NewReader(body))
+	if err != nil {
+		return false
+	}
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set(pay.SignatureHeader, sig)
+	resp, err := p.cfg.Client.Do(req)
+	if err != nil {
+		return false
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(io.LimitReader(resp.Body, 1024))
+	return resp.StatusCode == http.StatusOK && string(bytes.TrimSpace(b)) == "success"
+}
+
+// Handler serves the provider's HTTP API:
+//
+//	POST /pay?order_id=&amount=&notify_url=[&status=FAILED]   the user pays
+//	GET  /query?order_id=                                     active query (signed answer)
+//	GET  /stats                                               attempts / delivered
+func (p *Provider) Handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/pay", func(w http.ResponseWriter, r *http.Request) {
+		q := r.URL.Query()
+		amount, err := strconv.ParseInt(q.Get("amount"), 10, 64)
+		if err != nil || q.Get("order_id") == "" {
+			http.Error(w, "order_id and amount required", http.StatusBadRequest)
+			return
+		}
+		ev := p.Pay(q.Get("order_id"), amount, q.Get("notify_url"), q.Get("status"))
+		b, _ := proto.Marshal(ev)
+		w.Header().Set("Content-Type", "application/json")
+		_, _ = w.Write(b)
+	})
+	mux.HandleFunc("/query", func(w http.ResponseWriter, r *http.Request) {
+		id := r.URL.Query().Get("order_id")
+		p.mu.Lock()
+		pm, ok := p.payments[id]
+		var ev pay.Event
+		if ok {
+			ev = pm.ev
+		} else {
+			ev = pay.Event{OrderID: id, Status: "WAITING"}
+		}
+		p.mu.Unlock()
+		b, _ := proto.Marshal(ev)
+		w.Header().Set("Content-Type", "application/json")
+		w.Header().Set(pay.SignatureHeader, pay.Sign(p.cfg.Secret, time.Now(), b))
+		_, _ = w.Write(b)
+	})
+	mux.HandleFunc("/stats", func(w http.ResponseWriter, _ *http.Request) {
+		b, _ := proto.Marshal(map[string]int64{"attempts": p.Attempts.Load(), "delivered": p.Delivered.Load()})
+		_, _ = w.Write(b)
+	})
+	return mux
+}

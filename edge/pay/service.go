@@ -1,0 +1,541 @@
+package pay
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/url"
+	"sort"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/liveedge/liveedge/gateway/proto"
+	"github.com/liveedge/liveedge/persist"
+	"github.com/liveedge/liveedge/router"
+)
+
+// Config configures Service.
+type Config struct {
+	Node           string
+	WorkerID       int           // snowflake worker (-1 = from Node)
+	Secrets        []string      // webhook HMAC secrets accepted (first one signs our queries' checks)
+	Tolerance      time.Duration // signature timestamp tolerance (0 = 300 s)
+	OrderTimeout   time.Duration // unpaid orders close after this (0 = 15 min)
+	ProviderURL    string        // provider base URL: pay_url and the active query ("" = none)
+	NotifyURL      string        // where the provider must post notifies (put into pay_url)
+	ReconcileAfter time.Duration // PAYING longer than this → active query (0 = 1 min)
+	ReconcileEvery time.Duration // how often the reconciler runs (0 = 10 s)
+	Now            func() time.Time
+	Log            *slog.Logger
+}
+
+// Service runs orders and the webhook.
+type Service struct {
+	cfg      Config
+	store    *persist.Store
+	wallet   persist.Wallet
+	router   router.Router
+	ids      *IDGen
+	products map[int64]Product
+	client   *http.Client
+
+	locks [64]sync.Mutex // by order id
+
+	openMu sync.Mutex
+	open   map[int64]int64 // order id → created at (ms), orders in WAITING_PAY / PAYING
+
+	notifyURL atomic.Pointer[string]
+
+	stop chan struct{}
+	wg   sync.WaitGroup
+}
+
+// SetNotifyURL sets the webhook base URL put into pay_url (the node calls it
+// once its HTTP listener is bound, when no public URL is configured).
+func (s *Service) SetNotifyURL(u string) { s.notifyURL.Store(&u) }
+
+var (
+	prefixOrder    = recPrefix("order/")
+	prefixOrderReq = recPrefix("orderreq/")
+	prefixOrderLog = recPrefix("orderlog/")
+	prefixEvent    = recPrefix("payevent/")
+	prefixRefund   = recPrefix("refund/")
+)
+
+func recPrefix(s string) []byte { return append(append([]byte{}, persist.PrefixRec...), s...) }
+
+func orderKey(id int64) []byte { return persist.Key(prefixOrder, uint64(id)) }
+
+func orderReqKey(user int64, req string) []byte {
+	return append(persist.Key(prefixOrderReq, uint64(user)), req...)
+}
+
+func eventKey(id string) []byte { return append(append([]byte{}, prefixEvent...), id...) }
+
+// New builds the service and loads open orders.
+func New(store *persist.Store, w persist.Wallet, r router.Router, cfg Config) (*Service, error) {
+	if cfg.Tolerance <= 0 {
+		cfg.Tolerance = DefaultTolerance
+	}
+	if cfg.OrderTimeout <= 0 {
+		cfg.OrderTimeout = 15 * time.Minute
+	}
+	if cfg.ReconcileAfter <= 0 {
+		cfg.ReconcileAfter = time.Minute
+	}
+	if cfg.ReconcileEvery <= 0 {
+		cfg.ReconcileEvery = 10 * time.Second
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	if cfg.Log == nil {
+		cfg.Log = slog.Default()
+	}
+	if len(cfg.Secrets) == 0 {
+		return nil, errors.New("pay: at least one webhook secret is required")
+	}
+	s := &Service{cfg: cfg, store: store, wallet: w, router: r, ids: NewIDGen(cfg.Node, cfg.WorkerID, cfg.Now),
+		products: map[int64]Product{}, client: &http.Client{Timeout: 5 * time.Second},
+		open: map[int64]int64{}, stop: make(chan struct{})}
+	for _, p := range Products {
+		s.products[p.ID] = p
+	}
+	s.SetNotifyURL(cfg.NotifyURL)
+	err := store.Scan(prefixOrder, func(k, v []byte) error {
+		var o Order
+		if err := proto.Unmarshal(v, &o); err != nil {
+			return err
+		}
+		if o.Status == StatusPaying || o.Status == StatusWaitingPay {
+			s.open[int64(persist.KeyID(k))] = o.CreatedAt
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	s.wg.Add(1)
+	go s.loop()
+	return s, nil
+}
+
+// Close stops the background loops.
+func (s *Service) Close() {
+	select {
+	case <-s.stop:
+	default:
+		close(s.stop)
+	}
+	s.wg.Wait()
+}
+
+// ListProducts returns the valid products.
+func (s *Service) ListProducts() []Product {
+	out := make([]Product, 0, len(s.products))
+	for _, p := range s.products {
+		if p.Valid {
+			out = append(out, p)
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
+	return out
+}
+
+// CreateReq is the body of POST /pay/orders.
+type CreateReq struct {
+	ProductID int64  `json:"product_id"`
+	Channel   string `json:"channel"`
+	Source    string `json:"source"`
+	ReqID     string `json:"req_id"`
+}
+
+// Channels accepted (mock behaves like the real ones).
+var Channels = map[string]bool{"mock": true, "alipay": true, "wechat": true, "unionpay": true, "cashier": true}
+
+func (s *Service) lock(id int64) *sync.Mutex { return &s.locks[uint64(id)%64] }
+
+// CreateOrder creates (idempotently per user and req_id) an order in PAYING
+// with its pay_url.
+func (s *Service) CreateOrder(user int64, r CreateReq) (Order, error) {
+	if r.ReqID == "" || len(r.ReqID) > 64 {
+		return Order{}, proto.BadRequest("req_id must be 1..64 bytes")
+	}
+	if r.Channel == "" {
+		r.Channel = "mock"
+	}
+	if !Channels[r.Channel] {
+		return Order{}, proto.BadRequest("unknown channel")
+	}
+	p, ok := s.products[r.ProductID]
+	if !ok || !p.Valid {
+		return Order{}, proto.Errorf(proto.CodeProductNotFound, "product not found")
+	}
+	// Idempotency: one lock per (user) shard serializes creation per user.
+	mu := s.lock(user)
+	mu.Lock()
+	defer mu.Unlock()
+	if v, err := s.store.Get(orderReqKey(user, r.ReqID)); err == nil {
+		return s.Get(int64(persist.DecodeUint64(v)))
+	} else if !errors.Is(err, persist.ErrNotFound) {
+		return Order{}, err
+	}
+	id := s.ids.Next(user)
+	now := s.cfg.Now().UnixMilli()
+	o := Order{OrderID: strconv.FormatInt(id, 10), UserID: user, ProductID: p.ID, Amount: p.Price, Coins: p.Coins,
+		Channel: r.Channel, Source: r.Source, Biz: p.Biz, Status: StatusPaying, ReqID: r.ReqID,
+		CreatedAt: now, UpdatedAt: now}
+	if s.cfg.ProviderURL != "" {
+		q := url.Values{"order_id": {o.OrderID}, "amount": {strconv.FormatInt(o.Amount, 10)}, "notify_url": {*s.notifyURL.Load() + "/" + o.Channel}}
+		o.PayURL = s.cfg.ProviderURL + "/pay?" + q.Encode()
+	}
+	v, _ := proto.Marshal(o)
+	err := s.store.Apply(func(b *persist.Batch) error {
+		if err := b.Set(orderKey(id), v, nil); err != nil {
+			return err
+		}
+		if err := b.Set(orderReqKey(user, r.ReqID), persist.EncodeUint64(uint64(id)), nil); err != nil {
+			return err
+		}
+		return s.logTransition(b, id, "", StatusWaitingPay, "created", now)
+	})
+	if err != nil {
+		return Order{}, err
+	}
+	s.openMu.Lock()
+	s.open[id] = now
+	s.openMu.Unlock()
+	return o, nil
+}
+
+func (s *Service) logTransition(b *persist.Batch, id int64, from, to, why string, at int64) error {
+	v, _ := proto.Marshal(map[string]any{"from": from, "to": to, "why": why, "at": at})
+	k := persist.Key2(prefixOrderLog, uint64(id), uint64(s.cfg.Now().UnixNano()))
+	if err := b.Set(k, v, nil); err != nil {
+		return err
+	}
+	if from == "" && to == StatusWaitingPay {
+		return s.logTransition(b, id, StatusWaitingPay, StatusPaying, "pay_url issued", at)
+	}
+	return nil
+}
+
+// ParseOrderID parses a decimal order id.
+func ParseOrderID(s string) (int64, bool) {
+	id, err := strconv.ParseInt(s, 10, 64)
+	return id, err == nil && id > 0
+}
+
+// Get returns order id.
+func (s *Service) Get(id int64) (Order, error) {
+	var o Order
+	v, err := s.store.Get(orderKey(id))
+	if errors.Is(err, persist.ErrNotFound) {
+		return o, proto.Errorf(proto.CodeNotFound, "order not found")
+	}
+	if err != nil {
+		return o, err
+	}
+	return o, proto.Unmarshal(v, &o)
+}
+
+// Event is a provider's notify body.
+type Event struct {
+	EventID string `json:"event_id"`
+	OrderID string `json:"order_id"`
+	Amount  int64  `json:"amount"`
+	Status  string `json:"status"` // SUCCESS | FAILED
+	PaidAt  int64  `json:"paid_at"`
+}
+
+// Notify outcomes, as HTTP statuses.
+const (
+	NotifyOK           = http.StatusOK
+	NotifyUnauthorized = http.StatusUnauthorized
+	NotifyBadRequest   = http.StatusBadRequest
+	NotifyNotFound     = http.StatusNotFound
+	NotifyConflict     = http.StatusConflict
+	NotifyRetry        = http.StatusInternalServerError
+)
+
+// Notify handles one webhook delivery: the signature is verified over the
+// raw body before anything in it is read. It returns the HTTP status and the
+// body ("success" once the event is durably recorded, also for duplicates).
+func (s *Service) Notify(channel, sigHeader string, body []byte) (int, string) {
+	if err := Verify(sigHeader, body, s.cfg.Secrets, s.cfg.Now(), s.cfg.Tolerance); err != nil {
+		return NotifyUnauthorized, err.Error()
+	}
+	var ev Event
+	if err := proto.Unmarshal(body, &ev); err != nil {
+		return NotifyBadRequest, "bad JSON"
+	}
+	if ev.EventID == "" || len(ev.EventID) > 128 || ev.OrderID == "" || (ev.Status != "SUCCESS" && ev.Status != "FAILED") {
+		return NotifyBadRequest, "missing or bad fields"
+	}
+	return s.apply(channel, ev)
+}
+
+// apply runs a verified event (from a notify or an active query).
+func (s *Service) apply(channel string, ev Event) (int, string) {
+	if _, err := s.store.Get(eventKey(ev.EventID)); err == nil {
+		return NotifyOK, "success" // duplicate event: changes nothing
+	}
+	id, ok := ParseOrderID(ev.OrderID)
+	if !ok {
+		return NotifyNotFound, "unknown order"
+	}
+	mu := s.lock(id)
+	mu.Lock()
+	defer mu.Unlock()
+	o, err := s.Get(id)
+	if err != nil {
+		if proto.AsError(err).Code == proto.CodeNotFound {
+			return NotifyNotFound, "unknown order"
+		}
+		return NotifyRetry, "retry"
+	}
+	if o.Channel != channel {
+		return NotifyConflict, "channel mismatch"
+	}
+	if ev.Amount != o.Amount {
+		return NotifyConflict, "amount mismatch"
+	}
+	evRec := persist.Record{Key: eventKey(ev.EventID)}
+	evRec.Value, _ = proto.Marshal(map[string]any{"event": ev, "order_status_before": o.Status, "at": s.cfg.Now().UnixMilli()})
+	now := s.cfg.Now().UnixMilli()
+	switch {
+	case ev.Status == "SUCCESS" && (o.Status == StatusPaying || o.Status == StatusWaitingPay):
+		return s.markPaid(o, id, ev, evRec, now)
+	case ev.Status == "SUCCESS" && o.Status == StatusInvalid:
+		// Paid after the order closed: refund, never credit.
+		from := o.Status
+		o.Status, o.UpdatedAt, o.EventID, o.Note = StatusPayBack, now, ev.EventID, "paid after close: refunded"
+		ov, _ := proto.Marshal(o)
+		rv, _ := proto.Marshal(map[string]any{"order_id": o.OrderID, "amount": o.Amount, "event_id": ev.EventID, "reason": "paid after close", "at": now})
+		err := s.store.Apply(func(b *persist.Batch) error {
+			if err := b.Set(orderKey(id), ov, nil); err != nil {
+				return err
+			}
+			if err := b.Set(persist.Key(prefixRefund, uint64(id)), rv, nil); err != nil {
+				return err
+			}
+			if err := b.Set(evRec.Key, evRec.Value, nil); err != nil {
+				return err
+			}
+			return s.logTransition(b, id, from, StatusPayBack, "late payment refunded", now)
+		})
+		if err != nil {
+			return NotifyRetry, "retry"
+		}
+		s.pushStatus(o)
+		return NotifyOK, "success"
+	case ev.Status == "FAILED" && (o.Status == StatusPaying || o.Status == StatusWaitingPay):
+		if err := s.moveLocked(&o, id, StatusInvalid, "payment failed", &evRec); err != nil {
+			return NotifyRetry, "retry"
+		}
+		return NotifyOK, "success"
+	default:
+		// Already settled (PAYED, PAY_BACK, or FAILED after the fact): record, change nothing.
+		if err := s.store.Put(evRec.Key, evRec.Value); err != nil {
+			return NotifyRetry, "retry"
+		}
+		return NotifyOK, "success"
+	}
+}
+
+// markPaid moves o to PAYED and credits its coins in one durable ledger op
+// (the order's new state and the event record ride in the same batch), exactly
+// once per order whatever the number of events.
+func (s *Service) markPaid(o Order, id int64, ev Event, evRec persist.Record, now int64) (int, string) {
+	from := o.Status
+	o.Status, o.UpdatedAt, o.PaidAt, o.EventID = StatusPayed, now, ev.PaidAt, ev.EventID
+	ov, _ := proto.Marshal(o)
+	lv, _ := proto.Marshal(map[string]any{"from": from, "to": StatusPayed, "why": "paid " + ev.EventID, "at": now})
+	res, err := s.wallet.Apply(persist.Op{
+		User:     o.UserID,
+		ReqID:    "pay:" + o.OrderID,
+		Postings: []persist.Posting{{User: o.UserID, Delta: o.Coins, Reason: persist.ReasonRecharge, Ref: "order " + o.OrderID}},
+		Static: []persist.Record{
+			{Key: orderKey(id), Value: ov},
+			evRec,
+			{Key: persist.Key2(prefixOrderLog, uint64(id), uint64(s.cfg.Now().UnixNano())), Value: lv},
+		},
+	})
+	if err != nil {
+		s.cfg.Log.Error("pay: credit failed", "order", o.OrderID, "err", err)
+		return NotifyRetry, "retry"
+	}
+	s.closeOpen(id)
+	if !res.Replayed {
+		d, _ := proto.Marshal(map[string]any{"balance": res.Balances[0], "delta": o.Coins, "reason": persist.ReasonRecharge, "order_id": o.OrderID})
+		s.router.SendUser(o.UserID, proto.Push{Biz: proto.BizWalletCredit, Data: d, Ack: true})
+		s.pushStatus(o)
+	}
+	return NotifyOK, "success"
+}
+
+// moveLocked moves o to status (guarded), with the order's lock held.
+func (s *Service) moveLocked(o *Order, id int64, to, why string, extra *persist.Record) error {
+	if !CanMove(o.Status, to) {
+		return proto.Errorf(proto.CodeOrderState, "order is %s; cannot move to %s", o.Status, to)
+	}
+	from := o.Status
+	now := s.cfg.Now().UnixMilli()
+	o.Status, o.UpdatedAt, o.Note = to, now, why
+	ov, _ := proto.Marshal(o)
+	err := s.store.Apply(func(b *persist.Batch) error {
+		if err := b.Set(orderKey(id), ov, nil); err != nil {
+			return err
+		}
+		if extra != nil {
+			if err := b.Set(extra.Key, extra.Value, nil); err != nil {
+				return err
+			}
+		}
+		return s.logTransition(b, id, from, to, why, now)
+	})
+	if err != nil {
+		o.Status = from
+		return err
+	}
+	if to != StatusPaying && to != StatusWaitingPay {
+		s.closeOpen(id)
+	}
+	s.pushStatus(*o)
+	return nil
+}
+
+func (s *Service) closeOpen(id int64) {
+	s.openMu.Lock()
+	delete(s.open, id)
+	s.openMu.Unlock()
+}
+
+func (s *Service) pushStatus(o Order) {
+	d, _ := proto.Marshal(map[string]string{"order_id": o.OrderID, "status": o.Status})
+	s.router.SendUser(o.UserID, proto.Push{Biz: proto.BizOrderStatus, Data: d, Ack: true})
+}
+
+// Refund refunds a PAYED order: the coins are debited back (refused with
+// 20001 if already spent) and the order moves to PAY_BACK, atomically.
+func (s *Service) Refund(id int64) (Order, error) {
+	mu := s.lock(id)
+	mu.Lock()
+	defer mu.Unlock()
+	o, err := s.Get(id)
+	if err != nil {
+		return o, err
+	}
+	if !CanMove(o.Status, StatusPayBack) || o.Status != StatusPayed {
+		return o, proto.Errorf(proto.CodeOrderState, "order is %s; only PAYED orders are refunded", o.Status)
+	}
+	now := s.cfg.Now().UnixMilli()
+	o.Status, o.UpdatedAt, o.Note = StatusPayBack, now, "refunded"
+	ov, _ := proto.Marshal(o)
+	lv, _ := proto.Marshal(map[string]any{"from": StatusPayed, "to": StatusPayBack, "why": "refund", "at": now})
+	_, err = s.wallet.Apply(persist.Op{User: o.UserID, ReqID: "refund:" + o.OrderID,
+		Postings: []persist.Posting{{User: o.UserID, Delta: -o.Coins, Reason: persist.ReasonRefund, Ref: "order " + o.OrderID}},
+		Static: []persist.Record{{Key: orderKey(id), Value: ov},
+			{Key: persist.Key2(prefixOrderLog, uint64(id), uint64(s.cfg.Now().UnixNano())), Value: lv}}})
+	if errors.Is(err, persist.ErrInsufficient) {
+		return o, proto.Errorf(proto.CodeInsufficientBalance, "the coins were already spent")
+	}
+	if err != nil {
+		return o, err
+	}
+	s.pushStatus(o)
+	return o, nil
+}
+
+// loop reconciles stuck orders and closes expired ones.
+func (s *Service) loop() {
+	defer s.wg.Done()
+	t := time.NewTicker(s.cfg.ReconcileEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.stop:
+			return
+		case <-t.C:
+			s.Reconcile()
+		}
+	}
+}
+
+// Reconcile queries the provider about every order PAYING longer than
+// ReconcileAfter (notifies get lost), applies what it learns, and closes
+// orders past OrderTimeout that the provider does not know as paid.
+func (s *Service) Reconcile() {
+	now := s.cfg.Now().UnixMilli()
+	var due []int64
+	s.openMu.Lock()
+	for id, created := range s.open {
+		if now-created >= s.cfg.ReconcileAfter.Milliseconds() {
+			due = append(due, id)
+		}
+	}
+	s.openMu.Unlock()
+	for _, id := range due {
+		o, err := s.Get(id)
+		if err != nil || (o.Status != StatusPaying && o.Status != StatusWaitingPay) {
+			s.closeOpen(id)
+			continue
+		}
+		if ev, ok := s.query(o); ok {
+			if st, msg := s.apply(o.Channel, ev); st != NotifyOK {
+				s.cfg.Log.Warn("pay: reconcile apply", "order", o.OrderID, "status", st, "msg", msg)
+			}
+			continue
+		}
+		if now-o.CreatedAt >= s.cfg.OrderTimeout.Milliseconds() {
+			mu := s.lock(id)
+			mu.Lock()
+			if cur, err := s.Get(id); err == nil && (cur.Status == StatusPaying || cur.Status == StatusWaitingPay) {
+				if err := s.moveLocked(&cur, id, StatusInvalid, "unpaid timeout", nil); err != nil {
+					s.cfg.Log.Error("pay: close expired order", "order", o.OrderID, "err", err)
+				}
+			}
+			mu.Unlock()
+		}
+	}
+}
+
+// query asks the provider for the order's payment; ok when it was paid.
+// The answer is signed like a notify and verified the same way.
+func (s *Service) query(o Order) (Event, bool) {
+	if s.cfg.ProviderURL == "" {
+		return Event{}, false
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, s.cfg.ProviderURL+"/query?order_id="+url.QueryEscape(o.OrderID), nil)
+	resp, err := s.client.Do(req)
+	if err != nil {
+		return Event{}, false
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+	if err != nil || resp.StatusCode != http.StatusOK {
+		return Event{}, false
+	}
+	if err := Verify(resp.Header.Get(SignatureHeader), body, s.cfg.Secrets, s.cfg.Now(), s.cfg.Tolerance); err != nil {
+		s.cfg.Log.Warn("pay: provider query answer not verified", "order", o.OrderID, "err", err)
+		return Event{}, false
+	}
+	var ev Event
+	if err := proto.Unmarshal(body, &ev); err != nil || ev.Status != "SUCCESS" || ev.OrderID != o.OrderID {
+		return Event{}, false
+	}
+	if ev.EventID == "" {
+		ev.EventID = "query:" + o.OrderID
+	}
+	return ev, true
+}
+
+// String is for logs.
+func (o Order) String() string { return fmt.Sprintf("order %s %s", o.OrderID, o.Status) }

@@ -1,0 +1,95 @@
+package gateway
+
+import (
+	"context"
+
+	"github.com/cloudwego/hertz/pkg/app"
+
+	"github.com/liveedge/liveedge/edge/pay"
+	"github.com/liveedge/liveedge/gateway/proto"
+)
+
+func (a *API) listProducts(_ context.Context, c *app.RequestContext) {
+	ok(c, map[string]any{"products": a.node.Pay.ListProducts()})
+}
+
+func (a *API) createOrder(_ context.Context, c *app.RequestContext) {
+	var r pay.CreateReq
+	if err := bind(c, &r); err != nil {
+		a.fail(c, err)
+		return
+	}
+	o, err := a.node.Pay.CreateOrder(identOf(c).UserID, r)
+	if err != nil {
+		a.fail(c, err)
+		return
+	}
+	ok(c, o)
+}
+
+func (a *API) orderOf(c *app.RequestContext) (pay.Order, int64, bool) {
+	id, valid := pay.ParseOrderID(c.Param("id"))
+	if !valid {
+		a.fail(c, proto.BadRequest("bad order id"))
+		return pay.Order{}, 0, false
+	}
+	o, err := a.node.Pay.Get(id)
+	if err != nil {
+		a.fail(c, err)
+		return o, id, false
+	}
+	return o, id, true
+}
+
+func (a *API) getOrder(_ context.Context, c *app.RequestContext) {
+	o, _, found := a.orderOf(c)
+	if !found {
+		return
+	}
+	if ident := identOf(c); o.UserID != ident.UserID && ident.Role != RoleAdmin {
+		a.fail(c, proto.Errorf(proto.CodeNotFound, "order not found"))
+		return
+	}
+	ok(c, o)
+}
+
+func (a *API) refundOrder(_ context.Context, c *app.RequestContext) {
+	if !a.requireAdmin(c) {
+		return
+	}
+	_, id, found := a.orderOf(c)
+	if !found {
+		return
+	}
+	o, err := a.node.Pay.Refund(id)
+	if err != nil {
+		a.fail(c, err)
+		return
+	}
+	ok(c, o)
+}
+
+// payNotify is the provider webhook: the signature over the raw body is
+// checked before anything in the body is read; the answer is the plain text
+// "success" once the event is durably recorded.
+func (a *API) payNotify(_ context.Context, c *app.RequestContext) {
+	status, body := a.node.Pay.Notify(c.Param("channel"), string(c.GetHeader(pay.SignatureHeader)), c.Request.Body())
+	a.metrics.payNotifies.WithLabelValues(notifyLabel(status)).Inc()
+	c.Data(status, "text/plain; charset=utf-8", []byte(body))
+}
+
+func notifyLabel(status int) string {
+	switch status {
+	case pay.NotifyOK:
+		return "ok"
+	case pay.NotifyUnauthorized:
+		return "unauthorized"
+	case pay.NotifyConflict:
+		return "conflict"
+	case pay.NotifyNotFound:
+		return "not_found"
+	case pay.NotifyBadRequest:
+		return "bad_request"
+	}
+	return "retry"
+}
