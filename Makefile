@@ -41,6 +41,7 @@ fmt-check:
 
 fuzz:
 	$(GO) test -run='^$$' -fuzz='^FuzzDecodeClientFrame$$' -fuzztime=$(FUZZTIME) ./gateway/proto
+	$(GO) test -run='^$$' -fuzz='^FuzzNotify$$' -fuzztime=$(FUZZTIME) ./edge/pay
 
 # Benchmarks: ratios against baselines measured in the same run (see README).
 bench:
