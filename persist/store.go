@@ -7,6 +7,13 @@ import (
 	"path/filepath"
 
 	"github.com/cockroachdb/pebble"
+	"github.com/cockroachdb/pebble/bloom"
+)
+
+// Sizes of the Pebble block cache and memtable.
+const (
+	cacheBytes    = 64 << 20
+	memTableBytes = 32 << 20
 )
 
 // Store is a node's Pebble database.
@@ -16,10 +23,22 @@ type Store struct {
 
 // Open opens (creating if needed) the store under dir/pebble.
 func Open(dir string) (*Store, error) {
-	db, err := pebble.Open(filepath.Join(dir, "pebble"), &pebble.Options{
-		Logger: quietLogger{},
-		Merger: counterMerger,
-	})
+	cache := pebble.NewCache(cacheBytes)
+	defer cache.Unref()
+	opts := &pebble.Options{
+		Logger:       quietLogger{},
+		Merger:       counterMerger,
+		Cache:        cache,
+		MemTableSize: memTableBytes,
+		// Most point reads on the hot paths are misses (is this req_id or
+		// event new?): bloom filters answer them without reading blocks.
+		Levels: make([]pebble.LevelOptions, 7),
+	}
+	for i := range opts.Levels {
+		opts.Levels[i].FilterPolicy = bloom.FilterPolicy(10)
+		opts.Levels[i].FilterType = pebble.TableFilter
+	}
+	db, err := pebble.Open(filepath.Join(dir, "pebble"), opts)
 	if err != nil {
 		return nil, fmt.Errorf("persist: open %s: %w", dir, err)
 	}

@@ -44,7 +44,8 @@ type Service struct {
 	products map[int64]Product
 	client   *http.Client
 
-	locks [64]sync.Mutex // by order id
+	orders keyLock // one lock per order id: transitions are compare-and-set under it
+	users  keyLock // one lock per user: order creation is idempotent under it
 
 	openMu sync.Mutex
 	open   map[int64]int64 // order id → created at (ms), orders in WAITING_PAY / PAYING
@@ -158,8 +159,6 @@ type CreateReq struct {
 // Channels accepted (mock behaves like the real ones).
 var Channels = map[string]bool{"mock": true, "alipay": true, "wechat": true, "unionpay": true, "cashier": true}
 
-func (s *Service) lock(id int64) *sync.Mutex { return &s.locks[uint64(id)%64] }
-
 // CreateOrder creates (idempotently per user and req_id) an order in PAYING
 // with its pay_url.
 func (s *Service) CreateOrder(user int64, r CreateReq) (Order, error) {
@@ -177,9 +176,7 @@ func (s *Service) CreateOrder(user int64, r CreateReq) (Order, error) {
 		return Order{}, proto.Errorf(proto.CodeProductNotFound, "product not found")
 	}
 	// Idempotency: one lock per (user) shard serializes creation per user.
-	mu := s.lock(user)
-	mu.Lock()
-	defer mu.Unlock()
+	defer s.users.lock(user)()
 	if v, err := s.store.Get(orderReqKey(user, r.ReqID)); err == nil {
 		return s.Get(int64(persist.DecodeUint64(v)))
 	} else if !errors.Is(err, persist.ErrNotFound) {
@@ -214,7 +211,7 @@ func (s *Service) CreateOrder(user int64, r CreateReq) (Order, error) {
 }
 
 func (s *Service) logTransition(b *persist.Batch, id int64, from, to, why string, at int64) error {
-	v, _ := proto.Marshal(map[string]any{"from": from, "to": to, "why": why, "at": at})
+	v, _ := proto.Marshal(transition{From: from, To: to, Why: why, At: at})
 	k := persist.Key2(prefixOrderLog, uint64(id), uint64(s.cfg.Now().UnixNano()))
 	if err := b.Set(k, v, nil); err != nil {
 		return err
@@ -253,6 +250,21 @@ type Event struct {
 	PaidAt  int64  `json:"paid_at"`
 }
 
+// eventRecord is the durable record of a processed provider event.
+type eventRecord struct {
+	Event        Event  `json:"event"`
+	StatusBefore string `json:"order_status_before"`
+	At           int64  `json:"at"`
+}
+
+// transition is one row of an order's state log.
+type transition struct {
+	From string `json:"from"`
+	To   string `json:"to"`
+	Why  string `json:"why"`
+	At   int64  `json:"at"`
+}
+
 // Notify outcomes, as HTTP statuses.
 const (
 	NotifyOK           = http.StatusOK
@@ -289,9 +301,7 @@ func (s *Service) apply(channel string, ev Event) (int, string) {
 	if !ok {
 		return NotifyNotFound, "unknown order"
 	}
-	mu := s.lock(id)
-	mu.Lock()
-	defer mu.Unlock()
+	defer s.orders.lock(id)()
 	o, err := s.Get(id)
 	if err != nil {
 		if proto.AsError(err).Code == proto.CodeNotFound {
@@ -306,7 +316,7 @@ func (s *Service) apply(channel string, ev Event) (int, string) {
 		return NotifyConflict, "amount mismatch"
 	}
 	evRec := persist.Record{Key: eventKey(ev.EventID)}
-	evRec.Value, _ = proto.Marshal(map[string]any{"event": ev, "order_status_before": o.Status, "at": s.cfg.Now().UnixMilli()})
+	evRec.Value, _ = proto.Marshal(eventRecord{Event: ev, StatusBefore: o.Status, At: s.cfg.Now().UnixMilli()})
 	now := s.cfg.Now().UnixMilli()
 	switch {
 	case ev.Status == "SUCCESS" && (o.Status == StatusPaying || o.Status == StatusWaitingPay):
@@ -355,7 +365,7 @@ func (s *Service) markPaid(o Order, id int64, ev Event, evRec persist.Record, no
 	from := o.Status
 	o.Status, o.UpdatedAt, o.PaidAt, o.EventID = StatusPayed, now, ev.PaidAt, ev.EventID
 	ov, _ := proto.Marshal(o)
-	lv, _ := proto.Marshal(map[string]any{"from": from, "to": StatusPayed, "why": "paid " + ev.EventID, "at": now})
+	lv, _ := proto.Marshal(transition{From: from, To: StatusPayed, Why: "paid " + ev.EventID, At: now})
 	res, err := s.wallet.Apply(persist.Op{
 		User:     o.UserID,
 		ReqID:    "pay:" + o.OrderID,
@@ -424,9 +434,7 @@ func (s *Service) pushStatus(o Order) {
 // Refund refunds a PAYED order: the coins are debited back (refused with
 // 20001 if already spent) and the order moves to PAY_BACK, atomically.
 func (s *Service) Refund(id int64) (Order, error) {
-	mu := s.lock(id)
-	mu.Lock()
-	defer mu.Unlock()
+	defer s.orders.lock(id)()
 	o, err := s.Get(id)
 	if err != nil {
 		return o, err
@@ -437,7 +445,7 @@ func (s *Service) Refund(id int64) (Order, error) {
 	now := s.cfg.Now().UnixMilli()
 	o.Status, o.UpdatedAt, o.Note = StatusPayBack, now, "refunded"
 	ov, _ := proto.Marshal(o)
-	lv, _ := proto.Marshal(map[string]any{"from": StatusPayed, "to": StatusPayBack, "why": "refund", "at": now})
+	lv, _ := proto.Marshal(transition{From: StatusPayed, To: StatusPayBack, Why: "refund", At: now})
 	_, err = s.wallet.Apply(persist.Op{User: o.UserID, ReqID: "refund:" + o.OrderID,
 		Postings: []persist.Posting{{User: o.UserID, Delta: -o.Coins, Reason: persist.ReasonRefund, Ref: "order " + o.OrderID}},
 		Static: []persist.Record{{Key: orderKey(id), Value: ov},
@@ -493,14 +501,13 @@ func (s *Service) Reconcile() {
 			continue
 		}
 		if now-o.CreatedAt >= s.cfg.OrderTimeout.Milliseconds() {
-			mu := s.lock(id)
-			mu.Lock()
+			unlock := s.orders.lock(id)
 			if cur, err := s.Get(id); err == nil && (cur.Status == StatusPaying || cur.Status == StatusWaitingPay) {
 				if err := s.moveLocked(&cur, id, StatusInvalid, "unpaid timeout", nil); err != nil {
 					s.cfg.Log.Error("pay: close expired order", "order", o.OrderID, "err", err)
 				}
 			}
-			mu.Unlock()
+			unlock()
 		}
 	}
 }
