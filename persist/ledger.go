@@ -345,61 +345,7 @@ func (l *Ledger) reserveAndCommit(op Op) (Result, error) {
 	}
 	l.unlock(locked)
 
-	err := l.store.Apply(func(b *Batch) error {
-		for i, p := range op.Postings {
-			t := Trade{ID: res.TradeIDs[i], User: p.User, Delta: p.Delta, Reason: p.Reason, Ref: p.Ref,
-				Balance: res.Balances[i], At: res.At}
-			if p.User == op.User {
-				t.ReqID = op.ReqID
-			}
-			v, err := sonic.Marshal(t)
-			if err != nil {
-				return err
-			}
-			if err := b.Set(Key2(PrefixTrade, uint64(p.User), uint64(t.ID)), v, nil); err != nil {
-				return err
-			}
-			if err := b.Merge(Key(PrefixBal, uint64(p.User)), EncodeInt64(p.Delta), nil); err != nil {
-				return err
-			}
-		}
-		for _, t := range op.Tallies {
-			if err := b.Merge(TallyKey(t.Name, t.User), EncodeInt64(t.Delta), nil); err != nil {
-				return err
-			}
-		}
-		if n := len(res.TradeIDs); n > 0 {
-			if err := b.Merge(SeqKey("trade"), EncodeInt64(res.TradeIDs[n-1]), nil); err != nil {
-				return err
-			}
-		}
-		for _, r := range op.Static {
-			if err := b.Set(r.Key, r.Value, nil); err != nil {
-				return err
-			}
-		}
-		if op.Records != nil {
-			for _, r := range op.Records(res.TradeIDs) {
-				if err := b.Set(r.Key, r.Value, nil); err != nil {
-					return err
-				}
-			}
-		}
-		if op.ReqID != "" {
-			v, err := sonic.Marshal(res)
-			if err != nil {
-				return err
-			}
-			if err := b.Set(idemKeyBytes(op.User, op.ReqID), v, nil); err != nil {
-				return err
-			}
-			x := Key2(PrefixIdemX, uint64(res.At), uint64(op.User))
-			if err := b.Set(append(x, op.ReqID...), nil, nil); err != nil {
-				return err
-			}
-		}
-		return nil
-	})
+	err := l.store.Apply(func(b *Batch) error { return writeOp(b, op, res) })
 	if err != nil {
 		locked = l.lockUsers(users)
 		for _, p := range op.Postings {
@@ -409,6 +355,63 @@ func (l *Ledger) reserveAndCommit(op Op) (Result, error) {
 		return Result{}, err
 	}
 	return res, nil
+}
+
+// writeOp adds the durable share of an applied op to b: trade rows, balance
+// and tally merges, the trade-id high-water mark, the business records and
+// the idempotency record (with its expiry index). Both wallets use it.
+func writeOp(b *Batch, op Op, res Result) error {
+	for i, p := range op.Postings {
+		t := Trade{ID: res.TradeIDs[i], User: p.User, Delta: p.Delta, Reason: p.Reason, Ref: p.Ref,
+			Balance: res.Balances[i], At: res.At}
+		if p.User == op.User {
+			t.ReqID = op.ReqID
+		}
+		v, err := sonic.Marshal(t)
+		if err != nil {
+			return err
+		}
+		if err := b.Set(Key2(PrefixTrade, uint64(p.User), uint64(t.ID)), v, nil); err != nil {
+			return err
+		}
+		if err := b.Merge(Key(PrefixBal, uint64(p.User)), EncodeInt64(p.Delta), nil); err != nil {
+			return err
+		}
+	}
+	for _, t := range op.Tallies {
+		if err := b.Merge(TallyKey(t.Name, t.User), EncodeInt64(t.Delta), nil); err != nil {
+			return err
+		}
+	}
+	if n := len(res.TradeIDs); n > 0 {
+		if err := b.Merge(SeqKey("trade"), EncodeInt64(res.TradeIDs[n-1]), nil); err != nil {
+			return err
+		}
+	}
+	for _, r := range op.Static {
+		if err := b.Set(r.Key, r.Value, nil); err != nil {
+			return err
+		}
+	}
+	if op.Records != nil {
+		for _, r := range op.Records(res.TradeIDs) {
+			if err := b.Set(r.Key, r.Value, nil); err != nil {
+				return err
+			}
+		}
+	}
+	if op.ReqID == "" {
+		return nil
+	}
+	v, err := sonic.Marshal(res)
+	if err != nil {
+		return err
+	}
+	if err := b.Set(idemKeyBytes(op.User, op.ReqID), v, nil); err != nil {
+		return err
+	}
+	x := Key2(PrefixIdemX, uint64(res.At), uint64(op.User))
+	return b.Set(append(x, op.ReqID...), nil, nil)
 }
 
 func (l *Ledger) lockUsers(users []int64) []int {

@@ -349,55 +349,9 @@ func (w *SharedWallet) runScript(ctx context.Context, in intent) (status, payloa
 
 // finalize is step 3: the node's durable share of the op, and the intent gone.
 func (w *SharedWallet) finalize(no uint64, in intent, r Result, records func([]int64) []Record) error {
+	op := Op{User: in.User, ReqID: in.ReqID, Postings: in.Postings, Tallies: in.Tallies, Static: in.Static, Records: records}
 	return w.store.Apply(func(b *Batch) error {
-		for i, p := range in.Postings {
-			t := Trade{ID: r.TradeIDs[i], User: p.User, Delta: p.Delta, Reason: p.Reason, Ref: p.Ref,
-				Balance: r.Balances[i], At: r.At}
-			if p.User == in.User {
-				t.ReqID = in.ReqID
-			}
-			v, err := sonic.Marshal(t)
-			if err != nil {
-				return err
-			}
-			if err := b.Set(Key2(PrefixTrade, uint64(p.User), uint64(t.ID)), v, nil); err != nil {
-				return err
-			}
-			if err := b.Merge(Key(PrefixBal, uint64(p.User)), EncodeInt64(p.Delta), nil); err != nil {
-				return err
-			}
-		}
-		for _, t := range in.Tallies {
-			if err := b.Merge(TallyKey(t.Name, t.User), EncodeInt64(t.Delta), nil); err != nil {
-				return err
-			}
-		}
-		if n := len(r.TradeIDs); n > 0 {
-			if err := b.Merge(SeqKey("trade"), EncodeInt64(r.TradeIDs[n-1]), nil); err != nil {
-				return err
-			}
-		}
-		for _, rec := range in.Static {
-			if err := b.Set(rec.Key, rec.Value, nil); err != nil {
-				return err
-			}
-		}
-		if records != nil {
-			for _, rec := range records(r.TradeIDs) {
-				if err := b.Set(rec.Key, rec.Value, nil); err != nil {
-					return err
-				}
-			}
-		}
-		v, err := sonic.Marshal(r)
-		if err != nil {
-			return err
-		}
-		if err := b.Set(idemKeyBytes(in.User, in.ReqID), v, nil); err != nil {
-			return err
-		}
-		x := Key2(PrefixIdemX, uint64(r.At), uint64(in.User))
-		if err := b.Set(append(x, in.ReqID...), nil, nil); err != nil {
+		if err := writeOp(b, op, r); err != nil {
 			return err
 		}
 		return b.Delete(Key(prefixIntent, no), nil)

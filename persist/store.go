@@ -126,30 +126,24 @@ type Batch = pebble.Batch
 // ScanRange calls fn for keys in [lower, upper) in order until fn returns
 // false or an error.
 func (s *Store) ScanRange(lower, upper []byte, fn func(k, v []byte) (bool, error)) error {
-	it, err := s.db.NewIter(&pebble.IterOptions{LowerBound: lower, UpperBound: upper})
-	if err != nil {
-		return err
-	}
-	for ok := it.First(); ok; ok = it.Next() {
-		more, err := fn(it.Key(), it.Value())
-		if err != nil {
-			_ = it.Close()
-			return err
-		}
-		if !more {
-			break
-		}
-	}
-	return it.Close()
+	return s.scan(lower, upper, false, fn)
 }
 
 // ScanReverse is ScanRange from the last key down.
 func (s *Store) ScanReverse(lower, upper []byte, fn func(k, v []byte) (bool, error)) error {
+	return s.scan(lower, upper, true, fn)
+}
+
+func (s *Store) scan(lower, upper []byte, reverse bool, fn func(k, v []byte) (bool, error)) error {
 	it, err := s.db.NewIter(&pebble.IterOptions{LowerBound: lower, UpperBound: upper})
 	if err != nil {
 		return err
 	}
-	for ok := it.Last(); ok; ok = it.Prev() {
+	first, next := it.First, it.Next
+	if reverse {
+		first, next = it.Last, it.Prev
+	}
+	for ok := first(); ok; ok = next() {
 		more, err := fn(it.Key(), it.Value())
 		if err != nil {
 			_ = it.Close()
