@@ -15,8 +15,9 @@ import (
 // a client that lets more pile up is treated as slow (close 4408).
 const maxPendingAcks = 4096
 
-// maxWriteBytes bounds one merged batch write.
-const maxWriteBytes = 256 << 10
+// maxWriteBytes bounds one merged batch write; it stays a little under gws's
+// largest pooled frame buffer (256 KiB) so that full writes reuse buffers.
+const maxWriteBytes = 256<<10 - 8<<10
 
 // Conn is one WebSocket connection: one reader (gws's ReadLoop, which runs the
 // handlers) and at most one writer goroutine, started when the queue becomes
@@ -33,6 +34,7 @@ type Conn struct {
 	batch bool // the client accepts {"t":"batch"} frames
 
 	lastRead atomic.Int64 // unix ns of the last frame read
+	deadline time.Time    // current socket write deadline (writer goroutine only)
 
 	mu        sync.Mutex
 	queue     []*router.Frame
@@ -144,7 +146,7 @@ func (c *Conn) Close(code int, drain bool) {
 // writing the close frame.
 func (c *Conn) writeLoop() {
 	var spare []*router.Frame
-	var buf []byte
+	var pieces [][]byte
 	for {
 		c.mu.Lock()
 		code, drain := c.closeCode, c.drain
@@ -165,10 +167,11 @@ func (c *Conn) writeLoop() {
 		c.queue, c.queued = spare[:0], 0
 		c.mu.Unlock()
 
-		_ = c.ws.SetWriteDeadline(time.Now().Add(c.srv.cfg.WS.WriteTimeout.D()))
+		c.refreshWriteDeadline()
 		var err error
-		buf, err = c.write(frames, buf)
+		pieces, err = c.write(frames, pieces[:0])
 		clear(frames)
+		clear(pieces)
 		spare = frames
 		if err != nil {
 			// gws has closed the socket; OnClose cleans up.
@@ -183,54 +186,82 @@ func (c *Conn) writeLoop() {
 	}
 }
 
+// refreshWriteDeadline moves the socket's write deadline to now + write
+// timeout, but only once half of the current one is used up (setting a
+// deadline is not free, and a write that blocks for half the timeout is
+// already suspect). Called by the writer only.
+func (c *Conn) refreshWriteDeadline() {
+	timeout := c.srv.cfg.WS.WriteTimeout.D()
+	now := time.Now()
+	if c.deadline.Sub(now) > timeout/2 {
+		return
+	}
+	c.deadline = now.Add(timeout)
+	_ = c.ws.SetWriteDeadline(c.deadline)
+}
+
+var (
+	batchOpen  = []byte(`{"t":"batch","d":[`)
+	batchComma = []byte(",")
+	batchClose = []byte("]}")
+)
+
 // write sends frames: merged into batch frames for clients that accept them,
-// one WebSocket frame per message otherwise.
-func (c *Conn) write(frames []*router.Frame, buf []byte) ([]byte, error) {
+// one WebSocket frame per message otherwise. A merged batch is written as a
+// vector of the shared message bytes (gws frames it with one copy), never
+// rebuilt per connection. pieces is scratch space, returned for reuse.
+func (c *Conn) write(frames []*router.Frame, pieces [][]byte) ([][]byte, error) {
 	m := c.srv.metrics
 	if !c.batch {
 		for _, f := range frames {
 			for i := range f.Msgs {
 				if err := c.ws.WriteMessage(gws.OpcodeText, f.Msgs[i].Bytes); err != nil {
-					return buf, err
+					return pieces, err
 				}
 				m.framesOut.Inc()
 			}
 		}
-		return buf, nil
+		return pieces, nil
 	}
 	if len(frames) == 1 {
 		m.framesOut.Inc()
-		return buf, c.ws.WriteMessage(gws.OpcodeText, frames[0].Batch())
+		return pieces, c.ws.WriteMessage(gws.OpcodeText, frames[0].Batch())
 	}
-	var parts [][]byte
-	size := 0
+	n, size := 0, 0
 	flush := func() error {
-		if len(parts) == 0 {
+		var err error
+		switch n {
+		case 0:
 			return nil
+		case 1:
+			err = c.ws.WriteMessage(gws.OpcodeText, pieces[1])
+		default:
+			pieces = append(pieces, batchClose)
+			err = c.ws.Writev(gws.OpcodeText, pieces...)
 		}
-		var out []byte
-		if len(parts) == 1 {
-			out = parts[0]
-		} else {
-			buf = proto.AppendBatch(buf[:0], parts)
-			out = buf
-		}
-		parts, size = parts[:0], 0
 		m.framesOut.Inc()
-		return c.ws.WriteMessage(gws.OpcodeText, out)
+		pieces, n, size = pieces[:0], 0, 0
+		return err
 	}
 	for _, f := range frames {
 		for i := range f.Msgs {
-			if size > 0 && size+len(f.Msgs[i].Bytes) > maxWriteBytes {
+			b := f.Msgs[i].Bytes
+			if size > 0 && size+len(b) > maxWriteBytes {
 				if err := flush(); err != nil {
-					return buf, err
+					return pieces, err
 				}
 			}
-			parts = append(parts, f.Msgs[i].Bytes)
-			size += len(f.Msgs[i].Bytes)
+			if n == 0 {
+				pieces = append(pieces, batchOpen)
+			} else {
+				pieces = append(pieces, batchComma)
+			}
+			pieces = append(pieces, b)
+			n++
+			size += len(b) + 1
 		}
 	}
-	return buf, flush()
+	return pieces, flush()
 }
 
 // track registers a reliable push for resend until acked. A push already

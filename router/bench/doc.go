@@ -4,5 +4,5 @@
 // process (so 10k client sockets do not count against the server's open-file
 // limit) and compare against a bare gws broadcast loop measured in the same run.
 //
-//	go test -run '^$' -bench 'Fanout|Bare' -benchtime 2000x ./router/bench/
+//	go test -run '^$' -bench 'Fanout|Bare' -benchtime 2000x -timeout 30m ./router/bench/
 package bench
