@@ -131,11 +131,22 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 		return nil, err
 	}
 	reload := func() {
-		if err := cat.Reload(); err != nil {
-			n.Log.Error("catalogue reload", "err", err)
+		// A failed read leaves Redis's tracking of the key disarmed (no more
+		// invalidations), so retry until one succeeds.
+		for wait := 50 * time.Millisecond; ; wait = min(2*wait, 5*time.Second) {
+			err := cat.Reload()
+			if err == nil || n.closed.Load() {
+				return
+			}
+			n.Log.Error("catalogue reload", "err", err, "retry_in", wait)
+			time.Sleep(wait)
 		}
 	}
 	onCatalogueInvalidated.Store(&reload)
+	// An invalidation that arrived while the catalogue was being built was
+	// dropped (no hook yet) and disarmed Redis's tracking of the key: read it
+	// once more now, which re-arms tracking and picks up any change.
+	reload()
 	n.Gifts = gift.New(n.Wallet, n.Router, cat, gift.Config{
 		PerSecond: cfg.Limits.GiftPerSecond, EffectWindow: cfg.Gifts.EffectWindow.D(),
 	}, log)
