@@ -1,10 +1,12 @@
 package bench
 
 import (
+	"bytes"
 	"math/rand/v2"
 	"os"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -208,6 +210,52 @@ func raiseNofile(tb testing.TB) {
 			tb.Logf("setrlimit: %v", err)
 		}
 	}
+}
+
+// redisPID finds the redis-server listening on addr (host:port) in /proc.
+func redisPID(addr string) int {
+	_, port, _ := strings.Cut(addr, ":")
+	dirs, _ := os.ReadDir("/proc")
+	for _, d := range dirs {
+		pid, err := strconv.Atoi(d.Name())
+		if err != nil {
+			continue
+		}
+		cmd, _ := os.ReadFile("/proc/" + d.Name() + "/cmdline")
+		// redis-server rewrites its title to "redis-server 127.0.0.1:PORT".
+		args := strings.Fields(strings.ReplaceAll(string(cmd), "\x00", " "))
+		if len(args) > 0 && strings.HasSuffix(args[0], "redis-server") &&
+			(slices.Contains(args, port) || slices.ContainsFunc(args, func(a string) bool { return strings.HasSuffix(a, ":"+port) })) {
+			return pid
+		}
+	}
+	return 0
+}
+
+// procCPU is process pid's user+system CPU time (0 if unknown).
+func procCPU(pid int) time.Duration {
+	if pid <= 0 {
+		return 0
+	}
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return 0
+	}
+	// Fields after the command (which may hold spaces) in parentheses.
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 {
+		return 0
+	}
+	f := strings.Fields(string(b[i+1:]))
+	if len(f) < 13 {
+		return 0
+	}
+	ut, err1 := strconv.ParseInt(f[11], 10, 64) // utime: field 14
+	st, err2 := strconv.ParseInt(f[12], 10, 64) // stime: field 15
+	if err1 != nil || err2 != nil {
+		return 0
+	}
+	return time.Duration(ut+st) * 10 * time.Millisecond // CLK_TCK = 100
 }
 
 // selfCPU is this process's user+system CPU time.

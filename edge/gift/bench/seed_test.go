@@ -44,6 +44,8 @@ type seedDebit struct {
 	workers sync.WaitGroup
 	tradeID atomic.Int64
 
+	redisPID int // for its CPU time (0: unknown)
+
 	retries  atomic.Int64 // lock busy → slept and retried
 	rejected atomic.Int64 // DB queue full (RejectedExecutionException)
 	dbErrors atomic.Int64
@@ -181,6 +183,9 @@ func (s *seedDebit) close() {
 	close(s.jobs)
 	s.workers.Wait()
 }
+
+// extCPU is redis-server's CPU time (the seed's debit runs there).
+func (s *seedDebit) extCPU() time.Duration { return procCPU(s.redisPID) }
 
 // quietLogger silences Pebble.
 type quietLogger struct{}

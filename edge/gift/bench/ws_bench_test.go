@@ -31,18 +31,24 @@ import (
 //     1-coin gifts to its anchor (anchors are offline). x-echo = gifts/s ÷
 //     echo replies/s of this run.
 //
-//   - liveedge_half: the same node and connections, open loop at half the
+//   - liveedge_half: a fresh node and connections, open loop at half the
 //     liveedge rate just measured, each gift stamped with its scheduled send
 //     time (no coordinated omission): p99 is the target figure.
 //
-//     go test -run '^$' -bench GiftWS -benchtime 1x ./edge/gift/bench/
+//   - liveedge_batch, liveedge_batch_half: the same with ?batch=1 (the Go
+//     SDK's default): the node may merge replies and pushes into batch
+//     frames, so reply frames are no longer the echo's size.
+//
+// Run:
+//
+//	go test -run '^$' -bench GiftWS -benchtime 1x ./edge/gift/bench/
 func BenchmarkGiftWS(b *testing.B) {
 	raiseNofile(b)
 	k := loadKnobs()
-	var echoRate, leRate float64
+	var echoRate float64
 	b.Run("echo", func(b *testing.B) {
 		for range b.N {
-			srv := startEcho(b)
+			srv := startEcho(b, int64(k.conns))
 			fl := dialFleet(b, k, func(i int) connTarget {
 				room := int64(i%k.rooms) + 1
 				return connTarget{url: "ws://" + srv.addr + "/ws", user: senderBase + int64(i), room: room, anchor: room}
@@ -54,32 +60,39 @@ func BenchmarkGiftWS(b *testing.B) {
 			fl.close()
 		}
 	})
-	b.Run("liveedge", func(b *testing.B) {
-		for range b.N {
-			node, fl := startLiveEdgeWS(b, k)
-			res := fl.closedLoop(k.warmup, k.measure)
-			res.report(b)
-			leRate = res.rate()
-			if echoRate > 0 {
-				b.ReportMetric(leRate/echoRate, "x-echo")
+	for _, batch := range []bool{false, true} {
+		name := "liveedge"
+		if batch {
+			name += "_batch"
+		}
+		var leRate float64
+		b.Run(name, func(b *testing.B) {
+			for range b.N {
+				node, fl := startLiveEdgeWS(b, k, batch)
+				res := fl.closedLoop(k.warmup, k.measure)
+				res.report(b)
+				leRate = res.rate()
+				if echoRate > 0 {
+					b.ReportMetric(leRate/echoRate, "x-echo")
+				}
+				checkNode(b, node, fl)
+				fl.close()
 			}
-			checkNode(b, node, fl)
-			fl.close()
-		}
-	})
-	b.Run("liveedge_half", func(b *testing.B) {
-		if leRate == 0 {
-			b.Skip("needs the liveedge sub-benchmark of the same run (its rate)")
-		}
-		for range b.N {
-			node, fl := startLiveEdgeWS(b, k)
-			res := fl.openLoop(leRate/2, k.warmup, k.measure)
-			res.report(b)
-			b.ReportMetric(leRate/2, "offered/s")
-			checkNode(b, node, fl)
-			fl.close()
-		}
-	})
+		})
+		b.Run(name+"_half", func(b *testing.B) {
+			if leRate == 0 {
+				b.Skipf("needs the %s sub-benchmark of the same run (its rate)", name)
+			}
+			for range b.N {
+				node, fl := startLiveEdgeWS(b, k, batch)
+				res := fl.openLoop(leRate/2, k.warmup, k.measure)
+				res.report(b)
+				b.ReportMetric(leRate/2, "offered/s")
+				checkNode(b, node, fl)
+				fl.close()
+			}
+		})
+	}
 }
 
 // ---- bare gws echo server ----
@@ -90,10 +103,13 @@ type echoServer struct {
 	orderID atomic.Int64
 }
 
-func startEcho(b testing.TB) *echoServer {
+// startEcho starts the echo server. Its order ids count up from firstOrder,
+// as LiveEdge's trade ids count up from the credits of its senders, so that
+// its replies have the size LiveEdge's have.
+func startEcho(b testing.TB, firstOrder int64) *echoServer {
 	b.Helper()
 	s := &echoServer{}
-	s.orderID.Store(100_000) // 6 digits, like LiveEdge's trade ids in this benchmark
+	s.orderID.Store(firstOrder)
 	s.up = gws.NewUpgrader(s, &gws.ServerOption{})
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -131,7 +147,10 @@ func (s *echoServer) OnMessage(c *gws.Conn, m *gws.Message) {
 
 // ---- LiveEdge node ----
 
-func startLiveEdgeWS(b testing.TB, k knobs) (*gateway.Node, *fleet) {
+// startLiveEdgeWS starts a node, opens the rooms, credits the senders and
+// connects them (batch: with ?batch=1, as the Go SDK does by default, so the
+// node may merge replies and pushes into batch frames).
+func startLiveEdgeWS(b testing.TB, k knobs, batch bool) (*gateway.Node, *fleet) {
 	b.Helper()
 	cfg := nodetest.Config(b)
 	cfg.Limits.GiftPerSecond = 0
@@ -156,7 +175,11 @@ func startLiveEdgeWS(b testing.TB, k knobs) (*gateway.Node, *fleet) {
 	base := nodetest.WSURL(node)
 	fl := dialFleet(b, k, func(i int) connTarget {
 		u := users[i]
-		return connTarget{url: base + "?token=" + nodetest.Token(b, node, u, gateway.RoleViewer), user: u,
+		url := base + "?token=" + nodetest.Token(b, node, u, gateway.RoleViewer)
+		if batch {
+			url += "&batch=1"
+		}
+		return connTarget{url: url, user: u,
 			room: rooms[i%k.rooms], anchor: anchors[i%k.rooms]}
 	})
 	fl.joinAll(b)
@@ -188,6 +211,7 @@ type phase struct {
 	ok, fail atomic.Int64
 	reqs     atomic.Int64
 	reqBytes atomic.Int64
+	frames   atomic.Int64 // WebSocket frames received in the window (replies, pushes, batches)
 	repBytes atomic.Int64
 }
 
@@ -212,7 +236,8 @@ type wsConn struct {
 	lats []int64 // latencies in the current phase's window
 	ok   int64
 	fail int64
-	rep  int64 // reply bytes in the window
+	rep  int64 // bytes of plain (unbatched) replies in the window
+	repN int64 // plain replies in the window
 }
 
 // connTarget is where connection i goes and what it sends.
@@ -320,17 +345,36 @@ func (c *wsConn) OnClose(*gws.Conn, error) {
 func (c *wsConn) OnPing(s *gws.Conn, p []byte) { _ = s.WritePong(p) }
 func (c *wsConn) OnPong(*gws.Conn, []byte)     {}
 
-var replyPrefix = []byte(`{"t":"reply","id":`)
+var (
+	replyPrefix = []byte(`{"t":"reply","id":`)
+	batchPrefix = []byte(`{"t":"batch","d":[`)
+)
 
-// OnMessage matches replies to requests by id; pushes (room gift effects)
-// and the hello are read and dropped.
+// OnMessage matches replies to requests by id, also inside batch frames;
+// pushes (room gift effects) and the hello are read and dropped.
 func (c *wsConn) OnMessage(_ *gws.Conn, m *gws.Message) {
 	defer m.Close()
 	now := time.Now().UnixNano()
 	p := m.Bytes()
-	if !bytes.HasPrefix(p, replyPrefix) {
-		return
+	if ph := c.fl.phase.Load(); ph.win.has(now) {
+		ph.frames.Add(1)
 	}
+	switch {
+	case bytes.HasPrefix(p, replyPrefix):
+		c.onReply(p, now, len(p))
+	case bytes.HasPrefix(p, batchPrefix):
+		for i := bytes.Index(p, replyPrefix); i >= 0; {
+			p = p[i:]
+			c.onReply(p, now, 0)
+			p = p[len(replyPrefix):]
+			i = bytes.Index(p, replyPrefix)
+		}
+	}
+}
+
+// onReply handles the reply at the start of p (size: its frame's size, 0
+// inside a batch).
+func (c *wsConn) onReply(p []byte, now int64, size int) {
 	id, _ := jsonInt(p, `"id":`)
 	if id == 0 {
 		close(c.joined)
@@ -340,15 +384,19 @@ func (c *wsConn) OnMessage(_ *gws.Conn, m *gws.Message) {
 	at := c.slots[id%ringSize].Load()
 	<-c.tokens
 	c.inflight.Add(-1)
-	ph := c.fl.phase.Load()
-	if !ph.win.has(now) {
+	// Counted by send (or scheduled) time: the requests of the window, each
+	// waited for even if its reply comes after the window.
+	if !c.fl.phase.Load().win.has(at) {
 		return
 	}
 	c.mu.Lock()
 	if code == 0 {
 		c.ok++
 		c.lats = append(c.lats, now-at)
-		c.rep += int64(len(p))
+		if size > 0 {
+			c.rep += int64(size)
+			c.repN++
+		}
 	} else {
 		c.fail++
 	}
@@ -378,7 +426,8 @@ type wsResult struct {
 	win                window
 	ok, fail           int64
 	lat                latStats
-	reqBytes, repBytes float64 // average frame payload sizes
+	reqBytes, repBytes float64 // average payload sizes of requests and plain reply frames
+	frames             int64   // frames the clients received in the window
 	cpu                time.Duration
 }
 
@@ -390,6 +439,7 @@ func (r wsResult) report(b *testing.B) {
 	b.ReportMetric(ms(r.lat.p99), "p99-ms")
 	b.ReportMetric(ms(r.lat.max), "max-ms")
 	b.ReportMetric(float64(r.fail), "failed")
+	b.ReportMetric(float64(r.frames)/r.win.secs(), "frames-in/s")
 	b.ReportMetric(r.reqBytes, "req-B")
 	b.ReportMetric(r.repBytes, "rep-B")
 	b.ReportMetric(float64(r.cpu)/float64(time.Duration(r.win.to-r.win.from)), "cpu-cores")
@@ -401,7 +451,7 @@ func (fl *fleet) begin(warmup, measure time.Duration) *phase {
 	ph := &phase{win: window{from: now.Add(warmup).UnixNano(), to: now.Add(warmup + measure).UnixNano()}}
 	for _, c := range fl.conns {
 		c.mu.Lock()
-		c.lats, c.ok, c.fail, c.rep = c.lats[:0], 0, 0, 0
+		c.lats, c.ok, c.fail, c.rep, c.repN = c.lats[:0], 0, 0, 0, 0
 		c.mu.Unlock()
 	}
 	fl.phase.Store(ph)
@@ -423,19 +473,20 @@ func (fl *fleet) finish(ph *phase, stop chan struct{}, senders *sync.WaitGroup, 
 			break
 		}
 	}
-	res := wsResult{win: ph.win, cpu: cpu}
-	var repBytes int64
+	res := wsResult{win: ph.win, cpu: cpu, frames: ph.frames.Load()}
+	var repBytes, repN int64
 	for _, c := range fl.conns {
 		c.mu.Lock()
 		res.ok += c.ok
 		res.fail += c.fail
 		repBytes += c.rep
+		repN += c.repN
 		ph.lat.add(c.lats)
 		c.mu.Unlock()
 	}
 	res.lat = ph.lat.stats()
-	if res.ok > 0 {
-		res.repBytes = float64(repBytes) / float64(res.ok)
+	if repN > 0 {
+		res.repBytes = float64(repBytes) / float64(repN)
 	}
 	if n := ph.reqs.Load(); n > 0 {
 		res.reqBytes = float64(ph.reqBytes.Load()) / float64(n)

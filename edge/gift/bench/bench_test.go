@@ -1,0 +1,157 @@
+package bench
+
+import (
+	"context"
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/cockroachdb/pebble"
+	"github.com/redis/rueidis"
+
+	"github.com/liveedge/liveedge/persist/redistest"
+)
+
+// Smoke tests: the benchmarks' own code at a tiny scale, so plain `go test`
+// catches a broken benchmark in a few seconds.
+
+func TestWorkloadShapes(t *testing.T) {
+	hot := hotWorkload()
+	hotN, streaks := 0, 0
+	for i, s := range hot.seq {
+		if s.sender < senderBase+hotSenders {
+			hotN++
+			if s.gift != comboIdx {
+				t.Fatalf("hot gift %d is not the combo gift", i)
+			}
+			if i == 0 || hot.seq[i-1].sender != s.sender {
+				streaks++
+			}
+		}
+	}
+	if got := float64(hotN) / float64(len(hot.seq)); got < 0.099 || got > 0.101 {
+		t.Errorf("hot share %.4f, want 0.10", got)
+	}
+	// Streaks of comboLen (two streaks of the same sender may touch).
+	if avg := float64(hotN) / float64(streaks); avg < comboLen || avg > comboLen*1.02 {
+		t.Errorf("average combo streak %.2f, want %d", avg, comboLen)
+	}
+	spread := spreadWorkload()
+	seen := map[int64]bool{}
+	for _, s := range spread.seq {
+		seen[s.sender] = true
+		if roomOf(s.sender) == s.sender {
+			t.Fatal("sender is its own receiver")
+		}
+	}
+	if len(seen) != coldSenders {
+		t.Errorf("spread workload uses %d senders, want %d", len(seen), coldSenders)
+	}
+}
+
+func smallWorkload() *workload {
+	w := spreadWorkload()
+	w.name = "small"
+	w.senders = w.senders[:50]
+	w.seq = w.seq[:0]
+	for i := range 5000 {
+		w.seq = append(w.seq, slot{sender: w.senders[i%50], gift: uint8(i % len(catalogue))})
+	}
+	return w
+}
+
+func TestSeedDebit(t *testing.T) {
+	srv := redistest.Start(t)
+	rdb, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{srv.Addr}, DisableCache: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rdb.Close()
+	db, err := pebble.Open(t.TempDir(), &pebble.Options{Logger: quietLogger{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	s := newSeedDebit(rdb, db)
+	if s.redisPID = redisPID(srv.Addr); s.redisPID == 0 {
+		t.Error("redis-server's pid not found (its CPU time will not be reported)")
+	}
+	ctx := context.Background()
+	const user = senderBase + 1
+	if err := s.credit(ctx, []int64{user}, 100); err != nil {
+		t.Fatal(err)
+	}
+	g := giftOp{sender: user, receiver: 1, room: 1, giftID: 22, price: 90}
+	if err := s.debit(ctx, g); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.debit(ctx, g); !errors.Is(err, errSeedInsufficient) {
+		t.Fatalf("second 90-coin gift on 10 coins: %v, want insufficient", err)
+	}
+	// Lock busy: the seed sleeps and retries (sleep replaced: it frees the lock).
+	if err := rdb.Do(ctx, rdb.B().Set().Key(seedLockKey(user)).Value("1").Build()).Error(); err != nil {
+		t.Fatal(err)
+	}
+	var slept []time.Duration
+	s.sleep = func(_ context.Context, d time.Duration) error {
+		slept = append(slept, d)
+		return rdb.Do(ctx, rdb.B().Del().Key(seedLockKey(user)).Build()).Error()
+	}
+	if err := s.debit(ctx, giftOp{sender: user, price: 1}); err != nil {
+		t.Fatal(err)
+	}
+	if len(slept) != 1 || slept[0] < 500*time.Millisecond || slept[0] >= time.Second {
+		t.Fatalf("slept %v, want one sleep in [0.5 s, 1 s)", slept)
+	}
+	bal, err := rdb.Do(ctx, rdb.B().Get().Key(seedBalKey(user)).Build()).AsInt64()
+	if err != nil || bal != 9 {
+		t.Fatalf("balance %d (%v), want 9", bal, err)
+	}
+	s.close()
+	if n := s.tradeID.Load(); n != 2 {
+		t.Fatalf("%d DB rows written, want 2", n)
+	}
+}
+
+func TestDebitLoopSmoke(t *testing.T) {
+	w := smallWorkload()
+	for _, name := range []string{"seed", "liveedge"} {
+		var sys debiter
+		if name == "seed" {
+			sys, _ = startSeed(t, w)
+		} else {
+			sys, _ = startLiveEdge(t, w)
+		}
+		res := runClosedLoop(sys, w, 8, 100*time.Millisecond, 300*time.Millisecond, "t-")
+		if res.ok == 0 || res.fail != 0 || res.lat.n != int(res.ok) {
+			t.Errorf("%s: %d ok, %d failed, %d latencies", name, res.ok, res.fail, res.lat.n)
+		}
+	}
+}
+
+func TestWSSmoke(t *testing.T) {
+	k := knobs{warmup: 100 * time.Millisecond, measure: 300 * time.Millisecond, conns: 4, window: 2, rooms: 2}
+	srv := startEcho(t, int64(k.conns))
+	fl := dialFleet(t, k, func(i int) connTarget {
+		return connTarget{url: "ws://" + srv.addr + "/ws", user: senderBase + int64(i), room: 1, anchor: 1}
+	})
+	fl.joinAll(t)
+	echo := fl.closedLoop(k.warmup, k.measure)
+	fl.close()
+
+	node, fl := startLiveEdgeWS(t, k, false)
+	closed := fl.closedLoop(k.warmup, k.measure)
+	open := fl.openLoop(200, k.warmup, k.measure)
+	checkNode(t, node, fl)
+	node, fl = startLiveEdgeWS(t, k, true)
+	batched := fl.closedLoop(k.warmup, k.measure)
+	checkNode(t, node, fl)
+	for name, r := range map[string]wsResult{"echo": echo, "liveedge": closed, "liveedge open loop": open, "liveedge batch": batched} {
+		if r.ok == 0 || r.fail != 0 {
+			t.Errorf("%s: %d ok, %d failed", name, r.ok, r.fail)
+		}
+	}
+	if d := echo.repBytes / closed.repBytes; d < 0.95 || d > 1.05 {
+		t.Errorf("echo reply %.1f B, LiveEdge reply %.1f B: sizes differ", echo.repBytes, closed.repBytes)
+	}
+}
