@@ -166,16 +166,7 @@ func TestKill9DuringGiftStorm(t *testing.T) {
 	_ = p2.cmd.Process.Signal(syscall.SIGTERM)
 	<-p2.done
 
-	st, err := persist.Open(data)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer st.Close()
-	l, err := persist.NewLedger(st, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cr, db, bal := persisttest.CheckConservation(t, l)
+	cr, db, bal := persisttest.CheckConservationDir(t, data)
 	if cr != credit || db != spent || bal != credit-spent {
 		t.Fatalf("ledger sums: credits %d debits %d balances %d", cr, db, bal)
 	}

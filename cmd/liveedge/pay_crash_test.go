@@ -10,7 +10,6 @@ import (
 	"github.com/liveedge/liveedge/edge/pay"
 	"github.com/liveedge/liveedge/edge/pay/mockpay"
 	"github.com/liveedge/liveedge/gateway/nodetest"
-	"github.com/liveedge/liveedge/persist"
 	"github.com/liveedge/liveedge/persist/persisttest"
 )
 
@@ -94,16 +93,7 @@ func TestKill9DuringNotifyStorm(t *testing.T) {
 	}
 	_ = p2.cmd.Process.Signal(syscall.SIGTERM)
 	<-p2.done
-	st, err := persist.Open(data)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer st.Close()
-	l, err := persist.NewLedger(st, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	c, d, b := persisttest.CheckConservation(t, l)
+	c, d, b := persisttest.CheckConservationDir(t, data)
 	if c != total || d != 0 || b != total {
 		t.Fatalf("credits %d debits %d balances %d, want %d", c, d, b, total)
 	}

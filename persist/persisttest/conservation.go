@@ -25,6 +25,22 @@ func CheckConservation(tb testing.TB, l *persist.Ledger) (credits, debits, balan
 	return credits, debits, balances
 }
 
+// CheckConservationDir is CheckConservation on the local ledger in a stopped
+// node's data directory.
+func CheckConservationDir(tb testing.TB, dataDir string) (credits, debits, balances int64) {
+	tb.Helper()
+	st, err := persist.Open(dataDir)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer st.Close()
+	l, err := persist.NewLedger(st, nil)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return CheckConservation(tb, l)
+}
+
 // CheckSharedConservation is CheckConservation for the shared wallet: the
 // ledgers of every node (their Pebble directories, nodes stopped) against the
 // balances in Redis at addr.
