@@ -101,9 +101,6 @@ func NewLocal(node string, cfg LocalConfig) *Local {
 	return l
 }
 
-// Mids returns the router's mid source (for pushes built elsewhere).
-func (l *Local) Mids() *MidSource { return l.mids }
-
 func (l *Local) shard(id int64) *roomShard { return &l.shards[uint64(id)%roomShards] }
 
 func (l *Local) room(id int64) *room {

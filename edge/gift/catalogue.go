@@ -5,7 +5,6 @@
 package gift
 
 import (
-	"errors"
 	"sort"
 	"strconv"
 	"sync"
@@ -80,7 +79,10 @@ type CatalogueStore interface {
 
 // Catalogue serves the gift list from memory (an immutable snapshot swapped
 // atomically); writes go to the store and then replace the snapshot. Reload
-// re-reads the store (called when another node announces a change).
+// re-reads the store (called when another node announces a change). mu is
+// held across the store I/O on purpose: admin writes and reloads are rare,
+// and serializing them keeps a later snapshot from being replaced by an
+// older one; readers never take it.
 type Catalogue struct {
 	store CatalogueStore
 	snap  atomic.Pointer[map[int64]Gift]
@@ -140,9 +142,6 @@ func (c *Catalogue) List(all bool) []Gift {
 	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
 	return out
 }
-
-// ErrExists is returned by Create for a taken id.
-var ErrExists = errors.New("gift: id exists")
 
 // Create adds g (10409 if the id exists).
 func (c *Catalogue) Create(g Gift) error {

@@ -3,7 +3,6 @@ package pay
 import (
 	"context"
 	"errors"
-	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
@@ -51,6 +50,7 @@ type Service struct {
 	open   map[int64]int64 // order id → created at (ms), orders in WAITING_PAY / PAYING
 
 	notifyURL atomic.Pointer[string]
+	logSeq    atomic.Int64 // last order-log sequence (see transitionRecord)
 
 	stop chan struct{}
 	wg   sync.WaitGroup
@@ -199,7 +199,15 @@ func (s *Service) CreateOrder(user int64, r CreateReq) (Order, error) {
 		if err := b.Set(orderReqKey(user, r.ReqID), persist.EncodeUint64(uint64(id)), nil); err != nil {
 			return err
 		}
-		return s.logTransition(b, id, "", StatusWaitingPay, "created", now)
+		for _, t := range []persist.Record{
+			s.transitionRecord(id, "", StatusWaitingPay, "created", now),
+			s.transitionRecord(id, StatusWaitingPay, StatusPaying, "pay_url issued", now),
+		} {
+			if err := b.Set(t.Key, t.Value, nil); err != nil {
+				return err
+			}
+		}
+		return nil
 	})
 	if err != nil {
 		return Order{}, err
@@ -210,16 +218,23 @@ func (s *Service) CreateOrder(user int64, r CreateReq) (Order, error) {
 	return o, nil
 }
 
-func (s *Service) logTransition(b *persist.Batch, id int64, from, to, why string, at int64) error {
+// transitionRecord is one row of an order's state log,
+// rec/orderlog/<id>/<seq>; seq is strictly increasing within the process
+// (wall-clock ns, bumped past the last one) so two rows never share a key.
+func (s *Service) transitionRecord(id int64, from, to, why string, at int64) persist.Record {
 	v, _ := proto.Marshal(transition{From: from, To: to, Why: why, At: at})
-	k := persist.Key2(prefixOrderLog, uint64(id), uint64(s.cfg.Now().UnixNano()))
-	if err := b.Set(k, v, nil); err != nil {
-		return err
+	for {
+		last := s.logSeq.Load()
+		next := max(s.cfg.Now().UnixNano(), last+1)
+		if s.logSeq.CompareAndSwap(last, next) {
+			return persist.Record{Key: persist.Key2(prefixOrderLog, uint64(id), uint64(next)), Value: v}
+		}
 	}
-	if from == "" && to == StatusWaitingPay {
-		return s.logTransition(b, id, StatusWaitingPay, StatusPaying, "pay_url issued", at)
-	}
-	return nil
+}
+
+func (s *Service) logTransition(b *persist.Batch, id int64, from, to, why string, at int64) error {
+	t := s.transitionRecord(id, from, to, why, at)
+	return b.Set(t.Key, t.Value, nil)
 }
 
 // ParseOrderID parses a decimal order id.
@@ -365,7 +380,6 @@ func (s *Service) markPaid(o Order, id int64, ev Event, evRec persist.Record, no
 	from := o.Status
 	o.Status, o.UpdatedAt, o.PaidAt, o.EventID = StatusPayed, now, ev.PaidAt, ev.EventID
 	ov, _ := proto.Marshal(o)
-	lv, _ := proto.Marshal(transition{From: from, To: StatusPayed, Why: "paid " + ev.EventID, At: now})
 	res, err := s.wallet.Apply(persist.Op{
 		User:     o.UserID,
 		ReqID:    "pay:" + o.OrderID,
@@ -373,7 +387,7 @@ func (s *Service) markPaid(o Order, id int64, ev Event, evRec persist.Record, no
 		Static: []persist.Record{
 			{Key: orderKey(id), Value: ov},
 			evRec,
-			{Key: persist.Key2(prefixOrderLog, uint64(id), uint64(s.cfg.Now().UnixNano())), Value: lv},
+			s.transitionRecord(id, from, StatusPayed, "paid "+ev.EventID, now),
 		},
 	})
 	if err != nil {
@@ -445,11 +459,10 @@ func (s *Service) Refund(id int64) (Order, error) {
 	now := s.cfg.Now().UnixMilli()
 	o.Status, o.UpdatedAt, o.Note = StatusPayBack, now, "refunded"
 	ov, _ := proto.Marshal(o)
-	lv, _ := proto.Marshal(transition{From: StatusPayed, To: StatusPayBack, Why: "refund", At: now})
 	_, err = s.wallet.Apply(persist.Op{User: o.UserID, ReqID: "refund:" + o.OrderID,
 		Postings: []persist.Posting{{User: o.UserID, Delta: -o.Coins, Reason: persist.ReasonRefund, Ref: "order " + o.OrderID}},
 		Static: []persist.Record{{Key: orderKey(id), Value: ov},
-			{Key: persist.Key2(prefixOrderLog, uint64(id), uint64(s.cfg.Now().UnixNano())), Value: lv}}})
+			s.transitionRecord(id, StatusPayed, StatusPayBack, "refund", now)}})
 	if errors.Is(err, persist.ErrInsufficient) {
 		return o, proto.Errorf(proto.CodeInsufficientBalance, "the coins were already spent")
 	}
@@ -543,6 +556,3 @@ func (s *Service) query(o Order) (Event, bool) {
 	}
 	return ev, true
 }
-
-// String is for logs.
-func (o Order) String() string { return fmt.Sprintf("order %s %s", o.OrderID, o.Status) }

@@ -2,16 +2,15 @@ package proto
 
 // Push biz codes (PROTOCOL.md §3). 5559 is a LiveEdge extension.
 const (
-	BizChat          = 5555 // room chat message {"from":U,"text":"..."}
-	BizGift          = 5556 // gift sent
-	BizGiftFailed    = 5557 // gift failed (sender only, ack)
-	BizPKProgress    = 5558 // PK progress
-	BizRoomClosed    = 5559 // extension: the room was closed by its anchor {"room_id":R,"reason":"..."}
-	BizRainStarted   = 5560
-	BizRainFinished  = 5561
-	BizWalletCredit  = 5570
-	BizOrderStatus   = 5580
-	BizSystemMessage = 5590 // extension: free-form notice from the node
+	BizChat         = 5555 // room chat message {"from":U,"text":"..."}
+	BizGift         = 5556 // gift sent
+	BizGiftFailed   = 5557 // gift failed (sender only, ack)
+	BizPKProgress   = 5558 // PK progress
+	BizRoomClosed   = 5559 // extension: the room was closed by its anchor {"room_id":R,"reason":"..."}
+	BizRainStarted  = 5560
+	BizRainFinished = 5561
+	BizWalletCredit = 5570
+	BizOrderStatus  = 5580
 )
 
 // ChatPush is the d of biz 5555.

@@ -206,11 +206,10 @@ func chatData(dst []byte, ts int64) []byte {
 // ---- LiveEdge ----
 
 type liveEdgePub struct {
-	r     *router.Local
-	room  int64
-	data  []byte
-	busy  int // PublishRoom refusals (room queue full) retried
-	sleep time.Duration
+	r    *router.Local
+	room int64
+	data []byte
+	busy int // PublishRoom refusals (room queue full) retried
 }
 
 func (p *liveEdgePub) publish(ts int64) error {

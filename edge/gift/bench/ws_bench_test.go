@@ -208,11 +208,9 @@ type fleet struct {
 type phase struct {
 	win      window
 	lat      latencies
-	ok, fail atomic.Int64
 	reqs     atomic.Int64
 	reqBytes atomic.Int64
 	frames   atomic.Int64 // WebSocket frames received in the window (replies, pushes, batches)
-	repBytes atomic.Int64
 }
 
 // ringSize bounds requests in flight on one connection (ids map to slots).
