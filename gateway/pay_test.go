@@ -318,12 +318,35 @@ func TestRefundPaidOrder(t *testing.T) {
 		t.Fatal(st)
 	}
 	admin := nodetest.Token(t, e.node, 1, gateway.RoleAdmin)
-	url := nodetest.HTTPURL(e.node) + "/api/v1/admin/pay/orders/" + o.OrderID + "/refund"
-	if st := nodetest.DoJSON(t, "POST", url, admin, "", nil); st != 200 {
-		t.Fatalf("refund: %d", st)
+	refund := func() int {
+		return nodetest.DoJSON(t, "POST", nodetest.HTTPURL(e.node)+"/api/v1/admin/pay/orders/"+o.OrderID+"/refund", admin, "", nil)
 	}
-	if st := nodetest.DoJSON(t, "POST", url, admin, "", nil); st != 409 {
-		t.Fatalf("second refund: %d", st)
+	// 20 concurrent refunds of one order: exactly one succeeds.
+	var mu sync.Mutex
+	codes := map[int]int{}
+	var wg sync.WaitGroup
+	for i := 0; i < 20; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			st := refund()
+			mu.Lock()
+			codes[st]++
+			mu.Unlock()
+		}()
+	}
+	wg.Wait()
+	if codes[200] != 1 || codes[409] != 19 {
+		t.Fatalf("concurrent refunds: %v", codes)
+	}
+	// After a restart the refund is still done once; a redelivered notify
+	// does not credit the refunded order again.
+	e.restart(t)
+	if st := refund(); st != 409 {
+		t.Fatalf("refund after restart: %d", st)
+	}
+	if st, _ := e.post(t, sig, body); st != 200 {
+		t.Fatalf("redelivery after refund: %d", st)
 	}
 	if b := e.balance(t, user); b != 0 {
 		t.Fatalf("balance after refund %d", b)
