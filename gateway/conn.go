@@ -80,15 +80,17 @@ func (c *Conn) Send(f *router.Frame) bool {
 	return true
 }
 
-// async runs fn off the reader goroutine, at most cap(sem) at a time; when
-// that many are in flight the reader waits (backpressure on this client only).
-func (c *Conn) async(fn func()) {
+// begin counts one asynchronous request (a gift waiting for its durable
+// debit) in; at most cap(sem) are in flight per connection, beyond that the
+// reader waits (backpressure on this client only). end counts it out.
+func (c *Conn) begin() {
 	c.sem <- struct{}{}
 	c.srv.inflight.Add(1)
-	go func() {
-		defer func() { <-c.sem; c.srv.inflight.Done() }()
-		fn()
-	}()
+}
+
+func (c *Conn) end() {
+	<-c.sem
+	c.srv.inflight.Done()
 }
 
 // reply queues a reply frame.

@@ -35,8 +35,9 @@ func (s *Server) dispatch(c *Conn, b []byte) {
 		if err = decodeValid(&f, &r); err == nil {
 			inRoom := s.router.IsMember(r.RoomID, c)
 			id, user := f.ID, c.ident.UserID
-			c.async(func() {
-				rep, err := s.gifts.Send(user, inRoom, r)
+			c.begin()
+			s.gifts.SendAsync(user, inRoom, r, func(rep gift.Reply, err *proto.Error) {
+				defer c.end()
 				if err != nil {
 					c.reply(proto.EncodeErrorReply(id, err))
 					return

@@ -362,6 +362,9 @@ func (n *Node) closeBackends() error {
 	if n.shared != nil {
 		n.shared.Close()
 	}
+	if n.Ledger != nil {
+		n.Ledger.Close() // commits what is queued
+	}
 	if n.Redis != nil {
 		n.Redis.Close()
 	}

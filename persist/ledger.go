@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"hash/maphash"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -94,6 +95,9 @@ type Result struct {
 // Ledger in single-node mode; a Redis-shared implementation in cluster mode.
 type Wallet interface {
 	Apply(op Op) (Result, error)
+	// ApplyAsync is Apply calling done (quick, non-blocking) with the outcome
+	// instead of returning it.
+	ApplyAsync(op Op, done func(Result, error))
 	Balance(user int64) (int64, error)
 	Trades(user int64, before int64, limit int) ([]Trade, error)
 	Tally(name string, user int64) (int64, error)
@@ -104,7 +108,8 @@ var _ Wallet = (*Ledger)(nil)
 const ledgerShards = 64
 
 // Ledger is the single-node wallet: balances, trades and idempotency records
-// in Pebble, with an in-memory mirror of the balances it has touched.
+// in Pebble, with the balances it has touched and the identities of the
+// requests it has completed mirrored in memory.
 //
 // Invariants:
 //   - bal/<u> in Pebble == Σ Delta of trade/<u>/* (a batch writes both).
@@ -112,24 +117,33 @@ const ledgerShards = 64
 //     reserved and are committing; a debit is reserved only if the
 //     in-memory balance stays ≥ 0, so the durable balance never goes below 0.
 //   - at most one Apply per (user, req_id) moves money: concurrent duplicates
-//     wait for the first and get its result; later ones read it back.
-//   - Apply returns only after its batch is fsynced (group-committed).
+//     wait for the first and get its result; later ones read it back. Every
+//     idempotency record in Pebble younger than the TTL has its hash in
+//     memory (loaded at open, added at commit), so a new request costs no
+//     read: only a hash hit is looked up.
+//   - Apply returns (ApplyAsync calls back) only after its batch is fsynced.
+//     Ops are group-committed by the ledger's committers: every op queued
+//     while a commit is in flight goes into the next batch, with one balance
+//     and tally merge per account and batch.
 //
 // Locks: one mutex per user shard, taken in ascending shard order, never held
-// across I/O.
+// across I/O; the commit queue's mutex is taken alone.
 type Ledger struct {
 	store   *Store
 	now     func() time.Time
 	idemTTL time.Duration
 	seq     atomic.Int64
+	seed    maphash.Seed
 
 	shards [ledgerShards]ledgerShard
+	commit *committer
 }
 
 type ledgerShard struct {
 	mu      sync.Mutex
 	bal     map[int64]int64
 	pending map[idemKey]*call // in flight, or recently finished (failures only)
+	done    map[uint64]int32  // hash(user, req_id) → unix hour of its durable idempotency record
 }
 
 type idemKey struct {
@@ -137,32 +151,63 @@ type idemKey struct {
 	req  string
 }
 
+// call is one request in flight (or a remembered failure); duplicates that
+// arrive meanwhile wait in waiters.
 type call struct {
-	done chan struct{}
-	res  Result
-	err  error
-	at   time.Time
+	hash    uint64
+	fin     bool
+	res     Result
+	err     error
+	at      time.Time
+	waiters []func(Result, error)
 }
 
 // maxRememberedFailures bounds the in-memory failure results per shard.
 const maxRememberedFailures = 4096
 
-// NewLedger opens the ledger on store.
+// NewLedger opens the ledger on store: it loads the trade-id high-water mark
+// and the hashes of the idempotency records younger than the TTL, and starts
+// the committers (stop them with Close).
 func NewLedger(store *Store, now func() time.Time) (*Ledger, error) {
 	if now == nil {
 		now = time.Now
 	}
-	l := &Ledger{store: store, now: now, idemTTL: DefaultIdemTTL}
+	l := &Ledger{store: store, now: now, idemTTL: DefaultIdemTTL, seed: maphash.MakeSeed()}
 	for i := range l.shards {
 		l.shards[i].bal = map[int64]int64{}
 		l.shards[i].pending = map[idemKey]*call{}
+		l.shards[i].done = map[uint64]int32{}
 	}
 	v, err := store.Get(SeqKey("trade"))
 	if err != nil && !errors.Is(err, ErrNotFound) {
 		return nil, err
 	}
 	l.seq.Store(DecodeInt64(v))
+	lower := Key(PrefixIdemX, uint64(now().Add(-l.idemTTL).UnixMilli()))
+	err = store.ScanRange(lower, prefixEnd(PrefixIdemX), func(k, _ []byte) (bool, error) {
+		rest := k[len(PrefixIdemX):] // ms(8) user(8) req
+		if len(rest) < 16 {
+			return true, nil
+		}
+		ms, user := int64(binary.BigEndian.Uint64(rest)), int64(binary.BigEndian.Uint64(rest[8:]))
+		l.shard(user).done[l.idemHash(user, string(rest[16:]))] = unixHour(ms)
+		return true, nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	l.commit = newCommitter(store, commitWorkers)
 	return l, nil
+}
+
+// Close waits for the ops being committed and stops the committers. Apply
+// after Close fails with ErrClosed.
+func (l *Ledger) Close() { l.commit.close() }
+
+func unixHour(ms int64) int32 { return int32(ms / 3_600_000) }
+
+func (l *Ledger) idemHash(user int64, req string) uint64 {
+	return maphash.Comparable(l.seed, idemKey{user, req})
 }
 
 func (l *Ledger) shard(user int64) *ledgerShard { return &l.shards[uint64(user)%ledgerShards] }
@@ -198,80 +243,118 @@ func (l *Ledger) loadBalance(user int64) (int64, error) {
 // is durable. A debit that would take a balance below 0 fails with
 // ErrInsufficient and moves nothing.
 func (l *Ledger) Apply(op Op) (Result, error) {
+	var (
+		res Result
+		err error
+	)
+	ch := make(chan struct{})
+	l.ApplyAsync(op, func(r Result, e error) { res, err = r, e; close(ch) })
+	<-ch
+	return res, err
+}
+
+// ApplyAsync is Apply without the wait: done is called exactly once with the
+// outcome, after the op is durable (or refused). It runs on the caller's
+// goroutine when the outcome is known at once (bad op, insufficient balance,
+// a remembered result) and on a ledger committer otherwise, so it must be
+// quick and must not block. op.Check runs on the caller's goroutine.
+func (l *Ledger) ApplyAsync(op Op, done func(Result, error)) {
 	if len(op.Postings) == 0 && len(op.Tallies) == 0 {
-		return Result{}, ErrBadOp
+		done(Result{}, ErrBadOp)
+		return
 	}
 	if len(op.ReqID) > 160 {
-		return Result{}, fmt.Errorf("%w: req_id longer than 160 bytes", ErrBadOp)
+		done(Result{}, fmt.Errorf("%w: req_id longer than 160 bytes", ErrBadOp))
+		return
 	}
-	var c *call
-	if op.ReqID != "" {
-		var first bool
-		c, first = l.claim(op.User, op.ReqID)
-		if !first {
-			<-c.done
-			r := c.res
-			r.Replayed = true
-			return r, c.err
+	if op.ReqID == "" {
+		if op.Check != nil {
+			if err := op.Check(); err != nil {
+				done(Result{}, err)
+				return
+			}
 		}
-		// Nobody else can run this request now; was it done before (durably)?
+		l.reserveAndCommit(op, done)
+		return
+	}
+	c, first, maybeDone := l.claim(op.User, op.ReqID, done)
+	if !first {
+		return // done is c's waiter, or was called with the remembered result
+	}
+	finish := func(r Result, err error) { l.finish(op, c, done, r, err) }
+	if maybeDone {
+		// A hash hit: read the record (rarely a hash collision, then absent).
 		if v, err := l.store.Get(idemKeyBytes(op.User, op.ReqID)); err == nil {
 			var r Result
 			if err := sonic.Unmarshal(v, &r); err != nil {
-				return l.finish(op, c, Result{}, err)
+				finish(Result{}, err)
+				return
 			}
 			r.Replayed = true
-			return l.finish(op, c, r, nil)
+			finish(r, nil)
+			return
 		} else if !errors.Is(err, ErrNotFound) {
-			return l.finish(op, c, Result{}, err)
+			finish(Result{}, err)
+			return
 		}
 	}
-	var res Result
-	var err error
 	if op.Check != nil {
-		err = op.Check()
+		if err := op.Check(); err != nil {
+			finish(Result{}, err)
+			return
+		}
 	}
-	if err == nil {
-		res, err = l.reserveAndCommit(op)
-	}
-	if c == nil {
-		return res, err
-	}
-	return l.finish(op, c, res, err)
+	l.reserveAndCommit(op, finish)
 }
 
 // claim registers (user, req) as in flight; first reports whether the caller
-// owns it (else it waits on the returned call).
-func (l *Ledger) claim(user int64, req string) (*call, bool) {
+// owns it, maybeDone whether a durable record of it may exist. Otherwise done
+// either waits for the request in flight or is called here with a remembered
+// result.
+func (l *Ledger) claim(user int64, req string, done func(Result, error)) (c *call, first, maybeDone bool) {
 	sh := l.shard(user)
 	k := idemKey{user, req}
 	sh.mu.Lock()
-	defer sh.mu.Unlock()
 	if c, ok := sh.pending[k]; ok {
-		if c.err != nil && l.now().Sub(c.at) > l.idemTTL {
-			delete(sh.pending, k)
-		} else {
-			return c, false
+		switch {
+		case !c.fin:
+			c.waiters = append(c.waiters, done)
+			sh.mu.Unlock()
+			return c, false, false
+		case l.now().Sub(c.at) <= l.idemTTL:
+			r, err := c.res, c.err
+			sh.mu.Unlock()
+			r.Replayed = true
+			done(r, err)
+			return c, false, false
 		}
+		delete(sh.pending, k) // a failure older than the TTL: forgotten
 	}
-	c := &call{done: make(chan struct{})}
+	c = &call{hash: l.idemHash(user, req)}
 	sh.pending[k] = c
-	return c, true
+	_, maybeDone = sh.done[c.hash]
+	sh.mu.Unlock()
+	return c, true, maybeDone
 }
 
-// finish publishes the result to waiting duplicates. Successes are durable
-// (idem record), so they leave memory; failures moved nothing and are kept in
-// a bounded memory window so duplicates get the same answer.
-func (l *Ledger) finish(op Op, c *call, res Result, err error) (Result, error) {
+// finish publishes the result to done and to waiting duplicates. A success
+// is durable (idem record), so it leaves memory but for its hash; failures
+// moved nothing and are kept in a bounded memory window so duplicates get
+// the same answer.
+func (l *Ledger) finish(op Op, c *call, done func(Result, error), res Result, err error) {
 	sh := l.shard(op.User)
 	sh.mu.Lock()
-	c.res, c.err, c.at = res, err, l.now()
-	close(c.done)
+	c.res, c.err, c.at, c.fin = res, err, l.now(), true
+	waiters := c.waiters
+	c.waiters = nil
+	if err == nil {
+		sh.done[c.hash] = unixHour(res.At)
+	}
 	if err == nil || !errors.Is(err, ErrInsufficient) {
 		delete(sh.pending, idemKey{op.User, op.ReqID})
 	} else if len(sh.pending) > maxRememberedFailures {
 		for k, old := range sh.pending {
-			if isDone(old) {
+			if old.fin {
 				delete(sh.pending, k)
 			}
 			if len(sh.pending) <= maxRememberedFailures/2 {
@@ -280,28 +363,31 @@ func (l *Ledger) finish(op Op, c *call, res Result, err error) (Result, error) {
 		}
 	}
 	sh.mu.Unlock()
-	return res, err
-}
-
-func isDone(c *call) bool {
-	select {
-	case <-c.done:
-		return true
-	default:
-		return false
+	done(res, err)
+	res.Replayed = true
+	for _, w := range waiters {
+		w(res, err)
 	}
 }
 
 // reserveAndCommit checks and reserves every posting in memory (atomically
-// across the users involved), then commits the batch durably; on a commit
-// error the reservation is undone.
-func (l *Ledger) reserveAndCommit(op Op) (Result, error) {
+// across the users involved), encodes the op's rows and queues them for the
+// next group commit; done runs once they are durable. If the commit fails the
+// reservation is undone and the ledger refuses every later op (the node must
+// restart and reload from Pebble: after a failed fsync nothing in memory can
+// be trusted).
+func (l *Ledger) reserveAndCommit(op Op, done func(Result, error)) {
 	users := make([]int64, 0, len(op.Postings))
 	for _, p := range op.Postings {
 		if p.User <= 0 {
-			return Result{}, fmt.Errorf("%w: user %d", ErrBadOp, p.User)
+			done(Result{}, fmt.Errorf("%w: user %d", ErrBadOp, p.User))
+			return
 		}
 		users = append(users, p.User)
+	}
+	if err := l.commit.failed(); err != nil {
+		done(Result{}, err)
+		return
 	}
 	// Load balances not yet in memory (I/O outside the locks).
 	for _, u := range users {
@@ -314,7 +400,8 @@ func (l *Ledger) reserveAndCommit(op Op) (Result, error) {
 		}
 		b, err := l.loadBalance(u)
 		if err != nil {
-			return Result{}, err
+			done(Result{}, err)
+			return
 		}
 		sh.mu.Lock()
 		if _, ok := sh.bal[u]; !ok {
@@ -325,18 +412,19 @@ func (l *Ledger) reserveAndCommit(op Op) (Result, error) {
 	locked := l.lockUsers(users)
 	res := Result{TradeIDs: make([]int64, len(op.Postings)), Balances: make([]int64, len(op.Postings)), At: l.now().UnixMilli()}
 	// Check every posting against the running balance first, then apply.
-	after := map[int64]int64{}
 	for i, p := range op.Postings {
-		b, ok := after[p.User]
-		if !ok {
-			b = l.shard(p.User).bal[p.User]
+		b := l.shard(p.User).bal[p.User]
+		for j := 0; j < i; j++ {
+			if op.Postings[j].User == p.User {
+				b = res.Balances[j]
+			}
 		}
 		b += p.Delta
 		if b < 0 {
 			l.unlock(locked)
-			return Result{}, ErrInsufficient
+			done(Result{}, ErrInsufficient)
+			return
 		}
-		after[p.User] = b
 		res.Balances[i] = b
 	}
 	for i, p := range op.Postings {
@@ -345,22 +433,42 @@ func (l *Ledger) reserveAndCommit(op Op) (Result, error) {
 	}
 	l.unlock(locked)
 
-	err := l.store.Apply(func(b *Batch) error { return writeOp(b, op, res) })
-	if err != nil {
-		locked = l.lockUsers(users)
+	undo := func() {
+		locked := l.lockUsers(users)
 		for _, p := range op.Postings {
 			l.shard(p.User).bal[p.User] -= p.Delta
 		}
 		l.unlock(locked)
-		return Result{}, err
 	}
-	return res, nil
+	rows, err := opRows(op, res)
+	if err != nil {
+		undo()
+		done(Result{}, err)
+		return
+	}
+	var maxID int64
+	if n := len(res.TradeIDs); n > 0 {
+		maxID = res.TradeIDs[n-1]
+	}
+	l.commit.add(&commitEntry{rows: rows, postings: op.Postings, tallies: op.Tallies, maxID: maxID,
+		done: func(err error) {
+			if err != nil {
+				undo()
+				done(Result{}, err)
+				return
+			}
+			done(res, nil)
+		}})
 }
 
-// writeOp adds the durable share of an applied op to b: trade rows, balance
-// and tally merges, the trade-id high-water mark, the business records and
-// the idempotency record (with its expiry index). Both wallets use it.
-func writeOp(b *Batch, op Op, res Result) error {
+// row is one key/value an op writes (Set).
+type row struct{ k, v []byte }
+
+// opRows encodes the rows of an applied op: trade rows, the business records
+// and the idempotency record with its expiry index. Balances, tallies and
+// the trade-id high-water mark are merges, added by the caller.
+func opRows(op Op, res Result) ([]row, error) {
+	rows := make([]row, 0, len(op.Postings)+len(op.Static)+2)
 	for i, p := range op.Postings {
 		t := Trade{ID: res.TradeIDs[i], User: p.User, Delta: p.Delta, Reason: p.Reason, Ref: p.Ref,
 			Balance: res.Balances[i], At: res.At}
@@ -369,11 +477,44 @@ func writeOp(b *Batch, op Op, res Result) error {
 		}
 		v, err := sonic.Marshal(t)
 		if err != nil {
+			return nil, err
+		}
+		rows = append(rows, row{Key2(PrefixTrade, uint64(p.User), uint64(t.ID)), v})
+	}
+	for _, r := range op.Static {
+		rows = append(rows, row{r.Key, r.Value})
+	}
+	if op.Records != nil {
+		for _, r := range op.Records(res.TradeIDs) {
+			rows = append(rows, row{r.Key, r.Value})
+		}
+	}
+	if op.ReqID == "" {
+		return rows, nil
+	}
+	v, err := sonic.Marshal(res)
+	if err != nil {
+		return nil, err
+	}
+	x := Key2(PrefixIdemX, uint64(res.At), uint64(op.User))
+	return append(rows, row{idemKeyBytes(op.User, op.ReqID), v}, row{append(x, op.ReqID...), nil}), nil
+}
+
+// writeOp adds the durable share of one applied op to b: its rows plus one
+// merge per posting (balance), tally and the trade-id high-water mark. The
+// shared wallet writes each op this way; the Ledger's committer writes the
+// same rows but one merge per account per batch.
+func writeOp(b *Batch, op Op, res Result) error {
+	rows, err := opRows(op, res)
+	if err != nil {
+		return err
+	}
+	for _, r := range rows {
+		if err := b.Set(r.k, r.v, nil); err != nil {
 			return err
 		}
-		if err := b.Set(Key2(PrefixTrade, uint64(p.User), uint64(t.ID)), v, nil); err != nil {
-			return err
-		}
+	}
+	for _, p := range op.Postings {
 		if err := b.Merge(Key(PrefixBal, uint64(p.User)), EncodeInt64(p.Delta), nil); err != nil {
 			return err
 		}
@@ -384,34 +525,9 @@ func writeOp(b *Batch, op Op, res Result) error {
 		}
 	}
 	if n := len(res.TradeIDs); n > 0 {
-		if err := b.Merge(SeqKey("trade"), EncodeInt64(res.TradeIDs[n-1]), nil); err != nil {
-			return err
-		}
+		return b.Merge(SeqKey("trade"), EncodeInt64(res.TradeIDs[n-1]), nil)
 	}
-	for _, r := range op.Static {
-		if err := b.Set(r.Key, r.Value, nil); err != nil {
-			return err
-		}
-	}
-	if op.Records != nil {
-		for _, r := range op.Records(res.TradeIDs) {
-			if err := b.Set(r.Key, r.Value, nil); err != nil {
-				return err
-			}
-		}
-	}
-	if op.ReqID == "" {
-		return nil
-	}
-	v, err := sonic.Marshal(res)
-	if err != nil {
-		return err
-	}
-	if err := b.Set(idemKeyBytes(op.User, op.ReqID), v, nil); err != nil {
-		return err
-	}
-	x := Key2(PrefixIdemX, uint64(res.At), uint64(op.User))
-	return b.Set(append(x, op.ReqID...), nil, nil)
+	return nil
 }
 
 func (l *Ledger) lockUsers(users []int64) []int {
@@ -476,31 +592,54 @@ func (l *Ledger) Trades(user int64, before int64, limit int) ([]Trade, error) {
 	return out, err
 }
 
-// ExpireIdem deletes idempotency records written before cutoff and returns
-// how many it deleted.
+// ExpireIdem deletes idempotency records written before cutoff (and their
+// hashes in memory) and returns how many it deleted.
 func (l *Ledger) ExpireIdem(cutoff time.Time) (int, error) {
 	upper := Key(PrefixIdemX, uint64(cutoff.UnixMilli()))
-	var keys [][]byte
-	err := l.store.ScanRange(PrefixIdemX, upper, func(k, _ []byte) (bool, error) {
-		keys = append(keys, append([]byte(nil), k...))
-		return len(keys) < 10000, nil
-	})
-	if err != nil || len(keys) == 0 {
-		return 0, err
-	}
-	return len(keys), l.store.Apply(func(b *Batch) error {
-		for _, k := range keys {
-			rest := k[len(PrefixIdemX)+8:] // user(8) + req
-			user := int64(binary.BigEndian.Uint64(rest[:8]))
-			if err := b.Delete(idemKeyBytes(user, string(rest[8:])), nil); err != nil {
-				return err
+	total := 0
+	for {
+		var keys [][]byte
+		err := l.store.ScanRange(PrefixIdemX, upper, func(k, _ []byte) (bool, error) {
+			keys = append(keys, append([]byte(nil), k...))
+			return len(keys) < 10000, nil
+		})
+		if err != nil || len(keys) == 0 {
+			l.forgetBefore(unixHour(cutoff.UnixMilli()))
+			return total, err
+		}
+		err = l.store.Apply(func(b *Batch) error {
+			for _, k := range keys {
+				rest := k[len(PrefixIdemX)+8:] // user(8) + req
+				user := int64(binary.BigEndian.Uint64(rest[:8]))
+				if err := b.Delete(idemKeyBytes(user, string(rest[8:])), nil); err != nil {
+					return err
+				}
+				if err := b.Delete(k, nil); err != nil {
+					return err
+				}
 			}
-			if err := b.Delete(k, nil); err != nil {
-				return err
+			return nil
+		})
+		if err != nil {
+			return total, err
+		}
+		total += len(keys)
+	}
+}
+
+// forgetBefore drops the in-memory hashes of records from hours before hour
+// (their records are gone from Pebble).
+func (l *Ledger) forgetBefore(hour int32) {
+	for i := range l.shards {
+		sh := &l.shards[i]
+		sh.mu.Lock()
+		for h, at := range sh.done {
+			if at < hour {
+				delete(sh.done, h)
 			}
 		}
-		return nil
-	})
+		sh.mu.Unlock()
+	}
 }
 
 // Audit checks conservation over the whole ledger: for every user, the

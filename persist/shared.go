@@ -237,6 +237,12 @@ func parseResult(s string) (Result, error) {
 	return r, err
 }
 
+// ApplyAsync implements Wallet: Apply on its own goroutine (callers bound
+// how many they start).
+func (w *SharedWallet) ApplyAsync(op Op, done func(Result, error)) {
+	go func() { done(w.Apply(op)) }()
+}
+
 // Apply implements Wallet (see the type's doc for the protocol).
 func (w *SharedWallet) Apply(op Op) (Result, error) {
 	if len(op.Postings) == 0 && len(op.Tallies) == 0 {

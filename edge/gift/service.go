@@ -54,21 +54,6 @@ type Reply struct {
 	Balance int64  `json:"balance"`
 }
 
-// Record is the durable gift record (rec/gift/<order id>).
-type Record struct {
-	OrderID    string `json:"order_id"`
-	SenderID   int64  `json:"sender_id"`
-	ReceiverID int64  `json:"receiver_id"`
-	RoomID     int64  `json:"room_id"`
-	GiftID     int64  `json:"gift_id"`
-	Count      int    `json:"count"`
-	Price      int64  `json:"price"`
-	Amount     int64  `json:"amount"`
-	ReqID      string `json:"req_id"`
-	PK         bool   `json:"pk,omitempty"`
-	At         int64  `json:"at"`
-}
-
 // EffectPush is the d of biz 5556.
 type EffectPush struct {
 	From      int64  `json:"from"`
@@ -127,18 +112,35 @@ func (s *Service) SetScorer(sc Scorer) { s.scorer = sc }
 // Catalogue returns the catalogue.
 func (s *Service) Catalogue() *Catalogue { return s.cat }
 
-// Send performs a gift from sender, who must be in r.RoomID (inRoom). On
-// failure the sender also gets a reliable biz 5557.
+// Send performs a gift from sender, who must be in r.RoomID (inRoom), and
+// returns once the debit is durable (or refused). On failure the sender also
+// gets a reliable biz 5557.
 func (s *Service) Send(sender int64, inRoom bool, r Req) (Reply, *proto.Error) {
-	rep, err := s.send(sender, inRoom, r)
-	if err != nil && !err.replayed {
-		d, _ := proto.Marshal(FailedPush{ReqID: r.ReqID, Code: err.Code, Msg: err.Msg})
-		s.router.SendUser(sender, proto.Push{Biz: proto.BizGiftFailed, Room: r.RoomID, Data: d, Ack: true})
-	}
-	if err != nil {
-		return rep, &err.Error
-	}
-	return rep, nil
+	var (
+		rep Reply
+		err *proto.Error
+	)
+	ch := make(chan struct{})
+	s.SendAsync(sender, inRoom, r, func(r Reply, e *proto.Error) { rep, err = r, e; close(ch) })
+	<-ch
+	return rep, err
+}
+
+// SendAsync is Send calling done with the outcome instead of returning it:
+// on the caller's goroutine when it is known at once, else on a wallet
+// goroutine once the debit is durable. done must be quick and not block.
+func (s *Service) SendAsync(sender int64, inRoom bool, r Req, done func(Reply, *proto.Error)) {
+	s.send(sender, inRoom, r, func(rep Reply, err *sendErr) {
+		if err == nil {
+			done(rep, nil)
+			return
+		}
+		if !err.replayed {
+			d, _ := proto.Marshal(FailedPush{ReqID: r.ReqID, Code: err.Code, Msg: err.Msg})
+			s.router.SendUser(sender, proto.Push{Biz: proto.BizGiftFailed, Room: r.RoomID, Data: d, Ack: true})
+		}
+		done(rep, &err.Error)
+	})
 }
 
 type sendErr struct {
@@ -150,74 +152,87 @@ func fail(code int, msg string) *sendErr {
 	return &sendErr{Error: proto.Error{Code: code, Msg: msg}}
 }
 
-func (s *Service) send(sender int64, inRoom bool, r Req) (Reply, *sendErr) {
+// Ref is the trade reference of a gift: what was given to whom, where. The
+// trade row is the gift's durable record; its id is the gift's order id.
+func Ref(room, gift int64, count int, receiver int64, pk bool) string {
+	b := make([]byte, 0, 64)
+	b = append(b, "gift "...)
+	b = strconv.AppendInt(b, gift, 10)
+	b = append(b, " x"...)
+	b = strconv.AppendInt(b, int64(count), 10)
+	b = append(b, " to "...)
+	b = strconv.AppendInt(b, receiver, 10)
+	b = append(b, " in room "...)
+	b = strconv.AppendInt(b, room, 10)
+	if pk {
+		b = append(b, " pk"...)
+	}
+	return string(b)
+}
+
+func (s *Service) send(sender int64, inRoom bool, r Req, done func(Reply, *sendErr)) {
 	if !inRoom {
-		return Reply{}, fail(proto.CodeForbidden, "not in room")
+		done(Reply{}, fail(proto.CodeForbidden, "not in room"))
+		return
 	}
 	if r.ReceiverID == sender {
-		return Reply{}, fail(proto.CodeGiftToSelf, "cannot send a gift to yourself")
+		done(Reply{}, fail(proto.CodeGiftToSelf, "cannot send a gift to yourself"))
+		return
 	}
 	g, ok := s.cat.Get(r.GiftID)
 	if !ok || g.Status != StatusEnabled {
-		return Reply{}, fail(proto.CodeGiftUnavailable, "gift not found or disabled")
+		done(Reply{}, fail(proto.CodeGiftUnavailable, "gift not found or disabled"))
+		return
 	}
 	amount := g.Price * int64(r.Count)
 	op := persist.Op{
-		User:     sender,
-		ReqID:    "gift:" + r.ReqID,
-		Postings: []persist.Posting{{User: sender, Delta: -amount, Reason: persist.ReasonGift}},
-		Tallies:  []persist.Tally{{Name: TallyReceived, User: r.ReceiverID, Delta: amount}},
+		User:  sender,
+		ReqID: "gift:" + r.ReqID,
+		Postings: []persist.Posting{{User: sender, Delta: -amount, Reason: persist.ReasonGift,
+			Ref: Ref(r.RoomID, g.ID, r.Count, r.ReceiverID, r.PK)}},
+		Tallies: []persist.Tally{{Name: TallyReceived, User: r.ReceiverID, Delta: amount}},
 		Check: func() error {
 			if !s.limit.Allow(uint64(sender)) {
 				return errRateLimited
 			}
 			return nil
 		},
-		Records: func(ids []int64) []persist.Record {
-			rec := Record{OrderID: strconv.FormatInt(ids[0], 10), SenderID: sender, ReceiverID: r.ReceiverID,
-				RoomID: r.RoomID, GiftID: g.ID, Count: r.Count, Price: g.Price, Amount: amount, ReqID: r.ReqID,
-				PK: r.PK, At: time.Now().UnixMilli()}
-			v, _ := proto.Marshal(rec)
-			return []persist.Record{{Key: recordKey(rec.OrderID), Value: v}}
-		},
 	}
-	op.Postings[0].Ref = "gift to " + strconv.FormatInt(r.ReceiverID, 10)
-	res, err := s.wallet.Apply(op)
-	if err != nil {
-		e := fail(proto.CodeInternal, "internal error")
-		switch {
-		case errors.Is(err, persist.ErrInsufficient):
-			e = fail(proto.CodeInsufficientBalance, "insufficient balance")
-		case errors.Is(err, errRateLimited):
-			e = fail(proto.CodeRateLimited, "too many gifts, slow down")
-		case errors.Is(err, persist.ErrWalletUnavailable):
-			e = fail(proto.CodeInternal, "wallet temporarily unavailable, nothing was debited; retry with the same req_id")
-		default:
-			s.log.Error("gift debit failed", "sender", sender, "req_id", r.ReqID, "err", err)
+	s.wallet.ApplyAsync(op, func(res persist.Result, err error) {
+		if err != nil {
+			e := fail(proto.CodeInternal, "internal error")
+			switch {
+			case errors.Is(err, persist.ErrInsufficient):
+				e = fail(proto.CodeInsufficientBalance, "insufficient balance")
+			case errors.Is(err, errRateLimited):
+				e = fail(proto.CodeRateLimited, "too many gifts, slow down")
+			case errors.Is(err, persist.ErrWalletUnavailable):
+				e = fail(proto.CodeInternal, "wallet temporarily unavailable, nothing was debited; retry with the same req_id")
+			default:
+				s.log.Error("gift debit failed", "sender", sender, "req_id", r.ReqID, "err", err)
+			}
+			e.replayed = res.Replayed
+			done(Reply{}, e)
+			return
 		}
-		e.replayed = res.Replayed
-		return Reply{}, e
-	}
-	orderID := strconv.FormatInt(res.TradeIDs[0], 10)
-	rep := Reply{OrderID: orderID, Balance: res.Balances[0]}
-	if res.Replayed {
-		return rep, nil // effects went out the first time
-	}
-	ev := EffectPush{From: sender, To: r.ReceiverID, GiftID: g.ID, Count: r.Count, EffectURL: g.SvgaURL, OrderID: orderID}
-	d, _ := proto.Marshal(ev)
-	s.router.SendUser(r.ReceiverID, proto.Push{Biz: proto.BizGift, Room: r.RoomID, Data: d, Ack: true})
-	s.effects.add(r.RoomID, ev)
-	if r.PK && s.scorer != nil {
-		s.scorer.AddScore(r.RoomID, amount)
-	}
-	return rep, nil
+		orderID := strconv.FormatInt(res.TradeIDs[0], 10)
+		rep := Reply{OrderID: orderID, Balance: res.Balances[0]}
+		if res.Replayed {
+			done(rep, nil) // effects went out the first time
+			return
+		}
+		ev := EffectPush{From: sender, To: r.ReceiverID, GiftID: g.ID, Count: r.Count, EffectURL: g.SvgaURL, OrderID: orderID}
+		d, _ := proto.Marshal(ev)
+		s.router.SendUser(r.ReceiverID, proto.Push{Biz: proto.BizGift, Room: r.RoomID, Data: d, Ack: true})
+		s.effects.add(r.RoomID, ev)
+		if r.PK && s.scorer != nil {
+			s.scorer.AddScore(r.RoomID, amount)
+		}
+		done(rep, nil)
+	})
 }
 
 var errRateLimited = errors.New("gift: rate limited")
-
-func recordKey(orderID string) []byte {
-	return append(append(append([]byte{}, persist.PrefixRec...), "gift/"...), orderID...)
-}
 
 // effects is the per-room effect queue: gifts of one sender, gift and
 // receiver that arrive within the window are merged into one push (a combo),

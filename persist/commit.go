@@ -1,0 +1,190 @@
+package persist
+
+import (
+	"errors"
+	"fmt"
+	"slices"
+	"sync"
+)
+
+// commitWorkers is how many group commits may be in flight at once: while
+// one waits for its fsync, the ops that arrived meanwhile are being written.
+const commitWorkers = 2
+
+// maxGroupOps bounds the ops of one batch.
+const maxGroupOps = 4096
+
+// ErrClosed is returned for ops applied after Ledger.Close.
+var ErrClosed = errors.New("persist: ledger closed")
+
+// commitEntry is one op's share of a group commit, encoded by its caller.
+type commitEntry struct {
+	rows     []row
+	postings []Posting
+	tallies  []Tally
+	maxID    int64
+	done     func(error) // runs on the committer after the fsync; must not block
+}
+
+// committer group-commits ledger ops: every op queued while a batch is being
+// committed goes into the next batch, one Pebble batch and one fsync for all
+// of them, with balance and tally merges summed per account.
+type committer struct {
+	store *Store
+
+	mu     sync.Mutex
+	queue  []*commitEntry
+	closed bool
+	err    error // the first commit failure: the ledger takes no more ops
+
+	wake chan struct{} // cap 1: the queue is not empty
+	stop chan struct{}
+	wg   sync.WaitGroup
+}
+
+func newCommitter(store *Store, workers int) *committer {
+	c := &committer{store: store, wake: make(chan struct{}, 1), stop: make(chan struct{})}
+	c.wg.Add(workers)
+	for range workers {
+		go c.worker()
+	}
+	return c
+}
+
+func (c *committer) add(e *commitEntry) {
+	c.mu.Lock()
+	if err := c.failedLocked(); err != nil {
+		c.mu.Unlock()
+		e.done(err)
+		return
+	}
+	c.queue = append(c.queue, e)
+	c.mu.Unlock()
+	c.signal()
+}
+
+func (c *committer) signal() {
+	select {
+	case c.wake <- struct{}{}:
+	default:
+	}
+}
+
+// failed returns why the committer takes no more ops, or nil.
+func (c *committer) failed() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.failedLocked()
+}
+
+func (c *committer) failedLocked() error {
+	if c.err != nil {
+		return c.err
+	}
+	if c.closed {
+		return ErrClosed
+	}
+	return nil
+}
+
+// close commits what is queued and stops the workers.
+func (c *committer) close() {
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		return
+	}
+	c.closed = true
+	c.mu.Unlock()
+	close(c.stop)
+	c.wg.Wait()
+}
+
+func (c *committer) worker() {
+	defer c.wg.Done()
+	for {
+		c.mu.Lock()
+		for len(c.queue) == 0 {
+			closed := c.closed
+			c.mu.Unlock()
+			if closed {
+				return
+			}
+			select {
+			case <-c.wake:
+			case <-c.stop:
+			}
+			c.mu.Lock()
+		}
+		n := min(len(c.queue), maxGroupOps)
+		group := c.queue[:n:n]
+		if n < len(c.queue) {
+			c.queue = slices.Clone(c.queue[n:])
+			c.signal() // the other worker takes the rest
+		} else {
+			c.queue = nil
+		}
+		c.mu.Unlock()
+
+		err := c.write(group)
+		if err != nil {
+			err = fmt.Errorf("persist: ledger commit failed, the node must restart: %w", err)
+			c.mu.Lock()
+			if c.err == nil {
+				c.err = err
+			}
+			c.mu.Unlock()
+		}
+		for _, e := range group {
+			e.done(err)
+		}
+	}
+}
+
+type tallyID struct {
+	name string
+	user int64
+}
+
+// write commits one group durably.
+func (c *committer) write(group []*commitEntry) error {
+	return c.store.Apply(func(b *Batch) error {
+		bal := map[int64]int64{}
+		tal := map[tallyID]int64{}
+		var maxID int64
+		for _, e := range group {
+			for _, r := range e.rows {
+				if err := b.Set(r.k, r.v, nil); err != nil {
+					return err
+				}
+			}
+			for _, p := range e.postings {
+				bal[p.User] += p.Delta
+			}
+			for _, t := range e.tallies {
+				tal[tallyID{t.Name, t.User}] += t.Delta
+			}
+			maxID = max(maxID, e.maxID)
+		}
+		for u, d := range bal {
+			if d == 0 {
+				continue
+			}
+			if err := b.Merge(Key(PrefixBal, uint64(u)), EncodeInt64(d), nil); err != nil {
+				return err
+			}
+		}
+		for t, d := range tal {
+			if d == 0 {
+				continue
+			}
+			if err := b.Merge(TallyKey(t.name, t.user), EncodeInt64(d), nil); err != nil {
+				return err
+			}
+		}
+		if maxID > 0 {
+			return b.Merge(SeqKey("trade"), EncodeInt64(maxID), nil)
+		}
+		return nil
+	})
+}
