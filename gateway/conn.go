@@ -45,7 +45,8 @@ type Conn struct {
 	badCount  int
 	badWindow time.Time
 
-	sem chan struct{} // bounds async requests in flight
+	sem  chan struct{} // bounds async requests in flight
+	cork *corkConn      // the socket's net.Conn
 
 	ackMu   sync.Mutex
 	pending map[string]*pendingPush
@@ -170,8 +171,15 @@ func (c *Conn) writeLoop() {
 		c.mu.Unlock()
 
 		c.refreshWriteDeadline()
+		c.cork.cork()
 		var err error
 		pieces, err = c.write(frames, pieces[:0])
+		if ferr := c.cork.flush(); ferr != nil && err == nil {
+			// gws did not see this write fail: close the socket so that its
+			// read loop ends and OnClose cleans up.
+			_ = c.cork.Conn.Close()
+			err = ferr
+		}
 		clear(frames)
 		clear(pieces)
 		spare = frames
@@ -208,8 +216,9 @@ var (
 	batchClose = []byte("]}")
 )
 
-// write sends frames: merged into batch frames for clients that accept them,
-// one WebSocket frame per message otherwise. A merged batch is written as a
+// write sends frames (corked by the caller: one write(2) for the pass):
+// merged into batch frames for clients that accept them, one WebSocket frame
+// per message otherwise. A merged batch is written as a
 // vector of the shared message bytes (gws frames it with one copy), never
 // rebuilt per connection. pieces is scratch space, returned for reuse.
 func (c *Conn) write(frames []*router.Frame, pieces [][]byte) ([][]byte, error) {

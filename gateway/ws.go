@@ -120,17 +120,27 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		writeJSONError(w, http.StatusServiceUnavailable, proto.Errorf(proto.CodeInternal, "node is full"))
 		return
 	}
-	socket, err := s.up.Upgrade(w, r)
+	hj, ok := w.(http.Hijacker)
+	if !ok {
+		writeJSONError(w, http.StatusInternalServerError, proto.ErrInternal)
+		return
+	}
+	netConn, rw, err := hj.Hijack()
 	if err != nil {
-		return // gws answered the handshake error
+		return
 	}
 	if n := s.cfg.WS.SocketSendBuffer; n > 0 {
-		if tc, ok := socket.NetConn().(*net.TCPConn); ok {
+		if tc, ok := netConn.(*net.TCPConn); ok {
 			_ = tc.SetWriteBuffer(n)
 		}
 	}
+	cc := &corkConn{Conn: netConn}
+	socket, err := s.up.UpgradeFromConn(cc, rw.Reader, r)
+	if err != nil {
+		return // gws answered the handshake error and closed the connection
+	}
 	c := &Conn{
-		id: s.nextID.Add(1), ident: ident, ws: socket, srv: s,
+		id: s.nextID.Add(1), ident: ident, ws: socket, srv: s, cork: cc,
 		batch:   r.URL.Query().Get("batch") == "1",
 		pending: map[string]*pendingPush{},
 		done:    make(chan struct{}),

@@ -1,6 +1,7 @@
 package persist
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"slices"
@@ -146,45 +147,63 @@ type tallyID struct {
 	user int64
 }
 
-// write commits one group durably.
+// write commits one group durably. Its keys go into the batch sorted: the
+// memtable inserts a batch in order, reusing the previous insert's position,
+// so sorted keys cost far fewer skiplist comparisons than random ones.
 func (c *committer) write(group []*commitEntry) error {
+	n := 1
+	for _, e := range group {
+		n += len(e.rows) + len(e.postings) + len(e.tallies)
+	}
+	kvs := make([]batchKV, 0, n)
+	bal := map[int64]int64{}
+	tal := map[tallyID]int64{}
+	var maxID int64
+	for _, e := range group {
+		for _, r := range e.rows {
+			kvs = append(kvs, batchKV{k: r.k, v: r.v})
+		}
+		for _, p := range e.postings {
+			bal[p.User] += p.Delta
+		}
+		for _, t := range e.tallies {
+			tal[tallyID{t.Name, t.User}] += t.Delta
+		}
+		maxID = max(maxID, e.maxID)
+	}
+	for u, d := range bal {
+		if d != 0 {
+			kvs = append(kvs, batchKV{k: Key(PrefixBal, uint64(u)), v: EncodeInt64(d), merge: true})
+		}
+	}
+	for t, d := range tal {
+		if d != 0 {
+			kvs = append(kvs, batchKV{k: TallyKey(t.name, t.user), v: EncodeInt64(d), merge: true})
+		}
+	}
+	if maxID > 0 {
+		kvs = append(kvs, batchKV{k: SeqKey("trade"), v: EncodeInt64(maxID), merge: true})
+	}
+	// Stable: two rows of one key (an op's record rewritten by a later op of
+	// the group) keep their order, the later one wins.
+	slices.SortStableFunc(kvs, func(a, b batchKV) int { return bytes.Compare(a.k, b.k) })
 	return c.store.Apply(func(b *Batch) error {
-		bal := map[int64]int64{}
-		tal := map[tallyID]int64{}
-		var maxID int64
-		for _, e := range group {
-			for _, r := range e.rows {
-				if err := b.Set(r.k, r.v, nil); err != nil {
-					return err
-				}
+		for _, kv := range kvs {
+			var err error
+			if kv.merge {
+				err = b.Merge(kv.k, kv.v, nil)
+			} else {
+				err = b.Set(kv.k, kv.v, nil)
 			}
-			for _, p := range e.postings {
-				bal[p.User] += p.Delta
-			}
-			for _, t := range e.tallies {
-				tal[tallyID{t.Name, t.User}] += t.Delta
-			}
-			maxID = max(maxID, e.maxID)
-		}
-		for u, d := range bal {
-			if d == 0 {
-				continue
-			}
-			if err := b.Merge(Key(PrefixBal, uint64(u)), EncodeInt64(d), nil); err != nil {
+			if err != nil {
 				return err
 			}
-		}
-		for t, d := range tal {
-			if d == 0 {
-				continue
-			}
-			if err := b.Merge(TallyKey(t.name, t.user), EncodeInt64(d), nil); err != nil {
-				return err
-			}
-		}
-		if maxID > 0 {
-			return b.Merge(SeqKey("trade"), EncodeInt64(maxID), nil)
 		}
 		return nil
 	})
+}
+
+type batchKV struct {
+	k, v  []byte
+	merge bool
 }
