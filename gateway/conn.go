@@ -46,7 +46,7 @@ type Conn struct {
 	badWindow time.Time
 
 	sem  chan struct{} // bounds async requests in flight
-	cork *corkConn      // the socket's net.Conn
+	cork *corkConn     // the socket's net.Conn
 
 	ackMu   sync.Mutex
 	pending map[string]*pendingPush
