@@ -107,7 +107,11 @@ type Limits struct {
 // Gifts configures gift sending.
 type Gifts struct {
 	EffectWindow Duration `yaml:"effect_window"` // combo merging window of room gift effects
-	MaxInflight  int      `yaml:"max_inflight"`  // gift requests one connection may have in flight
+	// RoomEffectsPerSecond caps the effect pushes (biz 5556) one room gets
+	// per second: when more distinct effects pile up, the room's merging
+	// window stretches so that each push carries more (0 = no cap).
+	RoomEffectsPerSecond int `yaml:"room_effects_per_second"`
+	MaxInflight          int `yaml:"max_inflight"` // gift requests one connection may have in flight
 }
 
 // Wallet chooses where balances live.
@@ -271,6 +275,7 @@ func (c *Config) Validate() error {
 	check(len(c.Pay.Secrets) > 0, "pay.secrets needs at least one secret")
 	check(c.Pay.WorkerID >= -1 && c.Pay.WorkerID < 32, "pay.worker_id must be -1..31")
 	check(c.Gifts.MaxInflight > 0, "gifts.max_inflight must be > 0")
+	check(c.Gifts.RoomEffectsPerSecond >= 0, "gifts.room_effects_per_second must be >= 0")
 	check(c.HTTP.MaxBodyBytes > 0, "http.max_body_bytes must be > 0")
 	check(c.Shutdown.DrainTimeout.D() > 0, "shutdown.drain_timeout must be > 0")
 	if len(errs) > 0 {

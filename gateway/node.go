@@ -149,6 +149,7 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 	reload()
 	n.Gifts = gift.New(n.Wallet, n.Router, cat, gift.Config{
 		PerSecond: cfg.Limits.GiftPerSecond, EffectWindow: cfg.Gifts.EffectWindow.D(),
+		RoomEffectsPerSecond: cfg.Gifts.RoomEffectsPerSecond,
 	}, log)
 	n.PK = pk.New(n.Router, n.Rooms.IsOpen)
 	n.Gifts.SetScorer(n.PK)

@@ -81,6 +81,9 @@ type Scorer interface {
 type Config struct {
 	PerSecond    int           // gifts per user per second (0 = no limit)
 	EffectWindow time.Duration // combo merging window of room effects (0 = 100 ms)
+	// RoomEffectsPerSecond caps a room's effect pushes per second by
+	// stretching its merging window (0 = no cap).
+	RoomEffectsPerSecond int
 }
 
 // Service sends gifts. Safe for concurrent use; Send blocks until the debit
@@ -102,7 +105,7 @@ func New(w persist.Wallet, r router.Router, cat *Catalogue, cfg Config, log *slo
 	}
 	s := &Service{wallet: w, router: r, cat: cat, log: log,
 		limit: limit.New(cfg.PerSecond, time.Second, max(1, cfg.PerSecond), nil)}
-	s.effects = newEffects(r, cfg.EffectWindow)
+	s.effects = newEffects(r, cfg.EffectWindow, cfg.RoomEffectsPerSecond)
 	return s
 }
 
@@ -237,12 +240,21 @@ var errRateLimited = errors.New("gift: rate limited")
 // effects is the per-room effect queue: gifts of one sender, gift and
 // receiver that arrive within the window are merged into one push (a combo),
 // in first-arrival order. The debit reply never waits for it.
+//
+// A room's pushes are capped at perSecond: a flush of k effects holds the
+// room's next flush back until k/perSecond has passed, so a busy room merges
+// over longer windows instead of sending more pushes to every viewer — the
+// fan-out cost stays bounded whatever the gift rate, and no gift is lost
+// from the display (its count is in the combo).
 type effects struct {
-	router router.Router
-	window time.Duration
+	router    router.Router
+	window    time.Duration
+	perSecond int
 
 	mu    sync.Mutex
 	rooms map[int64]*roomEffects
+	// next is when each recently flushed room may flush again.
+	next map[int64]time.Time
 }
 
 type roomEffects struct {
@@ -257,8 +269,9 @@ type effectKey struct {
 // maxEffectKeys bounds a room's pending effects; beyond it the room flushes early.
 const maxEffectKeys = 1024
 
-func newEffects(r router.Router, window time.Duration) *effects {
-	return &effects{router: r, window: window, rooms: map[int64]*roomEffects{}}
+func newEffects(r router.Router, window time.Duration, perSecond int) *effects {
+	return &effects{router: r, window: window, perSecond: perSecond,
+		rooms: map[int64]*roomEffects{}, next: map[int64]time.Time{}}
 }
 
 func (e *effects) add(room int64, ev EffectPush) {
@@ -268,7 +281,14 @@ func (e *effects) add(room int64, ev EffectPush) {
 	if !ok {
 		re = &roomEffects{acc: map[effectKey]*EffectPush{}}
 		e.rooms[room] = re
-		time.AfterFunc(e.window, func() { e.flush(room) })
+		wait := e.window
+		if next, ok := e.next[room]; ok {
+			if d := time.Until(next); d > wait {
+				wait = d
+			}
+			delete(e.next, room)
+		}
+		time.AfterFunc(wait, func() { e.flush(room) })
 	}
 	if acc, ok := re.acc[k]; ok {
 		acc.Count += ev.Count
@@ -290,6 +310,17 @@ func (e *effects) flush(room int64) {
 	e.mu.Lock()
 	re := e.rooms[room]
 	delete(e.rooms, room)
+	if re != nil && e.perSecond > 0 {
+		now := time.Now()
+		e.next[room] = now.Add(time.Duration(len(re.order)) * time.Second / time.Duration(e.perSecond))
+		if len(e.next) > 4*len(e.rooms)+1024 {
+			for r, t := range e.next { // forget rooms whose hold is over
+				if t.Before(now) {
+					delete(e.next, r)
+				}
+			}
+		}
+	}
 	e.mu.Unlock()
 	if re == nil {
 		return

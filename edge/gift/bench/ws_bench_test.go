@@ -60,6 +60,25 @@ func BenchmarkGiftWS(b *testing.B) {
 			fl.close()
 		}
 	})
+	// The machine's floor for the latency target: the bare echo, open loop,
+	// at half its own max rate.
+	b.Run("echo_half", func(b *testing.B) {
+		if echoRate == 0 {
+			b.Skip("needs the echo sub-benchmark of the same run (its rate)")
+		}
+		for range b.N {
+			srv := startEcho(b, int64(k.conns))
+			fl := dialFleet(b, k, func(i int) connTarget {
+				room := int64(i%k.rooms) + 1
+				return connTarget{url: "ws://" + srv.addr + "/ws", user: senderBase + int64(i), room: room, anchor: room}
+			})
+			fl.joinAll(b)
+			res := fl.openLoop(echoRate/2, k.warmup, k.measure)
+			res.report(b)
+			b.ReportMetric(echoRate/2, "offered/s")
+			fl.close()
+		}
+	})
 	for _, batch := range []bool{false, true} {
 		name := "liveedge"
 		if batch {

@@ -1,0 +1,91 @@
+package gift
+
+import (
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/bytedance/sonic"
+	"github.com/liveedge/liveedge/router"
+)
+
+// viewer records the effect pushes it receives and when.
+type viewer struct {
+	mu   sync.Mutex
+	got  []EffectPush
+	when []time.Time
+}
+
+func (v *viewer) ID() uint64    { return 1 }
+func (v *viewer) UserID() int64 { return 1000 }
+func (v *viewer) Send(f *router.Frame) bool {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	for _, m := range f.Msgs {
+		var push struct {
+			D EffectPush `json:"d"`
+		}
+		if err := sonic.Unmarshal(m.Bytes, &push); err == nil {
+			v.got = append(v.got, push.D)
+			v.when = append(v.when, time.Now())
+		}
+	}
+	return true
+}
+
+func (v *viewer) snapshot() ([]EffectPush, []time.Time) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return append([]EffectPush(nil), v.got...), append([]time.Time(nil), v.when...)
+}
+
+// A busy room's effect pushes are capped: after a flush of 50 effects at 100
+// pushes/s, the next flush waits ~0.5 s, and what arrives meanwhile is merged
+// into combos (counts summed), so nothing is lost from the display.
+func TestRoomEffectsCappedByStretchingTheWindow(t *testing.T) {
+	rt := router.NewLocal("t", router.LocalConfig{})
+	rt.OpenRoom(7)
+	v := &viewer{}
+	if _, err := rt.Join(7, v); err != nil {
+		t.Fatal(err)
+	}
+	e := newEffects(rt, 20*time.Millisecond, 100)
+	for from := int64(1); from <= 50; from++ {
+		e.add(7, EffectPush{From: from, To: 99, GiftID: 1, Count: 1})
+	}
+	waitFor(t, func() bool { got, _ := v.snapshot(); return len(got) == 50 })
+	_, when := v.snapshot()
+	first := when[49]
+	// Second wave: 10 senders × 5 gifts each, right after the first flush.
+	for i := 0; i < 5; i++ {
+		for from := int64(1); from <= 10; from++ {
+			e.add(7, EffectPush{From: from, To: 99, GiftID: 1, Count: 2})
+		}
+	}
+	waitFor(t, func() bool { got, _ := v.snapshot(); return len(got) == 60 })
+	got, when := v.snapshot()
+	if gap := when[50].Sub(first); gap < 400*time.Millisecond {
+		t.Fatalf("second flush %v after the first: the cap did not hold it back", gap)
+	}
+	total := 0
+	for _, p := range got[50:] {
+		if p.Combo != 5 || p.Count != 10 {
+			t.Fatalf("not merged: %+v", p)
+		}
+		total += p.Count
+	}
+	if total != 100 {
+		t.Fatalf("count %d, want 100", total)
+	}
+}
+
+func waitFor(t *testing.T, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatal("timed out")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
