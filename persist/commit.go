@@ -184,9 +184,17 @@ func (c *committer) write(group []*commitEntry) error {
 	if maxID > 0 {
 		kvs = append(kvs, batchKV{k: SeqKey("trade"), v: EncodeInt64(maxID), merge: true})
 	}
-	// Stable: two rows of one key (an op's record rewritten by a later op of
-	// the group) keep their order, the later one wins.
-	slices.SortStableFunc(kvs, func(a, b batchKV) int { return bytes.Compare(a.k, b.k) })
+	// Two rows of one key (a record rewritten by a later op of the group)
+	// keep their order, so the later one wins.
+	for i := range kvs {
+		kvs[i].seq = i
+	}
+	slices.SortFunc(kvs, func(a, b batchKV) int {
+		if c := bytes.Compare(a.k, b.k); c != 0 {
+			return c
+		}
+		return a.seq - b.seq
+	})
 	return c.store.Apply(func(b *Batch) error {
 		for _, kv := range kvs {
 			var err error
@@ -206,4 +214,5 @@ func (c *committer) write(group []*commitEntry) error {
 type batchKV struct {
 	k, v  []byte
 	merge bool
+	seq   int
 }

@@ -10,8 +10,8 @@ import "encoding/binary"
 //	bal/<user>              int64 coin balance (merge: add)
 //	tally/<name>/<user>     int64 non-coin tally, e.g. gift value received (merge: add)
 //	trade/<user>/<id>       JSON Trade, append-only
-//	idem/<user>/<req_id>    JSON idempotency record (first result of a request)
-//	idemx/<ms>/<user>/<req> expiry index of idem records
+//	idem/<hour>/<user>/<req_id> JSON idempotency record (first result of a
+//	                        request), by the unix hour it was written in
 //	rec/<kind>/<id>         JSON business record (e.g. rec/gift/<order>)
 var (
 	PrefixRoom  = []byte("room/")
@@ -20,7 +20,6 @@ var (
 	PrefixTally = []byte("tally/")
 	PrefixTrade = []byte("trade/")
 	PrefixIdem  = []byte("idem/")
-	PrefixIdemX = []byte("idemx/")
 	PrefixRec   = []byte("rec/")
 )
 

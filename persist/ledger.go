@@ -183,14 +183,12 @@ func NewLedger(store *Store, now func() time.Time) (*Ledger, error) {
 		return nil, err
 	}
 	l.seq.Store(DecodeInt64(v))
-	lower := Key(PrefixIdemX, uint64(now().Add(-l.idemTTL).UnixMilli()))
-	err = store.ScanRange(lower, prefixEnd(PrefixIdemX), func(k, _ []byte) (bool, error) {
-		rest := k[len(PrefixIdemX):] // ms(8) user(8) req
-		if len(rest) < 16 {
-			return true, nil
+	lower := Key(PrefixIdem, uint64(unixHour(now().Add(-l.idemTTL).UnixMilli())))
+	err = store.ScanRange(lower, prefixEnd(PrefixIdem), func(k, _ []byte) (bool, error) {
+		hour, user, req, ok := parseIdemKey(k)
+		if ok {
+			l.shard(user).done[l.idemHash(user, req)] = hour
 		}
-		ms, user := int64(binary.BigEndian.Uint64(rest)), int64(binary.BigEndian.Uint64(rest[8:]))
-		l.shard(user).done[l.idemHash(user, string(rest[16:]))] = unixHour(ms)
 		return true, nil
 	})
 	if err != nil {
@@ -212,11 +210,24 @@ func (l *Ledger) idemHash(user int64, req string) uint64 {
 
 func (l *Ledger) shard(user int64) *ledgerShard { return &l.shards[uint64(user)%ledgerShards] }
 
-func idemKeyBytes(user int64, req string) []byte {
-	k := make([]byte, 0, len(PrefixIdem)+8+len(req))
+// idemKeyBytes is the key of the idempotency record of (user, req) written
+// in unix hour hour: idem/<hour>/<user>/<req>. The hour comes first so that
+// expiry is one range deletion and loading the recent hashes one short scan;
+// the hour of a record is kept with its hash in memory.
+func idemKeyBytes(hour int32, user int64, req string) []byte {
+	k := make([]byte, 0, len(PrefixIdem)+16+len(req))
 	k = append(k, PrefixIdem...)
+	k = binary.BigEndian.AppendUint64(k, uint64(hour))
 	k = binary.BigEndian.AppendUint64(k, uint64(user))
 	return append(k, req...)
+}
+
+func parseIdemKey(k []byte) (hour int32, user int64, req string, ok bool) {
+	rest := k[len(PrefixIdem):]
+	if len(rest) < 16 {
+		return 0, 0, "", false
+	}
+	return int32(binary.BigEndian.Uint64(rest)), int64(binary.BigEndian.Uint64(rest[8:])), string(rest[16:]), true
 }
 
 // Balance returns user's coin balance.
@@ -277,14 +288,14 @@ func (l *Ledger) ApplyAsync(op Op, done func(Result, error)) {
 		l.reserveAndCommit(op, done)
 		return
 	}
-	c, first, maybeDone := l.claim(op.User, op.ReqID, done)
+	c, first, hour, maybeDone := l.claim(op.User, op.ReqID, done)
 	if !first {
 		return // done is c's waiter, or was called with the remembered result
 	}
 	finish := func(r Result, err error) { l.finish(op, c, done, r, err) }
 	if maybeDone {
 		// A hash hit: read the record (rarely a hash collision, then absent).
-		if v, err := l.store.Get(idemKeyBytes(op.User, op.ReqID)); err == nil {
+		if v, err := l.store.Get(idemKeyBytes(hour, op.User, op.ReqID)); err == nil {
 			var r Result
 			if err := sonic.Unmarshal(v, &r); err != nil {
 				finish(Result{}, err)
@@ -308,10 +319,11 @@ func (l *Ledger) ApplyAsync(op Op, done func(Result, error)) {
 }
 
 // claim registers (user, req) as in flight; first reports whether the caller
-// owns it, maybeDone whether a durable record of it may exist. Otherwise done
+// owns it, maybeDone whether a durable record of it may exist (written in
+// unix hour hour). Otherwise done
 // either waits for the request in flight or is called here with a remembered
 // result.
-func (l *Ledger) claim(user int64, req string, done func(Result, error)) (c *call, first, maybeDone bool) {
+func (l *Ledger) claim(user int64, req string, done func(Result, error)) (c *call, first bool, hour int32, maybeDone bool) {
 	sh := l.shard(user)
 	k := idemKey{user, req}
 	sh.mu.Lock()
@@ -320,21 +332,21 @@ func (l *Ledger) claim(user int64, req string, done func(Result, error)) (c *cal
 		case !c.fin:
 			c.waiters = append(c.waiters, done)
 			sh.mu.Unlock()
-			return c, false, false
+			return c, false, 0, false
 		case l.now().Sub(c.at) <= l.idemTTL:
 			r, err := c.res, c.err
 			sh.mu.Unlock()
 			r.Replayed = true
 			done(r, err)
-			return c, false, false
+			return c, false, 0, false
 		}
 		delete(sh.pending, k) // a failure older than the TTL: forgotten
 	}
 	c = &call{hash: l.idemHash(user, req)}
 	sh.pending[k] = c
-	_, maybeDone = sh.done[c.hash]
+	hour, maybeDone = sh.done[c.hash]
 	sh.mu.Unlock()
-	return c, true, maybeDone
+	return c, true, hour, maybeDone
 }
 
 // finish publishes the result to done and to waiting duplicates. A success
@@ -465,7 +477,7 @@ func (l *Ledger) reserveAndCommit(op Op, done func(Result, error)) {
 type row struct{ k, v []byte }
 
 // opRows encodes the rows of an applied op: trade rows, the business records
-// and the idempotency record with its expiry index. Balances, tallies and
+// and the idempotency record. Balances, tallies and
 // the trade-id high-water mark are merges, added by the caller.
 func opRows(op Op, res Result) ([]row, error) {
 	rows := make([]row, 0, len(op.Postings)+len(op.Static)+2)
@@ -496,8 +508,7 @@ func opRows(op Op, res Result) ([]row, error) {
 	if err != nil {
 		return nil, err
 	}
-	x := Key2(PrefixIdemX, uint64(res.At), uint64(op.User))
-	return append(rows, row{idemKeyBytes(op.User, op.ReqID), v}, row{append(x, op.ReqID...), nil}), nil
+	return append(rows, row{idemKeyBytes(unixHour(res.At), op.User, op.ReqID), v}), nil
 }
 
 // writeOp adds the durable share of one applied op to b: its rows plus one
@@ -592,39 +603,22 @@ func (l *Ledger) Trades(user int64, before int64, limit int) ([]Trade, error) {
 	return out, err
 }
 
-// ExpireIdem deletes idempotency records written before cutoff (and their
-// hashes in memory) and returns how many it deleted.
+// ExpireIdem deletes the idempotency records of the hours before cutoff's
+// (one range deletion; records of cutoff's own hour stay until the next
+// call) and their hashes in memory, and returns how many it deleted.
 func (l *Ledger) ExpireIdem(cutoff time.Time) (int, error) {
-	upper := Key(PrefixIdemX, uint64(cutoff.UnixMilli()))
-	total := 0
-	for {
-		var keys [][]byte
-		err := l.store.ScanRange(PrefixIdemX, upper, func(k, _ []byte) (bool, error) {
-			keys = append(keys, append([]byte(nil), k...))
-			return len(keys) < 10000, nil
-		})
-		if err != nil || len(keys) == 0 {
-			l.forgetBefore(unixHour(cutoff.UnixMilli()))
-			return total, err
-		}
-		err = l.store.Apply(func(b *Batch) error {
-			for _, k := range keys {
-				rest := k[len(PrefixIdemX)+8:] // user(8) + req
-				user := int64(binary.BigEndian.Uint64(rest[:8]))
-				if err := b.Delete(idemKeyBytes(user, string(rest[8:])), nil); err != nil {
-					return err
-				}
-				if err := b.Delete(k, nil); err != nil {
-					return err
-				}
-			}
-			return nil
-		})
-		if err != nil {
-			return total, err
-		}
-		total += len(keys)
+	hour := unixHour(cutoff.UnixMilli())
+	upper := Key(PrefixIdem, uint64(hour))
+	n := 0
+	err := l.store.ScanRange(PrefixIdem, upper, func(_, _ []byte) (bool, error) { n++; return true, nil })
+	if err != nil || n == 0 {
+		return 0, err
 	}
+	if err := l.store.Apply(func(b *Batch) error { return b.DeleteRange(PrefixIdem, upper, nil) }); err != nil {
+		return 0, err
+	}
+	l.forgetBefore(hour)
+	return n, nil
 }
 
 // forgetBefore drops the in-memory hashes of records from hours before hour

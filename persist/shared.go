@@ -402,7 +402,7 @@ func (w *SharedWallet) resolve(ctx context.Context, no uint64, in intent, record
 		return r, outcomeUnknown, err
 	}
 	// Already finalized by us? (idem record present locally)
-	if _, err := w.store.Get(idemKeyBytes(in.User, in.ReqID)); err == nil {
+	if _, err := w.store.Get(idemKeyBytes(unixHour(r.At), in.User, in.ReqID)); err == nil {
 		if err := w.store.Apply(func(b *Batch) error { return b.Delete(Key(prefixIntent, no), nil) }); err != nil {
 			return r, outcomeUnknown, err
 		}
@@ -650,9 +650,11 @@ func (w *SharedWallet) contribute(ctx context.Context, gen string) (string, erro
 			if at.Before(cutoff) {
 				return nil
 			}
-			rest := k[len(PrefixIdem):]
-			user := int64(binary.BigEndian.Uint64(rest[:8]))
-			return add("idem", idemRKey(user, string(rest[8:])), formatResult(r),
+			_, user, req, ok := parseIdemKey(k)
+			if !ok {
+				return nil
+			}
+			return add("idem", idemRKey(user, req), formatResult(r),
 				strconv.FormatInt(w.ttl.Milliseconds()-w.now().Sub(at).Milliseconds(), 10))
 		})
 	}
