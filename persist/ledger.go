@@ -9,8 +9,6 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
-
-	"github.com/bytedance/sonic"
 )
 
 // Trade reasons.
@@ -296,8 +294,8 @@ func (l *Ledger) ApplyAsync(op Op, done func(Result, error)) {
 	if maybeDone {
 		// A hash hit: read the record (rarely a hash collision, then absent).
 		if v, err := l.store.Get(idemKeyBytes(hour, op.User, op.ReqID)); err == nil {
-			var r Result
-			if err := sonic.Unmarshal(v, &r); err != nil {
+			r, err := decodeResult(v)
+			if err != nil {
 				finish(Result{}, err)
 				return
 			}
@@ -487,11 +485,7 @@ func opRows(op Op, res Result) ([]row, error) {
 		if p.User == op.User {
 			t.ReqID = op.ReqID
 		}
-		v, err := sonic.Marshal(t)
-		if err != nil {
-			return nil, err
-		}
-		rows = append(rows, row{Key2(PrefixTrade, uint64(p.User), uint64(t.ID)), v})
+		rows = append(rows, row{Key2(PrefixTrade, uint64(p.User), uint64(t.ID)), encodeTrade(t)})
 	}
 	for _, r := range op.Static {
 		rows = append(rows, row{r.Key, r.Value})
@@ -504,11 +498,7 @@ func opRows(op Op, res Result) ([]row, error) {
 	if op.ReqID == "" {
 		return rows, nil
 	}
-	v, err := sonic.Marshal(res)
-	if err != nil {
-		return nil, err
-	}
-	return append(rows, row{idemKeyBytes(unixHour(res.At), op.User, op.ReqID), v}), nil
+	return append(rows, row{idemKeyBytes(unixHour(res.At), op.User, op.ReqID), encodeResult(res)}), nil
 }
 
 // writeOp adds the durable share of one applied op to b: its rows plus one
@@ -593,8 +583,8 @@ func (l *Ledger) Trades(user int64, before int64, limit int) ([]Trade, error) {
 	}
 	var out []Trade
 	err := l.store.ScanReverse(lower, upper, func(_, v []byte) (bool, error) {
-		var t Trade
-		if err := sonic.Unmarshal(v, &t); err != nil {
+		t, err := decodeTrade(v)
+		if err != nil {
 			return false, err
 		}
 		out = append(out, t)
@@ -642,8 +632,8 @@ func (l *Ledger) forgetBefore(hour int32) {
 func (l *Ledger) Audit() (credits, debits, balances int64, err error) {
 	sums := map[int64]int64{}
 	err = l.store.Scan(PrefixTrade, func(_, v []byte) error {
-		var t Trade
-		if err := sonic.Unmarshal(v, &t); err != nil {
+		t, err := decodeTrade(v)
+		if err != nil {
 			return err
 		}
 		if t.Delta > 0 {

@@ -642,8 +642,8 @@ func (w *SharedWallet) contribute(ctx context.Context, gen string) (string, erro
 	cutoff := w.now().Add(-w.ttl)
 	if err == nil {
 		err = w.store.Scan(PrefixIdem, func(k, v []byte) error {
-			var r Result
-			if err := sonic.Unmarshal(v, &r); err != nil {
+			r, err := decodeResult(v)
+			if err != nil {
 				return err
 			}
 			at := time.UnixMilli(r.At)
@@ -707,8 +707,8 @@ func AuditShared(balance func(user int64) (int64, error), stores ...*Store) (cre
 	sums := map[int64]int64{}
 	for _, st := range stores {
 		err = st.Scan(PrefixTrade, func(_, v []byte) error {
-			var tr Trade
-			if err := sonic.Unmarshal(v, &tr); err != nil {
+			tr, err := decodeTrade(v)
+			if err != nil {
 				return err
 			}
 			if tr.Delta > 0 {
