@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/prometheus/client_golang/prometheus"
 	"log/slog"
 	"net"
 	"path/filepath"
@@ -171,6 +172,12 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 		return nil, err
 	}
 	n.metrics = newMetrics(cfg.Node.ID, n.Router)
+	if n.Ledger != nil {
+		labelled := prometheus.WrapRegistererWith(prometheus.Labels{"node": cfg.Node.ID}, n.metrics.reg)
+		for _, c := range n.Ledger.Collectors() {
+			labelled.MustRegister(c)
+		}
+	}
 	auth := NewAuth(cfg.Auth.JWTSecret)
 	n.Auth = auth
 	n.WS = newServer(ServerDeps{

@@ -9,6 +9,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // Trade reasons.
@@ -194,6 +196,12 @@ func NewLedger(store *Store, now func() time.Time) (*Ledger, error) {
 	}
 	l.commit = newCommitter(store, commitWorkers)
 	return l, nil
+}
+
+// Collectors returns the ledger's Prometheus metrics: the group commit time
+// (write + fsync) and the ops per group.
+func (l *Ledger) Collectors() []prometheus.Collector {
+	return []prometheus.Collector{l.commit.commitSeconds, l.commit.groupOps}
 }
 
 // Close waits for the ops being committed and stops the committers. Apply
