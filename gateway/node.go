@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"path/filepath"
+	"runtime/debug"
 	"strconv"
 	"sync/atomic"
 	"time"
@@ -63,6 +64,9 @@ const RoomEventsStream = "LIVEEDGE_ROOMS"
 
 // New builds a node from cfg. Nothing listens until Start.
 func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
+	if cfg.Node.GOGC > 0 {
+		debug.SetGCPercent(cfg.Node.GOGC) // process-wide: the node is the process
+	}
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}

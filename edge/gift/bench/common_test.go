@@ -1,6 +1,9 @@
 package bench
 
 import (
+	"runtime/debug"
+
+	"github.com/liveedge/liveedge/configs"
 	"bytes"
 	"math/rand/v2"
 	"os"
@@ -265,4 +268,13 @@ func selfCPU() time.Duration {
 		return 0
 	}
 	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// sameGC gives the whole benchmark process — baselines included — the GC
+// setting a LiveEdge node applies (node.gogc), before anything runs, so that
+// no system is measured under a different collector than the other.
+func sameGC() {
+	if g := configs.Default().Node.GOGC; g > 0 {
+		debug.SetGCPercent(g)
+	}
 }

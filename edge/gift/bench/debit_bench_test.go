@@ -38,6 +38,7 @@ type debiter interface {
 }
 
 func benchDebit(b *testing.B, w *workload) {
+	sameGC()
 	k := loadKnobs()
 	var seedRate float64
 	b.Run("seed", func(b *testing.B) {

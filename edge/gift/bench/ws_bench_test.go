@@ -46,6 +46,7 @@ import (
 //	go test -run '^$' -bench GiftWS -benchtime 1x ./edge/gift/bench/
 func BenchmarkGiftWS(b *testing.B) {
 	raiseNofile(b)
+	sameGC()
 	k := loadKnobs()
 	var echoRate float64
 	b.Run("echo", func(b *testing.B) {
