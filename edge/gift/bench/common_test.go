@@ -3,8 +3,8 @@ package bench
 import (
 	"runtime/debug"
 
-	"github.com/liveedge/liveedge/configs"
 	"bytes"
+	"github.com/liveedge/liveedge/configs"
 	"math/rand/v2"
 	"os"
 	"slices"
