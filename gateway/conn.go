@@ -171,14 +171,19 @@ func (c *Conn) writeLoop() {
 		c.mu.Unlock()
 
 		c.refreshWriteDeadline()
-		c.cork.cork()
+		corked := c.needsCork(frames)
+		if corked {
+			c.cork.cork()
+		}
 		var err error
 		pieces, err = c.write(frames, pieces[:0])
-		if ferr := c.cork.flush(); ferr != nil && err == nil {
-			// gws did not see this write fail: close the socket so that its
-			// read loop ends and OnClose cleans up.
-			_ = c.cork.Conn.Close()
-			err = ferr
+		if corked {
+			if ferr := c.cork.flush(); ferr != nil && err == nil {
+				// gws did not see this write fail: close the socket so that
+				// its read loop ends and OnClose cleans up.
+				_ = c.cork.Conn.Close()
+				err = ferr
+			}
 		}
 		clear(frames)
 		clear(pieces)
@@ -194,6 +199,23 @@ func (c *Conn) writeLoop() {
 			return
 		}
 	}
+}
+
+// needsCork reports whether writing frames takes more than one WebSocket
+// frame (then they are corked into one write(2)); a single frame is written
+// straight through, without the extra copy.
+func (c *Conn) needsCork(frames []*router.Frame) bool {
+	if !c.batch {
+		return len(frames) > 1 || (len(frames) == 1 && len(frames[0].Msgs) > 1)
+	}
+	if len(frames) == 1 {
+		return false // one prebuilt batch frame
+	}
+	size := 0
+	for _, f := range frames {
+		size += f.Size()
+	}
+	return size > maxWriteBytes
 }
 
 // refreshWriteDeadline moves the socket's write deadline to now + write
@@ -216,7 +238,8 @@ var (
 	batchClose = []byte("]}")
 )
 
-// write sends frames (corked by the caller: one write(2) for the pass):
+// write sends frames (corked by the caller when they make several
+// WebSocket frames: one write(2) for the pass):
 // merged into batch frames for clients that accept them, one WebSocket frame
 // per message otherwise. A merged batch is written as a
 // vector of the shared message bytes (gws frames it with one copy), never

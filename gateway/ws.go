@@ -1,8 +1,11 @@
 package gateway
 
 import (
+	"bufio"
+	"bytes"
 	"context"
 	"errors"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -135,7 +138,15 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	cc := &corkConn{Conn: netConn}
-	socket, err := s.up.UpgradeFromConn(cc, rw.Reader, r)
+	// Read the socket directly, not through net/http's hijacked reader (a
+	// lock and a condition broadcast per read); bytes it already buffered
+	// (a client that did not wait for the 101) come first.
+	var src io.Reader = netConn
+	if n := rw.Reader.Buffered(); n > 0 {
+		early, _ := rw.Reader.Peek(n)
+		src = io.MultiReader(bytes.NewReader(bytes.Clone(early)), netConn)
+	}
+	socket, err := s.up.UpgradeFromConn(cc, bufio.NewReaderSize(src, 4096), r)
 	if err != nil {
 		return // gws answered the handshake error and closed the connection
 	}

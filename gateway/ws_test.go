@@ -1,12 +1,14 @@
 package gateway_test
 
 import (
+	"bytes"
 	"fmt"
 	"io"
 	"net/http"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -183,10 +185,36 @@ func TestSlowConsumerClosedRoomUnaffected(t *testing.T) {
 	slow := clients[0]
 	slow.Pause()
 
-	// Every other client checks that each push arrives, in order, within 1 s.
+	// Every other client checks that each push arrives, in order, within 1 s
+	// of its publication — plus any pause of the whole test process (the
+	// -race runtime or the VM can stop every goroutine for a second), which
+	// a hiccup meter measures: a goroutine that should wake every 5 ms
+	// records how late it wakes. A stall caused by the node (a blocked
+	// room, not a stopped process) does not stop the meter, so it still fails.
 	const pushes = 600
 	var wg sync.WaitGroup
 	errs := make(chan error, viewers)
+	var worst, hiccup atomic.Int64 // ns
+	meterStop := make(chan struct{})
+	meterDone := make(chan struct{})
+	go func() {
+		defer close(meterDone)
+		tick := time.NewTicker(5 * time.Millisecond)
+		defer tick.Stop()
+		last := time.Now()
+		for {
+			select {
+			case <-meterStop:
+				return
+			case now := <-tick.C:
+				now = time.Now()
+				if gap := now.Sub(last) - 5*time.Millisecond; gap > time.Duration(hiccup.Load()) {
+					hiccup.Store(int64(gap))
+				}
+				last = now
+			}
+		}
+	}()
 	for _, c := range clients[1:] {
 		wg.Add(1)
 		go func(c *nodetest.Raw) {
@@ -198,21 +226,20 @@ func TestSlowConsumerClosedRoomUnaffected(t *testing.T) {
 					if f.T != proto.TypePush {
 						continue
 					}
-					var d struct {
-						Seq int   `json:"seq"`
-						At  int64 `json:"at"`
-					}
-					if err := proto.Unmarshal(f.D, &d); err != nil {
-						errs <- err
+					// The test's own decoding must not be the bottleneck (199
+					// readers × 500 pushes/s under -race): scan the two numbers.
+					seq, ok1 := jsonInt(f.D, `"seq":`)
+					at, ok2 := jsonInt(f.D, `"at":`)
+					if !ok1 || !ok2 {
+						errs <- fmt.Errorf("bad push %s", f.D)
 						return
 					}
-					if d.Seq != next {
-						errs <- fmt.Errorf("got push %d, want %d", d.Seq, next)
+					if int(seq) != next {
+						errs <- fmt.Errorf("got push %d, want %d", seq, next)
 						return
 					}
-					if lat := time.Since(time.Unix(0, d.At)); lat > time.Second {
-						errs <- fmt.Errorf("push %d took %v", d.Seq, lat)
-						return
+					if lat := int64(time.Since(time.Unix(0, at))); lat > worst.Load() {
+						worst.Store(lat) // racy max, fine: checked against 1 s below
 					}
 					next++
 				case <-time.After(5 * time.Second):
@@ -240,9 +267,16 @@ func TestSlowConsumerClosedRoomUnaffected(t *testing.T) {
 		"slow consumer not closed")
 	slow.Resume()
 	wg.Wait()
+	close(meterStop)
+	<-meterDone
 	close(errs)
 	for err := range errs {
 		t.Error(err)
+	}
+	w, h := time.Duration(worst.Load()), time.Duration(hiccup.Load())
+	t.Logf("slowest push %v; longest process pause %v", w, h)
+	if w > time.Second+h {
+		t.Errorf("a push took %v (process pauses: up to %v)", w, h)
 	}
 	for {
 		select {
@@ -278,4 +312,19 @@ func metricValue(t *testing.T, n *gateway.Node, name string) float64 {
 		}
 	}
 	return 0
+}
+
+// jsonInt reads the integer after key in a flat JSON object.
+func jsonInt(b []byte, key string) (int64, bool) {
+	i := bytes.Index(b, []byte(key))
+	if i < 0 {
+		return 0, false
+	}
+	j := i + len(key)
+	k := j
+	for k < len(b) && (b[k] == '-' || (b[k] >= '0' && b[k] <= '9')) {
+		k++
+	}
+	v, err := strconv.ParseInt(string(b[j:k]), 10, 64)
+	return v, err == nil
 }
