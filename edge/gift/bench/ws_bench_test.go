@@ -51,12 +51,7 @@ func BenchmarkGiftWS(b *testing.B) {
 	var echoRate float64
 	b.Run("echo", func(b *testing.B) {
 		for range b.N {
-			srv := startEcho(b, int64(k.conns))
-			fl := dialFleet(b, k, func(i int) connTarget {
-				room := int64(i%k.rooms) + 1
-				return connTarget{url: "ws://" + srv.addr + "/ws", user: senderBase + int64(i), room: room, anchor: room}
-			})
-			fl.joinAll(b)
+			fl := startEchoFleet(b, k)
 			res := fl.closedLoop(k.warmup, k.measure)
 			res.report(b)
 			echoRate = res.rate()
@@ -70,12 +65,7 @@ func BenchmarkGiftWS(b *testing.B) {
 			b.Skip("needs the echo sub-benchmark of the same run (its rate)")
 		}
 		for range b.N {
-			srv := startEcho(b, int64(k.conns))
-			fl := dialFleet(b, k, func(i int) connTarget {
-				room := int64(i%k.rooms) + 1
-				return connTarget{url: "ws://" + srv.addr + "/ws", user: senderBase + int64(i), room: room, anchor: room}
-			})
-			fl.joinAll(b)
+			fl := startEchoFleet(b, k)
 			res := fl.openLoop(echoRate/2, k.warmup, k.measure)
 			res.report(b)
 			b.ReportMetric(echoRate/2, "offered/s")
@@ -120,6 +110,18 @@ func BenchmarkGiftWS(b *testing.B) {
 }
 
 // ---- bare gws echo server ----
+
+// startEchoFleet starts an echo server and connects the fleet to it, each
+// connection in a room as for LiveEdge.
+func startEchoFleet(b *testing.B, k knobs) *fleet {
+	srv := startEcho(b, int64(k.conns))
+	fl := dialFleet(b, k, func(i int) connTarget {
+		room := int64(i%k.rooms) + 1
+		return connTarget{url: "ws://" + srv.addr + "/ws", user: senderBase + int64(i), room: room, anchor: room}
+	})
+	fl.joinAll(b)
+	return fl
+}
 
 type echoServer struct {
 	up      *gws.Upgrader
