@@ -14,6 +14,7 @@ import (
 	"github.com/cockroachdb/pebble"
 	"github.com/redis/rueidis"
 
+	"github.com/liveedge/liveedge/configs"
 	"github.com/liveedge/liveedge/edge/gift"
 	"github.com/liveedge/liveedge/persist"
 	"github.com/liveedge/liveedge/persist/redistest"
@@ -211,7 +212,11 @@ func startLiveEdge(b testing.TB, w *workload) (debiter, extraMetrics) {
 		rt.OpenRoom(r)
 	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
-	svc := gift.New(ledger, rt, cat, gift.Config{PerSecond: 0}, log)
+	// The node's default gift settings (effect window, room effect cap), no
+	// per-user rate limit (the workload's hot senders exceed any sane one).
+	def := configs.Default().Gifts
+	svc := gift.New(ledger, rt, cat, gift.Config{PerSecond: 0, EffectWindow: def.EffectWindow.D(),
+		RoomEffectsPerSecond: def.RoomEffectsPerSecond}, log)
 	if err := parallel(w.senders, 64, func(u int64) error {
 		_, err := ledger.Apply(persist.Op{User: u, Postings: []persist.Posting{{User: u, Delta: startBalance, Reason: persist.ReasonDev}}})
 		return err
