@@ -106,6 +106,20 @@ func BenchmarkGiftWS(b *testing.B) {
 				fl.close()
 			}
 		})
+		// The same offered load on the bare echo: what this machine and this
+		// load generator give at that rate with no gift work at all.
+		b.Run("echo_at_"+name+"_half", func(b *testing.B) {
+			if leRate == 0 {
+				b.Skipf("needs the %s sub-benchmark of the same run (its rate)", name)
+			}
+			for range b.N {
+				fl := startEchoFleet(b, k)
+				res := fl.openLoop(leRate/2, k.warmup, k.measure)
+				res.report(b)
+				b.ReportMetric(leRate/2, "offered/s")
+				fl.close()
+			}
+		})
 	}
 }
 
