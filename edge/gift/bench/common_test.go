@@ -29,6 +29,7 @@ type knobs struct {
 	conc            int
 	conns, window   int
 	rooms           int
+	rate            float64 // LIVEEDGE_GIFTBENCH_RATE: the _half phases' offered rate × 2 when their closed loop is not run
 }
 
 func loadKnobs() knobs {
@@ -39,6 +40,7 @@ func loadKnobs() knobs {
 		conns:   int(envFloat("LIVEEDGE_GIFTBENCH_CONNS", 500)),
 		window:  int(envFloat("LIVEEDGE_GIFTBENCH_WINDOW", 8)),
 		rooms:   int(envFloat("LIVEEDGE_GIFTBENCH_ROOMS", 20)),
+		rate:    envFloat("LIVEEDGE_GIFTBENCH_RATE", 0),
 	}
 }
 
