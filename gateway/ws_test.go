@@ -206,8 +206,8 @@ func TestSlowConsumerClosedRoomUnaffected(t *testing.T) {
 			select {
 			case <-meterStop:
 				return
-			case now := <-tick.C:
-				now = time.Now()
+			case <-tick.C:
+				now := time.Now()
 				if gap := now.Sub(last) - 5*time.Millisecond; gap > time.Duration(hiccup.Load()) {
 					hiccup.Store(int64(gap))
 				}

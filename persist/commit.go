@@ -45,6 +45,9 @@ type committer struct {
 	stop chan struct{}
 	wg   sync.WaitGroup
 
+	// failWrite, in tests, makes the next group commits fail as a disk would.
+	failWrite error
+
 	commitSeconds prometheus.Histogram // one group's batch write + fsync
 	groupOps      prometheus.Histogram // ops per group
 }
@@ -87,13 +90,7 @@ func (c *committer) signal() {
 	}
 }
 
-// failed returns why the committer takes no more ops, or nil.
-func (c *committer) failed() error {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.failedLocked()
-}
-
+// failedLocked returns why the committer takes no more ops, or nil.
 func (c *committer) failedLocked() error {
 	if c.err != nil {
 		return c.err
@@ -170,6 +167,9 @@ type tallyID struct {
 // memtable inserts a batch in order, reusing the previous insert's position,
 // so sorted keys cost far fewer skiplist comparisons than random ones.
 func (c *committer) write(group []*commitEntry) error {
+	if c.failWrite != nil {
+		return c.failWrite
+	}
 	n := 1
 	for _, e := range group {
 		n += len(e.rows) + len(e.postings) + len(e.tallies)

@@ -285,13 +285,7 @@ func (l *Ledger) ApplyAsync(op Op, done func(Result, error)) {
 		return
 	}
 	if op.ReqID == "" {
-		if op.Check != nil {
-			if err := op.Check(); err != nil {
-				done(Result{}, err)
-				return
-			}
-		}
-		l.reserveAndCommit(op, done)
+		l.checkAndCommit(op, done)
 		return
 	}
 	c, first, hour, maybeDone := l.claim(op.User, op.ReqID, done)
@@ -315,23 +309,29 @@ func (l *Ledger) ApplyAsync(op Op, done func(Result, error)) {
 			return
 		}
 	}
+	l.checkAndCommit(op, finish)
+}
+
+// checkAndCommit runs op.Check (a request that is not a duplicate), then
+// reserves and commits.
+func (l *Ledger) checkAndCommit(op Op, done func(Result, error)) {
 	if op.Check != nil {
 		if err := op.Check(); err != nil {
-			finish(Result{}, err)
+			done(Result{}, err)
 			return
 		}
 	}
-	l.reserveAndCommit(op, finish)
+	l.reserveAndCommit(op, done)
 }
 
 // claim registers (user, req) as in flight; first reports whether the caller
 // owns it, maybeDone whether a durable record of it may exist (written in
-// unix hour hour). Otherwise done
-// either waits for the request in flight or is called here with a remembered
-// result.
+// unix hour hour). Otherwise done either waits for the request in flight or
+// is called here with a remembered result.
 func (l *Ledger) claim(user int64, req string, done func(Result, error)) (c *call, first bool, hour int32, maybeDone bool) {
 	sh := l.shard(user)
 	k := idemKey{user, req}
+	h := l.idemHash(user, req)
 	sh.mu.Lock()
 	if c, ok := sh.pending[k]; ok {
 		switch {
@@ -348,7 +348,7 @@ func (l *Ledger) claim(user int64, req string, done func(Result, error)) (c *cal
 		}
 		delete(sh.pending, k) // a failure older than the TTL: forgotten
 	}
-	c = &call{hash: l.idemHash(user, req)}
+	c = &call{hash: h}
 	sh.pending[k] = c
 	hour, maybeDone = sh.done[c.hash]
 	sh.mu.Unlock()
@@ -403,10 +403,6 @@ func (l *Ledger) reserveAndCommit(op Op, done func(Result, error)) {
 		}
 		users = append(users, p.User)
 	}
-	if err := l.commit.failed(); err != nil {
-		done(Result{}, err)
-		return
-	}
 	// Load balances not yet in memory (I/O outside the locks).
 	for _, u := range users {
 		sh := l.shard(u)
@@ -458,17 +454,12 @@ func (l *Ledger) reserveAndCommit(op Op, done func(Result, error)) {
 		}
 		l.unlock(locked)
 	}
-	rows, err := opRows(op, res)
-	if err != nil {
-		undo()
-		done(Result{}, err)
-		return
-	}
 	var maxID int64
 	if n := len(res.TradeIDs); n > 0 {
 		maxID = res.TradeIDs[n-1]
 	}
-	l.commit.add(&commitEntry{rows: rows, postings: op.Postings, tallies: op.Tallies, maxID: maxID,
+	// A refused entry (ledger closed or failed) is called back at once.
+	l.commit.add(&commitEntry{rows: opRows(op, res), postings: op.Postings, tallies: op.Tallies, maxID: maxID,
 		done: func(err error) {
 			if err != nil {
 				undo()
@@ -483,9 +474,9 @@ func (l *Ledger) reserveAndCommit(op Op, done func(Result, error)) {
 type row struct{ k, v []byte }
 
 // opRows encodes the rows of an applied op: trade rows, the business records
-// and the idempotency record. Balances, tallies and
-// the trade-id high-water mark are merges, added by the caller.
-func opRows(op Op, res Result) ([]row, error) {
+// and the idempotency record. Balances, tallies and the trade-id high-water
+// mark are merges, added by the caller.
+func opRows(op Op, res Result) []row {
 	rows := make([]row, 0, len(op.Postings)+len(op.Static)+2)
 	for i, p := range op.Postings {
 		t := Trade{ID: res.TradeIDs[i], User: p.User, Delta: p.Delta, Reason: p.Reason, Ref: p.Ref,
@@ -504,9 +495,9 @@ func opRows(op Op, res Result) ([]row, error) {
 		}
 	}
 	if op.ReqID == "" {
-		return rows, nil
+		return rows
 	}
-	return append(rows, row{idemKeyBytes(unixHour(res.At), op.User, op.ReqID), encodeResult(res)}), nil
+	return append(rows, row{idemKeyBytes(unixHour(res.At), op.User, op.ReqID), encodeResult(res)})
 }
 
 // writeOp adds the durable share of one applied op to b: its rows plus one
@@ -514,11 +505,7 @@ func opRows(op Op, res Result) ([]row, error) {
 // shared wallet writes each op this way; the Ledger's committer writes the
 // same rows but one merge per account per batch.
 func writeOp(b *Batch, op Op, res Result) error {
-	rows, err := opRows(op, res)
-	if err != nil {
-		return err
-	}
-	for _, r := range rows {
+	for _, r := range opRows(op, res) {
 		if err := b.Set(r.k, r.v, nil); err != nil {
 			return err
 		}
