@@ -140,3 +140,40 @@ func (d *decoder) varints() []int64 {
 	}
 	return out
 }
+
+// An idempotency group row (idxg/<hour>/<group id>) holds the idempotency
+// records of one group commit: a version byte, then per op its user
+// (varint), req_id (string) and encoded Result (string).
+
+// appendIdemEntry adds one op's record to a group row under construction
+// (start it with newIdemGroup).
+func appendIdemEntry(b []byte, user int64, req string, res []byte) []byte {
+	b = binary.AppendVarint(b, user)
+	b = appendString(b, req)
+	b = binary.AppendUvarint(b, uint64(len(res)))
+	return append(b, res...)
+}
+
+func newIdemGroup(capacity int) []byte { return append(make([]byte, 0, capacity), codecV1) }
+
+// scanIdemGroup calls fn for every record of a group row until fn returns
+// false. res aliases v.
+func scanIdemGroup(v []byte, fn func(user int64, req string, res []byte) bool) error {
+	d := decoder{b: v}
+	if d.byte() != codecV1 {
+		return errCorrupt
+	}
+	for len(d.b) > 0 && d.err == nil {
+		user, req := d.varint(), d.string()
+		n := d.uvarint()
+		if d.err != nil || n > uint64(len(d.b)) {
+			return errCorrupt
+		}
+		res := d.b[:n:n]
+		d.b = d.b[n:]
+		if !fn(user, req, res) {
+			return nil
+		}
+	}
+	return d.err
+}

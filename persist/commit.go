@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -27,6 +28,9 @@ type commitEntry struct {
 	postings []Posting
 	tallies  []Tally
 	maxID    int64
+	idem     []byte      // the op's idempotency record (appendIdemEntry), or nil
+	hour     int32       // unix hour of the op
+	loc      idemLoc     // set by the committer: where idem was written
 	done     func(error) // runs on the committer after the fsync; must not block
 }
 
@@ -34,7 +38,8 @@ type commitEntry struct {
 // committed goes into the next batch, one Pebble batch and one fsync for all
 // of them, with balance and tally merges summed per account.
 type committer struct {
-	store *Store
+	store  *Store
+	groups *atomic.Int64 // ids of idempotency group rows
 
 	mu     sync.Mutex
 	queue  []*commitEntry
@@ -52,8 +57,8 @@ type committer struct {
 	groupOps      prometheus.Histogram // ops per group
 }
 
-func newCommitter(store *Store, workers int) *committer {
-	c := &committer{store: store, wake: make(chan struct{}, 1), stop: make(chan struct{}),
+func newCommitter(store *Store, workers int, groups *atomic.Int64) *committer {
+	c := &committer{store: store, groups: groups, wake: make(chan struct{}, 1), stop: make(chan struct{}),
 		commitSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Namespace: "liveedge", Name: "ledger_commit_seconds",
 			Help:    "Time to write and fsync one group commit of the ledger.",
@@ -170,11 +175,34 @@ func (c *committer) write(group []*commitEntry) error {
 	if c.failWrite != nil {
 		return c.failWrite
 	}
-	n := 1
+	n, idemBytes := 3, 0
+	var hour int32
 	for _, e := range group {
 		n += len(e.rows) + len(e.postings) + len(e.tallies)
+		if e.idem != nil {
+			idemBytes += len(e.idem)
+			hour = max(hour, e.hour)
+		}
 	}
 	kvs := make([]batchKV, 0, n)
+	if idemBytes > 0 {
+		// One row for the group's idempotency records, keyed by the latest
+		// hour among them (none expires before its TTL).
+		gid := c.groups.Add(1)
+		if gid&locGroupMask == 0 {
+			gid = c.groups.Add(1) // group 0 means a row of its own
+		}
+		v := newIdemGroup(idemBytes + 1)
+		loc := mkLoc(hour, gid)
+		for _, e := range group {
+			if e.idem != nil {
+				v = append(v, e.idem...)
+				e.loc = loc
+			}
+		}
+		kvs = append(kvs, batchKV{k: idemGroupKey(loc.hour(), loc.group()), v: v},
+			batchKV{k: SeqKey("idxg"), v: EncodeInt64(gid), merge: true})
+	}
 	bal := map[int64]int64{}
 	tal := map[tallyID]int64{}
 	var maxID int64

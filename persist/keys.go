@@ -10,8 +10,11 @@ import "encoding/binary"
 //	bal/<user>              int64 coin balance (merge: add)
 //	tally/<name>/<user>     int64 non-coin tally, e.g. gift value received (merge: add)
 //	trade/<user>/<id>       JSON Trade, append-only
-//	idem/<hour>/<user>/<req_id> JSON idempotency record (first result of a
+//	idem/<hour>/<user>/<req_id> idempotency record (first result of a
 //	                        request), by the unix hour it was written in
+//	                        (shared wallet; the Ledger before idxg/)
+//	idxg/<hour>/<group>     the idempotency records of one Ledger group
+//	                        commit (one row per fsync, not per request)
 //	rec/<kind>/<id>         JSON business record (e.g. rec/gift/<order>)
 var (
 	PrefixRoom  = []byte("room/")
@@ -20,6 +23,7 @@ var (
 	PrefixTally = []byte("tally/")
 	PrefixTrade = []byte("trade/")
 	PrefixIdem  = []byte("idem/")
+	PrefixIdemG = []byte("idxg/")
 	PrefixRec   = []byte("rec/")
 )
 

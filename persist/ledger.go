@@ -89,7 +89,25 @@ type Result struct {
 	Balances []int64 `json:"balances"` // per posting, after it
 	At       int64   `json:"at"`
 	Replayed bool    `json:"-"`
+
+	loc idemLoc // where its idempotency record is (Ledger internal)
 }
+
+// idemLoc is where a request's durable idempotency record is: the unix hour
+// it was written in (the high 24 bits) and the id of the group row holding it
+// (idxg/<hour>/<group>, the low 40 bits), or group 0 for a row of its own
+// (idem/<hour>/<user>/<req>). A group row's key carries the id as stored here
+// (the counter modulo 2^40, never 0): unique within its hour, which is all a
+// key needs since the hour is part of it.
+type idemLoc uint64
+
+const locGroupMask = 1<<40 - 1
+
+func mkLoc(hour int32, group int64) idemLoc {
+	return idemLoc(uint64(hour)<<40 | uint64(group)&locGroupMask)
+}
+func (l idemLoc) hour() int32  { return int32(l >> 40) }
+func (l idemLoc) group() int64 { return int64(l & locGroupMask) }
 
 // Wallet is the seam between the business and the money store: the Pebble
 // Ledger in single-node mode; a Redis-shared implementation in cluster mode.
@@ -119,8 +137,10 @@ const ledgerShards = 64
 //   - at most one Apply per (user, req_id) moves money: concurrent duplicates
 //     wait for the first and get its result; later ones read it back. Every
 //     idempotency record in Pebble younger than the TTL has its hash in
-//     memory (loaded at open, added at commit), so a new request costs no
-//     read: only a hash hit is looked up.
+//     memory with its location (loaded at open, added at commit), so a new
+//     request costs no read: only a hash hit is looked up. The records of one
+//     group commit share one row (idxg/<hour>/<group>), written in the same
+//     batch as the ops.
 //   - Apply returns (ApplyAsync calls back) only after its batch is fsynced.
 //     Ops are group-committed by the ledger's committers: every op queued
 //     while a commit is in flight goes into the next batch, with one balance
@@ -132,7 +152,8 @@ type Ledger struct {
 	store   *Store
 	now     func() time.Time
 	idemTTL time.Duration
-	seq     atomic.Int64
+	seq     atomic.Int64 // trade ids
+	groups  atomic.Int64 // idempotency group rows
 	seed    maphash.Seed
 
 	shards [ledgerShards]ledgerShard
@@ -142,8 +163,8 @@ type Ledger struct {
 type ledgerShard struct {
 	mu      sync.Mutex
 	bal     map[int64]int64
-	pending map[idemKey]*call // in flight, or recently finished (failures only)
-	done    map[uint64]int32  // hash(user, req_id) → unix hour of its durable idempotency record
+	pending map[idemKey]*call  // in flight, or recently finished (failures only)
+	done    map[uint64]idemLoc // hash(user, req_id) → where its durable idempotency record is
 }
 
 type idemKey struct {
@@ -176,25 +197,44 @@ func NewLedger(store *Store, now func() time.Time) (*Ledger, error) {
 	for i := range l.shards {
 		l.shards[i].bal = map[int64]int64{}
 		l.shards[i].pending = map[idemKey]*call{}
-		l.shards[i].done = map[uint64]int32{}
+		l.shards[i].done = map[uint64]idemLoc{}
 	}
-	v, err := store.Get(SeqKey("trade"))
-	if err != nil && !errors.Is(err, ErrNotFound) {
-		return nil, err
+	for _, s := range []struct {
+		name string
+		to   *atomic.Int64
+	}{{"trade", &l.seq}, {"idxg", &l.groups}} {
+		v, err := store.Get(SeqKey(s.name))
+		if err != nil && !errors.Is(err, ErrNotFound) {
+			return nil, err
+		}
+		s.to.Store(DecodeInt64(v))
 	}
-	l.seq.Store(DecodeInt64(v))
-	lower := Key(PrefixIdem, uint64(unixHour(now().Add(-l.idemTTL).UnixMilli())))
-	err = store.ScanRange(lower, prefixEnd(PrefixIdem), func(k, _ []byte) (bool, error) {
+	from := uint64(unixHour(now().Add(-l.idemTTL).UnixMilli()))
+	err := store.ScanRange(Key(PrefixIdem, from), prefixEnd(PrefixIdem), func(k, _ []byte) (bool, error) {
 		hour, user, req, ok := parseIdemKey(k)
 		if ok {
-			l.shard(user).done[l.idemHash(user, req)] = hour
+			l.shard(user).done[l.idemHash(user, req)] = mkLoc(hour, 0)
 		}
 		return true, nil
 	})
 	if err != nil {
 		return nil, err
 	}
-	l.commit = newCommitter(store, commitWorkers)
+	err = store.ScanRange(Key(PrefixIdemG, from), prefixEnd(PrefixIdemG), func(k, v []byte) (bool, error) {
+		hour, group, ok := parseIdemGroupKey(k)
+		if !ok {
+			return true, nil
+		}
+		loc := mkLoc(hour, group)
+		return true, scanIdemGroup(v, func(user int64, req string, _ []byte) bool {
+			l.shard(user).done[l.idemHash(user, req)] = loc
+			return true
+		})
+	})
+	if err != nil {
+		return nil, err
+	}
+	l.commit = newCommitter(store, commitWorkers, &l.groups)
 	return l, nil
 }
 
@@ -226,6 +266,55 @@ func idemKeyBytes(hour int32, user int64, req string) []byte {
 	k = binary.BigEndian.AppendUint64(k, uint64(hour))
 	k = binary.BigEndian.AppendUint64(k, uint64(user))
 	return append(k, req...)
+}
+
+// idemGroupKey is the key of group row group written in unix hour hour.
+func idemGroupKey(hour int32, group int64) []byte {
+	return Key2(PrefixIdemG, uint64(hour), uint64(group))
+}
+
+func parseIdemGroupKey(k []byte) (hour int32, group int64, ok bool) {
+	rest := k[len(PrefixIdemG):]
+	if len(rest) != 16 {
+		return 0, 0, false
+	}
+	return int32(binary.BigEndian.Uint64(rest)), int64(binary.BigEndian.Uint64(rest[8:])), true
+}
+
+// readIdem reads the durable result of (user, req) at loc; found is false if
+// there is none (a hash collision).
+func (l *Ledger) readIdem(loc idemLoc, user int64, req string) (res Result, found bool, err error) {
+	if loc.group() == 0 {
+		v, err := l.store.Get(idemKeyBytes(loc.hour(), user, req))
+		if errors.Is(err, ErrNotFound) {
+			return Result{}, false, nil
+		}
+		if err != nil {
+			return Result{}, false, err
+		}
+		res, err = decodeResult(v)
+		return res, err == nil, err
+	}
+	v, err := l.store.Get(idemGroupKey(loc.hour(), loc.group()))
+	if errors.Is(err, ErrNotFound) {
+		return Result{}, false, nil
+	}
+	if err != nil {
+		return Result{}, false, err
+	}
+	var enc []byte
+	err = scanIdemGroup(v, func(u int64, q string, r []byte) bool {
+		if u == user && q == req {
+			enc = r
+			return false
+		}
+		return true
+	})
+	if err != nil || enc == nil {
+		return Result{}, false, err
+	}
+	res, err = decodeResult(enc)
+	return res, err == nil, err
 }
 
 func parseIdemKey(k []byte) (hour int32, user int64, req string, ok bool) {
@@ -288,24 +377,21 @@ func (l *Ledger) ApplyAsync(op Op, done func(Result, error)) {
 		l.checkAndCommit(op, done)
 		return
 	}
-	c, first, hour, maybeDone := l.claim(op.User, op.ReqID, done)
+	c, first, loc, maybeDone := l.claim(op.User, op.ReqID, done)
 	if !first {
 		return // done is c's waiter, or was called with the remembered result
 	}
 	finish := func(r Result, err error) { l.finish(op, c, done, r, err) }
 	if maybeDone {
 		// A hash hit: read the record (rarely a hash collision, then absent).
-		if v, err := l.store.Get(idemKeyBytes(hour, op.User, op.ReqID)); err == nil {
-			r, err := decodeResult(v)
-			if err != nil {
-				finish(Result{}, err)
-				return
-			}
-			r.Replayed = true
-			finish(r, nil)
-			return
-		} else if !errors.Is(err, ErrNotFound) {
+		r, found, err := l.readIdem(loc, op.User, op.ReqID)
+		if err != nil {
 			finish(Result{}, err)
+			return
+		}
+		if found {
+			r.Replayed, r.loc = true, loc
+			finish(r, nil)
 			return
 		}
 	}
@@ -325,10 +411,10 @@ func (l *Ledger) checkAndCommit(op Op, done func(Result, error)) {
 }
 
 // claim registers (user, req) as in flight; first reports whether the caller
-// owns it, maybeDone whether a durable record of it may exist (written in
-// unix hour hour). Otherwise done either waits for the request in flight or
+// owns it, maybeDone whether a durable record of it may exist (at loc).
+// Otherwise done either waits for the request in flight or
 // is called here with a remembered result.
-func (l *Ledger) claim(user int64, req string, done func(Result, error)) (c *call, first bool, hour int32, maybeDone bool) {
+func (l *Ledger) claim(user int64, req string, done func(Result, error)) (c *call, first bool, loc idemLoc, maybeDone bool) {
 	sh := l.shard(user)
 	k := idemKey{user, req}
 	h := l.idemHash(user, req)
@@ -350,9 +436,9 @@ func (l *Ledger) claim(user int64, req string, done func(Result, error)) (c *cal
 	}
 	c = &call{hash: h}
 	sh.pending[k] = c
-	hour, maybeDone = sh.done[c.hash]
+	loc, maybeDone = sh.done[c.hash]
 	sh.mu.Unlock()
-	return c, true, hour, maybeDone
+	return c, true, loc, maybeDone
 }
 
 // finish publishes the result to done and to waiting duplicates. A success
@@ -361,12 +447,14 @@ func (l *Ledger) claim(user int64, req string, done func(Result, error)) (c *cal
 // the same answer.
 func (l *Ledger) finish(op Op, c *call, done func(Result, error), res Result, err error) {
 	sh := l.shard(op.User)
+	loc := res.loc
+	res.loc = 0
 	sh.mu.Lock()
 	c.res, c.err, c.at, c.fin = res, err, l.now(), true
 	waiters := c.waiters
 	c.waiters = nil
 	if err == nil {
-		sh.done[c.hash] = unixHour(res.At)
+		sh.done[c.hash] = loc
 	}
 	if err == nil || !errors.Is(err, ErrInsufficient) {
 		delete(sh.pending, idemKey{op.User, op.ReqID})
@@ -458,24 +546,30 @@ func (l *Ledger) reserveAndCommit(op Op, done func(Result, error)) {
 	if n := len(res.TradeIDs); n > 0 {
 		maxID = res.TradeIDs[n-1]
 	}
+	e := &commitEntry{rows: opRows(op, res), postings: op.Postings, tallies: op.Tallies, maxID: maxID}
+	if op.ReqID != "" {
+		e.idem = appendIdemEntry(nil, op.User, op.ReqID, encodeResult(res))
+		e.hour = unixHour(res.At)
+	}
+	e.done = func(err error) {
+		if err != nil {
+			undo()
+			done(Result{}, err)
+			return
+		}
+		res.loc = e.loc
+		done(res, nil)
+	}
 	// A refused entry (ledger closed or failed) is called back at once.
-	l.commit.add(&commitEntry{rows: opRows(op, res), postings: op.Postings, tallies: op.Tallies, maxID: maxID,
-		done: func(err error) {
-			if err != nil {
-				undo()
-				done(Result{}, err)
-				return
-			}
-			done(res, nil)
-		}})
+	l.commit.add(e)
 }
 
 // row is one key/value an op writes (Set).
 type row struct{ k, v []byte }
 
-// opRows encodes the rows of an applied op: trade rows, the business records
-// and the idempotency record. Balances, tallies and the trade-id high-water
-// mark are merges, added by the caller.
+// opRows encodes the rows of an applied op: trade rows and the business
+// records. The idempotency record, balances, tallies and the trade-id
+// high-water mark are added by the caller.
 func opRows(op Op, res Result) []row {
 	rows := make([]row, 0, len(op.Postings)+len(op.Static)+2)
 	for i, p := range op.Postings {
@@ -494,18 +588,20 @@ func opRows(op Op, res Result) []row {
 			rows = append(rows, row{r.Key, r.Value})
 		}
 	}
-	if op.ReqID == "" {
-		return rows
-	}
-	return append(rows, row{idemKeyBytes(unixHour(res.At), op.User, op.ReqID), encodeResult(res)})
+	return rows
 }
 
-// writeOp adds the durable share of one applied op to b: its rows plus one
-// merge per posting (balance), tally and the trade-id high-water mark. The
-// shared wallet writes each op this way; the Ledger's committer writes the
-// same rows but one merge per account per batch.
+// writeOp adds the durable share of one applied op to b: its rows, its own
+// idempotency row and one merge per posting (balance), tally and the
+// trade-id high-water mark. The shared wallet writes each op this way; the
+// Ledger's committer writes the same rows but one idempotency row and one
+// merge per account per batch.
 func writeOp(b *Batch, op Op, res Result) error {
-	for _, r := range opRows(op, res) {
+	rows := opRows(op, res)
+	if op.ReqID != "" {
+		rows = append(rows, row{idemKeyBytes(unixHour(res.At), op.User, op.ReqID), encodeResult(res)})
+	}
+	for _, r := range rows {
 		if err := b.Set(r.k, r.v, nil); err != nil {
 			return err
 		}
@@ -589,20 +685,31 @@ func (l *Ledger) Trades(user int64, before int64, limit int) ([]Trade, error) {
 }
 
 // ExpireIdem deletes the idempotency records of the hours before cutoff's
-// (one range deletion; records of cutoff's own hour stay until the next
-// call) and their hashes in memory, and returns how many it deleted.
+// (one range deletion per row kind; records of cutoff's own hour stay until
+// the next call) and their hashes in memory, and returns how many it deleted.
 func (l *Ledger) ExpireIdem(cutoff time.Time) (int, error) {
-	hour := unixHour(cutoff.UnixMilli())
-	upper := Key(PrefixIdem, uint64(hour))
+	hour := uint64(unixHour(cutoff.UnixMilli()))
 	n := 0
-	err := l.store.ScanRange(PrefixIdem, upper, func(_, _ []byte) (bool, error) { n++; return true, nil })
+	err := l.store.ScanRange(PrefixIdem, Key(PrefixIdem, hour), func(_, _ []byte) (bool, error) { n++; return true, nil })
+	if err != nil {
+		return 0, err
+	}
+	err = l.store.ScanRange(PrefixIdemG, Key(PrefixIdemG, hour), func(_, v []byte) (bool, error) {
+		return true, scanIdemGroup(v, func(int64, string, []byte) bool { n++; return true })
+	})
 	if err != nil || n == 0 {
 		return 0, err
 	}
-	if err := l.store.Apply(func(b *Batch) error { return b.DeleteRange(PrefixIdem, upper, nil) }); err != nil {
+	err = l.store.Apply(func(b *Batch) error {
+		if err := b.DeleteRange(PrefixIdem, Key(PrefixIdem, hour), nil); err != nil {
+			return err
+		}
+		return b.DeleteRange(PrefixIdemG, Key(PrefixIdemG, hour), nil)
+	})
+	if err != nil {
 		return 0, err
 	}
-	l.forgetBefore(hour)
+	l.forgetBefore(int32(hour))
 	return n, nil
 }
 
@@ -612,8 +719,8 @@ func (l *Ledger) forgetBefore(hour int32) {
 	for i := range l.shards {
 		sh := &l.shards[i]
 		sh.mu.Lock()
-		for h, at := range sh.done {
-			if at < hour {
+		for h, loc := range sh.done {
+			if loc.hour() < hour {
 				delete(sh.done, h)
 			}
 		}

@@ -129,6 +129,26 @@ func TestDebitLoopSmoke(t *testing.T) {
 	}
 }
 
+// The hot users' loop holds the mix: 10 % of the gifts are hot, within the
+// lag the token queue allows.
+func TestHotUsersLoopHoldsTheMix(t *testing.T) {
+	w := hotUsersWorkload()
+	sys, _ := startLiveEdge(t, w)
+	res, hot := runHotUsers(sys, w, 16, 200*time.Millisecond, time.Second, "t-")
+	if res.ok == 0 || res.fail != 0 || res.lat.n != int(res.ok) {
+		t.Fatalf("%d ok, %d failed, %d latencies", res.ok, res.fail, res.lat.n)
+	}
+	share := float64(hot.ok) / float64(res.ok)
+	// The queue lets either side run ahead by up to 2·conc gifts.
+	slack := 2 * 16 / float64(res.ok)
+	if share < 0.1-slack || share > 0.1+slack {
+		t.Errorf("hot share %.4f of %d gifts, want 0.10 ± %.4f", share, res.ok, slack)
+	}
+	if hot.lat.n != int(hot.ok) {
+		t.Errorf("%d hot gifts, %d hot latencies", hot.ok, hot.lat.n)
+	}
+}
+
 func TestWSSmoke(t *testing.T) {
 	k := knobs{warmup: 100 * time.Millisecond, measure: 300 * time.Millisecond, conns: 4, window: 2, rooms: 2}
 	srv := startEcho(t, int64(k.conns))

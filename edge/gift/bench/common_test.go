@@ -136,6 +136,18 @@ func hotWorkload() *workload {
 	return w
 }
 
+// hotUsersWorkload is the hot workload for runHotUsers: the hot senders are
+// driven by runHotUsers itself; seq holds the others' gifts (the spread
+// workload's sequence).
+func hotUsersWorkload() *workload {
+	w := spreadWorkload()
+	w.name = "hot-users"
+	for i := range hotSenders {
+		w.senders = append(w.senders, senderBase+int64(i))
+	}
+	return w
+}
+
 // spreadWorkload: gifts uniformly from coldSenders senders.
 func spreadWorkload() *workload {
 	rng := rand.New(rand.NewPCG(3, 4))

@@ -21,16 +21,39 @@ import (
 	"github.com/liveedge/liveedge/router"
 )
 
-// BenchmarkGiftDebit_Hot and _Spread: each round runs every system for the
-// same wall time (warm-up + measured window) with the same closed-loop client
-// concurrency on the same gift sequence, and reports acknowledged gifts/s in
-// the window and per-gift latency. The seed runs first; the liveedge line
-// carries x-seed = liveedge gifts/s ÷ seed gifts/s of the same run. The
-// ledger line is a diagnostic: persist.Ledger.Apply alone with the same Op.
+// BenchmarkGiftDebit_Hot, _HotPool and _Spread: each round runs every system
+// for the same wall time (warm-up + measured window) with the same client
+// model on the same gifts, and reports acknowledged gifts/s in the window and
+// per-gift latency. The seed runs first; the liveedge line carries x-seed =
+// liveedge gifts/s ÷ seed gifts/s of the same run. The ledger line is a
+// diagnostic: persist.Ledger.Apply alone with the same Op.
+//
+// _Hot is the hot workload with its hot senders as users that combo-send and
+// the mix held (runHotUsers); _HotPool is the same 10 % hot mix as one gift
+// sequence served by a pool of clients (runClosedLoop), where a hot sender
+// may have as many gifts in flight as clients happen to be on them; _Spread
+// spreads the gifts over 10,000 senders (runClosedLoop).
 //
 //	go test -run '^$' -bench GiftDebit -benchtime 1x ./edge/gift/bench/
-func BenchmarkGiftDebit_Hot(b *testing.B)    { benchDebit(b, hotWorkload()) }
-func BenchmarkGiftDebit_Spread(b *testing.B) { benchDebit(b, spreadWorkload()) }
+func BenchmarkGiftDebit_Hot(b *testing.B)     { benchDebit(b, hotUsersWorkload(), hotUsersLoop) }
+func BenchmarkGiftDebit_HotPool(b *testing.B) { benchDebit(b, hotWorkload(), poolLoop) }
+func BenchmarkGiftDebit_Spread(b *testing.B)  { benchDebit(b, spreadWorkload(), poolLoop) }
+
+// loop runs one load phase of a debit benchmark and reports it.
+type loop func(b *testing.B, sys debiter, w *workload, k knobs, nonce string, extra extraMetrics) loadResult
+
+func poolLoop(b *testing.B, sys debiter, w *workload, k knobs, nonce string, extra extraMetrics) loadResult {
+	res := runClosedLoop(sys, w, k.conc, k.warmup, k.measure, nonce)
+	res.report(b, extra(res))
+	return res
+}
+
+func hotUsersLoop(b *testing.B, sys debiter, w *workload, k knobs, nonce string, extra extraMetrics) loadResult {
+	res, hot := runHotUsers(sys, w, k.conc, k.warmup, k.measure, nonce)
+	res.report(b, extra(res))
+	hot.report(b, res)
+	return res
+}
 
 // debiter is one system under test: debit returns once the gift is
 // acknowledged to the caller (nil) or refused.
@@ -38,23 +61,20 @@ type debiter interface {
 	debit(ctx context.Context, g giftOp) error
 }
 
-func benchDebit(b *testing.B, w *workload) {
+func benchDebit(b *testing.B, w *workload, run loop) {
 	sameGC()
 	k := loadKnobs()
 	var seedRate float64
 	b.Run("seed", func(b *testing.B) {
 		for i := range b.N {
 			sys, extra := startSeed(b, w)
-			res := runClosedLoop(sys, w, k.conc, k.warmup, k.measure, fmt.Sprintf("s%d-", i))
-			res.report(b, extra(res))
-			seedRate = res.rate()
+			seedRate = run(b, sys, w, k, fmt.Sprintf("s%d-", i), extra).rate()
 		}
 	})
 	b.Run("liveedge", func(b *testing.B) {
 		for i := range b.N {
 			sys, extra := startLiveEdge(b, w)
-			res := runClosedLoop(sys, w, k.conc, k.warmup, k.measure, fmt.Sprintf("l%d-", i))
-			res.report(b, extra(res))
+			res := run(b, sys, w, k, fmt.Sprintf("l%d-", i), extra)
 			if seedRate > 0 {
 				b.ReportMetric(res.rate()/seedRate, "x-seed")
 			}
@@ -66,8 +86,7 @@ func benchDebit(b *testing.B, w *workload) {
 		for i := range b.N {
 			sys, extra := startLiveEdge(b, w)
 			sys = ledgerDebit{sys.(liveEdgeDebit).ledger}
-			res := runClosedLoop(sys, w, k.conc, k.warmup, k.measure, fmt.Sprintf("d%d-", i))
-			res.report(b, extra(res))
+			res := run(b, sys, w, k, fmt.Sprintf("d%d-", i), extra)
 			if seedRate > 0 {
 				b.ReportMetric(res.rate()/seedRate, "x-seed")
 			}

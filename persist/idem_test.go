@@ -1,0 +1,181 @@
+package persist
+
+import (
+	"fmt"
+	"reflect"
+	"sync"
+	"testing"
+	"time"
+)
+
+func openTestLedger(t *testing.T, dir string) (*Store, *Ledger) {
+	t.Helper()
+	st, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := NewLedger(st, nil)
+	if err != nil {
+		_ = st.Close()
+		t.Fatal(err)
+	}
+	return st, l
+}
+
+func countRows(t *testing.T, st *Store, prefix []byte) int {
+	t.Helper()
+	n := 0
+	if err := st.Scan(prefix, func(_, _ []byte) error { n++; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+// The Ledger writes the idempotency records of a group commit as one row:
+// no per-request idem/ row, at most one idxg/ row per group; after a restart
+// every duplicate replays its first result exactly, a new request is still
+// new, and expiry removes the group rows and their hashes.
+func TestIdempotencyGroupRows(t *testing.T) {
+	dir := t.TempDir()
+	st, l := openTestLedger(t, dir)
+	const users, perUser = 20, 50
+	type key struct {
+		user int64
+		req  string
+	}
+	var mu sync.Mutex
+	first := map[key]Result{}
+	var wg sync.WaitGroup
+	for u := int64(1); u <= users; u++ {
+		for i := range perUser {
+			wg.Add(1)
+			op := Op{User: u, ReqID: fmt.Sprintf("r%d", i), Postings: []Posting{{User: u, Delta: 1 + int64(i), Reason: ReasonDev}}}
+			l.ApplyAsync(op, func(r Result, err error) {
+				defer wg.Done()
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				mu.Lock()
+				first[key{u, op.ReqID}] = r
+				mu.Unlock()
+			})
+		}
+	}
+	wg.Wait()
+	if n := countRows(t, st, PrefixIdem); n != 0 {
+		t.Fatalf("%d per-request idem rows, want 0", n)
+	}
+	groups := countRows(t, st, PrefixIdemG)
+	if groups == 0 || groups > users*perUser {
+		t.Fatalf("%d group rows for %d requests", groups, users*perUser)
+	}
+	t.Logf("%d requests in %d group rows", users*perUser, groups)
+	l.Close()
+	if err := st.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	st, l = openTestLedger(t, dir)
+	for k, want := range first {
+		got, err := l.Apply(Op{User: k.user, ReqID: k.req, Postings: []Posting{{User: k.user, Delta: 1000, Reason: ReasonDev}}})
+		if err != nil || !got.Replayed {
+			t.Fatalf("%v after restart: %+v %v", k, got, err)
+		}
+		got.Replayed = false
+		if !reflect.DeepEqual(got, want) {
+			t.Fatalf("%v replayed %+v, first %+v", k, got, want)
+		}
+	}
+	// New requests still move money; the sums did not change by the replays.
+	for u := int64(1); u <= users; u++ {
+		if b, _ := l.Balance(u); b != perUser*(perUser+1)/2 {
+			t.Fatalf("user %d balance %d", u, b)
+		}
+	}
+	if r, err := l.Apply(Op{User: 1, ReqID: "new", Postings: []Posting{{User: 1, Delta: 1, Reason: ReasonDev}}}); err != nil || r.Replayed {
+		t.Fatalf("new request: %+v %v", r, err)
+	}
+	n, err := l.ExpireIdem(time.Now().Add(2 * time.Hour))
+	if err != nil || n != users*perUser+1 {
+		t.Fatalf("expired %d (%v), want %d", n, err, users*perUser+1)
+	}
+	if g := countRows(t, st, PrefixIdemG); g != 0 {
+		t.Fatalf("%d group rows left after expiry", g)
+	}
+	if r, err := l.Apply(Op{User: 1, ReqID: "r0", Postings: []Posting{{User: 1, Delta: 1, Reason: ReasonDev}}}); err != nil || r.Replayed {
+		t.Fatalf("expired request not new: %+v %v", r, err)
+	}
+	if c, d, b, err := l.Audit(); err != nil || c-d != b {
+		t.Fatalf("audit: credits %d debits %d balances %d: %v", c, d, b, err)
+	}
+	l.Close()
+	_ = st.Close()
+}
+
+// Records written one row per request (the shared wallet's layout, and the
+// Ledger's before group rows) still answer duplicates after an upgrade.
+func TestLegacyIdemRowsStillDedupe(t *testing.T) {
+	dir := t.TempDir()
+	st, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	op := Op{User: 7, ReqID: "old", Postings: []Posting{{User: 7, Delta: 40, Reason: ReasonDev}}}
+	res := Result{TradeIDs: []int64{1}, Balances: []int64{40}, At: time.Now().UnixMilli()}
+	if err := st.Apply(func(b *Batch) error { return writeOp(b, op, res) }); err != nil {
+		t.Fatal(err)
+	}
+	if n := countRows(t, st, PrefixIdem); n != 1 {
+		t.Fatalf("%d idem rows", n)
+	}
+	if err := st.Close(); err != nil {
+		t.Fatal(err)
+	}
+	st, l := openTestLedger(t, dir)
+	defer st.Close()
+	defer l.Close()
+	got, err := l.Apply(op)
+	if err != nil || !got.Replayed || got.TradeIDs[0] != 1 || got.Balances[0] != 40 || got.At != res.At {
+		t.Fatalf("legacy duplicate: %+v %v", got, err)
+	}
+	if b, _ := l.Balance(7); b != 40 {
+		t.Fatalf("balance %d, want 40", b)
+	}
+	if n, err := l.ExpireIdem(time.Now().Add(2 * time.Hour)); err != nil || n != 1 {
+		t.Fatalf("expired %d %v", n, err)
+	}
+}
+
+// A hash hit whose group row does not hold the request (a 64-bit hash
+// collision) is a new request, not someone else's result.
+func TestIdemGroupMissIsNotFound(t *testing.T) {
+	st, l := openTestLedger(t, t.TempDir())
+	defer st.Close()
+	defer l.Close()
+	r, err := l.Apply(Op{User: 3, ReqID: "a", Postings: []Posting{{User: 3, Delta: 5, Reason: ReasonDev}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sh := l.shard(3)
+	sh.mu.Lock()
+	loc := sh.done[l.idemHash(3, "a")]
+	sh.mu.Unlock()
+	if loc.group() == 0 {
+		t.Fatalf("record not in a group row: %x", loc)
+	}
+	if got, found, err := l.readIdem(loc, 3, "a"); err != nil || !found || !reflect.DeepEqual(got.TradeIDs, r.TradeIDs) {
+		t.Fatalf("own record: %+v %v %v", got, found, err)
+	}
+	for _, q := range []struct {
+		user int64
+		req  string
+	}{{3, "b"}, {4, "a"}} {
+		if _, found, err := l.readIdem(loc, q.user, q.req); err != nil || found {
+			t.Fatalf("%v found in another request's group: %v %v", q, found, err)
+		}
+	}
+	if _, found, err := l.readIdem(mkLoc(loc.hour(), loc.group()+100), 3, "a"); err != nil || found {
+		t.Fatalf("absent group row: %v %v", found, err)
+	}
+}
