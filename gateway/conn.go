@@ -20,8 +20,8 @@ const maxPendingAcks = 4096
 const maxWriteBytes = 256<<10 - 8<<10
 
 // Conn is one WebSocket connection: one reader (gws's ReadLoop, which runs the
-// handlers) and at most one writer goroutine, started when the queue becomes
-// non-empty and gone when it is drained.
+// handlers) and at most one writer goroutine, taken (Server.startWriter) when
+// the queue becomes non-empty and given back when it is drained.
 //
 // Invariants (under mu): queued == Σ size of queue; once closeCode != 0 nothing
 // more is queued; the writer is the only goroutine that writes to ws, except
@@ -117,7 +117,7 @@ func (c *Conn) enqueue(f *router.Frame) bool {
 	c.writing = true
 	c.mu.Unlock()
 	if start {
-		go c.writeLoop()
+		c.srv.startWriter(c)
 	}
 	return true
 }
@@ -141,7 +141,7 @@ func (c *Conn) Close(code int, drain bool) {
 		c.srv.metrics.slowCloses.Inc()
 	}
 	if start {
-		go c.writeLoop()
+		c.srv.startWriter(c)
 	}
 }
 

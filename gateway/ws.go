@@ -47,6 +47,12 @@ type Server struct {
 	stop     chan struct{}
 	sweeper  sync.WaitGroup
 
+	// Writer goroutines are recycled: a connection that needs a writer hands
+	// itself to an idle one (whose stack has already grown to the depth of a
+	// socket write) and starts a new goroutine only when none is idle.
+	writerq     chan *Conn   // unbuffered: a send succeeds only into an idle writer
+	idleWriters atomic.Int32 // writers parked on writerq, at most maxIdleWriters
+
 	shards [connShards]struct {
 		mu    sync.Mutex
 		conns map[uint64]*Conn
@@ -67,7 +73,7 @@ type ServerDeps struct {
 
 func newServer(d ServerDeps) *Server {
 	s := &Server{cfg: d.Config, log: d.Log, auth: d.Auth, router: d.Router, metrics: d.Metrics,
-		chat: d.ChatLimit, gifts: d.Gifts, stop: make(chan struct{})}
+		chat: d.ChatLimit, gifts: d.Gifts, stop: make(chan struct{}), writerq: make(chan *Conn)}
 	for i := range s.shards {
 		s.shards[i].conns = map[uint64]*Conn{}
 	}
@@ -330,6 +336,40 @@ func (s *Server) Shutdown(ctx context.Context) {
 	}
 	close(s.stop)
 	s.sweeper.Wait()
+}
+
+// maxIdleWriters bounds the parked writer goroutines (a few KiB of stack
+// each); beyond it a writer whose connection is drained exits.
+const maxIdleWriters = 128
+
+// startWriter runs c.writeLoop on an idle writer goroutine, or on a new one.
+func (s *Server) startWriter(c *Conn) {
+	select {
+	case s.writerq <- c:
+	default:
+		go s.writer(c)
+	}
+}
+
+// writer drains one connection at a time: it serves c until c's queue is
+// empty (exactly what a goroutine per writing connection would do, so a
+// slow client still holds only its own writer), then parks for the next
+// connection unless enough writers are parked already.
+func (s *Server) writer(c *Conn) {
+	for {
+		c.writeLoop()
+		if s.idleWriters.Add(1) > maxIdleWriters {
+			s.idleWriters.Add(-1)
+			return
+		}
+		select {
+		case c = <-s.writerq:
+			s.idleWriters.Add(-1)
+		case <-s.stop:
+			s.idleWriters.Add(-1)
+			return
+		}
+	}
 }
 
 func (s *Server) snapshot() []*Conn {

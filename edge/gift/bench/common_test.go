@@ -24,12 +24,14 @@ import (
 //	LIVEEDGE_GIFTBENCH_CONNS    WebSocket connections of BenchmarkGiftWS (default 500)
 //	LIVEEDGE_GIFTBENCH_WINDOW   requests in flight per connection, closed loop (default 8)
 //	LIVEEDGE_GIFTBENCH_ROOMS    rooms the WebSocket senders are spread over (default 20)
+//	LIVEEDGE_GIFTBENCH_EFFECTS  the node's gifts.room_effects_per_second (default: the node default)
+//	LIVEEDGE_GIFTBENCH_RATE     offered gifts/s of the _half phases when the closed loops are not run
 type knobs struct {
 	warmup, measure time.Duration
 	conc            int
 	conns, window   int
 	rooms           int
-	rate            float64 // LIVEEDGE_GIFTBENCH_RATE: the _half phases' offered rate × 2 when their closed loop is not run
+	rate            float64 // LIVEEDGE_GIFTBENCH_RATE
 }
 
 func loadKnobs() knobs {

@@ -197,6 +197,9 @@ func startLiveEdgeWS(b testing.TB, k knobs, batch bool) (*gateway.Node, *fleet) 
 	cfg := nodetest.Config(b)
 	cfg.Limits.GiftPerSecond = 0
 	cfg.Log.Level = "warn"
+	if v := envFloat("LIVEEDGE_GIFTBENCH_EFFECTS", 0); v > 0 {
+		cfg.Gifts.RoomEffectsPerSecond = int(v)
+	}
 	node := nodetest.Start(b, cfg)
 	rooms := make([]int64, k.rooms)
 	anchors := make([]int64, k.rooms)
