@@ -9,6 +9,7 @@ import (
 	"github.com/cockroachdb/pebble"
 	"github.com/redis/rueidis"
 
+	"github.com/liveedge/liveedge/gateway"
 	"github.com/liveedge/liveedge/persist/redistest"
 )
 
@@ -150,28 +151,38 @@ func TestHotUsersLoopHoldsTheMix(t *testing.T) {
 }
 
 func TestWSSmoke(t *testing.T) {
-	k := knobs{warmup: 100 * time.Millisecond, measure: 300 * time.Millisecond, conns: 4, window: 2, rooms: 2}
-	srv := startEcho(t, int64(k.conns))
-	fl := dialFleet(t, k, func(i int) connTarget {
-		return connTarget{url: "ws://" + srv.addr + "/ws", user: senderBase + int64(i), room: 1, anchor: 1}
-	})
-	fl.joinAll(t)
-	echo := fl.closedLoop(k.warmup, k.measure)
-	fl.close()
-
-	node, fl := startLiveEdgeWS(t, k, false)
-	closed := fl.closedLoop(k.warmup, k.measure)
-	open := fl.openLoop(200, k.warmup, k.measure)
-	checkNode(t, node, fl)
-	node, fl = startLiveEdgeWS(t, k, true)
-	batched := fl.closedLoop(k.warmup, k.measure)
-	checkNode(t, node, fl)
-	for name, r := range map[string]wsResult{"echo": echo, "liveedge": closed, "liveedge open loop": open, "liveedge batch": batched} {
+	k := knobs{warmup: 100 * time.Millisecond, measure: 300 * time.Millisecond, conns: 4, window: 2, rooms: 2, client: "inproc"}
+	echo := func() (*gateway.Node, clients) { return nil, startEchoClients(t, k) }
+	liveedge := func(batch bool) func() (*gateway.Node, clients) {
+		return func() (*gateway.Node, clients) { return startLiveEdgeWS(t, k, batch) }
+	}
+	echoRes := runSmoke(t, echo, 0)
+	closed := runSmoke(t, liveedge(false), 0)
+	open := runSmoke(t, liveedge(false), 200)
+	batched := runSmoke(t, liveedge(true), 0)
+	k.client = "proc" // the clients in a child process, as the benchmark runs them by default
+	proc := runSmoke(t, echo, 0)
+	procOpen := runSmoke(t, liveedge(false), 200)
+	for name, r := range map[string]wsResult{"echo": echoRes, "liveedge": closed, "liveedge open loop": open,
+		"liveedge batch": batched, "echo, client process": proc, "liveedge open loop, client process": procOpen} {
 		if r.ok == 0 || r.fail != 0 {
 			t.Errorf("%s: %d ok, %d failed", name, r.ok, r.fail)
 		}
+		if r.cpu <= 0 {
+			t.Errorf("%s: no CPU time measured", name)
+		}
 	}
-	if d := echo.repBytes / closed.repBytes; d < 0.95 || d > 1.05 {
-		t.Errorf("echo reply %.1f B, LiveEdge reply %.1f B: sizes differ", echo.repBytes, closed.repBytes)
+	if d := echoRes.repBytes / closed.repBytes; d < 0.95 || d > 1.05 {
+		t.Errorf("echo reply %.1f B, LiveEdge reply %.1f B: sizes differ", echoRes.repBytes, closed.repBytes)
 	}
+}
+
+func runSmoke(t *testing.T, start func() (*gateway.Node, clients), rate float64) wsResult {
+	node, cl := start()
+	defer cl.close()
+	res := cl.run(rate)
+	if node != nil {
+		checkNode(t, node, cl)
+	}
+	return res
 }

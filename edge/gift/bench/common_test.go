@@ -26,12 +26,14 @@ import (
 //	LIVEEDGE_GIFTBENCH_ROOMS    rooms the WebSocket senders are spread over (default 20)
 //	LIVEEDGE_GIFTBENCH_EFFECTS  the node's gifts.room_effects_per_second (default: the node default)
 //	LIVEEDGE_GIFTBENCH_RATE     offered gifts/s of the _half phases when the closed loops are not run
+//	LIVEEDGE_GIFTBENCH_CLIENT   where BenchmarkGiftWS's clients run: proc (a child process, default) or inproc
 type knobs struct {
 	warmup, measure time.Duration
 	conc            int
 	conns, window   int
 	rooms           int
 	rate            float64 // LIVEEDGE_GIFTBENCH_RATE
+	client          string  // LIVEEDGE_GIFTBENCH_CLIENT
 }
 
 func loadKnobs() knobs {
@@ -43,6 +45,7 @@ func loadKnobs() knobs {
 		window:  int(envFloat("LIVEEDGE_GIFTBENCH_WINDOW", 8)),
 		rooms:   int(envFloat("LIVEEDGE_GIFTBENCH_ROOMS", 20)),
 		rate:    envFloat("LIVEEDGE_GIFTBENCH_RATE", 0),
+		client:  os.Getenv("LIVEEDGE_GIFTBENCH_CLIENT"),
 	}
 }
 

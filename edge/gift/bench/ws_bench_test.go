@@ -20,8 +20,11 @@ import (
 	"github.com/liveedge/liveedge/persist"
 )
 
-// BenchmarkGiftWS measures gifts over WebSocket end to end, load generator
-// in the same process (both share the machine's cores):
+// BenchmarkGiftWS measures gifts over WebSocket end to end. The load
+// generator (the same code for every server) runs in a child process by
+// default (LIVEEDGE_GIFTBENCH_CLIENT=inproc: in this process); either way it
+// shares the machine's 2 cores with the server. cpu-cores is both processes'
+// CPU time over the measured window; server-cores the server's alone.
 //
 //   - echo: a bare gws server (net/http + gws.NewUpgrader on 127.0.0.1:0)
 //     that answers each gift frame, on the reading goroutine, with a reply
@@ -51,11 +54,11 @@ func BenchmarkGiftWS(b *testing.B) {
 	var echoRate float64
 	b.Run("echo", func(b *testing.B) {
 		for range b.N {
-			fl := startEchoFleet(b, k)
-			res := fl.closedLoop(k.warmup, k.measure)
+			cl := startEchoClients(b, k)
+			res := cl.run(0)
 			res.report(b)
 			echoRate = res.rate()
-			fl.close()
+			cl.close()
 		}
 	})
 	// The machine's floor for the latency target: the bare echo, open loop,
@@ -65,11 +68,11 @@ func BenchmarkGiftWS(b *testing.B) {
 			b.Skip("needs the echo sub-benchmark of the same run (its rate)")
 		}
 		for range b.N {
-			fl := startEchoFleet(b, k)
-			res := fl.openLoop(echoRate/2, k.warmup, k.measure)
+			cl := startEchoClients(b, k)
+			res := cl.run(echoRate / 2)
 			res.report(b)
 			b.ReportMetric(echoRate/2, "offered/s")
-			fl.close()
+			cl.close()
 		}
 	})
 	for _, batch := range []bool{false, true} {
@@ -82,16 +85,16 @@ func BenchmarkGiftWS(b *testing.B) {
 		leRate := 2 * k.rate
 		b.Run(name, func(b *testing.B) {
 			for range b.N {
-				node, fl := startLiveEdgeWS(b, k, batch)
-				res := fl.closedLoop(k.warmup, k.measure)
+				node, cl := startLiveEdgeWS(b, k, batch)
+				res := cl.run(0)
 				res.report(b)
 				leRate = res.rate()
 				if echoRate > 0 {
 					b.ReportMetric(leRate/echoRate, "x-echo")
 				}
 				reportCommits(b, node)
-				checkNode(b, node, fl)
-				fl.close()
+				checkNode(b, node, cl)
+				cl.close()
 			}
 		})
 		b.Run(name+"_half", func(b *testing.B) {
@@ -99,13 +102,13 @@ func BenchmarkGiftWS(b *testing.B) {
 				b.Skipf("needs the %s sub-benchmark of the same run (its rate)", name)
 			}
 			for range b.N {
-				node, fl := startLiveEdgeWS(b, k, batch)
-				res := fl.openLoop(leRate/2, k.warmup, k.measure)
+				node, cl := startLiveEdgeWS(b, k, batch)
+				res := cl.run(leRate / 2)
 				res.report(b)
 				b.ReportMetric(leRate/2, "offered/s")
 				reportCommits(b, node)
-				checkNode(b, node, fl)
-				fl.close()
+				checkNode(b, node, cl)
+				cl.close()
 			}
 		})
 		// The same offered load on the bare echo: what this machine and this
@@ -115,11 +118,11 @@ func BenchmarkGiftWS(b *testing.B) {
 				b.Skipf("needs the %s sub-benchmark of the same run (its rate)", name)
 			}
 			for range b.N {
-				fl := startEchoFleet(b, k)
-				res := fl.openLoop(leRate/2, k.warmup, k.measure)
+				cl := startEchoClients(b, k)
+				res := cl.run(leRate / 2)
 				res.report(b)
 				b.ReportMetric(leRate/2, "offered/s")
-				fl.close()
+				cl.close()
 			}
 		})
 	}
@@ -127,16 +130,16 @@ func BenchmarkGiftWS(b *testing.B) {
 
 // ---- bare gws echo server ----
 
-// startEchoFleet starts an echo server and connects the fleet to it, each
-// connection in a room as for LiveEdge.
-func startEchoFleet(b *testing.B, k knobs) *fleet {
+// startEchoClients starts an echo server and connects the clients to it,
+// each connection in a room as for LiveEdge.
+func startEchoClients(b testing.TB, k knobs) clients {
 	srv := startEcho(b, int64(k.conns))
-	fl := dialFleet(b, k, func(i int) connTarget {
+	targets := make([]connTarget, k.conns)
+	for i := range targets {
 		room := int64(i%k.rooms) + 1
-		return connTarget{url: "ws://" + srv.addr + "/ws", user: senderBase + int64(i), room: room, anchor: room}
-	})
-	fl.joinAll(b)
-	return fl
+		targets[i] = connTarget{url: "ws://" + srv.addr + "/ws", user: senderBase + int64(i), room: room, anchor: room}
+	}
+	return startClients(b, k, targets)
 }
 
 type echoServer struct {
@@ -192,7 +195,7 @@ func (s *echoServer) OnMessage(c *gws.Conn, m *gws.Message) {
 // startLiveEdgeWS starts a node, opens the rooms, credits the senders and
 // connects them (batch: with ?batch=1, as the Go SDK does by default, so the
 // node may merge replies and pushes into batch frames).
-func startLiveEdgeWS(b testing.TB, k knobs, batch bool) (*gateway.Node, *fleet) {
+func startLiveEdgeWS(b testing.TB, k knobs, batch bool) (*gateway.Node, clients) {
 	b.Helper()
 	cfg := nodetest.Config(b)
 	cfg.Limits.GiftPerSecond = 0
@@ -218,23 +221,21 @@ func startLiveEdgeWS(b testing.TB, k knobs, batch bool) (*gateway.Node, *fleet) 
 		b.Fatal(err)
 	}
 	base := nodetest.WSURL(node)
-	fl := dialFleet(b, k, func(i int) connTarget {
-		u := users[i]
+	targets := make([]connTarget, len(users))
+	for i, u := range users {
 		url := base + "?token=" + nodetest.Token(b, node, u, gateway.RoleViewer)
 		if batch {
 			url += "&batch=1"
 		}
-		return connTarget{url: url, user: u,
-			room: rooms[i%k.rooms], anchor: anchors[i%k.rooms]}
-	})
-	fl.joinAll(b)
-	return node, fl
+		targets[i] = connTarget{url: url, user: u, room: rooms[i%k.rooms], anchor: anchors[i%k.rooms]}
+	}
+	return node, startClients(b, k, targets)
 }
 
 // checkNode fails the benchmark if the node closed connections.
-func checkNode(b testing.TB, node *gateway.Node, fl *fleet) {
-	if n := node.WS.Conns(); n != len(fl.conns) {
-		b.Errorf("node has %d connections, want %d", n, len(fl.conns))
+func checkNode(b testing.TB, node *gateway.Node, cl clients) {
+	if n := node.WS.Conns(); n != cl.conns() {
+		b.Errorf("node has %d connections, want %d", n, cl.conns())
 	}
 }
 
@@ -255,7 +256,8 @@ type phase struct {
 	lat      latencies
 	reqs     atomic.Int64
 	reqBytes atomic.Int64
-	frames   atomic.Int64 // WebSocket frames received in the window (replies, pushes, batches)
+	frames   atomic.Int64       // WebSocket frames received in the window (replies, pushes, batches)
+	cpu      chan time.Duration // this process's CPU time over the window, once it is over
 }
 
 // ringSize bounds requests in flight on one connection (ids map to slots).
@@ -469,9 +471,10 @@ type wsResult struct {
 	win                window
 	ok, fail           int64
 	lat                latStats
-	reqBytes, repBytes float64 // average payload sizes of requests and plain reply frames
-	frames             int64   // frames the clients received in the window
-	cpu                time.Duration
+	reqBytes, repBytes float64       // average payload sizes of requests and plain reply frames
+	frames             int64         // frames the clients received in the window
+	cpu                time.Duration // both sides
+	serverCPU          time.Duration // the server's process alone (clients in a child process only)
 }
 
 func (r wsResult) rate() float64 { return float64(r.ok) / r.win.secs() }
@@ -486,12 +489,21 @@ func (r wsResult) report(b *testing.B) {
 	b.ReportMetric(r.reqBytes, "req-B")
 	b.ReportMetric(r.repBytes, "rep-B")
 	b.ReportMetric(float64(r.cpu)/float64(time.Duration(r.win.to-r.win.from)), "cpu-cores")
+	if r.serverCPU > 0 {
+		b.ReportMetric(float64(r.serverCPU)/float64(time.Duration(r.win.to-r.win.from)), "server-cores")
+	}
 }
 
-// begin starts a phase measured from warmup to warmup+measure from now.
-func (fl *fleet) begin(warmup, measure time.Duration) *phase {
-	now := time.Now()
-	ph := &phase{win: window{from: now.Add(warmup).UnixNano(), to: now.Add(warmup + measure).UnixNano()}}
+// begin starts a phase measured from from to from+measure (the load starts
+// now: the time until from is the warm-up).
+func (fl *fleet) begin(from time.Time, measure time.Duration) *phase {
+	ph := &phase{win: window{from: from.UnixNano(), to: from.Add(measure).UnixNano()}, cpu: make(chan time.Duration, 1)}
+	go func() {
+		time.Sleep(time.Until(from))
+		c0 := selfCPU()
+		time.Sleep(time.Until(from.Add(measure)))
+		ph.cpu <- selfCPU() - c0
+	}()
 	for _, c := range fl.conns {
 		c.mu.Lock()
 		c.lats, c.ok, c.fail, c.rep, c.repN = c.lats[:0], 0, 0, 0, 0
@@ -502,10 +514,10 @@ func (fl *fleet) begin(warmup, measure time.Duration) *phase {
 }
 
 // finish stops the senders, waits for the replies in flight and collects.
-func (fl *fleet) finish(ph *phase, stop chan struct{}, senders *sync.WaitGroup, cpu0 time.Duration) wsResult {
+func (fl *fleet) finish(ph *phase, stop chan struct{}, senders *sync.WaitGroup) wsResult {
+	cpu := <-ph.cpu
 	close(stop)
 	senders.Wait()
-	cpu := selfCPU() - cpu0
 	deadline := time.Now().Add(30 * time.Second)
 	for _, c := range fl.conns {
 		for c.inflight.Load() > 0 && time.Now().Before(deadline) {
@@ -538,9 +550,8 @@ func (fl *fleet) finish(ph *phase, stop chan struct{}, senders *sync.WaitGroup, 
 }
 
 // closedLoop keeps window gifts in flight on every connection.
-func (fl *fleet) closedLoop(warmup, measure time.Duration) wsResult {
-	cpu0 := selfCPU()
-	ph := fl.begin(warmup, measure)
+func (fl *fleet) closedLoop(from time.Time, measure time.Duration) wsResult {
+	ph := fl.begin(from, measure)
 	stop := make(chan struct{})
 	var senders sync.WaitGroup
 	for _, c := range fl.conns {
@@ -558,7 +569,7 @@ func (fl *fleet) closedLoop(warmup, measure time.Duration) wsResult {
 		}()
 	}
 	time.Sleep(time.Until(time.Unix(0, ph.win.to)))
-	res := fl.finish(ph, stop, &senders, cpu0)
+	res := fl.finish(ph, stop, &senders)
 	for _, c := range fl.conns {
 		for range ringSize - fl.window {
 			<-c.tokens
@@ -569,9 +580,8 @@ func (fl *fleet) closedLoop(warmup, measure time.Duration) wsResult {
 
 // openLoop sends rate gifts/s in total, spread evenly over the connections,
 // each stamped with its scheduled time.
-func (fl *fleet) openLoop(rate float64, warmup, measure time.Duration) wsResult {
-	cpu0 := selfCPU()
-	ph := fl.begin(warmup, measure)
+func (fl *fleet) openLoop(rate float64, from time.Time, measure time.Duration) wsResult {
+	ph := fl.begin(from, measure)
 	stop := make(chan struct{})
 	var senders sync.WaitGroup
 	n := len(fl.conns)
@@ -623,7 +633,7 @@ func (fl *fleet) openLoop(rate float64, warmup, measure time.Duration) wsResult 
 		}()
 	}
 	time.Sleep(time.Until(end))
-	return fl.finish(ph, stop, &senders, cpu0)
+	return fl.finish(ph, stop, &senders)
 }
 
 // Open-loop pacing: openPacers goroutines, each waking every pacerTick.
