@@ -54,6 +54,15 @@ type Reply struct {
 	Balance int64  `json:"balance"`
 }
 
+// AppendJSON encodes r as Marshal would (proto.JSONAppender).
+func (r Reply) AppendJSON(dst []byte) []byte {
+	dst = append(dst, `{"order_id":`...)
+	dst = proto.AppendString(dst, r.OrderID)
+	dst = append(dst, `,"balance":`...)
+	dst = strconv.AppendInt(dst, r.Balance, 10)
+	return append(dst, '}')
+}
+
 // EffectPush is the d of biz 5556.
 type EffectPush struct {
 	From      int64  `json:"from"`
@@ -63,6 +72,29 @@ type EffectPush struct {
 	EffectURL string `json:"effect_url"`
 	Combo     int    `json:"combo,omitempty"` // extension: gifts merged into this effect
 	OrderID   string `json:"order_id,omitempty"`
+}
+
+// AppendJSON encodes e as Marshal would (proto.JSONAppender).
+func (e *EffectPush) AppendJSON(dst []byte) []byte {
+	dst = append(dst, `{"from":`...)
+	dst = strconv.AppendInt(dst, e.From, 10)
+	dst = append(dst, `,"to":`...)
+	dst = strconv.AppendInt(dst, e.To, 10)
+	dst = append(dst, `,"gift_id":`...)
+	dst = strconv.AppendInt(dst, e.GiftID, 10)
+	dst = append(dst, `,"count":`...)
+	dst = strconv.AppendInt(dst, int64(e.Count), 10)
+	dst = append(dst, `,"effect_url":`...)
+	dst = proto.AppendString(dst, e.EffectURL)
+	if e.Combo != 0 {
+		dst = append(dst, `,"combo":`...)
+		dst = strconv.AppendInt(dst, int64(e.Combo), 10)
+	}
+	if e.OrderID != "" {
+		dst = append(dst, `,"order_id":`...)
+		dst = proto.AppendString(dst, e.OrderID)
+	}
+	return append(dst, '}')
 }
 
 // FailedPush is the d of biz 5557.
@@ -225,7 +257,7 @@ func (s *Service) send(sender int64, inRoom bool, r Req, done func(Reply, *sendE
 			return
 		}
 		ev := EffectPush{From: sender, To: r.ReceiverID, GiftID: g.ID, Count: r.Count, EffectURL: g.SvgaURL, OrderID: orderID}
-		d, _ := proto.Marshal(ev)
+		d := ev.AppendJSON(make([]byte, 0, 128+len(ev.EffectURL)))
 		s.router.SendUser(r.ReceiverID, proto.Push{Biz: proto.BizGift, Room: r.RoomID, Data: d, Ack: true})
 		s.effects.add(r.RoomID, ev)
 		if r.PK && s.scorer != nil {
@@ -326,7 +358,8 @@ func (e *effects) flush(room int64) {
 		return
 	}
 	for _, k := range re.order {
-		d, _ := proto.Marshal(re.acc[k])
+		ev := re.acc[k]
+		d := ev.AppendJSON(make([]byte, 0, 128+len(ev.EffectURL)))
 		_, _ = e.router.PublishRoom(room, proto.Push{Biz: proto.BizGift, Data: d})
 	}
 }

@@ -175,16 +175,27 @@ func AppendPush(dst []byte, p *Push) []byte {
 	return append(dst, '}')
 }
 
+// JSONAppender is a value that encodes itself as JSON, byte for byte as
+// Marshal would, without reflection (the per-gift replies and pushes).
+type JSONAppender interface {
+	AppendJSON(dst []byte) []byte
+}
+
 // EncodeReply encodes {"t":"reply","id":N,"code":C,"msg":"..","d":{..}}.
-// d may be nil ({}), raw JSON ([]byte) or any value sonic can encode.
+// d may be nil ({}), raw JSON ([]byte), a JSONAppender or any value sonic
+// can encode.
 func EncodeReply(id int64, code int, msg string, d any) []byte {
 	var data []byte
+	app, _ := d.(JSONAppender)
 	switch v := d.(type) {
 	case nil:
 		data = []byte("{}")
 	case []byte:
 		data = v
 	default:
+		if app != nil {
+			break
+		}
 		b, err := jsonAPI.Marshal(v)
 		if err != nil {
 			code, msg, b = CodeInternal, "internal error", []byte("{}")
@@ -194,27 +205,41 @@ func EncodeReply(id int64, code int, msg string, d any) []byte {
 	if msg == "" {
 		msg = "ok"
 	}
-	dst := make([]byte, 0, 48+len(msg)+len(data))
+	dst := make([]byte, 0, 64+len(msg)+len(data))
 	dst = append(dst, `{"t":"reply","id":`...)
 	dst = strconv.AppendInt(dst, id, 10)
 	dst = append(dst, `,"code":`...)
 	dst = strconv.AppendInt(dst, int64(code), 10)
 	dst = append(dst, `,"msg":`...)
-	dst = appendJSONString(dst, msg)
+	dst = AppendString(dst, msg)
 	dst = append(dst, `,"d":`...)
-	dst = append(dst, data...)
+	if app != nil {
+		dst = app.AppendJSON(dst)
+	} else {
+		dst = append(dst, data...)
+	}
 	return append(dst, '}')
 }
 
 // EncodeErrorReply encodes a reply carrying e.
 func EncodeErrorReply(id int64, e *Error) []byte { return EncodeReply(id, e.Code, e.Msg, nil) }
 
-func appendJSONString(dst []byte, s string) []byte {
-	b, err := jsonAPI.Marshal(s)
-	if err != nil {
-		return append(dst, `""`...)
+// AppendString appends s as a JSON string exactly as Marshal encodes it:
+// printable ASCII other than " \ < > & is copied as is; anything else takes
+// sonic's encoder (escapes, HTML-safe, invalid UTF-8 replaced).
+func AppendString(dst []byte, s string) []byte {
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; c < 0x20 || c > 0x7e || c == '"' || c == '\\' || c == '<' || c == '>' || c == '&' {
+			b, err := jsonAPI.Marshal(s)
+			if err != nil {
+				return append(dst, `""`...)
+			}
+			return append(dst, b...)
+		}
 	}
-	return append(dst, b...)
+	dst = append(dst, '"')
+	dst = append(dst, s...)
+	return append(dst, '"')
 }
 
 // Hello is the d of the hello frame.
