@@ -353,3 +353,126 @@ func TestPKScoresAndEndsOnce(t *testing.T) {
 		t.Fatalf("final %+v (overs %d)", last, overs)
 	}
 }
+
+// A PK contest survives a node restart: its scores come back from the PK
+// gifts' durable tallies, its sequence keeps increasing across the restart,
+// and it ends exactly once with the result of every acknowledged PK gift. A
+// contest whose end passed while the node was down ends when it comes back.
+func TestPKSurvivesRestart(t *testing.T) {
+	cfg := nodetest.Config(t)
+	cfg.Limits.GiftPerSecond = 0
+	n1 := nodetest.Start(t, cfg)
+	ra := nodetest.OpenRoom(t, n1, 1, 0)
+	rb := nodetest.OpenRoom(t, n1, 2, 0)
+	rc := nodetest.OpenRoom(t, n1, 3, 0)
+	rd := nodetest.OpenRoom(t, n1, 4, 0)
+	const viewer = 50
+	devCredit(t, n1, viewer, 1000)
+	startPK := func(n *gateway.Node, anchorA, a, b int64, secs int) string {
+		var out struct {
+			Data struct {
+				PKID string `json:"pk_id"`
+			} `json:"data"`
+		}
+		if st := nodetest.DoJSON(t, "POST", nodetest.HTTPURL(n)+"/api/v1/pk", nodetest.Token(t, n, anchorA, gateway.RoleAnchor),
+			fmt.Sprintf(`{"room_a":%d,"room_b":%d,"duration_s":%d}`, a, b, secs), &out); st != 200 || out.Data.PKID == "" {
+			t.Fatalf("start pk: %d", st)
+		}
+		return out.Data.PKID
+	}
+	type prog struct {
+		PKID   string           `json:"pk_id"`
+		Seq    int64            `json:"seq"`
+		Over   bool             `json:"over"`
+		Winner int64            `json:"winner"`
+		Scores map[string]int64 `json:"scores"`
+	}
+	progress := func(l *pushLog, id string) []prog {
+		var out []prog
+		for _, p := range l.snapshot() {
+			var x prog
+			if p.Biz == proto.BizPKProgress && proto.Unmarshal(p.Data, &x) == nil && x.PKID == id {
+				out = append(out, x)
+			}
+		}
+		return out
+	}
+	ctx := context.Background()
+	pkGift := func(c *clientsdk.Client, room int64, anchor int64, req string) {
+		d := giftReq(room, anchor, 23, 1, req) // 20 coins
+		d["pk"] = true
+		if _, err := sendGift(ctx, c, d); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	long := startPK(n1, 1, ra, rb, 8)
+	var log1 pushLog
+	v1 := sdkDial(t, n1, viewer, &log1, nil)
+	if _, err := v1.Join(ctx, ra); err != nil {
+		t.Fatal(err)
+	}
+	pkGift(v1, ra, 1, "a1")
+	pkGift(v1, ra, 1, "a2")
+	nodetest.Eventually(t, 5*time.Second, func() bool {
+		p := progress(&log1, long)
+		return len(p) > 0 && p[len(p)-1].Scores[fmt.Sprint(ra)] == 40
+	}, "no PK progress with score 40 before the restart")
+	before := progress(&log1, long)
+	v1.Close()
+	// A contest whose end passes while the node is down (started just before
+	// the shutdown, which stops its timer).
+	short := startPK(n1, 3, rc, rd, 1)
+	sctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	if err := n1.Shutdown(sctx); err != nil {
+		t.Fatal(err)
+	}
+	cancel()
+	time.Sleep(1200 * time.Millisecond) // the short contest's end passes while the node is down
+
+	n2 := nodetest.Start(t, cfg)
+	tok2 := nodetest.Token(t, n2, viewer, gateway.RoleViewer)
+	var got struct {
+		Data struct {
+			Scores [2]int64 `json:"scores"`
+			Over   bool     `json:"over"`
+		} `json:"data"`
+	}
+	nodetest.Eventually(t, 5*time.Second, func() bool {
+		st := nodetest.DoJSON(t, "GET", nodetest.HTTPURL(n2)+"/api/v1/pk/"+short, tok2, "", &got)
+		return st == 200 && got.Data.Over
+	}, "the contest that ended while the node was down is not over after the restart")
+	if st := nodetest.DoJSON(t, "GET", nodetest.HTTPURL(n2)+"/api/v1/pk/"+long, tok2, "", &got); st != 200 || got.Data.Over || got.Data.Scores != [2]int64{40, 0} {
+		t.Fatalf("long contest after restart: %d %+v", st, got.Data)
+	}
+	var log2 pushLog
+	v2 := sdkDial(t, n2, viewer, &log2, nil)
+	if _, err := v2.Join(ctx, ra); err != nil {
+		t.Fatal(err)
+	}
+	pkGift(v2, ra, 1, "a3")
+	pkGift(v2, ra, 1, "a1") // a retry of a gift from before the restart: no second debit, no second score
+	var after []prog
+	nodetest.Eventually(t, 15*time.Second, func() bool {
+		after = progress(&log2, long)
+		return len(after) > 0 && after[len(after)-1].Over
+	}, "no final PK push after the restart")
+	all := append(before, after...)
+	overs := 0
+	for i, p := range all {
+		if i > 0 && p.Seq <= all[i-1].Seq {
+			t.Fatalf("seq not increasing across the restart: %+v", all)
+		}
+		if p.Over {
+			overs++
+		}
+	}
+	last := all[len(all)-1]
+	if overs != 1 || last.Winner != ra || last.Scores[fmt.Sprint(ra)] != 60 || last.Scores[fmt.Sprint(rb)] != 0 {
+		t.Fatalf("final %+v (overs %d)", last, overs)
+	}
+	if bal, err := n2.Ledger.Balance(viewer); err != nil || bal != 1000-60 {
+		t.Fatalf("balance %d (%v), want %d", bal, err, 1000-60)
+	}
+	persisttest.CheckConservation(t, n2.Ledger)
+}

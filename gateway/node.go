@@ -156,7 +156,10 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 		PerSecond: cfg.Limits.GiftPerSecond, EffectWindow: cfg.Gifts.EffectWindow.D(),
 		RoomEffectsPerSecond: cfg.Gifts.RoomEffectsPerSecond,
 	}, log)
-	n.PK = pk.New(n.Router, n.Rooms.IsOpen)
+	n.PK = pk.New(n.Router, n.Rooms.IsOpen, n.Store, n.Wallet.Tally, log)
+	if err = n.PK.Restore(time.Now()); err != nil {
+		return nil, err
+	}
 	n.Gifts.SetScorer(n.PK)
 	n.Rooms.SetOpponent(n.PK.Opponent)
 	if err = n.watchCatalogue(cat); err != nil {
@@ -364,6 +367,9 @@ func (n *Node) closeBackends() error {
 	}
 	if n.Pay != nil {
 		n.Pay.Close()
+	}
+	if n.PK != nil {
+		n.PK.Close()
 	}
 	if n.NC != nil {
 		if err := n.NC.Drain(); err != nil && !errors.Is(err, nats.ErrConnectionClosed) {

@@ -162,3 +162,8 @@ func (s *Store) scan(lower, upper []byte, reverse bool, fn func(k, v []byte) (bo
 	}
 	return it.Close()
 }
+
+// Delete durably removes key.
+func (s *Store) Delete(key []byte) error {
+	return s.Apply(func(b *Batch) error { return b.Delete(key, nil) })
+}

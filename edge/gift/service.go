@@ -106,7 +106,12 @@ type FailedPush struct {
 
 // Scorer receives PK gifts (the PK service); nil = PK off.
 type Scorer interface {
-	AddScore(room int64, amount int64)
+	// Running returns the contest room is in and the wallet tally that keeps
+	// its score (ok false: none). A PK gift's op adds its value to that tally,
+	// atomically with the debit.
+	Running(room int64) (contest, tally string, ok bool)
+	// AddScore adds a durable PK gift to contest's running score.
+	AddScore(room int64, contest string, amount int64)
 }
 
 // Config configures Service.
@@ -220,6 +225,7 @@ func (s *Service) send(sender int64, inRoom bool, r Req, done func(Reply, *sendE
 		return
 	}
 	amount := g.Price * int64(r.Count)
+	var contest string
 	op := persist.Op{
 		User:  sender,
 		ReqID: "gift:" + r.ReqID,
@@ -232,6 +238,12 @@ func (s *Service) send(sender int64, inRoom bool, r Req, done func(Reply, *sendE
 			}
 			return nil
 		},
+	}
+	if r.PK && s.scorer != nil {
+		if id, tally, ok := s.scorer.Running(r.RoomID); ok {
+			contest = id
+			op.Tallies = append(op.Tallies, persist.Tally{Name: tally, User: r.RoomID, Delta: amount})
+		}
 	}
 	s.wallet.ApplyAsync(op, func(res persist.Result, err error) {
 		if err != nil {
@@ -260,8 +272,8 @@ func (s *Service) send(sender int64, inRoom bool, r Req, done func(Reply, *sendE
 		d := ev.AppendJSON(make([]byte, 0, 128+len(ev.EffectURL)))
 		s.router.SendUser(r.ReceiverID, proto.Push{Biz: proto.BizGift, Room: r.RoomID, Data: d, Ack: true})
 		s.effects.add(r.RoomID, ev)
-		if r.PK && s.scorer != nil {
-			s.scorer.AddScore(r.RoomID, amount)
+		if contest != "" {
+			s.scorer.AddScore(r.RoomID, contest, amount)
 		}
 		done(rep, nil)
 	})

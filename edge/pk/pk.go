@@ -3,14 +3,26 @@
 // per-contest sequence (clients drop stale ones); the contest ends exactly
 // once, with a final push carrying "over":true and the winner.
 //
+// Contests survive a restart. A contest's record (rooms, end time, and once
+// over its final scores) is written durably before anyone hears of the
+// contest, and before its final push. Its running scores are not written by
+// this package: each PK gift's ledger op carries a tally (TallyName) that
+// commits atomically and exactly once with the debit, so a restarted node
+// reads every acknowledged PK gift back from the wallet. The sequence of a
+// contest restored after a restart continues from epoch<<32, above every
+// sequence number sent before it.
+//
 // State is in memory behind one mutex; pushes are queued under it (Publish
 // never blocks), so both rooms see a contest's pushes in sequence order and
-// the final push is the last one.
+// the final push is the last one. Storage I/O happens outside the mutex.
 package pk
 
 import (
 	"crypto/rand"
 	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"log/slog"
 	"strconv"
 	"sync"
 	"time"
@@ -25,6 +37,9 @@ const (
 	MaxDuration = time.Hour
 )
 
+// keepOver is how long an ended contest stays readable (GET /api/v1/pk/{id}).
+const keepOver = 24 * time.Hour
+
 // Contest is one PK.
 type Contest struct {
 	ID     string
@@ -33,6 +48,9 @@ type Contest struct {
 	Seq    int64
 	EndsAt time.Time
 	Over   bool
+
+	live   bool // recorded and announced (a reserved contest is not yet)
+	ending bool // its final record is being written: scores are frozen
 	timer  *time.Timer
 }
 
@@ -46,19 +64,59 @@ type Progress struct {
 	Winner int64            `json:"winner,omitempty"` // room id; 0 = draw (with over)
 }
 
+// Store keeps contest records durably (persist.Store).
+type Store interface {
+	Put(key, val []byte) error
+	Delete(key []byte) error
+	Scan(prefix []byte, fn func(k, v []byte) error) error
+}
+
+// Tallies reads a durable tally (persist.Wallet.Tally).
+type Tallies func(name string, user int64) (int64, error)
+
+// TallyName is the wallet tally that holds contest id's score per room: a PK
+// gift's ledger op adds its value to TallyName(id)/<room>.
+func TallyName(id string) string { return "pk:" + id }
+
+// keyPrefix is where contest records live: rec/pk/<id>.
+var keyPrefix = []byte("rec/pk/")
+
+func recordKey(id string) []byte { return append(append([]byte{}, keyPrefix...), id...) }
+
+// record is a contest as stored.
+type record struct {
+	ID     string   `json:"id"`
+	Rooms  [2]int64 `json:"rooms"`
+	EndsAt int64    `json:"ends_at"` // unix ms
+	Epoch  int64    `json:"epoch"`   // restarts the contest has run across
+	Over   bool     `json:"over,omitempty"`
+	Scores [2]int64 `json:"scores"` // final, once over
+	Seq    int64    `json:"seq,omitempty"`
+}
+
 // Service runs contests.
 type Service struct {
-	router router.Router
-	isOpen func(room int64) bool
+	router  router.Router
+	isOpen  func(room int64) bool
+	store   Store // nil: contests live in memory only
+	tallies Tallies
+	log     *slog.Logger
 
 	mu       sync.Mutex
+	closed   bool
 	byRoom   map[int64]*Contest
 	contests map[string]*Contest
 }
 
-// New returns a PK service; isOpen tells whether a room is open.
-func New(r router.Router, isOpen func(int64) bool) *Service {
-	return &Service{router: r, isOpen: isOpen, byRoom: map[int64]*Contest{}, contests: map[string]*Contest{}}
+// New returns a PK service; isOpen tells whether a room is open; st and
+// tallies make contests durable (see the package doc): call Restore once
+// before serving.
+func New(r router.Router, isOpen func(int64) bool, st Store, tallies Tallies, log *slog.Logger) *Service {
+	if log == nil {
+		log = slog.Default()
+	}
+	return &Service{router: r, isOpen: isOpen, store: st, tallies: tallies, log: log,
+		byRoom: map[int64]*Contest{}, contests: map[string]*Contest{}}
 }
 
 func newID() string {
@@ -67,7 +125,94 @@ func newID() string {
 	return hex.EncodeToString(b[:])
 }
 
-// Start pairs rooms a and b for d.
+func (c *Contest) record() record {
+	return record{ID: c.ID, Rooms: c.Rooms, EndsAt: c.EndsAt.UnixMilli(), Epoch: c.Seq >> 32,
+		Over: c.Over || c.ending, Scores: c.Scores, Seq: c.Seq}
+}
+
+func (s *Service) save(r record) error {
+	if s.store == nil {
+		return nil
+	}
+	b, err := json.Marshal(r)
+	if err != nil {
+		return err
+	}
+	return s.store.Put(recordKey(r.ID), b)
+}
+
+// Restore loads the contests of earlier runs: a running one resumes with its
+// scores read from the wallet's tallies (every acknowledged PK gift) and
+// ends at its time — at once if that has passed while the node was down; an
+// ended one stays readable until keepOver after its end.
+func (s *Service) Restore(now time.Time) error {
+	if s.store == nil {
+		return nil
+	}
+	var recs []record
+	var stale [][]byte
+	err := s.store.Scan(keyPrefix, func(k, v []byte) error {
+		var r record
+		if err := json.Unmarshal(v, &r); err != nil || r.ID == "" {
+			return fmt.Errorf("pk: bad record %q: %v", k, err)
+		}
+		if r.Over && now.Sub(time.UnixMilli(r.EndsAt)) > keepOver {
+			stale = append(stale, append([]byte{}, k...))
+			return nil
+		}
+		recs = append(recs, r)
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	for _, k := range stale {
+		if err := s.store.Delete(k); err != nil {
+			return err
+		}
+	}
+	for _, r := range recs {
+		c := &Contest{ID: r.ID, Rooms: r.Rooms, EndsAt: time.UnixMilli(r.EndsAt), Over: r.Over,
+			Scores: r.Scores, Seq: r.Seq}
+		if r.Over {
+			s.contests[c.ID] = c
+			s.forgetLater(c, time.Until(c.EndsAt.Add(keepOver)))
+			continue
+		}
+		for i, room := range c.Rooms {
+			v, err := s.tallies(TallyName(c.ID), room)
+			if err != nil {
+				return fmt.Errorf("pk: scores of %s: %w", c.ID, err)
+			}
+			c.Scores[i] = v
+		}
+		// A new epoch, durable before any push of it.
+		c.Seq = (r.Epoch + 1) << 32
+		if err := s.save(c.record()); err != nil {
+			return err
+		}
+		c.live = true
+		s.byRoom[c.Rooms[0]], s.byRoom[c.Rooms[1]], s.contests[c.ID] = c, c, c
+		c.timer = time.AfterFunc(max(0, c.EndsAt.Sub(now)), func() { s.end(c) })
+		s.log.Info("pk contest restored", "pk_id", c.ID, "rooms", c.Rooms, "scores", c.Scores, "ends_at", c.EndsAt)
+	}
+	return nil
+}
+
+// Close stops the contests' timers; nothing is written after it.
+func (s *Service) Close() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.closed = true
+	for _, c := range s.contests {
+		if c.timer != nil {
+			c.timer.Stop()
+		}
+	}
+}
+
+// Start pairs rooms a and b for d. The contest is recorded durably before it
+// is announced.
 func (s *Service) Start(a, b int64, d time.Duration) (Contest, error) {
 	if a <= 0 || b <= 0 || a == b {
 		return Contest{}, proto.BadRequest("room_a and room_b must be two different rooms")
@@ -79,23 +224,54 @@ func (s *Service) Start(a, b int64, d time.Duration) (Contest, error) {
 		return Contest{}, proto.Errorf(proto.CodeNotFound, "room not found or closed")
 	}
 	s.mu.Lock()
-	defer s.mu.Unlock()
+	if s.closed {
+		s.mu.Unlock()
+		return Contest{}, proto.Errorf(proto.CodeInternal, "shutting down")
+	}
 	if s.byRoom[a] != nil || s.byRoom[b] != nil {
+		s.mu.Unlock()
 		return Contest{}, proto.Errorf(proto.CodeConflict, "a room is already in a PK")
 	}
 	c := &Contest{ID: newID(), Rooms: [2]int64{a, b}, EndsAt: time.Now().Add(d)}
-	s.byRoom[a], s.byRoom[b], s.contests[c.ID] = c, c, c
+	s.byRoom[a], s.byRoom[b] = c, c // reserved: not live until recorded
+	rec := c.record()
+	s.mu.Unlock()
+	if err := s.save(rec); err != nil {
+		s.log.Error("pk: record contest", "err", err)
+		s.mu.Lock()
+		delete(s.byRoom, a)
+		delete(s.byRoom, b)
+		s.mu.Unlock()
+		return Contest{}, proto.Errorf(proto.CodeInternal, "internal error")
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	c.live = true
+	s.contests[c.ID] = c
 	c.timer = time.AfterFunc(d, func() { s.end(c) })
 	s.publish(c)
 	return *c, nil
 }
 
-// AddScore adds amount to room's side of its running contest (if any).
-func (s *Service) AddScore(room int64, amount int64) {
+// Running returns the live contest room is in and the wallet tally that
+// keeps its score (gift.Scorer).
+func (s *Service) Running(room int64) (id, tally string, ok bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	c := s.byRoom[room]
-	if c == nil || c.Over || amount <= 0 {
+	if c == nil || !c.live || c.Over || c.ending {
+		return "", "", false
+	}
+	return c.ID, TallyName(c.ID), true
+}
+
+// AddScore adds amount to room's side of contest id, if that contest is
+// still running (gift.Scorer). The gift's debit, with its tally, is durable.
+func (s *Service) AddScore(room int64, id string, amount int64) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	c := s.byRoom[room]
+	if c == nil || c.ID != id || !c.live || c.Over || c.ending || amount <= 0 {
 		return
 	}
 	side := 0
@@ -131,21 +307,44 @@ func (s *Service) Get(id string) (Contest, bool) {
 	return *c, true
 }
 
-// end finishes c exactly once.
+// end finishes c exactly once: its final record (scores frozen) is durable
+// before the final push; if it cannot be written, the end is retried.
 func (s *Service) end(c *Contest) {
 	s.mu.Lock()
-	defer s.mu.Unlock()
-	if c.Over {
+	if c.Over || c.ending || s.closed {
+		s.mu.Unlock()
 		return
 	}
-	c.Over = true
+	c.ending = true
+	rec := c.record()
+	rec.Seq++ // the final push's
+	s.mu.Unlock()
+	if err := s.save(rec); err != nil {
+		s.log.Error("pk: record contest end, retrying", "pk_id", c.ID, "err", err)
+		s.mu.Lock()
+		c.ending = false
+		if !s.closed {
+			c.timer = time.AfterFunc(time.Second, func() { s.end(c) })
+		}
+		s.mu.Unlock()
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	c.Over, c.ending = true, false
 	s.publish(c)
 	delete(s.byRoom, c.Rooms[0])
 	delete(s.byRoom, c.Rooms[1])
-	// The contest stays readable for a while, then goes.
-	time.AfterFunc(10*time.Minute, func() {
+	// The contest stays readable for a while (from storage after a restart).
+	s.forgetLater(c, 10*time.Minute)
+}
+
+func (s *Service) forgetLater(c *Contest, after time.Duration) {
+	time.AfterFunc(after, func() {
 		s.mu.Lock()
-		delete(s.contests, c.ID)
+		if s.contests[c.ID] == c {
+			delete(s.contests, c.ID)
+		}
 		s.mu.Unlock()
 	})
 }
@@ -159,15 +358,21 @@ func (s *Service) publish(c *Contest) {
 			strconv.FormatInt(c.Rooms[1], 10): c.Scores[1],
 		}}
 	if c.Over {
-		switch {
-		case c.Scores[0] > c.Scores[1]:
-			p.Winner = c.Rooms[0]
-		case c.Scores[1] > c.Scores[0]:
-			p.Winner = c.Rooms[1]
-		}
+		p.Winner = c.winner()
 	}
 	d, _ := proto.Marshal(p)
 	for _, r := range c.Rooms {
 		_, _ = s.router.PublishRoom(r, proto.Push{Biz: proto.BizPKProgress, Data: d, Ack: c.Over})
 	}
+}
+
+// winner is the room with the higher score, 0 for a draw.
+func (c *Contest) winner() int64 {
+	switch {
+	case c.Scores[0] > c.Scores[1]:
+		return c.Rooms[0]
+	case c.Scores[1] > c.Scores[0]:
+		return c.Rooms[1]
+	}
+	return 0
 }
