@@ -24,7 +24,9 @@ type giftReply struct {
 
 // kill -9 the node during a gift storm, restart it: every gift whose reply
 // said ok is in the ledger and the balance, none is debited twice (also when
-// retried after the restart), and conservation holds.
+// retried after the restart), and conservation holds. The gifts are PK gifts
+// of a running contest: after the restart the contest's score is exactly the
+// value of the gifts in the ledger (each acknowledged one counted once).
 func TestKill9DuringGiftStorm(t *testing.T) {
 	const sender, anchor, credit = 500, 1, 1_000_000
 	bin := binary(t)
@@ -33,6 +35,16 @@ func TestKill9DuringGiftStorm(t *testing.T) {
 	p := start(t, "", env, bin)
 	waitReady(t, p, httpAddr)
 	room := openRoom(t, httpAddr, devToken(t, httpAddr, anchor, "anchor"))
+	rival := openRoom(t, httpAddr, devToken(t, httpAddr, anchor+1, "anchor"))
+	var pk struct {
+		Data struct {
+			PKID string `json:"pk_id"`
+		} `json:"data"`
+	}
+	if st := nodetest.DoJSON(t, "POST", "http://"+httpAddr+"/api/v1/pk", devToken(t, httpAddr, anchor, "anchor"),
+		fmt.Sprintf(`{"room_a":%d,"room_b":%d,"duration_s":3600}`, room, rival), &pk); st != 200 || pk.Data.PKID == "" {
+		t.Fatalf("start pk: %d", st)
+	}
 	if st := nodetest.DoJSON(t, "POST", "http://"+httpAddr+"/api/v1/dev/credit", "",
 		fmt.Sprintf(`{"user_id":%d,"amount":%d,"req_id":"seed"}`, sender, credit), nil); st != 200 {
 		t.Fatalf("credit: %d", st)
@@ -67,7 +79,7 @@ func TestKill9DuringGiftStorm(t *testing.T) {
 					}
 					req := fmt.Sprintf("c%d-w%d-%d", i, w, k)
 					b, err := c.Request(context.Background(), proto.TypeGift, map[string]any{
-						"room_id": room, "gift_id": 23, "receiver_id": anchor, "count": 1 + k%3, "req_id": req})
+						"room_id": room, "gift_id": 23, "receiver_id": anchor, "count": 1 + k%3, "req_id": req, "pk": true})
 					if err != nil {
 						if errors.Is(err, clientsdk.ErrClosed) {
 							return
@@ -132,6 +144,21 @@ func TestKill9DuringGiftStorm(t *testing.T) {
 	if w.Data.Balance != credit-spent {
 		t.Fatalf("balance %d, want %d − %d", w.Data.Balance, credit, spent)
 	}
+	pkScore := func() [2]int64 {
+		var out struct {
+			Data struct {
+				Scores [2]int64 `json:"scores"`
+				Over   bool     `json:"over"`
+			} `json:"data"`
+		}
+		if st := nodetest.DoJSON(t, "GET", "http://"+httpAddr+"/api/v1/pk/"+pk.Data.PKID, tok, "", &out); st != 200 || out.Data.Over {
+			t.Fatalf("pk after restart: %d %+v", st, out.Data)
+		}
+		return out.Data.Scores
+	}
+	if sc := pkScore(); sc != [2]int64{spent, 0} {
+		t.Fatalf("pk scores after the restart %v, want [%d 0] (the gifts in the ledger)", sc, spent)
+	}
 	// Retrying acknowledged gifts after the restart replays, never re-debits.
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -145,7 +172,7 @@ func TestKill9DuringGiftStorm(t *testing.T) {
 	}
 	retried := 0
 	for req, order := range okd {
-		b, err := c.Request(ctx, proto.TypeGift, map[string]any{"room_id": room, "gift_id": 23, "receiver_id": anchor, "count": 1, "req_id": req})
+		b, err := c.Request(ctx, proto.TypeGift, map[string]any{"room_id": room, "gift_id": 23, "receiver_id": anchor, "count": 1, "req_id": req, "pk": true})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -161,6 +188,9 @@ func TestKill9DuringGiftStorm(t *testing.T) {
 	nodetest.DoJSON(t, "GET", "http://"+httpAddr+"/api/v1/wallet", tok, "", &w)
 	if w.Data.Balance != credit-spent {
 		t.Fatalf("balance moved on retries: %d", w.Data.Balance)
+	}
+	if sc := pkScore(); sc != [2]int64{spent, 0} {
+		t.Fatalf("pk scores moved on retries: %v, want [%d 0]", sc, spent)
 	}
 	_ = c.Close()
 	_ = p2.cmd.Process.Signal(syscall.SIGTERM)
