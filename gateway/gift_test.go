@@ -321,37 +321,50 @@ func TestPKScoresAndEndsOnce(t *testing.T) {
 	if _, err := sendGift(ctx, va, d); err != nil {
 		t.Fatal(err)
 	}
-	type prog struct {
-		Seq    int64            `json:"seq"`
-		Over   bool             `json:"over"`
-		Winner int64            `json:"winner"`
-		Scores map[string]int64 `json:"scores"`
-	}
-	var final []prog
+	var final []pkProgress
 	nodetest.Eventually(t, 5*time.Second, func() bool {
-		final = final[:0]
-		for _, p := range logA.snapshot() {
-			if p.Biz == proto.BizPKProgress {
-				var x prog
-				_ = proto.Unmarshal(p.Data, &x)
-				final = append(final, x)
-			}
-		}
+		final = pkPushes(&logA, out.Data.PKID)
 		return len(final) > 0 && final[len(final)-1].Over
 	}, "no final PK push")
-	overs := 0
-	for i, p := range final {
-		if i > 0 && p.Seq <= final[i-1].Seq {
-			t.Fatalf("seq not increasing: %+v", final)
-		}
-		if p.Over {
-			overs++
+	if last := checkPKEndsOnce(t, final); last.Winner != ra || last.Scores[fmt.Sprint(ra)] != 20 {
+		t.Fatalf("final %+v", last)
+	}
+}
+
+// pkProgress is the d of biz 5558.
+type pkProgress struct {
+	PKID   string           `json:"pk_id"`
+	Seq    int64            `json:"seq"`
+	Over   bool             `json:"over"`
+	Winner int64            `json:"winner"`
+	Scores map[string]int64 `json:"scores"`
+}
+
+// pkPushes returns the biz 5558 pushes of contest id in l, in arrival order.
+func pkPushes(l *pushLog, id string) []pkProgress {
+	var out []pkProgress
+	for _, p := range l.snapshot() {
+		var x pkProgress
+		if p.Biz == proto.BizPKProgress && proto.Unmarshal(p.Data, &x) == nil && x.PKID == id {
+			out = append(out, x)
 		}
 	}
-	last := final[len(final)-1]
-	if overs != 1 || last.Winner != ra || last.Scores[fmt.Sprint(ra)] != 20 {
-		t.Fatalf("final %+v (overs %d)", last, overs)
+	return out
+}
+
+// checkPKEndsOnce fails unless seq increases along pushes and exactly one
+// push, the last, is over; it returns that one.
+func checkPKEndsOnce(t *testing.T, pushes []pkProgress) pkProgress {
+	t.Helper()
+	for i, p := range pushes {
+		if i > 0 && p.Seq <= pushes[i-1].Seq {
+			t.Fatalf("seq not increasing: %+v", pushes)
+		}
+		if p.Over != (i == len(pushes)-1) {
+			t.Fatalf("over at push %d of %d: %+v", i+1, len(pushes), pushes)
+		}
 	}
+	return pushes[len(pushes)-1]
 }
 
 // A PK contest survives a node restart: its scores come back from the PK
@@ -380,23 +393,6 @@ func TestPKSurvivesRestart(t *testing.T) {
 		}
 		return out.Data.PKID
 	}
-	type prog struct {
-		PKID   string           `json:"pk_id"`
-		Seq    int64            `json:"seq"`
-		Over   bool             `json:"over"`
-		Winner int64            `json:"winner"`
-		Scores map[string]int64 `json:"scores"`
-	}
-	progress := func(l *pushLog, id string) []prog {
-		var out []prog
-		for _, p := range l.snapshot() {
-			var x prog
-			if p.Biz == proto.BizPKProgress && proto.Unmarshal(p.Data, &x) == nil && x.PKID == id {
-				out = append(out, x)
-			}
-		}
-		return out
-	}
 	ctx := context.Background()
 	pkGift := func(c *clientsdk.Client, room int64, anchor int64, req string) {
 		d := giftReq(room, anchor, 23, 1, req) // 20 coins
@@ -415,10 +411,10 @@ func TestPKSurvivesRestart(t *testing.T) {
 	pkGift(v1, ra, 1, "a1")
 	pkGift(v1, ra, 1, "a2")
 	nodetest.Eventually(t, 5*time.Second, func() bool {
-		p := progress(&log1, long)
+		p := pkPushes(&log1, long)
 		return len(p) > 0 && p[len(p)-1].Scores[fmt.Sprint(ra)] == 40
 	}, "no PK progress with score 40 before the restart")
-	before := progress(&log1, long)
+	before := pkPushes(&log1, long)
 	v1.Close()
 	// A contest whose end passes while the node is down (started just before
 	// the shutdown, which stops its timer).
@@ -452,24 +448,14 @@ func TestPKSurvivesRestart(t *testing.T) {
 	}
 	pkGift(v2, ra, 1, "a3")
 	pkGift(v2, ra, 1, "a1") // a retry of a gift from before the restart: no second debit, no second score
-	var after []prog
+	var after []pkProgress
 	nodetest.Eventually(t, 15*time.Second, func() bool {
-		after = progress(&log2, long)
+		after = pkPushes(&log2, long)
 		return len(after) > 0 && after[len(after)-1].Over
 	}, "no final PK push after the restart")
-	all := append(before, after...)
-	overs := 0
-	for i, p := range all {
-		if i > 0 && p.Seq <= all[i-1].Seq {
-			t.Fatalf("seq not increasing across the restart: %+v", all)
-		}
-		if p.Over {
-			overs++
-		}
-	}
-	last := all[len(all)-1]
-	if overs != 1 || last.Winner != ra || last.Scores[fmt.Sprint(ra)] != 60 || last.Scores[fmt.Sprint(rb)] != 0 {
-		t.Fatalf("final %+v (overs %d)", last, overs)
+	last := checkPKEndsOnce(t, append(before, after...)) // seq keeps increasing across the restart
+	if last.Winner != ra || last.Scores[fmt.Sprint(ra)] != 60 || last.Scores[fmt.Sprint(rb)] != 0 {
+		t.Fatalf("final %+v", last)
 	}
 	if bal, err := n2.Ledger.Balance(viewer); err != nil || bal != 1000-60 {
 		t.Fatalf("balance %d (%v), want %d", bal, err, 1000-60)

@@ -164,6 +164,19 @@ func runClosedLoop(sys debiter, w *workload, conc int, warmup, measure time.Dura
 			lat.add(mine)
 		}()
 	}
+	cpu, extCPU := measureWindow(sys, win, func() { stop.Store(true) }, &wg, cancel)
+	res := loadResult{win: win, ok: ok.Load(), fail: fail.Load(), lat: lat.stats(), cpu: cpu, extCPU: extCPU, started: next.Load()}
+	if e := firstErr.Load(); e != nil {
+		fmt.Fprintf(os.Stderr, "giftbench: %d failed gifts, first: %v\n", res.fail, e)
+	}
+	return res
+}
+
+// measureWindow waits for win, measures this process's CPU and the system's
+// external CPU (redis-server for the seed) over it, then stops the load and
+// lets the gifts in flight finish (a seed gift may be asleep for up to 1 s
+// per retry); after a grace period it cancels whatever is still sleeping.
+func measureWindow(sys debiter, win window, stop func(), wg *sync.WaitGroup, cancel context.CancelFunc) (cpu, extCPU time.Duration) {
 	ext := func() time.Duration { return 0 }
 	if e, ok := sys.(interface{ extCPU() time.Duration }); ok {
 		ext = e.extCPU
@@ -171,23 +184,17 @@ func runClosedLoop(sys debiter, w *workload, conc int, warmup, measure time.Dura
 	time.Sleep(time.Until(time.Unix(0, win.from)))
 	cpu0, ext0 := selfCPU(), ext()
 	time.Sleep(time.Until(time.Unix(0, win.to)))
-	cpu, extCPU := selfCPU()-cpu0, ext()-ext0
-	stop.Store(true)
-	// Let gifts in flight finish (a seed gift may be asleep for up to 1 s per
-	// retry); after a grace period, cancel whatever is still sleeping.
-	done := make(chan struct{})
-	go func() { wg.Wait(); close(done) }()
+	cpu, extCPU = selfCPU()-cpu0, ext()-ext0
+	stop()
+	finished := make(chan struct{})
+	go func() { wg.Wait(); close(finished) }()
 	select {
-	case <-done:
+	case <-finished:
 	case <-time.After(3 * time.Second):
 		cancel()
-		<-done
+		<-finished
 	}
-	res := loadResult{win: win, ok: ok.Load(), fail: fail.Load(), lat: lat.stats(), cpu: cpu, extCPU: extCPU, started: next.Load()}
-	if e := firstErr.Load(); e != nil {
-		fmt.Fprintf(os.Stderr, "giftbench: %d failed gifts, first: %v\n", res.fail, e)
-	}
-	return res
+	return cpu, extCPU
 }
 
 // ---- LiveEdge: gift.Service.Send on a real Pebble ledger ----

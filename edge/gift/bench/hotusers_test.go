@@ -124,24 +124,7 @@ func runHotUsers(sys debiter, w *workload, conc int, warmup, measure time.Durati
 			lat.add(mine)
 		}()
 	}
-	ext := func() time.Duration { return 0 }
-	if e, ok := sys.(interface{ extCPU() time.Duration }); ok {
-		ext = e.extCPU
-	}
-	time.Sleep(time.Until(time.Unix(0, win.from)))
-	cpu0, ext0 := selfCPU(), ext()
-	time.Sleep(time.Until(time.Unix(0, win.to)))
-	cpu, extCPU := selfCPU()-cpu0, ext()-ext0
-	stop.Store(true)
-	close(done)
-	finished := make(chan struct{})
-	go func() { wg.Wait(); close(finished) }()
-	select {
-	case <-finished:
-	case <-time.After(3 * time.Second):
-		cancel()
-		<-finished
-	}
+	cpu, extCPU := measureWindow(sys, win, func() { stop.Store(true); close(done) }, &wg, cancel)
 	res := loadResult{win: win, ok: ok.Load(), fail: fail.Load(), lat: lat.stats(), cpu: cpu, extCPU: extCPU,
 		started: next.Load() + hotNext.Load()}
 	hs := hotStats{ok: hotOK.Load(), lat: hotLat.stats()}
