@@ -20,7 +20,6 @@ package pk
 import (
 	"crypto/rand"
 	"encoding/hex"
-	"encoding/json"
 	"fmt"
 	"log/slog"
 	"strconv"
@@ -134,7 +133,7 @@ func (s *Service) save(r record) error {
 	if s.store == nil {
 		return nil
 	}
-	b, err := json.Marshal(r)
+	b, err := proto.Marshal(r)
 	if err != nil {
 		return err
 	}
@@ -153,7 +152,7 @@ func (s *Service) Restore(now time.Time) error {
 	var stale [][]byte
 	err := s.store.Scan(keyPrefix, func(k, v []byte) error {
 		var r record
-		if err := json.Unmarshal(v, &r); err != nil || r.ID == "" {
+		if err := proto.Unmarshal(v, &r); err != nil || r.ID == "" {
 			return fmt.Errorf("pk: bad record %q: %v", k, err)
 		}
 		if r.Over && now.Sub(time.UnixMilli(r.EndsAt)) > keepOver {
