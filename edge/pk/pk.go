@@ -306,11 +306,15 @@ func (s *Service) Get(id string) (Contest, bool) {
 	return *c, true
 }
 
-// end finishes c exactly once: its final record (scores frozen) is durable
-// before the final push; if it cannot be written, the end is retried.
-func (s *Service) end(c *Contest) {
+// end finishes c exactly once: its scores freeze, its final record is made
+// durable, then the final push goes out. If the record cannot be written the
+// end is retried (scores stay frozen, no push) until it can, or the service
+// closes (a restart then ends the contest).
+func (s *Service) end(c *Contest) { s.finish(c, false) }
+
+func (s *Service) finish(c *Contest, retry bool) {
 	s.mu.Lock()
-	if c.Over || c.ending || s.closed {
+	if c.Over || s.closed || (c.ending && !retry) {
 		s.mu.Unlock()
 		return
 	}
@@ -321,9 +325,8 @@ func (s *Service) end(c *Contest) {
 	if err := s.save(rec); err != nil {
 		s.log.Error("pk: record contest end, retrying", "pk_id", c.ID, "err", err)
 		s.mu.Lock()
-		c.ending = false
 		if !s.closed {
-			c.timer = time.AfterFunc(time.Second, func() { s.end(c) })
+			c.timer = time.AfterFunc(time.Second, func() { s.finish(c, true) })
 		}
 		s.mu.Unlock()
 		return

@@ -1,0 +1,163 @@
+package pk
+
+import (
+	"errors"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/liveedge/liveedge/gateway/proto"
+	"github.com/liveedge/liveedge/persist"
+	"github.com/liveedge/liveedge/router"
+)
+
+// viewer records the PK pushes it receives.
+type viewer struct {
+	mu  sync.Mutex
+	got []Progress
+}
+
+func (v *viewer) ID() uint64    { return 1 }
+func (v *viewer) UserID() int64 { return 1000 }
+func (v *viewer) Send(f *router.Frame) bool {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	for _, m := range f.Msgs {
+		var push struct {
+			D Progress `json:"d"`
+		}
+		if err := proto.Unmarshal(m.Bytes, &push); err == nil && push.D.PKID != "" {
+			v.got = append(v.got, push.D)
+		}
+	}
+	return true
+}
+
+func (v *viewer) snapshot() []Progress {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return append([]Progress(nil), v.got...)
+}
+
+// flakyStore is a real Pebble store whose writes fail while failing is set,
+// as a full or broken disk would.
+type flakyStore struct {
+	*persist.Store
+	failing atomic.Bool
+}
+
+var errDisk = errors.New("disk full")
+
+func (s *flakyStore) Put(k, v []byte) error {
+	if s.failing.Load() {
+		return errDisk
+	}
+	return s.Store.Put(k, v)
+}
+
+// A contest whose final record cannot be written does not end: no final
+// push, and its scores stay frozen at its end time; once the disk recovers
+// the end is retried and pushed exactly once, and a restart sees it over.
+func TestEndRetriedUntilDurableAndPushedOnce(t *testing.T) {
+	dir := t.TempDir()
+	st, err := persist.Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fs := &flakyStore{Store: st}
+	rt := router.NewLocal("t", router.LocalConfig{})
+	rt.OpenRoom(1)
+	rt.OpenRoom(2)
+	v := &viewer{}
+	if _, err := rt.Join(1, v); err != nil {
+		t.Fatal(err)
+	}
+	noTallies := func(string, int64) (int64, error) { return 0, nil }
+	s := New(rt, func(int64) bool { return true }, fs, noTallies, nil)
+	c, err := s.Start(1, 2, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, _, ok := s.Running(1)
+	if !ok || id != c.ID {
+		t.Fatalf("running %q %v", id, ok)
+	}
+	s.AddScore(1, c.ID, 20)
+	s.AddScore(2, "another contest", 99) // not this contest: ignored
+	fs.failing.Store(true)
+	time.Sleep(1500 * time.Millisecond) // the end comes and cannot be recorded
+	for _, p := range v.snapshot() {
+		if p.Over {
+			t.Fatalf("final push without a durable end: %+v", p)
+		}
+	}
+	if got, _ := s.Get(c.ID); got.Over {
+		t.Fatal("over without a durable end")
+	}
+	if _, _, ok := s.Running(1); ok {
+		t.Fatal("a contest past its end still takes PK gifts")
+	}
+	s.AddScore(1, c.ID, 500) // a gift that raced the end: not counted
+	fs.failing.Store(false)
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		pushes := v.snapshot()
+		if n := len(pushes); n > 0 && pushes[n-1].Over {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the end was not retried")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	time.Sleep(1200 * time.Millisecond) // a second end would come by now
+	pushes := v.snapshot()
+	overs := 0
+	for i, p := range pushes {
+		if p.Over {
+			overs++
+		}
+		if i > 0 && p.Seq <= pushes[i-1].Seq {
+			t.Fatalf("seq not increasing: %+v", pushes)
+		}
+	}
+	last := pushes[len(pushes)-1]
+	if overs != 1 || last.Winner != 1 || last.Scores["1"] != 20 || last.Scores["2"] != 0 {
+		t.Fatalf("pushes %+v", pushes)
+	}
+	s.Close()
+	if err := st.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	// After a restart the contest is over with the pushed result, and is not
+	// ended again.
+	st2, err := persist.Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st2.Close()
+	v2 := &viewer{}
+	rt2 := router.NewLocal("t", router.LocalConfig{})
+	rt2.OpenRoom(1)
+	if _, err := rt2.Join(1, v2); err != nil {
+		t.Fatal(err)
+	}
+	s2 := New(rt2, func(int64) bool { return true }, st2, noTallies, nil)
+	if err := s2.Restore(time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	defer s2.Close()
+	got, ok := s2.Get(c.ID)
+	if !ok || !got.Over || got.Scores != [2]int64{20, 0} || got.Seq != last.Seq {
+		t.Fatalf("restored %+v (found %v), want over, [20 0], seq %d", got, ok, last.Seq)
+	}
+	if _, _, running := s2.Running(1); running {
+		t.Fatal("an ended contest runs again after a restart")
+	}
+	time.Sleep(100 * time.Millisecond)
+	if p := v2.snapshot(); len(p) != 0 {
+		t.Fatalf("pushes after restoring an ended contest: %+v", p)
+	}
+}
