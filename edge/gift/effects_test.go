@@ -1,42 +1,28 @@
 package gift
 
 import (
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/bytedance/sonic"
 	"github.com/liveedge/liveedge/router"
+	"github.com/liveedge/liveedge/router/routertest"
 )
 
-// viewer records the effect pushes it receives and when.
-type viewer struct {
-	mu   sync.Mutex
-	got  []EffectPush
-	when []time.Time
-}
-
-func (v *viewer) ID() uint64    { return 1 }
-func (v *viewer) UserID() int64 { return 1000 }
-func (v *viewer) Send(f *router.Frame) bool {
-	v.mu.Lock()
-	defer v.mu.Unlock()
-	for _, m := range f.Msgs {
+// effectPushes decodes the effect pushes v received, with their arrival times.
+func effectPushes(v *routertest.Recorder) ([]EffectPush, []time.Time) {
+	var got []EffectPush
+	var when []time.Time
+	for _, r := range v.Received() {
 		var push struct {
 			D EffectPush `json:"d"`
 		}
-		if err := sonic.Unmarshal(m.Bytes, &push); err == nil {
-			v.got = append(v.got, push.D)
-			v.when = append(v.when, time.Now())
+		if err := sonic.Unmarshal(r.Bytes, &push); err == nil {
+			got = append(got, push.D)
+			when = append(when, r.At)
 		}
 	}
-	return true
-}
-
-func (v *viewer) snapshot() ([]EffectPush, []time.Time) {
-	v.mu.Lock()
-	defer v.mu.Unlock()
-	return append([]EffectPush(nil), v.got...), append([]time.Time(nil), v.when...)
+	return got, when
 }
 
 // A busy room's effect pushes are capped: after a flush of 50 effects at 100
@@ -45,7 +31,7 @@ func (v *viewer) snapshot() ([]EffectPush, []time.Time) {
 func TestRoomEffectsCappedByStretchingTheWindow(t *testing.T) {
 	rt := router.NewLocal("t", router.LocalConfig{})
 	rt.OpenRoom(7)
-	v := &viewer{}
+	v := &routertest.Recorder{SessionID: 1, User: 1000}
 	if _, err := rt.Join(7, v); err != nil {
 		t.Fatal(err)
 	}
@@ -54,7 +40,7 @@ func TestRoomEffectsCappedByStretchingTheWindow(t *testing.T) {
 	for from := int64(1); from <= 50; from++ {
 		e.add(7, EffectPush{From: from, To: 99, GiftID: 1, Count: 1})
 	}
-	waitFor(t, func() bool { got, _ := v.snapshot(); return len(got) == 50 })
+	waitFor(t, func() bool { got, _ := effectPushes(v); return len(got) == 50 })
 	// The flush of 50 at 100/s holds the room's next flush until 0.5 s after
 	// it. (Measured against the hold itself, not against delivery times: on
 	// a busy machine the 50 pushes may take a while to reach the viewer.)
@@ -70,8 +56,8 @@ func TestRoomEffectsCappedByStretchingTheWindow(t *testing.T) {
 			e.add(7, EffectPush{From: from, To: 99, GiftID: 1, Count: 2})
 		}
 	}
-	waitFor(t, func() bool { got, _ := v.snapshot(); return len(got) == 60 })
-	got, when := v.snapshot()
+	waitFor(t, func() bool { got, _ := effectPushes(v); return len(got) == 60 })
+	got, when := effectPushes(v)
 	if when[50].Before(hold) {
 		t.Fatalf("second flush arrived %v before the hold ended: the cap did not hold it back", hold.Sub(when[50]))
 	}

@@ -2,7 +2,6 @@ package pk
 
 import (
 	"errors"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -10,34 +9,21 @@ import (
 	"github.com/liveedge/liveedge/gateway/proto"
 	"github.com/liveedge/liveedge/persist"
 	"github.com/liveedge/liveedge/router"
+	"github.com/liveedge/liveedge/router/routertest"
 )
 
-// viewer records the PK pushes it receives.
-type viewer struct {
-	mu  sync.Mutex
-	got []Progress
-}
-
-func (v *viewer) ID() uint64    { return 1 }
-func (v *viewer) UserID() int64 { return 1000 }
-func (v *viewer) Send(f *router.Frame) bool {
-	v.mu.Lock()
-	defer v.mu.Unlock()
-	for _, m := range f.Msgs {
+// progress decodes the PK pushes v received.
+func progress(v *routertest.Recorder) []Progress {
+	var out []Progress
+	for _, r := range v.Received() {
 		var push struct {
 			D Progress `json:"d"`
 		}
-		if err := proto.Unmarshal(m.Bytes, &push); err == nil && push.D.PKID != "" {
-			v.got = append(v.got, push.D)
+		if err := proto.Unmarshal(r.Bytes, &push); err == nil && push.D.PKID != "" {
+			out = append(out, push.D)
 		}
 	}
-	return true
-}
-
-func (v *viewer) snapshot() []Progress {
-	v.mu.Lock()
-	defer v.mu.Unlock()
-	return append([]Progress(nil), v.got...)
+	return out
 }
 
 // flakyStore is a real Pebble store whose writes fail while failing is set,
@@ -69,7 +55,7 @@ func TestEndRetriedUntilDurableAndPushedOnce(t *testing.T) {
 	rt := router.NewLocal("t", router.LocalConfig{})
 	rt.OpenRoom(1)
 	rt.OpenRoom(2)
-	v := &viewer{}
+	v := &routertest.Recorder{SessionID: 1, User: 1000}
 	if _, err := rt.Join(1, v); err != nil {
 		t.Fatal(err)
 	}
@@ -87,7 +73,7 @@ func TestEndRetriedUntilDurableAndPushedOnce(t *testing.T) {
 	s.AddScore(2, "another contest", 99) // not this contest: ignored
 	fs.failing.Store(true)
 	time.Sleep(1500 * time.Millisecond) // the end comes and cannot be recorded
-	for _, p := range v.snapshot() {
+	for _, p := range progress(v) {
 		if p.Over {
 			t.Fatalf("final push without a durable end: %+v", p)
 		}
@@ -102,7 +88,7 @@ func TestEndRetriedUntilDurableAndPushedOnce(t *testing.T) {
 	fs.failing.Store(false)
 	deadline := time.Now().Add(5 * time.Second)
 	for {
-		pushes := v.snapshot()
+		pushes := progress(v)
 		if n := len(pushes); n > 0 && pushes[n-1].Over {
 			break
 		}
@@ -112,7 +98,7 @@ func TestEndRetriedUntilDurableAndPushedOnce(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 	time.Sleep(1200 * time.Millisecond) // a second end would come by now
-	pushes := v.snapshot()
+	pushes := progress(v)
 	overs := 0
 	for i, p := range pushes {
 		if p.Over {
@@ -138,7 +124,7 @@ func TestEndRetriedUntilDurableAndPushedOnce(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer st2.Close()
-	v2 := &viewer{}
+	v2 := &routertest.Recorder{SessionID: 2, User: 1000}
 	rt2 := router.NewLocal("t", router.LocalConfig{})
 	rt2.OpenRoom(1)
 	if _, err := rt2.Join(1, v2); err != nil {
@@ -157,7 +143,7 @@ func TestEndRetriedUntilDurableAndPushedOnce(t *testing.T) {
 		t.Fatal("an ended contest runs again after a restart")
 	}
 	time.Sleep(100 * time.Millisecond)
-	if p := v2.snapshot(); len(p) != 0 {
+	if p := progress(v2); len(p) != 0 {
 		t.Fatalf("pushes after restoring an ended contest: %+v", p)
 	}
 }
