@@ -97,6 +97,9 @@ func (e *EffectPush) AppendJSON(dst []byte) []byte {
 	return append(dst, '}')
 }
 
+// encode is e as the d of a push.
+func (e *EffectPush) encode() []byte { return e.AppendJSON(make([]byte, 0, 128+len(e.EffectURL))) }
+
 // FailedPush is the d of biz 5557.
 type FailedPush struct {
 	ReqID string `json:"req_id"`
@@ -269,7 +272,7 @@ func (s *Service) send(sender int64, inRoom bool, r Req, done func(Reply, *sendE
 			return
 		}
 		ev := EffectPush{From: sender, To: r.ReceiverID, GiftID: g.ID, Count: r.Count, EffectURL: g.SvgaURL, OrderID: orderID}
-		d := ev.AppendJSON(make([]byte, 0, 128+len(ev.EffectURL)))
+		d := ev.encode()
 		s.router.SendUser(r.ReceiverID, proto.Push{Biz: proto.BizGift, Room: r.RoomID, Data: d, Ack: true})
 		s.effects.add(r.RoomID, ev)
 		if contest != "" {
@@ -370,8 +373,6 @@ func (e *effects) flush(room int64) {
 		return
 	}
 	for _, k := range re.order {
-		ev := re.acc[k]
-		d := ev.AppendJSON(make([]byte, 0, 128+len(ev.EffectURL)))
-		_, _ = e.router.PublishRoom(room, proto.Push{Biz: proto.BizGift, Data: d})
+		_, _ = e.router.PublishRoom(room, proto.Push{Biz: proto.BizGift, Data: re.acc[k].encode()})
 	}
 }

@@ -185,17 +185,18 @@ type JSONAppender interface {
 // d may be nil ({}), raw JSON ([]byte), a JSONAppender or any value sonic
 // can encode.
 func EncodeReply(id int64, code int, msg string, d any) []byte {
-	var data []byte
-	app, _ := d.(JSONAppender)
+	var (
+		data []byte
+		app  JSONAppender
+	)
 	switch v := d.(type) {
 	case nil:
 		data = []byte("{}")
 	case []byte:
 		data = v
+	case JSONAppender:
+		app = v
 	default:
-		if app != nil {
-			break
-		}
 		b, err := jsonAPI.Marshal(v)
 		if err != nil {
 			code, msg, b = CodeInternal, "internal error", []byte("{}")

@@ -170,13 +170,7 @@ func (p *procClients) run(rate float64) wsResult {
 	from := time.Now().Add(p.k.warmup)
 	to := from.Add(p.k.measure)
 	// This process's share of the CPU over the same window.
-	own := make(chan time.Duration, 1)
-	go func() {
-		time.Sleep(time.Until(from))
-		c0 := selfCPU()
-		time.Sleep(time.Until(to))
-		own <- selfCPU() - c0
-	}()
+	own := cpuOver(from, to)
 	p.send(fmt.Sprintf("RUN %g %d %d", rate, from.UnixNano(), int64(p.k.measure)))
 	var w wireResult
 	if err := json.Unmarshal([]byte(p.await("RESULT")), &w); err != nil {

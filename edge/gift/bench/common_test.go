@@ -280,6 +280,19 @@ func procCPU(pid int) time.Duration {
 	return time.Duration(ut+st) * 10 * time.Millisecond // CLK_TCK = 100
 }
 
+// cpuOver yields this process's CPU time between from and to, once to has
+// passed.
+func cpuOver(from, to time.Time) <-chan time.Duration {
+	out := make(chan time.Duration, 1)
+	go func() {
+		time.Sleep(time.Until(from))
+		c0 := selfCPU()
+		time.Sleep(time.Until(to))
+		out <- selfCPU() - c0
+	}()
+	return out
+}
+
 // selfCPU is this process's user+system CPU time.
 func selfCPU() time.Duration {
 	var ru syscall.Rusage

@@ -256,8 +256,8 @@ type phase struct {
 	lat      latencies
 	reqs     atomic.Int64
 	reqBytes atomic.Int64
-	frames   atomic.Int64       // WebSocket frames received in the window (replies, pushes, batches)
-	cpu      chan time.Duration // this process's CPU time over the window, once it is over
+	frames   atomic.Int64         // WebSocket frames received in the window (replies, pushes, batches)
+	cpu      <-chan time.Duration // this process's CPU time over the window, once it is over
 }
 
 // ringSize bounds requests in flight on one connection (ids map to slots).
@@ -497,13 +497,7 @@ func (r wsResult) report(b *testing.B) {
 // begin starts a phase measured from from to from+measure (the load starts
 // now: the time until from is the warm-up).
 func (fl *fleet) begin(from time.Time, measure time.Duration) *phase {
-	ph := &phase{win: window{from: from.UnixNano(), to: from.Add(measure).UnixNano()}, cpu: make(chan time.Duration, 1)}
-	go func() {
-		time.Sleep(time.Until(from))
-		c0 := selfCPU()
-		time.Sleep(time.Until(from.Add(measure)))
-		ph.cpu <- selfCPU() - c0
-	}()
+	ph := &phase{win: window{from: from.UnixNano(), to: from.Add(measure).UnixNano()}, cpu: cpuOver(from, from.Add(measure))}
 	for _, c := range fl.conns {
 		c.mu.Lock()
 		c.lats, c.ok, c.fail, c.rep, c.repN = c.lats[:0], 0, 0, 0, 0
