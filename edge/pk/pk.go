@@ -100,9 +100,11 @@ type Service struct {
 	store   Store // nil: contests live in memory only
 	tallies Tallies
 	log     *slog.Logger
+	keep    time.Duration // how long an ended contest stays (keepOver; tests shorten it)
 
 	mu       sync.Mutex
 	closed   bool
+	writes   sync.WaitGroup // storage writes in flight: Close waits for them
 	byRoom   map[int64]*Contest
 	contests map[string]*Contest
 }
@@ -114,7 +116,7 @@ func New(r router.Router, isOpen func(int64) bool, st Store, tallies Tallies, lo
 	if log == nil {
 		log = slog.Default()
 	}
-	return &Service{router: r, isOpen: isOpen, store: st, tallies: tallies, log: log,
+	return &Service{router: r, isOpen: isOpen, store: st, tallies: tallies, log: log, keep: keepOver,
 		byRoom: map[int64]*Contest{}, contests: map[string]*Contest{}}
 }
 
@@ -155,7 +157,7 @@ func (s *Service) Restore(now time.Time) error {
 		if err := proto.Unmarshal(v, &r); err != nil || r.ID == "" {
 			return fmt.Errorf("pk: bad record %q: %v", k, err)
 		}
-		if r.Over && now.Sub(time.UnixMilli(r.EndsAt)) > keepOver {
+		if r.Over && now.Sub(time.UnixMilli(r.EndsAt)) > s.keep {
 			stale = append(stale, append([]byte{}, k...))
 			return nil
 		}
@@ -175,7 +177,7 @@ func (s *Service) Restore(now time.Time) error {
 			Scores: r.Scores, Seq: r.Seq}
 		if r.Over {
 			s.contests[c.ID] = c
-			s.forgetLater(c, time.Until(c.EndsAt.Add(keepOver)))
+			s.forgetLater(c, c.EndsAt.Add(s.keep).Sub(now))
 			continue
 		}
 		for i, room := range c.Rooms {
@@ -198,16 +200,18 @@ func (s *Service) Restore(now time.Time) error {
 	return nil
 }
 
-// Close stops the contests' timers; nothing is written after it.
+// Close stops the contests' timers and waits for storage writes in flight;
+// nothing is written after it (the store may close).
 func (s *Service) Close() {
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	s.closed = true
 	for _, c := range s.contests {
 		if c.timer != nil {
 			c.timer.Stop()
 		}
 	}
+	s.mu.Unlock()
+	s.writes.Wait()
 }
 
 // Start pairs rooms a and b for d. The contest is recorded durably before it
@@ -234,8 +238,11 @@ func (s *Service) Start(a, b int64, d time.Duration) (Contest, error) {
 	c := &Contest{ID: newID(), Rooms: [2]int64{a, b}, EndsAt: time.Now().Add(d)}
 	s.byRoom[a], s.byRoom[b] = c, c // reserved: not live until recorded
 	rec := c.record()
+	s.writes.Add(1)
 	s.mu.Unlock()
-	if err := s.save(rec); err != nil {
+	err := s.save(rec)
+	s.writes.Done()
+	if err != nil {
 		s.log.Error("pk: record contest", "err", err)
 		s.mu.Lock()
 		delete(s.byRoom, a)
@@ -321,8 +328,11 @@ func (s *Service) finish(c *Contest, retry bool) {
 	c.ending = true
 	rec := c.record()
 	rec.Seq++ // the final push's
+	s.writes.Add(1)
 	s.mu.Unlock()
-	if err := s.save(rec); err != nil {
+	err := s.save(rec)
+	s.writes.Done()
+	if err != nil {
 		s.log.Error("pk: record contest end, retrying", "pk_id", c.ID, "err", err)
 		s.mu.Lock()
 		if !s.closed {
@@ -337,17 +347,31 @@ func (s *Service) finish(c *Contest, retry bool) {
 	s.publish(c)
 	delete(s.byRoom, c.Rooms[0])
 	delete(s.byRoom, c.Rooms[1])
-	// The contest stays readable for a while (from storage after a restart).
-	s.forgetLater(c, 10*time.Minute)
+	// The contest stays readable for keepOver, as it does from storage after
+	// a restart.
+	s.forgetLater(c, s.keep)
 }
 
+// forgetLater drops ended contest c, from memory and storage, after after
+// (a restart drops the records whose time has passed).
 func (s *Service) forgetLater(c *Contest, after time.Duration) {
 	time.AfterFunc(after, func() {
 		s.mu.Lock()
-		if s.contests[c.ID] == c {
+		mine := s.contests[c.ID] == c && !s.closed
+		if mine {
 			delete(s.contests, c.ID)
+			s.writes.Add(1)
 		}
 		s.mu.Unlock()
+		if !mine {
+			return
+		}
+		defer s.writes.Done()
+		if s.store != nil {
+			if err := s.store.Delete(recordKey(c.ID)); err != nil {
+				s.log.Warn("pk: forget contest record", "pk_id", c.ID, "err", err)
+			}
+		}
 	})
 }
 

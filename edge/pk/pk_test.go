@@ -147,3 +147,42 @@ func TestEndRetriedUntilDurableAndPushedOnce(t *testing.T) {
 		t.Fatalf("pushes after restoring an ended contest: %+v", p)
 	}
 }
+
+// An ended contest is forgotten after the keep period: no longer readable,
+// and its record is gone from storage (nothing accumulates on disk).
+func TestEndedContestForgotten(t *testing.T) {
+	st, err := persist.Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	rt := router.NewLocal("t", router.LocalConfig{})
+	rt.OpenRoom(1)
+	rt.OpenRoom(2)
+	s := New(rt, func(int64) bool { return true }, st, func(string, int64) (int64, error) { return 0, nil }, nil)
+	s.keep = 200 * time.Millisecond
+	defer s.Close()
+	c, err := s.Start(1, 2, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	records := func() int {
+		n := 0
+		_ = st.Scan(keyPrefix, func(k, v []byte) error { n++; return nil })
+		return n
+	}
+	time.Sleep(1100 * time.Millisecond)
+	if got, ok := s.Get(c.ID); !ok || !got.Over || records() != 1 {
+		t.Fatalf("just ended: %+v found %v, %d records", got, ok, records())
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for records() != 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("the ended contest's record was not deleted")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if _, ok := s.Get(c.ID); ok {
+		t.Fatal("forgotten contest still readable")
+	}
+}
