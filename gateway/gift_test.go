@@ -169,6 +169,10 @@ func TestGiftSameReqIDOnce(t *testing.T) {
 		t.Fatalf("balance %d", b)
 	}
 	persisttest.CheckConservation(t, n.Ledger)
+	// Every answered gift frame is timed (liveedge_gift_seconds).
+	if got := metricValue(t, n, "liveedge_gift_seconds_count"); got != 50 {
+		t.Fatalf("liveedge_gift_seconds_count = %v, want 50", got)
+	}
 }
 
 // The receiver gets biz 5556 reliably; the room sees the effect, merged into

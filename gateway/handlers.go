@@ -34,15 +34,16 @@ func (s *Server) dispatch(c *Conn, b []byte) {
 		var r gift.Req
 		if err = decodeValid(&f, &r); err == nil {
 			inRoom := s.router.IsMember(r.RoomID, c)
-			id, user := f.ID, c.ident.UserID
+			id, user, start := f.ID, c.ident.UserID, time.Now()
 			c.begin()
 			s.gifts.SendAsync(user, inRoom, r, func(rep gift.Reply, err *proto.Error) {
 				defer c.end()
 				if err != nil {
 					c.reply(proto.EncodeErrorReply(id, err))
-					return
+				} else {
+					c.reply(proto.EncodeReply(id, proto.CodeOK, "ok", rep))
 				}
-				c.reply(proto.EncodeReply(id, proto.CodeOK, "ok", rep))
+				s.metrics.giftSeconds.Observe(time.Since(start).Seconds())
 			})
 			return
 		}

@@ -23,6 +23,7 @@ type metrics struct {
 	closes         *prometheus.CounterVec
 	upgradesDenied *prometheus.CounterVec
 	payNotifies    *prometheus.CounterVec
+	giftSeconds    prometheus.Histogram
 }
 
 func newMetrics(node string, r router.Router) *metrics {
@@ -47,9 +48,12 @@ func newMetrics(node string, r router.Router) *metrics {
 			[]string{"reason"}),
 		payNotifies: prometheus.NewCounterVec(prometheus.CounterOpts(f("pay_notifies_total", "Payment webhook deliveries, by outcome.")),
 			[]string{"outcome"}),
+		giftSeconds: prometheus.NewHistogram(histOpts(f("gift_seconds",
+			"Time from a gift frame read to its reply queued (debit durable or refused)."),
+			prometheus.ExponentialBuckets(100e-6, 1.5, 26))), // 100 µs .. ~2.5 s
 	}
 	reg.MustRegister(m.connections, m.framesIn, m.framesOut, m.badFrames, m.resends, m.resendGiveUps,
-		m.queueDrops, m.slowCloses, m.closes, m.upgradesDenied, m.payNotifies)
+		m.queueDrops, m.slowCloses, m.closes, m.upgradesDenied, m.payNotifies, m.giftSeconds)
 	stat := func(name, help string, gauge bool, get func(router.Stats) int64) {
 		fn := func() float64 { return float64(get(r.Stats())) }
 		if gauge {
@@ -66,3 +70,10 @@ func newMetrics(node string, r router.Router) *metrics {
 	stat("room_queue_drops_total", "Pushes refused because a room queue was full.", false, func(s router.Stats) int64 { return s.RoomDropped })
 	return m
 }
+
+func histOpts(o prometheus.Opts, buckets []float64) prometheus.HistogramOpts {
+	return prometheus.HistogramOpts{Namespace: o.Namespace, Name: o.Name, Help: o.Help, ConstLabels: o.ConstLabels, Buckets: buckets}
+}
+
+// GiftLatency is the histogram of liveedge_gift_seconds (for benchmarks).
+func (s *Server) GiftLatency() prometheus.Histogram { return s.metrics.giftSeconds }

@@ -152,6 +152,11 @@ func New(w persist.Wallet, r router.Router, cat *Catalogue, cfg Config, log *slo
 // SetScorer connects the PK service.
 func (s *Service) SetScorer(sc Scorer) { s.scorer = sc }
 
+// SetWallet replaces the wallet gifts are debited from. For diagnostics and
+// tests only (the gift benchmark measures the node with a wallet that does no
+// work); call it before the node serves gifts.
+func (s *Service) SetWallet(w persist.Wallet) { s.wallet = w }
+
 // Catalogue returns the catalogue.
 func (s *Service) Catalogue() *Catalogue { return s.cat }
 

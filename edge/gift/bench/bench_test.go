@@ -160,11 +160,12 @@ func TestWSSmoke(t *testing.T) {
 	closed := runSmoke(t, liveedge(false), 0)
 	open := runSmoke(t, liveedge(false), 200)
 	batched := runSmoke(t, liveedge(true), 0)
+	noWallet := runSmoke(t, func() (*gateway.Node, clients) { return startLiveEdgeWSWallet(t, k, false, &instantWallet{}) }, 200)
 	k.client = "proc" // the clients in a child process, as the benchmark runs them by default
 	proc := runSmoke(t, echo, 0)
 	procOpen := runSmoke(t, liveedge(false), 200)
 	for name, r := range map[string]wsResult{"echo": echoRes, "liveedge": closed, "liveedge open loop": open,
-		"liveedge batch": batched, "echo, client process": proc, "liveedge open loop, client process": procOpen} {
+		"liveedge batch": batched, "liveedge, no wallet": noWallet, "echo, client process": proc, "liveedge open loop, client process": procOpen} {
 		if r.ok == 0 || r.fail != 0 {
 			t.Errorf("%s: %d ok, %d failed", name, r.ok, r.fail)
 		}

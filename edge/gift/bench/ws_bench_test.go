@@ -125,6 +125,26 @@ func BenchmarkGiftWS(b *testing.B) {
 				cl.close()
 			}
 		})
+		if batch {
+			continue
+		}
+		// Diagnostic: the same node and load with a wallet that answers at
+		// once (no ledger, no fsync, no accounting): what the gateway and
+		// gift path cost without the durable debit.
+		b.Run(name+"_nowallet_half", func(b *testing.B) {
+			if leRate == 0 {
+				b.Skipf("needs the %s sub-benchmark of the same run (its rate)", name)
+			}
+			for range b.N {
+				node, cl := startLiveEdgeWSWallet(b, k, batch, &instantWallet{})
+				res := cl.run(leRate / 2)
+				res.report(b)
+				b.ReportMetric(leRate/2, "offered/s")
+				reportCommits(b, node)
+				checkNode(b, node, cl)
+				cl.close()
+			}
+		})
 	}
 }
 
@@ -196,6 +216,12 @@ func (s *echoServer) OnMessage(c *gws.Conn, m *gws.Message) {
 // connects them (batch: with ?batch=1, as the Go SDK does by default, so the
 // node may merge replies and pushes into batch frames).
 func startLiveEdgeWS(b testing.TB, k knobs, batch bool) (*gateway.Node, clients) {
+	return startLiveEdgeWSWallet(b, k, batch, nil)
+}
+
+// startLiveEdgeWSWallet is startLiveEdgeWS with the gift service's wallet
+// replaced by w (nil: the node's own ledger).
+func startLiveEdgeWSWallet(b testing.TB, k knobs, batch bool, w persist.Wallet) (*gateway.Node, clients) {
 	b.Helper()
 	cfg := nodetest.Config(b)
 	cfg.Limits.GiftPerSecond = 0
@@ -204,6 +230,9 @@ func startLiveEdgeWS(b testing.TB, k knobs, batch bool) (*gateway.Node, clients)
 		cfg.Gifts.RoomEffectsPerSecond = int(v)
 	}
 	node := nodetest.Start(b, cfg)
+	if w != nil {
+		node.Gifts.SetWallet(w)
+	}
 	rooms := make([]int64, k.rooms)
 	anchors := make([]int64, k.rooms)
 	for i := range rooms {
@@ -231,6 +260,29 @@ func startLiveEdgeWS(b testing.TB, k knobs, batch bool) (*gateway.Node, clients)
 	}
 	return node, startClients(b, k, targets)
 }
+
+// instantWallet is a persist.Wallet that does no work: every op succeeds at
+// once with zero balances. Only for the nowallet diagnostic.
+type instantWallet struct{ seq atomic.Int64 }
+
+func (w *instantWallet) Apply(op persist.Op) (persist.Result, error) {
+	n := max(1, len(op.Postings))
+	r := persist.Result{TradeIDs: make([]int64, n), Balances: make([]int64, n), At: time.Now().UnixMilli()}
+	for i := range r.TradeIDs {
+		r.TradeIDs[i] = w.seq.Add(1)
+	}
+	return r, nil
+}
+
+func (w *instantWallet) ApplyAsync(op persist.Op, done func(persist.Result, error)) {
+	done(w.Apply(op))
+}
+
+func (w *instantWallet) Balance(int64) (int64, error) { return 0, nil }
+
+func (w *instantWallet) Trades(int64, int64, int) ([]persist.Trade, error) { return nil, nil }
+
+func (w *instantWallet) Tally(string, int64) (int64, error) { return 0, nil }
 
 // checkNode fails the benchmark if the node closed connections.
 func checkNode(b testing.TB, node *gateway.Node, cl clients) {
@@ -643,6 +695,9 @@ func reportCommits(b *testing.B, node *gateway.Node) {
 	b.ReportMetric(histQuantile(cs[0], 0.5)*1000, "commit-p50-ms")
 	b.ReportMetric(histQuantile(cs[0], 0.99)*1000, "commit-p99-ms")
 	b.ReportMetric(histMean(cs[1]), "ops/commit")
+	g := node.WS.GiftLatency()
+	b.ReportMetric(histQuantile(g, 0.5)*1000, "node-p50-ms")
+	b.ReportMetric(histQuantile(g, 0.99)*1000, "node-p99-ms")
 }
 
 func histSnapshot(c prometheus.Collector) *dto.Histogram {
