@@ -161,7 +161,12 @@ func (c *Conn) writeLoop() {
 			}
 			c.queue, c.queued = nil, 0
 			c.mu.Unlock()
-			_ = c.ws.SetWriteDeadline(time.Now().Add(time.Second))
+			// The close frame sits behind what the kernel still holds for
+			// the client (for 4408, a full socket buffer): it gets the write
+			// timeout, like any frame, so a client that stalled but is alive
+			// and reads again within it learns why it was cut off. Only this
+			// connection's writer waits; shutdown cuts it at its deadline.
+			_ = c.ws.SetWriteDeadline(time.Now().Add(c.srv.cfg.WS.WriteTimeout.D()))
 			_ = c.ws.WriteClose(uint16(code), []byte(proto.CloseReason(code)))
 			c.srv.metrics.closes.WithLabelValues(closeLabel(code)).Inc()
 			return

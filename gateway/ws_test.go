@@ -275,7 +275,15 @@ func TestSlowConsumerClosedRoomUnaffected(t *testing.T) {
 	}
 	w, h := time.Duration(worst.Load()), time.Duration(hiccup.Load())
 	t.Logf("slowest push %v; longest process pause %v", w, h)
-	if w > time.Second+h {
+	switch {
+	case raceEnabled:
+		// Under the race detector the 199 in-process clients decoding
+		// 100k frames/s saturate the CPU by themselves (pushes late by
+		// 1–2 s on a 2-core VM, with or without a slow client): the bound
+		// says nothing about the node there. `make test` runs this test
+		// again without -race, where it is checked.
+		t.Logf("race detector on: latency bound not checked in this run")
+	case w > time.Second+h:
 		t.Errorf("a push took %v (process pauses: up to %v)", w, h)
 	}
 	for {

@@ -40,6 +40,7 @@ type RawOptions struct {
 // DialRaw connects to url with token (query). Beyond o.Buf unread frames,
 // reading blocks (keep up, or use Pause on purpose).
 func DialRaw(tb testing.TB, url, token string, o RawOptions) (*Raw, *http.Response, error) {
+	warmDecoder.Do(warmServerFrames)
 	if o.Buf <= 0 {
 		o.Buf = 1024
 	}
@@ -95,6 +96,25 @@ func (r *Raw) OnClose(_ *gws.Conn, err error) {
 	}
 	r.mu.Unlock()
 	close(r.closed)
+}
+
+var warmDecoder sync.Once
+
+// warmServerFrames decodes one frame of every shape the raw client meets, so
+// that sonic compiles its decoders (seconds under -race, behind one global
+// lock) before a test's clients need them: the first batch frame of a test
+// would otherwise stall every client's reader at once in the middle of what
+// the test measures.
+func warmServerFrames() {
+	for _, b := range []string{
+		`{"t":"reply","id":1,"code":0,"msg":"ok","d":{"a":1}}`,
+		`{"t":"push","mid":"m1","biz":1,"room":1,"ack":true,"d":{"a":"b"}}`,
+		`{"t":"batch","d":[{"t":"push","mid":"m1","biz":1,"room":1,"d":{}},{"t":"reply","id":2,"code":0,"msg":"ok"}]}`,
+	} {
+		if _, err := proto.DecodeServerFrame([]byte(b)); err != nil {
+			panic("nodetest: warm-up frame does not decode: " + err.Error())
+		}
+	}
 }
 
 // OnPing implements gws.Event.
