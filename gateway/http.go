@@ -144,6 +144,8 @@ func (a *API) fail(c *app.RequestContext, err error) {
 		e = &proto.Error{Code: proto.CodeInsufficientBalance, Msg: "insufficient balance"}
 	case errors.Is(err, persist.ErrWalletUnavailable):
 		e = &proto.Error{Code: proto.CodeInternal, Msg: "wallet temporarily unavailable, nothing moved; retry with the same req_id"}
+	case errors.Is(err, persist.ErrInProgress):
+		e = &proto.Error{Code: proto.CodeConflict, Msg: "a request with this req_id is still being processed; retry with the same req_id"}
 	case e.Code == proto.CodeInternal:
 		id := a.reqID.Add(1)
 		a.log.Error("http request failed", "req_id", id, "path", string(c.Path()), "err", err)

@@ -26,14 +26,21 @@ import (
 //     list — atomically, no lock, no retry;
 //  3. the trades, this node's balance contributions (bal/<u>, merge-add), the
 //     tallies, the business records and the idempotency record are written to
-//     Pebble and the intent deleted, in one fsynced batch;
-//  4. only then does Apply return.
+//     Pebble, in one fsynced batch;
+//  4. Apply returns; the idempotency key, stored *pending* by the script, is
+//     marked done and the intent deleted.
 //
-// A crash between 1 and 3 leaves an intent; at start (and whenever Redis
+// A duplicate (same user and req_id, on any node) is answered from the key
+// only once it is done: while it is pending the op is not yet durable
+// anywhere, so the duplicate waits for it (up to dupWait, then
+// ErrInProgress) — no ok is ever given before the ledger row is on disk.
+//
+// A crash between 1 and 4 leaves an intent; at start (and whenever Redis
 // failed mid-call) the intent is resolved by reading its idempotency key from
-// Redis: present = the script ran, finish step 3 from the stored result;
-// absent = it did not, drop the intent. Every op carries a req_id for this
-// (an internal one when the caller gave none).
+// Redis: present = the script ran, finish step 3 from the stored result (if
+// not done already) and mark it done; absent = it did not, drop the intent.
+// Every op carries a req_id for this (an internal one when the caller gave
+// none).
 //
 // Redis restarted empty (the generation key le:meta is gone): the wallet is
 // rebuilt from the ledgers. A new generation starts in state "rebuilding";
@@ -58,8 +65,15 @@ type SharedWallet struct {
 	stop        chan struct{}
 	stopped     sync.WaitGroup
 
+	// dupWait bounds how long a duplicate waits for a pending first request.
+	dupWait time.Duration
+	// unmarked are finalized intents whose key could not be marked done
+	// (Redis failed just then); the watcher retries them.
+	unmarkedMu sync.Mutex
+	unmarked   map[uint64]intent
+
 	// crashAt, in tests, stops Apply dead at a named point ("intent",
-	// "script") as if the process had been killed there.
+	// "script", "final") as if the process had been killed there.
 	crashAt func(point string) bool
 }
 
@@ -68,6 +82,19 @@ var _ Wallet = (*SharedWallet)(nil)
 // ErrWalletUnavailable means the shared wallet cannot move money right now
 // (Redis unreachable or being rebuilt); nothing moved; retry later.
 var ErrWalletUnavailable = errors.New("persist: shared wallet unavailable")
+
+// ErrInProgress means an earlier request with the same req_id is still being
+// made durable (or its node went down in the middle and has not come back):
+// its outcome is not known yet; retry with the same req_id.
+var ErrInProgress = errors.New("persist: a request with this req_id is still in progress")
+
+// defaultDupWait is how long a duplicate waits for the first request's node
+// to make it durable (normally a few ms: one fsync).
+const defaultDupWait = 3 * time.Second
+
+// pendingMark prefixes an idempotency value whose op is not yet durable in
+// its node's ledger.
+const pendingMark = "~"
 
 // SharedConfig configures a SharedWallet.
 type SharedConfig struct {
@@ -105,7 +132,7 @@ func NewSharedWallet(store *Store, rdb rueidis.Client, cfg SharedConfig) (*Share
 		cfg.Nodes = []string{cfg.Node}
 	}
 	w := &SharedWallet{store: store, rdb: rdb, node: cfg.Node, nodes: cfg.Nodes, log: cfg.Log,
-		now: time.Now, ttl: DefaultIdemTTL}
+		now: time.Now, ttl: DefaultIdemTTL, dupWait: defaultDupWait, unmarked: map[uint64]intent{}}
 	var maxIntent uint64
 	_ = store.Scan(prefixIntent, func(k, _ []byte) error { maxIntent = max(maxIntent, KeyID(k)); return nil })
 	w.intentNo.Store(maxIntent)
@@ -137,6 +164,7 @@ func (w *SharedWallet) watch() {
 		case <-w.stop:
 			return
 		case <-t.C:
+			w.retryUnmarked()
 			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 			vals, err := w.rdb.Do(ctx, w.rdb.B().Hmget().Key(keyMeta).Field("gen", "state").Build()).ToArray()
 			cancel()
@@ -208,9 +236,29 @@ for i = 1, n do
 end
 for j = 1, m do redis.call('INCRBY', KEYS[4 + n + j], ARGV[7 + 3 * n + j]) end
 local res = table.concat(ids, ',') .. '|' .. table.concat(bals, ',') .. '|' .. ARGV[5]
-redis.call('SET', KEYS[3], res, 'PX', ARGV[4])
+redis.call('SET', KEYS[3], '` + pendingMark + `' .. res, 'PX', ARGV[4])
 return {'ok', res}
 `)
+
+// doneScript marks an idempotency key done (KEYS[1]; ARGV[1] its result) if
+// it is still pending with that result; otherwise (done already, or gone
+// with Redis or its TTL) it leaves it.
+var doneScript = rueidis.NewLuaScript(`
+if redis.call('GET', KEYS[1]) == '` + pendingMark + `' .. ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'KEEPTTL')
+  return 1
+end
+return 0
+`)
+
+// splitPending tells a stored idempotency value's result and whether it is
+// still pending.
+func splitPending(v string) (res string, pending bool) {
+	if r, ok := strings.CutPrefix(v, pendingMark); ok {
+		return r, true
+	}
+	return v, false
+}
 
 func parseResult(s string) (Result, error) {
 	parts := strings.Split(s, "|")
@@ -267,9 +315,7 @@ func (w *SharedWallet) Apply(op Op) (Result, error) {
 	// intent (the script would answer "dup" too; this saves the fsync).
 	if op.ReqID != "" {
 		if v, err := w.rdb.Do(ctx, w.rdb.B().Get().Key(idemRKey(op.User, in.ReqID)).Build()).ToString(); err == nil {
-			r, err := parseResult(v)
-			r.Replayed = true
-			return r, err
+			return w.replay(ctx, in, v)
 		}
 	}
 	if op.Check != nil {
@@ -315,15 +361,95 @@ func (w *SharedWallet) Apply(op Op) (Result, error) {
 		return Result{}, ErrInsufficient
 	case status == "dup":
 		_ = w.store.Apply(func(b *Batch) error { return b.Delete(ikey, nil) })
-		r, err := parseResult(payload)
-		r.Replayed = true
-		return r, err
+		return w.replay(ctx, in, payload)
 	}
 	r, err := parseResult(payload)
 	if err != nil {
 		return r, err
 	}
-	return r, w.finalize(no, in, r, op.Records)
+	if err := w.finalize(in, r, op.Records); err != nil {
+		return r, err
+	}
+	if w.crashAt != nil && w.crashAt("final") {
+		return Result{}, errCrashed
+	}
+	w.markDone(ctx, no, in, payload)
+	return r, nil
+}
+
+// replay answers a duplicate from the stored value v of its idempotency key,
+// once that is done: a pending one is waited for (the first request's node
+// is between its script and its fsync), up to dupWait.
+func (w *SharedWallet) replay(ctx context.Context, in intent, v string) (Result, error) {
+	res, pending := splitPending(v)
+	if pending {
+		key := idemRKey(in.User, in.ReqID)
+		deadline := time.Now().Add(w.dupWait)
+		for wait := time.Millisecond; pending; wait = min(2*wait, 50*time.Millisecond) {
+			if time.Now().After(deadline) {
+				return Result{}, ErrInProgress
+			}
+			select {
+			case <-ctx.Done():
+				return Result{}, ErrInProgress
+			case <-time.After(wait):
+			}
+			v, err := w.rdb.Do(ctx, w.rdb.B().Get().Key(key).Build()).ToString()
+			switch {
+			case rueidis.IsRedisNil(err):
+				// Gone with Redis (a rebuild follows): the first request's
+				// outcome is not known here.
+				return Result{}, ErrInProgress
+			case err != nil:
+				return Result{}, ErrWalletUnavailable
+			}
+			res, pending = splitPending(v)
+		}
+	}
+	r, err := parseResult(res)
+	r.Replayed = true
+	return r, err
+}
+
+// markDone is step 4: the idempotency key is marked done (duplicates may now
+// be answered) and the intent deleted — without an fsync: if the delete is
+// lost, the restart resolves the intent again and finds it done. A failed
+// mark is retried by the watcher.
+func (w *SharedWallet) markDone(ctx context.Context, no uint64, in intent, res string) {
+	err := doneScript.Exec(ctx, w.rdb, []string{idemRKey(in.User, in.ReqID)}, []string{res}).Error()
+	if err != nil {
+		w.log.Warn("shared wallet: marking a request done failed, will retry", "intent", no, "err", err)
+		w.unmarkedMu.Lock()
+		w.unmarked[no] = in
+		w.unmarkedMu.Unlock()
+		return
+	}
+	if err := w.store.DeleteNoSync(Key(prefixIntent, no)); err != nil {
+		w.log.Warn("shared wallet: deleting a finished intent failed (resolved again at restart)", "intent", no, "err", err)
+	}
+}
+
+// retryUnmarked retries the marks that failed (from the watcher).
+func (w *SharedWallet) retryUnmarked() {
+	w.unmarkedMu.Lock()
+	todo := make(map[uint64]intent, len(w.unmarked))
+	for no, in := range w.unmarked {
+		todo[no] = in
+		delete(w.unmarked, no)
+	}
+	w.unmarkedMu.Unlock()
+	if len(todo) == 0 {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	for no, in := range todo {
+		if _, out, err := w.resolve(ctx, no, in, nil); err != nil || out == outcomeUnknown {
+			w.unmarkedMu.Lock()
+			w.unmarked[no] = in
+			w.unmarkedMu.Unlock()
+		}
+	}
 }
 
 func (w *SharedWallet) runScript(ctx context.Context, in intent) (status, payload string, err error) {
@@ -353,15 +479,11 @@ func (w *SharedWallet) runScript(ctx context.Context, in intent) (status, payloa
 	return status, payload, nil
 }
 
-// finalize is step 3: the node's durable share of the op, and the intent gone.
-func (w *SharedWallet) finalize(no uint64, in intent, r Result, records func([]int64) []Record) error {
+// finalize is step 3: the node's durable share of the op (the intent stays
+// until the key is marked done).
+func (w *SharedWallet) finalize(in intent, r Result, records func([]int64) []Record) error {
 	op := Op{User: in.User, ReqID: in.ReqID, Postings: in.Postings, Tallies: in.Tallies, Static: in.Static, Records: records}
-	return w.store.Apply(func(b *Batch) error {
-		if err := writeOp(b, op, r); err != nil {
-			return err
-		}
-		return b.Delete(Key(prefixIntent, no), nil)
-	})
+	return w.store.Apply(func(b *Batch) error { return writeOp(b, op, r) })
 }
 
 // Outcomes of resolving an intent.
@@ -369,7 +491,7 @@ type outcome int
 
 const (
 	outcomeUnknown outcome = iota // Redis could not tell; the intent stays
-	outcomeDone                   // the script ran; the node's share is now durable
+	outcomeDone                   // the script ran; the node's share is durable and the key done
 	outcomeNotRun                 // the script did not run (or its effect is gone with Redis); intent dropped
 )
 
@@ -397,18 +519,24 @@ func (w *SharedWallet) resolve(ctx context.Context, no uint64, in intent, record
 	if err != nil {
 		return Result{}, outcomeUnknown, err
 	}
-	r, err := parseResult(v)
+	res, _ := splitPending(v)
+	r, err := parseResult(res)
 	if err != nil {
 		return r, outcomeUnknown, err
 	}
-	// Already finalized by us? (idem record present locally)
-	if _, err := w.store.Get(idemKeyBytes(unixHour(r.At), in.User, in.ReqID)); err == nil {
-		if err := w.store.Apply(func(b *Batch) error { return b.Delete(Key(prefixIntent, no), nil) }); err != nil {
+	// Finalized by us already? (idem record present locally)
+	switch _, err := w.store.Get(idemKeyBytes(unixHour(r.At), in.User, in.ReqID)); {
+	case errors.Is(err, ErrNotFound):
+		if err := w.finalize(in, r, records); err != nil {
 			return r, outcomeUnknown, err
 		}
-		return r, outcomeDone, nil
+	case err != nil:
+		return r, outcomeUnknown, err
 	}
-	if err := w.finalize(no, in, r, records); err != nil {
+	if err := doneScript.Exec(ctx, w.rdb, []string{idemRKey(in.User, in.ReqID)}, []string{res}).Error(); err != nil {
+		return r, outcomeUnknown, err
+	}
+	if err := w.store.Delete(Key(prefixIntent, no)); err != nil {
 		return r, outcomeUnknown, err
 	}
 	return r, outcomeDone, nil

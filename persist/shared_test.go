@@ -249,3 +249,128 @@ func TestSharedRebuildAfterRedisLoss(t *testing.T) {
 	}
 	auditAcross(t, a.rdb, a.store, b.store)
 }
+
+func idemValue(t *testing.T, rdb rueidis.Client, user int64, req string) string {
+	t.Helper()
+	v, err := rdb.Do(context.Background(), rdb.B().Get().Key(idemRKey(user, req)).Build()).ToString()
+	if err != nil && !rueidis.IsRedisNil(err) {
+		t.Fatal(err)
+	}
+	return v
+}
+
+func noIntents(t *testing.T, st *Store) {
+	t.Helper()
+	if err := st.Scan(prefixIntent, func(k, _ []byte) error { return fmt.Errorf("intent left: %x", k) }); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// A duplicate is never acknowledged before the first request is durable: the
+// first request's node stops (is killed) after its script ran in Redis but
+// before its ledger fsync — or after the fsync but before it marked the key
+// done — and a duplicate through the other node is told "in progress", not
+// ok, until the first node is back and has finished; then it replays.
+func TestSharedDuplicateWaitsUntilDurable(t *testing.T) {
+	for _, point := range []string{"script", "final"} {
+		t.Run(point, func(t *testing.T) {
+			rs := redistest.Start(t)
+			nodes := []string{"a", "b"}
+			dirA := t.TempDir()
+			a := startShared(t, rs.Addr, dirA, "a", nodes)
+			b := startShared(t, rs.Addr, t.TempDir(), "b", nodes)
+			waitReady(t, a, b)
+			if _, err := a.w.Apply(Op{User: 6, ReqID: "seed", Postings: []Posting{{User: 6, Delta: 100, Reason: ReasonDev}}}); err != nil {
+				t.Fatal(err)
+			}
+			if v := idemValue(t, a.rdb, 6, "seed"); v == "" || v[:1] == pendingMark {
+				t.Fatalf("a finished request's key is %q, want done", v)
+			}
+			op := Op{User: 6, ReqID: "x", Postings: []Posting{{User: 6, Delta: -10, Reason: ReasonGift}}}
+			a.w.crashAt = func(p string) bool { return p == point }
+			if _, err := a.w.Apply(op); !errors.Is(err, errCrashed) {
+				t.Fatalf("crash at %s: %v", point, err)
+			}
+			if v := idemValue(t, a.rdb, 6, "x"); v == "" || v[:1] != pendingMark {
+				t.Fatalf("key of the interrupted request is %q, want pending", v)
+			}
+			b.w.dupWait = 200 * time.Millisecond
+			if r, err := b.w.Apply(op); !errors.Is(err, ErrInProgress) {
+				t.Fatalf("duplicate while the first is not durable: %+v %v, want ErrInProgress", r, err)
+			}
+			// A duplicate that waits long enough sees the first finish when
+			// its node comes back.
+			b.w.dupWait = 20 * time.Second
+			type answer struct {
+				r   Result
+				err error
+			}
+			got := make(chan answer, 1)
+			go func() { r, err := b.w.Apply(op); got <- answer{r, err} }()
+			time.Sleep(100 * time.Millisecond)
+			a.w.crashAt = nil
+			a.stop()
+			a = startShared(t, rs.Addr, dirA, "a", nodes) // resolves the intent
+			ans := <-got
+			if ans.err != nil || !ans.r.Replayed || ans.r.Balances[0] != 90 {
+				t.Fatalf("duplicate after the first node came back: %+v %v", ans.r, ans.err)
+			}
+			noIntents(t, a.store)
+			if v := idemValue(t, a.rdb, 6, "x"); v[:1] == pendingMark {
+				t.Fatalf("key still pending after resolution: %q", v)
+			}
+			if bal, _ := b.w.Balance(6); bal != 90 {
+				t.Fatalf("balance %d, want 90", bal)
+			}
+			if c, d := auditAcross(t, a.rdb, a.store, b.store); c != 100 || d != 10 {
+				t.Fatalf("credits %d debits %d, want 100 and 10 (the debit exactly once)", c, d)
+			}
+		})
+	}
+}
+
+// The double failure: the first request's node dies between its script and
+// its fsync and Redis loses everything. The duplicate was never told ok, so
+// dropping the interrupted op is right: the retry runs afresh, debits once.
+func TestSharedDuplicateDoubleFailure(t *testing.T) {
+	rs := redistest.Start(t)
+	nodes := []string{"a", "b"}
+	dirA := t.TempDir()
+	a := startShared(t, rs.Addr, dirA, "a", nodes)
+	b := startShared(t, rs.Addr, t.TempDir(), "b", nodes)
+	waitReady(t, a, b)
+	if _, err := a.w.Apply(Op{User: 7, ReqID: "seed", Postings: []Posting{{User: 7, Delta: 100, Reason: ReasonDev}}}); err != nil {
+		t.Fatal(err)
+	}
+	op := Op{User: 7, ReqID: "x", Postings: []Posting{{User: 7, Delta: -10, Reason: ReasonGift}}}
+	a.w.crashAt = func(p string) bool { return p == "script" }
+	if _, err := a.w.Apply(op); !errors.Is(err, errCrashed) {
+		t.Fatal(err)
+	}
+	b.w.dupWait = 200 * time.Millisecond
+	if r, err := b.w.Apply(op); !errors.Is(err, ErrInProgress) {
+		t.Fatalf("duplicate: %+v %v, want ErrInProgress", r, err)
+	}
+	a.stop()
+	rs.Restart()
+	a = startShared(t, rs.Addr, dirA, "a", nodes)
+	waitReady(t, a, b)
+	noIntents(t, a.store)
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		r, err := b.w.Apply(op)
+		if err == nil {
+			if r.Replayed || r.Balances[0] != 90 {
+				t.Fatalf("retry after the double failure: %+v, want a fresh debit to 90", r)
+			}
+			break
+		}
+		if !errors.Is(err, ErrWalletUnavailable) || time.Now().After(deadline) {
+			t.Fatalf("retry after the double failure: %v", err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if c, d := auditAcross(t, a.rdb, a.store, b.store); c != 100 || d != 10 {
+		t.Fatalf("credits %d debits %d", c, d)
+	}
+}

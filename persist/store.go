@@ -167,3 +167,10 @@ func (s *Store) scan(lower, upper []byte, reverse bool, fn func(k, v []byte) (bo
 func (s *Store) Delete(key []byte) error {
 	return s.Apply(func(b *Batch) error { return b.Delete(key, nil) })
 }
+
+// DeleteNoSync removes key without waiting for an fsync (the next synced
+// write, or a clean close, makes it durable): for deletions that are safe to
+// lose in a crash.
+func (s *Store) DeleteNoSync(key []byte) error {
+	return s.db.Delete(key, pebble.NoSync)
+}

@@ -183,7 +183,7 @@ func (s *Service) SendAsync(sender int64, inRoom bool, r Req, done func(Reply, *
 			done(rep, nil)
 			return
 		}
-		if !err.replayed {
+		if !err.quiet {
 			d, _ := proto.Marshal(FailedPush{ReqID: r.ReqID, Code: err.Code, Msg: err.Msg})
 			s.router.SendUser(sender, proto.Push{Biz: proto.BizGiftFailed, Room: r.RoomID, Data: d, Ack: true})
 		}
@@ -193,7 +193,9 @@ func (s *Service) SendAsync(sender int64, inRoom bool, r Req, done func(Reply, *
 
 type sendErr struct {
 	proto.Error
-	replayed bool
+	// quiet: no biz 5557 — the failure was told the first time (a replayed
+	// answer), or nothing failed yet (the first request is still in progress).
+	quiet bool
 }
 
 func fail(code int, msg string) *sendErr {
@@ -263,10 +265,12 @@ func (s *Service) send(sender int64, inRoom bool, r Req, done func(Reply, *sendE
 				e = fail(proto.CodeRateLimited, "too many gifts, slow down")
 			case errors.Is(err, persist.ErrWalletUnavailable):
 				e = fail(proto.CodeInternal, "wallet temporarily unavailable, nothing was debited; retry with the same req_id")
+			case errors.Is(err, persist.ErrInProgress):
+				e = fail(proto.CodeConflict, "a gift with this req_id is still being processed; retry with the same req_id")
 			default:
 				s.log.Error("gift debit failed", "sender", sender, "req_id", r.ReqID, "err", err)
 			}
-			e.replayed = res.Replayed
+			e.quiet = res.Replayed || errors.Is(err, persist.ErrInProgress)
 			done(Reply{}, e)
 			return
 		}
