@@ -10,8 +10,9 @@ import (
 	"github.com/liveedge/liveedge/router/routertest"
 )
 
-// inProgressWallet is the real ledger, except that req_id "busy" answers
-// persist.ErrInProgress (the gift service prefixes req_ids with "gift:"), as the shared wallet does while another node is
+// inProgressWallet is the real ledger, except that the gift with req_id
+// "busy" (the gift service prefixes req_ids with "gift:") gets
+// persist.ErrInProgress, as from the shared wallet while another node is
 // still making the first request with that req_id durable.
 type inProgressWallet struct{ *persist.Ledger }
 
