@@ -67,6 +67,8 @@ type SharedWallet struct {
 
 	// dupWait bounds how long a duplicate waits for a pending first request.
 	dupWait time.Duration
+	// asyncSlots holds one token per ApplyAsync running.
+	asyncSlots chan struct{}
 	// unmarked are finalized intents whose key could not be marked done
 	// (Redis failed just then); the watcher retries them.
 	unmarkedMu sync.Mutex
@@ -132,7 +134,8 @@ func NewSharedWallet(store *Store, rdb rueidis.Client, cfg SharedConfig) (*Share
 		cfg.Nodes = []string{cfg.Node}
 	}
 	w := &SharedWallet{store: store, rdb: rdb, node: cfg.Node, nodes: cfg.Nodes, log: cfg.Log,
-		now: time.Now, ttl: DefaultIdemTTL, dupWait: defaultDupWait, unmarked: map[uint64]intent{}}
+		now: time.Now, ttl: DefaultIdemTTL, dupWait: defaultDupWait, unmarked: map[uint64]intent{},
+		asyncSlots: make(chan struct{}, maxAsyncApplies)}
 	var maxIntent uint64
 	_ = store.Scan(prefixIntent, func(k, _ []byte) error { maxIntent = max(maxIntent, KeyID(k)); return nil })
 	w.intentNo.Store(maxIntent)
@@ -285,10 +288,22 @@ func parseResult(s string) (Result, error) {
 	return r, err
 }
 
-// ApplyAsync implements Wallet: Apply on its own goroutine (callers bound
-// how many they start).
+// maxAsyncApplies bounds the goroutines running ApplyAsync calls node-wide:
+// each waits on Redis and an fsync, so this many in flight is far more than
+// the wallet needs for its throughput, and it keeps a burst from many
+// connections from becoming an unbounded pile of goroutines.
+const maxAsyncApplies = 1024
+
+// ApplyAsync implements Wallet: Apply on its own goroutine, at most
+// maxAsyncApplies at once node-wide; beyond that the caller (a connection's
+// reader) waits for a slot — backpressure on that connection, nothing
+// dropped.
 func (w *SharedWallet) ApplyAsync(op Op, done func(Result, error)) {
-	go func() { done(w.Apply(op)) }()
+	w.asyncSlots <- struct{}{}
+	go func() {
+		defer func() { <-w.asyncSlots }()
+		done(w.Apply(op))
+	}()
 }
 
 // Apply implements Wallet (see the type's doc for the protocol).

@@ -374,3 +374,49 @@ func TestSharedDuplicateDoubleFailure(t *testing.T) {
 		t.Fatalf("credits %d debits %d", c, d)
 	}
 }
+
+// ApplyAsync runs a bounded number of Applies at once node-wide; the rest
+// wait for a slot and all complete.
+func TestSharedApplyAsyncBounded(t *testing.T) {
+	rs := redistest.Start(t)
+	n := startShared(t, rs.Addr, t.TempDir(), "a", nil)
+	waitReady(t, n)
+	if _, err := n.w.Apply(Op{User: 8, ReqID: "seed", Postings: []Posting{{User: 8, Delta: 1000, Reason: ReasonDev}}}); err != nil {
+		t.Fatal(err)
+	}
+	n.w.asyncSlots = make(chan struct{}, 3)
+	var running, most atomic.Int64
+	n.w.crashAt = func(p string) bool { // a probe inside Apply, never a crash
+		if p == "intent" {
+			c := running.Add(1)
+			for m := most.Load(); c > m && !most.CompareAndSwap(m, c); m = most.Load() {
+			}
+			time.Sleep(5 * time.Millisecond)
+			running.Add(-1)
+		}
+		return false
+	}
+	const calls = 60
+	var wg sync.WaitGroup
+	var ok atomic.Int64
+	for i := 0; i < calls; i++ {
+		wg.Add(1)
+		go n.w.ApplyAsync(Op{User: 8, ReqID: fmt.Sprint("a", i), Postings: []Posting{{User: 8, Delta: -1, Reason: ReasonGift}}},
+			func(_ Result, err error) {
+				defer wg.Done()
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				ok.Add(1)
+			})
+	}
+	wg.Wait()
+	if ok.Load() != calls || most.Load() > 3 {
+		t.Fatalf("%d ok, at most %d at once: want %d and <= 3", ok.Load(), most.Load(), calls)
+	}
+	if bal, _ := n.w.Balance(8); bal != 1000-calls {
+		t.Fatalf("balance %d", bal)
+	}
+	auditAcross(t, n.rdb, n.store)
+}
