@@ -266,6 +266,22 @@ func noIntents(t *testing.T, st *Store) {
 	}
 }
 
+// twoNodesCredited starts nodes "a" (Pebble in dirA) and "b" on one Redis and
+// credits user with amount (req_id "seed") through a.
+func twoNodesCredited(t *testing.T, user, amount int64) (rs *redistest.Server, dirA string, a, b *sharedNode) {
+	t.Helper()
+	rs = redistest.Start(t)
+	nodes := []string{"a", "b"}
+	dirA = t.TempDir()
+	a = startShared(t, rs.Addr, dirA, "a", nodes)
+	b = startShared(t, rs.Addr, t.TempDir(), "b", nodes)
+	waitReady(t, a, b)
+	if _, err := a.w.Apply(Op{User: user, ReqID: "seed", Postings: []Posting{{User: user, Delta: amount, Reason: ReasonDev}}}); err != nil {
+		t.Fatal(err)
+	}
+	return rs, dirA, a, b
+}
+
 // A duplicate is never acknowledged before the first request is durable: the
 // first request's node stops (is killed) after its script ran in Redis but
 // before its ledger fsync — or after the fsync but before it marked the key
@@ -274,15 +290,7 @@ func noIntents(t *testing.T, st *Store) {
 func TestSharedDuplicateWaitsUntilDurable(t *testing.T) {
 	for _, point := range []string{"script", "final"} {
 		t.Run(point, func(t *testing.T) {
-			rs := redistest.Start(t)
-			nodes := []string{"a", "b"}
-			dirA := t.TempDir()
-			a := startShared(t, rs.Addr, dirA, "a", nodes)
-			b := startShared(t, rs.Addr, t.TempDir(), "b", nodes)
-			waitReady(t, a, b)
-			if _, err := a.w.Apply(Op{User: 6, ReqID: "seed", Postings: []Posting{{User: 6, Delta: 100, Reason: ReasonDev}}}); err != nil {
-				t.Fatal(err)
-			}
+			rs, dirA, a, b := twoNodesCredited(t, 6, 100)
 			if v := idemValue(t, a.rdb, 6, "seed"); v == "" || v[:1] == pendingMark {
 				t.Fatalf("a finished request's key is %q, want done", v)
 			}
@@ -310,7 +318,7 @@ func TestSharedDuplicateWaitsUntilDurable(t *testing.T) {
 			time.Sleep(100 * time.Millisecond)
 			a.w.crashAt = nil
 			a.stop()
-			a = startShared(t, rs.Addr, dirA, "a", nodes) // resolves the intent
+			a = startShared(t, rs.Addr, dirA, "a", []string{"a", "b"}) // resolves the intent
 			ans := <-got
 			if ans.err != nil || !ans.r.Replayed || ans.r.Balances[0] != 90 {
 				t.Fatalf("duplicate after the first node came back: %+v %v", ans.r, ans.err)
@@ -333,15 +341,7 @@ func TestSharedDuplicateWaitsUntilDurable(t *testing.T) {
 // its fsync and Redis loses everything. The duplicate was never told ok, so
 // dropping the interrupted op is right: the retry runs afresh, debits once.
 func TestSharedDuplicateDoubleFailure(t *testing.T) {
-	rs := redistest.Start(t)
-	nodes := []string{"a", "b"}
-	dirA := t.TempDir()
-	a := startShared(t, rs.Addr, dirA, "a", nodes)
-	b := startShared(t, rs.Addr, t.TempDir(), "b", nodes)
-	waitReady(t, a, b)
-	if _, err := a.w.Apply(Op{User: 7, ReqID: "seed", Postings: []Posting{{User: 7, Delta: 100, Reason: ReasonDev}}}); err != nil {
-		t.Fatal(err)
-	}
+	rs, dirA, a, b := twoNodesCredited(t, 7, 100)
 	op := Op{User: 7, ReqID: "x", Postings: []Posting{{User: 7, Delta: -10, Reason: ReasonGift}}}
 	a.w.crashAt = func(p string) bool { return p == "script" }
 	if _, err := a.w.Apply(op); !errors.Is(err, errCrashed) {
@@ -353,7 +353,7 @@ func TestSharedDuplicateDoubleFailure(t *testing.T) {
 	}
 	a.stop()
 	rs.Restart()
-	a = startShared(t, rs.Addr, dirA, "a", nodes)
+	a = startShared(t, rs.Addr, dirA, "a", []string{"a", "b"})
 	waitReady(t, a, b)
 	noIntents(t, a.store)
 	deadline := time.Now().Add(20 * time.Second)

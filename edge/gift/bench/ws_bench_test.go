@@ -97,20 +97,7 @@ func BenchmarkGiftWS(b *testing.B) {
 				cl.close()
 			}
 		})
-		b.Run(name+"_half", func(b *testing.B) {
-			if leRate == 0 {
-				b.Skipf("needs the %s sub-benchmark of the same run (its rate)", name)
-			}
-			for range b.N {
-				node, cl := startLiveEdgeWS(b, k, batch)
-				res := cl.run(leRate / 2)
-				res.report(b)
-				b.ReportMetric(leRate/2, "offered/s")
-				reportCommits(b, node)
-				checkNode(b, node, cl)
-				cl.close()
-			}
-		})
+		b.Run(name+"_half", func(b *testing.B) { runLiveEdgeOpen(b, k, batch, leRate/2, nil, name) })
 		// The same offered load on the bare echo: what this machine and this
 		// load generator give at that rate with no gift work at all.
 		b.Run("echo_at_"+name+"_half", func(b *testing.B) {
@@ -131,20 +118,24 @@ func BenchmarkGiftWS(b *testing.B) {
 		// Diagnostic: the same node and load with a wallet that answers at
 		// once (no ledger, no fsync, no accounting): what the gateway and
 		// gift path cost without the durable debit.
-		b.Run(name+"_nowallet_half", func(b *testing.B) {
-			if leRate == 0 {
-				b.Skipf("needs the %s sub-benchmark of the same run (its rate)", name)
-			}
-			for range b.N {
-				node, cl := startLiveEdgeWSWallet(b, k, batch, &instantWallet{})
-				res := cl.run(leRate / 2)
-				res.report(b)
-				b.ReportMetric(leRate/2, "offered/s")
-				reportCommits(b, node)
-				checkNode(b, node, cl)
-				cl.close()
-			}
-		})
+		b.Run(name+"_nowallet_half", func(b *testing.B) { runLiveEdgeOpen(b, k, batch, leRate/2, &instantWallet{}, name) })
+	}
+}
+
+// runLiveEdgeOpen runs a fresh node (its gift wallet replaced by w unless
+// nil) open loop at rate, which the closed-loop sub-benchmark `of` measured.
+func runLiveEdgeOpen(b *testing.B, k knobs, batch bool, rate float64, w persist.Wallet, of string) {
+	if rate == 0 {
+		b.Skipf("needs the %s sub-benchmark of the same run (its rate)", of)
+	}
+	for range b.N {
+		node, cl := startLiveEdgeWSWallet(b, k, batch, w)
+		res := cl.run(rate)
+		res.report(b)
+		b.ReportMetric(rate, "offered/s")
+		reportCommits(b, node)
+		checkNode(b, node, cl)
+		cl.close()
 	}
 }
 
