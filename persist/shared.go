@@ -410,13 +410,11 @@ func (w *SharedWallet) replay(ctx context.Context, in intent, v string) (Result,
 			case <-time.After(wait):
 			}
 			v, err := w.rdb.Do(ctx, w.rdb.B().Get().Key(key).Build()).ToString()
-			switch {
-			case rueidis.IsRedisNil(err):
-				// Gone with Redis (a rebuild follows): the first request's
-				// outcome is not known here.
+			if err != nil {
+				// Gone with Redis (a rebuild follows), or Redis unreachable:
+				// the first request's outcome is not known here (and may be a
+				// debit, so not "unavailable, nothing moved").
 				return Result{}, ErrInProgress
-			case err != nil:
-				return Result{}, ErrWalletUnavailable
 			}
 			res, pending = splitPending(v)
 		}
