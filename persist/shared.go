@@ -69,10 +69,10 @@ type SharedWallet struct {
 	dupWait time.Duration
 	// asyncSlots holds one token per ApplyAsync running.
 	asyncSlots chan struct{}
-	// unmarked are finalized intents whose key could not be marked done
-	// (Redis failed just then); the watcher retries them.
-	unmarkedMu sync.Mutex
-	unmarked   map[uint64]intent
+	// unsettled are intents whose script ran but whose ledger write or done
+	// mark then failed; the watcher settles them (as a restart would).
+	unsettledMu sync.Mutex
+	unsettled   map[uint64]intent
 
 	// crashAt, in tests, stops Apply dead at a named point ("intent",
 	// "script", "final") as if the process had been killed there.
@@ -134,7 +134,7 @@ func NewSharedWallet(store *Store, rdb rueidis.Client, cfg SharedConfig) (*Share
 		cfg.Nodes = []string{cfg.Node}
 	}
 	w := &SharedWallet{store: store, rdb: rdb, node: cfg.Node, nodes: cfg.Nodes, log: cfg.Log,
-		now: time.Now, ttl: DefaultIdemTTL, dupWait: defaultDupWait, unmarked: map[uint64]intent{},
+		now: time.Now, ttl: DefaultIdemTTL, dupWait: defaultDupWait, unsettled: map[uint64]intent{},
 		asyncSlots: make(chan struct{}, maxAsyncApplies)}
 	var maxIntent uint64
 	_ = store.Scan(prefixIntent, func(k, _ []byte) error { maxIntent = max(maxIntent, KeyID(k)); return nil })
@@ -167,7 +167,7 @@ func (w *SharedWallet) watch() {
 		case <-w.stop:
 			return
 		case <-t.C:
-			w.retryUnmarked()
+			w.retryUnsettled()
 			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 			vals, err := w.rdb.Do(ctx, w.rdb.B().Hmget().Key(keyMeta).Field("gen", "state").Build()).ToArray()
 			cancel()
@@ -383,7 +383,12 @@ func (w *SharedWallet) Apply(op Op) (Result, error) {
 		return r, err
 	}
 	if err := w.finalize(in, r, op.Records); err != nil {
-		return r, err
+		// The money moved in Redis but this node's share is not on disk:
+		// the outcome is settled later (by the watcher or a restart), so the
+		// caller is told to retry with the same req_id, never "failed".
+		w.log.Error("shared wallet: ledger write failed after the script ran, will retry", "intent", no, "err", err)
+		w.unsettle(no, in)
+		return Result{}, ErrInProgress
 	}
 	if w.crashAt != nil && w.crashAt("final") {
 		return Result{}, errCrashed
@@ -432,9 +437,7 @@ func (w *SharedWallet) markDone(ctx context.Context, no uint64, in intent, res s
 	err := doneScript.Exec(ctx, w.rdb, []string{idemRKey(in.User, in.ReqID)}, []string{res}).Error()
 	if err != nil {
 		w.log.Warn("shared wallet: marking a request done failed, will retry", "intent", no, "err", err)
-		w.unmarkedMu.Lock()
-		w.unmarked[no] = in
-		w.unmarkedMu.Unlock()
+		w.unsettle(no, in)
 		return
 	}
 	if err := w.store.DeleteNoSync(Key(prefixIntent, no)); err != nil {
@@ -442,15 +445,18 @@ func (w *SharedWallet) markDone(ctx context.Context, no uint64, in intent, res s
 	}
 }
 
-// retryUnmarked retries the marks that failed (from the watcher).
-func (w *SharedWallet) retryUnmarked() {
-	w.unmarkedMu.Lock()
-	todo := make(map[uint64]intent, len(w.unmarked))
-	for no, in := range w.unmarked {
-		todo[no] = in
-		delete(w.unmarked, no)
-	}
-	w.unmarkedMu.Unlock()
+func (w *SharedWallet) unsettle(no uint64, in intent) {
+	w.unsettledMu.Lock()
+	w.unsettled[no] = in
+	w.unsettledMu.Unlock()
+}
+
+// retryUnsettled settles what Apply could not (from the watcher).
+func (w *SharedWallet) retryUnsettled() {
+	w.unsettledMu.Lock()
+	todo := w.unsettled
+	w.unsettled = map[uint64]intent{}
+	w.unsettledMu.Unlock()
 	if len(todo) == 0 {
 		return
 	}
@@ -458,9 +464,7 @@ func (w *SharedWallet) retryUnmarked() {
 	defer cancel()
 	for no, in := range todo {
 		if _, out, err := w.resolve(ctx, no, in, nil); err != nil || out == outcomeUnknown {
-			w.unmarkedMu.Lock()
-			w.unmarked[no] = in
-			w.unmarkedMu.Unlock()
+			w.unsettle(no, in)
 		}
 	}
 }

@@ -422,49 +422,53 @@ func TestSharedApplyAsyncBounded(t *testing.T) {
 	auditAcross(t, n.rdb, n.store)
 }
 
-// A mark that failed (Redis gone for a moment after the fsync) is retried by
-// the watcher: the key becomes done and the intent goes, without a restart
-// and without writing the node's share twice.
-func TestSharedFailedMarkRetried(t *testing.T) {
-	_, _, a, b := twoNodesCredited(t, 9, 100)
-	op := Op{User: 9, ReqID: "x", Postings: []Posting{{User: 9, Delta: -10, Reason: ReasonGift}}}
-	a.w.crashAt = func(p string) bool { return p == "final" } // stops right before the mark
-	if _, err := a.w.Apply(op); !errors.Is(err, errCrashed) {
-		t.Fatal(err)
-	}
-	a.w.crashAt = nil
-	// As markDone does when its script fails: hand the intent to the watcher.
-	n := 0
-	if err := a.store.Scan(prefixIntent, func(k, v []byte) error {
-		var in intent
-		if err := sonic.Unmarshal(v, &in); err != nil {
-			return err
-		}
-		a.w.unmarkedMu.Lock()
-		a.w.unmarked[KeyID(k)] = in
-		a.w.unmarkedMu.Unlock()
-		n++
-		return nil
-	}); err != nil || n != 1 {
-		t.Fatalf("intents %d %v", n, err)
-	}
-	r, err := b.w.Apply(op) // waits for the watcher's retry (every 200 ms)
-	if err != nil || !r.Replayed || r.Balances[0] != 90 {
-		t.Fatalf("duplicate: %+v %v", r, err)
-	}
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		left := 0
-		_ = a.store.Scan(prefixIntent, func(_, _ []byte) error { left++; return nil })
-		if left == 0 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("intent not deleted after the retried mark")
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	if c, d := auditAcross(t, a.rdb, a.store, b.store); c != 100 || d != 10 {
-		t.Fatalf("credits %d debits %d", c, d)
+// What Apply could not settle — its ledger write failed after the script ran
+// ("script": Apply then answers ErrInProgress), or the done mark failed
+// ("final") — is settled by the watcher: the share written once, the key
+// done, the intent gone, without a restart; a waiting duplicate replays.
+func TestSharedUnsettledRetriedByWatcher(t *testing.T) {
+	for _, point := range []string{"script", "final"} {
+		t.Run(point, func(t *testing.T) {
+			_, _, a, b := twoNodesCredited(t, 9, 100)
+			op := Op{User: 9, ReqID: "x", Postings: []Posting{{User: 9, Delta: -10, Reason: ReasonGift}}}
+			a.w.crashAt = func(p string) bool { return p == point }
+			if _, err := a.w.Apply(op); !errors.Is(err, errCrashed) {
+				t.Fatal(err)
+			}
+			a.w.crashAt = nil
+			// As Apply does when the write or the mark fails: hand the
+			// intent to the watcher.
+			n := 0
+			if err := a.store.Scan(prefixIntent, func(k, v []byte) error {
+				var in intent
+				if err := sonic.Unmarshal(v, &in); err != nil {
+					return err
+				}
+				a.w.unsettle(KeyID(k), in)
+				n++
+				return nil
+			}); err != nil || n != 1 {
+				t.Fatalf("intents %d %v", n, err)
+			}
+			r, err := b.w.Apply(op) // waits for the watcher (every 200 ms)
+			if err != nil || !r.Replayed || r.Balances[0] != 90 {
+				t.Fatalf("duplicate: %+v %v", r, err)
+			}
+			deadline := time.Now().Add(5 * time.Second)
+			for {
+				left := 0
+				_ = a.store.Scan(prefixIntent, func(_, _ []byte) error { left++; return nil })
+				if left == 0 {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatal("intent not deleted after the watcher settled it")
+				}
+				time.Sleep(20 * time.Millisecond)
+			}
+			if c, d := auditAcross(t, a.rdb, a.store, b.store); c != 100 || d != 10 {
+				t.Fatalf("credits %d debits %d", c, d)
+			}
+		})
 	}
 }
