@@ -393,7 +393,11 @@ func (w *SharedWallet) Apply(op Op) (Result, error) {
 	if w.crashAt != nil && w.crashAt("final") {
 		return Result{}, errCrashed
 	}
-	w.markDone(ctx, no, in, payload)
+	if err := w.markDone(ctx, no, in, payload); err != nil {
+		// Durable already: the caller gets its ok; the watcher retries.
+		w.log.Warn("shared wallet: marking a request done failed, will retry", "intent", no, "err", err)
+		w.unsettle(no, in)
+	}
 	return r, nil
 }
 
@@ -431,18 +435,12 @@ func (w *SharedWallet) replay(ctx context.Context, in intent, v string) (Result,
 
 // markDone is step 4: the idempotency key is marked done (duplicates may now
 // be answered) and the intent deleted — without an fsync: if the delete is
-// lost, the restart resolves the intent again and finds it done. A failed
-// mark is retried by the watcher.
-func (w *SharedWallet) markDone(ctx context.Context, no uint64, in intent, res string) {
-	err := doneScript.Exec(ctx, w.rdb, []string{idemRKey(in.User, in.ReqID)}, []string{res}).Error()
-	if err != nil {
-		w.log.Warn("shared wallet: marking a request done failed, will retry", "intent", no, "err", err)
-		w.unsettle(no, in)
-		return
+// lost, the restart resolves the intent again and finds it done.
+func (w *SharedWallet) markDone(ctx context.Context, no uint64, in intent, res string) error {
+	if err := doneScript.Exec(ctx, w.rdb, []string{idemRKey(in.User, in.ReqID)}, []string{res}).Error(); err != nil {
+		return err
 	}
-	if err := w.store.DeleteNoSync(Key(prefixIntent, no)); err != nil {
-		w.log.Warn("shared wallet: deleting a finished intent failed (resolved again at restart)", "intent", no, "err", err)
-	}
+	return w.store.DeleteNoSync(Key(prefixIntent, no))
 }
 
 func (w *SharedWallet) unsettle(no uint64, in intent) {
@@ -550,10 +548,7 @@ func (w *SharedWallet) resolve(ctx context.Context, no uint64, in intent, record
 	case err != nil:
 		return r, outcomeUnknown, err
 	}
-	if err := doneScript.Exec(ctx, w.rdb, []string{idemRKey(in.User, in.ReqID)}, []string{res}).Error(); err != nil {
-		return r, outcomeUnknown, err
-	}
-	if err := w.store.Delete(Key(prefixIntent, no)); err != nil {
+	if err := w.markDone(ctx, no, in, res); err != nil {
 		return r, outcomeUnknown, err
 	}
 	return r, outcomeDone, nil
