@@ -1,0 +1,14 @@
+package persist
+
+// Test-only access for the external tests of this package (persist_test).
+
+// LedgerTrades lists user's trade rows in st, oldest first.
+func LedgerTrades(st *Store, user int64) ([]Trade, error) {
+	var out []Trade
+	err := st.ScanRange(Key2(PrefixTrade, uint64(user), 0), Key(PrefixTrade, uint64(user)+1), func(_, v []byte) (bool, error) {
+		t, err := decodeTrade(v)
+		out = append(out, t)
+		return true, err
+	})
+	return out, err
+}
