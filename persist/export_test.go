@@ -12,3 +12,11 @@ func LedgerTrades(st *Store, user int64) ([]Trade, error) {
 	})
 	return out, err
 }
+
+// SetCrashAt sets the test crash points of w ("intent", "script", "final":
+// Apply stops dead there as if the process had been killed); nil clears.
+// Set it only while no Apply runs.
+func SetCrashAt(w *SharedWallet, f func(point string) bool) { w.crashAt = f }
+
+// ErrCrashed is what Apply returns at a crash point.
+var ErrCrashed = errCrashed
