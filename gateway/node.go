@@ -179,9 +179,14 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 		return nil, err
 	}
 	n.metrics = newMetrics(cfg.Node.ID, n.Router)
+	labelled := prometheus.WrapRegistererWith(prometheus.Labels{"node": cfg.Node.ID}, n.metrics.reg)
 	if n.Ledger != nil {
-		labelled := prometheus.WrapRegistererWith(prometheus.Labels{"node": cfg.Node.ID}, n.metrics.reg)
 		for _, c := range n.Ledger.Collectors() {
+			labelled.MustRegister(c)
+		}
+	}
+	if n.shared != nil {
+		for _, c := range n.shared.Collectors() {
 			labelled.MustRegister(c)
 		}
 	}
@@ -305,7 +310,7 @@ func (n *Node) expireIdemLoop() {
 			return
 		case now := <-t.C:
 			if n.Ledger == nil {
-				continue // shared mode: Redis expires its keys; local records stay for rebuilds
+				continue // shared mode: the SharedWallet's watcher expires its own records
 			}
 			if k, err := n.Ledger.ExpireIdem(now.Add(-persist.DefaultIdemTTL)); err != nil {
 				n.Log.Error("idempotency expiry", "err", err)

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/bytedance/sonic"
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/redis/rueidis"
 )
 
@@ -234,4 +235,32 @@ func (w *SharedWallet) ExpireIdem() (int, error) {
 		return 0, err
 	}
 	return n, w.store.Apply(func(b *Batch) error { return b.DeleteRange(PrefixIdem, end, nil) })
+}
+
+// Collectors are the shared wallet's Prometheus metrics (the caller adds the
+// node label): liveedge_wallet_audit_mismatch (1 while this node's audit
+// finds Redis behind its ledger, until the rebuild is done),
+// liveedge_wallet_data_losses_total and liveedge_wallet_unsettled_intents
+// (intents whose outcome the watcher is still settling).
+func (w *SharedWallet) Collectors() []prometheus.Collector {
+	return []prometheus.Collector{
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: "liveedge", Name: "wallet_audit_mismatch",
+			Help: "1 while Redis has fewer of this node's wallet ops than its ledger (a rebuild follows)."},
+			func() float64 {
+				if w.AuditMismatch() {
+					return 1
+				}
+				return 0
+			}),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Namespace: "liveedge", Name: "wallet_data_losses_total",
+			Help: "Redis data losses (rolled-back wallet state) detected by this node."},
+			func() float64 { return float64(w.DataLosses()) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: "liveedge", Name: "wallet_unsettled_intents",
+			Help: "Wallet ops whose outcome the watcher is still settling."},
+			func() float64 {
+				w.unsettledMu.Lock()
+				defer w.unsettledMu.Unlock()
+				return float64(len(w.unsettled))
+			}),
+	}
 }
