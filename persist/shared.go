@@ -20,10 +20,12 @@ import (
 // share of the ledger in its own Pebble. Protocol of one Apply (docs/wallet.md):
 //
 //  1. intent/<seq> {op} is written to Pebble and fsynced;
-//  2. one Lua script in Redis checks the generation, the idempotency key and
-//     every balance, then moves them, allocates trade ids, records the result
-//     under the idempotency key and appends the trades to the user's recent
-//     list — atomically, no lock, no retry;
+//  2. one Lua script in Redis checks the generation, this node's applied-op
+//     count (shared_audit.go), the idempotency key and every balance, then
+//     moves them, allocates trade ids, records the result under the
+//     idempotency key and under the intent number in le:applied:<node>,
+//     counts the op in le:node:<node> and appends the trades to the user's
+//     recent list — atomically, no lock, no retry;
 //  3. the trades, this node's balance contributions (bal/<u>, merge-add), the
 //     tallies, the business records and the idempotency record are written to
 //     Pebble, in one fsynced batch;
@@ -36,18 +38,23 @@ import (
 // ErrInProgress) — no ok is ever given before the ledger row is on disk.
 //
 // A crash between 1 and 4 leaves an intent; at start (and whenever Redis
-// failed mid-call) the intent is resolved by reading its idempotency key from
-// Redis: present = the script ran, finish step 3 from the stored result (if
-// not done already) and mark it done; absent = it did not, drop the intent.
-// Every op carries a req_id for this (an internal one when the caller gave
-// none).
+// failed mid-call) the intent is resolved by reading its entry in
+// le:applied:<node> (no expiry, removed when the op is settled): present =
+// the script ran, finish step 3 from the stored result (if not done already)
+// and mark it done; absent = it did not (or was settled already), drop the
+// intent. If Redis cannot tell (unreachable), the outcome is unknown: the
+// intent stays, Apply answers ErrInProgress and the watcher settles it.
+// Every op carries a req_id (an internal one when the caller gave none).
 //
 // Redis restarted empty (the generation key le:meta is gone): the wallet is
 // rebuilt from the ledgers. A new generation starts in state "rebuilding";
 // every node listed in Nodes adds its Pebble contributions (balances, tallies,
 // idempotency records, trade-id high-water mark) exactly once per generation;
 // the last one flips the state to "ready". Until then every Apply fails with
-// ErrWalletUnavailable — never a debit against a partial balance.
+// ErrWalletUnavailable — never a debit against a partial balance. Redis
+// rolled back (an older snapshot, a lagging replica: le:meta still there) is
+// detected by the applied-op counts and rebuilt the same way
+// (shared_audit.go).
 type SharedWallet struct {
 	store *Store
 	rdb   rueidis.Client
