@@ -364,3 +364,46 @@ func TestSharedIdemRowsExpire(t *testing.T) {
 		t.Fatalf("credits %d debits %d", c, d)
 	}
 }
+
+// An intent whose script ran is resolved however long it waited: here its
+// node stopped after the script, and the idempotency key expired (its 25 h
+// TTL, shortened) before the node came back. The intent is settled from
+// le:applied:<node> — the ledger row written once, Redis and the ledger
+// agree — not dropped while Redis keeps the debit.
+func TestSharedIntentResolvedAfterIdemKeyExpired(t *testing.T) {
+	rs := redistest.Start(t)
+	direct := directClient(t, rs.Addr)
+	dir := t.TempDir()
+	n := openWalletNode(t, rs.Addr, dir, persist.SharedConfig{Node: "a"})
+	waitWalletsReady(t, n)
+	const user = 60
+	if _, err := n.w.Apply(persist.Op{User: user, ReqID: "seed", Postings: []persist.Posting{{User: user, Delta: 100, Reason: persist.ReasonDev}}}); err != nil {
+		t.Fatal(err)
+	}
+	persist.SetCrashAt(n.w, func(p string) bool { return p == "script" })
+	op := persist.Op{User: user, ReqID: "old", Postings: []persist.Posting{{User: user, Delta: -25, Reason: persist.ReasonGift}}}
+	if _, err := n.w.Apply(op); !errors.Is(err, persist.ErrCrashed) {
+		t.Fatal(err)
+	}
+	n.close()
+	idem := "le:idem:{60}:old"
+	if err := direct.Do(context.Background(), direct.B().Pexpire().Key(idem).Milliseconds(1).Build()).Error(); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the idempotency key to expire", func() bool {
+		k, err := direct.Do(context.Background(), direct.B().Exists().Key(idem).Build()).AsInt64()
+		return err == nil && k == 0
+	})
+	n = openWalletNode(t, rs.Addr, dir, persist.SharedConfig{Node: "a"}) // resolves the intent
+	waitWalletsReady(t, n)
+	if in, rows := intents(t, n.store), trades(t, n.store, user); in != 0 || len(rows) != 2 || rows[1].Delta != -25 {
+		t.Fatalf("after the restart: %d intents, ledger rows %+v (want the debit once)", in, rows)
+	}
+	if b := redisBalance(t, direct, user); b != 75 {
+		t.Fatalf("balance %d, want 75", b)
+	}
+	n.close()
+	if c, d, _ := persisttest.CheckSharedConservation(t, rs.Addr, dir); c != 100 || d != 25 {
+		t.Fatalf("credits %d debits %d", c, d)
+	}
+}
