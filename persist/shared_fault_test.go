@@ -3,10 +3,13 @@ package persist_test
 import (
 	"context"
 	"errors"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
 	"github.com/redis/rueidis"
 
 	"github.com/liveedge/liveedge/persist"
@@ -218,6 +221,27 @@ func restoreRedis(t *testing.T, c rueidis.Client, snap redisSnapshot) {
 	}
 }
 
+// metric is the value of the shared wallet's metric liveedge_<name>.
+func metric(t *testing.T, w *persist.SharedWallet, name string) float64 {
+	t.Helper()
+	for _, c := range w.Collectors() {
+		ch := make(chan *prometheus.Desc, 1)
+		c.Describe(ch)
+		if !strings.Contains((<-ch).String(), `"liveedge_`+name+`"`) {
+			continue
+		}
+		mc := make(chan prometheus.Metric, 1)
+		c.Collect(mc)
+		var m dto.Metric
+		if err := (<-mc).Write(&m); err != nil {
+			t.Fatal(err)
+		}
+		return m.GetGauge().GetValue() + m.GetCounter().GetValue()
+	}
+	t.Fatalf("no metric %s", name)
+	return 0
+}
+
 func ledgerSum(t *testing.T, user int64, stores ...*persist.Store) int64 {
 	t.Helper()
 	var s int64
@@ -269,10 +293,12 @@ func TestSharedRedisRollbackDetectedAndRebuilt(t *testing.T) {
 		return a.w.Ready() && b.w.Ready() &&
 			redisBalance(t, direct, u1) == 55 && redisBalance(t, direct, u2) == 50
 	})
-	if a.w.DataLosses()+b.w.DataLosses() == 0 {
-		t.Fatal("no node counted the data loss")
+	if metric(t, a.w, "wallet_data_losses_total")+metric(t, b.w, "wallet_data_losses_total") == 0 {
+		t.Fatal("no node counted the data loss (liveedge_wallet_data_losses_total)")
 	}
-	waitFor(t, "the audits to pass again", func() bool { return !a.w.AuditMismatch() && !b.w.AuditMismatch() })
+	waitFor(t, "the audits to pass again (liveedge_wallet_audit_mismatch 0)", func() bool {
+		return metric(t, a.w, "wallet_audit_mismatch") == 0 && metric(t, b.w, "wallet_audit_mismatch") == 0
+	})
 	for _, u := range []int64{u1, u2} {
 		if got, want := redisBalance(t, direct, u), ledgerSum(t, u, a.store, b.store); got != want {
 			t.Fatalf("user %d: Redis %d, ledgers %d", u, got, want)
