@@ -145,9 +145,14 @@ const ledgerShards = 64
 //     Ops are group-committed by the ledger's committers: every op queued
 //     while a commit is in flight goes into the next batch, with one balance
 //     and tally merge per account and batch.
+//   - durable order follows reservation order: an op is queued under the
+//     locks it reserved with, groups enter the WAL in queue order and a group
+//     is acknowledged only once every earlier group is durable, so no crash
+//     keeps a debit without the credit it was reserved against.
 //
 // Locks: one mutex per user shard, taken in ascending shard order, never held
-// across I/O; the commit queue's mutex is taken alone.
+// across I/O; the commit queue's mutex is taken last (an op is queued under
+// its users' shard locks), never with a shard lock taken after it.
 type Ledger struct {
 	store   *Store
 	now     func() time.Time
@@ -533,15 +538,10 @@ func (l *Ledger) reserveAndCommit(op Op, done func(Result, error)) {
 		l.shard(p.User).bal[p.User] += p.Delta
 		res.TradeIDs[i] = l.seq.Add(1)
 	}
-	l.unlock(locked)
-
-	undo := func() {
-		locked := l.lockUsers(users)
-		for _, p := range op.Postings {
-			l.shard(p.User).bal[p.User] -= p.Delta
-		}
-		l.unlock(locked)
-	}
+	// The op is queued before the locks are released: an op that reserves
+	// against this one's credit (it needs one of these locks) is queued after
+	// it, so it commits in the same group or a later one, never before
+	// (groups become durable in queue order).
 	var maxID int64
 	if n := len(res.TradeIDs); n > 0 {
 		maxID = res.TradeIDs[n-1]
@@ -553,15 +553,29 @@ func (l *Ledger) reserveAndCommit(op Op, done func(Result, error)) {
 	}
 	e.done = func(err error) {
 		if err != nil {
-			undo()
+			locked := l.lockUsers(users)
+			for _, p := range op.Postings {
+				l.shard(p.User).bal[p.User] -= p.Delta
+			}
+			l.unlock(locked)
 			done(Result{}, err)
 			return
 		}
 		res.loc = e.loc
 		done(res, nil)
 	}
-	// A refused entry (ledger closed or failed) is called back at once.
-	l.commit.add(e)
+	if err := l.commit.add(e); err != nil {
+		for _, p := range op.Postings { // refused (closed or failed): nothing queued
+			l.shard(p.User).bal[p.User] -= p.Delta
+		}
+		l.unlock(locked)
+		done(Result{}, err)
+		return
+	}
+	l.unlock(locked)
+	if hook := l.commit.crashAt; hook != nil {
+		hook("reserved", []*commitEntry{e})
+	}
 }
 
 // row is one key/value an op writes (Set).
