@@ -15,16 +15,20 @@ import "encoding/binary"
 //	                        (shared wallet; the Ledger before idxg/)
 //	idxg/<hour>/<group>     the idempotency records of one Ledger group
 //	                        commit (one row per fsync, not per request)
+//	idsp/<period>/<user>/<req_id> a Ledger idempotency record that did not
+//	                        fit the memory index (12 h periods, see
+//	                        spillPeriodHours)
 //	rec/<kind>/<id>         JSON business record (e.g. rec/gift/<order>)
 var (
-	PrefixRoom  = []byte("room/")
-	PrefixSeq   = []byte("seq/")
-	PrefixBal   = []byte("bal/")
-	PrefixTally = []byte("tally/")
-	PrefixTrade = []byte("trade/")
-	PrefixIdem  = []byte("idem/")
-	PrefixIdemG = []byte("idxg/")
-	PrefixRec   = []byte("rec/")
+	PrefixRoom      = []byte("room/")
+	PrefixSeq       = []byte("seq/")
+	PrefixBal       = []byte("bal/")
+	PrefixTally     = []byte("tally/")
+	PrefixTrade     = []byte("trade/")
+	PrefixIdem      = []byte("idem/")
+	PrefixIdemG     = []byte("idxg/")
+	PrefixIdemSpill = []byte("idsp/")
+	PrefixRec       = []byte("rec/")
 )
 
 // Key2 returns prefix + big-endian a + big-endian b.
