@@ -9,6 +9,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/cockroachdb/pebble"
 	"github.com/prometheus/client_golang/prometheus"
 )
 
@@ -50,15 +51,23 @@ type committer struct {
 	stop chan struct{}
 	wg   sync.WaitGroup
 
+	last *groupTurn // the turn of the group taken last
+
 	// failWrite, in tests, makes the next group commits fail as a disk would.
 	failWrite error
+	// crashAt, in tests, is called (and may block, as a process stopped
+	// there would) at named points: "reserved" (an op's reservation is
+	// done and it is queued; entries is the op), "wait" (a group is built
+	// and waits for an earlier group to enter the WAL), "write" (a group is
+	// about to enter the WAL). Set it before the first op.
+	crashAt func(point string, entries []*commitEntry)
 
 	commitSeconds prometheus.Histogram // one group's batch write + fsync
 	groupOps      prometheus.Histogram // ops per group
 }
 
 func newCommitter(store *Store, workers int, groups *atomic.Int64) *committer {
-	c := &committer{store: store, groups: groups, wake: make(chan struct{}, 1), stop: make(chan struct{}),
+	c := &committer{store: store, groups: groups, wake: make(chan struct{}, 1), stop: make(chan struct{}), last: doneTurn(),
 		commitSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Namespace: "liveedge", Name: "ledger_commit_seconds",
 			Help:    "Time to write and fsync one group commit of the ledger.",
@@ -76,16 +85,18 @@ func newCommitter(store *Store, workers int, groups *atomic.Int64) *committer {
 	return c
 }
 
-func (c *committer) add(e *commitEntry) {
+// add queues e, or returns why the committer takes no more ops (then e.done
+// is not called).
+func (c *committer) add(e *commitEntry) error {
 	c.mu.Lock()
 	if err := c.failedLocked(); err != nil {
 		c.mu.Unlock()
-		e.done(err)
-		return
+		return err
 	}
 	c.queue = append(c.queue, e)
 	c.mu.Unlock()
 	c.signal()
+	return nil
 }
 
 func (c *committer) signal() {
@@ -119,6 +130,26 @@ func (c *committer) close() {
 	c.wg.Wait()
 }
 
+// groupTurn orders the group commits: a group enters Pebble's WAL only
+// after the group taken before it has (one WAL order, the order groups were
+// taken from the queue, which is the order their ops reserved), and is
+// acknowledged only after that group is durable too. Between entering and
+// durable a group waits for its fsync without holding the turn, so the next
+// group's write overlaps it.
+type groupTurn struct {
+	entered chan struct{} // closed once the group is in the WAL queue (inWAL), or failed before
+	inWAL   bool          // set before entered is closed
+	durable chan struct{} // closed once its outcome is known; err is set before
+	err     error
+}
+
+func doneTurn() *groupTurn {
+	t := &groupTurn{entered: make(chan struct{}), durable: make(chan struct{}), inWAL: true}
+	close(t.entered)
+	close(t.durable)
+	return t
+}
+
 func (c *committer) worker() {
 	defer c.wg.Done()
 	for {
@@ -143,10 +174,13 @@ func (c *committer) worker() {
 		} else {
 			c.queue = nil
 		}
+		prev, turn := c.last, &groupTurn{entered: make(chan struct{}), durable: make(chan struct{})}
+		c.last = turn
+		hook, fail := c.crashAt, c.failWrite
 		c.mu.Unlock()
 
 		t0 := time.Now()
-		err := c.write(group)
+		err := c.write(group, prev, turn, hook, fail)
 		c.commitSeconds.Observe(time.Since(t0).Seconds())
 		c.groupOps.Observe(float64(len(group)))
 		if err != nil {
@@ -157,6 +191,8 @@ func (c *committer) worker() {
 			}
 			c.mu.Unlock()
 		}
+		turn.err = err
+		close(turn.durable)
 		for _, e := range group {
 			e.done(err)
 		}
@@ -168,13 +204,68 @@ type tallyID struct {
 	user int64
 }
 
-// write commits one group durably. Its keys go into the batch sorted: the
-// memtable inserts a batch in order, reusing the previous insert's position,
-// so sorted keys cost far fewer skiplist comparisons than random ones.
-func (c *committer) write(group []*commitEntry) error {
-	if c.failWrite != nil {
-		return c.failWrite
+// write commits one group durably, in its turn (see groupTurn): it builds
+// the batch, waits for prev to enter the WAL, hands the batch to Pebble,
+// passes the turn on, waits for its fsync and then for prev to be durable.
+// An error of prev fails this group too (it may be durable, but the ledger
+// stops anyway). Its keys go into the batch sorted: the memtable inserts a
+// batch in order, reusing the previous insert's position, so sorted keys
+// cost far fewer skiplist comparisons than random ones.
+func (c *committer) write(group []*commitEntry, prev, turn *groupTurn, hook func(string, []*commitEntry), fail error) error {
+	entered := false
+	enter := func(inWAL bool) {
+		if !entered {
+			entered, turn.inWAL = true, inWAL
+			close(turn.entered)
+		}
 	}
+	defer enter(false)
+	kvs := c.build(group)
+	b := c.store.db.NewBatch()
+	defer b.Close()
+	for _, kv := range kvs {
+		var err error
+		if kv.merge {
+			err = b.Merge(kv.k, kv.v, nil)
+		} else {
+			err = b.Set(kv.k, kv.v, nil)
+		}
+		if err != nil {
+			return err
+		}
+	}
+	select {
+	case <-prev.entered:
+	default:
+		if hook != nil {
+			hook("wait", group)
+		}
+		<-prev.entered
+	}
+	if !prev.inWAL {
+		// Nothing of this group may be durable without the earlier one.
+		<-prev.durable
+		return prev.err
+	}
+	if hook != nil {
+		hook("write", group)
+	}
+	if fail != nil {
+		return fail
+	}
+	if err := c.store.db.ApplyNoSyncWait(b, pebble.Sync); err != nil {
+		return err
+	}
+	enter(true)
+	if err := b.SyncWait(); err != nil {
+		return err
+	}
+	<-prev.durable
+	return prev.err
+}
+
+// build returns the group's keys and values, sorted.
+func (c *committer) build(group []*commitEntry) []batchKV {
 	n, idemBytes := 3, 0
 	var hour int32
 	for _, e := range group {
@@ -242,20 +333,7 @@ func (c *committer) write(group []*commitEntry) error {
 		}
 		return a.seq - b.seq
 	})
-	return c.store.Apply(func(b *Batch) error {
-		for _, kv := range kvs {
-			var err error
-			if kv.merge {
-				err = b.Merge(kv.k, kv.v, nil)
-			} else {
-				err = b.Set(kv.k, kv.v, nil)
-			}
-			if err != nil {
-				return err
-			}
-		}
-		return nil
-	})
+	return kvs
 }
 
 type batchKV struct {

@@ -159,7 +159,8 @@ func TestIdemGroupMissIsNotFound(t *testing.T) {
 	}
 	sh := l.shard(3)
 	sh.mu.Lock()
-	loc := sh.done[l.idemHash(3, "a")]
+	var loc idemLoc
+	sh.done.lookup(l.idemHash(3, "a"), func(x idemLoc) bool { loc = x; return false })
 	sh.mu.Unlock()
 	if loc.group() == 0 {
 		t.Fatalf("record not in a group row: %x", loc)

@@ -15,20 +15,24 @@ import "encoding/binary"
 //	                        (shared wallet; the Ledger before idxg/)
 //	idxg/<hour>/<group>     the idempotency records of one Ledger group
 //	                        commit (one row per fsync, not per request)
+//	idsp/<period>/<user>/<req_id> a Ledger idempotency record that did not
+//	                        fit the memory index (12 h periods, see
+//	                        spillPeriodHours)
 //	rec/<kind>/<id>         JSON business record (e.g. rec/gift/<order>)
 //	intent/<n>              shared wallet: an op between its intent and its
 //	                        settlement (seq/intent: the highest n used)
 //	wm/applied, wm/sum      shared wallet: ops this node applied and Σ of
 //	                        their deltas (merge: add), audited against Redis
 var (
-	PrefixRoom  = []byte("room/")
-	PrefixSeq   = []byte("seq/")
-	PrefixBal   = []byte("bal/")
-	PrefixTally = []byte("tally/")
-	PrefixTrade = []byte("trade/")
-	PrefixIdem  = []byte("idem/")
-	PrefixIdemG = []byte("idxg/")
-	PrefixRec   = []byte("rec/")
+	PrefixRoom      = []byte("room/")
+	PrefixSeq       = []byte("seq/")
+	PrefixBal       = []byte("bal/")
+	PrefixTally     = []byte("tally/")
+	PrefixTrade     = []byte("trade/")
+	PrefixIdem      = []byte("idem/")
+	PrefixIdemG     = []byte("idxg/")
+	PrefixIdemSpill = []byte("idsp/")
+	PrefixRec       = []byte("rec/")
 )
 
 // Key2 returns prefix + big-endian a + big-endian b.

@@ -1,10 +1,12 @@
 package persist
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"hash/maphash"
+	"slices"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -145,9 +147,14 @@ const ledgerShards = 64
 //     Ops are group-committed by the ledger's committers: every op queued
 //     while a commit is in flight goes into the next batch, with one balance
 //     and tally merge per account and batch.
+//   - durable order follows reservation order: an op is queued under the
+//     locks it reserved with, groups enter the WAL in queue order and a group
+//     is acknowledged only once every earlier group is durable, so no crash
+//     keeps a debit without the credit it was reserved against.
 //
 // Locks: one mutex per user shard, taken in ascending shard order, never held
-// across I/O; the commit queue's mutex is taken alone.
+// across I/O; the commit queue's mutex is taken last (an op is queued under
+// its users' shard locks), never with a shard lock taken after it.
 type Ledger struct {
 	store   *Store
 	now     func() time.Time
@@ -156,6 +163,9 @@ type Ledger struct {
 	groups  atomic.Int64 // idempotency group rows
 	seed    maphash.Seed
 
+	disk   atomic.Pointer[idemDisk]
+	diskMu sync.Mutex // serialises changes of disk
+
 	shards [ledgerShards]ledgerShard
 	commit *committer
 }
@@ -163,8 +173,8 @@ type Ledger struct {
 type ledgerShard struct {
 	mu      sync.Mutex
 	bal     map[int64]int64
-	pending map[idemKey]*call  // in flight, or recently finished (failures only)
-	done    map[uint64]idemLoc // hash(user, req_id) → where its durable idempotency record is
+	pending map[idemKey]*call // in flight, or recently finished (failures only)
+	done    idemTable         // hash(user, req_id) → where its durable idempotency record is
 }
 
 type idemKey struct {
@@ -175,29 +185,52 @@ type idemKey struct {
 // call is one request in flight (or a remembered failure); duplicates that
 // arrive meanwhile wait in waiters.
 type call struct {
-	hash    uint64
-	fin     bool
-	res     Result
-	err     error
-	at      time.Time
-	waiters []func(Result, error)
+	hash     uint64
+	reserved bool // holds a reservation in its shard's idemTable
+	fin      bool
+	res      Result
+	err      error
+	at       time.Time
+	waiters  []func(Result, error)
 }
 
 // maxRememberedFailures bounds the in-memory failure results per shard.
 const maxRememberedFailures = 4096
 
-// NewLedger opens the ledger on store: it loads the trade-id high-water mark
-// and the hashes of the idempotency records younger than the TTL, and starts
-// the committers (stop them with Close).
+// LedgerConfig configures a Ledger. Zero values mean the defaults.
+type LedgerConfig struct {
+	Now func() time.Time // nil = time.Now
+	// IdemMemoryBytes bounds the memory of the index of recent requests'
+	// hashes (0 = DefaultIdemMemoryBytes): 16 B slots, at most 3/4 full, so
+	// about IdemMemoryBytes/21 requests. Requests beyond it are checked on
+	// disk (exactly once still holds, duplicate checks are slower).
+	IdemMemoryBytes int64
+}
+
+// NewLedger is OpenLedger with the default configuration and clock now.
 func NewLedger(store *Store, now func() time.Time) (*Ledger, error) {
+	return OpenLedger(store, LedgerConfig{Now: now})
+}
+
+// OpenLedger opens the ledger on store: it loads the trade-id high-water
+// mark and the hashes of the idempotency records younger than the TTL (as
+// many as the memory budget holds; the rest are found on disk), and starts
+// the committers (stop them with Close).
+func OpenLedger(store *Store, cfg LedgerConfig) (*Ledger, error) {
+	now := cfg.Now
 	if now == nil {
 		now = time.Now
 	}
+	budget := cfg.IdemMemoryBytes
+	if budget <= 0 {
+		budget = DefaultIdemMemoryBytes
+	}
 	l := &Ledger{store: store, now: now, idemTTL: DefaultIdemTTL, seed: maphash.MakeSeed()}
+	l.disk.Store(&idemDisk{})
 	for i := range l.shards {
 		l.shards[i].bal = map[int64]int64{}
 		l.shards[i].pending = map[idemKey]*call{}
-		l.shards[i].done = map[uint64]idemLoc{}
+		l.shards[i].done = newIdemTable(budget / ledgerShards)
 	}
 	for _, s := range []struct {
 		name string
@@ -209,33 +242,190 @@ func NewLedger(store *Store, now func() time.Time) (*Ledger, error) {
 		}
 		s.to.Store(DecodeInt64(v))
 	}
-	from := uint64(unixHour(now().Add(-l.idemTTL).UnixMilli()))
-	err := store.ScanRange(Key(PrefixIdem, from), prefixEnd(PrefixIdem), func(k, _ []byte) (bool, error) {
-		hour, user, req, ok := parseIdemKey(k)
-		if ok {
-			l.shard(user).done[l.idemHash(user, req)] = mkLoc(hour, 0)
-		}
-		return true, nil
-	})
-	if err != nil {
+	if err := l.loadIdem(); err != nil {
 		return nil, err
 	}
-	err = store.ScanRange(Key(PrefixIdemG, from), prefixEnd(PrefixIdemG), func(k, v []byte) (bool, error) {
+	l.commit = newCommitter(store, commitWorkers, &l.groups)
+	return l, nil
+}
+
+// loadIdem fills the memory index with the records younger than the TTL and
+// notes what it does not hold. Every record of a group row must be in
+// memory (group rows cannot be point-read by request): one that finds no
+// room (the budget was lowered) is copied to a spill row. Then per-request
+// idem/ rows (an older ledger's) are loaded while there is room; from the
+// first that finds none, every hour from its on is read on disk for a miss.
+// Spill periods with rows are noted. So the scan is bounded by the budget.
+func (l *Ledger) loadIdem() error {
+	nowHour := unixHour(l.now().UnixMilli())
+	from := unixHour(l.now().Add(-l.idemTTL).UnixMilli())
+	var spill []row
+	flush := func() error {
+		if len(spill) == 0 {
+			return nil
+		}
+		err := l.store.Apply(func(b *Batch) error {
+			for _, r := range spill {
+				if err := b.Set(r.k, r.v, nil); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+		spill = spill[:0]
+		return err
+	}
+	err := l.store.ScanRange(Key(PrefixIdemG, uint64(from)), prefixEnd(PrefixIdemG), func(k, v []byte) (bool, error) {
 		hour, group, ok := parseIdemGroupKey(k)
 		if !ok {
 			return true, nil
 		}
 		loc := mkLoc(hour, group)
-		return true, scanIdemGroup(v, func(user int64, req string, _ []byte) bool {
-			l.shard(user).done[l.idemHash(user, req)] = loc
+		err := scanIdemGroup(v, func(user int64, req string, res []byte) bool {
+			if !l.shard(user).done.insert(l.idemHash(user, req), loc) {
+				l.noteOnDisk(spillPeriod(hour), 0)
+				spill = append(spill, row{idemSpillKey(spillPeriod(hour), user, req), bytes.Clone(res)})
+			}
 			return true
 		})
+		if err == nil && len(spill) >= 4096 {
+			err = flush()
+		}
+		return true, err
+	})
+	if err == nil {
+		err = flush()
+	}
+	if err != nil {
+		return err
+	}
+	err = l.store.ScanRange(Key(PrefixIdem, uint64(from)), prefixEnd(PrefixIdem), func(k, _ []byte) (bool, error) {
+		hour, user, req, ok := parseIdemKey(k)
+		if !ok {
+			return true, nil
+		}
+		if !l.shard(user).done.insert(l.idemHash(user, req), mkLoc(hour, 0)) {
+			for h := hour; h <= max(hour, nowHour)+1; h++ {
+				l.noteOnDisk(0, h)
+			}
+			return false, nil
+		}
+		return true, nil
 	})
 	if err != nil {
-		return nil, err
+		return err
 	}
-	l.commit = newCommitter(store, commitWorkers, &l.groups)
-	return l, nil
+	for p := spillPeriod(from); p <= spillPeriod(nowHour)+1; p++ {
+		err := l.store.ScanRange(Key(PrefixIdemSpill, uint64(p)), Key(PrefixIdemSpill, uint64(p)+1), func(_, _ []byte) (bool, error) {
+			l.noteOnDisk(p, 0)
+			return false, nil
+		})
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// idemDisk lists where durable idempotency records are that the memory
+// index does not hold: spill periods that may have rows (idsp/<period>/…)
+// and hours of per-request idem/ rows not loaded at open. A request missing
+// from memory is looked up there (one point read each, answered by the SST
+// bloom filters when absent). Copy-on-write: read without a lock.
+type idemDisk struct {
+	periods []int32 // ascending
+	hours   []int32 // ascending
+}
+
+// spillPeriodHours is the time span of one spill period: the rows of a
+// period are deleted together once all its hours are past the TTL, and a
+// miss in memory reads at most ⌈25/12⌉+1 = 4 periods.
+const spillPeriodHours = 12
+
+func spillPeriod(hour int32) int32 { return hour / spillPeriodHours }
+
+// idemSpillKey is the key of a spilled idempotency record:
+// idsp/<period>/<user>/<req>, its value the encoded Result.
+func idemSpillKey(period int32, user int64, req string) []byte {
+	k := make([]byte, 0, len(PrefixIdemSpill)+16+len(req))
+	k = append(k, PrefixIdemSpill...)
+	k = binary.BigEndian.AppendUint64(k, uint64(period))
+	k = binary.BigEndian.AppendUint64(k, uint64(user))
+	return append(k, req...)
+}
+
+// noteOnDisk records that spill period (if hour is 0) or idem/ hour hour
+// may hold records not in memory.
+func (l *Ledger) noteOnDisk(period, hour int32) {
+	has := func(d *idemDisk) bool {
+		if hour != 0 {
+			_, ok := slices.BinarySearch(d.hours, hour)
+			return ok
+		}
+		_, ok := slices.BinarySearch(d.periods, period)
+		return ok
+	}
+	if has(l.disk.Load()) {
+		return
+	}
+	l.diskMu.Lock()
+	defer l.diskMu.Unlock()
+	d := l.disk.Load()
+	if has(d) {
+		return
+	}
+	n := &idemDisk{periods: slices.Clone(d.periods), hours: slices.Clone(d.hours)}
+	if hour != 0 {
+		n.hours = append(n.hours, hour)
+		slices.Sort(n.hours)
+	} else {
+		n.periods = append(n.periods, period)
+		slices.Sort(n.periods)
+	}
+	l.disk.Store(n)
+}
+
+// readOnDisk looks (user, req) up where the memory index does not reach
+// (see idemDisk), newest first.
+func (l *Ledger) readOnDisk(user int64, req string) (Result, bool, error) {
+	d := l.disk.Load()
+	if len(d.periods) == 0 && len(d.hours) == 0 {
+		return Result{}, false, nil
+	}
+	from := unixHour(l.now().Add(-l.idemTTL).UnixMilli())
+	for i := len(d.periods) - 1; i >= 0 && d.periods[i] >= spillPeriod(from); i-- {
+		v, err := l.store.Get(idemSpillKey(d.periods[i], user, req))
+		if errors.Is(err, ErrNotFound) {
+			continue
+		}
+		if err != nil {
+			return Result{}, false, err
+		}
+		res, err := decodeResult(v)
+		return res, err == nil, err
+	}
+	for i := len(d.hours) - 1; i >= 0 && d.hours[i] >= from; i-- {
+		res, found, err := l.readIdem(mkLoc(d.hours[i], 0), user, req)
+		if err != nil || found {
+			return res, found, err
+		}
+	}
+	return Result{}, false, nil
+}
+
+// IdemMemoryBytes is the memory the index of recent requests' hashes holds
+// now (never more than LedgerConfig.IdemMemoryBytes, but while an hour's
+// entries are dropped or the index grows: then one shard's array is briefly
+// there twice).
+func (l *Ledger) IdemMemoryBytes() int64 {
+	var n int64
+	for i := range l.shards {
+		sh := &l.shards[i]
+		sh.mu.Lock()
+		n += sh.done.bytes()
+		sh.mu.Unlock()
+	}
+	return n
 }
 
 // Collectors returns the ledger's Prometheus metrics: the group commit time
@@ -374,15 +564,15 @@ func (l *Ledger) ApplyAsync(op Op, done func(Result, error)) {
 		return
 	}
 	if op.ReqID == "" {
-		l.checkAndCommit(op, done)
+		l.checkAndCommit(op, false, done)
 		return
 	}
-	c, first, loc, maybeDone := l.claim(op.User, op.ReqID, done)
+	c, first, locs := l.claim(op.User, op.ReqID, done)
 	if !first {
 		return // done is c's waiter, or was called with the remembered result
 	}
 	finish := func(r Result, err error) { l.finish(op, c, done, r, err) }
-	if maybeDone {
+	for _, loc := range locs {
 		// A hash hit: read the record (rarely a hash collision, then absent).
 		r, found, err := l.readIdem(loc, op.User, op.ReqID)
 		if err != nil {
@@ -395,26 +585,43 @@ func (l *Ledger) ApplyAsync(op Op, done func(Result, error)) {
 			return
 		}
 	}
-	l.checkAndCommit(op, finish)
+	// Not in memory: absent, unless it is where memory does not reach.
+	r, found, err := l.readOnDisk(op.User, op.ReqID)
+	if err != nil {
+		finish(Result{}, err)
+		return
+	}
+	if found {
+		r.Replayed = true
+		finish(r, nil)
+		return
+	}
+	// A new request: its record goes into a group row if memory has room
+	// for its hash, else into a spill row of its own.
+	sh := l.shard(op.User)
+	sh.mu.Lock()
+	c.reserved = sh.done.reserve()
+	sh.mu.Unlock()
+	l.checkAndCommit(op, !c.reserved, finish)
 }
 
 // checkAndCommit runs op.Check (a request that is not a duplicate), then
 // reserves and commits.
-func (l *Ledger) checkAndCommit(op Op, done func(Result, error)) {
+func (l *Ledger) checkAndCommit(op Op, spill bool, done func(Result, error)) {
 	if op.Check != nil {
 		if err := op.Check(); err != nil {
 			done(Result{}, err)
 			return
 		}
 	}
-	l.reserveAndCommit(op, done)
+	l.reserveAndCommit(op, spill, done)
 }
 
 // claim registers (user, req) as in flight; first reports whether the caller
-// owns it, maybeDone whether a durable record of it may exist (at loc).
-// Otherwise done either waits for the request in flight or
-// is called here with a remembered result.
-func (l *Ledger) claim(user int64, req string, done func(Result, error)) (c *call, first bool, loc idemLoc, maybeDone bool) {
+// owns it, locs where a durable record of it may be (the memory index's
+// entries of its hash). Otherwise done either waits for the request in
+// flight or is called here with a remembered result.
+func (l *Ledger) claim(user int64, req string, done func(Result, error)) (c *call, first bool, locs []idemLoc) {
 	sh := l.shard(user)
 	k := idemKey{user, req}
 	h := l.idemHash(user, req)
@@ -424,21 +631,21 @@ func (l *Ledger) claim(user int64, req string, done func(Result, error)) (c *cal
 		case !c.fin:
 			c.waiters = append(c.waiters, done)
 			sh.mu.Unlock()
-			return c, false, 0, false
+			return c, false, nil
 		case l.now().Sub(c.at) <= l.idemTTL:
 			r, err := c.res, c.err
 			sh.mu.Unlock()
 			r.Replayed = true
 			done(r, err)
-			return c, false, 0, false
+			return c, false, nil
 		}
 		delete(sh.pending, k) // a failure older than the TTL: forgotten
 	}
 	c = &call{hash: h}
 	sh.pending[k] = c
-	loc, maybeDone = sh.done[c.hash]
+	sh.done.lookup(h, func(loc idemLoc) bool { locs = append(locs, loc); return true })
 	sh.mu.Unlock()
-	return c, true, loc, maybeDone
+	return c, true, locs
 }
 
 // finish publishes the result to done and to waiting duplicates. A success
@@ -453,8 +660,13 @@ func (l *Ledger) finish(op Op, c *call, done func(Result, error), res Result, er
 	c.res, c.err, c.at, c.fin = res, err, l.now(), true
 	waiters := c.waiters
 	c.waiters = nil
-	if err == nil {
-		sh.done[c.hash] = loc
+	if c.reserved {
+		c.reserved = false
+		if err == nil && loc.group() != 0 {
+			sh.done.insertReserved(c.hash, loc)
+		} else {
+			sh.done.release() // failed, or written to a spill row
+		}
 	}
 	if err == nil || !errors.Is(err, ErrInsufficient) {
 		delete(sh.pending, idemKey{op.User, op.ReqID})
@@ -482,7 +694,7 @@ func (l *Ledger) finish(op Op, c *call, done func(Result, error), res Result, er
 // reservation is undone and the ledger refuses every later op (the node must
 // restart and reload from Pebble: after a failed fsync nothing in memory can
 // be trusted).
-func (l *Ledger) reserveAndCommit(op Op, done func(Result, error)) {
+func (l *Ledger) reserveAndCommit(op Op, spill bool, done func(Result, error)) {
 	users := make([]int64, 0, len(op.Postings))
 	for _, p := range op.Postings {
 		if p.User <= 0 {
@@ -511,8 +723,13 @@ func (l *Ledger) reserveAndCommit(op Op, done func(Result, error)) {
 		}
 		sh.mu.Unlock()
 	}
+	at := l.now().UnixMilli()
+	spill = spill && op.ReqID != ""
+	if spill {
+		l.noteOnDisk(spillPeriod(unixHour(at)), 0) // before any duplicate can look
+	}
 	locked := l.lockUsers(users)
-	res := Result{TradeIDs: make([]int64, len(op.Postings)), Balances: make([]int64, len(op.Postings)), At: l.now().UnixMilli()}
+	res := Result{TradeIDs: make([]int64, len(op.Postings)), Balances: make([]int64, len(op.Postings)), At: at}
 	// Check every posting against the running balance first, then apply.
 	for i, p := range op.Postings {
 		b := l.shard(p.User).bal[p.User]
@@ -533,35 +750,47 @@ func (l *Ledger) reserveAndCommit(op Op, done func(Result, error)) {
 		l.shard(p.User).bal[p.User] += p.Delta
 		res.TradeIDs[i] = l.seq.Add(1)
 	}
-	l.unlock(locked)
-
-	undo := func() {
-		locked := l.lockUsers(users)
-		for _, p := range op.Postings {
-			l.shard(p.User).bal[p.User] -= p.Delta
-		}
-		l.unlock(locked)
-	}
+	// The op is queued before the locks are released: an op that reserves
+	// against this one's credit (it needs one of these locks) is queued after
+	// it, so it commits in the same group or a later one, never before
+	// (groups become durable in queue order).
 	var maxID int64
 	if n := len(res.TradeIDs); n > 0 {
 		maxID = res.TradeIDs[n-1]
 	}
 	e := &commitEntry{rows: opRows(op, res), postings: op.Postings, tallies: op.Tallies, maxID: maxID}
-	if op.ReqID != "" {
+	switch {
+	case spill:
+		e.rows = append(e.rows, row{idemSpillKey(spillPeriod(unixHour(res.At)), op.User, op.ReqID), encodeResult(res)})
+	case op.ReqID != "":
 		e.idem = appendIdemEntry(nil, op.User, op.ReqID, encodeResult(res))
 		e.hour = unixHour(res.At)
 	}
 	e.done = func(err error) {
 		if err != nil {
-			undo()
+			locked := l.lockUsers(users)
+			for _, p := range op.Postings {
+				l.shard(p.User).bal[p.User] -= p.Delta
+			}
+			l.unlock(locked)
 			done(Result{}, err)
 			return
 		}
 		res.loc = e.loc
 		done(res, nil)
 	}
-	// A refused entry (ledger closed or failed) is called back at once.
-	l.commit.add(e)
+	if err := l.commit.add(e); err != nil {
+		for _, p := range op.Postings { // refused (closed or failed): nothing queued
+			l.shard(p.User).bal[p.User] -= p.Delta
+		}
+		l.unlock(locked)
+		done(Result{}, err)
+		return
+	}
+	l.unlock(locked)
+	if hook := l.commit.crashAt; hook != nil {
+		hook("reserved", []*commitEntry{e})
+	}
 }
 
 // row is one key/value an op writes (Set).
@@ -697,11 +926,19 @@ func (l *Ledger) ExpireIdem(cutoff time.Time) (int, error) {
 	err = l.store.ScanRange(PrefixIdemG, Key(PrefixIdemG, hour), func(_, v []byte) (bool, error) {
 		return true, scanIdemGroup(v, func(int64, string, []byte) bool { n++; return true })
 	})
+	if err != nil {
+		return 0, err
+	}
+	spillEnd := Key(PrefixIdemSpill, uint64(spillPeriod(int32(hour)))) // whole periods only
+	err = l.store.ScanRange(PrefixIdemSpill, spillEnd, func(_, _ []byte) (bool, error) { n++; return true, nil })
 	if err != nil || n == 0 {
 		return 0, err
 	}
 	err = l.store.Apply(func(b *Batch) error {
 		if err := b.DeleteRange(PrefixIdem, Key(PrefixIdem, hour), nil); err != nil {
+			return err
+		}
+		if err := b.DeleteRange(PrefixIdemSpill, spillEnd, nil); err != nil {
 			return err
 		}
 		return b.DeleteRange(PrefixIdemG, Key(PrefixIdemG, hour), nil)
@@ -714,18 +951,30 @@ func (l *Ledger) ExpireIdem(cutoff time.Time) (int, error) {
 }
 
 // forgetBefore drops the in-memory hashes of records from hours before hour
-// (their records are gone from Pebble).
+// and the notes of expired places on disk (their records are gone from
+// Pebble).
 func (l *Ledger) forgetBefore(hour int32) {
 	for i := range l.shards {
 		sh := &l.shards[i]
 		sh.mu.Lock()
-		for h, loc := range sh.done {
-			if loc.hour() < hour {
-				delete(sh.done, h)
-			}
-		}
+		sh.done.removeBefore(hour)
 		sh.mu.Unlock()
 	}
+	l.diskMu.Lock()
+	d := l.disk.Load()
+	n := &idemDisk{}
+	for _, p := range d.periods {
+		if p >= spillPeriod(hour) {
+			n.periods = append(n.periods, p)
+		}
+	}
+	for _, h := range d.hours {
+		if h >= hour {
+			n.hours = append(n.hours, h)
+		}
+	}
+	l.disk.Store(n)
+	l.diskMu.Unlock()
 }
 
 // Audit checks conservation over the whole ledger: for every user, the
