@@ -479,7 +479,7 @@ func (c *Client) run(s *session) {
 			c.emitState(StateEvent{State: StateClosed, Code: code, Reason: reason, Err: c.Err()})
 			return
 		}
-		if !proto.Reconnectable(code) {
+		if !c.reconnectable(code) {
 			c.terminate(code, reason, s.closeError())
 			return
 		}
@@ -487,6 +487,13 @@ func (c *Client) run(s *session) {
 			return
 		}
 	}
+}
+
+// reconnectable reports whether the client reconnects after close code: the
+// codes below 4500, and 4501 (token expired) when a TokenFunc can supply a
+// new token (the next connect calls it). Other 45xx codes are terminal.
+func (c *Client) reconnectable(code int) bool {
+	return proto.Reconnectable(code) || (code == proto.CloseTokenExpired && c.cfg.TokenFunc != nil)
 }
 
 // reconnect retries with backoff until a session is active (returned) or the
@@ -521,7 +528,7 @@ func (c *Client) reconnect() *session {
 		}
 		c.log.Info("clientsdk: reconnect failed", "attempt", attempt, "err", err)
 		var ce *CloseError
-		if errors.As(err, &ce) && !proto.Reconnectable(ce.Code) {
+		if errors.As(err, &ce) && !c.reconnectable(ce.Code) {
 			c.terminate(ce.Code, ce.Reason, ce)
 			return nil
 		}

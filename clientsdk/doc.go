@@ -12,7 +12,9 @@
 //     exponential backoff and full jitter after any disconnect whose close
 //     code is reconnectable (proto.Reconnectable: below 4500) or after a
 //     network error. A terminal close code (>= 4500), or an HTTP 401 on
-//     reconnect with a static Token, stops the client for good (Closed fires).
+//     reconnect with a static Token, stops the client for good (Closed fires);
+//     with a Config.TokenFunc, 4501 (token expired) is not terminal: the client
+//     reconnects with a new token from TokenFunc.
 //   - The set of joined rooms: rooms joined with Join are re-joined after every
 //     reconnect, before the client reports StateConnected and before queued
 //     requests are sent. A room whose re-join is refused by the server (for

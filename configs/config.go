@@ -82,13 +82,20 @@ type WS struct {
 	ResendMaxTries    int      `yaml:"resend_max_tries"`     // resends before giving up on a push (≥ 3)
 	MaxRoomsPerConn   int      `yaml:"max_rooms_per_conn"`
 	MaxConns          int      `yaml:"max_conns"`          // upgrades beyond this get 503
+	MaxConnsPerUser   int      `yaml:"max_conns_per_user"` // one user's upgrades beyond this get 429 (code 10429)
 	SocketSendBuffer  int      `yaml:"socket_send_buffer"` // SO_SNDBUF per connection (0 = kernel autotuning)
 }
 
 // Auth configures tokens.
 type Auth struct {
+	// JWTSecret signs and verifies every token. With dev tokens off it must
+	// be at least MinSecretBytes long and not a published value (DevSecret);
+	// give it in LIVEEDGE_AUTH_JWT_SECRET or in a file (JWTSecretFile).
 	JWTSecret string `yaml:"jwt_secret"`
-	DevTokens bool   `yaml:"dev_tokens"` // enables /api/v1/dev/token (off in cluster configs)
+	// JWTSecretFile, when set, names a file whose content (surrounding
+	// white space trimmed) replaces JWTSecret; Load reads it.
+	JWTSecretFile string `yaml:"jwt_secret_file"`
+	DevTokens     bool   `yaml:"dev_tokens"` // enables /api/v1/dev/token (off in cluster configs)
 }
 
 // NATS configures the event bus.
@@ -132,7 +139,14 @@ type Wallet struct {
 
 // Pay configures recharge payments and the provider webhook.
 type Pay struct {
-	Secrets        []string `yaml:"secrets"`         // webhook HMAC secrets accepted (several during rotation)
+	// Secrets are the webhook HMAC secrets accepted (several during
+	// rotation); with dev tokens off each must be at least MinSecretBytes
+	// long and not a published value. Env: LIVEEDGE_PAY_SECRETS=a,b.
+	Secrets []string `yaml:"secrets"`
+	// SecretsFile, when set, names a file with one secret per line (blank
+	// lines and lines starting with # skipped) that replaces Secrets; Load
+	// reads it.
+	SecretsFile    string   `yaml:"secrets_file"`
 	OrderTimeout   Duration `yaml:"order_timeout"`   // unpaid orders close (IN_VALID) after this
 	ProviderURL    string   `yaml:"provider_url"`    // provider base URL (pay_url, active query); "" = none
 	PublicURL      string   `yaml:"public_url"`      // how the provider reaches this node ("" = http://<http.addr>)
@@ -181,7 +195,97 @@ func Load(path string) (Config, error) {
 	if err := ApplyEnv(&c, os.Environ()); err != nil {
 		return c, err
 	}
+	if err := c.ReadSecretFiles(); err != nil {
+		return c, err
+	}
 	return c, c.Validate()
+}
+
+// MinSecretBytes is the shortest JWT or webhook secret a node with dev tokens
+// off accepts.
+const MinSecretBytes = 32
+
+// devSecrets are secret values that were published (in this repository's
+// configs, past or present): whoever reads the repository can sign with
+// them, so a node with dev tokens off refuses them whatever their length.
+var devSecrets = map[string]bool{
+	"liveedge-dev-secret-change-me":       true, // single.yaml auth.jwt_secret
+	"liveedge-dev-pay-secret-change-me":   true, // single.yaml pay.secrets
+	"change-me-cluster-secret-32-bytes":   true, // an old cluster.yaml auth.jwt_secret
+	"liveedge-cluster-local-dev-secret-0": true, // cluster-local.yaml auth.jwt_secret
+	"liveedge-cluster-local-pay-secret-0": true, // cluster-local.yaml pay.secrets
+}
+
+// DevSecret reports whether s is a published development value (or says
+// "change-me"), which a node with dev tokens off must not use.
+func DevSecret(s string) bool {
+	return devSecrets[s] || strings.Contains(strings.ToLower(s), "change-me")
+}
+
+// ReadSecretFiles replaces Auth.JWTSecret and Pay.Secrets by the content of
+// Auth.JWTSecretFile and Pay.SecretsFile where those are set. A file that
+// cannot be read or holds no secret is an error.
+func (c *Config) ReadSecretFiles() error {
+	if f := c.Auth.JWTSecretFile; f != "" {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			return fmt.Errorf("auth.jwt_secret_file: %w", err)
+		}
+		if c.Auth.JWTSecret = strings.TrimSpace(string(b)); c.Auth.JWTSecret == "" {
+			return fmt.Errorf("auth.jwt_secret_file %s: empty", f)
+		}
+	}
+	if f := c.Pay.SecretsFile; f != "" {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			return fmt.Errorf("pay.secrets_file: %w", err)
+		}
+		var secrets []string
+		for _, line := range strings.Split(string(b), "\n") {
+			if line = strings.TrimSpace(line); line != "" && !strings.HasPrefix(line, "#") {
+				secrets = append(secrets, line)
+			}
+		}
+		if len(secrets) == 0 {
+			return fmt.Errorf("pay.secrets_file %s: no secret in it", f)
+		}
+		c.Pay.Secrets = secrets
+	}
+	return nil
+}
+
+// checkSecrets validates the JWT and webhook secrets. With dev tokens on (a
+// development node, which mints tokens for anyone anyway) the published dev
+// values are fine; with dev tokens off every secret must be long and private.
+func (c *Config) checkSecrets(check func(bool, string)) {
+	const how = " (set LIVEEDGE_AUTH_JWT_SECRET or auth.jwt_secret_file)"
+	const payHow = " (set LIVEEDGE_PAY_SECRETS or pay.secrets_file)"
+	check(len(c.Pay.Secrets) > 0, "pay.secrets needs at least one secret"+payHow)
+	if c.Auth.DevTokens {
+		check(len(c.Auth.JWTSecret) >= 16, "auth.jwt_secret must be at least 16 bytes")
+		for _, s := range c.Pay.Secrets {
+			check(s != "", "pay.secrets has an empty secret")
+		}
+		return
+	}
+	switch {
+	case c.Auth.JWTSecret == "":
+		check(false, "auth.jwt_secret is empty"+how)
+	case DevSecret(c.Auth.JWTSecret):
+		check(false, "auth.jwt_secret is a published development value; with auth.dev_tokens off use a private one"+how)
+	case len(c.Auth.JWTSecret) < MinSecretBytes:
+		check(false, fmt.Sprintf("auth.jwt_secret must be at least %d bytes with auth.dev_tokens off", MinSecretBytes)+how)
+	}
+	for i, s := range c.Pay.Secrets {
+		switch {
+		case s == "":
+			check(false, fmt.Sprintf("pay.secrets[%d] is empty", i)+payHow)
+		case DevSecret(s):
+			check(false, fmt.Sprintf("pay.secrets[%d] is a published development value; with auth.dev_tokens off use a private one", i)+payHow)
+		case len(s) < MinSecretBytes:
+			check(false, fmt.Sprintf("pay.secrets[%d] must be at least %d bytes with auth.dev_tokens off", i, MinSecretBytes)+payHow)
+		}
+	}
 }
 
 // ApplyEnv applies LIVEEDGE_<SECTION>_<KEY>=value overrides from env.
@@ -273,11 +377,11 @@ func (c *Config) Validate() error {
 	check(c.WS.ResendMaxTries >= 3, "ws.resend_max_tries must be >= 3")
 	check(c.WS.MaxRoomsPerConn > 0, "ws.max_rooms_per_conn must be > 0")
 	check(c.WS.MaxConns > 0, "ws.max_conns must be > 0")
-	check(len(c.Auth.JWTSecret) >= 16, "auth.jwt_secret must be at least 16 bytes")
+	check(c.WS.MaxConnsPerUser > 0, "ws.max_conns_per_user must be > 0")
+	c.checkSecrets(check)
 	check(c.NATS.Embedded || c.NATS.URL != "", "nats.url is required when nats.embedded is false")
 	check(c.Wallet.Mode == "local" || c.Wallet.Mode == "shared", "wallet.mode must be local or shared")
 	check(c.Wallet.Mode != "shared" || c.Redis.Addr != "", "redis.addr is required when wallet.mode is shared")
-	check(len(c.Pay.Secrets) > 0, "pay.secrets needs at least one secret")
 	check(c.Pay.WorkerID >= -1 && c.Pay.WorkerID < 32, "pay.worker_id must be -1..31")
 	check(c.Node.GOGC >= 0, "node.gogc must be >= 0")
 	check(c.Gifts.MaxInflight > 0, "gifts.max_inflight must be > 0")

@@ -411,6 +411,8 @@ func closeLabel(code int) string {
 		return "abuse"
 	case proto.CloseHeartbeatTimeout:
 		return "heartbeat"
+	case proto.CloseTokenExpired:
+		return "token_expired"
 	case proto.CloseSlowConsumer:
 		return "slow"
 	case proto.CloseNormal:

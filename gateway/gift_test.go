@@ -48,6 +48,7 @@ func sendGift(ctx context.Context, c *clientsdk.Client, d map[string]any) (gift.
 func giftConfig(t *testing.T) *gateway.Node {
 	cfg := nodetest.Config(t)
 	cfg.Limits.GiftPerSecond = 0
+	cfg.WS.MaxConnsPerUser = 16 // TestGiftStormNeverOverdraws: one sender on 10 connections
 	return nodetest.Start(t, cfg)
 }
 

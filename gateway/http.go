@@ -86,7 +86,14 @@ func (a *API) routes() {
 	h.GET("/healthz", func(_ context.Context, c *app.RequestContext) { c.String(200, "ok") })
 	h.GET("/readyz", func(_ context.Context, c *app.RequestContext) {
 		if err := a.ready(); err != nil {
-			c.String(503, "not ready: "+err.Error())
+			b, _ := proto.Marshal(struct {
+				Code int    `json:"code"`
+				Msg  string `json:"msg"`
+				Data struct {
+					Ready bool `json:"ready"`
+				} `json:"data"`
+			}{Code: proto.CodeInternal, Msg: "not ready: " + err.Error()})
+			c.Data(503, "application/json", b)
 			return
 		}
 		c.String(200, "ready")

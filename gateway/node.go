@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"runtime/debug"
 	"strconv"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -54,6 +55,12 @@ type Node struct {
 
 	metrics  *metrics
 	stopIdem chan struct{}
+	// redisProbe is the last Redis ping of /readyz (redisReachable).
+	redisProbe struct {
+		mu  sync.Mutex
+		at  time.Time
+		err error
+	}
 	draining atomic.Bool
 	closed   atomic.Bool
 }
@@ -206,12 +213,36 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 func (n *Node) startNATS() error {
 	cfg := n.Config
 	if !cfg.NATS.Embedded {
-		nc, err := nats.Connect(cfg.NATS.URL, nats.Name(cfg.Node.ID), nats.MaxReconnects(-1))
+		// An external NATS that is down (briefly, or at start) does not stop
+		// the node: the client keeps retrying in the background (publishes
+		// are buffered meanwhile, subscriptions are sent on connect) and the
+		// stream is ensured once it is connected. No feature needs NATS to
+		// serve (see ready).
+		onConnect := func(nc *nats.Conn) {
+			go func() {
+				if err := ensureStreams(nc); err != nil {
+					n.Log.Error("nats connected: jetstream stream not ensured", "err", err)
+				}
+			}()
+		}
+		nc, err := nats.Connect(cfg.NATS.URL, nats.Name(cfg.Node.ID),
+			nats.RetryOnFailedConnect(true), nats.MaxReconnects(-1), nats.ReconnectWait(time.Second),
+			nats.ConnectHandler(onConnect),   // the first connect, now or after retries
+			nats.ReconnectHandler(onConnect), // a restarted server may have lost the stream
+			nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
+				if err != nil { // nil: closed by us
+					n.Log.Warn("nats disconnected, reconnecting", "url", cfg.NATS.URL, "err", err)
+				}
+			}))
 		if err != nil {
 			return fmt.Errorf("nats %s: %w", cfg.NATS.URL, err)
 		}
 		n.NC = nc
-		return n.ensureStreams()
+		if !nc.IsConnected() {
+			n.Log.Warn("nats not reachable yet, retrying in the background", "url", cfg.NATS.URL)
+			return nil
+		}
+		return ensureStreams(nc) // reachable now: a stream that cannot be made fails the start
 	}
 	opts := &natsserver.Options{
 		ServerName: cfg.Node.ID,
@@ -245,11 +276,11 @@ func (n *Node) startNATS() error {
 		return fmt.Errorf("embedded nats connect: %w", err)
 	}
 	n.NC = nc
-	return n.ensureStreams()
+	return ensureStreams(nc)
 }
 
-func (n *Node) ensureStreams() error {
-	js, err := n.NC.JetStream()
+func ensureStreams(nc *nats.Conn) error {
+	js, err := nc.JetStream()
 	if err != nil {
 		return err
 	}
@@ -336,16 +367,50 @@ func (n *Node) Start() error {
 	return nil
 }
 
+// ready is /readyz: nil when the node can serve what its mode needs.
+//
+//   - Every mode: not draining. Pebble is in process (New fails without it).
+//   - wallet.mode shared: Redis reachable (balances, idempotency and the gift
+//     catalogue live there) and the shared wallet's generation known (after a
+//     Redis data loss money moves again only once the ledgers are rebuilt).
+//   - wallet.mode local: nothing outside the process.
+//   - NATS (embedded or external) is needed by no feature today: room events
+//     and catalogue announcements on it are best effort (the room record in
+//     Pebble is the truth; shared mode's catalogue is invalidated through
+//     Redis), so NATS being down does not make the node unready.
 func (n *Node) ready() error {
 	switch {
 	case n.draining.Load():
 		return errors.New("draining")
-	case n.NC == nil || !n.NC.IsConnected():
-		return errors.New("nats not connected")
-	case n.shared != nil && !n.shared.Ready():
-		return errors.New("shared wallet not ready (rebuilding or Redis unreachable)")
+	case n.shared != nil:
+		if err := n.redisReachable(); err != nil {
+			return errors.New("Redis unreachable")
+		}
+		if !n.shared.Ready() {
+			return errors.New("shared wallet not ready (rebuilding)")
+		}
 	}
 	return nil
+}
+
+// redisProbeEvery bounds how often /readyz pings Redis: answers within it
+// reuse the last result, so a /readyz flood is not a Redis flood.
+const redisProbeEvery = 500 * time.Millisecond
+
+// redisReachable pings Redis (at most once per redisProbeEvery; a second
+// caller meanwhile waits for the first's answer).
+func (n *Node) redisReachable() error {
+	p := &n.redisProbe
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if !p.at.IsZero() && time.Since(p.at) < redisProbeEvery {
+		return p.err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	p.err = n.Redis.Do(ctx, n.Redis.B().Ping().Build()).Error()
+	p.at = time.Now()
+	return p.err
 }
 
 // Shutdown stops accepting, closes every connection with 1001 after draining
@@ -377,7 +442,7 @@ func (n *Node) closeBackends() error {
 		n.PK.Close()
 	}
 	if n.NC != nil {
-		if err := n.NC.Drain(); err != nil && !errors.Is(err, nats.ErrConnectionClosed) {
+		if err := n.NC.Drain(); err != nil && !errors.Is(err, nats.ErrConnectionClosed) && !errors.Is(err, nats.ErrConnectionReconnecting) {
 			errs = append(errs, err)
 		}
 		n.NC.Close()

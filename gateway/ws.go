@@ -41,8 +41,12 @@ type Server struct {
 	httpSrv *http.Server
 	ln      net.Listener
 
-	nextID   atomic.Uint64
+	nextID atomic.Uint64
+	// count is the number of connection slots taken: reserved by ServeHTTP
+	// before the upgrade (never above ws.max_conns: reserveConn), given back
+	// by OnClose or by a failed upgrade.
 	count    atomic.Int64
+	users    userCounts // slots per user, bounded by ws.max_conns_per_user
 	draining atomic.Bool
 	stop     chan struct{}
 	sweeper  sync.WaitGroup
@@ -124,11 +128,27 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		writeJSONError(w, http.StatusUnauthorized, proto.Errorf(proto.CodeUnauthenticated, "missing or bad token"))
 		return
 	}
-	if s.count.Load() >= int64(s.cfg.WS.MaxConns) {
+	if !s.reserveConn() {
 		s.metrics.upgradesDenied.WithLabelValues("full").Inc()
 		writeJSONError(w, http.StatusServiceUnavailable, proto.Errorf(proto.CodeInternal, "node is full"))
 		return
 	}
+	if !s.users.reserve(ident.UserID, s.cfg.WS.MaxConnsPerUser) {
+		s.releaseConn()
+		s.metrics.upgradesDenied.WithLabelValues("user_full").Inc()
+		writeJSONError(w, http.StatusTooManyRequests, proto.Errorf(proto.CodeRateLimited,
+			"too many connections for this user (at most %d)", s.cfg.WS.MaxConnsPerUser))
+		return
+	}
+	// From here the slots are this connection's: OnClose gives them back,
+	// or the failed upgrade below.
+	upgraded := false
+	defer func() {
+		if !upgraded {
+			s.users.release(ident.UserID)
+			s.releaseConn()
+		}
+	}()
 	hj, ok := w.(http.Hijacker)
 	if !ok {
 		writeJSONError(w, http.StatusInternalServerError, proto.ErrInternal)
@@ -165,7 +185,78 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	c.lastRead.Store(time.Now().UnixNano())
 	socket.Session().Store("c", c)
+	upgraded = true // ReadLoop calls OnOpen, then OnClose, which releases
 	go socket.ReadLoop()
+}
+
+// reserveConn takes one of the node's ws.max_conns slots, or reports false
+// when none is free. Exact under concurrency: a slot is taken by CAS, never
+// by a check and a later increment.
+func (s *Server) reserveConn() bool {
+	limit := int64(s.cfg.WS.MaxConns)
+	for {
+		n := s.count.Load()
+		if n >= limit {
+			return false
+		}
+		if s.count.CompareAndSwap(n, n+1) {
+			return true
+		}
+	}
+}
+
+func (s *Server) releaseConn() { s.count.Add(-1) }
+
+const userShards = 64
+
+// userCounts counts connection slots per user, in shards keyed by user id.
+// An entry exists only while its user holds a slot (deleted at zero), so the
+// map is bounded by the connections, never by the users ever seen.
+type userCounts struct {
+	shards [userShards]struct {
+		mu sync.Mutex
+		n  map[int64]int
+	}
+}
+
+// reserve takes one of user's limit slots, or reports false when all are
+// taken (limit <= 0: no per-user limit).
+func (u *userCounts) reserve(user int64, limit int) bool {
+	sh := &u.shards[uint64(user)%userShards]
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	if limit > 0 && sh.n[user] >= limit {
+		return false
+	}
+	if sh.n == nil {
+		sh.n = map[int64]int{}
+	}
+	sh.n[user]++
+	return true
+}
+
+// release gives back one slot of user.
+func (u *userCounts) release(user int64) {
+	sh := &u.shards[uint64(user)%userShards]
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	if sh.n[user] <= 1 {
+		delete(sh.n, user)
+		return
+	}
+	sh.n[user]--
+}
+
+// size is the number of users holding a slot.
+func (u *userCounts) size() int {
+	n := 0
+	for i := range u.shards {
+		sh := &u.shards[i]
+		sh.mu.Lock()
+		n += len(sh.n)
+		sh.mu.Unlock()
+	}
+	return n
 }
 
 func writeJSONError(w http.ResponseWriter, status int, e *proto.Error) {
@@ -195,7 +286,6 @@ func (s *Server) OnOpen(socket *gws.Conn) {
 	sh.mu.Lock()
 	sh.conns[c.id] = c
 	sh.mu.Unlock()
-	s.count.Add(1)
 	s.metrics.connections.Inc()
 	s.router.Register(c)
 	hb := s.cfg.WS.Heartbeat.D()
@@ -227,7 +317,8 @@ func (s *Server) OnClose(socket *gws.Conn, err error) {
 	sh.mu.Lock()
 	delete(sh.conns, c.id)
 	sh.mu.Unlock()
-	s.count.Add(-1)
+	s.users.release(c.ident.UserID)
+	s.releaseConn()
 	s.metrics.connections.Dec()
 	close(c.done)
 	var ce *gws.CloseError
@@ -265,29 +356,48 @@ func (s *Server) OnMessage(socket *gws.Conn, msg *gws.Message) {
 	s.dispatch(c, msg.Bytes())
 }
 
-// sweep closes connections silent for 2 × heartbeat with 4402.
+// sweepEvery is how often sweep looks at every connection: a quarter of the
+// heartbeat, at most maxSweepEvery (so that a token expiry is noticed within
+// it however long the heartbeat), at least 20 ms.
+func sweepEvery(hb time.Duration) time.Duration {
+	return min(max(hb/4, 20*time.Millisecond), maxSweepEvery)
+}
+
+const maxSweepEvery = time.Second
+
+// sweep closes connections silent for 2 × heartbeat with 4402 and those whose
+// token expired with 4501. One node-wide ticker looks at every connection
+// (two loads and two compares each): no timer or goroutine per connection, at
+// a cost of about 100k compares a second at 100k connections.
 func (s *Server) sweep() {
 	defer s.sweeper.Done()
 	hb := s.cfg.WS.Heartbeat.D()
-	t := time.NewTicker(max(hb/4, 20*time.Millisecond))
+	t := time.NewTicker(sweepEvery(hb))
 	defer t.Stop()
-	var silent []*Conn
+	var silent, expired []*Conn
 	for {
 		select {
 		case <-s.stop:
 			return
 		case now := <-t.C:
 			limit := now.Add(-2 * hb).UnixNano()
-			silent = silent[:0]
+			nowNS := now.UnixNano()
+			silent, expired = silent[:0], expired[:0]
 			for i := range s.shards {
 				sh := &s.shards[i]
 				sh.mu.Lock()
 				for _, c := range sh.conns {
-					if c.lastRead.Load() < limit {
+					switch {
+					case c.ident.Expires.UnixNano() <= nowNS:
+						expired = append(expired, c)
+					case c.lastRead.Load() < limit:
 						silent = append(silent, c)
 					}
 				}
 				sh.mu.Unlock()
+			}
+			for _, c := range expired {
+				c.Close(proto.CloseTokenExpired, true)
 			}
 			for _, c := range silent {
 				c.Close(proto.CloseHeartbeatTimeout, false)

@@ -31,7 +31,8 @@ func TestKill9DuringGiftStorm(t *testing.T) {
 	const sender, anchor, credit = 500, 1, 1_000_000
 	bin := binary(t)
 	httpAddr, wsAddr, data := freeAddr(t), freeAddr(t), t.TempDir()
-	env := nodeEnv(httpAddr, wsAddr, data, "LIVEEDGE_LIMITS_GIFT_PER_SECOND=0")
+	env := nodeEnv(httpAddr, wsAddr, data, "LIVEEDGE_LIMITS_GIFT_PER_SECOND=0",
+		"LIVEEDGE_WS_MAX_CONNS_PER_USER=16") // one sender on 16 connections
 	p := start(t, "", env, bin)
 	waitReady(t, p, httpAddr)
 	room := openRoom(t, httpAddr, devToken(t, httpAddr, anchor, "anchor"))

@@ -1,0 +1,183 @@
+package configs
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"gopkg.in/yaml.v3"
+)
+
+const (
+	goodJWT = "0123456789abcdef0123456789abcdef-jwt"
+	goodPay = "0123456789abcdef0123456789abcdef-pay"
+)
+
+// loadCluster loads cluster.yaml with env as the whole environment override.
+func loadCluster(t *testing.T, env ...string) (Config, error) {
+	t.Helper()
+	c := Default()
+	b, err := os.ReadFile("cluster.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := yaml.Unmarshal(b, &c); err != nil {
+		t.Fatal(err)
+	}
+	if err := ApplyEnv(&c, env); err != nil {
+		return c, err
+	}
+	if err := c.ReadSecretFiles(); err != nil {
+		return c, err
+	}
+	return c, c.Validate()
+}
+
+func wantErr(t *testing.T, err error, parts ...string) {
+	t.Helper()
+	if err == nil {
+		t.Fatalf("want an error mentioning %q, got none", parts)
+	}
+	for _, p := range parts {
+		if !strings.Contains(err.Error(), p) {
+			t.Fatalf("error %q does not mention %q", err, p)
+		}
+	}
+}
+
+func TestDefaultConfigValid(t *testing.T) {
+	c := Default()
+	if err := c.Validate(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// The production cluster config carries no secret: without one supplied it
+// does not validate, and the dev defaults of single.yaml do not leak into it.
+func TestClusterConfigNeedsSecrets(t *testing.T) {
+	c, err := loadCluster(t)
+	wantErr(t, err, "auth.jwt_secret is empty", "pay.secrets needs at least one secret")
+	if c.Auth.DevTokens {
+		t.Fatal("cluster.yaml must have dev tokens off")
+	}
+	if _, err := loadCluster(t, "LIVEEDGE_AUTH_JWT_SECRET="+goodJWT, "LIVEEDGE_PAY_SECRETS="+goodPay); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestClusterLocalConfigValid(t *testing.T) {
+	c := Default()
+	b, err := os.ReadFile("cluster-local.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := yaml.Unmarshal(b, &c); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	if !c.Auth.DevTokens {
+		t.Fatal("cluster-local.yaml has dev tokens on")
+	}
+}
+
+func TestSecretsRejectedWithDevTokensOff(t *testing.T) {
+	base := func() Config {
+		c := Default()
+		c.Auth.DevTokens = false
+		c.Auth.JWTSecret = goodJWT
+		c.Pay.Secrets = []string{goodPay}
+		return c
+	}
+	c := base()
+	if err := c.Validate(); err != nil {
+		t.Fatalf("good secrets: %v", err)
+	}
+	cases := []struct {
+		name string
+		edit func(*Config)
+		want string
+	}{
+		{"jwt default", func(c *Config) { c.Auth.JWTSecret = Default().Auth.JWTSecret }, "auth.jwt_secret is a published development value"},
+		{"jwt old cluster value", func(c *Config) { c.Auth.JWTSecret = "change-me-cluster-secret-32-bytes" }, "auth.jwt_secret is a published"},
+		{"jwt change-me", func(c *Config) { c.Auth.JWTSecret = "please-CHANGE-ME-0123456789abcdef0123" }, "auth.jwt_secret is a published"},
+		{"jwt empty", func(c *Config) { c.Auth.JWTSecret = "" }, "auth.jwt_secret is empty"},
+		{"jwt short", func(c *Config) { c.Auth.JWTSecret = strings.Repeat("x", MinSecretBytes-1) }, "auth.jwt_secret must be at least 32 bytes"},
+		{"pay default", func(c *Config) { c.Pay.Secrets = Default().Pay.Secrets }, "pay.secrets[0] is a published development value"},
+		{"pay default in rotation", func(c *Config) { c.Pay.Secrets = append([]string{goodPay}, Default().Pay.Secrets...) }, "pay.secrets[1] is a published"},
+		{"pay none", func(c *Config) { c.Pay.Secrets = nil }, "pay.secrets needs at least one secret"},
+		{"pay empty", func(c *Config) { c.Pay.Secrets = []string{""} }, "pay.secrets[0] is empty"},
+		{"pay short", func(c *Config) { c.Pay.Secrets = []string{"short-secret"} }, "pay.secrets[0] must be at least 32 bytes"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			c := base()
+			tc.edit(&c)
+			wantErr(t, c.Validate(), tc.want)
+			c.Auth.DevTokens = true // a dev node accepts the dev values (not empty ones)
+			if tc.name == "jwt default" || tc.name == "pay default" {
+				if err := c.Validate(); err != nil {
+					t.Fatalf("dev tokens on: %v", err)
+				}
+			}
+		})
+	}
+}
+
+func TestSecretsFromEnv(t *testing.T) {
+	c, err := loadCluster(t, "LIVEEDGE_AUTH_JWT_SECRET="+goodJWT, "LIVEEDGE_PAY_SECRETS="+goodPay+"-new, "+goodPay+"-old")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Auth.JWTSecret != goodJWT || len(c.Pay.Secrets) != 2 || c.Pay.Secrets[0] != goodPay+"-new" || c.Pay.Secrets[1] != goodPay+"-old" {
+		t.Fatalf("secrets not taken from env: %q %q", c.Auth.JWTSecret, c.Pay.Secrets)
+	}
+	_, err = loadCluster(t, "LIVEEDGE_AUTH_JWT_SECRET=too-short", "LIVEEDGE_PAY_SECRETS="+goodPay)
+	wantErr(t, err, "auth.jwt_secret must be at least 32 bytes")
+}
+
+func TestSecretsFromFiles(t *testing.T) {
+	dir := t.TempDir()
+	jwtFile, payFile := filepath.Join(dir, "jwt"), filepath.Join(dir, "pay")
+	if err := os.WriteFile(jwtFile, []byte(goodJWT+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(payFile, []byte("# current first\n"+goodPay+"-new\n\n  "+goodPay+"-old  \n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	c, err := loadCluster(t, "LIVEEDGE_AUTH_JWT_SECRET_FILE="+jwtFile, "LIVEEDGE_PAY_SECRETS_FILE="+payFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Auth.JWTSecret != goodJWT || len(c.Pay.Secrets) != 2 || c.Pay.Secrets[0] != goodPay+"-new" || c.Pay.Secrets[1] != goodPay+"-old" {
+		t.Fatalf("secrets not taken from files: %q %q", c.Auth.JWTSecret, c.Pay.Secrets)
+	}
+
+	// The file wins over an inline value (a dev default included).
+	c = Default()
+	c.Auth.DevTokens = false
+	c.Auth.JWTSecretFile, c.Pay.SecretsFile = jwtFile, payFile
+	if err := c.ReadSecretFiles(); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Validate(); err != nil {
+		t.Fatal(err)
+	}
+
+	_, err = loadCluster(t, "LIVEEDGE_AUTH_JWT_SECRET_FILE="+filepath.Join(dir, "missing"), "LIVEEDGE_PAY_SECRETS="+goodPay)
+	wantErr(t, err, "auth.jwt_secret_file")
+	empty := filepath.Join(dir, "empty")
+	if err := os.WriteFile(empty, []byte("\n# nothing\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	_, err = loadCluster(t, "LIVEEDGE_AUTH_JWT_SECRET="+goodJWT, "LIVEEDGE_PAY_SECRETS_FILE="+empty)
+	wantErr(t, err, "pay.secrets_file", "no secret")
+	blank := filepath.Join(dir, "blank")
+	if err := os.WriteFile(blank, []byte(" \n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	_, err = loadCluster(t, "LIVEEDGE_AUTH_JWT_SECRET_FILE="+blank, "LIVEEDGE_PAY_SECRETS="+goodPay)
+	wantErr(t, err, "auth.jwt_secret_file", "empty")
+}

@@ -1,0 +1,207 @@
+package gateway_test
+
+import (
+	"context"
+	"errors"
+	"net/http"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/liveedge/liveedge/clientsdk"
+	"github.com/liveedge/liveedge/gateway"
+	"github.com/liveedge/liveedge/gateway/nodetest"
+	"github.com/liveedge/liveedge/gateway/proto"
+)
+
+// dialAll upgrades len(tokens) connections at once, one per token, and
+// returns the clients that got in and the HTTP statuses of those refused.
+func dialAll(t *testing.T, n *gateway.Node, tokens []string) (ok []*nodetest.Raw, refused map[int]int) {
+	t.Helper()
+	var mu sync.Mutex
+	refused = map[int]int{}
+	var wg sync.WaitGroup
+	start := make(chan struct{})
+	for _, tok := range tokens {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			<-start
+			r, resp, err := nodetest.DialRaw(t, nodetest.WSURL(n), tok, nodetest.RawOptions{})
+			mu.Lock()
+			defer mu.Unlock()
+			switch {
+			case err == nil:
+				ok = append(ok, r)
+			case resp != nil:
+				refused[resp.StatusCode]++
+			default:
+				refused[-1]++ // no HTTP answer at all
+			}
+		}()
+	}
+	close(start)
+	wg.Wait()
+	return ok, refused
+}
+
+// upgradeEnvelope asks for /ws with tok without upgrading and decodes the
+// JSON envelope of the refusal.
+func upgradeEnvelope(t *testing.T, n *gateway.Node, tok string) (status, code int) {
+	t.Helper()
+	var env struct {
+		Code int    `json:"code"`
+		Msg  string `json:"msg"`
+	}
+	status = nodetest.DoJSON(t, "GET", "http://"+n.WS.Addr()+"/ws?token="+tok, "", "", &env)
+	return status, env.Code
+}
+
+// One token, 40 concurrent upgrades: exactly ws.max_conns_per_user (8) get in,
+// every other one is refused with 429 / 10429; another user is not affected;
+// closing one frees one slot; when all are closed no per-user entry is left.
+func TestPerUserConnCapExactUnderConcurrency(t *testing.T) {
+	cfg := nodetest.Config(t)
+	if cfg.WS.MaxConnsPerUser != 8 {
+		t.Fatalf("default ws.max_conns_per_user = %d, want 8", cfg.WS.MaxConnsPerUser)
+	}
+	n := nodetest.Start(t, cfg)
+	tok := nodetest.Token(t, n, 42, gateway.RoleViewer)
+	tokens := make([]string, 40)
+	for i := range tokens {
+		tokens[i] = tok
+	}
+	ok, refused := dialAll(t, n, tokens)
+	if len(ok) != 8 || refused[http.StatusTooManyRequests] != 32 {
+		t.Fatalf("%d upgrades accepted (want 8), refused by status %v (want 32 × 429)", len(ok), refused)
+	}
+	if st, code := upgradeEnvelope(t, n, tok); st != http.StatusTooManyRequests || code != proto.CodeRateLimited {
+		t.Fatalf("over the per-user cap: HTTP %d code %d, want 429 / %d", st, code, proto.CodeRateLimited)
+	}
+	// Another user still gets in.
+	dial(t, n, 43, nodetest.RawOptions{})
+
+	// One closed: exactly one more fits.
+	ok[0].Close()
+	<-ok[0].Closed()
+	nodetest.Eventually(t, 5*time.Second, func() bool { return n.WS.Conns() == 8 }, "closed connection not released")
+	again, refused := dialAll(t, n, tokens[:5])
+	if len(again) != 1 || refused[http.StatusTooManyRequests] != 4 {
+		t.Fatalf("after one close: %d accepted (want 1), refused %v", len(again), refused)
+	}
+	for _, r := range append(ok[1:], again...) {
+		r.Close()
+	}
+	nodetest.Eventually(t, 5*time.Second, func() bool { return n.WS.Conns() == 1 }, "connections not released: %d", n.WS.Conns())
+	if u := n.WS.ConnUsers(); u != 1 {
+		t.Fatalf("per-user map holds %d users, want 1 (only user 43 is connected)", u)
+	}
+}
+
+// ws.max_conns is exact under concurrency: 40 users upgrading at once on a
+// node with room for 10 — exactly 10 get in, 30 get 503.
+func TestGlobalConnCapExactUnderConcurrency(t *testing.T) {
+	cfg := nodetest.Config(t)
+	cfg.WS.MaxConns = 10
+	n := nodetest.Start(t, cfg)
+	tokens := make([]string, 40)
+	for i := range tokens {
+		tokens[i] = nodetest.Token(t, n, int64(100+i), gateway.RoleViewer)
+	}
+	ok, refused := dialAll(t, n, tokens)
+	if len(ok) != 10 || refused[http.StatusServiceUnavailable] != 30 {
+		t.Fatalf("%d upgrades accepted (want 10), refused by status %v (want 30 × 503)", len(ok), refused)
+	}
+	if n.WS.Conns() != 10 {
+		t.Fatalf("Conns = %d, want 10", n.WS.Conns())
+	}
+	if st, code := upgradeEnvelope(t, n, tokens[0]); st != http.StatusServiceUnavailable || code != proto.CodeInternal {
+		t.Fatalf("node full: HTTP %d code %d, want 503 / %d", st, code, proto.CodeInternal)
+	}
+	for _, r := range ok {
+		r.Close()
+	}
+	nodetest.Eventually(t, 5*time.Second, func() bool { return n.WS.Conns() == 0 && n.WS.ConnUsers() == 0 },
+		"slots not released: conns %d users %d", n.WS.Conns(), n.WS.ConnUsers())
+}
+
+// A live connection does not outlive its token: it is closed with 4501 once
+// the token's exp passes (checked by the node-wide sweep, not at upgrade only).
+func TestTokenExpiryCloses4501(t *testing.T) {
+	n := nodetest.Start(t, nodetest.Config(t))
+	tok, err := n.Auth.Issue(7, gateway.RoleViewer, 2*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ident, err := n.Auth.Verify(tok)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := nodetest.MustDialRaw(t, nodetest.WSURL(n), tok, nodetest.RawOptions{})
+	if h := r.Next(5 * time.Second); h.T != proto.TypeHello {
+		t.Fatalf("first frame %q, want hello", h.T)
+	}
+	select {
+	case <-r.Closed():
+	case <-time.After(time.Until(ident.Expires) + 10*time.Second):
+		t.Fatalf("connection still open 10 s after its token expired")
+	}
+	if at := time.Now(); at.Before(ident.Expires) {
+		t.Fatalf("closed at %v, before the token's exp %v", at, ident.Expires)
+	}
+	if code := r.CloseCode(); code != proto.CloseTokenExpired {
+		t.Fatalf("close code %d, want %d", code, proto.CloseTokenExpired)
+	}
+}
+
+// The SDK with a TokenFunc treats 4501 as "get a new token and reconnect": it
+// asks for a fresh token and is connected again with it, rooms re-joined.
+// With a static token 4501 stays terminal.
+func TestSDKTokenFuncRenewsAfter4501(t *testing.T) {
+	n := nodetest.Start(t, nodetest.Config(t))
+	room := nodetest.OpenRoom(t, n, 1, 0)
+	var calls atomic.Int32
+	c := sdkDial(t, n, 8, nil, func(cfg *clientsdk.Config) {
+		cfg.TokenFunc = func(context.Context) (string, error) {
+			ttl := time.Hour
+			if calls.Add(1) == 1 {
+				ttl = 2 * time.Second // the first token expires while connected
+			}
+			return n.Auth.Issue(8, gateway.RoleViewer, ttl)
+		}
+	})
+	if _, err := c.Join(context.Background(), room); err != nil {
+		t.Fatal(err)
+	}
+	nodetest.Eventually(t, 20*time.Second, func() bool { return c.Stats().Reconnects == 1 },
+		"no reconnect after the token expired (token calls %d, last close %v)", calls.Load(), c.Err())
+	if code, _ := c.LastClose(); code != proto.CloseTokenExpired {
+		t.Fatalf("last close %d, want %d", code, proto.CloseTokenExpired)
+	}
+	if got := calls.Load(); got != 2 {
+		t.Fatalf("TokenFunc called %d times, want 2", got)
+	}
+	if err := c.Ping(context.Background()); err != nil {
+		t.Fatalf("ping on the renewed connection: %v", err)
+	}
+	if rooms := c.Rooms(); len(rooms) != 1 || rooms[0] != room {
+		t.Fatalf("rooms after renewal: %v", rooms)
+	}
+
+	// Static token: 4501 is terminal.
+	tok, err := n.Auth.Issue(9, gateway.RoleViewer, 2*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := sdkDial(t, n, 9, nil, func(cfg *clientsdk.Config) { cfg.Token = tok })
+	select {
+	case <-s.Closed():
+	case <-time.After(20 * time.Second):
+		t.Fatal("static-token client still running 20 s after its token expired")
+	}
+	var ce *clientsdk.CloseError
+	if !errors.As(s.Err(), &ce) || ce.Code != proto.CloseTokenExpired {
+		t.Fatalf("static-token client stopped with %v, want close %d", s.Err(), proto.CloseTokenExpired)
+	}
+}
