@@ -126,7 +126,7 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 		n.Wallet = n.shared
 		catStore = gift.RedisCatalogue{Client: n.Redis}
 	default:
-		if n.Ledger, err = persist.NewLedger(n.Store, nil); err != nil {
+		if n.Ledger, err = persist.OpenLedger(n.Store, persist.LedgerConfig{IdemMemoryBytes: cfg.Wallet.IdemMemoryBytes}); err != nil {
 			return nil, err
 		}
 		n.Wallet = n.Ledger
