@@ -180,9 +180,14 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 		return nil, err
 	}
 	n.metrics = newMetrics(cfg.Node.ID, n.Router)
+	labelled := prometheus.WrapRegistererWith(prometheus.Labels{"node": cfg.Node.ID}, n.metrics.reg)
 	if n.Ledger != nil {
-		labelled := prometheus.WrapRegistererWith(prometheus.Labels{"node": cfg.Node.ID}, n.metrics.reg)
 		for _, c := range n.Ledger.Collectors() {
+			labelled.MustRegister(c)
+		}
+	}
+	if n.shared != nil {
+		for _, c := range n.shared.Collectors() {
 			labelled.MustRegister(c)
 		}
 	}
@@ -305,7 +310,7 @@ func (n *Node) expireIdemLoop() {
 	defer t.Stop()
 	now := time.Now()
 	for {
-		if n.Ledger != nil { // shared mode: Redis expires its keys; local records stay for rebuilds
+		if n.Ledger != nil { // shared mode: the SharedWallet's watcher expires its own records
 			if k, err := n.Ledger.ExpireIdem(now.Add(-persist.DefaultIdemTTL)); err != nil {
 				n.Log.Error("idempotency expiry", "err", err)
 			} else if k > 0 {

@@ -19,6 +19,10 @@ import "encoding/binary"
 //	                        fit the memory index (12 h periods, see
 //	                        spillPeriodHours)
 //	rec/<kind>/<id>         JSON business record (e.g. rec/gift/<order>)
+//	intent/<n>              shared wallet: an op between its intent and its
+//	                        settlement (seq/intent: the highest n used)
+//	wm/applied, wm/sum      shared wallet: ops this node applied and Σ of
+//	                        their deltas (merge: add), audited against Redis
 var (
 	PrefixRoom      = []byte("room/")
 	PrefixSeq       = []byte("seq/")

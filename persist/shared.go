@@ -20,10 +20,12 @@ import (
 // share of the ledger in its own Pebble. Protocol of one Apply (docs/wallet.md):
 //
 //  1. intent/<seq> {op} is written to Pebble and fsynced;
-//  2. one Lua script in Redis checks the generation, the idempotency key and
-//     every balance, then moves them, allocates trade ids, records the result
-//     under the idempotency key and appends the trades to the user's recent
-//     list — atomically, no lock, no retry;
+//  2. one Lua script in Redis checks the generation, this node's applied-op
+//     count (shared_audit.go), the idempotency key and every balance, then
+//     moves them, allocates trade ids, records the result under the
+//     idempotency key and under the intent number in le:applied:<node>,
+//     counts the op in le:node:<node> and appends the trades to the user's
+//     recent list — atomically, no lock, no retry;
 //  3. the trades, this node's balance contributions (bal/<u>, merge-add), the
 //     tallies, the business records and the idempotency record are written to
 //     Pebble, in one fsynced batch;
@@ -36,18 +38,23 @@ import (
 // ErrInProgress) — no ok is ever given before the ledger row is on disk.
 //
 // A crash between 1 and 4 leaves an intent; at start (and whenever Redis
-// failed mid-call) the intent is resolved by reading its idempotency key from
-// Redis: present = the script ran, finish step 3 from the stored result (if
-// not done already) and mark it done; absent = it did not, drop the intent.
-// Every op carries a req_id for this (an internal one when the caller gave
-// none).
+// failed mid-call) the intent is resolved by reading its entry in
+// le:applied:<node> (no expiry, removed when the op is settled): present =
+// the script ran, finish step 3 from the stored result (if not done already)
+// and mark it done; absent = it did not (or was settled already), drop the
+// intent. If Redis cannot tell (unreachable), the outcome is unknown: the
+// intent stays, Apply answers ErrInProgress and the watcher settles it.
+// Every op carries a req_id (an internal one when the caller gave none).
 //
 // Redis restarted empty (the generation key le:meta is gone): the wallet is
 // rebuilt from the ledgers. A new generation starts in state "rebuilding";
 // every node listed in Nodes adds its Pebble contributions (balances, tallies,
 // idempotency records, trade-id high-water mark) exactly once per generation;
 // the last one flips the state to "ready". Until then every Apply fails with
-// ErrWalletUnavailable — never a debit against a partial balance.
+// ErrWalletUnavailable — never a debit against a partial balance. Redis
+// rolled back (an older snapshot, a lagging replica: le:meta still there) is
+// detected by the applied-op counts and rebuilt the same way
+// (shared_audit.go).
 type SharedWallet struct {
 	store *Store
 	rdb   rueidis.Client
@@ -67,12 +74,22 @@ type SharedWallet struct {
 
 	// dupWait bounds how long a duplicate waits for a pending first request.
 	dupWait time.Duration
+	// callTimeout bounds the Redis calls of one Apply.
+	callTimeout time.Duration
 	// asyncSlots holds one token per ApplyAsync running.
 	asyncSlots chan struct{}
-	// unsettled are intents whose script ran but whose ledger write or done
-	// mark then failed; the watcher settles them (as a restart would).
+	// unsettled are intents whose outcome Apply could not settle — the
+	// script's reply was lost, or the ledger write or done mark failed after
+	// it ran; the watcher settles them (as a restart would).
 	unsettledMu sync.Mutex
-	unsettled   map[uint64]intent
+	unsettled   map[uint64]unsettledOp
+
+	// The applied-op watermark and the audit (shared_audit.go).
+	counts        nodeCounters
+	auditMismatch atomic.Bool  // the last audit found Redis behind this node's ledger
+	dataLosses    atomic.Int64 // Redis data losses detected by this node
+	resetting     atomic.Bool  // a reset after a detected loss is running
+	lastExpire    time.Time    // of idem/ rows (watcher goroutine only)
 
 	// crashAt, in tests, stops Apply dead at a named point ("intent",
 	// "script", "final") as if the process had been killed there.
@@ -94,6 +111,9 @@ var ErrInProgress = errors.New("persist: a request with this req_id is still in 
 // to make it durable (normally a few ms: one fsync).
 const defaultDupWait = 3 * time.Second
 
+// defaultCallTimeout bounds the Redis calls of one Apply.
+const defaultCallTimeout = 5 * time.Second
+
 // pendingMark prefixes an idempotency value whose op is not yet durable in
 // its node's ledger.
 const pendingMark = "~"
@@ -103,6 +123,11 @@ type SharedConfig struct {
 	Node  string   // this node's id
 	Nodes []string // every node whose ledger holds wallet trades (rebuild waits for all)
 	Log   *slog.Logger
+	// Now is the clock (zero: time.Now): trade times, idempotency windows.
+	Now func() time.Time
+	// CallTimeout bounds the Redis calls of one Apply (zero: 5 s); an
+	// outcome still unknown then is settled by the watcher (ErrInProgress).
+	CallTimeout time.Duration
 }
 
 // Redis keys. Hash tags keep one user's keys in one slot.
@@ -133,12 +158,26 @@ func NewSharedWallet(store *Store, rdb rueidis.Client, cfg SharedConfig) (*Share
 	if len(cfg.Nodes) == 0 {
 		cfg.Nodes = []string{cfg.Node}
 	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	if cfg.CallTimeout <= 0 {
+		cfg.CallTimeout = defaultCallTimeout
+	}
 	w := &SharedWallet{store: store, rdb: rdb, node: cfg.Node, nodes: cfg.Nodes, log: cfg.Log,
-		now: time.Now, ttl: DefaultIdemTTL, dupWait: defaultDupWait, unsettled: map[uint64]intent{},
-		asyncSlots: make(chan struct{}, maxAsyncApplies)}
+		now: cfg.Now, ttl: DefaultIdemTTL, dupWait: defaultDupWait, callTimeout: cfg.CallTimeout,
+		unsettled: map[uint64]unsettledOp{}, asyncSlots: make(chan struct{}, maxAsyncApplies)}
+	// Intent numbers are never reused (le:applied:<node> is keyed by them):
+	// the highest ever used is kept in seq/intent.
 	var maxIntent uint64
 	_ = store.Scan(prefixIntent, func(k, _ []byte) error { maxIntent = max(maxIntent, KeyID(k)); return nil })
+	if v, err := store.Get(seqIntent); err == nil {
+		maxIntent = max(maxIntent, uint64(DecodeInt64(v)))
+	}
 	w.intentNo.Store(maxIntent)
+	if err := w.counts.load(store); err != nil {
+		return nil, err
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	if err := w.ensureGeneration(ctx); err != nil {
@@ -168,18 +207,23 @@ func (w *SharedWallet) watch() {
 			return
 		case <-t.C:
 			w.retryUnsettled()
+			w.maybeExpireIdem()
 			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 			vals, err := w.rdb.Do(ctx, w.rdb.B().Hmget().Key(keyMeta).Field("gen", "state").Build()).ToArray()
-			cancel()
 			if err != nil || len(vals) != 2 {
+				cancel()
 				continue
 			}
 			gen, _ := vals[0].ToString()
 			state, _ := vals[1].ToString()
 			cur := w.gen.Load()
 			if state != "ready" || cur == nil || *cur != gen {
+				cancel()
 				w.onGenerationLost()
+				continue
 			}
+			w.audit(ctx, gen)
+			cancel()
 		}
 	}
 }
@@ -194,27 +238,40 @@ func (w *SharedWallet) Close() {
 }
 
 type intent struct {
-	User     int64     `json:"user"`
-	ReqID    string    `json:"req_id"`
-	Gen      string    `json:"gen"`
+	User  int64  `json:"user"`
+	ReqID string `json:"req_id"`
+	Gen   string `json:"gen"`
+	// At is the op's time (unix ms), the trades' and the result's: its
+	// idem/ row is at this hour (0 in intents written before it was kept).
+	At       int64     `json:"at,omitempty"`
 	Postings []Posting `json:"postings"`
 	Tallies  []Tally   `json:"tallies"`
 	Static   []Record  `json:"static,omitempty"`
 }
 
 // applyScript: see the SharedWallet doc. KEYS: meta, seq, idem, recent list
-// of the op's user, then n balance keys, then m tally keys. ARGV: gen, n, m,
-// ttl ms, now ms, user, req_id, then n × (delta, reason, ref), then m deltas.
-// Replies: {"ok", result} | {"dup", result} | {"poor"} | {"gen", gen, state}.
+// of the op's user, then n balance keys, then m tally keys, then this node's
+// counters (le:node:<node>) and applied results (le:applied:<node>). ARGV:
+// gen, n, m, ttl ms, now ms, user, req_id, then n × (delta, reason, ref),
+// then m deltas, then the node's durable applied count, the intent number
+// and the op's Σ deltas.
+// Replies: {"ok", result} | {"dup", result} | {"poor"} | {"gen", gen, state}
+// | {"lost", count} (Redis has fewer of this node's ops than its ledger).
 // result = "id1,id2|bal1,bal2|at" (integers below 1e14 print exactly).
+// Besides the idempotency key (25 h), the result is kept under the intent
+// number in le:applied:<node> with no expiry until the node has settled it
+// (doneScript), so an intent is resolved however long it waits.
 var applyScript = rueidis.NewLuaScript(`
 local meta = redis.call('HMGET', KEYS[1], 'gen', 'state')
 if meta[1] ~= ARGV[1] or meta[2] ~= 'ready' then
   return {'gen', meta[1] or '', meta[2] or ''}
 end
+local n, m = tonumber(ARGV[2]), tonumber(ARGV[3])
+local nk, ak, base = KEYS[5 + n + m], KEYS[6 + n + m], 7 + 3 * n + m
+local applied = tonumber(redis.call('HGET', nk, 'n') or '0')
+if applied < tonumber(ARGV[base + 1]) then return {'lost', applied} end
 local v = redis.call('GET', KEYS[3])
 if v then return {'dup', v} end
-local n, m = tonumber(ARGV[2]), tonumber(ARGV[3])
 local after = {}
 for i = 1, n do
   local k = KEYS[4 + i]
@@ -240,13 +297,19 @@ end
 for j = 1, m do redis.call('INCRBY', KEYS[4 + n + j], ARGV[7 + 3 * n + j]) end
 local res = table.concat(ids, ',') .. '|' .. table.concat(bals, ',') .. '|' .. ARGV[5]
 redis.call('SET', KEYS[3], '` + pendingMark + `' .. res, 'PX', ARGV[4])
+redis.call('HINCRBY', nk, 'n', 1)
+redis.call('HINCRBY', nk, 'sum', ARGV[base + 3])
+redis.call('HSET', ak, ARGV[base + 2], res)
 return {'ok', res}
 `)
 
-// doneScript marks an idempotency key done (KEYS[1]; ARGV[1] its result) if
-// it is still pending with that result; otherwise (done already, or gone
-// with Redis or its TTL) it leaves it.
+// doneScript settles an applied op in Redis once its node's share is
+// durable: it forgets the op's entry in le:applied:<node> (KEYS[2], field
+// ARGV[2]) and marks its idempotency key (KEYS[1]; ARGV[1] its result) done
+// if it is still pending with that result; otherwise (done already, or gone
+// with Redis or its TTL) it leaves the key.
 var doneScript = rueidis.NewLuaScript(`
+redis.call('HDEL', KEYS[2], ARGV[2])
 if redis.call('GET', KEYS[1]) == '` + pendingMark + `' .. ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[1], 'KEEPTTL')
   return 1
@@ -316,13 +379,14 @@ func (w *SharedWallet) Apply(op Op) (Result, error) {
 			return Result{}, fmt.Errorf("%w: user %d", ErrBadOp, p.User)
 		}
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), w.callTimeout)
 	defer cancel()
 	gen := w.gen.Load()
 	if gen == nil || *gen == "" {
 		return Result{}, ErrWalletUnavailable
 	}
-	in := intent{User: op.User, ReqID: op.ReqID, Gen: *gen, Postings: op.Postings, Tallies: op.Tallies, Static: op.Static}
+	in := intent{User: op.User, ReqID: op.ReqID, Gen: *gen, At: w.now().UnixMilli(),
+		Postings: op.Postings, Tallies: op.Tallies, Static: op.Static}
 	if in.ReqID == "" {
 		in.ReqID = "auto:" + w.node + ":" + strconv.FormatUint(w.intentNo.Load()+1, 10) + ":" + strconv.FormatInt(w.now().UnixNano(), 36)
 	}
@@ -344,20 +408,28 @@ func (w *SharedWallet) Apply(op Op) (Result, error) {
 	if err != nil {
 		return Result{}, err
 	}
-	if err := w.store.Put(ikey, iv); err != nil {
+	if err := w.store.Apply(func(b *Batch) error {
+		if err := b.Set(ikey, iv, nil); err != nil {
+			return err
+		}
+		return b.Merge(seqIntent, EncodeInt64(int64(no)), nil)
+	}); err != nil {
 		return Result{}, err
 	}
 	if w.crashAt != nil && w.crashAt("intent") {
 		return Result{}, errCrashed
 	}
-	status, payload, err := w.runScript(ctx, in)
+	status, payload, err := w.runScript(ctx, no, in)
 	if w.crashAt != nil && w.crashAt("script") {
 		return Result{}, errCrashed
 	}
 	switch {
 	case err != nil:
-		// Unknown outcome: resolve from the idempotency key (now, or at the
-		// next start if Redis stays away).
+		// Unknown outcome (the script may have run and only its reply been
+		// lost): resolve from Redis now; if Redis cannot tell within this
+		// call, the watcher settles the intent later with a fresh context,
+		// and the caller is told to retry with the same req_id — never
+		// "unavailable, nothing moved", which may be false.
 		r, out, rerr := w.resolve(ctx, no, in, op.Records)
 		switch {
 		case rerr == nil && out == outcomeDone:
@@ -365,11 +437,18 @@ func (w *SharedWallet) Apply(op Op) (Result, error) {
 		case rerr == nil && out == outcomeNotRun:
 			return Result{}, ErrWalletUnavailable
 		}
-		w.log.Error("shared wallet: outcome unknown, intent kept", "intent", no, "err", err, "resolve_err", rerr)
-		return Result{}, ErrWalletUnavailable
+		w.log.Error("shared wallet: outcome unknown, the watcher will settle it", "intent", no, "err", err, "resolve_err", rerr)
+		w.unsettle(no, in, op.Records)
+		return Result{}, ErrInProgress
 	case status == "gen":
 		_ = w.store.Apply(func(b *Batch) error { return b.Delete(ikey, nil) })
 		go w.onGenerationLost()
+		return Result{}, ErrWalletUnavailable
+	case status == "lost":
+		// Redis has fewer of this node's ops than its ledger: it lost data
+		// (an older snapshot, a lagging replica). Rebuild; nothing moved.
+		_ = w.store.Apply(func(b *Batch) error { return b.Delete(ikey, nil) })
+		w.dataLost(in.Gen, "apply: Redis applied count "+payload+" behind the ledger")
 		return Result{}, ErrWalletUnavailable
 	case status == "poor":
 		_ = w.store.Apply(func(b *Batch) error { return b.Delete(ikey, nil) })
@@ -387,7 +466,7 @@ func (w *SharedWallet) Apply(op Op) (Result, error) {
 		// the outcome is settled later (by the watcher or a restart), so the
 		// caller is told to retry with the same req_id, never "failed".
 		w.log.Error("shared wallet: ledger write failed after the script ran, will retry", "intent", no, "err", err)
-		w.unsettle(no, in)
+		w.unsettle(no, in, op.Records)
 		return Result{}, ErrInProgress
 	}
 	if w.crashAt != nil && w.crashAt("final") {
@@ -396,7 +475,7 @@ func (w *SharedWallet) Apply(op Op) (Result, error) {
 	if err := w.markDone(ctx, no, in, payload); err != nil {
 		// Durable already: the caller gets its ok; the watcher retries.
 		w.log.Warn("shared wallet: marking a request done failed, will retry", "intent", no, "err", err)
-		w.unsettle(no, in)
+		w.unsettle(no, in, nil)
 	}
 	return r, nil
 }
@@ -437,15 +516,23 @@ func (w *SharedWallet) replay(ctx context.Context, in intent, v string) (Result,
 // be answered) and the intent deleted — without an fsync: if the delete is
 // lost, the restart resolves the intent again and finds it done.
 func (w *SharedWallet) markDone(ctx context.Context, no uint64, in intent, res string) error {
-	if err := doneScript.Exec(ctx, w.rdb, []string{idemRKey(in.User, in.ReqID)}, []string{res}).Error(); err != nil {
+	if err := doneScript.Exec(ctx, w.rdb, []string{idemRKey(in.User, in.ReqID), appliedRKey(w.node)},
+		[]string{res, strconv.FormatUint(no, 10)}).Error(); err != nil {
 		return err
 	}
 	return w.store.DeleteNoSync(Key(prefixIntent, no))
 }
 
-func (w *SharedWallet) unsettle(no uint64, in intent) {
+// unsettledOp is an intent left to the watcher, with the business records
+// of its op (nil when they are written already).
+type unsettledOp struct {
+	in      intent
+	records func([]int64) []Record
+}
+
+func (w *SharedWallet) unsettle(no uint64, in intent, records func([]int64) []Record) {
 	w.unsettledMu.Lock()
-	w.unsettled[no] = in
+	w.unsettled[no] = unsettledOp{in, records}
 	w.unsettledMu.Unlock()
 }
 
@@ -453,24 +540,27 @@ func (w *SharedWallet) unsettle(no uint64, in intent) {
 func (w *SharedWallet) retryUnsettled() {
 	w.unsettledMu.Lock()
 	todo := w.unsettled
-	w.unsettled = map[uint64]intent{}
+	w.unsettled = map[uint64]unsettledOp{}
 	w.unsettledMu.Unlock()
 	if len(todo) == 0 {
 		return
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	for no, in := range todo {
-		if _, out, err := w.resolve(ctx, no, in, nil); err != nil || out == outcomeUnknown {
-			w.unsettle(no, in)
+	for no, u := range todo {
+		switch _, out, err := w.resolve(ctx, no, u.in, u.records); {
+		case err != nil || out == outcomeUnknown:
+			w.unsettle(no, u.in, u.records)
+		default:
+			w.log.Info("shared wallet: intent settled", "intent", no, "ran", out == outcomeDone)
 		}
 	}
 }
 
-func (w *SharedWallet) runScript(ctx context.Context, in intent) (status, payload string, err error) {
+func (w *SharedWallet) runScript(ctx context.Context, no uint64, in intent) (status, payload string, err error) {
 	keys := []string{keyMeta, keySeqTrade, idemRKey(in.User, in.ReqID), recentKey(in.User)}
 	args := []string{in.Gen, strconv.Itoa(len(in.Postings)), strconv.Itoa(len(in.Tallies)),
-		strconv.FormatInt(w.ttl.Milliseconds(), 10), strconv.FormatInt(w.now().UnixMilli(), 10),
+		strconv.FormatInt(w.ttl.Milliseconds(), 10), strconv.FormatInt(in.At, 10),
 		strconv.FormatInt(in.User, 10), in.ReqID}
 	for _, p := range in.Postings {
 		keys = append(keys, balKey(p.User))
@@ -480,6 +570,9 @@ func (w *SharedWallet) runScript(ctx context.Context, in intent) (status, payloa
 		keys = append(keys, tallyRKey(t.Name, t.User))
 		args = append(args, strconv.FormatInt(t.Delta, 10))
 	}
+	applied, _ := w.counts.get()
+	keys = append(keys, nodeRKey(w.node), appliedRKey(w.node))
+	args = append(args, strconv.FormatInt(applied, 10), strconv.FormatUint(no, 10), strconv.FormatInt(in.delta(), 10))
 	arr, err := applyScript.Exec(ctx, w.rdb, keys, args).ToArray()
 	if err != nil {
 		return "", "", err
@@ -489,7 +582,11 @@ func (w *SharedWallet) runScript(ctx context.Context, in intent) (status, payloa
 	}
 	status, _ = arr[0].ToString()
 	if len(arr) > 1 {
-		payload, _ = arr[1].ToString()
+		if payload, err = arr[1].ToString(); err != nil {
+			var n int64
+			n, err = arr[1].AsInt64()
+			payload = strconv.FormatInt(n, 10)
+		}
 	}
 	return status, payload, nil
 }
@@ -498,7 +595,16 @@ func (w *SharedWallet) runScript(ctx context.Context, in intent) (status, payloa
 // until the key is marked done).
 func (w *SharedWallet) finalize(in intent, r Result, records func([]int64) []Record) error {
 	op := Op{User: in.User, ReqID: in.ReqID, Postings: in.Postings, Tallies: in.Tallies, Static: in.Static, Records: records}
-	return w.store.Apply(func(b *Batch) error { return writeOp(b, op, r) })
+	if err := w.store.Apply(func(b *Batch) error {
+		if err := writeOp(b, op, r); err != nil {
+			return err
+		}
+		return writeCounters(b, in)
+	}); err != nil {
+		return err
+	}
+	w.counts.add(in.delta())
+	return nil
 }
 
 // Outcomes of resolving an intent.
@@ -527,14 +633,28 @@ func (w *SharedWallet) resolve(ctx context.Context, no uint64, in intent, record
 		// is gone from Redis, and the caller was never told ok. Drop it.
 		return drop()
 	}
-	v, err := w.rdb.Do(ctx, w.rdb.B().Get().Key(idemRKey(in.User, in.ReqID)).Build()).ToString()
-	if rueidis.IsRedisNil(err) {
+	// The op's entry in le:applied:<node> (no expiry) says whether its
+	// script ran, however long ago (the idempotency key expires after 25 h,
+	// and may be another node's request with the same req_id). No entry:
+	// the script did not run, or answered "dup", or the op was settled
+	// already (its share is on disk and the key done) — nothing to do but
+	// drop the intent. Intents written before the entries existed (no At)
+	// are resolved from the idempotency key, as they were then.
+	res, err := w.rdb.Do(ctx, w.rdb.B().Hget().Key(appliedRKey(w.node)).Field(strconv.FormatUint(no, 10)).Build()).ToString()
+	if rueidis.IsRedisNil(err) && in.At != 0 {
 		return drop()
+	}
+	if rueidis.IsRedisNil(err) {
+		var v string
+		v, err = w.rdb.Do(ctx, w.rdb.B().Get().Key(idemRKey(in.User, in.ReqID)).Build()).ToString()
+		if rueidis.IsRedisNil(err) {
+			return drop()
+		}
+		res, _ = splitPending(v)
 	}
 	if err != nil {
 		return Result{}, outcomeUnknown, err
 	}
-	res, _ := splitPending(v)
 	r, err := parseResult(res)
 	if err != nil {
 		return r, outcomeUnknown, err
@@ -642,8 +762,9 @@ return redis.call('HMGET', KEYS[1], 'gen', 'state')
 
 // contribScript adds one batch of a node's ledger to a rebuilding generation,
 // once: KEYS meta, contrib set; ARGV gen, marker, then triples (op, key, val)
-// with op "incr" (INCRBY), "idem" (SET val, PX from the next arg) or "seq"
-// (raise to at least val).
+// with op "incr" (INCRBY), "idem" (SET val, PX from the next arg), "seq"
+// (raise to at least val) or "hincr" (HINCRBY key field val: field is the
+// next arg).
 var contribScript = rueidis.NewLuaScript(`
 local meta = redis.call('HMGET', KEYS[1], 'gen', 'state')
 if meta[1] ~= ARGV[1] or meta[2] ~= 'rebuilding' then return 'stale' end
@@ -653,6 +774,7 @@ while i <= #ARGV do
   local op, k, v = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   if op == 'incr' then redis.call('INCRBY', k, v); i = i + 3
   elseif op == 'idem' then redis.call('SET', k, v, 'PX', ARGV[i + 3]); i = i + 4
+  elseif op == 'hincr' then redis.call('HINCRBY', k, v, ARGV[i + 3]); i = i + 4
   elseif op == 'seq' then
     if tonumber(redis.call('GET', k) or '0') < tonumber(v) then redis.call('SET', k, v) end
     i = i + 3
@@ -801,6 +923,20 @@ func (w *SharedWallet) contribute(ctx context.Context, gen string) (string, erro
 	if err == nil {
 		if v, gerr := w.store.Get(SeqKey("trade")); gerr == nil {
 			err = add("seq", keySeqTrade, strconv.FormatInt(DecodeInt64(v), 10))
+		}
+	}
+	if err == nil {
+		// This node's applied-op counters (shared_audit.go), from the disk.
+		var n, sum int64
+		if v, gerr := w.store.Get(wmApplied); gerr == nil {
+			n = DecodeInt64(v)
+		}
+		if v, gerr := w.store.Get(wmSum); gerr == nil {
+			sum = DecodeInt64(v)
+		}
+		err = add("hincr", nodeRKey(w.node), "n", strconv.FormatInt(n, 10))
+		if err == nil {
+			err = add("hincr", nodeRKey(w.node), "sum", strconv.FormatInt(sum, 10))
 		}
 	}
 	if err == nil {

@@ -444,7 +444,7 @@ func TestSharedUnsettledRetriedByWatcher(t *testing.T) {
 				if err := sonic.Unmarshal(v, &in); err != nil {
 					return err
 				}
-				a.w.unsettle(KeyID(k), in)
+				a.w.unsettle(KeyID(k), in, nil)
 				n++
 				return nil
 			}); err != nil || n != 1 {

@@ -1,0 +1,169 @@
+package redistest
+
+import (
+	"bytes"
+	"net"
+	"sync"
+	"testing"
+	"time"
+)
+
+// Proxy is a TCP proxy between a client and a real redis-server that injects
+// network faults: it can let a command through to Redis but lose its reply,
+// and refuse connections for a while. It is a fault injector on the wire,
+// not a fake Redis: every byte that gets through is served by redis-server.
+type Proxy struct {
+	Addr   string
+	target string
+	ln     net.Listener
+	tb     testing.TB
+
+	mu          sync.Mutex
+	conns       map[net.Conn]struct{} // both sides of every proxied connection
+	refuseUntil time.Time
+	pattern     []byte        // armed: lose the reply of the first command containing it
+	refuseFor   time.Duration // and then refuse connections this long
+	fired       int
+	wg          sync.WaitGroup
+}
+
+// StartProxy proxies a free 127.0.0.1 port to target; it stops when the test
+// ends.
+func StartProxy(tb testing.TB, target string) *Proxy {
+	tb.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	p := &Proxy{Addr: ln.Addr().String(), target: target, ln: ln, tb: tb, conns: map[net.Conn]struct{}{}}
+	p.wg.Add(1)
+	go p.accept()
+	tb.Cleanup(p.Close)
+	return p
+}
+
+// LoseReply arms the proxy: the next client write that contains pattern (a
+// command name such as "EVALSHA") is delivered to Redis, which runs it, but
+// its reply never reaches the client; at that moment every connection is cut
+// and new ones are refused for refuse (Redis looks unreachable).
+func (p *Proxy) LoseReply(pattern string, refuse time.Duration) {
+	p.mu.Lock()
+	p.pattern, p.refuseFor = []byte(pattern), refuse
+	p.mu.Unlock()
+}
+
+// Fired tells how many times an armed fault has been injected.
+func (p *Proxy) Fired() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.fired
+}
+
+// Close stops the proxy and cuts every connection.
+func (p *Proxy) Close() {
+	_ = p.ln.Close()
+	p.mu.Lock()
+	for c := range p.conns {
+		_ = c.Close()
+	}
+	p.mu.Unlock()
+	p.wg.Wait()
+}
+
+func (p *Proxy) accept() {
+	defer p.wg.Done()
+	for {
+		c, err := p.ln.Accept()
+		if err != nil {
+			return
+		}
+		p.mu.Lock()
+		refusing := time.Now().Before(p.refuseUntil)
+		p.mu.Unlock()
+		if refusing {
+			_ = c.Close()
+			continue
+		}
+		s, err := net.DialTimeout("tcp", p.target, time.Second)
+		if err != nil {
+			_ = c.Close()
+			continue
+		}
+		p.mu.Lock()
+		p.conns[c], p.conns[s] = struct{}{}, struct{}{}
+		p.mu.Unlock()
+		p.wg.Add(2)
+		go p.clientToServer(c, s)
+		go p.serverToClient(c, s)
+	}
+}
+
+func (p *Proxy) drop(c, s net.Conn) {
+	_ = c.Close()
+	_ = s.Close()
+	p.mu.Lock()
+	delete(p.conns, c)
+	delete(p.conns, s)
+	p.mu.Unlock()
+}
+
+func (p *Proxy) clientToServer(c, s net.Conn) {
+	defer p.wg.Done()
+	buf := make([]byte, 64<<10)
+	for {
+		n, err := c.Read(buf)
+		if err != nil {
+			p.drop(c, s)
+			return
+		}
+		p.mu.Lock()
+		hit := p.pattern != nil && bytes.Contains(buf[:n], p.pattern)
+		if hit {
+			p.pattern = nil
+			p.fired++
+			p.refuseUntil = time.Now().Add(p.refuseFor)
+		}
+		p.mu.Unlock()
+		if hit {
+			// The client's side goes first, so the reply has nowhere to go;
+			// the server's side stays open until Redis has answered (it has
+			// run the command), then serverToClient drops it.
+			_ = c.Close()
+			p.cutOthers(c, s)
+		}
+		if _, err := s.Write(buf[:n]); err != nil {
+			p.drop(c, s)
+			return
+		}
+		if hit {
+			return
+		}
+	}
+}
+
+// cutOthers closes every connection but the pair (c, s).
+func (p *Proxy) cutOthers(c, s net.Conn) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for x := range p.conns {
+		if x != c && x != s {
+			_ = x.Close()
+		}
+	}
+}
+
+func (p *Proxy) serverToClient(c, s net.Conn) {
+	defer p.wg.Done()
+	buf := make([]byte, 64<<10)
+	for {
+		n, err := s.Read(buf)
+		if err != nil {
+			p.drop(c, s)
+			return
+		}
+		if _, err := c.Write(buf[:n]); err != nil {
+			p.drop(c, s) // the reply is lost
+			return
+		}
+	}
+}

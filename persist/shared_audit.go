@@ -1,0 +1,266 @@
+package persist
+
+import (
+	"context"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/bytedance/sonic"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/redis/rueidis"
+)
+
+// Detecting partial Redis data loss, and expiring the shared wallet's local
+// idempotency rows.
+//
+// The generation in le:meta only tells that Redis restarted empty. Redis can
+// also come back from an older RDB/AOF snapshot, or a failover can promote a
+// lagging replica: le:meta is still there, but balances are rolled back
+// (spent coins return, acknowledged credits vanish). To notice, every node
+// counts the ops it applied, twice:
+//
+//   - in Redis, le:node:<node> {n, sum}: incremented by the apply script
+//     itself, atomically with the op (n ops, Σ of their deltas);
+//   - in its Pebble, wm/applied and wm/sum (merge-add): written in the same
+//     fsynced batch as the op's ledger share.
+//
+// An op's script runs before its share is written, so in a healthy Redis
+// n(Redis) ≥ n(ledger) always, and when they are equal the same ops are in
+// both (those on disk are a subset of those that ran), so the sums are
+// equal too. Redis with fewer ops than the ledger — or, at equal counts, a
+// different sum — has lost data. The apply script checks it before every op
+// (it is given the node's durable count, and answers "lost"), and the
+// watcher audits it every tick (liveedge_wallet_audit_mismatch). Either way
+// the node resets the generation (resetScript: the wallet's keys are
+// deleted, a new generation starts rebuilding) and every node contributes
+// its ledger, counts included, as after an empty restart.
+//
+// Limits: a node checks only its own ops, so a loss that took none of the
+// live nodes' ops since the snapshot is only seen by the node whose ops it
+// took (when it runs). Ops applied between the snapshot and the loss on
+// other nodes are restored by the rebuild like every other.
+
+// Redis keys of a node's counters and of its applied, not yet settled
+// results (field: intent number).
+func nodeRKey(node string) string    { return "le:node:" + node }
+func appliedRKey(node string) string { return "le:applied:" + node }
+
+// Pebble keys: the applied-op count and Σ deltas (merge-add; not under seq/,
+// whose merge keeps the maximum) and the highest intent number ever used
+// (seq/, maximum).
+var (
+	wmApplied = []byte("wm/applied")
+	wmSum     = []byte("wm/sum")
+	seqIntent = SeqKey("intent")
+)
+
+// nodeCounters mirrors wm/applied and wm/sum in memory; it is raised after
+// the batch that raised them is durable, so it is never ahead of the disk.
+type nodeCounters struct {
+	mu     sync.Mutex
+	n, sum int64
+}
+
+func (c *nodeCounters) load(st *Store) error {
+	var n, sum int64
+	v, err := st.Get(wmApplied)
+	switch {
+	case err == nil:
+		n = DecodeInt64(v)
+	case err != ErrNotFound:
+		return err
+	}
+	v, err = st.Get(wmSum)
+	switch {
+	case err == nil:
+		sum = DecodeInt64(v)
+	case err != ErrNotFound:
+		return err
+	}
+	c.mu.Lock()
+	c.n, c.sum = n, sum
+	c.mu.Unlock()
+	return nil
+}
+
+func (c *nodeCounters) get() (n, sum int64) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.n, c.sum
+}
+
+func (c *nodeCounters) add(delta int64) {
+	c.mu.Lock()
+	c.n++
+	c.sum += delta
+	c.mu.Unlock()
+}
+
+// delta is the op's Σ posting deltas.
+func (in intent) delta() int64 {
+	var d int64
+	for _, p := range in.Postings {
+		d += p.Delta
+	}
+	return d
+}
+
+// writeCounters adds one applied op to the node's durable counters (in the
+// batch of its ledger share).
+func writeCounters(b *Batch, in intent) error {
+	if err := b.Merge(wmApplied, EncodeInt64(1), nil); err != nil {
+		return err
+	}
+	return b.Merge(wmSum, EncodeInt64(in.delta()), nil)
+}
+
+// audit compares this node's counters in Redis with its ledger's (generation
+// gen, ready). Called by the watcher; a mismatch resets the generation.
+func (w *SharedWallet) audit(ctx context.Context, gen string) {
+	// The ledger's first, then Redis's: an op finishing in between can only
+	// raise Redis's count above the one read here (its script ran first).
+	n, sum := w.counts.get()
+	vals, err := w.rdb.Do(ctx, w.rdb.B().Hmget().Key(nodeRKey(w.node)).Field("n", "sum").Build()).ToArray()
+	if err != nil || len(vals) != 2 {
+		return
+	}
+	rn, _ := vals[0].AsInt64() // absent = 0
+	rsum, _ := vals[1].AsInt64()
+	switch {
+	case rn < n:
+		w.dataLost(gen, "audit: Redis has "+strconv.FormatInt(rn, 10)+" of this node's ops, its ledger "+strconv.FormatInt(n, 10))
+	case rn == n && rsum != sum:
+		w.dataLost(gen, "audit: Redis sums this node's ops to "+strconv.FormatInt(rsum, 10)+", its ledger to "+strconv.FormatInt(sum, 10))
+	default:
+		w.auditMismatch.Store(false)
+	}
+}
+
+// AuditMismatch reports whether this node's last audit found Redis behind
+// its ledger (until the rebuild that follows is done).
+func (w *SharedWallet) AuditMismatch() bool { return w.auditMismatch.Load() }
+
+// DataLosses counts the Redis data losses this node has detected.
+func (w *SharedWallet) DataLosses() int64 { return w.dataLosses.Load() }
+
+// resetScript starts a new generation in place of ARGV[1] (if that is still
+// the current one; otherwise another node did already): it deletes the
+// wallet's keys — all of them, so that the rebuild's sums start from zero —
+// and writes le:meta anew in state rebuilding. ARGV: expected gen, new gen,
+// number of nodes. It runs as one script, so no Apply sees a half-deleted
+// wallet; it takes time proportional to the wallet's keys (a recovery, rare).
+var resetScript = rueidis.NewLuaScript(`
+if redis.call('HGET', KEYS[1], 'gen') ~= ARGV[1] then return 0 end
+for _, pat in ipairs({'le:bal:*', 'le:tally:*', 'le:idem:*', 'le:trades:*', 'le:node:*', 'le:applied:*', 'le:contrib:*'}) do
+  local cur = '0'
+  repeat
+    local r = redis.call('SCAN', cur, 'MATCH', pat, 'COUNT', 1000)
+    cur = r[1]
+    if #r[2] > 0 then redis.call('UNLINK', unpack(r[2])) end
+  until cur == '0'
+end
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('HSET', KEYS[1], 'gen', ARGV[2], 'state', 'rebuilding', 'nodes', ARGV[3])
+return 1
+`)
+
+// dataLost handles a detected loss in generation gen: log, count, reset the
+// generation (once, whichever node gets there first) and rebuild. Apply is
+// unavailable meanwhile.
+func (w *SharedWallet) dataLost(gen, why string) {
+	w.auditMismatch.Store(true)
+	if !w.resetting.CompareAndSwap(false, true) {
+		return
+	}
+	w.dataLosses.Add(1)
+	w.log.Error("shared wallet: Redis lost data, rebuilding from the ledgers", "generation", gen, "why", why)
+	if cur := w.gen.Load(); cur != nil && *cur == gen {
+		w.gen.CompareAndSwap(cur, nil) // no Apply against the rolled-back data
+	}
+	go func() {
+		defer w.resetting.Store(false)
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		err := resetScript.Exec(ctx, w.rdb, []string{keyMeta, keySeqTrade},
+			[]string{gen, newGen(), strconv.Itoa(len(w.nodes))}).Error()
+		if err != nil {
+			w.log.Error("shared wallet: reset after data loss", "err", err)
+			return // the next audit or Apply tries again
+		}
+		w.onGenerationLost()
+	}()
+}
+
+// expireEvery is how often the watcher expires idem/ rows.
+const expireEvery = time.Hour
+
+// maybeExpireIdem runs ExpireIdem when expireEvery has passed (watcher).
+func (w *SharedWallet) maybeExpireIdem() {
+	now := w.now()
+	if !w.lastExpire.IsZero() && now.Sub(w.lastExpire) < expireEvery {
+		return
+	}
+	w.lastExpire = now
+	if n, err := w.ExpireIdem(); err != nil {
+		w.log.Error("shared wallet: idempotency expiry", "err", err)
+	} else if n > 0 {
+		w.log.Info("shared wallet: idempotency records expired", "count", n)
+	}
+}
+
+// ExpireIdem deletes this node's idem/ rows older than the idempotency TTL
+// (whole hours before the cutoff's, one range deletion), as the Ledger does;
+// Redis expires its keys itself. Rows an unresolved intent may still need
+// (to tell that its share is on disk already) are kept: the cutoff never
+// passes the hour of the oldest intent. It returns how many it deleted.
+func (w *SharedWallet) ExpireIdem() (int, error) {
+	hour := unixHour(w.now().Add(-w.ttl).UnixMilli())
+	err := w.store.Scan(prefixIntent, func(_, v []byte) error {
+		var in struct {
+			At int64 `json:"at"`
+		}
+		if err := sonic.Unmarshal(v, &in); err != nil {
+			return err
+		}
+		hour = min(hour, unixHour(in.At)) // an intent without At: keep every row
+		return nil
+	})
+	if err != nil || hour <= 0 {
+		return 0, err
+	}
+	end := Key(PrefixIdem, uint64(hour))
+	n := 0
+	if err := w.store.ScanRange(PrefixIdem, end, func(_, _ []byte) (bool, error) { n++; return true, nil }); err != nil || n == 0 {
+		return 0, err
+	}
+	return n, w.store.Apply(func(b *Batch) error { return b.DeleteRange(PrefixIdem, end, nil) })
+}
+
+// Collectors are the shared wallet's Prometheus metrics (the caller adds the
+// node label): liveedge_wallet_audit_mismatch (1 while this node's audit
+// finds Redis behind its ledger, until the rebuild is done),
+// liveedge_wallet_data_losses_total and liveedge_wallet_unsettled_intents
+// (intents whose outcome the watcher is still settling).
+func (w *SharedWallet) Collectors() []prometheus.Collector {
+	return []prometheus.Collector{
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: "liveedge", Name: "wallet_audit_mismatch",
+			Help: "1 while Redis has fewer of this node's wallet ops than its ledger (a rebuild follows)."},
+			func() float64 {
+				if w.AuditMismatch() {
+					return 1
+				}
+				return 0
+			}),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Namespace: "liveedge", Name: "wallet_data_losses_total",
+			Help: "Redis data losses (rolled-back wallet state) detected by this node."},
+			func() float64 { return float64(w.DataLosses()) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: "liveedge", Name: "wallet_unsettled_intents",
+			Help: "Wallet ops whose outcome the watcher is still settling."},
+			func() float64 {
+				w.unsettledMu.Lock()
+				defer w.unsettledMu.Unlock()
+				return float64(len(w.unsettled))
+			}),
+	}
+}

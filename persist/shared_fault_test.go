@@ -1,0 +1,435 @@
+package persist_test
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
+	"github.com/redis/rueidis"
+
+	"github.com/liveedge/liveedge/persist"
+	"github.com/liveedge/liveedge/persist/persisttest"
+	"github.com/liveedge/liveedge/persist/redistest"
+)
+
+// walletNode is one node of a shared wallet in these tests: its own Pebble
+// dir, a client to addr (Redis itself or a fault-injecting proxy before it).
+type walletNode struct {
+	dir   string
+	store *persist.Store
+	rdb   rueidis.Client
+	w     *persist.SharedWallet
+}
+
+func openWalletNode(t *testing.T, addr, dir string, cfg persist.SharedConfig) *walletNode {
+	t.Helper()
+	st, err := persist.Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rdb, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{addr}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	w, err := persist.NewSharedWallet(st, rdb, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := &walletNode{dir: dir, store: st, rdb: rdb, w: w}
+	t.Cleanup(n.close)
+	return n
+}
+
+func waitWalletsReady(t *testing.T, ns ...*walletNode) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	for _, n := range ns {
+		if err := n.w.WaitReady(ctx); err != nil {
+			t.Fatal("shared wallet not ready")
+		}
+	}
+}
+
+func (n *walletNode) close() {
+	if n.w != nil {
+		n.w.Close()
+		n.rdb.Close()
+		_ = n.store.Close()
+		n.w = nil
+	}
+}
+
+func directClient(t *testing.T, addr string) rueidis.Client {
+	t.Helper()
+	c, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{addr}, DisableCache: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c.Close)
+	return c
+}
+
+func redisBalance(t *testing.T, c rueidis.Client, user int64) int64 {
+	t.Helper()
+	b, err := persist.RedisBalance(c, user)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// trades lists user's trade rows in a node's ledger.
+func trades(t *testing.T, st *persist.Store, user int64) []persist.Trade {
+	t.Helper()
+	l, err := persist.LedgerTrades(st, user)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return l
+}
+
+func intents(t *testing.T, st *persist.Store) int {
+	t.Helper()
+	n := 0
+	if err := st.Scan([]byte("intent/"), func(_, _ []byte) error { n++; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+// waitFor polls cond until it holds or 10 s pass.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// Issue 11 item 6: the script ran in Redis but its reply was lost and Redis
+// was then unreachable for longer than the Apply's Redis budget (rueidis
+// retries reads within it: 1 s here, 5 s by default). The outcome is
+// unknown to Apply, so it
+// answers ErrInProgress (10409: retry with the same req_id) — not
+// ErrWalletUnavailable, whose "nothing moved" would be a lie — and the
+// watcher settles the intent with a fresh context once Redis is back: the
+// ledger row written once, Redis and the ledger agree, a retry replays.
+func TestSharedLostScriptReplySettledByWatcher(t *testing.T) {
+	rs := redistest.Start(t)
+	px := redistest.StartProxy(t, rs.Addr)
+	direct := directClient(t, rs.Addr)
+	n := openWalletNode(t, px.Addr, t.TempDir(), persist.SharedConfig{Node: "a", CallTimeout: time.Second})
+	waitWalletsReady(t, n)
+	const user = 30
+	if _, err := n.w.Apply(persist.Op{User: user, ReqID: "seed", Postings: []persist.Posting{{User: user, Delta: 100, Reason: persist.ReasonDev}}}); err != nil {
+		t.Fatal(err)
+	}
+	op := persist.Op{User: user, ReqID: "g", Postings: []persist.Posting{{User: user, Delta: -60, Reason: persist.ReasonGift}}}
+	px.LoseReply("EVALSHA", 1500*time.Millisecond)
+	r, err := n.w.Apply(op)
+	if px.Fired() != 1 {
+		t.Fatalf("the fault was not injected (fired %d)", px.Fired())
+	}
+	if !errors.Is(err, persist.ErrInProgress) {
+		t.Fatalf("Apply with its script reply lost: %+v %v, want ErrInProgress", r, err)
+	}
+	if b := redisBalance(t, direct, user); b != 40 {
+		t.Fatalf("Redis balance %d, want 40 (the script ran)", b)
+	}
+	// The watcher settles it: the intent goes, the ledger row is written.
+	waitFor(t, "the watcher to settle the intent", func() bool {
+		return intents(t, n.store) == 0 && len(trades(t, n.store, user)) == 2
+	})
+	rows := trades(t, n.store, user)
+	var debit persist.Trade
+	for _, tr := range rows {
+		if tr.ReqID == "g" {
+			debit = tr
+		}
+	}
+	if debit.Delta != -60 || debit.Balance != 40 {
+		t.Fatalf("ledger rows %+v, want the debit to 40 once", rows)
+	}
+	// A retry with the same req_id gets the original result.
+	r, err = n.w.Apply(op)
+	if err != nil || !r.Replayed || r.TradeIDs[0] != debit.ID || r.Balances[0] != 40 {
+		t.Fatalf("retry: %+v %v, want a replay of trade %d to 40", r, err, debit.ID)
+	}
+	if b := redisBalance(t, direct, user); b != 40 || len(trades(t, n.store, user)) != 2 {
+		t.Fatalf("after the retry: balance %d, %d rows", b, len(trades(t, n.store, user)))
+	}
+	n.close()
+	if c, d, _ := persisttest.CheckSharedConservation(t, rs.Addr, n.dir); c != 100 || d != 60 {
+		t.Fatalf("credits %d debits %d, want 100 and 60", c, d)
+	}
+}
+
+// redisSnapshot is every key of a Redis with its TTL, as DUMP gives it.
+type redisSnapshot map[string]struct {
+	dump string
+	pttl int64
+}
+
+func snapshotRedis(t *testing.T, c rueidis.Client) redisSnapshot {
+	t.Helper()
+	ctx := context.Background()
+	keys, err := c.Do(ctx, c.B().Keys().Pattern("*").Build()).AsStrSlice()
+	if err != nil {
+		t.Fatal(err)
+	}
+	snap := redisSnapshot{}
+	for _, k := range keys {
+		d, err := c.Do(ctx, c.B().Dump().Key(k).Build()).ToString()
+		if err != nil {
+			t.Fatal(err)
+		}
+		ttl, err := c.Do(ctx, c.B().Pttl().Key(k).Build()).AsInt64()
+		if err != nil {
+			t.Fatal(err)
+		}
+		snap[k] = struct {
+			dump string
+			pttl int64
+		}{d, max(ttl, 0)}
+	}
+	return snap
+}
+
+// restoreRedis replaces everything in Redis by snap, atomically (MULTI):
+// what a restart from an older RDB snapshot, or a failover to a lagging
+// replica, does under the running nodes.
+func restoreRedis(t *testing.T, c rueidis.Client, snap redisSnapshot) {
+	t.Helper()
+	cmds := rueidis.Commands{c.B().Multi().Build(), c.B().Flushall().Build()}
+	for k, v := range snap {
+		cmds = append(cmds, c.B().Restore().Key(k).Ttl(v.pttl).SerializedValue(v.dump).Build())
+	}
+	cmds = append(cmds, c.B().Exec().Build())
+	for _, r := range c.DoMulti(context.Background(), cmds...) {
+		if err := r.Error(); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// metric is the value of the shared wallet's metric liveedge_<name>.
+func metric(t *testing.T, w *persist.SharedWallet, name string) float64 {
+	t.Helper()
+	for _, c := range w.Collectors() {
+		ch := make(chan *prometheus.Desc, 1)
+		c.Describe(ch)
+		if !strings.Contains((<-ch).String(), `"liveedge_`+name+`"`) {
+			continue
+		}
+		mc := make(chan prometheus.Metric, 1)
+		c.Collect(mc)
+		var m dto.Metric
+		if err := (<-mc).Write(&m); err != nil {
+			t.Fatal(err)
+		}
+		return m.GetGauge().GetValue() + m.GetCounter().GetValue()
+	}
+	t.Fatalf("no metric %s", name)
+	return 0
+}
+
+func ledgerSum(t *testing.T, user int64, stores ...*persist.Store) int64 {
+	t.Helper()
+	var s int64
+	for _, st := range stores {
+		for _, tr := range trades(t, st, user) {
+			s += tr.Delta
+		}
+	}
+	return s
+}
+
+// Issue 11 item 8: Redis comes back from an older snapshot under two running
+// nodes (same generation in le:meta, balances rolled back: a spent coin
+// returns, an acknowledged credit vanishes). The nodes notice that Redis has
+// fewer of their ops than their ledgers, rebuild it from the ledgers, and
+// the balances equal the ledgers again; idempotency survives.
+func TestSharedRedisRollbackDetectedAndRebuilt(t *testing.T) {
+	rs := redistest.Start(t)
+	direct := directClient(t, rs.Addr)
+	nodes := []string{"a", "b"}
+	a := openWalletNode(t, rs.Addr, t.TempDir(), persist.SharedConfig{Node: "a", Nodes: nodes})
+	b := openWalletNode(t, rs.Addr, t.TempDir(), persist.SharedConfig{Node: "b", Nodes: nodes})
+	waitWalletsReady(t, a, b)
+	post := func(n *walletNode, user int64, req string, delta int64) persist.Result {
+		t.Helper()
+		r, err := n.w.Apply(persist.Op{User: user, ReqID: req, Postings: []persist.Posting{{User: user, Delta: delta, Reason: persist.ReasonDev}}})
+		if err != nil {
+			t.Fatalf("%s: %v", req, err)
+		}
+		return r
+	}
+	const u1, u2 = 40, 41
+	post(a, u1, "seed", 100)
+	post(b, u1, "g1", -10)
+	snap := snapshotRedis(t, direct)
+	spent := post(a, u1, "g2", -30) // will "return" with the rollback
+	post(b, u2, "c1", 50)           // will "vanish"
+	post(a, u1, "g3", -5)
+	restoreRedis(t, direct, snap)
+	if b := redisBalance(t, direct, u1); b != 90 {
+		t.Fatalf("after the restore Redis says %d, want the snapshot's 90", b)
+	}
+	// No debit is checked against the rolled-back balance, even before the
+	// watcher has noticed: the apply script itself compares the counts.
+	if r, err := a.w.Apply(persist.Op{User: u1, ReqID: "probe", Postings: []persist.Posting{{User: u1, Delta: -1, Reason: persist.ReasonGift}}}); !errors.Is(err, persist.ErrWalletUnavailable) {
+		t.Fatalf("a debit right after the rollback: %+v %v, want ErrWalletUnavailable", r, err)
+	}
+	waitFor(t, "the nodes to rebuild Redis from their ledgers", func() bool {
+		return a.w.Ready() && b.w.Ready() &&
+			redisBalance(t, direct, u1) == 55 && redisBalance(t, direct, u2) == 50
+	})
+	if metric(t, a.w, "wallet_data_losses_total")+metric(t, b.w, "wallet_data_losses_total") == 0 {
+		t.Fatal("no node counted the data loss (liveedge_wallet_data_losses_total)")
+	}
+	waitFor(t, "the audits to pass again (liveedge_wallet_audit_mismatch 0)", func() bool {
+		return metric(t, a.w, "wallet_audit_mismatch") == 0 && metric(t, b.w, "wallet_audit_mismatch") == 0
+	})
+	for _, u := range []int64{u1, u2} {
+		if got, want := redisBalance(t, direct, u), ledgerSum(t, u, a.store, b.store); got != want {
+			t.Fatalf("user %d: Redis %d, ledgers %d", u, got, want)
+		}
+	}
+	// The spent coins did not come back: a debit of more than is left fails,
+	// a retried request replays, and new ops work.
+	if _, err := b.w.Apply(persist.Op{User: u1, ReqID: "big", Postings: []persist.Posting{{User: u1, Delta: -60, Reason: persist.ReasonGift}}}); !errors.Is(err, persist.ErrInsufficient) {
+		t.Fatalf("debit of 60 from 55: %v", err)
+	}
+	r, err := b.w.Apply(persist.Op{User: u1, ReqID: "g2", Postings: []persist.Posting{{User: u1, Delta: -30, Reason: persist.ReasonDev}}})
+	if err != nil || !r.Replayed || r.TradeIDs[0] != spent.TradeIDs[0] {
+		t.Fatalf("retry of g2: %+v %v, want a replay of %+v", r, err, spent)
+	}
+	next := post(b, u1, "g4", -5)
+	if next.Balances[0] != 50 {
+		t.Fatalf("g4: %+v", next)
+	}
+	for _, old := range []int64{spent.TradeIDs[0]} {
+		if next.TradeIDs[0] <= old {
+			t.Fatalf("trade id %d reissued (<= %d)", next.TradeIDs[0], old)
+		}
+	}
+	a.close()
+	b.close()
+	if c, d, _ := persisttest.CheckSharedConservation(t, rs.Addr, a.dir, b.dir); c != 150 || d != 50 {
+		t.Fatalf("credits %d debits %d, want 150 and 50", c, d)
+	}
+}
+
+func idemRows(t *testing.T, st *persist.Store) (reqs []string) {
+	t.Helper()
+	if err := st.Scan(persist.PrefixIdem, func(k, _ []byte) error {
+		reqs = append(reqs, string(k[len(persist.PrefixIdem)+16:]))
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	return reqs
+}
+
+// Issue 11 item 9 (shared half): the idem/ rows the shared wallet writes in
+// Pebble expire after the 25 h window, from the watcher, hour by hour (an
+// injected clock) — except those an unresolved intent may still need to
+// tell that its share is on disk.
+func TestSharedIdemRowsExpire(t *testing.T) {
+	rs := redistest.Start(t)
+	t0 := time.Date(2026, 3, 1, 10, 30, 0, 0, time.UTC)
+	var clock atomic.Int64
+	clock.Store(t0.UnixNano())
+	at := func(d time.Duration) { clock.Store(t0.Add(d).UnixNano()) }
+	now := func() time.Time { return time.Unix(0, clock.Load()) }
+	n := openWalletNode(t, rs.Addr, t.TempDir(), persist.SharedConfig{Node: "a", Now: now})
+	waitWalletsReady(t, n)
+	const user = 50
+	if _, err := n.w.Apply(persist.Op{User: user, ReqID: "r1", Postings: []persist.Posting{{User: user, Delta: 100, Reason: persist.ReasonDev}}}); err != nil {
+		t.Fatal(err)
+	}
+	// r2, two hours later, stops after its ledger write, before the key is
+	// marked done: its intent stays, and needs r2's idem row when resolved.
+	at(2 * time.Hour)
+	persist.SetCrashAt(n.w, func(p string) bool { return p == "final" })
+	op2 := persist.Op{User: user, ReqID: "r2", Postings: []persist.Posting{{User: user, Delta: -10, Reason: persist.ReasonGift}}}
+	if _, err := n.w.Apply(op2); !errors.Is(err, persist.ErrCrashed) {
+		t.Fatal(err)
+	}
+	persist.SetCrashAt(n.w, nil)
+	if rows := idemRows(t, n.store); len(rows) != 2 || intents(t, n.store) != 1 {
+		t.Fatalf("idem rows %q, %d intents", rows, intents(t, n.store))
+	}
+	// 30 h after r1 (28 h after r2): r1's row goes; r2's is older than the
+	// window too but stays while its intent does.
+	at(30 * time.Hour)
+	waitFor(t, "r1's idem row to expire", func() bool {
+		rows := idemRows(t, n.store)
+		return len(rows) == 1 && rows[0] == "r2"
+	})
+	if err := n.w.ResolveIntents(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if rows, in := trades(t, n.store, user), intents(t, n.store); len(rows) != 2 || in != 0 {
+		t.Fatalf("after resolving r2: %d trade rows (want 2: r2 written once), %d intents", len(rows), in)
+	}
+	// An hour later the watcher expires again: r2's row goes too.
+	at(31 * time.Hour)
+	waitFor(t, "r2's idem row to expire", func() bool { return len(idemRows(t, n.store)) == 0 })
+	n.close()
+	if c, d, _ := persisttest.CheckSharedConservation(t, rs.Addr, n.dir); c != 100 || d != 10 {
+		t.Fatalf("credits %d debits %d", c, d)
+	}
+}
+
+// An intent whose script ran is resolved however long it waited: here its
+// node stopped after the script, and the idempotency key expired (its 25 h
+// TTL, shortened) before the node came back. The intent is settled from
+// le:applied:<node> — the ledger row written once, Redis and the ledger
+// agree — not dropped while Redis keeps the debit.
+func TestSharedIntentResolvedAfterIdemKeyExpired(t *testing.T) {
+	rs := redistest.Start(t)
+	direct := directClient(t, rs.Addr)
+	dir := t.TempDir()
+	n := openWalletNode(t, rs.Addr, dir, persist.SharedConfig{Node: "a"})
+	waitWalletsReady(t, n)
+	const user = 60
+	if _, err := n.w.Apply(persist.Op{User: user, ReqID: "seed", Postings: []persist.Posting{{User: user, Delta: 100, Reason: persist.ReasonDev}}}); err != nil {
+		t.Fatal(err)
+	}
+	persist.SetCrashAt(n.w, func(p string) bool { return p == "script" })
+	op := persist.Op{User: user, ReqID: "old", Postings: []persist.Posting{{User: user, Delta: -25, Reason: persist.ReasonGift}}}
+	if _, err := n.w.Apply(op); !errors.Is(err, persist.ErrCrashed) {
+		t.Fatal(err)
+	}
+	n.close()
+	idem := "le:idem:{60}:old"
+	if err := direct.Do(context.Background(), direct.B().Pexpire().Key(idem).Milliseconds(1).Build()).Error(); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the idempotency key to expire", func() bool {
+		k, err := direct.Do(context.Background(), direct.B().Exists().Key(idem).Build()).AsInt64()
+		return err == nil && k == 0
+	})
+	n = openWalletNode(t, rs.Addr, dir, persist.SharedConfig{Node: "a"}) // resolves the intent
+	waitWalletsReady(t, n)
+	if in, rows := intents(t, n.store), trades(t, n.store, user); in != 0 || len(rows) != 2 || rows[1].Delta != -25 {
+		t.Fatalf("after the restart: %d intents, ledger rows %+v (want the debit once)", in, rows)
+	}
+	if b := redisBalance(t, direct, user); b != 75 {
+		t.Fatalf("balance %d, want 75", b)
+	}
+	n.close()
+	if c, d, _ := persisttest.CheckSharedConservation(t, rs.Addr, dir); c != 100 || d != 25 {
+		t.Fatalf("credits %d debits %d", c, d)
+	}
+}
