@@ -135,6 +135,10 @@ type Wallet struct {
 	// mode): after Redis loses its data, money moves again only when all of
 	// them have contributed. Empty = this node alone.
 	Nodes []string `yaml:"nodes"`
+	// IdemMemoryBytes bounds the memory of the local ledger's index of the
+	// last 25 h of requests (~21 B per request; beyond it duplicate checks
+	// read the disk, never a wrong answer). 0 = 64 MiB.
+	IdemMemoryBytes int64 `yaml:"idem_memory_bytes"`
 }
 
 // Pay configures recharge payments and the provider webhook.
@@ -382,6 +386,7 @@ func (c *Config) Validate() error {
 	check(c.NATS.Embedded || c.NATS.URL != "", "nats.url is required when nats.embedded is false")
 	check(c.Wallet.Mode == "local" || c.Wallet.Mode == "shared", "wallet.mode must be local or shared")
 	check(c.Wallet.Mode != "shared" || c.Redis.Addr != "", "redis.addr is required when wallet.mode is shared")
+	check(c.Wallet.IdemMemoryBytes >= 0, "wallet.idem_memory_bytes must be >= 0")
 	check(c.Pay.WorkerID >= -1 && c.Pay.WorkerID < 32, "pay.worker_id must be -1..31")
 	check(c.Node.GOGC >= 0, "node.gogc must be >= 0")
 	check(c.Gifts.MaxInflight > 0, "gifts.max_inflight must be > 0")

@@ -61,6 +61,7 @@ type Node struct {
 		at  time.Time
 		err error
 	}
+	idemDone chan struct{} // closed when expireIdemLoop has returned
 	draining atomic.Bool
 	closed   atomic.Bool
 }
@@ -133,7 +134,7 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 		n.Wallet = n.shared
 		catStore = gift.RedisCatalogue{Client: n.Redis}
 	default:
-		if n.Ledger, err = persist.NewLedger(n.Store, nil); err != nil {
+		if n.Ledger, err = persist.OpenLedger(n.Store, persist.LedgerConfig{IdemMemoryBytes: cfg.Wallet.IdemMemoryBytes}); err != nil {
 			return nil, err
 		}
 		n.Wallet = n.Ledger
@@ -205,7 +206,7 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 		Gifts:     n.Gifts,
 	})
 	n.API = newAPI(n, auth)
-	n.stopIdem = make(chan struct{})
+	n.stopIdem, n.idemDone = make(chan struct{}), make(chan struct{})
 	go n.expireIdemLoop()
 	return n, nil
 }
@@ -331,23 +332,26 @@ func (n *Node) watchCatalogue(cat *gift.Catalogue) error {
 	return err
 }
 
-// expireIdemLoop drops idempotency records older than their TTL, hourly.
+// expireIdemLoop drops idempotency records older than their TTL: once at
+// start (a node restarted more often than hourly would otherwise never
+// expire any), then hourly.
 func (n *Node) expireIdemLoop() {
+	defer close(n.idemDone)
 	t := time.NewTicker(time.Hour)
 	defer t.Stop()
+	now := time.Now()
 	for {
-		select {
-		case <-n.stopIdem:
-			return
-		case now := <-t.C:
-			if n.Ledger == nil {
-				continue // shared mode: the SharedWallet's watcher expires its own records
-			}
+		if n.Ledger != nil { // shared mode: the SharedWallet's watcher expires its own records
 			if k, err := n.Ledger.ExpireIdem(now.Add(-persist.DefaultIdemTTL)); err != nil {
 				n.Log.Error("idempotency expiry", "err", err)
 			} else if k > 0 {
 				n.Log.Info("idempotency records expired", "count", k)
 			}
+		}
+		select {
+		case <-n.stopIdem:
+			return
+		case now = <-t.C:
 		}
 	}
 }
@@ -434,6 +438,7 @@ func (n *Node) closeBackends() error {
 	var errs []error
 	if n.stopIdem != nil {
 		close(n.stopIdem)
+		<-n.idemDone // an expiry in progress finishes before the ledger and store close
 	}
 	if n.Pay != nil {
 		n.Pay.Close()

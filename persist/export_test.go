@@ -84,3 +84,61 @@ func park() {
 		time.Sleep(time.Hour)
 	}
 }
+
+// WriteIdemLayout writes n idempotency records of the last hour straight
+// into st as a ledger with memory budget budget would have left them: as
+// many as its index holds in group rows of 100, the rest in spill rows.
+func WriteIdemLayout(st *Store, n int, budget int64) error {
+	tab := newIdemTable(budget / ledgerShards)
+	perShard := tab.capacity()
+	hour := unixHour(time.Now().UnixMilli())
+	res := encodeResult(Result{TradeIDs: []int64{123456789}, Balances: []int64{987654}, At: time.Now().UnixMilli()})
+	var count [ledgerShards]int
+	var group []byte
+	var gid int64
+	batch := st.db.NewBatch()
+	flush := func(force bool) error {
+		if batch.Count() < 10_000 && !force {
+			return nil
+		}
+		if err := batch.Commit(nil); err != nil {
+			return err
+		}
+		batch = st.db.NewBatch()
+		return nil
+	}
+	for i := range n {
+		user := int64(1 + i%100_000)
+		req := fmt.Sprintf("gift:c%d-w%d-%d", i%16, i%4, i/100_000)
+		sh := uint64(user) % ledgerShards
+		if count[sh] < perShard*99/100 { // as the runtime's reservations leave it
+			count[sh]++
+			if group == nil {
+				group = newIdemGroup(4096)
+			}
+			group = appendIdemEntry(group, user, req, res)
+			if len(group) > 3000 {
+				gid++
+				if err := batch.Set(idemGroupKey(hour, gid), group, nil); err != nil {
+					return err
+				}
+				group = nil
+			}
+		} else if err := batch.Set(idemSpillKey(spillPeriod(hour), user, req), res, nil); err != nil {
+			return err
+		}
+		if err := flush(false); err != nil {
+			return err
+		}
+	}
+	if group != nil {
+		gid++
+		if err := batch.Set(idemGroupKey(hour, gid), group, nil); err != nil {
+			return err
+		}
+	}
+	if err := batch.Set(SeqKey("idxg"), EncodeInt64(gid), nil); err != nil {
+		return err
+	}
+	return flush(true)
+}

@@ -2,8 +2,10 @@ package persist_test
 
 import (
 	"fmt"
+	"os"
 	"reflect"
 	"runtime"
+	"strconv"
 	"sync"
 	"testing"
 	"time"
@@ -229,4 +231,47 @@ func TestIdemBootOverBudget(t *testing.T) {
 	defer l.Close()
 	checkReplays(t, l, first, users, perUser)
 	persisttest.CheckConservation(t, l)
+}
+
+// Boot time with LIVEEDGE_IDEM_BOOT_ROWS (e.g. 10000000) requests in the
+// window, laid out as the default budget leaves them: reported, not
+// asserted. Skipped unless the variable is set (it writes ~0.5 GB).
+func TestIdemBootTime(t *testing.T) {
+	rows, _ := strconv.Atoi(os.Getenv("LIVEEDGE_IDEM_BOOT_ROWS"))
+	if rows <= 0 {
+		t.Skip("set LIVEEDGE_IDEM_BOOT_ROWS to measure")
+	}
+	dir := t.TempDir()
+	st, err := persist.Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t0 := time.Now()
+	if err := persist.WriteIdemLayout(st, rows, persist.DefaultIdemMemoryBytes); err != nil {
+		t.Fatal(err)
+	}
+	if err := st.Close(); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("wrote %d records in %v", rows, time.Since(t0))
+	st, err = persist.Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	t0 = time.Now()
+	l, err := persist.OpenLedger(st, persist.LedgerConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	t.Logf("OpenLedger with %d requests in the window: %v, memory index %d MiB", rows, time.Since(t0), l.IdemMemoryBytes()>>20)
+	// The first and the last request written are duplicates.
+	for _, i := range []int{0, rows - 1} {
+		op := persist.Op{User: int64(1 + i%100_000), ReqID: fmt.Sprintf("gift:c%d-w%d-%d", i%16, i%4, i/100_000),
+			Postings: []persist.Posting{{User: int64(1 + i%100_000), Delta: 1, Reason: persist.ReasonDev}}}
+		if r, err := l.Apply(op); err != nil || !r.Replayed {
+			t.Fatalf("request %d after boot: %+v %v", i, r, err)
+		}
+	}
 }

@@ -137,12 +137,15 @@ const ledgerShards = 64
 //     reserved and are committing; a debit is reserved only if the
 //     in-memory balance stays ≥ 0, so the durable balance never goes below 0.
 //   - at most one Apply per (user, req_id) moves money: concurrent duplicates
-//     wait for the first and get its result; later ones read it back. Every
-//     idempotency record in Pebble younger than the TTL has its hash in
-//     memory with its location (loaded at open, added at commit), so a new
-//     request costs no read: only a hash hit is looked up. The records of one
-//     group commit share one row (idxg/<hour>/<group>), written in the same
-//     batch as the ops.
+//     wait for the first and get its result; later ones read it back. The
+//     records of one group commit share one row (idxg/<hour>/<group>),
+//     written in the same batch as the ops, and every record in a group row
+//     younger than the TTL has its hash in memory with its location (loaded
+//     at open, added at commit), so a new request costs no read while the
+//     memory budget holds: only a hash hit is looked up. A request that finds
+//     no room in memory writes its record to a spill row of its own
+//     (idsp/<period>/<user>/<req>), and a miss in memory reads the spill
+//     periods noted in disk: correctness never depends on the memory.
 //   - Apply returns (ApplyAsync calls back) only after its batch is fsynced.
 //     Ops are group-committed by the ledger's committers: every op queued
 //     while a commit is in flight goes into the next batch, with one balance
