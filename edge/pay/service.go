@@ -3,6 +3,7 @@ package pay
 import (
 	"context"
 	"errors"
+	"hash/fnv"
 	"io"
 	"log/slog"
 	"net/http"
@@ -44,6 +45,7 @@ type Service struct {
 	client   *http.Client
 
 	orders keyLock // one lock per order id: transitions are compare-and-set under it
+	events keyLock // one lock per event id (its hash): the duplicate check and the event's write are one step
 	users  keyLock // one lock per user: order creation is idempotent under it
 
 	openMu sync.Mutex
@@ -156,8 +158,14 @@ type CreateReq struct {
 	ReqID     string `json:"req_id"`
 }
 
-// Channels accepted (mock behaves like the real ones).
-var Channels = map[string]bool{"mock": true, "alipay": true, "wechat": true, "unionpay": true, "cashier": true}
+// Channels are the payment channels this node has a provider for: only the
+// mock provider (it behaves like the real ones). alipay, wechat, unionpay
+// and cashier (SPEC §4) are refused with 10001 until a provider of theirs is
+// wired in; an order must never get a pay_url of a provider it does not use.
+var Channels = map[string]bool{"mock": true}
+
+// KnownChannel reports whether channel is one of Channels.
+func KnownChannel(channel string) bool { return Channels[channel] }
 
 // CreateOrder creates (idempotently per user and req_id) an order in PAYING
 // with its pay_url.
@@ -168,8 +176,8 @@ func (s *Service) CreateOrder(user int64, r CreateReq) (Order, error) {
 	if r.Channel == "" {
 		r.Channel = "mock"
 	}
-	if !Channels[r.Channel] {
-		return Order{}, proto.BadRequest("unknown channel")
+	if !KnownChannel(r.Channel) {
+		return Order{}, proto.BadRequest("unknown channel %q (known: mock)", r.Channel)
 	}
 	p, ok := s.products[r.ProductID]
 	if !ok || !p.Valid {
@@ -294,6 +302,9 @@ const (
 // raw body before anything in it is read. It returns the HTTP status and the
 // body ("success" once the event is durably recorded, also for duplicates).
 func (s *Service) Notify(channel, sigHeader string, body []byte) (int, string) {
+	if !KnownChannel(channel) {
+		return NotifyBadRequest, "unknown channel"
+	}
 	if err := Verify(sigHeader, body, s.cfg.Secrets, s.cfg.Now(), s.cfg.Tolerance); err != nil {
 		return NotifyUnauthorized, err.Error()
 	}
@@ -307,10 +318,25 @@ func (s *Service) Notify(channel, sigHeader string, body []byte) (int, string) {
 	return s.apply(channel, ev)
 }
 
-// apply runs a verified event (from a notify or an active query).
+// eventLockKey is the events keyLock key of an event id: two ids that share
+// a hash only wait for each other.
+func eventLockKey(id string) int64 {
+	h := fnv.New64a()
+	h.Write([]byte(id))
+	return int64(h.Sum64())
+}
+
+// apply runs a verified event (from a notify or an active query). The
+// duplicate check and every write of the event's record happen under the
+// event id's lock (taken before the order's: lock order event → order), so
+// concurrent deliveries of one event id apply it once and its record is
+// the first delivery's, never overwritten by a later copy.
 func (s *Service) apply(channel string, ev Event) (int, string) {
+	defer s.events.lock(eventLockKey(ev.EventID))()
 	if _, err := s.store.Get(eventKey(ev.EventID)); err == nil {
 		return NotifyOK, "success" // duplicate event: changes nothing
+	} else if !errors.Is(err, persist.ErrNotFound) {
+		return NotifyRetry, "retry"
 	}
 	id, ok := ParseOrderID(ev.OrderID)
 	if !ok {

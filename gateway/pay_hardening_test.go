@@ -1,0 +1,127 @@
+package gateway_test
+
+import (
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/liveedge/liveedge/edge/pay"
+	"github.com/liveedge/liveedge/edge/pay/mockpay"
+	"github.com/liveedge/liveedge/gateway"
+	"github.com/liveedge/liveedge/gateway/nodetest"
+	"github.com/liveedge/liveedge/gateway/proto"
+	"github.com/liveedge/liveedge/persist"
+	"github.com/liveedge/liveedge/persist/persisttest"
+)
+
+// A channel without a provider of ours ("alipay", made-up ones) is refused
+// with 10001 when an order is created and on the webhook path: no order
+// gets a pay_url of a provider it does not use, nothing is credited.
+func TestPayUnknownChannelRefused(t *testing.T) {
+	e := startPay(t, mockpay.Config{Lost: true}, nil)
+	const user = 620
+	tok := nodetest.Token(t, e.node, user, gateway.RoleViewer)
+	for _, ch := range []string{"alipay", "wechat", "bitcoin", "MOCK"} {
+		var out struct {
+			Code int `json:"code"`
+			Data struct {
+				OrderID string `json:"order_id"`
+				PayURL  string `json:"pay_url"`
+			} `json:"data"`
+		}
+		st := nodetest.DoJSON(t, "POST", nodetest.HTTPURL(e.node)+"/api/v1/pay/orders", tok,
+			fmt.Sprintf(`{"product_id":1,"channel":%q,"req_id":"ch-%s"}`, ch, ch), &out)
+		if st != 400 || out.Code != proto.CodeBadRequest || out.Data.OrderID != "" || out.Data.PayURL != "" {
+			t.Fatalf("channel %q: %d %+v", ch, st, out)
+		}
+	}
+	// The webhook of an unknown channel: 10001 in the envelope, even for a
+	// validly signed event of a real order.
+	o := e.createOrder(t, user, 1, "ch-ok")
+	body, sig := signedEvent(e, o, "evt-ch", o.Amount)
+	for _, ch := range []string{"alipay", "nope"} {
+		req, _ := http.NewRequest("POST", nodetest.HTTPURL(e.node)+"/api/v1/pay/notify/"+ch, strings.NewReader(string(body)))
+		req.Header.Set("X-Pay-Signature", sig)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var env struct {
+			Code int `json:"code"`
+		}
+		raw, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		derr := proto.Unmarshal(raw, &env)
+		if resp.StatusCode != 400 || derr != nil || env.Code != proto.CodeBadRequest {
+			t.Fatalf("notify on %q: %d %v %+v", ch, resp.StatusCode, derr, env)
+		}
+	}
+	if b := e.balance(t, user); b != 0 {
+		t.Fatalf("credited %d through an unknown channel", b)
+	}
+	// The known channel still works.
+	if st, b := e.post(t, sig, body); st != 200 || b != "success" {
+		t.Fatalf("mock notify: %d %q", st, b)
+	}
+	if b := e.balance(t, user); b != 300 {
+		t.Fatalf("balance %d", b)
+	}
+	persisttest.CheckConservation(t, e.node.Ledger)
+}
+
+// N concurrent deliveries of one event id whose bodies differ (paid_at):
+// exactly one credit, and the stored event record is the one that was
+// applied (its paid_at is the order's) — no later copy overwrites it.
+func TestNotifyDuplicateEventKeepsFirstRecord(t *testing.T) {
+	e := startPay(t, mockpay.Config{Lost: true}, nil)
+	const user, n = 621, 40
+	o := e.createOrder(t, user, 1, "dup-first")
+	type delivery struct {
+		body []byte
+		sig  string
+	}
+	ds := make([]delivery, n)
+	for i := range ds {
+		body, _ := proto.Marshal(pay.Event{EventID: "evt-same", OrderID: o.OrderID, Amount: o.Amount, Status: "SUCCESS",
+			PaidAt: 1_700_000_000_000 + int64(i)})
+		ds[i] = delivery{body, e.prov.Sign(body)}
+	}
+	var wg sync.WaitGroup
+	for _, d := range ds {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if st, b := e.post(t, d.sig, d.body); st != 200 || b != "success" {
+				t.Errorf("delivery: %d %q", st, b)
+			}
+		}()
+	}
+	wg.Wait()
+	paid := e.order(t, o.OrderID)
+	if paid.Status != pay.StatusPayed || paid.EventID != "evt-same" {
+		t.Fatalf("order %+v", paid)
+	}
+	v, err := e.node.Store.Get(append(append([]byte{}, persist.PrefixRec...), "payevent/evt-same"...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var rec struct {
+		Event        pay.Event `json:"event"`
+		StatusBefore string    `json:"order_status_before"`
+	}
+	if err := proto.Unmarshal(v, &rec); err != nil {
+		t.Fatal(err)
+	}
+	if rec.Event.PaidAt != paid.PaidAt || rec.StatusBefore != pay.StatusPaying {
+		t.Fatalf("event record %+v is not the applied delivery's (order paid_at %d)", rec, paid.PaidAt)
+	}
+	if b := e.balance(t, user); b != 300 {
+		t.Fatalf("balance %d, want one credit of 300", b)
+	}
+	if c, _, _ := persisttest.CheckConservation(t, e.node.Ledger); c != 300 {
+		t.Fatalf("credits %d", c)
+	}
+}
