@@ -138,7 +138,7 @@ type Pay struct {
 	PublicURL      string   `yaml:"public_url"`      // how the provider reaches this node ("" = http://<http.addr>)
 	ReconcileAfter Duration `yaml:"reconcile_after"` // PAYING longer than this → active query
 	ReconcileEvery Duration `yaml:"reconcile_every"` // reconciler period
-	WorkerID       int      `yaml:"worker_id"`       // snowflake worker 0..31 (-1 = derived from node.id)
+	WorkerID       int      `yaml:"worker_id"`       // snowflake worker 0..31 (-1 = derived: local mode fnv(node.id) % 32; shared mode the first free id leased in Redis); shared mode refuses to start when another node holds it
 }
 
 // Redis is the shared hot-state store (cluster / shared mode).

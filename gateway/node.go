@@ -45,6 +45,7 @@ type Node struct {
 	Gifts  *gift.Service
 	PK     *pk.Service
 	Pay    *pay.Service
+	worker *pay.WorkerLease // shared mode: the order-id worker id leased in Redis
 	WS     *Server
 	API    *API
 	Auth   *Auth
@@ -169,8 +170,19 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 	if public == "" {
 		public = "http://" + cfg.HTTP.Addr
 	}
+	workerID, workerHeld := cfg.Pay.WorkerID, func() bool { return true }
+	if n.Redis != nil && cfg.Wallet.Mode == "shared" {
+		// Nodes sharing Redis never share an order-id worker id.
+		lctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		n.worker, err = pay.LeaseWorker(lctx, n.Redis, cfg.Node.ID, cfg.Pay.WorkerID, 0, log)
+		cancel()
+		if err != nil {
+			return nil, err
+		}
+		workerID, workerHeld = n.worker.ID(), n.worker.Held
+	}
 	n.Pay, err = pay.New(n.Store, n.Wallet, n.Router, pay.Config{
-		Node: cfg.Node.ID, WorkerID: cfg.Pay.WorkerID, Secrets: cfg.Pay.Secrets,
+		Node: cfg.Node.ID, WorkerID: workerID, WorkerHeld: workerHeld, Secrets: cfg.Pay.Secrets,
 		OrderTimeout: cfg.Pay.OrderTimeout.D(), ProviderURL: cfg.Pay.ProviderURL,
 		NotifyURL:      public + "/api/v1/pay/notify",
 		ReconcileAfter: cfg.Pay.ReconcileAfter.D(), ReconcileEvery: cfg.Pay.ReconcileEvery.D(), Log: log,
@@ -367,6 +379,9 @@ func (n *Node) closeBackends() error {
 	}
 	if n.Pay != nil {
 		n.Pay.Close()
+	}
+	if n.worker != nil {
+		n.worker.Close() // before Redis closes
 	}
 	if n.PK != nil {
 		n.PK.Close()

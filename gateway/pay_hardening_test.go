@@ -1,13 +1,16 @@
 package gateway_test
 
 import (
+	"context"
 	"fmt"
+	"hash/fnv"
 	"io"
 	"net/http"
 	"strings"
 	"sync"
 	"testing"
 
+	"github.com/liveedge/liveedge/configs"
 	"github.com/liveedge/liveedge/edge/pay"
 	"github.com/liveedge/liveedge/edge/pay/mockpay"
 	"github.com/liveedge/liveedge/gateway"
@@ -15,6 +18,7 @@ import (
 	"github.com/liveedge/liveedge/gateway/proto"
 	"github.com/liveedge/liveedge/persist"
 	"github.com/liveedge/liveedge/persist/persisttest"
+	"github.com/liveedge/liveedge/persist/redistest"
 )
 
 // A channel without a provider of ours ("alipay", made-up ones) is refused
@@ -123,5 +127,54 @@ func TestNotifyDuplicateEventKeepsFirstRecord(t *testing.T) {
 	}
 	if c, _, _ := persisttest.CheckConservation(t, e.node.Ledger); c != 300 {
 		t.Fatalf("credits %d", c)
+	}
+}
+
+// Two nodes sharing Redis never make order ids with the same worker bits,
+// even when their node ids hash to the same worker (the old derivation,
+// fnv(node) % 32, collided); a node configured with a worker id another
+// node holds refuses to start.
+func TestSharedNodesNeverShareWorkerID(t *testing.T) {
+	srv := redistest.Start(t)
+	// Two node ids whose hash picks the same worker.
+	byHash := map[uint32]string{}
+	var a, b string
+	for i := 0; a == ""; i++ {
+		name := fmt.Sprintf("gw-%d", i)
+		h := fnv.New32a()
+		h.Write([]byte(name))
+		w := h.Sum32() % pay.MaxWorkers
+		if other, ok := byHash[w]; ok {
+			a, b = other, name
+		}
+		byHash[w] = name
+	}
+	cfgFor := func(node string, worker int) configs.Config {
+		c := nodetest.Config(t)
+		c.Node.ID = node
+		c.Wallet.Mode = "shared"
+		c.Wallet.Nodes = []string{a, b}
+		c.Redis.Addr = srv.Addr
+		c.Pay.WorkerID = worker
+		return c
+	}
+	workerOf := func(n *gateway.Node, user int64) int64 {
+		o, err := n.Pay.CreateOrder(user, pay.CreateReq{ProductID: 1, Channel: "mock", ReqID: "w"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		id, _ := pay.ParseOrderID(o.OrderID)
+		return (id >> (7 + pay.GeneBits)) & (pay.MaxWorkers - 1)
+	}
+	na := nodetest.Start(t, cfgFor(a, -1))
+	nb := nodetest.Start(t, cfgFor(b, -1))
+	wa, wb := workerOf(na, 1), workerOf(nb, 2)
+	if wa == wb {
+		t.Fatalf("nodes %s and %s both make order ids with worker %d", a, b, wa)
+	}
+	// An explicit worker id that node a holds.
+	if n, err := gateway.New(cfgFor("gw-third", int(wa)), nil); err == nil {
+		_ = n.Shutdown(context.Background())
+		t.Fatalf("a node with worker id %d (held by %s) started", wa, a)
 	}
 }

@@ -23,6 +23,7 @@ import (
 type Config struct {
 	Node           string
 	WorkerID       int           // snowflake worker (-1 = from Node)
+	WorkerHeld     func() bool   // nil = always; false refuses order creation (a WorkerLease lost)
 	Secrets        []string      // webhook HMAC secrets accepted (first one signs our queries' checks)
 	Tolerance      time.Duration // signature timestamp tolerance (0 = 300 s)
 	OrderTimeout   time.Duration // unpaid orders close after this (0 = 15 min)
@@ -182,6 +183,9 @@ func (s *Service) CreateOrder(user int64, r CreateReq) (Order, error) {
 	p, ok := s.products[r.ProductID]
 	if !ok || !p.Valid {
 		return Order{}, proto.Errorf(proto.CodeProductNotFound, "product not found")
+	}
+	if s.cfg.WorkerHeld != nil && !s.cfg.WorkerHeld() {
+		return Order{}, errors.New("pay: order-id worker lease not held; refusing to make order ids")
 	}
 	// Idempotency: one lock per (user) shard serializes creation per user.
 	defer s.users.lock(user)()
