@@ -186,6 +186,7 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 		OrderTimeout: cfg.Pay.OrderTimeout.D(), ProviderURL: cfg.Pay.ProviderURL,
 		NotifyURL:      public + "/api/v1/pay/notify",
 		ReconcileAfter: cfg.Pay.ReconcileAfter.D(), ReconcileEvery: cfg.Pay.ReconcileEvery.D(), Log: log,
+		MaxOpenPerUser: cfg.Pay.MaxOpenOrdersPerUser, OrdersPerMinute: cfg.Pay.OrdersPerMinute,
 	})
 	if err != nil {
 		return nil, err

@@ -9,6 +9,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/liveedge/liveedge/configs"
 	"github.com/liveedge/liveedge/edge/pay"
@@ -177,4 +178,115 @@ func TestSharedNodesNeverShareWorkerID(t *testing.T) {
 		_ = n.Shutdown(context.Background())
 		t.Fatalf("a node with worker id %d (held by %s) started", wa, a)
 	}
+}
+
+func createOrderRaw(t *testing.T, e *payEnv, user int64, req string) (int, int, string, pay.Order) {
+	t.Helper()
+	var out struct {
+		Code int       `json:"code"`
+		Msg  string    `json:"msg"`
+		Data pay.Order `json:"data"`
+	}
+	st := nodetest.DoJSON(t, "POST", nodetest.HTTPURL(e.node)+"/api/v1/pay/orders", nodetest.Token(t, e.node, user, gateway.RoleViewer),
+		fmt.Sprintf(`{"product_id":4,"channel":"mock","req_id":%q}`, req), &out)
+	return st, out.Code, out.Msg, out.Data
+}
+
+// A user has at most pay.max_open_orders_per_user unpaid orders and creates
+// at most pay.orders_per_minute: more → 10429 (HTTP 429). A replayed
+// req_id is not a creation; a paid order frees its slot.
+func TestPayOrderLimits(t *testing.T) {
+	e := startPay(t, mockpay.Config{Lost: true}, func(c *configs.Config) {
+		c.Pay.MaxOpenOrdersPerUser = 5
+		c.Pay.OrdersPerMinute = 10
+	})
+	const user = 622
+	var open []pay.Order
+	create := func(req string) pay.Order {
+		t.Helper()
+		st, code, msg, o := createOrderRaw(t, e, user, req)
+		if st != 200 || code != 0 {
+			t.Fatalf("create %s: %d %d %s", req, st, code, msg)
+		}
+		return o
+	}
+	payAll := func() {
+		t.Helper()
+		for _, o := range open {
+			body, sig := signedEvent(e, o, "evt-"+o.OrderID, o.Amount)
+			if st, _ := e.post(t, sig, body); st != 200 {
+				t.Fatalf("pay %s: %d", o.OrderID, st)
+			}
+		}
+		open = nil
+	}
+	for i := 0; i < 5; i++ {
+		open = append(open, create(fmt.Sprint("a", i)))
+	}
+	st, code, msg, _ := createOrderRaw(t, e, user, "a5")
+	if st != 429 || code != proto.CodeRateLimited || !strings.Contains(msg, "unpaid") {
+		t.Fatalf("6th open order: %d %d %q", st, code, msg)
+	}
+	if again := create("a0"); again.OrderID != open[0].OrderID {
+		t.Fatalf("replay of a0 gave %s", again.OrderID)
+	}
+	// Another user is not affected.
+	if st, code, _, _ := createOrderRaw(t, e, user+1, "b0"); st != 200 || code != 0 {
+		t.Fatalf("other user: %d %d", st, code)
+	}
+	payAll()
+	for i := 5; i < 10; i++ {
+		open = append(open, create(fmt.Sprint("a", i)))
+	}
+	payAll()
+	// Nothing open, but 10 creations this minute.
+	st, code, msg, _ = createOrderRaw(t, e, user, "a10")
+	if st != 429 || code != proto.CodeRateLimited || !strings.Contains(msg, "per minute") {
+		t.Fatalf("11th order in a minute: %d %d %q", st, code, msg)
+	}
+	if b := e.balance(t, user); b != 10 {
+		t.Fatalf("balance %d", b)
+	}
+	persisttest.CheckConservation(t, e.node.Ledger)
+}
+
+// Reconciliation of many open orders while the provider's active query
+// hangs for some of them: the others are still reconciled (PAYED) promptly,
+// since each query runs on one of a bounded set of workers with its own
+// timeout (5 s) and a hanging order holds only its own worker.
+func TestReconcileHangingQueriesDoNotBlockOthers(t *testing.T) {
+	e := startPay(t, mockpay.Config{Lost: true}, func(c *configs.Config) {
+		c.Pay.ReconcileAfter = configs.Duration(time.Millisecond)
+		c.Pay.ReconcileEvery = configs.Duration(50 * time.Millisecond)
+	})
+	const users, hung = 30, 6
+	var orders []pay.Order
+	for u := int64(0); u < users; u++ {
+		orders = append(orders, e.createOrder(t, 700+u, 1, "rec"))
+	}
+	for i, o := range orders {
+		if i < hung {
+			e.prov.HangQuery(o.OrderID)
+		}
+		e.prov.Pay(o.OrderID, o.Amount, e.notifyURL(), "SUCCESS")
+	}
+	nodetest.Eventually(t, 10*time.Second, func() bool {
+		for _, o := range orders[hung:] {
+			if e.order(t, o.OrderID).Status != pay.StatusPayed {
+				return false
+			}
+		}
+		return true
+	}, "orders with an answering provider not reconciled while %d queries hang", hung)
+	for u := int64(hung); u < users; u++ {
+		if b := e.balance(t, 700+u); b != 300 {
+			t.Fatalf("user %d balance %d", 700+u, b)
+		}
+	}
+	for _, o := range orders[:hung] {
+		if st := e.order(t, o.OrderID).Status; st != pay.StatusPaying {
+			t.Fatalf("hung order %s is %s", o.OrderID, st)
+		}
+	}
+	persisttest.CheckConservation(t, e.node.Ledger)
 }

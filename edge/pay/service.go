@@ -14,6 +14,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/liveedge/liveedge/edge/limit"
 	"github.com/liveedge/liveedge/gateway/proto"
 	"github.com/liveedge/liveedge/persist"
 	"github.com/liveedge/liveedge/router"
@@ -31,8 +32,19 @@ type Config struct {
 	NotifyURL      string        // where the provider must post notifies (put into pay_url)
 	ReconcileAfter time.Duration // PAYING longer than this → active query (0 = 1 min)
 	ReconcileEvery time.Duration // how often the reconciler runs (0 = 10 s)
-	Now            func() time.Time
-	Log            *slog.Logger
+	// ReconcileWorkers bounds the provider queries in flight at once (0 =
+	// DefaultReconcileWorkers); each has its own QueryTimeout, and an order
+	// whose query hangs holds one worker, never the others.
+	ReconcileWorkers int
+	QueryTimeout     time.Duration // one active query (0 = 5 s)
+	// MaxOpenPerUser bounds a user's orders in WAITING_PAY / PAYING (each
+	// one is queried by the reconciler): one more → 10429 (0 = no bound).
+	MaxOpenPerUser int
+	// OrdersPerMinute bounds a user's order creations (a replay of a req_id
+	// is not a creation): more → 10429 (0 = no bound).
+	OrdersPerMinute int
+	Now             func() time.Time
+	Log             *slog.Logger
 }
 
 // Service runs orders and the webhook.
@@ -45,12 +57,19 @@ type Service struct {
 	products map[int64]Product
 	client   *http.Client
 
-	orders keyLock // one lock per order id: transitions are compare-and-set under it
-	events keyLock // one lock per event id (its hash): the duplicate check and the event's write are one step
-	users  keyLock // one lock per user: order creation is idempotent under it
+	createLimit *limit.Keyed // OrdersPerMinute per user (nil = off)
+	orders      keyLock      // one lock per order id: transitions are compare-and-set under it
+	events      keyLock      // one lock per event id (its hash): the duplicate check and the event's write are one step
+	users       keyLock      // one lock per user: order creation is idempotent under it
 
-	openMu sync.Mutex
-	open   map[int64]int64 // order id → created at (ms), orders in WAITING_PAY / PAYING
+	openMu   sync.Mutex
+	open     map[int64]openOrder // orders in WAITING_PAY / PAYING
+	openOf   map[int64]int       // user → number of their open orders
+	inflight map[int64]bool      // open orders the reconciler is querying now
+	workers  chan struct{}       // reconciler worker slots (ReconcileWorkers)
+
+	ctx    context.Context // cancelled by Close: ends provider queries in flight
+	cancel context.CancelFunc
 
 	notifyURL atomic.Pointer[string]
 	logSeq    atomic.Int64 // last order-log sequence (see transitionRecord)
@@ -70,6 +89,15 @@ var (
 	prefixEvent    = recPrefix("payevent/")
 	prefixRefund   = recPrefix("refund/")
 )
+
+// DefaultReconcileWorkers is the default of Config.ReconcileWorkers.
+const DefaultReconcileWorkers = 8
+
+// openOrder is an order in WAITING_PAY / PAYING.
+type openOrder struct {
+	created int64 // unix ms
+	user    int64
+}
 
 func recPrefix(s string) []byte { return append(append([]byte{}, persist.PrefixRec...), s...) }
 
@@ -98,6 +126,12 @@ func New(store *persist.Store, w persist.Wallet, r router.Router, cfg Config) (*
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
+	if cfg.ReconcileWorkers <= 0 {
+		cfg.ReconcileWorkers = DefaultReconcileWorkers
+	}
+	if cfg.QueryTimeout <= 0 {
+		cfg.QueryTimeout = 5 * time.Second
+	}
 	if cfg.Log == nil {
 		cfg.Log = slog.Default()
 	}
@@ -105,8 +139,11 @@ func New(store *persist.Store, w persist.Wallet, r router.Router, cfg Config) (*
 		return nil, errors.New("pay: at least one webhook secret is required")
 	}
 	s := &Service{cfg: cfg, store: store, wallet: w, router: r, ids: NewIDGen(cfg.Node, cfg.WorkerID, cfg.Now),
-		products: map[int64]Product{}, client: &http.Client{Timeout: 5 * time.Second},
-		open: map[int64]int64{}, stop: make(chan struct{})}
+		products: map[int64]Product{}, client: &http.Client{},
+		open: map[int64]openOrder{}, openOf: map[int64]int{}, inflight: map[int64]bool{},
+		workers: make(chan struct{}, cfg.ReconcileWorkers), stop: make(chan struct{}),
+		createLimit: limit.New(cfg.OrdersPerMinute, time.Minute, max(1, cfg.OrdersPerMinute), cfg.Now)}
+	s.ctx, s.cancel = context.WithCancel(context.Background())
 	for _, p := range Products {
 		s.products[p.ID] = p
 	}
@@ -117,7 +154,7 @@ func New(store *persist.Store, w persist.Wallet, r router.Router, cfg Config) (*
 			return err
 		}
 		if o.Status == StatusPaying || o.Status == StatusWaitingPay {
-			s.open[int64(persist.KeyID(k))] = o.CreatedAt
+			s.addOpen(int64(persist.KeyID(k)), o.UserID, o.CreatedAt)
 		}
 		return nil
 	})
@@ -136,6 +173,7 @@ func (s *Service) Close() {
 	default:
 		close(s.stop)
 	}
+	s.cancel()
 	s.wg.Wait()
 }
 
@@ -194,6 +232,12 @@ func (s *Service) CreateOrder(user int64, r CreateReq) (Order, error) {
 	} else if !errors.Is(err, persist.ErrNotFound) {
 		return Order{}, err
 	}
+	if m := s.cfg.MaxOpenPerUser; m > 0 && s.openCount(user) >= m {
+		return Order{}, proto.Errorf(proto.CodeRateLimited, "too many unpaid orders (at most %d): pay or wait for one to close", m)
+	}
+	if !s.createLimit.Allow(uint64(user)) {
+		return Order{}, proto.Errorf(proto.CodeRateLimited, "too many orders created, at most %d per minute", s.cfg.OrdersPerMinute)
+	}
 	id := s.ids.Next(user)
 	now := s.cfg.Now().UnixMilli()
 	o := Order{OrderID: strconv.FormatInt(id, 10), UserID: user, ProductID: p.ID, Amount: p.Price, Coins: p.Coins,
@@ -224,9 +268,7 @@ func (s *Service) CreateOrder(user int64, r CreateReq) (Order, error) {
 	if err != nil {
 		return Order{}, err
 	}
-	s.openMu.Lock()
-	s.open[id] = now
-	s.openMu.Unlock()
+	s.addOpen(id, user, now)
 	return o, nil
 }
 
@@ -464,10 +506,32 @@ func (s *Service) moveLocked(o *Order, id int64, to, why string, extra *persist.
 	return nil
 }
 
+func (s *Service) addOpen(id, user, created int64) {
+	s.openMu.Lock()
+	defer s.openMu.Unlock()
+	if _, ok := s.open[id]; !ok {
+		s.open[id] = openOrder{created: created, user: user}
+		s.openOf[user]++
+	}
+}
+
 func (s *Service) closeOpen(id int64) {
 	s.openMu.Lock()
+	defer s.openMu.Unlock()
+	o, ok := s.open[id]
+	if !ok {
+		return
+	}
 	delete(s.open, id)
-	s.openMu.Unlock()
+	if s.openOf[o.user]--; s.openOf[o.user] <= 0 {
+		delete(s.openOf, o.user)
+	}
+}
+
+func (s *Service) openCount(user int64) int {
+	s.openMu.Lock()
+	defer s.openMu.Unlock()
+	return s.openOf[user]
 }
 
 func (s *Service) pushStatus(o Order) {
@@ -518,40 +582,66 @@ func (s *Service) loop() {
 	}
 }
 
-// Reconcile queries the provider about every order PAYING longer than
-// ReconcileAfter (notifies get lost), applies what it learns, and closes
-// orders past OrderTimeout that the provider does not know as paid.
+// Reconcile starts the provider query of every order PAYING longer than
+// ReconcileAfter (notifies get lost) that is not being queried already, on
+// at most ReconcileWorkers goroutines: an order that finds no free worker
+// waits for the next run, and an order whose query hangs (until its
+// QueryTimeout) holds only its own worker. What the query learns is
+// applied; an order past OrderTimeout that the provider does not know as
+// paid is closed. Reconcile does not wait for the queries it starts.
 func (s *Service) Reconcile() {
 	now := s.cfg.Now().UnixMilli()
-	var due []int64
 	s.openMu.Lock()
-	for id, created := range s.open {
-		if now-created >= s.cfg.ReconcileAfter.Milliseconds() {
-			due = append(due, id)
+	defer s.openMu.Unlock()
+	for id, o := range s.open {
+		if s.inflight[id] || now-o.created < s.cfg.ReconcileAfter.Milliseconds() {
+			continue
 		}
+		select {
+		case s.workers <- struct{}{}:
+		default:
+			return // every worker is busy: the rest wait for the next run
+		}
+		select {
+		case <-s.stop:
+			<-s.workers
+			return
+		default:
+		}
+		s.inflight[id] = true
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			s.reconcileOne(id)
+			s.openMu.Lock()
+			delete(s.inflight, id)
+			s.openMu.Unlock()
+			<-s.workers
+		}()
 	}
-	s.openMu.Unlock()
-	for _, id := range due {
-		o, err := s.Get(id)
-		if err != nil || (o.Status != StatusPaying && o.Status != StatusWaitingPay) {
-			s.closeOpen(id)
-			continue
+}
+
+// reconcileOne queries the provider about open order id and acts on it.
+func (s *Service) reconcileOne(id int64) {
+	o, err := s.Get(id)
+	if err != nil || (o.Status != StatusPaying && o.Status != StatusWaitingPay) {
+		s.closeOpen(id)
+		return
+	}
+	if ev, ok := s.query(o); ok {
+		if st, msg := s.apply(o.Channel, ev); st != NotifyOK {
+			s.cfg.Log.Warn("pay: reconcile apply", "order", o.OrderID, "status", st, "msg", msg)
 		}
-		if ev, ok := s.query(o); ok {
-			if st, msg := s.apply(o.Channel, ev); st != NotifyOK {
-				s.cfg.Log.Warn("pay: reconcile apply", "order", o.OrderID, "status", st, "msg", msg)
+		return
+	}
+	if s.cfg.Now().UnixMilli()-o.CreatedAt >= s.cfg.OrderTimeout.Milliseconds() {
+		unlock := s.orders.lock(id)
+		if cur, err := s.Get(id); err == nil && (cur.Status == StatusPaying || cur.Status == StatusWaitingPay) {
+			if err := s.moveLocked(&cur, id, StatusInvalid, "unpaid timeout", nil); err != nil {
+				s.cfg.Log.Error("pay: close expired order", "order", o.OrderID, "err", err)
 			}
-			continue
 		}
-		if now-o.CreatedAt >= s.cfg.OrderTimeout.Milliseconds() {
-			unlock := s.orders.lock(id)
-			if cur, err := s.Get(id); err == nil && (cur.Status == StatusPaying || cur.Status == StatusWaitingPay) {
-				if err := s.moveLocked(&cur, id, StatusInvalid, "unpaid timeout", nil); err != nil {
-					s.cfg.Log.Error("pay: close expired order", "order", o.OrderID, "err", err)
-				}
-			}
-			unlock()
-		}
+		unlock()
 	}
 }
 
@@ -561,7 +651,7 @@ func (s *Service) query(o Order) (Event, bool) {
 	if s.cfg.ProviderURL == "" {
 		return Event{}, false
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	ctx, cancel := context.WithTimeout(s.ctx, s.cfg.QueryTimeout)
 	defer cancel()
 	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, s.cfg.ProviderURL+"/query?order_id="+url.QueryEscape(o.OrderID), nil)
 	resp, err := s.client.Do(req)
