@@ -111,6 +111,8 @@ func (a *API) routes() {
 	authed.POST("/admin/pay/orders/:id/refund", a.refundOrder)
 	authed.POST("/pk", a.startPK)
 	authed.GET("/pk/:id", a.getPK)
+	authed.POST("/pk/:id/accept", a.acceptPK)
+	authed.POST("/pk/:id/decline", a.declinePK)
 	authed.GET("/rooms", a.listRooms)
 	authed.GET("/rooms/:id", a.getRoom)
 	authed.POST("/rooms", a.openRoom)
