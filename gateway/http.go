@@ -113,6 +113,8 @@ func (a *API) routes() {
 	authed.GET("/pk/:id", a.getPK)
 	authed.POST("/pk/:id/accept", a.acceptPK)
 	authed.POST("/pk/:id/decline", a.declinePK)
+	authed.GET("/admin/users/:id/status", a.userStatus)
+	authed.PUT("/admin/users/:id/status", a.setUserStatus)
 	authed.GET("/rooms", a.listRooms)
 	authed.GET("/rooms/:id", a.getRoom)
 	authed.POST("/rooms", a.openRoom)

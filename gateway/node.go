@@ -18,6 +18,7 @@ import (
 	"github.com/redis/rueidis"
 
 	"github.com/liveedge/liveedge/configs"
+	"github.com/liveedge/liveedge/edge/account"
 	"github.com/liveedge/liveedge/edge/gift"
 	"github.com/liveedge/liveedge/edge/limit"
 	"github.com/liveedge/liveedge/edge/pay"
@@ -44,6 +45,9 @@ type Node struct {
 	Rooms  *room.Service
 	Gifts  *gift.Service
 	PK     *pk.Service
+	// Accounts holds account statuses (frozen users): Pebble in local
+	// mode, Redis in shared mode.
+	Accounts account.Statuses
 	Pay    *pay.Service
 	worker *pay.WorkerLease // shared mode: the order-id worker id leased in Redis
 	WS     *Server
@@ -162,6 +166,12 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 		return nil, err
 	}
 	n.Gifts.SetScorer(n.PK)
+	if n.shared != nil {
+		n.Accounts = &account.Shared{Client: n.Redis}
+	} else if n.Accounts, err = account.NewLocal(n.Store); err != nil {
+		return nil, err
+	}
+	n.Gifts.SetAccounts(n.Accounts)
 	n.Rooms.SetOpponent(n.PK.Opponent)
 	if err = n.watchCatalogue(cat); err != nil {
 		return nil, err
@@ -187,6 +197,7 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 		NotifyURL:      public + "/api/v1/pay/notify",
 		ReconcileAfter: cfg.Pay.ReconcileAfter.D(), ReconcileEvery: cfg.Pay.ReconcileEvery.D(), Log: log,
 		MaxOpenPerUser: cfg.Pay.MaxOpenOrdersPerUser, OrdersPerMinute: cfg.Pay.OrdersPerMinute,
+		Frozen: n.Accounts.Frozen,
 	})
 	if err != nil {
 		return nil, err

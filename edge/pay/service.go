@@ -25,6 +25,9 @@ type Config struct {
 	Node           string
 	WorkerID       int           // snowflake worker (-1 = from Node)
 	WorkerHeld     func() bool   // nil = always; false refuses order creation (a WorkerLease lost)
+	// Frozen tells whether a user's account is frozen (edge/account): a
+	// frozen user's order creation is refused with 20004. nil = none is.
+	Frozen func(user int64) (bool, error)
 	Secrets        []string      // webhook HMAC secrets accepted (first one signs our queries' checks)
 	Tolerance      time.Duration // signature timestamp tolerance (0 = 300 s)
 	OrderTimeout   time.Duration // unpaid orders close after this (0 = 15 min)
@@ -221,6 +224,15 @@ func (s *Service) CreateOrder(user int64, r CreateReq) (Order, error) {
 	p, ok := s.products[r.ProductID]
 	if !ok || !p.Valid {
 		return Order{}, proto.Errorf(proto.CodeProductNotFound, "product not found")
+	}
+	if s.cfg.Frozen != nil {
+		frozen, err := s.cfg.Frozen(user)
+		if err != nil {
+			return Order{}, err
+		}
+		if frozen {
+			return Order{}, proto.Errorf(proto.CodeAccountFrozen, "account frozen: no orders can be created")
+		}
 	}
 	if s.cfg.WorkerHeld != nil && !s.cfg.WorkerHeld() {
 		return Order{}, errors.New("pay: order-id worker lease not held; refusing to make order ids")
