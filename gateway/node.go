@@ -48,11 +48,11 @@ type Node struct {
 	// Accounts holds account statuses (frozen users): Pebble in local
 	// mode, Redis in shared mode.
 	Accounts account.Statuses
-	Pay    *pay.Service
-	worker *pay.WorkerLease // shared mode: the order-id worker id leased in Redis
-	WS     *Server
-	API    *API
-	Auth   *Auth
+	Pay      *pay.Service
+	worker   *pay.WorkerLease // shared mode: the order-id worker id leased in Redis
+	WS       *Server
+	API      *API
+	Auth     *Auth
 
 	natsSrv *natsserver.Server
 	NC      *nats.Conn

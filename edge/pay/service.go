@@ -22,12 +22,12 @@ import (
 
 // Config configures Service.
 type Config struct {
-	Node           string
-	WorkerID       int           // snowflake worker (-1 = from Node)
-	WorkerHeld     func() bool   // nil = always; false refuses order creation (a WorkerLease lost)
+	Node       string
+	WorkerID   int         // snowflake worker (-1 = from Node)
+	WorkerHeld func() bool // nil = always; false refuses order creation (a WorkerLease lost)
 	// Frozen tells whether a user's account is frozen (edge/account): a
 	// frozen user's order creation is refused with 20004. nil = none is.
-	Frozen func(user int64) (bool, error)
+	Frozen         func(user int64) (bool, error)
 	Secrets        []string      // webhook HMAC secrets accepted (first one signs our queries' checks)
 	Tolerance      time.Duration // signature timestamp tolerance (0 = 300 s)
 	OrderTimeout   time.Duration // unpaid orders close after this (0 = 15 min)
