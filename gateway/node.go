@@ -45,14 +45,15 @@ type Node struct {
 	Rooms  *room.Service
 	Gifts  *gift.Service
 	PK     *pk.Service
+	Pay    *pay.Service
+	worker *pay.WorkerLease // shared mode: the order-id worker id leased in Redis
+	WS     *Server
+	API    *API
+	Auth   *Auth
+
 	// Accounts holds account statuses (frozen users): Pebble in local
 	// mode, Redis in shared mode.
 	Accounts account.Statuses
-	Pay      *pay.Service
-	worker   *pay.WorkerLease // shared mode: the order-id worker id leased in Redis
-	WS       *Server
-	API      *API
-	Auth     *Auth
 
 	natsSrv *natsserver.Server
 	NC      *nats.Conn

@@ -22,12 +22,9 @@ import (
 
 // Config configures Service.
 type Config struct {
-	Node       string
-	WorkerID   int         // snowflake worker (-1 = from Node)
-	WorkerHeld func() bool // nil = always; false refuses order creation (a WorkerLease lost)
-	// Frozen tells whether a user's account is frozen (edge/account): a
-	// frozen user's order creation is refused with 20004. nil = none is.
-	Frozen         func(user int64) (bool, error)
+	Node           string
+	WorkerID       int           // snowflake worker (-1 = from Node)
+	WorkerHeld     func() bool   // nil = always; false refuses order creation (a WorkerLease lost)
 	Secrets        []string      // webhook HMAC secrets accepted (first one signs our queries' checks)
 	Tolerance      time.Duration // signature timestamp tolerance (0 = 300 s)
 	OrderTimeout   time.Duration // unpaid orders close after this (0 = 15 min)
@@ -48,6 +45,10 @@ type Config struct {
 	OrdersPerMinute int
 	Now             func() time.Time
 	Log             *slog.Logger
+
+	// Frozen tells whether a user's account is frozen (edge/account): a
+	// frozen user's order creation is refused with 20004. nil = none is.
+	Frozen func(user int64) (bool, error)
 }
 
 // Service runs orders and the webhook.
