@@ -83,6 +83,7 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 	n := &Node{Config: cfg, Log: log}
 	defer func() {
 		if err != nil {
+			n.closed.Store(true) // stops retry loops (catalogue reload) started so far
 			n.closeBackends()
 		}
 	}()
