@@ -156,7 +156,11 @@ type Pay struct {
 	PublicURL      string   `yaml:"public_url"`      // how the provider reaches this node ("" = http://<http.addr>)
 	ReconcileAfter Duration `yaml:"reconcile_after"` // PAYING longer than this → active query
 	ReconcileEvery Duration `yaml:"reconcile_every"` // reconciler period
-	WorkerID       int      `yaml:"worker_id"`       // snowflake worker 0..31 (-1 = derived from node.id)
+	WorkerID       int      `yaml:"worker_id"`       // snowflake worker 0..31 (-1 = derived: local mode fnv(node.id) % 32; shared mode the first free id leased in Redis); shared mode refuses to start when another node holds it
+	// MaxOpenOrdersPerUser bounds a user's unpaid orders (WAITING_PAY /
+	// PAYING): one more → 10429 (0 = no bound).
+	MaxOpenOrdersPerUser int `yaml:"max_open_orders_per_user"`
+	OrdersPerMinute      int `yaml:"orders_per_minute"` // order creations per user per minute, more → 10429 (0 = no bound)
 }
 
 // Redis is the shared hot-state store (cluster / shared mode).
@@ -388,6 +392,8 @@ func (c *Config) Validate() error {
 	check(c.Wallet.Mode != "shared" || c.Redis.Addr != "", "redis.addr is required when wallet.mode is shared")
 	check(c.Wallet.IdemMemoryBytes >= 0, "wallet.idem_memory_bytes must be >= 0")
 	check(c.Pay.WorkerID >= -1 && c.Pay.WorkerID < 32, "pay.worker_id must be -1..31")
+	check(c.Pay.MaxOpenOrdersPerUser >= 0, "pay.max_open_orders_per_user must be >= 0")
+	check(c.Pay.OrdersPerMinute >= 0, "pay.orders_per_minute must be >= 0")
 	check(c.Node.GOGC >= 0, "node.gogc must be >= 0")
 	check(c.Gifts.MaxInflight > 0, "gifts.max_inflight must be > 0")
 	check(c.Gifts.RoomEffectsPerSecond >= 0, "gifts.room_effects_per_second must be >= 0")

@@ -317,10 +317,7 @@ func TestPKScoresAndEndsOnce(t *testing.T) {
 			PKID string `json:"pk_id"`
 		} `json:"data"`
 	}
-	if st := nodetest.DoJSON(t, "POST", nodetest.HTTPURL(n)+"/api/v1/pk", nodetest.Token(t, n, 1, gateway.RoleAnchor),
-		fmt.Sprintf(`{"room_a":%d,"room_b":%d,"duration_s":1}`, ra, rb), &out); st != 200 || out.Data.PKID == "" {
-		t.Fatalf("start pk: %d", st)
-	}
+	out.Data.PKID = invitePKAccepted(t, n, 1, 2, ra, rb, 1)
 	d := giftReq(ra, 1, 23, 1, "pk1")
 	d["pk"] = true
 	if _, err := sendGift(ctx, va, d); err != nil {
@@ -387,16 +384,7 @@ func TestPKSurvivesRestart(t *testing.T) {
 	const viewer = 50
 	devCredit(t, n1, viewer, 1000)
 	startPK := func(n *gateway.Node, anchorA, a, b int64, secs int) string {
-		var out struct {
-			Data struct {
-				PKID string `json:"pk_id"`
-			} `json:"data"`
-		}
-		if st := nodetest.DoJSON(t, "POST", nodetest.HTTPURL(n)+"/api/v1/pk", nodetest.Token(t, n, anchorA, gateway.RoleAnchor),
-			fmt.Sprintf(`{"room_a":%d,"room_b":%d,"duration_s":%d}`, a, b, secs), &out); st != 200 || out.Data.PKID == "" {
-			t.Fatalf("start pk: %d", st)
-		}
-		return out.Data.PKID
+		return invitePKAccepted(t, n, anchorA, anchorA+1, a, b, secs) // room b's anchor accepts
 	}
 	ctx := context.Background()
 	pkGift := func(c *clientsdk.Client, room int64, anchor int64, req string) {
@@ -435,15 +423,15 @@ func TestPKSurvivesRestart(t *testing.T) {
 	tok2 := nodetest.Token(t, n2, viewer, gateway.RoleViewer)
 	var got struct {
 		Data struct {
-			Scores [2]int64 `json:"scores"`
-			Over   bool     `json:"over"`
+			Scores map[string]int64 `json:"scores"`
+			Over   bool             `json:"over"`
 		} `json:"data"`
 	}
 	nodetest.Eventually(t, 5*time.Second, func() bool {
 		st := nodetest.DoJSON(t, "GET", nodetest.HTTPURL(n2)+"/api/v1/pk/"+short, tok2, "", &got)
 		return st == 200 && got.Data.Over
 	}, "the contest that ended while the node was down is not over after the restart")
-	if st := nodetest.DoJSON(t, "GET", nodetest.HTTPURL(n2)+"/api/v1/pk/"+long, tok2, "", &got); st != 200 || got.Data.Over || got.Data.Scores != [2]int64{40, 0} {
+	if st := nodetest.DoJSON(t, "GET", nodetest.HTTPURL(n2)+"/api/v1/pk/"+long, tok2, "", &got); st != 200 || got.Data.Over || got.Data.Scores[fmt.Sprint(ra)] != 40 || got.Data.Scores[fmt.Sprint(rb)] != 0 {
 		t.Fatalf("long contest after restart: %d %+v", st, got.Data)
 	}
 	var log2 pushLog

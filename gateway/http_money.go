@@ -10,6 +10,7 @@ import (
 	"github.com/cloudwego/hertz/pkg/app"
 
 	"github.com/liveedge/liveedge/edge/gift"
+	"github.com/liveedge/liveedge/edge/pk"
 	"github.com/liveedge/liveedge/gateway/proto"
 	"github.com/liveedge/liveedge/persist"
 )
@@ -158,6 +159,10 @@ type startPKReq struct {
 	DurationS int   `json:"duration_s"`
 }
 
+// startPK pairs two rooms. An anchor (of room_a) only invites: the answer
+// is {"pk_id","status":"invited","expires_at"} and the contest starts when
+// room_b's anchor accepts (POST /pk/{id}/accept). An admin pairs at once
+// ("status":"running").
 func (a *API) startPK(_ context.Context, c *app.RequestContext) {
 	var r startPKReq
 	if err := bind(c, &r); err != nil {
@@ -165,31 +170,107 @@ func (a *API) startPK(_ context.Context, c *app.RequestContext) {
 		return
 	}
 	ident := identOf(c)
-	if ident.Role != RoleAdmin {
-		info, err := a.rooms.Get(r.RoomA, ident.UserID)
+	d := time.Duration(r.DurationS) * time.Second
+	if ident.Role == RoleAdmin {
+		ct, err := a.node.PK.Start(r.RoomA, r.RoomB, d)
 		if err != nil {
 			a.fail(c, err)
 			return
 		}
-		if !info.IsAnchor {
-			a.fail(c, proto.Errorf(proto.CodeForbidden, "only room_a's anchor (or an admin) starts a PK"))
-			return
-		}
+		ok(c, contestView(ct))
+		return
 	}
-	ct, err := a.node.PK.Start(r.RoomA, r.RoomB, time.Duration(r.DurationS)*time.Second)
+	info, err := a.rooms.Get(r.RoomA, ident.UserID)
 	if err != nil {
 		a.fail(c, err)
 		return
 	}
-	ok(c, map[string]any{"pk_id": ct.ID, "rooms": ct.Rooms, "ends_at": ct.EndsAt.UnixMilli()})
-}
-
-func (a *API) getPK(_ context.Context, c *app.RequestContext) {
-	ct, found := a.node.PK.Get(c.Param("id"))
-	if !found {
-		a.fail(c, proto.ErrNotFound)
+	if !info.IsAnchor {
+		a.fail(c, proto.Errorf(proto.CodeForbidden, "only room_a's anchor (or an admin) starts a PK"))
 		return
 	}
-	ok(c, map[string]any{"pk_id": ct.ID, "rooms": ct.Rooms, "scores": ct.Scores, "seq": ct.Seq,
-		"ends_at": ct.EndsAt.UnixMilli(), "over": ct.Over})
+	inv, err := a.node.PK.Invite(ident.UserID, r.RoomA, r.RoomB, d)
+	if err != nil {
+		a.fail(c, err)
+		return
+	}
+	view := invitationView(inv)
+	if b, err := a.rooms.Get(r.RoomB, 0); err == nil {
+		if data, err := proto.Marshal(view); err == nil {
+			a.node.Router.SendUser(b.AnchorID, proto.Push{Biz: proto.BizPKInvite, Data: data, Ack: true})
+		}
+	}
+	ok(c, view)
+}
+
+func contestView(ct pk.Contest) map[string]any {
+	status := "running"
+	if ct.Over {
+		status = "over"
+	}
+	return map[string]any{"pk_id": ct.ID, "status": status, "rooms": ct.Rooms, "scores": ct.ScoreMap(), "seq": ct.Seq,
+		"ends_at": ct.EndsAt.UnixMilli(), "over": ct.Over}
+}
+
+func invitationView(inv pk.Invitation) map[string]any {
+	return map[string]any{"pk_id": inv.ID, "status": "invited", "rooms": inv.Rooms, "inviter": inv.Inviter,
+		"duration_s": int(inv.Duration.Seconds()), "expires_at": inv.ExpiresAt.UnixMilli()}
+}
+
+// pkInvitationFor returns invitation id if the caller may answer it: room_b's
+// anchor (accept or decline), the inviter (decline only: withdraw), an admin.
+func (a *API) pkInvitationFor(c *app.RequestContext, accept bool) (pk.Invitation, bool) {
+	inv, found := a.node.PK.Invitation(c.Param("id"))
+	if !found {
+		a.fail(c, proto.Errorf(proto.CodeNotFound, "PK invitation not found or expired"))
+		return inv, false
+	}
+	ident := identOf(c)
+	if ident.Role == RoleAdmin || (!accept && ident.UserID == inv.Inviter) {
+		return inv, true
+	}
+	if info, err := a.rooms.Get(inv.Rooms[1], ident.UserID); err == nil && info.IsAnchor {
+		return inv, true
+	}
+	a.fail(c, proto.Errorf(proto.CodeForbidden, "only room_b's anchor answers this PK invitation"))
+	return inv, false
+}
+
+func (a *API) acceptPK(_ context.Context, c *app.RequestContext) {
+	inv, allowed := a.pkInvitationFor(c, true)
+	if !allowed {
+		return
+	}
+	ct, err := a.node.PK.Accept(inv.ID)
+	if err != nil {
+		a.fail(c, err)
+		return
+	}
+	ok(c, contestView(ct))
+}
+
+func (a *API) declinePK(_ context.Context, c *app.RequestContext) {
+	inv, allowed := a.pkInvitationFor(c, false)
+	if !allowed {
+		return
+	}
+	if err := a.node.PK.Decline(inv.ID); err != nil {
+		a.fail(c, err)
+		return
+	}
+	ok(c, map[string]any{"pk_id": inv.ID, "status": "declined"})
+}
+
+// getPK answers a contest (scores keyed by room id, as in biz 5558) or a
+// pending invitation ("status":"invited").
+func (a *API) getPK(_ context.Context, c *app.RequestContext) {
+	if ct, found := a.node.PK.Get(c.Param("id")); found {
+		ok(c, contestView(ct))
+		return
+	}
+	if inv, found := a.node.PK.Invitation(c.Param("id")); found {
+		ok(c, invitationView(inv))
+		return
+	}
+	a.fail(c, proto.ErrNotFound)
 }

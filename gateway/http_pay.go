@@ -72,7 +72,15 @@ func (a *API) refundOrder(_ context.Context, c *app.RequestContext) {
 // payNotify is the provider webhook: the signature over the raw body is
 // checked before anything in the body is read; the answer is the plain text
 // "success" once the event is durably recorded.
+//
+// An unknown channel in the path is refused (400, code 10001 in the JSON
+// envelope) before anything else: no provider of ours posts there.
 func (a *API) payNotify(_ context.Context, c *app.RequestContext) {
+	if !pay.KnownChannel(c.Param("channel")) {
+		a.metrics.payNotifies.WithLabelValues(notifyLabel(pay.NotifyBadRequest)).Inc()
+		a.fail(c, proto.BadRequest("unknown payment channel"))
+		return
+	}
 	status, body := a.node.Pay.Notify(c.Param("channel"), string(c.GetHeader(pay.SignatureHeader)), c.Request.Body())
 	a.metrics.payNotifies.WithLabelValues(notifyLabel(status)).Inc()
 	c.Data(status, "text/plain; charset=utf-8", []byte(body))

@@ -19,6 +19,7 @@ import (
 	"github.com/redis/rueidis"
 
 	"github.com/liveedge/liveedge/configs"
+	"github.com/liveedge/liveedge/edge/account"
 	"github.com/liveedge/liveedge/edge/gift"
 	"github.com/liveedge/liveedge/edge/limit"
 	"github.com/liveedge/liveedge/edge/pay"
@@ -46,9 +47,14 @@ type Node struct {
 	Gifts  *gift.Service
 	PK     *pk.Service
 	Pay    *pay.Service
+	worker *pay.WorkerLease // shared mode: the order-id worker id leased in Redis
 	WS     *Server
 	API    *API
 	Auth   *Auth
+
+	// Accounts holds account statuses (frozen users): Pebble in local
+	// mode, Redis in shared mode.
+	Accounts account.Statuses
 
 	natsSrv *natsserver.Server
 	NC      *nats.Conn
@@ -85,6 +91,7 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 	n := &Node{Config: cfg, Log: log}
 	defer func() {
 		if err != nil {
+			n.closed.Store(true) // stops retry loops (catalogue reload) started so far
 			n.closeBackends()
 		}
 	}()
@@ -169,6 +176,12 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 		return nil, err
 	}
 	n.Gifts.SetScorer(n.PK)
+	if n.shared != nil {
+		n.Accounts = &account.Shared{Client: n.Redis}
+	} else if n.Accounts, err = account.NewLocal(n.Store); err != nil {
+		return nil, err
+	}
+	n.Gifts.SetAccounts(n.Accounts)
 	n.Rooms.SetOpponent(n.PK.Opponent)
 	if err = n.watchCatalogue(cat); err != nil {
 		return nil, err
@@ -177,11 +190,24 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 	if public == "" {
 		public = "http://" + cfg.HTTP.Addr
 	}
+	workerID, workerHeld := cfg.Pay.WorkerID, func() bool { return true }
+	if n.Redis != nil && cfg.Wallet.Mode == "shared" {
+		// Nodes sharing Redis never share an order-id worker id.
+		lctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		n.worker, err = pay.LeaseWorker(lctx, n.Redis, cfg.Node.ID, cfg.Pay.WorkerID, 0, log)
+		cancel()
+		if err != nil {
+			return nil, err
+		}
+		workerID, workerHeld = n.worker.ID(), n.worker.Held
+	}
 	n.Pay, err = pay.New(n.Store, n.Wallet, n.Router, pay.Config{
-		Node: cfg.Node.ID, WorkerID: cfg.Pay.WorkerID, Secrets: cfg.Pay.Secrets,
+		Node: cfg.Node.ID, WorkerID: workerID, WorkerHeld: workerHeld, Secrets: cfg.Pay.Secrets,
 		OrderTimeout: cfg.Pay.OrderTimeout.D(), ProviderURL: cfg.Pay.ProviderURL,
 		NotifyURL:      public + "/api/v1/pay/notify",
 		ReconcileAfter: cfg.Pay.ReconcileAfter.D(), ReconcileEvery: cfg.Pay.ReconcileEvery.D(), Log: log,
+		MaxOpenPerUser: cfg.Pay.MaxOpenOrdersPerUser, OrdersPerMinute: cfg.Pay.OrdersPerMinute,
+		Frozen: n.Accounts.Frozen,
 	})
 	if err != nil {
 		return nil, err
@@ -442,6 +468,9 @@ func (n *Node) closeBackends() error {
 	}
 	if n.Pay != nil {
 		n.Pay.Close()
+	}
+	if n.worker != nil {
+		n.worker.Close() // before Redis closes
 	}
 	if n.PK != nil {
 		n.PK.Close()

@@ -46,6 +46,11 @@ func TestKill9DuringGiftStorm(t *testing.T) {
 		fmt.Sprintf(`{"room_a":%d,"room_b":%d,"duration_s":3600}`, room, rival), &pk); st != 200 || pk.Data.PKID == "" {
 		t.Fatalf("start pk: %d", st)
 	}
+	// The rival room's anchor accepts the invitation: the contest starts.
+	if st := nodetest.DoJSON(t, "POST", "http://"+httpAddr+"/api/v1/pk/"+pk.Data.PKID+"/accept", devToken(t, httpAddr, anchor+1, "anchor"),
+		"", nil); st != 200 {
+		t.Fatalf("accept pk: %d", st)
+	}
 	if st := nodetest.DoJSON(t, "POST", "http://"+httpAddr+"/api/v1/dev/credit", "",
 		fmt.Sprintf(`{"user_id":%d,"amount":%d,"req_id":"seed"}`, sender, credit), nil); st != 200 {
 		t.Fatalf("credit: %d", st)
@@ -148,14 +153,14 @@ func TestKill9DuringGiftStorm(t *testing.T) {
 	pkScore := func() [2]int64 {
 		var out struct {
 			Data struct {
-				Scores [2]int64 `json:"scores"`
-				Over   bool     `json:"over"`
+				Scores map[string]int64 `json:"scores"` // keyed by room id
+				Over   bool             `json:"over"`
 			} `json:"data"`
 		}
 		if st := nodetest.DoJSON(t, "GET", "http://"+httpAddr+"/api/v1/pk/"+pk.Data.PKID, tok, "", &out); st != 200 || out.Data.Over {
 			t.Fatalf("pk after restart: %d %+v", st, out.Data)
 		}
-		return out.Data.Scores
+		return [2]int64{out.Data.Scores[fmt.Sprint(room)], out.Data.Scores[fmt.Sprint(rival)]}
 	}
 	if sc := pkScore(); sc != [2]int64{spent, 0} {
 		t.Fatalf("pk scores after the restart %v, want [%d 0] (the gifts in the ledger)", sc, spent)

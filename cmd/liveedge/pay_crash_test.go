@@ -27,7 +27,8 @@ func TestKill9DuringNotifyStorm(t *testing.T) {
 
 	bin := binary(t)
 	httpAddr, wsAddr, data := freeAddr(t), freeAddr(t), t.TempDir()
-	env := nodeEnv(httpAddr, wsAddr, data, "LIVEEDGE_PAY_SECRETS="+secret, "LIVEEDGE_PAY_PROVIDER_URL="+ps.URL)
+	env := nodeEnv(httpAddr, wsAddr, data, "LIVEEDGE_PAY_SECRETS="+secret, "LIVEEDGE_PAY_PROVIDER_URL="+ps.URL,
+		"LIVEEDGE_PAY_MAX_OPEN_ORDERS_PER_USER=10") // perUser open orders each
 	p := start(t, "", env, bin)
 	waitReady(t, p, httpAddr)
 

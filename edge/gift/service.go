@@ -136,6 +136,8 @@ type Service struct {
 	effects *effects
 	log     *slog.Logger
 	scorer  Scorer
+
+	accounts Accounts // frozen accounts (SetAccounts); nil = none
 }
 
 // New returns a gift service.
@@ -232,6 +234,10 @@ func (s *Service) send(sender int64, inRoom bool, r Req, done func(Reply, *sendE
 	g, ok := s.cat.Get(r.GiftID)
 	if !ok || g.Status != StatusEnabled {
 		done(Reply{}, fail(proto.CodeGiftUnavailable, "gift not found or disabled"))
+		return
+	}
+	if err := s.checkFrozen(sender, r.ReceiverID); err != nil {
+		done(Reply{}, err)
 		return
 	}
 	amount := g.Price * int64(r.Count)

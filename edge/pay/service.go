@@ -3,6 +3,7 @@ package pay
 import (
 	"context"
 	"errors"
+	"hash/fnv"
 	"io"
 	"log/slog"
 	"net/http"
@@ -13,6 +14,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/liveedge/liveedge/edge/limit"
 	"github.com/liveedge/liveedge/gateway/proto"
 	"github.com/liveedge/liveedge/persist"
 	"github.com/liveedge/liveedge/router"
@@ -22,6 +24,7 @@ import (
 type Config struct {
 	Node           string
 	WorkerID       int           // snowflake worker (-1 = from Node)
+	WorkerHeld     func() bool   // nil = always; false refuses order creation (a WorkerLease lost)
 	Secrets        []string      // webhook HMAC secrets accepted (first one signs our queries' checks)
 	Tolerance      time.Duration // signature timestamp tolerance (0 = 300 s)
 	OrderTimeout   time.Duration // unpaid orders close after this (0 = 15 min)
@@ -29,8 +32,23 @@ type Config struct {
 	NotifyURL      string        // where the provider must post notifies (put into pay_url)
 	ReconcileAfter time.Duration // PAYING longer than this → active query (0 = 1 min)
 	ReconcileEvery time.Duration // how often the reconciler runs (0 = 10 s)
-	Now            func() time.Time
-	Log            *slog.Logger
+	// ReconcileWorkers bounds the provider queries in flight at once (0 =
+	// DefaultReconcileWorkers); each has its own QueryTimeout, and an order
+	// whose query hangs holds one worker, never the others.
+	ReconcileWorkers int
+	QueryTimeout     time.Duration // one active query (0 = 5 s)
+	// MaxOpenPerUser bounds a user's orders in WAITING_PAY / PAYING (each
+	// one is queried by the reconciler): one more → 10429 (0 = no bound).
+	MaxOpenPerUser int
+	// OrdersPerMinute bounds a user's order creations (a replay of a req_id
+	// is not a creation): more → 10429 (0 = no bound).
+	OrdersPerMinute int
+	Now             func() time.Time
+	Log             *slog.Logger
+
+	// Frozen tells whether a user's account is frozen (edge/account): a
+	// frozen user's order creation is refused with 20004. nil = none is.
+	Frozen func(user int64) (bool, error)
 }
 
 // Service runs orders and the webhook.
@@ -43,11 +61,19 @@ type Service struct {
 	products map[int64]Product
 	client   *http.Client
 
-	orders keyLock // one lock per order id: transitions are compare-and-set under it
-	users  keyLock // one lock per user: order creation is idempotent under it
+	createLimit *limit.Keyed // OrdersPerMinute per user (nil = off)
+	orders      keyLock      // one lock per order id: transitions are compare-and-set under it
+	events      keyLock      // one lock per event id (its hash): the duplicate check and the event's write are one step
+	users       keyLock      // one lock per user: order creation is idempotent under it
 
-	openMu sync.Mutex
-	open   map[int64]int64 // order id → created at (ms), orders in WAITING_PAY / PAYING
+	openMu   sync.Mutex
+	open     map[int64]openOrder // orders in WAITING_PAY / PAYING
+	openOf   map[int64]int       // user → number of their open orders
+	inflight map[int64]bool      // open orders the reconciler is querying now
+	workers  chan struct{}       // reconciler worker slots (ReconcileWorkers)
+
+	ctx    context.Context // cancelled by Close: ends provider queries in flight
+	cancel context.CancelFunc
 
 	notifyURL atomic.Pointer[string]
 	logSeq    atomic.Int64 // last order-log sequence (see transitionRecord)
@@ -67,6 +93,15 @@ var (
 	prefixEvent    = recPrefix("payevent/")
 	prefixRefund   = recPrefix("refund/")
 )
+
+// DefaultReconcileWorkers is the default of Config.ReconcileWorkers.
+const DefaultReconcileWorkers = 8
+
+// openOrder is an order in WAITING_PAY / PAYING.
+type openOrder struct {
+	created int64 // unix ms
+	user    int64
+}
 
 func recPrefix(s string) []byte { return append(append([]byte{}, persist.PrefixRec...), s...) }
 
@@ -95,6 +130,12 @@ func New(store *persist.Store, w persist.Wallet, r router.Router, cfg Config) (*
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
+	if cfg.ReconcileWorkers <= 0 {
+		cfg.ReconcileWorkers = DefaultReconcileWorkers
+	}
+	if cfg.QueryTimeout <= 0 {
+		cfg.QueryTimeout = 5 * time.Second
+	}
 	if cfg.Log == nil {
 		cfg.Log = slog.Default()
 	}
@@ -102,8 +143,11 @@ func New(store *persist.Store, w persist.Wallet, r router.Router, cfg Config) (*
 		return nil, errors.New("pay: at least one webhook secret is required")
 	}
 	s := &Service{cfg: cfg, store: store, wallet: w, router: r, ids: NewIDGen(cfg.Node, cfg.WorkerID, cfg.Now),
-		products: map[int64]Product{}, client: &http.Client{Timeout: 5 * time.Second},
-		open: map[int64]int64{}, stop: make(chan struct{})}
+		products: map[int64]Product{}, client: &http.Client{},
+		open: map[int64]openOrder{}, openOf: map[int64]int{}, inflight: map[int64]bool{},
+		workers: make(chan struct{}, cfg.ReconcileWorkers), stop: make(chan struct{}),
+		createLimit: limit.New(cfg.OrdersPerMinute, time.Minute, max(1, cfg.OrdersPerMinute), cfg.Now)}
+	s.ctx, s.cancel = context.WithCancel(context.Background())
 	for _, p := range Products {
 		s.products[p.ID] = p
 	}
@@ -114,7 +158,7 @@ func New(store *persist.Store, w persist.Wallet, r router.Router, cfg Config) (*
 			return err
 		}
 		if o.Status == StatusPaying || o.Status == StatusWaitingPay {
-			s.open[int64(persist.KeyID(k))] = o.CreatedAt
+			s.addOpen(int64(persist.KeyID(k)), o.UserID, o.CreatedAt)
 		}
 		return nil
 	})
@@ -133,6 +177,7 @@ func (s *Service) Close() {
 	default:
 		close(s.stop)
 	}
+	s.cancel()
 	s.wg.Wait()
 }
 
@@ -156,8 +201,14 @@ type CreateReq struct {
 	ReqID     string `json:"req_id"`
 }
 
-// Channels accepted (mock behaves like the real ones).
-var Channels = map[string]bool{"mock": true, "alipay": true, "wechat": true, "unionpay": true, "cashier": true}
+// Channels are the payment channels this node has a provider for: only the
+// mock provider (it behaves like the real ones). alipay, wechat, unionpay
+// and cashier (SPEC §4) are refused with 10001 until a provider of theirs is
+// wired in; an order must never get a pay_url of a provider it does not use.
+var Channels = map[string]bool{"mock": true}
+
+// KnownChannel reports whether channel is one of Channels.
+func KnownChannel(channel string) bool { return Channels[channel] }
 
 // CreateOrder creates (idempotently per user and req_id) an order in PAYING
 // with its pay_url.
@@ -168,12 +219,24 @@ func (s *Service) CreateOrder(user int64, r CreateReq) (Order, error) {
 	if r.Channel == "" {
 		r.Channel = "mock"
 	}
-	if !Channels[r.Channel] {
-		return Order{}, proto.BadRequest("unknown channel")
+	if !KnownChannel(r.Channel) {
+		return Order{}, proto.BadRequest("unknown channel %q (known: mock)", r.Channel)
 	}
 	p, ok := s.products[r.ProductID]
 	if !ok || !p.Valid {
 		return Order{}, proto.Errorf(proto.CodeProductNotFound, "product not found")
+	}
+	if s.cfg.Frozen != nil {
+		frozen, err := s.cfg.Frozen(user)
+		if err != nil {
+			return Order{}, err
+		}
+		if frozen {
+			return Order{}, proto.Errorf(proto.CodeAccountFrozen, "account frozen: no orders can be created")
+		}
+	}
+	if s.cfg.WorkerHeld != nil && !s.cfg.WorkerHeld() {
+		return Order{}, errors.New("pay: order-id worker lease not held; refusing to make order ids")
 	}
 	// Idempotency: one lock per (user) shard serializes creation per user.
 	defer s.users.lock(user)()
@@ -181,6 +244,12 @@ func (s *Service) CreateOrder(user int64, r CreateReq) (Order, error) {
 		return s.Get(int64(persist.DecodeUint64(v)))
 	} else if !errors.Is(err, persist.ErrNotFound) {
 		return Order{}, err
+	}
+	if m := s.cfg.MaxOpenPerUser; m > 0 && s.openCount(user) >= m {
+		return Order{}, proto.Errorf(proto.CodeRateLimited, "too many unpaid orders (at most %d): pay or wait for one to close", m)
+	}
+	if !s.createLimit.Allow(uint64(user)) {
+		return Order{}, proto.Errorf(proto.CodeRateLimited, "too many orders created, at most %d per minute", s.cfg.OrdersPerMinute)
 	}
 	id := s.ids.Next(user)
 	now := s.cfg.Now().UnixMilli()
@@ -212,9 +281,7 @@ func (s *Service) CreateOrder(user int64, r CreateReq) (Order, error) {
 	if err != nil {
 		return Order{}, err
 	}
-	s.openMu.Lock()
-	s.open[id] = now
-	s.openMu.Unlock()
+	s.addOpen(id, user, now)
 	return o, nil
 }
 
@@ -294,6 +361,9 @@ const (
 // raw body before anything in it is read. It returns the HTTP status and the
 // body ("success" once the event is durably recorded, also for duplicates).
 func (s *Service) Notify(channel, sigHeader string, body []byte) (int, string) {
+	if !KnownChannel(channel) {
+		return NotifyBadRequest, "unknown channel"
+	}
 	if err := Verify(sigHeader, body, s.cfg.Secrets, s.cfg.Now(), s.cfg.Tolerance); err != nil {
 		return NotifyUnauthorized, err.Error()
 	}
@@ -307,10 +377,25 @@ func (s *Service) Notify(channel, sigHeader string, body []byte) (int, string) {
 	return s.apply(channel, ev)
 }
 
-// apply runs a verified event (from a notify or an active query).
+// eventLockKey is the events keyLock key of an event id: two ids that share
+// a hash only wait for each other.
+func eventLockKey(id string) int64 {
+	h := fnv.New64a()
+	h.Write([]byte(id))
+	return int64(h.Sum64())
+}
+
+// apply runs a verified event (from a notify or an active query). The
+// duplicate check and every write of the event's record happen under the
+// event id's lock (taken before the order's: lock order event → order), so
+// concurrent deliveries of one event id apply it once and its record is
+// the first delivery's, never overwritten by a later copy.
 func (s *Service) apply(channel string, ev Event) (int, string) {
+	defer s.events.lock(eventLockKey(ev.EventID))()
 	if _, err := s.store.Get(eventKey(ev.EventID)); err == nil {
 		return NotifyOK, "success" // duplicate event: changes nothing
+	} else if !errors.Is(err, persist.ErrNotFound) {
+		return NotifyRetry, "retry"
 	}
 	id, ok := ParseOrderID(ev.OrderID)
 	if !ok {
@@ -434,10 +519,32 @@ func (s *Service) moveLocked(o *Order, id int64, to, why string, extra *persist.
 	return nil
 }
 
+func (s *Service) addOpen(id, user, created int64) {
+	s.openMu.Lock()
+	defer s.openMu.Unlock()
+	if _, ok := s.open[id]; !ok {
+		s.open[id] = openOrder{created: created, user: user}
+		s.openOf[user]++
+	}
+}
+
 func (s *Service) closeOpen(id int64) {
 	s.openMu.Lock()
+	defer s.openMu.Unlock()
+	o, ok := s.open[id]
+	if !ok {
+		return
+	}
 	delete(s.open, id)
-	s.openMu.Unlock()
+	if s.openOf[o.user]--; s.openOf[o.user] <= 0 {
+		delete(s.openOf, o.user)
+	}
+}
+
+func (s *Service) openCount(user int64) int {
+	s.openMu.Lock()
+	defer s.openMu.Unlock()
+	return s.openOf[user]
 }
 
 func (s *Service) pushStatus(o Order) {
@@ -488,40 +595,66 @@ func (s *Service) loop() {
 	}
 }
 
-// Reconcile queries the provider about every order PAYING longer than
-// ReconcileAfter (notifies get lost), applies what it learns, and closes
-// orders past OrderTimeout that the provider does not know as paid.
+// Reconcile starts the provider query of every order PAYING longer than
+// ReconcileAfter (notifies get lost) that is not being queried already, on
+// at most ReconcileWorkers goroutines: an order that finds no free worker
+// waits for the next run, and an order whose query hangs (until its
+// QueryTimeout) holds only its own worker. What the query learns is
+// applied; an order past OrderTimeout that the provider does not know as
+// paid is closed. Reconcile does not wait for the queries it starts.
 func (s *Service) Reconcile() {
 	now := s.cfg.Now().UnixMilli()
-	var due []int64
 	s.openMu.Lock()
-	for id, created := range s.open {
-		if now-created >= s.cfg.ReconcileAfter.Milliseconds() {
-			due = append(due, id)
+	defer s.openMu.Unlock()
+	for id, o := range s.open {
+		if s.inflight[id] || now-o.created < s.cfg.ReconcileAfter.Milliseconds() {
+			continue
 		}
+		select {
+		case s.workers <- struct{}{}:
+		default:
+			return // every worker is busy: the rest wait for the next run
+		}
+		select {
+		case <-s.stop:
+			<-s.workers
+			return
+		default:
+		}
+		s.inflight[id] = true
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			s.reconcileOne(id)
+			s.openMu.Lock()
+			delete(s.inflight, id)
+			s.openMu.Unlock()
+			<-s.workers
+		}()
 	}
-	s.openMu.Unlock()
-	for _, id := range due {
-		o, err := s.Get(id)
-		if err != nil || (o.Status != StatusPaying && o.Status != StatusWaitingPay) {
-			s.closeOpen(id)
-			continue
+}
+
+// reconcileOne queries the provider about open order id and acts on it.
+func (s *Service) reconcileOne(id int64) {
+	o, err := s.Get(id)
+	if err != nil || (o.Status != StatusPaying && o.Status != StatusWaitingPay) {
+		s.closeOpen(id)
+		return
+	}
+	if ev, ok := s.query(o); ok {
+		if st, msg := s.apply(o.Channel, ev); st != NotifyOK {
+			s.cfg.Log.Warn("pay: reconcile apply", "order", o.OrderID, "status", st, "msg", msg)
 		}
-		if ev, ok := s.query(o); ok {
-			if st, msg := s.apply(o.Channel, ev); st != NotifyOK {
-				s.cfg.Log.Warn("pay: reconcile apply", "order", o.OrderID, "status", st, "msg", msg)
+		return
+	}
+	if s.cfg.Now().UnixMilli()-o.CreatedAt >= s.cfg.OrderTimeout.Milliseconds() {
+		unlock := s.orders.lock(id)
+		if cur, err := s.Get(id); err == nil && (cur.Status == StatusPaying || cur.Status == StatusWaitingPay) {
+			if err := s.moveLocked(&cur, id, StatusInvalid, "unpaid timeout", nil); err != nil {
+				s.cfg.Log.Error("pay: close expired order", "order", o.OrderID, "err", err)
 			}
-			continue
 		}
-		if now-o.CreatedAt >= s.cfg.OrderTimeout.Milliseconds() {
-			unlock := s.orders.lock(id)
-			if cur, err := s.Get(id); err == nil && (cur.Status == StatusPaying || cur.Status == StatusWaitingPay) {
-				if err := s.moveLocked(&cur, id, StatusInvalid, "unpaid timeout", nil); err != nil {
-					s.cfg.Log.Error("pay: close expired order", "order", o.OrderID, "err", err)
-				}
-			}
-			unlock()
-		}
+		unlock()
 	}
 }
 
@@ -531,7 +664,7 @@ func (s *Service) query(o Order) (Event, bool) {
 	if s.cfg.ProviderURL == "" {
 		return Event{}, false
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	ctx, cancel := context.WithTimeout(s.ctx, s.cfg.QueryTimeout)
 	defer cancel()
 	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, s.cfg.ProviderURL+"/query?order_id="+url.QueryEscape(o.OrderID), nil)
 	resp, err := s.client.Do(req)

@@ -12,6 +12,14 @@
 // contest restored after a restart continues from epoch<<32, above every
 // sequence number sent before it.
 //
+// Consent: a contest between two anchors' rooms starts only once the other
+// room's anchor accepts. Invite records an invitation (in memory, InviteTTL,
+// at most MaxInvitesPerInviter pending per inviter and MaxInvites in all);
+// Accept turns it into a contest under the same id, Decline or the TTL drops
+// it and no contest exists. Start (no invitation) is for admins. Who may
+// accept or decline is the caller's check (the gateway knows the rooms'
+// anchors).
+//
 // State is in memory behind one mutex; pushes are queued under it (Publish
 // never blocks), so both rooms see a contest's pushes in sequence order and
 // the final push is the last one. Storage I/O happens outside the mutex.
@@ -35,6 +43,25 @@ const (
 	MinDuration = time.Second
 	MaxDuration = time.Hour
 )
+
+// Invitation bounds.
+const (
+	InviteTTL            = 30 * time.Second
+	MaxInvitesPerInviter = 3
+	MaxInvites           = 10000
+)
+
+// Invitation is a pending PK request from Rooms[0]'s side to Rooms[1]'s
+// anchor.
+type Invitation struct {
+	ID        string
+	Rooms     [2]int64
+	Inviter   int64 // user who invited
+	Duration  time.Duration
+	ExpiresAt time.Time
+
+	timer *time.Timer
+}
 
 // keepOver is how long an ended contest stays readable (GET /api/v1/pk/{id}).
 const keepOver = 24 * time.Hour
@@ -101,12 +128,15 @@ type Service struct {
 	tallies Tallies
 	log     *slog.Logger
 	keep    time.Duration // how long an ended contest stays (keepOver; tests shorten it)
+	ttl     time.Duration // invitation TTL (0 = InviteTTL; tests shorten it)
 
 	mu       sync.Mutex
 	closed   bool
 	writes   sync.WaitGroup // storage writes in flight: Close waits for them
 	byRoom   map[int64]*Contest
 	contests map[string]*Contest
+	invites  map[string]*Invitation
+	invitesN map[int64]int // inviter → pending invitations
 }
 
 // New returns a PK service; isOpen tells whether a room is open; st and
@@ -117,7 +147,8 @@ func New(r router.Router, isOpen func(int64) bool, st Store, tallies Tallies, lo
 		log = slog.Default()
 	}
 	return &Service{router: r, isOpen: isOpen, store: st, tallies: tallies, log: log, keep: keepOver,
-		byRoom: map[int64]*Contest{}, contests: map[string]*Contest{}}
+		byRoom: map[int64]*Contest{}, contests: map[string]*Contest{},
+		invites: map[string]*Invitation{}, invitesN: map[int64]int{}}
 }
 
 func newID() string {
@@ -210,18 +241,124 @@ func (s *Service) Close() {
 			c.timer.Stop()
 		}
 	}
+	for _, inv := range s.invites {
+		inv.timer.Stop()
+	}
 	s.mu.Unlock()
 	s.writes.Wait()
 }
 
-// Start pairs rooms a and b for d. The contest is recorded durably before it
-// is announced.
-func (s *Service) Start(a, b int64, d time.Duration) (Contest, error) {
+func checkPair(a, b int64, d time.Duration) error {
 	if a <= 0 || b <= 0 || a == b {
-		return Contest{}, proto.BadRequest("room_a and room_b must be two different rooms")
+		return proto.BadRequest("room_a and room_b must be two different rooms")
 	}
 	if d < MinDuration || d > MaxDuration {
-		return Contest{}, proto.BadRequest("duration_s must be %d..%d", int(MinDuration.Seconds()), int(MaxDuration.Seconds()))
+		return proto.BadRequest("duration_s must be %d..%d", int(MinDuration.Seconds()), int(MaxDuration.Seconds()))
+	}
+	return nil
+}
+
+// Invite records inviter's request to pair rooms a and b for d; no contest
+// exists until b's anchor accepts (Accept) within InviteTTL. 10429 when the
+// inviter has MaxInvitesPerInviter pending (or MaxInvites are pending in all),
+// 10409 when a room is already in a PK.
+func (s *Service) Invite(inviter, a, b int64, d time.Duration) (Invitation, error) {
+	if err := checkPair(a, b, d); err != nil {
+		return Invitation{}, err
+	}
+	if !s.isOpen(a) || !s.isOpen(b) {
+		return Invitation{}, proto.Errorf(proto.CodeNotFound, "room not found or closed")
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	switch {
+	case s.closed:
+		return Invitation{}, proto.Errorf(proto.CodeInternal, "shutting down")
+	case s.byRoom[a] != nil || s.byRoom[b] != nil:
+		return Invitation{}, proto.Errorf(proto.CodeConflict, "a room is already in a PK")
+	case s.invitesN[inviter] >= MaxInvitesPerInviter:
+		return Invitation{}, proto.Errorf(proto.CodeRateLimited, "at most %d pending PK invitations", MaxInvitesPerInviter)
+	case len(s.invites) >= MaxInvites:
+		return Invitation{}, proto.Errorf(proto.CodeRateLimited, "too many pending PK invitations, retry later")
+	}
+	inv := &Invitation{ID: newID(), Rooms: [2]int64{a, b}, Inviter: inviter, Duration: d, ExpiresAt: time.Now().Add(s.inviteTTL())}
+	s.invites[inv.ID] = inv
+	s.invitesN[inviter]++
+	inv.timer = time.AfterFunc(s.inviteTTL(), func() {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		if s.invites[inv.ID] == inv {
+			s.dropInviteLocked(inv)
+		}
+	})
+	return *inv, nil
+}
+
+func (s *Service) inviteTTL() time.Duration {
+	if s.ttl > 0 {
+		return s.ttl
+	}
+	return InviteTTL
+}
+
+func (s *Service) dropInviteLocked(inv *Invitation) {
+	inv.timer.Stop()
+	delete(s.invites, inv.ID)
+	if s.invitesN[inv.Inviter]--; s.invitesN[inv.Inviter] <= 0 {
+		delete(s.invitesN, inv.Inviter)
+	}
+}
+
+// Invitation returns pending invitation id (not expired).
+func (s *Service) Invitation(id string) (Invitation, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	inv, ok := s.invites[id]
+	if !ok || !time.Now().Before(inv.ExpiresAt) {
+		return Invitation{}, false
+	}
+	return *inv, true
+}
+
+// take removes pending invitation id: 10004 when there is none (expired,
+// declined, accepted).
+func (s *Service) take(id string) (Invitation, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	inv, ok := s.invites[id]
+	if !ok || !time.Now().Before(inv.ExpiresAt) {
+		return Invitation{}, proto.Errorf(proto.CodeNotFound, "PK invitation not found or expired")
+	}
+	s.dropInviteLocked(inv)
+	return *inv, nil
+}
+
+// Accept starts the contest of invitation id (same id), recorded durably
+// before it is announced.
+func (s *Service) Accept(id string) (Contest, error) {
+	inv, err := s.take(id)
+	if err != nil {
+		return Contest{}, err
+	}
+	return s.start(inv.ID, inv.Rooms[0], inv.Rooms[1], inv.Duration)
+}
+
+// Decline drops invitation id; no contest starts.
+func (s *Service) Decline(id string) error {
+	_, err := s.take(id)
+	return err
+}
+
+// Start pairs rooms a and b for d at once (an admin's pairing; anchors go
+// through Invite and Accept). The contest is recorded durably before it is
+// announced.
+func (s *Service) Start(a, b int64, d time.Duration) (Contest, error) {
+	return s.start(newID(), a, b, d)
+}
+
+func (s *Service) start(id string, a, b int64, d time.Duration) (Contest, error) {
+	if err := checkPair(a, b, d); err != nil {
+		return Contest{}, err
 	}
 	if !s.isOpen(a) || !s.isOpen(b) {
 		return Contest{}, proto.Errorf(proto.CodeNotFound, "room not found or closed")
@@ -235,7 +372,7 @@ func (s *Service) Start(a, b int64, d time.Duration) (Contest, error) {
 		s.mu.Unlock()
 		return Contest{}, proto.Errorf(proto.CodeConflict, "a room is already in a PK")
 	}
-	c := &Contest{ID: newID(), Rooms: [2]int64{a, b}, EndsAt: time.Now().Add(d)}
+	c := &Contest{ID: id, Rooms: [2]int64{a, b}, EndsAt: time.Now().Add(d)}
 	s.byRoom[a], s.byRoom[b] = c, c // reserved: not live until recorded
 	rec := c.record()
 	s.writes.Add(1)
@@ -375,14 +512,19 @@ func (s *Service) forgetLater(c *Contest, after time.Duration) {
 	})
 }
 
+// ScoreMap is the contest's scores keyed by room id (decimal), the one
+// shape of scores everywhere: biz 5558's d and GET /api/v1/pk/{id}.
+func (c *Contest) ScoreMap() map[string]int64 {
+	return map[string]int64{
+		strconv.FormatInt(c.Rooms[0], 10): c.Scores[0],
+		strconv.FormatInt(c.Rooms[1], 10): c.Scores[1],
+	}
+}
+
 // publish pushes c's state to both rooms. Called with s.mu held.
 func (s *Service) publish(c *Contest) {
 	c.Seq++
-	p := Progress{PKID: c.ID, Seq: c.Seq, EndsAt: c.EndsAt.UnixMilli(), Over: c.Over,
-		Scores: map[string]int64{
-			strconv.FormatInt(c.Rooms[0], 10): c.Scores[0],
-			strconv.FormatInt(c.Rooms[1], 10): c.Scores[1],
-		}}
+	p := Progress{PKID: c.ID, Seq: c.Seq, EndsAt: c.EndsAt.UnixMilli(), Over: c.Over, Scores: c.ScoreMap()}
 	if c.Over {
 		p.Winner = c.winner()
 	}

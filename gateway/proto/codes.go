@@ -20,6 +20,7 @@ const (
 	CodeInsufficientBalance = 20001
 	CodeGiftUnavailable     = 20002
 	CodeGiftToSelf          = 20003
+	CodeAccountFrozen       = 20004 // extension: the sender's or receiver's account is frozen (HTTP 403)
 
 	CodeRedPacketNotFound = 30001
 	CodeRedPacketTaken    = 30002
@@ -78,7 +79,7 @@ func HTTPStatus(code int) int {
 		return http.StatusOK
 	case CodeUnauthenticated:
 		return http.StatusUnauthorized
-	case CodeForbidden:
+	case CodeForbidden, CodeAccountFrozen:
 		return http.StatusForbidden
 	case CodeNotFound, CodeProductNotFound, CodeRedPacketNotFound:
 		return http.StatusNotFound

@@ -47,9 +47,11 @@ type Provider struct {
 
 	mu       sync.Mutex
 	payments map[string]*payment
+	hang     map[string]bool // orders whose active query never answers
 
 	Attempts  atomic.Int64 // HTTP deliveries made (copies included)
 	Delivered atomic.Int64 // payments whose notify was acknowledged
+	hanging   atomic.Int64 // active queries held by HangQuery now
 	wg        sync.WaitGroup
 	stop      chan struct{}
 }
@@ -68,8 +70,19 @@ func New(cfg Config) *Provider {
 	if cfg.Client == nil {
 		cfg.Client = &http.Client{Timeout: 5 * time.Second}
 	}
-	return &Provider{cfg: cfg, payments: map[string]*payment{}, stop: make(chan struct{})}
+	return &Provider{cfg: cfg, payments: map[string]*payment{}, hang: map[string]bool{}, stop: make(chan struct{})}
 }
+
+// HangQuery makes the active query of order hang (until the caller gives up
+// or the provider closes), as an unresponsive provider does.
+func (p *Provider) HangQuery(orderID string) {
+	p.mu.Lock()
+	p.hang[orderID] = true
+	p.mu.Unlock()
+}
+
+// Hanging counts the active queries hanging now.
+func (p *Provider) Hanging() int64 { return p.hanging.Load() }
 
 // Close stops deliveries and waits for them.
 func (p *Provider) Close() {
@@ -181,7 +194,7 @@ func (p *Provider) post(url, sig string, body []byte) bool {
 // Handler serves the provider's HTTP API:
 //
 //	POST /pay?order_id=&amount=&notify_url=[&status=FAILED]   the user pays
-//	GET  /query?order_id=                                     active query (signed answer)
+//	GET  /query?order_id=                                     active query (signed answer; hangs for HangQuery orders)
 //	GET  /stats                                               attempts / delivered
 func (p *Provider) Handler() http.Handler {
 	mux := http.NewServeMux()
@@ -200,6 +213,16 @@ func (p *Provider) Handler() http.Handler {
 	mux.HandleFunc("/query", func(w http.ResponseWriter, r *http.Request) {
 		id := r.URL.Query().Get("order_id")
 		p.mu.Lock()
+		if p.hang[id] {
+			p.mu.Unlock()
+			p.hanging.Add(1)
+			defer p.hanging.Add(-1)
+			select {
+			case <-r.Context().Done():
+			case <-p.stop:
+			}
+			return
+		}
 		pm, ok := p.payments[id]
 		var ev pay.Event
 		if ok {

@@ -1,0 +1,163 @@
+package pay
+
+import (
+	"context"
+	"fmt"
+	"hash/fnv"
+	"log/slog"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/redis/rueidis"
+)
+
+// MaxWorkers is the number of order-id worker ids (the id's worker bits).
+const MaxWorkers = 1 << workerBits
+
+// DefaultLeaseTTL is how long a worker lease lives without a refresh.
+const DefaultLeaseTTL = 30 * time.Second
+
+// WorkerLeaseKey is the Redis key of worker id's lease; its value is the
+// holding node's id.
+func WorkerLeaseKey(id int) string { return "liveedge:pay:worker:" + strconv.Itoa(id) }
+
+// WorkerLease is an order-id worker id held in Redis, so that the nodes of a
+// cluster (which share Redis) never generate ids with the same worker bits:
+// the key WorkerLeaseKey(id) names the holder (SET with a TTL, only when
+// free or already this node's), a goroutine refreshes it every TTL/3, and
+// Close deletes it if it is still this node's. A node restarting under the
+// same node.id takes its own lease back at once. Held turns false when the
+// lease was taken by another node (after it expired, e.g. Redis unreachable
+// for longer than the TTL) or was not refreshed within the TTL; the order
+// service refuses to make ids then.
+type WorkerLease struct {
+	client rueidis.Client
+	node   string
+	id     int
+	ttl    time.Duration
+	log    *slog.Logger
+
+	lastOK atomic.Int64 // unix ns of the last successful claim or refresh
+	lost   atomic.Bool  // another node holds the key
+
+	stop chan struct{}
+	once sync.Once
+	wg   sync.WaitGroup
+}
+
+// claimScript takes KEYS[1] for node ARGV[1] for ARGV[2] ms when it is free
+// or already the node's: 1 taken, 0 another node holds it.
+var claimScript = rueidis.NewLuaScript(`
+local v = redis.call('GET', KEYS[1])
+if v == false or v == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0`)
+
+// releaseScript deletes KEYS[1] only when it is still node ARGV[1]'s.
+var releaseScript = rueidis.NewLuaScript(`
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0`)
+
+// LeaseWorker takes a worker id for node: want ≥ 0 takes exactly that id (an
+// error when another node holds it); want < 0 takes the first free id,
+// starting from a hash of node (an error when all MaxWorkers are held).
+// ttl ≤ 0 means DefaultLeaseTTL.
+func LeaseWorker(ctx context.Context, client rueidis.Client, node string, want int, ttl time.Duration, log *slog.Logger) (*WorkerLease, error) {
+	if ttl <= 0 {
+		ttl = DefaultLeaseTTL
+	}
+	if log == nil {
+		log = slog.Default()
+	}
+	if want >= MaxWorkers {
+		return nil, fmt.Errorf("pay: worker id %d out of range 0..%d", want, MaxWorkers-1)
+	}
+	l := &WorkerLease{client: client, node: node, ttl: ttl, log: log, stop: make(chan struct{})}
+	candidates := []int{want}
+	if want < 0 {
+		h := fnv.New32a()
+		h.Write([]byte(node))
+		start := int(h.Sum32() % MaxWorkers)
+		candidates = candidates[:0]
+		for i := 0; i < MaxWorkers; i++ {
+			candidates = append(candidates, (start+i)%MaxWorkers)
+		}
+	}
+	for _, id := range candidates {
+		ok, err := l.claim(ctx, id)
+		if err != nil {
+			return nil, fmt.Errorf("pay: lease worker id: %w", err)
+		}
+		if ok {
+			l.id = id
+			l.lastOK.Store(time.Now().UnixNano())
+			l.wg.Add(1)
+			go l.refreshLoop()
+			return l, nil
+		}
+	}
+	if want >= 0 {
+		holder, _ := client.Do(ctx, client.B().Get().Key(WorkerLeaseKey(want)).Build()).ToString()
+		return nil, fmt.Errorf("pay: worker id %d is held by node %q (pay.worker_id must differ per node)", want, holder)
+	}
+	return nil, fmt.Errorf("pay: all %d worker ids are held by other nodes", MaxWorkers)
+}
+
+func (l *WorkerLease) claim(ctx context.Context, id int) (bool, error) {
+	n, err := claimScript.Exec(ctx, l.client, []string{WorkerLeaseKey(id)},
+		[]string{l.node, strconv.FormatInt(l.ttl.Milliseconds(), 10)}).AsInt64()
+	return n == 1, err
+}
+
+// ID is the leased worker id.
+func (l *WorkerLease) ID() int { return l.id }
+
+// Held reports whether the lease is this node's: refreshed within its TTL
+// and not taken by another node.
+func (l *WorkerLease) Held() bool {
+	return !l.lost.Load() && time.Since(time.Unix(0, l.lastOK.Load())) < l.ttl
+}
+
+func (l *WorkerLease) refreshLoop() {
+	defer l.wg.Done()
+	t := time.NewTicker(l.ttl / 3)
+	defer t.Stop()
+	for {
+		select {
+		case <-l.stop:
+			return
+		case <-t.C:
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), l.ttl/3)
+		ok, err := l.claim(ctx, l.id)
+		cancel()
+		switch {
+		case err != nil:
+			l.log.Warn("pay: worker lease not refreshed", "worker_id", l.id, "err", err)
+		case !ok:
+			if !l.lost.Swap(true) {
+				l.log.Error("pay: worker lease taken by another node; order creation stops", "worker_id", l.id)
+			}
+		default:
+			l.lost.Store(false)
+			l.lastOK.Store(time.Now().UnixNano())
+		}
+	}
+}
+
+// Close stops refreshing and releases the lease if it is still this node's.
+func (l *WorkerLease) Close() {
+	l.once.Do(func() {
+		close(l.stop)
+		l.wg.Wait()
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		if err := releaseScript.Exec(ctx, l.client, []string{WorkerLeaseKey(l.id)}, []string{l.node}).Error(); err != nil {
+			l.log.Warn("pay: worker lease not released (expires by itself)", "worker_id", l.id, "err", err)
+		}
+	})
+}

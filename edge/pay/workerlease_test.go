@@ -1,0 +1,115 @@
+package pay_test
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/redis/rueidis"
+
+	"github.com/liveedge/liveedge/edge/pay"
+	"github.com/liveedge/liveedge/persist/redistest"
+)
+
+func leaseClient(t *testing.T) rueidis.Client {
+	t.Helper()
+	srv := redistest.Start(t)
+	c, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{srv.Addr}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c.Close)
+	return c
+}
+
+// Nodes sharing Redis never get the same worker id: MaxWorkers nodes that
+// derive theirs (-1) all get different ones and the next node is refused;
+// an explicit id held by another node is refused; a released id (shutdown)
+// is free again; a node restarting under its own id takes its lease back.
+func TestWorkerLeaseUnique(t *testing.T) {
+	c := leaseClient(t)
+	ctx := context.Background()
+	seen := map[int]string{}
+	var leases []*pay.WorkerLease
+	for i := 0; i < pay.MaxWorkers; i++ {
+		node := fmt.Sprintf("gw-%d", i)
+		l, err := pay.LeaseWorker(ctx, c, node, -1, time.Minute, nil)
+		if err != nil {
+			t.Fatalf("%s: %v", node, err)
+		}
+		if other, dup := seen[l.ID()]; dup {
+			t.Fatalf("%s got worker id %d, already %s's", node, l.ID(), other)
+		}
+		seen[l.ID()] = node
+		if !l.Held() {
+			t.Fatalf("%s: lease not held", node)
+		}
+		leases = append(leases, l)
+	}
+	if _, err := pay.LeaseWorker(ctx, c, "gw-extra", -1, time.Minute, nil); err == nil {
+		t.Fatal("a node beyond MaxWorkers got a worker id")
+	}
+	// An explicit id another node holds.
+	if _, err := pay.LeaseWorker(ctx, c, "gw-extra", leases[3].ID(), time.Minute, nil); err == nil || !strings.Contains(err.Error(), "gw-3") {
+		t.Fatalf("explicit id held by gw-3: %v", err)
+	}
+	// The same node restarting (its lease still in Redis) takes it back.
+	again, err := pay.LeaseWorker(ctx, c, "gw-5", leases[5].ID(), time.Minute, nil)
+	if err != nil || again.ID() != leases[5].ID() {
+		t.Fatalf("gw-5 restarting: %v", err)
+	}
+	// Shutdown releases: the id is free for another node.
+	freed := leases[7].ID()
+	leases[7].Close()
+	l, err := pay.LeaseWorker(ctx, c, "gw-new", freed, time.Minute, nil)
+	if err != nil || l.ID() != freed {
+		t.Fatalf("released id %d not free: %v", freed, err)
+	}
+	if v, _ := c.Do(ctx, c.B().Get().Key(pay.WorkerLeaseKey(freed)).Build()).ToString(); v != "gw-new" {
+		t.Fatalf("holder %q", v)
+	}
+	l.Close()
+	for _, l := range leases {
+		l.Close()
+	}
+}
+
+// The lease is refreshed before its TTL ends; once another node holds the
+// key, Held turns false (the order service then refuses to make ids).
+func TestWorkerLeaseRefreshAndLoss(t *testing.T) {
+	c := leaseClient(t)
+	ctx := context.Background()
+	const ttl = 300 * time.Millisecond
+	l, err := pay.LeaseWorker(ctx, c, "gw-a", 4, ttl, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	key := pay.WorkerLeaseKey(4)
+	// Refreshed: still there after several TTLs.
+	deadline := time.Now().Add(3 * ttl)
+	for time.Now().Before(deadline) {
+		if v, _ := c.Do(ctx, c.B().Get().Key(key).Build()).ToString(); v != "gw-a" || !l.Held() {
+			t.Fatalf("lease lapsed: holder %q held %v", v, l.Held())
+		}
+		time.Sleep(ttl / 10)
+	}
+	// Another node takes the key (as after an expiry): the lease is lost.
+	if err := c.Do(ctx, c.B().Set().Key(key).Value("gw-b").Build()).Error(); err != nil {
+		t.Fatal(err)
+	}
+	deadline = time.Now().Add(10 * time.Second)
+	for l.Held() {
+		if time.Now().After(deadline) {
+			t.Fatal("lease still held after another node took it")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	// Close does not delete the other node's key.
+	l.Close()
+	if v, _ := c.Do(ctx, c.B().Get().Key(key).Build()).ToString(); v != "gw-b" {
+		t.Fatalf("holder after close %q", v)
+	}
+}

@@ -1,0 +1,79 @@
+package pk
+
+import (
+	"testing"
+	"time"
+
+	"github.com/liveedge/liveedge/gateway/proto"
+	"github.com/liveedge/liveedge/persist"
+	"github.com/liveedge/liveedge/router"
+)
+
+// An invitation that nobody accepts expires after its TTL: it can no longer
+// be accepted, no contest exists, and its inviter's pending slot is free.
+func TestInvitationExpires(t *testing.T) {
+	st, err := persist.Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = st.Close() })
+	rt := router.NewLocal("t", router.LocalConfig{})
+	rt.OpenRoom(1)
+	rt.OpenRoom(2)
+	noTallies := func(string, int64) (int64, error) { return 0, nil }
+	s := New(rt, func(int64) bool { return true }, st, noTallies, nil)
+	t.Cleanup(s.Close)
+	s.ttl = 100 * time.Millisecond
+	var ids []string
+	for i := 0; i < MaxInvitesPerInviter; i++ {
+		inv, err := s.Invite(7, 1, 2, time.Minute)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, inv.ID)
+	}
+	if _, err := s.Invite(7, 1, 2, time.Minute); proto.AsError(err).Code != proto.CodeRateLimited {
+		t.Fatalf("invitation over the bound: %v", err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		if _, pending := s.Invitation(ids[0]); !pending {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("invitation did not expire")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	for _, id := range ids {
+		if _, err := s.Accept(id); proto.AsError(err).Code != proto.CodeNotFound {
+			t.Fatalf("accept of expired %s: %v", id, err)
+		}
+		if _, found := s.Get(id); found {
+			t.Fatalf("contest %s exists", id)
+		}
+	}
+	if s.Opponent(1) != 0 || s.Opponent(2) != 0 {
+		t.Fatal("a room is in a contest")
+	}
+	// The timers dropped the expired invitations: the inviter may invite again.
+	for {
+		s.mu.Lock()
+		n := len(s.invites) + s.invitesN[7]
+		s.mu.Unlock()
+		if n == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("expired invitations still held")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	inv, err := s.Invite(7, 1, 2, time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c, err := s.Accept(inv.ID); err != nil || c.ID != inv.ID || s.Opponent(2) != 1 {
+		t.Fatalf("accept: %+v %v", c, err)
+	}
+}

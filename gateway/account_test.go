@@ -1,0 +1,160 @@
+package gateway_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/liveedge/liveedge/edge/gift"
+	"github.com/liveedge/liveedge/gateway"
+	"github.com/liveedge/liveedge/gateway/nodetest"
+	"github.com/liveedge/liveedge/gateway/proto"
+	"github.com/liveedge/liveedge/persist/persisttest"
+)
+
+func setStatus(t *testing.T, n *gateway.Node, token string, user int64, body string) (int, int) {
+	t.Helper()
+	var out struct {
+		Code int `json:"code"`
+	}
+	st := nodetest.DoJSON(t, "PUT", fmt.Sprintf("%s/api/v1/admin/users/%d/status", nodetest.HTTPURL(n), user), token, body, &out)
+	return st, out.Code
+}
+
+func getStatus(t *testing.T, n *gateway.Node, token string, user int64) int {
+	t.Helper()
+	var out struct {
+		Data struct {
+			Status int `json:"status"`
+		} `json:"data"`
+	}
+	if st := nodetest.DoJSON(t, "GET", fmt.Sprintf("%s/api/v1/admin/users/%d/status", nodetest.HTTPURL(n), user), token, "", &out); st != 200 {
+		t.Fatalf("get status: %d", st)
+	}
+	return out.Data.Status
+}
+
+// A frozen account (SPEC §2, status 2) can neither send nor receive: a
+// frozen sender's gift and a gift to a frozen receiver are refused with
+// 20004 (biz 5557 to the sender), nothing moved; a frozen user cannot
+// create a payment order; the freeze is durable across a restart; an
+// unfreeze lets coins move again. Only an admin sets the status.
+func TestFrozenAccountMovesNothing(t *testing.T) {
+	cfg := nodetest.Config(t)
+	cfg.Limits.GiftPerSecond = 0
+	n := nodetest.Start(t, cfg)
+	const anchor, sender = 1, 50
+	room := nodetest.OpenRoom(t, n, anchor, 0)
+	admin := nodetest.Token(t, n, 9000, gateway.RoleAdmin)
+	devCredit(t, n, sender, 1000)
+
+	// Only admins; only 1 or 2.
+	if st, code := setStatus(t, n, nodetest.Token(t, n, sender, gateway.RoleAnchor), sender, `{"status":2}`); st != 403 || code != proto.CodeForbidden {
+		t.Fatalf("non-admin freeze: %d %d", st, code)
+	}
+	for _, bad := range []string{`{"status":3}`, `{"status":0}`, `{"status":"x"}`, `nope`} {
+		if st, code := setStatus(t, n, admin, sender, bad); st != 400 || code != proto.CodeBadRequest {
+			t.Fatalf("bad status %s: %d %d", bad, st, code)
+		}
+	}
+	if s := getStatus(t, n, admin, sender); s != 1 {
+		t.Fatalf("initial status %d", s)
+	}
+
+	var log pushLog
+	c := sdkDial(t, n, sender, &log, nil)
+	ctx := context.Background()
+	if _, err := c.Join(ctx, room); err != nil {
+		t.Fatal(err)
+	}
+	refused := func(req string) {
+		t.Helper()
+		_, err := sendGift(ctx, c, giftReq(room, anchor, 23, 1, req))
+		var pe *proto.Error
+		if !errors.As(err, &pe) || pe.Code != proto.CodeAccountFrozen {
+			t.Fatalf("gift %s: %v, want code %d", req, err, proto.CodeAccountFrozen)
+		}
+		if b, _ := n.Ledger.Balance(sender); b != 1000 {
+			t.Fatalf("sender balance %d after a refused gift", b)
+		}
+		if r, _ := n.Ledger.Tally(gift.TallyReceived, anchor); r != 0 {
+			t.Fatalf("receiver got %d", r)
+		}
+		nodetest.Eventually(t, 5*time.Second, func() bool {
+			for _, p := range log.snapshot() {
+				var d gift.FailedPush
+				if p.Biz == proto.BizGiftFailed && proto.Unmarshal(p.Data, &d) == nil && d.ReqID == req && d.Code == proto.CodeAccountFrozen {
+					return true
+				}
+			}
+			return false
+		}, "no biz 5557 with 20004 for %s", req)
+	}
+
+	// Frozen sender.
+	if st, _ := setStatus(t, n, admin, sender, `{"status":2}`); st != 200 {
+		t.Fatalf("freeze: %d", st)
+	}
+	if s := getStatus(t, n, admin, sender); s != 2 {
+		t.Fatalf("status %d after freeze", s)
+	}
+	refused("frozen-sender")
+	var order struct {
+		Code int `json:"code"`
+	}
+	if st := nodetest.DoJSON(t, "POST", nodetest.HTTPURL(n)+"/api/v1/pay/orders", nodetest.Token(t, n, sender, gateway.RoleViewer),
+		`{"product_id":1,"channel":"mock","req_id":"frozen-order"}`, &order); st != 403 || order.Code != proto.CodeAccountFrozen {
+		t.Fatalf("frozen user's order: %d %d", st, order.Code)
+	}
+
+	// Frozen receiver (the sender unfrozen).
+	if st, _ := setStatus(t, n, admin, sender, `{"status":1}`); st != 200 {
+		t.Fatalf("unfreeze: %d", st)
+	}
+	if st, _ := setStatus(t, n, admin, anchor, `{"status":2}`); st != 200 {
+		t.Fatalf("freeze receiver: %d", st)
+	}
+	refused("frozen-receiver")
+	persisttest.CheckConservation(t, n.Ledger)
+
+	// The freeze survives a restart.
+	c.Close()
+	sctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	if err := n.Shutdown(sctx); err != nil {
+		t.Fatal(err)
+	}
+	cancel()
+	n = nodetest.Start(t, cfg)
+	admin = nodetest.Token(t, n, 9000, gateway.RoleAdmin)
+	if s := getStatus(t, n, admin, anchor); s != 2 {
+		t.Fatalf("receiver status %d after restart", s)
+	}
+	if s := getStatus(t, n, admin, sender); s != 1 {
+		t.Fatalf("sender status %d after restart", s)
+	}
+	c = sdkDial(t, n, sender, &log, nil)
+	if _, err := c.Join(ctx, room); err != nil {
+		t.Fatal(err)
+	}
+	refused("frozen-receiver-after-restart")
+
+	// Unfrozen: the gift goes through.
+	if st, _ := setStatus(t, n, admin, anchor, `{"status":1}`); st != 200 {
+		t.Fatalf("unfreeze receiver: %d", st)
+	}
+	if _, err := sendGift(ctx, c, giftReq(room, anchor, 23, 1, "unfrozen")); err != nil {
+		t.Fatalf("gift after unfreeze: %v", err)
+	}
+	if b, _ := n.Ledger.Balance(sender); b != 980 {
+		t.Fatalf("sender balance %d", b)
+	}
+	if r, _ := n.Ledger.Tally(gift.TallyReceived, anchor); r != 20 {
+		t.Fatalf("received %d", r)
+	}
+	cr, db, _ := persisttest.CheckConservation(t, n.Ledger)
+	if cr != 1000 || db != 20 { // the dev credit, the one gift
+		t.Fatalf("credits %d debits %d", cr, db)
+	}
+}
