@@ -252,6 +252,20 @@ func TestSlowConsumerClosedRoomUnaffected(t *testing.T) {
 	// A busy live room: ~500 pushes/s of ~450 bytes. The slow client's
 	// kernel buffers (its 4 KiB receive buffer, the server's 16 KiB send
 	// buffer) plus its 64 KiB queue overflow after ~230 pushes.
+	// The slow client reads again as soon as it is cut off, as a real one
+	// whose stall ended would: resumed only after the whole publish loop, on
+	// a loaded machine it stayed silent past the node's write timeout, and
+	// the node rightly dropped the socket without the close frame (-1).
+	cutOff := make(chan struct{})
+	go func() {
+		defer close(cutOff)
+		for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+			if v, err := metricValueErr(n, "liveedge_slow_consumer_closes_total"); err == nil && v == 1 {
+				slow.Resume()
+				return
+			}
+		}
+	}()
 	pad := strings.Repeat("p", 400)
 	for i := 0; i < pushes; i++ {
 		d := fmt.Sprintf(`{"seq":%d,"at":%d,"pad":"%s"}`, i, time.Now().UnixNano(), pad)
@@ -263,9 +277,10 @@ func TestSlowConsumerClosedRoomUnaffected(t *testing.T) {
 	// The node cut the slow client off (4408) while the room went on; once the
 	// client reads again it finds the close frame after what the kernel had
 	// buffered.
-	nodetest.Eventually(t, 10*time.Second, func() bool { return metricValue(t, n, "liveedge_slow_consumer_closes_total") == 1 },
-		"slow consumer not closed")
-	slow.Resume()
+	<-cutOff
+	if v := metricValue(t, n, "liveedge_slow_consumer_closes_total"); v != 1 {
+		t.Fatalf("slow consumer closes = %v, want 1", v)
+	}
 	wg.Wait()
 	close(meterStop)
 	<-meterDone
@@ -306,9 +321,18 @@ func configsDuration(d time.Duration) configs.Duration { return configs.Duration
 // metricValue reads one unlabelled-by-test metric of n from /metrics.
 func metricValue(t *testing.T, n *gateway.Node, name string) float64 {
 	t.Helper()
-	resp, err := http.Get(nodetest.HTTPURL(n) + "/metrics")
+	v, err := metricValueErr(n, name)
 	if err != nil {
 		t.Fatal(err)
+	}
+	return v
+}
+
+// metricValueErr is metricValue for goroutines other than the test's.
+func metricValueErr(n *gateway.Node, name string) (float64, error) {
+	resp, err := http.Get(nodetest.HTTPURL(n) + "/metrics")
+	if err != nil {
+		return 0, err
 	}
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(resp.Body)
@@ -316,10 +340,10 @@ func metricValue(t *testing.T, n *gateway.Node, name string) float64 {
 		if strings.HasPrefix(line, name+"{") || strings.HasPrefix(line, name+" ") {
 			f := strings.Fields(line)
 			v, _ := strconv.ParseFloat(f[len(f)-1], 64)
-			return v
+			return v, nil
 		}
 	}
-	return 0
+	return 0, nil
 }
 
 // jsonInt reads the integer after key in a flat JSON object.
