@@ -207,7 +207,9 @@ func (s *Service) Restore(now time.Time) error {
 		c := &Contest{ID: r.ID, Rooms: r.Rooms, EndsAt: time.UnixMilli(r.EndsAt), Over: r.Over,
 			Scores: r.Scores, Seq: r.Seq}
 		if r.Over {
+			s.mu.Lock()
 			s.contests[c.ID] = c
+			s.mu.Unlock()
 			s.forgetLater(c, c.EndsAt.Add(s.keep).Sub(now))
 			continue
 		}
@@ -223,9 +225,13 @@ func (s *Service) Restore(now time.Time) error {
 		if err := s.save(c.record()); err != nil {
 			return err
 		}
+		// Under the lock: the timer of a contest restored a moment ago may
+		// already be ending it (and deleting from these maps).
+		s.mu.Lock()
 		c.live = true
 		s.byRoom[c.Rooms[0]], s.byRoom[c.Rooms[1]], s.contests[c.ID] = c, c, c
 		c.timer = time.AfterFunc(max(0, c.EndsAt.Sub(now)), func() { s.end(c) })
+		s.mu.Unlock()
 		s.log.Info("pk contest restored", "pk_id", c.ID, "rooms", c.Rooms, "scores", c.Scores, "ends_at", c.EndsAt)
 	}
 	return nil
