@@ -263,22 +263,27 @@ var LiveClient = class _LiveClient {
         } catch {
           return;
         }
-        if (f.t !== "hello") return;
+        const frames = f.t === "batch" && Array.isArray(f.d) ? f.d : [f];
+        const i = frames.findIndex((x) => x && x.t === "hello");
+        if (i < 0) return;
         clearTimeout(timer);
-        resolve(f.d);
+        const hello2 = frames[i].d;
+        this.helloFrame = hello2;
+        this.ws = ws;
+        this.lastSend = Date.now();
+        ws.onmessage = (e) => this.onMessage(ws, e.data);
+        ws.onclose = (e) => this.dropped(ws, e.code, e.reason);
+        ws.onerror = null;
+        if (i + 1 < frames.length) this.onFrames(ws, frames.slice(i + 1));
+        resolve(hello2);
       };
     });
     if (this.closed) {
-      ws.onclose = null;
+      if (this.ws === ws) this.ws = null;
+      ws.onmessage = ws.onclose = null;
       ws.close(Close.Normal);
       throw new ClosedError(this.closeCause);
     }
-    this.helloFrame = hello;
-    this.ws = ws;
-    this.lastSend = Date.now();
-    ws.onmessage = (ev) => this.onMessage(ws, ev.data);
-    ws.onclose = (ev) => this.dropped(ws, ev.code, ev.reason);
-    ws.onerror = null;
     this.startHeartbeat(ws, hello);
     await this.rejoin(ws).catch(() => void 0);
     if (this.ws !== ws) {
@@ -295,13 +300,14 @@ var LiveClient = class _LiveClient {
   /** Re-joins every room on a new connection (since when offsets were seen). */
   async rejoin(ws) {
     const joins = [...this.rooms].map(async ([room, st]) => {
+      const sent = st.since;
       const d = { room_id: room };
-      if (st.since) d.since = st.since;
+      if (sent) d.since = sent;
       try {
         const r = await this.send(ws, "join", d, this.o.requestTimeoutMs);
-        if (st.since && r.recovered === false) this.emitState({ state: "room_resync", room, since: st.since });
+        if (sent && r.recovered === false) this.emitState({ state: "room_resync", room, since: sent });
         const s = sinceOf(r);
-        if (s && (!st.since || r.recovered === false || s.ep !== st.since.ep)) st.since = s;
+        if (s && st.since === sent && (!sent || r.recovered === false || s.ep !== sent.ep)) st.since = s;
       } catch (e) {
         if (e instanceof ReplyError) {
           this.rooms.delete(room);
@@ -465,12 +471,12 @@ var LiveClient = class _LiveClient {
     } catch {
       return;
     }
+    this.onFrames(ws, f.t === "batch" ? Array.isArray(f.d) ? f.d : [] : [f]);
+  }
+  /** Handles the frames of one received message, then acks its pushes in one frame. */
+  onFrames(ws, frames) {
     const acks = [];
-    if (f.t === "batch") {
-      if (Array.isArray(f.d)) for (const x of f.d) this.handle(x, acks);
-    } else {
-      this.handle(f, acks);
-    }
+    for (const x of frames) this.handle(x, acks);
     for (let i = 0; i < acks.length; i += MaxAckMids) {
       const mids = acks.slice(i, i + MaxAckMids);
       try {

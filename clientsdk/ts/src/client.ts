@@ -387,22 +387,30 @@ export class LiveClient {
         } catch {
           return;
         }
-        if (f.t !== "hello") return; // the hello is always the first frame
+        // The hello is the first frame; with batching it may open a batch.
+        const frames: ServerFrame[] = f.t === "batch" && Array.isArray(f.d) ? f.d : [f];
+        const i = frames.findIndex((x) => x && x.t === "hello");
+        if (i < 0) return;
         clearTimeout(timer);
-        resolve(f.d);
+        const hello = (frames[i] as { d: Hello }).d;
+        // Switch to the session's handlers now, not after an await: frames
+        // that follow the hello in the same read are dispatched at once.
+        this.helloFrame = hello;
+        this.ws = ws;
+        this.lastSend = Date.now();
+        ws.onmessage = (e) => this.onMessage(ws, e.data);
+        ws.onclose = (e) => this.dropped(ws, e.code, e.reason);
+        ws.onerror = null;
+        if (i + 1 < frames.length) this.onFrames(ws, frames.slice(i + 1));
+        resolve(hello);
       };
     });
     if (this.closed) {
-      ws.onclose = null;
+      if (this.ws === ws) this.ws = null;
+      ws.onmessage = ws.onclose = null;
       ws.close(Close.Normal);
       throw new ClosedError(this.closeCause);
     }
-    this.helloFrame = hello;
-    this.ws = ws;
-    this.lastSend = Date.now();
-    ws.onmessage = (ev) => this.onMessage(ws, ev.data);
-    ws.onclose = (ev) => this.dropped(ws, ev.code, ev.reason);
-    ws.onerror = null;
     this.startHeartbeat(ws, hello);
     await this.rejoin(ws).catch(() => undefined);
     if (this.ws !== ws) {
@@ -421,13 +429,15 @@ export class LiveClient {
   /** Re-joins every room on a new connection (since when offsets were seen). */
   private async rejoin(ws: WebSocketLike): Promise<void> {
     const joins = [...this.rooms].map(async ([room, st]) => {
+      const sent = st.since;
       const d: Requests["join"][0] = { room_id: room };
-      if (st.since) d.since = st.since;
+      if (sent) d.since = sent;
       try {
         const r = (await this.send(ws, "join", d, this.o.requestTimeoutMs)) as JoinReply;
-        if (st.since && r.recovered === false) this.emitState({ state: "room_resync", room, since: st.since });
+        if (sent && r.recovered === false) this.emitState({ state: "room_resync", room, since: sent });
+        // Pushes read meanwhile (after the reply) already moved since on.
         const s = sinceOf(r);
-        if (s && (!st.since || r.recovered === false || s.ep !== st.since.ep)) st.since = s;
+        if (s && st.since === sent && (!sent || r.recovered === false || s.ep !== sent.ep)) st.since = s;
       } catch (e) {
         if (e instanceof ReplyError) {
           this.rooms.delete(room);
@@ -603,12 +613,13 @@ export class LiveClient {
     } catch {
       return; // the server only sends JSON text frames
     }
+    this.onFrames(ws, f.t === "batch" ? (Array.isArray(f.d) ? f.d : []) : [f]);
+  }
+
+  /** Handles the frames of one received message, then acks its pushes in one frame. */
+  private onFrames(ws: WebSocketLike, frames: ServerFrame[]): void {
     const acks: string[] = [];
-    if (f.t === "batch") {
-      if (Array.isArray(f.d)) for (const x of f.d) this.handle(x, acks);
-    } else {
-      this.handle(f, acks);
-    }
+    for (const x of frames) this.handle(x, acks);
     for (let i = 0; i < acks.length; i += MaxAckMids) {
       const mids = acks.slice(i, i + MaxAckMids);
       try {
@@ -616,7 +627,7 @@ export class LiveClient {
         this.lastSend = Date.now();
         this.stats_.acksSent += mids.length;
       } catch {
-        return; // closing: the server resends on the next connection's... never: acks die with it
+        return; // closing: the connection's unacked pushes die with it
       }
     }
   }
