@@ -4,11 +4,13 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -100,22 +102,110 @@ func TestDemoPageInChromium(t *testing.T) {
 	n := nodetest.Start(t, cfg)
 	base := nodetest.HTTPURL(n) + "/demo/"
 
+	newPage := startBrowser(t, exe)
+	shots := t.TempDir()
+
+	// The anchor opens a room.
+	anchor := newPage("anchor")
+	anchor.run("open room", chromedp.Navigate(base+"?user=500"),
+		chromedp.WaitVisible(chromedp.CSS(`body[data-ready="1"]`)),
+		chromedp.Click(chromedp.CSS("#open")),
+		chromedp.WaitVisible(chromedp.CSS("#live")))
+	room := anchor.text("#room-id")
+	if room == "" || anchor.text("#anchor-id") != "500" {
+		t.Fatalf("anchor page: room %q anchor %q", room, anchor.text("#anchor-id"))
+	}
+
+	// Two viewers join it (one types the room id, one picks it from the list).
+	v1, v2 := newPage("viewer 501"), newPage("viewer 502")
+	v1.joinRoom(base, 501, room)
+	v2.run("join from the room list", chromedp.Navigate(base+"?user=502"),
+		chromedp.WaitVisible(chromedp.CSS(`body[data-ready="1"]`)),
+		chromedp.Click(chromedp.CSS(fmt.Sprintf(`#rooms button[data-room="%s"]`, room))),
+		chromedp.WaitVisible(chromedp.CSS("#live")))
+	for _, p := range []*tab{anchor, v1, v2} {
+		p.waitJS("online 3", `document.getElementById('online').textContent === '3'`)
+		p.waitJS("connected", `document.getElementById('state').textContent.startsWith('connected')`)
+	}
+
+	// Chat both ways.
+	say := func(p *tab, msg string) {
+		t.Helper()
+		p.run("chat", chromedp.SetValue(chromedp.CSS("#chat-input"), msg), chromedp.Click(chromedp.CSS("#chat-send")))
+	}
+	seen := func(msg string) string {
+		return fmt.Sprintf(`[...document.querySelectorAll('#chat-log li')].some(li => li.textContent.includes(%q))`, msg)
+	}
+	say(anchor, "welcome, viewers")
+	say(v1, "hi anchor!")
+	for _, p := range []*tab{anchor, v1, v2} {
+		p.waitJS("anchor's chat", seen("anchor 500welcome, viewers"))
+		p.waitJS("viewer's chat", seen("user 501hi anchor!"))
+	}
+
+	// The viewer recharges through the mock provider: its webhook credits 300 coins (biz 5570).
+	if b := v1.text("#balance"); b != "0" {
+		t.Fatalf("viewer balance before recharge: %q", b)
+	}
+	v1.run("recharge", chromedp.SetValue(chromedp.CSS("#product"), "1"), chromedp.Click(chromedp.CSS("#recharge")))
+	v1.waitJS("balance 300 after the provider's webhook", `document.getElementById('balance').textContent === '300'`)
+	if path := v1.text("#pay-note"); !strings.Contains(path, "+300 coins") {
+		t.Errorf("pay note: %q", path)
+	}
+	if via := v1.eval(`document.getElementById('pay-note').dataset.path`); via != "provider" {
+		t.Errorf("recharge went through %q, want the mock provider", via)
+	}
+
+	// A gift (皇冠, 20 coins): every page shows the effect; the sender's balance
+	// and the anchor's received total move.
+	if anchor.text("#received") != "0" {
+		t.Fatalf("anchor received before the gift: %q", anchor.text("#received"))
+	}
+	v1.run("send gift", chromedp.Click(chromedp.CSS(`#gifts button[data-gift="23"]`)))
+	v1.waitJS("balance 280", `document.getElementById('balance').textContent === '280'`)
+	for _, p := range []*tab{anchor, v1, v2} {
+		p.waitJS("gift effect", `!!document.querySelector('#effects .effect[data-gift="23"][data-from="501"]')`)
+	}
+	anchor.waitJS("anchor received 20", `document.getElementById('received').textContent === '20'`)
+	if e := v2.text("#effects .effect .text"); !strings.Contains(e, "user 501") || !strings.Contains(e, "×1") {
+		t.Errorf("effect text on the other viewer: %q", e)
+	}
+	if anchor.eval(`String(document.querySelector('#gifts button').disabled)`) != "true" {
+		t.Error("the anchor can click gift buttons (gifts to yourself are refused)")
+	}
+
+	for _, p := range []*tab{anchor, v1, v2} {
+		t.Logf("screenshot %s: %s", p.name, p.shot(shots, strings.ReplaceAll(p.name, " ", "-")+".png"))
+	}
+	if out := os.Getenv("LIVEEDGE_DEMO_SCREENSHOT"); out != "" {
+		src, _ := os.ReadFile(filepath.Join(shots, "viewer-501.png"))
+		if err := os.WriteFile(out, src, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// tab is one page of a headless Chromium; its methods fail the test with the
+// page's connection state and error texts.
+type tab struct {
+	t    *testing.T
+	name string
+	ctx  context.Context
+}
+
+// startBrowser starts Chromium for t and returns a function that opens tabs.
+func startBrowser(t *testing.T, exe string) func(name string) *tab {
 	opts := append(chromedp.DefaultExecAllocatorOptions[:],
 		chromedp.ExecPath(exe), chromedp.NoSandbox, chromedp.Headless, chromedp.DisableGPU,
 		chromedp.WindowSize(1280, 860))
 	actx, cancelA := chromedp.NewExecAllocator(context.Background(), opts...)
-	defer cancelA()
+	t.Cleanup(cancelA)
 	bctx, cancelB := chromedp.NewContext(actx)
-	defer cancelB()
+	t.Cleanup(cancelB)
 	if err := chromedp.Do(bctx); err != nil { // starts the browser
 		t.Fatalf("start chromium: %v", err)
 	}
-	shots := t.TempDir()
-	type page struct {
-		name string
-		ctx  context.Context
-	}
-	newPage := func(name string) page {
+	return func(name string) *tab {
 		ctx, cancel := chromedp.NewContext(bctx)
 		t.Cleanup(cancel)
 		// The first run opens the tab and ties it to the context it is given:
@@ -123,148 +213,112 @@ func TestDemoPageInChromium(t *testing.T) {
 		if err := chromedp.Do(ctx); err != nil {
 			t.Fatalf("open tab: %v", err)
 		}
-		return page{name, ctx}
+		return &tab{t, name, ctx}
 	}
-	fail := func(p page, what string, err error) {
-		t.Helper()
-		ctx, cancel := context.WithTimeout(p.ctx, 3*time.Second)
-		defer cancel()
-		state, _ := chromedp.Run(ctx, chromedp.Evaluate[string](`document.getElementById('state').textContent`))
-		errs, _ := chromedp.Run(ctx, chromedp.Evaluate[string](`[...document.querySelectorAll('.error')].map(e => e.textContent).join(' | ')`))
-		t.Fatalf("%s: %s: %v (state %q, errors %q)", p.name, what, err, state, errs)
-	}
-	bounded := func(p page) (context.Context, context.CancelFunc) { return context.WithTimeout(p.ctx, 20*time.Second) }
-	run := func(p page, what string, steps ...chromedp.Action[chromedp.Void]) {
-		t.Helper()
-		ctx, cancel := bounded(p)
-		defer cancel()
-		if err := chromedp.Do(ctx, steps...); err != nil {
-			fail(p, what, err)
-		}
-	}
-	// waitJS polls a JS condition on the page (no fixed sleeps).
-	waitJS := func(p page, what, cond string) {
-		t.Helper()
-		run(p, what, chromedp.Steps(func(ctx context.Context, tg *chromedp.Target) (chromedp.Void, error) {
-			_, err := chromedp.Poll[chromedp.Void](cond, chromedp.WithPollingTimeout(15*time.Second),
-				chromedp.WithPollingInterval(20*time.Millisecond))(ctx, tg)
-			return chromedp.Void{}, err
-		}))
-	}
-	eval := func(p page, expr string) string {
-		t.Helper()
-		ctx, cancel := bounded(p)
-		defer cancel()
-		v, err := chromedp.Run(ctx, chromedp.Evaluate[string](expr))
-		if err != nil {
-			fail(p, expr, err)
-		}
-		return v
-	}
-	text := func(p page, sel string) string {
-		t.Helper()
-		ctx, cancel := bounded(p)
-		defer cancel()
-		v, err := chromedp.Run(ctx, chromedp.Text(chromedp.CSS(sel)))
-		if err != nil {
-			fail(p, "read "+sel, err)
-		}
-		return strings.TrimSpace(v)
-	}
-	shot := func(p page, file string) string {
-		t.Helper()
-		ctx, cancel := bounded(p)
-		defer cancel()
-		png, err := chromedp.Run(ctx, chromedp.FullScreenshot(100)) // quality 100 = PNG
-		if err != nil {
-			fail(p, "screenshot", err)
-		}
-		path := filepath.Join(shots, file)
-		if err := os.WriteFile(path, png, 0o644); err != nil {
-			t.Fatal(err)
-		}
-		return path
-	}
+}
 
-	// The anchor opens a room.
-	anchor := newPage("anchor")
-	run(anchor, "open room", chromedp.Navigate(base+"?user=500"),
-		chromedp.WaitVisible(chromedp.CSS(`body[data-ready="1"]`)),
-		chromedp.Click(chromedp.CSS("#open")),
-		chromedp.WaitVisible(chromedp.CSS("#live")))
-	room := text(anchor, "#room-id")
-	if room == "" || text(anchor, "#anchor-id") != "500" {
-		t.Fatalf("anchor page: room %q anchor %q", room, text(anchor, "#anchor-id"))
-	}
+func (p *tab) fail(what string, err error) {
+	p.t.Helper()
+	ctx, cancel := context.WithTimeout(p.ctx, 3*time.Second)
+	defer cancel()
+	state, _ := chromedp.Run(ctx, chromedp.Evaluate[string](`document.getElementById('state').textContent`))
+	errs, _ := chromedp.Run(ctx, chromedp.Evaluate[string](`[...document.querySelectorAll('.error')].map(e => e.textContent).join(' | ')`))
+	p.t.Fatalf("%s: %s: %v (state %q, errors %q)", p.name, what, err, state, errs)
+}
 
-	// Two viewers join it (one types the room id, one picks it from the list).
-	v1, v2 := newPage("viewer 501"), newPage("viewer 502")
-	run(v1, "join", chromedp.Navigate(base+"?user=501&room="+room),
+func (p *tab) bounded() (context.Context, context.CancelFunc) {
+	return context.WithTimeout(p.ctx, 20*time.Second)
+}
+
+func (p *tab) run(what string, steps ...chromedp.Action[chromedp.Void]) {
+	p.t.Helper()
+	ctx, cancel := p.bounded()
+	defer cancel()
+	if err := chromedp.Do(ctx, steps...); err != nil {
+		p.fail(what, err)
+	}
+}
+
+// waitJS polls a JS condition on the page (no fixed sleeps).
+func (p *tab) waitJS(what, cond string) {
+	p.t.Helper()
+	p.run(what, func(ctx context.Context, tg *chromedp.Target) (chromedp.Void, error) {
+		_, err := chromedp.Poll[chromedp.Void](cond, chromedp.WithPollingTimeout(15*time.Second),
+			chromedp.WithPollingInterval(20*time.Millisecond))(ctx, tg)
+		return chromedp.Void{}, err
+	})
+}
+
+func (p *tab) eval(expr string) string {
+	p.t.Helper()
+	ctx, cancel := p.bounded()
+	defer cancel()
+	v, err := chromedp.Run(ctx, chromedp.Evaluate[string](expr))
+	if err != nil {
+		p.fail(expr, err)
+	}
+	return v
+}
+
+func (p *tab) text(sel string) string {
+	p.t.Helper()
+	ctx, cancel := p.bounded()
+	defer cancel()
+	v, err := chromedp.Run(ctx, chromedp.Text(chromedp.CSS(sel)))
+	if err != nil {
+		p.fail("read "+sel, err)
+	}
+	return strings.TrimSpace(v)
+}
+
+// shot saves a PNG screenshot of the whole page under dir and returns its path.
+func (p *tab) shot(dir, file string) string {
+	p.t.Helper()
+	ctx, cancel := p.bounded()
+	defer cancel()
+	png, err := chromedp.Run(ctx, chromedp.FullScreenshot(100)) // quality 100 = PNG
+	if err != nil {
+		p.fail("screenshot", err)
+	}
+	path := filepath.Join(dir, file)
+	if err := os.WriteFile(path, png, 0o644); err != nil {
+		p.t.Fatal(err)
+	}
+	return path
+}
+
+// joinRoom opens the demo as a viewer and joins room.
+func (p *tab) joinRoom(base string, user int, room string) {
+	p.t.Helper()
+	p.run("join", chromedp.Navigate(fmt.Sprintf("%s?user=%d&room=%s", base, user, room)),
 		chromedp.WaitVisible(chromedp.CSS(`body[data-ready="1"]`)),
 		chromedp.Click(chromedp.CSS("#join")),
 		chromedp.WaitVisible(chromedp.CSS("#live")))
-	run(v2, "join from the room list", chromedp.Navigate(base+"?user=502"),
-		chromedp.WaitVisible(chromedp.CSS(`body[data-ready="1"]`)),
-		chromedp.Click(chromedp.CSS(fmt.Sprintf(`#rooms button[data-room="%s"]`, room))),
-		chromedp.WaitVisible(chromedp.CSS("#live")))
-	for _, p := range []page{anchor, v1, v2} {
-		waitJS(p, "online 3", `document.getElementById('online').textContent === '3'`)
-		waitJS(p, "connected", `document.getElementById('state').textContent.startsWith('connected')`)
-	}
+}
 
-	// Chat both ways.
-	say := func(p page, msg string) {
-		t.Helper()
-		run(p, "chat", chromedp.SetValue(chromedp.CSS("#chat-input"), msg), chromedp.Click(chromedp.CSS("#chat-send")))
+// TestDemoRechargeWithoutProvider: with no mock provider listening, the
+// page's recharge falls back to dev credit and says so.
+func TestDemoRechargeWithoutProvider(t *testing.T) {
+	exe := chromium(t)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
 	}
-	seen := func(msg string) string {
-		return fmt.Sprintf(`[...document.querySelectorAll('#chat-log li')].some(li => li.textContent.includes(%q))`, msg)
+	dead := "http://" + ln.Addr().String() // nothing listens here once closed
+	ln.Close()
+	cfg := nodetest.Config(t)
+	cfg.Pay.ProviderURL = dead
+	n := nodetest.Start(t, cfg)
+	base := nodetest.HTTPURL(n) + "/demo/"
+	room := strconv.FormatInt(nodetest.OpenRoom(t, n, 700, 1), 10)
+	v := startBrowser(t, exe)("viewer 701")
+	v.joinRoom(base, 701, room)
+	v.run("recharge", chromedp.SetValue(chromedp.CSS("#product"), "2"), chromedp.Click(chromedp.CSS("#recharge")))
+	v.waitJS("balance 500 by dev credit", `document.getElementById('balance').textContent === '500'`)
+	if via := v.eval(`document.getElementById('pay-note').dataset.path`); via != "dev" {
+		t.Errorf("recharge path %q, want dev", via)
 	}
-	say(anchor, "welcome, viewers")
-	say(v1, "hi anchor!")
-	for _, p := range []page{anchor, v1, v2} {
-		waitJS(p, "anchor's chat", seen("anchor 500welcome, viewers"))
-		waitJS(p, "viewer's chat", seen("user 501hi anchor!"))
-	}
-
-	// The viewer recharges through the mock provider: its webhook credits 300 coins (biz 5570).
-	if b := text(v1, "#balance"); b != "0" {
-		t.Fatalf("viewer balance before recharge: %q", b)
-	}
-	run(v1, "recharge", chromedp.SetValue(chromedp.CSS("#product"), "1"), chromedp.Click(chromedp.CSS("#recharge")))
-	waitJS(v1, "balance 300 after the provider's webhook", `document.getElementById('balance').textContent === '300'`)
-	if path := text(v1, "#pay-note"); !strings.Contains(path, "+300 coins") {
-		t.Errorf("pay note: %q", path)
-	}
-	if via := eval(v1, `document.getElementById('pay-note').dataset.path`); via != "provider" {
-		t.Errorf("recharge went through %q, want the mock provider", via)
-	}
-
-	// A gift (皇冠, 20 coins): every page shows the effect; the sender's balance
-	// and the anchor's received total move.
-	if text(anchor, "#received") != "0" {
-		t.Fatalf("anchor received before the gift: %q", text(anchor, "#received"))
-	}
-	run(v1, "send gift", chromedp.Click(chromedp.CSS(`#gifts button[data-gift="23"]`)))
-	waitJS(v1, "balance 280", `document.getElementById('balance').textContent === '280'`)
-	for _, p := range []page{anchor, v1, v2} {
-		waitJS(p, "gift effect", `!!document.querySelector('#effects .effect[data-gift="23"][data-from="501"]')`)
-	}
-	waitJS(anchor, "anchor received 20", `document.getElementById('received').textContent === '20'`)
-	if e := text(v2, "#effects .effect .text"); !strings.Contains(e, "user 501") || !strings.Contains(e, "×1") {
-		t.Errorf("effect text on the other viewer: %q", e)
-	}
-	if eval(anchor, `String(document.querySelector('#gifts button').disabled)`) != "true" {
-		t.Error("the anchor can click gift buttons (gifts to yourself are refused)")
-	}
-
-	for _, p := range []page{anchor, v1, v2} {
-		t.Logf("screenshot %s: %s", p.name, shot(p, strings.ReplaceAll(p.name, " ", "-")+".png"))
-	}
-	if out := os.Getenv("LIVEEDGE_DEMO_SCREENSHOT"); out != "" {
-		src, _ := os.ReadFile(filepath.Join(shots, "viewer-501.png"))
-		if err := os.WriteFile(out, src, 0o644); err != nil {
-			t.Fatal(err)
-		}
+	if note := v.text("#pay-note"); !strings.Contains(note, "mock provider is not running") || !strings.Contains(note, "dev credit") {
+		t.Errorf("pay note does not say which path: %q", note)
 	}
 }
