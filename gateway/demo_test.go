@@ -161,12 +161,22 @@ func TestDemoPageInChromium(t *testing.T) {
 	if anchor.text("#received") != "0" {
 		t.Fatalf("anchor received before the gift: %q", anchor.text("#received"))
 	}
+	// The anchor starts a PK against another room: the gift scores for this room.
+	other := nodetest.OpenRoom(t, n, 600, 1)
+	anchor.run("start PK", chromedp.SetValue(chromedp.CSS("#pk-room"), strconv.FormatInt(other, 10)),
+		chromedp.Click(chromedp.CSS("#pk-go")))
+	anchor.waitJS("PK bar shown", `!document.getElementById('pk').hidden`)
 	v1.run("send gift", chromedp.Click(chromedp.CSS(`#gifts button[data-gift="23"]`)))
 	v1.waitJS("balance 280", `document.getElementById('balance').textContent === '280'`)
 	for _, p := range []*tab{anchor, v1, v2} {
 		p.waitJS("gift effect", `!!document.querySelector('#effects .effect[data-gift="23"][data-from="501"]')`)
 	}
 	anchor.waitJS("anchor received 20", `document.getElementById('received').textContent === '20'`)
+	for _, p := range []*tab{anchor, v1, v2} {
+		p.waitJS("PK progress", fmt.Sprintf(`document.getElementById('pk-left').textContent === 'this room 20' &&
+			document.getElementById('pk-right').textContent === 'room %d 0' &&
+			document.getElementById('pk-ours').style.width === '100%%'`, other))
+	}
 	if e := v2.text("#effects .effect .text"); !strings.Contains(e, "user 501") || !strings.Contains(e, "×1") {
 		t.Errorf("effect text on the other viewer: %q", e)
 	}

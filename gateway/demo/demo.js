@@ -147,7 +147,8 @@ async function loadGifts() {
 }
 
 async function sendGift(g) {
-  const r = await s.client.gift({ roomId: s.room, giftId: g.gift_id, receiverId: s.anchor, count: 1, reqId: randomId() });
+  const pk = !$("pk").hidden; // the room is in a PK: the gift scores for it
+  const r = await s.client.gift({ roomId: s.room, giftId: g.gift_id, receiverId: s.anchor, count: 1, reqId: randomId(), pk });
   $("balance").textContent = r.balance;
 }
 

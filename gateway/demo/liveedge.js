@@ -197,19 +197,17 @@ var LiveClient = class _LiveClient {
   chat(roomId, text, o) {
     return this.request("chat", { room_id: roomId, text }, o);
   }
-  /** Sends a gift; reqId makes it idempotent (a retry with the same reqId moves nothing again). */
+  /** Sends a gift; reqId makes it idempotent (a retry with the same reqId moves nothing again); pk scores it in the room's PK. */
   gift(g, o) {
-    return this.request(
-      "gift",
-      {
-        room_id: g.roomId,
-        gift_id: g.giftId,
-        receiver_id: g.receiverId,
-        count: g.count ?? 1,
-        req_id: g.reqId ?? randomId()
-      },
-      o
-    );
+    const d = {
+      room_id: g.roomId,
+      gift_id: g.giftId,
+      receiver_id: g.receiverId,
+      count: g.count ?? 1,
+      req_id: g.reqId ?? randomId()
+    };
+    if (g.pk) d.pk = true;
+    return this.request("gift", d, o);
   }
   ping(o) {
     return this.request("ping", {}, o);

@@ -316,19 +316,20 @@ export class LiveClient {
   chat(roomId: number, text: string, o?: { timeout?: number }) {
     return this.request("chat", { room_id: roomId, text }, o);
   }
-  /** Sends a gift; reqId makes it idempotent (a retry with the same reqId moves nothing again). */
-  gift(g: { roomId: number; giftId: number; receiverId: number; count?: number; reqId?: string }, o?: { timeout?: number }) {
-    return this.request(
-      "gift",
-      {
-        room_id: g.roomId,
-        gift_id: g.giftId,
-        receiver_id: g.receiverId,
-        count: g.count ?? 1,
-        req_id: g.reqId ?? randomId(),
-      },
-      o,
-    );
+  /** Sends a gift; reqId makes it idempotent (a retry with the same reqId moves nothing again); pk scores it in the room's PK. */
+  gift(
+    g: { roomId: number; giftId: number; receiverId: number; count?: number; reqId?: string; pk?: boolean },
+    o?: { timeout?: number },
+  ) {
+    const d: Requests["gift"][0] = {
+      room_id: g.roomId,
+      gift_id: g.giftId,
+      receiver_id: g.receiverId,
+      count: g.count ?? 1,
+      req_id: g.reqId ?? randomId(),
+    };
+    if (g.pk) d.pk = true;
+    return this.request("gift", d, o);
   }
   ping(o?: { timeout?: number }) {
     return this.request("ping", {}, o);

@@ -163,7 +163,8 @@ export interface Requests {
   join: [{ room_id: number; since?: Since }, JoinReply];
   leave: [{ room_id: number }, Record<string, never>];
   chat: [{ room_id: number; text: string }, ChatReply];
-  gift: [{ room_id: number; gift_id: number; receiver_id: number; count: number; req_id: string }, GiftReply];
+  /** pk (extension): count the gift towards the room's running PK score. */
+  gift: [{ room_id: number; gift_id: number; receiver_id: number; count: number; req_id: string; pk?: boolean }, GiftReply];
   grab: [{ code: string }, { amount: number; msg: string }];
 }
 
