@@ -149,8 +149,8 @@ func TestDemoPageInChromium(t *testing.T) {
 	}
 	v1.run("recharge", chromedp.SetValue(chromedp.CSS("#product"), "1"), chromedp.Click(chromedp.CSS("#recharge")))
 	v1.waitJS("balance 300 after the provider's webhook", `document.getElementById('balance').textContent === '300'`)
-	if path := v1.text("#pay-note"); !strings.Contains(path, "+300 coins") {
-		t.Errorf("pay note: %q", path)
+	if note := v1.text("#credit-note"); !strings.Contains(note, "+300 coins (recharge)") {
+		t.Errorf("credit note: %q", note)
 	}
 	if via := v1.eval(`document.getElementById('pay-note').dataset.path`); via != "provider" {
 		t.Errorf("recharge went through %q, want the mock provider", via)
@@ -325,6 +325,7 @@ func TestDemoRechargeWithoutProvider(t *testing.T) {
 	v.joinRoom(base, 701, room)
 	v.run("recharge", chromedp.SetValue(chromedp.CSS("#product"), "2"), chromedp.Click(chromedp.CSS("#recharge")))
 	v.waitJS("balance 500 by dev credit", `document.getElementById('balance').textContent === '500'`)
+	v.waitJS("dev credit push", `document.getElementById('credit-note').textContent === '+500 coins (dev)'`)
 	if via := v.eval(`document.getElementById('pay-note').dataset.path`); via != "dev" {
 		t.Errorf("recharge path %q, want dev", via)
 	}

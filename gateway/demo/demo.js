@@ -203,7 +203,7 @@ function onPush(p) {
   else if (isBiz(p, Biz.GiftFailed)) $("gift-error").textContent = `gift failed: ${p.d.code} ${p.d.msg}`;
   else if (isBiz(p, Biz.WalletCredit)) {
     $("balance").textContent = p.d.balance;
-    $("pay-note").textContent = `+${p.d.delta} coins (${p.d.reason})`;
+    $("credit-note").textContent = `+${p.d.delta} coins (${p.d.reason})`;
   } else if (isBiz(p, Biz.PKProgress)) showPK(p.d);
   else if (isBiz(p, Biz.RoomClosed)) system(`the room was closed (${p.d.reason})`);
 }
