@@ -15,7 +15,7 @@ TESTFLAGS ?= -race -p 1 -timeout 25m
 TIMING_TESTS := ^TestSlowConsumerClosedRoomUnaffected$$
 CONFIG    ?= configs/single.yaml
 
-.PHONY: run build test tools vet fmt-check fuzz bench loadtest clean
+.PHONY: run build test ts-test tools vet fmt-check fuzz bench loadtest clean
 
 run: build
 	./$(BIN)/liveedge -config $(CONFIG)
@@ -29,12 +29,21 @@ build:
 test: tools vet fmt-check
 	$(GO) test $(TESTFLAGS) ./...
 	$(GO) test -count=1 -run '$(TIMING_TESTS)' ./gateway/
+	$(MAKE) ts-test
 	$(MAKE) fuzz
 
-# Tools the tests shell out to (a fresh Debian machine may lack them).
-TOOLS := git curl make redis-server
+# The TypeScript SDK (clientsdk/ts): its node tests against the real binary,
+# and a check that the committed browser bundle (gateway/demo/liveedge.js,
+# embedded by go build) is the one its sources build.
+ts-test: build
+	cd clientsdk/ts && { [ -d node_modules ] || npm ci --no-audit --no-fund; } && \
+	  npm run --silent check-bundle && LIVEEDGE_BIN=$(CURDIR)/$(BIN)/liveedge npm test
+
+# Tools the tests shell out to (a fresh Debian machine may lack them), as
+# command:package (chromium drives the demo page test; node and npm the TS SDK's).
+TOOLS := git:git curl:curl make:make redis-server:redis-server chromium:chromium node:nodejs npm:npm
 tools:
-	@missing=""; for t in $(TOOLS); do command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
+	@missing=""; for tp in $(TOOLS); do command -v $${tp%%:*} >/dev/null 2>&1 || missing="$$missing $${tp#*:}"; done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \

@@ -68,6 +68,7 @@ type Node struct {
 type HTTP struct {
 	Addr         string `yaml:"addr"`
 	MaxBodyBytes int    `yaml:"max_body_bytes"` // request bodies above this get 413
+	Demo         bool   `yaml:"demo"`           // serve the demo page at /demo/ (off in production configs)
 }
 
 // WS is the WebSocket listener and per-connection limits.

@@ -99,6 +99,9 @@ func (a *API) routes() {
 		c.String(200, "ready")
 	})
 	h.GET("/metrics", adaptor.HertzHandler(promhttp.HandlerFor(a.metrics.reg, promhttp.HandlerOpts{})))
+	if a.cfg.HTTP.Demo {
+		a.demoRoutes()
+	}
 
 	v1 := h.Group("/api/v1")
 	if a.cfg.Auth.DevTokens {

@@ -65,6 +65,9 @@ func printBanner(n *gateway.Node) {
 	fmt.Fprintf(&b, "  HTTP      http://%s   (/healthz /readyz /metrics /api/v1/...)\n", httpAddr)
 	fmt.Fprintf(&b, "  WebSocket ws://%s/ws?token=TOKEN\n", wsAddr)
 	fmt.Fprintf(&b, "  data      %s\n", n.Config.Node.DataDir)
+	if n.Config.HTTP.Demo {
+		fmt.Fprintf(&b, "  demo      http://%s/demo/   (open in a browser: a live room over the TS SDK)\n", httpAddr)
+	}
 	if n.Config.Auth.DevTokens {
 		fmt.Fprintf(&b, "Get a dev token:\n  curl -s -X POST http://%s/api/v1/dev/token -d '{\"user_id\":42,\"role\":\"viewer\"}'\n", httpAddr)
 	}

@@ -318,9 +318,20 @@ func TestMakeRunFromCleanClone(t *testing.T) {
 
 	// The banner tells the user where things are and how to get a token.
 	banner := p.stdout.String()
-	for _, want := range []string{"http://" + httpAddr, "ws://" + wsAddr + "/ws"} {
+	for _, want := range []string{"http://" + httpAddr, "ws://" + wsAddr + "/ws", "http://" + httpAddr + "/demo/"} {
 		if !strings.Contains(banner, want) {
 			t.Fatalf("banner lacks %q:\n%s", want, banner)
+		}
+	}
+	// The demo page and the SDK bundle it loads are embedded in a fresh build.
+	for _, path := range []string{"/demo/", "/demo/liveedge.js"} {
+		resp, err := http.Get("http://" + httpAddr + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != 200 {
+			t.Fatalf("GET %s: %d", path, resp.StatusCode)
 		}
 	}
 	m := curlLine.FindStringSubmatch(banner)

@@ -1,0 +1,720 @@
+// LiveClient: one WebSocket connection at a time to a LiveEdge node, kept
+// alive across disconnects. The behaviour mirrors the Go SDK (clientsdk/):
+//
+//   - connect with ?token= (a static token or a callback asked before every
+//     attempt) and ?batch=1; several node URLs are tried in turn;
+//   - reconnect with exponential backoff and full jitter after any close whose
+//     code is below 4500; 45xx is terminal, except 4501 (token expired) when a
+//     token callback can fetch a new token;
+//   - joined rooms are re-joined after a reconnect, before "connected" is
+//     reported and before waiting requests go out; a room whose pushes carried
+//     offsets is re-joined with since {off, ep} (PROTOCOL §3);
+//   - every push with ack:true is acknowledged (one ack frame per received
+//     frame, a batch included) and pushes are de-duplicated by mid within a
+//     bounded window, across reconnects; a duplicate is acked again but not
+//     delivered again;
+//   - a request in flight when its connection drops fails with
+//     DisconnectedError and is never resent (requests need not be idempotent).
+//
+// Memory is bounded: the de-duplication window, the pending-request table
+// (one entry per request in flight) and the joined rooms are the only
+// collections.
+
+import {
+  Close,
+  MaxAckMids,
+  reconnectable,
+  type Hello,
+  type JoinReply,
+  type PushData,
+  type PushFrame,
+  type ReplyFrame,
+  type Requests,
+  type ServerFrame,
+  type Since,
+} from "./protocol.js";
+
+/** The part of the WebSocket API the client uses (browsers and the ws package have it). */
+export interface WebSocketLike {
+  readonly readyState: number;
+  onopen: ((ev: any) => void) | null;
+  onmessage: ((ev: { data: any }) => void) | null;
+  onclose: ((ev: { code: number; reason: string }) => void) | null;
+  onerror: ((ev: any) => void) | null;
+  send(data: string): void;
+  close(code?: number, reason?: string): void;
+}
+export type WebSocketCtor = new (url: string) => WebSocketLike;
+
+/** Why the token callback is asked. */
+export type TokenReason = "connect" | "reconnect" | "expired";
+
+export interface ClientOptions {
+  /** WebSocket URL(s) of the nodes: "ws://host:port/ws". Tried in turn. */
+  urls: string | string[];
+  /** A static token. With it, a 45xx close (4501 included) is terminal. */
+  token?: string;
+  /** Asked before every connection attempt; on 4501 the client reconnects with its next answer. */
+  getToken?: (reason: TokenReason) => string | Promise<string>;
+  /** WebSocket implementation; default globalThis.WebSocket (the Node entry passes ws). */
+  WebSocket?: WebSocketCtor;
+  /** Ask for batch frames (?batch=1). Default true. */
+  batch?: boolean;
+  /** Default timeout of a request, including its wait for a connection, and of a connection attempt. Default 10000. */
+  requestTimeoutMs?: number;
+  /** Reconnect backoff bounds: attempt n waits random [0, min(max, min·2^(n-1))]. Defaults 100 and 5000. */
+  reconnectMinMs?: number;
+  reconnectMaxMs?: number;
+  /** How many recent push mids are remembered for de-duplication. Default 16384. */
+  dedupWindow?: number;
+  /** Ping when nothing was sent for this long. Default half the hello's heartbeat; negative disables. */
+  heartbeatMs?: number;
+  onPush?: (p: Push) => void;
+  onState?: (e: StateEvent) => void;
+}
+
+/** One push as delivered: d is the parsed JSON. */
+export interface Push<B extends number = number> {
+  mid: string;
+  biz: B;
+  room: number;
+  d: B extends keyof PushData ? PushData[B] : unknown;
+  ack: boolean;
+  off?: number;
+  ep?: string;
+}
+
+/** Type guard for a push of a known biz. */
+export function isBiz<B extends keyof PushData>(p: Push, biz: B): p is Push<B> {
+  return p.biz === biz;
+}
+
+export type StateEvent =
+  | { state: "connected"; hello: Hello; url: string; attempt: number }
+  | { state: "disconnected"; code: number; reason: string }
+  | { state: "reconnecting"; attempt: number; delayMs: number; error?: Error }
+  | { state: "room_dropped"; room: number; error: Error }
+  | { state: "room_resync"; room: number; since: Since }
+  | { state: "closed"; error?: Error };
+
+/** A reply with code ≠ 0 (PROTOCOL §7). */
+export class ReplyError extends Error {
+  constructor(
+    readonly code: number,
+    readonly msg: string,
+  ) {
+    super(`liveedge: ${code}: ${msg}`);
+    this.name = "ReplyError";
+  }
+}
+/** The connection dropped while the request was in flight (it may or may not have run). */
+export class DisconnectedError extends Error {
+  constructor() {
+    super("liveedge: disconnected");
+    this.name = "DisconnectedError";
+  }
+}
+/** The client was closed, by close() or by a terminal close code (cause). */
+export class ClosedError extends Error {
+  constructor(readonly cause?: Error) {
+    super("liveedge: client closed" + (cause ? ": " + cause.message : ""));
+    this.name = "ClosedError";
+  }
+}
+export class TimeoutError extends Error {
+  constructor(what: string) {
+    super(`liveedge: ${what} timed out`);
+    this.name = "TimeoutError";
+  }
+}
+/** The server closed the connection with this code. */
+export class CloseError extends Error {
+  constructor(
+    readonly code: number,
+    readonly reason: string,
+  ) {
+    super(`liveedge: closed by server: ${code} ${reason}`);
+    this.name = "CloseError";
+  }
+}
+/** The upgrade was refused with HTTP 401 (seen on Node; browsers only see a failed connection). */
+export class UnauthorizedError extends Error {
+  constructor() {
+    super("liveedge: unauthorized (HTTP 401)");
+    this.name = "UnauthorizedError";
+  }
+}
+
+export interface Stats {
+  reconnects: number;
+  pushesReceived: number;
+  pushesDelivered: number;
+  duplicates: number;
+  acksSent: number;
+  requests: number;
+}
+
+/** A bounded set of recent mids: the oldest is forgotten first. */
+class Dedup {
+  private set = new Set<string>();
+  private ring: string[];
+  private next = 0;
+  constructor(private window: number) {
+    this.ring = new Array(window);
+  }
+  /** seen records mid and reports whether it was already there. */
+  seen(mid: string): boolean {
+    if (this.set.has(mid)) return true;
+    const old = this.ring[this.next];
+    if (old !== undefined) this.set.delete(old);
+    this.ring[this.next] = mid;
+    this.next = (this.next + 1) % this.window;
+    this.set.add(mid);
+    return false;
+  }
+}
+
+interface Pending {
+  resolve: (d: unknown) => void;
+  reject: (e: Error) => void;
+  timer: ReturnType<typeof setTimeout>;
+}
+
+interface Waiter {
+  resolve: () => void;
+  reject: (e: Error) => void;
+}
+
+const OPEN = 1;
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((r) => setTimeout(r, ms));
+}
+
+export class LiveClient {
+  private readonly o: Required<Omit<ClientOptions, "token" | "getToken" | "onPush" | "onState" | "heartbeatMs">> & {
+    heartbeatMs?: number;
+  };
+  private readonly urls: string[];
+  private urlIndex = 0;
+  private ws: WebSocketLike | null = null;
+  private ready = false;
+  private closed = false;
+  private closeCause: Error | undefined;
+  private waiters: Waiter[] = [];
+  private pending = new Map<number, Pending>();
+  private nextId = 1;
+  private rooms = new Map<number, { since?: Since }>();
+  private dedup: Dedup;
+  private hb: ReturnType<typeof setInterval> | undefined;
+  private lastSend = 0;
+  private pushListeners = new Set<(p: Push) => void>();
+  private stateListeners = new Set<(e: StateEvent) => void>();
+  private helloFrame: Hello | undefined;
+  private lastClose: { code: number; reason: string } | undefined;
+  private readonly stats_: Stats = {
+    reconnects: 0,
+    pushesReceived: 0,
+    pushesDelivered: 0,
+    duplicates: 0,
+    acksSent: 0,
+    requests: 0,
+  };
+
+  private constructor(private readonly opts: ClientOptions) {
+    const WS = opts.WebSocket ?? (globalThis as any).WebSocket;
+    if (!WS) throw new Error("liveedge: no WebSocket implementation (pass options.WebSocket)");
+    this.urls = Array.isArray(opts.urls) ? [...opts.urls] : [opts.urls];
+    if (this.urls.length === 0) throw new Error("liveedge: options.urls is empty");
+    if (opts.token === undefined && !opts.getToken) throw new Error("liveedge: options.token or options.getToken is required");
+    this.o = {
+      urls: this.urls,
+      WebSocket: WS,
+      batch: opts.batch ?? true,
+      requestTimeoutMs: opts.requestTimeoutMs ?? 10000,
+      reconnectMinMs: opts.reconnectMinMs ?? 100,
+      reconnectMaxMs: Math.max(opts.reconnectMaxMs ?? 5000, opts.reconnectMinMs ?? 100),
+      dedupWindow: opts.dedupWindow ?? 16384,
+      heartbeatMs: opts.heartbeatMs,
+    };
+    this.dedup = new Dedup(this.o.dedupWindow);
+    if (opts.onPush) this.pushListeners.add(opts.onPush);
+    if (opts.onState) this.stateListeners.add(opts.onState);
+  }
+
+  /**
+   * Connects (each URL is tried once, in order) and resolves once the hello
+   * arrived. After that the client reconnects by itself until close() or a
+   * terminal close code.
+   */
+  static async connect(opts: ClientOptions): Promise<LiveClient> {
+    const c = new LiveClient(opts);
+    let last: Error | undefined;
+    for (let i = 0; i < c.urls.length; i++) {
+      try {
+        await c.attempt("connect", 0);
+        return c;
+      } catch (e) {
+        last = e as Error;
+        c.urlIndex++;
+        if (e instanceof UnauthorizedError && opts.token !== undefined) break;
+      }
+    }
+    c.closed = true;
+    throw last ?? new Error("liveedge: connect failed");
+  }
+
+  /** Subscribes to pushes or state events; returns the unsubscribe function. */
+  on(ev: "push", fn: (p: Push) => void): () => void;
+  on(ev: "state", fn: (e: StateEvent) => void): () => void;
+  on(ev: "push" | "state", fn: (x: any) => void): () => void {
+    const set: Set<(x: any) => void> = ev === "push" ? this.pushListeners : this.stateListeners;
+    set.add(fn);
+    return () => set.delete(fn);
+  }
+
+  /** The hello of the current (or last) connection. */
+  get hello(): Hello | undefined {
+    return this.helloFrame;
+  }
+  get connected(): boolean {
+    return this.ready;
+  }
+  get stats(): Stats {
+    return { ...this.stats_ };
+  }
+  /** Rooms joined (re-joined after every reconnect) and the last offset seen in each. */
+  joinedRooms(): Map<number, Since | undefined> {
+    return new Map([...this.rooms].map(([r, s]) => [r, s.since]));
+  }
+
+  /**
+   * Sends a request and resolves with the reply's d, or rejects with a
+   * ReplyError (code ≠ 0), TimeoutError, DisconnectedError or ClosedError.
+   * While reconnecting, the request waits for the connection (within its timeout).
+   */
+  request<T extends keyof Requests>(type: T, data: Requests[T][0], o?: { timeout?: number }): Promise<Requests[T][1]>;
+  request(type: string, data: unknown, o?: { timeout?: number }): Promise<unknown>;
+  async request(type: string, data: unknown, o?: { timeout?: number }): Promise<unknown> {
+    const timeout = o?.timeout ?? this.o.requestTimeoutMs;
+    const deadline = Date.now() + timeout;
+    await this.waitReady(timeout, type);
+    return this.send(this.ws!, type, data, Math.max(1, deadline - Date.now()));
+  }
+
+  /** Joins a room; it is re-joined after every reconnect until leave(). */
+  async join(roomId: number, o?: { timeout?: number }): Promise<JoinReply> {
+    const r = await this.request("join", { room_id: roomId }, o);
+    const known = this.rooms.get(roomId);
+    this.rooms.set(roomId, { since: known?.since ?? sinceOf(r) });
+    return r;
+  }
+  async leave(roomId: number, o?: { timeout?: number }): Promise<void> {
+    this.rooms.delete(roomId);
+    await this.request("leave", { room_id: roomId }, o);
+  }
+  chat(roomId: number, text: string, o?: { timeout?: number }) {
+    return this.request("chat", { room_id: roomId, text }, o);
+  }
+  /** Sends a gift; reqId makes it idempotent (a retry with the same reqId moves nothing again); pk scores it in the room's PK. */
+  gift(
+    g: { roomId: number; giftId: number; receiverId: number; count?: number; reqId?: string; pk?: boolean },
+    o?: { timeout?: number },
+  ) {
+    const d: Requests["gift"][0] = {
+      room_id: g.roomId,
+      gift_id: g.giftId,
+      receiver_id: g.receiverId,
+      count: g.count ?? 1,
+      req_id: g.reqId ?? randomId(),
+    };
+    if (g.pk) d.pk = true;
+    return this.request("gift", d, o);
+  }
+  ping(o?: { timeout?: number }) {
+    return this.request("ping", {}, o);
+  }
+
+  /** Closes the connection (1000) and stops reconnecting. */
+  close(): void {
+    if (this.closed) return;
+    this.terminate(undefined);
+  }
+
+  // ---- connection ----
+
+  private token(reason: TokenReason): Promise<string> {
+    if (this.opts.getToken) return Promise.resolve(this.opts.getToken(reason));
+    return Promise.resolve(this.opts.token!);
+  }
+
+  /** One connection attempt to the current URL: dial, hello, re-join, ready. */
+  private async attempt(reason: TokenReason, attemptNo: number): Promise<void> {
+    const url = this.urls[this.urlIndex % this.urls.length];
+    const tok = await this.token(reason);
+    if (this.closed) throw new ClosedError(this.closeCause);
+    const u = new URL(url);
+    u.searchParams.set("token", tok);
+    if (this.o.batch) u.searchParams.set("batch", "1");
+    else u.searchParams.delete("batch");
+    const ws = new this.o.WebSocket(u.toString());
+    const hello = await new Promise<Hello>((resolve, reject) => {
+      let errMsg = "";
+      const timer = setTimeout(() => {
+        fail(new TimeoutError("connect"));
+        try {
+          ws.close();
+        } catch {
+          /* not open yet */
+        }
+      }, this.o.requestTimeoutMs);
+      const fail = (e: Error) => {
+        clearTimeout(timer);
+        ws.onmessage = ws.onclose = ws.onerror = null;
+        reject(e);
+      };
+      ws.onerror = (ev: any) => {
+        errMsg = String(ev?.message ?? ev?.error?.message ?? "");
+        if (/\b401\b/.test(errMsg)) fail(new UnauthorizedError());
+      };
+      ws.onclose = (ev) => {
+        if (ev.code >= 4000) fail(new CloseError(ev.code, ev.reason));
+        else fail(new Error(`liveedge: connect to ${redact(url)} failed (${ev.code}${errMsg ? " " + errMsg : ""})`));
+      };
+      ws.onmessage = (ev) => {
+        let f: ServerFrame;
+        try {
+          f = JSON.parse(String(ev.data));
+        } catch {
+          return;
+        }
+        // The hello is the first frame; with batching it may open a batch.
+        const frames: ServerFrame[] = f.t === "batch" && Array.isArray(f.d) ? f.d : [f];
+        const i = frames.findIndex((x) => x && x.t === "hello");
+        if (i < 0) return;
+        clearTimeout(timer);
+        const hello = (frames[i] as { d: Hello }).d;
+        // Switch to the session's handlers now, not after an await: frames
+        // that follow the hello in the same read are dispatched at once.
+        this.helloFrame = hello;
+        this.ws = ws;
+        this.lastSend = Date.now();
+        ws.onmessage = (e) => this.onMessage(ws, e.data);
+        ws.onclose = (e) => this.dropped(ws, e.code, e.reason);
+        ws.onerror = null;
+        if (i + 1 < frames.length) this.onFrames(ws, frames.slice(i + 1));
+        resolve(hello);
+      };
+    });
+    if (this.closed) {
+      if (this.ws === ws) this.ws = null;
+      ws.onmessage = ws.onclose = null;
+      ws.close(Close.Normal);
+      throw new ClosedError(this.closeCause);
+    }
+    this.startHeartbeat(ws, hello);
+    await this.rejoin(ws).catch(() => undefined);
+    if (this.ws !== ws) {
+      // Dropped while re-joining: the caller's loop tries again.
+      const lc = this.lastClose;
+      throw lc && lc.code >= 4000 ? new CloseError(lc.code, lc.reason) : new DisconnectedError();
+    }
+    this.ready = true;
+    if (attemptNo > 0) this.stats_.reconnects++;
+    this.emitState({ state: "connected", hello, url: redact(url), attempt: attemptNo });
+    const ws_ = this.waiters;
+    this.waiters = [];
+    for (const w of ws_) w.resolve();
+  }
+
+  /** Re-joins every room on a new connection (since when offsets were seen). */
+  private async rejoin(ws: WebSocketLike): Promise<void> {
+    const joins = [...this.rooms].map(async ([room, st]) => {
+      const sent = st.since;
+      const d: Requests["join"][0] = { room_id: room };
+      if (sent) d.since = sent;
+      try {
+        const r = (await this.send(ws, "join", d, this.o.requestTimeoutMs)) as JoinReply;
+        if (sent && r.recovered === false) this.emitState({ state: "room_resync", room, since: sent });
+        // Pushes read meanwhile (after the reply) already moved since on.
+        const s = sinceOf(r);
+        if (s && st.since === sent && (!sent || r.recovered === false || s.ep !== sent.ep)) st.since = s;
+      } catch (e) {
+        if (e instanceof ReplyError) {
+          this.rooms.delete(room);
+          this.emitState({ state: "room_dropped", room, error: e });
+          return;
+        }
+        throw e;
+      }
+    });
+    await Promise.all(joins);
+  }
+
+  /** The connection ws ended (close frame, network error or heartbeat failure). */
+  private dropped(ws: WebSocketLike, code: number, reason: string): void {
+    if (this.ws !== ws) return;
+    const wasReady = this.ready;
+    this.ws = null;
+    this.ready = false;
+    this.lastClose = { code, reason };
+    ws.onmessage = ws.onclose = ws.onerror = null;
+    this.stopHeartbeat();
+    for (const [, p] of this.pending) {
+      clearTimeout(p.timer);
+      p.reject(new DisconnectedError());
+    }
+    this.pending.clear();
+    if (this.closed) return;
+    this.emitState({ state: "disconnected", code, reason });
+    if (!wasReady) return; // still activating: attempt() reports it to its loop
+    if (!reconnectable(code)) {
+      if (code === Close.TokenExpired && this.opts.getToken) {
+        void this.reconnectLoop("expired");
+        return;
+      }
+      this.terminate(new CloseError(code, reason));
+      return;
+    }
+    void this.reconnectLoop("reconnect");
+  }
+
+  private async reconnectLoop(reason: TokenReason): Promise<void> {
+    for (let n = 1; !this.closed; n++) {
+      const cap = Math.min(this.o.reconnectMaxMs, this.o.reconnectMinMs * 2 ** Math.min(n - 1, 30));
+      const delayMs = Math.floor(Math.random() * cap);
+      this.emitState({ state: "reconnecting", attempt: n, delayMs });
+      await sleep(delayMs);
+      if (this.closed) return;
+      try {
+        await this.attempt(reason, n);
+        return;
+      } catch (e) {
+        if (this.closed) return;
+        if (e instanceof UnauthorizedError && !this.opts.getToken) {
+          this.terminate(e);
+          return;
+        }
+        if (e instanceof CloseError && !reconnectable(e.code)) {
+          if (!(e.code === Close.TokenExpired && this.opts.getToken)) {
+            this.terminate(e);
+            return;
+          }
+          reason = "expired";
+        }
+        this.urlIndex++;
+      }
+    }
+  }
+
+  private terminate(cause: Error | undefined): void {
+    this.closed = true;
+    this.closeCause = cause;
+    this.ready = false;
+    this.stopHeartbeat();
+    const ws = this.ws;
+    this.ws = null;
+    if (ws) {
+      ws.onmessage = ws.onclose = ws.onerror = null;
+      try {
+        ws.close(Close.Normal);
+      } catch {
+        /* already closed */
+      }
+    }
+    for (const [, p] of this.pending) {
+      clearTimeout(p.timer);
+      p.reject(new ClosedError(cause));
+    }
+    this.pending.clear();
+    for (const w of this.waiters) w.reject(new ClosedError(cause));
+    this.waiters = [];
+    this.emitState({ state: "closed", error: cause });
+  }
+
+  private startHeartbeat(ws: WebSocketLike, hello: Hello): void {
+    this.stopHeartbeat();
+    let every = this.o.heartbeatMs;
+    if (every === undefined || every === 0) every = (hello.heartbeat_ms ?? hello.heartbeat_s * 1000) / 2;
+    if (!(every > 0)) return;
+    this.hb = setInterval(() => {
+      if (this.ws !== ws || Date.now() - this.lastSend < every!) return;
+      this.send(ws, "ping", {}, this.o.requestTimeoutMs).catch((e) => {
+        if (e instanceof TimeoutError) {
+          // An unanswered ping: the connection is dead even if no close came.
+          try {
+            ws.close();
+          } catch {
+            /* ignore */
+          }
+          this.dropped(ws, Close.Abnormal, "ping timeout");
+        }
+      });
+    }, Math.max(10, Math.floor(every / 2)));
+    (this.hb as any).unref?.();
+  }
+
+  private stopHeartbeat(): void {
+    if (this.hb !== undefined) clearInterval(this.hb);
+    this.hb = undefined;
+  }
+
+  private waitReady(timeout: number, what: string): Promise<void> {
+    if (this.closed) return Promise.reject(new ClosedError(this.closeCause));
+    if (this.ready) return Promise.resolve();
+    return new Promise((resolve, reject) => {
+      const w: Waiter = {
+        resolve: () => {
+          clearTimeout(t);
+          resolve();
+        },
+        reject: (e) => {
+          clearTimeout(t);
+          reject(e);
+        },
+      };
+      const t = setTimeout(() => {
+        this.waiters = this.waiters.filter((x) => x !== w);
+        reject(new TimeoutError(what + " (waiting for a connection)"));
+      }, timeout);
+      this.waiters.push(w);
+    });
+  }
+
+  /** Writes one request on ws and waits for its reply. */
+  private send(ws: WebSocketLike, type: string, data: unknown, timeout: number): Promise<unknown> {
+    if (this.ws !== ws || ws.readyState !== OPEN) return Promise.reject(new DisconnectedError());
+    const id = this.nextId++;
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.pending.delete(id);
+        reject(new TimeoutError(type));
+      }, timeout);
+      this.pending.set(id, { resolve, reject, timer });
+      try {
+        ws.send(JSON.stringify({ t: type, id, d: data ?? {} }));
+      } catch (e) {
+        clearTimeout(timer);
+        this.pending.delete(id);
+        reject(new DisconnectedError());
+        return;
+      }
+      this.lastSend = Date.now();
+      this.stats_.requests++;
+    });
+  }
+
+  // ---- frames ----
+
+  private onMessage(ws: WebSocketLike, raw: unknown): void {
+    if (this.ws !== ws) return;
+    let f: ServerFrame;
+    try {
+      f = JSON.parse(String(raw));
+    } catch {
+      return; // the server only sends JSON text frames
+    }
+    this.onFrames(ws, f.t === "batch" ? (Array.isArray(f.d) ? f.d : []) : [f]);
+  }
+
+  /** Handles the frames of one received message, then acks its pushes in one frame. */
+  private onFrames(ws: WebSocketLike, frames: ServerFrame[]): void {
+    const acks: string[] = [];
+    for (const x of frames) this.handle(x, acks);
+    for (let i = 0; i < acks.length; i += MaxAckMids) {
+      const mids = acks.slice(i, i + MaxAckMids);
+      try {
+        ws.send(JSON.stringify({ t: "ack", d: { mids } }));
+        this.lastSend = Date.now();
+        this.stats_.acksSent += mids.length;
+      } catch {
+        return; // closing: the connection's unacked pushes die with it
+      }
+    }
+  }
+
+  private handle(f: ServerFrame, acks: string[]): void {
+    if (!f || typeof f !== "object") return;
+    switch (f.t) {
+      case "reply":
+        this.onReply(f);
+        return;
+      case "push":
+        this.onPush(f);
+        if (f.ack && typeof f.mid === "string") acks.push(f.mid);
+        return;
+      case "hello":
+        this.helloFrame = f.d;
+        return;
+    }
+  }
+
+  private onReply(f: ReplyFrame): void {
+    const p = this.pending.get(f.id);
+    if (!p) return; // timed out already
+    this.pending.delete(f.id);
+    clearTimeout(p.timer);
+    if (f.code !== 0) p.reject(new ReplyError(f.code, f.msg));
+    else p.resolve(f.d ?? {});
+  }
+
+  private onPush(f: PushFrame): void {
+    this.stats_.pushesReceived++;
+    if (typeof f.off === "number" && f.room) {
+      const st = this.rooms.get(f.room);
+      if (st && (!st.since || st.since.ep !== f.ep || f.off > st.since.off)) st.since = { off: f.off, ep: f.ep ?? "" };
+    }
+    if (typeof f.mid !== "string" || this.dedup.seen(f.mid)) {
+      this.stats_.duplicates++;
+      return;
+    }
+    this.stats_.pushesDelivered++;
+    const p: Push = { mid: f.mid, biz: f.biz, room: f.room, d: f.d as any, ack: !!f.ack };
+    if (f.off !== undefined) p.off = f.off;
+    if (f.ep !== undefined) p.ep = f.ep;
+    for (const fn of this.pushListeners) {
+      try {
+        fn(p);
+      } catch (e) {
+        queueMicrotask(() => {
+          throw e;
+        });
+      }
+    }
+  }
+
+  private emitState(e: StateEvent): void {
+    for (const fn of this.stateListeners) {
+      try {
+        fn(e);
+      } catch (err) {
+        queueMicrotask(() => {
+          throw err;
+        });
+      }
+    }
+  }
+}
+
+function sinceOf(r: JoinReply | undefined): Since | undefined {
+  if (r && typeof r.off === "number" && typeof r.ep === "string") return { off: r.off, ep: r.ep };
+  return undefined;
+}
+
+function redact(url: string): string {
+  try {
+    const u = new URL(url);
+    u.search = "";
+    u.username = u.password = "";
+    return u.toString();
+  } catch {
+    return "?";
+  }
+}
+
+/** A random request id (for gift req_id). */
+export function randomId(): string {
+  const c = (globalThis as any).crypto;
+  if (c?.randomUUID) return c.randomUUID();
+  return Date.now().toString(36) + "-" + Math.random().toString(36).slice(2, 12);
+}

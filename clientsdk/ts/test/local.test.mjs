@@ -1,0 +1,194 @@
+// The SDK's paths that today's node cannot produce on demand, against a small
+// scripted WebSocket server speaking the node's wire format: duplicate pushes
+// inside batch frames, room offsets and recovered:false, close 4501 (the node
+// does not close on token expiry yet) and other terminal codes, and the
+// reconnect backoff bounds.
+import { test, afterEach } from "node:test";
+import assert from "node:assert/strict";
+import { WebSocketServer } from "ws";
+import { connect, CloseError, Biz } from "../dist/node.js";
+import { eventually } from "./node.mjs";
+
+const cleanup = [];
+afterEach(async () => {
+  while (cleanup.length) await cleanup.pop()();
+});
+
+/**
+ * A scripted server: script(conn, n) runs for the n-th connection (0-based);
+ * conn.frames holds what the client sent, conn.url its request URL.
+ */
+async function server(script, refuse = () => false) {
+  let upgrades = 0;
+  const wss = new WebSocketServer({
+    host: "127.0.0.1",
+    port: 0,
+    verifyClient: (_info, cb) => (refuse(upgrades++) ? cb(false, 503) : cb(true)),
+  });
+  await new Promise((r) => wss.on("listening", r));
+  const conns = [];
+  wss.on("connection", (ws, req) => {
+    const conn = { ws, url: new URL(req.url, "http://x"), frames: [], n: conns.length };
+    conns.push(conn);
+    ws.on("message", (b) => {
+      const f = JSON.parse(String(b));
+      conn.frames.push(f);
+      conn.onFrame?.(f);
+    });
+    const send = (f) => ws.send(JSON.stringify(f));
+    conn.send = send;
+    send({ t: "hello", d: { user_id: 7, node: "fake", heartbeat_s: 30, heartbeat_ms: 30000, batch: true } });
+    script(conn, conn.n);
+  });
+  cleanup.push(() => new Promise((r) => {
+    for (const c of wss.clients) c.terminate();
+    wss.close(r);
+  }));
+  return { url: `ws://127.0.0.1:${wss.address().port}/ws`, conns };
+}
+
+/** Replies to join/ping/chat like the node does; join's reply d comes from joinReply(f). */
+function answer(conn, joinReply = (f) => ({ room_id: f.d.room_id, online: 1 })) {
+  conn.onFrame = (f) => {
+    if (f.t === "ack") return;
+    const d = f.t === "join" ? joinReply(f) : f.t === "ping" ? { ts: Date.now() } : {};
+    conn.send({ t: "reply", id: f.id, code: 0, msg: "ok", d });
+  };
+}
+
+const push = (mid, d, extra = {}) => ({ t: "push", mid, biz: Biz.Chat, room: 9, d, ack: true, ...extra });
+
+async function collect(opts) {
+  const ev = { pushes: [], states: [] };
+  const c = await connect({
+    reconnectMinMs: 20,
+    reconnectMaxMs: 200,
+    onPush: (p) => ev.pushes.push(p),
+    onState: (s) => ev.states.push(s),
+    ...opts,
+  });
+  cleanup.push(async () => c.close());
+  return Object.assign(c, { ev });
+}
+
+test("batch frames: pushes inside are delivered once each in order; duplicates are acked again, not delivered", async () => {
+  const srv = await server((conn) => {
+    answer(conn);
+    conn.send({ t: "batch", d: [push("m1", { from: 1, text: "a" }), push("m2", { from: 1, text: "b" }), push("m1", { from: 1, text: "a" })] });
+    conn.send(push("m2", { from: 1, text: "b" }));
+    conn.send(push("m3", { from: 1, text: "c" }, { ack: false }));
+  });
+  const c = await collect({ urls: srv.url, token: "t" });
+  assert.equal(srv.conns[0].url.searchParams.get("batch"), "1");
+  assert.equal(srv.conns[0].url.searchParams.get("token"), "t");
+  await eventually(() => c.ev.pushes.length === 3, 3000, "3 pushes");
+  assert.deepEqual(c.ev.pushes.map((p) => p.mid), ["m1", "m2", "m3"]);
+  const acks = () => srv.conns[0].frames.filter((f) => f.t === "ack").map((f) => f.d.mids);
+  // One ack frame per received frame: the batch's three mids together, then m2 again.
+  await eventually(() => acks().length === 2, 3000, "2 ack frames");
+  assert.deepEqual(acks(), [["m1", "m2", "m1"], ["m2"]]);
+  assert.equal(c.stats.duplicates, 2);
+});
+
+test("de-dup across a reconnect, re-join with since after offsets, recovered:false reported", async () => {
+  const srv = await server((conn, n) => {
+    if (n === 0) {
+      answer(conn, (f) => ({ room_id: f.d.room_id, online: 1, off: 5, ep: "e1" }));
+      conn.onJoined = () => {
+        conn.send(push("p6", { from: 1, text: "6" }, { off: 6, ep: "e1" }));
+        conn.send(push("p7", { from: 1, text: "7" }, { off: 7, ep: "e1" }));
+      };
+    } else {
+      answer(conn, (f) => {
+        setTimeout(() => {
+          conn.send(push("p7", { from: 1, text: "7" })); // a mid seen before (a resend)
+          conn.send(push("p21", { from: 1, text: "21" }, { off: 21, ep: "e2" }));
+        });
+        return { room_id: f.d.room_id, online: 1, off: 20, ep: "e2", recovered: false };
+      });
+    }
+  });
+  const c = await collect({ urls: srv.url, token: "t" });
+  const j = await c.join(9);
+  assert.equal(j.off, 5);
+  srv.conns[0].onJoined();
+  await eventually(() => c.ev.pushes.length === 2, 3000, "p6 p7");
+  assert.deepEqual(c.joinedRooms().get(9), { off: 7, ep: "e1" });
+  srv.conns[0].ws.close(1001, "going away");
+  await eventually(() => c.ev.pushes.length === 3, 5000, "p21 after the reconnect");
+  assert.deepEqual(c.ev.pushes.map((p) => p.mid), ["p6", "p7", "p21"]);
+  await eventually(() => c.ev.states.filter((s) => s.state === "connected").length === 2, 5000, "re-joined");
+  const join2 = srv.conns[1].frames.find((f) => f.t === "join");
+  assert.deepEqual(join2.d, { room_id: 9, since: { off: 7, ep: "e1" } });
+  const resync = c.ev.states.find((s) => s.state === "room_resync");
+  assert.deepEqual(resync, { state: "room_resync", room: 9, since: { off: 7, ep: "e1" } });
+  assert.deepEqual(c.joinedRooms().get(9), { off: 21, ep: "e2" });
+  // The disconnect came before the reconnect, which re-joined before "connected".
+  const order = c.ev.states.map((s) => s.state);
+  assert.ok(order.indexOf("disconnected") < order.lastIndexOf("connected"));
+  assert.ok(order.indexOf("room_resync") < order.lastIndexOf("connected"));
+});
+
+test("4501 with a token callback: a new token is fetched and the client reconnects and re-joins", async () => {
+  const srv = await server((conn, n) => {
+    answer(conn);
+    if (n === 0) conn.onJoinedClose = () => conn.ws.close(4501, "token expired");
+  });
+  const reasons = [];
+  let k = 0;
+  const c = await collect({
+    urls: srv.url,
+    getToken: async (reason) => {
+      reasons.push(reason);
+      return "tok" + k++;
+    },
+  });
+  await c.join(9);
+  srv.conns[0].onJoinedClose();
+  await eventually(() => c.ev.states.some((s) => s.state === "connected" && s.attempt > 0), 5000, "reconnected");
+  assert.deepEqual(reasons, ["connect", "expired"]);
+  assert.equal(srv.conns[1].url.searchParams.get("token"), "tok1");
+  assert.ok(srv.conns[1].frames.some((f) => f.t === "join" && f.d.room_id === 9));
+  await c.ping();
+});
+
+test("4501 with a static token, and any other 45xx: terminal, no reconnect", async () => {
+  for (const [code, withCallback] of [
+    [4501, false],
+    [4503, true],
+  ]) {
+    const srv = await server((conn) => {
+      answer(conn);
+      setTimeout(() => conn.ws.close(code, "terminal"), 20);
+    });
+    const opts = withCallback ? { getToken: () => "t" } : { token: "t" };
+    const c = await collect({ urls: srv.url, ...opts });
+    await eventually(() => c.ev.states.some((s) => s.state === "closed"), 5000, "closed");
+    const closed = c.ev.states.find((s) => s.state === "closed");
+    assert.ok(closed.error instanceof CloseError && closed.error.code === code, String(closed.error));
+    assert.ok(!c.ev.states.some((s) => s.state === "reconnecting"), `${code}: reconnect attempted`);
+    await assert.rejects(c.ping(), /client closed/);
+    assert.equal(srv.conns.length, 1);
+  }
+});
+
+test("reconnect backoff: full jitter within min(max, min·2^(n-1)); a failed connection is retried on the next URL", async () => {
+  // The first connection is closed with 1001; the next 4 upgrades are refused (503).
+  const srv = await server(
+    (conn, n) => {
+      answer(conn);
+      if (n === 0) setTimeout(() => conn.ws.close(1001, "bye"), 20);
+    },
+    (u) => u >= 1 && u <= 4,
+  );
+  const c = await collect({ urls: [srv.url, srv.url], token: "t", reconnectMinMs: 10, reconnectMaxMs: 40 });
+  await eventually(() => c.ev.states.filter((s) => s.state === "connected").length === 2, 10000, "reconnected");
+  const waits = c.ev.states.filter((s) => s.state === "reconnecting");
+  assert.ok(waits.length >= 5, `${waits.length} attempts`);
+  waits.forEach((s, i) => {
+    assert.equal(s.attempt, i + 1);
+    const cap = Math.min(40, 10 * 2 ** i);
+    assert.ok(s.delayMs >= 0 && s.delayMs <= cap, `attempt ${s.attempt}: ${s.delayMs} > ${cap}`);
+  });
+  assert.equal(c.stats.reconnects, 1);
+});

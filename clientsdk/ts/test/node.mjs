@@ -1,0 +1,139 @@
+// Test helpers: a real LiveEdge node as a subprocess (the binary in
+// $LIVEEDGE_BIN, else built once from ../../cmd/liveedge into a temp dir) on
+// free 127.0.0.1 ports with a temp data dir, plus polling and HTTP helpers.
+import { spawn, execFileSync } from "node:child_process";
+import { mkdtempSync, rmSync, existsSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { createServer } from "node:net";
+import { fileURLToPath } from "node:url";
+
+const repo = fileURLToPath(new URL("../../../", import.meta.url));
+
+let built;
+export function binary() {
+  if (process.env.LIVEEDGE_BIN && existsSync(process.env.LIVEEDGE_BIN)) return process.env.LIVEEDGE_BIN;
+  if (!built) {
+    const dir = mkdtempSync(join(tmpdir(), "liveedge-bin-"));
+    built = join(dir, "liveedge");
+    execFileSync("go", ["build", "-o", built, "./cmd/liveedge"], { cwd: repo, stdio: "inherit" });
+  }
+  return built;
+}
+
+export function freePort() {
+  return new Promise((resolve, reject) => {
+    const s = createServer();
+    s.on("error", reject);
+    s.listen(0, "127.0.0.1", () => {
+      const { port } = s.address();
+      s.close(() => resolve(port));
+    });
+  });
+}
+
+/** Polls cond (sync or async) every 10 ms until it is truthy or timeoutMs passes. */
+export async function eventually(cond, timeoutMs, what) {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    let v;
+    try {
+      v = await cond();
+    } catch (e) {
+      v = false;
+      if (Date.now() > deadline) throw e;
+    }
+    if (v) return v;
+    if (Date.now() > deadline) throw new Error(`condition not met within ${timeoutMs} ms: ${what}`);
+    await new Promise((r) => setTimeout(r, 10));
+  }
+}
+
+/** A LiveEdge node process: start, stop (SIGTERM: drain, close 1001), restart on the same ports and data. */
+export class Node {
+  constructor(env = {}) {
+    this.env = env;
+    this.dir = mkdtempSync(join(tmpdir(), "liveedge-ts-"));
+    this.proc = null;
+    this.out = "";
+  }
+  async start() {
+    if (!this.httpPort) {
+      this.httpPort = await freePort();
+      this.wsPort = await freePort();
+    }
+    this.http = `http://127.0.0.1:${this.httpPort}`;
+    this.ws = `ws://127.0.0.1:${this.wsPort}/ws`;
+    const env = {
+      ...process.env,
+      LIVEEDGE_HTTP_ADDR: `127.0.0.1:${this.httpPort}`,
+      LIVEEDGE_WS_ADDR: `127.0.0.1:${this.wsPort}`,
+      LIVEEDGE_NODE_DATA_DIR: this.dir,
+      LIVEEDGE_ROOMS_OPEN_CLOSE_INTERVAL: "0s",
+      LIVEEDGE_LIMITS_CHAT_PER_SECOND: "0",
+      LIVEEDGE_SHUTDOWN_DRAIN_TIMEOUT: "2s",
+      LIVEEDGE_PAY_PROVIDER_URL: "",
+      LIVEEDGE_LOG_LEVEL: "warn",
+      ...this.env,
+    };
+    const p = spawn(binary(), [], { env, stdio: ["ignore", "pipe", "pipe"] });
+    this.proc = p;
+    this.exited = new Promise((r) => p.on("exit", (code, sig) => r({ code, sig })));
+    p.stdout.on("data", (b) => (this.out += b));
+    p.stderr.on("data", (b) => (this.out += b));
+    let dead = false;
+    this.exited.then(() => (dead = true));
+    await eventually(
+      async () => {
+        if (dead) throw new Error("node exited:\n" + this.out);
+        const r = await fetch(this.http + "/readyz");
+        return r.status === 200;
+      },
+      30000,
+      "node ready",
+    );
+  }
+  async stop() {
+    if (!this.proc) return;
+    this.proc.kill("SIGTERM");
+    const r = await this.exited;
+    this.proc = null;
+    return r;
+  }
+  async restart() {
+    await this.stop();
+    await this.start();
+  }
+  async destroy() {
+    if (this.proc) {
+      this.proc.kill("SIGKILL");
+      await this.exited;
+      this.proc = null;
+    }
+    rmSync(this.dir, { recursive: true, force: true });
+  }
+
+  /** POST/GET JSON with an optional bearer token; returns {status, body}. */
+  async api(method, path, token, body) {
+    const headers = { "Content-Type": "application/json" };
+    if (token) headers.Authorization = "Bearer " + token;
+    const r = await fetch(this.http + path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+    return { status: r.status, body: await r.json() };
+  }
+  async token(userId, role = "viewer") {
+    const r = await this.api("POST", "/api/v1/dev/token", "", { user_id: userId, role });
+    if (r.status !== 200) throw new Error("dev token: " + JSON.stringify(r));
+    return r.body.data.token;
+  }
+  async openRoom(anchorId) {
+    const r = await this.api("POST", "/api/v1/rooms", await this.token(anchorId, "anchor"), { type: 1 });
+    if (r.status !== 200) throw new Error("open room: " + JSON.stringify(r));
+    return r.body.data.room_id;
+  }
+  /** The value of a Prometheus counter on /metrics (0 when absent). */
+  async metric(name) {
+    const text = await (await fetch(this.http + "/metrics")).text();
+    const m = text.match(new RegExp("^" + name + "(?:\\{[^}]*\\})? (\\S+)$", "m"));
+    return m ? Number(m[1]) : 0;
+  }
+}

@@ -1,0 +1,306 @@
+// The live-room demo page: the TypeScript SDK's browser bundle over the
+// node's HTTP API (same origin) and WebSocket (the port from config.json).
+import { connect, Biz, isBiz, ReplyError, randomId } from "./liveedge.js";
+
+const $ = (id) => document.getElementById(id);
+const icons = { 22: "👼", 23: "👑", 24: "💗", 25: "🏎️", 27: "🚀", 28: "🎃", 29: "🧞" };
+
+const s = {
+  cfg: null, // /demo/config.json
+  user: 0,
+  role: "viewer",
+  token: "",
+  client: null,
+  room: 0,
+  anchor: 0,
+  gifts: new Map(), // gift_id -> row
+};
+
+// ---- HTTP ----
+
+async function api(method, path, body, token = s.token) {
+  const headers = { "Content-Type": "application/json" };
+  if (token) headers.Authorization = "Bearer " + token;
+  const r = await fetch("/api/v1" + path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+  let env;
+  try {
+    env = await r.json();
+  } catch {
+    throw new Error(`${method} ${path}: HTTP ${r.status}`);
+  }
+  if (env.code !== 0) throw new ReplyError(env.code, env.msg);
+  return env.data;
+}
+
+async function devToken() {
+  const d = await api("POST", "/dev/token", { user_id: s.user, role: s.role }, "");
+  s.token = d.token;
+  return d.token;
+}
+
+// ---- lobby ----
+
+function readWho() {
+  s.user = Number($("user").value);
+  s.role = $("role").value;
+  if (!(s.user > 0)) throw new Error("enter a user id > 0");
+}
+
+async function listRooms() {
+  try {
+    const tok = s.token || (await api("POST", "/dev/token", { user_id: 1, role: "viewer" }, "")).token;
+    const d = await api("GET", "/rooms?type=1&page=1&page_size=20", undefined, tok);
+    const box = $("rooms");
+    box.replaceChildren();
+    for (const r of d.rooms) {
+      const b = document.createElement("button");
+      b.type = "button";
+      b.dataset.room = r.room_id;
+      b.textContent = `room ${r.room_id} · anchor ${r.anchor_id} · ${r.online} online`;
+      b.onclick = () => {
+        $("room-input").value = r.room_id;
+        $("role").value = "viewer";
+        guard($("lobby-error"), joinAsViewer)();
+      };
+      box.append(b);
+    }
+  } catch {
+    /* the list is a convenience */
+  }
+}
+
+async function openAsAnchor() {
+  $("role").value = "anchor";
+  readWho();
+  await devToken();
+  const d = await api("POST", "/rooms", { type: 1 });
+  await enterRoom(d.room_id);
+}
+
+async function joinAsViewer() {
+  readWho();
+  const room = Number($("room-input").value);
+  if (!(room > 0)) throw new Error("enter a room id");
+  await devToken();
+  await enterRoom(room);
+}
+
+// ---- the room ----
+
+async function enterRoom(room) {
+  const info = await api("GET", `/rooms/${room}`);
+  s.room = room;
+  s.anchor = info.anchor_id;
+  const proto = location.protocol === "https:" ? "wss:" : "ws:";
+  const url = `${proto}//${location.hostname}:${s.cfg.ws_port}${s.cfg.ws_path}`;
+  s.client = await connect({
+    urls: [url],
+    getToken: (reason) => (reason === "connect" ? s.token : devToken()),
+    onPush,
+    onState,
+  });
+  const j = await s.client.join(room);
+  $("lobby").hidden = true;
+  $("live").hidden = false;
+  $("room-id").textContent = room;
+  $("anchor-id").textContent = s.anchor;
+  $("me").textContent = s.user;
+  $("my-role").textContent = s.role;
+  $("online").textContent = j.online;
+  $("pk-start").hidden = s.role !== "anchor";
+  await Promise.all([loadGifts(), loadProducts(), refreshWallet()]);
+  if (info.pk_opponent) $("pk").hidden = false;
+  setInterval(refreshOnline, 2000);
+  system(`joined room ${room} as ${s.role}`);
+}
+
+async function refreshOnline() {
+  try {
+    const info = await api("GET", `/rooms/${s.room}`);
+    $("online").textContent = info.online;
+  } catch {
+    /* next tick */
+  }
+}
+
+async function refreshWallet() {
+  const w = await api("GET", "/wallet");
+  $("balance").textContent = w.balance;
+  $("received").textContent = w.received ?? 0;
+}
+
+async function loadGifts() {
+  const d = await api("GET", "/gifts");
+  const box = $("gifts");
+  box.replaceChildren();
+  for (const g of d.gifts) {
+    s.gifts.set(g.gift_id, g);
+    const b = document.createElement("button");
+    b.type = "button";
+    b.dataset.gift = g.gift_id;
+    b.innerHTML = `${icons[g.gift_id] ?? "🎁"} <span></span> <small>${g.price}</small>`;
+    b.querySelector("span").textContent = g.name;
+    b.disabled = s.user === s.anchor; // no gifts to yourself (20003)
+    b.onclick = guard($("gift-error"), () => sendGift(g));
+    box.append(b);
+  }
+}
+
+async function sendGift(g) {
+  const pk = !$("pk").hidden; // the room is in a PK: the gift scores for it
+  const r = await s.client.gift({ roomId: s.room, giftId: g.gift_id, receiverId: s.anchor, count: 1, reqId: randomId(), pk });
+  $("balance").textContent = r.balance;
+}
+
+async function loadProducts() {
+  const d = await api("GET", "/pay/products");
+  const sel = $("product");
+  sel.replaceChildren();
+  for (const p of d.products) {
+    const o = document.createElement("option");
+    o.value = p.product_id;
+    o.dataset.coins = p.coins;
+    o.textContent = `${p.name} (${(p.price / 100).toFixed(2)})`;
+    sel.append(o);
+  }
+}
+
+// Recharge through the mock provider (cmd/mockpay) when it answers: an order,
+// then the provider's pay_url; the balance moves when its webhook reaches the
+// node (biz 5570). Without a provider: dev credit, and the page says so.
+async function recharge() {
+  const opt = $("product").selectedOptions[0];
+  const note = $("pay-note");
+  let order;
+  try {
+    order = await api("POST", "/pay/orders", { product_id: Number(opt.value), channel: "mock", req_id: randomId() });
+    if (!order.pay_url) throw new Error("no pay_url: the node has no pay.provider_url");
+    await fetch(order.pay_url, { method: "POST", mode: "no-cors" });
+    note.textContent = `order ${order.order_id}: paid at the mock provider, waiting for its webhook…`;
+    note.dataset.path = "provider";
+    return;
+  } catch (e) {
+    const why = order ? "the mock provider is not running" : e.message;
+    const d = await api("POST", "/dev/credit", { user_id: s.user, amount: Number(opt.dataset.coins), req_id: randomId() });
+    $("balance").textContent = d.balance;
+    note.textContent = `${why}: credited ${opt.dataset.coins} coins with dev credit instead.`;
+    note.dataset.path = "dev";
+  }
+}
+
+async function startPK() {
+  const other = Number($("pk-room").value);
+  await api("POST", "/pk", { room_a: s.room, room_b: other, duration_s: 60 });
+  $("pk").hidden = false;
+}
+
+// ---- pushes ----
+
+function onPush(p) {
+  if (isBiz(p, Biz.Chat) && p.room === s.room) chatLine(p.d.from, p.d.text);
+  else if (isBiz(p, Biz.Gift) && p.room === s.room && p.ack === false) showEffect(p.d);
+  else if (isBiz(p, Biz.Gift) && p.d.to === s.user) refreshWallet().catch(() => {});
+  else if (isBiz(p, Biz.GiftFailed)) $("gift-error").textContent = `gift failed: ${p.d.code} ${p.d.msg}`;
+  else if (isBiz(p, Biz.WalletCredit)) {
+    $("balance").textContent = p.d.balance;
+    $("credit-note").textContent = `+${p.d.delta} coins (${p.d.reason})`;
+  } else if (isBiz(p, Biz.PKProgress)) showPK(p.d);
+  else if (isBiz(p, Biz.RoomClosed)) system(`the room was closed (${p.d.reason})`);
+}
+
+function onState(e) {
+  const el = $("state");
+  if (e.state === "connected") {
+    el.textContent = `connected to ${e.hello.node} as user ${e.hello.user_id}`;
+    el.className = "state ok";
+  } else if (e.state === "reconnecting") {
+    el.textContent = `reconnecting (attempt ${e.attempt})…`;
+    el.className = "state bad";
+  } else if (e.state === "closed") {
+    el.textContent = "closed" + (e.error ? `: ${e.error.message}` : "");
+    el.className = "state bad";
+  } else if (e.state === "room_dropped") system(`room ${e.room} is gone: ${e.error.message}`);
+}
+
+function chatLine(from, text) {
+  const li = document.createElement("li");
+  li.className = from === s.user ? "mine" : "";
+  const who = document.createElement("span");
+  who.className = "who";
+  who.textContent = from === s.anchor ? `anchor ${from}` : `user ${from}`;
+  li.append(who, document.createTextNode(text));
+  const log = $("chat-log");
+  log.append(li);
+  while (log.children.length > 200) log.firstChild.remove();
+  log.scrollTop = log.scrollHeight;
+}
+
+function system(text) {
+  const li = document.createElement("li");
+  li.className = "sys";
+  li.textContent = text;
+  $("chat-log").append(li);
+}
+
+function showEffect(d) {
+  const g = s.gifts.get(d.gift_id);
+  const div = document.createElement("div");
+  div.className = "effect";
+  div.dataset.gift = d.gift_id;
+  div.dataset.from = d.from;
+  const n = d.combo && d.combo > 1 ? ` combo ×${d.combo}` : "";
+  div.innerHTML = `<span class="icon">${icons[d.gift_id] ?? "🎁"}</span> <span class="text"></span>`;
+  div.querySelector(".text").textContent = `user ${d.from} → ${g ? g.name : "gift " + d.gift_id} ×${d.count}${n}`;
+  const box = $("effects");
+  box.append(div);
+  while (box.children.length > 6) box.firstChild.remove();
+}
+
+function showPK(d) {
+  $("pk").hidden = false;
+  const ours = d.scores[String(s.room)] ?? 0;
+  const other = Object.entries(d.scores).find(([r]) => r !== String(s.room));
+  const theirs = other ? other[1] : 0;
+  const total = ours + theirs;
+  $("pk-ours").style.width = total ? `${(100 * ours) / total}%` : "50%";
+  $("pk-left").textContent = `this room ${ours}`;
+  $("pk-right").textContent = other ? `room ${other[0]} ${theirs}` : "";
+}
+
+// ---- wiring ----
+
+function guard(errEl, fn) {
+  return async (ev) => {
+    ev?.preventDefault?.();
+    errEl.textContent = "";
+    try {
+      await fn();
+    } catch (e) {
+      errEl.textContent = e instanceof ReplyError ? `${e.code}: ${e.msg}` : e.message;
+    }
+  };
+}
+
+async function main() {
+  s.cfg = (await (await fetch("config.json")).json()).data;
+  const q = new URLSearchParams(location.search);
+  $("user").value = q.get("user") ?? String(1000 + Math.floor(Math.random() * 9000));
+  if (q.get("role")) $("role").value = q.get("role");
+  if (q.get("room")) $("room-input").value = q.get("room");
+  $("open").onclick = guard($("lobby-error"), openAsAnchor);
+  $("join").onclick = guard($("lobby-error"), joinAsViewer);
+  $("who").onsubmit = (e) => e.preventDefault();
+  $("chat-form").onsubmit = guard($("gift-error"), async () => {
+    const text = $("chat-input").value.trim();
+    if (!text) return;
+    $("chat-input").value = "";
+    await s.client.chat(s.room, text);
+  });
+  $("recharge").onclick = guard($("pay-note"), recharge);
+  $("pk-go").onclick = guard($("gift-error"), startPK);
+  if (!s.cfg.dev_tokens) $("lobby-error").textContent = "this node has dev tokens off: the demo needs auth.dev_tokens";
+  await listRooms();
+  document.body.dataset.ready = "1";
+}
+
+main();

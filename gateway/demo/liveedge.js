@@ -1,0 +1,587 @@
+// Generated from clientsdk/ts/src by `npm run build` (esbuild). Do not edit.
+
+// src/protocol.ts
+var Biz = {
+  Chat: 5555,
+  Gift: 5556,
+  GiftFailed: 5557,
+  PKProgress: 5558,
+  /** Extension: the room was closed by its anchor. */
+  RoomClosed: 5559,
+  RainStarted: 5560,
+  RainFinished: 5561,
+  WalletCredit: 5570,
+  OrderStatus: 5580
+};
+var Close = {
+  Normal: 1e3,
+  GoingAway: 1001,
+  Abnormal: 1006,
+  TooBig: 1009,
+  Abuse: 4400,
+  HeartbeatTimeout: 4402,
+  SlowConsumer: 4408,
+  Replaced: 4409,
+  TokenExpired: 4501
+};
+function reconnectable(code) {
+  return code < 4500;
+}
+var MaxAckMids = 1024;
+
+// src/client.ts
+function isBiz(p, biz) {
+  return p.biz === biz;
+}
+var ReplyError = class extends Error {
+  constructor(code, msg) {
+    super(`liveedge: ${code}: ${msg}`);
+    this.code = code;
+    this.msg = msg;
+    this.name = "ReplyError";
+  }
+};
+var DisconnectedError = class extends Error {
+  constructor() {
+    super("liveedge: disconnected");
+    this.name = "DisconnectedError";
+  }
+};
+var ClosedError = class extends Error {
+  constructor(cause) {
+    super("liveedge: client closed" + (cause ? ": " + cause.message : ""));
+    this.cause = cause;
+    this.name = "ClosedError";
+  }
+};
+var TimeoutError = class extends Error {
+  constructor(what) {
+    super(`liveedge: ${what} timed out`);
+    this.name = "TimeoutError";
+  }
+};
+var CloseError = class extends Error {
+  constructor(code, reason) {
+    super(`liveedge: closed by server: ${code} ${reason}`);
+    this.code = code;
+    this.reason = reason;
+    this.name = "CloseError";
+  }
+};
+var UnauthorizedError = class extends Error {
+  constructor() {
+    super("liveedge: unauthorized (HTTP 401)");
+    this.name = "UnauthorizedError";
+  }
+};
+var Dedup = class {
+  constructor(window) {
+    this.window = window;
+    this.set = /* @__PURE__ */ new Set();
+    this.next = 0;
+    this.ring = new Array(window);
+  }
+  /** seen records mid and reports whether it was already there. */
+  seen(mid) {
+    if (this.set.has(mid)) return true;
+    const old = this.ring[this.next];
+    if (old !== void 0) this.set.delete(old);
+    this.ring[this.next] = mid;
+    this.next = (this.next + 1) % this.window;
+    this.set.add(mid);
+    return false;
+  }
+};
+var OPEN = 1;
+function sleep(ms) {
+  return new Promise((r) => setTimeout(r, ms));
+}
+var LiveClient = class _LiveClient {
+  constructor(opts) {
+    this.opts = opts;
+    this.urlIndex = 0;
+    this.ws = null;
+    this.ready = false;
+    this.closed = false;
+    this.waiters = [];
+    this.pending = /* @__PURE__ */ new Map();
+    this.nextId = 1;
+    this.rooms = /* @__PURE__ */ new Map();
+    this.lastSend = 0;
+    this.pushListeners = /* @__PURE__ */ new Set();
+    this.stateListeners = /* @__PURE__ */ new Set();
+    this.stats_ = {
+      reconnects: 0,
+      pushesReceived: 0,
+      pushesDelivered: 0,
+      duplicates: 0,
+      acksSent: 0,
+      requests: 0
+    };
+    const WS = opts.WebSocket ?? globalThis.WebSocket;
+    if (!WS) throw new Error("liveedge: no WebSocket implementation (pass options.WebSocket)");
+    this.urls = Array.isArray(opts.urls) ? [...opts.urls] : [opts.urls];
+    if (this.urls.length === 0) throw new Error("liveedge: options.urls is empty");
+    if (opts.token === void 0 && !opts.getToken) throw new Error("liveedge: options.token or options.getToken is required");
+    this.o = {
+      urls: this.urls,
+      WebSocket: WS,
+      batch: opts.batch ?? true,
+      requestTimeoutMs: opts.requestTimeoutMs ?? 1e4,
+      reconnectMinMs: opts.reconnectMinMs ?? 100,
+      reconnectMaxMs: Math.max(opts.reconnectMaxMs ?? 5e3, opts.reconnectMinMs ?? 100),
+      dedupWindow: opts.dedupWindow ?? 16384,
+      heartbeatMs: opts.heartbeatMs
+    };
+    this.dedup = new Dedup(this.o.dedupWindow);
+    if (opts.onPush) this.pushListeners.add(opts.onPush);
+    if (opts.onState) this.stateListeners.add(opts.onState);
+  }
+  /**
+   * Connects (each URL is tried once, in order) and resolves once the hello
+   * arrived. After that the client reconnects by itself until close() or a
+   * terminal close code.
+   */
+  static async connect(opts) {
+    const c = new _LiveClient(opts);
+    let last;
+    for (let i = 0; i < c.urls.length; i++) {
+      try {
+        await c.attempt("connect", 0);
+        return c;
+      } catch (e) {
+        last = e;
+        c.urlIndex++;
+        if (e instanceof UnauthorizedError && opts.token !== void 0) break;
+      }
+    }
+    c.closed = true;
+    throw last ?? new Error("liveedge: connect failed");
+  }
+  on(ev, fn) {
+    const set = ev === "push" ? this.pushListeners : this.stateListeners;
+    set.add(fn);
+    return () => set.delete(fn);
+  }
+  /** The hello of the current (or last) connection. */
+  get hello() {
+    return this.helloFrame;
+  }
+  get connected() {
+    return this.ready;
+  }
+  get stats() {
+    return { ...this.stats_ };
+  }
+  /** Rooms joined (re-joined after every reconnect) and the last offset seen in each. */
+  joinedRooms() {
+    return new Map([...this.rooms].map(([r, s]) => [r, s.since]));
+  }
+  async request(type, data, o) {
+    const timeout = o?.timeout ?? this.o.requestTimeoutMs;
+    const deadline = Date.now() + timeout;
+    await this.waitReady(timeout, type);
+    return this.send(this.ws, type, data, Math.max(1, deadline - Date.now()));
+  }
+  /** Joins a room; it is re-joined after every reconnect until leave(). */
+  async join(roomId, o) {
+    const r = await this.request("join", { room_id: roomId }, o);
+    const known = this.rooms.get(roomId);
+    this.rooms.set(roomId, { since: known?.since ?? sinceOf(r) });
+    return r;
+  }
+  async leave(roomId, o) {
+    this.rooms.delete(roomId);
+    await this.request("leave", { room_id: roomId }, o);
+  }
+  chat(roomId, text, o) {
+    return this.request("chat", { room_id: roomId, text }, o);
+  }
+  /** Sends a gift; reqId makes it idempotent (a retry with the same reqId moves nothing again); pk scores it in the room's PK. */
+  gift(g, o) {
+    const d = {
+      room_id: g.roomId,
+      gift_id: g.giftId,
+      receiver_id: g.receiverId,
+      count: g.count ?? 1,
+      req_id: g.reqId ?? randomId()
+    };
+    if (g.pk) d.pk = true;
+    return this.request("gift", d, o);
+  }
+  ping(o) {
+    return this.request("ping", {}, o);
+  }
+  /** Closes the connection (1000) and stops reconnecting. */
+  close() {
+    if (this.closed) return;
+    this.terminate(void 0);
+  }
+  // ---- connection ----
+  token(reason) {
+    if (this.opts.getToken) return Promise.resolve(this.opts.getToken(reason));
+    return Promise.resolve(this.opts.token);
+  }
+  /** One connection attempt to the current URL: dial, hello, re-join, ready. */
+  async attempt(reason, attemptNo) {
+    const url = this.urls[this.urlIndex % this.urls.length];
+    const tok = await this.token(reason);
+    if (this.closed) throw new ClosedError(this.closeCause);
+    const u = new URL(url);
+    u.searchParams.set("token", tok);
+    if (this.o.batch) u.searchParams.set("batch", "1");
+    else u.searchParams.delete("batch");
+    const ws = new this.o.WebSocket(u.toString());
+    const hello = await new Promise((resolve, reject) => {
+      let errMsg = "";
+      const timer = setTimeout(() => {
+        fail(new TimeoutError("connect"));
+        try {
+          ws.close();
+        } catch {
+        }
+      }, this.o.requestTimeoutMs);
+      const fail = (e) => {
+        clearTimeout(timer);
+        ws.onmessage = ws.onclose = ws.onerror = null;
+        reject(e);
+      };
+      ws.onerror = (ev) => {
+        errMsg = String(ev?.message ?? ev?.error?.message ?? "");
+        if (/\b401\b/.test(errMsg)) fail(new UnauthorizedError());
+      };
+      ws.onclose = (ev) => {
+        if (ev.code >= 4e3) fail(new CloseError(ev.code, ev.reason));
+        else fail(new Error(`liveedge: connect to ${redact(url)} failed (${ev.code}${errMsg ? " " + errMsg : ""})`));
+      };
+      ws.onmessage = (ev) => {
+        let f;
+        try {
+          f = JSON.parse(String(ev.data));
+        } catch {
+          return;
+        }
+        const frames = f.t === "batch" && Array.isArray(f.d) ? f.d : [f];
+        const i = frames.findIndex((x) => x && x.t === "hello");
+        if (i < 0) return;
+        clearTimeout(timer);
+        const hello2 = frames[i].d;
+        this.helloFrame = hello2;
+        this.ws = ws;
+        this.lastSend = Date.now();
+        ws.onmessage = (e) => this.onMessage(ws, e.data);
+        ws.onclose = (e) => this.dropped(ws, e.code, e.reason);
+        ws.onerror = null;
+        if (i + 1 < frames.length) this.onFrames(ws, frames.slice(i + 1));
+        resolve(hello2);
+      };
+    });
+    if (this.closed) {
+      if (this.ws === ws) this.ws = null;
+      ws.onmessage = ws.onclose = null;
+      ws.close(Close.Normal);
+      throw new ClosedError(this.closeCause);
+    }
+    this.startHeartbeat(ws, hello);
+    await this.rejoin(ws).catch(() => void 0);
+    if (this.ws !== ws) {
+      const lc = this.lastClose;
+      throw lc && lc.code >= 4e3 ? new CloseError(lc.code, lc.reason) : new DisconnectedError();
+    }
+    this.ready = true;
+    if (attemptNo > 0) this.stats_.reconnects++;
+    this.emitState({ state: "connected", hello, url: redact(url), attempt: attemptNo });
+    const ws_ = this.waiters;
+    this.waiters = [];
+    for (const w of ws_) w.resolve();
+  }
+  /** Re-joins every room on a new connection (since when offsets were seen). */
+  async rejoin(ws) {
+    const joins = [...this.rooms].map(async ([room, st]) => {
+      const sent = st.since;
+      const d = { room_id: room };
+      if (sent) d.since = sent;
+      try {
+        const r = await this.send(ws, "join", d, this.o.requestTimeoutMs);
+        if (sent && r.recovered === false) this.emitState({ state: "room_resync", room, since: sent });
+        const s = sinceOf(r);
+        if (s && st.since === sent && (!sent || r.recovered === false || s.ep !== sent.ep)) st.since = s;
+      } catch (e) {
+        if (e instanceof ReplyError) {
+          this.rooms.delete(room);
+          this.emitState({ state: "room_dropped", room, error: e });
+          return;
+        }
+        throw e;
+      }
+    });
+    await Promise.all(joins);
+  }
+  /** The connection ws ended (close frame, network error or heartbeat failure). */
+  dropped(ws, code, reason) {
+    if (this.ws !== ws) return;
+    const wasReady = this.ready;
+    this.ws = null;
+    this.ready = false;
+    this.lastClose = { code, reason };
+    ws.onmessage = ws.onclose = ws.onerror = null;
+    this.stopHeartbeat();
+    for (const [, p] of this.pending) {
+      clearTimeout(p.timer);
+      p.reject(new DisconnectedError());
+    }
+    this.pending.clear();
+    if (this.closed) return;
+    this.emitState({ state: "disconnected", code, reason });
+    if (!wasReady) return;
+    if (!reconnectable(code)) {
+      if (code === Close.TokenExpired && this.opts.getToken) {
+        void this.reconnectLoop("expired");
+        return;
+      }
+      this.terminate(new CloseError(code, reason));
+      return;
+    }
+    void this.reconnectLoop("reconnect");
+  }
+  async reconnectLoop(reason) {
+    for (let n = 1; !this.closed; n++) {
+      const cap = Math.min(this.o.reconnectMaxMs, this.o.reconnectMinMs * 2 ** Math.min(n - 1, 30));
+      const delayMs = Math.floor(Math.random() * cap);
+      this.emitState({ state: "reconnecting", attempt: n, delayMs });
+      await sleep(delayMs);
+      if (this.closed) return;
+      try {
+        await this.attempt(reason, n);
+        return;
+      } catch (e) {
+        if (this.closed) return;
+        if (e instanceof UnauthorizedError && !this.opts.getToken) {
+          this.terminate(e);
+          return;
+        }
+        if (e instanceof CloseError && !reconnectable(e.code)) {
+          if (!(e.code === Close.TokenExpired && this.opts.getToken)) {
+            this.terminate(e);
+            return;
+          }
+          reason = "expired";
+        }
+        this.urlIndex++;
+      }
+    }
+  }
+  terminate(cause) {
+    this.closed = true;
+    this.closeCause = cause;
+    this.ready = false;
+    this.stopHeartbeat();
+    const ws = this.ws;
+    this.ws = null;
+    if (ws) {
+      ws.onmessage = ws.onclose = ws.onerror = null;
+      try {
+        ws.close(Close.Normal);
+      } catch {
+      }
+    }
+    for (const [, p] of this.pending) {
+      clearTimeout(p.timer);
+      p.reject(new ClosedError(cause));
+    }
+    this.pending.clear();
+    for (const w of this.waiters) w.reject(new ClosedError(cause));
+    this.waiters = [];
+    this.emitState({ state: "closed", error: cause });
+  }
+  startHeartbeat(ws, hello) {
+    this.stopHeartbeat();
+    let every = this.o.heartbeatMs;
+    if (every === void 0 || every === 0) every = (hello.heartbeat_ms ?? hello.heartbeat_s * 1e3) / 2;
+    if (!(every > 0)) return;
+    this.hb = setInterval(() => {
+      if (this.ws !== ws || Date.now() - this.lastSend < every) return;
+      this.send(ws, "ping", {}, this.o.requestTimeoutMs).catch((e) => {
+        if (e instanceof TimeoutError) {
+          try {
+            ws.close();
+          } catch {
+          }
+          this.dropped(ws, Close.Abnormal, "ping timeout");
+        }
+      });
+    }, Math.max(10, Math.floor(every / 2)));
+    this.hb.unref?.();
+  }
+  stopHeartbeat() {
+    if (this.hb !== void 0) clearInterval(this.hb);
+    this.hb = void 0;
+  }
+  waitReady(timeout, what) {
+    if (this.closed) return Promise.reject(new ClosedError(this.closeCause));
+    if (this.ready) return Promise.resolve();
+    return new Promise((resolve, reject) => {
+      const w = {
+        resolve: () => {
+          clearTimeout(t);
+          resolve();
+        },
+        reject: (e) => {
+          clearTimeout(t);
+          reject(e);
+        }
+      };
+      const t = setTimeout(() => {
+        this.waiters = this.waiters.filter((x) => x !== w);
+        reject(new TimeoutError(what + " (waiting for a connection)"));
+      }, timeout);
+      this.waiters.push(w);
+    });
+  }
+  /** Writes one request on ws and waits for its reply. */
+  send(ws, type, data, timeout) {
+    if (this.ws !== ws || ws.readyState !== OPEN) return Promise.reject(new DisconnectedError());
+    const id = this.nextId++;
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.pending.delete(id);
+        reject(new TimeoutError(type));
+      }, timeout);
+      this.pending.set(id, { resolve, reject, timer });
+      try {
+        ws.send(JSON.stringify({ t: type, id, d: data ?? {} }));
+      } catch (e) {
+        clearTimeout(timer);
+        this.pending.delete(id);
+        reject(new DisconnectedError());
+        return;
+      }
+      this.lastSend = Date.now();
+      this.stats_.requests++;
+    });
+  }
+  // ---- frames ----
+  onMessage(ws, raw) {
+    if (this.ws !== ws) return;
+    let f;
+    try {
+      f = JSON.parse(String(raw));
+    } catch {
+      return;
+    }
+    this.onFrames(ws, f.t === "batch" ? Array.isArray(f.d) ? f.d : [] : [f]);
+  }
+  /** Handles the frames of one received message, then acks its pushes in one frame. */
+  onFrames(ws, frames) {
+    const acks = [];
+    for (const x of frames) this.handle(x, acks);
+    for (let i = 0; i < acks.length; i += MaxAckMids) {
+      const mids = acks.slice(i, i + MaxAckMids);
+      try {
+        ws.send(JSON.stringify({ t: "ack", d: { mids } }));
+        this.lastSend = Date.now();
+        this.stats_.acksSent += mids.length;
+      } catch {
+        return;
+      }
+    }
+  }
+  handle(f, acks) {
+    if (!f || typeof f !== "object") return;
+    switch (f.t) {
+      case "reply":
+        this.onReply(f);
+        return;
+      case "push":
+        this.onPush(f);
+        if (f.ack && typeof f.mid === "string") acks.push(f.mid);
+        return;
+      case "hello":
+        this.helloFrame = f.d;
+        return;
+    }
+  }
+  onReply(f) {
+    const p = this.pending.get(f.id);
+    if (!p) return;
+    this.pending.delete(f.id);
+    clearTimeout(p.timer);
+    if (f.code !== 0) p.reject(new ReplyError(f.code, f.msg));
+    else p.resolve(f.d ?? {});
+  }
+  onPush(f) {
+    this.stats_.pushesReceived++;
+    if (typeof f.off === "number" && f.room) {
+      const st = this.rooms.get(f.room);
+      if (st && (!st.since || st.since.ep !== f.ep || f.off > st.since.off)) st.since = { off: f.off, ep: f.ep ?? "" };
+    }
+    if (typeof f.mid !== "string" || this.dedup.seen(f.mid)) {
+      this.stats_.duplicates++;
+      return;
+    }
+    this.stats_.pushesDelivered++;
+    const p = { mid: f.mid, biz: f.biz, room: f.room, d: f.d, ack: !!f.ack };
+    if (f.off !== void 0) p.off = f.off;
+    if (f.ep !== void 0) p.ep = f.ep;
+    for (const fn of this.pushListeners) {
+      try {
+        fn(p);
+      } catch (e) {
+        queueMicrotask(() => {
+          throw e;
+        });
+      }
+    }
+  }
+  emitState(e) {
+    for (const fn of this.stateListeners) {
+      try {
+        fn(e);
+      } catch (err) {
+        queueMicrotask(() => {
+          throw err;
+        });
+      }
+    }
+  }
+};
+function sinceOf(r) {
+  if (r && typeof r.off === "number" && typeof r.ep === "string") return { off: r.off, ep: r.ep };
+  return void 0;
+}
+function redact(url) {
+  try {
+    const u = new URL(url);
+    u.search = "";
+    u.username = u.password = "";
+    return u.toString();
+  } catch {
+    return "?";
+  }
+}
+function randomId() {
+  const c = globalThis.crypto;
+  if (c?.randomUUID) return c.randomUUID();
+  return Date.now().toString(36) + "-" + Math.random().toString(36).slice(2, 12);
+}
+
+// src/index.ts
+function connect(opts) {
+  return LiveClient.connect(opts);
+}
+export {
+  Biz,
+  Close,
+  CloseError,
+  ClosedError,
+  DisconnectedError,
+  LiveClient,
+  MaxAckMids,
+  ReplyError,
+  TimeoutError,
+  UnauthorizedError,
+  connect,
+  isBiz,
+  randomId,
+  reconnectable
+};

@@ -1,0 +1,335 @@
+package gateway_test
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/chromedp/chromedp"
+
+	"github.com/liveedge/liveedge/configs"
+	"github.com/liveedge/liveedge/edge/pay/mockpay"
+	"github.com/liveedge/liveedge/gateway/nodetest"
+)
+
+// TestDemoServedByConfig: /demo/ and its assets are served when http.demo is
+// on (the single-node default) and not at all when it is off (the production
+// cluster config).
+func TestDemoServedByConfig(t *testing.T) {
+	cl, err := configs.Load("../configs/cluster.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cl.HTTP.Demo || !configs.Default().HTTP.Demo {
+		t.Fatalf("http.demo: cluster %v (want false), single %v (want true)", cl.HTTP.Demo, configs.Default().HTTP.Demo)
+	}
+	get := func(url string) (int, string, string) {
+		resp, err := http.Get(url)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, resp.Header.Get("Content-Type"), string(b)
+	}
+	on := nodetest.Start(t, nodetest.Config(t))
+	base := nodetest.HTTPURL(on)
+	for path, want := range map[string]string{
+		"/demo/":            "text/html",
+		"/demo/demo.js":     "text/javascript",
+		"/demo/liveedge.js": "text/javascript",
+		"/demo/demo.css":    "text/css",
+	} {
+		status, ct, body := get(base + path)
+		if status != 200 || !strings.HasPrefix(ct, want) || body == "" {
+			t.Errorf("GET %s: %d %q (%d bytes), want 200 %s", path, status, ct, len(body), want)
+		}
+	}
+	status, _, body := get(base + "/demo/config.json")
+	if wantPort := on.WS.Addr()[strings.LastIndexByte(on.WS.Addr(), ':')+1:]; status != 200 || !strings.Contains(body, `"ws_port":`+wantPort) {
+		t.Errorf("config.json: %d %s (want ws_port %s)", status, body, wantPort)
+	}
+	if status, _, _ := get(base + "/demo/nope.js"); status != 404 {
+		t.Errorf("unknown asset: %d, want 404", status)
+	}
+
+	cfg := nodetest.Config(t)
+	cfg.HTTP.Demo = false
+	off := nodetest.Start(t, cfg)
+	if status, _, _ := get(nodetest.HTTPURL(off) + "/demo/"); status != 404 {
+		t.Errorf("demo off: /demo/ answered %d, want 404", status)
+	}
+}
+
+// chromium finds Debian's chromium (make tools installs it). Without it the
+// test is skipped, except under CI where that is a failure.
+func chromium(t *testing.T) string {
+	for _, name := range []string{"chromium", "chromium-browser", "google-chrome"} {
+		if p, err := exec.LookPath(name); err == nil {
+			return p
+		}
+	}
+	if os.Getenv("CI") != "" {
+		t.Fatal("chromium not found (make tools installs it with apt-get)")
+	}
+	t.Skip("chromium not found: run make tools (apt-get install chromium)")
+	return ""
+}
+
+// TestDemoPageInChromium drives the demo page in headless Chromium: an anchor
+// opens a room, two viewers join, chat goes both ways, a viewer recharges
+// through the mock provider and sends a gift; every page shows the effect and
+// the balances change. Screenshots go to a temp dir (logged);
+// LIVEEDGE_DEMO_SCREENSHOT=path also writes the viewer's page there (docs/demo.png).
+func TestDemoPageInChromium(t *testing.T) {
+	exe := chromium(t)
+	prov := mockpay.New(mockpay.Config{Secret: paySecret, Factor: 0.0005})
+	psrv := httptest.NewServer(prov.Handler())
+	t.Cleanup(func() { prov.Close(); psrv.Close() })
+	cfg := nodetest.Config(t)
+	cfg.Pay.Secrets = []string{paySecret}
+	cfg.Pay.ProviderURL = psrv.URL
+	n := nodetest.Start(t, cfg)
+	base := nodetest.HTTPURL(n) + "/demo/"
+
+	newPage := startBrowser(t, exe)
+	shots := t.TempDir()
+
+	// The anchor opens a room.
+	anchor := newPage("anchor")
+	anchor.run("open room", chromedp.Navigate(base+"?user=500"),
+		chromedp.WaitVisible(chromedp.CSS(`body[data-ready="1"]`)),
+		chromedp.Click(chromedp.CSS("#open")),
+		chromedp.WaitVisible(chromedp.CSS("#live")))
+	room := anchor.text("#room-id")
+	if room == "" || anchor.text("#anchor-id") != "500" {
+		t.Fatalf("anchor page: room %q anchor %q", room, anchor.text("#anchor-id"))
+	}
+
+	// Two viewers join it (one types the room id, one picks it from the list).
+	v1, v2 := newPage("viewer 501"), newPage("viewer 502")
+	v1.joinRoom(base, 501, room)
+	v2.run("join from the room list", chromedp.Navigate(base+"?user=502"),
+		chromedp.WaitVisible(chromedp.CSS(`body[data-ready="1"]`)),
+		chromedp.Click(chromedp.CSS(fmt.Sprintf(`#rooms button[data-room="%s"]`, room))),
+		chromedp.WaitVisible(chromedp.CSS("#live")))
+	for _, p := range []*tab{anchor, v1, v2} {
+		p.waitJS("online 3", `document.getElementById('online').textContent === '3'`)
+		p.waitJS("connected", `document.getElementById('state').textContent.startsWith('connected')`)
+	}
+
+	// Chat both ways.
+	say := func(p *tab, msg string) {
+		t.Helper()
+		p.run("chat", chromedp.SetValue(chromedp.CSS("#chat-input"), msg), chromedp.Click(chromedp.CSS("#chat-send")))
+	}
+	seen := func(msg string) string {
+		return fmt.Sprintf(`[...document.querySelectorAll('#chat-log li')].some(li => li.textContent.includes(%q))`, msg)
+	}
+	say(anchor, "welcome, viewers")
+	say(v1, "hi anchor!")
+	for _, p := range []*tab{anchor, v1, v2} {
+		p.waitJS("anchor's chat", seen("anchor 500welcome, viewers"))
+		p.waitJS("viewer's chat", seen("user 501hi anchor!"))
+	}
+
+	// The viewer recharges through the mock provider: its webhook credits 300 coins (biz 5570).
+	if b := v1.text("#balance"); b != "0" {
+		t.Fatalf("viewer balance before recharge: %q", b)
+	}
+	v1.run("recharge", chromedp.SetValue(chromedp.CSS("#product"), "1"), chromedp.Click(chromedp.CSS("#recharge")))
+	v1.waitJS("balance 300 after the provider's webhook", `document.getElementById('balance').textContent === '300'`)
+	if note := v1.text("#credit-note"); !strings.Contains(note, "+300 coins (recharge)") {
+		t.Errorf("credit note: %q", note)
+	}
+	if via := v1.eval(`document.getElementById('pay-note').dataset.path`); via != "provider" {
+		t.Errorf("recharge went through %q, want the mock provider", via)
+	}
+
+	// A gift (皇冠, 20 coins): every page shows the effect; the sender's balance
+	// and the anchor's received total move.
+	if anchor.text("#received") != "0" {
+		t.Fatalf("anchor received before the gift: %q", anchor.text("#received"))
+	}
+	// The anchor starts a PK against another room: the gift scores for this room.
+	other := nodetest.OpenRoom(t, n, 600, 1)
+	anchor.run("start PK", chromedp.SetValue(chromedp.CSS("#pk-room"), strconv.FormatInt(other, 10)),
+		chromedp.Click(chromedp.CSS("#pk-go")))
+	anchor.waitJS("PK bar shown", `!document.getElementById('pk').hidden`)
+	v1.run("send gift", chromedp.Click(chromedp.CSS(`#gifts button[data-gift="23"]`)))
+	v1.waitJS("balance 280", `document.getElementById('balance').textContent === '280'`)
+	for _, p := range []*tab{anchor, v1, v2} {
+		p.waitJS("gift effect", `!!document.querySelector('#effects .effect[data-gift="23"][data-from="501"]')`)
+	}
+	anchor.waitJS("anchor received 20", `document.getElementById('received').textContent === '20'`)
+	for _, p := range []*tab{anchor, v1, v2} {
+		p.waitJS("PK progress", fmt.Sprintf(`document.getElementById('pk-left').textContent === 'this room 20' &&
+			document.getElementById('pk-right').textContent === 'room %d 0' &&
+			document.getElementById('pk-ours').style.width === '100%%'`, other))
+	}
+	if e := v2.text("#effects .effect .text"); !strings.Contains(e, "user 501") || !strings.Contains(e, "×1") {
+		t.Errorf("effect text on the other viewer: %q", e)
+	}
+	if anchor.eval(`String(document.querySelector('#gifts button').disabled)`) != "true" {
+		t.Error("the anchor can click gift buttons (gifts to yourself are refused)")
+	}
+
+	for _, p := range []*tab{anchor, v1, v2} {
+		t.Logf("screenshot %s: %s", p.name, p.shot(shots, strings.ReplaceAll(p.name, " ", "-")+".png"))
+	}
+	if out := os.Getenv("LIVEEDGE_DEMO_SCREENSHOT"); out != "" {
+		src, _ := os.ReadFile(filepath.Join(shots, "viewer-501.png"))
+		if err := os.WriteFile(out, src, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// tab is one page of a headless Chromium; its methods fail the test with the
+// page's connection state and error texts.
+type tab struct {
+	t    *testing.T
+	name string
+	ctx  context.Context
+}
+
+// startBrowser starts Chromium for t and returns a function that opens tabs.
+func startBrowser(t *testing.T, exe string) func(name string) *tab {
+	opts := append(chromedp.DefaultExecAllocatorOptions[:],
+		chromedp.ExecPath(exe), chromedp.NoSandbox, chromedp.Headless, chromedp.DisableGPU,
+		chromedp.WindowSize(1280, 860))
+	actx, cancelA := chromedp.NewExecAllocator(context.Background(), opts...)
+	t.Cleanup(cancelA)
+	bctx, cancelB := chromedp.NewContext(actx)
+	t.Cleanup(cancelB)
+	if err := chromedp.Do(bctx); err != nil { // starts the browser
+		t.Fatalf("start chromium: %v", err)
+	}
+	return func(name string) *tab {
+		ctx, cancel := chromedp.NewContext(bctx)
+		t.Cleanup(cancel)
+		// The first run opens the tab and ties it to the context it is given:
+		// this one, not a per-step timeout.
+		if err := chromedp.Do(ctx); err != nil {
+			t.Fatalf("open tab: %v", err)
+		}
+		return &tab{t, name, ctx}
+	}
+}
+
+func (p *tab) fail(what string, err error) {
+	p.t.Helper()
+	ctx, cancel := context.WithTimeout(p.ctx, 3*time.Second)
+	defer cancel()
+	state, _ := chromedp.Run(ctx, chromedp.Evaluate[string](`document.getElementById('state').textContent`))
+	errs, _ := chromedp.Run(ctx, chromedp.Evaluate[string](`[...document.querySelectorAll('.error')].map(e => e.textContent).join(' | ')`))
+	p.t.Fatalf("%s: %s: %v (state %q, errors %q)", p.name, what, err, state, errs)
+}
+
+func (p *tab) bounded() (context.Context, context.CancelFunc) {
+	return context.WithTimeout(p.ctx, 20*time.Second)
+}
+
+func (p *tab) run(what string, steps ...chromedp.Action[chromedp.Void]) {
+	p.t.Helper()
+	ctx, cancel := p.bounded()
+	defer cancel()
+	if err := chromedp.Do(ctx, steps...); err != nil {
+		p.fail(what, err)
+	}
+}
+
+// waitJS polls a JS condition on the page (no fixed sleeps).
+func (p *tab) waitJS(what, cond string) {
+	p.t.Helper()
+	p.run(what, func(ctx context.Context, tg *chromedp.Target) (chromedp.Void, error) {
+		_, err := chromedp.Poll[chromedp.Void](cond, chromedp.WithPollingTimeout(15*time.Second),
+			chromedp.WithPollingInterval(20*time.Millisecond))(ctx, tg)
+		return chromedp.Void{}, err
+	})
+}
+
+func (p *tab) eval(expr string) string {
+	p.t.Helper()
+	ctx, cancel := p.bounded()
+	defer cancel()
+	v, err := chromedp.Run(ctx, chromedp.Evaluate[string](expr))
+	if err != nil {
+		p.fail(expr, err)
+	}
+	return v
+}
+
+func (p *tab) text(sel string) string {
+	p.t.Helper()
+	ctx, cancel := p.bounded()
+	defer cancel()
+	v, err := chromedp.Run(ctx, chromedp.Text(chromedp.CSS(sel)))
+	if err != nil {
+		p.fail("read "+sel, err)
+	}
+	return strings.TrimSpace(v)
+}
+
+// shot saves a PNG screenshot of the whole page under dir and returns its path.
+func (p *tab) shot(dir, file string) string {
+	p.t.Helper()
+	ctx, cancel := p.bounded()
+	defer cancel()
+	png, err := chromedp.Run(ctx, chromedp.FullScreenshot(100)) // quality 100 = PNG
+	if err != nil {
+		p.fail("screenshot", err)
+	}
+	path := filepath.Join(dir, file)
+	if err := os.WriteFile(path, png, 0o644); err != nil {
+		p.t.Fatal(err)
+	}
+	return path
+}
+
+// joinRoom opens the demo as a viewer and joins room.
+func (p *tab) joinRoom(base string, user int, room string) {
+	p.t.Helper()
+	p.run("join", chromedp.Navigate(fmt.Sprintf("%s?user=%d&room=%s", base, user, room)),
+		chromedp.WaitVisible(chromedp.CSS(`body[data-ready="1"]`)),
+		chromedp.Click(chromedp.CSS("#join")),
+		chromedp.WaitVisible(chromedp.CSS("#live")))
+}
+
+// TestDemoRechargeWithoutProvider: with no mock provider listening, the
+// page's recharge falls back to dev credit and says so.
+func TestDemoRechargeWithoutProvider(t *testing.T) {
+	exe := chromium(t)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dead := "http://" + ln.Addr().String() // nothing listens here once closed
+	ln.Close()
+	cfg := nodetest.Config(t)
+	cfg.Pay.ProviderURL = dead
+	n := nodetest.Start(t, cfg)
+	base := nodetest.HTTPURL(n) + "/demo/"
+	room := strconv.FormatInt(nodetest.OpenRoom(t, n, 700, 1), 10)
+	v := startBrowser(t, exe)("viewer 701")
+	v.joinRoom(base, 701, room)
+	v.run("recharge", chromedp.SetValue(chromedp.CSS("#product"), "2"), chromedp.Click(chromedp.CSS("#recharge")))
+	v.waitJS("balance 500 by dev credit", `document.getElementById('balance').textContent === '500'`)
+	v.waitJS("dev credit push", `document.getElementById('credit-note').textContent === '+500 coins (dev)'`)
+	if via := v.eval(`document.getElementById('pay-note').dataset.path`); via != "dev" {
+		t.Errorf("recharge path %q, want dev", via)
+	}
+	if note := v.text("#pay-note"); !strings.Contains(note, "mock provider is not running") || !strings.Contains(note, "dev credit") {
+		t.Errorf("pay note does not say which path: %q", note)
+	}
+}
