@@ -26,6 +26,9 @@ import (
 // on (the single-node default) and not at all when it is off (the production
 // cluster config).
 func TestDemoServedByConfig(t *testing.T) {
+	// The production cluster config has no secrets of its own: they come from the environment.
+	t.Setenv("LIVEEDGE_AUTH_JWT_SECRET", "demo-test-jwt-secret-0123456789abcdef")
+	t.Setenv("LIVEEDGE_PAY_SECRETS", "demo-test-pay-secret-0123456789abcdef")
 	cl, err := configs.Load("../configs/cluster.yaml")
 	if err != nil {
 		t.Fatal(err)
@@ -161,10 +164,23 @@ func TestDemoPageInChromium(t *testing.T) {
 	if anchor.text("#received") != "0" {
 		t.Fatalf("anchor received before the gift: %q", anchor.text("#received"))
 	}
-	// The anchor starts a PK against another room: the gift scores for this room.
+	// The anchor invites another room to a PK; nothing runs until that room's
+	// anchor (user 600, over HTTP) accepts. Then the gift scores for this room.
 	other := nodetest.OpenRoom(t, n, 600, 1)
-	anchor.run("start PK", chromedp.SetValue(chromedp.CSS("#pk-room"), strconv.FormatInt(other, 10)),
+	anchor.run("invite to PK", chromedp.SetValue(chromedp.CSS("#pk-room"), strconv.FormatInt(other, 10)),
 		chromedp.Click(chromedp.CSS("#pk-go")))
+	anchor.waitJS("PK invitation sent", `document.getElementById('pk-note').dataset.status === 'invited'`)
+	if anchor.eval(`String(document.getElementById('pk').hidden)`) != "true" {
+		t.Fatal("PK bar shown before the other anchor accepted")
+	}
+	pkID := anchor.eval(`document.getElementById('pk-note').dataset.pkId`)
+	var acc struct {
+		Code int `json:"code"`
+	}
+	if st := nodetest.DoJSON(t, "POST", nodetest.HTTPURL(n)+"/api/v1/pk/"+pkID+"/accept",
+		nodetest.Token(t, n, 600, "anchor"), `{}`, &acc); st != 200 || acc.Code != 0 {
+		t.Fatalf("accept PK %s: status %d code %d", pkID, st, acc.Code)
+	}
 	anchor.waitJS("PK bar shown", `!document.getElementById('pk').hidden`)
 	v1.run("send gift", chromedp.Click(chromedp.CSS(`#gifts button[data-gift="23"]`)))
 	v1.waitJS("balance 280", `document.getElementById('balance').textContent === '280'`)

@@ -188,10 +188,30 @@ async function recharge() {
   }
 }
 
+// An anchor's PK is an invitation: the bar shows once the other room's anchor
+// accepts (the first 5558 push). An admin's pairing runs at once.
 async function startPK() {
   const other = Number($("pk-room").value);
-  await api("POST", "/pk", { room_a: s.room, room_b: other, duration_s: 60 });
-  $("pk").hidden = false;
+  const d = await api("POST", "/pk", { room_a: s.room, room_b: other, duration_s: 60 });
+  const note = $("pk-note");
+  note.dataset.pkId = d.pk_id;
+  note.dataset.status = d.status;
+  note.textContent = d.status === "invited"
+    ? `invited room ${other}: waiting for its anchor to accept (${Math.round((d.expires_at - Date.now()) / 1000)} s)`
+    : `PK with room ${other} running`;
+}
+
+function showInvite(d) {
+  const box = $("pk-invite");
+  box.dataset.pkId = d.pk_id;
+  $("pk-invite-text").textContent = `room ${d.rooms[0]} (anchor ${d.inviter}) invites this room to a ${d.duration_s} s PK`;
+  box.hidden = false;
+}
+
+async function answerInvite(verb) {
+  const box = $("pk-invite");
+  await api("POST", `/pk/${encodeURIComponent(box.dataset.pkId)}/${verb}`, {});
+  box.hidden = true;
 }
 
 // ---- pushes ----
@@ -205,6 +225,7 @@ function onPush(p) {
     $("balance").textContent = p.d.balance;
     $("credit-note").textContent = `+${p.d.delta} coins (${p.d.reason})`;
   } else if (isBiz(p, Biz.PKProgress)) showPK(p.d);
+  else if (isBiz(p, Biz.PKInvite)) showInvite(p.d);
   else if (isBiz(p, Biz.RoomClosed)) system(`the room was closed (${p.d.reason})`);
 }
 
@@ -258,6 +279,7 @@ function showEffect(d) {
 
 function showPK(d) {
   $("pk").hidden = false;
+  if (d.pk_id === $("pk-note").dataset.pkId) $("pk-note").textContent = d.over ? "PK over" : "PK running";
   const ours = d.scores[String(s.room)] ?? 0;
   const other = Object.entries(d.scores).find(([r]) => r !== String(s.room));
   const theirs = other ? other[1] : 0;
@@ -298,6 +320,8 @@ async function main() {
   });
   $("recharge").onclick = guard($("pay-note"), recharge);
   $("pk-go").onclick = guard($("gift-error"), startPK);
+  $("pk-accept").onclick = guard($("gift-error"), () => answerInvite("accept"));
+  $("pk-decline").onclick = guard($("gift-error"), () => answerInvite("decline"));
   if (!s.cfg.dev_tokens) $("lobby-error").textContent = "this node has dev tokens off: the demo needs auth.dev_tokens";
   await listRooms();
   document.body.dataset.ready = "1";

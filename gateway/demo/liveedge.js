@@ -10,6 +10,8 @@ var Biz = {
   RoomClosed: 5559,
   RainStarted: 5560,
   RainFinished: 5561,
+  /** Extension: a PK invitation to the invited room's anchor (ack). */
+  PKInvite: 5562,
   WalletCredit: 5570,
   OrderStatus: 5580
 };
