@@ -34,7 +34,6 @@ type Conn struct {
 	batch bool // the client accepts {"t":"batch"} frames
 
 	lastRead atomic.Int64 // unix ns of the last frame read
-	deadline time.Time    // current socket write deadline (writer goroutine only)
 
 	mu        sync.Mutex
 	queue     []*router.Frame
@@ -163,10 +162,10 @@ func (c *Conn) writeLoop() {
 			c.mu.Unlock()
 			// The close frame sits behind what the kernel still holds for
 			// the client (for 4408, a full socket buffer): it gets the write
-			// timeout, like any frame, so a client that stalled but is alive
-			// and reads again within it learns why it was cut off. Only this
-			// connection's writer waits; shutdown cuts it at its deadline.
-			_ = c.ws.SetWriteDeadline(time.Now().Add(c.srv.cfg.WS.WriteTimeout.D()))
+			// timeout, like any write (corkConn), so a client that stalled
+			// but is alive and reads again within it learns why it was cut
+			// off. Only this connection's writer waits; shutdown cuts it at
+			// its deadline.
 			_ = c.ws.WriteClose(uint16(code), []byte(proto.CloseReason(code)))
 			c.srv.metrics.closes.WithLabelValues(closeLabel(code)).Inc()
 			return
@@ -175,7 +174,6 @@ func (c *Conn) writeLoop() {
 		c.queue, c.queued = spare[:0], 0
 		c.mu.Unlock()
 
-		c.refreshWriteDeadline()
 		corked := c.needsCork(frames)
 		if corked {
 			c.cork.cork()
@@ -221,20 +219,6 @@ func (c *Conn) needsCork(frames []*router.Frame) bool {
 		size += f.Size()
 	}
 	return size > maxWriteBytes
-}
-
-// refreshWriteDeadline moves the socket's write deadline to now + write
-// timeout, but only once half of the current one is used up (setting a
-// deadline is not free, and a write that blocks for half the timeout is
-// already suspect). Called by the writer only.
-func (c *Conn) refreshWriteDeadline() {
-	timeout := c.srv.cfg.WS.WriteTimeout.D()
-	now := time.Now()
-	if c.deadline.Sub(now) > timeout/2 {
-		return
-	}
-	c.deadline = now.Add(timeout)
-	_ = c.ws.SetWriteDeadline(c.deadline)
 }
 
 var (
