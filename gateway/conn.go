@@ -370,7 +370,8 @@ func (c *Conn) stopAcks() {
 	c.ackMu.Unlock()
 }
 
-// badFrame counts a bad frame; too many within a minute closes with 4400.
+// badFrame answers and counts a malformed frame (binary, oversized, not JSON:
+// proto.IsMalformed); more than ws.abuse_limit within a minute close with 4400.
 func (c *Conn) badFrame(id int64, e *proto.Error) {
 	c.srv.metrics.badFrames.Inc()
 	c.reply(proto.EncodeErrorReply(id, e))

@@ -264,7 +264,7 @@ func (s *Server) OnMessage(socket *gws.Conn, msg *gws.Message) {
 		return // read while lingering after the close frame: not served
 	}
 	if msg.Opcode != gws.OpcodeText {
-		c.badFrame(0, proto.BadRequest("binary frames are not supported"))
+		c.badFrame(0, proto.ErrBinaryFrame)
 		return
 	}
 	s.dispatch(c, msg.Bytes())
