@@ -161,11 +161,12 @@ func (c *Conn) writeLoop() {
 			c.queue, c.queued = nil, 0
 			c.mu.Unlock()
 			// The close frame sits behind what the kernel still holds for
-			// the client (for 4408, a full socket buffer): it gets the write
-			// timeout, like any write (corkConn), so a client that stalled
-			// but is alive and reads again within it learns why it was cut
-			// off. Only this connection's writer waits; shutdown cuts it at
-			// its deadline.
+			// the client (for 4408, a full socket buffer): it gets a whole
+			// fresh write timeout (not what is left of the last data
+			// write's), so a client that stalled but is alive and reads
+			// again within it learns why it was cut off. Only this
+			// connection's writer waits; shutdown cuts it at its deadline.
+			c.cork.refreshNext()
 			_ = c.ws.WriteClose(uint16(code), []byte(proto.CloseReason(code)))
 			c.srv.metrics.closes.WithLabelValues(closeLabel(code)).Inc()
 			return

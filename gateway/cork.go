@@ -82,6 +82,9 @@ func (c *corkConn) freshDeadline() {
 	_ = c.Conn.SetWriteDeadline(c.deadline)
 }
 
+// refreshNext makes the next write start with a whole write timeout.
+func (c *corkConn) refreshNext() { c.stale.Store(true) }
+
 // SetDeadline is net.Conn's (gws sets and clears one around the handshake);
 // the next write sets its own write deadline again.
 func (c *corkConn) SetDeadline(t time.Time) error {
