@@ -34,7 +34,6 @@ type Conn struct {
 	batch bool // the client accepts {"t":"batch"} frames
 
 	lastRead atomic.Int64 // unix ns of the last frame read
-	deadline time.Time    // current socket write deadline (writer goroutine only)
 
 	mu        sync.Mutex
 	queue     []*router.Frame
@@ -162,11 +161,12 @@ func (c *Conn) writeLoop() {
 			c.queue, c.queued = nil, 0
 			c.mu.Unlock()
 			// The close frame sits behind what the kernel still holds for
-			// the client (for 4408, a full socket buffer): it gets the write
-			// timeout, like any frame, so a client that stalled but is alive
-			// and reads again within it learns why it was cut off. Only this
+			// the client (for 4408, a full socket buffer): it gets a whole
+			// fresh write timeout (not what is left of the last data
+			// write's), so a client that stalled but is alive and reads
+			// again within it learns why it was cut off. Only this
 			// connection's writer waits; shutdown cuts it at its deadline.
-			_ = c.ws.SetWriteDeadline(time.Now().Add(c.srv.cfg.WS.WriteTimeout.D()))
+			c.cork.refreshNext()
 			_ = c.ws.WriteClose(uint16(code), []byte(proto.CloseReason(code)))
 			c.srv.metrics.closes.WithLabelValues(closeLabel(code)).Inc()
 			return
@@ -175,7 +175,6 @@ func (c *Conn) writeLoop() {
 		c.queue, c.queued = spare[:0], 0
 		c.mu.Unlock()
 
-		c.refreshWriteDeadline()
 		corked := c.needsCork(frames)
 		if corked {
 			c.cork.cork()
@@ -221,20 +220,6 @@ func (c *Conn) needsCork(frames []*router.Frame) bool {
 		size += f.Size()
 	}
 	return size > maxWriteBytes
-}
-
-// refreshWriteDeadline moves the socket's write deadline to now + write
-// timeout, but only once half of the current one is used up (setting a
-// deadline is not free, and a write that blocks for half the timeout is
-// already suspect). Called by the writer only.
-func (c *Conn) refreshWriteDeadline() {
-	timeout := c.srv.cfg.WS.WriteTimeout.D()
-	now := time.Now()
-	if c.deadline.Sub(now) > timeout/2 {
-		return
-	}
-	c.deadline = now.Add(timeout)
-	_ = c.ws.SetWriteDeadline(c.deadline)
 }
 
 var (
@@ -386,7 +371,8 @@ func (c *Conn) stopAcks() {
 	c.ackMu.Unlock()
 }
 
-// badFrame counts a bad frame; too many within a minute closes with 4400.
+// badFrame answers and counts a malformed frame (binary, oversized, not JSON:
+// proto.IsMalformed); more than ws.abuse_limit within a minute close with 4400.
 func (c *Conn) badFrame(id int64, e *proto.Error) {
 	c.srv.metrics.badFrames.Inc()
 	c.reply(proto.EncodeErrorReply(id, e))

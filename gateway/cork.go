@@ -1,25 +1,60 @@
 package gateway
 
 import (
+	"io"
 	"net"
 	"sync"
+	"sync/atomic"
+	"time"
 )
 
-// corkConn lets the connection's writer put several WebSocket frames on the
+// corkConn is the net.Conn gws writes to. It is the one place every byte the
+// connection writes passes through — frames from the connection's writer and
+// the control replies gws writes itself (pong, close echo, the close frame of
+// a protocol error) — so it is where each write gets its deadline and where
+// the socket is closed.
+//
+// Corking lets the connection's writer put several WebSocket frames on the
 // wire with one write(2): between cork and flush, writes (gws frames each
 // message and writes it to its net.Conn) collect in a buffer. Writes outside
 // a cork pass straight through. Every write and the flush take one mutex, so
 // frames written by gws on other goroutines (pong, close) are never
 // interleaved inside another frame and keep their order.
+//
+// Deadlines: every write(2) starts with at least half the write timeout ahead
+// of it (the deadline is moved to now + timeout once less than half is left),
+// however long the connection has been quiet, so a control reply written
+// long after the last data frame never meets a stale deadline.
+//
+// Closing: Close (called by gws after its close frame) does not close the
+// socket at once. Closing with client bytes still unread — the rest of an
+// oversized frame, frames of a client that keeps sending — makes the kernel
+// answer with RST, which destroys the close frame still in flight. Close
+// shuts the write side (FIN after the close frame) and bounds how long the
+// socket is still read; finish, once gws no longer reads, discards what the
+// client still sends (bounded in time and bytes) and closes the socket.
 type corkConn struct {
 	net.Conn
-	mu     sync.Mutex
-	corked bool
-	buf    []byte
+	timeout time.Duration // ws.write_timeout
+
+	mu       sync.Mutex
+	corked   bool
+	buf      []byte
+	deadline time.Time // the write deadline last set by write (under mu)
+
+	stale   atomic.Bool // a deadline was set from outside: refresh on the next write
+	closing atomic.Bool
 }
 
 // maxCorkKeep is the largest buffer kept between flushes.
 const maxCorkKeep = 64 << 10
+
+// Lingering after the close frame: at most closeLinger and closeLingerBytes
+// of client input are read and discarded before the socket is closed.
+const (
+	closeLinger      = 2 * time.Second
+	closeLingerBytes = 4 << 20
+)
 
 func (c *corkConn) Write(p []byte) (int, error) {
 	c.mu.Lock()
@@ -28,7 +63,41 @@ func (c *corkConn) Write(p []byte) (int, error) {
 		c.buf = append(c.buf, p...)
 		return len(p), nil
 	}
+	c.freshDeadline()
 	return c.Conn.Write(p)
+}
+
+// freshDeadline gives the write about to start at least half the write
+// timeout (setting a deadline is not free, and a write that blocks for half
+// the timeout is already suspect). Under mu.
+func (c *corkConn) freshDeadline() {
+	if c.timeout <= 0 {
+		return
+	}
+	now := time.Now()
+	if !c.stale.Swap(false) && c.deadline.Sub(now) > c.timeout/2 {
+		return
+	}
+	c.deadline = now.Add(c.timeout)
+	_ = c.Conn.SetWriteDeadline(c.deadline)
+}
+
+// refreshNext makes the next write start with a whole write timeout.
+func (c *corkConn) refreshNext() { c.stale.Store(true) }
+
+// SetDeadline is net.Conn's (gws sets and clears one around the handshake);
+// the next write sets its own write deadline again.
+func (c *corkConn) SetDeadline(t time.Time) error {
+	err := c.Conn.SetDeadline(t)
+	c.stale.Store(true)
+	return err
+}
+
+// SetWriteDeadline is net.Conn's; the next write sets its own again.
+func (c *corkConn) SetWriteDeadline(t time.Time) error {
+	err := c.Conn.SetWriteDeadline(t)
+	c.stale.Store(true)
+	return err
 }
 
 func (c *corkConn) cork() {
@@ -45,6 +114,7 @@ func (c *corkConn) flush() error {
 	if len(c.buf) == 0 {
 		return nil
 	}
+	c.freshDeadline()
 	_, err := c.Conn.Write(c.buf)
 	if cap(c.buf) > maxCorkKeep {
 		c.buf = nil
@@ -52,4 +122,32 @@ func (c *corkConn) flush() error {
 		c.buf = c.buf[:0]
 	}
 	return err
+}
+
+// Close half-closes the socket (see the type's comment); finish closes it.
+func (c *corkConn) Close() error {
+	if !c.closing.CompareAndSwap(false, true) {
+		return nil
+	}
+	tc, ok := c.Conn.(*net.TCPConn)
+	if !ok {
+		return c.Conn.Close()
+	}
+	err := tc.CloseWrite()
+	_ = tc.SetReadDeadline(time.Now().Add(closeLinger))
+	return err
+}
+
+// finish closes the socket once gws's read loop has ended: what the client
+// still sends is read and discarded until it closes its side, the linger
+// deadline set by Close passes or closeLingerBytes were read.
+func (c *corkConn) finish() {
+	if c.closing.CompareAndSwap(false, true) {
+		_ = c.Conn.Close() // the read loop ended without a close frame written
+		return
+	}
+	if _, ok := c.Conn.(*net.TCPConn); ok {
+		_, _ = io.CopyN(io.Discard, c.Conn, closeLingerBytes)
+	}
+	_ = c.Conn.Close()
 }

@@ -11,10 +11,15 @@ import (
 
 // dispatch decodes one client frame and runs its handler. Every outcome is a
 // reply on c's queue (ack has none); nothing here blocks on other connections.
+// Only frames that are not JSON (proto.IsMalformed) count as abuse.
 func (s *Server) dispatch(c *Conn, b []byte) {
 	f, perr := proto.DecodeClientFrame(b)
 	if perr != nil {
-		c.badFrame(f.ID, perr)
+		if proto.IsMalformed(perr) {
+			c.badFrame(f.ID, perr)
+		} else {
+			c.reply(proto.EncodeErrorReply(f.ID, perr))
+		}
 		return
 	}
 	var (
@@ -57,11 +62,10 @@ func (s *Server) dispatch(c *Conn, b []byte) {
 		err = proto.BadRequest("unknown type %q", truncate(f.T, 32))
 	}
 	if err != nil {
-		if err.Code == proto.CodeBadRequest {
-			c.badFrame(f.ID, err)
-		} else {
-			c.reply(proto.EncodeErrorReply(f.ID, err))
-		}
+		// A well-formed frame that fails validation (a missing, mistyped or
+		// out-of-range field, an unknown type) is an ordinary mistake: it
+		// is answered and does not count towards the abuse limit.
+		c.reply(proto.EncodeErrorReply(f.ID, err))
 		return
 	}
 	c.reply(proto.EncodeReply(f.ID, proto.CodeOK, "ok", d))

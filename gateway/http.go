@@ -3,8 +3,10 @@ package gateway
 import (
 	"context"
 	"errors"
+	"io"
 	"log/slog"
 	"net"
+	"net/http"
 	"strconv"
 	"sync/atomic"
 	"time"
@@ -56,6 +58,12 @@ func (a *API) Listen() error {
 	a.h = server.New(
 		server.WithListener(ln),
 		server.WithMaxRequestBodySize(a.cfg.HTTP.MaxBodyBytes),
+		// Bodies are streamed and read by limitBody, so that one over the
+		// limit gets the JSON envelope (Hertz's own 413 is plain text);
+		// multipart bodies are not pre-read (that would bypass the limit).
+		server.WithStreamBody(true),
+		server.WithDisablePreParseMultipartForm(true),
+		server.WithHandleMethodNotAllowed(true),
 		server.WithReadTimeout(10*time.Second),
 		server.WithWriteTimeout(10*time.Second),
 		server.WithIdleTimeout(60*time.Second),
@@ -83,6 +91,13 @@ func (a *API) Shutdown(ctx context.Context) {
 
 func (a *API) routes() {
 	h := a.h
+	h.Use(a.limitBody)
+	h.NoRoute(func(_ context.Context, c *app.RequestContext) {
+		a.fail(c, proto.Errorf(proto.CodeNotFound, "no such endpoint"))
+	})
+	h.NoMethod(func(_ context.Context, c *app.RequestContext) {
+		envelope(c, http.StatusMethodNotAllowed, proto.BadRequest("method %s not allowed here", truncate(string(c.Method()), 16)))
+	})
 	h.GET("/healthz", func(_ context.Context, c *app.RequestContext) { c.String(200, "ok") })
 	h.GET("/readyz", func(_ context.Context, c *app.RequestContext) {
 		if err := a.ready(); err != nil {
@@ -165,12 +180,49 @@ func (a *API) fail(c *app.RequestContext, err error) {
 		a.log.Error("http request failed", "req_id", id, "path", string(c.Path()), "err", err)
 		e = &proto.Error{Code: proto.CodeInternal, Msg: "internal error (request " + strconv.FormatUint(id, 10) + ")"}
 	}
+	envelope(c, proto.HTTPStatus(e.Code), e)
+}
+
+// envelope writes the error envelope {"code":C,"msg":"...","data":{}} with
+// status.
+func envelope(c *app.RequestContext, status int, e *proto.Error) {
 	b, _ := proto.Marshal(struct {
 		Code int      `json:"code"`
 		Msg  string   `json:"msg"`
 		Data struct{} `json:"data"`
 	}{Code: e.Code, Msg: e.Msg})
-	c.Data(proto.HTTPStatus(e.Code), "application/json", b)
+	c.Data(status, "application/json", b)
+}
+
+// limitBody reads the request body (streamed by the server) into memory, at
+// most http.max_body_bytes; a larger one is answered 413 in the envelope and
+// the connection is closed (the rest of the body is never read).
+func (a *API) limitBody(ctx context.Context, c *app.RequestContext) {
+	limit := a.cfg.HTTP.MaxBodyBytes
+	tooLarge := func() {
+		c.SetConnectionClose()
+		envelope(c, http.StatusRequestEntityTooLarge, proto.BadRequest("body larger than %d bytes", limit))
+		c.Abort()
+	}
+	if c.Request.Header.ContentLength() > limit {
+		tooLarge()
+		return
+	}
+	if c.Request.IsBodyStream() {
+		body, err := io.ReadAll(io.LimitReader(c.Request.BodyStream(), int64(limit)+1))
+		if err != nil {
+			c.SetConnectionClose()
+			envelope(c, http.StatusBadRequest, proto.BadRequest("could not read the body"))
+			c.Abort()
+			return
+		}
+		if len(body) > limit {
+			tooLarge()
+			return
+		}
+		c.Request.SetBody(body)
+	}
+	c.Next(ctx)
 }
 
 // bind decodes the JSON body into v.

@@ -71,10 +71,11 @@ func (a *API) refundOrder(_ context.Context, c *app.RequestContext) {
 
 // payNotify is the provider webhook: the signature over the raw body is
 // checked before anything in the body is read; the answer is the plain text
-// "success" once the event is durably recorded.
+// "success" once the event is durably recorded, a rejection is the error
+// envelope.
 //
-// An unknown channel in the path is refused (400, code 10001 in the JSON
-// envelope) before anything else: no provider of ours posts there.
+// An unknown channel in the path is refused (400, code 10001) before anything
+// else: no provider of ours posts there.
 func (a *API) payNotify(_ context.Context, c *app.RequestContext) {
 	if !pay.KnownChannel(c.Param("channel")) {
 		a.metrics.payNotifies.WithLabelValues(notifyLabel(pay.NotifyBadRequest)).Inc()
@@ -83,7 +84,26 @@ func (a *API) payNotify(_ context.Context, c *app.RequestContext) {
 	}
 	status, body := a.node.Pay.Notify(c.Param("channel"), string(c.GetHeader(pay.SignatureHeader)), c.Request.Body())
 	a.metrics.payNotifies.WithLabelValues(notifyLabel(status)).Inc()
+	if status != pay.NotifyOK {
+		envelope(c, status, &proto.Error{Code: notifyCode(status), Msg: body})
+		return
+	}
 	c.Data(status, "text/plain; charset=utf-8", []byte(body))
+}
+
+// notifyCode is the envelope code of a rejected webhook delivery.
+func notifyCode(status int) int {
+	switch status {
+	case pay.NotifyUnauthorized:
+		return proto.CodeUnauthenticated
+	case pay.NotifyBadRequest:
+		return proto.CodeBadRequest
+	case pay.NotifyNotFound:
+		return proto.CodeNotFound
+	case pay.NotifyConflict:
+		return proto.CodeConflict
+	}
+	return proto.CodeInternal
 }
 
 func notifyLabel(status int) string {

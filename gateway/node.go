@@ -168,6 +168,7 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 	// once more now, which re-arms tracking and picks up any change.
 	reload()
 	n.Gifts = gift.New(n.Wallet, n.Router, cat, gift.Config{
+		Receivers: roomAudience{rooms: n.Rooms, router: n.Router},
 		PerSecond: cfg.Limits.GiftPerSecond, EffectWindow: cfg.Gifts.EffectWindow.D(),
 		RoomEffectsPerSecond: cfg.Gifts.RoomEffectsPerSecond,
 	}, log)
@@ -500,4 +501,22 @@ func (n *Node) closeBackends() error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// roomAudience is gift.Receivers for one node: a gift may go to the room's
+// anchor or to a user with a session joined to the room. Membership is what
+// this node's router knows (users joined through another node are not seen);
+// a cluster-wide presence replaces it behind gift.Receivers.
+type roomAudience struct {
+	rooms  *room.Service
+	router router.Router
+}
+
+var _ gift.Receivers = roomAudience{}
+
+func (a roomAudience) CanReceive(roomID, user int64) bool {
+	if anchor, ok := a.rooms.AnchorOf(roomID); ok && anchor == user {
+		return true
+	}
+	return a.router.UserInRoom(roomID, user)
 }

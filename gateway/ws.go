@@ -163,7 +163,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			_ = tc.SetWriteBuffer(n)
 		}
 	}
-	cc := &corkConn{Conn: netConn}
+	cc := &corkConn{Conn: netConn, timeout: s.cfg.WS.WriteTimeout.D()}
 	// Read the socket directly, not through net/http's hijacked reader (a
 	// lock and a condition broadcast per read); bytes it already buffered
 	// (a client that did not wait for the 101) come first.
@@ -325,9 +325,11 @@ func (s *Server) OnClose(socket *gws.Conn, err error) {
 	if errors.As(err, &ce) && ce.Code == proto.CloseTooBig {
 		s.metrics.closes.WithLabelValues("too_big").Inc()
 	}
+	c.cork.finish() // drain (bounded) and close the socket
 }
 
-// OnPing implements gws.Event (WebSocket-level ping; pong through gws's lock).
+// OnPing implements gws.Event (WebSocket-level ping; pong through gws's lock,
+// with a fresh write deadline from corkConn however long the socket was quiet).
 func (s *Server) OnPing(socket *gws.Conn, payload []byte) {
 	if c := connOf(socket); c != nil {
 		c.lastRead.Store(time.Now().UnixNano())
@@ -349,8 +351,11 @@ func (s *Server) OnMessage(socket *gws.Conn, msg *gws.Message) {
 	c := connOf(socket)
 	c.lastRead.Store(time.Now().UnixNano())
 	s.metrics.framesIn.Inc()
+	if c.cork.closing.Load() {
+		return // read while lingering after the close frame: not served
+	}
 	if msg.Opcode != gws.OpcodeText {
-		c.badFrame(0, proto.BadRequest("binary frames are not supported"))
+		c.badFrame(0, proto.ErrBinaryFrame)
 		return
 	}
 	s.dispatch(c, msg.Bytes())
@@ -427,7 +432,7 @@ func (s *Server) Shutdown(ctx context.Context) {
 		}
 	}
 	for _, c := range s.snapshot() { // whatever did not drain in time
-		_ = c.ws.NetConn().Close()
+		_ = c.cork.Conn.Close() // the socket itself, no lingering
 	}
 	for _, c := range all {
 		select {

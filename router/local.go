@@ -228,6 +228,25 @@ func (l *Local) IsMember(id int64, s Session) bool {
 	return ok
 }
 
+// UserInRoom implements Router: the user's sessions are copied out of the
+// user index first, so no room lock is taken under a user shard's lock.
+func (l *Local) UserInRoom(id, user int64) bool {
+	var buf [8]Session
+	us := l.userShard(user)
+	us.mu.RLock()
+	sessions := buf[:0]
+	for _, s := range us.users[user] {
+		sessions = append(sessions, s)
+	}
+	us.mu.RUnlock()
+	for _, s := range sessions {
+		if l.IsMember(id, s) {
+			return true
+		}
+	}
+	return false
+}
+
 // Online implements Router.
 func (l *Local) Online(id int64) int {
 	r := l.room(id)

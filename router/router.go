@@ -50,6 +50,9 @@ type Router interface {
 	IsMember(room int64, s Session) bool
 	// Online is the number of sessions in room.
 	Online(room int64) int
+	// UserInRoom reports whether user has a session that joined room (on
+	// this node: membership is per node).
+	UserInRoom(room, user int64) bool
 	// PublishRoom queues p for every member of room, in order. A zero Mid is
 	// filled in; the mid is returned.
 	PublishRoom(room int64, p proto.Push) (mid string, err error)

@@ -117,8 +117,21 @@ type Scorer interface {
 	AddScore(room int64, contest string, amount int64)
 }
 
+// Receivers decides who may receive a gift in a room. A gift to anyone else
+// is refused with 10003 before anything is debited. The node's
+// implementation (gateway) accepts the room's anchor and users joined to the
+// room on this node; a cluster-wide presence can replace it behind this
+// interface.
+type Receivers interface {
+	// CanReceive reports whether user may receive a gift in room.
+	CanReceive(room, user int64) bool
+}
+
 // Config configures Service.
 type Config struct {
+	// Receivers checks gift receivers (nil = no check: for tests and
+	// benchmarks of the debit path only; the node always sets one).
+	Receivers    Receivers
 	PerSecond    int           // gifts per user per second (0 = no limit)
 	EffectWindow time.Duration // combo merging window of room effects (0 = 100 ms)
 	// RoomEffectsPerSecond caps a room's effect pushes per second by
@@ -136,6 +149,7 @@ type Service struct {
 	effects *effects
 	log     *slog.Logger
 	scorer  Scorer
+	recv    Receivers
 
 	accounts Accounts // frozen accounts (SetAccounts); nil = none
 }
@@ -145,7 +159,7 @@ func New(w persist.Wallet, r router.Router, cat *Catalogue, cfg Config, log *slo
 	if cfg.EffectWindow <= 0 {
 		cfg.EffectWindow = 100 * time.Millisecond
 	}
-	s := &Service{wallet: w, router: r, cat: cat, log: log,
+	s := &Service{wallet: w, router: r, cat: cat, log: log, recv: cfg.Receivers,
 		limit: limit.New(cfg.PerSecond, time.Second, max(1, cfg.PerSecond), nil)}
 	s.effects = newEffects(r, cfg.EffectWindow, cfg.RoomEffectsPerSecond)
 	return s
@@ -229,6 +243,10 @@ func (s *Service) send(sender int64, inRoom bool, r Req, done func(Reply, *sendE
 	}
 	if r.ReceiverID == sender {
 		done(Reply{}, fail(proto.CodeGiftToSelf, "cannot send a gift to yourself"))
+		return
+	}
+	if s.recv != nil && !s.recv.CanReceive(r.RoomID, r.ReceiverID) {
+		done(Reply{}, fail(proto.CodeForbidden, "receiver is not the room's anchor or in the room"))
 		return
 	}
 	g, ok := s.cat.Get(r.GiftID)

@@ -268,6 +268,16 @@ func (s *Service) info(r Room, viewer int64) Info {
 	return in
 }
 
+// AnchorOf returns the anchor of room id while it is open (ok false: not open).
+func (s *Service) AnchorOf(id int64) (anchor int64, ok bool) {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	if rm, open := s.open[id]; open {
+		return rm.AnchorID, true
+	}
+	return 0, false
+}
+
 // IsOpen reports whether room id is open.
 func (s *Service) IsOpen(id int64) bool {
 	s.mu.RLock()

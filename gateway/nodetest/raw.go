@@ -35,6 +35,7 @@ type RawOptions struct {
 	Batch  bool // opt in to batch frames
 	Buf    int  // frames buffered before reading blocks (default 1024)
 	RcvBuf int  // socket receive buffer in bytes (0 = kernel default)
+	SndBuf int  // socket send buffer in bytes (0 = kernel default)
 }
 
 // DialRaw connects to url with token (query). Beyond o.Buf unread frames,
@@ -51,12 +52,17 @@ func DialRaw(tb testing.TB, url, token string, o RawOptions) (*Raw, *http.Respon
 		u += "&batch=1"
 	}
 	opt := &gws.ClientOption{Addr: u, ReadMaxPayloadSize: 64 << 20}
-	if o.RcvBuf > 0 {
+	if o.RcvBuf > 0 || o.SndBuf > 0 {
 		opt.NewDialer = func() (gws.Dialer, error) {
 			return &net.Dialer{Timeout: 5 * time.Second, Control: func(_, _ string, c syscall.RawConn) error {
 				var serr error
 				err := c.Control(func(fd uintptr) {
-					serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, o.RcvBuf)
+					if o.RcvBuf > 0 {
+						serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, o.RcvBuf)
+					}
+					if o.SndBuf > 0 && serr == nil {
+						serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_SNDBUF, o.SndBuf)
+					}
 				})
 				return errors.Join(err, serr)
 			}}, nil

@@ -1,6 +1,9 @@
 package proto
 
 import (
+	"encoding/json"
+	"errors"
+	"reflect"
 	"strconv"
 	"unicode/utf8"
 
@@ -46,21 +49,48 @@ type ClientFrame struct {
 	D  sonic.NoCopyRawMessage `json:"d"`
 }
 
+// Errors of frames that are not JSON text frames at all. Only these count
+// towards ws.abuse_limit (IsMalformed); every other 10001 — a well-formed
+// frame with a missing, mistyped or out-of-range field, or of an unknown
+// type — is answered and nothing more.
+var (
+	ErrFrameTooLarge = BadRequest("frame larger than %d bytes", MaxFrameBytes)
+	ErrNotJSONObject = BadRequest("frame is not a JSON object")
+	ErrBadJSON       = BadRequest("bad JSON")
+	ErrBinaryFrame   = BadRequest("binary frames are not supported")
+)
+
+// IsMalformed reports whether e is the error of a frame that is binary,
+// oversized or not parsable as JSON (as opposed to a validation error).
+func IsMalformed(e *Error) bool {
+	return e == ErrFrameTooLarge || e == ErrNotJSONObject || e == ErrBadJSON || e == ErrBinaryFrame
+}
+
 // DecodeClientFrame parses and validates the envelope of a client frame.
-// Every failure is an *Error with CodeBadRequest; it never panics (fuzzed).
+// Every failure is an *Error with CodeBadRequest (IsMalformed tells a frame
+// that is not JSON from a field of the wrong type); it never panics (fuzzed).
 // When the envelope parsed far enough to carry an id, the id is returned with
 // the error so the reply can echo it.
 func DecodeClientFrame(b []byte) (ClientFrame, *Error) {
 	var f ClientFrame
 	if len(b) > MaxFrameBytes {
-		return f, BadRequest("frame larger than %d bytes", MaxFrameBytes)
+		return f, ErrFrameTooLarge
 	}
 	if len(b) == 0 || b[0] != '{' && !isSpace(b[0]) {
-		return f, BadRequest("frame is not a JSON object")
+		return f, ErrNotJSONObject
 	}
 	if err := jsonAPI.Unmarshal(b, &f); err != nil {
 		f.D = nil
-		return f, BadRequest("bad JSON")
+		if !json.Valid(b) {
+			return f, ErrBadJSON
+		}
+		var shadow ClientFrame
+		e := fieldError(b, &shadow, "frame")
+		if e == nil {
+			return f, ErrBadJSON // sonic refused what encoding/json takes
+		}
+		f.ID = max(shadow.ID, 0) // decoded past the mistyped field: echo it
+		return f, e
 	}
 	if f.T == "" {
 		return f, BadRequest("missing field t")
@@ -74,23 +104,68 @@ func DecodeClientFrame(b []byte) (ClientFrame, *Error) {
 func isSpace(c byte) bool { return c == ' ' || c == '\t' || c == '\n' || c == '\r' }
 
 // DecodeData parses the frame's d into v; an absent d is an error for types
-// that need one.
+// that need one. A field of the wrong type is named with the type it must
+// have ("room_id: must be an integer"); the decoder's own words never reach
+// the client.
 func (f *ClientFrame) DecodeData(v any) *Error {
 	if len(f.D) == 0 || string(f.D) == "null" {
 		return BadRequest("missing field d")
 	}
 	if err := jsonAPI.Unmarshal(f.D, v); err != nil {
-		return BadRequest("bad field d: %s", shortErr(err))
+		if e := fieldError(f.D, v, "d"); e != nil {
+			return e
+		}
+		return BadRequest("d: must be an object")
 	}
 	return nil
 }
 
-func shortErr(err error) string {
-	s := err.Error()
-	if len(s) > 120 {
-		s = s[:120]
+// fieldError names the field of b that does not fit v, found by decoding b
+// again with encoding/json (error path only: sonic's errors carry positions,
+// not field names). top names b itself when b as a whole has the wrong type.
+// It returns nil when that decode does not fail on a type.
+func fieldError(b []byte, v any, top string) *Error {
+	var te *json.UnmarshalTypeError
+	if err := json.Unmarshal(b, v); !errors.As(err, &te) {
+		if err != nil && top == "d" {
+			return BadRequest("d: must be an object")
+		}
+		return nil
 	}
-	return s
+	field := te.Field
+	if field == "" {
+		field = top
+	}
+	if len(field) > 64 {
+		field = field[:64]
+	}
+	return BadRequest("%s: must be %s", field, kindOf(te.Type))
+}
+
+// kindOf describes a Go type as the JSON value it decodes from.
+func kindOf(t reflect.Type) string {
+	if t == nil {
+		return "of another type"
+	}
+	for t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	switch t.Kind() {
+	case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64,
+		reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64:
+		return "an integer"
+	case reflect.Float32, reflect.Float64:
+		return "a number"
+	case reflect.String:
+		return "a string"
+	case reflect.Bool:
+		return "true or false"
+	case reflect.Slice, reflect.Array:
+		return "an array"
+	case reflect.Struct, reflect.Map:
+		return "an object"
+	}
+	return "of another type"
 }
 
 // RoomReq is the d of join and leave.

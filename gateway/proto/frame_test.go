@@ -91,3 +91,29 @@ func TestEncodeRoundTrip(t *testing.T) {
 		t.Fatalf("error reply: %+v %v", r, err)
 	}
 }
+
+// Frames that are not JSON are malformed (they count as abuse); a
+// well-formed frame with a mistyped field is a validation error that names
+// the field.
+func TestMalformedVersusInvalid(t *testing.T) {
+	for _, in := range []string{`{not json`, `garbage`, `{"t":"ping","id":1,"d":{}`, ""} {
+		if _, err := DecodeClientFrame([]byte(in)); err == nil || !IsMalformed(err) {
+			t.Errorf("%q: %v, want a malformed-frame error", in, err)
+		}
+	}
+	if _, err := DecodeClientFrame(make([]byte, MaxFrameBytes+1)); !IsMalformed(err) {
+		t.Errorf("oversized: %v", err)
+	}
+	f, err := DecodeClientFrame([]byte(`{"t":"ping","id":"x","d":{}}`))
+	if err == nil || IsMalformed(err) || err.Msg != "id: must be an integer" {
+		t.Errorf("mistyped id: %v", err)
+	}
+	f, err = DecodeClientFrame([]byte(`{"t":"join","id":3,"d":{"room_id":"x"}}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var r RoomReq
+	if e := f.DecodeData(&r); e == nil || IsMalformed(e) || e.Msg != "room_id: must be an integer" {
+		t.Errorf("mistyped room_id: %v", e)
+	}
+}

@@ -1,0 +1,233 @@
+package gateway_test
+
+import (
+	"bufio"
+	"crypto/rand"
+	"encoding/binary"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/liveedge/liveedge/gateway"
+	"github.com/liveedge/liveedge/gateway/nodetest"
+	"github.com/liveedge/liveedge/gateway/proto"
+)
+
+// tcpWS is a WebSocket client written straight on a TCP socket, so that a
+// test controls every frame and sees every frame the server sends, control
+// frames included (a library client answers pings and closes by itself).
+type tcpWS struct {
+	t    *testing.T
+	conn net.Conn
+	br   *bufio.Reader
+}
+
+const (
+	opText  = 1
+	opClose = 8
+	opPing  = 9
+	opPong  = 10
+)
+
+func dialTCPWS(t *testing.T, n *gateway.Node, user int64) *tcpWS {
+	t.Helper()
+	conn, err := net.DialTimeout("tcp", n.WS.Addr(), 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = conn.Close() })
+	tok := nodetest.Token(t, n, user, gateway.RoleViewer)
+	req := "GET /ws?token=" + tok + " HTTP/1.1\r\nHost: " + n.WS.Addr() + "\r\n" +
+		"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n" +
+		"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+	_ = conn.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.WriteString(conn, req); err != nil {
+		t.Fatal(err)
+	}
+	br := bufio.NewReader(conn)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatalf("upgrade: status %d", resp.StatusCode)
+	}
+	_ = conn.SetDeadline(time.Time{})
+	w := &tcpWS{t: t, conn: conn, br: br}
+	if op, p, err := w.read(5 * time.Second); err != nil || op != opText || !strings.Contains(string(p), `"hello"`) {
+		t.Fatalf("first frame: op %d %q %v, want hello", op, p, err)
+	}
+	return w
+}
+
+// writeHeader writes a masked frame header for a payload of n bytes and
+// returns the mask key.
+func (w *tcpWS) writeHeader(op byte, n int) ([4]byte, error) {
+	hdr := []byte{0x80 | op}
+	switch {
+	case n < 126:
+		hdr = append(hdr, 0x80|byte(n))
+	case n <= 0xffff:
+		hdr = append(hdr, 0x80|126, byte(n>>8), byte(n))
+	default:
+		hdr = append(hdr, 0x80|127)
+		hdr = binary.BigEndian.AppendUint64(hdr, uint64(n))
+	}
+	var key [4]byte
+	_, _ = rand.Read(key[:])
+	hdr = append(hdr, key[:]...)
+	_, err := w.conn.Write(hdr)
+	return key, err
+}
+
+func (w *tcpWS) write(op byte, payload []byte) error {
+	key, err := w.writeHeader(op, len(payload))
+	if err != nil {
+		return err
+	}
+	masked := make([]byte, len(payload))
+	for i, b := range payload {
+		masked[i] = b ^ key[i%4]
+	}
+	_, err = w.conn.Write(masked)
+	return err
+}
+
+// read reads one frame (unfragmented, as the server writes them).
+func (w *tcpWS) read(timeout time.Duration) (byte, []byte, error) {
+	_ = w.conn.SetReadDeadline(time.Now().Add(timeout))
+	var h [2]byte
+	if _, err := io.ReadFull(w.br, h[:]); err != nil {
+		return 0, nil, err
+	}
+	n := uint64(h[1] & 0x7f)
+	switch n {
+	case 126:
+		var b [2]byte
+		if _, err := io.ReadFull(w.br, b[:]); err != nil {
+			return 0, nil, err
+		}
+		n = uint64(binary.BigEndian.Uint16(b[:]))
+	case 127:
+		var b [8]byte
+		if _, err := io.ReadFull(w.br, b[:]); err != nil {
+			return 0, nil, err
+		}
+		n = binary.BigEndian.Uint64(b[:])
+	}
+	if n > 64<<20 {
+		return 0, nil, fmt.Errorf("frame of %d bytes", n)
+	}
+	p := make([]byte, n)
+	if _, err := io.ReadFull(w.br, p); err != nil {
+		return 0, nil, err
+	}
+	return h[0] & 0x0f, p, nil
+}
+
+// next reads frames until one with opcode op arrives (text frames skipped).
+func (w *tcpWS) next(op byte, timeout time.Duration) ([]byte, error) {
+	deadline := time.Now().Add(timeout)
+	for {
+		got, p, err := w.read(time.Until(deadline))
+		if err != nil {
+			return nil, err
+		}
+		if got == op {
+			return p, nil
+		}
+		if got != opText {
+			return nil, fmt.Errorf("frame with opcode %d (%q), want %d", got, p, op)
+		}
+	}
+}
+
+// closeCode reads frames until the server's close frame and returns its
+// code; a socket that ends without one is 1006, as a browser reports it.
+func (w *tcpWS) closeCode(timeout time.Duration) (int, error) {
+	p, err := w.next(opClose, timeout)
+	if err != nil {
+		return 1006, err
+	}
+	if len(p) < 2 {
+		return 1005, nil
+	}
+	return int(binary.BigEndian.Uint16(p)), nil
+}
+
+// A connection quiet for 3 × ws.write_timeout still gets its pong: control
+// frames are answered whenever they arrive, whatever deadline the last data
+// write left on the socket.
+func TestPongAfterIdle(t *testing.T) {
+	const wt = 300 * time.Millisecond
+	cfg := nodetest.Config(t)
+	cfg.WS.WriteTimeout = configsDuration(wt)
+	n := nodetest.Start(t, cfg)
+	w := dialTCPWS(t, n, 100)
+	for i := 0; i < 2; i++ {
+		// The hello (then the pong) was the last server write; stay quiet
+		// past its deadline.
+		time.Sleep(3 * wt)
+		ping := fmt.Sprintf("p%d", i)
+		if err := w.write(opPing, []byte(ping)); err != nil {
+			t.Fatal(err)
+		}
+		p, err := w.next(opPong, 5*time.Second)
+		if err != nil || string(p) != ping {
+			t.Fatalf("pong %d after %v idle: %q %v", i, 3*wt, p, err)
+		}
+	}
+}
+
+// A close frame after 3 × ws.write_timeout of quiet gets its close frame
+// back.
+func TestCloseEchoAfterIdle(t *testing.T) {
+	const wt = 300 * time.Millisecond
+	cfg := nodetest.Config(t)
+	cfg.WS.WriteTimeout = configsDuration(wt)
+	n := nodetest.Start(t, cfg)
+	w := dialTCPWS(t, n, 100)
+	time.Sleep(3 * wt)
+	if err := w.write(opClose, binary.BigEndian.AppendUint16(nil, 1000)); err != nil {
+		t.Fatal(err)
+	}
+	code, err := w.closeCode(5 * time.Second)
+	if err != nil || code != 1000 {
+		t.Fatalf("close echo after %v idle: code %d %v, want 1000", 3*wt, code, err)
+	}
+}
+
+// A frame over ws.max_frame_hard_bytes closes with 1009 every time: the
+// client, still sending the rest of the frame, receives the close frame
+// before the socket goes (a close with unread input would reset it, the
+// client's write would fail and it would see 1006). A library client (gws)
+// writes the frame and reads on its own goroutine, as browsers do.
+func TestFrameOverHardCapAlwaysCloses1009(t *testing.T) {
+	cfg := nodetest.Config(t)
+	n := nodetest.Start(t, cfg)
+	size := cfg.WS.MaxFrameHardBytes + cfg.WS.MaxFrameHardBytes/2
+	payload := `{"t":"chat","id":1,"d":{"room_id":1,"text":"` + strings.Repeat("x", size) + `"}}`
+	for i := 0; i < 20; i++ {
+		// A small send buffer: most of the frame is still unsent when the
+		// server has read its header and closes.
+		r := dial(t, n, int64(100+i), nodetest.RawOptions{SndBuf: 16 << 10})
+		err := r.Send(payload)
+		select {
+		case <-r.Closed():
+		case <-time.After(10 * time.Second):
+			t.Fatalf("run %d: not closed", i)
+		}
+		if c := r.CloseCode(); c != proto.CloseTooBig {
+			t.Fatalf("run %d: close code %d (write: %v), want 1009", i, c, err)
+		}
+	}
+	// The node still serves.
+	r := dial(t, n, 200, nodetest.RawOptions{})
+	if f := request(t, r, 1, `{"t":"ping","id":1,"d":{}}`); f.Code != 0 {
+		t.Fatalf("ping: %+v", f)
+	}
+}

@@ -1,0 +1,85 @@
+package gateway_test
+
+import (
+	"io"
+	"net/http"
+	"strings"
+	"testing"
+
+	"github.com/liveedge/liveedge/gateway/nodetest"
+	"github.com/liveedge/liveedge/gateway/proto"
+)
+
+// httpEnvelope performs a request and decodes the JSON error envelope.
+func httpEnvelope(t *testing.T, method, url, contentType string, body io.Reader) (int, map[string]any) {
+	t.Helper()
+	req, err := http.NewRequest(method, url, body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if contentType != "" {
+		req.Header.Set("Content-Type", contentType)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatalf("%s %s: %v", method, url, err)
+	}
+	defer resp.Body.Close()
+	raw, _ := io.ReadAll(resp.Body)
+	if ct := resp.Header.Get("Content-Type"); !strings.HasPrefix(ct, "application/json") {
+		t.Fatalf("%s %s: %d content type %q body %q, want the JSON envelope", method, url, resp.StatusCode, ct, raw)
+	}
+	var env map[string]any
+	if err := proto.Unmarshal(raw, &env); err != nil {
+		t.Fatalf("%s %s: body %q: %v", method, url, raw, err)
+	}
+	for _, k := range []string{"code", "msg", "data"} {
+		if _, ok := env[k]; !ok {
+			t.Fatalf("%s %s: envelope %q lacks %q", method, url, raw, k)
+		}
+	}
+	return resp.StatusCode, env
+}
+
+// Unknown route, unknown method on a known path, a body over the limit and
+// a rejected webhook each answer in the JSON envelope with their status.
+func TestHTTPErrorsUseEnvelope(t *testing.T) {
+	cfg := nodetest.Config(t)
+	cfg.HTTP.MaxBodyBytes = 4 << 10
+	n := nodetest.Start(t, cfg)
+	base := nodetest.HTTPURL(n)
+	big := `{"user_id":1,"role":"viewer","pad":"` + strings.Repeat("x", 8<<10) + `"}`
+	cases := []struct {
+		name, method, path, body string
+		chunked                  bool
+		status, code             int
+	}{
+		{"unknown route", "GET", "/api/v1/nope", "", false, 404, proto.CodeNotFound},
+		{"unknown route outside the API", "GET", "/nope", "", false, 404, proto.CodeNotFound},
+		{"unknown method", "DELETE", "/api/v1/gifts", "", false, 405, proto.CodeBadRequest},
+		{"unknown method on a webhook", "GET", "/api/v1/pay/notify/mock", "", false, 405, proto.CodeBadRequest},
+		{"body too large", "POST", "/api/v1/dev/token", big, false, 413, proto.CodeBadRequest},
+		{"chunked body too large", "POST", "/api/v1/dev/token", big, true, 413, proto.CodeBadRequest},
+		{"webhook without signature", "POST", "/api/v1/pay/notify/mock", `{"event_id":"e","order_id":"1","amount":1,"status":"SUCCESS"}`, false, 401, proto.CodeUnauthenticated},
+	}
+	for _, tc := range cases {
+		var body io.Reader = strings.NewReader(tc.body)
+		if tc.chunked {
+			body = io.MultiReader(strings.NewReader(tc.body)) // unknown length: sent chunked
+		}
+		st, env := httpEnvelope(t, tc.method, base+tc.path, "application/json", body)
+		if st != tc.status {
+			t.Errorf("%s: status %d, want %d (%v)", tc.name, st, tc.status, env)
+		}
+		if code, _ := env["code"].(float64); int(code) != tc.code {
+			t.Errorf("%s: code %v, want %d", tc.name, env["code"], tc.code)
+		}
+	}
+	// A body within the limit still works, on the same server.
+	var out struct {
+		Code int `json:"code"`
+	}
+	if st := nodetest.DoJSON(t, "POST", base+"/api/v1/dev/token", "", `{"user_id":1,"role":"viewer"}`, &out); st != 200 || out.Code != 0 {
+		t.Fatalf("small body: %d %d", st, out.Code)
+	}
+}
