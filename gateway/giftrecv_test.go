@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"testing"
 
+	"github.com/liveedge/liveedge/gateway"
 	"github.com/liveedge/liveedge/gateway/nodetest"
 	"github.com/liveedge/liveedge/gateway/proto"
 	"github.com/liveedge/liveedge/persist/persisttest"
@@ -51,13 +52,41 @@ func TestGiftReceiverMustBeAnchorOrMember(t *testing.T) {
 		t.Fatalf("balance %d, want 97", b)
 	}
 	// A member who left is no longer a receiver.
+	first, err := sendGift(ctx, s, giftReq(room, member, heartGift, 1, "to-member-retried"))
+	if err != nil {
+		t.Fatalf("gift to a member: %v", err)
+	}
 	if err := m.Leave(ctx, room); err != nil {
 		t.Fatal(err)
 	}
-	_, err := sendGift(ctx, s, giftReq(room, member, heartGift, 1, "to-gone"))
+	// A retry of a gift that went through replays it (its reply was lost, say),
+	// though the receiver has left since: never "refused, nothing moved"
+	// while the first debit stands.
+	again, err := sendGift(ctx, s, giftReq(room, member, heartGift, 1, "to-member-retried"))
+	if err != nil || again != first {
+		t.Fatalf("retried gift after the receiver left: %+v %v, want the first result %+v", again, err, first)
+	}
+	// The sender is frozen meanwhile too: the retry still replays.
+	freeze(t, n, sender, 2)
+	if again, err := sendGift(ctx, s, giftReq(room, member, heartGift, 1, "to-member-retried")); err != nil || again != first {
+		t.Fatalf("retried gift after the sender was frozen: %+v %v, want the first result %+v", again, err, first)
+	}
+	freeze(t, n, sender, 1)
+	if b, _ := n.Ledger.Balance(sender); b != 96 {
+		t.Fatalf("balance %d, want 96 (the retries moved nothing)", b)
+	}
+	_, err = sendGift(ctx, s, giftReq(room, member, heartGift, 1, "to-gone"))
 	var pe *proto.Error
 	if !errors.As(err, &pe) || pe.Code != proto.CodeForbidden {
 		t.Fatalf("gift to a member who left: %v, want 10003", err)
 	}
 	persisttest.CheckConservation(t, n.Ledger)
+}
+
+// freeze sets user's account status (1 normal, 2 frozen) as an admin.
+func freeze(t *testing.T, n *gateway.Node, user int64, status int) {
+	t.Helper()
+	if st, code := setStatus(t, n, nodetest.Token(t, n, 9000, gateway.RoleAdmin), user, fmt.Sprintf(`{"status":%d}`, status)); st != 200 || code != 0 {
+		t.Fatalf("set status %d of %d: HTTP %d code %d", status, user, st, code)
+	}
 }

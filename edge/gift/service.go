@@ -237,25 +237,13 @@ func Ref(room, gift int64, count int, receiver int64, pk bool) string {
 }
 
 func (s *Service) send(sender int64, inRoom bool, r Req, done func(Reply, *sendErr)) {
-	if !inRoom {
-		done(Reply{}, fail(proto.CodeForbidden, "not in room"))
-		return
-	}
 	if r.ReceiverID == sender {
 		done(Reply{}, fail(proto.CodeGiftToSelf, "cannot send a gift to yourself"))
 		return
 	}
-	if s.recv != nil && !s.recv.CanReceive(r.RoomID, r.ReceiverID) {
-		done(Reply{}, fail(proto.CodeForbidden, "receiver is not the room's anchor or in the room"))
-		return
-	}
 	g, ok := s.cat.Get(r.GiftID)
-	if !ok || g.Status != StatusEnabled {
+	if !ok {
 		done(Reply{}, fail(proto.CodeGiftUnavailable, "gift not found or disabled"))
-		return
-	}
-	if err := s.checkFrozen(sender, r.ReceiverID); err != nil {
-		done(Reply{}, err)
 		return
 	}
 	amount := g.Price * int64(r.Count)
@@ -266,7 +254,24 @@ func (s *Service) send(sender int64, inRoom bool, r Req, done func(Reply, *sendE
 		Postings: []persist.Posting{{User: sender, Delta: -amount, Reason: persist.ReasonGift,
 			Ref: Ref(r.RoomID, g.ID, r.Count, r.ReceiverID, r.PK)}},
 		Tallies: []persist.Tally{{Name: TallyReceived, User: r.ReceiverID, Delta: amount}},
+		// The rules that can change between a request and its retry (who is
+		// in the room, the gift's status, frozen accounts, the rate) are
+		// checked only for a request that is not a duplicate: a retry of a
+		// gift that went through replays its result, it is never refused
+		// with "nothing moved" while the first debit stands.
 		Check: func() error {
+			if !inRoom {
+				return refusal{fail(proto.CodeForbidden, "not in room")}
+			}
+			if s.recv != nil && !s.recv.CanReceive(r.RoomID, r.ReceiverID) {
+				return refusal{fail(proto.CodeForbidden, "receiver is not the room's anchor or in the room")}
+			}
+			if g.Status != StatusEnabled {
+				return refusal{fail(proto.CodeGiftUnavailable, "gift not found or disabled")}
+			}
+			if err := s.checkFrozen(sender, r.ReceiverID); err != nil {
+				return refusal{err}
+			}
 			if !s.limit.Allow(uint64(sender)) {
 				return errRateLimited
 			}
@@ -282,7 +287,10 @@ func (s *Service) send(sender int64, inRoom bool, r Req, done func(Reply, *sendE
 	s.wallet.ApplyAsync(op, func(res persist.Result, err error) {
 		if err != nil {
 			e := fail(proto.CodeInternal, "internal error")
+			var refused refusal
 			switch {
+			case errors.As(err, &refused): // op.Check
+				e = refused.e
 			case errors.Is(err, persist.ErrInsufficient):
 				e = fail(proto.CodeInsufficientBalance, "insufficient balance")
 			case errors.Is(err, errRateLimited):
@@ -316,6 +324,11 @@ func (s *Service) send(sender int64, inRoom bool, r Req, done func(Reply, *sendE
 }
 
 var errRateLimited = errors.New("gift: rate limited")
+
+// refusal carries a gift's refusal by op.Check through the wallet.
+type refusal struct{ e *sendErr }
+
+func (r refusal) Error() string { return r.e.Msg }
 
 // effects is the per-room effect queue: gifts of one sender, gift and
 // receiver that arrive within the window are merged into one push (a combo),
