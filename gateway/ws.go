@@ -174,7 +174,11 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	socket, err := s.up.UpgradeFromConn(cc, bufio.NewReaderSize(src, 4096), r)
 	if err != nil {
-		return // gws answered the handshake error and closed the connection
+		// gws answered the handshake error and called cc.Close, which only
+		// half-closes (the linger of a WebSocket close); no read loop will
+		// finish it, so close the socket here or it leaks.
+		_ = netConn.Close()
+		return
 	}
 	c := &Conn{
 		id: s.nextID.Add(1), ident: ident, ws: socket, srv: s, cork: cc,
@@ -317,15 +321,17 @@ func (s *Server) OnClose(socket *gws.Conn, err error) {
 	sh.mu.Lock()
 	delete(sh.conns, c.id)
 	sh.mu.Unlock()
-	s.users.release(c.ident.UserID)
-	s.releaseConn()
-	s.metrics.connections.Dec()
 	close(c.done)
 	var ce *gws.CloseError
 	if errors.As(err, &ce) && ce.Code == proto.CloseTooBig {
 		s.metrics.closes.WithLabelValues("too_big").Inc()
 	}
 	c.cork.finish() // drain (bounded) and close the socket
+	// The connection's slots are free only once its socket is closed, so
+	// lingering sockets stay within ws.max_conns and ws.max_conns_per_user.
+	s.users.release(c.ident.UserID)
+	s.releaseConn()
+	s.metrics.connections.Dec()
 }
 
 // OnPing implements gws.Event (WebSocket-level ping; pong through gws's lock,
