@@ -641,13 +641,23 @@ func (s *Service) reconcileOne(id int64) {
 		s.closeOpen(id)
 		return
 	}
-	if ev, ok := s.query(o); ok {
+	ev, answer := s.query(o)
+	switch answer {
+	case queryPaid:
 		if st, msg := s.apply(o.Channel, ev); st != NotifyOK {
 			s.cfg.Log.Warn("pay: reconcile apply", "order", o.OrderID, "status", st, "msg", msg)
 		}
 		return
+	case queryUnknown:
+		if s.ctx.Err() != nil {
+			return // shutting down: the query was cancelled, it said nothing
+		}
 	}
-	if s.cfg.Now().UnixMilli()-o.CreatedAt >= s.cfg.OrderTimeout.Milliseconds() {
+	// An expired order closes when the provider says it is not paid; when
+	// the provider cannot tell (down, slow, unverifiable answer) only after
+	// a second timeout (a payment that lands after the close is refunded).
+	age, timeout := s.cfg.Now().UnixMilli()-o.CreatedAt, s.cfg.OrderTimeout.Milliseconds()
+	if age >= timeout && (answer == queryNotPaid || age >= 2*timeout) {
 		unlock := s.orders.lock(id)
 		if cur, err := s.Get(id); err == nil && (cur.Status == StatusPaying || cur.Status == StatusWaitingPay) {
 			if err := s.moveLocked(&cur, id, StatusInvalid, "unpaid timeout", nil); err != nil {
@@ -658,34 +668,46 @@ func (s *Service) reconcileOne(id int64) {
 	}
 }
 
-// query asks the provider for the order's payment; ok when it was paid.
-// The answer is signed like a notify and verified the same way.
-func (s *Service) query(o Order) (Event, bool) {
+// queryAnswer is what an active query learnt.
+type queryAnswer int
+
+const (
+	queryUnknown queryAnswer = iota // no verified answer: transport error, timeout, cancelled, bad status or signature
+	queryNotPaid                    // the provider's verified answer: not paid (or no provider to ask)
+	queryPaid
+)
+
+// query asks the provider for the order's payment. The answer is signed like
+// a notify and verified the same way.
+func (s *Service) query(o Order) (Event, queryAnswer) {
 	if s.cfg.ProviderURL == "" {
-		return Event{}, false
+		return Event{}, queryNotPaid
 	}
 	ctx, cancel := context.WithTimeout(s.ctx, s.cfg.QueryTimeout)
 	defer cancel()
 	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, s.cfg.ProviderURL+"/query?order_id="+url.QueryEscape(o.OrderID), nil)
 	resp, err := s.client.Do(req)
 	if err != nil {
-		return Event{}, false
+		return Event{}, queryUnknown
 	}
 	defer resp.Body.Close()
 	body, err := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
 	if err != nil || resp.StatusCode != http.StatusOK {
-		return Event{}, false
+		return Event{}, queryUnknown
 	}
 	if err := Verify(resp.Header.Get(SignatureHeader), body, s.cfg.Secrets, s.cfg.Now(), s.cfg.Tolerance); err != nil {
 		s.cfg.Log.Warn("pay: provider query answer not verified", "order", o.OrderID, "err", err)
-		return Event{}, false
+		return Event{}, queryUnknown
 	}
 	var ev Event
-	if err := proto.Unmarshal(body, &ev); err != nil || ev.Status != "SUCCESS" || ev.OrderID != o.OrderID {
-		return Event{}, false
+	if err := proto.Unmarshal(body, &ev); err != nil || ev.OrderID != o.OrderID {
+		return Event{}, queryUnknown
+	}
+	if ev.Status != "SUCCESS" {
+		return Event{}, queryNotPaid
 	}
 	if ev.EventID == "" {
 		ev.EventID = "query:" + o.OrderID
 	}
-	return ev, true
+	return ev, queryPaid
 }
