@@ -39,8 +39,14 @@ type WorkerLease struct {
 	ttl    time.Duration
 	log    *slog.Logger
 
-	lastOK atomic.Int64 // unix ns of the last successful claim or refresh
-	lost   atomic.Bool  // another node holds the key
+	// lastOK is when the last successful claim or refresh was SENT, in ns
+	// of the monotonic clock since base: Redis counts the TTL from when it
+	// ran the claim, which is after the send, so a lease counted from the
+	// send never outlives Redis's (a slow reply or a wall-clock step does
+	// not stretch it).
+	lastOK atomic.Int64
+	base   time.Time
+	lost   atomic.Bool // another node holds the key
 
 	stop chan struct{}
 	once sync.Once
@@ -76,7 +82,7 @@ func LeaseWorker(ctx context.Context, client rueidis.Client, node string, want i
 	if want >= MaxWorkers {
 		return nil, fmt.Errorf("pay: worker id %d out of range 0..%d", want, MaxWorkers-1)
 	}
-	l := &WorkerLease{client: client, node: node, ttl: ttl, log: log, stop: make(chan struct{})}
+	l := &WorkerLease{client: client, node: node, ttl: ttl, log: log, stop: make(chan struct{}), base: time.Now()}
 	candidates := []int{want}
 	if want < 0 {
 		h := fnv.New32a()
@@ -88,13 +94,14 @@ func LeaseWorker(ctx context.Context, client rueidis.Client, node string, want i
 		}
 	}
 	for _, id := range candidates {
+		sent := l.sinceBase()
 		ok, err := l.claim(ctx, id)
 		if err != nil {
 			return nil, fmt.Errorf("pay: lease worker id: %w", err)
 		}
 		if ok {
 			l.id = id
-			l.lastOK.Store(time.Now().UnixNano())
+			l.lastOK.Store(sent)
 			l.wg.Add(1)
 			go l.refreshLoop()
 			return l, nil
@@ -119,8 +126,11 @@ func (l *WorkerLease) ID() int { return l.id }
 // Held reports whether the lease is this node's: refreshed within its TTL
 // and not taken by another node.
 func (l *WorkerLease) Held() bool {
-	return !l.lost.Load() && time.Since(time.Unix(0, l.lastOK.Load())) < l.ttl
+	// A tenth of the TTL spare for the clock rates of this host and Redis's.
+	return !l.lost.Load() && time.Duration(l.sinceBase()-l.lastOK.Load()) < l.ttl-l.ttl/10
 }
+
+func (l *WorkerLease) sinceBase() int64 { return int64(time.Since(l.base)) }
 
 func (l *WorkerLease) refreshLoop() {
 	defer l.wg.Done()
@@ -133,6 +143,7 @@ func (l *WorkerLease) refreshLoop() {
 		case <-t.C:
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), l.ttl/3)
+		sent := l.sinceBase()
 		ok, err := l.claim(ctx, l.id)
 		cancel()
 		switch {
@@ -144,7 +155,7 @@ func (l *WorkerLease) refreshLoop() {
 			}
 		default:
 			l.lost.Store(false)
-			l.lastOK.Store(time.Now().UnixNano())
+			l.lastOK.Store(sent)
 		}
 	}
 }
