@@ -146,20 +146,23 @@ func (w *SharedWallet) DataLosses() int64 { return w.dataLosses.Load() }
 
 // resetScript starts a new generation in place of ARGV[1] (if that is still
 // the current one; otherwise another node did already): it deletes the
-// wallet's keys — all of them, so that the rebuild's sums start from zero —
-// and writes le:meta anew in state rebuilding. ARGV: expected gen, new gen,
+// wallet's keys — every le:* key but the gift catalogue le:giftcat, in one
+// SCAN pass, so that the rebuild's sums start from zero — and writes le:meta
+// anew in state rebuilding. ARGV: expected gen, new gen,
 // number of nodes. It runs as one script, so no Apply sees a half-deleted
 // wallet; it takes time proportional to the wallet's keys (a recovery, rare).
 var resetScript = rueidis.NewLuaScript(`
 if redis.call('HGET', KEYS[1], 'gen') ~= ARGV[1] then return 0 end
-for _, pat in ipairs({'le:bal:*', 'le:tally:*', 'le:idem:*', 'le:trades:*', 'le:node:*', 'le:applied:*', 'le:contrib:*'}) do
-  local cur = '0'
-  repeat
-    local r = redis.call('SCAN', cur, 'MATCH', pat, 'COUNT', 1000)
-    cur = r[1]
-    if #r[2] > 0 then redis.call('UNLINK', unpack(r[2])) end
-  until cur == '0'
-end
+local cur = '0'
+repeat
+  local r = redis.call('SCAN', cur, 'MATCH', 'le:*', 'COUNT', 1000)
+  cur = r[1]
+  local del = {}
+  for _, k in ipairs(r[2]) do
+    if k ~= 'le:giftcat' then del[#del + 1] = k end
+  end
+  if #del > 0 then redis.call('UNLINK', unpack(del)) end
+until cur == '0'
 redis.call('DEL', KEYS[1], KEYS[2])
 redis.call('HSET', KEYS[1], 'gen', ARGV[2], 'state', 'rebuilding', 'nodes', ARGV[3])
 return 1
