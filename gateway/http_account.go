@@ -13,12 +13,8 @@ type userStatusReq struct {
 // userStatus answers a user's account status (role admin):
 // {"user_id":U,"status":1|2}.
 func (a *API) userStatus(_ context.Context, c *app.RequestContext) {
-	if !a.requireAdmin(c) {
-		return
-	}
-	id, err := pathID(c)
-	if err != nil {
-		a.fail(c, err)
+	id, okID := a.adminPathID(c)
+	if !okID {
 		return
 	}
 	st, err := a.node.Accounts.Status(id)
@@ -32,12 +28,8 @@ func (a *API) userStatus(_ context.Context, c *app.RequestContext) {
 // setUserStatus freezes ({"status":2}) or unfreezes ({"status":1}) a
 // user's account (role admin), durably before the answer.
 func (a *API) setUserStatus(_ context.Context, c *app.RequestContext) {
-	if !a.requireAdmin(c) {
-		return
-	}
-	id, err := pathID(c)
-	if err != nil {
-		a.fail(c, err)
+	id, okID := a.adminPathID(c)
+	if !okID {
 		return
 	}
 	var r userStatusReq

@@ -102,6 +102,20 @@ func (a *API) listGifts(_ context.Context, c *app.RequestContext) {
 	ok(c, map[string]any{"gifts": a.node.Gifts.Catalogue().List(all)})
 }
 
+// adminPathID is the {id} of an admin-only path; false when the caller is
+// not an admin or the id is bad (the answer is written).
+func (a *API) adminPathID(c *app.RequestContext) (int64, bool) {
+	if !a.requireAdmin(c) {
+		return 0, false
+	}
+	id, err := pathID(c)
+	if err != nil {
+		a.fail(c, err)
+		return 0, false
+	}
+	return id, true
+}
+
 func (a *API) requireAdmin(c *app.RequestContext) bool {
 	if identOf(c).Role != RoleAdmin {
 		a.fail(c, proto.Errorf(proto.CodeForbidden, "admin only"))
@@ -128,12 +142,8 @@ func (a *API) createGift(_ context.Context, c *app.RequestContext) {
 }
 
 func (a *API) updateGift(_ context.Context, c *app.RequestContext) {
-	if !a.requireAdmin(c) {
-		return
-	}
-	id, err := pathID(c)
-	if err != nil {
-		a.fail(c, err)
+	id, okID := a.adminPathID(c)
+	if !okID {
 		return
 	}
 	g, found := a.node.Gifts.Catalogue().Get(id)
