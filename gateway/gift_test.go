@@ -301,17 +301,25 @@ func TestGiftCatalogueAdmin(t *testing.T) {
 	}
 }
 
-func TestPKScoresAndEndsOnce(t *testing.T) {
-	n := giftConfig(t)
-	ra := nodetest.OpenRoom(t, n, 1, 0)
-	rb := nodetest.OpenRoom(t, n, 2, 0)
-	var logA pushLog
-	va := sdkDial(t, n, 50, &logA, nil)
-	ctx := context.Background()
-	if _, err := va.Join(ctx, ra); err != nil {
+// pkRooms opens rooms ra (anchor 1) and rb (anchor 2) on a gift node, with
+// viewer 50 in ra (its pushes in the log) holding 1,000 coins.
+func pkRooms(t *testing.T) (n *gateway.Node, ra, rb int64, va *clientsdk.Client, logA *pushLog) {
+	t.Helper()
+	n = giftConfig(t)
+	ra = nodetest.OpenRoom(t, n, 1, 0)
+	rb = nodetest.OpenRoom(t, n, 2, 0)
+	logA = &pushLog{}
+	va = sdkDial(t, n, 50, logA, nil)
+	if _, err := va.Join(context.Background(), ra); err != nil {
 		t.Fatal(err)
 	}
 	devCredit(t, n, 50, 1000)
+	return n, ra, rb, va, logA
+}
+
+func TestPKScoresAndEndsOnce(t *testing.T) {
+	n, ra, rb, va, logA := pkRooms(t)
+	ctx := context.Background()
 	var out struct {
 		Data struct {
 			PKID string `json:"pk_id"`
@@ -325,7 +333,7 @@ func TestPKScoresAndEndsOnce(t *testing.T) {
 	}
 	var final []pkProgress
 	nodetest.Eventually(t, 5*time.Second, func() bool {
-		final = pkPushes(&logA, out.Data.PKID)
+		final = pkPushes(logA, out.Data.PKID)
 		return len(final) > 0 && final[len(final)-1].Over
 	}, "no final PK push")
 	if last := checkPKEndsOnce(t, final); last.Winner != ra || last.Scores[fmt.Sprint(ra)] != 20 {

@@ -160,16 +160,8 @@ func TestPKNeedsConsent(t *testing.T) {
 // PK scores have one shape: GET /api/v1/pk/{id} answers the same object
 // keyed by room id as biz 5558's d.
 func TestPKScoresOneShape(t *testing.T) {
-	n := giftConfig(t)
-	ra := nodetest.OpenRoom(t, n, 1, 0)
-	rb := nodetest.OpenRoom(t, n, 2, 0)
-	var logA pushLog
-	va := sdkDial(t, n, 50, &logA, nil)
+	n, ra, rb, va, logA := pkRooms(t)
 	ctx := context.Background()
-	if _, err := va.Join(ctx, ra); err != nil {
-		t.Fatal(err)
-	}
-	devCredit(t, n, 50, 1000)
 	st, ct := pkCall(t, n, "POST", "", 1000, gateway.RoleAdmin, fmt.Sprintf(`{"room_a":%d,"room_b":%d,"duration_s":60}`, ra, rb))
 	if st != 200 || ct.Data.PKID == "" {
 		t.Fatalf("admin pairing: %d %+v", st, ct)
@@ -182,7 +174,7 @@ func TestPKScoresOneShape(t *testing.T) {
 	}
 	var last pkProgress
 	nodetest.Eventually(t, 5*time.Second, func() bool {
-		p := pkPushes(&logA, id)
+		p := pkPushes(logA, id)
 		if len(p) == 0 {
 			return false
 		}

@@ -350,9 +350,15 @@ func spillPeriod(hour int32) int32 { return hour / spillPeriodHours }
 // idemSpillKey is the key of a spilled idempotency record:
 // idsp/<period>/<user>/<req>, its value the encoded Result.
 func idemSpillKey(period int32, user int64, req string) []byte {
-	k := make([]byte, 0, len(PrefixIdemSpill)+16+len(req))
-	k = append(k, PrefixIdemSpill...)
-	k = binary.BigEndian.AppendUint64(k, uint64(period))
+	return idemRecordKey(PrefixIdemSpill, period, user, req)
+}
+
+// idemRecordKey is <prefix><t>/<user>/<req>, the layout of both kinds of
+// per-request idempotency record (t an hour or a spill period).
+func idemRecordKey(prefix []byte, t int32, user int64, req string) []byte {
+	k := make([]byte, 0, len(prefix)+16+len(req))
+	k = append(k, prefix...)
+	k = binary.BigEndian.AppendUint64(k, uint64(t))
 	k = binary.BigEndian.AppendUint64(k, uint64(user))
 	return append(k, req...)
 }
@@ -454,11 +460,7 @@ func (l *Ledger) shard(user int64) *ledgerShard { return &l.shards[uint64(user)%
 // expiry is one range deletion and loading the recent hashes one short scan;
 // the hour of a record is kept with its hash in memory.
 func idemKeyBytes(hour int32, user int64, req string) []byte {
-	k := make([]byte, 0, len(PrefixIdem)+16+len(req))
-	k = append(k, PrefixIdem...)
-	k = binary.BigEndian.AppendUint64(k, uint64(hour))
-	k = binary.BigEndian.AppendUint64(k, uint64(user))
-	return append(k, req...)
+	return idemRecordKey(PrefixIdem, hour, user, req)
 }
 
 // idemGroupKey is the key of group row group written in unix hour hour.
