@@ -291,13 +291,17 @@ func (s *Server) OnOpen(socket *gws.Conn) {
 	sh.conns[c.id] = c
 	sh.mu.Unlock()
 	s.metrics.connections.Inc()
-	s.router.Register(c)
+	// The hello is queued before the connection is registered with the
+	// router: a push to this user (a credit, a gift received) that arrived
+	// in between went out before the hello, and clients refuse a first frame
+	// that is not one (seen as a TestSharedWalletTwoNodeProcesses flake).
 	hb := s.cfg.WS.Heartbeat.D()
 	c.reply(proto.EncodeHello(proto.Hello{
 		UserID: c.ident.UserID, Node: s.cfg.Node.ID,
 		HeartbeatS: max(1, int(hb/time.Second)), HeartbeatMS: hb.Milliseconds(),
 		Batch: c.batch, SessionID: strconv.FormatUint(c.id, 10),
 	}))
+	s.router.Register(c)
 	if s.draining.Load() {
 		c.Close(proto.CloseGoingAway, true)
 	}
