@@ -312,7 +312,7 @@ func (s *session) handle(f *proto.ServerFrame, acks []string) []string {
 		if c.cfg.OnPush == nil {
 			return acks
 		}
-		p := Push{Mid: f.Mid, Biz: f.Biz, Room: f.Room, Ack: f.Ack, Data: append([]byte(nil), f.D...)}
+		p := Push{Mid: f.Mid, Biz: f.Biz, Room: f.Room, Off: f.Off, Ep: f.Ep, Ack: f.Ack, Data: append([]byte(nil), f.D...)}
 		if c.emit(event{push: p}) {
 			c.stats.delivered.Add(1)
 		}

@@ -37,6 +37,8 @@ type Push struct {
 	Mid  string
 	Biz  int
 	Room int64
+	Off  int64  // a room push's offset in its room (0 for pushes to the user)
+	Ep   string // the room's epoch (with Off)
 	Ack  bool
 	Data []byte
 }

@@ -44,6 +44,7 @@ type Config struct {
 	Auth     Auth     `yaml:"auth"`
 	NATS     NATS     `yaml:"nats"`
 	Rooms    Rooms    `yaml:"rooms"`
+	Cluster  Cluster  `yaml:"cluster"`
 	Limits   Limits   `yaml:"limits"`
 	Gifts    Gifts    `yaml:"gifts"`
 	Wallet   Wallet   `yaml:"wallet"`
@@ -109,6 +110,20 @@ type NATS struct {
 // Rooms configures living rooms.
 type Rooms struct {
 	OpenCloseInterval Duration `yaml:"open_close_interval"` // per-anchor rate limit of open/close (0 = off)
+	// HistorySize and HistoryTTL bound the pushes each room keeps for
+	// `join` with `since` (per node in memory; in a cluster also in Redis).
+	HistorySize int      `yaml:"history_size"`
+	HistoryTTL  Duration `yaml:"history_ttl"`
+}
+
+// Cluster makes the node one of many sharing NATS and Redis (PROTOCOL §8):
+// room pushes are numbered in Redis and carried between nodes by NATS,
+// presence is in Redis. Needs redis.addr and an external NATS.
+type Cluster struct {
+	Enabled     bool     `yaml:"enabled"`
+	GapWait     Duration `yaml:"gap_wait"`     // wait for a missing room offset before reading it from history
+	PresenceTTL Duration `yaml:"presence_ttl"` // a dead node's presence stops counting within this
+	Linger      Duration `yaml:"linger"`       // a room's subscription outlives its last local member by this
 }
 
 // Limits are per-user rate limits (PROTOCOL.md §6); 0 turns a limit off.
@@ -391,6 +406,10 @@ func (c *Config) Validate() error {
 	check(c.NATS.Embedded || c.NATS.URL != "", "nats.url is required when nats.embedded is false")
 	check(c.Wallet.Mode == "local" || c.Wallet.Mode == "shared", "wallet.mode must be local or shared")
 	check(c.Wallet.Mode != "shared" || c.Redis.Addr != "", "redis.addr is required when wallet.mode is shared")
+	check(!c.Cluster.Enabled || c.Redis.Addr != "", "redis.addr is required when cluster.enabled")
+	check(!c.Cluster.Enabled || !c.NATS.Embedded, "cluster.enabled needs an external NATS (nats.embedded: false)")
+	check(!c.Cluster.Enabled || c.Wallet.Mode == "shared", "cluster.enabled needs wallet.mode shared")
+	check(c.Rooms.HistorySize >= 0 && c.Rooms.HistorySize <= 100000, "rooms.history_size must be 0..100000")
 	check(c.Wallet.IdemMemoryBytes >= 0, "wallet.idem_memory_bytes must be >= 0")
 	check(c.Pay.WorkerID >= -1 && c.Pay.WorkerID < 32, "pay.worker_id must be -1..31")
 	check(c.Pay.MaxOpenOrdersPerUser >= 0, "pay.max_open_orders_per_user must be >= 0")

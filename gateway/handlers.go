@@ -88,8 +88,11 @@ func truncate(s string, n int) string {
 }
 
 type joinReply struct {
-	RoomID int64 `json:"room_id"`
-	Online int   `json:"online"`
+	RoomID    int64  `json:"room_id"`
+	Online    int    `json:"online"`
+	Off       int64  `json:"off"`
+	Ep        string `json:"ep"`
+	Recovered *bool  `json:"recovered,omitempty"` // only for a join with since
 }
 
 func (s *Server) join(c *Conn, f *proto.ClientFrame) (any, *proto.Error) {
@@ -97,17 +100,26 @@ func (s *Server) join(c *Conn, f *proto.ClientFrame) (any, *proto.Error) {
 	if err := decodeValid(f, &r); err != nil {
 		return nil, err
 	}
-	n, err := s.router.Join(r.RoomID, c)
+	j, err := s.router.JoinAt(r.RoomID, c, r.Since)
+	if errors.Is(err, router.ErrNoRoom) && s.roomOpen != nil && s.roomOpen(r.RoomID) {
+		j, err = s.router.JoinAt(r.RoomID, c, r.Since) // opened through another node just now
+	}
 	switch {
 	case errors.Is(err, router.ErrNoRoom):
 		return nil, proto.Errorf(proto.CodeNotFound, "room not found or closed")
 	case errors.Is(err, router.ErrTooManyRooms):
 		return nil, proto.Errorf(proto.CodeConflict, "joined too many rooms")
+	case errors.Is(err, router.ErrUnavailable):
+		return nil, errUnavailable
 	case err != nil:
 		s.log.Error("join", "room", r.RoomID, "err", err)
 		return nil, proto.ErrInternal
 	}
-	return joinReply{RoomID: r.RoomID, Online: n}, nil
+	rep := joinReply{RoomID: r.RoomID, Online: j.Online, Off: j.Off, Ep: j.Ep}
+	if r.Since != nil {
+		rep.Recovered = &j.Recovered
+	}
+	return rep, nil
 }
 
 func (s *Server) leave(c *Conn, f *proto.ClientFrame) (any, *proto.Error) {
@@ -138,14 +150,31 @@ func (s *Server) chatMsg(c *Conn, f *proto.ClientFrame) (any, *proto.Error) {
 	if merr != nil {
 		return nil, proto.ErrInternal
 	}
-	mid, err := s.router.PublishRoom(r.RoomID, proto.Push{Biz: proto.BizChat, Data: d})
+	var mid string
+	var err error
+	push := proto.Push{Biz: proto.BizChat, Data: d}
+	if w, ok := s.router.(interface {
+		PublishRoomWait(int64, proto.Push) (string, error)
+	}); ok {
+		// A cluster numbers the push in Redis first: "sent" only once it is.
+		mid, err = w.PublishRoomWait(r.RoomID, push)
+	} else {
+		mid, err = s.router.PublishRoom(r.RoomID, push)
+	}
 	switch {
 	case errors.Is(err, router.ErrNoRoom):
 		return nil, proto.Errorf(proto.CodeNotFound, "room not found or closed")
 	case errors.Is(err, router.ErrRoomBusy):
 		return nil, proto.Errorf(proto.CodeRateLimited, "room is busy, retry")
+	case errors.Is(err, router.ErrUnavailable): // cluster: Redis unreachable
+		s.log.Warn("chat not sent", "room", r.RoomID, "err", err)
+		return nil, errUnavailable
 	case err != nil:
 		return nil, proto.ErrInternal
 	}
 	return chatReply{Mid: mid}, nil
 }
+
+// errUnavailable: a shared dependency (Redis, NATS) is unreachable; nothing
+// was done and the client may retry.
+var errUnavailable = proto.Errorf(proto.CodeInternal, "temporarily unavailable, retry")

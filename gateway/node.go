@@ -37,20 +37,23 @@ type Node struct {
 	Config configs.Config
 	Log    *slog.Logger
 
-	Store  *persist.Store
-	Ledger *persist.Ledger // local wallet mode only
-	Wallet persist.Wallet  // the wallet in use (Ledger or the shared one)
-	Redis  rueidis.Client  // nil unless redis.addr is set
-	shared *persist.SharedWallet
-	Router *router.Local
-	Rooms  *room.Service
-	Gifts  *gift.Service
-	PK     *pk.Service
-	Pay    *pay.Service
-	worker *pay.WorkerLease // shared mode: the order-id worker id leased in Redis
-	WS     *Server
-	API    *API
-	Auth   *Auth
+	Store    *persist.Store
+	Ledger   *persist.Ledger // local wallet mode only
+	Wallet   persist.Wallet  // the wallet in use (Ledger or the shared one)
+	Redis    rueidis.Client  // nil unless redis.addr is set
+	shared   *persist.SharedWallet
+	Router   router.Router   // Local, or Cluster when cluster.enabled
+	Local    *router.Local   // this node's sessions (inside Cluster in a cluster)
+	Cluster  *router.Cluster // nil unless cluster.enabled
+	routerNC *nats.Conn      // the cluster router's own NATS connection (NoEcho)
+	Rooms    *room.Service
+	Gifts    *gift.Service
+	PK       *pk.Service
+	Pay      *pay.Service
+	worker   *pay.WorkerLease // shared mode: the order-id worker id leased in Redis
+	WS       *Server
+	API      *API
+	Auth     *Auth
 
 	// Accounts holds account statuses (frozen users): Pebble in local
 	// mode, Redis in shared mode.
@@ -68,6 +71,8 @@ type Node struct {
 		err error
 	}
 	idemDone chan struct{} // closed when expireIdemLoop has returned
+	stopSync chan struct{} // cluster: stops the room replica's Sync loop
+	syncDone chan struct{}
 	draining atomic.Bool
 	closed   atomic.Bool
 }
@@ -101,14 +106,6 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 	if err = n.startNATS(); err != nil {
 		return nil, err
 	}
-	n.Router = router.NewLocal(cfg.Node.ID, router.LocalConfig{MaxRoomsPerSes: cfg.WS.MaxRoomsPerConn})
-	n.Rooms, err = room.New(n.Store, n.Router, room.Config{
-		OpenCloseInterval: cfg.Rooms.OpenCloseInterval.D(),
-		Events:            n.publishRoomEvent,
-	})
-	if err != nil {
-		return nil, err
-	}
 	var onCatalogueInvalidated atomic.Pointer[func()]
 	if cfg.Redis.Addr != "" {
 		n.Redis, err = rueidis.NewClient(rueidis.ClientOption{
@@ -128,6 +125,21 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 		})
 		if err != nil {
 			return nil, fmt.Errorf("redis %s: %w", cfg.Redis.Addr, err)
+		}
+	}
+	if err = n.startRouter(); err != nil {
+		return nil, err
+	}
+	roomCfg := room.Config{OpenCloseInterval: cfg.Rooms.OpenCloseInterval.D(), Events: n.publishRoomEvent}
+	if n.Cluster != nil {
+		roomCfg.Shared = &room.Shared{Client: n.Redis}
+	}
+	if n.Rooms, err = room.New(n.Store, n.Router, roomCfg); err != nil {
+		return nil, err
+	}
+	if n.Cluster != nil {
+		if err = n.followRooms(); err != nil {
+			return nil, err
 		}
 	}
 	var catStore gift.CatalogueStore = gift.PebbleCatalogue{Store: n.Store}
@@ -230,12 +242,89 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 	n.WS = newServer(ServerDeps{
 		Config: cfg, Log: log, Auth: auth, Router: n.Router, Metrics: n.metrics,
 		ChatLimit: limit.New(cfg.Limits.ChatPerSecond, time.Second, max(1, cfg.Limits.ChatPerSecond), nil),
-		Gifts:     n.Gifts,
+		Gifts:     n.Gifts, RoomOpen: n.Rooms.EnsureOpen,
 	})
 	n.API = newAPI(n, auth)
 	n.stopIdem, n.idemDone = make(chan struct{}), make(chan struct{})
 	go n.expireIdemLoop()
 	return n, nil
+}
+
+// startRouter makes the node's router: Local alone, or, with
+// cluster.enabled, Cluster on a NATS connection of its own (NoEcho: a node
+// never receives its own room batches) and the node's Redis client.
+func (n *Node) startRouter() error {
+	cfg := n.Config
+	lc := router.LocalConfig{MaxRoomsPerSes: cfg.WS.MaxRoomsPerConn,
+		HistorySize: cfg.Rooms.HistorySize, HistoryTTL: cfg.Rooms.HistoryTTL.D()}
+	if !cfg.Cluster.Enabled {
+		n.Local = router.NewLocal(cfg.Node.ID, lc)
+		n.Router = n.Local
+		return nil
+	}
+	var cl atomic.Pointer[router.Cluster]
+	nc, err := nats.Connect(cfg.NATS.URL, nats.Name(cfg.Node.ID+"-router"), nats.NoEcho(),
+		nats.RetryOnFailedConnect(true), nats.MaxReconnects(-1), nats.ReconnectWait(500*time.Millisecond),
+		nats.ReconnectBufSize(8<<20),
+		nats.ReconnectHandler(func(*nats.Conn) {
+			if c := cl.Load(); c != nil {
+				c.Reconnected() // messages may have been lost while away
+			}
+		}))
+	if err != nil {
+		return fmt.Errorf("router nats %s: %w", cfg.NATS.URL, err)
+	}
+	n.routerNC = nc
+	c, err := router.NewCluster(router.ClusterConfig{
+		Node: cfg.Node.ID, Local: lc, NATS: nc, Redis: n.Redis,
+		GapWait: cfg.Cluster.GapWait.D(), PresenceTTL: cfg.Cluster.PresenceTTL.D(), Linger: cfg.Cluster.Linger.D(),
+		Log: n.Log,
+	})
+	if err != nil {
+		return err
+	}
+	cl.Store(c)
+	n.Cluster, n.Local, n.Router = c, c.LocalRouter(), c
+	return nil
+}
+
+// followRooms keeps this node's replica of the cluster's open rooms: the
+// opened/closed events of other nodes as they come, and a full Sync every 5 s
+// for events missed while NATS was away.
+func (n *Node) followRooms() error {
+	_, err := n.NC.Subscribe("liveedge.room.*", func(m *nats.Msg) {
+		var rm room.Room
+		if proto.Unmarshal(m.Data, &rm) != nil {
+			return
+		}
+		switch m.Subject {
+		case "liveedge.room.opened":
+			n.Rooms.Apply("opened", rm)
+		case "liveedge.room.closed":
+			n.Rooms.Apply("closed", rm)
+		}
+	})
+	if err != nil {
+		return err
+	}
+	n.stopSync = make(chan struct{})
+	n.syncDone = make(chan struct{})
+	go func() {
+		defer close(n.syncDone)
+		t := time.NewTicker(5 * time.Second)
+		defer t.Stop()
+		for {
+			select {
+			case <-n.stopSync:
+				return
+			case <-t.C:
+				if err := n.Rooms.Sync(); err != nil {
+					n.Log.Warn("room replica not synced", "err", err)
+				}
+			}
+		}
+	}()
+	return nil
 }
 
 func (n *Node) startNATS() error {
@@ -413,6 +502,8 @@ func (n *Node) ready() error {
 	switch {
 	case n.draining.Load():
 		return errors.New("draining")
+	case n.Cluster != nil && !n.routerNC.IsConnected():
+		return errors.New("NATS unreachable (cluster routing)")
 	case n.shared != nil:
 		if err := n.redisReachable(); err != nil {
 			return errors.New("Redis unreachable")
@@ -475,6 +566,16 @@ func (n *Node) closeBackends() error {
 	}
 	if n.PK != nil {
 		n.PK.Close()
+	}
+	if n.stopSync != nil {
+		close(n.stopSync)
+		<-n.syncDone
+	}
+	if n.Cluster != nil {
+		n.Cluster.Close() // before Redis closes
+	}
+	if n.routerNC != nil {
+		n.routerNC.Close()
 	}
 	if n.NC != nil {
 		if err := n.NC.Drain(); err != nil && !errors.Is(err, nats.ErrConnectionClosed) && !errors.Is(err, nats.ErrConnectionReconnecting) {

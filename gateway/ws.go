@@ -35,6 +35,7 @@ type Server struct {
 	metrics  *metrics
 	chat     *limit.Keyed
 	gifts    *gift.Service
+	roomOpen func(room int64) bool
 	inflight sync.WaitGroup // async requests (gifts) still running
 
 	up      *gws.Upgrader
@@ -73,11 +74,14 @@ type ServerDeps struct {
 	// ChatLimit limits chat per user (nil = off).
 	ChatLimit *limit.Keyed
 	Gifts     *gift.Service
+	// RoomOpen, if set, is asked about a room the router does not know
+	// (in a cluster, an open through another node not yet replicated here).
+	RoomOpen func(room int64) bool
 }
 
 func newServer(d ServerDeps) *Server {
 	s := &Server{cfg: d.Config, log: d.Log, auth: d.Auth, router: d.Router, metrics: d.Metrics,
-		chat: d.ChatLimit, gifts: d.Gifts, stop: make(chan struct{}), writerq: make(chan *Conn)}
+		chat: d.ChatLimit, gifts: d.Gifts, roomOpen: d.RoomOpen, stop: make(chan struct{}), writerq: make(chan *Conn)}
 	for i := range s.shards {
 		s.shards[i].conns = map[uint64]*Conn{}
 	}

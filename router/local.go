@@ -1,8 +1,10 @@
 package router
 
 import (
+	"slices"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/liveedge/liveedge/gateway/proto"
 )
@@ -13,6 +15,20 @@ type LocalConfig struct {
 	MaxFrameMsgs   int // pushes merged into one frame (default 64)
 	MaxFrameBytes  int // bytes merged into one frame (default 32 KiB)
 	MaxRoomsPerSes int // rooms one session may join (default 16)
+	// HistorySize is how many recent pushes each room keeps for `join` with
+	// `since` (default 256; negative = none kept).
+	HistorySize int
+	// HistoryTTL is how old a kept push may be and still be replayed
+	// (default 2 minutes).
+	HistoryTTL time.Duration
+	// Sequenced: room pushes are numbered outside (a cluster's sequencer)
+	// and enter through Deliver; PublishRoom is not used. Otherwise Local
+	// numbers each room's pushes itself, with an epoch per room opening.
+	Sequenced bool
+	// History, if set, is asked for the pushes from..to of a room in epoch
+	// ep when the node's own ring no longer holds them (the cluster's shared
+	// history). ok = false: not kept anywhere.
+	History func(room int64, ep string, from, to int64) (msgs []Msg, ok bool)
 }
 
 const (
@@ -20,6 +36,8 @@ const (
 	defaultMaxFrameMsgs  = 64
 	defaultMaxFrameBytes = 32 << 10
 	defaultMaxRooms      = 16
+	defaultHistorySize   = 256
+	defaultHistoryTTL    = 2 * time.Minute
 	roomShards           = 64
 )
 
@@ -35,8 +53,15 @@ var _ Router = (*Local)(nil)
 // way are merged into the next frame, so under load a viewer gets fewer, larger
 // frames and no push waits for a timer.
 //
-// Lock order: shard.mu → room.mu; sessions' own locks are never held while a
-// router lock is held (Send is called outside room.mu).
+// Room pushes are numbered (Msg.Off, with the room's epoch): by Local itself
+// under room.mu, or, in a cluster, by the sequencer whose numbered pushes
+// enter through Deliver in order. Each room keeps its recent pushes (histRing)
+// so that JoinAt can replay what a reconnecting client missed.
+//
+// Lock order: room.fanMu → shard.mu → room.mu. Session.Send is called with
+// fanMu held (by the pump, and by JoinAt for a replay: that is what keeps a
+// replay ahead of newer pushes) but never under room.mu or a shard lock;
+// Send only queues and takes no router lock.
 type Local struct {
 	cfg  LocalConfig
 	mids *MidSource
@@ -70,6 +95,10 @@ type sesRooms struct {
 type room struct {
 	id int64
 
+	// fanMu is held while frames are handed to members: by the pump for a
+	// fan-out, by JoinAt for a replay.
+	fanMu sync.Mutex
+
 	mu      sync.Mutex
 	closed  bool
 	members map[uint64]Session
@@ -77,6 +106,10 @@ type room struct {
 	dirty   bool
 	pending []Msg
 	pumping bool
+	ep      string   // the room's epoch ("" until known, when Sequenced)
+	last    int64    // newest offset numbered or delivered
+	taken   int64    // newest offset the pump has taken (fanned out or fanning)
+	hist    histRing // recent pushes
 }
 
 // NewLocal returns an in-process router; node names the mids it makes.
@@ -92,6 +125,12 @@ func NewLocal(node string, cfg LocalConfig) *Local {
 	}
 	if cfg.MaxRoomsPerSes <= 0 {
 		cfg.MaxRoomsPerSes = defaultMaxRooms
+	}
+	if cfg.HistorySize == 0 {
+		cfg.HistorySize = defaultHistorySize
+	}
+	if cfg.HistoryTTL <= 0 {
+		cfg.HistoryTTL = defaultHistoryTTL
 	}
 	l := &Local{cfg: cfg, mids: NewMidSource(node)}
 	for i := range l.shards {
@@ -116,7 +155,11 @@ func (l *Local) OpenRoom(id int64) {
 	sh := l.shard(id)
 	sh.mu.Lock()
 	if _, ok := sh.rooms[id]; !ok {
-		sh.rooms[id] = &room{id: id, members: map[uint64]Session{}}
+		r := &room{id: id, members: map[uint64]Session{}}
+		if !l.cfg.Sequenced {
+			r.ep = NewEpoch() // the history of an earlier opening is gone
+		}
+		sh.rooms[id] = r
 	}
 	sh.mu.Unlock()
 }
@@ -139,6 +182,10 @@ func (l *Local) CloseRoom(id int64, final *proto.Push) {
 			final.Mid = l.mids.Next()
 		}
 		final.Room = id
+		if !l.cfg.Sequenced {
+			r.last++
+			final.Off, final.Ep = r.last, r.ep
+		}
 		r.pending = append(r.pending, encodeMsg(final))
 	}
 	former := make([]Session, 0, len(r.members))
@@ -161,34 +208,69 @@ func (l *Local) CloseRoom(id int64, final *proto.Push) {
 
 // Join implements Router.
 func (l *Local) Join(id int64, s Session) (int, error) {
+	j, err := l.JoinAt(id, s, nil)
+	return j.Online, err
+}
+
+// JoinAt implements Router. With since in the room's epoch, the pushes after
+// since.Off that the pump has already taken are replayed to s (from the ring,
+// else from cfg.History) before s can receive any later push: fanMu keeps the
+// pump out while the replay is queued, and every push not yet taken reaches s
+// through the pump because s is a member before fanMu is released.
+func (l *Local) JoinAt(id int64, s Session, since *proto.Position) (Joined, error) {
 	r := l.room(id)
 	if r == nil {
-		return 0, ErrNoRoom
+		return Joined{}, ErrNoRoom
 	}
 	v, _ := l.memberOf.LoadOrStore(s.ID(), &sesRooms{rooms: map[int64]struct{}{}})
 	sr := v.(*sesRooms)
 	sr.mu.Lock()
 	if _, in := sr.rooms[id]; !in && len(sr.rooms) >= l.cfg.MaxRoomsPerSes {
 		sr.mu.Unlock()
-		return 0, ErrTooManyRooms
+		return Joined{}, ErrTooManyRooms
 	}
 	sr.rooms[id] = struct{}{}
 	sr.mu.Unlock()
 
+	r.fanMu.Lock()
+	defer r.fanMu.Unlock()
 	r.mu.Lock()
 	if r.closed {
 		r.mu.Unlock()
 		l.forget(s, id)
-		return 0, ErrNoRoom
+		return Joined{}, ErrNoRoom
 	}
 	if _, in := r.members[s.ID()]; !in {
 		r.members[s.ID()] = s
 		r.dirty = true
 		l.members.Add(1)
 	}
-	n := len(r.members)
+	j := Joined{Online: len(r.members), Off: r.taken, Ep: r.ep}
+	var replay []Msg
+	needFrom, needTo := int64(0), int64(0)
+	if since != nil {
+		switch {
+		case since.Ep != r.ep || r.ep == "":
+		case since.Off >= r.taken: // nothing missed that the pump will not bring
+			j.Recovered = true
+		default:
+			notBefore := time.Now().Add(-l.cfg.HistoryTTL).UnixNano()
+			if msgs, ok := r.hist.rangeOf(since.Off+1, r.taken, notBefore); ok {
+				replay, j.Recovered = msgs, true
+			} else {
+				needFrom, needTo = since.Off+1, r.taken
+			}
+		}
+	}
 	r.mu.Unlock()
-	return n, nil
+	if needTo > 0 && l.cfg.History != nil {
+		// Still under fanMu: nothing newer reaches s before the replay.
+		replay, j.Recovered = l.cfg.History(id, j.Ep, needFrom, needTo)
+	}
+	if len(replay) > 0 {
+		l.sendChunks(replay, s)
+	}
+	return j, nil
 }
 
 // Leave implements Router.
@@ -259,10 +341,11 @@ func (l *Local) Online(id int64) int {
 }
 
 func encodeMsg(p *proto.Push) Msg {
-	return Msg{Mid: p.Mid, Ack: p.Ack, Bytes: proto.AppendPush(make([]byte, 0, 64+len(p.Data)), p)}
+	return Msg{Mid: p.Mid, Ack: p.Ack, Off: p.Off, Bytes: proto.AppendPush(make([]byte, 0, 80+len(p.Data)), p)}
 }
 
-// PublishRoom implements Router.
+// PublishRoom implements Router: the push gets the room's next offset and is
+// encoded under room.mu, so pending order is offset order.
 func (l *Local) PublishRoom(id int64, p proto.Push) (string, error) {
 	r := l.room(id)
 	if r == nil {
@@ -272,7 +355,6 @@ func (l *Local) PublishRoom(id int64, p proto.Push) (string, error) {
 		p.Mid = l.mids.Next()
 	}
 	p.Room = id
-	m := encodeMsg(&p)
 	r.mu.Lock()
 	if r.closed {
 		r.mu.Unlock()
@@ -283,6 +365,10 @@ func (l *Local) PublishRoom(id int64, p proto.Push) (string, error) {
 		l.dropped.Add(1)
 		return "", ErrRoomBusy
 	}
+	r.last++
+	p.Off, p.Ep = r.last, r.ep
+	m := encodeMsg(&p)
+	r.hist.add(m, time.Now().UnixNano(), l.cfg.HistorySize)
 	r.pending = append(r.pending, m)
 	start := !r.pumping
 	r.pumping = true
@@ -294,18 +380,89 @@ func (l *Local) PublishRoom(id int64, p proto.Push) (string, error) {
 	return p.Mid, nil
 }
 
+// Deliver queues pushes numbered by the cluster's sequencer for the room's
+// local members. Calls for one room must come in offset order (one caller at
+// a time); msgs are consecutive and carry their Off. An epoch other than the
+// room's, or a first offset that does not follow the last delivered one,
+// restarts the room's history at msgs (the caller has given up on the gap).
+// It returns false if the room is not open here.
+func (l *Local) Deliver(id int64, ep string, msgs []Msg) bool {
+	r := l.room(id)
+	if r == nil || len(msgs) == 0 {
+		return r != nil
+	}
+	now := time.Now().UnixNano()
+	r.mu.Lock()
+	if r.closed {
+		r.mu.Unlock()
+		return false
+	}
+	if ep != r.ep {
+		r.ep = ep
+		r.hist.reset()
+	}
+	for _, m := range msgs {
+		r.hist.add(m, now, l.cfg.HistorySize)
+	}
+	r.last = msgs[len(msgs)-1].Off
+	r.pending = append(r.pending, msgs...)
+	start := !r.pumping
+	r.pumping = true
+	r.mu.Unlock()
+	l.roomPushes.Add(int64(len(msgs)))
+	if start {
+		go l.pump(r)
+	}
+	return true
+}
+
+// Position is the room's epoch and newest offset on this node.
+func (l *Local) Position(id int64) (ep string, last int64, ok bool) {
+	r := l.room(id)
+	if r == nil {
+		return "", 0, false
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.ep, r.last, true
+}
+
+// SetPosition starts a Sequenced room at (ep, last) before any Deliver: the
+// cluster router calls it once it has subscribed and read the room's newest
+// offset, so that a later join knows where the room stands.
+func (l *Local) SetPosition(id int64, ep string, last int64) {
+	r := l.room(id)
+	if r == nil {
+		return
+	}
+	r.mu.Lock()
+	if r.ep != ep || r.last < last {
+		r.ep, r.last = ep, last
+		if r.taken < last && !r.pumping && len(r.pending) == 0 {
+			r.taken = last
+		}
+		r.hist.reset()
+	}
+	r.mu.Unlock()
+}
+
 // pump drains r.pending until it is empty. Only one runs per room.
 func (l *Local) pump(r *room) {
 	var spare []Msg
 	for {
+		r.fanMu.Lock()
 		r.mu.Lock()
 		if len(r.pending) == 0 {
 			r.pumping = false
 			r.mu.Unlock()
+			r.fanMu.Unlock()
 			return
 		}
 		msgs := r.pending
 		r.pending = spare[:0]
+		if off := msgs[len(msgs)-1].Off; off > 0 {
+			r.taken = off
+		}
 		if r.dirty {
 			r.snap = r.snap[:0]
 			for _, s := range r.members {
@@ -318,6 +475,7 @@ func (l *Local) pump(r *room) {
 		members := r.snap
 		r.mu.Unlock()
 		l.fanout(msgs, members)
+		r.fanMu.Unlock()
 		clear(msgs)
 		spare = msgs
 	}
@@ -339,6 +497,22 @@ func (l *Local) fanout(msgs []Msg, members []Session) {
 			}
 		}
 		l.fanned.Add(int64(len(members)))
+	}
+}
+
+// sendChunks hands msgs to one session in frames of the usual size.
+func (l *Local) sendChunks(msgs []Msg, s Session) {
+	for len(msgs) > 0 {
+		n, size := 0, 0
+		for n < len(msgs) && n < l.cfg.MaxFrameMsgs && (n == 0 || size+len(msgs[n].Bytes) <= l.cfg.MaxFrameBytes) {
+			size += len(msgs[n].Bytes)
+			n++
+		}
+		if !s.Send(NewFrame(append([]Msg(nil), msgs[:n]...)...)) {
+			l.gone.Add(1)
+			return
+		}
+		msgs = msgs[n:]
 	}
 }
 
@@ -427,4 +601,102 @@ func (l *Local) Stats() Stats {
 		SessionsGone:  l.gone.Load(),
 		MembersOnline: l.members.Load(),
 	}
+}
+
+// sendMsg hands an encoded push to every session of user on this node.
+func (l *Local) sendMsg(user int64, m Msg) int {
+	us := l.userShard(user)
+	us.mu.RLock()
+	targets := make([]Session, 0, len(us.users[user]))
+	for _, s := range us.users[user] {
+		targets = append(targets, s)
+	}
+	us.mu.RUnlock()
+	if len(targets) == 0 {
+		return 0
+	}
+	f := NewFrame(m)
+	n := 0
+	for _, s := range targets {
+		if s.Send(f) {
+			n++
+		} else {
+			l.gone.Add(1)
+		}
+	}
+	l.userPushes.Add(1)
+	return n
+}
+
+// roomsOf lists the rooms s has joined.
+func (l *Local) roomsOf(s Session) []int64 {
+	v, ok := l.memberOf.Load(s.ID())
+	if !ok {
+		return nil
+	}
+	sr := v.(*sesRooms)
+	sr.mu.Lock()
+	defer sr.mu.Unlock()
+	out := make([]int64, 0, len(sr.rooms))
+	for id := range sr.rooms {
+		out = append(out, id)
+	}
+	return out
+}
+
+// roomIDs lists the open rooms.
+func (l *Local) roomIDs() []int64 {
+	var out []int64
+	for i := range l.shards {
+		l.shards[i].mu.RLock()
+		for id := range l.shards[i].rooms {
+			out = append(out, id)
+		}
+		l.shards[i].mu.RUnlock()
+	}
+	return out
+}
+
+// userIDs lists the users with a session here.
+func (l *Local) userIDs() []int64 {
+	var out []int64
+	for i := range l.users {
+		l.users[i].mu.RLock()
+		for u := range l.users[i].users {
+			out = append(out, u)
+		}
+		l.users[i].mu.RUnlock()
+	}
+	return out
+}
+
+// hasUser reports whether user has a session here.
+func (l *Local) hasUser(user int64) bool {
+	us := l.userShard(user)
+	us.mu.RLock()
+	defer us.mu.RUnlock()
+	return len(us.users[user]) > 0
+}
+
+// userRooms lists the rooms joined by any session of user here, sorted.
+func (l *Local) userRooms(user int64) []int64 {
+	us := l.userShard(user)
+	us.mu.RLock()
+	sessions := make([]Session, 0, len(us.users[user]))
+	for _, s := range us.users[user] {
+		sessions = append(sessions, s)
+	}
+	us.mu.RUnlock()
+	seen := map[int64]struct{}{}
+	for _, s := range sessions {
+		for _, id := range l.roomsOf(s) {
+			seen[id] = struct{}{}
+		}
+	}
+	out := make([]int64, 0, len(seen))
+	for id := range seen {
+		out = append(out, id)
+	}
+	slices.Sort(out)
+	return out
 }

@@ -44,6 +44,12 @@ type Router interface {
 	CloseRoom(room int64, final *proto.Push)
 	// Join adds s to room and returns the room's online count.
 	Join(room int64, s Session) (online int, err error)
+	// JoinAt is Join for a client that knows its position since (nil: a
+	// fresh join). The room's pushes after since that are still kept are
+	// queued to s, in order, before any later push (Recovered); when they
+	// are not kept, or since is in another epoch, Recovered is false and the
+	// client re-syncs.
+	JoinAt(room int64, s Session, since *proto.Position) (Joined, error)
 	// Leave removes s from room (no-op if absent).
 	Leave(room int64, s Session)
 	// IsMember reports whether s has joined room.
@@ -66,6 +72,14 @@ type Router interface {
 	Stats() Stats
 }
 
+// Joined is the outcome of JoinAt.
+type Joined struct {
+	Online    int    // sessions in the room (the whole cluster's in a cluster)
+	Off       int64  // the room's offset the session is at: later pushes follow
+	Ep        string // the room's epoch
+	Recovered bool   // since was given and every push after it was replayed
+}
+
 // Stats are cumulative counters and gauges of a Router.
 type Stats struct {
 	Rooms         int64 // open rooms (gauge)
@@ -81,6 +95,7 @@ type Stats struct {
 type Msg struct {
 	Mid   string // "" for replies
 	Ack   bool   // reliable push: the receiver must ack Mid
+	Off   int64  // a room push's offset (0 otherwise)
 	Bytes []byte // the encoded frame (JSON object)
 }
 

@@ -57,6 +57,11 @@ type Config struct {
 	// Events, if set, is told of every open ("opened") and close ("closed")
 	// after it is durable. It must not block.
 	Events func(kind string, r Room)
+	// Shared, if set, keeps the rooms in Redis for a whole cluster (ids,
+	// one open room per anchor, the rate limit); the Service then holds a
+	// replica of the open rooms, kept by Apply (other nodes' events), Sync
+	// and EnsureOpen.
+	Shared *Shared
 }
 
 // SetOpponent connects the PK service (room info shows the PK opponent).
@@ -68,6 +73,8 @@ type Service struct {
 	router   router.Router
 	now      func() time.Time
 	limit    *limit.Keyed
+	interval time.Duration
+	shared   *Shared
 	events   func(kind string, r Room)
 	opponent atomic.Pointer[func(int64) int64]
 
@@ -88,8 +95,11 @@ func New(store *persist.Store, r router.Router, cfg Config) (*Service, error) {
 		cfg.Events = func(string, Room) {}
 	}
 	s := &Service{
-		store: store, router: r, now: cfg.Now, events: cfg.Events,
-		open: map[int64]*Room{}, byAnchor: map[int64]int64{},
+		store: store, router: r, now: cfg.Now, events: cfg.Events, shared: cfg.Shared,
+		interval: cfg.OpenCloseInterval, open: map[int64]*Room{}, byAnchor: map[int64]int64{},
+	}
+	if s.shared != nil {
+		return s, s.Sync()
 	}
 	if cfg.OpenCloseInterval > 0 {
 		s.limit = limit.New(1, cfg.OpenCloseInterval, 1, cfg.Now)
@@ -131,6 +141,17 @@ func (s *Service) save(rm *Room) error {
 func (s *Service) Open(anchor int64, typ int) (Room, error) {
 	if typ < 0 {
 		return Room{}, proto.BadRequest("type must be >= 0")
+	}
+	if s.shared != nil {
+		rm, created, err := s.shared.open(anchor, typ, s.now(), s.interval)
+		if err != nil {
+			return Room{}, err
+		}
+		s.Apply("opened", rm)
+		if created {
+			s.events("opened", rm)
+		}
+		return rm, nil
 	}
 	s.mu.Lock()
 	if id, ok := s.byAnchor[anchor]; ok {
@@ -185,6 +206,22 @@ func (s *Service) mustGetOpen(id int64) (Room, error) {
 // Close closes room id on behalf of anchor: its viewers get biz 5559 and are
 // removed; later joins fail with 10004.
 func (s *Service) Close(anchor, id int64) error {
+	if s.shared != nil {
+		closed, err := s.shared.close(anchor, id, s.now(), s.interval)
+		if err != nil {
+			return err
+		}
+		s.mu.Lock()
+		delete(s.open, id)
+		if s.byAnchor[anchor] == id {
+			delete(s.byAnchor, anchor)
+		}
+		s.mu.Unlock()
+		d, _ := proto.Marshal(proto.RoomClosedPush{RoomID: id, Reason: "closed by anchor"})
+		s.router.CloseRoom(id, &proto.Push{Biz: proto.BizRoomClosed, Data: d, Ack: false})
+		s.events("closed", closed)
+		return nil
+	}
 	s.mu.Lock()
 	rm, ok := s.open[id]
 	if !ok {
@@ -225,6 +262,13 @@ func (s *Service) Close(anchor, id int64) error {
 }
 
 func (s *Service) load(id int64) (Room, error) {
+	if s.shared != nil {
+		rm, err := s.shared.load(id)
+		if errors.Is(err, proto.ErrNotFound) {
+			return rm, persist.ErrNotFound
+		}
+		return rm, err
+	}
 	var rm Room
 	v, err := s.store.Get(persist.Key(persist.PrefixRoom, uint64(id)))
 	if err != nil {
@@ -315,4 +359,82 @@ func (s *Service) List(typ, page, pageSize int, viewer int64) ([]Info, int, erro
 		out = append(out, s.info(r, viewer))
 	}
 	return out, total, nil
+}
+
+// Apply brings the replica up to date with an open or close made anywhere in
+// the cluster (idempotent; kind "opened" or "closed"). A close reaches the
+// router without a final push: the node that closed the room sent that.
+func (s *Service) Apply(kind string, rm Room) {
+	s.mu.Lock()
+	switch kind {
+	case "opened":
+		if _, ok := s.open[rm.ID]; ok {
+			s.mu.Unlock()
+			return
+		}
+		r := rm
+		s.open[rm.ID] = &r
+		s.byAnchor[rm.AnchorID] = rm.ID
+		s.mu.Unlock()
+		s.router.OpenRoom(rm.ID)
+	case "closed":
+		_, ok := s.open[rm.ID]
+		delete(s.open, rm.ID)
+		if s.byAnchor[rm.AnchorID] == rm.ID {
+			delete(s.byAnchor, rm.AnchorID)
+		}
+		s.mu.Unlock()
+		if ok {
+			s.router.CloseRoom(rm.ID, nil)
+		}
+	default:
+		s.mu.Unlock()
+	}
+}
+
+// Sync replaces the replica with the open rooms in Redis (shared mode): at
+// start, and periodically to repair events a node missed.
+func (s *Service) Sync() error {
+	if s.shared == nil {
+		return nil
+	}
+	rooms, err := s.shared.openRooms()
+	if err != nil {
+		return err
+	}
+	now := make(map[int64]Room, len(rooms))
+	for _, rm := range rooms {
+		now[rm.ID] = rm
+		s.Apply("opened", rm)
+	}
+	s.mu.RLock()
+	var gone []Room
+	for id, rm := range s.open {
+		if _, ok := now[id]; !ok {
+			gone = append(gone, *rm)
+		}
+	}
+	s.mu.RUnlock()
+	for _, rm := range gone {
+		s.Apply("closed", rm)
+	}
+	return nil
+}
+
+// EnsureOpen reports whether room id is open, asking Redis (shared mode) when
+// the replica does not know it yet (an open through another node whose event
+// has not arrived).
+func (s *Service) EnsureOpen(id int64) bool {
+	if s.IsOpen(id) {
+		return true
+	}
+	if s.shared == nil || id <= 0 {
+		return false
+	}
+	rm, err := s.shared.load(id)
+	if err != nil || rm.Status != StatusOpen {
+		return false
+	}
+	s.Apply("opened", rm)
+	return true
 }

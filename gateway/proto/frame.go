@@ -168,15 +168,36 @@ func kindOf(t reflect.Type) string {
 	return "of another type"
 }
 
-// RoomReq is the d of join and leave.
+// RoomReq is the d of join and leave. Since (join only) is the client's
+// position in the room: the pushes after it are replayed if still kept.
 type RoomReq struct {
-	RoomID int64 `json:"room_id"`
+	RoomID int64     `json:"room_id"`
+	Since  *Position `json:"since,omitempty"`
 }
+
+// Position is a place in a room's push sequence: offset Off (1, 2, 3, … per
+// room; 0 = before the first) within epoch Ep (changes when the room's
+// history was lost and numbering restarted).
+type Position struct {
+	Off int64  `json:"off"`
+	Ep  string `json:"ep"`
+}
+
+// MaxEpochBytes bounds the epoch a client may send back.
+const MaxEpochBytes = 64
 
 // Validate checks the fields.
 func (r *RoomReq) Validate() *Error {
 	if r.RoomID <= 0 {
 		return BadRequest("missing or bad field room_id")
+	}
+	if r.Since != nil {
+		if r.Since.Off < 0 {
+			return BadRequest("since.off: must be >= 0")
+		}
+		if len(r.Since.Ep) > MaxEpochBytes {
+			return BadRequest("since.ep: longer than %d bytes", MaxEpochBytes)
+		}
 	}
 	return nil
 }
@@ -227,11 +248,16 @@ type Push struct {
 	Room int64
 	Data []byte
 	Ack  bool
+	// Off and Ep are the room push's position (set by the router; 0 / ""
+	// for pushes to a user).
+	Off int64
+	Ep  string
 }
 
 // AppendPush appends the push frame
-// {"t":"push","mid":"..","biz":B,"room":R,"d":{..},"ack":bool} to dst.
-// Mid must be JSON-safe (the gateway's ids are [0-9a-z.-]).
+// {"t":"push","mid":"..","biz":B,"room":R,"off":N,"ep":"E","d":{..},"ack":bool}
+// to dst ("off" and "ep" only when Off > 0). Mid and Ep must be JSON-safe
+// (the gateway's ids are [0-9a-z._-]).
 func AppendPush(dst []byte, p *Push) []byte {
 	dst = append(dst, `{"t":"push","mid":"`...)
 	dst = append(dst, p.Mid...)
@@ -239,6 +265,13 @@ func AppendPush(dst []byte, p *Push) []byte {
 	dst = strconv.AppendInt(dst, int64(p.Biz), 10)
 	dst = append(dst, `,"room":`...)
 	dst = strconv.AppendInt(dst, p.Room, 10)
+	if p.Off > 0 {
+		dst = append(dst, `,"off":`...)
+		dst = strconv.AppendInt(dst, p.Off, 10)
+		dst = append(dst, `,"ep":"`...)
+		dst = append(dst, p.Ep...)
+		dst = append(dst, '"')
+	}
 	dst = append(dst, `,"d":`...)
 	if len(p.Data) == 0 {
 		dst = append(dst, "{}"...)
@@ -360,6 +393,8 @@ type ServerFrame struct {
 	Mid    string                 `json:"mid,omitempty"`
 	Biz    int                    `json:"biz,omitempty"`
 	Room   int64                  `json:"room,omitempty"`
+	Off    int64                  `json:"off,omitempty"`
+	Ep     string                 `json:"ep,omitempty"`
 	Ack    bool                   `json:"ack,omitempty"`
 	D      sonic.NoCopyRawMessage `json:"d,omitempty"`
 	Frames []ServerFrame          `json:"-"`

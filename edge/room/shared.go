@@ -1,0 +1,149 @@
+package room
+
+import (
+	"context"
+	_ "embed"
+	"errors"
+	"strconv"
+	"time"
+
+	"github.com/redis/rueidis"
+
+	"github.com/liveedge/liveedge/gateway/proto"
+)
+
+// Redis keys of the cluster's rooms; one hash tag, so both scripts stay in one
+// Redis Cluster slot (room metadata is small: rooms are opened by anchors at
+// most once per open_close_interval).
+const (
+	keyOpen    = "le:{rooms}:open"   // id → record of each open room
+	keyAnchors = "le:{rooms}:anchor" // anchor → id of its open room
+	keySeq     = "le:{rooms}:seq"    // the id counter
+	keyRecords = "le:{rooms}:rec"    // id → record of every room ever opened
+)
+
+func rateKey(anchor int64) string { return "le:{rooms}:rl:" + strconv.FormatInt(anchor, 10) }
+
+var (
+	//go:embed lua/open.lua
+	openLua string
+	//go:embed lua/close.lua
+	closeLua    string
+	openScript  = rueidis.NewLuaScript(openLua)
+	closeScript = rueidis.NewLuaScript(closeLua)
+)
+
+// Shared keeps the rooms of a cluster in Redis: ids from one counter, one open
+// room per anchor and the open/close rate limit checked atomically by one
+// script each, whichever node the request reaches. Every node's Service holds
+// a replica of the open rooms (Sync, plus the opened/closed events other
+// nodes publish).
+type Shared struct {
+	Client  rueidis.Client
+	Timeout time.Duration // per call (0 = 2 s)
+}
+
+func (sh *Shared) ctx() (context.Context, context.CancelFunc) {
+	d := sh.Timeout
+	if d <= 0 {
+		d = 2 * time.Second
+	}
+	return context.WithTimeout(context.Background(), d)
+}
+
+func keys(anchor int64) []string {
+	return []string{keyOpen, keyAnchors, keySeq, rateKey(anchor), keyRecords}
+}
+
+func decodeRecord(v string) (Room, error) {
+	var rm Room
+	err := proto.Unmarshal([]byte(v), &rm)
+	return rm, err
+}
+
+// open returns the anchor's open room (created = false) or a new one.
+func (sh *Shared) open(anchor int64, typ int, now time.Time, interval time.Duration) (rm Room, created bool, err error) {
+	ctx, cancel := sh.ctx()
+	defer cancel()
+	arr, err := openScript.Exec(ctx, sh.Client, keys(anchor), []string{
+		strconv.FormatInt(anchor, 10), strconv.Itoa(typ), strconv.FormatInt(now.UnixMilli(), 10),
+		strconv.FormatInt(interval.Milliseconds(), 10)}).ToArray()
+	if err != nil {
+		return Room{}, false, err
+	}
+	code, _ := arr[0].AsInt64()
+	switch code {
+	case 0, 1:
+		v, err := arr[1].ToString()
+		if err != nil {
+			return Room{}, false, err
+		}
+		rm, err := decodeRecord(v)
+		return rm, code == 1, err
+	case 2:
+		return Room{}, false, proto.ErrRateLimited
+	}
+	return Room{}, false, errors.New("room: open script: bad reply")
+}
+
+func (sh *Shared) close(anchor, id int64, now time.Time, interval time.Duration) (Room, error) {
+	ctx, cancel := sh.ctx()
+	defer cancel()
+	arr, err := closeScript.Exec(ctx, sh.Client, keys(anchor), []string{
+		strconv.FormatInt(id, 10), strconv.FormatInt(anchor, 10), strconv.FormatInt(now.UnixMilli(), 10),
+		strconv.FormatInt(interval.Milliseconds(), 10)}).ToArray()
+	if err != nil {
+		return Room{}, err
+	}
+	code, _ := arr[0].AsInt64()
+	switch code {
+	case 1:
+		v, err := arr[1].ToString()
+		if err != nil {
+			return Room{}, err
+		}
+		return decodeRecord(v)
+	case 2:
+		return Room{}, proto.ErrRateLimited
+	case 3:
+		return Room{}, proto.Errorf(proto.CodeConflict, "room already closed")
+	case 4:
+		return Room{}, proto.ErrNotFound
+	case 5:
+		return Room{}, proto.Errorf(proto.CodeForbidden, "not the room's anchor")
+	}
+	return Room{}, errors.New("room: close script: bad reply")
+}
+
+// load reads any room's record (open or closed).
+func (sh *Shared) load(id int64) (Room, error) {
+	ctx, cancel := sh.ctx()
+	defer cancel()
+	v, err := sh.Client.Do(ctx, sh.Client.B().Hget().Key(keyRecords).Field(strconv.FormatInt(id, 10)).Build()).ToString()
+	if rueidis.IsRedisNil(err) {
+		return Room{}, proto.ErrNotFound
+	}
+	if err != nil {
+		return Room{}, err
+	}
+	return decodeRecord(v)
+}
+
+// openRooms reads every open room.
+func (sh *Shared) openRooms() ([]Room, error) {
+	ctx, cancel := sh.ctx()
+	defer cancel()
+	m, err := sh.Client.Do(ctx, sh.Client.B().Hgetall().Key(keyOpen).Build()).AsStrMap()
+	if err != nil {
+		return nil, err
+	}
+	out := make([]Room, 0, len(m))
+	for _, v := range m {
+		rm, err := decodeRecord(v)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, rm)
+	}
+	return out, nil
+}

@@ -1,0 +1,1113 @@
+package router
+
+import (
+	"context"
+	_ "embed"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/redis/rueidis"
+
+	"github.com/liveedge/liveedge/gateway/proto"
+)
+
+// ClusterConfig configures Cluster. Zero values take the defaults named.
+type ClusterConfig struct {
+	Node  string
+	Local LocalConfig // Sequenced is forced on
+	// NATS is a connection of the router's own, made with nats.NoEcho(): a
+	// node never receives what it published (it delivered that locally).
+	NATS  *nats.Conn
+	Redis rueidis.Client
+	// HistorySize / HistoryTTL bound each room's shared history in Redis
+	// (defaults: Local.HistorySize, Local.HistoryTTL; the TTL counts from
+	// the room's last push).
+	HistorySize int
+	HistoryTTL  time.Duration
+	// GapWait is how long a node waits for a missing offset before it reads
+	// it from the shared history (default 100 ms).
+	GapWait time.Duration
+	// PresenceTTL: a node's presence entries count while its alive key,
+	// refreshed every third of this, lives (default 10 s).
+	PresenceTTL time.Duration
+	// Linger keeps a room's subscription this long after its last local
+	// member left (default 30 s).
+	Linger time.Duration
+	// CallTimeout bounds each Redis call (default 2 s).
+	CallTimeout time.Duration
+	Log         *slog.Logger
+}
+
+// Redis keys (one hash tag per room or user, so every script touches one
+// Redis Cluster slot).
+func seqKey(room int64) string    { return "le:r:{" + strconv.FormatInt(room, 10) + "}:seq" }
+func epKey(room int64) string     { return "le:r:{" + strconv.FormatInt(room, 10) + "}:ep" }
+func histKey(room int64) string   { return "le:r:{" + strconv.FormatInt(room, 10) + "}:h" }
+func onlineKey(room int64) string { return "le:on:{" + strconv.FormatInt(room, 10) + "}" }
+func userKey(user int64) string   { return "le:up:{" + strconv.FormatInt(user, 10) + "}" }
+func aliveKey(node string) string { return "le:alive:" + node }
+
+func roomSubject(room int64) string { return "le.r." + strconv.FormatInt(room, 10) }
+func userSubject(user int64) string { return "le.u." + strconv.FormatInt(user, 10) }
+
+//go:embed lua/sequence.lua
+var sequenceLua string
+
+var sequenceScript = rueidis.NewLuaScript(sequenceLua)
+
+const (
+	maxSeqBatch   = 256  // pushes numbered by one script call
+	maxGapBuffer  = 4096 // pushes held while a gap is open; beyond, it is filled now
+	maxStash      = 4096 // pushes held while a room's subscription starts
+	presenceEvery = 200 * time.Millisecond
+)
+
+var _ Router = (*Cluster)(nil)
+
+// Cluster is the Router of one node of a cluster: Local for the node's own
+// sessions, NATS between nodes, Redis for what all nodes share.
+//
+// Room pushes: PublishRoom queues the push on the room's sequencer (one
+// goroutine per busy room on the publishing node). The sequencer numbers a
+// batch of pending pushes with one Lua script (INCRBY of the room's counter
+// and XADD of each push into the room's capped history stream, atomically),
+// encodes them once with their offsets and publishes ONE NATS message on
+// le.r.<room>. Every node with members of the room is subscribed to that
+// subject (interest-based: a node subscribes when its first member joins and
+// unsubscribes Linger after its last leaves), so the message costs one
+// delivery per node with members. Each node delivers a room's pushes to Local
+// strictly in offset order: a batch ahead of the next expected offset waits
+// GapWait for the missing ones, then they are read from the history stream;
+// a tail loss is found by a sweep comparing the room's counter with the last
+// offset delivered (and at once after a NATS reconnect). The order is thus the
+// counter's: the same on every node.
+//
+// Users: each node subscribes le.u.<user> for the users it holds; SendUser
+// delivers locally and publishes once to that subject. Reliable pushes are
+// resent by the node that holds the connection, until acked there.
+//
+// Presence: per room a hash node → "<boot>:<local members>", per user a hash
+// node → "<boot>|<rooms>", written by each node for its own sessions (dirty
+// entries every 200 ms); an entry counts only while le:alive:<node> holds the
+// same boot, so a dead node's entries stop counting within PresenceTTL. Reads
+// go through rueidis client-side caching (invalidated by Redis on change).
+//
+// Lock order: Cluster.mu → croom.mu → Local's locks. No NATS or Redis call is
+// made under Cluster.mu; croom.mu is held across Local.Deliver (which only
+// queues) but never across I/O.
+type Cluster struct {
+	cfg   ClusterConfig
+	local *Local
+	nc    *nats.Conn
+	rdb   rueidis.Client
+	log   *slog.Logger
+	boot  string
+
+	mu    sync.Mutex
+	rooms map[int64]*croom   // rooms this node is subscribed to
+	seqs  map[int64]*seqRoom // rooms with pushes being numbered here
+	users map[int64]*cuser   // users with sessions here
+
+	dirtyMu    sync.Mutex
+	dirtyRooms map[int64]struct{}
+	dirtyUsers map[int64]struct{}
+
+	stop chan struct{}
+	wg   sync.WaitGroup
+
+	stats clusterStats
+}
+
+type clusterStats struct {
+	batchesOut, batchesIn, pushesSequenced, gapFills, gapsLost, seqErrors, badWire atomic.Int64
+}
+
+// croom is a room this node is subscribed to. Invariant: once ready, every
+// offset below next has been handed to Local (or given up as lost and
+// counted); buf holds batches past a gap, sorted by first offset.
+type croom struct {
+	id    int64
+	ready chan struct{} // closed when the subscription and position are set
+	err   error         // set before ready is closed if the start failed
+
+	mu       sync.Mutex
+	sub      *nats.Subscription
+	ep       string
+	prevEp   string
+	next     int64
+	buf      []roomBatch
+	buffered int
+	stash    []roomBatch // batches that arrived before ready
+	gapArmed bool
+	filling  bool
+	lastAct  time.Time
+	idleFrom time.Time // when the last local member left (zero: members)
+}
+
+type cuser struct {
+	sub      *nats.Subscription
+	sessions int
+}
+
+// seqRoom queues a room's pushes for the sequencer.
+type seqRoom struct {
+	mu      sync.Mutex
+	pending []seqItem
+	running bool
+}
+
+type seqItem struct {
+	p       proto.Push
+	closing bool
+	done    chan error // nil: nobody waits
+}
+
+// NewCluster starts the cluster router. Close stops its loops.
+func NewCluster(cfg ClusterConfig) (*Cluster, error) {
+	if cfg.NATS == nil || cfg.Redis == nil {
+		return nil, errors.New("router: cluster needs NATS and Redis")
+	}
+	cfg.Local.Sequenced = true
+	local := NewLocal(cfg.Node, cfg.Local) // fills the Local defaults
+	if cfg.HistorySize <= 0 {
+		cfg.HistorySize = max(local.cfg.HistorySize, 1)
+	}
+	if cfg.HistoryTTL <= 0 {
+		cfg.HistoryTTL = local.cfg.HistoryTTL
+	}
+	if cfg.GapWait <= 0 {
+		cfg.GapWait = 100 * time.Millisecond
+	}
+	if cfg.PresenceTTL <= 0 {
+		cfg.PresenceTTL = 10 * time.Second
+	}
+	if cfg.Linger <= 0 {
+		cfg.Linger = 30 * time.Second
+	}
+	if cfg.CallTimeout <= 0 {
+		cfg.CallTimeout = 2 * time.Second
+	}
+	if cfg.Log == nil {
+		cfg.Log = slog.Default()
+	}
+	c := &Cluster{
+		cfg: cfg, nc: cfg.NATS, rdb: cfg.Redis, log: cfg.Log, boot: NewEpoch(),
+		rooms: map[int64]*croom{}, seqs: map[int64]*seqRoom{}, users: map[int64]*cuser{},
+		dirtyRooms: map[int64]struct{}{}, dirtyUsers: map[int64]struct{}{},
+		stop: make(chan struct{}),
+	}
+	c.local = local
+	c.local.cfg.History = c.history
+	c.heartbeat(true)
+	c.wg.Add(2)
+	go c.presenceLoop()
+	go c.sweepLoop()
+	return c, nil
+}
+
+// Close stops the loops and withdraws this node's presence (best effort).
+func (c *Cluster) Close() {
+	select {
+	case <-c.stop:
+		return
+	default:
+	}
+	close(c.stop)
+	c.wg.Wait()
+	ctx, cancel := context.WithTimeout(context.Background(), c.cfg.CallTimeout)
+	defer cancel()
+	_ = c.rdb.Do(ctx, c.rdb.B().Del().Key(aliveKey(c.cfg.Node)).Build()).Error()
+}
+
+// Reconnected is called when the router's NATS connection is back: messages
+// may have been lost meanwhile, so every room is checked against Redis now.
+func (c *Cluster) Reconnected() { go c.checkTails(0) }
+
+// Local is the node-local part (for metrics and tests).
+func (c *Cluster) LocalRouter() *Local { return c.local }
+
+func (c *Cluster) ctx() (context.Context, context.CancelFunc) {
+	return context.WithTimeout(context.Background(), c.cfg.CallTimeout)
+}
+
+// --- rooms ---
+
+// OpenRoom implements Router (on this node; every node opens every open room).
+func (c *Cluster) OpenRoom(id int64) { c.local.OpenRoom(id) }
+
+// CloseRoom implements Router. With a final push, the push is numbered and
+// sent to every node, each of which closes its local room after delivering
+// it; without one (the room was closed through another node), the local room
+// closes now.
+func (c *Cluster) CloseRoom(id int64, final *proto.Push) {
+	if final == nil {
+		c.closeLocal(id)
+		return
+	}
+	if _, err := c.enqueue(id, *final, true, nil); err != nil {
+		c.closeLocal(id)
+	}
+}
+
+func (c *Cluster) closeLocal(id int64) {
+	c.local.CloseRoom(id, nil)
+	c.mu.Lock()
+	st := c.rooms[id]
+	delete(c.rooms, id)
+	c.mu.Unlock()
+	if st != nil {
+		<-st.ready
+		st.mu.Lock()
+		if st.sub != nil {
+			_ = st.sub.Unsubscribe()
+			st.sub = nil
+		}
+		st.mu.Unlock()
+	}
+	c.markRoom(id)
+}
+
+// Join implements Router.
+func (c *Cluster) Join(id int64, s Session) (int, error) {
+	j, err := c.JoinAt(id, s, nil)
+	return j.Online, err
+}
+
+// JoinAt implements Router: the node subscribes to the room first (so the
+// room's position here is known), then Local joins and replays.
+func (c *Cluster) JoinAt(id int64, s Session, since *proto.Position) (Joined, error) {
+	if c.local.room(id) == nil {
+		return Joined{}, ErrNoRoom
+	}
+	st, err := c.subscribe(id)
+	if err != nil {
+		return Joined{}, err
+	}
+	j, err := c.local.JoinAt(id, s, since)
+	if err != nil {
+		return j, err
+	}
+	st.mu.Lock()
+	st.idleFrom = time.Time{}
+	st.mu.Unlock()
+	c.markRoom(id)
+	c.markUser(s.UserID())
+	j.Online = c.clusterOnline(id)
+	return j, nil
+}
+
+// Leave implements Router.
+func (c *Cluster) Leave(id int64, s Session) {
+	c.local.Leave(id, s)
+	c.markRoom(id)
+	c.markUser(s.UserID())
+}
+
+// IsMember implements Router.
+func (c *Cluster) IsMember(id int64, s Session) bool { return c.local.IsMember(id, s) }
+
+// Online implements Router: members on every live node.
+func (c *Cluster) Online(id int64) int { return c.clusterOnline(id) }
+
+// UserInRoom implements Router: a session of user joined room on any live
+// node.
+func (c *Cluster) UserInRoom(id, user int64) bool {
+	if c.local.UserInRoom(id, user) {
+		return true
+	}
+	ctx, cancel := c.ctx()
+	defer cancel()
+	fields, err := c.rdb.DoCache(ctx, c.rdb.B().Hgetall().Key(userKey(user)).Cache(), 5*time.Second).AsStrMap()
+	if err != nil {
+		return false
+	}
+	alive := c.aliveBoots(ctx, fields)
+	for node, v := range fields {
+		boot, rooms, _ := strings.Cut(v, "|")
+		if node == c.cfg.Node || alive[node] != boot {
+			continue
+		}
+		for _, r := range strings.Split(rooms, ",") {
+			if r == strconv.FormatInt(id, 10) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// PublishRoom implements Router: the push is queued for the room's
+// sequencer; it is numbered and sent within a Redis round trip or two.
+func (c *Cluster) PublishRoom(id int64, p proto.Push) (string, error) {
+	return c.enqueue(id, p, false, nil)
+}
+
+// PublishRoomWait is PublishRoom that waits until the push is numbered and
+// handed to NATS (or failed): for a client that is told "sent".
+func (c *Cluster) PublishRoomWait(id int64, p proto.Push) (string, error) {
+	done := make(chan error, 1)
+	mid, err := c.enqueue(id, p, false, done)
+	if err != nil {
+		return "", err
+	}
+	select {
+	case err = <-done:
+	case <-time.After(2 * c.cfg.CallTimeout):
+		err = ErrUnavailable
+	}
+	return mid, err
+}
+
+// ErrUnavailable: the shared state a cluster push needs (Redis) could not be
+// reached; the push was not sent.
+var ErrUnavailable = errors.New("router: cluster sequencer unavailable")
+
+func (c *Cluster) enqueue(id int64, p proto.Push, closing bool, done chan error) (string, error) {
+	if c.local.room(id) == nil {
+		return "", ErrNoRoom
+	}
+	if p.Mid == "" {
+		p.Mid = c.local.mids.Next()
+	}
+	p.Room = id
+	c.mu.Lock()
+	sr := c.seqs[id]
+	if sr == nil {
+		sr = &seqRoom{}
+		c.seqs[id] = sr
+	}
+	sr.mu.Lock()
+	c.mu.Unlock()
+	if len(sr.pending) >= c.local.cfg.MaxPending {
+		sr.mu.Unlock()
+		c.local.dropped.Add(1)
+		return "", ErrRoomBusy
+	}
+	sr.pending = append(sr.pending, seqItem{p: p, closing: closing, done: done})
+	start := !sr.running
+	sr.running = true
+	sr.mu.Unlock()
+	if start {
+		go c.sequence(id, sr)
+	}
+	return p.Mid, nil
+}
+
+// sequence numbers the room's pending pushes, batch by batch, until none are
+// left. One runs per room and node.
+func (c *Cluster) sequence(id int64, sr *seqRoom) {
+	for {
+		c.mu.Lock()
+		sr.mu.Lock()
+		if len(sr.pending) == 0 {
+			sr.running = false
+			delete(c.seqs, id)
+			sr.mu.Unlock()
+			c.mu.Unlock()
+			return
+		}
+		n := min(len(sr.pending), maxSeqBatch)
+		items := append([]seqItem(nil), sr.pending[:n]...)
+		sr.pending = append(sr.pending[:0], sr.pending[n:]...)
+		sr.mu.Unlock()
+		c.mu.Unlock()
+
+		b, err := c.number(id, items)
+		if err != nil {
+			err = fmt.Errorf("%w: %w", ErrUnavailable, err)
+		}
+		for _, it := range items {
+			if it.done != nil {
+				it.done <- err
+			}
+		}
+		if err != nil {
+			c.stats.seqErrors.Add(1)
+			c.log.Warn("room pushes not sent: sequencer failed", "room", id, "pushes", len(items), "err", err)
+			if b.closing {
+				c.closeLocal(id)
+			}
+			continue
+		}
+		if err := c.nc.Publish(roomSubject(id), appendRoomBatch(nil, &b)); err != nil {
+			// Numbered and in the history: other nodes fill it from there.
+			c.log.Warn("room batch not published", "room", id, "err", err)
+		} else {
+			c.stats.batchesOut.Add(1)
+		}
+		c.stats.pushesSequenced.Add(int64(len(b.msgs)))
+		c.mu.Lock()
+		st := c.rooms[id]
+		c.mu.Unlock()
+		if st != nil {
+			c.receive(st, b)
+		} else if b.closing {
+			c.closeLocal(id)
+		}
+	}
+}
+
+// number runs the sequence script for items and encodes them with their
+// offsets.
+func (c *Cluster) number(id int64, items []seqItem) (roomBatch, error) {
+	args := make([]string, 0, 5+4*len(items))
+	args = append(args, strconv.Itoa(c.cfg.HistorySize), strconv.FormatInt(c.cfg.HistoryTTL.Milliseconds(), 10),
+		NewEpoch(), strconv.FormatInt(time.Now().UnixMilli(), 10), strconv.Itoa(len(items)))
+	closing := false
+	for _, it := range items {
+		args = append(args, it.p.Mid, strconv.Itoa(it.p.Biz), string(rune('0'+boolByte(it.p.Ack))), string(pushData(it.p.Data)))
+		closing = closing || it.closing
+	}
+	ctx, cancel := c.ctx()
+	defer cancel()
+	arr, err := sequenceScript.Exec(ctx, c.rdb, []string{seqKey(id), epKey(id), histKey(id)}, args).ToArray()
+	if err != nil {
+		return roomBatch{closing: closing}, err
+	}
+	if len(arr) != 2 {
+		return roomBatch{closing: closing}, errors.New("router: sequence script: bad reply")
+	}
+	first, err1 := arr[0].AsInt64()
+	ep, err2 := arr[1].ToString()
+	if err := errors.Join(err1, err2); err != nil {
+		return roomBatch{closing: closing}, err
+	}
+	b := roomBatch{ep: ep, first: first, closing: closing, msgs: make([]Msg, len(items))}
+	for i := range items {
+		p := items[i].p
+		p.Off, p.Ep = first+int64(i), ep
+		b.msgs[i] = encodeMsg(&p)
+	}
+	return b, nil
+}
+
+func pushData(d []byte) []byte {
+	if len(d) == 0 {
+		return []byte("{}")
+	}
+	return d
+}
+
+// history reads offsets from..to of room in epoch ep from the shared
+// history (Local.History).
+func (c *Cluster) history(id int64, ep string, from, to int64) ([]Msg, bool) {
+	ctx, cancel := c.ctx()
+	defer cancel()
+	res := c.rdb.DoMulti(ctx,
+		c.rdb.B().Get().Key(epKey(id)).Build(),
+		c.rdb.B().Xrange().Key(histKey(id)).Start(strconv.FormatInt(from, 10)+"-0").End(strconv.FormatInt(to, 10)+"-0").Build())
+	got, err := res[0].ToString()
+	if err != nil || got != ep {
+		return nil, false
+	}
+	entries, err := res[1].AsXRange()
+	if err != nil || int64(len(entries)) != to-from+1 {
+		return nil, false
+	}
+	notBefore := time.Now().Add(-c.cfg.HistoryTTL).UnixMilli()
+	msgs := make([]Msg, 0, len(entries))
+	for i, e := range entries {
+		off, _, _ := strings.Cut(e.ID, "-")
+		if o, _ := strconv.ParseInt(off, 10, 64); o != from+int64(i) {
+			return nil, false
+		}
+		if i == 0 {
+			if t, _ := strconv.ParseInt(e.FieldValues["t"], 10, 64); t < notBefore {
+				return nil, false
+			}
+		}
+		biz, _ := strconv.Atoi(e.FieldValues["b"])
+		p := proto.Push{Mid: e.FieldValues["m"], Biz: biz, Room: id, Ack: e.FieldValues["a"] == "1",
+			Data: []byte(e.FieldValues["d"]), Off: from + int64(i), Ep: ep}
+		msgs = append(msgs, encodeMsg(&p))
+	}
+	return msgs, true
+}
+
+// subscribe returns the room's subscription state, starting it if needed:
+// subscribe on NATS, flush (the server has the interest), then read the
+// room's position from Redis. A push numbered after the read arrives through
+// the subscription; one numbered before it is history.
+func (c *Cluster) subscribe(id int64) (*croom, error) {
+	c.mu.Lock()
+	st := c.rooms[id]
+	if st != nil {
+		c.mu.Unlock()
+		<-st.ready
+		if st.err != nil {
+			return nil, st.err
+		}
+		return st, nil
+	}
+	st = &croom{id: id, ready: make(chan struct{}), lastAct: time.Now()}
+	c.rooms[id] = st
+	c.mu.Unlock()
+
+	err := c.startRoom(st)
+	if err != nil {
+		st.err = err
+		c.mu.Lock()
+		if c.rooms[id] == st {
+			delete(c.rooms, id)
+		}
+		c.mu.Unlock()
+		close(st.ready)
+		return nil, err
+	}
+	close(st.ready)
+	return st, nil
+}
+
+func (c *Cluster) startRoom(st *croom) error {
+	sub, err := c.nc.Subscribe(roomSubject(st.id), func(m *nats.Msg) {
+		b, err := decodeRoomBatch(m.Data)
+		if err != nil {
+			c.stats.badWire.Add(1)
+			return
+		}
+		c.stats.batchesIn.Add(1)
+		c.receive(st, b)
+	})
+	if err != nil {
+		return err
+	}
+	if err := c.nc.FlushTimeout(c.cfg.CallTimeout); err != nil {
+		_ = sub.Unsubscribe()
+		return ErrUnavailable
+	}
+	ep, last, err := c.position(st.id)
+	if err != nil {
+		_ = sub.Unsubscribe()
+		return ErrUnavailable
+	}
+	c.local.SetPosition(st.id, ep, last)
+	st.mu.Lock()
+	st.sub, st.ep, st.next = sub, ep, last+1
+	stash := st.stash
+	st.stash = nil
+	for _, b := range stash {
+		c.acceptLocked(st, b)
+	}
+	st.mu.Unlock()
+	return nil
+}
+
+// position reads a room's epoch and newest offset from Redis ("" and 0 when
+// the room has no history).
+func (c *Cluster) position(id int64) (string, int64, error) {
+	ctx, cancel := c.ctx()
+	defer cancel()
+	res := c.rdb.DoMulti(ctx, c.rdb.B().Get().Key(epKey(id)).Build(), c.rdb.B().Get().Key(seqKey(id)).Build())
+	ep, err := res[0].ToString()
+	if rueidis.IsRedisNil(err) {
+		return "", 0, nil
+	}
+	if err != nil {
+		return "", 0, err
+	}
+	last, err := res[1].AsInt64()
+	if rueidis.IsRedisNil(err) {
+		return ep, 0, nil
+	}
+	return ep, last, err
+}
+
+// receive takes a numbered batch (from NATS or this node's sequencer).
+func (c *Cluster) receive(st *croom, b roomBatch) {
+	select {
+	case <-st.ready:
+	default:
+		st.mu.Lock()
+		if st.sub == nil && st.err == nil { // still starting: keep it for startRoom
+			if len(st.stash) < maxStash {
+				st.stash = append(st.stash, b)
+			}
+			st.mu.Unlock()
+			return
+		}
+		st.mu.Unlock()
+	}
+	st.mu.Lock()
+	c.acceptLocked(st, b)
+	st.mu.Unlock()
+}
+
+// acceptLocked delivers b in order, buffers it past a gap, or drops what was
+// already delivered. st.mu is held.
+func (c *Cluster) acceptLocked(st *croom, b roomBatch) {
+	st.lastAct = time.Now()
+	if b.ep != st.ep {
+		if b.ep == st.prevEp {
+			return // a straggler of the epoch before
+		}
+		// A new epoch: the room's history was lost and numbering restarted.
+		st.prevEp, st.ep, st.next = st.ep, b.ep, b.first
+		st.buf, st.buffered = nil, 0
+	}
+	if b.last() < st.next {
+		return
+	}
+	if b.first > st.next {
+		i := len(st.buf)
+		for i > 0 && st.buf[i-1].first > b.first {
+			i--
+		}
+		st.buf = append(st.buf, roomBatch{})
+		copy(st.buf[i+1:], st.buf[i:])
+		st.buf[i] = b
+		st.buffered += len(b.msgs)
+		switch {
+		case st.buffered > maxGapBuffer:
+			c.startFill(st, 0)
+		case !st.gapArmed:
+			st.gapArmed = true
+			time.AfterFunc(c.cfg.GapWait, func() {
+				st.mu.Lock()
+				st.gapArmed = false
+				c.startFill(st, 0)
+				st.mu.Unlock()
+			})
+		}
+		return
+	}
+	c.deliverLocked(st, b)
+	c.drainLocked(st)
+}
+
+func (c *Cluster) deliverLocked(st *croom, b roomBatch) {
+	msgs := b.msgs[st.next-b.first:]
+	if len(msgs) > 0 {
+		c.local.Deliver(st.id, st.ep, msgs)
+		st.next = b.last() + 1
+	}
+	if b.closing {
+		go c.closeLocal(st.id)
+	}
+}
+
+func (c *Cluster) drainLocked(st *croom) {
+	for len(st.buf) > 0 && st.buf[0].first <= st.next {
+		b := st.buf[0]
+		st.buf = st.buf[1:]
+		st.buffered -= len(b.msgs)
+		if b.last() >= st.next {
+			c.deliverLocked(st, b)
+		}
+	}
+	if len(st.buf) == 0 {
+		st.buf = nil
+	}
+}
+
+// startFill reads the missing offsets [next, upTo] (upTo 0: up to the first
+// buffered batch) from the shared history in the background. st.mu is held.
+func (c *Cluster) startFill(st *croom, upTo int64) {
+	if st.filling {
+		return
+	}
+	if upTo == 0 {
+		if len(st.buf) == 0 {
+			return
+		}
+		upTo = st.buf[0].first - 1
+	}
+	if upTo < st.next {
+		return
+	}
+	st.filling = true
+	from, ep := st.next, st.ep
+	c.wg.Add(1)
+	go func() {
+		defer c.wg.Done()
+		msgs, ok := c.history(st.id, ep, from, upTo)
+		st.mu.Lock()
+		defer st.mu.Unlock()
+		st.filling = false
+		if st.ep != ep || st.next != from {
+			c.drainLocked(st)
+			return
+		}
+		if ok {
+			c.stats.gapFills.Add(1)
+			c.deliverLocked(st, roomBatch{ep: ep, first: from, msgs: msgs})
+		} else if len(st.buf) > 0 {
+			// Not kept any more (or Redis unreachable): skip to what we have.
+			// Clients that join with since before the gap are told
+			// recovered:false by the history check.
+			c.stats.gapsLost.Add(1)
+			c.log.Warn("room offsets lost", "room", st.id, "from", from, "to", st.buf[0].first-1)
+			st.next = st.buf[0].first
+		}
+		c.drainLocked(st)
+	}()
+}
+
+// checkTails compares every subscribed room idle for at least idle with the
+// room's counter in Redis and fills what this node has not received.
+func (c *Cluster) checkTails(idle time.Duration) {
+	c.mu.Lock()
+	rooms := make([]*croom, 0, len(c.rooms))
+	for _, st := range c.rooms {
+		rooms = append(rooms, st)
+	}
+	c.mu.Unlock()
+	now := time.Now()
+	var check []*croom
+	for _, st := range rooms {
+		select {
+		case <-st.ready:
+		default:
+			continue
+		}
+		st.mu.Lock()
+		if st.err == nil && st.sub != nil && now.Sub(st.lastAct) >= idle && !st.filling {
+			check = append(check, st)
+		}
+		st.mu.Unlock()
+	}
+	for len(check) > 0 {
+		n := min(len(check), 256)
+		part := check[:n]
+		check = check[n:]
+		cmds := make(rueidis.Commands, 0, 2*n)
+		for _, st := range part {
+			cmds = append(cmds, c.rdb.B().Get().Key(epKey(st.id)).Build(), c.rdb.B().Get().Key(seqKey(st.id)).Build())
+		}
+		ctx, cancel := c.ctx()
+		res := c.rdb.DoMulti(ctx, cmds...)
+		cancel()
+		for i, st := range part {
+			ep, err1 := res[2*i].ToString()
+			last, err2 := res[2*i+1].AsInt64()
+			if err1 != nil || err2 != nil {
+				continue
+			}
+			st.mu.Lock()
+			if ep == st.ep && last >= st.next {
+				c.startFill(st, last)
+			}
+			st.mu.Unlock()
+		}
+	}
+}
+
+// sweepLoop checks idle rooms for lost tails every second and drops the
+// subscriptions of rooms without local members for Linger.
+func (c *Cluster) sweepLoop() {
+	defer c.wg.Done()
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-c.stop:
+			return
+		case <-t.C:
+		}
+		c.checkTails(time.Second)
+		c.dropIdle()
+	}
+}
+
+func (c *Cluster) dropIdle() {
+	now := time.Now()
+	var drop []*croom
+	c.mu.Lock()
+	for id, st := range c.rooms {
+		select {
+		case <-st.ready:
+		default:
+			continue
+		}
+		if c.local.Online(id) > 0 {
+			st.mu.Lock()
+			st.idleFrom = time.Time{}
+			st.mu.Unlock()
+			continue
+		}
+		st.mu.Lock()
+		if st.idleFrom.IsZero() {
+			st.idleFrom = now
+		} else if now.Sub(st.idleFrom) >= c.cfg.Linger {
+			drop = append(drop, st)
+			delete(c.rooms, id)
+		}
+		st.mu.Unlock()
+	}
+	c.mu.Unlock()
+	for _, st := range drop {
+		st.mu.Lock()
+		if st.sub != nil {
+			_ = st.sub.Unsubscribe()
+			st.sub = nil
+		}
+		st.mu.Unlock()
+	}
+}
+
+// --- users ---
+
+// Register implements Router: the node subscribes to the user's subject with
+// its first session.
+func (c *Cluster) Register(s Session) {
+	c.local.Register(s)
+	u := s.UserID()
+	c.mu.Lock()
+	cu := c.users[u]
+	if cu == nil {
+		cu = &cuser{}
+		c.users[u] = cu
+	}
+	cu.sessions++
+	first := cu.sessions == 1
+	c.mu.Unlock()
+	if first {
+		sub, err := c.nc.Subscribe(userSubject(u), func(m *nats.Msg) {
+			msg, err := decodeUserPush(m.Data)
+			if err != nil {
+				c.stats.badWire.Add(1)
+				return
+			}
+			c.local.sendMsg(u, msg)
+		})
+		c.mu.Lock()
+		if err != nil || c.users[u] != cu || cu.sessions == 0 {
+			c.mu.Unlock()
+			if sub != nil {
+				_ = sub.Unsubscribe()
+			}
+			if err != nil {
+				c.log.Warn("user subscription failed", "user", u, "err", err)
+			}
+		} else {
+			cu.sub = sub
+			c.mu.Unlock()
+		}
+	}
+	c.markUser(u)
+}
+
+// Unregister implements Router.
+func (c *Cluster) Unregister(s Session) {
+	rooms := c.local.roomsOf(s)
+	c.local.Unregister(s)
+	for _, id := range rooms {
+		c.markRoom(id)
+	}
+	u := s.UserID()
+	var sub *nats.Subscription
+	c.mu.Lock()
+	if cu := c.users[u]; cu != nil {
+		cu.sessions--
+		if cu.sessions <= 0 {
+			sub = cu.sub
+			delete(c.users, u)
+		}
+	}
+	c.mu.Unlock()
+	if sub != nil {
+		_ = sub.Unsubscribe()
+	}
+	c.markUser(u)
+}
+
+// SendUser implements Router: local sessions now, other nodes' through the
+// user's subject (nothing is sent where nobody is subscribed). reached counts
+// this node's sessions only.
+func (c *Cluster) SendUser(user int64, p proto.Push) (string, int) {
+	if p.Mid == "" {
+		p.Mid = c.local.mids.Next()
+	}
+	m := encodeMsg(&p)
+	n := c.local.sendMsg(user, m)
+	if err := c.nc.Publish(userSubject(user), appendUserPush(nil, m)); err != nil {
+		c.log.Warn("user push not published", "user", user, "err", err)
+	}
+	return p.Mid, n
+}
+
+// Stats implements Router.
+func (c *Cluster) Stats() Stats { return c.local.Stats() }
+
+// ClusterStats are the cluster router's counters.
+type ClusterStats struct {
+	BatchesOut, BatchesIn, PushesSequenced, GapFills, GapsLost, SequencerErrors, BadWire int64
+	SubscribedRooms                                                                      int
+}
+
+// ClusterStats returns a snapshot.
+func (c *Cluster) ClusterStats() ClusterStats {
+	c.mu.Lock()
+	n := len(c.rooms)
+	c.mu.Unlock()
+	return ClusterStats{
+		BatchesOut: c.stats.batchesOut.Load(), BatchesIn: c.stats.batchesIn.Load(),
+		PushesSequenced: c.stats.pushesSequenced.Load(), GapFills: c.stats.gapFills.Load(),
+		GapsLost: c.stats.gapsLost.Load(), SequencerErrors: c.stats.seqErrors.Load(),
+		BadWire: c.stats.badWire.Load(), SubscribedRooms: n,
+	}
+}
+
+// --- presence ---
+
+func (c *Cluster) markRoom(id int64) {
+	c.dirtyMu.Lock()
+	c.dirtyRooms[id] = struct{}{}
+	c.dirtyMu.Unlock()
+}
+
+func (c *Cluster) markUser(u int64) {
+	c.dirtyMu.Lock()
+	c.dirtyUsers[u] = struct{}{}
+	c.dirtyMu.Unlock()
+}
+
+// heartbeat refreshes the alive key; when it was missing (Redis lost it, or
+// this node was away longer than the TTL), every entry is written again.
+func (c *Cluster) heartbeat(force bool) {
+	ctx, cancel := c.ctx()
+	defer cancel()
+	prev, err := c.rdb.Do(ctx, c.rdb.B().Set().Key(aliveKey(c.cfg.Node)).Value(c.boot).Get().Px(c.cfg.PresenceTTL).Build()).ToString()
+	if (err == nil && prev != c.boot) || rueidis.IsRedisNil(err) || force {
+		c.markAll()
+	}
+}
+
+func (c *Cluster) markAll() {
+	rooms := c.local.roomIDs()
+	users := c.local.userIDs()
+	c.dirtyMu.Lock()
+	for _, id := range rooms {
+		c.dirtyRooms[id] = struct{}{}
+	}
+	for _, u := range users {
+		c.dirtyUsers[u] = struct{}{}
+	}
+	c.dirtyMu.Unlock()
+}
+
+func (c *Cluster) presenceLoop() {
+	defer c.wg.Done()
+	t := time.NewTicker(presenceEvery)
+	defer t.Stop()
+	beat := time.Now()
+	for {
+		select {
+		case <-c.stop:
+			return
+		case <-t.C:
+		}
+		if time.Since(beat) >= c.cfg.PresenceTTL/3 {
+			c.heartbeat(false)
+			beat = time.Now()
+		}
+		c.flushPresence()
+	}
+}
+
+// flushPresence writes the dirty rooms' and users' entries of this node.
+func (c *Cluster) flushPresence() {
+	c.dirtyMu.Lock()
+	rooms, users := c.dirtyRooms, c.dirtyUsers
+	if len(rooms) == 0 && len(users) == 0 {
+		c.dirtyMu.Unlock()
+		return
+	}
+	c.dirtyRooms, c.dirtyUsers = map[int64]struct{}{}, map[int64]struct{}{}
+	c.dirtyMu.Unlock()
+	cmds := make(rueidis.Commands, 0, len(rooms)+len(users))
+	for id := range rooms {
+		if n := c.local.Online(id); n > 0 {
+			cmds = append(cmds, c.rdb.B().Hset().Key(onlineKey(id)).FieldValue().
+				FieldValue(c.cfg.Node, c.boot+":"+strconv.Itoa(n)).Build())
+		} else {
+			cmds = append(cmds, c.rdb.B().Hdel().Key(onlineKey(id)).Field(c.cfg.Node).Build())
+		}
+	}
+	for u := range users {
+		if c.local.hasUser(u) {
+			cmds = append(cmds, c.rdb.B().Hset().Key(userKey(u)).FieldValue().
+				FieldValue(c.cfg.Node, c.boot+"|"+joinIDs(c.local.userRooms(u))).Build())
+		} else {
+			cmds = append(cmds, c.rdb.B().Hdel().Key(userKey(u)).Field(c.cfg.Node).Build())
+		}
+	}
+	for len(cmds) > 0 {
+		n := min(len(cmds), 1024)
+		ctx, cancel := c.ctx()
+		res := c.rdb.DoMulti(ctx, cmds[:n]...)
+		cancel()
+		for _, r := range res {
+			if err := r.Error(); err != nil {
+				c.log.Warn("presence not written; retrying", "err", err)
+				c.markAll() // rewrite everything on the next tick
+				return
+			}
+		}
+		cmds = cmds[n:]
+	}
+}
+
+func joinIDs(ids []int64) string {
+	var b []byte
+	for i, id := range ids {
+		if i > 0 {
+			b = append(b, ',')
+		}
+		b = strconv.AppendInt(b, id, 10)
+	}
+	return string(b)
+}
+
+// clusterOnline is this node's members of room plus every other live node's.
+func (c *Cluster) clusterOnline(id int64) int {
+	n := c.local.Online(id)
+	ctx, cancel := c.ctx()
+	defer cancel()
+	fields, err := c.rdb.DoCache(ctx, c.rdb.B().Hgetall().Key(onlineKey(id)).Cache(), 5*time.Second).AsStrMap()
+	if err != nil {
+		return n
+	}
+	alive := c.aliveBoots(ctx, fields)
+	for node, v := range fields {
+		if node == c.cfg.Node {
+			continue
+		}
+		boot, cnt, _ := strings.Cut(v, ":")
+		if alive[node] == boot {
+			k, _ := strconv.Atoi(cnt)
+			n += k
+		}
+	}
+	return n
+}
+
+// aliveBoots returns the boot of each node named in fields that is alive
+// (client-side cached; Redis invalidates on change and on expiry).
+func (c *Cluster) aliveBoots(ctx context.Context, fields map[string]string) map[string]string {
+	nodes := make([]string, 0, len(fields))
+	cmds := make([]rueidis.CacheableTTL, 0, len(fields))
+	for node := range fields {
+		if node == c.cfg.Node {
+			continue
+		}
+		nodes = append(nodes, node)
+		cmds = append(cmds, rueidis.CT(c.rdb.B().Get().Key(aliveKey(node)).Cache(), 5*time.Second))
+	}
+	out := make(map[string]string, len(nodes))
+	if len(cmds) == 0 {
+		return out
+	}
+	for i, r := range c.rdb.DoMultiCache(ctx, cmds...) {
+		if v, err := r.ToString(); err == nil {
+			out[nodes[i]] = v
+		}
+	}
+	return out
+}
