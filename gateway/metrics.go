@@ -68,6 +68,30 @@ func newMetrics(node string, r router.Router) *metrics {
 	stat("user_pushes_total", "Pushes sent to users.", false, func(s router.Stats) int64 { return s.UserPushes })
 	stat("fanout_frames_total", "Frames handed to sessions by fan-out.", false, func(s router.Stats) int64 { return s.FramesFanned })
 	stat("room_queue_drops_total", "Pushes refused because a room queue was full.", false, func(s router.Stats) int64 { return s.RoomDropped })
+	if c, ok := r.(*router.Cluster); ok {
+		cstat := func(name, help string, gauge bool, get func(router.ClusterStats) int64) {
+			fn := func() float64 { return float64(get(c.ClusterStats())) }
+			if gauge {
+				reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts(f(name, help)), fn))
+			} else {
+				reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts(f(name, help)), fn))
+			}
+		}
+		cstat("cluster_room_pushes_sequenced_total", "Room pushes numbered by this node's sequencer (Redis).", false,
+			func(s router.ClusterStats) int64 { return s.PushesSequenced })
+		cstat("cluster_nats_room_msgs_out_total", "Room batches this node published on NATS (one per sequenced batch).", false,
+			func(s router.ClusterStats) int64 { return s.BatchesOut })
+		cstat("cluster_nats_room_msgs_in_total", "Room batches this node received from NATS (one per batch per node with members).", false,
+			func(s router.ClusterStats) int64 { return s.BatchesIn })
+		cstat("cluster_gap_fills_total", "Missing room offsets read back from the shared history.", false,
+			func(s router.ClusterStats) int64 { return s.GapFills })
+		cstat("cluster_gaps_lost_total", "Missing room offsets no longer in the shared history (skipped).", false,
+			func(s router.ClusterStats) int64 { return s.GapsLost })
+		cstat("cluster_sequencer_errors_total", "Room push batches not sent because Redis failed.", false,
+			func(s router.ClusterStats) int64 { return s.SequencerErrors })
+		cstat("cluster_subscribed_rooms", "Rooms this node is subscribed to on NATS.", true,
+			func(s router.ClusterStats) int64 { return int64(s.SubscribedRooms) })
+	}
 	return m
 }
 

@@ -647,8 +647,11 @@ func (c *Cluster) acceptLocked(st *croom, b roomBatch) {
 		if b.ep == st.prevEp {
 			return // a straggler of the epoch before
 		}
-		// A new epoch: the room's history was lost and numbering restarted.
-		st.prevEp, st.ep, st.next = st.ep, b.ep, b.first
+		// A new epoch: the room's history was lost (or it had none) and
+		// numbering restarted at 1. Batches of the new epoch may arrive in
+		// any order, so the next one expected is 1, not this batch's first:
+		// anything before it is waited for, then read from the history.
+		st.prevEp, st.ep, st.next = st.ep, b.ep, 1
 		st.buf, st.buffered = nil, 0
 	}
 	if b.last() < st.next {
