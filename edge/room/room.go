@@ -398,9 +398,23 @@ func (s *Service) Sync() error {
 	if s.shared == nil {
 		return nil
 	}
-	rooms, err := s.shared.openRooms()
+	rooms, lost, err := s.shared.openRooms()
 	if err != nil {
 		return err
+	}
+	if lost {
+		// Redis came back without the rooms: put back what this node knows
+		// instead of closing every room (the other nodes do the same).
+		s.mu.RLock()
+		known := make([]Room, 0, len(s.open))
+		for _, rm := range s.open {
+			known = append(known, *rm)
+		}
+		s.mu.RUnlock()
+		if len(known) == 0 {
+			return nil
+		}
+		return s.shared.restore(known)
 	}
 	now := make(map[int64]Room, len(rooms))
 	for _, rm := range rooms {

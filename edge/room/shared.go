@@ -129,21 +129,65 @@ func (sh *Shared) load(id int64) (Room, error) {
 	return decodeRecord(v)
 }
 
-// openRooms reads every open room.
-func (sh *Shared) openRooms() ([]Room, error) {
+// openRooms reads every open room. lost reports that Redis has lost the
+// rooms' data (the id counter, which never goes away otherwise, is missing).
+func (sh *Shared) openRooms() (rooms []Room, lost bool, err error) {
 	ctx, cancel := sh.ctx()
 	defer cancel()
-	m, err := sh.Client.Do(ctx, sh.Client.B().Hgetall().Key(keyOpen).Build()).AsStrMap()
+	res := sh.Client.DoMulti(ctx, sh.Client.B().Hgetall().Key(keyOpen).Build(), sh.Client.B().Exists().Key(keySeq).Build())
+	m, err := res[0].AsStrMap()
 	if err != nil {
-		return nil, err
+		return nil, false, err
 	}
+	n, err := res[1].AsInt64()
+	if err != nil {
+		return nil, false, err
+	}
+	lost = n == 0
 	out := make([]Room, 0, len(m))
 	for _, v := range m {
 		rm, err := decodeRecord(v)
 		if err != nil {
-			return nil, err
+			return nil, false, err
 		}
 		out = append(out, rm)
 	}
-	return out, nil
+	return out, lost, nil
+}
+
+// restore writes open rooms a node still knows back into a Redis that lost
+// them (each only if absent), and lifts the id counter above them, so ids
+// stay unique and the rooms stay open.
+func (sh *Shared) restore(rooms []Room) error {
+	ctx, cancel := sh.ctx()
+	defer cancel()
+	cmds := make([]rueidis.Completed, 0, 3*len(rooms)+1)
+	var top int64
+	for _, rm := range rooms {
+		v, err := proto.Marshal(rm)
+		if err != nil {
+			return err
+		}
+		id := strconv.FormatInt(rm.ID, 10)
+		cmds = append(cmds,
+			sh.Client.B().Hsetnx().Key(keyOpen).Field(id).Value(string(v)).Build(),
+			sh.Client.B().Hsetnx().Key(keyAnchors).Field(strconv.FormatInt(rm.AnchorID, 10)).Value(id).Build(),
+			sh.Client.B().Hsetnx().Key(keyRecords).Field(id).Value(string(v)).Build())
+		top = max(top, rm.ID)
+	}
+	cmds = append(cmds, raiseScript(sh.Client, top))
+	for _, r := range sh.Client.DoMulti(ctx, cmds...) {
+		if err := r.Error(); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// raiseScript sets the id counter to at least top (EVAL of a one-liner: the
+// counter only moves up).
+func raiseScript(c rueidis.Client, top int64) rueidis.Completed {
+	return c.B().Eval().Script(`local v = tonumber(redis.call('GET', KEYS[1]) or '0')
+if v < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end return 0`).
+		Numkeys(1).Key(keySeq).Arg(strconv.FormatInt(top, 10)).Build()
 }
