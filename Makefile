@@ -15,10 +15,16 @@ TESTFLAGS ?= -race -p 1 -timeout 25m
 TIMING_TESTS := ^TestSlowConsumerClosedRoomUnaffected$$
 CONFIG    ?= configs/single.yaml
 
-.PHONY: run build test ts-test tools vet fmt-check fuzz bench loadtest clean
+.PHONY: run build test ts-test tools vet fmt-check fuzz bench loadtest clean cluster
 
 run: build
 	./$(BIN)/liveedge -config $(CONFIG)
+
+# A real local cluster (PROTOCOL §8): nats-server :14222, redis-server :16379
+# (AOF), gw-1..gw-3 on 8080/8081, 8082/8083, 8084/8085, data under
+# ./data/cluster, logs prefixed by process; Ctrl-C stops everything.
+cluster: tools build
+	bash configs/cluster-local.sh
 
 build:
 	$(GO) build -o $(BIN)/liveedge ./cmd/liveedge
@@ -41,7 +47,7 @@ ts-test: build
 
 # Tools the tests shell out to (a fresh Debian machine may lack them), as
 # command:package (chromium drives the demo page test; node and npm the TS SDK's).
-TOOLS := git:git curl:curl make:make redis-server:redis-server chromium:chromium node:nodejs npm:npm
+TOOLS := git:git curl:curl make:make redis-server:redis-server nats-server:nats-server chromium:chromium node:nodejs npm:npm
 tools:
 	@missing=""; for tp in $(TOOLS); do command -v $${tp%%:*} >/dev/null 2>&1 || missing="$$missing $${tp#*:}"; done; \
 	if [ -n "$$missing" ]; then \
@@ -61,6 +67,7 @@ fmt-check:
 fuzz:
 	$(GO) test -run='^$$' -fuzz='^FuzzDecodeClientFrame$$' -fuzztime=$(FUZZ_FRAME) ./gateway/proto
 	$(GO) test -run='^$$' -fuzz='^FuzzNotify$$' -fuzztime=$(FUZZ_NOTIFY) ./edge/pay
+	$(GO) test -run='^$$' -fuzz='^FuzzClusterWire$$' -fuzztime=$(FUZZ_FRAME) ./router
 
 # Benchmarks: ratios against baselines measured in the same run (see README,
 # which lists each command and how long it takes). Run on an otherwise idle

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# make cluster: a real local cluster on 127.0.0.1 (PROTOCOL §8) in the
+# foreground until Ctrl-C: nats-server on 14222 (JetStream), redis-server on
+# 16379 with AOF persistence, nodes gw-1..gw-3 on HTTP 8080/8082/8084 and
+# WebSocket 8081/8083/8085 with configs/cluster-local.yaml, data under
+# ./data/cluster, every log line prefixed with its process.
+set -euo pipefail
+cd "$(dirname "$0")/.."  # the repository root
+BIN=${BIN:-bin/liveedge}
+DATA=${DATA:-data/cluster}
+NODES=${NODES:-3}
+mkdir -p "$DATA/nats" "$DATA/redis"
+pids=()
+cleanup() {
+	trap - INT TERM EXIT
+	echo "stopping the cluster..."
+	for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+	wait 2>/dev/null || true
+}
+trap cleanup INT TERM EXIT
+
+prefix() { sed -u "s/^/[$1] /"; }
+
+nats-server -a 127.0.0.1 -p 14222 -js -sd "$PWD/$DATA/nats" > >(prefix nats) 2>&1 &
+pids+=($!)
+redis-server --bind 127.0.0.1 --port 16379 --dir "$PWD/$DATA/redis" --appendonly yes \
+	--appendfsync everysec --save "" --maxmemory-policy noeviction > >(prefix redis) 2>&1 &
+pids+=($!)
+for _ in $(seq 100); do
+	(exec 3<>/dev/tcp/127.0.0.1/14222) 2>/dev/null && (exec 3<>/dev/tcp/127.0.0.1/16379) 2>/dev/null && break
+	sleep 0.1
+done
+nodes=""
+for i in $(seq "$NODES"); do nodes="$nodes${nodes:+,}gw-$i"; done
+for i in $(seq "$NODES"); do
+	http=$((8080 + 2 * (i - 1)))
+	ws=$((http + 1))
+	LIVEEDGE_NODE_ID=gw-$i LIVEEDGE_NODE_DATA_DIR="$DATA/gw-$i" \
+		LIVEEDGE_HTTP_ADDR=127.0.0.1:$http LIVEEDGE_WS_ADDR=127.0.0.1:$ws LIVEEDGE_WALLET_NODES=$nodes \
+		"$BIN" -config configs/cluster-local.yaml > >(prefix "gw-$i") 2>&1 &
+	pids+=($!)
+	echo "gw-$i: http://127.0.0.1:$http  ws://127.0.0.1:$ws/ws"
+done
+echo "cluster up: NATS 127.0.0.1:14222, Redis 127.0.0.1:16379 (AOF in $DATA/redis); Ctrl-C stops everything"
+wait -n "${pids[@]}" || true
