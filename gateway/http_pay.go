@@ -33,7 +33,7 @@ func (a *API) orderOf(c *app.RequestContext) (pay.Order, int64, bool) {
 		a.fail(c, proto.BadRequest("bad order id"))
 		return pay.Order{}, 0, false
 	}
-	o, err := a.node.Pay.Get(id)
+	o, err := a.node.orderOp("get", id)
 	if err != nil {
 		a.fail(c, err)
 		return o, id, false
@@ -61,7 +61,7 @@ func (a *API) refundOrder(_ context.Context, c *app.RequestContext) {
 	if !found {
 		return
 	}
-	o, err := a.node.Pay.Refund(id)
+	o, err := a.node.orderOp("refund", id)
 	if err != nil {
 		a.fail(c, err)
 		return
@@ -82,7 +82,7 @@ func (a *API) payNotify(_ context.Context, c *app.RequestContext) {
 		a.fail(c, proto.BadRequest("unknown payment channel"))
 		return
 	}
-	status, body := a.node.Pay.Notify(c.Param("channel"), string(c.GetHeader(pay.SignatureHeader)), c.Request.Body())
+	status, body := a.node.notify(c.Param("channel"), string(c.GetHeader(pay.SignatureHeader)), c.Request.Body())
 	a.metrics.payNotifies.WithLabelValues(notifyLabel(status)).Inc()
 	if status != pay.NotifyOK {
 		envelope(c, status, &proto.Error{Code: notifyCode(status), Msg: body})

@@ -225,6 +225,11 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 	if err != nil {
 		return nil, err
 	}
+	if n.Cluster != nil {
+		if err = n.servePayForwards(); err != nil {
+			return nil, err
+		}
+	}
 	n.metrics = newMetrics(cfg.Node.ID, n.Router)
 	labelled := prometheus.WrapRegistererWith(prometheus.Labels{"node": cfg.Node.ID}, n.metrics.reg)
 	if n.Ledger != nil {

@@ -2,9 +2,12 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"fmt"
+	"io"
 	"net/http"
+	"net/http/httptest"
 	"strconv"
 	"strings"
 	"sync"
@@ -14,6 +17,8 @@ import (
 	"time"
 
 	"github.com/liveedge/liveedge/clientsdk"
+	"github.com/liveedge/liveedge/edge/pay"
+	"github.com/liveedge/liveedge/edge/pay/mockpay"
 	"github.com/liveedge/liveedge/gateway/nodetest"
 	"github.com/liveedge/liveedge/gateway/proto"
 	"github.com/liveedge/liveedge/persist/persisttest"
@@ -548,4 +553,104 @@ func TestClusterSurvivesNATSAndRedisRestart(t *testing.T) {
 		t.Fatal("the room is gone or empty after Redis lost its data")
 	}
 	t.Logf("%d chats acknowledged and delivered to all %d clients; %d refused during the outages", want, n, failed.Load())
+}
+
+// An order made through node 1; its provider notify is delivered to node 3
+// and, at the same moment, the same event to node 2: both answer success, the
+// user is credited once and the 5570 reaches them on node 1. GET works through
+// any node. A second order, made through node 2, whose notify is lost, is
+// settled by reconciliation — run by its own node only — once.
+func TestClusterPayOrdersAnyNode(t *testing.T) {
+	const secret = "cluster-test-pay-secret-0123"
+	prov := mockpay.New(mockpay.Config{Secret: secret})
+	ps := httptest.NewServer(prov.Handler())
+	t.Cleanup(func() { prov.Close(); ps.Close() })
+	c := startCluster(t, 3, "LIVEEDGE_PAY_SECRETS="+secret, "LIVEEDGE_PAY_PROVIDER_URL="+ps.URL,
+		"LIVEEDGE_PAY_RECONCILE_AFTER=1s", "LIVEEDGE_PAY_RECONCILE_EVERY=200ms")
+	const user = 500
+	tok := devToken(t, c.nodes[0].http, user, "viewer")
+	var lg pushLog
+	dialLogged(t, c.nodes[0].ws, tok, &lg)
+
+	create := func(nd *sharedNode, req string) pay.Order {
+		var out struct {
+			Data pay.Order `json:"data"`
+		}
+		if st := nodetest.DoJSON(t, "POST", "http://"+nd.http+"/api/v1/pay/orders", tok,
+			fmt.Sprintf(`{"product_id":1,"channel":"mock","req_id":%q}`, req), &out); st != 200 {
+			t.Fatalf("order through %s: %d", nd.http, st)
+		}
+		return out.Data
+	}
+	balance := func(nd *sharedNode) int64 {
+		var w struct {
+			Data struct {
+				Balance int64 `json:"balance"`
+			} `json:"data"`
+		}
+		nodetest.DoJSON(t, "GET", "http://"+nd.http+"/api/v1/wallet", tok, "", &w)
+		return w.Data.Balance
+	}
+	a := create(c.nodes[0], "a")
+	body, _ := proto.Marshal(pay.Event{EventID: "evt-a", OrderID: a.OrderID, Amount: a.Amount, Status: "SUCCESS",
+		PaidAt: time.Now().UnixMilli()})
+	var wg sync.WaitGroup
+	for _, nd := range []*sharedNode{c.nodes[2], c.nodes[1]} {
+		wg.Add(1)
+		go func(nd *sharedNode) {
+			defer wg.Done()
+			req, _ := http.NewRequest("POST", "http://"+nd.http+"/api/v1/pay/notify/mock", bytes.NewReader(body))
+			req.Header.Set(pay.SignatureHeader, prov.Sign(body))
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			b, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != 200 || string(b) != "success" {
+				t.Errorf("notify through %s: %d %s", nd.http, resp.StatusCode, b)
+			}
+		}(nd)
+	}
+	wg.Wait()
+	for _, nd := range c.nodes {
+		if b := balance(nd); b != a.Coins {
+			t.Fatalf("balance through %s: %d, want %d (one credit)", nd.http, b, a.Coins)
+		}
+		var out struct {
+			Data pay.Order `json:"data"`
+		}
+		if st := nodetest.DoJSON(t, "GET", "http://"+nd.http+"/api/v1/pay/orders/"+a.OrderID, tok, "", &out); st != 200 ||
+			out.Data.Status != pay.StatusPayed {
+			t.Fatalf("GET order through %s: %d %+v", nd.http, st, out.Data)
+		}
+	}
+	pollUntil(t, 5*time.Second, "5570 on node 1", func() bool { return len(lg.get(proto.BizWalletCredit)) > 0 })
+
+	// A lost notify: the provider has the payment, nobody was told.
+	b := create(c.nodes[1], "b")
+	prov.Pay(b.OrderID, b.Amount, "", "SUCCESS")
+	pollUntil(t, 15*time.Second, "reconciliation credits order b", func() bool { return balance(c.nodes[2]) == a.Coins+b.Coins })
+	time.Sleep(time.Second) // three more reconciler periods: nothing more may happen
+	if got := balance(c.nodes[0]); got != a.Coins+b.Coins {
+		t.Fatalf("balance after reconciliation: %d, want %d", got, a.Coins+b.Coins)
+	}
+	mids := map[string]bool{}
+	for _, p := range lg.get(proto.BizWalletCredit) {
+		mids[p.Mid] = true
+	}
+	if len(mids) != 2 {
+		t.Fatalf("5570 pushes: %d distinct, want 2 (one per paid order)", len(mids))
+	}
+	var dirs []string
+	for _, nd := range c.nodes {
+		_ = nd.p.cmd.Process.Signal(syscall.SIGTERM)
+		<-nd.p.done
+		dirs = append(dirs, nd.data)
+	}
+	cr, db, bal := persisttest.CheckSharedConservation(t, c.redis.Addr, dirs...)
+	if cr != a.Coins+b.Coins || db != 0 || bal != cr {
+		t.Fatalf("credits %d debits %d balances %d", cr, db, bal)
+	}
 }

@@ -139,3 +139,9 @@ func (g *IDGen) Next(user int64) int64 {
 
 // Shard is the routing shard of an order id (= user_id mod 2^GeneBits).
 func Shard(orderID int64) int64 { return orderID & (1<<GeneBits - 1) }
+
+// WorkerOf is the worker id in an order id's bits: which node made it (the
+// node holding WorkerLeaseKey of it, in a cluster).
+func WorkerOf(orderID int64) int {
+	return int(orderID>>(seqBits+GeneBits)) & (1<<workerBits - 1)
+}

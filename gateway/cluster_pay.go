@@ -1,0 +1,180 @@
+package gateway
+
+import (
+	"context"
+	"errors"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/nats-io/nats.go"
+
+	"github.com/liveedge/liveedge/edge/pay"
+	"github.com/liveedge/liveedge/gateway/proto"
+)
+
+// Payment orders in a cluster live in the Pebble of the node that made them
+// (its worker id is in the order id). A request for an order made elsewhere —
+// GET, an admin refund, the provider's webhook, which may land on any node —
+// is forwarded over NATS to that node (le.pay.<node>), found through the
+// worker lease in Redis. The owner alone moves the order, so the per-event and
+// per-order locks, the durable records and the reconciliation of its open
+// orders work as on one node: once cluster-wide. When the owner is down the
+// request answers 503 (the provider retries its webhook; the order is durable
+// in the owner's Pebble and served again when it is back).
+
+// payForwardTimeout bounds one forwarded request (a webhook fsyncs there).
+const payForwardTimeout = 5 * time.Second
+
+// payForwardWorkers bounds the forwarded requests a node runs at once.
+const payForwardWorkers = 64
+
+var errOwnerDown = proto.Errorf(proto.CodeInternal, "the order's node is unreachable, retry")
+
+func paySubject(node string) string { return "le.pay." + node }
+
+type payFwdReq struct {
+	Op      string `json:"op"` // get | refund | notify
+	ID      int64  `json:"id,omitempty"`
+	Channel string `json:"channel,omitempty"`
+	Sig     string `json:"sig,omitempty"`
+	Body    []byte `json:"body,omitempty"`
+}
+
+type payFwdRep struct {
+	Order  *pay.Order   `json:"order,omitempty"`
+	Err    *proto.Error `json:"err,omitempty"`
+	Status int          `json:"status,omitempty"` // notify
+	Body   string       `json:"body,omitempty"`   // notify
+}
+
+// payOwner returns the node that owns order id: "" when it is this node (or
+// not a cluster).
+func (n *Node) payOwner(id int64) (string, error) {
+	if n.Cluster == nil || n.worker == nil {
+		return "", nil
+	}
+	w := pay.WorkerOf(id)
+	if w == n.worker.ID() {
+		return "", nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	owner, err := n.Redis.DoCache(ctx, n.Redis.B().Get().Key(pay.WorkerLeaseKey(w)).Cache(), 10*time.Second).ToString()
+	if err != nil {
+		return "", errOwnerDown // no lease: its node is gone for longer than the lease
+	}
+	if owner == n.Config.Node.ID {
+		return "", nil
+	}
+	return owner, nil
+}
+
+// servePayForwards answers the requests other nodes forward for this node's
+// orders, at most payForwardWorkers at a time.
+func (n *Node) servePayForwards() error {
+	sem := make(chan struct{}, payForwardWorkers)
+	_, err := n.NC.Subscribe(paySubject(n.Config.Node.ID), func(m *nats.Msg) {
+		sem <- struct{}{}
+		go func() {
+			defer func() { <-sem }()
+			var req payFwdReq
+			var rep payFwdRep
+			if err := proto.Unmarshal(m.Data, &req); err != nil {
+				rep.Err = proto.BadRequest("bad forwarded request")
+			} else {
+				switch req.Op {
+				case "get", "refund":
+					var o pay.Order
+					var err error
+					if req.Op == "get" {
+						o, err = n.Pay.Get(req.ID)
+					} else {
+						o, err = n.Pay.Refund(req.ID)
+					}
+					if err != nil {
+						rep.Err = proto.AsError(err)
+					} else {
+						rep.Order = &o
+					}
+				case "notify":
+					rep.Status, rep.Body = n.Pay.Notify(req.Channel, req.Sig, req.Body)
+				default:
+					rep.Err = proto.BadRequest("unknown forwarded op")
+				}
+			}
+			b, _ := proto.Marshal(rep)
+			_ = m.Respond(b)
+		}()
+	})
+	return err
+}
+
+// forwardPay sends req to owner and waits for its answer.
+func (n *Node) forwardPay(owner string, req payFwdReq) (payFwdRep, error) {
+	var rep payFwdRep
+	b, err := proto.Marshal(req)
+	if err != nil {
+		return rep, err
+	}
+	m, err := n.NC.Request(paySubject(owner), b, payForwardTimeout)
+	if err != nil {
+		if !errors.Is(err, nats.ErrNoResponders) && !errors.Is(err, nats.ErrTimeout) {
+			n.Log.Warn("pay forward", "owner", owner, "op", req.Op, "err", err)
+		}
+		return rep, errOwnerDown
+	}
+	if err := proto.Unmarshal(m.Data, &rep); err != nil {
+		return rep, errOwnerDown
+	}
+	return rep, nil
+}
+
+// orderOp runs get or refund on the order's node.
+func (n *Node) orderOp(op string, id int64) (pay.Order, error) {
+	owner, err := n.payOwner(id)
+	if err != nil {
+		return pay.Order{}, err
+	}
+	if owner == "" {
+		if op == "refund" {
+			return n.Pay.Refund(id)
+		}
+		return n.Pay.Get(id)
+	}
+	rep, err := n.forwardPay(owner, payFwdReq{Op: op, ID: id})
+	if err != nil {
+		return pay.Order{}, err
+	}
+	if rep.Err != nil {
+		return pay.Order{}, rep.Err
+	}
+	if rep.Order == nil {
+		return pay.Order{}, errOwnerDown
+	}
+	return *rep.Order, nil
+}
+
+// notify runs a webhook delivery on the order's node. The order id is read
+// from the unverified body only to route it; the owner verifies everything.
+func (n *Node) notify(channel, sig string, body []byte) (int, string) {
+	if n.Cluster != nil {
+		var ev pay.Event
+		if proto.Unmarshal(body, &ev) == nil {
+			if id, ok := pay.ParseOrderID(strings.TrimSpace(ev.OrderID)); ok {
+				owner, err := n.payOwner(id)
+				if err != nil {
+					return http.StatusServiceUnavailable, err.Error()
+				}
+				if owner != "" {
+					rep, err := n.forwardPay(owner, payFwdReq{Op: "notify", Channel: channel, Sig: sig, Body: body})
+					if err != nil {
+						return http.StatusServiceUnavailable, err.Error()
+					}
+					return rep.Status, rep.Body
+				}
+			}
+		}
+	}
+	return n.Pay.Notify(channel, sig, body)
+}
