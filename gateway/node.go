@@ -413,6 +413,12 @@ func ensureStreams(nc *nats.Conn) error {
 		Storage:  nats.FileStorage,
 	})
 	if err != nil && !errors.Is(err, nats.ErrStreamNameAlreadyInUse) {
+		// Nodes starting together race to make it: one wins, the others
+		// may be told its subjects overlap. The stream being there is all
+		// that matters.
+		if _, ierr := js.StreamInfo(RoomEventsStream); ierr == nil {
+			return nil
+		}
 		return fmt.Errorf("jetstream stream %s: %w", RoomEventsStream, err)
 	}
 	return nil

@@ -62,6 +62,11 @@ var sequenceLua string
 
 var sequenceScript = rueidis.NewLuaScript(sequenceLua)
 
+//go:embed lua/position.lua
+var positionLua string
+
+var positionScript = rueidis.NewLuaScript(positionLua)
+
 const (
 	maxSeqBatch   = 256  // pushes numbered by one script call
 	maxGapBuffer  = 4096 // pushes held while a gap is open; beyond, it is filled now
@@ -498,29 +503,49 @@ func pushData(d []byte) []byte {
 // history reads offsets from..to of room in epoch ep from the shared
 // history (Local.History).
 func (c *Cluster) history(id int64, ep string, from, to int64) ([]Msg, bool) {
+	msgs, err := c.readHistory(id, ep, from, to)
+	return msgs, err == nil
+}
+
+// errNotKept: the shared history no longer has (all of) what was asked, or
+// the room's epoch changed; asking again will not help.
+var errNotKept = errors.New("router: not in the room's history")
+
+// readHistory is history with the reason of a failure: errNotKept, or a
+// Redis error (worth retrying).
+func (c *Cluster) readHistory(id int64, ep string, from, to int64) ([]Msg, error) {
 	ctx, cancel := c.ctx()
 	defer cancel()
 	res := c.rdb.DoMulti(ctx,
 		c.rdb.B().Get().Key(epKey(id)).Build(),
 		c.rdb.B().Xrange().Key(histKey(id)).Start(strconv.FormatInt(from, 10)+"-0").End(strconv.FormatInt(to, 10)+"-0").Build())
 	got, err := res[0].ToString()
-	if err != nil || got != ep {
-		return nil, false
+	if rueidis.IsRedisNil(err) {
+		return nil, errNotKept
+	}
+	if err != nil {
+		return nil, err
+	}
+	if got != ep {
+		return nil, errNotKept
 	}
 	entries, err := res[1].AsXRange()
-	if err != nil || int64(len(entries)) != to-from+1 {
-		return nil, false
+	if err != nil {
+		return nil, err
+	}
+	if int64(len(entries)) != to-from+1 {
+		return nil, errNotKept
 	}
 	notBefore := time.Now().Add(-c.cfg.HistoryTTL).UnixMilli()
 	msgs := make([]Msg, 0, len(entries))
 	for i, e := range entries {
 		off, _, _ := strings.Cut(e.ID, "-")
 		if o, _ := strconv.ParseInt(off, 10, 64); o != from+int64(i) {
-			return nil, false
+			return nil, errNotKept
 		}
 		if i == 0 {
 			if t, _ := strconv.ParseInt(e.FieldValues["t"], 10, 64); t < notBefore {
-				return nil, false
+				return nil, errNotKept
 			}
 		}
 		biz, _ := strconv.Atoi(e.FieldValues["b"])
@@ -528,7 +553,7 @@ func (c *Cluster) history(id int64, ep string, from, to int64) ([]Msg, bool) {
 			Data: []byte(e.FieldValues["d"]), Off: from + int64(i), Ep: ep}
 		msgs = append(msgs, encodeMsg(&p))
 	}
-	return msgs, true
+	return msgs, nil
 }
 
 // subscribe returns the room's subscription state, starting it if needed:
@@ -599,24 +624,22 @@ func (c *Cluster) startRoom(st *croom) error {
 	return nil
 }
 
-// position reads a room's epoch and newest offset from Redis ("" and 0 when
-// the room has no history).
+// position reads a room's epoch and newest offset from Redis, giving the
+// room an epoch first if it has none (position.lua).
 func (c *Cluster) position(id int64) (string, int64, error) {
 	ctx, cancel := c.ctx()
 	defer cancel()
-	res := c.rdb.DoMulti(ctx, c.rdb.B().Get().Key(epKey(id)).Build(), c.rdb.B().Get().Key(seqKey(id)).Build())
-	ep, err := res[0].ToString()
-	if rueidis.IsRedisNil(err) {
-		return "", 0, nil
-	}
+	arr, err := positionScript.Exec(ctx, c.rdb, []string{seqKey(id), epKey(id), histKey(id)},
+		[]string{NewEpoch(), strconv.FormatInt(c.cfg.HistoryTTL.Milliseconds(), 10)}).ToArray()
 	if err != nil {
 		return "", 0, err
 	}
-	last, err := res[1].AsInt64()
-	if rueidis.IsRedisNil(err) {
-		return ep, 0, nil
+	if len(arr) != 2 {
+		return "", 0, errors.New("router: position script: bad reply")
 	}
-	return ep, last, err
+	ep, err1 := arr[0].ToString()
+	last, err2 := arr[1].AsInt64()
+	return ep, last, errors.Join(err1, err2)
 }
 
 // receive takes a numbered batch (from NATS or this node's sequencer).
@@ -709,8 +732,11 @@ func (c *Cluster) drainLocked(st *croom) {
 	}
 }
 
-// startFill reads the missing offsets [next, upTo] (upTo 0: up to the first
-// buffered batch) from the shared history in the background. st.mu is held.
+// startFill reads offsets [next, upTo] from the shared history in the
+// background (upTo 0: through the newest buffered offset — one read catches
+// up with everything known, instead of one gap per GapWait while NATS is
+// still re-subscribing). Buffered batches the read covers are dropped as
+// duplicates when it lands. st.mu is held.
 func (c *Cluster) startFill(st *croom, upTo int64) {
 	if st.filling {
 		return
@@ -719,17 +745,18 @@ func (c *Cluster) startFill(st *croom, upTo int64) {
 		if len(st.buf) == 0 {
 			return
 		}
-		upTo = st.buf[0].first - 1
+		upTo = st.buf[len(st.buf)-1].last()
 	}
 	if upTo < st.next {
 		return
 	}
 	st.filling = true
 	from, ep := st.next, st.ep
+	c.log.Debug("room gap: reading history", "room", st.id, "ep", ep, "from", from, "to", upTo, "buffered", st.buffered)
 	c.wg.Add(1)
 	go func() {
 		defer c.wg.Done()
-		msgs, ok := c.history(st.id, ep, from, upTo)
+		msgs, err := c.readHistory(st.id, ep, from, upTo)
 		st.mu.Lock()
 		defer st.mu.Unlock()
 		st.filling = false
@@ -737,16 +764,30 @@ func (c *Cluster) startFill(st *croom, upTo int64) {
 			c.drainLocked(st)
 			return
 		}
-		if ok {
+		switch {
+		case err == nil:
+			c.log.Debug("room gap filled", "room", st.id, "from", from, "to", upTo)
 			c.stats.gapFills.Add(1)
 			c.deliverLocked(st, roomBatch{ep: ep, first: from, msgs: msgs})
-		} else if len(st.buf) > 0 {
-			// Not kept any more (or Redis unreachable): skip to what we have.
-			// Clients that join with since before the gap are told
-			// recovered:false by the history check.
+		case errors.Is(err, errNotKept):
+			// Gone from the history: skip past it. Clients that join with a
+			// since before the gap are told recovered:false by the same check.
 			c.stats.gapsLost.Add(1)
-			c.log.Warn("room offsets lost", "room", st.id, "from", from, "to", st.buf[0].first-1)
-			st.next = st.buf[0].first
+			c.log.Warn("room offsets lost", "room", st.id, "from", from, "to", upTo)
+			st.next = upTo + 1
+		default:
+			// Redis unreachable: the gap timer (a later batch) or the tail
+			// sweep tries again.
+			c.log.Warn("room gap not filled yet", "room", st.id, "from", from, "to", upTo, "err", err)
+			if len(st.buf) > 0 && !st.gapArmed {
+				st.gapArmed = true
+				time.AfterFunc(c.cfg.GapWait, func() {
+					st.mu.Lock()
+					st.gapArmed = false
+					c.startFill(st, 0)
+					st.mu.Unlock()
+				})
+			}
 		}
 		c.drainLocked(st)
 	}()
@@ -793,7 +834,17 @@ func (c *Cluster) checkTails(idle time.Duration) {
 				continue
 			}
 			st.mu.Lock()
-			if ep == st.ep && last >= st.next {
+			switch {
+			case ep != st.ep && ep != "" && ep != st.prevEp:
+				// A new epoch this node has not heard of (every batch of it
+				// lost on the way): it starts at 1.
+				c.log.Warn("room epoch changed unseen", "room", st.id, "from", st.ep, "to", ep)
+				st.prevEp, st.ep, st.next = st.ep, ep, 1
+				st.buf, st.buffered = nil, 0
+				if last >= 1 {
+					c.startFill(st, last)
+				}
+			case ep == st.ep && last >= st.next:
 				c.startFill(st, last)
 			}
 			st.mu.Unlock()

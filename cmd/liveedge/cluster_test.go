@@ -395,7 +395,7 @@ func TestClusterGiftAcrossNodes(t *testing.T) {
 // reconnects is told recovered:false) but closes no room. /readyz is 503
 // while the dependency is down, 200 again after.
 func TestClusterSurvivesNATSAndRedisRestart(t *testing.T) {
-	c := startCluster(t, 3)
+	c := startCluster(t, 3, "LIVEEDGE_LOG_LEVEL=debug")
 	anchorTok := devToken(t, c.nodes[0].http, 1, "anchor")
 	room := openRoom(t, c.nodes[0].http, anchorTok)
 	const n = 30
@@ -496,6 +496,36 @@ func TestClusterSurvivesNATSAndRedisRestart(t *testing.T) {
 	wg.Wait()
 
 	want := okCount()
+	defer func() {
+		if !t.Failed() {
+			return
+		}
+		for i, lg := range logs {
+			got := map[string]bool{}
+			for _, p := range lg.get(proto.BizChat) {
+				got[p.Mid] = true
+			}
+			var missing []string
+			okMu.Lock()
+			for mid := range okMids {
+				if !got[mid] {
+					missing = append(missing, mid)
+				}
+			}
+			okMu.Unlock()
+			if len(missing) > 0 {
+				ps := lg.get(proto.BizChat)
+				t.Logf("client %d (node %d) misses %d: %v; last pushes: %+v", i, i%3, len(missing), missing, ps[max(0, len(ps)-3):])
+			}
+		}
+		for _, nd := range c.nodes {
+			t.Logf("%s: gap fills %v, lost %v, seq errors %v", nd.http,
+				metric(t, nd.http, "liveedge_cluster_gap_fills_total"), metric(t, nd.http, "liveedge_cluster_gaps_lost_total"),
+				metric(t, nd.http, "liveedge_cluster_sequencer_errors_total"))
+			out := nd.p.stdout.String()
+			t.Logf("%s log tail:\n%s", nd.http, out[max(0, len(out)-20000):])
+		}
+	}()
 	pollUntil(t, 20*time.Second, "every client has every acknowledged chat", func() bool {
 		for _, lg := range logs {
 			got := map[string]bool{}
