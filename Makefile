@@ -41,7 +41,7 @@ ts-test: build
 
 # Tools the tests shell out to (a fresh Debian machine may lack them), as
 # command:package (chromium drives the demo page test; node and npm the TS SDK's).
-TOOLS := git:git curl:curl make:make redis-server:redis-server chromium:chromium node:nodejs npm:npm
+TOOLS := git:git curl:curl make:make redis-server:redis-server nats-server:nats-server chromium:chromium node:nodejs npm:npm
 tools:
 	@missing=""; for tp in $(TOOLS); do command -v $${tp%%:*} >/dev/null 2>&1 || missing="$$missing $${tp#*:}"; done; \
 	if [ -n "$$missing" ]; then \
