@@ -30,8 +30,8 @@ type Client struct {
 	dedup  *dedup
 
 	mu         sync.Mutex
-	sess       *session      // the ready session; nil while (re)connecting
-	readyCh    chan struct{} // closed iff sess != nil
+	sess       *session           // the ready session; nil while (re)connecting
+	readyCh    chan struct{}      // closed iff sess != nil
 	rooms      map[int64]*roomPos // the joined rooms and the last position seen in each
 	urlIdx     int                // index in cfg.urls of the current (or last) connection
 	hello      proto.Hello

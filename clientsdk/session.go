@@ -48,7 +48,7 @@ type session struct {
 }
 
 type call struct {
-	ch   chan reply // buffered 1
+	ch   chan reply     // buffered 1
 	onOK func(d []byte) // run by the reader on a code-0 reply (d: the reply's d, valid during the call), before the reply is delivered
 }
 
