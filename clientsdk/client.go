@@ -58,22 +58,26 @@ type Client struct {
 // room push that passed the offset guard, or of the join reply when newer.
 // Guarded by Client.mu.
 type roomPos struct {
-	off int64
-	ep  string
+	off   int64
+	ep    string
+	known bool // the server gave a position (a join reply with "ep", even "", or a numbered push)
 }
 
 // merge moves the position to (off, ep) when that is newer: a later offset
 // in the same epoch, or any position in another epoch (numbering restarted).
 func (p *roomPos) merge(off int64, ep string) {
-	if ep != p.ep || off > p.off {
-		p.off, p.ep = off, ep
+	if !p.known || ep != p.ep || off > p.off {
+		p.off, p.ep, p.known = off, ep, true
 	}
 }
 
-// since is the position to send in a re-join; nil when the server has not
-// numbered the room's pushes (no epoch seen).
+// since is the position to send in a re-join; nil when the server never
+// gave one (a server that does not number room pushes). A room joined before
+// its first push has the position {0, ""}: it is sent too, so that pushes
+// missed meanwhile are replayed or reported (StateRoomResync), never lost
+// silently.
 func (p *roomPos) since() *proto.Position {
-	if p.ep == "" {
+	if !p.known {
 		return nil
 	}
 	return &proto.Position{Off: p.off, Ep: p.ep}
@@ -81,11 +85,18 @@ func (p *roomPos) since() *proto.Position {
 
 // joinReply is the d of a join reply (PROTOCOL.md §3).
 type joinReply struct {
-	RoomID    int64  `json:"room_id"`
-	Online    int    `json:"online"`
-	Off       int64  `json:"off"`
-	Ep        string `json:"ep"`
-	Recovered *bool  `json:"recovered"` // only in the reply to a join with since
+	RoomID    int64   `json:"room_id"`
+	Online    int     `json:"online"`
+	Off       int64   `json:"off"`
+	Ep        *string `json:"ep"`        // nil: a server that does not number room pushes
+	Recovered *bool   `json:"recovered"` // only in the reply to a join with since
+}
+
+func (r *joinReply) ep() string {
+	if r.Ep == nil {
+		return ""
+	}
+	return *r.Ep
 }
 
 // startIndex picks the URL Dial tries first (random; tests replace it).
@@ -343,7 +354,9 @@ func (c *Client) JoinInfo(ctx context.Context, roomID int64) (JoinResult, error)
 			p = &roomPos{}
 			c.rooms[roomID] = p
 		}
-		p.merge(jr.Off, jr.Ep)
+		if jr.Ep != nil {
+			p.merge(jr.Off, *jr.Ep)
+		}
 		c.mu.Unlock()
 	})
 	if err != nil {
@@ -352,7 +365,7 @@ func (c *Client) JoinInfo(ctx context.Context, roomID int64) (JoinResult, error)
 	if perr != nil {
 		return JoinResult{}, fmt.Errorf("clientsdk: join reply: %w", perr)
 	}
-	return JoinResult{RoomID: roomID, Online: jr.Online, Off: jr.Off, Ep: jr.Ep}, nil
+	return JoinResult{RoomID: roomID, Online: jr.Online, Off: jr.Off, Ep: jr.ep()}, nil
 }
 
 // Leave leaves a room. The room leaves the re-join set at once, whatever the
@@ -549,14 +562,14 @@ func (c *Client) rejoined(room int64, since *proto.Position) func(d []byte) {
 			c.log.Warn("clientsdk: undecodable join reply", "room", room, "err", err)
 		}
 		c.mu.Lock()
-		if p := c.rooms[room]; p != nil {
-			p.merge(jr.Off, jr.Ep)
+		if p := c.rooms[room]; p != nil && jr.Ep != nil {
+			p.merge(jr.Off, *jr.Ep)
 		}
 		c.mu.Unlock()
 		if since != nil && (jr.Recovered == nil || !*jr.Recovered) {
 			c.log.Info("clientsdk: room history not recovered, re-sync needed", "room", room,
-				"since_off", since.Off, "since_ep", since.Ep, "off", jr.Off, "ep", jr.Ep)
-			c.emitState(StateEvent{State: StateRoomResync, Room: room, Off: jr.Off, Ep: jr.Ep})
+				"since_off", since.Off, "since_ep", since.Ep, "off", jr.Off, "ep", jr.ep())
+			c.emitState(StateEvent{State: StateRoomResync, Room: room, Off: jr.Off, Ep: jr.ep()})
 		}
 	}
 }

@@ -176,13 +176,16 @@ func TestRejoinSinceAndResync(t *testing.T) {
 	ctx := context.Background()
 	ts.mu.Lock()
 	ts.pos[5] = proto.Position{Off: 10, Ep: "e1"}
+	ts.pos[7] = proto.Position{} // numbered, no push yet: "off":0,"ep":""
 	ts.mu.Unlock()
 	j, err := c.JoinInfo(ctx, 5)
 	if err != nil || j != (JoinResult{RoomID: 5, Online: 7, Off: 10, Ep: "e1"}) {
 		t.Fatalf("JoinInfo = %+v, %v", j, err)
 	}
-	if _, err := c.Join(ctx, 6); err != nil { // a room the server does not number
-		t.Fatal(err)
+	for _, room := range []int64{6, 7} { // 6: a server that does not number the room
+		if _, err := c.Join(ctx, room); err != nil {
+			t.Fatal(err)
+		}
 	}
 	if p, ok := c.RoomPosition(5); !ok || p != (proto.Position{Off: 10, Ep: "e1"}) {
 		t.Fatalf("RoomPosition after join = %+v %v", p, ok)
@@ -231,9 +234,10 @@ func TestRejoinSinceAndResync(t *testing.T) {
 			on1 = append(on1, j)
 		}
 	}
-	if len(on1) != 2 || on1[0].room != 5 || on1[0].since == nil || *on1[0].since != (proto.Position{Off: 13, Ep: "e1"}) ||
-		on1[1].room != 6 || on1[1].since != nil {
-		t.Fatalf("re-joins %+v (since %v), want room 5 since {13 e1}, room 6 without since", on1, on1[0].since)
+	if len(on1) != 3 || on1[0].room != 5 || on1[0].since == nil || *on1[0].since != (proto.Position{Off: 13, Ep: "e1"}) ||
+		on1[1].room != 6 || on1[1].since != nil ||
+		on1[2].room != 7 || on1[2].since == nil || *on1[2].since != (proto.Position{}) {
+		t.Fatalf("re-joins %+v, want room 5 since {13 e1}, room 6 without since, room 7 since {0 \"\"}", on1)
 	}
 	if r.hasState(StateRoomResync) {
 		t.Fatal("StateRoomResync after recovered:true")
@@ -254,15 +258,16 @@ func TestRejoinSinceAndResync(t *testing.T) {
 	if !ok || e.Room != 5 || e.Off != 3 || e.Ep != "e2" {
 		t.Fatalf("resync event %+v %v", e, ok)
 	}
-	if got := ts.joinList(); got[len(got)-2].since == nil || *got[len(got)-2].since != (proto.Position{Off: 16, Ep: "e1"}) {
-		t.Fatalf("second re-join since %v, want {16 e1}", got[len(got)-2].since)
+	if got := ts.joinList(); got[len(got)-3].room != 5 || got[len(got)-3].since == nil ||
+		*got[len(got)-3].since != (proto.Position{Off: 16, Ep: "e1"}) {
+		t.Fatalf("second re-join of 5: %+v, want since {16 e1}", got[len(got)-3])
 	}
 	want := []State{StateConnected, StateDisconnected, StateReconnecting, StateConnected,
 		StateDisconnected, StateReconnecting, StateRoomResync, StateConnected}
 	if got := r.stateList(); !slices.Equal(got, want) {
 		t.Fatalf("states %v, want %v", got, want)
 	}
-	if !slices.Equal(c.Rooms(), []int64{5, 6}) {
+	if !slices.Equal(c.Rooms(), []int64{5, 6, 7}) {
 		t.Fatalf("rooms %v", c.Rooms())
 	}
 	tc2.send(t, offPush("n3", false, 5, 3, "e2", "3 of e2")) // at the reply's position: dropped

@@ -32,7 +32,7 @@ type tServer struct {
 	ackFrames [][]string
 	joins     []tJoin
 	refuse    map[int64]bool           // join of these rooms replies 10004
-	pos       map[int64]proto.Position // the room position a join reply gives (off/ep)
+	pos       map[int64]proto.Position // the room position a join reply gives (off/ep; none when absent)
 	lost      map[int64]bool           // a join with since of these rooms replies recovered:false
 	replay    map[int64][][]byte       // frames sent before the reply to a recovered join with since
 	typeCount map[string]int
@@ -143,13 +143,17 @@ func (ts *tServer) OnMessage(ws *gws.Conn, m *gws.Message) {
 		ts.mu.Lock()
 		ts.joins = append(ts.joins, tJoin{tc.n, rr.RoomID, rr.Since})
 		refused := ts.refuse[rr.RoomID]
-		pos, lost, replay := ts.pos[rr.RoomID], ts.lost[rr.RoomID], ts.replay[rr.RoomID]
+		pos, numbered := ts.pos[rr.RoomID]
+		lost, replay := ts.lost[rr.RoomID], ts.replay[rr.RoomID]
 		ts.mu.Unlock()
 		if refused {
 			reply(proto.EncodeErrorReply(f.ID, proto.ErrNotFound))
 			return
 		}
-		rep := map[string]any{"room_id": rr.RoomID, "online": 7, "off": pos.Off, "ep": pos.Ep}
+		rep := map[string]any{"room_id": rr.RoomID, "online": 7}
+		if numbered { // else like a server that does not number room pushes
+			rep["off"], rep["ep"] = pos.Off, pos.Ep
+		}
 		if rr.Since != nil { // like the gateway: the replay goes out before the reply
 			rep["recovered"] = !lost
 			if !lost {

@@ -337,10 +337,10 @@ func (c *Client) advance(room, off int64, ep string) bool {
 	if p == nil {
 		return true
 	}
-	if ep == p.ep && off <= p.off {
+	if p.known && ep == p.ep && off <= p.off {
 		return false
 	}
-	p.off, p.ep = off, ep
+	p.off, p.ep, p.known = off, ep, true
 	return true
 }
 
