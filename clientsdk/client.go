@@ -30,9 +30,10 @@ type Client struct {
 	dedup  *dedup
 
 	mu         sync.Mutex
-	sess       *session      // the ready session; nil while (re)connecting
-	readyCh    chan struct{} // closed iff sess != nil
-	rooms      map[int64]struct{}
+	sess       *session           // the ready session; nil while (re)connecting
+	readyCh    chan struct{}      // closed iff sess != nil
+	rooms      map[int64]*roomPos // the joined rooms and the last position seen in each
+	urlIdx     int                // index in cfg.urls of the current (or last) connection
 	hello      proto.Hello
 	lastCode   int
 	lastReason string
@@ -49,19 +50,70 @@ type Client struct {
 	wg sync.WaitGroup // every goroutine but the dispatcher
 
 	stats struct {
-		reconnects, pushes, delivered, dups, acks, requests atomic.Int64
+		reconnects, pushes, delivered, dups, offDups, acks, requests atomic.Int64
 	}
 }
+
+// roomPos is the last position seen in a joined room: the off/ep of the last
+// room push that passed the offset guard, or of the join reply when newer.
+// Guarded by Client.mu.
+type roomPos struct {
+	off   int64
+	ep    string
+	known bool // the server gave a position (a join reply with "ep", even "", or a numbered push)
+}
+
+// merge moves the position to (off, ep) when that is newer: a later offset
+// in the same epoch, or any position in another epoch (numbering restarted).
+func (p *roomPos) merge(off int64, ep string) {
+	if !p.known || ep != p.ep || off > p.off {
+		p.off, p.ep, p.known = off, ep, true
+	}
+}
+
+// since is the position to send in a re-join; nil when the server never
+// gave one (a server that does not number room pushes). A room joined before
+// its first push has the position {0, ""}: it is sent too, so that pushes
+// missed meanwhile are replayed or reported (StateRoomResync), never lost
+// silently.
+func (p *roomPos) since() *proto.Position {
+	if !p.known {
+		return nil
+	}
+	return &proto.Position{Off: p.off, Ep: p.ep}
+}
+
+// joinReply is the d of a join reply (PROTOCOL.md §3).
+type joinReply struct {
+	RoomID    int64   `json:"room_id"`
+	Online    int     `json:"online"`
+	Off       int64   `json:"off"`
+	Ep        *string `json:"ep"`        // nil: a server that does not number room pushes
+	Recovered *bool   `json:"recovered"` // only in the reply to a join with since
+}
+
+func (r *joinReply) ep() string {
+	if r.Ep == nil {
+		return ""
+	}
+	return *r.Ep
+}
+
+// startIndex picks the URL Dial tries first (random; tests replace it).
+var startIndex = func(n int) int { return rand.IntN(n) }
 
 type event struct {
 	push  Push
 	state *StateEvent
 }
 
-// Dial connects to cfg.URL and waits for the server's hello, bounded by ctx
-// and cfg.RequestTimeout. An HTTP 401 yields an error wrapping
-// ErrUnauthorized. Once Dial has returned, the client keeps itself connected
-// until Close or a terminal close code.
+// Dial connects to one of cfg's URLs and waits for the server's hello,
+// bounded by ctx and, per attempt, cfg.RequestTimeout. It tries each URL once,
+// in list order starting at a random one, until one connects; the error
+// joins those of every attempt. An HTTP 401 yields an error wrapping
+// ErrUnauthorized (at once: the token is the same for every node). Once Dial
+// has returned, the client keeps itself connected until Close or a terminal
+// close code.
 func Dial(ctx context.Context, cfg Config) (*Client, error) {
 	cfg, err := cfg.withDefaults()
 	if err != nil {
@@ -72,20 +124,14 @@ func Dial(ctx context.Context, cfg Config) (*Client, error) {
 		log:          cfg.Logger,
 		dedup:        newDedup(cfg.DedupWindow),
 		readyCh:      make(chan struct{}),
-		rooms:        make(map[int64]struct{}),
+		rooms:        make(map[int64]*roomPos),
 		events:       make(chan event, cfg.EventBuffer),
 		dispatchDone: make(chan struct{}),
 	}
 	c.ctx, c.cancel = context.WithCancel(context.Background())
 	go c.dispatch()
 
-	s, err := c.connect(ctx)
-	if err == nil {
-		if err = c.activate(s, 0); err != nil {
-			s.closeWith(proto.CloseNormal, nil)
-			<-s.done
-		}
-	}
+	s, err := c.dialAny(ctx)
 	if err != nil {
 		c.cancel()
 		c.wg.Wait()
@@ -96,6 +142,35 @@ func Dial(ctx context.Context, cfg Config) (*Client, error) {
 	c.wg.Add(1)
 	go c.run(s)
 	return c, nil
+}
+
+// dialAny makes Dial's attempts: each URL once, from a random one.
+func (c *Client) dialAny(ctx context.Context) (*session, error) {
+	n := len(c.cfg.urls)
+	start := startIndex(n)
+	var errs []error
+	for k := range n {
+		i := (start + k) % n
+		s, err := c.connect(ctx, i)
+		if err == nil {
+			if err = c.activate(s, 0, i); err == nil {
+				return s, nil
+			}
+			s.closeWith(proto.CloseNormal, nil)
+			<-s.done
+		}
+		errs = append(errs, err)
+		c.log.Info("clientsdk: connect failed", "url", c.cfg.redactedURL(i), "err", err)
+		var ce *CloseError
+		if errors.Is(err, ErrUnauthorized) || ctx.Err() != nil ||
+			(errors.As(err, &ce) && !c.reconnectable(ce.Code)) {
+			break
+		}
+	}
+	if len(errs) == 1 {
+		return nil, errs[0]
+	}
+	return nil, errors.Join(errs...)
 }
 
 // Close closes the connection with 1000, stops reconnecting, fails pending
@@ -158,15 +233,38 @@ func (c *Client) roomsLocked() []int64 {
 	return rs
 }
 
+// RoomPosition returns the last position seen in a joined room: the off and
+// ep of the last room push delivered (or de-duplicated by mid), or those of
+// the join reply when newer. It is what a re-join after a reconnect sends as
+// since. ok is false when the room is not joined.
+func (c *Client) RoomPosition(roomID int64) (pos proto.Position, ok bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	p := c.rooms[roomID]
+	if p == nil {
+		return proto.Position{}, false
+	}
+	return proto.Position{Off: p.off, Ep: p.ep}, true
+}
+
+// URL returns the node URL (without its query) of the current connection, or
+// of the last one while reconnecting.
+func (c *Client) URL() string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.cfg.redactedURL(c.urlIdx)
+}
+
 // Stats returns a snapshot of the counters.
 func (c *Client) Stats() Stats {
 	return Stats{
-		Reconnects:      c.stats.reconnects.Load(),
-		PushesReceived:  c.stats.pushes.Load(),
-		PushesDelivered: c.stats.delivered.Load(),
-		Duplicates:      c.stats.dups.Load(),
-		AcksSent:        c.stats.acks.Load(),
-		Requests:        c.stats.requests.Load(),
+		Reconnects:       c.stats.reconnects.Load(),
+		PushesReceived:   c.stats.pushes.Load(),
+		PushesDelivered:  c.stats.delivered.Load(),
+		Duplicates:       c.stats.dups.Load(),
+		OffsetDuplicates: c.stats.offDups.Load(),
+		AcksSent:         c.stats.acks.Load(),
+		Requests:         c.stats.requests.Load(),
 	}
 }
 
@@ -180,7 +278,7 @@ func (c *Client) Request(ctx context.Context, typ string, d any) ([]byte, error)
 	return c.request(ctx, typ, d, nil)
 }
 
-func (c *Client) request(ctx context.Context, typ string, d any, onOK func()) ([]byte, error) {
+func (c *Client) request(ctx context.Context, typ string, d any, onOK func(d []byte)) ([]byte, error) {
 	if _, ok := ctx.Deadline(); !ok {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, c.cfg.RequestTimeout)
@@ -231,25 +329,43 @@ func (c *Client) closedErr() error {
 }
 
 // Join joins a room and returns its online count. The room is remembered and
-// re-joined after every reconnect.
+// re-joined after every reconnect (with since, see JoinInfo).
 func (c *Client) Join(ctx context.Context, roomID int64) (online int, err error) {
-	raw, err := c.request(ctx, proto.TypeJoin, proto.RoomReq{RoomID: roomID}, func() {
+	r, err := c.JoinInfo(ctx, roomID)
+	return r.Online, err
+}
+
+// JoinInfo is Join returning the whole reply: the online count and the
+// room's position (its newest offset and epoch; the room's pushes after it
+// follow). The client tracks the position of every joined room from there on
+// (RoomPosition) and re-joins with since after a reconnect.
+func (c *Client) JoinInfo(ctx context.Context, roomID int64) (JoinResult, error) {
+	var jr joinReply
+	var perr error
+	_, err := c.request(ctx, proto.TypeJoin, proto.RoomReq{RoomID: roomID}, func(d []byte) {
 		// Run by the reader on success, before this connection can be seen
-		// as closed: a later re-join always includes the room.
+		// as closed and before the pushes that follow the reply: a later
+		// re-join always includes the room.
+		jr = joinReply{}
+		perr = proto.Unmarshal(d, &jr)
 		c.mu.Lock()
-		c.rooms[roomID] = struct{}{}
+		p := c.rooms[roomID]
+		if p == nil {
+			p = &roomPos{}
+			c.rooms[roomID] = p
+		}
+		if jr.Ep != nil {
+			p.merge(jr.Off, *jr.Ep)
+		}
 		c.mu.Unlock()
 	})
 	if err != nil {
-		return 0, err
+		return JoinResult{}, err
 	}
-	var r struct {
-		Online int `json:"online"`
+	if perr != nil {
+		return JoinResult{}, fmt.Errorf("clientsdk: join reply: %w", perr)
 	}
-	if err := proto.Unmarshal(raw, &r); err != nil {
-		return 0, fmt.Errorf("clientsdk: join reply: %w", err)
-	}
-	return r.Online, nil
+	return JoinResult{RoomID: roomID, Online: jr.Online, Off: jr.Off, Ep: jr.ep()}, nil
 }
 
 // Leave leaves a room. The room leaves the re-join set at once, whatever the
@@ -287,7 +403,7 @@ func (c *Client) Ping(ctx context.Context) error {
 
 // connect opens one connection and waits for its hello, bounded by ctx and
 // RequestTimeout. On error nothing of the attempt is left running.
-func (c *Client) connect(ctx context.Context) (*session, error) {
+func (c *Client) connect(ctx context.Context, i int) (*session, error) {
 	ctx, cancel := context.WithTimeout(ctx, c.cfg.RequestTimeout)
 	defer cancel()
 	token := c.cfg.Token
@@ -298,10 +414,11 @@ func (c *Client) connect(ctx context.Context) (*session, error) {
 		}
 		token = t
 	}
-	addr, err := c.cfg.dialURL(token)
+	addr, err := c.cfg.dialURL(i, token)
 	if err != nil {
 		return nil, fmt.Errorf("clientsdk: URL: %w", err)
 	}
+	where := c.cfg.redactedURL(i)
 	handshake := c.cfg.RequestTimeout
 	if dl, ok := ctx.Deadline(); ok {
 		handshake = max(time.Until(dl), time.Millisecond)
@@ -316,19 +433,19 @@ func (c *Client) connect(ctx context.Context) (*session, error) {
 	stopped := dialer.stop()
 	if err != nil {
 		if resp != nil && resp.StatusCode == http.StatusUnauthorized {
-			return nil, fmt.Errorf("%w: %s", ErrUnauthorized, c.cfg.redactedURL())
+			return nil, fmt.Errorf("%w: %s", ErrUnauthorized, where)
 		}
 		if ctx.Err() != nil {
-			return nil, fmt.Errorf("clientsdk: connect %s: %w", c.cfg.redactedURL(), ctx.Err())
+			return nil, fmt.Errorf("clientsdk: connect %s: %w", where, ctx.Err())
 		}
 		if resp != nil {
-			return nil, fmt.Errorf("clientsdk: connect %s: HTTP %d: %w", c.cfg.redactedURL(), resp.StatusCode, err)
+			return nil, fmt.Errorf("clientsdk: connect %s: HTTP %d: %w", where, resp.StatusCode, err)
 		}
-		return nil, fmt.Errorf("clientsdk: connect %s: %w", c.cfg.redactedURL(), err)
+		return nil, fmt.Errorf("clientsdk: connect %s: %w", where, err)
 	}
 	if !stopped { // ctx closed the connection right after the handshake
 		_ = conn.NetConn().Close()
-		return nil, fmt.Errorf("clientsdk: connect %s: %w", c.cfg.redactedURL(), ctx.Err())
+		return nil, fmt.Errorf("clientsdk: connect %s: %w", where, ctx.Err())
 	}
 	s.conn = conn
 	c.wg.Add(1)
@@ -343,20 +460,25 @@ func (c *Client) connect(ctx context.Context) (*session, error) {
 		c.mu.Unlock()
 		return s, nil
 	case <-s.done:
-		return nil, fmt.Errorf("clientsdk: connect %s: before hello: %w", c.cfg.redactedURL(), s.closeError())
+		return nil, fmt.Errorf("clientsdk: connect %s: before hello: %w", where, s.closeError())
 	case <-ctx.Done():
 		s.closeWith(proto.CloseNormal, ctx.Err())
 		<-s.done
-		return nil, fmt.Errorf("clientsdk: connect %s: waiting for hello: %w", c.cfg.redactedURL(), ctx.Err())
+		return nil, fmt.Errorf("clientsdk: connect %s: waiting for hello: %w", where, ctx.Err())
 	}
 }
 
-// activate re-joins the remembered rooms on s, then makes s the ready
-// session, reports StateConnected and starts its heartbeat. An error means s
-// is unusable (the caller closes it).
-func (c *Client) activate(s *session, attempt int) error {
+// activate re-joins the remembered rooms on s (with since where their
+// position is known), then makes s (connected to URL i) the ready session,
+// reports StateConnected and starts its heartbeat. An error means s is
+// unusable (the caller closes it).
+func (c *Client) activate(s *session, attempt, i int) error {
 	c.mu.Lock()
 	rooms := c.roomsLocked()
+	sinces := make([]*proto.Position, len(rooms))
+	for k, r := range rooms {
+		sinces[k] = c.rooms[r].since()
+	}
 	c.mu.Unlock()
 	if len(rooms) > 0 {
 		ctx, cancel := context.WithTimeout(c.ctx, c.cfg.RequestTimeout)
@@ -367,8 +489,9 @@ func (c *Client) activate(s *session, attempt int) error {
 			cl   *call
 		}
 		calls := make([]sent, 0, len(rooms))
-		for _, r := range rooms { // pipelined: all joins out, then all replies
-			id, cl, err := s.send(ctx, proto.TypeJoin, proto.RoomReq{RoomID: r}, nil)
+		for k, r := range rooms { // pipelined: all joins out, then all replies
+			req := proto.RoomReq{RoomID: r, Since: sinces[k]}
+			id, cl, err := s.send(ctx, proto.TypeJoin, req, c.rejoined(r, req.Since))
 			if errors.Is(err, errNotSent) {
 				<-s.done
 				return s.closeError()
@@ -406,11 +529,16 @@ func (c *Client) activate(s *session, attempt int) error {
 		return c.closedErr()
 	}
 	c.sess = s
+	c.urlIdx = i
 	close(c.readyCh)
 	hello := c.hello
 	c.mu.Unlock()
-	c.log.Info("clientsdk: connected", "node", hello.Node, "user_id", hello.UserID, "attempt", attempt)
-	c.emitState(StateEvent{State: StateConnected, Hello: hello, Attempt: attempt})
+	if attempt > 0 {
+		c.stats.reconnects.Add(1) // counted before StateConnected is seen
+	}
+	where := c.cfg.redactedURL(i)
+	c.log.Info("clientsdk: connected", "url", where, "node", hello.Node, "user_id", hello.UserID, "attempt", attempt)
+	c.emitState(StateEvent{State: StateConnected, Hello: hello, Attempt: attempt, URL: where})
 
 	every := c.cfg.HeartbeatInterval
 	if every == 0 && hello.HeartbeatS > 0 {
@@ -421,6 +549,29 @@ func (c *Client) activate(s *session, attempt int) error {
 		go c.heartbeat(s, every)
 	}
 	return nil
+}
+
+// rejoined returns the reply hook of the re-join of room sent with since: run
+// by the reader, in order with the room's pushes (the replayed ones come
+// before the reply), it moves the room's position on to the reply's and
+// reports StateRoomResync when the server could not replay what was missed.
+func (c *Client) rejoined(room int64, since *proto.Position) func(d []byte) {
+	return func(d []byte) {
+		var jr joinReply
+		if err := proto.Unmarshal(d, &jr); err != nil {
+			c.log.Warn("clientsdk: undecodable join reply", "room", room, "err", err)
+		}
+		c.mu.Lock()
+		if p := c.rooms[room]; p != nil && jr.Ep != nil {
+			p.merge(jr.Off, *jr.Ep)
+		}
+		c.mu.Unlock()
+		if since != nil && (jr.Recovered == nil || !*jr.Recovered) {
+			c.log.Info("clientsdk: room history not recovered, re-sync needed", "room", room,
+				"since_off", since.Off, "since_ep", since.Ep, "off", jr.Off, "ep", jr.ep())
+			c.emitState(StateEvent{State: StateRoomResync, Room: room, Off: jr.Off, Ep: jr.ep()})
+		}
+	}
 }
 
 // heartbeat pings when nothing was written for half an interval, so the
@@ -496,13 +647,27 @@ func (c *Client) reconnectable(code int) bool {
 	return proto.Reconnectable(code) || (code == proto.CloseTokenExpired && c.cfg.TokenFunc != nil)
 }
 
-// reconnect retries with backoff until a session is active (returned) or the
-// client stops (nil, after reporting StateClosed).
+// reconnect retries until a session is active (returned) or the client stops
+// (nil, after reporting StateClosed). Attempts go round the URL list starting
+// after the URL of the connection that ended; each round starts with the
+// exponential backoff with full jitter (round n: random [0, min(max,
+// min·2^(n-1))]), and within a round the next URL is tried after a short
+// random pause in [min/2, min] (see Config.ReconnectMin).
 func (c *Client) reconnect() *session {
+	n := len(c.cfg.urls)
+	c.mu.Lock()
+	from := c.urlIdx
+	c.mu.Unlock()
 	var lastErr error
 	for attempt := 1; ; attempt++ {
-		delay := c.backoff(attempt)
-		c.emitState(StateEvent{State: StateReconnecting, Attempt: attempt, Delay: delay, Err: lastErr})
+		i := (from + attempt) % n
+		var delay time.Duration
+		if k := attempt - 1; k%n == 0 {
+			delay = c.backoff(k/n + 1)
+		} else {
+			delay = c.pace()
+		}
+		c.emitState(StateEvent{State: StateReconnecting, Attempt: attempt, Delay: delay, Err: lastErr, URL: c.cfg.redactedURL(i)})
 		t := time.NewTimer(delay)
 		select {
 		case <-t.C:
@@ -513,10 +678,9 @@ func (c *Client) reconnect() *session {
 			c.emitState(StateEvent{State: StateClosed, Err: c.Err()})
 			return nil
 		}
-		s, err := c.connect(c.ctx)
+		s, err := c.connect(c.ctx, i)
 		if err == nil {
-			if err = c.activate(s, attempt); err == nil {
-				c.stats.reconnects.Add(1)
+			if err = c.activate(s, attempt, i); err == nil {
 				return s
 			}
 			s.closeWith(proto.CloseNormal, nil)
@@ -526,7 +690,7 @@ func (c *Client) reconnect() *session {
 			c.emitState(StateEvent{State: StateClosed, Err: c.Err()})
 			return nil
 		}
-		c.log.Info("clientsdk: reconnect failed", "attempt", attempt, "err", err)
+		c.log.Info("clientsdk: reconnect failed", "attempt", attempt, "url", c.cfg.redactedURL(i), "err", err)
 		var ce *CloseError
 		if errors.As(err, &ce) && !c.reconnectable(ce.Code) {
 			c.terminate(ce.Code, ce.Reason, ce)
@@ -569,6 +733,15 @@ func (c *Client) stop(cause error) {
 	c.cancel()
 }
 
+// pace is the wait before trying the next URL within a reconnect round:
+// random in [ReconnectMin/2, ReconnectMin].
+func (c *Client) pace() time.Duration {
+	half := c.cfg.ReconnectMin / 2
+	return half + time.Duration(rand.Int64N(int64(c.cfg.ReconnectMin-half)+1))
+}
+
+// backoff is the wait before reconnect round n (the n-th attempt with one
+// URL): random in [0, min(ReconnectMax, ReconnectMin·2^(n-1))].
 func (c *Client) backoff(attempt int) time.Duration {
 	ceil := c.cfg.ReconnectMax
 	if attempt < 32 {

@@ -85,10 +85,12 @@ func (r *rec) stateList() []State {
 func dial(t *testing.T, ts *tServer, r *rec, mod func(*Config)) *Client {
 	t.Helper()
 	cfg := Config{
-		URL:          ts.url(),
 		Token:        "good",
 		ReconnectMin: 10 * time.Millisecond,
 		ReconnectMax: 40 * time.Millisecond,
+	}
+	if ts != nil {
+		cfg.URL = ts.url()
 	}
 	if r != nil {
 		cfg.OnPush, cfg.OnState = r.onPush, r.onState
@@ -557,12 +559,12 @@ func TestConfigDefaults(t *testing.T) {
 		cfg.ReconnectMax != 5*time.Second || cfg.DedupWindow != 16384 {
 		t.Fatalf("defaults %+v", cfg)
 	}
-	u, _ := cfg.dialURL("t o")
+	u, _ := cfg.dialURL(0, "t o")
 	if u != "ws://h:1/ws?batch=1&token=t+o&x=1" {
 		t.Fatalf("dial URL %s", u)
 	}
 	cfg.NoBatch = true
-	if u, _ := cfg.dialURL("t"); strings.Contains(u, "batch") {
+	if u, _ := cfg.dialURL(0, "t"); strings.Contains(u, "batch") {
 		t.Fatalf("NoBatch URL %s", u)
 	}
 	c := &Client{cfg: cfg}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/url"
+	"slices"
 	"time"
 )
 
@@ -18,12 +19,21 @@ const (
 	DefaultEventBuffer    = 1024
 )
 
-// Config configures a Client. The zero value of every field but URL is usable.
+// Config configures a Client. The zero value of every field but URL (or
+// URLs) is usable.
 type Config struct {
 	// URL of the gateway's WebSocket endpoint: "ws://host:port/ws" (wss works
 	// too). Query parameters already in it are kept; token and batch are set by
-	// the client.
+	// the client. URL alone is the same as URLs with one entry.
 	URL string
+
+	// URLs are the WebSocket endpoints of several nodes of one cluster (each
+	// ws:// or wss://, like URL). When both are set, URL comes first in the
+	// list; duplicates are ignored. Dial tries them in turn, starting at a
+	// random one, until one connects; after a disconnect the client moves on
+	// to the next URL in the list (so the clients of a node that went away
+	// spread over the others), see ReconnectMin.
+	URLs []string
 
 	// Token is sent as ?token= at every (re)connect. Ignored when TokenFunc is
 	// set. With a static Token an HTTP 401 on reconnect is terminal.
@@ -47,9 +57,14 @@ type Config struct {
 	// hello) and each frame write. Zero means DefaultRequestTimeout (10 s).
 	RequestTimeout time.Duration
 
-	// ReconnectMin and ReconnectMax bound the reconnect backoff: the n-th
-	// attempt waits a uniformly random time in [0, min(ReconnectMax,
-	// ReconnectMin·2^(n-1))] ("full jitter"). Zero means 100 ms and 5 s.
+	// ReconnectMin and ReconnectMax bound the reconnect backoff. Reconnect
+	// attempts go in rounds, one attempt per URL, starting with the URL after
+	// the one that was connected. Round n starts after a uniformly random wait
+	// in [0, min(ReconnectMax, ReconnectMin·2^(n-1))] ("full jitter"); within a
+	// round, each further URL is tried after a random wait in
+	// [ReconnectMin/2, ReconnectMin] (no full backoff before trying another
+	// node, but a bounded attempt rate). With one URL every attempt is a
+	// round of its own. Zero means 100 ms and 5 s.
 	ReconnectMin time.Duration
 	ReconnectMax time.Duration
 
@@ -80,18 +95,35 @@ type Config struct {
 	// A ping unanswered within RequestTimeout closes the connection (and the
 	// client reconnects).
 	HeartbeatInterval time.Duration
+
+	urls []string // URL then URLs, validated, without duplicates (withDefaults)
 }
 
 func (cfg Config) withDefaults() (Config, error) {
-	if cfg.URL == "" {
-		return cfg, errors.New("clientsdk: Config.URL is empty")
+	cfg.urls = nil
+	for i, raw := range append([]string{cfg.URL}, cfg.URLs...) {
+		field := "Config.URL"
+		if i > 0 {
+			field = fmt.Sprintf("Config.URLs[%d]", i-1)
+		} else if raw == "" {
+			continue // URLs only
+		}
+		u, err := url.Parse(raw)
+		if err != nil {
+			return cfg, fmt.Errorf("clientsdk: %s: %w", field, err)
+		}
+		if u.Scheme != "ws" && u.Scheme != "wss" {
+			return cfg, fmt.Errorf("clientsdk: %s: scheme must be ws or wss, not %q", field, u.Scheme)
+		}
+		if u.Host == "" {
+			return cfg, fmt.Errorf("clientsdk: %s: no host", field)
+		}
+		if !slices.Contains(cfg.urls, raw) {
+			cfg.urls = append(cfg.urls, raw)
+		}
 	}
-	u, err := url.Parse(cfg.URL)
-	if err != nil {
-		return cfg, fmt.Errorf("clientsdk: Config.URL: %w", err)
-	}
-	if u.Scheme != "ws" && u.Scheme != "wss" {
-		return cfg, fmt.Errorf("clientsdk: Config.URL: scheme must be ws or wss, not %q", u.Scheme)
+	if len(cfg.urls) == 0 {
+		return cfg, errors.New("clientsdk: Config.URL and Config.URLs are empty")
 	}
 	if cfg.RequestTimeout <= 0 {
 		cfg.RequestTimeout = DefaultRequestTimeout
@@ -117,9 +149,9 @@ func (cfg Config) withDefaults() (Config, error) {
 	return cfg, nil
 }
 
-// dialURL is cfg.URL with the token and batch parameters set.
-func (cfg *Config) dialURL(token string) (string, error) {
-	u, err := url.Parse(cfg.URL)
+// dialURL is URL i of the list with the token and batch parameters set.
+func (cfg *Config) dialURL(i int, token string) (string, error) {
+	u, err := url.Parse(cfg.urls[i])
 	if err != nil {
 		return "", err
 	}
@@ -134,10 +166,10 @@ func (cfg *Config) dialURL(token string) (string, error) {
 	return u.String(), nil
 }
 
-// redactedURL is cfg.URL without its query (which carries the token), for
-// errors and logs.
-func (cfg *Config) redactedURL() string {
-	u, err := url.Parse(cfg.URL)
+// redactedURL is URL i of the list without its query (which carries the
+// token), for errors, logs and state events.
+func (cfg *Config) redactedURL(i int) string {
+	u, err := url.Parse(cfg.urls[i])
 	if err != nil {
 		return "?"
 	}

@@ -7,6 +7,14 @@
 //   - One WebSocket connection at a time to the gateway (github.com/lxzan/gws),
 //     opened with ?token=TOKEN and, unless Config.NoBatch, ?batch=1 so the
 //     server may coalesce replies and pushes into "batch" frames.
+//   - Several nodes: Config.URLs lists the nodes of a cluster (Config.URL alone
+//     is a list of one). Dial tries them in turn from a random one; after a
+//     disconnect the client tries the next URL first, so the clients of a
+//     node that died or went away spread over the others. Reconnect attempts
+//     go in rounds over the list: exponential backoff with full jitter before
+//     each round, a short random pause in [ReconnectMin/2, ReconnectMin]
+//     between the URLs of a round (see Config.ReconnectMin). Client.URL and
+//     the URL of StateConnected / StateReconnecting tell which node.
 //   - Keeping that connection alive: heartbeat pings (Config.HeartbeatInterval,
 //     by default half the hello's heartbeat_s), and reconnecting with
 //     exponential backoff and full jitter after any disconnect whose close
@@ -20,6 +28,23 @@
 //     requests are sent. A room whose re-join is refused by the server (for
 //     example 10004, the room was closed meanwhile) is dropped from the set and
 //     reported with StateRoomDropped.
+//   - Recovery by offset: room pushes carry the room's position ("off", 1, 2,
+//     3, … per room, and the epoch "ep"; Push.Off, Push.Ep), the same on every
+//     node. For each joined room the client keeps the last position seen
+//     (Client.RoomPosition: the last room push, or the join reply's "off"/"ep"
+//     when newer) and re-joins after a reconnect — to the same node or to
+//     another one — with "since":{"off","ep"}. When the server still has the
+//     pushes after that position it replays them, in order, before any newer
+//     one, and the reply says "recovered":true: the app sees nothing but the
+//     missed pushes, each once. When it no longer has them ("recovered":false:
+//     history too old, or lost and renumbered under a new epoch) the client
+//     reports StateRoomResync for the room (with its new position in Off/Ep):
+//     the app re-syncs the room from the HTTP API; the room stays joined and
+//     its pushes after the new position follow. A room push at or before the
+//     room's last position in the same epoch (a replay overlapping what was
+//     already delivered) is dropped, whatever its mid (Stats.OffsetDuplicates;
+//     acknowledged again if ack:true). Join returns the online count; JoinInfo
+//     returns the whole reply, the room's position included.
 //   - Request/reply matching: ids are allocated atomically and replies are
 //     matched by id. A request in flight when its connection drops fails with
 //     ErrDisconnected; it is never resent, because requests need not be

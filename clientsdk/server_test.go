@@ -31,14 +31,18 @@ type tServer struct {
 	conns     []*tConn
 	ackFrames [][]string
 	joins     []tJoin
-	refuse    map[int64]bool // join of these rooms replies 10004
+	refuse    map[int64]bool           // join of these rooms replies 10004
+	pos       map[int64]proto.Position // the room position a join reply gives (off/ep; none when absent)
+	lost      map[int64]bool           // a join with since of these rooms replies recovered:false
+	replay    map[int64][][]byte       // frames sent before the reply to a recovered join with since
 	typeCount map[string]int
 	echoes    sync.WaitGroup
 }
 
 type tJoin struct {
-	conn int
-	room int64
+	conn  int
+	room  int64
+	since *proto.Position
 }
 
 type tConn struct {
@@ -49,7 +53,8 @@ type tConn struct {
 }
 
 func newTServer(t *testing.T) *tServer {
-	ts := &tServer{t: t, heartbeatS: 30, refuse: map[int64]bool{}, typeCount: map[string]int{}}
+	ts := &tServer{t: t, heartbeatS: 30, refuse: map[int64]bool{}, pos: map[int64]proto.Position{},
+		lost: map[int64]bool{}, replay: map[int64][][]byte{}, typeCount: map[string]int{}}
 	ts.token.Store("good")
 	ts.up = gws.NewUpgrader(ts, &gws.ServerOption{})
 	ts.hs = httptest.NewServer(ts)
@@ -136,14 +141,28 @@ func (ts *tServer) OnMessage(ws *gws.Conn, m *gws.Message) {
 			return
 		}
 		ts.mu.Lock()
-		ts.joins = append(ts.joins, tJoin{tc.n, rr.RoomID})
+		ts.joins = append(ts.joins, tJoin{tc.n, rr.RoomID, rr.Since})
 		refused := ts.refuse[rr.RoomID]
+		pos, numbered := ts.pos[rr.RoomID]
+		lost, replay := ts.lost[rr.RoomID], ts.replay[rr.RoomID]
 		ts.mu.Unlock()
 		if refused {
 			reply(proto.EncodeErrorReply(f.ID, proto.ErrNotFound))
 			return
 		}
-		reply(proto.EncodeReply(f.ID, 0, "", map[string]int64{"room_id": rr.RoomID, "online": 7}))
+		rep := map[string]any{"room_id": rr.RoomID, "online": 7}
+		if numbered { // else like a server that does not number room pushes
+			rep["off"], rep["ep"] = pos.Off, pos.Ep
+		}
+		if rr.Since != nil { // like the gateway: the replay goes out before the reply
+			rep["recovered"] = !lost
+			if !lost {
+				for _, b := range replay {
+					reply(b)
+				}
+			}
+		}
+		reply(proto.EncodeReply(f.ID, 0, "", rep))
 	case proto.TypeChat:
 		reply(proto.EncodeReply(f.ID, 0, "", map[string]string{"mid": "c-" + strconv.FormatInt(f.ID, 10)}))
 	case proto.TypeAck:
@@ -245,6 +264,31 @@ func (tc *tConn) close(code int) { _ = tc.ws.WriteClose(uint16(code), []byte(pro
 func pushFrame(mid string, ack bool, room int64, text string) []byte {
 	d, _ := proto.Marshal(proto.ChatPush{From: 7, Text: text})
 	return proto.AppendPush(nil, &proto.Push{Mid: mid, Biz: proto.BizChat, Room: room, Data: d, Ack: ack})
+}
+
+// joinList returns the joins received, in order.
+func (ts *tServer) joinList() []tJoin {
+	ts.mu.Lock()
+	defer ts.mu.Unlock()
+	return append([]tJoin(nil), ts.joins...)
+}
+
+// offPush encodes a chat push at room position (off, ep).
+func offPush(mid string, ack bool, room, off int64, ep, text string) []byte {
+	d, _ := proto.Marshal(proto.ChatPush{From: 7, Text: text})
+	return proto.AppendPush(nil, &proto.Push{Mid: mid, Biz: proto.BizChat, Room: room, Data: d, Ack: ack, Off: off, Ep: ep})
+}
+
+// kill closes the server's listener and breaks every connection without a
+// close frame (a node that died).
+func (ts *tServer) kill() {
+	ts.hs.Listener.Close()
+	ts.mu.Lock()
+	conns := ts.conns
+	ts.mu.Unlock()
+	for _, c := range conns {
+		_ = c.ws.NetConn().Close()
+	}
 }
 
 // waitFor polls cond until it holds or timeout expires.

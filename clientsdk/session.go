@@ -48,8 +48,8 @@ type session struct {
 }
 
 type call struct {
-	ch   chan reply // buffered 1
-	onOK func()     // run by the reader on a code-0 reply, before the reply is delivered
+	ch   chan reply     // buffered 1
+	onOK func(d []byte) // run by the reader on a code-0 reply (d: the reply's d, valid during the call), before the reply is delivered
 }
 
 type reply struct {
@@ -136,7 +136,7 @@ func encodeRequest(typ string, id int64, d any) ([]byte, error) {
 
 // send registers and writes one request. errNotSent means nothing was written
 // and the session is gone.
-func (s *session) send(ctx context.Context, typ string, d any, onOK func()) (int64, *call, error) {
+func (s *session) send(ctx context.Context, typ string, d any, onOK func(d []byte)) (int64, *call, error) {
 	c := s.c
 	id := c.nextID.Add(1)
 	b, err := encodeRequest(typ, id, d)
@@ -297,13 +297,17 @@ func (s *session) handle(f *proto.ServerFrame, acks []string) []string {
 			return acks
 		}
 		if f.Code == proto.CodeOK && cl.onOK != nil {
-			cl.onOK()
+			cl.onOK(f.D)
 		}
 		cl.ch <- reply{code: f.Code, msg: f.Msg, d: append([]byte(nil), f.D...)}
 	case proto.TypePush:
 		c.stats.pushes.Add(1)
 		if f.Ack && f.Mid != "" {
 			acks = append(acks, f.Mid)
+		}
+		if f.Room != 0 && f.Off > 0 && !c.advance(f.Room, f.Off, f.Ep) {
+			c.stats.offDups.Add(1)
+			return acks
 		}
 		if f.Mid != "" && c.dedup.seen(f.Mid) {
 			c.stats.dups.Add(1)
@@ -320,6 +324,24 @@ func (s *session) handle(f *proto.ServerFrame, acks []string) []string {
 		c.log.Debug("clientsdk: ignoring server frame", "t", f.T)
 	}
 	return acks
+}
+
+// advance is the offset guard of a joined room's push at (off, ep): false
+// when the room already saw off or a later offset in the same epoch (a
+// replay overlapping what was delivered), else it moves the room's position
+// to the push's. A push of a room not (yet) in the joined set passes.
+func (c *Client) advance(room, off int64, ep string) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	p := c.rooms[room]
+	if p == nil {
+		return true
+	}
+	if p.known && ep == p.ep && off <= p.off {
+		return false
+	}
+	p.off, p.ep, p.known = off, ep, true
+	return true
 }
 
 type ackFrame struct {

@@ -61,6 +61,14 @@ const (
 	// StateClosed: the client stopped for good. Err is nil after Close, else
 	// the terminal cause (a *CloseError with a code >= 4500, or ErrUnauthorized).
 	StateClosed
+	// StateRoomResync: Room was re-joined after a reconnect with since (the
+	// last position seen in it), but the server no longer keeps the pushes
+	// missed meanwhile (reply "recovered":false): some pushes of Room are lost
+	// and the app should re-sync the room from the HTTP API. Off and Ep are
+	// the room's position at the re-join; the pushes after it follow. The room
+	// stays joined. A re-join that recovered everything reports nothing: the
+	// missed pushes are simply delivered, in order, before newer ones.
+	StateRoomResync
 )
 
 func (s State) String() string {
@@ -75,6 +83,8 @@ func (s State) String() string {
 		return "room_dropped"
 	case StateClosed:
 		return "closed"
+	case StateRoomResync:
+		return "room_resync"
 	}
 	return fmt.Sprintf("State(%d)", int(s))
 }
@@ -95,8 +105,23 @@ type StateEvent struct {
 	// Attempt is also set on StateConnected after a reconnect (0 for Dial).
 	Attempt int
 	Delay   time.Duration
-	// Room is the dropped room (StateRoomDropped).
+	// Room is the dropped room (StateRoomDropped) or the room to re-sync
+	// (StateRoomResync).
 	Room int64
+	// URL is the node URL, without its query, of the attempt about to be made
+	// (StateReconnecting) or of the new connection (StateConnected).
+	URL string
+	// Off and Ep are the room's position after its re-join (StateRoomResync).
+	Off int64
+	Ep  string
+}
+
+// JoinResult is the reply to a join (JoinInfo).
+type JoinResult struct {
+	RoomID int64
+	Online int    // members in the whole cluster
+	Off    int64  // the room's newest offset at the join (pushes after it follow)
+	Ep     string // the room's epoch ("" when the server does not number the room's pushes)
 }
 
 // Stats are cumulative counters of a Client.
@@ -104,7 +129,11 @@ type Stats struct {
 	Reconnects      int64 // successful reconnects (the first connect is not one)
 	PushesReceived  int64 // push frames received, duplicates included
 	PushesDelivered int64 // pushes queued for OnPush
-	Duplicates      int64 // pushes dropped as already seen (acked again if ack:true)
-	AcksSent        int64 // mids acknowledged
-	Requests        int64 // request frames written
+	Duplicates      int64 // pushes dropped as already seen by mid (acked again if ack:true)
+	// OffsetDuplicates counts room pushes dropped because their offset was
+	// not after the last one seen in the room in the same epoch (a replay
+	// overlapping what was delivered; acked again if ack:true).
+	OffsetDuplicates int64
+	AcksSent         int64 // mids acknowledged
+	Requests         int64 // request frames written
 }

@@ -5,7 +5,7 @@ import { spawn, execFileSync } from "node:child_process";
 import { mkdtempSync, rmSync, existsSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { createServer } from "node:net";
+import { createServer, connect as netConnect } from "node:net";
 import { fileURLToPath } from "node:url";
 
 const repo = fileURLToPath(new URL("../../../", import.meta.url));
@@ -104,6 +104,14 @@ export class Node {
     await this.stop();
     await this.start();
   }
+  /** SIGKILL (no drain, no close frames: the connections just break); start() again on the same ports and data. */
+  async kill() {
+    if (!this.proc) return;
+    this.proc.kill("SIGKILL");
+    const r = await this.exited;
+    this.proc = null;
+    return r;
+  }
   async destroy() {
     if (this.proc) {
       this.proc.kill("SIGKILL");
@@ -136,4 +144,93 @@ export class Node {
     const m = text.match(new RegExp("^" + name + "(?:\\{[^}]*\\})? (\\S+)$", "m"));
     return m ? Number(m[1]) : 0;
   }
+}
+
+/** Connects to 127.0.0.1:port; resolves true when it accepts, false when refused. */
+function canConnect(port) {
+  return new Promise((resolve) => {
+    const s = netConnect(port, "127.0.0.1");
+    s.once("connect", () => {
+      s.destroy();
+      resolve(true);
+    });
+    s.once("error", () => resolve(false));
+  });
+}
+
+/** Runs one Redis command (RESP) on 127.0.0.1:port and resolves with the raw reply. */
+export function redisCommand(port, ...args) {
+  return new Promise((resolve, reject) => {
+    const s = netConnect(port, "127.0.0.1");
+    let out = "";
+    s.once("error", reject);
+    s.on("data", (b) => {
+      out += b;
+      if (out.endsWith("\r\n")) {
+        s.destroy();
+        resolve(out);
+      }
+    });
+    s.write(`*${args.length}\r\n` + args.map((a) => `$${Buffer.byteLength(String(a))}\r\n${a}\r\n`).join(""));
+  });
+}
+
+/** A throwaway server process (redis-server, nats-server) on a free port, killed by stop(). */
+class Service {
+  constructor(name, args) {
+    this.name = name;
+    this.args = args;
+    this.out = "";
+  }
+  async start() {
+    this.port = await freePort();
+    this.dir = mkdtempSync(join(tmpdir(), `liveedge-${this.name}-`));
+    const p = spawn(this.name, this.args(this), { stdio: ["ignore", "pipe", "pipe"] });
+    this.proc = p;
+    p.stdout.on("data", (b) => (this.out += b));
+    p.stderr.on("data", (b) => (this.out += b));
+    let dead = false;
+    this.exited = new Promise((r) => p.on("exit", () => r((dead = true))));
+    p.on("error", (e) => (this.out += String(e)));
+    await eventually(
+      async () => {
+        if (dead) throw new Error(`${this.name} exited:\n${this.out}`);
+        return canConnect(this.port);
+      },
+      10000,
+      `${this.name} listening`,
+    );
+    return this;
+  }
+  async stop() {
+    if (this.proc) {
+      this.proc.kill("SIGKILL");
+      await this.exited;
+      this.proc = null;
+    }
+    if (this.dir) rmSync(this.dir, { recursive: true, force: true });
+  }
+}
+
+/** A real redis-server on a free port, no persistence. */
+export function startRedis() {
+  return new Service("redis-server", (s) => ["--port", String(s.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]).start();
+}
+
+/** A real nats-server on a free port, JetStream in a temp dir. */
+export function startNats() {
+  return new Service("nats-server", (s) => ["-a", "127.0.0.1", "-p", String(s.port), "-js", "-sd", s.dir]).start();
+}
+
+/** The environment of a cluster-mode node (PROTOCOL §8) on redis and nats. */
+export function clusterEnv(redis, nats, nodeId = "gw-1") {
+  return {
+    LIVEEDGE_NODE_ID: nodeId,
+    LIVEEDGE_CLUSTER_ENABLED: "true",
+    LIVEEDGE_NATS_EMBEDDED: "false",
+    LIVEEDGE_NATS_URL: `nats://127.0.0.1:${nats.port}`,
+    LIVEEDGE_WALLET_MODE: "shared",
+    LIVEEDGE_WALLET_NODES: nodeId,
+    LIVEEDGE_REDIS_ADDR: `127.0.0.1:${redis.port}`,
+  };
 }

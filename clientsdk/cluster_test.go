@@ -1,0 +1,292 @@
+package clientsdk
+
+import (
+	"context"
+	"errors"
+	"net"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/liveedge/liveedge/gateway/proto"
+)
+
+// deadURL is a ws URL on a port nothing listens on (connection refused).
+func deadURL(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	_ = ln.Close()
+	return "ws://" + addr + "/ws"
+}
+
+// firstURL makes Dial start at URL index i for the rest of the test.
+func firstURL(t *testing.T, i int) {
+	orig := startIndex
+	startIndex = func(int) int { return i }
+	t.Cleanup(func() { startIndex = orig })
+}
+
+func (r *rec) stateEvents() []StateEvent {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([]StateEvent(nil), r.states...)
+}
+
+func (r *rec) pushList() []Push {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([]Push(nil), r.pushes...)
+}
+
+func (r *rec) countState(s State) int {
+	n := 0
+	for _, e := range r.stateEvents() {
+		if e.State == s {
+			n++
+		}
+	}
+	return n
+}
+
+func TestURLsConfig(t *testing.T) {
+	cfg, err := Config{URL: "ws://a:1/ws", URLs: []string{"ws://a:1/ws", "wss://b:2/ws"}}.withDefaults()
+	if err != nil || !slices.Equal(cfg.urls, []string{"ws://a:1/ws", "wss://b:2/ws"}) {
+		t.Fatalf("urls %v, %v", cfg.urls, err)
+	}
+	cfg, err = Config{URLs: []string{"ws://b:2/ws"}}.withDefaults()
+	if err != nil || !slices.Equal(cfg.urls, []string{"ws://b:2/ws"}) {
+		t.Fatalf("URLs only: %v, %v", cfg.urls, err)
+	}
+	for _, bad := range []Config{
+		{},
+		{URLs: []string{"ws://a:1/ws", "http://b:2/ws"}},
+		{URL: "ws://a:1/ws", URLs: []string{"ws:///ws"}},
+		{URL: "https://a/ws", URLs: []string{"ws://b:2/ws"}},
+	} {
+		if _, err := bad.withDefaults(); err == nil {
+			t.Fatalf("%+v accepted", bad)
+		}
+	}
+	if _, err := (Config{URLs: []string{"ws://a:1/ws", "http://b:2/ws"}}).withDefaults(); err == nil ||
+		!strings.Contains(err.Error(), "URLs[1]") {
+		t.Fatalf("error does not name the bad entry: %v", err)
+	}
+	c := &Client{cfg: Config{ReconnectMin: 100 * time.Millisecond}}
+	for range 100 {
+		if d := c.pace(); d < 50*time.Millisecond || d > 100*time.Millisecond {
+			t.Fatalf("pace %v outside [min/2, min]", d)
+		}
+	}
+}
+
+// Dial skips a dead node; after the connected node drops the client, it
+// moves on to the next URL (even though the old node is still up); a dead
+// URL met on the way is skipped after a short pause, not a full backoff.
+func TestURLRotation(t *testing.T) {
+	a, b := newTServer(t), newTServer(t)
+	dead := deadURL(t)
+	firstURL(t, 0)
+	r := &rec{}
+	c := dial(t, nil, r, func(cfg *Config) {
+		cfg.URL = ""
+		cfg.URLs = []string{dead, a.url(), b.url()}
+		cfg.ReconnectMin = 40 * time.Millisecond
+		cfg.ReconnectMax = 10 * time.Second // a full backoff would show
+	})
+	if c.URL() != a.url() || a.connCount() != 1 {
+		t.Fatalf("Dial: URL %s, want %s (the dead first URL skipped)", c.URL(), a.url())
+	}
+	waitFor(t, 5*time.Second, "connected event", func() bool { return r.hasState(StateConnected) })
+	if e, _ := r.findState(StateConnected); e.URL != a.url() {
+		t.Fatalf("connected event URL %q", e.URL)
+	}
+	if _, err := c.Join(context.Background(), 1); err != nil {
+		t.Fatal(err)
+	}
+
+	// Node a closes the connection (going away): the next URL, b, is used.
+	a.conn(0).close(proto.CloseGoingAway)
+	b.conn(0)
+	waitFor(t, 5*time.Second, "connected to b", func() bool { return c.Stats().Reconnects == 1 })
+	if c.URL() != b.url() || a.connCount() != 1 {
+		t.Fatalf("after a dropped: URL %s (a has %d conns), want %s", c.URL(), a.connCount(), b.url())
+	}
+	if got := b.joinsOn(0); !slices.Equal(got, []int64{1}) {
+		t.Fatalf("rooms re-joined on b: %v", got)
+	}
+
+	// Node b dies: the next URL is the dead one, then a (after a pause).
+	b.kill()
+	a.conn(1)
+	waitFor(t, 5*time.Second, "connected to a again", func() bool { return c.Stats().Reconnects == 2 })
+	if c.URL() != a.url() {
+		t.Fatalf("after b died: URL %s, want %s", c.URL(), a.url())
+	}
+	waitFor(t, 5*time.Second, "third connected event", func() bool { return r.countState(StateConnected) == 3 })
+	var tries []StateEvent
+	for _, e := range r.stateEvents() {
+		if e.State == StateReconnecting {
+			tries = append(tries, e)
+		}
+	}
+	if len(tries) != 3 || tries[0].URL != b.url() || tries[1].URL != dead || tries[2].URL != a.url() {
+		t.Fatalf("reconnect attempts %+v, want b, then dead, then a", tries)
+	}
+	// Each reconnection starts a new round (backoff of round 1: ≤ min); the
+	// second URL of a round comes after a pause in [min/2, min].
+	if tries[1].Delay > 40*time.Millisecond || tries[1].Attempt != 1 {
+		t.Fatalf("first attempt after b died: %+v", tries[1])
+	}
+	if tries[2].Attempt != 2 || tries[2].Delay < 20*time.Millisecond || tries[2].Delay > 40*time.Millisecond {
+		t.Fatalf("second URL of the round: %+v, want a delay in [20ms, 40ms]", tries[2])
+	}
+	if err := c.Ping(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestDialAllURLsDead(t *testing.T) {
+	d1, d2 := deadURL(t), deadURL(t)
+	_, err := Dial(context.Background(), Config{URLs: []string{d1, d2}, Token: "good"})
+	if err == nil || !strings.Contains(err.Error(), strings.TrimSuffix(strings.TrimPrefix(d1, "ws://"), "/ws")) ||
+		!strings.Contains(err.Error(), strings.TrimSuffix(strings.TrimPrefix(d2, "ws://"), "/ws")) {
+		t.Fatalf("Dial with two dead URLs: %v, want both attempts in the error", err)
+	}
+	// A 401 is the same on every node: Dial stops at the first.
+	ts := newTServer(t)
+	firstURL(t, 0)
+	_, err = Dial(context.Background(), Config{URLs: []string{ts.url(), d1}, Token: "bad"})
+	if !errors.Is(err, ErrUnauthorized) || strings.Contains(err.Error(), strings.TrimPrefix(d1, "ws://")) {
+		t.Fatalf("Dial with a bad token: %v", err)
+	}
+}
+
+// After a reconnect a room is re-joined with since = the last position seen;
+// pushes at or before it (a replay overlap) are dropped by offset;
+// recovered:false is reported as StateRoomResync.
+func TestRejoinSinceAndResync(t *testing.T) {
+	ts := newTServer(t)
+	r := &rec{}
+	c := dial(t, ts, r, nil)
+	ctx := context.Background()
+	ts.mu.Lock()
+	ts.pos[5] = proto.Position{Off: 10, Ep: "e1"}
+	ts.pos[7] = proto.Position{} // numbered, no push yet: "off":0,"ep":""
+	ts.mu.Unlock()
+	j, err := c.JoinInfo(ctx, 5)
+	if err != nil || j != (JoinResult{RoomID: 5, Online: 7, Off: 10, Ep: "e1"}) {
+		t.Fatalf("JoinInfo = %+v, %v", j, err)
+	}
+	for _, room := range []int64{6, 7} { // 6: a server that does not number the room
+		if _, err := c.Join(ctx, room); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if p, ok := c.RoomPosition(5); !ok || p != (proto.Position{Off: 10, Ep: "e1"}) {
+		t.Fatalf("RoomPosition after join = %+v %v", p, ok)
+	}
+
+	tc := ts.conn(0)
+	tc.send(t, offPush("m11", false, 5, 11, "e1", "11"))
+	tc.send(t, proto.AppendBatch(nil, [][]byte{
+		offPush("m12", false, 5, 12, "e1", "12"),
+		offPush("x11", true, 5, 11, "e1", "old again"), // other mid, old offset: dropped, acked
+		offPush("m13", false, 5, 13, "e1", "13"),
+	}))
+	tc.send(t, offPush("m10", false, 5, 10, "e1", "before the join")) // dropped
+	tc.send(t, pushFrame("u1", false, 0, "to the user"))              // no offset: passes
+	waitFor(t, 5*time.Second, "u1", func() bool { return r.hasMid("u1") })
+	if got := r.mids(); !slices.Equal(got, []string{"m11", "m12", "m13", "u1"}) {
+		t.Fatalf("delivered %v", got)
+	}
+	waitFor(t, 5*time.Second, "ack of the dropped x11", func() bool { return ts.ackCount("x11") == 1 })
+	if st := c.Stats(); st.OffsetDuplicates != 2 || st.Duplicates != 0 {
+		t.Fatalf("stats %+v, want 2 offset duplicates", st)
+	}
+
+	// Reconnect: the server replays 13 (already seen), 14, 15, then replies
+	// recovered:true at 15; a live 16 follows.
+	ts.mu.Lock()
+	ts.pos[5] = proto.Position{Off: 15, Ep: "e1"}
+	ts.replay[5] = [][]byte{
+		offPush("m13", false, 5, 13, "e1", "13"),
+		offPush("m14", false, 5, 14, "e1", "14"),
+		offPush("m15", false, 5, 15, "e1", "15"),
+	}
+	ts.mu.Unlock()
+	tc.close(proto.CloseGoingAway)
+	tc1 := ts.conn(1)
+	waitFor(t, 5*time.Second, "reconnected", func() bool { return c.Stats().Reconnects == 1 })
+	tc1.send(t, offPush("m16", false, 5, 16, "e1", "16"))
+	waitFor(t, 5*time.Second, "m16", func() bool { return r.hasMid("m16") })
+	if got := r.mids(); !slices.Equal(got, []string{"m11", "m12", "m13", "u1", "m14", "m15", "m16"}) {
+		t.Fatalf("delivered %v", got)
+	}
+	joins := ts.joinList()
+	var on1 []tJoin
+	for _, j := range joins {
+		if j.conn == 1 {
+			on1 = append(on1, j)
+		}
+	}
+	if len(on1) != 3 || on1[0].room != 5 || on1[0].since == nil || *on1[0].since != (proto.Position{Off: 13, Ep: "e1"}) ||
+		on1[1].room != 6 || on1[1].since != nil ||
+		on1[2].room != 7 || on1[2].since == nil || *on1[2].since != (proto.Position{}) {
+		t.Fatalf("re-joins %+v, want room 5 since {13 e1}, room 6 without since, room 7 since {0 \"\"}", on1)
+	}
+	if r.hasState(StateRoomResync) {
+		t.Fatal("StateRoomResync after recovered:true")
+	}
+	if st := c.Stats(); st.OffsetDuplicates != 3 {
+		t.Fatalf("OffsetDuplicates %d, want 3 (m13 replayed)", st.OffsetDuplicates)
+	}
+
+	// Reconnect again: the history is gone (new epoch) → recovered:false.
+	ts.mu.Lock()
+	ts.lost[5] = true
+	ts.pos[5] = proto.Position{Off: 3, Ep: "e2"}
+	ts.mu.Unlock()
+	tc1.close(proto.CloseGoingAway)
+	tc2 := ts.conn(2)
+	waitFor(t, 5*time.Second, "reconnected again", func() bool { return r.countState(StateConnected) == 3 })
+	e, ok := r.findState(StateRoomResync)
+	if !ok || e.Room != 5 || e.Off != 3 || e.Ep != "e2" {
+		t.Fatalf("resync event %+v %v", e, ok)
+	}
+	if got := ts.joinList(); got[len(got)-3].room != 5 || got[len(got)-3].since == nil ||
+		*got[len(got)-3].since != (proto.Position{Off: 16, Ep: "e1"}) {
+		t.Fatalf("second re-join of 5: %+v, want since {16 e1}", got[len(got)-3])
+	}
+	want := []State{StateConnected, StateDisconnected, StateReconnecting, StateConnected,
+		StateDisconnected, StateReconnecting, StateRoomResync, StateConnected}
+	if got := r.stateList(); !slices.Equal(got, want) {
+		t.Fatalf("states %v, want %v", got, want)
+	}
+	if !slices.Equal(c.Rooms(), []int64{5, 6, 7}) {
+		t.Fatalf("rooms %v", c.Rooms())
+	}
+	tc2.send(t, offPush("n3", false, 5, 3, "e2", "3 of e2")) // at the reply's position: dropped
+	tc2.send(t, offPush("n4", false, 5, 4, "e2", "4 of e2"))
+	waitFor(t, 5*time.Second, "n4", func() bool { return r.hasMid("n4") })
+	if r.hasMid("n3") {
+		t.Fatal("push at the re-join position delivered")
+	}
+	if p, _ := c.RoomPosition(5); p != (proto.Position{Off: 4, Ep: "e2"}) {
+		t.Fatalf("RoomPosition %+v", p)
+	}
+	ps := r.pushList()
+	if last := ps[len(ps)-1]; last.Off != 4 || last.Ep != "e2" || last.Room != 5 {
+		t.Fatalf("last push %+v", last)
+	}
+	if err := c.Leave(ctx, 5); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := c.RoomPosition(5); ok {
+		t.Fatal("position kept after Leave")
+	}
+}
