@@ -148,7 +148,7 @@ func TestRealClusterReconnectToOtherNodeRecovers(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if jq, err := viewer.JoinInfo(ctx, quiet); err != nil || jq.Off != 0 || jq.Ep != "" {
+	if jq, err := viewer.JoinInfo(ctx, quiet); err != nil || jq.Off != 0 || jq.Ep == "" {
 		t.Fatalf("join of a room without pushes: %+v, %v", jq, err)
 	}
 	for _, r := range []int64{room, quiet} {
@@ -209,9 +209,8 @@ func TestRealClusterReconnectToOtherNodeRecovers(t *testing.T) {
 				chatText(i+1), j.Off+int64(i)+1, ep)
 		}
 	}
-	// The quiet room was re-joined with since {0, ""}: the node answers
-	// recovered:false (see TestRealClusterRecoverFromBeforeFirstPush), so
-	// the missed chats are reported, not lost silently.
+	// The quiet room was re-joined with since {0, its epoch}: the three
+	// chats missed are replayed (TestRealClusterRecoverFromBeforeFirstPush).
 	ev.mu.Lock()
 	var resyncs []clientsdk.StateEvent
 	for _, e := range ev.states {
@@ -220,12 +219,8 @@ func TestRealClusterReconnectToOtherNodeRecovers(t *testing.T) {
 		}
 	}
 	ev.mu.Unlock()
-	if qs := ev.chats(quiet); len(qs) == 3 {
-		if len(resyncs) != 0 {
-			t.Fatalf("resync events %+v after a recovered re-join", resyncs)
-		}
-	} else if len(qs) != 0 || len(resyncs) != 1 || resyncs[0].Room != quiet || resyncs[0].Off != 3 || resyncs[0].Ep == "" {
-		t.Fatalf("quiet room: %d chats, resync events %+v; want the 3 missed chats, or one resync at off 3", len(qs), resyncs)
+	if qs := ev.chats(quiet); len(qs) != 3 || len(resyncs) != 0 {
+		t.Fatalf("quiet room: %d chats, resync events %+v; want the 3 missed chats replayed", len(qs), resyncs)
 	}
 	st := viewer.Stats()
 	if st.Duplicates != 0 || st.OffsetDuplicates != 0 || st.Reconnects != 1 {
@@ -238,16 +233,12 @@ func TestRealClusterReconnectToOtherNodeRecovers(t *testing.T) {
 
 func chatText(i int) string { return "m" + strconv.Itoa(i) }
 
-// Cluster mode: a join into a room that has no push yet replies
-// {"off":0,"ep":""} (router/cluster.go position(): no epoch before the first
-// push; the single-node router gives the room an epoch at once). A client
-// holding that position and re-joining with since {0,""} after pushes 1..N —
-// all still in the room's history — should get them replayed (PROTOCOL §3:
-// recovered:false only "when they are no longer kept"); the node answers
-// recovered:false instead (router/local.go JoinAt: since.Ep != r.ep), so the
-// client can only re-sync from the HTTP API.
+// Cluster mode: a client that joined a room before its first push and
+// re-joins after pushes 1..N (all still kept) gets them replayed, not a
+// resync: the node gives the room its epoch when it first subscribes, so the
+// first join's reply already carries it (PROTOCOL §3: recovered:false only
+// when the pushes are no longer kept).
 func TestRealClusterRecoverFromBeforeFirstPush(t *testing.T) {
-	t.Skip("server bug, not fixed here (server side out of scope): in cluster mode a join with since {0,\"\"} — the position a join before the room's first push gave — answers recovered:false although pushes 1..N are all kept")
 	n := nodetest.Start(t, clusterNodeConfig(t, "gw-1", redistest.Start(t), natstest.Start(t)))
 	room := nodetest.OpenRoom(t, n, 1, 1)
 	ctx := context.Background()
@@ -263,7 +254,7 @@ func TestRealClusterRecoverFromBeforeFirstPush(t *testing.T) {
 	}
 	defer sender.Close()
 	j, err := sender.JoinInfo(ctx, room)
-	if err != nil || j.Off != 0 || j.Ep != "" {
+	if err != nil || j.Off != 0 || j.Ep == "" {
 		t.Fatalf("join of a room without pushes: %+v, %v", j, err)
 	}
 	for i := 1; i <= 3; i++ {
@@ -271,7 +262,7 @@ func TestRealClusterRecoverFromBeforeFirstPush(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	raw, err := late.Request(ctx, proto.TypeJoin, proto.RoomReq{RoomID: room, Since: &proto.Position{Off: 0, Ep: ""}})
+	raw, err := late.Request(ctx, proto.TypeJoin, proto.RoomReq{RoomID: room, Since: &proto.Position{Off: 0, Ep: j.Ep}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -282,7 +273,7 @@ func TestRealClusterRecoverFromBeforeFirstPush(t *testing.T) {
 		t.Fatal(err)
 	}
 	if rep.Recovered == nil || !*rep.Recovered {
-		t.Fatalf("join since {0 \"\"} with pushes 1..3 kept: reply %s, want recovered:true and the 3 pushes replayed", raw)
+		t.Fatalf("join since {0 %q} with pushes 1..3 kept: reply %s, want recovered:true and the 3 pushes replayed", j.Ep, raw)
 	}
 	nodetest.Eventually(t, 5*time.Second, func() bool { return len(ev.chats(room)) == 3 }, "3 replayed chats")
 }
