@@ -17,10 +17,10 @@ export const errors = new Rate("le_errors");
 /** Pushes received, tagged biz:<biz>. */
 export const pushes = new Counter("le_pushes");
 
-/** @type {import("./liveedge.js").Timers} */
-export const timers = {
-  setTimeout: (fn, ms) => setTimeout(fn, ms),
-  clearTimeout: (h) => clearTimeout(h),
+/** @type {import("./liveedge.js").After} */
+export const after = (fn, ms) => {
+  const id = setTimeout(fn, ms);
+  return () => clearTimeout(id);
 };
 
 /**
@@ -85,7 +85,7 @@ export function connect(url, token, o = {}) {
   const onPush = o.onPush || (() => {});
   const session = new Session({
     send: (text) => ws.send(text),
-    timers,
+    after,
     timeoutMs: o.timeoutMs,
     onPush: (p) => {
       pushes.add(1, { biz: String(p.biz) });

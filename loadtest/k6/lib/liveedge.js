@@ -206,7 +206,7 @@ export function userId(base, vu, n) {
  * @property {number} status
  * @property {number} code
  * @property {string} msg
- * @property {Record<string, any>} data
+ * @property {Record<string, unknown>} data
  * @property {string} raw
  */
 
@@ -238,7 +238,7 @@ export function envelope(r) {
     if (v && typeof v === "object" && typeof v.code === "number") {
       out.code = v.code;
       out.msg = typeof v.msg === "string" ? v.msg : "";
-      out.data = v.data && typeof v.data === "object" ? v.data : {};
+      out.data = obj(v.data);
     }
   } catch (_) {
     // not JSON: raw only
@@ -290,7 +290,7 @@ export class Api {
    * @param {string} name
    * @param {string} [token]
    * @param {unknown} [body]
-   * @returns {Promise<Record<string, any>>} the envelope's data
+   * @returns {Promise<Record<string, unknown>>} the envelope's data
    */
   async must(method, path, name, token, body) {
     const r = await this.call(method, path, name, token, body);
@@ -671,7 +671,7 @@ export function stampOf(text) {
  * @property {string} mid
  * @property {number} biz
  * @property {number} [room]
- * @property {Record<string, any>} d
+ * @property {Record<string, unknown>} d
  * @property {boolean} ack
  * @property {number} [off]
  * @property {string} [ep]
@@ -684,15 +684,33 @@ export function stampOf(text) {
  * @property {number} id
  * @property {number} code 0 = ok
  * @property {string} msg
- * @property {Record<string, any>} d
+ * @property {Record<string, unknown>} d
  * @property {number} ms from send to reply
  */
+
+/**
+ * v when it is a JSON object, else {} (the `d` of a frame, the `data` of an envelope).
+ * @param {unknown} v
+ * @returns {Record<string, unknown>}
+ */
+export function obj(v) {
+  return v !== null && typeof v === "object" && !Array.isArray(v) ? /** @type {Record<string, unknown>} */ (v) : {};
+}
+
+/**
+ * v when it is an integer, else NaN (which fails every comparison).
+ * @param {unknown} v
+ * @returns {number}
+ */
+export function int(v) {
+  return typeof v === "number" && Number.isInteger(v) ? v : NaN;
+}
 
 /**
  * Server frames in a text message: one frame, or the frames of a batch
  * (`{"t":"batch","d":[...]}`). Throws on a message that is not JSON.
  * @param {string} text
- * @returns {Record<string, any>[]}
+ * @returns {Record<string, unknown>[]}
  */
 export function parseFrames(text) {
   const f = JSON.parse(text);
@@ -702,16 +720,18 @@ export function parseFrames(text) {
 }
 
 /**
- * Timer functions (k6/timers in k6, the globals in Node).
- * @typedef {object} Timers
- * @property {(fn: () => void, ms: number) => unknown} setTimeout
- * @property {(handle: any) => void} clearTimeout
+ * A one-shot timer (k6/timers in k6, the globals in Node): runs fn after ms
+ * and returns a function that cancels it.
+ * @callback After
+ * @param {() => void} fn
+ * @param {number} ms
+ * @returns {() => void}
  */
 
 /**
  * @typedef {object} SessionOptions
  * @property {(text: string) => void} send writes one text frame
- * @property {Timers} timers
+ * @property {After} after one-shot timers
  * @property {() => number} [now] ms clock for reply times (Date.now)
  * @property {number} [timeoutMs] a request unanswered this long rejects (5000)
  * @property {(p: Push) => void} [onPush] each push once (de-duplicated by mid; acks are sent first)
@@ -738,12 +758,12 @@ export class Session {
   /** @param {SessionOptions} o */
   constructor(o) {
     this.send = o.send;
-    this.timers = o.timers;
+    this.after = o.after;
     this.now = o.now || Date.now;
     this.timeoutMs = o.timeoutMs || 5000;
     this.onPush = o.onPush || (() => {});
     this.nextId = 1;
-    /** @type {Map<number, {type: string, sentAt: number, resolve: (r: Reply) => void, reject: (e: Error) => void, timer: unknown}>} */
+    /** @type {Map<number, {type: string, sentAt: number, resolve: (r: Reply) => void, reject: (e: Error) => void, cancel: () => void}>} */
     this.pending = new Map();
     /** @type {Hello | null} */
     this.hello = null;
@@ -764,9 +784,9 @@ export class Session {
     const h = this.hello;
     if (h) return Promise.resolve(h);
     return new Promise((resolve, reject) => {
-      const timer = this.timers.setTimeout(() => reject(new Error(`no hello within ${this.timeoutMs} ms`)), this.timeoutMs);
+      const cancel = this.after(() => reject(new Error(`no hello within ${this.timeoutMs} ms`)), this.timeoutMs);
       this.helloWaiters.push((hello) => {
-        this.timers.clearTimeout(timer);
+        cancel();
         resolve(hello);
       });
     });
@@ -783,19 +803,19 @@ export class Session {
     if (this.closed) return Promise.reject(new Error(`${type}: session closed`));
     const id = this.nextId++;
     return new Promise((resolve, reject) => {
-      const timer = this.timers.setTimeout(() => {
+      const cancel = this.after(() => {
         if (this.pending.delete(id)) {
           this.stats.timeouts++;
           reject(new Error(`${type} #${id}: no reply within ${this.timeoutMs} ms`));
         }
       }, this.timeoutMs);
-      this.pending.set(id, { type, sentAt: this.now(), resolve, reject, timer });
+      this.pending.set(id, { type, sentAt: this.now(), resolve, reject, cancel });
       this.stats.requests++;
       try {
         this.send(frame(type, id, d));
       } catch (e) {
         this.pending.delete(id);
-        this.timers.clearTimeout(timer);
+        cancel();
         reject(e instanceof Error ? e : new Error(String(e)));
       }
     });
@@ -816,7 +836,7 @@ export class Session {
     for (const f of frames) this.onFrame(f);
   }
 
-  /** @param {Record<string, any>} f */
+  /** @param {Record<string, unknown>} f */
   onFrame(f) {
     switch (f.t) {
       case "hello": {
@@ -827,12 +847,13 @@ export class Session {
         return;
       }
       case "reply": {
-        const p = this.pending.get(f.id);
+        const id = int(f.id);
+        const p = this.pending.get(id);
         if (!p) return; // late reply after a timeout
-        this.pending.delete(f.id);
-        this.timers.clearTimeout(p.timer);
+        this.pending.delete(id);
+        p.cancel();
         this.stats.replies++;
-        p.resolve({ type: p.type, id: f.id, code: Number(f.code), msg: String(f.msg || ""), d: f.d || {}, ms: this.now() - p.sentAt });
+        p.resolve({ type: p.type, id, code: int(f.code), msg: String(f.msg || ""), d: obj(f.d), ms: this.now() - p.sentAt });
         return;
       }
       case "push": {
@@ -866,7 +887,7 @@ export class Session {
   close(why = "closed") {
     this.closed = true;
     for (const [id, p] of this.pending) {
-      this.timers.clearTimeout(p.timer);
+      p.cancel();
       p.reject(new Error(`${p.type} #${id}: ${why}`));
     }
     this.pending.clear();
@@ -898,12 +919,12 @@ export const replyChecks = Object.freeze({
     /** @param {Reply} r */
     "gift: has order_id": (r) => typeof r.d.order_id === "string" && r.d.order_id !== "",
     /** @param {Reply} r */
-    "gift: balance ≥ 0": (r) => Number.isInteger(r.d.balance) && r.d.balance >= 0,
+    "gift: balance ≥ 0": (r) => int(r.d.balance) >= 0,
   },
   grab: {
     /** @param {Reply} r  a grab either wins an amount or finds none left / the rain over */
     "grab: amount or none left": (r) =>
-      (r.code === 0 && Number.isInteger(r.d.amount) && r.d.amount > 0) ||
+      (r.code === 0 && int(r.d.amount) > 0) ||
       r.code === Code.RedPacketGone ||
       r.code === Code.RedPacketNotStarted ||
       r.code === Code.RedPacketAlreadyGrabbed,
@@ -971,7 +992,7 @@ export function programSpec(name, categories, rows, cols, price, perOrderMax, pe
  * Seat counts by status of a GET /programs/{id} answer: every seat must be
  * 1 unsold, 2 locked or 3 sold, and each category's `remaining` must be its
  * unsold seats.
- * @param {Record<string, any>} p the program (envelope data)
+ * @param {Record<string, unknown>} p the program (envelope data)
  * @returns {{unsold: number, locked: number, sold: number, other: number, remainingMismatch: number}}
  */
 export function seatTally(p) {

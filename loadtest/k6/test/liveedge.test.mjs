@@ -11,7 +11,7 @@ import {
   paySignature, pick, programSpec, replyChecks, req, runUserBase, seatTally, signedNotify, stampOf, stampedText,
   ticketChecks, userId, webhookChecks, webhookIteration,
 } from "../lib/liveedge.js";
-import { apiFor, connect, hmacHex, sleep, timers } from "./node.mjs";
+import { after as afterMs, apiFor, connect, hmacHex, sleep } from "./node.mjs";
 
 describe("protocol module, no node", () => {
   test("webhook signature: t=<unix s>,v1=<hex HMAC-SHA256(secret, t.body)> (a vector computed elsewhere)", () => {
@@ -59,7 +59,7 @@ describe("protocol module, no node", () => {
     const sent = [];
     let now = 1000;
     const pushes = [];
-    const s = new Session({ send: (t) => sent.push(JSON.parse(t)), timers, now: () => now, timeoutMs: 50, onPush: (p) => pushes.push(p) });
+    const s = new Session({ send: (t) => sent.push(JSON.parse(t)), after: afterMs, now: () => now, timeoutMs: 50, onPush: (p) => pushes.push(p) });
     const hello = s.waitHello();
     s.onText('{"t":"hello","d":{"user_id":7,"node":"gw-1","heartbeat_s":30}}');
     assert.equal((await hello).user_id, 7);

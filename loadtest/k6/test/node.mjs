@@ -13,7 +13,10 @@ export async function httpFn(method, url, body, headers) {
 /** @type {import("../lib/liveedge.js").HmacHex} */
 export const hmacHex = (secret, message) => createHmac("sha256", secret).update(message).digest("hex");
 
-export const timers = { setTimeout: (fn, ms) => setTimeout(fn, ms), clearTimeout: (h) => clearTimeout(h) };
+export const after = (fn, ms) => {
+  const t = setTimeout(fn, ms);
+  return () => clearTimeout(t);
+};
 
 export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
@@ -28,7 +31,7 @@ export async function connect(url, token, { timeoutMs = 5000, onPush } = {}) {
   const pushes = [];
   const session = new Session({
     send: (text) => ws.send(text),
-    timers,
+    after,
     timeoutMs,
     onPush: (p) => {
       pushes.push(p);
