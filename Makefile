@@ -15,7 +15,7 @@ TESTFLAGS ?= -race -p 1 -timeout 25m
 TIMING_TESTS := ^TestSlowConsumerClosedRoomUnaffected$$
 CONFIG    ?= configs/single.yaml
 
-.PHONY: run build test ts-test tools vet fmt-check fuzz bench loadtest clean cluster
+.PHONY: run build test ts-test k6-check tools vet fmt-check fuzz bench loadtest clean cluster
 
 run: build
 	./$(BIN)/liveedge -config $(CONFIG)
@@ -36,6 +36,7 @@ test: tools vet fmt-check
 	$(GO) test $(TESTFLAGS) ./...
 	$(GO) test -count=1 -run '$(TIMING_TESTS)' ./gateway/
 	$(MAKE) ts-test
+	$(MAKE) k6-check
 	$(MAKE) fuzz
 
 # The TypeScript SDK (clientsdk/ts): its node tests against the real binary,
@@ -44,6 +45,14 @@ test: tools vet fmt-check
 ts-test: build
 	cd clientsdk/ts && { [ -d node_modules ] || npm ci --no-audit --no-fund; } && \
 	  npm run --silent check-bundle && LIVEEDGE_BIN=$(CURDIR)/$(BIN)/liveedge npm test
+
+# The k6 scenarios (loadtest/k6; k6 itself is not installed here, see its
+# README): type-checked against the pinned @types/k6, and their protocol
+# module (lib/liveedge.js) run by node's test runner against the real binary.
+k6-check: build
+	cd loadtest/k6 && { [ -d node_modules ] || npm ci --no-audit --no-fund; } && \
+	  npx --no-install tsc --checkJs --noEmit -p . && \
+	  LIVEEDGE_BIN=$(CURDIR)/$(BIN)/liveedge node --test test/*.test.mjs
 
 # Tools the tests shell out to (a fresh Debian machine may lack them), as
 # command:package (chromium drives the demo page test; node and npm the TS SDK's).
