@@ -1,0 +1,2 @@
+// Package redpacket runs red-packet rains (SPEC §3, issue 13).
+package redpacket
