@@ -19,6 +19,7 @@ import (
 	"github.com/liveedge/liveedge/configs"
 	"github.com/liveedge/liveedge/edge/gift"
 	"github.com/liveedge/liveedge/edge/limit"
+	"github.com/liveedge/liveedge/edge/redpacket"
 	"github.com/liveedge/liveedge/gateway/proto"
 	"github.com/liveedge/liveedge/router"
 )
@@ -35,7 +36,8 @@ type Server struct {
 	metrics  *metrics
 	chat     *limit.Keyed
 	gifts    *gift.Service
-	inflight sync.WaitGroup // async requests (gifts) still running
+	rp       *redpacket.Service
+	inflight sync.WaitGroup // async requests (gifts, grabs) still running
 
 	up      *gws.Upgrader
 	httpSrv *http.Server
@@ -73,11 +75,13 @@ type ServerDeps struct {
 	// ChatLimit limits chat per user (nil = off).
 	ChatLimit *limit.Keyed
 	Gifts     *gift.Service
+	// RedPackets serves grab frames.
+	RedPackets *redpacket.Service
 }
 
 func newServer(d ServerDeps) *Server {
 	s := &Server{cfg: d.Config, log: d.Log, auth: d.Auth, router: d.Router, metrics: d.Metrics,
-		chat: d.ChatLimit, gifts: d.Gifts, stop: make(chan struct{}), writerq: make(chan *Conn)}
+		chat: d.ChatLimit, gifts: d.Gifts, rp: d.RedPackets, stop: make(chan struct{}), writerq: make(chan *Conn)}
 	for i := range s.shards {
 		s.shards[i].conns = map[uint64]*Conn{}
 	}
