@@ -16,6 +16,7 @@ import (
 	"github.com/liveedge/liveedge/gateway/proto"
 	"github.com/liveedge/liveedge/persist"
 	"github.com/liveedge/liveedge/persist/persisttest"
+	"github.com/liveedge/liveedge/persist/redistest"
 )
 
 // rpConfig is the test node's config: no red-packet rate limits unless a
@@ -589,4 +590,48 @@ func TestRedPacketRestartMidRain(t *testing.T) {
 	shutdown(t, n2)
 	checkRainMoney(t, cfg.Node.DataDir, long, 1000, answeredL, 0)
 	checkRainMoney(t, cfg.Node.DataDir, short, 1000, answeredS, 1000-sumS)
+}
+
+// redpacket.pool: redis-list (the seed's design, a Redis list per code)
+// through a restart: the list is rebuilt from the split minus the durable
+// grants, every packet is granted once, Σ = T.
+func TestRedPacketRedisListPool(t *testing.T) {
+	cfg := rpConfig(t)
+	cfg.Redis.Addr = redistest.Start(t).Addr
+	cfg.RedPacket.Pool = "redis-list"
+	n1 := nodetest.Start(t, cfg)
+	room := nodetest.OpenRoom(t, n1, 1, 0)
+	devCredit(t, n1, 1, 100)
+	code := startRain(t, n1, 1, room, 100, 10, 120)
+	ctx := context.Background()
+	answered := map[int64]int64{}
+	for u := int64(100); u < 105; u++ {
+		g, err := joinedViewer(t, n1, u, room, nil).Grab(ctx, code)
+		if err != nil {
+			t.Fatal(err)
+		}
+		answered[u] = g.Amount
+	}
+	shutdown(t, n1)
+	n2 := nodetest.Start(t, cfg)
+	if v := rainView(t, n2, code); v.GrantedCount != 5 || v.Nodes[0].Left != 5 {
+		t.Fatalf("after the restart: %+v", v)
+	}
+	empty := 0
+	for u := int64(105); u < 115; u++ {
+		g, err := joinedViewer(t, n2, u, room, nil).Grab(ctx, code)
+		switch {
+		case err == nil:
+			answered[u] = g.Amount
+		case codeOf(err) == proto.CodeRedPacketEmpty:
+			empty++
+		default:
+			t.Fatal(err)
+		}
+	}
+	if v := waitFinished(t, n2, code); len(answered) != 10 || empty != 5 || v.GrantedAmount != 100 {
+		t.Fatalf("%d granted, %d empty, %+v", len(answered), empty, v)
+	}
+	shutdown(t, n2)
+	checkRainMoney(t, cfg.Node.DataDir, code, 100, answered, 0)
 }

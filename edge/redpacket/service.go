@@ -110,6 +110,11 @@ type rain struct {
 	timer    *time.Timer
 	ending   bool // no more grabs; settles once inflight is 0
 	settling bool
+	// doubt are grant ops whose outcome the wallet could not tell (the
+	// shared wallet's ErrInProgress: it may still land). Settlement applies
+	// each again first (same request id: it lands once), so the refund never
+	// counts a packet that is granted later. Bounded by the rain's count.
+	doubt []persist.Op
 }
 
 // New returns the service and restores the rains that were not finished
@@ -639,6 +644,11 @@ func (s *Service) GrabAsync(user int64, code string, done func(GrabReply, *proto
 			// The packet is not put back (the outcome may be unknown); the
 			// settlement refunds whatever has no durable grant.
 			s.log.Error("red packet grant not recorded", "code", code, "index", p.Index, "user", user, "err", err)
+			if !errors.Is(err, persist.ErrWalletUnavailable) { // that one moved nothing
+				r.mu.Lock()
+				r.doubt = append(r.doubt, op)
+				r.mu.Unlock()
+			}
 			s.grabFailed(r, user, false)
 			done(GrabReply{}, proto.ErrInternal)
 			return
@@ -726,9 +736,21 @@ func (s *Service) goSettle(r *rain) {
 // biz 5570 to the anchor.
 func (s *Service) settle(r *rain) {
 	r.mu.Lock()
-	rec := r.rec
+	rec, doubt := r.rec, r.doubt
 	r.mu.Unlock()
-	fin, err := s.settleOnce(rec)
+	var err error
+	for len(doubt) > 0 && err == nil {
+		if _, err = s.wallet.Apply(doubt[0]); err == nil {
+			doubt = doubt[1:]
+		}
+	}
+	r.mu.Lock()
+	r.doubt = doubt
+	r.mu.Unlock()
+	var fin record
+	if err == nil {
+		fin, err = s.settleOnce(rec)
+	}
 	if err != nil {
 		s.log.Error("red packet rain not settled, retrying", "code", rec.Code, "err", err, "retry_in", settleRetry)
 		r.mu.Lock()
