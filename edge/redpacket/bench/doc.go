@@ -13,7 +13,7 @@
 //     It reports grabs/s of each and the ratios memory/seed and
 //     memory/redis-list.
 //
-//	go test -run '^$' -bench Grab -benchtime 1x ./edge/redpacket/bench/
+//     go test -run '^$' -bench Grab -benchtime 1x ./edge/redpacket/bench/
 //
 // Plain `go test` runs only a short smoke test of the same code. A throwaway
 // redis-server is started with persist/redistest; NATS runs embedded.
