@@ -766,6 +766,9 @@ func (s *Service) settle(r *rain) {
 	r.mu.Lock()
 	r.rec = fin
 	r.granted, r.amount, r.maxGrant = fin.GrantedCount, fin.GrantedAmount, fin.MaxGrant
+	if r.timer != nil {
+		r.timer.Stop() // ended early (pool empty): the rain is not kept until ends_at
+	}
 	r.mu.Unlock()
 	s.mu.Lock()
 	delete(s.rains, rec.Code)
