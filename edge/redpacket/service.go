@@ -624,7 +624,7 @@ func (s *Service) GrabAsync(user int64, code string, done func(GrabReply, *proto
 	p, ok, err := s.pool.Pop(ctx, code)
 	cancel()
 	if err != nil || !ok {
-		s.grabFailed(r, user, !ok && err == nil)
+		s.grabFailed(r, user, !ok && err == nil, false)
 		if err != nil {
 			s.log.Error("red packet pool", "code", code, "err", err)
 			done(GrabReply{}, proto.ErrInternal)
@@ -644,12 +644,13 @@ func (s *Service) GrabAsync(user int64, code string, done func(GrabReply, *proto
 			// The packet is not put back (the outcome may be unknown); the
 			// settlement refunds whatever has no durable grant.
 			s.log.Error("red packet grant not recorded", "code", code, "index", p.Index, "user", user, "err", err)
-			if !errors.Is(err, persist.ErrWalletUnavailable) { // that one moved nothing
+			doubtful := !errors.Is(err, persist.ErrWalletUnavailable) // that one moved nothing
+			if doubtful {
 				r.mu.Lock()
 				r.doubt = append(r.doubt, op)
 				r.mu.Unlock()
 			}
-			s.grabFailed(r, user, false)
+			s.grabFailed(r, user, false, doubtful)
 			done(GrabReply{}, proto.ErrInternal)
 			return
 		}
@@ -676,11 +677,12 @@ func (s *Service) GrabAsync(user int64, code string, done func(GrabReply, *proto
 }
 
 // grabFailed undoes a grab's reservation; empty: the pool had nothing left,
-// so the rain ends.
-func (s *Service) grabFailed(r *rain, user int64, empty bool) {
+// so the rain ends; keepUser: the grant may still land, so the user keeps
+// their one-per-user place.
+func (s *Service) grabFailed(r *rain, user int64, empty, keepUser bool) {
 	r.mu.Lock()
 	r.inflight--
-	if s.cfg.OnePerUser {
+	if s.cfg.OnePerUser && !keepUser {
 		delete(r.users, user)
 	}
 	if empty && r.rec.State == StateRunning {
