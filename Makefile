@@ -77,6 +77,7 @@ fuzz:
 	$(GO) test -run='^$$' -fuzz='^FuzzDecodeClientFrame$$' -fuzztime=$(FUZZ_FRAME) ./gateway/proto
 	$(GO) test -run='^$$' -fuzz='^FuzzNotify$$' -fuzztime=$(FUZZ_NOTIFY) ./edge/pay
 	$(GO) test -run='^$$' -fuzz='^FuzzClusterWire$$' -fuzztime=$(FUZZ_FRAME) ./router
+	$(GO) test -run='^$$' -fuzz='^FuzzSplit$$' -fuzztime=$(FUZZ_NOTIFY) ./edge/redpacket
 
 # Benchmarks: ratios against baselines measured in the same run (see README,
 # which lists each command and how long it takes). Run on an otherwise idle
@@ -84,7 +85,8 @@ fuzz:
 bench:
 	{ $(GO) test -run='^$$' -bench='Fanout|Bare' -benchtime=2000x -timeout=30m ./router/bench/ && \
 	  $(GO) test -run='^$$' -bench=. -benchtime=1x -timeout=30m ./edge/gift/bench/ && \
-	  $(GO) test -run='^$$' -bench='NotifyVerified|NotifyHTTP' -benchtime=20000x -timeout=30m ./edge/pay/bench/ ; } 2>&1 | tee bench.out
+	  $(GO) test -run='^$$' -bench='NotifyVerified|NotifyHTTP' -benchtime=20000x -timeout=30m ./edge/pay/bench/ && \
+	  $(GO) test -run='^$$' -bench=Grab -benchtime=1x -timeout=30m ./edge/redpacket/bench/ ; } 2>&1 | tee bench.out
 	! grep -q '^FAIL' bench.out
 
 clean:

@@ -393,6 +393,31 @@ func (c *Client) Chat(ctx context.Context, roomID int64, text string) (mid strin
 	return r.Mid, nil
 }
 
+// GrabResult is the reply of a successful grab: the amount credited (the
+// credit itself also arrives as a biz 5570 push) and a message to show.
+type GrabResult struct {
+	Amount int64  `json:"amount"`
+	Msg    string `json:"msg"`
+}
+
+// Grab grabs one packet of the red-packet rain code (the client must have
+// joined the rain's room). A refusal is a *proto.Error: 30001 not found or
+// not started, 30002 already grabbed, 30003 none left, 10003 not in the
+// room, 10429 too fast. Like every request it is not resent after a
+// disconnect (ErrDisconnected): grab again, a packet is granted at most once
+// per user when the server is configured so.
+func (c *Client) Grab(ctx context.Context, code string) (GrabResult, error) {
+	var r GrabResult
+	raw, err := c.request(ctx, proto.TypeGrab, proto.GrabReq{Code: code}, nil)
+	if err != nil {
+		return r, err
+	}
+	if err := proto.Unmarshal(raw, &r); err != nil {
+		return r, fmt.Errorf("clientsdk: grab reply: %w", err)
+	}
+	return r, nil
+}
+
 // Ping sends a ping request and waits for its reply.
 func (c *Client) Ping(ctx context.Context) error {
 	_, err := c.request(ctx, proto.TypePing, nil, nil)

@@ -52,6 +52,8 @@ type Config struct {
 	Redis    Redis    `yaml:"redis"`
 	Shutdown Shutdown `yaml:"shutdown"`
 	Log      Log      `yaml:"log"`
+
+	RedPacket RedPacket `yaml:"redpacket"` // red-packet rains
 }
 
 // Node identifies the node and where it keeps its files.
@@ -177,6 +179,25 @@ type Pay struct {
 	// PAYING): one more → 10429 (0 = no bound).
 	MaxOpenOrdersPerUser int `yaml:"max_open_orders_per_user"`
 	OrdersPerMinute      int `yaml:"orders_per_minute"` // order creations per user per minute, more → 10429 (0 = no bound)
+}
+
+// RedPacket configures red-packet rains (edge/redpacket). Zero numbers mean
+// the package defaults; zero intervals turn a limit off.
+type RedPacket struct {
+	// Pool is where running rains' packets wait: "memory" (this node's
+	// memory) or "redis-list" (the seed's design, a Redis list per code;
+	// needs redis.addr, single node only — the benchmark baseline).
+	Pool         string   `yaml:"pool"`
+	OnePerUser   bool     `yaml:"one_per_user"`   // a user gets at most one packet per rain (30002)
+	MaxCount     int      `yaml:"max_count"`      // packets per rain (≤ 1,000,000)
+	MaxTotal     int64    `yaml:"max_total"`      // coins per rain (≤ 10^12)
+	MaxDuration  Duration `yaml:"max_duration"`   // longest rain
+	MaxPerAnchor int      `yaml:"max_per_anchor"` // rains not finished per anchor; one more create → 10409
+	// PrepareInterval / StartInterval: one prepare / one start per anchor
+	// per interval (a repeat of an already prepared/started code is free).
+	PrepareInterval Duration `yaml:"prepare_interval"`
+	StartInterval   Duration `yaml:"start_interval"`
+	GrabInterval    Duration `yaml:"grab_interval"` // one grab per user per code per interval
 }
 
 // Redis is the shared hot-state store (cluster / shared mode).
@@ -415,6 +436,11 @@ func (c *Config) Validate() error {
 	check(c.Pay.MaxOpenOrdersPerUser >= 0, "pay.max_open_orders_per_user must be >= 0")
 	check(c.Pay.OrdersPerMinute >= 0, "pay.orders_per_minute must be >= 0")
 	check(c.Node.GOGC >= 0, "node.gogc must be >= 0")
+	check(c.RedPacket.Pool == "memory" || c.RedPacket.Pool == "redis-list", "redpacket.pool must be memory or redis-list")
+	check(c.RedPacket.Pool != "redis-list" || c.Redis.Addr != "", "redis.addr is required when redpacket.pool is redis-list")
+	check(c.RedPacket.MaxCount >= 0 && c.RedPacket.MaxCount <= 1_000_000, "redpacket.max_count must be 0..1000000")
+	check(c.RedPacket.MaxTotal >= 0 && c.RedPacket.MaxTotal <= 1_000_000_000_000, "redpacket.max_total must be 0..10^12")
+	check(c.RedPacket.MaxPerAnchor >= 0, "redpacket.max_per_anchor must be >= 0")
 	check(c.Gifts.MaxInflight > 0, "gifts.max_inflight must be > 0")
 	check(c.Gifts.RoomEffectsPerSecond >= 0, "gifts.room_effects_per_second must be >= 0")
 	check(c.HTTP.MaxBodyBytes > 0, "http.max_body_bytes must be > 0")

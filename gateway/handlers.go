@@ -5,6 +5,7 @@ import (
 	"time"
 
 	"github.com/liveedge/liveedge/edge/gift"
+	"github.com/liveedge/liveedge/edge/redpacket"
 	"github.com/liveedge/liveedge/gateway/proto"
 	"github.com/liveedge/liveedge/router"
 )
@@ -49,6 +50,21 @@ func (s *Server) dispatch(c *Conn, b []byte) {
 					c.reply(proto.EncodeReply(id, proto.CodeOK, "ok", rep))
 				}
 				s.metrics.giftSeconds.Observe(time.Since(start).Seconds())
+			})
+			return
+		}
+	case proto.TypeGrab:
+		var r proto.GrabReq
+		if err = decodeValid(&f, &r); err == nil {
+			id := f.ID
+			c.begin()
+			s.rp.GrabAsync(c.ident.UserID, r.Code, func(rep redpacket.GrabReply, err *proto.Error) {
+				defer c.end()
+				if err != nil {
+					c.reply(proto.EncodeErrorReply(id, err))
+				} else {
+					c.reply(proto.EncodeReply(id, proto.CodeOK, "ok", rep))
+				}
 			})
 			return
 		}

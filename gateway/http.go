@@ -144,6 +144,7 @@ func (a *API) routes() {
 	authed.GET("/rooms/:id", a.getRoom)
 	authed.POST("/rooms", a.openRoom)
 	authed.DELETE("/rooms/:id", a.closeRoom)
+	a.redPacketRoutes(authed)
 }
 
 // ok writes the success envelope.

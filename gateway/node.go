@@ -24,6 +24,7 @@ import (
 	"github.com/liveedge/liveedge/edge/limit"
 	"github.com/liveedge/liveedge/edge/pay"
 	"github.com/liveedge/liveedge/edge/pk"
+	"github.com/liveedge/liveedge/edge/redpacket"
 	"github.com/liveedge/liveedge/edge/room"
 	"github.com/liveedge/liveedge/gateway/proto"
 	"github.com/liveedge/liveedge/persist"
@@ -54,6 +55,9 @@ type Node struct {
 	WS       *Server
 	API      *API
 	Auth     *Auth
+
+	// RedPackets runs red-packet rains (edge/redpacket).
+	RedPackets *redpacket.Service
 
 	// Accounts holds account statuses (frozen users): Pebble in local
 	// mode, Redis in shared mode.
@@ -196,6 +200,9 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 	}
 	n.Gifts.SetAccounts(n.Accounts)
 	n.Rooms.SetOpponent(n.PK.Opponent)
+	if err = n.newRedPackets(); err != nil {
+		return nil, err
+	}
 	if err = n.watchCatalogue(cat); err != nil {
 		return nil, err
 	}
@@ -245,7 +252,7 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 	auth := NewAuth(cfg.Auth.JWTSecret)
 	n.Auth = auth
 	n.WS = newServer(ServerDeps{
-		Config: cfg, Log: log, Auth: auth, Router: n.Router, Metrics: n.metrics,
+		Config: cfg, Log: log, Auth: auth, Router: n.Router, Metrics: n.metrics, RedPackets: n.RedPackets,
 		ChatLimit: limit.New(cfg.Limits.ChatPerSecond, time.Second, max(1, cfg.Limits.ChatPerSecond), nil),
 		Gifts:     n.Gifts, RoomOpen: n.Rooms.EnsureOpen,
 	})
@@ -577,6 +584,9 @@ func (n *Node) closeBackends() error {
 	}
 	if n.PK != nil {
 		n.PK.Close()
+	}
+	if n.RedPackets != nil {
+		n.RedPackets.Close() // before the wallet closes: settlements in progress finish
 	}
 	if n.stopSync != nil {
 		close(n.stopSync)

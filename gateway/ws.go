@@ -19,6 +19,7 @@ import (
 	"github.com/liveedge/liveedge/configs"
 	"github.com/liveedge/liveedge/edge/gift"
 	"github.com/liveedge/liveedge/edge/limit"
+	"github.com/liveedge/liveedge/edge/redpacket"
 	"github.com/liveedge/liveedge/gateway/proto"
 	"github.com/liveedge/liveedge/router"
 )
@@ -36,7 +37,8 @@ type Server struct {
 	chat     *limit.Keyed
 	gifts    *gift.Service
 	roomOpen func(room int64) bool
-	inflight sync.WaitGroup // async requests (gifts) still running
+	rp       *redpacket.Service
+	inflight sync.WaitGroup // async requests (gifts, grabs) still running
 
 	up      *gws.Upgrader
 	httpSrv *http.Server
@@ -77,11 +79,13 @@ type ServerDeps struct {
 	// RoomOpen, if set, is asked about a room the router does not know
 	// (in a cluster, an open through another node not yet replicated here).
 	RoomOpen func(room int64) bool
+	// RedPackets serves grab frames.
+	RedPackets *redpacket.Service
 }
 
 func newServer(d ServerDeps) *Server {
 	s := &Server{cfg: d.Config, log: d.Log, auth: d.Auth, router: d.Router, metrics: d.Metrics,
-		chat: d.ChatLimit, gifts: d.Gifts, roomOpen: d.RoomOpen, stop: make(chan struct{}), writerq: make(chan *Conn)}
+		chat: d.ChatLimit, gifts: d.Gifts, roomOpen: d.RoomOpen, rp: d.RedPackets, stop: make(chan struct{}), writerq: make(chan *Conn)}
 	for i := range s.shards {
 		s.shards[i].conns = map[uint64]*Conn{}
 	}

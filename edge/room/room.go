@@ -67,6 +67,10 @@ type Config struct {
 // SetOpponent connects the PK service (room info shows the PK opponent).
 func (s *Service) SetOpponent(f func(room int64) int64) { s.opponent.Store(&f) }
 
+// SetRedPacket connects the red-packet service (room info shows the room's
+// active red-packet code).
+func (s *Service) SetRedPacket(f func(room int64) string) { s.redPacket.Store(&f) }
+
 // Service manages rooms.
 type Service struct {
 	store    *persist.Store
@@ -77,6 +81,8 @@ type Service struct {
 	shared   *Shared
 	events   func(kind string, r Room)
 	opponent atomic.Pointer[func(int64) int64]
+	// redPacket is the room's active red-packet code (SetRedPacket).
+	redPacket atomic.Pointer[func(int64) string]
 
 	mu       sync.RWMutex
 	open     map[int64]*Room
@@ -307,6 +313,9 @@ func (s *Service) info(r Room, viewer int64) Info {
 		in.Online = s.router.Online(r.ID)
 		if f := s.opponent.Load(); f != nil {
 			in.PKOpponent = (*f)(r.ID)
+		}
+		if f := s.redPacket.Load(); f != nil {
+			in.RedPacketCode = (*f)(r.ID)
 		}
 	}
 	return in

@@ -1,0 +1,164 @@
+package redpacket
+
+import (
+	"context"
+	"errors"
+	"hash/maphash"
+	"strconv"
+
+	"github.com/liveedge/liveedge/gateway/proto"
+	"github.com/liveedge/liveedge/persist"
+)
+
+// grabKey is the rate-limit key of (user, code).
+func (s *Service) grabKey(user int64, code string) uint64 {
+	var h maphash.Hash
+	h.SetSeed(s.seed)
+	_, _ = h.WriteString(code)
+	var b [8]byte
+	for i := range b {
+		b[i] = byte(user >> (8 * i))
+	}
+	_, _ = h.Write(b[:])
+	return h.Sum64()
+}
+
+// Grab grabs a packet of rain code for user and returns once the grant (with
+// the credit) is durable, or refused.
+func (s *Service) Grab(user int64, code string) (GrabReply, *proto.Error) {
+	var (
+		rep GrabReply
+		err *proto.Error
+	)
+	ch := make(chan struct{})
+	s.GrabAsync(user, code, func(r GrabReply, e *proto.Error) { rep, err = r, e; close(ch) })
+	<-ch
+	return rep, err
+}
+
+// GrabAsync is Grab calling done with the outcome: on the caller's goroutine
+// when it is known at once, else on a wallet goroutine once the grant is
+// durable. done must be quick and must not block. The grabber gets biz 5570
+// (ack) with the credit.
+func (s *Service) GrabAsync(user int64, code string, done func(GrabReply, *proto.Error)) {
+	r := s.get(code)
+	if r == nil {
+		if rec, err := s.loadFinished(code); err == nil && rec.State == StateFinished {
+			done(GrabReply{}, errEmpty)
+			return
+		}
+		done(GrabReply{}, errGrabNone)
+		return
+	}
+	r.mu.Lock()
+	state, room, ending := r.rec.State, r.rec.Room, r.ending
+	r.mu.Unlock()
+	switch {
+	case state == StateWait || state == StatePrepared:
+		done(GrabReply{}, errGrabNone)
+		return
+	case !s.cfg.InRoom(room, user):
+		done(GrabReply{}, errNotInRm)
+		return
+	case ending || state == StateFinished:
+		done(GrabReply{}, errEmpty)
+		return
+	case !s.grabLimit.Allow(s.grabKey(user, code)):
+		done(GrabReply{}, proto.ErrRateLimited)
+		return
+	}
+	r.mu.Lock()
+	if r.ending || r.rec.State != StateRunning {
+		r.mu.Unlock()
+		done(GrabReply{}, errEmpty)
+		return
+	}
+	if s.cfg.OnePerUser {
+		if _, dup := r.users[user]; dup {
+			r.mu.Unlock()
+			done(GrabReply{}, errTaken)
+			return
+		}
+		if r.users == nil {
+			r.users = map[int64]struct{}{}
+		}
+		r.users[user] = struct{}{}
+	}
+	r.inflight++
+	r.mu.Unlock()
+
+	ctx, cancel := context.WithTimeout(context.Background(), poolTimeout)
+	p, ok, err := s.pool.Pop(ctx, code)
+	cancel()
+	if err != nil || !ok {
+		s.grabFailed(r, user, !ok && err == nil, false)
+		if err != nil {
+			s.log.Error("red packet pool", "code", code, "err", err)
+			done(GrabReply{}, proto.ErrInternal)
+			return
+		}
+		done(GrabReply{}, errEmpty)
+		return
+	}
+	gb, _ := proto.Marshal(grant{User: user, Amount: p.Amount, At: s.cfg.Now().UnixMilli()})
+	op := persist.Op{User: user, ReqID: grantReqID(code, p.Index),
+		Postings: []persist.Posting{{User: user, Delta: p.Amount, Reason: persist.ReasonRedPacket, Ref: "redpacket " + code}},
+		Tallies:  []persist.Tally{{Name: TallyGrabbed, User: user, Delta: p.Amount}},
+		Static:   []persist.Record{storeRecord(grantKey(code, p.Index), gb)},
+	}
+	s.wallet.ApplyAsync(op, func(res persist.Result, err error) {
+		if err != nil {
+			// The packet is not put back (the outcome may be unknown); the
+			// settlement refunds whatever has no durable grant.
+			s.log.Error("red packet grant not recorded", "code", code, "index", p.Index, "user", user, "err", err)
+			doubtful := !errors.Is(err, persist.ErrWalletUnavailable) // that one moved nothing
+			if doubtful {
+				r.mu.Lock()
+				r.doubt = append(r.doubt, op)
+				r.mu.Unlock()
+			}
+			s.grabFailed(r, user, false, doubtful)
+			done(GrabReply{}, proto.ErrInternal)
+			return
+		}
+		r.mu.Lock()
+		r.granted++
+		r.amount += p.Amount
+		r.maxGrant = max(r.maxGrant, p.Amount)
+		r.inflight--
+		if r.granted >= r.rec.Count {
+			r.ending = true
+		}
+		settle := r.ending && r.inflight == 0 && !r.settling
+		r.settling = r.settling || settle
+		r.mu.Unlock()
+		done(GrabReply{Amount: p.Amount, Msg: "恭喜领取到红包：" + strconv.FormatInt(p.Amount, 10)}, nil)
+		if !res.Replayed {
+			d, _ := proto.Marshal(CreditPush{Balance: res.Balances[0], Delta: p.Amount, Reason: persist.ReasonRedPacket})
+			s.router.SendUser(user, proto.Push{Biz: proto.BizWalletCredit, Data: d, Ack: true})
+		}
+		if settle {
+			s.goSettle(r)
+		}
+	})
+}
+
+// grabFailed undoes a grab's reservation; empty: the pool had nothing left,
+// so the rain ends; keepUser: the grant may still land, so the user keeps
+// their one-per-user place.
+func (s *Service) grabFailed(r *rain, user int64, empty, keepUser bool) {
+	r.mu.Lock()
+	r.inflight--
+	if s.cfg.OnePerUser && !keepUser {
+		delete(r.users, user)
+	}
+	if empty && r.rec.State == StateRunning {
+		r.ending = true
+	}
+	settle := r.ending && r.inflight == 0 && !r.settling && r.rec.State == StateRunning
+	r.settling = r.settling || settle
+	r.mu.Unlock()
+	if settle {
+		s.goSettle(r)
+	}
+}

@@ -1,0 +1,120 @@
+package redpacket
+
+import (
+	"context"
+	"sync"
+	"testing"
+
+	"github.com/redis/rueidis"
+
+	"github.com/liveedge/liveedge/persist/redistest"
+)
+
+// Both pools hand out every loaded packet exactly once under concurrent
+// pops, then report empty; Load replaces, Drop forgets.
+func TestPools(t *testing.T) {
+	rdb, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{redistest.Start(t).Addr}, DisableCache: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rdb.Close()
+	for name, p := range map[string]Pool{"memory": NewMemoryPool(), "redis-list": &RedisListPool{Client: rdb}} {
+		t.Run(name, func(t *testing.T) {
+			ctx := context.Background()
+			const n = 1000
+			left := make([]Packet, n)
+			for i := range left {
+				left[i] = Packet{Index: int32(i), Amount: int64(i + 1)}
+			}
+			if err := p.Load(ctx, "old", left[:10]); err != nil {
+				t.Fatal(err)
+			}
+			if err := p.Load(ctx, "c", left[:3]); err != nil {
+				t.Fatal(err)
+			}
+			if err := p.Load(ctx, "c", left); err != nil { // replaces
+				t.Fatal(err)
+			}
+			if k, err := p.Len(ctx, "c"); err != nil || k != n {
+				t.Fatalf("Len %d %v", k, err)
+			}
+			var mu sync.Mutex
+			seen := map[int32]int64{}
+			var wg sync.WaitGroup
+			for g := 0; g < 8; g++ {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					for {
+						pk, ok, err := p.Pop(ctx, "c")
+						if err != nil {
+							t.Error(err)
+							return
+						}
+						if !ok {
+							return
+						}
+						mu.Lock()
+						if _, dup := seen[pk.Index]; dup {
+							t.Errorf("index %d popped twice", pk.Index)
+						}
+						seen[pk.Index] = pk.Amount
+						mu.Unlock()
+					}
+				}()
+			}
+			wg.Wait()
+			if len(seen) != n {
+				t.Fatalf("popped %d of %d", len(seen), n)
+			}
+			for i, a := range seen {
+				if a != int64(i+1) {
+					t.Fatalf("index %d amount %d", i, a)
+				}
+			}
+			if err := p.Drop(ctx, "old"); err != nil {
+				t.Fatal(err)
+			}
+			if _, ok, err := p.Pop(ctx, "old"); ok || err != nil {
+				t.Fatalf("pop after drop: %v %v", ok, err)
+			}
+		})
+	}
+}
+
+func TestCodesAndRecords(t *testing.T) {
+	seen := map[string]bool{}
+	for i := 0; i < 1000; i++ {
+		c := newCode()
+		if !wellFormed(c) || seen[c] {
+			t.Fatalf("code %q (dup %v)", c, seen[c])
+		}
+		seen[c] = true
+	}
+	for _, bad := range []string{"", "short", "ABCDEFGHIJKLMNOPQRSTUVWXYZ", "aaaaaaaaaaaaaaaaaaaaaaaaa1", "aaaaaaaaaaaaaaaaaaaaaaaaaaa"} {
+		if wellFormed(bad) {
+			t.Fatalf("%q accepted", bad)
+		}
+	}
+	split := []int64{1, 127, 128, 1 << 40, 5}
+	got, err := decodeSplit(encodeSplit(split), len(split))
+	if err != nil || len(got) != len(split) {
+		t.Fatal(got, err)
+	}
+	for i := range split {
+		if got[i] != split[i] {
+			t.Fatal(got)
+		}
+	}
+	if _, err := decodeSplit(encodeSplit(split), 4); err == nil {
+		t.Fatal("wrong count accepted")
+	}
+	if _, err := decodeSplit([]byte{0x80}, 1); err == nil {
+		t.Fatal("truncated split accepted")
+	}
+	for _, s := range []string{"", "1", "x:1", "1:0", "-1:5", "1:x"} {
+		if _, err := decodePacket(s); err == nil {
+			t.Fatalf("element %q accepted", s)
+		}
+	}
+}

@@ -1,0 +1,151 @@
+package redpacket
+
+import (
+	"crypto/rand"
+	"encoding/base32"
+	"encoding/binary"
+	"errors"
+	"strconv"
+
+	"github.com/liveedge/liveedge/persist"
+)
+
+// States of a rain (SPEC §3: the seed's WAIT → PREPARED → SENT, with the end
+// made explicit).
+const (
+	StateWait     = "WAIT"     // created, nothing debited
+	StatePrepared = "PREPARED" // anchor debited T, split durable
+	StateRunning  = "RUNNING"  // started: grabs are served until EndsAt or the pool is empty
+	StateFinished = "FINISHED" // settled: unclaimed amount refunded, totals final
+)
+
+// Durable layout (Pebble, through persist.Store and the wallet's op records):
+//
+//	rec/rp/<code>             JSON record, rewritten at each state change
+//	rec/rpsplit/<code>        the split: N uvarint amounts (written with the
+//	                          prepare debit, in the same ledger op)
+//	rec/rpgrant/<code>/<idx>  JSON grant {user, amount, at}: written with the
+//	                          grabber's credit, in the same ledger op
+var (
+	prefixRain  = []byte("rec/rp/")
+	prefixSplit = []byte("rec/rpsplit/")
+	prefixGrant = []byte("rec/rpgrant/")
+)
+
+func rainKey(code string) []byte  { return append(append([]byte{}, prefixRain...), code...) }
+func splitKey(code string) []byte { return append(append([]byte{}, prefixSplit...), code...) }
+
+func grantPrefix(code string) []byte {
+	return append(append(append([]byte{}, prefixGrant...), code...), '/')
+}
+
+func grantKey(code string, idx int32) []byte {
+	return binary.BigEndian.AppendUint32(grantPrefix(code), uint32(idx))
+}
+
+// Ledger request ids. Each is scoped to the user of its op.
+func prepareReqID(code string, try int) string {
+	return "rp-prep:" + code + ":" + strconv.Itoa(try)
+}
+func grantReqID(code string, idx int32) string {
+	return "rp:" + code + ":" + strconv.FormatInt(int64(idx), 10)
+}
+func settleReqID(code string) string { return "rp-end:" + code }
+
+// Ledger tallies.
+const (
+	// TallyGrabbed is the total a user got from red packets.
+	TallyGrabbed = "rpgot"
+	// TallyGiven is the total an anchor's rains granted (refunds excluded).
+	TallyGiven = "rpgiven"
+)
+
+// record is a rain as stored (rec/rp/<code>).
+type record struct {
+	Code       string `json:"code"`
+	Node       string `json:"node"` // the node that owns it
+	Room       int64  `json:"room_id"`
+	Anchor     int64  `json:"anchor_id"`
+	Total      int64  `json:"total_amount"`
+	Count      int    `json:"total_count"`
+	DurationMS int64  `json:"duration_ms"`
+	State      string `json:"state"`
+	CreatedAt  int64  `json:"created_at"`
+	PreparedAt int64  `json:"prepared_at,omitempty"`
+	StartedAt  int64  `json:"started_at,omitempty"`
+	EndsAt     int64  `json:"ends_at,omitempty"`
+	FinishedAt int64  `json:"finished_at,omitempty"`
+	// Final totals (FINISHED), from the durable grants.
+	GrantedCount  int   `json:"granted_count,omitempty"`
+	GrantedAmount int64 `json:"granted_amount,omitempty"`
+	MaxGrant      int64 `json:"max_grant,omitempty"`
+	Refunded      int64 `json:"refunded,omitempty"`
+}
+
+// grant is one durable grant (rec/rpgrant/<code>/<idx>).
+type grant struct {
+	User   int64 `json:"user"`
+	Amount int64 `json:"amount"`
+	At     int64 `json:"at"`
+}
+
+// codeBytes is the entropy of a code: 128 bits, so codes cannot be guessed
+// (a room's code is only learned from its 5560 push or its room info).
+const codeBytes = 16
+
+var codeEncoding = base32.NewEncoding("abcdefghijklmnopqrstuvwxyz234567").WithPadding(base32.NoPadding)
+
+// codeLen is the length of a code (26 characters of [a-z2-7]).
+var codeLen = codeEncoding.EncodedLen(codeBytes)
+
+func newCode() string {
+	var b [codeBytes]byte
+	_, _ = rand.Read(b[:]) // crypto/rand.Read never fails (Go ≥ 1.24)
+	return codeEncoding.EncodeToString(b[:])
+}
+
+// wellFormed reports whether code can be a code (what goes into keys).
+func wellFormed(code string) bool {
+	if len(code) != codeLen {
+		return false
+	}
+	for i := 0; i < len(code); i++ {
+		c := code[i]
+		if !(c >= 'a' && c <= 'z' || c >= '2' && c <= '7') {
+			return false
+		}
+	}
+	return true
+}
+
+func encodeSplit(amounts []int64) []byte {
+	b := make([]byte, 0, len(amounts)*3)
+	for _, a := range amounts {
+		b = binary.AppendUvarint(b, uint64(a))
+	}
+	return b
+}
+
+var errBadSplit = errors.New("redpacket: corrupt split record")
+
+func decodeSplit(b []byte, count int) ([]int64, error) {
+	out := make([]int64, 0, count)
+	for len(b) > 0 {
+		v, n := binary.Uvarint(b)
+		if n <= 0 {
+			return nil, errBadSplit
+		}
+		out = append(out, int64(v))
+		b = b[n:]
+	}
+	if len(out) != count {
+		return nil, errBadSplit
+	}
+	return out, nil
+}
+
+// storeRecord is a durable record write for a ledger op.
+func storeRecord(key, v []byte) persist.Record { return persist.Record{Key: key, Value: v} }
+
+// cryptoRead fills b from crypto/rand.
+func cryptoRead(b []byte) { _, _ = rand.Read(b) }

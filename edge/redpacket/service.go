@@ -1,0 +1,542 @@
+package redpacket
+
+import (
+	"context"
+	"errors"
+	"hash/maphash"
+	"log/slog"
+	"math/rand/v2"
+	"sync"
+	"time"
+
+	"github.com/liveedge/liveedge/edge/limit"
+	"github.com/liveedge/liveedge/gateway/proto"
+	"github.com/liveedge/liveedge/persist"
+	"github.com/liveedge/liveedge/router"
+)
+
+// Defaults of Config fields left zero.
+const (
+	DefaultMaxCount     = 100_000
+	DefaultMaxTotal     = 1_000_000_000
+	DefaultMaxPerAnchor = 10
+	DefaultMinDuration  = time.Second
+	DefaultMaxDuration  = 10 * time.Minute
+	// poolTimeout bounds one pool call (Redis in redis-list mode).
+	poolTimeout = 2 * time.Second
+	// settleRetry is the wait before a settlement that failed is tried again.
+	settleRetry = 5 * time.Second
+)
+
+// Config configures Service. Zero values mean the defaults named above.
+type Config struct {
+	Node string // this node's id (records, per-node split)
+	// Pool holds running rains' packets (nil = NewMemoryPool()).
+	Pool Pool
+	// AnchorOf returns the anchor of an open room (ok false: not open).
+	AnchorOf func(room int64) (anchor int64, ok bool)
+	// InRoom reports whether user is in room (the node: a session of the
+	// user joined the room on this node). A grab from anyone else is 10003.
+	InRoom func(room, user int64) bool
+
+	MaxCount    int           // packets per rain (0 = DefaultMaxCount, ≤ MaxCount)
+	MaxTotal    int64         // coins per rain (0 = DefaultMaxTotal, ≤ MaxTotal)
+	MinDuration time.Duration // 0 = DefaultMinDuration
+	MaxDuration time.Duration // 0 = DefaultMaxDuration
+	// MaxPerAnchor bounds the rains an anchor has not finished (WAIT,
+	// PREPARED, RUNNING): one more create is 10409 (0 = DefaultMaxPerAnchor).
+	MaxPerAnchor int
+	// OnePerUser: a user gets at most one packet per rain (30002 after).
+	OnePerUser bool
+	// PrepareInterval and StartInterval rate-limit prepare and start per
+	// anchor (0 = no limit); GrabInterval rate-limits grabs per user per
+	// code (0 = no limit). A repeated prepare/start of a code that is already
+	// prepared/started answers without counting.
+	PrepareInterval, StartInterval, GrabInterval time.Duration
+	Now                                          func() time.Time // nil = time.Now
+}
+
+// Service runs red-packet rains on one node. Safe for concurrent use.
+//
+// Invariants:
+//   - a packet (code, index) is granted at most once: the pool holds each
+//     index at most once per process (split minus durable grants), and the
+//     grant row and the grabber's credit are one ledger op, idempotent by
+//     (grabber, "rp:<code>:<index>");
+//   - a grab is answered ok only after its grant and credit are durable;
+//   - Σ durable grants ≤ T, and settlement refunds exactly T − Σ durable
+//     grants, once (ledger request "rp-end:<code>", which also writes the
+//     FINISHED record), after every grab in flight has completed;
+//   - at most one RUNNING rain per room; an anchor has at most MaxPerAnchor
+//     rains not FINISHED.
+//
+// Locks: mu (the maps) before a rain's mu; neither is held across I/O or a
+// wallet call. Grant callbacks run on a ledger committer and only take locks
+// and queue pushes; settlement runs on its own goroutine (tracked in
+// settles, waited for by Close).
+type Service struct {
+	cfg    Config
+	store  *persist.Store
+	wallet persist.Wallet
+	router router.Router
+	pool   Pool
+	log    *slog.Logger
+
+	prepLimit, startLimit, grabLimit *limit.Keyed
+	seed                             maphash.Seed
+
+	mu        sync.RWMutex
+	closed    bool
+	rains     map[string]*rain // not FINISHED
+	perAnchor map[int64]int    // rains not FINISHED per anchor
+	running   map[int64]string // room → its RUNNING rain
+	prepared  map[int64]string // room → its latest PREPARED rain
+	settles   sync.WaitGroup
+}
+
+// rain is one rain not FINISHED, in memory.
+type rain struct {
+	mu       sync.Mutex
+	rec      record
+	busy     bool // a prepare or start is in progress
+	prepTry  int  // prepare attempts refused for the balance (fresh ledger req id each)
+	granted  int  // grants durable in this process's view
+	amount   int64
+	maxGrant int64
+	inflight int                // grabs between Pop and their ledger outcome
+	users    map[int64]struct{} // OnePerUser: users granted or grabbing
+	timer    *time.Timer
+	ending   bool // no more grabs; settles once inflight is 0
+	settling bool
+	// doubt are grant ops whose outcome the wallet could not tell (the
+	// shared wallet's ErrInProgress: it may still land). Settlement applies
+	// each again first (same request id: it lands once), so the refund never
+	// counts a packet that is granted later. Bounded by the rain's count.
+	doubt []persist.Op
+}
+
+// New returns the service and restores the rains that were not finished
+// from store: a RUNNING rain gets its pool back (the split minus its durable
+// grants) and resumes, or is settled if its time is up or its pool is empty.
+func New(store *persist.Store, w persist.Wallet, r router.Router, cfg Config, log *slog.Logger) (*Service, error) {
+	if cfg.Pool == nil {
+		cfg.Pool = NewMemoryPool()
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	if cfg.MaxCount <= 0 || cfg.MaxCount > MaxCount {
+		cfg.MaxCount = min(DefaultMaxCount, MaxCount)
+	}
+	if cfg.MaxTotal <= 0 || cfg.MaxTotal > MaxTotal {
+		cfg.MaxTotal = DefaultMaxTotal
+	}
+	if cfg.MinDuration <= 0 {
+		cfg.MinDuration = DefaultMinDuration
+	}
+	if cfg.MaxDuration <= 0 {
+		cfg.MaxDuration = DefaultMaxDuration
+	}
+	if cfg.MaxPerAnchor <= 0 {
+		cfg.MaxPerAnchor = DefaultMaxPerAnchor
+	}
+	if cfg.AnchorOf == nil {
+		cfg.AnchorOf = func(int64) (int64, bool) { return 0, false }
+	}
+	if cfg.InRoom == nil {
+		cfg.InRoom = func(int64, int64) bool { return false }
+	}
+	if log == nil {
+		log = slog.Default()
+	}
+	s := &Service{cfg: cfg, store: store, wallet: w, router: r, pool: cfg.Pool, log: log.With("svc", "redpacket"),
+		seed: maphash.MakeSeed(), rains: map[string]*rain{}, perAnchor: map[int64]int{},
+		running: map[int64]string{}, prepared: map[int64]string{}}
+	s.prepLimit = interval(cfg.PrepareInterval, cfg.Now)
+	s.startLimit = interval(cfg.StartInterval, cfg.Now)
+	s.grabLimit = interval(cfg.GrabInterval, cfg.Now)
+	if err := s.restore(); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// interval is a limiter of one event per d per key (nil: d ≤ 0, no limit).
+func interval(d time.Duration, now func() time.Time) *limit.Keyed {
+	if d <= 0 {
+		return nil
+	}
+	return limit.New(1, d, 1, now)
+}
+
+// View is a rain as shown by GET /redpackets/{code} and the anchor endpoints.
+type View struct {
+	Code          string      `json:"code"`
+	RoomID        int64       `json:"room_id"`
+	AnchorID      int64       `json:"anchor_id"`
+	State         string      `json:"state"`
+	TotalAmount   int64       `json:"total_amount"`
+	TotalCount    int         `json:"total_count"`
+	DurationS     int64       `json:"duration_s"`
+	GrantedCount  int         `json:"granted_count"`
+	GrantedAmount int64       `json:"granted_amount"`
+	MaxGrant      int64       `json:"max_grant"`
+	Refunded      int64       `json:"refunded"`
+	StartedAt     int64       `json:"started_at,omitempty"`
+	EndsAt        int64       `json:"ends_at,omitempty"`
+	FinishedAt    int64       `json:"finished_at,omitempty"`
+	Nodes         []NodeSplit `json:"nodes"`
+}
+
+// NodeSplit is one node's share of a rain's pool.
+type NodeSplit struct {
+	Node    string `json:"node"`
+	Count   int    `json:"count"`   // packets the node was given
+	Left    int    `json:"left"`    // not popped yet
+	Granted int    `json:"granted"` // granted by the node
+}
+
+// GrabReply is the d of a successful grab.
+type GrabReply struct {
+	Amount int64  `json:"amount"`
+	Msg    string `json:"msg"`
+}
+
+// StartedPush is the d of biz 5560.
+type StartedPush struct {
+	Code       string `json:"code"`
+	TotalCount int    `json:"total_count"`
+	EndsAt     int64  `json:"ends_at"`
+}
+
+// FinishedPush is the d of biz 5561.
+type FinishedPush struct {
+	Code          string `json:"code"`
+	GrantedCount  int    `json:"granted_count"`
+	GrantedAmount int64  `json:"granted_amount"`
+	Refunded      int64  `json:"refunded"` // extension: returned to the anchor
+}
+
+// CreditPush is the d of biz 5570.
+type CreditPush struct {
+	Balance int64  `json:"balance"`
+	Delta   int64  `json:"delta"`
+	Reason  string `json:"reason"`
+}
+
+var (
+	errNotFound = &proto.Error{Code: proto.CodeNotFound, Msg: "red packet rain not found"}
+	errNotAnch  = &proto.Error{Code: proto.CodeForbidden, Msg: "only the room's anchor manages its red packets"}
+	errGrabNone = &proto.Error{Code: proto.CodeRedPacketNotFound, Msg: "red packet not found or not started"}
+	errEmpty    = &proto.Error{Code: proto.CodeRedPacketEmpty, Msg: "红包已派发完毕 (red packets all gone)"}
+	errTaken    = &proto.Error{Code: proto.CodeRedPacketTaken, Msg: "you already grabbed a red packet of this rain"}
+	errNotInRm  = &proto.Error{Code: proto.CodeForbidden, Msg: "not in the red packet's room"}
+)
+
+func (s *Service) view(r *rain) View {
+	r.mu.Lock()
+	rec, v := r.rec, View{GrantedCount: r.granted, GrantedAmount: r.amount, MaxGrant: r.maxGrant}
+	r.mu.Unlock()
+	v = viewOf(rec, v)
+	ns := NodeSplit{Node: rec.Node, Granted: v.GrantedCount}
+	if rec.State == StateRunning {
+		ns.Count = rec.Count
+		ctx, cancel := context.WithTimeout(context.Background(), poolTimeout)
+		ns.Left, _ = s.pool.Len(ctx, rec.Code)
+		cancel()
+	}
+	v.Nodes = []NodeSplit{ns}
+	return v
+}
+
+// viewOf fills v (whose granted totals are set for a rain not FINISHED) from rec.
+func viewOf(rec record, v View) View {
+	v.Code, v.RoomID, v.AnchorID, v.State = rec.Code, rec.Room, rec.Anchor, rec.State
+	v.TotalAmount, v.TotalCount, v.DurationS = rec.Total, rec.Count, rec.DurationMS/1000
+	v.StartedAt, v.EndsAt, v.FinishedAt = rec.StartedAt, rec.EndsAt, rec.FinishedAt
+	if rec.State == StateFinished {
+		v.GrantedCount, v.GrantedAmount, v.MaxGrant, v.Refunded = rec.GrantedCount, rec.GrantedAmount, rec.MaxGrant, rec.Refunded
+		v.Nodes = []NodeSplit{{Node: rec.Node, Count: rec.Count, Granted: rec.GrantedCount}}
+	}
+	return v
+}
+
+func (s *Service) get(code string) *rain {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return s.rains[code]
+}
+
+// loadFinished reads a rain that is no longer in memory (FINISHED).
+func (s *Service) loadFinished(code string) (record, error) {
+	var rec record
+	if !wellFormed(code) {
+		return rec, errNotFound
+	}
+	b, err := s.store.Get(rainKey(code))
+	if errors.Is(err, persist.ErrNotFound) {
+		return rec, errNotFound
+	}
+	if err != nil {
+		return rec, err
+	}
+	return rec, proto.Unmarshal(b, &rec)
+}
+
+// Get returns the rain code (10004 if unknown).
+func (s *Service) Get(code string) (View, error) {
+	if r := s.get(code); r != nil {
+		return s.view(r), nil
+	}
+	rec, err := s.loadFinished(code)
+	if err != nil {
+		return View{}, err
+	}
+	return viewOf(rec, View{}), nil
+}
+
+// ActiveCode is the code room info shows: the room's RUNNING rain, else its
+// latest PREPARED one ("" = none).
+func (s *Service) ActiveCode(room int64) string {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	if c, ok := s.running[room]; ok {
+		return c
+	}
+	return s.prepared[room]
+}
+
+// Create makes a rain (WAIT) of total coins in count packets lasting
+// duration in room, on behalf of anchor, who must be the room's anchor.
+func (s *Service) Create(anchor, room, total int64, count int, duration time.Duration) (View, error) {
+	if err := checkSize(total, count, s.cfg.MaxTotal, s.cfg.MaxCount); err != nil {
+		return View{}, err
+	}
+	if duration < s.cfg.MinDuration || duration > s.cfg.MaxDuration {
+		return View{}, proto.BadRequest("duration_s must be %d..%d", int64(s.cfg.MinDuration.Seconds()), int64(s.cfg.MaxDuration.Seconds()))
+	}
+	if a, ok := s.cfg.AnchorOf(room); !ok {
+		return View{}, proto.Errorf(proto.CodeNotFound, "room not found or closed")
+	} else if a != anchor {
+		return View{}, errNotAnch
+	}
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return View{}, proto.ErrInternal
+	}
+	if s.perAnchor[anchor] >= s.cfg.MaxPerAnchor {
+		s.mu.Unlock()
+		return View{}, proto.Errorf(proto.CodeConflict, "at most %d red-packet rains not finished per anchor", s.cfg.MaxPerAnchor)
+	}
+	s.perAnchor[anchor]++ // reserved
+	s.mu.Unlock()
+	rec := record{Code: newCode(), Node: s.cfg.Node, Room: room, Anchor: anchor, Total: total, Count: count,
+		DurationMS: duration.Milliseconds(), State: StateWait, CreatedAt: s.cfg.Now().UnixMilli()}
+	b, err := proto.Marshal(rec)
+	if err == nil {
+		err = s.store.Put(rainKey(rec.Code), b)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err != nil {
+		s.release(anchor)
+		return View{}, err
+	}
+	r := &rain{rec: rec}
+	s.rains[rec.Code] = r
+	return viewOf(rec, View{Nodes: []NodeSplit{}}), nil
+}
+
+// release gives back an anchor's slot (s.mu held).
+func (s *Service) release(anchor int64) {
+	if s.perAnchor[anchor]--; s.perAnchor[anchor] <= 0 {
+		delete(s.perAnchor, anchor)
+	}
+}
+
+// managed returns rain code if anchor manages it (the answer to a finished
+// or unknown code is fin or err).
+func (s *Service) managed(anchor int64, code string) (r *rain, fin *View, err error) {
+	r = s.get(code)
+	if r == nil {
+		rec, err := s.loadFinished(code)
+		if err != nil {
+			return nil, nil, err
+		}
+		if rec.Anchor != anchor {
+			return nil, nil, errNotAnch
+		}
+		v := viewOf(rec, View{})
+		return nil, &v, nil
+	}
+	r.mu.Lock()
+	a := r.rec.Anchor
+	r.mu.Unlock()
+	if a != anchor {
+		return nil, nil, errNotAnch
+	}
+	return r, nil, nil
+}
+
+// Prepare splits rain code and debits its anchor the total, in one durable
+// ledger op (20001 when the balance is short). Preparing a rain that is
+// already prepared (or further) answers its state and moves nothing.
+func (s *Service) Prepare(anchor int64, code string) (View, error) {
+	r, fin, err := s.managed(anchor, code)
+	if fin != nil || err != nil {
+		return deref(fin), err
+	}
+	r.mu.Lock()
+	switch {
+	case r.rec.State != StateWait:
+		r.mu.Unlock()
+		return s.view(r), nil
+	case r.busy:
+		r.mu.Unlock()
+		return View{}, proto.Errorf(proto.CodeConflict, "a prepare of this rain is in progress")
+	case !s.prepLimit.Allow(uint64(anchor)):
+		r.mu.Unlock()
+		return View{}, proto.ErrRateLimited
+	}
+	r.busy = true
+	rec, try := r.rec, r.prepTry
+	r.mu.Unlock()
+
+	split, err := Split(rec.Total, rec.Count, rand.New(rand.NewChaCha8(chachaSeed())))
+	var res persist.Result
+	if err == nil {
+		rec.State, rec.PreparedAt = StatePrepared, s.cfg.Now().UnixMilli()
+		var b []byte
+		if b, err = proto.Marshal(rec); err == nil {
+			res, err = s.wallet.Apply(persist.Op{User: anchor, ReqID: prepareReqID(code, try),
+				Postings: []persist.Posting{{User: anchor, Delta: -rec.Total, Reason: persist.ReasonRedPacket, Ref: "redpacket " + code}},
+				Static:   []persist.Record{storeRecord(rainKey(code), b), storeRecord(splitKey(code), encodeSplit(split))},
+			})
+		}
+	}
+	_ = res
+	r.mu.Lock()
+	r.busy = false
+	if err != nil {
+		if errors.Is(err, persist.ErrInsufficient) {
+			r.prepTry++ // the ledger remembers the refusal of that req id
+			err = &proto.Error{Code: proto.CodeInsufficientBalance, Msg: "insufficient balance for the rain's total"}
+		}
+		r.mu.Unlock()
+		return View{}, err
+	}
+	r.rec = rec
+	r.mu.Unlock()
+	s.mu.Lock()
+	s.prepared[rec.Room] = code
+	s.mu.Unlock()
+	return s.view(r), nil
+}
+
+func deref(v *View) View {
+	if v == nil {
+		return View{}
+	}
+	return *v
+}
+
+func chachaSeed() (seed [32]byte) {
+	cryptoRead(seed[:])
+	return seed
+}
+
+// Start starts prepared rain code: its pool is loaded, its record becomes
+// RUNNING (durably) and the room gets biz 5560. Starting a running or
+// finished rain answers its state; another rain running in the room is 10409.
+func (s *Service) Start(anchor int64, code string) (View, error) {
+	r, fin, err := s.managed(anchor, code)
+	if fin != nil || err != nil {
+		return deref(fin), err
+	}
+	s.mu.Lock()
+	r.mu.Lock()
+	rec := r.rec
+	var perr *proto.Error
+	switch {
+	case rec.State == StateRunning || rec.State == StateFinished:
+		r.mu.Unlock()
+		s.mu.Unlock()
+		return s.view(r), nil
+	case rec.State == StateWait:
+		perr = proto.Errorf(proto.CodeConflict, "prepare the rain before starting it")
+	case r.busy:
+		perr = proto.Errorf(proto.CodeConflict, "a start of this rain is in progress")
+	case s.closed:
+		perr = proto.ErrInternal
+	case s.running[rec.Room] != "":
+		perr = proto.Errorf(proto.CodeConflict, "another red-packet rain is running in this room")
+	case !s.startLimit.Allow(uint64(anchor)):
+		perr = proto.ErrRateLimited
+	}
+	if perr != nil {
+		r.mu.Unlock()
+		s.mu.Unlock()
+		return View{}, perr
+	}
+	r.busy = true
+	s.running[rec.Room] = code // reserved
+	r.mu.Unlock()
+	s.mu.Unlock()
+
+	now := s.cfg.Now()
+	rec.State, rec.StartedAt = StateRunning, now.UnixMilli()
+	rec.EndsAt = rec.StartedAt + rec.DurationMS
+	err = s.loadPool(rec, nil)
+	if err == nil {
+		var b []byte
+		if b, err = proto.Marshal(rec); err == nil {
+			err = s.store.Put(rainKey(code), b)
+		}
+	}
+	s.mu.Lock()
+	r.mu.Lock()
+	r.busy = false
+	if err != nil {
+		delete(s.running, rec.Room)
+		r.mu.Unlock()
+		s.mu.Unlock()
+		ctx, cancel := context.WithTimeout(context.Background(), poolTimeout)
+		_ = s.pool.Drop(ctx, code)
+		cancel()
+		return View{}, err
+	}
+	r.rec = rec
+	r.timer = time.AfterFunc(time.Duration(rec.DurationMS)*time.Millisecond, func() { s.end(r) })
+	if s.prepared[rec.Room] == code {
+		delete(s.prepared, rec.Room)
+	}
+	r.mu.Unlock()
+	s.mu.Unlock()
+	d, _ := proto.Marshal(StartedPush{Code: code, TotalCount: rec.Count, EndsAt: rec.EndsAt})
+	if _, err := s.router.PublishRoom(rec.Room, proto.Push{Biz: proto.BizRainStarted, Room: rec.Room, Data: d, Ack: true}); err != nil {
+		s.log.Warn("rain start not pushed", "code", code, "room", rec.Room, "err", err)
+	}
+	return s.view(r), nil
+}
+
+// loadPool loads rec's split minus the granted indexes into the pool.
+func (s *Service) loadPool(rec record, granted map[int32]bool) error {
+	b, err := s.store.Get(splitKey(rec.Code))
+	if err != nil {
+		return err
+	}
+	split, err := decodeSplit(b, rec.Count)
+	if err != nil {
+		return err
+	}
+	left := make([]Packet, 0, len(split)-len(granted))
+	for i, a := range split {
+		if !granted[int32(i)] {
+			left = append(left, Packet{Index: int32(i), Amount: a})
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), poolTimeout)
+	defer cancel()
+	return s.pool.Load(ctx, rec.Code, left)
+}

@@ -1,0 +1,234 @@
+package redpacket
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"time"
+
+	"github.com/liveedge/liveedge/gateway/proto"
+	"github.com/liveedge/liveedge/persist"
+)
+
+// end stops grabs of r (its time is up); it settles once no grab is in flight.
+func (s *Service) end(r *rain) {
+	r.mu.Lock()
+	if r.rec.State != StateRunning || r.settling {
+		r.mu.Unlock()
+		return
+	}
+	r.ending = true
+	if r.timer != nil {
+		r.timer.Stop()
+	}
+	settle := r.inflight == 0
+	r.settling = settle
+	r.mu.Unlock()
+	if settle {
+		s.goSettle(r)
+	}
+}
+
+// goSettle runs settle on a goroutine of its own (never on a ledger
+// committer: settle waits for the ledger). After Close it does nothing: the
+// next start of the node settles.
+func (s *Service) goSettle(r *rain) {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return
+	}
+	s.settles.Add(1)
+	s.mu.Unlock()
+	go func() {
+		defer s.settles.Done()
+		s.settle(r)
+	}()
+}
+
+// settle ends r exactly once: totals from the durable grants, the unclaimed
+// rest refunded to the anchor in the same ledger op that marks the rain
+// FINISHED (idempotent by "rp-end:<code>"), then biz 5561 to the room and
+// biz 5570 to the anchor.
+func (s *Service) settle(r *rain) {
+	r.mu.Lock()
+	rec, doubt := r.rec, r.doubt
+	r.mu.Unlock()
+	var err error
+	for len(doubt) > 0 && err == nil {
+		if _, err = s.wallet.Apply(doubt[0]); err == nil {
+			doubt = doubt[1:]
+		}
+	}
+	r.mu.Lock()
+	r.doubt = doubt
+	r.mu.Unlock()
+	var fin record
+	if err == nil {
+		fin, err = s.settleOnce(rec)
+	}
+	if err != nil {
+		s.log.Error("red packet rain not settled, retrying", "code", rec.Code, "err", err, "retry_in", settleRetry)
+		r.mu.Lock()
+		r.settling = false
+		r.mu.Unlock()
+		s.mu.RLock()
+		if !s.closed {
+			time.AfterFunc(settleRetry, func() { s.end(r) })
+		}
+		s.mu.RUnlock()
+		return
+	}
+	r.mu.Lock()
+	r.rec = fin
+	r.granted, r.amount, r.maxGrant = fin.GrantedCount, fin.GrantedAmount, fin.MaxGrant
+	if r.timer != nil {
+		r.timer.Stop() // ended early (pool empty): the rain is not kept until ends_at
+	}
+	r.mu.Unlock()
+	s.mu.Lock()
+	delete(s.rains, rec.Code)
+	s.release(rec.Anchor)
+	if s.running[rec.Room] == rec.Code {
+		delete(s.running, rec.Room)
+	}
+	s.mu.Unlock()
+	ctx, cancel := context.WithTimeout(context.Background(), poolTimeout)
+	if err := s.pool.Drop(ctx, rec.Code); err != nil {
+		s.log.Warn("red packet pool not dropped", "code", rec.Code, "err", err)
+	}
+	cancel()
+	d, _ := proto.Marshal(FinishedPush{Code: rec.Code, GrantedCount: fin.GrantedCount, GrantedAmount: fin.GrantedAmount, Refunded: fin.Refunded})
+	if _, err := s.router.PublishRoom(rec.Room, proto.Push{Biz: proto.BizRainFinished, Room: rec.Room, Data: d, Ack: true}); err != nil {
+		s.log.Info("rain end not pushed", "code", rec.Code, "room", rec.Room, "err", err)
+	}
+}
+
+// settleOnce writes the settlement of rec and returns the final record.
+func (s *Service) settleOnce(rec record) (record, error) {
+	var n int
+	var sum, top int64
+	err := s.store.Scan(grantPrefix(rec.Code), func(_, v []byte) error {
+		var g grant
+		if err := proto.Unmarshal(v, &g); err != nil {
+			return err
+		}
+		n++
+		sum += g.Amount
+		top = max(top, g.Amount)
+		return nil
+	})
+	if err != nil {
+		return rec, err
+	}
+	if sum > rec.Total { // cannot happen (each index once, Σ split = T): refuse to settle
+		return rec, errors.New("redpacket: granted more than the total")
+	}
+	fin := rec
+	fin.State, fin.FinishedAt = StateFinished, s.cfg.Now().UnixMilli()
+	fin.GrantedCount, fin.GrantedAmount, fin.MaxGrant, fin.Refunded = n, sum, top, rec.Total-sum
+	b, err := proto.Marshal(fin)
+	if err != nil {
+		return rec, err
+	}
+	op := persist.Op{User: rec.Anchor, ReqID: settleReqID(rec.Code),
+		Tallies: []persist.Tally{{Name: TallyGiven, User: rec.Anchor, Delta: sum}},
+		Static:  []persist.Record{storeRecord(rainKey(rec.Code), b)},
+	}
+	if fin.Refunded > 0 {
+		op.Postings = []persist.Posting{{User: rec.Anchor, Delta: fin.Refunded, Reason: persist.ReasonRefund,
+			Ref: "redpacket " + rec.Code + " unclaimed"}}
+	}
+	res, err := s.wallet.Apply(op)
+	if err != nil {
+		return rec, err
+	}
+	if fin.Refunded > 0 && !res.Replayed {
+		d, _ := proto.Marshal(CreditPush{Balance: res.Balances[0], Delta: fin.Refunded, Reason: persist.ReasonRefund})
+		s.router.SendUser(rec.Anchor, proto.Push{Biz: proto.BizWalletCredit, Data: d, Ack: true})
+	}
+	return fin, nil
+}
+
+// restore loads the rains that are not FINISHED (see New).
+func (s *Service) restore() error {
+	var recs []record
+	err := s.store.Scan(prefixRain, func(_, v []byte) error {
+		var rec record
+		if err := proto.Unmarshal(v, &rec); err != nil {
+			return err
+		}
+		if rec.State != StateFinished {
+			recs = append(recs, rec)
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	now := s.cfg.Now().UnixMilli()
+	var due []*rain
+	for _, rec := range recs {
+		r := &rain{rec: rec}
+		s.rains[rec.Code] = r
+		s.perAnchor[rec.Anchor]++
+		switch rec.State {
+		case StatePrepared:
+			s.prepared[rec.Room] = rec.Code
+		case StateRunning:
+			s.running[rec.Room] = rec.Code
+			granted := map[int32]bool{}
+			err := s.store.Scan(grantPrefix(rec.Code), func(k, v []byte) error {
+				var g grant
+				if err := proto.Unmarshal(v, &g); err != nil {
+					return err
+				}
+				granted[int32(binary.BigEndian.Uint32(k[len(k)-4:]))] = true
+				r.granted++
+				r.amount += g.Amount
+				r.maxGrant = max(r.maxGrant, g.Amount)
+				if s.cfg.OnePerUser {
+					if r.users == nil {
+						r.users = map[int64]struct{}{}
+					}
+					r.users[g.User] = struct{}{}
+				}
+				return nil
+			})
+			if err != nil {
+				return err
+			}
+			if err := s.loadPool(rec, granted); err != nil {
+				return err
+			}
+			if now >= rec.EndsAt || r.granted >= rec.Count {
+				r.ending, r.settling = true, true
+				due = append(due, r)
+			} else {
+				r.timer = time.AfterFunc(time.Duration(rec.EndsAt-now)*time.Millisecond, func() { s.end(r) })
+			}
+			s.log.Info("red packet rain resumed", "code", rec.Code, "granted", r.granted, "of", rec.Count, "due", now >= rec.EndsAt)
+		}
+	}
+	for _, r := range due {
+		s.goSettle(r)
+	}
+	return nil
+}
+
+// Close stops the rains' timers and waits for settlements in progress. A
+// rain left RUNNING resumes (or settles) at the next start. Call it before
+// the wallet closes.
+func (s *Service) Close() {
+	s.mu.Lock()
+	s.closed = true
+	for _, r := range s.rains {
+		r.mu.Lock()
+		if r.timer != nil {
+			r.timer.Stop()
+		}
+		r.mu.Unlock()
+	}
+	s.mu.Unlock()
+	s.settles.Wait()
+}
