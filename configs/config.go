@@ -48,6 +48,7 @@ type Config struct {
 	Gifts    Gifts    `yaml:"gifts"`
 	Wallet   Wallet   `yaml:"wallet"`
 	Pay      Pay      `yaml:"pay"`
+	Tickets  Tickets  `yaml:"tickets"`
 	Redis    Redis    `yaml:"redis"`
 	Shutdown Shutdown `yaml:"shutdown"`
 	Log      Log      `yaml:"log"`
@@ -162,6 +163,13 @@ type Pay struct {
 	// PAYING): one more → 10429 (0 = no bound).
 	MaxOpenOrdersPerUser int `yaml:"max_open_orders_per_user"`
 	OrdersPerMinute      int `yaml:"orders_per_minute"` // order creations per user per minute, more → 10429 (0 = no bound)
+}
+
+// Tickets configures ticket sales (edge/ticket).
+type Tickets struct {
+	PayTimeout  Duration `yaml:"pay_timeout"`  // unpaid (PENDING_PAY) orders close and release their seats after this
+	MaxPrograms int      `yaml:"max_programs"` // programs kept in memory; one more → 10001
+	MaxSeats    int      `yaml:"max_seats"`    // seats of one program (Σ rows × cols); more → 10001
 }
 
 // Redis is the shared hot-state store (cluster / shared mode).
@@ -395,6 +403,9 @@ func (c *Config) Validate() error {
 	check(c.Pay.WorkerID >= -1 && c.Pay.WorkerID < 32, "pay.worker_id must be -1..31")
 	check(c.Pay.MaxOpenOrdersPerUser >= 0, "pay.max_open_orders_per_user must be >= 0")
 	check(c.Pay.OrdersPerMinute >= 0, "pay.orders_per_minute must be >= 0")
+	check(c.Tickets.PayTimeout.D() >= time.Second, "tickets.pay_timeout must be >= 1s")
+	check(c.Tickets.MaxPrograms > 0, "tickets.max_programs must be > 0")
+	check(c.Tickets.MaxSeats > 0 && c.Tickets.MaxSeats <= 1_000_000, "tickets.max_seats must be 1..1000000")
 	check(c.Node.GOGC >= 0, "node.gogc must be >= 0")
 	check(c.Gifts.MaxInflight > 0, "gifts.max_inflight must be > 0")
 	check(c.Gifts.RoomEffectsPerSecond >= 0, "gifts.room_effects_per_second must be >= 0")
