@@ -40,7 +40,13 @@ func quietLog() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, n
 
 func newEnv(t testing.TB, cfg Config) *env {
 	t.Helper()
-	e := &env{t: t, dir: t.TempDir(), clock: &clock{}, cfg: cfg}
+	return openEnv(t, t.TempDir(), cfg)
+}
+
+// openEnv is newEnv on an existing data directory.
+func openEnv(t testing.TB, dir string, cfg Config) *env {
+	t.Helper()
+	e := &env{t: t, dir: dir, clock: &clock{}, cfg: cfg}
 	e.open()
 	t.Cleanup(e.close)
 	return e
