@@ -131,10 +131,10 @@ func TestTicketHTTPFlow(t *testing.T) {
 	if st, r := place(other, fmt.Sprintf(`{"program_id":%d,"seat_ids":["2-1-1"],"req_id":"x"}`, prog)); st != 409 || r.Code != 40003 {
 		t.Fatalf("taken seat: %d %+v", st, r)
 	}
-	if st, r := place(other, fmt.Sprintf(`{"program_id":%d,"category_id":1,"count":5,"req_id":"x"}`, prog)); st != 409 || r.Code != 40004 {
+	if st, r := place(other, fmt.Sprintf(`{"program_id":%d,"category_id":1,"count":5,"req_id":"x"}`, prog)); st != 400 || r.Code != 40004 {
 		t.Fatalf("over per_order_max: %d %+v", st, r)
 	}
-	if st, r := place(buyer, fmt.Sprintf(`{"program_id":%d,"category_id":1,"count":4,"req_id":"h3"}`, prog)); st != 409 || r.Code != 40004 {
+	if st, r := place(buyer, fmt.Sprintf(`{"program_id":%d,"category_id":1,"count":4,"req_id":"h3"}`, prog)); st != 400 || r.Code != 40004 {
 		t.Fatalf("over per_user_max: %d %+v", st, r)
 	}
 	if st, r := place(other, `{"program_id":"x"}`); st != 400 || r.Code != 10001 {
@@ -175,7 +175,7 @@ func TestTicketHTTPFlow(t *testing.T) {
 	if b := e.balance(t, 701); b != 200 {
 		t.Fatalf("balance %d after a 300-coin ticket", b)
 	}
-	if st, r := place(buyer, fmt.Sprintf(`{"program_id":%d,"category_id":1,"count":1,"req_id":"k3","coupon_id":%q}`, prog, cp.Data.ID)); st != 409 || r.Code != 40005 {
+	if st, r := place(buyer, fmt.Sprintf(`{"program_id":%d,"category_id":1,"count":1,"req_id":"k3","coupon_id":%q}`, prog, cp.Data.ID)); st != 400 || r.Code != 40005 {
 		t.Fatalf("someone else's coupon: %d %+v", st, r)
 	}
 	persisttest.CheckConservation(t, e.node.Ledger)

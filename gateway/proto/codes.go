@@ -86,7 +86,7 @@ func HTTPStatus(code int) int {
 	case CodeNotFound, CodeProductNotFound, CodeRedPacketNotFound:
 		return http.StatusNotFound
 	case CodeConflict, CodeOrderState, CodeSoldOut, CodeRedPacketTaken, CodeRedPacketEmpty,
-		CodeInsufficientBalance, CodeTicketLimit, CodeCouponUnusable:
+		CodeInsufficientBalance:
 		return http.StatusConflict
 	case CodeRateLimited:
 		return http.StatusTooManyRequests
