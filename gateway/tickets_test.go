@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/liveedge/liveedge/configs"
 	"github.com/liveedge/liveedge/edge/pay"
 	"github.com/liveedge/liveedge/edge/pay/mockpay"
 	"github.com/liveedge/liveedge/edge/ticket"
@@ -37,7 +38,7 @@ const programBody = `{"name":"Show","categories":[{"category_id":1,"name":"A","p
 // signed webhook as recharges (duplicate notify changes nothing), a coins
 // order with a coupon, cancel, buyer-only reads, 40003/40004.
 func TestTicketHTTPFlow(t *testing.T) {
-	e := startPay(t, mockpay.Config{}, nil)
+	e := startPay(t, mockpay.Config{}, func(c *configs.Config) { c.Pay.MaxOpenOrdersPerUser = 1 })
 	admin := nodetest.Token(t, e.node, 1, gateway.RoleAdmin)
 	buyer := nodetest.Token(t, e.node, 700, gateway.RoleViewer)
 	other := nodetest.Token(t, e.node, 701, gateway.RoleViewer)
@@ -93,6 +94,9 @@ func TestTicketHTTPFlow(t *testing.T) {
 	if _, again := place(buyer, fmt.Sprintf(`{"program_id":%d,"category_id":1,"count":2,"req_id":"h1"}`, prog)); again.Data.OrderID != o.Data.OrderID {
 		t.Fatalf("same req_id gave %+v", again)
 	}
+	// An unpaid ticket order does not count towards the recharge orders'
+	// open-order bound (pay.max_open_orders_per_user, 1 here).
+	e.createOrder(t, 700, 1, "recharge-while-a-ticket-is-unpaid")
 	resp, err := http.Post(o.Data.PayURL, "", nil)
 	if err != nil || resp.StatusCode != 200 {
 		t.Fatalf("pay: %v %v", err, resp)
@@ -103,7 +107,9 @@ func TestTicketHTTPFlow(t *testing.T) {
 		return r.Data.Status
 	}
 	nodetest.Eventually(t, 10*time.Second, func() bool { return orderStatus(buyer, o.Data.OrderID) == "PAID" }, "order not PAID")
-	if v := view(); v.Categories[0].Sold != 2 || v.Categories[0].Remaining != 8 {
+	// The order is durable first, then its seats move in memory: poll.
+	nodetest.Eventually(t, 5*time.Second, func() bool { return view().Categories[0].Sold == 2 }, "seats not sold")
+	if v := view(); v.Categories[0].Sold != 2 || v.Categories[0].Remaining != 8 || v.Categories[0].Locked != 0 {
 		t.Fatalf("after payment %+v", v.Categories[0])
 	}
 	if st, r := ticketCall[struct{}](t, e, "GET", "/tickets/orders/"+o.Data.OrderID, other, ""); st != 404 || r.Code != 10004 {

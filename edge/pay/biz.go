@@ -114,7 +114,7 @@ func (s *Service) CreateBizOrder(r BizOrderReq, extra ...persist.Record) (Order,
 	if err != nil {
 		return Order{}, err
 	}
-	s.addOpen(r.ID, r.User, now)
+	s.addOpen(r.ID, r.User, now, false)
 	return o, nil
 }
 

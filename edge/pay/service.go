@@ -104,6 +104,7 @@ const DefaultReconcileWorkers = 8
 type openOrder struct {
 	created int64 // unix ms
 	user    int64
+	counted bool // in openOf (MaxOpenPerUser)
 }
 
 func recPrefix(s string) []byte { return append(append([]byte{}, persist.PrefixRec...), s...) }
@@ -161,7 +162,7 @@ func New(store *persist.Store, w persist.Wallet, r router.Router, cfg Config) (*
 			return err
 		}
 		if o.Status == StatusPaying || o.Status == StatusWaitingPay {
-			s.addOpen(int64(persist.KeyID(k)), o.UserID, o.CreatedAt)
+			s.addOpen(int64(persist.KeyID(k)), o.UserID, o.CreatedAt, o.Biz == "" || o.Biz == BizCoins)
 		}
 		return nil
 	})
@@ -284,7 +285,7 @@ func (s *Service) CreateOrder(user int64, r CreateReq) (Order, error) {
 	if err != nil {
 		return Order{}, err
 	}
-	s.addOpen(id, user, now)
+	s.addOpen(id, user, now, true)
 	return o, nil
 }
 
@@ -575,12 +576,17 @@ func (s *Service) moveLocked(o *Order, id int64, to, why string, extra *persist.
 	return nil
 }
 
-func (s *Service) addOpen(id, user, created int64) {
+// addOpen tracks an open order for the reconciler; counted = it counts
+// towards its user's MaxOpenPerUser (recharge orders; a business's orders
+// are bounded by the business).
+func (s *Service) addOpen(id, user, created int64, counted bool) {
 	s.openMu.Lock()
 	defer s.openMu.Unlock()
 	if _, ok := s.open[id]; !ok {
-		s.open[id] = openOrder{created: created, user: user}
-		s.openOf[user]++
+		s.open[id] = openOrder{created: created, user: user, counted: counted}
+		if counted {
+			s.openOf[user]++
+		}
 	}
 }
 
@@ -592,6 +598,9 @@ func (s *Service) closeOpen(id int64) {
 		return
 	}
 	delete(s.open, id)
+	if !o.counted {
+		return
+	}
 	if s.openOf[o.user]--; s.openOf[o.user] <= 0 {
 		delete(s.openOf, o.user)
 	}
