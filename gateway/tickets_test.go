@@ -241,3 +241,48 @@ func TestTicketHTTPConcurrentBuyers(t *testing.T) {
 		t.Fatalf("category %+v", c)
 	}
 }
+
+// tickets.pay_timeout through a real node: an unpaid order closes by
+// itself and frees its seats; its payment arriving afterwards through the
+// webhook is refunded (order REFUNDED, pay order PAY_BACK), not sold.
+func TestTicketHTTPTimeoutThenLatePayment(t *testing.T) {
+	e := startPay(t, mockpay.Config{}, func(c *configs.Config) { c.Tickets.PayTimeout = configs.Duration(time.Second) })
+	admin := nodetest.Token(t, e.node, 1, gateway.RoleAdmin)
+	buyer := nodetest.Token(t, e.node, 800, gateway.RoleViewer)
+	_, pr := ticketCall[struct {
+		ProgramID int64 `json:"program_id"`
+	}](t, e, "POST", "/admin/programs", admin, programBody)
+	st, o := ticketCall[ticket.Order](t, e, "POST", "/tickets/orders", buyer,
+		fmt.Sprintf(`{"program_id":%d,"category_id":2,"count":3,"req_id":"late"}`, pr.Data.ProgramID))
+	if st != 200 || o.Data.Status != "PENDING_PAY" {
+		t.Fatalf("place %d %+v", st, o)
+	}
+	remaining := func() int {
+		_, v := ticketCall[ticket.View](t, e, "GET", fmt.Sprintf("/programs/%d", pr.Data.ProgramID), buyer, "")
+		return v.Data.Categories[1].Remaining
+	}
+	if r := remaining(); r != 1 {
+		t.Fatalf("remaining %d", r)
+	}
+	status := func() string {
+		_, r := ticketCall[ticket.Order](t, e, "GET", "/tickets/orders/"+o.Data.OrderID, buyer, "")
+		return r.Data.Status
+	}
+	nodetest.Eventually(t, 10*time.Second, func() bool { return status() == "CANCELLED" }, "unpaid order not closed")
+	nodetest.Eventually(t, 5*time.Second, func() bool { return remaining() == 4 }, "seats not released")
+	body, sig := signedEvent(e, pay.Order{OrderID: o.Data.OrderID}, "late-evt", o.Data.Amount)
+	for k := 0; k < 2; k++ {
+		if st, b := e.post(t, sig, body); st != 200 || b != "success" {
+			t.Fatalf("late notify %d %s", st, b)
+		}
+	}
+	if s := status(); s != "REFUNDED" {
+		t.Fatalf("late-paid order %s", s)
+	}
+	if po := e.order(t, o.Data.OrderID); po.Status != pay.StatusPayBack {
+		t.Fatalf("pay order %s", po.Status)
+	}
+	if r := remaining(); r != 4 {
+		t.Fatalf("a late payment took seats: remaining %d", r)
+	}
+}

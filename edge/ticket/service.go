@@ -59,7 +59,8 @@ type Service struct {
 	router router.Router
 	inv    Inventory
 
-	progMu   sync.RWMutex
+	createMu sync.Mutex         // serialises program creation (held across its write; progMu never is)
+	progMu   sync.RWMutex       // guards programs and lastProg
 	programs map[int64]*program // bounded by MaxPrograms
 	lastProg int64
 
@@ -247,18 +248,17 @@ func (s *Service) CreateProgram(d ProgramDef) (int64, error) {
 	if err := s.validProgram(&d); err != nil {
 		return 0, err
 	}
-	s.progMu.Lock()
-	if len(s.programs) >= s.cfg.MaxPrograms {
-		s.progMu.Unlock()
+	s.createMu.Lock()
+	defer s.createMu.Unlock()
+	s.progMu.RLock()
+	n, last := len(s.programs), s.lastProg
+	s.progMu.RUnlock()
+	if n >= s.cfg.MaxPrograms {
 		return 0, proto.BadRequest("at most %d programs", s.cfg.MaxPrograms)
 	}
-	s.lastProg++
-	d.ID = s.lastProg
-	// Stored under progMu: ids are handed out in the order they are stored.
+	d.ID = last + 1
 	v, _ := proto.Marshal(d)
-	err := s.store.Put(programKey(d.ID), v)
-	s.progMu.Unlock()
-	if err != nil {
+	if err := s.store.Put(programKey(d.ID), v); err != nil {
 		return 0, err
 	}
 	if err := s.inv.Add(d); err != nil {

@@ -398,3 +398,28 @@ func TestCouponRules(t *testing.T) {
 		t.Fatalf("free order: %+v %v", o2, err)
 	}
 }
+
+// Program sizes are bounded (10001 beyond), and programs survive a restart
+// with their ids.
+func TestTicketProgramBounds(t *testing.T) {
+	e := newEnv(t, Config{MaxPrograms: 2, MaxSeats: 100})
+	_, err := e.svc.CreateProgram(ProgramDef{Name: "x", PerOrderMax: 1, PerUserMax: 1,
+		Categories: []CategoryDef{{ID: 1, Name: "A", Rows: 10, Cols: 11}}})
+	wantCode(t, err, proto.CodeBadRequest) // 110 seats > 100
+	_, err = e.svc.CreateProgram(ProgramDef{Name: "x", PerOrderMax: 1, PerUserMax: 1,
+		Categories: []CategoryDef{{ID: 1, Name: "A", Rows: 1, Cols: 1}, {ID: 1, Name: "B", Rows: 1, Cols: 1}}})
+	wantCode(t, err, proto.CodeBadRequest) // duplicate category id
+	a := e.program([]CategoryDef{{ID: 2, Name: "B", Rows: 1, Cols: 2}, {ID: 1, Name: "A", Rows: 1, Cols: 2}}, 1, 1)
+	b := e.program([]CategoryDef{{ID: 1, Name: "A", Rows: 1, Cols: 2}}, 1, 1)
+	if a != 1 || b != 2 {
+		t.Fatalf("ids %d %d", a, b)
+	}
+	_, err = e.svc.CreateProgram(ProgramDef{Name: "x", PerOrderMax: 1, PerUserMax: 1,
+		Categories: []CategoryDef{{ID: 1, Name: "A", Rows: 1, Cols: 1}}})
+	wantCode(t, err, proto.CodeBadRequest) // over MaxPrograms
+	e.reopen()
+	v, err := e.svc.Program(a)
+	if err != nil || len(v.Categories) != 2 || v.Categories[0].ID != 1 || len(v.Seats) != 4 {
+		t.Fatalf("after restart: %+v %v", v, err)
+	}
+}
