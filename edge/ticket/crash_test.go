@@ -108,6 +108,7 @@ func TestSagaKill9BetweenSteps(t *testing.T) {
 					}
 				}
 				persisttest.CheckConservation(t, e.ledger)
+				e.audit()
 			}
 			check("first restart")
 			check("second restart")

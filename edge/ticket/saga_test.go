@@ -93,6 +93,7 @@ func TestSagaFailureAtEachStep(t *testing.T) {
 				t.Fatalf("after the failed saga %+v, before %+v", after, before)
 			}
 			e.conservation()
+			e.audit()
 			v, gerr := e.store.Get(orderReqKey(buyer, "s"))
 			if (gerr == nil) != tc.durable {
 				t.Fatalf("order recorded: %v, want %v", gerr == nil, tc.durable)
@@ -124,6 +125,7 @@ func TestSagaFailureAtEachStep(t *testing.T) {
 					t.Fatalf("after duplicate compensations %+v, before %+v", after, before)
 				}
 				e.conservation()
+				e.audit()
 			}
 			// What was undone can be used again: the seat and the coupon.
 			e.svc.cfg.Hook = nil
@@ -133,6 +135,7 @@ func TestSagaFailureAtEachStep(t *testing.T) {
 				t.Fatalf("retry: %+v %v", o, err)
 			}
 			e.conservation()
+			e.audit()
 		})
 	}
 }
@@ -172,6 +175,7 @@ func TestSagaCompensationResumedBySweep(t *testing.T) {
 		t.Fatalf("free %d", free)
 	}
 	e.conservation()
+	e.audit()
 }
 
 // The coins saga that succeeds: PAID, coins debited once, coupon used,
@@ -199,4 +203,5 @@ func TestSagaCoinsSuccess(t *testing.T) {
 		t.Fatalf("sold %d", sold)
 	}
 	e.conservation()
+	e.audit()
 }

@@ -83,6 +83,7 @@ func TestTicketTenThousandBuyersThousandSeats(t *testing.T) {
 	if taken != 1000 || locked != 1000 || free != 0 || sold != 0 {
 		t.Fatalf("taken %d, counts free %d locked %d sold %d; want all 1000 locked", taken, free, locked, sold)
 	}
+	e.audit()
 	t.Logf("%d buyers, %d orders took the 1000 seats", buyers, len(wins))
 
 	// Pay a third through the webhook (a duplicate of each notify changes
@@ -110,6 +111,7 @@ func TestTicketTenThousandBuyersThousandSeats(t *testing.T) {
 	if sold != paidSeats || free != cancelledSeats || locked != 1000-paidSeats-cancelledSeats {
 		t.Fatalf("after pay/cancel: free %d locked %d sold %d; paid %d cancelled %d", free, locked, sold, paidSeats, cancelledSeats)
 	}
+	e.audit()
 	e.clock.advance(2 * time.Minute)
 	closed := e.svc.CloseExpired()
 	if again := e.svc.CloseExpired(); again != 0 {
@@ -122,11 +124,13 @@ func TestTicketTenThousandBuyersThousandSeats(t *testing.T) {
 	if sold != paidSeats || locked != 0 || free != 1000-paidSeats {
 		t.Fatalf("after the timeout: free %d locked %d sold %d", free, locked, sold)
 	}
+	e.audit()
 	// The seats are rebuilt from the orders after a restart.
 	e.reopen()
 	if f, l, s := e.counts(prog); f != free || l != 0 || s != sold {
 		t.Fatalf("after restart: free %d locked %d sold %d, before %d/0/%d", f, l, s, free, sold)
 	}
+	e.audit()
 }
 
 func mustID(t testing.TB, s string) int64 {
@@ -336,6 +340,7 @@ func TestTicketTimeoutLatePaymentAndCancel(t *testing.T) {
 	if free, _, sold := e.counts(prog); free != 10 || sold != 0 {
 		t.Fatalf("refunded payments sold seats: free %d sold %d", free, sold)
 	}
+	e.audit()
 	// A paid order: PAID once, seats sold, duplicate notify changes nothing.
 	o4, err := e.svc.Place(10, PlaceReq{ProgramID: prog, CategoryID: 1, Count: 1, ReqID: "t"})
 	if err != nil {
@@ -397,6 +402,7 @@ func TestCouponRules(t *testing.T) {
 	if err != nil || o2.Status != StatusPaid || o2.Amount != 0 {
 		t.Fatalf("free order: %+v %v", o2, err)
 	}
+	e.audit()
 }
 
 // Program sizes are bounded (10001 beyond), and programs survive a restart
