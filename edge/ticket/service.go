@@ -591,11 +591,11 @@ func (s *Service) Cancel(user, id int64) (Order, error) {
 	return *o, nil
 }
 
-// close moves order id from PENDING_PAY to CANCELLED: the coupon back and
-// the new state in one batch, then the seats freed in memory, then the pay
-// order closed (after the order's lock: lock order is pay → ticket). user
-// 0 = the timeout (no owner check); onlyExpired refuses an order that is
-// not expired yet (a timeout racing a payment).
+// close moves order id from PENDING_PAY to CANCELLED (closeLocked under
+// the order's lock), then closes its pay order — after the order's lock:
+// the lock order is pay → ticket. user 0 = the timeout (no owner check);
+// onlyExpired refuses an order that is not expired yet (a timeout racing a
+// payment).
 func (s *Service) close(id, user int64, why string, onlyExpired bool) (*Order, error) {
 	unlock := s.orders.lock(id)
 	o, err := s.load1(id)
@@ -618,15 +618,11 @@ func (s *Service) close(id, user int64, why string, onlyExpired bool) (*Order, e
 		unlock()
 		return o, nil
 	}
-	o.Status, o.Note, o.UpdatedAt = StatusCancelled, why, s.cfg.Now().UnixMilli()
-	o.Steps.Released = true
-	if err := s.giveBackCoupon(o); err != nil {
-		unlock()
+	err = s.closeLocked(o, why)
+	unlock()
+	if err != nil {
 		return nil, err
 	}
-	s.release(o)
-	s.unpend(id)
-	unlock()
 	s.push(o)
 	if err := s.pay.CloseBizOrder(id, why); err != nil {
 		// A payment that still lands is refused by Paid (the order is
@@ -634,6 +630,19 @@ func (s *Service) close(id, user int64, why string, onlyExpired bool) (*Order, e
 		s.cfg.Log.Warn("ticket: pay order not closed", "order", o.OrderID, "err", err)
 	}
 	return o, nil
+}
+
+// closeLocked closes PENDING_PAY order o, with its lock held: CANCELLED
+// and its coupon back in one batch, then its seats freed in memory.
+func (s *Service) closeLocked(o *Order, why string) error {
+	o.Status, o.Note, o.UpdatedAt = StatusCancelled, why, s.cfg.Now().UnixMilli()
+	o.Steps.Released = true
+	if err := s.giveBackCoupon(o); err != nil {
+		return err
+	}
+	s.release(o)
+	s.unpend(o.id)
+	return nil
 }
 
 func (s *Service) unpend(id int64) {
@@ -727,41 +736,35 @@ func (s *Service) Paid(po pay.Order) error {
 }
 
 // Refunded is pay.Business: o's payment came after the pay order closed.
+// It runs under the pay order's lock, so it never calls back into the pay
+// centre.
 func (s *Service) Refunded(po pay.Order) error {
 	id, ok := pay.ParseOrderID(po.OrderID)
 	if !ok {
 		return nil
 	}
-	for {
-		unlock := s.orders.lock(id)
-		o, err := s.load1(id)
-		if err != nil {
-			unlock()
-			if proto.AsError(err).Code == proto.CodeNotFound {
-				return nil
-			}
-			return err
+	defer s.orders.lock(id)()
+	o, err := s.load1(id)
+	if err != nil {
+		if proto.AsError(err).Code == proto.CodeNotFound {
+			return nil
 		}
-		switch o.Status {
-		case StatusCancelled:
-			err := s.refundedLocked(o)
-			unlock()
-			if errors.Is(err, pay.ErrBizClosed) {
-				return nil
-			}
-			return err
-		case StatusPendingPay:
-			// The pay centre closed its order first (its reconciler): close
-			// ours too, then record the refund.
-			unlock()
-			if _, err := s.close(id, 0, "pay order closed", false); err != nil && proto.AsError(err).Code != proto.CodeOrderState {
-				return err
-			}
-			continue
-		}
-		unlock()
-		return nil
+		return err
 	}
+	switch o.Status {
+	case StatusPendingPay:
+		// The pay centre closed its order first (its reconciler, at the
+		// order's deadline): close ours too, then record the refund.
+		if err := s.closeLocked(o, "pay order closed"); err != nil {
+			return err
+		}
+		fallthrough
+	case StatusCancelled:
+		if err := s.refundedLocked(o); !errors.Is(err, pay.ErrBizClosed) {
+			return err
+		}
+	}
+	return nil
 }
 
 // refundedLocked records a payment that arrived after o closed as refunded.

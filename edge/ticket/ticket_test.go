@@ -317,6 +317,23 @@ func TestTicketTimeoutLatePaymentAndCancel(t *testing.T) {
 	if got := e.order(o3.OrderID); got.Status != StatusRefunded {
 		t.Fatalf("racing payment: order %s", got.Status)
 	}
+	// The pay centre closes its side first (its reconciler at the order's
+	// deadline), then the payment lands: the ticket order closes and is
+	// refunded, its seats freed — and nothing waits on the pay order's lock.
+	o5, err := e.svc.Place(11, PlaceReq{ProgramID: prog, CategoryID: 1, Count: 1, ReqID: "t"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.pay.CloseBizOrder(mustID(t, o5.OrderID), "reconciler: unpaid at its deadline"); err != nil {
+		t.Fatal(err)
+	}
+	if st := e.notify(o5.OrderID, "after-pay-close", o5.Amount); st != pay.NotifyOK {
+		t.Fatalf("notify after the pay order closed: %d", st)
+	}
+	if got := e.order(o5.OrderID); got.Status != StatusRefunded || !got.Steps.Released {
+		t.Fatalf("order after its pay order closed and a payment: %+v", got)
+	}
+	e.audit()
 	// Cancel: buyer only, PENDING_PAY only.
 	_, err = e.svc.Cancel(99, mustID(t, o2.OrderID))
 	wantCode(t, err, proto.CodeNotFound)
