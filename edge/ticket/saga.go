@@ -143,7 +143,7 @@ func (s *Service) compensate(o *Order, cause error) (Order, error) {
 	e := proto.AsError(cause)
 	if e.Code == proto.CodeInternal {
 		s.cfg.Log.Error("ticket: saga step failed", "order", o.OrderID, "err", cause)
-		e = &proto.Error{Code: proto.CodeInternal, Msg: "internal error: the order was undone, nothing was kept"}
+		e = &proto.Error{Code: proto.CodeInternal, Msg: "internal error: the order is being settled; retry with the same req_id for its final state"}
 	}
 	cur, err := s.load1(o.id)
 	if err != nil {
