@@ -3,6 +3,7 @@ package ticket
 import (
 	"slices"
 	"sync"
+	"sync/atomic"
 
 	"github.com/liveedge/liveedge/gateway/proto"
 )
@@ -90,6 +91,14 @@ type memProgram struct {
 	def  ProgramDef
 	cats map[int]*memCategory
 	ids  []int // category ids, ascending
+
+	// version counts seat changes of the program; View rebuilds its
+	// snapshot only when it moved, one caller at a time (the others wait
+	// for that snapshot: no stampede of rebuilds on a hot program).
+	version atomic.Uint64
+	viewMu  sync.Mutex
+	view    *View
+	viewVer uint64
 }
 
 // memCategory is one category's seat grid.
@@ -97,7 +106,8 @@ type memProgram struct {
 // Invariants (under mu): free + locked + sold = rows × cols; status[i] is
 // SeatFree iff owner[i] == 0; rowFree[r] = number of free seats of row r.
 type memCategory struct {
-	def CategoryDef
+	def     CategoryDef
+	version *atomic.Uint64 // the program's
 
 	mu                 sync.Mutex
 	status             []uint8 // row-major, (row−1)·cols + col−1
@@ -112,7 +122,7 @@ func (m *memInventory) Add(p ProgramDef) error {
 	mp := &memProgram{def: p, cats: map[int]*memCategory{}}
 	for _, c := range p.Categories {
 		n := c.Rows * c.Cols
-		mc := &memCategory{def: c, status: make([]uint8, n), owner: make([]int64, n), rowFree: make([]int, c.Rows), free: n}
+		mc := &memCategory{def: c, version: &mp.version, status: make([]uint8, n), owner: make([]int64, n), rowFree: make([]int, c.Rows), free: n}
 		for i := range mc.status {
 			mc.status[i] = SeatFree
 		}
@@ -165,6 +175,7 @@ func (c *memCategory) set(i int, st uint8, order int64) {
 		c.sold++
 	}
 	c.status[i], c.owner[i] = st, order
+	c.version.Add(1)
 }
 
 // groups splits seats by category, in ascending category id; an unknown
@@ -320,12 +331,33 @@ func (m *memInventory) Restore(program, order int64, seats []Seat, status uint8)
 	return nil
 }
 
+// View returns the program's snapshot: cached while no seat changed, else
+// rebuilt by one caller while concurrent callers wait for it. The slices
+// of a View are shared between callers: read-only.
 func (m *memInventory) View(program int64) (View, bool) {
 	p := m.program(program)
 	if p == nil {
 		return View{}, false
 	}
-	v := View{ProgramID: p.def.ID, Name: p.def.Name, PerOrderMax: p.def.PerOrderMax, PerUserMax: p.def.PerUserMax}
+	p.viewMu.Lock()
+	defer p.viewMu.Unlock()
+	ver := p.version.Load() // before the build: a change during it makes the next call rebuild
+	if p.view != nil && p.viewVer == ver {
+		return *p.view, true
+	}
+	v := p.build()
+	p.view, p.viewVer = &v, ver
+	return v, true
+}
+
+// build copies the program's state, one category lock at a time.
+func (p *memProgram) build() View {
+	total := 0
+	for _, c := range p.cats {
+		total += len(c.status)
+	}
+	v := View{ProgramID: p.def.ID, Name: p.def.Name, PerOrderMax: p.def.PerOrderMax, PerUserMax: p.def.PerUserMax,
+		Seats: make([]SeatView, 0, total)}
 	for _, id := range p.ids {
 		c := p.cats[id]
 		c.mu.Lock()
@@ -337,7 +369,7 @@ func (m *memInventory) View(program int64) (View, bool) {
 		}
 		c.mu.Unlock()
 	}
-	return v, true
+	return v
 }
 
 // price is the price of seat s (0 when unknown).

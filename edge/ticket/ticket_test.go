@@ -446,3 +446,30 @@ func TestTicketProgramBounds(t *testing.T) {
 		t.Fatalf("after restart: %+v %v", v, err)
 	}
 }
+
+// GET /programs/{id} is a cached snapshot: served again while no seat
+// changed, rebuilt after any change (one rebuild however many readers).
+func TestTicketProgramViewCache(t *testing.T) {
+	e := newEnv(t, Config{})
+	prog := e.program([]CategoryDef{{ID: 1, Name: "A", Price: 1, Rows: 2, Cols: 2}}, 2, 2)
+	v1, _ := e.svc.Program(prog)
+	v2, _ := e.svc.Program(prog)
+	if &v1.Seats[0] != &v2.Seats[0] {
+		t.Fatal("an unchanged program was rebuilt")
+	}
+	if _, err := e.svc.Place(1, PlaceReq{ProgramID: prog, SeatIDs: []string{"1-2-2"}, ReqID: "a"}); err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	views := make([]View, 8)
+	for i := range views {
+		wg.Add(1)
+		go func() { defer wg.Done(); views[i], _ = e.svc.Program(prog) }()
+	}
+	wg.Wait()
+	for _, v := range views {
+		if v.Seats[3].Status != SeatLocked || v.Categories[0].Locked != 1 || &v.Seats[0] != &views[0].Seats[0] {
+			t.Fatalf("after a change: %+v", v.Categories[0])
+		}
+	}
+}
