@@ -236,6 +236,9 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 			labelled.MustRegister(c)
 		}
 	}
+	for _, c := range n.Tickets.Collectors() {
+		labelled.MustRegister(c)
+	}
 	auth := NewAuth(cfg.Auth.JWTSecret)
 	n.Auth = auth
 	n.WS = newServer(ServerDeps{

@@ -2,7 +2,9 @@ package gateway_test
 
 import (
 	"fmt"
+	"io"
 	"net/http"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -185,6 +187,20 @@ func TestTicketHTTPFlow(t *testing.T) {
 		t.Fatalf("someone else's coupon: %d %+v", st, r)
 	}
 	persisttest.CheckConservation(t, e.node.Ledger)
+	resp, err = http.Get(nodetest.HTTPURL(e.node) + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	for _, want := range []string{`liveedge_ticket_orders_total{node="gw-1",outcome="paid"} 1`,
+		`liveedge_ticket_orders_total{node="gw-1",outcome="sold_out"} 1`,
+		`liveedge_ticket_orders_closed_total{node="gw-1",reason="cancel"} 1`,
+		`liveedge_ticket_saga_compensations_total{node="gw-1",step="seats"} 1`} {
+		if !strings.Contains(string(m), want) {
+			t.Errorf("/metrics lacks %s", want)
+		}
+	}
 }
 
 // The smaller HTTP run of the concurrency test (the 10,000-buyer run is

@@ -183,12 +183,14 @@ func (s *Service) undo(o *Order) error {
 			return err
 		}
 		*o = next
+		s.m.compensations.WithLabelValues("refund").Inc()
 		_ = s.hook("crash:after_refund")
 	}
 	if o.Steps.CouponUsed && !o.Steps.CouponBack {
 		if err := s.giveBackCoupon(o); err != nil {
 			return err
 		}
+		s.m.compensations.WithLabelValues("coupon").Inc()
 		_ = s.hook("crash:after_coupon_back")
 	}
 	next := *o
@@ -200,6 +202,7 @@ func (s *Service) undo(o *Order) error {
 	}
 	*o = next
 	s.release(o)
+	s.m.compensations.WithLabelValues("seats").Inc()
 	s.unstuck(o.id)
 	s.push(o)
 	return nil

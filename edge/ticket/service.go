@@ -75,6 +75,8 @@ type Service struct {
 	pending map[int64]int64 // PENDING_PAY order → expires at (unix ms); bounded by seats
 	stuck   map[int64]bool  // PLACING orders whose saga stopped on a storage error: resumed by the sweep
 
+	m *metrics
+
 	stop chan struct{}
 	wg   sync.WaitGroup
 }
@@ -134,7 +136,7 @@ func New(store *persist.Store, w persist.Wallet, p Payments, r router.Router, cf
 	}
 	s := &Service{cfg: cfg, store: store, wallet: w, pay: p, router: r, inv: newMemInventory(),
 		programs: map[int64]*program{}, placing: map[userProgram]struct{}{}, reqs: map[userReq]struct{}{},
-		pending: map[int64]int64{}, stuck: map[int64]bool{}, stop: make(chan struct{})}
+		pending: map[int64]int64{}, stuck: map[int64]bool{}, m: newMetrics(), stop: make(chan struct{})}
 	if err := s.load(); err != nil {
 		return nil, err
 	}
@@ -328,7 +330,12 @@ type PlaceReq struct {
 // repeat guard, idempotent by (user, req_id). A mock order answers
 // PENDING_PAY with its pay_url; a coins order runs the saga and answers
 // PAID or the failed step's error with every earlier step undone.
-func (s *Service) Place(user int64, r PlaceReq) (Order, error) {
+func (s *Service) Place(user int64, r PlaceReq) (o Order, err error) {
+	defer func() { s.m.orders.WithLabelValues(outcome(o, err)).Inc() }()
+	return s.place(user, r)
+}
+
+func (s *Service) place(user int64, r PlaceReq) (Order, error) {
 	if r.ReqID == "" || len(r.ReqID) > maxReqIDLen {
 		return Order{}, proto.BadRequest("req_id must be 1..%d bytes", maxReqIDLen)
 	}
@@ -623,6 +630,11 @@ func (s *Service) close(id, user int64, why string, onlyExpired bool) (*Order, e
 	if err != nil {
 		return nil, err
 	}
+	if user == 0 {
+		s.m.closed.WithLabelValues("timeout").Inc()
+	} else {
+		s.m.closed.WithLabelValues("cancel").Inc()
+	}
 	s.push(o)
 	if err := s.pay.CloseBizOrder(id, why); err != nil {
 		// A payment that still lands is refused by Paid (the order is
@@ -774,6 +786,7 @@ func (s *Service) refundedLocked(o *Order) error {
 	if err := s.store.Put(r.Key, r.Value); err != nil {
 		return err
 	}
+	s.m.closed.WithLabelValues("late_payment").Inc()
 	s.push(o)
 	return pay.ErrBizClosed
 }
