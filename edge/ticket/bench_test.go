@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
+	"runtime/debug"
 	"slices"
 	"strconv"
 	"sync"
@@ -14,6 +15,7 @@ import (
 
 	"github.com/redis/rueidis"
 
+	"github.com/liveedge/liveedge/configs"
 	"github.com/liveedge/liveedge/gateway/proto"
 	"github.com/liveedge/liveedge/persist"
 	"github.com/liveedge/liveedge/persist/redistest"
@@ -44,6 +46,11 @@ import (
 const benchOrders = 10_000
 
 func BenchmarkHotProgramVsSeed_10kSeats(b *testing.B) {
+	// The node runs with node.gogc (as the gift benchmarks do); both designs
+	// run under it.
+	if g := configs.Default().Node.GOGC; g > 0 {
+		defer debug.SetGCPercent(debug.SetGCPercent(g))
+	}
 	srv := redistest.Start(b)
 	for i := 0; i < b.N; i++ {
 		oursR := runOrders(b, 64, func(b *testing.B) func(int) error { return oursReserve(b) })
