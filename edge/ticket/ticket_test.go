@@ -473,3 +473,57 @@ func TestTicketProgramViewCache(t *testing.T) {
 		}
 	}
 }
+
+// A payment, the buyer's cancel and the timeout racing on the same orders:
+// each order ends exactly one way — PAID with its seats sold, or closed
+// (CANCELLED, or REFUNDED when the payment lost the race) with its seats
+// freed once — and the pay centre agrees (PAYED, or PAY_BACK/IN_VALID).
+func TestTicketPayCancelTimeoutRace(t *testing.T) {
+	e := newEnv(t, Config{PayTimeout: time.Minute})
+	prog := e.program([]CategoryDef{{ID: 1, Name: "A", Price: 5, Rows: 20, Cols: 10}}, 2, 2)
+	const n = 100
+	orders := make([]Order, n)
+	for i := range orders {
+		o, err := e.svc.Place(int64(i+1), PlaceReq{ProgramID: prog, CategoryID: 1, Count: 2, ReqID: "r"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		orders[i] = o
+	}
+	e.clock.advance(2 * time.Minute) // every order is due
+	var wg sync.WaitGroup
+	for i, o := range orders {
+		wg.Add(3)
+		go func() { defer wg.Done(); e.notify(o.OrderID, "race-"+o.OrderID, o.Amount) }()
+		go func() { defer wg.Done(); _, _ = e.svc.Cancel(int64(i+1), mustID(t, o.OrderID)) }()
+		go func() { defer wg.Done(); e.svc.CloseExpired() }()
+	}
+	wg.Wait()
+	paidSeats := 0
+	for _, o := range orders {
+		got := e.order(o.OrderID)
+		po, err := e.pay.Get(mustID(t, o.OrderID))
+		if err != nil {
+			t.Fatal(err)
+		}
+		switch got.Status {
+		case StatusPaid:
+			paidSeats += len(got.SeatIDs)
+			if po.Status != pay.StatusPayed {
+				t.Fatalf("ticket PAID, pay order %s", po.Status)
+			}
+		case StatusRefunded:
+			if po.Status != pay.StatusPayBack {
+				t.Fatalf("ticket REFUNDED, pay order %s", po.Status)
+			}
+		default:
+			t.Fatalf("order %s ended %s (pay order %s)", o.OrderID, got.Status, po.Status)
+		}
+	}
+	free, locked, sold := e.counts(prog)
+	if sold != paidSeats || locked != 0 || free != 200-paidSeats {
+		t.Fatalf("free %d locked %d sold %d, paid seats %d", free, locked, sold, paidSeats)
+	}
+	e.audit()
+	t.Logf("%d of %d orders paid, the rest closed first and refunded", paidSeats/2, n)
+}
