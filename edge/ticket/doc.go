@@ -31,8 +31,10 @@
 // Concurrency: one mutex per category (Reserve of seats of several
 // categories takes them in ascending category id — the one lock order);
 // one lock per order id around every transition of that order; one per
-// coupon; the repeat guard serialises the orders of one (user, program), so
-// the per-user limit check and the reservation that follows are not racy.
+// coupon; the repeat guard (sharded by user) serialises the orders of one
+// (user, program), so the per-user limit check and the reservation that
+// follows are not racy. Nothing on the order path is one lock for everyone
+// but the pay centre's order-id sequence (a counter under a mutex).
 // Lock order: pay order (edge/pay) → ticket order → coupon → category. No
 // category lock is ever held across I/O (Pebble writes happen after the
 // in-memory reservation, outside it); order and coupon locks are per key and

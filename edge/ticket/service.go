@@ -62,9 +62,7 @@ type Service struct {
 	programs map[int64]*program // bounded by MaxPrograms
 	lastProg int64
 
-	guardMu sync.Mutex
-	placing map[userProgram]struct{} // (user, program) with an order being placed (the repeat guard)
-	reqs    map[userReq]struct{}     // (user, req_id) being placed
+	guards [guardShards]guardShard // the repeat guard, sharded by user
 
 	orders  keyLock[int64]  // one lock per order id: every transition of an order under it
 	coupons keyLock[string] // one lock per coupon id
@@ -86,6 +84,17 @@ type program struct {
 
 	mu   sync.Mutex
 	held map[int64]int // user → seats locked or sold by their orders (bounded by the seats)
+}
+
+// guardShards is the number of repeat-guard shards (by user): orders of
+// different users rarely share a guard lock.
+const guardShards = 64
+
+// guardShard holds the orders being placed by its users.
+type guardShard struct {
+	mu      sync.Mutex
+	placing map[userProgram]struct{} // (user, program) with an order being placed
+	reqs    map[userReq]struct{}     // (user, req_id) being placed
 }
 
 type userProgram struct{ user, program int64 }
@@ -133,8 +142,8 @@ func New(store *persist.Store, w persist.Wallet, p Payments, r router.Router, cf
 		cfg.Log = slog.Default()
 	}
 	s := &Service{cfg: cfg, store: store, wallet: w, pay: p, router: r, inv: newMemInventory(),
-		programs: map[int64]*program{}, placing: map[userProgram]struct{}{}, reqs: map[userReq]struct{}{},
-		pending: map[int64]int64{}, stuck: map[int64]bool{}, m: newMetrics(), stop: make(chan struct{})}
+		programs: map[int64]*program{},
+		pending:  map[int64]int64{}, stuck: map[int64]bool{}, m: newMetrics(), stop: make(chan struct{})}
 	if err := s.load(); err != nil {
 		return nil, err
 	}
@@ -341,20 +350,24 @@ func (s *Service) place(user int64, r PlaceReq) (Order, error) {
 // program) and per (user, req_id); another → 10409 until leave.
 func (s *Service) enter(user, programID int64, req string) (leave func(), err error) {
 	up, ur := userProgram{user, programID}, userReq{user, req}
-	s.guardMu.Lock()
-	defer s.guardMu.Unlock()
-	if _, busy := s.placing[up]; busy {
+	g := &s.guards[uint64(user)%guardShards]
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.placing == nil {
+		g.placing, g.reqs = map[userProgram]struct{}{}, map[userReq]struct{}{}
+	}
+	if _, busy := g.placing[up]; busy {
 		return nil, proto.Errorf(proto.CodeConflict, "an order for this program is already being placed")
 	}
-	if _, busy := s.reqs[ur]; busy {
+	if _, busy := g.reqs[ur]; busy {
 		return nil, proto.Errorf(proto.CodeConflict, "an order with this req_id is already being placed")
 	}
-	s.placing[up], s.reqs[ur] = struct{}{}, struct{}{}
+	g.placing[up], g.reqs[ur] = struct{}{}, struct{}{}
 	return func() {
-		s.guardMu.Lock()
-		delete(s.placing, up)
-		delete(s.reqs, ur)
-		s.guardMu.Unlock()
+		g.mu.Lock()
+		delete(g.placing, up)
+		delete(g.reqs, ur)
+		g.mu.Unlock()
 	}, nil
 }
 
