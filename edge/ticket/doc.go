@@ -33,8 +33,10 @@
 // one lock per order id around every transition of that order; one per
 // coupon; the repeat guard (sharded by user) serialises the orders of one
 // (user, program), so the per-user limit check and the reservation that
-// follows are not racy. Nothing on the order path is one lock for everyone
-// but the pay centre's order-id sequence (a counter under a mutex).
+// follows are not racy. The reservation takes no lock shared by all
+// orders; around it a few O(1) updates run under short process-wide mutexes
+// (the pay centre's order-id sequence and open-orders map, the map of
+// pending timeouts), none held across I/O.
 // Lock order: pay order (edge/pay) → ticket order → coupon → category. No
 // category lock is ever held across I/O (Pebble writes happen after the
 // in-memory reservation, outside it); order and coupon locks are per key and
