@@ -49,6 +49,7 @@ type Config struct {
 	Gifts    Gifts    `yaml:"gifts"`
 	Wallet   Wallet   `yaml:"wallet"`
 	Pay      Pay      `yaml:"pay"`
+	Tickets  Tickets  `yaml:"tickets"`
 	Redis    Redis    `yaml:"redis"`
 	Shutdown Shutdown `yaml:"shutdown"`
 	Log      Log      `yaml:"log"`
@@ -198,6 +199,13 @@ type RedPacket struct {
 	PrepareInterval Duration `yaml:"prepare_interval"`
 	StartInterval   Duration `yaml:"start_interval"`
 	GrabInterval    Duration `yaml:"grab_interval"` // one grab per user per code per interval
+}
+
+// Tickets configures ticket sales (edge/ticket).
+type Tickets struct {
+	PayTimeout  Duration `yaml:"pay_timeout"`  // unpaid (PENDING_PAY) orders close and release their seats after this
+	MaxPrograms int      `yaml:"max_programs"` // programs kept in memory; one more → 10001
+	MaxSeats    int      `yaml:"max_seats"`    // seats of one program (Σ rows × cols); more → 10001
 }
 
 // Redis is the shared hot-state store (cluster / shared mode).
@@ -435,6 +443,9 @@ func (c *Config) Validate() error {
 	check(c.Pay.WorkerID >= -1 && c.Pay.WorkerID < 32, "pay.worker_id must be -1..31")
 	check(c.Pay.MaxOpenOrdersPerUser >= 0, "pay.max_open_orders_per_user must be >= 0")
 	check(c.Pay.OrdersPerMinute >= 0, "pay.orders_per_minute must be >= 0")
+	check(c.Tickets.PayTimeout.D() >= time.Second, "tickets.pay_timeout must be >= 1s")
+	check(c.Tickets.MaxPrograms > 0, "tickets.max_programs must be > 0")
+	check(c.Tickets.MaxSeats > 0 && c.Tickets.MaxSeats <= 1_000_000, "tickets.max_seats must be 1..1000000")
 	check(c.Node.GOGC >= 0, "node.gogc must be >= 0")
 	check(c.RedPacket.Pool == "memory" || c.RedPacket.Pool == "redis-list", "redpacket.pool must be memory or redis-list")
 	check(c.RedPacket.Pool != "redis-list" || c.Redis.Addr != "", "redis.addr is required when redpacket.pool is redis-list")

@@ -134,6 +134,7 @@ func (a *API) routes() {
 	authed.POST("/pay/orders", a.createOrder)
 	authed.GET("/pay/orders/:id", a.getOrder)
 	authed.POST("/admin/pay/orders/:id/refund", a.refundOrder)
+	a.ticketRoutes(authed)
 	authed.POST("/pk", a.startPK)
 	authed.GET("/pk/:id", a.getPK)
 	authed.POST("/pk/:id/accept", a.acceptPK)

@@ -26,6 +26,7 @@ import (
 	"github.com/liveedge/liveedge/edge/pk"
 	"github.com/liveedge/liveedge/edge/redpacket"
 	"github.com/liveedge/liveedge/edge/room"
+	"github.com/liveedge/liveedge/edge/ticket"
 	"github.com/liveedge/liveedge/gateway/proto"
 	"github.com/liveedge/liveedge/persist"
 	"github.com/liveedge/liveedge/router"
@@ -62,6 +63,10 @@ type Node struct {
 	// Accounts holds account statuses (frozen users): Pebble in local
 	// mode, Redis in shared mode.
 	Accounts account.Statuses
+
+	// Tickets sells seats; this node's own programs only (see docs/tickets.md
+	// for the cluster seam).
+	Tickets *ticket.Service
 
 	natsSrv *natsserver.Server
 	NC      *nats.Conn
@@ -237,6 +242,12 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 			return nil, err
 		}
 	}
+	n.Tickets, err = ticket.New(n.Store, n.Wallet, n.Pay, n.Router, ticket.Config{
+		PayTimeout: cfg.Tickets.PayTimeout.D(), MaxPrograms: cfg.Tickets.MaxPrograms, MaxSeats: cfg.Tickets.MaxSeats, Log: log})
+	if err != nil {
+		return nil, err
+	}
+	n.Pay.RegisterBusiness(ticket.Biz, n.Tickets) // paid events of ticket orders go to the ticket service
 	n.metrics = newMetrics(cfg.Node.ID, n.Router)
 	labelled := prometheus.WrapRegistererWith(prometheus.Labels{"node": cfg.Node.ID}, n.metrics.reg)
 	if n.Ledger != nil {
@@ -248,6 +259,9 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 		for _, c := range n.shared.Collectors() {
 			labelled.MustRegister(c)
 		}
+	}
+	for _, c := range n.Tickets.Collectors() {
+		labelled.MustRegister(c)
 	}
 	auth := NewAuth(cfg.Auth.JWTSecret)
 	n.Auth = auth
@@ -575,6 +589,9 @@ func (n *Node) closeBackends() error {
 	if n.stopIdem != nil {
 		close(n.stopIdem)
 		<-n.idemDone // an expiry in progress finishes before the ledger and store close
+	}
+	if n.Tickets != nil {
+		n.Tickets.Close()
 	}
 	if n.Pay != nil {
 		n.Pay.Close()

@@ -9,6 +9,11 @@
 //	WAITING_PAY → PAYING → PAYED → PAY_BACK (refund)
 //	     └──────────┴────→ IN_VALID → PAY_BACK (a payment that arrived after
 //	                                  the order closed is refunded, not credited)
+//
+// Orders of another business (Order.Biz, e.g. "tickets", see biz.go) are
+// paid through the same webhook: the paid event goes to the registered
+// Business instead of the wallet, and PAYING → PAY_BACK directly when the
+// business had already closed its order.
 package pay
 
 import (
@@ -80,6 +85,7 @@ type Order struct {
 	CreatedAt int64  `json:"created_at"` // unix ms
 	UpdatedAt int64  `json:"updated_at"`
 	PaidAt    int64  `json:"paid_at,omitempty"`
+	ExpiresAt int64  `json:"expires_at,omitempty"` // business orders: closed unpaid after this (unix ms)
 	Note      string `json:"note,omitempty"`
 }
 

@@ -66,6 +66,9 @@ type Service struct {
 	events      keyLock      // one lock per event id (its hash): the duplicate check and the event's write are one step
 	users       keyLock      // one lock per user: order creation is idempotent under it
 
+	bizMu sync.RWMutex
+	biz   map[string]Business // business → where its paid events go (RegisterBusiness)
+
 	openMu   sync.Mutex
 	open     map[int64]openOrder // orders in WAITING_PAY / PAYING
 	openOf   map[int64]int       // user → number of their open orders
@@ -101,6 +104,7 @@ const DefaultReconcileWorkers = 8
 type openOrder struct {
 	created int64 // unix ms
 	user    int64
+	counted bool // in openOf (MaxOpenPerUser)
 }
 
 func recPrefix(s string) []byte { return append(append([]byte{}, persist.PrefixRec...), s...) }
@@ -158,7 +162,7 @@ func New(store *persist.Store, w persist.Wallet, r router.Router, cfg Config) (*
 			return err
 		}
 		if o.Status == StatusPaying || o.Status == StatusWaitingPay {
-			s.addOpen(int64(persist.KeyID(k)), o.UserID, o.CreatedAt)
+			s.addOpen(int64(persist.KeyID(k)), o.UserID, o.CreatedAt, o.Biz == "" || o.Biz == BizCoins)
 		}
 		return nil
 	})
@@ -281,7 +285,7 @@ func (s *Service) CreateOrder(user int64, r CreateReq) (Order, error) {
 	if err != nil {
 		return Order{}, err
 	}
-	s.addOpen(id, user, now)
+	s.addOpen(id, user, now, true)
 	return o, nil
 }
 
@@ -423,27 +427,13 @@ func (s *Service) apply(channel string, ev Event) (int, string) {
 		return s.markPaid(o, id, ev, evRec, now)
 	case ev.Status == "SUCCESS" && o.Status == StatusInvalid:
 		// Paid after the order closed: refund, never credit.
-		from := o.Status
-		o.Status, o.UpdatedAt, o.EventID, o.Note = StatusPayBack, now, ev.EventID, "paid after close: refunded"
-		ov, _ := proto.Marshal(o)
-		rv, _ := proto.Marshal(map[string]any{"order_id": o.OrderID, "amount": o.Amount, "event_id": ev.EventID, "reason": "paid after close", "at": now})
-		err := s.store.Apply(func(b *persist.Batch) error {
-			if err := b.Set(orderKey(id), ov, nil); err != nil {
-				return err
+		if b := s.business(o.Biz); b != nil {
+			if err := b.Refunded(o); err != nil {
+				s.cfg.Log.Error("pay: business refund", "order", o.OrderID, "biz", o.Biz, "err", err)
+				return NotifyRetry, "retry"
 			}
-			if err := b.Set(persist.Key(prefixRefund, uint64(id)), rv, nil); err != nil {
-				return err
-			}
-			if err := b.Set(evRec.Key, evRec.Value, nil); err != nil {
-				return err
-			}
-			return s.logTransition(b, id, from, StatusPayBack, "late payment refunded", now)
-		})
-		if err != nil {
-			return NotifyRetry, "retry"
 		}
-		s.pushStatus(o)
-		return NotifyOK, "success"
+		return s.refundLate(o, id, ev, evRec, now)
 	case ev.Status == "FAILED" && (o.Status == StatusPaying || o.Status == StatusWaitingPay):
 		if err := s.moveLocked(&o, id, StatusInvalid, "payment failed", &evRec); err != nil {
 			return NotifyRetry, "retry"
@@ -458,10 +448,40 @@ func (s *Service) apply(channel string, ev Event) (int, string) {
 	}
 }
 
+// refundLate records a payment that arrived after its order closed as
+// refunded (PAY_BACK + a refund record + the event), never credited.
+func (s *Service) refundLate(o Order, id int64, ev Event, evRec persist.Record, now int64) (int, string) {
+	from := o.Status
+	o.Status, o.UpdatedAt, o.EventID, o.Note = StatusPayBack, now, ev.EventID, "paid after close: refunded"
+	ov, _ := proto.Marshal(o)
+	rv, _ := proto.Marshal(map[string]any{"order_id": o.OrderID, "amount": o.Amount, "event_id": ev.EventID, "reason": "paid after close", "at": now})
+	err := s.store.Apply(func(b *persist.Batch) error {
+		if err := b.Set(orderKey(id), ov, nil); err != nil {
+			return err
+		}
+		if err := b.Set(persist.Key(prefixRefund, uint64(id)), rv, nil); err != nil {
+			return err
+		}
+		if err := b.Set(evRec.Key, evRec.Value, nil); err != nil {
+			return err
+		}
+		return s.logTransition(b, id, from, StatusPayBack, "late payment refunded", now)
+	})
+	if err != nil {
+		return NotifyRetry, "retry"
+	}
+	s.closeOpen(id)
+	s.pushStatus(o)
+	return NotifyOK, "success"
+}
+
 // markPaid moves o to PAYED and credits its coins in one durable ledger op
 // (the order's new state and the event record ride in the same batch), exactly
 // once per order whatever the number of events.
 func (s *Service) markPaid(o Order, id int64, ev Event, evRec persist.Record, now int64) (int, string) {
+	if o.Biz != BizCoins && o.Biz != "" {
+		return s.markBizPaid(o, id, ev, evRec, now)
+	}
 	from := o.Status
 	o.Status, o.UpdatedAt, o.PaidAt, o.EventID = StatusPayed, now, ev.PaidAt, ev.EventID
 	ov, _ := proto.Marshal(o)
@@ -485,6 +505,43 @@ func (s *Service) markPaid(o Order, id int64, ev Event, evRec persist.Record, no
 		s.router.SendUser(o.UserID, proto.Push{Biz: proto.BizWalletCredit, Data: d, Ack: true})
 		s.pushStatus(o)
 	}
+	return NotifyOK, "success"
+}
+
+// markBizPaid routes a paid event of a business order to its business
+// (SPEC §4): the business takes it (PAYED) or refuses it as closed
+// (PAY_BACK, refunded); the pay order's new state is recorded after the
+// business answered, so a crash in between is a redelivery to an idempotent
+// business.
+func (s *Service) markBizPaid(o Order, id int64, ev Event, evRec persist.Record, now int64) (int, string) {
+	b := s.business(o.Biz)
+	if b == nil {
+		s.cfg.Log.Error("pay: paid event of an unknown business", "order", o.OrderID, "biz", o.Biz)
+		return NotifyRetry, "retry"
+	}
+	switch err := b.Paid(o); {
+	case errors.Is(err, ErrBizClosed):
+		return s.refundLate(o, id, ev, evRec, now)
+	case err != nil:
+		s.cfg.Log.Error("pay: business paid", "order", o.OrderID, "biz", o.Biz, "err", err)
+		return NotifyRetry, "retry"
+	}
+	from := o.Status
+	o.Status, o.UpdatedAt, o.PaidAt, o.EventID = StatusPayed, now, ev.PaidAt, ev.EventID
+	ov, _ := proto.Marshal(o)
+	err := s.store.Apply(func(bt *persist.Batch) error {
+		if err := bt.Set(orderKey(id), ov, nil); err != nil {
+			return err
+		}
+		if err := bt.Set(evRec.Key, evRec.Value, nil); err != nil {
+			return err
+		}
+		return s.logTransition(bt, id, from, StatusPayed, "paid "+ev.EventID, now)
+	})
+	if err != nil {
+		return NotifyRetry, "retry"
+	}
+	s.closeOpen(id)
 	return NotifyOK, "success"
 }
 
@@ -519,12 +576,17 @@ func (s *Service) moveLocked(o *Order, id int64, to, why string, extra *persist.
 	return nil
 }
 
-func (s *Service) addOpen(id, user, created int64) {
+// addOpen tracks an open order for the reconciler; counted = it counts
+// towards its user's MaxOpenPerUser (recharge orders; a business's orders
+// are bounded by the business).
+func (s *Service) addOpen(id, user, created int64, counted bool) {
 	s.openMu.Lock()
 	defer s.openMu.Unlock()
 	if _, ok := s.open[id]; !ok {
-		s.open[id] = openOrder{created: created, user: user}
-		s.openOf[user]++
+		s.open[id] = openOrder{created: created, user: user, counted: counted}
+		if counted {
+			s.openOf[user]++
+		}
 	}
 }
 
@@ -536,6 +598,9 @@ func (s *Service) closeOpen(id int64) {
 		return
 	}
 	delete(s.open, id)
+	if !o.counted {
+		return
+	}
 	if s.openOf[o.user]--; s.openOf[o.user] <= 0 {
 		delete(s.openOf, o.user)
 	}
@@ -548,6 +613,9 @@ func (s *Service) openCount(user int64) int {
 }
 
 func (s *Service) pushStatus(o Order) {
+	if o.Biz != "" && o.Biz != BizCoins {
+		return // a business pushes its own order's statuses
+	}
 	d, _ := proto.Marshal(map[string]string{"order_id": o.OrderID, "status": o.Status})
 	s.router.SendUser(o.UserID, proto.Push{Biz: proto.BizOrderStatus, Data: d, Ack: true})
 }
@@ -657,6 +725,9 @@ func (s *Service) reconcileOne(id int64) {
 	// the provider cannot tell (down, slow, unverifiable answer) only after
 	// a second timeout (a payment that lands after the close is refunded).
 	age, timeout := s.cfg.Now().UnixMilli()-o.CreatedAt, s.cfg.OrderTimeout.Milliseconds()
+	if o.ExpiresAt > o.CreatedAt {
+		timeout = o.ExpiresAt - o.CreatedAt // a business order's own deadline
+	}
 	if age >= timeout && (answer == queryNotPaid || age >= 2*timeout) {
 		unlock := s.orders.lock(id)
 		if cur, err := s.Get(id); err == nil && (cur.Status == StatusPaying || cur.Status == StatusWaitingPay) {

@@ -29,6 +29,8 @@ const (
 	CodeProductNotFound = 40001
 	CodeOrderState      = 40002
 	CodeSoldOut         = 40003
+	CodeTicketLimit     = 40004 // over the per-order or per-user ticket limit
+	CodeCouponUnusable  = 40005 // another user's, used, or unknown
 
 	CodeInternal = 50000 // logged with a request id; the message never leaks internals
 )

@@ -236,7 +236,7 @@ func startLiveEdge(b *testing.B, viewers int) (publisher, *fleetProc, func()) {
 	if got := node.Router.Online(room); got != viewers {
 		b.Fatalf("room has %d members, want %d", got, viewers)
 	}
-	pub := &liveEdgePub{r: node.Router, room: room}
+	pub := &liveEdgePub{r: node.Local, room: room}
 	before := node.Router.Stats()
 	check := func() {
 		st := node.Router.Stats()

@@ -1,0 +1,137 @@
+package pay
+
+import (
+	"errors"
+	"net/url"
+	"strconv"
+
+	"github.com/liveedge/liveedge/gateway/proto"
+	"github.com/liveedge/liveedge/persist"
+)
+
+// BizCoins is the business of recharge orders: a paid order credits coins.
+const BizCoins = "coins"
+
+// Business is a business other than coin recharge whose orders are paid
+// through the pay centre (SPEC §4 biz routing: the order records its
+// business; a verified paid event goes to that business instead of the
+// wallet). Both methods are called with the pay order's lock held (lock
+// order: pay order → the business's own locks) and before the pay order's
+// new state is recorded, so they must be idempotent per order: a crash or an
+// error after them makes the provider (or the reconciler) deliver again.
+type Business interface {
+	// Paid: the provider says o is paid. nil = the business took the
+	// payment (the pay order becomes PAYED); ErrBizClosed = the business
+	// order was already closed and has recorded the payment as refunded (the
+	// pay order becomes PAY_BACK with a refund record); any other error =
+	// retry later (the provider is answered 500).
+	Paid(o Order) error
+	// Refunded: o's payment arrived after the pay order was closed and is
+	// refunded; the business records that (idempotent).
+	Refunded(o Order) error
+}
+
+// ErrBizClosed is Business.Paid's answer for a business order that no
+// longer takes a payment.
+var ErrBizClosed = errors.New("pay: business order closed")
+
+// RegisterBusiness routes the paid events of orders of biz to b. Call it
+// before the node serves traffic.
+func (s *Service) RegisterBusiness(biz string, b Business) {
+	s.bizMu.Lock()
+	defer s.bizMu.Unlock()
+	if s.biz == nil {
+		s.biz = map[string]Business{}
+	}
+	s.biz[biz] = b
+}
+
+func (s *Service) business(biz string) Business {
+	s.bizMu.RLock()
+	defer s.bizMu.RUnlock()
+	return s.biz[biz]
+}
+
+// NewOrderID returns a new gene-method order id for user (see IDGen), so a
+// business's orders and the pay centre's share one id space.
+func (s *Service) NewOrderID(user int64) (int64, error) {
+	if s.cfg.WorkerHeld != nil && !s.cfg.WorkerHeld() {
+		return 0, errors.New("pay: order-id worker lease not held; refusing to make order ids")
+	}
+	return s.ids.Next(user), nil
+}
+
+// BizOrderReq is a business's request for a provider payment.
+type BizOrderReq struct {
+	ID        int64 // from NewOrderID: the business order and the pay order share it
+	User      int64
+	Biz       string // a registered business
+	Amount    int64
+	Channel   string // "" = mock
+	ReqID     string
+	ExpiresAt int64 // unix ms: the reconciler closes the pay order after it (0 = OrderTimeout)
+}
+
+// CreateBizOrder records a PAYING pay order for a business order, together
+// with the business's own records (one durable batch: both exist or
+// neither), and returns it with its pay_url.
+func (s *Service) CreateBizOrder(r BizOrderReq, extra ...persist.Record) (Order, error) {
+	if r.Channel == "" {
+		r.Channel = "mock"
+	}
+	if !KnownChannel(r.Channel) {
+		return Order{}, proto.BadRequest("unknown channel %q (known: mock)", r.Channel)
+	}
+	if r.Biz == "" || r.Biz == BizCoins || s.business(r.Biz) == nil {
+		return Order{}, errors.New("pay: CreateBizOrder of an unregistered business " + r.Biz)
+	}
+	now := s.cfg.Now().UnixMilli()
+	o := Order{OrderID: strconv.FormatInt(r.ID, 10), UserID: r.User, Amount: r.Amount, Channel: r.Channel,
+		Biz: r.Biz, Status: StatusPaying, ReqID: r.ReqID, CreatedAt: now, UpdatedAt: now, ExpiresAt: r.ExpiresAt}
+	if s.cfg.ProviderURL != "" {
+		q := url.Values{"order_id": {o.OrderID}, "amount": {strconv.FormatInt(o.Amount, 10)}, "notify_url": {*s.notifyURL.Load() + "/" + o.Channel}}
+		o.PayURL = s.cfg.ProviderURL + "/pay?" + q.Encode()
+	}
+	v, _ := proto.Marshal(o)
+	err := s.store.Apply(func(b *persist.Batch) error {
+		if err := b.Set(orderKey(r.ID), v, nil); err != nil {
+			return err
+		}
+		for _, t := range []persist.Record{
+			s.transitionRecord(r.ID, "", StatusPaying, "business "+r.Biz+" order", now),
+		} {
+			if err := b.Set(t.Key, t.Value, nil); err != nil {
+				return err
+			}
+		}
+		for _, e := range extra {
+			if err := b.Set(e.Key, e.Value, nil); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return Order{}, err
+	}
+	s.addOpen(r.ID, r.User, now, false)
+	return o, nil
+}
+
+// CloseBizOrder closes a business's unpaid pay order (PAYING → IN_VALID):
+// the business closed its order. A payment that arrives later is refunded.
+// Closing a closed or settled order changes nothing.
+func (s *Service) CloseBizOrder(id int64, why string) error {
+	defer s.orders.lock(id)()
+	o, err := s.Get(id)
+	if err != nil {
+		if proto.AsError(err).Code == proto.CodeNotFound {
+			return nil
+		}
+		return err
+	}
+	if o.Status != StatusPaying && o.Status != StatusWaitingPay {
+		return nil
+	}
+	return s.moveLocked(&o, id, StatusInvalid, why, nil)
+}

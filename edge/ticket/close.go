@@ -1,0 +1,129 @@
+package ticket
+
+import (
+	"time"
+
+	"github.com/liveedge/liveedge/gateway/proto"
+)
+
+// Closing unpaid orders: by the buyer (Cancel) or the timeout sweep.
+
+// Cancel cancels user's PENDING_PAY order id (anything else → 40002) and
+// releases its seats.
+func (s *Service) Cancel(user, id int64) (Order, error) {
+	o, err := s.close(id, user, "cancelled by the buyer", false)
+	if err != nil {
+		return Order{}, err
+	}
+	return *o, nil
+}
+
+// close moves order id from PENDING_PAY to CANCELLED (closeLocked under
+// the order's lock), then closes its pay order — after the order's lock:
+// the lock order is pay → ticket. user 0 = the timeout (no owner check);
+// onlyExpired refuses an order that is not expired yet (a timeout racing a
+// payment).
+func (s *Service) close(id, user int64, why string, onlyExpired bool) (*Order, error) {
+	unlock := s.orders.lock(id)
+	o, err := s.load1(id)
+	if err != nil {
+		unlock()
+		return nil, err
+	}
+	if user != 0 && o.UserID != user {
+		unlock()
+		return nil, proto.Errorf(proto.CodeNotFound, "order not found")
+	}
+	if o.Status != StatusPendingPay {
+		unlock()
+		if user == 0 {
+			s.unpend(id)
+		}
+		return nil, proto.Errorf(proto.CodeOrderState, "order is %s: only PENDING_PAY orders can be cancelled", o.Status)
+	}
+	if onlyExpired && s.cfg.Now().UnixMilli() < o.ExpiresAt {
+		unlock()
+		return o, nil
+	}
+	err = s.closeLocked(o, why)
+	unlock()
+	if err != nil {
+		return nil, err
+	}
+	if user == 0 {
+		s.m.closed.WithLabelValues("timeout").Inc()
+	} else {
+		s.m.closed.WithLabelValues("cancel").Inc()
+	}
+	s.push(o)
+	if err := s.pay.CloseBizOrder(id, why); err != nil {
+		// A payment that still lands is refused by Paid (the order is
+		// closed) and refunded; pay's reconciler closes the pay order later.
+		s.cfg.Log.Warn("ticket: pay order not closed", "order", o.OrderID, "err", err)
+	}
+	return o, nil
+}
+
+// closeLocked closes PENDING_PAY order o, with its lock held: CANCELLED
+// and its coupon back in one batch, then its seats freed in memory.
+func (s *Service) closeLocked(o *Order, why string) error {
+	o.Status, o.Note, o.UpdatedAt = StatusCancelled, why, s.cfg.Now().UnixMilli()
+	o.Steps.Released = true
+	if err := s.giveBackCoupon(o); err != nil {
+		return err
+	}
+	s.release(o)
+	s.unpend(o.id)
+	return nil
+}
+
+func (s *Service) unpend(id int64) {
+	s.pendMu.Lock()
+	delete(s.pending, id)
+	s.pendMu.Unlock()
+}
+
+// CloseExpired closes every PENDING_PAY order past its pay timeout and
+// resumes sagas stopped by a storage error; it returns how many orders it
+// closed.
+func (s *Service) CloseExpired() int {
+	now := s.cfg.Now().UnixMilli()
+	var due, stuck []int64
+	s.pendMu.Lock()
+	for id, exp := range s.pending {
+		if exp <= now {
+			due = append(due, id)
+		}
+	}
+	for id := range s.stuck {
+		stuck = append(stuck, id)
+	}
+	s.pendMu.Unlock()
+	closed := 0
+	for _, id := range due {
+		o, err := s.close(id, 0, "unpaid timeout", true)
+		if err == nil && o.Status == StatusCancelled {
+			closed++
+		} else if err != nil && proto.AsError(err).Code != proto.CodeOrderState {
+			s.cfg.Log.Error("ticket: close expired order", "order", id, "err", err)
+		}
+	}
+	for _, id := range stuck {
+		s.resumeStuck(id)
+	}
+	return closed
+}
+
+func (s *Service) loop() {
+	defer s.wg.Done()
+	t := time.NewTicker(s.cfg.SweepEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.stop:
+			return
+		case <-t.C:
+			s.CloseExpired()
+		}
+	}
+}

@@ -1,0 +1,96 @@
+package ticket
+
+import (
+	"errors"
+
+	"github.com/liveedge/liveedge/edge/pay"
+	"github.com/liveedge/liveedge/gateway/proto"
+)
+
+// The pay centre's Business for ticket orders: paid events of provider
+// payments, routed here by the order's business (SPEC §4).
+
+var _ pay.Business = (*Service)(nil)
+
+// Paid is pay.Business: the provider says order o is paid. A PENDING_PAY
+// order is sold (its seats locked → sold); a closed one is recorded
+// REFUNDED and refused (pay.ErrBizClosed: the pay centre refunds).
+// Idempotent: a PAID order answers nil again, a REFUNDED one refuses again.
+func (s *Service) Paid(po pay.Order) error {
+	id, ok := pay.ParseOrderID(po.OrderID)
+	if !ok {
+		return pay.ErrBizClosed
+	}
+	unlock := s.orders.lock(id)
+	defer unlock()
+	o, err := s.load1(id)
+	if err != nil {
+		if proto.AsError(err).Code == proto.CodeNotFound {
+			return pay.ErrBizClosed
+		}
+		return err
+	}
+	switch o.Status {
+	case StatusPaid:
+		return nil
+	case StatusPendingPay:
+		if po.Amount != o.Amount {
+			return errors.New("ticket: paid amount differs from the order's")
+		}
+		o.Status, o.UpdatedAt, o.Note = StatusPaid, s.cfg.Now().UnixMilli(), "paid"
+		if err := s.store.Put(o.record().Key, o.record().Value); err != nil {
+			return err
+		}
+		s.inv.Sell(o.ProgramID, o.id, o.seats)
+		s.unpend(id)
+		s.push(o)
+		return nil
+	case StatusCancelled:
+		return s.refundedLocked(o)
+	}
+	return pay.ErrBizClosed // REFUNDED, or a coins order (it has no provider payment)
+}
+
+// Refunded is pay.Business: o's payment came after the pay order closed.
+// It runs under the pay order's lock, so it never calls back into the pay
+// centre.
+func (s *Service) Refunded(po pay.Order) error {
+	id, ok := pay.ParseOrderID(po.OrderID)
+	if !ok {
+		return nil
+	}
+	defer s.orders.lock(id)()
+	o, err := s.load1(id)
+	if err != nil {
+		if proto.AsError(err).Code == proto.CodeNotFound {
+			return nil
+		}
+		return err
+	}
+	switch o.Status {
+	case StatusPendingPay:
+		// The pay centre closed its order first (its reconciler, at the
+		// order's deadline): close ours too, then record the refund.
+		if err := s.closeLocked(o, "pay order closed"); err != nil {
+			return err
+		}
+		fallthrough
+	case StatusCancelled:
+		if err := s.refundedLocked(o); !errors.Is(err, pay.ErrBizClosed) {
+			return err
+		}
+	}
+	return nil
+}
+
+// refundedLocked records a payment that arrived after o closed as refunded.
+func (s *Service) refundedLocked(o *Order) error {
+	o.Status, o.UpdatedAt, o.Note = StatusRefunded, s.cfg.Now().UnixMilli(), "paid after close: refunded, not sold"
+	r := o.record()
+	if err := s.store.Put(r.Key, r.Value); err != nil {
+		return err
+	}
+	s.m.closed.WithLabelValues("late_payment").Inc()
+	s.push(o)
+	return pay.ErrBizClosed
+}

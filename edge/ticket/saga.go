@@ -1,0 +1,256 @@
+package ticket
+
+import (
+	"errors"
+
+	"github.com/liveedge/liveedge/gateway/proto"
+	"github.com/liveedge/liveedge/persist"
+)
+
+// The coins saga (docs/tickets.md has the state machine and crash table):
+//
+//	lock seats → use coupon → debit coins → confirm
+//
+// Each step's effect and the order record that says it happened are one
+// atomic durable write: the seats' lock is the PLACING order record itself;
+// the coupon's use is one batch with the order (Steps.CouponUsed); the
+// debit is one ledger op carrying the order record (Steps.Debited) as a
+// static record. So the durable order alone tells which steps happened, and
+// compensation undoes exactly those, in reverse, each guarded by its own
+// flag (Steps.Refunded, Steps.CouponBack, Steps.Released) written with its
+// effect — repeating a compensation finds its flag set and changes nothing;
+// the ledger also refuses a second credit of the same req id.
+//
+// Named points for tests (Config.Hook):
+//
+//	fail:lock  fail:coupon  fail:debit  fail:confirm  fail:refund
+//	crash:after_lock  crash:after_coupon  crash:after_debit
+//	crash:after_refund  crash:after_coupon_back
+//
+// Start-up recovery of a PLACING order: if only the confirm step is left
+// (the coins are debited, or nothing had to be paid), the saga completes
+// forward — every step that could fail for a business reason succeeded and
+// confirming is a local write; otherwise (a coupon or a debit not yet done)
+// it is compensated — nobody is waiting for the answer any more, and the
+// steps left could still fail (balance spent meanwhile), so the buyer gets
+// everything back rather than a charge made on their behalf after a crash.
+
+func (s *Service) hook(point string) error {
+	if s.cfg.Hook == nil {
+		return nil
+	}
+	return s.cfg.Hook(point)
+}
+
+// placeCoins runs the saga of a new coins order whose seats are locked in
+// memory.
+func (s *Service) placeCoins(o *Order) (Order, error) {
+	defer s.orders.lock(o.id)()
+	o.Status, o.Saga = StatusPlacing, SagaRunning
+	if err := s.hook("fail:lock"); err != nil {
+		s.release(o) // nothing durable yet: the in-memory lock is all there is to undo
+		return Order{}, err
+	}
+	recs := []persist.Record{{Key: orderReqKey(o.UserID, o.ReqID), Value: persist.EncodeUint64(uint64(o.id))}, o.record()}
+	if err := s.store.Apply(func(b *persist.Batch) error { return setAll(b, recs) }); err != nil {
+		s.release(o)
+		return Order{}, err
+	}
+	_ = s.hook("crash:after_lock")
+	return s.forward(o)
+}
+
+// forward runs the steps of o not done yet, with o's lock held; a failed
+// step compensates.
+func (s *Service) forward(o *Order) (Order, error) {
+	if o.CouponID != "" && !o.Steps.CouponUsed {
+		if err := s.hook("fail:coupon"); err != nil {
+			return s.compensate(o, err)
+		}
+		if err := s.useCoupon(o); err != nil {
+			return s.compensate(o, err)
+		}
+		_ = s.hook("crash:after_coupon")
+	}
+	if o.Amount > 0 && !o.Steps.Debited {
+		if err := s.hook("fail:debit"); err != nil {
+			return s.compensate(o, err)
+		}
+		if err := s.debit(o); err != nil {
+			return s.compensate(o, err)
+		}
+		_ = s.hook("crash:after_debit")
+	}
+	if err := s.hook("fail:confirm"); err != nil {
+		return s.compensate(o, err)
+	}
+	next := *o
+	next.Status, next.Saga, next.UpdatedAt = StatusPaid, SagaDone, s.cfg.Now().UnixMilli()
+	r := next.record()
+	if err := s.store.Put(r.Key, r.Value); err != nil {
+		return s.compensate(o, err)
+	}
+	*o = next
+	s.inv.Sell(o.ProgramID, o.id, o.seats)
+	s.push(o)
+	return *o, nil
+}
+
+// useCoupon marks o's coupon used by o and o's step done, in one batch.
+func (s *Service) useCoupon(o *Order) error {
+	defer s.coupons.lock(o.CouponID)()
+	c, err := s.usableCoupon(o)
+	if err != nil {
+		return err
+	}
+	next := *o
+	next.Steps.CouponUsed = true
+	next.Discount = min(c.Amount, o.Total)
+	next.Amount = o.Total - next.Discount
+	next.UpdatedAt = s.cfg.Now().UnixMilli()
+	c.UsedBy = o.OrderID
+	recs := []persist.Record{c.record(), next.record()}
+	if err := s.store.Apply(func(b *persist.Batch) error { return setAll(b, recs) }); err != nil {
+		return err
+	}
+	*o = next
+	return nil
+}
+
+// debit takes o.Amount coins from the buyer: one ledger op (req id
+// "ticket:<order>", exactly once) that also writes o with Steps.Debited.
+func (s *Service) debit(o *Order) error {
+	next := *o
+	next.Steps.Debited = true
+	next.UpdatedAt = s.cfg.Now().UnixMilli()
+	_, err := s.wallet.Apply(persist.Op{User: o.UserID, ReqID: "ticket:" + o.OrderID,
+		Postings: []persist.Posting{{User: o.UserID, Delta: -o.Amount, Reason: ReasonTicket, Ref: "ticket order " + o.OrderID}},
+		Static:   []persist.Record{next.record()}})
+	if errors.Is(err, persist.ErrInsufficient) {
+		return proto.Errorf(proto.CodeInsufficientBalance, "insufficient balance")
+	}
+	if err != nil {
+		return err
+	}
+	*o = next
+	return nil
+}
+
+// compensate undoes what o's saga did, with o's lock held, and answers the
+// failed step's error. What happened is read back from Pebble (a step whose
+// call failed may or may not have written: its durable flag is the truth).
+func (s *Service) compensate(o *Order, cause error) (Order, error) {
+	e := proto.AsError(cause)
+	if e.Code == proto.CodeInternal {
+		s.cfg.Log.Error("ticket: saga step failed", "order", o.OrderID, "err", cause)
+		e = &proto.Error{Code: proto.CodeInternal, Msg: "internal error: the order is being settled; retry with the same req_id for its final state"}
+	}
+	cur, err := s.load1(o.id)
+	if err != nil {
+		s.markStuck(o.id)
+		return Order{}, e
+	}
+	cur.Saga, cur.FailCode, cur.FailMsg, cur.UpdatedAt = SagaCompensating, e.Code, e.Msg, s.cfg.Now().UnixMilli()
+	r := cur.record()
+	if err := s.store.Put(r.Key, r.Value); err != nil {
+		s.markStuck(o.id)
+		return Order{}, e
+	}
+	if err := s.undo(cur); err != nil {
+		s.cfg.Log.Error("ticket: compensation stopped, the sweep resumes it", "order", o.OrderID, "err", err)
+		s.markStuck(o.id)
+	}
+	*o = *cur
+	return Order{}, e
+}
+
+// undo runs the compensations of a COMPENSATING order not done yet, in
+// reverse order of the steps, with its lock held. Each is guarded by its
+// durable flag, so running undo again (a retry, a restart) changes nothing
+// already undone.
+func (s *Service) undo(o *Order) error {
+	if o.Steps.Debited && !o.Steps.Refunded {
+		if err := s.hook("fail:refund"); err != nil {
+			return err
+		}
+		next := *o
+		next.Steps.Refunded = true
+		next.UpdatedAt = s.cfg.Now().UnixMilli()
+		_, err := s.wallet.Apply(persist.Op{User: o.UserID, ReqID: "ticket-refund:" + o.OrderID,
+			Postings: []persist.Posting{{User: o.UserID, Delta: o.Amount, Reason: persist.ReasonRefund, Ref: "ticket order " + o.OrderID + " undone"}},
+			Static:   []persist.Record{next.record()}})
+		if err != nil {
+			return err
+		}
+		*o = next
+		s.m.compensations.WithLabelValues("refund").Inc()
+		_ = s.hook("crash:after_refund")
+	}
+	if o.Steps.CouponUsed && !o.Steps.CouponBack {
+		if err := s.giveBackCoupon(o); err != nil {
+			return err
+		}
+		s.m.compensations.WithLabelValues("coupon").Inc()
+		_ = s.hook("crash:after_coupon_back")
+	}
+	next := *o
+	next.Status, next.Saga, next.UpdatedAt = StatusCancelled, SagaCompensated, s.cfg.Now().UnixMilli()
+	next.Steps.Released = true
+	r := next.record()
+	if err := s.store.Put(r.Key, r.Value); err != nil {
+		return err
+	}
+	*o = next
+	s.release(o)
+	s.m.compensations.WithLabelValues("seats").Inc()
+	s.unstuck(o.id)
+	s.push(o)
+	return nil
+}
+
+// recoverSaga settles a PLACING order found at start-up or left by a
+// storage error (see the package comment above for forward vs back).
+func (s *Service) recoverSaga(id int64) error {
+	defer s.orders.lock(id)()
+	o, err := s.load1(id)
+	if err != nil {
+		return err
+	}
+	if o.Status != StatusPlacing {
+		s.unstuck(id)
+		return nil
+	}
+	switch {
+	case o.Saga == SagaCompensating:
+		return s.undo(o)
+	case (o.CouponID == "" || o.Steps.CouponUsed) && (o.Amount == 0 || o.Steps.Debited):
+		_, err := s.forward(o)
+		if err == nil {
+			s.unstuck(id)
+		}
+		return nil // a failed confirm compensates (or is marked stuck) inside forward
+	default:
+		_, _ = s.compensate(o, proto.Errorf(proto.CodeOrderState,
+			"the order was interrupted by a restart and undone; place it again with a new req_id"))
+		return nil
+	}
+}
+
+func (s *Service) markStuck(id int64) {
+	s.pendMu.Lock()
+	s.stuck[id] = true
+	s.pendMu.Unlock()
+}
+
+func (s *Service) unstuck(id int64) {
+	s.pendMu.Lock()
+	delete(s.stuck, id)
+	s.pendMu.Unlock()
+}
+
+// resumeStuck retries the settlement of a saga a storage error stopped.
+func (s *Service) resumeStuck(id int64) {
+	if err := s.recoverSaga(id); err != nil {
+		s.cfg.Log.Error("ticket: resume saga", "order", id, "err", err)
+	}
+}

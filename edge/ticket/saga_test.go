@@ -1,0 +1,207 @@
+package ticket
+
+import (
+	"errors"
+	"fmt"
+	"sync"
+	"testing"
+
+	"github.com/liveedge/liveedge/gateway/proto"
+	"github.com/liveedge/liveedge/persist"
+)
+
+// sagaWorld is the state a saga may touch: the buyer's balance, the
+// coupon's holder and the program's seats.
+type sagaWorld struct {
+	balance            int64
+	couponUsedBy       string
+	free, locked, sold int
+}
+
+func (e *env) world(user int64, coupon string, prog int64) sagaWorld {
+	e.t.Helper()
+	w := sagaWorld{balance: e.balance(user)}
+	if c, err := e.svc.Coupon(coupon); err == nil {
+		w.couponUsedBy = c.UsedBy
+	}
+	w.free, w.locked, w.sold = e.counts(prog)
+	return w
+}
+
+// failAt is a Config.Hook failing the named points (each as many times as
+// given; -1 = always).
+type failAt struct {
+	mu     sync.Mutex
+	points map[string]int
+}
+
+func (f *failAt) hook(p string) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if n := f.points[p]; n != 0 {
+		f.points[p] = n - 1
+		return errors.New("injected failure at " + p)
+	}
+	return nil
+}
+
+// The coins saga with a failure injected at each step (and the real
+// failures: another user's coupon, too few coins): afterwards only what
+// happened is undone, exactly once — balance, coupon and seats are as
+// before, the ledger conserves coins — and running the compensation again
+// (directly, through recovery, after a restart) changes nothing.
+func TestSagaFailureAtEachStep(t *testing.T) {
+	const user, credit, price, discount = 1, 1000, 100, 30
+	cases := []struct {
+		name      string
+		fail      map[string]int
+		user      int64 // 0 = user
+		coupon    string
+		code      int
+		durable   bool // an order record exists (the lock step was written)
+		couponHit bool // the coupon step happened (and was undone)
+		debited   bool // the debit happened (and was refunded)
+	}{
+		{name: "lock", fail: map[string]int{"fail:lock": 1}, code: proto.CodeInternal},
+		{name: "coupon", fail: map[string]int{"fail:coupon": 1}, code: proto.CodeInternal, durable: true},
+		{name: "coupon-not-theirs", coupon: "other", code: proto.CodeCouponUnusable, durable: true},
+		{name: "debit", fail: map[string]int{"fail:debit": 1}, code: proto.CodeInternal, durable: true, couponHit: true},
+		{name: "debit-insufficient", user: 2, code: proto.CodeInsufficientBalance, durable: true, couponHit: true},
+		{name: "confirm", fail: map[string]int{"fail:confirm": 1}, code: proto.CodeInternal, durable: true, couponHit: true, debited: true},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			f := &failAt{points: tc.fail}
+			e := newEnv(t, Config{Hook: f.hook})
+			buyer := int64(user)
+			if tc.user != 0 {
+				buyer = tc.user
+			}
+			e.credit(user, credit)
+			e.credit(2, 10)
+			prog := e.program([]CategoryDef{{ID: 1, Name: "A", Price: price, Rows: 1, Cols: 10}}, 4, 8)
+			mine, _ := e.svc.CreateCoupon(buyer, discount)
+			other, _ := e.svc.CreateCoupon(99, discount)
+			coupon := mine.ID
+			if tc.coupon == "other" {
+				coupon = other.ID
+			}
+			before := e.world(buyer, mine.ID, prog)
+			_, err := e.svc.Place(buyer, PlaceReq{ProgramID: prog, CategoryID: 1, Count: 1, ReqID: "s", Pay: PayCoins, CouponID: coupon})
+			wantCode(t, err, tc.code)
+			if after := e.world(buyer, mine.ID, prog); after != before {
+				t.Fatalf("after the failed saga %+v, before %+v", after, before)
+			}
+			e.conservation()
+			e.audit()
+			v, gerr := e.store.Get(orderReqKey(buyer, "s"))
+			if (gerr == nil) != tc.durable {
+				t.Fatalf("order recorded: %v, want %v", gerr == nil, tc.durable)
+			}
+			if tc.durable {
+				o := e.order(fmt.Sprint(persist.DecodeUint64(v)))
+				if o.Status != StatusCancelled || o.Saga != SagaCompensated || o.FailCode != tc.code ||
+					o.Steps.CouponUsed != tc.couponHit || o.Steps.CouponBack != tc.couponHit ||
+					o.Steps.Debited != tc.debited || o.Steps.Refunded != tc.debited || !o.Steps.Released {
+					t.Fatalf("order after compensation: %+v", o)
+				}
+				// The same req_id answers the same failure.
+				_, err := e.svc.Place(buyer, PlaceReq{ProgramID: prog, CategoryID: 1, Count: 1, ReqID: "s", Pay: PayCoins, CouponID: coupon})
+				wantCode(t, err, tc.code)
+				// Duplicate compensations change nothing: undo again, recover
+				// again, restart.
+				unlock := e.svc.orders.lock(o.id)
+				cur, _ := e.svc.load1(o.id)
+				cur.Status, cur.Saga = StatusPlacing, SagaCompensating // as if the last write were lost
+				if err := e.svc.undo(cur); err != nil {
+					t.Fatal(err)
+				}
+				unlock()
+				if err := e.svc.recoverSaga(o.id); err != nil {
+					t.Fatal(err)
+				}
+				e.reopen()
+				if after := e.world(buyer, mine.ID, prog); after != before {
+					t.Fatalf("after duplicate compensations %+v, before %+v", after, before)
+				}
+				e.conservation()
+				e.audit()
+			}
+			// What was undone can be used again: the seat and the coupon.
+			e.svc.cfg.Hook = nil
+			e.credit(buyer, credit)
+			o, err := e.svc.Place(buyer, PlaceReq{ProgramID: prog, CategoryID: 1, Count: 1, ReqID: "again", Pay: PayCoins, CouponID: mine.ID})
+			if err != nil || o.Status != StatusPaid || o.Amount != price-discount {
+				t.Fatalf("retry: %+v %v", o, err)
+			}
+			e.conservation()
+			e.audit()
+		})
+	}
+}
+
+// A compensation that fails (the refund's ledger write) leaves the order
+// PLACING/COMPENSATING, never lost: the sweep resumes it, and it completes
+// exactly once.
+func TestSagaCompensationResumedBySweep(t *testing.T) {
+	f := &failAt{points: map[string]int{"fail:confirm": 1, "fail:refund": 1}}
+	e := newEnv(t, Config{Hook: f.hook})
+	e.credit(1, 500)
+	prog := e.program([]CategoryDef{{ID: 1, Name: "A", Price: 100, Rows: 1, Cols: 4}}, 4, 8)
+	_, err := e.svc.Place(1, PlaceReq{ProgramID: prog, CategoryID: 1, Count: 2, ReqID: "s", Pay: PayCoins})
+	wantCode(t, err, proto.CodeInternal)
+	v, _ := e.store.Get(orderReqKey(1, "s"))
+	o := e.order(fmt.Sprint(persist.DecodeUint64(v)))
+	if o.Status != StatusPlacing || o.Saga != SagaCompensating || !o.Steps.Debited || o.Steps.Refunded {
+		t.Fatalf("after a failed compensation: %+v", o)
+	}
+	if b := e.balance(1); b != 300 {
+		t.Fatalf("balance %d before the refund", b)
+	}
+	e.svc.CloseExpired() // the sweep
+	o = e.order(o.OrderID)
+	if o.Status != StatusCancelled || !o.Steps.Refunded || !o.Steps.Released {
+		t.Fatalf("after the sweep: %+v", o)
+	}
+	if b := e.balance(1); b != 500 {
+		t.Fatalf("balance %d after the refund", b)
+	}
+	e.svc.CloseExpired()
+	e.reopen()
+	if b := e.balance(1); b != 500 {
+		t.Fatalf("balance %d after a second sweep and a restart", b)
+	}
+	if free, _, _ := e.counts(prog); free != 4 {
+		t.Fatalf("free %d", free)
+	}
+	e.conservation()
+	e.audit()
+}
+
+// The coins saga that succeeds: PAID, coins debited once, coupon used,
+// seats sold; the same req_id returns the same order and debits nothing.
+func TestSagaCoinsSuccess(t *testing.T) {
+	e := newEnv(t, Config{})
+	e.credit(1, 1000)
+	prog := e.program([]CategoryDef{{ID: 1, Name: "A", Price: 100, Rows: 1, Cols: 4}}, 4, 8)
+	c, _ := e.svc.CreateCoupon(1, 50)
+	o, err := e.svc.Place(1, PlaceReq{ProgramID: prog, CategoryID: 1, Count: 2, ReqID: "s", Pay: PayCoins, CouponID: c.ID})
+	if err != nil || o.Status != StatusPaid || o.Amount != 150 {
+		t.Fatalf("%+v %v", o, err)
+	}
+	again, err := e.svc.Place(1, PlaceReq{ProgramID: prog, CategoryID: 1, Count: 2, ReqID: "s", Pay: PayCoins, CouponID: c.ID})
+	if err != nil || again.OrderID != o.OrderID {
+		t.Fatalf("replay %+v %v", again, err)
+	}
+	if b := e.balance(1); b != 850 {
+		t.Fatalf("balance %d", b)
+	}
+	if got, _ := e.svc.Coupon(c.ID); got.UsedBy != o.OrderID {
+		t.Fatalf("coupon %+v", got)
+	}
+	if _, _, sold := e.counts(prog); sold != 2 {
+		t.Fatalf("sold %d", sold)
+	}
+	e.conservation()
+	e.audit()
+}

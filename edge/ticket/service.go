@@ -1,0 +1,512 @@
+package ticket
+
+import (
+	"errors"
+	"log/slog"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/liveedge/liveedge/edge/pay"
+	"github.com/liveedge/liveedge/gateway/proto"
+	"github.com/liveedge/liveedge/persist"
+	"github.com/liveedge/liveedge/router"
+)
+
+// Config configures Service. Zero values take the defaults named.
+type Config struct {
+	PayTimeout  time.Duration // unpaid orders close after this (0 = DefaultPayTimeout)
+	MaxPrograms int           // programs kept (0 = DefaultMaxPrograms); one more → 10001
+	MaxSeats    int           // seats of one program (0 = DefaultMaxSeats); more → 10001
+	SweepEvery  time.Duration // how often expired orders are looked for (0 = min(PayTimeout/4, 1 s))
+	Now         func() time.Time
+	Log         *slog.Logger
+
+	// Hook, in tests only (nil in production), is called at the saga's
+	// named points: "fail:<step>" before a step (an error fails the step)
+	// and "crash:<point>" between steps (a crash test kills the process
+	// there). See saga.go for the names.
+	Hook func(point string) error
+}
+
+// Defaults of Config.
+const (
+	DefaultPayTimeout  = 15 * time.Minute
+	DefaultMaxPrograms = 1000
+	DefaultMaxSeats    = 20000
+)
+
+// Payments is what the ticket service needs from the pay centre
+// (*pay.Service): gene-method order ids and provider payments of its
+// orders, whose paid events come back through Service.Paid.
+type Payments interface {
+	NewOrderID(user int64) (int64, error)
+	CreateBizOrder(r pay.BizOrderReq, extra ...persist.Record) (pay.Order, error)
+	CloseBizOrder(id int64, why string) error
+	Get(id int64) (pay.Order, error)
+}
+
+var _ Payments = (*pay.Service)(nil)
+
+// Service sells tickets. See doc.go for what it owns and its promises.
+type Service struct {
+	cfg    Config
+	store  *persist.Store
+	wallet persist.Wallet
+	pay    Payments
+	router router.Router
+	inv    Inventory
+
+	createMu sync.Mutex         // serialises program creation (held across its write; progMu never is)
+	progMu   sync.RWMutex       // guards programs and lastProg
+	programs map[int64]*program // bounded by MaxPrograms
+	lastProg int64
+
+	guards [guardShards]guardShard // the repeat guard, sharded by user
+
+	orders  keyLock[int64]  // one lock per order id: every transition of an order under it
+	coupons keyLock[string] // one lock per coupon id
+
+	pendMu  sync.Mutex
+	pending map[int64]int64 // PENDING_PAY order → expires at (unix ms); bounded by seats
+	stuck   map[int64]bool  // PLACING orders whose saga stopped on a storage error: resumed by the sweep
+
+	m *metrics
+
+	stop chan struct{}
+	wg   sync.WaitGroup
+}
+
+// program is a program's definition and its buyers' held seats.
+type program struct {
+	def    ProgramDef
+	prices map[int]int64
+
+	mu   sync.Mutex
+	held map[int64]int // user → seats locked or sold by their orders (bounded by the seats)
+}
+
+// guardShards is the number of repeat-guard shards (by user): orders of
+// different users rarely share a guard lock.
+const guardShards = 64
+
+// guardShard holds the orders being placed by its users.
+type guardShard struct {
+	mu      sync.Mutex
+	placing map[userProgram]struct{} // (user, program) with an order being placed
+	reqs    map[userReq]struct{}     // (user, req_id) being placed
+}
+
+type userProgram struct{ user, program int64 }
+type userReq struct {
+	user int64
+	req  string
+}
+
+var (
+	prefixProgram  = recPrefix("tprog/")
+	prefixOrder    = recPrefix("torder/")
+	prefixOrderReq = recPrefix("torderreq/")
+	prefixCoupon   = recPrefix("tcoupon/")
+)
+
+func recPrefix(s string) []byte { return append(append([]byte{}, persist.PrefixRec...), s...) }
+
+func programKey(id int64) []byte { return persist.Key(prefixProgram, uint64(id)) }
+func orderKey(id int64) []byte   { return persist.Key(prefixOrder, uint64(id)) }
+func orderReqKey(user int64, req string) []byte {
+	return append(persist.Key(prefixOrderReq, uint64(user)), req...)
+}
+func couponKey(id string) []byte { return append(append([]byte{}, prefixCoupon...), id...) }
+
+// New builds the service from what store holds: programs, seats (from the
+// orders), timeouts; every saga a crash interrupted is completed or
+// compensated before New returns (see saga.go: recover).
+func New(store *persist.Store, w persist.Wallet, p Payments, r router.Router, cfg Config) (*Service, error) {
+	if cfg.PayTimeout <= 0 {
+		cfg.PayTimeout = DefaultPayTimeout
+	}
+	if cfg.MaxPrograms <= 0 {
+		cfg.MaxPrograms = DefaultMaxPrograms
+	}
+	if cfg.MaxSeats <= 0 {
+		cfg.MaxSeats = DefaultMaxSeats
+	}
+	if cfg.SweepEvery <= 0 {
+		cfg.SweepEvery = min(cfg.PayTimeout/4, time.Second)
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	if cfg.Log == nil {
+		cfg.Log = slog.Default()
+	}
+	s := &Service{cfg: cfg, store: store, wallet: w, pay: p, router: r, inv: newMemInventory(),
+		programs: map[int64]*program{},
+		pending:  map[int64]int64{}, stuck: map[int64]bool{}, m: newMetrics(), stop: make(chan struct{})}
+	if err := s.load(); err != nil {
+		return nil, err
+	}
+	s.wg.Add(1)
+	go s.loop()
+	return s, nil
+}
+
+// Close stops the timeout sweep.
+func (s *Service) Close() {
+	select {
+	case <-s.stop:
+	default:
+		close(s.stop)
+	}
+	s.wg.Wait()
+}
+
+// load rebuilds programs and seats from Pebble and settles interrupted sagas.
+func (s *Service) load() error {
+	err := s.store.Scan(prefixProgram, func(_, v []byte) error {
+		var d ProgramDef
+		if err := proto.Unmarshal(v, &d); err != nil {
+			return err
+		}
+		s.addProgram(d)
+		return s.inv.Add(d)
+	})
+	if err != nil {
+		return err
+	}
+	var interrupted []*Order
+	err = s.store.Scan(prefixOrder, func(_, v []byte) error {
+		o, err := decodeOrder(v)
+		if err != nil {
+			return err
+		}
+		var st uint8
+		switch o.Status {
+		case StatusPendingPay:
+			st = SeatLocked
+			s.pending[o.id] = o.ExpiresAt
+		case StatusPlacing:
+			st = SeatLocked
+			interrupted = append(interrupted, o)
+		case StatusPaid:
+			st = SeatSold
+		default:
+			return nil
+		}
+		if err := s.inv.Restore(o.ProgramID, o.id, o.seats, st); err != nil {
+			return err
+		}
+		if p := s.program(o.ProgramID); p != nil {
+			p.held[o.UserID] += len(o.seats)
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	for _, o := range interrupted {
+		if err := s.recoverSaga(o.id); err != nil {
+			s.cfg.Log.Error("ticket: interrupted saga not settled, the sweep retries", "order", o.OrderID, "err", err)
+			s.markStuck(o.id)
+		}
+	}
+	return nil
+}
+
+func decodeOrder(v []byte) (*Order, error) {
+	o := &Order{}
+	if err := proto.Unmarshal(v, o); err != nil {
+		return nil, err
+	}
+	id, err := strconv.ParseInt(o.OrderID, 10, 64)
+	if err != nil {
+		return nil, err
+	}
+	o.id = id
+	for _, sid := range o.SeatIDs {
+		seat, ok := ParseSeat(sid)
+		if !ok {
+			return nil, errors.New("ticket: bad seat id in a stored order")
+		}
+		o.seats = append(o.seats, seat)
+	}
+	return o, nil
+}
+
+// PlaceReq is the body of POST /tickets/orders.
+type PlaceReq struct {
+	ProgramID  int64    `json:"program_id"`
+	SeatIDs    []string `json:"seat_ids"`
+	CategoryID int      `json:"category_id"`
+	Count      int      `json:"count"`
+	ReqID      string   `json:"req_id"`
+	Pay        string   `json:"pay"`
+	CouponID   string   `json:"coupon_id"`
+}
+
+// Place places an order for user: all-or-nothing seats, limits, the
+// repeat guard, idempotent by (user, req_id). A mock order answers
+// PENDING_PAY with its pay_url; a coins order runs the saga and answers
+// PAID or the failed step's error with every earlier step undone.
+func (s *Service) Place(user int64, r PlaceReq) (o Order, err error) {
+	defer func() { s.m.orders.WithLabelValues(outcome(o, err)).Inc() }()
+	return s.place(user, r)
+}
+
+func (s *Service) place(user int64, r PlaceReq) (Order, error) {
+	if r.ReqID == "" || len(r.ReqID) > maxReqIDLen {
+		return Order{}, proto.BadRequest("req_id must be 1..%d bytes", maxReqIDLen)
+	}
+	if r.Pay == "" {
+		r.Pay = PayMock
+	}
+	if r.Pay != PayMock && r.Pay != PayCoins {
+		return Order{}, proto.BadRequest(`pay must be "mock" or "coins"`)
+	}
+	if len(r.CouponID) > 40 {
+		return Order{}, proto.Errorf(proto.CodeCouponUnusable, "coupon not usable")
+	}
+	p := s.program(r.ProgramID)
+	if p == nil {
+		return Order{}, proto.Errorf(proto.CodeNotFound, "program not found")
+	}
+	var want Want
+	switch {
+	case len(r.SeatIDs) > 0:
+		if r.CategoryID != 0 || r.Count != 0 {
+			return Order{}, proto.BadRequest("give seat_ids or category_id and count, not both")
+		}
+		if len(r.SeatIDs) > p.def.PerOrderMax {
+			return Order{}, proto.Errorf(proto.CodeTicketLimit, "at most %d tickets per order", p.def.PerOrderMax)
+		}
+		seen := map[Seat]bool{}
+		for _, id := range r.SeatIDs {
+			seat, ok := ParseSeat(id)
+			if !ok {
+				return Order{}, proto.BadRequest("bad seat id (want \"<category>-<row>-<col>\")")
+			}
+			if seen[seat] {
+				return Order{}, proto.BadRequest("seat %s given twice", seat)
+			}
+			seen[seat] = true
+			want.Seats = append(want.Seats, seat)
+		}
+	case r.CategoryID > 0 && r.Count > 0:
+		if r.Count > p.def.PerOrderMax {
+			return Order{}, proto.Errorf(proto.CodeTicketLimit, "at most %d tickets per order", p.def.PerOrderMax)
+		}
+		if _, ok := p.prices[r.CategoryID]; !ok {
+			return Order{}, proto.BadRequest("no category %d in this program", r.CategoryID)
+		}
+		want.Category, want.Count = r.CategoryID, r.Count
+	default:
+		return Order{}, proto.BadRequest("give seat_ids, or category_id > 0 and count > 0")
+	}
+	n := max(len(want.Seats), want.Count)
+
+	leave, err := s.enter(user, r.ProgramID, r.ReqID)
+	if err != nil {
+		return Order{}, err
+	}
+	defer leave()
+	if v, err := s.store.Get(orderReqKey(user, r.ReqID)); err == nil {
+		return s.replay(int64(persist.DecodeUint64(v)))
+	} else if !errors.Is(err, persist.ErrNotFound) {
+		return Order{}, err
+	}
+	// The guard makes this check-then-reserve safe: no other order of this
+	// user for this program is being placed.
+	p.mu.Lock()
+	held := p.held[user]
+	p.mu.Unlock()
+	if held+n > p.def.PerUserMax {
+		return Order{}, proto.Errorf(proto.CodeTicketLimit, "at most %d tickets per user for this program (you hold %d)", p.def.PerUserMax, held)
+	}
+	id, err := s.pay.NewOrderID(user)
+	if err != nil {
+		return Order{}, err
+	}
+	seats, err := s.inv.Reserve(r.ProgramID, id, want)
+	if err != nil {
+		return Order{}, err
+	}
+	s.addHeld(p, user, len(seats))
+	now := s.cfg.Now().UnixMilli()
+	o := &Order{OrderID: strconv.FormatInt(id, 10), UserID: user, ProgramID: r.ProgramID, Pay: r.Pay,
+		CouponID: r.CouponID, ReqID: r.ReqID, CreatedAt: now, UpdatedAt: now, id: id, seats: seats}
+	for _, seat := range seats {
+		o.SeatIDs = append(o.SeatIDs, seat.String())
+		o.Total += p.prices[seat.Cat]
+	}
+	o.Amount = o.Total
+	if r.Pay == PayCoins {
+		return s.placeCoins(o)
+	}
+	return s.placeMock(o)
+}
+
+// enter is the repeat-submit guard: one order being placed per (user,
+// program) and per (user, req_id); another → 10409 until leave.
+func (s *Service) enter(user, programID int64, req string) (leave func(), err error) {
+	up, ur := userProgram{user, programID}, userReq{user, req}
+	g := &s.guards[uint64(user)%guardShards]
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.placing == nil {
+		g.placing, g.reqs = map[userProgram]struct{}{}, map[userReq]struct{}{}
+	}
+	if _, busy := g.placing[up]; busy {
+		return nil, proto.Errorf(proto.CodeConflict, "an order for this program is already being placed")
+	}
+	if _, busy := g.reqs[ur]; busy {
+		return nil, proto.Errorf(proto.CodeConflict, "an order with this req_id is already being placed")
+	}
+	g.placing[up], g.reqs[ur] = struct{}{}, struct{}{}
+	return func() {
+		g.mu.Lock()
+		delete(g.placing, up)
+		delete(g.reqs, ur)
+		g.mu.Unlock()
+	}, nil
+}
+
+func (s *Service) addHeld(p *program, user int64, n int) {
+	if n == 0 {
+		return
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.held[user] += n; p.held[user] <= 0 {
+		delete(p.held, user)
+	}
+}
+
+// release frees o's seats in memory (exactly once: only seats still locked
+// by o are freed) and gives them back to the buyer's per-user count.
+func (s *Service) release(o *Order) {
+	n := s.inv.Release(o.ProgramID, o.id, o.seats)
+	if p := s.program(o.ProgramID); p != nil {
+		s.addHeld(p, o.UserID, -n)
+	}
+}
+
+// replay answers a repeated req_id with the first order: a saga that failed
+// answers its failure again.
+func (s *Service) replay(id int64) (Order, error) {
+	o, err := s.load1(id)
+	if err != nil {
+		return Order{}, err
+	}
+	if o.Saga == SagaCompensated && o.FailCode != 0 {
+		return Order{}, &proto.Error{Code: o.FailCode, Msg: o.FailMsg}
+	}
+	return s.withPayURL(*o), nil
+}
+
+func (s *Service) withPayURL(o Order) Order {
+	if o.Status == StatusPendingPay && o.PayURL == "" {
+		if po, err := s.pay.Get(o.id); err == nil {
+			o.PayURL = po.PayURL
+		}
+	}
+	return o
+}
+
+// load1 reads order id from Pebble.
+func (s *Service) load1(id int64) (*Order, error) {
+	v, err := s.store.Get(orderKey(id))
+	if errors.Is(err, persist.ErrNotFound) {
+		return nil, proto.Errorf(proto.CodeNotFound, "order not found")
+	}
+	if err != nil {
+		return nil, err
+	}
+	return decodeOrder(v)
+}
+
+func (o *Order) record() persist.Record {
+	v, _ := proto.Marshal(o)
+	return persist.Record{Key: orderKey(o.id), Value: v}
+}
+
+// Get returns order id if user bought it (anyone else: 10004).
+func (s *Service) Get(user, id int64) (Order, error) {
+	o, err := s.load1(id)
+	if err != nil {
+		return Order{}, err
+	}
+	if o.UserID != user {
+		return Order{}, proto.Errorf(proto.CodeNotFound, "order not found")
+	}
+	return s.withPayURL(*o), nil
+}
+
+// placeMock records a PENDING_PAY order with its coupon and its pay order
+// in one durable batch, then answers with the pay_url.
+func (s *Service) placeMock(o *Order) (Order, error) {
+	var coupon *Coupon
+	if o.CouponID != "" {
+		unlock := s.coupons.lock(o.CouponID)
+		defer unlock()
+		c, err := s.usableCoupon(o)
+		if err != nil {
+			s.release(o)
+			return Order{}, err
+		}
+		coupon = c
+		o.Discount = min(c.Amount, o.Total)
+		o.Amount = o.Total - o.Discount
+		o.Steps.CouponUsed = true
+		c.UsedBy = o.OrderID
+	}
+	now := s.cfg.Now().UnixMilli()
+	recs := []persist.Record{{Key: orderReqKey(o.UserID, o.ReqID), Value: persist.EncodeUint64(uint64(o.id))}}
+	if coupon != nil {
+		recs = append(recs, coupon.record())
+	}
+	if o.Amount == 0 {
+		// Nothing to pay (a coupon covers it): sold at once.
+		o.Status = StatusPaid
+		recs = append(recs, o.record())
+		err := s.store.Apply(func(b *persist.Batch) error { return setAll(b, recs) })
+		if err != nil {
+			s.release(o)
+			return Order{}, err
+		}
+		s.inv.Sell(o.ProgramID, o.id, o.seats)
+		s.push(o)
+		return *o, nil
+	}
+	o.Status, o.ExpiresAt = StatusPendingPay, now+s.cfg.PayTimeout.Milliseconds()
+	recs = append(recs, o.record())
+	po, err := s.pay.CreateBizOrder(pay.BizOrderReq{ID: o.id, User: o.UserID, Biz: Biz, Amount: o.Amount,
+		ReqID: "ticket:" + o.ReqID, ExpiresAt: o.ExpiresAt}, recs...)
+	if err != nil {
+		s.release(o)
+		return Order{}, err
+	}
+	s.pendMu.Lock()
+	s.pending[o.id] = o.ExpiresAt
+	s.pendMu.Unlock()
+	o.PayURL = po.PayURL
+	s.push(o)
+	return *o, nil
+}
+
+func setAll(b *persist.Batch, recs []persist.Record) error {
+	for _, r := range recs {
+		if err := b.Set(r.Key, r.Value, nil); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (s *Service) push(o *Order) {
+	if s.router == nil {
+		return
+	}
+	d, _ := proto.Marshal(map[string]string{"order_id": o.OrderID, "status": o.Status})
+	s.router.SendUser(o.UserID, proto.Push{Biz: proto.BizOrderStatus, Data: d, Ack: true})
+}

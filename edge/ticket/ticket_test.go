@@ -1,0 +1,529 @@
+package ticket
+
+import (
+	"fmt"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/liveedge/liveedge/edge/pay"
+	"github.com/liveedge/liveedge/gateway/proto"
+)
+
+// 10,000 concurrent buyers (in-process service calls, one goroutine each)
+// for 1,000 seats: exactly 1,000 seats are taken, none twice, and free +
+// locked + sold = seats after every phase (placing, paying some, cancelling
+// some, the timeout closing the rest, a restart, re-selling what was freed).
+func TestTicketTenThousandBuyersThousandSeats(t *testing.T) {
+	e := newEnv(t, Config{PayTimeout: time.Minute})
+	prog := e.program([]CategoryDef{
+		{ID: 1, Name: "A", Price: 380, Rows: 10, Cols: 50},
+		{ID: 2, Name: "B", Price: 180, Rows: 10, Cols: 50},
+	}, 4, 4)
+	const buyers = 10_000
+	type won struct {
+		user  int64
+		order Order
+	}
+	var (
+		mu   sync.Mutex
+		wins []won
+		bad  []error
+		wg   sync.WaitGroup
+	)
+	start := make(chan struct{})
+	for u := int64(1); u <= buyers; u++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			<-start
+			var r PlaceReq
+			switch u % 3 {
+			case 0: // two adjacent seats
+				r = PlaceReq{ProgramID: prog, CategoryID: int(1 + u%2), Count: 2}
+			case 1: // one seat the server picks
+				r = PlaceReq{ProgramID: prog, CategoryID: int(1 + u%2), Count: 1}
+			default: // a manual seat, often contended
+				r = PlaceReq{ProgramID: prog, SeatIDs: []string{fmt.Sprintf("%d-%d-%d", 1+u%2, 1+u%10, 1+u%50)}}
+			}
+			r.ReqID = fmt.Sprintf("r%d", u)
+			o, err := e.svc.Place(u, r)
+			mu.Lock()
+			defer mu.Unlock()
+			switch codeOf(err) {
+			case 0:
+				wins = append(wins, won{u, o})
+			case proto.CodeSoldOut:
+			default:
+				bad = append(bad, err)
+			}
+		}()
+	}
+	close(start)
+	wg.Wait()
+	if len(bad) > 0 {
+		t.Fatalf("%d unexpected errors, first %v", len(bad), bad[0])
+	}
+	owner := map[string]string{}
+	taken := 0
+	for _, w := range wins {
+		if w.order.Status != StatusPendingPay || w.order.PayURL == "" {
+			t.Fatalf("order %+v", w.order)
+		}
+		for _, s := range w.order.SeatIDs {
+			if prev, dup := owner[s]; dup {
+				t.Fatalf("seat %s sold to orders %s and %s", s, prev, w.order.OrderID)
+			}
+			owner[s] = w.order.OrderID
+			taken++
+		}
+	}
+	free, locked, sold := e.counts(prog)
+	if taken != 1000 || locked != 1000 || free != 0 || sold != 0 {
+		t.Fatalf("taken %d, counts free %d locked %d sold %d; want all 1000 locked", taken, free, locked, sold)
+	}
+	e.audit()
+	t.Logf("%d buyers, %d orders took the 1000 seats", buyers, len(wins))
+
+	// Pay a third through the webhook (a duplicate of each notify changes
+	// nothing), cancel a third, let the timeout close the rest.
+	paidSeats, cancelledSeats, left := 0, 0, 0
+	for i, w := range wins {
+		switch i % 3 {
+		case 0:
+			for k := 0; k < 2; k++ {
+				if st := e.notify(w.order.OrderID, "ev-"+w.order.OrderID, w.order.Amount); st != pay.NotifyOK {
+					t.Fatalf("notify %d", st)
+				}
+			}
+			paidSeats += len(w.order.SeatIDs)
+		case 1:
+			if _, err := e.svc.Cancel(w.user, mustID(t, w.order.OrderID)); err != nil {
+				t.Fatal(err)
+			}
+			cancelledSeats += len(w.order.SeatIDs)
+		default:
+			left++
+		}
+	}
+	free, locked, sold = e.counts(prog)
+	if sold != paidSeats || free != cancelledSeats || locked != 1000-paidSeats-cancelledSeats {
+		t.Fatalf("after pay/cancel: free %d locked %d sold %d; paid %d cancelled %d", free, locked, sold, paidSeats, cancelledSeats)
+	}
+	e.audit()
+	e.clock.advance(2 * time.Minute)
+	closed := e.svc.CloseExpired()
+	if again := e.svc.CloseExpired(); again != 0 {
+		t.Fatalf("second sweep closed %d more", again)
+	}
+	if closed != left {
+		t.Fatalf("the timeout closed %d orders, %d were unpaid", closed, left)
+	}
+	free, locked, sold = e.counts(prog)
+	if sold != paidSeats || locked != 0 || free != 1000-paidSeats {
+		t.Fatalf("after the timeout: free %d locked %d sold %d", free, locked, sold)
+	}
+	e.audit()
+	// The seats are rebuilt from the orders after a restart.
+	e.reopen()
+	if f, l, s := e.counts(prog); f != free || l != 0 || s != sold {
+		t.Fatalf("after restart: free %d locked %d sold %d, before %d/0/%d", f, l, s, free, sold)
+	}
+	e.audit()
+}
+
+func mustID(t testing.TB, s string) int64 {
+	id, ok := pay.ParseOrderID(s)
+	if !ok {
+		t.Fatalf("bad order id %q", s)
+	}
+	return id
+}
+
+// The server's adjacent pick finds N adjacent free seats in one row or
+// answers 40003; a manual order with one taken seat takes none.
+func TestTicketAdjacentAndAllOrNothing(t *testing.T) {
+	e := newEnv(t, Config{})
+	prog := e.program([]CategoryDef{{ID: 1, Name: "A", Price: 10, Rows: 2, Cols: 5}}, 5, 20)
+	// Row 1: take seats 3 and 5 → free runs of 2 (1,2) and 1 (4).
+	if _, err := e.svc.Place(1, PlaceReq{ProgramID: prog, SeatIDs: []string{"1-1-3", "1-1-5"}, ReqID: "a"}); err != nil {
+		t.Fatal(err)
+	}
+	// Row 2: take seat 3 → runs of 2 and 2.
+	if _, err := e.svc.Place(2, PlaceReq{ProgramID: prog, SeatIDs: []string{"1-2-3"}, ReqID: "a"}); err != nil {
+		t.Fatal(err)
+	}
+	_, err := e.svc.Place(3, PlaceReq{ProgramID: prog, CategoryID: 1, Count: 3, ReqID: "a"})
+	wantCode(t, err, proto.CodeSoldOut)
+	o, err := e.svc.Place(3, PlaceReq{ProgramID: prog, CategoryID: 1, Count: 2, ReqID: "b"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Join(o.SeatIDs, ",") != "1-1-1,1-1-2" {
+		t.Fatalf("adjacent pick gave %v", o.SeatIDs)
+	}
+	// Manual: one of the seats is taken → none is taken.
+	before, _, _ := e.counts(prog)
+	_, err = e.svc.Place(4, PlaceReq{ProgramID: prog, SeatIDs: []string{"1-2-1", "1-2-2", "1-1-3"}, ReqID: "a"})
+	wantCode(t, err, proto.CodeSoldOut)
+	if after, _, _ := e.counts(prog); after != before {
+		t.Fatalf("a refused manual order took seats: free %d → %d", before, after)
+	}
+	if o, err := e.svc.Place(4, PlaceReq{ProgramID: prog, SeatIDs: []string{"1-2-1", "1-2-2"}, ReqID: "b"}); err != nil || len(o.SeatIDs) != 2 {
+		t.Fatalf("the free seats are still free: %v %v", o, err)
+	}
+	// Bad input: clear codes.
+	for _, r := range []PlaceReq{
+		{ProgramID: prog, SeatIDs: []string{"1-x-1"}, ReqID: "c"},
+		{ProgramID: prog, SeatIDs: []string{"1-9-1"}, ReqID: "c"},
+		{ProgramID: prog, SeatIDs: []string{"1-2-4", "1-2-4"}, ReqID: "c"},
+		{ProgramID: prog, CategoryID: 7, Count: 1, ReqID: "c"},
+		{ProgramID: prog, ReqID: "c"},
+		{ProgramID: prog, CategoryID: 1, Count: 1},
+		{ProgramID: prog, CategoryID: 1, Count: 1, ReqID: "c", Pay: "gold"},
+	} {
+		_, err := e.svc.Place(5, r)
+		wantCode(t, err, proto.CodeBadRequest)
+	}
+	_, err = e.svc.Place(5, PlaceReq{ProgramID: 999, CategoryID: 1, Count: 1, ReqID: "c"})
+	wantCode(t, err, proto.CodeNotFound)
+}
+
+// Per-order and per-user limits (40004), the repeat guard (10409 while an
+// order of the same user and program is being placed), and the same req_id
+// returning the same order.
+func TestTicketLimitsGuardAndIdempotency(t *testing.T) {
+	e := newEnv(t, Config{})
+	prog := e.program([]CategoryDef{{ID: 1, Name: "A", Price: 10, Rows: 10, Cols: 10}}, 3, 4)
+	_, err := e.svc.Place(1, PlaceReq{ProgramID: prog, CategoryID: 1, Count: 4, ReqID: "a"})
+	wantCode(t, err, proto.CodeTicketLimit)
+	o1, err := e.svc.Place(1, PlaceReq{ProgramID: prog, CategoryID: 1, Count: 3, ReqID: "a"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	again, err := e.svc.Place(1, PlaceReq{ProgramID: prog, CategoryID: 1, Count: 3, ReqID: "a"})
+	if err != nil || again.OrderID != o1.OrderID || again.PayURL == "" {
+		t.Fatalf("same req_id: %+v %v, first %s", again, err, o1.OrderID)
+	}
+	_, err = e.svc.Place(1, PlaceReq{ProgramID: prog, CategoryID: 1, Count: 2, ReqID: "b"})
+	wantCode(t, err, proto.CodeTicketLimit) // 3 held + 2 > 4
+	if _, err := e.svc.Place(1, PlaceReq{ProgramID: prog, CategoryID: 1, Count: 1, ReqID: "c"}); err != nil {
+		t.Fatal(err)
+	}
+	// Cancelling gives the seats back to the user's allowance.
+	if _, err := e.svc.Cancel(1, mustID(t, o1.OrderID)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.svc.Place(1, PlaceReq{ProgramID: prog, CategoryID: 1, Count: 3, ReqID: "d"}); err != nil {
+		t.Fatal(err)
+	}
+	// The repeat guard: while user 2's order is held inside the saga, a
+	// second submit for the same program is refused with 10409.
+	e2 := newEnv(t, Config{Hook: nil})
+	inside, release := make(chan struct{}), make(chan struct{})
+	e2.svc.cfg.Hook = func(p string) error {
+		if p == "fail:lock" {
+			close(inside)
+			<-release
+		}
+		return nil
+	}
+	prog2 := e2.program([]CategoryDef{{ID: 1, Name: "A", Price: 0, Rows: 1, Cols: 10}}, 2, 4)
+	done := make(chan error)
+	go func() {
+		_, err := e2.svc.Place(2, PlaceReq{ProgramID: prog2, CategoryID: 1, Count: 1, ReqID: "x", Pay: PayCoins})
+		done <- err
+	}()
+	<-inside
+	_, err = e2.svc.Place(2, PlaceReq{ProgramID: prog2, CategoryID: 1, Count: 1, ReqID: "y"})
+	wantCode(t, err, proto.CodeConflict)
+	_, err = e2.svc.Place(2, PlaceReq{ProgramID: prog2, CategoryID: 1, Count: 1, ReqID: "x"})
+	wantCode(t, err, proto.CodeConflict)
+	if _, err := e2.svc.Place(3, PlaceReq{ProgramID: prog2, CategoryID: 1, Count: 1, ReqID: "x"}); err != nil {
+		t.Fatalf("another user is not held back: %v", err)
+	}
+	close(release)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e2.svc.Place(2, PlaceReq{ProgramID: prog2, CategoryID: 1, Count: 1, ReqID: "y"}); err != nil {
+		t.Fatalf("after the first finished: %v", err)
+	}
+}
+
+// An unpaid order closes after the pay timeout and releases its seats
+// once; a payment that lands after the close is refunded, not sold; cancel
+// releases; only the buyer sees and cancels an order, only PENDING_PAY.
+func TestTicketTimeoutLatePaymentAndCancel(t *testing.T) {
+	e := newEnv(t, Config{PayTimeout: time.Minute})
+	prog := e.program([]CategoryDef{{ID: 1, Name: "A", Price: 100, Rows: 1, Cols: 10}}, 4, 8)
+	o, err := e.svc.Place(7, PlaceReq{ProgramID: prog, CategoryID: 1, Count: 2, ReqID: "t"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := e.svc.CloseExpired(); n != 0 {
+		t.Fatalf("closed %d before the timeout", n)
+	}
+	e.clock.advance(61 * time.Second)
+	if n := e.svc.CloseExpired(); n != 1 {
+		t.Fatalf("closed %d, want 1", n)
+	}
+	if n := e.svc.CloseExpired(); n != 0 {
+		t.Fatalf("closed again: %d", n)
+	}
+	if free, _, _ := e.counts(prog); free != 10 {
+		t.Fatalf("free %d after the close", free)
+	}
+	// Someone else takes the seats; then the late payment lands.
+	o2, err := e.svc.Place(8, PlaceReq{ProgramID: prog, SeatIDs: o.SeatIDs, ReqID: "t"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st := e.notify(o.OrderID, "late-1", o.Amount); st != pay.NotifyOK {
+		t.Fatalf("late notify %d", st)
+	}
+	if st := e.notify(o.OrderID, "late-1", o.Amount); st != pay.NotifyOK {
+		t.Fatalf("duplicate late notify %d", st)
+	}
+	if got := e.order(o.OrderID); got.Status != StatusRefunded {
+		t.Fatalf("late-paid order is %s", got.Status)
+	}
+	po, _ := e.pay.Get(mustID(t, o.OrderID))
+	if po.Status != pay.StatusPayBack {
+		t.Fatalf("pay order %s, want PAY_BACK (refunded)", po.Status)
+	}
+	if _, locked, sold := e.counts(prog); sold != 0 || locked != 2 {
+		t.Fatalf("late payment sold seats: locked %d sold %d", locked, sold)
+	}
+	// A late payment racing the close: the ticket is closed but the pay
+	// order still open → Paid refuses, the pay centre refunds.
+	o3, err := e.svc.Place(9, PlaceReq{ProgramID: prog, CategoryID: 1, Count: 1, ReqID: "t"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id3 := mustID(t, o3.OrderID)
+	unlock := e.svc.orders.lock(id3)
+	cur, _ := e.svc.load1(id3)
+	cur.Status = StatusCancelled
+	cur.Steps.Released = true
+	r := cur.record()
+	_ = e.store.Put(r.Key, r.Value)
+	e.svc.release(cur)
+	unlock()
+	if st := e.notify(o3.OrderID, "race-1", o3.Amount); st != pay.NotifyOK {
+		t.Fatalf("racing notify %d", st)
+	}
+	if got := e.order(o3.OrderID); got.Status != StatusRefunded {
+		t.Fatalf("racing payment: order %s", got.Status)
+	}
+	// The pay centre closes its side first (its reconciler at the order's
+	// deadline), then the payment lands: the ticket order closes and is
+	// refunded, its seats freed — and nothing waits on the pay order's lock.
+	o5, err := e.svc.Place(11, PlaceReq{ProgramID: prog, CategoryID: 1, Count: 1, ReqID: "t"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.pay.CloseBizOrder(mustID(t, o5.OrderID), "reconciler: unpaid at its deadline"); err != nil {
+		t.Fatal(err)
+	}
+	if st := e.notify(o5.OrderID, "after-pay-close", o5.Amount); st != pay.NotifyOK {
+		t.Fatalf("notify after the pay order closed: %d", st)
+	}
+	if got := e.order(o5.OrderID); got.Status != StatusRefunded || !got.Steps.Released {
+		t.Fatalf("order after its pay order closed and a payment: %+v", got)
+	}
+	e.audit()
+	// Cancel: buyer only, PENDING_PAY only.
+	_, err = e.svc.Cancel(99, mustID(t, o2.OrderID))
+	wantCode(t, err, proto.CodeNotFound)
+	_, err = e.svc.Get(99, mustID(t, o2.OrderID))
+	wantCode(t, err, proto.CodeNotFound)
+	if c, err := e.svc.Cancel(8, mustID(t, o2.OrderID)); err != nil || c.Status != StatusCancelled {
+		t.Fatalf("cancel: %+v %v", c, err)
+	}
+	_, err = e.svc.Cancel(8, mustID(t, o2.OrderID))
+	wantCode(t, err, proto.CodeOrderState)
+	if free, locked, _ := e.counts(prog); free != 10 || locked != 0 {
+		t.Fatalf("after cancel free %d locked %d", free, locked)
+	}
+	// A payment of a cancelled order is refunded too.
+	if st := e.notify(o2.OrderID, "late-2", o2.Amount); st != pay.NotifyOK {
+		t.Fatalf("notify %d", st)
+	}
+	if got := e.order(o2.OrderID); got.Status != StatusRefunded {
+		t.Fatalf("paid after cancel: %s", got.Status)
+	}
+	if free, _, sold := e.counts(prog); free != 10 || sold != 0 {
+		t.Fatalf("refunded payments sold seats: free %d sold %d", free, sold)
+	}
+	e.audit()
+	// A paid order: PAID once, seats sold, duplicate notify changes nothing.
+	o4, err := e.svc.Place(10, PlaceReq{ProgramID: prog, CategoryID: 1, Count: 1, ReqID: "t"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for k := 0; k < 2; k++ {
+		if st := e.notify(o4.OrderID, fmt.Sprint("pay-", k), o4.Amount); st != pay.NotifyOK {
+			t.Fatalf("notify %d", st)
+		}
+	}
+	if got := e.order(o4.OrderID); got.Status != StatusPaid {
+		t.Fatalf("paid order %s", got.Status)
+	}
+	if _, _, sold := e.counts(prog); sold != 1 {
+		t.Fatalf("sold %d", sold)
+	}
+	e.clock.advance(time.Hour)
+	e.svc.CloseExpired()
+	if _, _, sold := e.counts(prog); sold != 1 {
+		t.Fatalf("the timeout touched a paid order: sold %d", sold)
+	}
+	_, err = e.svc.Cancel(10, mustID(t, o4.OrderID))
+	wantCode(t, err, proto.CodeOrderState)
+}
+
+// Coupons: one use, the buyer's only (40005 otherwise), taken off the
+// amount, given back when the order closes.
+func TestCouponRules(t *testing.T) {
+	e := newEnv(t, Config{PayTimeout: time.Minute})
+	prog := e.program([]CategoryDef{{ID: 1, Name: "A", Price: 100, Rows: 1, Cols: 10}}, 4, 8)
+	c, err := e.svc.CreateCoupon(1, 30)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = e.svc.CreateCoupon(1, 0)
+	wantCode(t, err, proto.CodeBadRequest)
+	_, err = e.svc.Place(2, PlaceReq{ProgramID: prog, CategoryID: 1, Count: 1, ReqID: "a", CouponID: c.ID})
+	wantCode(t, err, proto.CodeCouponUnusable)
+	_, err = e.svc.Place(1, PlaceReq{ProgramID: prog, CategoryID: 1, Count: 1, ReqID: "a", CouponID: "c-nope"})
+	wantCode(t, err, proto.CodeCouponUnusable)
+	if free, _, _ := e.counts(prog); free != 10 {
+		t.Fatalf("a refused coupon kept seats: free %d", free)
+	}
+	o, err := e.svc.Place(1, PlaceReq{ProgramID: prog, CategoryID: 1, Count: 1, ReqID: "b", CouponID: c.ID})
+	if err != nil || o.Amount != 70 || o.Discount != 30 {
+		t.Fatalf("with coupon: %+v %v", o, err)
+	}
+	_, err = e.svc.Place(1, PlaceReq{ProgramID: prog, CategoryID: 1, Count: 1, ReqID: "c", CouponID: c.ID})
+	wantCode(t, err, proto.CodeCouponUnusable) // used
+	if _, err := e.svc.Cancel(1, mustID(t, o.OrderID)); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := e.svc.Coupon(c.ID); got.UsedBy != "" {
+		t.Fatalf("coupon not given back: %+v", got)
+	}
+	// Covers the whole price: sold at once, nothing to pay.
+	big, _ := e.svc.CreateCoupon(1, 1000)
+	o2, err := e.svc.Place(1, PlaceReq{ProgramID: prog, CategoryID: 1, Count: 1, ReqID: "d", CouponID: big.ID})
+	if err != nil || o2.Status != StatusPaid || o2.Amount != 0 {
+		t.Fatalf("free order: %+v %v", o2, err)
+	}
+	e.audit()
+}
+
+// Program sizes are bounded (10001 beyond), and programs survive a restart
+// with their ids.
+func TestTicketProgramBounds(t *testing.T) {
+	e := newEnv(t, Config{MaxPrograms: 2, MaxSeats: 100})
+	_, err := e.svc.CreateProgram(ProgramDef{Name: "x", PerOrderMax: 1, PerUserMax: 1,
+		Categories: []CategoryDef{{ID: 1, Name: "A", Rows: 10, Cols: 11}}})
+	wantCode(t, err, proto.CodeBadRequest) // 110 seats > 100
+	_, err = e.svc.CreateProgram(ProgramDef{Name: "x", PerOrderMax: 1, PerUserMax: 1,
+		Categories: []CategoryDef{{ID: 1, Name: "A", Rows: 1, Cols: 1}, {ID: 1, Name: "B", Rows: 1, Cols: 1}}})
+	wantCode(t, err, proto.CodeBadRequest) // duplicate category id
+	a := e.program([]CategoryDef{{ID: 2, Name: "B", Rows: 1, Cols: 2}, {ID: 1, Name: "A", Rows: 1, Cols: 2}}, 1, 1)
+	b := e.program([]CategoryDef{{ID: 1, Name: "A", Rows: 1, Cols: 2}}, 1, 1)
+	if a != 1 || b != 2 {
+		t.Fatalf("ids %d %d", a, b)
+	}
+	_, err = e.svc.CreateProgram(ProgramDef{Name: "x", PerOrderMax: 1, PerUserMax: 1,
+		Categories: []CategoryDef{{ID: 1, Name: "A", Rows: 1, Cols: 1}}})
+	wantCode(t, err, proto.CodeBadRequest) // over MaxPrograms
+	e.reopen()
+	v, err := e.svc.Program(a)
+	if err != nil || len(v.Categories) != 2 || v.Categories[0].ID != 1 || len(v.Seats) != 4 {
+		t.Fatalf("after restart: %+v %v", v, err)
+	}
+}
+
+// GET /programs/{id} is a cached snapshot: served again while no seat
+// changed, rebuilt after any change (one rebuild however many readers).
+func TestTicketProgramViewCache(t *testing.T) {
+	e := newEnv(t, Config{})
+	prog := e.program([]CategoryDef{{ID: 1, Name: "A", Price: 1, Rows: 2, Cols: 2}}, 2, 2)
+	v1, _ := e.svc.Program(prog)
+	v2, _ := e.svc.Program(prog)
+	if &v1.Seats[0] != &v2.Seats[0] {
+		t.Fatal("an unchanged program was rebuilt")
+	}
+	if _, err := e.svc.Place(1, PlaceReq{ProgramID: prog, SeatIDs: []string{"1-2-2"}, ReqID: "a"}); err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	views := make([]View, 8)
+	for i := range views {
+		wg.Add(1)
+		go func() { defer wg.Done(); views[i], _ = e.svc.Program(prog) }()
+	}
+	wg.Wait()
+	for _, v := range views {
+		if v.Seats[3].Status != SeatLocked || v.Categories[0].Locked != 1 || &v.Seats[0] != &views[0].Seats[0] {
+			t.Fatalf("after a change: %+v", v.Categories[0])
+		}
+	}
+}
+
+// A payment, the buyer's cancel and the timeout racing on the same orders:
+// each order ends exactly one way — PAID with its seats sold, or closed
+// (CANCELLED, or REFUNDED when the payment lost the race) with its seats
+// freed once — and the pay centre agrees (PAYED, or PAY_BACK/IN_VALID).
+func TestTicketPayCancelTimeoutRace(t *testing.T) {
+	e := newEnv(t, Config{PayTimeout: time.Minute})
+	prog := e.program([]CategoryDef{{ID: 1, Name: "A", Price: 5, Rows: 20, Cols: 10}}, 2, 2)
+	const n = 100
+	orders := make([]Order, n)
+	for i := range orders {
+		o, err := e.svc.Place(int64(i+1), PlaceReq{ProgramID: prog, CategoryID: 1, Count: 2, ReqID: "r"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		orders[i] = o
+	}
+	e.clock.advance(2 * time.Minute) // every order is due
+	var wg sync.WaitGroup
+	for i, o := range orders {
+		wg.Add(3)
+		go func() { defer wg.Done(); e.notify(o.OrderID, "race-"+o.OrderID, o.Amount) }()
+		go func() { defer wg.Done(); _, _ = e.svc.Cancel(int64(i+1), mustID(t, o.OrderID)) }()
+		go func() { defer wg.Done(); e.svc.CloseExpired() }()
+	}
+	wg.Wait()
+	paidSeats := 0
+	for _, o := range orders {
+		got := e.order(o.OrderID)
+		po, err := e.pay.Get(mustID(t, o.OrderID))
+		if err != nil {
+			t.Fatal(err)
+		}
+		switch got.Status {
+		case StatusPaid:
+			paidSeats += len(got.SeatIDs)
+			if po.Status != pay.StatusPayed {
+				t.Fatalf("ticket PAID, pay order %s", po.Status)
+			}
+		case StatusRefunded:
+			if po.Status != pay.StatusPayBack {
+				t.Fatalf("ticket REFUNDED, pay order %s", po.Status)
+			}
+		default:
+			t.Fatalf("order %s ended %s (pay order %s)", o.OrderID, got.Status, po.Status)
+		}
+	}
+	free, locked, sold := e.counts(prog)
+	if sold != paidSeats || locked != 0 || free != 200-paidSeats {
+		t.Fatalf("free %d locked %d sold %d, paid seats %d", free, locked, sold, paidSeats)
+	}
+	e.audit()
+	t.Logf("%d of %d orders paid, the rest closed first and refunded", paidSeats/2, n)
+}

@@ -1,0 +1,125 @@
+package gateway
+
+import (
+	"context"
+
+	"github.com/cloudwego/hertz/pkg/app"
+	"github.com/cloudwego/hertz/pkg/route"
+
+	"github.com/liveedge/liveedge/edge/pay"
+	"github.com/liveedge/liveedge/edge/ticket"
+	"github.com/liveedge/liveedge/gateway/proto"
+)
+
+// ticketRoutes are the tickets / flash-sale endpoints (PROTOCOL §4),
+// all authenticated.
+func (a *API) ticketRoutes(g *route.RouterGroup) {
+	g.POST("/admin/programs", a.createProgram)
+	g.GET("/programs/:id", a.getProgram)
+	g.POST("/tickets/orders", a.placeTicketOrder)
+	g.GET("/tickets/orders/:id", a.getTicketOrder)
+	g.POST("/tickets/orders/:id/cancel", a.cancelTicketOrder)
+	g.POST("/admin/coupons", a.createCoupon)
+}
+
+func (a *API) createProgram(_ context.Context, c *app.RequestContext) {
+	if !a.requireAdmin(c) {
+		return
+	}
+	var d ticket.ProgramDef
+	if err := bind(c, &d); err != nil {
+		a.fail(c, err)
+		return
+	}
+	id, err := a.node.Tickets.CreateProgram(d)
+	if err != nil {
+		a.fail(c, err)
+		return
+	}
+	ok(c, map[string]int64{"program_id": id})
+}
+
+func (a *API) getProgram(_ context.Context, c *app.RequestContext) {
+	id, err := pathID(c)
+	if err != nil {
+		a.fail(c, err)
+		return
+	}
+	v, err := a.node.Tickets.Program(id)
+	if err != nil {
+		a.fail(c, err)
+		return
+	}
+	ok(c, v)
+}
+
+func (a *API) placeTicketOrder(_ context.Context, c *app.RequestContext) {
+	var r ticket.PlaceReq
+	if err := bind(c, &r); err != nil {
+		a.fail(c, err)
+		return
+	}
+	o, err := a.node.Tickets.Place(identOf(c).UserID, r)
+	if err != nil {
+		a.fail(c, err)
+		return
+	}
+	ok(c, o)
+}
+
+// ticketOrderID is the {id} of a ticket order path.
+func (a *API) ticketOrderID(c *app.RequestContext) (int64, bool) {
+	id, valid := pay.ParseOrderID(c.Param("id"))
+	if !valid {
+		a.fail(c, proto.BadRequest("bad order id"))
+	}
+	return id, valid
+}
+
+func (a *API) getTicketOrder(_ context.Context, c *app.RequestContext) {
+	id, valid := a.ticketOrderID(c)
+	if !valid {
+		return
+	}
+	o, err := a.node.Tickets.Get(identOf(c).UserID, id)
+	if err != nil {
+		a.fail(c, err)
+		return
+	}
+	ok(c, o)
+}
+
+func (a *API) cancelTicketOrder(_ context.Context, c *app.RequestContext) {
+	id, valid := a.ticketOrderID(c)
+	if !valid {
+		return
+	}
+	o, err := a.node.Tickets.Cancel(identOf(c).UserID, id)
+	if err != nil {
+		a.fail(c, err)
+		return
+	}
+	ok(c, o)
+}
+
+type couponReq struct {
+	UserID int64 `json:"user_id"`
+	Amount int64 `json:"amount"`
+}
+
+func (a *API) createCoupon(_ context.Context, c *app.RequestContext) {
+	if !a.requireAdmin(c) {
+		return
+	}
+	var r couponReq
+	if err := bind(c, &r); err != nil {
+		a.fail(c, err)
+		return
+	}
+	cp, err := a.node.Tickets.CreateCoupon(r.UserID, r.Amount)
+	if err != nil {
+		a.fail(c, err)
+		return
+	}
+	ok(c, cp)
+}
