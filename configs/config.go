@@ -86,6 +86,11 @@ type WS struct {
 	ResendAfter       Duration `yaml:"resend_after"`         // first resend of an unacked reliable push; doubles each try
 	ResendMaxTries    int      `yaml:"resend_max_tries"`     // resends before giving up on a push (≥ 3)
 	MaxRoomsPerConn   int      `yaml:"max_rooms_per_conn"`
+	// OfflineMax reliable pushes are kept per user who is connected
+	// nowhere, for OfflineTTL, and delivered when they connect (memory on
+	// one node, Redis in a cluster; 0 = none kept).
+	OfflineMax int      `yaml:"offline_max"`
+	OfflineTTL Duration `yaml:"offline_ttl"`
 	MaxConns          int      `yaml:"max_conns"`          // upgrades beyond this get 503
 	MaxConnsPerUser   int      `yaml:"max_conns_per_user"` // one user's upgrades beyond this get 429 (code 10429)
 	SocketSendBuffer  int      `yaml:"socket_send_buffer"` // SO_SNDBUF per connection (0 = kernel autotuning)
@@ -428,6 +433,7 @@ func (c *Config) Validate() error {
 	check(c.WS.AbuseLimit > 0, "ws.abuse_limit must be > 0")
 	check(c.WS.ResendAfter.D() > 0, "ws.resend_after must be > 0")
 	check(c.WS.ResendMaxTries >= 3, "ws.resend_max_tries must be >= 3")
+	check(c.WS.OfflineMax >= 0 && c.WS.OfflineMax <= 10000, "ws.offline_max must be 0..10000")
 	check(c.WS.MaxRoomsPerConn > 0, "ws.max_rooms_per_conn must be > 0")
 	check(c.WS.MaxConns > 0, "ws.max_conns must be > 0")
 	check(c.WS.MaxConnsPerUser > 0, "ws.max_conns_per_user must be > 0")

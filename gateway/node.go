@@ -282,7 +282,11 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 func (n *Node) startRouter() error {
 	cfg := n.Config
 	lc := router.LocalConfig{MaxRoomsPerSes: cfg.WS.MaxRoomsPerConn,
-		HistorySize: cfg.Rooms.HistorySize, HistoryTTL: cfg.Rooms.HistoryTTL.D()}
+		HistorySize: cfg.Rooms.HistorySize, HistoryTTL: cfg.Rooms.HistoryTTL.D(),
+		OfflineMax: cfg.WS.OfflineMax, OfflineTTL: cfg.WS.OfflineTTL.D()}
+	if lc.OfflineMax == 0 {
+		lc.OfflineMax = -1 // configured off
+	}
 	if !cfg.Cluster.Enabled {
 		n.Local = router.NewLocal(cfg.Node.ID, lc)
 		n.Router = n.Local

@@ -62,6 +62,13 @@ var sequenceLua string
 
 var sequenceScript = rueidis.NewLuaScript(sequenceLua)
 
+//go:embed lua/drain.lua
+var drainLua string
+
+var drainScript = rueidis.NewLuaScript(drainLua)
+
+func offlineKey(user int64) string { return "le:off:{" + strconv.FormatInt(user, 10) + "}" }
+
 //go:embed lua/position.lua
 var positionLua string
 
@@ -928,7 +935,9 @@ func (c *Cluster) Register(s Session) {
 				c.stats.badWire.Add(1)
 				return
 			}
-			c.local.sendMsg(u, msg)
+			if c.local.sendMsg(u, msg) == 0 && msg.Ack {
+				c.storeOffline(u, msg) // the user left this node meanwhile
+			}
 		})
 		c.mu.Lock()
 		if err != nil || c.users[u] != cu || cu.sessions == 0 {
@@ -942,9 +951,70 @@ func (c *Cluster) Register(s Session) {
 		} else {
 			cu.sub = sub
 			c.mu.Unlock()
+			// Subscribed first, then drained: a push stored before the
+			// sender published is in the list; one published after
+			// arrives through the subscription.
+			c.drainOffline(u)
 		}
 	}
 	c.markUser(u)
+}
+
+// storeOffline keeps a reliable push for a user connected nowhere
+// (cfg.Local.OfflineMax per user, for OfflineTTL).
+func (c *Cluster) storeOffline(user int64, m Msg) {
+	max, ttl := c.local.cfg.OfflineMax, c.local.cfg.OfflineTTL
+	if max <= 0 {
+		return
+	}
+	ctx, cancel := c.ctx()
+	defer cancel()
+	k := offlineKey(user)
+	for _, r := range c.rdb.DoMulti(ctx,
+		c.rdb.B().Rpush().Key(k).Element(string(appendUserPush(nil, m))).Build(),
+		c.rdb.B().Ltrim().Key(k).Start(int64(-max)).Stop(-1).Build(),
+		c.rdb.B().Pexpire().Key(k).Milliseconds(ttl.Milliseconds()).Build()) {
+		if err := r.Error(); err != nil {
+			c.local.offlineDropped.Add(1)
+			c.log.Warn("offline push not kept", "user", user, "err", err)
+			return
+		}
+	}
+}
+
+// drainOffline delivers the user's offline pushes to their sessions here.
+func (c *Cluster) drainOffline(user int64) {
+	ctx, cancel := c.ctx()
+	defer cancel()
+	vals, err := drainScript.Exec(ctx, c.rdb, []string{offlineKey(user)}, nil).AsStrSlice()
+	if err != nil {
+		c.log.Warn("offline pushes not read", "user", user, "err", err)
+		return
+	}
+	for _, v := range vals {
+		if m, err := decodeUserPush([]byte(v)); err == nil {
+			c.local.sendMsg(user, m)
+		}
+	}
+}
+
+// onlineElsewhere reports whether a live node other than this one holds a
+// session of user (presence, client-side cached).
+func (c *Cluster) onlineElsewhere(user int64) bool {
+	ctx, cancel := c.ctx()
+	defer cancel()
+	fields, err := c.rdb.DoCache(ctx, c.rdb.B().Hgetall().Key(userKey(user)).Cache(), 5*time.Second).AsStrMap()
+	if err != nil {
+		return true // cannot tell: do not store a duplicate
+	}
+	alive := c.aliveBoots(ctx, fields)
+	for node, v := range fields {
+		boot, _, _ := strings.Cut(v, "|")
+		if node != c.cfg.Node && alive[node] == boot {
+			return true
+		}
+	}
+	return false
 }
 
 // Unregister implements Router.
@@ -980,6 +1050,11 @@ func (c *Cluster) SendUser(user int64, p proto.Push) (string, int) {
 	}
 	m := encodeMsg(&p)
 	n := c.local.sendMsg(user, m)
+	if p.Ack && n == 0 && !c.onlineElsewhere(user) {
+		// Stored before it is published: a node that subscribes for the
+		// user after the publish drains the list after subscribing.
+		c.storeOffline(user, m)
+	}
 	if err := c.nc.Publish(userSubject(user), appendUserPush(nil, m)); err != nil {
 		c.log.Warn("user push not published", "user", user, "err", err)
 	}

@@ -29,6 +29,12 @@ type LocalConfig struct {
 	// ep when the node's own ring no longer holds them (the cluster's shared
 	// history). ok = false: not kept anywhere.
 	History func(room int64, ep string, from, to int64) (msgs []Msg, ok bool)
+	// OfflineMax reliable pushes are kept per user who has no session, for
+	// OfflineTTL, and delivered when they connect (defaults 64, 10 minutes;
+	// negative OfflineMax = none kept). At most OfflineUsers users (100k).
+	OfflineMax   int
+	OfflineTTL   time.Duration
+	OfflineUsers int
 }
 
 const (
@@ -73,6 +79,9 @@ type Local struct {
 	members                                       atomic.Int64
 
 	memberOf sync.Map // session id → *sesRooms
+
+	offline        *offlineBox // reliable pushes for users away (single node)
+	offlineDropped atomic.Int64
 }
 
 type roomShard struct {
@@ -132,7 +141,16 @@ func NewLocal(node string, cfg LocalConfig) *Local {
 	if cfg.HistoryTTL <= 0 {
 		cfg.HistoryTTL = defaultHistoryTTL
 	}
-	l := &Local{cfg: cfg, mids: NewMidSource(node)}
+	if cfg.OfflineMax == 0 {
+		cfg.OfflineMax = 64
+	}
+	if cfg.OfflineTTL <= 0 {
+		cfg.OfflineTTL = 10 * time.Minute
+	}
+	if cfg.OfflineUsers <= 0 {
+		cfg.OfflineUsers = 100_000
+	}
+	l := &Local{cfg: cfg, mids: NewMidSource(node), offline: newOfflineBox(cfg.OfflineMax, cfg.OfflineUsers, cfg.OfflineTTL)}
 	for i := range l.shards {
 		l.shards[i].rooms = map[int64]*room{}
 		l.users[i].users = map[int64]map[uint64]Session{}
@@ -528,7 +546,13 @@ func (l *Local) Register(s Session) {
 		us.users[s.UserID()] = m
 	}
 	m[s.ID()] = s
+	first := len(m) == 1
 	us.mu.Unlock()
+	if first && !l.cfg.Sequenced {
+		if msgs := l.offline.take(s.UserID(), time.Now()); len(msgs) > 0 {
+			l.sendChunks(msgs, s)
+		}
+	}
 }
 
 // Unregister implements Router: it also leaves every room the session joined.
@@ -567,10 +591,16 @@ func (l *Local) SendUser(user int64, p proto.Push) (string, int) {
 	for _, s := range us.users[user] {
 		targets = append(targets, s)
 	}
-	us.mu.RUnlock()
 	if len(targets) == 0 {
+		// Kept under the shard lock: a Register that adds the user's
+		// first session takes the box only after this put.
+		if p.Ack && !l.cfg.Sequenced && !l.offline.put(user, encodeMsg(&p), time.Now()) {
+			l.offlineDropped.Add(1)
+		}
+		us.mu.RUnlock()
 		return p.Mid, 0
 	}
+	us.mu.RUnlock()
 	f := NewFrame(encodeMsg(&p))
 	n := 0
 	for _, s := range targets {

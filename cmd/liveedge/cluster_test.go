@@ -863,3 +863,36 @@ func TestClusterNodeKilledUnderTraffic(t *testing.T) {
 	t.Logf("%d clients on the killed node reconnected within %v; %d chats and %d gifts acknowledged, all delivered / debited once",
 		onKilled, reconnectedIn.Round(time.Millisecond), okCount(), giftsOK.Load())
 }
+
+// A reliable push to a user connected nowhere is kept (in Redis) and
+// delivered when they connect, to whichever node: the anchor, offline, gets
+// the 5556 of a gift sent through node 1 when they connect to node 3.
+func TestClusterOfflineReliablePushDeliveredOnConnect(t *testing.T) {
+	c := startCluster(t, 3)
+	const anchor, sender = 1, 2
+	anchorTok := devToken(t, c.nodes[0].http, anchor, "anchor")
+	room := openRoom(t, c.nodes[0].http, anchorTok)
+	if st := nodetest.DoJSON(t, "POST", "http://"+c.nodes[0].http+"/api/v1/dev/credit", "",
+		fmt.Sprintf(`{"user_id":%d,"amount":10,"req_id":"seed"}`, sender), nil); st != 200 {
+		t.Fatalf("credit: %d", st)
+	}
+	s := dialLogged(t, c.nodes[0].ws, devToken(t, c.nodes[0].http, sender, "viewer"), &pushLog{})
+	ctx := context.Background()
+	if _, err := s.Join(ctx, room); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Request(ctx, proto.TypeGift, map[string]any{"room_id": room, "gift_id": 24,
+		"receiver_id": anchor, "count": 2, "req_id": "away"}); err != nil {
+		t.Fatal(err)
+	}
+	var aLog pushLog
+	dialLogged(t, c.nodes[2].ws, anchorTok, &aLog)
+	pollUntil(t, 5*time.Second, "the anchor gets the gift sent while away", func() bool {
+		for _, p := range aLog.get(proto.BizGift) {
+			if p.Ack {
+				return true
+			}
+		}
+		return false
+	})
+}

@@ -1,0 +1,38 @@
+package router
+
+import (
+	"testing"
+	"time"
+
+	"github.com/liveedge/liveedge/gateway/proto"
+)
+
+// A reliable push to a user with no session is kept and delivered, once, by
+// the user's next session; an unreliable one is not kept; the box is bounded
+// per user and expires.
+func TestOfflineReliablePushesDeliveredOnConnect(t *testing.T) {
+	l := NewLocal("gw-1", LocalConfig{OfflineMax: 3, OfflineTTL: time.Minute})
+	for i := 0; i < 5; i++ {
+		l.SendUser(7, proto.Push{Biz: proto.BizGift, Ack: true, Data: []byte(`{}`)})
+	}
+	l.SendUser(7, proto.Push{Biz: proto.BizChat, Data: []byte(`{}`)}) // not reliable: not kept
+	s := &sink{id: 1, user: 7}
+	l.Register(s)
+	if got := s.got(); len(got) != 3 {
+		t.Fatalf("delivered on connect: %v, want the 3 newest", got)
+	}
+	s2 := &sink{id: 2, user: 7}
+	l.Register(s2)
+	if got := s2.got(); len(got) != 0 {
+		t.Fatalf("a second session got them again: %v", got)
+	}
+
+	b := newOfflineBox(2, 1, time.Second)
+	now := time.Now()
+	if !b.put(1, Msg{Mid: "a"}, now) || b.put(2, Msg{Mid: "b"}, now) {
+		t.Fatal("user bound not enforced")
+	}
+	if got := b.take(1, now.Add(2*time.Second)); len(got) != 0 {
+		t.Fatalf("expired pushes delivered: %v", got)
+	}
+}
