@@ -89,11 +89,11 @@ type WS struct {
 	// OfflineMax reliable pushes are kept per user who is connected
 	// nowhere, for OfflineTTL, and delivered when they connect (memory on
 	// one node, Redis in a cluster; 0 = none kept).
-	OfflineMax int      `yaml:"offline_max"`
-	OfflineTTL Duration `yaml:"offline_ttl"`
-	MaxConns          int      `yaml:"max_conns"`          // upgrades beyond this get 503
-	MaxConnsPerUser   int      `yaml:"max_conns_per_user"` // one user's upgrades beyond this get 429 (code 10429)
-	SocketSendBuffer  int      `yaml:"socket_send_buffer"` // SO_SNDBUF per connection (0 = kernel autotuning)
+	OfflineMax       int      `yaml:"offline_max"`
+	OfflineTTL       Duration `yaml:"offline_ttl"`
+	MaxConns         int      `yaml:"max_conns"`          // upgrades beyond this get 503
+	MaxConnsPerUser  int      `yaml:"max_conns_per_user"` // one user's upgrades beyond this get 429 (code 10429)
+	SocketSendBuffer int      `yaml:"socket_send_buffer"` // SO_SNDBUF per connection (0 = kernel autotuning)
 }
 
 // Auth configures tokens.
