@@ -32,6 +32,11 @@ type Conn struct {
 	ws    *gws.Conn
 	srv   *Server
 	batch bool // the client accepts {"t":"batch"} frames
+	// helloOut: the hello (always the first frame queued) has been written.
+	// It goes out as a frame of its own, never merged into a batch with
+	// what followed it (a push kept for the user while they were away
+	// is queued right behind it). Writer goroutine only.
+	helloOut bool
 
 	lastRead atomic.Int64 // unix ns of the last frame read
 
@@ -246,6 +251,17 @@ func (c *Conn) write(frames []*router.Frame, pieces [][]byte) ([][]byte, error) 
 			}
 		}
 		return pieces, nil
+	}
+	if !c.helloOut && len(frames) > 0 {
+		c.helloOut = true
+		m.framesOut.Inc()
+		if err := c.ws.WriteMessage(gws.OpcodeText, frames[0].Batch()); err != nil {
+			return pieces, err
+		}
+		frames = frames[1:]
+		if len(frames) == 0 {
+			return pieces, nil
+		}
 	}
 	if len(frames) == 1 {
 		m.framesOut.Inc()
