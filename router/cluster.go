@@ -74,11 +74,20 @@ var positionLua string
 
 var positionScript = rueidis.NewLuaScript(positionLua)
 
+// closeGrace is how long a room closed through another node stays open
+// here for that node's final push to arrive.
+const closeGrace = 3 * time.Second
+
 const (
 	maxSeqBatch   = 256  // pushes numbered by one script call
 	maxGapBuffer  = 4096 // pushes held while a gap is open; beyond, it is filled now
 	maxStash      = 4096 // pushes held while a room's subscription starts
 	presenceEvery = 200 * time.Millisecond
+	// presenceKeep bounds how long a presence hash outlives its last write
+	// (every live node rewrites its entries every presenceRewrite), so the
+	// entries of nodes that never came back go.
+	presenceKeep    = 24 * time.Hour
+	presenceRewrite = 6 * time.Hour
 )
 
 var _ Router = (*Cluster)(nil)
@@ -149,7 +158,9 @@ type croom struct {
 	ready chan struct{} // closed when the subscription and position are set
 	err   error         // set before ready is closed if the start failed
 
+	joining  int // joins between subscribe and Local.JoinAt (Cluster.mu); dropIdle keeps the room
 	mu       sync.Mutex
+	dead     bool // dropped: late callbacks, timers and fills do nothing
 	sub      *nats.Subscription
 	ep       string
 	prevEp   string
@@ -235,7 +246,20 @@ func (c *Cluster) Close() {
 	c.wg.Wait()
 	ctx, cancel := context.WithTimeout(context.Background(), c.cfg.CallTimeout)
 	defer cancel()
-	_ = c.rdb.Do(ctx, c.rdb.B().Del().Key(aliveKey(c.cfg.Node)).Build()).Error()
+	// Withdraw this node's presence: its entries, then its alive key.
+	cmds := rueidis.Commands{}
+	for _, id := range c.local.roomIDs() {
+		cmds = append(cmds, c.rdb.B().Hdel().Key(onlineKey(id)).Field(c.cfg.Node).Build())
+	}
+	for _, u := range c.local.userIDs() {
+		cmds = append(cmds, c.rdb.B().Hdel().Key(userKey(u)).Field(c.cfg.Node).Build())
+	}
+	cmds = append(cmds, c.rdb.B().Del().Key(aliveKey(c.cfg.Node)).Build())
+	for len(cmds) > 0 {
+		n := min(len(cmds), 1024)
+		_ = c.rdb.DoMulti(ctx, cmds[:n]...)
+		cmds = cmds[n:]
+	}
 }
 
 // Reconnected is called when the router's NATS connection is back: messages
@@ -260,7 +284,10 @@ func (c *Cluster) OpenRoom(id int64) { c.local.OpenRoom(id) }
 // closes now.
 func (c *Cluster) CloseRoom(id int64, final *proto.Push) {
 	if final == nil {
-		c.closeLocal(id)
+		// Closed through another node, whose final push (biz 5559) is on
+		// its way after a Redis round trip: its batch closes the room here
+		// once delivered; this is the backstop if it never comes.
+		time.AfterFunc(closeGrace, func() { c.closeLocal(id) })
 		return
 	}
 	if _, err := c.enqueue(id, *final, true, nil); err != nil {
@@ -277,6 +304,7 @@ func (c *Cluster) closeLocal(id int64) {
 	if st != nil {
 		<-st.ready
 		st.mu.Lock()
+		st.dead = true
 		if st.sub != nil {
 			_ = st.sub.Unsubscribe()
 			st.sub = nil
@@ -303,6 +331,7 @@ func (c *Cluster) JoinAt(id int64, s Session, since *proto.Position) (Joined, er
 		return Joined{}, err
 	}
 	j, err := c.local.JoinAt(id, s, since)
+	c.joined(st)
 	if err != nil {
 		return j, err
 	}
@@ -571,30 +600,43 @@ func (c *Cluster) subscribe(id int64) (*croom, error) {
 	c.mu.Lock()
 	st := c.rooms[id]
 	if st != nil {
+		st.joining++
 		c.mu.Unlock()
 		<-st.ready
 		if st.err != nil {
+			c.joined(st)
 			return nil, st.err
 		}
 		return st, nil
 	}
-	st = &croom{id: id, ready: make(chan struct{}), lastAct: time.Now()}
+	st = &croom{id: id, ready: make(chan struct{}), lastAct: time.Now(), joining: 1}
 	c.rooms[id] = st
 	c.mu.Unlock()
 
 	err := c.startRoom(st)
 	if err != nil {
-		st.err = err
+		st.mu.Lock()
+		st.dead = true
+		st.mu.Unlock()
+		st.err = err // read only after ready is closed
 		c.mu.Lock()
 		if c.rooms[id] == st {
 			delete(c.rooms, id)
 		}
+		st.joining--
 		c.mu.Unlock()
 		close(st.ready)
 		return nil, err
 	}
 	close(st.ready)
 	return st, nil
+}
+
+// joined ends a join that subscribe started (the room may be dropped again).
+func (c *Cluster) joined(st *croom) {
+	c.mu.Lock()
+	st.joining--
+	c.mu.Unlock()
 }
 
 func (c *Cluster) startRoom(st *croom) error {
@@ -655,7 +697,7 @@ func (c *Cluster) receive(st *croom, b roomBatch) {
 	case <-st.ready:
 	default:
 		st.mu.Lock()
-		if st.sub == nil && st.err == nil { // still starting: keep it for startRoom
+		if st.sub == nil && !st.dead { // still starting: keep it for startRoom
 			if len(st.stash) < maxStash {
 				st.stash = append(st.stash, b)
 			}
@@ -665,7 +707,9 @@ func (c *Cluster) receive(st *croom, b roomBatch) {
 		st.mu.Unlock()
 	}
 	st.mu.Lock()
-	c.acceptLocked(st, b)
+	if !st.dead {
+		c.acceptLocked(st, b)
+	}
 	st.mu.Unlock()
 }
 
@@ -745,7 +789,7 @@ func (c *Cluster) drainLocked(st *croom) {
 // still re-subscribing). Buffered batches the read covers are dropped as
 // duplicates when it lands. st.mu is held.
 func (c *Cluster) startFill(st *croom, upTo int64) {
-	if st.filling {
+	if st.filling || st.dead {
 		return
 	}
 	if upTo == 0 {
@@ -767,6 +811,9 @@ func (c *Cluster) startFill(st *croom, upTo int64) {
 		st.mu.Lock()
 		defer st.mu.Unlock()
 		st.filling = false
+		if st.dead {
+			return
+		}
 		if st.ep != ep || st.next != from {
 			c.drainLocked(st)
 			return
@@ -777,11 +824,17 @@ func (c *Cluster) startFill(st *croom, upTo int64) {
 			c.stats.gapFills.Add(1)
 			c.deliverLocked(st, roomBatch{ep: ep, first: from, msgs: msgs})
 		case errors.Is(err, errNotKept):
-			// Gone from the history: skip past it. Clients that join with a
-			// since before the gap are told recovered:false by the same check.
+			// Gone from the history: skip the hole only — what is buffered
+			// past it is delivered (a later hole is read again). Clients that
+			// join with a since before it are told recovered:false by the
+			// same check.
 			c.stats.gapsLost.Add(1)
-			c.log.Warn("room offsets lost", "room", st.id, "from", from, "to", upTo)
-			st.next = upTo + 1
+			to := upTo
+			if len(st.buf) > 0 && st.buf[0].first > from {
+				to = st.buf[0].first - 1
+			}
+			c.log.Warn("room offsets lost", "room", st.id, "from", from, "to", to)
+			st.next = to + 1
 		default:
 			// Redis unreachable: the gap timer (a later batch) or the tail
 			// sweep tries again.
@@ -797,6 +850,15 @@ func (c *Cluster) startFill(st *croom, upTo int64) {
 			}
 		}
 		c.drainLocked(st)
+		if len(st.buf) > 0 && !st.gapArmed { // a further hole: try it too
+			st.gapArmed = true
+			time.AfterFunc(c.cfg.GapWait, func() {
+				st.mu.Lock()
+				st.gapArmed = false
+				c.startFill(st, 0)
+				st.mu.Unlock()
+			})
+		}
 	}()
 }
 
@@ -886,7 +948,7 @@ func (c *Cluster) dropIdle() {
 		default:
 			continue
 		}
-		if c.local.Online(id) > 0 {
+		if c.local.Online(id) > 0 || st.joining > 0 {
 			st.mu.Lock()
 			st.idleFrom = time.Time{}
 			st.mu.Unlock()
@@ -896,6 +958,7 @@ func (c *Cluster) dropIdle() {
 		if st.idleFrom.IsZero() {
 			st.idleFrom = now
 		} else if now.Sub(st.idleFrom) >= c.cfg.Linger {
+			st.dead = true
 			drop = append(drop, st)
 			delete(c.rooms, id)
 		}
@@ -1125,7 +1188,7 @@ func (c *Cluster) presenceLoop() {
 	defer c.wg.Done()
 	t := time.NewTicker(presenceEvery)
 	defer t.Stop()
-	beat := time.Now()
+	beat, rewrite := time.Now(), time.Now()
 	for {
 		select {
 		case <-c.stop:
@@ -1135,6 +1198,10 @@ func (c *Cluster) presenceLoop() {
 		if time.Since(beat) >= c.cfg.PresenceTTL/3 {
 			c.heartbeat(false)
 			beat = time.Now()
+		}
+		if time.Since(rewrite) >= presenceRewrite {
+			c.markAll() // keeps the hashes' expiry ahead
+			rewrite = time.Now()
 		}
 		c.flushPresence()
 	}
@@ -1154,7 +1221,8 @@ func (c *Cluster) flushPresence() {
 	for id := range rooms {
 		if n := c.local.Online(id); n > 0 {
 			cmds = append(cmds, c.rdb.B().Hset().Key(onlineKey(id)).FieldValue().
-				FieldValue(c.cfg.Node, c.boot+":"+strconv.Itoa(n)).Build())
+				FieldValue(c.cfg.Node, c.boot+":"+strconv.Itoa(n)).Build(),
+				c.rdb.B().Pexpire().Key(onlineKey(id)).Milliseconds(presenceKeep.Milliseconds()).Build())
 		} else {
 			cmds = append(cmds, c.rdb.B().Hdel().Key(onlineKey(id)).Field(c.cfg.Node).Build())
 		}
@@ -1162,7 +1230,8 @@ func (c *Cluster) flushPresence() {
 	for u := range users {
 		if c.local.hasUser(u) {
 			cmds = append(cmds, c.rdb.B().Hset().Key(userKey(u)).FieldValue().
-				FieldValue(c.cfg.Node, c.boot+"|"+joinIDs(c.local.userRooms(u))).Build())
+				FieldValue(c.cfg.Node, c.boot+"|"+joinIDs(c.local.userRooms(u))).Build(),
+				c.rdb.B().Pexpire().Key(userKey(u)).Milliseconds(presenceKeep.Milliseconds()).Build())
 		} else {
 			cmds = append(cmds, c.rdb.B().Hdel().Key(userKey(u)).Field(c.cfg.Node).Build())
 		}
@@ -1212,10 +1281,25 @@ func (c *Cluster) clusterOnline(id int64) int {
 		if alive[node] == boot {
 			k, _ := strconv.Atoi(cnt)
 			n += k
+		} else {
+			c.dropStale(onlineKey(id), node, v)
 		}
 	}
 	return n
 }
+
+// dropStale deletes a dead node's presence field (best effort, in the
+// background) unless it changed meanwhile.
+func (c *Cluster) dropStale(key, node, was string) {
+	go func() {
+		ctx, cancel := c.ctx()
+		defer cancel()
+		_ = hdelIfScript.Exec(ctx, c.rdb, []string{key}, []string{node, was}).Error()
+	}()
+}
+
+var hdelIfScript = rueidis.NewLuaScript(`if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  return redis.call('HDEL', KEYS[1], ARGV[1]) end return 0`)
 
 // aliveBoots returns the boot of each node named in fields that is alive
 // (client-side cached; Redis invalidates on change and on expiry).

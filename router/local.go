@@ -271,6 +271,8 @@ func (l *Local) JoinAt(id int64, s Session, since *proto.Position) (Joined, erro
 		case since.Ep != r.ep || r.ep == "":
 		case since.Off >= r.taken: // nothing missed that the pump will not bring
 			j.Recovered = true
+		case r.taken-since.Off > int64(max(l.cfg.HistorySize, 0)):
+			// More than any history keeps: no read (under fanMu) can help.
 		default:
 			notBefore := time.Now().Add(-l.cfg.HistoryTTL).UnixNano()
 			if msgs, ok := r.hist.rangeOf(since.Off+1, r.taken, notBefore); ok {
@@ -416,7 +418,10 @@ func (l *Local) Deliver(id int64, ep string, msgs []Msg) bool {
 		return false
 	}
 	if ep != r.ep {
+		// A new epoch: the pump takes these next (after anything of the old
+		// one still pending), so a joiner now is at their start.
 		r.ep = ep
+		r.taken = msgs[0].Off - 1
 		r.hist.reset()
 	}
 	for _, m := range msgs {
@@ -454,9 +459,15 @@ func (l *Local) SetPosition(id int64, ep string, last int64) {
 		return
 	}
 	r.mu.Lock()
-	if r.ep != ep || r.last < last {
-		r.ep, r.last = ep, last
-		if r.taken < last && !r.pumping && len(r.pending) == 0 {
+	switch {
+	case r.ep != ep:
+		// Another epoch: positions of the old one mean nothing here (a
+		// taken left from it would make a joiner skip the new one's start).
+		r.ep, r.last, r.taken = ep, last, last
+		r.hist.reset()
+	case r.last < last:
+		r.last = last
+		if !r.pumping && len(r.pending) == 0 {
 			r.taken = last
 		}
 		r.hist.reset()

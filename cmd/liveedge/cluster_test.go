@@ -384,6 +384,14 @@ func TestClusterGiftAcrossNodes(t *testing.T) {
 	if r := metric(t, c.nodes[1].http, "liveedge_resends_total"); r != 0 {
 		t.Errorf("resends on the anchor's node: %v", r)
 	}
+	// The anchor closes the room through node 2: the viewers on nodes 1 and
+	// 3 get the room-closed push (it travels as the room's last offset).
+	if st := nodetest.DoJSON(t, "DELETE", fmt.Sprintf("http://%s/api/v1/rooms/%d", c.nodes[1].http, room), anchorTok, "", nil); st != 200 {
+		t.Fatalf("close room: %d", st)
+	}
+	pollUntil(t, 5*time.Second, "5559 on nodes 1 and 3", func() bool {
+		return len(sLog.get(proto.BizRoomClosed)) == 1 && len(wLog.get(proto.BizRoomClosed)) == 1
+	})
 	var dirs []string
 	for _, nd := range c.nodes {
 		_ = nd.p.cmd.Process.Signal(syscall.SIGTERM)

@@ -439,7 +439,11 @@ func (s *Service) Sync() error {
 	}
 	s.mu.RUnlock()
 	for _, rm := range gone {
-		s.Apply("closed", rm)
+		// Opened (or learned) after the snapshot was read? Close only what
+		// Redis says is closed.
+		if cur, err := s.shared.load(rm.ID); err == nil && cur.Status == StatusClosed {
+			s.Apply("closed", cur)
+		}
 	}
 	return nil
 }

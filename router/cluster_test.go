@@ -1,0 +1,154 @@
+package router
+
+import (
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/redis/rueidis"
+
+	"github.com/liveedge/liveedge/gateway/proto"
+	"github.com/liveedge/liveedge/persist/redistest"
+	"github.com/liveedge/liveedge/router/natstest"
+)
+
+func seqMsgs(ep string, from, to int64) []Msg {
+	var out []Msg
+	for o := from; o <= to; o++ {
+		p := proto.Push{Mid: "m", Room: 1, Off: o, Ep: ep, Data: []byte("{}")}
+		out = append(out, encodeMsg(&p))
+	}
+	return out
+}
+
+// A node that re-subscribes to a room it served before, after the room's
+// Redis keys expired (new epoch at 0), tells a joiner off 0 in the new epoch
+// (an old epoch's taken would make the SDK drop the new pushes 1..old).
+func TestResubscribeInNewEpochStartsAtZero(t *testing.T) {
+	l := NewLocal("n", LocalConfig{Sequenced: true})
+	l.OpenRoom(1)
+	l.SetPosition(1, "E1", 0)
+	a := &offSink{id: 1}
+	if _, err := l.JoinAt(1, a, nil); err != nil {
+		t.Fatal(err)
+	}
+	l.Deliver(1, "E1", seqMsgs("E1", 1, 500))
+	for len(a.got()) < 500 {
+		time.Sleep(time.Millisecond)
+	}
+	l.Leave(1, a)
+	// re-subscribe after dropIdle + key expiry: position.lua gives (E2, 0)
+	l.SetPosition(1, "E2", 0)
+	j, err := l.JoinAt(1, &offSink{id: 2}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if j.Ep == "E2" && j.Off != 0 {
+		t.Fatalf("joiner told {ep:%s off:%d}; the new epoch has no push yet (want off 0)", j.Ep, j.Off)
+	}
+}
+
+type clusterEnv struct {
+	nats  *natstest.Server
+	redis *redistest.Server
+}
+
+func newCluster(t *testing.T, env clusterEnv, node string, cfg ClusterConfig) *Cluster {
+	nc, err := nats.Connect(env.nats.URL, nats.NoEcho())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	rdb, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{env.redis.Addr}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(rdb.Close)
+	cfg.Node, cfg.NATS, cfg.Redis = node, nc, rdb
+	c, err := NewCluster(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c.Close)
+	return c
+}
+
+// One lost NATS batch (offset 1) while the next 300 pushes arrive and are
+// buffered; the stream (MAXLEN ~ 8) no longer has offset 1: only offset 1 is
+// skipped, the 300 buffered pushes are delivered.
+func TestLostOffsetSkipsOnlyTheHole(t *testing.T) {
+	env := clusterEnv{nats: natstest.Start(t), redis: redistest.Start(t)}
+	c := newCluster(t, env, "b", ClusterConfig{HistorySize: 8, GapWait: 50 * time.Millisecond})
+	c.OpenRoom(1)
+	s := &offSink{id: 1}
+	if _, err := c.JoinAt(1, s, nil); err != nil {
+		t.Fatal(err)
+	}
+	c.mu.Lock()
+	st := c.rooms[1]
+	c.mu.Unlock()
+	items := func(n int) []seqItem {
+		out := make([]seqItem, n)
+		for i := range out {
+			out[i].p = proto.Push{Mid: "x", Room: 1, Data: []byte("{}")}
+		}
+		return out
+	}
+	if _, err := c.number(1, items(1)); err != nil { // offset 1: "lost on NATS"
+		t.Fatal(err)
+	}
+	for i := 0; i < 30; i++ { // offsets 2..301 arrive
+		b, err := c.number(1, items(10))
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.receive(st, b)
+	}
+	deadline := time.Now().Add(3 * time.Second)
+	for !slices.Contains(s.got(), 301) && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	got := s.got()
+	if !slices.Contains(got, 301) || len(got) != 300 {
+		t.Fatalf("one lost batch cost buffered pushes too: delivered %d: %v", len(got), got)
+	}
+	consecutive(t, got, 2, 301)
+}
+
+// The linger sweep between JoinAt's subscribe and its Local join must not
+// drop the room: the member would sit in a room this node no longer hears.
+func TestDropIdleNeverDuringAJoin(t *testing.T) {
+	env := clusterEnv{nats: natstest.Start(t), redis: redistest.Start(t)}
+	a := newCluster(t, env, "a", ClusterConfig{Linger: time.Millisecond})
+	b := newCluster(t, env, "b", ClusterConfig{Linger: time.Millisecond})
+	a.OpenRoom(1)
+	b.OpenRoom(1)
+	// JoinAt step 1 on b: subscribe (room lingered >= Linger with no member)
+	st, err := b.subscribe(1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b.dropIdle() // marks idleFrom
+	time.Sleep(5 * time.Millisecond)
+	b.dropIdle() // sweep tick: drops and unsubscribes
+	// JoinAt step 2 on b
+	s := &offSink{id: 7}
+	if _, err := b.local.JoinAt(1, s, nil); err != nil {
+		t.Fatal(err)
+	}
+	b.joined(st)
+	if _, err := a.PublishRoomWait(1, proto.Push{Data: []byte("{}")}); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(3 * time.Second)
+	for len(s.got()) == 0 && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	if len(s.got()) == 0 {
+		b.mu.Lock()
+		_, sub := b.rooms[1]
+		b.mu.Unlock()
+		t.Fatalf("member on b got nothing; b subscribed to the room: %v", sub)
+	}
+}
