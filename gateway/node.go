@@ -118,8 +118,9 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 	var onCatalogueInvalidated atomic.Pointer[func()]
 	if cfg.Redis.Addr != "" {
 		n.Redis, err = rueidis.NewClient(rueidis.ClientOption{
-			InitAddress: []string{cfg.Redis.Addr},
-			ClientName:  "liveedge-" + cfg.Node.ID,
+			InitAddress:   []string{cfg.Redis.Addr},
+			ClientName:    "liveedge-" + cfg.Node.ID,
+			MaxFlushDelay: cfg.Redis.MaxFlushDelay.D(),
 			OnInvalidations: func(msgs []rueidis.RedisMessage) {
 				hit := msgs == nil // nil: the whole cache was flushed
 				for _, m := range msgs {
