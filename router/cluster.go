@@ -743,14 +743,8 @@ func (c *Cluster) acceptLocked(st *croom, b roomBatch) {
 		switch {
 		case st.buffered > maxGapBuffer:
 			c.startFill(st, 0)
-		case !st.gapArmed:
-			st.gapArmed = true
-			time.AfterFunc(c.cfg.GapWait, func() {
-				st.mu.Lock()
-				st.gapArmed = false
-				c.startFill(st, 0)
-				st.mu.Unlock()
-			})
+		default:
+			c.armGap(st)
 		}
 		return
 	}
@@ -781,6 +775,21 @@ func (c *Cluster) drainLocked(st *croom) {
 	if len(st.buf) == 0 {
 		st.buf = nil
 	}
+}
+
+// armGap reads the room's open hole from the history after GapWait, unless
+// a read is already scheduled or nothing is buffered. st.mu is held.
+func (c *Cluster) armGap(st *croom) {
+	if len(st.buf) == 0 || st.gapArmed || st.dead {
+		return
+	}
+	st.gapArmed = true
+	time.AfterFunc(c.cfg.GapWait, func() {
+		st.mu.Lock()
+		st.gapArmed = false
+		c.startFill(st, 0)
+		st.mu.Unlock()
+	})
 }
 
 // startFill reads offsets [next, upTo] from the shared history in the
@@ -839,26 +848,9 @@ func (c *Cluster) startFill(st *croom, upTo int64) {
 			// Redis unreachable: the gap timer (a later batch) or the tail
 			// sweep tries again.
 			c.log.Warn("room gap not filled yet", "room", st.id, "from", from, "to", upTo, "err", err)
-			if len(st.buf) > 0 && !st.gapArmed {
-				st.gapArmed = true
-				time.AfterFunc(c.cfg.GapWait, func() {
-					st.mu.Lock()
-					st.gapArmed = false
-					c.startFill(st, 0)
-					st.mu.Unlock()
-				})
-			}
 		}
 		c.drainLocked(st)
-		if len(st.buf) > 0 && !st.gapArmed { // a further hole: try it too
-			st.gapArmed = true
-			time.AfterFunc(c.cfg.GapWait, func() {
-				st.mu.Lock()
-				st.gapArmed = false
-				c.startFill(st, 0)
-				st.mu.Unlock()
-			})
-		}
+		c.armGap(st) // a hole still open (a further one, or Redis was down): try again
 	}()
 }
 

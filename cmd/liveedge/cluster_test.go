@@ -305,6 +305,46 @@ func (l *pushLog) get(biz int) []clientsdk.Push {
 	return append([]clientsdk.Push(nil), l.byBiz[biz]...)
 }
 
+// allDelivered reports whether every client logged every mid in acked.
+func allDelivered(logs []*pushLog, acked map[string]bool) bool {
+	for _, lg := range logs {
+		got := map[string]bool{}
+		for _, p := range lg.get(proto.BizChat) {
+			got[p.Mid] = true
+		}
+		for mid := range acked {
+			if !got[mid] {
+				return false
+			}
+		}
+	}
+	return true
+}
+
+// checkRoomSequences fails unless every client got each room push once, with
+// consecutive offsets within an epoch and every later epoch starting at 1.
+func checkRoomSequences(t *testing.T, logs []*pushLog) {
+	t.Helper()
+	for i, lg := range logs {
+		seen := map[string]bool{}
+		var prevEp string
+		var prevOff int64
+		for _, p := range lg.roomPushes() {
+			if seen[p.Mid] {
+				t.Fatalf("client %d: %s twice", i, p.Mid)
+			}
+			seen[p.Mid] = true
+			switch {
+			case p.Ep == prevEp && p.Off != prevOff+1:
+				t.Fatalf("client %d: offset %d after %d in epoch %s (biz %d)", i, p.Off, prevOff, p.Ep, p.Biz)
+			case p.Ep != prevEp && prevEp != "" && p.Off != 1:
+				t.Fatalf("client %d: new epoch %s starts at %d", i, p.Ep, p.Off)
+			}
+			prevEp, prevOff = p.Ep, p.Off
+		}
+	}
+}
+
 func dialLogged(t *testing.T, wsAddr, tok string, lg *pushLog) *clientsdk.Client {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -545,40 +585,11 @@ func TestClusterSurvivesNATSAndRedisRestart(t *testing.T) {
 		}
 	}()
 	pollUntil(t, 20*time.Second, "every client has every acknowledged chat", func() bool {
-		for _, lg := range logs {
-			got := map[string]bool{}
-			for _, p := range lg.get(proto.BizChat) {
-				got[p.Mid] = true
-			}
-			okMu.Lock()
-			for mid := range okMids {
-				if !got[mid] {
-					okMu.Unlock()
-					return false
-				}
-			}
-			okMu.Unlock()
-		}
-		return true
+		okMu.Lock()
+		defer okMu.Unlock()
+		return allDelivered(logs, okMids)
 	})
-	for i, lg := range logs {
-		seen := map[string]bool{}
-		var prevEp string
-		var prevOff int64
-		for _, p := range lg.get(proto.BizChat) {
-			if seen[p.Mid] {
-				t.Fatalf("client %d: %s twice", i, p.Mid)
-			}
-			seen[p.Mid] = true
-			if p.Ep == prevEp && p.Off != prevOff+1 {
-				t.Fatalf("client %d: offset %d after %d in epoch %s", i, p.Off, prevOff, p.Ep)
-			}
-			if p.Ep != prevEp && prevEp != "" && p.Off != 1 {
-				t.Fatalf("client %d: new epoch %s starts at %d", i, p.Ep, p.Off)
-			}
-			prevEp, prevOff = p.Ep, p.Off
-		}
-	}
+	checkRoomSequences(t, logs)
 	// No goroutine leak from the reconnects: every node settles back to its
 	// count under the same traffic before the outages (a little slack for
 	// timers and in-flight work).
@@ -825,37 +836,11 @@ func TestClusterNodeKilledUnderTraffic(t *testing.T) {
 	wg.Wait()
 
 	pollUntil(t, 20*time.Second, "every client has every acknowledged chat", func() bool {
-		for _, lg := range logs {
-			got := map[string]bool{}
-			for _, p := range lg.get(proto.BizChat) {
-				got[p.Mid] = true
-			}
-			okMu.Lock()
-			for mid := range okMids {
-				if !got[mid] {
-					okMu.Unlock()
-					return false
-				}
-			}
-			okMu.Unlock()
-		}
-		return true
+		okMu.Lock()
+		defer okMu.Unlock()
+		return allDelivered(logs, okMids)
 	})
-	for i, lg := range logs {
-		// Chats and gift effects share the room's offsets.
-		seen := map[string]bool{}
-		var prev int64
-		for _, p := range lg.roomPushes() {
-			if seen[p.Mid] {
-				t.Fatalf("client %d: %s twice", i, p.Mid)
-			}
-			seen[p.Mid] = true
-			if prev != 0 && p.Off != prev+1 {
-				t.Fatalf("client %d: offset %d after %d (biz %d)", i, p.Off, prev, p.Biz)
-			}
-			prev = p.Off
-		}
-	}
+	checkRoomSequences(t, logs) // chats and gift effects share the room's offsets
 	var dirs []string
 	for _, nd := range c.nodes[:2] {
 		_ = nd.p.cmd.Process.Signal(syscall.SIGTERM)
