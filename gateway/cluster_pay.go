@@ -34,11 +34,13 @@ var errOwnerDown = proto.Errorf(proto.CodeInternal, "the order's node is unreach
 func paySubject(node string) string { return "le.pay." + node }
 
 type payFwdReq struct {
-	Op      string `json:"op"` // get | refund | notify
+	Op      string `json:"op"` // get | refund | notify | rp.prepare | rp.start | rp.grab | rp.get
 	ID      int64  `json:"id,omitempty"`
 	Channel string `json:"channel,omitempty"`
 	Sig     string `json:"sig,omitempty"`
 	Body    []byte `json:"body,omitempty"`
+	User    int64  `json:"user,omitempty"` // rp.*: the caller, authenticated by the forwarding node
+	Code    string `json:"code,omitempty"` // rp.*
 }
 
 type payFwdRep struct {
@@ -46,6 +48,7 @@ type payFwdRep struct {
 	Err    *proto.Error `json:"err,omitempty"`
 	Status int          `json:"status,omitempty"` // notify
 	Body   string       `json:"body,omitempty"`   // notify
+	Data   []byte       `json:"data,omitempty"`   // rp.*: the reply's d as JSON
 }
 
 // payOwner returns the node that owns order id: "" when it is this node (or
@@ -99,6 +102,8 @@ func (n *Node) servePayForwards() error {
 					}
 				case "notify":
 					rep.Status, rep.Body = n.Pay.Notify(req.Channel, req.Sig, req.Body)
+				case "rp.prepare", "rp.start", "rp.grab", "rp.get":
+					rep.Data, rep.Err = n.redPacketLocal(req.Op, req.User, req.Code)
 				default:
 					rep.Err = proto.BadRequest("unknown forwarded op")
 				}

@@ -58,14 +58,19 @@ func (s *Server) dispatch(c *Conn, b []byte) {
 		if err = decodeValid(&f, &r); err == nil {
 			id := f.ID
 			c.begin()
-			s.rp.GrabAsync(c.ident.UserID, r.Code, func(rep redpacket.GrabReply, err *proto.Error) {
+			reply := func(rep any, err *proto.Error) {
 				defer c.end()
 				if err != nil {
 					c.reply(proto.EncodeErrorReply(id, err))
 				} else {
 					c.reply(proto.EncodeReply(id, proto.CodeOK, "ok", rep))
 				}
-			})
+			}
+			if s.grab != nil {
+				s.grab(c.ident.UserID, r.Code, reply)
+			} else {
+				s.rp.GrabAsync(c.ident.UserID, r.Code, func(rep redpacket.GrabReply, err *proto.Error) { reply(rep, err) })
+			}
 			return
 		}
 	case proto.TypeAck:

@@ -2,6 +2,7 @@ package gateway
 
 import (
 	"context"
+	"encoding/json"
 	"time"
 
 	"github.com/cloudwego/hertz/pkg/app"
@@ -44,48 +45,34 @@ func (a *API) createRain(_ context.Context, c *app.RequestContext) {
 		a.fail(c, err)
 		return
 	}
-	ok(c, v)
-}
-
-func (a *API) prepareRain(_ context.Context, c *app.RequestContext) {
-	v, err := a.node.RedPackets.Prepare(identOf(c).UserID, c.Param("code"))
-	if err != nil {
-		a.fail(c, err)
-		return
+	if err := a.node.claimRain(v.Code); err != nil {
+		// Served by this node all the same; other nodes answer 30001.
+		a.node.Log.Warn("red-packet owner not recorded", "code", v.Code, "err", err)
 	}
 	ok(c, v)
 }
 
-func (a *API) startRain(_ context.Context, c *app.RequestContext) {
-	v, err := a.node.RedPackets.Start(identOf(c).UserID, c.Param("code"))
-	if err != nil {
-		a.fail(c, err)
-		return
-	}
-	ok(c, v)
-}
-
-// grabRain is the HTTP twin of the grab frame: the caller must be in the
-// rain's room (a WebSocket session joined to it on this node).
-func (a *API) grabRain(_ context.Context, c *app.RequestContext) {
+// rainOp answers a red-packet request, served by the rain's node.
+func (a *API) rainOp(c *app.RequestContext, op string) {
 	code := c.Param("code")
 	if len(code) > proto.MaxRedPacketCodeLen {
 		a.fail(c, proto.BadRequest("code must be 1..%d bytes", proto.MaxRedPacketCodeLen))
 		return
 	}
-	rep, perr := a.node.RedPackets.Grab(identOf(c).UserID, code)
+	b, perr := a.node.redPacket(op, identOf(c).UserID, code)
 	if perr != nil {
 		a.fail(c, perr)
 		return
 	}
-	ok(c, rep)
+	ok(c, json.RawMessage(b))
 }
 
-func (a *API) getRain(_ context.Context, c *app.RequestContext) {
-	v, err := a.node.RedPackets.Get(c.Param("code"))
-	if err != nil {
-		a.fail(c, err)
-		return
-	}
-	ok(c, v)
-}
+func (a *API) prepareRain(_ context.Context, c *app.RequestContext) { a.rainOp(c, "rp.prepare") }
+
+func (a *API) startRain(_ context.Context, c *app.RequestContext) { a.rainOp(c, "rp.start") }
+
+// grabRain is the HTTP twin of the grab frame: the caller must be in the
+// rain's room (a session joined to it on any node).
+func (a *API) grabRain(_ context.Context, c *app.RequestContext) { a.rainOp(c, "rp.grab") }
+
+func (a *API) getRain(_ context.Context, c *app.RequestContext) { a.rainOp(c, "rp.get") }

@@ -269,7 +269,7 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 	n.WS = newServer(ServerDeps{
 		Config: cfg, Log: log, Auth: auth, Router: n.Router, Metrics: n.metrics, RedPackets: n.RedPackets,
 		ChatLimit: limit.New(cfg.Limits.ChatPerSecond, time.Second, max(1, cfg.Limits.ChatPerSecond), nil),
-		Gifts:     n.Gifts, RoomOpen: n.Rooms.EnsureOpen,
+		Gifts:     n.Gifts, RoomOpen: n.Rooms.EnsureOpen, Grab: n.grabAsync,
 	})
 	n.API = newAPI(n, auth)
 	n.stopIdem, n.idemDone = make(chan struct{}), make(chan struct{})

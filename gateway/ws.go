@@ -38,6 +38,7 @@ type Server struct {
 	gifts    *gift.Service
 	roomOpen func(room int64) bool
 	rp       *redpacket.Service
+	grab     func(user int64, code string, done func(any, *proto.Error))
 	inflight sync.WaitGroup // async requests (gifts, grabs) still running
 
 	up      *gws.Upgrader
@@ -81,11 +82,14 @@ type ServerDeps struct {
 	RoomOpen func(room int64) bool
 	// RedPackets serves grab frames.
 	RedPackets *redpacket.Service
+	// Grab, if set, serves grab frames instead (a cluster forwards a grab
+	// to the rain's node); done gets the reply's d.
+	Grab func(user int64, code string, done func(any, *proto.Error))
 }
 
 func newServer(d ServerDeps) *Server {
 	s := &Server{cfg: d.Config, log: d.Log, auth: d.Auth, router: d.Router, metrics: d.Metrics,
-		chat: d.ChatLimit, gifts: d.Gifts, roomOpen: d.RoomOpen, rp: d.RedPackets, stop: make(chan struct{}), writerq: make(chan *Conn)}
+		chat: d.ChatLimit, gifts: d.Gifts, roomOpen: d.RoomOpen, rp: d.RedPackets, grab: d.Grab, stop: make(chan struct{}), writerq: make(chan *Conn)}
 	for i := range s.shards {
 		s.shards[i].conns = map[uint64]*Conn{}
 	}

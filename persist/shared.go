@@ -332,7 +332,12 @@ func parseResult(s string) (Result, error) {
 		return Result{}, fmt.Errorf("persist: bad shared result %q", s)
 	}
 	var r Result
+	// An op without postings (only tallies and records, e.g. a red-packet
+	// settlement with nothing to refund) has empty lists: "||at".
 	for _, x := range strings.Split(parts[0], ",") {
+		if x == "" && parts[0] == "" {
+			break
+		}
 		id, err := strconv.ParseInt(x, 10, 64)
 		if err != nil {
 			return r, err
@@ -340,6 +345,9 @@ func parseResult(s string) (Result, error) {
 		r.TradeIDs = append(r.TradeIDs, id)
 	}
 	for _, x := range strings.Split(parts[1], ",") {
+		if x == "" && parts[1] == "" {
+			break
+		}
 		b, err := strconv.ParseInt(x, 10, 64)
 		if err != nil {
 			return r, err

@@ -472,3 +472,27 @@ func TestSharedUnsettledRetriedByWatcher(t *testing.T) {
 		})
 	}
 }
+
+// An op without postings (only a tally and a record: a red-packet settlement
+// with nothing left to refund) applies, and its retry replays — its result
+// has empty trade and balance lists ("||at"), which the parser once refused,
+// leaving the request "in progress" for ever.
+func TestSharedOpWithoutPostings(t *testing.T) {
+	rs := redistest.Start(t)
+	a := startShared(t, rs.Addr, t.TempDir(), "a", []string{"a"})
+	waitReady(t, a)
+	op := Op{User: 5, ReqID: "settle", Tallies: []Tally{{Name: "given", User: 5, Delta: 10}},
+		Static: []Record{{Key: []byte("rec/x"), Value: []byte("v")}}}
+	r, err := a.w.Apply(op)
+	if err != nil || len(r.TradeIDs) != 0 || len(r.Balances) != 0 {
+		t.Fatalf("apply: %+v, %v", r, err)
+	}
+	r, err = a.w.Apply(op)
+	if err != nil || !r.Replayed {
+		t.Fatalf("retry: %+v, %v", r, err)
+	}
+	if v, _ := a.w.Tally("given", 5); v != 10 {
+		t.Fatalf("tally %d, want 10 (once)", v)
+	}
+	noIntents(t, a.store)
+}

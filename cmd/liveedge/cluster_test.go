@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -57,6 +58,15 @@ func startCluster(t *testing.T, n int, extra ...string) *testCluster {
 	for _, nd := range c.nodes {
 		waitReady(t, nd.p, nd.http)
 	}
+	t.Cleanup(func() {
+		if !t.Failed() {
+			return
+		}
+		for i, nd := range c.nodes {
+			out := nd.p.stdout.String()
+			t.Logf("gw-%d log (tail):\n%s", i+1, out[max(0, len(out)-4000):])
+		}
+	})
 	return c
 }
 
@@ -888,4 +898,132 @@ func TestClusterOfflineReliablePushDeliveredOnConnect(t *testing.T) {
 		}
 		return false
 	})
+}
+
+// A red-packet rain made through node 1 works through every node: prepared
+// through node 2, started through node 3 (forwarded to node 1, its owner),
+// 300 grabbers spread over the three nodes for 100 packets: exactly 100
+// grants, Σ = T, every grant credited once, 5560 and 5561 seen on every
+// node, a user in no room refused (10003) through another node, and
+// conservation over every ledger and Redis (anchor debit = grants + refund).
+func TestClusterRedPacketRainAnyNode(t *testing.T) {
+	c := startCluster(t, 3, "LIVEEDGE_REDPACKET_ONE_PER_USER=true")
+	const anchor, total, count = 1, 1000, 100
+	anchorTok := devToken(t, c.nodes[0].http, anchor, "anchor")
+	room := openRoom(t, c.nodes[0].http, anchorTok)
+	if st := nodetest.DoJSON(t, "POST", "http://"+c.nodes[0].http+"/api/v1/dev/credit", "",
+		fmt.Sprintf(`{"user_id":%d,"amount":%d,"req_id":"seed"}`, anchor, total), nil); st != 200 {
+		t.Fatalf("credit: %d", st)
+	}
+	var created struct {
+		Data struct {
+			Code string `json:"code"`
+		} `json:"data"`
+	}
+	if st := nodetest.DoJSON(t, "POST", fmt.Sprintf("http://%s/api/v1/rooms/%d/redpackets", c.nodes[0].http, room), anchorTok,
+		fmt.Sprintf(`{"total_amount":%d,"total_count":%d,"duration_s":30}`, total, count), &created); st != 200 {
+		t.Fatalf("create: %d", st)
+	}
+	code := created.Data.Code
+	const n = 300
+	ctx := context.Background()
+	cls := make([]*clientsdk.Client, n)
+	logs := make([]*pushLog, n)
+	var wg sync.WaitGroup
+	for i := range cls {
+		logs[i] = &pushLog{}
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			nd := c.nodes[i%3]
+			cl, err := clientsdk.Dial(ctx, clientsdk.Config{URL: "ws://" + nd.ws + "/ws",
+				Token: devTokenCached(t, nd.http, int64(5000+i)), OnPush: logs[i].add})
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			cls[i] = cl
+			if _, err := cl.Join(ctx, room); err != nil {
+				t.Error(err)
+			}
+		}(i)
+	}
+	wg.Wait()
+	if t.Failed() {
+		t.FailNow()
+	}
+	defer func() {
+		for _, cl := range cls {
+			cl.Close()
+		}
+	}()
+	pollUntil(t, 3*time.Second, "online 300", func() bool { return roomOnline(t, c.nodes[2].http, anchorTok, room) == n })
+	if st := nodetest.DoJSON(t, "POST", "http://"+c.nodes[1].http+"/api/v1/redpackets/"+code+"/prepare", anchorTok, "", nil); st != 200 {
+		t.Fatalf("prepare through node 2: %d", st)
+	}
+	if st := nodetest.DoJSON(t, "POST", "http://"+c.nodes[2].http+"/api/v1/redpackets/"+code+"/start", anchorTok, "", nil); st != 200 {
+		t.Fatalf("start through node 3: %d", st)
+	}
+	// A user in no room, through node 2: refused, nothing granted.
+	outsider := dialLogged(t, c.nodes[1].ws, devToken(t, c.nodes[1].http, 4999, "viewer"), &pushLog{})
+	var pe *proto.Error
+	if _, err := outsider.Grab(ctx, code); !errors.As(err, &pe) || pe.Code != proto.CodeForbidden {
+		t.Fatalf("grab by a user in no room: %v, want 10003", err)
+	}
+	var granted, sum atomic.Int64
+	for i, cl := range cls {
+		wg.Add(1)
+		go func(i int, cl *clientsdk.Client) {
+			defer wg.Done()
+			r, err := cl.Grab(ctx, code)
+			switch {
+			case err == nil:
+				granted.Add(1)
+				sum.Add(r.Amount)
+			case errors.As(err, &pe) && pe.Code == proto.CodeRedPacketEmpty:
+			default:
+				t.Errorf("grab %d: %v", i, err)
+			}
+		}(i, cl)
+	}
+	wg.Wait()
+	if granted.Load() != count || sum.Load() != total {
+		t.Fatalf("%d grants summing to %d; want %d summing to %d", granted.Load(), sum.Load(), count, total)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		var started, finished [3]int
+		for i, lg := range logs {
+			started[i%3] += len(lg.get(proto.BizRainStarted))
+			finished[i%3] += len(lg.get(proto.BizRainFinished))
+		}
+		if started == [3]int{n / 3, n / 3, n / 3} && finished == started {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("5560 per node %v, 5561 per node %v; want %d each", started, finished, n/3)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	credited := 0
+	for _, lg := range logs {
+		for _, p := range lg.get(proto.BizWalletCredit) {
+			if strings.Contains(string(p.Data), `"redpacket"`) {
+				credited++
+			}
+		}
+	}
+	if credited != count {
+		t.Fatalf("%d redpacket credits pushed, want %d", credited, count)
+	}
+	var dirs []string
+	for _, nd := range c.nodes {
+		_ = nd.p.cmd.Process.Signal(syscall.SIGTERM)
+		<-nd.p.done
+		dirs = append(dirs, nd.data)
+	}
+	cr, db, bal := persisttest.CheckSharedConservation(t, c.redis.Addr, dirs...)
+	if bal != total || cr-db != total {
+		t.Fatalf("credits %d debits %d balances %d, want balances %d", cr, db, bal, total)
+	}
 }
