@@ -97,7 +97,8 @@ func chromium(t *testing.T) string {
 // balance move, every page shows the totals at the end and the anchor gets
 // the rest back. Screenshots go to a temp dir (logged);
 // LIVEEDGE_DEMO_SCREENSHOT=path also writes the viewer's page during the rain
-// there (docs/demo.png).
+// there (docs/demo.png: with fonts-noto-color-emoji and fonts-noto-cjk
+// installed, else the gift names and emoji render as boxes).
 func TestDemoPageInChromium(t *testing.T) {
 	exe := chromium(t)
 	prov := mockpay.New(mockpay.Config{Secret: paySecret, Factor: 0.0005})
