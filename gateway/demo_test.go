@@ -92,8 +92,13 @@ func chromium(t *testing.T) string {
 // TestDemoPageInChromium drives the demo page in headless Chromium: an anchor
 // opens a room, two viewers join, chat goes both ways, a viewer recharges
 // through the mock provider and sends a gift; every page shows the effect and
-// the balances change. Screenshots go to a temp dir (logged);
-// LIVEEDGE_DEMO_SCREENSHOT=path also writes the viewer's page there (docs/demo.png).
+// the balances change. Then the anchor makes a red-packet rain: every page
+// sees the packets fall, each viewer taps one and sees its amount and its
+// balance move, every page shows the totals at the end and the anchor gets
+// the rest back. Screenshots go to a temp dir (logged);
+// LIVEEDGE_DEMO_SCREENSHOT=path also writes the viewer's page during the rain
+// there (docs/demo.png: with fonts-noto-color-emoji and fonts-noto-cjk
+// installed, else the gift names and emoji render as boxes).
 func TestDemoPageInChromium(t *testing.T) {
 	exe := chromium(t)
 	prov := mockpay.New(mockpay.Config{Secret: paySecret, Factor: 0.0005})
@@ -203,8 +208,64 @@ func TestDemoPageInChromium(t *testing.T) {
 	for _, p := range []*tab{anchor, v1, v2} {
 		t.Logf("screenshot %s: %s", p.name, p.shot(shots, strings.ReplaceAll(p.name, " ", "-")+".png"))
 	}
+
+	// A red-packet rain. The anchor recharges (300 coins through the mock
+	// provider) and makes it rain 10 coins in 3 packets for 5 s: the page
+	// creates, prepares (debits 10) and starts it. Every page sees the packets
+	// fall (biz 5560); each viewer taps one with the mouse and sees its amount,
+	// and its balance moves by the 5570 that follows; at the end (5561) every
+	// page shows the totals and the anchor gets the third packet back (refund).
+	anchor.run("anchor recharges", chromedp.SetValue(chromedp.CSS("#product"), "1"), chromedp.Click(chromedp.CSS("#recharge")))
+	anchor.waitJS("anchor balance 300", `document.getElementById('balance').textContent === '300'`)
+	if anchor.eval(`String(document.getElementById('rain-start').hidden)`) != "false" ||
+		v1.eval(`String(document.getElementById('rain-start').hidden)`) != "true" {
+		t.Fatal("the rain control must show on the anchor's page only")
+	}
+	anchor.run("make it rain", chromedp.SetValue(chromedp.CSS("#rain-total"), "10"),
+		chromedp.SetValue(chromedp.CSS("#rain-count"), "3"), chromedp.SetValue(chromedp.CSS("#rain-seconds"), "5"),
+		chromedp.Click(chromedp.CSS("#rain-go")))
+	anchor.waitJS("rain running", `document.getElementById('rain-note').dataset.state === 'RUNNING'`)
+	anchor.waitJS("anchor debited 10", `document.getElementById('balance').textContent === '290'`)
+	code := anchor.eval(`document.getElementById('rain-note').dataset.code`)
+	for _, p := range []*tab{anchor, v1, v2} {
+		p.waitJS("packets falling", fmt.Sprintf(`document.querySelectorAll('#rain .packet').length === 3 &&
+			document.getElementById('rain-status').dataset.code === %q`, code))
+	}
+	grab := func(p *tab) int {
+		t.Helper()
+		p.tapPacket()
+		p.waitJS("grab result", `document.getElementById('rain-result').dataset.outcome === 'granted'`)
+		amount, err := strconv.Atoi(p.eval(`document.getElementById('rain-result').dataset.amount`))
+		if got := p.text("#rain-result"); err != nil || amount < 1 || amount > 8 || got != fmt.Sprintf("+%d coins!", amount) {
+			t.Fatalf("%s: grab result %q, amount %d (%v)", p.name, got, amount, err)
+		}
+		if n := p.eval(`String(document.querySelectorAll('#rain .packet').length)`); n != "2" {
+			t.Errorf("%s: %s packets left on screen after the tap, want 2", p.name, n)
+		}
+		return amount
+	}
+	a1, a2 := grab(v1), grab(v2)
+	v1.waitJS("viewer 501 credited", fmt.Sprintf(`document.getElementById('balance').textContent === '%d' &&
+		document.getElementById('credit-note').textContent === '+%d coins (redpacket)'`, 280+a1, a1))
+	v2.waitJS("viewer 502 credited", fmt.Sprintf(`document.getElementById('balance').textContent === '%d'`, a2))
+	for _, p := range []*tab{anchor, v1, v2} {
+		t.Logf("screenshot %s: %s", p.name, p.shot(shots, strings.ReplaceAll(p.name, " ", "-")+"-rain.png"))
+	}
+	refund := 10 - a1 - a2
+	for _, p := range []*tab{anchor, v1, v2} {
+		p.waitJS("rain over (5561)", fmt.Sprintf(`document.getElementById('rain-status').dataset.state === 'over' &&
+			document.getElementById('rain').hidden && document.querySelectorAll('#rain .packet').length === 0 &&
+			document.getElementById('rain-status').textContent ===
+			'Rain over: 2 of 3 packets grabbed, %d coins, %d back to the anchor'`, a1+a2, refund))
+	}
+	anchor.waitJS("anchor refunded", fmt.Sprintf(`document.getElementById('balance').textContent === '%d' &&
+		document.getElementById('credit-note').textContent === '+%d coins (refund)'`, 290+refund, refund))
+	if got := v1.text("#rain-result"); got != fmt.Sprintf("+%d coins!", a1) {
+		t.Errorf("viewer 501's result after the rain: %q", got)
+	}
+
 	if out := os.Getenv("LIVEEDGE_DEMO_SCREENSHOT"); out != "" {
-		src, _ := os.ReadFile(filepath.Join(shots, "viewer-501.png"))
+		src, _ := os.ReadFile(filepath.Join(shots, "viewer-501-rain.png"))
 		if err := os.WriteFile(out, src, 0o644); err != nil {
 			t.Fatal(err)
 		}
@@ -311,6 +372,35 @@ func (p *tab) shot(dir, file string) string {
 		p.t.Fatal(err)
 	}
 	return path
+}
+
+// tapPacket clicks, with the mouse, a red packet that is inside the rain's
+// screen: the pointer first moves onto it (a hovered packet holds still),
+// then clicks it.
+func (p *tab) tapPacket() {
+	p.t.Helper()
+	const pick = `(() => {
+		const box = document.getElementById('rain').getBoundingClientRect();
+		for (const b of document.querySelectorAll('#rain .packet')) {
+			const r = b.getBoundingClientRect();
+			if (r.top >= box.top + 2 && r.bottom <= box.bottom - 40 && r.left >= box.left && r.right <= box.right) {
+				b.dataset.pick = '1';
+				return [r.left + r.width / 2, r.top + r.height / 2];
+			}
+		}
+		return null;
+	})()`
+	p.run("tap a packet", func(ctx context.Context, tg *chromedp.Target) (chromedp.Void, error) {
+		xy, err := chromedp.Poll[[]float64](pick, chromedp.WithPollingTimeout(10*time.Second),
+			chromedp.WithPollingInterval(20*time.Millisecond))(ctx, tg)
+		if err != nil {
+			return chromedp.Void{}, err
+		}
+		if _, err := chromedp.MouseEvent("mouseMoved", xy[0], xy[1])(ctx, tg); err != nil {
+			return chromedp.Void{}, err
+		}
+		return chromedp.Click(chromedp.CSS(`#rain .packet[data-pick]`))(ctx, tg)
+	})
 }
 
 // joinRoom opens the demo as a viewer and joins room.

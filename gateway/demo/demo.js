@@ -14,6 +14,7 @@ const s = {
   room: 0,
   anchor: 0,
   gifts: new Map(), // gift_id -> row
+  rain: null, // the red-packet rain falling now: {code, total, endsAt, timer, tick, grabbing}
 };
 
 // ---- HTTP ----
@@ -108,8 +109,10 @@ async function enterRoom(room) {
   $("my-role").textContent = s.role;
   $("online").textContent = j.online;
   $("pk-start").hidden = s.role !== "anchor";
+  $("rain-start").hidden = s.role !== "anchor";
   await Promise.all([loadGifts(), loadProducts(), refreshWallet()]);
   if (info.pk_opponent) $("pk").hidden = false;
+  if (info.redpacket_code) joinRunningRain(info.redpacket_code).catch(() => {});
   setInterval(refreshOnline, 2000);
   system(`joined room ${room} as ${s.role}`);
 }
@@ -214,6 +217,152 @@ async function answerInvite(verb) {
   box.hidden = true;
 }
 
+// ---- red-packet rain ----
+
+// The anchor's control: create, prepare (debits the coins) and start a rain
+// for this room; every page in the room then gets biz 5560. A rain created but
+// refused at prepare (not enough coins) is kept and retried by the next press
+// with the same numbers, so it does not stay behind as a stray unprepared rain.
+async function makeRain() {
+  const want = {
+    total_amount: Number($("rain-total").value),
+    total_count: Number($("rain-count").value),
+    duration_s: Number($("rain-seconds").value),
+  };
+  const note = $("rain-note");
+  const pending = s.pendingRain;
+  let code;
+  if (pending && JSON.stringify(pending.want) === JSON.stringify(want)) code = pending.code;
+  else {
+    code = (await api("POST", `/rooms/${s.room}/redpackets`, want)).code;
+    s.pendingRain = { code, want };
+  }
+  note.dataset.code = code;
+  try {
+    await api("POST", `/redpackets/${code}/prepare`, {});
+  } catch (e) {
+    if (e instanceof ReplyError && e.code === 20001) {
+      throw new Error(`not enough coins for a ${want.total_amount}-coin rain: recharge, then press again`);
+    }
+    throw e;
+  }
+  s.pendingRain = null;
+  await refreshWallet(); // the debit has no push: read the balance
+  const r = await api("POST", `/redpackets/${code}/start`, {});
+  note.dataset.state = r.state;
+  note.textContent = `raining: ${want.total_count} packets, ${want.total_amount} coins, ${want.duration_s} s`;
+}
+
+// A page that joins while a rain runs learns its code from room info.
+async function joinRunningRain(code) {
+  const r = await api("GET", `/redpackets/${encodeURIComponent(code)}`);
+  if (r.state === "RUNNING" && r.ends_at > Date.now()) startRain({ code: r.code, total_count: r.total_count, ends_at: r.ends_at });
+}
+
+const maxPackets = 24; // elements on screen; a bigger rain recycles them
+
+function startRain(d) {
+  if (s.rain?.code === d.code) return;
+  stopRain();
+  const box = $("rain");
+  const n = Math.min(d.total_count, maxPackets);
+  for (let i = 0; i < n; i++) {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.className = "packet";
+    b.textContent = "🧧";
+    b.setAttribute("aria-label", `red packet ${i + 1} of ${n}: grab it`);
+    const fall = 2.8 + Math.random() * 1.6;
+    b.style.left = `${4 + ((i + Math.random()) * 88) / n}%`;
+    b.style.setProperty("--fall", `${fall.toFixed(2)}s`);
+    b.style.setProperty("--delay", `${(-Math.random() * fall).toFixed(2)}s`); // already on its way
+    b.style.setProperty("--rest", `${20 + Math.round(Math.random() * 100)}px`);
+    b.onclick = () => grabPacket(b);
+    box.append(b);
+  }
+  box.hidden = false;
+  const result = $("rain-result");
+  result.textContent = "";
+  delete result.dataset.outcome;
+  delete result.dataset.amount;
+  const st = $("rain-status");
+  st.dataset.code = d.code;
+  st.dataset.state = "running";
+  const tick = () => {
+    const left = Math.max(0, Math.ceil((d.ends_at - Date.now()) / 1000));
+    st.textContent = `🧧 Red-packet rain: ${d.total_count} packets, tap one! ${left} s left`;
+  };
+  tick();
+  s.rain = {
+    code: d.code,
+    total: d.total_count,
+    grabbing: false,
+    tick: setInterval(tick, 1000),
+    // 5561 ends it; should that push not come (a reconnect lost it), stop a little after ends_at.
+    timer: setTimeout(() => finishRain(null), Math.max(0, d.ends_at - Date.now()) + 5000),
+  };
+}
+
+function stopRain() {
+  if (!s.rain) return;
+  clearInterval(s.rain.tick);
+  clearTimeout(s.rain.timer);
+  s.rain = null;
+  $("rain").replaceChildren();
+  $("rain").hidden = true;
+}
+
+const grabOutcomes = {
+  30001: ["notstarted", "not started yet"],
+  30002: ["taken", "already grabbed: one packet each"],
+  30003: ["empty", "none left"],
+  10429: ["slow", "too fast: try again"],
+};
+
+async function grabPacket(btn) {
+  const rain = s.rain;
+  if (!rain || rain.grabbing) return;
+  rain.grabbing = true;
+  const result = $("rain-result");
+  try {
+    const r = await s.client.grab(rain.code);
+    result.dataset.outcome = "granted";
+    result.dataset.amount = r.amount;
+    result.textContent = `+${r.amount} coins!`;
+    btn.remove();
+  } catch (e) {
+    const [outcome, text] = (e instanceof ReplyError && grabOutcomes[e.code]) || ["error", e instanceof ReplyError ? `${e.code}: ${e.msg}` : e.message];
+    if (!(result.dataset.outcome === "granted" && outcome === "taken")) {
+      result.dataset.outcome = outcome;
+      result.textContent = text;
+    }
+    if (outcome !== "slow") btn.remove();
+  } finally {
+    rain.grabbing = false;
+  }
+}
+
+function finishRain(d) {
+  if (d && s.rain && s.rain.code !== d.code) return;
+  const total = s.rain?.total;
+  stopRain();
+  const st = $("rain-status");
+  if (!d) {
+    if (st.dataset.state === "running") {
+      st.dataset.state = "over";
+      st.textContent = "the rain is over";
+    }
+    return;
+  }
+  st.dataset.code = d.code;
+  st.dataset.state = "over";
+  st.dataset.granted = d.granted_amount;
+  const of = total ? ` of ${total}` : "";
+  const back = d.refunded ? `, ${d.refunded} back to the anchor` : "";
+  st.textContent = `Rain over: ${d.granted_count}${of} packets grabbed, ${d.granted_amount} coins${back}`;
+  if ($("rain-note").dataset.code === d.code) $("rain-note").textContent = "the rain is over";
+}
+
 // ---- pushes ----
 
 function onPush(p) {
@@ -226,6 +375,8 @@ function onPush(p) {
     $("credit-note").textContent = `+${p.d.delta} coins (${p.d.reason})`;
   } else if (isBiz(p, Biz.PKProgress)) showPK(p.d);
   else if (isBiz(p, Biz.PKInvite)) showInvite(p.d);
+  else if (isBiz(p, Biz.RainStarted) && p.room === s.room) startRain(p.d);
+  else if (isBiz(p, Biz.RainFinished) && p.room === s.room) finishRain(p.d);
   else if (isBiz(p, Biz.RoomClosed)) system(`the room was closed (${p.d.reason})`);
 }
 
@@ -322,6 +473,7 @@ async function main() {
   $("pk-go").onclick = guard($("gift-error"), startPK);
   $("pk-accept").onclick = guard($("gift-error"), () => answerInvite("accept"));
   $("pk-decline").onclick = guard($("gift-error"), () => answerInvite("decline"));
+  $("rain-start").onsubmit = guard($("rain-note"), makeRain);
   if (!s.cfg.dev_tokens) $("lobby-error").textContent = "this node has dev tokens off: the demo needs auth.dev_tokens";
   await listRooms();
   document.body.dataset.ready = "1";

@@ -15,6 +15,14 @@ var Biz = {
   WalletCredit: 5570,
   OrderStatus: 5580
 };
+var GrabError = {
+  /** Unknown code, or the rain has not started. */
+  NotStarted: 30001,
+  /** You already got a packet of this rain. */
+  AlreadyGrabbed: 30002,
+  /** None left, or the rain is over. */
+  NoneLeft: 30003
+};
 var Close = {
   Normal: 1e3,
   GoingAway: 1001,
@@ -210,6 +218,15 @@ var LiveClient = class _LiveClient {
     };
     if (g.pk) d.pk = true;
     return this.request("gift", d, o);
+  }
+  /**
+   * Grabs a packet of the red-packet rain `code` (biz 5560); you must be in its
+   * room. Resolves once the grant and its credit are durable (biz 5570 follows);
+   * rejects with ReplyError GrabError.NotStarted / AlreadyGrabbed / NoneLeft,
+   * 10003 (not in the room) or 10429 (too fast).
+   */
+  grab(code, o) {
+    return this.request("grab", { code }, o);
   }
   ping(o) {
     return this.request("ping", {}, o);
@@ -577,6 +594,7 @@ export {
   CloseError,
   ClosedError,
   DisconnectedError,
+  GrabError,
   LiveClient,
   MaxAckMids,
   ReplyError,

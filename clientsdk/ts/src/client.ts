@@ -331,6 +331,15 @@ export class LiveClient {
     if (g.pk) d.pk = true;
     return this.request("gift", d, o);
   }
+  /**
+   * Grabs a packet of the red-packet rain `code` (biz 5560); you must be in its
+   * room. Resolves once the grant and its credit are durable (biz 5570 follows);
+   * rejects with ReplyError GrabError.NotStarted / AlreadyGrabbed / NoneLeft,
+   * 10003 (not in the room) or 10429 (too fast).
+   */
+  grab(code: string, o?: { timeout?: number }) {
+    return this.request("grab", { code }, o);
+  }
   ping(o?: { timeout?: number }) {
     return this.request("ping", {}, o);
   }

@@ -110,6 +110,8 @@ export interface RainFinishedPush {
   code: string;
   granted_count: number;
   granted_amount: number;
+  /** Extension: coins returned to the anchor (T − granted_amount). */
+  refunded?: number;
 }
 export interface WalletCreditPush {
   balance: number;
@@ -158,6 +160,21 @@ export interface GiftReply {
 export interface PingReply {
   ts: number;
 }
+/** A packet grabbed: its amount, credited (durably) before this reply. */
+export interface GrabReply {
+  amount: number;
+  msg: string;
+}
+
+/** Reply codes of a grab that got nothing (docs/protocol.md). */
+export const GrabError = {
+  /** Unknown code, or the rain has not started. */
+  NotStarted: 30001,
+  /** You already got a packet of this rain. */
+  AlreadyGrabbed: 30002,
+  /** None left, or the rain is over. */
+  NoneLeft: 30003,
+} as const;
 
 /** Requests and their reply d. */
 export interface Requests {
@@ -167,7 +184,7 @@ export interface Requests {
   chat: [{ room_id: number; text: string }, ChatReply];
   /** pk (extension): count the gift towards the room's running PK score. */
   gift: [{ room_id: number; gift_id: number; receiver_id: number; count: number; req_id: string; pk?: boolean }, GiftReply];
-  grab: [{ code: string }, { amount: number; msg: string }];
+  grab: [{ code: string }, GrabReply];
 }
 
 /** WebSocket close codes (gateway/proto/close.go). */

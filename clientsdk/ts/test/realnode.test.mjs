@@ -3,7 +3,7 @@ import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import WebSocket from "ws";
 import { createHmac } from "node:crypto";
-import { connect, Biz, isBiz, UnauthorizedError, ReplyError } from "../dist/node.js";
+import { connect, Biz, isBiz, UnauthorizedError, ReplyError, GrabError } from "../dist/node.js";
 import { Node, eventually, freePort } from "./node.mjs";
 
 let node;
@@ -19,8 +19,9 @@ function jwt(userId, ttlS, role = "viewer") {
 const clients = [];
 
 before(async () => {
-  // A fast resend so the ack test sees the server's resends quickly.
-  node = new Node({ LIVEEDGE_WS_RESEND_AFTER: "100ms", LIVEEDGE_AUTH_JWT_SECRET: secret });
+  // A fast resend so the ack test sees the server's resends quickly; no
+  // per-user grab interval, so a second grab answers 30002 rather than 10429.
+  node = new Node({ LIVEEDGE_WS_RESEND_AFTER: "100ms", LIVEEDGE_AUTH_JWT_SECRET: secret, LIVEEDGE_REDPACKET_GRAB_INTERVAL: "0s" });
   await node.start();
 });
 after(async () => {
@@ -105,6 +106,58 @@ test("ack: the SDK acknowledges ack:true pushes (no resends); a client that does
   await new Promise((r) => setTimeout(r, 800));
   assert.equal(await node.metric("liveedge_resends_total"), r1, "resends after the SDK acked");
   assert.equal(c.stats.duplicates, 0);
+});
+
+test("red packets: grab(code) after 5560 gets an amount and its 5570; again 30002; the last packet ends the rain (5561), then 30003", async () => {
+  const anchorId = 700;
+  const room = await node.openRoom(anchorId);
+  const atok = await node.token(anchorId, "anchor");
+  const ok = async (method, path, body) => {
+    const r = await node.api(method, "/api/v1" + path, atok, body);
+    assert.equal(r.body.code, 0, `${method} ${path}: ${JSON.stringify(r.body)}`);
+    return r.body.data;
+  };
+  await ok("POST", "/dev/credit", { user_id: anchorId, amount: 10, req_id: "rain-anchor" });
+  const [a, b, c] = [await client(701), await client(702), await client(703)];
+  for (const v of [a, b, c]) await v.join(room);
+  const { code } = await ok("POST", `/rooms/${room}/redpackets`, { total_amount: 10, total_count: 2, duration_s: 60 });
+  // Before the start: nothing to grab.
+  await assert.rejects(a.grab(code), (e) => e instanceof ReplyError && e.code === GrabError.NotStarted);
+  await ok("POST", `/redpackets/${code}/prepare`);
+  const started = await ok("POST", `/redpackets/${code}/start`);
+
+  const rainOf = (v) => v.events.pushes.find((p) => isBiz(p, Biz.RainStarted) && p.d.code === code);
+  for (const v of [a, b, c]) await eventually(() => rainOf(v), 5000, "5560 at every viewer");
+  assert.deepEqual(rainOf(a).d, { code, total_count: 2, ends_at: started.ends_at });
+  assert.equal(rainOf(a).room, room);
+
+  const ga = await a.grab(code);
+  assert.ok(Number.isInteger(ga.amount) && ga.amount >= 1 && ga.amount <= 9, `amount ${ga.amount}`);
+  assert.match(ga.msg, new RegExp(String(ga.amount)));
+  await assert.rejects(a.grab(code), (e) => e instanceof ReplyError && e.code === GrabError.AlreadyGrabbed);
+  const gb = await b.grab(code); // the last packet: the rain ends
+  assert.equal(ga.amount + gb.amount, 10);
+  await assert.rejects(c.grab(code), (e) => e instanceof ReplyError && e.code === GrabError.NoneLeft);
+
+  for (const [v, g] of [[a, ga], [b, gb]]) {
+    const credit = await eventually(
+      () => v.events.pushes.find((p) => isBiz(p, Biz.WalletCredit) && p.d.reason === "redpacket"),
+      5000,
+      "5570 redpacket",
+    );
+    assert.deepEqual(credit.d, { balance: g.amount, delta: g.amount, reason: "redpacket" });
+  }
+  for (const v of [a, b, c]) {
+    const fin = await eventually(
+      () => v.events.pushes.find((p) => isBiz(p, Biz.RainFinished) && p.d.code === code),
+      5000,
+      "5561 at every viewer",
+    );
+    assert.equal(fin.d.granted_count, 2);
+    assert.equal(fin.d.granted_amount, 10);
+    assert.equal(fin.d.refunded ?? 0, 0);
+  }
+  assert.ok(!c.events.pushes.some((p) => isBiz(p, Biz.WalletCredit)), "the viewer who got nothing was credited");
 });
 
 test("bad token: HTTP 401 on the upgrade rejects connect", async () => {
