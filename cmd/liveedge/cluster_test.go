@@ -975,6 +975,7 @@ func TestClusterRedPacketRainAnyNode(t *testing.T) {
 		wg.Add(1)
 		go func(i int, cl *clientsdk.Client) {
 			defer wg.Done()
+			var pe *proto.Error
 			r, err := cl.Grab(ctx, code)
 			switch {
 			case err == nil:

@@ -50,15 +50,34 @@ func binary(t *testing.T) string {
 	return binPath
 }
 
+// freeAddr returns a free 127.0.0.1 port for a node to listen on later,
+// chosen below the kernel's ephemeral range (32768–60999 by default): a port
+// picked from that range (":0") can be taken in the meantime by any outgoing
+// connection — the many client sockets of the cluster tests — and the node
+// then fails with "address already in use".
 func freeAddr(t *testing.T) string {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+	for i := 0; i < 200; i++ {
+		port := 20000 + int(portSeq.Add(1)%12000)
+		ln, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", port))
+		if err != nil {
+			continue // in use
+		}
+		addr := ln.Addr().String()
+		_ = ln.Close()
+		return addr
 	}
-	defer ln.Close()
-	return ln.Addr().String()
+	t.Fatal("no free port in 20000..31999")
+	return ""
 }
+
+// portSeq walks the port range from a per-process random start, so
+// concurrent test processes rarely try the same ports.
+var portSeq = func() *atomic.Int64 {
+	var a atomic.Int64
+	a.Store(int64(os.Getpid()) * 7919)
+	return &a
+}()
 
 type proc struct {
 	cmd    *exec.Cmd
