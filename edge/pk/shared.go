@@ -74,6 +74,8 @@ type shared struct {
 	every   time.Duration // Sync period
 	stop    chan struct{}
 	done    chan struct{}
+	// closeOnce stops the Sync loop once (Close may be called twice).
+	closeOnce sync.Once
 
 	// Under Service.mu.
 	byID   map[string]*running
@@ -343,10 +345,12 @@ func (s *Service) restoreShared() error {
 }
 
 func (s *Service) closeShared() {
-	if s.sh.stop != nil {
-		close(s.sh.stop)
-		<-s.sh.done
-	}
+	s.sh.closeOnce.Do(func() {
+		if s.sh.stop != nil {
+			close(s.sh.stop)
+			<-s.sh.done
+		}
+	})
 	s.mu.Lock()
 	for _, r := range s.sh.byID {
 		r.timer.Stop()
