@@ -345,6 +345,9 @@ func (s *Service) restoreShared() error {
 }
 
 func (s *Service) closeShared() {
+	s.mu.Lock()
+	s.closed = true // no contest is adopted, ended or scored from here on
+	s.mu.Unlock()
 	s.sh.closeOnce.Do(func() {
 		if s.sh.stop != nil {
 			close(s.sh.stop)
