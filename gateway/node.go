@@ -194,7 +194,11 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 		PerSecond: cfg.Limits.GiftPerSecond, EffectWindow: cfg.Gifts.EffectWindow.D(),
 		RoomEffectsPerSecond: cfg.Gifts.RoomEffectsPerSecond,
 	}, log)
-	n.PK = pk.New(n.Router, n.Rooms.IsOpen, n.Store, n.Wallet.Tally, log)
+	if n.Cluster != nil {
+		n.PK = pk.NewShared(n.Router, n.Rooms.IsOpen, n.Redis, n.Wallet.Tally, log)
+	} else {
+		n.PK = pk.New(n.Router, n.Rooms.IsOpen, n.Store, n.Wallet.Tally, log)
+	}
 	if err = n.PK.Restore(time.Now()); err != nil {
 		return nil, err
 	}

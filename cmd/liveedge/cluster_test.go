@@ -4,11 +4,13 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"reflect"
 	"strconv"
 	"strings"
 	"sync"
@@ -1026,5 +1028,179 @@ func TestClusterRedPacketRainAnyNode(t *testing.T) {
 	cr, db, bal := persisttest.CheckSharedConservation(t, c.redis.Addr, dirs...)
 	if bal != total || cr-db != total {
 		t.Fatalf("credits %d debits %d balances %d, want balances %d", cr, db, bal, total)
+	}
+}
+
+// A PK across nodes: room A's anchor (on node 1) invites room B through
+// node 1; B's anchor (on node 2) hears of it there (5562) and accepts
+// through node 2; viewers on nodes 1, 2 and 3 send PK gifts through their
+// own nodes. Every viewer sees 5558 pushes whose seq, read as a client does
+// (drop one at or below the last), ends with exactly one final result — the
+// same scores and winner everywhere, the sums of the PK gifts — and money
+// is conserved across every ledger and Redis.
+func TestClusterPKAcrossNodes(t *testing.T) {
+	c := startCluster(t, 3)
+	const anchorA, anchorB = 1, 2
+	tokA := devToken(t, c.nodes[0].http, anchorA, "anchor")
+	tokB := devToken(t, c.nodes[1].http, anchorB, "anchor")
+	roomA := openRoom(t, c.nodes[0].http, tokA)
+	roomB := openRoom(t, c.nodes[1].http, tokB)
+	ctx := context.Background()
+	var bLog pushLog
+	dialLogged(t, c.nodes[1].ws, tokB, &bLog)
+	type viewer struct {
+		user, room, anchor int64
+		node               int
+		log                pushLog
+		cl                 *clientsdk.Client
+		sent               int64
+	}
+	viewers := []*viewer{
+		{user: 11, room: roomA, anchor: anchorA, node: 0},
+		{user: 12, room: roomB, anchor: anchorB, node: 1},
+		{user: 13, room: roomA, anchor: anchorA, node: 2},
+		{user: 14, room: roomB, anchor: anchorB, node: 2},
+	}
+	for _, v := range viewers {
+		nd := c.nodes[v.node]
+		v.cl = dialLogged(t, nd.ws, devToken(t, nd.http, v.user, "viewer"), &v.log)
+		if _, err := v.cl.Join(ctx, v.room); err != nil {
+			t.Fatal(err)
+		}
+		if st := nodetest.DoJSON(t, "POST", "http://"+nd.http+"/api/v1/dev/credit", "",
+			fmt.Sprintf(`{"user_id":%d,"amount":1000,"req_id":"seed-%d"}`, v.user, v.user), nil); st != 200 {
+			t.Fatalf("credit: %d", st)
+		}
+	}
+	type pkView struct {
+		Data struct {
+			PKID   string           `json:"pk_id"`
+			Status string           `json:"status"`
+			Scores map[string]int64 `json:"scores"`
+			Seq    int64            `json:"seq"`
+			Over   bool             `json:"over"`
+		} `json:"data"`
+	}
+	var inv, ct pkView
+	if st := nodetest.DoJSON(t, "POST", "http://"+c.nodes[0].http+"/api/v1/pk", tokA,
+		fmt.Sprintf(`{"room_a":%d,"room_b":%d,"duration_s":4}`, roomA, roomB), &inv); st != 200 || inv.Data.Status != "invited" {
+		t.Fatalf("invite through node 1: %d %+v", st, inv)
+	}
+	pollUntil(t, 5*time.Second, "B's anchor on node 2 hears of the invitation (5562)", func() bool {
+		return len(bLog.get(proto.BizPKInvite)) == 1
+	})
+	if st := nodetest.DoJSON(t, "GET", "http://"+c.nodes[2].http+"/api/v1/pk/"+inv.Data.PKID, tokB, "", &ct); st != 200 || ct.Data.Status != "invited" {
+		t.Fatalf("invitation through node 3: %d %+v", st, ct)
+	}
+	if st := nodetest.DoJSON(t, "POST", "http://"+c.nodes[1].http+"/api/v1/pk/"+inv.Data.PKID+"/accept", tokB, "", &ct); st != 200 || ct.Data.Status != "running" {
+		t.Fatalf("accept through node 2: %d %+v", st, ct)
+	}
+	var want = map[int64]int64{}
+	var wg sync.WaitGroup
+	for i, v := range viewers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for k := 0; k < 10; k++ {
+				count := 1 + (i+k)%3
+				if v.room == roomB {
+					count++ // B wins
+				}
+				gift := map[string]any{"room_id": v.room, "gift_id": 24, "receiver_id": v.anchor, "count": count,
+					"req_id": fmt.Sprintf("pk-%d-%d", v.user, k), "pk": true}
+				if _, err := v.cl.Request(ctx, proto.TypeGift, gift); err != nil {
+					t.Errorf("gift: %v", err)
+					return
+				}
+				v.sent += int64(count)
+			}
+		}()
+	}
+	wg.Wait()
+	for _, v := range viewers {
+		want[v.room] += v.sent
+	}
+	type progress struct {
+		PKID   string           `json:"pk_id"`
+		Scores map[string]int64 `json:"scores"`
+		Seq    int64            `json:"seq"`
+		Over   bool             `json:"over"`
+		Winner int64            `json:"winner"`
+	}
+	decode := func(v *viewer) []progress {
+		var out []progress
+		for _, p := range v.log.get(proto.BizPKProgress) {
+			var pr progress
+			if err := json.Unmarshal(p.Data, &pr); err != nil || pr.PKID != inv.Data.PKID || p.Room != v.room {
+				t.Fatalf("5558 to viewer %d: %s (%v)", v.user, p.Data, err)
+			}
+			out = append(out, pr)
+		}
+		return out
+	}
+	for _, v := range viewers {
+		pollUntil(t, 10*time.Second, "the final result reaches every viewer", func() bool {
+			for _, p := range decode(v) {
+				if p.Over {
+					return true
+				}
+			}
+			return false
+		})
+	}
+	a, b := fmt.Sprint(roomA), fmt.Sprint(roomB)
+	var final *progress
+	for _, v := range viewers {
+		ps := decode(v)
+		var kept []progress // as a client keeps them: stale seqs dropped
+		stale := 0
+		for _, p := range ps {
+			if len(kept) > 0 && p.Seq <= kept[len(kept)-1].Seq {
+				stale++
+				continue
+			}
+			kept = append(kept, p)
+		}
+		overs := 0
+		for _, p := range ps {
+			if p.Over {
+				overs++
+			}
+		}
+		last := kept[len(kept)-1]
+		if overs != 1 || !last.Over || len(kept) < 3 {
+			t.Fatalf("viewer %d: %d final pushes, last kept %+v, %d kept (%d stale)", v.user, overs, last, len(kept), stale)
+		}
+		for k := 1; k < len(kept); k++ {
+			if kept[k].Scores[a] < kept[k-1].Scores[a] || kept[k].Scores[b] < kept[k-1].Scores[b] {
+				t.Fatalf("viewer %d: a score went back at seq %d", v.user, kept[k].Seq)
+			}
+		}
+		if final == nil {
+			final = &last
+		} else if last.Seq != final.Seq || last.Winner != final.Winner || !reflect.DeepEqual(last.Scores, final.Scores) {
+			t.Fatalf("viewer %d's result %+v differs from %+v", v.user, last, *final)
+		}
+		t.Logf("viewer %d on node %d: %d pushes, %d stale", v.user, v.node+1, len(ps), stale)
+	}
+	if final.Scores[a] != want[roomA] || final.Scores[b] != want[roomB] || final.Winner != roomB {
+		t.Fatalf("result %+v, want scores %d:%d, winner %d", *final, want[roomA], want[roomB], roomB)
+	}
+	for _, nd := range c.nodes {
+		var got pkView
+		if st := nodetest.DoJSON(t, "GET", "http://"+nd.http+"/api/v1/pk/"+inv.Data.PKID, tokA, "", &got); st != 200 ||
+			!got.Data.Over || got.Data.Seq != final.Seq || !reflect.DeepEqual(got.Data.Scores, final.Scores) {
+			t.Fatalf("GET through %s: %d %+v", nd.http, st, got)
+		}
+	}
+	var dirs []string
+	for _, nd := range c.nodes {
+		_ = nd.p.cmd.Process.Signal(syscall.SIGTERM)
+		<-nd.p.done
+		dirs = append(dirs, nd.data)
+	}
+	total := want[roomA] + want[roomB]
+	if cr, db, bal := persisttest.CheckSharedConservation(t, c.redis.Addr, dirs...); cr != 4000 || db != total || bal != 4000-total {
+		t.Fatalf("credits %d debits %d balances %d, want 4000 %d %d", cr, db, bal, total, 4000-total)
 	}
 }

@@ -20,7 +20,11 @@
 // accept or decline is the caller's check (the gateway knows the rooms'
 // anchors).
 //
-// State is in memory behind one mutex; pushes are queued under it (Publish
+// In a cluster (NewShared, shared.go) invitations, contests, scores and the
+// pushes' seq live in Redis instead, and any node's timer ends a contest,
+// once.
+//
+// On a single node, state is in memory behind one mutex; pushes are queued under it (Publish
 // never blocks), so both rooms see a contest's pushes in sequence order and
 // the final push is the last one. Storage I/O happens outside the mutex.
 package pk
@@ -129,6 +133,7 @@ type Service struct {
 	log     *slog.Logger
 	keep    time.Duration // how long an ended contest stays (keepOver; tests shorten it)
 	ttl     time.Duration // invitation TTL (0 = InviteTTL; tests shorten it)
+	sh      *shared       // cluster mode (NewShared): the state is in Redis
 
 	mu       sync.Mutex
 	closed   bool
@@ -178,6 +183,9 @@ func (s *Service) save(r record) error {
 // ends at its time — at once if that has passed while the node was down; an
 // ended one stays readable until keepOver after its end.
 func (s *Service) Restore(now time.Time) error {
+	if s.sh != nil {
+		return s.restoreShared()
+	}
 	if s.store == nil {
 		return nil
 	}
@@ -240,6 +248,9 @@ func (s *Service) Restore(now time.Time) error {
 // Close stops the contests' timers and waits for storage writes in flight;
 // nothing is written after it (the store may close).
 func (s *Service) Close() {
+	if s.sh != nil {
+		s.closeShared()
+	}
 	s.mu.Lock()
 	s.closed = true
 	for _, c := range s.contests {
@@ -274,6 +285,12 @@ func (s *Service) Invite(inviter, a, b int64, d time.Duration) (Invitation, erro
 	}
 	if !s.isOpen(a) || !s.isOpen(b) {
 		return Invitation{}, proto.Errorf(proto.CodeNotFound, "room not found or closed")
+	}
+	if s.sh != nil {
+		if s.isClosed() {
+			return Invitation{}, proto.Errorf(proto.CodeInternal, "shutting down")
+		}
+		return s.inviteShared(inviter, a, b, d)
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -317,6 +334,9 @@ func (s *Service) dropInviteLocked(inv *Invitation) {
 
 // Invitation returns pending invitation id (not expired).
 func (s *Service) Invitation(id string) (Invitation, bool) {
+	if s.sh != nil {
+		return s.invitationShared(id)
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	inv, ok := s.invites[id]
@@ -342,6 +362,9 @@ func (s *Service) take(id string) (Invitation, error) {
 // Accept starts the contest of invitation id (same id), recorded durably
 // before it is announced.
 func (s *Service) Accept(id string) (Contest, error) {
+	if s.sh != nil {
+		return s.acceptShared(id)
+	}
 	inv, err := s.take(id)
 	if err != nil {
 		return Contest{}, err
@@ -351,6 +374,9 @@ func (s *Service) Accept(id string) (Contest, error) {
 
 // Decline drops invitation id; no contest starts.
 func (s *Service) Decline(id string) error {
+	if s.sh != nil {
+		return s.declineShared(id)
+	}
 	_, err := s.take(id)
 	return err
 }
@@ -359,6 +385,9 @@ func (s *Service) Decline(id string) error {
 // through Invite and Accept). The contest is recorded durably before it is
 // announced.
 func (s *Service) Start(a, b int64, d time.Duration) (Contest, error) {
+	if s.sh != nil {
+		return s.startShared("start", newID(), a, b, d)
+	}
 	return s.start(newID(), a, b, d)
 }
 
@@ -405,6 +434,9 @@ func (s *Service) start(id string, a, b int64, d time.Duration) (Contest, error)
 // Running returns the live contest room is in and the wallet tally that
 // keeps its score (gift.Scorer).
 func (s *Service) Running(room int64) (id, tally string, ok bool) {
+	if s.sh != nil {
+		return s.runningShared(room)
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	c := s.byRoom[room]
@@ -417,6 +449,10 @@ func (s *Service) Running(room int64) (id, tally string, ok bool) {
 // AddScore adds amount to room's side of contest id, if that contest is
 // still running (gift.Scorer). The gift's debit, with its tally, is durable.
 func (s *Service) AddScore(room int64, id string, amount int64) {
+	if s.sh != nil {
+		s.addScoreShared(room, id, amount)
+		return
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	c := s.byRoom[room]
@@ -433,6 +469,9 @@ func (s *Service) AddScore(room int64, id string, amount int64) {
 
 // Opponent returns the room room is contesting against (0 = none).
 func (s *Service) Opponent(room int64) int64 {
+	if s.sh != nil {
+		return s.opponentShared(room)
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	c := s.byRoom[room]
@@ -447,6 +486,9 @@ func (s *Service) Opponent(room int64) int64 {
 
 // Get returns contest id.
 func (s *Service) Get(id string) (Contest, bool) {
+	if s.sh != nil {
+		return s.getShared(id)
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	c, ok := s.contests[id]

@@ -1,0 +1,20 @@
+-- End a contest once, cluster-wide: the state moves run -> over only here, so
+-- of the nodes whose timers fire, one gets {1, ...} and pushes the result.
+-- KEYS[1] the contest's hash, [2] rooms in a contest, [3] running contests.
+-- ARGV[1] id, [2] room a, [3] room b, [4] room a's tally, [5] room b's tally
+-- (the wallet's, read just before: a PK gift whose debit was acknowledged but
+-- whose score was never added, e.g. its node died, still counts), [6] how
+-- long the ended contest stays readable (ms).
+-- Returns {1, score 0, score 1, seq} (ended here), or {0} (not running:
+-- ended by another node, or unknown).
+if redis.call('HGET', KEYS[1], 'state') ~= 'run' then return {0} end
+local s0 = math.max(tonumber(redis.call('HGET', KEYS[1], 's0') or '0'), tonumber(ARGV[4]))
+local s1 = math.max(tonumber(redis.call('HGET', KEYS[1], 's1') or '0'), tonumber(ARGV[5]))
+local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+redis.call('HSET', KEYS[1], 'state', 'over', 's0', s0, 's1', s1)
+for _, room in ipairs({ARGV[2], ARGV[3]}) do
+  if redis.call('HGET', KEYS[2], room) == ARGV[1] then redis.call('HDEL', KEYS[2], room) end
+end
+redis.call('HDEL', KEYS[3], ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[6])
+return {1, s0, s1, seq}

@@ -1,0 +1,525 @@
+package pk
+
+import (
+	"context"
+	_ "embed"
+	"errors"
+	"log/slog"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/redis/rueidis"
+
+	"github.com/liveedge/liveedge/gateway/proto"
+	"github.com/liveedge/liveedge/router"
+)
+
+// Redis keys of the cluster's PK state, all under one hash tag {pk}: an
+// invitation, its accept and a start must check "is either room already in a
+// contest" and the inviter's pending count across every contest and
+// invitation atomically, which needs the room index, the invitations and the
+// contest in one slot. Contests start at most a few times a minute per
+// anchor; the one per-gift call (score.lua) is a couple of HINCRBYs,
+// coalesced per contest per node (see flush).
+const (
+	keyInvites  = "le:{pk}:inv"  // id → "<inviter>|<a>,<b>|<invitation json>"
+	keyExpiries = "le:{pk}:invx" // zset id → expiry (unix ms)
+	keyInviters = "le:{pk}:invn" // inviter → pending invitations
+	keyRooms    = "le:{pk}:room" // room → id of the contest it is in
+	keyRunning  = "le:{pk}:run"  // id → record of each running contest
+)
+
+func contestKey(id string) string { return "le:{pk}:c:" + id }
+
+var (
+	//go:embed lua/pair.lua
+	pairLua string
+	//go:embed lua/score.lua
+	scoreLua string
+	//go:embed lua/end.lua
+	endLua      string
+	pairScript  = rueidis.NewLuaScript(pairLua)
+	scoreScript = rueidis.NewLuaScript(scoreLua)
+	endScript   = rueidis.NewLuaScript(endLua)
+)
+
+// SyncEvery is how often a cluster node reads the running contests from Redis
+// (contests started through other nodes: their timers are armed here too).
+const SyncEvery = time.Second
+
+// NewShared returns the PK service of a cluster node: invitations and
+// contests live in Redis (rdb), so invite, accept, decline and GET through any
+// node see the same state and the limits hold cluster-wide. Every node keeps
+// a replica of the running contests (its own starts, a direct read when a
+// gift names a room it does not know, and a Sync every SyncEvery) and arms
+// each one's end timer; whichever node's timer fires first ends the contest
+// (a compare-and-set in Redis), the others find it over. Scores and the
+// pushes' seq are counted in Redis, in the script that adds a PK gift, so seq
+// is monotonic per contest across nodes. tallies reads the wallet's tallies
+// (every acknowledged PK gift): the end takes each side's score as at least
+// its tally. Call Restore once before serving (it arms the timers of the
+// running contests, e.g. after a restart).
+func NewShared(r router.Router, isOpen func(int64) bool, rdb rueidis.Client, tallies Tallies, log *slog.Logger) *Service {
+	s := New(r, isOpen, nil, tallies, log)
+	s.sh = &shared{rdb: rdb, byID: map[string]*running{}, byRoom: map[int64]*running{}, every: SyncEvery}
+	return s
+}
+
+// shared is the cluster state of a Service (nil on a single node).
+type shared struct {
+	rdb     rueidis.Client
+	timeout time.Duration // per Redis call (0 = 2 s)
+	every   time.Duration // Sync period
+	stop    chan struct{}
+	done    chan struct{}
+	// closeOnce stops the Sync loop once (Close may be called twice).
+	closeOnce sync.Once
+
+	// Under Service.mu.
+	byID   map[string]*running
+	byRoom map[int64]*running
+}
+
+// running is this node's replica of a running contest.
+type running struct {
+	c        Contest // ID, Rooms, EndsAt
+	timer    *time.Timer
+	pending  [2]int64 // PK gifts not yet added in Redis
+	flushing bool
+	ended    bool // over (here or elsewhere): this node adds and pushes nothing more
+	// pub is held across a script that numbers a push and the push's publish:
+	// this node's pushes of the contest leave in seq order.
+	pub sync.Mutex
+}
+
+func (sh *shared) ctx() (context.Context, context.CancelFunc) {
+	d := sh.timeout
+	if d <= 0 {
+		d = 2 * time.Second
+	}
+	return context.WithTimeout(context.Background(), d)
+}
+
+func pairKeys(id string) []string {
+	return []string{keyInvites, keyExpiries, keyInviters, keyRooms, keyRunning, contestKey(id)}
+}
+
+func i64(v int64) string { return strconv.FormatInt(v, 10) }
+
+var errUnavailable = proto.Errorf(proto.CodeInternal, "PK state temporarily unavailable, retry")
+
+// pair runs pair.lua (mode, then the mode's arguments after id and now); its
+// reply codes are the single node's errors.
+func (s *Service) pair(mode, id string, args ...string) error {
+	ctx, cancel := s.sh.ctx()
+	defer cancel()
+	arr, err := pairScript.Exec(ctx, s.sh.rdb, pairKeys(id),
+		append([]string{mode, id, i64(time.Now().UnixMilli())}, args...)).ToArray()
+	var code int64 = -1
+	if err == nil && len(arr) > 0 {
+		code, err = arr[0].AsInt64()
+	}
+	if err != nil {
+		s.log.Error("pk: redis", "op", mode, "err", err)
+		return errUnavailable
+	}
+	switch code {
+	case 0:
+		return nil
+	case 1:
+		return proto.Errorf(proto.CodeConflict, "a room is already in a PK")
+	case 2:
+		return proto.Errorf(proto.CodeRateLimited, "at most %d pending PK invitations", MaxInvitesPerInviter)
+	case 3:
+		return proto.Errorf(proto.CodeRateLimited, "too many pending PK invitations, retry later")
+	case 4:
+		return proto.Errorf(proto.CodeNotFound, "PK invitation not found or expired")
+	}
+	return errors.New("pk: bad script reply")
+}
+
+// invitation is an Invitation as stored.
+type invitation struct {
+	ID        string   `json:"id"`
+	Rooms     [2]int64 `json:"rooms"`
+	Inviter   int64    `json:"inviter"`
+	Duration  int64    `json:"duration_ms"`
+	ExpiresAt int64    `json:"expires_at"`
+}
+
+func (s *Service) inviteShared(inviter, a, b int64, d time.Duration) (Invitation, error) {
+	inv := Invitation{ID: newID(), Rooms: [2]int64{a, b}, Inviter: inviter, Duration: d,
+		ExpiresAt: time.Now().Add(s.inviteTTL())}
+	v, err := proto.Marshal(invitation{ID: inv.ID, Rooms: inv.Rooms, Inviter: inviter,
+		Duration: d.Milliseconds(), ExpiresAt: inv.ExpiresAt.UnixMilli()})
+	if err != nil {
+		return Invitation{}, err
+	}
+	if err := s.pair("invite", inv.ID, i64(inviter), i64(a), i64(b), i64(s.inviteTTL().Milliseconds()),
+		string(v), strconv.Itoa(MaxInvitesPerInviter), strconv.Itoa(MaxInvites)); err != nil {
+		return Invitation{}, err
+	}
+	return inv, nil
+}
+
+func (s *Service) invitationShared(id string) (Invitation, bool) {
+	ctx, cancel := s.sh.ctx()
+	defer cancel()
+	v, err := s.sh.rdb.Do(ctx, s.sh.rdb.B().Hget().Key(keyInvites).Field(id).Build()).ToString()
+	if err != nil {
+		if !rueidis.IsRedisNil(err) {
+			s.log.Warn("pk: read invitation", "pk_id", id, "err", err)
+		}
+		return Invitation{}, false
+	}
+	parts := strings.SplitN(v, "|", 3)
+	var r invitation
+	if len(parts) != 3 || proto.Unmarshal([]byte(parts[2]), &r) != nil {
+		return Invitation{}, false
+	}
+	inv := Invitation{ID: r.ID, Rooms: r.Rooms, Inviter: r.Inviter, Duration: time.Duration(r.Duration) * time.Millisecond,
+		ExpiresAt: time.UnixMilli(r.ExpiresAt)}
+	if !time.Now().Before(inv.ExpiresAt) {
+		return Invitation{}, false
+	}
+	return inv, true
+}
+
+func (s *Service) acceptShared(id string) (Contest, error) {
+	inv, ok := s.invitationShared(id)
+	if !ok {
+		return Contest{}, proto.Errorf(proto.CodeNotFound, "PK invitation not found or expired")
+	}
+	return s.startShared("accept", id, inv.Rooms[0], inv.Rooms[1], inv.Duration)
+}
+
+func (s *Service) declineShared(id string) error { return s.pair("decline", id) }
+
+// startShared records a contest in Redis (mode accept: in the same step as
+// taking its invitation), adopts it here and pushes its start (seq 1).
+func (s *Service) startShared(mode, id string, a, b int64, d time.Duration) (Contest, error) {
+	if err := checkPair(a, b, d); err != nil {
+		return Contest{}, err
+	}
+	if !s.isOpen(a) || !s.isOpen(b) {
+		return Contest{}, proto.Errorf(proto.CodeNotFound, "room not found or closed")
+	}
+	if s.isClosed() {
+		return Contest{}, proto.Errorf(proto.CodeInternal, "shutting down")
+	}
+	c := Contest{ID: id, Rooms: [2]int64{a, b}, EndsAt: time.Now().Add(d)}
+	rec, err := proto.Marshal(record{ID: id, Rooms: c.Rooms, EndsAt: c.EndsAt.UnixMilli()})
+	if err != nil {
+		return Contest{}, err
+	}
+	if err := s.pair(mode, id, i64(a), i64(b), string(rec)); err != nil {
+		return Contest{}, err
+	}
+	r := s.adopt(c)
+	if r != nil {
+		r.pub.Lock()
+		s.publishShared(c, [2]int64{}, 1, false)
+		r.pub.Unlock()
+	}
+	c.Seq = 1
+	return c, nil
+}
+
+func (s *Service) isClosed() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.closed
+}
+
+// adopt adds a running contest to this node's replica and arms its end timer
+// (nil if the node is closed). A contest already known is returned as is.
+func (s *Service) adopt(c Contest) *running {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return nil
+	}
+	if r := s.sh.byID[c.ID]; r != nil {
+		return r
+	}
+	r := &running{c: c}
+	s.sh.byID[c.ID] = r
+	s.sh.byRoom[c.Rooms[0]], s.sh.byRoom[c.Rooms[1]] = r, r
+	r.timer = time.AfterFunc(max(0, time.Until(c.EndsAt)), func() { s.endShared(r) })
+	return r
+}
+
+// forget drops r from the replica (it is over).
+func (s *Service) forgetLocked(r *running) {
+	r.ended = true
+	r.timer.Stop()
+	if s.sh.byID[r.c.ID] == r {
+		delete(s.sh.byID, r.c.ID)
+	}
+	for _, room := range r.c.Rooms {
+		if s.sh.byRoom[room] == r {
+			delete(s.sh.byRoom, room)
+		}
+	}
+}
+
+// lookup returns the running contest room is in: from the replica, else from
+// Redis (the room index read through client-side caching, so a room in no
+// contest costs no round trip until the index changes).
+func (s *Service) lookup(room int64) *running {
+	s.mu.Lock()
+	r := s.sh.byRoom[room]
+	s.mu.Unlock()
+	if r != nil {
+		return r
+	}
+	ctx, cancel := s.sh.ctx()
+	defer cancel()
+	id, err := s.sh.rdb.DoCache(ctx, s.sh.rdb.B().Hget().Key(keyRooms).Field(i64(room)).Cache(), time.Minute).ToString()
+	if err != nil {
+		if !rueidis.IsRedisNil(err) {
+			s.log.Warn("pk: read room index", "room", room, "err", err)
+		}
+		return nil
+	}
+	v, err := s.sh.rdb.Do(ctx, s.sh.rdb.B().Hget().Key(keyRunning).Field(id).Build()).ToString()
+	if err != nil {
+		return nil // over meanwhile, or unreachable
+	}
+	c, ok := decodeRunning(v)
+	if !ok {
+		return nil
+	}
+	return s.adopt(c)
+}
+
+func decodeRunning(v string) (Contest, bool) {
+	var rec record
+	if proto.Unmarshal([]byte(v), &rec) != nil || rec.ID == "" {
+		return Contest{}, false
+	}
+	return Contest{ID: rec.ID, Rooms: rec.Rooms, EndsAt: time.UnixMilli(rec.EndsAt)}, true
+}
+
+// syncShared adopts every running contest in Redis this node does not know
+// (started through another node, or before this node restarted). Contests
+// ended elsewhere leave the replica when their timer here finds them over.
+func (s *Service) syncShared() error {
+	ctx, cancel := s.sh.ctx()
+	defer cancel()
+	m, err := s.sh.rdb.Do(ctx, s.sh.rdb.B().Hgetall().Key(keyRunning).Build()).AsStrMap()
+	if err != nil {
+		return err
+	}
+	for _, v := range m {
+		if c, ok := decodeRunning(v); ok {
+			s.adopt(c)
+		}
+	}
+	return nil
+}
+
+func (s *Service) restoreShared() error {
+	if err := s.syncShared(); err != nil {
+		return err
+	}
+	s.sh.stop, s.sh.done = make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(s.sh.done)
+		t := time.NewTicker(s.sh.every)
+		defer t.Stop()
+		for {
+			select {
+			case <-s.sh.stop:
+				return
+			case <-t.C:
+				if err := s.syncShared(); err != nil {
+					s.log.Warn("pk: sync running contests", "err", err)
+				}
+			}
+		}
+	}()
+	return nil
+}
+
+func (s *Service) closeShared() {
+	s.mu.Lock()
+	s.closed = true // no contest is adopted, ended or scored from here on
+	s.mu.Unlock()
+	s.sh.closeOnce.Do(func() {
+		if s.sh.stop != nil {
+			close(s.sh.stop)
+			<-s.sh.done
+		}
+	})
+	s.mu.Lock()
+	for _, r := range s.sh.byID {
+		r.timer.Stop()
+	}
+	s.mu.Unlock()
+}
+
+func (s *Service) runningShared(room int64) (string, string, bool) {
+	r := s.lookup(room)
+	if r == nil {
+		return "", "", false
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if r.ended {
+		return "", "", false
+	}
+	return r.c.ID, TallyName(r.c.ID), true
+}
+
+// addScoreShared queues a PK gift for the contest's next score.lua call from
+// this node: one call (and one push) carries every gift queued meanwhile.
+func (s *Service) addScoreShared(room int64, id string, amount int64) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	r := s.sh.byID[id]
+	if r == nil || r.ended || s.closed || amount <= 0 {
+		return
+	}
+	side := 0
+	if r.c.Rooms[1] == room {
+		side = 1
+	} else if r.c.Rooms[0] != room {
+		return
+	}
+	r.pending[side] += amount
+	if !r.flushing {
+		r.flushing = true
+		s.writes.Add(1)
+		go s.flush(r)
+	}
+}
+
+func (s *Service) flush(r *running) {
+	defer s.writes.Done()
+	for {
+		s.mu.Lock()
+		p := r.pending
+		r.pending = [2]int64{}
+		if p == ([2]int64{}) || r.ended || s.closed {
+			r.flushing = false
+			s.mu.Unlock()
+			return
+		}
+		s.mu.Unlock()
+		r.pub.Lock()
+		ctx, cancel := s.sh.ctx()
+		arr, err := scoreScript.Exec(ctx, s.sh.rdb, []string{contestKey(r.c.ID)}, []string{i64(p[0]), i64(p[1])}).AsIntSlice()
+		cancel()
+		if err == nil && len(arr) == 4 && arr[0] == 1 {
+			s.publishShared(r.c, [2]int64{arr[1], arr[2]}, arr[3], false)
+		}
+		r.pub.Unlock()
+		if err != nil {
+			// The gifts are in the wallet's tallies: the end still counts them.
+			s.log.Warn("pk: add score", "pk_id", r.c.ID, "err", err)
+		}
+	}
+}
+
+// endShared ends r cluster-wide if no node has yet (end.lua's compare-and-set
+// of the state); only the node that ends it pushes the result. A Redis error
+// retries a second later.
+func (s *Service) endShared(r *running) {
+	s.mu.Lock()
+	if s.closed || r.ended {
+		s.mu.Unlock()
+		return
+	}
+	s.writes.Add(1)
+	s.mu.Unlock()
+	defer s.writes.Done()
+	res, err := s.endScript(r)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err != nil {
+		s.log.Error("pk: end contest, retrying", "pk_id", r.c.ID, "err", err)
+		if !s.closed && !r.ended {
+			r.timer = time.AfterFunc(time.Second, func() { s.endShared(r) })
+		}
+		return
+	}
+	if res {
+		s.log.Info("pk contest ended", "pk_id", r.c.ID, "rooms", r.c.Rooms)
+	}
+	s.forgetLocked(r)
+}
+
+// endScript runs end.lua with the wallet's tallies; ended: this call ended
+// the contest (and pushed its result).
+func (s *Service) endScript(r *running) (ended bool, err error) {
+	var t [2]int64
+	for i, room := range r.c.Rooms {
+		if t[i], err = s.tallies(TallyName(r.c.ID), room); err != nil {
+			return false, err
+		}
+	}
+	r.pub.Lock()
+	defer r.pub.Unlock()
+	ctx, cancel := s.sh.ctx()
+	defer cancel()
+	arr, err := endScript.Exec(ctx, s.sh.rdb, []string{contestKey(r.c.ID), keyRooms, keyRunning},
+		[]string{r.c.ID, i64(r.c.Rooms[0]), i64(r.c.Rooms[1]), i64(t[0]), i64(t[1]), i64(s.keep.Milliseconds())}).AsIntSlice()
+	if err != nil {
+		return false, err
+	}
+	if len(arr) != 4 || arr[0] != 1 {
+		return false, nil
+	}
+	s.publishShared(r.c, [2]int64{arr[1], arr[2]}, arr[3], true)
+	return true, nil
+}
+
+// publishShared pushes a contest's state (numbered in Redis) to both rooms.
+func (s *Service) publishShared(c Contest, scores [2]int64, seq int64, over bool) {
+	c.Scores, c.Seq, c.Over = scores, seq, over
+	p := Progress{PKID: c.ID, Seq: seq, EndsAt: c.EndsAt.UnixMilli(), Over: over, Scores: c.ScoreMap()}
+	if over {
+		p.Winner = c.winner()
+	}
+	d, _ := proto.Marshal(p)
+	for _, room := range c.Rooms {
+		if _, err := s.router.PublishRoom(room, proto.Push{Biz: proto.BizPKProgress, Data: d, Ack: over}); err != nil {
+			s.log.Warn("pk: push", "pk_id", c.ID, "room", room, "seq", seq, "err", err)
+		}
+	}
+}
+
+func (s *Service) getShared(id string) (Contest, bool) {
+	ctx, cancel := s.sh.ctx()
+	defer cancel()
+	m, err := s.sh.rdb.Do(ctx, s.sh.rdb.B().Hgetall().Key(contestKey(id)).Build()).AsStrMap()
+	if err != nil || m["rec"] == "" {
+		if err != nil {
+			s.log.Warn("pk: read contest", "pk_id", id, "err", err)
+		}
+		return Contest{}, false
+	}
+	c, ok := decodeRunning(m["rec"])
+	if !ok {
+		return Contest{}, false
+	}
+	c.Scores[0], _ = strconv.ParseInt(m["s0"], 10, 64)
+	c.Scores[1], _ = strconv.ParseInt(m["s1"], 10, 64)
+	c.Seq, _ = strconv.ParseInt(m["seq"], 10, 64)
+	c.Over = m["state"] == "over"
+	return c, true
+}
+
+func (s *Service) opponentShared(room int64) int64 {
+	r := s.lookup(room)
+	if r == nil {
+		return 0
+	}
+	if r.c.Rooms[0] == room {
+		return r.c.Rooms[1]
+	}
+	return r.c.Rooms[0]
+}

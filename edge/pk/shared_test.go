@@ -1,0 +1,324 @@
+package pk
+
+import (
+	"fmt"
+	"sort"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/redis/rueidis"
+
+	"github.com/liveedge/liveedge/gateway/proto"
+	"github.com/liveedge/liveedge/persist/redistest"
+	"github.com/liveedge/liveedge/router"
+	"github.com/liveedge/liveedge/router/routertest"
+)
+
+// fakeWallet stands for the shared wallet's tallies: a PK gift's debit adds
+// to its tally before the gift service calls AddScore.
+type fakeWallet struct {
+	mu sync.Mutex
+	t  map[string]int64
+}
+
+func (w *fakeWallet) add(name string, room, v int64) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.t == nil {
+		w.t = map[string]int64{}
+	}
+	w.t[fmt.Sprint(name, "/", room)] += v
+}
+
+func (w *fakeWallet) tally(name string, room int64) (int64, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.t[fmt.Sprint(name, "/", room)], nil
+}
+
+// node is one cluster node's PK service: its own router, with a watcher per
+// room, and the cluster's Redis.
+type node struct {
+	s        *Service
+	watchers map[int64]*routertest.Recorder
+}
+
+func newRedis(t *testing.T) rueidis.Client {
+	t.Helper()
+	srv := redistest.Start(t)
+	rdb, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{srv.Addr}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(rdb.Close)
+	return rdb
+}
+
+func newNode(t *testing.T, rdb rueidis.Client, w *fakeWallet, rooms ...int64) *node {
+	t.Helper()
+	rt := router.NewLocal("t", router.LocalConfig{})
+	n := &node{watchers: map[int64]*routertest.Recorder{}}
+	for i, room := range rooms {
+		rt.OpenRoom(room)
+		v := &routertest.Recorder{SessionID: uint64(i + 1), User: 1000 + int64(i)}
+		if _, err := rt.Join(room, v); err != nil {
+			t.Fatal(err)
+		}
+		n.watchers[room] = v
+	}
+	n.s = NewShared(rt, func(int64) bool { return true }, rdb, w.tally, nil)
+	n.s.sh.every = 50 * time.Millisecond
+	if err := n.s.Restore(time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(n.s.Close)
+	return n
+}
+
+// pushes returns the 5558 pushes of contest id that room's watchers on nodes
+// saw.
+func pushes(id string, room int64, nodes ...*node) []Progress {
+	var out []Progress
+	for _, n := range nodes {
+		for _, p := range progress(n.watchers[room]) {
+			if p.PKID == id {
+				out = append(out, p)
+			}
+		}
+	}
+	return out
+}
+
+func poll(t *testing.T, d time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out: %s", what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// An invitation made through one node is seen, declined or accepted through
+// another; the per-inviter pending limit and "a room is already in a PK"
+// hold across nodes.
+func TestSharedPKInvitationsAcrossNodes(t *testing.T) {
+	rdb, w := newRedis(t), &fakeWallet{}
+	n1, n2 := newNode(t, rdb, w, 1, 2, 3), newNode(t, rdb, w, 1, 2, 3)
+	var ids []string
+	for i := 0; i < MaxInvitesPerInviter; i++ {
+		via := []*node{n1, n2}[i%2]
+		inv, err := via.s.Invite(7, 1, 2, time.Minute)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, inv.ID)
+	}
+	if _, err := n2.s.Invite(7, 1, 3, time.Minute); proto.AsError(err).Code != proto.CodeRateLimited {
+		t.Fatalf("4th invitation through another node: %v", err)
+	}
+	inv, ok := n2.s.Invitation(ids[0])
+	if !ok || inv.Inviter != 7 || inv.Rooms != [2]int64{1, 2} || inv.Duration != time.Minute {
+		t.Fatalf("invitation through node 2: %+v %v", inv, ok)
+	}
+	if err := n2.s.Decline(ids[0]); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := n1.s.Invitation(ids[0]); ok {
+		t.Fatal("declined invitation still pending through node 1")
+	}
+	if _, err := n1.s.Accept(ids[0]); proto.AsError(err).Code != proto.CodeNotFound {
+		t.Fatalf("accept of a declined invitation: %v", err)
+	}
+	// The slot is free again, cluster-wide.
+	if _, err := n1.s.Invite(7, 1, 3, time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	c, err := n2.s.Accept(ids[1])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := n1.s.Accept(ids[1]); proto.AsError(err).Code != proto.CodeNotFound {
+		t.Fatalf("second accept: %v", err)
+	}
+	if _, err := n1.s.Accept(ids[2]); proto.AsError(err).Code != proto.CodeConflict {
+		t.Fatalf("accept while a room is in a PK: %v", err)
+	}
+	if _, err := n1.s.Invite(8, 2, 3, time.Minute); proto.AsError(err).Code != proto.CodeConflict {
+		t.Fatalf("invite a room in a PK: %v", err)
+	}
+	if id, _, ok := n1.s.Running(2); !ok || id != c.ID {
+		t.Fatalf("running through node 1: %q %v", id, ok)
+	}
+	if got, ok := n1.s.Get(c.ID); !ok || got.Over || got.Rooms != [2]int64{1, 2} || got.Seq != 1 {
+		t.Fatalf("get through node 1: %+v %v", got, ok)
+	}
+	if o := n1.s.Opponent(1); o != 2 {
+		t.Fatalf("opponent through node 1: %d", o)
+	}
+	// The start push, seq 1, went out once (from the accepting node).
+	if p := pushes(c.ID, 1, n1, n2); len(p) != 1 || p[0].Seq != 1 {
+		t.Fatalf("start pushes: %+v", p)
+	}
+}
+
+// Many contests whose end timers fire on two nodes at once: each ends
+// exactly once (one final push per room, from one node), with one winner
+// from the final scores. PK gifts through both nodes, concurrently, move
+// the shared scores; the pushes' seq is unique per contest and the scores
+// never go back as seq grows; the final push has the highest seq and the
+// sums of the gifts — including a gift whose debit was acknowledged but
+// whose score never reached Redis (its node died), through the tally.
+func TestSharedPKEndsOnceAcrossRacingNodes(t *testing.T) {
+	rdb, w := newRedis(t), &fakeWallet{}
+	const contests = 8
+	var rooms []int64
+	for i := 1; i <= 2*contests; i++ {
+		rooms = append(rooms, int64(i))
+	}
+	n1, n2 := newNode(t, rdb, w, rooms...), newNode(t, rdb, w, rooms...)
+	ids := make([]string, contests)
+	for i := range ids {
+		c, err := n1.s.Start(rooms[2*i], rooms[2*i+1], 1500*time.Millisecond)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids[i] = c.ID
+	}
+	poll(t, 2*time.Second, "node 2 knows every contest (sync)", func() bool {
+		n2.s.mu.Lock()
+		defer n2.s.mu.Unlock()
+		return len(n2.s.sh.byID) == contests
+	})
+	var want [contests][2]int64
+	var wg sync.WaitGroup
+	for i := range ids {
+		a, b := rooms[2*i], rooms[2*i+1]
+		for j, nd := range []*node{n1, n2} {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for k := 0; k < 50; k++ {
+					room := []int64{a, b}[(k+j)%2]
+					v := int64(1 + (k*7+i)%5)
+					if i%2 == 0 && room == a {
+						v += 3 // even contests: room a wins
+					}
+					w.add(TallyName(ids[i]), room, v) // the debit
+					nd.s.AddScore(room, ids[i], v)
+				}
+			}()
+		}
+	}
+	wg.Wait()
+	for i := range ids {
+		a, b := rooms[2*i], rooms[2*i+1]
+		for k := 0; k < 50; k++ {
+			for j := 0; j < 2; j++ {
+				room := []int64{a, b}[(k+j)%2]
+				v := int64(1 + (k*7+i)%5)
+				if i%2 == 0 && room == a {
+					v += 3
+				}
+				want[i][(k+j)%2] += v
+			}
+		}
+	}
+	// A debit whose node died before adding its score: only the tally has it.
+	w.add(TallyName(ids[1]), rooms[3], 1000)
+	want[1][1] += 1000
+	for i, id := range ids {
+		a, b := rooms[2*i], rooms[2*i+1]
+		poll(t, 5*time.Second, "the final pushes", func() bool {
+			c, ok := n2.s.Get(id)
+			return ok && c.Over && len(finals(pushes(id, a, n1, n2))) > 0 && len(finals(pushes(id, b, n1, n2))) > 0
+		})
+		c, _ := n1.s.Get(id)
+		if c.Scores != want[i] {
+			t.Fatalf("contest %d: final scores %v, want %v", i, c.Scores, want[i])
+		}
+		winner := a
+		if want[i][1] > want[i][0] {
+			winner = b
+		} else if want[i][1] == want[i][0] {
+			winner = 0
+		}
+		for _, room := range []int64{a, b} {
+			ps := pushes(id, room, n1, n2)
+			f := finals(ps)
+			if len(f) != 1 {
+				t.Fatalf("contest %d room %d: %d final pushes, want 1", i, room, len(f))
+			}
+			if f[0].Winner != winner || f[0].Seq != c.Seq || f[0].Scores[fmt.Sprint(a)] != want[i][0] {
+				t.Fatalf("contest %d room %d: final %+v, want winner %d seq %d", i, room, f[0], winner, c.Seq)
+			}
+			sort.Slice(ps, func(x, y int) bool { return ps[x].Seq < ps[y].Seq })
+			for k := 1; k < len(ps); k++ {
+				prev, cur := ps[k-1], ps[k]
+				if cur.Seq == prev.Seq {
+					t.Fatalf("contest %d: seq %d pushed twice", i, cur.Seq)
+				}
+				for r, v := range cur.Scores {
+					if v < prev.Scores[r] {
+						t.Fatalf("contest %d: room %s's score went back at seq %d: %d < %d", i, r, cur.Seq, v, prev.Scores[r])
+					}
+				}
+			}
+			if last := ps[len(ps)-1]; !last.Over {
+				t.Fatalf("contest %d: the highest seq is not the final push: %+v", i, last)
+			}
+		}
+		// Nothing more moves the score of an ended contest.
+		n2.s.AddScore(a, id, 5)
+		if _, _, ok := n2.s.Running(a); ok {
+			t.Fatalf("contest %d still running on node 2", i)
+		}
+	}
+	for _, nd := range []*node{n1, n2} {
+		nd.s.mu.Lock()
+		left := len(nd.s.sh.byID)
+		nd.s.mu.Unlock()
+		if left != 0 {
+			t.Fatalf("%d ended contests still in a replica", left)
+		}
+	}
+}
+
+func finals(ps []Progress) []Progress {
+	var out []Progress
+	for _, p := range ps {
+		if p.Over {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// A node that restarts picks up the running contests from Redis and arms
+// their timers: with the node that started it gone, the contest still ends
+// (once) at its time, through the restarted node.
+func TestSharedPKRestartedNodeEndsRunningContest(t *testing.T) {
+	rdb, w := newRedis(t), &fakeWallet{}
+	n1 := newNode(t, rdb, w, 1, 2)
+	c, err := n1.s.Start(1, 2, 1500*time.Millisecond)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.add(TallyName(c.ID), 2, 9)
+	n1.s.AddScore(2, c.ID, 9)
+	poll(t, 2*time.Second, "the score push", func() bool { return len(pushes(c.ID, 2, n1)) == 2 })
+	n1.s.Close() // the node stops; its timer with it
+	n2 := newNode(t, rdb, w, 1, 2)
+	poll(t, 5*time.Second, "the final push from the restarted node", func() bool {
+		return len(finals(pushes(c.ID, 1, n2))) == 1
+	})
+	f := finals(pushes(c.ID, 2, n2))
+	if len(f) != 1 || f[0].Winner != 2 || f[0].Seq != 3 || f[0].Scores["2"] != 9 {
+		t.Fatalf("final: %+v", f)
+	}
+	if len(finals(pushes(c.ID, 1, n1))) != 0 {
+		t.Fatal("the stopped node pushed a final")
+	}
+}
