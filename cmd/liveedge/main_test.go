@@ -30,6 +30,15 @@ var (
 	buildErr  error
 )
 
+// TestMain removes the binary the tests built (one per test process).
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if binPath != "" {
+		_ = os.RemoveAll(filepath.Dir(binPath))
+	}
+	os.Exit(code)
+}
+
 func binary(t *testing.T) string {
 	t.Helper()
 	buildOnce.Do(func() {
