@@ -62,6 +62,11 @@ var sequenceLua string
 
 var sequenceScript = rueidis.NewLuaScript(sequenceLua)
 
+//go:embed lua/history.lua
+var historyLua string
+
+var historyScript = rueidis.NewLuaScript(historyLua)
+
 //go:embed lua/drain.lua
 var drainLua string
 
@@ -175,9 +180,16 @@ type croom struct {
 }
 
 type cuser struct {
-	sub      *nats.Subscription
-	sessions int
+	sub         *nats.Subscription
+	subscribing bool
+	sessions    int
+	gen         int // bumped when the last session leaves; the linger timer checks it
 }
+
+// userLinger keeps a user's subscription after their last session here left,
+// so a push already on its way (the sender's presence read was older than the
+// leave) still arrives and is kept for them (storeOffline).
+const userLinger = 2 * time.Second
 
 // seqRoom queues a room's pushes for the sequencer.
 type seqRoom struct {
@@ -552,20 +564,11 @@ var errNotKept = errors.New("router: not in the room's history")
 func (c *Cluster) readHistory(id int64, ep string, from, to int64) ([]Msg, error) {
 	ctx, cancel := c.ctx()
 	defer cancel()
-	res := c.rdb.DoMulti(ctx,
-		c.rdb.B().Get().Key(epKey(id)).Build(),
-		c.rdb.B().Xrange().Key(histKey(id)).Start(strconv.FormatInt(from, 10)+"-0").End(strconv.FormatInt(to, 10)+"-0").Build())
-	got, err := res[0].ToString()
-	if rueidis.IsRedisNil(err) {
+	entries, err := historyScript.Exec(ctx, c.rdb, []string{epKey(id), histKey(id)},
+		[]string{ep, strconv.FormatInt(from, 10), strconv.FormatInt(to, 10)}).AsXRange()
+	if rueidis.IsRedisNil(err) { // another epoch (or none)
 		return nil, errNotKept
 	}
-	if err != nil {
-		return nil, err
-	}
-	if got != ep {
-		return nil, errNotKept
-	}
-	entries, err := res[1].AsXRange()
 	if err != nil {
 		return nil, err
 	}
@@ -982,8 +985,15 @@ func (c *Cluster) Register(s Session) {
 	}
 	cu.sessions++
 	first := cu.sessions == 1
+	subscribed := cu.sub != nil || cu.subscribing
+	if first && !subscribed {
+		cu.subscribing = true
+	}
 	c.mu.Unlock()
-	if first {
+	switch {
+	case first && subscribed: // back within the linger: still subscribed
+		c.drainOffline(u)
+	case first:
 		sub, err := c.nc.Subscribe(userSubject(u), func(m *nats.Msg) {
 			msg, err := decodeUserPush(m.Data)
 			if err != nil {
@@ -995,7 +1005,8 @@ func (c *Cluster) Register(s Session) {
 			}
 		})
 		c.mu.Lock()
-		if err != nil || c.users[u] != cu || cu.sessions == 0 {
+		cu.subscribing = false
+		if err != nil || c.users[u] != cu {
 			c.mu.Unlock()
 			if sub != nil {
 				_ = sub.Unsubscribe()
@@ -1005,6 +1016,9 @@ func (c *Cluster) Register(s Session) {
 			}
 		} else {
 			cu.sub = sub
+			if cu.sessions == 0 { // every session left while subscribing
+				c.lingerUser(u, cu)
+			}
 			c.mu.Unlock()
 			// Subscribed first, then drained: a push stored before the
 			// sender published is in the list; one published after
@@ -1080,20 +1094,36 @@ func (c *Cluster) Unregister(s Session) {
 		c.markRoom(id)
 	}
 	u := s.UserID()
-	var sub *nats.Subscription
 	c.mu.Lock()
 	if cu := c.users[u]; cu != nil {
 		cu.sessions--
 		if cu.sessions <= 0 {
-			sub = cu.sub
-			delete(c.users, u)
+			cu.sessions = 0
+			c.lingerUser(u, cu)
 		}
 	}
 	c.mu.Unlock()
-	if sub != nil {
-		_ = sub.Unsubscribe()
-	}
 	c.markUser(u)
+}
+
+// lingerUser drops the user's subscription userLinger from now unless a
+// session comes back (c.mu held). A subscription still being made is handed
+// back here when it completes.
+func (c *Cluster) lingerUser(u int64, cu *cuser) {
+	cu.gen++
+	gen := cu.gen
+	time.AfterFunc(userLinger, func() {
+		var sub *nats.Subscription
+		c.mu.Lock()
+		if c.users[u] == cu && cu.sessions == 0 && cu.gen == gen && !cu.subscribing {
+			sub = cu.sub
+			delete(c.users, u)
+		}
+		c.mu.Unlock()
+		if sub != nil {
+			_ = sub.Unsubscribe()
+		}
+	})
 }
 
 // SendUser implements Router: local sessions now, other nodes' through the
