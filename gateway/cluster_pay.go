@@ -88,20 +88,14 @@ func (n *Node) servePayForwards() error {
 			} else {
 				switch req.Op {
 				case "get", "refund":
-					var o pay.Order
-					var err error
-					if req.Op == "get" {
-						o, err = n.Pay.Get(req.ID)
-					} else {
-						o, err = n.Pay.Refund(req.ID)
-					}
+					o, err := n.localOrderOp(req.Op, req.ID)
 					if err != nil {
 						rep.Err = proto.AsError(err)
 					} else {
 						rep.Order = &o
 					}
 				case "notify":
-					rep.Status, rep.Body = n.Pay.Notify(req.Channel, req.Sig, req.Body)
+					rep.Status, rep.Body = n.localNotify(req.Channel, req.Sig, req.Body)
 				case "rp.prepare", "rp.start", "rp.grab", "rp.get":
 					rep.Data, rep.Err = n.redPacketLocal(req.Op, req.User, req.Code)
 				default:
@@ -142,10 +136,7 @@ func (n *Node) orderOp(op string, id int64) (pay.Order, error) {
 		return pay.Order{}, err
 	}
 	if owner == "" {
-		if op == "refund" {
-			return n.Pay.Refund(id)
-		}
-		return n.Pay.Get(id)
+		return n.localOrderOp(op, id)
 	}
 	rep, err := n.forwardPay(owner, payFwdReq{Op: op, ID: id})
 	if err != nil {
@@ -181,5 +172,41 @@ func (n *Node) notify(channel, sig string, body []byte) (int, string) {
 			}
 		}
 	}
-	return n.Pay.Notify(channel, sig, body)
+	return n.localNotify(channel, sig, body)
+}
+
+// madeByEarlierHolder: order id carries this node's worker id but was made
+// before this node took the lease — by another node that held the id then.
+// Its order is not here: "retry" (503), never "unknown order" (404), which a
+// provider may take as final.
+func (n *Node) madeByEarlierHolder(id int64) bool {
+	return n.Cluster != nil && n.worker != nil && pay.WorkerOf(id) == n.worker.ID() &&
+		pay.TimeOf(id).Before(n.worker.Since())
+}
+
+func (n *Node) localOrderOp(op string, id int64) (pay.Order, error) {
+	var o pay.Order
+	var err error
+	if op == "refund" {
+		o, err = n.Pay.Refund(id)
+	} else {
+		o, err = n.Pay.Get(id)
+	}
+	if pe := proto.AsError(err); err != nil && pe.Code == proto.CodeNotFound && n.madeByEarlierHolder(id) {
+		return o, errOwnerDown
+	}
+	return o, err
+}
+
+func (n *Node) localNotify(channel, sig string, body []byte) (int, string) {
+	status, msg := n.Pay.Notify(channel, sig, body)
+	if status == pay.NotifyNotFound {
+		var ev pay.Event
+		if proto.Unmarshal(body, &ev) == nil {
+			if id, ok := pay.ParseOrderID(strings.TrimSpace(ev.OrderID)); ok && n.madeByEarlierHolder(id) {
+				return http.StatusServiceUnavailable, errOwnerDown.Msg
+			}
+		}
+	}
+	return status, msg
 }

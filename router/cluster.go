@@ -27,8 +27,8 @@ type ClusterConfig struct {
 	NATS  *nats.Conn
 	Redis rueidis.Client
 	// HistorySize / HistoryTTL bound each room's shared history in Redis
-	// (defaults: Local.HistorySize, Local.HistoryTTL; the TTL counts from
-	// the room's last push).
+	// (defaults: Local.HistorySize, at least 4 sequencer batches (1,024);
+	// Local.HistoryTTL, counted from the room's last push).
 	HistorySize int
 	HistoryTTL  time.Duration
 	// GapWait is how long a node waits for a missing offset before it reads
@@ -82,6 +82,9 @@ var positionScript = rueidis.NewLuaScript(positionLua)
 // closeGrace is how long a room closed through another node stays open
 // here for that node's final push to arrive.
 const closeGrace = 3 * time.Second
+
+// minSharedHistory is the least a room's Redis history keeps (4 batches).
+const minSharedHistory = 4 * maxSeqBatch
 
 const (
 	maxSeqBatch   = 256  // pushes numbered by one script call
@@ -211,9 +214,11 @@ func NewCluster(cfg ClusterConfig) (*Cluster, error) {
 	}
 	cfg.Local.Sequenced = true
 	local := NewLocal(cfg.Node, cfg.Local) // fills the Local defaults
-	if cfg.HistorySize <= 0 {
-		cfg.HistorySize = max(local.cfg.HistorySize, 1)
-	}
+	// The shared history must outlast a few sequencer batches: a batch that
+	// was numbered but never published (a node died, or its call timed out
+	// after the script ran) is read back from it by every node, and a
+	// history no longer than one batch is trimmed by the next one first.
+	cfg.HistorySize = max(cfg.HistorySize, local.cfg.HistorySize, minSharedHistory)
 	if cfg.HistoryTTL <= 0 {
 		cfg.HistoryTTL = local.cfg.HistoryTTL
 	}

@@ -151,3 +151,8 @@ func Shard(orderID int64) int64 { return orderID & (1<<GeneBits - 1) }
 func WorkerOf(orderID int64) int {
 	return int(orderID>>(seqBits+GeneBits)) & (1<<workerBits - 1)
 }
+
+// TimeOf is when an order id was made (its milliseconds since 2026).
+func TimeOf(orderID int64) time.Time {
+	return time.UnixMilli(orderID>>(workerBits+seqBits+GeneBits) + idEpochMs)
+}

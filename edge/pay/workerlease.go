@@ -172,3 +172,7 @@ func (l *WorkerLease) Close() {
 		}
 	})
 }
+
+// Since is when this node took the lease: an order id with this worker id
+// made before then was made by an earlier holder (another node).
+func (l *WorkerLease) Since() time.Time { return l.base }
