@@ -49,7 +49,7 @@ import (
 // Environment of the child process.
 const (
 	envFleet     = "LIVEEDGE_FLEET"        // "1" turns TestFleetHelper on
-	envFleetURL  = "LIVEEDGE_FLEET_URL"    // ws://127.0.0.1:port/ws
+	envFleetURL  = "LIVEEDGE_FLEET_URL"    // ws://127.0.0.1:port/ws[,ws://…]: connection i uses URL i mod count
 	envFleetN    = "LIVEEDGE_FLEET_N"      // connections
 	envFleetRoom = "LIVEEDGE_FLEET_ROOM"   // room to join; 0 = bare server (no token, no join)
 	envFleetKey  = "LIVEEDGE_FLEET_SECRET" // JWT secret to mint viewer tokens with
@@ -311,9 +311,12 @@ func runFleet(in io.Reader, out *lineWriter) error {
 	}
 }
 
-// connect opens n connections, conc at a time. With room > 0 each connection
-// authenticates (?token=…&batch=1) and joins room before it counts as open.
-func (f *fleet) connect(url string, room int, secret string, conc int) error {
+// connect opens n connections, conc at a time, round-robin over the
+// comma-separated urls (connection i to URL i mod count). With room > 0 each
+// connection authenticates (?token=…&batch=1) and joins room before it counts
+// as open.
+func (f *fleet) connect(urls string, room int, secret string, conc int) error {
+	list := strings.Split(urls, ",")
 	var auth *gateway.Auth
 	if room > 0 {
 		auth = gateway.NewAuth(secret)
@@ -330,7 +333,7 @@ func (f *fleet) connect(url string, room int, secret string, conc int) error {
 		go func() {
 			defer wg.Done()
 			for i := range next {
-				if err := f.open(f.conns[i], url, room, auth); err != nil {
+				if err := f.open(f.conns[i], list[i%len(list)], room, auth); err != nil {
 					select {
 					case errs <- err:
 					default:
@@ -456,7 +459,9 @@ type latStats struct {
 
 // startFleet starts a fleet of n connections to url (room > 0: LiveEdge with
 // tokens minted from secret; room == 0: a bare server) and waits until every
-// connection is open. The child is stopped in tb.Cleanup.
+// connection is open. url may list several comma-separated URLs: the
+// connections are spread over them round-robin. The child is stopped in
+// tb.Cleanup.
 func startFleet(tb testing.TB, url string, n int, room int64, secret string) *fleetProc {
 	tb.Helper()
 	cmd := exec.Command(os.Args[0], childCommand, "-test.count=1")
