@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"runtime/pprof"
 	"strconv"
 	"strings"
 	"testing"
@@ -267,7 +268,9 @@ func benchCluster(b *testing.B, res *clusterResults, nodes, viewers int) {
 		n++
 	}
 	b.StartTimer()
+	stop := s.watchdog(b, time.Minute)
 	fl.waitDone(doneBudget(n, viewers))
+	stop()
 	b.StopTimer()
 	elapsed := b.Elapsed()
 	srvCPU, fleetCPU, extCPU = selfCPU()-srvCPU, fl.cpuTime()-fleetCPU, s.serverCPU()-extCPU
@@ -380,6 +383,29 @@ func reportNATS(b *testing.B, s0, s1 router.ClusterStats, prefix string) {
 	b.ReportMetric(float64(in+out)/float64(pushes), prefix+"nats-msgs/push")
 	b.ReportMetric(float64(in)/float64(out), prefix+"nats-in/out")
 	b.ReportMetric(float64(pushes)/float64(out), prefix+"pushes/batch")
+}
+
+// watchdog: if the round is not over after d, ask the fleet which
+// connections are behind and write the nodes' counters and this process's
+// goroutines to a file in the temp dir (a stalled round is a bug to report).
+func (s *clusterSetup) watchdog(b *testing.B, d time.Duration) (stop func()) {
+	t := time.AfterFunc(d, func() {
+		_, _ = fmt.Fprintln(s.fl.stdin, "progress") // not send: no Fatal off the test goroutine
+		f, err := os.CreateTemp("", "clusterfanout-stall-*.txt")
+		if err != nil {
+			return
+		}
+		defer f.Close()
+		for i, n := range s.nodes {
+			fmt.Fprintf(f, "node %d: conns %d stats %+v\n", i+1, n.WS.Conns(), n.Router.Stats())
+			if n.Cluster != nil {
+				fmt.Fprintf(f, "node %d: cluster %+v\n", i+1, n.Cluster.ClusterStats())
+			}
+		}
+		_ = pprof.Lookup("goroutine").WriteTo(f, 1)
+		b.Logf("round not over after %v: node state and goroutines in %s", d, f.Name())
+	})
+	return func() { t.Stop() }
 }
 
 func (s *clusterSetup) sessionsGone() int64 {

@@ -15,6 +15,9 @@ package bench
 //	child:  stats <samples> <p50> <p90> <p99> <max> <frames> <pushes>
 //	                                    latencies in ns since the previous stats;
 //	                                    frames / pushes received by all connections
+//	parent: progress                    (diagnostics, at any time)
+//	child:  progress <behind> <min> <id> target <K>
+//	                                    connections below K, the fewest pushes one has, and its id
 //	parent: quit
 //	child:  bye
 //	child:  fail <reason>               at any time: a connection closed, a join failed…
@@ -299,6 +302,8 @@ func runFleet(in io.Reader, out *lineWriter) error {
 				}
 			case "stats":
 				out.printf("stats %s", f.stats())
+			case "progress":
+				out.printf("progress %s", f.progress())
 			case "quit":
 				f.closeAll()
 				out.printf("bye")
@@ -411,6 +416,22 @@ func (f *fleet) closeAll() {
 	}
 }
 
+// progress describes the connections that have not reached the target:
+// "<behind> <min pushes> <id of one with the min>".
+func (f *fleet) progress() string {
+	t := f.target.Load()
+	behind, minID, minN := 0, -1, int64(1<<62)
+	for _, c := range f.conns {
+		if n := c.pushes.Load(); n < t {
+			behind++
+			if n < minN {
+				minN, minID = n, c.id
+			}
+		}
+	}
+	return fmt.Sprintf("%d %d %d target %d", behind, minN, minID, t)
+}
+
 // stats returns and resets the latency samples and frame counts.
 func (f *fleet) stats() string {
 	var all []int64
@@ -518,6 +539,8 @@ func (p *fleetProc) await(want string, timeout time.Duration) string {
 				return line
 			case strings.HasPrefix(line, "fail"):
 				p.tb.Fatalf("fleet: %s", line)
+			case strings.HasPrefix(line, "progress"):
+				p.tb.Logf("fleet: %s", line)
 			}
 			// Anything else (e.g. the testing package's own output) is ignored.
 		case <-deadline.C:
