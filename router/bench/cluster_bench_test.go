@@ -156,6 +156,14 @@ func startClusterSetup(b *testing.B, nodes, viewers int) *clusterSetup {
 		cfg.Log.Level = "error"
 		// The fleet's clients never ping; keep them from being swept as silent.
 		cfg.WS.Heartbeat = configs.Duration(time.Hour)
+		// A room's history must outlast a lost batch: with the default 256
+		// (= one full batch of the sequencer) a batch whose NATS publish is
+		// missing — a sequencer call that outlived its timeout although the
+		// script ran — is trimmed by the next batches before the other nodes
+		// read it, and they skip it (GapsLost): their viewers never get those
+		// pushes and the round stalls. 4096 holds the whole burst
+		// (router/bench/README.md, "Sequencer errors and stalls").
+		cfg.Rooms.HistorySize = 4096
 		n := nodetest.Start(b, cfg)
 		s.nodes = append(s.nodes, n)
 		urls = append(urls, nodetest.WSURL(n))
