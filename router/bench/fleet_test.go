@@ -15,6 +15,9 @@ package bench
 //	child:  stats <samples> <p50> <p90> <p99> <max> <frames> <pushes>
 //	                                    latencies in ns since the previous stats;
 //	                                    frames / pushes received by all connections
+//	parent: progress                    (diagnostics, at any time)
+//	child:  progress <behind> <min> <id> target <K>
+//	                                    connections below K, the fewest pushes one has, and its id
 //	parent: quit
 //	child:  bye
 //	child:  fail <reason>               at any time: a connection closed, a join failed…
@@ -49,7 +52,7 @@ import (
 // Environment of the child process.
 const (
 	envFleet     = "LIVEEDGE_FLEET"        // "1" turns TestFleetHelper on
-	envFleetURL  = "LIVEEDGE_FLEET_URL"    // ws://127.0.0.1:port/ws
+	envFleetURL  = "LIVEEDGE_FLEET_URL"    // ws://127.0.0.1:port/ws[,ws://…]: connection i uses URL i mod count
 	envFleetN    = "LIVEEDGE_FLEET_N"      // connections
 	envFleetRoom = "LIVEEDGE_FLEET_ROOM"   // room to join; 0 = bare server (no token, no join)
 	envFleetKey  = "LIVEEDGE_FLEET_SECRET" // JWT secret to mint viewer tokens with
@@ -299,6 +302,8 @@ func runFleet(in io.Reader, out *lineWriter) error {
 				}
 			case "stats":
 				out.printf("stats %s", f.stats())
+			case "progress":
+				out.printf("progress %s", f.progress())
 			case "quit":
 				f.closeAll()
 				out.printf("bye")
@@ -311,9 +316,12 @@ func runFleet(in io.Reader, out *lineWriter) error {
 	}
 }
 
-// connect opens n connections, conc at a time. With room > 0 each connection
-// authenticates (?token=…&batch=1) and joins room before it counts as open.
-func (f *fleet) connect(url string, room int, secret string, conc int) error {
+// connect opens n connections, conc at a time, round-robin over the
+// comma-separated urls (connection i to URL i mod count). With room > 0 each
+// connection authenticates (?token=…&batch=1) and joins room before it counts
+// as open.
+func (f *fleet) connect(urls string, room int, secret string, conc int) error {
+	list := strings.Split(urls, ",")
 	var auth *gateway.Auth
 	if room > 0 {
 		auth = gateway.NewAuth(secret)
@@ -330,7 +338,7 @@ func (f *fleet) connect(url string, room int, secret string, conc int) error {
 		go func() {
 			defer wg.Done()
 			for i := range next {
-				if err := f.open(f.conns[i], url, room, auth); err != nil {
+				if err := f.open(f.conns[i], list[i%len(list)], room, auth); err != nil {
 					select {
 					case errs <- err:
 					default:
@@ -408,6 +416,22 @@ func (f *fleet) closeAll() {
 	}
 }
 
+// progress describes the connections that have not reached the target:
+// "<behind> <min pushes> <id of one with the min>".
+func (f *fleet) progress() string {
+	t := f.target.Load()
+	behind, minID, minN := 0, -1, int64(1<<62)
+	for _, c := range f.conns {
+		if n := c.pushes.Load(); n < t {
+			behind++
+			if n < minN {
+				minN, minID = n, c.id
+			}
+		}
+	}
+	return fmt.Sprintf("%d %d %d target %d", behind, minN, minID, t)
+}
+
 // stats returns and resets the latency samples and frame counts.
 func (f *fleet) stats() string {
 	var all []int64
@@ -456,7 +480,9 @@ type latStats struct {
 
 // startFleet starts a fleet of n connections to url (room > 0: LiveEdge with
 // tokens minted from secret; room == 0: a bare server) and waits until every
-// connection is open. The child is stopped in tb.Cleanup.
+// connection is open. url may list several comma-separated URLs: the
+// connections are spread over them round-robin. The child is stopped in
+// tb.Cleanup.
 func startFleet(tb testing.TB, url string, n int, room int64, secret string) *fleetProc {
 	tb.Helper()
 	cmd := exec.Command(os.Args[0], childCommand, "-test.count=1")
@@ -513,6 +539,8 @@ func (p *fleetProc) await(want string, timeout time.Duration) string {
 				return line
 			case strings.HasPrefix(line, "fail"):
 				p.tb.Fatalf("fleet: %s", line)
+			case strings.HasPrefix(line, "progress"):
+				p.tb.Logf("fleet: %s", line)
 			}
 			// Anything else (e.g. the testing package's own output) is ignored.
 		case <-deadline.C:
