@@ -45,6 +45,8 @@ export async function setup() {
   const api = apiFor(k.baseUrls, 1);
   const anchorToken = await api.devToken(k.anchorId, "anchor");
   const room = k.room || (await api.openRoom(anchorToken));
+  // Preparing debits the anchor the whole total (refunded what nobody grabs).
+  await api.devCredit(k.anchorId, TOTAL_AMOUNT, `k6-rain-${Date.now()}`);
   const created = await api.createRedPacket(anchorToken, room, { total_amount: TOTAL_AMOUNT, total_count: TOTAL_COUNT, duration_s: RAIN_S });
   if (created.code !== 0) throw new Error(`create red packet: HTTP ${created.status} ${created.raw}`);
   const code = String(created.data.code);

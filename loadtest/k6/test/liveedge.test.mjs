@@ -224,6 +224,8 @@ describe("protocol module against a real node", () => {
     }
     assert.equal(created.code, 0, created.raw);
     const code = String(created.data.code);
+    // Preparing debits the anchor the total (as redpacket.js's setup does).
+    await api.devCredit(anchor, 100, "k6-rain-seed");
     assert.equal((await api.redPacketStep(anchorToken, code, "prepare")).code, 0);
     await eventually(async () => (await api.redPacketStep(anchorToken, code, "start")).code === 0, 15000, "start (1 per 10 s per anchor)");
     await eventually(() => viewer.pushes.some((p) => p.biz === Biz.RainStarted && p.d.code === code), 5000, "5560");
