@@ -1,6 +1,10 @@
 package gateway
 
 import (
+	"context"
+	"strconv"
+	"time"
+
 	"github.com/liveedge/liveedge/edge/redpacket"
 )
 
@@ -21,11 +25,28 @@ func (n *Node) newRedPackets() (err error) {
 		MaxCount: cfg.MaxCount, MaxTotal: cfg.MaxTotal, MaxDuration: cfg.MaxDuration.D(),
 		MaxPerAnchor: cfg.MaxPerAnchor, OnePerUser: cfg.OnePerUser,
 		PrepareInterval: cfg.PrepareInterval.D(), StartInterval: cfg.StartInterval.D(),
-		GrabInterval: cfg.GrabInterval.D(),
+		GrabInterval: cfg.GrabInterval.D(), SharedLimit: n.sharedAnchorLimit(),
 	}, n.Log)
 	if err != nil {
 		return err
 	}
 	n.Rooms.SetRedPacket(n.RedPackets.ActiveCode)
 	return nil
+}
+
+// sharedAnchorLimit is the cluster's per-anchor limit of red-packet prepare
+// and start (nil on a single node): a SET NX with the interval as its expiry,
+// so one is allowed per interval whichever node is asked. Redis unreachable:
+// refused (10429) rather than unlimited.
+func (n *Node) sharedAnchorLimit() func(kind string, anchor int64, d time.Duration) bool {
+	if n.Cluster == nil {
+		return nil
+	}
+	return func(kind string, anchor int64, d time.Duration) bool {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		key := "le:rl:rp:" + kind + ":{" + strconv.FormatInt(anchor, 10) + "}"
+		err := n.Redis.Do(ctx, n.Redis.B().Set().Key(key).Value("1").Nx().Px(d).Build()).Error()
+		return err == nil // a nil reply (key present) is an error here
+	}
 }

@@ -966,6 +966,20 @@ func TestClusterRedPacketRainAnyNode(t *testing.T) {
 	if st := nodetest.DoJSON(t, "POST", "http://"+c.nodes[2].http+"/api/v1/redpackets/"+code+"/start", anchorTok, "", nil); st != 200 {
 		t.Fatalf("start through node 3: %d", st)
 	}
+	// The per-anchor prepare limit (1 per 10 s) is cluster-wide: a second
+	// rain, owned by node 2, cannot be prepared right after the first.
+	var second struct {
+		Data struct {
+			Code string `json:"code"`
+		} `json:"data"`
+	}
+	if st := nodetest.DoJSON(t, "POST", fmt.Sprintf("http://%s/api/v1/rooms/%d/redpackets", c.nodes[1].http, room), anchorTok,
+		`{"total_amount":10,"total_count":1,"duration_s":30}`, &second); st != 200 {
+		t.Fatalf("second rain: %d", st)
+	}
+	if st := nodetest.DoJSON(t, "POST", "http://"+c.nodes[2].http+"/api/v1/redpackets/"+second.Data.Code+"/prepare", anchorTok, "", nil); st != 429 {
+		t.Fatalf("second prepare within 10 s through another node: HTTP %d, want 429", st)
+	}
 	// A user in no room, through node 2: refused, nothing granted.
 	outsider := dialLogged(t, c.nodes[1].ws, devToken(t, c.nodes[1].http, 4999, "viewer"), &pushLog{})
 	var pe *proto.Error

@@ -54,6 +54,11 @@ type Config struct {
 	// prepared/started answers without counting.
 	PrepareInterval, StartInterval, GrabInterval time.Duration
 	Now                                          func() time.Time // nil = time.Now
+	// SharedLimit, if set, replaces this node's prepare/start limiters with
+	// one every node shares (a cluster: an anchor's rains may live on
+	// different nodes): true = allowed, counting it. kind is "prepare" or
+	// "start".
+	SharedLimit func(kind string, anchor int64, interval time.Duration) bool
 }
 
 // Service runs red-packet rains on one node. Safe for concurrent use.
@@ -162,6 +167,20 @@ func New(store *persist.Store, w persist.Wallet, r router.Router, cfg Config, lo
 }
 
 // interval is a limiter of one event per d per key (nil: d ≤ 0, no limit).
+// allow applies the prepare or start limit of anchor: the shared one in a
+// cluster (one Redis round trip; prepare and start are rare), else this
+// node's.
+func (s *Service) allow(kind string, anchor int64) bool {
+	d, local := s.cfg.PrepareInterval, s.prepLimit
+	if kind == "start" {
+		d, local = s.cfg.StartInterval, s.startLimit
+	}
+	if s.cfg.SharedLimit != nil && d > 0 {
+		return s.cfg.SharedLimit(kind, anchor, d)
+	}
+	return local.Allow(uint64(anchor))
+}
+
 func interval(d time.Duration, now func() time.Time) *limit.Keyed {
 	if d <= 0 {
 		return nil
@@ -395,7 +414,7 @@ func (s *Service) Prepare(anchor int64, code string) (View, error) {
 	case r.busy:
 		r.mu.Unlock()
 		return View{}, proto.Errorf(proto.CodeConflict, "a prepare of this rain is in progress")
-	case !s.prepLimit.Allow(uint64(anchor)):
+	case !s.allow("prepare", anchor):
 		r.mu.Unlock()
 		return View{}, proto.ErrRateLimited
 	}
@@ -471,7 +490,7 @@ func (s *Service) Start(anchor int64, code string) (View, error) {
 		perr = proto.ErrInternal
 	case s.running[rec.Room] != "":
 		perr = proto.Errorf(proto.CodeConflict, "another red-packet rain is running in this room")
-	case !s.startLimit.Allow(uint64(anchor)):
+	case !s.allow("start", anchor):
 		perr = proto.ErrRateLimited
 	}
 	if perr != nil {
