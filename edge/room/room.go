@@ -1,10 +1,3 @@
-// Package room owns living rooms: an anchor opens a room of a type and closes
-// it; viewers list open rooms by type and read a room's info. Rooms are durable
-// (Pebble, key room/<id>) and re-opened in the router when the node restarts.
-//
-// Invariants (kept by Service under mu): an anchor has at most one open room;
-// a room id is never reused; a closed room never becomes joinable again.
-// Durable writes happen outside mu (an anchor's open is reserved first).
 package room
 
 import (
