@@ -623,6 +623,10 @@ func TestClusterSurvivesNATSAndRedisRestart(t *testing.T) {
 	if roomOnline(t, c.nodes[2].http, anchorTok, room) == 0 {
 		t.Fatal("the room is gone or empty after Redis lost its data")
 	}
+	// A room opened after the loss never gets a live room's id again.
+	if r2 := openRoom(t, c.nodes[1].http, devToken(t, c.nodes[1].http, 2, "anchor")); r2 <= room {
+		t.Fatalf("a room opened after Redis lost the counter got id %d (live room %d)", r2, room)
+	}
 	t.Logf("%d chats acknowledged and delivered to all %d clients; %d refused during the outages", want, n, failed.Load())
 }
 

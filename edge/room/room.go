@@ -142,7 +142,10 @@ func (s *Service) Open(anchor int64, typ int) (Room, error) {
 		return Room{}, proto.BadRequest("type must be >= 0")
 	}
 	if s.shared != nil {
-		rm, created, err := s.shared.open(anchor, typ, s.now(), s.interval)
+		s.mu.RLock()
+		seen := s.seq
+		s.mu.RUnlock()
+		rm, created, err := s.shared.open(anchor, typ, s.now(), s.interval, seen)
 		if err != nil {
 			return Room{}, err
 		}
@@ -368,6 +371,7 @@ func (s *Service) List(typ, page, pageSize int, viewer int64) ([]Info, int, erro
 // router without a final push: the node that closed the room sent that.
 func (s *Service) Apply(kind string, rm Room) {
 	s.mu.Lock()
+	s.seq = max(s.seq, rm.ID) // the highest id seen: a floor if Redis loses the counter
 	switch kind {
 	case "opened":
 		if _, ok := s.open[rm.ID]; ok {

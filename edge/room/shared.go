@@ -62,12 +62,12 @@ func decodeRecord(v string) (Room, error) {
 }
 
 // open returns the anchor's open room (created = false) or a new one.
-func (sh *Shared) open(anchor int64, typ int, now time.Time, interval time.Duration) (rm Room, created bool, err error) {
+func (sh *Shared) open(anchor int64, typ int, now time.Time, interval time.Duration, seen int64) (rm Room, created bool, err error) {
 	ctx, cancel := sh.ctx()
 	defer cancel()
 	arr, err := openScript.Exec(ctx, sh.Client, keys(anchor), []string{
 		strconv.FormatInt(anchor, 10), strconv.Itoa(typ), strconv.FormatInt(now.UnixMilli(), 10),
-		strconv.FormatInt(interval.Milliseconds(), 10)}).ToArray()
+		strconv.FormatInt(interval.Milliseconds(), 10), strconv.FormatInt(seen, 10)}).ToArray()
 	if err != nil {
 		return Room{}, false, err
 	}
