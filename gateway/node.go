@@ -248,7 +248,8 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 		}
 	}
 	n.Tickets, err = ticket.New(n.Store, n.Wallet, n.Pay, n.Router, ticket.Config{
-		PayTimeout: cfg.Tickets.PayTimeout.D(), MaxPrograms: cfg.Tickets.MaxPrograms, MaxSeats: cfg.Tickets.MaxSeats, Log: log})
+		PayTimeout: cfg.Tickets.PayTimeout.D(), MaxPrograms: cfg.Tickets.MaxPrograms, MaxSeats: cfg.Tickets.MaxSeats, Log: log,
+		NextProgramID: n.nextProgramID()})
 	if err != nil {
 		return nil, err
 	}

@@ -1222,3 +1222,94 @@ func TestClusterPKAcrossNodes(t *testing.T) {
 		t.Fatalf("credits %d debits %d balances %d, want 4000 %d %d", cr, db, bal, total, 4000-total)
 	}
 }
+
+// A ticket program made through node 1 works through every node: read
+// through node 2, an order paid with coins placed through node 3, read
+// through node 2; an order placed through node 2 and cancelled through node
+// 3; the seats add up (sold + locked + free = seats) through any node; the
+// program ids of two nodes never collide.
+func TestClusterTicketsAnyNode(t *testing.T) {
+	c := startCluster(t, 3)
+	admin := devToken(t, c.nodes[0].http, 9000, "admin")
+	var created struct {
+		Data struct {
+			ProgramID int64 `json:"program_id"`
+		} `json:"data"`
+	}
+	prog := `{"name":"show","categories":[{"category_id":1,"name":"A","price":10,"rows":2,"cols":5}],"per_order_max":4,"per_user_max":6}`
+	if st := nodetest.DoJSON(t, "POST", "http://"+c.nodes[0].http+"/api/v1/admin/programs", admin, prog, &created); st != 200 {
+		t.Fatalf("program through node 1: %d", st)
+	}
+	pid := created.Data.ProgramID
+	var other struct {
+		Data struct {
+			ProgramID int64 `json:"program_id"`
+		} `json:"data"`
+	}
+	if st := nodetest.DoJSON(t, "POST", "http://"+c.nodes[1].http+"/api/v1/admin/programs", devToken(t, c.nodes[1].http, 9000, "admin"), prog, &other); st != 200 || other.Data.ProgramID == pid {
+		t.Fatalf("program through node 2: %d, id %d (node 1's: %d)", st, other.Data.ProgramID, pid)
+	}
+	type order struct {
+		Data struct {
+			OrderID string   `json:"order_id"`
+			Status  string   `json:"status"`
+			SeatIDs []string `json:"seat_ids"`
+		} `json:"data"`
+	}
+	const buyer, buyer2 = 700, 701
+	if st := nodetest.DoJSON(t, "POST", "http://"+c.nodes[0].http+"/api/v1/dev/credit", "",
+		fmt.Sprintf(`{"user_id":%d,"amount":100,"req_id":"seed"}`, buyer), nil); st != 200 {
+		t.Fatalf("credit: %d", st)
+	}
+	tok := devToken(t, c.nodes[2].http, buyer, "viewer")
+	var paid order
+	if st := nodetest.DoJSON(t, "POST", "http://"+c.nodes[2].http+"/api/v1/tickets/orders", tok,
+		fmt.Sprintf(`{"program_id":%d,"category_id":1,"count":2,"pay":"coins","req_id":"t1"}`, pid), &paid); st != 200 ||
+		paid.Data.Status != "PAID" || len(paid.Data.SeatIDs) != 2 {
+		t.Fatalf("coins order through node 3: %d %+v", st, paid.Data)
+	}
+	var got order
+	if st := nodetest.DoJSON(t, "GET", "http://"+c.nodes[1].http+"/api/v1/tickets/orders/"+paid.Data.OrderID, tok, "", &got); st != 200 || got.Data.Status != "PAID" {
+		t.Fatalf("GET order through node 2: %d %+v", st, got.Data)
+	}
+	tok2 := devToken(t, c.nodes[1].http, buyer2, "viewer")
+	var pending order
+	if st := nodetest.DoJSON(t, "POST", "http://"+c.nodes[1].http+"/api/v1/tickets/orders", tok2,
+		fmt.Sprintf(`{"program_id":%d,"category_id":1,"count":3,"req_id":"t2"}`, pid), &pending); st != 200 || pending.Data.Status != "PENDING_PAY" {
+		t.Fatalf("order through node 2: %d %+v", st, pending.Data)
+	}
+	var view struct {
+		Data struct {
+			Seats []struct {
+				Status int `json:"status"`
+			} `json:"seats"`
+		} `json:"data"`
+	}
+	count := func(nd *sharedNode) (free, locked, sold int) {
+		view.Data.Seats = nil
+		if st := nodetest.DoJSON(t, "GET", fmt.Sprintf("http://%s/api/v1/programs/%d", nd.http, pid), tok, "", &view); st != 200 {
+			t.Fatalf("program through %s: %d", nd.http, st)
+		}
+		for _, s := range view.Data.Seats {
+			switch s.Status {
+			case 1:
+				free++
+			case 2:
+				locked++
+			case 3:
+				sold++
+			}
+		}
+		return
+	}
+	if f, l, s := count(c.nodes[2]); f != 5 || l != 3 || s != 2 {
+		t.Fatalf("through node 3: free %d locked %d sold %d, want 5 3 2", f, l, s)
+	}
+	var cancelled order
+	if st := nodetest.DoJSON(t, "POST", "http://"+c.nodes[2].http+"/api/v1/tickets/orders/"+pending.Data.OrderID+"/cancel", tok2, "", &cancelled); st != 200 || cancelled.Data.Status != "CANCELLED" {
+		t.Fatalf("cancel through node 3: %d %+v", st, cancelled.Data)
+	}
+	if f, l, s := count(c.nodes[1]); f != 8 || l != 0 || s != 2 {
+		t.Fatalf("through node 2 after the cancel: free %d locked %d sold %d, want 8 0 2", f, l, s)
+	}
+}

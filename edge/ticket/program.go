@@ -42,6 +42,13 @@ func (s *Service) CreateProgram(d ProgramDef) (int64, error) {
 		return 0, proto.BadRequest("at most %d programs", s.cfg.MaxPrograms)
 	}
 	d.ID = last + 1
+	if s.cfg.NextProgramID != nil {
+		id, err := s.cfg.NextProgramID()
+		if err != nil {
+			return 0, err
+		}
+		d.ID = id
+	}
 	v, _ := proto.Marshal(d)
 	if err := s.store.Put(programKey(d.ID), v); err != nil {
 		return 0, err

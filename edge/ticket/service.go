@@ -21,6 +21,9 @@ type Config struct {
 	SweepEvery  time.Duration // how often expired orders are looked for (0 = min(PayTimeout/4, 1 s))
 	Now         func() time.Time
 	Log         *slog.Logger
+	// NextProgramID, if set, allocates program ids (a cluster: one counter
+	// in Redis, so ids are unique across nodes); nil = this node's counter.
+	NextProgramID func() (int64, error)
 
 	// Hook, in tests only (nil in production), is called at the saga's
 	// named points: "fail:<step>" before a step (an error fails the step)
