@@ -195,7 +195,7 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 		RoomEffectsPerSecond: cfg.Gifts.RoomEffectsPerSecond,
 	}, log)
 	if n.Cluster != nil {
-		n.PK = pk.NewShared(n.Router, n.Rooms.IsOpen, n.Redis, n.Wallet.Tally, log)
+		n.PK = pk.NewShared(n.Router, n.Rooms.EnsureOpen, n.Redis, n.Wallet.Tally, log) // a room opened through another node may not be replicated here yet
 	} else {
 		n.PK = pk.New(n.Router, n.Rooms.IsOpen, n.Store, n.Wallet.Tally, log)
 	}
