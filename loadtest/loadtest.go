@@ -208,6 +208,7 @@ type run struct {
 	lat, recon Hist
 	killAt     atomic.Int64 // unix ns; 0 before the kill
 	closing    atomic.Bool  // the run is closing its connections
+	lastPush   atomic.Int64 // unix ns of the last push delivered to a viewer
 
 	conns, connErrs, deliveries, gaps, dups, resyncs, epochs atomic.Int64
 	disconnects, reconnects, reconnAfterKill, errs           atomic.Int64
@@ -356,6 +357,10 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	deadline := time.Now().Add(cfg.Drain)
 	for time.Now().Before(deadline) && ctx.Err() == nil {
 		done := r.deliveries.Load() >= viewers*r.sent.Load()
+		if cfg.NoPublish && (cfg.Scenario == Fanout || cfg.Scenario == Chat) {
+			// another process publishes: wait until pushes stop coming
+			done = time.Since(time.Unix(0, r.lastPush.Load())) > time.Second
+		}
 		if cfg.Scenario == ReconnectStorm {
 			done = r.killAt.Load() != 0 && r.disconnects.Load() > 0 && r.reconnAfterKill.Load() >= r.disconnects.Load() && done
 		}
@@ -432,6 +437,7 @@ func (lc *lconn) onPush(p clientsdk.Push) {
 		return
 	}
 	if ts, ok := stamp(p.Data); ok {
+		r.lastPush.Store(now.UnixNano())
 		r.deliveries.Add(1)
 		r.lat.Record(now.Sub(time.Unix(0, ts)))
 	}
@@ -535,7 +541,8 @@ func (r *run) kill(ctx context.Context) {
 	case <-time.After(r.cfg.KillAfter):
 	}
 	r.killAt.Store(time.Now().UnixNano())
-	if err := syscall.Kill(r.cfg.KillPID, syscall.SIGKILL); err != nil {
+	// ESRCH: another loadgen process (-procs) killed it first
+	if err := syscall.Kill(r.cfg.KillPID, syscall.SIGKILL); err != nil && !errors.Is(err, syscall.ESRCH) {
 		r.fail(fmt.Errorf("kill %d: %w", r.cfg.KillPID, err))
 		return
 	}
