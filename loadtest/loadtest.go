@@ -387,8 +387,8 @@ func (r *run) open(ctx context.Context, i int, viewer bool) (*lconn, error) {
 	c, err := clientsdk.Dial(ctx, clientsdk.Config{
 		URLs:              urls,
 		Token:             tok,
-		EventBuffer:       64,
-		DedupWindow:       512,
+		EventBuffer:       16,
+		DedupWindow:       64,
 		HeartbeatInterval: cfg.Heartbeat,
 		ReconnectMin:      100 * time.Millisecond,
 		ReconnectMax:      5 * time.Second,
