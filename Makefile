@@ -28,6 +28,7 @@ cluster: tools build
 
 build:
 	$(GO) build -o $(BIN)/liveedge ./cmd/liveedge
+	$(GO) build -o $(BIN)/loadgen ./cmd/loadgen
 
 # Everything CI runs: static checks, every test under -race (then the timing
 # tests again without it), a short fuzz run

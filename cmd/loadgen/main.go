@@ -1,0 +1,236 @@
+// Command loadgen runs a LiveEdge load scenario (package loadtest) against
+// nodes on this machine and prints a summary; -json writes the figures.
+//
+//	loadgen -scenario idle -conns 2000 -node-pid $(pgrep -n liveedge)
+//	loadgen -scenario fanout -conns 1000 -rate 5 -duration 30s -json out.json
+//
+// -procs N runs N copies of itself, each with a share of -conns (a process
+// may hold at most 20,000 files here), and merges their results.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/liveedge/liveedge/loadtest"
+)
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+func run(args []string, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("loadgen", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var cfg loadtest.Config
+	var ws, httpURLs, jsonPath string
+	var procs int
+	var startAt int64
+	var quiet bool
+	fs.StringVar(&cfg.Scenario, "scenario", "idle", "idle | fanout | chat | reconnect-storm")
+	fs.StringVar(&ws, "ws", "ws://127.0.0.1:8081/ws", "WebSocket URLs of the nodes, comma-separated (loopback only)")
+	fs.StringVar(&httpURLs, "http", "http://127.0.0.1:8080", "HTTP bases of the nodes, same order (dev tokens, room)")
+	fs.IntVar(&cfg.Conns, "conns", 100, "connections in all (viewers + publishers)")
+	fs.DurationVar(&cfg.Duration, "duration", 10*time.Second, "hold / publish time after the ramp")
+	fs.IntVar(&cfg.Ramp, "ramp", 500, "connections opened per second (in all)")
+	fs.Int64Var(&cfg.Room, "room", 0, "room id (0: open, or get back, the anchor's room)")
+	fs.Int64Var(&cfg.Anchor, "anchor", 1, "anchor user id for -room 0")
+	fs.Int64Var(&cfg.UserBase, "user-base", 0, "first user id (0: derived from the time, fresh users each run)")
+	fs.Float64Var(&cfg.Rate, "rate", 0, "fanout / reconnect-storm: pushes per second through one publisher (fanout default 5)")
+	fs.IntVar(&cfg.Talkers, "talkers", 0, "chat: talking connections (default 5)")
+	fs.Float64Var(&cfg.ChatRate, "chat-rate", 0, "chat: chats per second per talker, at most 5 (default 2)")
+	fs.IntVar(&cfg.Payload, "payload", 100, "chat text bytes")
+	fs.DurationVar(&cfg.Heartbeat, "heartbeat", 0, "client heartbeat interval (0: half the server's; negative: none)")
+	fs.IntVar(&cfg.NodePID, "node-pid", 0, "pid of the node process: report its RSS per connection")
+	fs.IntVar(&cfg.KillPID, "kill-pid", 0, "reconnect-storm: SIGKILL this node process")
+	fs.DurationVar(&cfg.KillAfter, "kill-after", 2*time.Second, "reconnect-storm: kill this long into the run")
+	fs.DurationVar(&cfg.Drain, "drain", 0, "wait this long at most for late pushes / reconnects (default 3s, storm 30s)")
+	fs.StringVar(&jsonPath, "json", "", "write the figures to this JSON file")
+	fs.IntVar(&procs, "procs", 1, "spread the connections over this many processes")
+	fs.BoolVar(&quiet, "q", false, "no progress lines on stderr")
+	// internal: set by the parent for its children
+	fs.BoolVar(&cfg.NoPublish, "no-publish", false, "internal (-procs): this process has no publishers")
+	fs.Int64Var(&startAt, "start-at", 0, "internal (-procs): unix ms when publishing starts")
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	cfg.WS, cfg.HTTP = split(ws), split(httpURLs)
+	if !quiet {
+		cfg.Log = stderr
+	}
+	if startAt > 0 {
+		cfg.StartAt = time.UnixMilli(startAt)
+	}
+	limit, err := loadtest.RaiseFileLimit()
+	if err != nil {
+		fmt.Fprintln(stderr, "loadgen: raise the file limit:", err)
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+
+	var res *loadtest.Result
+	if procs > 1 {
+		res, err = runProcs(ctx, fs, cfg, procs, stderr)
+	} else {
+		if limit > 0 && uint64(cfg.Conns)+64 > limit {
+			fmt.Fprintf(stderr, "loadgen: %d connections need more than the %d files a process may open: use -procs\n", cfg.Conns, limit)
+			return 2
+		}
+		// bounded in time: the ramp, the run, the drain and a margin
+		bound := time.Duration(cfg.Conns)*time.Second/time.Duration(max(cfg.Ramp, 1)) + cfg.Duration + max(cfg.Drain, 30*time.Second) + time.Minute
+		if !cfg.StartAt.IsZero() {
+			bound += time.Until(cfg.StartAt)
+		}
+		rctx, cancel := context.WithTimeout(ctx, bound)
+		defer cancel()
+		res, err = loadtest.Run(rctx, cfg)
+	}
+	if err != nil {
+		fmt.Fprintln(stderr, "loadgen:", err)
+		return 1
+	}
+	res.WriteSummary(stdout)
+	if jsonPath != "" {
+		if err := res.WriteJSON(jsonPath); err != nil {
+			fmt.Fprintln(stderr, "loadgen:", err)
+			return 1
+		}
+	}
+	return 0
+}
+
+func split(s string) []string {
+	var out []string
+	for _, p := range strings.Split(s, ",") {
+		if p = strings.TrimSpace(p); p != "" {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// runProcs re-executes this program procs times with a share of the
+// connections each (the first also runs the publishers), one room and one
+// start time for all, and merges the JSON results.
+func runProcs(ctx context.Context, fs *flag.FlagSet, cfg loadtest.Config, procs int, stderr io.Writer) (*loadtest.Result, error) {
+	if err := cfg.Normalize(); err != nil {
+		return nil, err
+	}
+	stderr = &lockedWriter{w: stderr}
+	room := cfg.Room
+	if room == 0 {
+		var err error
+		if room, err = loadtest.OpenRoom(ctx, httpClient(), cfg.HTTP[0], cfg.Anchor); err != nil {
+			return nil, err
+		}
+	}
+	var nodeBefore int64
+	if cfg.NodePID > 0 {
+		nodeBefore, _ = loadtest.RSS(cfg.NodePID)
+	}
+	self, err := os.Executable()
+	if err != nil {
+		return nil, err
+	}
+	dir, err := os.MkdirTemp("", "loadgen-")
+	if err != nil {
+		return nil, err
+	}
+	defer os.RemoveAll(dir)
+	// Every child ramps at Ramp/procs; publishing starts for all at once, 3 s
+	// after the slowest ramp should be done.
+	rampTime := time.Duration(cfg.Conns) * time.Second / time.Duration(cfg.Ramp)
+	start := time.Now().Add(rampTime + 3*time.Second)
+	// flags given on the command line, minus those set per child
+	perChild := map[string]bool{"conns": true, "procs": true, "json": true, "ramp": true, "room": true,
+		"user-base": true, "no-publish": true, "start-at": true, "node-pid": true}
+	var common []string
+	fs.Visit(func(f *flag.Flag) {
+		if !perChild[f.Name] {
+			common = append(common, "-"+f.Name+"="+f.Value.String())
+		}
+	})
+	var wg sync.WaitGroup
+	parts := make([]*loadtest.Result, procs)
+	errs := make([]error, procs)
+	// the parent samples the node's RSS while the children hold their connections
+	var nodePeak int64
+	sampleDone := make(chan struct{})
+	if cfg.NodePID > 0 {
+		go func() {
+			defer close(sampleDone)
+			t := time.NewTicker(500 * time.Millisecond)
+			defer t.Stop()
+			for {
+				select {
+				case <-t.C:
+				case <-ctx.Done():
+					return
+				}
+				if time.Now().After(start) { // every child has ramped and settled
+					nodePeak, _ = loadtest.RSS(cfg.NodePID)
+					return
+				}
+			}
+		}()
+	} else {
+		close(sampleDone)
+	}
+	for i := range procs {
+		share := cfg.Conns / procs
+		if i < cfg.Conns%procs {
+			share++
+		}
+		out := filepath.Join(dir, strconv.Itoa(i)+".json")
+		args := append([]string{}, common...)
+		args = append(args,
+			"-conns="+strconv.Itoa(share),
+			"-ramp="+strconv.Itoa(max(cfg.Ramp/procs, 1)),
+			"-room="+strconv.FormatInt(room, 10),
+			"-user-base="+strconv.FormatInt(cfg.UserBase+int64(i)*10_000_000, 10),
+			"-start-at="+strconv.FormatInt(start.UnixMilli(), 10),
+			"-json="+out, "-q")
+		if i > 0 {
+			args = append(args, "-no-publish")
+		}
+		cmd := exec.CommandContext(ctx, self, args...)
+		cmd.Stdout, cmd.Stderr = io.Discard, stderr
+		fmt.Fprintf(stderr, "loadgen: process %d: %d connections\n", i, share)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := cmd.Run(); err != nil {
+				errs[i] = fmt.Errorf("process %d: %w", i, err)
+				return
+			}
+			parts[i], errs[i] = loadtest.ReadJSON(out)
+		}()
+	}
+	wg.Wait()
+	<-sampleDone
+	var ok []*loadtest.Result
+	for i, p := range parts {
+		if errs[i] != nil {
+			fmt.Fprintln(stderr, "loadgen:", errs[i])
+			continue
+		}
+		ok = append(ok, p)
+	}
+	if len(ok) == 0 {
+		return nil, fmt.Errorf("every process failed")
+	}
+	res := loadtest.Merge(ok, nodeBefore, nodePeak)
+	res.Procs = procs
+	return res, nil
+}

@@ -1,0 +1,668 @@
+// Package loadtest is the library of cmd/loadgen: it opens many LiveEdge
+// WebSocket connections (over the Go SDK, clientsdk) against nodes on this
+// machine, joins them to one room and runs a scenario — idle connections,
+// room fan-out from one publisher, chat from several talkers, a reconnect
+// storm after a node is killed — measuring push latency from a timestamp in
+// the chat text, gaps and duplicates by room offset, and memory per
+// connection. Loopback addresses only.
+package loadtest
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/liveedge/liveedge/clientsdk"
+)
+
+// Scenarios.
+const (
+	Idle           = "idle"
+	Fanout         = "fanout"
+	Chat           = "chat"
+	ReconnectStorm = "reconnect-storm"
+)
+
+// MaxChatRate is the node's default chat limit per user per second
+// (limits.chat_per_second); the chat scenario keeps each talker under it.
+const MaxChatRate = 5
+
+// Config describes one run. Zero fields take the defaults of Normalize.
+type Config struct {
+	Scenario string
+	WS       []string // WebSocket URLs, one per node: ws://127.0.0.1:8081/ws
+	HTTP     []string // HTTP bases in the same order: http://127.0.0.1:8080
+	Conns    int      // connections in this process (viewers + publishers)
+	Duration time.Duration
+	Ramp     int   // connections opened per second
+	Room     int64 // 0: open (or get back) Anchor's room
+	Anchor   int64
+	UserBase int64 // user ids are UserBase+i
+
+	Rate     float64 // fanout / reconnect-storm: pushes per second through one publisher
+	Talkers  int     // chat: talking connections
+	ChatRate float64 // chat: chats per second per talker (≤ MaxChatRate)
+	Payload  int     // chat text bytes (the timestamp is padded to this)
+
+	Heartbeat time.Duration // 0: the server's (hello); < 0: none
+	NodePID   int           // sample this process's RSS (the node)
+	KillPID   int           // reconnect-storm: SIGKILL this process after KillAfter
+	KillAfter time.Duration
+
+	// NoPublish: this process has no publishers (-procs: only the first has).
+	NoPublish bool
+	// StartAt: when publishing (or the kill timer) starts; zero = right after the ramp.
+	StartAt time.Time
+	Drain   time.Duration // wait for late pushes after the last publish
+
+	Log io.Writer // progress lines; nil = none
+}
+
+// Normalize applies the scenario's defaults and checks cfg.
+func (cfg *Config) Normalize() error {
+	if len(cfg.WS) == 0 {
+		cfg.WS = []string{"ws://127.0.0.1:8081/ws"}
+	}
+	if len(cfg.HTTP) == 0 {
+		cfg.HTTP = []string{"http://127.0.0.1:8080"}
+	}
+	for _, u := range append(append([]string{}, cfg.WS...), cfg.HTTP...) {
+		if err := CheckLoopback(u); err != nil {
+			return err
+		}
+	}
+	if cfg.Conns <= 0 {
+		cfg.Conns = 100
+	}
+	if cfg.Duration <= 0 {
+		cfg.Duration = 10 * time.Second
+	}
+	if cfg.Ramp <= 0 {
+		cfg.Ramp = 500
+	}
+	if cfg.Anchor <= 0 {
+		cfg.Anchor = 1
+	}
+	if cfg.UserBase <= 0 {
+		// fresh users every run (per-user limits, max_conns_per_user)
+		cfg.UserBase = 1_000_000_000 + time.Now().Unix()%1_000_000*1000_000
+	}
+	if cfg.Payload <= 0 {
+		cfg.Payload = 100
+	}
+	if cfg.Drain <= 0 {
+		cfg.Drain = 3 * time.Second
+	}
+	switch cfg.Scenario {
+	case "", Idle:
+		cfg.Scenario = Idle
+		cfg.Talkers, cfg.ChatRate = 0, 0
+	case Fanout:
+		if cfg.Rate <= 0 {
+			cfg.Rate = MaxChatRate
+		}
+		cfg.Talkers, cfg.ChatRate = 1, cfg.Rate
+	case Chat:
+		if cfg.Talkers <= 0 {
+			cfg.Talkers = 5
+		}
+		if cfg.ChatRate <= 0 {
+			cfg.ChatRate = 2
+		}
+		if cfg.ChatRate > MaxChatRate {
+			return fmt.Errorf("loadtest: chat rate %.1f/s per talker is above the node's %d/s limit", cfg.ChatRate, MaxChatRate)
+		}
+	case ReconnectStorm:
+		if cfg.KillPID <= 0 {
+			return errors.New("loadtest: reconnect-storm needs the pid of a node to kill (-kill-pid)")
+		}
+		if cfg.KillAfter <= 0 {
+			cfg.KillAfter = 2 * time.Second
+		}
+		if cfg.Drain < 30*time.Second {
+			cfg.Drain = 30 * time.Second
+		}
+		cfg.Talkers, cfg.ChatRate = 0, 0
+		if cfg.Rate > 0 {
+			cfg.Talkers, cfg.ChatRate = 1, cfg.Rate
+		}
+	default:
+		return fmt.Errorf("loadtest: unknown scenario %q (idle, fanout, chat, reconnect-storm)", cfg.Scenario)
+	}
+	if cfg.NoPublish {
+		cfg.Talkers = 0
+	}
+	if cfg.Talkers >= cfg.Conns {
+		return fmt.Errorf("loadtest: %d connections leave no viewers beside %d publishers", cfg.Conns, cfg.Talkers)
+	}
+	return nil
+}
+
+// Result holds a run's figures (the -json file).
+type Result struct {
+	Scenario    string  `json:"scenario"`
+	Procs       int     `json:"procs"`
+	Conns       int64   `json:"connections"` // connected and joined
+	ConnErrors  int64   `json:"connect_errors"`
+	Viewers     int64   `json:"viewers"`
+	Talkers     int64   `json:"publishers"`
+	RampSeconds float64 `json:"ramp_seconds"`
+	RunSeconds  float64 `json:"run_seconds"` // the publish / hold phase
+
+	PushesSent       int64    `json:"pushes_sent"`
+	SendErrors       int64    `json:"send_errors"`
+	Deliveries       int64    `json:"deliveries"` // viewers' pushes, each once
+	Expected         int64    `json:"expected_deliveries"`
+	Missing          int64    `json:"missing"`
+	DeliveriesPerSec float64  `json:"deliveries_per_sec"`
+	P50Ms            float64  `json:"latency_p50_ms"`
+	P99Ms            float64  `json:"latency_p99_ms"`
+	MaxMs            float64  `json:"latency_max_ms"`
+	Gaps             int64    `json:"gaps"`       // offsets skipped
+	Duplicates       int64    `json:"duplicates"` // offsets seen again by the app
+	SDKDupDropped    int64    `json:"sdk_duplicates_dropped"`
+	Resyncs          int64    `json:"resyncs"`
+	EpochChanges     int64    `json:"epoch_changes"`
+	Disconnects      int64    `json:"disconnects"`
+	Reconnects       int64    `json:"reconnects"`
+	Errors           int64    `json:"errors"`
+	ErrorSamples     []string `json:"error_samples,omitempty"`
+
+	NodeRSSBefore     int64   `json:"node_rss_before_bytes,omitempty"`
+	NodeRSSAfter      int64   `json:"node_rss_after_bytes,omitempty"`
+	NodeRSSPerConn    float64 `json:"node_rss_per_conn_bytes,omitempty"`
+	LoadgenRSSBefore  int64   `json:"loadgen_rss_before_bytes"`
+	LoadgenRSSAfter   int64   `json:"loadgen_rss_after_bytes"`
+	LoadgenRSSPerConn float64 `json:"loadgen_rss_per_conn_bytes"`
+
+	Killed               bool    `json:"killed,omitempty"`
+	ReconnectedAfterKill int64   `json:"reconnected_after_kill,omitempty"`
+	NotReconnected       int64   `json:"not_reconnected,omitempty"`
+	ReconnectP50Ms       float64 `json:"reconnect_p50_ms,omitempty"`
+	ReconnectP99Ms       float64 `json:"reconnect_p99_ms,omitempty"`
+	ReconnectMaxMs       float64 `json:"reconnect_max_ms,omitempty"`
+
+	// Histograms (bucket index → count, max in µs) for merging -procs results.
+	LatencyBuckets   map[int]int64 `json:"latency_buckets,omitempty"`
+	LatencyMaxUS     int64         `json:"latency_max_us,omitempty"`
+	ReconnectBuckets map[int]int64 `json:"reconnect_buckets,omitempty"`
+	ReconnectMaxUS   int64         `json:"reconnect_max_us,omitempty"`
+}
+
+// run is the state of one Run.
+type run struct {
+	cfg  Config
+	room int64
+	http *http.Client
+
+	lat, recon Hist
+	killAt     atomic.Int64 // unix ns; 0 before the kill
+	closing    atomic.Bool  // the run is closing its connections
+	lastPush   atomic.Int64 // unix ns of the last push delivered to a viewer
+
+	conns, connErrs, deliveries, gaps, dups, resyncs, epochs atomic.Int64
+	disconnects, reconnects, reconnAfterKill, errs           atomic.Int64
+	sent, sendErrs, sdkDups                                  atomic.Int64
+
+	errMu   sync.Mutex
+	samples []string
+}
+
+type lconn struct {
+	r      *run
+	c      *clientsdk.Client
+	viewer bool
+
+	mu     sync.Mutex
+	known  bool
+	off    int64
+	ep     string
+	lostAt time.Time // disconnected after the kill, not yet back
+}
+
+func (r *run) logf(format string, args ...any) {
+	if r.cfg.Log != nil {
+		fmt.Fprintf(r.cfg.Log, "loadgen: "+format+"\n", args...)
+	}
+}
+
+func (r *run) fail(err error) {
+	r.errs.Add(1)
+	r.errMu.Lock()
+	if len(r.samples) < 10 {
+		r.samples = append(r.samples, err.Error())
+	}
+	r.errMu.Unlock()
+}
+
+// Run runs cfg's scenario until done or ctx ends, and returns the figures.
+func Run(ctx context.Context, cfg Config) (*Result, error) {
+	if err := cfg.Normalize(); err != nil {
+		return nil, err
+	}
+	r := &run{cfg: cfg, http: &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{
+		MaxIdleConnsPerHost: 64, MaxConnsPerHost: 64}}}
+	defer r.http.CloseIdleConnections()
+	room := cfg.Room
+	if room == 0 {
+		var err error
+		if room, err = OpenRoom(ctx, r.http, cfg.HTTP[0], cfg.Anchor); err != nil {
+			return nil, err
+		}
+	}
+	r.room = room
+	res := &Result{Scenario: cfg.Scenario, Procs: 1}
+	if cfg.NodePID > 0 {
+		res.NodeRSSBefore, _ = RSS(cfg.NodePID)
+	}
+	res.LoadgenRSSBefore, _ = RSS(0)
+	r.logf("%s: %d connections to room %d at %d/s over %d node(s)", cfg.Scenario, cfg.Conns, room, cfg.Ramp, len(cfg.WS))
+
+	// Ramp: connection i starts at i/Ramp s, at most 256 dials in flight.
+	t0 := time.Now()
+	conns := make([]*lconn, cfg.Conns)
+	var wg sync.WaitGroup
+	sem := make(chan struct{}, 256)
+	for i := range cfg.Conns {
+		if d := time.Until(t0.Add(time.Duration(i) * time.Second / time.Duration(cfg.Ramp))); d > 0 {
+			select {
+			case <-time.After(d):
+			case <-ctx.Done():
+			}
+		}
+		if ctx.Err() != nil {
+			break
+		}
+		sem <- struct{}{}
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			defer func() { <-sem }()
+			lc, err := r.open(ctx, i, i >= cfg.Talkers)
+			if err != nil {
+				r.connErrs.Add(1)
+				r.fail(fmt.Errorf("conn %d: %w", i, err))
+				return
+			}
+			conns[i] = lc
+			r.conns.Add(1)
+		}(i)
+	}
+	wg.Wait()
+	res.RampSeconds = time.Since(t0).Seconds()
+	r.logf("ramp done in %.1f s: %d connected, %d failed", res.RampSeconds, r.conns.Load(), r.connErrs.Load())
+
+	// Memory per connection, after the ramp settles.
+	time.Sleep(time.Second)
+	if cfg.NodePID > 0 {
+		res.NodeRSSAfter, _ = RSS(cfg.NodePID)
+		if n := r.conns.Load(); n > 0 {
+			res.NodeRSSPerConn = float64(res.NodeRSSAfter-res.NodeRSSBefore) / float64(n)
+		}
+	}
+	res.LoadgenRSSAfter, _ = RSS(0)
+	if n := r.conns.Load(); n > 0 {
+		res.LoadgenRSSPerConn = float64(res.LoadgenRSSAfter-res.LoadgenRSSBefore) / float64(n)
+	}
+
+	if d := time.Until(cfg.StartAt); !cfg.StartAt.IsZero() && d > 0 {
+		select {
+		case <-time.After(d):
+		case <-ctx.Done():
+		}
+	}
+	var pubs []*lconn
+	var viewers int64
+	for i, lc := range conns {
+		switch {
+		case lc == nil:
+		case i < cfg.Talkers:
+			pubs = append(pubs, lc)
+		default:
+			viewers++
+		}
+	}
+	res.Viewers, res.Talkers = viewers, int64(len(pubs))
+
+	// The publish / hold phase.
+	t1 := time.Now()
+	runCtx, cancel := context.WithTimeout(ctx, cfg.Duration)
+	defer cancel()
+	if cfg.Scenario == ReconnectStorm {
+		go r.kill(runCtx)
+	}
+	var pwg sync.WaitGroup
+	for k, p := range pubs {
+		pwg.Add(1)
+		go func() {
+			defer pwg.Done()
+			r.publish(runCtx, p, k)
+		}()
+	}
+	pwg.Wait()
+	<-runCtx.Done()
+	res.RunSeconds = time.Since(t1).Seconds()
+
+	// Drain: late pushes (and, in a storm, reconnects).
+	deadline := time.Now().Add(cfg.Drain)
+	for time.Now().Before(deadline) && ctx.Err() == nil {
+		done := r.deliveries.Load() >= viewers*r.sent.Load()
+		if cfg.NoPublish && (cfg.Scenario == Fanout || cfg.Scenario == Chat) {
+			// another process publishes: wait until pushes stop coming
+			done = time.Since(time.Unix(0, r.lastPush.Load())) > time.Second
+		}
+		if cfg.Scenario == ReconnectStorm {
+			done = r.killAt.Load() != 0 && r.disconnects.Load() > 0 && r.reconnAfterKill.Load() >= r.disconnects.Load() && done
+		}
+		if done {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	r.closeAll(conns)
+	r.fill(res, viewers)
+	return res, nil
+}
+
+// open mints a token for user UserBase+i, dials (node i mod n first) and joins the room.
+func (r *run) open(ctx context.Context, i int, viewer bool) (*lconn, error) {
+	cfg := &r.cfg
+	node := i % len(cfg.WS)
+	tok, err := DevToken(ctx, r.http, cfg.HTTP[node%len(cfg.HTTP)], cfg.UserBase+int64(i), "viewer")
+	if err != nil {
+		return nil, err
+	}
+	lc := &lconn{r: r, viewer: viewer}
+	urls := append([]string{cfg.WS[node]}, cfg.WS...)
+	c, err := clientsdk.Dial(ctx, clientsdk.Config{
+		URLs:              urls,
+		Token:             tok,
+		EventBuffer:       16,
+		DedupWindow:       64,
+		HeartbeatInterval: cfg.Heartbeat,
+		ReconnectMin:      100 * time.Millisecond,
+		ReconnectMax:      5 * time.Second,
+		OnPush:            lc.onPush,
+		OnState:           lc.onState,
+	})
+	if err != nil {
+		return nil, err
+	}
+	lc.c = c
+	jr, err := c.JoinInfo(ctx, r.room)
+	if err != nil {
+		_ = c.Close()
+		return nil, fmt.Errorf("join: %w", err)
+	}
+	lc.mu.Lock()
+	if !lc.known {
+		lc.known, lc.off, lc.ep = true, jr.Off, jr.Ep
+	}
+	lc.mu.Unlock()
+	return lc, nil
+}
+
+func (lc *lconn) onPush(p clientsdk.Push) {
+	r := lc.r
+	if p.Room != r.room {
+		return
+	}
+	now := time.Now()
+	lc.mu.Lock()
+	switch {
+	case !lc.known:
+		lc.known = true
+	case p.Ep != lc.ep:
+		r.epochs.Add(1)
+	case p.Off <= lc.off:
+		r.dups.Add(1)
+		lc.mu.Unlock()
+		return
+	case p.Off > lc.off+1:
+		r.gaps.Add(p.Off - lc.off - 1)
+	}
+	lc.off, lc.ep = p.Off, p.Ep
+	lc.mu.Unlock()
+	if !lc.viewer {
+		return
+	}
+	if ts, ok := stamp(p.Data); ok {
+		r.lastPush.Store(now.UnixNano())
+		r.deliveries.Add(1)
+		r.lat.Record(now.Sub(time.Unix(0, ts)))
+	}
+}
+
+func (lc *lconn) onState(ev clientsdk.StateEvent) {
+	r := lc.r
+	switch ev.State {
+	case clientsdk.StateDisconnected:
+		if r.closing.Load() {
+			return
+		}
+		r.disconnects.Add(1)
+		if r.killAt.Load() != 0 {
+			lc.mu.Lock()
+			if lc.lostAt.IsZero() {
+				lc.lostAt = time.Now()
+			}
+			lc.mu.Unlock()
+		}
+	case clientsdk.StateConnected:
+		if ev.Attempt == 0 {
+			return // Dial's connection
+		}
+		r.reconnects.Add(1)
+		if k := r.killAt.Load(); k != 0 {
+			lc.mu.Lock()
+			lost := !lc.lostAt.IsZero()
+			lc.lostAt = time.Time{}
+			lc.mu.Unlock()
+			if lost {
+				r.reconnAfterKill.Add(1)
+				r.recon.Record(time.Since(time.Unix(0, k)))
+			}
+		}
+	case clientsdk.StateRoomResync:
+		r.resyncs.Add(1)
+	case clientsdk.StateRoomDropped:
+		r.fail(fmt.Errorf("room dropped on re-join: %v", ev.Err))
+	case clientsdk.StateClosed:
+		if ev.Err != nil && !r.closing.Load() {
+			r.fail(fmt.Errorf("client closed: %v", ev.Err))
+		}
+	}
+}
+
+// stamp reads the send time out of a chat push's d: {"from":U,"text":"lg <unix ns> ..."}.
+func stamp(d []byte) (int64, bool) {
+	const key = `"text":"lg `
+	i := bytes.Index(d, []byte(key))
+	if i < 0 {
+		return 0, false
+	}
+	rest := d[i+len(key):]
+	j := bytes.IndexByte(rest, ' ')
+	if j < 0 {
+		return 0, false
+	}
+	ts, err := strconv.ParseInt(string(rest[:j]), 10, 64)
+	return ts, err == nil
+}
+
+// chatText is "lg <unix ns> <publisher>.<seq> " padded with x to size bytes.
+func chatText(pub int, seq int64, size int) string {
+	s := "lg " + strconv.FormatInt(time.Now().UnixNano(), 10) + " " + strconv.Itoa(pub) + "." + strconv.FormatInt(seq, 10) + " "
+	if len(s) < size {
+		s += strings.Repeat("x", size-len(s))
+	}
+	return s
+}
+
+// publish chats at ChatRate through p until ctx ends (sends are not
+// overlapped: a slow reply delays the next chat, never bunches them).
+func (r *run) publish(ctx context.Context, p *lconn, k int) {
+	every := time.Duration(float64(time.Second) / r.cfg.ChatRate)
+	next := time.Now()
+	for seq := int64(1); ; seq++ {
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(time.Until(next)):
+		}
+		next = next.Add(every)
+		sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		_, err := p.c.Chat(sctx, r.room, chatText(k, seq, r.cfg.Payload))
+		cancel()
+		if err != nil {
+			r.sendErrs.Add(1)
+			r.fail(fmt.Errorf("chat: %w", err))
+			continue
+		}
+		r.sent.Add(1)
+	}
+}
+
+// kill sends SIGKILL to KillPID KillAfter into the run.
+func (r *run) kill(ctx context.Context) {
+	select {
+	case <-ctx.Done():
+		return
+	case <-time.After(r.cfg.KillAfter):
+	}
+	r.killAt.Store(time.Now().UnixNano())
+	// ESRCH: another loadgen process (-procs) killed it first
+	if err := syscall.Kill(r.cfg.KillPID, syscall.SIGKILL); err != nil && !errors.Is(err, syscall.ESRCH) {
+		r.fail(fmt.Errorf("kill %d: %w", r.cfg.KillPID, err))
+		return
+	}
+	r.logf("killed pid %d", r.cfg.KillPID)
+}
+
+func (r *run) fill(res *Result, viewers int64) {
+	res.Conns, res.ConnErrors = r.conns.Load(), r.connErrs.Load()
+	res.PushesSent, res.SendErrors = r.sent.Load(), r.sendErrs.Load()
+	res.Deliveries = r.deliveries.Load()
+	res.Expected = viewers * res.PushesSent
+	res.Missing = max(res.Expected-res.Deliveries, 0)
+	res.Gaps, res.Duplicates, res.Resyncs, res.EpochChanges = r.gaps.Load(), r.dups.Load(), r.resyncs.Load(), r.epochs.Load()
+	res.Disconnects, res.Reconnects, res.Errors = r.disconnects.Load(), r.reconnects.Load(), r.errs.Load()
+	res.SDKDupDropped = r.sdkDups.Load()
+	res.ErrorSamples = r.samples
+	res.LatencyBuckets, res.LatencyMaxUS = r.lat.Buckets(), r.lat.MaxUS()
+	res.Killed = r.killAt.Load() != 0
+	if res.Killed {
+		res.ReconnectedAfterKill = r.reconnAfterKill.Load()
+		res.ReconnectBuckets, res.ReconnectMaxUS = r.recon.Buckets(), r.recon.MaxUS()
+	}
+	res.finish(&r.lat, &r.recon)
+}
+
+// finish computes the derived figures from the counters and histograms.
+func (res *Result) finish(lat, recon *Hist) {
+	if res.RunSeconds > 0 {
+		res.DeliveriesPerSec = float64(res.Deliveries) / res.RunSeconds
+	}
+	res.P50Ms, res.P99Ms, res.MaxMs = lat.Quantile(0.5), lat.Quantile(0.99), lat.Quantile(1)
+	if res.Killed {
+		res.NotReconnected = max(res.Disconnects-res.ReconnectedAfterKill, 0)
+		res.ReconnectP50Ms, res.ReconnectP99Ms, res.ReconnectMaxMs = recon.Quantile(0.5), recon.Quantile(0.99), recon.Quantile(1)
+	}
+}
+
+func (r *run) closeAll(conns []*lconn) {
+	r.closing.Store(true)
+	var wg sync.WaitGroup
+	sem := make(chan struct{}, 64)
+	for _, lc := range conns {
+		if lc == nil {
+			continue
+		}
+		sem <- struct{}{}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			st := lc.c.Stats()
+			r.sdkDups.Add(st.Duplicates + st.OffsetDuplicates)
+			_ = lc.c.Close()
+			<-sem
+		}()
+	}
+	wg.Wait()
+}
+
+// DevToken mints a token for user with role from a node's /api/v1/dev/token
+// (auth.dev_tokens must be on).
+func DevToken(ctx context.Context, hc *http.Client, base string, user int64, role string) (string, error) {
+	var out struct {
+		Code int    `json:"code"`
+		Msg  string `json:"msg"`
+		Data struct {
+			Token string `json:"token"`
+		} `json:"data"`
+	}
+	body := fmt.Sprintf(`{"user_id":%d,"role":%q}`, user, role)
+	if err := postJSON(ctx, hc, base+"/api/v1/dev/token", "", body, &out); err != nil {
+		return "", err
+	}
+	if out.Code != 0 || out.Data.Token == "" {
+		return "", fmt.Errorf("dev token: code %d %s", out.Code, out.Msg)
+	}
+	return out.Data.Token, nil
+}
+
+// OpenRoom opens anchor's room (or gets it back) through a node's HTTP API.
+func OpenRoom(ctx context.Context, hc *http.Client, base string, anchor int64) (int64, error) {
+	tok, err := DevToken(ctx, hc, base, anchor, "anchor")
+	if err != nil {
+		return 0, err
+	}
+	var out struct {
+		Code int    `json:"code"`
+		Msg  string `json:"msg"`
+		Data struct {
+			RoomID int64 `json:"room_id"`
+		} `json:"data"`
+	}
+	if err := postJSON(ctx, hc, base+"/api/v1/rooms", tok, `{"type":0}`, &out); err != nil {
+		return 0, err
+	}
+	if out.Code != 0 || out.Data.RoomID <= 0 {
+		return 0, fmt.Errorf("open room: code %d %s", out.Code, out.Msg)
+	}
+	return out.Data.RoomID, nil
+}
+
+func postJSON(ctx context.Context, hc *http.Client, url, token, body string, out any) error {
+	req, err := http.NewRequestWithContext(ctx, "POST", url, strings.NewReader(body))
+	if err != nil {
+		return err
+	}
+	req.Header.Set("Content-Type", "application/json")
+	if token != "" {
+		req.Header.Set("Authorization", "Bearer "+token)
+	}
+	resp, err := hc.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	if err != nil {
+		return err
+	}
+	if err := json.Unmarshal(b, out); err != nil {
+		return fmt.Errorf("POST %s: status %d: %w", url, resp.StatusCode, err)
+	}
+	return nil
+}

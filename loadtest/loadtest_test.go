@@ -1,0 +1,103 @@
+package loadtest_test
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/liveedge/liveedge/gateway/nodetest"
+	"github.com/liveedge/liveedge/loadtest"
+)
+
+func TestFanoutInProcess(t *testing.T) {
+	n := nodetest.Start(t, nodetest.Config(t))
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	res, err := loadtest.Run(ctx, loadtest.Config{
+		Scenario: loadtest.Fanout,
+		WS:       []string{nodetest.WSURL(n)},
+		HTTP:     []string{nodetest.HTTPURL(n)},
+		Conns:    50,
+		Ramp:     500,
+		Duration: 2 * time.Second,
+		Rate:     5,
+		Drain:    3 * time.Second,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	res.WriteSummary(testWriter{t})
+	if res.Conns != 50 || res.Viewers != 49 || res.Talkers != 1 {
+		t.Fatalf("connections %d viewers %d publishers %d", res.Conns, res.Viewers, res.Talkers)
+	}
+	if res.PushesSent < 5 || res.SendErrors != 0 || res.Errors != 0 {
+		t.Fatalf("sent %d, send errors %d, errors %d %v", res.PushesSent, res.SendErrors, res.Errors, res.ErrorSamples)
+	}
+	if res.Gaps != 0 || res.Duplicates != 0 || res.Resyncs != 0 {
+		t.Fatalf("gaps %d duplicates %d resyncs %d", res.Gaps, res.Duplicates, res.Resyncs)
+	}
+	if res.Deliveries != res.Viewers*res.PushesSent || res.Missing != 0 {
+		t.Fatalf("deliveries %d, want %d × %d", res.Deliveries, res.Viewers, res.PushesSent)
+	}
+	if res.P50Ms <= 0 || res.P99Ms < res.P50Ms || res.MaxMs < res.P99Ms {
+		t.Fatalf("latency p50 %v p99 %v max %v", res.P50Ms, res.P99Ms, res.MaxMs)
+	}
+	path := filepath.Join(t.TempDir(), "out.json")
+	if err := res.WriteJSON(path); err != nil {
+		t.Fatal(err)
+	}
+	back, err := loadtest.ReadJSON(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if back.Deliveries != res.Deliveries || back.P99Ms != res.P99Ms || len(back.LatencyBuckets) == 0 {
+		t.Fatalf("JSON round trip: %+v", back)
+	}
+	m := loadtest.Merge([]*loadtest.Result{back, back}, 0, 0)
+	if m.Deliveries != 2*res.Deliveries || m.Expected != 2*res.Viewers*2*res.PushesSent || m.P50Ms != res.P50Ms {
+		t.Fatalf("merge: %+v", m)
+	}
+}
+
+func TestIdleInProcess(t *testing.T) {
+	n := nodetest.Start(t, nodetest.Config(t))
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	res, err := loadtest.Run(ctx, loadtest.Config{
+		Scenario:  loadtest.Idle,
+		WS:        []string{nodetest.WSURL(n)},
+		HTTP:      []string{nodetest.HTTPURL(n)},
+		Conns:     50,
+		Ramp:      1000,
+		Duration:  time.Second,
+		Heartbeat: 200 * time.Millisecond,
+		NodePID:   os.Getpid(), // the node runs in this process
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	res.WriteSummary(testWriter{t})
+	if res.Conns != 50 || res.ConnErrors != 0 || res.Errors != 0 || res.Disconnects != 0 {
+		t.Fatalf("connections %d, failed %d, errors %d %v, disconnects %d", res.Conns, res.ConnErrors, res.Errors, res.ErrorSamples, res.Disconnects)
+	}
+	if res.NodeRSSAfter <= 0 || res.LoadgenRSSAfter <= 0 {
+		t.Fatalf("RSS not measured: %+v", res)
+	}
+}
+
+func TestRefusesRemote(t *testing.T) {
+	_, err := loadtest.Run(context.Background(), loadtest.Config{WS: []string{"ws://192.0.2.1:8081/ws"}})
+	if err == nil {
+		t.Fatal("a non-loopback address was accepted")
+	}
+}
+
+type testWriter struct{ t *testing.T }
+
+func (w testWriter) Write(b []byte) (int, error) {
+	w.t.Log(strings.TrimRight(string(b), "\n"))
+	return len(b), nil
+}

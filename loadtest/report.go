@@ -1,0 +1,116 @@
+package loadtest
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+)
+
+// WriteSummary prints the figures for a person.
+func (res *Result) WriteSummary(w io.Writer) {
+	fmt.Fprintf(w, "scenario %s, %d process(es)\n", res.Scenario, res.Procs)
+	fmt.Fprintf(w, "  connections   %d joined, %d failed (ramp %.1f s); %d viewers, %d publishers\n",
+		res.Conns, res.ConnErrors, res.RampSeconds, res.Viewers, res.Talkers)
+	if res.NodeRSSAfter > 0 {
+		fmt.Fprintf(w, "  node RSS      %.1f → %.1f MiB: %.1f KiB per connection\n",
+			mib(res.NodeRSSBefore), mib(res.NodeRSSAfter), res.NodeRSSPerConn/1024)
+	}
+	fmt.Fprintf(w, "  loadgen RSS   %.1f → %.1f MiB: %.1f KiB per connection\n",
+		mib(res.LoadgenRSSBefore), mib(res.LoadgenRSSAfter), res.LoadgenRSSPerConn/1024)
+	if res.PushesSent > 0 || res.SendErrors > 0 {
+		fmt.Fprintf(w, "  pushes        %d sent (%d failed) over %.1f s; %d of %d deliveries (%d missing), %.0f/s\n",
+			res.PushesSent, res.SendErrors, res.RunSeconds, res.Deliveries, res.Expected, res.Missing, res.DeliveriesPerSec)
+		fmt.Fprintf(w, "  latency       p50 %.2f ms, p99 %.2f ms, max %.2f ms\n", res.P50Ms, res.P99Ms, res.MaxMs)
+	} else {
+		fmt.Fprintf(w, "  held          %.1f s\n", res.RunSeconds)
+	}
+	fmt.Fprintf(w, "  order         %d gaps, %d duplicates (%d dropped by the SDK), %d resyncs, %d epoch changes\n",
+		res.Gaps, res.Duplicates, res.SDKDupDropped, res.Resyncs, res.EpochChanges)
+	fmt.Fprintf(w, "  connections   %d disconnects, %d reconnects, %d errors\n", res.Disconnects, res.Reconnects, res.Errors)
+	if res.Killed {
+		fmt.Fprintf(w, "  after kill    %d reconnected and recovered, %d not; p50 %.0f ms, p99 %.0f ms, max %.0f ms\n",
+			res.ReconnectedAfterKill, res.NotReconnected, res.ReconnectP50Ms, res.ReconnectP99Ms, res.ReconnectMaxMs)
+	}
+	for _, e := range res.ErrorSamples {
+		fmt.Fprintf(w, "  error: %s\n", e)
+	}
+}
+
+func mib(b int64) float64 { return float64(b) / (1 << 20) }
+
+// WriteJSON writes res to path.
+func (res *Result) WriteJSON(path string) error {
+	b, err := json.MarshalIndent(res, "", "  ")
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(path, append(b, '\n'), 0o644)
+}
+
+// ReadJSON reads a result written by WriteJSON.
+func ReadJSON(path string) (*Result, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	var res Result
+	if err := json.Unmarshal(b, &res); err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return &res, nil
+}
+
+// Merge adds up the results of several processes of one run (-procs): counters
+// summed, histograms merged, times the longest, memory per connection from
+// the sums. The node's RSS is the one measured by the process that saw the
+// most connections (nodeAfter, when > 0, overrides it: sampled by the parent
+// once every process had ramped).
+func Merge(parts []*Result, nodeBefore, nodeAfter int64) *Result {
+	out := &Result{Procs: len(parts)}
+	var lat, recon Hist
+	for _, p := range parts {
+		out.Scenario = p.Scenario
+		out.Conns += p.Conns
+		out.ConnErrors += p.ConnErrors
+		out.Viewers += p.Viewers
+		out.Talkers += p.Talkers
+		out.RampSeconds = max(out.RampSeconds, p.RampSeconds)
+		out.RunSeconds = max(out.RunSeconds, p.RunSeconds)
+		out.PushesSent += p.PushesSent
+		out.SendErrors += p.SendErrors
+		out.Deliveries += p.Deliveries
+		out.Gaps += p.Gaps
+		out.Duplicates += p.Duplicates
+		out.SDKDupDropped += p.SDKDupDropped
+		out.Resyncs += p.Resyncs
+		out.EpochChanges += p.EpochChanges
+		out.Disconnects += p.Disconnects
+		out.Reconnects += p.Reconnects
+		out.Errors += p.Errors
+		if len(out.ErrorSamples) < 10 {
+			out.ErrorSamples = append(out.ErrorSamples, p.ErrorSamples...)
+		}
+		out.LoadgenRSSBefore += p.LoadgenRSSBefore
+		out.LoadgenRSSAfter += p.LoadgenRSSAfter
+		out.Killed = out.Killed || p.Killed
+		out.ReconnectedAfterKill += p.ReconnectedAfterKill
+		lat.Merge(p.LatencyBuckets, p.LatencyMaxUS)
+		recon.Merge(p.ReconnectBuckets, p.ReconnectMaxUS)
+	}
+	out.Expected = out.Viewers * out.PushesSent
+	out.Missing = max(out.Expected-out.Deliveries, 0)
+	if out.Conns > 0 {
+		out.LoadgenRSSPerConn = float64(out.LoadgenRSSAfter-out.LoadgenRSSBefore) / float64(out.Conns)
+		if nodeAfter > 0 {
+			out.NodeRSSBefore, out.NodeRSSAfter = nodeBefore, nodeAfter
+			out.NodeRSSPerConn = float64(nodeAfter-nodeBefore) / float64(out.Conns)
+		}
+	}
+	out.LatencyBuckets, out.LatencyMaxUS = lat.Buckets(), lat.MaxUS()
+	if out.Killed {
+		out.ReconnectBuckets, out.ReconnectMaxUS = recon.Buckets(), recon.MaxUS()
+	}
+	out.finish(&lat, &recon)
+	return out
+}
