@@ -57,8 +57,12 @@ func (n *Node) payOwner(id int64) (string, error) {
 	if n.Cluster == nil || n.worker == nil {
 		return "", nil
 	}
-	w := pay.WorkerOf(id)
-	if w == n.worker.ID() {
+	return n.workerOwner(pay.WorkerOf(id))
+}
+
+// workerOwner returns the node holding worker id w's lease ("" = this node).
+func (n *Node) workerOwner(w int) (string, error) {
+	if n.Cluster == nil || n.worker == nil || w == n.worker.ID() {
 		return "", nil
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
@@ -90,7 +94,7 @@ func (n *Node) servePayForwards() error {
 				case "get", "refund":
 					o, err := n.localOrderOp(req.Op, req.ID)
 					if err != nil {
-						rep.Err = proto.AsError(err)
+						rep.Err = wireError(err)
 					} else {
 						rep.Order = &o
 					}

@@ -74,6 +74,9 @@ func (n *Node) redPacket(op string, user int64, code string) ([]byte, *proto.Err
 }
 
 func (n *Node) redPacketLocal(op string, user int64, code string) ([]byte, *proto.Error) {
+	if user <= 0 && op != "rp.get" {
+		return nil, &proto.Error{Code: proto.CodeUnauthenticated, Msg: "no caller"} // a forwarded op always names its caller
+	}
 	var v any
 	var err error
 	switch op {
@@ -93,7 +96,7 @@ func (n *Node) redPacketLocal(op string, user int64, code string) ([]byte, *prot
 		return nil, proto.BadRequest("unknown red-packet op")
 	}
 	if err != nil {
-		return nil, proto.AsError(err)
+		return nil, wireError(err)
 	}
 	b, merr := proto.Marshal(v)
 	if merr != nil {

@@ -1,65 +1,45 @@
 package gateway
 
 import (
-	"context"
-	"strconv"
-	"time"
-
-	"github.com/redis/rueidis"
-
 	"github.com/liveedge/liveedge/edge/ticket"
 	"github.com/liveedge/liveedge/gateway/proto"
 )
 
 // Ticket programs in a cluster are served by the node that created them: its
-// memory holds the seats and its Pebble the orders. Program ids come from one
-// counter in Redis (le:{tix}:prog), the owner is recorded in
-// le:tixown:{<id>}; GET /programs/{id} and order placement through any other
-// node are forwarded to the owner over NATS, and a ticket order (its id
-// carries the owner's worker id, like a payment order) is read and cancelled
-// on its node. Coupons are still per node (a coupon is used on the node
-// that made it).
+// memory holds the seats and its Pebble the orders. A program id carries its
+// node's worker id in its low bits (nextProgramID), like an order id, so any
+// node finds the owner from the id and the worker leases in Redis; GET
+// /programs/{id} and order placement through any other node are forwarded to
+// the owner over NATS, and a ticket order is read and cancelled on the node in
+// its id's worker bits. Coupons are still per node (a coupon is used on the
+// node that made it).
 
-func programOwnerKey(id int64) string { return "le:tixown:{" + strconv.FormatInt(id, 10) + "}" }
-
-// nextProgramID is ticket.Config.NextProgramID in a cluster (nil otherwise).
-func (n *Node) nextProgramID() func() (int64, error) {
-	if n.Cluster == nil {
+// nextProgramID is ticket.Config.NextProgramID in a cluster (nil otherwise):
+// the next multiple of 2^programWorkerBits above the node's highest id, plus
+// its worker id — unique across nodes without a shared counter (the worker
+// leases keep worker ids unique), and the owner is read back from the id,
+// so nothing is lost with Redis.
+func (n *Node) nextProgramID() func(last int64) (int64, error) {
+	if n.Cluster == nil || n.worker == nil {
 		return nil
 	}
-	return func() (int64, error) {
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		defer cancel()
-		return n.Redis.Do(ctx, n.Redis.B().Incr().Key("le:{tix}:prog").Build()).AsInt64()
+	w := int64(n.worker.ID())
+	return func(last int64) (int64, error) {
+		return (last>>programWorkerBits+1)<<programWorkerBits | w, nil
 	}
 }
 
-// claimProgram records this node as the owner of program id (cluster mode).
-func (n *Node) claimProgram(id int64) error {
-	if n.Cluster == nil {
-		return nil
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-	defer cancel()
-	return n.Redis.Do(ctx, n.Redis.B().Set().Key(programOwnerKey(id)).Value(n.Config.Node.ID).Build()).Error()
-}
+// programWorkerBits are the low bits of a cluster program id: its node's
+// order-id worker id (pay.MaxWorkers of them).
+const programWorkerBits = 5
 
-// programOwner returns the node that serves program id ("" = this node or
-// unknown: answered here).
+// programOwner returns the node that serves program id ("" = this node, or
+// a single node).
 func (n *Node) programOwner(id int64) (string, error) {
 	if n.Cluster == nil || id <= 0 {
 		return "", nil
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-	defer cancel()
-	owner, err := n.Redis.DoCache(ctx, n.Redis.B().Get().Key(programOwnerKey(id)).Cache(), time.Minute).ToString()
-	switch {
-	case err == nil && owner != n.Config.Node.ID:
-		return owner, nil
-	case err == nil || rueidis.IsRedisNil(err):
-		return "", nil
-	}
-	return "", errOwnerDown
+	return n.workerOwner(int(id & (1<<programWorkerBits - 1)))
 }
 
 // ticketOp runs a ticket op on the node that owns it: tix.program (id: the
@@ -94,6 +74,9 @@ func (n *Node) ticketOp(op string, user, id int64, body []byte) ([]byte, *proto.
 }
 
 func (n *Node) ticketLocal(op string, user, id int64, body []byte) ([]byte, *proto.Error) {
+	if user <= 0 && op != "tix.program" {
+		return nil, &proto.Error{Code: proto.CodeUnauthenticated, Msg: "no caller"} // a forwarded op always names its caller
+	}
 	var v any
 	var err error
 	switch op {
@@ -113,10 +96,10 @@ func (n *Node) ticketLocal(op string, user, id int64, body []byte) ([]byte, *pro
 		return nil, proto.BadRequest("unknown ticket op")
 	}
 	if err != nil {
-		if pe := proto.AsError(err); pe.Code == proto.CodeNotFound && op != "tix.program" && n.madeByEarlierHolder(id) {
+		if pe := proto.AsError(err); pe.Code == proto.CodeNotFound && (op == "tix.get" || op == "tix.cancel") && n.madeByEarlierHolder(id) {
 			return nil, errOwnerDown
 		}
-		return nil, proto.AsError(err)
+		return nil, wireError(err)
 	}
 	b, merr := proto.Marshal(v)
 	if merr != nil {

@@ -169,21 +169,32 @@ func ok(c *app.RequestContext, data any) {
 // fail writes the error envelope; non-*proto.Error errors are logged with a
 // request id and answered 50000 without details.
 func (a *API) fail(c *app.RequestContext, err error) {
-	e := proto.AsError(err)
+	e := wireError(err)
 	switch {
-	case errors.Is(err, persist.ErrInsufficient):
-		e = &proto.Error{Code: proto.CodeInsufficientBalance, Msg: "insufficient balance"}
-	case errors.Is(err, persist.ErrWalletUnavailable):
-		e = &proto.Error{Code: proto.CodeInternal, Msg: "wallet temporarily unavailable, nothing moved; retry with the same req_id"}
-	case errors.Is(err, persist.ErrInProgress):
-		e = &proto.Error{Code: proto.CodeConflict, Msg: "a request with this req_id is still being processed; retry with the same req_id"}
-	case e.Code == proto.CodeInternal:
+	case e == proto.ErrInternal: // not one of ours with a message of its own (retry hints stay)
 		id := a.reqID.Add(1)
 		a.log.Error("http request failed", "req_id", id, "path", string(c.Path()), "err", err)
 		e = &proto.Error{Code: proto.CodeInternal, Msg: "internal error (request " + strconv.FormatUint(id, 10) + ")"}
 	}
 	envelope(c, proto.HTTPStatus(e.Code), e)
 }
+
+// wireError is the code an error is answered with: the wallet's errors
+// mapped to theirs (also before an error crosses to another node, where only
+// its code and message survive), anything else as proto.AsError.
+func wireError(err error) *proto.Error {
+	switch {
+	case errors.Is(err, persist.ErrInsufficient):
+		return &proto.Error{Code: proto.CodeInsufficientBalance, Msg: "insufficient balance"}
+	case errors.Is(err, persist.ErrWalletUnavailable):
+		return &proto.Error{Code: proto.CodeInternal, Msg: walletUnavailableMsg}
+	case errors.Is(err, persist.ErrInProgress):
+		return &proto.Error{Code: proto.CodeConflict, Msg: "a request with this req_id is still being processed; retry with the same req_id"}
+	}
+	return proto.AsError(err)
+}
+
+const walletUnavailableMsg = "wallet temporarily unavailable, nothing moved; retry with the same req_id"
 
 // envelope writes the error envelope {"code":C,"msg":"...","data":{}} with
 // status.

@@ -37,10 +37,6 @@ func (a *API) createProgram(_ context.Context, c *app.RequestContext) {
 		a.fail(c, err)
 		return
 	}
-	if err := a.node.claimProgram(id); err != nil {
-		// Served by this node all the same; other nodes answer 10004.
-		a.node.Log.Warn("ticket program owner not recorded", "program", id, "err", err)
-	}
 	ok(c, map[string]int64{"program_id": id})
 }
 

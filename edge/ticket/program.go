@@ -43,7 +43,7 @@ func (s *Service) CreateProgram(d ProgramDef) (int64, error) {
 	}
 	d.ID = last + 1
 	if s.cfg.NextProgramID != nil {
-		id, err := s.cfg.NextProgramID()
+		id, err := s.cfg.NextProgramID(last)
 		if err != nil {
 			return 0, err
 		}

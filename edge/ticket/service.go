@@ -21,9 +21,10 @@ type Config struct {
 	SweepEvery  time.Duration // how often expired orders are looked for (0 = min(PayTimeout/4, 1 s))
 	Now         func() time.Time
 	Log         *slog.Logger
-	// NextProgramID, if set, allocates program ids (a cluster: one counter
-	// in Redis, so ids are unique across nodes); nil = this node's counter.
-	NextProgramID func() (int64, error)
+	// NextProgramID, if set, allocates the program id after last, the
+	// highest this node has (a cluster: ids that carry the node's worker id,
+	// unique across nodes); nil = last + 1.
+	NextProgramID func(last int64) (int64, error)
 
 	// Hook, in tests only (nil in production), is called at the saga's
 	// named points: "fail:<step>" before a step (an error fails the step)
