@@ -1,19 +1,14 @@
 package gateway
 
 import (
-	"context"
-	"time"
-
-	"github.com/redis/rueidis"
-
 	"github.com/liveedge/liveedge/edge/redpacket"
 	"github.com/liveedge/liveedge/gateway/proto"
 )
 
 // Red-packet rains in a cluster are served by the node that created them:
 // its memory holds the pool and its Pebble the grants (docs/redpacket.md).
-// The creating node records itself as the rain's owner in Redis
-// (le:rpown:{code}); every other node forwards prepare, start, grab — over
+// A rain's code carries the creating node's worker id in its first character
+// (redpacket.Config.CodeTag), so every other node forwards prepare, start, grab — over
 // WebSocket or HTTP — and GET of that rain to the owner over NATS (the same
 // le.pay.<node> request subject as payment orders), with the caller's
 // identity. The grabber-in-room check runs on the owner against the
@@ -22,38 +17,17 @@ import (
 // across nodes yet: an owner that is down answers nothing until it is back
 // (its rains resume or settle at its restart).
 
-func rainOwnerKey(code string) string { return "le:rpown:{" + code + "}" }
-
-// rainOwnerTTL outlives any rain (redpacket.max_duration ≤ hours) and its
-// settlement; a GET of an older code is answered by the node that is asked.
-const rainOwnerTTL = 7 * 24 * time.Hour
-
-// claimRain records this node as the owner of a new rain (cluster mode).
-func (n *Node) claimRain(code string) error {
-	if n.Cluster == nil {
-		return nil
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-	defer cancel()
-	return n.Redis.Do(ctx, n.Redis.B().Set().Key(rainOwnerKey(code)).Value(n.Config.Node.ID).Px(rainOwnerTTL).Build()).Error()
-}
-
-// rainOwner returns the node that serves code ("" = this node, or unknown
-// here and so answered here: 30001).
+// rainOwner returns the node that serves code ("" = this node, a single
+// node, or not a code: answered here).
 func (n *Node) rainOwner(code string) (string, error) {
-	if n.Cluster == nil || code == "" || len(code) > proto.MaxRedPacketCodeLen {
+	if n.Cluster == nil {
 		return "", nil
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-	defer cancel()
-	owner, err := n.Redis.DoCache(ctx, n.Redis.B().Get().Key(rainOwnerKey(code)).Cache(), time.Minute).ToString()
-	switch {
-	case err == nil && owner != n.Config.Node.ID:
-		return owner, nil
-	case err == nil || rueidis.IsRedisNil(err):
+	tag, ok := redpacket.CodeTag(code)
+	if !ok {
 		return "", nil
 	}
-	return "", errOwnerDown
+	return n.workerOwner(tag)
 }
 
 // redPacket runs op (rp.prepare | rp.start | rp.grab | rp.get) for user on

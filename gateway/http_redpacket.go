@@ -45,10 +45,6 @@ func (a *API) createRain(_ context.Context, c *app.RequestContext) {
 		a.fail(c, err)
 		return
 	}
-	if err := a.node.claimRain(v.Code); err != nil {
-		// Served by this node all the same; other nodes answer 30001.
-		a.node.Log.Warn("red-packet owner not recorded", "code", v.Code, "err", err)
-	}
 	ok(c, v)
 }
 

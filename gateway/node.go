@@ -210,9 +210,6 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 	}
 	n.Gifts.SetAccounts(n.Accounts)
 	n.Rooms.SetOpponent(n.PK.Opponent)
-	if err = n.newRedPackets(); err != nil {
-		return nil, err
-	}
 	if err = n.watchCatalogue(cat); err != nil {
 		return nil, err
 	}
@@ -240,6 +237,11 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 		Frozen: n.Accounts.Frozen,
 	})
 	if err != nil {
+		return nil, err
+	}
+	// After the worker lease (rain codes carry the worker id in a cluster),
+	// before the forwarded requests are served.
+	if err = n.newRedPackets(); err != nil {
 		return nil, err
 	}
 	if n.Cluster != nil {

@@ -25,7 +25,7 @@ func (n *Node) newRedPackets() (err error) {
 		MaxCount: cfg.MaxCount, MaxTotal: cfg.MaxTotal, MaxDuration: cfg.MaxDuration.D(),
 		MaxPerAnchor: cfg.MaxPerAnchor, OnePerUser: cfg.OnePerUser,
 		PrepareInterval: cfg.PrepareInterval.D(), StartInterval: cfg.StartInterval.D(),
-		GrabInterval: cfg.GrabInterval.D(), SharedLimit: n.sharedAnchorLimit(),
+		GrabInterval: cfg.GrabInterval.D(), SharedLimit: n.sharedAnchorLimit(), CodeTag: n.codeTag(),
 	}, n.Log)
 	if err != nil {
 		return err
@@ -49,4 +49,13 @@ func (n *Node) sharedAnchorLimit() func(kind string, anchor int64, d time.Durati
 		err := n.Redis.Do(ctx, n.Redis.B().Set().Key(key).Value("1").Nx().Px(d).Build()).Error()
 		return err == nil // a nil reply (key present) is an error here
 	}
+}
+
+// codeTag is the worker id that new rain codes carry in a cluster (their
+// node, found from the code by any other node), -1 on a single node.
+func (n *Node) codeTag() int {
+	if n.Cluster == nil || n.worker == nil {
+		return -1
+	}
+	return n.worker.ID()
 }

@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"strconv"
+	"strings"
 
 	"github.com/liveedge/liveedge/persist"
 )
@@ -102,6 +103,26 @@ func newCode() string {
 	var b [codeBytes]byte
 	_, _ = rand.Read(b[:]) // crypto/rand.Read never fails (Go ≥ 1.24)
 	return codeEncoding.EncodeToString(b[:])
+}
+
+// codeAlphabet is codeEncoding's: a code's first character can carry 5 bits.
+const codeAlphabet = "abcdefghijklmnopqrstuvwxyz234567"
+
+// newTaggedCode is newCode whose first character is tag (0..31: in a
+// cluster, the creating node's worker id, so any node can tell which node
+// serves the rain); the other 25 characters stay random (125 bits).
+func newTaggedCode(tag int) string {
+	c := []byte(newCode())
+	c[0] = codeAlphabet[tag&31]
+	return string(c)
+}
+
+// CodeTag is the tag newTaggedCode put in code (ok false: not a code).
+func CodeTag(code string) (int, bool) {
+	if !wellFormed(code) {
+		return 0, false
+	}
+	return strings.IndexByte(codeAlphabet, code[0]), true
 }
 
 // wellFormed reports whether code can be a code (what goes into keys).

@@ -59,6 +59,10 @@ type Config struct {
 	// different nodes): true = allowed, counting it. kind is "prepare" or
 	// "start".
 	SharedLimit func(kind string, anchor int64, interval time.Duration) bool
+	// CodeTag, if ≥ 0, is put in every new code's first character (a
+	// cluster: the node's worker id, so other nodes route the rain's
+	// requests to it; CodeTag reads it back). Use -1 for none.
+	CodeTag int
 }
 
 // Service runs red-packet rains on one node. Safe for concurrent use.
@@ -350,7 +354,11 @@ func (s *Service) Create(anchor, room, total int64, count int, duration time.Dur
 	}
 	s.perAnchor[anchor]++ // reserved
 	s.mu.Unlock()
-	rec := record{Code: newCode(), Node: s.cfg.Node, Room: room, Anchor: anchor, Total: total, Count: count,
+	code := newCode()
+	if s.cfg.CodeTag >= 0 {
+		code = newTaggedCode(s.cfg.CodeTag)
+	}
+	rec := record{Code: code, Node: s.cfg.Node, Room: room, Anchor: anchor, Total: total, Count: count,
 		DurationMS: duration.Milliseconds(), State: StateWait, CreatedAt: s.cfg.Now().UnixMilli()}
 	b, err := proto.Marshal(rec)
 	if err == nil {
