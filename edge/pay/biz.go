@@ -122,7 +122,7 @@ func (s *Service) CreateBizOrder(r BizOrderReq, extra ...persist.Record) (Order,
 // the business closed its order. A payment that arrives later is refunded.
 // Closing a closed or settled order changes nothing.
 func (s *Service) CloseBizOrder(id int64, why string) error {
-	defer s.orders.lock(id)()
+	defer s.orders.Lock(id)()
 	o, err := s.Get(id)
 	if err != nil {
 		if proto.AsError(err).Code == proto.CodeNotFound {

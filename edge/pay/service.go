@@ -3,6 +3,7 @@ package pay
 import (
 	"context"
 	"errors"
+	"github.com/liveedge/liveedge/edge/keylock"
 	"hash/fnv"
 	"io"
 	"log/slog"
@@ -61,10 +62,10 @@ type Service struct {
 	products map[int64]Product
 	client   *http.Client
 
-	createLimit *limit.Keyed // OrdersPerMinute per user (nil = off)
-	orders      keyLock      // one lock per order id: transitions are compare-and-set under it
-	events      keyLock      // one lock per event id (its hash): the duplicate check and the event's write are one step
-	users       keyLock      // one lock per user: order creation is idempotent under it
+	createLimit *limit.Keyed       // OrdersPerMinute per user (nil = off)
+	orders      keylock.Map[int64] // one lock per order id: transitions are compare-and-set under it
+	events      keylock.Map[int64] // one lock per event id (its hash): the duplicate check and the event's write are one step
+	users       keylock.Map[int64] // one lock per user: order creation is idempotent under it
 
 	bizMu sync.RWMutex
 	biz   map[string]Business // business → where its paid events go (RegisterBusiness)
@@ -243,7 +244,7 @@ func (s *Service) CreateOrder(user int64, r CreateReq) (Order, error) {
 		return Order{}, errors.New("pay: order-id worker lease not held; refusing to make order ids")
 	}
 	// Idempotency: one lock per (user) shard serializes creation per user.
-	defer s.users.lock(user)()
+	defer s.users.Lock(user)()
 	if v, err := s.store.Get(orderReqKey(user, r.ReqID)); err == nil {
 		return s.Get(int64(persist.DecodeUint64(v)))
 	} else if !errors.Is(err, persist.ErrNotFound) {
@@ -381,7 +382,7 @@ func (s *Service) Notify(channel, sigHeader string, body []byte) (int, string) {
 	return s.apply(channel, ev)
 }
 
-// eventLockKey is the events keyLock key of an event id: two ids that share
+// eventLockKey is the events keylock.Map[int64] key of an event id: two ids that share
 // a hash only wait for each other.
 func eventLockKey(id string) int64 {
 	h := fnv.New64a()
@@ -395,7 +396,7 @@ func eventLockKey(id string) int64 {
 // concurrent deliveries of one event id apply it once and its record is
 // the first delivery's, never overwritten by a later copy.
 func (s *Service) apply(channel string, ev Event) (int, string) {
-	defer s.events.lock(eventLockKey(ev.EventID))()
+	defer s.events.Lock(eventLockKey(ev.EventID))()
 	if _, err := s.store.Get(eventKey(ev.EventID)); err == nil {
 		return NotifyOK, "success" // duplicate event: changes nothing
 	} else if !errors.Is(err, persist.ErrNotFound) {
@@ -405,7 +406,7 @@ func (s *Service) apply(channel string, ev Event) (int, string) {
 	if !ok {
 		return NotifyNotFound, "unknown order"
 	}
-	defer s.orders.lock(id)()
+	defer s.orders.Lock(id)()
 	o, err := s.Get(id)
 	if err != nil {
 		if proto.AsError(err).Code == proto.CodeNotFound {
@@ -623,7 +624,7 @@ func (s *Service) pushStatus(o Order) {
 // Refund refunds a PAYED order: the coins are debited back (refused with
 // 20001 if already spent) and the order moves to PAY_BACK, atomically.
 func (s *Service) Refund(id int64) (Order, error) {
-	defer s.orders.lock(id)()
+	defer s.orders.Lock(id)()
 	o, err := s.Get(id)
 	if err != nil {
 		return o, err
@@ -729,7 +730,7 @@ func (s *Service) reconcileOne(id int64) {
 		timeout = o.ExpiresAt - o.CreatedAt // a business order's own deadline
 	}
 	if age >= timeout && (answer == queryNotPaid || age >= 2*timeout) {
-		unlock := s.orders.lock(id)
+		unlock := s.orders.Lock(id)
 		if cur, err := s.Get(id); err == nil && (cur.Status == StatusPaying || cur.Status == StatusWaitingPay) {
 			if err := s.moveLocked(&cur, id, StatusInvalid, "unpaid timeout", nil); err != nil {
 				s.cfg.Log.Error("pay: close expired order", "order", o.OrderID, "err", err)

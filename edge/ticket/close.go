@@ -24,7 +24,7 @@ func (s *Service) Cancel(user, id int64) (Order, error) {
 // onlyExpired refuses an order that is not expired yet (a timeout racing a
 // payment).
 func (s *Service) close(id, user int64, why string, onlyExpired bool) (*Order, error) {
-	unlock := s.orders.lock(id)
+	unlock := s.orders.Lock(id)
 	o, err := s.load1(id)
 	if err != nil {
 		unlock()

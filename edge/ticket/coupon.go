@@ -67,7 +67,7 @@ func (s *Service) giveBackCoupon(o *Order) error {
 		r := o.record()
 		return s.store.Put(r.Key, r.Value)
 	}
-	defer s.coupons.lock(o.CouponID)()
+	defer s.coupons.Lock(o.CouponID)()
 	recs := []persist.Record{}
 	c, err := s.Coupon(o.CouponID)
 	if err != nil && proto.AsError(err).Code != proto.CodeCouponUnusable {

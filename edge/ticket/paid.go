@@ -21,7 +21,7 @@ func (s *Service) Paid(po pay.Order) error {
 	if !ok {
 		return pay.ErrBizClosed
 	}
-	unlock := s.orders.lock(id)
+	unlock := s.orders.Lock(id)
 	defer unlock()
 	o, err := s.load1(id)
 	if err != nil {
@@ -59,7 +59,7 @@ func (s *Service) Refunded(po pay.Order) error {
 	if !ok {
 		return nil
 	}
-	defer s.orders.lock(id)()
+	defer s.orders.Lock(id)()
 	o, err := s.load1(id)
 	if err != nil {
 		if proto.AsError(err).Code == proto.CodeNotFound {

@@ -45,7 +45,7 @@ func (s *Service) hook(point string) error {
 // placeCoins runs the saga of a new coins order whose seats are locked in
 // memory.
 func (s *Service) placeCoins(o *Order) (Order, error) {
-	defer s.orders.lock(o.id)()
+	defer s.orders.Lock(o.id)()
 	o.Status, o.Saga = StatusPlacing, SagaRunning
 	if err := s.hook("fail:lock"); err != nil {
 		s.release(o) // nothing durable yet: the in-memory lock is all there is to undo
@@ -98,7 +98,7 @@ func (s *Service) forward(o *Order) (Order, error) {
 
 // useCoupon marks o's coupon used by o and o's step done, in one batch.
 func (s *Service) useCoupon(o *Order) error {
-	defer s.coupons.lock(o.CouponID)()
+	defer s.coupons.Lock(o.CouponID)()
 	c, err := s.usableCoupon(o)
 	if err != nil {
 		return err
@@ -211,7 +211,7 @@ func (s *Service) undo(o *Order) error {
 // recoverSaga settles a PLACING order found at start-up or left by a
 // storage error (see the package comment above for forward vs back).
 func (s *Service) recoverSaga(id int64) error {
-	defer s.orders.lock(id)()
+	defer s.orders.Lock(id)()
 	o, err := s.load1(id)
 	if err != nil {
 		return err

@@ -110,7 +110,7 @@ func TestSagaFailureAtEachStep(t *testing.T) {
 				wantCode(t, err, tc.code)
 				// Duplicate compensations change nothing: undo again, recover
 				// again, restart.
-				unlock := e.svc.orders.lock(o.id)
+				unlock := e.svc.orders.Lock(o.id)
 				cur, _ := e.svc.load1(o.id)
 				cur.Status, cur.Saga = StatusPlacing, SagaCompensating // as if the last write were lost
 				if err := e.svc.undo(cur); err != nil {

@@ -2,6 +2,7 @@ package ticket
 
 import (
 	"errors"
+	"github.com/liveedge/liveedge/edge/keylock"
 	"log/slog"
 	"strconv"
 	"sync"
@@ -68,8 +69,8 @@ type Service struct {
 
 	guards [guardShards]guardShard // the repeat guard, sharded by user
 
-	orders  keyLock[int64]  // one lock per order id: every transition of an order under it
-	coupons keyLock[string] // one lock per coupon id
+	orders  keylock.Map[int64]  // one lock per order id: every transition of an order under it
+	coupons keylock.Map[string] // one lock per coupon id
 
 	pendMu  sync.Mutex
 	pending map[int64]int64 // PENDING_PAY order → expires at (unix ms); bounded by seats
@@ -451,7 +452,7 @@ func (s *Service) Get(user, id int64) (Order, error) {
 func (s *Service) placeMock(o *Order) (Order, error) {
 	var coupon *Coupon
 	if o.CouponID != "" {
-		unlock := s.coupons.lock(o.CouponID)
+		unlock := s.coupons.Lock(o.CouponID)
 		defer unlock()
 		c, err := s.usableCoupon(o)
 		if err != nil {

@@ -303,7 +303,7 @@ func TestTicketTimeoutLatePaymentAndCancel(t *testing.T) {
 		t.Fatal(err)
 	}
 	id3 := mustID(t, o3.OrderID)
-	unlock := e.svc.orders.lock(id3)
+	unlock := e.svc.orders.Lock(id3)
 	cur, _ := e.svc.load1(id3)
 	cur.Status = StatusCancelled
 	cur.Steps.Released = true
