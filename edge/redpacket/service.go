@@ -422,13 +422,16 @@ func (s *Service) Prepare(anchor int64, code string) (View, error) {
 	case r.busy:
 		r.mu.Unlock()
 		return View{}, proto.Errorf(proto.CodeConflict, "a prepare of this rain is in progress")
-	case !s.allow("prepare", anchor):
-		r.mu.Unlock()
-		return View{}, proto.ErrRateLimited
 	}
 	r.busy = true
 	rec, try := r.rec, r.prepTry
 	r.mu.Unlock()
+	if !s.allow("prepare", anchor) { // no lock held: a Redis round trip in a cluster
+		r.mu.Lock()
+		r.busy = false
+		r.mu.Unlock()
+		return View{}, proto.ErrRateLimited
+	}
 
 	split, err := Split(rec.Total, rec.Count, rand.New(rand.NewChaCha8(chachaSeed())))
 	var res persist.Result
@@ -498,8 +501,6 @@ func (s *Service) Start(anchor int64, code string) (View, error) {
 		perr = proto.ErrInternal
 	case s.running[rec.Room] != "":
 		perr = proto.Errorf(proto.CodeConflict, "another red-packet rain is running in this room")
-	case !s.allow("start", anchor):
-		perr = proto.ErrRateLimited
 	}
 	if perr != nil {
 		r.mu.Unlock()
@@ -510,6 +511,17 @@ func (s *Service) Start(anchor int64, code string) (View, error) {
 	s.running[rec.Room] = code // reserved
 	r.mu.Unlock()
 	s.mu.Unlock()
+	// The limit is asked with no lock held (in a cluster it is a Redis
+	// round trip), and only for a start that would happen.
+	if !s.allow("start", anchor) {
+		s.mu.Lock()
+		r.mu.Lock()
+		r.busy = false
+		delete(s.running, rec.Room)
+		r.mu.Unlock()
+		s.mu.Unlock()
+		return View{}, proto.ErrRateLimited
+	}
 
 	now := s.cfg.Now()
 	rec.State, rec.StartedAt = StateRunning, now.UnixMilli()
