@@ -56,11 +56,17 @@ func (a *API) rainOp(c *app.RequestContext, op string) {
 		return
 	}
 	b, perr := a.node.redPacket(op, identOf(c).UserID, code)
+	a.jsonReply(c, b, perr)
+}
+
+// jsonReply answers an op that may have run on another node: its reply's d
+// as JSON, or its error.
+func (a *API) jsonReply(c *app.RequestContext, d []byte, perr *proto.Error) {
 	if perr != nil {
 		a.fail(c, perr)
 		return
 	}
-	ok(c, json.RawMessage(b))
+	ok(c, json.RawMessage(d))
 }
 
 func (a *API) prepareRain(_ context.Context, c *app.RequestContext) { a.rainOp(c, "rp.prepare") }

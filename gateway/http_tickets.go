@@ -2,7 +2,6 @@ package gateway
 
 import (
 	"context"
-	"encoding/json"
 
 	"github.com/cloudwego/hertz/pkg/app"
 	"github.com/cloudwego/hertz/pkg/route"
@@ -40,15 +39,6 @@ func (a *API) createProgram(_ context.Context, c *app.RequestContext) {
 	ok(c, map[string]int64{"program_id": id})
 }
 
-// ticketReply answers a ticket op served by its node (ticketOp).
-func (a *API) ticketReply(c *app.RequestContext, b []byte, perr *proto.Error) {
-	if perr != nil {
-		a.fail(c, perr)
-		return
-	}
-	ok(c, json.RawMessage(b))
-}
-
 func (a *API) getProgram(_ context.Context, c *app.RequestContext) {
 	id, err := pathID(c)
 	if err != nil {
@@ -56,7 +46,7 @@ func (a *API) getProgram(_ context.Context, c *app.RequestContext) {
 		return
 	}
 	b, perr := a.node.ticketOp("tix.program", identOf(c).UserID, id, nil)
-	a.ticketReply(c, b, perr)
+	a.jsonReply(c, b, perr)
 }
 
 func (a *API) placeTicketOrder(_ context.Context, c *app.RequestContext) {
@@ -71,7 +61,7 @@ func (a *API) placeTicketOrder(_ context.Context, c *app.RequestContext) {
 		return
 	}
 	b, perr := a.node.ticketOp("tix.place", identOf(c).UserID, 0, body)
-	a.ticketReply(c, b, perr)
+	a.jsonReply(c, b, perr)
 }
 
 // ticketOrderID is the {id} of a ticket order path.
@@ -89,7 +79,7 @@ func (a *API) getTicketOrder(_ context.Context, c *app.RequestContext) {
 		return
 	}
 	b, perr := a.node.ticketOp("tix.get", identOf(c).UserID, id, nil)
-	a.ticketReply(c, b, perr)
+	a.jsonReply(c, b, perr)
 }
 
 func (a *API) cancelTicketOrder(_ context.Context, c *app.RequestContext) {
@@ -98,7 +88,7 @@ func (a *API) cancelTicketOrder(_ context.Context, c *app.RequestContext) {
 		return
 	}
 	b, perr := a.node.ticketOp("tix.cancel", identOf(c).UserID, id, nil)
-	a.ticketReply(c, b, perr)
+	a.jsonReply(c, b, perr)
 }
 
 type couponReq struct {
