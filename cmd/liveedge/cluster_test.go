@@ -991,6 +991,43 @@ func TestClusterRedPacketRainAnyNode(t *testing.T) {
 		t.Fatalf("grab by a user in no room: %v, want 10003", err)
 	}
 	var granted, sum atomic.Int64
+	// One user with a session on node 2 and one on node 3 grabs through both
+	// at once: one packet (one per user), whichever node answers.
+	var twiceLogs [2]pushLog
+	twice := [2]*clientsdk.Client{
+		dialLogged(t, c.nodes[1].ws, devToken(t, c.nodes[1].http, 4998, "viewer"), &twiceLogs[0]),
+		dialLogged(t, c.nodes[2].ws, devToken(t, c.nodes[2].http, 4998, "viewer"), &twiceLogs[1]),
+	}
+	for _, cl := range twice {
+		if _, err := cl.Join(ctx, room); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The rain's node learns who is in the room from presence, written every
+	// 200 ms: a grab in the same instant as the join would be 10003.
+	pollUntil(t, 3*time.Second, "the two sessions in the room's presence", func() bool {
+		return roomOnline(t, c.nodes[0].http, anchorTok, room) == n+2
+	})
+	for _, cl := range twice {
+		wg.Add(1)
+		go func(cl *clientsdk.Client) {
+			defer wg.Done()
+			var pe *proto.Error
+			r, err := cl.Grab(ctx, code)
+			switch {
+			case err == nil:
+				granted.Add(1)
+				sum.Add(r.Amount)
+			case errors.As(err, &pe) && (pe.Code == proto.CodeRedPacketTaken || pe.Code == proto.CodeRateLimited):
+			default:
+				t.Errorf("grab by one user through two nodes: %v", err)
+			}
+		}(cl)
+	}
+	wg.Wait()
+	if granted.Load() != 1 {
+		t.Fatalf("one user through two nodes got %d packets, want 1", granted.Load())
+	}
 	for i, cl := range cls {
 		wg.Add(1)
 		go func(i int, cl *clientsdk.Client) {
@@ -1034,8 +1071,17 @@ func TestClusterRedPacketRainAnyNode(t *testing.T) {
 			}
 		}
 	}
-	if credited != count {
-		t.Fatalf("%d redpacket credits pushed, want %d", credited, count)
+	// The one user with two sessions: one credit, pushed to both sessions.
+	twiceMids := map[string]bool{}
+	for i := range twiceLogs {
+		for _, p := range twiceLogs[i].get(proto.BizWalletCredit) {
+			if strings.Contains(string(p.Data), `"redpacket"`) {
+				twiceMids[p.Mid] = true
+			}
+		}
+	}
+	if credited+len(twiceMids) != count || len(twiceMids) != 1 {
+		t.Fatalf("%d + %d redpacket credits pushed, want %d in all and 1 for the two-session user", credited, len(twiceMids), count)
 	}
 	var dirs []string
 	for _, nd := range c.nodes {
@@ -1311,5 +1357,68 @@ func TestClusterTicketsAnyNode(t *testing.T) {
 	}
 	if f, l, s := count(c.nodes[1]); f != 8 || l != 0 || s != 2 {
 		t.Fatalf("through node 2 after the cancel: free %d locked %d sold %d, want 8 0 2", f, l, s)
+	}
+
+	// The same request through two nodes at once is one order, one debit.
+	var dup [2]order
+	var wg sync.WaitGroup
+	for i, nd := range []*sharedNode{c.nodes[1], c.nodes[2]} {
+		wg.Add(1)
+		go func(i int, nd *sharedNode) {
+			defer wg.Done()
+			for { // 10409 while the first is being placed: retry the same req_id
+				st := nodetest.DoJSON(t, "POST", "http://"+nd.http+"/api/v1/tickets/orders", tok,
+					fmt.Sprintf(`{"program_id":%d,"category_id":1,"count":1,"pay":"coins","req_id":"t3"}`, pid), &dup[i])
+				if st != 409 {
+					if st != 200 {
+						t.Errorf("duplicate through %s: %d", nd.http, st)
+					}
+					return
+				}
+				time.Sleep(10 * time.Millisecond)
+			}
+		}(i, nd)
+	}
+	wg.Wait()
+	if dup[0].Data.OrderID == "" || dup[0].Data.OrderID != dup[1].Data.OrderID {
+		t.Fatalf("one req_id through two nodes gave orders %q and %q", dup[0].Data.OrderID, dup[1].Data.OrderID)
+	}
+	// 30 buyers over the three nodes for the 7 seats left: exactly 7 sold,
+	// none twice.
+	var sold atomic.Int64
+	seats := sync.Map{}
+	for i := 0; i < 30; i++ {
+		u := int64(800 + i)
+		if st := nodetest.DoJSON(t, "POST", "http://"+c.nodes[0].http+"/api/v1/dev/credit", "",
+			fmt.Sprintf(`{"user_id":%d,"amount":10,"req_id":"seed"}`, u), nil); st != 200 {
+			t.Fatalf("credit: %d", st)
+		}
+		wg.Add(1)
+		go func(u int64, nd *sharedNode) {
+			defer wg.Done()
+			var o order
+			st := nodetest.DoJSON(t, "POST", "http://"+nd.http+"/api/v1/tickets/orders", devTokenCached(t, nd.http, u),
+				fmt.Sprintf(`{"program_id":%d,"category_id":1,"count":1,"pay":"coins","req_id":"rush"}`, pid), &o)
+			if st == 200 && o.Data.Status == "PAID" {
+				sold.Add(1)
+				if _, twice := seats.LoadOrStore(o.Data.SeatIDs[0], u); twice {
+					t.Errorf("seat %s sold twice", o.Data.SeatIDs[0])
+				}
+			}
+		}(u, c.nodes[i%3])
+	}
+	wg.Wait()
+	if f, l, s := count(c.nodes[0]); sold.Load() != 7 || f != 0 || l != 0 || s != 10 {
+		t.Fatalf("rush: %d sold; free %d locked %d sold %d, want 7 sold and 0 0 10", sold.Load(), f, l, s)
+	}
+	var dirs []string
+	for _, nd := range c.nodes {
+		_ = nd.p.cmd.Process.Signal(syscall.SIGTERM)
+		<-nd.p.done
+		dirs = append(dirs, nd.data)
+	}
+	// Coins: 100 + 30 × 10 credited; 2 + 1 + 7 seats at 10 debited.
+	if cr, db, bal := persisttest.CheckSharedConservation(t, c.redis.Addr, dirs...); cr != 400 || db != 100 || bal != 300 {
+		t.Fatalf("credits %d debits %d balances %d, want 400 100 300", cr, db, bal)
 	}
 }
