@@ -1,21 +1,31 @@
 package gateway
 
 import (
+	"context"
+	"errors"
+	"strconv"
+
+	"github.com/nats-io/nats.go"
+
 	"github.com/liveedge/liveedge/edge/redpacket"
 	"github.com/liveedge/liveedge/gateway/proto"
 )
 
-// Red-packet rains in a cluster are served by the node that created them:
-// its memory holds the pool and its Pebble the grants (docs/redpacket.md).
+// Red-packet rains in a cluster are owned by the node that created them: its
+// Pebble holds the record, the split and the settlement (docs/redpacket.md).
 // A rain's code carries the creating node's worker id in its first character
-// (redpacket.Config.CodeTag), so every other node forwards prepare, start, grab — over
-// WebSocket or HTTP — and GET of that rain to the owner over NATS (the same
-// le.pay.<node> request subject as payment orders), with the caller's
-// identity. The grabber-in-room check runs on the owner against the
-// cluster-wide presence; the 5570 credit and the 5560/5561 room pushes reach
-// users on every node through the cluster router. The pool is not sharded
-// across nodes yet: an owner that is down answers nothing until it is back
-// (its rains resume or settle at its restart).
+// (redpacket.Config.CodeTag), so every other node forwards prepare, start and
+// GET of that rain to the owner over NATS (the le.pay.<node> request subject
+// of payment orders), with the caller's identity.
+//
+// Grabs are sharded (memory pool): a node serves a grab for a rain it does
+// not own from a slice of packets leased from the owner, granting in its own
+// Pebble (edge/redpacket/shard.go). The lease, reclaim and close requests
+// between nodes travel on their own subject, le.rp.<node>, with their own
+// bounded workers, so a grab storm never queues behind webhooks. With the
+// seed's redis-list pool a grab is forwarded to the owner instead. The
+// grabber-in-room check uses the cluster-wide presence; the 5570 credit and
+// the 5560/5561 room pushes reach users on every node through the router.
 
 // rainOwner returns the node that serves code ("" = this node, a single
 // node, or not a code: answered here).
@@ -39,6 +49,14 @@ func (n *Node) redPacket(op string, user int64, code string) ([]byte, *proto.Err
 	}
 	if owner == "" {
 		return n.redPacketLocal(op, user, code)
+	}
+	if op == "rp.grab" && n.shardedRains() {
+		rep, perr := n.RedPackets.GrabVia(owner, user, code)
+		if perr != nil {
+			return nil, perr
+		}
+		b, _ := proto.Marshal(rep)
+		return b, nil
 	}
 	rep, err := n.forwardPay(owner, payFwdReq{Op: op, User: user, Code: code})
 	if err != nil {
@@ -83,6 +101,25 @@ func (n *Node) redPacketLocal(op string, user int64, code string) ([]byte, *prot
 // node (in a goroutine bounded by the connection's in-flight limit).
 func (n *Node) grabAsync(user int64, code string, done func(any, *proto.Error)) {
 	owner, err := n.rainOwner(code)
+	if err == nil && n.shardedRains() {
+		// Both paths may wait on Redis (one per user) or other nodes (a
+		// lease, a reclaim round): off the connection's reader.
+		go func() {
+			var rep redpacket.GrabReply
+			var perr *proto.Error
+			if owner == "" {
+				rep, perr = n.RedPackets.Grab(user, code)
+			} else {
+				rep, perr = n.RedPackets.GrabVia(owner, user, code)
+			}
+			if perr != nil {
+				done(nil, perr)
+				return
+			}
+			done(rep, nil)
+		}()
+		return
+	}
 	if err == nil && owner == "" {
 		n.RedPackets.GrabAsync(user, code, func(rep redpacket.GrabReply, perr *proto.Error) {
 			if perr != nil {
@@ -101,4 +138,147 @@ func (n *Node) grabAsync(user int64, code string, done func(any, *proto.Error)) 
 		}
 		done(b, nil)
 	}()
+}
+
+// shardedRains reports whether grabs are served from slices on every node (a
+// cluster with the memory pool).
+func (n *Node) shardedRains() bool {
+	return n.Cluster != nil && n.Config.RedPacket.Pool != "redis-list"
+}
+
+// rpShardWorkers bounds the lease, reclaim and close requests a node serves
+// at once.
+const rpShardWorkers = 64
+
+func rpSubject(node string) string { return "le.rp." + node }
+
+type rpShardReq struct {
+	Op      string                `json:"op"` // lease | reclaim | close
+	Lease   *redpacket.LeaseReq   `json:"lease,omitempty"`
+	Reclaim *redpacket.ReclaimReq `json:"reclaim,omitempty"`
+	Code    string                `json:"code,omitempty"` // close
+}
+
+type rpShardRep struct {
+	Lease   *redpacket.LeaseRep    `json:"lease,omitempty"`
+	Packets []redpacket.Packet     `json:"packets,omitempty"`
+	Totals  *redpacket.ShardTotals `json:"totals,omitempty"`
+	Err     *proto.Error           `json:"err,omitempty"`
+	Fail    string                 `json:"fail,omitempty"` // a non-protocol error (close not complete)
+}
+
+// serveRedPacketShards answers other nodes' lease, reclaim and close
+// requests for sharded rains, at most rpShardWorkers at a time.
+func (n *Node) serveRedPacketShards() error {
+	sem := make(chan struct{}, rpShardWorkers)
+	_, err := n.NC.Subscribe(rpSubject(n.Config.Node.ID), func(m *nats.Msg) {
+		sem <- struct{}{}
+		go func() {
+			defer func() { <-sem }()
+			var req rpShardReq
+			var rep rpShardRep
+			if err := proto.Unmarshal(m.Data, &req); err != nil {
+				rep.Err = proto.BadRequest("bad red-packet shard request")
+			} else {
+				switch {
+				case req.Op == "lease" && req.Lease != nil:
+					l, err := n.RedPackets.ServeLease(*req.Lease)
+					if err != nil {
+						rep.Err = proto.AsError(err)
+					} else {
+						rep.Lease = &l
+					}
+				case req.Op == "reclaim" && req.Reclaim != nil:
+					rep.Packets = n.RedPackets.ServeReclaim(*req.Reclaim)
+				case req.Op == "close":
+					t, err := n.RedPackets.ServeClose(req.Code)
+					if pe := (*proto.Error)(nil); errors.As(err, &pe) {
+						rep.Err = pe
+					} else if err != nil {
+						rep.Fail = err.Error()
+					} else {
+						rep.Totals = &t
+					}
+				default:
+					rep.Err = proto.BadRequest("unknown red-packet shard op")
+				}
+			}
+			b, _ := proto.Marshal(rep)
+			_ = m.Respond(b)
+		}()
+	})
+	return err
+}
+
+// rpPeers is redpacket.Peers over NATS request/reply.
+type rpPeers struct{ n *Node }
+
+func (p rpPeers) call(ctx context.Context, node string, req rpShardReq) (rpShardRep, error) {
+	var rep rpShardRep
+	b, err := proto.Marshal(req)
+	if err != nil {
+		return rep, err
+	}
+	m, err := p.n.NC.RequestWithContext(ctx, rpSubject(node), b)
+	if err != nil {
+		return rep, errors.New("red packet shard " + req.Op + " on " + node + ": " + err.Error())
+	}
+	if err := proto.Unmarshal(m.Data, &rep); err != nil {
+		return rep, err
+	}
+	if rep.Err != nil {
+		return rep, rep.Err
+	}
+	if rep.Fail != "" {
+		return rep, errors.New(rep.Fail)
+	}
+	return rep, nil
+}
+
+func (p rpPeers) Lease(ctx context.Context, owner string, req redpacket.LeaseReq) (redpacket.LeaseRep, error) {
+	rep, err := p.call(ctx, owner, rpShardReq{Op: "lease", Lease: &req})
+	if err != nil {
+		return redpacket.LeaseRep{}, err
+	}
+	if rep.Lease == nil {
+		return redpacket.LeaseRep{}, errors.New("red packet lease: empty answer")
+	}
+	return *rep.Lease, nil
+}
+
+func (p rpPeers) Reclaim(ctx context.Context, holder string, req redpacket.ReclaimReq) ([]redpacket.Packet, error) {
+	rep, err := p.call(ctx, holder, rpShardReq{Op: "reclaim", Reclaim: &req})
+	return rep.Packets, err
+}
+
+func (p rpPeers) Close(ctx context.Context, holder, code string) (redpacket.ShardTotals, error) {
+	rep, err := p.call(ctx, holder, rpShardReq{Op: "close", Code: code})
+	if err != nil {
+		return redpacket.ShardTotals{}, err
+	}
+	if rep.Totals == nil {
+		return redpacket.ShardTotals{}, errors.New("red packet close: empty answer")
+	}
+	return *rep.Totals, nil
+}
+
+// rainClaimKey is the set of users who have a packet of rain code (one per
+// user, shared by every node).
+func rainClaimKey(code string) string { return "le:rpu:{" + code + "}" }
+
+// claimRain and unclaimRain keep redpacket's one-per-user places in Redis.
+func (n *Node) claimRain(ctx context.Context, code string, user int64, until int64) (bool, error) {
+	key, u := rainClaimKey(code), strconv.FormatInt(user, 10)
+	res := n.Redis.DoMulti(ctx,
+		n.Redis.B().Sadd().Key(key).Member(u).Build(),
+		n.Redis.B().Pexpireat().Key(key).MillisecondsTimestamp(until+3_600_000).Build())
+	added, err := res[0].AsInt64()
+	if err != nil {
+		return false, err
+	}
+	return added == 1, nil
+}
+
+func (n *Node) unclaimRain(ctx context.Context, code string, user int64) error {
+	return n.Redis.Do(ctx, n.Redis.B().Srem().Key(rainClaimKey(code)).Member(strconv.FormatInt(user, 10)).Build()).Error()
 }

@@ -248,6 +248,11 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 		if err = n.servePayForwards(); err != nil {
 			return nil, err
 		}
+		if n.shardedRains() {
+			if err = n.serveRedPacketShards(); err != nil {
+				return nil, err
+			}
+		}
 	}
 	n.Tickets, err = ticket.New(n.Store, n.Wallet, n.Pay, n.Router, ticket.Config{
 		PayTimeout: cfg.Tickets.PayTimeout.D(), MaxPrograms: cfg.Tickets.MaxPrograms, MaxSeats: cfg.Tickets.MaxSeats, Log: log,

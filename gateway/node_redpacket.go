@@ -19,7 +19,14 @@ func (n *Node) newRedPackets() (err error) {
 	if cfg.Pool == "redis-list" {
 		pool = &redpacket.RedisListPool{Client: n.Redis}
 	}
+	var peers redpacket.Peers
+	var claim func(context.Context, string, int64, int64) (bool, error)
+	var unclaim func(context.Context, string, int64) error
+	if n.shardedRains() {
+		peers, claim, unclaim = rpPeers{n}, n.claimRain, n.unclaimRain
+	}
 	n.RedPackets, err = redpacket.New(n.Store, n.Wallet, n.Router, redpacket.Config{
+		Peers: peers, Claim: claim, Unclaim: unclaim,
 		Node: n.Config.Node.ID, Pool: pool,
 		AnchorOf: n.Rooms.AnchorOf, InRoom: n.Router.UserInRoom,
 		MaxCount: cfg.MaxCount, MaxTotal: cfg.MaxTotal, MaxDuration: cfg.MaxDuration.D(),

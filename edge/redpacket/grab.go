@@ -51,7 +51,7 @@ func (s *Service) GrabAsync(user int64, code string, done func(GrabReply, *proto
 		return
 	}
 	r.mu.Lock()
-	state, room, ending := r.rec.State, r.rec.Room, r.ending
+	state, room, ending, endsAt := r.rec.State, r.rec.Room, r.ending, r.rec.EndsAt
 	r.mu.Unlock()
 	switch {
 	case state == StateWait || state == StatePrepared:
@@ -67,13 +67,21 @@ func (s *Service) GrabAsync(user int64, code string, done func(GrabReply, *proto
 		done(GrabReply{}, proto.ErrRateLimited)
 		return
 	}
+	claimed, perr := s.claim(code, user, endsAt)
+	if perr != nil {
+		done(GrabReply{}, perr)
+		return
+	}
 	r.mu.Lock()
 	if r.ending || r.rec.State != StateRunning {
 		r.mu.Unlock()
+		if claimed {
+			s.unclaim(code, user)
+		}
 		done(GrabReply{}, errEmpty)
 		return
 	}
-	if s.cfg.OnePerUser {
+	if s.cfg.OnePerUser && s.cfg.Claim == nil {
 		if _, dup := r.users[user]; dup {
 			r.mu.Unlock()
 			done(GrabReply{}, errTaken)
@@ -90,8 +98,14 @@ func (s *Service) GrabAsync(user int64, code string, done func(GrabReply, *proto
 	ctx, cancel := context.WithTimeout(context.Background(), poolTimeout)
 	p, ok, err := s.pool.Pop(ctx, code)
 	cancel()
+	if err == nil && !ok && s.mem != nil {
+		// Sharded: take back what other nodes do not use before ending.
+		if pk := s.takeOrReclaim(r, s.cfg.Node, func(int) int { return 1 }); len(pk) == 1 {
+			p, ok = pk[0], true
+		}
+	}
 	if err != nil || !ok {
-		s.grabFailed(r, user, !ok && err == nil, false)
+		s.grabFailed(r, code, user, !ok && err == nil, false)
 		if err != nil {
 			s.log.Error("red packet pool", "code", code, "err", err)
 			done(GrabReply{}, proto.ErrInternal)
@@ -100,24 +114,15 @@ func (s *Service) GrabAsync(user int64, code string, done func(GrabReply, *proto
 		done(GrabReply{}, errEmpty)
 		return
 	}
-	gb, _ := proto.Marshal(grant{User: user, Amount: p.Amount, At: s.cfg.Now().UnixMilli()})
-	op := persist.Op{User: user, ReqID: grantReqID(code, p.Index),
-		Postings: []persist.Posting{{User: user, Delta: p.Amount, Reason: persist.ReasonRedPacket, Ref: "redpacket " + code}},
-		Tallies:  []persist.Tally{{Name: TallyGrabbed, User: user, Delta: p.Amount}},
-		Static:   []persist.Record{storeRecord(grantKey(code, p.Index), gb)},
-	}
-	s.wallet.ApplyAsync(op, func(res persist.Result, err error) {
+	s.applyGrant(user, code, p, func(res persist.Result, err error, op persist.Op) {
 		if err != nil {
-			// The packet is not put back (the outcome may be unknown); the
-			// settlement refunds whatever has no durable grant.
-			s.log.Error("red packet grant not recorded", "code", code, "index", p.Index, "user", user, "err", err)
 			doubtful := !errors.Is(err, persist.ErrWalletUnavailable) // that one moved nothing
 			if doubtful {
 				r.mu.Lock()
 				r.doubt = append(r.doubt, op)
 				r.mu.Unlock()
 			}
-			s.grabFailed(r, user, false, doubtful)
+			s.grabFailed(r, code, user, false, doubtful)
 			done(GrabReply{}, proto.ErrInternal)
 			return
 		}
@@ -132,13 +137,38 @@ func (s *Service) GrabAsync(user int64, code string, done func(GrabReply, *proto
 		settle := r.ending && r.inflight == 0 && !r.settling
 		r.settling = r.settling || settle
 		r.mu.Unlock()
-		done(GrabReply{Amount: p.Amount, Msg: "恭喜领取到红包：" + strconv.FormatInt(p.Amount, 10)}, nil)
-		if !res.Replayed {
-			d, _ := proto.Marshal(CreditPush{Balance: res.Balances[0], Delta: p.Amount, Reason: persist.ReasonRedPacket})
-			s.router.SendUser(user, proto.Push{Biz: proto.BizWalletCredit, Data: d, Ack: true})
-		}
+		done(grabReply(p.Amount), nil)
 		if settle {
 			s.goSettle(r)
+		}
+	})
+}
+
+func grabReply(amount int64) GrabReply {
+	return GrabReply{Amount: amount, Msg: "恭喜领取到红包：" + strconv.FormatInt(amount, 10)}
+}
+
+// applyGrant grants p of rain code to user: the grant row, the credit and the
+// tally in one ledger op, idempotent by (user, "rp:<code>:<index>"); then
+// done (on a ledger goroutine: quick, never blocking) and, if the credit is
+// new, biz 5570 to the grabber. A packet whose grant failed is not put back
+// (the outcome may be unknown); the settlement refunds whatever has no
+// durable grant.
+func (s *Service) applyGrant(user int64, code string, p Packet, done func(persist.Result, error, persist.Op)) {
+	gb, _ := proto.Marshal(grant{User: user, Amount: p.Amount, At: s.cfg.Now().UnixMilli()})
+	op := persist.Op{User: user, ReqID: grantReqID(code, p.Index),
+		Postings: []persist.Posting{{User: user, Delta: p.Amount, Reason: persist.ReasonRedPacket, Ref: "redpacket " + code}},
+		Tallies:  []persist.Tally{{Name: TallyGrabbed, User: user, Delta: p.Amount}},
+		Static:   []persist.Record{storeRecord(grantKey(code, p.Index), gb)},
+	}
+	s.wallet.ApplyAsync(op, func(res persist.Result, err error) {
+		if err != nil {
+			s.log.Error("red packet grant not recorded", "code", code, "index", p.Index, "user", user, "err", err)
+		}
+		done(res, err, op)
+		if err == nil && !res.Replayed {
+			d, _ := proto.Marshal(CreditPush{Balance: res.Balances[0], Delta: p.Amount, Reason: persist.ReasonRedPacket})
+			s.router.SendUser(user, proto.Push{Biz: proto.BizWalletCredit, Data: d, Ack: true})
 		}
 	})
 }
@@ -146,19 +176,15 @@ func (s *Service) GrabAsync(user int64, code string, done func(GrabReply, *proto
 // grabFailed undoes a grab's reservation; empty: the pool had nothing left,
 // so the rain ends; keepUser: the grant may still land, so the user keeps
 // their one-per-user place.
-func (s *Service) grabFailed(r *rain, user int64, empty, keepUser bool) {
-	r.mu.Lock()
-	r.inflight--
+func (s *Service) grabFailed(r *rain, code string, user int64, empty, keepUser bool) {
 	if s.cfg.OnePerUser && !keepUser {
-		delete(r.users, user)
+		if s.cfg.Claim != nil {
+			go s.unclaim(code, user) // may run on a ledger goroutine: never block it
+		} else {
+			r.mu.Lock()
+			delete(r.users, user)
+			r.mu.Unlock()
+		}
 	}
-	if empty && r.rec.State == StateRunning {
-		r.ending = true
-	}
-	settle := r.ending && r.inflight == 0 && !r.settling && r.rec.State == StateRunning
-	r.settling = r.settling || settle
-	r.mu.Unlock()
-	if settle {
-		s.goSettle(r)
-	}
+	s.finishInflight(r, empty)
 }

@@ -15,8 +15,8 @@ import (
 // (0..N-1), which names its grant (rec/rpgrant/<code>/<index>) and its ledger
 // request id, so a packet can be granted at most once.
 type Packet struct {
-	Index  int32
-	Amount int64
+	Index  int32 `json:"i"`
+	Amount int64 `json:"a"`
 }
 
 // Pool holds the packets of running rains that are not granted yet. The
@@ -100,6 +100,37 @@ func (m *MemoryPool) Pop(_ context.Context, code string) (Packet, bool, error) {
 	p := s.left[n-1]
 	s.left = s.left[:n-1]
 	return p, true, nil
+}
+
+// take removes up to n packets of code (a lease to another node).
+func (m *MemoryPool) take(code string, n int) []Packet {
+	s := m.slice(code)
+	if s == nil || n <= 0 {
+		return nil
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	k := min(n, len(s.left))
+	out := append([]Packet(nil), s.left[len(s.left)-k:]...)
+	s.left = s.left[:len(s.left)-k]
+	return out
+}
+
+// add puts packets of code back (returned by another node), at random
+// places among those left, so the order of grabs does not follow the
+// order of returns.
+func (m *MemoryPool) add(code string, pk []Packet) {
+	s := m.slice(code)
+	if s == nil {
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, p := range pk {
+		s.left = append(s.left, p)
+		j := rand.IntN(len(s.left))
+		s.left[j], s.left[len(s.left)-1] = s.left[len(s.left)-1], s.left[j]
+	}
 }
 
 // Len implements Pool.

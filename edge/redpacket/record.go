@@ -81,6 +81,8 @@ type record struct {
 	GrantedAmount int64 `json:"granted_amount,omitempty"`
 	MaxGrant      int64 `json:"max_grant,omitempty"`
 	Refunded      int64 `json:"refunded,omitempty"`
+	// Nodes is the per-node split of a sharded rain (FINISHED).
+	Nodes []NodeSplit `json:"nodes,omitempty"`
 }
 
 // grant is one durable grant (rec/rpgrant/<code>/<idx>).

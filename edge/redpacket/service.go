@@ -63,6 +63,16 @@ type Config struct {
 	// cluster: the node's worker id, so other nodes route the rain's
 	// requests to it; CodeTag reads it back). Use -1 for none.
 	CodeTag int
+	// Peers, if set (a cluster with the memory pool), shards running rains
+	// across the nodes whose viewers grab (shard.go): other nodes lease
+	// slices of this node's rains and this node grabs from theirs (GrabVia).
+	Peers Peers
+	// Claim and Unclaim, if set, keep OnePerUser in a set every node shares
+	// (a sharded rain is grabbed on many nodes): Claim true = the user had
+	// no place in rain code and now has one (kept until after until, a Unix
+	// ms time); Unclaim gives it back.
+	Claim   func(ctx context.Context, code string, user int64, until int64) (bool, error)
+	Unclaim func(ctx context.Context, code string, user int64) error
 }
 
 // Service runs red-packet rains on one node. Safe for concurrent use.
@@ -89,6 +99,7 @@ type Service struct {
 	wallet persist.Wallet
 	router router.Router
 	pool   Pool
+	mem    *MemoryPool // pool, when it is a MemoryPool and Peers is set (sharded)
 	log    *slog.Logger
 
 	prepLimit, startLimit, grabLimit *limit.Keyed
@@ -96,10 +107,11 @@ type Service struct {
 
 	mu        sync.RWMutex
 	closed    bool
-	rains     map[string]*rain // not FINISHED
-	perAnchor map[int64]int    // rains not FINISHED per anchor
-	running   map[int64]string // room → its RUNNING rain
-	prepared  map[int64]string // room → its latest PREPARED rain
+	rains     map[string]*rain  // not FINISHED
+	perAnchor map[int64]int     // rains not FINISHED per anchor
+	running   map[int64]string  // room → its RUNNING rain
+	prepared  map[int64]string  // room → its latest PREPARED rain
+	shards    map[string]*shard // slices of other nodes' rains (sharded)
 	settles   sync.WaitGroup
 }
 
@@ -122,6 +134,16 @@ type rain struct {
 	// each again first (same request id: it lands once), so the refund never
 	// counts a packet that is granted later. Bounded by the rain's count.
 	doubt []persist.Op
+
+	// Sharded (Config.Peers), on the owner: the split, the nodes packets
+	// were leased to, where each index is (0 here, else 1 + its holder),
+	// the lease log's last sequence and a reclaim round in progress.
+	split      []int64
+	holders    []*holder
+	where      []uint16
+	logSeq     uint32
+	reclaiming chan struct{}
+	reclaimed  int // packets the last reclaim round brought back
 }
 
 // New returns the service and restores the rains that were not finished
@@ -160,7 +182,13 @@ func New(store *persist.Store, w persist.Wallet, r router.Router, cfg Config, lo
 	}
 	s := &Service{cfg: cfg, store: store, wallet: w, router: r, pool: cfg.Pool, log: log.With("svc", "redpacket"),
 		seed: maphash.MakeSeed(), rains: map[string]*rain{}, perAnchor: map[int64]int{},
-		running: map[int64]string{}, prepared: map[int64]string{}}
+		running: map[int64]string{}, prepared: map[int64]string{}, shards: map[string]*shard{}}
+	if m, ok := cfg.Pool.(*MemoryPool); ok && cfg.Peers != nil {
+		s.mem = m
+	}
+	if cfg.Claim == nil || cfg.Unclaim == nil {
+		s.cfg.Claim, s.cfg.Unclaim = nil, nil
+	}
 	s.prepLimit = interval(cfg.PrepareInterval, cfg.Now)
 	s.startLimit = interval(cfg.StartInterval, cfg.Now)
 	s.grabLimit = interval(cfg.GrabInterval, cfg.Now)
@@ -217,6 +245,8 @@ type NodeSplit struct {
 	Count   int    `json:"count"`   // packets the node was given
 	Left    int    `json:"left"`    // not popped yet
 	Granted int    `json:"granted"` // granted by the node
+	Amount  int64  `json:"granted_amount"`
+	Max     int64  `json:"-"`
 }
 
 // GrabReply is the d of a successful grab.
@@ -257,18 +287,27 @@ var (
 )
 
 func (s *Service) view(r *rain) View {
+	ctx, cancel := context.WithTimeout(context.Background(), poolTimeout)
+	defer cancel()
 	r.mu.Lock()
 	rec, v := r.rec, View{GrantedCount: r.granted, GrantedAmount: r.amount, MaxGrant: r.maxGrant}
-	r.mu.Unlock()
-	v = viewOf(rec, v)
-	ns := NodeSplit{Node: rec.Node, Granted: v.GrantedCount}
+	ns := NodeSplit{Node: rec.Node, Granted: r.granted, Amount: r.amount}
 	if rec.State == StateRunning {
 		ns.Count = rec.Count
-		ctx, cancel := context.WithTimeout(context.Background(), poolTimeout)
-		ns.Left, _ = s.pool.Len(ctx, rec.Code)
-		cancel()
 	}
-	v.Nodes = []NodeSplit{ns}
+	var others []NodeSplit
+	for _, h := range r.holders {
+		others = append(others, NodeSplit{Node: h.node, Count: h.out, Left: max(0, h.out-h.granted), Granted: h.granted, Amount: h.amount})
+		ns.Count -= h.out
+		v.GrantedCount += h.granted
+		v.GrantedAmount += h.amount
+	}
+	r.mu.Unlock()
+	v = viewOf(rec, v)
+	if rec.State == StateRunning {
+		ns.Left, _ = s.pool.Len(ctx, rec.Code)
+	}
+	v.Nodes = append([]NodeSplit{ns}, others...)
 	return v
 }
 
@@ -279,7 +318,10 @@ func viewOf(rec record, v View) View {
 	v.StartedAt, v.EndsAt, v.FinishedAt = rec.StartedAt, rec.EndsAt, rec.FinishedAt
 	if rec.State == StateFinished {
 		v.GrantedCount, v.GrantedAmount, v.MaxGrant, v.Refunded = rec.GrantedCount, rec.GrantedAmount, rec.MaxGrant, rec.Refunded
-		v.Nodes = []NodeSplit{{Node: rec.Node, Count: rec.Count, Granted: rec.GrantedCount}}
+		v.Nodes = rec.Nodes
+		if len(v.Nodes) == 0 {
+			v.Nodes = []NodeSplit{{Node: rec.Node, Count: rec.Count, Granted: rec.GrantedCount, Amount: rec.GrantedAmount}}
+		}
 	}
 	return v
 }
@@ -526,7 +568,7 @@ func (s *Service) Start(anchor int64, code string) (View, error) {
 	now := s.cfg.Now()
 	rec.State, rec.StartedAt = StateRunning, now.UnixMilli()
 	rec.EndsAt = rec.StartedAt + rec.DurationMS
-	err = s.loadPool(rec, nil)
+	err = s.loadPool(r, rec, nil)
 	if err == nil {
 		var b []byte
 		if b, err = proto.Marshal(rec); err == nil {
@@ -559,8 +601,9 @@ func (s *Service) Start(anchor int64, code string) (View, error) {
 	return s.view(r), nil
 }
 
-// loadPool loads rec's split minus the granted indexes into the pool.
-func (s *Service) loadPool(rec record, granted map[int32]bool) error {
+// loadPool loads rec's split minus the granted indexes (and, sharded, minus
+// those out with other nodes) into the pool.
+func (s *Service) loadPool(r *rain, rec record, granted map[int32]bool) error {
 	b, err := s.store.Get(splitKey(rec.Code))
 	if err != nil {
 		return err
@@ -571,8 +614,14 @@ func (s *Service) loadPool(rec record, granted map[int32]bool) error {
 	}
 	left := make([]Packet, 0, len(split)-len(granted))
 	for i, a := range split {
-		if !granted[int32(i)] {
+		if !granted[int32(i)] && (r.where == nil || r.where[i] == 0) {
 			left = append(left, Packet{Index: int32(i), Amount: a})
+		}
+	}
+	if s.mem != nil {
+		r.split = split
+		if r.where == nil {
+			r.where = make([]uint16, len(split))
 		}
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), poolTimeout)

@@ -63,9 +63,13 @@ func (s *Service) settle(r *rain) {
 	r.mu.Lock()
 	r.doubt = doubt
 	r.mu.Unlock()
+	var others []NodeSplit
+	if err == nil && s.mem != nil {
+		others, err = s.closeHolders(r)
+	}
 	var fin record
 	if err == nil {
-		fin, err = s.settleOnce(rec)
+		fin, err = s.settleOnce(rec, others)
 	}
 	if err != nil {
 		s.log.Error("red packet rain not settled, retrying", "code", rec.Code, "err", err, "retry_in", settleRetry)
@@ -104,8 +108,9 @@ func (s *Service) settle(r *rain) {
 	}
 }
 
-// settleOnce writes the settlement of rec and returns the final record.
-func (s *Service) settleOnce(rec record) (record, error) {
+// settleOnce writes the settlement of rec, whose other holders granted
+// others, and returns the final record.
+func (s *Service) settleOnce(rec record, others []NodeSplit) (record, error) {
 	var n int
 	var sum, top int64
 	err := s.store.Scan(grantPrefix(rec.Code), func(_, v []byte) error {
@@ -121,12 +126,26 @@ func (s *Service) settleOnce(rec record) (record, error) {
 	if err != nil {
 		return rec, err
 	}
+	var nodes []NodeSplit
+	if len(others) > 0 {
+		here := rec.Count
+		for _, o := range others {
+			here -= o.Count
+		}
+		nodes = append([]NodeSplit{{Node: rec.Node, Count: here, Granted: n, Amount: sum}}, others...)
+		for _, o := range others {
+			n += o.Granted
+			sum += o.Amount
+			top = max(top, o.Max)
+		}
+	}
 	if sum > rec.Total { // cannot happen (each index once, Σ split = T): refuse to settle
 		return rec, errors.New("redpacket: granted more than the total")
 	}
 	fin := rec
 	fin.State, fin.FinishedAt = StateFinished, s.cfg.Now().UnixMilli()
 	fin.GrantedCount, fin.GrantedAmount, fin.MaxGrant, fin.Refunded = n, sum, top, rec.Total-sum
+	fin.Nodes = nodes
 	b, err := proto.Marshal(fin)
 	if err != nil {
 		return rec, err
@@ -187,7 +206,7 @@ func (s *Service) restore() error {
 				r.granted++
 				r.amount += g.Amount
 				r.maxGrant = max(r.maxGrant, g.Amount)
-				if s.cfg.OnePerUser {
+				if s.cfg.OnePerUser && s.cfg.Claim == nil {
 					if r.users == nil {
 						r.users = map[int64]struct{}{}
 					}
@@ -198,7 +217,12 @@ func (s *Service) restore() error {
 			if err != nil {
 				return err
 			}
-			if err := s.loadPool(rec, granted); err != nil {
+			if s.mem != nil {
+				if err := s.replayLeases(r); err != nil {
+					return err
+				}
+			}
+			if err := s.loadPool(r, rec, granted); err != nil {
 				return err
 			}
 			if now >= rec.EndsAt || r.granted >= rec.Count {

@@ -1,0 +1,691 @@
+package redpacket
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/liveedge/liveedge/gateway/proto"
+	"github.com/liveedge/liveedge/persist"
+)
+
+// A sharded rain (Config.Peers set: a cluster with the memory pool) keeps
+// its packets in the memory of every node whose viewers grab, not only of
+// the node that owns it.
+//
+// The owner (the node that created the rain: its split and its record are
+// in the owner's Pebble) keeps the remainder of the pool. A node that serves
+// a grab for a rain it does not own — a holder — leases a slice of packets
+// from the owner (LeaseReq, one NATS round trip per slice, not per grab) and
+// grants from it locally: the grant row and the grabber's credit are one
+// ledger op in the holder's own Pebble, exactly as on the owner. When the
+// holder's slice runs low it leases more; when the owner's remainder is empty
+// it takes back half of every other holder's unused packets (Reclaim) before
+// answering "none left", so no packet is stranded on a node whose viewers
+// stopped grabbing while viewers elsewhere still grab.
+//
+// Every hand-over is durable on the owner before it takes effect: a lease
+// is written to the owner's lease log (rec/rplease/<code>/<seq>, fsynced)
+// before the packets leave, and a return before the packets go back into
+// its pool, so after a restart the owner rebuilds its remainder as the split
+// minus its own grants minus what is out with holders — an index is never
+// in two places. A holder keeps its slice in memory only: if it dies, its
+// unused packets stay "out" until the rain ends, and are refunded then.
+//
+// Settlement stays on the owner and happens once: at the end it closes every
+// holder (Close: no more grabs there, grabs in flight completed, doubtful
+// grants applied again) and takes the holder's totals from the holder's
+// durable grants; the refund is T minus the durable grants of all nodes. A
+// holder that is down is waited for (retried every settleRetry): its slice
+// is settled from what it durably granted, never guessed.
+
+// Peers carries a sharded rain's requests to other nodes.
+type Peers interface {
+	// Lease asks owner for packets of a rain (holder → owner).
+	Lease(ctx context.Context, owner string, req LeaseReq) (LeaseRep, error)
+	// Reclaim asks holder to give back unused packets (owner → holder).
+	Reclaim(ctx context.Context, holder string, req ReclaimReq) ([]Packet, error)
+	// Close ends a rain on holder and returns its durable totals (owner →
+	// holder).
+	Close(ctx context.Context, holder, code string) (ShardTotals, error)
+}
+
+// LeaseReq asks the owner of Code for packets for node Node, on behalf of
+// User (who must be in the rain's room). Granted and Amount are the holder's
+// totals so far (shown by GET while the rain runs).
+type LeaseReq struct {
+	Code    string `json:"code"`
+	Node    string `json:"node"`
+	User    int64  `json:"user"`
+	Granted int    `json:"granted"`
+	Amount  int64  `json:"amount"`
+}
+
+// LeaseRep is a lease: the rain's room and end, and the packets now held by
+// the asking node.
+type LeaseRep struct {
+	Room    int64    `json:"room"`
+	EndsAt  int64    `json:"ends_at"`
+	Packets []Packet `json:"packets"`
+}
+
+// ReclaimReq asks a holder for at most Max of its unused packets of Code.
+type ReclaimReq struct {
+	Code string `json:"code"`
+	Max  int    `json:"max"`
+}
+
+// ShardTotals are a holder's durable grants of a rain.
+type ShardTotals struct {
+	Count  int   `json:"count"`
+	Amount int64 `json:"amount"`
+	Max    int64 `json:"max"`
+}
+
+const (
+	maxLease       = 256              // packets in one lease
+	shardCallLimit = 2 * time.Second  // one lease / reclaim call
+	closeWait      = 3 * time.Second  // a holder's grabs in flight at close
+	tombstoneTTL   = 10 * time.Minute // a closed shard is remembered this long
+)
+
+var errOwnerGone = proto.Errorf(proto.CodeInternal, "the red packet's node is unreachable, retry")
+
+// holder is a node the owner leased packets to.
+type holder struct {
+	node    string
+	out     int   // packets leased and not returned (granted ones included)
+	granted int   // last reported
+	amount  int64 // last reported
+}
+
+// leaseLog is one hand-over (rec/rplease/<code>/<seq>): Idx went to Node, or
+// came back from it (Back).
+type leaseLog struct {
+	Node string  `json:"node"`
+	Back bool    `json:"back,omitempty"`
+	Idx  []int32 `json:"idx"`
+}
+
+var prefixLease = []byte("rec/rplease/")
+
+func leasePrefix(code string) []byte {
+	return append(append(append([]byte{}, prefixLease...), code...), '/')
+}
+
+// holderOf returns the index of node among r.holders, adding it (r.mu held).
+func (r *rain) holderOf(node string) int {
+	for i, h := range r.holders {
+		if h.node == node {
+			return i
+		}
+	}
+	r.holders = append(r.holders, &holder{node: node})
+	return len(r.holders) - 1
+}
+
+// logLease writes one hand-over durably (fsynced) before it takes effect.
+func (s *Service) logLease(r *rain, node string, back bool, pk []Packet) error {
+	l := leaseLog{Node: node, Back: back, Idx: make([]int32, len(pk))}
+	for i, p := range pk {
+		l.Idx[i] = p.Index
+	}
+	b, err := proto.Marshal(l)
+	if err != nil {
+		return err
+	}
+	r.mu.Lock()
+	r.logSeq++
+	key := binary.BigEndian.AppendUint32(leasePrefix(r.rec.Code), r.logSeq)
+	r.mu.Unlock()
+	return s.store.Put(key, b)
+}
+
+// replayLeases restores r's holders and where each index is (restore).
+func (s *Service) replayLeases(r *rain) error {
+	r.where = make([]uint16, r.rec.Count)
+	return s.store.Scan(leasePrefix(r.rec.Code), func(k, v []byte) error {
+		var l leaseLog
+		if err := proto.Unmarshal(v, &l); err != nil {
+			return err
+		}
+		r.logSeq = max(r.logSeq, binary.BigEndian.Uint32(k[len(k)-4:]))
+		hi := r.holderOf(l.Node)
+		for _, i := range l.Idx {
+			if i < 0 || int(i) >= len(r.where) {
+				return errors.New("redpacket: corrupt lease log")
+			}
+			if l.Back {
+				r.where[i] = 0
+				r.holders[hi].out--
+			} else {
+				r.where[i] = uint16(hi + 1)
+				r.holders[hi].out++
+			}
+		}
+		return nil
+	})
+}
+
+// leaseSize is how many packets one lease takes from a remainder of left:
+// a share small enough that the other nodes (and the owner's own viewers)
+// still find packets, at least one.
+func leaseSize(left, holders int) int {
+	return max(1, min(maxLease, left/(2*(holders+2))))
+}
+
+// ServeLease answers a holder's LeaseReq (on the owner).
+func (s *Service) ServeLease(req LeaseReq) (LeaseRep, error) {
+	r := s.get(req.Code)
+	if r == nil || s.mem == nil || req.Node == "" || req.Node == s.cfg.Node {
+		if rec, err := s.loadFinished(req.Code); err == nil && rec.State == StateFinished {
+			return LeaseRep{}, errEmpty
+		}
+		return LeaseRep{}, errGrabNone
+	}
+	r.mu.Lock()
+	rec, ending := r.rec, r.ending
+	r.mu.Unlock()
+	switch {
+	case rec.State == StateWait || rec.State == StatePrepared:
+		return LeaseRep{}, errGrabNone
+	case ending || rec.State != StateRunning:
+		return LeaseRep{}, errEmpty
+	case !s.cfg.InRoom(rec.Room, req.User):
+		return LeaseRep{}, errNotInRm
+	}
+	r.mu.Lock()
+	if r.ending || r.rec.State != StateRunning {
+		r.mu.Unlock()
+		return LeaseRep{}, errEmpty
+	}
+	r.inflight++ // settlement waits for this lease
+	hi := r.holderOf(req.Node)
+	h := r.holders[hi]
+	h.granted, h.amount = max(h.granted, req.Granted), max(h.amount, req.Amount)
+	holders := len(r.holders)
+	r.mu.Unlock()
+
+	pk := s.takeOrReclaim(r, req.Node, func(left int) int { return leaseSize(left, holders) })
+	if len(pk) == 0 {
+		s.finishInflight(r, true) // nothing here and nothing came back: the rain ends
+		return LeaseRep{}, errEmpty
+	}
+	if err := s.logLease(r, req.Node, false, pk); err != nil {
+		s.mem.add(req.Code, pk) // not handed over
+		s.finishInflight(r, false)
+		s.log.Error("red packet lease not recorded", "code", req.Code, "node", req.Node, "err", err)
+		return LeaseRep{}, proto.ErrInternal
+	}
+	r.mu.Lock()
+	for _, p := range pk {
+		r.where[p.Index] = uint16(hi + 1)
+	}
+	h.out += len(pk)
+	r.mu.Unlock()
+	s.finishInflight(r, false)
+	return LeaseRep{Room: rec.Room, EndsAt: rec.EndsAt, Packets: pk}, nil
+}
+
+// takeOrReclaim takes up to n packets (n: from the remainder left) from
+// the owner's pool, taking back unused packets from the holders but except
+// while the pool is empty. None: every reachable holder is out of unused
+// packets too — the rain is over.
+func (s *Service) takeOrReclaim(r *rain, except string, size func(left int) int) []Packet {
+	code := r.rec.Code // immutable while RUNNING
+	for {
+		left, _ := s.mem.Len(context.Background(), code)
+		if pk := s.mem.take(code, size(left)); len(pk) > 0 {
+			return pk
+		}
+		if s.reclaimRound(r, except) == 0 {
+			return nil
+		}
+	}
+}
+
+// reclaimRound takes back half of the unused packets of every holder but
+// except into the owner's pool and returns how many came back; concurrent
+// callers wait for the one round in progress and share its count.
+func (s *Service) reclaimRound(r *rain, except string) int {
+	r.mu.Lock()
+	if ch := r.reclaiming; ch != nil {
+		r.mu.Unlock()
+		<-ch
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		return r.reclaimed
+	}
+	ch := make(chan struct{})
+	r.reclaiming = ch
+	code := r.rec.Code
+	var targets []int
+	for i, h := range r.holders {
+		if h.node != except && h.out > h.granted {
+			targets = append(targets, i)
+		}
+	}
+	r.mu.Unlock()
+	var got atomic.Int64
+	defer func() {
+		r.mu.Lock()
+		r.reclaiming, r.reclaimed = nil, int(got.Load())
+		r.mu.Unlock()
+		close(ch)
+	}()
+	var wg sync.WaitGroup
+	for _, hi := range targets {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			r.mu.Lock()
+			h := r.holders[hi]
+			r.mu.Unlock()
+			ctx, cancel := context.WithTimeout(context.Background(), shardCallLimit)
+			pk, err := s.cfg.Peers.Reclaim(ctx, h.node, ReclaimReq{Code: code, Max: maxLease})
+			cancel()
+			if err != nil || len(pk) == 0 {
+				return
+			}
+			// Only packets that are out with that holder, at their split
+			// amount, come back.
+			r.mu.Lock()
+			ok := pk[:0]
+			for _, p := range pk {
+				if p.Index >= 0 && int(p.Index) < len(r.where) && r.where[p.Index] == uint16(hi+1) && r.split[p.Index] == p.Amount {
+					ok = append(ok, p)
+				}
+			}
+			r.mu.Unlock()
+			if len(ok) == 0 {
+				return
+			}
+			if err := s.logLease(r, h.node, true, ok); err != nil {
+				// Given up by the holder, not recorded here: they stay "out"
+				// and are refunded at the end (never granted twice).
+				s.log.Error("red packet return not recorded", "code", code, "node", h.node, "err", err)
+				return
+			}
+			r.mu.Lock()
+			for _, p := range ok {
+				r.where[p.Index] = 0
+			}
+			h.out -= len(ok)
+			r.mu.Unlock()
+			s.mem.add(code, ok)
+			got.Add(int64(len(ok)))
+		}()
+	}
+	wg.Wait()
+	return int(got.Load())
+}
+
+// finishInflight ends a grab or lease reservation of r; empty: nothing was
+// left, so the rain ends. It settles when the rain is ending and nothing is
+// in flight.
+func (s *Service) finishInflight(r *rain, empty bool) {
+	r.mu.Lock()
+	r.inflight--
+	if empty && r.rec.State == StateRunning {
+		r.ending = true
+	}
+	settle := r.ending && r.inflight == 0 && !r.settling && r.rec.State == StateRunning
+	r.settling = r.settling || settle
+	r.mu.Unlock()
+	if settle {
+		s.goSettle(r)
+	}
+}
+
+// closeHolders closes r on every holder and returns their totals (settle).
+func (s *Service) closeHolders(r *rain) ([]NodeSplit, error) {
+	r.mu.Lock()
+	code := r.rec.Code
+	hs := make([]holder, len(r.holders))
+	for i, h := range r.holders {
+		hs[i] = *h
+	}
+	r.mu.Unlock()
+	out := make([]NodeSplit, len(hs))
+	errs := make([]error, len(hs))
+	var wg sync.WaitGroup
+	for i, h := range hs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			ctx, cancel := context.WithTimeout(context.Background(), closeWait+shardCallLimit)
+			t, err := s.cfg.Peers.Close(ctx, h.node, code)
+			cancel()
+			out[i], errs[i] = NodeSplit{Node: h.node, Count: h.out, Granted: t.Count, Amount: t.Amount, Max: t.Max}, err
+		}()
+	}
+	wg.Wait()
+	for i, err := range errs {
+		if err != nil {
+			return nil, errors.New("holder " + hs[i].node + " not closed: " + err.Error())
+		}
+	}
+	return out, nil
+}
+
+// shard is a holder's slice of a rain it does not own.
+type shard struct {
+	code, owner string
+
+	mu       sync.Mutex
+	ready    bool // a lease answered: room and ends known
+	room     int64
+	endsAt   int64
+	free     []Packet
+	last     int           // size of the last lease
+	leasing  chan struct{} // a lease request in flight
+	lastErr  error         // the last lease's refusal
+	dry      bool          // the owner has none left: the rain is ending
+	closed   bool          // the owner settled (or is settling) the rain
+	inflight int
+	granted  int
+	amount   int64
+	doubt    []persist.Op
+}
+
+// shardOf returns this node's shard of code, creating it (nil after Close).
+func (s *Service) shardOf(code, owner string) *shard {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return nil
+	}
+	sh := s.shards[code]
+	if sh == nil {
+		sh = &shard{code: code, owner: owner}
+		s.shards[code] = sh
+	}
+	return sh
+}
+
+// forgetUnready drops sh if no lease ever answered it (a code that is not
+// running: nothing to keep for it, so client input does not grow the map).
+func (s *Service) forgetUnready(sh *shard) {
+	s.mu.Lock()
+	sh.mu.Lock()
+	if !sh.ready && !sh.closed && sh.leasing == nil && s.shards[sh.code] == sh {
+		delete(s.shards, sh.code)
+	}
+	sh.mu.Unlock()
+	s.mu.Unlock()
+}
+
+// refill leases packets for sh from its owner; callers that find a lease
+// in flight wait for it (nil: look again).
+func (s *Service) refill(sh *shard, user int64) error {
+	sh.mu.Lock()
+	if ch := sh.leasing; ch != nil {
+		sh.mu.Unlock()
+		<-ch
+		return nil
+	}
+	if sh.closed || sh.dry {
+		sh.mu.Unlock()
+		return errEmpty
+	}
+	ch := make(chan struct{})
+	sh.leasing = ch
+	req := LeaseReq{Code: sh.code, Node: s.cfg.Node, User: user, Granted: sh.granted, Amount: sh.amount}
+	sh.mu.Unlock()
+	ctx, cancel := context.WithTimeout(context.Background(), shardCallLimit)
+	rep, err := s.cfg.Peers.Lease(ctx, sh.owner, req)
+	cancel()
+	sh.mu.Lock()
+	switch {
+	case err != nil:
+		if pe := proto.AsError(err); pe.Code == proto.CodeRedPacketEmpty {
+			sh.dry = true
+		}
+	case sh.closed:
+		// Closed while the lease travelled: these packets are not granted
+		// here, so the settlement refunds them.
+		err = errEmpty
+	default:
+		sh.ready, sh.room, sh.endsAt = true, rep.Room, rep.EndsAt
+		sh.free = append(sh.free, rep.Packets...)
+		sh.last = len(rep.Packets)
+	}
+	sh.lastErr = err
+	sh.leasing = nil
+	close(ch)
+	sh.mu.Unlock()
+	return err
+}
+
+// GrabVia grabs a packet of code, a rain that owner runs, on this node: from
+// this node's slice, leased from owner as needed. It blocks (a lease, the
+// one-per-user check): call it on a goroutine of its own.
+func (s *Service) GrabVia(owner string, user int64, code string) (GrabReply, *proto.Error) {
+	if s.cfg.Peers == nil || !wellFormed(code) {
+		return GrabReply{}, errGrabNone
+	}
+	sh := s.shardOf(code, owner)
+	if sh == nil {
+		return GrabReply{}, proto.ErrInternal
+	}
+	sh.mu.Lock()
+	ready := sh.ready
+	sh.mu.Unlock()
+	if !ready {
+		_ = s.refill(sh, user)
+		sh.mu.Lock()
+		ready, err := sh.ready, sh.lastErr
+		sh.mu.Unlock()
+		if !ready {
+			s.forgetUnready(sh)
+			if err == nil {
+				err = errOwnerGone
+			}
+			return GrabReply{}, refusal(err)
+		}
+	}
+	sh.mu.Lock()
+	room, endsAt, closed := sh.room, sh.endsAt, sh.closed
+	sh.mu.Unlock()
+	switch {
+	case closed || s.cfg.Now().UnixMilli() >= endsAt:
+		return GrabReply{}, errEmpty
+	case !s.cfg.InRoom(room, user):
+		return GrabReply{}, errNotInRm
+	case !s.grabLimit.Allow(s.grabKey(user, code)):
+		return GrabReply{}, proto.ErrRateLimited
+	}
+	claimed, perr := s.claim(code, user, endsAt)
+	if perr != nil {
+		return GrabReply{}, perr
+	}
+	p, perr := s.popShard(sh, user)
+	if perr != nil {
+		if claimed {
+			s.unclaim(code, user)
+		}
+		return GrabReply{}, perr
+	}
+	var (
+		rep GrabReply
+		out *proto.Error
+	)
+	done := make(chan struct{})
+	s.applyGrant(user, code, p, func(res persist.Result, err error, op persist.Op) {
+		sh.mu.Lock()
+		sh.inflight--
+		if err == nil {
+			sh.granted++
+			sh.amount += p.Amount
+		} else if !errors.Is(err, persist.ErrWalletUnavailable) {
+			sh.doubt = append(sh.doubt, op) // may still land: applied again at close
+		}
+		sh.mu.Unlock()
+		if err != nil {
+			out = proto.ErrInternal
+			if claimed && errors.Is(err, persist.ErrWalletUnavailable) {
+				go s.unclaim(code, user)
+			}
+		} else {
+			rep = grabReply(p.Amount)
+		}
+		close(done)
+	})
+	<-done
+	return rep, out
+}
+
+// refusal is a lease error as a grab's answer.
+func refusal(err error) *proto.Error {
+	if pe := proto.AsError(err); pe.Code != proto.CodeInternal || errors.Is(err, errOwnerGone) {
+		return pe
+	}
+	return errOwnerGone
+}
+
+// popShard takes one packet from sh, leasing more when it is empty (until
+// the owner has none left or the rain's time is up), and leases ahead when
+// it runs low.
+func (s *Service) popShard(sh *shard, user int64) (Packet, *proto.Error) {
+	for {
+		sh.mu.Lock()
+		if sh.closed || s.cfg.Now().UnixMilli() >= sh.endsAt {
+			sh.mu.Unlock()
+			return Packet{}, errEmpty
+		}
+		if n := len(sh.free); n > 0 {
+			p := sh.free[n-1]
+			sh.free = sh.free[:n-1]
+			sh.inflight++
+			ahead := n-1 <= sh.last/4 && !sh.dry && sh.leasing == nil
+			sh.mu.Unlock()
+			if ahead {
+				go func() { _ = s.refill(sh, user) }()
+			}
+			return p, nil
+		}
+		sh.mu.Unlock()
+		if err := s.refill(sh, user); err != nil {
+			return Packet{}, refusal(err)
+		}
+	}
+}
+
+// ServeReclaim gives the owner back up to half of this node's unused packets
+// of a rain (at most req.Max): they are removed from the slice before the
+// answer, so they are never granted here afterwards.
+func (s *Service) ServeReclaim(req ReclaimReq) []Packet {
+	s.mu.RLock()
+	sh := s.shards[req.Code]
+	s.mu.RUnlock()
+	if sh == nil {
+		return nil
+	}
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	if sh.closed {
+		return nil
+	}
+	k := min(req.Max, (len(sh.free)+1)/2)
+	if k <= 0 {
+		return nil
+	}
+	out := append([]Packet(nil), sh.free[len(sh.free)-k:]...)
+	sh.free = sh.free[:len(sh.free)-k]
+	return out
+}
+
+// ServeClose ends a rain on this node (a holder) for the owner's settlement:
+// no grab starts after it, grabs in flight complete, grants whose outcome was
+// unknown are applied again (they land once), and the totals are read from
+// this node's durable grants. Safe to repeat.
+func (s *Service) ServeClose(code string) (ShardTotals, error) {
+	if !wellFormed(code) {
+		return ShardTotals{}, errGrabNone
+	}
+	sh := s.shardOf(code, "")
+	if sh == nil {
+		return ShardTotals{}, proto.ErrInternal
+	}
+	sh.mu.Lock()
+	first := !sh.closed
+	sh.closed, sh.free = true, nil
+	sh.mu.Unlock()
+	if first {
+		time.AfterFunc(tombstoneTTL, func() {
+			s.mu.Lock()
+			if s.shards[code] == sh {
+				delete(s.shards, code)
+			}
+			s.mu.Unlock()
+		})
+	}
+	for deadline := time.Now().Add(closeWait); ; time.Sleep(5 * time.Millisecond) {
+		sh.mu.Lock()
+		n := sh.inflight
+		sh.mu.Unlock()
+		if n == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			return ShardTotals{}, errors.New("redpacket: " + strconv.Itoa(n) + " grabs still in flight")
+		}
+	}
+	sh.mu.Lock()
+	doubt := sh.doubt
+	sh.mu.Unlock()
+	for len(doubt) > 0 {
+		if _, err := s.wallet.Apply(doubt[0]); err != nil {
+			return ShardTotals{}, err
+		}
+		doubt = doubt[1:]
+		sh.mu.Lock()
+		sh.doubt = doubt
+		sh.mu.Unlock()
+	}
+	var t ShardTotals
+	err := s.store.Scan(grantPrefix(code), func(_, v []byte) error {
+		var g grant
+		if err := proto.Unmarshal(v, &g); err != nil {
+			return err
+		}
+		t.Count++
+		t.Amount += g.Amount
+		t.Max = max(t.Max, g.Amount)
+		return nil
+	})
+	return t, err
+}
+
+// claim takes user's one place in rain code (OnePerUser): in the Redis set
+// every node shares (Config.Claim), else in memory on the caller's side
+// (false: not claimed here — the owner's path keeps its own set).
+func (s *Service) claim(code string, user int64, endsAt int64) (bool, *proto.Error) {
+	if !s.cfg.OnePerUser || s.cfg.Claim == nil {
+		return false, nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), poolTimeout)
+	defer cancel()
+	ok, err := s.cfg.Claim(ctx, code, user, endsAt)
+	if err != nil {
+		s.log.Error("red packet one-per-user claim", "code", code, "err", err)
+		return false, proto.ErrInternal
+	}
+	if !ok {
+		return false, errTaken
+	}
+	return true, nil
+}
+
+// unclaim gives user's place back (a grab that granted nothing for sure).
+func (s *Service) unclaim(code string, user int64) {
+	ctx, cancel := context.WithTimeout(context.Background(), poolTimeout)
+	defer cancel()
+	if err := s.cfg.Unclaim(ctx, code, user); err != nil {
+		s.log.Warn("red packet one-per-user release", "code", code, "user", user, "err", err)
+	}
+}

@@ -1,0 +1,418 @@
+package redpacket
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/liveedge/liveedge/gateway/proto"
+	"github.com/liveedge/liveedge/persist"
+	"github.com/liveedge/liveedge/router"
+)
+
+// cluster is a few Services, each with its own Pebble store and ledger, that
+// reach each other through peers (the gateway carries the same calls over
+// NATS; cmd/liveedge tests that path with real node processes).
+type cluster struct {
+	mu     sync.Mutex
+	nodes  map[string]*member
+	down   map[string]bool
+	claims map[string]bool // one-per-user places, shared like the Redis set
+}
+
+type member struct {
+	svc    *Service
+	ledger *persist.Ledger
+	store  *persist.Store
+	dir    string
+}
+
+type peers struct {
+	c    *cluster
+	self string
+}
+
+var errDown = errors.New("node down")
+
+func (p peers) node(name string) (*Service, error) {
+	p.c.mu.Lock()
+	defer p.c.mu.Unlock()
+	if p.c.down[name] || p.c.nodes[name] == nil {
+		return nil, errDown
+	}
+	return p.c.nodes[name].svc, nil
+}
+
+func (p peers) Lease(_ context.Context, owner string, req LeaseReq) (LeaseRep, error) {
+	s, err := p.node(owner)
+	if err != nil {
+		return LeaseRep{}, err
+	}
+	return s.ServeLease(req)
+}
+
+func (p peers) Reclaim(_ context.Context, holder string, req ReclaimReq) ([]Packet, error) {
+	s, err := p.node(holder)
+	if err != nil {
+		return nil, err
+	}
+	return s.ServeReclaim(req), nil
+}
+
+func (p peers) Close(_ context.Context, holder, code string) (ShardTotals, error) {
+	s, err := p.node(holder)
+	if err != nil {
+		return ShardTotals{}, err
+	}
+	return s.ServeClose(code)
+}
+
+const shardRoom, shardAnchor = 7, 1
+
+func newCluster(t *testing.T, names ...string) *cluster {
+	c := &cluster{nodes: map[string]*member{}, down: map[string]bool{}, claims: map[string]bool{}}
+	for _, n := range names {
+		c.start(t, n, t.TempDir())
+	}
+	t.Cleanup(func() {
+		for _, m := range c.nodes {
+			m.stop()
+		}
+	})
+	return c
+}
+
+func (m *member) stop() {
+	m.svc.Close()
+	m.ledger.Close()
+	_ = m.store.Close()
+}
+
+// start runs node name on the store in dir.
+func (c *cluster) start(t *testing.T, name, dir string) {
+	t.Helper()
+	st, err := persist.Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := persist.NewLedger(st, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := router.NewLocal(name, router.LocalConfig{})
+	r.OpenRoom(shardRoom)
+	svc, err := New(st, l, r, Config{Node: name, Peers: peers{c, name}, OnePerUser: true,
+		AnchorOf: func(int64) (int64, bool) { return shardAnchor, true },
+		InRoom:   func(room, user int64) bool { return room == shardRoom },
+		Claim: func(_ context.Context, code string, user, _ int64) (bool, error) {
+			c.mu.Lock()
+			defer c.mu.Unlock()
+			k := code + "/" + strconv.FormatInt(user, 10)
+			if c.claims[k] {
+				return false, nil
+			}
+			c.claims[k] = true
+			return true, nil
+		},
+		Unclaim: func(_ context.Context, code string, user int64) error {
+			c.mu.Lock()
+			delete(c.claims, code+"/"+strconv.FormatInt(user, 10))
+			c.mu.Unlock()
+			return nil
+		},
+		MaxDuration: time.Hour, CodeTag: -1,
+	}, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.mu.Lock()
+	c.nodes[name] = &member{svc: svc, ledger: l, store: st, dir: dir}
+	delete(c.down, name)
+	c.mu.Unlock()
+}
+
+func (c *cluster) svc(name string) *Service {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.nodes[name].svc
+}
+
+// rain makes a running rain of total in count packets on owner.
+func (c *cluster) rain(t *testing.T, owner string, total int64, count int, d time.Duration) string {
+	t.Helper()
+	m := c.nodes[owner]
+	if _, err := m.ledger.Apply(persist.Op{Postings: []persist.Posting{{User: shardAnchor, Delta: total, Reason: persist.ReasonDev}}}); err != nil {
+		t.Fatal(err)
+	}
+	v, err := m.svc.Create(shardAnchor, shardRoom, total, count, d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.svc.Prepare(shardAnchor, v.Code); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.svc.Start(shardAnchor, v.Code); err != nil {
+		t.Fatal(err)
+	}
+	return v.Code
+}
+
+// grab grabs through node: locally on the owner, through a slice elsewhere.
+func (c *cluster) grab(node, owner string, user int64, code string) (GrabReply, *proto.Error) {
+	s := c.svc(node)
+	if node == owner {
+		return s.Grab(user, code)
+	}
+	return s.GrabVia(owner, user, code)
+}
+
+// grants reads every node's durable grants of code: index → amount; an
+// index granted on two nodes fails the test.
+func (c *cluster) grants(t *testing.T, code string) (map[int32]int64, map[string]int) {
+	t.Helper()
+	all, per := map[int32]int64{}, map[string]int{}
+	for name, m := range c.nodes {
+		err := m.store.Scan(grantPrefix(code), func(k, v []byte) error {
+			var g grant
+			if err := proto.Unmarshal(v, &g); err != nil {
+				return err
+			}
+			idx := int32(k[len(k)-1]) | int32(k[len(k)-2])<<8 | int32(k[len(k)-3])<<16 | int32(k[len(k)-4])<<24
+			if _, dup := all[idx]; dup {
+				t.Errorf("packet %d granted on two nodes", idx)
+			}
+			all[idx] = g.Amount
+			per[name]++
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	return all, per
+}
+
+// conserve checks every ledger's audit and that the anchor's debit is the
+// grants plus the refund: Σ credits of grabbers (every node) + refund = total.
+func (c *cluster) conserve(t *testing.T, owner, code string, total int64) View {
+	t.Helper()
+	var v View
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		var err error
+		v, err = c.svc(owner).Get(code)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if v.State == StateFinished || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if v.State != StateFinished {
+		t.Fatalf("rain not finished: %+v", v)
+	}
+	grants, _ := c.grants(t, code)
+	var sum int64
+	for _, a := range grants {
+		sum += a
+	}
+	if len(grants) != v.GrantedCount || sum != v.GrantedAmount || sum+v.Refunded != total {
+		t.Fatalf("durable grants %d (%d coins), view %d (%d), refund %d, total %d", len(grants), sum, v.GrantedCount, v.GrantedAmount, v.Refunded, total)
+	}
+	var credited int64 // Σ balances of everyone on every node but the anchor's
+	for name, m := range c.nodes {
+		cr, db, bal, err := m.ledger.Audit()
+		if err != nil || cr-db != bal {
+			t.Fatalf("%s: audit credits %d debits %d balances %d: %v", name, cr, db, bal, err)
+		}
+		credited += bal
+	}
+	ob := c.nodes[owner]
+	anchorBal, _ := ob.ledger.Balance(shardAnchor)
+	if anchorBal != v.Refunded || credited-anchorBal != sum {
+		t.Fatalf("anchor balance %d after the rain, refund %d; grabbers hold %d, grants %d", anchorBal, v.Refunded, credited-anchorBal, sum)
+	}
+	return v
+}
+
+// Grabbers on three nodes for one rain: every packet granted once, each on
+// one node, one per user cluster-wide, every node granted from its own
+// slice, and the owner settles from all nodes' durable grants.
+func TestShardedRainGrantsEachPacketOnce(t *testing.T) {
+	c := newCluster(t, "n1", "n2", "n3")
+	const count, total, grabbers = 300, 30_000, 1200
+	code := c.rain(t, "n1", total, count, time.Hour)
+	var ok, empty, taken atomic.Int64
+	var wg sync.WaitGroup
+	nodes := []string{"n1", "n2", "n3"}
+	for g := 0; g < grabbers; g++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			user := int64(1000 + g%(grabbers/2)) // every user tries twice
+			_, err := c.grab(nodes[g%3], "n1", user, code)
+			switch {
+			case err == nil:
+				ok.Add(1)
+			case err.Code == proto.CodeRedPacketEmpty:
+				empty.Add(1)
+			case err.Code == proto.CodeRedPacketTaken:
+				taken.Add(1)
+			default:
+				t.Errorf("grab: %v", err)
+			}
+		}()
+	}
+	wg.Wait()
+	if ok.Load() != count {
+		t.Fatalf("%d grants for %d packets (%d empty, %d taken)", ok.Load(), count, empty.Load(), taken.Load())
+	}
+	v := c.conserve(t, "n1", code, total)
+	if v.Refunded != 0 || len(v.Nodes) != 3 {
+		t.Fatalf("view %+v", v)
+	}
+	_, per := c.grants(t, code)
+	for _, n := range nodes {
+		if per[n] == 0 {
+			t.Errorf("node %s granted nothing: %v", n, per)
+		}
+	}
+	for _, ns := range v.Nodes {
+		if ns.Granted != per[ns.Node] {
+			t.Errorf("split %+v, durable %d", ns, per[ns.Node])
+		}
+	}
+	users := map[int64]bool{}
+	for _, m := range c.nodes {
+		_ = m.store.Scan(grantPrefix(code), func(_, v []byte) error {
+			var g grant
+			_ = proto.Unmarshal(v, &g)
+			if users[g.User] {
+				t.Errorf("user %d got two packets", g.User)
+			}
+			users[g.User] = true
+			return nil
+		})
+	}
+}
+
+// A node whose viewers stopped grabbing keeps no packet from the others: the
+// owner takes back its unused slice when its own runs dry.
+func TestShardedRainReclaimsIdleSlices(t *testing.T) {
+	c := newCluster(t, "n1", "n2", "n3")
+	const count, total = 100, 10_000
+	code := c.rain(t, "n1", total, count, time.Hour)
+	if _, err := c.grab("n2", "n1", 1, code); err != nil { // n2 leases a slice, then its viewers go quiet
+		t.Fatal(err)
+	}
+	if _, err := c.grab("n3", "n1", 2, code); err != nil {
+		t.Fatal(err)
+	}
+	got := 2
+	for u := int64(10); u < 400 && got < count; u++ {
+		if _, err := c.grab("n3", "n1", u, code); err == nil {
+			got++
+		} else if err.Code != proto.CodeRedPacketEmpty {
+			t.Fatal(err)
+		} else {
+			break
+		}
+	}
+	if got != count {
+		t.Fatalf("n3's viewers got %d of %d packets: the rest is stranded", got, count)
+	}
+	c.conserve(t, "n1", code, total)
+}
+
+// The owner restarts mid-rain: it rebuilds its remainder as split − its
+// grants − what is out with holders (the lease log), so no packet is in two
+// places; holders keep granting from their slices; the settlement counts
+// every node.
+func TestShardedRainOwnerRestart(t *testing.T) {
+	c := newCluster(t, "n1", "n2")
+	const count, total = 200, 20_000
+	code := c.rain(t, "n1", total, count, time.Hour)
+	user := int64(100)
+	for i := 0; i < 30; i++ {
+		for _, n := range []string{"n1", "n2"} {
+			if _, err := c.grab(n, "n1", user, code); err != nil {
+				t.Fatal(err)
+			}
+			user++
+		}
+	}
+	m := c.nodes["n1"]
+	c.mu.Lock()
+	c.down["n1"] = true
+	c.mu.Unlock()
+	m.stop()
+	// While the owner is down, n2 grants from its slice as long as it lasts.
+	for i := 0; i < 5; i++ {
+		if _, err := c.grab("n2", "n1", user, code); err != nil {
+			t.Fatalf("holder with a slice, owner down: %v", err)
+		}
+		user++
+	}
+	c.start(t, "n1", m.dir)
+	for {
+		n := []string{"n1", "n2"}[user%2]
+		_, err := c.grab(n, "n1", user, code)
+		user++
+		if err != nil {
+			if err.Code != proto.CodeRedPacketEmpty {
+				t.Fatal(err)
+			}
+			break
+		}
+	}
+	v := c.conserve(t, "n1", code, total)
+	if v.GrantedCount != count {
+		t.Fatalf("granted %d of %d after the owner's restart", v.GrantedCount, count)
+	}
+}
+
+// A holder that is down when the rain ends is waited for: the settlement is
+// retried, and when the holder is back its durable grants are counted, the
+// rest refunded.
+func TestShardedRainWaitsForDeadHolder(t *testing.T) {
+	c := newCluster(t, "n1", "n2")
+	const count, total = 100, 10_000
+	code := c.rain(t, "n1", total, count, time.Second)
+	for u := int64(1); u <= 10; u++ {
+		if _, err := c.grab("n2", "n1", u, code); err != nil {
+			t.Fatal(err)
+		}
+	}
+	m := c.nodes["n2"]
+	c.mu.Lock()
+	c.down["n2"] = true
+	c.mu.Unlock()
+	m.stop() // its unused slice is lost with its memory
+	time.Sleep(1500 * time.Millisecond)
+	if v, _ := c.svc("n1").Get(code); v.State != StateRunning {
+		t.Fatalf("settled without the holder's grants: %+v", v)
+	}
+	c.start(t, "n2", m.dir)
+	v := func() View {
+		deadline := time.Now().Add(15 * time.Second)
+		for time.Now().Before(deadline) {
+			if v, _ := c.svc("n1").Get(code); v.State == StateFinished {
+				return v
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+		t.Fatal("not settled after the holder came back")
+		return View{}
+	}()
+	if v.GrantedCount != 10 {
+		t.Fatalf("view %+v", v)
+	}
+	c.conserve(t, "n1", code, total)
+}
