@@ -5,6 +5,8 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/redis/rueidis"
+
 	"github.com/liveedge/liveedge/edge/redpacket"
 )
 
@@ -25,8 +27,13 @@ func (n *Node) newRedPackets() (err error) {
 	if n.shardedRains() {
 		peers, claim, unclaim = rpPeers{n}, n.claimRain, n.unclaimRain
 	}
+	var roomRun func(context.Context, int64, string, int64) (bool, error)
+	var roomDone func(context.Context, int64, string) error
+	if n.Cluster != nil {
+		roomRun, roomDone = n.runRainInRoom, n.rainDoneInRoom
+	}
 	n.RedPackets, err = redpacket.New(n.Store, n.Wallet, n.Router, redpacket.Config{
-		Peers: peers, Claim: claim, Unclaim: unclaim,
+		Peers: peers, Claim: claim, Unclaim: unclaim, RoomRun: roomRun, RoomDone: roomDone,
 		Node: n.Config.Node.ID, Pool: pool,
 		AnchorOf: n.Rooms.AnchorOf, InRoom: n.Router.UserInRoom,
 		MaxCount: cfg.MaxCount, MaxTotal: cfg.MaxTotal, MaxDuration: cfg.MaxDuration.D(),
@@ -65,4 +72,28 @@ func (n *Node) codeTag() int {
 		return -1
 	}
 	return n.worker.ID()
+}
+
+// rainRoomKey holds the code of room's running rain (a cluster: the room's
+// rains may be owned by different nodes).
+func rainRoomKey(room int64) string { return "le:rprun:{" + strconv.FormatInt(room, 10) + "}" }
+
+// rainDoneScript deletes a room's running-rain key only if code still holds it.
+var rainDoneScript = rueidis.NewLuaScript(`if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0`)
+
+func (n *Node) runRainInRoom(ctx context.Context, room int64, code string, until int64) (bool, error) {
+	err := n.Redis.Do(ctx, n.Redis.B().Set().Key(rainRoomKey(room)).Value(code).Nx().Pxat(time.UnixMilli(until)).Build()).Error()
+	if rueidis.IsRedisNil(err) {
+		// Held: by this code already (a repeated start) or by another rain.
+		cur, gerr := n.Redis.Do(ctx, n.Redis.B().Get().Key(rainRoomKey(room)).Build()).ToString()
+		if gerr != nil && !rueidis.IsRedisNil(gerr) {
+			return false, gerr
+		}
+		return cur == code, nil
+	}
+	return err == nil, err
+}
+
+func (n *Node) rainDoneInRoom(ctx context.Context, room int64, code string) error {
+	return rainDoneScript.Exec(ctx, n.Redis, []string{rainRoomKey(room)}, []string{code}).Error()
 }

@@ -333,3 +333,40 @@ func TestClusterRedPacketNodeKilledMidRain(t *testing.T) {
 	t.Logf("granted %d (%d coins), refunded %d, %d grabs answered ok; nodes %+v", v.GrantedCount, v.GrantedAmount, v.Refunded, granted.Load(), v.Nodes)
 	r.checkGrants(t, total, v, okAmount)
 }
+
+// One running rain per room holds cluster-wide: a second rain of the room,
+// owned by another node, cannot start while the first runs (10409), and can
+// once the first has ended.
+func TestClusterOneRunningRainPerRoom(t *testing.T) {
+	c := startCluster(t, 2, "LIVEEDGE_REDPACKET_PREPARE_INTERVAL=0s", "LIVEEDGE_REDPACKET_START_INTERVAL=0s")
+	r := newClusterRain(t, c, 10, 1, 1, 30*time.Second) // owned by gw-1, running
+	var second struct {
+		Data struct {
+			Code string `json:"code"`
+		} `json:"data"`
+	}
+	if st := nodetest.DoJSON(t, "POST", fmt.Sprintf("http://%s/api/v1/rooms/%d/redpackets", c.nodes[1].http, r.room), r.anchorTok,
+		`{"total_amount":10,"total_count":1,"duration_s":30}`, &second); st != 200 {
+		t.Fatalf("second rain: %d", st)
+	}
+	if st := nodetest.DoJSON(t, "POST", "http://"+c.nodes[0].http+"/api/v1/dev/credit", "", `{"user_id":1,"amount":10,"req_id":"seed2"}`, nil); st != 200 {
+		t.Fatalf("credit: %d", st)
+	}
+	base := "http://" + c.nodes[1].http + "/api/v1/redpackets/" + second.Data.Code
+	if st := nodetest.DoJSON(t, "POST", base+"/prepare", r.anchorTok, "", nil); st != 200 {
+		t.Fatalf("prepare the second: %d", st)
+	}
+	var refused struct {
+		Code int `json:"code"`
+	}
+	if st := nodetest.DoJSON(t, "POST", base+"/start", r.anchorTok, "", &refused); st != 409 || refused.Code != proto.CodeConflict {
+		t.Fatalf("second rain started on another node while the first runs: HTTP %d code %d", st, refused.Code)
+	}
+	if _, err := r.cls[0].Grab(context.Background(), r.code); err != nil { // the only packet: the first rain ends
+		t.Fatal(err)
+	}
+	r.waitFinished(t, 5*time.Second)
+	if st := nodetest.DoJSON(t, "POST", base+"/start", r.anchorTok, "", nil); st != 200 {
+		t.Fatalf("second rain after the first ended: HTTP %d", st)
+	}
+}

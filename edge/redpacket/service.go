@@ -73,6 +73,12 @@ type Config struct {
 	// ms time); Unclaim gives it back.
 	Claim   func(ctx context.Context, code string, user int64, until int64) (bool, error)
 	Unclaim func(ctx context.Context, code string, user int64) error
+	// RoomRun and RoomDone, if set, keep "one running rain per room" in a
+	// place every node shares (a room's rains may be owned by different
+	// nodes): RoomRun true = code is now the room's running rain (until a
+	// Unix ms time at the latest); RoomDone ends that, if code still holds it.
+	RoomRun  func(ctx context.Context, room int64, code string, until int64) (bool, error)
+	RoomDone func(ctx context.Context, room int64, code string) error
 }
 
 // Service runs red-packet rains on one node. Safe for concurrent use.
@@ -553,16 +559,22 @@ func (s *Service) Start(anchor int64, code string) (View, error) {
 	s.running[rec.Room] = code // reserved
 	r.mu.Unlock()
 	s.mu.Unlock()
-	// The limit is asked with no lock held (in a cluster it is a Redis
-	// round trip), and only for a start that would happen.
-	if !s.allow("start", anchor) {
+	// The shared room check and the limit are asked with no lock held (in
+	// a cluster each is a Redis round trip), and the limit only for a start
+	// that would happen.
+	perr = s.runInRoom(rec)
+	if perr == nil && !s.allow("start", anchor) {
+		s.roomDone(rec)
+		perr = proto.ErrRateLimited
+	}
+	if perr != nil {
 		s.mu.Lock()
 		r.mu.Lock()
 		r.busy = false
 		delete(s.running, rec.Room)
 		r.mu.Unlock()
 		s.mu.Unlock()
-		return View{}, proto.ErrRateLimited
+		return View{}, perr
 	}
 
 	now := s.cfg.Now()
@@ -582,6 +594,7 @@ func (s *Service) Start(anchor int64, code string) (View, error) {
 		delete(s.running, rec.Room)
 		r.mu.Unlock()
 		s.mu.Unlock()
+		s.roomDone(rec)
 		ctx, cancel := context.WithTimeout(context.Background(), poolTimeout)
 		_ = s.pool.Drop(ctx, code)
 		cancel()
@@ -599,6 +612,38 @@ func (s *Service) Start(anchor int64, code string) (View, error) {
 		s.log.Warn("rain start not pushed", "code", code, "room", rec.Room, "err", err)
 	}
 	return s.view(r), nil
+}
+
+// runInRoom makes rec the running rain of its room where every node sees
+// it (Config.RoomRun; nothing on a single node, where s.running is enough).
+func (s *Service) runInRoom(rec record) *proto.Error {
+	if s.cfg.RoomRun == nil {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), poolTimeout)
+	defer cancel()
+	until := s.cfg.Now().UnixMilli() + rec.DurationMS + int64(10*time.Minute/time.Millisecond)
+	ok, err := s.cfg.RoomRun(ctx, rec.Room, rec.Code, until)
+	if err != nil {
+		s.log.Error("red packet room check", "code", rec.Code, "err", err)
+		return proto.ErrInternal
+	}
+	if !ok {
+		return proto.Errorf(proto.CodeConflict, "another red-packet rain is running in this room")
+	}
+	return nil
+}
+
+// roomDone ends rec's claim on its room (runInRoom).
+func (s *Service) roomDone(rec record) {
+	if s.cfg.RoomDone == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), poolTimeout)
+	defer cancel()
+	if err := s.cfg.RoomDone(ctx, rec.Room, rec.Code); err != nil {
+		s.log.Warn("red packet room release", "code", rec.Code, "err", err)
+	}
 }
 
 // loadPool loads rec's split minus the granted indexes (and, sharded, minus

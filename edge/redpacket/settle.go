@@ -97,6 +97,7 @@ func (s *Service) settle(r *rain) {
 		delete(s.running, rec.Room)
 	}
 	s.mu.Unlock()
+	s.roomDone(rec)
 	ctx, cancel := context.WithTimeout(context.Background(), poolTimeout)
 	if err := s.pool.Drop(ctx, rec.Code); err != nil {
 		s.log.Warn("red packet pool not dropped", "code", rec.Code, "err", err)
