@@ -71,6 +71,7 @@ type childSpec struct {
 type wireTarget struct {
 	URL                string
 	User, Room, Anchor int64
+	Code               string
 }
 
 type wireResult struct {
@@ -128,7 +129,7 @@ func startProcClients(b testing.TB, k knobs, targets []connTarget) *procClients 
 	b.Cleanup(p.close)
 	spec := childSpec{Window: k.window}
 	for _, t := range targets {
-		spec.Targets = append(spec.Targets, wireTarget{URL: t.url, User: t.user, Room: t.room, Anchor: t.anchor})
+		spec.Targets = append(spec.Targets, wireTarget{URL: t.url, User: t.user, Room: t.room, Anchor: t.anchor, Code: t.code})
 	}
 	line, err := json.Marshal(spec)
 	if err != nil {
@@ -228,7 +229,7 @@ func TestGiftWSClientProcess(t *testing.T) {
 	}
 	fl := dialFleet(t, knobs{conns: len(spec.Targets), window: spec.Window}, func(i int) connTarget {
 		w := spec.Targets[i]
-		return connTarget{url: w.URL, user: w.User, room: w.Room, anchor: w.Anchor}
+		return connTarget{url: w.URL, user: w.User, room: w.Room, anchor: w.Anchor, code: w.Code}
 	})
 	fl.joinAll(t)
 	fmt.Println("READY")

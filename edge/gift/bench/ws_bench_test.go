@@ -190,8 +190,17 @@ func (s *echoServer) OnPing(c *gws.Conn, p []byte) { _ = c.WritePong(p) }
 func (s *echoServer) OnPong(*gws.Conn, []byte)     {}
 func (s *echoServer) OnMessage(c *gws.Conn, m *gws.Message) {
 	id, _ := jsonInt(m.Bytes(), `"id":`)
+	grab := bytes.HasPrefix(m.Bytes(), []byte(`{"t":"grab"`))
 	m.Close()
 	var arr [128]byte
+	if grab {
+		// LiveEdge's grab reply: {"t":"reply","id":N,"code":0,"msg":"ok","d":{"amount":A,"msg":"恭喜领取到红包：A"}}
+		out := append(arr[:0], `{"t":"reply","id":`...)
+		out = strconv.AppendInt(out, id, 10)
+		out = append(out, `,"code":0,"msg":"ok","d":{"amount":10,"msg":"恭喜领取到红包：10"}}`...)
+		_ = c.WriteMessage(gws.OpcodeText, out)
+		return
+	}
 	// LiveEdge's reply: {"t":"reply","id":N,"code":0,"msg":"ok","d":{"order_id":"123456","balance":999999999}}
 	out := append(arr[:0], `{"t":"reply","id":`...)
 	out = strconv.AppendInt(out, id, 10)
@@ -312,6 +321,7 @@ type wsConn struct {
 	user   int64
 	room   int64
 	anchor int64
+	code   string // a red-packet code: the connection grabs instead of gifting
 
 	slots    [ringSize]atomic.Int64 // id % ringSize → send (or scheduled) time, unix ns
 	tokens   chan struct{}          // in-flight bound
@@ -332,6 +342,7 @@ type wsConn struct {
 type connTarget struct {
 	url                string
 	user, room, anchor int64
+	code               string // grab this rain instead of gifting
 }
 
 func dialFleet(b testing.TB, k knobs, target func(i int) connTarget) *fleet {
@@ -340,7 +351,7 @@ func dialFleet(b testing.TB, k knobs, target func(i int) connTarget) *fleet {
 	fl.phase.Store(&phase{})
 	for i := range k.conns {
 		t := target(i)
-		c := &wsConn{fl: fl, user: t.user, room: t.room, anchor: t.anchor, tokens: make(chan struct{}, ringSize),
+		c := &wsConn{fl: fl, user: t.user, room: t.room, anchor: t.anchor, code: t.code, tokens: make(chan struct{}, ringSize),
 			joined: make(chan struct{}), closed: make(chan struct{}), nextID: 1}
 		ws, _, err := gws.NewClient(c, &gws.ClientOption{Addr: t.url})
 		if err != nil {
@@ -401,6 +412,15 @@ func (c *wsConn) giftFrame(dst []byte, id int64) []byte {
 	return append(dst, `"}}`...)
 }
 
+// grabFrame is the grab request: {"t":"grab","id":N,"d":{"code":"<code>"}}.
+func (c *wsConn) grabFrame(dst []byte, id int64) []byte {
+	dst = append(dst, `{"t":"grab","id":`...)
+	dst = strconv.AppendInt(dst, id, 10)
+	dst = append(dst, `,"d":{"code":"`...)
+	dst = append(dst, c.code...)
+	return append(dst, `"}}`...)
+}
+
 // send sends gift id stamped with at (unix ns); it blocks while ringSize
 // (closed loop: the window) requests are in flight.
 func (c *wsConn) send(buf []byte, at int64, stop <-chan struct{}) ([]byte, bool) {
@@ -413,7 +433,11 @@ func (c *wsConn) send(buf []byte, at int64, stop <-chan struct{}) ([]byte, bool)
 	c.nextID++
 	c.slots[id%ringSize].Store(at)
 	c.inflight.Add(1)
-	buf = c.giftFrame(buf[:0], id)
+	if c.code != "" {
+		buf = c.grabFrame(buf[:0], id)
+	} else {
+		buf = c.giftFrame(buf[:0], id)
+	}
 	if err := c.ws.WriteMessage(gws.OpcodeText, buf); err != nil {
 		<-c.tokens
 		c.inflight.Add(-1)
@@ -436,6 +460,7 @@ func (c *wsConn) OnPong(*gws.Conn, []byte)     {}
 var (
 	replyPrefix = []byte(`{"t":"reply","id":`)
 	batchPrefix = []byte(`{"t":"batch","d":[`)
+	pushPrefix  = []byte(`{"t":"push","mid":"`)
 )
 
 // OnMessage matches replies to requests by id, also inside batch frames;
@@ -450,6 +475,13 @@ func (c *wsConn) OnMessage(_ *gws.Conn, m *gws.Message) {
 	switch {
 	case bytes.HasPrefix(p, replyPrefix):
 		c.onReply(p, now, len(p))
+	case bytes.HasPrefix(p, pushPrefix) && bytes.Contains(p, []byte(`"ack":true`)):
+		// A reliable push (a grab's 5570 credit): acknowledged, as the SDKs do.
+		mid := p[len(pushPrefix):]
+		if i := bytes.IndexByte(mid, '"'); i > 0 {
+			ack := append(append([]byte(`{"t":"ack","d":{"mids":["`), mid[:i]...), `"]}}`...)
+			_ = c.ws.WriteMessage(gws.OpcodeText, ack)
+		}
 	case bytes.HasPrefix(p, batchPrefix):
 		for i := bytes.Index(p, replyPrefix); i >= 0; {
 			p = p[i:]
@@ -522,8 +554,11 @@ type wsResult struct {
 
 func (r wsResult) rate() float64 { return float64(r.ok) / r.win.secs() }
 
-func (r wsResult) report(b *testing.B) {
-	b.ReportMetric(r.rate(), "gifts/s")
+func (r wsResult) report(b *testing.B) { r.reportAs(b, "gifts/s") }
+
+// reportAs reports r with its rate in unit (gifts/s, grabs/s).
+func (r wsResult) reportAs(b *testing.B, unit string) {
+	b.ReportMetric(r.rate(), unit)
 	b.ReportMetric(ms(r.lat.p50), "p50-ms")
 	b.ReportMetric(ms(r.lat.p99), "p99-ms")
 	b.ReportMetric(ms(r.lat.max), "max-ms")
