@@ -2,7 +2,9 @@ package pk
 
 import (
 	"context"
+	"crypto/rand"
 	_ "embed"
+	"encoding/hex"
 	"errors"
 	"log/slog"
 	"strconv"
@@ -63,13 +65,16 @@ const SyncEvery = time.Second
 // running contests, e.g. after a restart).
 func NewShared(r router.Router, isOpen func(int64) bool, rdb rueidis.Client, tallies Tallies, log *slog.Logger) *Service {
 	s := New(r, isOpen, nil, tallies, log)
-	s.sh = &shared{rdb: rdb, byID: map[string]*running{}, byRoom: map[int64]*running{}, every: SyncEvery}
+	var tok [8]byte
+	_, _ = rand.Read(tok[:])
+	s.sh = &shared{rdb: rdb, byID: map[string]*running{}, byRoom: map[int64]*running{}, every: SyncEvery, token: hex.EncodeToString(tok[:])}
 	return s
 }
 
 // shared is the cluster state of a Service (nil on a single node).
 type shared struct {
 	rdb     rueidis.Client
+	token   string        // this service's: end.lua answers a retry of its own end again
 	timeout time.Duration // per Redis call (0 = 2 s)
 	every   time.Duration // Sync period
 	stop    chan struct{}
@@ -466,7 +471,7 @@ func (s *Service) endScript(r *running) (ended bool, err error) {
 	ctx, cancel := s.sh.ctx()
 	defer cancel()
 	arr, err := endScript.Exec(ctx, s.sh.rdb, []string{contestKey(r.c.ID), keyRooms, keyRunning},
-		[]string{r.c.ID, i64(r.c.Rooms[0]), i64(r.c.Rooms[1]), i64(t[0]), i64(t[1]), i64(s.keep.Milliseconds())}).AsIntSlice()
+		[]string{r.c.ID, i64(r.c.Rooms[0]), i64(r.c.Rooms[1]), i64(t[0]), i64(t[1]), i64(s.keep.Milliseconds()), s.sh.token}).AsIntSlice()
 	if err != nil {
 		return false, err
 	}

@@ -1,6 +1,7 @@
 package pk
 
 import (
+	"context"
 	"fmt"
 	"sort"
 	"sync"
@@ -320,5 +321,43 @@ func TestSharedPKRestartedNodeEndsRunningContest(t *testing.T) {
 	}
 	if len(finals(pushes(c.ID, 1, n1))) != 0 {
 		t.Fatal("the stopped node pushed a final")
+	}
+}
+
+// A node's end script ran in Redis but its reply was lost (the call timed
+// out): its retry finds the contest over — and, being the node that ended
+// it, still gets the result and pushes the one final 5558; another node's
+// end finds it over and pushes nothing.
+func TestSharedPKEndReplyLostStillPushed(t *testing.T) {
+	rdb, w := newRedis(t), &fakeWallet{}
+	n1, n2 := newNode(t, rdb, w, 1, 2), newNode(t, rdb, w, 1, 2)
+	c, err := n1.s.Start(1, 2, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.add(TallyName(c.ID), 1, 7)
+	n1.s.mu.Lock()
+	r := n1.s.sh.byID[c.ID]
+	n1.s.mu.Unlock()
+	// The script runs as n1's would; n1 never hears the answer.
+	ctx := context.Background()
+	if err := endScript.Exec(ctx, rdb, []string{contestKey(c.ID), keyRooms, keyRunning},
+		[]string{c.ID, "1", "2", "7", "0", "60000", n1.s.sh.token}).Error(); err != nil {
+		t.Fatal(err)
+	}
+	n2.s.mu.Lock()
+	r2 := n2.s.sh.byID[c.ID]
+	n2.s.mu.Unlock()
+	if r2 != nil {
+		if ended, err := n2.s.endScript(r2); err != nil || ended {
+			t.Fatalf("another node's end after it: ended %v, %v", ended, err)
+		}
+	}
+	n1.s.endShared(r) // the retry
+	for _, room := range []int64{1, 2} {
+		f := finals(pushes(c.ID, room, n1, n2))
+		if len(f) != 1 || f[0].Scores["1"] != 7 || f[0].Winner != 1 {
+			t.Fatalf("room %d: final pushes %+v, want one with room 1 winning 7:0", room, f)
+		}
 	}
 }

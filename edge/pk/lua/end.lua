@@ -4,14 +4,20 @@
 -- ARGV[1] id, [2] room a, [3] room b, [4] room a's tally, [5] room b's tally
 -- (the wallet's, read just before: a PK gift whose debit was acknowledged but
 -- whose score was never added, e.g. its node died, still counts), [6] how
--- long the ended contest stays readable (ms).
--- Returns {1, score 0, score 1, seq} (ended here), or {0} (not running:
--- ended by another node, or unknown).
-if redis.call('HGET', KEYS[1], 'state') ~= 'run' then return {0} end
+-- long the ended contest stays readable (ms), [7] the ending node's token.
+-- Returns {1, score 0, score 1, seq} (ended here — also to a retry by the
+-- node that ended it, whose first reply was lost, so it still pushes the
+-- result), or {0} (not running: ended by another node, or unknown).
+local state = redis.call('HGET', KEYS[1], 'state')
+if state == 'over' and redis.call('HGET', KEYS[1], 'ender') == ARGV[7] then
+  local r = redis.call('HMGET', KEYS[1], 's0', 's1', 'seq')
+  return {1, tonumber(r[1]), tonumber(r[2]), tonumber(r[3])}
+end
+if state ~= 'run' then return {0} end
 local s0 = math.max(tonumber(redis.call('HGET', KEYS[1], 's0') or '0'), tonumber(ARGV[4]))
 local s1 = math.max(tonumber(redis.call('HGET', KEYS[1], 's1') or '0'), tonumber(ARGV[5]))
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
-redis.call('HSET', KEYS[1], 'state', 'over', 's0', s0, 's1', s1)
+redis.call('HSET', KEYS[1], 'state', 'over', 's0', s0, 's1', s1, 'ender', ARGV[7])
 for _, room in ipairs({ARGV[2], ARGV[3]}) do
   if redis.call('HGET', KEYS[2], room) == ARGV[1] then redis.call('HDEL', KEYS[2], room) end
 end
