@@ -41,6 +41,10 @@ type payFwdReq struct {
 	Body    []byte `json:"body,omitempty"`
 	User    int64  `json:"user,omitempty"` // rp.*: the caller, authenticated by the forwarding node
 	Code    string `json:"code,omitempty"` // rp.*
+	// Deadline (Unix ms) is when the forwarding node stops waiting: a
+	// request still queued on the owner then is not run (its caller has
+	// answered "retry"), so a retry never finds an op it was told failed.
+	Deadline int64 `json:"deadline,omitempty"`
 }
 
 type payFwdRep struct {
@@ -89,6 +93,9 @@ func (n *Node) servePayForwards() error {
 			var rep payFwdRep
 			if err := proto.Unmarshal(m.Data, &req); err != nil {
 				rep.Err = proto.BadRequest("bad forwarded request")
+			} else if req.Deadline > 0 && time.Now().UnixMilli() >= req.Deadline {
+				n.Log.Warn("forwarded request expired before it ran", "op", req.Op)
+				return // the caller has given up: no answer, nothing done
 			} else {
 				switch req.Op {
 				case "get", "refund":
@@ -118,6 +125,8 @@ func (n *Node) servePayForwards() error {
 // forwardPay sends req to owner and waits for its answer.
 func (n *Node) forwardPay(owner string, req payFwdReq) (payFwdRep, error) {
 	var rep payFwdRep
+	// The owner runs it only if it starts well before the caller gives up.
+	req.Deadline = time.Now().Add(payForwardTimeout - payForwardTimeout/5).UnixMilli()
 	b, err := proto.Marshal(req)
 	if err != nil {
 		return rep, err
