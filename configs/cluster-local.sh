@@ -42,4 +42,6 @@ for i in $(seq "$NODES"); do
 	echo "gw-$i: http://127.0.0.1:$http  ws://127.0.0.1:$ws/ws"
 done
 echo "cluster up: NATS 127.0.0.1:14222, Redis 127.0.0.1:16379 (AOF in $DATA/redis); Ctrl-C stops everything"
-wait -n "${pids[@]}" || true
+# A node that dies (e.g. killed to watch its clients fail over) leaves the
+# others running; Ctrl-C (or the end of NATS and Redis) stops everything.
+wait "${pids[0]}" "${pids[1]}" || true
