@@ -34,7 +34,7 @@ var errOwnerDown = proto.Errorf(proto.CodeInternal, "the order's node is unreach
 func paySubject(node string) string { return "le.pay." + node }
 
 type payFwdReq struct {
-	Op      string `json:"op"` // get | refund | notify | rp.prepare | rp.start | rp.grab | rp.get
+	Op      string `json:"op"` // get | refund | notify | rp.prepare | rp.start | rp.cancel | rp.grab | rp.get
 	ID      int64  `json:"id,omitempty"`
 	Channel string `json:"channel,omitempty"`
 	Sig     string `json:"sig,omitempty"`
@@ -107,7 +107,7 @@ func (n *Node) servePayForwards() error {
 					}
 				case "notify":
 					rep.Status, rep.Body = n.localNotify(req.Channel, req.Sig, req.Body)
-				case "rp.prepare", "rp.start", "rp.grab", "rp.get":
+				case "rp.prepare", "rp.start", "rp.cancel", "rp.grab", "rp.get":
 					rep.Data, rep.Err = n.redPacketLocal(req.Op, req.User, req.Code)
 				case "tix.program", "tix.place", "tix.get", "tix.cancel":
 					rep.Data, rep.Err = n.ticketLocal(req.Op, req.User, req.ID, req.Body)

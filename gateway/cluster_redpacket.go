@@ -76,6 +76,8 @@ func (n *Node) redPacketLocal(op string, user int64, code string) ([]byte, *prot
 		v, err = n.RedPackets.Prepare(user, code)
 	case "rp.start":
 		v, err = n.RedPackets.Start(user, code)
+	case "rp.cancel":
+		v, err = n.RedPackets.Cancel(user, code)
 	case "rp.get":
 		v, err = n.RedPackets.Get(code)
 	case "rp.grab":

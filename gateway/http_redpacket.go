@@ -17,6 +17,7 @@ func (a *API) redPacketRoutes(g *route.RouterGroup) {
 	g.POST("/rooms/:id/redpackets", a.createRain)
 	g.POST("/redpackets/:code/prepare", a.prepareRain)
 	g.POST("/redpackets/:code/start", a.startRain)
+	g.POST("/redpackets/:code/cancel", a.cancelRain)
 	g.POST("/redpackets/:code/grab", a.grabRain)
 	g.GET("/redpackets/:code", a.getRain)
 }
@@ -72,6 +73,10 @@ func (a *API) jsonReply(c *app.RequestContext, d []byte, perr *proto.Error) {
 func (a *API) prepareRain(_ context.Context, c *app.RequestContext) { a.rainOp(c, "rp.prepare") }
 
 func (a *API) startRain(_ context.Context, c *app.RequestContext) { a.rainOp(c, "rp.start") }
+
+// cancelRain: the anchor ends a rain that has not started (a prepared one's
+// total goes back to them).
+func (a *API) cancelRain(_ context.Context, c *app.RequestContext) { a.rainOp(c, "rp.cancel") }
 
 // grabRain is the HTTP twin of the grab frame: the caller must be in the
 // rain's room (a session joined to it on any node).

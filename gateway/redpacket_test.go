@@ -635,3 +635,56 @@ func TestRedPacketRedisListPool(t *testing.T) {
 	shutdown(t, n2)
 	checkRainMoney(t, cfg.Node.DataDir, code, 100, answered, 0)
 }
+
+// An anchor cancels a rain that has not started: a WAIT rain just ends, a
+// prepared one's total comes back (one refund, 5570 to the anchor) — again
+// is the same answer and moves nothing; a running rain cannot be cancelled;
+// a cancelled rain cannot be started or grabbed; the anchor's slot is free.
+func TestRedPacketCancel(t *testing.T) {
+	cfg := rpConfig(t)
+	cfg.RedPacket.MaxPerAnchor = 1
+	n := nodetest.Start(t, cfg)
+	const anchor = 1
+	room := nodetest.OpenRoom(t, n, anchor, 0)
+	path := fmt.Sprintf("/rooms/%d/redpackets", room)
+	devCredit(t, n, anchor, 100)
+	_, r := rpCall(t, n, anchor, "POST", path, `{"total_amount":100,"total_count":5,"duration_s":10}`)
+	if st, c := rpCall(t, n, anchor, "POST", "/redpackets/"+r.Data.Code+"/cancel", ""); st != 200 || c.Data.State != redpacket.StateFinished || !c.Data.Cancelled || c.Data.Refunded != 0 {
+		t.Fatalf("cancel a WAIT rain: %d %+v", st, c)
+	}
+	_, r = rpCall(t, n, anchor, "POST", path, `{"total_amount":100,"total_count":5,"duration_s":10}`) // the slot is free again
+	code := r.Data.Code
+	if st, c := rpCall(t, n, 2, "POST", "/redpackets/"+code+"/cancel", ""); st != 403 {
+		t.Fatalf("cancel by another user: %d %+v", st, c)
+	}
+	if st, _ := rpCall(t, n, anchor, "POST", "/redpackets/"+code+"/prepare", ""); st != 200 {
+		t.Fatal("prepare")
+	}
+	if b, _ := n.Wallet.Balance(anchor); b != 0 {
+		t.Fatalf("balance after prepare %d", b)
+	}
+	for i := 0; i < 2; i++ {
+		st, c := rpCall(t, n, anchor, "POST", "/redpackets/"+code+"/cancel", "")
+		if st != 200 || !c.Data.Cancelled || c.Data.Refunded != 100 || c.Data.State != redpacket.StateFinished {
+			t.Fatalf("cancel a prepared rain (%d): %d %+v", i, st, c)
+		}
+		if b, _ := n.Wallet.Balance(anchor); b != 100 {
+			t.Fatalf("balance after cancel (%d): %d, want 100", i, b)
+		}
+	}
+	if st, c := rpCall(t, n, anchor, "POST", "/redpackets/"+code+"/start", ""); st != 200 || c.Data.State != redpacket.StateFinished {
+		t.Fatalf("start after cancel: %d %+v", st, c)
+	}
+	v := joinedViewer(t, n, 100, room, nil)
+	if _, err := v.Grab(context.Background(), code); codeOf(err) != proto.CodeRedPacketEmpty {
+		t.Fatalf("grab of a cancelled rain: %v", err)
+	}
+	code = startRain(t, n, anchor, room, 100, 5, 10)
+	if st, c := rpCall(t, n, anchor, "POST", "/redpackets/"+code+"/cancel", ""); st != 409 || c.Code != proto.CodeConflict {
+		t.Fatalf("cancel a running rain: %d %+v", st, c)
+	}
+	cr, db, bal, err := n.Ledger.Audit()
+	if err != nil || cr-db != bal {
+		t.Fatalf("audit %d %d %d %v", cr, db, bal, err)
+	}
+}

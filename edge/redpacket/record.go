@@ -81,6 +81,7 @@ type record struct {
 	GrantedAmount int64 `json:"granted_amount,omitempty"`
 	MaxGrant      int64 `json:"max_grant,omitempty"`
 	Refunded      int64 `json:"refunded,omitempty"`
+	Cancelled     bool  `json:"cancelled,omitempty"` // ended by its anchor before it started
 	// Nodes is the per-node split of a sharded rain (FINISHED).
 	Nodes []NodeSplit `json:"nodes,omitempty"`
 }

@@ -242,6 +242,7 @@ type View struct {
 	StartedAt     int64       `json:"started_at,omitempty"`
 	EndsAt        int64       `json:"ends_at,omitempty"`
 	FinishedAt    int64       `json:"finished_at,omitempty"`
+	Cancelled     bool        `json:"cancelled,omitempty"` // ended by its anchor before it started
 	Nodes         []NodeSplit `json:"nodes"`
 }
 
@@ -321,7 +322,7 @@ func (s *Service) view(r *rain) View {
 func viewOf(rec record, v View) View {
 	v.Code, v.RoomID, v.AnchorID, v.State = rec.Code, rec.Room, rec.Anchor, rec.State
 	v.TotalAmount, v.TotalCount, v.DurationS = rec.Total, rec.Count, rec.DurationMS/1000
-	v.StartedAt, v.EndsAt, v.FinishedAt = rec.StartedAt, rec.EndsAt, rec.FinishedAt
+	v.StartedAt, v.EndsAt, v.FinishedAt, v.Cancelled = rec.StartedAt, rec.EndsAt, rec.FinishedAt, rec.Cancelled
 	if rec.State == StateFinished {
 		v.GrantedCount, v.GrantedAmount, v.MaxGrant, v.Refunded = rec.GrantedCount, rec.GrantedAmount, rec.MaxGrant, rec.Refunded
 		v.Nodes = rec.Nodes
@@ -612,6 +613,61 @@ func (s *Service) Start(anchor int64, code string) (View, error) {
 		s.log.Warn("rain start not pushed", "code", code, "room", rec.Room, "err", err)
 	}
 	return s.view(r), nil
+}
+
+// Cancel ends rain code before it starts, on behalf of its anchor: a WAIT
+// rain just ends; a PREPARED one gives the anchor back its total in the same
+// ledger op that marks it FINISHED (the settlement op, idempotent by
+// "rp-end:<code>"). A RUNNING rain ends by itself (10409); cancelling a rain
+// that is already over answers its state.
+func (s *Service) Cancel(anchor int64, code string) (View, error) {
+	r, fin, err := s.managed(anchor, code)
+	if fin != nil || err != nil {
+		return deref(fin), err
+	}
+	r.mu.Lock()
+	rec := r.rec
+	switch {
+	case r.busy:
+		r.mu.Unlock()
+		return View{}, proto.Errorf(proto.CodeConflict, "a prepare or start of this rain is in progress")
+	case rec.State == StateRunning:
+		r.mu.Unlock()
+		return View{}, proto.Errorf(proto.CodeConflict, "a running rain cannot be cancelled: it ends at ends_at")
+	case rec.State != StateWait && rec.State != StatePrepared:
+		r.mu.Unlock()
+		return s.view(r), nil
+	}
+	r.busy = true // no prepare or start meanwhile
+	r.mu.Unlock()
+	var out record
+	if rec.State == StateWait {
+		out = rec
+		out.State, out.FinishedAt, out.Cancelled = StateFinished, s.cfg.Now().UnixMilli(), true
+		var b []byte
+		if b, err = proto.Marshal(out); err == nil {
+			err = s.store.Put(rainKey(code), b)
+		}
+	} else {
+		rec.Cancelled = true
+		out, err = s.settleOnce(rec, nil) // nothing granted: refunds T
+	}
+	r.mu.Lock()
+	r.busy = false
+	if err != nil {
+		r.mu.Unlock()
+		return View{}, err
+	}
+	r.rec = out
+	r.mu.Unlock()
+	s.mu.Lock()
+	delete(s.rains, code)
+	s.release(rec.Anchor)
+	if s.prepared[rec.Room] == code {
+		delete(s.prepared, rec.Room)
+	}
+	s.mu.Unlock()
+	return viewOf(out, View{}), nil
 }
 
 // runInRoom makes rec the running rain of its room where every node sees
