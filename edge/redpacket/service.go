@@ -308,6 +308,7 @@ func (s *Service) view(r *rain) View {
 		ns.Count -= h.out
 		v.GrantedCount += h.granted
 		v.GrantedAmount += h.amount
+		v.MaxGrant = max(v.MaxGrant, h.top)
 	}
 	r.mu.Unlock()
 	v = viewOf(rec, v)

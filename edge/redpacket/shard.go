@@ -63,6 +63,7 @@ type LeaseReq struct {
 	User    int64  `json:"user"`
 	Granted int    `json:"granted"`
 	Amount  int64  `json:"amount"`
+	Max     int64  `json:"max"` // the largest grant so far
 }
 
 // LeaseRep is a lease: the rain's room and end, and the packets now held by
@@ -101,6 +102,7 @@ type holder struct {
 	out     int   // packets leased and not returned (granted ones included)
 	granted int   // last reported
 	amount  int64 // last reported
+	top     int64 // last reported
 }
 
 // leaseLog is one hand-over (rec/rplease/<code>/<seq>): Idx went to Node, or
@@ -206,7 +208,7 @@ func (s *Service) ServeLease(req LeaseReq) (LeaseRep, error) {
 	r.inflight++ // settlement waits for this lease
 	hi := r.holderOf(req.Node)
 	h := r.holders[hi]
-	h.granted, h.amount = max(h.granted, req.Granted), max(h.amount, req.Amount)
+	h.granted, h.amount, h.top = max(h.granted, req.Granted), max(h.amount, req.Amount), max(h.top, req.Max)
 	holders := len(r.holders)
 	r.mu.Unlock()
 
@@ -389,6 +391,7 @@ type shard struct {
 	inflight int
 	granted  int
 	amount   int64
+	top      int64
 	doubt    []persist.Op
 }
 
@@ -434,7 +437,7 @@ func (s *Service) refill(sh *shard, user int64) error {
 	}
 	ch := make(chan struct{})
 	sh.leasing = ch
-	req := LeaseReq{Code: sh.code, Node: s.cfg.Node, User: user, Granted: sh.granted, Amount: sh.amount}
+	req := LeaseReq{Code: sh.code, Node: s.cfg.Node, User: user, Granted: sh.granted, Amount: sh.amount, Max: sh.top}
 	sh.mu.Unlock()
 	ctx, cancel := context.WithTimeout(context.Background(), shardCallLimit)
 	rep, err := s.cfg.Peers.Lease(ctx, sh.owner, req)
@@ -521,6 +524,7 @@ func (s *Service) GrabVia(owner string, user int64, code string) (GrabReply, *pr
 		if err == nil {
 			sh.granted++
 			sh.amount += p.Amount
+			sh.top = max(sh.top, p.Amount)
 		} else if !errors.Is(err, persist.ErrWalletUnavailable) {
 			sh.doubt = append(sh.doubt, op) // may still land: applied again at close
 		}
