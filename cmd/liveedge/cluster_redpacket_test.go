@@ -370,3 +370,20 @@ func TestClusterOneRunningRainPerRoom(t *testing.T) {
 		t.Fatalf("second rain after the first ended: HTTP %d", st)
 	}
 }
+
+// A viewer who joins on a node other than the rain's and grabs at once is
+// served: the node checks its own members (the cluster's presence reaches
+// the owner only up to 200 ms later).
+func TestClusterGrabRightAfterJoin(t *testing.T) {
+	c := startCluster(t, 2)
+	r := newClusterRain(t, c, 100, 10, 1, 30*time.Second) // its one grabber is on gw-1
+	for u := int64(7000); u < 7005; u++ {
+		cl := dialLogged(t, c.nodes[1].ws, devToken(t, c.nodes[1].http, u, "viewer"), &pushLog{})
+		if _, err := cl.Join(context.Background(), r.room); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := cl.Grab(context.Background(), r.code); err != nil {
+			t.Fatalf("grab right after joining through gw-2: %v", err)
+		}
+	}
+}

@@ -54,13 +54,15 @@ type Peers interface {
 	Close(ctx context.Context, holder, code string) (ShardTotals, error)
 }
 
-// LeaseReq asks the owner of Code for packets for node Node, on behalf of
-// User (who must be in the rain's room). Granted and Amount are the holder's
-// totals so far (shown by GET while the rain runs).
+// LeaseReq asks the owner of Code for packets for node Node (Meta: only the
+// rain's room and end, so the holder checks its grabber against its own
+// members — just-joined ones included — before it takes packets). Granted,
+// Amount and Max are the holder's totals so far (shown by GET while the rain
+// runs).
 type LeaseReq struct {
 	Code    string `json:"code"`
 	Node    string `json:"node"`
-	User    int64  `json:"user"`
+	Meta    bool   `json:"meta,omitempty"`
 	Granted int    `json:"granted"`
 	Amount  int64  `json:"amount"`
 	Max     int64  `json:"max"` // the largest grant so far
@@ -197,8 +199,8 @@ func (s *Service) ServeLease(req LeaseReq) (LeaseRep, error) {
 		return LeaseRep{}, errGrabNone
 	case ending || rec.State != StateRunning:
 		return LeaseRep{}, errEmpty
-	case !s.cfg.InRoom(rec.Room, req.User):
-		return LeaseRep{}, errNotInRm
+	case req.Meta:
+		return LeaseRep{Room: rec.Room, EndsAt: rec.EndsAt}, nil
 	}
 	r.mu.Lock()
 	if r.ending || r.rec.State != StateRunning {
@@ -422,9 +424,10 @@ func (s *Service) forgetUnready(sh *shard) {
 	s.mu.Unlock()
 }
 
-// refill leases packets for sh from its owner; callers that find a lease
-// in flight wait for it (nil: look again).
-func (s *Service) refill(sh *shard, user int64) error {
+// refill leases packets for sh from its owner (the first lease of a shard
+// only learns the rain's room and end); callers that find a lease in flight
+// wait for it (nil: look again).
+func (s *Service) refill(sh *shard) error {
 	sh.mu.Lock()
 	if ch := sh.leasing; ch != nil {
 		sh.mu.Unlock()
@@ -437,7 +440,7 @@ func (s *Service) refill(sh *shard, user int64) error {
 	}
 	ch := make(chan struct{})
 	sh.leasing = ch
-	req := LeaseReq{Code: sh.code, Node: s.cfg.Node, User: user, Granted: sh.granted, Amount: sh.amount, Max: sh.top}
+	req := LeaseReq{Code: sh.code, Node: s.cfg.Node, Meta: !sh.ready, Granted: sh.granted, Amount: sh.amount, Max: sh.top}
 	sh.mu.Unlock()
 	ctx, cancel := context.WithTimeout(context.Background(), shardCallLimit)
 	rep, err := s.cfg.Peers.Lease(ctx, sh.owner, req)
@@ -455,7 +458,9 @@ func (s *Service) refill(sh *shard, user int64) error {
 	default:
 		sh.ready, sh.room, sh.endsAt = true, rep.Room, rep.EndsAt
 		sh.free = append(sh.free, rep.Packets...)
-		sh.last = len(rep.Packets)
+		if len(rep.Packets) > 0 {
+			sh.last = len(rep.Packets)
+		}
 	}
 	sh.lastErr = err
 	sh.leasing = nil
@@ -479,7 +484,7 @@ func (s *Service) GrabVia(owner string, user int64, code string) (GrabReply, *pr
 	ready := sh.ready
 	sh.mu.Unlock()
 	if !ready {
-		_ = s.refill(sh, user)
+		_ = s.refill(sh)
 		sh.mu.Lock()
 		ready, err := sh.ready, sh.lastErr
 		sh.mu.Unlock()
@@ -506,7 +511,7 @@ func (s *Service) GrabVia(owner string, user int64, code string) (GrabReply, *pr
 	if perr != nil {
 		return GrabReply{}, perr
 	}
-	p, perr := s.popShard(sh, user)
+	p, perr := s.popShard(sh)
 	if perr != nil {
 		if claimed {
 			s.unclaim(code, user)
@@ -554,7 +559,7 @@ func refusal(err error) *proto.Error {
 // popShard takes one packet from sh, leasing more when it is empty (until
 // the owner has none left or the rain's time is up), and leases ahead when
 // it runs low.
-func (s *Service) popShard(sh *shard, user int64) (Packet, *proto.Error) {
+func (s *Service) popShard(sh *shard) (Packet, *proto.Error) {
 	for {
 		sh.mu.Lock()
 		if sh.closed || s.cfg.Now().UnixMilli() >= sh.endsAt {
@@ -568,12 +573,12 @@ func (s *Service) popShard(sh *shard, user int64) (Packet, *proto.Error) {
 			ahead := n-1 <= sh.last/4 && !sh.dry && sh.leasing == nil
 			sh.mu.Unlock()
 			if ahead {
-				go func() { _ = s.refill(sh, user) }()
+				go func() { _ = s.refill(sh) }()
 			}
 			return p, nil
 		}
 		sh.mu.Unlock()
-		if err := s.refill(sh, user); err != nil {
+		if err := s.refill(sh); err != nil {
 			return Packet{}, refusal(err)
 		}
 	}
