@@ -24,6 +24,7 @@ import (
 // Named points for tests (Config.Hook):
 //
 //	fail:lock  fail:coupon  fail:debit  fail:confirm  fail:refund
+//	fail:coupon_write (the order's write recording the coupon's use)
 //	crash:after_lock  crash:after_coupon  crash:after_debit
 //	crash:after_refund  crash:after_coupon_back
 //	crash:coupon_unrecorded (the coupon store took the coupon, the order
@@ -106,6 +107,9 @@ func (s *Service) forward(o *Order) (Order, error) {
 func (s *Service) useCoupon(o *Order) error {
 	return s.cstore.Use(o.CouponID, o.UserID, o.OrderID, func(c Coupon, recs []persist.Record) error {
 		_ = s.hook("crash:coupon_unrecorded")
+		if err := s.hook("fail:coupon_write"); err != nil {
+			return err
+		}
 		next := *o
 		next.Steps.CouponUsed = true
 		next.Discount = min(c.Amount, o.Total)

@@ -506,6 +506,9 @@ func (s *Service) placeMockCoupon(o *Order) (Order, error) {
 	var res Order
 	err := s.cstore.Use(o.CouponID, o.UserID, o.OrderID, func(c Coupon, recs []persist.Record) error {
 		_ = s.hook("crash:coupon_unrecorded")
+		if err := s.hook("fail:coupon_write"); err != nil {
+			return err
+		}
 		next := *o
 		next.Saga = ""
 		next.Steps.CouponUsed = true
