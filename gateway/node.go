@@ -250,7 +250,7 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 			return nil, err
 		}
 	}
-	var coupons ticket.CouponStore // nil: this node's Pebble
+	var coupons ticket.CouponStore           // nil: this node's Pebble
 	if n.Cluster != nil && n.worker != nil { // Redis, and coupon ids unique across nodes (leased worker ids)
 		coupons = ticket.NewSharedCoupons(n.Redis) // granted and used through any node, once cluster-wide
 	}
