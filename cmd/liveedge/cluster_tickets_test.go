@@ -1,15 +1,25 @@
 package main
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"strconv"
 	"sync"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/redis/rueidis"
 
+	"github.com/liveedge/liveedge/edge/pay"
+	"github.com/liveedge/liveedge/gateway"
 	"github.com/liveedge/liveedge/gateway/nodetest"
+	"github.com/liveedge/liveedge/gateway/proto"
 	"github.com/liveedge/liveedge/persist/persisttest"
 )
 
@@ -265,4 +275,275 @@ func TestClusterCouponsAnyNode(t *testing.T) {
 	if cr, db, bal := persisttest.CheckSharedConservation(t, c.redis.Addr, dirs...); cr != 1110 || db != 770 || bal != 340 {
 		t.Fatalf("credits %d debits %d balances %d, want 1110 770 340", cr, db, bal)
 	}
+}
+
+// tixClient is an HTTP client for many buyers at once: connections kept per
+// node (the default keeps 2 per host, and 10k buyers would churn ports).
+var tixClient = &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{
+	MaxIdleConns: 1024, MaxIdleConnsPerHost: 512, IdleConnTimeout: time.Minute}}
+
+// tixDo sends one JSON request and decodes the envelope into out; it
+// answers the HTTP status (0 on a transport error, err set).
+func tixDo(method, url, tok string, body []byte, hdr map[string]string, out any) (int, []byte, error) {
+	req, err := http.NewRequest(method, url, bytes.NewReader(body))
+	if err != nil {
+		return 0, nil, err
+	}
+	if tok != "" {
+		req.Header.Set("Authorization", "Bearer "+tok)
+	}
+	req.Header.Set("Content-Type", "application/json")
+	for k, v := range hdr {
+		req.Header.Set(k, v)
+	}
+	resp, err := tixClient.Do(req)
+	if err != nil {
+		return 0, nil, err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return 0, nil, err
+	}
+	if out != nil {
+		if err := json.Unmarshal(b, out); err != nil {
+			return resp.StatusCode, b, fmt.Errorf("decode %s: %w", b, err)
+		}
+	}
+	return resp.StatusCode, b, nil
+}
+
+// The flash sale through three node processes (issue 14, item 1): buyers
+// spread over the three nodes (a few hundred requests in flight; HTTP, the
+// contract's POST /tickets/orders) compete for the 1,000 seats of one
+// program owned by node 1 — two adjacent seats, one seat the server picks, or
+// a contended manual seat. Exactly 1,000 seats are taken, none twice; then a
+// third of the orders are paid through the signed webhook (each event through
+// two nodes), a third cancelled through another node, and the rest closed by
+// the owner's timeout, exactly once; a payment after the close is refunded.
+// free + locked + sold = seats through every node after every phase, and the
+// orders (read through any node) agree with the seats. LIVEEDGE_TIX_BUYERS
+// sets the buyers (default 10,000; docs/tickets.md has a run).
+func TestClusterTicketsTenThousandBuyers(t *testing.T) {
+	buyers := 10_000
+	if v := os.Getenv("LIVEEDGE_TIX_BUYERS"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 {
+			t.Fatalf("LIVEEDGE_TIX_BUYERS=%q", v)
+		}
+		buyers = n
+	}
+	const (
+		jwtSecret  = "cluster-tix-jwt-secret-0123456789abcdef"
+		paySecret  = "cluster-tix-pay-secret-0123456789"
+		inFlight   = 300
+		payTimeout = 25 * time.Second // > reserve + pay + cancel (~11 s under -race on 2 shared cores), checked below
+	)
+	c := startCluster(t, 3, "LIVEEDGE_AUTH_JWT_SECRET="+jwtSecret, "LIVEEDGE_PAY_SECRETS="+paySecret,
+		"LIVEEDGE_PAY_RECONCILE_AFTER=10m", fmt.Sprintf("LIVEEDGE_TICKETS_PAY_TIMEOUT=%ds", int(payTimeout.Seconds())))
+	auth := gateway.NewAuth(jwtSecret)
+	token := func(user int64, role string) string {
+		tok, err := auth.Issue(user, role, time.Hour)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return tok
+	}
+	admin := token(9000, "admin")
+	pid := tixProgram(t, c.nodes[0], admin, `{"name":"flash","categories":[`+
+		`{"category_id":1,"name":"A","price":380,"rows":10,"cols":50},`+
+		`{"category_id":2,"name":"B","price":180,"rows":10,"cols":50}],"per_order_max":4,"per_user_max":4}`)
+	tokens := make([]string, buyers+1)
+	for u := 1; u <= buyers; u++ {
+		tokens[u] = token(int64(u), "viewer")
+	}
+	checkSeats := func(phase string, wantFree, wantLocked, wantSold int) {
+		t.Helper()
+		for _, nd := range c.nodes {
+			f, l, s := tixSeats(t, nd, admin, pid)
+			if f != wantFree || l != wantLocked || s != wantSold {
+				t.Fatalf("%s, through %s: free %d locked %d sold %d, want %d %d %d", phase, nd.http, f, l, s, wantFree, wantLocked, wantSold)
+			}
+		}
+	}
+	type won struct {
+		user  int64
+		order tixReply
+	}
+	var (
+		mu     sync.Mutex
+		wins   []won
+		errs   []string
+		counts = map[int]int{}
+	)
+	work := func(n, workers int, do func(i int)) {
+		next := make(chan int)
+		var wg sync.WaitGroup
+		for w := 0; w < workers; w++ {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for i := range next {
+					do(i)
+				}
+			}()
+		}
+		for i := 0; i < n; i++ {
+			next <- i
+		}
+		close(next)
+		wg.Wait()
+	}
+	fail := func(format string, args ...any) {
+		mu.Lock()
+		if len(errs) < 10 {
+			errs = append(errs, fmt.Sprintf(format, args...))
+		}
+		mu.Unlock()
+	}
+
+	// Phase 1: reserve.
+	began := time.Now()
+	work(buyers, inFlight, func(i int) {
+		u := int64(i + 1)
+		var body string
+		switch u % 3 {
+		case 0: // two adjacent seats
+			body = fmt.Sprintf(`{"program_id":%d,"category_id":%d,"count":2,"req_id":"r"}`, pid, 1+u%2)
+		case 1: // one seat the server picks
+			body = fmt.Sprintf(`{"program_id":%d,"category_id":%d,"count":1,"req_id":"r"}`, pid, 1+u%2)
+		default: // a manual seat, often contended
+			body = fmt.Sprintf(`{"program_id":%d,"seat_ids":["%d-%d-%d"],"req_id":"r"}`, pid, 1+u%2, 1+u%10, 1+u%50)
+		}
+		nd := c.nodes[i%3]
+		var r tixReply
+		st, raw, err := tixDo("POST", "http://"+nd.http+"/api/v1/tickets/orders", tokens[u], []byte(body), nil, &r)
+		mu.Lock()
+		counts[r.Code]++
+		mu.Unlock()
+		switch {
+		case err != nil:
+			fail("buyer %d through %s: %v", u, nd.http, err)
+		case st == 200 && r.Code == 0 && r.Data.Status == "PENDING_PAY":
+			mu.Lock()
+			wins = append(wins, won{u, r})
+			mu.Unlock()
+		case r.Code == 40003: // sold out
+		default:
+			fail("buyer %d through %s: %d %s", u, nd.http, st, raw)
+		}
+	})
+	reserved := time.Since(began)
+	if len(errs) > 0 {
+		t.Fatalf("reserve: %d+ unexpected answers: %v", len(errs), errs)
+	}
+	owner := map[string]string{}
+	for _, w := range wins {
+		for _, s := range w.order.Data.SeatIDs {
+			if prev, dup := owner[s]; dup {
+				t.Fatalf("seat %s taken by orders %s and %s", s, prev, w.order.Data.OrderID)
+			}
+			owner[s] = w.order.Data.OrderID
+		}
+	}
+	if len(owner) != 1000 {
+		t.Fatalf("%d seats taken, want 1000", len(owner))
+	}
+	checkSeats("after the reserve", 0, 1000, 0)
+	t.Logf("reserve: %d buyers through 3 nodes (%d in flight) in %v (%.0f orders/s answered): %d orders took the 1,000 seats; codes %v",
+		buyers, inFlight, reserved.Round(time.Millisecond), float64(buyers)/reserved.Seconds(), len(wins), counts)
+
+	// Phase 2: pay a third (each event through two nodes), cancel a third
+	// through another node; the rest is left to the timeout.
+	paidSeats, cancelledSeats := 0, 0
+	var left []won
+	var toPay, toCancel []won
+	for i, w := range wins {
+		switch i % 3 {
+		case 0:
+			toPay = append(toPay, w)
+			paidSeats += len(w.order.Data.SeatIDs)
+		case 1:
+			toCancel = append(toCancel, w)
+			cancelledSeats += len(w.order.Data.SeatIDs)
+		default:
+			left = append(left, w)
+		}
+	}
+	notify := func(nd *sharedNode, orderID, event string, amount int64) (int, string, error) {
+		body, _ := proto.Marshal(pay.Event{EventID: event, OrderID: orderID, Amount: amount, Status: "SUCCESS", PaidAt: time.Now().UnixMilli()})
+		st, raw, err := tixDo("POST", "http://"+nd.http+"/api/v1/pay/notify/mock", "", body,
+			map[string]string{pay.SignatureHeader: pay.Sign(paySecret, time.Now(), body)}, nil)
+		return st, string(raw), err
+	}
+	work(len(toPay), 64, func(i int) {
+		w := toPay[i]
+		for k := 0; k < 2; k++ {
+			nd := c.nodes[(i+k)%3]
+			if st, raw, err := notify(nd, w.order.Data.OrderID, "ev-"+w.order.Data.OrderID, w.order.Data.Amount); err != nil || st != 200 || raw != "success" {
+				fail("notify %s through %s: %d %s %v", w.order.Data.OrderID, nd.http, st, raw, err)
+			}
+		}
+	})
+	work(len(toCancel), 64, func(i int) {
+		w := toCancel[i]
+		nd := c.nodes[(i+1)%3]
+		var r tixReply
+		if st, raw, err := tixDo("POST", "http://"+nd.http+"/api/v1/tickets/orders/"+w.order.Data.OrderID+"/cancel", tokens[w.user], nil, nil, &r); err != nil || st != 200 || r.Data.Status != "CANCELLED" {
+			fail("cancel %s through %s: %d %s %v", w.order.Data.OrderID, nd.http, st, raw, err)
+		}
+	})
+	if len(errs) > 0 {
+		t.Fatalf("pay/cancel: %v", errs)
+	}
+	if time.Since(began) >= payTimeout {
+		t.Fatalf("reserve + pay + cancel took %v, longer than the pay timeout %v: the phases overlap (a slow machine?)", time.Since(began), payTimeout)
+	}
+	checkSeats("after pay and cancel", cancelledSeats, 1000-paidSeats-cancelledSeats, paidSeats)
+
+	// Phase 3: the owner's timeout closes the rest, once.
+	pollUntil(t, payTimeout+20*time.Second, "the timeout closes every unpaid order", func() bool {
+		_, l, _ := tixSeats(t, c.nodes[1], admin, pid)
+		return l == 0
+	})
+	checkSeats("after the timeout", 1000-paidSeats, 0, paidSeats)
+	// The orders agree, read through any node.
+	want := map[string]string{}
+	for _, w := range toPay {
+		want[w.order.Data.OrderID] = "PAID"
+	}
+	for _, w := range toCancel {
+		want[w.order.Data.OrderID] = "CANCELLED"
+	}
+	for _, w := range left {
+		want[w.order.Data.OrderID] = "CANCELLED"
+	}
+	work(len(wins), 64, func(i int) {
+		w := wins[i]
+		nd := c.nodes[(i+2)%3]
+		var r tixReply
+		if st, raw, err := tixDo("GET", "http://"+nd.http+"/api/v1/tickets/orders/"+w.order.Data.OrderID, tokens[w.user], nil, nil, &r); err != nil || st != 200 || r.Data.Status != want[w.order.Data.OrderID] {
+			fail("order %s through %s: %d %s %v, want %s", w.order.Data.OrderID, nd.http, st, raw, err, want[w.order.Data.OrderID])
+		}
+	})
+	if len(errs) > 0 {
+		t.Fatalf("orders after the timeout: %v", errs)
+	}
+	if closed := metric(t, c.nodes[0].http, `liveedge_ticket_orders_closed_total{node="gw-1",reason="timeout"}`); int(closed) != len(left) {
+		t.Fatalf("the timeout closed %v orders, %d were unpaid", closed, len(left))
+	}
+	// A payment after the close is refunded, not sold.
+	if len(left) > 0 {
+		late := left[0].order.Data
+		if st, raw, err := notify(c.nodes[2], late.OrderID, "late-"+late.OrderID, late.Amount); err != nil || st != 200 || raw != "success" {
+			t.Fatalf("late notify: %d %s %v", st, raw, err)
+		}
+		var r tixReply
+		if st, _, err := tixDo("GET", "http://"+c.nodes[1].http+"/api/v1/tickets/orders/"+late.OrderID, tokens[left[0].user], nil, nil, &r); err != nil || st != 200 || r.Data.Status != "REFUNDED" {
+			t.Fatalf("late payment: %d %+v %v", st, r.Data, err)
+		}
+		checkSeats("after a late payment", 1000-paidSeats, 0, paidSeats)
+	}
+	t.Logf("phases: %d orders paid (%d seats), %d cancelled (%d seats), %d closed by the timeout; total %v",
+		len(toPay), paidSeats, len(toCancel), cancelledSeats, len(left), time.Since(began).Round(time.Millisecond))
 }
