@@ -181,7 +181,7 @@ func (c *memCategory) set(i int, st uint8, order int64) {
 // groups splits seats by category, in ascending category id; an unknown
 // category or seat is a bad request.
 func (p *memProgram) groups(seats []Seat) ([]int, map[int][]int, error) {
-	by := map[int][]int{}
+	by := make(map[int][]int, 1) // most orders are of one category: one bucket, no growth
 	for _, s := range seats {
 		c := p.cats[s.Cat]
 		if c == nil {
