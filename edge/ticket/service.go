@@ -1,6 +1,7 @@
 package ticket
 
 import (
+	"encoding/binary"
 	"errors"
 	"github.com/liveedge/liveedge/edge/keylock"
 	"log/slog"
@@ -124,7 +125,10 @@ func recPrefix(s string) []byte { return append(append([]byte{}, persist.PrefixR
 func programKey(id int64) []byte { return persist.Key(prefixProgram, uint64(id)) }
 func orderKey(id int64) []byte   { return persist.Key(prefixOrder, uint64(id)) }
 func orderReqKey(user int64, req string) []byte {
-	return append(persist.Key(prefixOrderReq, uint64(user)), req...)
+	k := make([]byte, 0, len(prefixOrderReq)+8+len(req)) // one allocation: built twice per order
+	k = append(k, prefixOrderReq...)
+	k = binary.BigEndian.AppendUint64(k, uint64(user))
+	return append(k, req...)
 }
 func couponKey(id string) []byte { return append(append([]byte{}, prefixCoupon...), id...) }
 
