@@ -11,8 +11,9 @@ import (
 // node finds the owner from the id and the worker leases in Redis; GET
 // /programs/{id} and order placement through any other node are forwarded to
 // the owner over NATS, and a ticket order is read and cancelled on the node in
-// its id's worker bits. Coupons are still per node (a coupon is used on the
-// node that made it).
+// its id's worker bits. Coupons are cluster-wide (ticket.SharedCoupons in
+// Redis): granted through any node, used once by whichever node runs the
+// order.
 
 // nextProgramID is ticket.Config.NextProgramID in a cluster (nil otherwise):
 // the next multiple of 2^programWorkerBits above the node's highest id, plus

@@ -64,8 +64,9 @@ type Node struct {
 	// mode, Redis in shared mode.
 	Accounts account.Statuses
 
-	// Tickets sells seats; this node's own programs only (see docs/tickets.md
-	// for the cluster seam).
+	// Tickets sells seats; this node's own programs only (other nodes forward
+	// to the owner); in a cluster its coupons are shared in Redis (see
+	// docs/tickets.md).
 	Tickets *ticket.Service
 
 	natsSrv *natsserver.Server
@@ -254,9 +255,13 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 			}
 		}
 	}
+	var coupons ticket.CouponStore           // nil: this node's Pebble
+	if n.Cluster != nil && n.worker != nil { // Redis, and coupon ids unique across nodes (leased worker ids)
+		coupons = ticket.NewSharedCoupons(n.Redis) // granted and used through any node, once cluster-wide
+	}
 	n.Tickets, err = ticket.New(n.Store, n.Wallet, n.Pay, n.Router, ticket.Config{
 		PayTimeout: cfg.Tickets.PayTimeout.D(), MaxPrograms: cfg.Tickets.MaxPrograms, MaxSeats: cfg.Tickets.MaxSeats, Log: log,
-		NextProgramID: n.nextProgramID()})
+		NextProgramID: n.nextProgramID(), Coupons: coupons})
 	if err != nil {
 		return nil, err
 	}

@@ -2,7 +2,6 @@ package pay
 
 import (
 	"errors"
-	"net/url"
 	"strconv"
 
 	"github.com/liveedge/liveedge/gateway/proto"
@@ -88,10 +87,7 @@ func (s *Service) CreateBizOrder(r BizOrderReq, extra ...persist.Record) (Order,
 	now := s.cfg.Now().UnixMilli()
 	o := Order{OrderID: strconv.FormatInt(r.ID, 10), UserID: r.User, Amount: r.Amount, Channel: r.Channel,
 		Biz: r.Biz, Status: StatusPaying, ReqID: r.ReqID, CreatedAt: now, UpdatedAt: now, ExpiresAt: r.ExpiresAt}
-	if s.cfg.ProviderURL != "" {
-		q := url.Values{"order_id": {o.OrderID}, "amount": {strconv.FormatInt(o.Amount, 10)}, "notify_url": {*s.notifyURL.Load() + "/" + o.Channel}}
-		o.PayURL = s.cfg.ProviderURL + "/pay?" + q.Encode()
-	}
+	o.PayURL = s.payURL(&o)
 	v, _ := proto.Marshal(o)
 	err := s.store.Apply(func(b *persist.Batch) error {
 		if err := b.Set(orderKey(r.ID), v, nil); err != nil {

@@ -11,6 +11,7 @@ import (
 	"net/url"
 	"sort"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -89,6 +90,29 @@ type Service struct {
 // SetNotifyURL sets the webhook base URL put into pay_url (the node calls it
 // once its HTTP listener is bound, when no public URL is configured).
 func (s *Service) SetNotifyURL(u string) { s.notifyURL.Store(&u) }
+
+// payURL is the provider's payment page of o ("" without a provider):
+// <provider>/pay?amount=…&notify_url=…&order_id=…, the query as
+// url.Values.Encode writes it (keys sorted, values query-escaped) without
+// its map and sort — it is built for every order.
+func (s *Service) payURL(o *Order) string {
+	if s.cfg.ProviderURL == "" {
+		return ""
+	}
+	amount := strconv.FormatInt(o.Amount, 10)
+	notify := url.QueryEscape(*s.notifyURL.Load() + "/" + o.Channel)
+	id := url.QueryEscape(o.OrderID)
+	var b strings.Builder
+	b.Grow(len(s.cfg.ProviderURL) + len("/pay?amount=&notify_url=&order_id=") + len(amount) + len(notify) + len(id))
+	b.WriteString(s.cfg.ProviderURL)
+	b.WriteString("/pay?amount=")
+	b.WriteString(amount)
+	b.WriteString("&notify_url=")
+	b.WriteString(notify)
+	b.WriteString("&order_id=")
+	b.WriteString(id)
+	return b.String()
+}
 
 var (
 	prefixOrder    = recPrefix("order/")
@@ -261,10 +285,7 @@ func (s *Service) CreateOrder(user int64, r CreateReq) (Order, error) {
 	o := Order{OrderID: strconv.FormatInt(id, 10), UserID: user, ProductID: p.ID, Amount: p.Price, Coins: p.Coins,
 		Channel: r.Channel, Source: r.Source, Biz: p.Biz, Status: StatusPaying, ReqID: r.ReqID,
 		CreatedAt: now, UpdatedAt: now}
-	if s.cfg.ProviderURL != "" {
-		q := url.Values{"order_id": {o.OrderID}, "amount": {strconv.FormatInt(o.Amount, 10)}, "notify_url": {*s.notifyURL.Load() + "/" + o.Channel}}
-		o.PayURL = s.cfg.ProviderURL + "/pay?" + q.Encode()
-	}
+	o.PayURL = s.payURL(&o)
 	v, _ := proto.Marshal(o)
 	err := s.store.Apply(func(b *persist.Batch) error {
 		if err := b.Set(orderKey(id), v, nil); err != nil {

@@ -24,6 +24,7 @@ func (e *env) audit() {
 	held := map[int64]map[int64]int{}
 	orders := map[string]*Order{}
 	couponOf := map[string]string{} // coupon → order holding it per the orders
+	named := map[string]bool{}      // coupons named by any order
 	err := s.store.Scan(prefixOrder, func(_, v []byte) error {
 		o, err := decodeOrder(v)
 		if err != nil {
@@ -52,6 +53,9 @@ func (e *env) audit() {
 				held[o.ProgramID] = map[int64]int{}
 			}
 			held[o.ProgramID][o.UserID] += len(o.seats)
+		}
+		if o.CouponID != "" {
+			named[o.CouponID] = true
 		}
 		if o.Steps.CouponUsed && !o.Steps.CouponBack {
 			if prev, dup := couponOf[o.CouponID]; dup {
@@ -98,6 +102,20 @@ func (e *env) audit() {
 			e.t.Fatalf("program %d: %d users counted, %d hold seats", pid, len(mp.held), len(held[pid]))
 		}
 		mp.mu.Unlock()
+	}
+	if e.redis != "" {
+		// Redis: every coupon an order names holds exactly the order that
+		// the orders say (none, if no live order records holding it).
+		for id := range named {
+			c, err := s.Coupon(id)
+			if err != nil {
+				e.t.Fatalf("coupon %s: %v", id, err)
+			}
+			if c.UsedBy != couponOf[id] {
+				e.t.Fatalf("coupon %s used by %q, the orders say %q", id, c.UsedBy, couponOf[id])
+			}
+		}
+		return
 	}
 	err = s.store.Scan(prefixCoupon, func(_, v []byte) error {
 		var c Coupon

@@ -65,15 +65,56 @@ func (s *Service) close(id, user int64, why string, onlyExpired bool) (*Order, e
 }
 
 // closeLocked closes PENDING_PAY order o, with its lock held: CANCELLED
-// and its coupon back in one batch, then its seats freed in memory.
+// first (durable), then its seats freed in memory, then its coupon given
+// back (a second write). In that order because a coupon store outside
+// Pebble (a cluster's Redis) cannot share the order's batch: freed first, a
+// crash before the order's write would leave a payable PENDING_PAY order
+// whose coupon someone else may take. A give-back that fails (or a crash
+// before it) is owed: the order says CouponUsed without CouponBack, and the
+// sweep (and the next start) gives it back (settleCoupon).
 func (s *Service) closeLocked(o *Order, why string) error {
-	o.Status, o.Note, o.UpdatedAt = StatusCancelled, why, s.cfg.Now().UnixMilli()
-	o.Steps.Released = true
-	if err := s.giveBackCoupon(o); err != nil {
+	next := *o
+	next.Status, next.Note, next.UpdatedAt = StatusCancelled, why, s.cfg.Now().UnixMilli()
+	next.Steps.Released = true
+	r := next.record()
+	if err := s.store.Put(r.Key, r.Value); err != nil {
 		return err
 	}
+	*o = next
 	s.release(o)
 	s.unpend(o.id)
+	if o.Steps.CouponUsed && !o.Steps.CouponBack {
+		if _, err := s.giveBackCoupon(o); err != nil {
+			s.cfg.Log.Warn("ticket: coupon not given back yet, the sweep retries", "order", o.OrderID, "err", err)
+			s.owe(o.id)
+		}
+	}
+	return nil
+}
+
+// owe records that closed order id still holds its coupon.
+func (s *Service) owe(id int64) {
+	s.pendMu.Lock()
+	s.owed[id] = true
+	s.pendMu.Unlock()
+}
+
+// settleCoupon gives back the coupon of closed order id if it still holds
+// it (an owed give-back).
+func (s *Service) settleCoupon(id int64) error {
+	defer s.orders.Lock(id)()
+	o, err := s.load1(id)
+	if err != nil {
+		return err
+	}
+	if (o.Status == StatusCancelled || o.Status == StatusRefunded) && o.Steps.CouponUsed && !o.Steps.CouponBack {
+		if _, err := s.giveBackCoupon(o); err != nil {
+			return err
+		}
+	}
+	s.pendMu.Lock()
+	delete(s.owed, id)
+	s.pendMu.Unlock()
 	return nil
 }
 
@@ -83,9 +124,9 @@ func (s *Service) unpend(id int64) {
 	s.pendMu.Unlock()
 }
 
-// CloseExpired closes every PENDING_PAY order past its pay timeout and
-// resumes sagas stopped by a storage error; it returns how many orders it
-// closed.
+// CloseExpired closes every PENDING_PAY order past its pay timeout,
+// resumes sagas stopped by a storage error and gives back owed coupons; it
+// returns how many orders it closed.
 func (s *Service) CloseExpired() int {
 	now := s.cfg.Now().UnixMilli()
 	var due, stuck []int64
@@ -97,6 +138,10 @@ func (s *Service) CloseExpired() int {
 	}
 	for id := range s.stuck {
 		stuck = append(stuck, id)
+	}
+	owed := make([]int64, 0, len(s.owed))
+	for id := range s.owed {
+		owed = append(owed, id)
 	}
 	s.pendMu.Unlock()
 	closed := 0
@@ -110,6 +155,11 @@ func (s *Service) CloseExpired() int {
 	}
 	for _, id := range stuck {
 		s.resumeStuck(id)
+	}
+	for _, id := range owed {
+		if err := s.settleCoupon(id); err != nil {
+			s.cfg.Log.Error("ticket: give an owed coupon back", "order", id, "err", err)
+		}
 	}
 	return closed
 }

@@ -4,35 +4,70 @@ import (
 	"errors"
 	"strconv"
 
+	"github.com/liveedge/liveedge/edge/keylock"
 	"github.com/liveedge/liveedge/gateway/proto"
 	"github.com/liveedge/liveedge/persist"
 )
 
 // Coupons: one use, given back only by the order holding them.
+//
+// Where they live is a CouponStore: this node's Pebble on a single node
+// (PebbleCoupons: a use or a give-back is written in the same batch as the
+// order that records it), or Redis in a cluster (SharedCoupons: any node
+// grants and uses; a use is one Lua compare-and-set with the order id as its
+// owner, made before the order's write). The service is written for the
+// weaker of the two: a use whose outcome is unknown (the store took it, the
+// order's record of it was not written) is settled by asking the store who
+// holds the coupon — GiveBack frees it only for the order that holds it — so
+// after any crash an order gives back exactly what it holds.
 
-// CreateCoupon grants user a one-use coupon worth amount.
-func (s *Service) CreateCoupon(user, amount int64) (Coupon, error) {
-	if user <= 0 || amount <= 0 || amount > maxCouponValue {
-		return Coupon{}, proto.BadRequest("user_id > 0 and 0 < amount <= %d", maxCouponValue)
-	}
-	id, err := s.pay.NewOrderID(user)
-	if err != nil {
-		return Coupon{}, err
-	}
-	c := Coupon{ID: "c" + strconv.FormatInt(id, 10), UserID: user, Amount: amount, CreatedAt: s.cfg.Now().UnixMilli()}
-	r := c.record()
-	if err := s.store.Put(r.Key, r.Value); err != nil {
-		return Coupon{}, err
-	}
-	return c, nil
+// CouponStore keeps coupons. Every method is safe for concurrent use.
+type CouponStore interface {
+	// Grant stores a new coupon (its id unique cluster-wide).
+	Grant(c Coupon) error
+	// Get reads coupon id (40005 when unknown).
+	Get(id string) (Coupon, error)
+	// Use takes coupon id for order, bought by user: usable when it is
+	// user's and free, or held by order already (a retry). commit writes the
+	// order's records together with recs (the store's own records, when it
+	// keeps coupons beside the orders) in one durable batch; its error is
+	// Use's. The store's own state may say the coupon is held by order even
+	// when commit failed (SharedCoupons): the caller gives it back.
+	// 40005 when not usable (another user's, held by another order, given
+	// back by this order before, unknown).
+	Use(id string, user int64, order string, commit func(c Coupon, recs []persist.Record) error) error
+	// GiveBack frees coupon id if order holds it — never a coupon another
+	// order holds, so repeating it changes nothing — and then calls commit
+	// with held (order held it) and the store's records to write with the
+	// order's in one batch. An unknown coupon is not held.
+	GiveBack(id, order string, commit func(held bool, recs []persist.Record) error) error
 }
 
-// Coupon reads coupon id (tests and ops).
-func (s *Service) Coupon(id string) (Coupon, error) {
+// PebbleCoupons keeps coupons in this node's Pebble (rec/tcoupon/<id>),
+// written in the same batch as the order that uses or gives back one; one
+// lock per coupon, held across that batch.
+type PebbleCoupons struct {
+	store *persist.Store
+	locks keylock.Map[string]
+}
+
+var _ CouponStore = (*PebbleCoupons)(nil)
+
+// NewPebbleCoupons returns the coupons of a single node, in store.
+func NewPebbleCoupons(store *persist.Store) *PebbleCoupons { return &PebbleCoupons{store: store} }
+
+// Grant implements CouponStore.
+func (p *PebbleCoupons) Grant(c Coupon) error {
+	r := c.record()
+	return p.store.Put(r.Key, r.Value)
+}
+
+// Get implements CouponStore.
+func (p *PebbleCoupons) Get(id string) (Coupon, error) {
 	var c Coupon
-	v, err := s.store.Get(couponKey(id))
+	v, err := p.store.Get(couponKey(id))
 	if errors.Is(err, persist.ErrNotFound) {
-		return c, proto.Errorf(proto.CodeCouponUnusable, "coupon not usable")
+		return c, errCouponUnusable
 	}
 	if err != nil {
 		return c, err
@@ -40,48 +75,83 @@ func (s *Service) Coupon(id string) (Coupon, error) {
 	return c, proto.Unmarshal(v, &c)
 }
 
+// Use implements CouponStore: the coupon's use is in commit's batch.
+func (p *PebbleCoupons) Use(id string, user int64, order string, commit func(Coupon, []persist.Record) error) error {
+	defer p.locks.Lock(id)()
+	c, err := p.Get(id)
+	if err != nil {
+		return err
+	}
+	if c.UserID != user || (c.UsedBy != "" && c.UsedBy != order) {
+		return errCouponUnusable
+	}
+	c.UsedBy = order
+	return commit(c, []persist.Record{c.record()})
+}
+
+// GiveBack implements CouponStore: the coupon freed in commit's batch.
+func (p *PebbleCoupons) GiveBack(id, order string, commit func(bool, []persist.Record) error) error {
+	defer p.locks.Lock(id)()
+	c, err := p.Get(id)
+	if err != nil && proto.AsError(err).Code != proto.CodeCouponUnusable {
+		return err
+	}
+	if err != nil || c.UsedBy != order {
+		return commit(false, nil)
+	}
+	c.UsedBy = ""
+	return commit(true, []persist.Record{c.record()})
+}
+
+var errCouponUnusable = proto.Errorf(proto.CodeCouponUnusable, "coupon not usable")
+
+// CreateCoupon grants user a one-use coupon worth amount.
+func (s *Service) CreateCoupon(user, amount int64) (Coupon, error) {
+	if user <= 0 || amount <= 0 || amount > maxCouponValue {
+		return Coupon{}, proto.BadRequest("user_id > 0 and 0 < amount <= %d", maxCouponValue)
+	}
+	id, err := s.pay.NewOrderID(user) // gene method: unique across nodes (worker ids are leased)
+	if err != nil {
+		return Coupon{}, err
+	}
+	c := Coupon{ID: "c" + strconv.FormatInt(id, 10), UserID: user, Amount: amount, CreatedAt: s.cfg.Now().UnixMilli()}
+	if err := s.cstore.Grant(c); err != nil {
+		return Coupon{}, err
+	}
+	return c, nil
+}
+
+// Coupon reads coupon id (tests and ops).
+func (s *Service) Coupon(id string) (Coupon, error) { return s.cstore.Get(id) }
+
 func (c *Coupon) record() persist.Record {
 	v, _ := proto.Marshal(c)
 	return persist.Record{Key: couponKey(c.ID), Value: v}
 }
 
-// usableCoupon reads o's coupon, with its lock held: usable when it is the
-// buyer's and unused, or already used by o itself (a step replayed).
-func (s *Service) usableCoupon(o *Order) (*Coupon, error) {
-	c, err := s.Coupon(o.CouponID)
-	if err != nil {
-		return nil, err
+// giveBackCoupon gives o's coupon back if o holds it and records
+// Steps.CouponBack in o (written with the store's records in one batch),
+// with o's lock held. It writes nothing when o never held the coupon (a use
+// refused, or one that never reached the store); repeating it changes
+// nothing. It reports whether it recorded a give-back.
+func (s *Service) giveBackCoupon(o *Order) (bool, error) {
+	if o.CouponID == "" || o.Steps.CouponBack {
+		return false, nil
 	}
-	if c.UserID != o.UserID || (c.UsedBy != "" && c.UsedBy != o.OrderID) {
-		return nil, proto.Errorf(proto.CodeCouponUnusable, "coupon not usable")
-	}
-	return &c, nil
-}
-
-// giveBackCoupon writes o (its new state) with, if o holds its coupon, the
-// coupon made usable again: one batch, under the coupon's lock. The coupon
-// is given back only while this order holds it, so repeating it changes
-// nothing.
-func (s *Service) giveBackCoupon(o *Order) error {
-	if !o.Steps.CouponUsed || o.Steps.CouponBack {
-		r := o.record()
-		return s.store.Put(r.Key, r.Value)
-	}
-	defer s.coupons.Lock(o.CouponID)()
-	recs := []persist.Record{}
-	c, err := s.Coupon(o.CouponID)
-	if err != nil && proto.AsError(err).Code != proto.CodeCouponUnusable {
-		return err
-	}
-	o.Steps.CouponBack = true
-	if err == nil && c.UsedBy == o.OrderID {
-		c.UsedBy = ""
-		recs = append(recs, c.record())
-	}
-	recs = append(recs, o.record())
-	if err := s.store.Apply(func(b *persist.Batch) error { return setAll(b, recs) }); err != nil {
-		o.Steps.CouponBack = false
-		return err
-	}
-	return nil
+	did := false
+	err := s.cstore.GiveBack(o.CouponID, o.OrderID, func(held bool, recs []persist.Record) error {
+		if !held && !o.Steps.CouponUsed {
+			return nil // never taken: nothing to give back or record
+		}
+		next := *o
+		next.Steps.CouponBack = true
+		next.UpdatedAt = s.cfg.Now().UnixMilli()
+		recs = append(recs, next.record())
+		if err := s.store.Apply(func(b *persist.Batch) error { return setAll(b, recs) }); err != nil {
+			return err
+		}
+		*o, did = next, true
+		return nil
+	})
+	return did, err
 }

@@ -11,6 +11,7 @@ import (
 
 	"github.com/liveedge/liveedge/persist"
 	"github.com/liveedge/liveedge/persist/persisttest"
+	"github.com/liveedge/liveedge/persist/redistest"
 )
 
 // Env of the crash child (TestSagaCrashChild).
@@ -18,6 +19,8 @@ const (
 	crashDirEnv   = "TICKET_CRASH_DIR"
 	crashPointEnv = "TICKET_CRASH_POINT" // the point where the child kills itself
 	crashFailEnv  = "TICKET_CRASH_FAIL"  // a step to fail first (to crash inside the compensation)
+	crashRedisEnv = "TICKET_CRASH_REDIS" // coupons in this redis-server (SharedCoupons), else Pebble
+	crashPayEnv   = "TICKET_CRASH_PAY"   // the order's payment ("" = coins)
 )
 
 // TestSagaCrashChild is the child process of TestSagaKill9BetweenSteps: it
@@ -30,7 +33,7 @@ func TestSagaCrashChild(t *testing.T) {
 		t.Skip("child of TestSagaKill9BetweenSteps only")
 	}
 	point, fail := os.Getenv(crashPointEnv), os.Getenv(crashFailEnv)
-	e := openEnv(t, dir, Config{Hook: func(p string) error {
+	cfg := Config{Hook: func(p string) error {
 		switch p {
 		case point:
 			_ = syscall.Kill(os.Getpid(), syscall.SIGKILL)
@@ -39,9 +42,19 @@ func TestSagaCrashChild(t *testing.T) {
 			return errors.New("injected failure at " + p)
 		}
 		return nil
-	}})
+	}}
+	var e *env
+	if addr := os.Getenv(crashRedisEnv); addr != "" {
+		e = openSharedEnv(t, dir, addr, cfg)
+	} else {
+		e = openEnv(t, dir, cfg)
+	}
 	coupon := os.Getenv("TICKET_CRASH_COUPON")
-	_, err := e.svc.Place(1, PlaceReq{ProgramID: 1, CategoryID: 1, Count: 2, ReqID: "crash", Pay: PayCoins, CouponID: coupon})
+	payBy := os.Getenv(crashPayEnv)
+	if payBy == "" {
+		payBy = PayCoins
+	}
+	_, err := e.svc.Place(1, PlaceReq{ProgramID: 1, CategoryID: 1, Count: 2, ReqID: "crash", Pay: payBy, CouponID: coupon})
 	t.Fatalf("the child was not killed at %s (place: %v)", point, err)
 }
 
@@ -50,14 +63,29 @@ func TestSagaCrashChild(t *testing.T) {
 // compensates the rest, exactly once — balance, coupon and seats as the
 // crash table of docs/tickets.md says, the ledger conserves coins, and a
 // second restart changes nothing.
-func TestSagaKill9BetweenSteps(t *testing.T) {
+func TestSagaKill9BetweenSteps(t *testing.T) { testSagaKill9BetweenSteps(t, "") }
+
+// TestSagaKill9BetweenStepsSharedCoupons is TestSagaKill9BetweenSteps with a
+// cluster's coupons (SharedCoupons in a real redis-server that outlives the
+// killed process): a kill after Redis took the coupon and before the order
+// recorded it ("coupon_unrecorded") is settled at start-up by asking Redis
+// who holds the coupon.
+func TestSagaKill9BetweenStepsSharedCoupons(t *testing.T) {
+	testSagaKill9BetweenSteps(t, redistest.Start(t).Addr)
+}
+
+func testSagaKill9BetweenSteps(t *testing.T, redisAddr string) {
 	const credit, price, discount = 1000, 100, 30
 	cases := []struct {
 		point, fail string
-		paid        bool // completed forward
-		couponUsed  bool // the coupon step happened
-		debited     bool // the debit happened
+		pay         string // "" = coins
+		paid        bool   // completed forward
+		couponUsed  bool   // the coupon step happened
+		debited     bool   // the debit happened
+		unrecorded  bool   // the store took the coupon, the order did not record it (given back where that can be: Redis)
 	}{
+		{point: "crash:coupon_unrecorded", unrecorded: true},
+		{point: "crash:coupon_unrecorded", pay: PayMock, unrecorded: true},
 		{point: "crash:after_lock"},
 		{point: "crash:after_coupon", couponUsed: true},
 		{point: "crash:after_debit", paid: true, couponUsed: true, debited: true},
@@ -66,9 +94,14 @@ func TestSagaKill9BetweenSteps(t *testing.T) {
 		{point: "crash:after_coupon_back", fail: "fail:confirm", couponUsed: true, debited: true},
 	}
 	for _, tc := range cases {
-		t.Run(strings.TrimPrefix(tc.point, "crash:")+"/"+tc.fail, func(t *testing.T) {
+		t.Run(strings.TrimPrefix(tc.point, "crash:")+"/"+tc.fail+tc.pay, func(t *testing.T) {
 			dir := t.TempDir()
-			e := openEnv(t, dir, Config{})
+			var e *env
+			if redisAddr != "" {
+				e = openSharedEnv(t, dir, redisAddr, Config{})
+			} else {
+				e = openEnv(t, dir, Config{})
+			}
 			e.credit(1, credit)
 			prog := e.program([]CategoryDef{{ID: 1, Name: "A", Price: price, Rows: 1, Cols: 4}}, 4, 8)
 			c, err := e.svc.CreateCoupon(1, discount)
@@ -79,7 +112,7 @@ func TestSagaKill9BetweenSteps(t *testing.T) {
 
 			cmd := exec.Command(os.Args[0], "-test.run=^TestSagaCrashChild$", "-test.count=1")
 			cmd.Env = append(os.Environ(), crashDirEnv+"="+dir, crashPointEnv+"="+tc.point, crashFailEnv+"="+tc.fail,
-				"TICKET_CRASH_COUPON="+c.ID)
+				"TICKET_CRASH_COUPON="+c.ID, crashRedisEnv+"="+redisAddr, crashPayEnv+"="+tc.pay)
 			out, err := cmd.CombinedOutput()
 			var ee *exec.ExitError
 			if !errors.As(err, &ee) || ee.Sys().(syscall.WaitStatus).Signal() != syscall.SIGKILL {
@@ -102,7 +135,7 @@ func TestSagaKill9BetweenSteps(t *testing.T) {
 					}
 				} else {
 					if o.Status != StatusCancelled || o.Saga != SagaCompensated || w.balance != credit || w.couponUsedBy != "" || w.free != 4 ||
-						o.Steps.CouponUsed != tc.couponUsed || o.Steps.CouponBack != tc.couponUsed ||
+						o.Steps.CouponUsed != tc.couponUsed || o.Steps.CouponBack != (tc.couponUsed || (tc.unrecorded && redisAddr != "")) ||
 						o.Steps.Debited != tc.debited || o.Steps.Refunded != tc.debited {
 						t.Fatalf("%s: want compensated; order %+v world %+v", when, o, w)
 					}

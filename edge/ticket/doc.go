@@ -10,9 +10,11 @@
 //
 // What it owns (Pebble, rec/ keys): rec/tprog/<id> programs, rec/torder/<id>
 // orders (the order record is the durable truth of its seats and of every
-// saga step), rec/torderreq/<user><req_id> → order id, rec/tcoupon/<id>
-// coupons. Seats live in memory only (Inventory) and are rebuilt from the
-// orders at start: PENDING_PAY and PLACING orders lock their seats, PAID
+// saga step), rec/torderreq/<user><req_id> → order id; coupons behind a
+// CouponStore — rec/tcoupon/<id> on one node (PebbleCoupons), Redis in a
+// cluster (SharedCoupons: granted and used through any node, once
+// cluster-wide). Seats live in memory only (Inventory) and are rebuilt from
+// the orders at start: PENDING_PAY and PLACING orders lock their seats, PAID
 // orders hold them sold.
 //
 // Invariants:
@@ -27,6 +29,12 @@
 //     order says happened, happened, and nothing else.
 //   - No PLACING order outlives start-up: New completes or compensates each
 //     (or, on a storage error, the sweep retries until it settles).
+//   - A coupon is held by at most one order, and freed only for the order
+//     its store says holds it. Where the store cannot share the order's
+//     batch (Redis), a use the order does not record is given back by the
+//     compensation (it asks the store), and a closed order gives its coupon
+//     back after its CANCELLED record (owed give-backs retried by the sweep
+//     and at start).
 //
 // Concurrency: one mutex per category (Reserve of seats of several
 // categories takes them in ascending category id — the one lock order);

@@ -8,10 +8,13 @@ import (
 	"testing"
 	"time"
 
+	"github.com/redis/rueidis"
+
 	"github.com/liveedge/liveedge/edge/pay"
 	"github.com/liveedge/liveedge/gateway/proto"
 	"github.com/liveedge/liveedge/persist"
 	"github.com/liveedge/liveedge/persist/persisttest"
+	"github.com/liveedge/liveedge/persist/redistest"
 	"github.com/liveedge/liveedge/router"
 )
 
@@ -34,6 +37,8 @@ type env struct {
 	ledger *persist.Ledger
 	pay    *pay.Service
 	svc    *Service
+	redis  string         // "" = coupons in Pebble; else SharedCoupons in this redis-server
+	rdb    rueidis.Client // with redis: the client, reopened with the node
 }
 
 func quietLog() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
@@ -41,6 +46,22 @@ func quietLog() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, n
 func newEnv(t testing.TB, cfg Config) *env {
 	t.Helper()
 	return openEnv(t, t.TempDir(), cfg)
+}
+
+// newSharedEnv is newEnv with the coupons of a cluster: SharedCoupons in a
+// throwaway real redis-server (one per test).
+func newSharedEnv(t testing.TB, cfg Config) *env {
+	t.Helper()
+	return openSharedEnv(t, t.TempDir(), redistest.Start(t).Addr, cfg)
+}
+
+// openSharedEnv is newSharedEnv on an existing data directory and Redis.
+func openSharedEnv(t testing.TB, dir, redisAddr string, cfg Config) *env {
+	t.Helper()
+	e := &env{t: t, dir: dir, clock: &clock{}, cfg: cfg, redis: redisAddr}
+	e.open()
+	t.Cleanup(e.close)
+	return e
 }
 
 // openEnv is newEnv on an existing data directory.
@@ -69,6 +90,12 @@ func (e *env) open() {
 	}
 	cfg := e.cfg
 	cfg.Now, cfg.Log = e.clock.now, quietLog()
+	if e.redis != "" {
+		if e.rdb, err = rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{e.redis}, DisableCache: true}); err != nil {
+			e.t.Fatal(err)
+		}
+		cfg.Coupons = NewSharedCoupons(e.rdb)
+	}
 	if cfg.SweepEvery == 0 {
 		cfg.SweepEvery = time.Hour // tests call CloseExpired themselves
 	}
@@ -87,6 +114,10 @@ func (e *env) close() {
 	e.ledger.Close()
 	_ = e.store.Close()
 	e.store = nil
+	if e.rdb != nil {
+		e.rdb.Close()
+		e.rdb = nil
+	}
 }
 
 func (e *env) reopen() {

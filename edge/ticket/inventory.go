@@ -178,27 +178,37 @@ func (c *memCategory) set(i int, st uint8, order int64) {
 	c.version.Add(1)
 }
 
+// seatGroup is the seats (grid indexes) of one category of an order.
+type seatGroup struct {
+	cat int
+	idx []int
+}
+
 // groups splits seats by category, in ascending category id; an unknown
-// category or seat is a bad request.
-func (p *memProgram) groups(seats []Seat) ([]int, map[int][]int, error) {
-	by := map[int][]int{}
+// category or seat is a bad request. No map: an order has at most
+// MaxPerOrder seats in at most MaxCategories categories, and most have one.
+func (p *memProgram) groups(seats []Seat) ([]seatGroup, error) {
+	gs := make([]seatGroup, 0, 1)
 	for _, s := range seats {
 		c := p.cats[s.Cat]
 		if c == nil {
-			return nil, nil, proto.BadRequest("no seat %s in this program", s)
+			return nil, proto.BadRequest("no seat %s in this program", s)
 		}
 		i := c.index(s)
 		if i < 0 {
-			return nil, nil, proto.BadRequest("no seat %s in this program", s)
+			return nil, proto.BadRequest("no seat %s in this program", s)
 		}
-		by[s.Cat] = append(by[s.Cat], i)
+		k := 0
+		for k < len(gs) && gs[k].cat != s.Cat {
+			k++
+		}
+		if k == len(gs) {
+			gs = append(gs, seatGroup{cat: s.Cat, idx: make([]int, 0, len(seats))})
+		}
+		gs[k].idx = append(gs[k].idx, i)
 	}
-	ids := make([]int, 0, len(by))
-	for id := range by {
-		ids = append(ids, id)
-	}
-	slices.Sort(ids)
-	return ids, by, nil
+	slices.SortFunc(gs, func(a, b seatGroup) int { return a.cat - b.cat })
+	return gs, nil
 }
 
 func (m *memInventory) Reserve(program, order int64, want Want) ([]Seat, error) {
@@ -209,30 +219,30 @@ func (m *memInventory) Reserve(program, order int64, want Want) ([]Seat, error) 
 	if len(want.Seats) == 0 {
 		return p.reserveAdjacent(order, want.Category, want.Count)
 	}
-	ids, by, err := p.groups(want.Seats)
+	gs, err := p.groups(want.Seats)
 	if err != nil {
 		return nil, err
 	}
 	// Lock order: ascending category id.
-	for _, id := range ids {
-		p.cats[id].mu.Lock()
+	for _, g := range gs {
+		p.cats[g.cat].mu.Lock()
 	}
 	defer func() {
-		for _, id := range ids {
-			p.cats[id].mu.Unlock()
+		for _, g := range gs {
+			p.cats[g.cat].mu.Unlock()
 		}
 	}()
-	for _, id := range ids {
-		c := p.cats[id]
-		for _, i := range by[id] {
+	for _, g := range gs {
+		c := p.cats[g.cat]
+		for _, i := range g.idx {
 			if c.status[i] != SeatFree {
-				return nil, proto.Errorf(proto.CodeSoldOut, "seat %d-%d-%d is taken", id, i/c.def.Cols+1, i%c.def.Cols+1)
+				return nil, proto.Errorf(proto.CodeSoldOut, "seat %d-%d-%d is taken", g.cat, i/c.def.Cols+1, i%c.def.Cols+1)
 			}
 		}
 	}
-	for _, id := range ids {
-		c := p.cats[id]
-		for _, i := range by[id] {
+	for _, g := range gs {
+		c := p.cats[g.cat]
+		for _, i := range g.idx {
 			c.set(i, SeatLocked, order)
 		}
 	}
@@ -280,15 +290,15 @@ func (m *memInventory) move(program, order int64, seats []Seat, from, to uint8) 
 	if p == nil {
 		return 0
 	}
-	ids, by, err := p.groups(seats)
+	gs, err := p.groups(seats)
 	if err != nil {
 		return 0
 	}
 	n := 0
-	for _, id := range ids { // one category at a time: nothing else to keep consistent across them
-		c := p.cats[id]
+	for _, g := range gs { // one category at a time: nothing else to keep consistent across them
+		c := p.cats[g.cat]
 		c.mu.Lock()
-		for _, i := range by[id] {
+		for _, i := range g.idx {
 			if c.owner[i] == order && c.status[i] == from {
 				c.set(i, to, order)
 				n++
@@ -312,17 +322,17 @@ func (m *memInventory) Restore(program, order int64, seats []Seat, status uint8)
 	if p == nil {
 		return proto.Errorf(proto.CodeNotFound, "program %d not found", program)
 	}
-	ids, by, err := p.groups(seats)
+	gs, err := p.groups(seats)
 	if err != nil {
 		return err
 	}
-	for _, id := range ids {
-		c := p.cats[id]
+	for _, g := range gs {
+		c := p.cats[g.cat]
 		c.mu.Lock()
-		for _, i := range by[id] {
+		for _, i := range g.idx {
 			if c.status[i] != SeatFree && c.owner[i] != order {
 				c.mu.Unlock()
-				return proto.Errorf(proto.CodeInternal, "seat %d-%d-%d restored for order %d is held by order %d", id, i/c.def.Cols+1, i%c.def.Cols+1, order, c.owner[i])
+				return proto.Errorf(proto.CodeInternal, "seat %d-%d-%d restored for order %d is held by order %d", g.cat, i/c.def.Cols+1, i%c.def.Cols+1, order, c.owner[i])
 			}
 			c.set(i, status, order)
 		}

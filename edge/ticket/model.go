@@ -2,7 +2,6 @@ package ticket
 
 import (
 	"strconv"
-	"strings"
 )
 
 // Order statuses (PROTOCOL §4). PLACING is a coins order whose saga is
@@ -85,22 +84,33 @@ func (s Seat) String() string {
 }
 
 // ParseSeat parses a seat id; false for anything but three positive
-// decimal numbers joined by '-'.
+// decimal numbers joined by '-'. It allocates nothing (every manual order
+// parses its seats).
 func ParseSeat(id string) (Seat, bool) {
 	if len(id) > 24 {
 		return Seat{}, false
 	}
-	parts := strings.Split(id, "-")
-	if len(parts) != 3 {
-		return Seat{}, false
-	}
 	var v [3]int
-	for i, p := range parts {
-		n, err := strconv.Atoi(p)
-		if err != nil || n <= 0 || p[0] == '+' || p[0] == '0' {
+	part, start := 0, 0
+	for i := 0; i <= len(id); i++ {
+		if i < len(id) && id[i] != '-' {
+			continue
+		}
+		if part == len(v) {
 			return Seat{}, false
 		}
-		v[i] = n
+		p := id[start:i]
+		if p == "" || p[0] == '+' || p[0] == '0' {
+			return Seat{}, false
+		}
+		n, err := strconv.Atoi(p)
+		if err != nil || n <= 0 {
+			return Seat{}, false
+		}
+		v[part], part, start = n, part+1, i+1
+	}
+	if part != len(v) {
+		return Seat{}, false
 	}
 	return Seat{v[0], v[1], v[2]}, true
 }

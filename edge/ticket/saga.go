@@ -24,8 +24,11 @@ import (
 // Named points for tests (Config.Hook):
 //
 //	fail:lock  fail:coupon  fail:debit  fail:confirm  fail:refund
+//	fail:coupon_write (the order's write recording the coupon's use)
 //	crash:after_lock  crash:after_coupon  crash:after_debit
 //	crash:after_refund  crash:after_coupon_back
+//	crash:coupon_unrecorded (the coupon store took the coupon, the order
+//	does not say so yet: in a cluster the use is in Redis only)
 //
 // Start-up recovery of a PLACING order: if only the confirm step is left
 // (the coins are debited, or nothing had to be paid), the saga completes
@@ -96,25 +99,29 @@ func (s *Service) forward(o *Order) (Order, error) {
 	return *o, nil
 }
 
-// useCoupon marks o's coupon used by o and o's step done, in one batch.
+// useCoupon marks o's coupon used by o and o's step done: one batch with
+// the coupon's record on a single node; in a cluster the coupon is taken in
+// Redis first, and a crash before the order's write leaves a use only the
+// store knows of — undone by the compensation, which asks the store who
+// holds the coupon (giveBackCoupon).
 func (s *Service) useCoupon(o *Order) error {
-	defer s.coupons.Lock(o.CouponID)()
-	c, err := s.usableCoupon(o)
-	if err != nil {
-		return err
-	}
-	next := *o
-	next.Steps.CouponUsed = true
-	next.Discount = min(c.Amount, o.Total)
-	next.Amount = o.Total - next.Discount
-	next.UpdatedAt = s.cfg.Now().UnixMilli()
-	c.UsedBy = o.OrderID
-	recs := []persist.Record{c.record(), next.record()}
-	if err := s.store.Apply(func(b *persist.Batch) error { return setAll(b, recs) }); err != nil {
-		return err
-	}
-	*o = next
-	return nil
+	return s.cstore.Use(o.CouponID, o.UserID, o.OrderID, func(c Coupon, recs []persist.Record) error {
+		_ = s.hook("crash:coupon_unrecorded")
+		if err := s.hook("fail:coupon_write"); err != nil {
+			return err
+		}
+		next := *o
+		next.Steps.CouponUsed = true
+		next.Discount = min(c.Amount, o.Total)
+		next.Amount = o.Total - next.Discount
+		next.UpdatedAt = s.cfg.Now().UnixMilli()
+		recs = append(recs, next.record())
+		if err := s.store.Apply(func(b *persist.Batch) error { return setAll(b, recs) }); err != nil {
+			return err
+		}
+		*o = next
+		return nil
+	})
 }
 
 // debit takes o.Amount coins from the buyer: one ledger op (req id
@@ -186,12 +193,18 @@ func (s *Service) undo(o *Order) error {
 		s.m.compensations.WithLabelValues("refund").Inc()
 		_ = s.hook("crash:after_refund")
 	}
-	if o.Steps.CouponUsed && !o.Steps.CouponBack {
-		if err := s.giveBackCoupon(o); err != nil {
+	// Also when the order does not record a use: a use the store made
+	// but the order never recorded (a crash or a failed write in between)
+	// is found by asking the store who holds the coupon.
+	if o.CouponID != "" && !o.Steps.CouponBack {
+		did, err := s.giveBackCoupon(o)
+		if err != nil {
 			return err
 		}
-		s.m.compensations.WithLabelValues("coupon").Inc()
-		_ = s.hook("crash:after_coupon_back")
+		if did {
+			s.m.compensations.WithLabelValues("coupon").Inc()
+			_ = s.hook("crash:after_coupon_back")
+		}
 	}
 	next := *o
 	next.Status, next.Saga, next.UpdatedAt = StatusCancelled, SagaCompensated, s.cfg.Now().UnixMilli()
@@ -223,6 +236,12 @@ func (s *Service) recoverSaga(id int64) error {
 	switch {
 	case o.Saga == SagaCompensating:
 		return s.undo(o)
+	case o.Pay == PayMock:
+		// A provider order with a coupon, stopped between its PLACING record
+		// and its PENDING_PAY batch: the coupon may be held, nothing is paid.
+		_, _ = s.compensate(o, proto.Errorf(proto.CodeOrderState,
+			"the order was interrupted by a restart and undone; place it again with a new req_id"))
+		return nil
 	case (o.CouponID == "" || o.Steps.CouponUsed) && (o.Amount == 0 || o.Steps.Debited):
 		_, err := s.forward(o)
 		if err == nil {

@@ -50,7 +50,17 @@ func (f *failAt) hook(p string) error {
 // happened is undone, exactly once — balance, coupon and seats are as
 // before, the ledger conserves coins — and running the compensation again
 // (directly, through recovery, after a restart) changes nothing.
-func TestSagaFailureAtEachStep(t *testing.T) {
+func TestSagaFailureAtEachStep(t *testing.T) { testSagaFailureAtEachStep(t, newEnv) }
+
+// TestSagaFailureAtEachStepSharedCoupons is TestSagaFailureAtEachStep with a
+// cluster's coupons (SharedCoupons, real Redis), whose use is not in the
+// order's batch: a failed order write after the use ("coupon_write") leaves
+// a use only Redis knows of, given back by the compensation.
+func TestSagaFailureAtEachStepSharedCoupons(t *testing.T) {
+	testSagaFailureAtEachStep(t, newSharedEnv)
+}
+
+func testSagaFailureAtEachStep(t *testing.T, newEnv func(testing.TB, Config) *env) {
 	const user, credit, price, discount = 1, 1000, 100, 30
 	cases := []struct {
 		name      string
@@ -61,10 +71,14 @@ func TestSagaFailureAtEachStep(t *testing.T) {
 		durable   bool // an order record exists (the lock step was written)
 		couponHit bool // the coupon step happened (and was undone)
 		debited   bool // the debit happened (and was refunded)
+		// the coupon store took the coupon, the order never recorded it:
+		// given back (CouponBack) only where that can happen (Redis)
+		unrecorded bool
 	}{
 		{name: "lock", fail: map[string]int{"fail:lock": 1}, code: proto.CodeInternal},
 		{name: "coupon", fail: map[string]int{"fail:coupon": 1}, code: proto.CodeInternal, durable: true},
 		{name: "coupon-not-theirs", coupon: "other", code: proto.CodeCouponUnusable, durable: true},
+		{name: "coupon-write", fail: map[string]int{"fail:coupon_write": 1}, code: proto.CodeInternal, durable: true, unrecorded: true},
 		{name: "debit", fail: map[string]int{"fail:debit": 1}, code: proto.CodeInternal, durable: true, couponHit: true},
 		{name: "debit-insufficient", user: 2, code: proto.CodeInsufficientBalance, durable: true, couponHit: true},
 		{name: "confirm", fail: map[string]int{"fail:confirm": 1}, code: proto.CodeInternal, durable: true, couponHit: true, debited: true},
@@ -100,8 +114,9 @@ func TestSagaFailureAtEachStep(t *testing.T) {
 			}
 			if tc.durable {
 				o := e.order(fmt.Sprint(persist.DecodeUint64(v)))
+				back := tc.couponHit || (tc.unrecorded && e.redis != "")
 				if o.Status != StatusCancelled || o.Saga != SagaCompensated || o.FailCode != tc.code ||
-					o.Steps.CouponUsed != tc.couponHit || o.Steps.CouponBack != tc.couponHit ||
+					o.Steps.CouponUsed != tc.couponHit || o.Steps.CouponBack != back ||
 					o.Steps.Debited != tc.debited || o.Steps.Refunded != tc.debited || !o.Steps.Released {
 					t.Fatalf("order after compensation: %+v", o)
 				}
@@ -180,7 +195,12 @@ func TestSagaCompensationResumedBySweep(t *testing.T) {
 
 // The coins saga that succeeds: PAID, coins debited once, coupon used,
 // seats sold; the same req_id returns the same order and debits nothing.
-func TestSagaCoinsSuccess(t *testing.T) {
+func TestSagaCoinsSuccess(t *testing.T) { testSagaCoinsSuccess(t, newEnv) }
+
+// TestSagaCoinsSuccessSharedCoupons: the same with the coupon in Redis.
+func TestSagaCoinsSuccessSharedCoupons(t *testing.T) { testSagaCoinsSuccess(t, newSharedEnv) }
+
+func testSagaCoinsSuccess(t *testing.T, newEnv func(testing.TB, Config) *env) {
 	e := newEnv(t, Config{})
 	e.credit(1, 1000)
 	prog := e.program([]CategoryDef{{ID: 1, Name: "A", Price: 100, Rows: 1, Cols: 4}}, 4, 8)

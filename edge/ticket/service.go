@@ -1,6 +1,7 @@
 package ticket
 
 import (
+	"encoding/binary"
 	"errors"
 	"github.com/liveedge/liveedge/edge/keylock"
 	"log/slog"
@@ -26,6 +27,9 @@ type Config struct {
 	// highest this node has (a cluster: ids that carry the node's worker id,
 	// unique across nodes); nil = last + 1.
 	NextProgramID func(last int64) (int64, error)
+	// Coupons keeps the coupons (nil = this node's Pebble, PebbleCoupons; a
+	// cluster: SharedCoupons in Redis, usable through every node).
+	Coupons CouponStore
 
 	// Hook, in tests only (nil in production), is called at the saga's
 	// named points: "fail:<step>" before a step (an error fails the step)
@@ -69,12 +73,13 @@ type Service struct {
 
 	guards [guardShards]guardShard // the repeat guard, sharded by user
 
-	orders  keylock.Map[int64]  // one lock per order id: every transition of an order under it
-	coupons keylock.Map[string] // one lock per coupon id
+	orders keylock.Map[int64] // one lock per order id: every transition of an order under it
+	cstore CouponStore
 
 	pendMu  sync.Mutex
 	pending map[int64]int64 // PENDING_PAY order → expires at (unix ms); bounded by seats
 	stuck   map[int64]bool  // PLACING orders whose saga stopped on a storage error: resumed by the sweep
+	owed    map[int64]bool  // closed orders still holding their coupon (a give-back failed): retried by the sweep
 
 	m *metrics
 
@@ -120,7 +125,10 @@ func recPrefix(s string) []byte { return append(append([]byte{}, persist.PrefixR
 func programKey(id int64) []byte { return persist.Key(prefixProgram, uint64(id)) }
 func orderKey(id int64) []byte   { return persist.Key(prefixOrder, uint64(id)) }
 func orderReqKey(user int64, req string) []byte {
-	return append(persist.Key(prefixOrderReq, uint64(user)), req...)
+	k := make([]byte, 0, len(prefixOrderReq)+8+len(req)) // one allocation: built twice per order
+	k = append(k, prefixOrderReq...)
+	k = binary.BigEndian.AppendUint64(k, uint64(user))
+	return append(k, req...)
 }
 func couponKey(id string) []byte { return append(append([]byte{}, prefixCoupon...), id...) }
 
@@ -148,7 +156,11 @@ func New(store *persist.Store, w persist.Wallet, p Payments, r router.Router, cf
 	}
 	s := &Service{cfg: cfg, store: store, wallet: w, pay: p, router: r, inv: newMemInventory(),
 		programs: map[int64]*program{},
-		pending:  map[int64]int64{}, stuck: map[int64]bool{}, m: newMetrics(), stop: make(chan struct{})}
+		pending:  map[int64]int64{}, stuck: map[int64]bool{}, owed: map[int64]bool{}, m: newMetrics(), stop: make(chan struct{})}
+	s.cstore = cfg.Coupons
+	if s.cstore == nil {
+		s.cstore = NewPebbleCoupons(store)
+	}
 	if err := s.load(); err != nil {
 		return nil, err
 	}
@@ -181,6 +193,7 @@ func (s *Service) load() error {
 		return err
 	}
 	var interrupted []*Order
+	var owed []int64
 	err = s.store.Scan(prefixOrder, func(_, v []byte) error {
 		o, err := decodeOrder(v)
 		if err != nil {
@@ -197,6 +210,9 @@ func (s *Service) load() error {
 		case StatusPaid:
 			st = SeatSold
 		default:
+			if o.Steps.CouponUsed && !o.Steps.CouponBack {
+				owed = append(owed, o.id) // closed, its coupon's give-back interrupted
+			}
 			return nil
 		}
 		if err := s.inv.Restore(o.ProgramID, o.id, o.seats, st); err != nil {
@@ -214,6 +230,12 @@ func (s *Service) load() error {
 		if err := s.recoverSaga(o.id); err != nil {
 			s.cfg.Log.Error("ticket: interrupted saga not settled, the sweep retries", "order", o.OrderID, "err", err)
 			s.markStuck(o.id)
+		}
+	}
+	for _, id := range owed {
+		if err := s.settleCoupon(id); err != nil {
+			s.cfg.Log.Error("ticket: coupon of a closed order not given back, the sweep retries", "order", id, "err", err)
+			s.owe(id)
 		}
 	}
 	return nil
@@ -447,36 +469,80 @@ func (s *Service) Get(user, id int64) (Order, error) {
 	return s.withPayURL(*o), nil
 }
 
-// placeMock records a PENDING_PAY order with its coupon and its pay order
-// in one durable batch, then answers with the pay_url.
+// placeMock records a PENDING_PAY order and its pay order in one durable
+// batch, then answers with the pay_url; an order with a coupon goes through
+// placeMockCoupon first.
 func (s *Service) placeMock(o *Order) (Order, error) {
-	var coupon *Coupon
 	if o.CouponID != "" {
-		unlock := s.coupons.Lock(o.CouponID)
-		defer unlock()
-		c, err := s.usableCoupon(o)
-		if err != nil {
-			s.release(o)
-			return Order{}, err
+		return s.placeMockCoupon(o)
+	}
+	res, err := s.commitMock(o, nil)
+	if err != nil {
+		s.release(o)
+	}
+	return res, err
+}
+
+// placeMockCoupon places a provider order with a coupon. The coupon is
+// checked first (an unusable one refuses the order with nothing written);
+// then the order is recorded PLACING (with its req_id), the coupon taken
+// for it and, in the commit of that use, the order written PENDING_PAY (or
+// PAID, when the coupon covers it) with its pay order — one batch with the
+// coupon's record on a single node. A failure after the PLACING record
+// compensates (the coupon given back if the store says the order holds it,
+// the seats released), as a crash does at start-up: the PLACING record is
+// what tells a restarted node that a coupon may be held for this order.
+func (s *Service) placeMockCoupon(o *Order) (Order, error) {
+	defer s.orders.Lock(o.id)()
+	if c, err := s.cstore.Get(o.CouponID); err != nil || c.UserID != o.UserID || c.UsedBy != "" {
+		s.release(o)
+		if err == nil || proto.AsError(err).Code == proto.CodeCouponUnusable {
+			err = errCouponUnusable
 		}
-		coupon = c
-		o.Discount = min(c.Amount, o.Total)
-		o.Amount = o.Total - o.Discount
-		o.Steps.CouponUsed = true
-		c.UsedBy = o.OrderID
+		return Order{}, err
 	}
+	o.Status, o.Saga = StatusPlacing, SagaRunning
+	recs := []persist.Record{{Key: orderReqKey(o.UserID, o.ReqID), Value: persist.EncodeUint64(uint64(o.id))}, o.record()}
+	if err := s.store.Apply(func(b *persist.Batch) error { return setAll(b, recs) }); err != nil {
+		s.release(o)
+		return Order{}, err
+	}
+	var res Order
+	err := s.cstore.Use(o.CouponID, o.UserID, o.OrderID, func(c Coupon, recs []persist.Record) error {
+		_ = s.hook("crash:coupon_unrecorded")
+		if err := s.hook("fail:coupon_write"); err != nil {
+			return err
+		}
+		next := *o
+		next.Saga = ""
+		next.Steps.CouponUsed = true
+		next.Discount = min(c.Amount, o.Total)
+		next.Amount = o.Total - next.Discount
+		r, err := s.commitMock(&next, recs)
+		if err != nil {
+			return err
+		}
+		*o, res = next, r
+		return nil
+	})
+	if err != nil {
+		return s.compensate(o, err)
+	}
+	return res, nil
+}
+
+// commitMock writes o as PENDING_PAY with its req_id, extra and its pay
+// order in one durable batch (PAID with no pay order when there is nothing
+// to pay) and serves it. On an error o's seats are still locked in memory.
+func (s *Service) commitMock(o *Order, extra []persist.Record) (Order, error) {
 	now := s.cfg.Now().UnixMilli()
-	recs := []persist.Record{{Key: orderReqKey(o.UserID, o.ReqID), Value: persist.EncodeUint64(uint64(o.id))}}
-	if coupon != nil {
-		recs = append(recs, coupon.record())
-	}
+	o.UpdatedAt = now
+	recs := append([]persist.Record{{Key: orderReqKey(o.UserID, o.ReqID), Value: persist.EncodeUint64(uint64(o.id))}}, extra...)
 	if o.Amount == 0 {
 		// Nothing to pay (a coupon covers it): sold at once.
 		o.Status = StatusPaid
 		recs = append(recs, o.record())
-		err := s.store.Apply(func(b *persist.Batch) error { return setAll(b, recs) })
-		if err != nil {
-			s.release(o)
+		if err := s.store.Apply(func(b *persist.Batch) error { return setAll(b, recs) }); err != nil {
 			return Order{}, err
 		}
 		s.inv.Sell(o.ProgramID, o.id, o.seats)
@@ -488,7 +554,6 @@ func (s *Service) placeMock(o *Order) (Order, error) {
 	po, err := s.pay.CreateBizOrder(pay.BizOrderReq{ID: o.id, User: o.UserID, Biz: Biz, Amount: o.Amount,
 		ReqID: "ticket:" + o.ReqID, ExpiresAt: o.ExpiresAt}, recs...)
 	if err != nil {
-		s.release(o)
 		return Order{}, err
 	}
 	s.pendMu.Lock()
@@ -508,10 +573,16 @@ func setAll(b *persist.Batch, recs []persist.Record) error {
 	return nil
 }
 
+// orderStatus is the order-status push's data (biz order_status).
+type orderStatus struct {
+	OrderID string `json:"order_id"`
+	Status  string `json:"status"`
+}
+
 func (s *Service) push(o *Order) {
 	if s.router == nil {
 		return
 	}
-	d, _ := proto.Marshal(map[string]string{"order_id": o.OrderID, "status": o.Status})
+	d, _ := proto.Marshal(orderStatus{o.OrderID, o.Status}) // a struct: no map to build and iterate per order
 	s.router.SendUser(o.UserID, proto.Push{Biz: proto.BizOrderStatus, Data: d, Ack: true})
 }

@@ -1,14 +1,17 @@
 package ticket
 
 import (
+	"errors"
 	"fmt"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/liveedge/liveedge/edge/pay"
 	"github.com/liveedge/liveedge/gateway/proto"
+	"github.com/liveedge/liveedge/persist"
 )
 
 // 10,000 concurrent buyers (in-process service calls, one goroutine each)
@@ -385,7 +388,13 @@ func TestTicketTimeoutLatePaymentAndCancel(t *testing.T) {
 
 // Coupons: one use, the buyer's only (40005 otherwise), taken off the
 // amount, given back when the order closes.
-func TestCouponRules(t *testing.T) {
+func TestCouponRules(t *testing.T) { testCouponRules(t, newEnv) }
+
+// TestCouponRulesSharedCoupons: the same rules with a cluster's coupons
+// (Redis), plus the timeout close giving the coupon back.
+func TestCouponRulesSharedCoupons(t *testing.T) { testCouponRules(t, newSharedEnv) }
+
+func testCouponRules(t *testing.T, newEnv func(testing.TB, Config) *env) {
 	e := newEnv(t, Config{PayTimeout: time.Minute})
 	prog := e.program([]CategoryDef{{ID: 1, Name: "A", Price: 100, Rows: 1, Cols: 10}}, 4, 8)
 	c, err := e.svc.CreateCoupon(1, 30)
@@ -420,6 +429,78 @@ func TestCouponRules(t *testing.T) {
 		t.Fatalf("free order: %+v %v", o2, err)
 	}
 	e.audit()
+
+	// The timeout close gives it back, once; a payment after it is refunded.
+	o3, err := e.svc.Place(1, PlaceReq{ProgramID: prog, CategoryID: 1, Count: 1, ReqID: "e", CouponID: c.ID})
+	if err != nil || o3.Amount != 70 {
+		t.Fatalf("coupon again after the cancel: %+v %v", o3, err)
+	}
+	e.clock.advance(2 * time.Minute)
+	if n := e.svc.CloseExpired(); n != 1 {
+		t.Fatalf("closed %d", n)
+	}
+	if n := e.svc.CloseExpired(); n != 0 {
+		t.Fatalf("closed %d more", n)
+	}
+	if got, _ := e.svc.Coupon(c.ID); got.UsedBy != "" {
+		t.Fatalf("coupon not given back by the timeout: %+v", got)
+	}
+	if st := e.notify(o3.OrderID, "late-e", 70); st != 200 {
+		t.Fatalf("late notify: %d", st)
+	}
+	if got := e.order(o3.OrderID); got.Status != StatusRefunded || !got.Steps.CouponBack {
+		t.Fatalf("late payment: %+v", got)
+	}
+	e.audit()
+
+	// A give-back that fails is owed: the order is CANCELLED at once, the
+	// coupon stays held by it (consistently), and the sweep or the next
+	// start gives it back.
+	for _, settle := range []string{"sweep", "restart"} {
+		o4, err := e.svc.Place(1, PlaceReq{ProgramID: prog, CategoryID: 1, Count: 1, ReqID: "f-" + settle, CouponID: c.ID})
+		if err != nil {
+			t.Fatal(err)
+		}
+		flaky := &flakyCoupons{CouponStore: e.svc.cstore}
+		flaky.failBack.Store(true)
+		e.svc.cstore = flaky
+		if got, err := e.svc.Cancel(1, mustID(t, o4.OrderID)); err != nil || got.Status != StatusCancelled || got.Steps.CouponBack {
+			t.Fatalf("cancel with the coupon store failing: %+v %v", got, err)
+		}
+		if got, _ := e.svc.Coupon(c.ID); got.UsedBy != o4.OrderID {
+			t.Fatalf("coupon after a failed give-back: %+v", got)
+		}
+		e.audit()
+		flaky.failBack.Store(false)
+		if settle == "sweep" {
+			e.svc.CloseExpired()
+		} else {
+			e.reopen()
+		}
+		if got, _ := e.svc.Coupon(c.ID); got.UsedBy != "" {
+			t.Fatalf("%s: owed coupon not given back: %+v", settle, got)
+		}
+		if got := e.order(o4.OrderID); !got.Steps.CouponBack {
+			t.Fatalf("%s: order %+v", settle, got)
+		}
+		e.audit()
+	}
+	if free, locked, sold := e.counts(prog); free != 9 || locked != 0 || sold != 1 {
+		t.Fatalf("seats: free %d locked %d sold %d", free, locked, sold)
+	}
+}
+
+// flakyCoupons fails GiveBack while failBack is set.
+type flakyCoupons struct {
+	CouponStore
+	failBack atomic.Bool
+}
+
+func (f *flakyCoupons) GiveBack(id, order string, commit func(bool, []persist.Record) error) error {
+	if f.failBack.Load() {
+		return errors.New("injected: coupon store unavailable")
+	}
+	return f.CouponStore.GiveBack(id, order, commit)
 }
 
 // Program sizes are bounded (10001 beyond), and programs survive a restart

@@ -1,0 +1,130 @@
+package ticket
+
+import (
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"testing"
+
+	"github.com/redis/rueidis"
+
+	"github.com/liveedge/liveedge/gateway/proto"
+	"github.com/liveedge/liveedge/persist"
+	"github.com/liveedge/liveedge/persist/redistest"
+)
+
+func newRedisClient(t testing.TB, addr string) rueidis.Client {
+	t.Helper()
+	rdb, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{addr}, DisableCache: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(rdb.Close)
+	return rdb
+}
+
+func noCommit(Coupon, []persist.Record) error { return nil }
+
+// SharedCoupons on a real redis-server, through two clients (two nodes): a
+// coupon granted through one is used once cluster-wide under 2 × 50
+// concurrent uses by different orders; the holder's retry answers it again;
+// only the holder gives it back, idempotently; an order that gave it back
+// cannot take it again (a late retry); another user's or an unknown coupon is
+// 40005; a failed commit leaves the use for the caller to give back.
+func TestSharedCouponsOneUseClusterWide(t *testing.T) {
+	addr := redistest.Start(t).Addr
+	nodes := []*SharedCoupons{NewSharedCoupons(newRedisClient(t, addr)), NewSharedCoupons(newRedisClient(t, addr))}
+	c := Coupon{ID: "c42", UserID: 7, Amount: 30, CreatedAt: 1234}
+	if err := nodes[0].Grant(c); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := nodes[1].Get("c42"); err != nil || got != c {
+		t.Fatalf("granted through node 1, read through node 2: %+v %v", got, err)
+	}
+	_, err := nodes[1].Get("c-none")
+	wantCode(t, err, proto.CodeCouponUnusable)
+	wantCode(t, nodes[1].Use("c-none", 7, "o0", noCommit), proto.CodeCouponUnusable)
+	wantCode(t, nodes[1].Use("c42", 8, "o0", noCommit), proto.CodeCouponUnusable) // another user's
+
+	var wg sync.WaitGroup
+	var won atomic.Int64
+	var winner atomic.Value
+	for i := 0; i < 100; i++ {
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			order := fmt.Sprintf("o%d", i+1)
+			err := nodes[i%2].Use("c42", 7, order, func(got Coupon, recs []persist.Record) error {
+				if got.Amount != 30 || got.UsedBy != order || len(recs) != 0 {
+					t.Errorf("use by %s: %+v %v", order, got, recs)
+				}
+				return nil
+			})
+			switch {
+			case err == nil:
+				won.Add(1)
+				winner.Store(order)
+			case proto.AsError(err).Code != proto.CodeCouponUnusable:
+				t.Errorf("use by %s: %v", order, err)
+			}
+		}(i)
+	}
+	wg.Wait()
+	if won.Load() != 1 {
+		t.Fatalf("%d uses of a one-use coupon", won.Load())
+	}
+	holder := winner.Load().(string)
+	loser := "o1"
+	if holder == loser {
+		loser = "o2"
+	}
+	if err := nodes[0].Use("c42", 7, holder, noCommit); err != nil {
+		t.Fatalf("the holder's retry: %v", err)
+	}
+	back := func(n *SharedCoupons, order string) bool {
+		t.Helper()
+		var held bool
+		if err := n.GiveBack("c42", order, func(h bool, recs []persist.Record) error { held = h; return nil }); err != nil {
+			t.Fatal(err)
+		}
+		return held
+	}
+	if back(nodes[1], loser) {
+		t.Fatal("an order that never held the coupon gave it back")
+	}
+	if got, _ := nodes[0].Get("c42"); got.UsedBy != holder {
+		t.Fatalf("after a loser's give-back: %+v", got)
+	}
+	if !back(nodes[1], holder) || back(nodes[0], holder) {
+		t.Fatal("the holder's give-back: want held once, then not")
+	}
+	if got, _ := nodes[0].Get("c42"); got.UsedBy != "" {
+		t.Fatalf("after the give-back: %+v", got)
+	}
+	// The holder's use retried late (after its give-back) takes nothing;
+	// the loser's give-back (above) bars it as well, even though it never
+	// held the coupon: its late use could not take it either.
+	wantCode(t, nodes[0].Use("c42", 7, holder, noCommit), proto.CodeCouponUnusable)
+	wantCode(t, nodes[0].Use("c42", 7, loser, noCommit), proto.CodeCouponUnusable)
+	// A commit that fails: Use answers its error, the coupon is held by the
+	// order in Redis until that order gives it back.
+	boom := errors.New("order write failed")
+	if err := nodes[1].Use("c42", 7, "o-late", func(Coupon, []persist.Record) error { return boom }); !errors.Is(err, boom) {
+		t.Fatalf("failed commit: %v", err)
+	}
+	if got, _ := nodes[0].Get("c42"); got.UsedBy != "o-late" {
+		t.Fatalf("after a failed commit: %+v", got)
+	}
+	if !back(nodes[0], "o-late") {
+		t.Fatal("the give-back after a failed commit found nothing")
+	}
+	if err := nodes[0].GiveBack("c-none", "o1", func(h bool, _ []persist.Record) error {
+		if h {
+			t.Error("an unknown coupon held")
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+}
