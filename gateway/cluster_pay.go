@@ -41,10 +41,11 @@ type payFwdReq struct {
 	Body    []byte `json:"body,omitempty"`
 	User    int64  `json:"user,omitempty"` // rp.*: the caller, authenticated by the forwarding node
 	Code    string `json:"code,omitempty"` // rp.*
-	// Deadline (Unix ms) is when the forwarding node stops waiting: a
-	// request still queued on the owner then is not run (its caller has
-	// answered "retry"), so a retry never finds an op it was told failed.
-	Deadline int64 `json:"deadline,omitempty"`
+	// BudgetMS is how long the forwarding node waits, from when the owner
+	// receives the request (relative: the two clocks may differ): a request
+	// still queued on the owner after most of it is not run (its caller is
+	// about to answer "retry").
+	BudgetMS int64 `json:"budget_ms,omitempty"`
 }
 
 type payFwdRep struct {
@@ -86,6 +87,7 @@ func (n *Node) workerOwner(w int) (string, error) {
 func (n *Node) servePayForwards() error {
 	sem := make(chan struct{}, payForwardWorkers)
 	_, err := n.NC.Subscribe(paySubject(n.Config.Node.ID), func(m *nats.Msg) {
+		arrived := time.Now()
 		sem <- struct{}{}
 		go func() {
 			defer func() { <-sem }()
@@ -93,7 +95,7 @@ func (n *Node) servePayForwards() error {
 			var rep payFwdRep
 			if err := proto.Unmarshal(m.Data, &req); err != nil {
 				rep.Err = proto.BadRequest("bad forwarded request")
-			} else if req.Deadline > 0 && time.Now().UnixMilli() >= req.Deadline {
+			} else if req.BudgetMS > 0 && time.Since(arrived) >= time.Duration(req.BudgetMS)*time.Millisecond*4/5 {
 				n.Log.Warn("forwarded request expired before it ran", "op", req.Op)
 				return // the caller has given up: no answer, nothing done
 			} else {
@@ -126,7 +128,7 @@ func (n *Node) servePayForwards() error {
 func (n *Node) forwardPay(owner string, req payFwdReq) (payFwdRep, error) {
 	var rep payFwdRep
 	// The owner runs it only if it starts well before the caller gives up.
-	req.Deadline = time.Now().Add(payForwardTimeout - payForwardTimeout/5).UnixMilli()
+	req.BudgetMS = payForwardTimeout.Milliseconds()
 	b, err := proto.Marshal(req)
 	if err != nil {
 		return rep, err

@@ -4,8 +4,10 @@ import (
 	"context"
 	"errors"
 	"strconv"
+	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/redis/rueidis"
 
 	"github.com/liveedge/liveedge/edge/redpacket"
 	"github.com/liveedge/liveedge/gateway/proto"
@@ -164,52 +166,73 @@ type rpShardReq struct {
 type rpShardRep struct {
 	Lease   *redpacket.LeaseRep    `json:"lease,omitempty"`
 	Packets []redpacket.Packet     `json:"packets,omitempty"`
+	Left    int                    `json:"left,omitempty"` // reclaim: unused packets the holder still has
 	Totals  *redpacket.ShardTotals `json:"totals,omitempty"`
 	Err     *proto.Error           `json:"err,omitempty"`
 	Fail    string                 `json:"fail,omitempty"` // a non-protocol error (close not complete)
 }
 
 // serveRedPacketShards answers other nodes' lease, reclaim and close
-// requests for sharded rains, at most rpShardWorkers at a time.
+// requests for sharded rains. A reclaim is a mutex operation: answered in
+// the subscription's callback, so it never waits behind leases (an owner's
+// lease can be waiting for a reclaim round on another node). Leases and
+// closes run on at most rpShardWorkers goroutines; with none free the answer
+// is "busy" at once (the asking node retries) rather than a queue that
+// answers after its caller has given up.
 func (n *Node) serveRedPacketShards() error {
 	sem := make(chan struct{}, rpShardWorkers)
 	_, err := n.NC.Subscribe(rpSubject(n.Config.Node.ID), func(m *nats.Msg) {
-		sem <- struct{}{}
+		arrived := time.Now()
+		var req rpShardReq
+		if err := proto.Unmarshal(m.Data, &req); err != nil {
+			respondShard(m, rpShardRep{Err: proto.BadRequest("bad red-packet shard request")})
+			return
+		}
+		if req.Op == "reclaim" && req.Reclaim != nil {
+			pk, left := n.RedPackets.ServeReclaim(*req.Reclaim)
+			respondShard(m, rpShardRep{Packets: pk, Left: left})
+			return
+		}
+		select {
+		case sem <- struct{}{}:
+		default:
+			respondShard(m, rpShardRep{Err: errShardBusy})
+			return
+		}
 		go func() {
 			defer func() { <-sem }()
-			var req rpShardReq
 			var rep rpShardRep
-			if err := proto.Unmarshal(m.Data, &req); err != nil {
-				rep.Err = proto.BadRequest("bad red-packet shard request")
-			} else {
-				switch {
-				case req.Op == "lease" && req.Lease != nil:
-					l, err := n.RedPackets.ServeLease(*req.Lease)
-					if err != nil {
-						rep.Err = proto.AsError(err)
-					} else {
-						rep.Lease = &l
-					}
-				case req.Op == "reclaim" && req.Reclaim != nil:
-					rep.Packets = n.RedPackets.ServeReclaim(*req.Reclaim)
-				case req.Op == "close":
-					t, err := n.RedPackets.ServeClose(req.Code)
-					if pe := (*proto.Error)(nil); errors.As(err, &pe) {
-						rep.Err = pe
-					} else if err != nil {
-						rep.Fail = err.Error()
-					} else {
-						rep.Totals = &t
-					}
-				default:
-					rep.Err = proto.BadRequest("unknown red-packet shard op")
+			switch {
+			case req.Op == "lease" && req.Lease != nil:
+				l, err := n.RedPackets.ServeLease(*req.Lease, arrived)
+				if err != nil {
+					rep.Err = proto.AsError(err)
+				} else {
+					rep.Lease = &l
 				}
+			case req.Op == "close":
+				t, err := n.RedPackets.ServeClose(req.Code)
+				if pe := (*proto.Error)(nil); errors.As(err, &pe) {
+					rep.Err = pe
+				} else if err != nil {
+					rep.Fail = err.Error()
+				} else {
+					rep.Totals = &t
+				}
+			default:
+				rep.Err = proto.BadRequest("unknown red-packet shard op")
 			}
-			b, _ := proto.Marshal(rep)
-			_ = m.Respond(b)
+			respondShard(m, rep)
 		}()
 	})
 	return err
+}
+
+var errShardBusy = proto.Errorf(proto.CodeInternal, "the red packet's node is busy, retry")
+
+func respondShard(m *nats.Msg, rep rpShardRep) {
+	b, _ := proto.Marshal(rep)
+	_ = m.Respond(b)
 }
 
 // rpPeers is redpacket.Peers over NATS request/reply.
@@ -248,9 +271,9 @@ func (p rpPeers) Lease(ctx context.Context, owner string, req redpacket.LeaseReq
 	return *rep.Lease, nil
 }
 
-func (p rpPeers) Reclaim(ctx context.Context, holder string, req redpacket.ReclaimReq) ([]redpacket.Packet, error) {
+func (p rpPeers) Reclaim(ctx context.Context, holder string, req redpacket.ReclaimReq) ([]redpacket.Packet, int, error) {
 	rep, err := p.call(ctx, holder, rpShardReq{Op: "reclaim", Reclaim: &req})
-	return rep.Packets, err
+	return rep.Packets, rep.Left, err
 }
 
 func (p rpPeers) Close(ctx context.Context, holder, code string) (redpacket.ShardTotals, error) {
@@ -268,17 +291,17 @@ func (p rpPeers) Close(ctx context.Context, holder, code string) (redpacket.Shar
 // user, shared by every node).
 func rainClaimKey(code string) string { return "le:rpu:{" + code + "}" }
 
+// claimScript adds a user to a rain's set and sets the set's expiry in one
+// step: 1 if the user was not in it.
+var claimScript = rueidis.NewLuaScript(`local added = redis.call('SADD', KEYS[1], ARGV[1])
+redis.call('PEXPIREAT', KEYS[1], ARGV[2])
+return added`)
+
 // claimRain and unclaimRain keep redpacket's one-per-user places in Redis.
 func (n *Node) claimRain(ctx context.Context, code string, user int64, until int64) (bool, error) {
-	key, u := rainClaimKey(code), strconv.FormatInt(user, 10)
-	res := n.Redis.DoMulti(ctx,
-		n.Redis.B().Sadd().Key(key).Member(u).Build(),
-		n.Redis.B().Pexpireat().Key(key).MillisecondsTimestamp(until+3_600_000).Build())
-	added, err := res[0].AsInt64()
-	if err != nil {
-		return false, err
-	}
-	return added == 1, nil
+	added, err := claimScript.Exec(ctx, n.Redis, []string{rainClaimKey(code)},
+		[]string{strconv.FormatInt(user, 10), strconv.FormatInt(until+3_600_000, 10)}).AsInt64()
+	return added == 1, err
 }
 
 func (n *Node) unclaimRain(ctx context.Context, code string, user int64) error {

@@ -81,17 +81,16 @@ func rainRoomKey(room int64) string { return "le:rprun:{" + strconv.FormatInt(ro
 // rainDoneScript deletes a room's running-rain key only if code still holds it.
 var rainDoneScript = rueidis.NewLuaScript(`if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0`)
 
+// rainRunScript makes ARGV[1] the room's running rain until ARGV[2] (Unix
+// ms) if no other rain is, extending its time if it already is: 1, else 0.
+var rainRunScript = rueidis.NewLuaScript(`local v = redis.call('GET', KEYS[1])
+if v and v ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PXAT', ARGV[2])
+return 1`)
+
 func (n *Node) runRainInRoom(ctx context.Context, room int64, code string, until int64) (bool, error) {
-	err := n.Redis.Do(ctx, n.Redis.B().Set().Key(rainRoomKey(room)).Value(code).Nx().Pxat(time.UnixMilli(until)).Build()).Error()
-	if rueidis.IsRedisNil(err) {
-		// Held: by this code already (a repeated start) or by another rain.
-		cur, gerr := n.Redis.Do(ctx, n.Redis.B().Get().Key(rainRoomKey(room)).Build()).ToString()
-		if gerr != nil && !rueidis.IsRedisNil(gerr) {
-			return false, gerr
-		}
-		return cur == code, nil
-	}
-	return err == nil, err
+	ok, err := rainRunScript.Exec(ctx, n.Redis, []string{rainRoomKey(room)}, []string{code, strconv.FormatInt(until, 10)}).AsInt64()
+	return ok == 1, err
 }
 
 func (n *Node) rainDoneInRoom(ctx context.Context, room int64, code string) error {

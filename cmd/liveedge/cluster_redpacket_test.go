@@ -80,7 +80,11 @@ func newClusterRain(t *testing.T, c *testCluster, total int64, count, grabbers i
 		go func(i int) {
 			defer func() { <-sem; wg.Done() }()
 			nd := c.nodes[i%len(c.nodes)]
-			cl, err := clientsdk.Dial(ctx, clientsdk.Config{URL: "ws://" + nd.ws + "/ws",
+			var others []string // a client whose node dies goes on through another
+			for j := 1; j < len(c.nodes); j++ {
+				others = append(others, "ws://"+c.nodes[(i+j)%len(c.nodes)].ws+"/ws")
+			}
+			cl, err := clientsdk.Dial(ctx, clientsdk.Config{URL: "ws://" + nd.ws + "/ws", URLs: others,
 				Token: devTokenCached(t, nd.http, r.users[i]), OnPush: r.logs[i].add})
 			if err != nil {
 				t.Error(err)
@@ -321,16 +325,50 @@ func TestClusterRedPacketNodeKilledMidRain(t *testing.T) {
 		t.Fatal(err)
 	}
 	<-victim.p.done
+	killedAt := granted.Load()
 	time.Sleep(300 * time.Millisecond)
 	victim.p = start(t, "", victim.env, binary(t))
 	waitReady(t, victim.p, victim.http)
+	// New viewers on the restarted node grab through it too (its earlier
+	// clients went on through the other nodes).
+	for u := int64(8000); u < 8030; u++ {
+		cl := dialLogged(t, victim.ws, devToken(t, victim.http, u, "viewer"), &pushLog{})
+		if _, err := cl.Join(ctx, r.room); err != nil {
+			t.Fatal(err)
+		}
+		r.users = append(r.users, u)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				rep, err := cl.Grab(ctx, r.code)
+				if err == nil {
+					mu.Lock()
+					okAmount[u] += rep.Amount
+					mu.Unlock()
+					granted.Add(1)
+				}
+				var pe *proto.Error
+				if errors.As(err, &pe) && pe.Code == proto.CodeRedPacketEmpty {
+					return
+				}
+				time.Sleep(50 * time.Millisecond)
+			}
+		}()
+	}
 	v := r.waitFinished(t, 30*time.Second)
 	close(stop)
 	wg.Wait()
-	if v.GrantedAmount+v.Refunded != total {
-		t.Fatalf("view %+v", v)
+	if v.State != "FINISHED" || granted.Load() <= killedAt {
+		t.Fatalf("view %+v; %d grants answered ok, %d of them before the kill", v, granted.Load(), killedAt)
 	}
-	t.Logf("granted %d (%d coins), refunded %d, %d grabs answered ok; nodes %+v", v.GrantedCount, v.GrantedAmount, v.Refunded, granted.Load(), v.Nodes)
+	t.Logf("granted %d (%d coins), refunded %d, %d grabs answered ok (%d before the kill); nodes %+v",
+		v.GrantedCount, v.GrantedAmount, v.Refunded, granted.Load(), killedAt, v.Nodes)
 	r.checkGrants(t, total, v, okAmount)
 }
 

@@ -100,8 +100,18 @@ func (s *Service) GrabAsync(user int64, code string, done func(GrabReply, *proto
 	cancel()
 	if err == nil && !ok && s.mem != nil {
 		// Sharded: take back what other nodes do not use before ending.
-		if pk := s.takeOrReclaim(r, s.cfg.Node, func(int) int { return 1 }); len(pk) == 1 {
+		pk, unsure, last := s.takeOrReclaim(r, s.cfg.Node, false, func(int) int { return 1 })
+		if len(pk) == 1 {
 			p, ok = pk[0], true
+			if last { // nothing unused anywhere now: no grab after this one
+				r.mu.Lock()
+				r.ending = true
+				r.mu.Unlock()
+			}
+		} else if unsure {
+			s.grabFailed(r, code, user, false, false) // a holder did not answer: not over
+			done(GrabReply{}, errUnsure)
+			return
 		}
 	}
 	if err != nil || !ok {

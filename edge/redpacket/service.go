@@ -123,11 +123,16 @@ type Service struct {
 
 // rain is one rain not FINISHED, in memory.
 type rain struct {
-	mu       sync.Mutex
-	rec      record
-	busy     bool // a prepare or start is in progress
-	prepTry  int  // prepare attempts refused for the balance (fresh ledger req id each)
-	granted  int  // grants durable in this process's view
+	mu   sync.Mutex
+	rec  record
+	busy bool // a prepare, start or cancel is in progress
+	// inDoubt: a prepare or cancel op's outcome is unknown (the shared
+	// wallet may still land it): until that op is retried (same request id:
+	// it lands once) the rain neither starts nor is cancelled/prepared
+	// another way — "prepare" or "cancel" names the op to retry.
+	inDoubt  string
+	prepTry  int // prepare attempts refused for the balance (fresh ledger req id each)
+	granted  int // grants durable in this process's view
 	amount   int64
 	maxGrant int64
 	inflight int                // grabs between Pop and their ledger outcome
@@ -149,7 +154,8 @@ type rain struct {
 	where      []uint16
 	logSeq     uint32
 	reclaiming chan struct{}
-	reclaimed  int // packets the last reclaim round brought back
+	reclaimed  round // the outcome of the last reclaim round
+	transit    int   // leases being answered whose packets are on their way
 }
 
 // New returns the service and restores the rains that were not finished
@@ -472,6 +478,9 @@ func (s *Service) Prepare(anchor int64, code string) (View, error) {
 	case r.busy:
 		r.mu.Unlock()
 		return View{}, proto.Errorf(proto.CodeConflict, "a prepare of this rain is in progress")
+	case r.inDoubt == "cancel":
+		r.mu.Unlock()
+		return View{}, errCancelInDoubt
 	}
 	r.busy = true
 	rec, try := r.rec, r.prepTry
@@ -499,14 +508,17 @@ func (s *Service) Prepare(anchor int64, code string) (View, error) {
 	r.mu.Lock()
 	r.busy = false
 	if err != nil {
-		if errors.Is(err, persist.ErrInsufficient) {
+		switch {
+		case errors.Is(err, persist.ErrInsufficient):
 			r.prepTry++ // the ledger remembers the refusal of that req id
 			err = &proto.Error{Code: proto.CodeInsufficientBalance, Msg: "insufficient balance for the rain's total"}
+		case inDoubt(err):
+			r.inDoubt = "prepare"
 		}
 		r.mu.Unlock()
 		return View{}, err
 	}
-	r.rec = rec
+	r.rec, r.inDoubt = rec, ""
 	r.mu.Unlock()
 	s.mu.Lock()
 	s.prepared[rec.Room] = code
@@ -547,6 +559,8 @@ func (s *Service) Start(anchor int64, code string) (View, error) {
 		perr = proto.Errorf(proto.CodeConflict, "prepare the rain before starting it")
 	case r.busy:
 		perr = proto.Errorf(proto.CodeConflict, "a start of this rain is in progress")
+	case r.inDoubt == "cancel":
+		perr = errCancelInDoubt
 	case s.closed:
 		perr = proto.ErrInternal
 	case s.running[rec.Room] != "":
@@ -632,6 +646,9 @@ func (s *Service) Cancel(anchor int64, code string) (View, error) {
 	case r.busy:
 		r.mu.Unlock()
 		return View{}, proto.Errorf(proto.CodeConflict, "a prepare or start of this rain is in progress")
+	case r.inDoubt == "prepare":
+		r.mu.Unlock()
+		return View{}, proto.Errorf(proto.CodeConflict, "the rain's prepare has not completed: prepare it again, then cancel")
 	case rec.State == StateRunning:
 		r.mu.Unlock()
 		return View{}, proto.Errorf(proto.CodeConflict, "a running rain cannot be cancelled: it ends at ends_at")
@@ -656,11 +673,15 @@ func (s *Service) Cancel(anchor int64, code string) (View, error) {
 	r.mu.Lock()
 	r.busy = false
 	if err != nil {
+		if inDoubt(err) {
+			r.inDoubt = "cancel" // only a retry of this cancel moves it on
+		}
 		r.mu.Unlock()
 		return View{}, err
 	}
-	r.rec = out
+	r.rec, r.inDoubt = out, ""
 	r.mu.Unlock()
+	s.roomDone(rec)
 	s.mu.Lock()
 	delete(s.rains, code)
 	s.release(rec.Anchor)
@@ -669,6 +690,18 @@ func (s *Service) Cancel(anchor int64, code string) (View, error) {
 	}
 	s.mu.Unlock()
 	return viewOf(out, View{}), nil
+}
+
+var errCancelInDoubt = proto.Errorf(proto.CodeConflict, "the rain's cancel has not completed: cancel it again")
+
+// inDoubt reports whether a wallet op that failed with err may still land:
+// every failure but those that moved nothing ("unavailable", a closed
+// ledger) and refusals (the balance, a protocol error such as a frozen
+// account).
+func inDoubt(err error) bool {
+	var pe *proto.Error
+	return !errors.Is(err, persist.ErrWalletUnavailable) && !errors.Is(err, persist.ErrInsufficient) &&
+		!errors.Is(err, persist.ErrClosed) && !errors.As(err, &pe)
 }
 
 // runInRoom makes rec the running rain of its room where every node sees

@@ -73,6 +73,7 @@ func (s *Service) settle(r *rain) {
 	}
 	if err != nil {
 		s.log.Error("red packet rain not settled, retrying", "code", rec.Code, "err", err, "retry_in", settleRetry)
+		_ = s.runInRoom(rec) // still the room's rain until it is settled
 		r.mu.Lock()
 		r.settling = false
 		r.mu.Unlock()
@@ -226,6 +227,7 @@ func (s *Service) restore() error {
 			if err := s.loadPool(r, rec, granted); err != nil {
 				return err
 			}
+			_ = s.runInRoom(rec) // the room's running rain, wherever Redis lost it
 			if now >= rec.EndsAt || r.granted >= rec.Count {
 				r.ending, r.settling = true, true
 				due = append(due, r)

@@ -47,8 +47,9 @@ import (
 type Peers interface {
 	// Lease asks owner for packets of a rain (holder → owner).
 	Lease(ctx context.Context, owner string, req LeaseReq) (LeaseRep, error)
-	// Reclaim asks holder to give back unused packets (owner → holder).
-	Reclaim(ctx context.Context, holder string, req ReclaimReq) ([]Packet, error)
+	// Reclaim asks holder to give back unused packets (owner → holder);
+	// left is how many unused ones it still has after giving these.
+	Reclaim(ctx context.Context, holder string, req ReclaimReq) (pk []Packet, left int, err error)
 	// Close ends a rain on holder and returns its durable totals (owner →
 	// holder).
 	Close(ctx context.Context, holder, code string) (ShardTotals, error)
@@ -65,14 +66,23 @@ type LeaseReq struct {
 	Meta    bool   `json:"meta,omitempty"`
 	Granted int    `json:"granted"`
 	Amount  int64  `json:"amount"`
-	Max     int64  `json:"max"` // the largest grant so far
+	Max     int64  `json:"max"`  // the largest grant so far
+	Free    int    `json:"free"` // unused packets the holder still has (a lease ahead)
+	// BudgetMS is how long the holder waits for the answer: a lease that
+	// cannot be handed over within it (from its arrival) is not made, so no
+	// packets go out to a holder that has given up.
+	BudgetMS int64 `json:"budget_ms"`
 }
 
 // LeaseRep is a lease: the rain's room and end, and the packets now held by
 // the asking node.
 type LeaseRep struct {
-	Room    int64    `json:"room"`
-	EndsAt  int64    `json:"ends_at"`
+	Room   int64 `json:"room"`
+	EndsAt int64 `json:"ends_at"`
+	// LeftMS is the time the rain has left when the owner answers: the
+	// holder ends it by its own clock from this, not from EndsAt (another
+	// machine's clock).
+	LeftMS  int64    `json:"left_ms"`
 	Packets []Packet `json:"packets"`
 }
 
@@ -90,13 +100,20 @@ type ShardTotals struct {
 }
 
 const (
-	maxLease       = 256              // packets in one lease
-	shardCallLimit = 2 * time.Second  // one lease / reclaim call
-	closeWait      = 3 * time.Second  // a holder's grabs in flight at close
-	tombstoneTTL   = 10 * time.Minute // a closed shard is remembered this long
+	maxLease     = 256                    // packets in one lease
+	leaseLimit   = 2 * time.Second        // one lease call (holder → owner)
+	reclaimLimit = 500 * time.Millisecond // one reclaim call (owner → holder): well inside a lease's budget
+	closeWait    = 3 * time.Second        // a holder's grabs in flight at close
+	tombstoneTTL = 10 * time.Minute       // a closed shard is remembered this long
+	maxHolders   = 4096                   // nodes one rain leases to (where is a uint16)
 )
 
-var errOwnerGone = proto.Errorf(proto.CodeInternal, "the red packet's node is unreachable, retry")
+var (
+	errOwnerGone = proto.Errorf(proto.CodeInternal, "the red packet's node is unreachable, retry")
+	// errUnsure: no packet here or back from the holders, but a holder did
+	// not answer: the rain goes on (it ends at ends_at at the latest).
+	errUnsure = proto.Errorf(proto.CodeInternal, "red packets are held by a node that did not answer, retry")
+)
 
 // holder is a node the owner leased packets to.
 type holder struct {
@@ -182,8 +199,9 @@ func leaseSize(left, holders int) int {
 	return max(1, min(maxLease, left/(2*(holders+2))))
 }
 
-// ServeLease answers a holder's LeaseReq (on the owner).
-func (s *Service) ServeLease(req LeaseReq) (LeaseRep, error) {
+// ServeLease answers a holder's LeaseReq (on the owner), received at
+// arrived.
+func (s *Service) ServeLease(req LeaseReq, arrived time.Time) (LeaseRep, error) {
 	r := s.get(req.Code)
 	if r == nil || s.mem == nil || req.Node == "" || req.Node == s.cfg.Node {
 		if rec, err := s.loadFinished(req.Code); err == nil && rec.State == StateFinished {
@@ -194,30 +212,53 @@ func (s *Service) ServeLease(req LeaseReq) (LeaseRep, error) {
 	r.mu.Lock()
 	rec, ending := r.rec, r.ending
 	r.mu.Unlock()
+	left := time.Until(time.UnixMilli(rec.EndsAt)).Milliseconds()
 	switch {
 	case rec.State == StateWait || rec.State == StatePrepared:
 		return LeaseRep{}, errGrabNone
 	case ending || rec.State != StateRunning:
 		return LeaseRep{}, errEmpty
 	case req.Meta:
-		return LeaseRep{Room: rec.Room, EndsAt: rec.EndsAt}, nil
+		return LeaseRep{Room: rec.Room, EndsAt: rec.EndsAt, LeftMS: left}, nil
 	}
 	r.mu.Lock()
 	if r.ending || r.rec.State != StateRunning {
 		r.mu.Unlock()
 		return LeaseRep{}, errEmpty
 	}
-	r.inflight++ // settlement waits for this lease
 	hi := r.holderOf(req.Node)
+	if hi >= maxHolders {
+		r.holders = r.holders[:maxHolders]
+		r.mu.Unlock()
+		return LeaseRep{}, errUnsure
+	}
+	r.inflight++ // settlement waits for this lease
 	h := r.holders[hi]
 	h.granted, h.amount, h.top = max(h.granted, req.Granted), max(h.amount, req.Amount), max(h.top, req.Max)
 	holders := len(r.holders)
 	r.mu.Unlock()
 
-	pk := s.takeOrReclaim(r, req.Node, func(left int) int { return leaseSize(left, holders) })
-	if len(pk) == 0 {
-		s.finishInflight(r, true) // nothing here and nothing came back: the rain ends
+	pk, unsure, _ := s.takeOrReclaim(r, req.Node, true, func(left int) int { return leaseSize(left, holders) })
+	if len(pk) > 0 {
+		defer s.arrived(r) // the answer is built (or the packets are back in the pool)
+	}
+	switch {
+	case len(pk) == 0 && (unsure || req.Free > 0):
+		// Nothing to lease, but the rain is not over: a holder did not
+		// answer, or the asker still has packets of its own (a lease ahead).
+		s.finishInflight(r, false)
+		if req.Free > 0 {
+			return LeaseRep{}, errEmpty
+		}
+		return LeaseRep{}, errUnsure
+	case len(pk) == 0:
+		s.finishInflight(r, true) // nothing here, nothing anywhere: the rain ends
 		return LeaseRep{}, errEmpty
+	}
+	if req.BudgetMS > 0 && time.Since(arrived) > time.Duration(req.BudgetMS)*time.Millisecond*3/4 {
+		s.mem.add(req.Code, pk) // the holder is giving up: not handed over
+		s.finishInflight(r, false)
+		return LeaseRep{}, errUnsure
 	}
 	if err := s.logLease(r, req.Node, false, pk); err != nil {
 		s.mem.add(req.Code, pk) // not handed over
@@ -232,30 +273,94 @@ func (s *Service) ServeLease(req LeaseReq) (LeaseRep, error) {
 	h.out += len(pk)
 	r.mu.Unlock()
 	s.finishInflight(r, false)
-	return LeaseRep{Room: rec.Room, EndsAt: rec.EndsAt, Packets: pk}, nil
+	return LeaseRep{Room: rec.Room, EndsAt: rec.EndsAt, LeftMS: time.Until(time.UnixMilli(rec.EndsAt)).Milliseconds(), Packets: pk}, nil
 }
 
 // takeOrReclaim takes up to n packets (n: from the remainder left) from
 // the owner's pool, taking back unused packets from the holders but except
-// while the pool is empty. None: every reachable holder is out of unused
-// packets too — the rain is over.
-func (s *Service) takeOrReclaim(r *rain, except string, size func(left int) int) []Packet {
+// while the pool is empty. None and not unsure: every holder answered that it
+// has no unused packet either — the rain is over. last: these are the last
+// unused packets anywhere (the pool is empty and every holder answered it has
+// none left).
+//
+// Packets on their way to a holder (another lease being answered: taken from
+// the pool, not yet in the holder's slice) are in neither place a round
+// looks at: while any are, it waits for them to arrive and looks again. A
+// lease (lease true) counts its own packets as on their way until
+// ServeLease's answer is built (the caller then calls arrived).
+func (s *Service) takeOrReclaim(r *rain, except string, lease bool, size func(left int) int) (pk []Packet, unsure, last bool) {
 	code := r.rec.Code // immutable while RUNNING
+	drained := false
 	for {
+		if lease {
+			r.mu.Lock()
+			r.transit++
+			r.mu.Unlock()
+		}
 		left, _ := s.mem.Len(context.Background(), code)
 		if pk := s.mem.take(code, size(left)); len(pk) > 0 {
-			return pk
+			rest, _ := s.mem.Len(context.Background(), code)
+			r.mu.Lock()
+			others := r.transit - b2i(lease)
+			r.mu.Unlock()
+			return pk, false, drained && rest == 0 && others == 0
 		}
-		if s.reclaimRound(r, except) == 0 {
-			return nil
+		if lease {
+			s.arrived(r)
+		}
+		rd := s.reclaimRound(r, except)
+		switch {
+		case rd.got > 0:
+			drained = rd.drained
+		case rd.failed:
+			return nil, true, false
+		case !s.waitTransit(r):
+			return nil, false, false
 		}
 	}
 }
 
+func b2i(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// arrived ends one lease's "on the way" (takeOrReclaim).
+func (s *Service) arrived(r *rain) {
+	r.mu.Lock()
+	r.transit--
+	r.mu.Unlock()
+}
+
+// waitTransit waits (up to leaseLimit) for the packets on their way to
+// holders to arrive; false: none were on the way.
+func (s *Service) waitTransit(r *rain) bool {
+	waited := false
+	for deadline := time.Now().Add(leaseLimit); time.Now().Before(deadline); time.Sleep(2 * time.Millisecond) {
+		r.mu.Lock()
+		n := r.transit
+		r.mu.Unlock()
+		if n == 0 {
+			return waited
+		}
+		waited = true
+	}
+	return true
+}
+
+// round is what a reclaim round did: got packets back; failed: a holder did
+// not answer; drained: every holder answered and has no unused packet left.
+type round struct {
+	got             int
+	failed, drained bool
+}
+
 // reclaimRound takes back half of the unused packets of every holder but
-// except into the owner's pool and returns how many came back; concurrent
-// callers wait for the one round in progress and share its count.
-func (s *Service) reclaimRound(r *rain, except string) int {
+// except into the owner's pool; concurrent callers wait for the one round in
+// progress and share its outcome.
+func (s *Service) reclaimRound(r *rain, except string) round {
 	r.mu.Lock()
 	if ch := r.reclaiming; ch != nil {
 		r.mu.Unlock()
@@ -275,9 +380,13 @@ func (s *Service) reclaimRound(r *rain, except string) int {
 	}
 	r.mu.Unlock()
 	var got atomic.Int64
+	var failed, stillHeld atomic.Bool
+	out := func() round {
+		return round{got: int(got.Load()), failed: failed.Load(), drained: !failed.Load() && !stillHeld.Load()}
+	}
 	defer func() {
 		r.mu.Lock()
-		r.reclaiming, r.reclaimed = nil, int(got.Load())
+		r.reclaiming, r.reclaimed = nil, out()
 		r.mu.Unlock()
 		close(ch)
 	}()
@@ -289,10 +398,17 @@ func (s *Service) reclaimRound(r *rain, except string) int {
 			r.mu.Lock()
 			h := r.holders[hi]
 			r.mu.Unlock()
-			ctx, cancel := context.WithTimeout(context.Background(), shardCallLimit)
-			pk, err := s.cfg.Peers.Reclaim(ctx, h.node, ReclaimReq{Code: code, Max: maxLease})
+			ctx, cancel := context.WithTimeout(context.Background(), reclaimLimit)
+			pk, left, err := s.cfg.Peers.Reclaim(ctx, h.node, ReclaimReq{Code: code, Max: maxLease})
 			cancel()
-			if err != nil || len(pk) == 0 {
+			if err != nil {
+				failed.Store(true)
+				return
+			}
+			if left > 0 {
+				stillHeld.Store(true)
+			}
+			if len(pk) == 0 {
 				return
 			}
 			// Only packets that are out with that holder, at their split
@@ -325,7 +441,7 @@ func (s *Service) reclaimRound(r *rain, except string) int {
 		}()
 	}
 	wg.Wait()
-	return int(got.Load())
+	return out()
 }
 
 // finishInflight ends a grab or lease reservation of r; empty: nothing was
@@ -361,7 +477,7 @@ func (s *Service) closeHolders(r *rain) ([]NodeSplit, error) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			ctx, cancel := context.WithTimeout(context.Background(), closeWait+shardCallLimit)
+			ctx, cancel := context.WithTimeout(context.Background(), closeWait+leaseLimit)
 			t, err := s.cfg.Peers.Close(ctx, h.node, code)
 			cancel()
 			out[i], errs[i] = NodeSplit{Node: h.node, Count: h.out, Granted: t.Count, Amount: t.Amount, Max: t.Max}, err
@@ -381,21 +497,28 @@ type shard struct {
 	code, owner string
 
 	mu       sync.Mutex
-	ready    bool // a lease answered: room and ends known
+	ready    bool // a lease answered: room and end known
 	room     int64
-	endsAt   int64
+	endsAt   int64 // by this node's clock (the owner's LeftMS from its answer)
 	free     []Packet
 	last     int           // size of the last lease
+	held     bool          // packets were leased to this node: the owner will close it
 	leasing  chan struct{} // a lease request in flight
 	lastErr  error         // the last lease's refusal
-	dry      bool          // the owner has none left: the rain is ending
+	dry      bool          // a lease ahead found the owner empty: no more leases ahead
+	over     bool          // the owner has none left anywhere: the rain is ending
 	closed   bool          // the owner settled (or is settling) the rain
+	closedOK bool          // a close reported this node's totals
+	gone     bool          // removed from the map: nothing more happens through it
+	timer    *time.Timer   // sweepShard
 	inflight int
 	granted  int
 	amount   int64
 	top      int64
 	doubt    []persist.Op
 }
+
+var errShardGone = errors.New("redpacket: shard forgotten")
 
 // shardOf returns this node's shard of code, creating it (nil after Close).
 func (s *Service) shardOf(code, owner string) *shard {
@@ -414,14 +537,47 @@ func (s *Service) shardOf(code, owner string) *shard {
 
 // forgetUnready drops sh if no lease ever answered it (a code that is not
 // running: nothing to keep for it, so client input does not grow the map).
+// A grab that still holds it finds it gone and takes a fresh one.
 func (s *Service) forgetUnready(sh *shard) {
 	s.mu.Lock()
 	sh.mu.Lock()
 	if !sh.ready && !sh.closed && sh.leasing == nil && s.shards[sh.code] == sh {
 		delete(s.shards, sh.code)
+		sh.gone = true
 	}
 	sh.mu.Unlock()
 	s.mu.Unlock()
+}
+
+// armSweep schedules sweepShard of sh after d (sh.mu held).
+func (s *Service) armSweep(sh *shard, d time.Duration) {
+	if sh.timer != nil {
+		sh.timer.Stop()
+	}
+	sh.timer = time.AfterFunc(d, func() { s.sweepShard(sh) })
+}
+
+// sweepShard forgets sh once nothing can still depend on it: no grab in
+// flight, no grant in doubt, and either its close has reported its totals
+// or it never held packets and its rain is over. Otherwise it looks again
+// a minute later.
+func (s *Service) sweepShard(sh *shard) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	idle := sh.inflight == 0 && len(sh.doubt) == 0 && sh.leasing == nil
+	done := sh.closedOK || !sh.held && s.cfg.Now().UnixMilli() >= sh.endsAt
+	if !idle || !done {
+		if !s.closed {
+			s.armSweep(sh, time.Minute)
+		}
+		return
+	}
+	if s.shards[sh.code] == sh {
+		delete(s.shards, sh.code)
+	}
+	sh.gone = true
 }
 
 // refill leases packets for sh from its owner (the first lease of a shard
@@ -434,32 +590,46 @@ func (s *Service) refill(sh *shard) error {
 		<-ch
 		return nil
 	}
-	if sh.closed || sh.dry {
+	switch {
+	case sh.gone:
+		sh.mu.Unlock()
+		return errShardGone
+	case sh.closed || sh.over:
 		sh.mu.Unlock()
 		return errEmpty
 	}
 	ch := make(chan struct{})
 	sh.leasing = ch
-	req := LeaseReq{Code: sh.code, Node: s.cfg.Node, Meta: !sh.ready, Granted: sh.granted, Amount: sh.amount, Max: sh.top}
+	req := LeaseReq{Code: sh.code, Node: s.cfg.Node, Meta: !sh.ready, Granted: sh.granted, Amount: sh.amount, Max: sh.top,
+		Free: len(sh.free), BudgetMS: leaseLimit.Milliseconds()}
 	sh.mu.Unlock()
-	ctx, cancel := context.WithTimeout(context.Background(), shardCallLimit)
+	ctx, cancel := context.WithTimeout(context.Background(), leaseLimit)
+	sent := time.Now()
 	rep, err := s.cfg.Peers.Lease(ctx, sh.owner, req)
 	cancel()
 	sh.mu.Lock()
 	switch {
 	case err != nil:
 		if pe := proto.AsError(err); pe.Code == proto.CodeRedPacketEmpty {
-			sh.dry = true
+			if req.Free > 0 {
+				sh.dry = true // none to lease ahead; ask again when ours run out
+			} else {
+				sh.over = true
+			}
 		}
-	case sh.closed:
+	case sh.closed || sh.gone:
 		// Closed while the lease travelled: these packets are not granted
 		// here, so the settlement refunds them.
 		err = errEmpty
 	default:
-		sh.ready, sh.room, sh.endsAt = true, rep.Room, rep.EndsAt
+		first := !sh.ready
+		sh.ready, sh.room, sh.endsAt = true, rep.Room, sent.UnixMilli()+rep.LeftMS
 		sh.free = append(sh.free, rep.Packets...)
 		if len(rep.Packets) > 0 {
-			sh.last = len(rep.Packets)
+			sh.last, sh.held = len(rep.Packets), true
+		}
+		if first {
+			s.armSweep(sh, time.Duration(max(0, rep.LeftMS))*time.Millisecond+tombstoneTTL)
 		}
 	}
 	sh.lastErr = err
@@ -473,27 +643,43 @@ func (s *Service) refill(sh *shard) error {
 // this node's slice, leased from owner as needed. It blocks (a lease, the
 // one-per-user check): call it on a goroutine of its own.
 func (s *Service) GrabVia(owner string, user int64, code string) (GrabReply, *proto.Error) {
+	for {
+		rep, perr, gone := s.grabVia(owner, user, code)
+		if !gone {
+			return rep, perr
+		}
+	}
+}
+
+// grabVia is one attempt of GrabVia; gone: the shard it took was forgotten
+// meanwhile (another grab found the rain not running), so take a fresh one.
+func (s *Service) grabVia(owner string, user int64, code string) (GrabReply, *proto.Error, bool) {
 	if s.cfg.Peers == nil || !wellFormed(code) {
-		return GrabReply{}, errGrabNone
+		return GrabReply{}, errGrabNone, false
 	}
 	sh := s.shardOf(code, owner)
 	if sh == nil {
-		return GrabReply{}, proto.ErrInternal
+		return GrabReply{}, proto.ErrInternal, false
 	}
 	sh.mu.Lock()
 	ready := sh.ready
 	sh.mu.Unlock()
 	if !ready {
-		_ = s.refill(sh)
+		if err := s.refill(sh); errors.Is(err, errShardGone) {
+			return GrabReply{}, nil, true
+		}
 		sh.mu.Lock()
-		ready, err := sh.ready, sh.lastErr
+		ready, err, gone := sh.ready, sh.lastErr, sh.gone
 		sh.mu.Unlock()
+		if gone {
+			return GrabReply{}, nil, true
+		}
 		if !ready {
 			s.forgetUnready(sh)
 			if err == nil {
 				err = errOwnerGone
 			}
-			return GrabReply{}, refusal(err)
+			return GrabReply{}, refusal(err), false
 		}
 	}
 	sh.mu.Lock()
@@ -501,22 +687,25 @@ func (s *Service) GrabVia(owner string, user int64, code string) (GrabReply, *pr
 	sh.mu.Unlock()
 	switch {
 	case closed || s.cfg.Now().UnixMilli() >= endsAt:
-		return GrabReply{}, errEmpty
+		return GrabReply{}, errEmpty, false
 	case !s.cfg.InRoom(room, user):
-		return GrabReply{}, errNotInRm
+		return GrabReply{}, errNotInRm, false
 	case !s.grabLimit.Allow(s.grabKey(user, code)):
-		return GrabReply{}, proto.ErrRateLimited
+		return GrabReply{}, proto.ErrRateLimited, false
 	}
 	claimed, perr := s.claim(code, user, endsAt)
 	if perr != nil {
-		return GrabReply{}, perr
+		return GrabReply{}, perr, false
 	}
-	p, perr := s.popShard(sh)
-	if perr != nil {
+	p, err := s.popShard(sh)
+	if err != nil {
 		if claimed {
 			s.unclaim(code, user)
 		}
-		return GrabReply{}, perr
+		if errors.Is(err, errShardGone) {
+			return GrabReply{}, nil, true
+		}
+		return GrabReply{}, refusal(err), false
 	}
 	var (
 		rep GrabReply
@@ -545,7 +734,7 @@ func (s *Service) GrabVia(owner string, user int64, code string) (GrabReply, *pr
 		close(done)
 	})
 	<-done
-	return rep, out
+	return rep, out, false
 }
 
 // refusal is a lease error as a grab's answer.
@@ -557,12 +746,16 @@ func refusal(err error) *proto.Error {
 }
 
 // popShard takes one packet from sh, leasing more when it is empty (until
-// the owner has none left or the rain's time is up), and leases ahead when
-// it runs low.
-func (s *Service) popShard(sh *shard) (Packet, *proto.Error) {
+// the owner has none left anywhere or the rain's time is up), and leases
+// ahead when it runs low.
+func (s *Service) popShard(sh *shard) (Packet, error) {
 	for {
 		sh.mu.Lock()
-		if sh.closed || s.cfg.Now().UnixMilli() >= sh.endsAt {
+		switch {
+		case sh.gone:
+			sh.mu.Unlock()
+			return Packet{}, errShardGone
+		case sh.closed || s.cfg.Now().UnixMilli() >= sh.endsAt:
 			sh.mu.Unlock()
 			return Packet{}, errEmpty
 		}
@@ -570,7 +763,9 @@ func (s *Service) popShard(sh *shard) (Packet, *proto.Error) {
 			p := sh.free[n-1]
 			sh.free = sh.free[:n-1]
 			sh.inflight++
-			ahead := n-1 <= sh.last/4 && !sh.dry && sh.leasing == nil
+			// Ahead when low; and always on the last one (asking with none
+			// left either brings more or tells the owner the rain is over).
+			ahead := (n-1 <= sh.last/4 && !sh.dry || n == 1) && !sh.over && sh.leasing == nil
 			sh.mu.Unlock()
 			if ahead {
 				go func() { _ = s.refill(sh) }()
@@ -579,7 +774,7 @@ func (s *Service) popShard(sh *shard) (Packet, *proto.Error) {
 		}
 		sh.mu.Unlock()
 		if err := s.refill(sh); err != nil {
-			return Packet{}, refusal(err)
+			return Packet{}, err
 		}
 	}
 }
@@ -587,25 +782,25 @@ func (s *Service) popShard(sh *shard) (Packet, *proto.Error) {
 // ServeReclaim gives the owner back up to half of this node's unused packets
 // of a rain (at most req.Max): they are removed from the slice before the
 // answer, so they are never granted here afterwards.
-func (s *Service) ServeReclaim(req ReclaimReq) []Packet {
+func (s *Service) ServeReclaim(req ReclaimReq) (pk []Packet, left int) {
 	s.mu.RLock()
 	sh := s.shards[req.Code]
 	s.mu.RUnlock()
 	if sh == nil {
-		return nil
+		return nil, 0
 	}
 	sh.mu.Lock()
 	defer sh.mu.Unlock()
 	if sh.closed {
-		return nil
+		return nil, 0
 	}
 	k := min(req.Max, (len(sh.free)+1)/2)
 	if k <= 0 {
-		return nil
+		return nil, 0
 	}
-	out := append([]Packet(nil), sh.free[len(sh.free)-k:]...)
+	pk = append([]Packet(nil), sh.free[len(sh.free)-k:]...)
 	sh.free = sh.free[:len(sh.free)-k]
-	return out
+	return pk, len(sh.free)
 }
 
 // ServeClose ends a rain on this node (a holder) for the owner's settlement:
@@ -621,18 +816,8 @@ func (s *Service) ServeClose(code string) (ShardTotals, error) {
 		return ShardTotals{}, proto.ErrInternal
 	}
 	sh.mu.Lock()
-	first := !sh.closed
 	sh.closed, sh.free = true, nil
 	sh.mu.Unlock()
-	if first {
-		time.AfterFunc(tombstoneTTL, func() {
-			s.mu.Lock()
-			if s.shards[code] == sh {
-				delete(s.shards, code)
-			}
-			s.mu.Unlock()
-		})
-	}
 	for deadline := time.Now().Add(closeWait); ; time.Sleep(5 * time.Millisecond) {
 		sh.mu.Lock()
 		n := sh.inflight
@@ -667,6 +852,14 @@ func (s *Service) ServeClose(code string) (ShardTotals, error) {
 		t.Max = max(t.Max, g.Amount)
 		return nil
 	})
+	if err == nil {
+		// Remembered (closed) a while, so a late lease answer is refused,
+		// then forgotten by sweepShard.
+		sh.mu.Lock()
+		sh.closedOK = true
+		s.armSweep(sh, tombstoneTTL)
+		sh.mu.Unlock()
+	}
 	return t, err
 }
 

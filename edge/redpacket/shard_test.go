@@ -54,15 +54,16 @@ func (p peers) Lease(_ context.Context, owner string, req LeaseReq) (LeaseRep, e
 	if err != nil {
 		return LeaseRep{}, err
 	}
-	return s.ServeLease(req)
+	return s.ServeLease(req, time.Now())
 }
 
-func (p peers) Reclaim(_ context.Context, holder string, req ReclaimReq) ([]Packet, error) {
+func (p peers) Reclaim(_ context.Context, holder string, req ReclaimReq) ([]Packet, int, error) {
 	s, err := p.node(holder)
 	if err != nil {
-		return nil, err
+		return nil, 0, err
 	}
-	return s.ServeReclaim(req), nil
+	pk, left := s.ServeReclaim(req)
+	return pk, left, nil
 }
 
 func (p peers) Close(_ context.Context, holder, code string) (ShardTotals, error) {

@@ -1,0 +1,289 @@
+package redpacket
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/liveedge/liveedge/gateway/proto"
+	"github.com/liveedge/liveedge/persist"
+	"github.com/liveedge/liveedge/router"
+)
+
+// Regression tests from a review of the sharding: each drove Σ granted +
+// refunded above T, or refunded packets viewers were still grabbing.
+
+// inDoubtWallet applies the settlement op of a rain but answers
+// ErrInProgress once, as the shared wallet does when the script ran and its
+// reply was lost (its watcher finishes it later).
+type inDoubtWallet struct {
+	*persist.Ledger
+	once sync.Once
+}
+
+func (w *inDoubtWallet) Apply(op persist.Op) (persist.Result, error) {
+	res, err := w.Ledger.Apply(op)
+	lost := false
+	if strings.HasPrefix(op.ReqID, "rp-end:") {
+		w.once.Do(func() { lost = true })
+	}
+	if lost && err == nil {
+		return persist.Result{}, persist.ErrInProgress
+	}
+	return res, err
+}
+
+// A cancel whose op is in doubt leaves the rain unable to start (the anchor
+// may already have its T back) until the cancel is retried, which completes
+// it once.
+func TestCancelInDoubtBlocksStart(t *testing.T) {
+	st, err := persist.Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := persist.NewLedger(st, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := &inDoubtWallet{Ledger: l}
+	rt := router.NewLocal("n1", router.LocalConfig{})
+	rt.OpenRoom(shardRoom)
+	svc, err := New(st, w, rt, Config{Node: "n1", CodeTag: -1,
+		AnchorOf: func(int64) (int64, bool) { return shardAnchor, true },
+		InRoom:   func(room, user int64) bool { return room == shardRoom },
+	}, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { svc.Close(); l.Close(); _ = st.Close() })
+	const total = 1000
+	if _, err := l.Apply(persist.Op{Postings: []persist.Posting{{User: shardAnchor, Delta: total, Reason: persist.ReasonDev}}}); err != nil {
+		t.Fatal(err)
+	}
+	v, err := svc.Create(shardAnchor, shardRoom, total, 10, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := svc.Prepare(shardAnchor, v.Code); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := svc.Cancel(shardAnchor, v.Code); err == nil {
+		t.Fatal("want the in-doubt error")
+	}
+	if _, err := svc.Start(shardAnchor, v.Code); proto.AsError(err).Code != proto.CodeConflict {
+		t.Fatalf("start after a cancel in doubt: %v, want 10409", err)
+	}
+	if _, err := svc.Prepare(shardAnchor, v.Code); err == nil {
+		// Already PREPARED: answers its state; the point is that nothing moves.
+		if b, _ := l.Balance(shardAnchor); b != total {
+			t.Fatalf("balance %d", b)
+		}
+	}
+	fin, err := svc.Cancel(shardAnchor, v.Code)
+	if err != nil || fin.State != StateFinished || fin.Refunded != total {
+		t.Fatalf("cancel retried: %+v %v", fin, err)
+	}
+	if b, _ := l.Balance(shardAnchor); b != total {
+		t.Fatalf("anchor balance %d after the cancel, want %d (refunded once)", b, total)
+	}
+}
+
+// A grab that took a shard just before another grab forgot it (its first
+// lease found the rain not running yet) cannot lease or grant through it: it
+// takes a fresh one, which the owner's close then waits for.
+func TestForgottenShardGrantsNothing(t *testing.T) {
+	c := newCluster(t, "n1", "n2")
+	const total, count = 200, 2
+	m := c.nodes["n1"]
+	if _, err := m.ledger.Apply(persist.Op{Postings: []persist.Posting{{User: shardAnchor, Delta: total, Reason: persist.ReasonDev}}}); err != nil {
+		t.Fatal(err)
+	}
+	v, err := m.svc.Create(shardAnchor, shardRoom, total, count, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.svc.Prepare(shardAnchor, v.Code); err != nil {
+		t.Fatal(err)
+	}
+	code, h := v.Code, c.svc("n2")
+	sh := h.shardOf(code, "n1") // grab C: its first step
+	if _, perr := h.GrabVia("n1", 1, code); perr == nil || perr.Code != proto.CodeRedPacketNotFound {
+		t.Fatalf("grab A before the start: %v", perr)
+	}
+	if _, err := m.svc.Start(shardAnchor, code); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.refill(sh); err != errShardGone {
+		t.Fatalf("lease through a forgotten shard: %v", err)
+	}
+	if _, err := h.popShard(sh); err != errShardGone {
+		t.Fatalf("pop from a forgotten shard: %v", err)
+	}
+	if _, perr := h.GrabVia("n1", 2, code); perr != nil { // a fresh shard
+		t.Fatal(perr)
+	}
+	grabUntilServed(t, c, "n1", 3, code)
+	c.conserve(t, "n1", code, total)
+}
+
+// A shard that only learned a rain's room (its grabber was refused) is
+// forgotten once the rain is over.
+func TestMetaShardForgottenAfterTheRain(t *testing.T) {
+	c := newCluster(t, "n1", "n2")
+	code := c.rain(t, "n1", 100, 1, time.Second)
+	h := c.svc("n2")
+	h.cfg.InRoom = func(int64, int64) bool { return false }
+	if _, perr := h.GrabVia("n1", 5, code); perr == nil || perr.Code != proto.CodeForbidden {
+		t.Fatalf("want 10003, got %v", perr)
+	}
+	h.mu.RLock()
+	sh := h.shards[code]
+	h.mu.RUnlock()
+	if sh == nil {
+		t.Fatal("no shard")
+	}
+	time.Sleep(1100 * time.Millisecond)
+	h.sweepShard(sh) // what its timer runs (at the end + tombstoneTTL)
+	h.mu.RLock()
+	left := h.shards[code]
+	h.mu.RUnlock()
+	if left != nil {
+		t.Fatal("the shard of an ended rain is still kept")
+	}
+}
+
+// A holder's lease ahead (it still has packets) that finds the owner empty
+// does not end the rain: the holder's viewers grab its packets to the last.
+func TestLeaseAheadDoesNotEndTheRain(t *testing.T) {
+	c := newCluster(t, "n1", "n2")
+	const count, total = 100, 10_000
+	code := c.rain(t, "n1", total, count, time.Hour)
+	got := 0
+	if _, perr := c.grab("n2", "n1", 1, code); perr != nil { // n2 leases its slice
+		t.Fatal(perr)
+	}
+	got++
+	u := int64(1000)
+	for left, _ := c.svc("n1").mem.Len(context.Background(), code); left > 0; left-- { // the owner's viewers take its pool
+		if _, perr := c.grab("n1", "n1", u, code); perr != nil {
+			t.Fatal(perr)
+		}
+		u++
+		got++
+	}
+	for ; u < 5000; u++ { // now only n2's viewers grab
+		if _, perr := c.grab("n2", "n1", u, code); perr != nil {
+			break
+		}
+		got++
+	}
+	v := c.conserve(t, "n1", code, total)
+	if got != count {
+		t.Fatalf("%d of %d granted, %d refunded while n2's viewers were told 30003", got, count, v.Refunded)
+	}
+}
+
+// flakyWallet answers grant ops ErrInProgress without applying them while
+// flaky (the script ran but this node cannot reach Redis to finish: its
+// intent stays and its watcher lands it later).
+type flakyWallet struct {
+	*persist.Ledger
+	mu      sync.Mutex
+	flaky   bool
+	pending []persist.Op
+}
+
+func (w *flakyWallet) isFlaky(op persist.Op) bool {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.flaky && strings.HasPrefix(op.ReqID, "rp:")
+}
+
+func (w *flakyWallet) Apply(op persist.Op) (persist.Result, error) {
+	if w.isFlaky(op) {
+		return persist.Result{}, persist.ErrInProgress
+	}
+	return w.Ledger.Apply(op)
+}
+
+func (w *flakyWallet) ApplyAsync(op persist.Op, done func(persist.Result, error)) {
+	if w.isFlaky(op) {
+		w.mu.Lock()
+		w.pending = append(w.pending, op)
+		w.mu.Unlock()
+		done(persist.Result{}, persist.ErrInProgress)
+		return
+	}
+	w.Ledger.ApplyAsync(op, done)
+}
+
+// A grant in doubt on a holder keeps its shard (the sweep does not forget
+// it) until a close has applied it again and counted it: the owner never
+// refunds a packet that lands later.
+func TestDoubtfulGrantKeepsItsShard(t *testing.T) {
+	c := newCluster(t, "n1", "n2")
+	code := c.rain(t, "n1", 1000, 10, time.Hour)
+	h := c.svc("n2")
+	fw := &flakyWallet{Ledger: c.nodes["n2"].ledger}
+	h.wallet = fw
+	if _, perr := c.grab("n2", "n1", 1, code); perr != nil {
+		t.Fatal(perr)
+	}
+	fw.mu.Lock()
+	fw.flaky = true
+	fw.mu.Unlock()
+	if _, perr := c.grab("n2", "n1", 2, code); perr == nil {
+		t.Fatal("want the in-doubt error")
+	}
+	o := c.svc("n1")
+	o.end(o.get(code)) // time is up: settle → close n2 → its re-apply fails → retried in 5 s
+	time.Sleep(200 * time.Millisecond)
+	h.mu.RLock()
+	sh := h.shards[code]
+	h.mu.RUnlock()
+	h.sweepShard(sh) // its timer firing meanwhile
+	h.mu.RLock()
+	kept := h.shards[code] == sh
+	h.mu.RUnlock()
+	if !kept {
+		t.Fatal("a shard with a grant in doubt was forgotten")
+	}
+	fw.mu.Lock()
+	fw.flaky = false
+	pending := fw.pending
+	fw.mu.Unlock()
+	v := c.conserve(t, "n1", code, 1000) // waits for the retried settlement
+	for _, op := range pending {         // the holder's watcher lands its intent: a replay
+		if _, err := fw.Ledger.Apply(op); err != nil {
+			t.Fatal(err)
+		}
+	}
+	grants, _ := c.grants(t, code)
+	var sum int64
+	for _, a := range grants {
+		sum += a
+	}
+	if sum+v.Refunded != 1000 || len(grants) != 2 {
+		t.Fatalf("%d grants, %d coins + refunded %d, total 1000", len(grants), sum, v.Refunded)
+	}
+}
+
+// grabUntilServed grabs through node until the answer is not "retry" (a
+// packet on its way to another node is neither here nor there yet).
+func grabUntilServed(t *testing.T, c *cluster, node string, user int64, code string) {
+	t.Helper()
+	for i := 0; ; i++ {
+		_, perr := c.grab(node, "n1", user, code)
+		if perr == nil {
+			return
+		}
+		if perr.Code != proto.CodeInternal || i > 100 {
+			t.Fatalf("grab through %s: %v", node, perr)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
