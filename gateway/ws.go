@@ -39,9 +39,8 @@ type Server struct {
 	grab     func(user int64, code string, done func(any, *proto.Error))
 	inflight sync.WaitGroup // async requests (gifts, grabs) still running
 
-	up      *gws.Upgrader
-	httpSrv *http.Server
-	ln      net.Listener
+	up *gws.Upgrader
+	ln net.Listener // accept and handshake serve it (handshake.go)
 
 	nextID atomic.Uint64
 	// count is the number of connection slots taken: reserved by ServeHTTP
@@ -108,9 +107,7 @@ func (s *Server) Listen() error {
 		return err
 	}
 	s.ln = ln
-	s.httpSrv = &http.Server{Handler: s, ReadHeaderTimeout: 5 * time.Second, MaxHeaderBytes: 16 << 10,
-		ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelDebug)}
-	go func() { _ = s.httpSrv.Serve(ln) }()
+	go s.accept(ln)
 	s.sweeper.Add(1)
 	go s.sweep()
 	return nil
@@ -441,8 +438,8 @@ func (s *Server) Conns() int { return int(s.count.Load()) }
 // its queue, and waits for them (until ctx ends, then cuts the rest).
 func (s *Server) Shutdown(ctx context.Context) {
 	s.draining.Store(true)
-	if s.httpSrv != nil {
-		_ = s.httpSrv.Close() // listener only: upgraded connections are hijacked
+	if s.ln != nil {
+		_ = s.ln.Close() // upgraded connections stay until closed below
 	}
 	all := s.snapshot()
 	for _, c := range all {
