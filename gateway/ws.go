@@ -127,9 +127,10 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		writeJSONError(w, http.StatusServiceUnavailable, proto.Errorf(proto.CodeInternal, "node is shutting down"))
 		return
 	}
+	q := r.URL.Query() // parsed once (a map and its strings per parse)
 	tok := BearerToken(r.Header.Get("Authorization"))
 	if tok == "" {
-		tok = r.URL.Query().Get("token")
+		tok = q.Get("token")
 	}
 	ident, err := s.auth.Verify(tok)
 	if err != nil {
@@ -193,7 +194,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	c := &Conn{
 		id: s.nextID.Add(1), ident: ident, ws: socket, srv: s, cork: cc, rd: src,
-		batch: r.URL.Query().Get("batch") == "1",
+		batch: q.Get("batch") == "1",
 		done:  make(chan struct{}),
 	}
 	c.lastRead.Store(time.Now().UnixNano())
