@@ -49,11 +49,18 @@ type Conn struct {
 	badCount  int
 	badWindow time.Time
 
-	sem  chan struct{} // bounds async requests in flight
-	cork *corkConn     // the socket's net.Conn
+	// sem bounds async requests in flight; made by the first (begin, on
+	// the reader goroutine), as most connections never send one.
+	sem  chan struct{}
+	cork *corkConn   // the socket's net.Conn
+	rd   *lazyReader // what gws reads through
 
+	// Reliable pushes awaiting an ack: pending is made by the first one
+	// (most connections have none), ackDone is set once the connection is
+	// gone (nothing more is tracked).
 	ackMu   sync.Mutex
 	pending map[string]*pendingPush
+	ackDone bool
 	timer   *time.Timer
 	done    chan struct{}
 }
@@ -89,6 +96,9 @@ func (c *Conn) Send(f *router.Frame) bool {
 // debit) in; at most cap(sem) are in flight per connection, beyond that the
 // reader waits (backpressure on this client only). end counts it out.
 func (c *Conn) begin() {
+	if c.sem == nil {
+		c.sem = make(chan struct{}, c.srv.cfg.Gifts.MaxInflight)
+	}
 	c.sem <- struct{}{}
 	c.srv.inflight.Add(1)
 }
@@ -308,9 +318,12 @@ func (c *Conn) write(frames []*router.Frame, pieces [][]byte) ([][]byte, error) 
 // pending (a resend of it) keeps its schedule.
 func (c *Conn) track(m router.Msg) {
 	c.ackMu.Lock()
-	if c.pending == nil {
+	if c.ackDone {
 		c.ackMu.Unlock()
 		return // closed
+	}
+	if c.pending == nil {
+		c.pending = map[string]*pendingPush{}
 	}
 	if _, ok := c.pending[m.Mid]; ok {
 		c.ackMu.Unlock()
@@ -344,7 +357,7 @@ func (c *Conn) resendDue() {
 	now := time.Now()
 	var due []router.Msg
 	c.ackMu.Lock()
-	if c.pending == nil {
+	if c.ackDone {
 		c.ackMu.Unlock()
 		return
 	}
@@ -383,7 +396,7 @@ func (c *Conn) stopAcks() {
 		c.timer.Stop()
 		c.timer = nil
 	}
-	c.pending = nil
+	c.pending, c.ackDone = nil, true
 	c.ackMu.Unlock()
 }
 

@@ -3,12 +3,15 @@ package gateway_test
 import (
 	"bufio"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
+	"strings"
 	"testing"
 	"time"
 
+	"github.com/liveedge/liveedge/gateway"
 	"github.com/liveedge/liveedge/gateway/nodetest"
 )
 
@@ -56,4 +59,107 @@ func TestBadHandshakeClosesSocket(t *testing.T) {
 	nodetest.Eventually(t, 5*time.Second, func() bool { after = openFDs(t); return after < before+tries/5 },
 		"file descriptors leaked by refused handshakes")
 	t.Logf("open fds: %d before, %d after %d refused handshakes", before, after, tries)
+}
+
+// rawHandshake writes req (and extra, in the same write) to a new connection
+// to the node's WebSocket port and returns the connection and the response.
+func rawHandshake(t *testing.T, n *gateway.Node, req string, extra []byte) (net.Conn, *bufio.Reader, *http.Response) {
+	t.Helper()
+	c, err := net.Dial("tcp", n.WS.Addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	if _, err := c.Write(append([]byte(req), extra...)); err != nil {
+		t.Fatal(err)
+	}
+	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	br := bufio.NewReader(c)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatalf("response: %v", err)
+	}
+	return c, br, resp
+}
+
+// maskedText is a client text frame (FIN, masked) of a short payload.
+func maskedText(payload string) []byte {
+	key := [4]byte{1, 2, 3, 4}
+	f := []byte{0x81, 0x80 | byte(len(payload)), key[0], key[1], key[2], key[3]}
+	for i := range len(payload) {
+		f = append(f, payload[i]^key[i%4])
+	}
+	return f
+}
+
+// readText reads one unmasked server text frame (payload < 64 KiB).
+func readText(t *testing.T, br *bufio.Reader) string {
+	t.Helper()
+	h := make([]byte, 2)
+	if _, err := io.ReadFull(br, h); err != nil {
+		t.Fatalf("frame header: %v", err)
+	}
+	n := int(h[1] & 0x7f)
+	if n == 126 {
+		ext := make([]byte, 2)
+		if _, err := io.ReadFull(br, ext); err != nil {
+			t.Fatal(err)
+		}
+		n = int(ext[0])<<8 | int(ext[1])
+	}
+	p := make([]byte, n)
+	if _, err := io.ReadFull(br, p); err != nil {
+		t.Fatalf("frame payload: %v", err)
+	}
+	return string(p)
+}
+
+// A client that sends its first frame in the same write as the upgrade
+// request (not waiting for the 101) is served: the bytes read past the
+// request are handed to the connection's reader before the socket's.
+func TestHandshakeFrameSentWithTheRequest(t *testing.T) {
+	n := nodetest.Start(t, nodetest.Config(t))
+	tok := nodetest.Token(t, n, 42, "viewer")
+	req := fmt.Sprintf("GET /ws?token=%s HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"+
+		"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n", tok)
+	_, br, resp := rawHandshake(t, n, req, maskedText(`{"t":"ping","id":7}`))
+	if resp.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatalf("status %d, want 101", resp.StatusCode)
+	}
+	if f := readText(t, br); !strings.Contains(f, `"t":"hello"`) {
+		t.Fatalf("first frame %s, want the hello", f)
+	}
+	if f := readText(t, br); !strings.Contains(f, `"id":7`) || !strings.Contains(f, `"code":0`) {
+		t.Fatalf("second frame %s, want the reply to ping 7", f)
+	}
+}
+
+// The WebSocket port answers what is not an upgrade and closes: 404 for
+// another path, 431 for headers over 16 KiB, 400 for a request it cannot parse.
+func TestHandshakeRefusals(t *testing.T) {
+	n := nodetest.Start(t, nodetest.Config(t))
+	for _, tc := range []struct {
+		name, req string
+		status    int
+	}{
+		{"other path", "GET /other HTTP/1.1\r\nHost: x\r\n\r\n", http.StatusNotFound},
+		{"huge headers", "GET /ws HTTP/1.1\r\nHost: x\r\nX-Big: " + strings.Repeat("a", 20<<10) + "\r\n\r\n",
+			http.StatusRequestHeaderFieldsTooLarge},
+		{"not HTTP", "HELLO\r\n\r\n", http.StatusBadRequest},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c, _, resp := rawHandshake(t, n, tc.req, nil)
+			resp.Body.Close()
+			if resp.StatusCode != tc.status {
+				t.Fatalf("status %d, want %d", resp.StatusCode, tc.status)
+			}
+			if !resp.Close {
+				t.Fatal("answer without Connection: close")
+			}
+			_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+			if _, err := c.Read(make([]byte, 1)); err == nil {
+				t.Fatal("connection still open after the answer")
+			}
+		})
+	}
 }

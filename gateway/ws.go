@@ -2,10 +2,8 @@ package gateway
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"errors"
-	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -41,9 +39,8 @@ type Server struct {
 	grab     func(user int64, code string, done func(any, *proto.Error))
 	inflight sync.WaitGroup // async requests (gifts, grabs) still running
 
-	up      *gws.Upgrader
-	httpSrv *http.Server
-	ln      net.Listener
+	up *gws.Upgrader
+	ln net.Listener // accept and handshake serve it (handshake.go)
 
 	nextID atomic.Uint64
 	// count is the number of connection slots taken: reserved by ServeHTTP
@@ -97,6 +94,8 @@ func newServer(d ServerDeps) *Server {
 		ReadMaxPayloadSize: d.Config.WS.MaxFrameHardBytes,
 		CheckUtf8Enabled:   false, // bad text is answered with 10001, not a close
 		HandshakeTimeout:   5 * time.Second,
+		// One pointer per connection instead of gws's map and mutex.
+		NewSession: func() gws.SessionStorage { return new(connSession) },
 	})
 	return s
 }
@@ -108,9 +107,7 @@ func (s *Server) Listen() error {
 		return err
 	}
 	s.ln = ln
-	s.httpSrv = &http.Server{Handler: s, ReadHeaderTimeout: 5 * time.Second, MaxHeaderBytes: 16 << 10,
-		ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelDebug)}
-	go func() { _ = s.httpSrv.Serve(ln) }()
+	go s.accept(ln)
 	s.sweeper.Add(1)
 	go s.sweep()
 	return nil
@@ -130,9 +127,10 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		writeJSONError(w, http.StatusServiceUnavailable, proto.Errorf(proto.CodeInternal, "node is shutting down"))
 		return
 	}
+	q := r.URL.Query() // parsed once (a map and its strings per parse)
 	tok := BearerToken(r.Header.Get("Authorization"))
 	if tok == "" {
-		tok = r.URL.Query().Get("token")
+		tok = q.Get("token")
 	}
 	ident, err := s.auth.Verify(tok)
 	if err != nil {
@@ -177,14 +175,16 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	cc := &corkConn{Conn: netConn, timeout: s.cfg.WS.WriteTimeout.D()}
 	// Read the socket directly, not through net/http's hijacked reader (a
-	// lock and a condition broadcast per read); bytes it already buffered
-	// (a client that did not wait for the 101) come first.
-	var src io.Reader = netConn
+	// lock and a condition broadcast per read), and into a pooled buffer
+	// only while bytes are in flight (lazyReader): an idle connection holds
+	// no read buffer. Bytes net/http already buffered (a client that did not
+	// wait for the 101) come first.
+	var early []byte
 	if n := rw.Reader.Buffered(); n > 0 {
-		early, _ := rw.Reader.Peek(n)
-		src = io.MultiReader(bytes.NewReader(bytes.Clone(early)), netConn)
+		early, _ = rw.Reader.Peek(n)
 	}
-	socket, err := s.up.UpgradeFromConn(cc, bufio.NewReaderSize(src, 4096), r)
+	src := newLazyReader(netConn, early)
+	socket, err := s.up.UpgradeFromConn(cc, bufio.NewReaderSize(src, gwsBufSize), r)
 	if err != nil {
 		// gws answered the handshake error and called cc.Close, which only
 		// half-closes (the linger of a WebSocket close); no read loop will
@@ -193,11 +193,9 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	c := &Conn{
-		id: s.nextID.Add(1), ident: ident, ws: socket, srv: s, cork: cc,
-		batch:   r.URL.Query().Get("batch") == "1",
-		pending: map[string]*pendingPush{},
-		done:    make(chan struct{}),
-		sem:     make(chan struct{}, s.cfg.Gifts.MaxInflight),
+		id: s.nextID.Add(1), ident: ident, ws: socket, srv: s, cork: cc, rd: src,
+		batch: q.Get("batch") == "1",
+		done:  make(chan struct{}),
 	}
 	c.lastRead.Store(time.Now().UnixNano())
 	socket.Session().Store("c", c)
@@ -332,6 +330,7 @@ func (s *Server) OnClose(socket *gws.Conn, err error) {
 	c.queue, c.queued = nil, 0
 	c.mu.Unlock()
 	c.stopAcks()
+	c.rd.release() // gws no longer reads
 	s.router.Unregister(c)
 	sh := s.shardOf(c.id)
 	sh.mu.Lock()
@@ -440,8 +439,8 @@ func (s *Server) Conns() int { return int(s.count.Load()) }
 // its queue, and waits for them (until ctx ends, then cuts the rest).
 func (s *Server) Shutdown(ctx context.Context) {
 	s.draining.Store(true)
-	if s.httpSrv != nil {
-		_ = s.httpSrv.Close() // listener only: upgraded connections are hijacked
+	if s.ln != nil {
+		_ = s.ln.Close() // upgraded connections stay until closed below
 	}
 	all := s.snapshot()
 	for _, c := range all {

@@ -90,13 +90,25 @@ type roomShard struct {
 }
 
 type userShard struct {
-	mu    sync.RWMutex
-	users map[int64]map[uint64]Session
+	mu sync.RWMutex
+	// A user's sessions: a few at most (ws.max_conns_per_user), usually
+	// one, so a slice (16 bytes each) rather than a map per user.
+	users map[int64][]Session
 }
 
+// sesRooms are the rooms a session joined: at most MaxRoomsPerSes, usually
+// one, so a slice rather than a map per session.
 type sesRooms struct {
 	mu    sync.Mutex
-	rooms map[int64]struct{}
+	rooms []int64
+}
+
+func (sr *sesRooms) has(id int64) bool { return slices.Contains(sr.rooms, id) }
+
+func (sr *sesRooms) remove(id int64) {
+	if i := slices.Index(sr.rooms, id); i >= 0 {
+		sr.rooms = slices.Delete(sr.rooms, i, i+1)
+	}
 }
 
 // room is one open room. Invariant: at most one pump goroutine runs per room
@@ -153,7 +165,7 @@ func NewLocal(node string, cfg LocalConfig) *Local {
 	l := &Local{cfg: cfg, mids: NewMidSource(node), offline: newOfflineBox(cfg.OfflineMax, cfg.OfflineUsers, cfg.OfflineTTL)}
 	for i := range l.shards {
 		l.shards[i].rooms = map[int64]*room{}
-		l.users[i].users = map[int64]map[uint64]Session{}
+		l.users[i].users = map[int64][]Session{}
 	}
 	return l
 }
@@ -240,14 +252,16 @@ func (l *Local) JoinAt(id int64, s Session, since *proto.Position) (Joined, erro
 	if r == nil {
 		return Joined{}, ErrNoRoom
 	}
-	v, _ := l.memberOf.LoadOrStore(s.ID(), &sesRooms{rooms: map[int64]struct{}{}})
+	v, _ := l.memberOf.LoadOrStore(s.ID(), &sesRooms{})
 	sr := v.(*sesRooms)
 	sr.mu.Lock()
-	if _, in := sr.rooms[id]; !in && len(sr.rooms) >= l.cfg.MaxRoomsPerSes {
-		sr.mu.Unlock()
-		return Joined{}, ErrTooManyRooms
+	if !sr.has(id) {
+		if len(sr.rooms) >= l.cfg.MaxRoomsPerSes {
+			sr.mu.Unlock()
+			return Joined{}, ErrTooManyRooms
+		}
+		sr.rooms = append(sr.rooms, id)
 	}
-	sr.rooms[id] = struct{}{}
 	sr.mu.Unlock()
 
 	r.fanMu.Lock()
@@ -313,7 +327,7 @@ func (l *Local) forget(s Session, id int64) {
 	if v, ok := l.memberOf.Load(s.ID()); ok {
 		sr := v.(*sesRooms)
 		sr.mu.Lock()
-		delete(sr.rooms, id)
+		sr.remove(id)
 		sr.mu.Unlock()
 	}
 }
@@ -552,11 +566,10 @@ func (l *Local) Register(s Session) {
 	us := l.userShard(s.UserID())
 	us.mu.Lock()
 	m := us.users[s.UserID()]
-	if m == nil {
-		m = map[uint64]Session{}
+	if !slices.ContainsFunc(m, func(o Session) bool { return o.ID() == s.ID() }) {
+		m = append(m, s)
 		us.users[s.UserID()] = m
 	}
-	m[s.ID()] = s
 	first := len(m) == 1
 	us.mu.Unlock()
 	if first && !l.cfg.Sequenced {
@@ -571,19 +584,20 @@ func (l *Local) Unregister(s Session) {
 	us := l.userShard(s.UserID())
 	us.mu.Lock()
 	if m := us.users[s.UserID()]; m != nil {
-		delete(m, s.ID())
+		if i := slices.IndexFunc(m, func(o Session) bool { return o.ID() == s.ID() }); i >= 0 {
+			m = slices.Delete(m, i, i+1)
+		}
 		if len(m) == 0 {
 			delete(us.users, s.UserID())
+		} else {
+			us.users[s.UserID()] = m
 		}
 	}
 	us.mu.Unlock()
 	if v, ok := l.memberOf.LoadAndDelete(s.ID()); ok {
 		sr := v.(*sesRooms)
 		sr.mu.Lock()
-		rooms := make([]int64, 0, len(sr.rooms))
-		for id := range sr.rooms {
-			rooms = append(rooms, id)
-		}
+		rooms := slices.Clone(sr.rooms)
 		sr.mu.Unlock()
 		for _, id := range rooms {
 			l.Leave(id, s)
@@ -678,11 +692,7 @@ func (l *Local) roomsOf(s Session) []int64 {
 	sr := v.(*sesRooms)
 	sr.mu.Lock()
 	defer sr.mu.Unlock()
-	out := make([]int64, 0, len(sr.rooms))
-	for id := range sr.rooms {
-		out = append(out, id)
-	}
-	return out
+	return slices.Clone(sr.rooms)
 }
 
 // roomIDs lists the open rooms.
