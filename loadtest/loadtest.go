@@ -185,6 +185,20 @@ type Result struct {
 	LoadgenRSSAfter   int64   `json:"loadgen_rss_after_bytes"`
 	LoadgenRSSPerConn float64 `json:"loadgen_rss_per_conn_bytes"`
 
+	// gift / grab: requests answered, latency from send to reply (the
+	// latency_* fields), and the money checked through the HTTP API after the run.
+	OfferedRate      float64       `json:"offered_rate,omitempty"` // gift: gifts/s offered in all (0: closed loop)
+	Requests         int64         `json:"requests,omitempty"`     // gifts or grabs sent
+	Replies          int64         `json:"replies,omitempty"`      // answered OK (gifts debited, packets granted)
+	Refused          int64         `json:"refused,omitempty"`      // answered with an error code
+	RefusedCodes     map[int]int64 `json:"refused_codes,omitempty"`
+	RepliesPerSec    float64       `json:"replies_per_sec,omitempty"`
+	Packets          int64         `json:"packets,omitempty"`        // grab: the rain's total_count
+	TotalAmount      int64         `json:"total_amount,omitempty"`   // grab: the rain's total_amount
+	GrantedAmount    int64         `json:"granted_amount,omitempty"` // grab: Σ amounts the grabbers were told
+	Conserved        *bool         `json:"conserved,omitempty"`
+	ConservationNote string        `json:"conservation,omitempty"`
+
 	Killed               bool    `json:"killed,omitempty"`
 	ReconnectedAfterKill int64   `json:"reconnected_after_kill,omitempty"`
 	NotReconnected       int64   `json:"not_reconnected,omitempty"`
