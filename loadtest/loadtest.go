@@ -14,6 +14,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"strconv"
 	"strings"
@@ -31,6 +32,8 @@ const (
 	Fanout         = "fanout"
 	Chat           = "chat"
 	ReconnectStorm = "reconnect-storm"
+	Gift           = "gift"
+	Grab           = "grab"
 )
 
 // MaxChatRate is the node's default chat limit per user per second
@@ -53,6 +56,16 @@ type Config struct {
 	Talkers  int     // chat: talking connections
 	ChatRate float64 // chat: chats per second per talker (≤ MaxChatRate)
 	Payload  int     // chat text bytes (the timestamp is padded to this)
+
+	GiftID      int64 // gift: the gift sent (0: DefaultGiftID); Rate is the offered gifts/s in all (0: closed loop)
+	NoGiftLimit bool  // gift: the node runs without limits.gift_per_second (allow Rate/Conns above MaxGiftRate)
+	RainTotal   int64 // grab: coins in the rain (default 100 per packet)
+	RainCount   int   // grab: packets (default Conns: one per grabber)
+
+	// SrcIPs > 1 dials connection i from 127.0.0.(1 + i mod SrcIPs), so that
+	// 100k connections to one node do not exhaust one source address's
+	// ephemeral ports (loopback targets only).
+	SrcIPs int
 
 	Heartbeat time.Duration // 0: the server's (hello); < 0: none
 	NodePID   int           // sample this process's RSS (the node)
@@ -136,11 +149,33 @@ func (cfg *Config) Normalize() error {
 		if cfg.Rate > 0 {
 			cfg.Talkers, cfg.ChatRate = 1, cfg.Rate
 		}
+	case Gift:
+		cfg.Talkers, cfg.ChatRate = 0, 0
+		if cfg.GiftID <= 0 {
+			cfg.GiftID = DefaultGiftID
+		}
+		if per := cfg.Rate / float64(cfg.Conns); !cfg.NoGiftLimit && (per > MaxGiftRate || cfg.Rate <= 0) {
+			return fmt.Errorf("loadtest: gift rate %.1f/s per sender (-rate %.0f, 0 = closed loop) is above the node's %d/s limit: more -conns, or a node with LIVEEDGE_LIMITS_GIFT_PER_SECOND=0 and -no-gift-limit", per, cfg.Rate, MaxGiftRate)
+		}
+	case Grab:
+		cfg.Talkers, cfg.ChatRate = 0, 0
+		if cfg.RainCount <= 0 {
+			cfg.RainCount = cfg.Conns
+		}
+		if cfg.RainTotal <= 0 {
+			cfg.RainTotal = 100 * int64(cfg.RainCount)
+		}
+		if cfg.RainTotal < int64(cfg.RainCount) {
+			return fmt.Errorf("loadtest: a rain of %d coins cannot fill %d packets", cfg.RainTotal, cfg.RainCount)
+		}
 	default:
-		return fmt.Errorf("loadtest: unknown scenario %q (idle, fanout, chat, reconnect-storm)", cfg.Scenario)
+		return fmt.Errorf("loadtest: unknown scenario %q (idle, fanout, chat, reconnect-storm, gift, grab)", cfg.Scenario)
 	}
 	if cfg.NoPublish {
 		cfg.Talkers = 0
+	}
+	if cfg.SrcIPs < 0 || cfg.SrcIPs > 254 {
+		return fmt.Errorf("loadtest: -src-ips %d: 1..254 addresses 127.0.0.1..127.0.0.N", cfg.SrcIPs)
 	}
 	if cfg.Talkers >= cfg.Conns {
 		return fmt.Errorf("loadtest: %d connections leave no viewers beside %d publishers", cfg.Conns, cfg.Talkers)
@@ -230,12 +265,17 @@ type run struct {
 
 	errMu   sync.Mutex
 	samples []string
+
+	m money // gift / grab
 }
 
 type lconn struct {
-	r      *run
-	c      *clientsdk.Client
-	viewer bool
+	r       *run
+	c       *clientsdk.Client
+	viewer  bool
+	user    int64
+	token   string
+	granted int64 // grab: the amount this connection was told it got
 
 	mu     sync.Mutex
 	known  bool
@@ -275,6 +315,16 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 		}
 	}
 	r.room = room
+	switch cfg.Scenario {
+	case Gift:
+		if err := r.prepareGift(ctx); err != nil {
+			return nil, err
+		}
+	case Grab:
+		if err := r.prepareGrab(ctx); err != nil {
+			return nil, err
+		}
+	}
 	res := &Result{Scenario: cfg.Scenario, Procs: 1}
 	if cfg.NodePID > 0 {
 		res.NodeRSSBefore, _ = RSS(cfg.NodePID)
@@ -355,6 +405,18 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	if cfg.Scenario == ReconnectStorm {
 		go r.kill(runCtx)
 	}
+	var all []*lconn
+	for _, lc := range conns {
+		if lc != nil {
+			all = append(all, lc)
+		}
+	}
+	switch cfg.Scenario {
+	case Gift:
+		r.gift(runCtx, all)
+	case Grab:
+		r.grab(ctx, all)
+	}
 	var pwg sync.WaitGroup
 	for k, p := range pubs {
 		pwg.Add(1)
@@ -383,8 +445,15 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+	switch cfg.Scenario {
+	case Gift:
+		r.checkGift(ctx, all)
+	case Grab:
+		r.checkGrab(ctx, all)
+	}
 	r.closeAll(conns)
 	r.fill(res, viewers)
+	r.fillMoney(res)
 	return res, nil
 }
 
@@ -392,13 +461,24 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 func (r *run) open(ctx context.Context, i int, viewer bool) (*lconn, error) {
 	cfg := &r.cfg
 	node := i % len(cfg.WS)
-	tok, err := DevToken(ctx, r.http, cfg.HTTP[node%len(cfg.HTTP)], cfg.UserBase+int64(i), "viewer")
+	user := cfg.UserBase + int64(i)
+	tok, err := DevToken(ctx, r.http, cfg.HTTP[node%len(cfg.HTTP)], user, "viewer")
 	if err != nil {
 		return nil, err
 	}
-	lc := &lconn{r: r, viewer: viewer}
+	if cfg.Scenario == Gift {
+		if err := DevCredit(ctx, r.http, cfg.HTTP[node%len(cfg.HTTP)], user, r.giftCredit(), "lg-credit-"+strconv.FormatInt(user, 10)); err != nil {
+			return nil, err
+		}
+	}
+	lc := &lconn{r: r, viewer: viewer, user: user, token: tok}
 	urls := append([]string{cfg.WS[node]}, cfg.WS...)
+	var local net.Addr
+	if cfg.SrcIPs > 1 {
+		local = &net.TCPAddr{IP: net.IPv4(127, 0, 0, byte(1+i%cfg.SrcIPs))}
+	}
 	c, err := clientsdk.Dial(ctx, clientsdk.Config{
+		LocalAddr:         local,
 		URLs:              urls,
 		Token:             tok,
 		EventBuffer:       16,
@@ -658,11 +738,25 @@ func OpenRoom(ctx context.Context, hc *http.Client, base string, anchor int64) (
 }
 
 func postJSON(ctx context.Context, hc *http.Client, url, token, body string, out any) error {
-	req, err := http.NewRequestWithContext(ctx, "POST", url, strings.NewReader(body))
+	return doJSON(ctx, hc, "POST", url, token, body, out)
+}
+
+func getJSON(ctx context.Context, hc *http.Client, url, token string, out any) error {
+	return doJSON(ctx, hc, "GET", url, token, "", out)
+}
+
+func doJSON(ctx context.Context, hc *http.Client, method, url, token, body string, out any) error {
+	var rd io.Reader
+	if body != "" {
+		rd = strings.NewReader(body)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, url, rd)
 	if err != nil {
 		return err
 	}
-	req.Header.Set("Content-Type", "application/json")
+	if body != "" {
+		req.Header.Set("Content-Type", "application/json")
+	}
 	if token != "" {
 		req.Header.Set("Authorization", "Bearer "+token)
 	}
@@ -676,7 +770,7 @@ func postJSON(ctx context.Context, hc *http.Client, url, token, body string, out
 		return err
 	}
 	if err := json.Unmarshal(b, out); err != nil {
-		return fmt.Errorf("POST %s: status %d: %w", url, resp.StatusCode, err)
+		return fmt.Errorf("%s %s: status %d: %w", method, url, resp.StatusCode, err)
 	}
 	return nil
 }

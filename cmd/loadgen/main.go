@@ -38,7 +38,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	var procs int
 	var startAt int64
 	var quiet bool
-	fs.StringVar(&cfg.Scenario, "scenario", "idle", "idle | fanout | chat | reconnect-storm")
+	fs.StringVar(&cfg.Scenario, "scenario", "idle", "idle | fanout | chat | reconnect-storm | gift | grab")
 	fs.StringVar(&ws, "ws", "ws://127.0.0.1:8081/ws", "WebSocket URLs of the nodes, comma-separated (loopback only)")
 	fs.StringVar(&httpURLs, "http", "http://127.0.0.1:8080", "HTTP bases of the nodes, same order (dev tokens, room)")
 	fs.IntVar(&cfg.Conns, "conns", 100, "connections in all (viewers + publishers)")
@@ -47,7 +47,12 @@ func run(args []string, stdout, stderr io.Writer) int {
 	fs.Int64Var(&cfg.Room, "room", 0, "room id (0: open, or get back, the anchor's room)")
 	fs.Int64Var(&cfg.Anchor, "anchor", 1, "anchor user id for -room 0")
 	fs.Int64Var(&cfg.UserBase, "user-base", 0, "first user id (0: derived from the time, fresh users each run)")
-	fs.Float64Var(&cfg.Rate, "rate", 0, "fanout / reconnect-storm: pushes per second through one publisher (fanout default 5)")
+	fs.Float64Var(&cfg.Rate, "rate", 0, "fanout / reconnect-storm: pushes per second through one publisher (fanout default 5); gift: gifts per second offered in all (0: closed loop, needs -no-gift-limit)")
+	fs.Int64Var(&cfg.GiftID, "gift-id", loadtest.DefaultGiftID, "gift: the gift sent to the room's anchor")
+	fs.BoolVar(&cfg.NoGiftLimit, "no-gift-limit", false, "gift: the node runs with LIVEEDGE_LIMITS_GIFT_PER_SECOND=0 (allow more than 20 gifts/s per sender)")
+	fs.Int64Var(&cfg.RainTotal, "rain-total", 0, "grab: coins in the rain (default 100 per packet)")
+	fs.IntVar(&cfg.RainCount, "rain-count", 0, "grab: packets in the rain (default -conns)")
+	fs.IntVar(&cfg.SrcIPs, "src-ips", 1, "dial connection i from 127.0.0.(1 + i mod N): N source addresses, so ephemeral ports do not run out")
 	fs.IntVar(&cfg.Talkers, "talkers", 0, "chat: talking connections (default 5)")
 	fs.Float64Var(&cfg.ChatRate, "chat-rate", 0, "chat: chats per second per talker, at most 5 (default 2)")
 	fs.IntVar(&cfg.Payload, "payload", 100, "chat text bytes")
@@ -80,6 +85,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 	defer stop()
 
 	var res *loadtest.Result
+	if procs > 1 && (cfg.Scenario == loadtest.Gift || cfg.Scenario == loadtest.Grab) {
+		fmt.Fprintf(stderr, "loadgen: -scenario %s runs in one process (its money check is per run): no -procs\n", cfg.Scenario)
+		return 2
+	}
 	if procs > 1 {
 		res, err = runProcs(ctx, fs, cfg, procs, stderr)
 	} else {
