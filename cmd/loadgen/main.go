@@ -64,6 +64,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 	fs.StringVar(&jsonPath, "json", "", "write the figures to this JSON file")
 	fs.IntVar(&procs, "procs", 1, "spread the connections over this many processes")
 	fs.BoolVar(&quiet, "q", false, "no progress lines on stderr")
+	var nodeBin, nodeData, nodeEnv string
+	fs.StringVar(&nodeBin, "liveedge", "", "start a fresh node from this binary for the run (free loopback ports, data under -data; sets -ws, -http and -node-pid)")
+	fs.StringVar(&nodeData, "data", "data", "parent directory of the -liveedge node's data")
+	fs.StringVar(&nodeEnv, "node-env", "", "-liveedge: extra KEY=VALUE settings for the node, comma-separated (e.g. LIVEEDGE_LIMITS_GIFT_PER_SECOND=0)")
 	// internal: set by the parent for its children
 	fs.BoolVar(&cfg.NoPublish, "no-publish", false, "internal (-procs): this process has no publishers")
 	fs.Int64Var(&startAt, "start-at", 0, "internal (-procs): unix ms when publishing starts")
@@ -83,6 +87,19 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	if nodeBin != "" {
+		node, err := loadtest.StartNode(ctx, nodeBin, nodeData, split(nodeEnv), nil)
+		if err != nil {
+			fmt.Fprintln(stderr, "loadgen:", err)
+			return 1
+		}
+		defer node.Stop()
+		cfg.WS, cfg.HTTP, cfg.NodePID = []string{node.WS}, []string{node.HTTP}, node.PID
+		// the children of -procs are given the node's addresses, not -liveedge
+		_ = fs.Set("ws", node.WS)
+		_ = fs.Set("http", node.HTTP)
+		_ = fs.Set("node-pid", strconv.Itoa(node.PID))
+	}
 
 	var res *loadtest.Result
 	if procs > 1 && (cfg.Scenario == loadtest.Gift || cfg.Scenario == loadtest.Grab) {
@@ -163,7 +180,7 @@ func runProcs(ctx context.Context, fs *flag.FlagSet, cfg loadtest.Config, procs 
 	start := time.Now().Add(rampTime + 3*time.Second)
 	// flags given on the command line, minus those set per child
 	perChild := map[string]bool{"conns": true, "procs": true, "json": true, "ramp": true, "room": true,
-		"user-base": true, "no-publish": true, "start-at": true, "node-pid": true}
+		"user-base": true, "no-publish": true, "start-at": true, "node-pid": true, "liveedge": true, "data": true, "node-env": true}
 	var common []string
 	fs.Visit(func(f *flag.Flag) {
 		if !perChild[f.Name] {

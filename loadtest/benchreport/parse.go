@@ -143,23 +143,7 @@ func ReadLoadgen(patterns []string) ([]LoadgenRun, error) {
 }
 
 // Webhook is the result of the wrk webhook run (cmd/wrkwebhook -json).
-type Webhook struct {
-	Orders        int     `json:"orders"`
-	Requests      int64   `json:"requests"` // wrk's count of completed requests
-	Seconds       float64 `json:"seconds"`  // wrk's run time
-	NotifiesPerS  float64 `json:"notifies_per_sec"`
-	Non2xx        int64   `json:"non_2xx"`
-	SocketErrors  int64   `json:"socket_errors"`
-	Paid          int     `json:"paid"`           // orders PAID after the run
-	CreditedCoins int64   `json:"credited_coins"` // Σ balance deltas of the buyers
-	ExpectedCoins int64   `json:"expected_coins"` // orders × coins of the product
-	ExactlyOnce   bool    `json:"exactly_once"`
-	LatencyP50Ms  float64 `json:"latency_p50_ms"`
-	LatencyP99Ms  float64 `json:"latency_p99_ms"`
-	Conns         int     `json:"connections"`
-	Threads       int     `json:"threads"`
-	Error         string  `json:"error,omitempty"`
-}
+type Webhook = loadtest.WebhookResult
 
 // ReadWebhook reads a webhook result; a missing file is (nil, nil).
 func ReadWebhook(path string) (*Webhook, error) {
