@@ -2,9 +2,12 @@
 // WebSocket connections (over the Go SDK, clientsdk) against nodes on this
 // machine, joins them to one room and runs a scenario — idle connections,
 // room fan-out from one publisher, chat from several talkers, a reconnect
-// storm after a node is killed — measuring push latency from a timestamp in
-// the chat text, gaps and duplicates by room offset, and memory per
-// connection. Loopback addresses only.
+// storm after a node is killed, a gift storm, a red-packet grab storm —
+// measuring push latency from a timestamp in the chat text, gaps and
+// duplicates by room offset, request → reply latency, and memory per
+// connection, and checking the money through the HTTP API after the gift
+// and grab storms. RunWebhook measures the payment webhook with wrk.
+// Loopback addresses only.
 package loadtest
 
 import (

@@ -167,7 +167,7 @@ func (r *run) gift(ctx context.Context, senders []*lconn) {
 			defer wg.Done()
 			if r.cfg.Rate <= 0 {
 				for seq := int64(1); ctx.Err() == nil; seq++ {
-					r.sendGift(ctx, s, seq, time.Now())
+					r.sendGift(s, seq, time.Now())
 				}
 				return
 			}
@@ -188,7 +188,7 @@ func (r *run) gift(ctx context.Context, senders []*lconn) {
 				gw.Add(1)
 				go func() {
 					defer gw.Done()
-					r.sendGift(context.WithoutCancel(ctx), s, seq, at)
+					r.sendGift(s, seq, at)
 					<-inflight
 				}()
 			}
@@ -197,9 +197,11 @@ func (r *run) gift(ctx context.Context, senders []*lconn) {
 	wg.Wait()
 }
 
-func (r *run) sendGift(ctx context.Context, s *lconn, seq int64, at time.Time) {
+// sendGift sends one gift and waits for its reply (10 s at most: a gift
+// that was sent is never abandoned when the run ends).
+func (r *run) sendGift(s *lconn, seq int64, at time.Time) {
 	r.m.requests.Add(1)
-	rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	rctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	_, err := s.c.Request(rctx, proto.TypeGift, map[string]any{"room_id": r.room, "gift_id": r.cfg.GiftID,
 		"receiver_id": r.m.receiver, "count": 1, "req_id": "lg-" + strconv.FormatInt(s.user, 10) + "-" + strconv.FormatInt(seq, 10)})
@@ -213,10 +215,7 @@ func (r *run) sendGift(ctx context.Context, s *lconn, seq int64, at time.Time) {
 		r.lat.Record(time.Since(at))
 		r.m.refuse(pe.Code)
 	default:
-		if ctx.Err() != nil && errors.Is(err, context.Canceled) {
-			return // the run ended before the gift was sent
-		}
-		r.m.ambiguous.Add(1) // sent, outcome unknown (timeout, disconnect)
+		r.m.ambiguous.Add(1) // sent (or not), outcome unknown: timeout, disconnect
 		r.fail(fmt.Errorf("gift: %w", err))
 	}
 }
