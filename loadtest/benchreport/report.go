@@ -98,6 +98,8 @@ var rules = []rule{
 		baseline: "bare gws loop, same pace", baseBench: "BareGwsLoop_1k", baseUnit: "paced-p99-ms"},
 	{group: "fan-out", what: "fan-out p99 at light load (paced), 10,000 viewers, ms", bench: "RoomFanout_10k", unit: "paced-p99-ms",
 		baseline: "bare gws loop, same pace", baseBench: "BareGwsLoop_10k", baseUnit: "paced-p99-ms"},
+	{group: "fan-out", what: "cluster fan-out: 10,000 viewers of one room over 3 cluster nodes (one process, the same 2 cores), deliveries/s", bench: "ClusterFanout_10k/3nodes", unit: "deliveries/s",
+		baseline: "the same 10,000 on 1 cluster node", baseBench: "ClusterFanout_10k/1node", baseUnit: "deliveries/s", target: "≥ 0.7×", ok: atLeastRatio(0.7)},
 	{group: "gifts", what: "durable gifts/s, hot workload (10 combo senders, 10 % hot)", bench: "GiftDebit_Hot/liveedge", unit: "gifts/s",
 		baseline: "seed re-creation (Redis SETNX lock, sleep, DECRBY, async DB write)", baseBench: "GiftDebit_Hot/seed", baseUnit: "gifts/s", target: "≥ 50×", ok: atLeastRatio(50)},
 	{group: "gifts", what: "durable gifts/s, hot mix served by a pool of 512 clients", bench: "GiftDebit_HotPool/liveedge", unit: "gifts/s",

@@ -37,8 +37,8 @@ func sampleReport(t *testing.T) *Report {
 func TestParseBench(t *testing.T) {
 	rep := sampleReport(t)
 	br := rep.Bench
-	if len(br.Results) != 21 {
-		t.Fatalf("%d results, want 21", len(br.Results))
+	if len(br.Results) != 24 {
+		t.Fatalf("%d results, want 24", len(br.Results))
 	}
 	if br.CPU != "AMD EPYC" || len(br.Failed) != 0 {
 		t.Fatalf("cpu %q failed %v", br.CPU, br.Failed)
@@ -84,6 +84,10 @@ func TestBuildFigures(t *testing.T) {
 	f := find("RoomFanout_1k", "pushes/s")
 	if f.Base == nil || *f.Base != 93.24 || f.Ratio == nil || *f.Ratio < 41.5 || *f.Ratio > 41.6 || f.Met == nil || !*f.Met {
 		t.Fatalf("fan-out 1k: %+v", f)
+	}
+	f = find("ClusterFanout_10k/3nodes", "deliveries/s")
+	if r := *f.Ratio; r < 3.04 || r > 3.05 || !*f.Met {
+		t.Fatalf("cluster fan-out: %+v", f)
 	}
 	f = find("GiftWS/liveedge_half", "p99-ms")
 	if *f.Base != 28.60 || f.Met == nil || *f.Met { // 252.5 ms misses ≤ 20 ms
