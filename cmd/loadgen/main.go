@@ -133,6 +133,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 			return 1
 		}
 	}
+	if res.Conserved != nil && !*res.Conserved {
+		fmt.Fprintln(stderr, "loadgen: the money check failed:", res.ConservationNote)
+		return 1
+	}
 	return 0
 }
 
