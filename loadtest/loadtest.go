@@ -62,8 +62,12 @@ type Config struct {
 
 	GiftID      int64 // gift: the gift sent (0: DefaultGiftID); Rate is the offered gifts/s in all (0: closed loop)
 	NoGiftLimit bool  // gift: the node runs without limits.gift_per_second (allow Rate/Conns above MaxGiftRate)
-	RainTotal   int64 // grab: coins in the rain (default 100 per packet)
-	RainCount   int   // grab: packets (default Conns: one per grabber)
+	// Warmup: gift: gifts scheduled in this first part of the run are sent
+	// and checked but not timed (the node warms up: wallets loaded, buffers
+	// grown). 0: every gift is timed.
+	Warmup    time.Duration
+	RainTotal int64 // grab: coins in the rain (default 100 per packet)
+	RainCount int   // grab: packets (default Conns: one per grabber)
 
 	// SrcIPs > 1 dials connection i from 127.0.0.(1 + i mod SrcIPs), so that
 	// 100k connections to one node do not exhaust one source address's
@@ -225,10 +229,11 @@ type Result struct {
 
 	// gift / grab: requests answered, latency from send to reply (the
 	// latency_* fields), and the money checked through the HTTP API after the run.
-	OfferedRate      float64       `json:"offered_rate,omitempty"` // gift: gifts/s offered in all (0: closed loop)
-	Requests         int64         `json:"requests,omitempty"`     // gifts or grabs sent
-	Replies          int64         `json:"replies,omitempty"`      // answered OK (gifts debited, packets granted)
-	Refused          int64         `json:"refused,omitempty"`      // answered with an error code
+	OfferedRate      float64       `json:"offered_rate,omitempty"`   // gift: gifts/s offered in all (0: closed loop)
+	WarmupSeconds    float64       `json:"warmup_seconds,omitempty"` // gift: not timed at the start
+	Requests         int64         `json:"requests,omitempty"`       // gifts or grabs sent
+	Replies          int64         `json:"replies,omitempty"`        // answered OK (gifts debited, packets granted)
+	Refused          int64         `json:"refused,omitempty"`        // answered with an error code
 	RefusedCodes     map[int]int64 `json:"refused_codes,omitempty"`
 	RepliesPerSec    float64       `json:"replies_per_sec,omitempty"`
 	Packets          int64         `json:"packets,omitempty"`        // grab: the rain's total_count

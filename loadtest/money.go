@@ -161,13 +161,15 @@ func (r *run) giftCredit() int64 {
 func (r *run) gift(ctx context.Context, senders []*lconn) {
 	var wg sync.WaitGroup
 	n := len(senders)
+	warm := time.Now().Add(r.cfg.Warmup) // gifts scheduled before this are not timed
 	for i, s := range senders {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			if r.cfg.Rate <= 0 {
 				for seq := int64(1); ctx.Err() == nil; seq++ {
-					r.sendGift(s, seq, time.Now())
+					at := time.Now()
+					r.sendGift(s, seq, at, at.After(warm))
 				}
 				return
 			}
@@ -188,7 +190,7 @@ func (r *run) gift(ctx context.Context, senders []*lconn) {
 				gw.Add(1)
 				go func() {
 					defer gw.Done()
-					r.sendGift(s, seq, at)
+					r.sendGift(s, seq, at, at.After(warm))
 					<-inflight
 				}()
 			}
@@ -198,21 +200,23 @@ func (r *run) gift(ctx context.Context, senders []*lconn) {
 }
 
 // sendGift sends one gift and waits for its reply (10 s at most: a gift
-// that was sent is never abandoned when the run ends).
-func (r *run) sendGift(s *lconn, seq int64, at time.Time) {
+// that was sent is never abandoned when the run ends); timed unless it was
+// scheduled during the warm-up.
+func (r *run) sendGift(s *lconn, seq int64, at time.Time, timed bool) {
 	r.m.requests.Add(1)
 	rctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	_, err := s.c.Request(rctx, proto.TypeGift, map[string]any{"room_id": r.room, "gift_id": r.cfg.GiftID,
 		"receiver_id": r.m.receiver, "count": 1, "req_id": "lg-" + strconv.FormatInt(s.user, 10) + "-" + strconv.FormatInt(seq, 10)})
 	var pe *proto.Error
+	if timed && (err == nil || errors.As(err, &pe)) {
+		r.lat.Record(time.Since(at))
+	}
 	switch {
 	case err == nil:
-		r.lat.Record(time.Since(at))
 		r.m.replies.Add(1)
 		r.m.spent.Add(r.m.price)
 	case errors.As(err, &pe):
-		r.lat.Record(time.Since(at))
 		r.m.refuse(pe.Code)
 	default:
 		r.m.ambiguous.Add(1) // sent (or not), outcome unknown: timeout, disconnect
@@ -446,7 +450,7 @@ func (r *run) fillMoney(res *Result) {
 		res.RepliesPerSec = float64(res.Replies) / secs
 	}
 	if r.cfg.Scenario == Gift {
-		res.OfferedRate = r.cfg.Rate
+		res.OfferedRate, res.WarmupSeconds = r.cfg.Rate, r.cfg.Warmup.Seconds()
 	}
 	if r.cfg.Scenario == Grab {
 		res.Packets, res.TotalAmount, res.GrantedAmount = int64(r.cfg.RainCount), r.cfg.RainTotal, m.granted.Load()

@@ -50,6 +50,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	fs.Float64Var(&cfg.Rate, "rate", 0, "fanout / reconnect-storm: pushes per second through one publisher (fanout default 5); gift: gifts per second offered in all (0: closed loop, needs -no-gift-limit)")
 	fs.Int64Var(&cfg.GiftID, "gift-id", loadtest.DefaultGiftID, "gift: the gift sent to the room's anchor")
 	fs.BoolVar(&cfg.NoGiftLimit, "no-gift-limit", false, "gift: the node runs with LIVEEDGE_LIMITS_GIFT_PER_SECOND=0 (allow more than 20 gifts/s per sender)")
+	fs.DurationVar(&cfg.Warmup, "warmup", time.Second, "gift: gifts scheduled in this first part of the run are sent and checked but not timed")
 	fs.Int64Var(&cfg.RainTotal, "rain-total", 0, "grab: coins in the rain (default 100 per packet)")
 	fs.IntVar(&cfg.RainCount, "rain-count", 0, "grab: packets in the rain (default -conns)")
 	fs.IntVar(&cfg.SrcIPs, "src-ips", 1, "dial connection i from 127.0.0.(1 + i mod N): N source addresses, so ephemeral ports do not run out")

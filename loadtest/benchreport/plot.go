@@ -80,11 +80,15 @@ func (rep *Report) WritePlots(dir string) error {
 		if drawn == 0 {
 			continue
 		}
+		// room above the highest point for the legend (top left)
+		p.Legend.TextStyle.Font.Size = vg.Points(8)
 		if d.logY {
-			// room above the highest point for the legend
-			p.Y.Max *= 3
+			p.Y.Max *= 20
+		} else {
+			p.Y.Min = 0
+			p.Y.Max *= 1.35
 		}
-		if err := p.Save(18*vg.Centimeter, 11*vg.Centimeter, filepath.Join(dir, d.file)); err != nil {
+		if err := p.Save(18*vg.Centimeter, 12*vg.Centimeter, filepath.Join(dir, d.file)); err != nil {
 			return fmt.Errorf("plot %s: %w", d.file, err)
 		}
 		rep.Plots = append(rep.Plots, Plot{File: d.file, Title: d.title})
