@@ -195,9 +195,12 @@ func runProcs(ctx context.Context, fs *flag.FlagSet, cfg loadtest.Config, procs 
 	var wg sync.WaitGroup
 	parts := make([]*loadtest.Result, procs)
 	errs := make([]error, procs)
-	// the parent samples the node's RSS while the children hold their connections
+	// The parent samples the node's RSS every 500 ms while the children run
+	// and keeps the highest: with every connection held (a child whose ramp
+	// runs late still counts; a single sample at the planned start did not).
 	var nodePeak int64
 	sampleDone := make(chan struct{})
+	childrenDone := make(chan struct{})
 	if cfg.NodePID > 0 {
 		go func() {
 			defer close(sampleDone)
@@ -206,12 +209,13 @@ func runProcs(ctx context.Context, fs *flag.FlagSet, cfg loadtest.Config, procs 
 			for {
 				select {
 				case <-t.C:
+				case <-childrenDone:
+					return
 				case <-ctx.Done():
 					return
 				}
-				if time.Now().After(start) { // every child has ramped and settled
-					nodePeak, _ = loadtest.RSS(cfg.NodePID)
-					return
+				if v, err := loadtest.RSS(cfg.NodePID); err == nil && v > nodePeak {
+					nodePeak = v
 				}
 			}
 		}()
@@ -249,6 +253,7 @@ func runProcs(ctx context.Context, fs *flag.FlagSet, cfg loadtest.Config, procs 
 		}()
 	}
 	wg.Wait()
+	close(childrenDone)
 	<-sampleDone
 	var ok []*loadtest.Result
 	for i, p := range parts {
