@@ -134,14 +134,15 @@ bench-webhook: tools build
 	./$(BIN)/wrkwebhook -liveedge $(BIN)/liveedge -orders $(BENCH_WEBHOOK_ORDERS) -max-time 60s -q \
 	  -json $(BENCH_TMP)/webhook.json
 
-# Not part of `make bench` (~1 min, ~1.5 GB of memory): 10,000 and 19,000 idle
-# joined connections in one node process, spread over 2 loadgen processes
-# (20,000 files per process here); the next bench-report includes them.
+# Not part of `make bench` (~1.5 min, ~1.5 GB of memory): 10,000 and 19,000
+# idle joined connections in one node process, spread over 2 loadgen
+# processes (20,000 files per process here), held 20 s (a heartbeat each:
+# the node's idle CPU); the next bench-report includes them.
 bench-idle-large: build
 	mkdir -p $(BENCH_TMP)/loadgen
 	for n in 10000 19000; do \
 	  ./$(BIN)/loadgen -liveedge $(BIN)/liveedge -scenario idle \
-	    -conns $$n -procs 2 -ramp 1000 -duration 5s -q -json $(BENCH_TMP)/loadgen/idle-$$n.json || exit 1; done
+	    -conns $$n -procs 2 -ramp 1000 -duration 20s -q -json $(BENCH_TMP)/loadgen/idle-$$n.json || exit 1; done
 
 # The report from what the runs above left: bench.out, $(BENCH_TMP)/.
 bench-report: build

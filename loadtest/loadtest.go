@@ -223,6 +223,7 @@ type Result struct {
 	NodeRSSBefore     int64   `json:"node_rss_before_bytes,omitempty"`
 	NodeRSSAfter      int64   `json:"node_rss_after_bytes,omitempty"`
 	NodeRSSPerConn    float64 `json:"node_rss_per_conn_bytes,omitempty"`
+	NodeCPUCores      float64 `json:"node_cpu_cores"` // the node's CPU over the hold / publish phase, in cores (with NodePID)
 	LoadgenRSSBefore  int64   `json:"loadgen_rss_before_bytes"`
 	LoadgenRSSAfter   int64   `json:"loadgen_rss_after_bytes"`
 	LoadgenRSSPerConn float64 `json:"loadgen_rss_per_conn_bytes"`
@@ -407,6 +408,10 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	res.Viewers, res.Talkers = viewers, int64(len(pubs))
 
 	// The publish / hold phase.
+	var cpu0 time.Duration
+	if cfg.NodePID > 0 {
+		cpu0, _ = CPUTime(cfg.NodePID)
+	}
 	t1 := time.Now()
 	runCtx, cancel := context.WithTimeout(ctx, cfg.Duration)
 	defer cancel()
@@ -436,6 +441,11 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	pwg.Wait()
 	<-runCtx.Done()
 	res.RunSeconds = time.Since(t1).Seconds()
+	if cfg.NodePID > 0 {
+		if cpu1, err := CPUTime(cfg.NodePID); err == nil && cpu0 > 0 && res.RunSeconds > 0 {
+			res.NodeCPUCores = (cpu1 - cpu0).Seconds() / res.RunSeconds
+		}
+	}
 
 	// Drain: late pushes (and, in a storm, reconnects).
 	deadline := time.Now().Add(cfg.Drain)

@@ -16,6 +16,9 @@ func (res *Result) WriteSummary(w io.Writer) {
 		fmt.Fprintf(w, "  node RSS      %.1f → %.1f MiB: %.1f KiB per connection\n",
 			mib(res.NodeRSSBefore), mib(res.NodeRSSAfter), res.NodeRSSPerConn/1024)
 	}
+	if res.NodeRSSAfter > 0 {
+		fmt.Fprintf(w, "  node CPU      %.3f cores over the run phase (%.1f s)\n", res.NodeCPUCores, res.RunSeconds)
+	}
 	fmt.Fprintf(w, "  loadgen RSS   %.1f → %.1f MiB: %.1f KiB per connection\n",
 		mib(res.LoadgenRSSBefore), mib(res.LoadgenRSSAfter), res.LoadgenRSSPerConn/1024)
 	if res.Requests > 0 {
@@ -110,6 +113,7 @@ func Merge(parts []*Result, nodeBefore, nodeAfter int64) *Result {
 		}
 		out.LoadgenRSSBefore += p.LoadgenRSSBefore
 		out.LoadgenRSSAfter += p.LoadgenRSSAfter
+		out.NodeCPUCores = max(out.NodeCPUCores, p.NodeCPUCores) // every process times the same node over the same phase
 		out.Killed = out.Killed || p.Killed
 		out.ReconnectedAfterKill += p.ReconnectedAfterKill
 		lat.Merge(p.LatencyBuckets, p.LatencyMaxUS)

@@ -185,7 +185,7 @@ func runProcs(ctx context.Context, fs *flag.FlagSet, cfg loadtest.Config, procs 
 	start := time.Now().Add(rampTime + 3*time.Second)
 	// flags given on the command line, minus those set per child
 	perChild := map[string]bool{"conns": true, "procs": true, "json": true, "ramp": true, "room": true,
-		"user-base": true, "no-publish": true, "start-at": true, "node-pid": true, "liveedge": true, "data": true, "node-env": true}
+		"user-base": true, "no-publish": true, "start-at": true, "liveedge": true, "data": true, "node-env": true}
 	var common []string
 	fs.Visit(func(f *flag.Flag) {
 		if !perChild[f.Name] {

@@ -96,7 +96,7 @@ func (rep *Report) Markdown(w io.Writer) {
 
 	if len(rep.Loadgen) > 0 {
 		fmt.Fprintf(w, "\n## Load generator runs (cmd/loadgen, against a fresh node each)\n\n")
-		fmt.Fprintf(w, "| scenario | connections | failed | node RSS/conn | loadgen RSS/conn | rate | p50 / p99 / max ms | gaps / dups | errors | file |\n|---|---:|---:|---:|---:|---:|---|---|---:|---|\n")
+		fmt.Fprintf(w, "| scenario | connections | failed | node RSS/conn | node CPU (cores) | loadgen RSS/conn | rate | p50 / p99 / max ms | gaps / dups | errors | file |\n|---|---:|---:|---:|---:|---:|---:|---|---|---:|---|\n")
 		for _, lg := range rep.Loadgen {
 			r := lg.Result
 			rate := "—"
@@ -114,14 +114,14 @@ func (rep *Report) Markdown(w io.Writer) {
 			if r.NodeRSSPerConn > 0 {
 				node = fmt.Sprintf("%.1f KiB", r.NodeRSSPerConn/1024)
 			}
-			fmt.Fprintf(w, "| %s | %s | %d | %s | %.1f KiB | %s | %s | %d / %d | %d | %s |\n", r.Scenario, thousands(float64(r.Conns)), r.ConnErrors,
-				node, r.LoadgenRSSPerConn/1024, rate, lat, r.Gaps, r.Duplicates, r.Errors, lg.File)
+			fmt.Fprintf(w, "| %s | %s | %d | %s | %.3f | %.1f KiB | %s | %s | %d / %d | %d | %s |\n", r.Scenario, thousands(float64(r.Conns)), r.ConnErrors,
+				node, r.NodeCPUCores, r.LoadgenRSSPerConn/1024, rate, lat, r.Gaps, r.Duplicates, r.Errors, lg.File)
 			if r.Conserved != nil {
 				ok := "held"
 				if !*r.Conserved {
 					ok = "**broken**"
 				}
-				fmt.Fprintf(w, "|  | conservation through the HTTP API: %s (%s) |||||||||\n", ok, r.ConservationNote)
+				fmt.Fprintf(w, "|  | conservation through the HTTP API: %s (%s) ||||||||||\n", ok, r.ConservationNote)
 			}
 		}
 	}

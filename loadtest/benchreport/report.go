@@ -165,7 +165,7 @@ func Build(in Inputs) *Report {
 		case "idle":
 			if res.NodeRSSPerConn > 0 {
 				rep.Figures = append(rep.Figures, Figure{Group: "connections",
-					What:  fmt.Sprintf("node RSS per idle joined connection, %s connections (heartbeats on)", thousands(float64(res.Conns))),
+					What:  fmt.Sprintf("node RSS per idle joined connection, %s connections (heartbeats on; node CPU while holding them %.3f cores)", thousands(float64(res.Conns)), res.NodeCPUCores),
 					Value: res.NodeRSSPerConn / 1024, Unit: "KiB", Baseline: "the loadgen (Go SDK client) per connection, same run",
 					Base: ptr(res.LoadgenRSSPerConn / 1024), Ratio: ratioOf(res.NodeRSSPerConn, res.LoadgenRSSPerConn), Source: lg.File})
 			}
