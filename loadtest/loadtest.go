@@ -526,8 +526,8 @@ func (r *run) open(ctx context.Context, i int, viewer bool) (*lconn, error) {
 
 func (lc *lconn) onPush(p clientsdk.Push) {
 	r := lc.r
-	if p.Room != r.room {
-		return
+	if p.Room != r.room || p.Off == 0 {
+		return // another room, or a push to the user (a gift result: no off)
 	}
 	now := time.Now()
 	lc.mu.Lock()
