@@ -55,6 +55,18 @@ func run(args []string, stdout, stderr io.Writer) int {
 	if in.Webhook, err = benchreport.ReadWebhook(*webhook); err != nil {
 		return fail(err)
 	}
+	files := []string{*benchOut}
+	for _, lg := range in.Loadgen {
+		files = append(files, lg.Path)
+	}
+	if in.Webhook != nil {
+		files = append(files, *webhook)
+	}
+	for _, f := range files {
+		if st, err := os.Stat(f); err == nil {
+			in.Sources = append(in.Sources, benchreport.Source{File: filepath.Base(f), Written: st.ModTime().UTC().Format(time.RFC3339)})
+		}
+	}
 	in.Commit, in.Dirty = benchreport.GitCommit(".")
 	if *commit != "" {
 		in.Commit, in.Dirty = *commit, false

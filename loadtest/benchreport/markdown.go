@@ -47,6 +47,13 @@ func (rep *Report) Markdown(w io.Writer) {
 	fmt.Fprintf(w, "Machine: **%s**, %d cores, %s, kernel %s (%s). Every process of the run — servers,\n", m.CPU, m.Cores, m.GoVersion, m.Kernel, m.OS)
 	fmt.Fprintf(w, "load generators, baselines — shares these cores; each figure stands beside its baseline measured\n")
 	fmt.Fprintf(w, "**in the same run**, so compare ratios, not absolute numbers across machines.\n\n")
+	if len(rep.Sources) > 0 {
+		var ss []string
+		for _, src := range rep.Sources {
+			ss = append(ss, fmt.Sprintf("`%s` %s", src.File, src.Written))
+		}
+		fmt.Fprintf(w, "Inputs (written): %s.\n\n", strings.Join(ss, ", "))
+	}
 
 	fmt.Fprintf(w, "## Headline figures\n\n")
 	fmt.Fprintf(w, "| group | what | LiveEdge | baseline (same run) | ratio | target | met |\n|---|---|---:|---|---:|---:|:-:|\n")
@@ -134,7 +141,7 @@ func (rep *Report) Markdown(w io.Writer) {
 		fmt.Fprintf(w, "wrk, %d threads, %d connections, %s pre-signed bodies of real orders rotated by a Lua script\n", wh.Threads, wh.Conns, thousands(float64(wh.Orders)))
 		fmt.Fprintf(w, "(each order notified once): **%s notifies/s** (%s requests in %.2f s; latency p50 %.2f ms, p99 %.2f ms;\n",
 			thousands(wh.NotifiesPerS), thousands(float64(wh.Requests)), wh.Seconds, wh.LatencyP50Ms, wh.LatencyP99Ms)
-		fmt.Fprintf(w, "non-2xx %d, socket errors %d). After the run %s of %s orders PAID; coins credited %s, expected %s: exactly once **%v**.\n",
+		fmt.Fprintf(w, "non-2xx %d, socket errors %d). After the run %s of %s orders PAYED; coins credited %s, expected %s: exactly once **%v**.\n",
 			wh.Non2xx, wh.SocketErrors, thousands(float64(wh.Paid)), thousands(float64(wh.Orders)), thousands(float64(wh.CreditedCoins)), thousands(float64(wh.ExpectedCoins)), wh.ExactlyOnce)
 	}
 

@@ -111,6 +111,7 @@ func (r *BenchRun) Metric(name, unit string) (float64, bool) {
 // LoadgenRun is one loadgen -json file, with the figures the report uses.
 type LoadgenRun struct {
 	File     string           `json:"file"`
+	Path     string           `json:"-"`
 	Scenario string           `json:"scenario"`
 	Result   *loadtest.Result `json:"result"`
 }
@@ -130,7 +131,7 @@ func ReadLoadgen(patterns []string) ([]LoadgenRun, error) {
 				return nil, err
 			}
 			res.LatencyBuckets, res.ReconnectBuckets = nil, nil // bulky, merged already
-			out = append(out, LoadgenRun{File: filepath.Base(f), Scenario: res.Scenario, Result: res})
+			out = append(out, LoadgenRun{File: filepath.Base(f), Path: f, Scenario: res.Scenario, Result: res})
 		}
 	}
 	sort.SliceStable(out, func(i, j int) bool {

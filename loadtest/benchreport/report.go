@@ -52,6 +52,13 @@ type Report struct {
 	Bench   *BenchRun    `json:"bench"`
 	Loadgen []LoadgenRun `json:"loadgen"`
 	Webhook *Webhook     `json:"webhook,omitempty"`
+	Sources []Source     `json:"sources,omitempty"` // the input files and when each was written
+}
+
+// Source is one input file of the report.
+type Source struct {
+	File    string `json:"file"`
+	Written string `json:"written"` // RFC 3339, UTC
 }
 
 // Plot is one PNG written beside the report.
@@ -69,6 +76,7 @@ type Inputs struct {
 	Commit  string
 	Dirty   bool
 	Date    time.Time
+	Sources []Source
 }
 
 // rule names a headline figure: a metric of a benchmark, optionally a
@@ -127,7 +135,7 @@ var rules = []rule{
 // Build computes the report's figures from its inputs.
 func Build(in Inputs) *Report {
 	rep := &Report{Date: in.Date.UTC().Format(time.RFC3339), Commit: in.Commit, Dirty: in.Dirty,
-		Machine: in.Machine, Bench: in.Bench, Loadgen: in.Loadgen, Webhook: in.Webhook}
+		Machine: in.Machine, Bench: in.Bench, Loadgen: in.Loadgen, Webhook: in.Webhook, Sources: in.Sources}
 	if rep.Machine.CPU == "" && in.Bench != nil {
 		rep.Machine.CPU = in.Bench.CPU
 	}
