@@ -15,7 +15,7 @@ TESTFLAGS ?= -race -p 1 -timeout 25m
 TIMING_TESTS := ^TestSlowConsumerClosedRoomUnaffected$$
 CONFIG    ?= configs/single.yaml
 
-.PHONY: run build test ts-test k6-check tools vet fmt-check fuzz bench loadtest clean cluster
+.PHONY: run build test ts-test k6-check tools vet fmt-check fuzz bench bench-go bench-loadgen bench-webhook bench-idle-large bench-report loadtest clean cluster
 
 run: build
 	./$(BIN)/liveedge -config $(CONFIG)
@@ -29,6 +29,8 @@ cluster: tools build
 build:
 	$(GO) build -o $(BIN)/liveedge ./cmd/liveedge
 	$(GO) build -o $(BIN)/loadgen ./cmd/loadgen
+	$(GO) build -o $(BIN)/wrkwebhook ./cmd/wrkwebhook
+	$(GO) build -o $(BIN)/benchreport ./cmd/benchreport
 
 # Everything CI runs: static checks, every test under -race (then the timing
 # tests again without it), a short fuzz run
@@ -57,7 +59,7 @@ k6-check: build
 
 # Tools the tests shell out to (a fresh Debian machine may lack them), as
 # command:package (chromium drives the demo page test; node and npm the TS SDK's).
-TOOLS := git:git curl:curl make:make redis-server:redis-server nats-server:nats-server chromium:chromium node:nodejs npm:npm
+TOOLS := git:git curl:curl make:make redis-server:redis-server nats-server:nats-server chromium:chromium node:nodejs npm:npm wrk:wrk
 tools:
 	@missing=""; for tp in $(TOOLS); do command -v $${tp%%:*} >/dev/null 2>&1 || missing="$$missing $${tp#*:}"; done; \
 	if [ -n "$$missing" ]; then \
@@ -80,15 +82,72 @@ fuzz:
 	$(GO) test -run='^$$' -fuzz='^FuzzClusterWire$$' -fuzztime=$(FUZZ_FRAME) ./router
 	$(GO) test -run='^$$' -fuzz='^FuzzSplit$$' -fuzztime=$(FUZZ_NOTIFY) ./edge/redpacket
 
-# Benchmarks: ratios against baselines measured in the same run (see README,
-# which lists each command and how long it takes). Run on an otherwise idle
-# machine; everything goes to bench.out.
-bench:
-	{ $(GO) test -run='^$$' -bench='Fanout|Bare' -benchtime=2000x -timeout=30m ./router/bench/ && \
+# Benchmarks and the report: `make bench` runs the Go benchmarks (output in
+# bench.out), the loadgen scenarios and the wrk webhook run (JSON under
+# bench-tmp/), each against a fresh node of its own on free loopback ports,
+# then writes docs/bench/latest.json, latest.md and the PNG plots README
+# shows (cmd/benchreport). ~10 min on 2 cores; run on an otherwise idle
+# machine. Each figure is compared with a baseline measured in the same run.
+BENCH_TMP ?= bench-tmp
+BENCH_OUT ?= docs/bench
+# loadgen idle sizes (connections) and gift offered rates (gifts/s from 500 senders)
+BENCH_IDLE ?= 1000 2000 5000
+BENCH_GIFT_RATES ?= 1000 2000 4000 8000
+# the payment webhook with wrk: orders, each notified once
+BENCH_WEBHOOK_ORDERS ?= 50000
+# router/bench: the single-node fan-out and its bare baselines (~5 min busy);
+# BENCH_FANOUT='Fanout|Bare' adds the cluster fan-out (+2-3 min)
+BENCH_FANOUT ?= ^Benchmark(RoomFanout|BareGwsLoop)_
+
+bench: tools build
+	rm -rf $(BENCH_TMP) && mkdir -p $(BENCH_TMP)/loadgen
+	$(MAKE) bench-go
+	$(MAKE) bench-loadgen || echo bench-loadgen >> $(BENCH_TMP)/failed
+	$(MAKE) bench-webhook || echo bench-webhook >> $(BENCH_TMP)/failed
+	$(MAKE) bench-report
+	! grep -q '^FAIL' bench.out && [ ! -e $(BENCH_TMP)/failed ] || { echo "failed: $$(cat $(BENCH_TMP)/failed 2>/dev/null) $$(grep '^FAIL' bench.out)"; exit 1; }
+
+bench-go:
+	{ $(GO) test -run='^$$' -bench='$(BENCH_FANOUT)' -benchtime=2000x -timeout=30m ./router/bench/ && \
 	  $(GO) test -run='^$$' -bench=. -benchtime=1x -timeout=30m ./edge/gift/bench/ && \
 	  $(GO) test -run='^$$' -bench='NotifyVerified|NotifyHTTP' -benchtime=20000x -timeout=30m ./edge/pay/bench/ && \
 	  $(GO) test -run='^$$' -bench=Grab -benchtime=1x -timeout=30m ./edge/redpacket/bench/ ; } 2>&1 | tee bench.out
-	! grep -q '^FAIL' bench.out
+
+# loadgen against a fresh node per run: idle memory per connection at each
+# size; the gift storm at fixed offered rates; a red-packet grab storm.
+bench-loadgen: build
+	mkdir -p $(BENCH_TMP)/loadgen
+	for n in $(BENCH_IDLE); do \
+	  ./$(BIN)/loadgen -liveedge $(BIN)/liveedge -scenario idle -conns $$n -ramp 1000 -duration 3s -q \
+	    -json $(BENCH_TMP)/loadgen/idle-$$n.json || exit 1; done
+	for r in $(BENCH_GIFT_RATES); do \
+	  ./$(BIN)/loadgen -liveedge $(BIN)/liveedge -scenario gift -conns 500 -rate $$r -duration 5s -q \
+	    -json $(BENCH_TMP)/loadgen/gift-$$r.json || exit 1; done
+	./$(BIN)/loadgen -liveedge $(BIN)/liveedge -scenario grab -conns 2000 -ramp 2000 -duration 3s -q \
+	  -json $(BENCH_TMP)/loadgen/grab-2000.json
+
+# The payment webhook over real HTTP with wrk: a fresh node, orders created
+# beforehand, one pre-signed notify each (loadtest/wrk/webhook.lua), then
+# every order must be paid and credited exactly once (cmd/wrkwebhook).
+bench-webhook: tools build
+	mkdir -p $(BENCH_TMP)
+	./$(BIN)/wrkwebhook -liveedge $(BIN)/liveedge -orders $(BENCH_WEBHOOK_ORDERS) -max-time 60s -q \
+	  -json $(BENCH_TMP)/webhook.json
+
+# Not part of `make bench` (~1.5 min, ~1.5 GB of memory): 10,000 and 19,000
+# idle joined connections in one node process, spread over 2 loadgen
+# processes (20,000 files per process here), held 20 s (a heartbeat each:
+# the node's idle CPU); the next bench-report includes them.
+bench-idle-large: build
+	mkdir -p $(BENCH_TMP)/loadgen
+	for n in 10000 19000; do \
+	  ./$(BIN)/loadgen -liveedge $(BIN)/liveedge -scenario idle \
+	    -conns $$n -procs 2 -ramp 1000 -duration 20s -q -json $(BENCH_TMP)/loadgen/idle-$$n.json || exit 1; done
+
+# The report from what the runs above left: bench.out, $(BENCH_TMP)/.
+bench-report: build
+	./$(BIN)/benchreport -bench bench.out -loadgen '$(BENCH_TMP)/loadgen/*.json' \
+	  -webhook $(BENCH_TMP)/webhook.json -out $(BENCH_OUT)
 
 clean:
-	rm -rf $(BIN) data bench.out
+	rm -rf $(BIN) data bench.out $(BENCH_TMP)

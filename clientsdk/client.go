@@ -449,7 +449,7 @@ func (c *Client) connect(ctx context.Context, i int) (*session, error) {
 		handshake = max(time.Until(dl), time.Millisecond)
 	}
 	s := newSession(c)
-	dialer := &ctxDialer{ctx: ctx}
+	dialer := &ctxDialer{ctx: ctx, local: c.cfg.LocalAddr}
 	conn, resp, err := gws.NewClient(s, &gws.ClientOption{
 		Addr:             addr,
 		HandshakeTimeout: handshake,

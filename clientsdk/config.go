@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/url"
 	"slices"
 	"time"
@@ -95,6 +96,12 @@ type Config struct {
 	// A ping unanswered within RequestTimeout closes the connection (and the
 	// client reconnects).
 	HeartbeatInterval time.Duration
+
+	// LocalAddr, when set, is the local address every connection is dialed
+	// from (e.g. &net.TCPAddr{IP: net.IPv4(127, 0, 0, 2)}: a load generator
+	// spreads its connections over several source addresses so that the
+	// ephemeral ports of one do not run out). Nil lets the system choose.
+	LocalAddr net.Addr
 
 	urls []string // URL then URLs, validated, without duplicates (withDefaults)
 }

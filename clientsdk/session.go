@@ -370,11 +370,12 @@ func (s *session) sendAcks(mids []string) {
 // ends before stop is called (gws's handshake takes no context).
 type ctxDialer struct {
 	ctx    context.Context
+	local  net.Addr // Config.LocalAddr
 	stopFn func() bool
 }
 
 func (d *ctxDialer) Dial(network, addr string) (net.Conn, error) {
-	var nd net.Dialer
+	nd := net.Dialer{LocalAddr: d.local}
 	conn, err := nd.DialContext(d.ctx, network, addr)
 	if err != nil {
 		return nil, err

@@ -44,3 +44,21 @@ func TestCheckLoopback(t *testing.T) {
 		}
 	}
 }
+
+func TestCPUTime(t *testing.T) {
+	a, err := CPUTime(0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// burn CPU until the counter moves by 50 ms (5 s of wall time at most:
+	// the machine may be busy)
+	for x, end := 0, time.Now().Add(5*time.Second); time.Now().Before(end); x++ {
+		if x%100_000 == 0 {
+			if b, err := CPUTime(0); err != nil || b >= a+50*time.Millisecond {
+				return
+			}
+		}
+	}
+	b, err := CPUTime(0)
+	t.Fatalf("CPU time %v → %v after 5 s of spinning (%v)", a, b, err)
+}

@@ -2,9 +2,12 @@
 // WebSocket connections (over the Go SDK, clientsdk) against nodes on this
 // machine, joins them to one room and runs a scenario — idle connections,
 // room fan-out from one publisher, chat from several talkers, a reconnect
-// storm after a node is killed — measuring push latency from a timestamp in
-// the chat text, gaps and duplicates by room offset, and memory per
-// connection. Loopback addresses only.
+// storm after a node is killed, a gift storm, a red-packet grab storm —
+// measuring push latency from a timestamp in the chat text, gaps and
+// duplicates by room offset, request → reply latency, and memory per
+// connection, and checking the money through the HTTP API after the gift
+// and grab storms. RunWebhook measures the payment webhook with wrk.
+// Loopback addresses only.
 package loadtest
 
 import (
@@ -14,6 +17,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"strconv"
 	"strings"
@@ -31,6 +35,8 @@ const (
 	Fanout         = "fanout"
 	Chat           = "chat"
 	ReconnectStorm = "reconnect-storm"
+	Gift           = "gift"
+	Grab           = "grab"
 )
 
 // MaxChatRate is the node's default chat limit per user per second
@@ -53,6 +59,20 @@ type Config struct {
 	Talkers  int     // chat: talking connections
 	ChatRate float64 // chat: chats per second per talker (≤ MaxChatRate)
 	Payload  int     // chat text bytes (the timestamp is padded to this)
+
+	GiftID      int64 // gift: the gift sent (0: DefaultGiftID); Rate is the offered gifts/s in all (0: closed loop)
+	NoGiftLimit bool  // gift: the node runs without limits.gift_per_second (allow Rate/Conns above MaxGiftRate)
+	// Warmup: gift: gifts scheduled in this first part of the run are sent
+	// and checked but not timed (the node warms up: wallets loaded, buffers
+	// grown). 0: every gift is timed.
+	Warmup    time.Duration
+	RainTotal int64 // grab: coins in the rain (default 100 per packet)
+	RainCount int   // grab: packets (default Conns: one per grabber)
+
+	// SrcIPs > 1 dials connection i from 127.0.0.(1 + i mod SrcIPs), so that
+	// 100k connections to one node do not exhaust one source address's
+	// ephemeral ports (loopback targets only).
+	SrcIPs int
 
 	Heartbeat time.Duration // 0: the server's (hello); < 0: none
 	NodePID   int           // sample this process's RSS (the node)
@@ -136,11 +156,33 @@ func (cfg *Config) Normalize() error {
 		if cfg.Rate > 0 {
 			cfg.Talkers, cfg.ChatRate = 1, cfg.Rate
 		}
+	case Gift:
+		cfg.Talkers, cfg.ChatRate = 0, 0
+		if cfg.GiftID <= 0 {
+			cfg.GiftID = DefaultGiftID
+		}
+		if per := cfg.Rate / float64(cfg.Conns); !cfg.NoGiftLimit && (per > MaxGiftRate || cfg.Rate <= 0) {
+			return fmt.Errorf("loadtest: gift rate %.1f/s per sender (-rate %.0f, 0 = closed loop) is above the node's %d/s limit: more -conns, or a node with LIVEEDGE_LIMITS_GIFT_PER_SECOND=0 and -no-gift-limit", per, cfg.Rate, MaxGiftRate)
+		}
+	case Grab:
+		cfg.Talkers, cfg.ChatRate = 0, 0
+		if cfg.RainCount <= 0 {
+			cfg.RainCount = cfg.Conns
+		}
+		if cfg.RainTotal <= 0 {
+			cfg.RainTotal = 100 * int64(cfg.RainCount)
+		}
+		if cfg.RainTotal < int64(cfg.RainCount) {
+			return fmt.Errorf("loadtest: a rain of %d coins cannot fill %d packets", cfg.RainTotal, cfg.RainCount)
+		}
 	default:
-		return fmt.Errorf("loadtest: unknown scenario %q (idle, fanout, chat, reconnect-storm)", cfg.Scenario)
+		return fmt.Errorf("loadtest: unknown scenario %q (idle, fanout, chat, reconnect-storm, gift, grab)", cfg.Scenario)
 	}
 	if cfg.NoPublish {
 		cfg.Talkers = 0
+	}
+	if cfg.SrcIPs < 0 || cfg.SrcIPs > 254 {
+		return fmt.Errorf("loadtest: -src-ips %d: 1..254 addresses 127.0.0.1..127.0.0.N", cfg.SrcIPs)
 	}
 	if cfg.Talkers >= cfg.Conns {
 		return fmt.Errorf("loadtest: %d connections leave no viewers beside %d publishers", cfg.Conns, cfg.Talkers)
@@ -181,9 +223,25 @@ type Result struct {
 	NodeRSSBefore     int64   `json:"node_rss_before_bytes,omitempty"`
 	NodeRSSAfter      int64   `json:"node_rss_after_bytes,omitempty"`
 	NodeRSSPerConn    float64 `json:"node_rss_per_conn_bytes,omitempty"`
+	NodeCPUCores      float64 `json:"node_cpu_cores"` // the node's CPU over the hold / publish phase, in cores (with NodePID)
 	LoadgenRSSBefore  int64   `json:"loadgen_rss_before_bytes"`
 	LoadgenRSSAfter   int64   `json:"loadgen_rss_after_bytes"`
 	LoadgenRSSPerConn float64 `json:"loadgen_rss_per_conn_bytes"`
+
+	// gift / grab: requests answered, latency from send to reply (the
+	// latency_* fields), and the money checked through the HTTP API after the run.
+	OfferedRate      float64       `json:"offered_rate,omitempty"`   // gift: gifts/s offered in all (0: closed loop)
+	WarmupSeconds    float64       `json:"warmup_seconds,omitempty"` // gift: not timed at the start
+	Requests         int64         `json:"requests,omitempty"`       // gifts or grabs sent
+	Replies          int64         `json:"replies,omitempty"`        // answered OK (gifts debited, packets granted)
+	Refused          int64         `json:"refused,omitempty"`        // answered with an error code
+	RefusedCodes     map[int]int64 `json:"refused_codes,omitempty"`
+	RepliesPerSec    float64       `json:"replies_per_sec,omitempty"`
+	Packets          int64         `json:"packets,omitempty"`        // grab: the rain's total_count
+	TotalAmount      int64         `json:"total_amount,omitempty"`   // grab: the rain's total_amount
+	GrantedAmount    int64         `json:"granted_amount,omitempty"` // grab: Σ amounts the grabbers were told
+	Conserved        *bool         `json:"conserved,omitempty"`
+	ConservationNote string        `json:"conservation,omitempty"`
 
 	Killed               bool    `json:"killed,omitempty"`
 	ReconnectedAfterKill int64   `json:"reconnected_after_kill,omitempty"`
@@ -216,12 +274,17 @@ type run struct {
 
 	errMu   sync.Mutex
 	samples []string
+
+	m money // gift / grab
 }
 
 type lconn struct {
-	r      *run
-	c      *clientsdk.Client
-	viewer bool
+	r       *run
+	c       *clientsdk.Client
+	viewer  bool
+	user    int64
+	token   string
+	granted int64 // grab: the amount this connection was told it got
 
 	mu     sync.Mutex
 	known  bool
@@ -261,6 +324,16 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 		}
 	}
 	r.room = room
+	switch cfg.Scenario {
+	case Gift:
+		if err := r.prepareGift(ctx); err != nil {
+			return nil, err
+		}
+	case Grab:
+		if err := r.prepareGrab(ctx); err != nil {
+			return nil, err
+		}
+	}
 	res := &Result{Scenario: cfg.Scenario, Procs: 1}
 	if cfg.NodePID > 0 {
 		res.NodeRSSBefore, _ = RSS(cfg.NodePID)
@@ -335,11 +408,27 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	res.Viewers, res.Talkers = viewers, int64(len(pubs))
 
 	// The publish / hold phase.
+	var cpu0 time.Duration
+	if cfg.NodePID > 0 {
+		cpu0, _ = CPUTime(cfg.NodePID)
+	}
 	t1 := time.Now()
 	runCtx, cancel := context.WithTimeout(ctx, cfg.Duration)
 	defer cancel()
 	if cfg.Scenario == ReconnectStorm {
 		go r.kill(runCtx)
+	}
+	var all []*lconn
+	for _, lc := range conns {
+		if lc != nil {
+			all = append(all, lc)
+		}
+	}
+	switch cfg.Scenario {
+	case Gift:
+		r.gift(runCtx, all)
+	case Grab:
+		r.grab(ctx, all)
 	}
 	var pwg sync.WaitGroup
 	for k, p := range pubs {
@@ -352,6 +441,11 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	pwg.Wait()
 	<-runCtx.Done()
 	res.RunSeconds = time.Since(t1).Seconds()
+	if cfg.NodePID > 0 {
+		if cpu1, err := CPUTime(cfg.NodePID); err == nil && cpu0 > 0 && res.RunSeconds > 0 {
+			res.NodeCPUCores = (cpu1 - cpu0).Seconds() / res.RunSeconds
+		}
+	}
 
 	// Drain: late pushes (and, in a storm, reconnects).
 	deadline := time.Now().Add(cfg.Drain)
@@ -369,8 +463,15 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+	switch cfg.Scenario {
+	case Gift:
+		r.checkGift(ctx, all)
+	case Grab:
+		r.checkGrab(ctx, all)
+	}
 	r.closeAll(conns)
 	r.fill(res, viewers)
+	r.fillMoney(res)
 	return res, nil
 }
 
@@ -378,13 +479,24 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 func (r *run) open(ctx context.Context, i int, viewer bool) (*lconn, error) {
 	cfg := &r.cfg
 	node := i % len(cfg.WS)
-	tok, err := DevToken(ctx, r.http, cfg.HTTP[node%len(cfg.HTTP)], cfg.UserBase+int64(i), "viewer")
+	user := cfg.UserBase + int64(i)
+	tok, err := DevToken(ctx, r.http, cfg.HTTP[node%len(cfg.HTTP)], user, "viewer")
 	if err != nil {
 		return nil, err
 	}
-	lc := &lconn{r: r, viewer: viewer}
+	if cfg.Scenario == Gift {
+		if err := DevCredit(ctx, r.http, cfg.HTTP[node%len(cfg.HTTP)], user, r.giftCredit(), "lg-credit-"+strconv.FormatInt(user, 10)); err != nil {
+			return nil, err
+		}
+	}
+	lc := &lconn{r: r, viewer: viewer, user: user, token: tok}
 	urls := append([]string{cfg.WS[node]}, cfg.WS...)
+	var local net.Addr
+	if cfg.SrcIPs > 1 {
+		local = &net.TCPAddr{IP: net.IPv4(127, 0, 0, byte(1+i%cfg.SrcIPs))}
+	}
 	c, err := clientsdk.Dial(ctx, clientsdk.Config{
+		LocalAddr:         local,
 		URLs:              urls,
 		Token:             tok,
 		EventBuffer:       16,
@@ -414,8 +526,8 @@ func (r *run) open(ctx context.Context, i int, viewer bool) (*lconn, error) {
 
 func (lc *lconn) onPush(p clientsdk.Push) {
 	r := lc.r
-	if p.Room != r.room {
-		return
+	if p.Room != r.room || p.Off == 0 {
+		return // another room, or a push to the user (a gift result: no off)
 	}
 	now := time.Now()
 	lc.mu.Lock()
@@ -644,11 +756,25 @@ func OpenRoom(ctx context.Context, hc *http.Client, base string, anchor int64) (
 }
 
 func postJSON(ctx context.Context, hc *http.Client, url, token, body string, out any) error {
-	req, err := http.NewRequestWithContext(ctx, "POST", url, strings.NewReader(body))
+	return doJSON(ctx, hc, "POST", url, token, body, out)
+}
+
+func getJSON(ctx context.Context, hc *http.Client, url, token string, out any) error {
+	return doJSON(ctx, hc, "GET", url, token, "", out)
+}
+
+func doJSON(ctx context.Context, hc *http.Client, method, url, token, body string, out any) error {
+	var rd io.Reader
+	if body != "" {
+		rd = strings.NewReader(body)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, url, rd)
 	if err != nil {
 		return err
 	}
-	req.Header.Set("Content-Type", "application/json")
+	if body != "" {
+		req.Header.Set("Content-Type", "application/json")
+	}
 	if token != "" {
 		req.Header.Set("Authorization", "Bearer "+token)
 	}
@@ -662,7 +788,7 @@ func postJSON(ctx context.Context, hc *http.Client, url, token, body string, out
 		return err
 	}
 	if err := json.Unmarshal(b, out); err != nil {
-		return fmt.Errorf("POST %s: status %d: %w", url, resp.StatusCode, err)
+		return fmt.Errorf("%s %s: status %d: %w", method, url, resp.StatusCode, err)
 	}
 	return nil
 }

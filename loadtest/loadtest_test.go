@@ -101,3 +101,80 @@ func (w testWriter) Write(b []byte) (int, error) {
 	w.t.Log(strings.TrimRight(string(b), "\n"))
 	return len(b), nil
 }
+
+func TestGiftInProcess(t *testing.T) {
+	n := nodetest.Start(t, nodetest.Config(t))
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	res, err := loadtest.Run(ctx, loadtest.Config{
+		Scenario: loadtest.Gift,
+		WS:       []string{nodetest.WSURL(n)},
+		HTTP:     []string{nodetest.HTTPURL(n)},
+		Conns:    20,
+		Ramp:     1000,
+		Duration: 1500 * time.Millisecond,
+		Rate:     100, // 5/s per sender, under the node's 20/s
+		SrcIPs:   3,   // 127.0.0.1..3
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	res.WriteSummary(testWriter{t})
+	if res.Conns != 20 || res.ConnErrors != 0 || res.Errors != 0 {
+		t.Fatalf("connections %d, failed %d, errors %d %v", res.Conns, res.ConnErrors, res.Errors, res.ErrorSamples)
+	}
+	if res.Requests < 100 || res.Replies != res.Requests || res.Refused != 0 {
+		t.Fatalf("sent %d, answered %d, refused %d %v", res.Requests, res.Replies, res.Refused, res.RefusedCodes)
+	}
+	if res.Conserved == nil || !*res.Conserved {
+		t.Fatalf("conservation not checked or broken: %s", res.ConservationNote)
+	}
+	if res.OfferedRate != 100 || res.RepliesPerSec <= 0 || res.P50Ms <= 0 || res.P99Ms < res.P50Ms {
+		t.Fatalf("offered %v, replies/s %v, p50 %v p99 %v", res.OfferedRate, res.RepliesPerSec, res.P50Ms, res.P99Ms)
+	}
+}
+
+func TestGrabInProcess(t *testing.T) {
+	n := nodetest.Start(t, nodetest.Config(t))
+	for _, tc := range []struct {
+		name                 string
+		anchor               int64
+		packets              int
+		granted, noneLeft    int64
+		total, grantedAmount int64
+	}{
+		{"storm", 7, 20, 20, 10, 1000, 1000}, // 30 grabbers, 20 packets: 10 find none left
+		{"refund", 8, 40, 30, 0, 4000, -1},   // 30 grabbers, 40 packets: 10 refunded at the end
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+			defer cancel()
+			res, err := loadtest.Run(ctx, loadtest.Config{
+				Scenario:  loadtest.Grab,
+				WS:        []string{nodetest.WSURL(n)},
+				HTTP:      []string{nodetest.HTTPURL(n)},
+				Conns:     30,
+				Ramp:      1000,
+				Duration:  2 * time.Second, // the rain's duration (slack for a busy machine)
+				Anchor:    tc.anchor,
+				RainCount: tc.packets,
+				RainTotal: tc.total,
+				SrcIPs:    2,
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			res.WriteSummary(testWriter{t})
+			if res.Conns != 30 || res.Errors != 0 {
+				t.Fatalf("connections %d, errors %d %v", res.Conns, res.Errors, res.ErrorSamples)
+			}
+			if res.Replies != tc.granted || res.RefusedCodes[30003] != tc.noneLeft ||
+				(tc.grantedAmount >= 0 && res.GrantedAmount != tc.grantedAmount) {
+				t.Fatalf("granted %d packets / %d coins, refused %v", res.Replies, res.GrantedAmount, res.RefusedCodes)
+			}
+			if res.Conserved == nil || !*res.Conserved {
+				t.Fatalf("conservation not checked or broken: %s", res.ConservationNote)
+			}
+		})
+	}
+}

@@ -21,6 +21,7 @@ func TestOrderAndLatencyCounting(t *testing.T) {
 	push(1, "e2")  // a new epoch
 	push(2, "e2")
 	lc.onPush(clientsdk.Push{Room: 8, Off: 99, Ep: "e2"}) // another room: ignored
+	lc.onPush(clientsdk.Push{Room: 7, Ep: "e2"})          // a push to the user (no off): not a room push
 	if g, d, e := r.gaps.Load(), r.dups.Load(), r.epochs.Load(); g != 2 || d != 2 || e != 1 {
 		t.Fatalf("gaps %d duplicates %d epochs %d, want 2 2 1", g, d, e)
 	}

@@ -16,9 +16,29 @@ func (res *Result) WriteSummary(w io.Writer) {
 		fmt.Fprintf(w, "  node RSS      %.1f → %.1f MiB: %.1f KiB per connection\n",
 			mib(res.NodeRSSBefore), mib(res.NodeRSSAfter), res.NodeRSSPerConn/1024)
 	}
+	if res.NodeRSSAfter > 0 {
+		fmt.Fprintf(w, "  node CPU      %.3f cores over the run phase (%.1f s)\n", res.NodeCPUCores, res.RunSeconds)
+	}
 	fmt.Fprintf(w, "  loadgen RSS   %.1f → %.1f MiB: %.1f KiB per connection\n",
 		mib(res.LoadgenRSSBefore), mib(res.LoadgenRSSAfter), res.LoadgenRSSPerConn/1024)
-	if res.PushesSent > 0 || res.SendErrors > 0 {
+	if res.Requests > 0 {
+		what := "gifts"
+		if res.Scenario == Grab {
+			what = "grabs"
+			fmt.Fprintf(w, "  rain          %d coins in %d packets; grabbers told %d coins\n", res.TotalAmount, res.Packets, res.GrantedAmount)
+		}
+		offered := "closed loop"
+		if res.Scenario == Grab {
+			offered = "all at once, one packet each at most"
+		} else if res.OfferedRate > 0 {
+			offered = fmt.Sprintf("offered %.0f/s", res.OfferedRate)
+		}
+		fmt.Fprintf(w, "  %-13s %d sent (%s), %d answered OK (%.0f/s), %d refused %v\n", what, res.Requests, offered, res.Replies, res.RepliesPerSec, res.Refused, res.RefusedCodes)
+		fmt.Fprintf(w, "  reply latency p50 %.2f ms, p99 %.2f ms, max %.2f ms\n", res.P50Ms, res.P99Ms, res.MaxMs)
+		if res.Conserved != nil {
+			fmt.Fprintf(w, "  conservation  %v: %s\n", *res.Conserved, res.ConservationNote)
+		}
+	} else if res.PushesSent > 0 || res.SendErrors > 0 {
 		fmt.Fprintf(w, "  pushes        %d sent (%d failed) over %.1f s; %d of %d deliveries (%d missing), %.0f/s\n",
 			res.PushesSent, res.SendErrors, res.RunSeconds, res.Deliveries, res.Expected, res.Missing, res.DeliveriesPerSec)
 		fmt.Fprintf(w, "  latency       p50 %.2f ms, p99 %.2f ms, max %.2f ms\n", res.P50Ms, res.P99Ms, res.MaxMs)
@@ -93,6 +113,7 @@ func Merge(parts []*Result, nodeBefore, nodeAfter int64) *Result {
 		}
 		out.LoadgenRSSBefore += p.LoadgenRSSBefore
 		out.LoadgenRSSAfter += p.LoadgenRSSAfter
+		out.NodeCPUCores = max(out.NodeCPUCores, p.NodeCPUCores) // every process times the same node over the same phase
 		out.Killed = out.Killed || p.Killed
 		out.ReconnectedAfterKill += p.ReconnectedAfterKill
 		lat.Merge(p.LatencyBuckets, p.LatencyMaxUS)

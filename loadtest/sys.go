@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
 )
 
 // RaiseFileLimit raises RLIMIT_NOFILE's soft limit to its hard limit and
@@ -76,4 +77,33 @@ func CheckLoopback(raw string) error {
 		return fmt.Errorf("loadtest: %q is not a loopback address (refused: loopback only)", host)
 	}
 	return nil
+}
+
+// CPUTime is the user + system CPU time process pid (0 = this process) has
+// used, from /proc/<pid>/stat (clock ticks of 1/100 s, Linux's USER_HZ).
+func CPUTime(pid int) (time.Duration, error) {
+	p := "/proc/self/stat"
+	if pid > 0 {
+		p = fmt.Sprintf("/proc/%d/stat", pid)
+	}
+	b, err := os.ReadFile(p)
+	if err != nil {
+		return 0, err
+	}
+	// the command name (field 2) may hold spaces: count from the last ')'
+	i := strings.LastIndexByte(string(b), ')')
+	if i < 0 {
+		return 0, fmt.Errorf("loadtest: bad %s", p)
+	}
+	fs := strings.Fields(string(b[i+1:]))
+	if len(fs) < 13 {
+		return 0, fmt.Errorf("loadtest: short %s", p)
+	}
+	// fs[0] is field 3 (state): utime is field 14, stime field 15
+	ut, err1 := strconv.ParseInt(fs[11], 10, 64)
+	st, err2 := strconv.ParseInt(fs[12], 10, 64)
+	if err1 != nil || err2 != nil {
+		return 0, fmt.Errorf("loadtest: bad %s", p)
+	}
+	return time.Duration(ut+st) * 10 * time.Millisecond, nil
 }

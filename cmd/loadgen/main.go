@@ -38,7 +38,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	var procs int
 	var startAt int64
 	var quiet bool
-	fs.StringVar(&cfg.Scenario, "scenario", "idle", "idle | fanout | chat | reconnect-storm")
+	fs.StringVar(&cfg.Scenario, "scenario", "idle", "idle | fanout | chat | reconnect-storm | gift | grab")
 	fs.StringVar(&ws, "ws", "ws://127.0.0.1:8081/ws", "WebSocket URLs of the nodes, comma-separated (loopback only)")
 	fs.StringVar(&httpURLs, "http", "http://127.0.0.1:8080", "HTTP bases of the nodes, same order (dev tokens, room)")
 	fs.IntVar(&cfg.Conns, "conns", 100, "connections in all (viewers + publishers)")
@@ -47,7 +47,13 @@ func run(args []string, stdout, stderr io.Writer) int {
 	fs.Int64Var(&cfg.Room, "room", 0, "room id (0: open, or get back, the anchor's room)")
 	fs.Int64Var(&cfg.Anchor, "anchor", 1, "anchor user id for -room 0")
 	fs.Int64Var(&cfg.UserBase, "user-base", 0, "first user id (0: derived from the time, fresh users each run)")
-	fs.Float64Var(&cfg.Rate, "rate", 0, "fanout / reconnect-storm: pushes per second through one publisher (fanout default 5)")
+	fs.Float64Var(&cfg.Rate, "rate", 0, "fanout / reconnect-storm: pushes per second through one publisher (fanout default 5); gift: gifts per second offered in all (0: closed loop, needs -no-gift-limit)")
+	fs.Int64Var(&cfg.GiftID, "gift-id", loadtest.DefaultGiftID, "gift: the gift sent to the room's anchor")
+	fs.BoolVar(&cfg.NoGiftLimit, "no-gift-limit", false, "gift: the node runs with LIVEEDGE_LIMITS_GIFT_PER_SECOND=0 (allow more than 20 gifts/s per sender)")
+	fs.DurationVar(&cfg.Warmup, "warmup", time.Second, "gift: gifts scheduled in this first part of the run are sent and checked but not timed")
+	fs.Int64Var(&cfg.RainTotal, "rain-total", 0, "grab: coins in the rain (default 100 per packet)")
+	fs.IntVar(&cfg.RainCount, "rain-count", 0, "grab: packets in the rain (default -conns)")
+	fs.IntVar(&cfg.SrcIPs, "src-ips", 1, "dial connection i from 127.0.0.(1 + i mod N): N source addresses, so ephemeral ports do not run out")
 	fs.IntVar(&cfg.Talkers, "talkers", 0, "chat: talking connections (default 5)")
 	fs.Float64Var(&cfg.ChatRate, "chat-rate", 0, "chat: chats per second per talker, at most 5 (default 2)")
 	fs.IntVar(&cfg.Payload, "payload", 100, "chat text bytes")
@@ -59,6 +65,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 	fs.StringVar(&jsonPath, "json", "", "write the figures to this JSON file")
 	fs.IntVar(&procs, "procs", 1, "spread the connections over this many processes")
 	fs.BoolVar(&quiet, "q", false, "no progress lines on stderr")
+	var nodeBin, nodeData, nodeEnv string
+	fs.StringVar(&nodeBin, "liveedge", "", "start a fresh node from this binary for the run (free loopback ports, data under -data; sets -ws, -http and -node-pid)")
+	fs.StringVar(&nodeData, "data", "data", "parent directory of the -liveedge node's data")
+	fs.StringVar(&nodeEnv, "node-env", "", "-liveedge: extra KEY=VALUE settings for the node, comma-separated (e.g. LIVEEDGE_LIMITS_GIFT_PER_SECOND=0)")
 	// internal: set by the parent for its children
 	fs.BoolVar(&cfg.NoPublish, "no-publish", false, "internal (-procs): this process has no publishers")
 	fs.Int64Var(&startAt, "start-at", 0, "internal (-procs): unix ms when publishing starts")
@@ -78,8 +88,25 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	if nodeBin != "" {
+		node, err := loadtest.StartNode(ctx, nodeBin, nodeData, split(nodeEnv), nil)
+		if err != nil {
+			fmt.Fprintln(stderr, "loadgen:", err)
+			return 1
+		}
+		defer node.Stop()
+		cfg.WS, cfg.HTTP, cfg.NodePID = []string{node.WS}, []string{node.HTTP}, node.PID
+		// the children of -procs are given the node's addresses, not -liveedge
+		_ = fs.Set("ws", node.WS)
+		_ = fs.Set("http", node.HTTP)
+		_ = fs.Set("node-pid", strconv.Itoa(node.PID))
+	}
 
 	var res *loadtest.Result
+	if procs > 1 && (cfg.Scenario == loadtest.Gift || cfg.Scenario == loadtest.Grab) {
+		fmt.Fprintf(stderr, "loadgen: -scenario %s runs in one process (its money check is per run): no -procs\n", cfg.Scenario)
+		return 2
+	}
 	if procs > 1 {
 		res, err = runProcs(ctx, fs, cfg, procs, stderr)
 	} else {
@@ -106,6 +133,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 			fmt.Fprintln(stderr, "loadgen:", err)
 			return 1
 		}
+	}
+	if res.Conserved != nil && !*res.Conserved {
+		fmt.Fprintln(stderr, "loadgen: the money check failed:", res.ConservationNote)
+		return 1
 	}
 	return 0
 }
@@ -154,7 +185,7 @@ func runProcs(ctx context.Context, fs *flag.FlagSet, cfg loadtest.Config, procs 
 	start := time.Now().Add(rampTime + 3*time.Second)
 	// flags given on the command line, minus those set per child
 	perChild := map[string]bool{"conns": true, "procs": true, "json": true, "ramp": true, "room": true,
-		"user-base": true, "no-publish": true, "start-at": true, "node-pid": true}
+		"user-base": true, "no-publish": true, "start-at": true, "liveedge": true, "data": true, "node-env": true}
 	var common []string
 	fs.Visit(func(f *flag.Flag) {
 		if !perChild[f.Name] {
@@ -164,9 +195,12 @@ func runProcs(ctx context.Context, fs *flag.FlagSet, cfg loadtest.Config, procs 
 	var wg sync.WaitGroup
 	parts := make([]*loadtest.Result, procs)
 	errs := make([]error, procs)
-	// the parent samples the node's RSS while the children hold their connections
+	// The parent samples the node's RSS every 500 ms while the children run
+	// and keeps the highest: with every connection held (a child whose ramp
+	// runs late still counts; a single sample at the planned start did not).
 	var nodePeak int64
 	sampleDone := make(chan struct{})
+	childrenDone := make(chan struct{})
 	if cfg.NodePID > 0 {
 		go func() {
 			defer close(sampleDone)
@@ -175,12 +209,13 @@ func runProcs(ctx context.Context, fs *flag.FlagSet, cfg loadtest.Config, procs 
 			for {
 				select {
 				case <-t.C:
+				case <-childrenDone:
+					return
 				case <-ctx.Done():
 					return
 				}
-				if time.Now().After(start) { // every child has ramped and settled
-					nodePeak, _ = loadtest.RSS(cfg.NodePID)
-					return
+				if v, err := loadtest.RSS(cfg.NodePID); err == nil && v > nodePeak {
+					nodePeak = v
 				}
 			}
 		}()
@@ -218,6 +253,7 @@ func runProcs(ctx context.Context, fs *flag.FlagSet, cfg loadtest.Config, procs 
 		}()
 	}
 	wg.Wait()
+	close(childrenDone)
 	<-sampleDone
 	var ok []*loadtest.Result
 	for i, p := range parts {

@@ -53,4 +53,13 @@ func TestRefusesRemoteAndBadFlags(t *testing.T) {
 	if code := run([]string{"-scenario=chat", "-chat-rate=10"}, &stdout, &stderr); code == 0 {
 		t.Fatal("chat rate above the limit accepted")
 	}
+	if code := run([]string{"-scenario=gift", "-conns=10", "-rate=1000"}, &stdout, &stderr); code == 0 {
+		t.Fatal("100 gifts/s per sender accepted without -no-gift-limit")
+	}
+	if code := run([]string{"-scenario=grab", "-conns=30000", "-procs=2"}, &stdout, &stderr); code == 0 {
+		t.Fatal("grab over -procs accepted")
+	}
+	if code := run([]string{"-scenario=idle", "-src-ips=300"}, &stdout, &stderr); code == 0 {
+		t.Fatal("-src-ips beyond 127.0.0.254 accepted")
+	}
 }

@@ -1,0 +1,165 @@
+package benchreport
+
+import (
+	"bytes"
+	"image/png"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+func sampleReport(t *testing.T) *Report {
+	t.Helper()
+	f, err := os.Open("testdata/bench.out")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	br, err := ParseBench(f, "bench.out")
+	if err != nil {
+		t.Fatal(err)
+	}
+	lg, err := ReadLoadgen([]string{"testdata/idle-*.json", "testdata/gift-*.json"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	wh, err := ReadWebhook("testdata/webhook.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return Build(Inputs{Bench: br, Loadgen: lg, Webhook: wh, Commit: "abc1234",
+		Machine: Machine{Cores: 2, GoVersion: "go1.26.8", Kernel: "6.1.0", OS: "linux/amd64"},
+		Date:    time.Date(2026, 12, 3, 14, 0, 0, 0, time.UTC)})
+}
+
+func TestParseBench(t *testing.T) {
+	rep := sampleReport(t)
+	br := rep.Bench
+	if len(br.Results) != 24 {
+		t.Fatalf("%d results, want 24", len(br.Results))
+	}
+	if br.CPU != "AMD EPYC" || len(br.Failed) != 0 {
+		t.Fatalf("cpu %q failed %v", br.CPU, br.Failed)
+	}
+	b := br.Find("GiftWS/echo_at_liveedge_half")
+	if b == nil || b.Pkg != "github.com/liveedge/liveedge/edge/gift/bench" || b.Procs != "2" || b.Iters != 1 {
+		t.Fatalf("%+v", b)
+	}
+	if v := b.Metrics["p99-ms"]; v != 28.60 {
+		t.Fatalf("p99-ms %v", v)
+	}
+	if v, ok := br.Metric("RoomFanout_10k", "ns/op"); !ok || v != 2945959 {
+		t.Fatalf("ns/op kept as written: %v %v", v, ok)
+	}
+	if v, _ := br.Metric("Grab_50k", "seed-rpop-jetstream-fsync_grabs/s"); v != 2837 {
+		t.Fatalf("grab seed fsync %v", v)
+	}
+	if rep.Machine.CPU != "AMD EPYC" {
+		t.Fatalf("machine CPU from the bench header: %q", rep.Machine.CPU)
+	}
+
+	// a failed package is reported
+	fr, err := ParseBench(strings.NewReader("pkg: x\nBenchmarkA-2 \t 1\t 5 ns/op\n--- FAIL: BenchmarkB\nFAIL\nexit status 1\nFAIL\tgithub.com/x/z\t2.0s\n"), "f")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(fr.Results) != 1 || len(fr.Failed) != 1 || fr.Failed[0] != "github.com/x/z" {
+		t.Fatalf("results %d failed %v", len(fr.Results), fr.Failed)
+	}
+}
+
+func TestBuildFigures(t *testing.T) {
+	rep := sampleReport(t)
+	find := func(src, unit string) *Figure {
+		for i := range rep.Figures {
+			if rep.Figures[i].Source == src && rep.Figures[i].Unit == unit {
+				return &rep.Figures[i]
+			}
+		}
+		t.Fatalf("no figure %s %s in %+v", src, unit, rep.Figures)
+		return nil
+	}
+	f := find("RoomFanout_1k", "pushes/s")
+	if f.Base == nil || *f.Base != 93.24 || f.Ratio == nil || *f.Ratio < 41.5 || *f.Ratio > 41.6 || f.Met == nil || !*f.Met {
+		t.Fatalf("fan-out 1k: %+v", f)
+	}
+	f = find("ClusterFanout_10k/3nodes", "deliveries/s")
+	if r := *f.Ratio; r < 3.04 || r > 3.05 || !*f.Met {
+		t.Fatalf("cluster fan-out: %+v", f)
+	}
+	f = find("GiftWS/liveedge_half", "p99-ms")
+	if *f.Base != 28.60 || f.Met == nil || *f.Met { // 252.5 ms misses ≤ 20 ms
+		t.Fatalf("gift half p99: %+v", f)
+	}
+	f = find("GiftDebit_Hot/liveedge", "gifts/s")
+	if r := *f.Ratio; r < 84.6 || r > 84.8 || !*f.Met {
+		t.Fatalf("hot gifts: %+v", f)
+	}
+	f = find("NotifyHTTP", "notifies/s")
+	if f.Base != nil || f.Met == nil || *f.Met {
+		t.Fatalf("webhook HTTP 11,211/s misses 20k: %+v", f)
+	}
+	f = find("wrk", "notifies/s")
+	if f.Value != 20000 || !*f.Met {
+		t.Fatalf("wrk: %+v", f)
+	}
+	f = find("idle-4000.json", "KiB")
+	if f.Value < 19.9 || f.Value > 20.0 || *f.Base < 39 || *f.Base > 39.2 {
+		t.Fatalf("idle: %+v", f)
+	}
+	find("gift-2000.json", "gifts/s")
+	// the batch sub-benchmarks are not in the sample: reported missing, not invented
+	if len(rep.Missing) != 2 || !strings.Contains(strings.Join(rep.Missing, " "), "GiftWS/liveedge_batch") {
+		t.Fatalf("missing %v", rep.Missing)
+	}
+}
+
+func TestWriteReport(t *testing.T) {
+	rep := sampleReport(t)
+	dir := t.TempDir()
+	if err := rep.WritePlots(dir); err != nil {
+		t.Fatal(err)
+	}
+	if len(rep.Plots) != 3 {
+		t.Fatalf("plots %+v", rep.Plots)
+	}
+	for _, p := range rep.Plots {
+		b, err := os.ReadFile(filepath.Join(dir, p.File))
+		if err != nil {
+			t.Fatal(err)
+		}
+		img, err := png.Decode(bytes.NewReader(b))
+		if err != nil || img.Bounds().Dx() < 300 {
+			t.Fatalf("%s: %v %v", p.File, err, img)
+		}
+	}
+	if err := rep.WriteJSON(filepath.Join(dir, "latest.json")); err != nil {
+		t.Fatal(err)
+	}
+	var md bytes.Buffer
+	rep.Markdown(&md)
+	s := md.String()
+	for _, want := range []string{
+		"commit `abc1234`", "AMD EPYC**, 2 cores, go1.26.8, kernel 6.1.0",
+		"| fan-out | room fan-out, 1,000 viewers: pushes/s delivered to every viewer | 3,870 pushes/s | 93.2 (bare gws loop",
+		"**41.5×**", "![Gift reply latency", "idle_rss.png", "**20,000 notifies/s**", "exactly once **true**",
+		"| red packets |", "Not in this run", "conservation through the HTTP API: held",
+	} {
+		if !strings.Contains(s, want) {
+			t.Errorf("markdown lacks %q", want)
+		}
+	}
+	if t.Failed() {
+		t.Log(s)
+	}
+}
+
+func TestThousands(t *testing.T) {
+	for v, want := range map[float64]string{0: "0", 999: "999", 1000: "1,000", 1234567.4: "1,234,567", 12.5: "12.5"} {
+		if got := thousands(v); got != want {
+			t.Errorf("thousands(%v) = %q, want %q", v, got, want)
+		}
+	}
+}
