@@ -355,6 +355,8 @@ func TestSharedPKEndReplyLostStillPushed(t *testing.T) {
 	}
 	n1.s.endShared(r) // the retry
 	for _, room := range []int64{1, 2} {
+		poll(t, 2*time.Second, "the final push", func() bool { return len(finals(pushes(c.ID, room, n1, n2))) > 0 })
+		time.Sleep(50 * time.Millisecond) // a second final, if any, would be here by now
 		f := finals(pushes(c.ID, room, n1, n2))
 		if len(f) != 1 || f[0].Scores["1"] != 7 || f[0].Winner != 1 {
 			t.Fatalf("room %d: final pushes %+v, want one with room 1 winning 7:0", room, f)
