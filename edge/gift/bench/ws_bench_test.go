@@ -157,6 +157,11 @@ type echoServer struct {
 	up      *gws.Upgrader
 	addr    string
 	orderID atomic.Int64
+	// pushes: a grab's reply is followed by a reliable credit push shaped
+	// like LiveEdge's 5570, whose ack the client sends back (the frames a
+	// LiveEdge grab costs, without the work behind them).
+	pushes bool
+	mid    atomic.Int64
 }
 
 // startEcho starts the echo server. Its order ids count up from firstOrder,
@@ -191,7 +196,11 @@ func (s *echoServer) OnPong(*gws.Conn, []byte)     {}
 func (s *echoServer) OnMessage(c *gws.Conn, m *gws.Message) {
 	id, _ := jsonInt(m.Bytes(), `"id":`)
 	grab := bytes.HasPrefix(m.Bytes(), []byte(`{"t":"grab"`))
+	ack := bytes.HasPrefix(m.Bytes(), []byte(`{"t":"ack"`))
 	m.Close()
+	if ack {
+		return
+	}
 	var arr [128]byte
 	if grab {
 		// LiveEdge's grab reply: {"t":"reply","id":N,"code":0,"msg":"ok","d":{"amount":A,"msg":"恭喜领取到红包：A"}}
@@ -199,6 +208,13 @@ func (s *echoServer) OnMessage(c *gws.Conn, m *gws.Message) {
 		out = strconv.AppendInt(out, id, 10)
 		out = append(out, `,"code":0,"msg":"ok","d":{"amount":10,"msg":"恭喜领取到红包：10"}}`...)
 		_ = c.WriteMessage(gws.OpcodeText, out)
+		if s.pushes {
+			var parr [160]byte
+			p := append(parr[:0], `{"t":"push","mid":"echo-1a2b3c-`...)
+			p = strconv.AppendInt(p, s.mid.Add(1)+1_000_000, 36)
+			p = append(p, `","biz":5570,"d":{"balance":10000010,"delta":10,"reason":"redpacket"},"ack":true}`...)
+			_ = c.WriteMessage(gws.OpcodeText, p)
+		}
 		return
 	}
 	// LiveEdge's reply: {"t":"reply","id":N,"code":0,"msg":"ok","d":{"order_id":"123456","balance":999999999}}
@@ -483,12 +499,37 @@ func (c *wsConn) OnMessage(_ *gws.Conn, m *gws.Message) {
 			_ = c.ws.WriteMessage(gws.OpcodeText, ack)
 		}
 	case bytes.HasPrefix(p, batchPrefix):
+		if c.code != "" {
+			c.ackAll(p) // grabs: the 5570 credits in the batch
+		}
 		for i := bytes.Index(p, replyPrefix); i >= 0; {
 			p = p[i:]
 			c.onReply(p, now, 0)
 			p = p[len(replyPrefix):]
 			i = bytes.Index(p, replyPrefix)
 		}
+	}
+}
+
+// ackAll acknowledges every push of a batch frame in one ack frame (the
+// node ignores mids it is not waiting for).
+func (c *wsConn) ackAll(p []byte) {
+	ack := []byte(`{"t":"ack","d":{"mids":[`)
+	n := 0
+	for i := bytes.Index(p, pushPrefix[1:]); i >= 0; i = bytes.Index(p, pushPrefix[1:]) {
+		p = p[i+len(pushPrefix)-1:]
+		j := bytes.IndexByte(p, '"')
+		if j <= 0 {
+			break
+		}
+		if n > 0 {
+			ack = append(ack, ',')
+		}
+		ack = append(append(append(ack, '"'), p[:j]...), '"')
+		n++
+	}
+	if n > 0 {
+		_ = c.ws.WriteMessage(gws.OpcodeText, append(ack, `]}}`...))
 	}
 }
 
