@@ -10,6 +10,7 @@ BIN=${BIN:-bin/liveedge}
 DATA=${DATA:-data/cluster}
 NODES=${NODES:-3}
 mkdir -p "$DATA/nats" "$DATA/redis"
+case $DATA in /*) ABS=$DATA ;; *) ABS=$PWD/$DATA ;; esac
 pids=()
 cleanup() {
 	trap - INT TERM EXIT
@@ -21,9 +22,9 @@ trap cleanup INT TERM EXIT
 
 prefix() { sed -u "s/^/[$1] /"; }
 
-nats-server -a 127.0.0.1 -p 14222 -js -sd "$PWD/$DATA/nats" > >(prefix nats) 2>&1 &
+nats-server -a 127.0.0.1 -p 14222 -js -sd "$ABS/nats" > >(prefix nats) 2>&1 &
 pids+=($!)
-redis-server --bind 127.0.0.1 --port 16379 --dir "$PWD/$DATA/redis" --appendonly yes \
+redis-server --bind 127.0.0.1 --port 16379 --dir "$ABS/redis" --appendonly yes \
 	--appendfsync everysec --save "" --maxmemory-policy noeviction > >(prefix redis) 2>&1 &
 pids+=($!)
 for _ in $(seq 100); do
