@@ -141,9 +141,11 @@ func (r *clusterRain) waitFinished(t *testing.T, d time.Duration) rainView {
 
 // checkGrants stops the nodes and checks, from their Pebble stores and the
 // shared wallet in Redis: no packet granted on two nodes, Σ grants + refund
-// = total, every grabber's balance is exactly what its grants credited (ok
-// answers included: credited once), and money conserved across every ledger.
-func (r *clusterRain) checkGrants(t *testing.T, total int64, v rainView, okAmount map[int64]int64) {
+// = total, every grab answered ok is among the durable grants (exact: they
+// are all of them — no node died with answers in flight), every grabber's
+// balance is exactly what its durable grants credited (credited once), and
+// money conserved across every ledger.
+func (r *clusterRain) checkGrants(t *testing.T, total int64, v rainView, okAmount map[int64]int64, exact bool) {
 	t.Helper()
 	var dirs []string
 	for _, nd := range r.c.nodes {
@@ -190,8 +192,8 @@ func (r *clusterRain) checkGrants(t *testing.T, total int64, v rainView, okAmoun
 		t.Fatalf("durable grants %d (%d coins); view %d (%d) refund %d; total %d", len(seen), sum, v.GrantedCount, v.GrantedAmount, v.Refunded, total)
 	}
 	for u, a := range okAmount {
-		if granted[u] != a {
-			t.Errorf("user %d was answered %d, durable grants %d", u, a, granted[u])
+		if granted[u] < a || exact && granted[u] != a {
+			t.Errorf("user %d was answered ok for %d coins, durable grants %d", u, a, granted[u])
 		}
 	}
 	for _, u := range r.users {
@@ -278,23 +280,27 @@ func TestClusterRedPacketGrabStorm(t *testing.T) {
 	}
 	t.Logf("%d grabbers over 3 nodes, %d packets: last grant %v after the start request; per node %+v",
 		grabbers, count, time.Duration(last.Load()).Round(time.Millisecond), v.Nodes)
-	r.checkGrants(t, total, v, okAmount)
+	r.checkGrants(t, total, v, okAmount, true)
 }
 
 // Issue 13 item 4: a node holding a slice is killed (SIGKILL) in the middle
 // of a grab storm and restarted; the rain ends on time; every grab answered
 // ok is credited exactly once and Σ granted + refunded = T.
 func TestClusterRedPacketNodeKilledMidRain(t *testing.T) {
-	const count, total, grabbers = 600, 60_000, 900
+	// Each grabber comes back every 500 ms (≤ 1,800 grabs/s in all), so
+	// 6,000 packets last beyond the kill and the restart.
+	const count, total, grabbers = 6000, 600_000, 900
 	c := startCluster(t, 3, "LIVEEDGE_REDPACKET_ONE_PER_USER=false", "LIVEEDGE_REDPACKET_GRAB_INTERVAL=0s")
-	r := newClusterRain(t, c, total, count, grabbers, 6*time.Second)
+	r := newClusterRain(t, c, total, count, grabbers, 8*time.Second)
 	var mu sync.Mutex
 	okAmount := map[int64]int64{}
 	var wg sync.WaitGroup
 	var granted atomic.Int64
 	ctx := context.Background()
 	stop := make(chan struct{})
-	for i, cl := range r.cls {
+	// grabLoop has user grab through cl until the rain is over (or stop),
+	// coming back every 500 ms, recording what each ok answer said.
+	grabLoop := func(cl *clientsdk.Client, user int64) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -307,7 +313,7 @@ func TestClusterRedPacketNodeKilledMidRain(t *testing.T) {
 				rep, err := cl.Grab(ctx, r.code)
 				if err == nil {
 					mu.Lock()
-					okAmount[r.users[i]] += rep.Amount
+					okAmount[user] += rep.Amount
 					mu.Unlock()
 					granted.Add(1)
 				}
@@ -315,9 +321,12 @@ func TestClusterRedPacketNodeKilledMidRain(t *testing.T) {
 				if errors.As(err, &pe) && pe.Code == proto.CodeRedPacketEmpty || errors.Is(err, clientsdk.ErrClosed) {
 					return
 				}
-				time.Sleep(50 * time.Millisecond) // the grabbers of a node keep coming back
+				time.Sleep(500 * time.Millisecond)
 			}
 		}()
+	}
+	for i, cl := range r.cls {
+		grabLoop(cl, r.users[i])
 	}
 	pollUntil(t, 10*time.Second, "a third of the packets granted", func() bool { return granted.Load() >= count/3 })
 	victim := c.nodes[2]
@@ -337,29 +346,7 @@ func TestClusterRedPacketNodeKilledMidRain(t *testing.T) {
 			t.Fatal(err)
 		}
 		r.users = append(r.users, u)
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				select {
-				case <-stop:
-					return
-				default:
-				}
-				rep, err := cl.Grab(ctx, r.code)
-				if err == nil {
-					mu.Lock()
-					okAmount[u] += rep.Amount
-					mu.Unlock()
-					granted.Add(1)
-				}
-				var pe *proto.Error
-				if errors.As(err, &pe) && pe.Code == proto.CodeRedPacketEmpty {
-					return
-				}
-				time.Sleep(50 * time.Millisecond)
-			}
-		}()
+		grabLoop(cl, u)
 	}
 	v := r.waitFinished(t, 30*time.Second)
 	close(stop)
@@ -369,7 +356,9 @@ func TestClusterRedPacketNodeKilledMidRain(t *testing.T) {
 	}
 	t.Logf("granted %d (%d coins), refunded %d, %d grabs answered ok (%d before the kill); nodes %+v",
 		v.GrantedCount, v.GrantedAmount, v.Refunded, granted.Load(), killedAt, v.Nodes)
-	r.checkGrants(t, total, v, okAmount)
+	// A grant made durable on the killed node whose answer died with it is
+	// credited, though its grabber never heard "ok".
+	r.checkGrants(t, total, v, okAmount, false)
 }
 
 // One running rain per room holds cluster-wide: a second rain of the room,
