@@ -57,8 +57,7 @@ func (n *Node) redPacket(op string, user int64, code string) ([]byte, *proto.Err
 		if perr != nil {
 			return nil, perr
 		}
-		b, _ := proto.Marshal(rep)
-		return b, nil
+		return replyData(rep, nil)
 	}
 	rep, err := n.forwardPay(owner, payFwdReq{Op: op, User: user, Code: code})
 	if err != nil {
@@ -91,6 +90,12 @@ func (n *Node) redPacketLocal(op string, user int64, code string) ([]byte, *prot
 	default:
 		return nil, proto.BadRequest("unknown red-packet op")
 	}
+	return replyData(v, err)
+}
+
+// replyData is a locally served op's outcome as a reply's d (JSON) or its
+// error, as the forwarding answers it.
+func replyData(v any, err error) ([]byte, *proto.Error) {
 	if err != nil {
 		return nil, wireError(err)
 	}
@@ -101,30 +106,13 @@ func (n *Node) redPacketLocal(op string, user int64, code string) ([]byte, *prot
 	return b, nil
 }
 
-// grabAsync serves a grab frame: on this node, or forwarded to the rain's
-// node (in a goroutine bounded by the connection's in-flight limit).
+// grabAsync serves a grab frame. A rain of this node on a single node (or
+// with the redis-list pool) is grabbed with GrabAsync: the reader hands off
+// at the ledger. Every other grab may wait on Redis (one per user) or on
+// other nodes (a lease, a reclaim round, a forward): on a goroutine of its
+// own, bounded by the connection's in-flight limit.
 func (n *Node) grabAsync(user int64, code string, done func(any, *proto.Error)) {
-	owner, err := n.rainOwner(code)
-	if err == nil && n.shardedRains() {
-		// Both paths may wait on Redis (one per user) or other nodes (a
-		// lease, a reclaim round): off the connection's reader.
-		go func() {
-			var rep redpacket.GrabReply
-			var perr *proto.Error
-			if owner == "" {
-				rep, perr = n.RedPackets.Grab(user, code)
-			} else {
-				rep, perr = n.RedPackets.GrabVia(owner, user, code)
-			}
-			if perr != nil {
-				done(nil, perr)
-				return
-			}
-			done(rep, nil)
-		}()
-		return
-	}
-	if err == nil && owner == "" {
+	if owner, err := n.rainOwner(code); err == nil && owner == "" && !n.shardedRains() {
 		n.RedPackets.GrabAsync(user, code, func(rep redpacket.GrabReply, perr *proto.Error) {
 			if perr != nil {
 				done(nil, perr)

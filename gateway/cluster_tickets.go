@@ -96,15 +96,8 @@ func (n *Node) ticketLocal(op string, user, id int64, body []byte) ([]byte, *pro
 	default:
 		return nil, proto.BadRequest("unknown ticket op")
 	}
-	if err != nil {
-		if pe := proto.AsError(err); pe.Code == proto.CodeNotFound && (op == "tix.get" || op == "tix.cancel") && n.madeByEarlierHolder(id) {
-			return nil, errOwnerDown
-		}
-		return nil, wireError(err)
+	if pe := proto.AsError(err); err != nil && pe.Code == proto.CodeNotFound && (op == "tix.get" || op == "tix.cancel") && n.madeByEarlierHolder(id) {
+		return nil, errOwnerDown
 	}
-	b, merr := proto.Marshal(v)
-	if merr != nil {
-		return nil, proto.ErrInternal
-	}
-	return b, nil
+	return replyData(v, err)
 }
