@@ -264,15 +264,7 @@ func benchCluster(b *testing.B, res *clusterResults, nodes, viewers int) {
 		}
 	}
 
-	total := int64(warmupPushes)
-	fl.expect(total)
-	for range warmupPushes {
-		if err := pub.publish(time.Now().UnixNano()); err != nil {
-			b.Fatal(err)
-		}
-	}
-	fl.waitDone(doneBudget(warmupPushes, viewers))
-	_ = fl.stats()
+	total := warmUp(b, pub, fl, viewers)
 
 	n := 0
 	b.ReportAllocs()

@@ -55,6 +55,21 @@ const (
 )
 
 // publisher publishes one push stamped with ts (unix ns) to every viewer.
+// warmUp publishes warmupPushes and waits for their deliveries (connections,
+// pools, goroutine stacks, TCP windows); the fleet's stats start afresh. It
+// returns the deliveries expected per viewer so far.
+func warmUp(b *testing.B, pub publisher, fl *fleetProc, viewers int) int64 {
+	fl.expect(warmupPushes)
+	for range warmupPushes {
+		if err := pub.publish(time.Now().UnixNano()); err != nil {
+			b.Fatal(err)
+		}
+	}
+	fl.waitDone(doneBudget(warmupPushes, viewers))
+	_ = fl.stats()
+	return warmupPushes
+}
+
 type publisher interface {
 	publish(ts int64) error
 }
@@ -78,16 +93,7 @@ func benchFanout(b *testing.B, k kind, viewers int) {
 		pub, fl, check = startBare(b, viewers, k == kindBareBroadcaster)
 	}
 
-	// Warm-up: connections, pools, goroutine stacks, TCP windows.
-	total := int64(warmupPushes)
-	fl.expect(total)
-	for range warmupPushes {
-		if err := pub.publish(time.Now().UnixNano()); err != nil {
-			b.Fatal(err)
-		}
-	}
-	fl.waitDone(doneBudget(warmupPushes, viewers))
-	_ = fl.stats()
+	total := warmUp(b, pub, fl, viewers)
 
 	n := 0
 	b.ReportAllocs()
