@@ -47,6 +47,31 @@ type clusterRain struct {
 	users     []int64
 }
 
+// fundAnchor credits user through httpAddr (dev credit, req_id reqID).
+func fundAnchor(t *testing.T, httpAddr string, user, amount int64, reqID string) {
+	t.Helper()
+	if st := nodetest.DoJSON(t, "POST", "http://"+httpAddr+"/api/v1/dev/credit", "",
+		fmt.Sprintf(`{"user_id":%d,"amount":%d,"req_id":%q}`, user, amount, reqID), nil); st != 200 {
+		t.Fatalf("credit: %d", st)
+	}
+}
+
+// createRainVia creates a rain in room through httpAddr (that node owns
+// it) and returns its code.
+func createRainVia(t *testing.T, httpAddr, anchorTok string, room, total int64, count int, dur time.Duration) string {
+	t.Helper()
+	var created struct {
+		Data struct {
+			Code string `json:"code"`
+		} `json:"data"`
+	}
+	if st := nodetest.DoJSON(t, "POST", fmt.Sprintf("http://%s/api/v1/rooms/%d/redpackets", httpAddr, room), anchorTok,
+		fmt.Sprintf(`{"total_amount":%d,"total_count":%d,"duration_s":%d}`, total, count, int(dur.Seconds())), &created); st != 200 {
+		t.Fatalf("create a rain through %s: %d", httpAddr, st)
+	}
+	return created.Data.Code
+}
+
 // newClusterRain opens a room on gw-1, funds and creates a rain of total in
 // count packets lasting dur, and connects grabbers viewers (user ids from
 // 100,000), spread round-robin over the nodes, each joined to the room.
@@ -55,20 +80,8 @@ func newClusterRain(t *testing.T, c *testCluster, total int64, count, grabbers i
 	const anchor = 1
 	r := &clusterRain{c: c, anchorTok: devToken(t, c.nodes[0].http, anchor, "anchor")}
 	r.room = openRoom(t, c.nodes[0].http, r.anchorTok)
-	if st := nodetest.DoJSON(t, "POST", "http://"+c.nodes[0].http+"/api/v1/dev/credit", "",
-		fmt.Sprintf(`{"user_id":%d,"amount":%d,"req_id":"seed"}`, anchor, total), nil); st != 200 {
-		t.Fatalf("credit: %d", st)
-	}
-	var created struct {
-		Data struct {
-			Code string `json:"code"`
-		} `json:"data"`
-	}
-	if st := nodetest.DoJSON(t, "POST", fmt.Sprintf("http://%s/api/v1/rooms/%d/redpackets", c.nodes[0].http, r.room), r.anchorTok,
-		fmt.Sprintf(`{"total_amount":%d,"total_count":%d,"duration_s":%d}`, total, count, int(dur.Seconds())), &created); st != 200 {
-		t.Fatalf("create: %d", st)
-	}
-	r.code = created.Data.Code
+	fundAnchor(t, c.nodes[0].http, anchor, total, "seed")
+	r.code = createRainVia(t, c.nodes[0].http, r.anchorTok, r.room, total, count, dur)
 	r.cls, r.logs, r.users = make([]*clientsdk.Client, grabbers), make([]*pushLog, grabbers), make([]int64, grabbers)
 	ctx := context.Background()
 	sem := make(chan struct{}, 64)
@@ -367,19 +380,9 @@ func TestClusterRedPacketNodeKilledMidRain(t *testing.T) {
 func TestClusterOneRunningRainPerRoom(t *testing.T) {
 	c := startCluster(t, 2, "LIVEEDGE_REDPACKET_PREPARE_INTERVAL=0s", "LIVEEDGE_REDPACKET_START_INTERVAL=0s")
 	r := newClusterRain(t, c, 10, 1, 1, 30*time.Second) // owned by gw-1, running
-	var second struct {
-		Data struct {
-			Code string `json:"code"`
-		} `json:"data"`
-	}
-	if st := nodetest.DoJSON(t, "POST", fmt.Sprintf("http://%s/api/v1/rooms/%d/redpackets", c.nodes[1].http, r.room), r.anchorTok,
-		`{"total_amount":10,"total_count":1,"duration_s":30}`, &second); st != 200 {
-		t.Fatalf("second rain: %d", st)
-	}
-	if st := nodetest.DoJSON(t, "POST", "http://"+c.nodes[0].http+"/api/v1/dev/credit", "", `{"user_id":1,"amount":10,"req_id":"seed2"}`, nil); st != 200 {
-		t.Fatalf("credit: %d", st)
-	}
-	base := "http://" + c.nodes[1].http + "/api/v1/redpackets/" + second.Data.Code
+	second := createRainVia(t, c.nodes[1].http, r.anchorTok, r.room, 10, 1, 30*time.Second)
+	fundAnchor(t, c.nodes[0].http, 1, 10, "seed2")
+	base := "http://" + c.nodes[1].http + "/api/v1/redpackets/" + second
 	if st := nodetest.DoJSON(t, "POST", base+"/prepare", r.anchorTok, "", nil); st != 200 {
 		t.Fatalf("prepare the second: %d", st)
 	}

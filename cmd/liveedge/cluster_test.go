@@ -917,20 +917,8 @@ func TestClusterRedPacketRainAnyNode(t *testing.T) {
 	const anchor, total, count = 1, 1000, 100
 	anchorTok := devToken(t, c.nodes[0].http, anchor, "anchor")
 	room := openRoom(t, c.nodes[0].http, anchorTok)
-	if st := nodetest.DoJSON(t, "POST", "http://"+c.nodes[0].http+"/api/v1/dev/credit", "",
-		fmt.Sprintf(`{"user_id":%d,"amount":%d,"req_id":"seed"}`, anchor, total), nil); st != 200 {
-		t.Fatalf("credit: %d", st)
-	}
-	var created struct {
-		Data struct {
-			Code string `json:"code"`
-		} `json:"data"`
-	}
-	if st := nodetest.DoJSON(t, "POST", fmt.Sprintf("http://%s/api/v1/rooms/%d/redpackets", c.nodes[0].http, room), anchorTok,
-		fmt.Sprintf(`{"total_amount":%d,"total_count":%d,"duration_s":30}`, total, count), &created); st != 200 {
-		t.Fatalf("create: %d", st)
-	}
-	code := created.Data.Code
+	fundAnchor(t, c.nodes[0].http, anchor, total, "seed")
+	code := createRainVia(t, c.nodes[0].http, anchorTok, room, total, count, 30*time.Second)
 	const n = 300
 	ctx := context.Background()
 	cls := make([]*clientsdk.Client, n)
@@ -972,16 +960,8 @@ func TestClusterRedPacketRainAnyNode(t *testing.T) {
 	}
 	// The per-anchor prepare limit (1 per 10 s) is cluster-wide: a second
 	// rain, owned by node 2, cannot be prepared right after the first.
-	var second struct {
-		Data struct {
-			Code string `json:"code"`
-		} `json:"data"`
-	}
-	if st := nodetest.DoJSON(t, "POST", fmt.Sprintf("http://%s/api/v1/rooms/%d/redpackets", c.nodes[1].http, room), anchorTok,
-		`{"total_amount":10,"total_count":1,"duration_s":30}`, &second); st != 200 {
-		t.Fatalf("second rain: %d", st)
-	}
-	if st := nodetest.DoJSON(t, "POST", "http://"+c.nodes[2].http+"/api/v1/redpackets/"+second.Data.Code+"/prepare", anchorTok, "", nil); st != 429 {
+	second := createRainVia(t, c.nodes[1].http, anchorTok, room, 10, 1, 30*time.Second)
+	if st := nodetest.DoJSON(t, "POST", "http://"+c.nodes[2].http+"/api/v1/redpackets/"+second+"/prepare", anchorTok, "", nil); st != 429 {
 		t.Fatalf("second prepare within 10 s through another node: HTTP %d, want 429", st)
 	}
 	// A user in no room, through node 2: refused, nothing granted.
