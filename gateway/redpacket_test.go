@@ -688,3 +688,40 @@ func TestRedPacketCancel(t *testing.T) {
 		t.Fatalf("audit %d %d %d %v", cr, db, bal, err)
 	}
 }
+
+// A cancelled rain stays cancelled across a restart: its refund is not paid
+// again, a cancel after the restart answers its state, and the anchor's
+// slot stays free.
+func TestRedPacketCancelSurvivesRestart(t *testing.T) {
+	cfg := rpConfig(t)
+	cfg.RedPacket.MaxPerAnchor = 1
+	n1 := nodetest.Start(t, cfg)
+	const anchor = 1
+	room := nodetest.OpenRoom(t, n1, anchor, 0)
+	devCredit(t, n1, anchor, 100)
+	_, r := rpCall(t, n1, anchor, "POST", fmt.Sprintf("/rooms/%d/redpackets", room), `{"total_amount":100,"total_count":5,"duration_s":10}`)
+	code := r.Data.Code
+	if st, _ := rpCall(t, n1, anchor, "POST", "/redpackets/"+code+"/prepare", ""); st != 200 {
+		t.Fatal("prepare")
+	}
+	if st, c := rpCall(t, n1, anchor, "POST", "/redpackets/"+code+"/cancel", ""); st != 200 || c.Data.Refunded != 100 {
+		t.Fatalf("cancel: %d %+v", st, c)
+	}
+	shutdown(t, n1)
+
+	n2 := nodetest.Start(t, cfg)
+	st, c := rpCall(t, n2, anchor, "POST", "/redpackets/"+code+"/cancel", "")
+	if st != 200 || c.Data.State != redpacket.StateFinished || !c.Data.Cancelled || c.Data.Refunded != 100 {
+		t.Fatalf("cancel again after the restart: %d %+v", st, c)
+	}
+	if b, _ := n2.Wallet.Balance(anchor); b != 100 {
+		t.Fatalf("anchor balance after the restart %d, want 100 (refunded once)", b)
+	}
+	if st, _ := rpCall(t, n2, anchor, "POST", fmt.Sprintf("/rooms/%d/redpackets", room), `{"total_amount":10,"total_count":1,"duration_s":10}`); st != 200 {
+		t.Fatalf("the anchor's slot after the restart: %d", st)
+	}
+	cr, db, bal, err := n2.Ledger.Audit()
+	if err != nil || cr-db != bal || bal != 100 {
+		t.Fatalf("audit %d %d %d %v", cr, db, bal, err)
+	}
+}
