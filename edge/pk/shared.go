@@ -65,16 +65,13 @@ const SyncEvery = time.Second
 // running contests, e.g. after a restart).
 func NewShared(r router.Router, isOpen func(int64) bool, rdb rueidis.Client, tallies Tallies, log *slog.Logger) *Service {
 	s := New(r, isOpen, nil, tallies, log)
-	var tok [8]byte
-	_, _ = rand.Read(tok[:])
-	s.sh = &shared{rdb: rdb, byID: map[string]*running{}, byRoom: map[int64]*running{}, every: SyncEvery, token: hex.EncodeToString(tok[:])}
+	s.sh = &shared{rdb: rdb, byID: map[string]*running{}, byRoom: map[int64]*running{}, every: SyncEvery}
 	return s
 }
 
 // shared is the cluster state of a Service (nil on a single node).
 type shared struct {
 	rdb     rueidis.Client
-	token   string        // this service's: end.lua answers a retry of its own end again
 	timeout time.Duration // per Redis call (0 = 2 s)
 	every   time.Duration // Sync period
 	stop    chan struct{}
@@ -94,6 +91,14 @@ type running struct {
 	pending  [2]int64 // PK gifts not yet added in Redis
 	flushing bool
 	ended    bool // over (here or elsewhere): this node adds and pushes nothing more
+	// ending: an end attempt of this replica is in flight; another one
+	// waits for its outcome instead.
+	ending bool
+	// token names this replica's end attempts: end.lua answers a retry of
+	// them (its first reply lost) with the result again, so the retry still
+	// pushes it; any other replica — another node's, or this node's adopted
+	// again from a stale read — finds the contest over and pushes nothing.
+	token string
 	// pub is held across a script that numbers a push and the push's publish:
 	// this node's pushes of the contest leave in seq order.
 	pub sync.Mutex
@@ -249,7 +254,9 @@ func (s *Service) adopt(c Contest) *running {
 	if r := s.sh.byID[c.ID]; r != nil {
 		return r
 	}
-	r := &running{c: c}
+	var tok [8]byte
+	_, _ = rand.Read(tok[:])
+	r := &running{c: c, token: hex.EncodeToString(tok[:])}
 	s.sh.byID[c.ID] = r
 	s.sh.byRoom[c.Rooms[0]], s.sh.byRoom[c.Rooms[1]] = r, r
 	r.timer = time.AfterFunc(max(0, time.Until(c.EndsAt)), func() { s.endShared(r) })
@@ -434,16 +441,18 @@ func (s *Service) flush(r *running) {
 // retries a second later.
 func (s *Service) endShared(r *running) {
 	s.mu.Lock()
-	if s.closed || r.ended {
+	if s.closed || r.ended || r.ending {
 		s.mu.Unlock()
 		return
 	}
+	r.ending = true
 	s.writes.Add(1)
 	s.mu.Unlock()
 	defer s.writes.Done()
 	res, err := s.endScript(r)
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	r.ending = false
 	if err != nil {
 		s.log.Error("pk: end contest, retrying", "pk_id", r.c.ID, "err", err)
 		if !s.closed && !r.ended {
@@ -471,7 +480,7 @@ func (s *Service) endScript(r *running) (ended bool, err error) {
 	ctx, cancel := s.sh.ctx()
 	defer cancel()
 	arr, err := endScript.Exec(ctx, s.sh.rdb, []string{contestKey(r.c.ID), keyRooms, keyRunning},
-		[]string{r.c.ID, i64(r.c.Rooms[0]), i64(r.c.Rooms[1]), i64(t[0]), i64(t[1]), i64(s.keep.Milliseconds()), s.sh.token}).AsIntSlice()
+		[]string{r.c.ID, i64(r.c.Rooms[0]), i64(r.c.Rooms[1]), i64(t[0]), i64(t[1]), i64(s.keep.Milliseconds()), r.token}).AsIntSlice()
 	if err != nil {
 		return false, err
 	}

@@ -342,7 +342,7 @@ func TestSharedPKEndReplyLostStillPushed(t *testing.T) {
 	// The script runs as n1's would; n1 never hears the answer.
 	ctx := context.Background()
 	if err := endScript.Exec(ctx, rdb, []string{contestKey(c.ID), keyRooms, keyRunning},
-		[]string{c.ID, "1", "2", "7", "0", "60000", n1.s.sh.token}).Error(); err != nil {
+		[]string{c.ID, "1", "2", "7", "0", "60000", r.token}).Error(); err != nil {
 		t.Fatal(err)
 	}
 	n2.s.mu.Lock()

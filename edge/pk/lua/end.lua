@@ -4,10 +4,11 @@
 -- ARGV[1] id, [2] room a, [3] room b, [4] room a's tally, [5] room b's tally
 -- (the wallet's, read just before: a PK gift whose debit was acknowledged but
 -- whose score was never added, e.g. its node died, still counts), [6] how
--- long the ended contest stays readable (ms), [7] the ending node's token.
+-- long the ended contest stays readable (ms), [7] the calling replica's
+-- token (one per node's copy of the contest).
 -- Returns {1, score 0, score 1, seq} (ended here — also to a retry by the
--- node that ended it, whose first reply was lost, so it still pushes the
--- result), or {0} (not running: ended by another node, or unknown).
+-- replica that ended it, whose first reply was lost, so it still pushes the
+-- result), or {0} (not running: ended by another replica, or unknown).
 local state = redis.call('HGET', KEYS[1], 'state')
 if state == 'over' and redis.call('HGET', KEYS[1], 'ender') == ARGV[7] then
   local r = redis.call('HMGET', KEYS[1], 's0', 's1', 'seq')
