@@ -540,7 +540,7 @@ func (s *Service) markPaid(o Order, id int64, ev Event, evRec persist.Record, no
 	}
 	s.closeOpen(id)
 	if !res.Replayed {
-		d, _ := proto.Marshal(map[string]any{"balance": res.Balances[0], "delta": o.Coins, "reason": persist.ReasonRecharge, "order_id": o.OrderID})
+		d, _ := proto.Marshal(creditPush{Balance: res.Balances[0], Delta: o.Coins, OrderID: o.OrderID, Reason: persist.ReasonRecharge})
 		s.router.SendUser(o.UserID, proto.Push{Biz: proto.BizWalletCredit, Data: d, Ack: true})
 		s.pushStatus(o)
 	}
@@ -670,11 +670,25 @@ func (s *Service) openCount(user int64) int {
 	return s.openOf[user]
 }
 
+// creditPush is the data of the wallet.credit push of a paid recharge.
+type creditPush struct {
+	Balance int64  `json:"balance"`
+	Delta   int64  `json:"delta"`
+	OrderID string `json:"order_id"`
+	Reason  string `json:"reason"`
+}
+
+// statusPush is the data of an order.status push.
+type statusPush struct {
+	OrderID string `json:"order_id"`
+	Status  string `json:"status"`
+}
+
 func (s *Service) pushStatus(o Order) {
 	if o.Biz != "" && o.Biz != BizCoins {
 		return // a business pushes its own order's statuses
 	}
-	d, _ := proto.Marshal(map[string]string{"order_id": o.OrderID, "status": o.Status})
+	d, _ := proto.Marshal(statusPush{OrderID: o.OrderID, Status: o.Status})
 	s.router.SendUser(o.UserID, proto.Push{Biz: proto.BizOrderStatus, Data: d, Ack: true})
 }
 
