@@ -65,6 +65,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	fs.StringVar(&jsonPath, "json", "", "write the figures to this JSON file")
 	fs.IntVar(&procs, "procs", 1, "spread the connections over this many processes")
 	fs.BoolVar(&quiet, "q", false, "no progress lines on stderr")
+	fs.StringVar(&cfg.Trace, "trace", "", "write one JSON line per connection (join position, offsets received, nodes) and per chat sent to this file (-procs: FILE.0, FILE.1, …)")
 	var nodeBin, nodeData, nodeEnv string
 	fs.StringVar(&nodeBin, "liveedge", "", "start a fresh node from this binary for the run (free loopback ports, data under -data; sets -ws, -http and -node-pid)")
 	fs.StringVar(&nodeData, "data", "data", "parent directory of the -liveedge node's data")
@@ -72,6 +73,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	// internal: set by the parent for its children
 	fs.BoolVar(&cfg.NoPublish, "no-publish", false, "internal (-procs): this process has no publishers")
 	fs.Int64Var(&startAt, "start-at", 0, "internal (-procs): unix ms when publishing starts")
+	fs.StringVar(&cfg.PublishedFile, "published", "", "internal (-procs): the publishing process writes what it published to this file, the others read it")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -185,7 +187,7 @@ func runProcs(ctx context.Context, fs *flag.FlagSet, cfg loadtest.Config, procs 
 	start := time.Now().Add(rampTime + 3*time.Second)
 	// flags given on the command line, minus those set per child
 	perChild := map[string]bool{"conns": true, "procs": true, "json": true, "ramp": true, "room": true,
-		"user-base": true, "no-publish": true, "start-at": true, "liveedge": true, "data": true, "node-env": true}
+		"user-base": true, "no-publish": true, "start-at": true, "liveedge": true, "data": true, "node-env": true, "trace": true, "published": true}
 	var common []string
 	fs.Visit(func(f *flag.Flag) {
 		if !perChild[f.Name] {
@@ -235,7 +237,10 @@ func runProcs(ctx context.Context, fs *flag.FlagSet, cfg loadtest.Config, procs 
 			"-room="+strconv.FormatInt(room, 10),
 			"-user-base="+strconv.FormatInt(cfg.UserBase+int64(i)*10_000_000, 10),
 			"-start-at="+strconv.FormatInt(start.UnixMilli(), 10),
-			"-json="+out, "-q")
+			"-json="+out, "-q", "-published="+filepath.Join(dir, "published.json"))
+		if cfg.Trace != "" {
+			args = append(args, "-trace="+cfg.Trace+"."+strconv.Itoa(i))
+		}
 		if i > 0 {
 			args = append(args, "-no-publish")
 		}
