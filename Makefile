@@ -108,9 +108,11 @@ BENCH_FANOUT_10K_PUSHES ?= 200
 
 bench: tools build
 	rm -rf $(BENCH_TMP) && mkdir -p $(BENCH_TMP)/loadgen
+	{ for i in $$(seq 360); do echo "$$(date +%s) $$(cat /proc/loadavg)" >> $(BENCH_TMP)/load.txt; sleep 10; done & echo $$! > $(BENCH_TMP)/load.pid; }
 	$(MAKE) bench-go
 	$(MAKE) bench-loadgen || echo bench-loadgen >> $(BENCH_TMP)/failed
 	$(MAKE) bench-webhook || echo bench-webhook >> $(BENCH_TMP)/failed
+	kill $$(cat $(BENCH_TMP)/load.pid) 2>/dev/null; echo "$$(date +%s) $$(cat /proc/loadavg)" >> $(BENCH_TMP)/load.txt
 	$(MAKE) bench-report
 	! grep -q '^FAIL' bench.out && [ ! -e $(BENCH_TMP)/failed ] || { echo "failed: $$(cat $(BENCH_TMP)/failed 2>/dev/null) $$(grep '^FAIL' bench.out)"; exit 1; }
 
@@ -155,7 +157,7 @@ bench-idle-large: build
 # The report from what the runs above left: bench.out, $(BENCH_TMP)/.
 bench-report: build
 	./$(BIN)/benchreport -bench bench.out -loadgen '$(BENCH_TMP)/loadgen/*.json' \
-	  -webhook $(BENCH_TMP)/webhook.json -out $(BENCH_OUT)
+	  -webhook $(BENCH_TMP)/webhook.json -load $(BENCH_TMP)/load.txt -out $(BENCH_OUT)
 
 clean:
 	rm -rf $(BIN) data bench.out $(BENCH_TMP)

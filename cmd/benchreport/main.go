@@ -30,6 +30,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	webhook := fs.String("webhook", "", "the wrk webhook result (cmd/wrkwebhook -json); a missing file is skipped")
 	out := fs.String("out", "docs/bench", "directory for latest.json, latest.md and the plots")
 	commit := fs.String("commit", "", "commit to name (default: git rev-parse --short HEAD)")
+	load := fs.String("load", "", "samples of the run: lines \"<unix s> <1-min load average> ...\" (make bench writes them); a missing file is skipped")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -38,6 +39,11 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return 1
 	}
 	in := benchreport.Inputs{Machine: benchreport.DetectMachine(), Date: time.Now()}
+	if *load != "" {
+		if b, err := os.ReadFile(*load); err == nil {
+			in.Machine.Load, in.Machine.RunSeconds = benchreport.ParseLoad(string(b))
+		}
+	}
 	f, err := os.Open(*benchOut)
 	if err != nil {
 		return fail(err)

@@ -47,6 +47,17 @@ func (rep *Report) Markdown(w io.Writer) {
 	fmt.Fprintf(w, "Machine: **%s**, %d cores, %s, kernel %s (%s). Every process of the run — servers,\n", m.CPU, m.Cores, m.GoVersion, m.Kernel, m.OS)
 	fmt.Fprintf(w, "load generators, baselines — shares these cores; each figure stands beside its baseline measured\n")
 	fmt.Fprintf(w, "**in the same run**, so compare ratios, not absolute numbers across machines.\n\n")
+	if len(m.Load) > 0 {
+		lo, hi := m.Load[0], m.Load[0]
+		for _, l := range m.Load {
+			lo, hi = min(lo, l), max(hi, l)
+		}
+		fmt.Fprintf(w, "The machine's 1-minute load average during the run: %.1f at the start, %.1f–%.1f over %d samples", m.Load[0], lo, hi, len(m.Load))
+		if m.RunSeconds > 0 {
+			fmt.Fprintf(w, "; the run took %.0f s (%.1f min)", m.RunSeconds, m.RunSeconds/60)
+		}
+		fmt.Fprintf(w, ". Above ~2 on these 2 cores, other work shared them.\n\n")
+	}
 	if len(rep.Sources) > 0 {
 		var ss []string
 		for _, src := range rep.Sources {

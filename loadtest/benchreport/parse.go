@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
 
 	"golang.org/x/perf/benchfmt"
@@ -163,4 +164,29 @@ func ReadWebhook(path string) (*Webhook, error) {
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}
 	return &w, nil
+}
+
+// ParseLoad reads the load samples make bench writes, one line each:
+// "<unix seconds> <1-min load> <5-min> <15-min> ..." (date +%s and
+// /proc/loadavg); it returns the 1-minute loads and the seconds from the
+// first sample to the last. Lines that do not parse are skipped.
+func ParseLoad(s string) (load []float64, seconds float64) {
+	var first, last float64
+	for _, line := range strings.Split(s, "\n") {
+		f := strings.Fields(line)
+		if len(f) < 2 {
+			continue
+		}
+		t, err1 := strconv.ParseFloat(f[0], 64)
+		l, err2 := strconv.ParseFloat(f[1], 64)
+		if err1 != nil || err2 != nil {
+			continue
+		}
+		if len(load) == 0 {
+			first = t
+		}
+		last = t
+		load = append(load, l)
+	}
+	return load, last - first
 }

@@ -24,6 +24,11 @@ type Machine struct {
 	GoVersion string `json:"go_version"`
 	Kernel    string `json:"kernel"`
 	OS        string `json:"os"`
+	// Load: the machine's 1-minute load average sampled during the run
+	// (make bench: at its start and every 10 s), and how long the run took
+	// — other work on the same cores moves every figure.
+	Load       []float64 `json:"load_average,omitempty"`
+	RunSeconds float64   `json:"run_seconds,omitempty"`
 }
 
 // Figure is one headline number beside its baseline from the same run.

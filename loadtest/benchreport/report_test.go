@@ -164,3 +164,16 @@ func TestThousands(t *testing.T) {
 		}
 	}
 }
+
+func TestParseLoad(t *testing.T) {
+	load, secs := ParseLoad("1796320000 0.42 0.30 0.20 1/199 123\nnot a sample\n1796320010 5.25 1.00 0.50 3/200 124\n1796320447 2.00 2.00 1.00 1/190 130\n")
+	if len(load) != 3 || load[0] != 0.42 || load[1] != 5.25 || load[2] != 2 || secs != 447 {
+		t.Fatalf("ParseLoad = %v, %v s", load, secs)
+	}
+	rep := Report{Machine: Machine{CPU: "x", Cores: 2, Load: load, RunSeconds: secs}}
+	var b strings.Builder
+	rep.Markdown(&b)
+	if !strings.Contains(b.String(), "0.4 at the start, 0.4–5.2 over 3 samples; the run took 447 s (7.5 min)") {
+		t.Fatalf("markdown has no load line:\n%s", b.String())
+	}
+}
