@@ -46,6 +46,9 @@ const MaxChatRate = 5
 // Config describes one run. Zero fields take the defaults of Normalize.
 type Config struct {
 	Scenario string
+	// Client is ClientSDK (default: clientsdk, reconnect, re-join, dedup) or
+	// ClientRaw (idle only: the minimal idle viewer of raw.go).
+	Client   string
 	WS       []string // WebSocket URLs, one per node: ws://127.0.0.1:8081/ws
 	HTTP     []string // HTTP bases in the same order: http://127.0.0.1:8080
 	Conns    int      // connections in this process (viewers + publishers)
@@ -178,6 +181,16 @@ func (cfg *Config) Normalize() error {
 	default:
 		return fmt.Errorf("loadtest: unknown scenario %q (idle, fanout, chat, reconnect-storm, gift, grab)", cfg.Scenario)
 	}
+	switch cfg.Client {
+	case "", ClientSDK:
+		cfg.Client = ClientSDK
+	case ClientRaw:
+		if cfg.Scenario != Idle {
+			return fmt.Errorf("loadtest: -client raw runs the idle scenario only, not %s", cfg.Scenario)
+		}
+	default:
+		return fmt.Errorf("loadtest: unknown client %q (sdk, raw)", cfg.Client)
+	}
 	if cfg.NoPublish {
 		cfg.Talkers = 0
 	}
@@ -193,6 +206,7 @@ func (cfg *Config) Normalize() error {
 // Result holds a run's figures (the -json file).
 type Result struct {
 	Scenario    string  `json:"scenario"`
+	Client      string  `json:"client,omitempty"` // "raw": the minimal idle client (empty: the Go SDK)
 	Procs       int     `json:"procs"`
 	Conns       int64   `json:"connections"` // connected and joined
 	ConnErrors  int64   `json:"connect_errors"`
@@ -227,6 +241,19 @@ type Result struct {
 	LoadgenRSSBefore  int64   `json:"loadgen_rss_before_bytes"`
 	LoadgenRSSAfter   int64   `json:"loadgen_rss_after_bytes"`
 	LoadgenRSSPerConn float64 `json:"loadgen_rss_per_conn_bytes"`
+
+	// -client raw: the hold in detail. Held counts joined connections (a
+	// connection is held only while joined); with -procs HeldMin is the sum
+	// of each process's lowest count (a lower bound of the lowest total).
+	HeldMin           int64            `json:"held_min,omitempty"`
+	HeldEnd           int64            `json:"held_end,omitempty"`
+	HoldDisconnects   int64            `json:"hold_disconnects"`
+	HoldReconnects    int64            `json:"hold_reconnects"`
+	DisconnectReasons map[string]int64 `json:"disconnect_reasons,omitempty"` // close code, "1006" (no close frame), "ping-timeout"
+	Pings             int64            `json:"pings,omitempty"`
+	PingTimeouts      int64            `json:"ping_timeouts,omitempty"`
+	Acks              int64            `json:"acks,omitempty"`
+	LoadgenCPUCores   float64          `json:"loadgen_cpu_cores,omitempty"` // this process's CPU over the hold (-procs: summed)
 
 	// gift / grab: requests answered, latency from send to reply (the
 	// latency_* fields), and the money checked through the HTTP API after the run.
@@ -339,7 +366,12 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 		res.NodeRSSBefore, _ = RSS(cfg.NodePID)
 	}
 	res.LoadgenRSSBefore, _ = RSS(0)
-	r.logf("%s: %d connections to room %d at %d/s over %d node(s)", cfg.Scenario, cfg.Conns, room, cfg.Ramp, len(cfg.WS))
+	r.logf("%s: %d %s connections to room %d at %d/s over %d node(s)", cfg.Scenario, cfg.Conns, cfg.Client, room, cfg.Ramp, len(cfg.WS))
+	if cfg.Client == ClientRaw {
+		r.runRaw(ctx, res)
+		r.fill(res, res.Viewers)
+		return res, nil
+	}
 
 	// Ramp: connection i starts at i/Ramp s, at most 256 dials in flight.
 	t0 := time.Now()
@@ -377,16 +409,7 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 
 	// Memory per connection, after the ramp settles.
 	time.Sleep(time.Second)
-	if cfg.NodePID > 0 {
-		res.NodeRSSAfter, _ = RSS(cfg.NodePID)
-		if n := r.conns.Load(); n > 0 {
-			res.NodeRSSPerConn = float64(res.NodeRSSAfter-res.NodeRSSBefore) / float64(n)
-		}
-	}
-	res.LoadgenRSSAfter, _ = RSS(0)
-	if n := r.conns.Load(); n > 0 {
-		res.LoadgenRSSPerConn = float64(res.LoadgenRSSAfter-res.LoadgenRSSBefore) / float64(n)
-	}
+	r.measureMemory(res)
 
 	if d := time.Until(cfg.StartAt); !cfg.StartAt.IsZero() && d > 0 {
 		select {
@@ -473,6 +496,21 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	r.fill(res, viewers)
 	r.fillMoney(res)
 	return res, nil
+}
+
+// measureMemory records the node's and this process's RSS and their growth
+// per connection held.
+func (r *run) measureMemory(res *Result) {
+	if r.cfg.NodePID > 0 {
+		res.NodeRSSAfter, _ = RSS(r.cfg.NodePID)
+		if n := r.conns.Load(); n > 0 {
+			res.NodeRSSPerConn = float64(res.NodeRSSAfter-res.NodeRSSBefore) / float64(n)
+		}
+	}
+	res.LoadgenRSSAfter, _ = RSS(0)
+	if n := r.conns.Load(); n > 0 {
+		res.LoadgenRSSPerConn = float64(res.LoadgenRSSAfter-res.LoadgenRSSBefore) / float64(n)
+	}
 }
 
 // open mints a token for user UserBase+i, dials (node i mod n first) and joins the room.

@@ -2,12 +2,17 @@ package loadtest_test
 
 import (
 	"context"
+	"io"
+	"net/http"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/liveedge/liveedge/configs"
 	"github.com/liveedge/liveedge/gateway/nodetest"
 	"github.com/liveedge/liveedge/loadtest"
 )
@@ -177,4 +182,168 @@ func TestGrabInProcess(t *testing.T) {
 			}
 		})
 	}
+}
+
+// nodeConns reads the node's open WebSocket connections from /metrics.
+func nodeConns(t *testing.T, base string) int {
+	t.Helper()
+	resp, err := http.Get(base + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if strings.HasPrefix(line, "liveedge_connections{") {
+			f := strings.Fields(line)
+			v, err := strconv.ParseFloat(f[len(f)-1], 64)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return int(v)
+		}
+	}
+	t.Fatal("no liveedge_connections in /metrics")
+	return 0
+}
+
+// The raw idle client against a node with a 1 s heartbeat (silent for 2 s:
+// closed with 4402): every connection joins, pings every 500 ms and is held
+// through the hold without a disconnect; the node sees them all.
+func TestIdleRawInProcess(t *testing.T) {
+	cfg := nodetest.Config(t)
+	cfg.WS.Heartbeat = configs.Duration(time.Second)
+	n := nodetest.Start(t, cfg)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	const conns = 300
+	var seen atomic.Int64
+	go func() { // the node's count in the middle of the hold
+		for ctx.Err() == nil && seen.Load() < conns {
+			time.Sleep(200 * time.Millisecond)
+			if v := nodeConnsQuiet(nodetest.HTTPURL(n)); v > seen.Load() {
+				seen.Store(v)
+			}
+		}
+	}()
+	res, err := loadtest.Run(ctx, loadtest.Config{
+		Scenario: loadtest.Idle,
+		Client:   loadtest.ClientRaw,
+		WS:       []string{nodetest.WSURL(n)},
+		HTTP:     []string{nodetest.HTTPURL(n)},
+		Conns:    conns,
+		Ramp:     3000,
+		Duration: 3 * time.Second,
+		SrcIPs:   2,
+		NodePID:  os.Getpid(),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	res.WriteSummary(testWriter{t})
+	if res.Client != loadtest.ClientRaw || res.Conns != conns || res.ConnErrors != 0 || res.Errors != 0 {
+		t.Fatalf("client %q connections %d, failed %d, errors %d %v", res.Client, res.Conns, res.ConnErrors, res.Errors, res.ErrorSamples)
+	}
+	if res.HeldMin != conns || res.HeldEnd != conns || res.Disconnects != 0 || res.HoldDisconnects != 0 || res.PingTimeouts != 0 {
+		t.Fatalf("held min %d end %d, disconnects %d (%d in the hold) %v, ping timeouts %d",
+			res.HeldMin, res.HeldEnd, res.Disconnects, res.HoldDisconnects, res.DisconnectReasons, res.PingTimeouts)
+	}
+	// 3 s at one ping per 500 ms: about 6 each
+	if res.Pings < 4*conns {
+		t.Fatalf("%d pings from %d connections in %.1f s", res.Pings, conns, res.RunSeconds)
+	}
+	if seen.Load() != conns {
+		t.Fatalf("the node saw at most %d connections", seen.Load())
+	}
+	if res.NodeRSSAfter <= 0 || res.LoadgenRSSAfter <= 0 {
+		t.Fatalf("RSS not measured: %+v", res)
+	}
+	// every connection closed at the end
+	deadline := time.Now().Add(5 * time.Second)
+	for nodeConns(t, nodetest.HTTPURL(n)) != 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("the node still has %d connections after the run", nodeConns(t, nodetest.HTTPURL(n)))
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// Without heartbeats the node closes each connection after 2 × 300 ms
+// (4402): the raw client counts every such disconnect, by reason, reconnects
+// and re-joins.
+func TestIdleRawCountsDisconnects(t *testing.T) {
+	cfg := nodetest.Config(t)
+	cfg.WS.Heartbeat = configs.Duration(300 * time.Millisecond)
+	n := nodetest.Start(t, cfg)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	res, err := loadtest.Run(ctx, loadtest.Config{
+		Scenario:  loadtest.Idle,
+		Client:    loadtest.ClientRaw,
+		WS:        []string{nodetest.WSURL(n)},
+		HTTP:      []string{nodetest.HTTPURL(n)},
+		Conns:     50,
+		Ramp:      1000,
+		Duration:  2 * time.Second,
+		Heartbeat: -1,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	res.WriteSummary(testWriter{t})
+	if res.Conns == 0 || res.Pings != 0 {
+		t.Fatalf("connections %d, pings %d", res.Conns, res.Pings)
+	}
+	if res.HoldDisconnects < 50 || res.DisconnectReasons["4402"] < 50 || res.HoldReconnects < 25 || res.Reconnects < res.HoldReconnects {
+		t.Fatalf("disconnects %d (%d in the hold) %v, reconnects %d (%d in the hold)",
+			res.Disconnects, res.HoldDisconnects, res.DisconnectReasons, res.Reconnects, res.HoldReconnects)
+	}
+	if res.HeldMin >= 50 {
+		t.Fatalf("held min %d: the closed connections were counted as held", res.HeldMin)
+	}
+}
+
+// A connection counts as held only once joined: joins refused (no such
+// room) leave nothing held, every connection given up as a connect error.
+func TestIdleRawJoinRefused(t *testing.T) {
+	n := nodetest.Start(t, nodetest.Config(t))
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	res, err := loadtest.Run(ctx, loadtest.Config{
+		Scenario: loadtest.Idle,
+		Client:   loadtest.ClientRaw,
+		WS:       []string{nodetest.WSURL(n)},
+		HTTP:     []string{nodetest.HTTPURL(n)},
+		Room:     987654321,
+		Conns:    10,
+		Ramp:     1000,
+		Duration: 100 * time.Millisecond,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	res.WriteSummary(testWriter{t})
+	if res.Conns != 0 || res.ConnErrors != 10 || res.HeldEnd != 0 || res.Errors < 10 {
+		t.Fatalf("held %d (end %d), given up %d, errors %d %v", res.Conns, res.HeldEnd, res.ConnErrors, res.Errors, res.ErrorSamples)
+	}
+}
+
+func nodeConnsQuiet(base string) int64 {
+	resp, err := http.Get(base + "/metrics")
+	if err != nil {
+		return 0
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	for _, line := range strings.Split(string(b), "\n") {
+		if strings.HasPrefix(line, "liveedge_connections{") {
+			f := strings.Fields(line)
+			v, _ := strconv.ParseFloat(f[len(f)-1], 64)
+			return int64(v)
+		}
+	}
+	return 0
 }

@@ -48,6 +48,12 @@ func (res *Result) WriteSummary(w io.Writer) {
 	fmt.Fprintf(w, "  order         %d gaps, %d duplicates (%d dropped by the SDK), %d resyncs, %d epoch changes\n",
 		res.Gaps, res.Duplicates, res.SDKDupDropped, res.Resyncs, res.EpochChanges)
 	fmt.Fprintf(w, "  connections   %d disconnects, %d reconnects, %d errors\n", res.Disconnects, res.Reconnects, res.Errors)
+	if res.Client == ClientRaw {
+		fmt.Fprintf(w, "  raw client    held (joined) %d at the end of the hold, at least %d during it; %d disconnects / %d reconnects during the hold %v\n",
+			res.HeldEnd, res.HeldMin, res.HoldDisconnects, res.HoldReconnects, res.DisconnectReasons)
+		fmt.Fprintf(w, "                %d pings (%d unanswered), %d acks; loadgen CPU %.3f cores over the hold\n",
+			res.Pings, res.PingTimeouts, res.Acks, res.LoadgenCPUCores)
+	}
 	if res.Killed {
 		fmt.Fprintf(w, "  after kill    %d reconnected and recovered, %d not; p50 %.0f ms, p99 %.0f ms, max %.0f ms\n",
 			res.ReconnectedAfterKill, res.NotReconnected, res.ReconnectP50Ms, res.ReconnectP99Ms, res.ReconnectMaxMs)
@@ -91,6 +97,7 @@ func Merge(parts []*Result, nodeBefore, nodeAfter int64) *Result {
 	var lat, recon Hist
 	for _, p := range parts {
 		out.Scenario = p.Scenario
+		out.Client = p.Client
 		out.Conns += p.Conns
 		out.ConnErrors += p.ConnErrors
 		out.Viewers += p.Viewers
@@ -116,6 +123,20 @@ func Merge(parts []*Result, nodeBefore, nodeAfter int64) *Result {
 		out.NodeCPUCores = max(out.NodeCPUCores, p.NodeCPUCores) // every process times the same node over the same phase
 		out.Killed = out.Killed || p.Killed
 		out.ReconnectedAfterKill += p.ReconnectedAfterKill
+		out.HeldMin += p.HeldMin
+		out.HeldEnd += p.HeldEnd
+		out.HoldDisconnects += p.HoldDisconnects
+		out.HoldReconnects += p.HoldReconnects
+		out.Pings += p.Pings
+		out.PingTimeouts += p.PingTimeouts
+		out.Acks += p.Acks
+		out.LoadgenCPUCores += p.LoadgenCPUCores
+		for k, v := range p.DisconnectReasons {
+			if out.DisconnectReasons == nil {
+				out.DisconnectReasons = map[string]int64{}
+			}
+			out.DisconnectReasons[k] += v
+		}
 		lat.Merge(p.LatencyBuckets, p.LatencyMaxUS)
 		recon.Merge(p.ReconnectBuckets, p.ReconnectMaxUS)
 	}

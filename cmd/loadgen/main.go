@@ -39,6 +39,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	var startAt int64
 	var quiet bool
 	fs.StringVar(&cfg.Scenario, "scenario", "idle", "idle | fanout | chat | reconnect-storm | gift | grab")
+	fs.StringVar(&cfg.Client, "client", "sdk", "sdk (the Go SDK) | raw (idle only: a minimal gws idle viewer, for 100k connections on few cores)")
 	fs.StringVar(&ws, "ws", "ws://127.0.0.1:8081/ws", "WebSocket URLs of the nodes, comma-separated (loopback only)")
 	fs.StringVar(&httpURLs, "http", "http://127.0.0.1:8080", "HTTP bases of the nodes, same order (dev tokens, room)")
 	fs.IntVar(&cfg.Conns, "conns", 100, "connections in all (viewers + publishers)")
