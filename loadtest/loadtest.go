@@ -84,6 +84,14 @@ type Config struct {
 
 	// NoPublish: this process has no publishers (-procs: only the first has).
 	NoPublish bool
+	// MoneyShare: this process is one of several of a gift or grab run
+	// (-procs). It checks only its own users (each sender's debit, each
+	// grabber's balance) and reports their sums (Result.UsersCoins); what is
+	// run-wide — the receiver's `received`, the rain's totals, the anchor's
+	// refund — is checked by the parent over every process (MoneyTotals).
+	MoneyShare bool
+	// RainCode: grab with MoneyShare: the rain the parent made and starts.
+	RainCode string
 	// StartAt: when publishing (or the kill timer) starts; zero = right after the ramp.
 	StartAt time.Time
 	Drain   time.Duration // wait for late pushes after the last publish
@@ -169,6 +177,9 @@ func (cfg *Config) Normalize() error {
 		}
 	case Grab:
 		cfg.Talkers, cfg.ChatRate = 0, 0
+		if cfg.MoneyShare && cfg.RainCode == "" {
+			return errors.New("loadtest: a grab share needs the parent's rain (-rain-code)")
+		}
 		if cfg.RainCount <= 0 {
 			cfg.RainCount = cfg.Conns
 		}
@@ -190,6 +201,9 @@ func (cfg *Config) Normalize() error {
 		}
 	default:
 		return fmt.Errorf("loadtest: unknown client %q (sdk, raw)", cfg.Client)
+	}
+	if cfg.MoneyShare && cfg.Scenario != Gift && cfg.Scenario != Grab {
+		return fmt.Errorf("loadtest: a money share is a gift or grab run's, not %s", cfg.Scenario)
 	}
 	if cfg.NoPublish {
 		cfg.Talkers = 0
@@ -267,6 +281,9 @@ type Result struct {
 	Packets          int64         `json:"packets,omitempty"`        // grab: the rain's total_count
 	TotalAmount      int64         `json:"total_amount,omitempty"`   // grab: the rain's total_amount
 	GrantedAmount    int64         `json:"granted_amount,omitempty"` // grab: Σ amounts the grabbers were told
+	Ambiguous        int64         `json:"ambiguous,omitempty"`      // sent, outcome unknown (timeout, disconnect)
+	UsersCoins       int64         `json:"users_coins,omitempty"`    // through the HTTP API after the run: gift Σ senders' debits, grab Σ grabbers' balances
+	StormSeconds     float64       `json:"storm_seconds,omitempty"`  // what replies_per_sec is over
 	Conserved        *bool         `json:"conserved,omitempty"`
 	ConservationNote string        `json:"conservation,omitempty"`
 

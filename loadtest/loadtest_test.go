@@ -347,3 +347,75 @@ func nodeConnsQuiet(base string) int64 {
 	}
 	return 0
 }
+
+// The parent's side of a money run over processes: shares (here in this
+// process) check their own users; MoneyTotals checks the sums — and catches
+// a share that misreports its users' coins or a share that is missing.
+func TestMoneyTotals(t *testing.T) {
+	n := nodetest.Start(t, nodetest.Config(t))
+	for _, scenario := range []string{loadtest.Gift, loadtest.Grab} {
+		t.Run(scenario, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+			defer cancel()
+			cfg := loadtest.Config{Scenario: scenario, WS: []string{nodetest.WSURL(n)}, HTTP: []string{nodetest.HTTPURL(n)},
+				Conns: 20, Ramp: 1000, Duration: 2 * time.Second, Rate: 100, Anchor: 9, RainCount: 15, StartAt: time.Now().Add(2 * time.Second)}
+			if scenario == loadtest.Grab {
+				cfg.Anchor = 10
+			}
+			room, err := loadtest.OpenRoom(ctx, http.DefaultClient, cfg.HTTP[0], cfg.Anchor)
+			if err != nil {
+				t.Fatal(err)
+			}
+			cfg.Room = room
+			if err := cfg.Normalize(); err != nil {
+				t.Fatal(err)
+			}
+			mt, err := loadtest.NewMoneyTotals(ctx, cfg, room)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if scenario == loadtest.Grab {
+				if err := mt.StartRain(ctx); err != nil {
+					t.Fatal(err)
+				}
+			}
+			parts := make([]*loadtest.Result, 2)
+			errs := make([]error, 2)
+			done := make(chan int)
+			for i := range parts {
+				share := cfg
+				share.Conns, share.Rate, share.MoneyShare, share.RainCode = 10, 50, true, mt.RainCode()
+				share.UserBase = cfg.UserBase + int64(i)*1000
+				go func() {
+					parts[i], errs[i] = loadtest.Run(ctx, share)
+					done <- i
+				}()
+			}
+			<-done
+			<-done
+			for i, p := range parts {
+				if errs[i] != nil {
+					t.Fatal(errs[i])
+				}
+				if p.Conserved == nil || !*p.Conserved || p.Errors != 0 {
+					t.Fatalf("share %d: %v %q, errors %v", i, p.Conserved, p.ConservationNote, p.ErrorSamples)
+				}
+			}
+			res := loadtest.Merge(parts, 0, 0)
+			mt.Check(ctx, res, parts, 0)
+			t.Log(res.ConservationNote)
+			if res.Conserved == nil || !*res.Conserved || res.Replies == 0 {
+				t.Fatalf("totals: %v %q", res.Conserved, res.ConservationNote)
+			}
+			bad := *res
+			bad.UsersCoins++
+			if mt.Check(ctx, &bad, parts, 0); *bad.Conserved {
+				t.Fatalf("a misreported share passed: %q", bad.ConservationNote)
+			}
+			short := *res
+			if mt.Check(ctx, &short, parts, 1); *short.Conserved {
+				t.Fatalf("a missing share passed: %q", short.ConservationNote)
+			}
+		})
+	}
+}

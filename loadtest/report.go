@@ -123,6 +123,23 @@ func Merge(parts []*Result, nodeBefore, nodeAfter int64) *Result {
 		out.NodeCPUCores = max(out.NodeCPUCores, p.NodeCPUCores) // every process times the same node over the same phase
 		out.Killed = out.Killed || p.Killed
 		out.ReconnectedAfterKill += p.ReconnectedAfterKill
+		out.Requests += p.Requests
+		out.Replies += p.Replies
+		out.Refused += p.Refused
+		for c, n := range p.RefusedCodes {
+			if out.RefusedCodes == nil {
+				out.RefusedCodes = map[int]int64{}
+			}
+			out.RefusedCodes[c] += n
+		}
+		out.Ambiguous += p.Ambiguous
+		out.UsersCoins += p.UsersCoins
+		out.GrantedAmount += p.GrantedAmount
+		out.OfferedRate += p.OfferedRate
+		out.WarmupSeconds = max(out.WarmupSeconds, p.WarmupSeconds)
+		out.StormSeconds = max(out.StormSeconds, p.StormSeconds) // the shares run at once, from one start time
+		out.Packets = max(out.Packets, p.Packets)
+		out.TotalAmount = max(out.TotalAmount, p.TotalAmount)
 		out.HeldMin += p.HeldMin
 		out.HeldEnd += p.HeldEnd
 		out.HoldDisconnects += p.HoldDisconnects
@@ -139,6 +156,9 @@ func Merge(parts []*Result, nodeBefore, nodeAfter int64) *Result {
 		}
 		lat.Merge(p.LatencyBuckets, p.LatencyMaxUS)
 		recon.Merge(p.ReconnectBuckets, p.ReconnectMaxUS)
+	}
+	if out.StormSeconds > 0 {
+		out.RepliesPerSec = float64(out.Replies) / out.StormSeconds
 	}
 	out.Expected = out.Viewers * out.PushesSent
 	out.Missing = max(out.Expected-out.Deliveries, 0)
