@@ -1,16 +1,24 @@
 #!/usr/bin/env bash
 # Issue 15 items 2 and 3 on this machine: a real local cluster of NODES node
 # processes (configs/cluster-local.sh: nats-server, redis-server, gw-1..gw-N),
-# CONNS idle SDK connections spread over them by loadgen (-procs PROCS,
-# heartbeats on), every node's RSS and CPU sampled while they are held; then,
-# with STORM=1, a reconnect storm: loadgen kills gw-N (SIGKILL) and measures
-# the time until its clients are reconnected to the others and re-joined.
+# CONNS idle connections spread over them by loadgen (-procs PROCS,
+# heartbeats on), every node's RSS, CPU and open connections sampled while
+# they are held; then, with STORM=1, a reconnect storm: loadgen kills gw-N
+# (SIGKILL) and measures the time until its clients are reconnected to the
+# others and re-joined.
 #
 #   loadtest/scripts/cluster-idle.sh                  # 100,000 over 6 nodes
 #   CONNS=15000 NODES=3 STORM=1 loadtest/scripts/cluster-idle.sh
 #
-# Writes $OUT/idle.json (loadgen), $OUT/nodes.csv (all nodes' RSS and CPU, every 5 s) and
-# $OUT/summary.txt. Loopback only; bounded by CONNS, HOLD and the ramp.
+# CLIENT=raw (the default for the idle run) uses loadgen's minimal idle
+# client (-client raw: a gws connection, a join and heartbeat pings, nothing
+# else per connection), so that 100,000 clients leave the two cores to the
+# nodes; CLIENT=sdk uses the Go SDK. The storm always uses the SDK.
+#
+# Writes $OUT/idle.json (loadgen), $OUT/nodes.csv (every 5 s: all nodes'
+# RSS and CPU ticks, then per node RSS, CPU ticks and open connections from
+# /metrics, then NATS's and Redis's CPU ticks) and $OUT/summary.txt.
+# Loopback only; bounded by CONNS, HOLD and the ramp.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 NODES=${NODES:-6}
@@ -19,11 +27,17 @@ PROCS=${PROCS:-6}
 RAMP=${RAMP:-2000}
 HOLD=${HOLD:-60s}
 STORM=${STORM:-0}
+CLIENT=${CLIENT:-raw}
 OUT=${OUT:-data/cluster-idle}
+for p in 14222 16379 $(seq 8080 $((8080 + 2 * NODES - 1))); do
+	if ss -Hltn "sport = :$p" | grep -q .; then
+		echo "port $p is in use (another cluster running?): not starting"
+		exit 1
+	fi
+done
 DATA=$(mktemp -d /tmp/liveedge-cluster-idle.XXXXXX)
 mkdir -p "$OUT"
 make -s build
-go build -o bin/loadgen ./cmd/loadgen
 
 NODES=$NODES DATA=$DATA configs/cluster-local.sh >"$OUT/cluster.log" 2>&1 &
 cluster=$!
@@ -40,50 +54,88 @@ done
 pidof_port() { ss -Hltnp "sport = :$1" | grep -o 'pid=[0-9]*' | head -1 | cut -d= -f2; }
 pids=()
 for i in $(seq "$NODES"); do pids+=("$(pidof_port $((8081 + 2 * (i - 1))))"); done
-echo "nodes: ${pids[*]}"
+nats=$(pidof_port 14222)
+redis=$(pidof_port 16379)
+echo "nodes: ${pids[*]}  nats: $nats  redis: $redis"
 
 rss() { awk '/VmRSS/ {print $2 * 1024}' "/proc/$1/status" 2>/dev/null || echo 0; }
 cpu() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; } # clock ticks
-before=0
-for p in "${pids[@]}"; do before=$((before + $(rss "$p"))); done
-echo "t,rss_bytes,cpu_ticks" >"$OUT/nodes.csv" # all nodes together, every 5 s
+conns() { curl -fs -m 2 "http://127.0.0.1:$1/metrics" 2>/dev/null | awk '/^liveedge_connections\{/ {print $NF + 0; f = 1} END {if (!f) print 0}'; }
+sample() { # t,rss,cpu,(rss_i,cpu_i,conns_i)...,nats_cpu,redis_cpu
+	local r=0 c=0 per="" i=0
+	for p in "${pids[@]}"; do
+		local pr pc
+		pr=$(rss "$p") pc=$(cpu "$p")
+		r=$((r + pr)) c=$((c + pc))
+		per="$per,$pr,$pc,$(conns $((8080 + 2 * i)))"
+		i=$((i + 1))
+	done
+	echo "$1,$r,$c$per,$(cpu "$nats"),$(cpu "$redis")"
+}
+hdr="t,rss_bytes,cpu_ticks"
+for i in $(seq "$NODES"); do hdr="$hdr,rss_$i,cpu_$i,conns_$i"; done
+echo "$hdr,nats_cpu,redis_cpu" >"$OUT/nodes.csv" # every 5 s
+sample 0 >>"$OUT/nodes.csv"
 (
 	t=0
 	while sleep 5; do
 		t=$((t + 5))
-		r=0 c=0
-		for p in "${pids[@]}"; do r=$((r + $(rss "$p"))); c=$((c + $(cpu "$p"))); done
-		echo "$t,$r,$c" >>"$OUT/nodes.csv"
+		sample "$t" >>"$OUT/nodes.csv"
 	done
 ) &
 sampler=$!
 
-args=(-scenario idle -ws "$ws" -http "$http" -conns "$CONNS" -procs "$PROCS" -ramp "$RAMP" -duration "$HOLD" -q -json "$OUT/idle.json")
+args=(-scenario idle -client "$CLIENT" -ws "$ws" -http "$http" -conns "$CONNS" -procs "$PROCS" -ramp "$RAMP" -duration "$HOLD" -q -json "$OUT/idle.json")
 if [ "$STORM" = 1 ]; then
 	args=(-scenario reconnect-storm -ws "$ws" -http "$http" -conns "$CONNS" -procs "$PROCS" -ramp "$RAMP"
 		-duration "$HOLD" -rate 2 -kill-after 5s -kill-pid "${pids[$((NODES - 1))]}" -q -json "$OUT/storm.json")
 fi
-bin/loadgen "${args[@]}" || true
+start=$(date +%s)
+bin/loadgen "${args[@]}" | tee "$OUT/loadgen.txt" || true
+echo "loadgen ran $(($(date +%s) - start)) s"
 kill $sampler 2>/dev/null || true
 hz=$(getconf CLK_TCK)
-# While the connections are held: the samples whose RSS is within 3 % of the
-# highest. Idle CPU: the quietest 20 s among them (after the ramp).
-summary=$(awk -F, -v before="$before" -v conns="$CONNS" -v hz="$hz" 'NR > 1 { t[NR] = $1; r[NR] = $2; c[NR] = $3; if ($2 > max) max = $2; n = NR }
+# While the connections are held: the samples where the nodes' open
+# connections (their /metrics, all nodes) are within 1 % of the most seen.
+# Idle CPU: the quietest 20 s (5 samples in a row) among them; RSS per
+# connection, per node, at that window's end.
+summary=$(awk -F, -v nodes="$NODES" -v conns="$CONNS" -v hz="$hz" 'NR > 1 {
+	n++
+	for (k = 1; k <= NF; k++) v[n, k] = $k
+	if ($2 > maxrss) maxrss = $2
+	open_ = 0
+	for (k = 0; k < nodes; k++) open_ += $(6 + 3 * k)
+	o[n] = open_
+	if (open_ > maxopen) maxopen = open_
+}
 END {
 	best = -1
-	for (i = 2; i + 4 <= n; i++) {
+	for (i = 1; i + 4 <= n; i++) {
 		ok = 1
-		for (j = i; j <= i + 4; j++) if (r[j] < 0.97 * max) ok = 0
+		for (j = i; j <= i + 4; j++) if (o[j] < 0.99 * maxopen) ok = 0
 		if (!ok) continue
-		d = (c[i + 4] - c[i]) / hz / (t[i + 4] - t[i])
-		if (best < 0 || d < best) best = d
+		d = (v[i + 4, 3] - v[i, 3]) / hz / (v[i + 4, 1] - v[i, 1])
+		if (best < 0 || d < best) { best = d; bi = i }
 	}
-	printf "node RSS before: %d B, with the connections held: %d B\n", before, max
-	printf "node RSS per connection: %d B\n", (max - before) / conns
+	printf "node RSS before: %d B, highest: %d B; most connections open on the nodes at once: %d\n", v[1, 2], maxrss, maxopen
+	if (best < 0) { print "no 20 s window with the connections held: no idle figures"; exit }
+	e = bi + 4; secs = v[e, 1] - v[bi, 1]
+	printf "idle window t=%d..%d s: %d connections open on the nodes (%d at its start)\n", v[bi, 1], v[e, 1], o[e], o[bi]
+	printf "node RSS per connection (all nodes): %d B\n", (v[e, 2] - v[1, 2]) / o[e]
 	printf "node CPU while the connections are held and idle (all nodes, cores, quietest 20 s): %.3f\n", best
+	for (k = 0; k < nodes; k++) {
+		c = 4 + 3 * k
+		open_ = v[e, c + 2]
+		per = 0
+		if (open_ > 0) per = (v[e, c] - v[1, c]) / open_
+		printf "  gw-%d: %d connections, RSS %.1f -> %.1f MiB = %d B per connection, CPU %.3f cores\n", k + 1, open_,
+			v[1, c] / 1048576, v[e, c] / 1048576, per, (v[e, c + 1] - v[bi, c + 1]) / hz / secs
+	}
+	nc = 4 + 3 * nodes
+	printf "  nats-server CPU %.3f cores, redis-server CPU %.3f cores (same window)\n", (v[e, nc] - v[bi, nc]) / hz / secs, (v[e, nc + 1] - v[bi, nc + 1]) / hz / secs
 }' "$OUT/nodes.csv")
 {
-	echo "nodes=$NODES conns=$CONNS procs=$PROCS ramp=$RAMP/s hold=$HOLD storm=$STORM"
+	echo "nodes=$NODES conns=$CONNS procs=$PROCS ramp=$RAMP/s hold=$HOLD storm=$STORM client=$CLIENT"
 	echo "$summary"
-	echo "commit: $(git rev-parse --short HEAD)  date: $(date -u +%FT%TZ)  cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs) x $(nproc)"
+	echo "commit: $(git rev-parse --short HEAD)  date: $(date -u +%FT%TZ)  cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs) x $(nproc)  load: $(cut -d' ' -f1-3 /proc/loadavg)"
 } | tee "$OUT/summary.txt"
