@@ -60,27 +60,53 @@ echo "nodes: ${pids[*]}  nats: $nats  redis: $redis"
 
 rss() { awk '/VmRSS/ {print $2 * 1024}' "/proc/$1/status" 2>/dev/null || echo 0; }
 cpu() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; } # clock ticks
-conns() { curl -fs -m 2 "http://127.0.0.1:$1/metrics" 2>/dev/null | awk '/^liveedge_connections\{/ {print $NF + 0; f = 1} END {if (!f) print 0}'; }
-sample() { # t,rss,cpu,(rss_i,cpu_i,conns_i)...,nats_cpu,redis_cpu
-	local r=0 c=0 per="" i=0
+# a node's open connections, Go heap in use and goroutine stacks (its /metrics)
+metrics() {
+	curl -fs -m 2 "http://127.0.0.1:$1/metrics" 2>/dev/null | awk '
+		/^liveedge_connections\{/ {c = $NF + 0}
+		/^go_memstats_heap_inuse_bytes / {h = $NF + 0}
+		/^go_memstats_stack_inuse_bytes / {s = $NF + 0}
+		END {printf "%d,%d,%d", c, h, s}'
+}
+# t: seconds since the first sample, read from the clock (a sample takes a
+# while under load: /metrics of every node)
+t0=$(date +%s%N)
+elapsed() { local d=$(($(date +%s%N) - t0)); printf '%d.%03d' $((d / 1000000000)) $((d / 1000000 % 1000)); }
+# t,rss,cpu,(rss_i,cpu_i,conns_i,heap_i,stack_i)...,nats_cpu,redis_cpu,
+# loadgen_cpu,loadgen_rss (all its processes),machine_busy,machine_total (ticks, /proc/stat),load1
+sample() {
+	# /proc first, all at once (t is their time); the nodes' /metrics after
+	local t r=0 c=0 i p rs=() cs=() per="" nc rc lc=0 lr=0 lg mb mt
+	t=$(elapsed)
 	for p in "${pids[@]}"; do
-		local pr pc
-		pr=$(rss "$p") pc=$(cpu "$p")
-		r=$((r + pr)) c=$((c + pc))
-		per="$per,$pr,$pc,$(conns $((8080 + 2 * i)))"
-		i=$((i + 1))
+		rs+=("$(rss "$p")") cs+=("$(cpu "$p")")
 	done
-	echo "$1,$r,$c$per,$(cpu "$nats"),$(cpu "$redis")"
+	nc=$(cpu "$nats") rc=$(cpu "$redis")
+	if [ -s "$OUT/loadgen.pid" ]; then
+		lg=$(cat "$OUT/loadgen.pid")
+		for p in $lg $(pgrep -P "$lg" || true); do
+			lc=$((lc + $(cpu "$p"))) lr=$((lr + $(rss "$p")))
+		done
+	fi
+	read -r mb mt < <(awk '/^cpu / {print $2 + $3 + $4 + $7 + $8 + $9, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9}' /proc/stat)
+	for i in "${!pids[@]}"; do
+		r=$((r + rs[i])) c=$((c + cs[i]))
+		per="$per,${rs[i]},${cs[i]},$(metrics $((8080 + 2 * i)))"
+	done
+	echo "$t,$r,$c$per,$nc,$rc,$lc,$lr,$mb,$mt,$(cut -d' ' -f1 /proc/loadavg)"
 }
 hdr="t,rss_bytes,cpu_ticks"
-for i in $(seq "$NODES"); do hdr="$hdr,rss_$i,cpu_$i,conns_$i"; done
-echo "$hdr,nats_cpu,redis_cpu" >"$OUT/nodes.csv" # every 5 s
-sample 0 >>"$OUT/nodes.csv"
+for i in $(seq "$NODES"); do hdr="$hdr,rss_$i,cpu_$i,conns_$i,heap_$i,stack_$i"; done
+echo "$hdr,nats_cpu,redis_cpu,loadgen_cpu,loadgen_rss,machine_busy,machine_total,load1" >"$OUT/nodes.csv" # every 5 s
+rm -f "$OUT/loadgen.pid"
+sample >>"$OUT/nodes.csv"
 (
-	t=0
-	while sleep 5; do
-		t=$((t + 5))
-		sample "$t" >>"$OUT/nodes.csv"
+	k=0
+	while :; do
+		k=$((k + 1))
+		wait_ns=$((t0 + k * 5000000000 - $(date +%s%N)))
+		[ "$wait_ns" -gt 0 ] && sleep "$(printf '%d.%09d' $((wait_ns / 1000000000)) $((wait_ns % 1000000000)))"
+		sample >>"$OUT/nodes.csv"
 	done
 ) &
 sampler=$!
@@ -91,24 +117,29 @@ if [ "$STORM" = 1 ]; then
 		-duration "$HOLD" -rate 2 -kill-after 5s -kill-pid "${pids[$((NODES - 1))]}" -q -json "$OUT/storm.json")
 fi
 start=$(date +%s)
-bin/loadgen "${args[@]}" | tee "$OUT/loadgen.txt" || true
+bin/loadgen "${args[@]}" >"$OUT/loadgen.txt" &
+echo $! >"$OUT/loadgen.pid"
+wait $! || true
+cat "$OUT/loadgen.txt"
 echo "loadgen ran $(($(date +%s) - start)) s"
 kill $sampler 2>/dev/null || true
 hz=$(getconf CLK_TCK)
 # While the connections are held: the samples where the nodes' open
 # connections (their /metrics, all nodes) are within 1 % of the most seen.
 # Idle CPU: the quietest 20 s (5 samples in a row) among them; RSS per
-# connection, per node, at that window's end.
-summary=$(awk -F, -v nodes="$NODES" -v conns="$CONNS" -v hz="$hz" 'NR > 1 {
+# connection, per node, at that window's end (and where it goes: Go heap in
+# use, goroutine stacks, the rest).
+summary=$(awk -F, -v nodes="$NODES" -v hz="$hz" 'NR > 1 {
 	n++
 	for (k = 1; k <= NF; k++) v[n, k] = $k
 	if ($2 > maxrss) maxrss = $2
 	open_ = 0
-	for (k = 0; k < nodes; k++) open_ += $(6 + 3 * k)
+	for (k = 0; k < nodes; k++) open_ += $(6 + 5 * k)
 	o[n] = open_
 	if (open_ > maxopen) maxopen = open_
 }
 END {
+	x = 4 + 5 * nodes # nats_cpu, redis_cpu, loadgen_cpu, loadgen_rss, machine_busy, machine_total, load1
 	best = -1
 	for (i = 1; i + 4 <= n; i++) {
 		ok = 1
@@ -117,22 +148,26 @@ END {
 		d = (v[i + 4, 3] - v[i, 3]) / hz / (v[i + 4, 1] - v[i, 1])
 		if (best < 0 || d < best) { best = d; bi = i }
 	}
-	printf "node RSS before: %d B, highest: %d B; most connections open on the nodes at once: %d\n", v[1, 2], maxrss, maxopen
+	for (i = 1; i <= n && o[i] < 0.99 * maxopen; i++);
+	printf "node RSS before: %.1f MiB, highest: %.1f MiB; most connections open on the nodes at once: %d (first at t=%.0f s)\n", v[1, 2] / 1048576, maxrss / 1048576, maxopen, v[i, 1]
+	if (i <= n) printf "node RSS when they were first all open: %.1f MiB = %d B per connection\n", v[i, 2] / 1048576, (v[i, 2] - v[1, 2]) / o[i]
 	if (best < 0) { print "no 20 s window with the connections held: no idle figures"; exit }
 	e = bi + 4; secs = v[e, 1] - v[bi, 1]
-	printf "idle window t=%d..%d s: %d connections open on the nodes (%d at its start)\n", v[bi, 1], v[e, 1], o[e], o[bi]
-	printf "node RSS per connection (all nodes): %d B\n", (v[e, 2] - v[1, 2]) / o[e]
+	printf "idle window t=%.0f..%.0f s (%.1f s): %d connections open on the nodes (%d at its start)\n", v[bi, 1], v[e, 1], secs, o[e], o[bi]
+	printf "node RSS per connection (all nodes, window end): %d B\n", (v[e, 2] - v[1, 2]) / o[e]
 	printf "node CPU while the connections are held and idle (all nodes, cores, quietest 20 s): %.3f\n", best
 	for (k = 0; k < nodes; k++) {
-		c = 4 + 3 * k
+		c = 4 + 5 * k
 		open_ = v[e, c + 2]
 		per = 0
 		if (open_ > 0) per = (v[e, c] - v[1, c]) / open_
-		printf "  gw-%d: %d connections, RSS %.1f -> %.1f MiB = %d B per connection, CPU %.3f cores\n", k + 1, open_,
-			v[1, c] / 1048576, v[e, c] / 1048576, per, (v[e, c + 1] - v[bi, c + 1]) / hz / secs
+		printf "  gw-%d: %d connections, RSS %.1f -> %.1f MiB = %d B per connection (Go heap in use %.1f MiB, stacks %.1f MiB), CPU %.3f cores\n", k + 1, open_,
+			v[1, c] / 1048576, v[e, c] / 1048576, per, v[e, c + 3] / 1048576, v[e, c + 4] / 1048576, (v[e, c + 1] - v[bi, c + 1]) / hz / secs
 	}
-	nc = 4 + 3 * nodes
-	printf "  nats-server CPU %.3f cores, redis-server CPU %.3f cores (same window)\n", (v[e, nc] - v[bi, nc]) / hz / secs, (v[e, nc + 1] - v[bi, nc + 1]) / hz / secs
+	printf "  nats-server CPU %.3f cores, redis-server CPU %.3f cores, loadgen (all processes) CPU %.3f cores, RSS %.1f MiB (same window)\n",
+		(v[e, x] - v[bi, x]) / hz / secs, (v[e, x + 1] - v[bi, x + 1]) / hz / secs, (v[e, x + 2] - v[bi, x + 2]) / hz / secs, v[e, x + 3] / 1048576
+	printf "  machine: %.2f of %.0f cores busy (everything, /proc/stat), load average %s .. %s\n",
+		(v[e, x + 4] - v[bi, x + 4]) / hz / secs, (v[e, x + 5] - v[bi, x + 5]) / hz / secs, v[bi, x + 6], v[e, x + 6]
 }' "$OUT/nodes.csv")
 {
 	echo "nodes=$NODES conns=$CONNS procs=$PROCS ramp=$RAMP/s hold=$HOLD storm=$STORM client=$CLIENT"
