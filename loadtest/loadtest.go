@@ -268,6 +268,11 @@ type Result struct {
 	PingTimeouts      int64            `json:"ping_timeouts,omitempty"`
 	Acks              int64            `json:"acks,omitempty"`
 	LoadgenCPUCores   float64          `json:"loadgen_cpu_cores,omitempty"` // this process's CPU over the hold (-procs: summed)
+	JoinP50Ms         float64          `json:"join_p50_ms,omitempty"`       // hello → join reply (every join, re-joins too)
+	JoinP99Ms         float64          `json:"join_p99_ms,omitempty"`
+	JoinMaxMs         float64          `json:"join_max_ms,omitempty"`
+	JoinBuckets       map[int]int64    `json:"join_buckets,omitempty"`
+	JoinMaxUS         int64            `json:"join_max_us,omitempty"`
 
 	// gift / grab: requests answered, latency from send to reply (the
 	// latency_* fields), and the money checked through the HTTP API after the run.

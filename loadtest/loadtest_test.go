@@ -255,6 +255,9 @@ func TestIdleRawInProcess(t *testing.T) {
 	if res.Pings < 4*conns {
 		t.Fatalf("%d pings from %d connections in %.1f s", res.Pings, conns, res.RunSeconds)
 	}
+	if res.JoinP50Ms <= 0 || res.JoinMaxMs < res.JoinP99Ms || len(res.JoinBuckets) == 0 {
+		t.Fatalf("join latency p50 %v p99 %v max %v", res.JoinP50Ms, res.JoinP99Ms, res.JoinMaxMs)
+	}
 	if seen.Load() != conns {
 		t.Fatalf("the node saw at most %d connections", seen.Load())
 	}

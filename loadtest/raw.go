@@ -35,8 +35,9 @@ import (
 // A connection is held only while it is joined: it dials with its token
 // (minted once through /api/v1/dev/token), waits for the hello, sends the
 // join and counts as held when the join is answered with code 0. Pings are
-// {"t":"ping"} requests every half of the hello's heartbeat (as the SDK
-// does; -heartbeat overrides), WebSocket pings are answered with pongs, and
+// {"t":"ping"} requests every half of the hello's heartbeat from the hello on
+// (as the SDK does; -heartbeat overrides), WebSocket pings are answered with
+// pongs, and
 // a push with "ack":true is acknowledged. A held connection that is lost is
 // a disconnect (by close code, or "1006" without a close frame, or
 // "ping-timeout" when a ping went unanswered for 10 s); it reconnects with
@@ -93,12 +94,13 @@ type rawClient struct {
 	stop    chan struct{}
 	closing atomic.Bool
 
-	hb       atomic.Int64 // ping interval (ns); 0 until known, < 0 none
-	held     atomic.Int64 // joined now
-	settled  atomic.Int64 // joined once, or given up
-	holding  atomic.Bool
-	heldMin  atomic.Int64
-	lastHeld atomic.Int64 // the sweeper's last count (for progress lines)
+	hb      atomic.Int64 // ping interval (ns); 0 until known, < 0 none
+	held    atomic.Int64 // joined now
+	settled atomic.Int64 // joined once, or given up
+	holding atomic.Bool
+	heldMin atomic.Int64
+
+	joinLat Hist // hello → join reply
 
 	pings, pingTimeouts, acks atomic.Int64
 	reasonsMu                 sync.Mutex
@@ -115,6 +117,7 @@ type rawConn struct {
 	local    atomic.Pointer[string] // why we closed it
 	pingAt   atomic.Int64           // unix ns of the oldest unanswered ping; 0 none
 	nextPing atomic.Int64           // unix ns
+	joinAt   atomic.Int64           // unix ns the join was sent
 	token    string                 // dial workers only (handed over through dialq)
 }
 
@@ -235,6 +238,8 @@ wait:
 	res.HoldDisconnects = r.disconnects.Load() - disc0
 	res.HoldReconnects = r.reconnects.Load() - recon0
 	res.Pings, res.PingTimeouts, res.Acks = rc.pings.Load(), rc.pingTimeouts.Load(), rc.acks.Load()
+	res.JoinBuckets, res.JoinMaxUS = rc.joinLat.Buckets(), rc.joinLat.MaxUS()
+	res.JoinP50Ms, res.JoinP99Ms, res.JoinMaxMs = rc.joinLat.Quantile(0.5), rc.joinLat.Quantile(0.99), rc.joinLat.Quantile(1)
 
 	rc.shutdown()
 	<-sweepDone
@@ -377,8 +382,8 @@ func (rc *rawClient) sweep() {
 		now := time.Now().UnixNano()
 		for i := range rc.conns {
 			c := &rc.conns[i]
-			if c.state.Load() != rawJoined {
-				continue
+			if st := c.state.Load(); st != rawJoined && st != rawJoining {
+				continue // heartbeats from the hello on, as the SDK (a join may take a while)
 			}
 			if pa := c.pingAt.Load(); pa != 0 && now-pa > int64(rawPingTimeout) {
 				rc.pingTimeouts.Add(1)
@@ -394,7 +399,6 @@ func (rc *rawClient) sweep() {
 			}
 		}
 		h := rc.held.Load()
-		rc.lastHeld.Store(h)
 		if rc.holding.Load() && h < rc.heldMin.Load() {
 			rc.heldMin.Store(h)
 		}
@@ -541,6 +545,13 @@ func (c *rawConn) OnMessage(ws *gws.Conn, m *gws.Message) {
 			return
 		}
 		rc.hb.CompareAndSwap(0, int64(hb/2)) // as the SDK: half the server's heartbeat
+		if iv := rc.hb.Load(); iv > 0 {
+			// the first ping at a random point of the first interval: the
+			// ramp's order says nothing about when the pings fall
+			c.nextPing.Store(time.Now().UnixNano() + rand.Int64N(iv) + 1)
+		}
+		c.pingAt.Store(0)
+		c.joinAt.Store(time.Now().UnixNano())
 		c.state.Store(rawJoining)
 		if err := c.write(rc.join); err != nil {
 			return // the read loop sees the connection go
@@ -556,12 +567,7 @@ func (c *rawConn) OnMessage(ws *gws.Conn, m *gws.Message) {
 				c.closeLocal(&reasonJoinRefused)
 				return
 			}
-			if iv := rc.hb.Load(); iv > 0 {
-				// the first ping at a random point of the first interval: the
-				// ramp's order says nothing about when the pings fall
-				c.nextPing.Store(time.Now().UnixNano() + rand.Int64N(iv) + 1)
-			}
-			c.pingAt.Store(0)
+			rc.joinLat.Record(time.Duration(time.Now().UnixNano() - c.joinAt.Load()))
 			c.tries.Store(0)
 			c.state.Store(rawJoined)
 			rc.held.Add(1)

@@ -51,8 +51,8 @@ func (res *Result) WriteSummary(w io.Writer) {
 	if res.Client == ClientRaw {
 		fmt.Fprintf(w, "  raw client    held (joined) %d at the end of the hold, at least %d during it; %d disconnects / %d reconnects during the hold %v\n",
 			res.HeldEnd, res.HeldMin, res.HoldDisconnects, res.HoldReconnects, res.DisconnectReasons)
-		fmt.Fprintf(w, "                %d pings (%d unanswered), %d acks; loadgen CPU %.3f cores over the hold\n",
-			res.Pings, res.PingTimeouts, res.Acks, res.LoadgenCPUCores)
+		fmt.Fprintf(w, "                %d pings (%d unanswered), %d acks; loadgen CPU %.3f cores over the hold; join reply p50 %.1f ms, p99 %.1f ms, max %.1f ms\n",
+			res.Pings, res.PingTimeouts, res.Acks, res.LoadgenCPUCores, res.JoinP50Ms, res.JoinP99Ms, res.JoinMaxMs)
 	}
 	if res.Killed {
 		fmt.Fprintf(w, "  after kill    %d reconnected and recovered, %d not; p50 %.0f ms, p99 %.0f ms, max %.0f ms\n",
@@ -94,7 +94,7 @@ func ReadJSON(path string) (*Result, error) {
 // once every process had ramped).
 func Merge(parts []*Result, nodeBefore, nodeAfter int64) *Result {
 	out := &Result{Procs: len(parts)}
-	var lat, recon Hist
+	var lat, recon, join Hist
 	for _, p := range parts {
 		out.Scenario = p.Scenario
 		out.Client = p.Client
@@ -156,6 +156,11 @@ func Merge(parts []*Result, nodeBefore, nodeAfter int64) *Result {
 		}
 		lat.Merge(p.LatencyBuckets, p.LatencyMaxUS)
 		recon.Merge(p.ReconnectBuckets, p.ReconnectMaxUS)
+		join.Merge(p.JoinBuckets, p.JoinMaxUS)
+	}
+	if join.Count() > 0 {
+		out.JoinBuckets, out.JoinMaxUS = join.Buckets(), join.MaxUS()
+		out.JoinP50Ms, out.JoinP99Ms, out.JoinMaxMs = join.Quantile(0.5), join.Quantile(0.99), join.Quantile(1)
 	}
 	if out.StormSeconds > 0 {
 		out.RepliesPerSec = float64(out.Replies) / out.StormSeconds

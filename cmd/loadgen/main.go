@@ -17,6 +17,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"runtime/pprof"
 	"strconv"
 	"strings"
 	"sync"
@@ -66,6 +67,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 	fs.StringVar(&jsonPath, "json", "", "write the figures to this JSON file")
 	fs.IntVar(&procs, "procs", 1, "spread the connections over this many processes")
 	fs.BoolVar(&quiet, "q", false, "no progress lines on stderr")
+	var cpuProfile string
+	fs.StringVar(&cpuProfile, "cpuprofile", "", "write this process's CPU profile here (-procs: each process's to FILE.<i>)")
 	var nodeBin, nodeData, nodeEnv string
 	fs.StringVar(&nodeBin, "liveedge", "", "start a fresh node from this binary for the run (free loopback ports, data under -data; sets -ws, -http and -node-pid)")
 	fs.StringVar(&nodeData, "data", "data", "parent directory of the -liveedge node's data")
@@ -84,6 +87,19 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 	if startAt > 0 {
 		cfg.StartAt = time.UnixMilli(startAt)
+	}
+	if cpuProfile != "" && procs <= 1 {
+		f, err := os.Create(cpuProfile)
+		if err != nil {
+			fmt.Fprintln(stderr, "loadgen:", err)
+			return 1
+		}
+		defer f.Close()
+		if err := pprof.StartCPUProfile(f); err != nil {
+			fmt.Fprintln(stderr, "loadgen:", err)
+			return 1
+		}
+		defer pprof.StopCPUProfile()
 	}
 	limit, err := loadtest.RaiseFileLimit()
 	if err != nil {
@@ -196,7 +212,7 @@ func runProcs(ctx context.Context, fs *flag.FlagSet, cfg loadtest.Config, procs 
 	// flags given on the command line, minus those set per child
 	perChild := map[string]bool{"conns": true, "procs": true, "json": true, "ramp": true, "room": true,
 		"user-base": true, "no-publish": true, "start-at": true, "liveedge": true, "data": true, "node-env": true,
-		"money-share": true, "rain-code": true}
+		"money-share": true, "rain-code": true, "cpuprofile": true}
 	if money { // the gift rate is shared out; every share grabs from the one rain
 		perChild["rate"], perChild["rain-count"], perChild["rain-total"] = true, true, true
 	}
@@ -252,6 +268,9 @@ func runProcs(ctx context.Context, fs *flag.FlagSet, cfg loadtest.Config, procs 
 			"-json="+out, "-q")
 		if i > 0 {
 			args = append(args, "-no-publish")
+		}
+		if f := fs.Lookup("cpuprofile").Value.String(); f != "" {
+			args = append(args, "-cpuprofile="+f+"."+strconv.Itoa(i))
 		}
 		if money {
 			args = append(args, "-money-share",

@@ -62,7 +62,7 @@ rss() { awk '/VmRSS/ {print $2 * 1024}' "/proc/$1/status" 2>/dev/null || echo 0;
 cpu() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; } # clock ticks
 # a node's open connections, Go heap in use and goroutine stacks (its /metrics)
 metrics() {
-	curl -fs -m 2 "http://127.0.0.1:$1/metrics" 2>/dev/null | awk '
+	{ curl -fs -m 2 "http://127.0.0.1:$1/metrics" 2>/dev/null || true; } | awk '
 		/^liveedge_connections\{/ {c = $NF + 0}
 		/^go_memstats_heap_inuse_bytes / {h = $NF + 0}
 		/^go_memstats_stack_inuse_bytes / {s = $NF + 0}
@@ -101,6 +101,7 @@ echo "$hdr,nats_cpu,redis_cpu,loadgen_cpu,loadgen_rss,machine_busy,machine_total
 rm -f "$OUT/loadgen.pid"
 sample >>"$OUT/nodes.csv"
 (
+	set +e # a slow or failed sample must not end the sampling
 	k=0
 	while :; do
 		k=$((k + 1))
