@@ -390,8 +390,8 @@ func (rc *rawClient) sweep() {
 				c.closeLocal(&reasonPingTimeout)
 				continue
 			}
-			if iv > 0 && now >= c.nextPing.Load() {
-				c.nextPing.Store(now + iv)
+			if next := c.nextPing.Load(); iv > 0 && now >= next {
+				c.nextPing.Store(nextPing(next, now, iv))
 				c.pingAt.CompareAndSwap(0, now) // before the write: the reply may come first
 				if c.write(rawPingFrame) == nil {
 					rc.pings.Add(1)
@@ -408,6 +408,19 @@ func (rc *rawClient) sweep() {
 		}
 		t.Reset(tick)
 	}
+}
+
+// nextPing is when a connection pings next after its ping due at next was
+// sent at now (interval iv). It keeps the connection's phase: a sweep that
+// came late (a starved process) must not line every due connection up on
+// one instant, or the pings of a whole interval come in bursts from then on.
+// One that fell a whole interval behind starts again at a random point of
+// the next interval.
+func nextPing(next, now, iv int64) int64 {
+	if next += iv; next <= now {
+		next = now + rand.Int64N(iv) + 1
+	}
+	return next
 }
 
 // write sends one text frame (5 s at most: a write deadline before each

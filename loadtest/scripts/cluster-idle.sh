@@ -102,11 +102,11 @@ rm -f "$OUT/loadgen.pid"
 sample >>"$OUT/nodes.csv"
 (
 	set +e # a slow or failed sample must not end the sampling
-	k=0
 	while :; do
-		k=$((k + 1))
-		wait_ns=$((t0 + k * 5000000000 - $(date +%s%N)))
-		[ "$wait_ns" -gt 0 ] && sleep "$(printf '%d.%09d' $((wait_ns / 1000000000)) $((wait_ns % 1000000000)))"
+		# the next multiple of 5 s from t0 (a slow sample skips, never catches up)
+		d=$(($(date +%s%N) - t0))
+		wait_ns=$((5000000000 - d % 5000000000))
+		sleep "$(printf '%d.%09d' $((wait_ns / 1000000000)) $((wait_ns % 1000000000)))"
 		sample >>"$OUT/nodes.csv"
 	done
 ) &
@@ -127,9 +127,10 @@ kill $sampler 2>/dev/null || true
 hz=$(getconf CLK_TCK)
 # While the connections are held: the samples where the nodes' open
 # connections (their /metrics, all nodes) are within 1 % of the most seen.
-# Idle CPU: the quietest 20 s (5 samples in a row) among them; RSS per
-# connection, per node, at that window's end (and where it goes: Go heap in
-# use, goroutine stacks, the rest).
+# Idle CPU over the hold: from 10 s after they were first all open to the
+# last sample that still had them, and the quietest and busiest 20 s in it
+# (20 s or more between two samples). RSS per connection, per node, at the
+# hold's end (and where it goes: Go heap in use, goroutine stacks).
 summary=$(awk -F, -v nodes="$NODES" -v hz="$hz" 'NR > 1 {
 	n++
 	for (k = 1; k <= NF; k++) v[n, k] = $k
@@ -139,36 +140,38 @@ summary=$(awk -F, -v nodes="$NODES" -v hz="$hz" 'NR > 1 {
 	o[n] = open_
 	if (open_ > maxopen) maxopen = open_
 }
+function rate(col, i, j) { return (v[j, col] - v[i, col]) / hz / (v[j, 1] - v[i, 1]) }
 END {
 	x = 4 + 5 * nodes # nats_cpu, redis_cpu, loadgen_cpu, loadgen_rss, machine_busy, machine_total, load1
-	best = -1
-	for (i = 1; i + 4 <= n; i++) {
-		ok = 1
-		for (j = i; j <= i + 4; j++) if (o[j] < 0.99 * maxopen) ok = 0
-		if (!ok) continue
-		d = (v[i + 4, 3] - v[i, 3]) / hz / (v[i + 4, 1] - v[i, 1])
-		if (best < 0 || d < best) { best = d; bi = i }
+	for (f = 1; f <= n && o[f] < 0.99 * maxopen; f++);
+	for (l = f; l < n && o[l + 1] >= 0.99 * maxopen; l++);
+	for (s = f; s < l && v[s, 1] < v[f, 1] + 10; s++);
+	printf "node RSS before: %.1f MiB, highest: %.1f MiB; most connections open on the nodes at once: %d (first at t=%.0f s)\n", v[1, 2] / 1048576, maxrss / 1048576, maxopen, v[f, 1]
+	if (f <= n) printf "node RSS when they were first all open: %.1f MiB = %d B per connection\n", v[f, 2] / 1048576, (v[f, 2] - v[1, 2]) / o[f]
+	if (s >= l || v[l, 1] - v[s, 1] < 20) { print "no 20 s with the connections held: no idle figures"; exit }
+	lo = -1; hi = -1
+	for (i = s; i < l; i++) {
+		for (j = i + 1; j <= l && v[j, 1] - v[i, 1] < 20; j++);
+		if (j > l) break
+		d = rate(3, i, j)
+		if (lo < 0 || d < lo) lo = d
+		if (d > hi) hi = d
 	}
-	for (i = 1; i <= n && o[i] < 0.99 * maxopen; i++);
-	printf "node RSS before: %.1f MiB, highest: %.1f MiB; most connections open on the nodes at once: %d (first at t=%.0f s)\n", v[1, 2] / 1048576, maxrss / 1048576, maxopen, v[i, 1]
-	if (i <= n) printf "node RSS when they were first all open: %.1f MiB = %d B per connection\n", v[i, 2] / 1048576, (v[i, 2] - v[1, 2]) / o[i]
-	if (best < 0) { print "no 20 s window with the connections held: no idle figures"; exit }
-	e = bi + 4; secs = v[e, 1] - v[bi, 1]
-	printf "idle window t=%.0f..%.0f s (%.1f s): %d connections open on the nodes (%d at its start)\n", v[bi, 1], v[e, 1], secs, o[e], o[bi]
-	printf "node RSS per connection (all nodes, window end): %d B\n", (v[e, 2] - v[1, 2]) / o[e]
-	printf "node CPU while the connections are held and idle (all nodes, cores, quietest 20 s): %.3f\n", best
+	secs = v[l, 1] - v[s, 1]
+	printf "hold t=%.0f..%.0f s (%.0f s): %d connections open on the nodes at its end (%d at its start)\n", v[s, 1], v[l, 1], secs, o[l], o[s]
+	printf "node RSS per connection (all nodes, end of the hold): %d B\n", (v[l, 2] - v[1, 2]) / o[l]
+	printf "node CPU while the connections are held and idle (all nodes, cores): %.3f over the hold; 20-s windows %.3f .. %.3f\n", rate(3, s, l), lo, hi
 	for (k = 0; k < nodes; k++) {
 		c = 4 + 5 * k
-		open_ = v[e, c + 2]
+		open_ = v[l, c + 2]
 		per = 0
-		if (open_ > 0) per = (v[e, c] - v[1, c]) / open_
+		if (open_ > 0) per = (v[l, c] - v[1, c]) / open_
 		printf "  gw-%d: %d connections, RSS %.1f -> %.1f MiB = %d B per connection (Go heap in use %.1f MiB, stacks %.1f MiB), CPU %.3f cores\n", k + 1, open_,
-			v[1, c] / 1048576, v[e, c] / 1048576, per, v[e, c + 3] / 1048576, v[e, c + 4] / 1048576, (v[e, c + 1] - v[bi, c + 1]) / hz / secs
+			v[1, c] / 1048576, v[l, c] / 1048576, per, v[l, c + 3] / 1048576, v[l, c + 4] / 1048576, rate(c + 1, s, l)
 	}
-	printf "  nats-server CPU %.3f cores, redis-server CPU %.3f cores, loadgen (all processes) CPU %.3f cores, RSS %.1f MiB (same window)\n",
-		(v[e, x] - v[bi, x]) / hz / secs, (v[e, x + 1] - v[bi, x + 1]) / hz / secs, (v[e, x + 2] - v[bi, x + 2]) / hz / secs, v[e, x + 3] / 1048576
-	printf "  machine: %.2f of %.0f cores busy (everything, /proc/stat), load average %s .. %s\n",
-		(v[e, x + 4] - v[bi, x + 4]) / hz / secs, (v[e, x + 5] - v[bi, x + 5]) / hz / secs, v[bi, x + 6], v[e, x + 6]
+	printf "  nats-server CPU %.3f cores, redis-server CPU %.3f cores, loadgen (all processes) CPU %.3f cores, RSS %.1f MiB (over the hold)\n",
+		rate(x, s, l), rate(x + 1, s, l), rate(x + 2, s, l), v[l, x + 3] / 1048576
+	printf "  machine: %.2f of %.0f cores busy (everything, /proc/stat), load average %s .. %s\n", rate(x + 4, s, l), rate(x + 5, s, l), v[s, x + 6], v[l, x + 6]
 }' "$OUT/nodes.csv")
 {
 	echo "nodes=$NODES conns=$CONNS procs=$PROCS ramp=$RAMP/s hold=$HOLD storm=$STORM client=$CLIENT"
