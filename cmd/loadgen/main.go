@@ -282,6 +282,10 @@ func runProcs(ctx context.Context, fs *flag.FlagSet, cfg loadtest.Config, procs 
 		}
 		cmd := exec.CommandContext(ctx, self, args...)
 		cmd.Stdout, cmd.Stderr = io.Discard, stderr
+		// interrupted (SIGINT / SIGTERM to this process): the children stop
+		// too and still write what they measured (killed after 20 s)
+		cmd.Cancel = func() error { return cmd.Process.Signal(syscall.SIGTERM) }
+		cmd.WaitDelay = 20 * time.Second
 		fmt.Fprintf(stderr, "loadgen: process %d: %d connections\n", i, share)
 		wg.Add(1)
 		go func() {
