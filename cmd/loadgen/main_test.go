@@ -102,7 +102,9 @@ func TestGiftProcs(t *testing.T) {
 
 // A grab storm over two processes from one rain the parent makes and starts:
 // 30 grabbers, 20 packets; the parent checks granted + refunded = T, the
-// grabbers' balances against the rain's grants and the anchor's refund.
+// grabbers' balances against the rain's grants and the anchor's refund. The
+// rain lasts 4 s: it starts at the processes' planned start, and a process
+// whose ramp ran late on a busy machine still finds it running.
 func TestGrabProcs(t *testing.T) {
 	n := nodetest.Start(t, nodetest.Config(t))
 	t.Setenv("LOADGEN_AS_MAIN", "1")
@@ -120,7 +122,7 @@ func TestGrabProcs(t *testing.T) {
 			out := filepath.Join(t.TempDir(), "out.json")
 			var stdout, stderr bytes.Buffer
 			code := run([]string{"-scenario=grab", "-ws=" + nodetest.WSURL(n), "-http=" + nodetest.HTTPURL(n),
-				"-conns=30", "-procs=2", "-ramp=600", "-duration=2s", "-anchor=" + strconv.FormatInt(tc.anchor, 10),
+				"-conns=30", "-procs=2", "-ramp=600", "-duration=4s", "-anchor=" + strconv.FormatInt(tc.anchor, 10),
 				"-rain-count=" + strconv.Itoa(tc.packets), "-rain-total=" + strconv.Itoa(tc.total), "-json=" + out}, &stdout, &stderr)
 			t.Log(stdout.String(), stderr.String())
 			if code != 0 {
