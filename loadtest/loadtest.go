@@ -92,6 +92,13 @@ type Config struct {
 	MoneyShare bool
 	// RainCode: grab with MoneyShare: the rain the parent made and starts.
 	RainCode string
+	// PublishedFile (-procs): the publishing process writes what it
+	// published here (Published, JSON) once its chats are all placed; the
+	// others wait for it to know what their viewers should receive.
+	PublishedFile string
+	// Trace: write one JSON line per connection (its join position, the
+	// offsets it received, its nodes) and per chat sent, for diagnosis.
+	Trace string
 	// StartAt: when publishing (or the kill timer) starts; zero = right after the ramp.
 	StartAt time.Time
 	Drain   time.Duration // wait for late pushes after the last publish
@@ -229,24 +236,36 @@ type Result struct {
 	RampSeconds float64 `json:"ramp_seconds"`
 	RunSeconds  float64 `json:"run_seconds"` // the publish / hold phase
 
-	PushesSent       int64    `json:"pushes_sent"`
-	SendErrors       int64    `json:"send_errors"`
-	Deliveries       int64    `json:"deliveries"` // viewers' pushes, each once
-	Expected         int64    `json:"expected_deliveries"`
-	Missing          int64    `json:"missing"`
-	DeliveriesPerSec float64  `json:"deliveries_per_sec"`
-	P50Ms            float64  `json:"latency_p50_ms"`
-	P99Ms            float64  `json:"latency_p99_ms"`
-	MaxMs            float64  `json:"latency_max_ms"`
-	Gaps             int64    `json:"gaps"`       // offsets skipped
-	Duplicates       int64    `json:"duplicates"` // offsets seen again by the app
-	SDKDupDropped    int64    `json:"sdk_duplicates_dropped"`
-	Resyncs          int64    `json:"resyncs"`
-	EpochChanges     int64    `json:"epoch_changes"`
-	Disconnects      int64    `json:"disconnects"`
-	Reconnects       int64    `json:"reconnects"`
-	Errors           int64    `json:"errors"`
-	ErrorSamples     []string `json:"error_samples,omitempty"`
+	PushesSent int64 `json:"pushes_sent"`
+	SendErrors int64 `json:"send_errors"`
+	Deliveries int64 `json:"deliveries"` // viewers' pushes, each once
+	// Delivery accounting (deliveries.go): Published chats the room numbered
+	// (seen by their publisher; also one whose reply was lost); each viewer is
+	// expected to receive those numbered after it joined (Expected, summed
+	// over viewers); Missing are expected ones not delivered by the end of the
+	// drain — lost; NotExpected those a viewer was not to receive: numbered
+	// before it joined, or skipped by a re-join answered recovered:false.
+	Published             int64    `json:"published"`
+	Expected              int64    `json:"expected_deliveries"`
+	Missing               int64    `json:"missing"` // lost
+	LostViewers           int64    `json:"lost_viewers"`
+	LostSamples           []string `json:"lost_samples,omitempty"`
+	NotExpected           int64    `json:"not_expected"`
+	NotExpectedBeforeJoin int64    `json:"not_expected_before_join"`
+	NotExpectedResync     int64    `json:"not_expected_resync"`
+	DeliveriesPerSec      float64  `json:"deliveries_per_sec"`
+	P50Ms                 float64  `json:"latency_p50_ms"`
+	P99Ms                 float64  `json:"latency_p99_ms"`
+	MaxMs                 float64  `json:"latency_max_ms"`
+	Gaps                  int64    `json:"gaps"`       // offsets skipped
+	Duplicates            int64    `json:"duplicates"` // offsets seen again by the app
+	SDKDupDropped         int64    `json:"sdk_duplicates_dropped"`
+	Resyncs               int64    `json:"resyncs"`
+	EpochChanges          int64    `json:"epoch_changes"`
+	Disconnects           int64    `json:"disconnects"`
+	Reconnects            int64    `json:"reconnects"`
+	Errors                int64    `json:"errors"`
+	ErrorSamples          []string `json:"error_samples,omitempty"`
 
 	NodeRSSBefore     int64   `json:"node_rss_before_bytes,omitempty"`
 	NodeRSSAfter      int64   `json:"node_rss_after_bytes,omitempty"`
@@ -325,6 +344,23 @@ type run struct {
 	samples []string
 
 	m money // gift / grab
+
+	// delivery accounting (deliveries.go)
+	pubMu    sync.Mutex
+	placed   map[chatKey]int64 // chats seen pushed back to a publisher → offset
+	pubEp    string
+	otherEps []string
+	answered []chatKey  // chats answered OK
+	pubLog   []chatLog  // with Trace
+	pubRec   *Published // what was published, once known
+}
+
+type chatLog struct {
+	Pub    int    `json:"pub"`
+	Seq    int64  `json:"seq"`
+	SentMS int64  `json:"sent_ms"`
+	RepMS  int64  `json:"reply_ms"`
+	Err    string `json:"err,omitempty"`
 }
 
 type lconn struct {
@@ -340,6 +376,8 @@ type lconn struct {
 	off    int64
 	ep     string
 	lostAt time.Time // disconnected after the kill, not yet back
+	acct   viewerAcct
+	nodes  []string // with Trace: "unix ms node" per connection made
 }
 
 func (r *run) logf(format string, args ...any) {
@@ -391,7 +429,7 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	r.logf("%s: %d %s connections to room %d at %d/s over %d node(s)", cfg.Scenario, cfg.Conns, cfg.Client, room, cfg.Ramp, len(cfg.WS))
 	if cfg.Client == ClientRaw {
 		r.runRaw(ctx, res)
-		r.fill(res, res.Viewers)
+		r.fill(res)
 		return res, nil
 	}
 
@@ -492,13 +530,31 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 		}
 	}
 
-	// Drain: late pushes (and, in a storm, reconnects).
-	deadline := time.Now().Add(cfg.Drain)
+	// Drain: late pushes (and, in a storm, reconnects). With chats, until
+	// every viewer has every chat it should receive (deliveries.go): what was
+	// published is known once each chat answered OK has come back to its
+	// publisher (another process: once that process has written it down).
+	var vconns []*lconn
+	for _, lc := range all {
+		if lc.viewer {
+			vconns = append(vconns, lc)
+		}
+	}
+	chats := cfg.ChatRate > 0
+	drainStart := time.Now()
+	deadline := drainStart.Add(cfg.Drain)
 	for time.Now().Before(deadline) && ctx.Err() == nil {
-		done := r.deliveries.Load() >= viewers*r.sent.Load()
-		if cfg.NoPublish && (cfg.Scenario == Fanout || cfg.Scenario == Chat) {
-			// another process publishes: wait until pushes stop coming
-			done = time.Since(time.Unix(0, r.lastPush.Load())) > time.Second
+		done := true
+		if chats {
+			if r.pubRec == nil {
+				r.loadPublished(time.Since(drainStart) >= cfg.Drain/2)
+			}
+			done = r.pubRec != nil && complete(*r.pubRec, vconns)
+			if cfg.NoPublish && cfg.PublishedFile == "" {
+				// another process publishes and writes nothing down: wait
+				// until pushes stop coming
+				done = time.Since(time.Unix(0, r.lastPush.Load())) > time.Second
+			}
 		}
 		if cfg.Scenario == ReconnectStorm {
 			done = r.killAt.Load() != 0 && r.disconnects.Load() > 0 && r.reconnAfterKill.Load() >= r.disconnects.Load() && done
@@ -508,6 +564,9 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+	if chats && r.pubRec == nil {
+		r.loadPublished(true)
+	}
 	switch cfg.Scenario {
 	case Gift:
 		r.checkGift(ctx, all)
@@ -515,7 +574,15 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 		r.checkGrab(ctx, all)
 	}
 	r.closeAll(conns)
-	r.fill(res, viewers)
+	if cfg.Trace != "" {
+		if err := r.writeTrace(conns); err != nil {
+			r.fail(fmt.Errorf("trace: %w", err))
+		}
+	}
+	if chats {
+		r.account(res, vconns)
+	}
+	r.fill(res)
 	r.fillMoney(res)
 	return res, nil
 }
@@ -580,6 +647,7 @@ func (r *run) open(ctx context.Context, i int, viewer bool) (*lconn, error) {
 	if !lc.known {
 		lc.known, lc.off, lc.ep = true, jr.Off, jr.Ep
 	}
+	lc.acct.join(jr.Off, jr.Ep)
 	lc.mu.Unlock()
 	return lc, nil
 }
@@ -590,7 +658,11 @@ func (lc *lconn) onPush(p clientsdk.Push) {
 		return // another room, or a push to the user (a gift result: no off)
 	}
 	now := time.Now()
+	ts, ck, chat := parseChat(p.Data)
 	lc.mu.Lock()
+	if lc.acct.firstOff == 0 {
+		lc.acct.firstOff = p.Off
+	}
 	switch {
 	case !lc.known:
 		lc.known = true
@@ -604,11 +676,17 @@ func (lc *lconn) onPush(p clientsdk.Push) {
 		r.gaps.Add(p.Off - lc.off - 1)
 	}
 	lc.off, lc.ep = p.Off, p.Ep
+	if chat && lc.viewer && (!lc.acct.joined || p.Ep == lc.acct.joinEp) {
+		lc.acct.got.add(p.Off) // offsets of the epoch it joined in (the one accounted)
+	}
 	lc.mu.Unlock()
 	if !lc.viewer {
+		if chat && ck.seq > 0 {
+			r.notePlaced(ck, p.Ep, p.Off)
+		}
 		return
 	}
-	if ts, ok := stamp(p.Data); ok {
+	if chat {
 		r.lastPush.Store(now.UnixNano())
 		r.deliveries.Add(1)
 		r.lat.Record(now.Sub(time.Unix(0, ts)))
@@ -631,6 +709,11 @@ func (lc *lconn) onState(ev clientsdk.StateEvent) {
 			lc.mu.Unlock()
 		}
 	case clientsdk.StateConnected:
+		if r.cfg.Trace != "" {
+			lc.mu.Lock()
+			lc.nodes = append(lc.nodes, strconv.FormatInt(time.Now().UnixMilli(), 10)+" "+ev.Hello.Node)
+			lc.mu.Unlock()
+		}
 		if ev.Attempt == 0 {
 			return // Dial's connection
 		}
@@ -647,6 +730,11 @@ func (lc *lconn) onState(ev clientsdk.StateEvent) {
 		}
 	case clientsdk.StateRoomResync:
 		r.resyncs.Add(1)
+		lc.mu.Lock()
+		if ev.Room == r.room && ev.Ep == lc.ep && ev.Off > lc.off {
+			lc.acct.skipped = append(lc.acct.skipped, [2]int64{lc.off, ev.Off})
+		}
+		lc.mu.Unlock()
 	case clientsdk.StateRoomDropped:
 		r.fail(fmt.Errorf("room dropped on re-join: %v", ev.Err))
 	case clientsdk.StateClosed:
@@ -694,14 +782,25 @@ func (r *run) publish(ctx context.Context, p *lconn, k int) {
 		}
 		next = next.Add(every)
 		sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		t0 := time.Now()
 		_, err := p.c.Chat(sctx, r.room, chatText(k, seq, r.cfg.Payload))
 		cancel()
+		if r.cfg.Trace != "" {
+			cl := chatLog{Pub: k, Seq: seq, SentMS: t0.UnixMilli(), RepMS: time.Now().UnixMilli()}
+			if err != nil {
+				cl.Err = err.Error()
+			}
+			r.pubMu.Lock()
+			r.pubLog = append(r.pubLog, cl)
+			r.pubMu.Unlock()
+		}
 		if err != nil {
 			r.sendErrs.Add(1)
 			r.fail(fmt.Errorf("chat: %w", err))
 			continue
 		}
 		r.sent.Add(1)
+		r.noteSent(chatKey{k, seq})
 	}
 }
 
@@ -721,12 +820,10 @@ func (r *run) kill(ctx context.Context) {
 	r.logf("killed pid %d", r.cfg.KillPID)
 }
 
-func (r *run) fill(res *Result, viewers int64) {
+func (r *run) fill(res *Result) {
 	res.Conns, res.ConnErrors = r.conns.Load(), r.connErrs.Load()
 	res.PushesSent, res.SendErrors = r.sent.Load(), r.sendErrs.Load()
 	res.Deliveries = r.deliveries.Load()
-	res.Expected = viewers * res.PushesSent
-	res.Missing = max(res.Expected-res.Deliveries, 0)
 	res.Gaps, res.Duplicates, res.Resyncs, res.EpochChanges = r.gaps.Load(), r.dups.Load(), r.resyncs.Load(), r.epochs.Load()
 	res.Disconnects, res.Reconnects, res.Errors = r.disconnects.Load(), r.reconnects.Load(), r.errs.Load()
 	res.SDKDupDropped = r.sdkDups.Load()
@@ -766,6 +863,9 @@ func (r *run) closeAll(conns []*lconn) {
 			defer wg.Done()
 			st := lc.c.Stats()
 			r.sdkDups.Add(st.Duplicates + st.OffsetDuplicates)
+			lc.mu.Lock()
+			lc.acct.closedAt = time.Now()
+			lc.mu.Unlock()
 			_ = lc.c.Close()
 			<-sem
 		}()

@@ -47,6 +47,10 @@ func TestFanoutInProcess(t *testing.T) {
 	if res.Deliveries != res.Viewers*res.PushesSent || res.Missing != 0 {
 		t.Fatalf("deliveries %d, want %d × %d", res.Deliveries, res.Viewers, res.PushesSent)
 	}
+	// every viewer joined before the first chat: each is expected to get all
+	if res.Published != res.PushesSent || res.Expected != res.Viewers*res.PushesSent || res.NotExpected != 0 || res.LostViewers != 0 {
+		t.Fatalf("published %d, expected %d, not expected %d, lost viewers %d", res.Published, res.Expected, res.NotExpected, res.LostViewers)
+	}
 	if res.P50Ms <= 0 || res.P99Ms < res.P50Ms || res.MaxMs < res.P99Ms {
 		t.Fatalf("latency p50 %v p99 %v max %v", res.P50Ms, res.P99Ms, res.MaxMs)
 	}
@@ -62,8 +66,65 @@ func TestFanoutInProcess(t *testing.T) {
 		t.Fatalf("JSON round trip: %+v", back)
 	}
 	m := loadtest.Merge([]*loadtest.Result{back, back}, 0, 0)
-	if m.Deliveries != 2*res.Deliveries || m.Expected != 2*res.Viewers*2*res.PushesSent || m.P50Ms != res.P50Ms {
+	// each process accounts its own viewers: the expected deliveries add up
+	if m.Deliveries != 2*res.Deliveries || m.Expected != 2*res.Expected || m.Missing != 0 || m.P50Ms != res.P50Ms {
 		t.Fatalf("merge: %+v", m)
+	}
+}
+
+// TestLateJoinerProcess: two processes of one run (-procs) as loadgen runs
+// them, sharing the record of what was published. The second has no
+// publisher, joins while the chats flow and ends its own run phase long
+// before the publisher stops: it waits for the record and for the chats
+// still on their way to its viewers, and what was numbered before its
+// viewers joined is not expected of them — nothing is lost. (Counted as
+// viewers × chats sent, as loadgen did, its viewers "missed" every chat
+// before they joined and, in a storm, those in flight when it stopped.)
+func TestLateJoinerProcess(t *testing.T) {
+	n := nodetest.Start(t, nodetest.Config(t))
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	room, err := loadtest.OpenRoom(ctx, http.DefaultClient, nodetest.HTTPURL(n), 11)
+	if err != nil {
+		t.Fatal(err)
+	}
+	published := filepath.Join(t.TempDir(), "published.json")
+	base := loadtest.Config{Scenario: loadtest.Fanout, WS: []string{nodetest.WSURL(n)}, HTTP: []string{nodetest.HTTPURL(n)},
+		Room: room, Ramp: 1000, Rate: 5, PublishedFile: published}
+	pubCfg := base
+	pubCfg.Conns, pubCfg.Duration, pubCfg.Drain, pubCfg.UserBase = 3, 3*time.Second, 5*time.Second, 3_000_000_000
+	lateCfg := base
+	lateCfg.Conns, lateCfg.Duration, lateCfg.Drain, lateCfg.UserBase = 20, 300*time.Millisecond, 15*time.Second, 3_100_000_000
+	lateCfg.NoPublish = true
+	var pub, late *loadtest.Result
+	var pubErr, lateErr error
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		pub, pubErr = loadtest.Run(ctx, pubCfg)
+	}()
+	time.Sleep(2 * time.Second) // the publisher's ramp, its 1 s settle and ~1 s of chats
+	late, lateErr = loadtest.Run(ctx, lateCfg)
+	<-done
+	if pubErr != nil || lateErr != nil {
+		t.Fatal(pubErr, lateErr)
+	}
+	pub.WriteSummary(testWriter{t})
+	late.WriteSummary(testWriter{t})
+	if late.Published != pub.Published || pub.Published < 10 || pub.Published != pub.PushesSent {
+		t.Fatalf("published %d / %d, sent %d", late.Published, pub.Published, pub.PushesSent)
+	}
+	if late.NotExpectedBeforeJoin == 0 || late.Expected == 0 || late.Expected+late.NotExpected != late.Viewers*late.Published {
+		t.Fatalf("late viewers: expected %d, not expected %d (before join %d) of %d × %d", late.Expected, late.NotExpected, late.NotExpectedBeforeJoin, late.Viewers, late.Published)
+	}
+	m := loadtest.Merge([]*loadtest.Result{pub, late}, 0, 0)
+	m.WriteSummary(testWriter{t})
+	if m.Missing != 0 || m.LostViewers != 0 || m.Deliveries != m.Expected || m.Gaps != 0 || m.Duplicates != 0 || m.Errors != 0 {
+		t.Fatalf("merged: delivered %d of %d expected, lost %d, gaps %d, duplicates %d, errors %d %v",
+			m.Deliveries, m.Expected, m.Missing, m.Gaps, m.Duplicates, m.Errors, m.ErrorSamples)
+	}
+	if m.Deliveries >= m.Viewers*m.PushesSent {
+		t.Fatalf("the late viewers got chats from before they joined: %d deliveries, %d × %d", m.Deliveries, m.Viewers, m.PushesSent)
 	}
 }
 

@@ -38,9 +38,11 @@ func (res *Result) WriteSummary(w io.Writer) {
 		if res.Conserved != nil {
 			fmt.Fprintf(w, "  conservation  %v: %s\n", *res.Conserved, res.ConservationNote)
 		}
-	} else if res.PushesSent > 0 || res.SendErrors > 0 {
-		fmt.Fprintf(w, "  pushes        %d sent (%d failed) over %.1f s; %d of %d deliveries (%d missing), %.0f/s\n",
-			res.PushesSent, res.SendErrors, res.RunSeconds, res.Deliveries, res.Expected, res.Missing, res.DeliveriesPerSec)
+	} else if res.PushesSent > 0 || res.SendErrors > 0 || res.Published > 0 {
+		fmt.Fprintf(w, "  pushes        %d sent (%d failed), %d numbered by the room, over %.1f s; %d delivered (%.0f/s)\n",
+			res.PushesSent, res.SendErrors, res.Published, res.RunSeconds, res.Deliveries, res.DeliveriesPerSec)
+		fmt.Fprintf(w, "  deliveries    %d expected, %d lost (%d viewers); %d not expected (%d numbered before the viewer joined, %d skipped by a resync)\n",
+			res.Expected, res.Missing, res.LostViewers, res.NotExpected, res.NotExpectedBeforeJoin, res.NotExpectedResync)
 		fmt.Fprintf(w, "  latency       p50 %.2f ms, p99 %.2f ms, max %.2f ms\n", res.P50Ms, res.P99Ms, res.MaxMs)
 	} else {
 		fmt.Fprintf(w, "  held          %.1f s\n", res.RunSeconds)
@@ -57,6 +59,9 @@ func (res *Result) WriteSummary(w io.Writer) {
 	if res.Killed {
 		fmt.Fprintf(w, "  after kill    %d reconnected and recovered, %d not; p50 %.0f ms, p99 %.0f ms, max %.0f ms\n",
 			res.ReconnectedAfterKill, res.NotReconnected, res.ReconnectP50Ms, res.ReconnectP99Ms, res.ReconnectMaxMs)
+	}
+	for _, e := range res.LostSamples {
+		fmt.Fprintf(w, "  lost: %s\n", e)
 	}
 	for _, e := range res.ErrorSamples {
 		fmt.Fprintf(w, "  error: %s\n", e)
@@ -88,7 +93,8 @@ func ReadJSON(path string) (*Result, error) {
 }
 
 // Merge adds up the results of several processes of one run (-procs): counters
-// summed, histograms merged, times the longest, memory per connection from
+// summed (each process accounts its own viewers' deliveries against the
+// publishing process's record), histograms merged, times the longest, memory per connection from
 // the sums. The node's RSS is the one measured by the process that saw the
 // most connections (nodeAfter, when > 0, overrides it: sampled by the parent
 // once every process had ramped).
@@ -107,6 +113,16 @@ func Merge(parts []*Result, nodeBefore, nodeAfter int64) *Result {
 		out.PushesSent += p.PushesSent
 		out.SendErrors += p.SendErrors
 		out.Deliveries += p.Deliveries
+		out.Published = max(out.Published, p.Published) // every process accounts the same record
+		out.Expected += p.Expected
+		out.Missing += p.Missing
+		out.LostViewers += p.LostViewers
+		if len(out.LostSamples) < 10 {
+			out.LostSamples = append(out.LostSamples, p.LostSamples...)
+		}
+		out.NotExpected += p.NotExpected
+		out.NotExpectedBeforeJoin += p.NotExpectedBeforeJoin
+		out.NotExpectedResync += p.NotExpectedResync
 		out.Gaps += p.Gaps
 		out.Duplicates += p.Duplicates
 		out.SDKDupDropped += p.SDKDupDropped
@@ -165,8 +181,6 @@ func Merge(parts []*Result, nodeBefore, nodeAfter int64) *Result {
 	if out.StormSeconds > 0 {
 		out.RepliesPerSec = float64(out.Replies) / out.StormSeconds
 	}
-	out.Expected = out.Viewers * out.PushesSent
-	out.Missing = max(out.Expected-out.Deliveries, 0)
 	if out.Conns > 0 {
 		out.LoadgenRSSPerConn = float64(out.LoadgenRSSAfter-out.LoadgenRSSBefore) / float64(out.Conns)
 		if nodeAfter > 0 {

@@ -38,6 +38,7 @@ type WebhookConfig struct {
 	MaxTime   time.Duration // wrk -d: the run stops here at the latest (default 60 s)
 	Wrk       string        // the wrk binary (default "wrk")
 	Dir       string        // where the bodies and the script go ("" = a temp dir)
+	NodePID   int           // the node's process (0: unknown, its CPU is not measured)
 	Log       io.Writer
 }
 
@@ -64,7 +65,12 @@ type WebhookResult struct {
 	Conns         int     `json:"connections"`
 	Threads       int     `json:"threads"`
 	CreateSeconds float64 `json:"create_seconds"` // creating the orders over HTTP (not measured by wrk)
-	Error         string  `json:"error,omitempty"`
+	// CPU per notify while wrk ran (the node from /proc, wrk from its
+	// rusage): on a machine shared with other work the rate moves with the
+	// load, the CPU a notify costs much less.
+	NodeCPUus float64 `json:"node_cpu_us_per_notify,omitempty"`
+	WrkCPUus  float64 `json:"wrk_cpu_us_per_notify,omitempty"`
+	Error     string  `json:"error,omitempty"`
 }
 
 // SignNotify is the X-Pay-Signature value for body at t (docs/payments.md):
@@ -187,6 +193,10 @@ func RunWebhook(ctx context.Context, cfg WebhookConfig) (*WebhookResult, error) 
 		"--timeout", "10s", "-s", script, cfg.HTTP, "--", bodies, strconv.Itoa(cfg.Threads), doneDir}
 	logf("%s %s", cfg.Wrk, strings.Join(args, " "))
 	var outBuf bytes.Buffer
+	var nodeCPU0 time.Duration
+	if cfg.NodePID > 0 {
+		nodeCPU0, _ = CPUTime(cfg.NodePID)
+	}
 	cmd := exec.CommandContext(ctx, cfg.Wrk, args...)
 	cmd.Stdout, cmd.Stderr = &outBuf, &outBuf
 	if err := cmd.Start(); err != nil {
@@ -219,6 +229,16 @@ wait:
 	}
 	if err := parseWrk(out, res); err != nil {
 		return nil, err
+	}
+	if res.Answered > 0 {
+		if cfg.NodePID > 0 {
+			if t, err := CPUTime(cfg.NodePID); err == nil {
+				res.NodeCPUus = float64((t - nodeCPU0).Microseconds()) / float64(res.Answered)
+			}
+		}
+		if ps := cmd.ProcessState; ps != nil {
+			res.WrkCPUus = float64((ps.UserTime() + ps.SystemTime()).Microseconds()) / float64(res.Answered)
+		}
 	}
 
 	// Every order PAYED, every buyer credited exactly its orders' coins.

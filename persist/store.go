@@ -10,10 +10,18 @@ import (
 	"github.com/cockroachdb/pebble/bloom"
 )
 
-// Sizes of the Pebble block cache and memtable.
+// Sizes of the Pebble block cache and memtable. Pebble charges every live
+// memtable to the block cache (the mutable one, one being flushed, and a
+// flushed one while an iterator or read still holds it — "zombie"): the
+// cache is sized as the blocks it must hold plus two memtables. With a 64 MiB cache and 32 MiB memtables it held no block at
+// all (Metrics: "Block cache: 0 entries") and every point read — the
+// is-this-event-new check of each webhook, an order read — read its filter
+// and index blocks from the file again (the webhook over HTTP ran at half
+// its rate).
 const (
-	cacheBytes    = 64 << 20
-	memTableBytes = 32 << 20
+	blockCacheBytes = 128 << 20
+	memTableBytes   = 32 << 20
+	cacheBytes      = blockCacheBytes + 2*memTableBytes
 )
 
 // Store is a node's Pebble database.

@@ -69,6 +69,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	fs.BoolVar(&quiet, "q", false, "no progress lines on stderr")
 	var cpuProfile string
 	fs.StringVar(&cpuProfile, "cpuprofile", "", "write this process's CPU profile here (-procs: each process's to FILE.<i>)")
+	fs.StringVar(&cfg.Trace, "trace", "", "write one JSON line per connection (join position, offsets received, nodes) and per chat sent to this file (-procs: FILE.0, FILE.1, …)")
 	var nodeBin, nodeData, nodeEnv string
 	fs.StringVar(&nodeBin, "liveedge", "", "start a fresh node from this binary for the run (free loopback ports, data under -data; sets -ws, -http and -node-pid)")
 	fs.StringVar(&nodeData, "data", "data", "parent directory of the -liveedge node's data")
@@ -78,6 +79,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	fs.Int64Var(&startAt, "start-at", 0, "internal (-procs): unix ms when publishing starts")
 	fs.BoolVar(&cfg.MoneyShare, "money-share", false, "internal (-procs, gift / grab): check only this process's users; the parent checks the totals")
 	fs.StringVar(&cfg.RainCode, "rain-code", "", "internal (-procs, grab): the parent's rain")
+	fs.StringVar(&cfg.PublishedFile, "published", "", "internal (-procs): the publishing process writes what it published to this file, the others read it")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -211,7 +213,7 @@ func runProcs(ctx context.Context, fs *flag.FlagSet, cfg loadtest.Config, procs 
 	start := time.Now().Add(rampTime + 3*time.Second)
 	// flags given on the command line, minus those set per child
 	perChild := map[string]bool{"conns": true, "procs": true, "json": true, "ramp": true, "room": true,
-		"user-base": true, "no-publish": true, "start-at": true, "liveedge": true, "data": true, "node-env": true,
+		"user-base": true, "no-publish": true, "start-at": true, "liveedge": true, "data": true, "node-env": true, "trace": true, "published": true,
 		"money-share": true, "rain-code": true, "cpuprofile": true}
 	if money { // the gift rate is shared out; every share grabs from the one rain
 		perChild["rate"], perChild["rain-count"], perChild["rain-total"] = true, true, true
@@ -265,7 +267,10 @@ func runProcs(ctx context.Context, fs *flag.FlagSet, cfg loadtest.Config, procs 
 			"-room="+strconv.FormatInt(room, 10),
 			"-user-base="+strconv.FormatInt(cfg.UserBase+int64(i)*10_000_000, 10),
 			"-start-at="+strconv.FormatInt(start.UnixMilli(), 10),
-			"-json="+out, "-q")
+			"-json="+out, "-q", "-published="+filepath.Join(dir, "published.json"))
+		if cfg.Trace != "" {
+			args = append(args, "-trace="+cfg.Trace+"."+strconv.Itoa(i))
+		}
 		if i > 0 {
 			args = append(args, "-no-publish")
 		}

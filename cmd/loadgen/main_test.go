@@ -41,6 +41,10 @@ func TestFanoutProcs(t *testing.T) {
 	if res.Gaps != 0 || res.Duplicates != 0 || res.Deliveries != res.Viewers*res.PushesSent || res.Errors != 0 {
 		t.Fatalf("gaps %d dups %d deliveries %d of %d errors %d %v", res.Gaps, res.Duplicates, res.Deliveries, res.Expected, res.Errors, res.ErrorSamples)
 	}
+	// both processes accounted their viewers against the publisher's record
+	if res.Published != res.PushesSent || res.Expected != res.Viewers*res.PushesSent || res.Missing != 0 || res.NotExpected != 0 {
+		t.Fatalf("published %d, expected %d, lost %d, not expected %d", res.Published, res.Expected, res.Missing, res.NotExpected)
+	}
 	if !strings.Contains(stdout.String(), "latency") {
 		t.Fatalf("no summary: %q", stdout.String())
 	}

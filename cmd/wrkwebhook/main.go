@@ -71,7 +71,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 			return 1
 		}
 		defer node.Stop()
-		cfg.HTTP, cfg.Secret = node.HTTP, benchSecret
+		cfg.HTTP, cfg.Secret, cfg.NodePID = node.HTTP, benchSecret, node.PID
 	}
 	if cfg.HTTP == "" || cfg.Secret == "" {
 		fmt.Fprintln(stderr, "wrkwebhook: give -liveedge, or -http and -secret")
@@ -86,6 +86,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 		res.Threads, res.Conns, res.Answered, res.Seconds, res.NotifiesPerS, res.LatencyP50Ms, res.LatencyP99Ms)
 	fmt.Fprintf(stdout, "  %d of %d orders PAYED; coins credited %d, expected %d; exactly once: %v (orders created in %.1f s beforehand)\n",
 		res.Paid, res.Orders, res.CreditedCoins, res.ExpectedCoins, res.ExactlyOnce, res.CreateSeconds)
+	if res.NodeCPUus > 0 || res.WrkCPUus > 0 {
+		fmt.Fprintf(stdout, "  CPU per notify: node %.1f µs, wrk %.1f µs (2 cores: at most %.0f notifies/s if both had them to themselves)\n",
+			res.NodeCPUus, res.WrkCPUus, 2e6/(res.NodeCPUus+res.WrkCPUus))
+	}
 	if res.Error != "" {
 		fmt.Fprintln(stdout, "  error:", res.Error)
 	}

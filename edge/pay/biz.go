@@ -110,7 +110,7 @@ func (s *Service) CreateBizOrder(r BizOrderReq, extra ...persist.Record) (Order,
 	if err != nil {
 		return Order{}, err
 	}
-	s.addOpen(r.ID, r.User, now, false)
+	s.addOpen(r.ID, o, false)
 	return o, nil
 }
 

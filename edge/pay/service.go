@@ -130,6 +130,13 @@ type openOrder struct {
 	created int64 // unix ms
 	user    int64
 	counted bool // in openOf (MaxOpenPerUser)
+	// order is the order as last durably written (an immutable copy,
+	// replaced on each write under the order's lock), so that Get of an open
+	// order — every notify, query and close — is a map read, not a Pebble
+	// read of a block that is cold (an order is paid once, mostly after its
+	// memtable was flushed). nil: read it from the store (a write whose
+	// outcome is unknown dropped it).
+	order *Order
 }
 
 func recPrefix(s string) []byte { return append(append([]byte{}, persist.PrefixRec...), s...) }
@@ -187,7 +194,7 @@ func New(store *persist.Store, w persist.Wallet, r router.Router, cfg Config) (*
 			return err
 		}
 		if o.Status == StatusPaying || o.Status == StatusWaitingPay {
-			s.addOpen(int64(persist.KeyID(k)), o.UserID, o.CreatedAt, o.Biz == "" || o.Biz == BizCoins)
+			s.addOpen(int64(persist.KeyID(k)), o, o.Biz == "" || o.Biz == BizCoins)
 		}
 		return nil
 	})
@@ -307,7 +314,7 @@ func (s *Service) CreateOrder(user int64, r CreateReq) (Order, error) {
 	if err != nil {
 		return Order{}, err
 	}
-	s.addOpen(id, user, now, true)
+	s.addOpen(id, o, true)
 	return o, nil
 }
 
@@ -336,8 +343,16 @@ func ParseOrderID(s string) (int64, bool) {
 	return id, err == nil && id > 0
 }
 
-// Get returns order id.
+// Get returns order id: an open order from memory (its last durable
+// write), any other from the store.
 func (s *Service) Get(id int64) (Order, error) {
+	s.openMu.Lock()
+	if oo, ok := s.open[id]; ok && oo.order != nil {
+		o := *oo.order
+		s.openMu.Unlock()
+		return o, nil
+	}
+	s.openMu.Unlock()
 	var o Order
 	v, err := s.store.Get(orderKey(id))
 	if errors.Is(err, persist.ErrNotFound) {
@@ -490,6 +505,7 @@ func (s *Service) refundLate(o Order, id int64, ev Event, evRec persist.Record, 
 		return s.logTransition(b, id, from, StatusPayBack, "late payment refunded", now)
 	})
 	if err != nil {
+		s.openWritten(id, o, false) // a paying business order's refund may have landed
 		return NotifyRetry, "retry"
 	}
 	s.closeOpen(id)
@@ -518,12 +534,13 @@ func (s *Service) markPaid(o Order, id int64, ev Event, evRec persist.Record, no
 		},
 	})
 	if err != nil {
+		s.openWritten(id, o, false)
 		s.cfg.Log.Error("pay: credit failed", "order", o.OrderID, "err", err)
 		return NotifyRetry, "retry"
 	}
 	s.closeOpen(id)
 	if !res.Replayed {
-		d, _ := proto.Marshal(map[string]any{"balance": res.Balances[0], "delta": o.Coins, "reason": persist.ReasonRecharge, "order_id": o.OrderID})
+		d, _ := proto.Marshal(creditPush{Balance: res.Balances[0], Delta: o.Coins, OrderID: o.OrderID, Reason: persist.ReasonRecharge})
 		s.router.SendUser(o.UserID, proto.Push{Biz: proto.BizWalletCredit, Data: d, Ack: true})
 		s.pushStatus(o)
 	}
@@ -561,6 +578,7 @@ func (s *Service) markBizPaid(o Order, id int64, ev Event, evRec persist.Record,
 		return s.logTransition(bt, id, from, StatusPayed, "paid "+ev.EventID, now)
 	})
 	if err != nil {
+		s.openWritten(id, o, false)
 		return NotifyRetry, "retry"
 	}
 	s.closeOpen(id)
@@ -588,27 +606,45 @@ func (s *Service) moveLocked(o *Order, id int64, to, why string, extra *persist.
 		return s.logTransition(b, id, from, to, why, now)
 	})
 	if err != nil {
+		s.openWritten(id, *o, false)
 		o.Status = from
 		return err
 	}
 	if to != StatusPaying && to != StatusWaitingPay {
 		s.closeOpen(id)
+	} else {
+		s.openWritten(id, *o, true)
 	}
 	s.pushStatus(*o)
 	return nil
 }
 
-// addOpen tracks an open order for the reconciler; counted = it counts
-// towards its user's MaxOpenPerUser (recharge orders; a business's orders
-// are bounded by the business).
-func (s *Service) addOpen(id, user, created int64, counted bool) {
+// addOpen tracks open order o (just durably written) for the reconciler;
+// counted = it counts towards its user's MaxOpenPerUser (recharge orders; a
+// business's orders are bounded by the business).
+func (s *Service) addOpen(id int64, o Order, counted bool) {
 	s.openMu.Lock()
 	defer s.openMu.Unlock()
 	if _, ok := s.open[id]; !ok {
-		s.open[id] = openOrder{created: created, user: user, counted: counted}
+		s.open[id] = openOrder{created: o.CreatedAt, user: o.UserID, counted: counted, order: &o}
 		if counted {
-			s.openOf[user]++
+			s.openOf[o.UserID]++
 		}
+	}
+}
+
+// openWritten records o as open order id's last durable write (with the
+// order's lock held); ok = false: the write's outcome is unknown, the next
+// Get reads the store.
+func (s *Service) openWritten(id int64, o Order, ok bool) {
+	s.openMu.Lock()
+	defer s.openMu.Unlock()
+	if oo, found := s.open[id]; found {
+		oo.order = nil
+		if ok {
+			oo.order = &o
+		}
+		s.open[id] = oo
 	}
 }
 
@@ -634,11 +670,25 @@ func (s *Service) openCount(user int64) int {
 	return s.openOf[user]
 }
 
+// creditPush is the data of the wallet.credit push of a paid recharge.
+type creditPush struct {
+	Balance int64  `json:"balance"`
+	Delta   int64  `json:"delta"`
+	OrderID string `json:"order_id"`
+	Reason  string `json:"reason"`
+}
+
+// statusPush is the data of an order.status push.
+type statusPush struct {
+	OrderID string `json:"order_id"`
+	Status  string `json:"status"`
+}
+
 func (s *Service) pushStatus(o Order) {
 	if o.Biz != "" && o.Biz != BizCoins {
 		return // a business pushes its own order's statuses
 	}
-	d, _ := proto.Marshal(map[string]string{"order_id": o.OrderID, "status": o.Status})
+	d, _ := proto.Marshal(statusPush{OrderID: o.OrderID, Status: o.Status})
 	s.router.SendUser(o.UserID, proto.Push{Biz: proto.BizOrderStatus, Data: d, Ack: true})
 }
 

@@ -5,8 +5,10 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
+	"hash"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -30,11 +32,29 @@ func Sign(secret string, t time.Time, body []byte) string {
 }
 
 func mac(secret, ts string, body []byte) []byte {
-	m := hmac.New(sha256.New, []byte(secret))
+	pool := macPool(secret)
+	m := pool.Get().(hash.Hash)
+	m.Reset()
 	m.Write([]byte(ts))
 	m.Write([]byte{'.'})
 	m.Write(body)
-	return m.Sum(nil)
+	sum := m.Sum(nil)
+	pool.Put(m)
+	return sum
+}
+
+// macPools holds, per secret, HMAC states keyed with it (keying one hashes
+// the secret twice and allocates both SHA-256 states: every notify checks
+// every configured secret). Secrets come from the configuration only, so
+// the map stays as small as it is.
+var macPools sync.Map // secret → *sync.Pool of hash.Hash
+
+func macPool(secret string) *sync.Pool {
+	if p, ok := macPools.Load(secret); ok {
+		return p.(*sync.Pool)
+	}
+	p, _ := macPools.LoadOrStore(secret, &sync.Pool{New: func() any { return hmac.New(sha256.New, []byte(secret)) }})
+	return p.(*sync.Pool)
 }
 
 // Verify checks header against the raw body before anything in the body is

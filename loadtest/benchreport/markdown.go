@@ -143,6 +143,10 @@ func (rep *Report) Markdown(w io.Writer) {
 			thousands(wh.NotifiesPerS), thousands(float64(wh.Requests)), wh.Seconds, wh.LatencyP50Ms, wh.LatencyP99Ms)
 		fmt.Fprintf(w, "non-2xx %d, socket errors %d). After the run %s of %s orders PAYED; coins credited %s, expected %s: exactly once **%v**.\n",
 			wh.Non2xx, wh.SocketErrors, thousands(float64(wh.Paid)), thousands(float64(wh.Orders)), thousands(float64(wh.CreditedCoins)), thousands(float64(wh.ExpectedCoins)), wh.ExactlyOnce)
+		if wh.NodeCPUus > 0 {
+			fmt.Fprintf(w, "CPU per notify while wrk ran: node %.1f µs, wrk %.1f µs — on these 2 cores at most %s notifies/s with both alone on them.\n",
+				wh.NodeCPUus, wh.WrkCPUus, thousands(2e6/(wh.NodeCPUus+wh.WrkCPUus)))
+		}
 	}
 
 	if rep.Bench != nil && len(rep.Bench.Results) > 0 {
