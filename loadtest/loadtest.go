@@ -46,6 +46,9 @@ const MaxChatRate = 5
 // Config describes one run. Zero fields take the defaults of Normalize.
 type Config struct {
 	Scenario string
+	// Client is ClientSDK (default: clientsdk, reconnect, re-join, dedup) or
+	// ClientRaw (idle only: the minimal idle viewer of raw.go).
+	Client   string
 	WS       []string // WebSocket URLs, one per node: ws://127.0.0.1:8081/ws
 	HTTP     []string // HTTP bases in the same order: http://127.0.0.1:8080
 	Conns    int      // connections in this process (viewers + publishers)
@@ -81,6 +84,14 @@ type Config struct {
 
 	// NoPublish: this process has no publishers (-procs: only the first has).
 	NoPublish bool
+	// MoneyShare: this process is one of several of a gift or grab run
+	// (-procs). It checks only its own users (each sender's debit, each
+	// grabber's balance) and reports their sums (Result.UsersCoins); what is
+	// run-wide — the receiver's `received`, the rain's totals, the anchor's
+	// refund — is checked by the parent over every process (MoneyTotals).
+	MoneyShare bool
+	// RainCode: grab with MoneyShare: the rain the parent made and starts.
+	RainCode string
 	// PublishedFile (-procs): the publishing process writes what it
 	// published here (Published, JSON) once its chats are all placed; the
 	// others wait for it to know what their viewers should receive.
@@ -173,6 +184,9 @@ func (cfg *Config) Normalize() error {
 		}
 	case Grab:
 		cfg.Talkers, cfg.ChatRate = 0, 0
+		if cfg.MoneyShare && cfg.RainCode == "" {
+			return errors.New("loadtest: a grab share needs the parent's rain (-rain-code)")
+		}
 		if cfg.RainCount <= 0 {
 			cfg.RainCount = cfg.Conns
 		}
@@ -184,6 +198,19 @@ func (cfg *Config) Normalize() error {
 		}
 	default:
 		return fmt.Errorf("loadtest: unknown scenario %q (idle, fanout, chat, reconnect-storm, gift, grab)", cfg.Scenario)
+	}
+	switch cfg.Client {
+	case "", ClientSDK:
+		cfg.Client = ClientSDK
+	case ClientRaw:
+		if cfg.Scenario != Idle {
+			return fmt.Errorf("loadtest: -client raw runs the idle scenario only, not %s", cfg.Scenario)
+		}
+	default:
+		return fmt.Errorf("loadtest: unknown client %q (sdk, raw)", cfg.Client)
+	}
+	if cfg.MoneyShare && cfg.Scenario != Gift && cfg.Scenario != Grab {
+		return fmt.Errorf("loadtest: a money share is a gift or grab run's, not %s", cfg.Scenario)
 	}
 	if cfg.NoPublish {
 		cfg.Talkers = 0
@@ -200,6 +227,7 @@ func (cfg *Config) Normalize() error {
 // Result holds a run's figures (the -json file).
 type Result struct {
 	Scenario    string  `json:"scenario"`
+	Client      string  `json:"client,omitempty"` // "raw": the minimal idle client (empty: the Go SDK)
 	Procs       int     `json:"procs"`
 	Conns       int64   `json:"connections"` // connected and joined
 	ConnErrors  int64   `json:"connect_errors"`
@@ -247,6 +275,24 @@ type Result struct {
 	LoadgenRSSAfter   int64   `json:"loadgen_rss_after_bytes"`
 	LoadgenRSSPerConn float64 `json:"loadgen_rss_per_conn_bytes"`
 
+	// -client raw: the hold in detail. Held counts joined connections (a
+	// connection is held only while joined); with -procs HeldMin is the sum
+	// of each process's lowest count (a lower bound of the lowest total).
+	HeldMin           int64            `json:"held_min,omitempty"`
+	HeldEnd           int64            `json:"held_end,omitempty"`
+	HoldDisconnects   int64            `json:"hold_disconnects"`
+	HoldReconnects    int64            `json:"hold_reconnects"`
+	DisconnectReasons map[string]int64 `json:"disconnect_reasons,omitempty"` // close code, "1006" (no close frame), "ping-timeout"
+	Pings             int64            `json:"pings,omitempty"`
+	PingTimeouts      int64            `json:"ping_timeouts,omitempty"`
+	Acks              int64            `json:"acks,omitempty"`
+	LoadgenCPUCores   float64          `json:"loadgen_cpu_cores,omitempty"` // this process's CPU over the hold (-procs: summed)
+	JoinP50Ms         float64          `json:"join_p50_ms,omitempty"`       // hello → join reply (every join, re-joins too)
+	JoinP99Ms         float64          `json:"join_p99_ms,omitempty"`
+	JoinMaxMs         float64          `json:"join_max_ms,omitempty"`
+	JoinBuckets       map[int]int64    `json:"join_buckets,omitempty"`
+	JoinMaxUS         int64            `json:"join_max_us,omitempty"`
+
 	// gift / grab: requests answered, latency from send to reply (the
 	// latency_* fields), and the money checked through the HTTP API after the run.
 	OfferedRate      float64       `json:"offered_rate,omitempty"`   // gift: gifts/s offered in all (0: closed loop)
@@ -259,6 +305,9 @@ type Result struct {
 	Packets          int64         `json:"packets,omitempty"`        // grab: the rain's total_count
 	TotalAmount      int64         `json:"total_amount,omitempty"`   // grab: the rain's total_amount
 	GrantedAmount    int64         `json:"granted_amount,omitempty"` // grab: Σ amounts the grabbers were told
+	Ambiguous        int64         `json:"ambiguous,omitempty"`      // sent, outcome unknown (timeout, disconnect)
+	UsersCoins       int64         `json:"users_coins,omitempty"`    // through the HTTP API after the run: gift Σ senders' debits, grab Σ grabbers' balances
+	StormSeconds     float64       `json:"storm_seconds,omitempty"`  // what replies_per_sec is over
 	Conserved        *bool         `json:"conserved,omitempty"`
 	ConservationNote string        `json:"conservation,omitempty"`
 
@@ -377,7 +426,12 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 		res.NodeRSSBefore, _ = RSS(cfg.NodePID)
 	}
 	res.LoadgenRSSBefore, _ = RSS(0)
-	r.logf("%s: %d connections to room %d at %d/s over %d node(s)", cfg.Scenario, cfg.Conns, room, cfg.Ramp, len(cfg.WS))
+	r.logf("%s: %d %s connections to room %d at %d/s over %d node(s)", cfg.Scenario, cfg.Conns, cfg.Client, room, cfg.Ramp, len(cfg.WS))
+	if cfg.Client == ClientRaw {
+		r.runRaw(ctx, res)
+		r.fill(res)
+		return res, nil
+	}
 
 	// Ramp: connection i starts at i/Ramp s, at most 256 dials in flight.
 	t0 := time.Now()
@@ -415,16 +469,7 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 
 	// Memory per connection, after the ramp settles.
 	time.Sleep(time.Second)
-	if cfg.NodePID > 0 {
-		res.NodeRSSAfter, _ = RSS(cfg.NodePID)
-		if n := r.conns.Load(); n > 0 {
-			res.NodeRSSPerConn = float64(res.NodeRSSAfter-res.NodeRSSBefore) / float64(n)
-		}
-	}
-	res.LoadgenRSSAfter, _ = RSS(0)
-	if n := r.conns.Load(); n > 0 {
-		res.LoadgenRSSPerConn = float64(res.LoadgenRSSAfter-res.LoadgenRSSBefore) / float64(n)
-	}
+	r.measureMemory(res)
 
 	if d := time.Until(cfg.StartAt); !cfg.StartAt.IsZero() && d > 0 {
 		select {
@@ -540,6 +585,21 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	r.fill(res)
 	r.fillMoney(res)
 	return res, nil
+}
+
+// measureMemory records the node's and this process's RSS and their growth
+// per connection held.
+func (r *run) measureMemory(res *Result) {
+	if r.cfg.NodePID > 0 {
+		res.NodeRSSAfter, _ = RSS(r.cfg.NodePID)
+		if n := r.conns.Load(); n > 0 {
+			res.NodeRSSPerConn = float64(res.NodeRSSAfter-res.NodeRSSBefore) / float64(n)
+		}
+	}
+	res.LoadgenRSSAfter, _ = RSS(0)
+	if n := r.conns.Load(); n > 0 {
+		res.LoadgenRSSPerConn = float64(res.LoadgenRSSAfter-res.LoadgenRSSBefore) / float64(n)
+	}
 }
 
 // open mints a token for user UserBase+i, dials (node i mod n first) and joins the room.

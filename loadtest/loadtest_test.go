@@ -2,13 +2,17 @@ package loadtest_test
 
 import (
 	"context"
+	"io"
 	"net/http"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/liveedge/liveedge/configs"
 	"github.com/liveedge/liveedge/gateway/nodetest"
 	"github.com/liveedge/liveedge/loadtest"
 )
@@ -236,6 +240,247 @@ func TestGrabInProcess(t *testing.T) {
 			}
 			if res.Conserved == nil || !*res.Conserved {
 				t.Fatalf("conservation not checked or broken: %s", res.ConservationNote)
+			}
+		})
+	}
+}
+
+// nodeConns reads the node's open WebSocket connections from /metrics.
+func nodeConns(t *testing.T, base string) int {
+	t.Helper()
+	resp, err := http.Get(base + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if strings.HasPrefix(line, "liveedge_connections{") {
+			f := strings.Fields(line)
+			v, err := strconv.ParseFloat(f[len(f)-1], 64)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return int(v)
+		}
+	}
+	t.Fatal("no liveedge_connections in /metrics")
+	return 0
+}
+
+// The raw idle client against a node with a 2 s heartbeat (silent for 4 s:
+// closed with 4402): every connection joins, pings every second and is held
+// through a 6-s hold — longer than the silence the node allows — without a
+// disconnect; the node sees them all. (A shorter heartbeat lost connections
+// to stalls of the race-instrumented node beside other tests on 2 cores.)
+func TestIdleRawInProcess(t *testing.T) {
+	cfg := nodetest.Config(t)
+	cfg.WS.Heartbeat = configs.Duration(2 * time.Second)
+	n := nodetest.Start(t, cfg)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	const conns = 300
+	var seen atomic.Int64
+	go func() { // the node's count in the middle of the hold
+		for ctx.Err() == nil && seen.Load() < conns {
+			time.Sleep(200 * time.Millisecond)
+			if v := nodeConnsQuiet(nodetest.HTTPURL(n)); v > seen.Load() {
+				seen.Store(v)
+			}
+		}
+	}()
+	res, err := loadtest.Run(ctx, loadtest.Config{
+		Scenario: loadtest.Idle,
+		Client:   loadtest.ClientRaw,
+		WS:       []string{nodetest.WSURL(n)},
+		HTTP:     []string{nodetest.HTTPURL(n)},
+		Conns:    conns,
+		Ramp:     3000,
+		Duration: 6 * time.Second,
+		SrcIPs:   2,
+		NodePID:  os.Getpid(),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	res.WriteSummary(testWriter{t})
+	if res.Client != loadtest.ClientRaw || res.Conns != conns || res.ConnErrors != 0 || res.Errors != 0 {
+		t.Fatalf("client %q connections %d, failed %d, errors %d %v", res.Client, res.Conns, res.ConnErrors, res.Errors, res.ErrorSamples)
+	}
+	if res.HeldMin != conns || res.HeldEnd != conns || res.Disconnects != 0 || res.HoldDisconnects != 0 || res.PingTimeouts != 0 {
+		t.Fatalf("held min %d end %d, disconnects %d (%d in the hold) %v, ping timeouts %d",
+			res.HeldMin, res.HeldEnd, res.Disconnects, res.HoldDisconnects, res.DisconnectReasons, res.PingTimeouts)
+	}
+	// 6 s at one ping a second: about 6 each
+	if res.Pings < 4*conns {
+		t.Fatalf("%d pings from %d connections in %.1f s", res.Pings, conns, res.RunSeconds)
+	}
+	if res.JoinP50Ms <= 0 || res.JoinMaxMs < res.JoinP99Ms || len(res.JoinBuckets) == 0 {
+		t.Fatalf("join latency p50 %v p99 %v max %v", res.JoinP50Ms, res.JoinP99Ms, res.JoinMaxMs)
+	}
+	if seen.Load() != conns {
+		t.Fatalf("the node saw at most %d connections", seen.Load())
+	}
+	if res.NodeRSSAfter <= 0 || res.LoadgenRSSAfter <= 0 {
+		t.Fatalf("RSS not measured: %+v", res)
+	}
+	// every connection closed at the end
+	deadline := time.Now().Add(5 * time.Second)
+	for nodeConns(t, nodetest.HTTPURL(n)) != 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("the node still has %d connections after the run", nodeConns(t, nodetest.HTTPURL(n)))
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// Without heartbeats the node closes each connection after 2 × 300 ms
+// (4402): the raw client counts every such disconnect, by reason, reconnects
+// and re-joins.
+func TestIdleRawCountsDisconnects(t *testing.T) {
+	cfg := nodetest.Config(t)
+	cfg.WS.Heartbeat = configs.Duration(300 * time.Millisecond)
+	n := nodetest.Start(t, cfg)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	res, err := loadtest.Run(ctx, loadtest.Config{
+		Scenario:  loadtest.Idle,
+		Client:    loadtest.ClientRaw,
+		WS:        []string{nodetest.WSURL(n)},
+		HTTP:      []string{nodetest.HTTPURL(n)},
+		Conns:     50,
+		Ramp:      1000,
+		Duration:  2 * time.Second,
+		Heartbeat: -1,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	res.WriteSummary(testWriter{t})
+	if res.Conns == 0 || res.Pings != 0 {
+		t.Fatalf("connections %d, pings %d", res.Conns, res.Pings)
+	}
+	if res.HoldDisconnects < 50 || res.DisconnectReasons["4402"] < 50 || res.HoldReconnects < 25 || res.Reconnects < res.HoldReconnects {
+		t.Fatalf("disconnects %d (%d in the hold) %v, reconnects %d (%d in the hold)",
+			res.Disconnects, res.HoldDisconnects, res.DisconnectReasons, res.Reconnects, res.HoldReconnects)
+	}
+	if res.HeldMin >= 50 {
+		t.Fatalf("held min %d: the closed connections were counted as held", res.HeldMin)
+	}
+}
+
+// A connection counts as held only once joined: joins refused (no such
+// room) leave nothing held, every connection given up as a connect error.
+func TestIdleRawJoinRefused(t *testing.T) {
+	n := nodetest.Start(t, nodetest.Config(t))
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	res, err := loadtest.Run(ctx, loadtest.Config{
+		Scenario: loadtest.Idle,
+		Client:   loadtest.ClientRaw,
+		WS:       []string{nodetest.WSURL(n)},
+		HTTP:     []string{nodetest.HTTPURL(n)},
+		Room:     987654321,
+		Conns:    10,
+		Ramp:     1000,
+		Duration: 100 * time.Millisecond,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	res.WriteSummary(testWriter{t})
+	if res.Conns != 0 || res.ConnErrors != 10 || res.HeldEnd != 0 || res.Errors < 10 {
+		t.Fatalf("held %d (end %d), given up %d, errors %d %v", res.Conns, res.HeldEnd, res.ConnErrors, res.Errors, res.ErrorSamples)
+	}
+}
+
+func nodeConnsQuiet(base string) int64 {
+	resp, err := http.Get(base + "/metrics")
+	if err != nil {
+		return 0
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	for _, line := range strings.Split(string(b), "\n") {
+		if strings.HasPrefix(line, "liveedge_connections{") {
+			f := strings.Fields(line)
+			v, _ := strconv.ParseFloat(f[len(f)-1], 64)
+			return int64(v)
+		}
+	}
+	return 0
+}
+
+// The parent's side of a money run over processes: shares (here in this
+// process) check their own users; MoneyTotals checks the sums — and catches
+// a share that misreports its users' coins or a share that is missing.
+func TestMoneyTotals(t *testing.T) {
+	n := nodetest.Start(t, nodetest.Config(t))
+	for _, scenario := range []string{loadtest.Gift, loadtest.Grab} {
+		t.Run(scenario, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+			defer cancel()
+			cfg := loadtest.Config{Scenario: scenario, WS: []string{nodetest.WSURL(n)}, HTTP: []string{nodetest.HTTPURL(n)},
+				Conns: 20, Ramp: 1000, Duration: 2 * time.Second, Rate: 100, Anchor: 9, RainCount: 15, StartAt: time.Now().Add(2 * time.Second)}
+			if scenario == loadtest.Grab {
+				cfg.Anchor = 10
+			}
+			room, err := loadtest.OpenRoom(ctx, http.DefaultClient, cfg.HTTP[0], cfg.Anchor)
+			if err != nil {
+				t.Fatal(err)
+			}
+			cfg.Room = room
+			if err := cfg.Normalize(); err != nil {
+				t.Fatal(err)
+			}
+			mt, err := loadtest.NewMoneyTotals(ctx, cfg, room)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if scenario == loadtest.Grab {
+				if err := mt.StartRain(ctx); err != nil {
+					t.Fatal(err)
+				}
+			}
+			parts := make([]*loadtest.Result, 2)
+			errs := make([]error, 2)
+			done := make(chan int)
+			for i := range parts {
+				share := cfg
+				share.Conns, share.Rate, share.MoneyShare, share.RainCode = 10, 50, true, mt.RainCode()
+				share.UserBase = cfg.UserBase + int64(i)*1000
+				go func() {
+					parts[i], errs[i] = loadtest.Run(ctx, share)
+					done <- i
+				}()
+			}
+			<-done
+			<-done
+			for i, p := range parts {
+				if errs[i] != nil {
+					t.Fatal(errs[i])
+				}
+				if p.Conserved == nil || !*p.Conserved || p.Errors != 0 {
+					t.Fatalf("share %d: %v %q, errors %v", i, p.Conserved, p.ConservationNote, p.ErrorSamples)
+				}
+			}
+			res := loadtest.Merge(parts, 0, 0)
+			mt.Check(ctx, res, parts, 0)
+			t.Log(res.ConservationNote)
+			if res.Conserved == nil || !*res.Conserved || res.Replies == 0 {
+				t.Fatalf("totals: %v %q", res.Conserved, res.ConservationNote)
+			}
+			bad := *res
+			bad.UsersCoins++
+			if mt.Check(ctx, &bad, parts, 0); *bad.Conserved {
+				t.Fatalf("a misreported share passed: %q", bad.ConservationNote)
+			}
+			short := *res
+			if mt.Check(ctx, &short, parts, 1); *short.Conserved {
+				t.Fatalf("a missing share passed: %q", short.ConservationNote)
 			}
 		})
 	}

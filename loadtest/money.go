@@ -39,6 +39,7 @@ type money struct {
 	requests, replies, refused, ambiguous atomic.Int64
 	spent                                 atomic.Int64 // gift: coins the replies say were debited
 	granted                               atomic.Int64 // grab: Σ amounts told to grabbers
+	users                                 int64        // gift: Σ senders' debits; grab: Σ grabbers' balances (after the run)
 	codesMu                               sync.Mutex
 	codes                                 map[int]int64
 
@@ -256,6 +257,15 @@ func (r *run) checkGift(ctx context.Context, senders []*lconn) {
 		return
 	}
 	got, told, amb := spent.Load(), r.m.spent.Load(), r.m.ambiguous.Load()*r.m.price
+	r.m.users = got
+	if r.cfg.MoneyShare { // the receiver gets the gifts of every process: checked by the parent
+		ok := got >= told && got <= told+amb
+		r.m.ok, r.m.note = &ok, fmt.Sprintf("this process's senders debited %d coins, replies said %d (+ up to %d in unanswered gifts)", got, told, amb)
+		if !ok {
+			r.fail(errors.New("gift conservation broken: " + r.m.note))
+		}
+		return
+	}
 	recv := w.Received - r.m.recv0
 	ok := got >= told && got <= told+amb && recv == got
 	r.m.ok, r.m.note = &ok, fmt.Sprintf("senders debited %d coins, replies said %d (+ up to %d in unanswered gifts), receiver's received +%d", got, told, amb, recv)
@@ -284,6 +294,10 @@ func (r *run) prepareGrab(ctx context.Context) error {
 	if r.m.anchorTok, err = DevToken(ctx, r.http, base, r.cfg.Anchor, "anchor"); err != nil {
 		return err
 	}
+	if r.cfg.MoneyShare { // the parent credited the anchor and made the rain
+		r.m.code = r.cfg.RainCode
+		return nil
+	}
 	if err := DevCredit(ctx, r.http, base, r.cfg.Anchor, r.cfg.RainTotal, fmt.Sprintf("lg-rain-%d-%d", r.cfg.UserBase, r.room)); err != nil {
 		return err
 	}
@@ -298,21 +312,19 @@ func (r *run) prepareGrab(ctx context.Context) error {
 // Then it waits for the rain to finish (the rest refunded) and checks Σ = T.
 func (r *run) grab(ctx context.Context, grabbers []*lconn) {
 	base := r.cfg.HTTP[0]
-	secs := max(int64(r.cfg.Duration.Round(time.Second)/time.Second), 1)
-	rain, err := call[rainView](ctx, r.http, "POST", base+"/api/v1/rooms/"+strconv.FormatInt(r.room, 10)+"/redpackets", r.m.anchorTok,
-		fmt.Sprintf(`{"total_amount":%d,"total_count":%d,"duration_s":%d}`, r.cfg.RainTotal, r.cfg.RainCount, secs))
-	if err == nil {
-		_, err = call[rainView](ctx, r.http, "POST", base+"/api/v1/redpackets/"+rain.Code+"/prepare", r.m.anchorTok, "{}")
+	secs := r.rainSeconds()
+	if !r.cfg.MoneyShare { // a share grabs from the parent's rain, started by the parent
+		err := r.makeRain(ctx)
+		if err == nil {
+			err = r.startRain(ctx)
+		}
+		if err != nil {
+			r.fail(fmt.Errorf("rain: %w", err))
+			return
+		}
 	}
-	if err == nil {
-		_, err = call[rainView](ctx, r.http, "POST", base+"/api/v1/redpackets/"+rain.Code+"/start", r.m.anchorTok, "{}")
-	}
-	if err != nil {
-		r.fail(fmt.Errorf("rain: %w", err))
-		return
-	}
-	r.m.code = rain.Code
-	r.logf("rain %s: %d coins in %d packets for %d s, %d grabbers", rain.Code, r.cfg.RainTotal, r.cfg.RainCount, secs, len(grabbers))
+	code := r.m.code
+	r.logf("rain %s: %d coins in %d packets for %d s, %d grabbers", code, r.cfg.RainTotal, r.cfg.RainCount, secs, len(grabbers))
 	t0 := time.Now()
 	gctx, cancel := context.WithTimeout(ctx, time.Duration(secs)*time.Second+2*time.Second)
 	defer cancel()
@@ -321,22 +333,52 @@ func (r *run) grab(ctx context.Context, grabbers []*lconn) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			r.grabOne(gctx, g, rain.Code)
+			r.grabOne(gctx, g, code)
 		}()
 	}
 	wg.Wait()
 	r.m.phase = time.Since(t0)
 	// the rain finishes at ends_at (the rest refunded): wait for it
-	deadline := time.Now().Add(time.Duration(secs)*time.Second + 15*time.Second)
+	if v, err := r.finishedRain(ctx, base, time.Duration(secs)*time.Second+15*time.Second); err != nil {
+		r.fail(err)
+	} else {
+		r.m.rain = v
+	}
+}
+
+func (r *run) rainSeconds() int64 {
+	return max(int64(r.cfg.Duration.Round(time.Second)/time.Second), 1)
+}
+
+// makeRain creates and prepares the rain (the anchor is debited T).
+func (r *run) makeRain(ctx context.Context) error {
+	base := r.cfg.HTTP[0]
+	rain, err := call[rainView](ctx, r.http, "POST", base+"/api/v1/rooms/"+strconv.FormatInt(r.room, 10)+"/redpackets", r.m.anchorTok,
+		fmt.Sprintf(`{"total_amount":%d,"total_count":%d,"duration_s":%d}`, r.cfg.RainTotal, r.cfg.RainCount, r.rainSeconds()))
+	if err != nil {
+		return err
+	}
+	r.m.code = rain.Code
+	_, err = call[rainView](ctx, r.http, "POST", base+"/api/v1/redpackets/"+rain.Code+"/prepare", r.m.anchorTok, "{}")
+	return err
+}
+
+func (r *run) startRain(ctx context.Context) error {
+	_, err := call[rainView](ctx, r.http, "POST", r.cfg.HTTP[0]+"/api/v1/redpackets/"+r.m.code+"/start", r.m.anchorTok, "{}")
+	return err
+}
+
+// finishedRain polls the rain until it is FINISHED (within wait).
+func (r *run) finishedRain(ctx context.Context, base string, wait time.Duration) (*rainView, error) {
+	deadline := time.Now().Add(wait)
 	for time.Now().Before(deadline) && ctx.Err() == nil {
-		v, err := call[rainView](ctx, r.http, "GET", base+"/api/v1/redpackets/"+rain.Code, r.m.anchorTok, "")
+		v, err := call[rainView](ctx, r.http, "GET", base+"/api/v1/redpackets/"+r.m.code, r.m.anchorTok, "")
 		if err == nil && v.State == "FINISHED" {
-			r.m.rain = &v
-			return
+			return &v, nil
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
-	r.fail(fmt.Errorf("rain %s did not finish in time", rain.Code))
+	return nil, fmt.Errorf("rain %s did not finish in time", r.m.code)
 }
 
 func (r *run) grabOne(ctx context.Context, g *lconn, code string) {
@@ -413,12 +455,23 @@ func (r *run) checkGrab(ctx context.Context, grabbers []*lconn) {
 		}()
 	}
 	wg.Wait()
+	r.m.users = sum.Load()
+	told := r.m.granted.Load()
+	if r.cfg.MoneyShare { // the rain's totals and the anchor: checked by the parent over every process
+		ok := bad.Load() == 0
+		r.m.ok = &ok
+		r.m.note = fmt.Sprintf("rain %s: this process's %d grabbers were told %d packets / %d coins, their balances Σ %d",
+			v.Code, len(grabbers), r.m.replies.Load(), told, sum.Load())
+		if !ok {
+			r.fail(errors.New("grab conservation broken: " + r.m.note))
+		}
+		return
+	}
 	aw, err := getWallet(ctx, r.http, base, r.m.anchorTok)
 	if err != nil {
 		r.fail(fmt.Errorf("anchor wallet: %w", err))
 		return
 	}
-	told := r.m.granted.Load()
 	ok := bad.Load() == 0 && v.GrantedAmount+v.Refunded == v.TotalAmount && v.TotalAmount == r.cfg.RainTotal &&
 		sum.Load() == v.GrantedAmount && aw.Balance == r.m.bal0-v.TotalAmount+v.Refunded &&
 		(r.m.ambiguous.Load() > 0 || (v.GrantedAmount == told && v.GrantedCount == r.m.replies.Load()))
@@ -448,6 +501,9 @@ func (r *run) fillMoney(res *Result) {
 	}
 	if secs > 0 {
 		res.RepliesPerSec = float64(res.Replies) / secs
+	}
+	if r.cfg.Scenario == Gift || r.cfg.Scenario == Grab {
+		res.StormSeconds, res.Ambiguous, res.UsersCoins = secs, m.ambiguous.Load(), m.users
 	}
 	if r.cfg.Scenario == Gift {
 		res.OfferedRate, res.WarmupSeconds = r.cfg.Rate, r.cfg.Warmup.Seconds()

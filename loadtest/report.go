@@ -50,6 +50,12 @@ func (res *Result) WriteSummary(w io.Writer) {
 	fmt.Fprintf(w, "  order         %d gaps, %d duplicates (%d dropped by the SDK), %d resyncs, %d epoch changes\n",
 		res.Gaps, res.Duplicates, res.SDKDupDropped, res.Resyncs, res.EpochChanges)
 	fmt.Fprintf(w, "  connections   %d disconnects, %d reconnects, %d errors\n", res.Disconnects, res.Reconnects, res.Errors)
+	if res.Client == ClientRaw {
+		fmt.Fprintf(w, "  raw client    held (joined) %d at the end of the hold, at least %d during it; %d disconnects / %d reconnects during the hold %v\n",
+			res.HeldEnd, res.HeldMin, res.HoldDisconnects, res.HoldReconnects, res.DisconnectReasons)
+		fmt.Fprintf(w, "                %d pings (%d unanswered), %d acks; loadgen CPU %.3f cores over the hold; join reply p50 %.1f ms, p99 %.1f ms, max %.1f ms\n",
+			res.Pings, res.PingTimeouts, res.Acks, res.LoadgenCPUCores, res.JoinP50Ms, res.JoinP99Ms, res.JoinMaxMs)
+	}
 	if res.Killed {
 		fmt.Fprintf(w, "  after kill    %d reconnected and recovered, %d not; p50 %.0f ms, p99 %.0f ms, max %.0f ms\n",
 			res.ReconnectedAfterKill, res.NotReconnected, res.ReconnectP50Ms, res.ReconnectP99Ms, res.ReconnectMaxMs)
@@ -94,9 +100,10 @@ func ReadJSON(path string) (*Result, error) {
 // once every process had ramped).
 func Merge(parts []*Result, nodeBefore, nodeAfter int64) *Result {
 	out := &Result{Procs: len(parts)}
-	var lat, recon Hist
+	var lat, recon, join Hist
 	for _, p := range parts {
 		out.Scenario = p.Scenario
+		out.Client = p.Client
 		out.Conns += p.Conns
 		out.ConnErrors += p.ConnErrors
 		out.Viewers += p.Viewers
@@ -132,8 +139,47 @@ func Merge(parts []*Result, nodeBefore, nodeAfter int64) *Result {
 		out.NodeCPUCores = max(out.NodeCPUCores, p.NodeCPUCores) // every process times the same node over the same phase
 		out.Killed = out.Killed || p.Killed
 		out.ReconnectedAfterKill += p.ReconnectedAfterKill
+		out.Requests += p.Requests
+		out.Replies += p.Replies
+		out.Refused += p.Refused
+		for c, n := range p.RefusedCodes {
+			if out.RefusedCodes == nil {
+				out.RefusedCodes = map[int]int64{}
+			}
+			out.RefusedCodes[c] += n
+		}
+		out.Ambiguous += p.Ambiguous
+		out.UsersCoins += p.UsersCoins
+		out.GrantedAmount += p.GrantedAmount
+		out.OfferedRate += p.OfferedRate
+		out.WarmupSeconds = max(out.WarmupSeconds, p.WarmupSeconds)
+		out.StormSeconds = max(out.StormSeconds, p.StormSeconds) // the shares run at once, from one start time
+		out.Packets = max(out.Packets, p.Packets)
+		out.TotalAmount = max(out.TotalAmount, p.TotalAmount)
+		out.HeldMin += p.HeldMin
+		out.HeldEnd += p.HeldEnd
+		out.HoldDisconnects += p.HoldDisconnects
+		out.HoldReconnects += p.HoldReconnects
+		out.Pings += p.Pings
+		out.PingTimeouts += p.PingTimeouts
+		out.Acks += p.Acks
+		out.LoadgenCPUCores += p.LoadgenCPUCores
+		for k, v := range p.DisconnectReasons {
+			if out.DisconnectReasons == nil {
+				out.DisconnectReasons = map[string]int64{}
+			}
+			out.DisconnectReasons[k] += v
+		}
 		lat.Merge(p.LatencyBuckets, p.LatencyMaxUS)
 		recon.Merge(p.ReconnectBuckets, p.ReconnectMaxUS)
+		join.Merge(p.JoinBuckets, p.JoinMaxUS)
+	}
+	if join.Count() > 0 {
+		out.JoinBuckets, out.JoinMaxUS = join.Buckets(), join.MaxUS()
+		out.JoinP50Ms, out.JoinP99Ms, out.JoinMaxMs = join.Quantile(0.5), join.Quantile(0.99), join.Quantile(1)
+	}
+	if out.StormSeconds > 0 {
+		out.RepliesPerSec = float64(out.Replies) / out.StormSeconds
 	}
 	if out.Conns > 0 {
 		out.LoadgenRSSPerConn = float64(out.LoadgenRSSAfter-out.LoadgenRSSBefore) / float64(out.Conns)

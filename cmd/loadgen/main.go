@@ -17,6 +17,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"runtime/pprof"
 	"strconv"
 	"strings"
 	"sync"
@@ -39,6 +40,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	var startAt int64
 	var quiet bool
 	fs.StringVar(&cfg.Scenario, "scenario", "idle", "idle | fanout | chat | reconnect-storm | gift | grab")
+	fs.StringVar(&cfg.Client, "client", "sdk", "sdk (the Go SDK) | raw (idle only: a minimal gws idle viewer, for 100k connections on few cores)")
 	fs.StringVar(&ws, "ws", "ws://127.0.0.1:8081/ws", "WebSocket URLs of the nodes, comma-separated (loopback only)")
 	fs.StringVar(&httpURLs, "http", "http://127.0.0.1:8080", "HTTP bases of the nodes, same order (dev tokens, room)")
 	fs.IntVar(&cfg.Conns, "conns", 100, "connections in all (viewers + publishers)")
@@ -65,6 +67,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 	fs.StringVar(&jsonPath, "json", "", "write the figures to this JSON file")
 	fs.IntVar(&procs, "procs", 1, "spread the connections over this many processes")
 	fs.BoolVar(&quiet, "q", false, "no progress lines on stderr")
+	var cpuProfile string
+	fs.StringVar(&cpuProfile, "cpuprofile", "", "write this process's CPU profile here (-procs: each process's to FILE.<i>)")
 	fs.StringVar(&cfg.Trace, "trace", "", "write one JSON line per connection (join position, offsets received, nodes) and per chat sent to this file (-procs: FILE.0, FILE.1, …)")
 	var nodeBin, nodeData, nodeEnv string
 	fs.StringVar(&nodeBin, "liveedge", "", "start a fresh node from this binary for the run (free loopback ports, data under -data; sets -ws, -http and -node-pid)")
@@ -73,6 +77,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 	// internal: set by the parent for its children
 	fs.BoolVar(&cfg.NoPublish, "no-publish", false, "internal (-procs): this process has no publishers")
 	fs.Int64Var(&startAt, "start-at", 0, "internal (-procs): unix ms when publishing starts")
+	fs.BoolVar(&cfg.MoneyShare, "money-share", false, "internal (-procs, gift / grab): check only this process's users; the parent checks the totals")
+	fs.StringVar(&cfg.RainCode, "rain-code", "", "internal (-procs, grab): the parent's rain")
 	fs.StringVar(&cfg.PublishedFile, "published", "", "internal (-procs): the publishing process writes what it published to this file, the others read it")
 	if err := fs.Parse(args); err != nil {
 		return 2
@@ -83,6 +89,19 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 	if startAt > 0 {
 		cfg.StartAt = time.UnixMilli(startAt)
+	}
+	if cpuProfile != "" && procs <= 1 {
+		f, err := os.Create(cpuProfile)
+		if err != nil {
+			fmt.Fprintln(stderr, "loadgen:", err)
+			return 1
+		}
+		defer f.Close()
+		if err := pprof.StartCPUProfile(f); err != nil {
+			fmt.Fprintln(stderr, "loadgen:", err)
+			return 1
+		}
+		defer pprof.StopCPUProfile()
 	}
 	limit, err := loadtest.RaiseFileLimit()
 	if err != nil {
@@ -105,10 +124,6 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 
 	var res *loadtest.Result
-	if procs > 1 && (cfg.Scenario == loadtest.Gift || cfg.Scenario == loadtest.Grab) {
-		fmt.Fprintf(stderr, "loadgen: -scenario %s runs in one process (its money check is per run): no -procs\n", cfg.Scenario)
-		return 2
-	}
 	if procs > 1 {
 		res, err = runProcs(ctx, fs, cfg, procs, stderr)
 	} else {
@@ -168,6 +183,17 @@ func runProcs(ctx context.Context, fs *flag.FlagSet, cfg loadtest.Config, procs 
 			return nil, err
 		}
 	}
+	// gift / grab: the parent holds what is run-wide (the receiver's
+	// `received` before the run; the anchor's credit and the rain) and checks
+	// the totals once every process has checked its own users.
+	money := cfg.Scenario == loadtest.Gift || cfg.Scenario == loadtest.Grab
+	var totals *loadtest.MoneyTotals
+	if money {
+		var err error
+		if totals, err = loadtest.NewMoneyTotals(ctx, cfg, room); err != nil {
+			return nil, err
+		}
+	}
 	var nodeBefore int64
 	if cfg.NodePID > 0 {
 		nodeBefore, _ = loadtest.RSS(cfg.NodePID)
@@ -187,7 +213,11 @@ func runProcs(ctx context.Context, fs *flag.FlagSet, cfg loadtest.Config, procs 
 	start := time.Now().Add(rampTime + 3*time.Second)
 	// flags given on the command line, minus those set per child
 	perChild := map[string]bool{"conns": true, "procs": true, "json": true, "ramp": true, "room": true,
-		"user-base": true, "no-publish": true, "start-at": true, "liveedge": true, "data": true, "node-env": true, "trace": true, "published": true}
+		"user-base": true, "no-publish": true, "start-at": true, "liveedge": true, "data": true, "node-env": true, "trace": true, "published": true,
+		"money-share": true, "rain-code": true, "cpuprofile": true}
+	if money { // the gift rate is shared out; every share grabs from the one rain
+		perChild["rate"], perChild["rain-count"], perChild["rain-total"] = true, true, true
+	}
 	var common []string
 	fs.Visit(func(f *flag.Flag) {
 		if !perChild[f.Name] {
@@ -244,34 +274,86 @@ func runProcs(ctx context.Context, fs *flag.FlagSet, cfg loadtest.Config, procs 
 		if i > 0 {
 			args = append(args, "-no-publish")
 		}
+		if f := fs.Lookup("cpuprofile").Value.String(); f != "" {
+			args = append(args, "-cpuprofile="+f+"."+strconv.Itoa(i))
+		}
+		if money {
+			args = append(args, "-money-share",
+				"-rate="+strconv.FormatFloat(cfg.Rate*float64(share)/float64(cfg.Conns), 'f', -1, 64),
+				"-rain-count="+strconv.Itoa(cfg.RainCount), "-rain-total="+strconv.FormatInt(cfg.RainTotal, 10))
+			if code := totals.RainCode(); code != "" {
+				args = append(args, "-rain-code="+code)
+			}
+		}
 		cmd := exec.CommandContext(ctx, self, args...)
 		cmd.Stdout, cmd.Stderr = io.Discard, stderr
+		// interrupted (SIGINT / SIGTERM to this process): the children stop
+		// too and still write what they measured (killed after 20 s)
+		cmd.Cancel = func() error { return cmd.Process.Signal(syscall.SIGTERM) }
+		cmd.WaitDelay = 20 * time.Second
 		fmt.Fprintf(stderr, "loadgen: process %d: %d connections\n", i, share)
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			if err := cmd.Run(); err != nil {
-				errs[i] = fmt.Errorf("process %d: %w", i, err)
+			errs[i] = cmd.Run()
+			if errs[i] != nil {
+				errs[i] = fmt.Errorf("process %d: %w", i, errs[i])
+			}
+			// figures written before a failed check are kept (the money
+			// check then fails: the share says its users did not add up)
+			if p, err := loadtest.ReadJSON(out); err == nil {
+				parts[i] = p
+			} else if errs[i] == nil {
+				errs[i] = err
+			}
+		}()
+	}
+	// grab: the rain starts just before the shares start grabbing (a share
+	// that grabs before the start is answered 30001 and tries again)
+	rainErr := make(chan error, 1)
+	if money && cfg.Scenario == loadtest.Grab {
+		go func() {
+			select {
+			case <-time.After(time.Until(start.Add(-500 * time.Millisecond))):
+			case <-ctx.Done():
+				rainErr <- ctx.Err()
 				return
 			}
-			parts[i], errs[i] = loadtest.ReadJSON(out)
+			rainErr <- totals.StartRain(ctx)
 		}()
 	}
 	wg.Wait()
 	close(childrenDone)
 	<-sampleDone
 	var ok []*loadtest.Result
+	missing := 0
 	for i, p := range parts {
 		if errs[i] != nil {
 			fmt.Fprintln(stderr, "loadgen:", errs[i])
+		}
+		if p == nil {
+			missing++
 			continue
 		}
-		ok = append(ok, p)
+		ok = append(ok, p) // a share whose own check failed exited 1 but wrote its figures
+	}
+	if money && cfg.Scenario == loadtest.Grab {
+		if err := <-rainErr; err != nil {
+			fmt.Fprintln(stderr, "loadgen: start the rain:", err)
+			cctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			if err := totals.Abandon(cctx); err != nil {
+				fmt.Fprintln(stderr, "loadgen: cancel the rain:", err)
+			}
+			cancel()
+		}
 	}
 	if len(ok) == 0 {
 		return nil, fmt.Errorf("every process failed")
 	}
 	res := loadtest.Merge(ok, nodeBefore, nodePeak)
 	res.Procs = procs
+	if money {
+		totals.Check(ctx, res, ok, missing)
+	}
 	return res, nil
 }

@@ -181,6 +181,7 @@ func (rep *Report) fanoutSeries() []series {
 func (rep *Report) idleSeries() []series {
 	node := series{name: "node (LiveEdge)", color: 0}
 	gen := series{name: "loadgen client (Go SDK)", color: 1, dashed: true}
+	raw := series{name: "loadgen client (raw idle, -client raw)", color: 3, dashed: true}
 	for _, lg := range rep.Loadgen {
 		r := lg.Result
 		if lg.Scenario != "idle" || r.Conns == 0 {
@@ -190,10 +191,15 @@ func (rep *Report) idleSeries() []series {
 			node.pts = append(node.pts, plotter.XY{X: float64(r.Conns), Y: r.NodeRSSPerConn / 1024})
 		}
 		if r.LoadgenRSSPerConn > 0 {
-			gen.pts = append(gen.pts, plotter.XY{X: float64(r.Conns), Y: r.LoadgenRSSPerConn / 1024})
+			g := &gen
+			if r.Client == "raw" {
+				g = &raw
+			}
+			g.pts = append(g.pts, plotter.XY{X: float64(r.Conns), Y: r.LoadgenRSSPerConn / 1024})
 		}
 	}
 	sortXY(node.pts)
 	sortXY(gen.pts)
-	return []series{node, gen}
+	sortXY(raw.pts)
+	return []series{node, gen, raw}
 }

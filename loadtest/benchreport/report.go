@@ -190,9 +190,13 @@ func Build(in Inputs) *Report {
 		switch lg.Scenario {
 		case "idle":
 			if res.NodeRSSPerConn > 0 {
+				client := "Go SDK client"
+				if res.Client == "raw" {
+					client = "raw idle client"
+				}
 				rep.Figures = append(rep.Figures, Figure{Group: "connections",
 					What:  fmt.Sprintf("node RSS per idle joined connection, %s connections (heartbeats on; node CPU while holding them %.3f cores)", thousands(float64(res.Conns)), res.NodeCPUCores),
-					Value: res.NodeRSSPerConn / 1024, Unit: "KiB", Baseline: "the loadgen (Go SDK client) per connection, same run",
+					Value: res.NodeRSSPerConn / 1024, Unit: "KiB", Baseline: "the loadgen (" + client + ") per connection, same run",
 					Base: ptr(res.LoadgenRSSPerConn / 1024), Ratio: ratioOf(res.NodeRSSPerConn, res.LoadgenRSSPerConn), Source: lg.File})
 			}
 		case "fanout", "gift", "grab", "chat":

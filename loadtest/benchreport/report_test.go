@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/liveedge/liveedge/loadtest"
 )
 
 func sampleReport(t *testing.T) *Report {
@@ -175,5 +177,26 @@ func TestParseLoad(t *testing.T) {
 	rep.Markdown(&b)
 	if !strings.Contains(b.String(), "0.4 at the start, 0.4–5.2 over 3 samples; the run took 447 s (7.5 min)") {
 		t.Fatalf("markdown has no load line:\n%s", b.String())
+	}
+}
+
+// An idle run of the raw idle client (loadgen -client raw) is compared with
+// that client, not called the SDK's, and drawn as its own line.
+func TestIdleRawClient(t *testing.T) {
+	rep := sampleReport(t)
+	raw := &loadtest.Result{Scenario: "idle", Client: "raw", Conns: 5000, NodeRSSPerConn: 16 << 10, LoadgenRSSPerConn: 8 << 10}
+	rep = Build(Inputs{Bench: rep.Bench, Loadgen: append(rep.Loadgen, LoadgenRun{File: "idle-raw-5000.json", Scenario: "idle", Result: raw})})
+	var f *Figure
+	for i := range rep.Figures {
+		if rep.Figures[i].Source == "idle-raw-5000.json" {
+			f = &rep.Figures[i]
+		}
+	}
+	if f == nil || f.Value != 16 || *f.Base != 8 || !strings.Contains(f.Baseline, "raw idle client") {
+		t.Fatalf("raw idle figure: %+v", f)
+	}
+	ss := rep.idleSeries()
+	if len(ss) != 3 || len(ss[2].pts) != 1 || ss[2].pts[0].Y != 8 || len(ss[1].pts) != 2 {
+		t.Fatalf("idle series: %+v", ss)
 	}
 }
