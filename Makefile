@@ -157,7 +157,8 @@ bench-idle-large: build
 # The report from what the runs above left: bench.out, $(BENCH_TMP)/.
 bench-report: build
 	./$(BIN)/benchreport -bench bench.out -loadgen '$(BENCH_TMP)/loadgen/*.json' \
-	  -webhook $(BENCH_TMP)/webhook.json -load $(BENCH_TMP)/load.txt -out $(BENCH_OUT)
+	  -webhook $(BENCH_TMP)/webhook.json -load $(BENCH_TMP)/load.txt \
+	  -cluster-idle '$(BENCH_OUT)/cluster-idle-*.txt' -out $(BENCH_OUT)
 
 clean:
 	rm -rf $(BIN) data bench.out $(BENCH_TMP)

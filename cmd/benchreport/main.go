@@ -30,6 +30,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	webhook := fs.String("webhook", "", "the wrk webhook result (cmd/wrkwebhook -json); a missing file is skipped")
 	out := fs.String("out", "docs/bench", "directory for latest.json, latest.md and the plots")
 	commit := fs.String("commit", "", "commit to name (default: git rev-parse --short HEAD)")
+	clusterIdle := fs.String("cluster-idle", "", "cluster-idle.sh summaries to include as written, comma-separated globs")
 	load := fs.String("load", "", "samples of the run: lines \"<unix s> <1-min load average> ...\" (make bench writes them); a missing file is skipped")
 	if err := fs.Parse(args); err != nil {
 		return 2
@@ -60,6 +61,18 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 	if in.Webhook, err = benchreport.ReadWebhook(*webhook); err != nil {
 		return fail(err)
+	}
+	if *clusterIdle != "" {
+		for _, g := range strings.Split(*clusterIdle, ",") {
+			paths, _ := filepath.Glob(g)
+			for _, p := range paths {
+				b, err := os.ReadFile(p)
+				if err != nil {
+					return fail(err)
+				}
+				in.ClusterIdle = append(in.ClusterIdle, benchreport.ClusterIdle{File: filepath.Base(p), Summary: string(b)})
+			}
+		}
 	}
 	files := []string{*benchOut}
 	for _, lg := range in.Loadgen {

@@ -160,6 +160,13 @@ func (rep *Report) Markdown(w io.Writer) {
 		}
 	}
 
+	for _, ci := range rep.ClusterIdle {
+		fmt.Fprintf(w, "\n## Idle connections held over several node processes (`%s`)\n\n", ci.File)
+		fmt.Fprintf(w, "Not a run of this `make bench` (it needs the whole machine for minutes): the summary\n")
+		fmt.Fprintf(w, "loadtest/scripts/cluster-idle.sh wrote (how to read it: loadtest/README.md), as written.\n\n")
+		fmt.Fprintf(w, "```\n%s\n```\n", strings.TrimSpace(ci.Summary))
+	}
+
 	if rep.Bench != nil && len(rep.Bench.Results) > 0 {
 		fmt.Fprintf(w, "\n## Every benchmark result of the run\n\n")
 		fmt.Fprintf(w, "| package | benchmark | iterations | metrics |\n|---|---|---:|---|\n")

@@ -57,7 +57,17 @@ type Report struct {
 	Bench   *BenchRun    `json:"bench"`
 	Loadgen []LoadgenRun `json:"loadgen"`
 	Webhook *Webhook     `json:"webhook,omitempty"`
-	Sources []Source     `json:"sources,omitempty"` // the input files and when each was written
+	// ClusterIdle: summaries of idle holds over several node processes
+	// (loadtest/scripts/cluster-idle.sh's summary.txt, kept under
+	// docs/bench/): too long and too heavy for make bench, shown as written.
+	ClusterIdle []ClusterIdle `json:"cluster_idle,omitempty"`
+	Sources     []Source      `json:"sources,omitempty"` // the input files and when each was written
+}
+
+// ClusterIdle is one cluster-idle.sh summary.
+type ClusterIdle struct {
+	File    string `json:"file"`
+	Summary string `json:"summary"`
 }
 
 // Source is one input file of the report.
@@ -74,14 +84,15 @@ type Plot struct {
 
 // Inputs are what Build reads.
 type Inputs struct {
-	Bench   *BenchRun
-	Loadgen []LoadgenRun
-	Webhook *Webhook
-	Machine Machine
-	Commit  string
-	Dirty   bool
-	Date    time.Time
-	Sources []Source
+	Bench       *BenchRun
+	Loadgen     []LoadgenRun
+	Webhook     *Webhook
+	ClusterIdle []ClusterIdle
+	Machine     Machine
+	Commit      string
+	Dirty       bool
+	Date        time.Time
+	Sources     []Source
 }
 
 // rule names a headline figure: a metric of a benchmark, optionally a
@@ -153,7 +164,7 @@ var rules = []rule{
 // Build computes the report's figures from its inputs.
 func Build(in Inputs) *Report {
 	rep := &Report{Date: in.Date.UTC().Format(time.RFC3339), Commit: in.Commit, Dirty: in.Dirty,
-		Machine: in.Machine, Bench: in.Bench, Loadgen: in.Loadgen, Webhook: in.Webhook, Sources: in.Sources}
+		Machine: in.Machine, Bench: in.Bench, Loadgen: in.Loadgen, Webhook: in.Webhook, ClusterIdle: in.ClusterIdle, Sources: in.Sources}
 	if rep.Machine.CPU == "" && in.Bench != nil {
 		rep.Machine.CPU = in.Bench.CPU
 	}

@@ -200,3 +200,12 @@ func TestIdleRawClient(t *testing.T) {
 		t.Fatalf("idle series: %+v", ss)
 	}
 }
+
+func TestClusterIdleSection(t *testing.T) {
+	rep := Build(Inputs{ClusterIdle: []ClusterIdle{{File: "cluster-idle-100k.txt", Summary: "nodes=6 conns=100000\nnode RSS per connection (all nodes, end of the hold): 24819 B\n"}}})
+	var b strings.Builder
+	rep.Markdown(&b)
+	if !strings.Contains(b.String(), "(`cluster-idle-100k.txt`)") || !strings.Contains(b.String(), "24819 B\n```") {
+		t.Fatalf("no cluster idle section:\n%s", b.String())
+	}
+}
