@@ -1,6 +1,7 @@
 package gateway
 
 import (
+	"encoding/binary"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -71,7 +72,10 @@ type pendingPush struct {
 	next  time.Time
 }
 
-var _ router.Session = (*Conn)(nil)
+var (
+	_ router.Session       = (*Conn)(nil)
+	_ router.DirectSession = (*Conn)(nil)
+)
 
 // ID implements router.Session.
 func (c *Conn) ID() uint64 { return c.id }
@@ -90,6 +94,76 @@ func (c *Conn) Send(f *router.Frame) bool {
 		}
 	}
 	return true
+}
+
+// SendNow implements router.DirectSession: when nothing is queued or being
+// written, f is written here and now with one non-blocking write (the frame
+// bytes are shared by every receiver: f.Wire); the caller (a room's fan-out)
+// takes the writer role for the length of that write. What the socket does
+// not take, and anything queued meanwhile, is left to a writer goroutine.
+// Otherwise f is queued as by Send.
+func (c *Conn) SendNow(f *router.Frame) bool {
+	if c.cork.raw == nil || (!c.batch && len(f.Msgs) != 1) {
+		return c.Send(f)
+	}
+	c.mu.Lock()
+	if c.writing || c.closeCode != 0 || (c.batch && !c.helloOut) {
+		c.mu.Unlock()
+		return c.Send(f)
+	}
+	c.writing = true
+	c.mu.Unlock()
+	for i := range f.Msgs {
+		if f.Msgs[i].Ack {
+			c.track(f.Msgs[i])
+		}
+	}
+	left, err := c.cork.writeNow(f.Wire(wsTextFrame))
+	c.srv.metrics.framesOut.Inc()
+	c.srv.metrics.framesDirect.Inc()
+	if err != nil {
+		// As in writeLoop: the socket is gone, so is this connection (the
+		// read loop ends, OnClose cleans up); the writer role stays taken.
+		_ = c.cork.Conn.Close()
+		c.mu.Lock()
+		c.queue, c.queued = nil, 0
+		if c.closeCode == 0 {
+			c.closeCode = proto.CloseGoingAway
+		}
+		c.mu.Unlock()
+		return true
+	}
+	c.mu.Lock()
+	if !left && len(c.queue) == 0 && c.closeCode == 0 {
+		c.writing = false
+		c.mu.Unlock()
+		return true
+	}
+	c.mu.Unlock()
+	c.srv.startWriter(c)
+	return true
+}
+
+// wsTextFrame is p as one unmasked, final WebSocket text frame (a server's
+// frame, RFC 6455 §5.2; no extension is negotiated).
+func wsTextFrame(p []byte) []byte {
+	n := len(p)
+	var b []byte
+	switch {
+	case n < 126:
+		b = make([]byte, 2, 2+n)
+		b[1] = byte(n)
+	case n <= 0xFFFF:
+		b = make([]byte, 4, 4+n)
+		b[1] = 126
+		binary.BigEndian.PutUint16(b[2:], uint16(n))
+	default:
+		b = make([]byte, 10, 10+n)
+		b[1] = 127
+		binary.BigEndian.PutUint64(b[2:], uint64(n))
+	}
+	b[0] = 0x80 | byte(gws.OpcodeText)
+	return append(b, p...)
 }
 
 // begin counts one asynchronous request (a gift waiting for its durable
@@ -164,6 +238,18 @@ func (c *Conn) Close(code int, drain bool) {
 func (c *Conn) writeLoop() {
 	var spare []*router.Frame
 	var pieces [][]byte
+	// The rest of a direct write (SendNow) goes first; only the holder of
+	// the writer role writes directly, so nothing is owed after this.
+	if err := c.cork.settle(); err != nil {
+		_ = c.cork.Conn.Close()
+		c.mu.Lock()
+		c.queue, c.queued = nil, 0
+		if c.closeCode == 0 {
+			c.closeCode = proto.CloseGoingAway
+		}
+		c.mu.Unlock()
+		return
+	}
 	for {
 		c.mu.Lock()
 		code, drain := c.closeCode, c.drain

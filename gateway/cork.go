@@ -5,6 +5,7 @@ import (
 	"net"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 )
 
@@ -26,6 +27,12 @@ import (
 // however long the connection has been quiet, so a control reply written
 // long after the last data frame never meets a stale deadline.
 //
+// Direct writes: a room's fan-out may write a frame itself to a connection
+// that has nothing queued (writeNow, on the room's goroutine): one
+// non-blocking write(2). What the kernel did not take is owed — written
+// before any other byte, by the connection's writer — so a slow client never
+// blocks the room and the bytes stay in order.
+//
 // Closing: Close (called by gws after its close frame) does not close the
 // socket at once. Closing with client bytes still unread — the rest of an
 // oversized frame, frames of a client that keeps sending — makes the kernel
@@ -41,6 +48,12 @@ type corkConn struct {
 	corked   bool
 	buf      []byte
 	deadline time.Time // the write deadline last set by write (under mu)
+	owed     []byte    // the rest of a direct write, written before anything else (under mu)
+
+	// raw is the socket for direct writes; nil when the net.Conn is not a
+	// socket (then nothing is written directly).
+	raw syscall.RawConn
+	nb  nbWrite // the direct write under way (under mu)
 
 	stale   atomic.Bool // a deadline was set from outside: refresh on the next write
 	closing atomic.Bool
@@ -64,7 +77,79 @@ func (c *corkConn) Write(p []byte) (int, error) {
 		return len(p), nil
 	}
 	c.freshDeadline()
+	if err := c.payOwed(); err != nil {
+		return 0, err
+	}
 	return c.Conn.Write(p)
+}
+
+// newCorkConn wraps the socket nc.
+func newCorkConn(nc net.Conn, timeout time.Duration) *corkConn {
+	c := &corkConn{Conn: nc, timeout: timeout}
+	if sc, ok := nc.(syscall.Conn); ok && directWrites {
+		if raw, err := sc.SyscallConn(); err == nil {
+			c.raw = raw
+		}
+	}
+	return c
+}
+
+// payOwed writes what a direct write left, blocking (under mu, with the
+// write deadline set).
+func (c *corkConn) payOwed() error {
+	if len(c.owed) == 0 {
+		return nil
+	}
+	_, err := c.Conn.Write(c.owed)
+	if cap(c.owed) > maxCorkKeep {
+		c.owed = nil
+	} else {
+		c.owed = c.owed[:0]
+	}
+	return err
+}
+
+// owes reports whether a direct write left bytes to write.
+func (c *corkConn) owes() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return len(c.owed) > 0
+}
+
+// settle writes what a direct write left (the connection's writer does,
+// before looking at its queue).
+func (c *corkConn) settle() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if len(c.owed) == 0 {
+		return nil
+	}
+	c.freshDeadline()
+	return c.payOwed()
+}
+
+// writeNow writes b with one non-blocking write; what the socket does not
+// take now is kept as owed (left reports it). The caller holds the
+// connection's writer role, so nothing is corked or owed already.
+func (c *corkConn) writeNow(b []byte) (left bool, err error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.corked || len(c.owed) > 0 {
+		c.owed = append(c.owed, b...)
+		return true, nil
+	}
+	// The socket's write deadline may have passed while the connection was
+	// quiet, and the runtime refuses any write after it, this one too.
+	c.freshDeadline()
+	n, err := c.tryWrite(b)
+	if err != nil {
+		return false, err
+	}
+	if n < len(b) {
+		c.owed = append(c.owed, b[n:]...)
+		return true, nil
+	}
+	return false, nil
 }
 
 // freshDeadline gives the write about to start at least half the write
@@ -115,6 +200,9 @@ func (c *corkConn) flush() error {
 		return nil
 	}
 	c.freshDeadline()
+	if err := c.payOwed(); err != nil {
+		return err
+	}
 	_, err := c.Conn.Write(c.buf)
 	if cap(c.buf) > maxCorkKeep {
 		c.buf = nil

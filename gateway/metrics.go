@@ -15,6 +15,7 @@ type metrics struct {
 	connections    prometheus.Gauge
 	framesIn       prometheus.Counter
 	framesOut      prometheus.Counter
+	framesDirect   prometheus.Counter
 	badFrames      prometheus.Counter
 	resends        prometheus.Counter
 	resendGiveUps  prometheus.Counter
@@ -33,10 +34,12 @@ func newMetrics(node string, r router.Router) *metrics {
 		return prometheus.Opts{Namespace: "liveedge", Name: name, Help: help, ConstLabels: prometheus.Labels{"node": node}}
 	}
 	m := &metrics{
-		reg:           reg,
-		connections:   prometheus.NewGauge(prometheus.GaugeOpts(f("connections", "Open WebSocket connections."))),
-		framesIn:      prometheus.NewCounter(prometheus.CounterOpts(f("frames_in_total", "WebSocket frames read."))),
-		framesOut:     prometheus.NewCounter(prometheus.CounterOpts(f("frames_out_total", "WebSocket data frames written."))),
+		reg:         reg,
+		connections: prometheus.NewGauge(prometheus.GaugeOpts(f("connections", "Open WebSocket connections."))),
+		framesIn:    prometheus.NewCounter(prometheus.CounterOpts(f("frames_in_total", "WebSocket frames read."))),
+		framesOut:   prometheus.NewCounter(prometheus.CounterOpts(f("frames_out_total", "WebSocket data frames written."))),
+		framesDirect: prometheus.NewCounter(prometheus.CounterOpts(f("frames_direct_total",
+			"WebSocket data frames a room's fan-out wrote itself to a connection with nothing queued (also in frames_out_total)."))),
 		badFrames:     prometheus.NewCounter(prometheus.CounterOpts(f("bad_frames_total", "Client frames answered with 10001."))),
 		resends:       prometheus.NewCounter(prometheus.CounterOpts(f("resends_total", "Reliable pushes resent for want of an ack."))),
 		resendGiveUps: prometheus.NewCounter(prometheus.CounterOpts(f("resend_giveups_total", "Reliable pushes dropped after the last resend."))),
@@ -52,7 +55,7 @@ func newMetrics(node string, r router.Router) *metrics {
 			"Time from a gift frame read to its reply queued (debit durable or refused)."),
 			prometheus.ExponentialBuckets(100e-6, 1.5, 26))), // 100 µs .. ~2.5 s
 	}
-	reg.MustRegister(m.connections, m.framesIn, m.framesOut, m.badFrames, m.resends, m.resendGiveUps,
+	reg.MustRegister(m.connections, m.framesIn, m.framesOut, m.framesDirect, m.badFrames, m.resends, m.resendGiveUps,
 		m.queueDrops, m.slowCloses, m.closes, m.upgradesDenied, m.payNotifies, m.giftSeconds)
 	stat := func(name, help string, gauge bool, get func(router.Stats) int64) {
 		fn := func() float64 { return float64(get(r.Stats())) }

@@ -173,7 +173,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			_ = tc.SetWriteBuffer(n)
 		}
 	}
-	cc := &corkConn{Conn: netConn, timeout: s.cfg.WS.WriteTimeout.D()}
+	cc := newCorkConn(netConn, s.cfg.WS.WriteTimeout.D())
 	// Read the socket directly, not through net/http's hijacked reader (a
 	// lock and a condition broadcast per read), and into a pooled buffer
 	// only while bytes are in flight (lazyReader): an idle connection holds

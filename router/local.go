@@ -1,6 +1,8 @@
 package router
 
 import (
+	"cmp"
+	"runtime"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -35,6 +37,11 @@ type LocalConfig struct {
 	OfflineMax   int
 	OfflineTTL   time.Duration
 	OfflineUsers int
+	// FanoutWorkers goroutines share one frame's fan-out to a big room (at
+	// least fanoutChunk members each): a write to a socket is mostly the
+	// kernel's work, which runs on every core (default GOMAXPROCS; 1 = the
+	// room's pump alone).
+	FanoutWorkers int
 }
 
 const (
@@ -45,6 +52,8 @@ const (
 	defaultHistorySize   = 256
 	defaultHistoryTTL    = 2 * time.Minute
 	roomShards           = 64
+	// fanoutChunk is the fewest members a fan-out worker is given.
+	fanoutChunk = 1024
 )
 
 var _ Router = (*Local)(nil)
@@ -137,6 +146,9 @@ type room struct {
 func NewLocal(node string, cfg LocalConfig) *Local {
 	if cfg.MaxPending <= 0 {
 		cfg.MaxPending = defaultMaxPending
+	}
+	if cfg.FanoutWorkers <= 0 {
+		cfg.FanoutWorkers = runtime.GOMAXPROCS(0)
 	}
 	if cfg.MaxFrameMsgs <= 0 {
 		cfg.MaxFrameMsgs = defaultMaxFrameMsgs
@@ -506,7 +518,8 @@ func (l *Local) pump(r *room) {
 		if off := msgs[len(msgs)-1].Off; off > 0 {
 			r.taken = off
 		}
-		if r.dirty {
+		rebuilt := r.dirty
+		if rebuilt {
 			r.snap = r.snap[:0]
 			for _, s := range r.members {
 				r.snap = append(r.snap, s)
@@ -517,6 +530,13 @@ func (l *Local) pump(r *room) {
 		// CloseRoom replaces it with a fresh slice.
 		members := r.snap
 		r.mu.Unlock()
+		if rebuilt {
+			// In connection order (oldest first), not the map's: sockets
+			// and connection state made together sit together in memory,
+			// and a fan-out that walks them in that order spends less of
+			// each write on cache misses (measured: router/bench).
+			slices.SortFunc(members, func(a, b Session) int { return cmp.Compare(a.ID(), b.ID()) })
+		}
 		l.fanout(msgs, members)
 		r.fanMu.Unlock()
 		clear(msgs)
@@ -534,12 +554,51 @@ func (l *Local) fanout(msgs []Msg, members []Session) {
 		}
 		f := NewFrame(append([]Msg(nil), msgs[:n]...)...)
 		msgs = msgs[n:]
-		for _, s := range members {
-			if !s.Send(f) {
-				l.gone.Add(1)
-			}
-		}
+		l.sendFrame(f, members)
 		l.fanned.Add(int64(len(members)))
+	}
+}
+
+// sendFrame hands f to every member: SendNow (the member writes it at once
+// when it has nothing queued) or Send. A big room is split among up to
+// FanoutWorkers goroutines, each member in one part, so each member still
+// gets its frames in order; sendFrame returns when every part is done.
+func (l *Local) sendFrame(f *Frame, members []Session) {
+	parts := min(l.cfg.FanoutWorkers, len(members)/fanoutChunk)
+	if parts <= 1 {
+		l.sendPart(f, members)
+		return
+	}
+	size := (len(members) + parts - 1) / parts
+	var wg sync.WaitGroup
+	for p := members[size:]; len(p) > 0; {
+		part := p[:min(size, len(p))]
+		p = p[len(part):]
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			l.sendPart(f, part)
+		}()
+	}
+	l.sendPart(f, members[:size])
+	wg.Wait()
+}
+
+func (l *Local) sendPart(f *Frame, members []Session) {
+	gone := 0
+	for _, s := range members {
+		var ok bool
+		if d, direct := s.(DirectSession); direct {
+			ok = d.SendNow(f)
+		} else {
+			ok = s.Send(f)
+		}
+		if !ok {
+			gone++
+		}
+	}
+	if gone > 0 {
+		l.gone.Add(int64(gone))
 	}
 }
 

@@ -30,6 +30,16 @@ type Session interface {
 	Send(f *Frame) bool
 }
 
+// DirectSession is a Session that a room's fan-out may ask to write a frame
+// at once, on the fan-out's goroutine, when it has nothing queued — without
+// waking a writer goroutine per receiver (one frame to thousands of idle
+// viewers is the common case of a live room). SendNow never blocks either:
+// what cannot be written at once is queued, with Send's ordering and bounds.
+type DirectSession interface {
+	Session
+	SendNow(f *Frame) bool
+}
+
 // Router owns room membership and delivers pushes to sessions. A single node
 // uses Local; a later cluster router backs the same interface with NATS + Redis.
 //
@@ -108,6 +118,9 @@ type Frame struct {
 
 	once  sync.Once
 	batch []byte
+
+	wireOnce sync.Once
+	wire     []byte
 }
 
 // NewFrame wraps msgs.
@@ -136,6 +149,13 @@ func (f *Frame) Batch() []byte {
 		f.batch = proto.AppendBatch(make([]byte, 0, f.size+len(f.Msgs)+24), parts)
 	})
 	return f.batch
+}
+
+// Wire returns enc(f.Batch()), built once for every receiver: the frame as
+// one transport frame (the gateway's WebSocket frame), written as is.
+func (f *Frame) Wire(enc func([]byte) []byte) []byte {
+	f.wireOnce.Do(func() { f.wire = enc(f.Batch()) })
+	return f.wire
 }
 
 // MidSource makes push ids unique across nodes and restarts:

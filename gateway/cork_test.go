@@ -1,0 +1,112 @@
+package gateway
+
+import (
+	"bytes"
+	"io"
+	"net"
+	"testing"
+	"time"
+)
+
+// A direct write the socket cannot take whole never blocks: the rest is owed
+// and goes out before any later byte — a frame gws writes itself (a pong) or
+// the writer's corked batch — so the stream stays in order.
+func TestCorkDirectWriteOwesWhatTheSocketDidNotTake(t *testing.T) {
+	if !directWrites {
+		t.Skip("no direct writes on this platform")
+	}
+	cc, sc := tcpPair(t)
+	_ = sc.(*net.TCPConn).SetWriteBuffer(16 << 10)
+	_ = cc.(*net.TCPConn).SetReadBuffer(16 << 10)
+	c := newCorkConn(sc, 5*time.Second)
+	if c.raw == nil {
+		t.Fatal("a TCP socket has no raw conn")
+	}
+	big := bytes.Repeat([]byte("0123456789abcdef"), 1<<16) // 1 MiB: more than both buffers
+	start := time.Now()
+	left, err := c.writeNow(big)
+	if err != nil || !left {
+		t.Fatalf("writeNow = %v, %v; want bytes left over, no error", left, err)
+	}
+	if d := time.Since(start); d > time.Second {
+		t.Fatalf("a direct write blocked for %v", d)
+	}
+	if !c.owes() {
+		t.Fatal("nothing owed")
+	}
+	got := make(chan []byte, 1)
+	go func() {
+		b, _ := io.ReadAll(io.LimitReader(cc, int64(len(big)+len("pong")+len("batch-1batch-2"))))
+		got <- b
+	}()
+	// A control frame written meanwhile waits for the owed bytes.
+	if _, err := c.Write([]byte("pong")); err != nil {
+		t.Fatal(err)
+	}
+	c.cork()
+	_, _ = c.Write([]byte("batch-1"))
+	_, _ = c.Write([]byte("batch-2"))
+	if err := c.flush(); err != nil {
+		t.Fatal(err)
+	}
+	if c.owes() {
+		t.Fatal("still owing after a write")
+	}
+	b := <-got
+	want := append(append(append([]byte{}, big...), "pong"...), "batch-1batch-2"...)
+	if !bytes.Equal(b, want) {
+		t.Fatalf("read %d bytes, out of order or lost (want %d)", len(b), len(want))
+	}
+	// An idle socket takes a small direct write whole.
+	if left, err := c.writeNow([]byte("small")); err != nil || left {
+		t.Fatalf("writeNow(small) = %v, %v", left, err)
+	}
+	buf := make([]byte, 5)
+	if _, err := io.ReadFull(cc, buf); err != nil || string(buf) != "small" {
+		t.Fatalf("read %q, %v", buf, err)
+	}
+	// settle pays what is owed with the write deadline: nothing owed here.
+	if err := c.settle(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// A connection quiet for longer than the write timeout has a write deadline
+// in the past; a direct write must not meet it.
+func TestCorkDirectWriteAfterAQuietSpell(t *testing.T) {
+	if !directWrites {
+		t.Skip("no direct writes on this platform")
+	}
+	cc, sc := tcpPair(t)
+	c := newCorkConn(sc, 50*time.Millisecond)
+	if _, err := c.Write([]byte("first")); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(120 * time.Millisecond)
+	if left, err := c.writeNow([]byte("second")); err != nil || left {
+		t.Fatalf("writeNow after a quiet spell = %v, %v", left, err)
+	}
+	buf := make([]byte, len("firstsecond"))
+	if _, err := io.ReadFull(cc, buf); err != nil || string(buf) != "firstsecond" {
+		t.Fatalf("read %q, %v", buf, err)
+	}
+}
+
+func TestWSTextFrameHeader(t *testing.T) {
+	for _, tc := range []struct {
+		n    int
+		head []byte
+	}{
+		{0, []byte{0x81, 0}},
+		{125, []byte{0x81, 125}},
+		{126, []byte{0x81, 126, 0, 126}},
+		{65535, []byte{0x81, 126, 0xff, 0xff}},
+		{65536, []byte{0x81, 127, 0, 0, 0, 0, 0, 1, 0, 0}},
+	} {
+		p := bytes.Repeat([]byte("a"), tc.n)
+		f := wsTextFrame(p)
+		if !bytes.Equal(f[:len(tc.head)], tc.head) || !bytes.Equal(f[len(tc.head):], p) {
+			t.Errorf("%d bytes: header % x", tc.n, f[:min(len(f), 10)])
+		}
+	}
+}
