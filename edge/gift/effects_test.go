@@ -25,10 +25,13 @@ func effectPushes(v *routertest.Recorder) ([]EffectPush, []time.Time) {
 	return got, when
 }
 
-// A busy room's effect pushes are capped: after a flush of 50 effects at 100
-// pushes/s, the next flush waits ~0.5 s, and what arrives meanwhile is merged
-// into combos (counts summed), so nothing is lost from the display.
-func TestRoomEffectsCappedByStretchingTheWindow(t *testing.T) {
+// A busy room's effect pushes are paced, not burst: 50 distinct senders at
+// once, with a cap of 100 pushes/s and a 20-ms window, reach the viewer as
+// two pushes per 20-ms tick, the longest-waiting first (first-arrival
+// order), over ~0.5 s; senders who give again while they wait are merged
+// into their waiting combo (counts summed), so nothing is lost from the
+// display.
+func TestRoomEffectsPacedLongestWaitingFirst(t *testing.T) {
 	rt := router.NewLocal("t", router.LocalConfig{})
 	rt.OpenRoom(7)
 	v := &routertest.Recorder{SessionID: 1, User: 1000}
@@ -36,40 +39,75 @@ func TestRoomEffectsCappedByStretchingTheWindow(t *testing.T) {
 		t.Fatal(err)
 	}
 	e := newEffects(rt, 20*time.Millisecond, 100)
-	t0 := time.Now()
+	if e.tick != 20*time.Millisecond || e.quota != 2 {
+		t.Fatalf("tick %v quota %d, want 20ms and 2", e.tick, e.quota)
+	}
 	for from := int64(1); from <= 50; from++ {
 		e.add(7, EffectPush{From: from, To: 99, GiftID: 1, Count: 1})
 	}
-	waitFor(t, func() bool { got, _ := effectPushes(v); return len(got) == 50 })
-	// The flush of 50 at 100/s holds the room's next flush until 0.5 s after
-	// it. (Measured against the hold itself, not against delivery times: on
-	// a busy machine the 50 pushes may take a while to reach the viewer.)
-	e.mu.Lock()
-	hold, ok := e.next[7]
-	e.mu.Unlock()
-	if !ok || hold.Sub(t0) < 500*time.Millisecond {
-		t.Fatalf("hold until %v after the first wave began (set %v), want >= 500ms", hold.Sub(t0), ok)
-	}
-	// Second wave: 10 senders × 5 gifts each, right after the first flush.
-	for i := 0; i < 5; i++ {
-		for from := int64(1); from <= 10; from++ {
+	// The last ten senders give four times more while they wait.
+	for i := 0; i < 4; i++ {
+		for from := int64(41); from <= 50; from++ {
 			e.add(7, EffectPush{From: from, To: 99, GiftID: 1, Count: 2})
 		}
 	}
-	waitFor(t, func() bool { got, _ := effectPushes(v); return len(got) == 60 })
+	waitFor(t, func() bool { got, _ := effectPushes(v); return len(got) == 50 })
 	got, when := effectPushes(v)
-	if when[50].Before(hold) {
-		t.Fatalf("second flush arrived %v before the hold ended: the cap did not hold it back", hold.Sub(when[50]))
-	}
 	total := 0
-	for _, p := range got[50:] {
-		if p.Combo != 5 || p.Count != 10 {
-			t.Fatalf("not merged: %+v", p)
+	for i, p := range got {
+		if p.From != int64(i+1) {
+			t.Fatalf("push %d is from %d: not in first-arrival order", i, p.From)
+		}
+		wantCombo, wantCount := 1, 1
+		if p.From > 40 {
+			wantCombo, wantCount = 5, 9
+		}
+		if p.Combo != wantCombo || p.Count != wantCount {
+			t.Fatalf("push from %d: combo %d count %d, want %d and %d", p.From, p.Combo, p.Count, wantCombo, wantCount)
 		}
 		total += p.Count
 	}
-	if total != 100 {
-		t.Fatalf("count %d, want 100", total)
+	if total != 40+10*9 {
+		t.Fatalf("count %d, want 130", total)
+	}
+	// 25 ticks of 2, each at least a tick after the last (timers fire late,
+	// never early): the first and last are ≥ 24 ticks apart.
+	if span := when[49].Sub(when[0]); span < 24*20*time.Millisecond-10*time.Millisecond {
+		t.Fatalf("50 effects arrived within %v: not paced at 100/s", span)
+	}
+	e.mu.Lock()
+	left := len(e.rooms)
+	e.mu.Unlock()
+	if left != 0 {
+		t.Fatalf("%d rooms still waiting after the drain", left)
+	}
+}
+
+// A room holds at most maxEffectKeys waiting effects: each new distinct
+// effect beyond that sends the oldest at once.
+func TestRoomEffectsWaitingBounded(t *testing.T) {
+	rt := router.NewLocal("t", router.LocalConfig{})
+	rt.OpenRoom(7)
+	v := &routertest.Recorder{SessionID: 1, User: 1000}
+	if _, err := rt.Join(7, v); err != nil {
+		t.Fatal(err)
+	}
+	e := newEffects(rt, time.Hour, 1) // no tick during the test
+	for from := int64(1); from <= maxEffectKeys+10; from++ {
+		e.add(7, EffectPush{From: from, To: 99, GiftID: 1, Count: 1})
+	}
+	e.mu.Lock()
+	waiting := len(e.rooms[7].order)
+	e.mu.Unlock()
+	if waiting != maxEffectKeys {
+		t.Fatalf("%d effects waiting, want %d", waiting, maxEffectKeys)
+	}
+	waitFor(t, func() bool { got, _ := effectPushes(v); return len(got) == 10 })
+	got, _ := effectPushes(v)
+	for i, p := range got {
+		if p.From != int64(i+1) {
+			t.Fatalf("sent early: %+v, want the oldest (from %d)", p, i+1)
+		}
 	}
 }
 

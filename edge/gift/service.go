@@ -134,8 +134,9 @@ type Config struct {
 	Receivers    Receivers
 	PerSecond    int           // gifts per user per second (0 = no limit)
 	EffectWindow time.Duration // combo merging window of room effects (0 = 100 ms)
-	// RoomEffectsPerSecond caps a room's effect pushes per second by
-	// stretching its merging window (0 = no cap).
+	// RoomEffectsPerSecond paces a room's effect pushes: at most this many
+	// a second, the longest-waiting first, the rest merging while they wait
+	// (0 = no cap).
 	RoomEffectsPerSecond int
 }
 
@@ -331,27 +332,28 @@ type refusal struct{ e *sendErr }
 func (r refusal) Error() string { return r.e.Msg }
 
 // effects is the per-room effect queue: gifts of one sender, gift and
-// receiver that arrive within the window are merged into one push (a combo),
-// in first-arrival order. The debit reply never waits for it.
+// receiver are merged into one push (a combo) while they wait, in
+// first-arrival order. The debit reply never waits for it.
 //
-// A room's pushes are capped at perSecond: a flush of k effects holds the
-// room's next flush back until k/perSecond has passed, so a busy room merges
-// over longer windows instead of sending more pushes to every viewer — the
-// fan-out cost stays bounded whatever the gift rate, and no gift is lost
-// from the display (its count is in the combo).
+// A room's effect pushes are paced at perSecond: every tick (the merging
+// window, or 1/perSecond when that is longer) the room sends the effects
+// that have waited longest, up to its share of the tick; the rest wait and
+// keep merging. A storm of distinct senders thus reaches viewers as a steady
+// stream of combos (a few pushes per tick), never as a burst of every
+// sender at once, and no gift is lost from the display: its count is in the
+// combo. A room holds at most maxEffectKeys waiting effects; each new one
+// beyond that sends the oldest at once.
 type effects struct {
-	router    router.Router
-	window    time.Duration
-	perSecond int
+	router router.Router
+	tick   time.Duration
+	quota  int // effects a room sends per tick; 0 = all (no cap)
 
 	mu    sync.Mutex
-	rooms map[int64]*roomEffects
-	// next is when each recently flushed room may flush again.
-	next map[int64]time.Time
+	rooms map[int64]*roomEffects // rooms with effects waiting (each has its tick scheduled)
 }
 
 type roomEffects struct {
-	order []effectKey
+	order []effectKey // waiting, by first arrival
 	acc   map[effectKey]*EffectPush
 }
 
@@ -359,12 +361,19 @@ type effectKey struct {
 	from, to, gift int64
 }
 
-// maxEffectKeys bounds a room's pending effects; beyond it the room flushes early.
+// maxEffectKeys bounds a room's waiting effects.
 const maxEffectKeys = 1024
 
 func newEffects(r router.Router, window time.Duration, perSecond int) *effects {
-	return &effects{router: r, window: window, perSecond: perSecond,
-		rooms: map[int64]*roomEffects{}, next: map[int64]time.Time{}}
+	if window <= 0 {
+		window = 100 * time.Millisecond
+	}
+	e := &effects{router: r, tick: window, rooms: map[int64]*roomEffects{}}
+	if perSecond > 0 {
+		e.tick = max(window, time.Second/time.Duration(perSecond))
+		e.quota = max(1, int(int64(perSecond)*int64(e.tick)/int64(time.Second)))
+	}
+	return e
 }
 
 func (e *effects) add(room int64, ev EffectPush) {
@@ -374,51 +383,61 @@ func (e *effects) add(room int64, ev EffectPush) {
 	if !ok {
 		re = &roomEffects{acc: map[effectKey]*EffectPush{}}
 		e.rooms[room] = re
-		wait := e.window
-		if next, ok := e.next[room]; ok {
-			if d := time.Until(next); d > wait {
-				wait = d
-			}
-			delete(e.next, room)
-		}
-		time.AfterFunc(wait, func() { e.flush(room) })
+		time.AfterFunc(e.tick, func() { e.flush(room) })
 	}
 	if acc, ok := re.acc[k]; ok {
 		acc.Count += ev.Count
 		acc.Combo++
 		acc.OrderID = ev.OrderID
-	} else {
-		ev.Combo = 1
-		re.acc[k] = &ev
-		re.order = append(re.order, k)
+		e.mu.Unlock()
+		return
 	}
-	full := len(re.order) >= maxEffectKeys
+	ev.Combo = 1
+	re.acc[k] = &ev
+	re.order = append(re.order, k)
+	var over []byte
+	if len(re.order) > maxEffectKeys {
+		over = re.take(1)[0]
+	}
 	e.mu.Unlock()
-	if full {
-		e.flush(room)
+	if over != nil {
+		_, _ = e.router.PublishRoom(room, proto.Push{Biz: proto.BizGift, Data: over})
 	}
 }
 
+// take removes the n effects that waited longest and returns them encoded.
+// Under e.mu.
+func (re *roomEffects) take(n int) [][]byte {
+	out := make([][]byte, n)
+	for i, k := range re.order[:n] {
+		out[i] = re.acc[k].encode()
+		delete(re.acc, k)
+	}
+	re.order = re.order[:copy(re.order, re.order[n:])]
+	return out
+}
+
+// flush is a room's tick: it sends the room's share of its waiting effects
+// and schedules the next tick while any are left.
 func (e *effects) flush(room int64) {
 	e.mu.Lock()
 	re := e.rooms[room]
-	delete(e.rooms, room)
-	if re != nil && e.perSecond > 0 {
-		now := time.Now()
-		e.next[room] = now.Add(time.Duration(len(re.order)) * time.Second / time.Duration(e.perSecond))
-		if len(e.next) > 4*len(e.rooms)+1024 {
-			for r, t := range e.next { // forget rooms whose hold is over
-				if t.Before(now) {
-					delete(e.next, r)
-				}
-			}
-		}
-	}
-	e.mu.Unlock()
 	if re == nil {
+		e.mu.Unlock()
 		return
 	}
-	for _, k := range re.order {
-		_, _ = e.router.PublishRoom(room, proto.Push{Biz: proto.BizGift, Data: re.acc[k].encode()})
+	n := len(re.order)
+	if e.quota > 0 {
+		n = min(n, e.quota)
+	}
+	batch := re.take(n)
+	if len(re.order) == 0 {
+		delete(e.rooms, room)
+	} else {
+		time.AfterFunc(e.tick, func() { e.flush(room) })
+	}
+	e.mu.Unlock()
+	for _, b := range batch {
+		_, _ = e.router.PublishRoom(room, proto.Push{Biz: proto.BizGift, Data: b})
 	}
 }
