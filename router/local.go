@@ -53,7 +53,7 @@ const (
 	defaultHistoryTTL    = 2 * time.Minute
 	roomShards           = 64
 	// fanoutChunk is the fewest members a fan-out worker is given.
-	fanoutChunk = 1024
+	fanoutChunk = 256
 )
 
 var _ Router = (*Local)(nil)
