@@ -176,6 +176,12 @@ func (s *Store) Delete(key []byte) error {
 	return s.Apply(func(b *Batch) error { return b.Delete(key, nil) })
 }
 
+// DeletePrefixNoSync removes every key with prefix, without waiting for an
+// fsync (a crash may leave them: for bookkeeping that is safe to keep).
+func (s *Store) DeletePrefixNoSync(prefix []byte) error {
+	return s.db.DeleteRange(prefix, prefixEnd(prefix), pebble.NoSync)
+}
+
 // DeleteNoSync removes key without waiting for an fsync (the next synced
 // write, or a clean close, makes it durable): for deletions that are safe to
 // lose in a crash.

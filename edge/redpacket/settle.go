@@ -99,6 +99,14 @@ func (s *Service) settle(r *rain) {
 	}
 	s.mu.Unlock()
 	s.roomDone(rec)
+	if s.mem != nil {
+		// The lease log only rebuilds a running rain's shards (restore);
+		// a finished rain's is dead weight. Left by a crash here, it stays
+		// unread.
+		if err := s.store.DeletePrefixNoSync(leasePrefix(rec.Code)); err != nil {
+			s.log.Warn("red packet lease log not deleted", "code", rec.Code, "err", err)
+		}
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), poolTimeout)
 	if err := s.pool.Drop(ctx, rec.Code); err != nil {
 		s.log.Warn("red packet pool not dropped", "code", rec.Code, "err", err)

@@ -290,6 +290,18 @@ func TestShardedRainGrantsEachPacketOnce(t *testing.T) {
 			t.Errorf("split %+v, durable %d", ns, per[ns.Node])
 		}
 	}
+	// The owner's lease log (every hand-over to n2 and n3) is deleted once
+	// the rain is settled.
+	leases := func() int {
+		n := 0
+		_ = c.nodes["n1"].store.Scan(leasePrefix(code), func(_, _ []byte) error { n++; return nil })
+		return n
+	}
+	for deadline := time.Now().Add(5 * time.Second); leases() > 0; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d lease log rows left after the settlement", leases())
+		}
+	}
 	users := map[int64]bool{}
 	for _, m := range c.nodes {
 		_ = m.store.Scan(grantPrefix(code), func(_, v []byte) error {
