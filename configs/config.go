@@ -66,6 +66,9 @@ type Node struct {
 	// live heap is small and its allocation rate high: collecting less often
 	// buys throughput for a heap a few times its live size.
 	GOGC int `yaml:"gogc"`
+	// BlockCacheMB is the ledger's (Pebble's) cache for table blocks, in
+	// MiB, beside its two 32 MiB memtables (0 = 128).
+	BlockCacheMB int `yaml:"block_cache_mb"`
 }
 
 // HTTP is the Hertz API listener.
@@ -457,6 +460,7 @@ func (c *Config) Validate() error {
 	check(c.Tickets.MaxPrograms > 0, "tickets.max_programs must be > 0")
 	check(c.Tickets.MaxSeats > 0 && c.Tickets.MaxSeats <= 1_000_000, "tickets.max_seats must be 1..1000000")
 	check(c.Node.GOGC >= 0, "node.gogc must be >= 0")
+	check(c.Node.BlockCacheMB >= 0 && c.Node.BlockCacheMB <= 1<<20, "node.block_cache_mb must be between 0 and 1048576")
 	check(c.RedPacket.Pool == "memory" || c.RedPacket.Pool == "redis-list", "redpacket.pool must be memory or redis-list")
 	check(c.RedPacket.Pool != "redis-list" || c.Redis.Addr != "", "redis.addr is required when redpacket.pool is redis-list")
 	check(c.RedPacket.MaxCount >= 0 && c.RedPacket.MaxCount <= 1_000_000, "redpacket.max_count must be 0..1000000")

@@ -181,3 +181,17 @@ func TestSecretsFromFiles(t *testing.T) {
 	_, err = loadCluster(t, "LIVEEDGE_AUTH_JWT_SECRET_FILE="+blank, "LIVEEDGE_PAY_SECRETS="+goodPay)
 	wantErr(t, err, "auth.jwt_secret_file", "empty")
 }
+
+// node.block_cache_mb: the default config sets 128, an override is taken
+// from the environment, a negative size is refused.
+func TestBlockCacheSize(t *testing.T) {
+	c := Default()
+	if c.Node.BlockCacheMB != 128 {
+		t.Fatalf("default block_cache_mb %d, want 128", c.Node.BlockCacheMB)
+	}
+	if err := ApplyEnv(&c, []string{"LIVEEDGE_NODE_BLOCK_CACHE_MB=16"}); err != nil || c.Node.BlockCacheMB != 16 {
+		t.Fatalf("env override: %d, %v", c.Node.BlockCacheMB, err)
+	}
+	c.Node.BlockCacheMB = -1
+	wantErr(t, c.Validate(), "node.block_cache_mb")
+}

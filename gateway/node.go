@@ -110,7 +110,7 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 			n.closeBackends()
 		}
 	}()
-	if n.Store, err = persist.Open(cfg.Node.DataDir); err != nil {
+	if n.Store, err = persist.OpenSized(cfg.Node.DataDir, int64(cfg.Node.BlockCacheMB)<<20); err != nil {
 		return nil, err
 	}
 	if err = n.startNATS(); err != nil {

@@ -19,9 +19,10 @@ import (
 // and index blocks from the file again (the webhook over HTTP ran at half
 // its rate).
 const (
-	blockCacheBytes = 128 << 20
-	memTableBytes   = 32 << 20
-	cacheBytes      = blockCacheBytes + 2*memTableBytes
+	// DefaultBlockCacheBytes is the block cache beside the memtables when
+	// the node's configuration does not set one (node.block_cache_mb).
+	DefaultBlockCacheBytes = 128 << 20
+	memTableBytes          = 32 << 20
 )
 
 // Store is a node's Pebble database.
@@ -29,9 +30,17 @@ type Store struct {
 	db *pebble.DB
 }
 
-// Open opens (creating if needed) the store under dir/pebble.
-func Open(dir string) (*Store, error) {
-	cache := pebble.NewCache(cacheBytes)
+// Open opens (creating if needed) the store under dir/pebble, with the
+// default block cache.
+func Open(dir string) (*Store, error) { return OpenSized(dir, DefaultBlockCacheBytes) }
+
+// OpenSized is Open with blockCache bytes of cache for blocks (≤ 0: the
+// default); the two memtables' reservation comes on top of it.
+func OpenSized(dir string, blockCache int64) (*Store, error) {
+	if blockCache <= 0 {
+		blockCache = DefaultBlockCacheBytes
+	}
+	cache := pebble.NewCache(blockCache + 2*memTableBytes)
 	defer cache.Unref()
 	opts := &pebble.Options{
 		Logger:       quietLogger{},

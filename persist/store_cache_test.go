@@ -50,3 +50,40 @@ func TestBlockCacheHoldsBlocksBesideMemtables(t *testing.T) {
 	}
 	t.Logf("block cache: %d blocks, %d bytes, hits %d misses %d", m.BlockCache.Count, m.BlockCache.Size, m.BlockCache.Hits, m.BlockCache.Misses)
 }
+
+// OpenSized sizes the block cache (the memtables' reservation on top): a
+// store opened with 8 MiB works and holds no more blocks than that (give or
+// take the slack of the cache's shards) of the ~40 MB it read, where the
+// default cache would hold them all.
+func TestOpenSizedBlockCache(t *testing.T) {
+	s, err := OpenSized(t.TempDir(), 8<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	val := bytes.Repeat([]byte("v"), 1000)
+	const n = 40_000
+	for i := 0; i < n; i += 1000 {
+		if err := s.Apply(func(b *Batch) error {
+			for j := i; j < i+1000; j++ {
+				if err := b.Set([]byte(fmt.Sprintf("k%08d", j)), val, nil); err != nil {
+					return err
+				}
+			}
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.db.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < n; i += 7 {
+		if _, err := s.Get([]byte(fmt.Sprintf("k%08d", i))); err != nil {
+			t.Fatal(i, err)
+		}
+	}
+	if m := s.db.Metrics(); m.BlockCache.Size > 9<<20 || m.BlockCache.Count == 0 {
+		t.Fatalf("block cache holds %d bytes in %d blocks, want some and at most ~8 MiB", m.BlockCache.Size, m.BlockCache.Count)
+	}
+}
