@@ -122,15 +122,8 @@ func (c *Conn) SendNow(f *router.Frame) bool {
 	c.srv.metrics.framesOut.Inc()
 	c.srv.metrics.framesDirect.Inc()
 	if err != nil {
-		// As in writeLoop: the socket is gone, so is this connection (the
-		// read loop ends, OnClose cleans up); the writer role stays taken.
-		_ = c.cork.Conn.Close()
-		c.mu.Lock()
-		c.queue, c.queued = nil, 0
-		if c.closeCode == 0 {
-			c.closeCode = proto.CloseGoingAway
-		}
-		c.mu.Unlock()
+		_ = c.cork.Conn.Close() // gws did not see this write: end its read loop
+		c.lost()
 		return true
 	}
 	c.mu.Lock()
@@ -241,13 +234,8 @@ func (c *Conn) writeLoop() {
 	// The rest of a direct write (SendNow) goes first; only the holder of
 	// the writer role writes directly, so nothing is owed after this.
 	if err := c.cork.settle(); err != nil {
-		_ = c.cork.Conn.Close()
-		c.mu.Lock()
-		c.queue, c.queued = nil, 0
-		if c.closeCode == 0 {
-			c.closeCode = proto.CloseGoingAway
-		}
-		c.mu.Unlock()
+		_ = c.cork.Conn.Close() // gws did not see this write: end its read loop
+		c.lost()
 		return
 	}
 	for {
@@ -294,16 +282,22 @@ func (c *Conn) writeLoop() {
 		clear(pieces)
 		spare = frames
 		if err != nil {
-			// gws has closed the socket; OnClose cleans up.
-			c.mu.Lock()
-			c.queue, c.queued = nil, 0
-			if c.closeCode == 0 {
-				c.closeCode = proto.CloseGoingAway
-			}
-			c.mu.Unlock()
+			c.lost() // gws has closed the socket
 			return
 		}
 	}
+}
+
+// lost gives up on a connection whose socket failed a write: nothing more
+// is queued or written (the writer role stays taken, the queue is
+// dropped); its read loop ends on the closed socket and OnClose cleans up.
+func (c *Conn) lost() {
+	c.mu.Lock()
+	c.queue, c.queued = nil, 0
+	if c.closeCode == 0 {
+		c.closeCode = proto.CloseGoingAway
+	}
+	c.mu.Unlock()
 }
 
 // needsCork reports whether writing frames takes more than one WebSocket

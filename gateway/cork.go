@@ -101,12 +101,16 @@ func (c *corkConn) payOwed() error {
 		return nil
 	}
 	_, err := c.Conn.Write(c.owed)
-	if cap(c.owed) > maxCorkKeep {
-		c.owed = nil
-	} else {
-		c.owed = c.owed[:0]
-	}
+	c.owed = emptied(c.owed)
 	return err
+}
+
+// emptied is b emptied for reuse, or nil when it is too large to keep.
+func emptied(b []byte) []byte {
+	if cap(b) > maxCorkKeep {
+		return nil
+	}
+	return b[:0]
 }
 
 // owes reports whether a direct write left bytes to write.
@@ -204,11 +208,7 @@ func (c *corkConn) flush() error {
 		return err
 	}
 	_, err := c.Conn.Write(c.buf)
-	if cap(c.buf) > maxCorkKeep {
-		c.buf = nil
-	} else {
-		c.buf = c.buf[:0]
-	}
+	c.buf = emptied(c.buf)
 	return err
 }
 
