@@ -101,15 +101,17 @@ func (c *Conn) Send(f *router.Frame) bool {
 // bytes are shared by every receiver: f.Wire); the caller (a room's fan-out)
 // takes the writer role for the length of that write. What the socket does
 // not take, and anything queued meanwhile, is left to a writer goroutine.
-// Otherwise f is queued as by Send.
-func (c *Conn) SendNow(f *router.Frame) bool {
+// Otherwise f is queued as by Send. The router counts the direct writes
+// (frames_direct_total, part of frames_out_total): no shared counter is
+// touched per write here.
+func (c *Conn) SendNow(f *router.Frame) (ok, direct bool) {
 	if c.cork.raw == nil || (!c.batch && len(f.Msgs) != 1) {
-		return c.Send(f)
+		return c.Send(f), false
 	}
 	c.mu.Lock()
 	if c.writing || c.closeCode != 0 || (c.batch && !c.helloOut) {
 		c.mu.Unlock()
-		return c.Send(f)
+		return c.Send(f), false
 	}
 	c.writing = true
 	c.mu.Unlock()
@@ -119,22 +121,20 @@ func (c *Conn) SendNow(f *router.Frame) bool {
 		}
 	}
 	left, err := c.cork.writeNow(f.Wire(wsTextFrame))
-	c.srv.metrics.framesOut.Inc()
-	c.srv.metrics.framesDirect.Inc()
 	if err != nil {
 		_ = c.cork.Conn.Close() // gws did not see this write: end its read loop
 		c.lost()
-		return true
+		return true, false
 	}
 	c.mu.Lock()
 	if !left && len(c.queue) == 0 && c.closeCode == 0 {
 		c.writing = false
 		c.mu.Unlock()
-		return true
+		return true, true
 	}
 	c.mu.Unlock()
 	c.srv.startWriter(c)
-	return true
+	return true, true
 }
 
 // wsTextFrame is p as one unmasked, final WebSocket text frame (a server's
@@ -337,14 +337,14 @@ func (c *Conn) write(frames []*router.Frame, pieces [][]byte) ([][]byte, error) 
 				if err := c.ws.WriteMessage(gws.OpcodeText, f.Msgs[i].Bytes); err != nil {
 					return pieces, err
 				}
-				m.framesOut.Inc()
+				m.framesOut.Add(1)
 			}
 		}
 		return pieces, nil
 	}
 	if !c.helloOut && len(frames) > 0 {
 		c.helloOut = true
-		m.framesOut.Inc()
+		m.framesOut.Add(1)
 		if err := c.ws.WriteMessage(gws.OpcodeText, frames[0].Batch()); err != nil {
 			return pieces, err
 		}
@@ -354,7 +354,7 @@ func (c *Conn) write(frames []*router.Frame, pieces [][]byte) ([][]byte, error) 
 		}
 	}
 	if len(frames) == 1 {
-		m.framesOut.Inc()
+		m.framesOut.Add(1)
 		return pieces, c.ws.WriteMessage(gws.OpcodeText, frames[0].Batch())
 	}
 	n, size := 0, 0
@@ -369,7 +369,7 @@ func (c *Conn) write(frames []*router.Frame, pieces [][]byte) ([][]byte, error) 
 			pieces = append(pieces, batchClose)
 			err = c.ws.Writev(gws.OpcodeText, pieces...)
 		}
-		m.framesOut.Inc()
+		m.framesOut.Add(1)
 		pieces, n, size = pieces[:0], 0, 0
 		return err
 	}

@@ -113,13 +113,6 @@ func emptied(b []byte) []byte {
 	return b[:0]
 }
 
-// owes reports whether a direct write left bytes to write.
-func (c *corkConn) owes() bool {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return len(c.owed) > 0
-}
-
 // settle writes what a direct write left (the connection's writer does,
 // before looking at its queue).
 func (c *corkConn) settle() error {

@@ -8,6 +8,13 @@ import (
 	"time"
 )
 
+// owes reports whether a direct write left bytes to write.
+func (c *corkConn) owes() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return len(c.owed) > 0
+}
+
 // A direct write the socket cannot take whole never blocks: the rest is owed
 // and goes out before any later byte — a frame gws writes itself (a pong) or
 // the writer's corked batch — so the stream stays in order.

@@ -1,6 +1,8 @@
 package gateway
 
 import (
+	"sync/atomic"
+
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
@@ -12,10 +14,11 @@ import (
 type metrics struct {
 	reg *prometheus.Registry
 
-	connections    prometheus.Gauge
-	framesIn       prometheus.Counter
-	framesOut      prometheus.Counter
-	framesDirect   prometheus.Counter
+	connections prometheus.Gauge
+	framesIn    prometheus.Counter
+	// framesOut counts the data frames connections' writers wrote; the
+	// metric adds those a room's fan-out wrote directly (router stats).
+	framesOut      atomic.Int64
 	badFrames      prometheus.Counter
 	resends        prometheus.Counter
 	resendGiveUps  prometheus.Counter
@@ -34,12 +37,9 @@ func newMetrics(node string, r router.Router) *metrics {
 		return prometheus.Opts{Namespace: "liveedge", Name: name, Help: help, ConstLabels: prometheus.Labels{"node": node}}
 	}
 	m := &metrics{
-		reg:         reg,
-		connections: prometheus.NewGauge(prometheus.GaugeOpts(f("connections", "Open WebSocket connections."))),
-		framesIn:    prometheus.NewCounter(prometheus.CounterOpts(f("frames_in_total", "WebSocket frames read."))),
-		framesOut:   prometheus.NewCounter(prometheus.CounterOpts(f("frames_out_total", "WebSocket data frames written."))),
-		framesDirect: prometheus.NewCounter(prometheus.CounterOpts(f("frames_direct_total",
-			"WebSocket data frames a room's fan-out wrote itself to a connection with nothing queued (also in frames_out_total)."))),
+		reg:           reg,
+		connections:   prometheus.NewGauge(prometheus.GaugeOpts(f("connections", "Open WebSocket connections."))),
+		framesIn:      prometheus.NewCounter(prometheus.CounterOpts(f("frames_in_total", "WebSocket frames read."))),
 		badFrames:     prometheus.NewCounter(prometheus.CounterOpts(f("bad_frames_total", "Client frames answered with 10001."))),
 		resends:       prometheus.NewCounter(prometheus.CounterOpts(f("resends_total", "Reliable pushes resent for want of an ack."))),
 		resendGiveUps: prometheus.NewCounter(prometheus.CounterOpts(f("resend_giveups_total", "Reliable pushes dropped after the last resend."))),
@@ -55,7 +55,7 @@ func newMetrics(node string, r router.Router) *metrics {
 			"Time from a gift frame read to its reply queued (debit durable or refused)."),
 			prometheus.ExponentialBuckets(100e-6, 1.5, 26))), // 100 µs .. ~2.5 s
 	}
-	reg.MustRegister(m.connections, m.framesIn, m.framesOut, m.framesDirect, m.badFrames, m.resends, m.resendGiveUps,
+	reg.MustRegister(m.connections, m.framesIn, m.badFrames, m.resends, m.resendGiveUps,
 		m.queueDrops, m.slowCloses, m.closes, m.upgradesDenied, m.payNotifies, m.giftSeconds)
 	stat := func(name, help string, gauge bool, get func(router.Stats) int64) {
 		fn := func() float64 { return float64(get(r.Stats())) }
@@ -69,6 +69,10 @@ func newMetrics(node string, r router.Router) *metrics {
 	stat("room_members", "Room memberships on this node.", true, func(s router.Stats) int64 { return s.MembersOnline })
 	stat("room_pushes_total", "Pushes published to rooms.", false, func(s router.Stats) int64 { return s.RoomPushes })
 	stat("user_pushes_total", "Pushes sent to users.", false, func(s router.Stats) int64 { return s.UserPushes })
+	reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts(f("frames_out_total", "WebSocket data frames written.")),
+		func() float64 { return float64(m.framesOut.Load() + r.Stats().FramesDirect) }))
+	stat("frames_direct_total", "WebSocket data frames a room's fan-out wrote itself to a connection with nothing queued (also in frames_out_total).",
+		false, func(s router.Stats) int64 { return s.FramesDirect })
 	stat("fanout_frames_total", "Frames handed to sessions by fan-out.", false, func(s router.Stats) int64 { return s.FramesFanned })
 	stat("room_queue_drops_total", "Pushes refused because a room queue was full.", false, func(s router.Stats) int64 { return s.RoomDropped })
 	if c, ok := r.(*router.Cluster); ok {

@@ -17,12 +17,12 @@ type directSink struct {
 	order  *fanOrder
 }
 
-func (s *directSink) SendNow(f *Frame) bool {
+func (s *directSink) SendNow(f *Frame) (ok, direct bool) {
 	s.mu.Lock()
 	s.direct++
 	s.mu.Unlock()
 	s.order.add(s.id)
-	return s.Send(f)
+	return s.Send(f), true
 }
 
 type fanOrder struct {
@@ -101,7 +101,7 @@ func TestBigRoomFanoutSharedAmongWorkers(t *testing.T) {
 	if len(seen) != members {
 		t.Fatalf("%d sessions visited, want %d", len(seen), members)
 	}
-	if st := l.Stats(); st.SessionsGone != 0 {
-		t.Fatalf("sessions gone %d", st.SessionsGone)
+	if st := l.Stats(); st.SessionsGone != 0 || st.FramesDirect != st.FramesFanned {
+		t.Fatalf("sessions gone %d; frames written directly %d of %d", st.SessionsGone, st.FramesDirect, st.FramesFanned)
 	}
 }

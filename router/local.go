@@ -85,6 +85,7 @@ type Local struct {
 	users  [roomShards]userShard
 
 	roomPushes, userPushes, fanned, dropped, gone atomic.Int64
+	direct                                        atomic.Int64
 	members                                       atomic.Int64
 
 	memberOf sync.Map // session id → *sesRooms
@@ -584,21 +585,29 @@ func (l *Local) sendFrame(f *Frame, members []Session) {
 	wg.Wait()
 }
 
+// sendPart is one worker's share of sendFrame; its counts go to the shared
+// counters once, not per member.
 func (l *Local) sendPart(f *Frame, members []Session) {
-	gone := 0
+	gone, written := 0, 0
 	for _, s := range members {
-		var ok bool
-		if d, direct := s.(DirectSession); direct {
-			ok = d.SendNow(f)
+		var ok, direct bool
+		if d, can := s.(DirectSession); can {
+			ok, direct = d.SendNow(f)
 		} else {
 			ok = s.Send(f)
 		}
 		if !ok {
 			gone++
 		}
+		if direct {
+			written++
+		}
 	}
 	if gone > 0 {
 		l.gone.Add(int64(gone))
+	}
+	if written > 0 {
+		l.direct.Add(int64(written))
 	}
 }
 
@@ -711,6 +720,7 @@ func (l *Local) Stats() Stats {
 		RoomPushes:    l.roomPushes.Load(),
 		UserPushes:    l.userPushes.Load(),
 		FramesFanned:  l.fanned.Load(),
+		FramesDirect:  l.direct.Load(),
 		RoomDropped:   l.dropped.Load(),
 		SessionsGone:  l.gone.Load(),
 		MembersOnline: l.members.Load(),

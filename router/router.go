@@ -35,9 +35,10 @@ type Session interface {
 // waking a writer goroutine per receiver (one frame to thousands of idle
 // viewers is the common case of a live room). SendNow never blocks either:
 // what cannot be written at once is queued, with Send's ordering and bounds.
+// ok is Send's result; direct reports that f was written, not queued.
 type DirectSession interface {
 	Session
-	SendNow(f *Frame) bool
+	SendNow(f *Frame) (ok, direct bool)
 }
 
 // Router owns room membership and delivers pushes to sessions. A single node
@@ -96,6 +97,7 @@ type Stats struct {
 	RoomPushes    int64 // pushes published to rooms
 	UserPushes    int64 // pushes sent to users
 	FramesFanned  int64 // frames handed to sessions
+	FramesDirect  int64 // of those, written at once by the fan-out (DirectSession)
 	RoomDropped   int64 // pushes refused because a room queue was full
 	SessionsGone  int64 // sends refused by a closing session
 	MembersOnline int64 // room memberships (gauge)

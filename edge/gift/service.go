@@ -395,26 +395,32 @@ func (e *effects) add(room int64, ev EffectPush) {
 	ev.Combo = 1
 	re.acc[k] = &ev
 	re.order = append(re.order, k)
-	var over []byte
+	var over []*EffectPush
 	if len(re.order) > maxEffectKeys {
-		over = re.take(1)[0]
+		over = re.take(1)
 	}
 	e.mu.Unlock()
-	if over != nil {
-		_, _ = e.router.PublishRoom(room, proto.Push{Biz: proto.BizGift, Data: over})
-	}
+	e.publish(room, over)
 }
 
-// take removes the n effects that waited longest and returns them encoded.
-// Under e.mu.
-func (re *roomEffects) take(n int) [][]byte {
-	out := make([][]byte, n)
+// take removes the n effects that waited longest and returns them: no
+// longer in the room's map, they are the caller's alone (encoded outside
+// e.mu, which every room's gifts share). Under e.mu.
+func (re *roomEffects) take(n int) []*EffectPush {
+	out := make([]*EffectPush, n)
 	for i, k := range re.order[:n] {
-		out[i] = re.acc[k].encode()
+		out[i] = re.acc[k]
 		delete(re.acc, k)
 	}
 	re.order = re.order[:copy(re.order, re.order[n:])]
 	return out
+}
+
+// publish pushes effects to the room, in order.
+func (e *effects) publish(room int64, effects []*EffectPush) {
+	for _, ev := range effects {
+		_, _ = e.router.PublishRoom(room, proto.Push{Biz: proto.BizGift, Data: ev.encode()})
+	}
 }
 
 // flush is a room's tick: it sends the room's share of its waiting effects
@@ -437,7 +443,5 @@ func (e *effects) flush(room int64) {
 		time.AfterFunc(e.tick, func() { e.flush(room) })
 	}
 	e.mu.Unlock()
-	for _, b := range batch {
-		_, _ = e.router.PublishRoom(room, proto.Push{Biz: proto.BizGift, Data: b})
-	}
+	e.publish(room, batch)
 }
