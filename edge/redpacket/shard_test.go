@@ -389,6 +389,22 @@ func TestShardedRainOwnerRestart(t *testing.T) {
 	if v.GrantedCount != count {
 		t.Fatalf("granted %d of %d after the owner's restart", v.GrantedCount, count)
 	}
+	// Settled, the owner deleted the rain's lease log; a restart after that
+	// finds a FINISHED rain: nothing resumes or settles again (no second
+	// refund), the same totals, every ledger still balanced.
+	m = c.nodes["n1"]
+	c.mu.Lock()
+	c.down["n1"] = true
+	c.mu.Unlock()
+	m.stop()
+	c.start(t, "n1", m.dir)
+	if after := c.conserve(t, "n1", code, total); after.GrantedCount != v.GrantedCount ||
+		after.GrantedAmount != v.GrantedAmount || after.Refunded != v.Refunded {
+		t.Fatalf("after a restart past the settlement %+v, before %+v", after, v)
+	}
+	if _, err := c.grab("n2", "n1", user, code); err == nil {
+		t.Fatal("a finished rain granted a packet after the owner's restart")
+	}
 }
 
 // A holder that is down when the rain ends is waited for: the settlement is
