@@ -97,6 +97,10 @@ type WS struct {
 	MaxConns         int      `yaml:"max_conns"`          // upgrades beyond this get 503
 	MaxConnsPerUser  int      `yaml:"max_conns_per_user"` // one user's upgrades beyond this get 429 (code 10429)
 	SocketSendBuffer int      `yaml:"socket_send_buffer"` // SO_SNDBUF per connection (0 = kernel autotuning)
+	// ReadParkAfter: a connection silent this long has no reader goroutine;
+	// its socket waits in the node's epoll until bytes arrive (Linux;
+	// 0 = a reader goroutine for the connection's whole life).
+	ReadParkAfter Duration `yaml:"read_park_after"`
 }
 
 // Auth configures tokens.
@@ -436,6 +440,7 @@ func (c *Config) Validate() error {
 	check(c.WS.Heartbeat.D() >= 100*time.Millisecond, "ws.heartbeat must be >= 100ms")
 	check(c.WS.SendQueueBytes >= 4096, "ws.send_queue_bytes must be >= 4096")
 	check(c.WS.WriteTimeout.D() > 0, "ws.write_timeout must be > 0")
+	check(c.WS.ReadParkAfter.D() >= 0, "ws.read_park_after must be >= 0")
 	check(c.WS.MaxFrameHardBytes >= 64<<10, "ws.max_frame_hard_bytes must be >= 65536")
 	check(c.WS.AbuseLimit > 0, "ws.abuse_limit must be > 0")
 	check(c.WS.ResendAfter.D() > 0, "ws.resend_after must be > 0")

@@ -20,8 +20,8 @@ const maxPendingAcks = 4096
 // largest pooled frame buffer (256 KiB) so that full writes reuse buffers.
 const maxWriteBytes = 256<<10 - 8<<10
 
-// Conn is one WebSocket connection: one reader (gws's ReadLoop, which runs the
-// handlers) and at most one writer goroutine, taken (Server.startWriter) when
+// Conn is one WebSocket connection: one reader (wsReader, which runs the
+// handlers, on a goroutine only while the client sends) and at most one writer goroutine, taken (Server.startWriter) when
 // the queue becomes non-empty and given back when it is drained.
 //
 // Invariants (under mu): queued == Σ size of queue; once closeCode != 0 nothing
@@ -53,8 +53,8 @@ type Conn struct {
 	// sem bounds async requests in flight; made by the first (begin, on
 	// the reader goroutine), as most connections never send one.
 	sem  chan struct{}
-	cork *corkConn   // the socket's net.Conn
-	rd   *lazyReader // what gws reads through
+	cork *corkConn // the socket's net.Conn
+	rd   *wsReader // reads the socket, runs the handlers
 
 	// Reliable pushes awaiting an ack: pending is made by the first one
 	// (most connections have none), ackDone is set once the connection is
@@ -122,7 +122,7 @@ func (c *Conn) SendNow(f *router.Frame) (ok, direct bool) {
 	}
 	left, err := c.cork.writeNow(f.Wire(wsTextFrame))
 	if err != nil {
-		_ = c.cork.Conn.Close() // gws did not see this write: end its read loop
+		c.cork.closeNow() // gws did not see this write: end the read
 		c.lost()
 		return true, false
 	}
@@ -234,7 +234,7 @@ func (c *Conn) writeLoop() {
 	// The rest of a direct write (SendNow) goes first; only the holder of
 	// the writer role writes directly, so nothing is owed after this.
 	if err := c.cork.settle(); err != nil {
-		_ = c.cork.Conn.Close() // gws did not see this write: end its read loop
+		c.cork.closeNow() // gws did not see this write: end the read
 		c.lost()
 		return
 	}
@@ -274,7 +274,7 @@ func (c *Conn) writeLoop() {
 			if ferr := c.cork.flush(); ferr != nil && err == nil {
 				// gws did not see this write fail: close the socket so that
 				// its read loop ends and OnClose cleans up.
-				_ = c.cork.Conn.Close()
+				c.cork.closeNow()
 				err = ferr
 			}
 		}

@@ -57,6 +57,11 @@ type corkConn struct {
 
 	stale   atomic.Bool // a deadline was set from outside: refresh on the next write
 	closing atomic.Bool
+
+	// kick wakes the connection's reader once the socket is closed or
+	// half-closed here (a parked reader would not notice); set once, right
+	// after the upgrade, before the reader starts.
+	kick func()
 }
 
 // maxCorkKeep is the largest buffer kept between flushes.
@@ -212,19 +217,34 @@ func (c *corkConn) Close() error {
 	}
 	tc, ok := c.Conn.(*net.TCPConn)
 	if !ok {
-		return c.Conn.Close()
+		return c.closeNow()
 	}
 	err := tc.CloseWrite()
 	_ = tc.SetReadDeadline(time.Now().Add(closeLinger))
+	c.kicked()
 	return err
 }
 
-// finish closes the socket once gws's read loop has ended: what the client
-// still sends is read and discarded until it closes its side, the linger
-// deadline set by Close passes or closeLingerBytes were read.
+// closeNow closes the socket at once (a failed write, a shutdown cut short):
+// the reader sees it and the connection ends.
+func (c *corkConn) closeNow() error {
+	err := c.Conn.Close()
+	c.kicked()
+	return err
+}
+
+func (c *corkConn) kicked() {
+	if c.kick != nil {
+		c.kick()
+	}
+}
+
+// finish closes the socket once the reader has stopped reading frames: what
+// the client still sends is read and discarded until it closes its side, the
+// linger deadline set by Close passes or closeLingerBytes were read.
 func (c *corkConn) finish() {
 	if c.closing.CompareAndSwap(false, true) {
-		_ = c.Conn.Close() // the read loop ended without a close frame written
+		_ = c.Conn.Close() // the reader ended without a close frame written
 		return
 	}
 	if _, ok := c.Conn.(*net.TCPConn); ok {

@@ -3,9 +3,12 @@
 // metrics, and Node, which assembles storage, NATS, the router and the
 // business services and runs them until Shutdown.
 //
-// Per connection (Conn): one reader (gws's ReadLoop runs the handlers, in
-// frame order) and at most one writer goroutine, started when the send queue
-// becomes non-empty and gone when it is drained. The queue is bounded in
+// Per connection (Conn): one reader (wsReader parses the client's frames and
+// runs the handlers, in frame order, on a goroutine that exists only while
+// the client sends: after ws.read_park_after without input the socket waits
+// in the process's epoll instance with no goroutine and no buffer) and at
+// most one writer goroutine, started when the send queue becomes non-empty
+// and gone when it is drained. gws does the handshake and the writes. The queue is bounded in
 // bytes (ws.send_queue_bytes); a connection that overflows it is closed with
 // 4408 and nothing it was sent delays anyone else. Reliable pushes (ack:true)
 // are resent with doubling backoff until acked or ws.resend_max_tries.

@@ -18,7 +18,9 @@ type metrics struct {
 	framesIn    prometheus.Counter
 	// framesOut counts the data frames connections' writers wrote; the
 	// metric adds those a room's fan-out wrote directly (router stats).
-	framesOut      atomic.Int64
+	framesOut atomic.Int64
+	// readers counts the connections whose reader goroutine runs (wsReader).
+	readers        atomic.Int64
 	badFrames      prometheus.Counter
 	resends        prometheus.Counter
 	resendGiveUps  prometheus.Counter
@@ -71,6 +73,9 @@ func newMetrics(node string, r router.Router) *metrics {
 	stat("user_pushes_total", "Pushes sent to users.", false, func(s router.Stats) int64 { return s.UserPushes })
 	reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts(f("frames_out_total", "WebSocket data frames written.")),
 		func() float64 { return float64(m.framesOut.Load() + r.Stats().FramesDirect) }))
+	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts(f("ws_readers_running",
+		"Connections with a reader goroutine (reading or waiting up to ws.read_park_after); the others wait in epoll with none.")),
+		func() float64 { return float64(m.readers.Load()) }))
 	stat("frames_direct_total", "WebSocket data frames a room's fan-out wrote itself to a connection with nothing queued (also in frames_out_total).",
 		false, func(s router.Stats) int64 { return s.FramesDirect })
 	stat("fanout_frames_total", "Frames handed to sessions by fan-out.", false, func(s router.Stats) int64 { return s.FramesFanned })

@@ -1,9 +1,7 @@
 package gateway
 
 import (
-	"bufio"
 	"context"
-	"errors"
 	"log/slog"
 	"net"
 	"net/http"
@@ -174,33 +172,35 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	cc := newCorkConn(netConn, s.cfg.WS.WriteTimeout.D())
-	// Read the socket directly, not through net/http's hijacked reader (a
-	// lock and a condition broadcast per read), and into a pooled buffer
-	// only while bytes are in flight (lazyReader): an idle connection holds
-	// no read buffer. Bytes net/http already buffered (a client that did not
-	// wait for the 101) come first.
+	// The socket is read directly, not through net/http's hijacked reader,
+	// by a wsReader whose goroutine exists only while the client sends
+	// (then the socket waits in the node's epoll with no goroutine and no
+	// buffer). Bytes net/http already buffered (a client that did not wait
+	// for the 101) come first. gws is given no reader: its ReadLoop is not
+	// used, only its handshake and writes.
 	var early []byte
 	if n := rw.Reader.Buffered(); n > 0 {
 		early, _ = rw.Reader.Peek(n)
 	}
-	src := newLazyReader(netConn, early)
-	socket, err := s.up.UpgradeFromConn(cc, bufio.NewReaderSize(src, gwsBufSize), r)
+	socket, err := s.up.UpgradeFromConn(cc, nil, r)
 	if err != nil {
 		// gws answered the handshake error and called cc.Close, which only
-		// half-closes (the linger of a WebSocket close); no read loop will
+		// half-closes (the linger of a WebSocket close); no reader will
 		// finish it, so close the socket here or it leaks.
 		_ = netConn.Close()
 		return
 	}
 	c := &Conn{
-		id: s.nextID.Add(1), ident: ident, ws: socket, srv: s, cork: cc, rd: src,
+		id: s.nextID.Add(1), ident: ident, ws: socket, srv: s, cork: cc,
 		batch: q.Get("batch") == "1",
 		done:  make(chan struct{}),
 	}
+	c.rd = newWSReader(c, netConn, early)
+	cc.kick = c.rd.kick
 	c.lastRead.Store(time.Now().UnixNano())
 	socket.Session().Store("c", c)
-	upgraded = true // ReadLoop calls OnOpen, then OnClose, which releases
-	go socket.ReadLoop()
+	upgraded = true // the reader calls OnOpen, then OnClose, which releases
+	go c.rd.run(true)
 }
 
 // reserveConn takes one of the node's ws.max_conns slots, or reports false
@@ -330,15 +330,13 @@ func (s *Server) OnClose(socket *gws.Conn, err error) {
 	c.queue, c.queued = nil, 0
 	c.mu.Unlock()
 	c.stopAcks()
-	c.rd.release() // gws no longer reads
 	s.router.Unregister(c)
 	sh := s.shardOf(c.id)
 	sh.mu.Lock()
 	delete(sh.conns, c.id)
 	sh.mu.Unlock()
 	close(c.done)
-	var ce *gws.CloseError
-	if errors.As(err, &ce) && ce.Code == proto.CloseTooBig {
+	if ce := refusal(err); ce != nil && ce.Code == proto.CloseTooBig {
 		s.metrics.closes.WithLabelValues("too_big").Inc()
 	}
 	c.cork.finish() // drain (bounded) and close the socket
@@ -365,21 +363,26 @@ func (s *Server) OnPong(socket *gws.Conn, _ []byte) {
 	}
 }
 
-// OnMessage implements gws.Event: every client frame is handled here, on the
-// connection's reader goroutine, in order.
+// OnMessage implements gws.Event (not called: the connection's wsReader
+// reads its frames and calls serveFrame).
 func (s *Server) OnMessage(socket *gws.Conn, msg *gws.Message) {
 	defer msg.Close()
-	c := connOf(socket)
+	s.serveFrame(connOf(socket), msg.Opcode, msg.Bytes())
+}
+
+// serveFrame handles one client message, on the connection's reader
+// goroutine, in order; data is valid during the call only.
+func (s *Server) serveFrame(c *Conn, op gws.Opcode, data []byte) {
 	c.lastRead.Store(time.Now().UnixNano())
 	s.metrics.framesIn.Inc()
 	if c.cork.closing.Load() {
 		return // read while lingering after the close frame: not served
 	}
-	if msg.Opcode != gws.OpcodeText {
+	if op != gws.OpcodeText {
 		c.badFrame(0, proto.ErrBinaryFrame)
 		return
 	}
-	s.dispatch(c, msg.Bytes())
+	s.dispatch(c, data)
 }
 
 // sweepEvery is how often sweep looks at every connection: a quarter of the
@@ -453,7 +456,7 @@ func (s *Server) Shutdown(ctx context.Context) {
 		}
 	}
 	for _, c := range s.snapshot() { // whatever did not drain in time
-		_ = c.cork.Conn.Close() // the socket itself, no lingering
+		c.cork.closeNow() // the socket itself, no lingering
 	}
 	for _, c := range all {
 		select {

@@ -27,6 +27,7 @@ func Config(tb testing.TB) configs.Config {
 	c.Rooms.OpenCloseInterval = 0
 	c.Limits.ChatPerSecond = 0
 	c.Log.Level = "warn"
+	c.WS.ReadParkAfter = configs.Duration(20 * time.Millisecond)
 	return c
 }
 
