@@ -39,7 +39,10 @@ type wsReader struct {
 	kicked   atomic.Bool
 	kickedAt atomic.Int64
 	armed    bool // registered with the poller (reader goroutine only)
-	max      int  // ws.max_frame_hard_bytes: a frame or message above → 1009
+	// waitUntil is the read deadline (unix ns) the last wait set, 0 none
+	// (reader goroutine only).
+	waitUntil int64
+	max       int // ws.max_frame_hard_bytes: a frame or message above → 1009
 
 	// emit takes each whole message and control frame (r.serve; tests
 	// record them).
@@ -88,8 +91,10 @@ var readerKeys atomic.Uint64
 // kick tells the reader the node closed (or half-closed) the socket: a
 // parked reader is woken to see it, a running one stops parking.
 func (r *wsReader) kick() {
-	if r.kicked.CompareAndSwap(false, true) {
-		r.kickedAt.Store(time.Now().UnixNano())
+	if !r.kicked.Load() {
+		// kickedAt first: whoever sees kicked finds it set.
+		r.kickedAt.CompareAndSwap(0, time.Now().UnixNano())
+		r.kicked.Store(true)
 	}
 	if r.state.CompareAndSwap(readerParked, readerRunning) {
 		go r.run(false)
@@ -197,7 +202,13 @@ func (r *wsReader) fill(p []byte) (int, error) {
 		case kicked:
 			_ = r.nc.SetReadDeadline(time.Unix(0, r.kickedAt.Load()).Add(closeLinger))
 		case mayPark:
-			_ = r.nc.SetReadDeadline(time.Now().Add(parkAfter))
+			// A deadline is set at most twice per parkAfter: a wait that
+			// finds one at least parkAfter/2 away keeps it (a busy client
+			// would otherwise reset a runtime timer per frame).
+			if now := time.Now().UnixNano(); now > r.waitUntil-int64(parkAfter/2) {
+				r.waitUntil = now + int64(parkAfter)
+				_ = r.nc.SetReadDeadline(time.Unix(0, r.waitUntil))
+			}
 		}
 		err := r.rc.Read(r.readFD)
 		if err == nil {
@@ -220,6 +231,7 @@ func (r *wsReader) fill(p []byte) (int, error) {
 // was one to replace.
 func (r *wsReader) freshDeadline() bool {
 	if !r.kicked.Load() {
+		r.waitUntil = 0
 		_ = r.nc.SetReadDeadline(time.Time{})
 		return true
 	}
@@ -276,6 +288,7 @@ func (r *wsReader) park() bool {
 	}
 	again := r.armed
 	r.armed = true
+	r.waitUntil = 0
 	_ = r.nc.SetReadDeadline(time.Time{}) // the wait's, passed: the next read would be refused
 	r.state.Store(readerParked)
 	var aerr error
