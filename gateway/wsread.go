@@ -60,8 +60,6 @@ type wsReader struct {
 	dst    []byte
 	n      int
 	err    error
-	again  bool
-	wait   bool
 }
 
 const (
@@ -163,9 +161,10 @@ func (r *wsReader) run(open bool) {
 }
 
 // fill reads what the socket has into p. With nothing to read it waits in
-// the runtime's poller for up to ws.read_park_after and then reports
-// errNothing (the caller parks); without a poller it waits for as long as
-// the connection lives; once kicked, until closeLinger after the kick.
+// the runtime's poller for about ws.read_park_after (at least half of it)
+// and then reports errNothing (the caller parks); without a poller it waits
+// for as long as the connection lives; once kicked, until closeLinger after
+// the kick. One read(2) when bytes are there, one more before a wait.
 func (r *wsReader) fill(p []byte) (int, error) {
 	if r.rc == nil {
 		n, err := r.nc.Read(p)
@@ -177,33 +176,18 @@ func (r *wsReader) fill(p []byte) (int, error) {
 	parkAfter := r.c.srv.cfg.WS.ReadParkAfter.D()
 	mayPark := parkAfter > 0 && parkPoller() != nil
 	r.dst, r.n, r.err = p, 0, nil
-	// First without waiting: a reader woken by the poller finds its bytes.
-	r.again, r.wait = false, false
-	for {
-		err := r.rc.Read(r.readFD)
-		if err == nil {
-			break
-		}
-		// The runtime refuses any read once a deadline passed, even one
-		// that would not wait: the wait before this one may have left one.
-		if !mayPark || !errors.Is(err, os.ErrDeadlineExceeded) || !r.freshDeadline() {
-			return 0, err
-		}
-	}
-	if !r.again {
-		return r.result()
-	}
-	r.wait = true
 	for {
 		// Deadlines only where parking is possible: otherwise the one the
-		// half-close set (corkConn.Close) is left alone.
+		// half-close set (corkConn.Close) is left alone. The runtime
+		// refuses even a read that would not wait once a deadline passed,
+		// so one is in place, and not passed, before every read.
 		kicked := r.kicked.Load()
 		switch {
 		case kicked:
 			_ = r.nc.SetReadDeadline(time.Unix(0, r.kickedAt.Load()).Add(closeLinger))
 		case mayPark:
-			// A deadline is set at most twice per parkAfter: a wait that
-			// finds one at least parkAfter/2 away keeps it (a busy client
+			// Set at most twice per parkAfter: a read that finds the
+			// deadline at least parkAfter/2 away keeps it (a busy client
 			// would otherwise reset a runtime timer per frame).
 			if now := time.Now().UnixNano(); now > r.waitUntil-int64(parkAfter/2) {
 				r.waitUntil = now + int64(parkAfter)
@@ -226,23 +210,6 @@ func (r *wsReader) fill(p []byte) (int, error) {
 	}
 }
 
-// freshDeadline replaces a passed read deadline that a wait of fill's left
-// (none, or the close linger's end once kicked) and reports whether there
-// was one to replace.
-func (r *wsReader) freshDeadline() bool {
-	if !r.kicked.Load() {
-		r.waitUntil = 0
-		_ = r.nc.SetReadDeadline(time.Time{})
-		return true
-	}
-	end := time.Unix(0, r.kickedAt.Load()).Add(closeLinger)
-	if time.Now().Before(end) {
-		_ = r.nc.SetReadDeadline(end)
-		return true
-	}
-	return false
-}
-
 func (r *wsReader) result() (int, error) {
 	r.dst = nil
 	if r.err != nil {
@@ -254,8 +221,8 @@ func (r *wsReader) result() (int, error) {
 	return r.n, nil
 }
 
-// read is RawConn.Read's callback: one read(2) into dst. With no bytes it
-// asks to wait (returns false) when r.wait, else notes r.again.
+// read is RawConn.Read's callback: one read(2) into dst; with no bytes it
+// asks the runtime to wait (returns false).
 func (r *wsReader) read(fd uintptr) bool {
 	for {
 		n, err := syscall.Read(int(fd), r.dst)
@@ -263,11 +230,7 @@ func (r *wsReader) read(fd uintptr) bool {
 		case errors.Is(err, syscall.EINTR):
 			continue
 		case errors.Is(err, syscall.EAGAIN):
-			if r.wait {
-				return false
-			}
-			r.again = true
-			return true
+			return false
 		case err != nil:
 			r.err = os.NewSyscallError("read", err)
 			return true

@@ -27,7 +27,11 @@ func Config(tb testing.TB) configs.Config {
 	c.Rooms.OpenCloseInterval = 0
 	c.Limits.ChatPerSecond = 0
 	c.Log.Level = "warn"
-	c.WS.ReadParkAfter = configs.Duration(20 * time.Millisecond)
+	// Tests park idle readers after 20 ms, so that the whole suite crosses
+	// the park/wake path constantly; benchmarks measure the shipped default.
+	if _, bench := tb.(*testing.B); !bench {
+		c.WS.ReadParkAfter = configs.Duration(20 * time.Millisecond)
+	}
 	return c
 }
 
