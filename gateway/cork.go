@@ -38,7 +38,7 @@ import (
 // oversized frame, frames of a client that keeps sending — makes the kernel
 // answer with RST, which destroys the close frame still in flight. Close
 // shuts the write side (FIN after the close frame) and bounds how long the
-// socket is still read; finish, once gws no longer reads, discards what the
+// socket is still read; finish, once the reader has stopped, discards what the
 // client still sends (bounded in time and bytes) and closes the socket.
 type corkConn struct {
 	net.Conn
@@ -57,6 +57,9 @@ type corkConn struct {
 
 	stale   atomic.Bool // a deadline was set from outside: refresh on the next write
 	closing atomic.Bool
+	// lingerUntil (unix ns) ends the linger Close began; finish reads no
+	// longer (the reader may have moved the socket's read deadline since).
+	lingerUntil atomic.Int64
 
 	// kick wakes the connection's reader once the socket is closed or
 	// half-closed here (a parked reader would not notice); set once, right
@@ -220,7 +223,9 @@ func (c *corkConn) Close() error {
 		return c.closeNow()
 	}
 	err := tc.CloseWrite()
-	_ = tc.SetReadDeadline(time.Now().Add(closeLinger))
+	until := time.Now().Add(closeLinger)
+	c.lingerUntil.Store(until.UnixNano())
+	_ = tc.SetReadDeadline(until)
 	c.kicked()
 	return err
 }
@@ -248,6 +253,7 @@ func (c *corkConn) finish() {
 		return
 	}
 	if _, ok := c.Conn.(*net.TCPConn); ok {
+		_ = c.Conn.SetReadDeadline(time.Unix(0, c.lingerUntil.Load()))
 		_, _ = io.CopyN(io.Discard, c.Conn, closeLingerBytes)
 	}
 	_ = c.Conn.Close()

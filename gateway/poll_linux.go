@@ -49,14 +49,17 @@ func parkPoller() readPoller {
 	return thePoller
 }
 
+// track enters r under its key; before r may be woken (park), so that the
+// goroutine that ends r, whichever it is, finds the entry to forget.
+func (p *epollPoller) track(r *wsReader) {
+	sh := &p.shards[r.key%uint64(len(p.shards))]
+	sh.mu.Lock()
+	sh.m[r.key] = r
+	sh.mu.Unlock()
+}
+
 // arm registers fd for one wake-up of r (again: it was registered before).
 func (p *epollPoller) arm(fd int, r *wsReader, again bool) error {
-	if !again {
-		sh := &p.shards[r.key%uint64(len(p.shards))]
-		sh.mu.Lock()
-		sh.m[r.key] = r
-		sh.mu.Unlock()
-	}
 	ev := syscall.EpollEvent{
 		Events: syscall.EPOLLIN | syscall.EPOLLRDHUP | syscall.EPOLLONESHOT,
 		Fd:     int32(uint32(r.key)),
@@ -69,9 +72,6 @@ func (p *epollPoller) arm(fd int, r *wsReader, again bool) error {
 	err := syscall.EpollCtl(p.epfd, op, fd, &ev)
 	if errors.Is(err, syscall.EEXIST) {
 		err = syscall.EpollCtl(p.epfd, syscall.EPOLL_CTL_MOD, fd, &ev)
-	}
-	if err != nil && !again {
-		p.forget(r)
 	}
 	return err
 }
@@ -107,7 +107,7 @@ func (p *epollPoller) loop() {
 	}
 }
 
-// parked counts the registered readers (tests).
+// registered counts the readers entered (tests).
 func (p *epollPoller) registered() int {
 	n := 0
 	for i := range p.shards {

@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -19,7 +20,8 @@ import (
 // runs the handlers, in order, on a goroutine that exists only while the
 // client sends. After ws.read_park_after without input the goroutine ends and
 // the socket waits in the node's epoll instance (parkPoller, Linux) with no
-// goroutine, stack or buffer: an idle connection costs its state only. When
+// goroutine, stack or buffer: an idle connection costs its state only (and
+// the bytes of a frame it has begun sending, if any). When
 // bytes arrive the poller starts a goroutine again. Without a poller (other
 // systems, not a socket, ws.read_park_after 0) the goroutine waits in the
 // runtime's poller for as long as the connection lives, as gws's ReadLoop did.
@@ -125,7 +127,7 @@ func (r *wsReader) run(open bool) {
 	for {
 		var buf *[]byte
 		var p []byte
-		if need := r.need(); need > readBufSize {
+		if need := r.need(); need > 0 {
 			// A big frame under way: read its rest straight into part.
 			p = r.part[len(r.part):need]
 		} else {
@@ -177,8 +179,9 @@ func (r *wsReader) fill(p []byte) (int, error) {
 	mayPark := parkAfter > 0 && parkPoller() != nil
 	r.dst, r.n, r.err = p, 0, nil
 	for {
-		// Deadlines only where parking is possible: otherwise the one the
-		// half-close set (corkConn.Close) is left alone. The runtime
+		// A deadline of the reader's own only where parking is possible
+		// (and once kicked): otherwise the one the half-close set
+		// (corkConn.Close) is left alone. The runtime
 		// refuses even a read that would not wait once a deadline passed,
 		// so one is in place, and not passed, before every read.
 		kicked := r.kicked.Load()
@@ -250,13 +253,22 @@ func (r *wsReader) park() bool {
 		return false
 	}
 	again := r.armed
+	if !again {
+		pp.track(r) // before the store below: see track
+	}
 	r.armed = true
 	r.waitUntil = 0
 	_ = r.nc.SetReadDeadline(time.Time{}) // the wait's, passed: the next read would be refused
 	r.state.Store(readerParked)
 	var aerr error
 	if err := r.rc.Control(func(fd uintptr) { aerr = pp.arm(int(fd), r, again) }); err != nil || aerr != nil {
-		// Closed under us: the next read says so, unless a kick took over.
+		if aerr != nil {
+			armFailed.Do(func() {
+				r.c.srv.log.Warn("epoll: a socket could not be parked; its reader keeps a goroutine", "err", aerr)
+			})
+		}
+		// Closed under us (the next read says so) or not registered: keep
+		// reading, unless a kick took over.
 		if !r.state.CompareAndSwap(readerParked, readerRunning) {
 			return true
 		}
@@ -269,22 +281,25 @@ func (r *wsReader) park() bool {
 	return true
 }
 
-// need is the size part must reach for its frame to be whole (0: the
-// header is not whole yet or there is no part).
+// need is how far part may be filled by the next read when it holds the
+// start of a frame bigger than readBufSize (0: read into a pooled buffer).
+// part grows as the frame's bytes arrive (doubling), not to the size its
+// header declares: a client that declares a big frame and sends little
+// pins little.
 func (r *wsReader) need() int {
 	if len(r.part) == 0 {
 		return 0
 	}
 	h, err := parseFrameHeader(r.part, r.max)
-	if err != nil || h.size == 0 {
+	if err != nil || h.size <= readBufSize {
 		return 0
 	}
-	if h.size > cap(r.part) {
-		np := make([]byte, len(r.part), h.size)
+	if len(r.part)+readBufSize > cap(r.part) && cap(r.part) < h.size {
+		np := make([]byte, len(r.part), min(h.size, max(2*cap(r.part), len(r.part)+readBufSize)))
 		copy(np, r.part)
 		r.part = np
 	}
-	return h.size
+	return min(h.size, cap(r.part))
 }
 
 // frameHeader is a parsed client frame header.
@@ -377,9 +392,6 @@ func unmask(p []byte, key [4]byte) {
 	}
 }
 
-// errClosedByPeer ends the reader after the client's close frame.
-var errClosedByPeer = errors.New("closed by the client")
-
 // feed handles the whole frames in part+b and keeps the rest in part.
 func (r *wsReader) feed(b []byte) error {
 	data := b
@@ -391,6 +403,9 @@ func (r *wsReader) feed(b []byte) error {
 		h, err := parseFrameHeader(data, r.max)
 		if err != nil {
 			return err
+		}
+		if h.size != 0 && h.op == gws.OpcodeContinuation && r.contOn && len(r.cont)+h.length > r.max {
+			return errMessageTooBig // known from the header: its payload is not awaited
 		}
 		if h.size == 0 || len(data) < h.size {
 			break
@@ -505,7 +520,7 @@ func (r *wsReader) end(err error) {
 	} else if !errors.As(err, new(*gws.CloseError)) {
 		_ = r.c.ws.WriteClose(1000, nil)
 	}
-	if pp := parkPoller(); pp != nil && r.armed {
+	if pp := parkPoller(); pp != nil {
 		pp.forget(r)
 	}
 	r.part, r.cont = nil, nil
@@ -522,8 +537,13 @@ func refusal(err error) *gws.CloseError {
 	return nil
 }
 
+// armFailed: the first failure to park a socket is logged.
+var armFailed sync.Once
+
 // readPoller parks readers (poll_linux.go).
 type readPoller interface {
+	// track enters r, before its first park.
+	track(r *wsReader)
 	// arm registers fd for one wake-up of r (again: registered before).
 	arm(fd int, r *wsReader, again bool) error
 	// forget drops r: its connection ended.

@@ -3,6 +3,7 @@ package gateway
 import (
 	"bytes"
 	"encoding/binary"
+	"errors"
 	"net"
 	"testing"
 
@@ -104,6 +105,9 @@ func TestUnmask(t *testing.T) {
 		}
 	}
 }
+
+// errClosedByPeer ends a test reader after a close frame.
+var errClosedByPeer = errors.New("closed by the client")
 
 // event is what a test reader emitted.
 type event struct {
@@ -212,4 +216,40 @@ func FuzzReaderSplits(f *testing.F) {
 			}
 		}
 	})
+}
+
+// A client that declares a big frame and sends little pins little: part
+// grows as the bytes arrive, not to the declared size; a fragment that
+// would take a message over the limit is refused from its header.
+func TestReaderHoldsWhatArrived(t *testing.T) {
+	key := [4]byte{1, 2, 3, 4}
+	r, _ := testReader(1 << 20)
+	f := clientFrame(0x81, make([]byte, 1<<20), key)
+	if err := r.feed(f[:100]); err != nil {
+		t.Fatal(err)
+	}
+	need := r.need()
+	if need <= len(r.part) || cap(r.part) > 4*readBufSize {
+		t.Fatalf("after 100 bytes of a 1 MiB frame: need %d, part %d/%d", need, len(r.part), cap(r.part))
+	}
+	// Filling part as run does doubles it, up to the frame's size.
+	for got := 100; got < len(f); {
+		need = r.need()
+		n := copy(r.part[len(r.part):need], f[got:])
+		r.part = r.part[:len(r.part)+n]
+		got += n
+		if cap(r.part) > 2*got+readBufSize {
+			t.Fatalf("part of cap %d after %d bytes", cap(r.part), got)
+		}
+	}
+	if err := r.feed(nil); err != nil || r.part != nil {
+		t.Fatalf("whole frame: %v, part %d", err, len(r.part))
+	}
+
+	r, _ = testReader(10)
+	in := clientFrame(0x01, []byte("123456"), key)
+	in = append(in, clientFrame(0x80, []byte("12345"), key)[:6]...) // header only
+	if err := r.feed(in); err != errMessageTooBig {
+		t.Fatalf("fragment over the limit, header only: %v, want errMessageTooBig", err)
+	}
 }
