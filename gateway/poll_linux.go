@@ -106,15 +106,3 @@ func (p *epollPoller) loop() {
 		}
 	}
 }
-
-// registered counts the readers entered (tests).
-func (p *epollPoller) registered() int {
-	n := 0
-	for i := range p.shards {
-		sh := &p.shards[i]
-		sh.mu.Lock()
-		n += len(sh.m)
-		sh.mu.Unlock()
-	}
-	return n
-}
