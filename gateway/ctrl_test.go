@@ -64,36 +64,32 @@ func dialTCPWS(t *testing.T, n *gateway.Node, user int64) *tcpWS {
 	return w
 }
 
-// writeHeader writes a masked frame header for a payload of n bytes and
-// returns the mask key.
-func (w *tcpWS) writeHeader(op byte, n int) ([4]byte, error) {
-	hdr := []byte{0x80 | op}
-	switch {
-	case n < 126:
-		hdr = append(hdr, 0x80|byte(n))
-	case n <= 0xffff:
-		hdr = append(hdr, 0x80|126, byte(n>>8), byte(n))
-	default:
-		hdr = append(hdr, 0x80|127)
-		hdr = binary.BigEndian.AppendUint64(hdr, uint64(n))
-	}
+// maskedFrame is a client frame with first byte b0 (FIN, opcode), masked
+// with a random key.
+func maskedFrame(b0 byte, payload []byte) []byte {
 	var key [4]byte
 	_, _ = rand.Read(key[:])
-	hdr = append(hdr, key[:]...)
-	_, err := w.conn.Write(hdr)
-	return key, err
+	f := []byte{b0}
+	switch n := len(payload); {
+	case n < 126:
+		f = append(f, 0x80|byte(n))
+	case n <= 0xffff:
+		f = append(f, 0x80|126)
+		f = binary.BigEndian.AppendUint16(f, uint16(n))
+	default:
+		f = append(f, 0x80|127)
+		f = binary.BigEndian.AppendUint64(f, uint64(n))
+	}
+	f = append(f, key[:]...)
+	for i, c := range payload {
+		f = append(f, c^key[i%4])
+	}
+	return f
 }
 
+// write writes one whole frame.
 func (w *tcpWS) write(op byte, payload []byte) error {
-	key, err := w.writeHeader(op, len(payload))
-	if err != nil {
-		return err
-	}
-	masked := make([]byte, len(payload))
-	for i, b := range payload {
-		masked[i] = b ^ key[i%4]
-	}
-	_, err = w.conn.Write(masked)
+	_, err := w.conn.Write(maskedFrame(0x80|op, payload))
 	return err
 }
 

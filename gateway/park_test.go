@@ -2,7 +2,6 @@ package gateway_test
 
 import (
 	"context"
-	"crypto/rand"
 	"encoding/binary"
 	"fmt"
 	"runtime"
@@ -14,24 +13,6 @@ import (
 	"github.com/liveedge/liveedge/gateway/nodetest"
 	"github.com/liveedge/liveedge/gateway/proto"
 )
-
-// maskedFrame is a client frame with first byte b0 (FIN, opcode).
-func maskedFrame(b0 byte, payload string) []byte {
-	var key [4]byte
-	_, _ = rand.Read(key[:])
-	f := []byte{b0}
-	if n := len(payload); n < 126 {
-		f = append(f, 0x80|byte(n))
-	} else {
-		f = append(f, 0x80|126)
-		f = binary.BigEndian.AppendUint16(f, uint16(n))
-	}
-	f = append(f, key[:]...)
-	for i := 0; i < len(payload); i++ {
-		f = append(f, payload[i]^key[i%4])
-	}
-	return f
-}
 
 // reply reads until the reply to id.
 func (w *tcpWS) reply(id int) (string, error) {
@@ -97,7 +78,7 @@ func TestIdleReadersParked(t *testing.T) {
 			waitReaders(t, n, 0)
 		}
 		// One frame, its header cut, the reader parked in between.
-		f := maskedFrame(0x81, `{"t":"ping","id":7,"d":{}}`)
+		f := maskedFrame(0x81, []byte(`{"t":"ping","id":7,"d":{}}`))
 		parked()
 		_, _ = w.conn.Write(f[:3])
 		parked()
@@ -106,14 +87,14 @@ func TestIdleReadersParked(t *testing.T) {
 			t.Fatalf("conn %d: frame in two: %v", i, err)
 		}
 		// A message in two fragments with a ping between them.
-		_, _ = w.conn.Write(maskedFrame(0x01, `{"t":"ping",`))
+		_, _ = w.conn.Write(maskedFrame(0x01, []byte(`{"t":"ping",`)))
 		parked()
-		_, _ = w.conn.Write(maskedFrame(0x89, "q"))
+		_, _ = w.conn.Write(maskedFrame(0x89, []byte("q")))
 		if p, err := w.next(opPong, 5*time.Second); err != nil || string(p) != "q" {
 			t.Fatalf("conn %d: pong between fragments %q %v", i, p, err)
 		}
 		parked()
-		_, _ = w.conn.Write(maskedFrame(0x80, `"id":8,"d":{}}`))
+		_, _ = w.conn.Write(maskedFrame(0x80, []byte(`"id":8,"d":{}}`)))
 		if _, err := w.reply(8); err != nil {
 			t.Fatalf("conn %d: fragmented message: %v", i, err)
 		}
@@ -199,7 +180,7 @@ func TestReaderRefusesBadFrames(t *testing.T) {
 	cfg.WS.ReadParkAfter = configsDuration(20 * time.Millisecond)
 	n := nodetest.Start(t, cfg)
 	unmasked := []byte{0x81, 0x02, '{', '}'}
-	big := maskedFrame(0x81, "")
+	big := maskedFrame(0x81, []byte(""))
 	big[1] = 0x80 | 127
 	big = append(big[:2], binary.BigEndian.AppendUint64(nil, uint64(cfg.WS.MaxFrameHardBytes)+1)...)
 	big = append(big, 1, 2, 3, 4)
@@ -209,10 +190,10 @@ func TestReaderRefusesBadFrames(t *testing.T) {
 		code  int
 	}{
 		{"unmasked", unmasked, 1002},
-		{"reserved bit", maskedFrame(0xc1, "{}"), 1002},
-		{"opcode 3", maskedFrame(0x83, ""), 1002},
-		{"fragmented ping", maskedFrame(0x09, ""), 1002},
-		{"continuation first", maskedFrame(0x80, "x"), 1002},
+		{"reserved bit", maskedFrame(0xc1, []byte("{}")), 1002},
+		{"opcode 3", maskedFrame(0x83, []byte("")), 1002},
+		{"fragmented ping", maskedFrame(0x09, []byte("")), 1002},
+		{"continuation first", maskedFrame(0x80, []byte("x")), 1002},
 		{"over the hard limit", big, proto.CloseTooBig},
 	}
 	for i, tc := range cases {

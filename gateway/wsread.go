@@ -36,9 +36,9 @@ type wsReader struct {
 	rc    syscall.RawConn // nil: not a socket (plain blocking reads, never parked)
 	key   uint64          // the poller's name for this reader
 	state atomic.Int32    // readerRunning, readerParked
-	// kicked: the node closed or half-closed the socket; the reader no
-	// longer parks and waits at most closeLinger from kickedAt.
-	kicked   atomic.Bool
+	// kickedAt (unix ns, 0 = not kicked): when the node closed or
+	// half-closed the socket; the reader then no longer parks and waits at
+	// most closeLinger from it.
 	kickedAt atomic.Int64
 	armed    bool // registered with the poller (reader goroutine only)
 	// waitUntil is the read deadline (unix ns) the last wait set, 0 none
@@ -91,17 +91,15 @@ var readerKeys atomic.Uint64
 // kick tells the reader the node closed (or half-closed) the socket: a
 // parked reader is woken to see it, a running one stops parking.
 func (r *wsReader) kick() {
-	if !r.kicked.Load() {
-		// kickedAt first: whoever sees kicked finds it set.
-		r.kickedAt.CompareAndSwap(0, time.Now().UnixNano())
-		r.kicked.Store(true)
-	}
-	if r.state.CompareAndSwap(readerParked, readerRunning) {
-		go r.run(false)
-	}
+	r.kickedAt.CompareAndSwap(0, time.Now().UnixNano())
+	r.wake()
 }
 
-// wake is the poller's: the socket has bytes (or ended).
+// kicked reports whether the node closed or half-closed the socket.
+func (r *wsReader) kicked() bool { return r.kickedAt.Load() != 0 }
+
+// wake is the poller's (the socket has bytes, or ended) and kick's: a
+// parked reader gets a goroutine.
 func (r *wsReader) wake() {
 	if r.state.CompareAndSwap(readerParked, readerRunning) {
 		go r.run(false)
@@ -116,9 +114,7 @@ func (r *wsReader) run(open bool) {
 	if open {
 		s.OnOpen(r.c.ws)
 		if len(r.part) > 0 { // what the client sent with the upgrade request
-			early := r.part
-			r.part = nil
-			if err := r.feed(early); err != nil {
+			if err := r.feed(nil); err != nil {
 				r.end(err)
 				return
 			}
@@ -184,7 +180,7 @@ func (r *wsReader) fill(p []byte) (int, error) {
 		// (corkConn.Close) is left alone. The runtime
 		// refuses even a read that would not wait once a deadline passed,
 		// so one is in place, and not passed, before every read.
-		kicked := r.kicked.Load()
+		kicked := r.kicked()
 		switch {
 		case kicked:
 			_ = r.nc.SetReadDeadline(time.Unix(0, r.kickedAt.Load()).Add(closeLinger))
@@ -202,7 +198,7 @@ func (r *wsReader) fill(p []byte) (int, error) {
 			return r.result()
 		}
 		if mayPark && errors.Is(err, os.ErrDeadlineExceeded) {
-			if !r.kicked.Load() {
+			if !r.kicked() {
 				return 0, errNothing
 			}
 			if !kicked { // kicked while waiting: wait out the linger
@@ -249,7 +245,7 @@ func (r *wsReader) read(fd uintptr) bool {
 // one touches nothing of it but what it owns by a successful CAS back.
 func (r *wsReader) park() bool {
 	pp := parkPoller()
-	if pp == nil || r.kicked.Load() {
+	if pp == nil || r.kicked() {
 		return false
 	}
 	again := r.armed
@@ -275,7 +271,7 @@ func (r *wsReader) park() bool {
 		r.armed = again
 		return false
 	}
-	if r.kicked.Load() && r.state.CompareAndSwap(readerParked, readerRunning) {
+	if r.kicked() && r.state.CompareAndSwap(readerParked, readerRunning) {
 		return false // kicked in between; the poller's event, if any, finds it running
 	}
 	return true
