@@ -69,6 +69,13 @@ type Node struct {
 	// BlockCacheMB is the ledger's (Pebble's) cache for table blocks, in
 	// MiB, beside its two 32 MiB memtables (0 = 128).
 	BlockCacheMB int `yaml:"block_cache_mb"`
+	// IdleRelease: once the garbage collector has not run for this long (the
+	// node is idle) and a collection would give back ≥ 4 MiB and ≥ a quarter
+	// of the live heap (garbage since the last one + free pages), the node
+	// collects once and returns the free pages to the OS (0 = never). With gogc 400 an idle node would
+	// otherwise keep up to five times its live heap, e.g. a ramp's or a
+	// reconnect storm's garbage, for as long as it stays idle.
+	IdleRelease Duration `yaml:"idle_release"`
 }
 
 // HTTP is the Hertz API listener.
@@ -465,6 +472,7 @@ func (c *Config) Validate() error {
 	check(c.Tickets.MaxPrograms > 0, "tickets.max_programs must be > 0")
 	check(c.Tickets.MaxSeats > 0 && c.Tickets.MaxSeats <= 1_000_000, "tickets.max_seats must be 1..1000000")
 	check(c.Node.GOGC >= 0, "node.gogc must be >= 0")
+	check(c.Node.IdleRelease.D() >= 0, "node.idle_release must be >= 0")
 	check(c.Node.BlockCacheMB >= 0 && c.Node.BlockCacheMB <= 1<<20, "node.block_cache_mb must be between 0 and 1048576")
 	check(c.RedPacket.Pool == "memory" || c.RedPacket.Pool == "redis-list", "redpacket.pool must be memory or redis-list")
 	check(c.RedPacket.Pool != "redis-list" || c.Redis.Addr != "", "redis.addr is required when redpacket.pool is redis-list")

@@ -26,10 +26,17 @@ type Identity struct {
 // Auth issues and verifies HS256 JWTs (PROTOCOL.md §1).
 type Auth struct {
 	secret []byte
+	parser *jwt.Parser // its options are read-only after construction: shared by every Verify
+	key    jwt.Keyfunc
 }
 
 // NewAuth returns an Auth with secret.
-func NewAuth(secret string) *Auth { return &Auth{secret: []byte(secret)} }
+func NewAuth(secret string) *Auth {
+	a := &Auth{secret: []byte(secret),
+		parser: jwt.NewParser(jwt.WithValidMethods([]string{"HS256"}), jwt.WithExpirationRequired())}
+	a.key = func(*jwt.Token) (any, error) { return a.secret, nil }
+	return a
+}
 
 type claims struct {
 	Role string `json:"role"`
@@ -54,8 +61,7 @@ var errBadToken = errors.New("bad token")
 // Verify parses and checks a token.
 func (a *Auth) Verify(tok string) (Identity, error) {
 	var c claims
-	_, err := jwt.ParseWithClaims(tok, &c, func(*jwt.Token) (any, error) { return a.secret, nil },
-		jwt.WithValidMethods([]string{"HS256"}), jwt.WithExpirationRequired())
+	_, err := a.parser.ParseWithClaims(tok, &c, a.key)
 	if err != nil {
 		return Identity{}, errBadToken
 	}

@@ -83,8 +83,10 @@ type Node struct {
 	idemDone chan struct{} // closed when expireIdemLoop has returned
 	stopSync chan struct{} // cluster: stops the room replica's Sync loop
 	syncDone chan struct{}
-	draining atomic.Bool
-	closed   atomic.Bool
+	// stopRelease ends the idle memory release (node.idle_release).
+	stopRelease, releaseDone chan struct{}
+	draining                 atomic.Bool
+	closed                   atomic.Bool
 }
 
 // RoomEventsStream is the JetStream stream of room lifecycle events
@@ -291,6 +293,18 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 	n.API = newAPI(n, auth)
 	n.stopIdem, n.idemDone = make(chan struct{}), make(chan struct{})
 	go n.expireIdemLoop()
+	if d := cfg.Node.IdleRelease.D(); d > 0 {
+		r := newIdleRelease(d)
+		n.metrics.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Namespace: "liveedge", Name: "idle_memory_releases_total", ConstLabels: prometheus.Labels{"node": cfg.Node.ID},
+			Help: "Times the idle node returned its free heap to the OS (node.idle_release).",
+		}, func() float64 { return float64(r.releases.Load()) }))
+		n.stopRelease, n.releaseDone = make(chan struct{}), make(chan struct{})
+		go func() {
+			defer close(n.releaseDone)
+			r.run(n.stopRelease)
+		}()
+	}
 	return n, nil
 }
 
@@ -611,6 +625,10 @@ func (n *Node) closeBackends() error {
 	if n.stopIdem != nil {
 		close(n.stopIdem)
 		<-n.idemDone // an expiry in progress finishes before the ledger and store close
+	}
+	if n.stopRelease != nil {
+		close(n.stopRelease)
+		<-n.releaseDone
 	}
 	if n.Tickets != nil {
 		n.Tickets.Close()

@@ -267,9 +267,15 @@ type Result struct {
 	Errors                int64    `json:"errors"`
 	ErrorSamples          []string `json:"error_samples,omitempty"`
 
-	NodeRSSBefore     int64   `json:"node_rss_before_bytes,omitempty"`
-	NodeRSSAfter      int64   `json:"node_rss_after_bytes,omitempty"`
-	NodeRSSPerConn    float64 `json:"node_rss_per_conn_bytes,omitempty"`
+	NodeRSSBefore  int64   `json:"node_rss_before_bytes,omitempty"`
+	NodeRSSAfter   int64   `json:"node_rss_after_bytes,omitempty"`
+	NodeRSSPerConn float64 `json:"node_rss_per_conn_bytes,omitempty"`
+	// NodeRSSEnd is the node's RSS at the end of the hold, every connection
+	// still held (-client raw): what it settles at once the ramp's garbage
+	// is collected (node.idle_release), where NodeRSSAfter is the highest
+	// sample (-procs) or the one right after the ramp.
+	NodeRSSEnd        int64   `json:"node_rss_end_bytes,omitempty"`
+	NodeRSSEndPerConn float64 `json:"node_rss_end_per_conn_bytes,omitempty"`
 	NodeCPUCores      float64 `json:"node_cpu_cores"` // the node's CPU over the hold / publish phase, in cores (with NodePID)
 	LoadgenRSSBefore  int64   `json:"loadgen_rss_before_bytes"`
 	LoadgenRSSAfter   int64   `json:"loadgen_rss_after_bytes"`

@@ -65,7 +65,7 @@ func TestFanoutInProcess(t *testing.T) {
 	if back.Deliveries != res.Deliveries || back.P99Ms != res.P99Ms || len(back.LatencyBuckets) == 0 {
 		t.Fatalf("JSON round trip: %+v", back)
 	}
-	m := loadtest.Merge([]*loadtest.Result{back, back}, 0, 0)
+	m := loadtest.Merge([]*loadtest.Result{back, back}, 0, 0, 0)
 	// each process accounts its own viewers: the expected deliveries add up
 	if m.Deliveries != 2*res.Deliveries || m.Expected != 2*res.Expected || m.Missing != 0 || m.P50Ms != res.P50Ms {
 		t.Fatalf("merge: %+v", m)
@@ -117,7 +117,7 @@ func TestLateJoinerProcess(t *testing.T) {
 	if late.NotExpectedBeforeJoin == 0 || late.Expected == 0 || late.Expected+late.NotExpected != late.Viewers*late.Published {
 		t.Fatalf("late viewers: expected %d, not expected %d (before join %d) of %d × %d", late.Expected, late.NotExpected, late.NotExpectedBeforeJoin, late.Viewers, late.Published)
 	}
-	m := loadtest.Merge([]*loadtest.Result{pub, late}, 0, 0)
+	m := loadtest.Merge([]*loadtest.Result{pub, late}, 0, 0, 0)
 	m.WriteSummary(testWriter{t})
 	if m.Missing != 0 || m.LostViewers != 0 || m.Deliveries != m.Expected || m.Gaps != 0 || m.Duplicates != 0 || m.Errors != 0 {
 		t.Fatalf("merged: delivered %d of %d expected, lost %d, gaps %d, duplicates %d, errors %d %v",
@@ -324,7 +324,7 @@ func TestIdleRawInProcess(t *testing.T) {
 	if seen.Load() != conns {
 		t.Fatalf("the node saw at most %d connections", seen.Load())
 	}
-	if res.NodeRSSAfter <= 0 || res.LoadgenRSSAfter <= 0 {
+	if res.NodeRSSAfter <= 0 || res.LoadgenRSSAfter <= 0 || res.NodeRSSEnd <= 0 || res.NodeRSSEndPerConn == 0 {
 		t.Fatalf("RSS not measured: %+v", res)
 	}
 	// every connection closed at the end
@@ -473,7 +473,7 @@ func TestMoneyTotals(t *testing.T) {
 					t.Fatalf("share %d: %v %q, errors %v", i, p.Conserved, p.ConservationNote, p.ErrorSamples)
 				}
 			}
-			res := loadtest.Merge(parts, 0, 0)
+			res := loadtest.Merge(parts, 0, 0, 0)
 			mt.Check(ctx, res, parts, 0)
 			t.Log(res.ConservationNote)
 			if res.Conserved == nil || !*res.Conserved || res.Replies == 0 {

@@ -222,6 +222,11 @@ wait:
 	}
 	progress.Stop()
 	hold.Stop()
+	if cfg.NodePID > 0 {
+		if v, err := RSS(cfg.NodePID); err == nil {
+			res.setNodeEnd(v, rc.held.Load())
+		}
+	}
 	rc.holding.Store(false)
 	res.RunSeconds = time.Since(t1).Seconds()
 	if cfg.NodePID > 0 {

@@ -7,6 +7,15 @@ import (
 	"os"
 )
 
+// setNodeEnd records the node's RSS at the end of the hold with held
+// connections (see NodeRSSEnd).
+func (res *Result) setNodeEnd(rss, held int64) {
+	res.NodeRSSEnd = rss
+	if held > 0 && res.NodeRSSBefore > 0 {
+		res.NodeRSSEndPerConn = float64(rss-res.NodeRSSBefore) / float64(held)
+	}
+}
+
 // WriteSummary prints the figures for a person.
 func (res *Result) WriteSummary(w io.Writer) {
 	fmt.Fprintf(w, "scenario %s, %d process(es)\n", res.Scenario, res.Procs)
@@ -15,6 +24,10 @@ func (res *Result) WriteSummary(w io.Writer) {
 	if res.NodeRSSAfter > 0 {
 		fmt.Fprintf(w, "  node RSS      %.1f → %.1f MiB: %.1f KiB per connection\n",
 			mib(res.NodeRSSBefore), mib(res.NodeRSSAfter), res.NodeRSSPerConn/1024)
+	}
+	if res.NodeRSSEnd > 0 {
+		fmt.Fprintf(w, "  node RSS end  %.1f MiB at the hold's end, connections held: %.1f KiB per connection\n",
+			mib(res.NodeRSSEnd), res.NodeRSSEndPerConn/1024)
 	}
 	if res.NodeRSSAfter > 0 {
 		fmt.Fprintf(w, "  node CPU      %.3f cores over the run phase (%.1f s)\n", res.NodeCPUCores, res.RunSeconds)
@@ -98,7 +111,7 @@ func ReadJSON(path string) (*Result, error) {
 // the sums. The node's RSS is the one measured by the process that saw the
 // most connections (nodeAfter, when > 0, overrides it: sampled by the parent
 // once every process had ramped).
-func Merge(parts []*Result, nodeBefore, nodeAfter int64) *Result {
+func Merge(parts []*Result, nodeBefore, nodeAfter, nodeEnd int64) *Result {
 	out := &Result{Procs: len(parts)}
 	var lat, recon, join Hist
 	for _, p := range parts {
@@ -186,6 +199,9 @@ func Merge(parts []*Result, nodeBefore, nodeAfter int64) *Result {
 		if nodeAfter > 0 {
 			out.NodeRSSBefore, out.NodeRSSAfter = nodeBefore, nodeAfter
 			out.NodeRSSPerConn = float64(nodeAfter-nodeBefore) / float64(out.Conns)
+		}
+		if nodeEnd > 0 {
+			out.setNodeEnd(nodeEnd, out.Conns)
 		}
 	}
 	out.LatencyBuckets, out.LatencyMaxUS = lat.Buckets(), lat.MaxUS()

@@ -230,7 +230,10 @@ func runProcs(ctx context.Context, fs *flag.FlagSet, cfg loadtest.Config, procs 
 	// The parent samples the node's RSS every 500 ms while the children run
 	// and keeps the highest: with every connection held (a child whose ramp
 	// runs late still counts; a single sample at the planned start did not).
-	var nodePeak int64
+	// It also keeps the last sample before the hold ends (every connection
+	// still held): the RSS the node settles at.
+	var nodePeak, nodeEnd int64
+	holdEnd := start.Add(cfg.Duration - 500*time.Millisecond)
 	sampleDone := make(chan struct{})
 	childrenDone := make(chan struct{})
 	if cfg.NodePID > 0 {
@@ -246,8 +249,13 @@ func runProcs(ctx context.Context, fs *flag.FlagSet, cfg loadtest.Config, procs 
 				case <-ctx.Done():
 					return
 				}
-				if v, err := loadtest.RSS(cfg.NodePID); err == nil && v > nodePeak {
-					nodePeak = v
+				v, err := loadtest.RSS(cfg.NodePID)
+				if err != nil {
+					continue
+				}
+				nodePeak = max(nodePeak, v)
+				if time.Now().Before(holdEnd) {
+					nodeEnd = v
 				}
 			}
 		}()
@@ -350,7 +358,7 @@ func runProcs(ctx context.Context, fs *flag.FlagSet, cfg loadtest.Config, procs 
 	if len(ok) == 0 {
 		return nil, fmt.Errorf("every process failed")
 	}
-	res := loadtest.Merge(ok, nodeBefore, nodePeak)
+	res := loadtest.Merge(ok, nodeBefore, nodePeak, nodeEnd)
 	res.Procs = procs
 	if money {
 		totals.Check(ctx, res, ok, missing)

@@ -114,7 +114,7 @@ func (rep *Report) Markdown(w io.Writer) {
 
 	if len(rep.Loadgen) > 0 {
 		fmt.Fprintf(w, "\n## Load generator runs (cmd/loadgen, against a fresh node each)\n\n")
-		fmt.Fprintf(w, "| scenario | connections | failed | node RSS/conn | node CPU (cores) | loadgen RSS/conn | rate | p50 / p99 / max ms | gaps / dups | errors | file |\n|---|---:|---:|---:|---:|---:|---:|---|---|---:|---|\n")
+		fmt.Fprintf(w, "| scenario | connections | failed | node RSS/conn (peak; at the hold's end) | node CPU (cores) | loadgen RSS/conn | rate | p50 / p99 / max ms | gaps / dups | errors | file |\n|---|---:|---:|---:|---:|---:|---:|---|---|---:|---|\n")
 		for _, lg := range rep.Loadgen {
 			r := lg.Result
 			rate := "—"
@@ -131,6 +131,9 @@ func (rep *Report) Markdown(w io.Writer) {
 			node := "—"
 			if r.NodeRSSPerConn > 0 {
 				node = fmt.Sprintf("%.1f KiB", r.NodeRSSPerConn/1024)
+				if r.NodeRSSEndPerConn > 0 {
+					node += fmt.Sprintf("; %.1f KiB", r.NodeRSSEndPerConn/1024)
+				}
 			}
 			fmt.Fprintf(w, "| %s | %s | %d | %s | %.3f | %.1f KiB | %s | %s | %d / %d | %d | %s |\n", r.Scenario, thousands(float64(r.Conns)), r.ConnErrors,
 				node, r.NodeCPUCores, r.LoadgenRSSPerConn/1024, rate, lat, r.Gaps, r.Duplicates, r.Errors, lg.File)
