@@ -23,8 +23,12 @@ SKIP_BARE=${SKIP_BARE:-}
 DATA=$(mktemp -d)
 trap 'rm -rf "$DATA"' EXIT
 
+# Viewers' tokens are signed by the loadgen with the dev secret of
+# configs/single.yaml, as an app's backend would issue them (the bare server
+# ignores them): neither server's figures include minting tokens.
+SECRET=liveedge-dev-secret-change-me
 lg() { # name http ws pid
-	bin/loadgen -scenario idle -http "$2" -ws "$3" -conns "$CONNS" -procs "$PROCS" -ramp "$RAMP" \
+	bin/loadgen -scenario idle -http "$2" -ws "$3" -conns "$CONNS" -procs "$PROCS" -ramp "$RAMP" -token-secret "$SECRET" \
 		-duration "$HOLD" -node-pid "$4" -q -json "$OUT/$1-$CONNS.json" | sed "s/^/[$1] /"
 }
 stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }

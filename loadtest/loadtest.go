@@ -26,6 +26,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/golang-jwt/jwt/v5"
+
 	"github.com/liveedge/liveedge/clientsdk"
 )
 
@@ -81,6 +83,12 @@ type Config struct {
 	NodePID   int           // sample this process's RSS (the node)
 	KillPID   int           // reconnect-storm: SIGKILL this process after KillAfter
 	KillAfter time.Duration
+
+	// TokenSecret, when set, is the nodes' JWT secret: viewers' tokens are
+	// signed here, as an app's backend would issue them, instead of asked
+	// of the nodes' dev endpoint (whose HTTP work would then count in the
+	// node's figures during the ramp).
+	TokenSecret string
 
 	// NoPublish: this process has no publishers (-procs: only the first has).
 	NoPublish bool
@@ -613,7 +621,7 @@ func (r *run) open(ctx context.Context, i int, viewer bool) (*lconn, error) {
 	cfg := &r.cfg
 	node := i % len(cfg.WS)
 	user := cfg.UserBase + int64(i)
-	tok, err := DevToken(ctx, r.http, cfg.HTTP[node%len(cfg.HTTP)], user, "viewer")
+	tok, err := r.viewerToken(ctx, cfg.HTTP[node%len(cfg.HTTP)], user)
 	if err != nil {
 		return nil, err
 	}
@@ -877,6 +885,24 @@ func (r *run) closeAll(conns []*lconn) {
 		}()
 	}
 	wg.Wait()
+}
+
+// viewerToken is a viewer's token for user: signed here with
+// Config.TokenSecret, or else minted by the node at base (DevToken).
+func (r *run) viewerToken(ctx context.Context, base string, user int64) (string, error) {
+	if r.cfg.TokenSecret != "" {
+		return MintToken(r.cfg.TokenSecret, user, "viewer", 24*time.Hour)
+	}
+	return DevToken(ctx, r.http, base, user, "viewer")
+}
+
+// MintToken signs an HS256 token for user with role, valid for ttl, with the
+// claims a node verifies (PROTOCOL.md §1: sub, role, iat, exp).
+func MintToken(secret string, user int64, role string, ttl time.Duration) (string, error) {
+	now := time.Now()
+	return jwt.NewWithClaims(jwt.SigningMethodHS256, jwt.MapClaims{
+		"sub": strconv.FormatInt(user, 10), "role": role, "iat": now.Unix(), "exp": now.Add(ttl).Unix(),
+	}).SignedString([]byte(secret))
 }
 
 // DevToken mints a token for user with role from a node's /api/v1/dev/token

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/liveedge/liveedge/configs"
+	"github.com/liveedge/liveedge/gateway"
 	"github.com/liveedge/liveedge/gateway/nodetest"
 	"github.com/liveedge/liveedge/loadtest"
 )
@@ -302,6 +303,9 @@ func TestIdleRawInProcess(t *testing.T) {
 		Duration: 6 * time.Second,
 		SrcIPs:   2,
 		NodePID:  os.Getpid(),
+		// tokens signed here, as an app backend would (the other
+		// scenarios' tests take them from the dev endpoint)
+		TokenSecret: n.Config.Auth.JWTSecret,
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -489,5 +493,21 @@ func TestMoneyTotals(t *testing.T) {
 				t.Fatalf("a missing share passed: %q", short.ConservationNote)
 			}
 		})
+	}
+}
+
+// A token signed by the loadgen (-token-secret) is one the node accepts.
+func TestMintTokenVerifies(t *testing.T) {
+	const secret = "a-test-secret-of-thirty-two-bytes!"
+	tok, err := loadtest.MintToken(secret, 42, "viewer", time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, err := gateway.NewAuth(secret).Verify(tok)
+	if err != nil || id.UserID != 42 || id.Role != "viewer" {
+		t.Fatalf("verify: %+v %v", id, err)
+	}
+	if _, err := gateway.NewAuth(secret + "x").Verify(tok); err == nil {
+		t.Fatal("verified with another secret")
 	}
 }

@@ -302,7 +302,7 @@ func (rc *rawClient) dial(ctx context.Context, c *rawConn) {
 	cfg := &r.cfg
 	c.state.Store(rawDialing)
 	if c.token == "" {
-		tok, err := DevToken(ctx, r.http, cfg.HTTP[int(c.idx)%len(cfg.HTTP)], cfg.UserBase+int64(c.idx), "viewer")
+		tok, err := r.viewerToken(ctx, cfg.HTTP[int(c.idx)%len(cfg.HTTP)], cfg.UserBase+int64(c.idx))
 		if err != nil {
 			rc.retry(c, fmt.Errorf("token: %w", err))
 			return

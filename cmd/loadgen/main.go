@@ -61,6 +61,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	fs.IntVar(&cfg.Payload, "payload", 100, "chat text bytes")
 	fs.DurationVar(&cfg.Heartbeat, "heartbeat", 0, "client heartbeat interval (0: half the server's; negative: none)")
 	fs.IntVar(&cfg.NodePID, "node-pid", 0, "pid of the node process: report its RSS per connection")
+	fs.StringVar(&cfg.TokenSecret, "token-secret", "", "the nodes' JWT secret (a dev or test node's): sign viewers' tokens here, as an app backend would, instead of asking /api/v1/dev/token")
 	fs.IntVar(&cfg.KillPID, "kill-pid", 0, "reconnect-storm: SIGKILL this node process")
 	fs.DurationVar(&cfg.KillAfter, "kill-after", 2*time.Second, "reconnect-storm: kill this long into the run")
 	fs.DurationVar(&cfg.Drain, "drain", 0, "wait this long at most for late pushes / reconnects (default 3s, storm 30s)")
