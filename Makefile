@@ -31,6 +31,7 @@ build:
 	$(GO) build -o $(BIN)/loadgen ./cmd/loadgen
 	$(GO) build -o $(BIN)/wrkwebhook ./cmd/wrkwebhook
 	$(GO) build -o $(BIN)/benchreport ./cmd/benchreport
+	$(GO) build -o $(BIN)/bareserver ./cmd/bareserver
 
 # Everything CI runs: static checks, every test under -race (then the timing
 # tests again without it), a short fuzz run
@@ -109,9 +110,10 @@ BENCH_FANOUT_10K_PUSHES ?= 200
 
 bench: tools build
 	rm -rf $(BENCH_TMP) && mkdir -p $(BENCH_TMP)/loadgen
-	{ for i in $$(seq 360); do echo "$$(date +%s) $$(cat /proc/loadavg)" >> $(BENCH_TMP)/load.txt; sleep 10; done & echo $$! > $(BENCH_TMP)/load.pid; }
+	{ for i in $$(seq 480); do echo "$$(date +%s) $$(cat /proc/loadavg)" >> $(BENCH_TMP)/load.txt; sleep 10; done & echo $$! > $(BENCH_TMP)/load.pid; }
 	$(MAKE) bench-go
 	$(MAKE) bench-loadgen || echo bench-loadgen >> $(BENCH_TMP)/failed
+	$(MAKE) bench-idle-large || echo bench-idle-large >> $(BENCH_TMP)/failed
 	$(MAKE) bench-webhook || echo bench-webhook >> $(BENCH_TMP)/failed
 	kill $$(cat $(BENCH_TMP)/load.pid) 2>/dev/null; echo "$$(date +%s) $$(cat /proc/loadavg)" >> $(BENCH_TMP)/load.txt
 	$(MAKE) bench-report
@@ -149,11 +151,14 @@ bench-webhook: tools build
 # idle joined connections in one node process, spread over 2 loadgen
 # processes (20,000 files per process here), held 20 s (a heartbeat each:
 # the node's idle CPU); the next bench-report includes them.
+# Idle memory per connection at 10k and 19k in one node process, a bare gws
+# server holding the same connections right after it (loadtest/idle-compare.sh,
+# ports 18160-18171): liveedge-N.json and bare-N.json (~4 min).
+BENCH_IDLE_LARGE ?= 10000 19000
 bench-idle-large: build
 	mkdir -p $(BENCH_TMP)/loadgen
-	for n in 10000 19000; do \
-	  ./$(BIN)/loadgen -liveedge $(BIN)/liveedge -scenario idle \
-	    -conns $$n -procs 2 -ramp 1000 -duration 20s -q -json $(BENCH_TMP)/loadgen/idle-$$n.json || exit 1; done
+	for n in $(BENCH_IDLE_LARGE); do \
+	  OUT=$(BENCH_TMP)/loadgen bash loadtest/idle-compare.sh $$n 2 400 || exit 1; done
 
 # The report from what the runs above left: bench.out, $(BENCH_TMP)/.
 bench-report: build

@@ -5,6 +5,7 @@ import (
 	"image/color"
 	"path/filepath"
 	"sort"
+	"strings"
 
 	"gonum.org/v1/plot"
 	"gonum.org/v1/plot/plotter"
@@ -25,6 +26,7 @@ var palette = []color.Color{
 	color.RGBA{R: 0x1f, G: 0x77, B: 0xb4, A: 0xff}, // baseline: blue
 	color.RGBA{R: 0xff, G: 0x7f, B: 0x0e, A: 0xff}, // LiveEdge batch / loadgen: orange
 	color.RGBA{R: 0x2c, G: 0xa0, B: 0x2c, A: 0xff},
+	color.RGBA{R: 0x94, G: 0x67, B: 0xbd, A: 0xff}, // bare gws server (idle-compare): purple
 }
 
 // WritePlots draws the report's plots into dir and records them in rep.
@@ -182,9 +184,16 @@ func (rep *Report) idleSeries() []series {
 	node := series{name: "node (LiveEdge)", color: 0}
 	gen := series{name: "loadgen client (Go SDK)", color: 1, dashed: true}
 	raw := series{name: "loadgen client (raw idle, -client raw)", color: 3, dashed: true}
+	bare := series{name: "bare gws server (idle-compare)", color: 4}
 	for _, lg := range rep.Loadgen {
 		r := lg.Result
 		if lg.Scenario != "idle" || r.Conns == 0 {
+			continue
+		}
+		if strings.HasPrefix(lg.File, compareBare) {
+			if r.NodeRSSPerConn > 0 {
+				bare.pts = append(bare.pts, plotter.XY{X: float64(r.Conns), Y: r.NodeRSSPerConn / 1024})
+			}
 			continue
 		}
 		if r.NodeRSSPerConn > 0 {
@@ -201,5 +210,9 @@ func (rep *Report) idleSeries() []series {
 	sortXY(node.pts)
 	sortXY(gen.pts)
 	sortXY(raw.pts)
-	return []series{node, gen, raw}
+	if len(bare.pts) == 0 {
+		return []series{node, gen, raw}
+	}
+	sortXY(bare.pts)
+	return []series{node, gen, raw, bare}
 }

@@ -15,6 +15,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/liveedge/liveedge/loadtest"
 )
 
 // Machine is where the run happened.
@@ -200,6 +202,13 @@ func Build(in Inputs) *Report {
 		res := lg.Result
 		switch lg.Scenario {
 		case "idle":
+			if strings.HasPrefix(lg.File, compareBare) {
+				continue // the baseline of its liveedge- twin
+			}
+			if bare := compareTwin(in.Loadgen, lg.File); bare != nil {
+				rep.Figures = append(rep.Figures, idleCompared(lg, bare)...)
+				continue
+			}
 			if res.NodeRSSPerConn > 0 {
 				client := "Go SDK client"
 				if res.Client == "raw" {
@@ -233,6 +242,51 @@ func Build(in Inputs) *Report {
 		rep.Figures = append(rep.Figures, f)
 	}
 	return rep
+}
+
+// loadtest/idle-compare.sh writes liveedge-N.json and bare-N.json: a node
+// and a bare gws server holding N idle joined connections, one after the
+// other in one invocation (make bench-idle-large).
+const (
+	compareNode = "liveedge-"
+	compareBare = "bare-"
+)
+
+// compareTwin is the bare server's run beside the idle-compare node run
+// file, or nil.
+func compareTwin(runs []LoadgenRun, file string) *loadtest.Result {
+	if !strings.HasPrefix(file, compareNode) {
+		return nil
+	}
+	want := compareBare + strings.TrimPrefix(file, compareNode)
+	for _, r := range runs {
+		if r.File == want {
+			return r.Result
+		}
+	}
+	return nil
+}
+
+// idleCompared is issue 16's item 1 figure: the node's RSS per idle joined
+// connection (the run's highest sample, then at the hold's end) against a
+// bare gws server's in the same invocation, target ≤ 8 KiB.
+func idleCompared(lg LoadgenRun, bare *loadtest.Result) []Figure {
+	res := lg.Result
+	var out []Figure
+	add := func(when string, v, base float64) {
+		if v <= 0 {
+			return
+		}
+		met := v <= 8<<10
+		out = append(out, Figure{Group: "connections",
+			What: fmt.Sprintf("node RSS per idle joined connection, %s connections in one process, %s (heartbeats on; node CPU while holding them %.3f cores, bare %.3f)",
+				thousands(float64(res.Conns)), when, res.NodeCPUCores, bare.NodeCPUCores),
+			Value: v / 1024, Unit: "KiB", Baseline: "bare gws server (goroutine per connection), same invocation",
+			Base: ptr(base / 1024), Ratio: ratioOf(v, base), Target: "≤ 8 KiB", Met: &met, Source: lg.File})
+	}
+	add("highest sample of the run", res.NodeRSSPerConn, bare.NodeRSSPerConn)
+	add("at the hold's end", res.NodeRSSEndPerConn, bare.NodeRSSEndPerConn)
+	return out
 }
 
 func ptr(v float64) *float64 { return &v }

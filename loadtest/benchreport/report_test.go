@@ -209,3 +209,33 @@ func TestClusterIdleSection(t *testing.T) {
 		t.Fatalf("no cluster idle section:\n%s", b.String())
 	}
 }
+
+// idle-compare's pair (liveedge-N.json, bare-N.json) gives two figures, the
+// run's highest sample and the hold's end, each against the bare server and
+// the 8 KiB target; the bare run is no figure of its own and is drawn as its
+// own line.
+func TestIdleCompared(t *testing.T) {
+	rep := sampleReport(t)
+	node := &loadtest.Result{Scenario: "idle", Client: "raw", Conns: 10000, NodeRSSPerConn: 7 << 10, NodeRSSEndPerConn: 4 << 10}
+	bare := &loadtest.Result{Scenario: "idle", Client: "raw", Conns: 10000, NodeRSSPerConn: 16 << 10, NodeRSSEndPerConn: 16 << 10}
+	rep = Build(Inputs{Bench: rep.Bench, Loadgen: append(rep.Loadgen,
+		LoadgenRun{File: "liveedge-10000.json", Scenario: "idle", Result: node},
+		LoadgenRun{File: "bare-10000.json", Scenario: "idle", Result: bare})})
+	var got []Figure
+	for _, f := range rep.Figures {
+		if strings.HasPrefix(f.Source, "bare-") {
+			t.Fatalf("the bare run is a figure: %+v", f)
+		}
+		if f.Source == "liveedge-10000.json" {
+			got = append(got, f)
+		}
+	}
+	if len(got) != 2 || got[0].Value != 7 || *got[0].Base != 16 || got[1].Value != 4 ||
+		got[0].Met == nil || !*got[0].Met || got[0].Target != "≤ 8 KiB" || !strings.Contains(got[1].What, "hold's end") {
+		t.Fatalf("figures: %+v", got)
+	}
+	ss := rep.idleSeries()
+	if len(ss) != 4 || len(ss[3].pts) != 1 || ss[3].pts[0].Y != 16 {
+		t.Fatalf("idle series: %+v", ss)
+	}
+}
