@@ -147,13 +147,11 @@ bench-webhook: tools build
 	./$(BIN)/wrkwebhook -liveedge $(BIN)/liveedge -orders $(BENCH_WEBHOOK_ORDERS) -max-time 60s -q \
 	  -json $(BENCH_TMP)/webhook.json
 
-# Not part of `make bench` (~1.5 min, ~1.5 GB of memory): 10,000 and 19,000
-# idle joined connections in one node process, spread over 2 loadgen
-# processes (20,000 files per process here), held 20 s (a heartbeat each:
-# the node's idle CPU); the next bench-report includes them.
 # Idle memory per connection at 10k and 19k in one node process, a bare gws
 # server holding the same connections right after it (loadtest/idle-compare.sh,
-# ports 18160-18171): liveedge-N.json and bare-N.json (~4 min).
+# ports 18160-18171; ~1.5 GB of memory; 2 loadgen processes, a process may
+# hold 20,000 files here; held 20 s, a heartbeat each: the idle CPU):
+# liveedge-N.json and bare-N.json (~4 min).
 BENCH_IDLE_LARGE ?= 10000 19000
 bench-idle-large: build
 	mkdir -p $(BENCH_TMP)/loadgen

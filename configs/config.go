@@ -70,11 +70,15 @@ type Node struct {
 	// MiB, beside its two 32 MiB memtables (0 = 128).
 	BlockCacheMB int `yaml:"block_cache_mb"`
 	// IdleRelease: once the garbage collector has not run for this long (the
-	// node is idle) and a collection would give back ≥ 4 MiB and ≥ a quarter
-	// of the live heap (garbage since the last one + free pages), the node
-	// collects once and returns the free pages to the OS (0 = never). With gogc 400 an idle node would
-	// otherwise keep up to five times its live heap, e.g. a ramp's or a
-	// reconnect storm's garbage, for as long as it stays idle.
+	// node is idle) and a collection could give back ≥ 4 MiB and ≥ a quarter
+	// of the live heap (at most what was allocated since the last one, plus
+	// free pages), the node collects once and returns the free pages to the
+	// OS (0 = never); a release that no collection of the runtime's own
+	// follows doubles the wait for the next (up to 16×). With gogc 400 an
+	// idle node would otherwise keep a ramp's or a reconnect storm's garbage
+	// resident for as long as it stays idle (the runtime's 2-minute forced
+	// collection frees the objects but keeps their pages, up to about five
+	// times the live heap).
 	IdleRelease Duration `yaml:"idle_release"`
 }
 

@@ -61,11 +61,24 @@ func TestIdleReleaseReturnsFreeHeap(t *testing.T) {
 			}
 			continue
 		}
-		if got := read("/memory/classes/heap/released:bytes"); got < released+32<<20 {
-			t.Fatalf("released %d bytes, want ≥ 32 MiB more than %d", got, released)
+		if free := read("/memory/classes/heap/free:bytes"); free >= 8<<20 {
+			t.Fatalf("%d bytes of free heap kept after the release", free)
+		}
+		if got := read("/memory/classes/heap/released:bytes"); got <= released {
+			t.Fatalf("released %d bytes, no more than the %d before", got, released)
 		}
 		if r.releases.Load() != 1 || r.look(t0.Add(2*after)) {
 			t.Fatalf("releases %d; a second release right after the first", r.releases.Load())
+		}
+		// A release that no collection of the runtime's own follows doubles
+		// the wait for the next; the runtime's own collection resets it.
+		if r.wait != 2*after {
+			t.Fatalf("wait after a release %v, want %v", r.wait, 2*after)
+		}
+		runtime.GC()
+		r.look(t0.Add(3 * after))
+		if r.wait != after {
+			t.Fatalf("wait after the runtime's own collection %v, want %v", r.wait, after)
 		}
 		return
 	}

@@ -21,7 +21,10 @@ mkdir -p "$OUT"
 NODE_BIN=${NODE_BIN:-bin/liveedge} # e.g. a build of an earlier commit, for before/after
 SKIP_BARE=${SKIP_BARE:-}
 DATA=$(mktemp -d)
-trap 'rm -rf "$DATA"' EXIT
+NODE= BARE=
+# a failed run still stops its server (make bench goes on to other runs)
+trap 'kill $NODE $BARE 2>/dev/null; rm -rf "$DATA"' EXIT
+rm -f "$OUT/liveedge-$CONNS.json" "$OUT/bare-$CONNS.json" # no stale twin for the report
 
 # Viewers' tokens are signed by the loadgen with the dev secret of
 # configs/single.yaml, as an app's backend would issue them (the bare server

@@ -278,10 +278,11 @@ type Result struct {
 	NodeRSSBefore  int64   `json:"node_rss_before_bytes,omitempty"`
 	NodeRSSAfter   int64   `json:"node_rss_after_bytes,omitempty"`
 	NodeRSSPerConn float64 `json:"node_rss_per_conn_bytes,omitempty"`
-	// NodeRSSEnd is the node's RSS at the end of the hold, every connection
-	// still held (-client raw): what it settles at once the ramp's garbage
-	// is collected (node.idle_release), where NodeRSSAfter is the highest
-	// sample (-procs) or the one right after the ramp.
+	// NodeRSSEnd is the node's RSS at the end of an idle hold, every
+	// connection still held (sampled by the -procs parent, or by -client
+	// raw): what it settles at once the ramp's garbage is collected
+	// (node.idle_release), where NodeRSSAfter is the highest sample (-procs)
+	// or the one right after the ramp.
 	NodeRSSEnd        int64   `json:"node_rss_end_bytes,omitempty"`
 	NodeRSSEndPerConn float64 `json:"node_rss_end_per_conn_bytes,omitempty"`
 	NodeCPUCores      float64 `json:"node_cpu_cores"` // the node's CPU over the hold / publish phase, in cores (with NodePID)
@@ -537,6 +538,11 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	}
 	pwg.Wait()
 	<-runCtx.Done()
+	if cfg.Scenario == Idle && cfg.NodePID > 0 {
+		if v, err := RSS(cfg.NodePID); err == nil {
+			res.setNodeEnd(v, r.conns.Load()) // the connections are still open
+		}
+	}
 	res.RunSeconds = time.Since(t1).Seconds()
 	if cfg.NodePID > 0 {
 		if cpu1, err := CPUTime(cfg.NodePID); err == nil && cpu0 > 0 && res.RunSeconds > 0 {

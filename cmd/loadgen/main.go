@@ -231,8 +231,8 @@ func runProcs(ctx context.Context, fs *flag.FlagSet, cfg loadtest.Config, procs 
 	// The parent samples the node's RSS every 500 ms while the children run
 	// and keeps the highest: with every connection held (a child whose ramp
 	// runs late still counts; a single sample at the planned start did not).
-	// It also keeps the last sample before the hold ends (every connection
-	// still held): the RSS the node settles at.
+	// Idle: it also keeps the last sample before the hold ends (every
+	// connection still held): the RSS the node settles at.
 	var nodePeak, nodeEnd int64
 	holdEnd := start.Add(cfg.Duration - 500*time.Millisecond)
 	sampleDone := make(chan struct{})
@@ -255,7 +255,7 @@ func runProcs(ctx context.Context, fs *flag.FlagSet, cfg loadtest.Config, procs 
 					continue
 				}
 				nodePeak = max(nodePeak, v)
-				if time.Now().Before(holdEnd) {
+				if cfg.Scenario == loadtest.Idle && time.Now().Before(holdEnd) {
 					nodeEnd = v
 				}
 			}

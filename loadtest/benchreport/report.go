@@ -282,7 +282,7 @@ func idleCompared(lg LoadgenRun, bare *loadtest.Result) []Figure {
 			What: fmt.Sprintf("node RSS per idle joined connection, %s connections in one process, %s (heartbeats on; node CPU while holding them %.3f cores, bare %.3f)",
 				thousands(float64(res.Conns)), when, res.NodeCPUCores, bare.NodeCPUCores),
 			Value: v / 1024, Unit: "KiB", Baseline: "bare gws server (goroutine per connection), same invocation",
-			Base: ptr(base / 1024), Ratio: ratioOf(v, base), Target: "≤ 8 KiB", Met: &met, Source: lg.File})
+			Base: basePtr(base / 1024), Ratio: ratioOf(v, base), Target: "≤ 8 KiB", Met: &met, Source: lg.File})
 	}
 	add("highest sample of the run", res.NodeRSSPerConn, bare.NodeRSSPerConn)
 	add("at the hold's end", res.NodeRSSEndPerConn, bare.NodeRSSEndPerConn)
@@ -290,6 +290,14 @@ func idleCompared(lg LoadgenRun, bare *loadtest.Result) []Figure {
 }
 
 func ptr(v float64) *float64 { return &v }
+
+// basePtr is a baseline's value, or nil if it was not measured.
+func basePtr(v float64) *float64 {
+	if v <= 0 {
+		return nil
+	}
+	return &v
+}
 
 func ratioOf(a, b float64) *float64 {
 	if b == 0 {
