@@ -318,6 +318,12 @@ func (s *Service) view(r *rain) View {
 	}
 	r.mu.Unlock()
 	v = viewOf(rec, v)
+	if rec.State == StateFinished {
+		// Settled while still in memory: the settlement's split (viewOf),
+		// not one computed from live counters that no longer mean a split
+		// (this overwrote it: the owner shown with Count −156, Granted 300).
+		return v
+	}
 	if rec.State == StateRunning {
 		ns.Left, _ = s.pool.Len(ctx, rec.Code)
 	}
