@@ -12,7 +12,8 @@ import (
 // metrics are one node's Prometheus metrics, on its own registry (so several
 // nodes can live in one test process).
 type metrics struct {
-	reg *prometheus.Registry
+	reg  *prometheus.Registry
+	node string
 
 	connections prometheus.Gauge
 	framesIn    prometheus.Counter
@@ -32,14 +33,18 @@ type metrics struct {
 	giftSeconds    prometheus.Histogram
 }
 
+// opts names a metric of this node: liveedge_<name>{node=...}.
+func (m *metrics) opts(name, help string) prometheus.Opts {
+	return prometheus.Opts{Namespace: "liveedge", Name: name, Help: help, ConstLabels: prometheus.Labels{"node": m.node}}
+}
+
 func newMetrics(node string, r router.Router) *metrics {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	f := func(name, help string) prometheus.Opts {
-		return prometheus.Opts{Namespace: "liveedge", Name: name, Help: help, ConstLabels: prometheus.Labels{"node": node}}
-	}
+	f := (&metrics{node: node}).opts
 	m := &metrics{
 		reg:           reg,
+		node:          node,
 		connections:   prometheus.NewGauge(prometheus.GaugeOpts(f("connections", "Open WebSocket connections."))),
 		framesIn:      prometheus.NewCounter(prometheus.CounterOpts(f("frames_in_total", "WebSocket frames read."))),
 		badFrames:     prometheus.NewCounter(prometheus.CounterOpts(f("bad_frames_total", "Client frames answered with 10001."))),

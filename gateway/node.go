@@ -295,10 +295,9 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 	go n.expireIdemLoop()
 	if d := cfg.Node.IdleRelease.D(); d > 0 {
 		r := newIdleRelease(d)
-		n.metrics.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{
-			Namespace: "liveedge", Name: "idle_memory_releases_total", ConstLabels: prometheus.Labels{"node": cfg.Node.ID},
-			Help: "Times the idle node returned its free heap to the OS (node.idle_release).",
-		}, func() float64 { return float64(r.releases.Load()) }))
+		n.metrics.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts(n.metrics.opts("idle_memory_releases_total",
+			"Times the idle node returned its free heap to the OS (node.idle_release).")),
+			func() float64 { return float64(r.releases.Load()) }))
 		n.stopRelease, n.releaseDone = make(chan struct{}), make(chan struct{})
 		go func() {
 			defer close(n.releaseDone)
