@@ -155,6 +155,7 @@ type rpShardRep struct {
 	Lease   *redpacket.LeaseRep    `json:"lease,omitempty"`
 	Packets []redpacket.Packet     `json:"packets,omitempty"`
 	Left    int                    `json:"left,omitempty"` // reclaim: unused packets the holder still has
+	Held    int                    `json:"held,omitempty"` // reclaim: packets the holder received and did not give back
 	Totals  *redpacket.ShardTotals `json:"totals,omitempty"`
 	Err     *proto.Error           `json:"err,omitempty"`
 	Fail    string                 `json:"fail,omitempty"` // a non-protocol error (close not complete)
@@ -177,8 +178,8 @@ func (n *Node) serveRedPacketShards() error {
 			return
 		}
 		if req.Op == "reclaim" && req.Reclaim != nil {
-			pk, left := n.RedPackets.ServeReclaim(*req.Reclaim)
-			respondShard(m, rpShardRep{Packets: pk, Left: left})
+			rc := n.RedPackets.ServeReclaim(*req.Reclaim)
+			respondShard(m, rpShardRep{Packets: rc.Packets, Left: rc.Left, Held: rc.Held})
 			return
 		}
 		select {
@@ -259,9 +260,9 @@ func (p rpPeers) Lease(ctx context.Context, owner string, req redpacket.LeaseReq
 	return *rep.Lease, nil
 }
 
-func (p rpPeers) Reclaim(ctx context.Context, holder string, req redpacket.ReclaimReq) ([]redpacket.Packet, int, error) {
+func (p rpPeers) Reclaim(ctx context.Context, holder string, req redpacket.ReclaimReq) (redpacket.ReclaimRep, error) {
 	rep, err := p.call(ctx, holder, rpShardReq{Op: "reclaim", Reclaim: &req})
-	return rep.Packets, rep.Left, err
+	return redpacket.ReclaimRep{Packets: rep.Packets, Left: rep.Left, Held: rep.Held}, err
 }
 
 func (p rpPeers) Close(ctx context.Context, holder, code string) (redpacket.ShardTotals, error) {

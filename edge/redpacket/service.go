@@ -148,14 +148,15 @@ type rain struct {
 
 	// Sharded (Config.Peers), on the owner: the split, the nodes packets
 	// were leased to, where each index is (0 here, else 1 + its holder),
-	// the lease log's last sequence and a reclaim round in progress.
+	// the lease log's last sequence and the reclaim rounds.
 	split      []int64
 	holders    []*holder
 	where      []uint16
 	logSeq     uint32
-	reclaiming chan struct{}
-	reclaimed  round // the outcome of the last reclaim round
-	transit    int   // leases being answered whose packets are on their way
+	rounds     uint64    // reclaim rounds started
+	reclaiming *roundRun // the round in progress
+	lastRound  *roundRun // the last round that ended
+	transit    int       // leases being answered whose packets are on their way
 }
 
 // New returns the service and restores the rains that were not finished

@@ -47,9 +47,8 @@ import (
 type Peers interface {
 	// Lease asks owner for packets of a rain (holder → owner).
 	Lease(ctx context.Context, owner string, req LeaseReq) (LeaseRep, error)
-	// Reclaim asks holder to give back unused packets (owner → holder);
-	// left is how many unused ones it still has after giving these.
-	Reclaim(ctx context.Context, holder string, req ReclaimReq) (pk []Packet, left int, err error)
+	// Reclaim asks holder to give back unused packets (owner → holder).
+	Reclaim(ctx context.Context, holder string, req ReclaimReq) (ReclaimRep, error)
 	// Close ends a rain on holder and returns its durable totals (owner →
 	// holder).
 	Close(ctx context.Context, holder, code string) (ShardTotals, error)
@@ -92,6 +91,17 @@ type ReclaimReq struct {
 	Max  int    `json:"max"`
 }
 
+// ReclaimRep is a holder's answer to a ReclaimReq: the packets it gives back,
+// how many unused ones it still has (Left) and how many it holds in all
+// (Held: received in lease answers and not given back — granted, being
+// granted or unused). Held below what the owner has leased to it means a
+// lease answer is still on its way there.
+type ReclaimRep struct {
+	Packets []Packet
+	Left    int
+	Held    int
+}
+
 // ShardTotals are a holder's durable grants of a rain.
 type ShardTotals struct {
 	Count  int   `json:"count"`
@@ -118,10 +128,11 @@ var (
 // holder is a node the owner leased packets to.
 type holder struct {
 	node    string
-	out     int   // packets leased and not returned (granted ones included)
-	granted int   // last reported
-	amount  int64 // last reported
-	top     int64 // last reported
+	out     int       // packets leased and not returned (granted ones included)
+	granted int       // last reported
+	amount  int64     // last reported
+	top     int64     // last reported
+	sentAt  time.Time // when the last lease to it was answered
 }
 
 // leaseLog is one hand-over (rec/rplease/<code>/<seq>): Idx went to Node, or
@@ -271,6 +282,7 @@ func (s *Service) ServeLease(req LeaseReq, arrived time.Time) (LeaseRep, error) 
 		r.where[p.Index] = uint16(hi + 1)
 	}
 	h.out += len(pk)
+	h.sentAt = time.Now()
 	r.mu.Unlock()
 	s.finishInflight(r, false)
 	return LeaseRep{Room: rec.Room, EndsAt: rec.EndsAt, LeftMS: time.Until(time.UnixMilli(rec.EndsAt)).Milliseconds(), Packets: pk}, nil
@@ -283,20 +295,27 @@ func (s *Service) ServeLease(req LeaseReq, arrived time.Time) (LeaseRep, error) 
 // unused packets anywhere (the pool is empty and every holder answered it has
 // none left).
 //
-// Packets on their way to a holder (another lease being answered: taken from
-// the pool, not yet in the holder's slice) are in neither place a round
-// looks at: while any are, it waits for them to arrive and looks again. A
-// lease (lease true) counts its own packets as on their way until
-// ServeLease's answer is built (the caller then calls arrived).
+// It answers "over" only after a round that found nothing anywhere
+// (round.drained): packets on their way to a holder are in neither place a
+// round looks at — a lease being answered (taken from the pool, answer not
+// built: a lease, lease true, counts its own packets so until ServeLease's
+// answer is built and the caller calls arrived), or a lease answer
+// travelling (the holder's Held behind what was leased to it) — and packets
+// another round put back after this caller looked are in the pool: it looks
+// again.
 func (s *Service) takeOrReclaim(r *rain, except string, lease bool, size func(left int) int) (pk []Packet, unsure, last bool) {
 	code := r.rec.Code // immutable while RUNNING
 	drained := false
-	for {
-		if lease {
-			r.mu.Lock()
-			r.transit++
-			r.mu.Unlock()
+	for giveUp := time.Now().Add(2 * leaseLimit); ; {
+		if time.Now().After(giveUp) {
+			return nil, true, false // never sure it is over (a holder's answers that do not add up): not over
 		}
+		r.mu.Lock()
+		if lease {
+			r.transit++
+		}
+		seen := r.rounds // a round started after this may answer for the pool's emptiness below
+		r.mu.Unlock()
 		left, _ := s.mem.Len(context.Background(), code)
 		if pk := s.mem.take(code, size(left)); len(pk) > 0 {
 			rest, _ := s.mem.Len(context.Background(), code)
@@ -308,14 +327,19 @@ func (s *Service) takeOrReclaim(r *rain, except string, lease bool, size func(le
 		if lease {
 			s.arrived(r)
 		}
-		rd := s.reclaimRound(r, except)
+		rd := s.reclaimRound(r, except, seen)
 		switch {
 		case rd.got > 0:
 			drained = rd.drained
 		case rd.failed:
 			return nil, true, false
+		case rd.drained:
+			return nil, false, false // nothing here, on the way or with a holder
 		case !s.waitTransit(r):
-			return nil, false, false
+			// A lease answer on its way, or the pool was not empty when the
+			// round began (packets put back after this caller looked):
+			// look again.
+			time.Sleep(time.Millisecond)
 		}
 	}
 }
@@ -351,27 +375,54 @@ func (s *Service) waitTransit(r *rain) bool {
 }
 
 // round is what a reclaim round did: got packets back; failed: a holder did
-// not answer; drained: every holder answered and has no unused packet left.
+// not answer; drained: when it began the pool was empty and no lease was
+// being answered, and every holder answered, has no unused packet left and
+// had every lease answer sent to it (Held) — so nothing is left anywhere
+// but what it got.
 type round struct {
 	got             int
 	failed, drained bool
 }
 
+// roundRun is one reclaim round: the holder it skipped, and its outcome once
+// done is closed.
+type roundRun struct {
+	seq    uint64
+	except string
+	done   chan struct{}
+	out    round
+}
+
 // reclaimRound takes back half of the unused packets of every holder but
-// except into the owner's pool; concurrent callers wait for the one round in
-// progress and share its outcome.
-func (s *Service) reclaimRound(r *rain, except string) round {
+// except into the owner's pool. One round runs at a time. A caller that
+// found the pool empty when seen rounds had started shares the outcome of a
+// round started after that with the same except (its targets were chosen
+// after the caller looked); otherwise it waits for the round in progress and
+// runs its own.
+func (s *Service) reclaimRound(r *rain, except string, seen uint64) (out round) {
 	r.mu.Lock()
-	if ch := r.reclaiming; ch != nil {
+	for {
+		if lr := r.lastRound; lr != nil && lr.seq > seen && lr.except == except {
+			r.mu.Unlock()
+			return lr.out
+		}
+		run := r.reclaiming
+		if run == nil {
+			break
+		}
 		r.mu.Unlock()
-		<-ch
+		<-run.done
 		r.mu.Lock()
-		defer r.mu.Unlock()
-		return r.reclaimed
 	}
-	ch := make(chan struct{})
-	r.reclaiming = ch
+	r.rounds++
+	run := &roundRun{seq: r.rounds, except: except, done: make(chan struct{})}
+	r.reclaiming = run
 	code := r.rec.Code
+	// Nothing enters the pool while this round runs but what it gets back
+	// (one round at a time; a lease puts packets back only while counted in
+	// transit), and nothing can leave an empty one.
+	left, _ := s.mem.Len(context.Background(), code)
+	empty := left == 0 && r.transit == 0
 	var targets []int
 	for i, h := range r.holders {
 		if h.node != except && h.out > h.granted {
@@ -380,15 +431,15 @@ func (s *Service) reclaimRound(r *rain, except string) round {
 	}
 	r.mu.Unlock()
 	var got atomic.Int64
-	var failed, stillHeld atomic.Bool
-	out := func() round {
-		return round{got: int(got.Load()), failed: failed.Load(), drained: !failed.Load() && !stillHeld.Load()}
-	}
+	var failed, lagging, stillHeld atomic.Bool
 	defer func() {
+		out = round{got: int(got.Load()), failed: failed.Load(),
+			drained: empty && !failed.Load() && !lagging.Load() && !stillHeld.Load()}
 		r.mu.Lock()
-		r.reclaiming, r.reclaimed = nil, out()
+		run.out = out
+		r.reclaiming, r.lastRound = nil, run
 		r.mu.Unlock()
-		close(ch)
+		close(run.done)
 	}()
 	var wg sync.WaitGroup
 	for _, hi := range targets {
@@ -399,21 +450,25 @@ func (s *Service) reclaimRound(r *rain, except string) round {
 			h := r.holders[hi]
 			r.mu.Unlock()
 			ctx, cancel := context.WithTimeout(context.Background(), reclaimLimit)
-			pk, left, err := s.cfg.Peers.Reclaim(ctx, h.node, ReclaimReq{Code: code, Max: maxLease})
+			rep, err := s.cfg.Peers.Reclaim(ctx, h.node, ReclaimReq{Code: code, Max: maxLease})
 			cancel()
 			if err != nil {
 				failed.Store(true)
 				return
 			}
-			if left > 0 {
+			if rep.Left > 0 {
 				stillHeld.Store(true)
 			}
-			if len(pk) == 0 {
-				return
+			pk := rep.Packets
+			r.mu.Lock()
+			// A lease answer not yet in the holder's slice (a holder that
+			// gave up on it, or restarted, never gets it: after leaseLimit
+			// those stay out and are refunded at the end).
+			if rep.Held < h.out-len(pk) && time.Since(h.sentAt) < leaseLimit {
+				lagging.Store(true)
 			}
 			// Only packets that are out with that holder, at their split
 			// amount, come back.
-			r.mu.Lock()
 			ok := pk[:0]
 			for _, p := range pk {
 				if p.Index >= 0 && int(p.Index) < len(r.where) && r.where[p.Index] == uint16(hi+1) && r.split[p.Index] == p.Amount {
@@ -441,7 +496,7 @@ func (s *Service) reclaimRound(r *rain, except string) round {
 		}()
 	}
 	wg.Wait()
-	return out()
+	return round{} // set by the deferred func
 }
 
 // finishInflight ends a grab or lease reservation of r; empty: nothing was
@@ -501,6 +556,7 @@ type shard struct {
 	room     int64
 	endsAt   int64 // by this node's clock (the owner's LeftMS from its answer)
 	free     []Packet
+	in       int           // packets received in lease answers and not given back (ReclaimRep.Held)
 	last     int           // size of the last lease
 	held     bool          // packets were leased to this node: the owner will close it
 	leasing  chan struct{} // a lease request in flight
@@ -625,6 +681,7 @@ func (s *Service) refill(sh *shard) error {
 		first := !sh.ready
 		sh.ready, sh.room, sh.endsAt = true, rep.Room, sent.UnixMilli()+rep.LeftMS
 		sh.free = append(sh.free, rep.Packets...)
+		sh.in += len(rep.Packets)
 		if len(rep.Packets) > 0 {
 			sh.last, sh.held = len(rep.Packets), true
 		}
@@ -782,25 +839,26 @@ func (s *Service) popShard(sh *shard) (Packet, error) {
 // ServeReclaim gives the owner back up to half of this node's unused packets
 // of a rain (at most req.Max): they are removed from the slice before the
 // answer, so they are never granted here afterwards.
-func (s *Service) ServeReclaim(req ReclaimReq) (pk []Packet, left int) {
+func (s *Service) ServeReclaim(req ReclaimReq) ReclaimRep {
 	s.mu.RLock()
 	sh := s.shards[req.Code]
 	s.mu.RUnlock()
 	if sh == nil {
-		return nil, 0
+		return ReclaimRep{}
 	}
 	sh.mu.Lock()
 	defer sh.mu.Unlock()
 	if sh.closed {
-		return nil, 0
+		return ReclaimRep{Held: sh.in}
 	}
 	k := min(req.Max, (len(sh.free)+1)/2)
 	if k <= 0 {
-		return nil, 0
+		return ReclaimRep{Held: sh.in}
 	}
-	pk = append([]Packet(nil), sh.free[len(sh.free)-k:]...)
+	pk := append([]Packet(nil), sh.free[len(sh.free)-k:]...)
 	sh.free = sh.free[:len(sh.free)-k]
-	return pk, len(sh.free)
+	sh.in -= k
+	return ReclaimRep{Packets: pk, Left: len(sh.free), Held: sh.in}
 }
 
 // ServeClose ends a rain on this node (a holder) for the owner's settlement:

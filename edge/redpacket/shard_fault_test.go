@@ -187,6 +187,84 @@ func TestLeaseAheadDoesNotEndTheRain(t *testing.T) {
 	}
 }
 
+// A lease answer still travelling to its holder (built on the owner, not
+// yet in the holder's slice) does not let the owner's grab end the rain: a
+// reclaim round sees the holder's Held behind what was leased to it and
+// looks again once the answer arrives.
+func TestLeaseOnTheWayDoesNotEndTheRain(t *testing.T) {
+	c := newCluster(t, "n1", "n2")
+	const count, total = 20, 2_000
+	code := c.rain(t, "n1", total, count, time.Hour)
+	if _, perr := c.grab("n2", "n1", 1, code); perr != nil { // n2 leases a slice and leases ahead
+		t.Fatal(perr)
+	}
+	got := 1
+	free := func() int { // n2's unused packets
+		sh := c.svc("n2").shardOf(code, "n1")
+		sh.mu.Lock()
+		defer sh.mu.Unlock()
+		return len(sh.free) + sh.inflight
+	}
+	pool := func() int { n, _ := c.svc("n1").mem.Len(context.Background(), code); return n }
+	for deadline := time.Now().Add(5 * time.Second); free() == 0; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("n2's lease ahead never arrived")
+		}
+	}
+	u := int64(100)
+	for ; pool() > 1; u++ { // the owner's viewers take its pool down to one packet
+		if _, perr := c.grab("n1", "n1", u, code); perr != nil {
+			t.Fatal(perr)
+		}
+		got++
+	}
+	gate := make(chan int)
+	c.mu.Lock()
+	c.leaseGate = gate
+	c.mu.Unlock()
+	// n2's viewers take its slice; its last grab leases the owner's last
+	// packet, whose answer is held on the way.
+	for free() > 0 {
+		if _, perr := c.grab("n2", "n1", u, code); perr != nil {
+			t.Fatal(perr)
+		}
+		u++
+		got++
+	}
+	if n := <-gate; n != 1 || pool() != 0 {
+		t.Fatalf("the lease on the way carries %d packets, the pool has %d", n, pool())
+	}
+	ownerGrab := make(chan *proto.Error, 1)
+	go func(user int64) {
+		_, perr := c.grab("n1", "n1", user, code)
+		ownerGrab <- perr
+	}(u)
+	u++
+	select {
+	case perr := <-ownerGrab:
+		t.Fatalf("the owner's grab answered %v with a packet on its way to n2", perr)
+	case <-time.After(100 * time.Millisecond):
+	}
+	c.mu.Lock()
+	c.leaseGate = nil
+	c.mu.Unlock()
+	gate <- 0 // the answer arrives
+	if perr := <-ownerGrab; perr == nil {
+		got++ // the owner took it back from n2
+	}
+	for ; got < count && u < 1000; u++ {
+		if _, perr := c.grab("n2", "n1", u, code); perr == nil {
+			got++
+		} else if perr.Code == proto.CodeRedPacketEmpty {
+			break
+		}
+	}
+	v := c.conserve(t, "n1", code, total)
+	if got != count || v.Refunded != 0 {
+		t.Fatalf("%d of %d granted, %d refunded", got, count, v.Refunded)
+	}
+}
+
 // flakyWallet answers grant ops ErrInProgress without applying them while
 // flaky (the script ran but this node cannot reach Redis to finish: its
 // intent stays and its watcher lands it later).

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"log/slog"
+	"math/rand/v2"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -24,6 +25,13 @@ type cluster struct {
 	nodes  map[string]*member
 	down   map[string]bool
 	claims map[string]bool // one-per-user places, shared like the Redis set
+	// latency: a lease answer reaches its holder up to this long after the
+	// owner built it (set before the first grab).
+	latency time.Duration
+	// leaseGate, when set, holds every lease answer with packets between the
+	// owner and its holder: the answer sends its packet count on it, then
+	// arrives once the test receives from it again.
+	leaseGate chan int
 }
 
 type member struct {
@@ -54,16 +62,28 @@ func (p peers) Lease(_ context.Context, owner string, req LeaseReq) (LeaseRep, e
 	if err != nil {
 		return LeaseRep{}, err
 	}
-	return s.ServeLease(req, time.Now())
+	rep, err := s.ServeLease(req, time.Now())
+	if p.c.latency > 0 {
+		// The answer travels: built on the owner, in the holder's slice
+		// only some time later (NATS between machines).
+		time.Sleep(time.Duration(rand.Int64N(int64(p.c.latency))))
+	}
+	p.c.mu.Lock()
+	gate := p.c.leaseGate
+	p.c.mu.Unlock()
+	if gate != nil && len(rep.Packets) > 0 {
+		gate <- len(rep.Packets) // on the way…
+		<-gate                   // …until the test lets it arrive
+	}
+	return rep, err
 }
 
-func (p peers) Reclaim(_ context.Context, holder string, req ReclaimReq) ([]Packet, int, error) {
+func (p peers) Reclaim(_ context.Context, holder string, req ReclaimReq) (ReclaimRep, error) {
 	s, err := p.node(holder)
 	if err != nil {
-		return nil, 0, err
+		return ReclaimRep{}, err
 	}
-	pk, left := s.ServeReclaim(req)
-	return pk, left, nil
+	return s.ServeReclaim(req), nil
 }
 
 func (p peers) Close(_ context.Context, holder, code string) (ShardTotals, error) {
@@ -245,14 +265,25 @@ func (c *cluster) conserve(t *testing.T, owner, code string, total int64) View {
 
 // Grabbers on three nodes for one rain: every packet granted once, each on
 // one node, one per user cluster-wide, every node granted from its own
-// slice, and the owner settles from all nodes' durable grants.
+// slice, and the owner settles from all nodes' durable grants. Lease answers
+// take up to 2 ms to reach their holder, as over NATS.
 func TestShardedRainGrantsEachPacketOnce(t *testing.T) {
 	c := newCluster(t, "n1", "n2", "n3")
+	c.latency = 2 * time.Millisecond
 	const count, total, grabbers = 300, 30_000, 1200
 	code := c.rain(t, "n1", total, count, time.Hour)
 	var ok, empty, taken atomic.Int64
 	var wg sync.WaitGroup
 	nodes := []string{"n1", "n2", "n3"}
+	// One viewer on each node first, so every node has its slice before the
+	// storm (else a holder whose first lease comes late may find the 300
+	// gone: fair, but then it grants nothing).
+	for i, n := range nodes {
+		if _, err := c.grab(n, "n1", int64(900+i), code); err != nil {
+			t.Fatal(err)
+		}
+		ok.Add(1)
+	}
 	for g := 0; g < grabbers; g++ {
 		wg.Add(1)
 		go func() {
