@@ -247,7 +247,13 @@ func TestClusterRedPacketGrabStorm(t *testing.T) {
 	okAmount := map[int64]int64{}
 	var last atomic.Int64
 	var wg sync.WaitGroup
-	ctx := context.Background()
+	// Each grab may take up to a minute (not the SDK's 10-s default): under
+	// -race the 2,000 clients of this test process take 1.5–1.9 of the 2
+	// cores (top; the three nodes 0.1–0.4 each), so the storm's last answer
+	// came 2.4–6.3 s after the start here and past 10 s in one CI run. What
+	// is checked is exactly-once, not this process's speed.
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
 	for i, cl := range r.cls {
 		wg.Add(1)
 		go func() {
@@ -344,7 +350,11 @@ func TestClusterRedPacketNodeKilledMidRain(t *testing.T) {
 	for i, cl := range r.cls {
 		grabLoop(cl, r.users[i])
 	}
-	pollUntil(t, 10*time.Second, "a third of the packets granted", func() bool { return granted.Load() >= count/3 })
+	// A third of the packets took 3.3–4.5 s here, with this process's
+	// race-built clients the bottleneck; in the CI run where GrabStorm's
+	// grabs passed 10 s this test failed too. A quarter within 15 s still
+	// kills the node mid-rain, 5 s or more before its end.
+	pollUntil(t, 15*time.Second, "a quarter of the packets granted", func() bool { return granted.Load() >= count/4 })
 	victim := c.nodes[2]
 	if err := syscall.Kill(victim.p.cmd.Process.Pid, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
