@@ -155,7 +155,7 @@ type rpShardRep struct {
 	Lease   *redpacket.LeaseRep    `json:"lease,omitempty"`
 	Packets []redpacket.Packet     `json:"packets,omitempty"`
 	Left    int                    `json:"left,omitempty"` // reclaim: unused packets the holder still has
-	Held    int                    `json:"held,omitempty"` // reclaim: packets the holder received and did not give back
+	Held    *int                   `json:"held,omitempty"` // reclaim: packets the holder received and did not give back (absent from an older node)
 	Totals  *redpacket.ShardTotals `json:"totals,omitempty"`
 	Err     *proto.Error           `json:"err,omitempty"`
 	Fail    string                 `json:"fail,omitempty"` // a non-protocol error (close not complete)
@@ -179,7 +179,7 @@ func (n *Node) serveRedPacketShards() error {
 		}
 		if req.Op == "reclaim" && req.Reclaim != nil {
 			rc := n.RedPackets.ServeReclaim(*req.Reclaim)
-			respondShard(m, rpShardRep{Packets: rc.Packets, Left: rc.Left, Held: rc.Held})
+			respondShard(m, rpShardRep{Packets: rc.Packets, Left: rc.Left, Held: &rc.Held})
 			return
 		}
 		select {
@@ -262,7 +262,11 @@ func (p rpPeers) Lease(ctx context.Context, owner string, req redpacket.LeaseReq
 
 func (p rpPeers) Reclaim(ctx context.Context, holder string, req redpacket.ReclaimReq) (redpacket.ReclaimRep, error) {
 	rep, err := p.call(ctx, holder, rpShardReq{Op: "reclaim", Reclaim: &req})
-	return redpacket.ReclaimRep{Packets: rep.Packets, Left: rep.Left, Held: rep.Held}, err
+	held := -1
+	if rep.Held != nil {
+		held = *rep.Held
+	}
+	return redpacket.ReclaimRep{Packets: rep.Packets, Left: rep.Left, Held: held}, err
 }
 
 func (p rpPeers) Close(ctx context.Context, holder, code string) (redpacket.ShardTotals, error) {

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"hash/maphash"
 	"strconv"
+	"time"
 
 	"github.com/liveedge/liveedge/gateway/proto"
 	"github.com/liveedge/liveedge/persist"
@@ -100,7 +101,7 @@ func (s *Service) GrabAsync(user int64, code string, done func(GrabReply, *proto
 	cancel()
 	if err == nil && !ok && s.mem != nil {
 		// Sharded: take back what other nodes do not use before ending.
-		pk, unsure, last := s.takeOrReclaim(r, s.cfg.Node, false, func(int) int { return 1 })
+		pk, unsure, last := s.takeOrReclaim(r, false, false, time.Now().Add(leaseLimit), func(int) int { return 1 })
 		if len(pk) == 1 {
 			p, ok = pk[0], true
 			if last { // nothing unused anywhere now: no grab after this one

@@ -154,6 +154,7 @@ type rain struct {
 	where      []uint16
 	logSeq     uint32
 	rounds     uint64    // reclaim rounds started
+	answered   uint64    // lease answers built (with packets)
 	reclaiming *roundRun // the round in progress
 	lastRound  *roundRun // the last round that ended
 	transit    int       // leases being answered whose packets are on their way

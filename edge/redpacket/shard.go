@@ -99,7 +99,7 @@ type ReclaimReq struct {
 type ReclaimRep struct {
 	Packets []Packet
 	Left    int
-	Held    int
+	Held    int // −1: not known (a holder of an older version)
 }
 
 // ShardTotals are a holder's durable grants of a rain.
@@ -122,7 +122,7 @@ var (
 	errOwnerGone = proto.Errorf(proto.CodeInternal, "the red packet's node is unreachable, retry")
 	// errUnsure: no packet here or back from the holders, but a holder did
 	// not answer: the rain goes on (it ends at ends_at at the latest).
-	errUnsure = proto.Errorf(proto.CodeInternal, "red packets are held by a node that did not answer, retry")
+	errUnsure = proto.Errorf(proto.CodeInternal, "red packets may still be held by another node that did not answer in time, retry")
 )
 
 // holder is a node the owner leased packets to.
@@ -249,7 +249,11 @@ func (s *Service) ServeLease(req LeaseReq, arrived time.Time) (LeaseRep, error) 
 	holders := len(r.holders)
 	r.mu.Unlock()
 
-	pk, unsure, _ := s.takeOrReclaim(r, req.Node, true, func(left int) int { return leaseSize(left, holders) })
+	budget := time.Duration(req.BudgetMS) * time.Millisecond
+	if budget <= 0 {
+		budget = leaseLimit
+	}
+	pk, unsure, _ := s.takeOrReclaim(r, true, req.Free > 0, arrived.Add(budget*3/4), func(left int) int { return leaseSize(left, holders) })
 	if len(pk) > 0 {
 		defer s.arrived(r) // the answer is built (or the packets are back in the pool)
 	}
@@ -266,7 +270,7 @@ func (s *Service) ServeLease(req LeaseReq, arrived time.Time) (LeaseRep, error) 
 		s.finishInflight(r, true) // nothing here, nothing anywhere: the rain ends
 		return LeaseRep{}, errEmpty
 	}
-	if req.BudgetMS > 0 && time.Since(arrived) > time.Duration(req.BudgetMS)*time.Millisecond*3/4 {
+	if time.Since(arrived) > budget*3/4 {
 		s.mem.add(req.Code, pk) // the holder is giving up: not handed over
 		s.finishInflight(r, false)
 		return LeaseRep{}, errUnsure
@@ -283,33 +287,32 @@ func (s *Service) ServeLease(req LeaseReq, arrived time.Time) (LeaseRep, error) 
 	}
 	h.out += len(pk)
 	h.sentAt = time.Now()
+	r.answered++
 	r.mu.Unlock()
 	s.finishInflight(r, false)
 	return LeaseRep{Room: rec.Room, EndsAt: rec.EndsAt, LeftMS: time.Until(time.UnixMilli(rec.EndsAt)).Milliseconds(), Packets: pk}, nil
 }
 
-// takeOrReclaim takes up to n packets (n: from the remainder left) from
-// the owner's pool, taking back unused packets from the holders but except
-// while the pool is empty. None and not unsure: every holder answered that it
-// has no unused packet either — the rain is over. last: these are the last
-// unused packets anywhere (the pool is empty and every holder answered it has
-// none left).
+// takeOrReclaim takes up to size(left) packets (left: the remainder) from
+// the owner's pool. While the pool is empty it takes back unused packets from
+// the holders (reclaim rounds) — except for a lease ahead (ahead: the asking
+// holder still has packets of its own), which only takes what the pool has.
+// None and not unsure: nothing is left anywhere — the rain is over; unsure: a
+// holder did not answer, or deadline passed before it could tell. last: these
+// are the last unused packets anywhere.
 //
 // It answers "over" only after a round that found nothing anywhere
-// (round.drained): packets on their way to a holder are in neither place a
+// (round.drained). Packets on their way to a holder are in neither place a
 // round looks at — a lease being answered (taken from the pool, answer not
 // built: a lease, lease true, counts its own packets so until ServeLease's
 // answer is built and the caller calls arrived), or a lease answer
 // travelling (the holder's Held behind what was leased to it) — and packets
 // another round put back after this caller looked are in the pool: it looks
-// again.
-func (s *Service) takeOrReclaim(r *rain, except string, lease bool, size func(left int) int) (pk []Packet, unsure, last bool) {
+// again, backing off.
+func (s *Service) takeOrReclaim(r *rain, lease, ahead bool, deadline time.Time, size func(left int) int) (pk []Packet, unsure, last bool) {
 	code := r.rec.Code // immutable while RUNNING
-	drained := false
-	for giveUp := time.Now().Add(2 * leaseLimit); ; {
-		if time.Now().After(giveUp) {
-			return nil, true, false // never sure it is over (a holder's answers that do not add up): not over
-		}
+	var rd round       // the last round this caller saw
+	for backoff := time.Millisecond; ; {
 		r.mu.Lock()
 		if lease {
 			r.transit++
@@ -320,26 +323,34 @@ func (s *Service) takeOrReclaim(r *rain, except string, lease bool, size func(le
 		if pk := s.mem.take(code, size(left)); len(pk) > 0 {
 			rest, _ := s.mem.Len(context.Background(), code)
 			r.mu.Lock()
-			others := r.transit - b2i(lease)
+			// The last ones: the round found nothing else anywhere, and
+			// since it began no lease has taken any of what it got back.
+			last = rd.drained && rest == 0 && r.transit == b2i(lease) && r.answered == rd.answered
 			r.mu.Unlock()
-			return pk, false, drained && rest == 0 && others == 0
+			return pk, false, last
 		}
 		if lease {
 			s.arrived(r)
 		}
-		rd := s.reclaimRound(r, except, seen)
+		if ahead {
+			return nil, false, false
+		}
+		if time.Now().After(deadline) {
+			return nil, true, false
+		}
+		rd = s.reclaimRound(r, seen, deadline)
 		switch {
 		case rd.got > 0:
-			drained = rd.drained
+			backoff = time.Millisecond
 		case rd.failed:
 			return nil, true, false
 		case rd.drained:
 			return nil, false, false // nothing here, on the way or with a holder
-		case !s.waitTransit(r):
+		case !s.waitTransit(r, deadline):
 			// A lease answer on its way, or the pool was not empty when the
-			// round began (packets put back after this caller looked):
-			// look again.
-			time.Sleep(time.Millisecond)
+			// round began (packets put back after this caller looked).
+			time.Sleep(min(backoff, max(0, time.Until(deadline))))
+			backoff = min(2*backoff, 32*time.Millisecond)
 		}
 	}
 }
@@ -358,11 +369,15 @@ func (s *Service) arrived(r *rain) {
 	r.mu.Unlock()
 }
 
-// waitTransit waits (up to leaseLimit) for the packets on their way to
-// holders to arrive; false: none were on the way.
-func (s *Service) waitTransit(r *rain) bool {
+// waitTransit waits (up to leaseLimit, and not past deadline) for the leases
+// being answered to be built; false: none were.
+func (s *Service) waitTransit(r *rain, deadline time.Time) bool {
 	waited := false
-	for deadline := time.Now().Add(leaseLimit); time.Now().Before(deadline); time.Sleep(2 * time.Millisecond) {
+	end := time.Now().Add(leaseLimit)
+	if deadline.Before(end) {
+		end = deadline
+	}
+	for ; time.Now().Before(end); time.Sleep(2 * time.Millisecond) {
 		r.mu.Lock()
 		n := r.transit
 		r.mu.Unlock()
@@ -375,34 +390,34 @@ func (s *Service) waitTransit(r *rain) bool {
 }
 
 // round is what a reclaim round did: got packets back; failed: a holder did
-// not answer; drained: when it began the pool was empty and no lease was
-// being answered, and every holder answered, has no unused packet left and
-// had every lease answer sent to it (Held) — so nothing is left anywhere
-// but what it got.
+// not answer (or the caller's deadline passed first); drained: when it began
+// the pool was empty and no lease was being answered, and every holder
+// answered, has no unused packet left and had every lease answer sent to it
+// (Held) — so nothing is left anywhere but what it got. answered: lease
+// answers built before it began.
 type round struct {
 	got             int
 	failed, drained bool
+	answered        uint64
 }
 
-// roundRun is one reclaim round: the holder it skipped, and its outcome once
-// done is closed.
+// roundRun is one reclaim round; its outcome once done is closed.
 type roundRun struct {
-	seq    uint64
-	except string
-	done   chan struct{}
-	out    round
+	seq  uint64
+	done chan struct{}
+	out  round
 }
 
-// reclaimRound takes back half of the unused packets of every holder but
-// except into the owner's pool. One round runs at a time. A caller that
-// found the pool empty when seen rounds had started shares the outcome of a
-// round started after that with the same except (its targets were chosen
-// after the caller looked); otherwise it waits for the round in progress and
-// runs its own.
-func (s *Service) reclaimRound(r *rain, except string, seen uint64) (out round) {
+// reclaimRound takes back half of the unused packets of every holder into
+// the owner's pool. One round runs at a time, and its outcome is shared: a
+// caller that found the pool empty when seen rounds had started takes the
+// outcome of the first round started after that (its targets were chosen
+// after the caller looked), waiting for the one in progress if it began
+// before — at most two rounds, and not past deadline.
+func (s *Service) reclaimRound(r *rain, seen uint64, deadline time.Time) (out round) {
 	r.mu.Lock()
 	for {
-		if lr := r.lastRound; lr != nil && lr.seq > seen && lr.except == except {
+		if lr := r.lastRound; lr != nil && lr.seq > seen {
 			r.mu.Unlock()
 			return lr.out
 		}
@@ -411,21 +426,27 @@ func (s *Service) reclaimRound(r *rain, except string, seen uint64) (out round) 
 			break
 		}
 		r.mu.Unlock()
-		<-run.done
+		t := time.NewTimer(time.Until(deadline))
+		select {
+		case <-run.done:
+			t.Stop()
+		case <-t.C:
+			return round{failed: true}
+		}
 		r.mu.Lock()
 	}
 	r.rounds++
-	run := &roundRun{seq: r.rounds, except: except, done: make(chan struct{})}
+	run := &roundRun{seq: r.rounds, done: make(chan struct{})}
 	r.reclaiming = run
 	code := r.rec.Code
 	// Nothing enters the pool while this round runs but what it gets back
 	// (one round at a time; a lease puts packets back only while counted in
 	// transit), and nothing can leave an empty one.
 	left, _ := s.mem.Len(context.Background(), code)
-	empty := left == 0 && r.transit == 0
+	empty, answered := left == 0 && r.transit == 0, r.answered
 	var targets []int
 	for i, h := range r.holders {
-		if h.node != except && h.out > h.granted {
+		if h.out > h.granted {
 			targets = append(targets, i)
 		}
 	}
@@ -433,7 +454,7 @@ func (s *Service) reclaimRound(r *rain, except string, seen uint64) (out round) 
 	var got atomic.Int64
 	var failed, lagging, stillHeld atomic.Bool
 	defer func() {
-		out = round{got: int(got.Load()), failed: failed.Load(),
+		out = round{got: int(got.Load()), failed: failed.Load(), answered: answered,
 			drained: empty && !failed.Load() && !lagging.Load() && !stillHeld.Load()}
 		r.mu.Lock()
 		run.out = out
@@ -464,7 +485,7 @@ func (s *Service) reclaimRound(r *rain, except string, seen uint64) (out round) 
 			// A lease answer not yet in the holder's slice (a holder that
 			// gave up on it, or restarted, never gets it: after leaseLimit
 			// those stay out and are refunded at the end).
-			if rep.Held < h.out-len(pk) && time.Since(h.sentAt) < leaseLimit {
+			if rep.Held >= 0 && rep.Held < h.out-len(pk) && time.Since(h.sentAt) < leaseLimit {
 				lagging.Store(true)
 			}
 			// Only packets that are out with that holder, at their split

@@ -312,8 +312,8 @@ func TestShardedRainGrantsEachPacketOnce(t *testing.T) {
 	}
 	_, per := c.grants(t, code)
 	for _, n := range nodes {
-		if per[n] == 0 {
-			t.Errorf("node %s granted nothing: %v", n, per)
+		if per[n] < 2 { // more than its first viewer's
+			t.Errorf("node %s granted nothing in the storm: %v", n, per)
 		}
 	}
 	for _, ns := range v.Nodes {
