@@ -97,8 +97,14 @@ func newClusterRain(t *testing.T, c *testCluster, total int64, count, grabbers i
 			for j := 1; j < len(c.nodes); j++ {
 				others = append(others, "ws://"+c.nodes[(i+j)%len(c.nodes)].ws+"/ws")
 			}
+			// A minute per request and per frame write, not the SDK's 10 s:
+			// under -race this process's thousands of clients take both
+			// cores (see TestClusterRedPacketGrabStorm), and a client's
+			// goroutine can wait that long between setting its write
+			// deadline and writing ("write: i/o timeout" on a 3-frame
+			// connection, with another test package running beside it).
 			cl, err := clientsdk.Dial(ctx, clientsdk.Config{URL: "ws://" + nd.ws + "/ws", URLs: others,
-				Token: devTokenCached(t, nd.http, r.users[i]), OnPush: r.logs[i].add})
+				Token: devTokenCached(t, nd.http, r.users[i]), OnPush: r.logs[i].add, RequestTimeout: time.Minute})
 			if err != nil {
 				t.Error(err)
 				return
