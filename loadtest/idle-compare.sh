@@ -23,7 +23,7 @@ SKIP_BARE=${SKIP_BARE:-}
 DATA=$(mktemp -d)
 NODE= BARE=
 # a failed run still stops its server (make bench goes on to other runs)
-trap 'kill $NODE $BARE 2>/dev/null; rm -rf "$DATA"' EXIT
+trap 'kill $NODE $BARE 2>/dev/null || true; rm -rf "$DATA"' EXIT
 rm -f "$OUT/liveedge-$CONNS.json" "$OUT/bare-$CONNS.json" # no stale twin for the report
 
 # Viewers' tokens are signed by the loadgen with the dev secret of
