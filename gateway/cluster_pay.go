@@ -3,8 +3,10 @@ package gateway
 import (
 	"context"
 	"errors"
+	"log/slog"
 	"net/http"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -82,46 +84,122 @@ func (n *Node) workerOwner(w int) (string, error) {
 	return owner, nil
 }
 
+// payForwardQueue bounds the forwarded requests waiting for one of the
+// payForwardWorkers; beyond it a request is answered "busy" at once (the
+// caller retries).
+const payForwardQueue = 4096
+
+var errForwardBusy = proto.Errorf(proto.CodeInternal, "the order's node is busy, retry")
+
+// payForward is a forwarded request and when it arrived.
+type payForward struct {
+	m       *nats.Msg
+	arrived time.Time
+}
+
+// payForwards is the queue of forwarded requests and its workers: started as
+// requests arrive, at most max at once, each ending when the queue is empty.
+type payForwards struct {
+	serve   func(payFwdReq) payFwdRep
+	log     *slog.Logger
+	q       chan payForward
+	max     int32
+	running atomic.Int32
+}
+
+func newPayForwards(serve func(payFwdReq) payFwdRep, log *slog.Logger, workers, queue int) *payForwards {
+	return &payForwards{serve: serve, log: log, q: make(chan payForward, queue), max: int32(workers)}
+}
+
 // servePayForwards answers the requests other nodes forward for this node's
-// orders, at most payForwardWorkers at a time.
+// orders. The subscription's callback never waits: it queues the request
+// (stamping its arrival, so one that waited for a worker longer than its
+// caller does is dropped) or answers "busy" when the queue is full — a
+// blocked callback would leave requests in the NATS client's own buffer,
+// unbounded by us and unseen by the budget check.
 func (n *Node) servePayForwards() error {
-	sem := make(chan struct{}, payForwardWorkers)
-	_, err := n.NC.Subscribe(paySubject(n.Config.Node.ID), func(m *nats.Msg) {
-		arrived := time.Now()
-		sem <- struct{}{}
-		go func() {
-			defer func() { <-sem }()
-			var req payFwdReq
-			var rep payFwdRep
-			if err := proto.Unmarshal(m.Data, &req); err != nil {
-				rep.Err = proto.BadRequest("bad forwarded request")
-			} else if req.BudgetMS > 0 && time.Since(arrived) >= time.Duration(req.BudgetMS)*time.Millisecond*4/5 {
-				n.Log.Warn("forwarded request expired before it ran", "op", req.Op)
-				return // the caller has given up: no answer, nothing done
-			} else {
-				switch req.Op {
-				case "get", "refund":
-					o, err := n.localOrderOp(req.Op, req.ID)
-					if err != nil {
-						rep.Err = wireError(err)
-					} else {
-						rep.Order = &o
-					}
-				case "notify":
-					rep.Status, rep.Body = n.localNotify(req.Channel, req.Sig, req.Body)
-				case "rp.prepare", "rp.start", "rp.cancel", "rp.grab", "rp.get":
-					rep.Data, rep.Err = n.redPacketLocal(req.Op, req.User, req.Code)
-				case "tix.program", "tix.place", "tix.get", "tix.cancel":
-					rep.Data, rep.Err = n.ticketLocal(req.Op, req.User, req.ID, req.Body)
-				default:
-					rep.Err = proto.BadRequest("unknown forwarded op")
-				}
-			}
-			b, _ := proto.Marshal(rep)
-			_ = m.Respond(b)
-		}()
-	})
+	f := newPayForwards(n.serveForward, n.Log, payForwardWorkers, payForwardQueue)
+	_, err := n.NC.Subscribe(paySubject(n.Config.Node.ID), f.arrive)
 	return err
+}
+
+func (f *payForwards) arrive(m *nats.Msg) {
+	select {
+	case f.q <- payForward{m: m, arrived: time.Now()}:
+	default:
+		respondForward(m, payFwdRep{Err: errForwardBusy})
+		return
+	}
+	if f.running.Add(1) <= f.max {
+		go f.work()
+	} else {
+		f.running.Add(-1) // every worker is busy: one of them takes it
+	}
+}
+
+// work serves queued requests until the queue is empty. A worker leaving
+// looks at the queue once more after counting itself out, so a request
+// queued meanwhile (whose callback saw every worker busy) is served.
+func (f *payForwards) work() {
+	for {
+		select {
+		case pf := <-f.q:
+			f.run(pf)
+			continue
+		default:
+		}
+		f.running.Add(-1)
+		if len(f.q) == 0 {
+			return
+		}
+		if f.running.Add(1) > f.max {
+			f.running.Add(-1)
+			return // as many others run, and each looks at the queue before it leaves
+		}
+	}
+}
+
+// run answers one forwarded request, unless its caller has given up already
+// (no answer, nothing done).
+func (f *payForwards) run(pf payForward) {
+	var req payFwdReq
+	if err := proto.Unmarshal(pf.m.Data, &req); err != nil {
+		respondForward(pf.m, payFwdRep{Err: proto.BadRequest("bad forwarded request")})
+		return
+	}
+	if req.BudgetMS > 0 && time.Since(pf.arrived) >= time.Duration(req.BudgetMS)*time.Millisecond*4/5 {
+		f.log.Warn("forwarded request expired before it ran", "op", req.Op)
+		return
+	}
+	respondForward(pf.m, f.serve(req))
+}
+
+func respondForward(m *nats.Msg, rep payFwdRep) {
+	b, _ := proto.Marshal(rep)
+	_ = m.Respond(b)
+}
+
+// serveForward runs one forwarded request on this node.
+func (n *Node) serveForward(req payFwdReq) payFwdRep {
+	var rep payFwdRep
+	switch req.Op {
+	case "get", "refund":
+		o, err := n.localOrderOp(req.Op, req.ID)
+		if err != nil {
+			rep.Err = wireError(err)
+		} else {
+			rep.Order = &o
+		}
+	case "notify":
+		rep.Status, rep.Body = n.localNotify(req.Channel, req.Sig, req.Body)
+	case "rp.prepare", "rp.start", "rp.cancel", "rp.grab", "rp.get":
+		rep.Data, rep.Err = n.redPacketLocal(req.Op, req.User, req.Code)
+	case "tix.program", "tix.place", "tix.get", "tix.cancel":
+		rep.Data, rep.Err = n.ticketLocal(req.Op, req.User, req.ID, req.Body)
+	default:
+		rep.Err = proto.BadRequest("unknown forwarded op")
+	}
+	return rep
 }
 
 // forwardPay sends req to owner and waits for its answer.

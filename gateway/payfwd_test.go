@@ -1,0 +1,106 @@
+package gateway
+
+import (
+	"io"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+
+	"github.com/liveedge/liveedge/gateway/proto"
+	"github.com/liveedge/liveedge/router/natstest"
+)
+
+// Forwarded requests (le.pay.<node>) through a real NATS server: at most
+// max run at once, a bounded queue waits for them, a request beyond it is
+// answered "busy" at once, one that waited for a worker past most of its
+// budget is dropped unanswered (its caller has given up), and every other is
+// answered once the workers are free — none is left behind when the workers
+// leave.
+func TestPayForwardsQueueBusyAndExpiry(t *testing.T) {
+	srv := natstest.Start(t)
+	nc, err := nats.Connect(srv.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	const workers, queue = 4, 8
+	release := make(chan struct{})
+	var running, most, served atomic.Int32
+	f := newPayForwards(func(req payFwdReq) payFwdRep {
+		n := running.Add(1)
+		for m := most.Load(); n > m && !most.CompareAndSwap(m, n); m = most.Load() {
+		}
+		<-release
+		running.Add(-1)
+		served.Add(1)
+		return payFwdRep{Body: req.Op}
+	}, slog.New(slog.NewTextHandler(io.Discard, nil)), workers, queue)
+	sub, err := nc.Subscribe("le.pay.test", f.arrive)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Unsubscribe()
+
+	ask := func(budget time.Duration) (payFwdRep, error) {
+		b, _ := proto.Marshal(payFwdReq{Op: "get", BudgetMS: budget.Milliseconds()})
+		m, err := nc.Request("le.pay.test", b, min(budget, 3*time.Second))
+		if err != nil {
+			return payFwdRep{}, err
+		}
+		var rep payFwdRep
+		return rep, proto.Unmarshal(m.Data, &rep)
+	}
+	// workers take a request each and block; queue more wait; one more is busy.
+	var wg sync.WaitGroup
+	answers := make(chan payFwdRep, workers+queue)
+	for i := 0; i < workers+queue; i++ {
+		wg.Add(1)
+		budget := 10 * time.Second
+		if i >= workers+queue-2 {
+			budget = 500 * time.Millisecond // these two wait past their budget
+		}
+		go func() {
+			defer wg.Done()
+			if rep, err := ask(budget); err == nil {
+				answers <- rep
+			}
+		}()
+		time.Sleep(5 * time.Millisecond) // in order
+	}
+	for deadline := time.Now().Add(5 * time.Second); running.Load() < workers || len(f.q) < queue; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d running, %d queued", running.Load(), len(f.q))
+		}
+	}
+	rep, err := ask(10 * time.Second)
+	if err != nil || rep.Err == nil || rep.Err.Msg != errForwardBusy.Msg {
+		t.Fatalf("a request beyond the queue: %+v, %v; want busy at once", rep, err)
+	}
+	time.Sleep(600 * time.Millisecond) // the two short budgets run out while queued
+	close(release)
+	wg.Wait()
+	close(answers)
+	n := 0
+	for rep := range answers {
+		if rep.Body != "get" || rep.Err != nil {
+			t.Fatalf("answer %+v", rep)
+		}
+		n++
+	}
+	if n != workers+queue-2 || served.Load() != int32(workers+queue-2) || most.Load() != workers {
+		t.Fatalf("%d answered, %d served, at most %d at once; want %d, %d, %d", n, served.Load(), most.Load(), workers+queue-2, workers+queue-2, workers)
+	}
+	for deadline := time.Now().Add(2 * time.Second); f.running.Load() != 0; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d workers still running with nothing queued", f.running.Load())
+		}
+	}
+	// Workers start again for the next request.
+	if rep, err := ask(time.Second); err != nil || rep.Body != "get" {
+		t.Fatalf("after the workers left: %+v, %v", rep, err)
+	}
+}
