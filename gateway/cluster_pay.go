@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"net/http"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -99,12 +100,19 @@ type payForward struct {
 
 // payForwards is the queue of forwarded requests and its workers: started as
 // requests arrive, at most max at once, each ending when the queue is empty.
+// running counts only real workers (a worker is counted in before it starts
+// and out as it ends, never past max), so the hand-over below cannot strand
+// a request.
 type payForwards struct {
 	serve   func(payFwdReq) payFwdRep
 	log     *slog.Logger
 	q       chan payForward
 	max     int32
 	running atomic.Int32
+
+	mu      sync.Mutex // orders arrive against stop
+	closing atomic.Bool
+	wg      sync.WaitGroup
 }
 
 func newPayForwards(serve func(payFwdReq) payFwdRep, log *slog.Logger, workers, queue int) *payForwards {
@@ -119,42 +127,87 @@ func newPayForwards(serve func(payFwdReq) payFwdRep, log *slog.Logger, workers, 
 // unbounded by us and unseen by the budget check.
 func (n *Node) servePayForwards() error {
 	f := newPayForwards(n.serveForward, n.Log, payForwardWorkers, payForwardQueue)
-	_, err := n.NC.Subscribe(paySubject(n.Config.Node.ID), f.arrive)
+	sub, err := n.NC.Subscribe(paySubject(n.Config.Node.ID), f.arrive)
+	if err == nil {
+		n.payFwd, n.payFwdSub = f, sub
+	}
 	return err
 }
 
-func (f *payForwards) arrive(m *nats.Msg) {
-	select {
-	case f.q <- payForward{m: m, arrived: time.Now()}:
-	default:
-		respondForward(m, payFwdRep{Err: errForwardBusy})
-		return
-	}
-	if f.running.Add(1) <= f.max {
-		go f.work()
-	} else {
-		f.running.Add(-1) // every worker is busy: one of them takes it
+// tryStart counts one more worker in, unless max are running.
+func (f *payForwards) tryStart() bool {
+	for {
+		n := f.running.Load()
+		if n >= f.max {
+			return false
+		}
+		if f.running.CompareAndSwap(n, n+1) {
+			return true
+		}
 	}
 }
 
-// work serves queued requests until the queue is empty. A worker leaving
-// looks at the queue once more after counting itself out, so a request
-// queued meanwhile (whose callback saw every worker busy) is served.
+func (f *payForwards) arrive(m *nats.Msg) {
+	f.mu.Lock()
+	if f.closing.Load() {
+		f.mu.Unlock()
+		respondForward(m, payFwdRep{Err: errForwardBusy})
+		return
+	}
+	select {
+	case f.q <- payForward{m: m, arrived: time.Now()}:
+	default:
+		f.mu.Unlock()
+		respondForward(m, payFwdRep{Err: errForwardBusy})
+		return
+	}
+	start := f.tryStart() // else max run, and each looks at the queue before it ends
+	if start {
+		f.wg.Add(1)
+	}
+	f.mu.Unlock()
+	if start {
+		go f.work()
+	}
+}
+
+// work serves queued requests until the queue is empty. A worker ending
+// counts itself out first and then looks at the queue once more, so a
+// request queued meanwhile (whose arrival found max running) is served.
 func (f *payForwards) work() {
+	defer f.wg.Done()
 	for {
 		select {
 		case pf := <-f.q:
-			f.run(pf)
+			if f.closing.Load() {
+				respondForward(pf.m, payFwdRep{Err: errForwardBusy})
+			} else {
+				f.run(pf)
+			}
 			continue
 		default:
 		}
 		f.running.Add(-1)
-		if len(f.q) == 0 {
+		if len(f.q) == 0 || !f.tryStart() {
 			return
 		}
-		if f.running.Add(1) > f.max {
-			f.running.Add(-1)
-			return // as many others run, and each looks at the queue before it leaves
+	}
+}
+
+// stop ends the forwarding (the node is closing, its services next): what
+// arrives or is still queued is answered "busy", and it returns once the
+// requests already running are done.
+func (f *payForwards) stop() {
+	f.mu.Lock()
+	f.closing.Store(true)
+	f.mu.Unlock()
+	f.wg.Wait()
+	for {
+		select {
+		case pf := <-f.q:
+			respondForward(pf.m, payFwdRep{Err: errForwardBusy})
+		default:
+			return
 		}
 	}
 }
@@ -261,6 +314,13 @@ func (n *Node) notify(channel, sig string, body []byte) (int, string) {
 					rep, err := n.forwardPay(owner, payFwdReq{Op: "notify", Channel: channel, Sig: sig, Body: body})
 					if err != nil {
 						return http.StatusServiceUnavailable, err.Error()
+					}
+					if rep.Err != nil || rep.Status == 0 { // busy, or not run: the provider retries
+						msg := "retry"
+						if rep.Err != nil {
+							msg = rep.Err.Msg
+						}
+						return http.StatusServiceUnavailable, msg
 					}
 					return rep.Status, rep.Body
 				}

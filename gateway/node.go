@@ -72,8 +72,10 @@ type Node struct {
 	natsSrv *natsserver.Server
 	NC      *nats.Conn
 
-	metrics  *metrics
-	stopIdem chan struct{}
+	metrics   *metrics
+	stopIdem  chan struct{}
+	payFwd    *payForwards // le.pay.<node> requests: stopped first at close
+	payFwdSub *nats.Subscription
 	// redisProbe is the last Redis ping of /readyz (redisReachable).
 	redisProbe struct {
 		mu  sync.Mutex
@@ -621,6 +623,12 @@ func (n *Node) Shutdown(ctx context.Context) error {
 
 func (n *Node) closeBackends() error {
 	var errs []error
+	if n.payFwdSub != nil {
+		// Forwarded requests end first: those running finish, the rest are
+		// answered "busy", none runs after the services below close.
+		_ = n.payFwdSub.Unsubscribe()
+		n.payFwd.stop()
+	}
 	if n.stopIdem != nil {
 		close(n.stopIdem)
 		<-n.idemDone // an expiry in progress finishes before the ledger and store close

@@ -69,11 +69,11 @@ func TestPayForwardsQueueBusyAndExpiry(t *testing.T) {
 				answers <- rep
 			}
 		}()
-		time.Sleep(5 * time.Millisecond) // in order
-	}
-	for deadline := time.Now().Add(5 * time.Second); running.Load() < workers || len(f.q) < queue; time.Sleep(time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatalf("%d running, %d queued", running.Load(), len(f.q))
+		// in order: each arrives before the next is sent
+		for deadline := time.Now().Add(2 * time.Second); int(running.Load())+len(f.q) < i+1; time.Sleep(time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("request %d: %d running, %d queued", i, running.Load(), len(f.q))
+			}
 		}
 	}
 	rep, err := ask(10 * time.Second)
@@ -102,5 +102,57 @@ func TestPayForwardsQueueBusyAndExpiry(t *testing.T) {
 	// Workers start again for the next request.
 	if rep, err := ask(time.Second); err != nil || rep.Body != "get" {
 		t.Fatalf("after the workers left: %+v, %v", rep, err)
+	}
+}
+
+// Many requests at once through one worker and a queue as large: every one
+// is answered — a worker ending while a request arrives never strands it —
+// and after stop, what arrives is answered "busy" and nothing runs.
+func TestPayForwardsNoneStranded(t *testing.T) {
+	srv := natstest.Start(t)
+	nc, err := nats.Connect(srv.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	var served atomic.Int32
+	f := newPayForwards(func(req payFwdReq) payFwdRep {
+		served.Add(1)
+		return payFwdRep{Body: req.Op}
+	}, slog.New(slog.NewTextHandler(io.Discard, nil)), 1, 4096)
+	sub, err := nc.Subscribe("le.pay.stress", f.arrive)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Unsubscribe()
+	b, _ := proto.Marshal(payFwdReq{Op: "get", BudgetMS: 10_000})
+	for round := 0; round < 20; round++ {
+		var wg sync.WaitGroup
+		var bad atomic.Int32
+		for i := 0; i < 50; i++ {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				m, err := nc.Request("le.pay.stress", b, 2*time.Second)
+				var rep payFwdRep
+				if err != nil || proto.Unmarshal(m.Data, &rep) != nil || rep.Body != "get" {
+					bad.Add(1)
+				}
+			}()
+		}
+		wg.Wait()
+		if bad.Load() != 0 {
+			t.Fatalf("round %d: %d of 50 requests not answered", round, bad.Load())
+		}
+		if w := f.running.Load(); w < 0 || w > 1 {
+			t.Fatalf("%d workers counted", w)
+		}
+	}
+	f.stop()
+	before := served.Load()
+	m, err := nc.Request("le.pay.stress", b, 2*time.Second)
+	var rep payFwdRep
+	if err != nil || proto.Unmarshal(m.Data, &rep) != nil || rep.Err == nil || rep.Err.Msg != errForwardBusy.Msg || served.Load() != before {
+		t.Fatalf("after stop: %+v, %v; served %d → %d", rep, err, before, served.Load())
 	}
 }
