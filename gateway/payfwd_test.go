@@ -14,6 +14,23 @@ import (
 	"github.com/liveedge/liveedge/router/natstest"
 )
 
+// forwardsOn serves serve as le.pay.test on a fresh NATS server through a
+// payForwards of workers and queue, and returns the client connection.
+func forwardsOn(t *testing.T, serve func(payFwdReq) payFwdRep, workers, queue int) (*nats.Conn, *payForwards) {
+	t.Helper()
+	srv := natstest.Start(t)
+	nc, err := nats.Connect(srv.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	f := newPayForwards(serve, slog.New(slog.NewTextHandler(io.Discard, nil)), workers, queue)
+	if _, err := nc.Subscribe("le.pay.test", f.arrive); err != nil {
+		t.Fatal(err)
+	}
+	return nc, f
+}
+
 // Forwarded requests (le.pay.<node>) through a real NATS server: at most
 // max run at once, a bounded queue waits for them, a request beyond it is
 // answered "busy" at once, one that waited for a worker past most of its
@@ -21,16 +38,10 @@ import (
 // answered once the workers are free — none is left behind when the workers
 // leave.
 func TestPayForwardsQueueBusyAndExpiry(t *testing.T) {
-	srv := natstest.Start(t)
-	nc, err := nats.Connect(srv.URL)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nc.Close()
 	const workers, queue = 4, 8
 	release := make(chan struct{})
 	var running, most, served atomic.Int32
-	f := newPayForwards(func(req payFwdReq) payFwdRep {
+	nc, f := forwardsOn(t, func(req payFwdReq) payFwdRep {
 		n := running.Add(1)
 		for m := most.Load(); n > m && !most.CompareAndSwap(m, n); m = most.Load() {
 		}
@@ -38,12 +49,7 @@ func TestPayForwardsQueueBusyAndExpiry(t *testing.T) {
 		running.Add(-1)
 		served.Add(1)
 		return payFwdRep{Body: req.Op}
-	}, slog.New(slog.NewTextHandler(io.Discard, nil)), workers, queue)
-	sub, err := nc.Subscribe("le.pay.test", f.arrive)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sub.Unsubscribe()
+	}, workers, queue)
 
 	ask := func(budget time.Duration) (payFwdRep, error) {
 		b, _ := proto.Marshal(payFwdReq{Op: "get", BudgetMS: budget.Milliseconds()})
@@ -109,22 +115,11 @@ func TestPayForwardsQueueBusyAndExpiry(t *testing.T) {
 // is answered — a worker ending while a request arrives never strands it —
 // and after stop, what arrives is answered "busy" and nothing runs.
 func TestPayForwardsNoneStranded(t *testing.T) {
-	srv := natstest.Start(t)
-	nc, err := nats.Connect(srv.URL)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nc.Close()
 	var served atomic.Int32
-	f := newPayForwards(func(req payFwdReq) payFwdRep {
+	nc, f := forwardsOn(t, func(req payFwdReq) payFwdRep {
 		served.Add(1)
 		return payFwdRep{Body: req.Op}
-	}, slog.New(slog.NewTextHandler(io.Discard, nil)), 1, 4096)
-	sub, err := nc.Subscribe("le.pay.stress", f.arrive)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sub.Unsubscribe()
+	}, 1, 4096)
 	b, _ := proto.Marshal(payFwdReq{Op: "get", BudgetMS: 10_000})
 	for round := 0; round < 20; round++ {
 		var wg sync.WaitGroup
@@ -133,7 +128,7 @@ func TestPayForwardsNoneStranded(t *testing.T) {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				m, err := nc.Request("le.pay.stress", b, 2*time.Second)
+				m, err := nc.Request("le.pay.test", b, 2*time.Second)
 				var rep payFwdRep
 				if err != nil || proto.Unmarshal(m.Data, &rep) != nil || rep.Body != "get" {
 					bad.Add(1)
@@ -150,7 +145,7 @@ func TestPayForwardsNoneStranded(t *testing.T) {
 	}
 	f.stop()
 	before := served.Load()
-	m, err := nc.Request("le.pay.stress", b, 2*time.Second)
+	m, err := nc.Request("le.pay.test", b, 2*time.Second)
 	var rep payFwdRep
 	if err != nil || proto.Unmarshal(m.Data, &rep) != nil || rep.Err == nil || rep.Err.Msg != errForwardBusy.Msg || served.Load() != before {
 		t.Fatalf("after stop: %+v, %v; served %d → %d", rep, err, before, served.Load())
