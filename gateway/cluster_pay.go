@@ -151,14 +151,14 @@ func (f *payForwards) arrive(m *nats.Msg) {
 	f.mu.Lock()
 	if f.closing.Load() {
 		f.mu.Unlock()
-		respondForward(m, payFwdRep{Err: errForwardBusy})
+		respond(m, payFwdRep{Err: errForwardBusy})
 		return
 	}
 	select {
 	case f.q <- payForward{m: m, arrived: time.Now()}:
 	default:
 		f.mu.Unlock()
-		respondForward(m, payFwdRep{Err: errForwardBusy})
+		respond(m, payFwdRep{Err: errForwardBusy})
 		return
 	}
 	start := f.tryStart() // else max run, and each looks at the queue before it ends
@@ -180,7 +180,7 @@ func (f *payForwards) work() {
 		select {
 		case pf := <-f.q:
 			if f.closing.Load() {
-				respondForward(pf.m, payFwdRep{Err: errForwardBusy})
+				respond(pf.m, payFwdRep{Err: errForwardBusy})
 			} else {
 				f.run(pf)
 			}
@@ -205,7 +205,7 @@ func (f *payForwards) stop() {
 	for {
 		select {
 		case pf := <-f.q:
-			respondForward(pf.m, payFwdRep{Err: errForwardBusy})
+			respond(pf.m, payFwdRep{Err: errForwardBusy})
 		default:
 			return
 		}
@@ -217,17 +217,19 @@ func (f *payForwards) stop() {
 func (f *payForwards) run(pf payForward) {
 	var req payFwdReq
 	if err := proto.Unmarshal(pf.m.Data, &req); err != nil {
-		respondForward(pf.m, payFwdRep{Err: proto.BadRequest("bad forwarded request")})
+		respond(pf.m, payFwdRep{Err: proto.BadRequest("bad forwarded request")})
 		return
 	}
 	if req.BudgetMS > 0 && time.Since(pf.arrived) >= time.Duration(req.BudgetMS)*time.Millisecond*4/5 {
 		f.log.Warn("forwarded request expired before it ran", "op", req.Op)
 		return
 	}
-	respondForward(pf.m, f.serve(req))
+	respond(pf.m, f.serve(req))
 }
 
-func respondForward(m *nats.Msg, rep payFwdRep) {
+// respond answers a NATS request with rep as JSON (a forwarded request, or
+// a red-packet shard request).
+func respond(m *nats.Msg, rep any) {
 	b, _ := proto.Marshal(rep)
 	_ = m.Respond(b)
 }

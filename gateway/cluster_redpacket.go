@@ -174,18 +174,18 @@ func (n *Node) serveRedPacketShards() error {
 		arrived := time.Now()
 		var req rpShardReq
 		if err := proto.Unmarshal(m.Data, &req); err != nil {
-			respondShard(m, rpShardRep{Err: proto.BadRequest("bad red-packet shard request")})
+			respond(m, rpShardRep{Err: proto.BadRequest("bad red-packet shard request")})
 			return
 		}
 		if req.Op == "reclaim" && req.Reclaim != nil {
 			rc := n.RedPackets.ServeReclaim(*req.Reclaim)
-			respondShard(m, rpShardRep{Packets: rc.Packets, Left: rc.Left, Held: &rc.Held})
+			respond(m, rpShardRep{Packets: rc.Packets, Left: rc.Left, Held: &rc.Held})
 			return
 		}
 		select {
 		case sem <- struct{}{}:
 		default:
-			respondShard(m, rpShardRep{Err: errShardBusy})
+			respond(m, rpShardRep{Err: errShardBusy})
 			return
 		}
 		go func() {
@@ -211,18 +211,13 @@ func (n *Node) serveRedPacketShards() error {
 			default:
 				rep.Err = proto.BadRequest("unknown red-packet shard op")
 			}
-			respondShard(m, rep)
+			respond(m, rep)
 		}()
 	})
 	return err
 }
 
 var errShardBusy = proto.Errorf(proto.CodeInternal, "the red packet's node is busy, retry")
-
-func respondShard(m *nats.Msg, rep rpShardRep) {
-	b, _ := proto.Marshal(rep)
-	_ = m.Respond(b)
-}
 
 // rpPeers is redpacket.Peers over NATS request/reply.
 type rpPeers struct{ n *Node }
