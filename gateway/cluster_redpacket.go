@@ -145,9 +145,10 @@ const rpShardWorkers = 64
 func rpSubject(node string) string { return "le.rp." + node }
 
 type rpShardReq struct {
-	Op      string                `json:"op"` // lease | reclaim | close
+	Op      string                `json:"op"` // lease | reclaim | close | recover
 	Lease   *redpacket.LeaseReq   `json:"lease,omitempty"`
 	Reclaim *redpacket.ReclaimReq `json:"reclaim,omitempty"`
+	Recover *redpacket.RecoverReq `json:"recover,omitempty"`
 	Code    string                `json:"code,omitempty"` // close
 }
 
@@ -157,6 +158,7 @@ type rpShardRep struct {
 	Left    int                    `json:"left,omitempty"` // reclaim: unused packets the holder still has
 	Held    *int                   `json:"held,omitempty"` // reclaim: packets the holder received and did not give back (absent from an older node)
 	Totals  *redpacket.ShardTotals `json:"totals,omitempty"`
+	Has     *redpacket.RecoverRep  `json:"has,omitempty"` // recover
 	Err     *proto.Error           `json:"err,omitempty"`
 	Fail    string                 `json:"fail,omitempty"` // a non-protocol error (close not complete)
 }
@@ -201,12 +203,15 @@ func (n *Node) serveRedPacketShards() error {
 				}
 			case req.Op == "close":
 				t, err := n.RedPackets.ServeClose(req.Code)
-				if pe := (*proto.Error)(nil); errors.As(err, &pe) {
-					rep.Err = pe
-				} else if err != nil {
-					rep.Fail = err.Error()
-				} else {
+				rep.Err, rep.Fail = shardFailure(err)
+				if err == nil {
 					rep.Totals = &t
+				}
+			case req.Op == "recover" && req.Recover != nil:
+				h, err := n.RedPackets.ServeRecover(*req.Recover)
+				rep.Err, rep.Fail = shardFailure(err)
+				if err == nil {
+					rep.Has = &h
 				}
 			default:
 				rep.Err = proto.BadRequest("unknown red-packet shard op")
@@ -215,6 +220,17 @@ func (n *Node) serveRedPacketShards() error {
 		}()
 	})
 	return err
+}
+
+// shardFailure is err as a shard answer: a protocol error, or a failure
+// that is not one (a close not complete, a store error).
+func shardFailure(err error) (*proto.Error, string) {
+	if pe := (*proto.Error)(nil); errors.As(err, &pe) {
+		return pe, ""
+	} else if err != nil {
+		return nil, err.Error()
+	}
+	return nil, ""
 }
 
 var errShardBusy = proto.Errorf(proto.CodeInternal, "the red packet's node is busy, retry")
@@ -273,6 +289,17 @@ func (p rpPeers) Close(ctx context.Context, holder, code string) (redpacket.Shar
 		return redpacket.ShardTotals{}, errors.New("red packet close: empty answer")
 	}
 	return *rep.Totals, nil
+}
+
+func (p rpPeers) Recover(ctx context.Context, holder string, req redpacket.RecoverReq) (redpacket.RecoverRep, error) {
+	rep, err := p.call(ctx, holder, rpShardReq{Op: "recover", Recover: &req})
+	if err != nil {
+		return redpacket.RecoverRep{}, err
+	}
+	if rep.Has == nil {
+		return redpacket.RecoverRep{}, errors.New("red packet recover: empty answer")
+	}
+	return *rep.Has, nil
 }
 
 // rainClaimKey is the set of users who have a packet of rain code (one per

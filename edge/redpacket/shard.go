@@ -33,8 +33,11 @@ import (
 // before the packets leave, and a return before the packets go back into
 // its pool, so after a restart the owner rebuilds its remainder as the split
 // minus its own grants minus what is out with holders — an index is never
-// in two places. A holder keeps its slice in memory only: if it dies, its
-// unused packets stay "out" until the rain ends, and are refunded then.
+// in two places. A holder keeps its slice in memory only: if it restarts,
+// or a lease (or reclaim) answer is lost on the way, the owner finds those packets missing
+// there in a reclaim round once no answer can still arrive (recoverFrom: the
+// holder names every index it has or durably granted) and pools them again;
+// while it is down they stay "out" (refunded if the rain ends first).
 //
 // Settlement stays on the owner and happens once: at the end it closes every
 // holder (Close: no more grabs there, grabs in flight completed, doubtful
@@ -52,6 +55,9 @@ type Peers interface {
 	// Close ends a rain on holder and returns its durable totals (owner →
 	// holder).
 	Close(ctx context.Context, holder, code string) (ShardTotals, error)
+	// Recover asks holder which packets of a rain it has: those it received
+	// and did not give back, and those it durably granted (owner → holder).
+	Recover(ctx context.Context, holder string, req RecoverReq) (RecoverRep, error)
 }
 
 // LeaseReq asks the owner of Code for packets for node Node (Meta: only the
@@ -102,6 +108,21 @@ type ReclaimRep struct {
 	Held    int // −1: not known (a holder of an older version)
 }
 
+// RecoverReq asks a holder which of the Count packets of Code it has.
+type RecoverReq struct {
+	Code  string `json:"code"`
+	Count int    `json:"count"`
+}
+
+// RecoverRep is a holder's answer to a RecoverReq: Has is a bitmap over the
+// rain's indexes (bit i of byte i/8: index i is in this node's slice, being
+// granted, or durably granted here — by this process or an earlier one);
+// Held is ReclaimRep.Held at the same moment.
+type RecoverRep struct {
+	Has  []byte `json:"has"`
+	Held int    `json:"held"`
+}
+
 // ShardTotals are a holder's durable grants of a rain.
 type ShardTotals struct {
 	Count  int   `json:"count"`
@@ -113,9 +134,15 @@ const (
 	maxLease     = 256                    // packets in one lease
 	leaseLimit   = 2 * time.Second        // one lease call (holder → owner)
 	reclaimLimit = 500 * time.Millisecond // one reclaim call (owner → holder): well inside a lease's budget
+	recoverLimit = 500 * time.Millisecond // one recover call (owner → holder)
 	closeWait    = 3 * time.Second        // a holder's grabs in flight at close
 	tombstoneTTL = 10 * time.Minute       // a closed shard is remembered this long
 	maxHolders   = 4096                   // nodes one rain leases to (where is a uint16)
+	// recoverQuiet: a holder is asked what it has (recoverFrom) only this
+	// long after the last lease answer built for it, when no answer can
+	// still enter its slice (it drops one that comes leaseLimit after its
+	// ask); until then a holder short of what was leased to it is lagging.
+	recoverQuiet = leaseLimit + 250*time.Millisecond
 )
 
 var (
@@ -133,6 +160,10 @@ type holder struct {
 	amount  int64     // last reported
 	top     int64     // last reported
 	sentAt  time.Time // when the last lease to it was answered
+	leases  uint64    // lease answers built for it (a recovery compares it before and after)
+	// base: packets out with it that an earlier process of that node
+	// durably granted — out, but never in its Held again (recoverFrom).
+	base int
 }
 
 // leaseLog is one hand-over (rec/rplease/<code>/<seq>): Idx went to Node, or
@@ -199,6 +230,9 @@ func (s *Service) replayLeases(r *rain) error {
 				r.holders[hi].out++
 			}
 		}
+		// An answer of the process before the restart may still be taken
+		// into the holder's slice: no recovery before that is impossible.
+		r.holders[hi].sentAt = time.Now()
 		return nil
 	})
 }
@@ -287,6 +321,7 @@ func (s *Service) ServeLease(req LeaseReq, arrived time.Time) (LeaseRep, error) 
 	}
 	h.out += len(pk)
 	h.sentAt = time.Now()
+	h.leases++
 	r.answered++
 	r.mu.Unlock()
 	s.finishInflight(r, false)
@@ -483,9 +518,9 @@ func (s *Service) reclaimRound(r *rain, seen uint64, deadline time.Time) (out ro
 			pk := rep.Packets
 			r.mu.Lock()
 			// A lease answer not yet in the holder's slice (a holder that
-			// gave up on it, or restarted, never gets it: after leaseLimit
-			// those stay out and are refunded at the end).
-			if rep.Held >= 0 && rep.Held < h.out-len(pk) && time.Since(h.sentAt) < leaseLimit {
+			// gave up on it, or restarted, never gets it: once no answer can
+			// still arrive, recoverFrom puts those back into the pool).
+			if rep.Held >= 0 && rep.Held+h.base < h.out-len(pk) && time.Since(h.sentAt) <= recoverQuiet {
 				lagging.Store(true)
 			}
 			// Only packets that are out with that holder, at their split
@@ -497,27 +532,92 @@ func (s *Service) reclaimRound(r *rain, seen uint64, deadline time.Time) (out ro
 				}
 			}
 			r.mu.Unlock()
-			if len(ok) == 0 {
-				return
+			if len(ok) > 0 {
+				if err := s.logLease(r, h.node, true, ok); err != nil {
+					// Given up by the holder, not recorded here: they stay
+					// "out" (never granted twice) until a recovery finds
+					// them missing there, or are refunded at the end.
+					s.log.Error("red packet return not recorded", "code", code, "node", h.node, "err", err)
+					return
+				}
+				r.mu.Lock()
+				for _, p := range ok {
+					r.where[p.Index] = 0
+				}
+				h.out -= len(ok)
+				r.mu.Unlock()
+				s.mem.add(code, ok)
+				got.Add(int64(len(ok)))
 			}
-			if err := s.logLease(r, h.node, true, ok); err != nil {
-				// Given up by the holder, not recorded here: they stay "out"
-				// and are refunded at the end (never granted twice).
-				s.log.Error("red packet return not recorded", "code", code, "node", h.node, "err", err)
-				return
-			}
-			r.mu.Lock()
-			for _, p := range ok {
-				r.where[p.Index] = 0
-			}
-			h.out -= len(ok)
-			r.mu.Unlock()
-			s.mem.add(code, ok)
-			got.Add(int64(len(ok)))
+			got.Add(int64(s.recoverFrom(r, hi, rep.Held)))
 		}()
 	}
 	wg.Wait()
 	return round{} // set by the deferred func
+}
+
+// recoverFrom puts back into the owner's pool the packets out with holder
+// hi that the holder does not have: lease answers that never reached its
+// slice (lost on the way, or taken by a process of that node that has since
+// restarted, along with whatever that process had not granted), and returns
+// whose answer the owner never got. It runs in a reclaim round (one at a
+// time), only when the holder's Held (held, from the round's reclaim) is
+// short of what the owner has out with it, and only once no lease answer
+// can still be taken into the holder's slice (recoverQuiet after the last
+// one; a lease answered while the holder is asked makes it give up until
+// the next round). Each index comes back once, recorded in the lease log
+// before it enters the pool: the holder's answer names every index it
+// received and did not give back, or durably granted, so what is missing
+// there can never be granted there. It returns the packets put back.
+func (s *Service) recoverFrom(r *rain, hi int, held int) int {
+	r.mu.Lock()
+	h := r.holders[hi]
+	short := held >= 0 && h.out-held-h.base > 0
+	quiet := time.Since(h.sentAt) > recoverQuiet
+	running := !r.ending && r.rec.State == StateRunning
+	leases, count, code := h.leases, len(r.where), r.rec.Code
+	r.mu.Unlock()
+	if !short || !quiet || !running {
+		return 0
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), recoverLimit)
+	rep, err := s.cfg.Peers.Recover(ctx, h.node, RecoverReq{Code: code, Count: count})
+	cancel()
+	if err != nil || len(rep.Has) < (count+7)/8 {
+		// Unknown there (an older node) or not answered: those packets
+		// stay out until a later round, or are refunded at the end.
+		s.log.Warn("red packet recovery: holder did not answer", "code", code, "node", h.node, "err", err)
+		return 0
+	}
+	r.mu.Lock()
+	if h.leases != leases || r.ending || r.rec.State != StateRunning {
+		r.mu.Unlock()
+		return 0 // a lease answered meanwhile: the answer may not name it
+	}
+	var back []Packet
+	for i, w := range r.where {
+		if w == uint16(hi+1) && rep.Has[i/8]&(1<<(i%8)) == 0 {
+			back = append(back, Packet{Index: int32(i), Amount: r.split[i]})
+		}
+	}
+	h.base = max(0, h.out-len(back)-rep.Held)
+	r.mu.Unlock()
+	if len(back) == 0 {
+		return 0
+	}
+	if err := s.logLease(r, h.node, true, back); err != nil {
+		s.log.Error("red packet recovery not recorded", "code", code, "node", h.node, "err", err)
+		return 0
+	}
+	r.mu.Lock()
+	for _, p := range back {
+		r.where[p.Index] = 0
+	}
+	h.out -= len(back)
+	r.mu.Unlock()
+	s.mem.add(code, back)
+	s.log.Info("red packets recovered from a holder", "code", code, "node", h.node, "packets", len(back))
+	return len(back)
 }
 
 // finishInflight ends a grab or lease reservation of r; empty: nothing was
@@ -578,6 +678,7 @@ type shard struct {
 	endsAt   int64 // by this node's clock (the owner's LeftMS from its answer)
 	free     []Packet
 	in       int           // packets received in lease answers and not given back (ReclaimRep.Held)
+	mine     bitmap        // their indexes (RecoverRep.Has)
 	last     int           // size of the last lease
 	held     bool          // packets were leased to this node: the owner will close it
 	leasing  chan struct{} // a lease request in flight
@@ -686,6 +787,10 @@ func (s *Service) refill(sh *shard) error {
 	cancel()
 	sh.mu.Lock()
 	switch {
+	case err == nil && len(rep.Packets) > 0 && time.Since(sent) >= leaseLimit:
+		// Too late: the owner may already have asked what this node has
+		// (recoverFrom) and put these back into its pool.
+		err = errUnsure
 	case err != nil:
 		if pe := proto.AsError(err); pe.Code == proto.CodeRedPacketEmpty {
 			if req.Free > 0 {
@@ -703,6 +808,9 @@ func (s *Service) refill(sh *shard) error {
 		sh.ready, sh.room, sh.endsAt = true, rep.Room, sent.UnixMilli()+rep.LeftMS
 		sh.free = append(sh.free, rep.Packets...)
 		sh.in += len(rep.Packets)
+		for _, p := range rep.Packets {
+			sh.mine.set(p.Index)
+		}
 		if len(rep.Packets) > 0 {
 			sh.last, sh.held = len(rep.Packets), true
 		}
@@ -879,7 +987,79 @@ func (s *Service) ServeReclaim(req ReclaimReq) ReclaimRep {
 	pk := append([]Packet(nil), sh.free[len(sh.free)-k:]...)
 	sh.free = sh.free[:len(sh.free)-k]
 	sh.in -= k
+	for _, p := range pk {
+		sh.mine.clear(p.Index)
+	}
 	return ReclaimRep{Packets: pk, Left: len(sh.free), Held: sh.in}
+}
+
+// ServeRecover tells the owner which packets of a rain this node has
+// (recoverFrom): those in its slice or being granted — received in lease
+// answers and not given back — and those durably granted here, by this
+// process or an earlier one of this node.
+func (s *Service) ServeRecover(req RecoverReq) (RecoverRep, error) {
+	if !wellFormed(req.Code) || req.Count <= 0 || req.Count > MaxCount {
+		return RecoverRep{}, errGrabNone
+	}
+	has := make(bitmap, (req.Count+63)/64)
+	err := s.store.Scan(grantPrefix(req.Code), func(k, _ []byte) error {
+		if len(k) >= 4 {
+			has.set(int32(binary.BigEndian.Uint32(k[len(k)-4:])))
+		}
+		return nil
+	})
+	if err != nil {
+		return RecoverRep{}, err
+	}
+	var held int
+	s.mu.RLock()
+	sh := s.shards[req.Code]
+	s.mu.RUnlock()
+	if sh != nil {
+		sh.mu.Lock()
+		has.or(sh.mine)
+		held = sh.in
+		sh.mu.Unlock()
+	}
+	return RecoverRep{Has: has.bytes(req.Count), Held: held}, nil
+}
+
+// bitmap is a set of packet indexes.
+type bitmap []uint64
+
+func (b *bitmap) set(i int32) {
+	if i < 0 {
+		return
+	}
+	w := int(i) / 64
+	if w >= len(*b) {
+		*b = append(*b, make([]uint64, w+1-len(*b))...)
+	}
+	(*b)[w] |= 1 << (uint(i) % 64)
+}
+
+func (b bitmap) clear(i int32) {
+	if w := int(i) / 64; i >= 0 && w < len(b) {
+		b[w] &^= 1 << (uint(i) % 64)
+	}
+}
+
+// or adds o's indexes that fit in b.
+func (b bitmap) or(o bitmap) {
+	for i := range min(len(b), len(o)) {
+		b[i] |= o[i]
+	}
+}
+
+// bytes is b over count indexes, bit i in byte i/8 (RecoverRep.Has).
+func (b bitmap) bytes(count int) []byte {
+	out := make([]byte, (count+7)/8)
+	for i := range out {
+		if w := i / 8; w < len(b) {
+			out[i] = byte(b[w] >> (8 * (i % 8)))
+		}
+	}
+	return out
 }
 
 // ServeClose ends a rain on this node (a holder) for the owner's settlement:

@@ -32,6 +32,9 @@ type cluster struct {
 	// owner and its holder: the answer sends its packet count on it, then
 	// arrives once the test receives from it again.
 	leaseGate chan int
+	// lose: the next this many lease answers with packets are lost on
+	// their way to the holder (its call fails, as at a NATS timeout).
+	lose atomic.Int32
 }
 
 type member struct {
@@ -75,6 +78,9 @@ func (p peers) Lease(_ context.Context, owner string, req LeaseReq) (LeaseRep, e
 		gate <- len(rep.Packets) // on the way…
 		<-gate                   // …until the test lets it arrive
 	}
+	if len(rep.Packets) > 0 && p.c.lose.Add(-1) >= 0 {
+		return LeaseRep{}, context.DeadlineExceeded
+	}
 	return rep, err
 }
 
@@ -92,6 +98,14 @@ func (p peers) Close(_ context.Context, holder, code string) (ShardTotals, error
 		return ShardTotals{}, err
 	}
 	return s.ServeClose(code)
+}
+
+func (p peers) Recover(_ context.Context, holder string, req RecoverReq) (RecoverRep, error) {
+	s, err := p.node(holder)
+	if err != nil {
+		return RecoverRep{}, err
+	}
+	return s.ServeRecover(req)
 }
 
 const shardRoom, shardAnchor = 7, 1
