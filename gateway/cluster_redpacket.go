@@ -158,7 +158,7 @@ type rpShardRep struct {
 	Left    int                    `json:"left,omitempty"` // reclaim: unused packets the holder still has
 	Held    *int                   `json:"held,omitempty"` // reclaim: packets the holder received and did not give back (absent from an older node)
 	Totals  *redpacket.ShardTotals `json:"totals,omitempty"`
-	Has     *redpacket.RecoverRep  `json:"has,omitempty"` // recover
+	Recover *redpacket.RecoverRep  `json:"recover,omitempty"`
 	Err     *proto.Error           `json:"err,omitempty"`
 	Fail    string                 `json:"fail,omitempty"` // a non-protocol error (close not complete)
 }
@@ -211,7 +211,7 @@ func (n *Node) serveRedPacketShards() error {
 				h, err := n.RedPackets.ServeRecover(*req.Recover)
 				rep.Err, rep.Fail = shardFailure(err)
 				if err == nil {
-					rep.Has = &h
+					rep.Recover = &h
 				}
 			default:
 				rep.Err = proto.BadRequest("unknown red-packet shard op")
@@ -296,10 +296,10 @@ func (p rpPeers) Recover(ctx context.Context, holder string, req redpacket.Recov
 	if err != nil {
 		return redpacket.RecoverRep{}, err
 	}
-	if rep.Has == nil {
+	if rep.Recover == nil {
 		return redpacket.RecoverRep{}, errors.New("red packet recover: empty answer")
 	}
-	return *rep.Has, nil
+	return *rep.Recover, nil
 }
 
 // rainClaimKey is the set of users who have a packet of rain code (one per

@@ -34,10 +34,11 @@ import (
 // its pool, so after a restart the owner rebuilds its remainder as the split
 // minus its own grants minus what is out with holders — an index is never
 // in two places. A holder keeps its slice in memory only: if it restarts,
-// or a lease (or reclaim) answer is lost on the way, the owner finds those packets missing
-// there in a reclaim round once no answer can still arrive (recoverFrom: the
-// holder names every index it has or durably granted) and pools them again;
-// while it is down they stay "out" (refunded if the rain ends first).
+// or a lease (or reclaim) answer is lost on the way, the owner finds those
+// packets missing there in a reclaim round (recoverFrom: the holder names
+// every index it has or durably granted, and drops any lease answer it
+// asked for before that) and pools them again; while it is down they stay
+// "out" (refunded if the rain ends first).
 //
 // Settlement stays on the owner and happens once: at the end it closes every
 // holder (Close: no more grabs there, grabs in flight completed, doubtful
@@ -139,9 +140,10 @@ const (
 	tombstoneTTL = 10 * time.Minute       // a closed shard is remembered this long
 	maxHolders   = 4096                   // nodes one rain leases to (where is a uint16)
 	// recoverQuiet: a holder is asked what it has (recoverFrom) only this
-	// long after the last lease answer built for it, when no answer can
-	// still enter its slice (it drops one that comes leaseLimit after its
-	// ask); until then a holder short of what was leased to it is lagging.
+	// long after the last lease answer built for it, when that answer has
+	// arrived or its ask timed out (an answer still on its way when asked
+	// is dropped there: safe, but needless); until then a holder short of
+	// what was leased to it is lagging.
 	recoverQuiet = leaseLimit + 250*time.Millisecond
 )
 
@@ -163,7 +165,17 @@ type holder struct {
 	leases  uint64    // lease answers built for it (a recovery compares it before and after)
 	// base: packets out with it that an earlier process of that node
 	// durably granted — out, but never in its Held again (recoverFrom).
-	base int
+	base      int
+	noRecover bool // an older node: it cannot tell which packets it has
+}
+
+// missing is how many packets out with h it does not hold by its report
+// held (ReclaimRep.Held; −1, unknown: none).
+func (h *holder) missing(held int) int {
+	if held < 0 {
+		return 0
+	}
+	return h.out - held - h.base
 }
 
 // leaseLog is one hand-over (rec/rplease/<code>/<seq>): Idx went to Node, or
@@ -211,7 +223,7 @@ func (s *Service) logLease(r *rain, node string, back bool, pk []Packet) error {
 // replayLeases restores r's holders and where each index is (restore).
 func (s *Service) replayLeases(r *rain) error {
 	r.where = make([]uint16, r.rec.Count)
-	return s.store.Scan(leasePrefix(r.rec.Code), func(k, v []byte) error {
+	err := s.store.Scan(leasePrefix(r.rec.Code), func(k, v []byte) error {
 		var l leaseLog
 		if err := proto.Unmarshal(v, &l); err != nil {
 			return err
@@ -230,11 +242,17 @@ func (s *Service) replayLeases(r *rain) error {
 				r.holders[hi].out++
 			}
 		}
-		// An answer of the process before the restart may still be taken
-		// into the holder's slice: no recovery before that is impossible.
-		r.holders[hi].sentAt = time.Now()
 		return nil
 	})
+	if err != nil {
+		return err
+	}
+	// An answer of the process before this restart may still be on its
+	// way to a holder: recoverFrom waits for it as for any other.
+	for _, h := range r.holders {
+		h.sentAt = time.Now()
+	}
+	return nil
 }
 
 // leaseSize is how many packets one lease takes from a remainder of left:
@@ -517,12 +535,6 @@ func (s *Service) reclaimRound(r *rain, seen uint64, deadline time.Time) (out ro
 			}
 			pk := rep.Packets
 			r.mu.Lock()
-			// A lease answer not yet in the holder's slice (a holder that
-			// gave up on it, or restarted, never gets it: once no answer can
-			// still arrive, recoverFrom puts those back into the pool).
-			if rep.Held >= 0 && rep.Held+h.base < h.out-len(pk) && time.Since(h.sentAt) <= recoverQuiet {
-				lagging.Store(true)
-			}
 			// Only packets that are out with that holder, at their split
 			// amount, come back.
 			ok := pk[:0]
@@ -549,7 +561,13 @@ func (s *Service) reclaimRound(r *rain, seen uint64, deadline time.Time) (out ro
 				s.mem.add(code, ok)
 				got.Add(int64(len(ok)))
 			}
-			got.Add(int64(s.recoverFrom(r, hi, rep.Held)))
+			// Packets out with the holder that it does not have: a lease
+			// answer on its way (lagging), or never to arrive there.
+			n, settled := s.recoverFrom(r, hi, rep.Held, deadline)
+			got.Add(int64(n))
+			if !settled {
+				lagging.Store(true)
+			}
 		}()
 	}
 	wg.Wait()
@@ -561,38 +579,52 @@ func (s *Service) reclaimRound(r *rain, seen uint64, deadline time.Time) (out ro
 // slice (lost on the way, or taken by a process of that node that has since
 // restarted, along with whatever that process had not granted), and returns
 // whose answer the owner never got. It runs in a reclaim round (one at a
-// time), only when the holder's Held (held, from the round's reclaim) is
-// short of what the owner has out with it, and only once no lease answer
-// can still be taken into the holder's slice (recoverQuiet after the last
-// one; a lease answered while the holder is asked makes it give up until
-// the next round). Each index comes back once, recorded in the lease log
-// before it enters the pool: the holder's answer names every index it
-// received and did not give back, or durably granted, so what is missing
-// there can never be granted there. It returns the packets put back.
-func (s *Service) recoverFrom(r *rain, hi int, held int) int {
+// time) when the holder's Held (held, from the round's reclaim) is short of
+// what the owner has out with it, once no lease answer can still be on its
+// way there (recoverQuiet after the last one). The holder's answer names
+// every index it received and did not give back, or durably granted, and
+// makes it drop any lease answer still on its way (the fence in refill); a
+// lease answered while the holder is asked makes the owner give up until
+// the next round. Each index comes back once, recorded in the lease log
+// before it enters the pool. It returns the packets put back; settled false:
+// the holder is short and that could not be resolved in this round, so the
+// round must not end the rain as "none left".
+func (s *Service) recoverFrom(r *rain, hi int, held int, deadline time.Time) (n int, settled bool) {
 	r.mu.Lock()
 	h := r.holders[hi]
-	short := held >= 0 && h.out-held-h.base > 0
-	quiet := time.Since(h.sentAt) > recoverQuiet
+	missing, quiet, skip := h.missing(held), time.Since(h.sentAt) > recoverQuiet, h.noRecover
 	running := !r.ending && r.rec.State == StateRunning
 	leases, count, code := h.leases, len(r.where), r.rec.Code
 	r.mu.Unlock()
-	if !short || !quiet || !running {
-		return 0
+	switch {
+	case missing <= 0 || skip || !running:
+		return 0, true
+	case !quiet:
+		return 0, false // a lease answer may still be on its way there
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), recoverLimit)
+	wait := min(recoverLimit, time.Until(deadline))
+	if wait < 10*time.Millisecond {
+		return 0, false
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), wait)
 	rep, err := s.cfg.Peers.Recover(ctx, h.node, RecoverReq{Code: code, Count: count})
 	cancel()
+	if pe := proto.AsError(err); pe != nil && pe.Code == proto.CodeBadRequest {
+		// A node of an older version: its missing packets stay out and
+		// are refunded at the end, as they were.
+		r.mu.Lock()
+		h.noRecover = true
+		r.mu.Unlock()
+		return 0, true
+	}
 	if err != nil || len(rep.Has) < (count+7)/8 {
-		// Unknown there (an older node) or not answered: those packets
-		// stay out until a later round, or are refunded at the end.
-		s.log.Warn("red packet recovery: holder did not answer", "code", code, "node", h.node, "err", err)
-		return 0
+		s.log.Warn("red packet recovery: no answer from the holder", "code", code, "node", h.node, "err", err)
+		return 0, false
 	}
 	r.mu.Lock()
 	if h.leases != leases || r.ending || r.rec.State != StateRunning {
 		r.mu.Unlock()
-		return 0 // a lease answered meanwhile: the answer may not name it
+		return 0, false // a lease answered meanwhile: the answer may not name it
 	}
 	var back []Packet
 	for i, w := range r.where {
@@ -603,11 +635,11 @@ func (s *Service) recoverFrom(r *rain, hi int, held int) int {
 	h.base = max(0, h.out-len(back)-rep.Held)
 	r.mu.Unlock()
 	if len(back) == 0 {
-		return 0
+		return 0, true
 	}
 	if err := s.logLease(r, h.node, true, back); err != nil {
 		s.log.Error("red packet recovery not recorded", "code", code, "node", h.node, "err", err)
-		return 0
+		return 0, false
 	}
 	r.mu.Lock()
 	for _, p := range back {
@@ -617,7 +649,7 @@ func (s *Service) recoverFrom(r *rain, hi int, held int) int {
 	r.mu.Unlock()
 	s.mem.add(code, back)
 	s.log.Info("red packets recovered from a holder", "code", code, "node", h.node, "packets", len(back))
-	return len(back)
+	return len(back), true
 }
 
 // finishInflight ends a grab or lease reservation of r; empty: nothing was
@@ -677,8 +709,8 @@ type shard struct {
 	room     int64
 	endsAt   int64 // by this node's clock (the owner's LeftMS from its answer)
 	free     []Packet
-	in       int           // packets received in lease answers and not given back (ReclaimRep.Held)
-	mine     bitmap        // their indexes (RecoverRep.Has)
+	mine     bitmap        // packets received in lease answers and not given back (ReclaimRep.Held: their count)
+	fence    uint64        // recoveries answered (ServeRecover): a lease asked for before one is dropped
 	last     int           // size of the last lease
 	held     bool          // packets were leased to this node: the owner will close it
 	leasing  chan struct{} // a lease request in flight
@@ -780,6 +812,7 @@ func (s *Service) refill(sh *shard) error {
 	sh.leasing = ch
 	req := LeaseReq{Code: sh.code, Node: s.cfg.Node, Meta: !sh.ready, Granted: sh.granted, Amount: sh.amount, Max: sh.top,
 		Free: len(sh.free), BudgetMS: leaseLimit.Milliseconds()}
+	fence := sh.fence
 	sh.mu.Unlock()
 	ctx, cancel := context.WithTimeout(context.Background(), leaseLimit)
 	sent := time.Now()
@@ -787,10 +820,10 @@ func (s *Service) refill(sh *shard) error {
 	cancel()
 	sh.mu.Lock()
 	switch {
-	case err == nil && len(rep.Packets) > 0 && time.Since(sent) >= leaseLimit:
-		// Too late: the owner may already have asked what this node has
-		// (recoverFrom) and put these back into its pool.
-		err = errUnsure
+	case err == nil && len(rep.Packets) > 0 && sh.fence != fence:
+		// The owner asked what this node has (recoverFrom) while this
+		// answer travelled: its packets were not named, so they may be back
+		// in the owner's pool. Not taken; the caller leases again.
 	case err != nil:
 		if pe := proto.AsError(err); pe.Code == proto.CodeRedPacketEmpty {
 			if req.Free > 0 {
@@ -807,7 +840,6 @@ func (s *Service) refill(sh *shard) error {
 		first := !sh.ready
 		sh.ready, sh.room, sh.endsAt = true, rep.Room, sent.UnixMilli()+rep.LeftMS
 		sh.free = append(sh.free, rep.Packets...)
-		sh.in += len(rep.Packets)
 		for _, p := range rep.Packets {
 			sh.mine.set(p.Index)
 		}
@@ -905,7 +937,9 @@ func (s *Service) grabVia(owner string, user int64, code string) (GrabReply, *pr
 			sh.granted++
 			sh.amount += p.Amount
 			sh.top = max(sh.top, p.Amount)
-		} else if !errors.Is(err, persist.ErrWalletUnavailable) {
+		} else if errors.Is(err, persist.ErrWalletUnavailable) {
+			sh.free = append(sh.free, p) // nothing moved: the packet is still this node's to grant
+		} else {
 			sh.doubt = append(sh.doubt, op) // may still land: applied again at close
 		}
 		sh.mu.Unlock()
@@ -978,19 +1012,18 @@ func (s *Service) ServeReclaim(req ReclaimReq) ReclaimRep {
 	sh.mu.Lock()
 	defer sh.mu.Unlock()
 	if sh.closed {
-		return ReclaimRep{Held: sh.in}
+		return ReclaimRep{Held: sh.mine.n}
 	}
 	k := min(req.Max, (len(sh.free)+1)/2)
 	if k <= 0 {
-		return ReclaimRep{Held: sh.in}
+		return ReclaimRep{Held: sh.mine.n}
 	}
 	pk := append([]Packet(nil), sh.free[len(sh.free)-k:]...)
 	sh.free = sh.free[:len(sh.free)-k]
-	sh.in -= k
 	for _, p := range pk {
 		sh.mine.clear(p.Index)
 	}
-	return ReclaimRep{Packets: pk, Left: len(sh.free), Held: sh.in}
+	return ReclaimRep{Packets: pk, Left: len(sh.free), Held: sh.mine.n}
 }
 
 // ServeRecover tells the owner which packets of a rain this node has
@@ -1001,7 +1034,7 @@ func (s *Service) ServeRecover(req RecoverReq) (RecoverRep, error) {
 	if !wellFormed(req.Code) || req.Count <= 0 || req.Count > MaxCount {
 		return RecoverRep{}, errGrabNone
 	}
-	has := make(bitmap, (req.Count+63)/64)
+	has := bitmap{w: make([]uint64, (req.Count+63)/64)}
 	err := s.store.Scan(grantPrefix(req.Code), func(k, _ []byte) error {
 		if len(k) >= 4 {
 			has.set(int32(binary.BigEndian.Uint32(k[len(k)-4:])))
@@ -1018,45 +1051,59 @@ func (s *Service) ServeRecover(req RecoverReq) (RecoverRep, error) {
 	if sh != nil {
 		sh.mu.Lock()
 		has.or(sh.mine)
-		held = sh.in
+		held = sh.mine.n
+		// A lease answer on its way here now is not named: it must not be
+		// taken (refill), the owner may pool its packets again.
+		sh.fence++
 		sh.mu.Unlock()
 	}
+	// No shard: a lease asked for after this is answered after the owner
+	// sent this request, which the owner then sees (holder.leases).
 	return RecoverRep{Has: has.bytes(req.Count), Held: held}, nil
 }
 
-// bitmap is a set of packet indexes.
-type bitmap []uint64
+// bitmap is a set of packet indexes and its size.
+type bitmap struct {
+	w []uint64
+	n int
+}
 
 func (b *bitmap) set(i int32) {
 	if i < 0 {
 		return
 	}
-	w := int(i) / 64
-	if w >= len(*b) {
-		*b = append(*b, make([]uint64, w+1-len(*b))...)
+	k := int(i) / 64
+	if k >= len(b.w) {
+		b.w = append(b.w, make([]uint64, k+1-len(b.w))...)
 	}
-	(*b)[w] |= 1 << (uint(i) % 64)
-}
-
-func (b bitmap) clear(i int32) {
-	if w := int(i) / 64; i >= 0 && w < len(b) {
-		b[w] &^= 1 << (uint(i) % 64)
+	if bit := uint64(1) << (uint(i) % 64); b.w[k]&bit == 0 {
+		b.w[k] |= bit
+		b.n++
 	}
 }
 
-// or adds o's indexes that fit in b.
-func (b bitmap) or(o bitmap) {
-	for i := range min(len(b), len(o)) {
-		b[i] |= o[i]
+func (b *bitmap) clear(i int32) {
+	if k := int(i) / 64; i >= 0 && k < len(b.w) {
+		if bit := uint64(1) << (uint(i) % 64); b.w[k]&bit != 0 {
+			b.w[k] &^= bit
+			b.n--
+		}
+	}
+}
+
+// or adds o's indexes that fit in b (n is not kept: for bytes only).
+func (b *bitmap) or(o bitmap) {
+	for i := range min(len(b.w), len(o.w)) {
+		b.w[i] |= o.w[i]
 	}
 }
 
 // bytes is b over count indexes, bit i in byte i/8 (RecoverRep.Has).
-func (b bitmap) bytes(count int) []byte {
+func (b *bitmap) bytes(count int) []byte {
 	out := make([]byte, (count+7)/8)
 	for i := range out {
-		if w := i / 8; w < len(b) {
-			out[i] = byte(b[w] >> (8 * (i % 8)))
+		if k := i / 8; k < len(b.w) {
+			out[i] = byte(b.w[k] >> (8 * (i % 8)))
 		}
 	}
 	return out

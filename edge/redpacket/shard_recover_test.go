@@ -173,3 +173,55 @@ func TestShardedRainHolderRestartMidStorm(t *testing.T) {
 	}
 	t.Logf("granted %d answered ok, %d durable; per node %v", granted.Load(), len(grants), per)
 }
+
+// A lease answer still on its way to the holder when the owner asks what
+// the holder has (a holder paused past the quiet time, say): the answer is
+// not named, the owner pools its packets again, and the holder drops it on
+// arrival — every index is still granted once.
+func TestRecoveryDropsAnAnswerOnItsWay(t *testing.T) {
+	c := newCluster(t, "n1", "n2")
+	const count, total = 60, 6_000
+	code := c.rain(t, "n1", total, count, time.Hour)
+	if _, err := c.grab("n2", "n1", 1, code); err != nil { // n2's first slice
+		t.Fatal(err)
+	}
+	gate := make(chan int)
+	c.mu.Lock()
+	c.leaseGate = gate
+	c.mu.Unlock()
+	onItsWay := 0
+	for u := int64(2); onItsWay == 0; u++ { // until n2 leases ahead
+		if u > 20 {
+			t.Fatal("n2 never leased ahead")
+		}
+		if _, err := c.grab("n2", "n1", u, code); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case onItsWay = <-gate:
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	time.Sleep(recoverQuiet + 50*time.Millisecond)
+	o := c.svc("n1")
+	r := o.get(code)
+	r.mu.Lock()
+	seen := r.rounds
+	r.mu.Unlock()
+	if rd := o.reclaimRound(r, seen, time.Now().Add(2*time.Second)); rd.got < onItsWay {
+		t.Fatalf("the round got %d packets back, %d were on their way", rd.got, onItsWay)
+	}
+	c.mu.Lock()
+	c.leaseGate = nil
+	c.mu.Unlock()
+	gate <- 0 // the answer arrives now
+	got := 0
+	_ = c.nodes["n2"].store.Scan(grantPrefix(code), func(_, _ []byte) error { got++; return nil })
+	got += c.drain(t, "n1", code, []string{"n2", "n1"}, 1000)
+	if got != count {
+		t.Fatalf("%d of %d packets granted", got, count)
+	}
+	if v := c.conserve(t, "n1", code, total); v.GrantedCount != count || v.Refunded != 0 {
+		t.Fatalf("view %+v", v)
+	}
+}
