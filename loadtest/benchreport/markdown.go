@@ -108,7 +108,7 @@ func (rep *Report) Markdown(w io.Writer) {
 			fmt.Fprintf(w, "![%s](%s)\n\n", p.Title, p.File)
 		}
 		fmt.Fprintf(w, "Solid lines p50, dashed p99. Gift latency: LiveEdge and the bare gws echo, each open loop at\n")
-		fmt.Fprintf(w, "fixed offered rates (half of LiveEdge's max, half of the echo's own max) and closed loop at its max\n")
+		fmt.Fprintf(w, "fixed offered rates (a tenth, a quarter and half of LiveEdge's max; half of the echo's own max) and closed loop at its max\n")
 		fmt.Fprintf(w, "(the rightmost point); the loadgen `gift` points are separate runs of cmd/loadgen at fixed offered rates.\n")
 	}
 

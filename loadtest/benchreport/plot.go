@@ -140,13 +140,15 @@ func (rep *Report) pctSeries(name string, color int, benches []string) []series 
 
 func sortXY(pts plotter.XYs) { sort.Slice(pts, func(i, j int) bool { return pts[i].X < pts[j].X }) }
 
-// giftSeries: LiveEdge at half its max and at its max; the bare echo at
-// half its own max, at LiveEdge's half rates and at its max; and the gift
-// loadgen runs (one point per offered rate) when there are any.
+// giftSeries: LiveEdge at a tenth, a quarter and half of its max and at its
+// max; the bare echo at half its own max, at LiveEdge's open-loop rates and
+// at its max; and the gift loadgen runs (one point per offered rate) when
+// there are any.
 func (rep *Report) giftSeries() []series {
 	var ss []series
-	ss = append(ss, rep.pctSeries("LiveEdge", 0, []string{"GiftWS/liveedge_half", "GiftWS/liveedge"})...)
-	ss = append(ss, rep.pctSeries("bare gws echo", 1, []string{"GiftWS/echo_half", "GiftWS/echo_at_liveedge_half", "GiftWS/echo_at_liveedge_batch_half", "GiftWS/echo"})...)
+	ss = append(ss, rep.pctSeries("LiveEdge", 0, []string{"GiftWS/liveedge_tenth", "GiftWS/liveedge_quarter", "GiftWS/liveedge_half", "GiftWS/liveedge"})...)
+	ss = append(ss, rep.pctSeries("bare gws echo", 1, []string{"GiftWS/echo_at_liveedge_tenth", "GiftWS/echo_at_liveedge_quarter",
+		"GiftWS/echo_half", "GiftWS/echo_at_liveedge_half", "GiftWS/echo_at_liveedge_batch_half", "GiftWS/echo"})...)
 	p50 := series{name: "LiveEdge, loadgen gift p50", color: 2}
 	p99 := series{name: "LiveEdge, loadgen gift p99", color: 2, dashed: true}
 	for _, lg := range rep.Loadgen {

@@ -39,8 +39,8 @@ func sampleReport(t *testing.T) *Report {
 func TestParseBench(t *testing.T) {
 	rep := sampleReport(t)
 	br := rep.Bench
-	if len(br.Results) != 24 {
-		t.Fatalf("%d results, want 24", len(br.Results))
+	if len(br.Results) != 28 {
+		t.Fatalf("%d results, want 28", len(br.Results))
 	}
 	if br.CPU != "AMD EPYC" || len(br.Failed) != 0 {
 		t.Fatalf("cpu %q failed %v", br.CPU, br.Failed)
@@ -94,6 +94,15 @@ func TestBuildFigures(t *testing.T) {
 	f = find("GiftWS/liveedge_half", "p99-ms")
 	if *f.Base != 28.60 || f.Met == nil || *f.Met { // 252.5 ms misses ≤ 20 ms
 		t.Fatalf("gift half p99: %+v", f)
+	}
+	// the p99-vs-load points below half: ≤ 5× the echo at the same load
+	f = find("GiftWS/liveedge_quarter", "p99-ms")
+	if r := *f.Ratio; r < 4.46 || r > 4.47 || !*f.Met { // 18.3 vs 4.1 ms
+		t.Fatalf("gift quarter p99: %+v", f)
+	}
+	f = find("GiftWS/liveedge_tenth", "p99-ms")
+	if r := *f.Ratio; r < 6.07 || r > 6.08 || *f.Met { // 7.9 vs 1.3 ms
+		t.Fatalf("gift tenth p99: %+v", f)
 	}
 	f = find("GiftDebit_Hot/liveedge", "gifts/s")
 	if r := *f.Ratio; r < 84.6 || r > 84.8 || !*f.Met {

@@ -39,6 +39,8 @@ import (
 //   - liveedge_half: a fresh node and connections, open loop at half the
 //     liveedge rate just measured, each gift stamped with its scheduled send
 //     time (no coordinated omission): p99 is the target figure.
+//     liveedge_quarter and liveedge_tenth: the same at a quarter and a
+//     tenth of it; echo_at_liveedge_<part>: the echo offered each load.
 //
 //   - liveedge_batch, liveedge_batch_half: the same with ?batch=1 (the Go
 //     SDK's default): the node may merge replies and pushes into batch
@@ -63,18 +65,7 @@ func BenchmarkGiftWS(b *testing.B) {
 	})
 	// The machine's floor for the latency target: the bare echo, open loop,
 	// at half its own max rate.
-	b.Run("echo_half", func(b *testing.B) {
-		if echoRate == 0 {
-			b.Skip("needs the echo sub-benchmark of the same run (its rate)")
-		}
-		for range b.N {
-			cl := startEchoClients(b, k)
-			res := cl.run(echoRate / 2)
-			res.report(b)
-			b.ReportMetric(echoRate/2, "offered/s")
-			cl.close()
-		}
-	})
+	b.Run("echo_half", func(b *testing.B) { runEchoOpen(b, k, echoRate/2, "echo") })
 	for _, batch := range []bool{false, true} {
 		name := "liveedge"
 		if batch {
@@ -97,21 +88,22 @@ func BenchmarkGiftWS(b *testing.B) {
 				cl.close()
 			}
 		})
-		b.Run(name+"_half", func(b *testing.B) { runLiveEdgeOpen(b, k, batch, leRate/2, nil, name) })
-		// The same offered load on the bare echo: what this machine and this
-		// load generator give at that rate with no gift work at all.
-		b.Run("echo_at_"+name+"_half", func(b *testing.B) {
-			if leRate == 0 {
-				b.Skipf("needs the %s sub-benchmark of the same run (its rate)", name)
-			}
-			for range b.N {
-				cl := startEchoClients(b, k)
-				res := cl.run(leRate / 2)
-				res.report(b)
-				b.ReportMetric(leRate/2, "offered/s")
-				cl.close()
-			}
-		})
+		// Open loop at fractions of that rate, each beside the bare echo
+		// offered the same load (what this machine and this load generator
+		// give at that rate with no gift work at all): the p99-vs-load
+		// curve of both, up to half of LiveEdge's max (plain frames).
+		type load struct {
+			suffix string
+			part   float64
+		}
+		loads := []load{{"_half", 0.5}}
+		if !batch {
+			loads = append(loads, load{"_quarter", 0.25}, load{"_tenth", 0.1})
+		}
+		for _, l := range loads {
+			b.Run(name+l.suffix, func(b *testing.B) { runLiveEdgeOpen(b, k, batch, leRate*l.part, nil, name) })
+			b.Run("echo_at_"+name+l.suffix, func(b *testing.B) { runEchoOpen(b, k, leRate*l.part, name) })
+		}
 		if batch {
 			continue
 		}
@@ -135,6 +127,21 @@ func runLiveEdgeOpen(b *testing.B, k knobs, batch bool, rate float64, w persist.
 		b.ReportMetric(rate, "offered/s")
 		reportCommits(b, node)
 		checkNode(b, node, cl)
+		cl.close()
+	}
+}
+
+// runEchoOpen runs the bare echo open loop at rate, which the closed-loop
+// sub-benchmark `of` measured.
+func runEchoOpen(b *testing.B, k knobs, rate float64, of string) {
+	if rate == 0 {
+		b.Skipf("needs the %s sub-benchmark of the same run (its rate)", of)
+	}
+	for range b.N {
+		cl := startEchoClients(b, k)
+		res := cl.run(rate)
+		res.report(b)
+		b.ReportMetric(rate, "offered/s")
 		cl.close()
 	}
 }
