@@ -428,6 +428,36 @@ func TestClusterOneRunningRainPerRoom(t *testing.T) {
 	}
 }
 
+// Redis restarts empty while a rain runs: its owner writes it again as the
+// room's running rain within a second, so a second rain of the room, owned
+// by another node, still cannot start.
+func TestClusterOneRunningRainPerRoomAfterRedisLoss(t *testing.T) {
+	c := startCluster(t, 2, "LIVEEDGE_REDPACKET_PREPARE_INTERVAL=0s", "LIVEEDGE_REDPACKET_START_INTERVAL=0s")
+	r := newClusterRain(t, c, 10, 1, 1, 30*time.Second) // owned by gw-1, running
+	second := createRainVia(t, c.nodes[1].http, r.anchorTok, r.room, 10, 1, 30*time.Second)
+	fundAnchor(t, c.nodes[0].http, 1, 10, "seed2")
+	base := "http://" + c.nodes[1].http + "/api/v1/redpackets/" + second
+	if st := nodetest.DoJSON(t, "POST", base+"/prepare", r.anchorTok, "", nil); st != 200 {
+		t.Fatalf("prepare the second: %d", st)
+	}
+	c.redis.Restart() // empty: the room's running-rain key is gone
+	rdb, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{c.redis.Addr}, DisableCache: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rdb.Close()
+	pollUntil(t, 10*time.Second, "the room's running rain written again", func() bool {
+		v, err := rdb.Do(context.Background(), rdb.B().Get().Key("le:rprun:{"+strconv.FormatInt(r.room, 10)+"}").Build()).ToString()
+		return err == nil && v == r.code
+	})
+	var refused struct {
+		Code int `json:"code"`
+	}
+	if st := nodetest.DoJSON(t, "POST", base+"/start", r.anchorTok, "", &refused); st != 409 || refused.Code != proto.CodeConflict {
+		t.Fatalf("second rain started after Redis lost the room's key: HTTP %d code %d", st, refused.Code)
+	}
+}
+
 // A viewer who joins on a node other than the rain's and grabs at once is
 // served: the node checks its own members (the cluster's presence reaches
 // the owner only up to 200 ms later).

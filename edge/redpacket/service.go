@@ -113,6 +113,9 @@ type Service struct {
 
 	mu        sync.RWMutex
 	closed    bool
+	// keepStop ends keepRooms (nil: no shared room check); keepDone is
+	// closed when it has.
+	keepStop, keepDone chan struct{}
 	rains     map[string]*rain  // not FINISHED
 	perAnchor map[int64]int     // rains not FINISHED per anchor
 	running   map[int64]string  // room → its RUNNING rain
@@ -208,6 +211,10 @@ func New(store *persist.Store, w persist.Wallet, r router.Router, cfg Config, lo
 	s.grabLimit = interval(cfg.GrabInterval, cfg.Now)
 	if err := s.restore(); err != nil {
 		return nil, err
+	}
+	if cfg.RoomRun != nil {
+		s.keepStop, s.keepDone = make(chan struct{}), make(chan struct{})
+		go s.keepRooms()
 	}
 	return s, nil
 }
@@ -730,6 +737,44 @@ func (s *Service) runInRoom(rec record) *proto.Error {
 		return proto.Errorf(proto.CodeConflict, "another red-packet rain is running in this room")
 	}
 	return nil
+}
+
+// roomRenew is how often the owner of a running rain writes it again as its
+// room's running rain (runInRoom): a Redis that lost the key (restarted
+// empty, rolled back) has it again within this, so another node can start a
+// second rain in the room only within that window.
+const roomRenew = time.Second
+
+// keepRooms renews the room of every running rain of this node every
+// roomRenew until Close.
+func (s *Service) keepRooms() {
+	defer close(s.keepDone)
+	t := time.NewTicker(roomRenew)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.keepStop:
+			return
+		case <-t.C:
+		}
+		var recs []record
+		s.mu.RLock()
+		for _, r := range s.rains {
+			r.mu.Lock()
+			if r.rec.State == StateRunning {
+				recs = append(recs, r.rec)
+			}
+			r.mu.Unlock()
+		}
+		s.mu.RUnlock()
+		for _, rec := range recs {
+			if perr := s.runInRoom(rec); perr != nil && perr.Code == proto.CodeConflict {
+				// The key was lost and another rain started in the room
+				// meanwhile: both run to their end; nothing is undone.
+				s.log.Error("red packet room held by another rain (its key was lost)", "code", rec.Code, "room", rec.Room)
+			}
+		}
+	}
 }
 
 // roomDone ends rec's claim on its room (runInRoom).

@@ -256,6 +256,7 @@ func (s *Service) restore() error {
 // the wallet closes.
 func (s *Service) Close() {
 	s.mu.Lock()
+	first := !s.closed
 	s.closed = true
 	for _, r := range s.rains {
 		r.mu.Lock()
@@ -265,5 +266,9 @@ func (s *Service) Close() {
 		r.mu.Unlock()
 	}
 	s.mu.Unlock()
+	if first && s.keepStop != nil {
+		close(s.keepStop)
+		<-s.keepDone
+	}
 	s.settles.Wait()
 }
