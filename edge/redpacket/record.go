@@ -22,18 +22,23 @@ const (
 
 // Durable layout (Pebble, through persist.Store and the wallet's op records):
 //
-//	rec/rp/<code>             JSON record, rewritten at each state change
+//	rec/rp/<code>             JSON record, rewritten at each state change until
+//	                          FINISHED; then moved to rec/rpdone/ (start-up reads
+//	                          rec/rp/ only: the rains not finished)
+//	rec/rpdone/<code>         JSON record of a FINISHED rain
 //	rec/rpsplit/<code>        the split: N uvarint amounts (written with the
 //	                          prepare debit, in the same ledger op)
 //	rec/rpgrant/<code>/<idx>  JSON grant {user, amount, at}: written with the
 //	                          grabber's credit, in the same ledger op
 var (
 	prefixRain  = []byte("rec/rp/")
+	prefixDone  = []byte("rec/rpdone/")
 	prefixSplit = []byte("rec/rpsplit/")
 	prefixGrant = []byte("rec/rpgrant/")
 )
 
 func rainKey(code string) []byte  { return append(append([]byte{}, prefixRain...), code...) }
+func doneKey(code string) []byte  { return append(append([]byte{}, prefixDone...), code...) }
 func splitKey(code string) []byte { return append(append([]byte{}, prefixSplit...), code...) }
 
 func grantPrefix(code string) []byte {

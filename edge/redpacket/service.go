@@ -111,17 +111,17 @@ type Service struct {
 	prepLimit, startLimit, grabLimit *limit.Keyed
 	seed                             maphash.Seed
 
-	mu        sync.RWMutex
-	closed    bool
+	mu     sync.RWMutex
+	closed bool
 	// keepStop ends keepRooms (nil: no shared room check); keepDone is
 	// closed when it has.
 	keepStop, keepDone chan struct{}
-	rains     map[string]*rain  // not FINISHED
-	perAnchor map[int64]int     // rains not FINISHED per anchor
-	running   map[int64]string  // room → its RUNNING rain
-	prepared  map[int64]string  // room → its latest PREPARED rain
-	shards    map[string]*shard // slices of other nodes' rains (sharded)
-	settles   sync.WaitGroup
+	rains              map[string]*rain  // not FINISHED
+	perAnchor          map[int64]int     // rains not FINISHED per anchor
+	running            map[int64]string  // room → its RUNNING rain
+	prepared           map[int64]string  // room → its latest PREPARED rain
+	shards             map[string]*shard // slices of other nodes' rains (sharded)
+	settles            sync.WaitGroup
 }
 
 // rain is one rain not FINISHED, in memory.
@@ -367,7 +367,12 @@ func (s *Service) loadFinished(code string) (record, error) {
 	if !wellFormed(code) {
 		return rec, errNotFound
 	}
-	b, err := s.store.Get(rainKey(code))
+	b, err := s.store.Get(doneKey(code))
+	if errors.Is(err, persist.ErrNotFound) {
+		// Not moved yet: a crash right after it finished, or written by
+		// an older version (restore moves it).
+		b, err = s.store.Get(rainKey(code))
+	}
 	if errors.Is(err, persist.ErrNotFound) {
 		return rec, errNotFound
 	}
@@ -679,7 +684,7 @@ func (s *Service) Cancel(anchor int64, code string) (View, error) {
 		out.State, out.FinishedAt, out.Cancelled = StateFinished, s.cfg.Now().UnixMilli(), true
 		var b []byte
 		if b, err = proto.Marshal(out); err == nil {
-			err = s.store.Put(rainKey(code), b)
+			err = s.store.Apply(func(wb *persist.Batch) error { return moveDone(wb, code, b) })
 		}
 	} else {
 		rec.Cancelled = true

@@ -1,6 +1,7 @@
 package redpacket
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -162,7 +163,9 @@ func (s *Service) settleOnce(rec record, others []NodeSplit) (record, error) {
 	}
 	op := persist.Op{User: rec.Anchor, ReqID: settleReqID(rec.Code),
 		Tallies: []persist.Tally{{Name: TallyGiven, User: rec.Anchor, Delta: sum}},
-		Static:  []persist.Record{storeRecord(rainKey(rec.Code), b)},
+		// Both: a crash before rec/rp/ is deleted leaves a FINISHED record
+		// there, which restore moves.
+		Static: []persist.Record{storeRecord(rainKey(rec.Code), b), storeRecord(doneKey(rec.Code), b)},
 	}
 	if fin.Refunded > 0 {
 		op.Postings = []persist.Posting{{User: rec.Anchor, Delta: fin.Refunded, Reason: persist.ReasonRefund,
@@ -172,6 +175,9 @@ func (s *Service) settleOnce(rec record, others []NodeSplit) (record, error) {
 	if err != nil {
 		return rec, err
 	}
+	if err := s.store.DeleteNoSync(rainKey(rec.Code)); err != nil {
+		s.log.Warn("red packet record not moved", "code", rec.Code, "err", err) // restore moves it
+	}
 	if fin.Refunded > 0 && !res.Replayed {
 		d, _ := proto.Marshal(CreditPush{Balance: res.Balances[0], Delta: fin.Refunded, Reason: persist.ReasonRefund})
 		s.router.SendUser(rec.Anchor, proto.Push{Biz: proto.BizWalletCredit, Data: d, Ack: true})
@@ -179,19 +185,59 @@ func (s *Service) settleOnce(rec record, others []NodeSplit) (record, error) {
 	return fin, nil
 }
 
-// restore loads the rains that are not FINISHED (see New).
+// moveDone writes the FINISHED record b of code under rec/rpdone/ and
+// deletes it from rec/rp/, in batch wb.
+func moveDone(wb *persist.Batch, code string, b []byte) error {
+	if err := wb.Set(doneKey(code), b, nil); err != nil {
+		return err
+	}
+	return wb.Delete(rainKey(code), nil)
+}
+
+// moveBatch bounds one batch of restore's moves.
+const moveBatch = 4096
+
+// restore loads the rains that are not FINISHED (see New): rec/rp/ holds
+// those — and FINISHED records not moved yet (a crash right after the
+// settlement, an older version's, a store from before the move), which it
+// moves to rec/rpdone/, so the next start reads the unfinished rains only.
 func (s *Service) restore() error {
 	var recs []record
-	err := s.store.Scan(prefixRain, func(_, v []byte) error {
+	type moved struct {
+		code string
+		b    []byte
+	}
+	var done []moved
+	move := func() error {
+		err := s.store.Apply(func(wb *persist.Batch) error {
+			for _, m := range done {
+				if err := moveDone(wb, m.code, m.b); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+		done = done[:0]
+		return err
+	}
+	err := s.store.Scan(prefixRain, func(k, v []byte) error {
 		var rec record
 		if err := proto.Unmarshal(v, &rec); err != nil {
 			return err
 		}
 		if rec.State != StateFinished {
 			recs = append(recs, rec)
+			return nil
+		}
+		done = append(done, moved{string(k[len(prefixRain):]), bytes.Clone(v)})
+		if len(done) == moveBatch {
+			return move() // the scan's view is fixed when it starts
 		}
 		return nil
 	})
+	if err == nil && len(done) > 0 {
+		err = move()
+	}
 	if err != nil {
 		return err
 	}
