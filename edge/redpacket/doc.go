@@ -4,7 +4,8 @@
 //
 // # What it owns
 //
-//   - The rains of this node: their records (rec/rp/<code>), their splits
+//   - The rains of this node: their records (rec/rp/<code> until FINISHED,
+//     then rec/rpdone/<code>: a start reads only the first), their splits
 //     (rec/rpsplit/<code>) and their grants (rec/rpgrant/<code>/<index>) in
 //     Pebble, and in memory the rains not finished, which room runs which,
 //     how many rains each anchor has open, and the users who already got a

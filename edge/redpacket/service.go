@@ -111,17 +111,18 @@ type Service struct {
 	prepLimit, startLimit, grabLimit *limit.Keyed
 	seed                             maphash.Seed
 
-	mu     sync.RWMutex
-	closed bool
 	// keepStop ends keepRooms (nil: no shared room check); keepDone is
-	// closed when it has.
+	// closed when it has. Set once in New.
 	keepStop, keepDone chan struct{}
-	rains              map[string]*rain  // not FINISHED
-	perAnchor          map[int64]int     // rains not FINISHED per anchor
-	running            map[int64]string  // room → its RUNNING rain
-	prepared           map[int64]string  // room → its latest PREPARED rain
-	shards             map[string]*shard // slices of other nodes' rains (sharded)
-	settles            sync.WaitGroup
+
+	mu        sync.RWMutex
+	closed    bool
+	rains     map[string]*rain  // not FINISHED
+	perAnchor map[int64]int     // rains not FINISHED per anchor
+	running   map[int64]string  // room → its RUNNING rain
+	prepared  map[int64]string  // room → its latest PREPARED rain
+	shards    map[string]*shard // slices of other nodes' rains (sharded)
+	settles   sync.WaitGroup
 }
 
 // rain is one rain not FINISHED, in memory.
@@ -732,54 +733,112 @@ func (s *Service) runInRoom(rec record) *proto.Error {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), poolTimeout)
 	defer cancel()
-	until := s.cfg.Now().UnixMilli() + rec.DurationMS + int64(10*time.Minute/time.Millisecond)
-	ok, err := s.cfg.RoomRun(ctx, rec.Room, rec.Code, until)
+	err := s.roomRun(ctx, rec)
 	if err != nil {
 		s.log.Error("red packet room check", "code", rec.Code, "err", err)
 		return proto.ErrInternal
 	}
-	if !ok {
-		return proto.Errorf(proto.CodeConflict, "another red-packet rain is running in this room")
-	}
 	return nil
 }
 
+var errRoomTaken = proto.Errorf(proto.CodeConflict, "another red-packet rain is running in this room")
+
+// roomRun is Config.RoomRun for rec, until 10 minutes after its end
+// (errRoomTaken: another rain holds the room).
+func (s *Service) roomRun(ctx context.Context, rec record) error {
+	end := rec.EndsAt
+	if end == 0 { // being started
+		end = s.cfg.Now().UnixMilli() + rec.DurationMS
+	}
+	ok, err := s.cfg.RoomRun(ctx, rec.Room, rec.Code, end+int64(10*time.Minute/time.Millisecond))
+	if err == nil && !ok {
+		return errRoomTaken
+	}
+	return err
+}
+
 // roomRenew is how often the owner of a running rain writes it again as its
-// room's running rain (runInRoom): a Redis that lost the key (restarted
-// empty, rolled back) has it again within this, so another node can start a
+// room's running rain (roomRun): a Redis that lost the key (restarted empty,
+// rolled back) has it again within about this, so another node can start a
 // second rain in the room only within that window.
 const roomRenew = time.Second
 
 // keepRooms renews the room of every running rain of this node every
-// roomRenew until Close.
+// roomRenew until Close (which cancels a renewal in progress). Failures are
+// logged when they start and when they stop, a room held by another rain
+// once per rain.
 func (s *Service) keepRooms() {
 	defer close(s.keepDone)
+	ctx, cancel := context.WithCancel(context.Background())
+	go func() { <-s.keepStop; cancel() }()
 	t := time.NewTicker(roomRenew)
 	defer t.Stop()
+	failing, taken := false, map[string]bool{}
 	for {
 		select {
-		case <-s.keepStop:
+		case <-ctx.Done():
 			return
 		case <-t.C:
 		}
 		var recs []record
 		s.mu.RLock()
-		for _, r := range s.rains {
-			r.mu.Lock()
-			if r.rec.State == StateRunning {
-				recs = append(recs, r.rec)
+		for _, code := range s.running {
+			if r := s.rains[code]; r != nil {
+				r.mu.Lock()
+				if r.rec.State == StateRunning {
+					recs = append(recs, r.rec)
+				}
+				r.mu.Unlock()
 			}
-			r.mu.Unlock()
 		}
 		s.mu.RUnlock()
+		failed := false
 		for _, rec := range recs {
-			if perr := s.runInRoom(rec); perr != nil && perr.Code == proto.CodeConflict {
-				// The key was lost and another rain started in the room
-				// meanwhile: both run to their end; nothing is undone.
-				s.log.Error("red packet room held by another rain (its key was lost)", "code", rec.Code, "room", rec.Room)
+			rctx, rcancel := context.WithTimeout(ctx, poolTimeout)
+			err := s.roomRun(rctx, rec)
+			rcancel()
+			if ctx.Err() != nil {
+				return
+			}
+			if r := s.get(rec.Code); r == nil || !r.running() {
+				// Finished since the snapshot: its roomDone may have run
+				// before this renewal, which must not outlive it (nor one
+				// whose outcome is unknown).
+				s.roomDone(rec)
+				continue
+			}
+			switch {
+			case errors.Is(err, errRoomTaken):
+				if !taken[rec.Code] {
+					taken[rec.Code] = true
+					// The key was lost and another rain started in the room
+					// meanwhile: both run to their end; nothing is undone.
+					s.log.Error("red packet room held by another rain (its key was lost)", "code", rec.Code, "room", rec.Room)
+				}
+			case err != nil:
+				failed = true
+				if !failing {
+					s.log.Error("red packet room renewal failing", "code", rec.Code, "err", err)
+				}
+			}
+		}
+		if failing && !failed {
+			s.log.Info("red packet room renewal back")
+		}
+		failing = failed
+		for code := range taken {
+			if r := s.get(code); r == nil || !r.running() {
+				delete(taken, code)
 			}
 		}
 	}
+}
+
+// running reports whether r is RUNNING.
+func (r *rain) running() bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.rec.State == StateRunning
 }
 
 // roomDone ends rec's claim on its room (runInRoom).

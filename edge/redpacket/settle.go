@@ -312,8 +312,10 @@ func (s *Service) Close() {
 		r.mu.Unlock()
 	}
 	s.mu.Unlock()
-	if first && s.keepStop != nil {
-		close(s.keepStop)
+	if s.keepStop != nil {
+		if first {
+			close(s.keepStop)
+		}
 		<-s.keepDone
 	}
 	s.settles.Wait()
