@@ -734,7 +734,10 @@ func (s *Service) runInRoom(rec record) *proto.Error {
 	ctx, cancel := context.WithTimeout(context.Background(), poolTimeout)
 	defer cancel()
 	err := s.roomRun(ctx, rec)
-	if err != nil {
+	switch {
+	case errors.Is(err, errRoomTaken):
+		return errRoomTaken
+	case err != nil:
 		s.log.Error("red packet room check", "code", rec.Code, "err", err)
 		return proto.ErrInternal
 	}
