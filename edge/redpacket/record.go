@@ -87,6 +87,15 @@ type record struct {
 	MaxGrant      int64 `json:"max_grant,omitempty"`
 	Refunded      int64 `json:"refunded,omitempty"`
 	Cancelled     bool  `json:"cancelled,omitempty"` // ended by its anchor before it started
+	// Pending names the wallet op (prepare | cancel) sent for this rain
+	// whose outcome is not recorded yet: written before the op, cleared by
+	// its outcome. After a restart an op the shared wallet may still land
+	// blocks what would contradict it (Service.Prepare, Cancel, Start) until
+	// the same op is retried.
+	Pending string `json:"pending,omitempty"`
+	// PrepTry numbers the prepare's ledger request id: raised by each
+	// refusal for the balance (the ledger remembers that answer).
+	PrepTry int `json:"prep_try,omitempty"`
 	// Nodes is the per-node split of a sharded rain (FINISHED).
 	Nodes []NodeSplit `json:"nodes,omitempty"`
 }

@@ -127,15 +127,14 @@ type Service struct {
 
 // rain is one rain not FINISHED, in memory.
 type rain struct {
-	mu   sync.Mutex
-	rec  record
-	busy bool // a prepare, start or cancel is in progress
-	// inDoubt: a prepare or cancel op's outcome is unknown (the shared
-	// wallet may still land it): until that op is retried (same request id:
-	// it lands once) the rain neither starts nor is cancelled/prepared
-	// another way — "prepare" or "cancel" names the op to retry.
-	inDoubt  string
-	prepTry  int // prepare attempts refused for the balance (fresh ledger req id each)
+	mu  sync.Mutex
+	rec record
+	// busy: a prepare, start or cancel is in progress. Outside one,
+	// rec.Pending names a prepare or cancel op whose outcome is unknown
+	// (the shared wallet may still land it): until that op is retried (same
+	// request id: it lands once) the rain neither starts nor is
+	// cancelled/prepared another way — across restarts too.
+	busy     bool
 	granted  int // grants durable in this process's view
 	amount   int64
 	maxGrant int64
@@ -499,12 +498,12 @@ func (s *Service) Prepare(anchor int64, code string) (View, error) {
 	case r.busy:
 		r.mu.Unlock()
 		return View{}, proto.Errorf(proto.CodeConflict, "a prepare of this rain is in progress")
-	case r.inDoubt == "cancel":
+	case r.rec.Pending == "cancel":
 		r.mu.Unlock()
 		return View{}, errCancelInDoubt
 	}
 	r.busy = true
-	rec, try := r.rec, r.prepTry
+	rec := r.rec
 	r.mu.Unlock()
 	if !s.allow("prepare", anchor) { // no lock held: a Redis round trip in a cluster
 		r.mu.Lock()
@@ -512,34 +511,32 @@ func (s *Service) Prepare(anchor int64, code string) (View, error) {
 		r.mu.Unlock()
 		return View{}, proto.ErrRateLimited
 	}
-
+	if err := s.markPending(r, &rec, "prepare"); err != nil {
+		return View{}, err
+	}
+	prepared := rec
 	split, err := Split(rec.Total, rec.Count, rand.New(rand.NewChaCha8(chachaSeed())))
-	var res persist.Result
 	if err == nil {
-		rec.State, rec.PreparedAt = StatePrepared, s.cfg.Now().UnixMilli()
+		prepared.State, prepared.PreparedAt, prepared.Pending = StatePrepared, s.cfg.Now().UnixMilli(), ""
 		var b []byte
-		if b, err = proto.Marshal(rec); err == nil {
-			res, err = s.wallet.Apply(persist.Op{User: anchor, ReqID: prepareReqID(code, try),
+		if b, err = proto.Marshal(prepared); err == nil {
+			_, err = s.wallet.Apply(persist.Op{User: anchor, ReqID: prepareReqID(code, rec.PrepTry),
 				Postings: []persist.Posting{{User: anchor, Delta: -rec.Total, Reason: persist.ReasonRedPacket, Ref: "redpacket " + code}},
 				Static:   []persist.Record{storeRecord(rainKey(code), b), storeRecord(splitKey(code), encodeSplit(split))},
 			})
 		}
 	}
-	_ = res
-	r.mu.Lock()
-	r.busy = false
 	if err != nil {
-		switch {
-		case errors.Is(err, persist.ErrInsufficient):
-			r.prepTry++ // the ledger remembers the refusal of that req id
+		if errors.Is(err, persist.ErrInsufficient) {
+			rec.PrepTry++ // the ledger remembers the refusal of that req id
 			err = &proto.Error{Code: proto.CodeInsufficientBalance, Msg: "insufficient balance for the rain's total"}
-		case inDoubt(err):
-			r.inDoubt = "prepare"
 		}
-		r.mu.Unlock()
+		s.opFailed(r, rec, err)
 		return View{}, err
 	}
-	r.rec, r.inDoubt = rec, ""
+	r.mu.Lock()
+	r.busy = false
+	r.rec = prepared
 	r.mu.Unlock()
 	s.mu.Lock()
 	s.prepared[rec.Room] = code
@@ -580,7 +577,7 @@ func (s *Service) Start(anchor int64, code string) (View, error) {
 		perr = proto.Errorf(proto.CodeConflict, "prepare the rain before starting it")
 	case r.busy:
 		perr = proto.Errorf(proto.CodeConflict, "a start of this rain is in progress")
-	case r.inDoubt == "cancel":
+	case rec.Pending == "cancel":
 		perr = errCancelInDoubt
 	case s.closed:
 		perr = proto.ErrInternal
@@ -667,7 +664,7 @@ func (s *Service) Cancel(anchor int64, code string) (View, error) {
 	case r.busy:
 		r.mu.Unlock()
 		return View{}, proto.Errorf(proto.CodeConflict, "a prepare or start of this rain is in progress")
-	case r.inDoubt == "prepare":
+	case rec.Pending == "prepare":
 		r.mu.Unlock()
 		return View{}, proto.Errorf(proto.CodeConflict, "the rain's prepare has not completed: prepare it again, then cancel")
 	case rec.State == StateRunning:
@@ -687,20 +684,23 @@ func (s *Service) Cancel(anchor int64, code string) (View, error) {
 		if b, err = proto.Marshal(out); err == nil {
 			err = s.store.Apply(func(wb *persist.Batch) error { return moveDone(wb, code, b) })
 		}
+	} else if err = s.markPending(r, &rec, "cancel"); err != nil {
+		return View{}, err
 	} else {
-		rec.Cancelled = true
-		out, err = s.settleOnce(rec, nil) // nothing granted: refunds T
+		c := rec
+		c.Cancelled = true
+		if out, err = s.settleOnce(c, nil); err != nil { // nothing granted: refunds T
+			s.opFailed(r, rec, err)
+			return View{}, err
+		}
 	}
 	r.mu.Lock()
 	r.busy = false
 	if err != nil {
-		if inDoubt(err) {
-			r.inDoubt = "cancel" // only a retry of this cancel moves it on
-		}
 		r.mu.Unlock()
 		return View{}, err
 	}
-	r.rec, r.inDoubt = out, ""
+	r.rec = out
 	r.mu.Unlock()
 	s.roomDone(rec)
 	s.mu.Lock()
@@ -714,6 +714,51 @@ func (s *Service) Cancel(anchor int64, code string) (View, error) {
 }
 
 var errCancelInDoubt = proto.Errorf(proto.CodeConflict, "the rain's cancel has not completed: cancel it again")
+
+// markPending records durably, before a wallet op of kind (prepare |
+// cancel) is sent for r, that its outcome is pending (rec.Pending; a retry
+// of that same op finds it there already). r is busy; on failure it is no
+// longer.
+func (s *Service) markPending(r *rain, rec *record, kind string) error {
+	if rec.Pending == kind {
+		return nil
+	}
+	rec.Pending = kind
+	b, err := proto.Marshal(*rec)
+	if err == nil {
+		err = s.store.Put(rainKey(rec.Code), b)
+	}
+	if err != nil {
+		rec.Pending = ""
+		r.mu.Lock()
+		r.busy = false
+		r.mu.Unlock()
+	}
+	return err
+}
+
+// opFailed ends r's prepare or cancel whose op failed with err: in doubt, the
+// op stays pending (rec.Pending, on disk already) until it is retried; else
+// nothing moved and the pending mark is cleared (rec otherwise as it goes
+// back to disk: a raised PrepTry too).
+func (s *Service) opFailed(r *rain, rec record, err error) {
+	if !inDoubt(err) {
+		rec.Pending = ""
+		b, merr := proto.Marshal(rec)
+		if merr == nil {
+			merr = s.store.Put(rainKey(rec.Code), b)
+		}
+		if merr != nil {
+			// Still pending on disk: a restart asks for the op's retry,
+			// which the ledger answers as it did (nothing moved).
+			s.log.Error("red packet record not written", "code", rec.Code, "err", merr)
+		}
+	}
+	r.mu.Lock()
+	r.busy = false
+	r.rec = rec
+	r.mu.Unlock()
+}
 
 // inDoubt reports whether a wallet op that failed with err may still land:
 // every failure but those that moved nothing ("unavailable", a closed

@@ -154,7 +154,7 @@ func (s *Service) settleOnce(rec record, others []NodeSplit) (record, error) {
 		return rec, errors.New("redpacket: granted more than the total")
 	}
 	fin := rec
-	fin.State, fin.FinishedAt = StateFinished, s.cfg.Now().UnixMilli()
+	fin.State, fin.FinishedAt, fin.Pending = StateFinished, s.cfg.Now().UnixMilli(), ""
 	fin.GrantedCount, fin.GrantedAmount, fin.MaxGrant, fin.Refunded = n, sum, top, rec.Total-sum
 	fin.Nodes = nodes
 	b, err := proto.Marshal(fin)

@@ -1,0 +1,186 @@
+package redpacket
+
+import (
+	"io"
+	"log/slog"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/liveedge/liveedge/gateway/proto"
+	"github.com/liveedge/liveedge/persist"
+	"github.com/liveedge/liveedge/router"
+)
+
+// lateWallet answers the first op whose request id starts with prefix
+// "in progress" without applying it, and keeps it: the shared wallet's
+// script ran, and its watcher lands the op later (the test applies held).
+type lateWallet struct {
+	*persist.Ledger
+	prefix string
+	held   *persist.Op
+}
+
+func (w *lateWallet) Apply(op persist.Op) (persist.Result, error) {
+	if w.held == nil && strings.HasPrefix(op.ReqID, w.prefix) {
+		w.held = &op
+		return persist.Result{}, persist.ErrInProgress
+	}
+	return w.Ledger.Apply(op)
+}
+
+// pendingNode is one node's red packets on a store and ledger that outlive
+// its restarts.
+type pendingNode struct {
+	st  *persist.Store
+	l   *persist.Ledger
+	svc *Service
+}
+
+func newPendingNode(t *testing.T) *pendingNode {
+	t.Helper()
+	st, err := persist.Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := persist.NewLedger(st, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := &pendingNode{st: st, l: l}
+	t.Cleanup(func() {
+		if n.svc != nil {
+			n.svc.Close()
+		}
+		l.Close()
+		_ = st.Close()
+	})
+	if _, err := l.Apply(persist.Op{Postings: []persist.Posting{{User: shardAnchor, Delta: 1000, Reason: persist.ReasonDev}}}); err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+// start (re)starts the service with w as its wallet.
+func (n *pendingNode) start(t *testing.T, w persist.Wallet) {
+	t.Helper()
+	if n.svc != nil {
+		n.svc.Close()
+	}
+	rt := router.NewLocal("n1", router.LocalConfig{})
+	rt.OpenRoom(shardRoom)
+	svc, err := New(n.st, w, rt, Config{Node: "n1", CodeTag: -1,
+		AnchorOf: func(int64) (int64, bool) { return shardAnchor, true },
+		InRoom:   func(room, user int64) bool { return room == shardRoom },
+	}, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	n.svc = svc
+}
+
+func (n *pendingNode) balance(t *testing.T) int64 {
+	t.Helper()
+	b, err := n.l.Balance(shardAnchor)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cr, db, bal, err := n.l.Audit()
+	if err != nil || cr-db != bal {
+		t.Fatalf("audit: credits %d debits %d balances %d: %v", cr, db, bal, err)
+	}
+	return b
+}
+
+// A prepare whose debit is in doubt when the node restarts (the shared
+// wallet lands it later): the restarted node refuses to cancel the rain
+// until the prepare is retried — it lands once — so a late debit never
+// stays with a cancelled rain.
+func TestPrepareInDoubtAcrossRestart(t *testing.T) {
+	n := newPendingNode(t)
+	w := &lateWallet{Ledger: n.l, prefix: "rp-prep:"}
+	n.start(t, w)
+	v, err := n.svc.Create(shardAnchor, shardRoom, 1000, 10, time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := n.svc.Prepare(shardAnchor, v.Code); err == nil || w.held == nil {
+		t.Fatalf("prepare: %v (want it in doubt)", err)
+	}
+	n.start(t, n.l) // restart
+	if _, err := n.svc.Cancel(shardAnchor, v.Code); err == nil || proto.AsError(err).Code != proto.CodeConflict {
+		t.Fatalf("cancel with a prepare in doubt after a restart: %v, want 10409", err)
+	}
+	if _, err := n.l.Apply(*w.held); err != nil { // the watcher lands the debit
+		t.Fatal(err)
+	}
+	if got, err := n.svc.Prepare(shardAnchor, v.Code); err != nil || got.State != StatePrepared {
+		t.Fatalf("prepare retried: %+v %v", got, err)
+	}
+	if b := n.balance(t); b != 0 {
+		t.Fatalf("anchor balance %d after the prepare, want 0 (debited once)", b)
+	}
+	if fin, err := n.svc.Cancel(shardAnchor, v.Code); err != nil || fin.State != StateFinished || fin.Refunded != 1000 {
+		t.Fatalf("cancel: %+v %v", fin, err)
+	}
+	if b := n.balance(t); b != 1000 {
+		t.Fatalf("anchor balance %d after the cancel, want 1000", b)
+	}
+}
+
+// A cancel whose refund is in doubt when the node restarts: the restarted
+// node refuses to start the rain (a late refund would then come on top of
+// its grants) until the cancel is retried, which completes it once.
+func TestCancelInDoubtAcrossRestart(t *testing.T) {
+	n := newPendingNode(t)
+	w := &lateWallet{Ledger: n.l, prefix: "rp-end:"}
+	n.start(t, w)
+	v, err := n.svc.Create(shardAnchor, shardRoom, 1000, 10, time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := n.svc.Prepare(shardAnchor, v.Code); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := n.svc.Cancel(shardAnchor, v.Code); err == nil || w.held == nil {
+		t.Fatalf("cancel: %v (want it in doubt)", err)
+	}
+	n.start(t, n.l) // restart
+	if _, err := n.svc.Start(shardAnchor, v.Code); err == nil || proto.AsError(err).Code != proto.CodeConflict {
+		t.Fatalf("start with a cancel in doubt after a restart: %v, want 10409", err)
+	}
+	if _, err := n.l.Apply(*w.held); err != nil { // the watcher lands the refund
+		t.Fatal(err)
+	}
+	if fin, err := n.svc.Cancel(shardAnchor, v.Code); err != nil || fin.State != StateFinished || fin.Refunded != 1000 {
+		t.Fatalf("cancel retried: %+v %v", fin, err)
+	}
+	if b := n.balance(t); b != 1000 {
+		t.Fatalf("anchor balance %d, want 1000 (refunded once)", b)
+	}
+}
+
+// A prepare refused for the balance raises the request id's number on disk:
+// after a restart the next prepare is not answered by the ledger's memory
+// of the refusal.
+func TestPrepareRefusalSurvivesRestart(t *testing.T) {
+	n := newPendingNode(t)
+	n.start(t, n.l)
+	v, err := n.svc.Create(shardAnchor, shardRoom, 2000, 10, time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := n.svc.Prepare(shardAnchor, v.Code); err == nil || proto.AsError(err).Code != proto.CodeInsufficientBalance {
+		t.Fatalf("prepare without the balance: %v", err)
+	}
+	if _, err := n.l.Apply(persist.Op{Postings: []persist.Posting{{User: shardAnchor, Delta: 1000, Reason: persist.ReasonDev}}}); err != nil {
+		t.Fatal(err)
+	}
+	n.start(t, n.l) // restart
+	if got, err := n.svc.Prepare(shardAnchor, v.Code); err != nil || got.State != StatePrepared {
+		t.Fatalf("prepare after funding and a restart: %+v %v", got, err)
+	}
+	if b := n.balance(t); b != 0 {
+		t.Fatalf("anchor balance %d, want 0", b)
+	}
+}
