@@ -1,6 +1,7 @@
 package redpacket
 
 import (
+	"errors"
 	"io"
 	"log/slog"
 	"strings"
@@ -15,13 +16,19 @@ import (
 // lateWallet answers the first op whose request id starts with prefix
 // "in progress" without applying it, and keeps it: the shared wallet's
 // script ran, and its watcher lands the op later (the test applies held).
+// With down set, it answers such ops "unavailable, nothing moved" (Redis
+// being rebuilt) instead.
 type lateWallet struct {
 	*persist.Ledger
 	prefix string
 	held   *persist.Op
+	down   bool
 }
 
 func (w *lateWallet) Apply(op persist.Op) (persist.Result, error) {
+	if w.down && strings.HasPrefix(op.ReqID, w.prefix) {
+		return persist.Result{}, persist.ErrWalletUnavailable
+	}
 	if w.held == nil && strings.HasPrefix(op.ReqID, w.prefix) {
 		w.held = &op
 		return persist.Result{}, persist.ErrInProgress
@@ -182,5 +189,45 @@ func TestPrepareRefusalSurvivesRestart(t *testing.T) {
 	}
 	if b := n.balance(t); b != 0 {
 		t.Fatalf("anchor balance %d, want 0", b)
+	}
+}
+
+// A retry of a cancel in doubt that the wallet refuses as unavailable moved
+// nothing, but says nothing of the first attempt, which may still land: the
+// rain stays unable to start until a retry completes.
+func TestCancelRetryUnavailableStaysPending(t *testing.T) {
+	n := newPendingNode(t)
+	w := &lateWallet{Ledger: n.l, prefix: "rp-end:"}
+	n.start(t, w)
+	v, err := n.svc.Create(shardAnchor, shardRoom, 1000, 10, time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := n.svc.Prepare(shardAnchor, v.Code); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := n.svc.Cancel(shardAnchor, v.Code); err == nil || w.held == nil {
+		t.Fatalf("cancel: %v (want it in doubt)", err)
+	}
+	w.down = true
+	n.start(t, w) // restart, the wallet unavailable for the retry
+	if _, err := n.svc.Cancel(shardAnchor, v.Code); !errors.Is(err, persist.ErrWalletUnavailable) {
+		t.Fatalf("cancel retried while unavailable: %v", err)
+	}
+	if _, err := n.svc.Start(shardAnchor, v.Code); err == nil || proto.AsError(err).Code != proto.CodeConflict {
+		t.Fatalf("start after a retry that moved nothing: %v, want 10409", err)
+	}
+	n.start(t, n.l) // restart again, still pending
+	if _, err := n.svc.Start(shardAnchor, v.Code); err == nil || proto.AsError(err).Code != proto.CodeConflict {
+		t.Fatalf("start after a restart: %v, want 10409", err)
+	}
+	if _, err := n.l.Apply(*w.held); err != nil { // the first attempt lands
+		t.Fatal(err)
+	}
+	if fin, err := n.svc.Cancel(shardAnchor, v.Code); err != nil || fin.State != StateFinished || fin.Refunded != 1000 {
+		t.Fatalf("cancel: %+v %v", fin, err)
+	}
+	if b := n.balance(t); b != 1000 {
+		t.Fatalf("anchor balance %d, want 1000 (refunded once)", b)
 	}
 }

@@ -89,9 +89,9 @@ type record struct {
 	Cancelled     bool  `json:"cancelled,omitempty"` // ended by its anchor before it started
 	// Pending names the wallet op (prepare | cancel) sent for this rain
 	// whose outcome is not recorded yet: written before the op, cleared by
-	// its outcome. After a restart an op the shared wallet may still land
-	// blocks what would contradict it (Service.Prepare, Cancel, Start) until
-	// the same op is retried.
+	// its outcome. Until that op is retried (same request id: it lands
+	// once) the rain neither starts nor is cancelled/prepared another way,
+	// across restarts too: the shared wallet may still land it.
 	Pending string `json:"pending,omitempty"`
 	// PrepTry numbers the prepare's ledger request id: raised by each
 	// refusal for the balance (the ledger remembers that answer).

@@ -127,15 +127,10 @@ type Service struct {
 
 // rain is one rain not FINISHED, in memory.
 type rain struct {
-	mu  sync.Mutex
-	rec record
-	// busy: a prepare, start or cancel is in progress. Outside one,
-	// rec.Pending names a prepare or cancel op whose outcome is unknown
-	// (the shared wallet may still land it): until that op is retried (same
-	// request id: it lands once) the rain neither starts nor is
-	// cancelled/prepared another way — across restarts too.
-	busy     bool
-	granted  int // grants durable in this process's view
+	mu       sync.Mutex
+	rec      record
+	busy     bool // a prepare, start or cancel is in progress (see also rec.Pending)
+	granted  int  // grants durable in this process's view
 	amount   int64
 	maxGrant int64
 	inflight int                // grabs between Pop and their ledger outcome
@@ -498,7 +493,7 @@ func (s *Service) Prepare(anchor int64, code string) (View, error) {
 	case r.busy:
 		r.mu.Unlock()
 		return View{}, proto.Errorf(proto.CodeConflict, "a prepare of this rain is in progress")
-	case r.rec.Pending == "cancel":
+	case r.rec.Pending == pendingCancel:
 		r.mu.Unlock()
 		return View{}, errCancelInDoubt
 	}
@@ -506,32 +501,41 @@ func (s *Service) Prepare(anchor int64, code string) (View, error) {
 	rec := r.rec
 	r.mu.Unlock()
 	if !s.allow("prepare", anchor) { // no lock held: a Redis round trip in a cluster
-		r.mu.Lock()
-		r.busy = false
-		r.mu.Unlock()
+		s.idle(r)
 		return View{}, proto.ErrRateLimited
 	}
-	if err := s.markPending(r, &rec, "prepare"); err != nil {
+	prepared := rec
+	prepared.State, prepared.PreparedAt, prepared.Pending = StatePrepared, s.cfg.Now().UnixMilli(), ""
+	split, err := Split(rec.Total, rec.Count, rand.New(rand.NewChaCha8(chachaSeed())))
+	var b []byte
+	if err == nil {
+		b, err = proto.Marshal(prepared)
+	}
+	if err != nil {
+		s.idle(r)
 		return View{}, err
 	}
-	prepared := rec
-	split, err := Split(rec.Total, rec.Count, rand.New(rand.NewChaCha8(chachaSeed())))
-	if err == nil {
-		prepared.State, prepared.PreparedAt, prepared.Pending = StatePrepared, s.cfg.Now().UnixMilli(), ""
-		var b []byte
-		if b, err = proto.Marshal(prepared); err == nil {
-			_, err = s.wallet.Apply(persist.Op{User: anchor, ReqID: prepareReqID(code, rec.PrepTry),
-				Postings: []persist.Posting{{User: anchor, Delta: -rec.Total, Reason: persist.ReasonRedPacket, Ref: "redpacket " + code}},
-				Static:   []persist.Record{storeRecord(rainKey(code), b), storeRecord(splitKey(code), encodeSplit(split))},
-			})
-		}
+	fresh := rec.Pending == ""
+	if err := s.markPending(&rec, pendingPrepare); err != nil {
+		s.idle(r)
+		return View{}, err
+	}
+	res, err := s.wallet.Apply(persist.Op{User: anchor, ReqID: prepareReqID(code, rec.PrepTry),
+		Postings: []persist.Posting{{User: anchor, Delta: -rec.Total, Reason: persist.ReasonRedPacket, Ref: "redpacket " + code}},
+		Static:   []persist.Record{storeRecord(rainKey(code), b), storeRecord(splitKey(code), encodeSplit(split))},
+	})
+	if err == nil && res.Replayed {
+		// An earlier attempt landed: its record (and split) are on disk,
+		// not this attempt's.
+		prepared, err = s.loadRecord(code)
 	}
 	if err != nil {
 		if errors.Is(err, persist.ErrInsufficient) {
 			rec.PrepTry++ // the ledger remembers the refusal of that req id
 			err = &proto.Error{Code: proto.CodeInsufficientBalance, Msg: "insufficient balance for the rain's total"}
 		}
-		s.opFailed(r, rec, err)
+		s.opFailed(r, rec, err, fresh || proto.AsError(err).Code == proto.CodeInsufficientBalance)
+		s.idle(r)
 		return View{}, err
 	}
 	r.mu.Lock()
@@ -577,7 +581,7 @@ func (s *Service) Start(anchor int64, code string) (View, error) {
 		perr = proto.Errorf(proto.CodeConflict, "prepare the rain before starting it")
 	case r.busy:
 		perr = proto.Errorf(proto.CodeConflict, "a start of this rain is in progress")
-	case rec.Pending == "cancel":
+	case rec.Pending == pendingCancel:
 		perr = errCancelInDoubt
 	case s.closed:
 		perr = proto.ErrInternal
@@ -664,9 +668,9 @@ func (s *Service) Cancel(anchor int64, code string) (View, error) {
 	case r.busy:
 		r.mu.Unlock()
 		return View{}, proto.Errorf(proto.CodeConflict, "a prepare or start of this rain is in progress")
-	case rec.Pending == "prepare":
+	case rec.Pending == pendingPrepare:
 		r.mu.Unlock()
-		return View{}, proto.Errorf(proto.CodeConflict, "the rain's prepare has not completed: prepare it again, then cancel")
+		return View{}, errPrepareInDoubt
 	case rec.State == StateRunning:
 		r.mu.Unlock()
 		return View{}, proto.Errorf(proto.CodeConflict, "a running rain cannot be cancelled: it ends at ends_at")
@@ -684,15 +688,8 @@ func (s *Service) Cancel(anchor int64, code string) (View, error) {
 		if b, err = proto.Marshal(out); err == nil {
 			err = s.store.Apply(func(wb *persist.Batch) error { return moveDone(wb, code, b) })
 		}
-	} else if err = s.markPending(r, &rec, "cancel"); err != nil {
-		return View{}, err
 	} else {
-		c := rec
-		c.Cancelled = true
-		if out, err = s.settleOnce(c, nil); err != nil { // nothing granted: refunds T
-			s.opFailed(r, rec, err)
-			return View{}, err
-		}
+		out, err = s.cancelPrepared(r, rec)
 	}
 	r.mu.Lock()
 	r.busy = false
@@ -715,11 +712,42 @@ func (s *Service) Cancel(anchor int64, code string) (View, error) {
 
 var errCancelInDoubt = proto.Errorf(proto.CodeConflict, "the rain's cancel has not completed: cancel it again")
 
-// markPending records durably, before a wallet op of kind (prepare |
-// cancel) is sent for r, that its outcome is pending (rec.Pending; a retry
-// of that same op finds it there already). r is busy; on failure it is no
-// longer.
-func (s *Service) markPending(r *rain, rec *record, kind string) error {
+// The wallet ops of a rain whose outcome may be pending (record.Pending).
+const (
+	pendingPrepare = "prepare"
+	pendingCancel  = "cancel"
+)
+
+var errPrepareInDoubt = proto.Errorf(proto.CodeConflict, "the rain's prepare has not completed: prepare it again, then cancel")
+
+// idle ends r's prepare, start or cancel that changed nothing.
+func (s *Service) idle(r *rain) {
+	r.mu.Lock()
+	r.busy = false
+	r.mu.Unlock()
+}
+
+// cancelPrepared refunds a PREPARED rain's total and finishes it (Cancel;
+// r is busy, and stays so: the caller ends it). The op is marked pending
+// first, and stays so when its outcome may still be unknown.
+func (s *Service) cancelPrepared(r *rain, rec record) (record, error) {
+	fresh := rec.Pending == ""
+	if err := s.markPending(&rec, pendingCancel); err != nil {
+		return record{}, err
+	}
+	c := rec
+	c.Cancelled = true
+	out, err := s.settleOnce(c, nil) // nothing granted: refunds T
+	if err != nil {
+		s.opFailed(r, rec, err, fresh)
+	}
+	return out, err
+}
+
+// markPending records durably, before a wallet op of kind is sent for rec's
+// rain, that its outcome is pending (rec.Pending; a retry of that same op
+// finds it there already).
+func (s *Service) markPending(rec *record, kind string) error {
 	if rec.Pending == kind {
 		return nil
 	}
@@ -730,19 +758,18 @@ func (s *Service) markPending(r *rain, rec *record, kind string) error {
 	}
 	if err != nil {
 		rec.Pending = ""
-		r.mu.Lock()
-		r.busy = false
-		r.mu.Unlock()
 	}
 	return err
 }
 
-// opFailed ends r's prepare or cancel whose op failed with err: in doubt, the
-// op stays pending (rec.Pending, on disk already) until it is retried; else
-// nothing moved and the pending mark is cleared (rec otherwise as it goes
-// back to disk: a raised PrepTry too).
-func (s *Service) opFailed(r *rain, rec record, err error) {
-	if !inDoubt(err) {
+// opFailed sets r.rec to rec after its prepare or cancel op failed with
+// err (r stays busy: the caller ends it). The op stays pending (rec.Pending, on disk already) when it
+// may still land: err is in doubt, or this attempt was a retry (settled
+// false) — a retry that moved nothing says nothing of the first attempt,
+// which the shared wallet may still land. Otherwise the mark is cleared on
+// disk (with the rest of rec: a raised PrepTry too).
+func (s *Service) opFailed(r *rain, rec record, err error, settled bool) {
+	if settled && !inDoubt(err) {
 		rec.Pending = ""
 		b, merr := proto.Marshal(rec)
 		if merr == nil {
@@ -755,20 +782,32 @@ func (s *Service) opFailed(r *rain, rec record, err error) {
 		}
 	}
 	r.mu.Lock()
-	r.busy = false
 	r.rec = rec
 	r.mu.Unlock()
 }
 
+// loadRecord reads code's record from disk.
+func (s *Service) loadRecord(code string) (record, error) {
+	var rec record
+	b, err := s.store.Get(rainKey(code))
+	if err == nil {
+		err = proto.Unmarshal(b, &rec)
+	}
+	return rec, err
+}
+
 // inDoubt reports whether a wallet op that failed with err may still land:
 // every failure but those that moved nothing ("unavailable", a closed
-// ledger) and refusals (the balance, a protocol error such as a frozen
-// account).
+// ledger, an op never sent) and refusals (the balance, a protocol error such
+// as a frozen account).
 func inDoubt(err error) bool {
 	var pe *proto.Error
 	return !errors.Is(err, persist.ErrWalletUnavailable) && !errors.Is(err, persist.ErrInsufficient) &&
-		!errors.Is(err, persist.ErrClosed) && !errors.As(err, &pe)
+		!errors.Is(err, persist.ErrClosed) && !errors.Is(err, errNotSent) && !errors.As(err, &pe)
 }
+
+// errNotSent wraps a failure before a wallet op was sent.
+var errNotSent = errors.New("redpacket: op not sent")
 
 // runInRoom makes rec the running rain of its room where every node sees
 // it (Config.RoomRun; nothing on a single node, where s.running is enough).

@@ -4,7 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
-	"errors"
+	"fmt"
 	"time"
 
 	"github.com/liveedge/liveedge/gateway/proto"
@@ -135,7 +135,7 @@ func (s *Service) settleOnce(rec record, others []NodeSplit) (record, error) {
 		return nil
 	})
 	if err != nil {
-		return rec, err
+		return rec, fmt.Errorf("%w: %w", errNotSent, err)
 	}
 	var nodes []NodeSplit
 	if len(others) > 0 {
@@ -151,7 +151,7 @@ func (s *Service) settleOnce(rec record, others []NodeSplit) (record, error) {
 		}
 	}
 	if sum > rec.Total { // cannot happen (each index once, Σ split = T): refuse to settle
-		return rec, errors.New("redpacket: granted more than the total")
+		return rec, fmt.Errorf("%w: granted more than the total", errNotSent)
 	}
 	fin := rec
 	fin.State, fin.FinishedAt, fin.Pending = StateFinished, s.cfg.Now().UnixMilli(), ""
@@ -159,7 +159,7 @@ func (s *Service) settleOnce(rec record, others []NodeSplit) (record, error) {
 	fin.Nodes = nodes
 	b, err := proto.Marshal(fin)
 	if err != nil {
-		return rec, err
+		return rec, fmt.Errorf("%w: %w", errNotSent, err)
 	}
 	op := persist.Op{User: rec.Anchor, ReqID: settleReqID(rec.Code),
 		Tallies: []persist.Tally{{Name: TallyGiven, User: rec.Anchor, Delta: sum}},
