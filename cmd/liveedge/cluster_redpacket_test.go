@@ -401,18 +401,27 @@ func TestClusterRedPacketNodeKilledMidRain(t *testing.T) {
 	r.checkGrants(t, total, v, okAmount, false)
 }
 
-// One running rain per room holds cluster-wide: a second rain of the room,
-// owned by another node, cannot start while the first runs (10409), and can
-// once the first has ended.
-func TestClusterOneRunningRainPerRoom(t *testing.T) {
+// secondRainPrepared starts two nodes with a one-packet rain running in a
+// room, owned by gw-1, and a second rain of that room prepared through gw-2
+// (base: its URL there).
+func secondRainPrepared(t *testing.T) (*testCluster, *clusterRain, string) {
+	t.Helper()
 	c := startCluster(t, 2, "LIVEEDGE_REDPACKET_PREPARE_INTERVAL=0s", "LIVEEDGE_REDPACKET_START_INTERVAL=0s")
-	r := newClusterRain(t, c, 10, 1, 1, 30*time.Second) // owned by gw-1, running
+	r := newClusterRain(t, c, 10, 1, 1, 30*time.Second)
 	second := createRainVia(t, c.nodes[1].http, r.anchorTok, r.room, 10, 1, 30*time.Second)
 	fundAnchor(t, c.nodes[0].http, 1, 10, "seed2")
 	base := "http://" + c.nodes[1].http + "/api/v1/redpackets/" + second
 	if st := nodetest.DoJSON(t, "POST", base+"/prepare", r.anchorTok, "", nil); st != 200 {
 		t.Fatalf("prepare the second: %d", st)
 	}
+	return c, r, base
+}
+
+// One running rain per room holds cluster-wide: a second rain of the room,
+// owned by another node, cannot start while the first runs (10409), and can
+// once the first has ended.
+func TestClusterOneRunningRainPerRoom(t *testing.T) {
+	_, r, base := secondRainPrepared(t)
 	var refused struct {
 		Code int `json:"code"`
 	}
@@ -432,14 +441,7 @@ func TestClusterOneRunningRainPerRoom(t *testing.T) {
 // room's running rain within a second, so a second rain of the room, owned
 // by another node, still cannot start.
 func TestClusterOneRunningRainPerRoomAfterRedisLoss(t *testing.T) {
-	c := startCluster(t, 2, "LIVEEDGE_REDPACKET_PREPARE_INTERVAL=0s", "LIVEEDGE_REDPACKET_START_INTERVAL=0s")
-	r := newClusterRain(t, c, 10, 1, 1, 30*time.Second) // owned by gw-1, running
-	second := createRainVia(t, c.nodes[1].http, r.anchorTok, r.room, 10, 1, 30*time.Second)
-	fundAnchor(t, c.nodes[0].http, 1, 10, "seed2")
-	base := "http://" + c.nodes[1].http + "/api/v1/redpackets/" + second
-	if st := nodetest.DoJSON(t, "POST", base+"/prepare", r.anchorTok, "", nil); st != 200 {
-		t.Fatalf("prepare the second: %d", st)
-	}
+	c, r, base := secondRainPrepared(t)
 	c.redis.Restart() // empty: the room's running-rain key is gone
 	rdb, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{c.redis.Addr}, DisableCache: true})
 	if err != nil {

@@ -86,6 +86,26 @@ func (n *pendingNode) start(t *testing.T, w persist.Wallet) {
 	n.svc = svc
 }
 
+// cancelledInDoubt makes a node with a prepared rain (1,000 coins) whose
+// cancel is in doubt: the refund op is held by the returned wallet.
+func cancelledInDoubt(t *testing.T) (*pendingNode, *lateWallet, string) {
+	t.Helper()
+	n := newPendingNode(t)
+	w := &lateWallet{Ledger: n.l, prefix: "rp-end:"}
+	n.start(t, w)
+	v, err := n.svc.Create(shardAnchor, shardRoom, 1000, 10, time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := n.svc.Prepare(shardAnchor, v.Code); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := n.svc.Cancel(shardAnchor, v.Code); err == nil || w.held == nil {
+		t.Fatalf("cancel: %v (want it in doubt)", err)
+	}
+	return n, w, v.Code
+}
+
 func (n *pendingNode) balance(t *testing.T) int64 {
 	t.Helper()
 	b, err := n.l.Balance(shardAnchor)
@@ -139,27 +159,15 @@ func TestPrepareInDoubtAcrossRestart(t *testing.T) {
 // node refuses to start the rain (a late refund would then come on top of
 // its grants) until the cancel is retried, which completes it once.
 func TestCancelInDoubtAcrossRestart(t *testing.T) {
-	n := newPendingNode(t)
-	w := &lateWallet{Ledger: n.l, prefix: "rp-end:"}
-	n.start(t, w)
-	v, err := n.svc.Create(shardAnchor, shardRoom, 1000, 10, time.Minute)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := n.svc.Prepare(shardAnchor, v.Code); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := n.svc.Cancel(shardAnchor, v.Code); err == nil || w.held == nil {
-		t.Fatalf("cancel: %v (want it in doubt)", err)
-	}
+	n, w, code := cancelledInDoubt(t)
 	n.start(t, n.l) // restart
-	if _, err := n.svc.Start(shardAnchor, v.Code); err == nil || proto.AsError(err).Code != proto.CodeConflict {
+	if _, err := n.svc.Start(shardAnchor, code); err == nil || proto.AsError(err).Code != proto.CodeConflict {
 		t.Fatalf("start with a cancel in doubt after a restart: %v, want 10409", err)
 	}
 	if _, err := n.l.Apply(*w.held); err != nil { // the watcher lands the refund
 		t.Fatal(err)
 	}
-	if fin, err := n.svc.Cancel(shardAnchor, v.Code); err != nil || fin.State != StateFinished || fin.Refunded != 1000 {
+	if fin, err := n.svc.Cancel(shardAnchor, code); err != nil || fin.State != StateFinished || fin.Refunded != 1000 {
 		t.Fatalf("cancel retried: %+v %v", fin, err)
 	}
 	if b := n.balance(t); b != 1000 {
@@ -196,35 +204,23 @@ func TestPrepareRefusalSurvivesRestart(t *testing.T) {
 // nothing, but says nothing of the first attempt, which may still land: the
 // rain stays unable to start until a retry completes.
 func TestCancelRetryUnavailableStaysPending(t *testing.T) {
-	n := newPendingNode(t)
-	w := &lateWallet{Ledger: n.l, prefix: "rp-end:"}
-	n.start(t, w)
-	v, err := n.svc.Create(shardAnchor, shardRoom, 1000, 10, time.Minute)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := n.svc.Prepare(shardAnchor, v.Code); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := n.svc.Cancel(shardAnchor, v.Code); err == nil || w.held == nil {
-		t.Fatalf("cancel: %v (want it in doubt)", err)
-	}
+	n, w, code := cancelledInDoubt(t)
 	w.down = true
 	n.start(t, w) // restart, the wallet unavailable for the retry
-	if _, err := n.svc.Cancel(shardAnchor, v.Code); !errors.Is(err, persist.ErrWalletUnavailable) {
+	if _, err := n.svc.Cancel(shardAnchor, code); !errors.Is(err, persist.ErrWalletUnavailable) {
 		t.Fatalf("cancel retried while unavailable: %v", err)
 	}
-	if _, err := n.svc.Start(shardAnchor, v.Code); err == nil || proto.AsError(err).Code != proto.CodeConflict {
+	if _, err := n.svc.Start(shardAnchor, code); err == nil || proto.AsError(err).Code != proto.CodeConflict {
 		t.Fatalf("start after a retry that moved nothing: %v, want 10409", err)
 	}
 	n.start(t, n.l) // restart again, still pending
-	if _, err := n.svc.Start(shardAnchor, v.Code); err == nil || proto.AsError(err).Code != proto.CodeConflict {
+	if _, err := n.svc.Start(shardAnchor, code); err == nil || proto.AsError(err).Code != proto.CodeConflict {
 		t.Fatalf("start after a restart: %v, want 10409", err)
 	}
 	if _, err := n.l.Apply(*w.held); err != nil { // the first attempt lands
 		t.Fatal(err)
 	}
-	if fin, err := n.svc.Cancel(shardAnchor, v.Code); err != nil || fin.State != StateFinished || fin.Refunded != 1000 {
+	if fin, err := n.svc.Cancel(shardAnchor, code); err != nil || fin.State != StateFinished || fin.Refunded != 1000 {
 		t.Fatalf("cancel: %+v %v", fin, err)
 	}
 	if b := n.balance(t); b != 1000 {

@@ -552,13 +552,7 @@ func (s *Service) reclaimRound(r *rain, seen uint64, deadline time.Time) (out ro
 					s.log.Error("red packet return not recorded", "code", code, "node", h.node, "err", err)
 					return
 				}
-				r.mu.Lock()
-				for _, p := range ok {
-					r.where[p.Index] = 0
-				}
-				h.out -= len(ok)
-				r.mu.Unlock()
-				s.mem.add(code, ok)
+				s.takeBack(r, h, ok)
 				got.Add(int64(len(ok)))
 			}
 			// Packets out with the holder that it does not have: a lease
@@ -641,15 +635,22 @@ func (s *Service) recoverFrom(r *rain, hi int, held int, deadline time.Time) (n 
 		s.log.Error("red packet recovery not recorded", "code", code, "node", h.node, "err", err)
 		return 0, false
 	}
-	r.mu.Lock()
-	for _, p := range back {
-		r.where[p.Index] = 0
-	}
-	h.out -= len(back)
-	r.mu.Unlock()
-	s.mem.add(code, back)
+	s.takeBack(r, h, back)
 	s.log.Info("red packets recovered from a holder", "code", code, "node", h.node, "packets", len(back))
 	return len(back), true
+}
+
+// takeBack puts pk, recorded in the lease log as back from holder h, into
+// the owner's pool.
+func (s *Service) takeBack(r *rain, h *holder, pk []Packet) {
+	r.mu.Lock()
+	for _, p := range pk {
+		r.where[p.Index] = 0
+	}
+	h.out -= len(pk)
+	code := r.rec.Code
+	r.mu.Unlock()
+	s.mem.add(code, pk)
 }
 
 // finishInflight ends a grab or lease reservation of r; empty: nothing was

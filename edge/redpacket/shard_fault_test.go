@@ -2,8 +2,6 @@ package redpacket
 
 import (
 	"context"
-	"io"
-	"log/slog"
 	"strings"
 	"sync"
 	"testing"
@@ -11,7 +9,6 @@ import (
 
 	"github.com/liveedge/liveedge/gateway/proto"
 	"github.com/liveedge/liveedge/persist"
-	"github.com/liveedge/liveedge/router"
 )
 
 // Regression tests from a review of the sharding: each drove Σ granted +
@@ -41,29 +38,10 @@ func (w *inDoubtWallet) Apply(op persist.Op) (persist.Result, error) {
 // may already have its T back) until the cancel is retried, which completes
 // it once.
 func TestCancelInDoubtBlocksStart(t *testing.T) {
-	st, err := persist.Open(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	l, err := persist.NewLedger(st, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	w := &inDoubtWallet{Ledger: l}
-	rt := router.NewLocal("n1", router.LocalConfig{})
-	rt.OpenRoom(shardRoom)
-	svc, err := New(st, w, rt, Config{Node: "n1", CodeTag: -1,
-		AnchorOf: func(int64) (int64, bool) { return shardAnchor, true },
-		InRoom:   func(room, user int64) bool { return room == shardRoom },
-	}, slog.New(slog.NewTextHandler(io.Discard, nil)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { svc.Close(); l.Close(); _ = st.Close() })
+	n := newPendingNode(t) // the anchor has 1,000
+	n.start(t, &inDoubtWallet{Ledger: n.l})
+	svc, l := n.svc, n.l
 	const total = 1000
-	if _, err := l.Apply(persist.Op{Postings: []persist.Posting{{User: shardAnchor, Delta: total, Reason: persist.ReasonDev}}}); err != nil {
-		t.Fatal(err)
-	}
 	v, err := svc.Create(shardAnchor, shardRoom, total, 10, time.Second)
 	if err != nil {
 		t.Fatal(err)

@@ -52,11 +52,7 @@ func TestShardedRainHolderRestartRecovered(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	m := c.nodes["n2"]
-	c.mu.Lock()
-	c.down["n2"] = true
-	c.mu.Unlock()
-	m.stop() // its unused slice is lost with its memory
+	m := c.kill("n2") // its unused slice is lost with its memory
 	c.start(t, "n2", m.dir)
 	got := 10 + c.drain(t, "n1", code, []string{"n1", "n2", "n3"}, 100)
 	if got != count {

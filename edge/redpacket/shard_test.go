@@ -172,6 +172,17 @@ func (c *cluster) start(t *testing.T, name, dir string) {
 	c.mu.Unlock()
 }
 
+// kill stops node name as a crash would (its memory lost, its store kept)
+// and returns it, to start again on its dir.
+func (c *cluster) kill(name string) *member {
+	c.mu.Lock()
+	c.down[name] = true
+	m := c.nodes[name]
+	c.mu.Unlock()
+	m.stop()
+	return m
+}
+
 func (c *cluster) svc(name string) *Service {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -406,11 +417,7 @@ func TestShardedRainOwnerRestart(t *testing.T) {
 			user++
 		}
 	}
-	m := c.nodes["n1"]
-	c.mu.Lock()
-	c.down["n1"] = true
-	c.mu.Unlock()
-	m.stop()
+	m := c.kill("n1")
 	// While the owner is down, n2 grants from its slice as long as it lasts.
 	for i := 0; i < 5; i++ {
 		if _, err := c.grab("n2", "n1", user, code); err != nil {
@@ -437,11 +444,7 @@ func TestShardedRainOwnerRestart(t *testing.T) {
 	// Settled, the owner deleted the rain's lease log; a restart after that
 	// finds a FINISHED rain: nothing resumes or settles again (no second
 	// refund), the same totals, every ledger still balanced.
-	m = c.nodes["n1"]
-	c.mu.Lock()
-	c.down["n1"] = true
-	c.mu.Unlock()
-	m.stop()
+	m = c.kill("n1")
 	c.start(t, "n1", m.dir)
 	if after := c.conserve(t, "n1", code, total); after.GrantedCount != v.GrantedCount ||
 		after.GrantedAmount != v.GrantedAmount || after.Refunded != v.Refunded {
@@ -464,11 +467,7 @@ func TestShardedRainWaitsForDeadHolder(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	m := c.nodes["n2"]
-	c.mu.Lock()
-	c.down["n2"] = true
-	c.mu.Unlock()
-	m.stop() // its unused slice is lost with its memory
+	m := c.kill("n2") // its unused slice is lost with its memory
 	time.Sleep(1500 * time.Millisecond)
 	if v, _ := c.svc("n1").Get(code); v.State != StateRunning {
 		t.Fatalf("settled without the holder's grants: %+v", v)
