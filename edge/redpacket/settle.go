@@ -202,7 +202,7 @@ const moveBatch = 4096
 // settlement, an older version's, a store from before the move), which it
 // moves to rec/rpdone/, so the next start reads the unfinished rains only.
 func (s *Service) restore() error {
-	var recs []record
+	var recs, cancels []record
 	type moved struct {
 		code string
 		b    []byte
@@ -250,6 +250,9 @@ func (s *Service) restore() error {
 		switch rec.State {
 		case StatePrepared:
 			s.prepared[rec.Room] = rec.Code
+			if rec.Pending == pendingCancel {
+				cancels = append(cancels, rec)
+			}
 		case StateRunning:
 			s.running[rec.Room] = rec.Code
 			granted := map[int32]bool{}
@@ -294,7 +297,32 @@ func (s *Service) restore() error {
 	for _, r := range due {
 		s.goSettle(r)
 	}
+	for _, rec := range cancels {
+		s.goCancel(rec.Anchor, rec.Code)
+	}
 	return nil
+}
+
+// goCancel completes a cancel that was pending when the node stopped (its
+// refund may or may not have landed: the same op lands it once), on a
+// goroutine of its own, retried every settleRetry until it is done or the
+// service closes: the anchor asked for it, and the rain can neither start
+// nor be cancelled another way meanwhile.
+func (s *Service) goCancel(anchor int64, code string) {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return
+	}
+	s.settles.Add(1)
+	s.mu.Unlock()
+	go func() {
+		defer s.settles.Done()
+		if _, err := s.Cancel(anchor, code); err != nil {
+			s.log.Warn("red packet pending cancel not completed, retrying", "code", code, "err", err, "retry_in", settleRetry)
+			time.AfterFunc(settleRetry, func() { s.goCancel(anchor, code) })
+		}
+	}()
 }
 
 // Close stops the rains' timers and waits for settlements in progress. A
