@@ -33,7 +33,11 @@ func (s *Service) end(r *rain) {
 // goSettle runs settle on a goroutine of its own (never on a ledger
 // committer: settle waits for the ledger). After Close it does nothing: the
 // next start of the node settles.
-func (s *Service) goSettle(r *rain) {
+func (s *Service) goSettle(r *rain) { s.spawn(func() { s.settle(r) }) }
+
+// spawn runs fn on a goroutine that Close waits for (settles); after Close
+// it does nothing (what fn would finish, the next start finds again).
+func (s *Service) spawn(fn func()) {
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
@@ -43,7 +47,7 @@ func (s *Service) goSettle(r *rain) {
 	s.mu.Unlock()
 	go func() {
 		defer s.settles.Done()
-		s.settle(r)
+		fn()
 	}()
 }
 
@@ -309,20 +313,12 @@ func (s *Service) restore() error {
 // service closes: the anchor asked for it, and the rain can neither start
 // nor be cancelled another way meanwhile.
 func (s *Service) goCancel(anchor int64, code string) {
-	s.mu.Lock()
-	if s.closed {
-		s.mu.Unlock()
-		return
-	}
-	s.settles.Add(1)
-	s.mu.Unlock()
-	go func() {
-		defer s.settles.Done()
+	s.spawn(func() {
 		if _, err := s.Cancel(anchor, code); err != nil {
 			s.log.Warn("red packet pending cancel not completed, retrying", "code", code, "err", err, "retry_in", settleRetry)
 			time.AfterFunc(settleRetry, func() { s.goCancel(anchor, code) })
 		}
-	}()
+	})
 }
 
 // Close stops the rains' timers and waits for settlements in progress. A
