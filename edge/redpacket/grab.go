@@ -44,7 +44,7 @@ func (s *Service) Grab(user int64, code string) (GrabReply, *proto.Error) {
 func (s *Service) GrabAsync(user int64, code string, done func(GrabReply, *proto.Error)) {
 	r := s.get(code)
 	if r == nil {
-		if rec, err := s.loadFinished(code); err == nil && rec.State == StateFinished {
+		if rec, err := s.loadRecord(code); err == nil && rec.State == StateFinished {
 			done(GrabReply{}, errEmpty)
 			return
 		}

@@ -356,8 +356,10 @@ func (s *Service) get(code string) *rain {
 	return s.rains[code]
 }
 
-// loadFinished reads a rain that is no longer in memory (FINISHED).
-func (s *Service) loadFinished(code string) (record, error) {
+// loadRecord reads code's record from disk: FINISHED under rec/rpdone/,
+// else the one in rec/rp/ (a rain not finished, or finished and not moved
+// yet).
+func (s *Service) loadRecord(code string) (record, error) {
 	var rec record
 	if !wellFormed(code) {
 		return rec, errNotFound
@@ -382,7 +384,7 @@ func (s *Service) Get(code string) (View, error) {
 	if r := s.get(code); r != nil {
 		return s.view(r), nil
 	}
-	rec, err := s.loadFinished(code)
+	rec, err := s.loadRecord(code)
 	if err != nil {
 		return View{}, err
 	}
@@ -431,10 +433,7 @@ func (s *Service) Create(anchor, room, total int64, count int, duration time.Dur
 	}
 	rec := record{Code: code, Node: s.cfg.Node, Room: room, Anchor: anchor, Total: total, Count: count,
 		DurationMS: duration.Milliseconds(), State: StateWait, CreatedAt: s.cfg.Now().UnixMilli()}
-	b, err := proto.Marshal(rec)
-	if err == nil {
-		err = s.store.Put(rainKey(rec.Code), b)
-	}
+	err := s.putRecord(rec)
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if err != nil {
@@ -458,7 +457,7 @@ func (s *Service) release(anchor int64) {
 func (s *Service) managed(anchor int64, code string) (r *rain, fin *View, err error) {
 	r = s.get(code)
 	if r == nil {
-		rec, err := s.loadFinished(code)
+		rec, err := s.loadRecord(code)
 		if err != nil {
 			return nil, nil, err
 		}
@@ -620,10 +619,7 @@ func (s *Service) Start(anchor int64, code string) (View, error) {
 	rec.EndsAt = rec.StartedAt + rec.DurationMS
 	err = s.loadPool(r, rec, nil)
 	if err == nil {
-		var b []byte
-		if b, err = proto.Marshal(rec); err == nil {
-			err = s.store.Put(rainKey(code), b)
-		}
+		err = s.putRecord(rec)
 	}
 	s.mu.Lock()
 	r.mu.Lock()
@@ -752,10 +748,7 @@ func (s *Service) markPending(rec *record, kind string) error {
 		return nil
 	}
 	rec.Pending = kind
-	b, err := proto.Marshal(*rec)
-	if err == nil {
-		err = s.store.Put(rainKey(rec.Code), b)
-	}
+	err := s.putRecord(*rec)
 	if err != nil {
 		rec.Pending = ""
 	}
@@ -763,19 +756,15 @@ func (s *Service) markPending(rec *record, kind string) error {
 }
 
 // opFailed sets r.rec to rec after its prepare or cancel op failed with
-// err (r stays busy: the caller ends it). The op stays pending (rec.Pending, on disk already) when it
-// may still land: err is in doubt, or this attempt was a retry (settled
-// false) — a retry that moved nothing says nothing of the first attempt,
-// which the shared wallet may still land. Otherwise the mark is cleared on
-// disk (with the rest of rec: a raised PrepTry too).
+// err (r stays busy: the caller ends it). The op stays pending (rec.Pending,
+// on disk already) when it may still land: err is in doubt, or this attempt
+// was a retry (settled false) — a retry that moved nothing says nothing of
+// the first attempt, which the shared wallet may still land. Otherwise the
+// mark is cleared on disk (with the rest of rec: a raised PrepTry too).
 func (s *Service) opFailed(r *rain, rec record, err error, settled bool) {
 	if settled && !inDoubt(err) {
 		rec.Pending = ""
-		b, merr := proto.Marshal(rec)
-		if merr == nil {
-			merr = s.store.Put(rainKey(rec.Code), b)
-		}
-		if merr != nil {
+		if merr := s.putRecord(rec); merr != nil {
 			// Still pending on disk: a restart asks for the op's retry,
 			// which the ledger answers as it did (nothing moved).
 			s.log.Error("red packet record not written", "code", rec.Code, "err", merr)
@@ -786,14 +775,13 @@ func (s *Service) opFailed(r *rain, rec record, err error, settled bool) {
 	r.mu.Unlock()
 }
 
-// loadRecord reads code's record from disk.
-func (s *Service) loadRecord(code string) (record, error) {
-	var rec record
-	b, err := s.store.Get(rainKey(code))
+// putRecord durably writes rec, a rain not FINISHED (rec/rp/).
+func (s *Service) putRecord(rec record) error {
+	b, err := proto.Marshal(rec)
 	if err == nil {
-		err = proto.Unmarshal(b, &rec)
+		err = s.store.Put(rainKey(rec.Code), b)
 	}
-	return rec, err
+	return err
 }
 
 // inDoubt reports whether a wallet op that failed with err may still land:

@@ -267,7 +267,7 @@ func leaseSize(left, holders int) int {
 func (s *Service) ServeLease(req LeaseReq, arrived time.Time) (LeaseRep, error) {
 	r := s.get(req.Code)
 	if r == nil || s.mem == nil || req.Node == "" || req.Node == s.cfg.Node {
-		if rec, err := s.loadFinished(req.Code); err == nil && rec.State == StateFinished {
+		if rec, err := s.loadRecord(req.Code); err == nil && rec.State == StateFinished {
 			return LeaseRep{}, errEmpty
 		}
 		return LeaseRep{}, errGrabNone
