@@ -127,13 +127,21 @@ func (s *Service) GrabAsync(user int64, code string, done func(GrabReply, *proto
 	}
 	s.applyGrant(user, code, p, func(res persist.Result, err error, op persist.Op) {
 		if err != nil {
-			doubtful := !errors.Is(err, persist.ErrWalletUnavailable) // that one moved nothing
-			if doubtful {
-				r.mu.Lock()
-				r.doubt = append(r.doubt, op)
-				r.mu.Unlock()
+			if errors.Is(err, persist.ErrWalletUnavailable) {
+				// Nothing moved: the packet goes back before the grab
+				// counts out (a Redis call for the list pool: not on the
+				// ledger's goroutine).
+				go func() {
+					s.pushBack(code, p)
+					s.grabFailed(r, code, user, false, false)
+					done(GrabReply{}, proto.ErrInternal)
+				}()
+				return
 			}
-			s.grabFailed(r, code, user, false, doubtful)
+			r.mu.Lock()
+			r.doubt = append(r.doubt, op)
+			r.mu.Unlock()
+			s.grabFailed(r, code, user, false, true)
 			done(GrabReply{}, proto.ErrInternal)
 			return
 		}
@@ -198,4 +206,14 @@ func (s *Service) grabFailed(r *rain, code string, user int64, empty, keepUser b
 		}
 	}
 	s.finishInflight(r, empty)
+}
+
+// pushBack returns p, popped by a grab the wallet refused as unavailable
+// (nothing moved), to the pool, so it is granted later rather than refunded.
+func (s *Service) pushBack(code string, p Packet) {
+	ctx, cancel := context.WithTimeout(context.Background(), poolTimeout)
+	defer cancel()
+	if err := s.pool.Push(ctx, code, p); err != nil {
+		s.log.Warn("red packet not put back (refunded at the end)", "code", code, "err", err)
+	}
 }

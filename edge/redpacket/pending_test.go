@@ -273,3 +273,72 @@ func TestPendingCancelCompletedAtStart(t *testing.T) {
 		t.Fatalf("anchor balance %d after the late attempt, want 1000", b)
 	}
 }
+
+// unavailableOnce answers the first op whose request id starts with prefix
+// "unavailable, nothing moved" (a shared wallet being rebuilt).
+type unavailableOnce struct {
+	*persist.Ledger
+	prefix string
+	done   bool
+}
+
+func (w *unavailableOnce) ApplyAsync(op persist.Op, done func(persist.Result, error)) {
+	if !w.done && strings.HasPrefix(op.ReqID, w.prefix) {
+		w.done = true
+		done(persist.Result{}, persist.ErrWalletUnavailable)
+		return
+	}
+	w.Ledger.ApplyAsync(op, done)
+}
+
+// A grab the wallet refuses as unavailable moved nothing: its packet goes
+// back to the pool and is granted to a later grabber, not refunded; every
+// packet once, the ledger balanced.
+func TestUnavailableGrantPutsThePacketBack(t *testing.T) {
+	n := newPendingNode(t)
+	w := &unavailableOnce{Ledger: n.l, prefix: "rp:"}
+	n.start(t, w)
+	const count = 5
+	v, err := n.svc.Create(shardAnchor, shardRoom, 500, count, time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := n.svc.Prepare(shardAnchor, v.Code); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := n.svc.Start(shardAnchor, v.Code); err != nil {
+		t.Fatal(err)
+	}
+	if _, perr := n.svc.Grab(100, v.Code); perr == nil || !w.done {
+		t.Fatalf("first grab: %v (want the wallet unavailable)", perr)
+	}
+	got := 0
+	for u := int64(101); u < 120; u++ {
+		_, perr := n.svc.Grab(u, v.Code)
+		if perr != nil {
+			if perr.Code != proto.CodeRedPacketEmpty {
+				t.Fatal(perr)
+			}
+			break
+		}
+		got++
+	}
+	if got != count {
+		t.Fatalf("%d of %d packets granted after an unavailable grant", got, count)
+	}
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		fin, err := n.svc.Get(v.Code)
+		if err == nil && fin.State == StateFinished {
+			if fin.GrantedCount != count || fin.GrantedAmount != 500 || fin.Refunded != 0 {
+				t.Fatalf("finished %+v", fin)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("not settled")
+		}
+	}
+	if b := n.balance(t); b != 500 { // 1,000 − the rain's 500 (all granted)
+		t.Fatalf("anchor balance %d, want 500", b)
+	}
+}

@@ -28,18 +28,23 @@ type Packet struct {
 // (the seed's design, one Redis list per code). A cluster-wide sharded pool
 // (each node holds a slice of the packets in memory and takes more from the
 // others, or from a shared remainder, when its slice runs dry) implements the
-// same four methods; the Service does not change.
+// same methods; the Service does not change.
 //
-// A popped packet that is never granted (a crash between Pop and the durable
-// grant, or a grant that failed) is not put back: it is refunded to the anchor
-// when the rain is settled, because the refund is computed from the durable
-// grants, never from what a pool still holds.
+// A popped packet whose grant the wallet refused as unavailable (nothing
+// moved) is pushed back. One otherwise never granted (a crash between Pop
+// and the durable grant, a grant in doubt) is not: it is refunded to the
+// anchor when the rain is settled, because the refund is computed from the
+// durable grants, never from what a pool still holds.
 type Pool interface {
 	// Load installs left as code's packets, replacing any it held.
 	Load(ctx context.Context, code string, left []Packet) error
 	// Pop takes one packet of code; ok false when none is left (or code is
 	// unknown).
 	Pop(ctx context.Context, code string) (p Packet, ok bool, err error)
+	// Push puts back p, popped by a grab that granted nothing (best effort:
+	// a packet not put back stays out of the pool and is refunded at the
+	// end).
+	Push(ctx context.Context, code string, p Packet) error
 	// Len is the number of packets of code left.
 	Len(ctx context.Context, code string) (int, error)
 	// Drop forgets code.
@@ -133,6 +138,12 @@ func (m *MemoryPool) add(code string, pk []Packet) {
 	}
 }
 
+// Push implements Pool.
+func (m *MemoryPool) Push(_ context.Context, code string, p Packet) error {
+	m.add(code, []Packet{p})
+	return nil
+}
+
 // Len implements Pool.
 func (m *MemoryPool) Len(_ context.Context, code string) (int, error) {
 	s := m.slice(code)
@@ -202,6 +213,12 @@ func (r *RedisListPool) Pop(ctx context.Context, code string) (Packet, bool, err
 	}
 	p, err := decodePacket(s)
 	return p, err == nil, err
+}
+
+// Push implements Pool: RPUSHX, so a list already gone (emptied, dropped)
+// is not made again.
+func (r *RedisListPool) Push(ctx context.Context, code string, p Packet) error {
+	return r.Client.Do(ctx, r.Client.B().Rpushx().Key(redisListKey(code)).Element(encodePacket(p)).Build()).Error()
 }
 
 // Len implements Pool.
