@@ -158,10 +158,18 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 		}
 	}
 	var catStore gift.CatalogueStore = gift.PebbleCatalogue{Store: n.Store}
+	var coupons *ticket.SharedCoupons // nil: this node's Pebble
 	switch cfg.Wallet.Mode {
 	case "shared":
-		n.shared, err = persist.NewSharedWallet(n.Store, n.Redis, persist.SharedConfig{
-			Node: cfg.Node.ID, Nodes: cfg.Wallet.Nodes, Log: log})
+		wcfg := persist.SharedConfig{Node: cfg.Node.ID, Nodes: cfg.Wallet.Nodes, Log: log}
+		if n.Cluster != nil {
+			// Granted and used through any node, once cluster-wide (coupon
+			// ids are unique across nodes: order ids of leased worker ids);
+			// rebuilt with the wallet when Redis loses them.
+			coupons = ticket.NewSharedCoupons(n.Redis, n.Store)
+			wcfg.Contribute = coupons.Contribute
+		}
+		n.shared, err = persist.NewSharedWallet(n.Store, n.Redis, wcfg)
 		if err != nil {
 			return nil, err
 		}
@@ -259,13 +267,13 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 			}
 		}
 	}
-	var coupons ticket.CouponStore           // nil: this node's Pebble
-	if n.Cluster != nil && n.worker != nil { // Redis, and coupon ids unique across nodes (leased worker ids)
-		coupons = ticket.NewSharedCoupons(n.Redis) // granted and used through any node, once cluster-wide
+	var cstore ticket.CouponStore
+	if coupons != nil {
+		cstore = coupons
 	}
 	n.Tickets, err = ticket.New(n.Store, n.Wallet, n.Pay, n.Router, ticket.Config{
 		PayTimeout: cfg.Tickets.PayTimeout.D(), MaxPrograms: cfg.Tickets.MaxPrograms, MaxSeats: cfg.Tickets.MaxSeats, Log: log,
-		NextProgramID: n.nextProgramID(), Coupons: coupons})
+		NextProgramID: n.nextProgramID(), Coupons: cstore})
 	if err != nil {
 		return nil, err
 	}

@@ -69,8 +69,10 @@ type SharedWallet struct {
 	rebuild  sync.Mutex
 	// contributed is the generation this node has contributed to (under rebuild).
 	contributed string
-	stop        chan struct{}
-	stopped     sync.WaitGroup
+	// extra adds more of this node's state to a rebuild (SharedConfig.Contribute).
+	extra   func(add func(op ...string) error) error
+	stop    chan struct{}
+	stopped sync.WaitGroup
 
 	// dupWait bounds how long a duplicate waits for a pending first request.
 	dupWait time.Duration
@@ -128,11 +130,25 @@ type SharedConfig struct {
 	// CallTimeout bounds the Redis calls of one Apply (zero: 5 s); an
 	// outcome still unknown then is settled by the watcher (ErrInProgress).
 	CallTimeout time.Duration
+	// Contribute, if set, adds more of this node's durable state to a
+	// rebuilding generation, after its ledger, through add (ops as in
+	// contribScript; "hset" for a hash field). It runs each time this node
+	// contributes, and must add the same ops every time for the same disk
+	// (batches are applied once each, by number): the state it reads must not
+	// change while the generation is not ready — e.g. the cluster's coupons
+	// (edge/ticket), refused while it rebuilds. Keys it adds must be le:*
+	// (a reset after a detected loss deletes them, so it rebuilds them too).
+	Contribute func(add func(op ...string) error) error
 }
+
+// SharedMetaKey is the shared wallet's generation hash in Redis (fields gen
+// and state): other shared state rebuilt with the wallet (SharedConfig.
+// Contribute) is usable only while its state is "ready".
+const SharedMetaKey = "le:meta"
 
 // Redis keys. Hash tags keep one user's keys in one slot.
 const (
-	keyMeta     = "le:meta"
+	keyMeta     = SharedMetaKey
 	keySeqTrade = "le:seq:trade"
 	keyContrib  = "le:contrib:" // + gen
 	recentMax   = 1000          // trades kept per user in Redis for listing
@@ -165,7 +181,7 @@ func NewSharedWallet(store *Store, rdb rueidis.Client, cfg SharedConfig) (*Share
 		cfg.CallTimeout = defaultCallTimeout
 	}
 	w := &SharedWallet{store: store, rdb: rdb, node: cfg.Node, nodes: cfg.Nodes, log: cfg.Log,
-		now: cfg.Now, ttl: DefaultIdemTTL, dupWait: defaultDupWait, callTimeout: cfg.CallTimeout,
+		now: cfg.Now, ttl: DefaultIdemTTL, dupWait: defaultDupWait, callTimeout: cfg.CallTimeout, extra: cfg.Contribute,
 		unsettled: map[uint64]unsettledOp{}, asyncSlots: make(chan struct{}, maxAsyncApplies)}
 	// Intent numbers are never reused (le:applied:<node> is keyed by them):
 	// the highest ever used is kept in seq/intent.
@@ -771,8 +787,8 @@ return redis.call('HMGET', KEYS[1], 'gen', 'state')
 // contribScript adds one batch of a node's ledger to a rebuilding generation,
 // once: KEYS meta, contrib set; ARGV gen, marker, then triples (op, key, val)
 // with op "incr" (INCRBY), "idem" (SET val, PX from the next arg), "seq"
-// (raise to at least val) or "hincr" (HINCRBY key field val: field is the
-// next arg).
+// (raise to at least val), "hincr" (HINCRBY key field val: field is the
+// next arg) or "hset" (HSET key field val, likewise).
 var contribScript = rueidis.NewLuaScript(`
 local meta = redis.call('HMGET', KEYS[1], 'gen', 'state')
 if meta[1] ~= ARGV[1] or meta[2] ~= 'rebuilding' then return 'stale' end
@@ -783,6 +799,7 @@ while i <= #ARGV do
   if op == 'incr' then redis.call('INCRBY', k, v); i = i + 3
   elseif op == 'idem' then redis.call('SET', k, v, 'PX', ARGV[i + 3]); i = i + 4
   elseif op == 'hincr' then redis.call('HINCRBY', k, v, ARGV[i + 3]); i = i + 4
+  elseif op == 'hset' then redis.call('HSET', k, v, ARGV[i + 3]); i = i + 4
   elseif op == 'seq' then
     if tonumber(redis.call('GET', k) or '0') < tonumber(v) then redis.call('SET', k, v) end
     i = i + 3
@@ -946,6 +963,9 @@ func (w *SharedWallet) contribute(ctx context.Context, gen string) (string, erro
 		if err == nil {
 			err = add("hincr", nodeRKey(w.node), "sum", strconv.FormatInt(sum, 10))
 		}
+	}
+	if err == nil && w.extra != nil {
+		err = w.extra(add)
 	}
 	if err == nil {
 		err = add("seq", keySeqTrade, "0") // every node flushes at least one batch

@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"os"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -25,7 +26,8 @@ import (
 
 // tixReply is the envelope of a ticket order reply.
 type tixReply struct {
-	Code int `json:"code"`
+	Code int    `json:"code"`
+	Msg  string `json:"msg"`
 	Data struct {
 		OrderID  string   `json:"order_id"`
 		Status   string   `json:"status"`
@@ -274,6 +276,140 @@ func TestClusterCouponsAnyNode(t *testing.T) {
 	// saga's debit never happened).
 	if cr, db, bal := persisttest.CheckSharedConservation(t, c.redis.Addr, dirs...); cr != 1110 || db != 770 || bal != 340 {
 		t.Fatalf("credits %d debits %d balances %d, want 1110 770 340", cr, db, bal)
+	}
+}
+
+// Coupons outlive a Redis that restarted empty (two node processes, real
+// redis-server and nats-server): they are rebuilt with the shared wallet from
+// the nodes' disks — the grants from the granting nodes, the uses and
+// give-backs from the orders. Before the loss: a coupon used by a PAID
+// order, one held by a PENDING_PAY order, one given back by a cancelled
+// order, one never used (granted through both nodes). After: Redis says the
+// same of each (holder, give-back mark); the used one is refused through
+// either node, the free and given-back ones are used once each, the held one
+// after its order's cancel; seats and coins conserved.
+func TestClusterCouponsSurviveRedisLoss(t *testing.T) {
+	c := startCluster(t, 2)
+	n1, n2 := c.nodes[0], c.nodes[1]
+	admin := devToken(t, n1.http, 9000, "admin")
+	p1 := tixProgram(t, n1, admin, `{"name":"show","categories":[{"category_id":1,"name":"A","price":100,"rows":1,"cols":10}],"per_order_max":4,"per_user_max":20}`)
+	rdb, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{c.redis.Addr}, DisableCache: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rdb.Close()
+	field := func(coupon, f string) string {
+		t.Helper()
+		v, err := rdb.Do(context.Background(), rdb.B().Hget().Key("le:tcoupon:{"+coupon+"}").Field(f).Build()).ToString()
+		if rueidis.IsRedisNil(err) {
+			return ""
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		return v
+	}
+	const buyer = 720
+	tixCredit(t, n1, buyer, 1000, "seed")
+	// place retries what the node answers "retry" (50000: right after
+	// Redis's restart the other node's worker lease, which routes to the
+	// program's node, is back only at its next refresh), as a client does.
+	place := func(via *sharedNode, body string) (int, tixReply) {
+		t.Helper()
+		for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(200 * time.Millisecond) {
+			st, o := tixPlace(t, via, buyer, body)
+			if o.Code != proto.CodeInternal || !strings.HasSuffix(o.Msg, "retry") || time.Now().After(deadline) {
+				return st, o
+			}
+		}
+	}
+	order := func(via *sharedNode, req, coupon, pay, want string) tixReply {
+		t.Helper()
+		body := fmt.Sprintf(`"program_id":%d,"count":1,"category_id":1,"req_id":%q,"coupon_id":%q`, p1, req, coupon)
+		if pay != "" {
+			body += `,"pay":"` + pay + `"`
+		}
+		st, o := place(via, body)
+		if st != 200 || o.Data.Status != want || o.Data.Amount != 70 {
+			t.Fatalf("order %s with coupon %s through %s: %d %+v", req, coupon, via.http, st, o)
+		}
+		return o
+	}
+	cancel := func(via *sharedNode, id string) {
+		t.Helper()
+		var r tixReply
+		if st := nodetest.DoJSON(t, "POST", "http://"+via.http+"/api/v1/tickets/orders/"+id+"/cancel", devTokenCached(t, via.http, buyer), "", &r); st != 200 || r.Data.Status != "CANCELLED" {
+			t.Fatalf("cancel %s through %s: %d %+v", id, via.http, st, r)
+		}
+	}
+	used, free := tixCoupon(t, n1, admin, buyer, 30), tixCoupon(t, n2, admin, buyer, 30)
+	back, held := tixCoupon(t, n1, admin, buyer, 30), tixCoupon(t, n2, admin, buyer, 30)
+	oUsed := order(n2, "a", used, "coins", "PAID")
+	oBack := order(n1, "b", back, "", "PENDING_PAY")
+	cancel(n2, oBack.Data.OrderID)
+	oHeld := order(n2, "c", held, "", "PENDING_PAY")
+	type state struct{ user, amount, by, mark string }
+	look := func(coupon, markOf string) state {
+		return state{field(coupon, "u"), field(coupon, "a"), field(coupon, "by"), field(coupon, "b:"+markOf)}
+	}
+	want := map[string]state{
+		used: {"720", "30", oUsed.Data.OrderID, ""},
+		free: {"720", "30", "", ""},
+		back: {"720", "30", "", "1"},
+		held: {"720", "30", oHeld.Data.OrderID, ""},
+	}
+	for cp, w := range want {
+		if got := look(cp, oBack.Data.OrderID); got != w {
+			t.Fatalf("before the loss: coupon %s is %+v, want %+v", cp, got, w)
+		}
+	}
+
+	c.redis.Restart() // empty
+	pollUntil(t, 30*time.Second, "the wallet rebuilt and both nodes ready", func() bool {
+		st, err := rdb.Do(context.Background(), rdb.B().Hget().Key("le:meta").Field("state").Build()).ToString()
+		if err != nil || st != "ready" {
+			return false
+		}
+		for _, nd := range c.nodes {
+			if nodetest.DoJSON(t, "GET", "http://"+nd.http+"/readyz", "", "", nil) != 200 {
+				return false
+			}
+		}
+		return true
+	})
+	for cp, w := range want {
+		if got := look(cp, oBack.Data.OrderID); got != w {
+			t.Fatalf("after the rebuild: coupon %s is %+v, want %+v", cp, got, w)
+		}
+	}
+	for i, nd := range c.nodes {
+		if st, o := place(nd, fmt.Sprintf(`"program_id":%d,"count":1,"category_id":1,"pay":"coins","req_id":"again-%d","coupon_id":%q`, p1, i, used)); st == 200 || o.Code != 40005 {
+			t.Fatalf("the used coupon after the rebuild through %s: %d %+v", nd.http, st, o)
+		}
+	}
+	order(n1, "d", free, "coins", "PAID")
+	order(n2, "e", back, "coins", "PAID")
+	if st, o := place(n1, fmt.Sprintf(`"program_id":%d,"count":1,"category_id":1,"pay":"coins","req_id":"f0","coupon_id":%q`, p1, held)); st == 200 || o.Code != 40005 {
+		t.Fatalf("a coupon held by a pending order after the rebuild: %d %+v", st, o)
+	}
+	cancel(n1, oHeld.Data.OrderID)
+	order(n1, "f", held, "coins", "PAID")
+
+	// Seats: four PAID orders, none locked; coins: 1000 credited, 4 × 70 debited.
+	tok := devTokenCached(t, n1.http, buyer)
+	for _, nd := range c.nodes {
+		if f, l, s := tixSeats(t, nd, tok, p1); s != 4 || l != 0 || f != 6 {
+			t.Fatalf("through %s: free %d locked %d sold %d, want 6 0 4", nd.http, f, l, s)
+		}
+	}
+	var dirs []string
+	for _, nd := range c.nodes {
+		_ = nd.p.cmd.Process.Signal(syscall.SIGTERM)
+		<-nd.p.done
+		dirs = append(dirs, nd.data)
+	}
+	if cr, db, bal := persisttest.CheckSharedConservation(t, c.redis.Addr, dirs...); cr != 1000 || db != 280 || bal != 720 {
+		t.Fatalf("credits %d debits %d balances %d, want 1000 280 720", cr, db, bal)
 	}
 }
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	_ "embed"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/redis/rueidis"
@@ -14,9 +15,8 @@ import (
 
 // SharedCoupons keeps a cluster's coupons in Redis: granted through any
 // node, used once cluster-wide whichever node runs the order. A coupon is one
-// hash, le:tcoupon:{<id>} (its own slot in a Redis Cluster: every script
-// touches one key), with the buyer, the amount, the order holding it (by)
-// and a mark per order that gave it back.
+// hash, le:tcoupon:{<id>}, with the buyer, the amount, the order holding it
+// (by) and a mark per order that gave it back.
 //
 //   - Use is coupon_use.lua: free → held by the order, one compare-and-set;
 //     the same order again is a retry and answers the coupon again; an order
@@ -29,11 +29,25 @@ import (
 // service then gives it back by order id (saga.go: undo), which asks Redis
 // who holds it — the owner of the use is the truth.
 //
-// Redis is the only copy: a Redis restarted empty forgets the coupons (not
-// rebuilt from the nodes, unlike the wallet; docs/tickets.md).
+// Redis restarted empty (or reset after the wallet found it rolled back)
+// forgets the coupons; they are rebuilt with the shared wallet, from the
+// nodes' disks (Contribute, persist.SharedConfig.Contribute): the granting
+// node keeps each grant (rec/tcoupon/<id>, fsynced before the grant is
+// answered), and every order records its use and give-back (Steps). Every
+// script checks the wallet's generation (persist.SharedMetaKey) and does
+// nothing unless it is ready — every node has contributed — so no coupon is
+// used against a half-rebuilt set. The scripts touch that key beside the
+// coupon's (like the wallet's own scripts, not one slot of a Redis Cluster).
+//
+// gate orders this node's coupon ops against its contribution: an op holds
+// it shared from its script to its commit, the contribution exclusively, so
+// a use taken in Redis before a loss but recorded by its order after the
+// contribution's scan cannot happen (it would be missing from the rebuild).
 type SharedCoupons struct {
 	rdb     rueidis.Client
+	store   *persist.Store
 	timeout time.Duration
+	gate    sync.RWMutex
 }
 
 var _ CouponStore = (*SharedCoupons)(nil)
@@ -42,14 +56,21 @@ var (
 	//go:embed lua/coupon_use.lua
 	couponUseLua string
 	//go:embed lua/coupon_back.lua
-	couponBackLua    string
-	couponUseScript  = rueidis.NewLuaScript(couponUseLua)
-	couponBackScript = rueidis.NewLuaScript(couponBackLua)
+	couponBackLua string
+	//go:embed lua/coupon_grant.lua
+	couponGrantLua string
+	//go:embed lua/coupon_get.lua
+	couponGetLua      string
+	couponUseScript   = rueidis.NewLuaScript(couponUseLua)
+	couponBackScript  = rueidis.NewLuaScript(couponBackLua)
+	couponGrantScript = rueidis.NewLuaScript(couponGrantLua)
+	couponGetScript   = rueidis.NewLuaScript(couponGetLua)
 )
 
-// NewSharedCoupons returns the coupons of a cluster, in rdb.
-func NewSharedCoupons(rdb rueidis.Client) *SharedCoupons {
-	return &SharedCoupons{rdb: rdb, timeout: 2 * time.Second}
+// NewSharedCoupons returns the coupons of a cluster, in rdb; this node's
+// grants are kept in store too (for a rebuild).
+func NewSharedCoupons(rdb rueidis.Client, store *persist.Store) *SharedCoupons {
+	return &SharedCoupons{rdb: rdb, store: store, timeout: 2 * time.Second}
 }
 
 func sharedCouponKey(id string) string { return "le:tcoupon:{" + id + "}" }
@@ -60,36 +81,83 @@ func (r *SharedCoupons) ctx() (context.Context, context.CancelFunc) {
 	return context.WithTimeout(context.Background(), r.timeout)
 }
 
-// Grant implements CouponStore.
+func (r *SharedCoupons) keys(id string) []string {
+	return []string{sharedCouponKey(id), persist.SharedMetaKey}
+}
+
+// Grant implements CouponStore: in Redis, then in this node's Pebble before
+// it answers. A grant that fails after Redis took it leaves a coupon nobody
+// was told the id of.
 func (r *SharedCoupons) Grant(c Coupon) error {
+	r.gate.RLock()
+	defer r.gate.RUnlock()
 	ctx, cancel := r.ctx()
 	defer cancel()
-	err := r.rdb.Do(ctx, r.rdb.B().Hset().Key(sharedCouponKey(c.ID)).FieldValue().
-		FieldValue("u", strconv.FormatInt(c.UserID, 10)).
-		FieldValue("a", strconv.FormatInt(c.Amount, 10)).
-		FieldValue("t", strconv.FormatInt(c.CreatedAt, 10)).Build()).Error()
-	if err != nil {
+	ok, err := couponGrantScript.Exec(ctx, r.rdb, r.keys(c.ID), []string{strconv.FormatInt(c.UserID, 10),
+		strconv.FormatInt(c.Amount, 10), strconv.FormatInt(c.CreatedAt, 10)}).AsInt64()
+	if err != nil || ok != 1 {
 		return errCouponsUnavailable
 	}
-	return nil
+	c.UsedBy = ""
+	rec := c.record()
+	return r.store.Put(rec.Key, rec.Value)
+}
+
+// Contribute adds this node's coupon state to a rebuilding wallet generation
+// (persist.SharedConfig.Contribute): its grants, and the use or give-back of
+// every order it runs — the order holding a coupon says CouponUsed without
+// CouponBack. It waits for this node's coupon ops under way.
+func (r *SharedCoupons) Contribute(add func(op ...string) error) error {
+	r.gate.Lock()
+	defer r.gate.Unlock()
+	err := r.store.Scan(prefixCoupon, func(_, v []byte) error {
+		var c Coupon
+		if err := proto.Unmarshal(v, &c); err != nil {
+			return err
+		}
+		k := sharedCouponKey(c.ID)
+		for _, f := range [][2]string{{"u", strconv.FormatInt(c.UserID, 10)},
+			{"a", strconv.FormatInt(c.Amount, 10)}, {"t", strconv.FormatInt(c.CreatedAt, 10)}} {
+			if err := add("hset", k, f[0], f[1]); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	return r.store.Scan(prefixOrder, func(_, v []byte) error {
+		o, err := decodeOrder(v)
+		if err != nil || o.CouponID == "" {
+			return err
+		}
+		switch k := sharedCouponKey(o.CouponID); {
+		case o.Steps.CouponBack:
+			return add("hset", k, "b:"+o.OrderID, "1")
+		case o.Steps.CouponUsed:
+			return add("hset", k, "by", o.OrderID)
+		}
+		return nil
+	})
 }
 
 // Get implements CouponStore.
 func (r *SharedCoupons) Get(id string) (Coupon, error) {
 	ctx, cancel := r.ctx()
 	defer cancel()
-	arr, err := r.rdb.Do(ctx, r.rdb.B().Hmget().Key(sharedCouponKey(id)).Field("u", "a", "by", "t").Build()).ToArray()
-	if err != nil || len(arr) != 4 {
-		return Coupon{}, errCouponsUnavailable
+	arr, err := couponGetScript.Exec(ctx, r.rdb, r.keys(id), nil).ToArray()
+	if err != nil || len(arr) != 5 {
+		return Coupon{}, errCouponsUnavailable // or not ready: {0}
 	}
-	if arr[0].IsNil() {
+	if arr[1].IsNil() {
 		return Coupon{}, errCouponUnusable
 	}
 	c := Coupon{ID: id}
-	u, _ := arr[0].ToString()
-	a, _ := arr[1].ToString()
-	t, _ := arr[3].ToString()
-	c.UsedBy, _ = arr[2].ToString()
+	u, _ := arr[1].ToString()
+	a, _ := arr[2].ToString()
+	t, _ := arr[4].ToString()
+	c.UsedBy, _ = arr[3].ToString()
 	c.UserID, _ = strconv.ParseInt(u, 10, 64)
 	c.Amount, _ = strconv.ParseInt(a, 10, 64)
 	c.CreatedAt, _ = strconv.ParseInt(t, 10, 64)
@@ -99,8 +167,10 @@ func (r *SharedCoupons) Get(id string) (Coupon, error) {
 // Use implements CouponStore: the use is in Redis before commit runs, and
 // stays there if commit fails (the caller gives it back).
 func (r *SharedCoupons) Use(id string, user int64, order string, commit func(Coupon, []persist.Record) error) error {
+	r.gate.RLock()
+	defer r.gate.RUnlock()
 	ctx, cancel := r.ctx()
-	arr, err := couponUseScript.Exec(ctx, r.rdb, []string{sharedCouponKey(id)},
+	arr, err := couponUseScript.Exec(ctx, r.rdb, r.keys(id),
 		[]string{strconv.FormatInt(user, 10), order}).ToArray()
 	cancel()
 	var code int64 = -1
@@ -109,6 +179,9 @@ func (r *SharedCoupons) Use(id string, user int64, order string, commit func(Cou
 	}
 	if err != nil {
 		return errCouponsUnavailable // the use may have happened: the caller gives it back
+	}
+	if code == 5 {
+		return errCouponsUnavailable // not ready: nothing happened
 	}
 	if code != 0 || len(arr) != 4 {
 		return errCouponUnusable
@@ -123,10 +196,12 @@ func (r *SharedCoupons) Use(id string, user int64, order string, commit func(Cou
 
 // GiveBack implements CouponStore.
 func (r *SharedCoupons) GiveBack(id, order string, commit func(bool, []persist.Record) error) error {
+	r.gate.RLock()
+	defer r.gate.RUnlock()
 	ctx, cancel := r.ctx()
-	held, err := couponBackScript.Exec(ctx, r.rdb, []string{sharedCouponKey(id)}, []string{order}).AsInt64()
+	held, err := couponBackScript.Exec(ctx, r.rdb, r.keys(id), []string{order}).AsInt64()
 	cancel()
-	if err != nil {
+	if err != nil || held < 0 {
 		return errCouponsUnavailable
 	}
 	return commit(held == 1, nil)

@@ -1,17 +1,19 @@
 package ticket
 
 import (
+	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/redis/rueidis"
 
 	"github.com/liveedge/liveedge/gateway/proto"
 	"github.com/liveedge/liveedge/persist"
-	"github.com/liveedge/liveedge/persist/redistest"
 )
 
 func newRedisClient(t testing.TB, addr string) rueidis.Client {
@@ -26,6 +28,17 @@ func newRedisClient(t testing.TB, addr string) rueidis.Client {
 
 func noCommit(Coupon, []persist.Record) error { return nil }
 
+// openStore opens a Pebble store in a temp dir, closed with the test.
+func openStore(t testing.TB) *persist.Store {
+	t.Helper()
+	st, err := persist.Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = st.Close() })
+	return st
+}
+
 // SharedCoupons on a real redis-server, through two clients (two nodes): a
 // coupon granted through one is used once cluster-wide under 2 × 50
 // concurrent uses by different orders; the holder's retry answers it again;
@@ -33,8 +46,8 @@ func noCommit(Coupon, []persist.Record) error { return nil }
 // cannot take it again (a late retry); another user's or an unknown coupon is
 // 40005; a failed commit leaves the use for the caller to give back.
 func TestSharedCouponsOneUseClusterWide(t *testing.T) {
-	addr := redistest.Start(t).Addr
-	nodes := []*SharedCoupons{NewSharedCoupons(newRedisClient(t, addr)), NewSharedCoupons(newRedisClient(t, addr))}
+	addr := startCouponRedis(t)
+	nodes := []*SharedCoupons{NewSharedCoupons(newRedisClient(t, addr), openStore(t)), NewSharedCoupons(newRedisClient(t, addr), openStore(t))}
 	c := Coupon{ID: "c42", UserID: 7, Amount: 30, CreatedAt: 1234}
 	if err := nodes[0].Grant(c); err != nil {
 		t.Fatal(err)
@@ -127,4 +140,66 @@ func TestSharedCouponsOneUseClusterWide(t *testing.T) {
 	}); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// After Redis lost its data, SharedCoupons are rebuilt with the shared
+// wallet (Contribute) and refused until the rebuild is done: a real
+// persist.SharedWallet of two nodes, one of which never contributes, keeps
+// the generation rebuilding. Meanwhile Get, Grant, Use and GiveBack answer
+// "unavailable, retry" and change nothing, though this node's grant is back
+// in Redis (its contribution); once the other node contributes the
+// generation is ready and the coupon is used once.
+func TestSharedCouponsRefusedWhileRebuilding(t *testing.T) {
+	addr := startCouponRedis(t)
+	rdb := newRedisClient(t, addr)
+	store := openStore(t)
+	cp := NewSharedCoupons(rdb, store)
+	if err := cp.Grant(Coupon{ID: "c1", UserID: 7, Amount: 30, CreatedAt: 1}); err != nil {
+		t.Fatal(err)
+	}
+	if err := rdb.Do(context.Background(), rdb.B().Flushall().Build()).Error(); err != nil {
+		t.Fatal(err)
+	}
+	open := func(node string, st *persist.Store, contribute func(func(...string) error) error) *persist.SharedWallet {
+		t.Helper()
+		w, err := persist.NewSharedWallet(st, newRedisClient(t, addr), persist.SharedConfig{
+			Node: node, Nodes: []string{"a", "b"}, Log: quietLog(), Contribute: contribute})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(w.Close)
+		return w
+	}
+	wa := open("a", store, cp.Contribute)
+	if wa.Ready() {
+		t.Fatal("ready with one of two nodes contributed")
+	}
+	unavailable := func(what string, err error) {
+		t.Helper()
+		if e := proto.AsError(err); e == nil || e.Code != proto.CodeInternal || !strings.HasSuffix(e.Msg, "retry") {
+			t.Fatalf("%s while rebuilding: %v", what, err)
+		}
+	}
+	_, err := cp.Get("c1")
+	unavailable("get", err)
+	unavailable("grant", cp.Grant(Coupon{ID: "c2", UserID: 7, Amount: 30, CreatedAt: 2}))
+	unavailable("use", cp.Use("c1", 7, "o1", noCommit))
+	unavailable("give back", cp.GiveBack("c1", "o1", func(bool, []persist.Record) error { return nil }))
+	hash, err := rdb.Do(context.Background(), rdb.B().Hgetall().Key(sharedCouponKey("c1")).Build()).AsStrMap()
+	if err != nil || len(hash) != 3 || hash["u"] != "7" || hash["a"] != "30" || hash["t"] != "1" {
+		t.Fatalf("c1 in Redis while rebuilding: %v %v (want its grant only)", hash, err)
+	}
+	if n, err := rdb.Do(context.Background(), rdb.B().Exists().Key(sharedCouponKey("c2")).Build()).AsInt64(); err != nil || n != 0 {
+		t.Fatalf("a grant refused while rebuilding is in Redis: %d %v", n, err)
+	}
+	open("b", openStore(t), nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := wa.WaitReady(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := cp.Use("c1", 7, "o1", noCommit); err != nil {
+		t.Fatalf("use after the rebuild: %v", err)
+	}
+	wantCode(t, cp.Use("c1", 7, "o2", noCommit), proto.CodeCouponUnusable)
 }

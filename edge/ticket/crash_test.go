@@ -11,7 +11,6 @@ import (
 
 	"github.com/liveedge/liveedge/persist"
 	"github.com/liveedge/liveedge/persist/persisttest"
-	"github.com/liveedge/liveedge/persist/redistest"
 )
 
 // Env of the crash child (TestSagaCrashChild).
@@ -71,7 +70,7 @@ func TestSagaKill9BetweenSteps(t *testing.T) { testSagaKill9BetweenSteps(t, "") 
 // recorded it ("coupon_unrecorded") is settled at start-up by asking Redis
 // who holds the coupon.
 func TestSagaKill9BetweenStepsSharedCoupons(t *testing.T) {
-	testSagaKill9BetweenSteps(t, redistest.Start(t).Addr)
+	testSagaKill9BetweenSteps(t, startCouponRedis(t))
 }
 
 func testSagaKill9BetweenSteps(t *testing.T, redisAddr string) {

@@ -1,6 +1,7 @@
 package ticket
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"log/slog"
@@ -52,7 +53,27 @@ func newEnv(t testing.TB, cfg Config) *env {
 // throwaway real redis-server (one per test).
 func newSharedEnv(t testing.TB, cfg Config) *env {
 	t.Helper()
-	return openSharedEnv(t, t.TempDir(), redistest.Start(t).Addr, cfg)
+	return openSharedEnv(t, t.TempDir(), startCouponRedis(t), cfg)
+}
+
+// startCouponRedis starts a throwaway redis-server whose shared wallet
+// generation is ready (SharedCoupons are usable only then): a real
+// persist.SharedWallet of one node, on a disk of its own, builds it and
+// closes. The tests' coins stay in their env's Ledger.
+func startCouponRedis(t testing.TB) string {
+	t.Helper()
+	addr := redistest.Start(t).Addr
+	w, err := persist.NewSharedWallet(openStore(t), newRedisClient(t, addr), persist.SharedConfig{Node: "gen", Log: quietLog()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := w.WaitReady(ctx); err != nil {
+		t.Fatal(err)
+	}
+	return addr
 }
 
 // openSharedEnv is newSharedEnv on an existing data directory and Redis.
@@ -94,7 +115,7 @@ func (e *env) open() {
 		if e.rdb, err = rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{e.redis}, DisableCache: true}); err != nil {
 			e.t.Fatal(err)
 		}
-		cfg.Coupons = NewSharedCoupons(e.rdb)
+		cfg.Coupons = NewSharedCoupons(e.rdb, e.store)
 	}
 	if cfg.SweepEvery == 0 {
 		cfg.SweepEvery = time.Hour // tests call CloseExpired themselves
