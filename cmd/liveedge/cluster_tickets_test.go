@@ -312,8 +312,8 @@ func TestClusterCouponsSurviveRedisLoss(t *testing.T) {
 	const buyer = 720
 	tixCredit(t, n1, buyer, 1000, "seed")
 	// place retries what the node answers "retry" (50000: right after
-	// Redis's restart the other node's worker lease, which routes to the
-	// program's node, is back only at its next refresh), as a client does.
+	// Redis's restart the worker lease that routes to the program's node is
+	// back only at its owner's next refresh, within a second), as a client does.
 	place := func(via *sharedNode, body string) (int, tixReply) {
 		t.Helper()
 		for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(200 * time.Millisecond) {

@@ -19,6 +19,9 @@ const MaxWorkers = 1 << workerBits
 // DefaultLeaseTTL is how long a worker lease lives without a refresh.
 const DefaultLeaseTTL = 30 * time.Second
 
+// refreshMax is the longest time between two refreshes of a lease.
+const refreshMax = time.Second
+
 // WorkerLeaseKey is the Redis key of worker id's lease; its value is the
 // holding node's id.
 func WorkerLeaseKey(id int) string { return "liveedge:pay:worker:" + strconv.Itoa(id) }
@@ -26,7 +29,10 @@ func WorkerLeaseKey(id int) string { return "liveedge:pay:worker:" + strconv.Ito
 // WorkerLease is an order-id worker id held in Redis, so that the nodes of a
 // cluster (which share Redis) never generate ids with the same worker bits:
 // the key WorkerLeaseKey(id) names the holder (SET with a TTL, only when
-// free or already this node's), a goroutine refreshes it every TTL/3, and
+// free or already this node's), a goroutine refreshes it every TTL/3 — at
+// most a second apart, so a Redis restarted empty has the key back within a
+// second (the cluster routes a program's and an order's requests by it, and a
+// missing key lets another node claim the id) — and
 // Close deletes it if it is still this node's. A node restarting under the
 // same node.id takes its own lease back at once. Held turns false when the
 // lease was taken by another node (after it expired, e.g. Redis unreachable
@@ -134,7 +140,7 @@ func (l *WorkerLease) sinceBase() int64 { return int64(time.Since(l.base)) }
 
 func (l *WorkerLease) refreshLoop() {
 	defer l.wg.Done()
-	t := time.NewTicker(l.ttl / 3)
+	t := time.NewTicker(min(l.ttl/3, refreshMax))
 	defer t.Stop()
 	for {
 		select {

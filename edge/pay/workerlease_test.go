@@ -113,3 +113,36 @@ func TestWorkerLeaseRefreshAndLoss(t *testing.T) {
 		t.Fatalf("holder after close %q", v)
 	}
 }
+
+// A Redis restarted empty loses the lease keys: each node's refresh writes
+// its own back within a second (not a third of the TTL: the cluster routes by
+// the key, and a missing key lets another node claim the id), and the lease
+// stays held.
+func TestWorkerLeaseBackAfterRedisLoss(t *testing.T) {
+	srv := redistest.Start(t)
+	c, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{srv.Addr}, DisableCache: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	ctx := context.Background()
+	l, err := pay.LeaseWorker(ctx, c, "gw-a", 7, pay.DefaultLeaseTTL, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	srv.Restart()
+	lost := time.Now()
+	for {
+		if v, _ := c.Do(ctx, c.B().Get().Key(pay.WorkerLeaseKey(7)).Build()).ToString(); v == "gw-a" {
+			break
+		}
+		if time.Since(lost) > 5*time.Second {
+			t.Fatal("the lease key not back 5 s after Redis restarted empty")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if !l.Held() {
+		t.Fatal("lease not held after the key came back")
+	}
+}
