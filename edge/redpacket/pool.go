@@ -7,6 +7,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/redis/rueidis"
 )
@@ -177,11 +178,12 @@ const redisListChunk = 100
 
 func redisListKey(code string) string { return "le:rp:" + code }
 
-// Load implements Pool: the list is replaced atomically (MULTI/EXEC).
+// Load implements Pool: the list is replaced atomically (MULTI/EXEC), and
+// the code no longer marked dropped.
 func (r *RedisListPool) Load(ctx context.Context, code string, left []Packet) error {
 	key := redisListKey(code)
 	cmds := make(rueidis.Commands, 0, 3+len(left)/redisListChunk+1)
-	cmds = append(cmds, r.Client.B().Multi().Build(), r.Client.B().Del().Key(key).Build())
+	cmds = append(cmds, r.Client.B().Multi().Build(), r.Client.B().Del().Key(key, redisListDroppedKey(code)).Build())
 	shuffled := append([]Packet(nil), left...)
 	rand.Shuffle(len(shuffled), func(i, j int) { shuffled[i], shuffled[j] = shuffled[j], shuffled[i] })
 	for len(shuffled) > 0 {
@@ -215,10 +217,25 @@ func (r *RedisListPool) Pop(ctx context.Context, code string) (Packet, bool, err
 	return p, err == nil, err
 }
 
-// Push implements Pool: RPUSHX, so a list already gone (emptied, dropped)
-// is not made again.
+// redisListPush puts a packet back unless the code was dropped: KEYS[1] the
+// list, KEYS[2] its dropped mark; ARGV[1] the element. Redis deletes a list
+// its last pop emptied, so the list's absence cannot tell "emptied" (put the
+// packet back, as the memory pool does) from "dropped" (not again).
+var redisListPush = rueidis.NewLuaScript(`
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+return redis.call('RPUSH', KEYS[1], ARGV[1])`)
+
+// redisListDroppedTTL is how long a dropped code's mark is kept (a late
+// put-back comes within a grab's timeout).
+const redisListDroppedTTL = time.Hour
+
+func redisListDroppedKey(code string) string { return "le:rpgone:" + code }
+
+// Push implements Pool: into the list, also one its last pop emptied, but
+// not after Drop.
 func (r *RedisListPool) Push(ctx context.Context, code string, p Packet) error {
-	return r.Client.Do(ctx, r.Client.B().Rpushx().Key(redisListKey(code)).Element(encodePacket(p)).Build()).Error()
+	return redisListPush.Exec(ctx, r.Client, []string{redisListKey(code), redisListDroppedKey(code)},
+		[]string{encodePacket(p)}).Error()
 }
 
 // Len implements Pool.
@@ -227,9 +244,16 @@ func (r *RedisListPool) Len(ctx context.Context, code string) (int, error) {
 	return int(n), err
 }
 
-// Drop implements Pool.
+// Drop implements Pool: the list deleted and the code marked dropped.
 func (r *RedisListPool) Drop(ctx context.Context, code string) error {
-	return r.Client.Do(ctx, r.Client.B().Del().Key(redisListKey(code)).Build()).Error()
+	for _, res := range r.Client.DoMulti(ctx, r.Client.B().Multi().Build(),
+		r.Client.B().Set().Key(redisListDroppedKey(code)).Value("1").Ex(redisListDroppedTTL).Build(),
+		r.Client.B().Del().Key(redisListKey(code)).Build(), r.Client.B().Exec().Build()) {
+		if err := res.Error(); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // encodePacket is a list element: "<index>:<amount>".

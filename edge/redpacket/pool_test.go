@@ -78,6 +78,37 @@ func TestPools(t *testing.T) {
 			if _, ok, err := p.Pop(ctx, "old"); ok || err != nil {
 				t.Fatalf("pop after drop: %v %v", ok, err)
 			}
+			// Push: a packet put back is popped again, also into a pool its
+			// last pop emptied; after Drop it is not (nor the list made anew).
+			back := Packet{Index: 7, Amount: 8}
+			if err := p.Push(ctx, "c", back); err != nil {
+				t.Fatal(err)
+			}
+			if k, err := p.Len(ctx, "c"); err != nil || k != 1 {
+				t.Fatalf("Len after a push into the emptied pool: %d %v", k, err)
+			}
+			if pk, ok, err := p.Pop(ctx, "c"); !ok || err != nil || pk != back {
+				t.Fatalf("pop after push: %+v %v %v", pk, ok, err)
+			}
+			if err := p.Drop(ctx, "c"); err != nil {
+				t.Fatal(err)
+			}
+			if err := p.Push(ctx, "c", back); err != nil {
+				t.Fatal(err)
+			}
+			if k, err := p.Len(ctx, "c"); err != nil || k != 0 {
+				t.Fatalf("Len after a push into a dropped pool: %d %v", k, err)
+			}
+			// Loaded again, the code takes pushes again.
+			if err := p.Load(ctx, "c", left[:2]); err != nil {
+				t.Fatal(err)
+			}
+			if err := p.Push(ctx, "c", back); err != nil {
+				t.Fatal(err)
+			}
+			if k, err := p.Len(ctx, "c"); err != nil || k != 3 {
+				t.Fatalf("Len after load and push: %d %v", k, err)
+			}
 		})
 	}
 }
