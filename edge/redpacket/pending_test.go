@@ -150,9 +150,10 @@ func (n *pendingNode) balance(t *testing.T) int64 {
 }
 
 // A prepare whose debit is in doubt when the node restarts (the shared
-// wallet lands it later): the restarted node refuses to cancel the rain
-// until the prepare is retried — it lands once — so a late debit never
-// stays with a cancelled rain.
+// wallet lands it later, here before the anchor's cancel): the restarted
+// node's cancel settles the prepare first — its retry (the same request id)
+// replays the landed debit, the rain is PREPARED — and then refunds it: the
+// late debit never stays with a cancelled rain.
 func TestPrepareInDoubtAcrossRestart(t *testing.T) {
 	n := newPendingNode(t)
 	w := &lateWallet{Ledger: n.l, prefix: "rp-prep:"}
@@ -165,23 +166,70 @@ func TestPrepareInDoubtAcrossRestart(t *testing.T) {
 		t.Fatalf("prepare: %v (want it in doubt)", err)
 	}
 	n.start(t, n.l) // restart
-	if _, err := n.svc.Cancel(shardAnchor, v.Code); err == nil || proto.AsError(err).Code != proto.CodeConflict {
-		t.Fatalf("cancel with a prepare in doubt after a restart: %v, want 10409", err)
-	}
 	if _, err := n.l.Apply(*w.held); err != nil { // the watcher lands the debit
 		t.Fatal(err)
 	}
-	if got, err := n.svc.Prepare(shardAnchor, v.Code); err != nil || got.State != StatePrepared {
-		t.Fatalf("prepare retried: %+v %v", got, err)
-	}
 	if b := n.balance(t); b != 0 {
-		t.Fatalf("anchor balance %d after the prepare, want 0 (debited once)", b)
+		t.Fatalf("anchor balance %d after the late debit, want 0", b)
 	}
 	if fin, err := n.svc.Cancel(shardAnchor, v.Code); err != nil || fin.State != StateFinished || fin.Refunded != 1000 {
 		t.Fatalf("cancel: %+v %v", fin, err)
 	}
 	if b := n.balance(t); b != 1000 {
 		t.Fatalf("anchor balance %d after the cancel, want 1000", b)
+	}
+}
+
+// A cancel of a rain whose prepare is in doubt settles the prepare first,
+// without the anchor's retry (and without its prepare rate limit): the
+// retry (the same request id) debits once, the cancel refunds; the first
+// attempt landing afterwards is a duplicate and moves nothing, and the rain
+// stays FINISHED across a restart. Refused for the balance instead (the
+// anchor spent it meanwhile), the rain is cancelled as WAIT: nothing moved.
+func TestCancelSettlesAPrepareInDoubt(t *testing.T) {
+	for _, spent := range []bool{false, true} {
+		t.Run(map[bool]string{false: "debited-then-refunded", true: "refused-for-the-balance"}[spent], func(t *testing.T) {
+			n := newPendingNode(t)
+			w := &lateWallet{Ledger: n.l, prefix: "rp-prep:"}
+			n.start(t, w)
+			v, err := n.svc.Create(shardAnchor, shardRoom, 1000, 10, time.Minute)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := n.svc.Prepare(shardAnchor, v.Code); err == nil || w.held == nil {
+				t.Fatalf("prepare: %v (want it in doubt)", err)
+			}
+			want := int64(1000)
+			if spent {
+				if _, err := n.l.Apply(persist.Op{Postings: []persist.Posting{{User: shardAnchor, Delta: -600, Reason: persist.ReasonDev}}}); err != nil {
+					t.Fatal(err)
+				}
+				want = 400
+			}
+			fin, err := n.svc.Cancel(shardAnchor, v.Code)
+			if err != nil || fin.State != StateFinished || !fin.Cancelled {
+				t.Fatalf("cancel with the prepare in doubt: %+v %v", fin, err)
+			}
+			if wantRefund := map[bool]int64{false: 1000, true: 0}[spent]; fin.Refunded != wantRefund {
+				t.Fatalf("cancel refunded %d, want %d", fin.Refunded, wantRefund)
+			}
+			if b := n.balance(t); b != want {
+				t.Fatalf("anchor balance %d after the cancel, want %d", b, want)
+			}
+			if _, err := n.l.Apply(*w.held); err != nil && !errors.Is(err, persist.ErrInsufficient) { // the first attempt, late
+				t.Fatal(err)
+			}
+			if b := n.balance(t); b != want {
+				t.Fatalf("anchor balance %d after the late first attempt, want %d (it is a duplicate)", b, want)
+			}
+			n.start(t, n.l) // restart
+			if got, err := n.svc.Get(v.Code); err != nil || got.State != StateFinished {
+				t.Fatalf("after a restart: %+v %v", got, err)
+			}
+			if _, err := n.svc.Create(shardAnchor, shardRoom, 100, 1, time.Minute); err != nil {
+				t.Fatalf("the anchor's next rain: %v", err)
+			}
+		})
 	}
 }
 

@@ -480,6 +480,12 @@ func (s *Service) managed(anchor int64, code string) (r *rain, fin *View, err er
 // ledger op (20001 when the balance is short). Preparing a rain that is
 // already prepared (or further) answers its state and moves nothing.
 func (s *Service) Prepare(anchor int64, code string) (View, error) {
+	return s.prepare(anchor, code, true)
+}
+
+// prepare is Prepare; limited false skips the anchor's prepare rate limit
+// (a cancel settling a prepare in doubt: not a new prepare).
+func (s *Service) prepare(anchor int64, code string, limited bool) (View, error) {
 	r, fin, err := s.managed(anchor, code)
 	if fin != nil || err != nil {
 		return deref(fin), err
@@ -499,7 +505,7 @@ func (s *Service) Prepare(anchor int64, code string) (View, error) {
 	r.busy = true
 	rec := r.rec
 	r.mu.Unlock()
-	if !s.allow("prepare", anchor) { // no lock held: a Redis round trip in a cluster
+	if limited && !s.allow("prepare", anchor) { // no lock held: a Redis round trip in a cluster
 		s.idle(r)
 		return View{}, proto.ErrRateLimited
 	}
@@ -652,7 +658,11 @@ func (s *Service) Start(anchor int64, code string) (View, error) {
 // rain just ends; a PREPARED one gives the anchor back its total in the same
 // ledger op that marks it FINISHED (the settlement op, idempotent by
 // "rp-end:<code>"). A RUNNING rain ends by itself (10409); cancelling a rain
-// that is already over answers its state.
+// that is already over answers its state. A WAIT rain whose prepare is in
+// doubt (a debit that may still land) is settled first: the prepare is
+// retried — the same request id, applied once — and the rain cancelled as
+// what it then is (PREPARED: refunded; refused for the balance: WAIT); still
+// in doubt, the cancel fails and changes nothing.
 func (s *Service) Cancel(anchor int64, code string) (View, error) {
 	r, fin, err := s.managed(anchor, code)
 	if fin != nil || err != nil {
@@ -666,7 +676,10 @@ func (s *Service) Cancel(anchor int64, code string) (View, error) {
 		return View{}, proto.Errorf(proto.CodeConflict, "a prepare or start of this rain is in progress")
 	case rec.Pending == pendingPrepare:
 		r.mu.Unlock()
-		return View{}, errPrepareInDoubt
+		if _, err := s.prepare(anchor, code, false); err != nil && proto.AsError(err).Code != proto.CodeInsufficientBalance {
+			return View{}, err
+		}
+		return s.Cancel(anchor, code) // settled: PREPARED, or WAIT after a refusal
 	case rec.State == StateRunning:
 		r.mu.Unlock()
 		return View{}, proto.Errorf(proto.CodeConflict, "a running rain cannot be cancelled: it ends at ends_at")
@@ -713,8 +726,6 @@ const (
 	pendingPrepare = "prepare"
 	pendingCancel  = "cancel"
 )
-
-var errPrepareInDoubt = proto.Errorf(proto.CodeConflict, "the rain's prepare has not completed: prepare it again, then cancel")
 
 // idle ends r's prepare, start or cancel that changed nothing.
 func (s *Service) idle(r *rain) {
