@@ -168,6 +168,13 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 			// rebuilt with the wallet when Redis loses them.
 			coupons = ticket.NewSharedCoupons(n.Redis, n.Store)
 			wcfg.Contribute = coupons.Contribute
+			bctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			if k, err := coupons.Backfill(bctx); err != nil {
+				log.Warn("coupons not copied to this node's disk yet (next start tries again)", "err", err)
+			} else if k > 0 {
+				log.Info("coupons copied to this node's disk (once)", "coupons", k)
+			}
+			cancel()
 		}
 		n.shared, err = persist.NewSharedWallet(n.Store, n.Redis, wcfg)
 		if err != nil {

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math/rand/v2"
 	"strconv"
 	"strings"
 	"sync"
@@ -132,12 +133,13 @@ type SharedConfig struct {
 	CallTimeout time.Duration
 	// Contribute, if set, adds more of this node's durable state to a
 	// rebuilding generation, after its ledger, through add (ops as in
-	// contribScript; "hset" for a hash field). It runs each time this node
-	// contributes, and must add the same ops every time for the same disk
-	// (batches are applied once each, by number): the state it reads must not
-	// change while the generation is not ready — e.g. the cluster's coupons
-	// (edge/ticket), refused while it rebuilds. Keys it adds must be le:*
-	// (a reset after a detected loss deletes them, so it rebuilds them too).
+	// contribScript; "hset" for a hash field), in batches numbered apart from
+	// the ledger's. It runs each time this node contributes, and must add the
+	// same ops every time for the same disk (batches are applied once each,
+	// by number): the state it reads must not change while the generation is
+	// not ready — e.g. the cluster's coupons (edge/ticket), refused while it
+	// rebuilds. Keys it adds must be le:* (a reset after a detected loss
+	// deletes them, so it rebuilds them too).
 	Contribute func(add func(op ...string) error) error
 }
 
@@ -821,7 +823,19 @@ end
 return redis.call('HGET', KEYS[1], 'state')
 `)
 
-func newGen() string { return strconv.FormatInt(time.Now().UnixNano(), 36) }
+// newGen names a new generation after this node's clock (contribute reads
+// the time back as the idempotency rows' cutoff) and a random part (unique
+// even when two clocks agree).
+func (w *SharedWallet) newGen() string {
+	return strconv.FormatInt(w.now().UnixNano(), 36) + "-" + strconv.FormatUint(rand.Uint64(), 36)
+}
+
+// genTime is when gen started (newGen), false for a name it cannot read.
+func genTime(gen string) (time.Time, bool) {
+	at, _, _ := strings.Cut(gen, "-")
+	ns, err := strconv.ParseInt(at, 36, 64)
+	return time.Unix(0, ns), err == nil
+}
 
 // ensureGeneration reads (or creates) the current generation. If it is
 // ready, Apply may use it; if it is rebuilding, this node contributes its
@@ -830,7 +844,7 @@ func newGen() string { return strconv.FormatInt(time.Now().UnixNano(), 36) }
 func (w *SharedWallet) ensureGeneration(ctx context.Context) error {
 	w.rebuild.Lock()
 	defer w.rebuild.Unlock()
-	vals, err := initScript.Exec(ctx, w.rdb, []string{keyMeta}, []string{newGen(), strconv.Itoa(len(w.nodes))}).AsStrSlice()
+	vals, err := initScript.Exec(ctx, w.rdb, []string{keyMeta}, []string{w.newGen(), strconv.Itoa(len(w.nodes))}).AsStrSlice()
 	if err != nil {
 		return fmt.Errorf("persist: shared wallet init: %w", err)
 	}
@@ -882,17 +896,21 @@ func (w *SharedWallet) onGenerationLost() {
 }
 
 // contribute adds this node's ledger to generation gen, batch by batch, each
-// batch exactly once (a marker per batch). The ledger does not change while
-// the generation is rebuilding (Apply fails), so batches are deterministic.
+// batch exactly once (a marker per batch). A retry (an error, a restart of
+// this node) must cut the same batches: the ledger does not change while the
+// generation is rebuilding (Apply fails; idempotency rows are not expired
+// meanwhile: maybeExpireIdem), and which rows are live is judged at the
+// generation's start, not at each attempt. What SharedConfig.Contribute adds
+// is numbered apart ("x:" markers), so it never shifts the ledger's batches.
 func (w *SharedWallet) contribute(ctx context.Context, gen string) (string, error) {
 	const batchOps = 300
 	var args []string
-	batch := 0
+	batch, section := 0, ""
 	flush := func() error {
 		if len(args) == 0 {
 			return nil
 		}
-		marker := w.node + ":" + strconv.Itoa(batch)
+		marker := w.node + ":" + section + strconv.Itoa(batch)
 		full := append([]string{gen, marker}, args...)
 		res, err := contribScript.Exec(ctx, w.rdb, []string{keyMeta, keyContrib + gen}, full).ToString()
 		if err != nil {
@@ -926,7 +944,11 @@ func (w *SharedWallet) contribute(ctx context.Context, gen string) (string, erro
 			return add("incr", tallyRKey(name, user), strconv.FormatInt(DecodeInt64(v), 10))
 		})
 	}
-	cutoff := w.now().Add(-w.ttl)
+	genAt, ok := genTime(gen) // the same cutoff on every attempt
+	if !ok {
+		genAt = w.now()
+	}
+	cutoff := genAt.Add(-w.ttl)
 	if err == nil {
 		err = w.store.Scan(PrefixIdem, func(k, v []byte) error {
 			r, err := decodeResult(v)
@@ -941,8 +963,10 @@ func (w *SharedWallet) contribute(ctx context.Context, gen string) (string, erro
 			if !ok {
 				return nil
 			}
+			// Live at the generation's start, maybe not now: at least 1 ms (PX 0
+			// is an error, which would stop the batch halfway).
 			return add("idem", idemRKey(user, req), formatResult(r),
-				strconv.FormatInt(w.ttl.Milliseconds()-w.now().Sub(at).Milliseconds(), 10))
+				strconv.FormatInt(max(1, w.ttl.Milliseconds()-w.now().Sub(at).Milliseconds()), 10))
 		})
 	}
 	if err == nil {
@@ -964,14 +988,17 @@ func (w *SharedWallet) contribute(ctx context.Context, gen string) (string, erro
 			err = add("hincr", nodeRKey(w.node), "sum", strconv.FormatInt(sum, 10))
 		}
 	}
-	if err == nil && w.extra != nil {
-		err = w.extra(add)
-	}
 	if err == nil {
 		err = add("seq", keySeqTrade, "0") // every node flushes at least one batch
 	}
 	if err == nil {
 		err = flush()
+	}
+	if err == nil && w.extra != nil {
+		batch, section = 0, "x:"
+		if err = w.extra(add); err == nil {
+			err = flush()
+		}
 	}
 	if errors.Is(err, errStaleGen) {
 		return "stale", nil // the generation moved on; the watcher comes back

@@ -186,7 +186,7 @@ func (w *SharedWallet) dataLost(gen, why string) {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 		defer cancel()
 		err := resetScript.Exec(ctx, w.rdb, []string{keyMeta, keySeqTrade},
-			[]string{gen, newGen(), strconv.Itoa(len(w.nodes))}).Error()
+			[]string{gen, w.newGen(), strconv.Itoa(len(w.nodes))}).Error()
 		if err != nil {
 			w.log.Error("shared wallet: reset after data loss", "err", err)
 			return // the next audit or Apply tries again
@@ -200,6 +200,9 @@ const expireEvery = time.Hour
 
 // maybeExpireIdem runs ExpireIdem when expireEvery has passed (watcher).
 func (w *SharedWallet) maybeExpireIdem() {
+	if !w.Ready() {
+		return // rebuilding: the rows this node contributes must not change
+	}
 	now := w.now()
 	if !w.lastExpire.IsZero() && now.Sub(w.lastExpire) < expireEvery {
 		return

@@ -389,6 +389,11 @@ func TestClusterCouponsSurviveRedisLoss(t *testing.T) {
 	}
 	order(n1, "d", free, "coins", "PAID")
 	order(n2, "e", back, "coins", "PAID")
+	for i, cp := range []string{free, back} {
+		if st, o := place(c.nodes[1-i], fmt.Sprintf(`"program_id":%d,"count":1,"category_id":1,"pay":"coins","req_id":"twice-%d","coupon_id":%q`, p1, i, cp)); st == 200 || o.Code != 40005 {
+			t.Fatalf("coupon %s a second time after the rebuild: %d %+v", cp, st, o)
+		}
+	}
 	if st, o := place(n1, fmt.Sprintf(`"program_id":%d,"count":1,"category_id":1,"pay":"coins","req_id":"f0","coupon_id":%q`, p1, held)); st == 200 || o.Code != 40005 {
 		t.Fatalf("a coupon held by a pending order after the rebuild: %d %+v", st, o)
 	}

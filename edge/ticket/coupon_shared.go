@@ -4,6 +4,7 @@ import (
 	"context"
 	_ "embed"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -41,8 +42,12 @@ import (
 //
 // gate orders this node's coupon ops against its contribution: an op holds
 // it shared from its script to its commit, the contribution exclusively, so
-// a use taken in Redis before a loss but recorded by its order after the
-// contribution's scan cannot happen (it would be missing from the rebuild).
+// the contribution reads every order whose script ran before it as that
+// order's commit left it (a use the order never recorded is left out: the
+// order gives the coupon back anyway).
+//
+// Coupons granted before a node kept its grants on disk are copied there at
+// its start (backfill, once per node).
 type SharedCoupons struct {
 	rdb     rueidis.Client
 	store   *persist.Store
@@ -103,10 +108,72 @@ func (r *SharedCoupons) Grant(c Coupon) error {
 	return r.store.Put(rec.Key, rec.Value)
 }
 
+// couponFillKey marks that this node copied the coupons Redis held at its
+// start to its disk (Backfill).
+var couponFillKey = recPrefix("tcouponfill")
+
+// Backfill copies the grant of every coupon in Redis to this node's disk,
+// once per node (a mark on disk): coupons granted before nodes kept their
+// grants (an upgrade) are then rebuilt after a Redis loss too. Run at start,
+// before this node grants; the last node of a rolling upgrade sees every
+// grant of the nodes before it.
+func (r *SharedCoupons) Backfill(ctx context.Context) (int, error) {
+	if _, err := r.store.Get(couponFillKey); err == nil {
+		return 0, nil
+	}
+	n := 0
+	for cursor := uint64(0); ; {
+		e, err := r.rdb.Do(ctx, r.rdb.B().Scan().Cursor(cursor).Match("le:tcoupon:{*}").Count(1000).Build()).AsScanEntry()
+		if err != nil {
+			return n, err
+		}
+		cmds := make(rueidis.Commands, len(e.Elements))
+		for i, k := range e.Elements {
+			cmds[i] = r.rdb.B().Hmget().Key(k).Field("u", "a", "t").Build()
+		}
+		var recs []persist.Record
+		for i, res := range r.rdb.DoMulti(ctx, cmds...) {
+			vals, err := res.ToArray()
+			if err != nil {
+				return n, err
+			}
+			k := e.Elements[i]
+			id := strings.TrimSuffix(strings.TrimPrefix(k, "le:tcoupon:{"), "}")
+			if len(vals) != 3 || vals[0].IsNil() || id == k {
+				continue
+			}
+			var c Coupon
+			c.ID = id
+			for j, f := range []*int64{&c.UserID, &c.Amount, &c.CreatedAt} {
+				v, _ := vals[j].ToString()
+				*f, _ = strconv.ParseInt(v, 10, 64)
+			}
+			recs = append(recs, c.record())
+		}
+		if len(recs) > 0 {
+			if err := r.store.Apply(func(b *persist.Batch) error { return setAll(b, recs) }); err != nil {
+				return n, err
+			}
+			n += len(recs)
+		}
+		if cursor = e.Cursor; cursor == 0 {
+			break
+		}
+	}
+	return n, r.store.Put(couponFillKey, []byte{1})
+}
+
 // Contribute adds this node's coupon state to a rebuilding wallet generation
-// (persist.SharedConfig.Contribute): its grants, and the use or give-back of
-// every order it runs — the order holding a coupon says CouponUsed without
-// CouponBack. It waits for this node's coupon ops under way.
+// (persist.SharedConfig.Contribute): its grants, and for every order it runs
+// that names a coupon, its use or its give-back. An order that is closed or
+// being undone (CANCELLED, REFUNDED, a saga compensating) will never use its
+// coupon again, whatever its steps say — its give-back may have freed the
+// coupon in Redis (and another order taken it) before the order recorded
+// CouponBack — so it adds only its give-back mark (b:<order>, which also
+// bars a late retry of its use); its give-back still owed then finds the
+// coupon not held and records CouponBack. A live order (PLACING and running,
+// PENDING_PAY, PAID) that recorded its use holds the coupon (by = order).
+// It waits for this node's coupon ops under way.
 func (r *SharedCoupons) Contribute(add func(op ...string) error) error {
 	r.gate.Lock()
 	defer r.gate.Unlock()
@@ -133,9 +200,10 @@ func (r *SharedCoupons) Contribute(add func(op ...string) error) error {
 			return err
 		}
 		switch k := sharedCouponKey(o.CouponID); {
-		case o.Steps.CouponBack:
+		case o.Status == StatusCancelled || o.Status == StatusRefunded ||
+			o.Saga == SagaCompensating || o.Saga == SagaCompensated:
 			return add("hset", k, "b:"+o.OrderID, "1")
-		case o.Steps.CouponUsed:
+		case o.Steps.CouponUsed && !o.Steps.CouponBack:
 			return add("hset", k, "by", o.OrderID)
 		}
 		return nil

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -202,4 +204,118 @@ func TestSharedCouponsRefusedWhileRebuilding(t *testing.T) {
 		t.Fatalf("use after the rebuild: %v", err)
 	}
 	wantCode(t, cp.Use("c1", 7, "o2", noCommit), proto.CodeCouponUnusable)
+}
+
+// contributed runs cp's contribution and returns its ops, one string each.
+func contributed(t *testing.T, cp *SharedCoupons) []string {
+	t.Helper()
+	var ops []string
+	if err := cp.Contribute(func(op ...string) error {
+		ops = append(ops, strings.Join(op, " "))
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	return ops
+}
+
+// What a node contributes to the rebuild: each grant's facts; the holder of
+// a coupon only for a live order that recorded its use; for an order closed
+// or being undone only its give-back mark — also when its give-back is still
+// owed (the coupon may be free in Redis and another order's already) or it
+// never recorded a use.
+func TestSharedCouponsContribution(t *testing.T) {
+	store := openStore(t)
+	cp := NewSharedCoupons(newRedisClient(t, startCouponRedis(t)), store)
+	if err := cp.Grant(Coupon{ID: "c1", UserID: 7, Amount: 30, CreatedAt: 5}); err != nil {
+		t.Fatal(err)
+	}
+	orders := []Order{
+		{OrderID: "11", CouponID: "c1", Status: StatusPendingPay, Steps: Steps{CouponUsed: true}},
+		{OrderID: "12", CouponID: "c2", Status: StatusPaid, Steps: Steps{CouponUsed: true}},
+		{OrderID: "13", CouponID: "c3", Status: StatusCancelled, Steps: Steps{CouponUsed: true}}, // give-back owed
+		{OrderID: "14", CouponID: "c3", Status: StatusPaid, Steps: Steps{CouponUsed: true}},      // took it after 13's script
+		{OrderID: "15", CouponID: "c4", Status: StatusPlacing, Saga: SagaCompensating, Steps: Steps{CouponUsed: true}},
+		{OrderID: "16", CouponID: "c4", Status: StatusCancelled, Saga: SagaCompensated},                            // never recorded a use
+		{OrderID: "17", CouponID: "c5", Status: StatusPlacing, Saga: SagaRunning},                                  // its use unrecorded
+		{OrderID: "18", CouponID: "c6", Status: StatusCancelled, Steps: Steps{CouponUsed: true, CouponBack: true}}, // given back
+		{OrderID: "19", Status: StatusPaid}, // no coupon
+		{OrderID: "20", CouponID: "c7", Status: StatusRefunded, Saga: SagaDone, Steps: Steps{CouponUsed: true}}, // refunded
+	}
+	for i := range orders {
+		o := &orders[i]
+		o.id, _ = strconv.ParseInt(o.OrderID, 10, 64)
+		r := o.record()
+		if err := store.Put(r.Key, r.Value); err != nil {
+			t.Fatal(err)
+		}
+	}
+	want := []string{
+		"hset le:tcoupon:{c1} u 7", "hset le:tcoupon:{c1} a 30", "hset le:tcoupon:{c1} t 5",
+		"hset le:tcoupon:{c1} by 11", "hset le:tcoupon:{c2} by 12", "hset le:tcoupon:{c3} b:13 1",
+		"hset le:tcoupon:{c3} by 14", "hset le:tcoupon:{c4} b:15 1", "hset le:tcoupon:{c4} b:16 1",
+		"hset le:tcoupon:{c6} b:18 1", "hset le:tcoupon:{c7} b:20 1",
+	}
+	if got := contributed(t, cp); strings.Join(got, "\n") != strings.Join(want, "\n") {
+		t.Fatalf("contribution:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
+	}
+}
+
+// A node's contribution waits for its coupon ops under way: a use whose
+// script ran is in the contribution as its order's commit recorded it.
+func TestSharedCouponsContributionWaitsForAUse(t *testing.T) {
+	store := openStore(t)
+	cp := NewSharedCoupons(newRedisClient(t, startCouponRedis(t)), store)
+	if err := cp.Grant(Coupon{ID: "c1", UserID: 7, Amount: 30, CreatedAt: 5}); err != nil {
+		t.Fatal(err)
+	}
+	inCommit, release := make(chan struct{}), make(chan struct{})
+	used := make(chan error, 1)
+	go func() {
+		used <- cp.Use("c1", 7, "21", func(c Coupon, recs []persist.Record) error {
+			close(inCommit)
+			<-release
+			o := Order{OrderID: "21", id: 21, CouponID: "c1", Status: StatusPendingPay, Steps: Steps{CouponUsed: true}}
+			r := o.record()
+			return store.Put(r.Key, r.Value)
+		})
+	}()
+	<-inCommit
+	ops := make(chan []string, 1)
+	go func() { ops <- contributed(t, cp) }()
+	select {
+	case got := <-ops:
+		t.Fatalf("the contribution ran during a use's commit: %q", got)
+	case <-time.After(200 * time.Millisecond):
+	}
+	close(release)
+	if err := <-used; err != nil {
+		t.Fatal(err)
+	}
+	if got := <-ops; !slices.Contains(got, "hset le:tcoupon:{c1} by 21") {
+		t.Fatalf("contribution %q misses the use", got)
+	}
+}
+
+// Coupons granted before nodes kept their grants on disk (an older version:
+// the hash only) are copied to a node's disk at its start, once, and so are
+// rebuilt after a Redis loss too.
+func TestSharedCouponsBackfill(t *testing.T) {
+	rdb := newRedisClient(t, startCouponRedis(t))
+	ctx := context.Background()
+	if err := rdb.Do(ctx, rdb.B().Hset().Key("le:tcoupon:{old1}").FieldValue().FieldValue("u", "7").FieldValue("a", "30").
+		FieldValue("t", "5").FieldValue("by", "99").Build()).Error(); err != nil {
+		t.Fatal(err)
+	}
+	cp := NewSharedCoupons(rdb, openStore(t))
+	if n, err := cp.Backfill(ctx); n != 1 || err != nil {
+		t.Fatalf("backfill: %d %v", n, err)
+	}
+	want := "hset le:tcoupon:{old1} u 7|hset le:tcoupon:{old1} a 30|hset le:tcoupon:{old1} t 5"
+	if got := strings.Join(contributed(t, cp), "|"); got != want {
+		t.Fatalf("contribution %q, want %q", got, want)
+	}
+	if n, err := cp.Backfill(ctx); n != 0 || err != nil {
+		t.Fatalf("second backfill: %d %v", n, err)
+	}
 }

@@ -54,6 +54,15 @@ func (s *Service) placeCoins(o *Order) (Order, error) {
 		s.release(o) // nothing durable yet: the in-memory lock is all there is to undo
 		return Order{}, err
 	}
+	if o.CouponID != "" {
+		// A coupon store that cannot answer now (Redis unreachable, or
+		// rebuilt after a loss) refuses before the order is written: its
+		// req_id stays free for the retry.
+		if _, err := s.cstore.Get(o.CouponID); err != nil && proto.AsError(err).Code != proto.CodeCouponUnusable {
+			s.release(o)
+			return Order{}, err
+		}
+	}
 	recs := []persist.Record{{Key: orderReqKey(o.UserID, o.ReqID), Value: persist.EncodeUint64(uint64(o.id))}, o.record()}
 	if err := s.store.Apply(func(b *persist.Batch) error { return setAll(b, recs) }); err != nil {
 		s.release(o)
