@@ -380,7 +380,15 @@ func (c *Client) Leave(ctx context.Context, roomID int64) error {
 
 // Chat sends a chat message to a room and returns the mid of its push.
 func (c *Client) Chat(ctx context.Context, roomID int64, text string) (mid string, err error) {
-	raw, err := c.request(ctx, proto.TypeChat, proto.ChatReq{RoomID: roomID, Text: text}, nil)
+	return c.ChatOnce(ctx, roomID, text, "")
+}
+
+// ChatOnce is Chat with a req_id (≤ 64 bytes; "" = none): sent again with the
+// same reqID — after ErrDisconnected or a timeout, through any node — within
+// a couple of minutes, the message is posted once and the first mid
+// answered; 10409 while the first is still being sent (retry).
+func (c *Client) ChatOnce(ctx context.Context, roomID int64, text, reqID string) (mid string, err error) {
+	raw, err := c.request(ctx, proto.TypeChat, proto.ChatReq{RoomID: roomID, Text: text, ReqID: reqID}, nil)
 	if err != nil {
 		return "", err
 	}

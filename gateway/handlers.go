@@ -171,6 +171,17 @@ func (s *Server) chatMsg(c *Conn, f *proto.ClientFrame) (any, *proto.Error) {
 	if merr != nil {
 		return nil, proto.ErrInternal
 	}
+	var settle func(string)
+	if r.ReqID != "" {
+		mid, st, perr := s.chatOnce.claim(c.ident.UserID, r.ReqID)
+		if perr != nil {
+			return nil, perr
+		}
+		if mid != "" {
+			return chatReply{Mid: mid}, nil // sent already: its retry
+		}
+		settle = st
+	}
 	var mid string
 	var err error
 	push := proto.Push{Biz: proto.BizChat, Data: d}
@@ -181,6 +192,12 @@ func (s *Server) chatMsg(c *Conn, f *proto.ClientFrame) (any, *proto.Error) {
 		mid, err = w.PublishRoomWait(r.RoomID, push)
 	} else {
 		mid, err = s.router.PublishRoom(r.RoomID, push)
+	}
+	if settle != nil {
+		if err != nil {
+			mid = ""
+		}
+		settle(mid)
 	}
 	switch {
 	case errors.Is(err, router.ErrNoRoom):

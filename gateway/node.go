@@ -302,11 +302,16 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 	}
 	auth := NewAuth(cfg.Auth.JWTSecret)
 	n.Auth = auth
-	n.WS = newServer(ServerDeps{
+	deps := ServerDeps{
 		Config: cfg, Log: log, Auth: auth, Router: n.Router, Metrics: n.metrics, RedPackets: n.RedPackets,
 		ChatLimit: limit.New(cfg.Limits.ChatPerSecond, time.Second, max(1, cfg.Limits.ChatPerSecond), nil),
 		Gifts:     n.Gifts, RoomOpen: n.Rooms.EnsureOpen, Grab: n.grabAsync,
-	})
+	}
+	if n.Cluster != nil && n.Redis != nil {
+		// A chat's retry may reach another node: its req_id is kept in Redis.
+		deps.ChatOnce = &redisChatOnce{rdb: n.Redis, node: cfg.Node.ID, timeout: 2 * time.Second}
+	}
+	n.WS = newServer(deps)
 	n.API = newAPI(n, auth)
 	n.stopIdem, n.idemDone = make(chan struct{}), make(chan struct{})
 	go n.expireIdemLoop()

@@ -31,6 +31,7 @@ type Server struct {
 	router   router.Router
 	metrics  *metrics
 	chat     *limit.Keyed
+	chatOnce chatOnce
 	gifts    *gift.Service
 	roomOpen func(room int64) bool
 	rp       *redpacket.Service
@@ -71,6 +72,8 @@ type ServerDeps struct {
 	Metrics *metrics
 	// ChatLimit limits chat per user (nil = off).
 	ChatLimit *limit.Keyed
+	// ChatOnce remembers chats sent with a req_id (nil: this node's memory).
+	ChatOnce chatOnce
 	Gifts     *gift.Service
 	// RoomOpen, if set, is asked about a room the router does not know
 	// (in a cluster, an open through another node not yet replicated here).
@@ -85,6 +88,9 @@ type ServerDeps struct {
 func newServer(d ServerDeps) *Server {
 	s := &Server{cfg: d.Config, log: d.Log, auth: d.Auth, router: d.Router, metrics: d.Metrics,
 		chat: d.ChatLimit, gifts: d.Gifts, roomOpen: d.RoomOpen, rp: d.RedPackets, grab: d.Grab, stop: make(chan struct{}), writerq: make(chan *Conn)}
+	if s.chatOnce = d.ChatOnce; s.chatOnce == nil {
+		s.chatOnce = newMemChatOnce()
+	}
 	for i := range s.shards {
 		s.shards[i].conns = map[uint64]*Conn{}
 	}

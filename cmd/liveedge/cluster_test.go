@@ -1402,3 +1402,44 @@ func TestClusterTicketsAnyNode(t *testing.T) {
 		t.Fatalf("credits %d debits %d balances %d, want 400 100 300", cr, db, bal)
 	}
 }
+
+// A chat retried with its req_id through another node (as after a reconnect
+// to another gateway) is posted once: two node processes, the retry answers
+// the first mid, and members on both nodes get the message once.
+func TestClusterChatReqIDOnceAcrossNodes(t *testing.T) {
+	c := startCluster(t, 2)
+	anchorTok := devToken(t, c.nodes[0].http, 1, "anchor")
+	room := openRoom(t, c.nodes[0].http, anchorTok)
+	ctx := context.Background()
+	var logs [2]pushLog
+	var sends [2]*clientsdk.Client
+	for i, nd := range c.nodes {
+		sends[i] = dialLogged(t, nd.ws, devTokenCached(t, nd.http, 50), &pushLog{})
+		watch := dialLogged(t, nd.ws, devTokenCached(t, nd.http, int64(60+i)), &logs[i])
+		for _, cl := range []*clientsdk.Client{sends[i], watch} {
+			if _, err := cl.Join(ctx, room); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	mid, err := sends[0].ChatOnce(ctx, room, "once", "retry-me")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m, err := sends[1].ChatOnce(ctx, room, "once", "retry-me"); err != nil || m != mid {
+		t.Fatalf("the retry through node 2: %q %v, want %q", m, err, mid)
+	}
+	if _, err := sends[1].ChatOnce(ctx, room, "after", "another"); err != nil {
+		t.Fatal(err)
+	}
+	for i := range logs {
+		pollUntil(t, 10*time.Second, "both chats on node "+strconv.Itoa(i+1), func() bool { return len(logs[i].get(proto.BizChat)) >= 2 })
+	}
+	time.Sleep(200 * time.Millisecond) // a duplicate would arrive meanwhile
+	for i := range logs {
+		got := logs[i].get(proto.BizChat)
+		if len(got) != 2 || got[0].Mid != mid {
+			t.Fatalf("node %d's member got %d chats (first %+v), want 2, the first %s", i+1, len(got), got[0], mid)
+		}
+	}
+}

@@ -202,11 +202,16 @@ func (r *RoomReq) Validate() *Error {
 	return nil
 }
 
-// ChatReq is the d of chat.
+// ChatReq is the d of chat. ReqID (extension, optional) makes a retry post
+// once: the same (user, req_id) within minutes answers the first mid.
 type ChatReq struct {
 	RoomID int64  `json:"room_id"`
 	Text   string `json:"text"`
+	ReqID  string `json:"req_id,omitempty"`
 }
+
+// MaxChatReqID is the longest chat req_id, in bytes.
+const MaxChatReqID = 64
 
 // Validate checks the fields.
 func (r *ChatReq) Validate() *Error {
@@ -221,6 +226,9 @@ func (r *ChatReq) Validate() *Error {
 	}
 	if utf8.RuneCountInString(r.Text) > MaxChatRunes {
 		return BadRequest("text longer than %d characters", MaxChatRunes)
+	}
+	if len(r.ReqID) > MaxChatReqID {
+		return BadRequest("req_id longer than %d bytes", MaxChatReqID)
 	}
 	return nil
 }

@@ -313,8 +313,15 @@ export class LiveClient {
     this.rooms.delete(roomId);
     await this.request("leave", { room_id: roomId }, o);
   }
-  chat(roomId: number, text: string, o?: { timeout?: number }) {
-    return this.request("chat", { room_id: roomId, text }, o);
+  /**
+   * Sends a chat message. reqId (≤ 64 bytes) makes a retry post once: sent again with the same
+   * reqId (after a disconnect or a timeout, through any node) within a couple of minutes, it
+   * answers the first mid; 10409 while the first is still being sent (retry).
+   */
+  chat(roomId: number, text: string, o?: { timeout?: number; reqId?: string }) {
+    const d: Requests["chat"][0] = { room_id: roomId, text };
+    if (o?.reqId) d.req_id = o.reqId;
+    return this.request("chat", d, o);
   }
   /** Sends a gift; reqId makes it idempotent (a retry with the same reqId moves nothing again); pk scores it in the room's PK. */
   gift(

@@ -181,7 +181,8 @@ export interface Requests {
   ping: [Record<string, never>, PingReply];
   join: [{ room_id: number; since?: Since }, JoinReply];
   leave: [{ room_id: number }, Record<string, never>];
-  chat: [{ room_id: number; text: string }, ChatReply];
+  /** req_id (extension): a retry with the same req_id posts once and answers the first mid. */
+  chat: [{ room_id: number; text: string; req_id?: string }, ChatReply];
   /** pk (extension): count the gift towards the room's running PK score. */
   gift: [{ room_id: number; gift_id: number; receiver_id: number; count: number; req_id: string; pk?: boolean }, GiftReply];
   grab: [{ code: string }, GrabReply];

@@ -69,6 +69,25 @@ test("join and chat: every viewer sees one sender's messages in order", async ()
   await assert.rejects(b.chat(other, "hi"), (e) => e instanceof ReplyError && e.code === 10003);
 });
 
+test("chat with reqId: a retry (another connection of the same user) posts once and answers the first mid", async () => {
+  const room = await node.openRoom(104);
+  const a = await client(105);
+  const again = await client(105);
+  const b = await client(106);
+  for (const c of [a, again, b]) await c.join(room);
+  const first = await a.chat(room, "once", { reqId: "ts-r1" });
+  const retry = await again.chat(room, "once", { reqId: "ts-r1" });
+  assert.equal(retry.mid, first.mid);
+  await a.chat(room, "next", { reqId: "ts-r2" });
+  const chats = () => b.events.pushes.filter((p) => isBiz(p, Biz.Chat) && p.room === room);
+  await eventually(() => chats().length >= 2, 5000, "both chats at b");
+  await new Promise((r) => setTimeout(r, 200)); // a duplicate would arrive meanwhile
+  assert.deepEqual(
+    chats().map((p) => p.d.text),
+    ["once", "next"],
+  );
+});
+
 test("ack: the SDK acknowledges ack:true pushes (no resends); a client that does not is resent the same mid", async () => {
   // Control: a bare ws client that never acks gets the same mid again.
   const tok = await node.token(201);

@@ -1,0 +1,149 @@
+package gateway
+
+import (
+	"context"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/hashicorp/golang-lru/v2/simplelru"
+	"github.com/redis/rueidis"
+
+	"github.com/liveedge/liveedge/gateway/proto"
+)
+
+// A chat sent with a req_id (extension) is posted once: the same (user,
+// req_id) within chatOnceTTL answers the first chat's mid and publishes
+// nothing — a client's retry after a timeout or a reconnect, on any node of
+// a cluster. One still being sent is answered 10409 (retry). A chat that was
+// not sent (refused, room busy, unavailable) leaves no trace: its retry is
+// sent.
+const (
+	chatOnceTTL = 2 * time.Minute
+	// chatInFlightTTL bounds a claim whose chat is still being sent (its
+	// node may have died meanwhile): longer than any publish's wait.
+	chatInFlightTTL = 30 * time.Second
+	// chatOnceMax bounds the (user, req_id) pairs one node remembers
+	// (memChatOnce, ~200 B each); beyond it the oldest go first.
+	chatOnceMax = 100_000
+)
+
+// chatOnce remembers the chats sent with a req_id. claim answers the mid of
+// a chat sent already, or an error (one in flight: 10409; unavailable), or
+// settle: the caller sends the chat and calls settle with its mid ("" = not
+// sent).
+type chatOnce interface {
+	claim(user int64, req string) (mid string, settle func(mid string), err *proto.Error)
+}
+
+var errChatInFlight = proto.Errorf(proto.CodeConflict, "a chat with this req_id is still being sent; retry with the same req_id")
+
+type chatKey struct {
+	user int64
+	req  string
+}
+
+// chatSent is what a node remembers of a chat: its mid ("" = in flight) and
+// when it was claimed or sent.
+type chatSent struct {
+	mid string
+	at  time.Time
+}
+
+// memChatOnce is chatOnce in this node's memory (a single node), an LRU of
+// at most chatOnceMax entries.
+type memChatOnce struct {
+	mu  sync.Mutex
+	lru *simplelru.LRU[chatKey, chatSent]
+	now func() time.Time
+}
+
+func newMemChatOnce() *memChatOnce { return newMemChatOnceSize(chatOnceMax) }
+
+func newMemChatOnceSize(n int) *memChatOnce {
+	l, _ := simplelru.NewLRU[chatKey, chatSent](n, nil) // only a size ≤ 0 fails
+	return &memChatOnce{lru: l, now: time.Now}
+}
+
+func (m *memChatOnce) claim(user int64, req string) (string, func(string), *proto.Error) {
+	k := chatKey{user, req}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	now := m.now()
+	if v, ok := m.lru.Get(k); ok {
+		switch {
+		case v.mid != "" && now.Sub(v.at) < chatOnceTTL:
+			return v.mid, nil, nil
+		case v.mid == "" && now.Sub(v.at) < chatInFlightTTL:
+			return "", nil, errChatInFlight
+		}
+	}
+	claimed := chatSent{at: now}
+	m.lru.Add(k, claimed)
+	return "", func(mid string) {
+		m.mu.Lock()
+		defer m.mu.Unlock()
+		if v, ok := m.lru.Peek(k); !ok || v != claimed {
+			return // evicted or expired and claimed again: not ours
+		}
+		if mid == "" {
+			m.lru.Remove(k)
+			return
+		}
+		m.lru.Add(k, chatSent{mid: mid, at: m.now()})
+	}, nil
+}
+
+// redisChatOnce is chatOnce in Redis (a cluster: a retry may reach another
+// node): le:chatreq:{<user>}:<req_id> holds a claim ("~" + a token, for
+// chatInFlightTTL) and then the chat's mid (for chatOnceTTL).
+type redisChatOnce struct {
+	rdb     rueidis.Client
+	node    string
+	n       atomic.Uint64
+	timeout time.Duration
+}
+
+func chatReqKey(user int64, req string) string {
+	return "le:chatreq:{" + strconv.FormatInt(user, 10) + "}:" + req
+}
+
+// chatClaimScript: KEYS[1] the pair's key; ARGV the claim, its TTL in ms.
+// Returns the key's value (a mid, or another claim) or nil (claimed now).
+var chatClaimScript = rueidis.NewLuaScript(`
+local v = redis.call('GET', KEYS[1])
+if v then return v end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return false`)
+
+// chatSettleScript: KEYS[1] the pair's key; ARGV the claim, the mid ("" =
+// not sent), its TTL in ms. Only the claim's owner settles it.
+var chatSettleScript = rueidis.NewLuaScript(`
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[2] == '' then redis.call('DEL', KEYS[1]) else redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) end
+return 1`)
+
+func (r *redisChatOnce) claim(user int64, req string) (string, func(string), *proto.Error) {
+	key := chatReqKey(user, req)
+	token := "~" + r.node + ":" + strconv.FormatUint(r.n.Add(1), 36)
+	ctx, cancel := context.WithTimeout(context.Background(), r.timeout)
+	defer cancel()
+	v, err := chatClaimScript.Exec(ctx, r.rdb, []string{key},
+		[]string{token, strconv.FormatInt(chatInFlightTTL.Milliseconds(), 10)}).ToString()
+	switch {
+	case rueidis.IsRedisNil(err):
+		return "", func(mid string) {
+			ctx, cancel := context.WithTimeout(context.Background(), r.timeout)
+			defer cancel()
+			// A failure leaves the claim to expire: retries meanwhile are 10409.
+			_ = chatSettleScript.Exec(ctx, r.rdb, []string{key},
+				[]string{token, mid, strconv.FormatInt(chatOnceTTL.Milliseconds(), 10)}).Error()
+		}, nil
+	case err != nil:
+		return "", nil, errUnavailable
+	case v != "" && v[0] == '~':
+		return "", nil, errChatInFlight
+	}
+	return v, nil, nil
+}
