@@ -74,7 +74,7 @@ type ServerDeps struct {
 	ChatLimit *limit.Keyed
 	// ChatOnce remembers chats sent with a req_id (nil: this node's memory).
 	ChatOnce chatOnce
-	Gifts     *gift.Service
+	Gifts    *gift.Service
 	// RoomOpen, if set, is asked about a room the router does not know
 	// (in a cluster, an open through another node not yet replicated here).
 	RoomOpen func(room int64) bool

@@ -165,7 +165,7 @@ func TestPrepareInDoubtAcrossRestart(t *testing.T) {
 	if _, err := n.svc.Prepare(shardAnchor, v.Code); err == nil || w.held == nil {
 		t.Fatalf("prepare: %v (want it in doubt)", err)
 	}
-	n.start(t, n.l) // restart
+	n.start(t, n.l)                               // restart
 	if _, err := n.l.Apply(*w.held); err != nil { // the watcher lands the debit
 		t.Fatal(err)
 	}
