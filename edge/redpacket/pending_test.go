@@ -165,8 +165,9 @@ func TestPrepareInDoubtAcrossRestart(t *testing.T) {
 	if _, err := n.svc.Prepare(shardAnchor, v.Code); err == nil || w.held == nil {
 		t.Fatalf("prepare: %v (want it in doubt)", err)
 	}
-	n.start(t, n.l)                               // restart
-	if _, err := n.l.Apply(*w.held); err != nil { // the watcher lands the debit
+	n.start(t, n.l) // restart
+	// The watcher lands the debit.
+	if _, err := n.l.Apply(*w.held); err != nil {
 		t.Fatal(err)
 	}
 	if b := n.balance(t); b != 0 {
