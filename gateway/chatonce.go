@@ -16,16 +16,20 @@ import (
 // A chat sent with a req_id (extension) is posted once: the same (user,
 // req_id) within chatOnceTTL answers the first chat's mid and publishes
 // nothing — a client's retry after a timeout or a reconnect, on any node of
-// a cluster. One still being sent is answered 10409 (retry). A chat that was
-// not sent (refused, room busy, unavailable) leaves no trace: its retry is
-// sent.
+// a cluster. One still being sent, or not confirmed (a cluster's sequencer
+// that did not answer in time: the push may still go out), is answered
+// 10409 until its claim expires. A chat refused (rate limit, room busy or
+// gone) leaves no trace: its retry is sent.
 const (
 	chatOnceTTL = 2 * time.Minute
-	// chatInFlightTTL bounds a claim whose chat is still being sent (its
-	// node may have died meanwhile): longer than any publish's wait.
-	chatInFlightTTL = 30 * time.Second
+	// chatInFlightTTL bounds a claim whose chat is being sent or was not
+	// confirmed (its node may have died meanwhile): longer than a push can
+	// wait in a full room queue (~1 min).
+	chatInFlightTTL = 2 * time.Minute
 	// chatOnceMax bounds the (user, req_id) pairs one node remembers
-	// (memChatOnce, ~200 B each); beyond it the oldest go first.
+	// (memChatOnce, ~200 B each): 100k, ~830 chats/s with a req_id for 2
+	// minutes; beyond that the least recent go earlier (a retry then
+	// posts again).
 	chatOnceMax = 100_000
 )
 
@@ -105,8 +109,10 @@ type redisChatOnce struct {
 	timeout time.Duration
 }
 
+// chatReqKey is outside le:* (the shared wallet's reset after a data loss
+// deletes those).
 func chatReqKey(user int64, req string) string {
-	return "le:chatreq:{" + strconv.FormatInt(user, 10) + "}:" + req
+	return "liveedge:chatreq:{" + strconv.FormatInt(user, 10) + "}:" + req
 }
 
 // chatClaimScript: KEYS[1] the pair's key; ARGV the claim, its TTL in ms.
@@ -131,16 +137,23 @@ func (r *redisChatOnce) claim(user int64, req string) (string, func(string), *pr
 	defer cancel()
 	v, err := chatClaimScript.Exec(ctx, r.rdb, []string{key},
 		[]string{token, strconv.FormatInt(chatInFlightTTL.Milliseconds(), 10)}).ToString()
+	settle := func(mid string) error {
+		ctx, cancel := context.WithTimeout(context.Background(), r.timeout)
+		defer cancel()
+		return chatSettleScript.Exec(ctx, r.rdb, []string{key},
+			[]string{token, mid, strconv.FormatInt(chatOnceTTL.Milliseconds(), 10)}).Error()
+	}
 	switch {
 	case rueidis.IsRedisNil(err):
 		return "", func(mid string) {
-			ctx, cancel := context.WithTimeout(context.Background(), r.timeout)
-			defer cancel()
-			// A failure leaves the claim to expire: retries meanwhile are 10409.
-			_ = chatSettleScript.Exec(ctx, r.rdb, []string{key},
-				[]string{token, mid, strconv.FormatInt(chatOnceTTL.Milliseconds(), 10)}).Error()
+			// Tried twice; a claim left behind expires (retries meanwhile
+			// are 10409; a sent chat's retry after that posts again).
+			if settle(mid) != nil {
+				_ = settle(mid)
+			}
 		}, nil
 	case err != nil:
+		_ = settle("") // the claim may have been made, its reply lost
 		return "", nil, errUnavailable
 	case v != "" && v[0] == '~':
 		return "", nil, errChatInFlight

@@ -15,7 +15,8 @@ import (
 // A chat sent again with its req_id is posted once: the retry (through
 // another connection of the same user, as after a reconnect) answers the
 // first mid and the room gets one push; 16 concurrent sends of one req_id
-// post once (the others answer its mid or 10409 "still being sent"); another
+// through 4 connections post once (the others answer its mid or 10409 "still
+// being sent"); another
 // user's same req_id, or another req_id, is another chat; a chat refused
 // (not in the room) leaves no trace, so its retry after joining is sent; a
 // req_id over 64 bytes is 10001.
@@ -40,6 +41,14 @@ func TestChatReqIDPostsOnce(t *testing.T) {
 	if m, err := again.ChatOnce(ctx, room, "hello", "r1"); err != nil || m != mid {
 		t.Fatalf("the retry: %q %v, want the first mid %q", m, err, mid)
 	}
+	// 16 sends of one req_id at once through 4 connections of the user (one
+	// connection handles its chats in turn).
+	conns := []*clientsdk.Client{sender, again, sdkDial(t, n, 10, nil, nil), sdkDial(t, n, 10, nil, nil)}
+	for _, c := range conns[2:] {
+		if _, err := c.Join(ctx, room); err != nil {
+			t.Fatal(err)
+		}
+	}
 	var wg sync.WaitGroup
 	mids := make([]string, 16)
 	errs := make([]error, 16)
@@ -47,7 +56,7 @@ func TestChatReqIDPostsOnce(t *testing.T) {
 		wg.Add(1)
 		go func(i int) {
 			defer wg.Done()
-			mids[i], errs[i] = sender.ChatOnce(ctx, room, "storm", "r2")
+			mids[i], errs[i] = conns[i%len(conns)].ChatOnce(ctx, room, "storm", "r2")
 		}(i)
 	}
 	wg.Wait()

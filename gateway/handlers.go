@@ -164,13 +164,8 @@ func (s *Server) chatMsg(c *Conn, f *proto.ClientFrame) (any, *proto.Error) {
 	if !s.router.IsMember(r.RoomID, c) {
 		return nil, proto.Errorf(proto.CodeForbidden, "not in room")
 	}
-	if !s.chat.Allow(uint64(c.ident.UserID)) {
-		return nil, proto.ErrRateLimited
-	}
-	d, merr := proto.Marshal(proto.ChatPush{From: c.ident.UserID, Text: r.Text})
-	if merr != nil {
-		return nil, proto.ErrInternal
-	}
+	// A req_id's chat sent already is answered before the rate limit (its
+	// retry takes no token); a new claim is released if the limit refuses.
 	var settle func(string)
 	if r.ReqID != "" {
 		mid, st, perr := s.chatOnce.claim(c.ident.UserID, r.ReqID)
@@ -181,6 +176,19 @@ func (s *Server) chatMsg(c *Conn, f *proto.ClientFrame) (any, *proto.Error) {
 			return chatReply{Mid: mid}, nil // sent already: its retry
 		}
 		settle = st
+	}
+	if !s.chat.Allow(uint64(c.ident.UserID)) {
+		if settle != nil {
+			settle("")
+		}
+		return nil, proto.ErrRateLimited
+	}
+	d, merr := proto.Marshal(proto.ChatPush{From: c.ident.UserID, Text: r.Text})
+	if merr != nil {
+		if settle != nil {
+			settle("")
+		}
+		return nil, proto.ErrInternal
 	}
 	var mid string
 	var err error
@@ -193,25 +201,38 @@ func (s *Server) chatMsg(c *Conn, f *proto.ClientFrame) (any, *proto.Error) {
 	} else {
 		mid, err = s.router.PublishRoom(r.RoomID, push)
 	}
-	if settle != nil {
-		if err != nil {
-			mid = ""
-		}
+	refused := errors.Is(err, router.ErrNoRoom) || errors.Is(err, router.ErrRoomBusy)
+	switch {
+	case settle == nil:
+	case err == nil:
 		settle(mid)
+	case refused:
+		settle("") // not queued: its retry is sent
+	default:
+		// In doubt (a cluster's sequencer did not answer in time: the push
+		// may still go out): the claim stays until it expires, retries
+		// meanwhile are 10409, so a late push is not doubled.
 	}
 	switch {
 	case errors.Is(err, router.ErrNoRoom):
 		return nil, proto.Errorf(proto.CodeNotFound, "room not found or closed")
 	case errors.Is(err, router.ErrRoomBusy):
 		return nil, proto.Errorf(proto.CodeRateLimited, "room is busy, retry")
-	case errors.Is(err, router.ErrUnavailable): // cluster: Redis unreachable
-		s.log.Warn("chat not sent", "room", r.RoomID, "err", err)
+	case errors.Is(err, router.ErrUnavailable): // cluster: Redis unreachable, or no answer in time
+		s.log.Warn("chat not confirmed", "room", r.RoomID, "err", err)
+		if settle != nil {
+			return nil, errChatInDoubt
+		}
 		return nil, errUnavailable
 	case err != nil:
 		return nil, proto.ErrInternal
 	}
 	return chatReply{Mid: mid}, nil
 }
+
+// errChatInDoubt answers a chat with a req_id whose push the cluster did not
+// confirm in time: it may still go out; its req_id is held meanwhile.
+var errChatInDoubt = proto.Errorf(proto.CodeInternal, "the chat was not confirmed in time and may still be sent; retry with the same req_id")
 
 // errUnavailable: a shared dependency (Redis, NATS) is unreachable; nothing
 // was done and the client may retry.
