@@ -5,6 +5,7 @@ import (
 	"io"
 	"log/slog"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -217,6 +218,14 @@ func TestCancelSettlesAPrepareInDoubt(t *testing.T) {
 			if b := n.balance(t); b != want {
 				t.Fatalf("anchor balance %d after the cancel, want %d", b, want)
 			}
+			if spent {
+				// Enough again: the late first attempt is refused because
+				// its request id's refusal is remembered, not for the balance.
+				if _, err := n.l.Apply(persist.Op{Postings: []persist.Posting{{User: shardAnchor, Delta: 1000, Reason: persist.ReasonDev}}}); err != nil {
+					t.Fatal(err)
+				}
+				want += 1000
+			}
 			if _, err := n.l.Apply(*w.held); err != nil && !errors.Is(err, persist.ErrInsufficient) { // the first attempt, late
 				t.Fatal(err)
 			}
@@ -389,5 +398,65 @@ func TestUnavailableGrantPutsThePacketBack(t *testing.T) {
 	}
 	if b := n.balance(t); b != 500 { // 1,000 − the rain's 500 (all granted)
 		t.Fatalf("anchor balance %d, want 500", b)
+	}
+}
+
+// hookWallet answers ops as hook says (handled true), else as the ledger.
+type hookWallet struct {
+	*persist.Ledger
+	hook func(op persist.Op) (bool, error)
+}
+
+func (w *hookWallet) Apply(op persist.Op) (persist.Result, error) {
+	if handled, err := w.hook(op); handled {
+		return persist.Result{}, err
+	}
+	return w.Ledger.Apply(op)
+}
+
+// A cancel whose prepare retry is in doubt again fails and changes nothing
+// (the rain WAIT, its prepare still pending, the anchor not debited); one
+// whose prepare retry debits but whose refund fails answers 10409 (not the
+// wallet's "nothing moved"): the rain is PREPARED, and the next cancel
+// refunds it.
+func TestCancelSettlingAPrepareFails(t *testing.T) {
+	n := newPendingNode(t)
+	var inDoubt, refundDown atomic.Bool
+	w := &hookWallet{Ledger: n.l, hook: func(op persist.Op) (bool, error) {
+		switch {
+		case strings.HasPrefix(op.ReqID, "rp-prep:") && inDoubt.Load():
+			return true, persist.ErrInProgress
+		case strings.HasPrefix(op.ReqID, "rp-end:") && refundDown.Load():
+			return true, persist.ErrWalletUnavailable
+		}
+		return false, nil
+	}}
+	n.start(t, w)
+	v, err := n.svc.Create(shardAnchor, shardRoom, 1000, 10, time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	inDoubt.Store(true)
+	if _, err := n.svc.Prepare(shardAnchor, v.Code); err == nil {
+		t.Fatal("prepare in doubt answered ok")
+	}
+	if _, err := n.svc.Cancel(shardAnchor, v.Code); err == nil {
+		t.Fatal("a cancel whose prepare retry is in doubt answered ok")
+	}
+	if got, _ := n.svc.Get(v.Code); got.State != StateWait || n.balance(t) != 1000 {
+		t.Fatalf("after the failed cancel: %+v, balance %d", got, n.balance(t))
+	}
+	inDoubt.Store(false)
+	refundDown.Store(true)
+	_, err = n.svc.Cancel(shardAnchor, v.Code)
+	if e := proto.AsError(err); e == nil || e.Code != proto.CodeConflict || !strings.Contains(e.Msg, "PREPARED") {
+		t.Fatalf("the cancel whose refund failed: %v, want 10409 naming PREPARED", err)
+	}
+	if got, _ := n.svc.Get(v.Code); got.State != StatePrepared || n.balance(t) != 0 {
+		t.Fatalf("after it: %+v, balance %d (want PREPARED, debited)", got, n.balance(t))
+	}
+	refundDown.Store(false)
+	if fin, err := n.svc.Cancel(shardAnchor, v.Code); err != nil || fin.State != StateFinished || fin.Refunded != 1000 || n.balance(t) != 1000 {
+		t.Fatalf("cancel again: %+v %v, balance %d", fin, err, n.balance(t))
 	}
 }

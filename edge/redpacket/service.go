@@ -662,7 +662,8 @@ func (s *Service) Start(anchor int64, code string) (View, error) {
 // doubt (a debit that may still land) is settled first: the prepare is
 // retried — the same request id, applied once — and the rain cancelled as
 // what it then is (PREPARED: refunded; refused for the balance: WAIT); still
-// in doubt, the cancel fails and changes nothing.
+// in doubt, the cancel fails and changes nothing; prepared but its refund
+// failed, the cancel answers 10409 (the rain is PREPARED: cancel it again).
 func (s *Service) Cancel(anchor int64, code string) (View, error) {
 	r, fin, err := s.managed(anchor, code)
 	if fin != nil || err != nil {
@@ -676,10 +677,17 @@ func (s *Service) Cancel(anchor int64, code string) (View, error) {
 		return View{}, proto.Errorf(proto.CodeConflict, "a prepare or start of this rain is in progress")
 	case rec.Pending == pendingPrepare:
 		r.mu.Unlock()
-		if _, err := s.prepare(anchor, code, false); err != nil && proto.AsError(err).Code != proto.CodeInsufficientBalance {
+		v, err := s.prepare(anchor, code, false)
+		if err != nil && proto.AsError(err).Code != proto.CodeInsufficientBalance {
 			return View{}, err
 		}
-		return s.Cancel(anchor, code) // settled: PREPARED, or WAIT after a refusal
+		out, err := s.Cancel(anchor, code) // settled: PREPARED, or WAIT after a refusal
+		if err != nil && v.State == StatePrepared {
+			// Not "nothing moved": the anchor is debited, the rain PREPARED.
+			s.log.Warn("red packet prepared while its cancel settled the prepare; the cancel failed", "code", code, "err", err)
+			return View{}, errPreparedWhileCancelling
+		}
+		return out, err
 	case rec.State == StateRunning:
 		r.mu.Unlock()
 		return View{}, proto.Errorf(proto.CodeConflict, "a running rain cannot be cancelled: it ends at ends_at")
@@ -720,6 +728,9 @@ func (s *Service) Cancel(anchor int64, code string) (View, error) {
 }
 
 var errCancelInDoubt = proto.Errorf(proto.CodeConflict, "the rain's cancel has not completed: cancel it again")
+
+var errPreparedWhileCancelling = proto.Errorf(proto.CodeConflict,
+	"the rain's prepare completed (its total debited) while the cancel settled it, and the refund did not: the rain is PREPARED; cancel it again")
 
 // The wallet ops of a rain whose outcome may be pending (record.Pending).
 const (
