@@ -795,7 +795,28 @@ var contribScript = rueidis.NewLuaScript(`
 local meta = redis.call('HMGET', KEYS[1], 'gen', 'state')
 if meta[1] ~= ARGV[1] or meta[2] ~= 'rebuilding' then return 'stale' end
 if redis.call('SISMEMBER', KEYS[2], ARGV[2]) == 1 then return 'done' end
+-- Checked whole before anything is written: a script that fails halfway
+-- keeps its writes but not its marker, and the retry would add them again.
 local i = 3
+while i <= #ARGV do
+  local op, v = ARGV[i], ARGV[i + 2]
+  if op == 'incr' or op == 'seq' then
+    if not tonumber(v) then return redis.error_reply('bad value for ' .. op) end
+    i = i + 3
+  elseif op == 'idem' then
+    local px = tonumber(ARGV[i + 3])
+    if not px or px < 1 then return redis.error_reply('bad expiry for idem') end
+    i = i + 4
+  elseif op == 'hincr' then
+    if not tonumber(ARGV[i + 3]) then return redis.error_reply('bad value for hincr') end
+    i = i + 4
+  elseif op == 'hset' then
+    if ARGV[i + 3] == nil then return redis.error_reply('hset without a value') end
+    i = i + 4
+  else return redis.error_reply('bad op ' .. tostring(op)) end
+end
+if i ~= #ARGV + 1 then return redis.error_reply('truncated op') end
+i = 3
 while i <= #ARGV do
   local op, k, v = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   if op == 'incr' then redis.call('INCRBY', k, v); i = i + 3

@@ -496,3 +496,36 @@ func TestSharedOpWithoutPostings(t *testing.T) {
 	}
 	noIntents(t, a.store)
 }
+
+// A contribution batch is checked whole before anything is written: a bad op
+// after good ones (here an expiry of 0, which SET PX refuses) writes nothing
+// and leaves the batch's marker unset — the retry then applies the good ops
+// once, not twice.
+func TestContribBatchCheckedBeforeWriting(t *testing.T) {
+	rdb := newRedisClient(t, redistest.Start(t).Addr)
+	ctx := context.Background()
+	if err := rdb.Do(ctx, rdb.B().Hset().Key(keyMeta).FieldValue().FieldValue("gen", "g1").FieldValue("state", "rebuilding").
+		FieldValue("nodes", "1").Build()).Error(); err != nil {
+		t.Fatal(err)
+	}
+	run := func(ops ...string) error {
+		return contribScript.Exec(ctx, rdb, []string{keyMeta, keyContrib + "g1"}, append([]string{"g1", "n:0"}, ops...)).Error()
+	}
+	if err := run("incr", "le:bal:{1}", "5", "idem", "le:idem:{1}:r", "v", "0"); err == nil {
+		t.Fatal("a batch with PX 0 accepted")
+	}
+	if err := run("incr", "le:bal:{1}", "5", "hset", "le:x", "f"); err == nil {
+		t.Fatal("a truncated op accepted")
+	}
+	if n, err := rdb.Do(ctx, rdb.B().Exists().Key("le:bal:{1}").Build()).AsInt64(); err != nil || n != 0 {
+		t.Fatalf("a refused batch wrote: %d %v", n, err)
+	}
+	for range 2 {
+		if err := run("incr", "le:bal:{1}", "5", "idem", "le:idem:{1}:r", "v", "1000", "hset", "le:x", "f", "v"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if b, err := rdb.Do(ctx, rdb.B().Get().Key("le:bal:{1}").Build()).AsInt64(); err != nil || b != 5 {
+		t.Fatalf("balance after the batch and its repeat: %d %v, want 5", b, err)
+	}
+}
