@@ -38,6 +38,9 @@ const (
 // settle: the caller sends the chat and calls settle with its mid ("" = not
 // sent).
 type chatOnce interface {
+	// peek reads, changing nothing: the mid of a chat sent already, or
+	// errChatInFlight, or neither.
+	peek(user int64, req string) (mid string, err *proto.Error)
 	claim(user int64, req string) (mid string, settle func(mid string), err *proto.Error)
 }
 
@@ -68,6 +71,20 @@ func newMemChatOnce() *memChatOnce { return newMemChatOnceSize(chatOnceMax) }
 func newMemChatOnceSize(n int) *memChatOnce {
 	l, _ := simplelru.NewLRU[chatKey, chatSent](n, nil) // only a size ≤ 0 fails
 	return &memChatOnce{lru: l, now: time.Now}
+}
+
+func (m *memChatOnce) peek(user int64, req string) (string, *proto.Error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if v, ok := m.lru.Peek(chatKey{user, req}); ok {
+		switch now := m.now(); {
+		case v.mid != "" && now.Sub(v.at) < chatOnceTTL:
+			return v.mid, nil
+		case v.mid == "" && now.Sub(v.at) < chatInFlightTTL:
+			return "", errChatInFlight
+		}
+	}
+	return "", nil
 }
 
 func (m *memChatOnce) claim(user int64, req string) (string, func(string), *proto.Error) {
@@ -129,6 +146,21 @@ var chatSettleScript = rueidis.NewLuaScript(`
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 if ARGV[2] == '' then redis.call('DEL', KEYS[1]) else redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) end
 return 1`)
+
+func (r *redisChatOnce) peek(user int64, req string) (string, *proto.Error) {
+	ctx, cancel := context.WithTimeout(context.Background(), r.timeout)
+	defer cancel()
+	v, err := r.rdb.Do(ctx, r.rdb.B().Get().Key(chatReqKey(user, req)).Build()).ToString()
+	switch {
+	case rueidis.IsRedisNil(err):
+		return "", nil
+	case err != nil:
+		return "", errUnavailable
+	case v != "" && v[0] == '~':
+		return "", errChatInFlight
+	}
+	return v, nil
+}
 
 func (r *redisChatOnce) claim(user int64, req string) (string, func(string), *proto.Error) {
 	key := chatReqKey(user, req)

@@ -165,7 +165,19 @@ func (s *Server) chatMsg(c *Conn, f *proto.ClientFrame) (any, *proto.Error) {
 		return nil, proto.Errorf(proto.CodeForbidden, "not in room")
 	}
 	// A req_id's chat sent already is answered before the rate limit (its
-	// retry takes no token); a new claim is released if the limit refuses.
+	// retry takes no token) by a read that changes nothing; only a chat the
+	// limit lets through claims its req_id (a refused one costs no write).
+	if r.ReqID != "" {
+		if mid, perr := s.chatOnce.peek(c.ident.UserID, r.ReqID); perr != nil || mid != "" {
+			if perr != nil {
+				return nil, perr
+			}
+			return chatReply{Mid: mid}, nil // sent already: its retry
+		}
+	}
+	if !s.chat.Allow(uint64(c.ident.UserID)) {
+		return nil, proto.ErrRateLimited
+	}
 	var settle func(string)
 	if r.ReqID != "" {
 		mid, st, perr := s.chatOnce.claim(c.ident.UserID, r.ReqID)
@@ -173,15 +185,9 @@ func (s *Server) chatMsg(c *Conn, f *proto.ClientFrame) (any, *proto.Error) {
 			return nil, perr
 		}
 		if mid != "" {
-			return chatReply{Mid: mid}, nil // sent already: its retry
+			return chatReply{Mid: mid}, nil // sent meanwhile
 		}
 		settle = st
-	}
-	if !s.chat.Allow(uint64(c.ident.UserID)) {
-		if settle != nil {
-			settle("")
-		}
-		return nil, proto.ErrRateLimited
 	}
 	d, merr := proto.Marshal(proto.ChatPush{From: c.ident.UserID, Text: r.Text})
 	if merr != nil {

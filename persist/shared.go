@@ -68,6 +68,12 @@ type SharedWallet struct {
 	gen      atomic.Pointer[string]
 	intentNo atomic.Uint64
 	rebuild  sync.Mutex
+	// applying is held shared by each Apply (from reading the generation
+	// until its ledger share is written or handed to the watcher) and by
+	// the watcher's settling of intents; a contribution takes it once,
+	// exclusively, after the generation was cleared: the ledger it reads
+	// then has every op whose script ran before, and none can follow.
+	applying sync.RWMutex
 	// contributed is the generation this node has contributed to (under rebuild).
 	contributed string
 	// extra adds more of this node's state to a rebuild (SharedConfig.Contribute).
@@ -407,6 +413,8 @@ func (w *SharedWallet) Apply(op Op) (Result, error) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), w.callTimeout)
 	defer cancel()
+	w.applying.RLock()
+	defer w.applying.RUnlock()
 	gen := w.gen.Load()
 	if gen == nil || *gen == "" {
 		return Result{}, ErrWalletUnavailable
@@ -573,6 +581,8 @@ func (w *SharedWallet) retryUnsettled() {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
+	w.applying.RLock() // a contribution does not read the ledger meanwhile
+	defer w.applying.RUnlock()
 	for no, u := range todo {
 		switch _, out, err := w.resolve(ctx, no, u.in, u.records); {
 		case err != nil || out == outcomeUnknown:
@@ -844,19 +854,12 @@ end
 return redis.call('HGET', KEYS[1], 'state')
 `)
 
-// newGen names a new generation after this node's clock (contribute reads
-// the time back as the idempotency rows' cutoff) and a random part (unique
-// even when two clocks agree).
+// newGen names a new generation: this node's clock and a random part
+// (unique even when two clocks agree).
 func (w *SharedWallet) newGen() string {
 	return strconv.FormatInt(w.now().UnixNano(), 36) + "-" + strconv.FormatUint(rand.Uint64(), 36)
 }
 
-// genTime is when gen started (newGen), false for a name it cannot read.
-func genTime(gen string) (time.Time, bool) {
-	at, _, _ := strings.Cut(gen, "-")
-	ns, err := strconv.ParseInt(at, 36, 64)
-	return time.Unix(0, ns), err == nil
-}
 
 // ensureGeneration reads (or creates) the current generation. If it is
 // ready, Apply may use it; if it is rebuilding, this node contributes its
@@ -878,6 +881,10 @@ func (w *SharedWallet) ensureGeneration(ctx context.Context) error {
 	if w.contributed == gen {
 		return nil
 	}
+	// Applies that read the old generation finish writing their ledger
+	// shares first; later ones see none and fail.
+	w.applying.Lock()
+	w.applying.Unlock()
 	state, err = w.contribute(ctx, gen)
 	if err != nil {
 		return err
@@ -919,10 +926,12 @@ func (w *SharedWallet) onGenerationLost() {
 // contribute adds this node's ledger to generation gen, batch by batch, each
 // batch exactly once (a marker per batch). A retry (an error, a restart of
 // this node) must cut the same batches: the ledger does not change while the
-// generation is rebuilding (Apply fails; idempotency rows are not expired
-// meanwhile: maybeExpireIdem), and which rows are live is judged at the
-// generation's start, not at each attempt. What SharedConfig.Contribute adds
-// is numbered apart ("x:" markers), so it never shifts the ledger's batches.
+// generation is rebuilding (Apply fails, and the ones under way finished
+// first: applying), and idempotency rows are not expired meanwhile
+// (maybeExpireIdem), all of them contributed, each with what is left of its
+// window. What SharedConfig.Contribute adds
+// is numbered apart (its markers in a set of their own), so it never shifts
+// the ledger's batches.
 func (w *SharedWallet) contribute(ctx context.Context, gen string) (string, error) {
 	const batchOps = 300
 	var args []string
@@ -931,9 +940,9 @@ func (w *SharedWallet) contribute(ctx context.Context, gen string) (string, erro
 		if len(args) == 0 {
 			return nil
 		}
-		marker := w.node + ":" + section + strconv.Itoa(batch)
+		marker := w.node + ":" + strconv.Itoa(batch)
 		full := append([]string{gen, marker}, args...)
-		res, err := contribScript.Exec(ctx, w.rdb, []string{keyMeta, keyContrib + gen}, full).ToString()
+		res, err := contribScript.Exec(ctx, w.rdb, []string{keyMeta, keyContrib + gen + section}, full).ToString()
 		if err != nil {
 			return fmt.Errorf("persist: contribute: %w", err)
 		}
@@ -965,27 +974,20 @@ func (w *SharedWallet) contribute(ctx context.Context, gen string) (string, erro
 			return add("incr", tallyRKey(name, user), strconv.FormatInt(DecodeInt64(v), 10))
 		})
 	}
-	genAt, ok := genTime(gen) // the same cutoff on every attempt
-	if !ok {
-		genAt = w.now()
-	}
-	cutoff := genAt.Add(-w.ttl)
 	if err == nil {
+		// Every row on disk (the watcher's expiry waits while the generation
+		// rebuilds, so the set is the same on every attempt), each for what
+		// is left of its window — at least 1 ms (PX 0 is an error).
 		err = w.store.Scan(PrefixIdem, func(k, v []byte) error {
 			r, err := decodeResult(v)
 			if err != nil {
 				return err
 			}
 			at := time.UnixMilli(r.At)
-			if at.Before(cutoff) {
-				return nil
-			}
 			_, user, req, ok := parseIdemKey(k)
 			if !ok {
 				return nil
 			}
-			// Live at the generation's start, maybe not now: at least 1 ms (PX 0
-			// is an error, which would stop the batch halfway).
 			return add("idem", idemRKey(user, req), formatResult(r),
 				strconv.FormatInt(max(1, w.ttl.Milliseconds()-w.now().Sub(at).Milliseconds()), 10))
 		})
@@ -1016,7 +1018,7 @@ func (w *SharedWallet) contribute(ctx context.Context, gen string) (string, erro
 		err = flush()
 	}
 	if err == nil && w.extra != nil {
-		batch, section = 0, "x:"
+		batch, section = 0, ":x" // markers in a set of their own
 		if err = w.extra(add); err == nil {
 			err = flush()
 		}

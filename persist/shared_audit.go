@@ -200,8 +200,14 @@ const expireEvery = time.Hour
 
 // maybeExpireIdem runs ExpireIdem when expireEvery has passed (watcher).
 func (w *SharedWallet) maybeExpireIdem() {
+	// Not while a generation rebuilds (held through a contribution): the
+	// rows this node contributes must not change between its attempts.
+	if !w.rebuild.TryLock() {
+		return
+	}
+	defer w.rebuild.Unlock()
 	if !w.Ready() {
-		return // rebuilding: the rows this node contributes must not change
+		return
 	}
 	now := w.now()
 	if !w.lastExpire.IsZero() && now.Sub(w.lastExpire) < expireEvery {

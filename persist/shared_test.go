@@ -529,3 +529,46 @@ func TestContribBatchCheckedBeforeWriting(t *testing.T) {
 		t.Fatalf("balance after the batch and its repeat: %d %v, want 5", b, err)
 	}
 }
+
+// A rebuild reads the ledger only after the Applies under way have written
+// their shares: an op whose script ran just before Redis lost its data (held
+// between its script and its ledger write) is in the contribution — without
+// the barrier its debit was read as never made, and the rebuilt balance kept
+// the coins.
+func TestRebuildWaitsForAppliesUnderWay(t *testing.T) {
+	addr := redistest.Start(t).Addr
+	n := startShared(t, addr, t.TempDir(), "a", []string{"a"})
+	waitReady(t, n)
+	if _, err := n.w.Apply(Op{User: 1, ReqID: "seed", Postings: []Posting{{User: 1, Delta: 100, Reason: ReasonDev}}}); err != nil {
+		t.Fatal(err)
+	}
+	inScript, release := make(chan struct{}), make(chan struct{})
+	n.w.crashAt = func(p string) bool {
+		if p == "script" {
+			close(inScript)
+			<-release
+		}
+		return false
+	}
+	done := make(chan error, 1)
+	go func() {
+		_, err := n.w.Apply(Op{User: 1, ReqID: "spend", Postings: []Posting{{User: 1, Delta: -60, Reason: ReasonGift}}})
+		done <- err
+	}()
+	<-inScript // the debit ran in Redis; its ledger share is not written yet
+	if err := n.rdb.Do(context.Background(), n.rdb.B().Flushall().Build()).Error(); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(500 * time.Millisecond) // the watcher notices the loss and starts a rebuild
+	close(release)
+	if err := <-done; err != nil {
+		t.Fatalf("the debit under way: %v", err)
+	}
+	waitReady(t, n)
+	if b, err := RedisBalance(n.rdb, 1); err != nil || b != 40 {
+		t.Fatalf("rebuilt balance %d %v, want 40 (100 − 60)", b, err)
+	}
+	if _, _, _, err := AuditShared(func(u int64) (int64, error) { return RedisBalance(n.rdb, u) }, n.store); err != nil {
+		t.Fatal(err)
+	}
+}

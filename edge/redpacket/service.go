@@ -682,7 +682,10 @@ func (s *Service) Cancel(anchor int64, code string) (View, error) {
 			return View{}, err
 		}
 		out, err := s.Cancel(anchor, code) // settled: PREPARED, or WAIT after a refusal
-		if err != nil && v.State == StatePrepared {
+		r.mu.Lock()
+		prepared := r.rec.State == StatePrepared && !r.busy // not a start meanwhile
+		r.mu.Unlock()
+		if err != nil && v.State == StatePrepared && prepared {
 			// Not "nothing moved": the anchor is debited, the rain PREPARED.
 			s.log.Warn("red packet prepared while its cancel settled the prepare; the cancel failed", "code", code, "err", err)
 			return View{}, errPreparedWhileCancelling

@@ -121,6 +121,11 @@ func (r *SharedCoupons) Backfill(ctx context.Context) (int, error) {
 	if _, err := r.store.Get(couponFillKey); err == nil {
 		return 0, nil
 	}
+	// Only from a complete set: not while the wallet rebuilds (a coupon
+	// may be half written back then); the next start tries again.
+	if st, err := r.rdb.Do(ctx, r.rdb.B().Hget().Key(persist.SharedMetaKey).Field("state").Build()).ToString(); err != nil || st != "ready" {
+		return 0, errCouponsUnavailable
+	}
 	n := 0
 	for cursor := uint64(0); ; {
 		e, err := r.rdb.Do(ctx, r.rdb.B().Scan().Cursor(cursor).Match("le:tcoupon:{*}").Count(1000).Build()).AsScanEntry()
@@ -139,8 +144,8 @@ func (r *SharedCoupons) Backfill(ctx context.Context) (int, error) {
 			}
 			k := e.Elements[i]
 			id := strings.TrimSuffix(strings.TrimPrefix(k, "le:tcoupon:{"), "}")
-			if len(vals) != 3 || vals[0].IsNil() || id == k {
-				continue
+			if len(vals) != 3 || vals[0].IsNil() || vals[1].IsNil() || vals[2].IsNil() || id == k {
+				continue // not a whole grant
 			}
 			var c Coupon
 			c.ID = id

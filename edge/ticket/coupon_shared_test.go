@@ -307,6 +307,10 @@ func TestSharedCouponsBackfill(t *testing.T) {
 		FieldValue("t", "5").FieldValue("by", "99").Build()).Error(); err != nil {
 		t.Fatal(err)
 	}
+	// Half a grant (as a rebuild in progress may leave it): not copied.
+	if err := rdb.Do(ctx, rdb.B().Hset().Key("le:tcoupon:{half}").FieldValue().FieldValue("u", "7").Build()).Error(); err != nil {
+		t.Fatal(err)
+	}
 	cp := NewSharedCoupons(rdb, openStore(t))
 	if n, err := cp.Backfill(ctx); n != 1 || err != nil {
 		t.Fatalf("backfill: %d %v", n, err)
@@ -317,5 +321,14 @@ func TestSharedCouponsBackfill(t *testing.T) {
 	}
 	if n, err := cp.Backfill(ctx); n != 0 || err != nil {
 		t.Fatalf("second backfill: %d %v", n, err)
+	}
+	// Not from a Redis whose wallet is not ready (rebuilding, or lost):
+	// refused, and tried again at the next start.
+	if err := rdb.Do(ctx, rdb.B().Hset().Key(persist.SharedMetaKey).FieldValue().FieldValue("state", "rebuilding").Build()).Error(); err != nil {
+		t.Fatal(err)
+	}
+	fresh := NewSharedCoupons(rdb, openStore(t))
+	if n, err := fresh.Backfill(ctx); n != 0 || err == nil {
+		t.Fatalf("backfill while rebuilding: %d %v", n, err)
 	}
 }
