@@ -860,7 +860,6 @@ func (w *SharedWallet) newGen() string {
 	return strconv.FormatInt(w.now().UnixNano(), 36) + "-" + strconv.FormatUint(rand.Uint64(), 36)
 }
 
-
 // ensureGeneration reads (or creates) the current generation. If it is
 // ready, Apply may use it; if it is rebuilding, this node contributes its
 // ledger (once per generation) and Apply stays unavailable until the watcher
