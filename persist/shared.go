@@ -712,6 +712,8 @@ func (w *SharedWallet) resolve(ctx context.Context, no uint64, in intent, record
 
 // ResolveIntents settles every intent left by a crash.
 func (w *SharedWallet) ResolveIntents(ctx context.Context) error {
+	w.applying.RLock() // a contribution does not read the ledger meanwhile
+	defer w.applying.RUnlock()
 	type pend struct {
 		no uint64
 		in intent
@@ -798,7 +800,8 @@ return redis.call('HMGET', KEYS[1], 'gen', 'state')
 
 // contribScript adds one batch of a node's ledger to a rebuilding generation,
 // once: KEYS meta, contrib set; ARGV gen, marker, then triples (op, key, val)
-// with op "incr" (INCRBY), "idem" (SET val, PX from the next arg), "seq"
+// with op "incr" (INCRBY), "idem" (SET val until the next arg, a unix ms
+// deadline, if still ahead by Redis's clock), "seq"
 // (raise to at least val), "hincr" (HINCRBY key field val: field is the
 // next arg) or "hset" (HSET key field val, likewise).
 var contribScript = rueidis.NewLuaScript(`
@@ -807,6 +810,8 @@ if meta[1] ~= ARGV[1] or meta[2] ~= 'rebuilding' then return 'stale' end
 if redis.call('SISMEMBER', KEYS[2], ARGV[2]) == 1 then return 'done' end
 -- Checked whole before anything is written: a script that fails halfway
 -- keeps its writes but not its marker, and the retry would add them again.
+local t = redis.call('TIME')
+local nowms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local i = 3
 while i <= #ARGV do
   local op, v = ARGV[i], ARGV[i + 2]
@@ -814,8 +819,7 @@ while i <= #ARGV do
     if not tonumber(v) then return redis.error_reply('bad value for ' .. op) end
     i = i + 3
   elseif op == 'idem' then
-    local px = tonumber(ARGV[i + 3])
-    if not px or px < 1 then return redis.error_reply('bad expiry for idem') end
+    if not tonumber(ARGV[i + 3]) then return redis.error_reply('bad deadline for idem') end
     i = i + 4
   elseif op == 'hincr' then
     if not tonumber(ARGV[i + 3]) then return redis.error_reply('bad value for hincr') end
@@ -830,7 +834,11 @@ i = 3
 while i <= #ARGV do
   local op, k, v = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   if op == 'incr' then redis.call('INCRBY', k, v); i = i + 3
-  elseif op == 'idem' then redis.call('SET', k, v, 'PX', ARGV[i + 3]); i = i + 4
+  elseif op == 'idem' then
+    -- Only a row still live (an expired one, on another node's disk, must
+    -- not overwrite a newer request's key).
+    if tonumber(ARGV[i + 3]) > nowms then redis.call('SET', k, v, 'PXAT', ARGV[i + 3]) end
+    i = i + 4
   elseif op == 'hincr' then redis.call('HINCRBY', k, v, ARGV[i + 3]); i = i + 4
   elseif op == 'hset' then redis.call('HSET', k, v, ARGV[i + 3]); i = i + 4
   elseif op == 'seq' then
@@ -975,8 +983,8 @@ func (w *SharedWallet) contribute(ctx context.Context, gen string) (string, erro
 	}
 	if err == nil {
 		// Every row on disk (the watcher's expiry waits while the generation
-		// rebuilds, so the set is the same on every attempt), each for what
-		// is left of its window — at least 1 ms (PX 0 is an error).
+		// rebuilds, so the ops are the same on every attempt), each with the
+		// end of its window: the script writes only those still live.
 		err = w.store.Scan(PrefixIdem, func(k, v []byte) error {
 			r, err := decodeResult(v)
 			if err != nil {
@@ -987,8 +995,7 @@ func (w *SharedWallet) contribute(ctx context.Context, gen string) (string, erro
 			if !ok {
 				return nil
 			}
-			return add("idem", idemRKey(user, req), formatResult(r),
-				strconv.FormatInt(max(1, w.ttl.Milliseconds()-w.now().Sub(at).Milliseconds()), 10))
+			return add("idem", idemRKey(user, req), formatResult(r), strconv.FormatInt(at.Add(w.ttl).UnixMilli(), 10))
 		})
 	}
 	if err == nil {

@@ -214,10 +214,8 @@ func (w *SharedWallet) maybeExpireIdem() {
 		return
 	}
 	w.lastExpire = now
-	if n, err := w.ExpireIdem(); err != nil {
+	if err := w.expireIdem(); err != nil {
 		w.log.Error("shared wallet: idempotency expiry", "err", err)
-	} else if n > 0 {
-		w.log.Info("shared wallet: idempotency records expired", "count", n)
 	}
 }
 
@@ -225,8 +223,22 @@ func (w *SharedWallet) maybeExpireIdem() {
 // (whole hours before the cutoff's, one range deletion), as the Ledger does;
 // Redis expires its keys itself. Rows an unresolved intent may still need
 // (to tell that its share is on disk already) are kept: the cutoff never
-// passes the hour of the oldest intent. It returns how many it deleted.
-func (w *SharedWallet) ExpireIdem() (int, error) {
+// passes the hour of the oldest intent. Not while a generation rebuilds (the
+// rows a contribution reads must not change between its attempts).
+func (w *SharedWallet) ExpireIdem() error {
+	if !w.rebuild.TryLock() {
+		return nil
+	}
+	defer w.rebuild.Unlock()
+	if !w.Ready() {
+		return nil
+	}
+	return w.expireIdem()
+}
+
+// expireIdem is ExpireIdem with w.rebuild held and the generation ready:
+// one intent scan and one range deletion (no count: the rebuild waits).
+func (w *SharedWallet) expireIdem() error {
 	hour := unixHour(w.now().Add(-w.ttl).UnixMilli())
 	err := w.store.Scan(prefixIntent, func(_, v []byte) error {
 		var in struct {
@@ -239,14 +251,9 @@ func (w *SharedWallet) ExpireIdem() (int, error) {
 		return nil
 	})
 	if err != nil || hour <= 0 {
-		return 0, err
+		return err
 	}
-	end := Key(PrefixIdem, uint64(hour))
-	n := 0
-	if err := w.store.ScanRange(PrefixIdem, end, func(_, _ []byte) (bool, error) { n++; return true, nil }); err != nil || n == 0 {
-		return 0, err
-	}
-	return n, w.store.Apply(func(b *Batch) error { return b.DeleteRange(PrefixIdem, end, nil) })
+	return w.store.Apply(func(b *Batch) error { return b.DeleteRange(PrefixIdem, Key(PrefixIdem, uint64(hour)), nil) })
 }
 
 // Collectors are the shared wallet's Prometheus metrics (the caller adds the

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -498,9 +499,11 @@ func TestSharedOpWithoutPostings(t *testing.T) {
 }
 
 // A contribution batch is checked whole before anything is written: a bad op
-// after good ones (here an expiry of 0, which SET PX refuses) writes nothing
-// and leaves the batch's marker unset — the retry then applies the good ops
-// once, not twice.
+// after good ones (a deadline that is not a number, a truncated op) writes
+// nothing and leaves the batch's marker unset — the retry then applies the
+// good ops once, not twice. An idempotency row whose window is over (a
+// stale row on some node's disk) is not written: it must not overwrite the
+// key of a newer request with the same req_id.
 func TestContribBatchCheckedBeforeWriting(t *testing.T) {
 	rdb := newRedisClient(t, redistest.Start(t).Addr)
 	ctx := context.Background()
@@ -511,8 +514,8 @@ func TestContribBatchCheckedBeforeWriting(t *testing.T) {
 	run := func(ops ...string) error {
 		return contribScript.Exec(ctx, rdb, []string{keyMeta, keyContrib + "g1"}, append([]string{"g1", "n:0"}, ops...)).Error()
 	}
-	if err := run("incr", "le:bal:{1}", "5", "idem", "le:idem:{1}:r", "v", "0"); err == nil {
-		t.Fatal("a batch with PX 0 accepted")
+	if err := run("incr", "le:bal:{1}", "5", "idem", "le:idem:{1}:r", "v", "soon"); err == nil {
+		t.Fatal("a batch with a bad deadline accepted")
 	}
 	if err := run("incr", "le:bal:{1}", "5", "hset", "le:x", "f"); err == nil {
 		t.Fatal("a truncated op accepted")
@@ -520,13 +523,27 @@ func TestContribBatchCheckedBeforeWriting(t *testing.T) {
 	if n, err := rdb.Do(ctx, rdb.B().Exists().Key("le:bal:{1}").Build()).AsInt64(); err != nil || n != 0 {
 		t.Fatalf("a refused batch wrote: %d %v", n, err)
 	}
+	if err := rdb.Do(ctx, rdb.B().Set().Key("le:idem:{1}:old").Value("newer").Build()).Error(); err != nil {
+		t.Fatal(err)
+	}
+	live := strconv.FormatInt(time.Now().Add(time.Hour).UnixMilli(), 10)
 	for range 2 {
-		if err := run("incr", "le:bal:{1}", "5", "idem", "le:idem:{1}:r", "v", "1000", "hset", "le:x", "f", "v"); err != nil {
+		if err := run("incr", "le:bal:{1}", "5", "idem", "le:idem:{1}:r", "v", live, "idem", "le:idem:{1}:old", "stale", "1000",
+			"hset", "le:x", "f", "v"); err != nil {
 			t.Fatal(err)
 		}
 	}
 	if b, err := rdb.Do(ctx, rdb.B().Get().Key("le:bal:{1}").Build()).AsInt64(); err != nil || b != 5 {
 		t.Fatalf("balance after the batch and its repeat: %d %v, want 5", b, err)
+	}
+	if v, err := rdb.Do(ctx, rdb.B().Get().Key("le:idem:{1}:r").Build()).ToString(); err != nil || v != "v" {
+		t.Fatalf("a live row: %q %v", v, err)
+	}
+	if ms, err := rdb.Do(ctx, rdb.B().Pttl().Key("le:idem:{1}:r").Build()).AsInt64(); err != nil || ms < 50*60*1000 {
+		t.Fatalf("a live row's expiry in %d ms %v, want about an hour", ms, err)
+	}
+	if v, err := rdb.Do(ctx, rdb.B().Get().Key("le:idem:{1}:old").Build()).ToString(); err != nil || v != "newer" {
+		t.Fatalf("a stale row overwrote a newer key: %q %v", v, err)
 	}
 }
 

@@ -683,7 +683,7 @@ func (s *Service) Cancel(anchor int64, code string) (View, error) {
 		}
 		out, err := s.Cancel(anchor, code) // settled: PREPARED, or WAIT after a refusal
 		r.mu.Lock()
-		prepared := r.rec.State == StatePrepared && !r.busy // not a start meanwhile
+		prepared := r.rec.State == StatePrepared // not started meanwhile
 		r.mu.Unlock()
 		if err != nil && v.State == StatePrepared && prepared {
 			// Not "nothing moved": the anchor is debited, the rain PREPARED.
