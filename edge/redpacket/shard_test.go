@@ -395,9 +395,46 @@ func TestShardedRainReclaimsIdleSlices(t *testing.T) {
 		}
 	}
 	if got != count {
+		c.dump(t, code)
 		t.Fatalf("n3's viewers got %d of %d packets: the rest is stranded", got, count)
 	}
 	c.conserve(t, "n1", code, total)
+}
+
+// dump logs what every node knows of rain code: the owner's pool, state and
+// holders, each holder's slice (to tell where a packet is when a test fails).
+func (c *cluster) dump(t *testing.T, code string) {
+	t.Helper()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for name, m := range c.nodes {
+		s := m.svc
+		if r := s.get(code); r != nil {
+			left := -1
+			if s.mem != nil {
+				left, _ = s.mem.Len(context.Background(), code)
+			}
+			r.mu.Lock()
+			t.Logf("%s (owner): state %s ending %v inflight %d transit %d rounds %d answered %d pool %d", name,
+				r.rec.State, r.ending, r.inflight, r.transit, r.rounds, r.answered, left)
+			if lr := r.lastRound; lr != nil {
+				t.Logf("  last round %d: %+v", lr.seq, lr.out)
+			}
+			for _, h := range r.holders {
+				t.Logf("  holder %s: out %d granted %d base %d leases %d sent %v ago", h.node, h.out, h.granted, h.base, h.leases, time.Since(h.sentAt))
+			}
+			r.mu.Unlock()
+		}
+		s.mu.RLock()
+		sh := s.shards[code]
+		s.mu.RUnlock()
+		if sh != nil {
+			sh.mu.Lock()
+			t.Logf("%s (holder): free %d granted %d inflight %d held %d over %v dry %v closed %v gone %v lastErr %v",
+				name, len(sh.free), sh.granted, sh.inflight, sh.mine.n, sh.over, sh.dry, sh.closed, sh.gone, sh.lastErr)
+			sh.mu.Unlock()
+		}
+	}
 }
 
 // The owner restarts mid-rain: it rebuilds its remainder as split − its
