@@ -168,12 +168,7 @@ func (r *clusterRain) waitFinished(t *testing.T, d time.Duration) rainView {
 // money conserved across every ledger.
 func (r *clusterRain) checkGrants(t *testing.T, total int64, v rainView, okAmount map[int64]int64, exact bool) {
 	t.Helper()
-	var dirs []string
-	for _, nd := range r.c.nodes {
-		_ = nd.p.cmd.Process.Signal(syscall.SIGTERM)
-		<-nd.p.done
-		dirs = append(dirs, nd.data)
-	}
+	dirs := r.c.stopAll()
 	rdb, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{r.c.redis.Addr}, DisableCache: true})
 	if err != nil {
 		t.Fatal(err)

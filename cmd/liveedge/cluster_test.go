@@ -37,6 +37,18 @@ type testCluster struct {
 	nodes []*sharedNode
 }
 
+// stopAll stops every node (SIGTERM, then waits for it) and returns their
+// data directories, for the audits that read their ledgers.
+func (c *testCluster) stopAll() []string {
+	var dirs []string
+	for _, nd := range c.nodes {
+		_ = nd.p.cmd.Process.Signal(syscall.SIGTERM)
+		<-nd.p.done
+		dirs = append(dirs, nd.data)
+	}
+	return dirs
+}
+
 func startCluster(t *testing.T, n int, extra ...string) *testCluster {
 	t.Helper()
 	c := &testCluster{redis: redistest.Start(t), nats: natstest.Start(t)}
@@ -444,12 +456,7 @@ func TestClusterGiftAcrossNodes(t *testing.T) {
 	pollUntil(t, 5*time.Second, "5559 on nodes 1 and 3", func() bool {
 		return len(sLog.get(proto.BizRoomClosed)) == 1 && len(wLog.get(proto.BizRoomClosed)) == 1
 	})
-	var dirs []string
-	for _, nd := range c.nodes {
-		_ = nd.p.cmd.Process.Signal(syscall.SIGTERM)
-		<-nd.p.done
-		dirs = append(dirs, nd.data)
-	}
+	dirs := c.stopAll()
 	cr, db, bal := persisttest.CheckSharedConservation(t, c.redis.Addr, dirs...)
 	// A gift debits the sender (the anchor's side is a tally, "received").
 	if cr != 100 || db != 5 || bal != 95 {
@@ -718,12 +725,7 @@ func TestClusterPayOrdersAnyNode(t *testing.T) {
 	if len(mids) != 2 {
 		t.Fatalf("5570 pushes: %d distinct, want 2 (one per paid order)", len(mids))
 	}
-	var dirs []string
-	for _, nd := range c.nodes {
-		_ = nd.p.cmd.Process.Signal(syscall.SIGTERM)
-		<-nd.p.done
-		dirs = append(dirs, nd.data)
-	}
+	dirs := c.stopAll()
 	cr, db, bal := persisttest.CheckSharedConservation(t, c.redis.Addr, dirs...)
 	if cr != a.Coins+b.Coins || db != 0 || bal != cr {
 		t.Fatalf("credits %d debits %d balances %d", cr, db, bal)
@@ -1063,12 +1065,7 @@ func TestClusterRedPacketRainAnyNode(t *testing.T) {
 	if credited+len(twiceMids) != count || len(twiceMids) != 1 {
 		t.Fatalf("%d + %d redpacket credits pushed, want %d in all and 1 for the two-session user", credited, len(twiceMids), count)
 	}
-	var dirs []string
-	for _, nd := range c.nodes {
-		_ = nd.p.cmd.Process.Signal(syscall.SIGTERM)
-		<-nd.p.done
-		dirs = append(dirs, nd.data)
-	}
+	dirs := c.stopAll()
 	cr, db, bal := persisttest.CheckSharedConservation(t, c.redis.Addr, dirs...)
 	if bal != total || cr-db != total {
 		t.Fatalf("credits %d debits %d balances %d, want balances %d", cr, db, bal, total)
@@ -1237,12 +1234,7 @@ func TestClusterPKAcrossNodes(t *testing.T) {
 			t.Fatalf("GET through %s: %d %+v", nd.http, st, got)
 		}
 	}
-	var dirs []string
-	for _, nd := range c.nodes {
-		_ = nd.p.cmd.Process.Signal(syscall.SIGTERM)
-		<-nd.p.done
-		dirs = append(dirs, nd.data)
-	}
+	dirs := c.stopAll()
 	total := want[roomA] + want[roomB]
 	if cr, db, bal := persisttest.CheckSharedConservation(t, c.redis.Addr, dirs...); cr != 4000 || db != total || bal != 4000-total {
 		t.Fatalf("credits %d debits %d balances %d, want 4000 %d %d", cr, db, bal, total, 4000-total)
@@ -1391,12 +1383,7 @@ func TestClusterTicketsAnyNode(t *testing.T) {
 	if f, l, s := count(c.nodes[0]); sold.Load() != 7 || f != 0 || l != 0 || s != 10 {
 		t.Fatalf("rush: %d sold; free %d locked %d sold %d, want 7 sold and 0 0 10", sold.Load(), f, l, s)
 	}
-	var dirs []string
-	for _, nd := range c.nodes {
-		_ = nd.p.cmd.Process.Signal(syscall.SIGTERM)
-		<-nd.p.done
-		dirs = append(dirs, nd.data)
-	}
+	dirs := c.stopAll()
 	// Coins: 100 + 30 × 10 credited; 2 + 1 + 7 seats at 10 debited.
 	if cr, db, bal := persisttest.CheckSharedConservation(t, c.redis.Addr, dirs...); cr != 400 || db != 100 || bal != 300 {
 		t.Fatalf("credits %d debits %d balances %d, want 400 100 300", cr, db, bal)

@@ -11,7 +11,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -266,12 +265,7 @@ func TestClusterCouponsAnyNode(t *testing.T) {
 			t.Fatalf("through %s: sold %d+%d locked %d+%d free %d+%d, want %d sold", nd.http, s3, s1, l3, l1, f3, f1, len(paid))
 		}
 	}
-	var dirs []string
-	for _, nd := range c.nodes {
-		_ = nd.p.cmd.Process.Signal(syscall.SIGTERM)
-		<-nd.p.done
-		dirs = append(dirs, nd.data)
-	}
+	dirs := c.stopAll()
 	// Coins: 1000 + 10 + 100 credited; 11 orders at 70 debited (the failed
 	// saga's debit never happened).
 	if cr, db, bal := persisttest.CheckSharedConservation(t, c.redis.Addr, dirs...); cr != 1110 || db != 770 || bal != 340 {
@@ -407,12 +401,7 @@ func TestClusterCouponsSurviveRedisLoss(t *testing.T) {
 			t.Fatalf("through %s: free %d locked %d sold %d, want 6 0 4", nd.http, f, l, s)
 		}
 	}
-	var dirs []string
-	for _, nd := range c.nodes {
-		_ = nd.p.cmd.Process.Signal(syscall.SIGTERM)
-		<-nd.p.done
-		dirs = append(dirs, nd.data)
-	}
+	dirs := c.stopAll()
 	if cr, db, bal := persisttest.CheckSharedConservation(t, c.redis.Addr, dirs...); cr != 1000 || db != 280 || bal != 720 {
 		t.Fatalf("credits %d debits %d balances %d, want 1000 280 720", cr, db, bal)
 	}

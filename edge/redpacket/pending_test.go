@@ -107,6 +107,23 @@ func cancelledInDoubt(t *testing.T) (*pendingNode, *lateWallet, string) {
 	return n, w, v.Code
 }
 
+// preparedInDoubt makes a node with a rain of 1,000 coins whose prepare
+// (the debit) is in doubt: the op is held by the returned wallet.
+func preparedInDoubt(t *testing.T) (*pendingNode, *lateWallet, string) {
+	t.Helper()
+	n := newPendingNode(t)
+	w := &lateWallet{Ledger: n.l, prefix: "rp-prep:"}
+	n.start(t, w)
+	v, err := n.svc.Create(shardAnchor, shardRoom, 1000, 10, time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := n.svc.Prepare(shardAnchor, v.Code); err == nil || w.held == nil {
+		t.Fatalf("prepare: %v (want it in doubt)", err)
+	}
+	return n, w, v.Code
+}
+
 // mustNotStart checks that a start of code is refused (10409: its cancel is
 // pending or in progress) or finds it finished (the start completed the
 // pending cancel first: goCancel).
@@ -156,16 +173,7 @@ func (n *pendingNode) balance(t *testing.T) int64 {
 // replays the landed debit, the rain is PREPARED — and then refunds it: the
 // late debit never stays with a cancelled rain.
 func TestPrepareInDoubtAcrossRestart(t *testing.T) {
-	n := newPendingNode(t)
-	w := &lateWallet{Ledger: n.l, prefix: "rp-prep:"}
-	n.start(t, w)
-	v, err := n.svc.Create(shardAnchor, shardRoom, 1000, 10, time.Minute)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := n.svc.Prepare(shardAnchor, v.Code); err == nil || w.held == nil {
-		t.Fatalf("prepare: %v (want it in doubt)", err)
-	}
+	n, w, code := preparedInDoubt(t)
 	n.start(t, n.l) // restart
 	// The watcher lands the debit.
 	if _, err := n.l.Apply(*w.held); err != nil {
@@ -174,7 +182,7 @@ func TestPrepareInDoubtAcrossRestart(t *testing.T) {
 	if b := n.balance(t); b != 0 {
 		t.Fatalf("anchor balance %d after the late debit, want 0", b)
 	}
-	if fin, err := n.svc.Cancel(shardAnchor, v.Code); err != nil || fin.State != StateFinished || fin.Refunded != 1000 {
+	if fin, err := n.svc.Cancel(shardAnchor, code); err != nil || fin.State != StateFinished || fin.Refunded != 1000 {
 		t.Fatalf("cancel: %+v %v", fin, err)
 	}
 	if b := n.balance(t); b != 1000 {
@@ -191,16 +199,7 @@ func TestPrepareInDoubtAcrossRestart(t *testing.T) {
 func TestCancelSettlesAPrepareInDoubt(t *testing.T) {
 	for _, spent := range []bool{false, true} {
 		t.Run(map[bool]string{false: "debited-then-refunded", true: "refused-for-the-balance"}[spent], func(t *testing.T) {
-			n := newPendingNode(t)
-			w := &lateWallet{Ledger: n.l, prefix: "rp-prep:"}
-			n.start(t, w)
-			v, err := n.svc.Create(shardAnchor, shardRoom, 1000, 10, time.Minute)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if _, err := n.svc.Prepare(shardAnchor, v.Code); err == nil || w.held == nil {
-				t.Fatalf("prepare: %v (want it in doubt)", err)
-			}
+			n, w, code := preparedInDoubt(t)
 			want := int64(1000)
 			if spent {
 				if _, err := n.l.Apply(persist.Op{Postings: []persist.Posting{{User: shardAnchor, Delta: -600, Reason: persist.ReasonDev}}}); err != nil {
@@ -208,7 +207,7 @@ func TestCancelSettlesAPrepareInDoubt(t *testing.T) {
 				}
 				want = 400
 			}
-			fin, err := n.svc.Cancel(shardAnchor, v.Code)
+			fin, err := n.svc.Cancel(shardAnchor, code)
 			if err != nil || fin.State != StateFinished || !fin.Cancelled {
 				t.Fatalf("cancel with the prepare in doubt: %+v %v", fin, err)
 			}
@@ -233,7 +232,7 @@ func TestCancelSettlesAPrepareInDoubt(t *testing.T) {
 				t.Fatalf("anchor balance %d after the late first attempt, want %d (it is a duplicate)", b, want)
 			}
 			n.start(t, n.l) // restart
-			if got, err := n.svc.Get(v.Code); err != nil || got.State != StateFinished {
+			if got, err := n.svc.Get(code); err != nil || got.State != StateFinished {
 				t.Fatalf("after a restart: %+v %v", got, err)
 			}
 			if _, err := n.svc.Create(shardAnchor, shardRoom, 100, 1, time.Minute); err != nil {
