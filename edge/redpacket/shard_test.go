@@ -262,6 +262,7 @@ func (c *cluster) conserve(t *testing.T, owner, code string, total int64) View {
 		time.Sleep(10 * time.Millisecond)
 	}
 	if v.State != StateFinished {
+		c.dump(t, code)
 		t.Fatalf("rain not finished: %+v", v)
 	}
 	grants, _ := c.grants(t, code)
