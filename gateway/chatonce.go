@@ -76,8 +76,14 @@ func newMemChatOnceSize(n int) *memChatOnce {
 func (m *memChatOnce) peek(user int64, req string) (string, *proto.Error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if v, ok := m.lru.Peek(chatKey{user, req}); ok {
-		switch now := m.now(); {
+	return m.known(chatKey{user, req}, m.now())
+}
+
+// known answers what m remembers of k at now (with m.mu held): a sent
+// chat's mid, errChatInFlight, or neither (absent or expired).
+func (m *memChatOnce) known(k chatKey, now time.Time) (string, *proto.Error) {
+	if v, ok := m.lru.Peek(k); ok {
+		switch {
 		case v.mid != "" && now.Sub(v.at) < chatOnceTTL:
 			return v.mid, nil
 		case v.mid == "" && now.Sub(v.at) < chatInFlightTTL:
@@ -92,13 +98,8 @@ func (m *memChatOnce) claim(user int64, req string) (string, func(string), *prot
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	now := m.now()
-	if v, ok := m.lru.Get(k); ok {
-		switch {
-		case v.mid != "" && now.Sub(v.at) < chatOnceTTL:
-			return v.mid, nil, nil
-		case v.mid == "" && now.Sub(v.at) < chatInFlightTTL:
-			return "", nil, errChatInFlight
-		}
+	if mid, err := m.known(k, now); mid != "" || err != nil {
+		return mid, nil, err
 	}
 	claimed := chatSent{at: now}
 	m.lru.Add(k, claimed)

@@ -178,6 +178,10 @@ func (s *Server) chatMsg(c *Conn, f *proto.ClientFrame) (any, *proto.Error) {
 	if !s.chat.Allow(uint64(c.ident.UserID)) {
 		return nil, proto.ErrRateLimited
 	}
+	d, merr := proto.Marshal(proto.ChatPush{From: c.ident.UserID, Text: r.Text})
+	if merr != nil {
+		return nil, proto.ErrInternal
+	}
 	var settle func(string)
 	if r.ReqID != "" {
 		mid, st, perr := s.chatOnce.claim(c.ident.UserID, r.ReqID)
@@ -188,13 +192,6 @@ func (s *Server) chatMsg(c *Conn, f *proto.ClientFrame) (any, *proto.Error) {
 			return chatReply{Mid: mid}, nil // sent meanwhile
 		}
 		settle = st
-	}
-	d, merr := proto.Marshal(proto.ChatPush{From: c.ident.UserID, Text: r.Text})
-	if merr != nil {
-		if settle != nil {
-			settle("")
-		}
-		return nil, proto.ErrInternal
 	}
 	var mid string
 	var err error
@@ -207,17 +204,16 @@ func (s *Server) chatMsg(c *Conn, f *proto.ClientFrame) (any, *proto.Error) {
 	} else {
 		mid, err = s.router.PublishRoom(r.RoomID, push)
 	}
-	refused := errors.Is(err, router.ErrNoRoom) || errors.Is(err, router.ErrRoomBusy)
-	switch {
-	case settle == nil:
-	case err == nil:
-		settle(mid)
-	case refused:
-		settle("") // not queued: its retry is sent
-	default:
-		// In doubt (a cluster's sequencer did not answer in time: the push
-		// may still go out): the claim stays until it expires, retries
-		// meanwhile are 10409, so a late push is not doubled.
+	if settle != nil {
+		switch {
+		case err == nil:
+			settle(mid)
+		case errors.Is(err, router.ErrNoRoom) || errors.Is(err, router.ErrRoomBusy):
+			settle("") // not queued: its retry is sent
+		}
+		// Otherwise in doubt (a cluster's sequencer did not answer in time:
+		// the push may still go out): the claim stays until it expires,
+		// retries meanwhile are 10409, so a late push is not doubled.
 	}
 	switch {
 	case errors.Is(err, router.ErrNoRoom):
