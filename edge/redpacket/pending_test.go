@@ -94,17 +94,24 @@ func cancelledInDoubt(t *testing.T) (*pendingNode, *lateWallet, string) {
 	n := newPendingNode(t)
 	w := &lateWallet{Ledger: n.l, prefix: "rp-end:"}
 	n.start(t, w)
-	v, err := n.svc.Create(shardAnchor, shardRoom, 1000, 10, time.Minute)
+	code := n.create(t, 1000, 10)
+	if _, err := n.svc.Prepare(shardAnchor, code); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := n.svc.Cancel(shardAnchor, code); err == nil || w.held == nil {
+		t.Fatalf("cancel: %v (want it in doubt)", err)
+	}
+	return n, w, code
+}
+
+// create makes a rain of total coins in count packets for the anchor.
+func (n *pendingNode) create(t *testing.T, total int64, count int) string {
+	t.Helper()
+	v, err := n.svc.Create(shardAnchor, shardRoom, total, count, time.Minute)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := n.svc.Prepare(shardAnchor, v.Code); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := n.svc.Cancel(shardAnchor, v.Code); err == nil || w.held == nil {
-		t.Fatalf("cancel: %v (want it in doubt)", err)
-	}
-	return n, w, v.Code
+	return v.Code
 }
 
 // preparedInDoubt makes a node with a rain of 1,000 coins whose prepare
@@ -114,14 +121,11 @@ func preparedInDoubt(t *testing.T) (*pendingNode, *lateWallet, string) {
 	n := newPendingNode(t)
 	w := &lateWallet{Ledger: n.l, prefix: "rp-prep:"}
 	n.start(t, w)
-	v, err := n.svc.Create(shardAnchor, shardRoom, 1000, 10, time.Minute)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := n.svc.Prepare(shardAnchor, v.Code); err == nil || w.held == nil {
+	code := n.create(t, 1000, 10)
+	if _, err := n.svc.Prepare(shardAnchor, code); err == nil || w.held == nil {
 		t.Fatalf("prepare: %v (want it in doubt)", err)
 	}
-	return n, w, v.Code
+	return n, w, code
 }
 
 // mustNotStart checks that a start of code is refused (10409: its cancel is
@@ -264,18 +268,15 @@ func TestCancelInDoubtAcrossRestart(t *testing.T) {
 func TestPrepareRefusalSurvivesRestart(t *testing.T) {
 	n := newPendingNode(t)
 	n.start(t, n.l)
-	v, err := n.svc.Create(shardAnchor, shardRoom, 2000, 10, time.Minute)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := n.svc.Prepare(shardAnchor, v.Code); err == nil || proto.AsError(err).Code != proto.CodeInsufficientBalance {
+	code := n.create(t, 2000, 10)
+	if _, err := n.svc.Prepare(shardAnchor, code); err == nil || proto.AsError(err).Code != proto.CodeInsufficientBalance {
 		t.Fatalf("prepare without the balance: %v", err)
 	}
 	if _, err := n.l.Apply(persist.Op{Postings: []persist.Posting{{User: shardAnchor, Delta: 1000, Reason: persist.ReasonDev}}}); err != nil {
 		t.Fatal(err)
 	}
 	n.start(t, n.l) // restart
-	if got, err := n.svc.Prepare(shardAnchor, v.Code); err != nil || got.State != StatePrepared {
+	if got, err := n.svc.Prepare(shardAnchor, code); err != nil || got.State != StatePrepared {
 		t.Fatalf("prepare after funding and a restart: %+v %v", got, err)
 	}
 	if b := n.balance(t); b != 0 {
@@ -356,22 +357,19 @@ func TestUnavailableGrantPutsThePacketBack(t *testing.T) {
 	w := &unavailableOnce{Ledger: n.l, prefix: "rp:"}
 	n.start(t, w)
 	const count = 5
-	v, err := n.svc.Create(shardAnchor, shardRoom, 500, count, time.Minute)
-	if err != nil {
+	code := n.create(t, 500, count)
+	if _, err := n.svc.Prepare(shardAnchor, code); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := n.svc.Prepare(shardAnchor, v.Code); err != nil {
+	if _, err := n.svc.Start(shardAnchor, code); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := n.svc.Start(shardAnchor, v.Code); err != nil {
-		t.Fatal(err)
-	}
-	if _, perr := n.svc.Grab(100, v.Code); perr == nil || !w.done {
+	if _, perr := n.svc.Grab(100, code); perr == nil || !w.done {
 		t.Fatalf("first grab: %v (want the wallet unavailable)", perr)
 	}
 	got := 0
 	for u := int64(101); u < 120; u++ {
-		_, perr := n.svc.Grab(u, v.Code)
+		_, perr := n.svc.Grab(u, code)
 		if perr != nil {
 			if perr.Code != proto.CodeRedPacketEmpty {
 				t.Fatal(perr)
@@ -384,7 +382,7 @@ func TestUnavailableGrantPutsThePacketBack(t *testing.T) {
 		t.Fatalf("%d of %d packets granted after an unavailable grant", got, count)
 	}
 	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
-		fin, err := n.svc.Get(v.Code)
+		fin, err := n.svc.Get(code)
 		if err == nil && fin.State == StateFinished {
 			if fin.GrantedCount != count || fin.GrantedAmount != 500 || fin.Refunded != 0 {
 				t.Fatalf("finished %+v", fin)
@@ -431,31 +429,28 @@ func TestCancelSettlingAPrepareFails(t *testing.T) {
 		return false, nil
 	}}
 	n.start(t, w)
-	v, err := n.svc.Create(shardAnchor, shardRoom, 1000, 10, time.Minute)
-	if err != nil {
-		t.Fatal(err)
-	}
+	code := n.create(t, 1000, 10)
 	inDoubt.Store(true)
-	if _, err := n.svc.Prepare(shardAnchor, v.Code); err == nil {
+	if _, err := n.svc.Prepare(shardAnchor, code); err == nil {
 		t.Fatal("prepare in doubt answered ok")
 	}
-	if _, err := n.svc.Cancel(shardAnchor, v.Code); err == nil {
+	if _, err := n.svc.Cancel(shardAnchor, code); err == nil {
 		t.Fatal("a cancel whose prepare retry is in doubt answered ok")
 	}
-	if got, _ := n.svc.Get(v.Code); got.State != StateWait || n.balance(t) != 1000 {
+	if got, _ := n.svc.Get(code); got.State != StateWait || n.balance(t) != 1000 {
 		t.Fatalf("after the failed cancel: %+v, balance %d", got, n.balance(t))
 	}
 	inDoubt.Store(false)
 	refundDown.Store(true)
-	_, err = n.svc.Cancel(shardAnchor, v.Code)
+	_, err := n.svc.Cancel(shardAnchor, code)
 	if e := proto.AsError(err); e == nil || e.Code != proto.CodeConflict || !strings.Contains(e.Msg, "PREPARED") {
 		t.Fatalf("the cancel whose refund failed: %v, want 10409 naming PREPARED", err)
 	}
-	if got, _ := n.svc.Get(v.Code); got.State != StatePrepared || n.balance(t) != 0 {
+	if got, _ := n.svc.Get(code); got.State != StatePrepared || n.balance(t) != 0 {
 		t.Fatalf("after it: %+v, balance %d (want PREPARED, debited)", got, n.balance(t))
 	}
 	refundDown.Store(false)
-	if fin, err := n.svc.Cancel(shardAnchor, v.Code); err != nil || fin.State != StateFinished || fin.Refunded != 1000 || n.balance(t) != 1000 {
+	if fin, err := n.svc.Cancel(shardAnchor, code); err != nil || fin.State != StateFinished || fin.Refunded != 1000 || n.balance(t) != 1000 {
 		t.Fatalf("cancel again: %+v %v, balance %d", fin, err, n.balance(t))
 	}
 }
