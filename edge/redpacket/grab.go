@@ -114,6 +114,8 @@ func (s *Service) GrabAsync(user int64, code string, done func(GrabReply, *proto
 			done(GrabReply{}, errUnsure)
 			return
 		}
+	} else if ok && s.mem != nil {
+		s.watchEnd(r) // this may have been the last packet anywhere
 	}
 	if err != nil || !ok {
 		s.grabFailed(r, code, user, !ok && err == nil, false)

@@ -114,6 +114,8 @@ type Service struct {
 	// keepStop ends keepRooms (nil: no shared room check); keepDone is
 	// closed when it has. Set once in New.
 	keepStop, keepDone chan struct{}
+	// quit is closed by Close (the sharded end watchers stop waiting).
+	quit chan struct{}
 
 	mu        sync.RWMutex
 	closed    bool
@@ -156,6 +158,7 @@ type rain struct {
 	reclaiming *roundRun // the round in progress
 	lastRound  *roundRun // the last round that ended
 	transit    int       // leases being answered whose packets are on their way
+	endWatch   bool      // an end watcher runs (watchEnd)
 }
 
 // New returns the service and restores the rains that were not finished
@@ -194,7 +197,7 @@ func New(store *persist.Store, w persist.Wallet, r router.Router, cfg Config, lo
 	}
 	s := &Service{cfg: cfg, store: store, wallet: w, router: r, pool: cfg.Pool, log: log.With("svc", "redpacket"),
 		seed: maphash.MakeSeed(), rains: map[string]*rain{}, perAnchor: map[int64]int{},
-		running: map[int64]string{}, prepared: map[int64]string{}, shards: map[string]*shard{}}
+		running: map[int64]string{}, prepared: map[int64]string{}, shards: map[string]*shard{}, quit: make(chan struct{})}
 	if m, ok := cfg.Pool.(*MemoryPool); ok && cfg.Peers != nil {
 		s.mem = m
 	}

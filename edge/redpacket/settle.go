@@ -336,6 +336,9 @@ func (s *Service) Close() {
 		r.mu.Unlock()
 	}
 	s.mu.Unlock()
+	if first {
+		close(s.quit)
+	}
 	if s.keepStop != nil {
 		if first {
 			close(s.keepStop)

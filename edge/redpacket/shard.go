@@ -380,6 +380,9 @@ func (s *Service) takeOrReclaim(r *rain, lease, ahead bool, deadline time.Time, 
 			// since it began no lease has taken any of what it got back.
 			last = rd.drained && rest == 0 && r.transit == b2i(lease) && r.answered == rd.answered
 			r.mu.Unlock()
+			if rest == 0 && !last {
+				s.watchEnd(r)
+			}
 			return pk, false, last
 		}
 		if lease {
@@ -389,6 +392,7 @@ func (s *Service) takeOrReclaim(r *rain, lease, ahead bool, deadline time.Time, 
 			return nil, false, false
 		}
 		if time.Now().After(deadline) {
+			s.watchEnd(r)
 			return nil, true, false
 		}
 		rd = s.reclaimRound(r, seen, deadline)
@@ -396,6 +400,7 @@ func (s *Service) takeOrReclaim(r *rain, lease, ahead bool, deadline time.Time, 
 		case rd.got > 0:
 			backoff = time.Millisecond
 		case rd.failed:
+			s.watchEnd(r)
 			return nil, true, false
 		case rd.drained:
 			return nil, false, false // nothing here, on the way or with a holder
@@ -405,6 +410,83 @@ func (s *Service) takeOrReclaim(r *rain, lease, ahead bool, deadline time.Time, 
 			time.Sleep(min(backoff, max(0, time.Until(deadline))))
 			backoff = min(2*backoff, 32*time.Millisecond)
 		}
+	}
+}
+
+// endCheckDelay is how long the owner's pool stays empty, the rain not known
+// to be over, before the owner asks its holders itself (watchEnd).
+const endCheckDelay = time.Second
+
+// watchEnd makes a sharded rain end soon after its last packet is granted
+// when nothing else would. The owner learns that a rain is over only when
+// someone asks for more — a holder leasing with none of its own left, or a
+// grab here finding the pool empty — and that ask's reclaim round finds
+// nothing anywhere. The ask may never come: the last grabbers were served;
+// a holder's last lease ahead failed or was answered "unsure"; or a round
+// that could not tell (a lease was being answered when it began) took
+// packets back that were then granted here as if more might be left. So
+// once the owner's pool is empty and the rain is not ending, one watcher per
+// rain waits endCheckDelay and runs a reclaim round itself, again every
+// endCheckDelay, until a round finds nothing anywhere (the rain ends, as a
+// grab finding none would end it), gets packets back (they wait in the pool
+// for the next grab), or the rain ends otherwise. Called without r.mu.
+func (s *Service) watchEnd(r *rain) {
+	if s.mem == nil {
+		return
+	}
+	r.mu.Lock()
+	code, skip := r.rec.Code, r.endWatch || r.ending || r.rec.State != StateRunning
+	r.mu.Unlock()
+	if skip {
+		return
+	}
+	if left, _ := s.mem.Len(context.Background(), code); left > 0 {
+		return
+	}
+	r.mu.Lock()
+	if r.endWatch {
+		r.mu.Unlock()
+		return
+	}
+	r.endWatch = true
+	r.mu.Unlock()
+	s.spawn(func() { s.endWatcher(r) })
+}
+
+// endWatcher is watchEnd's watcher.
+func (s *Service) endWatcher(r *rain) {
+	defer func() {
+		r.mu.Lock()
+		r.endWatch = false
+		r.mu.Unlock()
+		s.watchEnd(r) // the pool may have run empty again after the last look
+	}()
+	t := time.NewTimer(endCheckDelay)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.quit:
+			return
+		case <-t.C:
+		}
+		r.mu.Lock()
+		if r.ending || r.rec.State != StateRunning {
+			r.mu.Unlock()
+			return
+		}
+		r.inflight++ // settlement waits for this round
+		seen, code := r.rounds, r.rec.Code
+		r.mu.Unlock()
+		if left, _ := s.mem.Len(context.Background(), code); left > 0 {
+			s.finishInflight(r, false)
+			return
+		}
+		rd := s.reclaimRound(r, seen, time.Now().Add(leaseLimit))
+		s.finishInflight(r, rd.drained && rd.got == 0) // nothing anywhere: the rain ends
+		if rd.drained || rd.got > 0 {
+			return
+		}
+		t.Reset(endCheckDelay)
 	}
 }
 
@@ -828,7 +910,11 @@ func (s *Service) refill(sh *shard) error {
 	case err != nil:
 		if pe := proto.AsError(err); pe.Code == proto.CodeRedPacketEmpty {
 			if req.Free > 0 {
-				sh.dry = true // none to lease ahead; ask again when ours run out
+				// None to lease ahead; ask again when ours run out. Not an
+				// error for the caller: this node still has packets (a grab
+				// that found the slice empty and waited for this lease pops
+				// one; it must not tell its viewer "none left").
+				sh.dry, err = true, nil
 			} else {
 				sh.over = true
 			}

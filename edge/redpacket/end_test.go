@@ -1,0 +1,121 @@
+package redpacket
+
+import (
+	"context"
+	"testing"
+	"time"
+)
+
+// A sharded rain ends soon after its last packet is granted even when
+// nobody asks for more afterwards: here the owner's viewer takes the pool's
+// last packet, and the holder's ask for more as it grants its own last one
+// (the lease ahead on its last packet) fails — the owner was unreachable
+// for a moment. The rain's end time is an hour away.
+func TestShardedRainEndsAfterItsLastGrant(t *testing.T) {
+	c := newCluster(t, "n1", "n2")
+	const count, total = 3, 300
+	code := c.rain(t, "n1", total, count, time.Hour)
+	h := c.svc("n2")
+	sh := h.shardOf(code, "n1")
+	slice := func() (free int, leasing bool) {
+		sh.mu.Lock()
+		defer sh.mu.Unlock()
+		return len(sh.free), sh.leasing != nil
+	}
+	if _, perr := c.grab("n2", "n1", 1, code); perr != nil { // n2 leases one, and one more ahead
+		t.Fatal(perr)
+	}
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(time.Millisecond) {
+		if free, leasing := slice(); free == 1 && !leasing {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("n2's lease ahead did not arrive")
+		}
+	}
+	if _, perr := c.grab("n1", "n1", 2, code); perr != nil { // the pool's last packet
+		t.Fatal(perr)
+	}
+	if left, _ := c.svc("n1").mem.Len(context.Background(), code); left != 0 {
+		t.Fatalf("%d packets left in the owner's pool", left)
+	}
+	c.mu.Lock()
+	c.down["n1"] = true // n2 cannot reach the owner
+	c.mu.Unlock()
+	if _, perr := c.grab("n2", "n1", 3, code); perr != nil { // n2's last packet
+		t.Fatal(perr)
+	}
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(time.Millisecond) {
+		if _, leasing := slice(); !leasing {
+			break // its lease ahead failed
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("n2's lease ahead did not end")
+		}
+	}
+	c.mu.Lock()
+	c.down["n1"] = false
+	c.mu.Unlock()
+	v := c.conserve(t, "n1", code, total) // waits up to 10 s for the end
+	if v.GrantedCount != count || v.Refunded != 0 {
+		t.Fatalf("%+v", v)
+	}
+}
+
+// A lease ahead answered "none to lease ahead" is not "none left" for the
+// holder that still has packets: a grab that found its slice empty and
+// waited for that lease (whose answer brought the packet the grab then
+// pops) must not tell its viewer that the rain is over. Here n3's viewers
+// then take every packet, n2's idle slice included.
+func TestLeaseAheadAnsweredEmptyIsNotNoneLeft(t *testing.T) {
+	c := newCluster(t, "n1", "n2", "n3")
+	const count, total = 100, 10_000
+	code := c.rain(t, "n1", total, count, time.Hour)
+	got := 0
+	for node, user := range map[string]int64{"n2": 1, "n3": 2} { // both lease a slice
+		if _, perr := c.grab(node, "n1", user, code); perr != nil {
+			t.Fatal(perr)
+		}
+		got++
+	}
+	u := int64(1000)
+	for left, _ := c.svc("n1").mem.Len(context.Background(), code); left > 0; left-- { // the owner's viewers take its pool
+		if _, perr := c.grab("n1", "n1", u, code); perr != nil {
+			t.Fatal(perr)
+		}
+		u++
+		got++
+	}
+	h := c.svc("n3")
+	sh := h.shardOf(code, "n1")
+	slice := func() (free int, leasing bool) {
+		sh.mu.Lock()
+		defer sh.mu.Unlock()
+		return len(sh.free), sh.leasing != nil
+	}
+	for {
+		free, leasing := slice()
+		if leasing {
+			time.Sleep(time.Millisecond)
+			continue
+		}
+		if free <= 1 {
+			break
+		}
+		if _, perr := c.grab("n3", "n1", u, code); perr != nil { // n3's viewers, down to its last packet
+			t.Fatal(perr)
+		}
+		u++
+		got++
+	}
+	if err := h.refill(sh); err != nil {
+		t.Fatalf("a lease ahead answered empty, the holder's own packet still there: %v", err)
+	}
+	for ; got < count; u++ {
+		if _, perr := c.grab("n3", "n1", u, code); perr != nil {
+			t.Fatalf("grab %d of %d: %v", got+1, count, perr)
+		}
+		got++
+	}
+	c.conserve(t, "n1", code, total)
+}
