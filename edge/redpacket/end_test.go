@@ -2,6 +2,7 @@ package redpacket
 
 import (
 	"context"
+	"errors"
 	"testing"
 	"time"
 )
@@ -13,6 +14,9 @@ import (
 // for a moment. The rain's end time is an hour away.
 func TestShardedRainEndsAfterItsLastGrant(t *testing.T) {
 	c := newCluster(t, "n1", "n2")
+	// The owner's watch waits 3 s (1 s by default) so that it cannot take
+	// n2's last packet back before n2's viewer grabs it below.
+	c.svc("n1").cfg.EndCheck = 3 * time.Second
 	const count, total = 3, 300
 	code := c.rain(t, "n1", total, count, time.Hour)
 	h := c.svc("n2")
@@ -45,20 +49,64 @@ func TestShardedRainEndsAfterItsLastGrant(t *testing.T) {
 	if _, perr := c.grab("n2", "n1", 3, code); perr != nil { // n2's last packet
 		t.Fatal(perr)
 	}
-	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(time.Millisecond) {
-		if _, leasing := slice(); !leasing {
-			break // its lease ahead failed
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("n2's lease ahead did not end")
-		}
-	}
+	waitLeaseFailed(t, sh)
 	c.mu.Lock()
 	c.down["n1"] = false
 	c.mu.Unlock()
 	v := c.conserve(t, "n1", code, total) // waits up to 10 s for the end
 	if v.GrantedCount != count || v.Refunded != 0 {
 		t.Fatalf("%+v", v)
+	}
+}
+
+// The same after the owner restarts: its rain resumes with every packet
+// out with n2, which granted its last one while the owner was down (its ask
+// for more failed). Nobody asks again; the owner asks n2 itself.
+func TestShardedRainEndsAfterItsLastGrantAcrossRestart(t *testing.T) {
+	c := newCluster(t, "n1", "n2")
+	const count, total = 2, 200
+	code := c.rain(t, "n1", total, count, time.Hour)
+	sh := c.svc("n2").shardOf(code, "n1")
+	if _, perr := c.grab("n2", "n1", 1, code); perr != nil { // n2 leases one, and the other ahead
+		t.Fatal(perr)
+	}
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(time.Millisecond) {
+		sh.mu.Lock()
+		free, leasing := len(sh.free), sh.leasing != nil
+		sh.mu.Unlock()
+		if free == 1 && !leasing {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("n2's lease ahead did not arrive")
+		}
+	}
+	m := c.kill("n1")
+	if _, perr := c.grab("n2", "n1", 2, code); perr != nil { // n2's last packet, the owner down
+		t.Fatal(perr)
+	}
+	waitLeaseFailed(t, sh)
+	c.start(t, "n1", m.dir)
+	v := c.conserve(t, "n1", code, total)
+	if v.GrantedCount != count || v.Refunded != 0 {
+		t.Fatalf("%+v", v)
+	}
+}
+
+// waitLeaseFailed waits for sh's lease ahead on its last packet (started on
+// a goroutine of its own by the grab) to fail: the owner is down.
+func waitLeaseFailed(t *testing.T, sh *shard) {
+	t.Helper()
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(time.Millisecond) {
+		sh.mu.Lock()
+		failed := sh.leasing == nil && errors.Is(sh.lastErr, errDown)
+		sh.mu.Unlock()
+		if failed {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the lease ahead on the last packet did not fail")
+		}
 	}
 }
 

@@ -79,6 +79,10 @@ type Config struct {
 	// Unix ms time at the latest); RoomDone ends that, if code still holds it.
 	RoomRun  func(ctx context.Context, room int64, code string, until int64) (bool, error)
 	RoomDone func(ctx context.Context, room int64, code string) error
+	// EndCheck is how long a sharded rain's pool stays empty, with no
+	// holder asking for more, before the owner asks its holders itself
+	// whether any packet is left (watchEnd; 0 = 1 s).
+	EndCheck time.Duration
 }
 
 // Service runs red-packet rains on one node. Safe for concurrent use.
@@ -159,6 +163,7 @@ type rain struct {
 	lastRound  *roundRun // the last round that ended
 	transit    int       // leases being answered whose packets are on their way
 	endWatch   bool      // an end watcher runs (watchEnd)
+	lastAsk    time.Time // a holder's last lease (watchEnd)
 }
 
 // New returns the service and restores the rains that were not finished
@@ -203,6 +208,9 @@ func New(store *persist.Store, w persist.Wallet, r router.Router, cfg Config, lo
 	}
 	if cfg.Claim == nil || cfg.Unclaim == nil {
 		s.cfg.Claim, s.cfg.Unclaim = nil, nil
+	}
+	if cfg.EndCheck <= 0 {
+		s.cfg.EndCheck = time.Second
 	}
 	s.prepLimit = interval(cfg.PrepareInterval, cfg.Now)
 	s.startLimit = interval(cfg.StartInterval, cfg.Now)

@@ -301,6 +301,9 @@ func (s *Service) restore() error {
 	for _, r := range due {
 		s.goSettle(r)
 	}
+	for _, r := range s.rains {
+		s.watchEnd(r) // a RUNNING rain with everything out: its holders' last asks may have been lost
+	}
 	for _, rec := range cancels {
 		s.goCancel(rec.Anchor, rec.Code)
 	}

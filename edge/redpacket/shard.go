@@ -296,6 +296,7 @@ func (s *Service) ServeLease(req LeaseReq, arrived time.Time) (LeaseRep, error) 
 		return LeaseRep{}, errUnsure
 	}
 	r.inflight++ // settlement waits for this lease
+	r.lastAsk = arrived
 	h := r.holders[hi]
 	h.granted, h.amount, h.top = max(h.granted, req.Granted), max(h.amount, req.Amount), max(h.top, req.Max)
 	holders := len(r.holders)
@@ -380,7 +381,9 @@ func (s *Service) takeOrReclaim(r *rain, lease, ahead bool, deadline time.Time, 
 			// since it began no lease has taken any of what it got back.
 			last = rd.drained && rest == 0 && r.transit == b2i(lease) && r.answered == rd.answered
 			r.mu.Unlock()
-			if rest == 0 && !last {
+			if rest == 0 && (!last || lease) {
+				// Not known to be the last (or the last, leased: the holder
+				// may never ask again).
 				s.watchEnd(r)
 			}
 			return pk, false, last
@@ -413,9 +416,9 @@ func (s *Service) takeOrReclaim(r *rain, lease, ahead bool, deadline time.Time, 
 	}
 }
 
-// endCheckDelay is how long the owner's pool stays empty, the rain not known
-// to be over, before the owner asks its holders itself (watchEnd).
-const endCheckDelay = time.Second
+// endCheckMax bounds the end watcher's back-off after rounds a holder did
+// not answer.
+const endCheckMax = 30 * time.Second
 
 // watchEnd makes a sharded rain end soon after its last packet is granted
 // when nothing else would. The owner learns that a rain is over only when
@@ -426,10 +429,13 @@ const endCheckDelay = time.Second
 // that could not tell (a lease was being answered when it began) took
 // packets back that were then granted here as if more might be left. So
 // once the owner's pool is empty and the rain is not ending, one watcher per
-// rain waits endCheckDelay and runs a reclaim round itself, again every
-// endCheckDelay, until a round finds nothing anywhere (the rain ends, as a
+// rain runs a reclaim round itself once Config.EndCheck has passed with no
+// holder asking for more (holders that ask are alive, and ask again when
+// they run out: a round then would only pull packets away from their
+// viewers), again until a round finds nothing anywhere (the rain ends, as a
 // grab finding none would end it), gets packets back (they wait in the pool
-// for the next grab), or the rain ends otherwise. Called without r.mu.
+// for the next grab), or the rain ends otherwise — backing off to
+// endCheckMax while a holder does not answer. Called without r.mu.
 func (s *Service) watchEnd(r *rain) {
 	if s.mem == nil {
 		return
@@ -461,7 +467,8 @@ func (s *Service) endWatcher(r *rain) {
 		r.mu.Unlock()
 		s.watchEnd(r) // the pool may have run empty again after the last look
 	}()
-	t := time.NewTimer(endCheckDelay)
+	wait := s.cfg.EndCheck
+	t := time.NewTimer(wait)
 	defer t.Stop()
 	for {
 		select {
@@ -474,6 +481,11 @@ func (s *Service) endWatcher(r *rain) {
 			r.mu.Unlock()
 			return
 		}
+		if quiet := time.Since(r.lastAsk); quiet < s.cfg.EndCheck {
+			r.mu.Unlock()
+			t.Reset(s.cfg.EndCheck - quiet)
+			continue
+		}
 		r.inflight++ // settlement waits for this round
 		seen, code := r.rounds, r.rec.Code
 		r.mu.Unlock()
@@ -483,10 +495,15 @@ func (s *Service) endWatcher(r *rain) {
 		}
 		rd := s.reclaimRound(r, seen, time.Now().Add(leaseLimit))
 		s.finishInflight(r, rd.drained && rd.got == 0) // nothing anywhere: the rain ends
-		if rd.drained || rd.got > 0 {
+		switch {
+		case rd.drained || rd.got > 0:
 			return
+		case rd.failed:
+			wait = min(2*wait, endCheckMax)
+		default:
+			wait = s.cfg.EndCheck // a lease answer on its way: look again soon
 		}
-		t.Reset(endCheckDelay)
+		t.Reset(wait)
 	}
 }
 

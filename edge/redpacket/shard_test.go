@@ -28,9 +28,6 @@ type cluster struct {
 	// latency: a lease answer reaches its holder up to this long after the
 	// owner built it (set before the first grab).
 	latency time.Duration
-	// reclaimLatency: a reclaim reaches its holder up to this long after
-	// the owner's round sent it.
-	reclaimLatency time.Duration
 	// leaseGate, when set, holds every lease answer with packets between the
 	// owner and its holder: the answer sends its packet count on it, then
 	// arrives once the test receives from it again.
@@ -91,9 +88,6 @@ func (p peers) Reclaim(_ context.Context, holder string, req ReclaimReq) (Reclai
 	s, err := p.node(holder)
 	if err != nil {
 		return ReclaimRep{}, err
-	}
-	if p.c.reclaimLatency > 0 {
-		time.Sleep(time.Duration(rand.Int64N(int64(p.c.reclaimLatency))))
 	}
 	return s.ServeReclaim(req), nil
 }
