@@ -703,6 +703,12 @@ func (s *Service) Refund(id int64) (Order, error) {
 	if !CanMove(o.Status, StatusPayBack) || o.Status != StatusPayed {
 		return o, proto.Errorf(proto.CodeOrderState, "order is %s; only PAYED orders are refunded", o.Status)
 	}
+	if o.Biz != BizCoins && o.Biz != "" {
+		// A business order (tickets) bought something other than coins:
+		// marking it PAY_BACK here would leave what it bought (the seats
+		// sold) with the buyer. Its business has no refund yet.
+		return o, proto.Errorf(proto.CodeOrderState, "order of business %q: refunded through its business, not here", o.Biz)
+	}
 	now := s.cfg.Now().UnixMilli()
 	o.Status, o.UpdatedAt, o.Note = StatusPayBack, now, "refunded"
 	ov, _ := proto.Marshal(o)

@@ -88,7 +88,22 @@ func (s *Service) forward(o *Order) (Order, error) {
 		if err := s.hook("fail:debit"); err != nil {
 			return s.compensate(o, err)
 		}
-		if err := s.debit(o); err != nil {
+		if err := s.debit(o); errors.Is(err, persist.ErrInProgress) {
+			// The wallet cannot tell yet whether the debit landed (the
+			// shared wallet lost the script's reply, or could not write
+			// its share: its watcher settles the op later, writing the
+			// order record with Debited). Neither on nor back now — an undo
+			// would refund nothing, and the late record would revive the
+			// order over its CANCELLED one. The order stays PLACING, its
+			// seats locked; the sweep applies the same op again until the
+			// answer is definite (recoverSaga).
+			s.cfg.Log.Warn("ticket: debit outcome unknown, the sweep retries it", "order", o.OrderID)
+			s.markStuck(o.id)
+			s.pendMu.Lock()
+			s.doubt[o.id] = true
+			s.pendMu.Unlock()
+			return Order{}, errSettling
+		} else if err != nil {
 			return s.compensate(o, err)
 		}
 		_ = s.hook("crash:after_debit")
@@ -152,6 +167,10 @@ func (s *Service) debit(o *Order) error {
 	return nil
 }
 
+// errSettling answers a saga stopped by an internal failure: its outcome
+// comes later (compensated, or completed once a debit in doubt is known).
+var errSettling = &proto.Error{Code: proto.CodeInternal, Msg: "internal error: the order is being settled; retry with the same req_id for its final state"}
+
 // compensate undoes what o's saga did, with o's lock held, and answers the
 // failed step's error. What happened is read back from Pebble (a step whose
 // call failed may or may not have written: its durable flag is the truth).
@@ -159,7 +178,7 @@ func (s *Service) compensate(o *Order, cause error) (Order, error) {
 	e := proto.AsError(cause)
 	if e.Code == proto.CodeInternal {
 		s.cfg.Log.Error("ticket: saga step failed", "order", o.OrderID, "err", cause)
-		e = &proto.Error{Code: proto.CodeInternal, Msg: "internal error: the order is being settled; retry with the same req_id for its final state"}
+		e = errSettling
 	}
 	cur, err := s.load1(o.id)
 	if err != nil {
@@ -251,7 +270,10 @@ func (s *Service) recoverSaga(id int64) error {
 		_, _ = s.compensate(o, proto.Errorf(proto.CodeOrderState,
 			"the order was interrupted by a restart and undone; place it again with a new req_id"))
 		return nil
-	case (o.CouponID == "" || o.Steps.CouponUsed) && (o.Amount == 0 || o.Steps.Debited):
+	case (o.CouponID == "" || o.Steps.CouponUsed) && (o.Amount == 0 || o.Steps.Debited || s.debitInDoubt(id)):
+		// Every step done — or the debit in doubt: the same op again
+		// (applied at most once) says whether it landed, and the saga goes
+		// on, or back if it is refused.
 		_, err := s.forward(o)
 		if err == nil {
 			s.unstuck(id)
@@ -273,7 +295,14 @@ func (s *Service) markStuck(id int64) {
 func (s *Service) unstuck(id int64) {
 	s.pendMu.Lock()
 	delete(s.stuck, id)
+	delete(s.doubt, id)
 	s.pendMu.Unlock()
+}
+
+func (s *Service) debitInDoubt(id int64) bool {
+	s.pendMu.Lock()
+	defer s.pendMu.Unlock()
+	return s.doubt[id]
 }
 
 // resumeStuck retries the settlement of a saga a storage error stopped.

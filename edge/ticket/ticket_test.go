@@ -608,3 +608,30 @@ func TestTicketPayCancelTimeoutRace(t *testing.T) {
 	e.audit()
 	t.Logf("%d of %d orders paid, the rest closed first and refunded", paidSeats/2, n)
 }
+
+// The pay centre's refund (admin) of a ticket order's payment is refused:
+// it would mark the money refunded while the seats stay sold (and a
+// business order carries no coins to take back).
+func TestPayRefundOfATicketOrderRefused(t *testing.T) {
+	e := newEnv(t, Config{})
+	prog := e.program([]CategoryDef{{ID: 1, Name: "A", Price: 100, Rows: 1, Cols: 4}}, 4, 8)
+	o, err := e.svc.Place(7, PlaceReq{ProgramID: prog, CategoryID: 1, Count: 2, ReqID: "s"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st := e.notify(o.OrderID, "ev-1", o.Amount); st != pay.NotifyOK {
+		t.Fatalf("notify %d", st)
+	}
+	_, err = e.pay.Refund(mustID(t, o.OrderID))
+	wantCode(t, err, proto.CodeOrderState)
+	if po, _ := e.pay.Get(mustID(t, o.OrderID)); po.Status != pay.StatusPayed {
+		t.Fatalf("pay order %s after a refused refund", po.Status)
+	}
+	if got := e.order(o.OrderID); got.Status != StatusPaid {
+		t.Fatalf("ticket order %s", got.Status)
+	}
+	if free, locked, sold := e.counts(prog); free != 2 || locked != 0 || sold != 2 {
+		t.Fatalf("free %d locked %d sold %d", free, locked, sold)
+	}
+	e.conservation()
+}
