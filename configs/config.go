@@ -226,9 +226,12 @@ type RedPacket struct {
 
 // Tickets configures ticket sales (edge/ticket).
 type Tickets struct {
-	PayTimeout  Duration `yaml:"pay_timeout"`  // unpaid (PENDING_PAY) orders close and release their seats after this
-	MaxPrograms int      `yaml:"max_programs"` // programs kept in memory; one more → 10001
-	MaxSeats    int      `yaml:"max_seats"`    // seats of one program (Σ rows × cols); more → 10001
+	PayTimeout Duration `yaml:"pay_timeout"` // unpaid (PENDING_PAY) orders close and release their seats after this
+	// OrdersPerMinute bounds the ticket orders a user places per minute (a
+	// replay of a req_id is free), more → 10429 (0 = no bound).
+	OrdersPerMinute int `yaml:"orders_per_minute"`
+	MaxPrograms     int `yaml:"max_programs"` // programs kept in memory; one more → 10001
+	MaxSeats        int `yaml:"max_seats"`    // seats of one program (Σ rows × cols); more → 10001
 }
 
 // Redis is the shared hot-state store (cluster / shared mode).
@@ -473,6 +476,7 @@ func (c *Config) Validate() error {
 	check(c.Pay.MaxOpenOrdersPerUser >= 0, "pay.max_open_orders_per_user must be >= 0")
 	check(c.Pay.OrdersPerMinute >= 0, "pay.orders_per_minute must be >= 0")
 	check(c.Tickets.PayTimeout.D() >= time.Second, "tickets.pay_timeout must be >= 1s")
+	check(c.Tickets.OrdersPerMinute >= 0, "tickets.orders_per_minute must be >= 0")
 	check(c.Tickets.MaxPrograms > 0, "tickets.max_programs must be > 0")
 	check(c.Tickets.MaxSeats > 0 && c.Tickets.MaxSeats <= 1_000_000, "tickets.max_seats must be 1..1000000")
 	check(c.Node.GOGC >= 0, "node.gogc must be >= 0")

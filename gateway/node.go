@@ -279,7 +279,7 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 		cstore = coupons
 	}
 	n.Tickets, err = ticket.New(n.Store, n.Wallet, n.Pay, n.Router, ticket.Config{
-		PayTimeout: cfg.Tickets.PayTimeout.D(), MaxPrograms: cfg.Tickets.MaxPrograms, MaxSeats: cfg.Tickets.MaxSeats, Log: log,
+		PayTimeout: cfg.Tickets.PayTimeout.D(), OrdersPerMinute: cfg.Tickets.OrdersPerMinute, MaxPrograms: cfg.Tickets.MaxPrograms, MaxSeats: cfg.Tickets.MaxSeats, Log: log,
 		NextProgramID: n.nextProgramID(), Coupons: cstore})
 	if err != nil {
 		return nil, err

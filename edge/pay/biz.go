@@ -26,13 +26,20 @@ type Business interface {
 	// retry later (the provider is answered 500).
 	Paid(o Order) error
 	// Refunded: o's payment arrived after the pay order was closed and is
-	// refunded; the business records that (idempotent).
+	// refunded; the business records that (idempotent). ErrBizPaid = the
+	// business took this payment already (its Paid ran before the pay order
+	// closed, and the PAYED write did not land): the pay order becomes
+	// PAYED, nothing is refunded.
 	Refunded(o Order) error
 }
 
 // ErrBizClosed is Business.Paid's answer for a business order that no
 // longer takes a payment.
 var ErrBizClosed = errors.New("pay: business order closed")
+
+// ErrBizPaid is Business.Refunded's answer for a business order that took
+// the payment already.
+var ErrBizPaid = errors.New("pay: business order paid")
 
 // RegisterBusiness routes the paid events of orders of biz to b. Call it
 // before the node serves traffic.

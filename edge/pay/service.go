@@ -464,8 +464,21 @@ func (s *Service) apply(channel string, ev Event) (int, string) {
 		return s.markPaid(o, id, ev, evRec, now)
 	case ev.Status == "SUCCESS" && o.Status == StatusInvalid:
 		// Paid after the order closed: refund, never credit.
-		if b := s.business(o.Biz); b != nil {
-			if err := b.Refunded(o); err != nil {
+		b := s.business(o.Biz)
+		if b == nil && o.Biz != BizCoins && o.Biz != "" {
+			// Its business is not registered yet (the node is starting):
+			// it must record the refund first — retry.
+			s.cfg.Log.Warn("pay: late payment of a business not registered yet", "order", o.OrderID, "biz", o.Biz)
+			return NotifyRetry, "retry"
+		}
+		if b != nil {
+			switch err := b.Refunded(o); {
+			case errors.Is(err, ErrBizPaid):
+				// The business took this payment before the order was
+				// closed here (a crash or a failed write between its Paid
+				// and our PAYED): the payment stands, as what it bought.
+				return s.recordBizPaid(o, id, ev, evRec, now)
+			case err != nil:
 				s.cfg.Log.Error("pay: business refund", "order", o.OrderID, "biz", o.Biz, "err", err)
 				return NotifyRetry, "retry"
 			}
@@ -565,6 +578,12 @@ func (s *Service) markBizPaid(o Order, id int64, ev Event, evRec persist.Record,
 		s.cfg.Log.Error("pay: business paid", "order", o.OrderID, "biz", o.Biz, "err", err)
 		return NotifyRetry, "retry"
 	}
+	return s.recordBizPaid(o, id, ev, evRec, now)
+}
+
+// recordBizPaid records a business order PAYED with its event, the
+// business having taken the payment.
+func (s *Service) recordBizPaid(o Order, id int64, ev Event, evRec persist.Record, now int64) (int, string) {
 	from := o.Status
 	o.Status, o.UpdatedAt, o.PaidAt, o.EventID = StatusPayed, now, ev.PaidAt, ev.EventID
 	ov, _ := proto.Marshal(o)

@@ -68,6 +68,10 @@ func (s *Service) Refunded(po pay.Order) error {
 		return err
 	}
 	switch o.Status {
+	case StatusPaid:
+		// Sold on this payment (Paid ran), its pay order closed before it
+		// recorded PAYED: the payment stands, the seats stay sold.
+		return pay.ErrBizPaid
 	case StatusPendingPay:
 		// The pay centre closed its order first (its reconciler, at the
 		// order's deadline): close ours too, then record the refund.

@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"github.com/liveedge/liveedge/edge/keylock"
+	"github.com/liveedge/liveedge/edge/limit"
 	"log/slog"
 	"strconv"
 	"sync"
@@ -21,8 +22,12 @@ type Config struct {
 	MaxPrograms int           // programs kept (0 = DefaultMaxPrograms); one more → 10001
 	MaxSeats    int           // seats of one program (0 = DefaultMaxSeats); more → 10001
 	SweepEvery  time.Duration // how often expired orders are looked for (0 = min(PayTimeout/4, 1 s))
-	Now         func() time.Time
-	Log         *slog.Logger
+	// OrdersPerMinute bounds the orders a user places (on this node; a
+	// replay of a req_id is free): more → 10429 (0 = no bound). Cancelled
+	// orders free their seats (per_user_max), not their records.
+	OrdersPerMinute int
+	Now             func() time.Time
+	Log             *slog.Logger
 	// NextProgramID, if set, allocates the program id after last, the
 	// highest this node has (a cluster: ids that carry the node's worker id,
 	// unique across nodes); nil = last + 1.
@@ -82,7 +87,8 @@ type Service struct {
 	doubt   map[int64]bool  // stuck orders whose debit the wallet could neither confirm nor deny
 	owed    map[int64]bool  // closed orders still holding their coupon (a give-back failed): retried by the sweep
 
-	m *metrics
+	m          *metrics
+	placeLimit *limit.Keyed // OrdersPerMinute per user (nil = off)
 
 	stop chan struct{}
 	wg   sync.WaitGroup
@@ -158,6 +164,7 @@ func New(store *persist.Store, w persist.Wallet, p Payments, r router.Router, cf
 	s := &Service{cfg: cfg, store: store, wallet: w, pay: p, router: r, inv: newMemInventory(),
 		programs: map[int64]*program{},
 		pending:  map[int64]int64{}, stuck: map[int64]bool{}, doubt: map[int64]bool{}, owed: map[int64]bool{}, m: newMetrics(), stop: make(chan struct{})}
+	s.placeLimit = limit.New(cfg.OrdersPerMinute, time.Minute, max(1, cfg.OrdersPerMinute), cfg.Now)
 	s.cstore = cfg.Coupons
 	if s.cstore == nil {
 		s.cstore = NewPebbleCoupons(store)
@@ -342,6 +349,9 @@ func (s *Service) place(user int64, r PlaceReq) (Order, error) {
 		return s.replay(int64(persist.DecodeUint64(v)))
 	} else if !errors.Is(err, persist.ErrNotFound) {
 		return Order{}, err
+	}
+	if !s.placeLimit.Allow(uint64(user)) {
+		return Order{}, proto.Errorf(proto.CodeRateLimited, "too many ticket orders placed, at most %d per minute", s.cfg.OrdersPerMinute)
 	}
 	// The guard makes this check-then-reserve safe: no other order of this
 	// user for this program is being placed.

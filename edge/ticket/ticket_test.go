@@ -635,3 +635,113 @@ func TestPayRefundOfATicketOrderRefused(t *testing.T) {
 	}
 	e.conservation()
 }
+
+// A user places at most OrdersPerMinute ticket orders per minute: a cancel
+// frees the seats (per_user_max), not the records every order writes — a
+// place-and-cancel loop was unbounded. A replay of a req_id is free.
+func TestTicketOrdersPerMinute(t *testing.T) {
+	e := newEnv(t, Config{OrdersPerMinute: 2})
+	prog := e.program([]CategoryDef{{ID: 1, Name: "A", Price: 100, Rows: 1, Cols: 10}}, 4, 8)
+	place := func(req string) (Order, error) {
+		return e.svc.Place(7, PlaceReq{ProgramID: prog, CategoryID: 1, Count: 1, ReqID: req})
+	}
+	for _, req := range []string{"a", "b"} {
+		o, err := place(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := e.svc.Cancel(7, mustID(t, o.OrderID)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	_, err := place("c")
+	wantCode(t, err, proto.CodeRateLimited)
+	if o, err := place("a"); err != nil || o.Status != StatusCancelled {
+		t.Fatalf("replay of a: %+v %v", o, err)
+	}
+	if _, err := e.svc.Place(8, PlaceReq{ProgramID: prog, CategoryID: 1, Count: 1, ReqID: "c"}); err != nil {
+		t.Fatalf("another user: %v", err)
+	}
+	e.clock.advance(31 * time.Second)
+	if _, err := place("c"); err != nil {
+		t.Fatalf("half a minute later: %v", err)
+	}
+	e.conservation()
+}
+
+// A payment the ticket order took (Paid ran: seats sold) whose pay order
+// was closed before it recorded PAYED (a crash or a failed write in
+// between, then the reconciler's close at the deadline): the provider's
+// redelivery records the pay order PAYED — it was refunded (PAY_BACK, a
+// refund record) while the buyer kept the seats.
+func TestTicketPaidBeforeItsPayOrderClosed(t *testing.T) {
+	e := newEnv(t, Config{})
+	prog := e.program([]CategoryDef{{ID: 1, Name: "A", Price: 100, Rows: 1, Cols: 4}}, 4, 8)
+	o, err := e.svc.Place(7, PlaceReq{ProgramID: prog, CategoryID: 1, Count: 2, ReqID: "s"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := mustID(t, o.OrderID)
+	po, err := e.pay.Get(id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.svc.Paid(po); err != nil { // the pay centre's markBizPaid, up to its crash
+		t.Fatal(err)
+	}
+	if err := e.pay.CloseBizOrder(id, "unpaid timeout"); err != nil { // what the reconciler does at the deadline
+		t.Fatal(err)
+	}
+	for _, ev := range []string{"ev-1", "ev-1", "ev-2"} { // redelivered, and a second event
+		if st := e.notify(o.OrderID, ev, o.Amount); st != pay.NotifyOK {
+			t.Fatalf("notify %s: %d", ev, st)
+		}
+	}
+	if po, _ := e.pay.Get(id); po.Status != pay.StatusPayed {
+		t.Fatalf("pay order %s, want PAYED (the seats were sold on it)", po.Status)
+	}
+	if got := e.order(o.OrderID); got.Status != StatusPaid {
+		t.Fatalf("ticket order %s", got.Status)
+	}
+	if free, locked, sold := e.counts(prog); free != 2 || locked != 0 || sold != 2 {
+		t.Fatalf("free %d locked %d sold %d", free, locked, sold)
+	}
+	e.conservation()
+}
+
+// A payment after its pay order closed, delivered while the ticket service
+// is not registered with the pay centre yet (a node starting), is answered
+// "retry": refunded then, it would leave the ticket order unaware (CANCELLED
+// instead of REFUNDED). Once registered, the redelivery is refunded as usual.
+func TestLatePaymentWaitsForItsBusiness(t *testing.T) {
+	e := newEnv(t, Config{})
+	prog := e.program([]CategoryDef{{ID: 1, Name: "A", Price: 100, Rows: 1, Cols: 4}}, 4, 8)
+	o, err := e.svc.Place(7, PlaceReq{ProgramID: prog, CategoryID: 1, Count: 1, ReqID: "s"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := mustID(t, o.OrderID)
+	if err := e.pay.CloseBizOrder(id, "unpaid timeout"); err != nil {
+		t.Fatal(err)
+	}
+	e.close()
+	e.noBiz = true
+	e.open()
+	if st := e.notify(o.OrderID, "ev-1", o.Amount); st != pay.NotifyRetry {
+		t.Fatalf("notify before the business is registered: %d, want retry", st)
+	}
+	e.pay.RegisterBusiness(Biz, e.svc)
+	if st := e.notify(o.OrderID, "ev-1", o.Amount); st != pay.NotifyOK {
+		t.Fatalf("notify: %d", st)
+	}
+	if po, _ := e.pay.Get(id); po.Status != pay.StatusPayBack {
+		t.Fatalf("pay order %s", po.Status)
+	}
+	if got := e.order(o.OrderID); got.Status != StatusRefunded {
+		t.Fatalf("ticket order %s, want REFUNDED", got.Status)
+	}
+	if free, locked, sold := e.counts(prog); free != 4 || locked != 0 || sold != 0 {
+		t.Fatalf("free %d locked %d sold %d", free, locked, sold)
+	}
+	e.conservation()
+}
