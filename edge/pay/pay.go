@@ -36,7 +36,7 @@ var allowed = map[string][]string{
 	StatusWaitingPay: {StatusPaying, StatusPayed, StatusInvalid},
 	StatusPaying:     {StatusPayed, StatusInvalid},
 	StatusPayed:      {StatusPayBack},
-	StatusInvalid:    {StatusPayBack},
+	StatusInvalid:    {StatusPayBack, StatusPayed}, // PAYED: a business order whose business took the payment (ErrBizPaid)
 }
 
 // CanMove reports whether from → to is a legal transition.

@@ -136,7 +136,14 @@ func (s *Service) CloseExpired() int {
 			due = append(due, id)
 		}
 	}
+	doubts := 0
 	for id := range s.stuck {
+		if d, ok := s.doubt[id]; ok {
+			if d.next > now || doubts >= doubtsPerSweep {
+				continue // a debit in doubt, retried later (back-off)
+			}
+			doubts++
+		}
 		stuck = append(stuck, id)
 	}
 	owed := make([]int64, 0, len(s.owed))

@@ -1,6 +1,8 @@
 package ticket
 
 import (
+	"time"
+
 	"errors"
 
 	"github.com/liveedge/liveedge/gateway/proto"
@@ -88,22 +90,20 @@ func (s *Service) forward(o *Order) (Order, error) {
 		if err := s.hook("fail:debit"); err != nil {
 			return s.compensate(o, err)
 		}
-		if err := s.debit(o); errors.Is(err, persist.ErrInProgress) {
+		err := s.debit(o)
+		if s.debitDoubtful(o.id, err) {
 			// The wallet cannot tell yet whether the debit landed (the
 			// shared wallet lost the script's reply, or could not write
 			// its share: its watcher settles the op later, writing the
 			// order record with Debited). Neither on nor back now — an undo
 			// would refund nothing, and the late record would revive the
 			// order over its CANCELLED one. The order stays PLACING, its
-			// seats locked; the sweep applies the same op again until the
-			// answer is definite (recoverSaga).
-			s.cfg.Log.Warn("ticket: debit outcome unknown, the sweep retries it", "order", o.OrderID)
-			s.markStuck(o.id)
-			s.pendMu.Lock()
-			s.doubt[o.id] = true
-			s.pendMu.Unlock()
+			// seats and coupon held; the sweep applies the same op again
+			// until the answer is definite (recoverSaga).
+			s.cfg.Log.Warn("ticket: debit outcome unknown, the sweep retries it", "order", o.OrderID, "err", err)
 			return Order{}, errSettling
-		} else if err != nil {
+		}
+		if err != nil {
 			return s.compensate(o, err)
 		}
 		_ = s.hook("crash:after_debit")
@@ -299,10 +299,47 @@ func (s *Service) unstuck(id int64) {
 	s.pendMu.Unlock()
 }
 
+// doubt is a debit in doubt's retry schedule.
+type doubt struct {
+	next int64         // unix ms: the sweep retries it from then
+	wait time.Duration // the back-off after the next retry
+}
+
+// Back-off of a debit in doubt's retries (each can hold the sweep up to the
+// wallet's call timeout), and at most this many retried per sweep.
+const (
+	doubtWaitMin   = 2 * time.Second
+	doubtWaitMax   = time.Minute
+	doubtsPerSweep = 16
+)
+
 func (s *Service) debitInDoubt(id int64) bool {
 	s.pendMu.Lock()
 	defer s.pendMu.Unlock()
-	return s.doubt[id]
+	_, ok := s.doubt[id]
+	return ok
+}
+
+// debitDoubtful records the outcome err of order id's debit and reports
+// whether it is (still) in doubt: the wallet's ErrInProgress; and, for a
+// debit already in doubt, any answer but the balance's refusal — a retry
+// that failed (Redis still unreachable, say) says nothing about the first
+// attempt, which may still land, whereas "insufficient" is final (the
+// wallet checks the request id before the balance: the first attempt never
+// ran). A definite answer ends the doubt.
+func (s *Service) debitDoubtful(id int64, err error) bool {
+	s.pendMu.Lock()
+	defer s.pendMu.Unlock()
+	d, was := s.doubt[id]
+	if !errors.Is(err, persist.ErrInProgress) && (!was || err == nil || proto.AsError(err).Code == proto.CodeInsufficientBalance) {
+		delete(s.doubt, id)
+		return false
+	}
+	d.wait = min(max(2*d.wait, doubtWaitMin), doubtWaitMax)
+	d.next = s.cfg.Now().Add(d.wait).UnixMilli()
+	s.doubt[id] = d
+	s.stuck[id] = true
+	return true
 }
 
 // resumeStuck retries the settlement of a saga a storage error stopped.

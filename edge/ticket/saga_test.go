@@ -3,8 +3,10 @@ package ticket
 import (
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/liveedge/liveedge/gateway/proto"
 	"github.com/liveedge/liveedge/persist"
@@ -226,96 +228,108 @@ func testSagaCoinsSuccess(t *testing.T, newEnv func(testing.TB, Config) *env) {
 	e.audit()
 }
 
-// doubtWallet answers a ticket debit as the shared wallet does when the
-// script's reply was lost: ErrInProgress, the op not landed yet — and again
-// to a retry — until the test settles it as the wallet's watcher would
-// (the op lands, with the order record it carries).
+// doubtWallet answers ticket debits ("ticket:" request ids) from answers,
+// in turn, as the shared wallet may while the first attempt's outcome is
+// unknown: ErrInProgress, or a retry's own failure (ErrWalletUnavailable:
+// this attempt moved nothing, the first may still land). A nil answer
+// applies the op, as the watcher's settling of the first attempt would
+// (the op lands, with the order record it carries); after the answers run
+// out every op is applied.
 type doubtWallet struct {
 	*persist.Ledger
 	mu      sync.Mutex
-	held    *persist.Op
-	settled bool
+	answers []error
 }
 
 func (w *doubtWallet) Apply(op persist.Op) (persist.Result, error) {
-	if len(op.ReqID) > 7 && op.ReqID[:7] == "ticket:" {
+	if strings.HasPrefix(op.ReqID, "ticket:") {
 		w.mu.Lock()
-		if w.held == nil {
-			w.held = &op
+		var err error
+		if len(w.answers) > 0 {
+			err, w.answers = w.answers[0], w.answers[1:]
 		}
-		settled := w.settled
 		w.mu.Unlock()
-		if !settled {
-			return persist.Result{}, persist.ErrInProgress
+		if err != nil {
+			return persist.Result{}, err
 		}
 	}
 	return w.Ledger.Apply(op)
 }
 
-func (w *doubtWallet) settle(t *testing.T) {
-	t.Helper()
-	w.mu.Lock()
-	op := *w.held
-	w.settled = true
-	w.mu.Unlock()
-	if _, err := w.Ledger.Apply(op); err != nil {
-		t.Fatal(err)
-	}
-}
-
 // A debit whose outcome the wallet cannot tell (the shared wallet's
 // ErrInProgress) neither completes nor compensates the order: it stays
-// PLACING with its seats and coupon held, the sweep asks the wallet again,
-// and once the debit is known to have landed the order is PAID — the buyer
-// debited once, the seats sold. (It was compensated at once: nothing
-// refunded, the coupon freed, the seats released — and the late debit's
-// record then revived the order over its CANCELLED one.)
+// PLACING with its seats and coupon held — also when a retry fails on its
+// own — the sweep asks the wallet again (backing off), and once the debit
+// is known to have landed the order is PAID: the buyer debited once, the
+// seats sold. (It was compensated at once: nothing refunded, the coupon
+// freed, the seats released — and the late debit's record then revived the
+// order over its CANCELLED one.) A debit refused for the balance on a retry
+// is final: the order is compensated.
 func TestSagaDebitInDoubtWaitsForItsOutcome(t *testing.T) {
-	const credit, price, discount = 1000, 100, 30
-	e := newEnv(t, Config{})
-	w := &doubtWallet{Ledger: e.ledger}
-	e.svc.wallet = w
-	e.credit(1, credit)
-	prog := e.program([]CategoryDef{{ID: 1, Name: "A", Price: price, Rows: 1, Cols: 4}}, 4, 8)
-	c, _ := e.svc.CreateCoupon(1, discount)
-	_, err := e.svc.Place(1, PlaceReq{ProgramID: prog, CategoryID: 1, Count: 1, ReqID: "s", Pay: PayCoins, CouponID: c.ID})
-	wantCode(t, err, proto.CodeInternal)
-	v, _ := e.store.Get(orderReqKey(1, "s"))
-	id := fmt.Sprint(persist.DecodeUint64(v))
-	held := func(when string) {
-		t.Helper()
-		o := e.order(id)
-		if o.Status != StatusPlacing || !o.Steps.CouponUsed || o.Steps.Released {
-			t.Fatalf("%s: %+v", when, o)
-		}
-		if free, locked, sold := e.counts(prog); free != 3 || locked != 1 || sold != 0 {
-			t.Fatalf("%s: free %d locked %d sold %d", when, free, locked, sold)
-		}
-		if cp, _ := e.svc.Coupon(c.ID); cp.UsedBy != id {
-			t.Fatalf("%s: coupon used by %q", when, cp.UsedBy)
-		}
+	for _, landed := range []bool{true, false} {
+		t.Run(fmt.Sprint("landed=", landed), func(t *testing.T) {
+			const credit, price, discount = 1000, 100, 30
+			e := newEnv(t, Config{})
+			w := &doubtWallet{Ledger: e.ledger, answers: []error{persist.ErrInProgress, persist.ErrWalletUnavailable, persist.ErrInProgress}}
+			if !landed {
+				w.answers = append(w.answers, persist.ErrInsufficient)
+			}
+			e.svc.wallet = w
+			e.credit(1, credit)
+			prog := e.program([]CategoryDef{{ID: 1, Name: "A", Price: price, Rows: 1, Cols: 4}}, 4, 8)
+			c, _ := e.svc.CreateCoupon(1, discount)
+			_, err := e.svc.Place(1, PlaceReq{ProgramID: prog, CategoryID: 1, Count: 1, ReqID: "s", Pay: PayCoins, CouponID: c.ID})
+			wantCode(t, err, proto.CodeInternal)
+			v, _ := e.store.Get(orderReqKey(1, "s"))
+			id := fmt.Sprint(persist.DecodeUint64(v))
+			held := func(when string) {
+				t.Helper()
+				o := e.order(id)
+				if o.Status != StatusPlacing || !o.Steps.CouponUsed || o.Steps.Released {
+					t.Fatalf("%s: %+v", when, o)
+				}
+				if free, locked, sold := e.counts(prog); free != 3 || locked != 1 || sold != 0 {
+					t.Fatalf("%s: free %d locked %d sold %d", when, free, locked, sold)
+				}
+				if cp, _ := e.svc.Coupon(c.ID); cp.UsedBy != id {
+					t.Fatalf("%s: coupon used by %q", when, cp.UsedBy)
+				}
+				if b := e.balance(1); b != credit {
+					t.Fatalf("%s: balance %d", when, b)
+				}
+			}
+			held("debit in doubt")
+			left := len(w.answers)
+			e.svc.CloseExpired() // the sweep, before the back-off: not retried
+			if len(w.answers) != left {
+				t.Fatalf("retried before its back-off: %d answers left of %d", len(w.answers), left)
+			}
+			for _, when := range []string{"a retry failed on its own", "still in doubt"} {
+				e.clock.advance(time.Minute)
+				e.svc.CloseExpired()
+				held(when)
+			}
+			e.clock.advance(time.Minute)
+			e.svc.CloseExpired() // the debit landed after all, or is refused
+			o := e.order(id)
+			free, locked, sold := e.counts(prog)
+			cp, _ := e.svc.Coupon(c.ID)
+			switch {
+			case landed && (o.Status != StatusPaid || !o.Steps.Debited || o.Steps.Refunded || sold != 1 || locked != 0 || e.balance(1) != credit-(price-discount)):
+				t.Fatalf("after the debit landed: %+v, free %d locked %d sold %d, balance %d", o, free, locked, sold, e.balance(1))
+			case !landed && (o.Status != StatusCancelled || o.Steps.Debited || !o.Steps.CouponBack || free != 4 || cp.UsedBy != "" || e.balance(1) != credit):
+				t.Fatalf("after the debit was refused: %+v, free %d locked %d sold %d, coupon %q, balance %d", o, free, locked, sold, cp.UsedBy, e.balance(1))
+			}
+			want := int64(credit)
+			if landed {
+				want -= price - discount
+			}
+			e.svc.CloseExpired()
+			if o2 := e.order(id); o2.Status != o.Status || e.balance(1) != want {
+				t.Fatalf("after another sweep: %+v, balance %d, want %d", o2, e.balance(1), want)
+			}
+			e.conservation()
+			e.audit()
+		})
 	}
-	held("debit in doubt")
-	e.svc.CloseExpired() // the sweep: still in doubt
-	held("debit still in doubt")
-	w.settle(t) // the debit landed after all
-	if b := e.balance(1); b != credit-(price-discount) {
-		t.Fatalf("balance %d", b)
-	}
-	e.svc.CloseExpired()
-	o := e.order(id)
-	if o.Status != StatusPaid || !o.Steps.Debited || o.Steps.Refunded {
-		t.Fatalf("after the debit settled: %+v", o)
-	}
-	if free, locked, sold := e.counts(prog); free != 3 || locked != 0 || sold != 1 {
-		t.Fatalf("free %d locked %d sold %d", free, locked, sold)
-	}
-	if b := e.balance(1); b != credit-(price-discount) {
-		t.Fatalf("balance %d: debited once", b)
-	}
-	if o2, err := e.svc.Place(1, PlaceReq{ProgramID: prog, CategoryID: 1, Count: 1, ReqID: "s", Pay: PayCoins, CouponID: c.ID}); err != nil || o2.Status != StatusPaid {
-		t.Fatalf("the same req_id: %+v %v", o2, err)
-	}
-	e.conservation()
-	e.audit()
 }

@@ -84,7 +84,7 @@ type Service struct {
 	pendMu  sync.Mutex
 	pending map[int64]int64 // PENDING_PAY order → expires at (unix ms); bounded by seats
 	stuck   map[int64]bool  // PLACING orders whose saga stopped on a storage error: resumed by the sweep
-	doubt   map[int64]bool  // stuck orders whose debit the wallet could neither confirm nor deny
+	doubt   map[int64]doubt // stuck orders whose debit the wallet could neither confirm nor deny
 	owed    map[int64]bool  // closed orders still holding their coupon (a give-back failed): retried by the sweep
 
 	m          *metrics
@@ -163,7 +163,7 @@ func New(store *persist.Store, w persist.Wallet, p Payments, r router.Router, cf
 	}
 	s := &Service{cfg: cfg, store: store, wallet: w, pay: p, router: r, inv: newMemInventory(),
 		programs: map[int64]*program{},
-		pending:  map[int64]int64{}, stuck: map[int64]bool{}, doubt: map[int64]bool{}, owed: map[int64]bool{}, m: newMetrics(), stop: make(chan struct{})}
+		pending:  map[int64]int64{}, stuck: map[int64]bool{}, doubt: map[int64]doubt{}, owed: map[int64]bool{}, m: newMetrics(), stop: make(chan struct{})}
 	s.placeLimit = limit.New(cfg.OrdersPerMinute, time.Minute, max(1, cfg.OrdersPerMinute), cfg.Now)
 	s.cstore = cfg.Coupons
 	if s.cstore == nil {
