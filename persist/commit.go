@@ -55,6 +55,9 @@ type committer struct {
 
 	// failWrite, in tests, makes the next group commits fail as a disk would.
 	failWrite error
+	// failSync, in tests, makes the next group commits fail after their
+	// batch entered the WAL, as a failed fsync would.
+	failSync error
 	// crashAt, in tests, is called (and may block, as a process stopped
 	// there would) at named points: "reserved" (an op's reservation is
 	// done and it is queued; entries is the op), "wait" (a group is built
@@ -176,25 +179,36 @@ func (c *committer) worker() {
 		}
 		prev, turn := c.last, &groupTurn{entered: make(chan struct{}), durable: make(chan struct{})}
 		c.last = turn
-		hook, fail := c.crashAt, c.failWrite
+		hook, fail, failSync := c.crashAt, c.failWrite, c.failSync
 		c.mu.Unlock()
 
 		t0 := time.Now()
-		err := c.write(group, prev, turn, hook, fail)
+		err := c.write(group, prev, turn, hook, fail, failSync)
 		c.commitSeconds.Observe(time.Since(t0).Seconds())
 		c.groupOps.Observe(float64(len(group)))
+		answer := err
 		if err != nil {
 			err = fmt.Errorf("persist: ledger commit failed, the node must restart: %w", err)
 			c.mu.Lock()
 			if c.err == nil {
-				c.err = err
+				c.err = err // every op after this is refused, nothing reserved
 			}
 			c.mu.Unlock()
+			answer = err
+			if turn.inWAL {
+				// The batch was handed to Pebble: it may be durable (the
+				// fsync's error, or an earlier group's, says nothing of
+				// it). Not "failed" — its callers must not tell a sender
+				// that nothing moved — but in doubt, known after the
+				// restart (a retry with the same request id then replays
+				// it, or runs it).
+				answer = fmt.Errorf("%w (its batch entered the WAL: %w)", err, ErrInProgress)
+			}
 		}
 		turn.err = err
 		close(turn.durable)
 		for _, e := range group {
-			e.done(err)
+			e.done(answer)
 		}
 	}
 }
@@ -211,7 +225,7 @@ type tallyID struct {
 // stops anyway). Its keys go into the batch sorted: the memtable inserts a
 // batch in order, reusing the previous insert's position, so sorted keys
 // cost far fewer skiplist comparisons than random ones.
-func (c *committer) write(group []*commitEntry, prev, turn *groupTurn, hook func(string, []*commitEntry), fail error) error {
+func (c *committer) write(group []*commitEntry, prev, turn *groupTurn, hook func(string, []*commitEntry), fail, failSync error) error {
 	entered := false
 	enter := func(inWAL bool) {
 		if !entered {
@@ -259,6 +273,9 @@ func (c *committer) write(group []*commitEntry, prev, turn *groupTurn, hook func
 	enter(true)
 	if err := b.SyncWait(); err != nil {
 		return err
+	}
+	if failSync != nil {
+		return failSync
 	}
 	<-prev.durable
 	return prev.err

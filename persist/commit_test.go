@@ -47,3 +47,60 @@ func TestFailedCommitUndoesAndRefusesLaterOps(t *testing.T) {
 		t.Fatalf("audit: %d %d %d %v", credits, debits, balances, err)
 	}
 }
+
+// A group commit that fails after its batch entered the WAL (a failed
+// fsync) answers its ops in doubt (ErrInProgress), not failed: the batch
+// may be durable — here it is, and after the restart the same request
+// replays it. Answered "failed", a gift's sender was told nothing moved
+// while the debit was on disk.
+func TestCommitFailedInTheWALIsInDoubt(t *testing.T) {
+	dir := t.TempDir()
+	st, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := NewLedger(st, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := l.Apply(Op{User: 1, ReqID: "c", Postings: []Posting{{User: 1, Delta: 10, Reason: ReasonDev}}}); err != nil {
+		t.Fatal(err)
+	}
+	fsync := errors.New("fsync failed")
+	l.commit.mu.Lock()
+	l.commit.failSync = fsync
+	l.commit.mu.Unlock()
+	debit := Op{User: 1, ReqID: "d", Postings: []Posting{{User: 1, Delta: -3, Reason: ReasonGift}}}
+	if _, err := l.Apply(debit); !errors.Is(err, ErrInProgress) || !errors.Is(err, fsync) {
+		t.Fatalf("debit whose fsync failed: %v, want in doubt", err)
+	}
+	// Refused from now on, nothing reserved: not in doubt.
+	if _, err := l.Apply(Op{User: 2, ReqID: "x", Postings: []Posting{{User: 2, Delta: 5, Reason: ReasonDev}}}); err == nil || errors.Is(err, ErrInProgress) {
+		t.Fatalf("op after the failure: %v", err)
+	}
+	l.Close()
+	if err := st.Close(); err != nil {
+		t.Fatal(err)
+	}
+	st, err = Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	l, err = NewLedger(st, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	res, err := l.Apply(debit)
+	if err != nil || !res.Replayed {
+		t.Fatalf("the same debit after the restart: %+v %v (want replayed: it was durable)", res, err)
+	}
+	if b, _ := l.Balance(1); b != 7 {
+		t.Fatalf("balance %d, want 7 (debited once)", b)
+	}
+	credits, debits, balances, err := l.Audit()
+	if err != nil || credits-debits != balances {
+		t.Fatalf("audit: %d %d %d %v", credits, debits, balances, err)
+	}
+}

@@ -92,6 +92,13 @@ type SharedWallet struct {
 	// it ran; the watcher settles them (as a restart would).
 	unsettledMu sync.Mutex
 	unsettled   map[uint64]unsettledOp
+	// busy are the requests (user, req_id) this node is applying, or whose
+	// outcome is unsettled (under unsettledMu): a duplicate meanwhile waits
+	// for the first to be answered (up to dupWait) and then replays it, or
+	// is answered ErrInProgress while its outcome is unsettled — never
+	// refused by its Check as if the first could not land (a script whose
+	// reply was lost may still run late).
+	busy map[busyKey]*busyReq
 
 	// The applied-op watermark and the audit (shared_audit.go).
 	counts        nodeCounters
@@ -190,7 +197,7 @@ func NewSharedWallet(store *Store, rdb rueidis.Client, cfg SharedConfig) (*Share
 	}
 	w := &SharedWallet{store: store, rdb: rdb, node: cfg.Node, nodes: cfg.Nodes, log: cfg.Log,
 		now: cfg.Now, ttl: DefaultIdemTTL, dupWait: defaultDupWait, callTimeout: cfg.CallTimeout, extra: cfg.Contribute,
-		unsettled: map[uint64]unsettledOp{}, asyncSlots: make(chan struct{}, maxAsyncApplies)}
+		unsettled: map[uint64]unsettledOp{}, busy: map[busyKey]*busyReq{}, asyncSlots: make(chan struct{}, maxAsyncApplies)}
 	// Intent numbers are never reused (le:applied:<node> is keyed by them):
 	// the highest ever used is kept in seq/intent.
 	var maxIntent uint64
@@ -424,15 +431,33 @@ func (w *SharedWallet) Apply(op Op) (Result, error) {
 	if in.ReqID == "" {
 		in.ReqID = "auto:" + w.node + ":" + strconv.FormatUint(w.intentNo.Load()+1, 10) + ":" + strconv.FormatInt(w.now().UnixNano(), 36)
 	}
-	// Duplicates that finished before are answered from Redis without an
-	// intent (the script would answer "dup" too; this saves the fsync).
+	// One request (user, req_id) at a time on this node, the first until
+	// its outcome is settled.
+	absent := true // no earlier request with this req_id has run (Redis says so)
 	if op.ReqID != "" {
-		if v, err := w.rdb.Do(ctx, w.rdb.B().Get().Key(idemRKey(op.User, in.ReqID)).Build()).ToString(); err == nil {
+		bk := busyKey{op.User, op.ReqID}
+		mine := w.claim(ctx, bk)
+		if mine == nil {
+			return Result{}, ErrInProgress
+		}
+		defer w.release(bk, mine)
+		// Duplicates that finished before are answered from Redis without an
+		// intent (the script would answer "dup" too; this saves the fsync).
+		v, err := w.rdb.Do(ctx, w.rdb.B().Get().Key(idemRKey(op.User, in.ReqID)).Build()).ToString()
+		if err == nil {
 			return w.replay(ctx, in, v)
 		}
+		absent = rueidis.IsRedisNil(err)
 	}
 	if op.Check != nil {
 		if err := op.Check(); err != nil {
+			if !absent {
+				// Redis could not say whether this is a duplicate of a
+				// request that ran (on another node, or before a restart):
+				// its refusal ("not in the room", say) would tell the
+				// client that nothing moved when it may have.
+				return Result{}, ErrInProgress
+			}
 			return Result{}, err
 		}
 	}
@@ -567,6 +592,86 @@ type unsettledOp struct {
 func (w *SharedWallet) unsettle(no uint64, in intent, records func([]int64) []Record) {
 	w.unsettledMu.Lock()
 	w.unsettled[no] = unsettledOp{in, records}
+	if b := w.busy[busyKey{in.User, in.ReqID}]; b != nil {
+		b.unsettled = true // kept busy until settled
+	}
+	w.unsettledMu.Unlock()
+}
+
+// busyKey is a request of Apply: (user, req_id).
+type busyKey struct {
+	user  int64
+	reqID string
+}
+
+// busyReq is a busy request: done is closed once its Apply returned;
+// unsettled: its outcome was left to the watcher.
+type busyReq struct {
+	done      chan struct{}
+	unsettled bool
+	returned  bool // done is closed
+}
+
+func (b *busyReq) finish() {
+	if !b.returned {
+		b.returned = true
+		close(b.done)
+	}
+}
+
+// claim marks a request busy. A duplicate waits for the first's Apply to
+// return (then claims it in turn, and is answered from Redis as one); false:
+// the first's outcome is unsettled, or it did not return within dupWait.
+func (w *SharedWallet) claim(ctx context.Context, k busyKey) *busyReq {
+	var timeout <-chan time.Time
+	for {
+		w.unsettledMu.Lock()
+		b := w.busy[k]
+		if b == nil {
+			b = &busyReq{done: make(chan struct{})}
+			w.busy[k] = b
+			w.unsettledMu.Unlock()
+			return b
+		}
+		unsettled := b.unsettled
+		w.unsettledMu.Unlock()
+		if unsettled {
+			return nil
+		}
+		if timeout == nil {
+			t := time.NewTimer(w.dupWait)
+			defer t.Stop()
+			timeout = t.C
+		}
+		select {
+		case <-b.done:
+		case <-timeout:
+			return nil
+		case <-ctx.Done():
+			return nil
+		}
+	}
+}
+
+// release ends Apply's claim of k, unless its intent was left unsettled:
+// then the watcher releases it once settled (settled).
+func (w *SharedWallet) release(k busyKey, b *busyReq) {
+	w.unsettledMu.Lock()
+	defer w.unsettledMu.Unlock()
+	b.finish()
+	if w.busy[k] == b && !b.unsettled {
+		delete(w.busy, k)
+	}
+}
+
+// settled releases the claim of an intent the watcher settled.
+func (w *SharedWallet) settled(in intent) {
+	w.unsettledMu.Lock()
+	k := busyKey{in.User, in.ReqID}
+	if b := w.busy[k]; b != nil && b.unsettled {
+		b.finish() // settled before its Apply returned: its duplicates replay it
+		delete(w.busy, k)
+	}
 	w.unsettledMu.Unlock()
 }
 
@@ -588,6 +693,7 @@ func (w *SharedWallet) retryUnsettled() {
 		case err != nil || out == outcomeUnknown:
 			w.unsettle(no, u.in, u.records)
 		default:
+			w.settled(u.in)
 			w.log.Info("shared wallet: intent settled", "intent", no, "ran", out == outcomeDone)
 		}
 	}

@@ -173,6 +173,48 @@ func TestSharedLostScriptReplySettledByWatcher(t *testing.T) {
 	}
 }
 
+// A duplicate of a request whose outcome is unknown (its script's reply
+// lost, Redis then unreachable) is answered ErrInProgress — on the node of
+// the first (which holds the request until it is settled) and on another
+// (which cannot read Redis) — never with its Check's refusal: the first may
+// have run (here it did). A gift retried on a new connection before it
+// re-joined the room was told "failed" (10003 and biz 5557) while its debit
+// stood. Once settled, the duplicate replays the first's result.
+func TestSharedDuplicateInDoubtNotRefusedByItsCheck(t *testing.T) {
+	rs := redistest.Start(t)
+	px := redistest.StartProxy(t, rs.Addr)
+	cfg := persist.SharedConfig{Nodes: []string{"a", "b"}, CallTimeout: time.Second}
+	cfg.Node = "a"
+	a := openWalletNode(t, px.Addr, t.TempDir(), cfg)
+	cfg.Node = "b"
+	b := openWalletNode(t, px.Addr, t.TempDir(), cfg)
+	waitWalletsReady(t, a, b)
+	const user = 31
+	if _, err := a.w.Apply(persist.Op{User: user, ReqID: "seed", Postings: []persist.Posting{{User: user, Delta: 100, Reason: persist.ReasonDev}}}); err != nil {
+		t.Fatal(err)
+	}
+	op := persist.Op{User: user, ReqID: "g", Postings: []persist.Posting{{User: user, Delta: -60, Reason: persist.ReasonGift}}}
+	px.LoseReply("EVALSHA", 2500*time.Millisecond)
+	if _, err := a.w.Apply(op); !errors.Is(err, persist.ErrInProgress) {
+		t.Fatalf("Apply with its script reply lost: %v, want ErrInProgress", err)
+	}
+	refused := errors.New("not in the room")
+	dup := op
+	dup.Check = func() error { return refused }
+	for name, n := range map[string]*walletNode{"the first's node": a, "another node": b} {
+		if _, err := n.w.Apply(dup); !errors.Is(err, persist.ErrInProgress) {
+			t.Fatalf("duplicate on %s while the first is in doubt: %v, want ErrInProgress", name, err)
+		}
+	}
+	waitFor(t, "the watcher to settle the intent", func() bool { return intents(t, a.store) == 0 })
+	for name, n := range map[string]*walletNode{"the first's node": a, "another node": b} {
+		r, err := n.w.Apply(dup)
+		if err != nil || !r.Replayed || r.Balances[0] != 40 {
+			t.Fatalf("duplicate on %s once settled: %+v %v, want a replay to 40", name, r, err)
+		}
+	}
+}
+
 // redisSnapshot is every key of a Redis with its TTL, as DUMP gives it.
 type redisSnapshot map[string]struct {
 	dump string
