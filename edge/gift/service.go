@@ -5,7 +5,10 @@ import (
 	"log/slog"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
+
+	"github.com/hashicorp/golang-lru/v2/simplelru"
 
 	"github.com/liveedge/liveedge/edge/limit"
 	"github.com/liveedge/liveedge/gateway/proto"
@@ -153,7 +156,24 @@ type Service struct {
 	recv    Receivers
 
 	accounts Accounts // frozen accounts (SetAccounts); nil = none
+
+	// doubted are the gifts (sender, req_id) answered 10409 "still being
+	// processed" (persist.ErrInProgress): their debit may land without an
+	// answer here, and its retry is then a replay — whose effects are
+	// owed, not sent "the first time". Bounded (an LRU).
+	doubtMu  sync.Mutex
+	doubted  *simplelru.LRU[doubtKey, struct{}]
+	nDoubted atomic.Int32 // doubted's length: the hot path skips the lock when 0
 }
+
+// doubtKey is a gift answered in doubt.
+type doubtKey struct {
+	sender int64
+	reqID  string
+}
+
+// maxDoubted bounds the gifts remembered as answered in doubt.
+const maxDoubted = 10_000
 
 // New returns a gift service.
 func New(w persist.Wallet, r router.Router, cat *Catalogue, cfg Config, log *slog.Logger) *Service {
@@ -163,7 +183,26 @@ func New(w persist.Wallet, r router.Router, cat *Catalogue, cfg Config, log *slo
 	s := &Service{wallet: w, router: r, cat: cat, log: log, recv: cfg.Receivers,
 		limit: limit.New(cfg.PerSecond, time.Second, max(1, cfg.PerSecond), nil)}
 	s.effects = newEffects(r, cfg.EffectWindow, cfg.RoomEffectsPerSecond)
+	s.doubted, _ = simplelru.NewLRU[doubtKey, struct{}](maxDoubted, nil)
 	return s
+}
+
+// doubt remembers that gift k was answered in doubt (in true), or reports
+// and forgets it (in false: the gift succeeded).
+func (s *Service) doubt(k doubtKey, in bool) bool {
+	if !in && s.nDoubted.Load() == 0 {
+		return false
+	}
+	s.doubtMu.Lock()
+	defer s.doubtMu.Unlock()
+	was := false
+	if in {
+		s.doubted.Add(k, struct{}{})
+	} else {
+		was = s.doubted.Remove(k)
+	}
+	s.nDoubted.Store(int32(s.doubted.Len()))
+	return was
 }
 
 // SetScorer connects the PK service.
@@ -304,15 +343,20 @@ func (s *Service) send(sender int64, inRoom bool, r Req, done func(Reply, *sendE
 				s.log.Error("gift debit failed", "sender", sender, "req_id", r.ReqID, "err", err)
 			}
 			e.quiet = res.Replayed || errors.Is(err, persist.ErrInProgress)
+			if errors.Is(err, persist.ErrInProgress) {
+				s.doubt(doubtKey{sender, r.ReqID}, true)
+			}
 			done(Reply{}, e)
 			return
 		}
 		orderID := strconv.FormatInt(res.TradeIDs[0], 10)
 		rep := Reply{OrderID: orderID, Balance: res.Balances[0]}
-		if res.Replayed {
+		if owed := s.doubt(doubtKey{sender, r.ReqID}, false); res.Replayed && !owed {
 			done(rep, nil) // effects went out the first time
 			return
 		}
+		// New — or the replay of a gift answered in doubt here, whose
+		// debit landed later: its effects were never sent.
 		ev := EffectPush{From: sender, To: r.ReceiverID, GiftID: g.ID, Count: r.Count, EffectURL: g.SvgaURL, OrderID: orderID}
 		d := ev.encode()
 		s.router.SendUser(r.ReceiverID, proto.Push{Biz: proto.BizGift, Room: r.RoomID, Data: d, Ack: true})

@@ -1,6 +1,7 @@
 package gift
 
 import (
+	"strings"
 	"testing"
 	"time"
 
@@ -63,5 +64,80 @@ func TestInProgressIsNotAFailure(t *testing.T) {
 	}
 	if len(failed) != 1 {
 		t.Fatalf("biz 5557 pushes %q, want exactly one (for the insufficient balance)", failed)
+	}
+}
+
+// landsLateWallet is the real ledger, except that the gift with req_id
+// "late" lands but is answered persist.ErrInProgress the first time, as
+// from the shared wallet whose script's reply was lost (its watcher
+// settles it later): a retry then replays it.
+type landsLateWallet struct {
+	*persist.Ledger
+	answered bool
+}
+
+func (w *landsLateWallet) ApplyAsync(op persist.Op, done func(persist.Result, error)) {
+	if op.ReqID == "gift:late" && !w.answered {
+		w.answered = true
+		w.Ledger.ApplyAsync(op, func(persist.Result, error) { done(persist.Result{}, persist.ErrInProgress) })
+		return
+	}
+	w.Ledger.ApplyAsync(op, done)
+}
+
+// A gift answered "still being processed" whose debit landed anyway gets its
+// effects when its retry replays it — once: the receiver's biz 5556 (it was
+// never sent: a replay was taken for a gift whose effects went out the
+// first time).
+func TestGiftAnsweredInDoubtGetsItsEffectsOnRetry(t *testing.T) {
+	st, err := persist.Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	led, err := persist.NewLedger(st, time.Now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer led.Close()
+	if _, err := led.Apply(persist.Op{User: 100, ReqID: "seed", Postings: []persist.Posting{{User: 100, Delta: 10_000, Reason: persist.ReasonDev}}}); err != nil {
+		t.Fatal(err)
+	}
+	cat, err := NewCatalogue(PebbleCatalogue{Store: st})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rt := router.NewLocal("t", router.LocalConfig{})
+	rt.OpenRoom(7)
+	receiver := &routertest.Recorder{SessionID: 2, User: 200}
+	rt.Register(receiver)
+	s := New(&landsLateWallet{Ledger: led}, rt, cat, Config{}, nil)
+	gifts := func() int {
+		n := 0
+		for _, r := range receiver.Received() {
+			if strings.Contains(string(r.Bytes), `"biz":5556`) {
+				n++
+			}
+		}
+		return n
+	}
+	req := Req{RoomID: 7, GiftID: 24, ReceiverID: 200, Count: 1, ReqID: "late"}
+	if _, e := s.Send(100, true, req); e == nil || e.Code != proto.CodeConflict {
+		t.Fatalf("first answer: %+v, want %d", e, proto.CodeConflict)
+	}
+	if n := gifts(); n != 0 {
+		t.Fatalf("%d gift pushes after the answer in doubt", n)
+	}
+	for i := range 2 {
+		rep, e := s.Send(100, true, req)
+		if e != nil || rep.OrderID == "" {
+			t.Fatalf("retry %d: %+v %+v", i, rep, e)
+		}
+		if n := gifts(); n != 1 {
+			t.Fatalf("after retry %d: %d gift pushes to the receiver, want 1", i, n)
+		}
+	}
+	if b, _ := led.Balance(100); b >= 10_000 {
+		t.Fatalf("balance %d: not debited", b)
 	}
 }
