@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"log/slog"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -191,7 +192,11 @@ func (c *committer) worker() {
 			err = fmt.Errorf("persist: ledger commit failed, the node must restart: %w", err)
 			c.mu.Lock()
 			if c.err == nil {
-				c.err = err // every op after this is refused, nothing reserved
+				// Every op after this is refused, nothing reserved — as
+				// "retry" (ErrInProgress): one of them may retry an op
+				// answered in doubt, which "failed" would misreport.
+				c.err = fmt.Errorf("%w; every op is refused until then (%w)", err, ErrInProgress)
+				slog.Error("ledger commit failed: every op is refused until the node restarts", "err", err, "in_wal", turn.inWAL)
 			}
 			c.mu.Unlock()
 			answer = err
@@ -202,7 +207,7 @@ func (c *committer) worker() {
 				// that nothing moved — but in doubt, known after the
 				// restart (a retry with the same request id then replays
 				// it, or runs it).
-				answer = fmt.Errorf("%w (its batch entered the WAL: %w)", err, ErrInProgress)
+				answer = fmt.Errorf("%w (its batch entered the WAL: %w)", err, ErrInDoubt)
 			}
 		}
 		turn.err = err

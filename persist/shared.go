@@ -123,6 +123,12 @@ var ErrWalletUnavailable = errors.New("persist: shared wallet unavailable")
 // its outcome is not known yet; retry with the same req_id.
 var ErrInProgress = errors.New("persist: a request with this req_id is still in progress")
 
+// ErrInDoubt is ErrInProgress (errors.Is matches both) for this call's own
+// op: it may have moved money, and its outcome is settled later (a retry
+// with the same req_id answers it). A plain ErrInProgress may be a
+// duplicate's answer while another call applies the op.
+var ErrInDoubt = fmt.Errorf("%w: this request's outcome is not known yet", ErrInProgress)
+
 // defaultDupWait is how long a duplicate waits for the first request's node
 // to make it durable (normally a few ms: one fsync).
 const defaultDupWait = 3 * time.Second
@@ -498,7 +504,7 @@ func (w *SharedWallet) Apply(op Op) (Result, error) {
 		}
 		w.log.Error("shared wallet: outcome unknown, the watcher will settle it", "intent", no, "err", err, "resolve_err", rerr)
 		w.unsettle(no, in, op.Records)
-		return Result{}, ErrInProgress
+		return Result{}, ErrInDoubt
 	case status == "gen":
 		_ = w.store.Apply(func(b *Batch) error { return b.Delete(ikey, nil) })
 		go w.onGenerationLost()
@@ -526,7 +532,7 @@ func (w *SharedWallet) Apply(op Op) (Result, error) {
 		// caller is told to retry with the same req_id, never "failed".
 		w.log.Error("shared wallet: ledger write failed after the script ran, will retry", "intent", no, "err", err)
 		w.unsettle(no, in, op.Records)
-		return Result{}, ErrInProgress
+		return Result{}, ErrInDoubt
 	}
 	if w.crashAt != nil && w.crashAt("final") {
 		return Result{}, errCrashed

@@ -157,12 +157,14 @@ type Service struct {
 
 	accounts Accounts // frozen accounts (SetAccounts); nil = none
 
-	// doubted are the gifts (sender, req_id) answered 10409 "still being
-	// processed" (persist.ErrInProgress): their debit may land without an
-	// answer here, and its retry is then a replay — whose effects are
-	// owed, not sent "the first time". Bounded (an LRU).
+	// doubted are the gifts (sender, req_id) answered 10409 because their
+	// own debit's outcome is unknown (persist.ErrInDoubt — not a
+	// duplicate's "in progress", whose first request sends the effects):
+	// the debit may land without an answer here, and its retry is then a
+	// replay — whose effects are owed, not sent "the first time". Bounded
+	// (an LRU); the value is the PK contest the debit's tally went to.
 	doubtMu  sync.Mutex
-	doubted  *simplelru.LRU[doubtKey, struct{}]
+	doubted  *simplelru.LRU[doubtKey, string]
 	nDoubted atomic.Int32 // doubted's length: the hot path skips the lock when 0
 }
 
@@ -183,26 +185,33 @@ func New(w persist.Wallet, r router.Router, cat *Catalogue, cfg Config, log *slo
 	s := &Service{wallet: w, router: r, cat: cat, log: log, recv: cfg.Receivers,
 		limit: limit.New(cfg.PerSecond, time.Second, max(1, cfg.PerSecond), nil)}
 	s.effects = newEffects(r, cfg.EffectWindow, cfg.RoomEffectsPerSecond)
-	s.doubted, _ = simplelru.NewLRU[doubtKey, struct{}](maxDoubted, nil)
+	s.doubted, _ = simplelru.NewLRU[doubtKey, string](maxDoubted, nil)
 	return s
 }
 
-// doubt remembers that gift k was answered in doubt (in true), or reports
-// and forgets it (in false: the gift succeeded).
-func (s *Service) doubt(k doubtKey, in bool) bool {
-	if !in && s.nDoubted.Load() == 0 {
-		return false
+// doubt remembers that gift k was answered in doubt, its tally going to
+// PK contest ("" = none).
+func (s *Service) doubt(k doubtKey, contest string) {
+	s.doubtMu.Lock()
+	defer s.doubtMu.Unlock()
+	s.doubted.Add(k, contest)
+	s.nDoubted.Store(int32(s.doubted.Len()))
+}
+
+// owed reports and forgets whether gift k, which succeeded, was answered in
+// doubt, and its contest then.
+func (s *Service) owed(k doubtKey) (contest string, was bool) {
+	if s.nDoubted.Load() == 0 {
+		return "", false
 	}
 	s.doubtMu.Lock()
 	defer s.doubtMu.Unlock()
-	was := false
-	if in {
-		s.doubted.Add(k, struct{}{})
-	} else {
-		was = s.doubted.Remove(k)
+	contest, was = s.doubted.Peek(k)
+	if was {
+		s.doubted.Remove(k)
+		s.nDoubted.Store(int32(s.doubted.Len()))
 	}
-	s.nDoubted.Store(int32(s.doubted.Len()))
-	return was
+	return contest, was
 }
 
 // SetScorer connects the PK service.
@@ -343,17 +352,21 @@ func (s *Service) send(sender int64, inRoom bool, r Req, done func(Reply, *sendE
 				s.log.Error("gift debit failed", "sender", sender, "req_id", r.ReqID, "err", err)
 			}
 			e.quiet = res.Replayed || errors.Is(err, persist.ErrInProgress)
-			if errors.Is(err, persist.ErrInProgress) {
-				s.doubt(doubtKey{sender, r.ReqID}, true)
+			if errors.Is(err, persist.ErrInDoubt) {
+				s.doubt(doubtKey{sender, r.ReqID}, contest)
 			}
 			done(Reply{}, e)
 			return
 		}
 		orderID := strconv.FormatInt(res.TradeIDs[0], 10)
 		rep := Reply{OrderID: orderID, Balance: res.Balances[0]}
-		if owed := s.doubt(doubtKey{sender, r.ReqID}, false); res.Replayed && !owed {
+		first, owed := s.owed(doubtKey{sender, r.ReqID})
+		if res.Replayed && !owed {
 			done(rep, nil) // effects went out the first time
 			return
+		}
+		if res.Replayed {
+			contest = first // the replayed debit's tally went to that contest
 		}
 		// New — or the replay of a gift answered in doubt here, whose
 		// debit landed later: its effects were never sent.

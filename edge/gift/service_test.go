@@ -68,7 +68,7 @@ func TestInProgressIsNotAFailure(t *testing.T) {
 }
 
 // landsLateWallet is the real ledger, except that the gift with req_id
-// "late" lands but is answered persist.ErrInProgress the first time, as
+// "late" lands but is answered persist.ErrInDoubt the first time, as
 // from the shared wallet whose script's reply was lost (its watcher
 // settles it later): a retry then replays it.
 type landsLateWallet struct {
@@ -79,7 +79,7 @@ type landsLateWallet struct {
 func (w *landsLateWallet) ApplyAsync(op persist.Op, done func(persist.Result, error)) {
 	if op.ReqID == "gift:late" && !w.answered {
 		w.answered = true
-		w.Ledger.ApplyAsync(op, func(persist.Result, error) { done(persist.Result{}, persist.ErrInProgress) })
+		w.Ledger.ApplyAsync(op, func(persist.Result, error) { done(persist.Result{}, persist.ErrInDoubt) })
 		return
 	}
 	w.Ledger.ApplyAsync(op, done)
