@@ -25,20 +25,27 @@ func (w inProgressWallet) ApplyAsync(op persist.Op, done func(persist.Result, er
 	w.Ledger.ApplyAsync(op, done)
 }
 
-// A gift whose req_id is still in progress elsewhere is answered 10409 and is
-// not reported as failed (no biz 5557: it may well succeed); a real failure
-// (insufficient balance) is.
-func TestInProgressIsNotAFailure(t *testing.T) {
+// openLedger opens a ledger on a fresh store, closed when the test ends.
+func openLedger(t *testing.T) (*persist.Store, *persist.Ledger) {
+	t.Helper()
 	st, err := persist.Open(t.TempDir())
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer st.Close()
+	t.Cleanup(func() { _ = st.Close() })
 	led, err := persist.NewLedger(st, time.Now)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer led.Close()
+	t.Cleanup(led.Close)
+	return st, led
+}
+
+// A gift whose req_id is still in progress elsewhere is answered 10409 and is
+// not reported as failed (no biz 5557: it may well succeed); a real failure
+// (insufficient balance) is.
+func TestInProgressIsNotAFailure(t *testing.T) {
+	st, led := openLedger(t)
 	cat, err := NewCatalogue(PebbleCatalogue{Store: st})
 	if err != nil {
 		t.Fatal(err)
@@ -90,16 +97,7 @@ func (w *landsLateWallet) ApplyAsync(op persist.Op, done func(persist.Result, er
 // never sent: a replay was taken for a gift whose effects went out the
 // first time).
 func TestGiftAnsweredInDoubtGetsItsEffectsOnRetry(t *testing.T) {
-	st, err := persist.Open(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer st.Close()
-	led, err := persist.NewLedger(st, time.Now)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer led.Close()
+	st, led := openLedger(t)
 	if _, err := led.Apply(persist.Op{User: 100, ReqID: "seed", Postings: []persist.Posting{{User: 100, Delta: 10_000, Reason: persist.ReasonDev}}}); err != nil {
 		t.Fatal(err)
 	}

@@ -126,14 +126,8 @@ func TestLeaseAheadAnsweredEmptyIsNotNoneLeft(t *testing.T) {
 		}
 		got++
 	}
-	u := int64(1000)
-	for left, _ := c.svc("n1").mem.Len(context.Background(), code); left > 0; left-- { // the owner's viewers take its pool
-		if _, perr := c.grab("n1", "n1", u, code); perr != nil {
-			t.Fatal(perr)
-		}
-		u++
-		got++
-	}
+	u, n := c.takePool(t, code, 1000) // the owner's viewers take its pool
+	got += n
 	h := c.svc("n3")
 	sh := h.shardOf(code, "n1")
 	slice := func() (free int, leasing bool) {

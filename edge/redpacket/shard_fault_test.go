@@ -145,14 +145,8 @@ func TestLeaseAheadDoesNotEndTheRain(t *testing.T) {
 		t.Fatal(perr)
 	}
 	got++
-	u := int64(1000)
-	for left, _ := c.svc("n1").mem.Len(context.Background(), code); left > 0; left-- { // the owner's viewers take its pool
-		if _, perr := c.grab("n1", "n1", u, code); perr != nil {
-			t.Fatal(perr)
-		}
-		u++
-		got++
-	}
+	u, n := c.takePool(t, code, 1000) // the owner's viewers take its pool
+	got += n
 	for ; u < 5000; u++ { // now only n2's viewers grab
 		if _, perr := c.grab("n2", "n1", u, code); perr != nil {
 			break
@@ -326,6 +320,20 @@ func TestDoubtfulGrantKeepsItsShard(t *testing.T) {
 	if sum+v.Refunded != 1000 || len(grants) != 2 {
 		t.Fatalf("%d grants, %d coins + refunded %d, total 1000", len(grants), sum, v.Refunded)
 	}
+}
+
+// takePool grabs on the owner n1, as users from u on, until its pool is
+// empty; it returns the next user and the packets granted.
+func (c *cluster) takePool(t *testing.T, code string, u int64) (next int64, got int) {
+	t.Helper()
+	for left, _ := c.svc("n1").mem.Len(context.Background(), code); left > 0; left-- {
+		if _, perr := c.grab("n1", "n1", u, code); perr != nil {
+			t.Fatal(perr)
+		}
+		u++
+		got++
+	}
+	return u, got
 }
 
 // grabUntilServed grabs through node until the answer is not "retry" (a

@@ -3,6 +3,7 @@ package ticket
 import (
 	"errors"
 	"fmt"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -614,26 +615,13 @@ func TestTicketPayCancelTimeoutRace(t *testing.T) {
 // business order carries no coins to take back).
 func TestPayRefundOfATicketOrderRefused(t *testing.T) {
 	e := newEnv(t, Config{})
-	prog := e.program([]CategoryDef{{ID: 1, Name: "A", Price: 100, Rows: 1, Cols: 4}}, 4, 8)
-	o, err := e.svc.Place(7, PlaceReq{ProgramID: prog, CategoryID: 1, Count: 2, ReqID: "s"})
-	if err != nil {
-		t.Fatal(err)
-	}
+	prog, o, id := e.mockOrder(2)
 	if st := e.notify(o.OrderID, "ev-1", o.Amount); st != pay.NotifyOK {
 		t.Fatalf("notify %d", st)
 	}
-	_, err = e.pay.Refund(mustID(t, o.OrderID))
+	_, err := e.pay.Refund(id)
 	wantCode(t, err, proto.CodeOrderState)
-	if po, _ := e.pay.Get(mustID(t, o.OrderID)); po.Status != pay.StatusPayed {
-		t.Fatalf("pay order %s after a refused refund", po.Status)
-	}
-	if got := e.order(o.OrderID); got.Status != StatusPaid {
-		t.Fatalf("ticket order %s", got.Status)
-	}
-	if free, locked, sold := e.counts(prog); free != 2 || locked != 0 || sold != 2 {
-		t.Fatalf("free %d locked %d sold %d", free, locked, sold)
-	}
-	e.conservation()
+	e.payAndSeats(id, pay.StatusPayed, StatusPaid, prog, 2, 0, 2)
 }
 
 // A user places at most OrdersPerMinute ticket orders per minute: a cancel
@@ -676,12 +664,7 @@ func TestTicketOrdersPerMinute(t *testing.T) {
 // refund record) while the buyer kept the seats.
 func TestTicketPaidBeforeItsPayOrderClosed(t *testing.T) {
 	e := newEnv(t, Config{})
-	prog := e.program([]CategoryDef{{ID: 1, Name: "A", Price: 100, Rows: 1, Cols: 4}}, 4, 8)
-	o, err := e.svc.Place(7, PlaceReq{ProgramID: prog, CategoryID: 1, Count: 2, ReqID: "s"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	id := mustID(t, o.OrderID)
+	prog, o, id := e.mockOrder(2)
 	po, err := e.pay.Get(id)
 	if err != nil {
 		t.Fatal(err)
@@ -697,16 +680,7 @@ func TestTicketPaidBeforeItsPayOrderClosed(t *testing.T) {
 			t.Fatalf("notify %s: %d", ev, st)
 		}
 	}
-	if po, _ := e.pay.Get(id); po.Status != pay.StatusPayed {
-		t.Fatalf("pay order %s, want PAYED (the seats were sold on it)", po.Status)
-	}
-	if got := e.order(o.OrderID); got.Status != StatusPaid {
-		t.Fatalf("ticket order %s", got.Status)
-	}
-	if free, locked, sold := e.counts(prog); free != 2 || locked != 0 || sold != 2 {
-		t.Fatalf("free %d locked %d sold %d", free, locked, sold)
-	}
-	e.conservation()
+	e.payAndSeats(id, pay.StatusPayed, StatusPaid, prog, 2, 0, 2) // PAYED: the seats were sold on it
 }
 
 // A payment after its pay order closed, delivered while the ticket service
@@ -715,12 +689,7 @@ func TestTicketPaidBeforeItsPayOrderClosed(t *testing.T) {
 // instead of REFUNDED). Once registered, the redelivery is refunded as usual.
 func TestLatePaymentWaitsForItsBusiness(t *testing.T) {
 	e := newEnv(t, Config{})
-	prog := e.program([]CategoryDef{{ID: 1, Name: "A", Price: 100, Rows: 1, Cols: 4}}, 4, 8)
-	o, err := e.svc.Place(7, PlaceReq{ProgramID: prog, CategoryID: 1, Count: 1, ReqID: "s"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	id := mustID(t, o.OrderID)
+	prog, o, id := e.mockOrder(1)
 	if err := e.pay.CloseBizOrder(id, "unpaid timeout"); err != nil {
 		t.Fatal(err)
 	}
@@ -734,14 +703,33 @@ func TestLatePaymentWaitsForItsBusiness(t *testing.T) {
 	if st := e.notify(o.OrderID, "ev-1", o.Amount); st != pay.NotifyOK {
 		t.Fatalf("notify: %d", st)
 	}
-	if po, _ := e.pay.Get(id); po.Status != pay.StatusPayBack {
-		t.Fatalf("pay order %s", po.Status)
+	e.payAndSeats(id, pay.StatusPayBack, StatusRefunded, prog, 4, 0, 0)
+}
+
+// mockOrder places, for user 7, an order of count seats of a new program
+// (one category of 4 seats at 100) paid through the provider (PENDING_PAY).
+func (e *env) mockOrder(count int) (prog int64, o Order, id int64) {
+	e.t.Helper()
+	prog = e.program([]CategoryDef{{ID: 1, Name: "A", Price: 100, Rows: 1, Cols: 4}}, 4, 8)
+	o, err := e.svc.Place(7, PlaceReq{ProgramID: prog, CategoryID: 1, Count: count, ReqID: "s"})
+	if err != nil {
+		e.t.Fatal(err)
 	}
-	if got := e.order(o.OrderID); got.Status != StatusRefunded {
-		t.Fatalf("ticket order %s, want REFUNDED", got.Status)
+	return prog, o, mustID(e.t, o.OrderID)
+}
+
+// payAndSeats checks pay order id's status, its ticket order's, and the
+// program's seats, then the conservation.
+func (e *env) payAndSeats(id int64, payStatus, status string, prog int64, free, locked, sold int) {
+	e.t.Helper()
+	if po, _ := e.pay.Get(id); po.Status != payStatus {
+		e.t.Fatalf("pay order %s, want %s", po.Status, payStatus)
 	}
-	if free, locked, sold := e.counts(prog); free != 4 || locked != 0 || sold != 0 {
-		t.Fatalf("free %d locked %d sold %d", free, locked, sold)
+	if got := e.order(strconv.FormatInt(id, 10)); got.Status != status {
+		e.t.Fatalf("ticket order %s, want %s", got.Status, status)
+	}
+	if f, l, s := e.counts(prog); f != free || l != locked || s != sold {
+		e.t.Fatalf("free %d locked %d sold %d, want %d %d %d", f, l, s, free, locked, sold)
 	}
 	e.conservation()
 }
