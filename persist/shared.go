@@ -627,7 +627,8 @@ func (b *busyReq) finish() {
 
 // claim marks a request busy. A duplicate waits for the first's Apply to
 // return (then claims it in turn, and is answered from Redis as one); false:
-// the first's outcome is unsettled, or it did not return within dupWait.
+// nil: the first's outcome is unsettled, or it did not return within
+// dupWait (or ctx ended).
 func (w *SharedWallet) claim(ctx context.Context, k busyKey) *busyReq {
 	var timeout <-chan time.Time
 	for {

@@ -162,9 +162,9 @@ type Service struct {
 	// duplicate's "in progress", whose first request sends the effects):
 	// the debit may land without an answer here, and its retry is then a
 	// replay — whose effects are owed, not sent "the first time". Bounded
-	// (an LRU); the value is the PK contest the debit's tally went to.
+	// (an LRU); the value is what that request debited for.
 	doubtMu  sync.Mutex
-	doubted  *simplelru.LRU[doubtKey, string]
+	doubted  *simplelru.LRU[doubtKey, owedGift]
 	nDoubted atomic.Int32 // doubted's length: the hot path skips the lock when 0
 }
 
@@ -172,6 +172,16 @@ type Service struct {
 type doubtKey struct {
 	sender int64
 	reqID  string
+}
+
+// owedGift is a gift answered in doubt: its effect, room, amount and PK
+// contest ("" = none) — a retry with the same req_id replays that debit,
+// whatever the retry's own fields say.
+type owedGift struct {
+	ev      EffectPush
+	room    int64
+	amount  int64
+	contest string
 }
 
 // maxDoubted bounds the gifts remembered as answered in doubt.
@@ -185,33 +195,32 @@ func New(w persist.Wallet, r router.Router, cat *Catalogue, cfg Config, log *slo
 	s := &Service{wallet: w, router: r, cat: cat, log: log, recv: cfg.Receivers,
 		limit: limit.New(cfg.PerSecond, time.Second, max(1, cfg.PerSecond), nil)}
 	s.effects = newEffects(r, cfg.EffectWindow, cfg.RoomEffectsPerSecond)
-	s.doubted, _ = simplelru.NewLRU[doubtKey, string](maxDoubted, nil)
+	s.doubted, _ = simplelru.NewLRU[doubtKey, owedGift](maxDoubted, nil)
 	return s
 }
 
-// doubt remembers that gift k was answered in doubt, its tally going to
-// PK contest ("" = none).
-func (s *Service) doubt(k doubtKey, contest string) {
+// doubt remembers that gift k was answered in doubt.
+func (s *Service) doubt(k doubtKey, g owedGift) {
 	s.doubtMu.Lock()
 	defer s.doubtMu.Unlock()
-	s.doubted.Add(k, contest)
+	s.doubted.Add(k, g)
 	s.nDoubted.Store(int32(s.doubted.Len()))
 }
 
 // owed reports and forgets whether gift k, which succeeded, was answered in
-// doubt, and its contest then.
-func (s *Service) owed(k doubtKey) (contest string, was bool) {
+// doubt, and what it debited for then.
+func (s *Service) owed(k doubtKey) (g owedGift, was bool) {
 	if s.nDoubted.Load() == 0 {
-		return "", false
+		return g, false
 	}
 	s.doubtMu.Lock()
 	defer s.doubtMu.Unlock()
-	contest, was = s.doubted.Peek(k)
+	g, was = s.doubted.Peek(k)
 	if was {
 		s.doubted.Remove(k)
 		s.nDoubted.Store(int32(s.doubted.Len()))
 	}
-	return contest, was
+	return g, was
 }
 
 // SetScorer connects the PK service.
@@ -353,7 +362,8 @@ func (s *Service) send(sender int64, inRoom bool, r Req, done func(Reply, *sendE
 			}
 			e.quiet = res.Replayed || errors.Is(err, persist.ErrInProgress)
 			if errors.Is(err, persist.ErrInDoubt) {
-				s.doubt(doubtKey{sender, r.ReqID}, contest)
+				s.doubt(doubtKey{sender, r.ReqID}, owedGift{room: r.RoomID, amount: amount, contest: contest,
+					ev: EffectPush{From: sender, To: r.ReceiverID, GiftID: g.ID, Count: r.Count, EffectURL: g.SvgaURL}})
 			}
 			done(Reply{}, e)
 			return
@@ -365,17 +375,20 @@ func (s *Service) send(sender int64, inRoom bool, r Req, done func(Reply, *sendE
 			done(rep, nil) // effects went out the first time
 			return
 		}
-		if res.Replayed {
-			contest = first // the replayed debit's tally went to that contest
-		}
 		// New — or the replay of a gift answered in doubt here, whose
-		// debit landed later: its effects were never sent.
-		ev := EffectPush{From: sender, To: r.ReceiverID, GiftID: g.ID, Count: r.Count, EffectURL: g.SvgaURL, OrderID: orderID}
+		// debit landed later: its effects were never sent (those of the
+		// first request, which the replayed debit paid for).
+		ev := EffectPush{From: sender, To: r.ReceiverID, GiftID: g.ID, Count: r.Count, EffectURL: g.SvgaURL}
+		room := r.RoomID
+		if res.Replayed {
+			ev, room, amount, contest = first.ev, first.room, first.amount, first.contest
+		}
+		ev.OrderID = orderID
 		d := ev.encode()
-		s.router.SendUser(r.ReceiverID, proto.Push{Biz: proto.BizGift, Room: r.RoomID, Data: d, Ack: true})
-		s.effects.add(r.RoomID, ev)
+		s.router.SendUser(ev.To, proto.Push{Biz: proto.BizGift, Room: room, Data: d, Ack: true})
+		s.effects.add(room, ev)
 		if contest != "" {
-			s.scorer.AddScore(r.RoomID, contest, amount)
+			s.scorer.AddScore(room, contest, amount)
 		}
 		done(rep, nil)
 	})

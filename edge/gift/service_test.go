@@ -114,6 +114,9 @@ func TestGiftAnsweredInDoubtGetsItsEffectsOnRetry(t *testing.T) {
 		n := 0
 		for _, r := range receiver.Received() {
 			if strings.Contains(string(r.Bytes), `"biz":5556`) {
+				if !strings.Contains(string(r.Bytes), `"count":1`) {
+					t.Fatalf("effect %s, want the first request's count 1", r.Bytes)
+				}
 				n++
 			}
 		}
@@ -126,6 +129,7 @@ func TestGiftAnsweredInDoubtGetsItsEffectsOnRetry(t *testing.T) {
 	if n := gifts(); n != 0 {
 		t.Fatalf("%d gift pushes after the answer in doubt", n)
 	}
+	req.Count = 5 // a retry that says otherwise gets the effects of what the first request paid for
 	for i := range 2 {
 		rep, e := s.Send(100, true, req)
 		if e != nil || rep.OrderID == "" {

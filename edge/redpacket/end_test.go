@@ -153,6 +153,12 @@ func TestLeaseAheadAnsweredEmptyIsNotNoneLeft(t *testing.T) {
 	if err := h.refill(sh); err != nil {
 		t.Fatalf("a lease ahead answered empty, the holder's own packet still there: %v", err)
 	}
+	sh.mu.Lock()
+	dry := sh.dry
+	sh.mu.Unlock()
+	if !dry {
+		t.Fatal("the lease ahead was not answered empty (nothing tested)")
+	}
 	for ; got < count; u++ {
 		if _, perr := c.grab("n3", "n1", u, code); perr != nil {
 			t.Fatalf("grab %d of %d: %v", got+1, count, perr)

@@ -1,9 +1,8 @@
 package ticket
 
 import (
-	"time"
-
 	"errors"
+	"time"
 
 	"github.com/liveedge/liveedge/gateway/proto"
 	"github.com/liveedge/liveedge/persist"
@@ -331,7 +330,15 @@ func (s *Service) debitDoubtful(id int64, err error) bool {
 	s.pendMu.Lock()
 	defer s.pendMu.Unlock()
 	d, was := s.doubt[id]
-	if !errors.Is(err, persist.ErrInProgress) && (!was || err == nil || proto.AsError(err).Code == proto.CodeInsufficientBalance) {
+	// A first attempt is in doubt only if the wallet says its own op may
+	// have landed (ErrInDoubt; a plain ErrInProgress then is a wallet that
+	// refuses everything — a single-node ledger after a failed commit —
+	// nothing reserved: this order's req id is used by no other call).
+	doubtful := errors.Is(err, persist.ErrInDoubt)
+	if was {
+		doubtful = errors.Is(err, persist.ErrInProgress) || err != nil && proto.AsError(err).Code != proto.CodeInsufficientBalance
+	}
+	if !doubtful {
 		delete(s.doubt, id)
 		return false
 	}

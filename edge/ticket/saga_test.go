@@ -230,7 +230,7 @@ func testSagaCoinsSuccess(t *testing.T, newEnv func(testing.TB, Config) *env) {
 
 // doubtWallet answers ticket debits ("ticket:" request ids) from answers,
 // in turn, as the shared wallet may while the first attempt's outcome is
-// unknown: ErrInProgress, or a retry's own failure (ErrWalletUnavailable:
+// unknown: ErrInDoubt (the first), ErrInProgress, or a retry's own failure (ErrWalletUnavailable:
 // this attempt moved nothing, the first may still land). A nil answer
 // applies the op, as the watcher's settling of the first attempt would
 // (the op lands, with the order record it carries); after the answers run
@@ -270,7 +270,7 @@ func TestSagaDebitInDoubtWaitsForItsOutcome(t *testing.T) {
 		t.Run(fmt.Sprint("landed=", landed), func(t *testing.T) {
 			const credit, price, discount = 1000, 100, 30
 			e := newEnv(t, Config{})
-			w := &doubtWallet{Ledger: e.ledger, answers: []error{persist.ErrInProgress, persist.ErrWalletUnavailable, persist.ErrInProgress}}
+			w := &doubtWallet{Ledger: e.ledger, answers: []error{persist.ErrInDoubt, persist.ErrWalletUnavailable, persist.ErrInProgress}}
 			if !landed {
 				w.answers = append(w.answers, persist.ErrInsufficient)
 			}
@@ -332,4 +332,25 @@ func TestSagaDebitInDoubtWaitsForItsOutcome(t *testing.T) {
 			e.audit()
 		})
 	}
+}
+
+// A first debit answered a plain ErrInProgress — a wallet refusing every op
+// (a single-node ledger after a failed commit), nothing reserved — is not
+// in doubt: this order's req id is used by no other call, so its own op did
+// not run. The order is compensated at once, not held until a restart.
+func TestSagaDebitRefusedAsRetryIsUndone(t *testing.T) {
+	e := newEnv(t, Config{})
+	e.svc.wallet = &doubtWallet{Ledger: e.ledger, answers: []error{persist.ErrInProgress}}
+	e.credit(1, 1000)
+	prog := e.program([]CategoryDef{{ID: 1, Name: "A", Price: 100, Rows: 1, Cols: 4}}, 4, 8)
+	_, err := e.svc.Place(1, PlaceReq{ProgramID: prog, CategoryID: 1, Count: 1, ReqID: "s", Pay: PayCoins})
+	wantCode(t, err, proto.CodeInternal)
+	v, _ := e.store.Get(orderReqKey(1, "s"))
+	if o := e.order(fmt.Sprint(persist.DecodeUint64(v))); o.Status != StatusCancelled || o.Steps.Debited {
+		t.Fatalf("order %+v, want compensated", o)
+	}
+	if free, _, _ := e.counts(prog); free != 4 || e.balance(1) != 1000 {
+		t.Fatalf("free %d, balance %d", free, e.balance(1))
+	}
+	e.conservation()
 }
