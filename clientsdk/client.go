@@ -538,6 +538,11 @@ func (c *Client) activate(s *session, attempt, i int) error {
 			_, err := s.await(ctx, proto.TypeJoin, sc.id, sc.cl)
 			var pe *proto.Error
 			switch {
+			case errors.As(err, &pe) && (pe.Code == proto.CodeInternal || pe.Code == proto.CodeRateLimited):
+				// Not a refusal of the room (a Redis or NATS blip in the
+				// node's join, or its rate): this session is given up and
+				// the client reconnects with its back-off, the room kept.
+				return fmt.Errorf("clientsdk: re-join room %d: %w", sc.room, pe)
 			case errors.As(err, &pe):
 				c.mu.Lock()
 				delete(c.rooms, sc.room)

@@ -260,6 +260,37 @@ func TestRequestTimeout(t *testing.T) {
 	}
 }
 
+// A re-join answered 50000 (a Redis or NATS blip in the node's join) does
+// not drop the room: the client gives that connection up and reconnects
+// with its back-off, and the room is joined again. (It was dropped, as if
+// the room had closed.)
+func TestRejoinTransientErrorKeepsTheRoom(t *testing.T) {
+	ts := newTServer(t)
+	r := &rec{}
+	c := dial(t, ts, r, nil)
+	if _, err := c.Join(context.Background(), 5); err != nil {
+		t.Fatal(err)
+	}
+	ts.mu.Lock()
+	ts.flaky[5] = 1
+	ts.mu.Unlock()
+	ts.conn(0).close(proto.CloseGoingAway)
+	waitFor(t, 10*time.Second, "room 5 joined on a third connection", func() bool {
+		for _, j := range ts.joinsOn(2) {
+			if j == 5 {
+				return true
+			}
+		}
+		return false
+	})
+	if _, dropped := r.findState(StateRoomDropped); dropped {
+		t.Fatal("room dropped on a transient re-join error")
+	}
+	if got := c.Rooms(); len(got) != 1 || got[0] != 5 {
+		t.Fatalf("Rooms = %v, want [5]", got)
+	}
+}
+
 func TestReconnectRejoin(t *testing.T) {
 	ts := newTServer(t)
 	r := &rec{}

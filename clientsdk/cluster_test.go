@@ -290,3 +290,43 @@ func TestRejoinSinceAndResync(t *testing.T) {
 		t.Fatal("position kept after Leave")
 	}
 }
+
+// Pushes missed on a live connection — an offset skipped in the room's
+// epoch, or another epoch — are reported like a re-join that could not
+// recover (StateRoomResync, with the room's new position), and the pushes
+// are delivered; a room numbered with nothing pushed yet takes its first
+// push (offset 1, any epoch) without one.
+func TestLiveGapReportsResync(t *testing.T) {
+	ts := newTServer(t)
+	r := &rec{}
+	c := dial(t, ts, r, nil)
+	ctx := context.Background()
+	ts.mu.Lock()
+	ts.pos[5] = proto.Position{Off: 10, Ep: "e1"}
+	ts.pos[7] = proto.Position{}
+	ts.mu.Unlock()
+	for _, room := range []int64{5, 7} {
+		if _, err := c.Join(ctx, room); err != nil {
+			t.Fatal(err)
+		}
+	}
+	tc := ts.conn(0)
+	tc.send(t, offPush("a1", false, 7, 1, "e9", "first of room 7"))
+	tc.send(t, offPush("m11", false, 5, 11, "e1", "11"))
+	tc.send(t, offPush("m13", false, 5, 13, "e1", "13: 12 missed"))
+	tc.send(t, offPush("n1", false, 5, 1, "e2", "a new epoch"))
+	waitFor(t, 5*time.Second, "n1", func() bool { return r.hasMid("n1") })
+	if got := r.mids(); !slices.Equal(got, []string{"a1", "m11", "m13", "n1"}) {
+		t.Fatalf("delivered %v", got)
+	}
+	var resyncs []StateEvent
+	for _, e := range r.stateEvents() {
+		if e.State == StateRoomResync {
+			resyncs = append(resyncs, e)
+		}
+	}
+	if len(resyncs) != 2 || resyncs[0].Room != 5 || resyncs[0].Off != 12 || resyncs[0].Ep != "e1" ||
+		resyncs[1].Room != 5 || resyncs[1].Off != 0 || resyncs[1].Ep != "e2" {
+		t.Fatalf("resync events %+v, want room 5 at {12 e1} then {0 e2}", resyncs)
+	}
+}

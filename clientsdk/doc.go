@@ -40,7 +40,10 @@
 //     history too old, or lost and renumbered under a new epoch) the client
 //     reports StateRoomResync for the room (with its new position in Off/Ep):
 //     the app re-syncs the room from the HTTP API; the room stays joined and
-//     its pushes after the new position follow. A room push at or before the
+//     its pushes after the new position follow. The same is reported when a
+//     live connection's room push is not the next one (an offset skipped, or
+//     another epoch: pushes the node could not deliver), before that push is
+//     delivered, with the position just before it. A room push at or before the
 //     room's last position in the same epoch (a replay overlapping what was
 //     already delivered) is dropped, whatever its mid (Stats.OffsetDuplicates;
 //     acknowledged again if ack:true). Join returns the online count; JoinInfo

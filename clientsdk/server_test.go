@@ -32,6 +32,7 @@ type tServer struct {
 	ackFrames [][]string
 	joins     []tJoin
 	refuse    map[int64]bool           // join of these rooms replies 10004
+	flaky     map[int64]int            // the next joins of these rooms (this many) reply 50000
 	pos       map[int64]proto.Position // the room position a join reply gives (off/ep; none when absent)
 	lost      map[int64]bool           // a join with since of these rooms replies recovered:false
 	replay    map[int64][][]byte       // frames sent before the reply to a recovered join with since
@@ -53,7 +54,7 @@ type tConn struct {
 }
 
 func newTServer(t *testing.T) *tServer {
-	ts := &tServer{t: t, heartbeatS: 30, refuse: map[int64]bool{}, pos: map[int64]proto.Position{},
+	ts := &tServer{t: t, heartbeatS: 30, refuse: map[int64]bool{}, flaky: map[int64]int{}, pos: map[int64]proto.Position{},
 		lost: map[int64]bool{}, replay: map[int64][][]byte{}, typeCount: map[string]int{}}
 	ts.token.Store("good")
 	ts.up = gws.NewUpgrader(ts, &gws.ServerOption{})
@@ -142,12 +143,19 @@ func (ts *tServer) OnMessage(ws *gws.Conn, m *gws.Message) {
 		}
 		ts.mu.Lock()
 		ts.joins = append(ts.joins, tJoin{tc.n, rr.RoomID, rr.Since})
-		refused := ts.refuse[rr.RoomID]
+		refused, flaky := ts.refuse[rr.RoomID], ts.flaky[rr.RoomID] > 0
+		if flaky {
+			ts.flaky[rr.RoomID]--
+		}
 		pos, numbered := ts.pos[rr.RoomID]
 		lost, replay := ts.lost[rr.RoomID], ts.replay[rr.RoomID]
 		ts.mu.Unlock()
 		if refused {
 			reply(proto.EncodeErrorReply(f.ID, proto.ErrNotFound))
+			return
+		}
+		if flaky {
+			reply(proto.EncodeErrorReply(f.ID, proto.ErrInternal))
 			return
 		}
 		rep := map[string]any{"room_id": rr.RoomID, "online": 7}

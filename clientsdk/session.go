@@ -305,11 +305,25 @@ func (s *session) handle(f *proto.ServerFrame, acks []string) []string {
 		if f.Ack && f.Mid != "" {
 			acks = append(acks, f.Mid)
 		}
-		if f.Room != 0 && f.Off > 0 && !c.advance(f.Room, f.Off, f.Ep) {
-			c.stats.offDups.Add(1)
-			return acks
+		if f.Room != 0 && f.Off > 0 {
+			deliver, gap := c.advance(f.Room, f.Off, f.Ep)
+			if !deliver {
+				c.stats.offDups.Add(1)
+				return acks
+			}
+			if gap {
+				// Pushes between the last seen and this one are lost on
+				// this connection (the node could not fill a hole, or the
+				// room's numbering restarted): the app re-syncs, as after
+				// a re-join that could not recover.
+				c.log.Info("clientsdk: room pushes missed, re-sync needed", "room", f.Room, "off", f.Off, "ep", f.Ep)
+				c.emitState(StateEvent{State: StateRoomResync, Room: f.Room, Off: f.Off - 1, Ep: f.Ep})
+			}
 		}
-		if f.Mid != "" && c.dedup.seen(f.Mid) {
+		// Numbered room pushes are guarded by their offset above: only the
+		// others go through the mid ring, so a busy room cannot push a user
+		// push's mid out of it before its resend arrives.
+		if f.Mid != "" && (f.Room == 0 || f.Off == 0) && c.dedup.seen(f.Mid) {
 			c.stats.dups.Add(1)
 			return acks
 		}
@@ -330,18 +344,22 @@ func (s *session) handle(f *proto.ServerFrame, acks []string) []string {
 // when the room already saw off or a later offset in the same epoch (a
 // replay overlapping what was delivered), else it moves the room's position
 // to the push's. A push of a room not (yet) in the joined set passes.
-func (c *Client) advance(room, off int64, ep string) bool {
+// gap: the push is not the next one after the position known (an offset
+// skipped in the same epoch, or another epoch) — pushes were missed.
+func (c *Client) advance(room, off int64, ep string) (deliver, gap bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	p := c.rooms[room]
 	if p == nil {
-		return true
+		return true, false
 	}
 	if p.known && ep == p.ep && off <= p.off {
-		return false
+		return false, false
 	}
+	fresh := p.off == 0 && p.ep == "" // numbered, nothing pushed yet: any epoch starts at 1
+	gap = p.known && !(fresh && off == 1) && (ep != p.ep || off > p.off+1)
 	p.off, p.ep, p.known = off, ep, true
-	return true
+	return true, gap
 }
 
 type ackFrame struct {

@@ -67,7 +67,10 @@ const (
 	// and the app should re-sync the room from the HTTP API. Off and Ep are
 	// the room's position at the re-join; the pushes after it follow. The room
 	// stays joined. A re-join that recovered everything reports nothing: the
-	// missed pushes are simply delivered, in order, before newer ones.
+	// missed pushes are simply delivered, in order, before newer ones. Also
+	// reported on a live connection when a room push is not the next one
+	// (an offset skipped, or another epoch), before it is delivered; Off and
+	// Ep are then the position just before it.
 	StateRoomResync
 )
 

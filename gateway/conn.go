@@ -1,7 +1,9 @@
 package gateway
 
 import (
+	"cmp"
 	"encoding/binary"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -62,6 +64,7 @@ type Conn struct {
 	ackMu   sync.Mutex
 	pending map[string]*pendingPush
 	ackDone bool
+	ackSeq  uint64
 	timer   *time.Timer
 	done    chan struct{}
 }
@@ -70,6 +73,7 @@ type pendingPush struct {
 	msg   router.Msg
 	tries int
 	next  time.Time
+	seq   uint64 // order tracked (stopAcks)
 }
 
 var (
@@ -120,7 +124,16 @@ func (c *Conn) SendNow(f *router.Frame) (ok, direct bool) {
 			c.track(f.Msgs[i])
 		}
 	}
-	left, err := c.cork.writeNow(f.Wire(wsTextFrame))
+	left, busy, err := c.cork.writeNow(f.Wire(wsTextFrame))
+	if busy {
+		// A control frame is being written (maybe blocked on a full
+		// socket): f waits in the queue like any push, and the room's
+		// fan-out goes on.
+		c.mu.Lock()
+		c.writing = false
+		c.mu.Unlock()
+		return c.Send(f), false
+	}
 	if err != nil {
 		c.cork.closeNow() // gws did not see this write: end the read
 		c.lost()
@@ -415,7 +428,8 @@ func (c *Conn) track(m router.Msg) {
 		return
 	}
 	after := c.srv.cfg.WS.ResendAfter.D()
-	c.pending[m.Mid] = &pendingPush{msg: m, next: time.Now().Add(after)}
+	c.ackSeq++
+	c.pending[m.Mid] = &pendingPush{msg: m, next: time.Now().Add(after), seq: c.ackSeq}
 	if c.timer == nil {
 		c.timer = time.AfterFunc(after, c.resendDue)
 	}
@@ -470,14 +484,29 @@ func (c *Conn) resendDue() {
 }
 
 // stopAcks drops the resend state when the connection is gone.
-func (c *Conn) stopAcks() {
+// stopAcks stops the resends and returns the reliable user pushes not
+// acked (room pushes, Off > 0, are recovered by the room's offsets), in
+// the order they were sent.
+func (c *Conn) stopAcks() []router.Msg {
 	c.ackMu.Lock()
 	if c.timer != nil {
 		c.timer.Stop()
 		c.timer = nil
 	}
+	var kept []*pendingPush
+	for _, p := range c.pending {
+		if p.msg.Off == 0 {
+			kept = append(kept, p)
+		}
+	}
 	c.pending, c.ackDone = nil, true
 	c.ackMu.Unlock()
+	slices.SortFunc(kept, func(a, b *pendingPush) int { return cmp.Compare(a.seq, b.seq) })
+	unacked := make([]router.Msg, len(kept))
+	for i, p := range kept {
+		unacked[i] = p.msg
+	}
+	return unacked
 }
 
 // badFrame answers and counts a malformed frame (binary, oversized, not JSON:

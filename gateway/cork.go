@@ -135,26 +135,32 @@ func (c *corkConn) settle() error {
 
 // writeNow writes b with one non-blocking write; what the socket does not
 // take now is kept as owed (left reports it). The caller holds the
-// connection's writer role, so nothing is corked or owed already.
-func (c *corkConn) writeNow(b []byte) (left bool, err error) {
-	c.mu.Lock()
+// connection's writer role, so nothing is corked or owed already. busy: b
+// was not taken — a frame gws writes itself (a pong, a close echo) holds
+// the connection, and may block on a full socket up to the write timeout;
+// a room's fan-out, which waits for every direct write, must not wait for
+// it (the caller queues b instead).
+func (c *corkConn) writeNow(b []byte) (left, busy bool, err error) {
+	if !c.mu.TryLock() {
+		return false, true, nil
+	}
 	defer c.mu.Unlock()
 	if c.corked || len(c.owed) > 0 {
 		c.owed = append(c.owed, b...)
-		return true, nil
+		return true, false, nil
 	}
 	// The socket's write deadline may have passed while the connection was
 	// quiet, and the runtime refuses any write after it, this one too.
 	c.freshDeadline()
 	n, err := c.tryWrite(b)
 	if err != nil {
-		return false, err
+		return false, false, err
 	}
 	if n < len(b) {
 		c.owed = append(c.owed, b[n:]...)
-		return true, nil
+		return true, false, nil
 	}
-	return false, nil
+	return false, false, nil
 }
 
 // freshDeadline gives the write about to start at least half the write

@@ -31,7 +31,7 @@ func TestCorkDirectWriteOwesWhatTheSocketDidNotTake(t *testing.T) {
 	}
 	big := bytes.Repeat([]byte("0123456789abcdef"), 1<<16) // 1 MiB: more than both buffers
 	start := time.Now()
-	left, err := c.writeNow(big)
+	left, _, err := c.writeNow(big)
 	if err != nil || !left {
 		t.Fatalf("writeNow = %v, %v; want bytes left over, no error", left, err)
 	}
@@ -65,7 +65,7 @@ func TestCorkDirectWriteOwesWhatTheSocketDidNotTake(t *testing.T) {
 		t.Fatalf("read %d bytes, out of order or lost (want %d)", len(b), len(want))
 	}
 	// An idle socket takes a small direct write whole.
-	if left, err := c.writeNow([]byte("small")); err != nil || left {
+	if left, _, err := c.writeNow([]byte("small")); err != nil || left {
 		t.Fatalf("writeNow(small) = %v, %v", left, err)
 	}
 	buf := make([]byte, 5)
@@ -76,6 +76,38 @@ func TestCorkDirectWriteOwesWhatTheSocketDidNotTake(t *testing.T) {
 	if err := c.settle(); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// A direct write never waits for a frame gws is writing itself (a pong, a
+// close echo) that is blocked on a full socket: it answers busy at once and
+// the caller queues its frame — a room's fan-out waits for every direct
+// write, so one client that stopped reading but still pings stalled the
+// whole room for up to the write timeout.
+func TestCorkDirectWriteDoesNotWaitForABlockedWrite(t *testing.T) {
+	if !directWrites {
+		t.Skip("no direct writes on this platform")
+	}
+	_, sc := tcpPair(t) // the client never reads
+	_ = sc.(*net.TCPConn).SetWriteBuffer(16 << 10)
+	c := newCorkConn(sc, time.Second)
+	blocked := make(chan struct{})
+	go func() {
+		defer close(blocked)
+		_, _ = c.Write(bytes.Repeat([]byte("p"), 8<<20)) // a pong that cannot go out: blocks under mu
+	}()
+	for c.mu.TryLock() { // until the blocked write holds the connection
+		c.mu.Unlock()
+		time.Sleep(time.Millisecond)
+	}
+	start := time.Now()
+	left, busy, err := c.writeNow([]byte("push"))
+	if d := time.Since(start); d > 500*time.Millisecond {
+		t.Fatalf("a direct write waited %v behind a blocked write", d)
+	}
+	if err != nil || left || !busy {
+		t.Fatalf("writeNow = left %v busy %v err %v; want busy", left, busy, err)
+	}
+	<-blocked // ends at the write timeout
 }
 
 // A connection quiet for longer than the write timeout has a write deadline
@@ -90,7 +122,7 @@ func TestCorkDirectWriteAfterAQuietSpell(t *testing.T) {
 		t.Fatal(err)
 	}
 	time.Sleep(120 * time.Millisecond)
-	if left, err := c.writeNow([]byte("second")); err != nil || left {
+	if left, _, err := c.writeNow([]byte("second")); err != nil || left {
 		t.Fatalf("writeNow after a quiet spell = %v, %v", left, err)
 	}
 	buf := make([]byte, len("firstsecond"))

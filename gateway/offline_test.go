@@ -46,3 +46,41 @@ func TestOfflineCreditDeliveredAfterHello(t *testing.T) {
 		return len(credits) == 2
 	}, "the two credits made while away")
 }
+
+// A reliable push written to a connection that closed before acking it is
+// kept, and delivered again at the user's next connect (it was dropped with
+// the connection: a credit's 5570 never arrived).
+func TestUnackedPushKeptWhenTheConnectionCloses(t *testing.T) {
+	n := nodetest.Start(t, nodetest.Config(t))
+	const user = 78
+	raw := nodetest.MustDialRaw(t, nodetest.WSURL(n), nodetest.Token(t, n, user, gateway.RoleViewer), nodetest.RawOptions{})
+	raw.NextOfType(proto.TypeHello, 5*time.Second)
+	if st := nodetest.DoJSON(t, "POST", nodetest.HTTPURL(n)+"/api/v1/dev/credit", "",
+		`{"user_id":78,"amount":9,"req_id":"k1"}`, nil); st != 200 {
+		t.Fatalf("credit: %d", st)
+	}
+	push := raw.NextOfType(proto.TypePush, 5*time.Second) // written, never acked
+	if push.Biz != proto.BizWalletCredit || push.Mid == "" {
+		t.Fatalf("push %+v", push)
+	}
+	raw.Close()
+	var mu sync.Mutex
+	var again []clientsdk.Push
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := clientsdk.Dial(ctx, clientsdk.Config{URL: nodetest.WSURL(n), Token: nodetest.Token(t, n, user, gateway.RoleViewer),
+		OnPush: func(p clientsdk.Push) {
+			mu.Lock()
+			again = append(again, p)
+			mu.Unlock()
+		}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	nodetest.Eventually(t, 5*time.Second, func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(again) == 1 && again[0].Mid == push.Mid
+	}, "the unacked credit push delivered again")
+}

@@ -335,8 +335,11 @@ func (s *Server) OnClose(socket *gws.Conn, err error) {
 	}
 	c.queue, c.queued = nil, 0
 	c.mu.Unlock()
-	c.stopAcks()
+	unacked := c.stopAcks()
 	s.router.Unregister(c)
+	if k, ok := s.router.(router.Keeper); ok && len(unacked) > 0 {
+		k.Keep(c.UserID(), unacked) // resent at the user's next connect
+	}
 	sh := s.shardOf(c.id)
 	sh.mu.Lock()
 	delete(sh.conns, c.id)

@@ -1005,8 +1005,11 @@ func (c *Cluster) Register(s Session) {
 				c.stats.badWire.Add(1)
 				return
 			}
-			if c.local.sendMsg(u, msg) == 0 && msg.Ack {
-				c.storeOffline(u, msg) // the user left this node meanwhile
+			if c.local.sendMsg(u, msg) == 0 && msg.Ack && !c.onlineElsewhere(u) {
+				// The user left this node meanwhile and is nowhere else:
+				// kept for their next connect. (Online elsewhere, they got
+				// it there: that node is subscribed too.)
+				c.storeOffline(u, msg)
 			}
 		})
 		c.mu.Lock()
@@ -1052,6 +1055,20 @@ func (c *Cluster) storeOffline(user int64, m Msg) {
 			c.local.offlineDropped.Add(1)
 			c.log.Warn("offline push not kept", "user", user, "err", err)
 			return
+		}
+	}
+}
+
+// Keep implements Keeper, as SendUser: to the user's sessions here and on
+// the other nodes (published), kept in the offline list when the user is
+// connected nowhere.
+func (c *Cluster) Keep(user int64, msgs []Msg) {
+	for _, m := range msgs {
+		if c.local.sendMsg(user, m) == 0 && !c.onlineElsewhere(user) {
+			c.storeOffline(user, m)
+		}
+		if err := c.nc.Publish(userSubject(user), appendUserPush(nil, m)); err != nil {
+			c.log.Warn("user push not published", "user", user, "err", err)
 		}
 	}
 }

@@ -694,7 +694,8 @@ func (l *Local) SendUser(user int64, p proto.Push) (string, int) {
 		return p.Mid, 0
 	}
 	us.mu.RUnlock()
-	f := NewFrame(encodeMsg(&p))
+	m := encodeMsg(&p)
+	f := NewFrame(m)
 	n := 0
 	for _, s := range targets {
 		if s.Send(f) {
@@ -703,8 +704,41 @@ func (l *Local) SendUser(user int64, p proto.Push) (string, int) {
 			l.gone.Add(1)
 		}
 	}
+	if n == 0 && p.Ack && !l.cfg.Sequenced {
+		// Every session of the user was closing: kept like a push to a
+		// user connected nowhere.
+		us.mu.RLock()
+		if !l.offline.put(user, m, time.Now()) {
+			l.offlineDropped.Add(1)
+		}
+		us.mu.RUnlock()
+	}
 	l.userPushes.Add(1)
 	return p.Mid, n
+}
+
+// Keep implements Keeper (single node; in a cluster Cluster.Keep does).
+func (l *Local) Keep(user int64, msgs []Msg) {
+	if l.cfg.Sequenced {
+		return
+	}
+	us := l.userShard(user)
+	for _, m := range msgs {
+		for try := 0; l.sendMsg(user, m) == 0; try++ {
+			// No session took it: kept, under the shard lock (a first
+			// Register drains the box before or after this, never
+			// during) — unless a session registered meanwhile: once more.
+			us.mu.RLock()
+			if len(us.users[user]) == 0 || try > 0 {
+				if !l.offline.put(user, m, time.Now()) {
+					l.offlineDropped.Add(1)
+				}
+				us.mu.RUnlock()
+				break
+			}
+			us.mu.RUnlock()
+		}
+	}
 }
 
 // Stats implements Router.

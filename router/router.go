@@ -83,6 +83,18 @@ type Router interface {
 	Stats() Stats
 }
 
+// Keeper is a Router that can hand a user's reliable pushes on again. The
+// gateway gives it the user pushes a closing connection had not seen
+// acked (queued, or written and not acked): they were "sent", so SendUser
+// kept nothing of them.
+type Keeper interface {
+	// Keep sends msgs (reliable user pushes: Ack, Off 0, their mids kept)
+	// again as SendUser would: to the user's sessions (a session that had
+	// them already drops them by mid), or to the offline box for the
+	// user's next connect when no session can take them.
+	Keep(user int64, msgs []Msg)
+}
+
 // Joined is the outcome of JoinAt.
 type Joined struct {
 	Online    int    // sessions in the room (the whole cluster's in a cluster)
