@@ -29,11 +29,15 @@ type Client struct {
 	nextID atomic.Int64
 	dedup  *dedup
 
-	mu         sync.Mutex
-	sess       *session           // the ready session; nil while (re)connecting
-	readyCh    chan struct{}      // closed iff sess != nil
-	rooms      map[int64]*roomPos // the joined rooms and the last position seen in each
-	urlIdx     int                // index in cfg.urls of the current (or last) connection
+	mu      sync.Mutex
+	sess    *session           // the ready session; nil while (re)connecting
+	readyCh chan struct{}      // closed iff sess != nil
+	rooms   map[int64]*roomPos // the joined rooms and the last position seen in each
+	// joining are rooms whose join is in flight: a push of the room may
+	// come before the join's reply, and its position is kept here (else the
+	// reply's older position made the next push look like a gap).
+	joining    map[int64]*roomPos
+	urlIdx     int // index in cfg.urls of the current (or last) connection
 	hello      proto.Hello
 	lastCode   int
 	lastReason string
@@ -342,6 +346,23 @@ func (c *Client) Join(ctx context.Context, roomID int64) (online int, err error)
 func (c *Client) JoinInfo(ctx context.Context, roomID int64) (JoinResult, error) {
 	var jr joinReply
 	var perr error
+	c.mu.Lock()
+	early := c.joining[roomID]
+	if early == nil && c.rooms[roomID] == nil {
+		early = &roomPos{}
+		if c.joining == nil {
+			c.joining = map[int64]*roomPos{}
+		}
+		c.joining[roomID] = early
+	}
+	c.mu.Unlock()
+	defer func() {
+		c.mu.Lock()
+		if early != nil && c.joining[roomID] == early {
+			delete(c.joining, roomID)
+		}
+		c.mu.Unlock()
+	}()
 	_, err := c.request(ctx, proto.TypeJoin, proto.RoomReq{RoomID: roomID}, func(d []byte) {
 		// Run by the reader on success, before this connection can be seen
 		// as closed and before the pushes that follow the reply: a later
@@ -352,6 +373,9 @@ func (c *Client) JoinInfo(ctx context.Context, roomID int64) (JoinResult, error)
 		p := c.rooms[roomID]
 		if p == nil {
 			p = &roomPos{}
+			if e := c.joining[roomID]; e != nil {
+				*p = *e // pushes that came before the reply
+			}
 			c.rooms[roomID] = p
 		}
 		if jr.Ep != nil {

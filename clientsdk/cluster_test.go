@@ -330,3 +330,30 @@ func TestLiveGapReportsResync(t *testing.T) {
 		t.Fatalf("resync events %+v, want room 5 at {12 e1} then {0 e2}", resyncs)
 	}
 }
+
+// A room push that reaches the client before its join's reply (the node
+// queued it first) is no gap: the next push follows it without a
+// StateRoomResync (every joiner of a busy room was told to re-sync).
+func TestPushBeforeJoinReplyIsNoGap(t *testing.T) {
+	ts := newTServer(t)
+	r := &rec{}
+	c := dial(t, ts, r, nil)
+	ts.mu.Lock()
+	ts.pos[5] = proto.Position{Off: 10, Ep: "e1"}
+	ts.before[5] = [][]byte{offPush("m11", false, 5, 11, "e1", "11, before the reply")}
+	ts.mu.Unlock()
+	if _, err := c.Join(context.Background(), 5); err != nil {
+		t.Fatal(err)
+	}
+	ts.conn(0).send(t, offPush("m12", false, 5, 12, "e1", "12"))
+	waitFor(t, 5*time.Second, "m12", func() bool { return r.hasMid("m12") })
+	if got := r.mids(); !slices.Equal(got, []string{"m11", "m12"}) {
+		t.Fatalf("delivered %v", got)
+	}
+	if e, ok := r.findState(StateRoomResync); ok {
+		t.Fatalf("resync %+v on a healthy join", e)
+	}
+	if p, ok := c.RoomPosition(5); !ok || p != (proto.Position{Off: 12, Ep: "e1"}) {
+		t.Fatalf("RoomPosition %+v %v", p, ok)
+	}
+}

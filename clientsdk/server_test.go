@@ -36,6 +36,7 @@ type tServer struct {
 	pos       map[int64]proto.Position // the room position a join reply gives (off/ep; none when absent)
 	lost      map[int64]bool           // a join with since of these rooms replies recovered:false
 	replay    map[int64][][]byte       // frames sent before the reply to a recovered join with since
+	before    map[int64][][]byte       // frames sent before the reply to a join without since (pushes racing it)
 	typeCount map[string]int
 	echoes    sync.WaitGroup
 }
@@ -55,7 +56,7 @@ type tConn struct {
 
 func newTServer(t *testing.T) *tServer {
 	ts := &tServer{t: t, heartbeatS: 30, refuse: map[int64]bool{}, flaky: map[int64]int{}, pos: map[int64]proto.Position{},
-		lost: map[int64]bool{}, replay: map[int64][][]byte{}, typeCount: map[string]int{}}
+		lost: map[int64]bool{}, replay: map[int64][][]byte{}, before: map[int64][][]byte{}, typeCount: map[string]int{}}
 	ts.token.Store("good")
 	ts.up = gws.NewUpgrader(ts, &gws.ServerOption{})
 	ts.hs = httptest.NewServer(ts)
@@ -148,7 +149,7 @@ func (ts *tServer) OnMessage(ws *gws.Conn, m *gws.Message) {
 			ts.flaky[rr.RoomID]--
 		}
 		pos, numbered := ts.pos[rr.RoomID]
-		lost, replay := ts.lost[rr.RoomID], ts.replay[rr.RoomID]
+		lost, replay, before := ts.lost[rr.RoomID], ts.replay[rr.RoomID], ts.before[rr.RoomID]
 		ts.mu.Unlock()
 		if refused {
 			reply(proto.EncodeErrorReply(f.ID, proto.ErrNotFound))
@@ -161,6 +162,11 @@ func (ts *tServer) OnMessage(ws *gws.Conn, m *gws.Message) {
 		rep := map[string]any{"room_id": rr.RoomID, "online": 7}
 		if numbered { // else like a server that does not number room pushes
 			rep["off"], rep["ep"] = pos.Off, pos.Ep
+		}
+		if rr.Since == nil {
+			for _, b := range before {
+				reply(b)
+			}
 		}
 		if rr.Since != nil { // like the gateway: the replay goes out before the reply
 			rep["recovered"] = !lost

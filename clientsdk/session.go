@@ -321,9 +321,10 @@ func (s *session) handle(f *proto.ServerFrame, acks []string) []string {
 			}
 		}
 		// Numbered room pushes are guarded by their offset above: only the
-		// others go through the mid ring, so a busy room cannot push a user
-		// push's mid out of it before its resend arrives.
-		if f.Mid != "" && (f.Room == 0 || f.Off == 0) && c.dedup.seen(f.Mid) {
+		// others, and reliable ones (resent, possibly when the room has no
+		// position here), go through the mid ring, so a busy room cannot
+		// push a user push's mid out of it before its resend arrives.
+		if f.Mid != "" && (f.Room == 0 || f.Off == 0 || f.Ack) && c.dedup.seen(f.Mid) {
 			c.stats.dups.Add(1)
 			return acks
 		}
@@ -351,7 +352,9 @@ func (c *Client) advance(room, off int64, ep string) (deliver, gap bool) {
 	defer c.mu.Unlock()
 	p := c.rooms[room]
 	if p == nil {
-		return true, false
+		if p = c.joining[room]; p == nil {
+			return true, false
+		}
 	}
 	if p.known && ep == p.ep && off <= p.off {
 		return false, false

@@ -92,12 +92,20 @@ func (c *Conn) Send(f *router.Frame) bool {
 	if !c.enqueue(f) {
 		return false
 	}
+	return c.trackAll(f)
+}
+
+// trackAll tracks f's reliable pushes; false: the connection closed before
+// they were all tracked (its queue, f with it, is discarded and its unacked
+// pushes were handed on already), so the caller keeps f as unsent.
+func (c *Conn) trackAll(f *router.Frame) bool {
+	ok := true
 	for i := range f.Msgs {
-		if f.Msgs[i].Ack {
-			c.track(f.Msgs[i])
+		if f.Msgs[i].Ack && !c.track(f.Msgs[i]) {
+			ok = false
 		}
 	}
-	return true
+	return ok
 }
 
 // SendNow implements router.DirectSession: when nothing is queued or being
@@ -119,20 +127,23 @@ func (c *Conn) SendNow(f *router.Frame) (ok, direct bool) {
 	}
 	c.writing = true
 	c.mu.Unlock()
-	for i := range f.Msgs {
-		if f.Msgs[i].Ack {
-			c.track(f.Msgs[i])
-		}
+	if !c.trackAll(f) {
+		// Closed meanwhile: not sent (the caller keeps it); the writer
+		// role goes on to a writer goroutine, which writes the close.
+		c.srv.startWriter(c)
+		return false, false
 	}
 	left, busy, err := c.cork.writeNow(f.Wire(wsTextFrame))
 	if busy {
 		// A control frame is being written (maybe blocked on a full
-		// socket): f waits in the queue like any push, and the room's
-		// fan-out goes on.
-		c.mu.Lock()
-		c.writing = false
-		c.mu.Unlock()
-		return c.Send(f), false
+		// socket): f goes to the queue (this holds the writer role, so
+		// no writer starts there) and a writer goroutine takes the role
+		// over; the room's fan-out goes on. Tracked, f counts as sent
+		// even if the queue refuses it (closing): the close hands its
+		// unacked pushes on.
+		c.enqueue(f)
+		c.srv.startWriter(c)
+		return true, false
 	}
 	if err != nil {
 		c.cork.closeNow() // gws did not see this write: end the read
@@ -409,23 +420,23 @@ func (c *Conn) write(frames []*router.Frame, pieces [][]byte) ([][]byte, error) 
 
 // track registers a reliable push for resend until acked. A push already
 // pending (a resend of it) keeps its schedule.
-func (c *Conn) track(m router.Msg) {
+func (c *Conn) track(m router.Msg) bool {
 	c.ackMu.Lock()
 	if c.ackDone {
 		c.ackMu.Unlock()
-		return // closed
+		return false // closed
 	}
 	if c.pending == nil {
 		c.pending = map[string]*pendingPush{}
 	}
 	if _, ok := c.pending[m.Mid]; ok {
 		c.ackMu.Unlock()
-		return
+		return true
 	}
 	if len(c.pending) >= maxPendingAcks {
 		c.ackMu.Unlock()
 		c.Close(proto.CloseSlowConsumer, false)
-		return
+		return false
 	}
 	after := c.srv.cfg.WS.ResendAfter.D()
 	c.ackSeq++
@@ -434,6 +445,7 @@ func (c *Conn) track(m router.Msg) {
 		c.timer = time.AfterFunc(after, c.resendDue)
 	}
 	c.ackMu.Unlock()
+	return true
 }
 
 // acked forgets acknowledged pushes.

@@ -1039,16 +1039,20 @@ func (c *Cluster) Register(s Session) {
 
 // storeOffline keeps a reliable push for a user connected nowhere
 // (cfg.Local.OfflineMax per user, for OfflineTTL).
-func (c *Cluster) storeOffline(user int64, m Msg) {
+func (c *Cluster) storeOffline(user int64, ms ...Msg) {
 	max, ttl := c.local.cfg.OfflineMax, c.local.cfg.OfflineTTL
-	if max <= 0 {
+	if max <= 0 || len(ms) == 0 {
 		return
 	}
 	ctx, cancel := c.ctx()
 	defer cancel()
 	k := offlineKey(user)
+	els := make([]string, len(ms))
+	for i, m := range ms {
+		els[i] = string(appendUserPush(nil, m))
+	}
 	for _, r := range c.rdb.DoMulti(ctx,
-		c.rdb.B().Rpush().Key(k).Element(string(appendUserPush(nil, m))).Build(),
+		c.rdb.B().Rpush().Key(k).Element(els...).Build(),
 		c.rdb.B().Ltrim().Key(k).Start(int64(-max)).Stop(-1).Build(),
 		c.rdb.B().Pexpire().Key(k).Milliseconds(ttl.Milliseconds()).Build()) {
 		if err := r.Error(); err != nil {
@@ -1063,10 +1067,17 @@ func (c *Cluster) storeOffline(user int64, m Msg) {
 // the other nodes (published), kept in the offline list when the user is
 // connected nowhere.
 func (c *Cluster) Keep(user int64, msgs []Msg) {
+	msgs = c.local.newest(msgs)
+	var away []Msg
 	for _, m := range msgs {
-		if c.local.sendMsg(user, m) == 0 && !c.onlineElsewhere(user) {
-			c.storeOffline(user, m)
+		if c.local.sendMsg(user, m) == 0 {
+			away = append(away, m)
 		}
+	}
+	if len(away) > 0 && !c.onlineElsewhere(user) {
+		c.storeOffline(user, away...)
+	}
+	for _, m := range msgs {
 		if err := c.nc.Publish(userSubject(user), appendUserPush(nil, m)); err != nil {
 			c.log.Warn("user push not published", "user", user, "err", err)
 		}

@@ -722,6 +722,7 @@ func (l *Local) Keep(user int64, msgs []Msg) {
 	if l.cfg.Sequenced {
 		return
 	}
+	msgs = l.newest(msgs)
 	us := l.userShard(user)
 	for _, m := range msgs {
 		for try := 0; l.sendMsg(user, m) == 0; try++ {
@@ -739,6 +740,15 @@ func (l *Local) Keep(user int64, msgs []Msg) {
 			us.mu.RUnlock()
 		}
 	}
+}
+
+// newest is the last OfflineMax of msgs (the offline box keeps no more; a
+// closing connection may hand on up to 4,096).
+func (l *Local) newest(msgs []Msg) []Msg {
+	if m := l.cfg.OfflineMax; m > 0 && len(msgs) > m {
+		return msgs[len(msgs)-m:]
+	}
+	return msgs
 }
 
 // Stats implements Router.
