@@ -337,6 +337,13 @@ func (s *Server) OnClose(socket *gws.Conn, err error) {
 	c.mu.Unlock()
 	unacked := c.stopAcks()
 	s.router.Unregister(c)
+	if k, ok := s.router.(router.Keeper); ok && len(unacked) > 0 {
+		// Sent again to the user's other sessions, or kept for the next
+		// connect — before done: a graceful shutdown waits for done, then
+		// closes NATS and Redis, which a cluster's Keep uses (bounded: at
+		// most the offline box's size, one presence read, one pipeline).
+		k.Keep(c.UserID(), unacked)
+	}
 	sh := s.shardOf(c.id)
 	sh.mu.Lock()
 	delete(sh.conns, c.id)
@@ -351,12 +358,6 @@ func (s *Server) OnClose(socket *gws.Conn, err error) {
 	s.users.release(c.ident.UserID)
 	s.releaseConn()
 	s.metrics.connections.Dec()
-	if k, ok := s.router.(router.Keeper); ok && len(unacked) > 0 {
-		// After the slots are free (in a cluster this costs Redis and
-		// NATS calls): sent again to the user's other sessions, or kept
-		// for the next connect.
-		k.Keep(c.UserID(), unacked)
-	}
 }
 
 // OnPing implements gws.Event (WebSocket-level ping; pong through gws's lock,
