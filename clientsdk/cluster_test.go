@@ -170,14 +170,8 @@ func TestDialAllURLsDead(t *testing.T) {
 // pushes at or before it (a replay overlap) are dropped by offset;
 // recovered:false is reported as StateRoomResync.
 func TestRejoinSinceAndResync(t *testing.T) {
-	ts := newTServer(t)
-	r := &rec{}
-	c := dial(t, ts, r, nil)
+	ts, r, c := numberedRooms(t)
 	ctx := context.Background()
-	ts.mu.Lock()
-	ts.pos[5] = proto.Position{Off: 10, Ep: "e1"}
-	ts.pos[7] = proto.Position{} // numbered, no push yet: "off":0,"ep":""
-	ts.mu.Unlock()
 	j, err := c.JoinInfo(ctx, 5)
 	if err != nil || j != (JoinResult{RoomID: 5, Online: 7, Off: 10, Ep: "e1"}) {
 		t.Fatalf("JoinInfo = %+v, %v", j, err)
@@ -297,14 +291,8 @@ func TestRejoinSinceAndResync(t *testing.T) {
 // are delivered; a room numbered with nothing pushed yet takes its first
 // push (offset 1, any epoch) without one.
 func TestLiveGapReportsResync(t *testing.T) {
-	ts := newTServer(t)
-	r := &rec{}
-	c := dial(t, ts, r, nil)
+	ts, r, c := numberedRooms(t)
 	ctx := context.Background()
-	ts.mu.Lock()
-	ts.pos[5] = proto.Position{Off: 10, Ep: "e1"}
-	ts.pos[7] = proto.Position{}
-	ts.mu.Unlock()
 	for _, room := range []int64{5, 7} {
 		if _, err := c.Join(ctx, room); err != nil {
 			t.Fatal(err)
@@ -356,4 +344,18 @@ func TestPushBeforeJoinReplyIsNoGap(t *testing.T) {
 	if p, ok := c.RoomPosition(5); !ok || p != (proto.Position{Off: 12, Ep: "e1"}) {
 		t.Fatalf("RoomPosition %+v %v", p, ok)
 	}
+}
+
+// numberedRooms is a client of a test server whose room 5 is at {10, e1}
+// and room 7 numbered with nothing pushed yet ("off":0,"ep":"").
+func numberedRooms(t *testing.T) (*tServer, *rec, *Client) {
+	t.Helper()
+	ts := newTServer(t)
+	r := &rec{}
+	c := dial(t, ts, r, nil)
+	ts.mu.Lock()
+	ts.pos[5] = proto.Position{Off: 10, Ep: "e1"}
+	ts.pos[7] = proto.Position{}
+	ts.mu.Unlock()
+	return ts, r, c
 }

@@ -24,11 +24,19 @@ func TestOfflineCreditDeliveredAfterHello(t *testing.T) {
 			t.Fatalf("credit: %d", st)
 		}
 	}
+	credits := dialCollecting(t, n, 77)
+	nodetest.Eventually(t, 5*time.Second, func() bool { return len(credits()) == 2 }, "the two credits made while away")
+}
+
+// dialCollecting connects user with the Go SDK (acking) and returns what
+// it has received of biz 5570 (wallet credited) so far.
+func dialCollecting(t *testing.T, n *gateway.Node, user int64) func() []clientsdk.Push {
+	t.Helper()
 	var mu sync.Mutex
 	var credits []clientsdk.Push
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	c, err := clientsdk.Dial(ctx, clientsdk.Config{URL: nodetest.WSURL(n), Token: nodetest.Token(t, n, 77, gateway.RoleViewer),
+	c, err := clientsdk.Dial(ctx, clientsdk.Config{URL: nodetest.WSURL(n), Token: nodetest.Token(t, n, user, gateway.RoleViewer),
 		OnPush: func(p clientsdk.Push) {
 			if p.Biz == proto.BizWalletCredit {
 				mu.Lock()
@@ -39,12 +47,12 @@ func TestOfflineCreditDeliveredAfterHello(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer c.Close()
-	nodetest.Eventually(t, 5*time.Second, func() bool {
+	t.Cleanup(func() { _ = c.Close() })
+	return func() []clientsdk.Push {
 		mu.Lock()
 		defer mu.Unlock()
-		return len(credits) == 2
-	}, "the two credits made while away")
+		return append([]clientsdk.Push(nil), credits...)
+	}
 }
 
 // A reliable push written to a connection that closed before acking it is
@@ -64,23 +72,9 @@ func TestUnackedPushKeptWhenTheConnectionCloses(t *testing.T) {
 		t.Fatalf("push %+v", push)
 	}
 	raw.Close()
-	var mu sync.Mutex
-	var again []clientsdk.Push
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	c, err := clientsdk.Dial(ctx, clientsdk.Config{URL: nodetest.WSURL(n), Token: nodetest.Token(t, n, user, gateway.RoleViewer),
-		OnPush: func(p clientsdk.Push) {
-			mu.Lock()
-			again = append(again, p)
-			mu.Unlock()
-		}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	again := dialCollecting(t, n, user)
 	nodetest.Eventually(t, 5*time.Second, func() bool {
-		mu.Lock()
-		defer mu.Unlock()
-		return len(again) == 1 && again[0].Mid == push.Mid
+		got := again()
+		return len(got) == 1 && got[0].Mid == push.Mid
 	}, "the unacked credit push delivered again")
 }
