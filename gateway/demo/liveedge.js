@@ -323,6 +323,7 @@ var LiveClient = class _LiveClient {
   }
   /** Re-joins every room on a new connection (since when offsets were seen). */
   async rejoin(ws) {
+    let transient = false;
     const joins = [...this.rooms].map(async ([room, st]) => {
       const sent = st.since;
       const d = { room_id: room };
@@ -333,6 +334,10 @@ var LiveClient = class _LiveClient {
         const s = sinceOf(r);
         if (s && st.since === sent && (!sent || r.recovered === false || s.ep !== sent.ep)) st.since = s;
       } catch (e) {
+        if (e instanceof ReplyError && (e.code === 5e4 || e.code === 10429)) {
+          transient = true;
+          return;
+        }
         if (e instanceof ReplyError) {
           this.rooms.delete(room);
           this.emitState({ state: "room_dropped", room, error: e });
@@ -342,6 +347,10 @@ var LiveClient = class _LiveClient {
       }
     });
     await Promise.all(joins);
+    if (transient && this.ws === ws) {
+      this.dropped(ws, Close.Normal, "re-join failed, retrying");
+      ws.close(Close.Normal);
+    }
   }
   /** The connection ws ended (close frame, network error or heartbeat failure). */
   dropped(ws, code, reason) {

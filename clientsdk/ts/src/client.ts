@@ -445,6 +445,7 @@ export class LiveClient {
 
   /** Re-joins every room on a new connection (since when offsets were seen). */
   private async rejoin(ws: WebSocketLike): Promise<void> {
+    let transient = false;
     const joins = [...this.rooms].map(async ([room, st]) => {
       const sent = st.since;
       const d: Requests["join"][0] = { room_id: room };
@@ -456,6 +457,13 @@ export class LiveClient {
         const s = sinceOf(r);
         if (s && st.since === sent && (!sent || r.recovered === false || s.ep !== sent.ep)) st.since = s;
       } catch (e) {
+        if (e instanceof ReplyError && (e.code === 50000 || e.code === 10429)) {
+          // Not a refusal of the room (a Redis or NATS blip in the node's
+          // join, or its rate): this connection is given up below and the
+          // client reconnects with its back-off, the room kept.
+          transient = true;
+          return;
+        }
         if (e instanceof ReplyError) {
           this.rooms.delete(room);
           this.emitState({ state: "room_dropped", room, error: e });
@@ -465,6 +473,10 @@ export class LiveClient {
       }
     });
     await Promise.all(joins);
+    if (transient && this.ws === ws) {
+      this.dropped(ws, Close.Normal, "re-join failed, retrying");
+      ws.close(Close.Normal);
+    }
   }
 
   /** The connection ws ended (close frame, network error or heartbeat failure). */

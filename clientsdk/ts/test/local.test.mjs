@@ -192,3 +192,22 @@ test("reconnect backoff: full jitter within min(max, min·2^(n-1)); a failed con
   });
   assert.equal(c.stats.reconnects, 1);
 });
+
+test("a re-join answered 50000 keeps the room: the client reconnects with its back-off and joins it again", async () => {
+  const srv = await server((conn, n) => {
+    if (n === 1) {
+      conn.onFrame = (f) => {
+        if (f.t === "join") conn.send({ t: "reply", id: f.id, code: 50000, msg: "internal error" });
+      };
+    } else {
+      answer(conn);
+    }
+  });
+  const c = await collect({ urls: srv.url, token: "t" });
+  await c.join(9);
+  srv.conns[0].ws.close(1001, "going away");
+  await eventually(() => srv.conns.length >= 3 && srv.conns[2].frames.some((f) => f.t === "join" && f.d.room_id === 9), 5000, "room 9 joined on a third connection");
+  await eventually(() => c.ev.states.filter((s) => s.state === "connected").length === 2, 5000, "connected again");
+  assert.ok(!c.ev.states.some((s) => s.state === "room_dropped"), "room dropped on a transient error");
+  assert.deepEqual([...c.joinedRooms().keys()], [9]);
+});
