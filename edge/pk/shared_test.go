@@ -312,8 +312,8 @@ func TestSharedPKRestartedNodeEndsRunningContest(t *testing.T) {
 	poll(t, 2*time.Second, "the score push", func() bool { return len(pushes(c.ID, 2, n1)) == 2 })
 	n1.s.Close() // the node stops; its timer with it
 	n2 := newNode(t, rdb, w, 1, 2)
-	poll(t, 5*time.Second, "the final push from the restarted node", func() bool {
-		return len(finals(pushes(c.ID, 1, n2))) == 1
+	poll(t, 5*time.Second, "the final push from the restarted node, to both rooms", func() bool {
+		return len(finals(pushes(c.ID, 1, n2))) == 1 && len(finals(pushes(c.ID, 2, n2))) == 1
 	})
 	f := finals(pushes(c.ID, 2, n2))
 	if len(f) != 1 || f[0].Winner != 2 || f[0].Seq != 3 || f[0].Scores["2"] != 9 {
