@@ -37,6 +37,9 @@ import (
 // only once it is done: while it is pending the op is not yet durable
 // anywhere, so the duplicate waits for it (up to dupWait, then
 // ErrInProgress) — no ok is ever given before the ledger row is on disk.
+// Before step 1 a new request claims its key (claimMark): a duplicate
+// through another node meanwhile waits for the claim to become a result,
+// and is never checked (op.Check) as new while the first may still land.
 //
 // A crash between 1 and 4 leaves an intent; at start (and whenever Redis
 // failed mid-call) the intent is resolved by reading its entry in
@@ -67,6 +70,7 @@ type SharedWallet struct {
 
 	gen      atomic.Pointer[string]
 	intentNo atomic.Uint64
+	claimNo  atomic.Uint64
 	rebuild  sync.Mutex
 	// applying is held shared by each Apply (from reading the generation
 	// until its ledger share is written or handed to the watcher) and by
@@ -139,6 +143,30 @@ const defaultCallTimeout = 5 * time.Second
 // pendingMark prefixes an idempotency value whose op is not yet durable in
 // its node's ledger.
 const pendingMark = "~"
+
+// claimMark prefixes an idempotency value that is a claim: a node is
+// applying a new request with that req_id (it checked the request's rules
+// and its script has not run yet). The script runs only while its own claim
+// holds the key, so a duplicate through another node meanwhile waits for
+// the first instead of being checked as new — its refusal ("not in the
+// room") would tell the client nothing moved while the first's debit lands.
+const claimMark = "^"
+
+// minClaimTTL bounds how long a claim outlives a node that died holding it
+// (duplicates are answered ErrInProgress meanwhile); it is at least 3 × the
+// wallet's CallTimeout, which bounds the calls from the claim to the script.
+// A claim that expired before its script ran makes the script refuse
+// ("claim"): nothing moves.
+const minClaimTTL = 15 * time.Second
+
+// claimScript: KEYS[1] an idempotency key; ARGV the claim, its TTL in ms.
+// Returns the key's value (a result, pending or done, or another claim), or
+// nil: claimed now. (SET NX GET does this in one command, from Redis 7.0.)
+var claimScript = rueidis.NewLuaScript(`
+local v = redis.call('GET', KEYS[1])
+if v then return v end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return false`)
 
 // SharedConfig configures a SharedWallet.
 type SharedConfig struct {
@@ -284,16 +312,27 @@ type intent struct {
 	Postings []Posting `json:"postings"`
 	Tallies  []Tally   `json:"tallies"`
 	Static   []Record  `json:"static,omitempty"`
+	// Claim is the idempotency key's value while this op is new and not
+	// run (claimMark…); the script requires it there. Empty: no claim (an
+	// internal req_id, or an intent written before claims).
+	Claim string `json:"claim,omitempty"`
+	// ClaimMaybe: the claim's reply was lost — the key may hold it or
+	// nothing, and the script runs either way (as before claims).
+	ClaimMaybe bool `json:"claim_maybe,omitempty"`
 }
 
 // applyScript: see the SharedWallet doc. KEYS: meta, seq, idem, recent list
 // of the op's user, then n balance keys, then m tally keys, then this node's
 // counters (le:node:<node>) and applied results (le:applied:<node>). ARGV:
 // gen, n, m, ttl ms, now ms, user, req_id, then n × (delta, reason, ref),
-// then m deltas, then the node's durable applied count, the intent number
-// and the op's Σ deltas.
+// then m deltas, then the node's durable applied count, the intent number,
+// the op's Σ deltas and its claim ("" for none; else the key must hold it;
+// "?" + claim: it may hold it, or nothing).
 // Replies: {"ok", result} | {"dup", result} | {"poor"} | {"gen", gen, state}
-// | {"lost", count} (Redis has fewer of this node's ops than its ledger).
+// | {"lost", count} (Redis has fewer of this node's ops than its ledger)
+// | {"claim"} (the op's claim is gone: expired, or released by a resolve).
+// A key holding another request's claim (this op's own expired, and a retry
+// claimed it since) is a "dup" too: the caller waits for that one.
 // result = "id1,id2|bal1,bal2|at" (integers below 1e14 print exactly).
 // Besides the idempotency key (25 h), the result is kept under the intent
 // number in le:applied:<node> with no expiry until the node has settled it
@@ -307,8 +346,14 @@ local n, m = tonumber(ARGV[2]), tonumber(ARGV[3])
 local nk, ak, base = KEYS[5 + n + m], KEYS[6 + n + m], 7 + 3 * n + m
 local applied = tonumber(redis.call('HGET', nk, 'n') or '0')
 if applied < tonumber(ARGV[base + 1]) then return {'lost', applied} end
-local v = redis.call('GET', KEYS[3])
-if v then return {'dup', v} end
+local v, claim = redis.call('GET', KEYS[3]), ARGV[base + 4]
+local opt = string.sub(claim, 1, 1) == '?'
+if opt then claim = string.sub(claim, 2) end
+if claim ~= '' and v ~= claim then
+  if v then return {'dup', v} end
+  if not opt then return {'claim'} end
+end
+if claim == '' and v then return {'dup', v} end
 local after = {}
 for i = 1, n do
   local k = KEYS[4 + i]
@@ -355,8 +400,11 @@ return 0
 `)
 
 // splitPending tells a stored idempotency value's result and whether it is
-// still pending.
+// still pending; a claim is pending with no result yet.
 func splitPending(v string) (res string, pending bool) {
+	if strings.HasPrefix(v, claimMark) {
+		return "", true
+	}
 	if r, ok := strings.CutPrefix(v, pendingMark); ok {
 		return r, true
 	}
@@ -439,7 +487,8 @@ func (w *SharedWallet) Apply(op Op) (Result, error) {
 	}
 	// One request (user, req_id) at a time on this node, the first until
 	// its outcome is settled.
-	absent := true // no earlier request with this req_id has run (Redis says so)
+	release := false // in.Claim is to be released on return
+	unsure := false  // Redis did not answer the claim
 	if op.ReqID != "" {
 		bk := busyKey{op.User, op.ReqID}
 		mine := w.claim(ctx, bk)
@@ -447,21 +496,47 @@ func (w *SharedWallet) Apply(op Op) (Result, error) {
 			return Result{}, ErrInProgress
 		}
 		defer w.release(bk, mine)
-		// Duplicates that finished before are answered from Redis without an
-		// intent (the script would answer "dup" too; this saves the fsync).
-		v, err := w.rdb.Do(ctx, w.rdb.B().Get().Key(idemRKey(op.User, in.ReqID)).Build()).ToString()
-		if err == nil {
+		// Claim the req_id in Redis (SET NX GET, one round trip): a request
+		// that ran before, or runs now on another node, is answered from its
+		// key — once done, without an intent — and never checked as new.
+		claim := claimMark + w.node + ":" + strconv.FormatUint(w.claimNo.Add(1), 36) + ":" + strconv.FormatUint(rand.Uint64(), 36)
+		v, err := claimScript.Exec(ctx, w.rdb, []string{idemRKey(op.User, in.ReqID)},
+			[]string{claim, strconv.FormatInt(w.claimTTL().Milliseconds(), 10)}).ToString()
+		switch {
+		case err == nil:
 			return w.replay(ctx, in, v)
+		case rueidis.IsRedisNil(err):
+			in.Claim = claim
+			// Until the script has run, a failure leaves the key to the
+			// next attempt: the claim is released (a late script then
+			// refuses).
+			defer func() {
+				if release {
+					w.releaseClaim(in)
+				}
+			}()
+			release = true
+		default:
+			// Redis could not say whether this is a duplicate of a request
+			// that ran (on another node, or before a restart), nor whether
+			// the claim was taken (its reply may be lost): the op runs with
+			// the claim optional (its script answers "dup" if the key holds
+			// anything else by then), unless its Check refuses it.
+			unsure = true
+			in.Claim, in.ClaimMaybe = claim, true
+			defer func() {
+				if release {
+					w.releaseClaim(in)
+				}
+			}()
+			release = true
 		}
-		absent = rueidis.IsRedisNil(err)
 	}
 	if op.Check != nil {
 		if err := op.Check(); err != nil {
-			if !absent {
-				// Redis could not say whether this is a duplicate of a
-				// request that ran (on another node, or before a restart):
-				// its refusal ("not in the room", say) would tell the
-				// client that nothing moved when it may have.
+			if unsure {
+				// Its refusal ("not in the room", say) would tell the client
+				// that nothing moved when it may have.
 				return Result{}, ErrInProgress
 			}
 			return Result{}, err
@@ -482,11 +557,16 @@ func (w *SharedWallet) Apply(op Op) (Result, error) {
 		return Result{}, err
 	}
 	if w.crashAt != nil && w.crashAt("intent") {
+		release = false // killed: nothing released
 		return Result{}, errCrashed
 	}
 	status, payload, err := w.runScript(ctx, no, in)
 	if w.crashAt != nil && w.crashAt("script") {
+		release = false
 		return Result{}, errCrashed
+	}
+	if status == "ok" || status == "dup" || err != nil {
+		release = false // the key holds a result, or resolve releases it
 	}
 	switch {
 	case err != nil:
@@ -518,6 +598,11 @@ func (w *SharedWallet) Apply(op Op) (Result, error) {
 	case status == "poor":
 		_ = w.store.Apply(func(b *Batch) error { return b.Delete(ikey, nil) })
 		return Result{}, ErrInsufficient
+	case status == "claim":
+		// The claim expired before the script ran (this Apply stalled for
+		// claimTTL): nothing moved; the next attempt claims again.
+		_ = w.store.Apply(func(b *Batch) error { return b.Delete(ikey, nil) })
+		return Result{}, ErrWalletUnavailable
 	case status == "dup":
 		_ = w.store.Apply(func(b *Batch) error { return b.Delete(ikey, nil) })
 		return w.replay(ctx, in, payload)
@@ -547,7 +632,8 @@ func (w *SharedWallet) Apply(op Op) (Result, error) {
 
 // replay answers a duplicate from the stored value v of its idempotency key,
 // once that is done: a pending one is waited for (the first request's node
-// is between its script and its fsync), up to dupWait.
+// is between its script and its fsync), and so is a claim (its node is
+// checking or applying it), up to dupWait.
 func (w *SharedWallet) replay(ctx context.Context, in intent, v string) (Result, error) {
 	res, pending := splitPending(v)
 	if pending {
@@ -564,9 +650,10 @@ func (w *SharedWallet) replay(ctx context.Context, in intent, v string) (Result,
 			}
 			v, err := w.rdb.Do(ctx, w.rdb.B().Get().Key(key).Build()).ToString()
 			if err != nil {
-				// Gone with Redis (a rebuild follows), or Redis unreachable:
-				// the first request's outcome is not known here (and may be a
-				// debit, so not "unavailable, nothing moved").
+				// Gone with Redis (a rebuild follows), a claim released (the
+				// first was refused: the next attempt runs as new), or Redis
+				// unreachable: the first request's outcome is not known here
+				// (and may be a debit, so not "unavailable, nothing moved").
 				return Result{}, ErrInProgress
 			}
 			res, pending = splitPending(v)
@@ -575,6 +662,35 @@ func (w *SharedWallet) replay(ctx context.Context, in intent, v string) (Result,
 	r, err := parseResult(res)
 	r.Replayed = true
 	return r, err
+}
+
+// claimArg is in's claim as the script takes it.
+func (in *intent) claimArg() string {
+	if in.ClaimMaybe && in.Claim != "" {
+		return "?" + in.Claim
+	}
+	return in.Claim
+}
+
+// claimTTL is how long this wallet's claims live (minClaimTTL, or longer
+// with a long CallTimeout).
+func (w *SharedWallet) claimTTL() time.Duration { return max(minClaimTTL, 3*w.callTimeout) }
+
+// releaseClaimScript deletes an idempotency key (KEYS[1]) that still holds
+// the claim ARGV[1].
+var releaseClaimScript = rueidis.NewLuaScript(`
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+`)
+
+// releaseClaim gives up in's claim (its script did not run, and will not: it
+// requires the claim). Best effort: a claim not released expires.
+func (w *SharedWallet) releaseClaim(in intent) {
+	ctx, cancel := context.WithTimeout(context.Background(), w.callTimeout)
+	defer cancel()
+	if err := releaseClaimScript.Exec(ctx, w.rdb, []string{idemRKey(in.User, in.ReqID)}, []string{in.Claim}).Error(); err != nil {
+		w.log.Warn("shared wallet: releasing a claim failed; it expires", "user", in.User, "req_id", in.ReqID, "err", err)
+	}
 }
 
 // markDone is step 4: the idempotency key is marked done (duplicates may now
@@ -721,7 +837,7 @@ func (w *SharedWallet) runScript(ctx context.Context, no uint64, in intent) (sta
 	}
 	applied, _ := w.counts.get()
 	keys = append(keys, nodeRKey(w.node), appliedRKey(w.node))
-	args = append(args, strconv.FormatInt(applied, 10), strconv.FormatUint(no, 10), strconv.FormatInt(in.delta(), 10))
+	args = append(args, strconv.FormatInt(applied, 10), strconv.FormatUint(no, 10), strconv.FormatInt(in.delta(), 10), in.claimArg())
 	arr, err := applyScript.Exec(ctx, w.rdb, keys, args).ToArray()
 	if err != nil {
 		return "", "", err
@@ -782,6 +898,14 @@ func (w *SharedWallet) resolve(ctx context.Context, no uint64, in intent, record
 		// is gone from Redis, and the caller was never told ok. Drop it.
 		return drop()
 	}
+	if in.Claim != "" {
+		// Release the op's claim first: a script still on its way (its
+		// reply lost, not its request) then refuses, so "not run" below
+		// stays true. A script that ran has replaced the claim already.
+		if err := releaseClaimScript.Exec(ctx, w.rdb, []string{idemRKey(in.User, in.ReqID)}, []string{in.Claim}).Error(); err != nil {
+			return Result{}, outcomeUnknown, err
+		}
+	}
 	// The op's entry in le:applied:<node> (no expiry) says whether its
 	// script ran, however long ago (the idempotency key expires after 25 h,
 	// and may be another node's request with the same req_id). No entry:
@@ -796,8 +920,8 @@ func (w *SharedWallet) resolve(ctx context.Context, no uint64, in intent, record
 	if rueidis.IsRedisNil(err) {
 		var v string
 		v, err = w.rdb.Do(ctx, w.rdb.B().Get().Key(idemRKey(in.User, in.ReqID)).Build()).ToString()
-		if rueidis.IsRedisNil(err) {
-			return drop()
+		if rueidis.IsRedisNil(err) || strings.HasPrefix(v, claimMark) {
+			return drop() // no result: not run (a claim is a newer request's)
 		}
 		res, _ = splitPending(v)
 	}

@@ -26,6 +26,11 @@ type walletNode struct {
 	w     *persist.SharedWallet
 }
 
+// applyScriptKey is in the command of the apply script only (its trade-id
+// sequence; a rebuild's contributions name it too, none runs in these
+// faults): the proxy loses that script's reply, not the claim's before it.
+const applyScriptKey = "le:seq:trade"
+
 func openWalletNode(t *testing.T, addr, dir string, cfg persist.SharedConfig) *walletNode {
 	t.Helper()
 	st, err := persist.Open(dir)
@@ -134,7 +139,7 @@ func TestSharedLostScriptReplySettledByWatcher(t *testing.T) {
 		t.Fatal(err)
 	}
 	op := persist.Op{User: user, ReqID: "g", Postings: []persist.Posting{{User: user, Delta: -60, Reason: persist.ReasonGift}}}
-	px.LoseReply("EVALSHA", 1500*time.Millisecond)
+	px.LoseReply(applyScriptKey, 1500*time.Millisecond)
 	r, err := n.w.Apply(op)
 	if px.Fired() != 1 {
 		t.Fatalf("the fault was not injected (fired %d)", px.Fired())
@@ -194,7 +199,7 @@ func TestSharedDuplicateInDoubtNotRefusedByItsCheck(t *testing.T) {
 		t.Fatal(err)
 	}
 	op := persist.Op{User: user, ReqID: "g", Postings: []persist.Posting{{User: user, Delta: -60, Reason: persist.ReasonGift}}}
-	px.LoseReply("EVALSHA", 5*time.Second) // longer than both Applies below take to fail
+	px.LoseReply(applyScriptKey, 5*time.Second) // longer than both Applies below take to fail
 	if _, err := a.w.Apply(op); !errors.Is(err, persist.ErrInProgress) {
 		t.Fatalf("Apply with its script reply lost: %v, want ErrInProgress", err)
 	}
@@ -219,6 +224,85 @@ func TestSharedDuplicateInDoubtNotRefusedByItsCheck(t *testing.T) {
 		if !r.Replayed || r.Balances[0] != 40 {
 			t.Fatalf("duplicate on %s once settled: %+v, want a replay to 40", name, r)
 		}
+	}
+}
+
+// A duplicate through another node while the first request is between its
+// check and its script (new to Redis then) waits for the first and replays
+// it — it is not checked as new: its refusal ("not in the room") would tell
+// the client nothing moved while the first's debit lands.
+func TestSharedDuplicateThroughAnotherNodeWaitsForTheFirst(t *testing.T) {
+	rs := redistest.Start(t)
+	cfg := persist.SharedConfig{Nodes: []string{"a", "b"}}
+	cfg.Node = "a"
+	a := openWalletNode(t, rs.Addr, t.TempDir(), cfg)
+	cfg.Node = "b"
+	b := openWalletNode(t, rs.Addr, t.TempDir(), cfg)
+	waitWalletsReady(t, a, b)
+	const user = 32
+	if _, err := a.w.Apply(persist.Op{User: user, ReqID: "seed", Postings: []persist.Posting{{User: user, Delta: 100, Reason: persist.ReasonDev}}}); err != nil {
+		t.Fatal(err)
+	}
+	op := persist.Op{User: user, ReqID: "g", Postings: []persist.Posting{{User: user, Delta: -60, Reason: persist.ReasonGift}}}
+	reached, resume := make(chan struct{}), make(chan struct{})
+	persist.SetCrashAt(a.w, func(point string) bool {
+		if point == "intent" {
+			close(reached)
+			<-resume
+		}
+		return false
+	})
+	type reply struct {
+		r   persist.Result
+		err error
+	}
+	first, dup := make(chan reply, 1), make(chan reply, 1)
+	go func() { r, err := a.w.Apply(op); first <- reply{r, err} }()
+	<-reached // a checked it and wrote its intent; its script has not run
+	refusing := op
+	refusing.Check = func() error { return errors.New("not in the room") }
+	go func() { r, err := b.w.Apply(refusing); dup <- reply{r, err} }()
+	select {
+	case d := <-dup:
+		t.Fatalf("duplicate answered while the first is applying: %+v, %v", d.r, d.err)
+	case <-time.After(300 * time.Millisecond):
+	}
+	close(resume)
+	f, d := <-first, <-dup
+	if f.err != nil || f.r.Balances[0] != 40 {
+		t.Fatalf("first: %+v, %v", f.r, f.err)
+	}
+	if d.err != nil || !d.r.Replayed || d.r.Balances[0] != 40 || d.r.TradeIDs[0] != f.r.TradeIDs[0] {
+		t.Fatalf("duplicate through b: %+v, %v; want the first's replay", d.r, d.err)
+	}
+	// Conservation: one debit in the two ledgers, the balance 100 − 60.
+	var debits int
+	for _, n := range []*walletNode{a, b} {
+		trades, err := persist.LedgerTrades(n.store, user)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, tr := range trades {
+			if tr.Delta < 0 {
+				debits++
+			}
+		}
+	}
+	if bal, err := b.w.Balance(user); err != nil || bal != 40 || debits != 1 {
+		t.Fatalf("balance %d (%v), %d debits; want 40, 1", bal, err, debits)
+	}
+
+	// A request refused by its check leaves the req_id free: its retry
+	// (through the other node, the rule met now) runs as new.
+	persist.SetCrashAt(a.w, nil)
+	next := persist.Op{User: user, ReqID: "g2", Postings: []persist.Posting{{User: user, Delta: -30, Reason: persist.ReasonGift}}}
+	refused := next
+	refused.Check = func() error { return errors.New("not in the room") }
+	if _, err := a.w.Apply(refused); err == nil || errors.Is(err, persist.ErrInProgress) {
+		t.Fatalf("refused by its check: %v", err)
+	}
+	if r, err := b.w.Apply(next); err != nil || r.Replayed || r.Balances[0] != 10 {
+		t.Fatalf("retry after a refusal: %+v, %v; want a new debit to 10", r, err)
 	}
 }
 

@@ -589,3 +589,66 @@ func TestRebuildWaitsForAppliesUnderWay(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// The script runs an op with a claim only while its claim holds the key:
+// absent (expired, or released by a resolve that concluded "not run") it
+// refuses and moves nothing; another request's claim or a result makes it a
+// duplicate. resolve releases the claim before reading le:applied, so a
+// script still on its way (its reply lost, not its request) cannot run
+// after "not run" was concluded.
+func TestSharedScriptRunsOnlyUnderItsClaim(t *testing.T) {
+	rs := redistest.Start(t)
+	n := startShared(t, rs.Addr, t.TempDir(), "a", nil)
+	waitReady(t, n)
+	const user = 41
+	if _, err := n.w.Apply(Op{User: user, ReqID: "seed", Postings: []Posting{{User: user, Delta: 100, Reason: ReasonDev}}}); err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	gen := n.w.gen.Load()
+	in := intent{User: user, ReqID: "g", Gen: *gen, At: time.Now().UnixMilli(), Claim: claimMark + "a:test",
+		Postings: []Posting{{User: user, Delta: -60, Reason: ReasonGift}}}
+	key := idemRKey(user, in.ReqID)
+	set := func(v string) {
+		if err := n.rdb.Do(ctx, n.rdb.B().Set().Key(key).Value(v).Build()).Error(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	run := func(want string) {
+		t.Helper()
+		if status, _, err := n.w.runScript(ctx, 1<<40, in); err != nil || status != want {
+			t.Fatalf("script with the key %q: %q %v, want %q", idemValue(t, n.rdb, user, in.ReqID), status, err, want)
+		}
+	}
+	run("claim") // no claim: expired or released
+	set(claimMark + "b:other")
+	run("dup") // another request claimed it: wait for that one
+	if bal, _ := n.w.Balance(user); bal != 100 {
+		t.Fatalf("balance %d after refused scripts, want 100", bal)
+	}
+
+	// An intent whose outcome was unknown: resolve releases its claim and
+	// drops it (its script did not run); the script arriving late refuses.
+	set(in.Claim)
+	no := n.w.intentNo.Add(1)
+	iv, _ := sonic.Marshal(in)
+	if err := n.store.Apply(func(b *Batch) error { return b.Set(Key(prefixIntent, no), iv, nil) }); err != nil {
+		t.Fatal(err)
+	}
+	if _, out, err := n.w.resolve(ctx, no, in, nil); err != nil || out != outcomeNotRun {
+		t.Fatalf("resolve: %v %v, want not run", out, err)
+	}
+	if v := idemValue(t, n.rdb, user, in.ReqID); v != "" {
+		t.Fatalf("claim left after resolve: %q", v)
+	}
+	run("claim")
+	if bal, _ := n.w.Balance(user); bal != 100 {
+		t.Fatalf("balance %d after the late script, want 100", bal)
+	}
+	// Under its claim it runs.
+	set(in.Claim)
+	run("ok")
+	if bal, _ := n.w.Balance(user); bal != 40 {
+		t.Fatalf("balance %d, want 40", bal)
+	}
+}
