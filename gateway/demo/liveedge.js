@@ -117,6 +117,12 @@ var LiveClient = class _LiveClient {
     this.pending = /* @__PURE__ */ new Map();
     this.nextId = 1;
     this.rooms = /* @__PURE__ */ new Map();
+    /**
+     * Rooms whose join is in flight: a push of the room may come before the
+     * join's reply, and its position is kept here (else the reply's older
+     * position made the next push look like a gap).
+     */
+    this.joining = /* @__PURE__ */ new Map();
     this.lastSend = 0;
     this.pushListeners = /* @__PURE__ */ new Set();
     this.stateListeners = /* @__PURE__ */ new Set();
@@ -125,6 +131,7 @@ var LiveClient = class _LiveClient {
       pushesReceived: 0,
       pushesDelivered: 0,
       duplicates: 0,
+      offsetDuplicates: 0,
       acksSent: 0,
       requests: 0
     };
@@ -195,10 +202,25 @@ var LiveClient = class _LiveClient {
   }
   /** Joins a room; it is re-joined after every reconnect until leave(). */
   async join(roomId, o) {
-    const r = await this.request("join", { room_id: roomId }, o);
-    const known = this.rooms.get(roomId);
-    this.rooms.set(roomId, { since: known?.since ?? sinceOf(r) });
-    return r;
+    let early = this.joining.get(roomId);
+    const mine = !early && !this.rooms.has(roomId);
+    if (mine) {
+      early = {};
+      this.joining.set(roomId, early);
+    }
+    try {
+      const r = await this.request("join", { room_id: roomId }, o);
+      let st = this.rooms.get(roomId);
+      if (!st) {
+        st = { since: early?.since };
+        this.rooms.set(roomId, st);
+      }
+      const s = sinceOf(r);
+      if (s) merge(st, s);
+      return r;
+    } finally {
+      if (mine && this.joining.get(roomId) === early) this.joining.delete(roomId);
+    }
   }
   async leave(roomId, o) {
     this.rooms.delete(roomId);
@@ -546,11 +568,25 @@ var LiveClient = class _LiveClient {
   }
   onPush(f) {
     this.stats_.pushesReceived++;
-    if (typeof f.off === "number" && f.room) {
-      const st = this.rooms.get(f.room);
-      if (st && (!st.since || st.since.ep !== f.ep || f.off > st.since.off)) st.since = { off: f.off, ep: f.ep ?? "" };
+    const numbered = typeof f.off === "number" && f.off > 0 && !!f.room;
+    if (numbered) {
+      const st = this.rooms.get(f.room) ?? this.joining.get(f.room);
+      if (st) {
+        const off = f.off;
+        const ep = f.ep ?? "";
+        const p2 = st.since;
+        if (p2 && ep === p2.ep && off <= p2.off) {
+          this.stats_.offsetDuplicates++;
+          return;
+        }
+        st.since = { off, ep };
+        const fresh = !!p2 && p2.off === 0 && p2.ep === "";
+        if (p2 && !(fresh && off === 1) && (ep !== p2.ep || off > p2.off + 1)) {
+          this.emitState({ state: "room_resync", room: f.room, since: p2 });
+        }
+      }
     }
-    if (typeof f.mid !== "string" || this.dedup.seen(f.mid)) {
+    if (typeof f.mid !== "string" || (!numbered || f.ack) && this.dedup.seen(f.mid)) {
       this.stats_.duplicates++;
       return;
     }
@@ -580,6 +616,9 @@ var LiveClient = class _LiveClient {
     }
   }
 };
+function merge(st, s) {
+  if (!st.since || st.since.ep !== s.ep || s.off > st.since.off) st.since = s;
+}
 function sinceOf(r) {
   if (r && typeof r.off === "number" && typeof r.ep === "string") return { off: r.off, ep: r.ep };
   return void 0;

@@ -9,10 +9,14 @@
 //   - joined rooms are re-joined after a reconnect, before "connected" is
 //     reported and before waiting requests go out; a room whose pushes carried
 //     offsets is re-joined with since {off, ep} (PROTOCOL §3);
+//   - a joined room's numbered pushes pass an offset guard: one at or before
+//     the room's position (a replay overlap) is dropped, and one after a hole
+//     (an offset skipped, or a new epoch) is delivered after a "room_resync"
+//     event, as after a re-join that could not recover;
 //   - every push with ack:true is acknowledged (one ack frame per received
-//     frame, a batch included) and pushes are de-duplicated by mid within a
-//     bounded window, across reconnects; a duplicate is acked again but not
-//     delivered again;
+//     frame, a batch included) and the others are de-duplicated by mid
+//     within a bounded window, across reconnects; a duplicate is acked again
+//     but not delivered again;
 //   - a request in flight when its connection drops fails with
 //     DisconnectedError and is never resent (requests need not be idempotent).
 //
@@ -94,6 +98,11 @@ export type StateEvent =
   | { state: "disconnected"; code: number; reason: string }
   | { state: "reconnecting"; attempt: number; delayMs: number; error?: Error }
   | { state: "room_dropped"; room: number; error: Error }
+  /**
+   * Pushes of the room were missed: after a re-join that could not recover
+   * them, or on a live connection (an offset skipped, a new epoch). since is
+   * the last position seen before them. Re-read the room's state.
+   */
   | { state: "room_resync"; room: number; since: Since }
   | { state: "closed"; error?: Error };
 
@@ -150,6 +159,8 @@ export interface Stats {
   pushesReceived: number;
   pushesDelivered: number;
   duplicates: number;
+  /** Numbered room pushes dropped by the offset guard (at or before the room's position). */
+  offsetDuplicates: number;
   acksSent: number;
   requests: number;
 }
@@ -204,7 +215,13 @@ export class LiveClient {
   private waiters: Waiter[] = [];
   private pending = new Map<number, Pending>();
   private nextId = 1;
-  private rooms = new Map<number, { since?: Since }>();
+  private rooms = new Map<number, RoomState>();
+  /**
+   * Rooms whose join is in flight: a push of the room may come before the
+   * join's reply, and its position is kept here (else the reply's older
+   * position made the next push look like a gap).
+   */
+  private joining = new Map<number, RoomState>();
   private dedup: Dedup;
   private hb: ReturnType<typeof setInterval> | undefined;
   private lastSend = 0;
@@ -217,6 +234,7 @@ export class LiveClient {
     pushesReceived: 0,
     pushesDelivered: 0,
     duplicates: 0,
+    offsetDuplicates: 0,
     acksSent: 0,
     requests: 0,
   };
@@ -304,10 +322,25 @@ export class LiveClient {
 
   /** Joins a room; it is re-joined after every reconnect until leave(). */
   async join(roomId: number, o?: { timeout?: number }): Promise<JoinReply> {
-    const r = await this.request("join", { room_id: roomId }, o);
-    const known = this.rooms.get(roomId);
-    this.rooms.set(roomId, { since: known?.since ?? sinceOf(r) });
-    return r;
+    let early = this.joining.get(roomId);
+    const mine = !early && !this.rooms.has(roomId);
+    if (mine) {
+      early = {};
+      this.joining.set(roomId, early);
+    }
+    try {
+      const r = await this.request("join", { room_id: roomId }, o);
+      let st = this.rooms.get(roomId);
+      if (!st) {
+        st = { since: early?.since }; // pushes that came before the reply
+        this.rooms.set(roomId, st);
+      }
+      const s = sinceOf(r);
+      if (s) merge(st, s);
+      return r;
+    } finally {
+      if (mine && this.joining.get(roomId) === early) this.joining.delete(roomId);
+    }
   }
   async leave(roomId: number, o?: { timeout?: number }): Promise<void> {
     this.rooms.delete(roomId);
@@ -688,11 +721,34 @@ export class LiveClient {
 
   private onPush(f: PushFrame): void {
     this.stats_.pushesReceived++;
-    if (typeof f.off === "number" && f.room) {
-      const st = this.rooms.get(f.room);
-      if (st && (!st.since || st.since.ep !== f.ep || f.off > st.since.off)) st.since = { off: f.off, ep: f.ep ?? "" };
+    const numbered = typeof f.off === "number" && f.off > 0 && !!f.room;
+    if (numbered) {
+      const st = this.rooms.get(f.room) ?? this.joining.get(f.room);
+      if (st) {
+        const off = f.off!;
+        const ep = f.ep ?? "";
+        const p = st.since;
+        if (p && ep === p.ep && off <= p.off) {
+          this.stats_.offsetDuplicates++; // a replay overlap
+          return;
+        }
+        st.since = { off, ep };
+        // Numbered, nothing pushed yet: any epoch starts at 1.
+        const fresh = !!p && p.off === 0 && p.ep === "";
+        if (p && !(fresh && off === 1) && (ep !== p.ep || off > p.off + 1)) {
+          // Pushes between the last seen and this one are lost on this
+          // connection (the node could not fill a hole, or the room's
+          // numbering restarted): the app re-syncs, as after a re-join that
+          // could not recover.
+          this.emitState({ state: "room_resync", room: f.room, since: p });
+        }
+      }
     }
-    if (typeof f.mid !== "string" || this.dedup.seen(f.mid)) {
+    // Numbered room pushes are guarded by their offset above: only the
+    // others, and reliable ones (resent, possibly when the room has no
+    // position here), go through the mid ring, so a busy room cannot push a
+    // user push's mid out of it before its resend arrives.
+    if (typeof f.mid !== "string" || ((!numbered || f.ack) && this.dedup.seen(f.mid))) {
       this.stats_.duplicates++;
       return;
     }
@@ -722,6 +778,16 @@ export class LiveClient {
       }
     }
   }
+}
+
+/** A joined (or joining) room: the last position seen, when the server gave one. */
+interface RoomState {
+  since?: Since;
+}
+
+/** Moves st's position to s when s is newer: a later offset in the same epoch, or another epoch. */
+function merge(st: RoomState, s: Since): void {
+  if (!st.since || st.since.ep !== s.ep || s.off > st.since.off) st.since = s;
 }
 
 function sinceOf(r: JoinReply | undefined): Since | undefined {

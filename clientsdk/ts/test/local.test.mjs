@@ -211,3 +211,47 @@ test("a re-join answered 50000 keeps the room: the client reconnects with its ba
   assert.ok(!c.ev.states.some((s) => s.state === "room_dropped"), "room dropped on a transient error");
   assert.deepEqual([...c.joinedRooms().keys()], [9]);
 });
+
+test("live connection: a push at or before the room's position is dropped; an offset skipped or a new epoch is reported as room_resync, the push delivered", async () => {
+  const srv = await server((conn) => {
+    answer(conn, (f) => ({ room_id: f.d.room_id, online: 1, off: 5, ep: "e1" }));
+    conn.onJoined = () => {
+      conn.send(push("p6", { from: 1, text: "6" }, { off: 6, ep: "e1", ack: false }));
+      conn.send(push("p6", { from: 1, text: "6" }, { off: 6, ep: "e1", ack: false })); // a replay overlap
+      conn.send(push("p8", { from: 1, text: "8" }, { off: 8, ep: "e1", ack: false })); // 7 missed
+      conn.send(push("q1", { from: 1, text: "1" }, { off: 1, ep: "e2", ack: false })); // numbering restarted
+      conn.send(push("q2", { from: 1, text: "2" }, { off: 2, ep: "e2", ack: false }));
+    };
+  });
+  const c = await collect({ urls: srv.url, token: "t" });
+  await c.join(9);
+  srv.conns[0].onJoined();
+  await eventually(() => c.ev.pushes.length === 4, 3000, "4 pushes");
+  assert.deepEqual(c.ev.pushes.map((p) => p.mid), ["p6", "p8", "q1", "q2"]);
+  assert.equal(c.stats.offsetDuplicates, 1);
+  const resyncs = c.ev.states.filter((s) => s.state === "room_resync");
+  assert.deepEqual(resyncs, [
+    { state: "room_resync", room: 9, since: { off: 6, ep: "e1" } },
+    { state: "room_resync", room: 9, since: { off: 8, ep: "e1" } },
+  ]);
+  assert.deepEqual(c.joinedRooms().get(9), { off: 2, ep: "e2" });
+});
+
+test("a room push before its join's reply is no gap: the next push follows it without room_resync", async () => {
+  const srv = await server((conn) => {
+    answer(conn, (f) => {
+      // The node queued the room's pushes 6 and 7 before the reply (position 5).
+      conn.send(push("p6", { from: 1, text: "6" }, { off: 6, ep: "e1", ack: false }));
+      conn.send(push("p7", { from: 1, text: "7" }, { off: 7, ep: "e1", ack: false }));
+      setTimeout(() => conn.send(push("p8", { from: 1, text: "8" }, { off: 8, ep: "e1", ack: false })), 20);
+      return { room_id: f.d.room_id, online: 1, off: 5, ep: "e1" };
+    });
+  });
+  const c = await collect({ urls: srv.url, token: "t" });
+  const j = await c.join(9);
+  assert.equal(j.off, 5);
+  await eventually(() => c.ev.pushes.length === 3, 3000, "3 pushes");
+  assert.deepEqual(c.ev.pushes.map((p) => p.mid), ["p6", "p7", "p8"]);
+  assert.ok(!c.ev.states.some((s) => s.state === "room_resync"), "room_resync for pushes before the reply");
+  assert.deepEqual(c.joinedRooms().get(9), { off: 8, ep: "e1" });
+});
