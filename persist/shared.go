@@ -103,6 +103,8 @@ type SharedWallet struct {
 	// refused by its Check as if the first could not land (a script whose
 	// reply was lost may still run late).
 	busy map[busyKey]*busyReq
+	// settleFns are the OnSettled listeners (under unsettledMu).
+	settleFns []func(Settled)
 
 	// The applied-op watermark and the audit (shared_audit.go).
 	counts        nodeCounters
@@ -583,7 +585,7 @@ func (w *SharedWallet) Apply(op Op) (Result, error) {
 			return Result{}, ErrWalletUnavailable
 		}
 		w.log.Error("shared wallet: outcome unknown, the watcher will settle it", "intent", no, "err", err, "resolve_err", rerr)
-		w.unsettle(no, in, op.Records)
+		w.unsettle(unsettledOp{no: no, in: in, records: op.Records, doubt: true})
 		return Result{}, ErrInDoubt
 	case status == "gen":
 		_ = w.store.Apply(func(b *Batch) error { return b.Delete(ikey, nil) })
@@ -616,7 +618,7 @@ func (w *SharedWallet) Apply(op Op) (Result, error) {
 		// the outcome is settled later (by the watcher or a restart), so the
 		// caller is told to retry with the same req_id, never "failed".
 		w.log.Error("shared wallet: ledger write failed after the script ran, will retry", "intent", no, "err", err)
-		w.unsettle(no, in, op.Records)
+		w.unsettle(unsettledOp{no: no, in: in, records: op.Records, doubt: true})
 		return Result{}, ErrInDoubt
 	}
 	if w.crashAt != nil && w.crashAt("final") {
@@ -625,7 +627,7 @@ func (w *SharedWallet) Apply(op Op) (Result, error) {
 	if err := w.markDone(ctx, no, in, payload); err != nil {
 		// Durable already: the caller gets its ok; the watcher retries.
 		w.log.Warn("shared wallet: marking a request done failed, will retry", "intent", no, "err", err)
-		w.unsettle(no, in, nil)
+		w.unsettle(unsettledOp{no: no, in: in})
 	}
 	return r, nil
 }
@@ -704,19 +706,54 @@ func (w *SharedWallet) markDone(ctx context.Context, no uint64, in intent, res s
 	return w.store.DeleteNoSync(Key(prefixIntent, no))
 }
 
-// unsettledOp is an intent left to the watcher, with the business records
+// unsettledOp is intent no left to the watcher, with the business records
 // of its op (nil when they are written already).
 type unsettledOp struct {
+	no      uint64
 	in      intent
 	records func([]int64) []Record
+	// doubt: its Apply answered ErrInDoubt (not ok): the OnSettled
+	// listeners are told its outcome.
+	doubt bool
 }
 
-func (w *SharedWallet) unsettle(no uint64, in intent, records func([]int64) []Record) {
+func (w *SharedWallet) unsettle(u unsettledOp) {
 	w.unsettledMu.Lock()
-	w.unsettled[no] = unsettledOp{in, records}
-	if b := w.busy[busyKey{in.User, in.ReqID}]; b != nil {
+	w.unsettled[u.no] = u
+	if b := w.busy[busyKey{u.in.User, u.in.ReqID}]; b != nil {
 		b.unsettled = true // kept busy until settled
 	}
+	w.unsettledMu.Unlock()
+}
+
+// Settled is the outcome of an op its Apply answered ErrInDoubt, once the
+// watcher knows it: it ran (Result is its result, as a replay gives it) or
+// it did not (nothing moved; a retry with its req_id runs as new).
+type Settled struct {
+	User     int64
+	ReqID    string
+	Postings []Posting // the op's
+	Ran      bool
+	Result   Result
+}
+
+// SettleNotifier is a Wallet that tells, once it knows, the outcome of the
+// ops it answered ErrInDoubt: a business sends then what it owes for one
+// that ran (a gift's effects, a credit's push) without waiting for a retry
+// that may never come.
+type SettleNotifier interface {
+	// OnSettled adds fn, called on the wallet's watcher goroutine, once
+	// per such op settled while this process runs (one settled at a
+	// restart is not told: nothing in memory owes for it then).
+	OnSettled(fn func(Settled))
+}
+
+var _ SettleNotifier = (*SharedWallet)(nil)
+
+// OnSettled implements SettleNotifier.
+func (w *SharedWallet) OnSettled(fn func(Settled)) {
+	w.unsettledMu.Lock()
+	w.settleFns = append(w.settleFns, fn)
 	w.unsettledMu.Unlock()
 }
 
@@ -809,15 +846,31 @@ func (w *SharedWallet) retryUnsettled() {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
+	var told []Settled
 	w.applying.RLock() // a contribution does not read the ledger meanwhile
-	defer w.applying.RUnlock()
 	for no, u := range todo {
-		switch _, out, err := w.resolve(ctx, no, u.in, u.records); {
+		switch r, out, err := w.resolve(ctx, no, u.in, u.records); {
 		case err != nil || out == outcomeUnknown:
-			w.unsettle(no, u.in, u.records)
+			w.unsettle(u)
 		default:
 			w.settled(u.in)
 			w.log.Info("shared wallet: intent settled", "intent", no, "ran", out == outcomeDone)
+			if u.doubt {
+				r.Replayed = true
+				told = append(told, Settled{User: u.in.User, ReqID: u.in.ReqID, Postings: u.in.Postings, Ran: out == outcomeDone, Result: r})
+			}
+		}
+	}
+	w.applying.RUnlock()
+	if len(told) == 0 {
+		return
+	}
+	w.unsettledMu.Lock()
+	fns := w.settleFns
+	w.unsettledMu.Unlock()
+	for _, st := range told {
+		for _, fn := range fns {
+			fn(st)
 		}
 	}
 }

@@ -445,7 +445,7 @@ func TestSharedUnsettledRetriedByWatcher(t *testing.T) {
 				if err := sonic.Unmarshal(v, &in); err != nil {
 					return err
 				}
-				a.w.unsettle(KeyID(k), in, nil)
+				a.w.unsettle(unsettledOp{no: KeyID(k), in: in})
 				n++
 				return nil
 			}); err != nil || n != 1 {

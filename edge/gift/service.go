@@ -4,6 +4,7 @@ import (
 	"errors"
 	"log/slog"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -196,6 +197,9 @@ func New(w persist.Wallet, r router.Router, cat *Catalogue, cfg Config, log *slo
 		limit: limit.New(cfg.PerSecond, time.Second, max(1, cfg.PerSecond), nil)}
 	s.effects = newEffects(r, cfg.EffectWindow, cfg.RoomEffectsPerSecond)
 	s.doubted, _ = simplelru.NewLRU[doubtKey, owedGift](maxDoubted, nil)
+	if n, ok := w.(persist.SettleNotifier); ok {
+		n.OnSettled(s.onSettled)
+	}
 	return s
 }
 
@@ -371,27 +375,47 @@ func (s *Service) send(sender int64, inRoom bool, r Req, done func(Reply, *sendE
 		orderID := strconv.FormatInt(res.TradeIDs[0], 10)
 		rep := Reply{OrderID: orderID, Balance: res.Balances[0]}
 		first, owed := s.owed(doubtKey{sender, r.ReqID})
-		if res.Replayed && !owed {
-			done(rep, nil) // effects went out the first time
-			return
-		}
-		// New — or the replay of a gift answered in doubt here, whose
-		// debit landed later: its effects were never sent (those of the
-		// first request, which the replayed debit paid for).
-		ev := EffectPush{From: sender, To: r.ReceiverID, GiftID: g.ID, Count: r.Count, EffectURL: g.SvgaURL}
-		room := r.RoomID
-		if res.Replayed {
-			ev, room, amount, contest = first.ev, first.room, first.amount, first.contest
-		}
-		ev.OrderID = orderID
-		d := ev.encode()
-		s.router.SendUser(ev.To, proto.Push{Biz: proto.BizGift, Room: room, Data: d, Ack: true})
-		s.effects.add(room, ev)
-		if contest != "" {
-			s.scorer.AddScore(room, contest, amount)
+		switch {
+		case res.Replayed && !owed:
+			// Effects went out the first time (or when the wallet settled
+			// a gift answered in doubt: onSettled).
+		case res.Replayed:
+			// The replay of a gift answered in doubt here, whose debit
+			// landed later: its effects were never sent (those of the first
+			// request, which the replayed debit paid for).
+			s.sendEffects(orderID, first)
+		default:
+			s.sendEffects(orderID, owedGift{room: r.RoomID, amount: amount, contest: contest,
+				ev: EffectPush{From: sender, To: r.ReceiverID, GiftID: g.ID, Count: r.Count, EffectURL: g.SvgaURL}})
 		}
 		done(rep, nil)
 	})
+}
+
+// sendEffects sends the effects of gift g, debited as orderID: the
+// receiver's push, the room's effect, its PK score.
+func (s *Service) sendEffects(orderID string, g owedGift) {
+	ev := g.ev
+	ev.OrderID = orderID
+	s.router.SendUser(ev.To, proto.Push{Biz: proto.BizGift, Room: g.room, Data: ev.encode(), Ack: true})
+	s.effects.add(g.room, ev)
+	if g.contest != "" {
+		s.scorer.AddScore(g.room, g.contest, g.amount)
+	}
+}
+
+// onSettled is told by the wallet the outcome of a debit it answered in
+// doubt: a gift whose debit landed gets its effects now, not at a retry that
+// may never come; one that did not land owes nothing.
+func (s *Service) onSettled(st persist.Settled) {
+	req, ok := strings.CutPrefix(st.ReqID, "gift:")
+	if !ok {
+		return
+	}
+	g, owed := s.owed(doubtKey{st.User, req})
+	if owed && st.Ran && len(st.Result.TradeIDs) > 0 {
+		s.sendEffects(strconv.FormatInt(st.Result.TradeIDs[0], 10), g)
+	}
 }
 
 var errRateLimited = errors.New("gift: rate limited")

@@ -184,6 +184,9 @@ func New(store *persist.Store, w persist.Wallet, r router.Router, cfg Config) (*
 		workers: make(chan struct{}, cfg.ReconcileWorkers), stop: make(chan struct{}),
 		createLimit: limit.New(cfg.OrdersPerMinute, time.Minute, max(1, cfg.OrdersPerMinute), cfg.Now)}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
+	if n, ok := w.(persist.SettleNotifier); ok {
+		n.OnSettled(s.onSettled)
+	}
 	for _, p := range Products {
 		s.products[p.ID] = p
 	}
@@ -695,6 +698,23 @@ type creditPush struct {
 	Delta   int64  `json:"delta"`
 	OrderID string `json:"order_id"`
 	Reason  string `json:"reason"`
+}
+
+// onSettled is told by the wallet the outcome of a credit it answered in
+// doubt (markPaid answered the provider "retry"): one that landed gets its
+// pushes now — the provider's redelivery replays it and pushes nothing, and
+// may not come at all (the order was PAYED by the op's own records).
+func (s *Service) onSettled(st persist.Settled) {
+	orderID, ok := strings.CutPrefix(st.ReqID, "pay:")
+	if !ok || !st.Ran || len(st.Result.Balances) == 0 || len(st.Postings) == 0 {
+		return
+	}
+	if id, err := strconv.ParseInt(orderID, 10, 64); err == nil {
+		s.closeOpen(id) // PAYED by the op's records
+	}
+	d, _ := proto.Marshal(creditPush{Balance: st.Result.Balances[0], Delta: st.Postings[0].Delta, OrderID: orderID, Reason: persist.ReasonRecharge})
+	s.router.SendUser(st.User, proto.Push{Biz: proto.BizWalletCredit, Data: d, Ack: true})
+	s.pushStatus(Order{OrderID: orderID, UserID: st.User, Status: StatusPayed})
 }
 
 // statusPush is the data of an order.status push.
