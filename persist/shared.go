@@ -847,14 +847,15 @@ func (w *SharedWallet) retryUnsettled() {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	var told []Settled
+	var done []intent
 	w.applying.RLock() // a contribution does not read the ledger meanwhile
 	for no, u := range todo {
 		switch r, out, err := w.resolve(ctx, no, u.in, u.records); {
 		case err != nil || out == outcomeUnknown:
 			w.unsettle(u)
 		default:
-			w.settled(u.in)
 			w.log.Info("shared wallet: intent settled", "intent", no, "ran", out == outcomeDone)
+			done = append(done, u.in)
 			if u.doubt {
 				r.Replayed = true
 				told = append(told, Settled{User: u.in.User, ReqID: u.in.ReqID, Postings: u.in.Postings, Ran: out == outcomeDone, Result: r})
@@ -862,17 +863,30 @@ func (w *SharedWallet) retryUnsettled() {
 		}
 	}
 	w.applying.RUnlock()
-	if len(told) == 0 {
-		return
-	}
 	w.unsettledMu.Lock()
 	fns := w.settleFns
 	w.unsettledMu.Unlock()
-	for _, st := range told {
-		for _, fn := range fns {
-			fn(st)
+	if len(told) == 0 || len(fns) == 0 {
+		for _, in := range done {
+			w.settled(in)
 		}
+		return
 	}
+	// The listeners (pushes: Redis calls in a cluster) run off the
+	// watcher's goroutine; the requests stay busy until they ran, so a
+	// retry on this node starts only after its earlier attempt was told.
+	w.stopped.Add(1)
+	go func() {
+		defer w.stopped.Done()
+		for _, st := range told {
+			for _, fn := range fns {
+				fn(st)
+			}
+		}
+		for _, in := range done {
+			w.settled(in)
+		}
+	}()
 }
 
 func (w *SharedWallet) runScript(ctx context.Context, no uint64, in intent) (status, payload string, err error) {
@@ -937,10 +951,26 @@ const (
 // resolve settles intent no from Redis.
 func (w *SharedWallet) resolve(ctx context.Context, no uint64, in intent, records func([]int64) []Record) (Result, outcome, error) {
 	drop := func() (Result, outcome, error) {
+		// Nothing in Redis says the script ran — but an op whose share is
+		// in this node's ledger did run: its done mark removed its
+		// le:applied entry (the mark's reply was lost), or Redis lost the
+		// generation after the share was contributed to the rebuild.
+		r, out := Result{}, outcomeNotRun
+		if in.At != 0 {
+			switch v, err := w.store.Get(idemKeyBytes(unixHour(in.At), in.User, in.ReqID)); {
+			case err == nil:
+				if r, err = decodeResult(v); err != nil {
+					return Result{}, outcomeUnknown, err
+				}
+				out = outcomeDone
+			case !errors.Is(err, ErrNotFound):
+				return Result{}, outcomeUnknown, err
+			}
+		}
 		if err := w.store.Apply(func(b *Batch) error { return b.Delete(Key(prefixIntent, no), nil) }); err != nil {
 			return Result{}, outcomeUnknown, err
 		}
-		return Result{}, outcomeNotRun, nil
+		return r, out, nil
 	}
 	meta, err := w.rdb.Do(ctx, w.rdb.B().Hget().Key(keyMeta).Field("gen").Build()).ToString()
 	if err != nil && !rueidis.IsRedisNil(err) {

@@ -652,3 +652,37 @@ func TestSharedScriptRunsOnlyUnderItsClaim(t *testing.T) {
 		t.Fatalf("balance %d, want 40", bal)
 	}
 }
+
+// An intent whose op is in this node's ledger is settled as run even when
+// Redis no longer says so: the done mark removed its le:applied entry and
+// only the mark's reply was lost (or Redis lost the generation after the
+// share was contributed). Before, resolve answered "not run" for it — and a
+// business told so dropped what it owed for an op that landed.
+func TestSharedResolveFindsTheOpInTheLedger(t *testing.T) {
+	rs := redistest.Start(t)
+	n := startShared(t, rs.Addr, t.TempDir(), "a", nil)
+	waitReady(t, n)
+	const user = 42
+	r, err := n.w.Apply(Op{User: user, ReqID: "seed", Postings: []Posting{{User: user, Delta: 100, Reason: ReasonDev}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The intent as the node had it before the done mark's lost reply.
+	in := intent{User: user, ReqID: "seed", Gen: *n.w.gen.Load(), At: r.At,
+		Postings: []Posting{{User: user, Delta: 100, Reason: ReasonDev}}}
+	no := n.w.intentNo.Add(1)
+	iv, _ := sonic.Marshal(in)
+	if err := n.store.Apply(func(b *Batch) error { return b.Set(Key(prefixIntent, no), iv, nil) }); err != nil {
+		t.Fatal(err)
+	}
+	got, out, err := n.w.resolve(context.Background(), no, in, nil)
+	if err != nil || out != outcomeDone || len(got.TradeIDs) != 1 || got.TradeIDs[0] != r.TradeIDs[0] || got.Balances[0] != 100 {
+		t.Fatalf("resolve: %+v %v %v, want done with the op's result %+v", got, out, err, r)
+	}
+	if _, err := n.store.Get(Key(prefixIntent, no)); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("intent left: %v", err)
+	}
+	if bal, _ := n.w.Balance(user); bal != 100 {
+		t.Fatalf("balance %d, want 100", bal)
+	}
+}

@@ -167,6 +167,10 @@ type Service struct {
 	doubtMu  sync.Mutex
 	doubted  *simplelru.LRU[doubtKey, owedGift]
 	nDoubted atomic.Int32 // doubted's length: the hot path skips the lock when 0
+	// settledEarly are outcomes the wallet told (onSettled) before the
+	// gift's answer in doubt was remembered (the watcher may settle an op
+	// between Apply's return and the callback that calls doubt).
+	settledEarly *simplelru.LRU[doubtKey, persist.Settled]
 }
 
 // doubtKey is a gift answered in doubt.
@@ -185,8 +189,12 @@ type owedGift struct {
 	contest string
 }
 
-// maxDoubted bounds the gifts remembered as answered in doubt.
-const maxDoubted = 10_000
+// maxDoubted bounds the gifts remembered as answered in doubt;
+// maxSettledEarly the outcomes told before their gift was.
+const (
+	maxDoubted      = 10_000
+	maxSettledEarly = 1_000
+)
 
 // New returns a gift service.
 func New(w persist.Wallet, r router.Router, cat *Catalogue, cfg Config, log *slog.Logger) *Service {
@@ -197,18 +205,29 @@ func New(w persist.Wallet, r router.Router, cat *Catalogue, cfg Config, log *slo
 		limit: limit.New(cfg.PerSecond, time.Second, max(1, cfg.PerSecond), nil)}
 	s.effects = newEffects(r, cfg.EffectWindow, cfg.RoomEffectsPerSecond)
 	s.doubted, _ = simplelru.NewLRU[doubtKey, owedGift](maxDoubted, nil)
+	s.settledEarly, _ = simplelru.NewLRU[doubtKey, persist.Settled](maxSettledEarly, nil)
 	if n, ok := w.(persist.SettleNotifier); ok {
 		n.OnSettled(s.onSettled)
 	}
 	return s
 }
 
-// doubt remembers that gift k was answered in doubt.
+// doubt remembers that gift k was answered in doubt — or, if the wallet
+// told its outcome already, sends what it owes now. The first request's
+// entry is kept (a later one replays what that one debited).
 func (s *Service) doubt(k doubtKey, g owedGift) {
 	s.doubtMu.Lock()
-	defer s.doubtMu.Unlock()
-	s.doubted.Add(k, g)
-	s.nDoubted.Store(int32(s.doubted.Len()))
+	st, early := s.settledEarly.Peek(k)
+	if early {
+		s.settledEarly.Remove(k)
+	} else if !s.doubted.Contains(k) {
+		s.doubted.Add(k, g)
+		s.nDoubted.Store(int32(s.doubted.Len()))
+	}
+	s.doubtMu.Unlock()
+	if early && st.Ran && len(st.Result.TradeIDs) > 0 {
+		s.sendEffects(strconv.FormatInt(st.Result.TradeIDs[0], 10), g)
+	}
 }
 
 // owed reports and forgets whether gift k, which succeeded, was answered in
@@ -412,7 +431,16 @@ func (s *Service) onSettled(st persist.Settled) {
 	if !ok {
 		return
 	}
-	g, owed := s.owed(doubtKey{st.User, req})
+	k := doubtKey{st.User, req}
+	s.doubtMu.Lock()
+	g, owed := s.doubted.Peek(k)
+	if owed {
+		s.doubted.Remove(k)
+		s.nDoubted.Store(int32(s.doubted.Len()))
+	} else {
+		s.settledEarly.Add(k, st) // its answer in doubt is on its way
+	}
+	s.doubtMu.Unlock()
 	if owed && st.Ran && len(st.Result.TradeIDs) > 0 {
 		s.sendEffects(strconv.FormatInt(st.Result.TradeIDs[0], 10), g)
 	}
