@@ -171,7 +171,7 @@ func (p *procClients) run(rate float64) wsResult {
 	from := time.Now().Add(p.k.warmup)
 	to := from.Add(p.k.measure)
 	// This process's share of the CPU over the same window.
-	own := cpuOver(from, to)
+	own, sched := cpuOver(from, to), schedOver(from, to)
 	p.send(fmt.Sprintf("RUN %g %d %d", rate, from.UnixNano(), int64(p.k.measure)))
 	var w wireResult
 	if err := json.Unmarshal([]byte(p.await("RESULT")), &w); err != nil {
@@ -179,6 +179,7 @@ func (p *procClients) run(rate float64) wsResult {
 	}
 	res := fromWire(w)
 	res.serverCPU = <-own
+	res.serverSched = <-sched
 	res.cpu += res.serverCPU
 	return res
 }

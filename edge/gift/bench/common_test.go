@@ -1,7 +1,9 @@
 package bench
 
 import (
+	"math"
 	"runtime/debug"
+	"runtime/metrics"
 
 	"bytes"
 	"github.com/liveedge/liveedge/configs"
@@ -291,6 +293,57 @@ func cpuOver(from, to time.Time) <-chan time.Duration {
 		out <- selfCPU() - c0
 	}()
 	return out
+}
+
+// schedOver measures this process's scheduling latency over [from, to):
+// the 99th percentile of how long a runnable goroutine waited for a P
+// (runtime/metrics /sched/latencies:seconds; the bucket's upper bound). On
+// a saturated machine this is where a reply's tail goes before any of the
+// server's own work.
+func schedOver(from, to time.Time) <-chan time.Duration {
+	out := make(chan time.Duration, 1)
+	go func() {
+		time.Sleep(time.Until(from))
+		h0 := schedHist()
+		time.Sleep(time.Until(to))
+		out <- runtimeHistQuantile(h0, schedHist(), 0.99)
+	}()
+	return out
+}
+
+func schedHist() *metrics.Float64Histogram {
+	s := []metrics.Sample{{Name: "/sched/latencies:seconds"}}
+	metrics.Read(s)
+	if s[0].Value.Kind() != metrics.KindFloat64Histogram {
+		return nil
+	}
+	return s[0].Value.Float64Histogram()
+}
+
+// runtimeHistQuantile is the q quantile of the samples h1 has beyond h0 (two
+// reads of one cumulative histogram), as its bucket's upper bound.
+func runtimeHistQuantile(h0, h1 *metrics.Float64Histogram, q float64) time.Duration {
+	if h0 == nil || h1 == nil || len(h0.Counts) != len(h1.Counts) {
+		return 0
+	}
+	var total uint64
+	for i := range h1.Counts {
+		total += h1.Counts[i] - h0.Counts[i]
+	}
+	if total == 0 {
+		return 0
+	}
+	want, acc := uint64(math.Ceil(q*float64(total))), uint64(0)
+	for i := range h1.Counts {
+		if acc += h1.Counts[i] - h0.Counts[i]; acc >= want {
+			ub := h1.Buckets[i+1]
+			if math.IsInf(ub, 1) {
+				ub = h1.Buckets[i]
+			}
+			return time.Duration(ub * float64(time.Second))
+		}
+	}
+	return 0
 }
 
 // selfCPU is this process's user+system CPU time.

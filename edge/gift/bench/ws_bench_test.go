@@ -598,6 +598,7 @@ type wsResult struct {
 	frames             int64         // frames the clients received in the window
 	cpu                time.Duration // both sides
 	serverCPU          time.Duration // the server's process alone (clients in a child process only)
+	serverSched        time.Duration // p99 of its goroutines' wait for a P (schedOver; child clients only)
 }
 
 func (r wsResult) rate() float64 { return float64(r.ok) / r.win.secs() }
@@ -617,6 +618,7 @@ func (r wsResult) reportAs(b *testing.B, unit string) {
 	b.ReportMetric(float64(r.cpu)/float64(time.Duration(r.win.to-r.win.from)), "cpu-cores")
 	if r.serverCPU > 0 {
 		b.ReportMetric(float64(r.serverCPU)/float64(time.Duration(r.win.to-r.win.from)), "server-cores")
+		b.ReportMetric(ms(r.serverSched), "sched-p99-ms")
 	}
 }
 
