@@ -1074,6 +1074,13 @@ func (c *Cluster) Keep(user int64, msgs []Msg) {
 			away = append(away, m)
 		}
 	}
+	c.handOn(user, msgs, away)
+}
+
+// handOn publishes msgs to the user's sessions on the other nodes and keeps
+// away (those no session here took) in the offline list when the user is
+// connected nowhere.
+func (c *Cluster) handOn(user int64, msgs, away []Msg) {
 	if len(away) > 0 && !c.onlineElsewhere(user) {
 		c.storeOffline(user, away...)
 	}
@@ -1093,10 +1100,16 @@ func (c *Cluster) drainOffline(user int64) {
 		c.log.Warn("offline pushes not read", "user", user, "err", err)
 		return
 	}
+	var away []Msg
 	for _, v := range vals {
-		if m, err := decodeUserPush([]byte(v)); err == nil {
-			c.local.sendMsg(user, m)
+		if m, err := decodeUserPush([]byte(v)); err == nil && c.local.sendMsg(user, m) == 0 {
+			away = append(away, m)
 		}
+	}
+	if len(away) > 0 {
+		// Taken from the list but refused here (the session is closing
+		// already): handed on like a closing connection's unacked pushes.
+		c.handOn(user, away, away)
 	}
 }
 

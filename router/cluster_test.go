@@ -158,3 +158,29 @@ func TestDropIdleNeverDuringAJoin(t *testing.T) {
 		t.Fatalf("member on b got nothing; b subscribed to the room: %v", sub)
 	}
 }
+
+// Cluster: offline pushes drained into a session that is closing already
+// (it refuses them) go back to the offline list: the user's next session
+// gets them. They were taken from the list and dropped before.
+func TestClusterOfflinePushesRefusedByAClosingSessionAreKept(t *testing.T) {
+	env := clusterEnv{nats: natstest.Start(t), redis: redistest.Start(t)}
+	c := newCluster(t, env, "a", ClusterConfig{Local: LocalConfig{OfflineMax: 8, OfflineTTL: time.Minute}})
+	var mids []string
+	for i := 0; i < 3; i++ {
+		mid, _ := c.SendUser(7, proto.Push{Biz: proto.BizGift, Ack: true, Data: []byte(`{}`)})
+		mids = append(mids, mid)
+	}
+	closing := &sink{id: 1, user: 7}
+	closing.refuse.Store(true)
+	c.Register(closing)
+	c.Unregister(closing)
+	s := &sink{id: 2, user: 7}
+	c.Register(s)
+	deadline := time.Now().Add(5 * time.Second)
+	for len(s.got()) < len(mids) && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if got := s.got(); !slices.Equal(got, mids) {
+		t.Fatalf("next session got %v, want %v", got, mids)
+	}
+}

@@ -611,8 +611,9 @@ func (l *Local) sendPart(f *Frame, members []Session) {
 	}
 }
 
-// sendChunks hands msgs to one session in frames of the usual size.
-func (l *Local) sendChunks(msgs []Msg, s Session) {
+// sendChunks hands msgs to one session in frames of the usual size; it
+// returns those the session refused (it is closing), from the first.
+func (l *Local) sendChunks(msgs []Msg, s Session) []Msg {
 	for len(msgs) > 0 {
 		n, size := 0, 0
 		for n < len(msgs) && n < l.cfg.MaxFrameMsgs && (n == 0 || size+len(msgs[n].Bytes) <= l.cfg.MaxFrameBytes) {
@@ -621,10 +622,11 @@ func (l *Local) sendChunks(msgs []Msg, s Session) {
 		}
 		if !s.Send(NewFrame(append([]Msg(nil), msgs[:n]...)...)) {
 			l.gone.Add(1)
-			return
+			return msgs
 		}
 		msgs = msgs[n:]
 	}
+	return nil
 }
 
 func (l *Local) userShard(u int64) *userShard { return &l.users[uint64(u)%roomShards] }
@@ -642,7 +644,11 @@ func (l *Local) Register(s Session) {
 	us.mu.Unlock()
 	if first && !l.cfg.Sequenced {
 		if msgs := l.offline.take(s.UserID(), time.Now()); len(msgs) > 0 {
-			l.sendChunks(msgs, s)
+			if rest := l.sendChunks(msgs, s); len(rest) > 0 {
+				// The session was closing already: the pushes it refused
+				// go back to the box (or to a session that came meanwhile).
+				l.Keep(s.UserID(), rest)
+			}
 		}
 	}
 }

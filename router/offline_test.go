@@ -1,6 +1,7 @@
 package router
 
 import (
+	"slices"
 	"testing"
 	"time"
 
@@ -34,5 +35,26 @@ func TestOfflineReliablePushesDeliveredOnConnect(t *testing.T) {
 	}
 	if got := b.take(1, now.Add(2*time.Second)); len(got) != 0 {
 		t.Fatalf("expired pushes delivered: %v", got)
+	}
+}
+
+// The offline box drained into a session that is closing already (it
+// refuses them) keeps its pushes: the user's next session gets them. They
+// were dropped with the refused frame before.
+func TestOfflinePushesRefusedByAClosingSessionAreKept(t *testing.T) {
+	l := NewLocal("gw-1", LocalConfig{OfflineMax: 8, OfflineTTL: time.Minute})
+	var mids []string
+	for i := 0; i < 3; i++ {
+		mid, _ := l.SendUser(7, proto.Push{Biz: proto.BizGift, Ack: true, Data: []byte(`{}`)})
+		mids = append(mids, mid)
+	}
+	closing := &sink{id: 1, user: 7}
+	closing.refuse.Store(true)
+	l.Register(closing)
+	l.Unregister(closing)
+	s := &sink{id: 2, user: 7}
+	l.Register(s)
+	if got := s.got(); !slices.Equal(got, mids) {
+		t.Fatalf("next session got %v, want %v", got, mids)
 	}
 }
