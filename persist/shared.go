@@ -742,7 +742,7 @@ type Settled struct {
 // that ran (a gift's effects, a credit's push) without waiting for a retry
 // that may never come.
 type SettleNotifier interface {
-	// OnSettled adds fn, called on the wallet's watcher goroutine, once
+	// OnSettled adds fn, called on a goroutine of the wallet's watcher, once
 	// per such op settled while this process runs (one settled at a
 	// restart is not told: nothing in memory owes for it then).
 	OnSettled(fn func(Settled))
@@ -959,10 +959,16 @@ func (w *SharedWallet) resolve(ctx context.Context, no uint64, in intent, record
 		if in.At != 0 {
 			switch v, err := w.store.Get(idemKeyBytes(unixHour(in.At), in.User, in.ReqID)); {
 			case err == nil:
-				if r, err = decodeResult(v); err != nil {
+				rec, err := decodeResult(v)
+				if err != nil {
 					return Result{}, outcomeUnknown, err
 				}
-				out = outcomeDone
+				// Only this intent's own op: a duplicate's intent (its
+				// script answered "dup", or never ran) finds the first
+				// request's record, made at another time.
+				if rec.At == in.At {
+					r, out = rec, outcomeDone
+				}
 			case !errors.Is(err, ErrNotFound):
 				return Result{}, outcomeUnknown, err
 			}

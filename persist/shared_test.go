@@ -695,4 +695,18 @@ func TestSharedResolveFindsTheOpInTheLedger(t *testing.T) {
 	if bal, _ := n.w.Balance(user); bal != 100 {
 		t.Fatalf("balance %d, want 100", bal)
 	}
+
+	// A duplicate's intent (same req_id, later: its script answered "dup"
+	// or never ran) is not this record's op: not run — else a business
+	// would be told its duplicate ran and send the effects again.
+	dup := in
+	dup.At = r.At + 1
+	no = n.w.intentNo.Add(1)
+	iv, _ = sonic.Marshal(dup)
+	if err := n.store.Apply(func(b *Batch) error { return b.Set(Key(prefixIntent, no), iv, nil) }); err != nil {
+		t.Fatal(err)
+	}
+	if got, out, err := n.w.resolve(context.Background(), no, dup, nil); err != nil || out != outcomeNotRun {
+		t.Fatalf("resolve of a duplicate's intent: %+v %v %v, want not run", got, out, err)
+	}
 }
