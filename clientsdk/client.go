@@ -624,11 +624,15 @@ func (c *Client) rejoined(room int64, since *proto.Position) func(d []byte) {
 			c.log.Warn("clientsdk: undecodable join reply", "room", room, "err", err)
 		}
 		c.mu.Lock()
-		if p := c.rooms[room]; p != nil && jr.Ep != nil {
+		p := c.rooms[room]
+		// A live push that came before the reply moved the position on:
+		// advance reported its gap, if it had one.
+		moved := p != nil && since != nil && (p.off != since.Off || p.ep != since.Ep)
+		if p != nil && jr.Ep != nil {
 			p.merge(jr.Off, *jr.Ep)
 		}
 		c.mu.Unlock()
-		if since != nil && (jr.Recovered == nil || !*jr.Recovered) {
+		if since != nil && !moved && (jr.Recovered == nil || !*jr.Recovered) {
 			c.log.Info("clientsdk: room history not recovered, re-sync needed", "room", room,
 				"since_off", since.Off, "since_ep", since.Ep, "off", jr.Off, "ep", jr.ep())
 			c.emitState(StateEvent{State: StateRoomResync, Room: room, Off: jr.Off, Ep: jr.ep()})

@@ -346,6 +346,38 @@ func TestPushBeforeJoinReplyIsNoGap(t *testing.T) {
 	}
 }
 
+// A re-join that could not recover, whose room's live push reached the
+// client before the reply (a new epoch), is reported once: by the push's
+// gap — not again by the reply.
+func TestRejoinNotRecoveredAfterALivePushReportsOnce(t *testing.T) {
+	ts, r, c := numberedRooms(t)
+	if _, err := c.Join(context.Background(), 5); err != nil {
+		t.Fatal(err)
+	}
+	tc := ts.conn(0)
+	tc.send(t, offPush("m11", false, 5, 11, "e1", "11"))
+	waitFor(t, 5*time.Second, "m11", func() bool { return r.hasMid("m11") })
+	ts.mu.Lock()
+	ts.lost[5] = true
+	ts.pos[5] = proto.Position{Off: 3, Ep: "e2"}
+	ts.before[5] = [][]byte{offPush("n3", false, 5, 3, "e2", "live, queued before the reply")}
+	ts.mu.Unlock()
+	tc.close(proto.CloseGoingAway)
+	waitFor(t, 5*time.Second, "reconnected", func() bool { return c.Stats().Reconnects == 1 && r.hasMid("n3") })
+	tc1 := ts.conn(1)
+	tc1.send(t, offPush("n4", false, 5, 4, "e2", "4"))
+	waitFor(t, 5*time.Second, "n4", func() bool { return r.hasMid("n4") })
+	var resyncs []StateEvent
+	for _, e := range r.stateEvents() {
+		if e.State == StateRoomResync {
+			resyncs = append(resyncs, e)
+		}
+	}
+	if len(resyncs) != 1 || resyncs[0].Room != 5 || resyncs[0].Ep != "e2" {
+		t.Fatalf("resync events %+v, want one for room 5 in e2", resyncs)
+	}
+}
+
 // numberedRooms is a client of a test server whose room 5 is at {10, e1}
 // and room 7 numbered with nothing pushed yet ("off":0,"ep":"").
 func numberedRooms(t *testing.T) (*tServer, *rec, *Client) {

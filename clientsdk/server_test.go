@@ -163,7 +163,7 @@ func (ts *tServer) OnMessage(ws *gws.Conn, m *gws.Message) {
 		if numbered { // else like a server that does not number room pushes
 			rep["off"], rep["ep"] = pos.Off, pos.Ep
 		}
-		if rr.Since == nil {
+		if rr.Since == nil || lost { // live pushes the node queued before the reply
 			for _, b := range before {
 				reply(b)
 			}

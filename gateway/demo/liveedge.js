@@ -352,7 +352,7 @@ var LiveClient = class _LiveClient {
       if (sent) d.since = sent;
       try {
         const r = await this.send(ws, "join", d, this.o.requestTimeoutMs);
-        if (sent && r.recovered === false) this.emitState({ state: "room_resync", room, since: sent });
+        if (sent && r.recovered === false && st.since === sent) this.emitState({ state: "room_resync", room, since: sent });
         const s = sinceOf(r);
         if (s && st.since === sent && (!sent || r.recovered === false || s.ep !== sent.ep)) st.since = s;
       } catch (e) {

@@ -485,7 +485,9 @@ export class LiveClient {
       if (sent) d.since = sent;
       try {
         const r = (await this.send(ws, "join", d, this.o.requestTimeoutMs)) as JoinReply;
-        if (sent && r.recovered === false) this.emitState({ state: "room_resync", room, since: sent });
+        // Not recovered: report it — unless a live push that came before
+        // the reply moved the position on (onPush reported its gap then).
+        if (sent && r.recovered === false && st.since === sent) this.emitState({ state: "room_resync", room, since: sent });
         // Pushes read meanwhile (after the reply) already moved since on.
         const s = sinceOf(r);
         if (s && st.since === sent && (!sent || r.recovered === false || s.ep !== sent.ep)) st.since = s;

@@ -255,3 +255,28 @@ test("a room push before its join's reply is no gap: the next push follows it wi
   assert.ok(!c.ev.states.some((s) => s.state === "room_resync"), "room_resync for pushes before the reply");
   assert.deepEqual(c.joinedRooms().get(9), { off: 8, ep: "e1" });
 });
+
+test("a re-join that could not recover, whose live push came before the reply, is reported once", async () => {
+  const srv = await server((conn, n) => {
+    if (n === 0) {
+      answer(conn, (f) => ({ room_id: f.d.room_id, online: 1, off: 6, ep: "e1" }));
+      conn.onJoined = () => conn.send(push("p7", { from: 1, text: "7" }, { off: 7, ep: "e1", ack: false }));
+    } else {
+      answer(conn, (f) => {
+        // The node queued the room's live push (a new epoch) before the reply.
+        conn.send(push("q3", { from: 1, text: "3" }, { off: 3, ep: "e2", ack: false }));
+        return { room_id: f.d.room_id, online: 1, off: 3, ep: "e2", recovered: false };
+      });
+    }
+  });
+  const c = await collect({ urls: srv.url, token: "t" });
+  await c.join(9);
+  srv.conns[0].onJoined();
+  await eventually(() => c.ev.pushes.length === 1, 3000, "p7");
+  srv.conns[0].ws.close(1001, "going away");
+  await eventually(() => c.ev.states.filter((s) => s.state === "connected").length === 2, 5000, "re-joined");
+  assert.deepEqual(c.ev.pushes.map((p) => p.mid), ["p7", "q3"]);
+  const resyncs = c.ev.states.filter((s) => s.state === "room_resync");
+  assert.deepEqual(resyncs, [{ state: "room_resync", room: 9, since: { off: 7, ep: "e1" } }]);
+  assert.deepEqual(c.joinedRooms().get(9), { off: 3, ep: "e2" });
+});
