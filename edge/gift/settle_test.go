@@ -1,15 +1,13 @@
 package gift
 
 import (
-	"context"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/redis/rueidis"
-
 	"github.com/liveedge/liveedge/gateway/proto"
 	"github.com/liveedge/liveedge/persist"
+	"github.com/liveedge/liveedge/persist/persisttest"
 	"github.com/liveedge/liveedge/persist/redistest"
 	"github.com/liveedge/liveedge/router"
 	"github.com/liveedge/liveedge/router/routertest"
@@ -22,26 +20,7 @@ import (
 func TestGiftInDoubtGetsItsEffectsWhenTheWalletSettlesIt(t *testing.T) {
 	rs := redistest.Start(t)
 	px := redistest.StartProxy(t, rs.Addr)
-	st, err := persist.Open(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = st.Close() })
-	rdb, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{px.Addr}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(rdb.Close)
-	w, err := persist.NewSharedWallet(st, rdb, persist.SharedConfig{Node: "a", CallTimeout: time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(w.Close)
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	if err := w.WaitReady(ctx); err != nil {
-		t.Fatal(err)
-	}
+	st, w := persisttest.OpenSharedWallet(t, px.Addr, persist.SharedConfig{Node: "a", CallTimeout: time.Second})
 	if _, err := w.Apply(persist.Op{User: 100, ReqID: "seed", Postings: []persist.Posting{{User: 100, Delta: 10_000, Reason: persist.ReasonDev}}}); err != nil {
 		t.Fatal(err)
 	}

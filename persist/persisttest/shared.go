@@ -1,0 +1,39 @@
+package persisttest
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/redis/rueidis"
+
+	"github.com/liveedge/liveedge/persist"
+)
+
+// OpenSharedWallet opens node cfg.Node's shared wallet on a fresh store,
+// with a Redis client to addr (Redis itself, or a fault proxy before it),
+// and waits until it is ready; all are closed when the test ends.
+func OpenSharedWallet(tb testing.TB, addr string, cfg persist.SharedConfig) (*persist.Store, *persist.SharedWallet) {
+	tb.Helper()
+	st, err := persist.Open(tb.TempDir())
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { _ = st.Close() })
+	rdb, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{addr}})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(rdb.Close)
+	w, err := persist.NewSharedWallet(st, rdb, cfg)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(w.Close)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := w.WaitReady(ctx); err != nil {
+		tb.Fatal(err)
+	}
+	return st, w
+}
