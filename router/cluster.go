@@ -996,7 +996,12 @@ func (c *Cluster) Register(s Session) {
 	}
 	c.mu.Unlock()
 	switch {
-	case first && subscribed: // back within the linger: still subscribed
+	case !first:
+		// Subscribed already; drained by every session, not only the first
+		// (as Local.Register): a push kept while the user's other session
+		// here was closing waits in the list otherwise.
+		c.drainOffline(u)
+	case subscribed: // back within the linger: still subscribed
 		c.drainOffline(u)
 	case first:
 		sub, err := c.nc.Subscribe(userSubject(u), func(m *nats.Msg) {

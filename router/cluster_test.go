@@ -184,3 +184,36 @@ func TestClusterOfflinePushesRefusedByAClosingSessionAreKept(t *testing.T) {
 		t.Fatalf("next session got %v, want %v", got, mids)
 	}
 }
+
+// Cluster: the same when the push was kept in the offline list while the
+// user's only session here was closing.
+func TestClusterOfflinePushKeptBesideAClosingSessionReachesTheNextOne(t *testing.T) {
+	env := clusterEnv{nats: natstest.Start(t), redis: redistest.Start(t)}
+	c := newCluster(t, env, "a", ClusterConfig{Local: LocalConfig{OfflineMax: 8, OfflineTTL: time.Minute}})
+	closing := &sink{id: 1, user: 7}
+	c.Register(closing)
+	closing.refuse.Store(true)
+	mid, _ := c.SendUser(7, proto.Push{Biz: proto.BizGift, Ack: true, Data: []byte(`{}`)})
+	// Published to the user's subject: this node's subscription finds no
+	// session taking it and stores it in the offline list.
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		n, err := c.rdb.Do(context.Background(), c.rdb.B().Llen().Key(offlineKey(7)).Build()).AsInt64()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if n == 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("offline list has %d pushes, want 1", n)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	s := &sink{id: 2, user: 7}
+	c.Register(s)
+	c.Unregister(closing)
+	if got := s.got(); !slices.Equal(got, []string{mid}) {
+		t.Fatalf("next session got %v, want [%s]", got, mid)
+	}
+}

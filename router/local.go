@@ -640,9 +640,12 @@ func (l *Local) Register(s Session) {
 		m = append(m, s)
 		us.users[s.UserID()] = m
 	}
-	first := len(m) == 1
 	us.mu.Unlock()
-	if first && !l.cfg.Sequenced {
+	// The box is drained by every session, not only a user's first: a push
+	// kept while the user's only other session was closing (it refused
+	// it, still registered) is taken by the next one even if that one
+	// registered before the closing one left. Empty, it costs one lookup.
+	if !l.cfg.Sequenced {
 		if msgs := l.offline.take(s.UserID(), time.Now()); len(msgs) > 0 {
 			if rest := l.sendChunks(msgs, s); len(rest) > 0 {
 				// The session was closing already: the pushes it refused

@@ -58,3 +58,23 @@ func TestOfflinePushesRefusedByAClosingSessionAreKept(t *testing.T) {
 		t.Fatalf("next session got %v, want %v", got, mids)
 	}
 }
+
+// A push kept while the user's only session was closing (it refused it and
+// is still registered) reaches the user's next session even if that one
+// registers before the closing one leaves: every session drains the box.
+func TestOfflinePushKeptBesideAClosingSessionReachesTheNextOne(t *testing.T) {
+	l := NewLocal("gw-1", LocalConfig{OfflineMax: 8, OfflineTTL: time.Minute})
+	closing := &sink{id: 1, user: 7}
+	l.Register(closing)
+	closing.refuse.Store(true)
+	mid, n := l.SendUser(7, proto.Push{Biz: proto.BizGift, Ack: true, Data: []byte(`{}`)})
+	if n != 0 {
+		t.Fatalf("taken by %d sessions, want 0 (the only one is closing)", n)
+	}
+	s := &sink{id: 2, user: 7}
+	l.Register(s) // not the user's first session: the closing one is still here
+	l.Unregister(closing)
+	if got := s.got(); !slices.Equal(got, []string{mid}) {
+		t.Fatalf("next session got %v, want [%s]", got, mid)
+	}
+}
