@@ -709,8 +709,18 @@ func (s *Service) onSettled(st persist.Settled) {
 	if !ok || !st.Ran || len(st.Result.Balances) == 0 || len(st.Postings) == 0 {
 		return
 	}
-	if id, err := strconv.ParseInt(orderID, 10, 64); err == nil {
-		s.closeOpen(id) // PAYED by the op's records
+	id, err := strconv.ParseInt(orderID, 10, 64)
+	if err != nil {
+		return
+	}
+	s.closeOpen(id) // PAYED by the op's records
+	// Under the order's lock, and only while it is still PAYED: an admin
+	// refund that came first pushed its own PAY_BACK (and the debit's
+	// balance) — a late PAYED and an older balance after it would be
+	// stale.
+	defer s.orders.Lock(id)()
+	if o, err := s.Get(id); err != nil || o.Status != StatusPayed {
+		return
 	}
 	d, _ := proto.Marshal(creditPush{Balance: st.Result.Balances[0], Delta: st.Postings[0].Delta, OrderID: orderID, Reason: persist.ReasonRecharge})
 	s.router.SendUser(st.User, proto.Push{Biz: proto.BizWalletCredit, Data: d, Ack: true})
