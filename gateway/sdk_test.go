@@ -98,10 +98,19 @@ func TestChatThousandInOrder(t *testing.T) {
 // each push once; an acked push is not resent by the server.
 func TestSDKSurfacesReliablePushOnce(t *testing.T) {
 	cfg := nodetest.Config(t)
-	cfg.WS.ResendAfter = configsDuration(100 * time.Millisecond)
+	// Long enough that the client's ack (sent as the frame is read) is in
+	// before a resend under -race on a busy machine: a resend before the
+	// ack is the protocol working, not the bug this test looks for.
+	const resendAfter = time.Second
+	cfg.WS.ResendAfter = configsDuration(resendAfter)
 	n := nodetest.Start(t, cfg)
 	var got pushLog
 	c := sdkDial(t, n, 77, &got, nil)
+	// The hello is sent before the connection is registered with the
+	// router; a request's reply comes after (OnOpen ends first).
+	if err := c.Ping(context.Background()); err != nil {
+		t.Fatal(err)
+	}
 
 	mid, reached := n.Router.SendUser(77, proto.Push{Biz: proto.BizWalletCredit, Data: []byte(`{"balance":5,"delta":5,"reason":"dev"}`), Ack: true})
 	if reached != 1 {
@@ -110,7 +119,7 @@ func TestSDKSurfacesReliablePushOnce(t *testing.T) {
 	// The same push delivered again (as after a lost ack) is not surfaced twice.
 	n.Router.SendUser(77, proto.Push{Mid: mid, Biz: proto.BizWalletCredit, Data: []byte(`{"balance":5,"delta":5,"reason":"dev"}`), Ack: true})
 	nodetest.Eventually(t, 5*time.Second, func() bool { return c.Stats().Duplicates >= 1 }, "duplicate not seen")
-	time.Sleep(500 * time.Millisecond) // several resend periods: nothing may be resent after the ack
+	time.Sleep(3 * resendAfter) // several resend periods: nothing may be resent after the ack
 	items := got.snapshot()
 	if len(items) != 1 || items[0].Mid != mid || !items[0].Ack {
 		t.Fatalf("surfaced %d pushes: %+v", len(items), items)
