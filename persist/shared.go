@@ -490,7 +490,6 @@ func (w *SharedWallet) Apply(op Op) (Result, error) {
 	// One request (user, req_id) at a time on this node, the first until
 	// its outcome is settled.
 	release := false // in.Claim is to be released on return
-	unsure := false  // Redis did not answer the claim
 	if op.ReqID != "" {
 		bk := busyKey{op.User, op.ReqID}
 		mine := w.claim(ctx, bk)
@@ -498,45 +497,33 @@ func (w *SharedWallet) Apply(op Op) (Result, error) {
 			return Result{}, ErrInProgress
 		}
 		defer w.release(bk, mine)
-		// Claim the req_id in Redis (SET NX GET, one round trip): a request
+		// Claim the req_id in Redis (claimScript, one round trip): a request
 		// that ran before, or runs now on another node, is answered from its
 		// key — once done, without an intent — and never checked as new.
 		claim := claimMark + w.node + ":" + strconv.FormatUint(w.claimNo.Add(1), 36) + ":" + strconv.FormatUint(rand.Uint64(), 36)
 		v, err := claimScript.Exec(ctx, w.rdb, []string{idemRKey(op.User, in.ReqID)},
 			[]string{claim, strconv.FormatInt(w.claimTTL().Milliseconds(), 10)}).ToString()
-		switch {
-		case err == nil:
+		if err == nil {
 			return w.replay(ctx, in, v)
-		case rueidis.IsRedisNil(err):
-			in.Claim = claim
-			// Until the script has run, a failure leaves the key to the
-			// next attempt: the claim is released (a late script then
-			// refuses).
-			defer func() {
-				if release {
-					w.releaseClaim(in)
-				}
-			}()
-			release = true
-		default:
-			// Redis could not say whether this is a duplicate of a request
-			// that ran (on another node, or before a restart), nor whether
-			// the claim was taken (its reply may be lost): the op runs with
-			// the claim optional (its script answers "dup" if the key holds
-			// anything else by then), unless its Check refuses it.
-			unsure = true
-			in.Claim, in.ClaimMaybe = claim, true
-			defer func() {
-				if release {
-					w.releaseClaim(in)
-				}
-			}()
-			release = true
 		}
+		// Redis nil: claimed. Any other error: Redis could not say whether
+		// this is a duplicate of a request that ran (on another node, or
+		// before a restart), nor whether the claim was taken (its reply may
+		// be lost): the op runs with the claim optional (its script answers
+		// "dup" if the key holds anything else by then), unless its Check
+		// refuses it. Until the script has run, a failure leaves the key to
+		// the next attempt: the claim is released (a late script refuses).
+		in.Claim, in.ClaimMaybe = claim, !rueidis.IsRedisNil(err)
+		release = true
+		defer func() {
+			if release {
+				w.releaseClaim(in)
+			}
+		}()
 	}
 	if op.Check != nil {
 		if err := op.Check(); err != nil {
-			if unsure {
+			if in.ClaimMaybe {
 				// Its refusal ("not in the room", say) would tell the client
 				// that nothing moved when it may have.
 				return Result{}, ErrInProgress
