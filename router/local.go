@@ -696,8 +696,8 @@ func (l *Local) SendUser(user int64, p proto.Push) (string, int) {
 	if len(targets) == 0 {
 		// Kept under the shard lock: a Register that adds the user's
 		// first session takes the box only after this put.
-		if p.Ack && !l.cfg.Sequenced && !l.offline.put(user, encodeMsg(&p), time.Now()) {
-			l.offlineDropped.Add(1)
+		if p.Ack && !l.cfg.Sequenced {
+			l.keepOfflineLocked(user, encodeMsg(&p))
 		}
 		us.mu.RUnlock()
 		return p.Mid, 0
@@ -717,9 +717,7 @@ func (l *Local) SendUser(user int64, p proto.Push) (string, int) {
 		// Every session of the user was closing: kept like a push to a
 		// user connected nowhere.
 		us.mu.RLock()
-		if !l.offline.put(user, m, time.Now()) {
-			l.offlineDropped.Add(1)
-		}
+		l.keepOfflineLocked(user, m)
 		us.mu.RUnlock()
 	}
 	l.userPushes.Add(1)
@@ -740,14 +738,21 @@ func (l *Local) Keep(user int64, msgs []Msg) {
 			// during) — unless a session registered meanwhile: once more.
 			us.mu.RLock()
 			if len(us.users[user]) == 0 || try > 0 {
-				if !l.offline.put(user, m, time.Now()) {
-					l.offlineDropped.Add(1)
-				}
+				l.keepOfflineLocked(user, m)
 				us.mu.RUnlock()
 				break
 			}
 			us.mu.RUnlock()
 		}
+	}
+}
+
+// keepOfflineLocked puts m in user's offline box (the caller holds the
+// user's shard lock: a first Register drains the box before or after, never
+// during), counting it dropped when the box refuses it.
+func (l *Local) keepOfflineLocked(user int64, m Msg) {
+	if !l.offline.put(user, m, time.Now()) {
+		l.offlineDropped.Add(1)
 	}
 }
 
