@@ -238,6 +238,11 @@ func (s *Service) owed(k doubtKey) (g owedGift, was bool) {
 	}
 	s.doubtMu.Lock()
 	defer s.doubtMu.Unlock()
+	return s.takeOwedLocked(k)
+}
+
+// takeOwedLocked removes and returns gift k's owed entry (s.doubtMu held).
+func (s *Service) takeOwedLocked(k doubtKey) (g owedGift, was bool) {
 	g, was = s.doubted.Peek(k)
 	if was {
 		s.doubted.Remove(k)
@@ -433,11 +438,8 @@ func (s *Service) onSettled(st persist.Settled) {
 	}
 	k := doubtKey{st.User, req}
 	s.doubtMu.Lock()
-	g, owed := s.doubted.Peek(k)
-	if owed {
-		s.doubted.Remove(k)
-		s.nDoubted.Store(int32(s.doubted.Len()))
-	} else {
+	g, owed := s.takeOwedLocked(k)
+	if !owed {
 		s.settledEarly.Add(k, st) // its answer in doubt is on its way
 	}
 	s.doubtMu.Unlock()
