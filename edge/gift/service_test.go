@@ -7,6 +7,7 @@ import (
 
 	"github.com/liveedge/liveedge/gateway/proto"
 	"github.com/liveedge/liveedge/persist"
+	"github.com/liveedge/liveedge/persist/persisttest"
 	"github.com/liveedge/liveedge/router"
 	"github.com/liveedge/liveedge/router/routertest"
 )
@@ -28,17 +29,7 @@ func (w inProgressWallet) ApplyAsync(op persist.Op, done func(persist.Result, er
 // openLedger opens a ledger on a fresh store, closed when the test ends.
 func openLedger(t *testing.T) (*persist.Store, *persist.Ledger) {
 	t.Helper()
-	st, err := persist.Open(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = st.Close() })
-	led, err := persist.NewLedger(st, time.Now)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(led.Close)
-	return st, led
+	return persisttest.OpenLedger(t)
 }
 
 // A gift whose req_id is still in progress elsewhere is answered 10409 and is

@@ -16,16 +16,7 @@ import (
 // pushed its own PAY_BACK), a late PAYED and an older balance would be
 // stale.
 func TestSettledCreditPushedOnlyWhileTheOrderIsPaid(t *testing.T) {
-	st, err := persist.Open(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = st.Close() })
-	led, err := persist.NewLedger(st, time.Now)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(led.Close)
+	st, led := persisttest.OpenLedger(t)
 	rt := router.NewLocal("a", router.LocalConfig{})
 	buyer := &routertest.Recorder{SessionID: 1, User: 7}
 	rt.Register(buyer)

@@ -37,3 +37,20 @@ func OpenSharedWallet(tb testing.TB, addr string, cfg persist.SharedConfig) (*pe
 	}
 	return st, w
 }
+
+// OpenLedger opens a single-node ledger on a fresh store; both are closed
+// when the test ends.
+func OpenLedger(tb testing.TB) (*persist.Store, *persist.Ledger) {
+	tb.Helper()
+	st, err := persist.Open(tb.TempDir())
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { _ = st.Close() })
+	led, err := persist.NewLedger(st, time.Now)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(led.Close)
+	return st, led
+}
