@@ -996,14 +996,13 @@ func (c *Cluster) Register(s Session) {
 	}
 	c.mu.Unlock()
 	switch {
-	case !first:
-		// Subscribed already; drained by every session, not only the first
-		// (as Local.Register): a push kept while the user's other session
-		// here was closing waits in the list otherwise.
+	case !first || subscribed:
+		// Subscribed already (another session here, or back within the
+		// linger). Every session drains the list, not only the first (as
+		// Local.Register): a push kept while the user's other session here
+		// was closing waits there otherwise.
 		c.drainOffline(u)
-	case subscribed: // back within the linger: still subscribed
-		c.drainOffline(u)
-	case first:
+	default:
 		sub, err := c.nc.Subscribe(userSubject(u), func(m *nats.Msg) {
 			msg, err := decodeUserPush(m.Data)
 			if err != nil {
