@@ -160,6 +160,9 @@ func TestDemoPageInChromium(t *testing.T) {
 	if note := v1.text("#credit-note"); !strings.Contains(note, "+300 coins (recharge)") {
 		t.Errorf("credit note: %q", note)
 	}
+	// The webhook's push can beat the provider's HTTP reply to the page: the
+	// note is written once that reply is in.
+	v1.waitJS("the recharge's note", `document.getElementById('pay-note').dataset.path !== undefined`)
 	if via := v1.eval(`document.getElementById('pay-note').dataset.path`); via != "provider" {
 		t.Errorf("recharge went through %q, want the mock provider", via)
 	}
@@ -432,6 +435,9 @@ func TestDemoRechargeWithoutProvider(t *testing.T) {
 	v.run("recharge", chromedp.SetValue(chromedp.CSS("#product"), "2"), chromedp.Click(chromedp.CSS("#recharge")))
 	v.waitJS("balance 500 by dev credit", `document.getElementById('balance').textContent === '500'`)
 	v.waitJS("dev credit push", `document.getElementById('credit-note').textContent === '+500 coins (dev)'`)
+	// The credit's push can beat the HTTP reply of /dev/credit to the page: the
+	// note is written once that reply is in.
+	v.waitJS("the recharge's note", `document.getElementById('pay-note').dataset.path !== undefined`)
 	if via := v.eval(`document.getElementById('pay-note').dataset.path`); via != "dev" {
 		t.Errorf("recharge path %q, want dev", via)
 	}
