@@ -332,7 +332,9 @@ type intent struct {
 // "?" + claim: it may hold it, or nothing).
 // Replies: {"ok", result} | {"dup", result} | {"poor"} | {"gen", gen, state}
 // | {"lost", count} (Redis has fewer of this node's ops than its ledger)
-// | {"claim"} (the op's claim is gone: expired, or released by a resolve).
+// | {"claim"} (the op's claim is gone: expired, or released by a resolve)
+// | {"fenced"} (a resolve of this node's intent of this number or a later
+// one concluded by now that its script had not run: see fenceScript).
 // A key holding another request's claim (this op's own expired, and a retry
 // claimed it since) is a "dup" too: the caller waits for that one.
 // result = "id1,id2|bal1,bal2|at" (integers below 1e14 print exactly).
@@ -346,8 +348,10 @@ if meta[1] ~= ARGV[1] or meta[2] ~= 'ready' then
 end
 local n, m = tonumber(ARGV[2]), tonumber(ARGV[3])
 local nk, ak, base = KEYS[5 + n + m], KEYS[6 + n + m], 7 + 3 * n + m
-local applied = tonumber(redis.call('HGET', nk, 'n') or '0')
+local counts = redis.call('HMGET', nk, 'n', 'fence')
+local applied = tonumber(counts[1] or '0')
 if applied < tonumber(ARGV[base + 1]) then return {'lost', applied} end
+if tonumber(ARGV[base + 2]) <= tonumber(counts[2] or '0') then return {'fenced'} end
 local v, claim = redis.call('GET', KEYS[3]), ARGV[base + 4]
 local opt = string.sub(claim, 1, 1) == '?'
 if opt then claim = string.sub(claim, 2) end
@@ -385,6 +389,24 @@ redis.call('HINCRBY', nk, 'n', 1)
 redis.call('HINCRBY', nk, 'sum', ARGV[base + 3])
 redis.call('HSET', ak, ARGV[base + 2], res)
 return {'ok', res}
+`)
+
+// fenceScript raises this node's fence (le:node:<node>, KEYS[1], field
+// fence) to intent number ARGV[1]: from then on no script of an intent
+// numbered at or below it runs (applyScript answers "fenced", nothing
+// moved). A resolve raises it before it reads whether the intent's script
+// ran, so a script still on its way — its request delayed, not only its
+// reply lost: a connection Redis had not read yet when the call timed out —
+// cannot land after "not run" was concluded, whether or not the op holds a
+// claim. Lower intents still in flight are refused with it ("unavailable,
+// nothing moved": their clients retry); resolves happen only when Redis
+// misbehaved or at a restart. The fence lives as long as the generation
+// (a new one refuses every older script by its generation).
+var fenceScript = rueidis.NewLuaScript(`
+if tonumber(redis.call('HGET', KEYS[1], 'fence') or '0') < tonumber(ARGV[1]) then
+  redis.call('HSET', KEYS[1], 'fence', ARGV[1])
+end
+return 1
 `)
 
 // doneScript settles an applied op in Redis once its node's share is
@@ -587,9 +609,10 @@ func (w *SharedWallet) Apply(op Op) (Result, error) {
 	case status == "poor":
 		_ = w.store.Apply(func(b *Batch) error { return b.Delete(ikey, nil) })
 		return Result{}, ErrInsufficient
-	case status == "claim":
+	case status == "claim" || status == "fenced":
 		// The claim expired before the script ran (this Apply stalled for
-		// claimTTL): nothing moved; the next attempt claims again.
+		// claimTTL), or a resolve of a later intent fenced this one off:
+		// nothing moved; the next attempt claims again.
 		_ = w.store.Apply(func(b *Batch) error { return b.Delete(ikey, nil) })
 		return Result{}, ErrWalletUnavailable
 	case status == "dup":
@@ -974,10 +997,15 @@ func (w *SharedWallet) resolve(ctx context.Context, no uint64, in intent, record
 		// is gone from Redis, and the caller was never told ok. Drop it.
 		return drop()
 	}
+	// Fence the intent off first: a script still on its way then refuses,
+	// so "not run" below stays true.
+	if err := fenceScript.Exec(ctx, w.rdb, []string{nodeRKey(w.node)}, []string{strconv.FormatUint(no, 10)}).Error(); err != nil {
+		return Result{}, outcomeUnknown, err
+	}
 	if in.Claim != "" {
-		// Release the op's claim first: a script still on its way (its
-		// reply lost, not its request) then refuses, so "not run" below
-		// stays true. A script that ran has replaced the claim already.
+		// Release the op's claim, so that a retry runs as new at once
+		// rather than waiting for the claim to expire. A script that ran
+		// has replaced the claim already.
 		if err := releaseClaimScript.Exec(ctx, w.rdb, []string{idemRKey(in.User, in.ReqID)}, []string{in.Claim}).Error(); err != nil {
 			return Result{}, outcomeUnknown, err
 		}

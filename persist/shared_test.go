@@ -663,6 +663,77 @@ func TestSharedScriptRunsOnlyUnderItsClaim(t *testing.T) {
 	}
 }
 
+// A script still on its way when its intent is resolved "not run" — its
+// request delayed (a connection Redis had not read yet when the call timed
+// out), not only its reply lost — must not land afterwards, whether or not
+// the op holds a claim: its balance would move in Redis with no share in any
+// ledger, after the caller was told nothing moved. Before the fence, an op
+// whose claim call went unanswered (claim optional) or without a req_id ran.
+func TestSharedLateScriptFencedAfterResolve(t *testing.T) {
+	rs := redistest.Start(t)
+	n := startShared(t, rs.Addr, t.TempDir(), "a", nil)
+	waitReady(t, n)
+	const user = 43
+	if _, err := n.w.Apply(Op{User: user, ReqID: "seed", Postings: []Posting{{User: user, Delta: 100, Reason: ReasonDev}}}); err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	balance := func() int64 { // from Redis itself, not the client-side cache
+		t.Helper()
+		b, err := n.rdb.Do(ctx, n.rdb.B().Get().Key(balKey(user)).Build()).AsInt64()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	gen := *n.w.gen.Load()
+	debit := []Posting{{User: user, Delta: -30, Reason: ReasonGift}}
+	// Intents written as Apply writes them, numbered as it numbers them.
+	write := func(in intent) uint64 {
+		t.Helper()
+		no := n.w.intentNo.Add(1)
+		iv, _ := sonic.Marshal(in)
+		if err := n.store.Apply(func(b *Batch) error { return b.Set(Key(prefixIntent, no), iv, nil) }); err != nil {
+			t.Fatal(err)
+		}
+		return no
+	}
+	for _, c := range []struct {
+		name string
+		in   intent
+	}{
+		{"claim unanswered (optional)", intent{User: user, ReqID: "g1", Gen: gen, At: time.Now().UnixMilli(),
+			Claim: claimMark + "a:lost", ClaimMaybe: true, Postings: debit}},
+		{"no req_id", intent{User: user, ReqID: "auto:a:x", Gen: gen, At: time.Now().UnixMilli(), Postings: debit}},
+	} {
+		no := write(c.in)
+		if _, out, err := n.w.resolve(ctx, no, c.in, nil); err != nil || out != outcomeNotRun {
+			t.Fatalf("%s: resolve %v %v, want not run", c.name, out, err)
+		}
+		if status, _, err := n.w.runScript(ctx, no, c.in); err != nil || status != "fenced" {
+			t.Fatalf("%s: the late script answered %q %v, want fenced", c.name, status, err)
+		}
+		if b := balance(); b != 100 {
+			t.Fatalf("%s: balance %d after the late script, want 100", c.name, b)
+		}
+		if v := idemValue(t, n.rdb, user, c.in.ReqID); v != "" {
+			t.Fatalf("%s: the late script left %q under its key", c.name, v)
+		}
+	}
+	// The fence stops at the resolved intent: a later one runs.
+	late := intent{User: user, ReqID: "auto:a:y", Gen: gen, At: time.Now().UnixMilli(), Postings: debit}
+	if status, _, err := n.w.runScript(ctx, n.w.intentNo.Add(1), late); err != nil || status != "ok" {
+		t.Fatalf("a later intent's script: %q %v, want ok", status, err)
+	}
+	if b := balance(); b != 70 {
+		t.Fatalf("balance %d, want 70", b)
+	}
+	// And Apply keeps working after fences, its ops numbered past them.
+	if r, err := n.w.Apply(Op{User: user, ReqID: "after", Postings: debit}); err != nil || r.Balances[0] != 40 {
+		t.Fatalf("apply after the fence: %+v %v, want balance 40", r, err)
+	}
+}
+
 // An intent whose op is in this node's ledger is settled as run even when
 // Redis no longer says so: the done mark removed its le:applied entry and
 // only the mark's reply was lost (or Redis lost the generation after the
