@@ -86,9 +86,12 @@ func (n *Node) workerOwner(w int) (string, error) {
 }
 
 // payForwardQueue bounds the forwarded requests waiting for one of the
-// payForwardWorkers; beyond it a request is answered "busy" at once (the
-// caller retries).
-const payForwardQueue = 4096
+// payForwardWorkers, and payForwardQueueBytes their bytes; beyond either a
+// request is answered "busy" at once (the caller retries).
+const (
+	payForwardQueue      = 4096
+	payForwardQueueBytes = 16 << 20
+)
 
 var errForwardBusy = proto.Errorf(proto.CodeInternal, "the order's node is busy, retry")
 
@@ -109,14 +112,17 @@ type payForwards struct {
 	q       chan payForward
 	max     int32
 	running atomic.Int32
+	// bytes are the queued requests' bytes, at most maxBytes.
+	bytes    atomic.Int64
+	maxBytes int64
 
 	mu      sync.Mutex // orders arrive against stop
 	closing atomic.Bool
 	wg      sync.WaitGroup
 }
 
-func newPayForwards(serve func(payFwdReq) payFwdRep, log *slog.Logger, workers, queue int) *payForwards {
-	return &payForwards{serve: serve, log: log, q: make(chan payForward, queue), max: int32(workers)}
+func newPayForwards(serve func(payFwdReq) payFwdRep, log *slog.Logger, workers, queue int, queueBytes int64) *payForwards {
+	return &payForwards{serve: serve, log: log, q: make(chan payForward, queue), max: int32(workers), maxBytes: queueBytes}
 }
 
 // servePayForwards answers the requests other nodes forward for this node's
@@ -126,7 +132,7 @@ func newPayForwards(serve func(payFwdReq) payFwdRep, log *slog.Logger, workers, 
 // blocked callback would leave requests in the NATS client's own buffer,
 // unbounded by us and unseen by the budget check.
 func (n *Node) servePayForwards() error {
-	f := newPayForwards(n.serveForward, n.Log, payForwardWorkers, payForwardQueue)
+	f := newPayForwards(n.serveForward, n.Log, payForwardWorkers, payForwardQueue, payForwardQueueBytes)
 	sub, err := n.NC.Subscribe(paySubject(n.Config.Node.ID), f.arrive)
 	if err == nil {
 		n.payFwd, n.payFwdSub = f, sub
@@ -154,9 +160,17 @@ func (f *payForwards) arrive(m *nats.Msg) {
 		respond(m, payFwdRep{Err: errForwardBusy})
 		return
 	}
+	size := int64(len(m.Data))
+	if f.bytes.Add(size) > f.maxBytes {
+		f.bytes.Add(-size)
+		f.mu.Unlock()
+		respond(m, payFwdRep{Err: errForwardBusy})
+		return
+	}
 	select {
 	case f.q <- payForward{m: m, arrived: time.Now()}:
 	default:
+		f.bytes.Add(-size)
 		f.mu.Unlock()
 		respond(m, payFwdRep{Err: errForwardBusy})
 		return
@@ -179,6 +193,7 @@ func (f *payForwards) work() {
 	for {
 		select {
 		case pf := <-f.q:
+			f.bytes.Add(-int64(len(pf.m.Data)))
 			if f.closing.Load() {
 				respond(pf.m, payFwdRep{Err: errForwardBusy})
 			} else {
@@ -205,6 +220,7 @@ func (f *payForwards) stop() {
 	for {
 		select {
 		case pf := <-f.q:
+			f.bytes.Add(-int64(len(pf.m.Data)))
 			respond(pf.m, payFwdRep{Err: errForwardBusy})
 		default:
 			return
@@ -301,10 +317,16 @@ func (n *Node) orderOp(op string, id int64) (pay.Order, error) {
 	return *rep.Order, nil
 }
 
-// notify runs a webhook delivery on the order's node. The order id is read
-// from the unverified body only to route it; the owner verifies everything.
+// notify runs a webhook delivery on the order's node. Its signature is
+// checked here first (every node has the secrets): an unsigned body is
+// refused where it arrived, never queued on another node. The order id is
+// then read from the body only to route it; the owner checks everything
+// again.
 func (n *Node) notify(channel, sig string, body []byte) (int, string) {
 	if n.Cluster != nil {
+		if status, msg, ok := n.Pay.Authentic(channel, sig, body); !ok {
+			return status, msg
+		}
 		var ev pay.Event
 		if proto.Unmarshal(body, &ev) == nil {
 			if id, ok := pay.ParseOrderID(strings.TrimSpace(ev.OrderID)); ok {

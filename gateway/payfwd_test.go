@@ -15,8 +15,13 @@ import (
 )
 
 // forwardsOn serves serve as le.pay.test on a fresh NATS server through a
-// payForwards of workers and queue, and returns the client connection.
+// payForwards of workers and queue (and payForwardQueueBytes), and returns
+// the client connection.
 func forwardsOn(t *testing.T, serve func(payFwdReq) payFwdRep, workers, queue int) (*nats.Conn, *payForwards) {
+	return forwardsBytesOn(t, serve, workers, queue, payForwardQueueBytes)
+}
+
+func forwardsBytesOn(t *testing.T, serve func(payFwdReq) payFwdRep, workers, queue int, queueBytes int64) (*nats.Conn, *payForwards) {
 	t.Helper()
 	srv := natstest.Start(t)
 	nc, err := nats.Connect(srv.URL)
@@ -24,7 +29,7 @@ func forwardsOn(t *testing.T, serve func(payFwdReq) payFwdRep, workers, queue in
 		t.Fatal(err)
 	}
 	t.Cleanup(nc.Close)
-	f := newPayForwards(serve, slog.New(slog.NewTextHandler(io.Discard, nil)), workers, queue)
+	f := newPayForwards(serve, slog.New(slog.NewTextHandler(io.Discard, nil)), workers, queue, queueBytes)
 	if _, err := nc.Subscribe("le.pay.test", f.arrive); err != nil {
 		t.Fatal(err)
 	}
@@ -149,5 +154,77 @@ func TestPayForwardsNoneStranded(t *testing.T) {
 	var rep payFwdRep
 	if err != nil || proto.Unmarshal(m.Data, &rep) != nil || rep.Err == nil || rep.Err.Msg != errForwardBusy.Msg || served.Load() != before {
 		t.Fatalf("after stop: %+v, %v; served %d → %d", rep, err, before, served.Load())
+	}
+}
+
+// The queue is bounded in bytes too: with room for many requests but not
+// for their bytes, a request that would pass the byte budget is "busy" at
+// once while a small one still queues, and the budget is given back as the
+// requests are served.
+func TestPayForwardsQueueBoundedInBytes(t *testing.T) {
+	release := make(chan struct{})
+	var started atomic.Int32
+	nc, f := forwardsBytesOn(t, func(req payFwdReq) payFwdRep {
+		started.Add(1)
+		<-release
+		return payFwdRep{Body: req.Op}
+	}, 1, 64, 48<<10)
+	request := func(pad int) []byte {
+		b, _ := proto.Marshal(payFwdReq{Op: "notify", Body: make([]byte, pad), BudgetMS: 10_000})
+		return b
+	}
+	var wg sync.WaitGroup
+	answers := make(chan payFwdRep, 8)
+	send := func(b []byte) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			m, err := nc.Request("le.pay.test", b, 5*time.Second)
+			var rep payFwdRep
+			if err == nil && proto.Unmarshal(m.Data, &rep) == nil {
+				answers <- rep
+			}
+		}()
+	}
+	send(request(10)) // the worker takes it and blocks
+	for deadline := time.Now().Add(2 * time.Second); started.Load() == 0; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the first request did not start")
+		}
+	}
+	big := request(20 << 10) // ~27 KiB as JSON (base64)
+	send(big)
+	for deadline := time.Now().Add(2 * time.Second); len(f.q) < 1; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the second request was not queued")
+		}
+	}
+	// A second big one would pass 48 KiB: busy at once, nothing queued.
+	m, err := nc.Request("le.pay.test", big, 2*time.Second)
+	var rep payFwdRep
+	if err != nil || proto.Unmarshal(m.Data, &rep) != nil || rep.Err == nil || rep.Err.Msg != errForwardBusy.Msg {
+		t.Fatalf("a request past the byte budget: %+v, %v; want busy", rep, err)
+	}
+	if got := f.bytes.Load(); got != int64(len(big)) {
+		t.Fatalf("queued bytes %d, want %d (the one big request)", got, len(big))
+	}
+	send(request(10)) // a small one still fits
+	for deadline := time.Now().Add(2 * time.Second); len(f.q) < 2; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the small request was not queued beside the big one")
+		}
+	}
+	close(release)
+	wg.Wait()
+	close(answers)
+	n := 0
+	for rep := range answers {
+		if rep.Err != nil || rep.Body != "notify" {
+			t.Fatalf("answer %+v", rep)
+		}
+		n++
+	}
+	if n != 3 || f.bytes.Load() != 0 {
+		t.Fatalf("%d answered, %d bytes still counted; want 3 and 0", n, f.bytes.Load())
 	}
 }

@@ -19,6 +19,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
+
 	"github.com/liveedge/liveedge/clientsdk"
 	"github.com/liveedge/liveedge/edge/pay"
 	"github.com/liveedge/liveedge/edge/pay/mockpay"
@@ -674,6 +676,36 @@ func TestClusterPayOrdersAnyNode(t *testing.T) {
 		return w.Data.Balance
 	}
 	a := create(c.nodes[0], "a")
+	// Every request forwarded between the nodes, seen by a spy on the
+	// forwarding subjects (a plain subscriber gets each one too).
+	spy, err := nats.Connect(c.nats.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(spy.Close)
+	forwarded, err := spy.SubscribeSync("le.pay.>")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := spy.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	// A forged notify (a wrong signature) through every node: refused 401
+	// where it arrives, never forwarded to the order's node.
+	forged, _ := proto.Marshal(pay.Event{EventID: "evt-forged", OrderID: a.OrderID, Amount: a.Amount, Status: "SUCCESS",
+		PaidAt: time.Now().UnixMilli()})
+	for _, nd := range c.nodes {
+		req, _ := http.NewRequest("POST", "http://"+nd.http+"/api/v1/pay/notify/mock", bytes.NewReader(forged))
+		req.Header.Set(pay.SignatureHeader, mockpay.New(mockpay.Config{Secret: "not-the-secret-0123456789"}).Sign(forged))
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusUnauthorized {
+			t.Fatalf("forged notify through %s: %d, want 401", nd.http, resp.StatusCode)
+		}
+	}
 	body, _ := proto.Marshal(pay.Event{EventID: "evt-a", OrderID: a.OrderID, Amount: a.Amount, Status: "SUCCESS",
 		PaidAt: time.Now().UnixMilli()})
 	var wg sync.WaitGroup
@@ -709,6 +741,27 @@ func TestClusterPayOrdersAnyNode(t *testing.T) {
 		}
 	}
 	pollUntil(t, 5*time.Second, "5570 on node 1", func() bool { return len(lg.get(proto.BizWalletCredit)) > 0 })
+	sawSigned := false
+	for {
+		m, err := forwarded.NextMsg(100 * time.Millisecond)
+		if err != nil {
+			break
+		}
+		var req struct {
+			Op   string `json:"op"`
+			Body []byte `json:"body"`
+		}
+		if err := json.Unmarshal(m.Data, &req); err != nil {
+			t.Fatalf("forwarded request %q: %v", m.Data, err)
+		}
+		if req.Op == "notify" && bytes.Contains(req.Body, []byte("evt-forged")) {
+			t.Fatalf("the forged notify was forwarded to %s", m.Subject)
+		}
+		sawSigned = sawSigned || (req.Op == "notify" && bytes.Contains(req.Body, []byte("evt-a")))
+	}
+	if !sawSigned {
+		t.Fatal("the signed notify through another node was not seen forwarded (the spy sees nothing?)")
+	}
 
 	// A lost notify: the provider has the payment, nobody was told.
 	b := create(c.nodes[1], "b")

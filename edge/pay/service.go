@@ -405,11 +405,8 @@ const (
 // raw body before anything in it is read. It returns the HTTP status and the
 // body ("success" once the event is durably recorded, also for duplicates).
 func (s *Service) Notify(channel, sigHeader string, body []byte) (int, string) {
-	if !KnownChannel(channel) {
-		return NotifyBadRequest, "unknown channel"
-	}
-	if err := Verify(sigHeader, body, s.cfg.Secrets, s.cfg.Now(), s.cfg.Tolerance); err != nil {
-		return NotifyUnauthorized, err.Error()
+	if status, msg, ok := s.Authentic(channel, sigHeader, body); !ok {
+		return status, msg
 	}
 	var ev Event
 	if err := proto.Unmarshal(body, &ev); err != nil {
@@ -419,6 +416,21 @@ func (s *Service) Notify(channel, sigHeader string, body []byte) (int, string) {
 		return NotifyBadRequest, "missing or bad fields"
 	}
 	return s.apply(channel, ev)
+}
+
+// Authentic checks a webhook delivery's channel and signature (over the raw
+// body, nothing in it read): ok, or the HTTP status and body to answer. A
+// cluster node checks a delivery before it forwards it to the order's node,
+// so only the provider's deliveries cross the cluster (the owner checks
+// again in Notify).
+func (s *Service) Authentic(channel, sigHeader string, body []byte) (status int, msg string, ok bool) {
+	if !KnownChannel(channel) {
+		return NotifyBadRequest, "unknown channel", false
+	}
+	if err := Verify(sigHeader, body, s.cfg.Secrets, s.cfg.Now(), s.cfg.Tolerance); err != nil {
+		return NotifyUnauthorized, err.Error(), false
+	}
+	return 0, "", true
 }
 
 // eventLockKey is the events keylock.Map[int64] key of an event id: two ids that share
