@@ -3,6 +3,7 @@ package gateway
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -12,6 +13,7 @@ import (
 	"time"
 
 	"github.com/cloudwego/hertz/pkg/app"
+	"github.com/cloudwego/hertz/pkg/app/middlewares/server/recovery"
 	"github.com/cloudwego/hertz/pkg/app/server"
 	"github.com/cloudwego/hertz/pkg/common/adaptor"
 	"github.com/cloudwego/hertz/pkg/common/hlog"
@@ -91,6 +93,12 @@ func (a *API) Shutdown(ctx context.Context) {
 
 func (a *API) routes() {
 	h := a.h
+	// A handler's panic is a bug: it is answered 50000 in the envelope and
+	// logged with its stack, never a dropped connection (or, off netpoll's
+	// recovering goroutine pool, a dead process).
+	h.Use(recovery.Recovery(recovery.WithRecoveryHandler(func(_ context.Context, c *app.RequestContext, err any, stack []byte) {
+		a.fail(c, fmt.Errorf("panic: %v\n%s", err, stack))
+	})))
 	h.Use(a.limitBody)
 	h.NoRoute(func(_ context.Context, c *app.RequestContext) {
 		a.fail(c, proto.Errorf(proto.CodeNotFound, "no such endpoint"))

@@ -180,7 +180,9 @@ func (a *API) startPK(_ context.Context, c *app.RequestContext) {
 		return
 	}
 	ident := identOf(c)
-	d := time.Duration(r.DurationS) * time.Second
+	// Clamped before the multiplication (a huge duration_s wrapped to a valid
+	// one); the service checks the bounds.
+	d := time.Duration(max(0, min(r.DurationS, 1<<32))) * time.Second
 	if ident.Role == RoleAdmin {
 		ct, err := a.node.PK.Start(r.RoomA, r.RoomB, d)
 		if err != nil {

@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/liveedge/liveedge/edge/pay"
+	"github.com/liveedge/liveedge/edge/room"
 	"github.com/liveedge/liveedge/gateway/nodetest"
 	"github.com/liveedge/liveedge/gateway/proto"
 )
@@ -122,5 +124,51 @@ func TestHTTPErrorsUseEnvelope(t *testing.T) {
 	}
 	if st := nodetest.DoJSON(t, "POST", base+"/api/v1/dev/token", "", `{"user_id":1,"role":"viewer"}`, &out); st != 200 || out.Code != 0 {
 		t.Fatalf("small body: %d %d", st, out.Code)
+	}
+}
+
+// Numbers a client sends that are out of range are refused with 10001 —
+// never a panic, nor a wrapped value taken as a valid one: a huge page
+// wrapped (page-1) × page_size to a negative offset and panicked; a huge PK
+// duration_s wrapped to 60 s; an order's source had no bound.
+func TestHTTPOutOfRangeInputIs10001(t *testing.T) {
+	n := nodetest.Start(t, nodetest.Config(t))
+	base := nodetest.HTTPURL(n) + "/api/v1"
+	const anchorA, anchorB = 800, 801
+	roomA := nodetest.OpenRoom(t, n, anchorA, 1)
+	roomB := nodetest.OpenRoom(t, n, anchorB, 1)
+	viewer := nodetest.Token(t, n, 802, "viewer")
+	anchor := nodetest.Token(t, n, anchorA, "anchor")
+	// 36028797018964028 s × 1e9 ns wraps modulo 2^64 to exactly 60 s.
+	wrapping := 36028797018964028
+	if d := time.Duration(wrapping) * time.Second; d != time.Minute {
+		t.Fatalf("the wrapping duration_s is %v here, not 60 s", d)
+	}
+	cases := []struct {
+		name, method, path, token, body string
+	}{
+		{"page past the bound", "GET", "/rooms?page=9223372036854775807&page_size=100", viewer, ""},
+		{"page just past the bound", "GET", fmt.Sprintf("/rooms?page=%d", room.MaxPage+1), viewer, ""},
+		{"PK duration that wraps", "POST", "/pk", anchor, fmt.Sprintf(`{"room_a":%d,"room_b":%d,"duration_s":36028797018964028}`, roomA, roomB)},
+		{"order source too long", "POST", "/pay/orders", viewer, fmt.Sprintf(`{"product_id":1,"channel":"mock","req_id":"r1","source":%q}`, strings.Repeat("s", pay.MaxSourceBytes+1))},
+	}
+	for _, tc := range cases {
+		var out struct {
+			Code int    `json:"code"`
+			Msg  string `json:"msg"`
+		}
+		if st := nodetest.DoJSON(t, tc.method, base+tc.path, tc.token, tc.body, &out); st != 400 || out.Code != proto.CodeBadRequest {
+			t.Errorf("%s: %d %d %q, want 400 10001", tc.name, st, out.Code, out.Msg)
+		}
+	}
+	// In range, the same requests work.
+	var out struct {
+		Code int `json:"code"`
+	}
+	if st := nodetest.DoJSON(t, "GET", base+fmt.Sprintf("/rooms?page=%d", room.MaxPage), viewer, "", &out); st != 200 || out.Code != 0 {
+		t.Errorf("the last page: %d %d", st, out.Code)
+	}
+	if st := nodetest.DoJSON(t, "POST", base+"/pay/orders", viewer, fmt.Sprintf(`{"product_id":1,"channel":"mock","req_id":"r2","source":%q}`, strings.Repeat("s", pay.MaxSourceBytes)), &out); st != 200 || out.Code != 0 {
+		t.Errorf("an order with the longest source: %d %d", st, out.Code)
 	}
 }

@@ -363,9 +363,12 @@ func (c *Cluster) JoinAt(id int64, s Session, since *proto.Position) (Joined, er
 
 // Leave implements Router.
 func (c *Cluster) Leave(id int64, s Session) {
-	c.local.Leave(id, s)
-	c.markRoom(id)
-	c.markUser(s.UserID())
+	// Presence changes only if s was in the room: a leave of any other
+	// room id (a client's input) costs no Redis write.
+	if c.local.leave(id, s) {
+		c.markRoom(id)
+		c.markUser(s.UserID())
+	}
 }
 
 // IsMember implements Router.

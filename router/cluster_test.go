@@ -3,6 +3,8 @@ package router
 import (
 	"context"
 	"slices"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -215,5 +217,43 @@ func TestClusterOfflinePushKeptBesideAClosingSessionReachesTheNextOne(t *testing
 	c.Unregister(closing)
 	if got := s.got(); !slices.Equal(got, []string{mid}) {
 		t.Fatalf("next session got %v, want [%s]", got, mid)
+	}
+}
+
+// A leave of a room the session is not in (any room id a client sends)
+// changes no presence: before, each marked the room and the next flush sent
+// Redis an HDEL for it — one shared-Redis write per frame.
+func TestClusterLeaveOfARoomNotJoinedWritesNothing(t *testing.T) {
+	env := clusterEnv{nats: natstest.Start(t), redis: redistest.Start(t)}
+	c := newCluster(t, env, "a", ClusterConfig{})
+	s := &sink{id: 1, user: 9}
+	c.Register(s)
+	rdb, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{env.redis.Addr}, DisableCache: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(rdb.Close)
+	hdels := func() int {
+		t.Helper()
+		info, err := rdb.Do(context.Background(), rdb.B().Info().Section("commandstats").Build()).ToString()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, line := range strings.Split(info, "\r\n") {
+			if rest, ok := strings.CutPrefix(line, "cmdstat_hdel:calls="); ok {
+				n, _ := strconv.Atoi(rest[:strings.IndexByte(rest, ',')])
+				return n
+			}
+		}
+		return 0
+	}
+	time.Sleep(3 * presenceEvery) // the registration's own writes are done
+	before := hdels()
+	for id := int64(1000); id < 1500; id++ {
+		c.Leave(id, s)
+	}
+	time.Sleep(3 * presenceEvery)
+	if n := hdels() - before; n != 0 {
+		t.Fatalf("%d HDELs for 500 leaves of rooms never joined, want 0", n)
 	}
 }

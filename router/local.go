@@ -321,19 +321,24 @@ func (l *Local) JoinAt(id int64, s Session, since *proto.Position) (Joined, erro
 }
 
 // Leave implements Router.
-func (l *Local) Leave(id int64, s Session) {
+func (l *Local) Leave(id int64, s Session) { l.leave(id, s) }
+
+// leave is Leave; it reports whether s was a member of room id.
+func (l *Local) leave(id int64, s Session) bool {
 	l.forget(s, id)
 	r := l.room(id)
 	if r == nil {
-		return
+		return false
 	}
 	r.mu.Lock()
-	if _, in := r.members[s.ID()]; in {
+	_, in := r.members[s.ID()]
+	if in {
 		delete(r.members, s.ID())
 		r.dirty = true
 		l.members.Add(-1)
 	}
 	r.mu.Unlock()
+	return in
 }
 
 func (l *Local) forget(s Session, id int64) {

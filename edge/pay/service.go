@@ -232,6 +232,10 @@ func (s *Service) ListProducts() []Product {
 	return out
 }
 
+// MaxSourceBytes bounds an order's source (where it was made: "live_room",
+// "user_center"), which every copy of the order carries.
+const MaxSourceBytes = 32
+
 // CreateReq is the body of POST /pay/orders.
 type CreateReq struct {
 	ProductID int64  `json:"product_id"`
@@ -254,6 +258,9 @@ func KnownChannel(channel string) bool { return Channels[channel] }
 func (s *Service) CreateOrder(user int64, r CreateReq) (Order, error) {
 	if r.ReqID == "" || len(r.ReqID) > 64 {
 		return Order{}, proto.BadRequest("req_id must be 1..64 bytes")
+	}
+	if len(r.Source) > MaxSourceBytes {
+		return Order{}, proto.BadRequest("source must be at most %d bytes", MaxSourceBytes)
 	}
 	if r.Channel == "" {
 		r.Channel = "mock"

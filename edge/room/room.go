@@ -22,6 +22,10 @@ const (
 // MaxPageSize bounds GET /rooms paging.
 const MaxPageSize = 100
 
+// MaxPage is the highest page List accepts: (page-1) × page_size stays far
+// from overflowing (a huge page wrapped to a negative offset and panicked).
+const MaxPage = 1_000_000
+
 // Room is the durable record of a living room.
 type Room struct {
 	ID       int64  `json:"room_id"`
@@ -338,8 +342,8 @@ func (s *Service) IsOpen(id int64) bool {
 // List returns open rooms of typ (typ < 0: every type), newest first, page ≥ 1,
 // 1 ≤ pageSize ≤ 100, and the total count.
 func (s *Service) List(typ, page, pageSize int, viewer int64) ([]Info, int, error) {
-	if page < 1 {
-		return nil, 0, proto.BadRequest("page must be >= 1")
+	if page < 1 || page > MaxPage {
+		return nil, 0, proto.BadRequest("page must be in 1..%d", MaxPage)
 	}
 	if pageSize < 1 || pageSize > MaxPageSize {
 		return nil, 0, proto.BadRequest("page_size must be in 1..%d", MaxPageSize)
