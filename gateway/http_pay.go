@@ -19,7 +19,7 @@ func (a *API) createOrder(_ context.Context, c *app.RequestContext) {
 		a.fail(c, err)
 		return
 	}
-	o, err := a.node.Pay.CreateOrder(identOf(c).UserID, r)
+	o, err := a.node.createOrder(identOf(c).UserID, r)
 	if err != nil {
 		a.fail(c, err)
 		return

@@ -238,7 +238,9 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 		public = "http://" + cfg.HTTP.Addr
 	}
 	workerID, workerHeld := cfg.Pay.WorkerID, func() bool { return true }
+	var reqClaims pay.ReqClaims
 	if n.Redis != nil && cfg.Wallet.Mode == "shared" {
+		reqClaims = payReqClaims{rdb: n.Redis, now: time.Now}
 		// Nodes sharing Redis never share an order-id worker id.
 		lctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		n.worker, err = pay.LeaseWorker(lctx, n.Redis, cfg.Node.ID, cfg.Pay.WorkerID, 0, log)
@@ -254,7 +256,7 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 		NotifyURL:      public + "/api/v1/pay/notify",
 		ReconcileAfter: cfg.Pay.ReconcileAfter.D(), ReconcileEvery: cfg.Pay.ReconcileEvery.D(), Log: log,
 		MaxOpenPerUser: cfg.Pay.MaxOpenOrdersPerUser, OrdersPerMinute: cfg.Pay.OrdersPerMinute,
-		Frozen: n.Accounts.Frozen,
+		Frozen: n.Accounts.Frozen, ReqClaims: reqClaims,
 	})
 	if err != nil {
 		return nil, err

@@ -51,7 +51,38 @@ type Config struct {
 	// Frozen tells whether a user's account is frozen (edge/account): a
 	// frozen user's order creation is refused with 20004. nil = none is.
 	Frozen func(user int64) (bool, error)
+
+	// ReqClaims makes a (user, req_id) name one order across the nodes of
+	// a cluster; nil: this node's store alone answers duplicates.
+	ReqClaims ReqClaims
 }
+
+// ReqClaims binds each (user, req_id) of an order creation to one order id
+// shared by every node (Redis in a cluster).
+type ReqClaims interface {
+	// Claim binds (user, req) to order id unless it is bound already: then
+	// it returns that order's id (≠ 0) and how long ago it was bound.
+	Claim(user int64, req string, id int64) (prev int64, age time.Duration, err error)
+	// Bound returns the order id (user, req) is bound to now (0: none).
+	Bound(user int64, req string) (int64, error)
+	// Release unbinds (user, req) if it is still bound to id.
+	Release(user int64, req string, id int64) error
+}
+
+// OrderElsewhere is CreateOrder's answer when the req_id is bound to an
+// order this node does not have: made through another node (or being
+// made there now). The caller answers with that order.
+type OrderElsewhere struct {
+	ID  int64
+	Age time.Duration // since the req_id was bound to it
+}
+
+func (e *OrderElsewhere) Error() string {
+	return "pay: req_id bound to order " + strconv.FormatInt(e.ID, 10) + " of another node"
+}
+
+// errClaimUnavailable: the req_id's binding could not be read or made.
+var errClaimUnavailable = proto.Errorf(proto.CodeInternal, "could not reserve the req_id, retry")
 
 // Service runs orders and the webhook.
 type Service struct {
@@ -291,13 +322,36 @@ func (s *Service) CreateOrder(user int64, r CreateReq) (Order, error) {
 	} else if !errors.Is(err, persist.ErrNotFound) {
 		return Order{}, err
 	}
+	id := s.ids.Next(user)
+	claims := s.cfg.ReqClaims
+	if claims != nil {
+		// Through any node, one order per (user, req_id): bind it before
+		// anything else, so a duplicate elsewhere is answered with this
+		// order, never made a second one (nor refused by a limit).
+		prev, age, err := claims.Claim(user, r.ReqID, id)
+		if err != nil {
+			s.cfg.Log.Warn("pay: binding a req_id failed", "user", user, "err", err)
+			return Order{}, errClaimUnavailable
+		}
+		if prev != 0 {
+			return Order{}, &OrderElsewhere{ID: prev, Age: age}
+		}
+	}
+	release := func() {
+		if claims != nil {
+			if err := claims.Release(user, r.ReqID, id); err != nil {
+				s.cfg.Log.Warn("pay: releasing a req_id failed", "user", user, "err", err)
+			}
+		}
+	}
 	if m := s.cfg.MaxOpenPerUser; m > 0 && s.openCount(user) >= m {
+		release()
 		return Order{}, proto.Errorf(proto.CodeRateLimited, "too many unpaid orders (at most %d): pay or wait for one to close", m)
 	}
 	if !s.createLimit.Allow(uint64(user)) {
+		release()
 		return Order{}, proto.Errorf(proto.CodeRateLimited, "too many orders created, at most %d per minute", s.cfg.OrdersPerMinute)
 	}
-	id := s.ids.Next(user)
 	now := s.cfg.Now().UnixMilli()
 	o := Order{OrderID: strconv.FormatInt(id, 10), UserID: user, ProductID: p.ID, Amount: p.Price, Coins: p.Coins,
 		Channel: r.Channel, Source: r.Source, Biz: p.Biz, Status: StatusPaying, ReqID: r.ReqID,
@@ -322,9 +376,26 @@ func (s *Service) CreateOrder(user int64, r CreateReq) (Order, error) {
 		return nil
 	})
 	if err != nil {
+		release()
 		return Order{}, err
 	}
 	s.addOpen(id, o, true)
+	if claims != nil {
+		// Still bound to this order? Another node takes a binding over only
+		// when the order's node answered "no such order" long after the
+		// binding (its node died before writing it) — or stalled that
+		// long before this write: then this order is superseded, closed at
+		// once (a payment for it would be refunded), and the other answers.
+		if bound, err := claims.Bound(user, r.ReqID); err == nil && bound != 0 && bound != id {
+			unlock := s.orders.Lock(id)
+			err := s.moveLocked(&o, id, StatusInvalid, "superseded by order "+strconv.FormatInt(bound, 10)+" (same req_id)", nil)
+			unlock()
+			if err != nil {
+				return Order{}, err
+			}
+			return Order{}, &OrderElsewhere{ID: bound}
+		}
+	}
 	return o, nil
 }
 
