@@ -77,3 +77,32 @@ func TestInvitationExpires(t *testing.T) {
 		t.Fatalf("accept: %+v %v", c, err)
 	}
 }
+
+// An inviter who withdraws each invitation at once frees its pending slot,
+// so the pending bound alone let an invite/withdraw loop send the other
+// anchor an unbounded stream of reliable 5562 pushes: past InviteBurst
+// invitations in a minute, 10429.
+func TestInviteWithdrawLoopIsRateLimited(t *testing.T) {
+	rt := router.NewLocal("t", router.LocalConfig{})
+	rt.OpenRoom(1)
+	rt.OpenRoom(2)
+	noTallies := func(string, int64) (int64, error) { return 0, nil }
+	s := New(rt, func(int64) bool { return true }, nil, noTallies, nil)
+	t.Cleanup(s.Close)
+	for i := 0; i < InviteBurst; i++ {
+		inv, err := s.Invite(7, 1, 2, time.Minute)
+		if err != nil {
+			t.Fatalf("invitation %d: %v", i, err)
+		}
+		if err := s.Decline(inv.ID); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := s.Invite(7, 1, 2, time.Minute); proto.AsError(err).Code != proto.CodeRateLimited {
+		t.Fatalf("invitation %d in the minute: %v, want 10429", InviteBurst+1, err)
+	}
+	// Another inviter is not held back.
+	if _, err := s.Invite(8, 2, 1, time.Minute); err != nil {
+		t.Fatalf("another inviter: %v", err)
+	}
+}

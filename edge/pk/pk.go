@@ -38,6 +38,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/liveedge/liveedge/edge/limit"
 	"github.com/liveedge/liveedge/gateway/proto"
 	"github.com/liveedge/liveedge/router"
 )
@@ -53,6 +54,12 @@ const (
 	InviteTTL            = 30 * time.Second
 	MaxInvitesPerInviter = 3
 	MaxInvites           = 10000
+	// InvitesPerMinute bounds the invitations an inviter makes (a burst of
+	// InviteBurst): withdrawing one frees a pending slot at once, and each
+	// invitation is a reliable push to the other anchor — without a rate,
+	// an invite/withdraw loop was an unbounded stream of them (10429).
+	InvitesPerMinute = 10
+	InviteBurst      = 5
 )
 
 // Invitation is a pending PK request from Rooms[0]'s side to Rooms[1]'s
@@ -142,6 +149,8 @@ type Service struct {
 	contests map[string]*Contest
 	invites  map[string]*Invitation
 	invitesN map[int64]int // inviter → pending invitations
+	// inviteRate is InvitesPerMinute per inviter (this node's count).
+	inviteRate *limit.Keyed
 }
 
 // New returns a PK service; isOpen tells whether a room is open; st and
@@ -153,7 +162,8 @@ func New(r router.Router, isOpen func(int64) bool, st Store, tallies Tallies, lo
 	}
 	return &Service{router: r, isOpen: isOpen, store: st, tallies: tallies, log: log, keep: keepOver,
 		byRoom: map[int64]*Contest{}, contests: map[string]*Contest{},
-		invites: map[string]*Invitation{}, invitesN: map[int64]int{}}
+		invites: map[string]*Invitation{}, invitesN: map[int64]int{},
+		inviteRate: limit.New(InvitesPerMinute, time.Minute, InviteBurst, nil)}
 }
 
 func newID() string {
@@ -285,6 +295,9 @@ func (s *Service) Invite(inviter, a, b int64, d time.Duration) (Invitation, erro
 	}
 	if !s.isOpen(a) || !s.isOpen(b) {
 		return Invitation{}, proto.Errorf(proto.CodeNotFound, "room not found or closed")
+	}
+	if !s.inviteRate.Allow(uint64(inviter)) {
+		return Invitation{}, proto.Errorf(proto.CodeRateLimited, "at most %d PK invitations per minute", InvitesPerMinute)
 	}
 	if s.sh != nil {
 		if s.isClosed() {

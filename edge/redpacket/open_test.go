@@ -4,6 +4,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/liveedge/liveedge/gateway/proto"
 	"github.com/liveedge/liveedge/persist"
 )
 
@@ -103,5 +104,29 @@ func TestFinishedRainsMoveOutOfTheStartScan(t *testing.T) {
 	check("restart after a FINISHED record was left in rec/rp/")
 	if _, err := c.grab("n1", "n1", 6, running); err != nil { // the running rain still grants
 		t.Fatal(err)
+	}
+}
+
+// A rain cancelled while it waits frees its anchor's slot at once, and each
+// leaves a durable record: without a creation rate a create/cancel loop
+// wrote records without bound (no coins needed). Past CreateBurst creations
+// in a minute: 10429, nothing written.
+func TestCreateCancelLoopIsRateLimited(t *testing.T) {
+	c := newCluster(t, "n1")
+	m := c.nodes["n1"]
+	for i := 0; i < CreateBurst; i++ {
+		v, err := m.svc.Create(shardAnchor, shardRoom, 100, 10, time.Hour)
+		if err != nil {
+			t.Fatalf("rain %d: %v", i, err)
+		}
+		if _, err := m.svc.Cancel(shardAnchor, v.Code); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := m.svc.Create(shardAnchor, shardRoom, 100, 10, time.Hour); proto.AsError(err).Code != proto.CodeRateLimited {
+		t.Fatalf("rain %d in the minute: %v, want 10429", CreateBurst+1, err)
+	}
+	if got := len(codesUnder(t, m.store, prefixRain)) + len(codesUnder(t, m.store, prefixDone)); got != CreateBurst {
+		t.Fatalf("%d rain records, want %d", got, CreateBurst)
 	}
 }

@@ -53,7 +53,12 @@ type Config struct {
 	// code (0 = no limit). A repeated prepare/start of a code that is already
 	// prepared/started answers without counting.
 	PrepareInterval, StartInterval, GrabInterval time.Duration
-	Now                                          func() time.Time // nil = time.Now
+	// CreatesPerMinute bounds the rains an anchor creates (bursts of
+	// CreateBurst; 0 = DefaultCreatesPerMinute, < 0 = no limit): a rain
+	// cancelled in WAIT frees its slot of MaxPerAnchor at once, and every
+	// rain leaves a durable record — a create/cancel loop was unbounded.
+	CreatesPerMinute int
+	Now              func() time.Time // nil = time.Now
 	// SharedLimit, if set, replaces this node's prepare/start limiters with
 	// one every node shares (a cluster: an anchor's rains may live on
 	// different nodes): true = allowed, counting it. kind is "prepare" or
@@ -112,8 +117,8 @@ type Service struct {
 	mem    *MemoryPool // pool, when it is a MemoryPool and Peers is set (sharded)
 	log    *slog.Logger
 
-	prepLimit, startLimit, grabLimit *limit.Keyed
-	seed                             maphash.Seed
+	prepLimit, startLimit, grabLimit, createLimit *limit.Keyed
+	seed                                          maphash.Seed
 
 	// keepStop ends keepRooms (nil: no shared room check); keepDone is
 	// closed when it has. Set once in New.
@@ -215,6 +220,10 @@ func New(store *persist.Store, w persist.Wallet, r router.Router, cfg Config, lo
 	s.prepLimit = interval(cfg.PrepareInterval, cfg.Now)
 	s.startLimit = interval(cfg.StartInterval, cfg.Now)
 	s.grabLimit = interval(cfg.GrabInterval, cfg.Now)
+	if cfg.CreatesPerMinute == 0 {
+		s.cfg.CreatesPerMinute = DefaultCreatesPerMinute
+	}
+	s.createLimit = limit.New(s.cfg.CreatesPerMinute, time.Minute, CreateBurst, cfg.Now)
 	if err := s.restore(); err != nil {
 		return nil, err
 	}
@@ -224,6 +233,12 @@ func New(store *persist.Store, w persist.Wallet, r router.Router, cfg Config, lo
 	}
 	return s, nil
 }
+
+// DefaultCreatesPerMinute and CreateBurst: Config.CreatesPerMinute.
+const (
+	DefaultCreatesPerMinute = 10
+	CreateBurst             = 5
+)
 
 // interval is a limiter of one event per d per key (nil: d ≤ 0, no limit).
 // allow applies the prepare or start limit of anchor: the shared one in a
@@ -435,6 +450,10 @@ func (s *Service) Create(anchor, room, total int64, count int, duration time.Dur
 	if s.perAnchor[anchor] >= s.cfg.MaxPerAnchor {
 		s.mu.Unlock()
 		return View{}, proto.Errorf(proto.CodeConflict, "at most %d red-packet rains not finished per anchor", s.cfg.MaxPerAnchor)
+	}
+	if !s.createLimit.Allow(uint64(anchor)) {
+		s.mu.Unlock()
+		return View{}, proto.Errorf(proto.CodeRateLimited, "at most %d red-packet rains created per minute", s.cfg.CreatesPerMinute)
 	}
 	s.perAnchor[anchor]++ // reserved
 	s.mu.Unlock()
