@@ -95,6 +95,12 @@ type Node struct {
 // (subjects liveedge.room.opened / liveedge.room.closed).
 const RoomEventsStream = "LIVEEDGE_ROOMS"
 
+// Bounds of RoomEventsStream besides its 7 days.
+const (
+	RoomEventsMaxMsgs  = 1_000_000
+	RoomEventsMaxBytes = 256 << 20
+)
+
 // New builds a node from cfg. Nothing listens until Start.
 func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 	if cfg.Node.GOGC > 0 {
@@ -486,12 +492,23 @@ func ensureStreams(nc *nats.Conn) error {
 	if err != nil {
 		return err
 	}
-	_, err = js.AddStream(&nats.StreamConfig{
+	sc := &nats.StreamConfig{
 		Name:     RoomEventsStream,
 		Subjects: []string{"liveedge.room.>"},
+		// Bounded in age, count and bytes (the oldest go first): rooms are
+		// opened at any rate, and the embedded server shares the disk with
+		// the ledger.
 		MaxAge:   7 * 24 * time.Hour,
+		MaxMsgs:  RoomEventsMaxMsgs,
+		MaxBytes: RoomEventsMaxBytes,
+		Discard:  nats.DiscardOld,
 		Storage:  nats.FileStorage,
-	})
+	}
+	_, err = js.AddStream(sc)
+	if errors.Is(err, nats.ErrStreamNameAlreadyInUse) {
+		// Made by an older version without the bounds: give it them.
+		_, err = js.UpdateStream(sc)
+	}
 	if err != nil && !errors.Is(err, nats.ErrStreamNameAlreadyInUse) {
 		// Nodes starting together race to make it: one wins, the others
 		// may be told its subjects overlap. The stream being there is all

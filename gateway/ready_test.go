@@ -11,11 +11,13 @@ import (
 	"time"
 
 	natsserver "github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
 
 	"github.com/liveedge/liveedge/gateway"
 	"github.com/liveedge/liveedge/gateway/nodetest"
 	"github.com/liveedge/liveedge/gateway/proto"
 	"github.com/liveedge/liveedge/persist/redistest"
+	"github.com/liveedge/liveedge/router/natstest"
 )
 
 type readyz struct {
@@ -119,5 +121,35 @@ func TestNodeStartsWhileExternalNATSIsDown(t *testing.T) {
 	}, "stream %s not made after NATS came up", gateway.RoomEventsStream)
 	if r := getReadyz(t, n); r.status != http.StatusOK {
 		t.Fatalf("/readyz %d %q with NATS up", r.status, r.msg)
+	}
+}
+
+// The room-events stream is bounded in count and bytes, not only in age —
+// also when an older version made it without the bounds.
+func TestRoomEventsStreamIsBounded(t *testing.T) {
+	ns := natstest.Start(t)
+	nc, err := nats.Connect(ns.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	js, err := nc.JetStream()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// As the version before the bounds made it.
+	if _, err := js.AddStream(&nats.StreamConfig{Name: gateway.RoomEventsStream, Subjects: []string{"liveedge.room.>"},
+		MaxAge: 7 * 24 * time.Hour, Storage: nats.FileStorage}); err != nil {
+		t.Fatal(err)
+	}
+	cfg := nodetest.Config(t)
+	cfg.NATS.Embedded, cfg.NATS.URL = false, ns.URL
+	nodetest.Start(t, cfg)
+	info, err := js.StreamInfo(gateway.RoomEventsStream)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c := info.Config; c.MaxMsgs != gateway.RoomEventsMaxMsgs || c.MaxBytes != gateway.RoomEventsMaxBytes || c.Discard != nats.DiscardOld {
+		t.Fatalf("stream bounds: %d msgs, %d bytes, discard %v", c.MaxMsgs, c.MaxBytes, c.Discard)
 	}
 }
