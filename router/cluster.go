@@ -148,6 +148,11 @@ type Cluster struct {
 	dirtyRooms map[int64]struct{}
 	dirtyUsers map[int64]struct{}
 
+	// staleDrops are the dead nodes' presence fields being deleted (at
+	// most maxStaleDrops at once, each once).
+	staleMu    sync.Mutex
+	staleDrops map[staleField]struct{}
+
 	stop chan struct{}
 	wg   sync.WaitGroup
 
@@ -241,7 +246,7 @@ func NewCluster(cfg ClusterConfig) (*Cluster, error) {
 		cfg: cfg, nc: cfg.NATS, rdb: cfg.Redis, log: cfg.Log, boot: NewEpoch(),
 		rooms: map[int64]*croom{}, seqs: map[int64]*seqRoom{}, users: map[int64]*cuser{},
 		dirtyRooms: map[int64]struct{}{}, dirtyUsers: map[int64]struct{}{},
-		stop: make(chan struct{}),
+		staleDrops: map[staleField]struct{}{}, stop: make(chan struct{}),
 	}
 	c.local = local
 	c.local.cfg.History = c.history
@@ -1363,10 +1368,33 @@ func (c *Cluster) clusterOnline(id int64) int {
 	return n
 }
 
+// staleField is a dead node's field of a presence hash.
+type staleField struct{ key, node string }
+
+// maxStaleDrops bounds the presence fields being deleted at once.
+const maxStaleDrops = 64
+
 // dropStale deletes a dead node's presence field (best effort, in the
-// background) unless it changed meanwhile.
+// background) unless it changed meanwhile. A field already being deleted is
+// not deleted twice, and at most maxStaleDrops are at once: every join and
+// room listing reads the (cached) hash and would otherwise start a
+// goroutine per stale field until the cache saw the deletion. One skipped
+// is deleted by a later read.
 func (c *Cluster) dropStale(key, node, was string) {
+	f := staleField{key, node}
+	c.staleMu.Lock()
+	if _, on := c.staleDrops[f]; on || len(c.staleDrops) >= maxStaleDrops {
+		c.staleMu.Unlock()
+		return
+	}
+	c.staleDrops[f] = struct{}{}
+	c.staleMu.Unlock()
 	go func() {
+		defer func() {
+			c.staleMu.Lock()
+			delete(c.staleDrops, f)
+			c.staleMu.Unlock()
+		}()
 		ctx, cancel := c.ctx()
 		defer cancel()
 		_ = hdelIfScript.Exec(ctx, c.rdb, []string{key}, []string{node, was}).Error()

@@ -2,6 +2,7 @@ package router
 
 import (
 	"context"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -256,4 +257,28 @@ func TestClusterLeaveOfARoomNotJoinedWritesNothing(t *testing.T) {
 	if n := hdels() - before; n != 0 {
 		t.Fatalf("%d HDELs for 500 leaves of rooms never joined, want 0", n)
 	}
+}
+
+// Reads of a presence hash that still shows a dead node's field delete it
+// in the background — once at a time per field, and a bounded number of
+// fields at once, not a goroutine per read.
+func TestStalePresenceDeletedOnceAtATime(t *testing.T) {
+	env := clusterEnv{nats: natstest.Start(t), redis: redistest.Start(t)}
+	c := newCluster(t, env, "a", ClusterConfig{})
+	before := runtime.NumGoroutine()
+	for i := 0; i < 10_000; i++ {
+		c.dropStale(onlineKey(1), "dead", "boot:1")
+		c.dropStale(onlineKey(int64(2+i)), "dead", "boot:1")
+	}
+	c.staleMu.Lock()
+	inFlight := len(c.staleDrops)
+	c.staleMu.Unlock()
+	if extra := runtime.NumGoroutine() - before; inFlight > maxStaleDrops || extra > maxStaleDrops+16 {
+		t.Fatalf("%d deletions in flight, %d more goroutines; want at most %d", inFlight, extra, maxStaleDrops)
+	}
+	waitFor(t, func() bool {
+		c.staleMu.Lock()
+		defer c.staleMu.Unlock()
+		return len(c.staleDrops) == 0
+	})
 }
