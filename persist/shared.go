@@ -108,10 +108,14 @@ type SharedWallet struct {
 
 	// The applied-op watermark and the audit (shared_audit.go).
 	counts        nodeCounters
-	auditMismatch atomic.Bool  // the last audit found Redis behind this node's ledger
-	dataLosses    atomic.Int64 // Redis data losses detected by this node
-	resetting     atomic.Bool  // a reset after a detected loss is running
-	lastExpire    time.Time    // of idem/ rows (watcher goroutine only)
+	auditMismatch atomic.Bool // the last audit found Redis behind this node's ledger
+	// peersSeen is the highest applied-op count of each other node this
+	// node has read in Redis in generation peersGen (watcher only).
+	peersGen   string
+	peersSeen  map[string]int64
+	dataLosses atomic.Int64 // Redis data losses detected by this node
+	resetting  atomic.Bool  // a reset after a detected loss is running
+	lastExpire time.Time    // of idem/ rows (watcher goroutine only)
 
 	// crashAt, in tests, stops Apply dead at a named point ("intent",
 	// "script", "final") as if the process had been killed there.

@@ -36,10 +36,19 @@ import (
 // deleted, a new generation starts rebuilding) and every node contributes
 // its ledger, counts included, as after an empty restart.
 //
-// Limits: a node checks only its own ops, so a loss that took none of the
-// live nodes' ops since the snapshot is only seen by the node whose ops it
-// took (when it runs). Ops applied between the snapshot and the loss on
-// other nodes are restored by the rebuild like every other.
+// Every node also watches the other nodes' counts in Redis: within a
+// generation a node's n only grows (scripts add to it; only a new
+// generation starts it again), so n below what this node read there before
+// is a loss too — one that took a node's ops while that node is down (it
+// would otherwise go unseen until it came back: its acknowledged credits
+// gone from the balances, its debits spendable again). The rebuild that
+// follows waits for every node, the dead one included.
+//
+// Limits: a node knows another's count as of its last audit (every 200 ms)
+// and only since it started; a loss of the ops a dead node applied after
+// every live node's last look at its count is seen only when it comes back.
+// Ops applied between the snapshot and the loss on other nodes are restored
+// by the rebuild like every other.
 
 // Redis keys of a node's counters and of its applied, not yet settled
 // results (field: intent number).
@@ -133,8 +142,49 @@ func (w *SharedWallet) audit(ctx context.Context, gen string) {
 	case rn == n && rsum != sum:
 		w.dataLost(gen, "audit: Redis sums this node's ops to "+strconv.FormatInt(rsum, 10)+", its ledger to "+strconv.FormatInt(sum, 10))
 	default:
+		if why := w.auditPeers(ctx, gen); why != "" {
+			w.dataLost(gen, why)
+			return
+		}
 		w.auditMismatch.Store(false)
 	}
+}
+
+// auditPeers reads the other nodes' applied-op counts in Redis and compares
+// each with the highest this node read in generation gen: one below it is a
+// loss (the reason is returned; "" = none seen).
+func (w *SharedWallet) auditPeers(ctx context.Context, gen string) string {
+	peers := make([]string, 0, len(w.nodes))
+	for _, p := range w.nodes {
+		if p != w.node {
+			peers = append(peers, p)
+		}
+	}
+	if len(peers) == 0 {
+		return ""
+	}
+	cmds := make(rueidis.Commands, len(peers))
+	for i, p := range peers {
+		cmds[i] = w.rdb.B().Hget().Key(nodeRKey(p)).Field("n").Build()
+	}
+	res := w.rdb.DoMulti(ctx, cmds...)
+	if w.peersGen != gen {
+		w.peersGen, w.peersSeen = gen, make(map[string]int64, len(peers))
+	}
+	for i, p := range peers {
+		n, err := res[i].AsInt64()
+		if rueidis.IsRedisNil(err) {
+			n, err = 0, nil
+		}
+		if err != nil {
+			continue // not known this time
+		}
+		if seen := w.peersSeen[p]; n < seen {
+			return "audit: Redis has " + strconv.FormatInt(n, 10) + " of node " + p + "'s ops, this node read " + strconv.FormatInt(seen, 10) + " there before"
+		}
+		w.peersSeen[p] = n
+	}
+	return ""
 }
 
 // AuditMismatch reports whether this node's last audit found Redis behind

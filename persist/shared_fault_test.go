@@ -462,6 +462,54 @@ func TestSharedRedisRollbackDetectedAndRebuilt(t *testing.T) {
 	}
 }
 
+// Redis comes back from an older snapshot while a node is down: the loss
+// took only the dead node's ops (an acknowledged credit, a debit), so no
+// live node's own counts fall behind its ledger. The live node still sees
+// it — the dead node's count in Redis fell below what it read there before
+// — and no op runs against the rolled-back balances (the spent coins are
+// not spendable again) until the dead node is back and the wallet rebuilt;
+// then the balances are the ledgers' again. Before, the live node went on
+// as if nothing had happened.
+func TestSharedRollbackOfADeadNodesOpsDetected(t *testing.T) {
+	rs := redistest.Start(t)
+	direct := directClient(t, rs.Addr)
+	nodes := []string{"a", "b"}
+	adir := t.TempDir()
+	a := openWalletNode(t, rs.Addr, adir, persist.SharedConfig{Node: "a", Nodes: nodes})
+	b := openWalletNode(t, rs.Addr, t.TempDir(), persist.SharedConfig{Node: "b", Nodes: nodes})
+	waitWalletsReady(t, a, b)
+	post := func(n *walletNode, user int64, req string, delta int64) {
+		t.Helper()
+		if _, err := n.w.Apply(persist.Op{User: user, ReqID: req, Postings: []persist.Posting{{User: user, Delta: delta, Reason: persist.ReasonDev}}}); err != nil {
+			t.Fatalf("%s: %v", req, err)
+		}
+	}
+	const u1, u2 = 50, 51
+	post(b, u1, "seed", 100)
+	snap := snapshotRedis(t, direct)
+	post(a, u1, "spent", -80) // through a: will "return" with the rollback
+	post(a, u2, "credit", 50) // through a: will "vanish"
+	time.Sleep(time.Second)   // b's watcher reads a's count (every 200 ms)
+	a.close()                 // a is down
+	restoreRedis(t, direct, snap)
+	if bal := redisBalance(t, direct, u1); bal != 100 {
+		t.Fatalf("after the restore Redis says %d, want the snapshot's 100", bal)
+	}
+	waitFor(t, "b to notice the loss of a's ops", func() bool { return b.w.DataLosses() > 0 })
+	if _, err := b.w.Apply(persist.Op{User: u1, ReqID: "again", Postings: []persist.Posting{{User: u1, Delta: -80, Reason: persist.ReasonGift}}}); !errors.Is(err, persist.ErrWalletUnavailable) {
+		t.Fatalf("spending the returned coins through b: %v, want ErrWalletUnavailable (rebuilding until a is back)", err)
+	}
+	a = openWalletNode(t, rs.Addr, adir, persist.SharedConfig{Node: "a", Nodes: nodes})
+	waitFor(t, "the rebuild with a back", func() bool {
+		return a.w.Ready() && b.w.Ready() && redisBalance(t, direct, u1) == 20 && redisBalance(t, direct, u2) == 50
+	})
+	a.close()
+	b.close()
+	if c, d, _ := persisttest.CheckSharedConservation(t, rs.Addr, adir, b.dir); c != 150 || d != 80 {
+		t.Fatalf("credits %d debits %d, want 150 and 80", c, d)
+	}
+}
+
 func idemRows(t *testing.T, st *persist.Store) (reqs []string) {
 	t.Helper()
 	if err := st.Scan(persist.PrefixIdem, func(k, _ []byte) error {
