@@ -523,9 +523,21 @@ func (c *Cluster) sequence(id int64, sr *seqRoom) {
 // number runs the sequence script for items and encodes them with their
 // offsets.
 func (c *Cluster) number(id int64, items []seqItem) (roomBatch, error) {
-	args := make([]string, 0, 5+4*len(items))
+	// What this node has received of the room: Redis's counter below it in
+	// the same epoch lost data (the script starts a new epoch then).
+	var ep string
+	var last int64
+	c.mu.Lock()
+	st := c.rooms[id]
+	c.mu.Unlock()
+	if st != nil {
+		st.mu.Lock()
+		ep, last = st.ep, st.next-1
+		st.mu.Unlock()
+	}
+	args := make([]string, 0, 7+4*len(items))
 	args = append(args, strconv.Itoa(c.cfg.HistorySize), strconv.FormatInt(c.cfg.HistoryTTL.Milliseconds(), 10),
-		NewEpoch(), strconv.FormatInt(time.Now().UnixMilli(), 10), strconv.Itoa(len(items)))
+		NewEpoch(), strconv.FormatInt(time.Now().UnixMilli(), 10), strconv.Itoa(len(items)), ep, strconv.FormatInt(max(last, 0), 10))
 	closing := false
 	for _, it := range items {
 		args = append(args, it.p.Mid, strconv.Itoa(it.p.Biz), string(rune('0'+boolByte(it.p.Ack))), string(pushData(it.p.Data)))

@@ -282,3 +282,57 @@ func TestStalePresenceDeletedOnceAtATime(t *testing.T) {
 		return len(c.staleDrops) == 0
 	})
 }
+
+// Redis back from an older snapshot: a room's offset counter went back in
+// the same epoch. The next push must not reuse an offset every node has
+// delivered already (it would be dropped as a duplicate: the sender told
+// "sent", no viewer sees it) — the sequencer starts a new epoch instead.
+func TestRoomCounterGoneBackStartsANewEpoch(t *testing.T) {
+	env := clusterEnv{nats: natstest.Start(t), redis: redistest.Start(t)}
+	c := newCluster(t, env, "a", ClusterConfig{})
+	c.OpenRoom(1)
+	s := &offSink{id: 1}
+	if _, err := c.JoinAt(1, s, nil); err != nil {
+		t.Fatal(err)
+	}
+	publish := func() {
+		t.Helper()
+		if _, err := c.PublishRoomWait(1, proto.Push{Data: []byte("{}")}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ctx := context.Background()
+	publish()
+	// The snapshot: the room's counter and history after offset 1.
+	dump := map[string]string{}
+	for _, k := range []string{seqKey(1), histKey(1)} {
+		v, err := c.rdb.Do(ctx, c.rdb.B().Dump().Key(k).Build()).ToString()
+		if err != nil {
+			t.Fatal(err)
+		}
+		dump[k] = v
+	}
+	publish()
+	publish()
+	waitFor(t, func() bool { return len(s.got()) == 3 })
+	ep, err := c.rdb.Do(ctx, c.rdb.B().Get().Key(epKey(1)).Build()).ToString()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for k, v := range dump { // Redis restored from it
+		if err := c.rdb.Do(ctx, c.rdb.B().Restore().Key(k).Ttl(0).SerializedValue(v).Replace().Build()).Error(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	publish()
+	deadline := time.Now().Add(3 * time.Second)
+	for len(s.got()) < 4 && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	if got := s.got(); len(got) != 4 {
+		t.Fatalf("after the counter went back: delivered offsets %v, want a 4th push", got)
+	}
+	if now, _ := c.rdb.Do(ctx, c.rdb.B().Get().Key(epKey(1)).Build()).ToString(); now == ep {
+		t.Fatalf("epoch %s kept after the counter went back", ep)
+	}
+}

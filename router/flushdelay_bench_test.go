@@ -49,7 +49,7 @@ func BenchmarkSequenceMaxFlushDelay(b *testing.B) {
 						start := time.Now()
 						err := sequenceScript.Exec(context.Background(), rdb,
 							[]string{seqKey(room), epKey(room), histKey(room)},
-							[]string{"256", "120000", "ep", strconv.FormatInt(time.Now().UnixMilli(), 10), "1",
+							[]string{"256", "120000", "ep", strconv.FormatInt(time.Now().UnixMilli(), 10), "1", "", "0",
 								"m" + strconv.Itoa(i), "5555", "0", `{"from":1,"text":"hello"}`}).Error()
 						if err != nil {
 							b.Error(err)

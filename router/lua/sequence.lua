@@ -3,13 +3,18 @@
 -- KEYS[1] seq counter, KEYS[2] epoch, KEYS[3] history stream (same hash tag).
 -- ARGV[1] history max length, ARGV[2] key TTL in ms (idle rooms forget their
 -- history: the next push starts a new epoch), ARGV[3] epoch to use if the room
--- has none, ARGV[4] now in ms, ARGV[5] n, then 4 values per push:
--- mid, biz, ack (0/1), d.
+-- has none, ARGV[4] now in ms, ARGV[5] n, ARGV[6] and ARGV[7] the epoch and
+-- the highest offset the calling node has received ("" and 0: none), then 4
+-- values per push: mid, biz, ack (0/1), d.
 -- Returns {first offset, epoch}.
 local ep = redis.call('GET', KEYS[2])
-if (not ep) or redis.call('EXISTS', KEYS[1]) == 0 then
-  -- No epoch, or the counter is gone while the epoch stayed (partial loss):
-  -- numbering restarts, so the epoch must change and old history go.
+local seq = tonumber(redis.call('GET', KEYS[1]) or '-1')
+if (not ep) or seq < 0 or (ep == ARGV[6] and seq < tonumber(ARGV[7])) then
+  -- No epoch, or the counter is gone while the epoch stayed, or it went
+  -- back below an offset already delivered (partial loss, an older
+  -- snapshot): numbering restarts, so the epoch must change and old history
+  -- go — offsets handed out again in the same epoch would be dropped as
+  -- duplicates by every node that had them.
   ep = ARGV[3]
   redis.call('SET', KEYS[2], ep)
   redis.call('DEL', KEYS[1], KEYS[3])
@@ -18,7 +23,7 @@ local n = tonumber(ARGV[5])
 local last = redis.call('INCRBY', KEYS[1], n)
 local first = last - n + 1
 for i = 0, n - 1 do
-  local b = 6 + 4 * i
+  local b = 8 + 4 * i
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[1], (first + i) .. '-0',
     'm', ARGV[b], 'b', ARGV[b + 1], 'a', ARGV[b + 2], 'd', ARGV[b + 3], 't', ARGV[4])
 end

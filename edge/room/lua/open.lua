@@ -13,9 +13,10 @@ end
 if tonumber(ARGV[4]) > 0 and not redis.call('SET', KEYS[4], '1', 'NX', 'PX', ARGV[4]) then
   return {2}
 end
-if redis.call('EXISTS', KEYS[3]) == 0 then
-  -- The counter is gone (Redis lost its data): restart it above the highest
-  -- id this node has seen, so no live room's id is handed out again.
+if tonumber(redis.call('GET', KEYS[3]) or '0') < tonumber(ARGV[5]) then
+  -- The counter is gone or went back (Redis lost its data, or came back
+  -- from an older snapshot): restart it above the highest id this node has
+  -- seen, so no live room's id is handed out again.
   redis.call('SET', KEYS[3], ARGV[5])
 end
 id = redis.call('INCR', KEYS[3])

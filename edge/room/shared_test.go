@@ -1,0 +1,55 @@
+package room
+
+import (
+	"context"
+	"testing"
+
+	"github.com/redis/rueidis"
+
+	"github.com/liveedge/liveedge/persist"
+	"github.com/liveedge/liveedge/persist/redistest"
+	"github.com/liveedge/liveedge/router"
+)
+
+// Redis back from an older snapshot: the room-id counter went back while
+// rooms it had handed out are still open in the nodes' replicas. The next
+// open must not hand one of those ids out again (two anchors, one room id,
+// one subject, one history) — before, only a missing counter was restarted
+// above the highest id seen.
+func TestRoomIDsNotReusedAfterTheCounterWentBack(t *testing.T) {
+	rs := redistest.Start(t)
+	rdb, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{rs.Addr}, DisableCache: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(rdb.Close)
+	st, err := persist.Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = st.Close() })
+	s, err := New(st, router.NewLocal("a", router.LocalConfig{}), Config{Shared: &Shared{Client: rdb}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var last Room
+	for anchor := int64(1); anchor <= 3; anchor++ {
+		if last, err = s.Open(anchor, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The counter as older snapshots had it: at the first room, at none.
+	for i, back := range []string{"1", "0"} {
+		if err := rdb.Do(context.Background(), rdb.B().Set().Key(keySeq).Value(back).Build()).Error(); err != nil {
+			t.Fatal(err)
+		}
+		rm, err := s.Open(int64(10+i), 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if rm.ID <= last.ID {
+			t.Fatalf("counter back at %s: room id %d handed out again (highest seen %d)", back, rm.ID, last.ID)
+		}
+		last = rm
+	}
+}
