@@ -1029,11 +1029,11 @@ func (c *Cluster) Register(s Session) {
 				c.stats.badWire.Add(1)
 				return
 			}
-			if c.local.sendMsg(u, msg) == 0 && msg.Ack && !c.onlineElsewhere(u) {
-				// The user left this node meanwhile and is nowhere else:
-				// kept for their next connect. (Online elsewhere, they got
-				// it there: that node is subscribed too.)
-				c.storeOffline(u, msg)
+			if c.local.sendMsg(u, msg) == 0 && msg.Ack {
+				// The user left this node meanwhile: kept for their next
+				// connect if they are nowhere else. (Online elsewhere, they
+				// got it there: that node is subscribed too.)
+				c.keepAway(u, msg)
 			}
 		})
 		c.mu.Lock()
@@ -1063,10 +1063,29 @@ func (c *Cluster) Register(s Session) {
 
 // storeOffline keeps a reliable push for a user connected nowhere
 // (cfg.Local.OfflineMax per user, for OfflineTTL).
-func (c *Cluster) storeOffline(user int64, ms ...Msg) {
+// keepAway keeps reliable pushes no session here took: in the shared
+// offline list when the user is connected nowhere — or, when Redis cannot
+// tell or take them (down, unreachable), in this node's offline box: a
+// session here drains it (before, they were dropped; a session on another
+// node then misses them, a session on a node that had them gets them).
+func (c *Cluster) keepAway(user int64, ms ...Msg) {
+	online, known := c.onlineElsewhere(user)
+	switch {
+	case !known:
+		c.local.keepHere(user, ms)
+	case !online:
+		if !c.storeOffline(user, ms...) {
+			c.local.keepHere(user, ms)
+		}
+	}
+}
+
+// storeOffline appends ms to the user's shared offline list (false: Redis
+// did not take them).
+func (c *Cluster) storeOffline(user int64, ms ...Msg) bool {
 	max, ttl := c.local.cfg.OfflineMax, c.local.cfg.OfflineTTL
 	if max <= 0 || len(ms) == 0 {
-		return
+		return true
 	}
 	ctx, cancel := c.ctx()
 	defer cancel()
@@ -1080,11 +1099,11 @@ func (c *Cluster) storeOffline(user int64, ms ...Msg) {
 		c.rdb.B().Ltrim().Key(k).Start(int64(-max)).Stop(-1).Build(),
 		c.rdb.B().Pexpire().Key(k).Milliseconds(ttl.Milliseconds()).Build()) {
 		if err := r.Error(); err != nil {
-			c.local.offlineDropped.Add(1)
-			c.log.Warn("offline push not kept", "user", user, "err", err)
-			return
+			c.log.Warn("offline push not kept in Redis, kept on this node", "user", user, "err", err)
+			return false
 		}
 	}
+	return true
 }
 
 // Keep implements Keeper, as SendUser: to the user's sessions here and on
@@ -1105,8 +1124,8 @@ func (c *Cluster) Keep(user int64, msgs []Msg) {
 // away (those no session here took) in the offline list when the user is
 // connected nowhere.
 func (c *Cluster) handOn(user int64, msgs, away []Msg) {
-	if len(away) > 0 && !c.onlineElsewhere(user) {
-		c.storeOffline(user, away...)
+	if len(away) > 0 {
+		c.keepAway(user, away...)
 	}
 	for _, m := range msgs {
 		if err := c.nc.Publish(userSubject(user), appendUserPush(nil, m)); err != nil {
@@ -1139,21 +1158,22 @@ func (c *Cluster) drainOffline(user int64) {
 
 // onlineElsewhere reports whether a live node other than this one holds a
 // session of user (presence, client-side cached).
-func (c *Cluster) onlineElsewhere(user int64) bool {
+// (known false: Redis could not tell).
+func (c *Cluster) onlineElsewhere(user int64) (online, known bool) {
 	ctx, cancel := c.ctx()
 	defer cancel()
 	fields, err := c.rdb.DoCache(ctx, c.rdb.B().Hgetall().Key(userKey(user)).Cache(), 5*time.Second).AsStrMap()
 	if err != nil {
-		return true // cannot tell: do not store a duplicate
+		return false, false
 	}
 	alive := c.aliveBoots(ctx, fields)
 	for node, v := range fields {
 		boot, _, _ := strings.Cut(v, "|")
 		if node != c.cfg.Node && alive[node] == boot {
-			return true
+			return true, true
 		}
 	}
-	return false
+	return false, true
 }
 
 // Unregister implements Router.
@@ -1205,10 +1225,10 @@ func (c *Cluster) SendUser(user int64, p proto.Push) (string, int) {
 	}
 	m := encodeMsg(&p)
 	n := c.local.sendMsg(user, m)
-	if p.Ack && n == 0 && !c.onlineElsewhere(user) {
+	if p.Ack && n == 0 {
 		// Stored before it is published: a node that subscribes for the
 		// user after the publish drains the list after subscribing.
-		c.storeOffline(user, m)
+		c.keepAway(user, m)
 	}
 	if err := c.nc.Publish(userSubject(user), appendUserPush(nil, m)); err != nil {
 		c.log.Warn("user push not published", "user", user, "err", err)

@@ -336,3 +336,23 @@ func TestRoomCounterGoneBackStartsANewEpoch(t *testing.T) {
 		t.Fatalf("epoch %s kept after the counter went back", ep)
 	}
 }
+
+// A reliable push for a user connected nowhere while Redis is down: the
+// shared offline list cannot take it, so it is kept in this node's offline
+// box and a session here gets it. Before, it was dropped (and when Redis
+// could not say whether the user was online elsewhere, not even tried).
+func TestClusterOfflinePushKeptHereWhileRedisIsDown(t *testing.T) {
+	env := clusterEnv{nats: natstest.Start(t), redis: redistest.Start(t)}
+	c := newCluster(t, env, "a", ClusterConfig{Local: LocalConfig{OfflineMax: 8, OfflineTTL: time.Minute}})
+	env.redis.Stop()
+	mid, _ := c.SendUser(7, proto.Push{Biz: proto.BizGift, Ack: true, Data: []byte(`{}`)})
+	s := &sink{id: 1, user: 7}
+	c.Register(s)
+	deadline := time.Now().Add(5 * time.Second)
+	for len(s.got()) == 0 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if got := s.got(); !slices.Equal(got, []string{mid}) {
+		t.Fatalf("the session got %v, want the push kept while Redis was down (%s)", got, mid)
+	}
+}

@@ -650,13 +650,12 @@ func (l *Local) Register(s Session) {
 	// kept while the user's only other session was closing (it refused
 	// it, still registered) is taken by the next one even if that one
 	// registered before the closing one left. Empty, it costs one lookup.
-	if !l.cfg.Sequenced {
-		if msgs := l.offline.take(s.UserID(), time.Now()); len(msgs) > 0 {
-			if rest := l.sendChunks(msgs, s); len(rest) > 0 {
-				// The session was closing already: the pushes it refused
-				// go back to the box (or to a session that came meanwhile).
-				l.Keep(s.UserID(), rest)
-			}
+	// (Under a cluster the box holds what Redis could not take.)
+	if msgs := l.offline.take(s.UserID(), time.Now()); len(msgs) > 0 {
+		if rest := l.sendChunks(msgs, s); len(rest) > 0 {
+			// The session was closing already: the pushes it refused go
+			// back to the box (or to a session that came meanwhile).
+			l.keepHere(s.UserID(), rest)
 		}
 	}
 }
@@ -734,6 +733,13 @@ func (l *Local) Keep(user int64, msgs []Msg) {
 	if l.cfg.Sequenced {
 		return
 	}
+	l.keepHere(user, msgs)
+}
+
+// keepHere is Keep in this node's offline box, also under a cluster (whose
+// Keep uses the shared offline list; this box is its fallback when Redis
+// cannot be reached).
+func (l *Local) keepHere(user int64, msgs []Msg) {
 	msgs = l.newest(msgs)
 	us := l.userShard(user)
 	for _, m := range msgs {
