@@ -14,21 +14,19 @@ import (
 )
 
 // payReqTTL is how long a (user, req_id) names its order through every node
-// of a cluster: the wallet's idempotency window.
+// of a cluster once the order is written: the wallet's idempotency window.
 const payReqTTL = 25 * time.Hour
 
-// payReqTakeover is how long a req_id bound to an order its node says it
-// does not have is left alone (the order is being written there) before
-// another node may bind it again: its node died between binding and
-// writing, or stalled that long (it then closes its late order itself).
-const payReqTakeover = 30 * time.Second
+// payReqPending is how long a binding lasts before its order is written and
+// the binding confirmed: a node that dies in between lets the req_id go
+// again after it (its order was never handed out). A node whose write takes
+// longer finds the binding lapsed, or another order's, at its confirm and
+// closes its own order (pay.ReqClaims).
+const payReqPending = time.Minute
 
 // payReqClaims is pay.ReqClaims in Redis: le:payreq:{<user>}:<req_id> holds
-// "<order id>:<unix ms bound>".
-type payReqClaims struct {
-	rdb rueidis.Client
-	now func() time.Time
-}
+// "p<order id>" while pending, "<order id>" once confirmed.
+type payReqClaims struct{ rdb rueidis.Client }
 
 var _ pay.ReqClaims = payReqClaims{}
 
@@ -44,57 +42,58 @@ if v then return v end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return false`)
 
+// confirmScript makes KEYS[1] name order ARGV[1] for ARGV[2] ms if it is
+// pending for it, confirmed for it, or gone; it returns what it names.
+var confirmScript = rueidis.NewLuaScript(`
+local v = redis.call('GET', KEYS[1])
+if (not v) or v == ARGV[1] or v == 'p' .. ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return ARGV[1]
+end
+return v`)
+
 // unbindScript deletes KEYS[1] if it names order ARGV[1].
 var unbindScript = rueidis.NewLuaScript(`
 local v = redis.call('GET', KEYS[1])
-if v and string.match(v, '^(%d+):') == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+if v == ARGV[1] or v == 'p' .. ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0`)
 
-func parsePayReq(v string) (id, at int64, err error) {
-	ids, ats, ok := strings.Cut(v, ":")
-	if id, err = strconv.ParseInt(ids, 10, 64); err != nil || !ok {
-		return 0, 0, errors.New("gateway: malformed req_id binding " + strconv.Quote(v))
+// payReqID is the order a binding names.
+func payReqID(v string) (int64, error) {
+	id, err := strconv.ParseInt(strings.TrimPrefix(v, "p"), 10, 64)
+	if err != nil || id <= 0 {
+		return 0, errors.New("gateway: malformed req_id binding " + strconv.Quote(v))
 	}
-	at, err = strconv.ParseInt(ats, 10, 64)
-	return id, at, err
+	return id, nil
 }
 
 func (c payReqClaims) ctx() (context.Context, context.CancelFunc) {
 	return context.WithTimeout(context.Background(), 2*time.Second)
 }
 
-func (c payReqClaims) Claim(user int64, req string, id int64) (int64, time.Duration, error) {
+func (c payReqClaims) Claim(user int64, req string, id int64) (int64, error) {
 	ctx, cancel := c.ctx()
 	defer cancel()
-	now := c.now()
 	v, err := bindScript.Exec(ctx, c.rdb, []string{payReqKey(user, req)},
-		[]string{strconv.FormatInt(id, 10) + ":" + strconv.FormatInt(now.UnixMilli(), 10),
-			strconv.FormatInt(payReqTTL.Milliseconds(), 10)}).ToString()
-	if rueidis.IsRedisNil(err) {
-		return 0, 0, nil
-	}
-	if err != nil {
-		return 0, 0, err
-	}
-	prev, at, err := parsePayReq(v)
-	if err != nil {
-		return 0, 0, err
-	}
-	return prev, now.Sub(time.UnixMilli(at)), nil
-}
-
-func (c payReqClaims) Bound(user int64, req string) (int64, error) {
-	ctx, cancel := c.ctx()
-	defer cancel()
-	v, err := c.rdb.Do(ctx, c.rdb.B().Get().Key(payReqKey(user, req)).Build()).ToString()
+		[]string{"p" + strconv.FormatInt(id, 10), strconv.FormatInt(payReqPending.Milliseconds(), 10)}).ToString()
 	if rueidis.IsRedisNil(err) {
 		return 0, nil
 	}
 	if err != nil {
 		return 0, err
 	}
-	id, _, err := parsePayReq(v)
-	return id, err
+	return payReqID(v)
+}
+
+func (c payReqClaims) Confirm(user int64, req string, id int64) (int64, error) {
+	ctx, cancel := c.ctx()
+	defer cancel()
+	v, err := confirmScript.Exec(ctx, c.rdb, []string{payReqKey(user, req)},
+		[]string{strconv.FormatInt(id, 10), strconv.FormatInt(payReqTTL.Milliseconds(), 10)}).ToString()
+	if err != nil {
+		return 0, err
+	}
+	return payReqID(v)
 }
 
 func (c payReqClaims) Release(user int64, req string, id int64) error {
@@ -106,29 +105,28 @@ func (c payReqClaims) Release(user int64, req string, id int64) error {
 var errOrderBeingMade = proto.Errorf(proto.CodeConflict, "the order of this req_id is being created; retry with the same req_id")
 
 // createOrder creates user's order r, or answers with the order its req_id
-// already names — made through another node, fetched from that node.
+// already names — made through another node, fetched from that node. One
+// that node does not have yet is being written there (10409: retry); if
+// that node died first, the binding lapses after payReqPending.
 func (n *Node) createOrder(user int64, r pay.CreateReq) (pay.Order, error) {
-	for attempt := 0; ; attempt++ {
-		o, err := n.Pay.CreateOrder(user, r)
-		var el *pay.OrderElsewhere
-		if !errors.As(err, &el) {
-			return o, err
-		}
-		o, err = n.orderOp("get", el.ID)
-		switch {
-		case err == nil && o.UserID == user:
-			return o, nil
-		case err == nil:
-			return pay.Order{}, errors.New("gateway: a req_id of user " + strconv.FormatInt(user, 10) + " names another user's order")
-		case proto.AsError(err).Code != proto.CodeNotFound:
-			return pay.Order{}, err // its node is down or busy: retry
-		case el.Age < payReqTakeover || attempt > 0:
-			return pay.Order{}, errOrderBeingMade
-		}
-		// Its node answered, long after the binding, that it has no such
-		// order: it died before writing it. Bind the req_id afresh.
-		if err := (payReqClaims{rdb: n.Redis, now: time.Now}).Release(user, r.ReqID, el.ID); err != nil {
-			return pay.Order{}, errOrderBeingMade
-		}
+	o, err := n.Pay.CreateOrder(user, r)
+	var el *pay.OrderElsewhere
+	if !errors.As(err, &el) {
+		return o, err
 	}
+	o, err = n.orderOp("get", el.ID)
+	switch {
+	case err == nil && o.UserID == user:
+		// Written: confirmed here too (its node may have died before
+		// confirming; the binding would lapse and a retry make another).
+		if _, cerr := (payReqClaims{rdb: n.Redis}).Confirm(user, r.ReqID, el.ID); cerr != nil {
+			n.Log.Warn("pay: confirming a req_id failed", "user", user, "err", cerr)
+		}
+		return o, nil
+	case err == nil:
+		return pay.Order{}, errors.New("gateway: a req_id of user " + strconv.FormatInt(user, 10) + " names another user's order")
+	case proto.AsError(err).Code == proto.CodeNotFound:
+		return pay.Order{}, errOrderBeingMade
+	}
+	return pay.Order{}, err // its node is down or busy: retry
 }

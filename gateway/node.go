@@ -246,7 +246,7 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 	workerID, workerHeld := cfg.Pay.WorkerID, func() bool { return true }
 	var reqClaims pay.ReqClaims
 	if n.Redis != nil && cfg.Wallet.Mode == "shared" {
-		reqClaims = payReqClaims{rdb: n.Redis, now: time.Now}
+		reqClaims = payReqClaims{rdb: n.Redis}
 		// Nodes sharing Redis never share an order-id worker id.
 		lctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		n.worker, err = pay.LeaseWorker(lctx, n.Redis, cfg.Node.ID, cfg.Pay.WorkerID, 0, log)

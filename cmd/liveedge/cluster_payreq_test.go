@@ -20,8 +20,8 @@ import (
 // node). Before, each node checked only its own store: the same request
 // through three nodes made three orders. A req_id bound to an order its node
 // does not have is answered 10409 while that order may still be being
-// written, and bound afresh once the binding is old (its node died before
-// writing it).
+// written, and bound afresh once that binding, pending until the order is
+// written, lapses (its node died before writing it).
 func TestClusterOrderReqIDOnceAcrossNodes(t *testing.T) {
 	c := startCluster(t, 3, "LIVEEDGE_PAY_SECRETS=cluster-test-pay-secret-0123")
 	const user = 600
@@ -68,9 +68,10 @@ func TestClusterOrderReqIDOnceAcrossNodes(t *testing.T) {
 		}
 	}
 
-	// Bindings to an order nobody has (an id of node 1's worker, made
-	// now): fresh → 10409; old (its node died before writing it) → the
-	// req_id is bound afresh, to one new order for every node.
+	// A binding still pending for an order its node has not written: 10409
+	// (retry); once that binding lapses (its node died before writing),
+	// the req_id is bound afresh — one new order, the same through every
+	// node.
 	first, _ := strconv.ParseInt(ids[0], 10, 64)
 	ghost := pay.NewIDGen("test", pay.WorkerOf(first), time.Now).Next(user)
 	rdb, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{c.redis.Addr}, DisableCache: true})
@@ -78,25 +79,25 @@ func TestClusterOrderReqIDOnceAcrossNodes(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(rdb.Close)
-	bind := func(req string, at time.Time) {
-		v := strconv.FormatInt(ghost, 10) + ":" + strconv.FormatInt(at.UnixMilli(), 10)
-		key := "le:payreq:{" + strconv.Itoa(user) + "}:" + req
-		if err := rdb.Do(context.Background(), rdb.B().Set().Key(key).Value(v).Build()).Error(); err != nil {
-			t.Fatal(err)
-		}
+	key := "le:payreq:{" + strconv.Itoa(user) + "}:lapsing"
+	if err := rdb.Do(context.Background(), rdb.B().Set().Key(key).Value("p"+strconv.FormatInt(ghost, 10)).Px(time.Second).Build()).Error(); err != nil {
+		t.Fatal(err)
 	}
-	bind("fresh", time.Now())
-	if _, st, code := create(1, "fresh"); st != 409 || code != proto.CodeConflict {
-		t.Fatalf("a req_id bound just now to an order not written yet: %d %d, want 409 10409", st, code)
+	if _, st, code := create(1, "lapsing"); st != 409 || code != proto.CodeConflict {
+		t.Fatalf("a req_id bound, pending, to an order not written: %d %d, want 409 10409", st, code)
 	}
-	bind("stale", time.Now().Add(-time.Minute))
-	o, st, _ := create(1, "stale")
+	time.Sleep(1200 * time.Millisecond)
+	o, st, _ := create(2, "lapsing")
 	if st != 200 || o.OrderID == strconv.FormatInt(ghost, 10) {
-		t.Fatalf("a req_id bound a minute ago to an order nobody has: %d %+v, want a new order", st, o)
+		t.Fatalf("the req_id after its pending binding lapsed: %d %+v, want a new order", st, o)
 	}
 	for i := range c.nodes {
-		if again, st, _ := create(i, "stale"); st != 200 || again.OrderID != o.OrderID {
+		if again, st, _ := create(i, "lapsing"); st != 200 || again.OrderID != o.OrderID {
 			t.Fatalf("the re-bound req_id through node %d: %d %q, want %s", i, st, again.OrderID, o.OrderID)
 		}
+	}
+	// Confirmed: the binding now lasts (the idempotency window).
+	if ttl, err := rdb.Do(context.Background(), rdb.B().Pttl().Key(key).Build()).AsInt64(); err != nil || ttl < int64(time.Hour/time.Millisecond) {
+		t.Fatalf("the confirmed binding's TTL: %d ms %v, want the idempotency window", ttl, err)
 	}
 }

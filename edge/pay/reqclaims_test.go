@@ -11,18 +11,26 @@ import (
 	"github.com/liveedge/liveedge/router"
 )
 
-// takenOver is a pay.ReqClaims whose bindings another node takes over right
-// after they are made — the window the cluster's Redis bindings
+// takenOver is a pay.ReqClaims whose bindings name another order by the
+// time they are confirmed — the window the cluster's Redis bindings
 // (gateway/cluster_payreq.go) leave when a node stalls between binding a
-// req_id and writing its order long enough for another node to re-bind it.
+// req_id and writing its order past the binding's pending lease, and a
+// retry through another node made that other order.
 type takenOver struct {
 	mu       sync.Mutex
 	other    int64
 	released []int64
 }
 
-func (c *takenOver) Claim(int64, string, int64) (int64, time.Duration, error) { return 0, 0, nil }
-func (c *takenOver) Bound(int64, string) (int64, error)                       { return c.other, nil }
+func (c *takenOver) Claim(int64, string, int64) (int64, error) { return 0, nil }
+func (c *takenOver) Confirm(_ int64, _ string, id int64) (int64, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.other != 0 {
+		return c.other, nil
+	}
+	return id, nil
+}
 func (c *takenOver) Release(_ int64, _ string, id int64) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -30,9 +38,10 @@ func (c *takenOver) Release(_ int64, _ string, id int64) error {
 	return nil
 }
 
-// An order written after its req_id was bound to another order is closed at
-// once (INVALID: a payment for it is refunded) and the caller is pointed at
-// the other; a refusal after the binding (a limit) gives the binding back.
+// An order whose req_id names another order when it is confirmed is closed
+// at once (INVALID: a payment for it is refunded) and the caller — and any
+// replay on this node — is pointed at the other; a refusal after the
+// binding (a limit) gives the binding back.
 func TestOrderSupersededWhenItsReqIDWasTakenOver(t *testing.T) {
 	st, err := persist.Open(t.TempDir())
 	if err != nil {
@@ -56,11 +65,18 @@ func TestOrderSupersededWhenItsReqIDWasTakenOver(t *testing.T) {
 	if !errors.As(err, &el) || el.ID != 4242 {
 		t.Fatalf("create: %v, want the other order 4242", err)
 	}
-	// The order this node wrote is closed: its replay here is INVALID.
+	// A replay here points at the other order too, never at this node's
+	// closed one.
+	if _, err := svc.CreateOrder(7, pay.CreateReq{ProductID: 1, ReqID: "r1"}); !errors.As(err, &el) || el.ID != 4242 {
+		t.Fatalf("replay: %v, want the other order 4242", err)
+	}
+	// The order this node wrote was closed: were the binding ever to name
+	// it again (Redis lost it), it is INVALID, not a second live order.
+	claims.mu.Lock()
 	claims.other = 0
-	o, err := svc.CreateOrder(7, pay.CreateReq{ProductID: 1, ReqID: "r1"})
-	if err != nil || o.Status != pay.StatusInvalid {
-		t.Fatalf("the superseded order: %+v %v, want INVALID", o, err)
+	claims.mu.Unlock()
+	if o, err := svc.CreateOrder(7, pay.CreateReq{ProductID: 1, ReqID: "r1"}); err != nil || o.Status != pay.StatusInvalid {
+		t.Fatalf("this node's order: %+v %v, want INVALID", o, err)
 	}
 	// Over the per-minute limit: refused, the binding given back.
 	if _, err := svc.CreateOrder(7, pay.CreateReq{ProductID: 1, ReqID: "r2"}); err == nil {

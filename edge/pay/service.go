@@ -58,13 +58,16 @@ type Config struct {
 }
 
 // ReqClaims binds each (user, req_id) of an order creation to one order id
-// shared by every node (Redis in a cluster).
+// shared by every node (Redis in a cluster). A binding is pending from
+// Claim until Confirm (a short lease: a node that dies before writing its
+// order lets the req_id go again), then kept for the idempotency window.
 type ReqClaims interface {
-	// Claim binds (user, req) to order id unless it is bound already: then
-	// it returns that order's id (≠ 0) and how long ago it was bound.
-	Claim(user int64, req string, id int64) (prev int64, age time.Duration, err error)
-	// Bound returns the order id (user, req) is bound to now (0: none).
-	Bound(user int64, req string) (int64, error)
+	// Claim binds (user, req) to order id, pending, unless it is bound
+	// already: then it returns that order's id (≠ 0).
+	Claim(user int64, req string, id int64) (prev int64, err error)
+	// Confirm makes (user, req)'s binding to id lasting — binding it to id
+	// if it is gone — unless it names another order: that one is returned.
+	Confirm(user int64, req string, id int64) (bound int64, err error)
 	// Release unbinds (user, req) if it is still bound to id.
 	Release(user int64, req string, id int64) error
 }
@@ -72,10 +75,7 @@ type ReqClaims interface {
 // OrderElsewhere is CreateOrder's answer when the req_id is bound to an
 // order this node does not have: made through another node (or being
 // made there now). The caller answers with that order.
-type OrderElsewhere struct {
-	ID  int64
-	Age time.Duration // since the req_id was bound to it
-}
+type OrderElsewhere struct{ ID int64 }
 
 func (e *OrderElsewhere) Error() string {
 	return "pay: req_id bound to order " + strconv.FormatInt(e.ID, 10) + " of another node"
@@ -317,24 +317,32 @@ func (s *Service) CreateOrder(user int64, r CreateReq) (Order, error) {
 	}
 	// Idempotency: one lock per (user) shard serializes creation per user.
 	defer s.users.Lock(user)()
+	claims := s.cfg.ReqClaims
 	if v, err := s.store.Get(orderReqKey(user, r.ReqID)); err == nil {
-		return s.Get(int64(persist.DecodeUint64(v)))
+		id := int64(persist.DecodeUint64(v))
+		if claims != nil {
+			// Made here — and still the req_id's order? (Another node's, if
+			// this one's write came after its binding had lapsed.)
+			if err := s.confirmReq(claims, user, r.ReqID, id); err != nil {
+				return Order{}, err
+			}
+		}
+		return s.Get(id)
 	} else if !errors.Is(err, persist.ErrNotFound) {
 		return Order{}, err
 	}
 	id := s.ids.Next(user)
-	claims := s.cfg.ReqClaims
 	if claims != nil {
 		// Through any node, one order per (user, req_id): bind it before
 		// anything else, so a duplicate elsewhere is answered with this
 		// order, never made a second one (nor refused by a limit).
-		prev, age, err := claims.Claim(user, r.ReqID, id)
+		prev, err := claims.Claim(user, r.ReqID, id)
 		if err != nil {
 			s.cfg.Log.Warn("pay: binding a req_id failed", "user", user, "err", err)
 			return Order{}, errClaimUnavailable
 		}
 		if prev != 0 {
-			return Order{}, &OrderElsewhere{ID: prev, Age: age}
+			return Order{}, &OrderElsewhere{ID: prev}
 		}
 	}
 	release := func() {
@@ -381,22 +389,44 @@ func (s *Service) CreateOrder(user int64, r CreateReq) (Order, error) {
 	}
 	s.addOpen(id, o, true)
 	if claims != nil {
-		// Still bound to this order? Another node takes a binding over only
-		// when the order's node answered "no such order" long after the
-		// binding (its node died before writing it) — or stalled that
-		// long before this write: then this order is superseded, closed at
-		// once (a payment for it would be refunded), and the other answers.
-		if bound, err := claims.Bound(user, r.ReqID); err == nil && bound != 0 && bound != id {
-			unlock := s.orders.Lock(id)
-			err := s.moveLocked(&o, id, StatusInvalid, "superseded by order "+strconv.FormatInt(bound, 10)+" (same req_id)", nil)
-			unlock()
-			if err != nil {
-				return Order{}, err
-			}
-			return Order{}, &OrderElsewhere{ID: bound}
+		if err := s.confirmReq(claims, user, r.ReqID, id); err != nil {
+			return Order{}, err
+		}
+		if o, err = s.Get(id); err != nil { // INVALID if superseded meanwhile
+			return Order{}, err
 		}
 	}
 	return o, nil
+}
+
+// confirmReq makes the req_id's binding to order id (made here) lasting
+// before the order is handed out. If the binding names another order — this
+// one's pending binding lapsed before its write (a stall) and a retry through
+// another node made that one — this order is superseded: closed at once
+// (INVALID; a payment for it would be refunded) and the caller is pointed at
+// the other. Redis not answering: "retry" (the order is not handed out
+// unconfirmed; a retry here confirms it).
+func (s *Service) confirmReq(claims ReqClaims, user int64, req string, id int64) error {
+	bound, err := claims.Confirm(user, req, id)
+	if err != nil {
+		s.cfg.Log.Warn("pay: confirming a req_id failed", "user", user, "err", err)
+		return errClaimUnavailable
+	}
+	if bound == id {
+		return nil
+	}
+	unlock := s.orders.Lock(id)
+	defer unlock()
+	o, err := s.Get(id)
+	if err != nil {
+		return err
+	}
+	if o.Status == StatusPaying || o.Status == StatusWaitingPay {
+		if err := s.moveLocked(&o, id, StatusInvalid, "superseded by order "+strconv.FormatInt(bound, 10)+" (same req_id)", nil); err != nil {
+			return err
+		}
+	}
+	return &OrderElsewhere{ID: bound}
 }
 
 // transitionRecord is one row of an order's state log,
