@@ -23,6 +23,14 @@ func LedgerTrades(st *Store, user int64) ([]Trade, error) {
 // Set it only while no Apply runs.
 func SetCrashAt(w *SharedWallet, f func(point string) bool) { w.crashAt = f }
 
+// PeerSeen is the highest applied-op count of node peer that w's audits
+// have read in Redis in the current generation.
+func PeerSeen(w *SharedWallet, peer string) int64 {
+	w.peersMu.Lock()
+	defer w.peersMu.Unlock()
+	return w.peersSeen[peer]
+}
+
 // ErrCrashed is what Apply returns at a crash point.
 var ErrCrashed = errCrashed
 

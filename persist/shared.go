@@ -110,7 +110,9 @@ type SharedWallet struct {
 	counts        nodeCounters
 	auditMismatch atomic.Bool // the last audit found Redis behind this node's ledger
 	// peersSeen is the highest applied-op count of each other node this
-	// node has read in Redis in generation peersGen (watcher only).
+	// node has read in Redis in generation peersGen (written by the watcher
+	// only; peersMu for readers).
+	peersMu    sync.Mutex
 	peersGen   string
 	peersSeen  map[string]int64
 	dataLosses atomic.Int64 // Redis data losses detected by this node

@@ -168,6 +168,8 @@ func (w *SharedWallet) auditPeers(ctx context.Context, gen string) string {
 		cmds[i] = w.rdb.B().Hget().Key(nodeRKey(p)).Field("n").Build()
 	}
 	res := w.rdb.DoMulti(ctx, cmds...)
+	w.peersMu.Lock()
+	defer w.peersMu.Unlock()
 	if w.peersGen != gen {
 		w.peersGen, w.peersSeen = gen, make(map[string]int64, len(peers))
 	}
@@ -226,11 +228,11 @@ func (w *SharedWallet) dataLost(gen, why string) {
 	if !w.resetting.CompareAndSwap(false, true) {
 		return
 	}
-	w.dataLosses.Add(1)
-	w.log.Error("shared wallet: Redis lost data, rebuilding from the ledgers", "generation", gen, "why", why)
 	if cur := w.gen.Load(); cur != nil && *cur == gen {
 		w.gen.CompareAndSwap(cur, nil) // no Apply against the rolled-back data
 	}
+	w.dataLosses.Add(1) // counted once no Apply can start against it
+	w.log.Error("shared wallet: Redis lost data, rebuilding from the ledgers", "generation", gen, "why", why)
 	go func() {
 		defer w.resetting.Store(false)
 		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)

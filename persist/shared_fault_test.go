@@ -489,8 +489,9 @@ func TestSharedRollbackOfADeadNodesOpsDetected(t *testing.T) {
 	snap := snapshotRedis(t, direct)
 	post(a, u1, "spent", -80) // through a: will "return" with the rollback
 	post(a, u2, "credit", 50) // through a: will "vanish"
-	time.Sleep(time.Second)   // b's watcher reads a's count (every 200 ms)
-	a.close()                 // a is down
+	// b's watcher reads a's count (every 200 ms): a's two ops are there.
+	waitFor(t, "b to read a's count", func() bool { return persist.PeerSeen(b.w, "a") == 2 })
+	a.close() // a is down
 	restoreRedis(t, direct, snap)
 	if bal := redisBalance(t, direct, u1); bal != 100 {
 		t.Fatalf("after the restore Redis says %d, want the snapshot's 100", bal)
