@@ -133,9 +133,10 @@ func chatReqKey(user int64, req string) string {
 	return "liveedge:chatreq:{" + strconv.FormatInt(user, 10) + "}:" + req
 }
 
-// chatClaimScript: KEYS[1] the pair's key; ARGV the claim, its TTL in ms.
-// Returns the key's value (a mid, or another claim) or nil (claimed now).
-var chatClaimScript = rueidis.NewLuaScript(`
+// setIfAbsentScript: KEYS[1] a key; ARGV a value, its TTL in ms. Returns
+// the key's value or nil (set now). Chat req_id claims (the value: a mid, or
+// another claim) and payment req_id bindings use it.
+var setIfAbsentScript = rueidis.NewLuaScript(`
 local v = redis.call('GET', KEYS[1])
 if v then return v end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
@@ -168,7 +169,7 @@ func (r *redisChatOnce) claim(user int64, req string) (string, func(string), *pr
 	token := "~" + r.node + ":" + strconv.FormatUint(r.n.Add(1), 36)
 	ctx, cancel := context.WithTimeout(context.Background(), r.timeout)
 	defer cancel()
-	v, err := chatClaimScript.Exec(ctx, r.rdb, []string{key},
+	v, err := setIfAbsentScript.Exec(ctx, r.rdb, []string{key},
 		[]string{token, strconv.FormatInt(chatInFlightTTL.Milliseconds(), 10)}).ToString()
 	settle := func(mid string) error {
 		ctx, cancel := context.WithTimeout(context.Background(), r.timeout)

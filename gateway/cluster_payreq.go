@@ -24,23 +24,16 @@ const payReqTTL = 25 * time.Hour
 // closes its own order (pay.ReqClaims).
 const payReqPending = time.Minute
 
-// payReqClaims is pay.ReqClaims in Redis: le:payreq:{<user>}:<req_id> holds
-// "p<order id>" while pending, "<order id>" once confirmed.
+// payReqClaims is pay.ReqClaims in Redis: liveedge:payreq:{<user>}:<req_id>
+// holds "p<order id>" while pending, "<order id>" once confirmed (outside
+// le:*, which the shared wallet's reset after a data loss deletes).
 type payReqClaims struct{ rdb rueidis.Client }
 
 var _ pay.ReqClaims = payReqClaims{}
 
 func payReqKey(user int64, req string) string {
-	return "le:payreq:{" + strconv.FormatInt(user, 10) + "}:" + req
+	return "liveedge:payreq:{" + strconv.FormatInt(user, 10) + "}:" + req
 }
-
-// bindScript sets KEYS[1] to ARGV[1] for ARGV[2] ms unless it holds a value:
-// that value is returned (nil: bound now).
-var bindScript = rueidis.NewLuaScript(`
-local v = redis.call('GET', KEYS[1])
-if v then return v end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return false`)
 
 // confirmScript makes KEYS[1] name order ARGV[1] for ARGV[2] ms if it is
 // pending for it, confirmed for it, or gone; it returns what it names.
@@ -74,7 +67,7 @@ func (c payReqClaims) ctx() (context.Context, context.CancelFunc) {
 func (c payReqClaims) Claim(user int64, req string, id int64) (int64, error) {
 	ctx, cancel := c.ctx()
 	defer cancel()
-	v, err := bindScript.Exec(ctx, c.rdb, []string{payReqKey(user, req)},
+	v, err := setIfAbsentScript.Exec(ctx, c.rdb, []string{payReqKey(user, req)},
 		[]string{"p" + strconv.FormatInt(id, 10), strconv.FormatInt(payReqPending.Milliseconds(), 10)}).ToString()
 	if rueidis.IsRedisNil(err) {
 		return 0, nil

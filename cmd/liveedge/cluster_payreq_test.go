@@ -79,7 +79,7 @@ func TestClusterOrderReqIDOnceAcrossNodes(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(rdb.Close)
-	key := "le:payreq:{" + strconv.Itoa(user) + "}:lapsing"
+	key := "liveedge:payreq:{" + strconv.Itoa(user) + "}:lapsing"
 	if err := rdb.Do(context.Background(), rdb.B().Set().Key(key).Value("p"+strconv.FormatInt(ghost, 10)).Px(time.Second).Build()).Error(); err != nil {
 		t.Fatal(err)
 	}

@@ -7,7 +7,7 @@ import (
 	"time"
 
 	"github.com/liveedge/liveedge/edge/pay"
-	"github.com/liveedge/liveedge/persist"
+	"github.com/liveedge/liveedge/persist/persisttest"
 	"github.com/liveedge/liveedge/router"
 )
 
@@ -43,16 +43,7 @@ func (c *takenOver) Release(_ int64, _ string, id int64) error {
 // replay on this node — is pointed at the other; a refusal after the
 // binding (a limit) gives the binding back.
 func TestOrderSupersededWhenItsReqIDWasTakenOver(t *testing.T) {
-	st, err := persist.Open(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer st.Close()
-	l, err := persist.NewLedger(st, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
+	st, l := persisttest.OpenLedger(t)
 	claims := &takenOver{other: 4242}
 	svc, err := pay.New(st, l, router.NewLocal("req", router.LocalConfig{}), pay.Config{Node: "req",
 		Secrets: []string{reconcileSecret}, ReconcileEvery: time.Hour, OrdersPerMinute: 1, ReqClaims: claims})
