@@ -19,8 +19,15 @@ const (
 	keyOpen    = "le:{rooms}:open"   // id → record of each open room
 	keyAnchors = "le:{rooms}:anchor" // anchor → id of its open room
 	keySeq     = "le:{rooms}:seq"    // the id counter
-	keyRecords = "le:{rooms}:rec"    // id → record of every room ever opened
+	keyRecords = "le:{rooms}:rec"    // id → record of each open room (and of rooms closed before ClosedRecordTTL)
 )
+
+// closedKey holds a closed room's record for ClosedRecordTTL.
+func closedKey(id int64) string { return "le:{rooms}:closed:" + strconv.FormatInt(id, 10) }
+
+// ClosedRecordTTL is how long a closed room's record is kept in Redis (GET
+// /rooms/{id} of a closed room answers from it; later, 10004).
+const ClosedRecordTTL = 7 * 24 * time.Hour
 
 func rateKey(anchor int64) string { return "le:{rooms}:rl:" + strconv.FormatInt(anchor, 10) }
 
@@ -89,9 +96,9 @@ func (sh *Shared) open(anchor int64, typ int, now time.Time, interval time.Durat
 func (sh *Shared) close(anchor, id int64, now time.Time, interval time.Duration) (Room, error) {
 	ctx, cancel := sh.ctx()
 	defer cancel()
-	arr, err := closeScript.Exec(ctx, sh.Client, keys(anchor), []string{
+	arr, err := closeScript.Exec(ctx, sh.Client, append(keys(anchor), closedKey(id)), []string{
 		strconv.FormatInt(id, 10), strconv.FormatInt(anchor, 10), strconv.FormatInt(now.UnixMilli(), 10),
-		strconv.FormatInt(interval.Milliseconds(), 10)}).ToArray()
+		strconv.FormatInt(interval.Milliseconds(), 10), strconv.FormatInt(ClosedRecordTTL.Milliseconds(), 10)}).ToArray()
 	if err != nil {
 		return Room{}, err
 	}
@@ -115,11 +122,14 @@ func (sh *Shared) close(anchor, id int64, now time.Time, interval time.Duration)
 	return Room{}, errors.New("room: close script: bad reply")
 }
 
-// load reads any room's record (open or closed).
+// load reads any room's record (open, or closed within ClosedRecordTTL).
 func (sh *Shared) load(id int64) (Room, error) {
 	ctx, cancel := sh.ctx()
 	defer cancel()
 	v, err := sh.Client.Do(ctx, sh.Client.B().Hget().Key(keyRecords).Field(strconv.FormatInt(id, 10)).Build()).ToString()
+	if rueidis.IsRedisNil(err) {
+		v, err = sh.Client.Do(ctx, sh.Client.B().Get().Key(closedKey(id)).Build()).ToString()
+	}
 	if rueidis.IsRedisNil(err) {
 		return Room{}, proto.ErrNotFound
 	}

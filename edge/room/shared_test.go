@@ -6,6 +6,7 @@ import (
 
 	"github.com/redis/rueidis"
 
+	"github.com/liveedge/liveedge/gateway/proto"
 	"github.com/liveedge/liveedge/persist"
 	"github.com/liveedge/liveedge/persist/redistest"
 	"github.com/liveedge/liveedge/router"
@@ -51,5 +52,54 @@ func TestRoomIDsNotReusedAfterTheCounterWentBack(t *testing.T) {
 			t.Fatalf("counter back at %s: room id %d handed out again (highest seen %d)", back, rm.ID, last.ID)
 		}
 		last = rm
+	}
+}
+
+// A closed room's record leaves the hash of every room ever opened for a
+// key of its own that expires after ClosedRecordTTL: closed rooms are no
+// longer kept in Redis forever. Until then GET answers "closed"; after, the
+// room is unknown.
+func TestClosedRoomRecordExpires(t *testing.T) {
+	rs := redistest.Start(t)
+	rdb, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{rs.Addr}, DisableCache: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(rdb.Close)
+	st, err := persist.Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = st.Close() })
+	s, err := New(st, router.NewLocal("a", router.LocalConfig{}), Config{Shared: &Shared{Client: rdb}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rm, err := s.Open(1, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Close(1, rm.ID); err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	if n, err := rdb.Do(ctx, rdb.B().Hlen().Key(keyRecords).Build()).AsInt64(); err != nil || n != 0 {
+		t.Fatalf("the records hash holds %d rooms after the close (%v), want 0", n, err)
+	}
+	ttl, err := rdb.Do(ctx, rdb.B().Pttl().Key(closedKey(rm.ID)).Build()).AsInt64()
+	if err != nil || ttl <= 0 || ttl > ClosedRecordTTL.Milliseconds() {
+		t.Fatalf("the closed record's TTL: %d ms (%v), want up to %v", ttl, err, ClosedRecordTTL)
+	}
+	if info, err := s.Get(rm.ID, 2); err != nil || info.Status != StatusClosed {
+		t.Fatalf("GET of the closed room: %+v %v", info, err)
+	}
+	if err := s.Close(1, rm.ID); err == nil {
+		t.Fatal("a second close was not refused")
+	}
+	if err := rdb.Do(ctx, rdb.B().Del().Key(closedKey(rm.ID)).Build()).Error(); err != nil { // expired
+		t.Fatal(err)
+	}
+	if _, err := s.Get(rm.ID, 2); proto.AsError(err).Code != proto.CodeNotFound {
+		t.Fatalf("GET after the record expired: %v, want 10004", err)
 	}
 }
