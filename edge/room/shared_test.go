@@ -12,12 +12,10 @@ import (
 	"github.com/liveedge/liveedge/router"
 )
 
-// Redis back from an older snapshot: the room-id counter went back while
-// rooms it had handed out are still open in the nodes' replicas. The next
-// open must not hand one of those ids out again (two anchors, one room id,
-// one subject, one history) — before, only a missing counter was restarted
-// above the highest id seen.
-func TestRoomIDsNotReusedAfterTheCounterWentBack(t *testing.T) {
+// sharedService is a room Service in cluster mode on a fresh Redis, and a
+// client of that Redis without client-side caching.
+func sharedService(t *testing.T) (*Service, rueidis.Client) {
+	t.Helper()
 	rs := redistest.Start(t)
 	rdb, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{rs.Addr}, DisableCache: true})
 	if err != nil {
@@ -33,7 +31,18 @@ func TestRoomIDsNotReusedAfterTheCounterWentBack(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return s, rdb
+}
+
+// Redis back from an older snapshot: the room-id counter went back while
+// rooms it had handed out are still open in the nodes' replicas. The next
+// open must not hand one of those ids out again (two anchors, one room id,
+// one subject, one history) — before, only a missing counter was restarted
+// above the highest id seen.
+func TestRoomIDsNotReusedAfterTheCounterWentBack(t *testing.T) {
+	s, rdb := sharedService(t)
 	var last Room
+	var err error
 	for anchor := int64(1); anchor <= 3; anchor++ {
 		if last, err = s.Open(anchor, 0); err != nil {
 			t.Fatal(err)
@@ -60,21 +69,7 @@ func TestRoomIDsNotReusedAfterTheCounterWentBack(t *testing.T) {
 // longer kept in Redis forever. Until then GET answers "closed"; after, the
 // room is unknown.
 func TestClosedRoomRecordExpires(t *testing.T) {
-	rs := redistest.Start(t)
-	rdb, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{rs.Addr}, DisableCache: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(rdb.Close)
-	st, err := persist.Open(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = st.Close() })
-	s, err := New(st, router.NewLocal("a", router.LocalConfig{}), Config{Shared: &Shared{Client: rdb}})
-	if err != nil {
-		t.Fatal(err)
-	}
+	s, rdb := sharedService(t)
 	rm, err := s.Open(1, 0)
 	if err != nil {
 		t.Fatal(err)
