@@ -590,6 +590,30 @@ func TestRebuildWaitsForAppliesUnderWay(t *testing.T) {
 	}
 }
 
+// redisBalanceOf reads user's balance from Redis itself (Balance may answer
+// from the client-side cache before its invalidation arrives).
+func redisBalanceOf(t *testing.T, n *sharedNode, user int64) int64 {
+	t.Helper()
+	b, err := RedisBalance(n.rdb, user)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// seededShared is one shared-wallet node on a fresh Redis, ready, user
+// credited 100.
+func seededShared(t *testing.T, user int64) *sharedNode {
+	t.Helper()
+	rs := redistest.Start(t)
+	n := startShared(t, rs.Addr, t.TempDir(), "a", nil)
+	waitReady(t, n)
+	if _, err := n.w.Apply(Op{User: user, ReqID: "seed", Postings: []Posting{{User: user, Delta: 100, Reason: ReasonDev}}}); err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
 // The script runs an op with a claim only while its claim holds the key:
 // absent (expired, or released by a resolve that concluded "not run") it
 // refuses and moves nothing; another request's claim or a result makes it a
@@ -597,13 +621,8 @@ func TestRebuildWaitsForAppliesUnderWay(t *testing.T) {
 // script still on its way (its reply lost, not its request) cannot run
 // after "not run" was concluded.
 func TestSharedScriptRunsOnlyUnderItsClaim(t *testing.T) {
-	rs := redistest.Start(t)
-	n := startShared(t, rs.Addr, t.TempDir(), "a", nil)
-	waitReady(t, n)
 	const user = 41
-	if _, err := n.w.Apply(Op{User: user, ReqID: "seed", Postings: []Posting{{User: user, Delta: 100, Reason: ReasonDev}}}); err != nil {
-		t.Fatal(err)
-	}
+	n := seededShared(t, user)
 	ctx := context.Background()
 	gen := n.w.gen.Load()
 	in := intent{User: user, ReqID: "g", Gen: *gen, At: time.Now().UnixMilli(), Claim: claimMark + "a:test",
@@ -614,16 +633,7 @@ func TestSharedScriptRunsOnlyUnderItsClaim(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	// Balances read from Redis itself (Balance may answer from the
-	// client-side cache before its invalidation arrives).
-	balance := func() int64 {
-		t.Helper()
-		b, err := n.rdb.Do(ctx, n.rdb.B().Get().Key(balKey(user)).Build()).AsInt64()
-		if err != nil {
-			t.Fatal(err)
-		}
-		return b
-	}
+	balance := func() int64 { return redisBalanceOf(t, n, user) }
 	run := func(want string) {
 		t.Helper()
 		if status, _, err := n.w.runScript(ctx, 1<<40, in); err != nil || status != want {
@@ -670,22 +680,10 @@ func TestSharedScriptRunsOnlyUnderItsClaim(t *testing.T) {
 // ledger, after the caller was told nothing moved. Before the fence, an op
 // whose claim call went unanswered (claim optional) or without a req_id ran.
 func TestSharedLateScriptFencedAfterResolve(t *testing.T) {
-	rs := redistest.Start(t)
-	n := startShared(t, rs.Addr, t.TempDir(), "a", nil)
-	waitReady(t, n)
 	const user = 43
-	if _, err := n.w.Apply(Op{User: user, ReqID: "seed", Postings: []Posting{{User: user, Delta: 100, Reason: ReasonDev}}}); err != nil {
-		t.Fatal(err)
-	}
+	n := seededShared(t, user)
 	ctx := context.Background()
-	balance := func() int64 { // from Redis itself, not the client-side cache
-		t.Helper()
-		b, err := n.rdb.Do(ctx, n.rdb.B().Get().Key(balKey(user)).Build()).AsInt64()
-		if err != nil {
-			t.Fatal(err)
-		}
-		return b
-	}
+	balance := func() int64 { return redisBalanceOf(t, n, user) }
 	gen := *n.w.gen.Load()
 	debit := []Posting{{User: user, Delta: -30, Reason: ReasonGift}}
 	// Intents written as Apply writes them, numbered as it numbers them.
