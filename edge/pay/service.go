@@ -389,10 +389,8 @@ func (s *Service) CreateOrder(user int64, r CreateReq) (Order, error) {
 	}
 	s.addOpen(id, o, true)
 	if claims != nil {
+		// Confirmed: still this order (a superseded one is an error here).
 		if err := s.confirmReq(claims, user, r.ReqID, id); err != nil {
-			return Order{}, err
-		}
-		if o, err = s.Get(id); err != nil { // INVALID if superseded meanwhile
 			return Order{}, err
 		}
 	}
