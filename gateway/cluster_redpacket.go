@@ -11,6 +11,7 @@ import (
 
 	"github.com/liveedge/liveedge/edge/redpacket"
 	"github.com/liveedge/liveedge/gateway/proto"
+	"github.com/liveedge/liveedge/persist"
 )
 
 // Red-packet rains in a cluster are owned by the node that created them: its
@@ -307,18 +308,38 @@ func (p rpPeers) Recover(ctx context.Context, holder string, req redpacket.Recov
 func rainClaimKey(code string) string { return "le:rpu:{" + code + "}" }
 
 // claimScript adds a user to a rain's set and sets the set's expiry in one
-// step: 1 if the user was not in it.
-var claimScript = rueidis.NewLuaScript(`local added = redis.call('SADD', KEYS[1], ARGV[1])
+// step: 1 if the user was not in it, 0 if they were, -1 while the shared
+// wallet is not ready (Redis lost its data: the sets are being rebuilt from
+// the nodes' grants with the wallet, contributeRainClaims). KEYS set, meta.
+var claimScript = rueidis.NewLuaScript(`if redis.call('HGET', KEYS[2], 'state') ~= 'ready' then return -1 end
+local added = redis.call('SADD', KEYS[1], ARGV[1])
 redis.call('PEXPIREAT', KEYS[1], ARGV[2])
 return added`)
 
+// rainClaimSlack is how long a rain's set outlives the rain's end.
+const rainClaimSlack = time.Hour
+
 // claimRain and unclaimRain keep redpacket's one-per-user places in Redis.
 func (n *Node) claimRain(ctx context.Context, code string, user int64, until int64) (bool, error) {
-	added, err := claimScript.Exec(ctx, n.Redis, []string{rainClaimKey(code)},
-		[]string{strconv.FormatInt(user, 10), strconv.FormatInt(until+3_600_000, 10)}).AsInt64()
+	added, err := claimScript.Exec(ctx, n.Redis, []string{rainClaimKey(code), persist.SharedMetaKey},
+		[]string{strconv.FormatInt(user, 10), strconv.FormatInt(until+rainClaimSlack.Milliseconds(), 10)}).AsInt64()
+	if err == nil && added < 0 {
+		return false, redpacket.ErrClaimsUnavailable
+	}
 	return added == 1, err
 }
 
 func (n *Node) unclaimRain(ctx context.Context, code string, user int64) error {
 	return n.Redis.Do(ctx, n.Redis.B().Srem().Key(rainClaimKey(code)).Member(strconv.FormatInt(user, 10)).Build()).Error()
+}
+
+// contributeRainClaims adds the one-per-user places of this node's grants to
+// a rebuilding wallet generation (persist.SharedConfig.Contribute): Redis
+// lost the sets, and a user granted a packet must not get a second one. The
+// grants do not change meanwhile (a grant is a wallet op, refused until the
+// generation is ready; so is a claim, claimScript).
+func (n *Node) contributeRainClaims(since time.Time, add func(op ...string) error) error {
+	return redpacket.ClaimsOnDisk(n.Store, n.Config.RedPacket.MaxDuration.D(), since, func(code string, user int64, until int64) error {
+		return add("sadd", rainClaimKey(code), strconv.FormatInt(user, 10), strconv.FormatInt(until+rainClaimSlack.Milliseconds(), 10))
+	})
 }

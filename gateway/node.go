@@ -174,6 +174,14 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 			// rebuilt with the wallet when Redis loses them.
 			coupons = ticket.NewSharedCoupons(n.Redis, n.Store)
 			wcfg.Contribute = coupons.Contribute
+			if n.shardedRains() && cfg.RedPacket.OnePerUser {
+				wcfg.Contribute = func(since time.Time, add func(op ...string) error) error {
+					if err := coupons.Contribute(since, add); err != nil {
+						return err
+					}
+					return n.contributeRainClaims(since, add)
+				}
+			}
 			bctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 			if k, err := coupons.Backfill(bctx); err != nil {
 				log.Warn("coupons not copied to this node's disk yet (next start tries again)", "err", err)

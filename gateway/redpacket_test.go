@@ -2,7 +2,6 @@ package gateway_test
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"sync"
 	"testing"
@@ -79,14 +78,6 @@ func waitFinished(t *testing.T, n *gateway.Node, code string) redpacket.View {
 		return v.State == redpacket.StateFinished
 	}, "rain %s not finished: %+v", code, v)
 	return v
-}
-
-func codeOf(err error) int {
-	var pe *proto.Error
-	if errors.As(err, &pe) {
-		return pe.Code
-	}
-	return -1
 }
 
 func joinedViewer(t *testing.T, n *gateway.Node, user, room int64, log *pushLog) *clientsdk.Client {
@@ -213,7 +204,7 @@ func TestRedPacketHappyPath(t *testing.T) {
 		t.Fatalf("create: %d %+v", st, r)
 	}
 	code := r.Data.Code
-	if _, err := clients[0].Grab(context.Background(), code); codeOf(err) != proto.CodeRedPacketNotFound {
+	if _, err := clients[0].Grab(context.Background(), code); nodetest.CodeOf(err) != proto.CodeRedPacketNotFound {
 		t.Fatalf("grab before start: %v, want 30001", err)
 	}
 	for i := 0; i < 2; i++ { // the second prepare answers the same and debits nothing
@@ -256,7 +247,7 @@ func TestRedPacketHappyPath(t *testing.T) {
 			t.Fatalf("grab %d: %+v %v", i, g, err)
 		}
 		answered[int64(100+i)] = g.Amount
-		if _, err := clients[i].Grab(ctx, code); codeOf(err) != proto.CodeRedPacketTaken {
+		if _, err := clients[i].Grab(ctx, code); nodetest.CodeOf(err) != proto.CodeRedPacketTaken {
 			t.Fatalf("second grab of viewer %d: %v, want 30002", i, err)
 		}
 	}
@@ -268,7 +259,7 @@ func TestRedPacketHappyPath(t *testing.T) {
 		t.Fatalf("HTTP grab: %d %+v", st, hg)
 	}
 	answered[104] = hg.Data.Amount
-	if _, err := clients[5].Grab(ctx, code); codeOf(err) != proto.CodeRedPacketEmpty {
+	if _, err := clients[5].Grab(ctx, code); nodetest.CodeOf(err) != proto.CodeRedPacketEmpty {
 		t.Fatalf("grab of an empty rain: %v, want 30003", err)
 	}
 	v := waitFinished(t, n, code)
@@ -288,7 +279,7 @@ func TestRedPacketHappyPath(t *testing.T) {
 		}, "viewer %d: no 5570 of %d", u, answered[u])
 	}
 	nodetest.Eventually(t, 5*time.Second, func() bool { return countBiz(logs[6].snapshot(), proto.BizRainFinished, true) == 1 }, "no 5561")
-	if _, err := clients[6].Grab(ctx, code); codeOf(err) != proto.CodeRedPacketEmpty {
+	if _, err := clients[6].Grab(ctx, code); nodetest.CodeOf(err) != proto.CodeRedPacketEmpty {
 		t.Fatalf("grab of a finished rain: %v, want 30003", err)
 	}
 	if st, r = rpCall(t, n, anchor, "POST", "/redpackets/"+code+"/start", ""); st != 200 || r.Data.State != redpacket.StateFinished {
@@ -362,10 +353,10 @@ func TestRedPacketRefusals(t *testing.T) {
 		t.Fatalf("unknown code: %d %+v", st, r)
 	}
 	c := joinedViewer(t, n, 100, room, nil)
-	if _, err := c.Grab(context.Background(), "nosuchcode"); codeOf(err) != proto.CodeRedPacketNotFound {
+	if _, err := c.Grab(context.Background(), "nosuchcode"); nodetest.CodeOf(err) != proto.CodeRedPacketNotFound {
 		t.Fatalf("grab of an unknown code: %v", err)
 	}
-	if _, err := c.Grab(context.Background(), ""); codeOf(err) != proto.CodeBadRequest {
+	if _, err := c.Grab(context.Background(), ""); nodetest.CodeOf(err) != proto.CodeBadRequest {
 		t.Fatalf("grab without a code: %v", err)
 	}
 }
@@ -382,10 +373,10 @@ func TestRedPacketGrabOtherRoomForbidden(t *testing.T) {
 	inA := joinedViewer(t, n, 100, ra, nil)
 	nowhere := joinedViewer(t, n, 101, 0, nil)
 	ctx := context.Background()
-	if _, err := inA.Grab(ctx, codeB); codeOf(err) != proto.CodeForbidden {
+	if _, err := inA.Grab(ctx, codeB); nodetest.CodeOf(err) != proto.CodeForbidden {
 		t.Fatalf("room A viewer grabbing room B's code: %v, want 10003", err)
 	}
-	if _, err := nowhere.Grab(ctx, codeB); codeOf(err) != proto.CodeForbidden {
+	if _, err := nowhere.Grab(ctx, codeB); nodetest.CodeOf(err) != proto.CodeForbidden {
 		t.Fatalf("user in no room: %v, want 10003", err)
 	}
 	var hg struct {
@@ -441,7 +432,7 @@ func TestRedPacketRateLimits(t *testing.T) {
 	if _, err := c.Grab(ctx, a.Data.Code); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := c.Grab(ctx, a.Data.Code); codeOf(err) != proto.CodeRateLimited {
+	if _, err := c.Grab(ctx, a.Data.Code); nodetest.CodeOf(err) != proto.CodeRateLimited {
 		t.Fatalf("second grab within the interval: %v, want 10429", err)
 	}
 }
@@ -495,7 +486,7 @@ func TestRedPacketGrabStorm(t *testing.T) {
 				switch {
 				case err == nil:
 					answered[int64(1000+i)] = g.Amount
-				case codeOf(err) == proto.CodeRedPacketEmpty:
+				case nodetest.CodeOf(err) == proto.CodeRedPacketEmpty:
 					empty++
 				default:
 					t.Errorf("grabber %d: %v", i, err)
@@ -574,7 +565,7 @@ func TestRedPacketRestartMidRain(t *testing.T) {
 		switch {
 		case err == nil:
 			answeredL[u] = g.Amount
-		case codeOf(err) == proto.CodeRedPacketEmpty && u >= 130:
+		case nodetest.CodeOf(err) == proto.CodeRedPacketEmpty && u >= 130:
 		default:
 			t.Fatalf("grab %d after the restart: %v", u, err)
 		}
@@ -623,7 +614,7 @@ func TestRedPacketRedisListPool(t *testing.T) {
 		switch {
 		case err == nil:
 			answered[u] = g.Amount
-		case codeOf(err) == proto.CodeRedPacketEmpty:
+		case nodetest.CodeOf(err) == proto.CodeRedPacketEmpty:
 			empty++
 		default:
 			t.Fatal(err)
@@ -676,7 +667,7 @@ func TestRedPacketCancel(t *testing.T) {
 		t.Fatalf("start after cancel: %d %+v", st, c)
 	}
 	v := joinedViewer(t, n, 100, room, nil)
-	if _, err := v.Grab(context.Background(), code); codeOf(err) != proto.CodeRedPacketEmpty {
+	if _, err := v.Grab(context.Background(), code); nodetest.CodeOf(err) != proto.CodeRedPacketEmpty {
 		t.Fatalf("grab of a cancelled rain: %v", err)
 	}
 	code = startRain(t, n, anchor, room, 100, 5, 10)

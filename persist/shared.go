@@ -81,7 +81,7 @@ type SharedWallet struct {
 	// contributed is the generation this node has contributed to (under rebuild).
 	contributed string
 	// extra adds more of this node's state to a rebuild (SharedConfig.Contribute).
-	extra   func(add func(op ...string) error) error
+	extra   func(since time.Time, add func(op ...string) error) error
 	stop    chan struct{}
 	stopped sync.WaitGroup
 
@@ -194,8 +194,11 @@ type SharedConfig struct {
 	// by number): the state it reads must not change while the generation is
 	// not ready — e.g. the cluster's coupons (edge/ticket), refused while it
 	// rebuilds. Keys it adds must be le:* (a reset after a detected loss
-	// deletes them, so it rebuilds them too).
-	Contribute func(add func(op ...string) error) error
+	// deletes them, so it rebuilds them too). since is when the generation
+	// began (by the clock of the node that began it; zero if unknown): the
+	// same on every attempt, so a cut-off derived from it keeps the ops the
+	// same.
+	Contribute func(since time.Time, add func(op ...string) error) error
 }
 
 // SharedMetaKey is the shared wallet's generation hash in Redis (fields gen
@@ -1150,7 +1153,9 @@ return redis.call('HMGET', KEYS[1], 'gen', 'state')
 // with op "incr" (INCRBY), "idem" (SET val until the next arg, a unix ms
 // deadline, if still ahead by Redis's clock), "seq"
 // (raise to at least val), "hincr" (HINCRBY key field val: field is the
-// next arg) or "hset" (HSET key field val, likewise).
+// next arg), "hset" (HSET key field val, likewise) or "sadd" (SADD key
+// member, and the set kept until the next arg, a unix ms deadline — nothing
+// if already past by Redis's clock; an op that may be applied again).
 var contribScript = rueidis.NewLuaScript(`
 local meta = redis.call('HMGET', KEYS[1], 'gen', 'state')
 if meta[1] ~= ARGV[1] or meta[2] ~= 'rebuilding' then return 'stale' end
@@ -1174,6 +1179,9 @@ while i <= #ARGV do
   elseif op == 'hset' then
     if ARGV[i + 3] == nil then return redis.error_reply('hset without a value') end
     i = i + 4
+  elseif op == 'sadd' then
+    if not tonumber(ARGV[i + 3]) then return redis.error_reply('bad deadline for sadd') end
+    i = i + 4
   else return redis.error_reply('bad op ' .. tostring(op)) end
 end
 if i ~= #ARGV + 1 then return redis.error_reply('truncated op') end
@@ -1188,6 +1196,16 @@ while i <= #ARGV do
     i = i + 4
   elseif op == 'hincr' then redis.call('HINCRBY', k, v, ARGV[i + 3]); i = i + 4
   elseif op == 'hset' then redis.call('HSET', k, v, ARGV[i + 3]); i = i + 4
+  elseif op == 'sadd' then
+    -- A member until a deadline (the set kept at least that long).
+    local deadline = tonumber(ARGV[i + 3])
+    if deadline > nowms then
+      redis.call('SADD', k, v)
+      local ttl = redis.call('PTTL', k)
+      if ttl >= 0 and nowms + ttl < deadline then redis.call('PEXPIREAT', k, deadline)
+      elseif ttl == -1 then redis.call('PEXPIREAT', k, deadline) end
+    end
+    i = i + 4
   elseif op == 'seq' then
     if tonumber(redis.call('GET', k) or '0') < tonumber(v) then redis.call('SET', k, v) end
     i = i + 3
@@ -1213,6 +1231,16 @@ return redis.call('HGET', KEYS[1], 'state')
 // (unique even when two clocks agree).
 func (w *SharedWallet) newGen() string {
 	return strconv.FormatInt(w.now().UnixNano(), 36) + "-" + strconv.FormatUint(rand.Uint64(), 36)
+}
+
+// genStart is when generation gen began (newGen), zero if gen is not one.
+func genStart(gen string) time.Time {
+	head, _, ok := strings.Cut(gen, "-")
+	ns, err := strconv.ParseInt(head, 36, 64)
+	if !ok || err != nil || ns <= 0 {
+		return time.Time{}
+	}
+	return time.Unix(0, ns)
 }
 
 // ensureGeneration reads (or creates) the current generation. If it is
@@ -1372,7 +1400,7 @@ func (w *SharedWallet) contribute(ctx context.Context, gen string) (string, erro
 	}
 	if err == nil && w.extra != nil {
 		batch, section = 0, ":x" // markers in a set of their own
-		if err = w.extra(add); err == nil {
+		if err = w.extra(genStart(gen), add); err == nil {
 			err = flush()
 		}
 	}

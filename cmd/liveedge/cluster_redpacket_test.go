@@ -455,6 +455,59 @@ func TestClusterOneRunningRainPerRoomAfterRedisLoss(t *testing.T) {
 	}
 }
 
+// Redis restarts empty while a rain runs: the one-per-user places are
+// rebuilt from the nodes' durable grants with the wallet, so a user granted
+// a packet before — on the rain's node or on another one — is refused a
+// second (30002), and a user who had none is still served. Money conserved,
+// each grant credited once.
+func TestClusterOnePacketPerUserAfterRedisLoss(t *testing.T) {
+	c := startCluster(t, 2, "LIVEEDGE_REDPACKET_ONE_PER_USER=true", "LIVEEDGE_REDPACKET_GRAB_INTERVAL=0s")
+	const total = 300
+	r := newClusterRain(t, c, total, 3, 3, 30*time.Second) // grabbers on gw-1, gw-2, gw-1
+	ctx := context.Background()
+	ok := map[int64]int64{}
+	for i := range 2 {
+		g, err := r.cls[i].Grab(ctx, r.code)
+		if err != nil {
+			t.Fatalf("grabber %d: %v", i, err)
+		}
+		ok[r.users[i]] = g.Amount
+		if _, err := r.cls[i].Grab(ctx, r.code); nodetest.CodeOf(err) != proto.CodeRedPacketTaken {
+			t.Fatalf("grabber %d's second grab before the loss: %v", i, err)
+		}
+	}
+	c.redis.Restart() // empty: the rain's set of users is gone
+	rdb, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{c.redis.Addr}, DisableCache: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rdb.Close()
+	pollUntil(t, 20*time.Second, "the shared wallet rebuilt", func() bool {
+		v, err := rdb.Do(ctx, rdb.B().Hget().Key(persist.SharedMetaKey).Field("state").Build()).ToString()
+		return err == nil && v == "ready"
+	})
+	for i := range 2 {
+		var err error
+		pollUntil(t, 10*time.Second, "an answer other than unavailable", func() bool {
+			_, err = r.cls[i].Grab(ctx, r.code)
+			return nodetest.CodeOf(err) != proto.CodeInternal
+		})
+		if nodetest.CodeOf(err) != proto.CodeRedPacketTaken {
+			t.Fatalf("grabber %d (on gw-%d) grabbed again after Redis lost the set: %v", i, i%2+1, err)
+		}
+	}
+	var g clientsdk.GrabResult
+	pollUntil(t, 10*time.Second, "the third grabber served", func() bool {
+		g, err = r.cls[2].Grab(ctx, r.code)
+		return nodetest.CodeOf(err) != proto.CodeInternal
+	})
+	if err != nil {
+		t.Fatalf("a grabber with no packet after the rebuild: %v", err)
+	}
+	ok[r.users[2]] = g.Amount
+	r.checkGrants(t, total, r.waitFinished(t, 10*time.Second), ok, true)
+}
+
 // A viewer who joins on a node other than the rain's and grabs at once is
 // served: the node checks its own members (the cluster's presence reaches
 // the owner only up to 200 ms later).

@@ -5,9 +5,12 @@ import (
 	"encoding/base32"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"strconv"
 	"strings"
+	"time"
 
+	"github.com/liveedge/liveedge/gateway/proto"
 	"github.com/liveedge/liveedge/persist"
 )
 
@@ -187,3 +190,30 @@ func storeRecord(key, v []byte) persist.Record { return persist.Record{Key: key,
 
 // cryptoRead fills b from crypto/rand.
 func cryptoRead(b []byte) { _, _ = rand.Read(b) }
+
+// ClaimsOnDisk calls fn with every grant in store whose rain may still be
+// running at since (give or take an hour): its rain, its user, and until when the user's
+// one-per-user place is needed (unix ms: the grant's time plus maxDuration,
+// at or after its rain's end). The places of a shared set (Config.Claim)
+// are rebuilt from it when Redis loses them.
+func ClaimsOnDisk(store *persist.Store, maxDuration time.Duration, since time.Time, fn func(code string, user int64, until int64) error) error {
+	if maxDuration <= 0 {
+		maxDuration = DefaultMaxDuration
+	}
+	from := since.UnixMilli()
+	return store.Scan(prefixGrant, func(k, v []byte) error {
+		rest := k[len(prefixGrant):]
+		if len(rest) < 5 || rest[len(rest)-5] != '/' {
+			return nil
+		}
+		var g grant
+		if err := proto.Unmarshal(v, &g); err != nil {
+			return fmt.Errorf("redpacket: grant %q: %w", k, err)
+		}
+		until := g.At + maxDuration.Milliseconds()
+		if until+time.Hour.Milliseconds() < from { // an hour's slack for the nodes' clocks
+			return nil
+		}
+		return fn(string(rest[:len(rest)-5]), g.User, until)
+	})
+}

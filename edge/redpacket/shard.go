@@ -1283,6 +1283,9 @@ func (s *Service) claim(code string, user int64, endsAt int64) (bool, *proto.Err
 	ctx, cancel := context.WithTimeout(context.Background(), poolTimeout)
 	defer cancel()
 	ok, err := s.cfg.Claim(ctx, code, user, endsAt)
+	if errors.Is(err, ErrClaimsUnavailable) {
+		return false, errClaimsUnavailable
+	}
 	if err != nil {
 		s.log.Error("red packet one-per-user claim", "code", code, "err", err)
 		return false, proto.ErrInternal
@@ -1292,6 +1295,12 @@ func (s *Service) claim(code string, user int64, endsAt int64) (bool, *proto.Err
 	}
 	return true, nil
 }
+
+// ErrClaimsUnavailable is Config.Claim's answer while the shared places
+// cannot be trusted (being rebuilt after Redis lost them).
+var ErrClaimsUnavailable = errors.New("redpacket: one-per-user places unavailable")
+
+var errClaimsUnavailable = proto.Errorf(proto.CodeInternal, "red packets are briefly unavailable (being restored), retry")
 
 // unclaim gives user's place back (a grab that granted nothing for sure).
 func (s *Service) unclaim(code string, user int64) {

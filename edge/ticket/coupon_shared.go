@@ -179,7 +179,7 @@ func (r *SharedCoupons) Backfill(ctx context.Context) (int, error) {
 // coupon not held and records CouponBack. A live order (PLACING and running,
 // PENDING_PAY, PAID) that recorded its use holds the coupon (by = order).
 // It waits for this node's coupon ops under way.
-func (r *SharedCoupons) Contribute(add func(op ...string) error) error {
+func (r *SharedCoupons) Contribute(_ time.Time, add func(op ...string) error) error {
 	r.gate.Lock()
 	defer r.gate.Unlock()
 	err := r.store.Scan(prefixCoupon, func(_, v []byte) error {

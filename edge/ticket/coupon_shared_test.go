@@ -162,7 +162,7 @@ func TestSharedCouponsRefusedWhileRebuilding(t *testing.T) {
 	if err := rdb.Do(context.Background(), rdb.B().Flushall().Build()).Error(); err != nil {
 		t.Fatal(err)
 	}
-	open := func(node string, st *persist.Store, contribute func(func(...string) error) error) *persist.SharedWallet {
+	open := func(node string, st *persist.Store, contribute func(time.Time, func(...string) error) error) *persist.SharedWallet {
 		t.Helper()
 		w, err := persist.NewSharedWallet(st, newRedisClient(t, addr), persist.SharedConfig{
 			Node: node, Nodes: []string{"a", "b"}, Log: quietLog(), Contribute: contribute})
@@ -210,7 +210,7 @@ func TestSharedCouponsRefusedWhileRebuilding(t *testing.T) {
 func contributed(t *testing.T, cp *SharedCoupons) []string {
 	t.Helper()
 	var ops []string
-	if err := cp.Contribute(func(op ...string) error {
+	if err := cp.Contribute(time.Time{}, func(op ...string) error {
 		ops = append(ops, strings.Join(op, " "))
 		return nil
 	}); err != nil {

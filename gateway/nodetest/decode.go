@@ -1,6 +1,7 @@
 package nodetest
 
 import (
+	"errors"
 	"io"
 	"net/http"
 
@@ -13,4 +14,14 @@ func decodeBody(resp *http.Response, out any) error {
 		return err
 	}
 	return proto.Unmarshal(b, out)
+}
+
+// CodeOf is the protocol error code of err (a reply's *proto.Error), -1 if
+// it is not one.
+func CodeOf(err error) int {
+	var pe *proto.Error
+	if errors.As(err, &pe) {
+		return pe.Code
+	}
+	return -1
 }
