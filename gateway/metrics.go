@@ -106,6 +106,8 @@ func newMetrics(node string, r router.Router) *metrics {
 			func(s router.ClusterStats) int64 { return s.GapsLost })
 		cstat("cluster_sequencer_errors_total", "Room push batches not sent because Redis failed.", false,
 			func(s router.ClusterStats) int64 { return s.SequencerErrors })
+		cstat("cluster_user_handoffs_kept_total", "Reliable pushes for users on other nodes that no node answered for (kept in the offline list, the holders told to drain it).", false,
+			func(s router.ClusterStats) int64 { return s.HandoffsKept })
 		cstat("cluster_subscribed_rooms", "Rooms this node is subscribed to on NATS.", true,
 			func(s router.ClusterStats) int64 { return int64(s.SubscribedRooms) })
 	}

@@ -153,6 +153,10 @@ type Cluster struct {
 	staleMu    sync.Mutex
 	staleDrops map[staleField]struct{}
 
+	// handoffs are reliable pushes sent to the user's other nodes, waiting
+	// for a holder's answer (handoff.go).
+	handoffs handoffs
+
 	stop chan struct{}
 	wg   sync.WaitGroup
 
@@ -161,6 +165,7 @@ type Cluster struct {
 
 type clusterStats struct {
 	batchesOut, batchesIn, pushesSequenced, gapFills, gapsLost, seqErrors, badWire atomic.Int64
+	handoffsKept                                                                   atomic.Int64
 }
 
 // croom is a room this node is subscribed to. Invariant: once ready, every
@@ -250,6 +255,9 @@ func NewCluster(cfg ClusterConfig) (*Cluster, error) {
 	}
 	c.local = local
 	c.local.cfg.History = c.history
+	if err := c.startHandoffs(); err != nil {
+		return nil, err
+	}
 	c.heartbeat(true)
 	c.wg.Add(2)
 	go c.presenceLoop()
@@ -266,6 +274,7 @@ func (c *Cluster) Close() {
 	}
 	close(c.stop)
 	c.wg.Wait()
+	_ = c.handoffs.sub.Unsubscribe()
 	ctx, cancel := context.WithTimeout(context.Background(), c.cfg.CallTimeout)
 	defer cancel()
 	// Withdraw this node's presence: its entries, then its alive key.
@@ -285,8 +294,13 @@ func (c *Cluster) Close() {
 }
 
 // Reconnected is called when the router's NATS connection is back: messages
-// may have been lost meanwhile, so every room is checked against Redis now.
-func (c *Cluster) Reconnected() { go c.checkTails(0) }
+// may have been lost meanwhile, so every room is checked against Redis now,
+// and every local user's offline list is drained (pushes handed off to this
+// node while it was away).
+func (c *Cluster) Reconnected() {
+	go c.checkTails(0)
+	go c.drainAfterReconnect()
+}
 
 // Local is the node-local part (for metrics and tests).
 func (c *Cluster) LocalRouter() *Local { return c.local }
@@ -955,6 +969,7 @@ func (c *Cluster) sweepLoop() {
 		}
 		c.checkTails(time.Second)
 		c.dropIdle()
+		c.sweepHandoffs()
 	}
 }
 
@@ -1024,6 +1039,10 @@ func (c *Cluster) Register(s Session) {
 		c.drainOffline(u)
 	default:
 		sub, err := c.nc.Subscribe(userSubject(u), func(m *nats.Msg) {
+			if len(m.Data) == 0 { // a drain hint (handoff.go)
+				c.drainOffline(u)
+				return
+			}
 			msg, err := decodeUserPush(m.Data)
 			if err != nil {
 				c.stats.badWire.Add(1)
@@ -1035,6 +1054,7 @@ func (c *Cluster) Register(s Session) {
 				// got it there: that node is subscribed too.)
 				c.keepAway(u, msg)
 			}
+			answerHandoff(m)
 		})
 		c.mu.Lock()
 		cu.subscribing = false
@@ -1061,14 +1081,14 @@ func (c *Cluster) Register(s Session) {
 	c.markUser(u)
 }
 
-// storeOffline keeps a reliable push for a user connected nowhere
-// (cfg.Local.OfflineMax per user, for OfflineTTL).
 // keepAway keeps reliable pushes no session here took: in the shared
 // offline list when the user is connected nowhere — or, when Redis cannot
 // tell or take them (down, unreachable), in this node's offline box: a
 // session here drains it (before, they were dropped; a session on another
 // node then misses them, a session on a node that had them gets them).
-func (c *Cluster) keepAway(user int64, ms ...Msg) {
+// elsewhere: the user is connected on another node (their pushes are
+// handed off there, handOff).
+func (c *Cluster) keepAway(user int64, ms ...Msg) (elsewhere bool) {
 	online, known := c.onlineElsewhere(user)
 	switch {
 	case !known:
@@ -1078,6 +1098,7 @@ func (c *Cluster) keepAway(user int64, ms ...Msg) {
 			c.local.keepHere(user, ms)
 		}
 	}
+	return known && online
 }
 
 // storeOffline appends ms to the user's shared offline list (false: Redis
@@ -1122,13 +1143,20 @@ func (c *Cluster) Keep(user int64, msgs []Msg) {
 
 // handOn publishes msgs to the user's sessions on the other nodes and keeps
 // away (those no session here took) in the offline list when the user is
-// connected nowhere.
+// connected nowhere; connected elsewhere, the reliable ones of away are
+// handed off (answered, handOff).
 func (c *Cluster) handOn(user int64, msgs, away []Msg) {
-	if len(away) > 0 {
-		c.keepAway(user, away...)
+	var handed map[string]bool
+	if len(away) > 0 && c.keepAway(user, away...) {
+		handed = make(map[string]bool, len(away))
+		for _, m := range away {
+			handed[m.Mid] = m.Ack
+		}
 	}
 	for _, m := range msgs {
-		if err := c.nc.Publish(userSubject(user), appendUserPush(nil, m)); err != nil {
+		if handed[m.Mid] {
+			c.handOff(user, m)
+		} else if err := c.nc.Publish(userSubject(user), appendUserPush(nil, m)); err != nil {
 			c.log.Warn("user push not published", "user", user, "err", err)
 		}
 	}
@@ -1228,7 +1256,10 @@ func (c *Cluster) SendUser(user int64, p proto.Push) (string, int) {
 	if p.Ack && n == 0 {
 		// Stored before it is published: a node that subscribes for the
 		// user after the publish drains the list after subscribing.
-		c.keepAway(user, m)
+		if c.keepAway(user, m) {
+			c.handOff(user, m)
+			return p.Mid, n
+		}
 	}
 	if err := c.nc.Publish(userSubject(user), appendUserPush(nil, m)); err != nil {
 		c.log.Warn("user push not published", "user", user, "err", err)
@@ -1242,7 +1273,10 @@ func (c *Cluster) Stats() Stats { return c.local.Stats() }
 // ClusterStats are the cluster router's counters.
 type ClusterStats struct {
 	BatchesOut, BatchesIn, PushesSequenced, GapFills, GapsLost, SequencerErrors, BadWire int64
-	SubscribedRooms                                                                      int
+	// HandoffsKept: reliable pushes for users on other nodes that no holder
+	// answered (kept in the offline list, the holders hinted to drain it).
+	HandoffsKept    int64
+	SubscribedRooms int
 }
 
 // ClusterStats returns a snapshot.
@@ -1254,7 +1288,7 @@ func (c *Cluster) ClusterStats() ClusterStats {
 		BatchesOut: c.stats.batchesOut.Load(), BatchesIn: c.stats.batchesIn.Load(),
 		PushesSequenced: c.stats.pushesSequenced.Load(), GapFills: c.stats.gapFills.Load(),
 		GapsLost: c.stats.gapsLost.Load(), SequencerErrors: c.stats.seqErrors.Load(),
-		BadWire: c.stats.badWire.Load(), SubscribedRooms: n,
+		BadWire: c.stats.badWire.Load(), HandoffsKept: c.stats.handoffsKept.Load(), SubscribedRooms: n,
 	}
 }
 

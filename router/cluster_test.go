@@ -6,6 +6,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -58,8 +59,14 @@ type clusterEnv struct {
 	redis *redistest.Server
 }
 
-func newCluster(t *testing.T, env clusterEnv, node string, cfg ClusterConfig) *Cluster {
-	nc, err := nats.Connect(env.nats.URL, nats.NoEcho())
+func newCluster(t *testing.T, env clusterEnv, node string, cfg ClusterConfig, opts ...nats.Option) *Cluster {
+	var cl atomic.Pointer[Cluster] // its NATS connection tells it when it is back, as the gateway's
+	opts = append([]nats.Option{nats.NoEcho(), nats.ReconnectHandler(func(*nats.Conn) {
+		if c := cl.Load(); c != nil {
+			c.Reconnected()
+		}
+	})}, opts...)
+	nc, err := nats.Connect(env.nats.URL, opts...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -74,6 +81,7 @@ func newCluster(t *testing.T, env clusterEnv, node string, cfg ClusterConfig) *C
 	if err != nil {
 		t.Fatal(err)
 	}
+	cl.Store(c)
 	t.Cleanup(c.Close)
 	return c
 }
@@ -354,5 +362,59 @@ func TestClusterOfflinePushKeptHereWhileRedisIsDown(t *testing.T) {
 	}
 	if got := s.got(); !slices.Equal(got, []string{mid}) {
 		t.Fatalf("the session got %v, want the push kept while Redis was down (%s)", got, mid)
+	}
+}
+
+// NATS restarts; node a is back first and sends a reliable push to user 7,
+// whose session is on b, before b has subscribed again: NATS drops the
+// publish (nobody subscribed). The push is handed off instead — "no
+// responders" — so a keeps it in the user's offline list and b drains it
+// once it is back: the session gets it (before, it was lost: the user was
+// online, so nothing was kept). A push handed off while both are connected
+// is answered by b and kept nowhere.
+func TestClusterUserPushAcrossANATSRestart(t *testing.T) {
+	env := clusterEnv{nats: natstest.Start(t), redis: redistest.Start(t)}
+	cfg := ClusterConfig{Local: LocalConfig{OfflineMax: 8, OfflineTTL: time.Minute}, PresenceTTL: 3 * time.Second}
+	back := []nats.Option{nats.MaxReconnects(-1), nats.ReconnectJitter(0, 0)}
+	a := newCluster(t, env, "a", cfg, append(back, nats.ReconnectWait(20*time.Millisecond))...)
+	b := newCluster(t, env, "b", cfg, append(back, nats.ReconnectWait(3*time.Second))...)
+	s := &sink{id: 1, user: 7}
+	b.Register(s)
+	waitFor := func(what string, d time.Duration, ok func() bool) {
+		t.Helper()
+		for deadline := time.Now().Add(d); !ok(); time.Sleep(10 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: not within %v", what, d)
+			}
+		}
+	}
+	waitFor("user 7's presence on b seen from a", 5*time.Second, func() bool { on, known := a.onlineElsewhere(7); return on && known })
+	push := func() string {
+		mid, n := a.SendUser(7, proto.Push{Biz: proto.BizGift, Ack: true, Data: []byte(`{}`)})
+		if n != 0 {
+			t.Fatalf("a reached %d sessions of user 7 (none there)", n)
+		}
+		return mid
+	}
+	first := push()
+	waitFor("the push handed off while both are connected", 5*time.Second, func() bool { return len(s.got()) == 1 })
+	time.Sleep(handoffWait + 1500*time.Millisecond) // past the sweep that would keep an unanswered one
+	if k := a.ClusterStats().HandoffsKept; k != 0 {
+		t.Fatalf("%d hand-offs kept though b answered", k)
+	}
+
+	env.nats.Restart()
+	waitFor("a reconnected", 5*time.Second, a.nc.IsConnected)
+	if b.nc.IsConnected() {
+		t.Fatal("b reconnected as early as a: the test needs it later")
+	}
+	second := push()
+	waitFor("b reconnected", 10*time.Second, b.nc.IsConnected)
+	waitFor("the push sent while b was away delivered", 10*time.Second, func() bool { return len(s.got()) >= 2 })
+	if got := s.got(); !slices.Equal(got, []string{first, second}) {
+		t.Fatalf("the session got %v, want [%s %s]", got, first, second)
+	}
+	if k := a.ClusterStats().HandoffsKept; k != 1 {
+		t.Fatalf("hand-offs kept %d, want 1", k)
 	}
 }
