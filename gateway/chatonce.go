@@ -134,8 +134,8 @@ func chatReqKey(user int64, req string) string {
 }
 
 // setIfAbsentScript: KEYS[1] a key; ARGV a value, its TTL in ms. Returns
-// the key's value or nil (set now). Chat req_id claims (the value: a mid, or
-// another claim) and payment req_id bindings use it.
+// the key's value or nil (set now). Chat req_id claims use it (the value: a
+// mid, or another claim).
 var setIfAbsentScript = rueidis.NewLuaScript(`
 local v = redis.call('GET', KEYS[1])
 if v then return v end

@@ -11,11 +11,12 @@ import (
 
 	"github.com/liveedge/liveedge/edge/pay"
 	"github.com/liveedge/liveedge/gateway/proto"
+	"github.com/liveedge/liveedge/persist"
 )
 
 // payReqTTL is how long a (user, req_id) names its order through every node
 // of a cluster once the order is written: the wallet's idempotency window.
-const payReqTTL = 25 * time.Hour
+const payReqTTL = pay.ReqBindingWindow
 
 // payReqPending is how long a binding lasts before its order is written and
 // the binding confirmed: a node that dies in between lets the req_id go
@@ -26,7 +27,10 @@ const payReqPending = time.Minute
 
 // payReqClaims is pay.ReqClaims in Redis: liveedge:payreq:{<user>}:<req_id>
 // holds "p<order id>" while pending, "<order id>" once confirmed (outside
-// le:*, which the shared wallet's reset after a data loss deletes).
+// le:*, which the shared wallet's reset after a data loss deletes). Redis
+// restarted empty: the confirmed bindings are rebuilt with the shared
+// wallet from the orders on every node's disk (contributePayReqs); until the
+// wallet is ready again, bindings are neither made nor confirmed ("retry").
 type payReqClaims struct{ rdb rueidis.Client }
 
 var _ pay.ReqClaims = payReqClaims{}
@@ -35,9 +39,25 @@ func payReqKey(user int64, req string) string {
 	return "liveedge:payreq:{" + strconv.FormatInt(user, 10) + "}:" + req
 }
 
+// notReadyLua refuses a binding's change while the shared wallet (KEYS[2],
+// its meta hash) is not ready: its bindings may still be on their way back.
+const notReadyLua = `if redis.call('HGET', KEYS[2], 'state') ~= 'ready' then
+  return redis.error_reply('NOTREADY the shared state is being rebuilt')
+end
+`
+
+// claimReqScript: setIfAbsentScript, once the wallet is ready. KEYS the
+// binding, the meta hash; ARGV the pending value, its TTL in ms.
+var claimReqScript = rueidis.NewLuaScript(notReadyLua + `
+local v = redis.call('GET', KEYS[1])
+if v then return v end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return false`)
+
 // confirmScript makes KEYS[1] name order ARGV[1] for ARGV[2] ms if it is
 // pending for it, confirmed for it, or gone; it returns what it names.
-var confirmScript = rueidis.NewLuaScript(`
+// KEYS[2]: the meta hash (notReadyLua).
+var confirmScript = rueidis.NewLuaScript(notReadyLua + `
 local v = redis.call('GET', KEYS[1])
 if (not v) or v == ARGV[1] or v == 'p' .. ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
@@ -67,7 +87,7 @@ func (c payReqClaims) ctx() (context.Context, context.CancelFunc) {
 func (c payReqClaims) Claim(user int64, req string, id int64) (int64, error) {
 	ctx, cancel := c.ctx()
 	defer cancel()
-	v, err := setIfAbsentScript.Exec(ctx, c.rdb, []string{payReqKey(user, req)},
+	v, err := claimReqScript.Exec(ctx, c.rdb, []string{payReqKey(user, req), persist.SharedMetaKey},
 		[]string{"p" + strconv.FormatInt(id, 10), strconv.FormatInt(payReqPending.Milliseconds(), 10)}).ToString()
 	if rueidis.IsRedisNil(err) {
 		return 0, nil
@@ -81,7 +101,7 @@ func (c payReqClaims) Claim(user int64, req string, id int64) (int64, error) {
 func (c payReqClaims) Confirm(user int64, req string, id int64) (int64, error) {
 	ctx, cancel := c.ctx()
 	defer cancel()
-	v, err := confirmScript.Exec(ctx, c.rdb, []string{payReqKey(user, req)},
+	v, err := confirmScript.Exec(ctx, c.rdb, []string{payReqKey(user, req), persist.SharedMetaKey},
 		[]string{strconv.FormatInt(id, 10), strconv.FormatInt(payReqTTL.Milliseconds(), 10)}).ToString()
 	if err != nil {
 		return 0, err
@@ -93,6 +113,16 @@ func (c payReqClaims) Release(user int64, req string, id int64) error {
 	ctx, cancel := c.ctx()
 	defer cancel()
 	return unbindScript.Exec(ctx, c.rdb, []string{payReqKey(user, req)}, []string{strconv.FormatInt(id, 10)}).Error()
+}
+
+// contributePayReqs adds the confirmed req_id bindings of this node's orders
+// to a rebuilding wallet generation (persist.SharedConfig.Contribute). The
+// records do not change meanwhile: a binding is confirmed only while the
+// wallet is ready.
+func (n *Node) contributePayReqs(since time.Time, add func(op ...string) error) error {
+	return pay.ReqBindingsOnDisk(n.Store, since, func(user int64, req string, id, at int64) error {
+		return add("idem", payReqKey(user, req), strconv.FormatInt(id, 10), strconv.FormatInt(at+payReqTTL.Milliseconds(), 10))
+	})
 }
 
 var errOrderBeingMade = proto.Errorf(proto.CodeConflict, "the order of this req_id is being created; retry with the same req_id")

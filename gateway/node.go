@@ -173,14 +173,19 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 			// ids are unique across nodes: order ids of leased worker ids);
 			// rebuilt with the wallet when Redis loses them.
 			coupons = ticket.NewSharedCoupons(n.Redis, n.Store)
-			wcfg.Contribute = coupons.Contribute
+			// With them, the payment req_id bindings and the rains'
+			// one-per-user places, from every node's disk.
+			contrib := []func(time.Time, func(...string) error) error{coupons.Contribute, n.contributePayReqs}
 			if n.shardedRains() && cfg.RedPacket.OnePerUser {
-				wcfg.Contribute = func(since time.Time, add func(op ...string) error) error {
-					if err := coupons.Contribute(since, add); err != nil {
+				contrib = append(contrib, n.contributeRainClaims)
+			}
+			wcfg.Contribute = func(since time.Time, add func(op ...string) error) error {
+				for _, f := range contrib {
+					if err := f(since, add); err != nil {
 						return err
 					}
-					return n.contributeRainClaims(since, add)
 				}
+				return nil
 			}
 			bctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 			if k, err := coupons.Backfill(bctx); err != nil {

@@ -191,6 +191,15 @@ func (s *Store) DeletePrefixNoSync(prefix []byte) error {
 	return s.db.DeleteRange(prefix, prefixEnd(prefix), pebble.NoSync)
 }
 
+// DeleteRangeNoSync removes every key in [lower, upper), without waiting
+// for an fsync (as DeletePrefixNoSync).
+func (s *Store) DeleteRangeNoSync(lower, upper []byte) error {
+	return s.db.DeleteRange(lower, upper, pebble.NoSync)
+}
+
+// PrefixEnd is the first key after every key with prefix p (nil: none).
+func PrefixEnd(p []byte) []byte { return prefixEnd(p) }
+
 // DeleteNoSync removes key without waiting for an fsync (the next synced
 // write, or a clean close, makes it durable): for deletions that are safe to
 // lose in a crash.

@@ -15,6 +15,19 @@ import (
 	"github.com/liveedge/liveedge/gateway/proto"
 )
 
+// createOrderVia creates an order of product 1 through httpAddr: the
+// order, the HTTP status and the envelope's code.
+func createOrderVia(t *testing.T, httpAddr, tok, req string) (pay.Order, int, int) {
+	t.Helper()
+	var out struct {
+		Code int       `json:"code"`
+		Data pay.Order `json:"data"`
+	}
+	st := nodetest.DoJSON(t, "POST", "http://"+httpAddr+"/api/v1/pay/orders", tok,
+		fmt.Sprintf(`{"product_id":1,"channel":"mock","req_id":%q}`, req), &out)
+	return out.Data, st, out.Code
+}
+
 // One (user, req_id) names one order through every node (PROTOCOL §5: "the
 // same (user, req_id) returns the same order"; §8: any request may go to any
 // node). Before, each node checked only its own store: the same request
@@ -26,15 +39,7 @@ func TestClusterOrderReqIDOnceAcrossNodes(t *testing.T) {
 	c := startCluster(t, 3, "LIVEEDGE_PAY_SECRETS=cluster-test-pay-secret-0123")
 	const user = 600
 	tok := devToken(t, c.nodes[0].http, user, "viewer")
-	create := func(i int, req string) (pay.Order, int, int) {
-		var out struct {
-			Code int       `json:"code"`
-			Data pay.Order `json:"data"`
-		}
-		st := nodetest.DoJSON(t, "POST", "http://"+c.nodes[i].http+"/api/v1/pay/orders", tok,
-			fmt.Sprintf(`{"product_id":1,"channel":"mock","req_id":%q}`, req), &out)
-		return out.Data, st, out.Code
-	}
+	create := func(i int, req string) (pay.Order, int, int) { return createOrderVia(t, c.nodes[i].http, tok, req) }
 	// The same request through the three nodes at once: one order. A node
 	// that finds the order still being written answers 10409: retry.
 	ids := make([]string, 3)
@@ -99,5 +104,35 @@ func TestClusterOrderReqIDOnceAcrossNodes(t *testing.T) {
 	// Confirmed: the binding now lasts (the idempotency window).
 	if ttl, err := rdb.Do(context.Background(), rdb.B().Pttl().Key(key).Build()).AsInt64(); err != nil || ttl < int64(time.Hour/time.Millisecond) {
 		t.Fatalf("the confirmed binding's TTL: %d ms %v, want the idempotency window", ttl, err)
+	}
+}
+
+// Redis restarts empty: the req_id bindings are rebuilt with the shared
+// wallet from the orders on the nodes' disks, so the same request through
+// another node still answers the order made before (before, a second order
+// was made: the binding was gone). While the wallet rebuilds, bindings are
+// neither made nor confirmed: "retry".
+func TestClusterOrderReqIDOnceAfterRedisLoss(t *testing.T) {
+	c := startCluster(t, 2, "LIVEEDGE_PAY_SECRETS=cluster-test-pay-secret-0123")
+	const user = 601
+	tok := devToken(t, c.nodes[0].http, user, "viewer")
+	first, st, code := createOrderVia(t, c.nodes[0].http, tok, "before-the-loss")
+	if st != 200 {
+		t.Fatalf("create: %d %d", st, code)
+	}
+	c.redis.Restart()
+	for _, i := range []int{1, 0} { // the other node first: the order's own would bind it again
+		var o pay.Order
+		pollUntil(t, 20*time.Second, "an answer other than retry", func() bool {
+			o, st, code = createOrderVia(t, c.nodes[i].http, tok, "before-the-loss")
+			return code != proto.CodeInternal && code != proto.CodeConflict
+		})
+		if st != 200 || o.OrderID != first.OrderID {
+			t.Fatalf("the same req_id through node %d after Redis lost its data: %d %d order %q, want %s", i+1, st, code, o.OrderID, first.OrderID)
+		}
+	}
+	// A new req_id binds as before.
+	if o, st, _ := createOrderVia(t, c.nodes[1].http, tok, "after-the-loss"); st != 200 || o.OrderID == first.OrderID {
+		t.Fatalf("a new req_id after the rebuild: %d %+v", st, o)
 	}
 }

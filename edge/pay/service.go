@@ -2,7 +2,9 @@ package pay
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
+	"fmt"
 	"github.com/liveedge/liveedge/edge/keylock"
 	"hash/fnv"
 	"io"
@@ -151,6 +153,10 @@ var (
 	prefixOrderLog = recPrefix("orderlog/")
 	prefixEvent    = recPrefix("payevent/")
 	prefixRefund   = recPrefix("refund/")
+	// prefixReqBound: rec/reqbound/<created ms>/<id> → {user, req}, the
+	// orders whose req_id binding was confirmed (ReqClaims), by creation
+	// time: the bindings are rebuilt from them (ReqBindingsOnDisk).
+	prefixReqBound = recPrefix("reqbound/")
 )
 
 // DefaultReconcileWorkers is the default of Config.ReconcileWorkers.
@@ -176,6 +182,59 @@ func orderKey(id int64) []byte { return persist.Key(prefixOrder, uint64(id)) }
 
 func orderReqKey(user int64, req string) []byte {
 	return append(persist.Key(prefixOrderReq, uint64(user)), req...)
+}
+
+func reqBoundKey(at, id int64) []byte { return persist.Key2(prefixReqBound, uint64(at), uint64(id)) }
+
+type reqBound struct {
+	User  int64  `json:"user"`
+	ReqID string `json:"req_id"`
+}
+
+// ReqBindingWindow is how long an order's req_id names it through every
+// node once confirmed (the cluster's binding; the wallet's idempotency
+// window).
+const ReqBindingWindow = 25 * time.Hour
+
+// markBound records that o's req_id binding is confirmed (synced: a binding
+// Redis loses is rebuilt from these). A failure is logged: the order stands,
+// only a rebuild would miss its binding.
+func (s *Service) markBound(o Order) {
+	id, _ := strconv.ParseInt(o.OrderID, 10, 64)
+	b, _ := proto.Marshal(reqBound{User: o.UserID, ReqID: o.ReqID})
+	if err := s.store.Put(reqBoundKey(o.CreatedAt, id), b); err != nil {
+		s.cfg.Log.Warn("pay: req_id binding not recorded", "order", id, "err", err)
+	}
+}
+
+// ReqBindingsOnDisk calls fn with every order in store whose req_id binding
+// was confirmed within ReqBindingWindow (and an hour's slack for the nodes'
+// clocks) of since: its user, req_id, id and creation time (unix ms).
+func ReqBindingsOnDisk(store *persist.Store, since time.Time, fn func(user int64, req string, id, at int64) error) error {
+	from := since.Add(-ReqBindingWindow - time.Hour).UnixMilli()
+	return store.ScanRange(reqBoundKey(max(from, 0), 0), persist.PrefixEnd(prefixReqBound), func(k, v []byte) (bool, error) {
+		if len(k) != len(prefixReqBound)+16 {
+			return true, nil
+		}
+		var rb reqBound
+		if err := proto.Unmarshal(v, &rb); err != nil {
+			return false, fmt.Errorf("pay: req_id binding %x: %w", k, err)
+		}
+		at := int64(binary.BigEndian.Uint64(k[len(prefixReqBound):]))
+		id := int64(binary.BigEndian.Uint64(k[len(prefixReqBound)+8:]))
+		return true, fn(rb.User, rb.ReqID, id, at)
+	})
+}
+
+// pruneBound drops the binding records older than the window (and a day).
+func (s *Service) pruneBound() {
+	cut := s.cfg.Now().Add(-ReqBindingWindow - 24*time.Hour).UnixMilli()
+	if cut <= 0 {
+		return
+	}
+	if err := s.store.DeleteRangeNoSync(prefixReqBound, reqBoundKey(cut, 0)); err != nil {
+		s.cfg.Log.Warn("pay: old req_id binding records not pruned", "err", err)
+	}
 }
 
 func eventKey(id string) []byte { return append(append([]byte{}, prefixEvent...), id...) }
@@ -326,6 +385,11 @@ func (s *Service) CreateOrder(user int64, r CreateReq) (Order, error) {
 			if err := s.confirmReq(claims, user, r.ReqID, id); err != nil {
 				return Order{}, err
 			}
+			o, err := s.Get(id)
+			if err == nil {
+				s.markBound(o) // again: a crash may have come between the confirm and the record
+			}
+			return o, err
 		}
 		return s.Get(id)
 	} else if !errors.Is(err, persist.ErrNotFound) {
@@ -393,6 +457,7 @@ func (s *Service) CreateOrder(user int64, r CreateReq) (Order, error) {
 		if err := s.confirmReq(claims, user, r.ReqID, id); err != nil {
 			return Order{}, err
 		}
+		s.markBound(o)
 	}
 	return o, nil
 }
@@ -898,12 +963,17 @@ func (s *Service) loop() {
 	defer s.wg.Done()
 	t := time.NewTicker(s.cfg.ReconcileEvery)
 	defer t.Stop()
+	var lastPrune time.Time
 	for {
 		select {
 		case <-s.stop:
 			return
 		case <-t.C:
 			s.Reconcile()
+			if s.cfg.ReqClaims != nil && time.Since(lastPrune) >= time.Hour {
+				lastPrune = time.Now()
+				s.pruneBound()
+			}
 		}
 	}
 }
