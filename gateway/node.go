@@ -258,8 +258,11 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 	}
 	workerID, workerHeld := cfg.Pay.WorkerID, func() bool { return true }
 	var reqClaims pay.ReqClaims
+	var sharedOrders *limit.Shared
 	if n.Redis != nil && cfg.Wallet.Mode == "shared" {
 		reqClaims = payReqClaims{rdb: n.Redis}
+		// A user's order creations are counted on every node (as this one's).
+		sharedOrders = limit.NewShared(n.Redis, "order", cfg.Pay.OrdersPerMinute, time.Minute, max(1, cfg.Pay.OrdersPerMinute))
 		// Nodes sharing Redis never share an order-id worker id.
 		lctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		n.worker, err = pay.LeaseWorker(lctx, n.Redis, cfg.Node.ID, cfg.Pay.WorkerID, 0, log)
@@ -275,7 +278,7 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 		NotifyURL:      public + "/api/v1/pay/notify",
 		ReconcileAfter: cfg.Pay.ReconcileAfter.D(), ReconcileEvery: cfg.Pay.ReconcileEvery.D(), Log: log,
 		MaxOpenPerUser: cfg.Pay.MaxOpenOrdersPerUser, OrdersPerMinute: cfg.Pay.OrdersPerMinute,
-		Frozen: n.Accounts.Frozen, ReqClaims: reqClaims,
+		Frozen: n.Accounts.Frozen, ReqClaims: reqClaims, SharedCreates: sharedOrders,
 	})
 	if err != nil {
 		return nil, err

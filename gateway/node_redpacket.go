@@ -7,6 +7,7 @@ import (
 
 	"github.com/redis/rueidis"
 
+	"github.com/liveedge/liveedge/edge/limit"
 	"github.com/liveedge/liveedge/edge/redpacket"
 )
 
@@ -29,8 +30,11 @@ func (n *Node) newRedPackets() (err error) {
 	}
 	var roomRun func(context.Context, int64, string, int64) (bool, error)
 	var roomDone func(context.Context, int64, string) error
+	var creates *limit.Shared
 	if n.Cluster != nil {
 		roomRun, roomDone = n.runRainInRoom, n.rainDoneInRoom
+		// An anchor's rains are counted on every node (as this one's).
+		creates = limit.NewShared(n.Redis, "rpnew", redpacket.DefaultCreatesPerMinute, time.Minute, redpacket.CreateBurst)
 	}
 	n.RedPackets, err = redpacket.New(n.Store, n.Wallet, n.Router, redpacket.Config{
 		Peers: peers, Claim: claim, Unclaim: unclaim, RoomRun: roomRun, RoomDone: roomDone,
@@ -39,7 +43,7 @@ func (n *Node) newRedPackets() (err error) {
 		MaxCount: cfg.MaxCount, MaxTotal: cfg.MaxTotal, MaxDuration: cfg.MaxDuration.D(),
 		MaxPerAnchor: cfg.MaxPerAnchor, OnePerUser: cfg.OnePerUser,
 		PrepareInterval: cfg.PrepareInterval.D(), StartInterval: cfg.StartInterval.D(),
-		GrabInterval: cfg.GrabInterval.D(), SharedLimit: n.sharedAnchorLimit(), CodeTag: n.codeTag(),
+		GrabInterval: cfg.GrabInterval.D(), SharedLimit: n.sharedAnchorLimit(), CodeTag: n.codeTag(), SharedCreates: creates,
 	}, n.Log)
 	if err != nil {
 		return err

@@ -136,3 +136,23 @@ func TestClusterOrderReqIDOnceAfterRedisLoss(t *testing.T) {
 		t.Fatalf("a new req_id after the rebuild: %d %+v", st, o)
 	}
 }
+
+// A user's order creations are counted on every node: with 4 a minute,
+// eight requests spread over two nodes make four orders, not four on each.
+func TestClusterOrderRateCountedAcrossNodes(t *testing.T) {
+	c := startCluster(t, 2, "LIVEEDGE_PAY_SECRETS=cluster-test-pay-secret-0123", "LIVEEDGE_PAY_ORDERS_PER_MINUTE=4")
+	const user = 602
+	tok := devToken(t, c.nodes[0].http, user, "viewer")
+	made := 0
+	for i := range 8 {
+		switch _, st, code := createOrderVia(t, c.nodes[i%2].http, tok, "rate-"+strconv.Itoa(i)); {
+		case st == 200:
+			made++
+		case code != proto.CodeRateLimited:
+			t.Fatalf("order %d: %d %d", i, st, code)
+		}
+	}
+	if made != 4 {
+		t.Fatalf("%d orders made through two nodes, want 4 (the minute's count, shared)", made)
+	}
+}

@@ -47,8 +47,12 @@ type Config struct {
 	// OrdersPerMinute bounds a user's order creations (a replay of a req_id
 	// is not a creation): more → 10429 (0 = no bound).
 	OrdersPerMinute int
-	Now             func() time.Time
-	Log             *slog.Logger
+	// SharedCreates, if set, counts OrdersPerMinute on every node of a
+	// cluster as well (limit.Shared; this node's count alone let a user make
+	// N times as many through N nodes).
+	SharedCreates *limit.Shared
+	Now           func() time.Time
+	Log           *slog.Logger
 
 	// Frozen tells whether a user's account is frozen (edge/account): a
 	// frozen user's order creation is refused with 20004. nil = none is.
@@ -84,6 +88,8 @@ func (e *OrderElsewhere) Error() string {
 }
 
 // errClaimUnavailable: the req_id's binding could not be read or made.
+var errLimitUnchecked = proto.Errorf(proto.CodeInternal, "could not check the order limit, retry")
+
 var errClaimUnavailable = proto.Errorf(proto.CodeInternal, "could not reserve the req_id, retry")
 
 // Service runs orders and the webhook.
@@ -422,6 +428,14 @@ func (s *Service) CreateOrder(user int64, r CreateReq) (Order, error) {
 	}
 	if !s.createLimit.Allow(uint64(user)) {
 		release()
+		return Order{}, proto.Errorf(proto.CodeRateLimited, "too many orders created, at most %d per minute", s.cfg.OrdersPerMinute)
+	}
+	if ok, err := s.cfg.SharedCreates.Allow(uint64(user)); err != nil || !ok {
+		release()
+		if err != nil {
+			s.cfg.Log.Warn("pay: the shared order limit not checked", "user", user, "err", err)
+			return Order{}, errLimitUnchecked
+		}
 		return Order{}, proto.Errorf(proto.CodeRateLimited, "too many orders created, at most %d per minute", s.cfg.OrdersPerMinute)
 	}
 	now := s.cfg.Now().UnixMilli()

@@ -303,6 +303,12 @@ func (s *Service) Invite(inviter, a, b int64, d time.Duration) (Invitation, erro
 		if s.isClosed() {
 			return Invitation{}, proto.Errorf(proto.CodeInternal, "shutting down")
 		}
+		if ok, err := s.sh.invites.Allow(uint64(inviter)); err != nil {
+			s.log.Warn("pk: the shared invitation limit not checked", "inviter", inviter, "err", err)
+			return Invitation{}, proto.Errorf(proto.CodeInternal, "could not check the invitation limit, retry")
+		} else if !ok {
+			return Invitation{}, proto.Errorf(proto.CodeRateLimited, "at most %d PK invitations per minute", InvitesPerMinute)
+		}
 		return s.inviteShared(inviter, a, b, d)
 	}
 	s.mu.Lock()

@@ -14,6 +14,7 @@ import (
 
 	"github.com/redis/rueidis"
 
+	"github.com/liveedge/liveedge/edge/limit"
 	"github.com/liveedge/liveedge/gateway/proto"
 	"github.com/liveedge/liveedge/router"
 )
@@ -65,7 +66,8 @@ const SyncEvery = time.Second
 // running contests, e.g. after a restart).
 func NewShared(r router.Router, isOpen func(int64) bool, rdb rueidis.Client, tallies Tallies, log *slog.Logger) *Service {
 	s := New(r, isOpen, nil, tallies, log)
-	s.sh = &shared{rdb: rdb, byID: map[string]*running{}, byRoom: map[int64]*running{}, every: SyncEvery}
+	s.sh = &shared{rdb: rdb, byID: map[string]*running{}, byRoom: map[int64]*running{}, every: SyncEvery,
+		invites: limit.NewShared(rdb, "pkinv", InvitesPerMinute, time.Minute, InviteBurst)}
 	return s
 }
 
@@ -74,6 +76,9 @@ type shared struct {
 	rdb     rueidis.Client
 	timeout time.Duration // per Redis call (0 = 2 s)
 	every   time.Duration // Sync period
+	// invites counts InvitesPerMinute on every node (an inviter's
+	// invitations may go through any node).
+	invites *limit.Shared
 	stop    chan struct{}
 	done    chan struct{}
 	// closeOnce stops the Sync loop once (Close may be called twice).

@@ -363,3 +363,26 @@ func TestSharedPKEndReplyLostStillPushed(t *testing.T) {
 		}
 	}
 }
+
+// An inviter's invitations are counted on every node: an invite/withdraw
+// loop spread over two nodes gets InviteBurst in the minute between them,
+// not InviteBurst on each.
+func TestInviteRateCountedAcrossNodes(t *testing.T) {
+	rdb, w := newRedis(t), &fakeWallet{}
+	nodes := []*node{newNode(t, rdb, w, 1, 2), newNode(t, rdb, w, 1, 2)}
+	for i := 0; i < InviteBurst; i++ {
+		s := nodes[i%2].s
+		inv, err := s.Invite(7, 1, 2, time.Minute)
+		if err != nil {
+			t.Fatalf("invitation %d: %v", i, err)
+		}
+		if err := s.Decline(inv.ID); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i, n := range nodes {
+		if _, err := n.s.Invite(7, 1, 2, time.Minute); proto.AsError(err).Code != proto.CodeRateLimited {
+			t.Fatalf("invitation %d in the minute, through node %d: %v, want 10429", InviteBurst+1, i+1, err)
+		}
+	}
+}

@@ -4,8 +4,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/redis/rueidis"
+
+	"github.com/liveedge/liveedge/edge/limit"
 	"github.com/liveedge/liveedge/gateway/proto"
 	"github.com/liveedge/liveedge/persist"
+	"github.com/liveedge/liveedge/persist/redistest"
 )
 
 // codesUnder lists the codes of st's records with prefix.
@@ -128,5 +132,34 @@ func TestCreateCancelLoopIsRateLimited(t *testing.T) {
 	}
 	if got := len(codesUnder(t, m.store, prefixRain)) + len(codesUnder(t, m.store, prefixDone)); got != CreateBurst {
 		t.Fatalf("%d rain records, want %d", got, CreateBurst)
+	}
+}
+
+// An anchor's rains are counted on every node (Config.SharedCreates, in
+// Redis): a create/cancel loop spread over two nodes gets CreateBurst in the
+// minute between them, not CreateBurst on each.
+func TestCreateRateCountedAcrossNodes(t *testing.T) {
+	srv := redistest.Start(t)
+	rdb, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{srv.Addr}, DisableCache: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(rdb.Close)
+	names := []string{"n1", "n2"}
+	c := newClusterLimited(t, limit.NewShared(rdb, "rpnew", DefaultCreatesPerMinute, time.Minute, CreateBurst), names...)
+	for i := 0; i < CreateBurst; i++ {
+		m := c.nodes[names[i%2]]
+		v, err := m.svc.Create(shardAnchor, shardRoom, 100, 10, time.Hour)
+		if err != nil {
+			t.Fatalf("rain %d: %v", i, err)
+		}
+		if _, err := m.svc.Cancel(shardAnchor, v.Code); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, n := range names {
+		if _, err := c.nodes[n].svc.Create(shardAnchor, shardRoom, 100, 10, time.Hour); proto.AsError(err).Code != proto.CodeRateLimited {
+			t.Fatalf("rain %d in the minute through %s: %v, want 10429", CreateBurst+1, n, err)
+		}
 	}
 }

@@ -58,7 +58,11 @@ type Config struct {
 	// cancelled in WAIT frees its slot of MaxPerAnchor at once, and every
 	// rain leaves a durable record — a create/cancel loop was unbounded.
 	CreatesPerMinute int
-	Now              func() time.Time // nil = time.Now
+	// SharedCreates, if set, counts CreatesPerMinute on every node of a
+	// cluster as well (limit.Shared: an anchor's rains may be created
+	// through any node).
+	SharedCreates *limit.Shared
+	Now           func() time.Time // nil = time.Now
 	// SharedLimit, if set, replaces this node's prepare/start limiters with
 	// one every node shares (a cluster: an anchor's rains may live on
 	// different nodes): true = allowed, counting it. kind is "prepare" or
@@ -441,6 +445,12 @@ func (s *Service) Create(anchor, room, total int64, count int, duration time.Dur
 		return View{}, proto.Errorf(proto.CodeNotFound, "room not found or closed")
 	} else if a != anchor {
 		return View{}, errNotAnch
+	}
+	if ok, err := s.cfg.SharedCreates.Allow(uint64(anchor)); err != nil {
+		s.log.Warn("red packet: the shared create limit not checked", "anchor", anchor, "err", err)
+		return View{}, proto.Errorf(proto.CodeInternal, "could not check the rain limit, retry")
+	} else if !ok {
+		return View{}, proto.Errorf(proto.CodeRateLimited, "at most %d red-packet rains created per minute", s.cfg.CreatesPerMinute)
 	}
 	s.mu.Lock()
 	if s.closed {

@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/liveedge/liveedge/edge/limit"
 	"github.com/liveedge/liveedge/gateway/proto"
 	"github.com/liveedge/liveedge/persist"
 	"github.com/liveedge/liveedge/router"
@@ -25,6 +26,9 @@ type cluster struct {
 	nodes  map[string]*member
 	down   map[string]bool
 	claims map[string]bool // one-per-user places, shared like the Redis set
+	// creates, when set before the nodes start, is their shared creation
+	// limit (Config.SharedCreates).
+	creates *limit.Shared
 	// latency: a lease answer reaches its holder up to this long after the
 	// owner built it (set before the first grab).
 	latency time.Duration
@@ -111,7 +115,12 @@ func (p peers) Recover(_ context.Context, holder string, req RecoverReq) (Recove
 const shardRoom, shardAnchor = 7, 1
 
 func newCluster(t *testing.T, names ...string) *cluster {
-	c := &cluster{nodes: map[string]*member{}, down: map[string]bool{}, claims: map[string]bool{}}
+	return newClusterLimited(t, nil, names...)
+}
+
+// newClusterLimited is newCluster with a shared creation limit.
+func newClusterLimited(t *testing.T, creates *limit.Shared, names ...string) *cluster {
+	c := &cluster{nodes: map[string]*member{}, down: map[string]bool{}, claims: map[string]bool{}, creates: creates}
 	for _, n := range names {
 		c.start(t, n, t.TempDir())
 	}
@@ -161,7 +170,7 @@ func (c *cluster) start(t *testing.T, name, dir string) {
 			c.mu.Unlock()
 			return nil
 		},
-		MaxDuration: time.Hour, CodeTag: -1,
+		MaxDuration: time.Hour, CodeTag: -1, SharedCreates: c.creates,
 	}, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	if err != nil {
 		t.Fatal(err)

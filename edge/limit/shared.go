@@ -1,0 +1,63 @@
+package limit
+
+import (
+	"context"
+	"strconv"
+	"time"
+
+	"github.com/redis/rueidis"
+)
+
+// Shared is Keyed across the nodes of a cluster: the same GCRA, its one
+// value per key in Redis (le:rl:<name>:{key}, the theoretical arrival time
+// in unix ms by Redis's clock, expiring once idle), so a key's events count
+// wherever they happen. A nil *Shared allows everything (limit off).
+type Shared struct {
+	rdb      rueidis.Client
+	name     string
+	interval time.Duration // emission interval = per / rate
+	burst    time.Duration // tolerance = interval × (burst-1)
+}
+
+// SharedTimeout bounds one Allow's Redis call.
+const SharedTimeout = 2 * time.Second
+
+// NewShared returns a shared limiter named name (its keys' prefix) of rate
+// events per per per key with the given burst (≥ 1); rate ≤ 0 returns nil.
+// Intervals are whole milliseconds.
+func NewShared(rdb rueidis.Client, name string, rate int, per time.Duration, burst int) *Shared {
+	if rate <= 0 || per <= 0 || rdb == nil {
+		return nil
+	}
+	burst = max(burst, 1)
+	iv := max(per/time.Duration(rate), time.Millisecond)
+	return &Shared{rdb: rdb, name: name, interval: iv, burst: iv * time.Duration(burst-1)}
+}
+
+// gcraScript: KEYS the key; ARGV the interval and the tolerance in ms.
+// 1 = allowed (recorded), 0 = not.
+var gcraScript = rueidis.NewLuaScript(`
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local iv, tol = tonumber(ARGV[1]), tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
+if tat < now then tat = now end
+if tat - now > tol then return 0 end
+tat = tat + iv
+redis.call('SET', KEYS[1], string.format('%d', tat), 'PX', string.format('%d', tat - now + 1000))
+return 1`)
+
+// Allow reports whether one more event for key is allowed now, and records
+// it. An error (Redis did not answer) is for the caller to refuse on: a
+// limit that cannot be checked is not skipped.
+func (s *Shared) Allow(key uint64) (bool, error) {
+	if s == nil {
+		return true, nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), SharedTimeout)
+	defer cancel()
+	k := "le:rl:" + s.name + ":{" + strconv.FormatUint(key, 10) + "}"
+	n, err := gcraScript.Exec(ctx, s.rdb, []string{k},
+		[]string{strconv.FormatInt(s.interval.Milliseconds(), 10), strconv.FormatInt(s.burst.Milliseconds(), 10)}).AsInt64()
+	return n == 1, err
+}
