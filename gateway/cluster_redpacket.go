@@ -335,11 +335,20 @@ func (n *Node) unclaimRain(ctx context.Context, code string, user int64) error {
 
 // contributeRainClaims adds the one-per-user places of this node's grants to
 // a rebuilding wallet generation (persist.SharedConfig.Contribute): Redis
-// lost the sets, and a user granted a packet must not get a second one. The
-// grants do not change meanwhile (a grant is a wallet op, refused until the
-// generation is ready; so is a claim, claimScript).
+// lost the sets, and a user granted a packet must not get a second one —
+// the durable grants, and those in doubt (their ledger op may land later:
+// applied again at the rain's end). Neither changes meanwhile (a grant is a
+// wallet op, refused until the generation is ready; so is a claim,
+// claimScript).
 func (n *Node) contributeRainClaims(since time.Time, add func(op ...string) error) error {
-	return redpacket.ClaimsOnDisk(n.Store, n.Config.RedPacket.MaxDuration.D(), since, func(code string, user int64, until int64) error {
+	place := func(code string, user int64, until int64) error {
 		return add("sadd", rainClaimKey(code), strconv.FormatInt(user, 10), strconv.FormatInt(until+rainClaimSlack.Milliseconds(), 10))
-	})
+	}
+	if err := redpacket.ClaimsOnDisk(n.Store, n.Config.RedPacket.MaxDuration.D(), since, place); err != nil {
+		return err
+	}
+	if rp := n.rains.Load(); rp != nil {
+		return rp.InDoubtClaims(place)
+	}
+	return nil
 }

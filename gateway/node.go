@@ -59,6 +59,9 @@ type Node struct {
 
 	// RedPackets runs red-packet rains (edge/redpacket).
 	RedPackets *redpacket.Service
+	// rains is RedPackets once made, for the wallet's watcher
+	// (contributeRainClaims runs on it, maybe before RedPackets is set).
+	rains atomic.Pointer[redpacket.Service]
 
 	// Accounts holds account statuses (frozen users): Pebble in local
 	// mode, Redis in shared mode.
@@ -370,14 +373,17 @@ func (n *Node) startRouter() error {
 		return nil
 	}
 	var cl atomic.Pointer[router.Cluster]
+	routerBack := func(*nats.Conn) {
+		if c := cl.Load(); c != nil {
+			c.Reconnected()
+		}
+	}
 	nc, err := nats.Connect(cfg.NATS.URL, nats.Name(cfg.Node.ID+"-router"), nats.NoEcho(),
 		nats.RetryOnFailedConnect(true), nats.MaxReconnects(-1), nats.ReconnectWait(500*time.Millisecond),
 		nats.ReconnectBufSize(8<<20),
-		nats.ReconnectHandler(func(*nats.Conn) {
-			if c := cl.Load(); c != nil {
-				c.Reconnected() // messages may have been lost while away
-			}
-		}))
+		// Messages may have been lost while away — or, when NATS was down
+		// at the start, while this node served without it.
+		nats.ReconnectHandler(routerBack), nats.ConnectHandler(routerBack))
 	if err != nil {
 		return fmt.Errorf("router nats %s: %w", cfg.NATS.URL, err)
 	}

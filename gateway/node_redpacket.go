@@ -49,6 +49,7 @@ func (n *Node) newRedPackets() (err error) {
 		return err
 	}
 	n.Rooms.SetRedPacket(n.RedPackets.ActiveCode)
+	n.rains.Store(n.RedPackets)
 	return nil
 }
 

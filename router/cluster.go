@@ -259,9 +259,10 @@ func NewCluster(cfg ClusterConfig) (*Cluster, error) {
 		return nil, err
 	}
 	c.heartbeat(true)
-	c.wg.Add(2)
+	c.wg.Add(3)
 	go c.presenceLoop()
 	go c.sweepLoop()
+	go c.keeper()
 	return c, nil
 }
 
@@ -275,6 +276,7 @@ func (c *Cluster) Close() {
 	close(c.stop)
 	c.wg.Wait()
 	_ = c.handoffs.sub.Unsubscribe()
+	c.keepUnanswered()
 	ctx, cancel := context.WithTimeout(context.Background(), c.cfg.CallTimeout)
 	defer cancel()
 	// Withdraw this node's presence: its entries, then its alive key.
@@ -1051,8 +1053,12 @@ func (c *Cluster) Register(s Session) {
 			if c.local.sendMsg(u, msg) == 0 && msg.Ack {
 				// The user left this node meanwhile: kept for their next
 				// connect if they are nowhere else. (Online elsewhere, they
-				// got it there: that node is subscribed too.)
-				c.keepAway(u, msg)
+				// got it there: that node is subscribed too — or, if it is
+				// away from NATS, a hand-off is not answered here: its
+				// sender keeps it for them.)
+				if c.keepAway(u, msg) {
+					return
+				}
 			}
 			answerHandoff(m)
 		})

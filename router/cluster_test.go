@@ -411,7 +411,7 @@ func TestClusterUserPushAcrossANATSRestart(t *testing.T) {
 	second := push()
 	waitFor("b reconnected", 10*time.Second, b.nc.IsConnected)
 	waitFor("the push sent while b was away delivered", 10*time.Second, func() bool { return len(s.got()) >= 2 })
-	if got := s.got(); !slices.Equal(got, []string{first, second}) {
+	if got := slices.Compact(s.got()); !slices.Equal(got, []string{first, second}) { // at least once: a second copy is dropped by mid
 		t.Fatalf("the session got %v, want [%s %s]", got, first, second)
 	}
 	if k := a.ClusterStats().HandoffsKept; k != 1 {

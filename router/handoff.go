@@ -20,15 +20,28 @@ import (
 // the user's subject: a holder subscribed by then drains the list on the
 // hint; one that subscribes later drains it after its reconnect
 // (Reconnected: subscriptions first, a flush, then every local user's list).
-// Either way the push arrives at least once; the SDKs drop a second copy by
-// mid (a holder too slow to answer gets it twice).
+// The hint is published again every second for hintFor (a NATS cluster: the
+// holder's interest may reach the sender's server later, and a holder that
+// never lost its connection does not drain on its own). A holder that took
+// nothing (the user left it, online elsewhere) does not answer. Either way
+// the push arrives at least once; the SDKs drop a second copy by mid (a
+// holder too slow to answer gets it twice). Keeping (a Redis call) runs on
+// one keeper goroutine, never on the NATS callback or the sweep.
+//
+// During a rolling upgrade, a node without hand-offs never answers: its
+// users' reliable pushes are also kept in their lists (a second copy at
+// their next connect), and it counts the hints as bad wire messages.
 
 const (
 	// handoffWait is how long a hand-off waits for a holder's answer.
 	handoffWait = 2 * time.Second
-	// maxHandoffs bounds the hand-offs waiting for an answer; past it a push
-	// is kept in the offline list and hinted at once.
+	// maxHandoffs bounds the hand-offs waiting for an answer, and those
+	// waiting to be kept; past it a push is kept in the offline list at once.
 	maxHandoffs = 65536
+	// hintFor is how long a kept push's user is hinted again.
+	hintFor = 10 * time.Second
+	// keepOnClose bounds how long Close spends keeping unanswered hand-offs.
+	keepOnClose = 5 * time.Second
 )
 
 type handoffs struct {
@@ -37,6 +50,9 @@ type handoffs struct {
 	sub     *nats.Subscription
 	next    uint64
 	pending map[uint64]handoff
+	keep    chan handoff // unanswered, to the keeper
+	// hints are the users to hint again, each until its time (under mu).
+	hints map[int64]time.Time
 }
 
 type handoff struct {
@@ -50,6 +66,8 @@ func (c *Cluster) startHandoffs() error {
 	h := &c.handoffs
 	h.prefix = c.nc.NewRespInbox() + "."
 	h.pending = map[uint64]handoff{}
+	h.keep = make(chan handoff, maxHandoffs)
+	h.hints = map[int64]time.Time{}
 	sub, err := c.nc.Subscribe(h.prefix+"*", c.handoffAnswered)
 	if err != nil {
 		return err
@@ -64,8 +82,7 @@ func (c *Cluster) handOff(user int64, m Msg) {
 	h.mu.Lock()
 	if len(h.pending) >= maxHandoffs {
 		h.mu.Unlock()
-		c.stats.handoffsKept.Add(1)
-		c.keepForHolder(user, m)
+		c.keepLater(handoff{user: user, msg: m})
 		return
 	}
 	h.next++
@@ -75,8 +92,7 @@ func (c *Cluster) handOff(user int64, m Msg) {
 	if err := c.nc.PublishRequest(userSubject(user), h.prefix+strconv.FormatUint(tok, 10), appendUserPush(nil, m)); err != nil {
 		c.log.Warn("user push not handed off", "user", user, "err", err)
 		if ho, ok := c.takeHandoff(tok); ok {
-			c.stats.handoffsKept.Add(1)
-			c.keepForHolder(ho.user, ho.msg)
+			c.keepLater(ho)
 		}
 	}
 }
@@ -92,8 +108,7 @@ func (c *Cluster) handoffAnswered(m *nats.Msg) {
 		return // answered already (another holder), or given up
 	}
 	if len(m.Data) == 0 && m.Header.Get("Status") == "503" { // no responders
-		c.stats.handoffsKept.Add(1)
-		c.keepForHolder(ho.user, ho.msg)
+		c.keepLater(ho)
 	}
 }
 
@@ -106,11 +121,14 @@ func (c *Cluster) takeHandoff(tok uint64) (handoff, bool) {
 	return ho, ok
 }
 
-// sweepHandoffs keeps the hand-offs nobody answered in time.
+// sweepHandoffs hands the hand-offs nobody answered in time to the keeper,
+// and hints again the users of pushes kept lately.
 func (c *Cluster) sweepHandoffs() {
 	h := &c.handoffs
-	cut := time.Now().Add(-handoffWait)
+	now := time.Now()
+	cut := now.Add(-handoffWait)
 	var late []handoff
+	var hint []int64
 	h.mu.Lock()
 	for tok, ho := range h.pending {
 		if ho.at.Before(cut) {
@@ -118,20 +136,94 @@ func (c *Cluster) sweepHandoffs() {
 			delete(h.pending, tok)
 		}
 	}
+	for u, until := range h.hints {
+		if now.After(until) {
+			delete(h.hints, u)
+		} else {
+			hint = append(hint, u)
+		}
+	}
 	h.mu.Unlock()
 	for _, ho := range late {
-		c.stats.handoffsKept.Add(1)
+		c.keepLater(ho)
+	}
+	for _, u := range hint {
+		c.hint(u)
+	}
+}
+
+// keepLater hands ho to the keeper (kept here at once if its queue is full).
+func (c *Cluster) keepLater(ho handoff) {
+	select {
+	case c.handoffs.keep <- ho:
+	default:
+		c.keepForHolder(ho.user, ho.msg)
+	}
+}
+
+// keeper keeps the hand-offs nobody answered, one at a time.
+func (c *Cluster) keeper() {
+	defer c.wg.Done()
+	for {
+		select {
+		case <-c.stop:
+			return
+		case ho := <-c.handoffs.keep:
+			c.keepForHolder(ho.user, ho.msg)
+		}
+	}
+}
+
+// keepUnanswered keeps, at Close, the hand-offs still waiting for an answer
+// or for the keeper (for at most keepOnClose).
+func (c *Cluster) keepUnanswered() {
+	h := &c.handoffs
+	h.mu.Lock()
+	left := make([]handoff, 0, len(h.pending))
+	for tok, ho := range h.pending {
+		left = append(left, ho)
+		delete(h.pending, tok)
+	}
+	h.mu.Unlock()
+	deadline := time.Now().Add(keepOnClose)
+	for {
+		select {
+		case ho := <-h.keep:
+			left = append(left, ho)
+			continue
+		default:
+		}
+		break
+	}
+	for i, ho := range left {
+		if time.Now().After(deadline) {
+			c.log.Warn("unanswered user pushes not kept at close", "pushes", len(left)-i)
+			return
+		}
 		c.keepForHolder(ho.user, ho.msg)
 	}
 }
 
 // keepForHolder keeps m in the user's offline list (this node's box if Redis
-// does not take it) and hints the holders to drain the list.
+// does not take it) and hints the holders to drain the list, now and for
+// hintFor.
 func (c *Cluster) keepForHolder(user int64, m Msg) {
+	c.stats.handoffsKept.Add(1)
 	if !c.storeOffline(user, m) {
 		c.local.keepHere(user, []Msg{m})
 		return
 	}
+	h := &c.handoffs
+	h.mu.Lock()
+	if len(h.hints) < maxHandoffs {
+		h.hints[user] = time.Now().Add(hintFor)
+	}
+	h.mu.Unlock()
+	c.hint(user)
+}
+
+// hint tells the user's holders to drain the user's offline list.
+func (c *Cluster) hint(user int64) {
 	if err := c.nc.Publish(userSubject(user), nil); err != nil {
 		c.log.Warn("drain hint not published", "user", user, "err", err)
 	}
@@ -164,9 +256,15 @@ func (c *Cluster) drainAfterReconnect() {
 			}
 		}()
 	}
+	defer func() {
+		close(work)
+		wg.Wait()
+	}()
 	for _, u := range users {
-		work <- u
+		select {
+		case <-c.stop:
+			return // closing: its sessions go too
+		case work <- u:
+		}
 	}
-	close(work)
-	wg.Wait()
 }

@@ -393,7 +393,9 @@ func (s *Service) CreateOrder(user int64, r CreateReq) (Order, error) {
 			}
 			o, err := s.Get(id)
 			if err == nil {
-				s.markBound(o) // again: a crash may have come between the confirm and the record
+				if _, gerr := s.store.Get(reqBoundKey(o.CreatedAt, id)); errors.Is(gerr, persist.ErrNotFound) {
+					s.markBound(o) // a crash came between the confirm and the record
+				}
 			}
 			return o, err
 		}

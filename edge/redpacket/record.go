@@ -1,11 +1,13 @@
 package redpacket
 
 import (
+	"cmp"
 	"crypto/rand"
 	"encoding/base32"
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -216,4 +218,53 @@ func ClaimsOnDisk(store *persist.Store, maxDuration time.Duration, since time.Ti
 		}
 		return fn(string(rest[:len(rest)-5]), g.User, until)
 	})
+}
+
+// InDoubtClaims calls fn, in a stable order, with every grant this node has
+// in doubt (the wallet could not tell its outcome; applied again at the
+// rain's end, so it may still land): its rain, its user and the rain's end.
+// Rebuilt places (ClaimsOnDisk) must keep these users too — their grant
+// may be in no ledger yet, and their retry must not take a second packet.
+func (s *Service) InDoubtClaims(fn func(code string, user int64, until int64) error) error {
+	type claim struct {
+		code        string
+		user, until int64
+	}
+	s.mu.Lock()
+	rains := make([]*rain, 0, len(s.rains))
+	for _, r := range s.rains {
+		rains = append(rains, r)
+	}
+	shards := make([]*shard, 0, len(s.shards))
+	for _, sh := range s.shards {
+		shards = append(shards, sh)
+	}
+	s.mu.Unlock()
+	var out []claim
+	for _, r := range rains {
+		r.mu.Lock()
+		for _, op := range r.doubt {
+			out = append(out, claim{r.rec.Code, op.User, r.rec.EndsAt})
+		}
+		r.mu.Unlock()
+	}
+	for _, sh := range shards {
+		sh.mu.Lock()
+		for _, op := range sh.doubt {
+			out = append(out, claim{sh.code, op.User, sh.endsAt})
+		}
+		sh.mu.Unlock()
+	}
+	slices.SortFunc(out, func(a, b claim) int {
+		if c := strings.Compare(a.code, b.code); c != 0 {
+			return c
+		}
+		return cmp.Compare(a.user, b.user)
+	})
+	for _, c := range out {
+		if err := fn(c.code, c.user, c.until); err != nil {
+			return err
+		}
+	}
+	return nil
 }

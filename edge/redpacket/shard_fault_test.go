@@ -2,6 +2,7 @@ package redpacket
 
 import (
 	"context"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -288,6 +289,16 @@ func TestDoubtfulGrantKeepsItsShard(t *testing.T) {
 	fw.mu.Unlock()
 	if _, perr := c.grab("n2", "n1", 2, code); perr == nil {
 		t.Fatal("want the in-doubt error")
+	}
+	// Its user keeps the one-per-user place if Redis loses the sets: the
+	// rebuild lists them beside the durable grants.
+	var doubt []string
+	_ = h.InDoubtClaims(func(code string, user, until int64) error {
+		doubt = append(doubt, code+"/"+strconv.FormatInt(user, 10))
+		return nil
+	})
+	if len(doubt) != 1 || doubt[0] != code+"/2" {
+		t.Fatalf("in-doubt claims %v, want [%s/2]", doubt, code)
 	}
 	o := c.svc("n1")
 	o.end(o.get(code)) // time is up: settle → close n2 → its re-apply fails → retried in 5 s
