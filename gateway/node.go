@@ -302,12 +302,15 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 		}
 	}
 	var cstore ticket.CouponStore
+	var places *limit.Shared
 	if coupons != nil {
 		cstore = coupons
+		// A user's ticket orders are counted on every node (as this one's).
+		places = limit.NewShared(n.Redis, "tkorder", cfg.Tickets.OrdersPerMinute, time.Minute, max(1, cfg.Tickets.OrdersPerMinute))
 	}
 	n.Tickets, err = ticket.New(n.Store, n.Wallet, n.Pay, n.Router, ticket.Config{
 		PayTimeout: cfg.Tickets.PayTimeout.D(), OrdersPerMinute: cfg.Tickets.OrdersPerMinute, MaxPrograms: cfg.Tickets.MaxPrograms, MaxSeats: cfg.Tickets.MaxSeats, Log: log,
-		NextProgramID: n.nextProgramID(), Coupons: cstore})
+		NextProgramID: n.nextProgramID(), Coupons: cstore, SharedPlaces: places})
 	if err != nil {
 		return nil, err
 	}

@@ -26,8 +26,12 @@ type Config struct {
 	// replay of a req_id is free): more → 10429 (0 = no bound). Cancelled
 	// orders free their seats (per_user_max), not their records.
 	OrdersPerMinute int
-	Now             func() time.Time
-	Log             *slog.Logger
+	// SharedPlaces, if set, counts OrdersPerMinute on every node of a
+	// cluster as well (limit.Shared: a user's orders may go through any
+	// node).
+	SharedPlaces *limit.Shared
+	Now          func() time.Time
+	Log          *slog.Logger
 	// NextProgramID, if set, allocates the program id after last, the
 	// highest this node has (a cluster: ids that carry the node's worker id,
 	// unique across nodes); nil = last + 1.
@@ -351,6 +355,12 @@ func (s *Service) place(user int64, r PlaceReq) (Order, error) {
 		return Order{}, err
 	}
 	if !s.placeLimit.Allow(uint64(user)) {
+		return Order{}, proto.Errorf(proto.CodeRateLimited, "too many ticket orders placed, at most %d per minute", s.cfg.OrdersPerMinute)
+	}
+	if ok, err := s.cfg.SharedPlaces.Allow(uint64(user)); err != nil {
+		s.cfg.Log.Warn("ticket: the shared order limit not checked", "user", user, "err", err)
+		return Order{}, proto.Errorf(proto.CodeInternal, "could not check the order limit, retry")
+	} else if !ok {
 		return Order{}, proto.Errorf(proto.CodeRateLimited, "too many ticket orders placed, at most %d per minute", s.cfg.OrdersPerMinute)
 	}
 	// The guard makes this check-then-reserve safe: no other order of this

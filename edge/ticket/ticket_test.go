@@ -10,9 +10,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/liveedge/liveedge/edge/limit"
 	"github.com/liveedge/liveedge/edge/pay"
 	"github.com/liveedge/liveedge/gateway/proto"
 	"github.com/liveedge/liveedge/persist"
+	"github.com/liveedge/liveedge/persist/redistest"
 )
 
 // 10,000 concurrent buyers (in-process service calls, one goroutine each)
@@ -732,4 +734,30 @@ func (e *env) payAndSeats(id int64, payStatus, status string, prog int64, free, 
 		e.t.Fatalf("free %d locked %d sold %d, want %d %d %d", f, l, s, free, locked, sold)
 	}
 	e.conservation()
+}
+
+// A user's ticket orders are counted on every node (Config.SharedPlaces, in
+// Redis): at 2 a minute, orders through two nodes (each its own programs
+// and disk) make two, not two on each.
+func TestTicketOrdersPerMinuteAcrossNodes(t *testing.T) {
+	addr := redistest.Start(t).Addr
+	var envs []*env
+	var progs []int64
+	for range 2 {
+		e := newEnv(t, Config{OrdersPerMinute: 2, SharedPlaces: limit.NewShared(newRedisClient(t, addr), "tkorder", 2, time.Minute, 2)})
+		envs = append(envs, e)
+		progs = append(progs, e.program([]CategoryDef{{ID: 1, Name: "A", Price: 100, Rows: 1, Cols: 10}}, 4, 8))
+	}
+	for i, req := range []string{"a", "b"} {
+		if _, err := envs[i].svc.Place(7, PlaceReq{ProgramID: progs[i], CategoryID: 1, Count: 1, ReqID: req}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i := range envs {
+		_, err := envs[i].svc.Place(7, PlaceReq{ProgramID: progs[i], CategoryID: 1, Count: 1, ReqID: "c"})
+		wantCode(t, err, proto.CodeRateLimited)
+	}
+	for _, e := range envs {
+		e.conservation()
+	}
 }
