@@ -69,6 +69,10 @@ func (n *Node) payOwner(id int64) (string, error) {
 }
 
 // workerOwner returns the node holding worker id w's lease ("" = this node).
+// A lease Redis does not have (it restarted empty: its holder writes it
+// again within a second, pay.WorkerLease) or cannot tell is taken to be
+// still the node last seen holding it, within the lease's TTL — requests go
+// where they went a moment ago rather than failing "unreachable".
 func (n *Node) workerOwner(w int) (string, error) {
 	if n.Cluster == nil || n.worker == nil || w == n.worker.ID() {
 		return "", nil
@@ -77,12 +81,50 @@ func (n *Node) workerOwner(w int) (string, error) {
 	defer cancel()
 	owner, err := n.Redis.DoCache(ctx, n.Redis.B().Get().Key(pay.WorkerLeaseKey(w)).Cache(), 10*time.Second).ToString()
 	if err != nil {
-		return "", errOwnerDown // no lease: its node is gone for longer than the lease
+		if seen, ok := n.owners.get(w, time.Now()); ok {
+			owner = seen
+		} else {
+			return "", errOwnerDown // no lease: its node is gone for longer than the lease
+		}
+	} else {
+		n.owners.put(w, owner, time.Now())
 	}
 	if owner == n.Config.Node.ID {
 		return "", nil
 	}
 	return owner, nil
+}
+
+// ownersSeen are the nodes last seen holding each worker id's lease (at
+// most pay.MaxWorkers entries: keys come from Redis's answers).
+type ownersSeen struct {
+	mu sync.Mutex
+	m  map[int]ownerSeen
+}
+
+type ownerSeen struct {
+	node string
+	at   time.Time
+}
+
+func (o *ownersSeen) put(w int, node string, now time.Time) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if o.m == nil {
+		o.m = map[int]ownerSeen{}
+	}
+	o.m[w] = ownerSeen{node: node, at: now}
+}
+
+// get returns the node seen holding w's lease within the lease's TTL.
+func (o *ownersSeen) get(w int, now time.Time) (string, bool) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	s, ok := o.m[w]
+	if !ok || now.Sub(s.at) >= pay.DefaultLeaseTTL {
+		return "", false
+	}
+	return s.node, true
 }
 
 // payForwardQueue bounds the forwarded requests waiting for one of the

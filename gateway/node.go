@@ -62,6 +62,8 @@ type Node struct {
 	// rains is RedPackets once made, for the wallet's watcher
 	// (contributeRainClaims runs on it, maybe before RedPackets is set).
 	rains atomic.Pointer[redpacket.Service]
+	// owners are the nodes last seen holding the worker leases (workerOwner).
+	owners ownersSeen
 
 	// Accounts holds account statuses (frozen users): Pebble in local
 	// mode, Redis in shared mode.

@@ -156,3 +156,34 @@ func TestClusterOrderRateCountedAcrossNodes(t *testing.T) {
 		t.Fatalf("%d orders made through two nodes, want 4 (the minute's count, shared)", made)
 	}
 }
+
+// Redis restarts empty: an order is still read through a node that does not
+// own it at once — the owner's worker lease is gone until the owner writes
+// it again (within a second), and meanwhile the node it was last seen on is
+// asked (before: "unreachable, retry" for that second).
+func TestClusterOrderReadRightAfterRedisLoss(t *testing.T) {
+	c := startCluster(t, 2, "LIVEEDGE_PAY_SECRETS=cluster-test-pay-secret-0123")
+	const user = 603
+	tok := devToken(t, c.nodes[0].http, user, "viewer")
+	o, st, code := createOrderVia(t, c.nodes[0].http, tok, "read-after-loss")
+	if st != 200 {
+		t.Fatalf("create: %d %d", st, code)
+	}
+	get := func() (int, int) {
+		var out struct {
+			Code int       `json:"code"`
+			Data pay.Order `json:"data"`
+		}
+		st := nodetest.DoJSON(t, "GET", "http://"+c.nodes[1].http+"/api/v1/pay/orders/"+o.OrderID, tok, "", &out)
+		return st, out.Code
+	}
+	if st, code := get(); st != 200 {
+		t.Fatalf("read through gw-2: %d %d", st, code)
+	}
+	c.redis.Restart()
+	for i := range 5 {
+		if st, code := get(); st != 200 {
+			t.Fatalf("read %d through gw-2 right after Redis lost its data: %d %d", i, st, code)
+		}
+	}
+}
