@@ -259,7 +259,10 @@ func (l *Local) Join(id int64, s Session) (int, error) {
 // since.Off that the pump has already taken are replayed to s (from the ring,
 // else from cfg.History) before s can receive any later push: fanMu keeps the
 // pump out while the replay is queued, and every push not yet taken reaches s
-// through the pump because s is a member before fanMu is released.
+// through the pump because s is a member before fanMu is released. A read of
+// cfg.History (Redis in a cluster) is made with no lock held — the room's
+// fan-out never waits on it — and what the pump took meanwhile comes from the
+// ring (or one more read) once the locks are taken again.
 func (l *Local) JoinAt(id int64, s Session, since *proto.Position) (Joined, error) {
 	r := l.room(id)
 	if r == nil {
@@ -277,47 +280,73 @@ func (l *Local) JoinAt(id int64, s Session, since *proto.Position) (Joined, erro
 	}
 	sr.mu.Unlock()
 
-	r.fanMu.Lock()
-	defer r.fanMu.Unlock()
-	r.mu.Lock()
-	if r.closed {
-		r.mu.Unlock()
-		l.forget(s, id)
-		return Joined{}, ErrNoRoom
-	}
-	if _, in := r.members[s.ID()]; !in {
-		r.members[s.ID()] = s
-		r.dirty = true
-		l.members.Add(1)
-	}
-	j := Joined{Online: len(r.members), Off: r.taken, Ep: r.ep}
-	var replay []Msg
-	needFrom, needTo := int64(0), int64(0)
-	if since != nil {
-		switch {
-		case since.Ep != r.ep || r.ep == "":
-		case since.Off >= r.taken: // nothing missed that the pump will not bring
-			j.Recovered = true
-		case r.taken-since.Off > int64(max(l.cfg.HistorySize, 0)):
-			// More than any history keeps: no read (under fanMu) can help.
-		default:
+	var read []Msg // from cfg.History: since.Off+1 .. readTo of epoch readEp
+	var readEp string
+	var readTo int64
+	for reads := 0; ; reads++ {
+		r.fanMu.Lock()
+		r.mu.Lock()
+		if r.closed {
+			r.mu.Unlock()
+			r.fanMu.Unlock()
+			l.forget(s, id)
+			return Joined{}, ErrNoRoom
+		}
+		j := Joined{Off: r.taken, Ep: r.ep}
+		var replay []Msg
+		needTo := int64(0)
+		if since != nil {
 			notBefore := time.Now().Add(-l.cfg.HistoryTTL).UnixNano()
-			if msgs, ok := r.hist.rangeOf(since.Off+1, r.taken, notBefore); ok {
-				replay, j.Recovered = msgs, true
-			} else {
-				needFrom, needTo = since.Off+1, r.taken
+			switch {
+			case since.Ep != r.ep || r.ep == "":
+			case since.Off >= r.taken: // nothing missed that the pump will not bring
+				j.Recovered = true
+			case r.taken-since.Off > int64(max(l.cfg.HistorySize, 0)):
+				// More than any history keeps.
+			default:
+				if msgs, ok := r.hist.rangeOf(since.Off+1, r.taken, notBefore); ok {
+					replay, j.Recovered = msgs, true
+				} else if readEp == r.ep && readTo > 0 {
+					// Read before: the rest (what the pump took meanwhile)
+					// from the ring.
+					if rest, ok := r.hist.rangeOf(readTo+1, r.taken, notBefore); ok {
+						replay, j.Recovered = append(read, rest...), true
+					} else {
+						needTo = r.taken
+					}
+				} else {
+					needTo = r.taken
+				}
 			}
 		}
+		if needTo > 0 && l.cfg.History != nil && reads < 2 {
+			ep := r.ep
+			r.mu.Unlock()
+			r.fanMu.Unlock()
+			var ok bool
+			if read, ok = l.cfg.History(id, ep, since.Off+1, needTo); ok {
+				readEp, readTo = ep, needTo
+			} else {
+				read, readEp, readTo = nil, "", 0
+				if reads == 0 {
+					reads = 1 // a failed read is not tried twice
+				}
+			}
+			continue
+		}
+		if _, in := r.members[s.ID()]; !in {
+			r.members[s.ID()] = s
+			r.dirty = true
+			l.members.Add(1)
+		}
+		j.Online = len(r.members)
+		r.mu.Unlock()
+		if len(replay) > 0 {
+			l.sendChunks(replay, s)
+		}
+		r.fanMu.Unlock()
+		return j, nil
 	}
-	r.mu.Unlock()
-	if needTo > 0 && l.cfg.History != nil {
-		// Still under fanMu: nothing newer reaches s before the replay.
-		replay, j.Recovered = l.cfg.History(id, j.Ep, needFrom, needTo)
-	}
-	if len(replay) > 0 {
-		l.sendChunks(replay, s)
-	}
-	return j, nil
 }
 
 // Leave implements Router.

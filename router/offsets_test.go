@@ -4,6 +4,7 @@ import (
 	"strconv"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/liveedge/liveedge/gateway/proto"
 )
@@ -134,4 +135,61 @@ func TestJoinSinceUnderConcurrentPublish(t *testing.T) {
 		waitFor(t, func() bool { return int64(len(s.got())) == total-sinces[i] })
 		consecutive(t, s.got(), sinces[i]+1, total)
 	}
+}
+
+// A join whose replay needs cfg.History (Redis in a cluster) reads it with
+// no lock held: the room's other members keep getting pushes meanwhile —
+// before, the read held the room's fan-out lock, and one slow read (or a
+// join storm after a node died) stalled the whole room on this node. The
+// joiner still gets one gap-free sequence: the read, what the pump took
+// meanwhile, then the rest.
+func TestJoinHistoryReadDoesNotStallTheRoom(t *testing.T) {
+	release := make(chan struct{})
+	reading := make(chan struct{}, 1)
+	l := NewLocal("gw-1", LocalConfig{HistorySize: 100, History: func(room int64, ep string, from, to int64) ([]Msg, bool) {
+		reading <- struct{}{}
+		<-release
+		var out []Msg
+		for o := from; o <= to; o++ {
+			out = append(out, Msg{Off: o, Bytes: []byte(`{}`)})
+		}
+		return out, true
+	}})
+	l.OpenRoom(1)
+	l.SetPosition(1, "E1", 100) // as a cluster node that just subscribed: nothing in the ring
+	a := &offSink{id: 1}
+	if _, err := l.JoinAt(1, a, nil); err != nil {
+		t.Fatal(err)
+	}
+	b := &offSink{id: 2}
+	joined := make(chan Joined)
+	go func() {
+		j, err := l.JoinAt(1, b, &proto.Position{Off: 90, Ep: "E1"})
+		if err != nil {
+			t.Error(err)
+		}
+		joined <- j
+	}()
+	<-reading
+	for range 5 {
+		if _, err := l.PublishRoom(1, proto.Push{Biz: proto.BizChat}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	deadline := time.Now().Add(2 * time.Second)
+	for len(a.got()) < 5 && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	close(release)
+	if got := a.got(); len(got) != 5 {
+		t.Fatalf("the room's member got %v while a joiner's history read was under way, want 101..105 at once", got)
+	}
+	if j := <-joined; !j.Recovered {
+		t.Fatalf("join since 90: %+v", j)
+	}
+	if _, err := l.PublishRoom(1, proto.Push{Biz: proto.BizChat}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, func() bool { return len(b.got()) >= 16 })
+	consecutive(t, b.got(), 91, 106)
 }
