@@ -199,6 +199,14 @@ func (c *Conn) end() {
 	c.srv.inflight.Done()
 }
 
+// QueueRoom implements router.QueueRoom: the bytes the send queue can still
+// take before the connection is closed as a slow consumer.
+func (c *Conn) QueueRoom() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.srv.cfg.WS.SendQueueBytes - c.queued
+}
+
 // reply queues a reply frame.
 func (c *Conn) reply(b []byte) {
 	c.enqueue(router.NewFrame(router.Msg{Bytes: b}))

@@ -341,6 +341,12 @@ func (l *Local) JoinAt(id int64, s Session, since *proto.Position) (Joined, erro
 		}
 		j.Online = len(r.members)
 		r.mu.Unlock()
+		if qr, ok := s.(QueueRoom); ok && len(replay) > 0 && bytesOf(replay) > qr.QueueRoom() {
+			// It would overflow the session's queue (closed as a slow
+			// consumer — and the same join again after it reconnects):
+			// not replayed, the client re-syncs.
+			replay, j.Recovered = nil, false
+		}
 		if len(replay) > 0 {
 			l.sendChunks(replay, s)
 		}
@@ -647,6 +653,19 @@ func (l *Local) sendPart(f *Frame, members []Session) {
 
 // sendChunks hands msgs to one session in frames of the usual size; it
 // returns those the session refused (it is closing), from the first.
+// QueueRoom is implemented by sessions whose send queue is bounded: the
+// payload bytes it can take now. A join's replay that does not fit is not
+// sent (Joined.Recovered false: the client re-syncs).
+type QueueRoom interface{ QueueRoom() int }
+
+func bytesOf(msgs []Msg) int {
+	n := 0
+	for _, m := range msgs {
+		n += len(m.Bytes)
+	}
+	return n
+}
+
 func (l *Local) sendChunks(msgs []Msg, s Session) []Msg {
 	for len(msgs) > 0 {
 		n, size := 0, 0

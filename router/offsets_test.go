@@ -193,3 +193,37 @@ func TestJoinHistoryReadDoesNotStallTheRoom(t *testing.T) {
 	waitFor(t, func() bool { return len(b.got()) >= 16 })
 	consecutive(t, b.got(), 91, 106)
 }
+
+// tightSink's queue has room for room bytes.
+type tightSink struct {
+	offSink
+	room int
+}
+
+func (s *tightSink) QueueRoom() int { return s.room }
+
+// A replay larger than the joiner's queue can take is not sent: the join
+// answers recovered:false (the client re-syncs). Before, it was queued and
+// overflowed the queue — the session closed as a slow consumer, and the
+// same join after its reconnect closed it again.
+func TestJoinReplayTooBigForTheQueueIsNotRecovered(t *testing.T) {
+	l := NewLocal("gw-1", LocalConfig{HistorySize: 100})
+	l.OpenRoom(1)
+	a := &offSink{id: 1}
+	j, _ := l.JoinAt(1, a, nil)
+	for range 10 {
+		if _, err := l.PublishRoom(1, proto.Push{Biz: proto.BizChat, Data: []byte(`{"text":"0123456789012345678901234567890123456789"}`)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitFor(t, func() bool { return len(a.got()) == 10 })
+	small := &tightSink{offSink: offSink{id: 2}, room: 200}
+	if j2, err := l.JoinAt(1, small, &proto.Position{Off: 0, Ep: j.Ep}); err != nil || j2.Recovered || len(small.got()) != 0 {
+		t.Fatalf("a replay of 10 pushes into 200 bytes of room: %+v %v, replayed %v", j2, err, small.got())
+	}
+	roomy := &tightSink{offSink: offSink{id: 3}, room: 64 << 10}
+	if j3, err := l.JoinAt(1, roomy, &proto.Position{Off: 5, Ep: j.Ep}); err != nil || !j3.Recovered {
+		t.Fatalf("a replay that fits: %+v %v", j3, err)
+	}
+	consecutive(t, roomy.got(), 6, 10)
+}
