@@ -74,6 +74,10 @@ type pendingPush struct {
 	tries int
 	next  time.Time
 	seq   uint64 // order tracked (stopAcks)
+	// given: resent ws.resend_max_tries times, not acked — no more resends
+	// here; a user push is kept until the connection goes, then handed on
+	// with the other unacked ones (the user's next session gets it).
+	given bool
 }
 
 var (
@@ -456,6 +460,9 @@ func (c *Conn) track(m router.Msg) bool {
 	return true
 }
 
+// maxResendShift caps the resend backoff's doubling (base << tries).
+const maxResendShift = 16
+
 // acked forgets acknowledged pushes.
 func (c *Conn) acked(mids []string) {
 	c.ackMu.Lock()
@@ -479,14 +486,21 @@ func (c *Conn) resendDue() {
 	var next time.Time
 	base := c.srv.cfg.WS.ResendAfter.D()
 	for mid, p := range c.pending {
+		if p.given {
+			continue
+		}
 		if !p.next.After(now) {
 			if p.tries >= c.srv.cfg.WS.ResendMaxTries {
-				delete(c.pending, mid)
 				c.srv.metrics.resendGiveUps.Inc()
+				if p.msg.Off > 0 {
+					delete(c.pending, mid) // a room push: recovered by the room's offsets
+				} else {
+					p.given = true // a user push: handed on at close, never dropped
+				}
 				continue
 			}
 			p.tries++
-			p.next = now.Add(base << p.tries)
+			p.next = now.Add(base << min(p.tries, maxResendShift))
 			due = append(due, p.msg)
 		}
 		if next.IsZero() || p.next.Before(next) {

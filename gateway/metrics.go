@@ -49,7 +49,7 @@ func newMetrics(node string, r router.Router) *metrics {
 		framesIn:      prometheus.NewCounter(prometheus.CounterOpts(f("frames_in_total", "WebSocket frames read."))),
 		badFrames:     prometheus.NewCounter(prometheus.CounterOpts(f("bad_frames_total", "Client frames answered with 10001."))),
 		resends:       prometheus.NewCounter(prometheus.CounterOpts(f("resends_total", "Reliable pushes resent for want of an ack."))),
-		resendGiveUps: prometheus.NewCounter(prometheus.CounterOpts(f("resend_giveups_total", "Reliable pushes dropped after the last resend."))),
+		resendGiveUps: prometheus.NewCounter(prometheus.CounterOpts(f("resend_giveups_total", "Reliable pushes not resent after the last try (room pushes dropped: the room offsets recover them; user pushes kept and handed on when the connection goes)."))),
 		queueDrops:    prometheus.NewCounter(prometheus.CounterOpts(f("queue_drops_total", "Frames refused because a send queue was full."))),
 		slowCloses:    prometheus.NewCounter(prometheus.CounterOpts(f("slow_consumer_closes_total", "Connections closed with 4408."))),
 		closes: prometheus.NewCounterVec(prometheus.CounterOpts(f("closes_total", "Connections closed by the server, by reason.")),

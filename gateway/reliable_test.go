@@ -71,3 +71,27 @@ func countPushes(r *nodetest.Raw, mid string, d time.Duration) int {
 		}
 	}
 }
+
+// A user push still not acked after the last resend is not dropped: it
+// stays with the connection (no more resends) and is handed on when the
+// connection goes, so the user's next session gets it — before, it was
+// deleted at the last try (a 5570 wallet credit lost for good).
+func TestReliablePushGivenUpIsHandedOnAtClose(t *testing.T) {
+	cfg := nodetest.Config(t)
+	cfg.WS.ResendAfter = configsDuration(20 * time.Millisecond)
+	cfg.WS.ResendMaxTries = 3
+	n := nodetest.Start(t, cfg)
+	r := dial(t, n, 501, nodetest.RawOptions{Batch: true})
+	mid, reached := n.Router.SendUser(501, proto.Push{Biz: proto.BizWalletCredit, Data: []byte(`{"balance":1,"delta":1,"reason":"dev"}`), Ack: true})
+	if reached != 1 {
+		t.Fatalf("reached %d sessions", reached)
+	}
+	if k := countPushes(r, mid, 2*time.Second); k != 4 { // the first delivery and three resends, then none
+		t.Fatalf("push sent %d times, want 4", k)
+	}
+	r.Close()
+	next := dial(t, n, 501, nodetest.RawOptions{Batch: true})
+	if f := next.NextOfType(proto.TypePush, 5*time.Second); f.Mid != mid {
+		t.Fatalf("the next session got %+v, want the push given up on (%s)", f, mid)
+	}
+}
