@@ -205,3 +205,30 @@ func TestSDKTokenFuncRenewsAfter4501(t *testing.T) {
 		t.Fatalf("static-token client stopped with %v, want close %d", s.Err(), proto.CloseTokenExpired)
 	}
 }
+
+// A token valid past 2262 (its exp in nanoseconds overflows int64) is not
+// taken as expired: the connection stays open through the sweeps (it was
+// closed with 4501, which clients treat as final, at the first one).
+func TestFarFutureTokenIsNotExpired(t *testing.T) {
+	cfg := nodetest.Config(t)
+	cfg.WS.Heartbeat = configsDuration(200 * time.Millisecond)
+	n := nodetest.Start(t, cfg)
+	tok, err := n.Auth.Issue(7, gateway.RoleViewer, 250*365*24*time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := nodetest.MustDialRaw(t, nodetest.WSURL(n), tok, nodetest.RawOptions{})
+	if h := r.Next(5 * time.Second); h.T != proto.TypeHello {
+		t.Fatalf("first frame %q, want hello", h.T)
+	}
+	for deadline := time.Now().Add(1500 * time.Millisecond); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+		if err := r.Send(`{"t":"ping","id":1}`); err != nil { // keeps it from the silence timeout
+			t.Fatal(err)
+		}
+		select {
+		case <-r.Closed():
+			t.Fatalf("closed with %d: a token valid until the 23rd century taken as expired", r.CloseCode())
+		default:
+		}
+	}
+}
