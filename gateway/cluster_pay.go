@@ -1,8 +1,11 @@
 package gateway
 
 import (
+	"bytes"
+	"compress/gzip"
 	"context"
 	"errors"
+	"io"
 	"log/slog"
 	"net/http"
 	"strings"
@@ -289,7 +292,51 @@ func (f *payForwards) run(pf payForward) {
 // a red-packet shard request).
 func respond(m *nats.Msg, rep any) {
 	b, _ := proto.Marshal(rep)
-	_ = m.Respond(b)
+	out := &nats.Msg{Subject: m.Reply, Data: b}
+	if len(b) > gzipAnswersOver {
+		// A program view of 20,000 seats is ~1.3 MB of JSON; NATS takes
+		// 1 MB by default. Seats compress well.
+		var buf bytes.Buffer
+		zw := gzip.NewWriter(&buf)
+		if _, err := zw.Write(b); err == nil && zw.Close() == nil && buf.Len() < len(b) {
+			out.Data, out.Header = buf.Bytes(), nats.Header{answerEncoding: []string{"gzip"}}
+		}
+	}
+	if err := m.RespondMsg(out); err != nil {
+		// Still too large (or not sent): said now, not left to the caller's
+		// timeout ("owner down" 5 s later).
+		eb, _ := proto.Marshal(struct {
+			Err *proto.Error `json:"err"`
+		}{Err: proto.Errorf(proto.CodeInternal, "the answer could not be sent between nodes (%d bytes)", len(out.Data))})
+		if rerr := m.Respond(eb); rerr != nil {
+			slog.Warn("forwarded answer not sent", "subject", m.Subject, "err", err)
+		}
+	}
+}
+
+// gzipAnswersOver is the size past which answers between nodes are gzipped
+// (header answerEncoding); answerData reads them.
+const (
+	gzipAnswersOver = 64 << 10
+	answerEncoding  = "Le-Encoding"
+	maxAnswerBytes  = 64 << 20
+)
+
+// answerData is an answer's payload, gunzipped if it was gzipped (at most
+// maxAnswerBytes).
+func answerData(m *nats.Msg) ([]byte, error) {
+	if m.Header.Get(answerEncoding) != "gzip" {
+		return m.Data, nil
+	}
+	zr, err := gzip.NewReader(bytes.NewReader(m.Data))
+	if err != nil {
+		return nil, err
+	}
+	b, err := io.ReadAll(io.LimitReader(zr, maxAnswerBytes+1))
+	if err == nil && len(b) > maxAnswerBytes {
+		err = errors.New("gateway: answer between nodes too large")
+	}
+	return b, err
 }
 
 // serveForward runs one forwarded request on this node.
@@ -331,7 +378,11 @@ func (n *Node) forwardPay(owner string, req payFwdReq) (payFwdRep, error) {
 		}
 		return rep, errOwnerDown
 	}
-	if err := proto.Unmarshal(m.Data, &rep); err != nil {
+	data, err := answerData(m)
+	if err != nil {
+		return rep, errOwnerDown
+	}
+	if err := proto.Unmarshal(data, &rep); err != nil {
 		return rep, errOwnerDown
 	}
 	return rep, nil

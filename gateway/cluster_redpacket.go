@@ -249,7 +249,11 @@ func (p rpPeers) call(ctx context.Context, node string, req rpShardReq) (rpShard
 	if err != nil {
 		return rep, errors.New("red packet shard " + req.Op + " on " + node + ": " + err.Error())
 	}
-	if err := proto.Unmarshal(m.Data, &rep); err != nil {
+	data, err := answerData(m)
+	if err != nil {
+		return rep, err
+	}
+	if err := proto.Unmarshal(data, &rep); err != nil {
 		return rep, err
 	}
 	if rep.Err != nil {

@@ -679,3 +679,23 @@ func TestClusterTicketsTenThousandBuyers(t *testing.T) {
 	t.Logf("phases: %d orders paid (%d seats), %d cancelled (%d seats), %d closed by the timeout; total %v",
 		len(toPay), paidSeats, len(toCancel), cancelledSeats, len(left), time.Since(began).Round(time.Millisecond))
 }
+
+// A program of 20,000 seats (the default tickets.max_seats) is viewed
+// through a node that does not own it: its view (~1.3 MB of JSON) is larger
+// than NATS takes by default (1 MB), so it travels gzipped. Before, the
+// owner's answer failed silently and the caller answered "unreachable"
+// after its 5 s timeout.
+func TestClusterLargeProgramViewedThroughAnyNode(t *testing.T) {
+	c := startCluster(t, 2)
+	admin := devToken(t, c.nodes[0].http, 9000, "admin")
+	pid := tixProgram(t, c.nodes[0], admin, `{"name":"stadium","categories":[`+
+		`{"category_id":1,"name":"A","price":380,"rows":100,"cols":100},`+
+		`{"category_id":2,"name":"B","price":180,"rows":100,"cols":100}],"per_order_max":4,"per_user_max":4}`)
+	start := time.Now()
+	if free, locked, sold := tixSeats(t, c.nodes[1], admin, pid); free != 20_000 || locked != 0 || sold != 0 {
+		t.Fatalf("through gw-2: free %d locked %d sold %d, want 20,000 free", free, locked, sold)
+	}
+	if d := time.Since(start); d > 4*time.Second {
+		t.Fatalf("the view took %v (the forward's timeout is 5 s)", d)
+	}
+}
