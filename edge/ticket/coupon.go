@@ -39,8 +39,9 @@ type CouponStore interface {
 	// GiveBack frees coupon id if order holds it — never a coupon another
 	// order holds, so repeating it changes nothing — and then calls commit
 	// with held (order held it) and the store's records to write with the
-	// order's in one batch. An unknown coupon is not held.
-	GiveBack(id, order string, commit func(held bool, recs []persist.Record) error) error
+	// order's in one batch. An unknown coupon is not held. user is the
+	// order's buyer.
+	GiveBack(id string, user int64, order string, commit func(held bool, recs []persist.Record) error) error
 }
 
 // PebbleCoupons keeps coupons in this node's Pebble (rec/tcoupon/<id>),
@@ -90,7 +91,7 @@ func (p *PebbleCoupons) Use(id string, user int64, order string, commit func(Cou
 }
 
 // GiveBack implements CouponStore: the coupon freed in commit's batch.
-func (p *PebbleCoupons) GiveBack(id, order string, commit func(bool, []persist.Record) error) error {
+func (p *PebbleCoupons) GiveBack(id string, _ int64, order string, commit func(bool, []persist.Record) error) error {
 	defer p.locks.Lock(id)()
 	c, err := p.Get(id)
 	if err != nil && proto.AsError(err).Code != proto.CodeCouponUnusable {
@@ -139,7 +140,7 @@ func (s *Service) giveBackCoupon(o *Order) (bool, error) {
 		return false, nil
 	}
 	did := false
-	err := s.cstore.GiveBack(o.CouponID, o.OrderID, func(held bool, recs []persist.Record) error {
+	err := s.cstore.GiveBack(o.CouponID, o.UserID, o.OrderID, func(held bool, recs []persist.Record) error {
 		if !held && !o.Steps.CouponUsed {
 			return nil // never taken: nothing to give back or record
 		}

@@ -268,11 +268,11 @@ func (r *SharedCoupons) Use(id string, user int64, order string, commit func(Cou
 }
 
 // GiveBack implements CouponStore.
-func (r *SharedCoupons) GiveBack(id, order string, commit func(bool, []persist.Record) error) error {
+func (r *SharedCoupons) GiveBack(id string, user int64, order string, commit func(bool, []persist.Record) error) error {
 	r.gate.RLock()
 	defer r.gate.RUnlock()
 	ctx, cancel := r.ctx()
-	held, err := couponBackScript.Exec(ctx, r.rdb, r.keys(id), []string{order}).AsInt64()
+	held, err := couponBackScript.Exec(ctx, r.rdb, r.keys(id), []string{order, strconv.FormatInt(user, 10)}).AsInt64()
 	cancel()
 	if err != nil || held < 0 {
 		return errCouponsUnavailable

@@ -100,7 +100,7 @@ func TestSharedCouponsOneUseClusterWide(t *testing.T) {
 	back := func(n *SharedCoupons, order string) bool {
 		t.Helper()
 		var held bool
-		if err := n.GiveBack("c42", order, func(h bool, recs []persist.Record) error { held = h; return nil }); err != nil {
+		if err := n.GiveBack("c42", 7, order, func(h bool, recs []persist.Record) error { held = h; return nil }); err != nil {
 			t.Fatal(err)
 		}
 		return held
@@ -134,7 +134,31 @@ func TestSharedCouponsOneUseClusterWide(t *testing.T) {
 	if !back(nodes[0], "o-late") {
 		t.Fatal("the give-back after a failed commit found nothing")
 	}
-	if err := nodes[0].GiveBack("c-none", "o1", func(h bool, _ []persist.Record) error {
+	// Orders of another user (their use is refused: 40005) give back
+	// nothing and leave no mark: the coupon's hash does not grow with them.
+	rdb := newRedisClient(t, addr)
+	fields := func() int64 {
+		n, err := rdb.Do(context.Background(), rdb.B().Hlen().Key(sharedCouponKey("c42")).Build()).AsInt64()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	before := fields()
+	for i := range 20 {
+		if err := nodes[1].GiveBack("c42", 8, "x"+strconv.Itoa(i), func(h bool, _ []persist.Record) error {
+			if h {
+				t.Error("another user's order held the coupon")
+			}
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if after := fields(); after != before {
+		t.Fatalf("another user's give-backs grew the coupon's hash from %d to %d fields", before, after)
+	}
+	if err := nodes[0].GiveBack("c-none", 7, "o1", func(h bool, _ []persist.Record) error {
 		if h {
 			t.Error("an unknown coupon held")
 		}
@@ -186,7 +210,7 @@ func TestSharedCouponsRefusedWhileRebuilding(t *testing.T) {
 	unavailable("get", err)
 	unavailable("grant", cp.Grant(Coupon{ID: "c2", UserID: 7, Amount: 30, CreatedAt: 2}))
 	unavailable("use", cp.Use("c1", 7, "o1", noCommit))
-	unavailable("give back", cp.GiveBack("c1", "o1", func(bool, []persist.Record) error { return nil }))
+	unavailable("give back", cp.GiveBack("c1", 7, "o1", func(bool, []persist.Record) error { return nil }))
 	hash, err := rdb.Do(context.Background(), rdb.B().Hgetall().Key(sharedCouponKey("c1")).Build()).AsStrMap()
 	if err != nil || len(hash) != 3 || hash["u"] != "7" || hash["a"] != "30" || hash["t"] != "1" {
 		t.Fatalf("c1 in Redis while rebuilding: %v %v (want its grant only)", hash, err)

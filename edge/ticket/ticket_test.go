@@ -499,11 +499,11 @@ type flakyCoupons struct {
 	failBack atomic.Bool
 }
 
-func (f *flakyCoupons) GiveBack(id, order string, commit func(bool, []persist.Record) error) error {
+func (f *flakyCoupons) GiveBack(id string, user int64, order string, commit func(bool, []persist.Record) error) error {
 	if f.failBack.Load() {
 		return errors.New("injected: coupon store unavailable")
 	}
-	return f.CouponStore.GiveBack(id, order, commit)
+	return f.CouponStore.GiveBack(id, user, order, commit)
 }
 
 // Program sizes are bounded (10001 beyond), and programs survive a restart
