@@ -45,7 +45,7 @@ func (s *Service) close(id, user int64, why string, onlyExpired bool) (*Order, e
 		unlock()
 		return o, nil
 	}
-	err = s.closeLocked(o, why)
+	err = s.closeLocked(o, why, !onlyExpired) // the sweep gives coupons back after it has closed every due order
 	unlock()
 	if err != nil {
 		return nil, err
@@ -71,8 +71,10 @@ func (s *Service) close(id, user int64, why string, onlyExpired bool) (*Order, e
 // crash before the order's write would leave a payable PENDING_PAY order
 // whose coupon someone else may take. A give-back that fails (or a crash
 // before it) is owed: the order says CouponUsed without CouponBack, and the
-// sweep (and the next start) gives it back (settleCoupon).
-func (s *Service) closeLocked(o *Order, why string) error {
+// sweep (and the next start) gives it back (settleCoupon). Without
+// giveBack it is owed at once: the sweep closes every due order — its seats
+// freed — before any coupon waits on a slow coupon store.
+func (s *Service) closeLocked(o *Order, why string, giveBack bool) error {
 	next := *o
 	next.Status, next.Note, next.UpdatedAt = StatusCancelled, why, s.cfg.Now().UnixMilli()
 	next.Steps.Released = true
@@ -84,7 +86,9 @@ func (s *Service) closeLocked(o *Order, why string) error {
 	s.release(o)
 	s.unpend(o.id)
 	if o.Steps.CouponUsed && !o.Steps.CouponBack {
-		if _, err := s.giveBackCoupon(o); err != nil {
+		if !giveBack {
+			s.owe(o.id)
+		} else if _, err := s.giveBackCoupon(o); err != nil {
 			s.cfg.Log.Warn("ticket: coupon not given back yet, the sweep retries", "order", o.OrderID, "err", err)
 			s.owe(o.id)
 		}
@@ -146,10 +150,6 @@ func (s *Service) CloseExpired() int {
 		}
 		stuck = append(stuck, id)
 	}
-	owed := make([]int64, 0, len(s.owed))
-	for id := range s.owed {
-		owed = append(owed, id)
-	}
 	s.pendMu.Unlock()
 	closed := 0
 	for _, id := range due {
@@ -163,9 +163,19 @@ func (s *Service) CloseExpired() int {
 	for _, id := range stuck {
 		s.resumeStuck(id)
 	}
-	for _, id := range owed {
+	s.pendMu.Lock()
+	owed := make([]int64, 0, len(s.owed))
+	for id := range s.owed {
+		owed = append(owed, id)
+	}
+	s.pendMu.Unlock()
+	for i, id := range owed {
 		if err := s.settleCoupon(id); err != nil {
-			s.cfg.Log.Error("ticket: give an owed coupon back", "order", id, "err", err)
+			// The coupon store is failing (Redis down or hanging: each call
+			// waits for its timeout): the rest wait for the next sweep
+			// rather than hold this one for minutes.
+			s.cfg.Log.Error("ticket: give an owed coupon back; the others next sweep", "order", id, "left", len(owed)-i-1, "err", err)
+			break
 		}
 	}
 	return closed

@@ -75,7 +75,7 @@ func (s *Service) Refunded(po pay.Order) error {
 	case StatusPendingPay:
 		// The pay centre closed its order first (its reconciler, at the
 		// order's deadline): close ours too, then record the refund.
-		if err := s.closeLocked(o, "pay order closed"); err != nil {
+		if err := s.closeLocked(o, "pay order closed", true); err != nil {
 			return err
 		}
 		fallthrough

@@ -493,13 +493,15 @@ func testCouponRules(t *testing.T, newEnv func(testing.TB, Config) *env) {
 	}
 }
 
-// flakyCoupons fails GiveBack while failBack is set.
+// flakyCoupons fails GiveBack while failBack is set; backs counts the calls.
 type flakyCoupons struct {
 	CouponStore
 	failBack atomic.Bool
+	backs    atomic.Int64
 }
 
 func (f *flakyCoupons) GiveBack(id string, user int64, order string, commit func(bool, []persist.Record) error) error {
+	f.backs.Add(1)
 	if f.failBack.Load() {
 		return errors.New("injected: coupon store unavailable")
 	}
@@ -760,4 +762,47 @@ func TestTicketOrdersPerMinuteAcrossNodes(t *testing.T) {
 	for _, e := range envs {
 		e.conservation()
 	}
+}
+
+// The pay-timeout sweep frees the seats of every due order before any coupon
+// waits on the coupon store, and a failing store is asked once a sweep, not
+// once per owed coupon: with Redis hanging each call waited for its timeout,
+// so a sweep of 500 such orders took ~17 minutes, their seats locked.
+func TestSweepClosesBeforeGivingCouponsBack(t *testing.T) {
+	e := newEnv(t, Config{PayTimeout: time.Minute})
+	prog := e.program([]CategoryDef{{ID: 1, Name: "A", Price: 100, Rows: 1, Cols: 10}}, 1, 1)
+	var orders []string
+	for u := int64(1); u <= 5; u++ {
+		c, err := e.svc.CreateCoupon(u, 30)
+		if err != nil {
+			t.Fatal(err)
+		}
+		o, err := e.svc.Place(u, PlaceReq{ProgramID: prog, CategoryID: 1, Count: 1, ReqID: "x", CouponID: c.ID})
+		if err != nil || o.Status != StatusPendingPay {
+			t.Fatalf("place: %+v %v", o, err)
+		}
+		orders = append(orders, o.OrderID)
+	}
+	flaky := &flakyCoupons{CouponStore: e.svc.cstore}
+	flaky.failBack.Store(true)
+	e.svc.cstore = flaky
+	e.clock.advance(2 * time.Minute)
+	if n := e.svc.CloseExpired(); n != 5 {
+		t.Fatalf("closed %d, want 5", n)
+	}
+	if free, locked, sold := e.counts(prog); free != 10 || locked != 0 || sold != 0 {
+		t.Fatalf("seats after the sweep: free %d locked %d sold %d", free, locked, sold)
+	}
+	if k := flaky.backs.Load(); k != 1 {
+		t.Fatalf("the failing coupon store was asked %d times in one sweep, want 1", k)
+	}
+	e.audit()
+	flaky.failBack.Store(false)
+	e.svc.CloseExpired()
+	for _, id := range orders {
+		if got := e.order(id); got.Status != StatusCancelled || !got.Steps.CouponBack {
+			t.Fatalf("after the store is back: %+v", got)
+		}
+	}
+	e.audit()
 }
