@@ -116,10 +116,22 @@ type joinReply struct {
 	Recovered *bool  `json:"recovered,omitempty"` // only for a join with since
 }
 
+// JoinsPerSecond and JoinBurst bound a user's joins (10429 beyond): each may
+// read a room's history (Redis in a cluster) and subscribe the node to the
+// room — a join loop was a free amplifier. The burst covers a reconnect's
+// re-joins (ws.max_rooms_per_conn, 16).
+const (
+	JoinsPerSecond = 10
+	JoinBurst      = 32
+)
+
 func (s *Server) join(c *Conn, f *proto.ClientFrame) (any, *proto.Error) {
 	var r proto.RoomReq
 	if err := decodeValid(f, &r); err != nil {
 		return nil, err
+	}
+	if !s.joins.Allow(uint64(c.ident.UserID)) {
+		return nil, proto.Errorf(proto.CodeRateLimited, "too many joins, at most %d a second", JoinsPerSecond)
 	}
 	j, err := s.router.JoinAt(r.RoomID, c, r.Since)
 	if errors.Is(err, router.ErrNoRoom) && s.roomOpen != nil && s.roomOpen(r.RoomID) {

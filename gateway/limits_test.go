@@ -3,6 +3,7 @@ package gateway_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net/http"
 	"sync"
 	"sync/atomic"
@@ -230,5 +231,40 @@ func TestFarFutureTokenIsNotExpired(t *testing.T) {
 			t.Fatalf("closed with %d: a token valid until the 23rd century taken as expired", r.CloseCode())
 		default:
 		}
+	}
+}
+
+// A user's joins are rate limited (JoinsPerSecond, bursts of JoinBurst):
+// each may read the room's history and subscribe the node to the room, so
+// a join/leave loop was a free amplifier. Another user is not held back.
+func TestJoinLoopIsRateLimited(t *testing.T) {
+	n := nodetest.Start(t, nodetest.Config(t))
+	room := nodetest.OpenRoom(t, n, 1, 0)
+	r := dial(t, n, 9, nodetest.RawOptions{})
+	limited := false
+	for i := range gateway.JoinBurst + 20 {
+		if err := r.Send(fmt.Sprintf(`{"t":"join","id":%d,"d":{"room_id":%d}}`, i+1, room)); err != nil {
+			t.Fatal(err)
+		}
+		if f := r.NextOfType(proto.TypeReply, 5*time.Second); f.Code == proto.CodeRateLimited {
+			limited = i >= gateway.JoinBurst-1
+			break
+		} else if f.Code != proto.CodeOK {
+			t.Fatalf("join %d: code %d", i, f.Code)
+		}
+		if err := r.Send(fmt.Sprintf(`{"t":"leave","id":%d,"d":{"room_id":%d}}`, 10_000+i, room)); err != nil {
+			t.Fatal(err)
+		}
+		r.NextOfType(proto.TypeReply, 5*time.Second)
+	}
+	if !limited {
+		t.Fatalf("%d join/leave rounds at once and never 10429 (or before the burst of %d)", gateway.JoinBurst+20, gateway.JoinBurst)
+	}
+	other := dial(t, n, 10, nodetest.RawOptions{})
+	if err := other.Send(fmt.Sprintf(`{"t":"join","id":1,"d":{"room_id":%d}}`, room)); err != nil {
+		t.Fatal(err)
+	}
+	if f := other.NextOfType(proto.TypeReply, 5*time.Second); f.Code != proto.CodeOK {
+		t.Fatalf("another user's join: %d", f.Code)
 	}
 }

@@ -31,6 +31,7 @@ type Server struct {
 	router   router.Router
 	metrics  *metrics
 	chat     *limit.Keyed
+	joins    *limit.Keyed // JoinsPerSecond per user
 	chatOnce chatOnce
 	gifts    *gift.Service
 	roomOpen func(room int64) bool
@@ -87,7 +88,7 @@ type ServerDeps struct {
 
 func newServer(d ServerDeps) *Server {
 	s := &Server{cfg: d.Config, log: d.Log, auth: d.Auth, router: d.Router, metrics: d.Metrics,
-		chat: d.ChatLimit, gifts: d.Gifts, roomOpen: d.RoomOpen, rp: d.RedPackets, grab: d.Grab, stop: make(chan struct{}), writerq: make(chan *Conn)}
+		chat: d.ChatLimit, joins: limit.New(JoinsPerSecond, time.Second, JoinBurst, nil), gifts: d.Gifts, roomOpen: d.RoomOpen, rp: d.RedPackets, grab: d.Grab, stop: make(chan struct{}), writerq: make(chan *Conn)}
 	if s.chatOnce = d.ChatOnce; s.chatOnce == nil {
 		s.chatOnce = newMemChatOnce()
 	}
