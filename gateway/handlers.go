@@ -116,10 +116,11 @@ type joinReply struct {
 	Recovered *bool  `json:"recovered,omitempty"` // only for a join with since
 }
 
-// JoinsPerSecond and JoinBurst bound a user's joins (10429 beyond): each may
-// read a room's history (Redis in a cluster) and subscribe the node to the
-// room — a join loop was a free amplifier. The burst covers a reconnect's
-// re-joins (ws.max_rooms_per_conn, 16).
+// JoinsPerSecond and JoinBurst bound a connection's joins (10429 beyond):
+// each may read a room's history (Redis in a cluster) and subscribe the node
+// to the room — a join loop was a free amplifier. Per connection, not per
+// user: the burst covers a reconnect's re-joins (ws.max_rooms_per_conn, 16)
+// on every one of a user's connections at once.
 const (
 	JoinsPerSecond = 10
 	JoinBurst      = 32
@@ -130,7 +131,7 @@ func (s *Server) join(c *Conn, f *proto.ClientFrame) (any, *proto.Error) {
 	if err := decodeValid(f, &r); err != nil {
 		return nil, err
 	}
-	if !s.joins.Allow(uint64(c.ident.UserID)) {
+	if !s.joins.Allow(c.id) {
 		return nil, proto.Errorf(proto.CodeRateLimited, "too many joins, at most %d a second", JoinsPerSecond)
 	}
 	j, err := s.router.JoinAt(r.RoomID, c, r.Since)

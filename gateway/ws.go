@@ -31,7 +31,7 @@ type Server struct {
 	router   router.Router
 	metrics  *metrics
 	chat     *limit.Keyed
-	joins    *limit.Keyed // JoinsPerSecond per user
+	joins    *limit.Keyed // JoinsPerSecond per connection
 	chatOnce chatOnce
 	gifts    *gift.Service
 	roomOpen func(room int64) bool
