@@ -177,6 +177,7 @@ func newPayForwards(serve func(payFwdReq) payFwdRep, log *slog.Logger, workers, 
 // blocked callback would leave requests in the NATS client's own buffer,
 // unbounded by us and unseen by the budget check.
 func (n *Node) servePayForwards() error {
+	setAnswerLimit(n.NC)
 	f := newPayForwards(n.serveForward, n.Log, payForwardWorkers, payForwardQueue, payForwardQueueBytes)
 	sub, err := n.NC.Subscribe(paySubject(n.Config.Node.ID), f.arrive)
 	if err == nil {
@@ -293,7 +294,7 @@ func (f *payForwards) run(pf payForward) {
 func respond(m *nats.Msg, rep any) {
 	b, _ := proto.Marshal(rep)
 	out := &nats.Msg{Subject: m.Reply, Data: b}
-	if len(b) > gzipAnswersOver {
+	if int64(len(b)) > gzipAnswersOver.Load() {
 		// A program view of 20,000 seats is ~1.3 MB of JSON; NATS takes
 		// 1 MB by default. Seats compress well.
 		var buf bytes.Buffer
@@ -309,17 +310,30 @@ func respond(m *nats.Msg, rep any) {
 			Err *proto.Error `json:"err"`
 		}{Err: proto.Errorf(proto.CodeInternal, "the answer could not be sent between nodes (%d bytes)", len(out.Data))})
 		if rerr := m.Respond(eb); rerr != nil {
-			slog.Warn("forwarded answer not sent", "subject", m.Subject, "err", err)
+			slog.Warn("forwarded answer not sent", "subject", m.Subject, "err", err, "then", rerr)
 		}
 	}
 }
 
 // gzipAnswersOver is the size past which answers between nodes are gzipped
-// (header answerEncoding); answerData reads them.
+// (header answerEncoding; answerData reads them): just under what NATS takes
+// (its max payload, set when a node connects; 1 MB by default) — an answer
+// an older node could read is never gzipped (a rolling upgrade).
+var gzipAnswersOver atomic.Int64
+
+func init() { gzipAnswersOver.Store(1<<20 - answerHeadroom) }
+
+// setAnswerLimit sets gzipAnswersOver from the NATS server's max payload.
+func setAnswerLimit(nc *nats.Conn) {
+	if p := nc.MaxPayload(); p > 2*answerHeadroom {
+		gzipAnswersOver.Store(p - answerHeadroom)
+	}
+}
+
 const (
-	gzipAnswersOver = 64 << 10
-	answerEncoding  = "Le-Encoding"
-	maxAnswerBytes  = 64 << 20
+	answerHeadroom = 4 << 10 // headers and the reply subject
+	answerEncoding = "Le-Encoding"
+	maxAnswerBytes = 64 << 20
 )
 
 // answerData is an answer's payload, gunzipped if it was gzipped (at most

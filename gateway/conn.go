@@ -65,6 +65,7 @@ type Conn struct {
 	pending map[string]*pendingPush
 	ackDone bool
 	ackSeq  uint64
+	given   int // pending entries given up on (kept for the hand-on at close)
 	timer   *time.Timer
 	done    chan struct{}
 }
@@ -445,7 +446,7 @@ func (c *Conn) track(m router.Msg) bool {
 		c.ackMu.Unlock()
 		return true
 	}
-	if len(c.pending) >= maxPendingAcks {
+	if len(c.pending)-c.given >= maxPendingAcks {
 		c.ackMu.Unlock()
 		c.Close(proto.CloseSlowConsumer, false)
 		return false
@@ -460,6 +461,27 @@ func (c *Conn) track(m router.Msg) bool {
 	return true
 }
 
+// dropOldestGiven keeps at most ws.offline_max (else 64) given-up pushes —
+// what the hand-on at close keeps anyway — dropping the oldest (ackMu held).
+func (c *Conn) dropOldestGiven() {
+	keep := c.srv.cfg.WS.OfflineMax
+	if keep <= 0 {
+		keep = 64
+	}
+	for c.given > keep {
+		var oldest string
+		var seq uint64
+		for mid, p := range c.pending {
+			if p.given && (oldest == "" || p.seq < seq) {
+				oldest, seq = mid, p.seq
+			}
+		}
+		delete(c.pending, oldest)
+		c.given--
+		c.srv.metrics.givenDropped.Inc()
+	}
+}
+
 // maxResendShift caps the resend backoff's doubling (base << tries).
 const maxResendShift = 16
 
@@ -467,7 +489,12 @@ const maxResendShift = 16
 func (c *Conn) acked(mids []string) {
 	c.ackMu.Lock()
 	for _, mid := range mids {
-		delete(c.pending, mid)
+		if p, ok := c.pending[mid]; ok {
+			if p.given {
+				c.given--
+			}
+			delete(c.pending, mid)
+		}
 	}
 	c.ackMu.Unlock()
 }
@@ -495,7 +522,9 @@ func (c *Conn) resendDue() {
 				if p.msg.Off > 0 {
 					delete(c.pending, mid) // a room push: recovered by the room's offsets
 				} else {
-					p.given = true // a user push: handed on at close, never dropped
+					p.given = true // a user push: handed on at close
+					c.given++
+					c.dropOldestGiven()
 				}
 				continue
 			}

@@ -119,8 +119,8 @@ type joinReply struct {
 // JoinsPerSecond and JoinBurst bound a connection's joins (10429 beyond):
 // each may read a room's history (Redis in a cluster) and subscribe the node
 // to the room — a join loop was a free amplifier. Per connection, not per
-// user: the burst covers a reconnect's re-joins (ws.max_rooms_per_conn, 16)
-// on every one of a user's connections at once.
+// user: the burst (at least twice ws.max_rooms_per_conn) covers a
+// reconnect's re-joins on every one of a user's connections at once.
 const (
 	JoinsPerSecond = 10
 	JoinBurst      = 32

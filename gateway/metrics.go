@@ -25,6 +25,7 @@ type metrics struct {
 	badFrames      prometheus.Counter
 	resends        prometheus.Counter
 	resendGiveUps  prometheus.Counter
+	givenDropped   prometheus.Counter
 	queueDrops     prometheus.Counter
 	slowCloses     prometheus.Counter
 	closes         *prometheus.CounterVec
@@ -49,6 +50,7 @@ func newMetrics(node string, r router.Router) *metrics {
 		framesIn:      prometheus.NewCounter(prometheus.CounterOpts(f("frames_in_total", "WebSocket frames read."))),
 		badFrames:     prometheus.NewCounter(prometheus.CounterOpts(f("bad_frames_total", "Client frames answered with 10001."))),
 		resends:       prometheus.NewCounter(prometheus.CounterOpts(f("resends_total", "Reliable pushes resent for want of an ack."))),
+		givenDropped:  prometheus.NewCounter(prometheus.CounterOpts(f("resend_given_dropped_total", "User pushes given up on and dropped: a connection keeps at most ws.offline_max of them for the hand-on at close, the oldest go."))),
 		resendGiveUps: prometheus.NewCounter(prometheus.CounterOpts(f("resend_giveups_total", "Reliable pushes not resent after the last try (room pushes dropped: the room offsets recover them; user pushes kept and handed on when the connection goes)."))),
 		queueDrops:    prometheus.NewCounter(prometheus.CounterOpts(f("queue_drops_total", "Frames refused because a send queue was full."))),
 		slowCloses:    prometheus.NewCounter(prometheus.CounterOpts(f("slow_consumer_closes_total", "Connections closed with 4408."))),
@@ -62,7 +64,7 @@ func newMetrics(node string, r router.Router) *metrics {
 			"Time from a gift frame read to its reply queued (debit durable or refused)."),
 			prometheus.ExponentialBuckets(100e-6, 1.5, 26))), // 100 µs .. ~2.5 s
 	}
-	reg.MustRegister(m.connections, m.framesIn, m.badFrames, m.resends, m.resendGiveUps,
+	reg.MustRegister(m.connections, m.framesIn, m.badFrames, m.resends, m.resendGiveUps, m.givenDropped,
 		m.queueDrops, m.slowCloses, m.closes, m.upgradesDenied, m.payNotifies, m.giftSeconds)
 	stat := func(name, help string, gauge bool, get func(router.Stats) int64) {
 		fn := func() float64 { return float64(get(r.Stats())) }

@@ -95,3 +95,33 @@ func TestReliablePushGivenUpIsHandedOnAtClose(t *testing.T) {
 		t.Fatalf("the next session got %+v, want the push given up on (%s)", f, mid)
 	}
 }
+
+// A connection keeps at most ws.offline_max pushes it gave up on (what the
+// hand-on keeps anyway), the newest: a client that never acks does not pile
+// them up for its whole session.
+func TestGivenUpPushesKeptUpToOfflineMax(t *testing.T) {
+	cfg := nodetest.Config(t)
+	cfg.WS.ResendAfter = configsDuration(20 * time.Millisecond)
+	cfg.WS.ResendMaxTries = 3
+	cfg.WS.OfflineMax = 2
+	n := nodetest.Start(t, cfg)
+	r := dial(t, n, 502, nodetest.RawOptions{Batch: true})
+	var mids []string
+	for range 4 {
+		mid, _ := n.Router.SendUser(502, proto.Push{Biz: proto.BizOrderStatus, Data: []byte(`{}`), Ack: true})
+		mids = append(mids, mid)
+	}
+	countPushes(r, "", 2*time.Second) // every resend, then quiet
+	r.Close()
+	next := dial(t, n, 502, nodetest.RawOptions{Batch: true})
+	var got []string
+	for range 2 {
+		got = append(got, next.NextOfType(proto.TypePush, 5*time.Second).Mid)
+	}
+	if got[0] != mids[2] || got[1] != mids[3] {
+		t.Fatalf("the next session got %v, want the newest two of %v", got, mids)
+	}
+	if k := countPushes(next, mids[0], 500*time.Millisecond) + countPushes(next, mids[1], 10*time.Millisecond); k != 0 {
+		t.Fatalf("an older given-up push came too (%d)", k)
+	}
+}

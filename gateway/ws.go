@@ -88,7 +88,7 @@ type ServerDeps struct {
 
 func newServer(d ServerDeps) *Server {
 	s := &Server{cfg: d.Config, log: d.Log, auth: d.Auth, router: d.Router, metrics: d.Metrics,
-		chat: d.ChatLimit, joins: limit.New(JoinsPerSecond, time.Second, JoinBurst, nil), gifts: d.Gifts, roomOpen: d.RoomOpen, rp: d.RedPackets, grab: d.Grab, stop: make(chan struct{}), writerq: make(chan *Conn)}
+		chat: d.ChatLimit, joins: limit.New(JoinsPerSecond, time.Second, max(JoinBurst, 2*d.Config.WS.MaxRoomsPerConn), nil), gifts: d.Gifts, roomOpen: d.RoomOpen, rp: d.RedPackets, grab: d.Grab, stop: make(chan struct{}), writerq: make(chan *Conn)}
 	if s.chatOnce = d.ChatOnce; s.chatOnce == nil {
 		s.chatOnce = newMemChatOnce()
 	}

@@ -651,8 +651,6 @@ func (l *Local) sendPart(f *Frame, members []Session) {
 	}
 }
 
-// sendChunks hands msgs to one session in frames of the usual size; it
-// returns those the session refused (it is closing), from the first.
 // QueueRoom is implemented by sessions whose send queue is bounded: the
 // payload bytes it can take now. A join's replay that does not fit is not
 // sent (Joined.Recovered false: the client re-syncs).
@@ -666,6 +664,8 @@ func bytesOf(msgs []Msg) int {
 	return n
 }
 
+// sendChunks hands msgs to one session in frames of the usual size; it
+// returns those the session refused (it is closing), from the first.
 func (l *Local) sendChunks(msgs []Msg, s Session) []Msg {
 	for len(msgs) > 0 {
 		n, size := 0, 0

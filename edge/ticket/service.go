@@ -244,10 +244,15 @@ func (s *Service) load() error {
 			s.markStuck(o.id)
 		}
 	}
-	for _, id := range owed {
+	for i, id := range owed {
 		if err := s.settleCoupon(id); err != nil {
-			s.cfg.Log.Error("ticket: coupon of a closed order not given back, the sweep retries", "order", id, "err", err)
-			s.owe(id)
+			// The coupon store is failing: the rest are left to the sweep
+			// (each call would hold the start for its timeout).
+			s.cfg.Log.Error("ticket: coupons of closed orders not given back, the sweep retries", "order", id, "left", len(owed)-i-1, "err", err)
+			for _, rest := range owed[i:] {
+				s.owe(rest)
+			}
+			break
 		}
 	}
 	return nil
