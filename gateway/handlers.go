@@ -2,6 +2,7 @@ package gateway
 
 import (
 	"errors"
+	"strconv"
 	"time"
 
 	"github.com/liveedge/liveedge/edge/gift"
@@ -146,8 +147,7 @@ func (s *Server) join(c *Conn, f *proto.ClientFrame) (any, *proto.Error) {
 	case errors.Is(err, router.ErrUnavailable):
 		return nil, errUnavailable
 	case err != nil:
-		s.log.Error("join", "room", r.RoomID, "err", err)
-		return nil, proto.ErrInternal
+		return nil, s.internal("join", err, "room", r.RoomID)
 	}
 	rep := joinReply{RoomID: r.RoomID, Online: j.Online, Off: j.Off, Ep: j.Ep}
 	if r.Since != nil {
@@ -193,7 +193,7 @@ func (s *Server) chatMsg(c *Conn, f *proto.ClientFrame) (any, *proto.Error) {
 	}
 	d, merr := proto.Marshal(proto.ChatPush{From: c.ident.UserID, Text: r.Text})
 	if merr != nil {
-		return nil, proto.ErrInternal
+		return nil, s.internal("chat encode", merr)
 	}
 	var settle func(string)
 	if r.ReqID != "" {
@@ -240,9 +240,17 @@ func (s *Server) chatMsg(c *Conn, f *proto.ClientFrame) (any, *proto.Error) {
 		}
 		return nil, errUnavailable
 	case err != nil:
-		return nil, proto.ErrInternal
+		return nil, s.internal("chat", err, "room", r.RoomID)
 	}
 	return chatReply{Mid: mid}, nil
+}
+
+// internal logs err with a request id and answers 50000 with that id (PROTOCOL
+// §7), never its details.
+func (s *Server) internal(what string, err error, kv ...any) *proto.Error {
+	id := s.reqID.Add(1)
+	s.log.Error("ws request failed: "+what, append([]any{"req_id", id, "err", err}, kv...)...)
+	return &proto.Error{Code: proto.CodeInternal, Msg: "internal error (request ws-" + strconv.FormatUint(id, 10) + ")"}
 }
 
 // errChatInDoubt answers a chat with a req_id whose push the cluster did not

@@ -31,7 +31,8 @@ type Server struct {
 	router   router.Router
 	metrics  *metrics
 	chat     *limit.Keyed
-	joins    *limit.Keyed // JoinsPerSecond per connection
+	joins    *limit.Keyed  // JoinsPerSecond per connection
+	reqID    atomic.Uint64 // ids of internal errors (internal)
 	chatOnce chatOnce
 	gifts    *gift.Service
 	roomOpen func(room int64) bool
