@@ -1,6 +1,9 @@
 package gateway_test
 
 import (
+	"io"
+	"net/http"
+	"strings"
 	"testing"
 	"time"
 
@@ -123,5 +126,15 @@ func TestGivenUpPushesKeptUpToOfflineMax(t *testing.T) {
 	}
 	if k := countPushes(next, mids[0], 500*time.Millisecond) + countPushes(next, mids[1], 10*time.Millisecond); k != 0 {
 		t.Fatalf("an older given-up push came too (%d)", k)
+	}
+	// Dropped by the connection itself (not only by the hand-on's bound).
+	resp, err := http.Get(nodetest.HTTPURL(n) + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if want := `liveedge_resend_given_dropped_total{node="gw-1"} 2`; !strings.Contains(string(m), want) {
+		t.Fatalf("/metrics lacks %s", want)
 	}
 }
