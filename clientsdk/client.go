@@ -36,8 +36,14 @@ type Client struct {
 	// joining are rooms whose join is in flight: a push of the room may
 	// come before the join's reply, and its position is kept here (else the
 	// reply's older position made the next push look like a gap).
-	joining    map[int64]*roomPos
-	urlIdx     int // index in cfg.urls of the current (or last) connection
+	joining map[int64]*roomPos
+	urlIdx  int       // index in cfg.urls of the current (or last) connection
+	upSince time.Time // when the current (or last) connection became active
+	// shortLived counts the connections in a row that ended within
+	// stableAfter of becoming active: their reconnects start further up the
+	// backoff (reconnect), so a connection closed again at once (4408, 4402,
+	// a draining node) does not reconnect ten times a second.
+	shortLived int
 	hello      proto.Hello
 	lastCode   int
 	lastReason string
@@ -592,6 +598,7 @@ func (c *Client) activate(s *session, attempt, i int) error {
 	}
 	c.sess = s
 	c.urlIdx = i
+	c.upSince = time.Now()
 	close(c.readyCh)
 	hello := c.hello
 	c.mu.Unlock()
@@ -603,7 +610,11 @@ func (c *Client) activate(s *session, attempt, i int) error {
 	c.emitState(StateEvent{State: StateConnected, Hello: hello, Attempt: attempt, URL: where})
 
 	every := c.cfg.HeartbeatInterval
-	if every == 0 && hello.HeartbeatS > 0 {
+	switch {
+	case every != 0:
+	case hello.HeartbeatMS > 0: // exact (heartbeat_s is rounded down: 300 ms says 1 s)
+		every = time.Duration(hello.HeartbeatMS) * time.Millisecond / 2
+	case hello.HeartbeatS > 0:
 		every = time.Duration(hello.HeartbeatS) * time.Second / 2
 	}
 	if every > 0 {
@@ -706,6 +717,10 @@ func (c *Client) run(s *session) {
 	}
 }
 
+// stableAfter is how long a connection must last for its reconnect to start
+// the backoff afresh.
+const stableAfter = 30 * time.Second
+
 // reconnectable reports whether the client reconnects after close code: the
 // codes below 4500, and 4501 (token expired) when a TokenFunc can supply a
 // new token (the next connect calls it). Other 45xx codes are terminal.
@@ -723,13 +738,19 @@ func (c *Client) reconnect() *session {
 	n := len(c.cfg.urls)
 	c.mu.Lock()
 	from := c.urlIdx
+	if !c.upSince.IsZero() && time.Since(c.upSince) < stableAfter {
+		c.shortLived = min(c.shortLived+1, 32)
+	} else {
+		c.shortLived = 0
+	}
+	floor := c.shortLived // backoff rounds already spent on short-lived connections
 	c.mu.Unlock()
 	var lastErr error
 	for attempt := 1; ; attempt++ {
 		i := (from + attempt) % n
 		var delay time.Duration
 		if k := attempt - 1; k%n == 0 {
-			delay = c.backoff(k/n + 1)
+			delay = c.backoff(k/n + 1 + floor)
 		} else {
 			delay = c.pace()
 		}

@@ -605,3 +605,23 @@ func TestConfigDefaults(t *testing.T) {
 		}
 	}
 }
+
+// Connections closed right after they open (4408 again and again, a draining
+// node) do not start the backoff afresh each time: each short-lived one
+// starts the next reconnect a round further up. Before, every reconnect
+// waited [0, ReconnectMin] — about twenty connections a second per client.
+func TestShortLivedConnectionsBackOff(t *testing.T) {
+	ts := newTServer(t)
+	dial(t, ts, nil, func(cfg *Config) {
+		cfg.ReconnectMin, cfg.ReconnectMax = 50*time.Millisecond, 5*time.Second
+	})
+	ts.kick.Store(proto.CloseSlowConsumer)
+	ts.conn(0).close(proto.CloseSlowConsumer)
+	time.Sleep(2 * time.Second)
+	// Expected delays 25, 50, 100, 200, 400, 800 ms… (half of each round's
+	// ceiling): about six connections in 2 s; the old pace, one per 25 ms
+	// on average, made ~80.
+	if n := ts.connCount(); n > 15 {
+		t.Fatalf("%d connections in 2 s with every one closed at once", n)
+	}
+}

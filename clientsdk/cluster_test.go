@@ -137,9 +137,11 @@ func TestURLRotation(t *testing.T) {
 	if len(tries) != 3 || tries[0].URL != b.url() || tries[1].URL != dead || tries[2].URL != a.url() {
 		t.Fatalf("reconnect attempts %+v, want b, then dead, then a", tries)
 	}
-	// Each reconnection starts a new round (backoff of round 1: ≤ min); the
-	// second URL of a round comes after a pause in [min/2, min].
-	if tries[1].Delay > 40*time.Millisecond || tries[1].Attempt != 1 {
+	// Each reconnection starts a new round — one further up the backoff for
+	// each connection in a row that lasted less than stableAfter (b's did:
+	// round 2, ≤ 2·min); the second URL of a round comes after a pause in
+	// [min/2, min].
+	if tries[1].Delay > 80*time.Millisecond || tries[1].Attempt != 1 {
 		t.Fatalf("first attempt after b died: %+v", tries[1])
 	}
 	if tries[2].Attempt != 2 || tries[2].Delay < 20*time.Millisecond || tries[2].Delay > 40*time.Millisecond {

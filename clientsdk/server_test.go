@@ -26,6 +26,7 @@ type tServer struct {
 	token      atomic.Value // string: the valid token
 	heartbeatS int
 	delay      atomic.Int64 // nanoseconds to hold each upgrade (simulates a slow node)
+	kick       atomic.Int32 // a close code sent right after hello (0: none)
 
 	mu        sync.Mutex
 	conns     []*tConn
@@ -105,6 +106,12 @@ func (ts *tServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 
 func (ts *tServer) OnOpen(ws *gws.Conn) {
 	_ = ws.WriteMessage(gws.OpcodeText, proto.EncodeHello(proto.Hello{UserID: 42, Node: "gw-test", HeartbeatS: ts.heartbeatS, Batch: true}))
+	if code := ts.kick.Load(); code != 0 {
+		go func() { // after the client is connected (hello read): a short-lived connection
+			time.Sleep(20 * time.Millisecond)
+			_ = ws.WriteClose(uint16(code), []byte(proto.CloseReason(int(code))))
+		}()
+	}
 }
 
 func (ts *tServer) OnClose(ws *gws.Conn, _ error) {

@@ -77,6 +77,9 @@ func (s *session) closeWith(code int, cause error) {
 	}
 	s.closeMu.Unlock()
 	if s.conn != nil {
+		// Its own deadline: the last write's may have passed long ago (an
+		// idle client closed without its close frame).
+		_ = s.conn.SetWriteDeadline(time.Now().Add(s.c.cfg.RequestTimeout))
 		_ = s.conn.WriteClose(uint16(code), nil)
 	}
 }
@@ -209,7 +212,13 @@ func (s *session) forget(id int64) {
 
 func (s *session) OnOpen(*gws.Conn) {}
 
-func (s *session) OnPing(conn *gws.Conn, payload []byte) { _ = conn.WritePong(payload) }
+// OnPing answers with a pong under a deadline of its own (after a quiet
+// spell the last write's has passed: the pong timed out and gws closed the
+// connection).
+func (s *session) OnPing(conn *gws.Conn, payload []byte) {
+	_ = conn.SetWriteDeadline(time.Now().Add(s.c.cfg.RequestTimeout))
+	_ = conn.WritePong(payload)
+}
 
 func (s *session) OnPong(*gws.Conn, []byte) {}
 

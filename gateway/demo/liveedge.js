@@ -106,12 +106,19 @@ var OPEN = 1;
 function sleep(ms) {
   return new Promise((r) => setTimeout(r, ms));
 }
+var STABLE_AFTER_MS = 3e4;
 var LiveClient = class _LiveClient {
   constructor(opts) {
     this.opts = opts;
     this.urlIndex = 0;
     this.ws = null;
     this.ready = false;
+    // When the current (or last) connection became ready, and how many in a
+    // row ended within STABLE_AFTER_MS of it: their reconnects start that many
+    // rounds up the backoff (a connection closed again at once — 4408, 4402, a
+    // draining node — does not reconnect ten times a second).
+    this.upSince = 0;
+    this.shortLived = 0;
     this.closed = false;
     this.waiters = [];
     this.pending = /* @__PURE__ */ new Map();
@@ -147,7 +154,7 @@ var LiveClient = class _LiveClient {
       requestTimeoutMs: opts.requestTimeoutMs ?? 1e4,
       reconnectMinMs: opts.reconnectMinMs ?? 100,
       reconnectMaxMs: Math.max(opts.reconnectMaxMs ?? 5e3, opts.reconnectMinMs ?? 100),
-      dedupWindow: opts.dedupWindow ?? 16384,
+      dedupWindow: opts.dedupWindow && opts.dedupWindow > 0 ? opts.dedupWindow : 16384,
       heartbeatMs: opts.heartbeatMs
     };
     this.dedup = new Dedup(this.o.dedupWindow);
@@ -267,8 +274,13 @@ var LiveClient = class _LiveClient {
   }
   // ---- connection ----
   token(reason) {
-    if (this.opts.getToken) return Promise.resolve(this.opts.getToken(reason));
-    return Promise.resolve(this.opts.token);
+    if (!this.opts.getToken) return Promise.resolve(this.opts.token);
+    const ms = this.o.requestTimeoutMs;
+    let timer;
+    const late = new Promise((_, reject) => {
+      timer = setTimeout(() => reject(new Error(`getToken did not answer within ${ms} ms`)), ms);
+    });
+    return Promise.race([Promise.resolve(this.opts.getToken(reason)), late]).finally(() => clearTimeout(timer));
   }
   /** One connection attempt to the current URL: dial, hello, re-join, ready. */
   async attempt(reason, attemptNo) {
@@ -337,6 +349,7 @@ var LiveClient = class _LiveClient {
       throw lc && lc.code >= 4e3 ? new CloseError(lc.code, lc.reason) : new DisconnectedError();
     }
     this.ready = true;
+    this.upSince = Date.now();
     if (attemptNo > 0) this.stats_.reconnects++;
     this.emitState({ state: "connected", hello, url: redact(url), attempt: attemptNo });
     const ws_ = this.waiters;
@@ -402,8 +415,11 @@ var LiveClient = class _LiveClient {
     void this.reconnectLoop("reconnect");
   }
   async reconnectLoop(reason) {
+    if (this.upSince > 0 && Date.now() - this.upSince < STABLE_AFTER_MS) this.shortLived = Math.min(this.shortLived + 1, 32);
+    else this.shortLived = 0;
+    const floor = this.shortLived;
     for (let n = 1; !this.closed; n++) {
-      const cap = Math.min(this.o.reconnectMaxMs, this.o.reconnectMinMs * 2 ** Math.min(n - 1, 30));
+      const cap = Math.min(this.o.reconnectMaxMs, this.o.reconnectMinMs * 2 ** Math.min(n - 1 + floor, 30));
       const delayMs = Math.floor(Math.random() * cap);
       this.emitState({ state: "reconnecting", attempt: n, delayMs });
       await sleep(delayMs);

@@ -202,6 +202,9 @@ function sleep(ms: number): Promise<void> {
   return new Promise((r) => setTimeout(r, ms));
 }
 
+/** How long a connection must last for its reconnect to start the backoff afresh. */
+const STABLE_AFTER_MS = 30_000;
+
 export class LiveClient {
   private readonly o: Required<Omit<ClientOptions, "token" | "getToken" | "onPush" | "onState" | "heartbeatMs">> & {
     heartbeatMs?: number;
@@ -210,6 +213,12 @@ export class LiveClient {
   private urlIndex = 0;
   private ws: WebSocketLike | null = null;
   private ready = false;
+  // When the current (or last) connection became ready, and how many in a
+  // row ended within STABLE_AFTER_MS of it: their reconnects start that many
+  // rounds up the backoff (a connection closed again at once — 4408, 4402, a
+  // draining node — does not reconnect ten times a second).
+  private upSince = 0;
+  private shortLived = 0;
   private closed = false;
   private closeCause: Error | undefined;
   private waiters: Waiter[] = [];
@@ -252,7 +261,7 @@ export class LiveClient {
       requestTimeoutMs: opts.requestTimeoutMs ?? 10000,
       reconnectMinMs: opts.reconnectMinMs ?? 100,
       reconnectMaxMs: Math.max(opts.reconnectMaxMs ?? 5000, opts.reconnectMinMs ?? 100),
-      dedupWindow: opts.dedupWindow ?? 16384,
+      dedupWindow: opts.dedupWindow && opts.dedupWindow > 0 ? opts.dedupWindow : 16384,
       heartbeatMs: opts.heartbeatMs,
     };
     this.dedup = new Dedup(this.o.dedupWindow);
@@ -393,8 +402,15 @@ export class LiveClient {
   // ---- connection ----
 
   private token(reason: TokenReason): Promise<string> {
-    if (this.opts.getToken) return Promise.resolve(this.opts.getToken(reason));
-    return Promise.resolve(this.opts.token!);
+    if (!this.opts.getToken) return Promise.resolve(this.opts.token!);
+    // Bounded like a request: a callback that never settles (a hung fetch)
+    // must not stop the reconnect loop for good.
+    const ms = this.o.requestTimeoutMs;
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const late = new Promise<string>((_, reject) => {
+      timer = setTimeout(() => reject(new Error(`getToken did not answer within ${ms} ms`)), ms);
+    });
+    return Promise.race([Promise.resolve(this.opts.getToken(reason)), late]).finally(() => clearTimeout(timer));
   }
 
   /** One connection attempt to the current URL: dial, hello, re-join, ready. */
@@ -469,6 +485,7 @@ export class LiveClient {
       throw lc && lc.code >= 4000 ? new CloseError(lc.code, lc.reason) : new DisconnectedError();
     }
     this.ready = true;
+    this.upSince = Date.now();
     if (attemptNo > 0) this.stats_.reconnects++;
     this.emitState({ state: "connected", hello, url: redact(url), attempt: attemptNo });
     const ws_ = this.waiters;
@@ -543,8 +560,11 @@ export class LiveClient {
   }
 
   private async reconnectLoop(reason: TokenReason): Promise<void> {
+    if (this.upSince > 0 && Date.now() - this.upSince < STABLE_AFTER_MS) this.shortLived = Math.min(this.shortLived + 1, 32);
+    else this.shortLived = 0;
+    const floor = this.shortLived;
     for (let n = 1; !this.closed; n++) {
-      const cap = Math.min(this.o.reconnectMaxMs, this.o.reconnectMinMs * 2 ** Math.min(n - 1, 30));
+      const cap = Math.min(this.o.reconnectMaxMs, this.o.reconnectMinMs * 2 ** Math.min(n - 1 + floor, 30));
       const delayMs = Math.floor(Math.random() * cap);
       this.emitState({ state: "reconnecting", attempt: n, delayMs });
       await sleep(delayMs);

@@ -187,10 +187,25 @@ test("reconnect backoff: full jitter within min(max, min·2^(n-1)); a failed con
   assert.ok(waits.length >= 5, `${waits.length} attempts`);
   waits.forEach((s, i) => {
     assert.equal(s.attempt, i + 1);
-    const cap = Math.min(40, 10 * 2 ** i);
+    // The first connection lasted less than 30 s: its reconnect starts one round up.
+    const cap = Math.min(40, 10 * 2 ** (i + 1));
     assert.ok(s.delayMs >= 0 && s.delayMs <= cap, `attempt ${s.attempt}: ${s.delayMs} > ${cap}`);
   });
   assert.equal(c.stats.reconnects, 1);
+});
+
+test("connections closed right after they open back off further each time (not ten reconnects a second)", async () => {
+  const srv = await server((conn) => {
+    answer(conn);
+    setTimeout(() => conn.ws.close(4408, "slow consumer"), 20);
+  });
+  const c = await collect({ urls: srv.url, token: "t", reconnectMinMs: 50, reconnectMaxMs: 5000 });
+  await new Promise((r) => setTimeout(r, 2000));
+  // Expected waits 50, 100, 200, 400, 800 ms… (half of each round's ceiling, one round
+  // further up per short-lived connection): about six connections; the old pace
+  // (every reconnect in [0, 50 ms]) made ~40.
+  assert.ok(srv.conns.length <= 15, `${srv.conns.length} connections in 2 s`);
+  c.close();
 });
 
 test("a re-join answered 50000 keeps the room: the client reconnects with its back-off and joins it again", async () => {
