@@ -13,10 +13,13 @@
 //     node that died or went away spread over the others. Reconnect attempts
 //     go in rounds over the list: exponential backoff with full jitter before
 //     each round, a short random pause in [ReconnectMin/2, ReconnectMin]
-//     between the URLs of a round (see Config.ReconnectMin). Client.URL and
-//     the URL of StateConnected / StateReconnecting tell which node.
+//     between the URLs of a round (see Config.ReconnectMin). A reconnect
+//     after a connection that lasted less than 30 s starts one round further
+//     up for each such connection in a row (a node that closes every new
+//     connection is not hit ten times a second). Client.URL and the URL of
+//     StateConnected / StateReconnecting tell which node.
 //   - Keeping that connection alive: heartbeat pings (Config.HeartbeatInterval,
-//     by default half the hello's heartbeat_s), and reconnecting with
+//     by default half the hello's heartbeat_ms, else heartbeat_s), and reconnecting with
 //     exponential backoff and full jitter after any disconnect whose close
 //     code is reconnectable (proto.Reconnectable: below 4500) or after a
 //     network error. A terminal close code (>= 4500), or an HTTP 401 on
