@@ -94,13 +94,21 @@ async function enterRoom(room) {
   s.anchor = info.anchor_id;
   const proto = location.protocol === "https:" ? "wss:" : "ws:";
   const url = `${proto}//${location.hostname}:${s.cfg.ws_port}${s.cfg.ws_path}`;
+  s.client?.close(); // a retry from the lobby: one connection, not one per try
   s.client = await connect({
     urls: [url],
     getToken: (reason) => (reason === "connect" ? s.token : devToken()),
     onPush,
     onState,
   });
-  const j = await s.client.join(room);
+  let j;
+  try {
+    j = await s.client.join(room);
+  } catch (e) {
+    s.client.close();
+    s.client = null;
+    throw e;
+  }
   $("lobby").hidden = true;
   $("live").hidden = false;
   $("room-id").textContent = room;
@@ -113,7 +121,8 @@ async function enterRoom(room) {
   await Promise.all([loadGifts(), loadProducts(), refreshWallet()]);
   if (info.pk_opponent) $("pk").hidden = false;
   if (info.redpacket_code) joinRunningRain(info.redpacket_code).catch(() => {});
-  setInterval(refreshOnline, 2000);
+  clearInterval(s.refresh);
+  s.refresh = setInterval(refreshOnline, 2000);
   system(`joined room ${room} as ${s.role}`);
 }
 
@@ -392,6 +401,19 @@ function onState(e) {
     el.textContent = "closed" + (e.error ? `: ${e.error.message}` : "");
     el.className = "state bad";
   } else if (e.state === "room_dropped") system(`room ${e.room} is gone: ${e.error.message}`);
+  else if (e.state === "room_resync" && e.room === s.room) resync().catch(() => {});
+}
+
+// resync reloads what pushes carry after some were missed (a re-join that
+// could not recover them, or a gap): the online count, the PK, a running
+// rain, the wallet.
+async function resync() {
+  system("some pushes were missed: reloading the room");
+  const info = await api("GET", `/rooms/${s.room}`);
+  $("online").textContent = info.online;
+  if (info.pk_opponent) $("pk").hidden = false;
+  if (info.redpacket_code) await joinRunningRain(info.redpacket_code).catch(() => {});
+  await refreshWallet();
 }
 
 function chatLine(from, text) {
@@ -428,7 +450,15 @@ function showEffect(d) {
   while (box.children.length > 6) box.firstChild.remove();
 }
 
+// pkSeq is the highest seq shown per PK: a late 5558 (pushes of one PK may
+// come through different nodes) must not show older scores or undo "over".
+const pkSeq = new Map();
+
 function showPK(d) {
+  if (typeof d.seq === "number") {
+    if (d.seq < (pkSeq.get(d.pk_id) ?? -1)) return; // lower: older (the end may repeat the last seq)
+    pkSeq.set(d.pk_id, d.seq);
+  }
   $("pk").hidden = false;
   if (d.pk_id === $("pk-note").dataset.pkId) $("pk-note").textContent = d.over ? "PK over" : "PK running";
   const ours = d.scores[String(s.room)] ?? 0;
