@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/liveedge/liveedge/gateway"
 	"github.com/liveedge/liveedge/gateway/nodetest"
 	"github.com/liveedge/liveedge/gateway/proto"
 )
@@ -14,11 +15,7 @@ import (
 // A reliable push is resent (same mid, ≥ 3 tries, growing gaps) until acked,
 // and never after the ack.
 func TestReliablePushResentUntilAcked(t *testing.T) {
-	cfg := nodetest.Config(t)
-	cfg.WS.ResendAfter = configsDuration(50 * time.Millisecond)
-	cfg.WS.ResendMaxTries = 4
-	n := nodetest.Start(t, cfg)
-	r := dial(t, n, 500, nodetest.RawOptions{Batch: true})
+	n, r := resendingNode(t, 50*time.Millisecond, 4, 0, 500)
 
 	mid, reached := n.Router.SendUser(500, proto.Push{Biz: proto.BizWalletCredit, Data: []byte(`{"balance":1,"delta":1,"reason":"dev"}`), Ack: true})
 	if reached != 1 {
@@ -59,6 +56,21 @@ func TestReliablePushResentUntilAcked(t *testing.T) {
 	}
 }
 
+// resendingNode starts a node that resends reliable pushes after after, tries
+// times (offlineMax: ws.offline_max, 0 = the default), and connects user to
+// it (batch frames).
+func resendingNode(t *testing.T, after time.Duration, tries, offlineMax int, user int64) (*gateway.Node, *nodetest.Raw) {
+	t.Helper()
+	cfg := nodetest.Config(t)
+	cfg.WS.ResendAfter = configsDuration(after)
+	cfg.WS.ResendMaxTries = tries
+	if offlineMax > 0 {
+		cfg.WS.OfflineMax = offlineMax
+	}
+	n := nodetest.Start(t, cfg)
+	return n, dial(t, n, user, nodetest.RawOptions{Batch: true})
+}
+
 // countPushes counts pushes with mid arriving within d.
 func countPushes(r *nodetest.Raw, mid string, d time.Duration) int {
 	quiet := time.After(d)
@@ -80,11 +92,7 @@ func countPushes(r *nodetest.Raw, mid string, d time.Duration) int {
 // connection goes, so the user's next session gets it — before, it was
 // deleted at the last try (a 5570 wallet credit lost for good).
 func TestReliablePushGivenUpIsHandedOnAtClose(t *testing.T) {
-	cfg := nodetest.Config(t)
-	cfg.WS.ResendAfter = configsDuration(20 * time.Millisecond)
-	cfg.WS.ResendMaxTries = 3
-	n := nodetest.Start(t, cfg)
-	r := dial(t, n, 501, nodetest.RawOptions{Batch: true})
+	n, r := resendingNode(t, 20*time.Millisecond, 3, 0, 501)
 	mid, reached := n.Router.SendUser(501, proto.Push{Biz: proto.BizWalletCredit, Data: []byte(`{"balance":1,"delta":1,"reason":"dev"}`), Ack: true})
 	if reached != 1 {
 		t.Fatalf("reached %d sessions", reached)
@@ -103,12 +111,7 @@ func TestReliablePushGivenUpIsHandedOnAtClose(t *testing.T) {
 // hand-on keeps anyway), the newest: a client that never acks does not pile
 // them up for its whole session.
 func TestGivenUpPushesKeptUpToOfflineMax(t *testing.T) {
-	cfg := nodetest.Config(t)
-	cfg.WS.ResendAfter = configsDuration(20 * time.Millisecond)
-	cfg.WS.ResendMaxTries = 3
-	cfg.WS.OfflineMax = 2
-	n := nodetest.Start(t, cfg)
-	r := dial(t, n, 502, nodetest.RawOptions{Batch: true})
+	n, r := resendingNode(t, 20*time.Millisecond, 3, 2, 502)
 	var mids []string
 	for range 4 {
 		mid, _ := n.Router.SendUser(502, proto.Push{Biz: proto.BizOrderStatus, Data: []byte(`{}`), Ack: true})

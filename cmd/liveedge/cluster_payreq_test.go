@@ -28,6 +28,19 @@ func createOrderVia(t *testing.T, httpAddr, tok, req string) (pay.Order, int, in
 	return out.Data, st, out.Code
 }
 
+// clusterWithOrder starts two nodes and creates user's order of req through
+// gw-1: the cluster, the user's token and the order.
+func clusterWithOrder(t *testing.T, user int64, req string) (*testCluster, string, pay.Order) {
+	t.Helper()
+	c := startCluster(t, 2, "LIVEEDGE_PAY_SECRETS=cluster-test-pay-secret-0123")
+	tok := devToken(t, c.nodes[0].http, user, "viewer")
+	o, st, code := createOrderVia(t, c.nodes[0].http, tok, req)
+	if st != 200 {
+		t.Fatalf("create: %d %d", st, code)
+	}
+	return c, tok, o
+}
+
 // One (user, req_id) names one order through every node (PROTOCOL §5: "the
 // same (user, req_id) returns the same order"; §8: any request may go to any
 // node). Before, each node checked only its own store: the same request
@@ -113,14 +126,9 @@ func TestClusterOrderReqIDOnceAcrossNodes(t *testing.T) {
 // was made: the binding was gone). While the wallet rebuilds, bindings are
 // neither made nor confirmed: "retry".
 func TestClusterOrderReqIDOnceAfterRedisLoss(t *testing.T) {
-	c := startCluster(t, 2, "LIVEEDGE_PAY_SECRETS=cluster-test-pay-secret-0123")
-	const user = 601
-	tok := devToken(t, c.nodes[0].http, user, "viewer")
-	first, st, code := createOrderVia(t, c.nodes[0].http, tok, "before-the-loss")
-	if st != 200 {
-		t.Fatalf("create: %d %d", st, code)
-	}
+	c, tok, first := clusterWithOrder(t, 601, "before-the-loss")
 	c.redis.Restart()
+	var st, code int
 	for _, i := range []int{1, 0} { // the other node first: the order's own would bind it again
 		var o pay.Order
 		pollUntil(t, 20*time.Second, "an answer other than retry", func() bool {
@@ -162,13 +170,7 @@ func TestClusterOrderRateCountedAcrossNodes(t *testing.T) {
 // it again (within a second), and meanwhile the node it was last seen on is
 // asked (before: "unreachable, retry" for that second).
 func TestClusterOrderReadRightAfterRedisLoss(t *testing.T) {
-	c := startCluster(t, 2, "LIVEEDGE_PAY_SECRETS=cluster-test-pay-secret-0123")
-	const user = 603
-	tok := devToken(t, c.nodes[0].http, user, "viewer")
-	o, st, code := createOrderVia(t, c.nodes[0].http, tok, "read-after-loss")
-	if st != 200 {
-		t.Fatalf("create: %d %d", st, code)
-	}
+	c, tok, o := clusterWithOrder(t, 603, "read-after-loss")
 	get := func() (int, int) {
 		var out struct {
 			Code int       `json:"code"`
