@@ -6,8 +6,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/redis/rueidis"
-
 	"github.com/liveedge/liveedge/edge/redpacket"
 	"github.com/liveedge/liveedge/persist"
 	"github.com/liveedge/liveedge/persist/redistest"
@@ -18,12 +16,7 @@ import (
 // back), neither a place nor a binding is taken or confirmed: "retry" —
 // a claim meanwhile could hand out what the rebuild is about to restore.
 func TestClaimsAndBindingsWaitForTheRebuild(t *testing.T) {
-	srv := redistest.Start(t)
-	rdb, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{srv.Addr}, DisableCache: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(rdb.Close)
+	rdb := redistest.Start(t).Client(t)
 	ctx := context.Background()
 	state := func(s string) {
 		t.Helper()

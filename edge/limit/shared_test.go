@@ -4,8 +4,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/redis/rueidis"
-
 	"github.com/liveedge/liveedge/persist/redistest"
 )
 
@@ -15,16 +13,8 @@ import (
 // error (the caller refuses), never a silent allow.
 func TestSharedCountsAcrossNodes(t *testing.T) {
 	srv := redistest.Start(t)
-	client := func() rueidis.Client {
-		c, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{srv.Addr}, DisableCache: true})
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(c.Close)
-		return c
-	}
-	a := NewShared(client(), "test", 10, time.Second, 4) // 100 ms apart, bursts of 4
-	b := NewShared(client(), "test", 10, time.Second, 4)
+	a := NewShared(srv.Client(t), "test", 10, time.Second, 4) // 100 ms apart, bursts of 4
+	b := NewShared(srv.Client(t), "test", 10, time.Second, 4)
 	allow := func(s *Shared, key uint64) bool {
 		t.Helper()
 		ok, err := s.Allow(key)

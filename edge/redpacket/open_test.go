@@ -4,8 +4,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/redis/rueidis"
-
 	"github.com/liveedge/liveedge/edge/limit"
 	"github.com/liveedge/liveedge/gateway/proto"
 	"github.com/liveedge/liveedge/persist"
@@ -139,12 +137,7 @@ func TestCreateCancelLoopIsRateLimited(t *testing.T) {
 // Redis): a create/cancel loop spread over two nodes gets CreateBurst in the
 // minute between them, not CreateBurst on each.
 func TestCreateRateCountedAcrossNodes(t *testing.T) {
-	srv := redistest.Start(t)
-	rdb, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{srv.Addr}, DisableCache: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(rdb.Close)
+	rdb := redistest.Start(t).Client(t)
 	names := []string{"n1", "n2"}
 	c := newClusterLimited(t, limit.NewShared(rdb, "rpnew", DefaultCreatesPerMinute, time.Minute, CreateBurst), names...)
 	for i := 0; i < CreateBurst; i++ {

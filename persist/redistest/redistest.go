@@ -7,6 +7,8 @@ import (
 	"strconv"
 	"testing"
 
+	"github.com/redis/rueidis"
+
 	"github.com/liveedge/liveedge/persist/servertest"
 )
 
@@ -27,3 +29,15 @@ func Start(tb testing.TB) *Server {
 
 // String is the address.
 func (s *Server) String() string { return s.Addr }
+
+// Client returns a client of s without client-side caching (tests read what
+// Redis holds now), closed when the test ends.
+func (s *Server) Client(tb testing.TB) rueidis.Client {
+	tb.Helper()
+	c, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{s.Addr}, DisableCache: true})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(c.Close)
+	return c
+}
