@@ -185,6 +185,13 @@ func (s *session) await(ctx context.Context, typ string, id int64, cl *call) ([]
 		return nil, fmt.Errorf("%w: %s id %d in flight", ErrDisconnected, typ, id)
 	case <-ctx.Done():
 		s.forget(id)
+		// A reply the reader delivered meanwhile (its hook has run: a join
+		// is tracked) is the answer, not the timeout.
+		select {
+		case r := <-cl.ch:
+			return r.result()
+		default:
+		}
 		return nil, fmt.Errorf("clientsdk: %s id %d: %w", typ, id, ctx.Err())
 	case <-s.c.ctx.Done():
 		s.forget(id)
