@@ -417,6 +417,7 @@ var LiveClient = class _LiveClient {
   async reconnectLoop(reason) {
     if (this.upSince > 0 && Date.now() - this.upSince < STABLE_AFTER_MS) this.shortLived = Math.min(this.shortLived + 1, 32);
     else this.shortLived = 0;
+    if (this.urls.length > 1) this.urlIndex++;
     const floor = this.shortLived;
     for (let n = 1; !this.closed; n++) {
       const cap = Math.min(this.o.reconnectMaxMs, this.o.reconnectMinMs * 2 ** Math.min(n - 1 + floor, 30));

@@ -562,6 +562,9 @@ export class LiveClient {
   private async reconnectLoop(reason: TokenReason): Promise<void> {
     if (this.upSince > 0 && Date.now() - this.upSince < STABLE_AFTER_MS) this.shortLived = Math.min(this.shortLived + 1, 32);
     else this.shortLived = 0;
+    // The next node first (as the Go SDK): the clients of a node that died or
+    // is draining spread over the others rather than retry it.
+    if (this.urls.length > 1) this.urlIndex++;
     const floor = this.shortLived;
     for (let n = 1; !this.closed; n++) {
       const cap = Math.min(this.o.reconnectMaxMs, this.o.reconnectMinMs * 2 ** Math.min(n - 1 + floor, 30));
