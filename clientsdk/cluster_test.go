@@ -138,10 +138,10 @@ func TestURLRotation(t *testing.T) {
 		t.Fatalf("reconnect attempts %+v, want b, then dead, then a", tries)
 	}
 	// Each reconnection starts a new round — one further up the backoff for
-	// each connection in a row that lasted less than stableAfter (b's did:
-	// round 2, ≤ 2·min); the second URL of a round comes after a pause in
-	// [min/2, min].
-	if tries[1].Delay > 80*time.Millisecond || tries[1].Attempt != 1 {
+	// each connection in a row that lasted less than stableAfter (a's and
+	// b's both did: round 3, ≤ 4·min); the second URL of a round comes after
+	// a pause in [min/2, min].
+	if tries[1].Delay > 160*time.Millisecond || tries[1].Attempt != 1 {
 		t.Fatalf("first attempt after b died: %+v", tries[1])
 	}
 	if tries[2].Attempt != 2 || tries[2].Delay < 20*time.Millisecond || tries[2].Delay > 40*time.Millisecond {
