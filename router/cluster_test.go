@@ -377,7 +377,7 @@ func TestClusterUserPushAcrossANATSRestart(t *testing.T) {
 	cfg := ClusterConfig{Local: LocalConfig{OfflineMax: 8, OfflineTTL: time.Minute}, PresenceTTL: 3 * time.Second}
 	back := []nats.Option{nats.MaxReconnects(-1), nats.ReconnectJitter(0, 0)}
 	a := newCluster(t, env, "a", cfg, append(back, nats.ReconnectWait(20*time.Millisecond))...)
-	b := newCluster(t, env, "b", cfg, append(back, nats.ReconnectWait(3*time.Second))...)
+	b := newCluster(t, env, "b", cfg, append(back, nats.ReconnectWait(6*time.Second))...) // well after a, even on a loaded machine
 	s := &sink{id: 1, user: 7}
 	b.Register(s)
 	waitFor := func(what string, d time.Duration, ok func() bool) {
@@ -409,7 +409,7 @@ func TestClusterUserPushAcrossANATSRestart(t *testing.T) {
 		t.Fatal("b reconnected as early as a: the test needs it later")
 	}
 	second := push()
-	waitFor("b reconnected", 10*time.Second, b.nc.IsConnected)
+	waitFor("b reconnected", 20*time.Second, b.nc.IsConnected)
 	waitFor("the push sent while b was away delivered", 10*time.Second, func() bool { return len(s.got()) >= 2 })
 	if got := slices.Compact(s.got()); !slices.Equal(got, []string{first, second}) { // at least once: a second copy is dropped by mid
 		t.Fatalf("the session got %v, want [%s %s]", got, first, second)
