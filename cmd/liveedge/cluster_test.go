@@ -534,21 +534,6 @@ func TestClusterSurvivesNATSAndRedisRestart(t *testing.T) {
 			return resp.StatusCode == 503
 		})
 	}
-	allReady := func(what string) {
-		pollUntil(t, 20*time.Second, what+": every node ready again", func() bool {
-			for _, nd := range c.nodes {
-				resp, err := http.Get("http://" + nd.http + "/readyz")
-				if err != nil {
-					return false
-				}
-				resp.Body.Close()
-				if resp.StatusCode != 200 {
-					return false
-				}
-			}
-			return true
-		})
-	}
 	pollUntil(t, 10*time.Second, "chat flowing", func() bool { return okCount() > 50 })
 
 	goroutines := func() []float64 {
@@ -563,12 +548,12 @@ func TestClusterSurvivesNATSAndRedisRestart(t *testing.T) {
 	c.nats.Stop()
 	notReady("NATS down")
 	c.nats.Restart()
-	allReady("NATS back")
+	c.waitReady(t, "NATS back")
 	before := okCount()
 	pollUntil(t, 10*time.Second, "chat flowing after NATS", func() bool { return okCount() > before+50 })
 
 	c.redis.Restart()
-	allReady("Redis back")
+	c.waitReady(t, "Redis back")
 	before = okCount()
 	pollUntil(t, 15*time.Second, "chat flowing after Redis", func() bool { return okCount() > before+50 })
 	close(stop)
@@ -1482,4 +1467,23 @@ func TestClusterChatReqIDOnceAcrossNodes(t *testing.T) {
 			t.Fatalf("node %d's member got %d chats (first %+v), want 2, the first %s", i+1, len(got), got[0], mid)
 		}
 	}
+}
+
+// waitReady waits until every node of c answers /readyz 200 (NATS and Redis
+// reachable, the shared wallet ready).
+func (c *testCluster) waitReady(t *testing.T, what string) {
+	t.Helper()
+	pollUntil(t, 20*time.Second, what+": every node ready", func() bool {
+		for _, nd := range c.nodes {
+			resp, err := http.Get("http://" + nd.http + "/readyz")
+			if err != nil {
+				return false
+			}
+			resp.Body.Close()
+			if resp.StatusCode != 200 {
+				return false
+			}
+		}
+		return true
+	})
 }
