@@ -176,7 +176,7 @@ func TestJoinHistoryReadDoesNotStallTheRoom(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	deadline := time.Now().Add(2 * time.Second)
+	deadline := time.Now().Add(5 * time.Second)
 	for len(a.got()) < 5 && time.Now().Before(deadline) {
 		time.Sleep(5 * time.Millisecond)
 	}

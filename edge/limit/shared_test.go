@@ -23,14 +23,15 @@ func TestSharedCountsAcrossNodes(t *testing.T) {
 		}
 		return ok
 	}
-	allowed := 0
+	allowed, start := 0, time.Now()
 	for i := range 8 {
 		if allow([]*Shared{a, b}[i%2], 1) {
 			allowed++
 		}
 	}
-	if allowed != 4 && allowed != 5 { // a fifth when 100 ms passed meanwhile
-		t.Fatalf("%d of 8 events allowed across two nodes at once, want the burst of 4", allowed)
+	// The burst of 4, and one more per 100 ms the eight calls took.
+	if most := 4 + int(time.Since(start)/(100*time.Millisecond)); allowed < 4 || allowed > most {
+		t.Fatalf("%d of 8 events allowed across two nodes, want 4..%d", allowed, most)
 	}
 	if !allow(b, 2) {
 		t.Fatal("another key is limited")
