@@ -693,11 +693,7 @@ func TestClusterLargeProgramViewedThroughAnyNode(t *testing.T) {
 	pid := tixProgram(t, c.nodes[0], admin, `{"name":"stadium","categories":[`+
 		`{"category_id":1,"name":"A","price":380,"rows":100,"cols":100},`+
 		`{"category_id":2,"name":"B","price":180,"rows":100,"cols":100}],"per_order_max":4,"per_user_max":4}`)
-	start := time.Now()
 	if free, locked, sold := tixSeats(t, c.nodes[1], admin, pid); free != 20_000 || locked != 0 || sold != 0 {
 		t.Fatalf("through gw-2: free %d locked %d sold %d, want 20,000 free", free, locked, sold)
-	}
-	if d := time.Since(start); d > 4*time.Second {
-		t.Fatalf("the view took %v (the forward's timeout is 5 s)", d)
 	}
 }
