@@ -30,11 +30,14 @@ func (n *Node) newRedPackets() (err error) {
 	}
 	var roomRun func(context.Context, int64, string, int64) (bool, error)
 	var roomDone func(context.Context, int64, string) error
-	var creates *limit.Shared
+	var creates, prepares, starts *limit.Shared
 	if n.Cluster != nil {
 		roomRun, roomDone = n.runRainInRoom, n.rainDoneInRoom
-		// An anchor's rains are counted on every node (as this one's).
+		// An anchor's rains are counted on every node (as this one's), and
+		// so are its prepares and starts (one per interval; nil: no limit).
 		creates = limit.NewShared(n.Redis, "rpnew", redpacket.DefaultCreatesPerMinute, time.Minute, redpacket.CreateBurst)
+		prepares = limit.NewShared(n.Redis, "rpprep", 1, cfg.PrepareInterval.D(), 1)
+		starts = limit.NewShared(n.Redis, "rpstart", 1, cfg.StartInterval.D(), 1)
 	}
 	n.RedPackets, err = redpacket.New(n.Store, n.Wallet, n.Router, redpacket.Config{
 		Peers: peers, Claim: claim, Unclaim: unclaim, RoomRun: roomRun, RoomDone: roomDone,
@@ -43,7 +46,8 @@ func (n *Node) newRedPackets() (err error) {
 		MaxCount: cfg.MaxCount, MaxTotal: cfg.MaxTotal, MaxDuration: cfg.MaxDuration.D(),
 		MaxPerAnchor: cfg.MaxPerAnchor, OnePerUser: cfg.OnePerUser,
 		PrepareInterval: cfg.PrepareInterval.D(), StartInterval: cfg.StartInterval.D(),
-		GrabInterval: cfg.GrabInterval.D(), SharedLimit: n.sharedAnchorLimit(), CodeTag: n.codeTag(), SharedCreates: creates,
+		GrabInterval: cfg.GrabInterval.D(), CodeTag: n.codeTag(),
+		SharedCreates: creates, SharedPrepares: prepares, SharedStarts: starts,
 	}, n.Log)
 	if err != nil {
 		return err
@@ -51,23 +55,6 @@ func (n *Node) newRedPackets() (err error) {
 	n.Rooms.SetRedPacket(n.RedPackets.ActiveCode)
 	n.rains.Store(n.RedPackets)
 	return nil
-}
-
-// sharedAnchorLimit is the cluster's per-anchor limit of red-packet prepare
-// and start (nil on a single node): a SET NX with the interval as its expiry,
-// so one is allowed per interval whichever node is asked. Redis unreachable:
-// refused (10429) rather than unlimited.
-func (n *Node) sharedAnchorLimit() func(kind string, anchor int64, d time.Duration) bool {
-	if n.Cluster == nil {
-		return nil
-	}
-	return func(kind string, anchor int64, d time.Duration) bool {
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		defer cancel()
-		key := "le:rl:rp:" + kind + ":{" + strconv.FormatInt(anchor, 10) + "}"
-		err := n.Redis.Do(ctx, n.Redis.B().Set().Key(key).Value("1").Nx().Px(d).Build()).Error()
-		return err == nil // a nil reply (key present) is an error here
-	}
 }
 
 // codeTag is the worker id that new rain codes carry in a cluster (their

@@ -538,3 +538,19 @@ func TestClusterGrabRightAfterJoin(t *testing.T) {
 		}
 	}
 }
+
+// An anchor's prepares are limited across the nodes (one per
+// redpacket.prepare_interval, limit.Shared): a second rain prepared through
+// another node right after the first is 10429.
+func TestClusterPrepareIntervalAcrossNodes(t *testing.T) {
+	c := startCluster(t, 2, "LIVEEDGE_REDPACKET_PREPARE_INTERVAL=1m")
+	r := newClusterRain(t, c, 10, 1, 1, 30*time.Second) // prepared through gw-2
+	second := createRainVia(t, c.nodes[0].http, r.anchorTok, r.room, 10, 1, 30*time.Second)
+	fundAnchor(t, c.nodes[0].http, 1, 10, "seed2")
+	var refused struct {
+		Code int `json:"code"`
+	}
+	if st := nodetest.DoJSON(t, "POST", "http://"+c.nodes[0].http+"/api/v1/redpackets/"+second+"/prepare", r.anchorTok, "", &refused); st != 429 || refused.Code != proto.CodeRateLimited {
+		t.Fatalf("a second prepare within the interval through the other node: HTTP %d code %d, want 429 / 10429", st, refused.Code)
+	}
+}

@@ -63,11 +63,11 @@ type Config struct {
 	// through any node).
 	SharedCreates *limit.Shared
 	Now           func() time.Time // nil = time.Now
-	// SharedLimit, if set, replaces this node's prepare/start limiters with
-	// one every node shares (a cluster: an anchor's rains may live on
-	// different nodes): true = allowed, counting it. kind is "prepare" or
-	// "start".
-	SharedLimit func(kind string, anchor int64, interval time.Duration) bool
+	// SharedPrepares and SharedStarts, if set, replace this node's prepare
+	// and start limiters (one per PrepareInterval / StartInterval) with ones
+	// every node shares (limit.Shared: an anchor's rains may live on
+	// different nodes). Redis not answering: refused.
+	SharedPrepares, SharedStarts *limit.Shared
 	// CodeTag, if ≥ 0, is put in every new code's first character (a
 	// cluster: the node's worker id, so other nodes route the rain's
 	// requests to it; CodeTag reads it back). Use -1 for none.
@@ -249,12 +249,13 @@ const (
 // cluster (one Redis round trip; prepare and start are rare), else this
 // node's.
 func (s *Service) allow(kind string, anchor int64) bool {
-	d, local := s.cfg.PrepareInterval, s.prepLimit
+	shared, local := s.cfg.SharedPrepares, s.prepLimit
 	if kind == "start" {
-		d, local = s.cfg.StartInterval, s.startLimit
+		shared, local = s.cfg.SharedStarts, s.startLimit
 	}
-	if s.cfg.SharedLimit != nil && d > 0 {
-		return s.cfg.SharedLimit(kind, anchor, d)
+	if shared != nil {
+		ok, err := shared.Allow(uint64(anchor))
+		return ok && err == nil
 	}
 	return local.Allow(uint64(anchor))
 }
