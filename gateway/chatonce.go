@@ -136,11 +136,13 @@ func chatReqKey(user int64, req string) string {
 // setIfAbsentScript: KEYS[1] a key; ARGV a value, its TTL in ms. Returns
 // the key's value or nil (set now). Chat req_id claims use it (the value: a
 // mid, or another claim).
-var setIfAbsentScript = rueidis.NewLuaScript(`
+var setIfAbsentScript = rueidis.NewLuaScript(setIfAbsentLua)
+
+const setIfAbsentLua = `
 local v = redis.call('GET', KEYS[1])
 if v then return v end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return false`)
+return false`
 
 // chatSettleScript: KEYS[1] the pair's key; ARGV the claim, the mid ("" =
 // not sent), its TTL in ms. Only the claim's owner settles it.

@@ -48,11 +48,7 @@ end
 
 // claimReqScript: setIfAbsentScript, once the wallet is ready. KEYS the
 // binding, the meta hash; ARGV the pending value, its TTL in ms.
-var claimReqScript = rueidis.NewLuaScript(notReadyLua + `
-local v = redis.call('GET', KEYS[1])
-if v then return v end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return false`)
+var claimReqScript = rueidis.NewLuaScript(notReadyLua + setIfAbsentLua)
 
 // confirmScript makes KEYS[1] name order ARGV[1] for ARGV[2] ms if it is
 // pending for it, confirmed for it, or gone; it returns what it names.
