@@ -461,25 +461,26 @@ func (c *Conn) track(m router.Msg) bool {
 	return true
 }
 
-// dropOldestGiven keeps at most ws.offline_max (else 64) given-up pushes —
-// what the hand-on at close keeps anyway — dropping the oldest (ackMu held).
+// dropOldestGiven keeps at most ws.offline_max given-up pushes (0: offline
+// boxes off, none) — what the hand-on at close keeps anyway — dropping the
+// oldest; one pass per resend round (ackMu held).
 func (c *Conn) dropOldestGiven() {
-	keep := c.srv.cfg.WS.OfflineMax
-	if keep <= 0 {
-		keep = 64
+	over := c.given - max(c.srv.cfg.WS.OfflineMax, 0)
+	if over <= 0 {
+		return
 	}
-	for c.given > keep {
-		var oldest string
-		var seq uint64
-		for mid, p := range c.pending {
-			if p.given && (oldest == "" || p.seq < seq) {
-				oldest, seq = mid, p.seq
-			}
+	given := make([]*pendingPush, 0, c.given)
+	for _, p := range c.pending {
+		if p.given {
+			given = append(given, p)
 		}
-		delete(c.pending, oldest)
-		c.given--
-		c.srv.metrics.givenDropped.Inc()
 	}
+	slices.SortFunc(given, func(a, b *pendingPush) int { return cmp.Compare(a.seq, b.seq) })
+	for _, p := range given[:over] {
+		delete(c.pending, p.msg.Mid)
+	}
+	c.given -= over
+	c.srv.metrics.givenDropped.Add(float64(over))
 }
 
 // maxResendShift caps the resend backoff's doubling (base << tries).
@@ -524,7 +525,6 @@ func (c *Conn) resendDue() {
 				} else {
 					p.given = true // a user push: handed on at close
 					c.given++
-					c.dropOldestGiven()
 				}
 				continue
 			}
@@ -536,6 +536,7 @@ func (c *Conn) resendDue() {
 			next = p.next
 		}
 	}
+	c.dropOldestGiven()
 	if !next.IsZero() {
 		c.timer = time.AfterFunc(time.Until(next), c.resendDue)
 	}
