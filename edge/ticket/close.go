@@ -1,6 +1,8 @@
 package ticket
 
 import (
+	"maps"
+	"slices"
 	"time"
 
 	"github.com/liveedge/liveedge/gateway/proto"
@@ -163,22 +165,25 @@ func (s *Service) CloseExpired() int {
 	for _, id := range stuck {
 		s.resumeStuck(id)
 	}
+	s.settleOwed()
+	return closed
+}
+
+// settleOwed gives back the coupons closed orders still hold (at start and
+// each sweep), stopping at the first failure: the coupon store is failing
+// (Redis down or hanging, each call waiting for its timeout), and the rest
+// wait for the next sweep rather than hold this one — or the start — for
+// minutes.
+func (s *Service) settleOwed() {
 	s.pendMu.Lock()
-	owed := make([]int64, 0, len(s.owed))
-	for id := range s.owed {
-		owed = append(owed, id)
-	}
+	owed := slices.Collect(maps.Keys(s.owed))
 	s.pendMu.Unlock()
 	for i, id := range owed {
 		if err := s.settleCoupon(id); err != nil {
-			// The coupon store is failing (Redis down or hanging: each call
-			// waits for its timeout): the rest wait for the next sweep
-			// rather than hold this one for minutes.
 			s.cfg.Log.Error("ticket: give an owed coupon back; the others next sweep", "order", id, "left", len(owed)-i-1, "err", err)
-			break
+			return
 		}
 	}
-	return closed
 }
 
 func (s *Service) loop() {

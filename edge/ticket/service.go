@@ -205,7 +205,6 @@ func (s *Service) load() error {
 		return err
 	}
 	var interrupted []*Order
-	var owed []int64
 	err = s.store.Scan(prefixOrder, func(_, v []byte) error {
 		o, err := decodeOrder(v)
 		if err != nil {
@@ -223,7 +222,7 @@ func (s *Service) load() error {
 			st = SeatSold
 		default:
 			if o.Steps.CouponUsed && !o.Steps.CouponBack {
-				owed = append(owed, o.id) // closed, its coupon's give-back interrupted
+				s.owe(o.id) // closed, its coupon's give-back interrupted
 			}
 			return nil
 		}
@@ -244,17 +243,7 @@ func (s *Service) load() error {
 			s.markStuck(o.id)
 		}
 	}
-	for i, id := range owed {
-		if err := s.settleCoupon(id); err != nil {
-			// The coupon store is failing: the rest are left to the sweep
-			// (each call would hold the start for its timeout).
-			s.cfg.Log.Error("ticket: coupons of closed orders not given back, the sweep retries", "order", id, "left", len(owed)-i-1, "err", err)
-			for _, rest := range owed[i:] {
-				s.owe(rest)
-			}
-			break
-		}
-	}
+	s.settleOwed()
 	return nil
 }
 
