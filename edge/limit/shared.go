@@ -2,10 +2,13 @@ package limit
 
 import (
 	"context"
+	"log/slog"
 	"strconv"
 	"time"
 
 	"github.com/redis/rueidis"
+
+	"github.com/liveedge/liveedge/gateway/proto"
 )
 
 // Shared is Keyed across the nodes of a cluster: the same GCRA, its one
@@ -61,3 +64,20 @@ func (s *Shared) Allow(key uint64) (bool, error) {
 		[]string{strconv.FormatInt(s.interval.Milliseconds(), 10), strconv.FormatInt(s.burst.Milliseconds(), 10)}).AsInt64()
 	return n == 1, err
 }
+
+// Check is Allow as an answer: nil (allowed, recorded), refused (not
+// allowed), or — Redis did not answer, logged — a 50000 "retry": a limit that
+// cannot be checked is not skipped.
+func (s *Shared) Check(key uint64, refused *proto.Error, log *slog.Logger) *proto.Error {
+	ok, err := s.Allow(key)
+	switch {
+	case err != nil:
+		log.Warn("a shared limit not checked", "limit", s.name, "key", key, "err", err)
+		return errUnchecked
+	case !ok:
+		return refused
+	}
+	return nil
+}
+
+var errUnchecked = proto.Errorf(proto.CodeInternal, "could not check a rate limit, retry")

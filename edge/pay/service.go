@@ -88,8 +88,6 @@ func (e *OrderElsewhere) Error() string {
 }
 
 // errClaimUnavailable: the req_id's binding could not be read or made.
-var errLimitUnchecked = proto.Errorf(proto.CodeInternal, "could not check the order limit, retry")
-
 var errClaimUnavailable = proto.Errorf(proto.CodeInternal, "could not reserve the req_id, retry")
 
 // Service runs orders and the webhook.
@@ -103,6 +101,7 @@ type Service struct {
 	client   *http.Client
 
 	createLimit *limit.Keyed       // OrdersPerMinute per user (nil = off)
+	tooMany     *proto.Error       // its refusal (10429)
 	orders      keylock.Map[int64] // one lock per order id: transitions are compare-and-set under it
 	events      keylock.Map[int64] // one lock per event id (its hash): the duplicate check and the event's write are one step
 	users       keylock.Map[int64] // one lock per user: order creation is idempotent under it
@@ -278,7 +277,8 @@ func New(store *persist.Store, w persist.Wallet, r router.Router, cfg Config) (*
 		products: map[int64]Product{}, client: &http.Client{},
 		open: map[int64]openOrder{}, openOf: map[int64]int{}, inflight: map[int64]bool{},
 		workers: make(chan struct{}, cfg.ReconcileWorkers), stop: make(chan struct{}),
-		createLimit: limit.New(cfg.OrdersPerMinute, time.Minute, max(1, cfg.OrdersPerMinute), cfg.Now)}
+		createLimit: limit.New(cfg.OrdersPerMinute, time.Minute, max(1, cfg.OrdersPerMinute), cfg.Now),
+		tooMany:     proto.Errorf(proto.CodeRateLimited, "too many orders created, at most %d per minute", cfg.OrdersPerMinute)}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	if n, ok := w.(persist.SettleNotifier); ok {
 		n.OnSettled(s.onSettled)
@@ -430,15 +430,11 @@ func (s *Service) CreateOrder(user int64, r CreateReq) (Order, error) {
 	}
 	if !s.createLimit.Allow(uint64(user)) {
 		release()
-		return Order{}, proto.Errorf(proto.CodeRateLimited, "too many orders created, at most %d per minute", s.cfg.OrdersPerMinute)
+		return Order{}, s.tooMany
 	}
-	if ok, err := s.cfg.SharedCreates.Allow(uint64(user)); err != nil || !ok {
+	if perr := s.cfg.SharedCreates.Check(uint64(user), s.tooMany, s.cfg.Log); perr != nil {
 		release()
-		if err != nil {
-			s.cfg.Log.Warn("pay: the shared order limit not checked", "user", user, "err", err)
-			return Order{}, errLimitUnchecked
-		}
-		return Order{}, proto.Errorf(proto.CodeRateLimited, "too many orders created, at most %d per minute", s.cfg.OrdersPerMinute)
+		return Order{}, perr
 	}
 	now := s.cfg.Now().UnixMilli()
 	o := Order{OrderID: strconv.FormatInt(id, 10), UserID: user, ProductID: p.ID, Amount: p.Price, Coins: p.Coins,

@@ -297,17 +297,14 @@ func (s *Service) Invite(inviter, a, b int64, d time.Duration) (Invitation, erro
 		return Invitation{}, proto.Errorf(proto.CodeNotFound, "room not found or closed")
 	}
 	if !s.inviteRate.Allow(uint64(inviter)) {
-		return Invitation{}, proto.Errorf(proto.CodeRateLimited, "at most %d PK invitations per minute", InvitesPerMinute)
+		return Invitation{}, errInviteRate
 	}
 	if s.sh != nil {
 		if s.isClosed() {
 			return Invitation{}, proto.Errorf(proto.CodeInternal, "shutting down")
 		}
-		if ok, err := s.sh.invites.Allow(uint64(inviter)); err != nil {
-			s.log.Warn("pk: the shared invitation limit not checked", "inviter", inviter, "err", err)
-			return Invitation{}, proto.Errorf(proto.CodeInternal, "could not check the invitation limit, retry")
-		} else if !ok {
-			return Invitation{}, proto.Errorf(proto.CodeRateLimited, "at most %d PK invitations per minute", InvitesPerMinute)
+		if perr := s.sh.invites.Check(uint64(inviter), errInviteRate, s.log); perr != nil {
+			return Invitation{}, perr
 		}
 		return s.inviteShared(inviter, a, b, d)
 	}
@@ -335,6 +332,8 @@ func (s *Service) Invite(inviter, a, b int64, d time.Duration) (Invitation, erro
 	})
 	return *inv, nil
 }
+
+var errInviteRate = proto.Errorf(proto.CodeRateLimited, "at most %d PK invitations per minute", InvitesPerMinute)
 
 func (s *Service) inviteTTL() time.Duration {
 	if s.ttl > 0 {

@@ -122,6 +122,7 @@ type Service struct {
 	log    *slog.Logger
 
 	prepLimit, startLimit, grabLimit, createLimit *limit.Keyed
+	tooManyRains                                  *proto.Error // createLimit's refusal (10429)
 	seed                                          maphash.Seed
 
 	// keepStop ends keepRooms (nil: no shared room check); keepDone is
@@ -228,6 +229,7 @@ func New(store *persist.Store, w persist.Wallet, r router.Router, cfg Config, lo
 		s.cfg.CreatesPerMinute = DefaultCreatesPerMinute
 	}
 	s.createLimit = limit.New(s.cfg.CreatesPerMinute, time.Minute, CreateBurst, cfg.Now)
+	s.tooManyRains = proto.Errorf(proto.CodeRateLimited, "at most %d red-packet rains created per minute", s.cfg.CreatesPerMinute)
 	if err := s.restore(); err != nil {
 		return nil, err
 	}
@@ -447,11 +449,8 @@ func (s *Service) Create(anchor, room, total int64, count int, duration time.Dur
 	} else if a != anchor {
 		return View{}, errNotAnch
 	}
-	if ok, err := s.cfg.SharedCreates.Allow(uint64(anchor)); err != nil {
-		s.log.Warn("red packet: the shared create limit not checked", "anchor", anchor, "err", err)
-		return View{}, proto.Errorf(proto.CodeInternal, "could not check the rain limit, retry")
-	} else if !ok {
-		return View{}, proto.Errorf(proto.CodeRateLimited, "at most %d red-packet rains created per minute", s.cfg.CreatesPerMinute)
+	if perr := s.cfg.SharedCreates.Check(uint64(anchor), s.tooManyRains, s.log); perr != nil {
+		return View{}, perr
 	}
 	s.mu.Lock()
 	if s.closed {
@@ -464,7 +463,7 @@ func (s *Service) Create(anchor, room, total int64, count int, duration time.Dur
 	}
 	if !s.createLimit.Allow(uint64(anchor)) {
 		s.mu.Unlock()
-		return View{}, proto.Errorf(proto.CodeRateLimited, "at most %d red-packet rains created per minute", s.cfg.CreatesPerMinute)
+		return View{}, s.tooManyRains
 	}
 	s.perAnchor[anchor]++ // reserved
 	s.mu.Unlock()

@@ -93,6 +93,7 @@ type Service struct {
 
 	m          *metrics
 	placeLimit *limit.Keyed // OrdersPerMinute per user (nil = off)
+	tooMany    *proto.Error // its refusal (10429)
 
 	stop chan struct{}
 	wg   sync.WaitGroup
@@ -169,6 +170,7 @@ func New(store *persist.Store, w persist.Wallet, p Payments, r router.Router, cf
 		programs: map[int64]*program{},
 		pending:  map[int64]int64{}, stuck: map[int64]bool{}, doubt: map[int64]doubt{}, owed: map[int64]bool{}, m: newMetrics(), stop: make(chan struct{})}
 	s.placeLimit = limit.New(cfg.OrdersPerMinute, time.Minute, max(1, cfg.OrdersPerMinute), cfg.Now)
+	s.tooMany = proto.Errorf(proto.CodeRateLimited, "too many ticket orders placed, at most %d per minute", cfg.OrdersPerMinute)
 	s.cstore = cfg.Coupons
 	if s.cstore == nil {
 		s.cstore = NewPebbleCoupons(store)
@@ -349,13 +351,10 @@ func (s *Service) place(user int64, r PlaceReq) (Order, error) {
 		return Order{}, err
 	}
 	if !s.placeLimit.Allow(uint64(user)) {
-		return Order{}, proto.Errorf(proto.CodeRateLimited, "too many ticket orders placed, at most %d per minute", s.cfg.OrdersPerMinute)
+		return Order{}, s.tooMany
 	}
-	if ok, err := s.cfg.SharedPlaces.Allow(uint64(user)); err != nil {
-		s.cfg.Log.Warn("ticket: the shared order limit not checked", "user", user, "err", err)
-		return Order{}, proto.Errorf(proto.CodeInternal, "could not check the order limit, retry")
-	} else if !ok {
-		return Order{}, proto.Errorf(proto.CodeRateLimited, "too many ticket orders placed, at most %d per minute", s.cfg.OrdersPerMinute)
+	if perr := s.cfg.SharedPlaces.Check(uint64(user), s.tooMany, s.cfg.Log); perr != nil {
+		return Order{}, perr
 	}
 	// The guard makes this check-then-reserve safe: no other order of this
 	// user for this program is being placed.
