@@ -283,7 +283,8 @@ func (l *Local) JoinAt(id int64, s Session, since *proto.Position) (Joined, erro
 	var read []Msg // from cfg.History: since.Off+1 .. readTo of epoch readEp
 	var readEp string
 	var readTo int64
-	for reads := 0; ; reads++ {
+	reads, readFailed := 0, false
+	for {
 		r.fanMu.Lock()
 		r.mu.Lock()
 		if r.closed {
@@ -294,9 +295,8 @@ func (l *Local) JoinAt(id int64, s Session, since *proto.Position) (Joined, erro
 		}
 		j := Joined{Off: r.taken, Ep: r.ep}
 		var replay []Msg
-		needTo := int64(0)
+		needFrom, needTo := int64(0), int64(0)
 		if since != nil {
-			notBefore := time.Now().Add(-l.cfg.HistoryTTL).UnixNano()
 			switch {
 			case since.Ep != r.ep || r.ep == "":
 			case since.Off >= r.taken: // nothing missed that the pump will not bring
@@ -304,33 +304,29 @@ func (l *Local) JoinAt(id int64, s Session, since *proto.Position) (Joined, erro
 			case r.taken-since.Off > int64(max(l.cfg.HistorySize, 0)):
 				// More than any history keeps.
 			default:
-				if msgs, ok := r.hist.rangeOf(since.Off+1, r.taken, notBefore); ok {
-					replay, j.Recovered = msgs, true
-				} else if readEp == r.ep && readTo > 0 {
-					// Read before: the rest (what the pump took meanwhile)
-					// from the ring.
-					if rest, ok := r.hist.rangeOf(readTo+1, r.taken, notBefore); ok {
-						replay, j.Recovered = append(read, rest...), true
-					} else {
-						needTo = r.taken
-					}
+				if readEp != r.ep {
+					read, readTo = nil, 0 // (epochs never come back: cannot happen)
+				}
+				from := since.Off + 1
+				if readTo > 0 {
+					from = readTo + 1 // read before: only what the pump took meanwhile
+				}
+				if msgs, ok := r.hist.rangeOf(from, r.taken, time.Now().Add(-l.cfg.HistoryTTL).UnixNano()); ok {
+					replay, j.Recovered = append(read, msgs...), true
 				} else {
-					needTo = r.taken
+					needFrom, needTo = from, r.taken
 				}
 			}
 		}
-		if needTo > 0 && l.cfg.History != nil && reads < 2 {
+		if needTo > 0 && l.cfg.History != nil && reads < 2 && !readFailed {
 			ep := r.ep
 			r.mu.Unlock()
 			r.fanMu.Unlock()
-			var ok bool
-			if read, ok = l.cfg.History(id, ep, since.Off+1, needTo); ok {
-				readEp, readTo = ep, needTo
+			reads++
+			if msgs, ok := l.cfg.History(id, ep, needFrom, needTo); ok {
+				read, readEp, readTo = append(read, msgs...), ep, needTo
 			} else {
-				read, readEp, readTo = nil, "", 0
-				if reads == 0 {
-					reads = 1 // a failed read is not tried twice
-				}
+				readFailed = true // not recovered; not tried again
 			}
 			continue
 		}
