@@ -4,10 +4,13 @@ import (
 	"log/slog"
 	"slices"
 	"strconv"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/liveedge/liveedge/persist"
+	"github.com/liveedge/liveedge/persist/persisttest"
+	"github.com/liveedge/liveedge/router"
 )
 
 // The confirmed req_id bindings on disk: listed within the window (and an
@@ -45,5 +48,92 @@ func TestReqBindingsOnDiskWindowAndPrune(t *testing.T) {
 	_ = st.Scan(prefixReqBound, func(k, v []byte) error { left = append(left, string(v)); return nil })
 	if len(left) != 4 || slices.ContainsFunc(left, func(v string) bool { return v == `{"user":7,"req_id":"r5"}` }) {
 		t.Fatalf("records left after the prune: %v, want the four younger than 49 h", left)
+	}
+}
+
+// confirmAll is a ReqClaims that binds every req_id to the first order that
+// asks (the cluster's Redis bindings, in memory).
+type confirmAll struct {
+	mu    sync.Mutex
+	bound map[string]int64
+}
+
+func (c *confirmAll) Claim(user int64, req string, id int64) (int64, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	k := strconv.FormatInt(user, 10) + "/" + req
+	if prev, ok := c.bound[k]; ok && prev != id {
+		return prev, nil
+	}
+	c.bound[k] = id
+	return 0, nil
+}
+
+func (c *confirmAll) Confirm(user int64, req string, id int64) (int64, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	k := strconv.FormatInt(user, 10) + "/" + req
+	if prev, ok := c.bound[k]; ok {
+		return prev, nil
+	}
+	c.bound[k] = id
+	return id, nil
+}
+
+func (c *confirmAll) Release(int64, string, int64) error { return nil }
+
+// A crash between the confirm of an order's req_id and its disk record (the
+// record a rebuild restores the binding from): the node restarts, and
+// concurrent replays of the req_id answer the one order and write the
+// record back, once.
+func TestBoundRecordWrittenBackOnReplayAfterACrash(t *testing.T) {
+	st, l := persisttest.OpenLedger(t)
+	claims := &confirmAll{bound: map[string]int64{}}
+	open := func() *Service {
+		svc, err := New(st, l, router.NewLocal("req", router.LocalConfig{}), Config{Node: "req",
+			Secrets: []string{"bound-test-secret-0123456789abcdef"}, ReconcileEvery: time.Hour, ReqClaims: claims})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return svc
+	}
+	svc := open()
+	o, err := svc.CreateOrder(7, CreateReq{ProductID: 1, ReqID: "r1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	bound := func() []int64 {
+		var ids []int64
+		if err := ReqBindingsOnDisk(st, time.Now(), func(user int64, req string, id, at int64) error {
+			ids = append(ids, id)
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+		return ids
+	}
+	id, _ := strconv.ParseInt(o.OrderID, 10, 64)
+	if got := bound(); !slices.Equal(got, []int64{id}) {
+		t.Fatalf("bound records %v, want [%d]", got, id)
+	}
+	svc.Close()
+	if err := st.Delete(reqBoundKey(o.CreatedAt, id)); err != nil { // the crash: confirmed, not recorded
+		t.Fatal(err)
+	}
+	svc = open()
+	defer svc.Close()
+	var wg sync.WaitGroup
+	for range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if again, err := svc.CreateOrder(7, CreateReq{ProductID: 1, ReqID: "r1"}); err != nil || again.OrderID != o.OrderID {
+				t.Errorf("replay after the restart: %+v %v, want order %s", again, err, o.OrderID)
+			}
+		}()
+	}
+	wg.Wait()
+	if got := bound(); !slices.Equal(got, []int64{id}) {
+		t.Fatalf("bound records after the replays %v, want [%d]", got, id)
 	}
 }
