@@ -471,10 +471,8 @@ func TestClusterOneRunningRainPerRoomAfterRedisLoss(t *testing.T) {
 func TestClusterOnePacketPerUserAfterRedisLoss(t *testing.T) {
 	c := startCluster(t, 2, "LIVEEDGE_REDPACKET_ONE_PER_USER=true", "LIVEEDGE_REDPACKET_GRAB_INTERVAL=0s")
 	const total = 300
-	// Four packets, three grabbers: the third grab never takes the last
-	// packet, whose grant refused "unavailable" (a node's wallet a moment
-	// behind Redis's) ends the rain early — refunded, see the closing note.
-	// The rain ends by time, the fourth packet refunded.
+	// Four packets, three grabbers: the rain ends by time, the fourth packet
+	// refunded (what this test checks is one packet per user).
 	r := newClusterRain(t, c, total, 4, 3, 12*time.Second) // grabbers on gw-1, gw-2, gw-1
 	ctx := context.Background()
 	ok := map[int64]int64{}

@@ -134,7 +134,9 @@ func (s *Service) GrabAsync(user int64, code string, done func(GrabReply, *proto
 				// counts out (a Redis call for the list pool: not on the
 				// ledger's goroutine).
 				go func() {
-					s.pushBack(code, p)
+					if s.pushBack(code, p) {
+						s.reopen(r)
+					}
 					s.grabFailed(r, code, user, false, false)
 					done(GrabReply{}, proto.ErrInternal)
 				}()
@@ -211,11 +213,27 @@ func (s *Service) grabFailed(r *rain, code string, user int64, empty, keepUser b
 }
 
 // pushBack returns p, popped by a grab the wallet refused as unavailable
-// (nothing moved), to the pool, so it is granted later rather than refunded.
-func (s *Service) pushBack(code string, p Packet) {
+// (nothing moved), to the pool, so it is granted later rather than refunded;
+// false if it could not.
+func (s *Service) pushBack(code string, p Packet) bool {
 	ctx, cancel := context.WithTimeout(context.Background(), poolTimeout)
 	defer cancel()
 	if err := s.pool.Push(ctx, code, p); err != nil {
 		s.log.Warn("red packet not put back (refunded at the end)", "code", code, "err", err)
+		return false
 	}
+	return true
+}
+
+// reopen undoes an ending of r that only said "the pool is empty" (this
+// grab took the last packet, or another grab found none while it was out),
+// now that a packet is back in the pool. The grab putting it back is still
+// in flight, so no settlement has begun; an end for good (time up, a
+// settlement begun) stays.
+func (s *Service) reopen(r *rain) {
+	r.mu.Lock()
+	if r.ending && !r.final && !r.settling && r.rec.State == StateRunning && r.granted < r.rec.Count {
+		r.ending = false
+	}
+	r.mu.Unlock()
 }

@@ -398,6 +398,73 @@ func TestUnavailableGrantPutsThePacketBack(t *testing.T) {
 	}
 }
 
+// heldWallet holds the done of the first op whose req_id has prefix until
+// release, then answers it err (nothing applied).
+type heldWallet struct {
+	*persist.Ledger
+	prefix  string
+	taken   atomic.Bool
+	arrived chan struct{}
+	release chan error
+}
+
+func (w *heldWallet) ApplyAsync(op persist.Op, done func(persist.Result, error)) {
+	if strings.HasPrefix(op.ReqID, w.prefix) && w.taken.CompareAndSwap(false, true) {
+		close(w.arrived)
+		go func() { done(persist.Result{}, <-w.release) }()
+		return
+	}
+	w.Ledger.ApplyAsync(op, done)
+}
+
+// A grab of a rain's last packet that the wallet refuses as unavailable
+// puts it back; a grab that found the pool empty meanwhile does not end the
+// rain for good: the packet is granted to a later grabber, not refunded.
+func TestUnavailableLastPacketDoesNotEndTheRain(t *testing.T) {
+	n := newPendingNode(t)
+	const count = 2
+	w := &heldWallet{Ledger: n.l, prefix: "rp:", arrived: make(chan struct{}), release: make(chan error)}
+	n.start(t, w)
+	code := n.create(t, 200, count)
+	if _, err := n.svc.Prepare(shardAnchor, code); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := n.svc.Start(shardAnchor, code); err != nil {
+		t.Fatal(err)
+	}
+	first := make(chan *proto.Error, 1)
+	n.svc.GrabAsync(100, code, func(_ GrabReply, perr *proto.Error) { first <- perr })
+	<-w.arrived // one packet out, its grant held
+	if _, perr := n.svc.Grab(101, code); perr != nil {
+		t.Fatal(perr)
+	}
+	if _, perr := n.svc.Grab(102, code); perr == nil || perr.Code != proto.CodeRedPacketEmpty {
+		t.Fatalf("grab while the last packet is out: %v (want empty)", perr)
+	}
+	w.release <- persist.ErrWalletUnavailable
+	if perr := <-first; perr == nil {
+		t.Fatal("the refused grab answered ok")
+	}
+	if _, perr := n.svc.Grab(103, code); perr != nil {
+		t.Fatalf("the packet put back was not granted: %v", perr)
+	}
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		fin, err := n.svc.Get(code)
+		if err == nil && fin.State == StateFinished {
+			if fin.GrantedCount != count || fin.GrantedAmount != 200 || fin.Refunded != 0 {
+				t.Fatalf("finished %+v", fin)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("not settled")
+		}
+	}
+	if b := n.balance(t); b != 800 { // 1,000 − the rain's 200 (all granted)
+		t.Fatalf("anchor balance %d, want 800", b)
+	}
+}
+
 // hookWallet answers ops as hook says (handled true), else as the ledger.
 type hookWallet struct {
 	*persist.Ledger

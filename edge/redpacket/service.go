@@ -154,6 +154,10 @@ type rain struct {
 	timer    *time.Timer
 	ending   bool // no more grabs; settles once inflight is 0
 	settling bool
+	// final: the rain's end is for good (its time is up, or a settlement
+	// began); otherwise an ending found "the pool is empty" and is undone
+	// when a packet goes back to it (reopen).
+	final bool
 	// doubt are grant ops whose outcome the wallet could not tell (the
 	// shared wallet's ErrInProgress: it may still land). Settlement applies
 	// each again first (same request id: it lands once), so the refund never

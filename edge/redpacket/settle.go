@@ -18,7 +18,7 @@ func (s *Service) end(r *rain) {
 		r.mu.Unlock()
 		return
 	}
-	r.ending = true
+	r.ending, r.final = true, true
 	if r.timer != nil {
 		r.timer.Stop()
 	}
@@ -57,6 +57,7 @@ func (s *Service) spawn(fn func()) {
 // biz 5570 to the anchor.
 func (s *Service) settle(r *rain) {
 	r.mu.Lock()
+	r.final = true
 	rec, doubt := r.rec, r.doubt
 	r.mu.Unlock()
 	var err error
