@@ -53,6 +53,7 @@ type Node struct {
 	PK       *pk.Service
 	Pay      *pay.Service
 	worker   *pay.WorkerLease // shared mode: the order-id worker id leased in Redis
+	payOpen  *limit.Held      // shared mode: a user's unpaid orders counted on every node
 	WS       *Server
 	API      *API
 	Auth     *Auth
@@ -268,6 +269,8 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 		reqClaims = payReqClaims{rdb: n.Redis}
 		// A user's order creations are counted on every node (as this one's).
 		sharedOrders = limit.NewShared(n.Redis, "order", cfg.Pay.OrdersPerMinute, time.Minute, max(1, cfg.Pay.OrdersPerMinute))
+		// And their unpaid orders.
+		n.payOpen = limit.NewHeld(n.Redis, "payopen", cfg.Pay.MaxOpenOrdersPerUser, log)
 		// Nodes sharing Redis never share an order-id worker id.
 		lctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		n.worker, err = pay.LeaseWorker(lctx, n.Redis, cfg.Node.ID, cfg.Pay.WorkerID, 0, log)
@@ -283,7 +286,7 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 		NotifyURL:      public + "/api/v1/pay/notify",
 		ReconcileAfter: cfg.Pay.ReconcileAfter.D(), ReconcileEvery: cfg.Pay.ReconcileEvery.D(), Log: log,
 		MaxOpenPerUser: cfg.Pay.MaxOpenOrdersPerUser, OrdersPerMinute: cfg.Pay.OrdersPerMinute,
-		Frozen: n.Accounts.Frozen, ReqClaims: reqClaims, SharedCreates: sharedOrders,
+		Frozen: n.Accounts.Frozen, ReqClaims: reqClaims, SharedCreates: sharedOrders, SharedOpen: n.payOpen,
 	})
 	if err != nil {
 		return nil, err
@@ -709,6 +712,7 @@ func (n *Node) closeBackends() error {
 	if n.Pay != nil {
 		n.Pay.Close()
 	}
+	n.payOpen.Close() // before Redis closes
 	if n.worker != nil {
 		n.worker.Close() // before Redis closes
 	}

@@ -11,6 +11,7 @@ import (
 	"github.com/redis/rueidis"
 
 	"github.com/liveedge/liveedge/edge/pay"
+	"github.com/liveedge/liveedge/edge/pay/mockpay"
 	"github.com/liveedge/liveedge/gateway/nodetest"
 	"github.com/liveedge/liveedge/gateway/proto"
 )
@@ -162,6 +163,61 @@ func TestClusterOrderRateCountedAcrossNodes(t *testing.T) {
 	}
 	if made != 4 {
 		t.Fatalf("%d orders made through two nodes, want 4 (the minute's count, shared)", made)
+	}
+}
+
+// A user's unpaid orders are bounded across the cluster (before: each node
+// counted its own, so N nodes let a user hold N × the bound, each one
+// queried by the reconciler): six creations through two nodes at a bound of
+// 3 make three; once one is paid (its notify through the other node), one
+// more is made.
+func TestClusterOpenOrdersCountedAcrossNodes(t *testing.T) {
+	const secret = "cluster-test-pay-secret-0123"
+	prov := mockpay.New(mockpay.Config{Secret: secret})
+	t.Cleanup(prov.Close)
+	c := startCluster(t, 2, "LIVEEDGE_PAY_SECRETS="+secret, "LIVEEDGE_PAY_MAX_OPEN_ORDERS_PER_USER=3",
+		"LIVEEDGE_PAY_ORDERS_PER_MINUTE=100")
+	const user = 604
+	tok := devToken(t, c.nodes[0].http, user, "viewer")
+	var made []pay.Order
+	for i := range 6 {
+		switch o, st, code := createOrderVia(t, c.nodes[i%2].http, tok, "open-"+strconv.Itoa(i)); {
+		case st == 200:
+			made = append(made, o)
+		case code != proto.CodeRateLimited:
+			t.Fatalf("order %d: %d %d", i, st, code)
+		}
+	}
+	if len(made) != 3 {
+		t.Fatalf("%d unpaid orders made through two nodes, want 3 (the bound, shared)", len(made))
+	}
+	paid := made[0]
+	prov.Pay(paid.OrderID, paid.Amount, "http://"+c.nodes[1].http+"/api/v1/pay/notify/mock", "SUCCESS")
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		var out struct {
+			Data pay.Order `json:"data"`
+		}
+		nodetest.DoJSON(t, "GET", "http://"+c.nodes[1].http+"/api/v1/pay/orders/"+paid.OrderID, tok, "", &out)
+		if out.Data.Status == pay.StatusPayed {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("order %s not paid: %+v", paid.OrderID, out.Data)
+		}
+	}
+	// The paid order's place is freed by its node shortly after (a Redis
+	// call off the order's path).
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		_, st, code := createOrderVia(t, c.nodes[1].http, tok, "after-paid")
+		if st == 200 {
+			break
+		}
+		if code != proto.CodeRateLimited || time.Now().After(deadline) {
+			t.Fatalf("an order after one of three was paid: %d %d", st, code)
+		}
+	}
+	if _, st, code := createOrderVia(t, c.nodes[0].http, tok, "one-too-many"); code != proto.CodeRateLimited {
+		t.Fatalf("a fourth unpaid order: %d %d, want 10429", st, code)
 	}
 }
 

@@ -51,8 +51,13 @@ type Config struct {
 	// cluster as well (limit.Shared; this node's count alone let a user make
 	// N times as many through N nodes).
 	SharedCreates *limit.Shared
-	Now           func() time.Time
-	Log           *slog.Logger
+	// SharedOpen, if set, counts MaxOpenPerUser's unpaid orders on every
+	// node of a cluster as well (limit.Held, bounded by the same number;
+	// this node's count alone let a user hold N times as many through N
+	// nodes).
+	SharedOpen *limit.Held
+	Now        func() time.Time
+	Log        *slog.Logger
 
 	// Frozen tells whether a user's account is frozen (edge/account): a
 	// frozen user's order creation is refused with 20004. nil = none is.
@@ -102,6 +107,7 @@ type Service struct {
 
 	createLimit *limit.Keyed       // OrdersPerMinute per user (nil = off)
 	tooMany     *proto.Error       // its refusal (10429)
+	tooManyOpen *proto.Error       // MaxOpenPerUser's refusal (10429)
 	orders      keylock.Map[int64] // one lock per order id: transitions are compare-and-set under it
 	events      keylock.Map[int64] // one lock per event id (its hash): the duplicate check and the event's write are one step
 	users       keylock.Map[int64] // one lock per user: order creation is idempotent under it
@@ -278,7 +284,8 @@ func New(store *persist.Store, w persist.Wallet, r router.Router, cfg Config) (*
 		open: map[int64]openOrder{}, openOf: map[int64]int{}, inflight: map[int64]bool{},
 		workers: make(chan struct{}, cfg.ReconcileWorkers), stop: make(chan struct{}),
 		createLimit: limit.New(cfg.OrdersPerMinute, time.Minute, max(1, cfg.OrdersPerMinute), cfg.Now),
-		tooMany:     proto.Errorf(proto.CodeRateLimited, "too many orders created, at most %d per minute", cfg.OrdersPerMinute)}
+		tooMany:     proto.Errorf(proto.CodeRateLimited, "too many orders created, at most %d per minute", cfg.OrdersPerMinute),
+		tooManyOpen: proto.Errorf(proto.CodeRateLimited, "too many unpaid orders (at most %d): pay or wait for one to close", cfg.MaxOpenPerUser)}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	if n, ok := w.(persist.SettleNotifier); ok {
 		n.OnSettled(s.onSettled)
@@ -417,17 +424,26 @@ func (s *Service) CreateOrder(user int64, r CreateReq) (Order, error) {
 			return Order{}, &OrderElsewhere{ID: prev}
 		}
 	}
-	release := func() {
+	item, held := strconv.FormatInt(id, 10), false
+	release := func() { // the binding and the open place taken
 		if claims != nil {
 			if err := claims.Release(user, r.ReqID, id); err != nil {
 				s.cfg.Log.Warn("pay: releasing a req_id failed", "user", user, "err", err)
 			}
 		}
+		if held {
+			s.cfg.SharedOpen.Drop(uint64(user), item)
+		}
 	}
 	if m := s.cfg.MaxOpenPerUser; m > 0 && s.openCount(user) >= m {
 		release()
-		return Order{}, proto.Errorf(proto.CodeRateLimited, "too many unpaid orders (at most %d): pay or wait for one to close", m)
+		return Order{}, s.tooManyOpen
 	}
+	if perr := s.cfg.SharedOpen.Check(uint64(user), item, s.openHold(), s.tooManyOpen); perr != nil {
+		release()
+		return Order{}, perr
+	}
+	held = true
 	if !s.createLimit.Allow(uint64(user)) {
 		release()
 		return Order{}, s.tooMany
@@ -876,10 +892,16 @@ func (s *Service) closeOpen(id int64) {
 	if !o.counted {
 		return
 	}
+	s.cfg.SharedOpen.Drop(uint64(o.user), strconv.FormatInt(id, 10)) // never blocks
 	if s.openOf[o.user]--; s.openOf[o.user] <= 0 {
 		delete(s.openOf, o.user)
 	}
 }
+
+// openHold is how long an order counts towards SharedOpen at most: an
+// unpaid order closes by twice OrderTimeout (the provider not answering),
+// so a place whose drop was lost (a node died) frees itself after that.
+func (s *Service) openHold() time.Duration { return 2*s.cfg.OrderTimeout + time.Minute }
 
 func (s *Service) openCount(user int64) int {
 	s.openMu.Lock()

@@ -1,0 +1,84 @@
+package limit
+
+import (
+	"io"
+	"log/slog"
+	"testing"
+	"time"
+
+	"github.com/liveedge/liveedge/persist/redistest"
+)
+
+// A shared bound counts a key's open items on every node: two bounds (two
+// nodes, each its own client) on one Redis take max items between them; an
+// item taken again is not counted twice; a drop (through either node) or an
+// item's deadline frees its place; another key has its own; Redis down is
+// an error (the caller refuses), never a silent take.
+func TestHeldCountsAcrossNodes(t *testing.T) {
+	srv := redistest.Start(t)
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	a := NewHeld(srv.Client(t), "test", 3, log)
+	b := NewHeld(srv.Client(t), "test", 3, log)
+	t.Cleanup(a.Close)
+	t.Cleanup(b.Close)
+	take := func(h *Held, key uint64, item string, ttl time.Duration) bool {
+		t.Helper()
+		ok, err := h.Take(key, item, ttl)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return ok
+	}
+	taken := 0
+	for i, item := range []string{"1", "2", "3", "4", "5", "6"} {
+		if take([]*Held{a, b}[i%2], 7, item, time.Minute) {
+			taken++
+		}
+	}
+	if taken != 3 {
+		t.Fatalf("%d of 6 items taken across two nodes, want 3", taken)
+	}
+	if !take(b, 7, "1", time.Minute) {
+		t.Fatal("an item held already was refused")
+	}
+	if n, _ := a.Held(7); n != 3 {
+		t.Fatalf("held %d, want 3", n)
+	}
+	if !take(a, 8, "1", time.Minute) {
+		t.Fatal("another key is bounded")
+	}
+	b.Drop(7, "2") // taken through a
+	waitHeld(t, a, 7, 2)
+	if !take(a, 7, "4", 200*time.Millisecond) {
+		t.Fatal("refused after a drop")
+	}
+	if take(b, 7, "5", time.Minute) {
+		t.Fatal("taken past the bound")
+	}
+	waitHeld(t, a, 7, 2) // "4" passed its deadline
+	if !take(b, 7, "5", time.Minute) {
+		t.Fatal("refused after an item's deadline")
+	}
+	var off *Held
+	if ok, err := off.Take(1, "x", time.Minute); !ok || err != nil {
+		t.Fatal("a nil bound refused")
+	}
+	off.Drop(1, "x")
+	srv.Stop()
+	if ok, err := a.Take(9, "x", time.Minute); ok || err == nil {
+		t.Fatalf("Redis down: taken %v, err %v; want an error", ok, err)
+	}
+}
+
+func waitHeld(t *testing.T, h *Held, key uint64, want int) {
+	t.Helper()
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		n, err := h.Held(key)
+		if err == nil && n == want {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("held %d (%v), want %d", n, err, want)
+		}
+	}
+}
