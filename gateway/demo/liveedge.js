@@ -204,8 +204,11 @@ var LiveClient = class _LiveClient {
   async request(type, data, o) {
     const timeout = o?.timeout ?? this.o.requestTimeoutMs;
     const deadline = Date.now() + timeout;
-    await this.waitReady(timeout, type);
-    return this.send(this.ws, type, data, Math.max(1, deadline - Date.now()));
+    for (; ; ) {
+      await this.waitReady(Math.max(1, deadline - Date.now()), type);
+      const ws = this.ws;
+      if (ws && ws.readyState === OPEN) return this.send(ws, type, data, Math.max(1, deadline - Date.now()));
+    }
   }
   /** Joins a room; it is re-joined after every reconnect until leave(). */
   async join(roomId, o) {
@@ -493,7 +496,7 @@ var LiveClient = class _LiveClient {
   }
   waitReady(timeout, what) {
     if (this.closed) return Promise.reject(new ClosedError(this.closeCause));
-    if (this.ready) return Promise.resolve();
+    if (this.ready && this.ws?.readyState === OPEN) return Promise.resolve();
     return new Promise((resolve, reject) => {
       const w = {
         resolve: () => {

@@ -325,8 +325,13 @@ export class LiveClient {
   async request(type: string, data: unknown, o?: { timeout?: number }): Promise<unknown> {
     const timeout = o?.timeout ?? this.o.requestTimeoutMs;
     const deadline = Date.now() + timeout;
-    await this.waitReady(timeout, type);
-    return this.send(this.ws!, type, data, Math.max(1, deadline - Date.now()));
+    for (;;) {
+      await this.waitReady(Math.max(1, deadline - Date.now()), type);
+      const ws = this.ws;
+      if (ws && ws.readyState === OPEN) return this.send(ws, type, data, Math.max(1, deadline - Date.now()));
+      // The connection dropped after it was ready and before this request
+      // was written: nothing was sent, so it waits for the next one.
+    }
   }
 
   /** Joins a room; it is re-joined after every reconnect until leave(). */
@@ -647,7 +652,9 @@ export class LiveClient {
 
   private waitReady(timeout: number, what: string): Promise<void> {
     if (this.closed) return Promise.reject(new ClosedError(this.closeCause));
-    if (this.ready) return Promise.resolve();
+    // Ready, and its socket still open (a socket closing is not ready
+    // though its close event has not been handled yet).
+    if (this.ready && this.ws?.readyState === OPEN) return Promise.resolve();
     return new Promise((resolve, reject) => {
       const w: Waiter = {
         resolve: () => {

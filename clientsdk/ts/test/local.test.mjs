@@ -227,6 +227,19 @@ test("a re-join answered 50000 keeps the room: the client reconnects with its ba
   assert.deepEqual([...c.joinedRooms().keys()], [9]);
 });
 
+test("a request whose connection drops before it is written waits for the next connection (not DisconnectedError)", async () => {
+  const srv = await server((conn) => answer(conn));
+  const c = await collect({ urls: srv.url, token: "t" });
+  await c.request("ping", {});
+  const p = c.request("ping", {}, { timeout: 5000 }); // waiting for its turn: not written yet
+  c["ws"].close(); // the socket goes (CLOSING) before the request is written
+  const d = await p;
+  assert.equal(typeof d.ts, "number");
+  assert.equal(srv.conns.length, 2, "answered on a second connection");
+  assert.ok(srv.conns[1].frames.some((f) => f.t === "ping"), "the ping sent on the second connection");
+  assert.equal(srv.conns[0].frames.filter((f) => f.t === "ping").length, 1, "the second ping written on the dropped connection");
+});
+
 test("live connection: a push at or before the room's position is dropped; an offset skipped or a new epoch is reported as room_resync, the push delivered", async () => {
   const srv = await server((conn) => {
     answer(conn, (f) => ({ room_id: f.d.room_id, online: 1, off: 5, ep: "e1" }));
