@@ -1,0 +1,87 @@
+package pay_test
+
+import (
+	"testing"
+	"time"
+
+	"github.com/liveedge/liveedge/edge/pay"
+	"github.com/liveedge/liveedge/gateway/proto"
+	"github.com/liveedge/liveedge/persist"
+	"github.com/liveedge/liveedge/router"
+)
+
+// Events are applied once per order: a redelivery of a paid order's event,
+// or of its failure, changes nothing; an order's second event (another id)
+// after it closed changes nothing either. Since an open order's events are
+// not looked up (the order's state is the duplicate check), a provider that
+// reuses an event id for another open order has that order credited too.
+// Conservation: the buyer's balance is exactly the paid orders' coins.
+func TestEventsAppliedOncePerOrder(t *testing.T) {
+	st, err := persist.Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := persist.NewLedger(st, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close(); _ = st.Close() })
+	const secret = "event-test-secret-0123456789abcdef"
+	svc, err := pay.New(st, l, router.NewLocal("a", router.LocalConfig{}), pay.Config{Node: "a", Secrets: []string{secret}, ReconcileEvery: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(svc.Close)
+	order := func(req string) pay.Order {
+		o, err := svc.CreateOrder(7, pay.CreateReq{ProductID: 1, Channel: "mock", ReqID: req})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return o
+	}
+	notify := func(ev, status string, o pay.Order) int {
+		body, _ := proto.Marshal(pay.Event{EventID: ev, OrderID: o.OrderID, Amount: o.Amount, Status: status, PaidAt: time.Now().UnixMilli()})
+		code, _ := svc.Notify("mock", pay.Sign(secret, time.Now(), body), body)
+		return code
+	}
+	status := func(o pay.Order) string {
+		got, err := svc.Get(mustID(t, o.OrderID))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return got.Status
+	}
+	a, b, c := order("a"), order("b"), order("c")
+	for i, step := range []struct {
+		ev, status string
+		o          pay.Order
+		want       string
+	}{
+		{"ev-a", "SUCCESS", a, pay.StatusPayed},
+		{"ev-a", "SUCCESS", a, pay.StatusPayed},  // redelivery
+		{"ev-a2", "SUCCESS", a, pay.StatusPayed}, // a second payment event of a paid order: recorded, no credit
+		{"ev-c", "FAILED", c, pay.StatusInvalid},
+		{"ev-c", "FAILED", c, pay.StatusInvalid},
+		{"ev-a", "SUCCESS", b, pay.StatusPayed}, // ev-a reused for another, open order
+		{"ev-a", "SUCCESS", b, pay.StatusPayed},
+	} {
+		if code := notify(step.ev, step.status, step.o); code != pay.NotifyOK {
+			t.Fatalf("step %d: notify %d", i, code)
+		}
+		if got := status(step.o); got != step.want {
+			t.Fatalf("step %d: order %s, want %s", i, got, step.want)
+		}
+	}
+	if bal, err := l.Balance(7); err != nil || bal != a.Coins+b.Coins {
+		t.Fatalf("balance %d (%v), want %d: each paid order credited once", bal, err, a.Coins+b.Coins)
+	}
+}
+
+func mustID(t *testing.T, s string) int64 {
+	t.Helper()
+	id, ok := pay.ParseOrderID(s)
+	if !ok {
+		t.Fatalf("order id %q", s)
+	}
+	return id
+}
