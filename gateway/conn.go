@@ -26,7 +26,11 @@ const maxWriteBytes = 256<<10 - 8<<10
 // handlers, on a goroutine only while the client sends) and at most one writer goroutine, taken (Server.startWriter) when
 // the queue becomes non-empty and given back when it is drained.
 //
-// Invariants (under mu): queued == Σ size of queue; once closeCode != 0 nothing
+// Invariants (under mu): queued == Σ size of queue; writingBytes is the size
+// of the batch the writer took, until its write returns; queued +
+// writingBytes ≤ ws.send_queue_bytes (more closes the connection 4408: a
+// stalled client holds at most that many unsent bytes here, not a full queue
+// beside a batch blocked in its write); once closeCode != 0 nothing
 // more is queued; the writer is the only goroutine that writes to ws, except
 // for gws's own control replies (pong, close echo) which take gws's lock.
 type Conn struct {
@@ -43,14 +47,15 @@ type Conn struct {
 
 	lastRead atomic.Int64 // unix ns of the last frame read
 
-	mu        sync.Mutex
-	queue     []*router.Frame
-	queued    int
-	writing   bool
-	closeCode int  // != 0: closing with this code
-	drain     bool // write what is queued before the close frame
-	badCount  int
-	badWindow time.Time
+	mu           sync.Mutex
+	queue        []*router.Frame
+	queued       int
+	writingBytes int // the batch being written (see the invariants)
+	writing      bool
+	closeCode    int  // != 0: closing with this code
+	drain        bool // write what is queued before the close frame
+	badCount     int
+	badWindow    time.Time
 
 	// sem bounds async requests in flight; made by the first (begin, on
 	// the reader goroutine), as most connections never send one.
@@ -161,6 +166,9 @@ func (c *Conn) SendNow(f *router.Frame) (ok, direct bool) {
 		c.mu.Unlock()
 		return true, true
 	}
+	if left {
+		c.writingBytes = f.Size() // what the socket did not take, at most (the writer settles it)
+	}
 	c.mu.Unlock()
 	c.srv.startWriter(c)
 	return true, true
@@ -209,7 +217,7 @@ func (c *Conn) end() {
 func (c *Conn) QueueRoom() int {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return c.srv.cfg.WS.SendQueueBytes - c.queued
+	return c.srv.cfg.WS.SendQueueBytes - c.queued - c.writingBytes
 }
 
 // reply queues a reply frame.
@@ -223,7 +231,7 @@ func (c *Conn) enqueue(f *router.Frame) bool {
 		c.mu.Unlock()
 		return false
 	}
-	if c.queued+f.Size() > c.srv.cfg.WS.SendQueueBytes {
+	if c.queued+c.writingBytes+f.Size() > c.srv.cfg.WS.SendQueueBytes {
 		c.mu.Unlock()
 		c.srv.metrics.queueDrops.Inc()
 		c.Close(proto.CloseSlowConsumer, false)
@@ -277,6 +285,7 @@ func (c *Conn) writeLoop() {
 	}
 	for {
 		c.mu.Lock()
+		c.writingBytes = 0 // the last batch is written
 		code, drain := c.closeCode, c.drain
 		if len(c.queue) == 0 || (code != 0 && !drain) {
 			if code == 0 {
@@ -298,6 +307,7 @@ func (c *Conn) writeLoop() {
 			return
 		}
 		frames := c.queue
+		c.writingBytes = c.queued
 		c.queue, c.queued = spare[:0], 0
 		c.mu.Unlock()
 
@@ -330,7 +340,7 @@ func (c *Conn) writeLoop() {
 // dropped); its read loop ends on the closed socket and OnClose cleans up.
 func (c *Conn) lost() {
 	c.mu.Lock()
-	c.queue, c.queued = nil, 0
+	c.queue, c.queued, c.writingBytes = nil, 0, 0
 	if c.closeCode == 0 {
 		c.closeCode = proto.CloseGoingAway
 	}

@@ -328,6 +328,59 @@ func TestSlowConsumerClosedRoomUnaffected(t *testing.T) {
 	}
 }
 
+// A client that stopped reading holds at most ws.send_queue_bytes of unsent
+// pushes on the node: the batch its writer is blocked on counts with the
+// queue behind it (before, the queue started from zero once the writer took
+// a batch, so such a client held the batch and a full queue beside it).
+func TestSendQueueBoundCountsTheBatchBeingWritten(t *testing.T) {
+	cfg := nodetest.Config(t)
+	cfg.WS.SendQueueBytes = 256 << 10
+	cfg.WS.SocketSendBuffer = 16 << 10
+	n := nodetest.Start(t, cfg)
+	const user = 77
+	c := dial(t, n, user, nodetest.RawOptions{RcvBuf: 4 << 10, Buf: 4096})
+	c.Pause()
+	push := func(kib int) int {
+		d := `{"pad":"` + strings.Repeat("p", kib<<10) + `"}`
+		_, reached := n.Router.SendUser(user, proto.Push{Biz: proto.BizChat, Data: []byte(d)})
+		return reached
+	}
+	_ = push(0) // the client's reader, waiting in a read when paused, takes this one and stops
+	if push(100) != 1 { // more than the socket's buffers: the writer blocks on it
+		t.Fatal("the first push was refused")
+	}
+	for deadline := time.Now().Add(5 * time.Second); !n.WS.WriterTook(user); time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the writer did not take the first push")
+		}
+	}
+	if reached := push(200); reached != 0 { // 100 + 200 KiB unsent > 256 KiB: a slow consumer
+		t.Errorf("the push past the bound reached %d sessions", reached)
+	}
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		if v := metricValue(t, n, "liveedge_slow_consumer_closes_total"); v == 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("300 KiB unsent to a client that stopped reading, bound 256 KiB: not closed 4408")
+		}
+	}
+	c.Resume()
+	for {
+		select {
+		case <-c.Frames():
+			continue
+		case <-c.Closed():
+		case <-time.After(10 * time.Second):
+			t.Fatal("not closed")
+		}
+		break
+	}
+	if code := c.CloseCode(); code != proto.CloseSlowConsumer {
+		t.Fatalf("close code %d, want 4408", code)
+	}
+}
+
 func configsDuration(d time.Duration) configs.Duration { return configs.Duration(d) }
 
 // metricValue reads one unlabelled-by-test metric of n from /metrics.
