@@ -345,8 +345,11 @@ func TestSendQueueBoundCountsTheBatchBeingWritten(t *testing.T) {
 		_, reached := n.Router.SendUser(user, proto.Push{Biz: proto.BizChat, Data: []byte(d)})
 		return reached
 	}
-	_ = push(0) // the client's reader, waiting in a read when paused, takes this one and stops
-	if push(100) != 1 { // more than the socket's buffers: the writer blocks on it
+	// The client's reader, waiting in a read when paused, takes the first
+	// push and stops; the second, more than the socket's buffers, blocks
+	// the node's writer.
+	_ = push(0)
+	if push(100) != 1 {
 		t.Fatal("the first push was refused")
 	}
 	for deadline := time.Now().Add(5 * time.Second); !n.WS.WriterTook(user); time.Sleep(5 * time.Millisecond) {
