@@ -816,7 +816,7 @@ type shard struct {
 	leasing  chan struct{} // a lease request in flight
 	lastErr  error         // the last lease's refusal
 	dry      bool          // a lease ahead found the owner empty: no more leases ahead
-	over     bool          // the owner has none left anywhere: the rain is ending
+	overAt   time.Time     // the owner had none left anywhere then (isOver)
 	closed   bool          // the owner settled (or is settling) the rain
 	closedOK bool          // a close reported this node's totals
 	gone     bool          // removed from the map: nothing more happens through it
@@ -890,6 +890,19 @@ func (s *Service) sweepShard(sh *shard) {
 	sh.gone = true
 }
 
+// overRecheck is how long a holder takes the owner's "none left anywhere"
+// as the rain's end: after it, a grab here asks again — a packet whose grant
+// the wallet refused as unavailable goes back to the owner's pool and
+// reopens the rain (reopen), and grabbers on every node can have it. Until
+// the owner closes this slice, at most one lease a second asks in vain.
+const overRecheck = time.Second
+
+// isOver reports whether the owner said "none left anywhere" within
+// overRecheck (sh.mu held).
+func (sh *shard) isOver() bool {
+	return !sh.overAt.IsZero() && time.Since(sh.overAt) < overRecheck
+}
+
 // refill leases packets for sh from its owner (the first lease of a shard
 // only learns the rain's room and end); callers that find a lease in flight
 // wait for it (nil: look again).
@@ -904,7 +917,7 @@ func (s *Service) refill(sh *shard) error {
 	case sh.gone:
 		sh.mu.Unlock()
 		return errShardGone
-	case sh.closed || sh.over:
+	case sh.closed || sh.isOver():
 		sh.mu.Unlock()
 		return errEmpty
 	}
@@ -933,7 +946,7 @@ func (s *Service) refill(sh *shard) error {
 				// one; it must not tell its viewer "none left").
 				sh.dry, err = true, nil
 			} else {
-				sh.over = true
+				sh.overAt = time.Now()
 			}
 		}
 	case sh.closed || sh.gone:
@@ -1089,7 +1102,7 @@ func (s *Service) popShard(sh *shard) (Packet, error) {
 			sh.inflight++
 			// Ahead when low; and always on the last one (asking with none
 			// left either brings more or tells the owner the rain is over).
-			ahead := (n-1 <= sh.last/4 && !sh.dry || n == 1) && !sh.over && sh.leasing == nil
+			ahead := (n-1 <= sh.last/4 && !sh.dry || n == 1) && !sh.isOver() && sh.leasing == nil
 			sh.mu.Unlock()
 			if ahead {
 				go func() { _ = s.refill(sh) }()

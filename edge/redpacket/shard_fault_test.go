@@ -362,3 +362,42 @@ func grabUntilServed(t *testing.T, c *cluster, node string, user int64, code str
 		time.Sleep(5 * time.Millisecond)
 	}
 }
+
+// A rain's only packet is out on the owner, its grant held; a holder asks
+// meanwhile and is told "none left anywhere". The wallet then refuses the
+// grant as unavailable: the packet goes back and reopens the rain, and the
+// holder asks again after overRecheck — its grabber gets the packet (before:
+// the holder took the first "none" for good, and the packet waited for the
+// rain's end to be refunded).
+func TestReopenedRainReachesHolders(t *testing.T) {
+	c := newCluster(t, "n1", "n2")
+	code := c.rain(t, "n1", 100, 1, time.Hour)
+	o := c.svc("n1")
+	hw := &heldWallet{Ledger: c.nodes["n1"].ledger, prefix: "rp:", arrived: make(chan struct{}), release: make(chan error)}
+	o.wallet = hw
+	first := make(chan *proto.Error, 1)
+	o.GrabAsync(1, code, func(_ GrabReply, perr *proto.Error) { first <- perr })
+	<-hw.arrived
+	if _, perr := c.grab("n2", "n1", 2, code); perr == nil || perr.Code != proto.CodeRedPacketEmpty {
+		t.Fatalf("a holder's grab while the only packet is out: %v (want empty)", perr)
+	}
+	hw.release <- persist.ErrWalletUnavailable
+	if perr := <-first; perr == nil {
+		t.Fatal("the refused grab answered ok")
+	}
+	start := time.Now()
+	for {
+		_, perr := c.grab("n2", "n1", 3, code)
+		if perr == nil {
+			break
+		}
+		if perr.Code != proto.CodeRedPacketEmpty || time.Since(start) > 5*overRecheck {
+			c.dump(t, code)
+			t.Fatalf("the packet put back never reached the holder's grabber: %v", perr)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if v := c.conserve(t, "n1", code, 100); v.GrantedCount != 1 || v.Refunded != 0 {
+		t.Fatalf("finished %+v, want the one packet granted", v)
+	}
+}

@@ -441,7 +441,7 @@ func (c *cluster) dump(t *testing.T, code string) {
 		if sh != nil {
 			sh.mu.Lock()
 			t.Logf("%s (holder): free %d granted %d inflight %d held %d over %v dry %v closed %v gone %v lastErr %v",
-				name, len(sh.free), sh.granted, sh.inflight, sh.mine.n, sh.over, sh.dry, sh.closed, sh.gone, sh.lastErr)
+				name, len(sh.free), sh.granted, sh.inflight, sh.mine.n, !sh.overAt.IsZero(), sh.dry, sh.closed, sh.gone, sh.lastErr)
 			sh.mu.Unlock()
 		}
 	}
