@@ -27,9 +27,10 @@ const maxWriteBytes = 256<<10 - 8<<10
 // the queue becomes non-empty and given back when it is drained.
 //
 // Invariants (under mu): queued == Σ size of queue; writingBytes is the size
-// of the batch the writer took, until its write returns; queued +
-// writingBytes ≤ ws.send_queue_bytes (more closes the connection 4408: a
-// stalled client holds at most that many unsent bytes here, not a full queue
+// of the batch the writer took (or of a direct write's rest), until its
+// write returns; queued + writingBytes ≤ ws.send_queue_bytes, give or take
+// the one frame of a direct write (more closes the connection 4408: a
+// stalled client holds about that many unsent bytes here, not a full queue
 // beside a batch blocked in its write); once closeCode != 0 nothing
 // more is queued; the writer is the only goroutine that writes to ws, except
 // for gws's own control replies (pong, close echo) which take gws's lock.

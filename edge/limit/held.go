@@ -5,6 +5,7 @@ import (
 	"log/slog"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/redis/rueidis"
@@ -19,34 +20,41 @@ import (
 // node died, Redis did not answer) stops counting on its own. A nil *Held
 // allows everything (bound off).
 type Held struct {
-	rdb   rueidis.Client
-	name  string
-	max   int
-	log   *slog.Logger
-	drops chan heldDrop
-	stop  chan struct{}
-	once  sync.Once
-	done  sync.WaitGroup
+	rdb  rueidis.Client
+	name string
+	max  int
+	log  *slog.Logger
+	ops  chan heldOp
+	stop chan struct{}
+	once sync.Once
+	done sync.WaitGroup
+	lost atomic.Int64 // ops left to their deadline (queue full)
+	warn atomic.Int64 // unix ns of the last "left to its deadline" warning
 }
 
-type heldDrop struct {
+// heldOp is a drop (ttl 0) or a keep of item under key, made by the worker.
+type heldOp struct {
 	key  uint64
 	item string
+	ttl  int64 // ms
 }
 
-// heldDropQueue bounds the drops waiting for Redis; past it a drop is left
-// to its item's deadline.
-const heldDropQueue = 4096
+// heldQueue bounds the ops waiting for Redis; past it a drop is left to its
+// item's deadline. heldBatch ops go in one round trip.
+const (
+	heldQueue = 4096
+	heldBatch = 256
+)
 
 // NewHeld returns a bound of max items per key named name (its keys'
-// prefix), or nil if max ≤ 0 or rdb is nil. Close stops its drop worker.
+// prefix), or nil if max ≤ 0 or rdb is nil. Close stops its worker.
 func NewHeld(rdb rueidis.Client, name string, max int, log *slog.Logger) *Held {
 	if max <= 0 || rdb == nil {
 		return nil
 	}
-	h := &Held{rdb: rdb, name: name, max: max, log: log, drops: make(chan heldDrop, heldDropQueue), stop: make(chan struct{})}
+	h := &Held{rdb: rdb, name: name, max: max, log: log, ops: make(chan heldOp, heldQueue), stop: make(chan struct{})}
 	h.done.Add(1)
-	go h.dropLoop()
+	go h.work()
 	return h
 }
 
@@ -63,13 +71,23 @@ redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
 if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
 return 1`)
 
+// keepScript: takeScript without the bound (an item open already).
+var keepScript = rueidis.NewLuaScript(`
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[2])
+redis.call('ZADD', KEYS[1], 'NX', now + ttl, ARGV[1])
+if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
+return 1`)
+
 func (h *Held) key(key uint64) string {
 	return "le:held:" + h.name + ":{" + strconv.FormatUint(key, 10) + "}"
 }
 
 // Take counts item as open under key for at most ttl, unless key holds the
 // bound already (false). Taking an item held already is true and changes
-// nothing. An error (Redis did not answer) is for the caller to refuse on.
+// nothing. An error (Redis did not answer: the item may or may not be taken)
+// is for the caller to refuse on, and to Drop the item.
 func (h *Held) Take(key uint64, item string, ttl time.Duration) (bool, error) {
 	if h == nil {
 		return true, nil
@@ -81,47 +99,128 @@ func (h *Held) Take(key uint64, item string, ttl time.Duration) (bool, error) {
 	return n == 1, err
 }
 
-// Check is Take as an answer: nil (taken), refused (the bound is reached),
-// or — Redis did not answer, logged — a 50000 "retry".
+// Check is Take as an answer: nil (taken), refused (the bound is reached:
+// nothing taken), or — Redis did not answer, logged — a 50000 "retry" (the
+// item may be taken: Drop it).
 func (h *Held) Check(key uint64, item string, ttl time.Duration, refused *proto.Error) *proto.Error {
 	ok, err := h.Take(key, item, ttl)
 	switch {
 	case err != nil:
 		h.log.Warn("a shared bound not checked", "bound", h.name, "key", key, "err", err)
-		return errUnchecked
+		return errHeldUnchecked
 	case !ok:
 		return refused
 	}
 	return nil
 }
 
+var errHeldUnchecked = proto.Errorf(proto.CodeInternal, "could not check a limit, retry")
+
 // Drop stops counting item under key. It never blocks: the removal is made
-// by a worker, and left to the item's deadline if too many wait.
+// by the worker, and left to the item's deadline if too many wait.
 func (h *Held) Drop(key uint64, item string) {
 	if h == nil {
 		return
 	}
 	select {
-	case h.drops <- heldDrop{key, item}:
+	case h.ops <- heldOp{key: key, item: item}:
 	default:
-		h.log.Warn("a shared bound's drop left to its deadline (queue full)", "bound", h.name, "key", key)
+		h.leftToDeadline(nil)
 	}
 }
 
-func (h *Held) dropLoop() {
+// Keep counts item, open already (an order loaded at a node's start), under
+// key for at most ttl, whatever the bound; an item held already keeps its
+// deadline. It waits for room in the queue (not for Redis), Close or ctx.
+func (h *Held) Keep(ctx context.Context, key uint64, item string, ttl time.Duration) {
+	if h == nil || ttl <= 0 {
+		return
+	}
+	select {
+	case h.ops <- heldOp{key: key, item: item, ttl: max(ttl.Milliseconds(), 1)}:
+	case <-h.stop:
+	case <-ctx.Done():
+	}
+}
+
+// leftToDeadline counts ops that did not reach Redis and warns at most every
+// 10 s (it may run under its caller's locks: no blocking, little logging).
+func (h *Held) leftToDeadline(err error) {
+	n := h.lost.Add(1)
+	now := time.Now().UnixNano()
+	if last := h.warn.Load(); now-last >= int64(10*time.Second) && h.warn.CompareAndSwap(last, now) {
+		h.log.Warn("a shared bound's drops or keeps left to their deadlines", "bound", h.name, "total", n, "err", err)
+	}
+}
+
+// work makes the queued ops, up to heldBatch per round trip; at Close it
+// makes what is queued within a second.
+func (h *Held) work() {
 	defer h.done.Done()
+	batch := make([]heldOp, 0, heldBatch)
 	for {
-		var d heldDrop
 		select {
-		case d = <-h.drops:
+		case op := <-h.ops:
+			batch = append(batch[:0], op)
 		case <-h.stop:
+			h.drain()
 			return
 		}
-		ctx, cancel := context.WithTimeout(context.Background(), SharedTimeout)
-		err := h.rdb.Do(ctx, h.rdb.B().Zrem().Key(h.key(d.key)).Member(d.item).Build()).Error()
-		cancel()
-		if err != nil {
-			h.log.Warn("a shared bound's drop left to its deadline", "bound", h.name, "key", d.key, "err", err)
+		for more := true; more && len(batch) < heldBatch; {
+			select {
+			case op := <-h.ops:
+				batch = append(batch, op)
+			default:
+				more = false
+			}
+		}
+		h.send(batch, SharedTimeout)
+	}
+}
+
+// drain makes the ops queued at Close, within a second.
+func (h *Held) drain() {
+	deadline := time.Now().Add(time.Second)
+	for time.Now().Before(deadline) {
+		var batch []heldOp
+		for more := true; more && len(batch) < heldBatch; {
+			select {
+			case op := <-h.ops:
+				batch = append(batch, op)
+			default:
+				more = false
+			}
+		}
+		if len(batch) == 0 {
+			return
+		}
+		h.send(batch, time.Until(deadline))
+	}
+}
+
+// send makes ops in one round trip.
+func (h *Held) send(ops []heldOp, timeout time.Duration) {
+	ctx, cancel := context.WithTimeout(context.Background(), max(timeout, time.Millisecond))
+	defer cancel()
+	var drops rueidis.Commands
+	var keeps []rueidis.LuaExec
+	for _, op := range ops {
+		if op.ttl == 0 {
+			drops = append(drops, h.rdb.B().Zrem().Key(h.key(op.key)).Member(op.item).Build())
+		} else {
+			keeps = append(keeps, rueidis.LuaExec{Keys: []string{h.key(op.key)}, Args: []string{op.item, strconv.FormatInt(op.ttl, 10)}})
+		}
+	}
+	var res []rueidis.RedisResult
+	if len(drops) > 0 {
+		res = append(res, h.rdb.DoMulti(ctx, drops...)...)
+	}
+	if len(keeps) > 0 {
+		res = append(res, keepScript.ExecMulti(ctx, h.rdb, keeps...)...)
+	}
+	for _, r := range res {
+		if err := r.Error(); err != nil {
+			h.leftToDeadline(err)
 		}
 	}
 }
@@ -144,8 +243,9 @@ func (h *Held) Held(key uint64) (int, error) {
 	return int(n), err
 }
 
-// Close stops the drop worker; drops still queued are left to their
-// deadlines.
+// Close stops the worker once it has made what is queued (within a second;
+// the rest is left to the items' deadlines). Drops after Close are left to
+// their deadlines too.
 func (h *Held) Close() {
 	if h == nil {
 		return

@@ -294,13 +294,18 @@ func New(store *persist.Store, w persist.Wallet, r router.Router, cfg Config) (*
 		s.products[p.ID] = p
 	}
 	s.SetNotifyURL(cfg.NotifyURL)
+	var counted []Order // open orders counted towards MaxOpenPerUser
 	err := store.Scan(prefixOrder, func(k, v []byte) error {
 		var o Order
 		if err := proto.Unmarshal(v, &o); err != nil {
 			return err
 		}
 		if o.Status == StatusPaying || o.Status == StatusWaitingPay {
-			s.addOpen(int64(persist.KeyID(k)), o, o.Biz == "" || o.Biz == BizCoins)
+			c := o.Biz == "" || o.Biz == BizCoins
+			s.addOpen(int64(persist.KeyID(k)), o, c)
+			if c && cfg.SharedOpen != nil {
+				counted = append(counted, o)
+			}
 		}
 		return nil
 	})
@@ -309,6 +314,19 @@ func New(store *persist.Store, w persist.Wallet, r router.Router, cfg Config) (*
 	}
 	s.wg.Add(1)
 	go s.loop()
+	if len(counted) > 0 {
+		// Counted across the cluster again (Redis may have lost them, or
+		// let them lapse while this node was down), each until its own
+		// deadline.
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			now := s.cfg.Now().UnixMilli()
+			for _, o := range counted {
+				s.cfg.SharedOpen.Keep(s.ctx, uint64(o.UserID), o.OrderID, s.openHold()-time.Duration(now-o.CreatedAt)*time.Millisecond)
+			}
+		}()
+	}
 	return s, nil
 }
 
@@ -439,16 +457,19 @@ func (s *Service) CreateOrder(user int64, r CreateReq) (Order, error) {
 		release()
 		return Order{}, s.tooManyOpen
 	}
-	if perr := s.cfg.SharedOpen.Check(uint64(user), item, s.openHold(), s.tooManyOpen); perr != nil {
-		release()
-		return Order{}, perr
-	}
-	held = true
 	if !s.createLimit.Allow(uint64(user)) {
 		release()
 		return Order{}, s.tooMany
 	}
 	if perr := s.cfg.SharedCreates.Check(uint64(user), s.tooMany, s.cfg.Log); perr != nil {
+		release()
+		return Order{}, perr
+	}
+	// Last: a refusal above leaves no place to give back. A Take whose
+	// reply was lost may have taken it, so release drops it then too.
+	held = true
+	if perr := s.cfg.SharedOpen.Check(uint64(user), item, s.openHold(), s.tooManyOpen); perr != nil {
+		held = perr != s.tooManyOpen // refused: nothing taken
 		release()
 		return Order{}, perr
 	}
@@ -1064,7 +1085,15 @@ func (s *Service) Reconcile() {
 // reconcileOne queries the provider about open order id and acts on it.
 func (s *Service) reconcileOne(id int64) {
 	o, err := s.Get(id)
-	if err != nil || (o.Status != StatusPaying && o.Status != StatusWaitingPay) {
+	if err != nil {
+		if proto.AsError(err).Code == proto.CodeNotFound {
+			s.closeOpen(id)
+		} else {
+			s.cfg.Log.Warn("pay: reconcile: order not read, next run", "order", id, "err", err)
+		}
+		return // a store error: still open, looked at again next run
+	}
+	if o.Status != StatusPaying && o.Status != StatusWaitingPay {
 		s.closeOpen(id)
 		return
 	}
