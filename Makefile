@@ -162,7 +162,7 @@ bench-idle-large: build
 bench-report: build
 	./$(BIN)/benchreport -bench bench.out -loadgen '$(BENCH_TMP)/loadgen/*.json' \
 	  -webhook $(BENCH_TMP)/webhook.json -load $(BENCH_TMP)/load.txt \
-	  -cluster-idle '$(BENCH_OUT)/cluster-idle-*.txt' -out $(BENCH_OUT)
+	  -cluster-idle '$(BENCH_OUT)/cluster-idle-*.txt,$(BENCH_OUT)/cluster-storm-*.txt' -out $(BENCH_OUT)
 
 clean:
 	rm -rf $(BIN) data bench.out $(BENCH_TMP)

@@ -119,7 +119,7 @@ type event struct {
 
 // Dial connects to one of cfg's URLs and waits for the server's hello,
 // bounded by ctx and, per attempt, cfg.RequestTimeout. It tries each URL once,
-// in list order starting at a random one, until one connects; the error
+// in list order starting at a random one (URL with PreferURL), until one connects; the error
 // joins those of every attempt. An HTTP 401 yields an error wrapping
 // ErrUnauthorized (at once: the token is the same for every node). Once Dial
 // has returned, the client keeps itself connected until Close or a terminal
@@ -154,10 +154,14 @@ func Dial(ctx context.Context, cfg Config) (*Client, error) {
 	return c, nil
 }
 
-// dialAny makes Dial's attempts: each URL once, from a random one.
+// dialAny makes Dial's attempts: each URL once, from a random one (the
+// first with PreferURL).
 func (c *Client) dialAny(ctx context.Context) (*session, error) {
 	n := len(c.cfg.urls)
-	start := startIndex(n)
+	start := 0
+	if !c.cfg.PreferURL {
+		start = startIndex(n)
+	}
 	var errs []error
 	for k := range n {
 		i := (start + k) % n

@@ -87,6 +87,32 @@ func TestURLsConfig(t *testing.T) {
 // Dial skips a dead node; after the connected node drops the client, it
 // moves on to the next URL (even though the old node is still up); a dead
 // URL met on the way is skipped after a short pause, not a full backoff.
+// With PreferURL, Dial tries URL first every time (without it, from a
+// random one): a client pinned to its node falls back on the others only
+// when that one does not answer.
+func TestPreferURL(t *testing.T) {
+	a, b := newTServer(t), newTServer(t)
+	for i := range 8 {
+		c := dial(t, nil, &rec{}, func(cfg *Config) {
+			cfg.URL, cfg.URLs, cfg.PreferURL = b.url(), []string{a.url(), b.url()}, true
+		})
+		if c.URL() != b.url() {
+			t.Fatalf("dial %d: URL %s, want the preferred %s", i, c.URL(), b.url())
+		}
+		c.Close()
+	}
+	if a.connCount() != 0 {
+		t.Fatalf("the other node got %d connections", a.connCount())
+	}
+	dead := deadURL(t)
+	c := dial(t, nil, &rec{}, func(cfg *Config) {
+		cfg.URL, cfg.URLs, cfg.PreferURL = dead, []string{a.url()}, true
+	})
+	if c.URL() != a.url() {
+		t.Fatalf("the preferred node dead: URL %s, want %s", c.URL(), a.url())
+	}
+}
+
 func TestURLRotation(t *testing.T) {
 	a, b := newTServer(t), newTServer(t)
 	dead := deadURL(t)

@@ -36,6 +36,13 @@ type Config struct {
 	// spread over the others), see ReconnectMin.
 	URLs []string
 
+	// PreferURL makes Dial try URL first, then URLs in list order, instead
+	// of starting at a random one: a client that prefers one node (the
+	// nearest, or the one a load balancer or a test assigned) and falls
+	// back on the others. After a disconnect the client still moves on to
+	// the next URL in the list.
+	PreferURL bool
+
 	// Token is sent as ?token= at every (re)connect. Ignored when TokenFunc is
 	// set. With a static Token an HTTP 401 on reconnect is terminal.
 	Token string

@@ -19,6 +19,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -637,14 +638,28 @@ func (r *run) open(ctx context.Context, i int, viewer bool) (*lconn, error) {
 		}
 	}
 	lc := &lconn{r: r, viewer: viewer, user: user, token: tok}
-	urls := append([]string{cfg.WS[node]}, cfg.WS...)
+	// Node i mod n first (PreferURL), then the others, rotated by i: after
+	// a node dies its clients move on to the next one in their lists,
+	// spread over the others rather than all onto one.
+	var others []string
+	for _, u := range cfg.WS {
+		if u != cfg.WS[node] && !slices.Contains(others, u) {
+			others = append(others, u)
+		}
+	}
+	if len(others) > 0 {
+		k := i % len(others)
+		others = append(others[k:], others[:k]...)
+	}
 	var local net.Addr
 	if cfg.SrcIPs > 1 {
 		local = &net.TCPAddr{IP: net.IPv4(127, 0, 0, byte(1+i%cfg.SrcIPs))}
 	}
 	c, err := clientsdk.Dial(ctx, clientsdk.Config{
 		LocalAddr:         local,
-		URLs:              urls,
+		URL:               cfg.WS[node],
+		URLs:              others,
+		PreferURL:         true,
 		Token:             tok,
 		EventBuffer:       16,
 		DedupWindow:       64,

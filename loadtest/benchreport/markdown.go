@@ -164,7 +164,11 @@ func (rep *Report) Markdown(w io.Writer) {
 	}
 
 	for _, ci := range rep.ClusterIdle {
-		fmt.Fprintf(w, "\n## Idle connections held over several node processes (`%s`)\n\n", ci.File)
+		what := "Idle connections held over several node processes"
+		if first, _, _ := strings.Cut(ci.Summary, "\n"); strings.Contains(first, "storm=1") {
+			what = "Reconnect storm: a node killed (SIGKILL), its clients reconnected to the others"
+		}
+		fmt.Fprintf(w, "\n## %s (`%s`)\n\n", what, ci.File)
 		fmt.Fprintf(w, "Not a run of this `make bench` (it needs the whole machine for minutes): the summary\n")
 		fmt.Fprintf(w, "loadtest/scripts/cluster-idle.sh wrote (how to read it: loadtest/README.md), as written.\n\n")
 		fmt.Fprintf(w, "```\n%s\n```\n", strings.TrimSpace(ci.Summary))

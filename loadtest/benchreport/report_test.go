@@ -219,6 +219,16 @@ func TestClusterIdleSection(t *testing.T) {
 	}
 }
 
+func TestClusterStormSection(t *testing.T) {
+	rep := Build(Inputs{ClusterIdle: []ClusterIdle{{File: "cluster-storm-15k.txt", Summary: "nodes=3 conns=30000 procs=2 ramp=1000/s hold=40s storm=1 client=raw\n  after kill    15000 reconnected and recovered, 0 not\n"}}})
+	var b strings.Builder
+	rep.Markdown(&b)
+	if !strings.Contains(b.String(), "## Reconnect storm: a node killed (SIGKILL), its clients reconnected to the others (`cluster-storm-15k.txt`)") ||
+		!strings.Contains(b.String(), "15000 reconnected and recovered") {
+		t.Fatalf("no storm section:\n%s", b.String())
+	}
+}
+
 // idle-compare's pair (liveedge-N.json, bare-N.json) gives two figures, the
 // run's highest sample and the hold's end, each against the bare server and
 // the 8 KiB target; the bare run is no figure of its own and is drawn as its

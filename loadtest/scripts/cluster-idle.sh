@@ -9,6 +9,12 @@
 #
 #   loadtest/scripts/cluster-idle.sh                  # 100,000 over 6 nodes
 #   CONNS=15000 NODES=3 STORM=1 loadtest/scripts/cluster-idle.sh
+#   CONNS=30000 NODES=3 STORM=1 STORM_WEIGHT=2 loadtest/scripts/cluster-idle.sh
+#
+# STORM_WEIGHT=W gives the node killed (the last) W shares of the
+# connections to the others' one each (its URL listed W times): with 3
+# nodes and W=2 it holds half of them, 15,000 of 30,000, and the two others
+# 7,500 each — 15,000 each after the kill, within a process's 20,000 files.
 #
 # CLIENT=raw (the default for the idle run) uses loadgen's minimal idle
 # client (-client raw: a gws connection, a join and heartbeat pings, nothing
@@ -27,6 +33,7 @@ PROCS=${PROCS:-6}
 RAMP=${RAMP:-2000}
 HOLD=${HOLD:-60s}
 STORM=${STORM:-0}
+STORM_WEIGHT=${STORM_WEIGHT:-1}
 CLIENT=${CLIENT:-raw}
 OUT=${OUT:-data/cluster-idle}
 for p in 14222 16379 $(seq 8080 $((8080 + 2 * NODES - 1))); do
@@ -114,6 +121,8 @@ sampler=$!
 
 args=(-scenario idle -client "$CLIENT" -ws "$ws" -http "$http" -conns "$CONNS" -procs "$PROCS" -ramp "$RAMP" -duration "$HOLD" -q -json "$OUT/idle.json")
 if [ "$STORM" = 1 ]; then
+	victim=${ws##*,}
+	for _ in $(seq 2 "$STORM_WEIGHT"); do ws="$ws,$victim"; done
 	args=(-scenario reconnect-storm -ws "$ws" -http "$http" -conns "$CONNS" -procs "$PROCS" -ramp "$RAMP"
 		-duration "$HOLD" -rate 2 -kill-after 5s -kill-pid "${pids[$((NODES - 1))]}" -q -json "$OUT/storm.json")
 fi
@@ -174,7 +183,15 @@ END {
 	printf "  machine: %.2f of %.0f cores busy (everything, /proc/stat), load average %s .. %s\n", rate(x + 4, s, l), rate(x + 5, s, l), v[s, x + 6], v[l, x + 6]
 }' "$OUT/nodes.csv")
 {
-	echo "nodes=$NODES conns=$CONNS procs=$PROCS ramp=$RAMP/s hold=$HOLD storm=$STORM client=$CLIENT"
+	client=$CLIENT
+	[ "$STORM" = 1 ] && client=sdk # the storm always uses the SDK
+	echo "nodes=$NODES conns=$CONNS procs=$PROCS ramp=$RAMP/s hold=$HOLD storm=$STORM client=$client"
+	if [ "$STORM" = 1 ]; then
+		# loadgen's figures of the storm: what the killed node held, the
+		# reconnects after the kill, the deliveries across it
+		echo "killed: gw-$NODES (SIGKILL 5 s into the hold), $STORM_WEIGHT of $((NODES - 1 + STORM_WEIGHT)) shares of the connections"
+		grep -E '^ *(connections|pushes|deliveries|order|after kill)' "$OUT/loadgen.txt" || true
+	fi
 	echo "$summary"
-	echo "commit: $(git rev-parse --short HEAD)  date: $(date -u +%FT%TZ)  cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs) x $(nproc)  load: $(cut -d' ' -f1-3 /proc/loadavg)"
+	echo "commit: $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- . ':!docs' || echo ' (with changes)')  date: $(date -u +%FT%TZ)  cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs) x $(nproc)  load: $(cut -d' ' -f1-3 /proc/loadavg)"
 } | tee "$OUT/summary.txt"
