@@ -84,9 +84,6 @@ func TestURLsConfig(t *testing.T) {
 	}
 }
 
-// Dial skips a dead node; after the connected node drops the client, it
-// moves on to the next URL (even though the old node is still up); a dead
-// URL met on the way is skipped after a short pause, not a full backoff.
 // With PreferURL, Dial tries URL first every time (without it, from a
 // random one): a client pinned to its node falls back on the others only
 // when that one does not answer.
@@ -113,6 +110,9 @@ func TestPreferURL(t *testing.T) {
 	}
 }
 
+// Dial skips a dead node; after the connected node drops the client, it
+// moves on to the next URL (even though the old node is still up); a dead
+// URL met on the way is skipped after a short pause, not a full backoff.
 func TestURLRotation(t *testing.T) {
 	a, b := newTServer(t), newTServer(t)
 	dead := deadURL(t)

@@ -8,7 +8,8 @@
 //     opened with ?token=TOKEN and, unless Config.NoBatch, ?batch=1 so the
 //     server may coalesce replies and pushes into "batch" frames.
 //   - Several nodes: Config.URLs lists the nodes of a cluster (Config.URL alone
-//     is a list of one). Dial tries them in turn from a random one; after a
+//     is a list of one). Dial tries them in turn from a random one (from
+//     Config.URL with Config.PreferURL); after a
 //     disconnect the client tries the next URL first, so the clients of a
 //     node that died or went away spread over the others. Reconnect attempts
 //     go in rounds over the list: exponential backoff with full jitter before

@@ -648,7 +648,7 @@ func (r *run) open(ctx context.Context, i int, viewer bool) (*lconn, error) {
 		}
 	}
 	if len(others) > 0 {
-		k := i % len(others)
+		k := (i / len(cfg.WS)) % len(others) // not i: that follows the node choice
 		others = append(others[k:], others[:k]...)
 	}
 	var local net.Addr

@@ -20,16 +20,17 @@ import (
 // node died, Redis did not answer) stops counting on its own. A nil *Held
 // allows everything (bound off).
 type Held struct {
-	rdb  rueidis.Client
-	name string
-	max  int
-	log  *slog.Logger
-	ops  chan heldOp
-	stop chan struct{}
-	once sync.Once
-	done sync.WaitGroup
-	lost atomic.Int64 // ops left to their deadline (queue full)
-	warn atomic.Int64 // unix ns of the last "left to its deadline" warning
+	rdb   rueidis.Client
+	name  string
+	max   int
+	log   *slog.Logger
+	ops   chan heldOp
+	stop  chan struct{}
+	once  sync.Once
+	done  sync.WaitGroup
+	lost  atomic.Int64 // ops left to their deadline (queue full)
+	warn  atomic.Int64 // unix ns of the last "left to its deadline" warning
+	takes atomic.Int64 // Take calls (Takes)
 }
 
 // heldOp is a drop (ttl 0) or a keep of item under key, made by the worker.
@@ -71,11 +72,16 @@ redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
 if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
 return 1`)
 
-// keepScript: takeScript without the bound (an item open already).
-var keepScript = rueidis.NewLuaScript(`
+// opScript makes one queued op: ARGV the item and a TTL in ms — 0 drops
+// the item, more keeps it (takeScript without the bound: an item open
+// already; one held already keeps its deadline). One script for both, so a
+// batch's ops are made in their queue order (a keep never undoes a later
+// drop of the same item).
+var opScript = rueidis.NewLuaScript(`
+local ttl = tonumber(ARGV[2])
+if ttl == 0 then return redis.call('ZREM', KEYS[1], ARGV[1]) end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ttl = tonumber(ARGV[2])
 redis.call('ZADD', KEYS[1], 'NX', now + ttl, ARGV[1])
 if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
 return 1`)
@@ -92,6 +98,7 @@ func (h *Held) Take(key uint64, item string, ttl time.Duration) (bool, error) {
 	if h == nil {
 		return true, nil
 	}
+	h.takes.Add(1)
 	ctx, cancel := context.WithTimeout(context.Background(), SharedTimeout)
 	defer cancel()
 	n, err := takeScript.Exec(ctx, h.rdb, []string{h.key(key)},
@@ -116,11 +123,26 @@ func (h *Held) Check(key uint64, item string, ttl time.Duration, refused *proto.
 
 var errHeldUnchecked = proto.Errorf(proto.CodeInternal, "could not check a limit, retry")
 
+// Takes reports how many Take calls were made (diagnostics, tests).
+func (h *Held) Takes() int64 {
+	if h == nil {
+		return 0
+	}
+	return h.takes.Load()
+}
+
 // Drop stops counting item under key. It never blocks: the removal is made
-// by the worker, and left to the item's deadline if too many wait.
+// by the worker, and left to the item's deadline if too many wait or after
+// Close.
 func (h *Held) Drop(key uint64, item string) {
 	if h == nil {
 		return
+	}
+	select {
+	case <-h.stop:
+		h.leftToDeadline(nil)
+		return
+	default:
 	}
 	select {
 	case h.ops <- heldOp{key: key, item: item}:
@@ -129,17 +151,30 @@ func (h *Held) Drop(key uint64, item string) {
 	}
 }
 
-// Keep counts item, open already (an order loaded at a node's start), under
-// key for at most ttl, whatever the bound; an item held already keeps its
-// deadline. It waits for room in the queue (not for Redis), Close or ctx.
-func (h *Held) Keep(ctx context.Context, key uint64, item string, ttl time.Duration) {
+// TryKeep queues a keep of item, open already (an order loaded at a node's
+// start), under key for at most ttl, whatever the bound; an item held
+// already keeps its deadline. It never blocks: false when the queue is half
+// full (the other half is for drops, which must not be crowded out) — the
+// caller tries again later. Keeps and drops are made in their queue order,
+// so a caller that queues both under one lock of its own (the item open or
+// closed) never has a keep undo a drop.
+func (h *Held) TryKeep(key uint64, item string, ttl time.Duration) bool {
 	if h == nil || ttl <= 0 {
-		return
+		return true
+	}
+	select {
+	case <-h.stop:
+		return true // nothing more is made: nothing to wait for
+	default:
+	}
+	if len(h.ops) >= heldQueue/2 {
+		return false
 	}
 	select {
 	case h.ops <- heldOp{key: key, item: item, ttl: max(ttl.Milliseconds(), 1)}:
-	case <-h.stop:
-	case <-ctx.Done():
+		return true
+	default:
+		return false
 	}
 }
 
@@ -198,27 +233,15 @@ func (h *Held) drain() {
 	}
 }
 
-// send makes ops in one round trip.
+// send makes ops in one round trip, in their order.
 func (h *Held) send(ops []heldOp, timeout time.Duration) {
 	ctx, cancel := context.WithTimeout(context.Background(), max(timeout, time.Millisecond))
 	defer cancel()
-	var drops rueidis.Commands
-	var keeps []rueidis.LuaExec
-	for _, op := range ops {
-		if op.ttl == 0 {
-			drops = append(drops, h.rdb.B().Zrem().Key(h.key(op.key)).Member(op.item).Build())
-		} else {
-			keeps = append(keeps, rueidis.LuaExec{Keys: []string{h.key(op.key)}, Args: []string{op.item, strconv.FormatInt(op.ttl, 10)}})
-		}
+	execs := make([]rueidis.LuaExec, len(ops))
+	for i, op := range ops {
+		execs[i] = rueidis.LuaExec{Keys: []string{h.key(op.key)}, Args: []string{op.item, strconv.FormatInt(op.ttl, 10)}}
 	}
-	var res []rueidis.RedisResult
-	if len(drops) > 0 {
-		res = append(res, h.rdb.DoMulti(ctx, drops...)...)
-	}
-	if len(keeps) > 0 {
-		res = append(res, keepScript.ExecMulti(ctx, h.rdb, keeps...)...)
-	}
-	for _, r := range res {
+	for _, r := range opScript.ExecMulti(ctx, h.rdb, execs...) {
 		if err := r.Error(); err != nil {
 			h.leftToDeadline(err)
 		}
@@ -243,9 +266,10 @@ func (h *Held) Held(key uint64) (int, error) {
 	return int(n), err
 }
 
-// Close stops the worker once it has made what is queued (within a second;
-// the rest is left to the items' deadlines). Drops after Close are left to
-// their deadlines too.
+// Close stops the worker once it has made what is queued: after the round
+// trip in progress (up to SharedTimeout with Redis not answering), within a
+// second; the rest is left to the items' deadlines, as are drops after
+// Close.
 func (h *Held) Close() {
 	if h == nil {
 		return

@@ -1,7 +1,6 @@
 package limit
 
 import (
-	"context"
 	"io"
 	"log/slog"
 	"testing"
@@ -63,11 +62,18 @@ func TestHeldCountsAcrossNodes(t *testing.T) {
 	// Items open already (a node's start) are kept whatever the bound, an
 	// item held already keeping its deadline; drops queued at Close are
 	// made before it returns.
-	a.Keep(context.Background(), 7, "6", time.Minute)
-	a.Keep(context.Background(), 7, "5", time.Millisecond)
+	if !a.TryKeep(7, "6", time.Minute) || !a.TryKeep(7, "5", time.Millisecond) {
+		t.Fatal("an empty queue refused a keep")
+	}
 	waitHeld(t, b, 7, 4)
-	for _, item := range []string{"1", "3", "5", "6"} {
+	// Made in their order: a keep after a drop keeps, a drop after a keep
+	// drops.
+	a.Drop(7, "1")
+	a.TryKeep(7, "1", time.Minute)
+	for _, item := range []string{"3", "5", "6", "1"} {
 		a.Drop(7, item)
+		a.TryKeep(7, "x", time.Minute)
+		a.Drop(7, "x")
 	}
 	a.Close()
 	if n, err := b.Held(7); n != 0 || err != nil {

@@ -323,7 +323,14 @@ func New(store *persist.Store, w persist.Wallet, r router.Router, cfg Config) (*
 			defer s.wg.Done()
 			now := s.cfg.Now().UnixMilli()
 			for _, o := range counted {
-				s.cfg.SharedOpen.Keep(s.ctx, uint64(o.UserID), o.OrderID, s.openHold()-time.Duration(now-o.CreatedAt)*time.Millisecond)
+				ttl := s.openHold() - time.Duration(now-o.CreatedAt)*time.Millisecond
+				for !s.keepOpen(o, ttl) {
+					select {
+					case <-s.ctx.Done():
+						return
+					case <-time.After(10 * time.Millisecond): // the queue is busy: later
+					}
+				}
 			}
 		}()
 	}
@@ -927,6 +934,20 @@ func (s *Service) closeOpen(id int64) {
 	if s.openOf[o.user]--; s.openOf[o.user] <= 0 {
 		delete(s.openOf, o.user)
 	}
+}
+
+// keepOpen queues the keep of open order o's place (SharedOpen) if it is
+// still open: under openMu, as closeOpen queues its drop, so a keep never
+// comes after the drop of a closed order. false: the queue is busy, try
+// again.
+func (s *Service) keepOpen(o Order, ttl time.Duration) bool {
+	id, _ := strconv.ParseInt(o.OrderID, 10, 64)
+	s.openMu.Lock()
+	defer s.openMu.Unlock()
+	if _, open := s.open[id]; !open {
+		return true // closed meanwhile: its drop is queued already
+	}
+	return s.cfg.SharedOpen.TryKeep(uint64(o.UserID), o.OrderID, ttl)
 }
 
 // openHold is how long an order counts towards SharedOpen at most: an

@@ -193,5 +193,5 @@ END {
 		grep -E '^ *(connections|pushes|deliveries|order|after kill)' "$OUT/loadgen.txt" || true
 	fi
 	echo "$summary"
-	echo "commit: $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- . ':!docs' || echo ' (with changes)')  date: $(date -u +%FT%TZ)  cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs) x $(nproc)  load: $(cut -d' ' -f1-3 /proc/loadavg)"
+	echo "commit: $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- . ':!docs' 2>/dev/null; [ $? = 1 ] && echo ' (with changes)')  date: $(date -u +%FT%TZ)  cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs) x $(nproc)  load: $(cut -d' ' -f1-3 /proc/loadavg)"
 } | tee "$OUT/summary.txt"
