@@ -191,6 +191,12 @@ func (s *Server) chatMsg(c *Conn, f *proto.ClientFrame) (any, *proto.Error) {
 	if !s.chat.Allow(uint64(c.ident.UserID)) {
 		return nil, proto.ErrRateLimited
 	}
+	// In a cluster, across the nodes too (a user may hold connections on
+	// several): one Redis call, beside the sequencer's that the chat makes
+	// anyway; Redis not answering is "retry", as the chat itself would be.
+	if perr := s.chatShared.Check(uint64(c.ident.UserID), proto.ErrRateLimited, s.log); perr != nil {
+		return nil, perr
+	}
 	d, merr := proto.Marshal(proto.ChatPush{From: c.ident.UserID, Text: r.Text})
 	if merr != nil {
 		return nil, s.internal("chat encode", merr)

@@ -345,6 +345,8 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 	if n.Cluster != nil && n.Redis != nil {
 		// A chat's retry may reach another node: its req_id is kept in Redis.
 		deps.ChatOnce = &redisChatOnce{rdb: n.Redis, node: cfg.Node.ID, timeout: 2 * time.Second}
+		// A user's chats are counted on every node (as this one's).
+		deps.ChatShared = limit.NewShared(n.Redis, "chat", cfg.Limits.ChatPerSecond, time.Second, max(1, cfg.Limits.ChatPerSecond))
 	}
 	n.WS = newServer(deps)
 	n.API = newAPI(n, auth)

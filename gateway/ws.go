@@ -25,20 +25,21 @@ const connShards = 16
 // Server is the WebSocket side of a node: upgrades, per-connection reader and
 // writer, heartbeat sweeping and frame dispatch. It implements gws.Event.
 type Server struct {
-	cfg      configs.Config
-	log      *slog.Logger
-	auth     *Auth
-	router   router.Router
-	metrics  *metrics
-	chat     *limit.Keyed
-	joins    *limit.Keyed  // JoinsPerSecond per connection
-	reqID    atomic.Uint64 // ids of internal errors (internal)
-	chatOnce chatOnce
-	gifts    *gift.Service
-	roomOpen func(room int64) bool
-	rp       *redpacket.Service
-	grab     func(user int64, code string, done func(any, *proto.Error))
-	inflight sync.WaitGroup // async requests (gifts, grabs) still running
+	cfg        configs.Config
+	log        *slog.Logger
+	auth       *Auth
+	router     router.Router
+	metrics    *metrics
+	chat       *limit.Keyed
+	chatShared *limit.Shared // the chat limit across a cluster's nodes (nil: off)
+	joins      *limit.Keyed  // JoinsPerSecond per connection
+	reqID      atomic.Uint64 // ids of internal errors (internal)
+	chatOnce   chatOnce
+	gifts      *gift.Service
+	roomOpen   func(room int64) bool
+	rp         *redpacket.Service
+	grab       func(user int64, code string, done func(any, *proto.Error))
+	inflight   sync.WaitGroup // async requests (gifts, grabs) still running
 
 	up *gws.Upgrader
 	ln net.Listener // accept and handshake serve it (handshake.go)
@@ -74,6 +75,9 @@ type ServerDeps struct {
 	Metrics *metrics
 	// ChatLimit limits chat per user (nil = off).
 	ChatLimit *limit.Keyed
+	// ChatShared, in a cluster, counts the same limit on every node (a
+	// user's chats through N nodes were N times the rate); nil = off.
+	ChatShared *limit.Shared
 	// ChatOnce remembers chats sent with a req_id (nil: this node's memory).
 	ChatOnce chatOnce
 	Gifts    *gift.Service
@@ -89,7 +93,7 @@ type ServerDeps struct {
 
 func newServer(d ServerDeps) *Server {
 	s := &Server{cfg: d.Config, log: d.Log, auth: d.Auth, router: d.Router, metrics: d.Metrics,
-		chat: d.ChatLimit, joins: limit.New(JoinsPerSecond, time.Second, max(JoinBurst, 2*d.Config.WS.MaxRoomsPerConn), nil), gifts: d.Gifts, roomOpen: d.RoomOpen, rp: d.RedPackets, grab: d.Grab, stop: make(chan struct{}), writerq: make(chan *Conn)}
+		chat: d.ChatLimit, chatShared: d.ChatShared, joins: limit.New(JoinsPerSecond, time.Second, max(JoinBurst, 2*d.Config.WS.MaxRoomsPerConn), nil), gifts: d.Gifts, roomOpen: d.RoomOpen, rp: d.RedPackets, grab: d.Grab, stop: make(chan struct{}), writerq: make(chan *Conn)}
 	if s.chatOnce = d.ChatOnce; s.chatOnce == nil {
 		s.chatOnce = newMemChatOnce()
 	}

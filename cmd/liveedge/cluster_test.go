@@ -1469,6 +1469,46 @@ func TestClusterChatReqIDOnceAcrossNodes(t *testing.T) {
 	}
 }
 
+// A user's chats are rate limited across the nodes (before: each node
+// counted its own, so connections on two nodes chatted at twice the rate):
+// twelve chats sent at once through two nodes at 5 a second (bursts of 5)
+// pass five, and one more per 200 ms they took.
+func TestClusterChatRateCountedAcrossNodes(t *testing.T) {
+	c := startCluster(t, 2, "LIVEEDGE_LIMITS_CHAT_PER_SECOND=5")
+	anchorTok := devToken(t, c.nodes[0].http, 1, "anchor")
+	room := openRoom(t, c.nodes[0].http, anchorTok)
+	ctx := context.Background()
+	var cls [2]*clientsdk.Client
+	for i, nd := range c.nodes {
+		cls[i] = dialLogged(t, nd.ws, devTokenCached(t, nd.http, 70), &pushLog{})
+		if _, err := cls[i].Join(ctx, room); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var sent, limited atomic.Int64
+	start := time.Now()
+	var wg sync.WaitGroup
+	for i := range 12 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			switch _, err := cls[i%2].Chat(ctx, room, "hi "+strconv.Itoa(i)); {
+			case err == nil:
+				sent.Add(1)
+			case nodetest.CodeOf(err) == proto.CodeRateLimited:
+				limited.Add(1)
+			default:
+				t.Errorf("chat %d: %v", i, err)
+			}
+		}()
+	}
+	wg.Wait()
+	most := 5 + int64(time.Since(start)/(200*time.Millisecond))
+	if sent.Load() < 5 || sent.Load() > most || sent.Load()+limited.Load() != 12 {
+		t.Fatalf("%d chats sent, %d limited, through two nodes at 5/s; want 5..%d sent", sent.Load(), limited.Load(), most)
+	}
+}
+
 // waitReady waits until every node of c answers /readyz 200 (NATS and Redis
 // reachable, the shared wallet ready).
 func (c *testCluster) waitReady(t *testing.T, what string) {
