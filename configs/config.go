@@ -123,7 +123,7 @@ type Auth struct {
 	// JWTSecretFile, when set, names a file whose content (surrounding
 	// white space trimmed) replaces JWTSecret; Load reads it.
 	JWTSecretFile string `yaml:"jwt_secret_file"`
-	DevTokens     bool   `yaml:"dev_tokens"` // enables /api/v1/dev/token (off in cluster configs)
+	DevTokens     bool   `yaml:"dev_tokens"` // enables /api/v1/dev/token (off in cluster.yaml, on in cluster-local.yaml)
 }
 
 // NATS configures the event bus.
@@ -210,7 +210,8 @@ type Pay struct {
 type RedPacket struct {
 	// Pool is where running rains' packets wait: "memory" (this node's
 	// memory) or "redis-list" (the seed's design, a Redis list per code;
-	// needs redis.addr, single node only — the benchmark baseline).
+	// needs redis.addr; in a cluster a rain's grabs go to its owner — the
+	// benchmark baseline).
 	Pool         string   `yaml:"pool"`
 	OnePerUser   bool     `yaml:"one_per_user"`   // a user gets at most one packet per rain (30002)
 	MaxCount     int      `yaml:"max_count"`      // packets per rain (≤ 1,000,000)
