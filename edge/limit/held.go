@@ -196,36 +196,33 @@ func (h *Held) work() {
 	for {
 		select {
 		case op := <-h.ops:
-			batch = append(batch[:0], op)
+			batch = h.more(append(batch[:0], op))
 		case <-h.stop:
 			h.drain()
 			return
 		}
-		for more := true; more && len(batch) < heldBatch; {
-			select {
-			case op := <-h.ops:
-				batch = append(batch, op)
-			default:
-				more = false
-			}
-		}
 		h.send(batch, SharedTimeout)
 	}
+}
+
+// more appends the ops queued now to batch, up to heldBatch.
+func (h *Held) more(batch []heldOp) []heldOp {
+	for len(batch) < heldBatch {
+		select {
+		case op := <-h.ops:
+			batch = append(batch, op)
+		default:
+			return batch
+		}
+	}
+	return batch
 }
 
 // drain makes the ops queued at Close, within a second.
 func (h *Held) drain() {
 	deadline := time.Now().Add(time.Second)
 	for time.Now().Before(deadline) {
-		var batch []heldOp
-		for more := true; more && len(batch) < heldBatch; {
-			select {
-			case op := <-h.ops:
-				batch = append(batch, op)
-			default:
-				more = false
-			}
-		}
+		batch := h.more(nil)
 		if len(batch) == 0 {
 			return
 		}

@@ -6,7 +6,7 @@ import (
 
 	"github.com/liveedge/liveedge/edge/pay"
 	"github.com/liveedge/liveedge/gateway/proto"
-	"github.com/liveedge/liveedge/persist"
+	"github.com/liveedge/liveedge/persist/persisttest"
 	"github.com/liveedge/liveedge/router"
 )
 
@@ -17,15 +17,7 @@ import (
 // reuses an event id for another open order has that order credited too.
 // Conservation: the buyer's balance is exactly the paid orders' coins.
 func TestEventsAppliedOncePerOrder(t *testing.T) {
-	st, err := persist.Open(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	l, err := persist.NewLedger(st, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { l.Close(); _ = st.Close() })
+	st, l := persisttest.OpenLedger(t)
 	const secret = "event-test-secret-0123456789abcdef"
 	svc, err := pay.New(st, l, router.NewLocal("a", router.LocalConfig{}), pay.Config{Node: "a", Secrets: []string{secret}, ReconcileEvery: time.Hour})
 	if err != nil {
