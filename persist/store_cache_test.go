@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"fmt"
 	"testing"
+	"time"
 )
 
 // TestBlockCacheHoldsBlocksBesideMemtables: after the memtable filled and
@@ -32,6 +33,14 @@ func TestBlockCacheHoldsBlocksBesideMemtables(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	// Flushes run in the background: wait for the first to complete (a
+	// loaded machine had none done yet when the reads began — CI at
+	// 8d42f78), within 30 s.
+	for deadline := time.Now().Add(30 * time.Second); s.db.Metrics().Flush.Count == 0; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("no flush: the test did not fill a memtable")
+		}
+	}
 	for i := 0; i < n; i += 97 {
 		if _, err := s.Get([]byte(fmt.Sprintf("k%08d", i))); err != nil {
 			t.Fatal(i, err)
@@ -41,9 +50,6 @@ func TestBlockCacheHoldsBlocksBesideMemtables(t *testing.T) {
 		}
 	}
 	m := s.db.Metrics()
-	if m.Flush.Count == 0 {
-		t.Fatalf("no flush: the test did not fill a memtable")
-	}
 	if m.BlockCache.Count == 0 {
 		t.Fatalf("block cache holds no block after %d reads (hits %d, misses %d): the memtables' reservation leaves it no room",
 			n/97*2, m.BlockCache.Hits, m.BlockCache.Misses)
