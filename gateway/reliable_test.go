@@ -69,7 +69,14 @@ func resendingNode(t *testing.T, after time.Duration, tries, offlineMax int, use
 		cfg.WS.OfflineMax = offlineMax
 	}
 	n := nodetest.Start(t, cfg)
-	return n, dial(t, n, user, nodetest.RawOptions{Batch: true})
+	r := dial(t, n, user, nodetest.RawOptions{Batch: true})
+	// The hello goes out before the session is registered with the router
+	// (ws.go OnOpen): a push sent right after it could find no session
+	// (CI at 9a0fab1: "reached 0"). A ping's reply comes after OnOpen.
+	if f := request(t, r, 1, `{"t":"ping","id":1,"d":{}}`); f.Code != 0 {
+		t.Fatalf("ping: %+v", f)
+	}
+	return n, r
 }
 
 // countPushes counts pushes with mid arriving within d.
