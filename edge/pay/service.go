@@ -9,8 +9,10 @@ import (
 	"hash/fnv"
 	"io"
 	"log/slog"
+	"maps"
 	"net/http"
 	"net/url"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -294,18 +296,13 @@ func New(store *persist.Store, w persist.Wallet, r router.Router, cfg Config) (*
 		s.products[p.ID] = p
 	}
 	s.SetNotifyURL(cfg.NotifyURL)
-	var counted []Order // open orders counted towards MaxOpenPerUser
 	err := store.Scan(prefixOrder, func(k, v []byte) error {
 		var o Order
 		if err := proto.Unmarshal(v, &o); err != nil {
 			return err
 		}
 		if o.Status == StatusPaying || o.Status == StatusWaitingPay {
-			c := o.Biz == "" || o.Biz == BizCoins
-			s.addOpen(int64(persist.KeyID(k)), o, c)
-			if c && cfg.SharedOpen != nil {
-				counted = append(counted, o)
-			}
+			s.addOpen(int64(persist.KeyID(k)), o, o.Biz == "" || o.Biz == BizCoins)
 		}
 		return nil
 	})
@@ -314,25 +311,15 @@ func New(store *persist.Store, w persist.Wallet, r router.Router, cfg Config) (*
 	}
 	s.wg.Add(1)
 	go s.loop()
-	if len(counted) > 0 {
+	if cfg.SharedOpen != nil {
 		// Counted across the cluster again (Redis may have lost them, or
 		// let them lapse while this node was down), each until its own
-		// deadline.
+		// deadline. (The reconciler runs already: openMu.)
+		s.openMu.Lock()
+		ids := slices.Collect(maps.Keys(s.open))
+		s.openMu.Unlock()
 		s.wg.Add(1)
-		go func() {
-			defer s.wg.Done()
-			now := s.cfg.Now().UnixMilli()
-			for _, o := range counted {
-				ttl := s.openHold() - time.Duration(now-o.CreatedAt)*time.Millisecond
-				for !s.keepOpen(o, ttl) {
-					select {
-					case <-s.ctx.Done():
-						return
-					case <-time.After(10 * time.Millisecond): // the queue is busy: later
-					}
-				}
-			}
-		}()
+		go s.keepOpenOrders(ids)
 	}
 	return s, nil
 }
@@ -936,18 +923,33 @@ func (s *Service) closeOpen(id int64) {
 	}
 }
 
-// keepOpen queues the keep of open order o's place (SharedOpen) if it is
-// still open: under openMu, as closeOpen queues its drop, so a keep never
-// comes after the drop of a closed order. false: the queue is busy, try
-// again.
-func (s *Service) keepOpen(o Order, ttl time.Duration) bool {
-	id, _ := strconv.ParseInt(o.OrderID, 10, 64)
+// keepOpenOrders keeps the places (SharedOpen) of the counted open orders
+// ids, loaded at start, each until its own deadline.
+func (s *Service) keepOpenOrders(ids []int64) {
+	defer s.wg.Done()
+	for _, id := range ids {
+		for !s.keepOpen(id) {
+			select {
+			case <-s.ctx.Done():
+				return
+			case <-time.After(10 * time.Millisecond): // the queue is busy: later
+			}
+		}
+	}
+}
+
+// keepOpen queues the keep of open order id's place if it is still open and
+// counted: under openMu, as closeOpen queues its drop, so a keep never comes
+// after the drop of a closed order. false: the queue is busy, try again.
+func (s *Service) keepOpen(id int64) bool {
 	s.openMu.Lock()
 	defer s.openMu.Unlock()
-	if _, open := s.open[id]; !open {
-		return true // closed meanwhile: its drop is queued already
+	oo, open := s.open[id]
+	if !open || !oo.counted {
+		return true // closed meanwhile (its drop is queued already), or not counted
 	}
-	return s.cfg.SharedOpen.TryKeep(uint64(o.UserID), o.OrderID, ttl)
+	ttl := s.openHold() - time.Duration(s.cfg.Now().UnixMilli()-oo.created)*time.Millisecond
+	return s.cfg.SharedOpen.TryKeep(uint64(oo.user), strconv.FormatInt(id, 10), ttl)
 }
 
 // openHold is how long an order counts towards SharedOpen at most: an
