@@ -28,7 +28,7 @@ type Held struct {
 	stop  chan struct{}
 	once  sync.Once
 	done  sync.WaitGroup
-	lost  atomic.Int64 // ops left to their deadline (queue full)
+	lost  atomic.Int64 // ops left to their deadline (queue full, Redis not answering, after Close)
 	warn  atomic.Int64 // unix ns of the last "left to its deadline" warning
 	takes atomic.Int64 // Take calls (Takes)
 }
@@ -41,10 +41,15 @@ type heldOp struct {
 }
 
 // heldQueue bounds the ops waiting for Redis; past it a drop is left to its
-// item's deadline. heldBatch ops go in one round trip.
+// item's deadline. heldBatch ops go in one round trip. A batch Redis did not
+// answer is sent again heldRetries times, pausing heldPause, then twice as
+// long each time (~6 s in all: a Redis restart or failover), before its ops
+// are left to their deadlines; meanwhile new ops wait in the queue.
 const (
-	heldQueue = 4096
-	heldBatch = 256
+	heldQueue   = 4096
+	heldBatch   = 256
+	heldRetries = 5
+	heldPause   = 200 * time.Millisecond
 )
 
 // NewHeld returns a bound of max items per key named name (its keys'
@@ -106,14 +111,17 @@ func (h *Held) Take(key uint64, item string, ttl time.Duration) (bool, error) {
 	return n == 1, err
 }
 
-// Check is Take as an answer: nil (taken), refused (the bound is reached:
-// nothing taken), or — Redis did not answer, logged — a 50000 "retry" (the
-// item may be taken: Drop it).
+// Check is Take as an answer: nil (taken: the caller Drops it when the item
+// closes), refused (the bound is reached: nothing taken), or — Redis did not
+// answer, logged — a 50000 "retry". Then the Take may have been made and
+// only its reply lost, so Check drops the item itself (queued, made once
+// Redis answers again): nothing is left for the caller to give back.
 func (h *Held) Check(key uint64, item string, ttl time.Duration, refused *proto.Error) *proto.Error {
 	ok, err := h.Take(key, item, ttl)
 	switch {
 	case err != nil:
 		h.log.Warn("a shared bound not checked", "bound", h.name, "key", key, "err", err)
+		h.Drop(key, item)
 		return errHeldUnchecked
 	case !ok:
 		return refused
@@ -140,14 +148,14 @@ func (h *Held) Drop(key uint64, item string) {
 	}
 	select {
 	case <-h.stop:
-		h.leftToDeadline(nil)
+		h.leftToDeadline(nil, 1)
 		return
 	default:
 	}
 	select {
 	case h.ops <- heldOp{key: key, item: item}:
 	default:
-		h.leftToDeadline(nil)
+		h.leftToDeadline(nil, 1)
 	}
 }
 
@@ -178,13 +186,14 @@ func (h *Held) TryKeep(key uint64, item string, ttl time.Duration) bool {
 	}
 }
 
-// leftToDeadline counts ops that did not reach Redis and warns at most every
-// 10 s (it may run under its caller's locks: no blocking, little logging).
-func (h *Held) leftToDeadline(err error) {
-	n := h.lost.Add(1)
+// leftToDeadline counts n ops that did not reach Redis and warns at most
+// every 10 s (it may run under its caller's locks: no blocking, little
+// logging).
+func (h *Held) leftToDeadline(err error, n int) {
+	total := h.lost.Add(int64(n))
 	now := time.Now().UnixNano()
 	if last := h.warn.Load(); now-last >= int64(10*time.Second) && h.warn.CompareAndSwap(last, now) {
-		h.log.Warn("a shared bound's drops or keeps left to their deadlines", "bound", h.name, "total", n, "err", err)
+		h.log.Warn("a shared bound's drops or keeps left to their deadlines", "bound", h.name, "total", total, "err", err)
 	}
 }
 
@@ -201,7 +210,33 @@ func (h *Held) work() {
 			h.drain()
 			return
 		}
-		h.send(batch, SharedTimeout)
+		h.sendRetrying(batch)
+	}
+}
+
+// sendRetrying makes ops; those Redis did not answer are sent again, from
+// the first of them on and in their order (making an op twice changes
+// nothing), until every one is made, heldRetries retries have failed, or
+// Close (the rest is left to the items' deadlines).
+func (h *Held) sendRetrying(ops []heldOp) {
+	pause := heldPause
+	for try := 0; ; try++ {
+		failed, err := h.send(ops, SharedTimeout)
+		if failed < 0 {
+			return
+		}
+		ops = ops[failed:]
+		if try == heldRetries {
+			h.leftToDeadline(err, len(ops))
+			return
+		}
+		select {
+		case <-time.After(pause):
+			pause *= 2
+		case <-h.stop:
+			h.leftToDeadline(err, len(ops))
+			return
+		}
 	}
 }
 
@@ -226,23 +261,27 @@ func (h *Held) drain() {
 		if len(batch) == 0 {
 			return
 		}
-		h.send(batch, time.Until(deadline))
+		if failed, err := h.send(batch, time.Until(deadline)); failed >= 0 {
+			h.leftToDeadline(err, len(batch)-failed)
+		}
 	}
 }
 
-// send makes ops in one round trip, in their order.
-func (h *Held) send(ops []heldOp, timeout time.Duration) {
+// send makes ops in one round trip, in their order, and returns the index of
+// the first op Redis did not make (-1: all made) and its error.
+func (h *Held) send(ops []heldOp, timeout time.Duration) (int, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), max(timeout, time.Millisecond))
 	defer cancel()
 	execs := make([]rueidis.LuaExec, len(ops))
 	for i, op := range ops {
 		execs[i] = rueidis.LuaExec{Keys: []string{h.key(op.key)}, Args: []string{op.item, strconv.FormatInt(op.ttl, 10)}}
 	}
-	for _, r := range opScript.ExecMulti(ctx, h.rdb, execs...) {
+	for i, r := range opScript.ExecMulti(ctx, h.rdb, execs...) {
 		if err := r.Error(); err != nil {
-			h.leftToDeadline(err)
+			return i, err
 		}
 	}
+	return -1, nil
 }
 
 // Held reports how many items key holds now (tests, diagnostics).

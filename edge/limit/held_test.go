@@ -6,6 +6,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/redis/rueidis"
+
+	"github.com/liveedge/liveedge/gateway/proto"
 	"github.com/liveedge/liveedge/persist/redistest"
 )
 
@@ -99,6 +102,50 @@ func waitHeld(t *testing.T, h *Held, key uint64, want int) {
 		}
 		if time.Now().After(deadline) {
 			t.Fatalf("held %d (%v), want %d", n, err, want)
+		}
+	}
+}
+
+// A Take whose reply was lost (Redis ran it, then looked unreachable for 3 s)
+// is a "retry" to the caller, and its place is given back by Check itself,
+// once Redis answers again — not left counting until its deadline.
+func TestHeldCheckDropsATakeWhoseReplyWasLost(t *testing.T) {
+	srv := redistest.Start(t)
+	px := redistest.StartProxy(t, srv.Addr)
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	h := NewHeld(srv.Client(t), "test", 2, log) // direct: reads
+	c, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{px.Addr}, DisableCache: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c.Close)
+	lossy := NewHeld(c, "test", 2, log)
+	t.Cleanup(h.Close)
+	t.Cleanup(lossy.Close)
+	refused := proto.Errorf(proto.CodeRateLimited, "bound")
+	// Load the scripts first: a lost EVALSHA of an unloaded script is a
+	// NOSCRIPT that ran nothing.
+	if err := lossy.Check(5, "warm", time.Minute, refused); err != nil {
+		t.Fatal(err)
+	}
+	lossy.Drop(5, "warm")
+	waitHeld(t, h, 5, 0)
+	px.LoseReply("EVALSHA", 3*time.Second)
+	if err := lossy.Check(5, "a", time.Minute, refused); err == nil || err == refused {
+		t.Fatalf("a lost reply answered %v, want a retry", err)
+	}
+	if px.Fired() != 1 {
+		t.Fatal("no reply was lost")
+	}
+	if n, err := h.Held(5); n != 1 || err != nil {
+		t.Fatalf("held %d (%v) after the lost reply, want 1 (Redis ran the take)", n, err)
+	}
+	for deadline := time.Now().Add(15 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		if n, err := h.Held(5); n == 0 && err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the place of a take whose reply was lost still counts 15 s on")
 		}
 	}
 }

@@ -459,14 +459,13 @@ func (s *Service) CreateOrder(user int64, r CreateReq) (Order, error) {
 		release()
 		return Order{}, perr
 	}
-	// Last: a refusal above leaves no place to give back. A Take whose
-	// reply was lost may have taken it, so release drops it then too.
-	held = true
+	// Last: a refusal above leaves no place to give back. (Check drops a
+	// place whose Take's reply was lost itself.)
 	if perr := s.cfg.SharedOpen.Check(uint64(user), item, s.openHold(), s.tooManyOpen); perr != nil {
-		held = perr != s.tooManyOpen // refused: nothing taken
 		release()
 		return Order{}, perr
 	}
+	held = true
 	now := s.cfg.Now().UnixMilli()
 	o := Order{OrderID: strconv.FormatInt(id, 10), UserID: user, ProductID: p.ID, Amount: p.Price, Coins: p.Coins,
 		Channel: r.Channel, Source: r.Source, Biz: p.Biz, Status: StatusPaying, ReqID: r.ReqID,
