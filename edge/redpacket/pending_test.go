@@ -421,11 +421,30 @@ func (w *heldWallet) ApplyAsync(op persist.Op, done func(persist.Result, error))
 // puts it back; a grab that found the pool empty meanwhile does not end the
 // rain for good: the packet is granted to a later grabber, not refunded.
 func TestUnavailableLastPacketDoesNotEndTheRain(t *testing.T) {
+	n, code := lastPacketRefused(t)
+	n.grabsTheRest(t, code)
+}
+
+// So too when the node restarts after the refusal: the packet put back is
+// still the rain's (its pool is rebuilt from the grant records), granted,
+// and the rain settles with nothing refunded.
+func TestUnavailableLastPacketSurvivesARestart(t *testing.T) {
+	n, code := lastPacketRefused(t)
+	n.start(t, n.l)
+	n.grabsTheRest(t, code)
+}
+
+const refusedCount = 2 // packets of lastPacketRefused's rain (200 coins)
+
+// lastPacketRefused makes a started rain whose one packet left was taken by
+// a grab the wallet then refused "unavailable" while another grab found the
+// pool empty: the packet is back in the pool.
+func lastPacketRefused(t *testing.T) (*pendingNode, string) {
+	t.Helper()
 	n := newPendingNode(t)
-	const count = 2
 	w := &heldWallet{Ledger: n.l, prefix: "rp:", arrived: make(chan struct{}), release: make(chan error)}
 	n.start(t, w)
-	code := n.create(t, 200, count)
+	code := n.create(t, 200, refusedCount)
 	if _, err := n.svc.Prepare(shardAnchor, code); err != nil {
 		t.Fatal(err)
 	}
@@ -445,13 +464,20 @@ func TestUnavailableLastPacketDoesNotEndTheRain(t *testing.T) {
 	if perr := <-first; perr == nil {
 		t.Fatal("the refused grab answered ok")
 	}
+	return n, code
+}
+
+// grabsTheRest grabs lastPacketRefused's packet put back and waits for the
+// rain to settle with every packet granted, nothing refunded.
+func (n *pendingNode) grabsTheRest(t *testing.T, code string) {
+	t.Helper()
 	if _, perr := n.svc.Grab(103, code); perr != nil {
 		t.Fatalf("the packet put back was not granted: %v", perr)
 	}
 	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
 		fin, err := n.svc.Get(code)
 		if err == nil && fin.State == StateFinished {
-			if fin.GrantedCount != count || fin.GrantedAmount != 200 || fin.Refunded != 0 {
+			if fin.GrantedCount != refusedCount || fin.GrantedAmount != 200 || fin.Refunded != 0 {
 				t.Fatalf("finished %+v", fin)
 			}
 			break
@@ -462,6 +488,17 @@ func TestUnavailableLastPacketDoesNotEndTheRain(t *testing.T) {
 	}
 	if b := n.balance(t); b != 800 { // 1,000 − the rain's 200 (all granted)
 		t.Fatalf("anchor balance %d, want 800", b)
+	}
+	var got int64
+	for _, u := range []int64{100, 101, 102, 103} {
+		b, err := n.l.Balance(u)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got += b
+	}
+	if got != 200 {
+		t.Fatalf("grabbers hold %d, want the rain's 200", got)
 	}
 }
 
