@@ -95,7 +95,16 @@ type Node struct {
 	stopRelease, releaseDone chan struct{}
 	draining                 atomic.Bool
 	closed                   atomic.Bool
+	// fatal carries the store's fatal failure (persist.Store.OnFatal) to
+	// Fatal's reader.
+	fatal chan error
 }
+
+// Fatal delivers the node's fatal failure: its storage failed a write (a WAL
+// write or fsync error), money and orders refuse to move from then on, and
+// the process must end at once — without Shutdown, which would write — so
+// that its restart replays the WAL (cmd/liveedge exits 1).
+func (n *Node) Fatal() <-chan error { return n.fatal }
 
 // RoomEventsStream is the JetStream stream of room lifecycle events
 // (subjects liveedge.room.opened / liveedge.room.closed).
@@ -119,7 +128,7 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 		log = slog.Default()
 	}
 	log = log.With("node", cfg.Node.ID)
-	n := &Node{Config: cfg, Log: log}
+	n := &Node{Config: cfg, Log: log, fatal: make(chan error, 1)}
 	defer func() {
 		if err != nil {
 			n.closed.Store(true) // stops retry loops (catalogue reload) started so far
@@ -129,6 +138,10 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 	if n.Store, err = persist.OpenSized(cfg.Node.DataDir, int64(cfg.Node.BlockCacheMB)<<20); err != nil {
 		return nil, err
 	}
+	n.Store.OnFatal(func(err error) {
+		log.Error("storage failed a write: this node must stop and replay its WAL", "err", err)
+		n.fatal <- err // once: cap 1
+	})
 	if err = n.startNATS(); err != nil {
 		return nil, err
 	}
@@ -629,7 +642,8 @@ func (n *Node) Start() error {
 
 // ready is /readyz: nil when the node can serve what its mode needs.
 //
-//   - Every mode: not draining. Pebble is in process (New fails without it).
+//   - Every mode: not draining, storage not failed (persist.Store: a failed
+//     write is fatal). Pebble is in process (New fails without it).
 //   - wallet.mode shared: Redis reachable (balances, idempotency and the gift
 //     catalogue live there) and the shared wallet's generation known (after a
 //     Redis data loss money moves again only once the ledgers are rebuilt).
@@ -642,6 +656,8 @@ func (n *Node) ready() error {
 	switch {
 	case n.draining.Load():
 		return errors.New("draining")
+	case n.Store.Failed() != nil:
+		return errors.New("storage failed: restarting")
 	case n.Cluster != nil && !n.routerNC.IsConnected():
 		return errors.New("NATS unreachable (cluster routing)")
 	case n.shared != nil:

@@ -199,6 +199,7 @@ func (c *committer) worker() {
 				slog.Error("ledger commit failed: every op is refused until the node restarts", "err", err, "in_wal", turn.inWAL)
 			}
 			c.mu.Unlock()
+			c.store.fail(err) // the node restarts: Pebble's state is unknown
 			answer = err
 			if turn.inWAL {
 				// The batch was handed to Pebble: it may be durable (the

@@ -2,8 +2,29 @@ package persist
 
 import (
 	"errors"
+	"sync/atomic"
 	"testing"
 )
+
+// fatalCount counts st's fatal failures (OnFatal).
+func fatalCount(st *Store) *atomic.Int32 {
+	var n atomic.Int32
+	st.OnFatal(func(error) { n.Add(1) })
+	return &n
+}
+
+// storeFailed checks that a failed group commit was the store's fatal
+// failure — reported once (a node ends its process there) — and that the
+// store refuses other writes from then on.
+func storeFailed(t *testing.T, st *Store, fatal *atomic.Int32) {
+	t.Helper()
+	if n := fatal.Load(); n != 1 {
+		t.Fatalf("the store's fatal failure reported %d times, want once", n)
+	}
+	if err := st.Put([]byte("x"), []byte("y")); !errors.Is(err, ErrStoreFailed) {
+		t.Fatalf("a store write after the ledger's failed commit: %v, want ErrStoreFailed", err)
+	}
+}
 
 // A failed group commit (a disk error) undoes the reservations of its ops,
 // answers them with the error, and makes the ledger refuse everything after:
@@ -22,6 +43,7 @@ func TestFailedCommitUndoesAndRefusesLaterOps(t *testing.T) {
 	if _, err := l.Apply(Op{User: 1, ReqID: "c", Postings: []Posting{{User: 1, Delta: 10, Reason: ReasonDev}}}); err != nil {
 		t.Fatal(err)
 	}
+	fatal := fatalCount(st)
 	disk := errors.New("disk gone")
 	l.commit.mu.Lock() // the workers read failWrite after taking a group under mu
 	l.commit.failWrite = disk
@@ -33,6 +55,7 @@ func TestFailedCommitUndoesAndRefusesLaterOps(t *testing.T) {
 	if b, _ := l.Balance(1); b != 10 {
 		t.Fatalf("balance in memory %d after the failed commit, want 10", b)
 	}
+	storeFailed(t, st, fatal)
 	// Refused from now on, the same request included: nothing is reserved.
 	for _, op := range []Op{debit, {User: 2, ReqID: "x", Postings: []Posting{{User: 2, Delta: 5, Reason: ReasonDev}}}} {
 		if _, err := l.Apply(op); !errors.Is(err, disk) {
@@ -66,6 +89,7 @@ func TestCommitFailedInTheWALIsInDoubt(t *testing.T) {
 	if _, err := l.Apply(Op{User: 1, ReqID: "c", Postings: []Posting{{User: 1, Delta: 10, Reason: ReasonDev}}}); err != nil {
 		t.Fatal(err)
 	}
+	fatal := fatalCount(st)
 	fsync := errors.New("fsync failed")
 	l.commit.mu.Lock()
 	l.commit.failSync = fsync
@@ -74,6 +98,7 @@ func TestCommitFailedInTheWALIsInDoubt(t *testing.T) {
 	if _, err := l.Apply(debit); !errors.Is(err, ErrInDoubt) || !errors.Is(err, fsync) {
 		t.Fatalf("debit whose fsync failed: %v, want in doubt", err)
 	}
+	storeFailed(t, st, fatal)
 	// Refused from now on, nothing reserved: "retry" (its retry included —
 	// "failed" would misreport it), not in doubt itself.
 	for _, op := range []Op{debit, {User: 2, ReqID: "x", Postings: []Posting{{User: 2, Delta: 5, Reason: ReasonDev}}}} {

@@ -5,9 +5,11 @@ import (
 	"errors"
 	"fmt"
 	"path/filepath"
+	"sync"
 
 	"github.com/cockroachdb/pebble"
 	"github.com/cockroachdb/pebble/bloom"
+	"github.com/cockroachdb/pebble/vfs"
 )
 
 // Sizes of the Pebble block cache and memtable. Pebble charges every live
@@ -26,8 +28,54 @@ const (
 )
 
 // Store is a node's Pebble database.
+//
+// A write that fails inside Pebble (a WAL write or fsync error) leaves the
+// batch maybe visible and maybe durable, and Pebble's commit pipeline
+// unusable: no caller can tell what was written, and the only safe way on is
+// to stop and replay the WAL at the next start ("fsyncgate": a failed fsync
+// is not retried). Such a failure is fatal: the store refuses every write
+// from then on (ErrStoreFailed) and calls the OnFatal function once, which
+// in a node ends the process.
 type Store struct {
 	db *pebble.DB
+
+	mu      sync.Mutex
+	failed  error
+	onFatal func(error)
+}
+
+// ErrStoreFailed wraps the fatal failure every write after it returns.
+var ErrStoreFailed = errors.New("persist: the store failed, the node must restart")
+
+// OnFatal sets fn, called once (on the failing writer's goroutine) with the
+// first fatal write failure: a node's fn ends the process, so that its
+// restart replays the WAL. Set it before the first write.
+func (s *Store) OnFatal(fn func(error)) {
+	s.mu.Lock()
+	s.onFatal = fn
+	s.mu.Unlock()
+}
+
+// Failed returns the store's fatal failure (wrapping ErrStoreFailed), or nil.
+func (s *Store) Failed() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.failed
+}
+
+// fail records err as the store's fatal failure and, the first time, calls
+// the OnFatal function.
+func (s *Store) fail(err error) {
+	s.mu.Lock()
+	first := s.failed == nil
+	if first {
+		s.failed = fmt.Errorf("%w: %w", ErrStoreFailed, err)
+	}
+	fn := s.onFatal
+	s.mu.Unlock()
+	if first && fn != nil {
+		fn(err)
+	}
 }
 
 // Open opens (creating if needed) the store under dir/pebble, with the
@@ -37,13 +85,20 @@ func Open(dir string) (*Store, error) { return OpenSized(dir, DefaultBlockCacheB
 // OpenSized is Open with blockCache bytes of cache for blocks (≤ 0: the
 // default); the two memtables' reservation comes on top of it.
 func OpenSized(dir string, blockCache int64) (*Store, error) {
+	return openFS(dir, blockCache, vfs.Default)
+}
+
+// openFS is OpenSized on fs (tests inject disk errors).
+func openFS(dir string, blockCache int64, fs vfs.FS) (*Store, error) {
 	if blockCache <= 0 {
 		blockCache = DefaultBlockCacheBytes
 	}
 	cache := pebble.NewCache(blockCache + 2*memTableBytes)
 	defer cache.Unref()
+	s := &Store{}
 	opts := &pebble.Options{
-		Logger:       quietLogger{},
+		FS:           fs,
+		Logger:       storeLogger{s},
 		Merger:       counterMerger,
 		Cache:        cache,
 		MemTableSize: memTableBytes,
@@ -66,7 +121,8 @@ func OpenSized(dir string, blockCache int64) (*Store, error) {
 	if err != nil {
 		return nil, fmt.Errorf("persist: open %s: %w", dir, err)
 	}
-	return &Store{db: db}, nil
+	s.db = db
+	return s, nil
 }
 
 // ErrNotFound is returned by Get for an absent key.
@@ -87,8 +143,14 @@ func (s *Store) Get(key []byte) ([]byte, error) {
 }
 
 // Apply builds a batch with fn and commits it durably (fsync, group-committed
-// with concurrent writers). fn returning an error discards the batch.
+// with concurrent writers). fn returning an error discards the batch. After a
+// fatal failure (see Store) it returns that, writing nothing; the commit that
+// fails does not return (Pebble's Fatalf: the store's fatal failure, then a
+// panic — it must never look written, nor failed with nothing written).
 func (s *Store) Apply(fn func(b *Batch) error) error {
+	if err := s.Failed(); err != nil {
+		return err
+	}
 	b := s.db.NewBatch()
 	defer b.Close()
 	if err := fn(b); err != nil {
@@ -136,12 +198,17 @@ func prefixEnd(p []byte) []byte {
 	return nil
 }
 
-type quietLogger struct{}
+// storeLogger drops Pebble's informational logging; its Fatalf (a commit
+// that failed in the WAL, corruption found) is the store's fatal failure,
+// and then a panic: Pebble goes on as if written if Fatalf returns.
+type storeLogger struct{ s *Store }
 
-func (quietLogger) Infof(string, ...any)  {}
-func (quietLogger) Errorf(string, ...any) {}
-func (quietLogger) Fatalf(format string, args ...any) {
-	panic(fmt.Sprintf("pebble: "+format, args...))
+func (storeLogger) Infof(string, ...any)  {}
+func (storeLogger) Errorf(string, ...any) {}
+func (l storeLogger) Fatalf(format string, args ...any) {
+	err := fmt.Errorf("pebble: "+format, args...)
+	l.s.fail(err)
+	panic(err.Error())
 }
 
 // Batch is a Pebble write batch (see Store.Apply).

@@ -3,7 +3,9 @@
 //	liveedge [-config configs/single.yaml]
 //
 // Without -config the embedded single-node default is used. SIGTERM or SIGINT
-// drains connections (close 1001) and flushes storage before exit.
+// drains connections (close 1001) and flushes storage before exit. A storage
+// write failure (persist.Store) ends the process at once with status 1: its
+// restart replays the WAL.
 package main
 
 import (
@@ -51,7 +53,14 @@ func run(path string) error {
 
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT)
-	s := <-sig
+	var s os.Signal
+	select {
+	case s = <-sig:
+	case err := <-node.Fatal():
+		// No Shutdown: it would write to a store in an unknown state. The
+		// restart replays the WAL; clients reconnect elsewhere meanwhile.
+		return fmt.Errorf("stopping at once, storage failed: %w", err)
+	}
 	log.Info("shutting down", "signal", s.String(), "drain_timeout", cfg.Shutdown.DrainTimeout.D())
 	ctx, cancel := context.WithTimeout(context.Background(), cfg.Shutdown.DrainTimeout.D())
 	defer cancel()
