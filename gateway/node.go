@@ -247,9 +247,15 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 	// dropped (no hook yet) and disarmed Redis's tracking of the key: read it
 	// once more now, which re-arms tracking and picks up any change.
 	reload()
+	var giftsShared *limit.Shared
+	if n.shared != nil {
+		// A user's gifts are counted on every node (the shared wallet runs
+		// the gift's check on a goroutine of its own: it may wait for Redis).
+		giftsShared = limit.NewShared(n.Redis, "gift", cfg.Limits.GiftPerSecond, time.Second, max(1, cfg.Limits.GiftPerSecond))
+	}
 	n.Gifts = gift.New(n.Wallet, n.Router, cat, gift.Config{
 		Receivers: roomAudience{rooms: n.Rooms, router: n.Router},
-		PerSecond: cfg.Limits.GiftPerSecond, EffectWindow: cfg.Gifts.EffectWindow.D(),
+		PerSecond: cfg.Limits.GiftPerSecond, SharedRate: giftsShared, EffectWindow: cfg.Gifts.EffectWindow.D(),
 		RoomEffectsPerSecond: cfg.Gifts.RoomEffectsPerSecond,
 	}, log)
 	if n.Cluster != nil {

@@ -1527,3 +1527,58 @@ func (c *testCluster) waitReady(t *testing.T, what string) {
 		return true
 	})
 }
+
+// A user's gift rate (limits.gift_per_second) is counted across the nodes:
+// twelve gifts at once through two nodes at 5/s debit five (ten when each
+// node counted its own), the rest 10429 with nothing debited; money is
+// conserved.
+func TestClusterGiftRateCountedAcrossNodes(t *testing.T) {
+	c := startCluster(t, 2, "LIVEEDGE_LIMITS_GIFT_PER_SECOND=5")
+	const anchor, sender = 1, 71
+	anchorTok := devToken(t, c.nodes[0].http, anchor, "anchor")
+	room := openRoom(t, c.nodes[0].http, anchorTok)
+	ctx := context.Background()
+	a := dialLogged(t, c.nodes[0].ws, anchorTok, &pushLog{})
+	if _, err := a.Join(ctx, room); err != nil {
+		t.Fatal(err)
+	}
+	if st := nodetest.DoJSON(t, "POST", "http://"+c.nodes[0].http+"/api/v1/dev/credit", "",
+		fmt.Sprintf(`{"user_id":%d,"amount":100,"req_id":"seed"}`, sender), nil); st != 200 {
+		t.Fatalf("credit: %d", st)
+	}
+	var cls [2]*clientsdk.Client
+	for i, nd := range c.nodes {
+		cls[i] = dialLogged(t, nd.ws, devTokenCached(t, nd.http, sender), &pushLog{})
+		if _, err := cls[i].Join(ctx, room); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var sent, limited atomic.Int64
+	start := time.Now()
+	var wg sync.WaitGroup
+	for i := range 12 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			gift := map[string]any{"room_id": room, "gift_id": 24, "receiver_id": anchor, "count": 1, "req_id": "r-" + strconv.Itoa(i)}
+			switch _, err := cls[i%2].Request(ctx, proto.TypeGift, gift); {
+			case err == nil:
+				sent.Add(1)
+			case nodetest.CodeOf(err) == proto.CodeRateLimited:
+				limited.Add(1)
+			default:
+				t.Errorf("gift %d: %v", i, err)
+			}
+		}()
+	}
+	wg.Wait()
+	most := 5 + int64(time.Since(start)/(200*time.Millisecond))
+	if sent.Load() < 5 || sent.Load() > most || sent.Load()+limited.Load() != 12 {
+		t.Fatalf("%d gifts sent, %d limited, through two nodes at 5/s; want 5..%d sent", sent.Load(), limited.Load(), most)
+	}
+	dirs := c.stopAll()
+	cr, db, bal := persisttest.CheckSharedConservation(t, c.redis.Addr, dirs...)
+	if cr != 100 || db != sent.Load() || bal != 100-sent.Load() {
+		t.Fatalf("credits %d debits %d balances %d; %d gifts sent", cr, db, bal, sent.Load())
+	}
+}

@@ -135,8 +135,13 @@ type Receivers interface {
 type Config struct {
 	// Receivers checks gift receivers (nil = no check: for tests and
 	// benchmarks of the debit path only; the node always sets one).
-	Receivers    Receivers
-	PerSecond    int           // gifts per user per second (0 = no limit)
+	Receivers Receivers
+	PerSecond int // gifts per user per second (0 = no limit)
+	// SharedRate, if set, counts PerSecond across a cluster's nodes (one
+	// Redis call per gift that is not a duplicate, in op.Check: set it only
+	// with a wallet whose Check may block — the shared wallet runs each op
+	// on a goroutine of its own).
+	SharedRate   *limit.Shared
 	EffectWindow time.Duration // combo merging window of room effects (0 = 100 ms)
 	// RoomEffectsPerSecond paces a room's effect pushes: at most this many
 	// a second, the longest-waiting first, the rest merging while they wait
@@ -151,6 +156,7 @@ type Service struct {
 	router  router.Router
 	cat     *Catalogue
 	limit   *limit.Keyed
+	shared  *limit.Shared // the limit across a cluster (nil: off)
 	effects *effects
 	log     *slog.Logger
 	scorer  Scorer
@@ -202,7 +208,7 @@ func New(w persist.Wallet, r router.Router, cat *Catalogue, cfg Config, log *slo
 		cfg.EffectWindow = 100 * time.Millisecond
 	}
 	s := &Service{wallet: w, router: r, cat: cat, log: log, recv: cfg.Receivers,
-		limit: limit.New(cfg.PerSecond, time.Second, max(1, cfg.PerSecond), nil)}
+		limit: limit.New(cfg.PerSecond, time.Second, max(1, cfg.PerSecond), nil), shared: cfg.SharedRate}
 	s.effects = newEffects(r, cfg.EffectWindow, cfg.RoomEffectsPerSecond)
 	s.doubted, _ = simplelru.NewLRU[doubtKey, owedGift](maxDoubted, nil)
 	s.settledEarly, _ = simplelru.NewLRU[doubtKey, persist.Settled](maxSettledEarly, nil)
@@ -360,6 +366,12 @@ func (s *Service) send(sender int64, inRoom bool, r Req, done func(Reply, *sendE
 			}
 			if !s.limit.Allow(uint64(sender)) {
 				return errRateLimited
+			}
+			switch perr := s.shared.Check(uint64(sender), proto.ErrRateLimited, s.log); {
+			case perr == proto.ErrRateLimited:
+				return errRateLimited
+			case perr != nil: // Redis did not answer: nothing moved, retry
+				return refusal{fail(perr.Code, perr.Msg)}
 			}
 			return nil
 		},
