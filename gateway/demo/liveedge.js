@@ -147,6 +147,7 @@ var LiveClient = class _LiveClient {
     this.urls = Array.isArray(opts.urls) ? [...opts.urls] : [opts.urls];
     if (this.urls.length === 0) throw new Error("liveedge: options.urls is empty");
     if (opts.token === void 0 && !opts.getToken) throw new Error("liveedge: options.token or options.getToken is required");
+    if (!opts.preferFirstUrl) this.urlIndex = Math.floor(Math.random() * this.urls.length);
     this.o = {
       urls: this.urls,
       WebSocket: WS,
@@ -162,7 +163,8 @@ var LiveClient = class _LiveClient {
     if (opts.onState) this.stateListeners.add(opts.onState);
   }
   /**
-   * Connects (each URL is tried once, in order) and resolves once the hello
+   * Connects (each URL is tried once, in order from a random one, or from
+   * the first with preferFirstUrl) and resolves once the hello
    * arrived. After that the client reconnects by itself until close() or a
    * terminal close code.
    */

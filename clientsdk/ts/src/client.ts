@@ -54,8 +54,14 @@ export type WebSocketCtor = new (url: string) => WebSocketLike;
 export type TokenReason = "connect" | "reconnect" | "expired";
 
 export interface ClientOptions {
-  /** WebSocket URL(s) of the nodes: "ws://host:port/ws". Tried in turn. */
+  /**
+   * WebSocket URL(s) of the nodes: "ws://host:port/ws". Tried in turn, the
+   * first from a random one (the clients of one page spread over the nodes,
+   * as the Go SDK's), or from urls[0] with preferFirstUrl.
+   */
   urls: string | string[];
+  /** Start at urls[0] (a node nearer than the others, say); the rest are the fallback. Default false. */
+  preferFirstUrl?: boolean;
   /** A static token. With it, a 45xx close (4501 included) is terminal. */
   token?: string;
   /** Asked before every connection attempt; on 4501 the client reconnects with its next answer. */
@@ -206,7 +212,7 @@ function sleep(ms: number): Promise<void> {
 const STABLE_AFTER_MS = 30_000;
 
 export class LiveClient {
-  private readonly o: Required<Omit<ClientOptions, "token" | "getToken" | "onPush" | "onState" | "heartbeatMs">> & {
+  private readonly o: Required<Omit<ClientOptions, "token" | "getToken" | "onPush" | "onState" | "heartbeatMs" | "preferFirstUrl">> & {
     heartbeatMs?: number;
   };
   private readonly urls: string[];
@@ -254,6 +260,7 @@ export class LiveClient {
     this.urls = Array.isArray(opts.urls) ? [...opts.urls] : [opts.urls];
     if (this.urls.length === 0) throw new Error("liveedge: options.urls is empty");
     if (opts.token === undefined && !opts.getToken) throw new Error("liveedge: options.token or options.getToken is required");
+    if (!opts.preferFirstUrl) this.urlIndex = Math.floor(Math.random() * this.urls.length);
     this.o = {
       urls: this.urls,
       WebSocket: WS,
@@ -270,7 +277,8 @@ export class LiveClient {
   }
 
   /**
-   * Connects (each URL is tried once, in order) and resolves once the hello
+   * Connects (each URL is tried once, in order from a random one, or from
+   * the first with preferFirstUrl) and resolves once the hello
    * arrived. After that the client reconnects by itself until close() or a
    * terminal close code.
    */

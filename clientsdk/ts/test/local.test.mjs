@@ -308,3 +308,15 @@ test("a re-join that could not recover, whose live push came before the reply, i
   assert.deepEqual(resyncs, [{ state: "room_resync", room: 9, since: { off: 7, ep: "e1" } }]);
   assert.deepEqual(c.joinedRooms().get(9), { off: 3, ep: "e2" });
 });
+
+test("several URLs: clients start at a random one (spread over the nodes); preferFirstUrl starts at the first", async () => {
+  const a = await server((conn) => answer(conn));
+  const b = await server((conn) => answer(conn));
+  for (let i = 0; i < 40; i++) await collect({ urls: [a.url, b.url], token: "t" });
+  // All 40 on one node by chance: 2 in 2^40.
+  assert.ok(a.conns.length > 0 && b.conns.length > 0, `spread ${a.conns.length} / ${b.conns.length}`);
+  assert.equal(a.conns.length + b.conns.length, 40);
+  const onA = a.conns.length;
+  for (let i = 0; i < 10; i++) await collect({ urls: [a.url, b.url], token: "t", preferFirstUrl: true });
+  assert.equal(a.conns.length, onA + 10, "preferFirstUrl clients all on the first URL");
+});
