@@ -2,7 +2,6 @@ package persist
 
 import (
 	"context"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -170,11 +169,7 @@ const minClaimTTL = 15 * time.Second
 // claimScript: KEYS[1] an idempotency key; ARGV the claim, its TTL in ms.
 // Returns the key's value (a result, pending or done, or another claim), or
 // nil: claimed now. (SET NX GET does this in one command, from Redis 7.0.)
-var claimScript = rueidis.NewLuaScript(`
-local v = redis.call('GET', KEYS[1])
-if v then return v end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return false`)
+var claimScript = rueidis.NewLuaScript(luaScript("claim"))
 
 // SharedConfig configures a SharedWallet.
 type SharedConfig struct {
@@ -350,55 +345,7 @@ type intent struct {
 // Besides the idempotency key (25 h), the result is kept under the intent
 // number in le:applied:<node> with no expiry until the node has settled it
 // (doneScript), so an intent is resolved however long it waits.
-var applyScript = rueidis.NewLuaScript(`
-local meta = redis.call('HMGET', KEYS[1], 'gen', 'state')
-if meta[1] ~= ARGV[1] or meta[2] ~= 'ready' then
-  return {'gen', meta[1] or '', meta[2] or ''}
-end
-local n, m = tonumber(ARGV[2]), tonumber(ARGV[3])
-local nk, ak, base = KEYS[5 + n + m], KEYS[6 + n + m], 7 + 3 * n + m
-local counts = redis.call('HMGET', nk, 'n', 'fence')
-local applied = tonumber(counts[1] or '0')
-if applied < tonumber(ARGV[base + 1]) then return {'lost', applied} end
-if tonumber(ARGV[base + 2]) <= tonumber(counts[2] or '0') then return {'fenced'} end
-local v, claim = redis.call('GET', KEYS[3]), ARGV[base + 4]
-local opt = string.sub(claim, 1, 1) == '?'
-if opt then claim = string.sub(claim, 2) end
-if claim ~= '' and v ~= claim then
-  if v then return {'dup', v} end
-  if not opt then return {'claim'} end
-end
-if claim == '' and v then return {'dup', v} end
-local after = {}
-for i = 1, n do
-  local k = KEYS[4 + i]
-  local b = after[k] or tonumber(redis.call('GET', k) or '0')
-  b = b + tonumber(ARGV[5 + 3 * i - 2 + 2])
-  if b < 0 then return {'poor'} end
-  after[k] = b
-end
-local ids, bals = {}, {}
-local now = tonumber(ARGV[5])
-for i = 1, n do
-  local d = ARGV[5 + 3 * i]
-  bals[i] = redis.call('INCRBY', KEYS[4 + i], d)
-  ids[i] = redis.call('INCR', KEYS[2])
-  local user = string.match(KEYS[4 + i], '{(%d+)}')
-  local t = cjson.encode({trade_id = ids[i], user_id = tonumber(user), delta = tonumber(d),
-    reason = ARGV[5 + 3 * i + 1], ref = ARGV[5 + 3 * i + 2], balance = bals[i], at = now,
-    req_id = (user == ARGV[6]) and ARGV[7] or nil})
-  local lk = 'le:trades:{' .. user .. '}'
-  redis.call('ZADD', lk, ids[i], t)
-  redis.call('ZREMRANGEBYRANK', lk, 0, -` + strconv.Itoa(recentMax+1) + `)
-end
-for j = 1, m do redis.call('INCRBY', KEYS[4 + n + j], ARGV[7 + 3 * n + j]) end
-local res = table.concat(ids, ',') .. '|' .. table.concat(bals, ',') .. '|' .. ARGV[5]
-redis.call('SET', KEYS[3], '` + pendingMark + `' .. res, 'PX', ARGV[4])
-redis.call('HINCRBY', nk, 'n', 1)
-redis.call('HINCRBY', nk, 'sum', ARGV[base + 3])
-redis.call('HSET', ak, ARGV[base + 2], res)
-return {'ok', res}
-`)
+var applyScript = rueidis.NewLuaScript(luaScript("apply", "RECENT_DROP_FROM", strconv.Itoa(recentMax+1), "PENDING_MARK", pendingMark))
 
 // fenceScript raises this node's fence (le:node:<node>, KEYS[1], field
 // fence) to intent number ARGV[1]: from then on no script of an intent
@@ -411,26 +358,14 @@ return {'ok', res}
 // nothing moved": their clients retry); resolves happen only when Redis
 // misbehaved or at a restart. The fence lives as long as the generation
 // (a new one refuses every older script by its generation).
-var fenceScript = rueidis.NewLuaScript(`
-if tonumber(redis.call('HGET', KEYS[1], 'fence') or '0') < tonumber(ARGV[1]) then
-  redis.call('HSET', KEYS[1], 'fence', ARGV[1])
-end
-return 1
-`)
+var fenceScript = rueidis.NewLuaScript(luaScript("fence"))
 
 // doneScript settles an applied op in Redis once its node's share is
 // durable: it forgets the op's entry in le:applied:<node> (KEYS[2], field
 // ARGV[2]) and marks its idempotency key (KEYS[1]; ARGV[1] its result) done
 // if it is still pending with that result; otherwise (done already, or gone
 // with Redis or its TTL) it leaves the key.
-var doneScript = rueidis.NewLuaScript(`
-redis.call('HDEL', KEYS[2], ARGV[2])
-if redis.call('GET', KEYS[1]) == '` + pendingMark + `' .. ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[1], 'KEEPTTL')
-  return 1
-end
-return 0
-`)
+var doneScript = rueidis.NewLuaScript(luaScript("done", "PENDING_MARK", pendingMark))
 
 // splitPending tells a stored idempotency value's result and whether it is
 // still pending; a claim is pending with no result yet.
@@ -699,10 +634,7 @@ func (w *SharedWallet) claimTTL() time.Duration { return max(minClaimTTL, 3*w.ca
 
 // releaseClaimScript deletes an idempotency key (KEYS[1]) that still holds
 // the claim ARGV[1].
-var releaseClaimScript = rueidis.NewLuaScript(`
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-`)
+var releaseClaimScript = rueidis.NewLuaScript(luaScript("release_claim"))
 
 // releaseClaim gives up in's claim (its script did not run, and will not: it
 // requires the claim). Best effort: a claim not released expires.
@@ -1138,282 +1070,6 @@ func (w *SharedWallet) Trades(user int64, before int64, limit int) ([]Trade, err
 	}
 	return out, nil
 }
-
-// --- generations and rebuild ---
-
-var initScript = rueidis.NewLuaScript(`
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  redis.call('HSET', KEYS[1], 'gen', ARGV[1], 'state', 'rebuilding', 'nodes', ARGV[2])
-end
-return redis.call('HMGET', KEYS[1], 'gen', 'state')
-`)
-
-// contribScript adds one batch of a node's ledger to a rebuilding generation,
-// once: KEYS meta, contrib set; ARGV gen, marker, then triples (op, key, val)
-// with op "incr" (INCRBY), "idem" (SET val until the next arg, a unix ms
-// deadline, if still ahead by Redis's clock), "seq"
-// (raise to at least val), "hincr" (HINCRBY key field val: field is the
-// next arg), "hset" (HSET key field val, likewise) or "sadd" (SADD key
-// member, and the set kept until the next arg, a unix ms deadline — nothing
-// if already past by Redis's clock; an op that may be applied again).
-var contribScript = rueidis.NewLuaScript(`
-local meta = redis.call('HMGET', KEYS[1], 'gen', 'state')
-if meta[1] ~= ARGV[1] or meta[2] ~= 'rebuilding' then return 'stale' end
-if redis.call('SISMEMBER', KEYS[2], ARGV[2]) == 1 then return 'done' end
--- Checked whole before anything is written: a script that fails halfway
--- keeps its writes but not its marker, and the retry would add them again.
-local t = redis.call('TIME')
-local nowms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local i = 3
-while i <= #ARGV do
-  local op, v = ARGV[i], ARGV[i + 2]
-  if op == 'incr' or op == 'seq' then
-    if not tonumber(v) then return redis.error_reply('bad value for ' .. op) end
-    i = i + 3
-  elseif op == 'idem' then
-    if not tonumber(ARGV[i + 3]) then return redis.error_reply('bad deadline for idem') end
-    i = i + 4
-  elseif op == 'hincr' then
-    if not tonumber(ARGV[i + 3]) then return redis.error_reply('bad value for hincr') end
-    i = i + 4
-  elseif op == 'hset' then
-    if ARGV[i + 3] == nil then return redis.error_reply('hset without a value') end
-    i = i + 4
-  elseif op == 'sadd' then
-    if not tonumber(ARGV[i + 3]) then return redis.error_reply('bad deadline for sadd') end
-    i = i + 4
-  else return redis.error_reply('bad op ' .. tostring(op)) end
-end
-if i ~= #ARGV + 1 then return redis.error_reply('truncated op') end
-i = 3
-while i <= #ARGV do
-  local op, k, v = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-  if op == 'incr' then redis.call('INCRBY', k, v); i = i + 3
-  elseif op == 'idem' then
-    -- Only a row still live (an expired one, on another node's disk, must
-    -- not overwrite a newer request's key).
-    if tonumber(ARGV[i + 3]) > nowms then redis.call('SET', k, v, 'PXAT', ARGV[i + 3]) end
-    i = i + 4
-  elseif op == 'hincr' then redis.call('HINCRBY', k, v, ARGV[i + 3]); i = i + 4
-  elseif op == 'hset' then redis.call('HSET', k, v, ARGV[i + 3]); i = i + 4
-  elseif op == 'sadd' then
-    -- A member until a deadline (the set kept at least that long).
-    local deadline = tonumber(ARGV[i + 3])
-    if deadline > nowms then
-      redis.call('SADD', k, v)
-      local ttl = redis.call('PTTL', k)
-      if ttl >= 0 and nowms + ttl < deadline then redis.call('PEXPIREAT', k, deadline)
-      elseif ttl == -1 then redis.call('PEXPIREAT', k, deadline) end
-    end
-    i = i + 4
-  elseif op == 'seq' then
-    if tonumber(redis.call('GET', k) or '0') < tonumber(v) then redis.call('SET', k, v) end
-    i = i + 3
-  else return redis.error_reply('bad op ' .. op) end
-end
-redis.call('SADD', KEYS[2], ARGV[2])
-return 'ok'
-`)
-
-// finishScript marks node done and flips the generation to ready when every
-// node is done. KEYS meta, done set; ARGV gen, node.
-var finishScript = rueidis.NewLuaScript(`
-local meta = redis.call('HMGET', KEYS[1], 'gen', 'state', 'nodes')
-if meta[1] ~= ARGV[1] then return 'stale' end
-redis.call('SADD', KEYS[2], ARGV[2])
-if redis.call('SCARD', KEYS[2]) >= tonumber(meta[3]) then
-  redis.call('HSET', KEYS[1], 'state', 'ready')
-end
-return redis.call('HGET', KEYS[1], 'state')
-`)
-
-// newGen names a new generation: this node's clock and a random part
-// (unique even when two clocks agree).
-func (w *SharedWallet) newGen() string {
-	return strconv.FormatInt(w.now().UnixNano(), 36) + "-" + strconv.FormatUint(rand.Uint64(), 36)
-}
-
-// genStart is when generation gen began (newGen), zero if gen is not one.
-func genStart(gen string) time.Time {
-	head, _, ok := strings.Cut(gen, "-")
-	ns, err := strconv.ParseInt(head, 36, 64)
-	if !ok || err != nil || ns <= 0 {
-		return time.Time{}
-	}
-	return time.Unix(0, ns)
-}
-
-// ensureGeneration reads (or creates) the current generation. If it is
-// ready, Apply may use it; if it is rebuilding, this node contributes its
-// ledger (once per generation) and Apply stays unavailable until the watcher
-// sees the generation ready. It never waits for other nodes.
-func (w *SharedWallet) ensureGeneration(ctx context.Context) error {
-	w.rebuild.Lock()
-	defer w.rebuild.Unlock()
-	vals, err := initScript.Exec(ctx, w.rdb, []string{keyMeta}, []string{w.newGen(), strconv.Itoa(len(w.nodes))}).AsStrSlice()
-	if err != nil {
-		return fmt.Errorf("persist: shared wallet init: %w", err)
-	}
-	gen, state := vals[0], vals[1]
-	if state == "ready" {
-		w.gen.Store(&gen)
-		return nil
-	}
-	w.gen.Store(nil)
-	if w.contributed == gen {
-		return nil
-	}
-	// Applies that read the old generation finish writing their ledger
-	// shares first; later ones see none and fail.
-	w.applying.Lock()
-	w.applying.Unlock()
-	state, err = w.contribute(ctx, gen)
-	if err != nil {
-		return err
-	}
-	w.contributed = gen
-	w.log.Info("shared wallet: ledger contributed to rebuild", "generation", gen, "state", state)
-	if state == "ready" {
-		w.gen.Store(&gen)
-	}
-	return nil
-}
-
-// Ready reports whether the wallet can move money now.
-func (w *SharedWallet) Ready() bool {
-	g := w.gen.Load()
-	return g != nil && *g != ""
-}
-
-// WaitReady waits until Ready or ctx ends.
-func (w *SharedWallet) WaitReady(ctx context.Context) error {
-	for !w.Ready() {
-		select {
-		case <-ctx.Done():
-			return ErrWalletUnavailable
-		case <-time.After(20 * time.Millisecond):
-		}
-	}
-	return nil
-}
-
-func (w *SharedWallet) onGenerationLost() {
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	if err := w.ensureGeneration(ctx); err != nil {
-		w.log.Error("shared wallet: rebuild", "err", err)
-	}
-}
-
-// contribute adds this node's ledger to generation gen, batch by batch, each
-// batch exactly once (a marker per batch). A retry (an error, a restart of
-// this node) must cut the same batches: the ledger does not change while the
-// generation is rebuilding (Apply fails, and the ones under way finished
-// first: applying), and idempotency rows are not expired meanwhile
-// (maybeExpireIdem), all of them contributed, each with what is left of its
-// window. What SharedConfig.Contribute adds
-// is numbered apart (its markers in a set of their own), so it never shifts
-// the ledger's batches.
-func (w *SharedWallet) contribute(ctx context.Context, gen string) (string, error) {
-	const batchOps = 300
-	var args []string
-	batch, section := 0, ""
-	flush := func() error {
-		if len(args) == 0 {
-			return nil
-		}
-		marker := w.node + ":" + strconv.Itoa(batch)
-		full := append([]string{gen, marker}, args...)
-		res, err := contribScript.Exec(ctx, w.rdb, []string{keyMeta, keyContrib + gen + section}, full).ToString()
-		if err != nil {
-			return fmt.Errorf("persist: contribute: %w", err)
-		}
-		if res == "stale" {
-			return errStaleGen
-		}
-		batch++
-		args = args[:0]
-		return nil
-	}
-	add := func(a ...string) error {
-		args = append(args, a...)
-		if len(args) >= batchOps*3 {
-			return flush()
-		}
-		return nil
-	}
-	err := w.store.Scan(PrefixBal, func(k, v []byte) error {
-		return add("incr", balKey(int64(KeyID(k))), strconv.FormatInt(DecodeInt64(v), 10))
-	})
-	if err == nil {
-		err = w.store.Scan(PrefixTally, func(k, v []byte) error {
-			rest := k[len(PrefixTally):]
-			if len(rest) < 10 {
-				return nil
-			}
-			name := string(rest[:len(rest)-9])
-			user := int64(binary.BigEndian.Uint64(rest[len(rest)-8:]))
-			return add("incr", tallyRKey(name, user), strconv.FormatInt(DecodeInt64(v), 10))
-		})
-	}
-	if err == nil {
-		// Every row on disk (the watcher's expiry waits while the generation
-		// rebuilds, so the ops are the same on every attempt), each with the
-		// end of its window: the script writes only those still live.
-		err = w.store.Scan(PrefixIdem, func(k, v []byte) error {
-			r, err := decodeResult(v)
-			if err != nil {
-				return err
-			}
-			at := time.UnixMilli(r.At)
-			_, user, req, ok := parseIdemKey(k)
-			if !ok {
-				return nil
-			}
-			return add("idem", idemRKey(user, req), formatResult(r), strconv.FormatInt(at.Add(w.ttl).UnixMilli(), 10))
-		})
-	}
-	if err == nil {
-		if v, gerr := w.store.Get(SeqKey("trade")); gerr == nil {
-			err = add("seq", keySeqTrade, strconv.FormatInt(DecodeInt64(v), 10))
-		}
-	}
-	if err == nil {
-		// This node's applied-op counters (shared_audit.go), from the disk.
-		var n, sum int64
-		if v, gerr := w.store.Get(wmApplied); gerr == nil {
-			n = DecodeInt64(v)
-		}
-		if v, gerr := w.store.Get(wmSum); gerr == nil {
-			sum = DecodeInt64(v)
-		}
-		err = add("hincr", nodeRKey(w.node), "n", strconv.FormatInt(n, 10))
-		if err == nil {
-			err = add("hincr", nodeRKey(w.node), "sum", strconv.FormatInt(sum, 10))
-		}
-	}
-	if err == nil {
-		err = add("seq", keySeqTrade, "0") // every node flushes at least one batch
-	}
-	if err == nil {
-		err = flush()
-	}
-	if err == nil && w.extra != nil {
-		batch, section = 0, ":x" // markers in a set of their own
-		if err = w.extra(genStart(gen), add); err == nil {
-			err = flush()
-		}
-	}
-	if errors.Is(err, errStaleGen) {
-		return "stale", nil // the generation moved on; the watcher comes back
-	}
-	if err != nil {
-		return "", err
-	}
-	return finishScript.Exec(ctx, w.rdb, []string{keyMeta, keyContrib + gen + ":done"}, []string{gen, w.node}).ToString()
-}
-
-var errStaleGen = errors.New("persist: stale generation")
 
 func formatResult(r Result) string {
 	var b strings.Builder

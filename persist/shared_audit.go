@@ -203,22 +203,7 @@ func (w *SharedWallet) DataLosses() int64 { return w.dataLosses.Load() }
 // anew in state rebuilding. ARGV: expected gen, new gen,
 // number of nodes. It runs as one script, so no Apply sees a half-deleted
 // wallet; it takes time proportional to the wallet's keys (a recovery, rare).
-var resetScript = rueidis.NewLuaScript(`
-if redis.call('HGET', KEYS[1], 'gen') ~= ARGV[1] then return 0 end
-local cur = '0'
-repeat
-  local r = redis.call('SCAN', cur, 'MATCH', 'le:*', 'COUNT', 1000)
-  cur = r[1]
-  local del = {}
-  for _, k in ipairs(r[2]) do
-    if k ~= 'le:giftcat' then del[#del + 1] = k end
-  end
-  if #del > 0 then redis.call('UNLINK', unpack(del)) end
-until cur == '0'
-redis.call('DEL', KEYS[1], KEYS[2])
-redis.call('HSET', KEYS[1], 'gen', ARGV[2], 'state', 'rebuilding', 'nodes', ARGV[3])
-return 1
-`)
+var resetScript = rueidis.NewLuaScript(luaScript("reset"))
 
 // dataLost handles a detected loss in generation gen: log, count, reset the
 // generation (once, whichever node gets there first) and rebuild. Apply is
