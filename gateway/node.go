@@ -310,6 +310,11 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 	if err != nil {
 		return nil, err
 	}
+	if n.shared != nil && n.payOpen != nil {
+		// Redis lost its data and was rebuilt: the unpaid orders' places
+		// are not in the rebuild (they live in Redis only).
+		n.shared.OnReady(n.Pay.KeepOpenPlaces)
+	}
 	// After the worker lease (rain codes carry the worker id in a cluster),
 	// before the forwarded requests are served.
 	if err = n.newRedPackets(); err != nil {

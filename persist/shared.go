@@ -79,6 +79,9 @@ type SharedWallet struct {
 	applying sync.RWMutex
 	// contributed is the generation this node has contributed to (under rebuild).
 	contributed string
+	// lastReady is the generation the OnReady listeners last ran for
+	// (under rebuild).
+	lastReady string
 	// extra adds more of this node's state to a rebuild (SharedConfig.Contribute).
 	extra   func(since time.Time, add func(op ...string) error) error
 	stop    chan struct{}
@@ -102,8 +105,10 @@ type SharedWallet struct {
 	// refused by its Check as if the first could not land (a script whose
 	// reply was lost may still run late).
 	busy map[busyKey]*busyReq
-	// settleFns are the OnSettled listeners (under unsettledMu).
+	// settleFns are the OnSettled listeners, readyFns the OnReady ones
+	// (under unsettledMu).
 	settleFns []func(Settled)
+	readyFns  []func()
 
 	// The applied-op watermark and the audit (shared_audit.go).
 	counts        nodeCounters

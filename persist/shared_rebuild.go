@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -66,7 +67,7 @@ func (w *SharedWallet) ensureGeneration(ctx context.Context) error {
 	}
 	gen, state := vals[0], vals[1]
 	if state == "ready" {
-		w.gen.Store(&gen)
+		w.readyGen(gen)
 		return nil
 	}
 	w.gen.Store(nil)
@@ -84,9 +85,36 @@ func (w *SharedWallet) ensureGeneration(ctx context.Context) error {
 	w.contributed = gen
 	w.log.Info("shared wallet: ledger contributed to rebuild", "generation", gen, "state", state)
 	if state == "ready" {
-		w.gen.Store(&gen)
+		w.readyGen(gen)
 	}
 	return nil
+}
+
+// readyGen makes gen, ready in Redis, this node's generation (under
+// w.rebuild); the OnReady listeners run if it is not the one they last ran
+// for.
+func (w *SharedWallet) readyGen(gen string) {
+	w.gen.Store(&gen)
+	if gen == w.lastReady {
+		return
+	}
+	w.lastReady = gen
+	w.unsettledMu.Lock()
+	fns := slices.Clone(w.readyFns)
+	w.unsettledMu.Unlock()
+	for _, fn := range fns {
+		go fn()
+	}
+}
+
+// OnReady adds fn, run on a goroutine of its own each time a generation
+// other than the last one becomes ready on this node: after a Redis data
+// loss, the rebuilt one. Listeners put back shared state that lives in
+// Redis only (bounds, leases) — nothing a rebuild restores.
+func (w *SharedWallet) OnReady(fn func()) {
+	w.unsettledMu.Lock()
+	w.readyFns = append(w.readyFns, fn)
+	w.unsettledMu.Unlock()
 }
 
 // Ready reports whether the wallet can move money now.

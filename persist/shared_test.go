@@ -779,3 +779,35 @@ func TestSharedResolveFindsTheOpInTheLedger(t *testing.T) {
 		t.Fatalf("resolve of a duplicate's intent: %+v %v %v, want not run", got, out, err)
 	}
 }
+
+// OnReady listeners run when a generation other than the last one becomes
+// ready on the node: once after Redis lost its data and was rebuilt (state
+// that lives in Redis only is put back then), not again while it stays
+// ready.
+func TestOnReadyRunsAfterARebuild(t *testing.T) {
+	n := seededShared(t, 1)
+	var calls atomic.Int32
+	n.w.OnReady(func() { calls.Add(1) })
+	time.Sleep(500 * time.Millisecond) // watcher rounds on the same generation
+	if c := calls.Load(); c != 0 {
+		t.Fatalf("OnReady ran %d times with no new generation", c)
+	}
+	if err := n.rdb.Do(context.Background(), n.rdb.B().Flushall().Build()).Error(); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(10 * time.Second); calls.Load() == 0; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("OnReady did not run after the rebuild")
+		}
+	}
+	if !n.w.Ready() {
+		t.Fatal("OnReady ran before the wallet was ready")
+	}
+	if b := redisBalanceOf(t, n, 1); b != 100 {
+		t.Fatalf("rebuilt balance %d, want 100", b)
+	}
+	time.Sleep(500 * time.Millisecond)
+	if c := calls.Load(); c != 1 {
+		t.Fatalf("OnReady ran %d times for one rebuild", c)
+	}
+}

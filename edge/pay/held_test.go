@@ -95,3 +95,51 @@ func TestOpenOrdersKeptAgainAtStart(t *testing.T) {
 		t.Fatalf("an order refused by the rate asked for %d places, want none", n)
 	}
 }
+
+// Redis losing its data while a node runs loses the places of its unpaid
+// orders; KeepOpenPlaces (the node calls it when the shared state was
+// rebuilt) keeps them again, so the bound holds again without a restart.
+func TestOpenOrdersKeptAgainAfterRedisLoss(t *testing.T) {
+	srv := redistest.Start(t)
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	const user = 9
+	st, err := persist.Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = st.Close() })
+	l, err := persist.NewLedger(st, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(l.Close)
+	h := limit.NewHeld(srv.Client(t), "payopen", 2, log)
+	t.Cleanup(h.Close)
+	svc, err := pay.New(st, l, router.NewLocal("a", router.LocalConfig{}), pay.Config{Node: "a", Secrets: []string{"held-test-secret-0123456789abcdef"},
+		ReconcileEvery: time.Hour, MaxOpenPerUser: 2, SharedOpen: h, Log: log})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(svc.Close)
+	for _, req := range []string{"1", "2"} {
+		if _, err := svc.CreateOrder(user, pay.CreateReq{ProductID: 1, Channel: "mock", ReqID: req}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	rdb := srv.Client(t)
+	if err := rdb.Do(context.Background(), rdb.B().Flushall().Build()).Error(); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := h.Held(user); n != 0 || err != nil {
+		t.Fatalf("held %d (%v) after the loss", n, err)
+	}
+	svc.KeepOpenPlaces()
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		if n, err := h.Held(user); err == nil && n == 2 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the two open orders' places were not kept again")
+		}
+	}
+}

@@ -124,6 +124,7 @@ type Service struct {
 	workers  chan struct{}       // reconciler worker slots (ReconcileWorkers)
 
 	ctx    context.Context // cancelled by Close: ends provider queries in flight
+	rekeep chan struct{}   // cap 1: keeper keeps the open orders' places (nil: no SharedOpen)
 	cancel context.CancelFunc
 
 	notifyURL atomic.Pointer[string]
@@ -314,14 +315,44 @@ func New(store *persist.Store, w persist.Wallet, r router.Router, cfg Config) (*
 	if cfg.SharedOpen != nil {
 		// Counted across the cluster again (Redis may have lost them, or
 		// let them lapse while this node was down), each until its own
-		// deadline. (The reconciler runs already: openMu.)
+		// deadline.
+		s.rekeep = make(chan struct{}, 1)
+		s.rekeep <- struct{}{}
+		s.wg.Add(1)
+		go s.keeper()
+	}
+	return s, nil
+}
+
+// KeepOpenPlaces keeps the places (Config.SharedOpen) of this node's counted
+// open orders again, each until its own deadline, in the background: for
+// when Redis lost them while the node ran (its shared state was rebuilt).
+// Places held already keep their deadlines. It never blocks.
+func (s *Service) KeepOpenPlaces() {
+	if s.rekeep == nil {
+		return
+	}
+	select {
+	case s.rekeep <- struct{}{}:
+	default: // one is pending: it reads the open orders when it runs
+	}
+}
+
+// keeper keeps the open orders' places at start and at each KeepOpenPlaces,
+// until Close. (The reconciler may run meanwhile: openMu.)
+func (s *Service) keeper() {
+	defer s.wg.Done()
+	for {
+		select {
+		case <-s.ctx.Done():
+			return
+		case <-s.rekeep:
+		}
 		s.openMu.Lock()
 		ids := slices.Collect(maps.Keys(s.open))
 		s.openMu.Unlock()
-		s.wg.Add(1)
-		go s.keepOpenOrders(ids)
+		s.keepOpenOrders(ids)
 	}
-	return s, nil
 }
 
 // Close stops the background loops.
@@ -923,9 +954,8 @@ func (s *Service) closeOpen(id int64) {
 }
 
 // keepOpenOrders keeps the places (SharedOpen) of the counted open orders
-// ids, loaded at start, each until its own deadline.
+// ids, each until its own deadline.
 func (s *Service) keepOpenOrders(ids []int64) {
-	defer s.wg.Done()
 	for _, id := range ids {
 		for !s.keepOpen(id) {
 			select {
