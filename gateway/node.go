@@ -371,6 +371,8 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 		deps.ChatOnce = &redisChatOnce{rdb: n.Redis, node: cfg.Node.ID, timeout: 2 * time.Second}
 		// A user's chats are counted on every node (as this one's).
 		deps.ChatShared = limit.NewShared(n.Redis, "chat", cfg.Limits.ChatPerSecond, time.Second, max(1, cfg.Limits.ChatPerSecond))
+		// A user's connections are bounded on every node together.
+		deps.SessionsElsewhere = n.Cluster.SessionsElsewhere
 	}
 	n.WS = newServer(deps)
 	n.API = newAPI(n, auth)

@@ -31,9 +31,10 @@ type Server struct {
 	router     router.Router
 	metrics    *metrics
 	chat       *limit.Keyed
-	chatShared *limit.Shared // the chat limit across a cluster's nodes (nil: off)
-	joins      *limit.Keyed  // JoinsPerSecond per connection
-	reqID      atomic.Uint64 // ids of internal errors (internal)
+	chatShared *limit.Shared                // the chat limit across a cluster's nodes (nil: off)
+	elsewhere  func(user int64) (int, bool) // ServerDeps.SessionsElsewhere
+	joins      *limit.Keyed                 // JoinsPerSecond per connection
+	reqID      atomic.Uint64                // ids of internal errors (internal)
 	chatOnce   chatOnce
 	gifts      *gift.Service
 	roomOpen   func(room int64) bool
@@ -89,11 +90,15 @@ type ServerDeps struct {
 	// Grab, if set, serves grab frames instead (a cluster forwards a grab
 	// to the rain's node); done gets the reply's d.
 	Grab func(user int64, code string, done func(any, *proto.Error))
+	// SessionsElsewhere, in a cluster, reports a user's sessions on the
+	// other nodes (known false: could not tell), so ws.max_conns_per_user
+	// bounds them all; nil = this node's only.
+	SessionsElsewhere func(user int64) (n int, known bool)
 }
 
 func newServer(d ServerDeps) *Server {
 	s := &Server{cfg: d.Config, log: d.Log, auth: d.Auth, router: d.Router, metrics: d.Metrics,
-		chat: d.ChatLimit, chatShared: d.ChatShared, joins: limit.New(JoinsPerSecond, time.Second, max(JoinBurst, 2*d.Config.WS.MaxRoomsPerConn), nil), gifts: d.Gifts, roomOpen: d.RoomOpen, rp: d.RedPackets, grab: d.Grab, stop: make(chan struct{}), writerq: make(chan *Conn)}
+		chat: d.ChatLimit, chatShared: d.ChatShared, joins: limit.New(JoinsPerSecond, time.Second, max(JoinBurst, 2*d.Config.WS.MaxRoomsPerConn), nil), gifts: d.Gifts, roomOpen: d.RoomOpen, rp: d.RedPackets, grab: d.Grab, elsewhere: d.SessionsElsewhere, stop: make(chan struct{}), writerq: make(chan *Conn)}
 	if s.chatOnce = d.ChatOnce; s.chatOnce == nil {
 		s.chatOnce = newMemChatOnce()
 	}
@@ -153,7 +158,16 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		writeJSONError(w, http.StatusServiceUnavailable, proto.Errorf(proto.CodeInternal, "node is full"))
 		return
 	}
-	if !s.users.reserve(ident.UserID, s.cfg.WS.MaxConnsPerUser) {
+	// The user's slots here: the bound less their sessions on the other
+	// nodes (presence, ~200 ms behind; Redis not answering: this node's
+	// bound alone).
+	slots := s.cfg.WS.MaxConnsPerUser
+	if s.elsewhere != nil {
+		if n, known := s.elsewhere(ident.UserID); known {
+			slots -= n
+		}
+	}
+	if slots <= 0 || !s.users.reserve(ident.UserID, slots) {
 		s.releaseConn()
 		s.metrics.upgradesDenied.WithLabelValues("user_full").Inc()
 		writeJSONError(w, http.StatusTooManyRequests, proto.Errorf(proto.CodeRateLimited,

@@ -52,6 +52,7 @@ func epKey(room int64) string     { return "le:r:{" + strconv.FormatInt(room, 10
 func histKey(room int64) string   { return "le:r:{" + strconv.FormatInt(room, 10) + "}:h" }
 func onlineKey(room int64) string { return "le:on:{" + strconv.FormatInt(room, 10) + "}" }
 func userKey(user int64) string   { return "le:up:{" + strconv.FormatInt(user, 10) + "}" }
+func connsKey(user int64) string  { return "le:uc:{" + strconv.FormatInt(user, 10) + "}" }
 func aliveKey(node string) string { return "le:alive:" + node }
 
 func roomSubject(room int64) string { return "le.r." + strconv.FormatInt(room, 10) }
@@ -285,7 +286,8 @@ func (c *Cluster) Close() {
 		cmds = append(cmds, c.rdb.B().Hdel().Key(onlineKey(id)).Field(c.cfg.Node).Build())
 	}
 	for _, u := range c.local.userIDs() {
-		cmds = append(cmds, c.rdb.B().Hdel().Key(userKey(u)).Field(c.cfg.Node).Build())
+		cmds = append(cmds, c.rdb.B().Hdel().Key(userKey(u)).Field(c.cfg.Node).Build(),
+			c.rdb.B().Hdel().Key(connsKey(u)).Field(c.cfg.Node).Build())
 	}
 	cmds = append(cmds, c.rdb.B().Del().Key(aliveKey(c.cfg.Node)).Build())
 	for len(cmds) > 0 {
@@ -1190,6 +1192,34 @@ func (c *Cluster) drainOffline(user int64) {
 	}
 }
 
+// SessionsElsewhere reports how many sessions of user the other live nodes
+// hold (presence: written within ~200 ms of a change, read through the
+// client-side cache), for a bound of a user's connections across the
+// cluster. Redis not answering: 0 (known false) — each node's own bound
+// still holds.
+func (c *Cluster) SessionsElsewhere(user int64) (n int, known bool) {
+	ctx, cancel := c.ctx()
+	defer cancel()
+	fields, err := c.rdb.DoCache(ctx, c.rdb.B().Hgetall().Key(connsKey(user)).Cache(), 5*time.Second).AsStrMap()
+	if err != nil {
+		return 0, false
+	}
+	alive := c.aliveBoots(ctx, fields)
+	for node, v := range fields {
+		if node == c.cfg.Node {
+			continue
+		}
+		boot, cnt, _ := strings.Cut(v, ":")
+		if alive[node] != boot {
+			c.dropStale(connsKey(user), node, v)
+			continue
+		}
+		k, _ := strconv.Atoi(cnt)
+		n += k
+	}
+	return n, true
+}
+
 // onlineElsewhere reports whether a live node other than this one holds a
 // session of user (presence, client-side cached).
 // (known false: Redis could not tell).
@@ -1380,12 +1410,16 @@ func (c *Cluster) flushPresence() {
 		}
 	}
 	for u := range users {
-		if c.local.hasUser(u) {
+		if n := c.local.userSessions(u); n > 0 {
 			cmds = append(cmds, c.rdb.B().Hset().Key(userKey(u)).FieldValue().
 				FieldValue(c.cfg.Node, c.boot+"|"+joinIDs(c.local.userRooms(u))).Build(),
-				c.rdb.B().Pexpire().Key(userKey(u)).Milliseconds(presenceKeep.Milliseconds()).Build())
+				c.rdb.B().Pexpire().Key(userKey(u)).Milliseconds(presenceKeep.Milliseconds()).Build(),
+				c.rdb.B().Hset().Key(connsKey(u)).FieldValue().
+					FieldValue(c.cfg.Node, c.boot+":"+strconv.Itoa(n)).Build(),
+				c.rdb.B().Pexpire().Key(connsKey(u)).Milliseconds(presenceKeep.Milliseconds()).Build())
 		} else {
-			cmds = append(cmds, c.rdb.B().Hdel().Key(userKey(u)).Field(c.cfg.Node).Build())
+			cmds = append(cmds, c.rdb.B().Hdel().Key(userKey(u)).Field(c.cfg.Node).Build(),
+				c.rdb.B().Hdel().Key(connsKey(u)).Field(c.cfg.Node).Build())
 		}
 	}
 	for len(cmds) > 0 {

@@ -903,12 +903,12 @@ func (l *Local) userIDs() []int64 {
 	return out
 }
 
-// hasUser reports whether user has a session here.
-func (l *Local) hasUser(user int64) bool {
+// userSessions is how many sessions user has here.
+func (l *Local) userSessions(user int64) int {
 	us := l.userShard(user)
 	us.mu.RLock()
 	defer us.mu.RUnlock()
-	return len(us.users[user]) > 0
+	return len(us.users[user])
 }
 
 // userRooms lists the rooms joined by any session of user here, sorted.

@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/redis/rueidis"
 
 	"github.com/liveedge/liveedge/clientsdk"
 	"github.com/liveedge/liveedge/edge/pay"
@@ -1576,4 +1577,66 @@ func TestClusterGiftRateCountedAcrossNodes(t *testing.T) {
 	if cr != 100 || db != sent || bal != 100-sent {
 		t.Fatalf("credits %d debits %d balances %d; %d gifts sent", cr, db, bal, sent)
 	}
+}
+
+// ws.max_conns_per_user bounds a user's connections on every node together
+// (presence, within ~200 ms): at 3, two on node 1 leave one for node 2 (each
+// node allowed 3 before), and a connection closed on node 1 gives its slot
+// back to node 2.
+func TestClusterConnsPerUserAcrossNodes(t *testing.T) {
+	c := startCluster(t, 2, "LIVEEDGE_WS_MAX_CONNS_PER_USER=3")
+	const user = 80
+	tok := devTokenCached(t, c.nodes[0].http, user)
+	rdb, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{c.redis.Addr}, DisableCache: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(rdb.Close)
+	// held waits until presence shows the user's connections per node.
+	held := func(want map[string]string) {
+		t.Helper()
+		pollUntil(t, 5*time.Second, fmt.Sprintf("presence %v", want), func() bool {
+			got, err := rdb.Do(context.Background(), rdb.B().Hgetall().Key("le:uc:{80}").Build()).AsStrMap()
+			if err != nil || len(got) != len(want) {
+				return false
+			}
+			for node, n := range want {
+				if _, cnt, _ := strings.Cut(got[node], ":"); cnt != n {
+					return false
+				}
+			}
+			return true
+		})
+	}
+	a := dialLogged(t, c.nodes[0].ws, tok, &pushLog{})
+	dialLogged(t, c.nodes[0].ws, tok, &pushLog{})
+	held(map[string]string{"gw-1": "2"})
+	dialLogged(t, c.nodes[1].ws, tok, &pushLog{})
+	held(map[string]string{"gw-1": "2", "gw-2": "1"})
+	if st := upgradeStatus(t, c.nodes[1].ws, tok); st != http.StatusTooManyRequests {
+		t.Fatalf("a fourth connection (on node 2) answered %d, want 429", st)
+	}
+	_ = a.Close()
+	held(map[string]string{"gw-1": "1", "gw-2": "1"})
+	dialLogged(t, c.nodes[1].ws, tok, &pushLog{}) // the slot given back
+}
+
+// upgradeStatus makes a WebSocket upgrade request to wsAddr with tok and
+// returns its HTTP status (a connection made is closed at once).
+func upgradeStatus(t *testing.T, wsAddr, tok string) int {
+	t.Helper()
+	req, err := http.NewRequest("GET", "http://"+wsAddr+"/ws?token="+tok, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Connection", "Upgrade")
+	req.Header.Set("Upgrade", "websocket")
+	req.Header.Set("Sec-WebSocket-Version", "13")
+	req.Header.Set("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	return resp.StatusCode
 }
