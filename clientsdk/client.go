@@ -650,7 +650,7 @@ func (c *Client) rejoined(room int64, since *proto.Position) func(d []byte) {
 		if since != nil && !moved && (jr.Recovered == nil || !*jr.Recovered) {
 			c.log.Info("clientsdk: room history not recovered, re-sync needed", "room", room,
 				"since_off", since.Off, "since_ep", since.Ep, "off", jr.Off, "ep", jr.ep())
-			c.emitState(StateEvent{State: StateRoomResync, Room: room, Off: jr.Off, Ep: jr.ep()})
+			c.emitState(StateEvent{State: StateRoomResync, Room: room, Off: jr.Off, Ep: jr.ep(), Since: since})
 		}
 	}
 }

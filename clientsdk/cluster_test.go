@@ -277,8 +277,8 @@ func TestRejoinSinceAndResync(t *testing.T) {
 	tc2 := ts.conn(2)
 	waitFor(t, 5*time.Second, "reconnected again", func() bool { return r.countState(StateConnected) == 3 })
 	e, ok := r.findState(StateRoomResync)
-	if !ok || e.Room != 5 || e.Off != 3 || e.Ep != "e2" {
-		t.Fatalf("resync event %+v %v", e, ok)
+	if !ok || e.Room != 5 || e.Off != 3 || e.Ep != "e2" || e.Since == nil || *e.Since != (proto.Position{Off: 16, Ep: "e1"}) {
+		t.Fatalf("resync event %+v %v, want at {3 e2} since {16 e1}", e, ok)
 	}
 	if got := ts.joinList(); got[len(got)-3].room != 5 || got[len(got)-3].since == nil ||
 		*got[len(got)-3].since != (proto.Position{Off: 16, Ep: "e1"}) {
@@ -342,8 +342,10 @@ func TestLiveGapReportsResync(t *testing.T) {
 		}
 	}
 	if len(resyncs) != 2 || resyncs[0].Room != 5 || resyncs[0].Off != 12 || resyncs[0].Ep != "e1" ||
-		resyncs[1].Room != 5 || resyncs[1].Off != 0 || resyncs[1].Ep != "e2" {
-		t.Fatalf("resync events %+v, want room 5 at {12 e1} then {0 e2}", resyncs)
+		resyncs[1].Room != 5 || resyncs[1].Off != 0 || resyncs[1].Ep != "e2" ||
+		resyncs[0].Since == nil || *resyncs[0].Since != (proto.Position{Off: 11, Ep: "e1"}) ||
+		resyncs[1].Since == nil || *resyncs[1].Since != (proto.Position{Off: 13, Ep: "e1"}) {
+		t.Fatalf("resync events %+v, want room 5 at {12 e1} since {11 e1}, then at {0 e2} since {13 e1}", resyncs)
 	}
 }
 

@@ -42,7 +42,8 @@
 //     one, and the reply says "recovered":true: the app sees nothing but the
 //     missed pushes, each once. When it no longer has them ("recovered":false:
 //     history too old, or lost and renumbered under a new epoch) the client
-//     reports StateRoomResync for the room (with its new position in Off/Ep):
+//     reports StateRoomResync for the room (with its new position in Off/Ep,
+//     and the last one seen before the loss in Since):
 //     the app re-syncs the room from the HTTP API; the room stays joined and
 //     its pushes after the new position follow. The same is reported when a
 //     live connection's room push is not the next one (an offset skipped, or

@@ -322,7 +322,7 @@ func (s *session) handle(f *proto.ServerFrame, acks []string) []string {
 			acks = append(acks, f.Mid)
 		}
 		if f.Room != 0 && f.Off > 0 {
-			deliver, gap := c.advance(f.Room, f.Off, f.Ep)
+			deliver, gap, prev := c.advance(f.Room, f.Off, f.Ep)
 			if !deliver {
 				c.stats.offDups.Add(1)
 				return acks
@@ -333,7 +333,7 @@ func (s *session) handle(f *proto.ServerFrame, acks []string) []string {
 				// room's numbering restarted): the app re-syncs, as after
 				// a re-join that could not recover.
 				c.log.Info("clientsdk: room pushes missed, re-sync needed", "room", f.Room, "off", f.Off, "ep", f.Ep)
-				c.emitState(StateEvent{State: StateRoomResync, Room: f.Room, Off: f.Off - 1, Ep: f.Ep})
+				c.emitState(StateEvent{State: StateRoomResync, Room: f.Room, Off: f.Off - 1, Ep: f.Ep, Since: &prev})
 			}
 		}
 		// Numbered room pushes are guarded by their offset above: only the
@@ -362,23 +362,25 @@ func (s *session) handle(f *proto.ServerFrame, acks []string) []string {
 // replay overlapping what was delivered), else it moves the room's position
 // to the push's. A push of a room not (yet) in the joined set passes.
 // gap: the push is not the next one after the position known (an offset
-// skipped in the same epoch, or another epoch) — pushes were missed.
-func (c *Client) advance(room, off int64, ep string) (deliver, gap bool) {
+// skipped in the same epoch, or another epoch) — pushes were missed; prev is
+// that position then.
+func (c *Client) advance(room, off int64, ep string) (deliver, gap bool, prev proto.Position) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	p := c.rooms[room]
 	if p == nil {
 		if p = c.joining[room]; p == nil {
-			return true, false
+			return true, false, prev
 		}
 	}
 	if p.known && ep == p.ep && off <= p.off {
-		return false, false
+		return false, false, prev
 	}
 	fresh := p.off == 0 && p.ep == "" // numbered, nothing pushed yet: any epoch starts at 1
 	gap = p.known && !(fresh && off == 1) && (ep != p.ep || off > p.off+1)
+	prev = proto.Position{Off: p.off, Ep: p.ep}
 	p.off, p.ep, p.known = off, ep, true
-	return true, gap
+	return true, gap, prev
 }
 
 type ackFrame struct {

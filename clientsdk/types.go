@@ -114,9 +114,14 @@ type StateEvent struct {
 	// URL is the node URL, without its query, of the attempt about to be made
 	// (StateReconnecting) or of the new connection (StateConnected).
 	URL string
-	// Off and Ep are the room's position after its re-join (StateRoomResync).
-	Off int64
-	Ep  string
+	// Off and Ep are the position to re-read the room's state as of
+	// (StateRoomResync): its re-join's, or just before the push that came
+	// after the gap on a live connection (the pushes delivered next follow
+	// it). Since is the last position seen before the missed pushes (the TS
+	// SDK's since; its at is Off/Ep).
+	Off   int64
+	Ep    string
+	Since *proto.Position
 }
 
 // JoinResult is the reply to a join (JoinInfo).

@@ -370,7 +370,8 @@ var LiveClient = class _LiveClient {
       if (sent) d.since = sent;
       try {
         const r = await this.send(ws, "join", d, this.o.requestTimeoutMs);
-        if (sent && r.recovered === false && st.since === sent) this.emitState({ state: "room_resync", room, since: sent });
+        if (sent && r.recovered === false && st.since === sent)
+          this.emitState({ state: "room_resync", room, since: sent, at: { off: r.off ?? 0, ep: r.ep ?? "" } });
         const s = sinceOf(r);
         if (s && st.since === sent && (!sent || r.recovered === false || s.ep !== sent.ep)) st.since = s;
       } catch (e) {
@@ -604,7 +605,7 @@ var LiveClient = class _LiveClient {
         st.since = { off, ep };
         const fresh = !!p2 && p2.off === 0 && p2.ep === "";
         if (p2 && !(fresh && off === 1) && (ep !== p2.ep || off > p2.off + 1)) {
-          this.emitState({ state: "room_resync", room: f.room, since: p2 });
+          this.emitState({ state: "room_resync", room: f.room, since: p2, at: { off: off - 1, ep } });
         }
       }
     }

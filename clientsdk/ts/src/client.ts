@@ -107,9 +107,12 @@ export type StateEvent =
   /**
    * Pushes of the room were missed: after a re-join that could not recover
    * them, or on a live connection (an offset skipped, a new epoch). since is
-   * the last position seen before them. Re-read the room's state.
+   * the last position seen before them; at is the position to re-read the
+   * room's state as of (the re-join's, or just before the push that came
+   * after the gap: the pushes delivered next follow it) — the Go SDK's
+   * StateEvent Off/Ep, its Since being since.
    */
-  | { state: "room_resync"; room: number; since: Since }
+  | { state: "room_resync"; room: number; since: Since; at: Since }
   | { state: "closed"; error?: Error };
 
 /** A reply with code ≠ 0 (PROTOCOL §7). */
@@ -517,7 +520,8 @@ export class LiveClient {
         const r = (await this.send(ws, "join", d, this.o.requestTimeoutMs)) as JoinReply;
         // Not recovered: report it — unless a live push that came before
         // the reply moved the position on (onPush reported its gap then).
-        if (sent && r.recovered === false && st.since === sent) this.emitState({ state: "room_resync", room, since: sent });
+        if (sent && r.recovered === false && st.since === sent)
+          this.emitState({ state: "room_resync", room, since: sent, at: { off: r.off ?? 0, ep: r.ep ?? "" } });
         // Pushes read meanwhile (after the reply) already moved since on.
         const s = sinceOf(r);
         if (s && st.since === sent && (!sent || r.recovered === false || s.ep !== sent.ep)) st.since = s;
@@ -780,7 +784,7 @@ export class LiveClient {
           // connection (the node could not fill a hole, or the room's
           // numbering restarted): the app re-syncs, as after a re-join that
           // could not recover.
-          this.emitState({ state: "room_resync", room: f.room, since: p });
+          this.emitState({ state: "room_resync", room: f.room, since: p, at: { off: off - 1, ep } });
         }
       }
     }

@@ -121,7 +121,7 @@ test("de-dup across a reconnect, re-join with since after offsets, recovered:fal
   const join2 = srv.conns[1].frames.find((f) => f.t === "join");
   assert.deepEqual(join2.d, { room_id: 9, since: { off: 7, ep: "e1" } });
   const resync = c.ev.states.find((s) => s.state === "room_resync");
-  assert.deepEqual(resync, { state: "room_resync", room: 9, since: { off: 7, ep: "e1" } });
+  assert.deepEqual(resync, { state: "room_resync", room: 9, since: { off: 7, ep: "e1" }, at: { off: 20, ep: "e2" } });
   assert.deepEqual(c.joinedRooms().get(9), { off: 21, ep: "e2" });
   // The disconnect came before the reconnect, which re-joined before "connected".
   const order = c.ev.states.map((s) => s.state);
@@ -259,8 +259,8 @@ test("live connection: a push at or before the room's position is dropped; an of
   assert.equal(c.stats.offsetDuplicates, 1);
   const resyncs = c.ev.states.filter((s) => s.state === "room_resync");
   assert.deepEqual(resyncs, [
-    { state: "room_resync", room: 9, since: { off: 6, ep: "e1" } },
-    { state: "room_resync", room: 9, since: { off: 8, ep: "e1" } },
+    { state: "room_resync", room: 9, since: { off: 6, ep: "e1" }, at: { off: 7, ep: "e1" } },
+    { state: "room_resync", room: 9, since: { off: 8, ep: "e1" }, at: { off: 0, ep: "e2" } },
   ]);
   assert.deepEqual(c.joinedRooms().get(9), { off: 2, ep: "e2" });
 });
@@ -305,7 +305,7 @@ test("a re-join that could not recover, whose live push came before the reply, i
   await eventually(() => c.ev.states.filter((s) => s.state === "connected").length === 2, 5000, "re-joined");
   assert.deepEqual(c.ev.pushes.map((p) => p.mid), ["p7", "q3"]);
   const resyncs = c.ev.states.filter((s) => s.state === "room_resync");
-  assert.deepEqual(resyncs, [{ state: "room_resync", room: 9, since: { off: 7, ep: "e1" } }]);
+  assert.deepEqual(resyncs, [{ state: "room_resync", room: 9, since: { off: 7, ep: "e1" }, at: { off: 2, ep: "e2" } }]);
   assert.deepEqual(c.joinedRooms().get(9), { off: 3, ep: "e2" });
 });
 
