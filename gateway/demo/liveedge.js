@@ -609,12 +609,13 @@ var LiveClient = class _LiveClient {
         }
       }
     }
-    if (typeof f.mid !== "string" || (!numbered || f.ack) && this.dedup.seen(f.mid)) {
+    const mid = typeof f.mid === "string" ? f.mid : "";
+    if (mid !== "" && (!numbered || f.ack) && this.dedup.seen(mid)) {
       this.stats_.duplicates++;
       return;
     }
     this.stats_.pushesDelivered++;
-    const p = { mid: f.mid, biz: f.biz, room: f.room, d: f.d, ack: !!f.ack };
+    const p = { mid, biz: f.biz, room: f.room, d: f.d, ack: !!f.ack };
     if (f.off !== void 0) p.off = f.off;
     if (f.ep !== void 0) p.ep = f.ep;
     for (const fn of this.pushListeners) {

@@ -792,12 +792,15 @@ export class LiveClient {
     // others, and reliable ones (resent, possibly when the room has no
     // position here), go through the mid ring, so a busy room cannot push a
     // user push's mid out of it before its resend arrives.
-    if (typeof f.mid !== "string" || ((!numbered || f.ack) && this.dedup.seen(f.mid))) {
+    // A push without a mid (the node always sends one) is delivered as the
+    // Go SDK does: it cannot be de-duplicated, nor acked.
+    const mid = typeof f.mid === "string" ? f.mid : "";
+    if (mid !== "" && (!numbered || f.ack) && this.dedup.seen(mid)) {
       this.stats_.duplicates++;
       return;
     }
     this.stats_.pushesDelivered++;
-    const p: Push = { mid: f.mid, biz: f.biz, room: f.room, d: f.d as any, ack: !!f.ack };
+    const p: Push = { mid, biz: f.biz, room: f.room, d: f.d as any, ack: !!f.ack };
     if (f.off !== undefined) p.off = f.off;
     if (f.ep !== undefined) p.ep = f.ep;
     for (const fn of this.pushListeners) {

@@ -320,3 +320,17 @@ test("several URLs: clients start at a random one (spread over the nodes); prefe
   for (let i = 0; i < 10; i++) await collect({ urls: [a.url, b.url], token: "t", preferFirstUrl: true });
   assert.equal(a.conns.length, onA + 10, "preferFirstUrl clients all on the first URL");
 });
+
+test("a push without a mid is delivered (as the Go SDK does), not taken for a duplicate", async () => {
+  const srv = await server((conn) => {
+    answer(conn);
+    setTimeout(() => {
+      conn.send({ t: "push", biz: Biz.Chat, d: { text: "no mid" }, ack: false });
+      conn.send({ t: "push", biz: Biz.Chat, d: { text: "no mid again" }, ack: false });
+    }, 20);
+  });
+  const c = await collect({ urls: srv.url, token: "t" });
+  await eventually(() => c.ev.pushes.length === 2, 3000, "both pushes");
+  assert.deepEqual(c.ev.pushes.map((p) => [p.mid, p.d.text]), [["", "no mid"], ["", "no mid again"]]);
+  assert.equal(c.stats.duplicates, 0);
+});
