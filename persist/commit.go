@@ -115,6 +115,10 @@ func (c *committer) failedLocked() error {
 	if c.err != nil {
 		return c.err
 	}
+	if err := c.store.Failed(); err != nil {
+		// Another write failed (Store.Apply): the node is stopping.
+		return fmt.Errorf("%w (%w)", err, ErrInProgress)
+	}
 	if c.closed {
 		return ErrClosed
 	}
@@ -273,7 +277,7 @@ func (c *committer) write(group []*commitEntry, prev, turn *groupTurn, hook func
 	if fail != nil {
 		return fail
 	}
-	if err := c.store.db.ApplyNoSyncWait(b, pebble.Sync); err != nil {
+	if err := c.applyNoSyncWait(b); err != nil {
 		return err
 	}
 	enter(true)
@@ -285,6 +289,13 @@ func (c *committer) write(group []*commitEntry, prev, turn *groupTurn, hook func
 	}
 	<-prev.durable
 	return prev.err
+}
+
+// applyNoSyncWait hands b to Pebble's WAL; a panic there is the store's
+// fatal failure (Store.failOnPanic).
+func (c *committer) applyNoSyncWait(b *pebble.Batch) error {
+	defer c.store.failOnPanic()
+	return c.store.db.ApplyNoSyncWait(b, pebble.Sync)
 }
 
 // build returns the group's keys and values, sorted.

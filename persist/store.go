@@ -5,7 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"path/filepath"
-	"sync"
+	"sync/atomic"
 
 	"github.com/cockroachdb/pebble"
 	"github.com/cockroachdb/pebble/bloom"
@@ -39,9 +39,8 @@ const (
 type Store struct {
 	db *pebble.DB
 
-	mu      sync.Mutex
-	failed  error
-	onFatal func(error)
+	failed  atomic.Pointer[error] // the fatal failure (wraps ErrStoreFailed)
+	onFatal atomic.Pointer[func(error)]
 }
 
 // ErrStoreFailed wraps the fatal failure every write after it returns.
@@ -50,31 +49,26 @@ var ErrStoreFailed = errors.New("persist: the store failed, the node must restar
 // OnFatal sets fn, called once (on the failing writer's goroutine) with the
 // first fatal write failure: a node's fn ends the process, so that its
 // restart replays the WAL. Set it before the first write.
-func (s *Store) OnFatal(fn func(error)) {
-	s.mu.Lock()
-	s.onFatal = fn
-	s.mu.Unlock()
-}
+func (s *Store) OnFatal(fn func(error)) { s.onFatal.Store(&fn) }
 
 // Failed returns the store's fatal failure (wrapping ErrStoreFailed), or nil.
+// One atomic load: the ledger checks it for every op.
 func (s *Store) Failed() error {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.failed
+	if p := s.failed.Load(); p != nil {
+		return *p
+	}
+	return nil
 }
 
 // fail records err as the store's fatal failure and, the first time, calls
 // the OnFatal function.
 func (s *Store) fail(err error) {
-	s.mu.Lock()
-	first := s.failed == nil
-	if first {
-		s.failed = fmt.Errorf("%w: %w", ErrStoreFailed, err)
+	wrapped := fmt.Errorf("%w: %w", ErrStoreFailed, err)
+	if !s.failed.CompareAndSwap(nil, &wrapped) {
+		return
 	}
-	fn := s.onFatal
-	s.mu.Unlock()
-	if first && fn != nil {
-		fn(err)
+	if fn := s.onFatal.Load(); fn != nil {
+		(*fn)(err)
 	}
 }
 
@@ -117,7 +111,7 @@ func openFS(dir string, blockCache int64, fs vfs.FS) (*Store, error) {
 		opts.Levels[i].FilterType = pebble.TableFilter
 		opts.Levels[i].TargetFileSize = 8 << 20
 	}
-	db, err := pebble.Open(filepath.Join(dir, "pebble"), opts)
+	db, err := openPebble(filepath.Join(dir, "pebble"), opts)
 	if err != nil {
 		return nil, fmt.Errorf("persist: open %s: %w", dir, err)
 	}
@@ -145,8 +139,9 @@ func (s *Store) Get(key []byte) ([]byte, error) {
 // Apply builds a batch with fn and commits it durably (fsync, group-committed
 // with concurrent writers). fn returning an error discards the batch. After a
 // fatal failure (see Store) it returns that, writing nothing; the commit that
-// fails does not return (Pebble's Fatalf: the store's fatal failure, then a
-// panic — it must never look written, nor failed with nothing written).
+// fails does not return (Pebble's Fatalf, or its own panic: the store's
+// fatal failure, then a panic — it must never look written, nor failed with
+// nothing written).
 func (s *Store) Apply(fn func(b *Batch) error) error {
 	if err := s.Failed(); err != nil {
 		return err
@@ -156,7 +151,20 @@ func (s *Store) Apply(fn func(b *Batch) error) error {
 	if err := fn(b); err != nil {
 		return err
 	}
+	defer s.failOnPanic()
 	return b.Commit(pebble.Sync)
+}
+
+// failOnPanic, deferred around a call into Pebble's write path, makes a panic
+// there (a failed WAL rotation panics without Fatalf, holding Pebble's
+// locks) the store's fatal failure before it goes on: a recovering caller
+// (the HTTP server's middleware) must not leave a stuck node that looks
+// ready.
+func (s *Store) failOnPanic() {
+	if r := recover(); r != nil {
+		s.fail(fmt.Errorf("pebble panicked: %v", r))
+		panic(r)
+	}
 }
 
 // Put durably sets key to val.
@@ -180,8 +188,19 @@ func (s *Store) Scan(prefix []byte, fn func(k, v []byte) error) error {
 	return it.Close()
 }
 
-// Close flushes memtables and closes the database.
-func (s *Store) Close() error {
+// Close flushes memtables and closes the database. After a fatal failure it
+// writes nothing (the WAL is what the next start replays) and returns the
+// failure; a panic of Pebble's while closing is an error too.
+func (s *Store) Close() (err error) {
+	failed := s.Failed()
+	defer func() {
+		if r := recover(); r != nil {
+			err = errors.Join(failed, fmt.Errorf("persist: closing the store: %v", r))
+		}
+	}()
+	if failed != nil {
+		return errors.Join(failed, s.db.Close())
+	}
 	ferr := s.db.Flush()
 	cerr := s.db.Close()
 	return errors.Join(ferr, cerr)
@@ -196,6 +215,17 @@ func prefixEnd(p []byte) []byte {
 		}
 	}
 	return nil
+}
+
+// openPebble is pebble.Open with a panic (a corrupt store found while
+// replaying it: Fatalf) returned as an error.
+func openPebble(dir string, opts *pebble.Options) (db *pebble.DB, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("%v", r)
+		}
+	}()
+	return pebble.Open(dir, opts)
 }
 
 // storeLogger drops Pebble's informational logging; its Fatalf (a commit
@@ -255,12 +285,16 @@ func (s *Store) Delete(key []byte) error {
 // DeletePrefixNoSync removes every key with prefix, without waiting for an
 // fsync (a crash may leave them: for bookkeeping that is safe to keep).
 func (s *Store) DeletePrefixNoSync(prefix []byte) error {
-	return s.db.DeleteRange(prefix, prefixEnd(prefix), pebble.NoSync)
+	return s.DeleteRangeNoSync(prefix, prefixEnd(prefix))
 }
 
 // DeleteRangeNoSync removes every key in [lower, upper), without waiting
 // for an fsync (as DeletePrefixNoSync).
 func (s *Store) DeleteRangeNoSync(lower, upper []byte) error {
+	if err := s.Failed(); err != nil {
+		return err
+	}
+	defer s.failOnPanic()
 	return s.db.DeleteRange(lower, upper, pebble.NoSync)
 }
 
@@ -271,5 +305,9 @@ func PrefixEnd(p []byte) []byte { return prefixEnd(p) }
 // write, or a clean close, makes it durable): for deletions that are safe to
 // lose in a crash.
 func (s *Store) DeleteNoSync(key []byte) error {
+	if err := s.Failed(); err != nil {
+		return err
+	}
+	defer s.failOnPanic()
 	return s.db.Delete(key, pebble.NoSync)
 }

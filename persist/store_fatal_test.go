@@ -27,11 +27,20 @@ func TestStoreWALFailureIsFatal(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// Not closed: Pebble's commit pipeline is unusable after the failure,
-	// as in a process that is about to end.
 	var fatal []error
 	st.OnFatal(func(err error) { fatal = append(fatal, err) })
 	if err := st.Put([]byte("a"), []byte("1")); err != nil {
+		t.Fatal(err)
+	}
+	l, err := NewLedger(st, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	credit := func(req string) error {
+		_, err := l.Apply(Op{User: 1, ReqID: req, Postings: []Posting{{User: 1, Delta: 5, Reason: ReasonDev}}})
+		return err
+	}
+	if err := credit("before"); err != nil {
 		t.Fatal(err)
 	}
 	failing.Store(true)
@@ -53,7 +62,19 @@ func TestStoreWALFailureIsFatal(t *testing.T) {
 	if err := st.Put([]byte("c"), []byte("3")); !errors.Is(err, ErrStoreFailed) {
 		t.Fatalf("a write after the failure: %v, want ErrStoreFailed", err)
 	}
+	if err := st.DeleteNoSync([]byte("a")); !errors.Is(err, ErrStoreFailed) {
+		t.Fatalf("a delete after the failure: %v, want ErrStoreFailed", err)
+	}
+	// The ledger refuses its ops too ("retry": the node is stopping).
+	if err := credit("after"); !errors.Is(err, ErrStoreFailed) || !errors.Is(err, ErrInProgress) {
+		t.Fatalf("a ledger op after the store's failure: %v", err)
+	}
 	if len(fatal) != 1 {
 		t.Fatalf("OnFatal called %d times", len(fatal))
+	}
+	l.Close()
+	// Close writes nothing more and reports the failure (no panic).
+	if err := st.Close(); !errors.Is(err, ErrStoreFailed) {
+		t.Fatalf("Close after the failure: %v, want ErrStoreFailed", err)
 	}
 }

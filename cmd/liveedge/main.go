@@ -53,18 +53,33 @@ func run(path string) error {
 
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT)
+	// A storage failure ends the process at once, without Shutdown (it
+	// would write to a store in an unknown state, or wait on Pebble's locks
+	// forever): the restart replays the WAL; clients reconnect elsewhere
+	// meanwhile.
 	var s os.Signal
 	select {
 	case s = <-sig:
 	case err := <-node.Fatal():
-		// No Shutdown: it would write to a store in an unknown state. The
-		// restart replays the WAL; clients reconnect elsewhere meanwhile.
+		return fmt.Errorf("stopping at once, storage failed: %w", err)
+	}
+	if err := node.Store.Failed(); err != nil { // both at once
 		return fmt.Errorf("stopping at once, storage failed: %w", err)
 	}
 	log.Info("shutting down", "signal", s.String(), "drain_timeout", cfg.Shutdown.DrainTimeout.D())
 	ctx, cancel := context.WithTimeout(context.Background(), cfg.Shutdown.DrainTimeout.D())
 	defer cancel()
-	return node.Shutdown(ctx)
+	done := make(chan error, 1)
+	go func() { done <- node.Shutdown(ctx) }()
+	select {
+	case err := <-done:
+		if ferr := node.Store.Failed(); ferr != nil {
+			return fmt.Errorf("storage failed while shutting down: %w", ferr)
+		}
+		return err
+	case err := <-node.Fatal():
+		return fmt.Errorf("stopping at once, storage failed while shutting down: %w", err)
+	}
 }
 
 func printBanner(n *gateway.Node) {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"log/slog"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -204,6 +205,12 @@ func (h *Held) work() {
 	batch := make([]heldOp, 0, heldBatch)
 	for {
 		select {
+		case <-h.stop: // first: Close is not kept waiting by a busy queue
+			h.drain()
+			return
+		default:
+		}
+		select {
 		case op := <-h.ops:
 			batch = h.more(append(batch[:0], op))
 		case <-h.stop:
@@ -268,7 +275,9 @@ func (h *Held) drain() {
 }
 
 // send makes ops in one round trip, in their order, and returns the index of
-// the first op Redis did not make (-1: all made) and its error.
+// the first op Redis did not answer or answered "not now" (loading, busy, a
+// failover: -1 when none) and its error; an op Redis refused for good is
+// counted and skipped.
 func (h *Held) send(ops []heldOp, timeout time.Duration) (int, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), max(timeout, time.Millisecond))
 	defer cancel()
@@ -277,9 +286,18 @@ func (h *Held) send(ops []heldOp, timeout time.Duration) (int, error) {
 		execs[i] = rueidis.LuaExec{Keys: []string{h.key(op.key)}, Args: []string{op.item, strconv.FormatInt(op.ttl, 10)}}
 	}
 	for i, r := range opScript.ExecMulti(ctx, h.rdb, execs...) {
-		if err := r.Error(); err != nil {
-			return i, err
+		err := r.Error()
+		if err == nil {
+			continue
 		}
+		if re, ok := rueidis.IsRedisErr(err); ok && !re.IsLoading() && !re.IsTryAgain() && !re.IsClusterDown() &&
+			!strings.HasPrefix(re.Error(), "BUSY") && !strings.HasPrefix(re.Error(), "MASTERDOWN") && !strings.HasPrefix(re.Error(), "READONLY") {
+			// Redis ran it and refused (a key of another type, say): the
+			// same again would be refused too — left to its deadline.
+			h.leftToDeadline(err, 1)
+			continue
+		}
+		return i, err
 	}
 	return -1, nil
 }

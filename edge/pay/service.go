@@ -316,10 +316,12 @@ func New(store *persist.Store, w persist.Wallet, r router.Router, cfg Config) (*
 		// Counted across the cluster again (Redis may have lost them, or
 		// let them lapse while this node was down), each until its own
 		// deadline.
+		s.openMu.Lock()
+		ids := slices.Collect(maps.Keys(s.open))
+		s.openMu.Unlock()
 		s.rekeep = make(chan struct{}, 1)
-		s.rekeep <- struct{}{}
 		s.wg.Add(1)
-		go s.keeper()
+		go s.keeper(ids)
 	}
 	return s, nil
 }
@@ -338,10 +340,12 @@ func (s *Service) KeepOpenPlaces() {
 	}
 }
 
-// keeper keeps the open orders' places at start and at each KeepOpenPlaces,
-// until Close. (The reconciler may run meanwhile: openMu.)
-func (s *Service) keeper() {
+// keeper keeps the open orders' places at start (first: those loaded) and
+// at each KeepOpenPlaces, until Close. (The reconciler may run meanwhile:
+// openMu.)
+func (s *Service) keeper(first []int64) {
 	defer s.wg.Done()
+	s.keepOpenOrders(first)
 	for {
 		select {
 		case <-s.ctx.Done():

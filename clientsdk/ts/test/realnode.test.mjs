@@ -185,7 +185,7 @@ test("bad token: HTTP 401 on the upgrade rejects connect", async () => {
 
 test("several URLs: a dead one is skipped", async () => {
   const dead = `ws://127.0.0.1:${await freePort()}/ws`;
-  const c = await client(301, { urls: [dead, node.ws] });
+  const c = await client(301, { urls: [dead, node.ws], preferFirstUrl: true });
   assert.equal(c.hello.user_id, 301);
   const st = c.events.states.find((s) => s.state === "connected");
   assert.equal(st.url, node.ws);
