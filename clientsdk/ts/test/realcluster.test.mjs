@@ -136,9 +136,11 @@ test("history gone while the node was down: the re-join reports room_resync, the
   await node.start();
   await eventually(() => a.log.states.some((s) => s.state === "room_resync"), 10000, "room_resync");
   const rs = a.log.states.find((s) => s.state === "room_resync");
-  assert.deepEqual(rs, { state: "room_resync", room, since: old });
   const sj = sinceJoins(a, room);
-  assert.equal(sj.at(-1).reply?.d?.recovered, false, JSON.stringify(sj.at(-1).reply));
+  const reply = sj.at(-1).reply?.d;
+  assert.equal(reply?.recovered, false, JSON.stringify(sj.at(-1).reply));
+  // since: the last position seen; at: the re-join's (the new epoch's).
+  assert.deepEqual(rs, { state: "room_resync", room, since: old, at: { off: reply.off, ep: reply.ep } });
   assert.deepEqual([...a.joinedRooms().keys()], [room], "the room stays joined");
 
   await eventually(() => reconnected(b), 10000, "b reconnected");
@@ -150,6 +152,7 @@ test("history gone while the node was down: the re-join reports room_resync, the
     ["m3", "m4"],
   );
   assert.notEqual(now[0].ep, old.ep, "a new epoch");
+  assert.equal(now[0].ep, rs.at.ep, "the re-sync's position is in the new epoch");
   assert.deepEqual(
     now.map((p) => p.off),
     [1, 2],

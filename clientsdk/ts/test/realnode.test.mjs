@@ -219,11 +219,13 @@ test("node restart: the SDK reconnects, re-joins its room, a request made meanwh
   // (realcluster.test.mjs: with the history in Redis the re-join recovers.)
   const before = b.events.pushes.find((p) => p.d.text === "before");
   const resync = b.events.states.find((s) => s.state === "room_resync");
-  assert.deepEqual(resync, { state: "room_resync", room, since: { off: before.off, ep: before.ep } });
+  assert.deepEqual(resync, { state: "room_resync", room, since: { off: before.off, ep: before.ep }, at: resync.at });
   await a.chat(room, "after");
   await eventually(() => b.events.pushes.some((p) => p.d.text === "after"), 5000, "chat after the restart");
   const afterPush = b.events.pushes.find((p) => p.d.text === "after");
   assert.notEqual(afterPush.ep, before.ep);
+  // at: the re-join's position, in the new epoch; the next push follows it.
+  assert.deepEqual(resync.at, { off: afterPush.off - 1, ep: afterPush.ep });
   assert.deepEqual(b.joinedRooms().get(room), { off: afterPush.off, ep: afterPush.ep });
   assert.ok(!b.events.states.some((s) => s.state === "closed"));
 });
