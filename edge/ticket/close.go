@@ -57,7 +57,9 @@ func (s *Service) close(id, user int64, why string, onlyExpired bool) (*Order, e
 	} else {
 		s.m.closed.WithLabelValues("cancel").Inc()
 	}
-	s.push(o)
+	if !onlyExpired {
+		s.push(o) // a sweep's closes are pushed once their coupons are back (CloseExpired)
+	}
 	if err := s.pay.CloseBizOrder(id, why); err != nil {
 		// A payment that still lands is refused by Paid (the order is
 		// closed) and refunded; pay's reconciler closes the pay order later.
@@ -153,11 +155,11 @@ func (s *Service) CloseExpired() int {
 		stuck = append(stuck, id)
 	}
 	s.pendMu.Unlock()
-	closed := 0
+	var closed []*Order
 	for _, id := range due {
 		o, err := s.close(id, 0, "unpaid timeout", true)
 		if err == nil && o.Status == StatusCancelled {
-			closed++
+			closed = append(closed, o)
 		} else if err != nil && proto.AsError(err).Code != proto.CodeOrderState {
 			s.cfg.Log.Error("ticket: close expired order", "order", id, "err", err)
 		}
@@ -166,7 +168,13 @@ func (s *Service) CloseExpired() int {
 		s.resumeStuck(id)
 	}
 	s.settleOwed()
-	return closed
+	// Their buyers are told now, their coupons back (unless the coupon
+	// store failed: then at a later sweep): one ordering again at once can
+	// use the coupon.
+	for _, o := range closed {
+		s.push(o)
+	}
+	return len(closed)
 }
 
 // settleOwed gives back the coupons closed orders still hold (at start and

@@ -41,6 +41,7 @@ type env struct {
 	redis  string         // "" = coupons in Pebble; else SharedCoupons in this redis-server
 	noBiz  bool           // open leaves the service unregistered with the pay centre (a node starting)
 	rdb    rueidis.Client // with redis: the client, reopened with the node
+	router *router.Local  // the pushes' router, reopened with the node
 }
 
 func quietLog() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
@@ -105,6 +106,7 @@ func (e *env) open() {
 		e.t.Fatal(err)
 	}
 	r := router.NewLocal("t", router.LocalConfig{})
+	e.router = r
 	if e.pay, err = pay.New(e.store, e.ledger, r, pay.Config{Node: "t", WorkerID: 1, Secrets: []string{testSecret},
 		ProviderURL: "http://provider.invalid", NotifyURL: "http://node.invalid/api/v1/pay/notify",
 		ReconcileEvery: time.Hour, Now: e.clock.now, Log: quietLog()}); err != nil {

@@ -1,6 +1,7 @@
 package ticket
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"strconv"
@@ -15,6 +16,7 @@ import (
 	"github.com/liveedge/liveedge/gateway/proto"
 	"github.com/liveedge/liveedge/persist"
 	"github.com/liveedge/liveedge/persist/redistest"
+	"github.com/liveedge/liveedge/router"
 )
 
 // 10,000 concurrent buyers (in-process service calls, one goroutine each)
@@ -438,6 +440,16 @@ func testCouponRules(t *testing.T, newEnv func(testing.TB, Config) *env) {
 	if err != nil || o3.Amount != 70 {
 		t.Fatalf("coupon again after the cancel: %+v %v", o3, err)
 	}
+	// The buyer is told CANCELLED once the coupon is back: an order placed
+	// again at once can use it (before, the push came first and the
+	// give-back at the sweep's end).
+	var usedAtPush []string
+	e.router.Register(&pushHook{id: 99, user: 1, fn: func(b []byte) {
+		if bytes.Contains(b, []byte(StatusCancelled)) && bytes.Contains(b, []byte(o3.OrderID)) {
+			got, _ := e.svc.Coupon(c.ID)
+			usedAtPush = append(usedAtPush, got.UsedBy)
+		}
+	}})
 	e.clock.advance(2 * time.Minute)
 	if n := e.svc.CloseExpired(); n != 1 {
 		t.Fatalf("closed %d", n)
@@ -447,6 +459,9 @@ func testCouponRules(t *testing.T, newEnv func(testing.TB, Config) *env) {
 	}
 	if got, _ := e.svc.Coupon(c.ID); got.UsedBy != "" {
 		t.Fatalf("coupon not given back by the timeout: %+v", got)
+	}
+	if len(usedAtPush) != 1 || usedAtPush[0] != "" {
+		t.Fatalf("the CANCELLED push came with the coupon used by %q (pushes %d), want it back first", usedAtPush, len(usedAtPush))
 	}
 	if st := e.notify(o3.OrderID, "late-e", 70); st != 200 {
 		t.Fatalf("late notify: %d", st)
@@ -805,4 +820,21 @@ func TestSweepClosesBeforeGivingCouponsBack(t *testing.T) {
 		}
 	}
 	e.audit()
+}
+
+// pushHook is a router session that calls fn with each message it is sent,
+// as it is sent.
+type pushHook struct {
+	id   uint64
+	user int64
+	fn   func(b []byte)
+}
+
+func (p *pushHook) ID() uint64    { return p.id }
+func (p *pushHook) UserID() int64 { return p.user }
+func (p *pushHook) Send(f *router.Frame) bool {
+	for _, m := range f.Msgs {
+		p.fn(m.Bytes)
+	}
+	return true
 }
