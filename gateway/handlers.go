@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/liveedge/liveedge/edge/gift"
+	"github.com/liveedge/liveedge/edge/limit"
 	"github.com/liveedge/liveedge/edge/redpacket"
 	"github.com/liveedge/liveedge/gateway/proto"
 	"github.com/liveedge/liveedge/router"
@@ -188,13 +189,11 @@ func (s *Server) chatMsg(c *Conn, f *proto.ClientFrame) (any, *proto.Error) {
 			return chatReply{Mid: mid}, nil // sent already: its retry
 		}
 	}
-	if !s.chat.Allow(uint64(c.ident.UserID)) {
-		return nil, proto.ErrRateLimited
-	}
 	// In a cluster, across the nodes too (a user may hold connections on
 	// several): one Redis call, beside the sequencer's that the chat makes
-	// anyway; Redis not answering is "retry", as the chat itself would be.
-	if perr := s.chatShared.Check(uint64(c.ident.UserID), proto.ErrRateLimited, s.log); perr != nil {
+	// anyway; Redis not answering is "retry", as the chat itself would be
+	// (and spends none of the user's rate).
+	if perr := limit.Both(s.chat, s.chatShared, uint64(c.ident.UserID), proto.ErrRateLimited, s.log); perr != nil {
 		return nil, perr
 	}
 	d, merr := proto.Marshal(proto.ChatPush{From: c.ident.UserID, Text: r.Text})

@@ -364,10 +364,7 @@ func (s *Service) send(sender int64, inRoom bool, r Req, done func(Reply, *sendE
 			if err := s.checkFrozen(sender, r.ReceiverID); err != nil {
 				return refusal{err}
 			}
-			if !s.limit.Allow(uint64(sender)) {
-				return errRateLimited
-			}
-			switch perr := s.shared.Check(uint64(sender), proto.ErrRateLimited, s.log); {
+			switch perr := limit.Both(s.limit, s.shared, uint64(sender), proto.ErrRateLimited, s.log); {
 			case perr == proto.ErrRateLimited:
 				return errRateLimited
 			case perr != nil: // Redis did not answer: nothing moved, retry

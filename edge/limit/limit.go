@@ -67,6 +67,20 @@ func (k *Keyed) Allow(key uint64) bool {
 	return true
 }
 
+// Undo gives back one event Allow recorded for key: its caller did not go
+// through with it (a check after Allow could not be made).
+func (k *Keyed) Undo(key uint64) {
+	if k == nil {
+		return
+	}
+	s := &k.shards[key%shards]
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if tat, ok := s.tat[key]; ok {
+		s.tat[key] = tat - int64(k.interval)
+	}
+}
+
 // sweep drops keys whose bucket is full again (they carry no state).
 func (s *shard) sweep(now int64) {
 	for key, tat := range s.tat {

@@ -81,3 +81,20 @@ func (s *Shared) Check(key uint64, refused *proto.Error, log *slog.Logger) *prot
 }
 
 var errUnchecked = proto.Errorf(proto.CodeInternal, "could not check a rate limit, retry")
+
+// Both checks a rate on this node (local) and then across the cluster
+// (shared; nil: off): nil (allowed by both, recorded), refused (by
+// either), or — Redis did not answer, logged — a 50000 "retry", and then the
+// local event is given back (Undo): a Redis outage does not spend a user's
+// rate. A refusal across the cluster keeps the local event (it throttles a
+// flood before it reaches Redis).
+func Both(local *Keyed, shared *Shared, key uint64, refused *proto.Error, log *slog.Logger) *proto.Error {
+	if !local.Allow(key) {
+		return refused
+	}
+	perr := shared.Check(key, refused, log)
+	if perr != nil && perr != refused {
+		local.Undo(key)
+	}
+	return perr
+}

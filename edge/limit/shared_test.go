@@ -1,9 +1,12 @@
 package limit
 
 import (
+	"io"
+	"log/slog"
 	"testing"
 	"time"
 
+	"github.com/liveedge/liveedge/gateway/proto"
 	"github.com/liveedge/liveedge/persist/redistest"
 )
 
@@ -47,5 +50,40 @@ func TestSharedCountsAcrossNodes(t *testing.T) {
 	srv.Stop()
 	if ok, err := a.Allow(3); ok || err == nil {
 		t.Fatalf("Redis down: allowed %v, err %v; want an error", ok, err)
+	}
+}
+
+// Both: a Redis that does not answer is "retry" and gives the local event
+// back (an outage spends none of a user's rate); refusals by either keep
+// it; Undo gives back exactly one event.
+func TestBothGivesBackTheLocalEventWhenRedisDoesNotAnswer(t *testing.T) {
+	srv := redistest.Start(t)
+	shared := NewShared(srv.Client(t), "test", 1, time.Hour, 1) // one an hour
+	local := New(2, time.Hour, 2, nil)                          // two an hour
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	refused := proto.Errorf(proto.CodeRateLimited, "slow down")
+	if perr := Both(local, shared, 1, refused, log); perr != nil {
+		t.Fatalf("first: %v", perr)
+	}
+	if perr := Both(local, shared, 1, refused, log); perr != refused {
+		t.Fatalf("second (the shared limit spent): %v, want refused", perr)
+	}
+	// The local limit is spent now (the refusal across the cluster kept its
+	// event): refused without asking Redis.
+	if perr := Both(local, shared, 1, refused, log); perr != refused {
+		t.Fatalf("third: %v, want refused", perr)
+	}
+	srv.Stop()
+	for i := range 5 { // another user, Redis down: retry, never refused
+		if perr := Both(local, shared, 2, refused, log); perr == nil || perr == refused {
+			t.Fatalf("Redis down, attempt %d: %v, want a retry", i, perr)
+		}
+	}
+	if !local.Allow(2) || !local.Allow(2) || local.Allow(2) {
+		t.Fatal("the attempts during the outage spent user 2's local rate")
+	}
+	local.Undo(2)
+	if !local.Allow(2) || local.Allow(2) {
+		t.Fatal("Undo gave back other than one event")
 	}
 }

@@ -486,11 +486,7 @@ func (s *Service) CreateOrder(user int64, r CreateReq) (Order, error) {
 		release()
 		return Order{}, s.tooManyOpen
 	}
-	if !s.createLimit.Allow(uint64(user)) {
-		release()
-		return Order{}, s.tooMany
-	}
-	if perr := s.cfg.SharedCreates.Check(uint64(user), s.tooMany, s.cfg.Log); perr != nil {
+	if perr := limit.Both(s.createLimit, s.cfg.SharedCreates, uint64(user), s.tooMany, s.cfg.Log); perr != nil {
 		release()
 		return Order{}, perr
 	}

@@ -350,10 +350,7 @@ func (s *Service) place(user int64, r PlaceReq) (Order, error) {
 	} else if !errors.Is(err, persist.ErrNotFound) {
 		return Order{}, err
 	}
-	if !s.placeLimit.Allow(uint64(user)) {
-		return Order{}, s.tooMany
-	}
-	if perr := s.cfg.SharedPlaces.Check(uint64(user), s.tooMany, s.cfg.Log); perr != nil {
+	if perr := limit.Both(s.placeLimit, s.cfg.SharedPlaces, uint64(user), s.tooMany, s.cfg.Log); perr != nil {
 		return Order{}, perr
 	}
 	// The guard makes this check-then-reserve safe: no other order of this
