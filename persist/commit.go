@@ -277,6 +277,11 @@ func (c *committer) write(group []*commitEntry, prev, turn *groupTurn, hook func
 	if fail != nil {
 		return fail
 	}
+	if err := c.store.Failed(); err != nil {
+		// Another write failed (Store.Apply) since the group was taken:
+		// nothing of it enters the WAL — "retry", as failedLocked.
+		return fmt.Errorf("%w (%w)", err, ErrInProgress)
+	}
 	if err := c.applyNoSyncWait(b); err != nil {
 		return err
 	}

@@ -41,6 +41,9 @@ type Store struct {
 
 	failed  atomic.Pointer[error] // the fatal failure (wraps ErrStoreFailed)
 	onFatal atomic.Pointer[func(error)]
+	// panicked: the failure was a panic inside Pebble, which may hold its
+	// own locks (Close would wait for them forever).
+	panicked atomic.Bool
 }
 
 // ErrStoreFailed wraps the fatal failure every write after it returns.
@@ -162,7 +165,10 @@ func (s *Store) Apply(fn func(b *Batch) error) error {
 // ready.
 func (s *Store) failOnPanic() {
 	if r := recover(); r != nil {
-		s.fail(fmt.Errorf("pebble panicked: %v", r))
+		if err, ok := r.(error); !ok || !errors.Is(err, pebble.ErrClosed) { // a write after Close: a bug, not the disk
+			s.panicked.Store(true)
+			s.fail(fmt.Errorf("pebble panicked: %v", r))
+		}
 		panic(r)
 	}
 }
@@ -189,8 +195,10 @@ func (s *Store) Scan(prefix []byte, fn func(k, v []byte) error) error {
 }
 
 // Close flushes memtables and closes the database. After a fatal failure it
-// writes nothing (the WAL is what the next start replays) and returns the
-// failure; a panic of Pebble's while closing is an error too.
+// flushes nothing (the WAL is what the next start replays: Pebble only ends
+// it) and returns the failure — without closing at all when the failure was
+// a panic inside Pebble, which may hold its locks (the process is ending);
+// a panic of Pebble's while closing is an error too.
 func (s *Store) Close() (err error) {
 	failed := s.Failed()
 	defer func() {
@@ -198,6 +206,9 @@ func (s *Store) Close() (err error) {
 			err = errors.Join(failed, fmt.Errorf("persist: closing the store: %v", r))
 		}
 	}()
+	if s.panicked.Load() {
+		return failed
+	}
 	if failed != nil {
 		return errors.Join(failed, s.db.Close())
 	}
@@ -222,7 +233,11 @@ func prefixEnd(p []byte) []byte {
 func openPebble(dir string, opts *pebble.Options) (db *pebble.DB, err error) {
 	defer func() {
 		if r := recover(); r != nil {
-			err = fmt.Errorf("%v", r)
+			if e, ok := r.(error); ok {
+				err = e
+			} else {
+				err = fmt.Errorf("%v", r)
+			}
 		}
 	}()
 	return pebble.Open(dir, opts)

@@ -46,7 +46,9 @@ func run(path string) error {
 		return err
 	}
 	if err := node.Start(); err != nil {
-		_ = node.Shutdown(context.Background())
+		if node.Store.Failed() == nil { // else no Shutdown: see below
+			_ = node.Shutdown(context.Background())
+		}
 		return err
 	}
 	printBanner(node)

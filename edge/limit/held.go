@@ -290,8 +290,7 @@ func (h *Held) send(ops []heldOp, timeout time.Duration) (int, error) {
 		if err == nil {
 			continue
 		}
-		if re, ok := rueidis.IsRedisErr(err); ok && !re.IsLoading() && !re.IsTryAgain() && !re.IsClusterDown() &&
-			!strings.HasPrefix(re.Error(), "BUSY") && !strings.HasPrefix(re.Error(), "MASTERDOWN") && !strings.HasPrefix(re.Error(), "READONLY") {
+		if re, ok := rueidis.IsRedisErr(err); ok && !transient(re) {
 			// Redis ran it and refused (a key of another type, say): the
 			// same again would be refused too — left to its deadline.
 			h.leftToDeadline(err, 1)
@@ -300,6 +299,23 @@ func (h *Held) send(ops []heldOp, timeout time.Duration) (int, error) {
 		return i, err
 	}
 	return -1, nil
+}
+
+// transient reports whether Redis refused an op for now only: loading, busy,
+// a failover or a read-only replica, out of memory or unable to persist, a
+// script cache flushed — made again, it may pass. (On Redis 6 an error
+// inside a script comes back as "ERR Error running script…": by content.)
+func transient(re *rueidis.RedisError) bool {
+	if re.IsLoading() || re.IsTryAgain() || re.IsClusterDown() || re.IsNoScript() {
+		return true
+	}
+	msg := re.Error()
+	for _, s := range []string{"BUSY", "MASTERDOWN", "READONLY", "OOM", "MISCONF", "NOREPLICAS"} {
+		if strings.Contains(msg, s) {
+			return true
+		}
+	}
+	return false
 }
 
 // Held reports how many items key holds now (tests, diagnostics).

@@ -46,8 +46,15 @@ func New(rate int, per time.Duration, burst int, now func() time.Time) *Keyed {
 
 // Allow reports whether one more event for key is allowed now, and records it.
 func (k *Keyed) Allow(key uint64) bool {
+	ok, _ := k.allow(key)
+	return ok
+}
+
+// allow is Allow, and the key's theoretical arrival time the event recorded
+// (for undo).
+func (k *Keyed) allow(key uint64) (bool, int64) {
 	if k == nil {
-		return true
+		return true, 0
 	}
 	now := k.now().UnixNano()
 	s := &k.shards[key%shards]
@@ -58,26 +65,32 @@ func (k *Keyed) Allow(key uint64) bool {
 		tat = now
 	}
 	if tat-now > int64(k.burst) {
-		return false
+		return false, 0
 	}
 	if !ok && len(s.tat) >= k.maxKeys/shards {
 		s.sweep(now)
 	}
 	s.tat[key] = tat + int64(k.interval)
-	return true
+	return true, tat + int64(k.interval)
 }
 
-// Undo gives back one event Allow recorded for key: its caller did not go
-// through with it (a check after Allow could not be made).
-func (k *Keyed) Undo(key uint64) {
+// undo gives back the event allow recorded for key as recorded (its
+// caller did not go through with it): what is left of it now, at most one
+// interval — an event that has already drained gives nothing back, so a
+// later event of the key is never undone with it.
+func (k *Keyed) undo(key uint64, recorded int64) {
 	if k == nil {
+		return
+	}
+	left := min(int64(k.interval), recorded-k.now().UnixNano())
+	if left <= 0 {
 		return
 	}
 	s := &k.shards[key%shards]
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if tat, ok := s.tat[key]; ok {
-		s.tat[key] = tat - int64(k.interval)
+		s.tat[key] = tat - left
 	}
 }
 

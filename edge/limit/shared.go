@@ -89,12 +89,13 @@ var errUnchecked = proto.Errorf(proto.CodeInternal, "could not check a rate limi
 // rate. A refusal across the cluster keeps the local event (it throttles a
 // flood before it reaches Redis).
 func Both(local *Keyed, shared *Shared, key uint64, refused *proto.Error, log *slog.Logger) *proto.Error {
-	if !local.Allow(key) {
+	ok, recorded := local.allow(key)
+	if !ok {
 		return refused
 	}
 	perr := shared.Check(key, refused, log)
 	if perr != nil && perr != refused {
-		local.Undo(key)
+		local.undo(key, recorded)
 	}
 	return perr
 }

@@ -55,7 +55,7 @@ func TestSharedCountsAcrossNodes(t *testing.T) {
 
 // Both: a Redis that does not answer is "retry" and gives the local event
 // back (an outage spends none of a user's rate); refusals by either keep
-// it; Undo gives back exactly one event.
+// it; undo gives back exactly one event, and nothing of one that drained.
 func TestBothGivesBackTheLocalEventWhenRedisDoesNotAnswer(t *testing.T) {
 	srv := redistest.Start(t)
 	shared := NewShared(srv.Client(t), "test", 1, time.Hour, 1) // one an hour
@@ -82,8 +82,22 @@ func TestBothGivesBackTheLocalEventWhenRedisDoesNotAnswer(t *testing.T) {
 	if !local.Allow(2) || !local.Allow(2) || local.Allow(2) {
 		t.Fatal("the attempts during the outage spent user 2's local rate")
 	}
-	local.Undo(2)
-	if !local.Allow(2) || local.Allow(2) {
-		t.Fatal("Undo gave back other than one event")
+	_, rec := local.allow(3)
+	local.allow(3)
+	local.undo(3, rec)
+	if !local.Allow(3) || local.Allow(3) {
+		t.Fatal("undo gave back other than one event")
+	}
+	// An event that drained gives nothing back: a later one is not undone.
+	clock := time.Unix(1000, 0)
+	fast := New(10, time.Second, 1, func() time.Time { return clock }) // 100 ms apart
+	_, old := fast.allow(4)
+	clock = clock.Add(time.Second) // drained
+	if !fast.Allow(4) {
+		t.Fatal("refused after a second")
+	}
+	fast.undo(4, old)
+	if fast.Allow(4) {
+		t.Fatal("undoing a drained event gave back a later one")
 	}
 }

@@ -296,16 +296,17 @@ func (s *Service) Invite(inviter, a, b int64, d time.Duration) (Invitation, erro
 	if !s.isOpen(a) || !s.isOpen(b) {
 		return Invitation{}, proto.Errorf(proto.CodeNotFound, "room not found or closed")
 	}
-	if !s.inviteRate.Allow(uint64(inviter)) {
-		return Invitation{}, errInviteRate
-	}
+	var shared *limit.Shared // in a cluster, the rate across the nodes too
 	if s.sh != nil {
 		if s.isClosed() {
 			return Invitation{}, proto.Errorf(proto.CodeInternal, "shutting down")
 		}
-		if perr := s.sh.invites.Check(uint64(inviter), errInviteRate, s.log); perr != nil {
-			return Invitation{}, perr
-		}
+		shared = s.sh.invites
+	}
+	if perr := limit.Both(s.inviteRate, shared, uint64(inviter), errInviteRate, s.log); perr != nil {
+		return Invitation{}, perr
+	}
+	if s.sh != nil {
 		return s.inviteShared(inviter, a, b, d)
 	}
 	s.mu.Lock()

@@ -155,11 +155,11 @@ func (s *Service) CloseExpired() int {
 		stuck = append(stuck, id)
 	}
 	s.pendMu.Unlock()
-	var closed []*Order
+	var closed []int64
 	for _, id := range due {
 		o, err := s.close(id, 0, "unpaid timeout", true)
 		if err == nil && o.Status == StatusCancelled {
-			closed = append(closed, o)
+			closed = append(closed, id)
 		} else if err != nil && proto.AsError(err).Code != proto.CodeOrderState {
 			s.cfg.Log.Error("ticket: close expired order", "order", id, "err", err)
 		}
@@ -170,11 +170,22 @@ func (s *Service) CloseExpired() int {
 	s.settleOwed()
 	// Their buyers are told now, their coupons back (unless the coupon
 	// store failed: then at a later sweep): one ordering again at once can
-	// use the coupon.
-	for _, o := range closed {
-		s.push(o)
+	// use the coupon. Each order as it is now, under its lock: a payment
+	// that landed meanwhile made it REFUNDED and pushed that — an older
+	// CANCELLED must not follow it.
+	for _, id := range closed {
+		s.pushIfCancelled(id)
 	}
 	return len(closed)
+}
+
+// pushIfCancelled pushes order id's status to its buyer if it is still
+// CANCELLED.
+func (s *Service) pushIfCancelled(id int64) {
+	defer s.orders.Lock(id)()
+	if o, err := s.load1(id); err == nil && o.Status == StatusCancelled {
+		s.push(o)
+	}
 }
 
 // settleOwed gives back the coupons closed orders still hold (at start and
