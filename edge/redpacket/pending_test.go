@@ -9,8 +9,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/liveedge/liveedge/edge/limit"
 	"github.com/liveedge/liveedge/gateway/proto"
 	"github.com/liveedge/liveedge/persist"
+	"github.com/liveedge/liveedge/persist/redistest"
 	"github.com/liveedge/liveedge/router"
 )
 
@@ -70,17 +72,24 @@ func newPendingNode(t *testing.T) *pendingNode {
 }
 
 // start (re)starts the service with w as its wallet.
-func (n *pendingNode) start(t *testing.T, w persist.Wallet) {
+func (n *pendingNode) start(t *testing.T, w persist.Wallet) { n.startWith(t, w, nil) }
+
+// startWith is start with the config changed by edit (nil: none).
+func (n *pendingNode) startWith(t *testing.T, w persist.Wallet, edit func(*Config)) {
 	t.Helper()
 	if n.svc != nil {
 		n.svc.Close()
 	}
 	rt := router.NewLocal("n1", router.LocalConfig{})
 	rt.OpenRoom(shardRoom)
-	svc, err := New(n.st, w, rt, Config{Node: "n1", CodeTag: -1,
+	cfg := Config{Node: "n1", CodeTag: -1,
 		AnchorOf: func(int64) (int64, bool) { return shardAnchor, true },
 		InRoom:   func(room, user int64) bool { return room == shardRoom },
-	}, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	}
+	if edit != nil {
+		edit(&cfg)
+	}
+	svc, err := New(n.st, w, rt, cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -556,5 +565,27 @@ func TestCancelSettlingAPrepareFails(t *testing.T) {
 	refundDown.Store(false)
 	if fin, err := n.svc.Cancel(shardAnchor, code); err != nil || fin.State != StateFinished || fin.Refunded != 1000 || n.balance(t) != 1000 {
 		t.Fatalf("cancel again: %+v %v, balance %d", fin, err, n.balance(t))
+	}
+}
+
+// A prepare whose cluster-wide rate Redis could not check (Redis down) is
+// "retry" (50000) with nothing moved — not 10429, which told the anchor to
+// wait when it only had to retry.
+func TestPrepareRateUncheckedIsRetry(t *testing.T) {
+	srv := redistest.Start(t)
+	n := newPendingNode(t)
+	n.startWith(t, n.l, func(cfg *Config) {
+		cfg.SharedPrepares = limit.NewShared(srv.Client(t), "rpprep", 1, time.Minute, 1)
+	})
+	code := n.create(t, 100, 10)
+	srv.Stop()
+	if _, err := n.svc.Prepare(shardAnchor, code); proto.AsError(err).Code != proto.CodeInternal {
+		t.Fatalf("prepare whose rate was not checked: %v, want 50000", err)
+	}
+	if b := n.balance(t); b != 1000 {
+		t.Fatalf("anchor balance %d after the refused prepare, want 1000", b)
+	}
+	if v, err := n.svc.Get(code); err != nil || v.State != StateWait {
+		t.Fatalf("rain after the refused prepare: %+v %v, want WAIT", v, err)
 	}
 }

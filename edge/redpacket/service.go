@@ -254,16 +254,21 @@ const (
 // allow applies the prepare or start limit of anchor: the shared one in a
 // cluster (one Redis round trip; prepare and start are rare), else this
 // node's.
-func (s *Service) allow(kind string, anchor int64) bool {
+//
+// nil: allowed (recorded); 10429: too soon; Redis not answering: 50000
+// "retry" (before, 10429: an anchor told to wait who only had to retry).
+func (s *Service) allow(kind string, anchor int64) *proto.Error {
 	shared, local := s.cfg.SharedPrepares, s.prepLimit
 	if kind == "start" {
 		shared, local = s.cfg.SharedStarts, s.startLimit
 	}
 	if shared != nil {
-		ok, err := shared.Allow(uint64(anchor))
-		return ok && err == nil
+		return shared.Check(uint64(anchor), proto.ErrRateLimited, s.log)
 	}
-	return local.Allow(uint64(anchor))
+	if !local.Allow(uint64(anchor)) {
+		return proto.ErrRateLimited
+	}
+	return nil
 }
 
 func interval(d time.Duration, now func() time.Time) *limit.Keyed {
@@ -549,9 +554,11 @@ func (s *Service) prepare(anchor int64, code string, limited bool) (View, error)
 	r.busy = true
 	rec := r.rec
 	r.mu.Unlock()
-	if limited && !s.allow("prepare", anchor) { // no lock held: a Redis round trip in a cluster
-		s.idle(r)
-		return View{}, proto.ErrRateLimited
+	if limited { // no lock held: a Redis round trip in a cluster
+		if perr := s.allow("prepare", anchor); perr != nil {
+			s.idle(r)
+			return View{}, perr
+		}
 	}
 	prepared := rec
 	prepared.State, prepared.PreparedAt, prepared.Pending = StatePrepared, s.cfg.Now().UnixMilli(), ""
@@ -650,9 +657,10 @@ func (s *Service) Start(anchor int64, code string) (View, error) {
 	// a cluster each is a Redis round trip), and the limit only for a start
 	// that would happen.
 	perr = s.runInRoom(rec)
-	if perr == nil && !s.allow("start", anchor) {
-		s.roomDone(rec)
-		perr = proto.ErrRateLimited
+	if perr == nil {
+		if perr = s.allow("start", anchor); perr != nil {
+			s.roomDone(rec)
+		}
 	}
 	if perr != nil {
 		s.mu.Lock()
