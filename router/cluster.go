@@ -1198,26 +1198,7 @@ func (c *Cluster) drainOffline(user int64) {
 // cluster. Redis not answering: 0 (known false) — each node's own bound
 // still holds.
 func (c *Cluster) SessionsElsewhere(user int64) (n int, known bool) {
-	ctx, cancel := c.ctx()
-	defer cancel()
-	fields, err := c.rdb.DoCache(ctx, c.rdb.B().Hgetall().Key(connsKey(user)).Cache(), 5*time.Second).AsStrMap()
-	if err != nil {
-		return 0, false
-	}
-	alive := c.aliveBoots(ctx, fields)
-	for node, v := range fields {
-		if node == c.cfg.Node {
-			continue
-		}
-		boot, cnt, _ := strings.Cut(v, ":")
-		if alive[node] != boot {
-			c.dropStale(connsKey(user), node, v)
-			continue
-		}
-		k, _ := strconv.Atoi(cnt)
-		n += k
-	}
-	return n, true
+	return c.countElsewhere(connsKey(user))
 }
 
 // onlineElsewhere reports whether a live node other than this one holds a
@@ -1451,12 +1432,20 @@ func joinIDs(ids []int64) string {
 
 // clusterOnline is this node's members of room plus every other live node's.
 func (c *Cluster) clusterOnline(id int64) int {
-	n := c.local.Online(id)
+	n, _ := c.countElsewhere(onlineKey(id)) // Redis not answering: this node's
+	return c.local.Online(id) + n
+}
+
+// countElsewhere sums the counts of a presence hash of node →
+// "<boot>:<count>" (le:on, le:uc) over the live nodes other than this one,
+// read through the client-side cache; a dead node's field is dropped
+// (dropStale). known is false when Redis could not tell.
+func (c *Cluster) countElsewhere(key string) (n int, known bool) {
 	ctx, cancel := c.ctx()
 	defer cancel()
-	fields, err := c.rdb.DoCache(ctx, c.rdb.B().Hgetall().Key(onlineKey(id)).Cache(), 5*time.Second).AsStrMap()
+	fields, err := c.rdb.DoCache(ctx, c.rdb.B().Hgetall().Key(key).Cache(), 5*time.Second).AsStrMap()
 	if err != nil {
-		return n
+		return 0, false
 	}
 	alive := c.aliveBoots(ctx, fields)
 	for node, v := range fields {
@@ -1464,14 +1453,14 @@ func (c *Cluster) clusterOnline(id int64) int {
 			continue
 		}
 		boot, cnt, _ := strings.Cut(v, ":")
-		if alive[node] == boot {
-			k, _ := strconv.Atoi(cnt)
-			n += k
-		} else {
-			c.dropStale(onlineKey(id), node, v)
+		if alive[node] != boot {
+			c.dropStale(key, node, v)
+			continue
 		}
+		k, _ := strconv.Atoi(cnt)
+		n += k
 	}
-	return n
+	return n, true
 }
 
 // staleField is a dead node's field of a presence hash.
