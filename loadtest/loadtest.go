@@ -805,7 +805,9 @@ func chatText(pub int, seq int64, size int) string {
 }
 
 // publish chats at ChatRate through p until ctx ends (sends are not
-// overlapped: a slow reply delays the next chat, never bunches them).
+// overlapped: a slow reply delays the next chat, never bunches them —
+// afterNext — so a publisher held up by a failover does not burst into the
+// node's per-user chat rate when it comes back).
 func (r *run) publish(ctx context.Context, p *lconn, k int) {
 	every := time.Duration(float64(time.Second) / r.cfg.ChatRate)
 	next := time.Now()
@@ -820,6 +822,7 @@ func (r *run) publish(ctx context.Context, p *lconn, k int) {
 		t0 := time.Now()
 		_, err := p.c.Chat(sctx, r.room, chatText(k, seq, r.cfg.Payload))
 		cancel()
+		next = afterNext(next, time.Now())
 		if r.cfg.Trace != "" {
 			cl := chatLog{Pub: k, Seq: seq, SentMS: t0.UnixMilli(), RepMS: time.Now().UnixMilli()}
 			if err != nil {
@@ -837,6 +840,17 @@ func (r *run) publish(ctx context.Context, p *lconn, k int) {
 		r.sent.Add(1)
 		r.noteSent(chatKey{k, seq})
 	}
+}
+
+// afterNext is when the chat after one answered should go: at next, its slot
+// on the schedule, unless its reply came later than that — then at once,
+// and the schedule goes on from now (the slots missed are skipped, not
+// sent back to back).
+func afterNext(next, now time.Time) time.Time {
+	if next.Before(now) {
+		return now
+	}
+	return next
 }
 
 // kill sends SIGKILL to KillPID KillAfter into the run.
