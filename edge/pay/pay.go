@@ -156,3 +156,9 @@ func WorkerOf(orderID int64) int {
 func TimeOf(orderID int64) time.Time {
 	return time.UnixMilli(orderID>>(workerBits+seqBits+GeneBits) + idEpochMs)
 }
+
+// FirstIDAt is the lowest order id an IDGen can make at t (0 before 2026):
+// every id made at t or later is at least this.
+func FirstIDAt(t time.Time) int64 {
+	return max(t.UnixMilli()-idEpochMs, 0) << (workerBits + seqBits + GeneBits)
+}

@@ -107,6 +107,7 @@ type Service struct {
 	products map[int64]Product
 	client   *http.Client
 
+	loaded      int                // order records read at start (loadOpen)
 	createLimit *limit.Keyed       // OrdersPerMinute per user (nil = off)
 	tooMany     *proto.Error       // its refusal (10429)
 	tooManyOpen *proto.Error       // MaxOpenPerUser's refusal (10429)
@@ -171,7 +172,25 @@ var (
 	// orders whose req_id binding was confirmed (ReqClaims), by creation
 	// time: the bindings are rebuilt from them (ReqBindingsOnDisk).
 	prefixReqBound = recPrefix("reqbound/")
+	// The start-up checkpoint (loadOpen): rec/orderopen/<id> → "" for each
+	// order open when the node last started, and rec/orderstart → that
+	// start's clock and id mark (startMark). Order ids grow with time, so
+	// an order open now was either open then (listed) or made since (its
+	// id at or above the mark): a start reads those, not every order ever.
+	prefixOrderOpen = recPrefix("orderopen/")
+	orderStartKey   = recPrefix("orderstart")
 )
+
+// startSlack: the ids of the hour before a start are read again at the next
+// one, so a clock that went back by less than that across a restart loses
+// nothing (a start whose clock is behind the last one's reads every order).
+const startSlack = time.Hour
+
+// startMark is the start-up checkpoint's record.
+type startMark struct {
+	At   int64 `json:"at"`   // the start's clock, unix ms
+	Mark int64 `json:"mark"` // FirstIDAt(At - startSlack)
+}
 
 // DefaultReconcileWorkers is the default of Config.ReconcileWorkers.
 const DefaultReconcileWorkers = 8
@@ -297,17 +316,7 @@ func New(store *persist.Store, w persist.Wallet, r router.Router, cfg Config) (*
 		s.products[p.ID] = p
 	}
 	s.SetNotifyURL(cfg.NotifyURL)
-	err := store.Scan(prefixOrder, func(k, v []byte) error {
-		var o Order
-		if err := proto.Unmarshal(v, &o); err != nil {
-			return err
-		}
-		if o.Status == StatusPaying || o.Status == StatusWaitingPay {
-			s.addOpen(int64(persist.KeyID(k)), o, o.Biz == "" || o.Biz == BizCoins)
-		}
-		return nil
-	})
-	if err != nil {
+	if err := s.loadOpen(); err != nil {
 		return nil, err
 	}
 	s.wg.Add(1)
@@ -324,6 +333,85 @@ func New(store *persist.Store, w persist.Wallet, r router.Router, cfg Config) (*
 		go s.keeper(ids)
 	}
 	return s, nil
+}
+
+// loadOpen loads the open orders (WAITING_PAY, PAYING) from the store: those
+// the last start's checkpoint lists and every order made since (ids from its
+// mark on) — or every order, when there is no checkpoint (a store of an
+// older version) or the clock is behind the last start's — then writes this
+// start's checkpoint. So a start reads the orders open then and those made
+// since, not the whole history. s.loaded counts the order records read.
+func (s *Service) loadOpen() error {
+	now := s.cfg.Now()
+	load := func(id int64, v []byte) error {
+		s.loaded++
+		var o Order
+		if err := proto.Unmarshal(v, &o); err != nil {
+			return fmt.Errorf("pay: order %d: %w", id, err)
+		}
+		if o.Status == StatusPaying || o.Status == StatusWaitingPay {
+			s.addOpen(id, o, o.Biz == "" || o.Biz == BizCoins)
+		}
+		return nil
+	}
+	var last startMark
+	v, err := s.store.Get(orderStartKey)
+	switch {
+	case errors.Is(err, persist.ErrNotFound):
+	case err != nil:
+		return err
+	default:
+		if err := proto.Unmarshal(v, &last); err != nil {
+			return fmt.Errorf("pay: start checkpoint: %w", err)
+		}
+	}
+	if last.At == 0 || now.UnixMilli() < last.At {
+		if last.At != 0 {
+			s.cfg.Log.Warn("pay: the clock is behind the last start's: reading every order", "last_start", time.UnixMilli(last.At))
+		}
+		err = s.store.Scan(prefixOrder, func(k, v []byte) error { return load(int64(persist.KeyID(k)), v) })
+	} else {
+		err = s.store.Scan(prefixOrderOpen, func(k, _ []byte) error {
+			id := int64(persist.KeyID(k))
+			if id >= last.Mark {
+				return nil // read with those made since, below
+			}
+			v, err := s.store.Get(orderKey(id))
+			if errors.Is(err, persist.ErrNotFound) {
+				return nil
+			}
+			if err != nil {
+				return err
+			}
+			return load(id, v)
+		})
+		if err == nil {
+			err = s.store.ScanRange(orderKey(last.Mark), persist.PrefixEnd(prefixOrder), func(k, v []byte) (bool, error) {
+				return true, load(int64(persist.KeyID(k)), v)
+			})
+		}
+	}
+	if err != nil {
+		return err
+	}
+	// This start's checkpoint, in one synced batch: no order is made before
+	// it is written (New has not returned), and until then the last one
+	// stays true.
+	cur, _ := proto.Marshal(startMark{At: now.UnixMilli(), Mark: FirstIDAt(now.Add(-startSlack))})
+	s.openMu.Lock()
+	open := slices.Collect(maps.Keys(s.open))
+	s.openMu.Unlock()
+	return s.store.Apply(func(b *persist.Batch) error {
+		if err := b.DeleteRange(prefixOrderOpen, persist.PrefixEnd(prefixOrderOpen), nil); err != nil {
+			return err
+		}
+		for _, id := range open {
+			if err := b.Set(persist.Key(prefixOrderOpen, uint64(id)), nil, nil); err != nil {
+				return err
+			}
+		}
+		return b.Set(orderStartKey, cur, nil)
+	})
 }
 
 // KeepOpenPlaces keeps the places (Config.SharedOpen) of this node's counted

@@ -1,0 +1,145 @@
+package pay
+
+import (
+	"slices"
+	"strconv"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/liveedge/liveedge/gateway/proto"
+	"github.com/liveedge/liveedge/persist/persisttest"
+	"github.com/liveedge/liveedge/router"
+)
+
+// A start reads the orders open at the last start and those made since,
+// not every order ever made (the start-up checkpoint); without a checkpoint
+// (a store of an older version) or with a clock behind the last start's, it
+// reads them all. Every open order is found either way, and stays payable.
+func TestStartReadsOpenOrdersAndThoseMadeSince(t *testing.T) {
+	st, led := persisttest.OpenLedger(t)
+	const secret = "startup-internal-secret-0123456789abcdef"
+	t0 := time.Now()
+	var offset atomic.Int64
+	clock := func() time.Time { return t0.Add(time.Duration(offset.Load())) }
+	at := func(d time.Duration) { offset.Store(int64(d)) }
+	start := func() *Service {
+		t.Helper()
+		s, err := New(st, led, router.NewLocal("a", router.LocalConfig{}), Config{Node: "a", Secrets: []string{secret},
+			ReconcileEvery: time.Hour, Now: clock})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return s
+	}
+	openIDs := func(s *Service) []int64 {
+		s.openMu.Lock()
+		defer s.openMu.Unlock()
+		ids := make([]int64, 0, len(s.open))
+		for id := range s.open {
+			ids = append(ids, id)
+		}
+		slices.Sort(ids)
+		return ids
+	}
+	pay := func(s *Service, o Order) {
+		t.Helper()
+		body, _ := proto.Marshal(Event{EventID: "ev-" + o.OrderID, OrderID: o.OrderID, Amount: o.Amount, Status: "SUCCESS", PaidAt: clock().UnixMilli()})
+		if code, msg := s.Notify("mock", Sign(secret, clock(), body), body); code != NotifyOK {
+			t.Fatalf("notify %s: %d %s", o.OrderID, code, msg)
+		}
+	}
+	id := func(o Order) int64 { n, _ := strconv.ParseInt(o.OrderID, 10, 64); return n }
+	check := func(s *Service, loaded int, open []int64) {
+		t.Helper()
+		slices.Sort(open)
+		if s.loaded != loaded || !slices.Equal(openIDs(s), open) {
+			t.Fatalf("start read %d orders and found open %v, want %d and %v", s.loaded, openIDs(s), loaded, open)
+		}
+	}
+
+	// 30 orders, 27 paid.
+	s := start()
+	var orders []Order
+	for u := int64(1); u <= 30; u++ {
+		o, err := s.CreateOrder(u, CreateReq{ProductID: 1, Channel: "mock", ReqID: "r" + strconv.FormatInt(u, 10)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		orders = append(orders, o)
+	}
+	for _, o := range orders[3:] {
+		pay(s, o)
+	}
+	s.Close()
+	open := []int64{id(orders[0]), id(orders[1]), id(orders[2])}
+
+	// Three hours later: the first start's checkpoint lists nothing, and
+	// every order was made since (within its hour of slack).
+	at(3 * time.Hour)
+	s = start()
+	check(s, 30, open)
+	s.Close()
+
+	// An hour later: only the three open then are read.
+	at(4 * time.Hour)
+	s = start()
+	check(s, 3, open)
+	pay(s, orders[0])
+	var made []Order
+	for u := int64(41); u <= 42; u++ {
+		o, err := s.CreateOrder(u, CreateReq{ProductID: 1, Channel: "mock", ReqID: "n"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		made = append(made, o)
+	}
+	s.Close()
+	open = []int64{id(orders[1]), id(orders[2]), id(made[0]), id(made[1])}
+
+	// A minute later: the three listed (one paid since) and the two made since.
+	at(4*time.Hour + time.Minute)
+	s = start()
+	check(s, 5, open)
+	pay(s, orders[1]) // still payable: loaded from the checkpoint's list
+	s.Close()
+	open = open[1:]
+
+	// A clock behind the last start's: every order is read.
+	at(2 * time.Hour)
+	s = start()
+	check(s, 32, open)
+	s.Close()
+
+	// No checkpoint (a store written by an older version): every order.
+	at(5 * time.Hour)
+	if err := st.Delete(orderStartKey); err != nil {
+		t.Fatal(err)
+	}
+	s = start()
+	check(s, 32, open)
+	s.Close()
+	// The next start reads the three open: one listed, two (made at 4 h)
+	// within the hour before the last start, read again as made since.
+	at(6 * time.Hour)
+	s = start()
+	check(s, 3, open)
+	s.Close()
+	// And after a quiet day, only the three listed.
+	at(30 * time.Hour)
+	s = start()
+	check(s, 3, open)
+	for _, o := range []Order{orders[2], made[0], made[1]} {
+		pay(s, o)
+	}
+	s.Close()
+	at(31 * time.Hour)
+	s = start()
+	check(s, 3, nil) // listed at the last start, all paid since
+	s.Close()
+	at(32 * time.Hour)
+	s = start()
+	check(s, 0, nil)
+	s.Close()
+	persisttest.CheckConservation(t, led)
+}
