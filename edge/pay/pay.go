@@ -143,6 +143,16 @@ func (g *IDGen) Next(user int64) int64 {
 	return ms<<(workerBits+seqBits+GeneBits) | g.worker<<(seqBits+GeneBits) | g.seq<<GeneBits | user&(1<<GeneBits-1)
 }
 
+// notBelow makes every later id greater than id, whatever the clock says:
+// as if the last id made had been the last of id's millisecond.
+func (g *IDGen) notBelow(id int64) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if ms := id >> (workerBits + seqBits + GeneBits); ms >= g.lastMs {
+		g.lastMs, g.seq = ms, 1<<seqBits-1
+	}
+}
+
 // Shard is the routing shard of an order id (= user_id mod 2^GeneBits).
 func Shard(orderID int64) int64 { return orderID & (1<<GeneBits - 1) }
 

@@ -182,8 +182,10 @@ var (
 )
 
 // startSlack: the ids of the hour before a start are read again at the next
-// one, so a clock that went back by less than that across a restart loses
-// nothing (a start whose clock is behind the last one's reads every order).
+// one. The mark holds whatever the clock does: a start whose clock is behind
+// the last one's reads every order, and ids made after a start are above
+// its mark and every stored order's id (IDGen.notBelow), also when the
+// clock steps back while the node runs.
 const startSlack = time.Hour
 
 // startMark is the start-up checkpoint's record.
@@ -394,10 +396,22 @@ func (s *Service) loadOpen() error {
 	if err != nil {
 		return err
 	}
+	// Ids made from now on: above this start's mark and every stored order
+	// (a clock set back cannot bring an id below the mark, nor make an id
+	// again).
+	mark := FirstIDAt(now.Add(-startSlack))
+	s.ids.notBelow(mark)
+	err = s.store.ScanReverse(prefixOrder, persist.PrefixEnd(prefixOrder), func(k, _ []byte) (bool, error) {
+		s.ids.notBelow(int64(persist.KeyID(k)))
+		return false, nil
+	})
+	if err != nil {
+		return err
+	}
 	// This start's checkpoint, in one synced batch: no order is made before
 	// it is written (New has not returned), and until then the last one
 	// stays true.
-	cur, _ := proto.Marshal(startMark{At: now.UnixMilli(), Mark: FirstIDAt(now.Add(-startSlack))})
+	cur, _ := proto.Marshal(startMark{At: now.UnixMilli(), Mark: mark})
 	s.openMu.Lock()
 	open := slices.Collect(maps.Keys(s.open))
 	s.openMu.Unlock()

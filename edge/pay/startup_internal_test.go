@@ -19,7 +19,7 @@ import (
 func TestStartReadsOpenOrdersAndThoseMadeSince(t *testing.T) {
 	st, led := persisttest.OpenLedger(t)
 	const secret = "startup-internal-secret-0123456789abcdef"
-	t0 := time.Now()
+	t0 := time.Date(2026, 12, 1, 12, 0, 0, 0, time.UTC)
 	var offset atomic.Int64
 	clock := func() time.Time { return t0.Add(time.Duration(offset.Load())) }
 	at := func(d time.Duration) { offset.Store(int64(d)) }
@@ -140,6 +140,56 @@ func TestStartReadsOpenOrdersAndThoseMadeSince(t *testing.T) {
 	at(32 * time.Hour)
 	s = start()
 	check(s, 0, nil)
+	// The clock steps back 30 h while the node runs (before its next
+	// order): the order's id is still above this start's mark, so the next
+	// start finds it.
+	at(2 * time.Hour)
+	late, err := s.CreateOrder(50, CreateReq{ProductID: 1, Channel: "mock", ReqID: "late"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	at(33 * time.Hour)
+	s = start()
+	check(s, 1, []int64{id(late)})
 	s.Close()
 	persisttest.CheckConservation(t, led)
+}
+
+// A node restarted with its clock set back (here: to the very millisecond
+// of its last order) makes no order id again: an id made twice would write
+// the new order over the old one.
+func TestOrderIDsNeverRepeatAfterAClockSetBack(t *testing.T) {
+	st, led := persisttest.OpenLedger(t)
+	t0 := time.Date(2026, 12, 1, 12, 0, 0, 0, time.UTC)
+	start := func() *Service {
+		t.Helper()
+		s, err := New(st, led, router.NewLocal("a", router.LocalConfig{}), Config{Node: "a",
+			Secrets: []string{"startup-internal-secret-0123456789abcdef"}, ReconcileEvery: time.Hour,
+			Now: func() time.Time { return t0 }})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return s
+	}
+	s := start()
+	first, err := s.CreateOrder(7, CreateReq{ProductID: 1, Channel: "mock", ReqID: "first"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	s = start()
+	defer s.Close()
+	second, err := s.CreateOrder(7, CreateReq{ProductID: 2, Channel: "mock", ReqID: "second"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, _ := strconv.ParseInt(first.OrderID, 10, 64)
+	b, _ := strconv.ParseInt(second.OrderID, 10, 64)
+	if b <= a {
+		t.Fatalf("order id %d made after %d, same clock: want a greater one", b, a)
+	}
+	if got, err := s.Get(a); err != nil || got.ReqID != "first" {
+		t.Fatalf("the first order reads %+v, %v", got, err)
+	}
 }
