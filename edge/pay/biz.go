@@ -67,6 +67,12 @@ func (s *Service) NewOrderID(user int64) (int64, error) {
 	return s.ids.Next(user), nil
 }
 
+// OrderIDsAbove makes every id NewOrderID (and CreateOrder) makes from now on
+// greater than id: a business whose orders are stored apart from the pay
+// orders (tickets paid with coins have none) names its highest at start, so
+// a clock set back across a restart cannot make one of its ids again.
+func (s *Service) OrderIDsAbove(id int64) { s.ids.notBelow(id) }
+
 // BizOrderReq is a business's request for a provider payment.
 type BizOrderReq struct {
 	ID        int64 // from NewOrderID: the business order and the pay order share it

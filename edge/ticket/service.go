@@ -59,6 +59,7 @@ const (
 // orders, whose paid events come back through Service.Paid.
 type Payments interface {
 	NewOrderID(user int64) (int64, error)
+	OrderIDsAbove(id int64)
 	CreateBizOrder(r pay.BizOrderReq, extra ...persist.Record) (pay.Order, error)
 	CloseBizOrder(id int64, why string) error
 	Get(id int64) (pay.Order, error)
@@ -207,11 +208,13 @@ func (s *Service) load() error {
 		return err
 	}
 	var interrupted []*Order
+	var last int64
 	err = s.store.Scan(prefixOrder, func(_, v []byte) error {
 		o, err := decodeOrder(v)
 		if err != nil {
 			return err
 		}
+		last = max(last, o.id)
 		var st uint8
 		switch o.Status {
 		case StatusPendingPay:
@@ -239,6 +242,9 @@ func (s *Service) load() error {
 	if err != nil {
 		return err
 	}
+	// No order id is made again, whatever the clock did since (an order
+	// paid with coins has no pay order to keep its id).
+	s.pay.OrderIDsAbove(last)
 	for _, o := range interrupted {
 		if err := s.recoverSaga(o.id); err != nil {
 			s.cfg.Log.Error("ticket: interrupted saga not settled, the sweep retries", "order", o.OrderID, "err", err)

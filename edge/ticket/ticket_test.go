@@ -838,3 +838,31 @@ func (p *pushHook) Send(f *router.Frame) bool {
 	}
 	return true
 }
+
+// A node restarted with its clock set back makes no ticket order id again,
+// nor one below those it made: an order paid with coins has no pay order,
+// so the ticket service names its highest to the pay centre at start.
+func TestOrderIDsAboveEveryStoredAfterAClockSetBack(t *testing.T) {
+	e := newEnv(t, Config{})
+	prog := e.program([]CategoryDef{{ID: 1, Name: "A", Price: 10, Rows: 1, Cols: 4}}, 2, 4)
+	e.credit(7, 100)
+	first, err := e.svc.Place(7, PlaceReq{ProgramID: prog, CategoryID: 1, Count: 1, ReqID: "first", Pay: PayCoins})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.clock.advance(-3 * time.Hour)
+	e.reopen()
+	second, err := e.svc.Place(7, PlaceReq{ProgramID: prog, CategoryID: 1, Count: 1, ReqID: "second", Pay: PayCoins})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, _ := strconv.ParseInt(first.OrderID, 10, 64)
+	b, _ := strconv.ParseInt(second.OrderID, 10, 64)
+	if b <= a {
+		t.Fatalf("ticket order %d made after %d (the clock set back 3 h): want a greater id", b, a)
+	}
+	if got := e.order(first.OrderID); got.Status != StatusPaid || got.ReqID != "first" {
+		t.Fatalf("the first order reads %+v", got)
+	}
+	e.conservation()
+}
