@@ -50,6 +50,14 @@ func TestStartReadsOpenOrdersAndThoseMadeSince(t *testing.T) {
 		}
 	}
 	id := func(o Order) int64 { n, _ := strconv.ParseInt(o.OrderID, 10, 64); return n }
+	create := func(s *Service, user int64, req string) Order {
+		t.Helper()
+		o, err := s.CreateOrder(user, CreateReq{ProductID: 1, Channel: "mock", ReqID: req})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return o
+	}
 	check := func(s *Service, loaded int, open []int64) {
 		t.Helper()
 		slices.Sort(open)
@@ -57,16 +65,20 @@ func TestStartReadsOpenOrdersAndThoseMadeSince(t *testing.T) {
 			t.Fatalf("start read %d orders and found open %v, want %d and %v", s.loaded, openIDs(s), loaded, open)
 		}
 	}
+	// restartAt starts the service at d after t0 and checks what it read.
+	restartAt := func(d time.Duration, loaded int, open []int64) *Service {
+		t.Helper()
+		at(d)
+		s := start()
+		check(s, loaded, open)
+		return s
+	}
 
 	// 30 orders, 27 paid.
 	s := start()
 	var orders []Order
 	for u := int64(1); u <= 30; u++ {
-		o, err := s.CreateOrder(u, CreateReq{ProductID: 1, Channel: "mock", ReqID: "r" + strconv.FormatInt(u, 10)})
-		if err != nil {
-			t.Fatal(err)
-		}
-		orders = append(orders, o)
+		orders = append(orders, create(s, u, "r"+strconv.FormatInt(u, 10)))
 	}
 	for _, o := range orders[3:] {
 		pay(s, o)
@@ -76,39 +88,24 @@ func TestStartReadsOpenOrdersAndThoseMadeSince(t *testing.T) {
 
 	// Three hours later: the first start's checkpoint lists nothing, and
 	// every order was made since (within its hour of slack).
-	at(3 * time.Hour)
-	s = start()
-	check(s, 30, open)
+	s = restartAt(3*time.Hour, 30, open)
 	s.Close()
 
 	// An hour later: only the three open then are read.
-	at(4 * time.Hour)
-	s = start()
-	check(s, 3, open)
+	s = restartAt(4*time.Hour, 3, open)
 	pay(s, orders[0])
-	var made []Order
-	for u := int64(41); u <= 42; u++ {
-		o, err := s.CreateOrder(u, CreateReq{ProductID: 1, Channel: "mock", ReqID: "n"})
-		if err != nil {
-			t.Fatal(err)
-		}
-		made = append(made, o)
-	}
+	made := []Order{create(s, 41, "n"), create(s, 42, "n")}
 	s.Close()
 	open = []int64{id(orders[1]), id(orders[2]), id(made[0]), id(made[1])}
 
 	// A minute later: the three listed (one paid since) and the two made since.
-	at(4*time.Hour + time.Minute)
-	s = start()
-	check(s, 5, open)
+	s = restartAt(4*time.Hour+time.Minute, 5, open)
 	pay(s, orders[1]) // still payable: loaded from the checkpoint's list
 	s.Close()
 	open = open[1:]
 
 	// A clock behind the last start's: every order is read.
-	at(2 * time.Hour)
-	s = start()
-	check(s, 32, open)
+	s = restartAt(2*time.Hour, 32, open)
 	s.Close()
 
 	// No checkpoint (a store written by an older version): every order.
@@ -121,37 +118,24 @@ func TestStartReadsOpenOrdersAndThoseMadeSince(t *testing.T) {
 	s.Close()
 	// The next start reads the three open: one listed, two (made at 4 h)
 	// within the hour before the last start, read again as made since.
-	at(6 * time.Hour)
-	s = start()
-	check(s, 3, open)
+	s = restartAt(6*time.Hour, 3, open)
 	s.Close()
 	// And after a quiet day, only the three listed.
-	at(30 * time.Hour)
-	s = start()
-	check(s, 3, open)
+	s = restartAt(30*time.Hour, 3, open)
 	for _, o := range []Order{orders[2], made[0], made[1]} {
 		pay(s, o)
 	}
 	s.Close()
-	at(31 * time.Hour)
-	s = start()
-	check(s, 3, nil) // listed at the last start, all paid since
+	s = restartAt(31*time.Hour, 3, nil) // listed at the last start, all paid since
 	s.Close()
-	at(32 * time.Hour)
-	s = start()
-	check(s, 0, nil)
+	s = restartAt(32*time.Hour, 0, nil)
 	// The clock steps back 30 h while the node runs (before its next
 	// order): the order's id is still above this start's mark, so the next
 	// start finds it.
 	at(2 * time.Hour)
-	late, err := s.CreateOrder(50, CreateReq{ProductID: 1, Channel: "mock", ReqID: "late"})
-	if err != nil {
-		t.Fatal(err)
-	}
+	late := create(s, 50, "late")
 	s.Close()
-	at(33 * time.Hour)
-	s = start()
-	check(s, 1, []int64{id(late)})
+	s = restartAt(33*time.Hour, 1, []int64{id(late)})
 	s.Close()
 	persisttest.CheckConservation(t, led)
 }
