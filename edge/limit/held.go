@@ -2,6 +2,8 @@ package limit
 
 import (
 	"context"
+	"crypto/sha1"
+	"encoding/hex"
 	"log/slog"
 	"strconv"
 	"strings"
@@ -83,14 +85,20 @@ return 1`)
 // already; one held already keeps its deadline). One script for both, so a
 // batch's ops are made in their queue order (a keep never undoes a later
 // drop of the same item).
-var opScript = rueidis.NewLuaScript(`
+//
+// A batch is sent as EVALSHA commands in one round trip; the script is
+// loaded (SCRIPT LOAD on every node) only when Redis answers NOSCRIPT — its
+// first use, or after a restart or SCRIPT FLUSH — not before every batch.
+const opScript = `
 local ttl = tonumber(ARGV[2])
 if ttl == 0 then return redis.call('ZREM', KEYS[1], ARGV[1]) end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZADD', KEYS[1], 'NX', now + ttl, ARGV[1])
 if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
-return 1`)
+return 1`
+
+var opSHA = func() string { h := sha1.Sum([]byte(opScript)); return hex.EncodeToString(h[:]) }()
 
 func (h *Held) key(key uint64) string {
 	return "le:held:" + h.name + ":{" + strconv.FormatUint(key, 10) + "}"
@@ -281,11 +289,41 @@ func (h *Held) drain() {
 func (h *Held) send(ops []heldOp, timeout time.Duration) (int, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), max(timeout, time.Millisecond))
 	defer cancel()
-	execs := make([]rueidis.LuaExec, len(ops))
-	for i, op := range ops {
-		execs[i] = rueidis.LuaExec{Keys: []string{h.key(op.key)}, Args: []string{op.item, strconv.FormatInt(op.ttl, 10)}}
+	from := 0
+	for loaded := false; ; loaded = true {
+		failed, err := h.sendFrom(ctx, ops, from)
+		if re, ok := rueidis.IsRedisErr(err); !ok || !re.IsNoScript() || loaded {
+			return failed, err
+		}
+		// Not made from failed on (the script unknown there): load it and
+		// go on from that op, in order.
+		if err := h.loadScript(ctx); err != nil {
+			return failed, err
+		}
+		from = failed
 	}
-	for i, r := range opScript.ExecMulti(ctx, h.rdb, execs...) {
+}
+
+// loadScript loads opScript on every node of the client.
+func (h *Held) loadScript(ctx context.Context) error {
+	for _, n := range h.rdb.Nodes() {
+		if err := n.Do(ctx, n.B().ScriptLoad().Script(opScript).Build()).Error(); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// sendFrom is send of ops[from:] in one round trip of EVALSHA commands; the
+// index it returns counts from the start of ops.
+func (h *Held) sendFrom(ctx context.Context, ops []heldOp, from int) (int, error) {
+	cmds := make(rueidis.Commands, 0, len(ops)-from)
+	for _, op := range ops[from:] {
+		cmds = append(cmds, h.rdb.B().Evalsha().Sha1(opSHA).Numkeys(1).Key(h.key(op.key)).
+			Arg(op.item, strconv.FormatInt(op.ttl, 10)).Build())
+	}
+	for i, r := range h.rdb.DoMulti(ctx, cmds...) {
+		i += from
 		err := r.Error()
 		if err == nil {
 			continue

@@ -1,8 +1,11 @@
 package limit
 
 import (
+	"context"
 	"io"
 	"log/slog"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -154,5 +157,52 @@ func TestHeldCheckDropsATakeWhoseReplyWasLost(t *testing.T) {
 		if time.Now().After(deadline) {
 			t.Fatal("the place of a take whose reply was lost still counts 15 s on")
 		}
+	}
+}
+
+// Batches go as EVALSHA in one round trip each: the script is loaded once
+// (Redis answered NOSCRIPT), not before every batch, and again only after
+// Redis lost it (SCRIPT FLUSH: the ops are still made, in order).
+func TestHeldLoadsItsScriptOnlyWhenRedisLacksIt(t *testing.T) {
+	srv := redistest.Start(t)
+	rdb := srv.Client(t)
+	h := NewHeld(srv.Client(t), "test", 5, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	t.Cleanup(h.Close)
+	loads := func() int {
+		t.Helper()
+		info, err := rdb.Do(context.Background(), rdb.B().Info().Section("commandstats").Build()).ToString()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, line := range strings.Split(info, "\n") {
+			if rest, ok := strings.CutPrefix(strings.TrimSpace(line), "cmdstat_script|load:calls="); ok {
+				n, _ := strconv.Atoi(rest[:strings.IndexByte(rest, ',')])
+				return n
+			}
+		}
+		return 0
+	}
+	items := []string{"1", "2", "3", "4", "5"}
+	for _, item := range items {
+		if ok, err := h.Take(7, item, time.Minute); !ok || err != nil {
+			t.Fatalf("take %s: %v %v", item, ok, err)
+		}
+	}
+	for i, item := range items { // a batch each
+		h.Drop(7, item)
+		waitHeld(t, h, 7, len(items)-i-1)
+	}
+	if n := loads(); n != 1 {
+		t.Fatalf("SCRIPT LOAD %d times for %d batches, want once", n, len(items))
+	}
+	if err := rdb.Do(context.Background(), rdb.B().ScriptFlush().Build()).Error(); err != nil {
+		t.Fatal(err)
+	}
+	h.TryKeep(7, "a", time.Minute)
+	h.TryKeep(7, "b", time.Minute)
+	h.Drop(7, "a")
+	waitHeld(t, h, 7, 1)
+	if n := loads(); n != 2 {
+		t.Fatalf("SCRIPT LOAD %d times, want 2 (once more after the flush)", n)
 	}
 }
