@@ -295,23 +295,22 @@ func (h *Held) send(ops []heldOp, timeout time.Duration) (int, error) {
 		if re, ok := rueidis.IsRedisErr(err); !ok || !re.IsNoScript() || loaded {
 			return failed, err
 		}
-		// Not made from failed on (the script unknown there): load it and
-		// go on from that op, in order.
-		if err := h.loadScript(ctx); err != nil {
-			return failed, err
-		}
+		// The op at failed was not made (the script unknown on its node;
+		// in a cluster, later ops on other nodes may have been): load the
+		// script and send again from that op, in order — making an op twice
+		// changes nothing.
+		h.loadScript(ctx)
 		from = failed
 	}
 }
 
-// loadScript loads opScript on every node of the client.
-func (h *Held) loadScript(ctx context.Context) error {
+// loadScript loads opScript on every node of the client it can reach; a node
+// it cannot is left to the resend (its NOSCRIPT is "retry" then): one dead
+// replica must not keep the script from the others.
+func (h *Held) loadScript(ctx context.Context) {
 	for _, n := range h.rdb.Nodes() {
-		if err := n.Do(ctx, n.B().ScriptLoad().Script(opScript).Build()).Error(); err != nil {
-			return err
-		}
+		_ = n.Do(ctx, n.B().ScriptLoad().Script(opScript).Build().ToRetryable()).Error()
 	}
-	return nil
 }
 
 // sendFrom is send of ops[from:] in one round trip of EVALSHA commands; the
