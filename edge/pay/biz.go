@@ -139,7 +139,7 @@ func (s *Service) CloseBizOrder(id int64, why string) error {
 		}
 		return err
 	}
-	if o.Status != StatusPaying && o.Status != StatusWaitingPay {
+	if !OpenStatus(o.Status) {
 		return nil
 	}
 	return s.moveLocked(&o, id, StatusInvalid, why, nil)

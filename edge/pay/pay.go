@@ -39,6 +39,10 @@ var allowed = map[string][]string{
 	StatusInvalid:    {StatusPayBack, StatusPayed}, // PAYED: a business order whose business took the payment (ErrBizPaid)
 }
 
+// OpenStatus reports whether an order in status is open: not paid or closed
+// yet (WAITING_PAY, PAYING).
+func OpenStatus(status string) bool { return status == StatusWaitingPay || status == StatusPaying }
+
 // CanMove reports whether from → to is a legal transition.
 func CanMove(from, to string) bool {
 	for _, s := range allowed[from] {
@@ -88,6 +92,10 @@ type Order struct {
 	ExpiresAt int64  `json:"expires_at,omitempty"` // business orders: closed unpaid after this (unix ms)
 	Note      string `json:"note,omitempty"`
 }
+
+// coins reports whether o buys coins (a recharge; Biz "" on orders stored
+// before businesses existed), not a business's goods.
+func (o *Order) coins() bool { return o.Biz == "" || o.Biz == BizCoins }
 
 // GeneBits is k of the gene method: the low k bits of an order id are
 // user_id mod 2^k, so an order is routed by its user or by its id alike

@@ -351,8 +351,8 @@ func (s *Service) loadOpen() error {
 		if err := proto.Unmarshal(v, &o); err != nil {
 			return fmt.Errorf("pay: order %d: %w", id, err)
 		}
-		if o.Status == StatusPaying || o.Status == StatusWaitingPay {
-			s.addOpen(id, o, o.Biz == "" || o.Biz == BizCoins)
+		if OpenStatus(o.Status) {
+			s.addOpen(id, o, o.coins())
 		}
 		return nil
 	}
@@ -659,7 +659,7 @@ func (s *Service) confirmReq(claims ReqClaims, user int64, req string, id int64)
 	if err != nil {
 		return err
 	}
-	if o.Status == StatusPaying || o.Status == StatusWaitingPay {
+	if OpenStatus(o.Status) {
 		if err := s.moveLocked(&o, id, StatusInvalid, "superseded by order "+strconv.FormatInt(bound, 10)+" (same req_id)", nil); err != nil {
 			return err
 		}
@@ -814,7 +814,7 @@ func (s *Service) apply(channel string, ev Event) (int, string) {
 	// difference: a provider reusing an event id for another, open order has
 	// it applied to that order (before: answered as a duplicate, the payment
 	// never credited).
-	if o.Status != StatusPaying && o.Status != StatusWaitingPay {
+	if !OpenStatus(o.Status) {
 		if _, err := s.store.Get(eventKey(ev.EventID)); err == nil {
 			return NotifyOK, "success" // duplicate event: changes nothing
 		} else if !errors.Is(err, persist.ErrNotFound) {
@@ -831,12 +831,12 @@ func (s *Service) apply(channel string, ev Event) (int, string) {
 	evRec.Value, _ = proto.Marshal(eventRecord{Event: ev, StatusBefore: o.Status, At: s.cfg.Now().UnixMilli()})
 	now := s.cfg.Now().UnixMilli()
 	switch {
-	case ev.Status == "SUCCESS" && (o.Status == StatusPaying || o.Status == StatusWaitingPay):
+	case ev.Status == "SUCCESS" && OpenStatus(o.Status):
 		return s.markPaid(o, id, ev, evRec, now)
 	case ev.Status == "SUCCESS" && o.Status == StatusInvalid:
 		// Paid after the order closed: refund, never credit.
 		b := s.business(o.Biz)
-		if b == nil && o.Biz != BizCoins && o.Biz != "" {
+		if b == nil && !o.coins() {
 			// Its business is not registered yet (the node is starting):
 			// it must record the refund first — retry.
 			s.cfg.Log.Warn("pay: late payment of a business not registered yet", "order", o.OrderID, "biz", o.Biz)
@@ -855,7 +855,7 @@ func (s *Service) apply(channel string, ev Event) (int, string) {
 			}
 		}
 		return s.refundLate(o, id, ev, evRec, now)
-	case ev.Status == "FAILED" && (o.Status == StatusPaying || o.Status == StatusWaitingPay):
+	case ev.Status == "FAILED" && OpenStatus(o.Status):
 		if err := s.moveLocked(&o, id, StatusInvalid, "payment failed", &evRec); err != nil {
 			return NotifyRetry, "retry"
 		}
@@ -901,7 +901,7 @@ func (s *Service) refundLate(o Order, id int64, ev Event, evRec persist.Record, 
 // (the order's new state and the event record ride in the same batch), exactly
 // once per order whatever the number of events.
 func (s *Service) markPaid(o Order, id int64, ev Event, evRec persist.Record, now int64) (int, string) {
-	if o.Biz != BizCoins && o.Biz != "" {
+	if !o.coins() {
 		return s.markBizPaid(o, id, ev, evRec, now)
 	}
 	from := o.Status
@@ -1000,7 +1000,7 @@ func (s *Service) moveLocked(o *Order, id int64, to, why string, extra *persist.
 		o.Status = from
 		return err
 	}
-	if to != StatusPaying && to != StatusWaitingPay {
+	if !OpenStatus(to) {
 		s.closeOpen(id)
 	} else {
 		s.openWritten(id, *o, true)
@@ -1136,7 +1136,7 @@ type statusPush struct {
 }
 
 func (s *Service) pushStatus(o Order) {
-	if o.Biz != "" && o.Biz != BizCoins {
+	if !o.coins() {
 		return // a business pushes its own order's statuses
 	}
 	d, _ := proto.Marshal(statusPush{OrderID: o.OrderID, Status: o.Status})
@@ -1154,7 +1154,7 @@ func (s *Service) Refund(id int64) (Order, error) {
 	if !CanMove(o.Status, StatusPayBack) || o.Status != StatusPayed {
 		return o, proto.Errorf(proto.CodeOrderState, "order is %s; only PAYED orders are refunded", o.Status)
 	}
-	if o.Biz != BizCoins && o.Biz != "" {
+	if !o.coins() {
 		// A business order (tickets) bought something other than coins:
 		// marking it PAY_BACK here would leave what it bought (the seats
 		// sold) with the buyer. Its business has no refund yet.
@@ -1247,7 +1247,7 @@ func (s *Service) reconcileOne(id int64) {
 		}
 		return // a store error: still open, looked at again next run
 	}
-	if o.Status != StatusPaying && o.Status != StatusWaitingPay {
+	if !OpenStatus(o.Status) {
 		s.closeOpen(id)
 		return
 	}
@@ -1272,7 +1272,7 @@ func (s *Service) reconcileOne(id int64) {
 	}
 	if age >= timeout && (answer == queryNotPaid || age >= 2*timeout) {
 		unlock := s.orders.Lock(id)
-		if cur, err := s.Get(id); err == nil && (cur.Status == StatusPaying || cur.Status == StatusWaitingPay) {
+		if cur, err := s.Get(id); err == nil && OpenStatus(cur.Status) {
 			if err := s.moveLocked(&cur, id, StatusInvalid, "unpaid timeout", nil); err != nil {
 				s.cfg.Log.Error("pay: close expired order", "order", o.OrderID, "err", err)
 			}
