@@ -3,6 +3,7 @@ package pay
 import (
 	"slices"
 	"strconv"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -42,10 +43,13 @@ func TestStartReadsOpenOrdersAndThoseMadeSince(t *testing.T) {
 		slices.Sort(ids)
 		return ids
 	}
+	notify := func(s *Service, o Order) (int, string) {
+		body, _ := proto.Marshal(Event{EventID: "ev-" + o.OrderID, OrderID: o.OrderID, Amount: o.Amount, Status: "SUCCESS", PaidAt: clock().UnixMilli()})
+		return s.Notify("mock", Sign(secret, clock(), body), body)
+	}
 	pay := func(s *Service, o Order) {
 		t.Helper()
-		body, _ := proto.Marshal(Event{EventID: "ev-" + o.OrderID, OrderID: o.OrderID, Amount: o.Amount, Status: "SUCCESS", PaidAt: clock().UnixMilli()})
-		if code, msg := s.Notify("mock", Sign(secret, clock(), body), body); code != NotifyOK {
+		if code, msg := notify(s, o); code != NotifyOK {
 			t.Fatalf("notify %s: %d %s", o.OrderID, code, msg)
 		}
 	}
@@ -63,6 +67,14 @@ func TestStartReadsOpenOrdersAndThoseMadeSince(t *testing.T) {
 		slices.Sort(open)
 		if s.loaded != loaded || !slices.Equal(openIDs(s), open) {
 			t.Fatalf("start read %d orders and found open %v, want %d and %v", s.loaded, openIDs(s), loaded, open)
+		}
+	}
+	// credited checks o's buyer holds o's coins exactly once (each buyer
+	// here has one order).
+	credited := func(o Order) {
+		t.Helper()
+		if b, err := led.Balance(o.UserID); err != nil || b != o.Coins {
+			t.Fatalf("buyer %d holds %d coins (%v), want %d: credited once", o.UserID, b, err, o.Coins)
 		}
 	}
 	// restartAt starts the service at d after t0 and checks what it read.
@@ -99,13 +111,27 @@ func TestStartReadsOpenOrdersAndThoseMadeSince(t *testing.T) {
 	open = []int64{id(orders[1]), id(orders[2]), id(made[0]), id(made[1])}
 
 	// A minute later: the three listed (one paid since) and the two made since.
+	// Still payable, loaded from the checkpoint's list, and credited once:
+	// the provider's notify arrives twice at once.
 	s = restartAt(4*time.Hour+time.Minute, 5, open)
-	pay(s, orders[1]) // still payable: loaded from the checkpoint's list
+	var wg sync.WaitGroup
+	for range 2 {
+		wg.Go(func() {
+			if code, msg := notify(s, orders[1]); code != NotifyOK {
+				t.Errorf("notify %s: %d %s", orders[1].OrderID, code, msg)
+			}
+		})
+	}
+	wg.Wait()
+	credited(orders[1])
 	s.Close()
 	open = open[1:]
 
-	// A clock behind the last start's: every order is read.
+	// A clock behind the last start's: every order is read. The notify
+	// retried after the restart credits nothing more.
 	s = restartAt(2*time.Hour, 32, open)
+	pay(s, orders[1])
+	credited(orders[1])
 	s.Close()
 
 	// No checkpoint (a store written by an older version): every order.
