@@ -7,6 +7,8 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"github.com/lxzan/gws"
 )
 
 // corkConn is the net.Conn gws writes to. It is the one place every byte the
@@ -33,8 +35,12 @@ import (
 // before any other byte, by the connection's writer — so a slow client never
 // blocks the room and the bytes stay in order.
 //
-// Closing: Close (called by gws after its close frame) does not close the
-// socket at once. Closing with client bytes still unread — the rest of an
+// Closing: the close frame is the last frame of the stream. Close (called
+// by gws right after writing it) first writes what a cork collected — the
+// close frame is among it when gws closed while the writer was corked — so
+// the FIN never overtakes it, and once the close frame has been written
+// (or collected) a direct write is refused (busy: the caller queues it, and
+// the queue goes nowhere). Close does not close the socket at once. Closing with client bytes still unread — the rest of an
 // oversized frame, frames of a client that keeps sending — makes the kernel
 // answer with RST, which destroys the close frame still in flight. Close
 // shuts the write side (FIN after the close frame) and bounds how long the
@@ -54,6 +60,12 @@ type corkConn struct {
 	// socket (then nothing is written directly).
 	raw syscall.RawConn
 	nb  nbWrite // the direct write under way (under mu)
+
+	// framed: the handshake's response is written, every Write is now one
+	// whole frame of gws (set once, before the reader starts). closeSent:
+	// the close frame was written or collected (under mu).
+	framed    bool
+	closeSent bool
 
 	stale   atomic.Bool // a deadline was set from outside: refresh on the next write
 	closing atomic.Bool
@@ -80,6 +92,9 @@ const (
 func (c *corkConn) Write(p []byte) (int, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if c.framed && len(p) > 0 && gws.Opcode(p[0]&0x0f) == gws.OpcodeCloseConnection {
+		c.closeSent = true
+	}
 	if c.corked {
 		c.buf = append(c.buf, p...)
 		return len(p), nil
@@ -145,6 +160,9 @@ func (c *corkConn) writeNow(b []byte) (left, busy bool, err error) {
 		return false, true, nil
 	}
 	defer c.mu.Unlock()
+	if c.closeSent {
+		return false, true, nil // nothing goes after the close frame
+	}
 	if c.corked || len(c.owed) > 0 {
 		c.owed = append(c.owed, b...)
 		return true, false, nil
@@ -206,6 +224,11 @@ func (c *corkConn) cork() {
 func (c *corkConn) flush() error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	return c.flushLocked()
+}
+
+// flushLocked is flush under mu.
+func (c *corkConn) flushLocked() error {
 	c.corked = false
 	if len(c.buf) == 0 {
 		return nil
@@ -228,7 +251,19 @@ func (c *corkConn) Close() error {
 	if !ok {
 		return c.closeNow()
 	}
-	err := tc.CloseWrite()
+	// What a cork collected goes before the FIN: gws may close (a close
+	// echo, a refused frame) between two frames of the writer's batch, and
+	// then its close frame is in the buffer too. The writer's later frames
+	// are refused by gws (closed) and its flush finds nothing.
+	c.mu.Lock()
+	c.closeSent = true
+	err := c.flushLocked()
+	c.mu.Unlock()
+	if err != nil {
+		_ = c.closeNow()
+		return err
+	}
+	err = tc.CloseWrite()
 	until := time.Now().Add(closeLinger)
 	c.lingerUntil.Store(until.UnixNano())
 	_ = tc.SetReadDeadline(until)

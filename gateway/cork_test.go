@@ -131,6 +131,86 @@ func TestCorkDirectWriteAfterAQuietSpell(t *testing.T) {
 	}
 }
 
+// gws may close — echo a client's close, refuse a frame — between two
+// frames of the writer's corked batch: its close frame then lands in the
+// cork's buffer and Close must write the buffer before the FIN. The client
+// gets the frames corked so far and the close frame, then EOF; before, the
+// FIN went first and the flush that followed met a shut socket, so the
+// client saw neither (a 1006 instead of the close code).
+func TestCorkCloseWritesWhatTheCorkCollectedFirst(t *testing.T) {
+	cc, sc := tcpPair(t)
+	c := newCorkConn(sc, 5*time.Second)
+	c.framed = true
+	data := wsTextFrame([]byte(`{"t":"push"}`))
+	closeFrame := []byte{0x88, 2, 0x03, 0xe8} // close, 1000
+	c.cork()
+	_, _ = c.Write(data)       // the writer's batch, first frame
+	_, _ = c.Write(closeFrame) // gws's close echo, between two of its frames
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+	_ = c.flush() // the writer's flush after gws refused its next frame
+	_ = cc.SetReadDeadline(time.Now().Add(5 * time.Second))
+	got, err := io.ReadAll(cc)
+	if err != nil {
+		t.Fatalf("read: %v (after %q)", err, got)
+	}
+	if want := append(append([]byte{}, data...), closeFrame...); !bytes.Equal(got, want) {
+		t.Fatalf("client read %q before EOF; want the corked frame and the close frame %q", got, want)
+	}
+}
+
+// Nothing goes after the close frame: once gws has written (or collected)
+// it, a room's direct write is refused as busy — the caller queues the
+// frame, and a closed connection's queue is not written — where it could
+// follow the close frame on the wire, or meet the shut write side and
+// reset a socket meant to linger.
+func TestCorkDirectWriteRefusedAfterTheCloseFrame(t *testing.T) {
+	if !directWrites {
+		t.Skip("no direct writes on this platform")
+	}
+	cc, sc := tcpPair(t)
+	c := newCorkConn(sc, 5*time.Second)
+	c.framed = true
+	closeFrame := []byte{0x88, 2, 0x03, 0xe8}
+	if _, err := c.Write(closeFrame); err != nil {
+		t.Fatal(err)
+	}
+	if left, busy, err := c.writeNow(wsTextFrame([]byte("late"))); err != nil || left || !busy {
+		t.Fatalf("writeNow after the close frame = left %v busy %v err %v; want busy", left, busy, err)
+	}
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+	_ = cc.SetReadDeadline(time.Now().Add(5 * time.Second))
+	got, err := io.ReadAll(cc)
+	if err != nil || !bytes.Equal(got, closeFrame) {
+		t.Fatalf("client read %q, %v; want only the close frame", got, err)
+	}
+}
+
+// The handshake's 101 goes through Write too, before framed is set: its
+// first byte ('H', 0x48) is no close opcode for it.
+func TestCorkHandshakeResponseIsNoCloseFrame(t *testing.T) {
+	if !directWrites {
+		t.Skip("no direct writes on this platform")
+	}
+	cc, sc := tcpPair(t)
+	c := newCorkConn(sc, 5*time.Second)
+	resp := []byte("HTTP/1.1 101 Switching Protocols\r\n\r\n")
+	if _, err := c.Write(resp); err != nil {
+		t.Fatal(err)
+	}
+	c.framed = true
+	if left, busy, err := c.writeNow([]byte("x")); err != nil || left || busy {
+		t.Fatalf("writeNow after the 101 = left %v busy %v err %v", left, busy, err)
+	}
+	buf := make([]byte, len(resp)+1)
+	if _, err := io.ReadFull(cc, buf); err != nil || !bytes.Equal(buf, append(resp, 'x')) {
+		t.Fatalf("read %q, %v", buf, err)
+	}
+}
+
 func TestWSTextFrameHeader(t *testing.T) {
 	for _, tc := range []struct {
 		n    int

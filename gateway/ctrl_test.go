@@ -197,6 +197,30 @@ func TestCloseEchoAfterIdle(t *testing.T) {
 	}
 }
 
+// A client that closes right behind a burst of requests gets its close
+// echoed whatever the writer is doing: the replies go out in corked
+// batches, and gws may write the close echo between two frames of one —
+// the batch and the close frame must still precede the FIN (a client saw
+// 1006 instead of 1000 when the FIN went first).
+func TestCloseEchoBehindABurstOfReplies(t *testing.T) {
+	n := nodetest.Start(t, nodetest.Config(t))
+	for run := 0; run < 100; run++ {
+		w := dialTCPWS(t, n, int64(100+run))
+		var burst []byte
+		for i := 1; i <= 200; i++ {
+			burst = append(burst, maskedFrame(0x80|opText, fmt.Appendf(nil, `{"t":"ping","id":%d,"d":{}}`, i))...)
+		}
+		burst = append(burst, maskedFrame(0x80|opClose, binary.BigEndian.AppendUint16(nil, 1000))...)
+		if _, err := w.conn.Write(burst); err != nil {
+			t.Fatal(err)
+		}
+		code, err := w.closeCode(10 * time.Second)
+		if err != nil || code != 1000 {
+			t.Fatalf("run %d: close code %d (%v), want the echo of 1000", run, code, err)
+		}
+	}
+}
+
 // A frame over ws.max_frame_hard_bytes closes with 1009 every time: the
 // client, still sending the rest of the frame, receives the close frame
 // before the socket goes (a close with unread input would reset it, the

@@ -222,7 +222,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		done:  make(chan struct{}),
 	}
 	c.rd = newWSReader(c, netConn, early)
-	cc.kick = c.rd.kick
+	cc.kick, cc.framed = c.rd.kick, true
 	c.lastRead.Store(time.Now().UnixNano())
 	socket.Session().Store("c", c)
 	upgraded = true // the reader calls OnOpen, then OnClose, which releases
