@@ -96,13 +96,14 @@ func (s *Service) GrabAsync(user int64, code string, done func(GrabReply, *proto
 	r.inflight++
 	r.mu.Unlock()
 
-	ctx, cancel := context.WithTimeout(context.Background(), poolTimeout)
-	p, ok, err := s.pool.Pop(ctx, code)
-	cancel()
+	p, ok, err := s.popFresh(r, code)
 	if err == nil && !ok && s.mem != nil {
 		// Sharded: take back what other nodes do not use before ending.
 		pk, unsure, last := s.takeOrReclaim(r, false, false, time.Now().Add(leaseLimit), func(int) int { return 1 })
-		if len(pk) == 1 {
+		if len(pk) == 1 && !r.take(pk[0].Index) {
+			s.log.Error("red packet taken back from a holder was taken here already: not granted again", "code", code, "index", pk[0].Index)
+			err = errTakenTwice
+		} else if len(pk) == 1 {
 			p, ok = pk[0], true
 			if last { // nothing unused anywhere now: no grab after this one
 				r.mu.Lock()
@@ -134,7 +135,7 @@ func (s *Service) GrabAsync(user int64, code string, done func(GrabReply, *proto
 				// counts out (a Redis call for the list pool: not on the
 				// ledger's goroutine).
 				go func() {
-					if s.pushBack(code, p) {
+					if s.pushBack(r, code, p) {
 						s.reopen(r)
 					}
 					s.grabFailed(r, code, user, false, false)
@@ -165,6 +166,32 @@ func (s *Service) GrabAsync(user int64, code string, done func(GrabReply, *proto
 			s.goSettle(r)
 		}
 	})
+}
+
+// maxStalePops bounds the packets one grab skips because they were taken
+// already (see popFresh); past it the grab fails (internal) and the next
+// grab goes on skipping.
+const maxStalePops = 64
+
+// errTakenTwice: the pool gave only packets this node had taken already.
+var errTakenTwice = errors.New("redpacket: the pool yields packets taken already")
+
+// popFresh pops a packet of code that this node has not taken before (see
+// rain.taken): a packet the pool yields again — its Redis list rolled back
+// by a restart that lost the last pops — is skipped and logged, never
+// granted a second time. Packets of the memory pool are never yielded
+// twice; the check costs one atomic OR.
+func (s *Service) popFresh(r *rain, code string) (Packet, bool, error) {
+	for range maxStalePops {
+		ctx, cancel := context.WithTimeout(context.Background(), poolTimeout)
+		p, ok, err := s.pool.Pop(ctx, code)
+		cancel()
+		if err != nil || !ok || r.take(p.Index) {
+			return p, ok, err
+		}
+		s.log.Error("red packet pool yielded a packet taken already (a Redis list rolled back?): skipped, not granted again", "code", code, "index", p.Index)
+	}
+	return Packet{}, false, errTakenTwice
 }
 
 func grabReply(amount int64) GrabReply {
@@ -215,9 +242,10 @@ func (s *Service) grabFailed(r *rain, code string, user int64, empty, keepUser b
 // pushBack returns p, popped by a grab the wallet refused as unavailable
 // (nothing moved), to the pool, so it is granted later rather than refunded;
 // false if it could not.
-func (s *Service) pushBack(code string, p Packet) bool {
+func (s *Service) pushBack(r *rain, code string, p Packet) bool {
 	ctx, cancel := context.WithTimeout(context.Background(), poolTimeout)
 	defer cancel()
+	r.untake(p.Index) // before it is back: a grab may pop it at once
 	if err := s.pool.Push(ctx, code, p); err != nil {
 		s.log.Warn("red packet not put back (refunded at the end)", "code", code, "err", err)
 		return false

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/liveedge/liveedge/edge/limit"
@@ -163,6 +164,14 @@ type rain struct {
 	// each again first (same request id: it lands once), so the refund never
 	// counts a packet that is granted later. Bounded by the rain's count.
 	doubt []persist.Op
+	// taken marks the indexes this node has taken to grant (granted, being
+	// granted or in doubt), with those durably granted when the pool was
+	// loaded: a pool that yields an index again — a Redis list that a
+	// restart rolled back to before its last pops — is caught here and
+	// never granted twice. Set by loadPool before the rain runs; nil on a
+	// node that only holds leased slices of it.
+	taken  []atomic.Uint64
+	ntaken int32 // the rain's count, the bound of taken's indexes
 
 	// Sharded (Config.Peers), on the owner: the split, the nodes packets
 	// were leased to, where each index is (0 here, else 1 + its holder),
@@ -1017,6 +1026,10 @@ func (s *Service) loadPool(r *rain, rec record, granted map[int32]bool) error {
 		return err
 	}
 	left := make([]Packet, 0, len(split)-len(granted))
+	r.taken, r.ntaken = make([]atomic.Uint64, (len(split)+63)/64), int32(len(split))
+	for i := range granted {
+		r.take(i)
+	}
 	for i, a := range split {
 		if !granted[int32(i)] && (r.where == nil || r.where[i] == 0) {
 			left = append(left, Packet{Index: int32(i), Amount: a})
@@ -1031,4 +1044,24 @@ func (s *Service) loadPool(r *rain, rec record, granted map[int32]bool) error {
 	ctx, cancel := context.WithTimeout(context.Background(), poolTimeout)
 	defer cancel()
 	return s.pool.Load(ctx, rec.Code, left)
+}
+
+// take marks packet i of r as taken to grant; false if it was already (or
+// is not an index of the rain).
+func (r *rain) take(i int32) bool {
+	if r.taken == nil {
+		return true
+	}
+	if i < 0 || i >= r.ntaken {
+		return false
+	}
+	bit := uint64(1) << (i % 64)
+	return r.taken[i/64].Or(bit)&bit == 0
+}
+
+// untake clears i's mark: the packet goes back to the pool ungranted.
+func (r *rain) untake(i int32) {
+	if r.taken != nil && i >= 0 && i < r.ntaken {
+		r.taken[i/64].And(^(uint64(1) << (i % 64)))
+	}
 }
