@@ -170,6 +170,22 @@ func (s *Service) debit(o *Order) error {
 // comes later (compensated, or completed once a debit in doubt is known).
 var errSettling = &proto.Error{Code: proto.CodeInternal, Msg: "internal error: the order is being settled; retry with the same req_id for its final state"}
 
+// errUndone is the final answer of a saga that an internal failure stopped,
+// once it is undone: the order's failure from then on, so that a retry
+// with the same req_id — which errSettling asks for — gets an answer that
+// ends, not errSettling again.
+var errUndone = &proto.Error{Code: proto.CodeOrderState, Msg: "the order stopped on an internal error and was undone, nothing taken; place it again with a new req_id"}
+
+// finalFailure is the answer a compensated order gives for good: its
+// failed step's error, or errUndone for an internal one (also for orders
+// an older version recorded with errSettling).
+func finalFailure(code int, msg string) *proto.Error {
+	if code == proto.CodeInternal {
+		return errUndone
+	}
+	return &proto.Error{Code: code, Msg: msg}
+}
+
 // compensate undoes what o's saga did, with o's lock held, and answers the
 // failed step's error. What happened is read back from Pebble (a step whose
 // call failed may or may not have written: its durable flag is the truth).
@@ -195,6 +211,9 @@ func (s *Service) compensate(o *Order, cause error) (Order, error) {
 		s.markStuck(o.id)
 	}
 	*o = *cur
+	if cur.Saga == SagaCompensated {
+		return Order{}, finalFailure(cur.FailCode, cur.FailMsg) // undone: its final answer
+	}
 	return Order{}, e
 }
 
@@ -236,6 +255,9 @@ func (s *Service) undo(o *Order) error {
 	next := *o
 	next.Status, next.Saga, next.UpdatedAt = StatusCancelled, SagaCompensated, s.cfg.Now().UnixMilli()
 	next.Steps.Released = true
+	if f := finalFailure(next.FailCode, next.FailMsg); next.FailCode != 0 {
+		next.FailCode, next.FailMsg = f.Code, f.Msg
+	}
 	r := next.record()
 	if err := s.store.Put(r.Key, r.Value); err != nil {
 		return err

@@ -77,13 +77,18 @@ func testSagaFailureAtEachStep(t *testing.T, newEnv func(testing.TB, Config) *en
 		// given back (CouponBack) only where that can happen (Redis)
 		unrecorded bool
 	}{
+		// Nothing recorded: "internal", and the same req_id places anew.
 		{name: "lock", fail: map[string]int{"fail:lock": 1}, code: proto.CodeInternal},
-		{name: "coupon", fail: map[string]int{"fail:coupon": 1}, code: proto.CodeInternal, durable: true},
+		// An internal failure after the order was recorded, undone at once:
+		// its final answer (errUndone, 40002), where it said "internal
+		// error, retry with the same req_id for the final state" — and the
+		// retry said that again, for ever.
+		{name: "coupon", fail: map[string]int{"fail:coupon": 1}, code: proto.CodeOrderState, durable: true},
 		{name: "coupon-not-theirs", coupon: "other", code: proto.CodeCouponUnusable, durable: true},
-		{name: "coupon-write", fail: map[string]int{"fail:coupon_write": 1}, code: proto.CodeInternal, durable: true, unrecorded: true},
-		{name: "debit", fail: map[string]int{"fail:debit": 1}, code: proto.CodeInternal, durable: true, couponHit: true},
+		{name: "coupon-write", fail: map[string]int{"fail:coupon_write": 1}, code: proto.CodeOrderState, durable: true, unrecorded: true},
+		{name: "debit", fail: map[string]int{"fail:debit": 1}, code: proto.CodeOrderState, durable: true, couponHit: true},
 		{name: "debit-insufficient", user: 2, code: proto.CodeInsufficientBalance, durable: true, couponHit: true},
-		{name: "confirm", fail: map[string]int{"fail:confirm": 1}, code: proto.CodeInternal, durable: true, couponHit: true, debited: true},
+		{name: "confirm", fail: map[string]int{"fail:confirm": 1}, code: proto.CodeOrderState, durable: true, couponHit: true, debited: true},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -177,9 +182,13 @@ func TestSagaCompensationResumedBySweep(t *testing.T) {
 	}
 	e.svc.CloseExpired() // the sweep
 	o = e.order(o.OrderID)
-	if o.Status != StatusCancelled || !o.Steps.Refunded || !o.Steps.Released {
+	if o.Status != StatusCancelled || !o.Steps.Refunded || !o.Steps.Released || o.FailCode != proto.CodeOrderState {
 		t.Fatalf("after the sweep: %+v", o)
 	}
+	// The retry the first answer asked for gets the final state: undone,
+	// place again (it said "internal error, retry" for ever before).
+	_, err = e.svc.Place(1, PlaceReq{ProgramID: prog, CategoryID: 1, Count: 2, ReqID: "s", Pay: PayCoins})
+	wantCode(t, err, proto.CodeOrderState)
 	if b := e.balance(1); b != 500 {
 		t.Fatalf("balance %d after the refund", b)
 	}
@@ -344,7 +353,7 @@ func TestSagaDebitRefusedAsRetryIsUndone(t *testing.T) {
 	e.credit(1, 1000)
 	prog := e.program([]CategoryDef{{ID: 1, Name: "A", Price: 100, Rows: 1, Cols: 4}}, 4, 8)
 	_, err := e.svc.Place(1, PlaceReq{ProgramID: prog, CategoryID: 1, Count: 1, ReqID: "s", Pay: PayCoins})
-	wantCode(t, err, proto.CodeInternal)
+	wantCode(t, err, proto.CodeOrderState) // undone at once: its final answer
 	v, _ := e.store.Get(orderReqKey(1, "s"))
 	if o := e.order(fmt.Sprint(persist.DecodeUint64(v))); o.Status != StatusCancelled || o.Steps.Debited {
 		t.Fatalf("order %+v, want compensated", o)

@@ -443,7 +443,7 @@ func (s *Service) replay(id int64) (Order, error) {
 		return Order{}, err
 	}
 	if o.Saga == SagaCompensated && o.FailCode != 0 {
-		return Order{}, &proto.Error{Code: o.FailCode, Msg: o.FailMsg}
+		return Order{}, finalFailure(o.FailCode, o.FailMsg)
 	}
 	return s.withPayURL(*o), nil
 }
