@@ -23,7 +23,8 @@ import (
 
 // CouponStore keeps coupons. Every method is safe for concurrent use.
 type CouponStore interface {
-	// Grant stores a new coupon (its id unique cluster-wide).
+	// Grant stores a new coupon; errCouponIDTaken (nothing written) when
+	// a coupon has its id already.
 	Grant(c Coupon) error
 	// Get reads coupon id (40005 when unknown).
 	Get(id string) (Coupon, error)
@@ -59,6 +60,12 @@ func NewPebbleCoupons(store *persist.Store) *PebbleCoupons { return &PebbleCoupo
 
 // Grant implements CouponStore.
 func (p *PebbleCoupons) Grant(c Coupon) error {
+	defer p.locks.Lock(c.ID)()
+	if _, err := p.store.Get(couponKey(c.ID)); err == nil {
+		return errCouponIDTaken
+	} else if !errors.Is(err, persist.ErrNotFound) {
+		return err
+	}
 	r := c.record()
 	return p.store.Put(r.Key, r.Value)
 }
@@ -106,20 +113,38 @@ func (p *PebbleCoupons) GiveBack(id string, _ int64, order string, commit func(b
 
 var errCouponUnusable = proto.Errorf(proto.CodeCouponUnusable, "coupon not usable")
 
-// CreateCoupon grants user a one-use coupon worth amount.
+// errCouponIDTaken: Grant found a coupon with the new one's id (ids are made
+// from the clock: one set back may make an id again).
+var errCouponIDTaken = errors.New("ticket: coupon id taken")
+
+// maxCouponIDTries bounds CreateCoupon's ids tried past taken ones.
+const maxCouponIDTries = 32
+
+// CreateCoupon grants user a one-use coupon worth amount. Its id is made
+// like an order id (gene method: unique across the nodes of one moment);
+// one a clock set back makes again is found taken by the store, never
+// written over the coupon that has it, and the next id above it is tried.
 func (s *Service) CreateCoupon(user, amount int64) (Coupon, error) {
 	if user <= 0 || amount <= 0 || amount > maxCouponValue {
 		return Coupon{}, proto.BadRequest("user_id > 0 and 0 < amount <= %d", maxCouponValue)
 	}
-	id, err := s.pay.NewOrderID(user) // gene method: unique across nodes (worker ids are leased)
-	if err != nil {
-		return Coupon{}, err
+	for range maxCouponIDTries {
+		id, err := s.pay.NewOrderID(user)
+		if err != nil {
+			return Coupon{}, err
+		}
+		c := Coupon{ID: "c" + strconv.FormatInt(id, 10), UserID: user, Amount: amount, CreatedAt: s.cfg.Now().UnixMilli()}
+		err = s.cstore.Grant(c)
+		if errors.Is(err, errCouponIDTaken) {
+			s.pay.OrderIDsAbove(id)
+			continue
+		}
+		if err != nil {
+			return Coupon{}, err
+		}
+		return c, nil
 	}
-	c := Coupon{ID: "c" + strconv.FormatInt(id, 10), UserID: user, Amount: amount, CreatedAt: s.cfg.Now().UnixMilli()}
-	if err := s.cstore.Grant(c); err != nil {
-		return Coupon{}, err
-	}
-	return c, nil
+	return Coupon{}, proto.Errorf(proto.CodeInternal, "internal error: no free coupon id, retry")
 }
 
 // Coupon reads coupon id (tests and ops).

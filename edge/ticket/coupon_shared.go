@@ -100,6 +100,9 @@ func (r *SharedCoupons) Grant(c Coupon) error {
 	defer cancel()
 	ok, err := couponGrantScript.Exec(ctx, r.rdb, r.keys(c.ID), []string{strconv.FormatInt(c.UserID, 10),
 		strconv.FormatInt(c.Amount, 10), strconv.FormatInt(c.CreatedAt, 10)}).AsInt64()
+	if err == nil && ok == 2 {
+		return errCouponIDTaken
+	}
 	if err != nil || ok != 1 {
 		return errCouponsUnavailable
 	}

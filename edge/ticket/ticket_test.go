@@ -866,3 +866,74 @@ func TestOrderIDsAboveEveryStoredAfterAClockSetBack(t *testing.T) {
 	}
 	e.conservation()
 }
+
+// sameIDs makes the pay centre's next order ids the ones listed (as a clock
+// set back makes ids again), then its own.
+type sameIDs struct {
+	Payments
+	mu   sync.Mutex
+	next []int64
+}
+
+func (p *sameIDs) NewOrderID(user int64) (int64, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if len(p.next) > 0 {
+		id := p.next[0]
+		p.next = p.next[1:]
+		return id, nil
+	}
+	return p.Payments.NewOrderID(user)
+}
+
+// A coupon id made again (ids come from the clock: one set back across a
+// restart makes them again) never overwrites the coupon that has it — its
+// owner kept it and whoever holds it kept holding it — the new coupon gets
+// the next free id. Before, the grant wrote the new coupon over the old one
+// (on one node; in Redis the new owner inherited its holder).
+func TestCouponIDMadeAgainNeverOverwrites(t *testing.T) { testCouponIDMadeAgain(t, newEnv) }
+
+// TestCouponIDMadeAgainNeverOverwritesSharedCoupons: the same in Redis.
+func TestCouponIDMadeAgainNeverOverwritesSharedCoupons(t *testing.T) {
+	testCouponIDMadeAgain(t, newSharedEnv)
+}
+
+func testCouponIDMadeAgain(t *testing.T, newEnv func(testing.TB, Config) *env) {
+	e := newEnv(t, Config{})
+	prog := e.program([]CategoryDef{{ID: 1, Name: "A", Price: 100, Rows: 1, Cols: 4}}, 2, 4)
+	first, err := e.svc.CreateCoupon(7, 30)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The first coupon is held by a pending order.
+	o, err := e.svc.Place(7, PlaceReq{ProgramID: prog, CategoryID: 1, Count: 1, ReqID: "held", CouponID: first.ID})
+	if err != nil || o.Status != StatusPendingPay {
+		t.Fatalf("%+v %v", o, err)
+	}
+	id, _ := strconv.ParseInt(first.ID[1:], 10, 64)
+	e.svc.pay = &sameIDs{Payments: e.svc.pay, next: []int64{id, id}}
+	second, err := e.svc.CreateCoupon(8+1024, 50)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if second.ID == first.ID {
+		t.Fatalf("a second coupon got the first one's id %s", first.ID)
+	}
+	if n, _ := strconv.ParseInt(second.ID[1:], 10, 64); n <= id {
+		t.Fatalf("second coupon id %s, want one above %s", second.ID, first.ID)
+	}
+	if got, err := e.svc.Coupon(first.ID); err != nil || got.UserID != 7 || got.Amount != 30 || got.UsedBy != o.OrderID {
+		t.Fatalf("the first coupon reads %+v (%v); want user 7's, 30, held by %s", got, err, o.OrderID)
+	}
+	if got, err := e.svc.Coupon(second.ID); err != nil || got.UserID != 8+1024 || got.Amount != 50 || got.UsedBy != "" {
+		t.Fatalf("the second coupon reads %+v (%v)", got, err)
+	}
+	// Each still works for its owner: the first's order pays, the second
+	// takes 50 off a new order.
+	e.credit(8+1024, 100)
+	p, err := e.svc.Place(8+1024, PlaceReq{ProgramID: prog, CategoryID: 1, Count: 1, ReqID: "new", Pay: PayCoins, CouponID: second.ID})
+	if err != nil || p.Status != StatusPaid || p.Amount != 50 {
+		t.Fatalf("%+v %v", p, err)
+	}
+	e.conservation()
+}
