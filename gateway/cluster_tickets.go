@@ -1,6 +1,8 @@
 package gateway
 
 import (
+	"time"
+
 	"github.com/liveedge/liveedge/edge/ticket"
 	"github.com/liveedge/liveedge/gateway/proto"
 )
@@ -16,23 +18,55 @@ import (
 // order.
 
 // nextProgramID is ticket.Config.NextProgramID in a cluster (nil otherwise):
-// the next multiple of 2^programWorkerBits above the node's highest id, plus
-// its worker id — unique across nodes without a shared counter (the worker
-// leases keep worker ids unique), and the owner is read back from the id,
-// so nothing is lost with Redis.
+// the milliseconds since programEpoch of its making (or one more than the
+// node's highest id's, whichever is greater) above programWorkerBits of
+// worker id — unique across nodes without a shared counter: the worker
+// leases keep a worker id to one node at a time, and the node that takes a
+// worker id over makes its ids after it took the lease, so after every id
+// of the id's earlier holder (the lease sits free for its TTL, 30 s, before
+// it moves). The owner is read back from the id, so nothing is lost with
+// Redis. The id stays below 2^53 (a JSON number a browser reads exactly)
+// for thousands of years. Before, the next id was the node's own highest
+// plus one step: a node taking over a worker id made its earlier holder's
+// program ids again, and requests for them reached a different show.
 func (n *Node) nextProgramID() func(last int64) (int64, error) {
 	if n.Cluster == nil || n.worker == nil {
 		return nil
 	}
 	w := int64(n.worker.ID())
 	return func(last int64) (int64, error) {
-		return (last>>programWorkerBits+1)<<programWorkerBits | w, nil
+		t := max(last>>programWorkerBits+1, time.Now().UnixMilli()-programEpoch.UnixMilli())
+		return t<<programWorkerBits | w, nil
 	}
 }
+
+// errProgramOwnerDown answers a program this node's worker id names but an
+// earlier holder of the id made (its node is elsewhere, or down).
+var errProgramOwnerDown = proto.Errorf(proto.CodeInternal, "the program's node is unreachable, retry")
 
 // programWorkerBits are the low bits of a cluster program id: its node's
 // order-id worker id (pay.MaxWorkers of them).
 const programWorkerBits = 5
+
+// programEpoch is the zero of the time in cluster program ids.
+var programEpoch = time.Date(2025, 1, 1, 0, 0, 0, 0, time.UTC)
+
+// programMadeByEarlierHolder: program id carries this node's worker id and
+// the time of its making, before this node took the lease — another node
+// made it, and holds it: "retry" (50000), never "not found" (10004). Ids of
+// the older form (a counter, no time) are not told apart.
+func (n *Node) programMadeByEarlierHolder(id int64) bool {
+	if n.Cluster == nil || n.worker == nil || int(id&(1<<programWorkerBits-1)) != n.worker.ID() {
+		return false
+	}
+	ms := id >> programWorkerBits
+	return ms >= programTimedFrom && programEpoch.Add(time.Duration(ms)*time.Millisecond).Before(n.worker.Since())
+}
+
+// programTimedFrom: a cluster program id whose time part is at least this
+// (2025-02-01, in ms since programEpoch) is of the timed form; a counter
+// id never reached it.
+const programTimedFrom = 31 * 24 * 3600 * 1000
 
 // programOwner returns the node that serves program id ("" = this node, or
 // a single node).
@@ -83,12 +117,18 @@ func (n *Node) ticketLocal(op string, user, id int64, body []byte) ([]byte, *pro
 	switch op {
 	case "tix.program":
 		v, err = n.Tickets.Program(id)
+		if err != nil && proto.AsError(err).Code == proto.CodeNotFound && n.programMadeByEarlierHolder(id) {
+			return nil, errProgramOwnerDown
+		}
 	case "tix.place":
 		var r ticket.PlaceReq
 		if uerr := proto.Unmarshal(body, &r); uerr != nil {
 			return nil, proto.BadRequest("bad order request")
 		}
 		v, err = n.Tickets.Place(user, r)
+		if pe := proto.AsError(err); err != nil && pe.Code == proto.CodeNotFound && n.programMadeByEarlierHolder(r.ProgramID) {
+			return nil, errProgramOwnerDown
+		}
 	case "tix.get":
 		v, err = n.Tickets.Get(user, id)
 	case "tix.cancel":

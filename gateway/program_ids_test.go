@@ -1,0 +1,75 @@
+package gateway_test
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"testing"
+
+	"github.com/liveedge/liveedge/configs"
+	"github.com/liveedge/liveedge/gateway"
+	"github.com/liveedge/liveedge/gateway/nodetest"
+	"github.com/liveedge/liveedge/persist/redistest"
+	"github.com/liveedge/liveedge/router/natstest"
+)
+
+// A node that takes over another node's worker id (its lease free: that
+// node stopped) never makes that node's program ids again: a program id
+// names its node by the worker id in its low bits, so a second program
+// with the same id would take the first one's requests — GET /programs and
+// new orders through any node reached a different show. Now ids carry the
+// time of their making, after the lease moved; and the new holder answers
+// the earlier holder's program "retry" (50000), not "not found" or its own.
+func TestClusterProgramIDsNeverMadeAgainByTheNextWorkerHolder(t *testing.T) {
+	rds, nats := redistest.Start(t), natstest.Start(t)
+	cfgFor := func(id string) configs.Config {
+		c := nodetest.Config(t)
+		c.Node.ID = id
+		c.Cluster.Enabled = true
+		c.NATS.Embedded = false
+		c.NATS.URL = nats.URL
+		c.Wallet.Mode = "shared"
+		c.Wallet.Nodes = []string{"gw-1", "gw-2"}
+		c.Redis.Addr = rds.Addr
+		c.Pay.WorkerID = 3
+		return c
+	}
+	type created struct {
+		Code int `json:"code"`
+		Data struct {
+			ProgramID int64 `json:"program_id"`
+		} `json:"data"`
+	}
+	create := func(n *gateway.Node) int64 {
+		t.Helper()
+		var out created
+		st := nodetest.DoJSON(t, "POST", nodetest.HTTPURL(n)+"/api/v1/admin/programs", nodetest.Token(t, n, 1, gateway.RoleAdmin), programBody, &out)
+		if st != 200 || out.Code != 0 || out.Data.ProgramID <= 0 {
+			t.Fatalf("create program: status %d %+v", st, out)
+		}
+		return out.Data.ProgramID
+	}
+	a := nodetest.Start(t, cfgFor("gw-1"))
+	first := create(a)
+	if err := a.Shutdown(context.Background()); err != nil { // its worker lease released
+		t.Fatal(err)
+	}
+	b := nodetest.Start(t, cfgFor("gw-2")) // takes worker 3 over
+	second := create(b)
+	if second == first {
+		t.Fatalf("gw-2, the next holder of worker 3, made program id %d again", first)
+	}
+	if second&31 != 3 || second > 1<<53 {
+		t.Fatalf("program id %d: want worker 3 in its low bits and below 2^53", second)
+	}
+	var got struct {
+		Code int    `json:"code"`
+		Msg  string `json:"msg"`
+	}
+	if st := nodetest.DoJSON(t, "GET", nodetest.HTTPURL(b)+fmt.Sprintf("/api/v1/programs/%d", first), nodetest.Token(t, b, 700, gateway.RoleViewer), "", &got); st != 500 || got.Code != 50000 || !strings.Contains(got.Msg, "retry") {
+		t.Fatalf("GET gw-1's program through gw-2: status %d %+v, want 50000 retry", st, got)
+	}
+	if st := nodetest.DoJSON(t, "GET", nodetest.HTTPURL(b)+fmt.Sprintf("/api/v1/programs/%d", second), nodetest.Token(t, b, 700, gateway.RoleViewer), "", &got); st != 200 || got.Code != 0 {
+		t.Fatalf("GET gw-2's program: status %d code %d", st, got.Code)
+	}
+}
