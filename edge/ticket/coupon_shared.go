@@ -53,6 +53,7 @@ type SharedCoupons struct {
 	store   *persist.Store
 	timeout time.Duration
 	gate    sync.RWMutex
+	now     func() time.Time // the give-back marks' clock (nil = time.Now; tests move it)
 }
 
 var _ CouponStore = (*SharedCoupons)(nil)
@@ -178,11 +179,18 @@ func (r *SharedCoupons) Backfill(ctx context.Context) (int, error) {
 // coupon again, whatever its steps say — its give-back may have freed the
 // coupon in Redis (and another order taken it) before the order recorded
 // CouponBack — so it adds only its give-back mark (b:<order>, which also
-// bars a late retry of its use); its give-back still owed then finds the
+// bars a late retry of its use; only for an order closed within
+// couponMarkKeep before the generation began); its give-back still owed then finds the
 // coupon not held and records CouponBack. A live order (PLACING and running,
 // PENDING_PAY, PAID) that recorded its use holds the coupon (by = order).
 // It waits for this node's coupon ops under way.
-func (r *SharedCoupons) Contribute(_ time.Time, add func(op ...string) error) error {
+func (r *SharedCoupons) Contribute(since time.Time, add func(op ...string) error) error {
+	// Marks of orders closed long before the generation began bar nothing
+	// (couponMarkKeep); since is the same on every attempt, so the ops are.
+	var markFrom int64
+	if !since.IsZero() {
+		markFrom = since.Add(-couponMarkKeep).UnixMilli()
+	}
 	r.gate.Lock()
 	defer r.gate.Unlock()
 	err := r.store.Scan(prefixCoupon, func(_, v []byte) error {
@@ -210,7 +218,10 @@ func (r *SharedCoupons) Contribute(_ time.Time, add func(op ...string) error) er
 		switch k := sharedCouponKey(o.CouponID); {
 		case o.Status == StatusCancelled || o.Status == StatusRefunded ||
 			o.Saga == SagaCompensating || o.Saga == SagaCompensated:
-			return add("hset", k, "b:"+o.OrderID, "1")
+			if o.UpdatedAt < markFrom {
+				return nil
+			}
+			return add("hset", k, "b:"+o.OrderID, strconv.FormatInt(max(o.UpdatedAt, 1), 10))
 		case o.Steps.CouponUsed && !o.Steps.CouponBack:
 			return add("hset", k, "by", o.OrderID)
 		}
@@ -270,12 +281,26 @@ func (r *SharedCoupons) Use(id string, user int64, order string, commit func(Cou
 	return commit(c, nil)
 }
 
+func (r *SharedCoupons) clock() time.Time {
+	if r.now != nil {
+		return r.now()
+	}
+	return time.Now()
+}
+
+// couponMarkKeep is how long an order's give-back mark (b:<order>) is kept:
+// it bars a late use of that order, which comes within a call's timeout
+// (seconds); older marks are pruned (coupon_back.lua), and a rebuild after
+// a Redis loss adds only those of orders closed within it.
+const couponMarkKeep = time.Hour
+
 // GiveBack implements CouponStore.
 func (r *SharedCoupons) GiveBack(id string, user int64, order string, commit func(bool, []persist.Record) error) error {
 	r.gate.RLock()
 	defer r.gate.RUnlock()
 	ctx, cancel := r.ctx()
-	held, err := couponBackScript.Exec(ctx, r.rdb, r.keys(id), []string{order, strconv.FormatInt(user, 10)}).AsInt64()
+	held, err := couponBackScript.Exec(ctx, r.rdb, r.keys(id), []string{order, strconv.FormatInt(user, 10),
+		strconv.FormatInt(r.clock().UnixMilli(), 10), strconv.FormatInt(couponMarkKeep.Milliseconds(), 10)}).AsInt64()
 	cancel()
 	if err != nil || held < 0 {
 		return errCouponsUnavailable

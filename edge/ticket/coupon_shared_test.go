@@ -356,3 +356,53 @@ func TestSharedCouponsBackfill(t *testing.T) {
 		t.Fatalf("backfill while rebuilding: %d %v", n, err)
 	}
 }
+
+// An owner who keeps placing coins orders with one coupon that fail (too
+// few coins) leaves a give-back mark per order in the coupon's Redis hash;
+// marks older than couponMarkKeep are pruned, so the hash stays bounded —
+// it grew by one field per failed order, for ever. The coupon still works.
+func TestCouponGiveBackMarksArePruned(t *testing.T) {
+	e := newSharedEnv(t, Config{})
+	cs := e.svc.cstore.(*SharedCoupons)
+	var off atomic.Int64
+	cs.now = func() time.Time { return time.Now().Add(time.Duration(off.Load())) }
+	prog := e.program([]CategoryDef{{ID: 1, Name: "A", Price: 100, Rows: 1, Cols: 4}}, 1, 4)
+	c, err := e.svc.CreateCoupon(1, 30)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rdb, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{e.redis}, DisableCache: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rdb.Close()
+	fields := func() int64 {
+		n, err := rdb.Do(context.Background(), rdb.B().Hlen().Key(sharedCouponKey(c.ID)).Build()).AsInt64()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	fail := func(req string) {
+		t.Helper()
+		_, err := e.svc.Place(1, PlaceReq{ProgramID: prog, CategoryID: 1, Count: 1, ReqID: req, Pay: PayCoins, CouponID: c.ID})
+		wantCode(t, err, proto.CodeInsufficientBalance)
+	}
+	for i := range 40 {
+		fail(fmt.Sprint("a", i))
+	}
+	if n := fields(); n < 40 {
+		t.Fatalf("%d fields after 40 give-backs within the hour: recent marks must stay", n)
+	}
+	off.Store(int64(2 * time.Hour))
+	fail("late")
+	if n := fields(); n > 3+1 {
+		t.Fatalf("%d fields two hours later: marks older than %v not pruned", n, couponMarkKeep)
+	}
+	e.credit(1, 100)
+	o, err := e.svc.Place(1, PlaceReq{ProgramID: prog, CategoryID: 1, Count: 1, ReqID: "paid", Pay: PayCoins, CouponID: c.ID})
+	if err != nil || o.Status != StatusPaid || o.Amount != 70 {
+		t.Fatalf("%+v %v", o, err)
+	}
+	e.conservation()
+}
