@@ -23,6 +23,9 @@ func LedgerTrades(st *Store, user int64) ([]Trade, error) {
 // Set it only while no Apply runs.
 func SetCrashAt(w *SharedWallet, f func(point string) bool) { w.crashAt = f }
 
+// FailResets makes w's next n resets of a rolled-back generation fail.
+func FailResets(w *SharedWallet, n int32) { w.failResets.Store(n) }
+
 // PeerSeen is the highest applied-op count of node peer that w's audits
 // have read in Redis in the current generation.
 func PeerSeen(w *SharedWallet, peer string) int64 {

@@ -121,7 +121,15 @@ type SharedWallet struct {
 	peersSeen  map[string]int64
 	dataLosses atomic.Int64 // Redis data losses detected by this node
 	resetting  atomic.Bool  // a reset after a detected loss is running
-	lastExpire time.Time    // of idem/ rows (watcher goroutine only)
+	// condemned is the last generation this node found rolled back: it is
+	// never made ready again here (ensureGeneration resets it instead), so
+	// a reset that failed does not put the rolled-back balances back into
+	// service until the next audit.
+	condemned  atomic.Pointer[string]
+	lastExpire time.Time // of idem/ rows (watcher goroutine only)
+	// failResets, in tests, makes the next resets fail as a Redis timeout
+	// would.
+	failResets atomic.Int32
 
 	// crashAt, in tests, stops Apply dead at a named point ("intent",
 	// "script", "final") as if the process had been killed there.

@@ -2,6 +2,7 @@ package persist
 
 import (
 	"context"
+	"errors"
 	"strconv"
 	"sync"
 	"time"
@@ -210,6 +211,7 @@ var resetScript = rueidis.NewLuaScript(luaScript("reset"))
 // unavailable meanwhile.
 func (w *SharedWallet) dataLost(gen, why string) {
 	w.auditMismatch.Store(true)
+	w.condemned.Store(&gen)
 	if !w.resetting.CompareAndSwap(false, true) {
 		return
 	}
@@ -222,14 +224,22 @@ func (w *SharedWallet) dataLost(gen, why string) {
 		defer w.resetting.Store(false)
 		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 		defer cancel()
-		err := resetScript.Exec(ctx, w.rdb, []string{keyMeta, keySeqTrade},
-			[]string{gen, w.newGen(), strconv.Itoa(len(w.nodes))}).Error()
-		if err != nil {
+		if err := w.resetGen(ctx, gen); err != nil {
 			w.log.Error("shared wallet: reset after data loss", "err", err)
-			return // the next audit or Apply tries again
+			return // the watcher tries again (ensureGeneration: gen is condemned)
 		}
 		w.onGenerationLost()
 	}()
+}
+
+// resetGen resets generation gen (found rolled back) to a new one in state
+// rebuilding, unless another node did already.
+func (w *SharedWallet) resetGen(ctx context.Context, gen string) error {
+	if w.failResets.Load() > 0 && w.failResets.Add(-1) >= 0 {
+		return errors.New("persist: reset failed (test)")
+	}
+	return resetScript.Exec(ctx, w.rdb, []string{keyMeta, keySeqTrade},
+		[]string{gen, w.newGen(), strconv.Itoa(len(w.nodes))}).Error()
 }
 
 // expireEvery is how often the watcher expires idem/ rows.

@@ -3,6 +3,7 @@ package persist_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -508,6 +509,54 @@ func TestSharedRollbackOfADeadNodesOpsDetected(t *testing.T) {
 	b.close()
 	if c, d, _ := persisttest.CheckSharedConservation(t, rs.Addr, adir, b.dir); c != 150 || d != 80 {
 		t.Fatalf("credits %d debits %d, want 150 and 80", c, d)
+	}
+}
+
+// The same rollback, and the reset that should follow its detection fails
+// (a Redis timeout, a node's reset racing another's): the rolled-back
+// generation must stay out of service — b retries the reset, never serves
+// Apply against the returned balances. Before, b's watcher found the old
+// generation "ready" in le:meta on its next tick and used it again until
+// the next audit (~200 ms, every cycle while the reset failed): the 80
+// coins a spent came back and could be spent twice.
+func TestSharedRollbackWithAFailedResetStaysOutOfService(t *testing.T) {
+	rs := redistest.Start(t)
+	direct := directClient(t, rs.Addr)
+	nodes := []string{"a", "b"}
+	adir := t.TempDir()
+	a := openWalletNode(t, rs.Addr, adir, persist.SharedConfig{Node: "a", Nodes: nodes})
+	b := openWalletNode(t, rs.Addr, t.TempDir(), persist.SharedConfig{Node: "b", Nodes: nodes})
+	waitWalletsReady(t, a, b)
+	const u1 = 50
+	if _, err := b.w.Apply(persist.Op{User: u1, ReqID: "seed", Postings: []persist.Posting{{User: u1, Delta: 100, Reason: persist.ReasonDev}}}); err != nil {
+		t.Fatal(err)
+	}
+	snap := snapshotRedis(t, direct)
+	if _, err := a.w.Apply(persist.Op{User: u1, ReqID: "spent", Postings: []persist.Posting{{User: u1, Delta: -80, Reason: persist.ReasonGift}}}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "b to read a's count", func() bool { return persist.PeerSeen(b.w, "a") == 1 })
+	a.close()
+	persist.FailResets(b.w, 8) // ~8 watcher ticks of failed resets
+	restoreRedis(t, direct, snap)
+	waitFor(t, "b to notice the loss of a's ops", func() bool { return b.w.DataLosses() > 0 })
+	for i, until := 0, time.Now().Add(2*time.Second); time.Now().Before(until); i++ {
+		if b.w.Ready() {
+			t.Fatalf("b serves the rolled-back generation again after a failed reset (%d ms after the detection)", i*5)
+		}
+		if _, err := b.w.Apply(persist.Op{User: u1, ReqID: fmt.Sprint("again-", i), Postings: []persist.Posting{{User: u1, Delta: -80, Reason: persist.ReasonGift}}}); err == nil {
+			t.Fatal("the 80 coins a spent were spent again through b")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	a = openWalletNode(t, rs.Addr, adir, persist.SharedConfig{Node: "a", Nodes: nodes})
+	waitFor(t, "the rebuild with a back", func() bool {
+		return a.w.Ready() && b.w.Ready() && redisBalance(t, direct, u1) == 20
+	})
+	a.close()
+	b.close()
+	if c, d, _ := persisttest.CheckSharedConservation(t, rs.Addr, adir, b.dir); c != 100 || d != 80 {
+		t.Fatalf("credits %d debits %d, want 100 and 80", c, d)
 	}
 }
 

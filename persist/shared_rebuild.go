@@ -66,6 +66,21 @@ func (w *SharedWallet) ensureGeneration(ctx context.Context) error {
 		return fmt.Errorf("persist: shared wallet init: %w", err)
 	}
 	gen, state := vals[0], vals[1]
+	if c := w.condemned.Load(); c != nil && *c == gen {
+		// This node found gen rolled back and its reset has not happened
+		// (it failed): never ready again; reset it now, then rebuild.
+		w.gen.Store(nil)
+		if err := w.resetGen(ctx, gen); err != nil {
+			return fmt.Errorf("persist: reset of a rolled-back generation: %w", err)
+		}
+		vals, err = initScript.Exec(ctx, w.rdb, []string{keyMeta}, []string{w.newGen(), strconv.Itoa(len(w.nodes))}).AsStrSlice()
+		if err != nil {
+			return fmt.Errorf("persist: shared wallet init: %w", err)
+		}
+		if gen, state = vals[0], vals[1]; gen == *c {
+			return errors.New("persist: a rolled-back generation is still current")
+		}
+	}
 	if state == "ready" {
 		w.readyGen(gen)
 		return nil
