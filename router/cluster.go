@@ -183,6 +183,7 @@ type croom struct {
 	sub      *nats.Subscription
 	ep       string
 	prevEp   string
+	prevNext int64 // next in prevEp when the room left it (checkTails may go back)
 	next     int64
 	buf      []roomBatch
 	buffered int
@@ -762,18 +763,26 @@ func (c *Cluster) receive(st *croom, b roomBatch) {
 // acceptLocked delivers b in order, buffers it past a gap, or drops what was
 // already delivered. st.mu is held.
 func (c *Cluster) acceptLocked(st *croom, b roomBatch) {
-	st.lastAct = time.Now()
 	if b.ep != st.ep {
 		if b.ep == st.prevEp {
-			return // a straggler of the epoch before
+			// A straggler of the epoch before: dropped, and not counted as
+			// the room's activity — if this node left the room's real epoch
+			// for a stale one (a batch of an older epoch that arrived late,
+			// from a NATS reconnect buffer or a start-up stash), the room
+			// goes quiet here and the tail sweep takes it back to the epoch
+			// Redis holds (checkTails).
+			return
 		}
 		// A new epoch: the room's history was lost (or it had none) and
 		// numbering restarted at 1. Batches of the new epoch may arrive in
 		// any order, so the next one expected is 1, not this batch's first:
 		// anything before it is waited for, then read from the history.
-		st.prevEp, st.ep, st.next = st.ep, b.ep, 1
+		// Epochs have no order, so this may be an older one arriving late:
+		// where the room was is kept (prevNext) for the way back.
+		st.prevEp, st.prevNext, st.ep, st.next = st.ep, st.next, b.ep, 1
 		st.buf, st.buffered = nil, 0
 	}
+	st.lastAct = time.Now()
 	if b.last() < st.next {
 		return
 	}
@@ -942,11 +951,25 @@ func (c *Cluster) checkTails(idle time.Duration) {
 			}
 			st.mu.Lock()
 			switch {
-			case ep != st.ep && ep != "" && ep != st.prevEp:
+			case ep != st.ep && ep != "" && ep == st.prevEp:
+				// The room's epoch in Redis is the one this node left: the
+				// batch that moved it here was of an older epoch, late (a
+				// NATS reconnect buffer flushed after the history expired
+				// and a new epoch began). Back to where the room was, and
+				// what was dropped meanwhile is read from the history;
+				// otherwise every batch of the real epoch would be dropped
+				// as a straggler for as long as the room is busy.
+				c.log.Warn("room left its epoch for a stale one: back", "room", st.id, "stale", st.ep, "to", ep)
+				st.prevEp, st.ep, st.next, st.prevNext = st.ep, ep, st.prevNext, st.next
+				st.buf, st.buffered = nil, 0
+				if last >= st.next {
+					c.startFill(st, last)
+				}
+			case ep != st.ep && ep != "":
 				// A new epoch this node has not heard of (every batch of it
 				// lost on the way): it starts at 1.
 				c.log.Warn("room epoch changed unseen", "room", st.id, "from", st.ep, "to", ep)
-				st.prevEp, st.ep, st.next = st.ep, ep, 1
+				st.prevEp, st.prevNext, st.ep, st.next = st.ep, st.next, ep, 1
 				st.buf, st.buffered = nil, 0
 				if last >= 1 {
 					c.startFill(st, last)

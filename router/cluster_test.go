@@ -133,6 +133,67 @@ func TestLostOffsetSkipsOnlyTheHole(t *testing.T) {
 	consecutive(t, got, 2, 301)
 }
 
+// A batch of an older epoch that arrives late — buffered by a publisher's
+// NATS connection while it was away, flushed after the room's history
+// expired and a new epoch began — must not silence the room here. The node
+// took the unknown epoch for a new one, and then dropped every batch of the
+// real epoch as a straggler of "the epoch before", for as long as the room
+// stayed busy (each dropped batch counted as activity, so the tail sweep
+// never looked). Now the sweep finds Redis on the epoch the node left and
+// takes it back there, reading what was dropped from the history.
+func TestStaleEpochBatchNeverSilencesTheRoom(t *testing.T) {
+	env := clusterEnv{nats: natstest.Start(t), redis: redistest.Start(t)}
+	c := newCluster(t, env, "d", ClusterConfig{GapWait: 20 * time.Millisecond})
+	c.OpenRoom(1)
+	s := &offSink{id: 1}
+	if _, err := c.JoinAt(1, s, nil); err != nil {
+		t.Fatal(err)
+	}
+	c.mu.Lock()
+	st := c.rooms[1]
+	c.mu.Unlock()
+	items := func(n int) []seqItem {
+		out := make([]seqItem, n)
+		for i := range out {
+			out[i].p = proto.Push{Mid: "x", Room: 1, Data: []byte("{}")}
+		}
+		return out
+	}
+	next := func() int64 {
+		t.Helper()
+		b, err := c.number(1, items(1))
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.receive(st, b)
+		return b.last()
+	}
+	next()                                                                                 // offset 1 of the room's epoch
+	c.receive(st, roomBatch{ep: "stale", first: 1000, msgs: seqMsgs("stale", 1000, 1000)}) // the late one
+	var last int64
+	for until := time.Now().Add(5 * time.Second); time.Now().Before(until); time.Sleep(20 * time.Millisecond) {
+		prev := last
+		last = next() // the room stays busy: a push every 20 ms
+		if slices.Contains(s.got(), prev) {
+			break // delivered again (the room's pump delivers after receive returns)
+		}
+	}
+	for until := time.Now().Add(time.Second); !slices.Contains(s.got(), last) && time.Now().Before(until); {
+		time.Sleep(5 * time.Millisecond)
+	}
+	got := s.got()
+	if !slices.Contains(got, last) {
+		t.Fatalf("the room went silent after a stale epoch's batch: delivered %v, last numbered %d", got, last)
+	}
+	var real []int64
+	for _, o := range got {
+		if o != 1000 {
+			real = append(real, o)
+		}
+	}
+	consecutive(t, real, 1, last)
+}
+
 // The linger sweep between JoinAt's subscribe and its Local join must not
 // drop the room: the member would sit in a room this node no longer hears.
 func TestDropIdleNeverDuringAJoin(t *testing.T) {
