@@ -98,12 +98,30 @@ func (c *Conn) ID() uint64 { return c.id }
 // UserID implements router.Session.
 func (c *Conn) UserID() int64 { return c.ident.UserID }
 
-// Send implements router.Session: queue f, never block.
+// Send implements router.Session: queue f, never block. Its reliable pushes
+// are tracked before f is queued: its writer may write it at once, and an
+// ack that came before the tracking was lost — the push resent, then handed
+// on at close as unacked (a duplicate on the user's next connection).
 func (c *Conn) Send(f *router.Frame) bool {
-	if !c.enqueue(f) {
+	if !c.trackAll(f) {
 		return false
 	}
-	return c.trackAll(f)
+	queued := c.enqueue(f)
+	if c.srv.afterEnqueue != nil {
+		c.srv.afterEnqueue(c, f)
+	}
+	if queued {
+		return true
+	}
+	// Refused: the connection is closing (or just closed as a slow
+	// consumer). Tracked, f's reliable pushes are handed on by the close
+	// (stopAcks), so f counts as sent; a frame with none is not sent.
+	for i := range f.Msgs {
+		if f.Msgs[i].Ack {
+			return true
+		}
+	}
+	return false
 }
 
 // trackAll tracks f's reliable pushes; false: the connection closed before

@@ -1,5 +1,7 @@
 package gateway
 
+import "github.com/liveedge/liveedge/router"
+
 // ConnUsers is the number of users holding a connection slot (the per-user
 // count map's size), for tests that check the map stays bounded.
 func (s *Server) ConnUsers() int { return s.users.size() }
@@ -20,4 +22,34 @@ func (s *Server) WriterTook(user int64) bool {
 		}
 	}
 	return false
+}
+
+// AckRightAfterEnqueue makes every Conn.Send of s ack the frame's reliable
+// pushes right after it is queued — as a client does that reads and acks
+// a push before the sending goroutine runs again.
+func (s *Server) AckRightAfterEnqueue() {
+	s.afterEnqueue = func(c *Conn, f *router.Frame) {
+		var mids []string
+		for _, m := range f.Msgs {
+			if m.Ack {
+				mids = append(mids, m.Mid)
+			}
+		}
+		c.acked(mids)
+	}
+}
+
+// PendingAcks is the number of reliable pushes user's connections wait an
+// ack for.
+func (s *Server) PendingAcks(user int64) int {
+	n := 0
+	for _, c := range s.snapshot() {
+		if c.ident.UserID != user {
+			continue
+		}
+		c.ackMu.Lock()
+		n += len(c.pending)
+		c.ackMu.Unlock()
+	}
+	return n
 }

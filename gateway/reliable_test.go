@@ -57,6 +57,26 @@ func TestReliablePushResentUntilAcked(t *testing.T) {
 	}
 }
 
+// A client may ack a push as soon as the connection's writer has written
+// it — before the goroutine that queued it runs again. The push must be
+// tracked by then: an ack that found nothing tracked was lost, and the push
+// was resent, given up on and handed on at close as unacked — delivered
+// again on the user's next connection.
+func TestReliablePushAckedBeforeItsSenderRunsAgain(t *testing.T) {
+	n, r := resendingNode(t, 50*time.Millisecond, 4, 8, 500)
+	n.WS.AckRightAfterEnqueue()
+	mid, reached := n.Router.SendUser(500, proto.Push{Biz: proto.BizWalletCredit, Data: []byte(`{"balance":1,"delta":1,"reason":"dev"}`), Ack: true})
+	if reached != 1 {
+		t.Fatalf("reached %d sessions", reached)
+	}
+	if k := countPushes(r, mid, time.Second); k != 1 {
+		t.Fatalf("push delivered %d times, want once (acked)", k)
+	}
+	if p := n.WS.PendingAcks(500); p != 0 {
+		t.Fatalf("%d pushes still wait an ack after theirs came", p)
+	}
+}
+
 // resendingNode starts a node that resends reliable pushes after after, tries
 // times (offlineMax: ws.offline_max, 0 = the default), and connects user to
 // it (batch frames).

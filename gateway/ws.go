@@ -25,6 +25,10 @@ const connShards = 16
 // Server is the WebSocket side of a node: upgrades, per-connection reader and
 // writer, heartbeat sweeping and frame dispatch. It implements gws.Event.
 type Server struct {
+	// afterEnqueue, in tests only, runs in Conn.Send right after the frame
+	// is queued (where its writer may already have written it).
+	afterEnqueue func(c *Conn, f *router.Frame)
+
 	cfg        configs.Config
 	log        *slog.Logger
 	auth       *Auth
