@@ -202,6 +202,13 @@ type openOrder struct {
 	created int64 // unix ms
 	user    int64
 	counted bool // in openOf (MaxOpenPerUser)
+	// creditDoubt: the order's credit was answered in doubt (it may still
+	// land: the shared wallet settles it later, with the order's PAYED
+	// record). The order is not closed meanwhile — a close and then the
+	// late credit would both stand, and a redelivered payment on the
+	// closed order be refunded on top of the credit. Cleared when the
+	// wallet settles the op (onSettled) or a credit is answered.
+	creditDoubt bool
 	// order is the order as last durably written (an immutable copy,
 	// replaced on each write under the order's lock), so that Get of an open
 	// order — every notify, query and close — is a map read, not a Pebble
@@ -919,6 +926,9 @@ func (s *Service) markPaid(o Order, id int64, ev Event, evRec persist.Record, no
 	})
 	if err != nil {
 		s.openWritten(id, o, false)
+		if !errors.Is(err, persist.ErrWalletUnavailable) { // else nothing moved
+			s.setCreditDoubt(id, true)
+		}
 		s.cfg.Log.Error("pay: credit failed", "order", o.OrderID, "err", err)
 		return NotifyRetry, "retry"
 	}
@@ -980,6 +990,9 @@ func (s *Service) moveLocked(o *Order, id int64, to, why string, extra *persist.
 	if !CanMove(o.Status, to) {
 		return proto.Errorf(proto.CodeOrderState, "order is %s; cannot move to %s", o.Status, to)
 	}
+	if to == StatusInvalid && s.creditInDoubt(id) {
+		return errCreditInDoubt
+	}
 	from := o.Status
 	now := s.cfg.Now().UnixMilli()
 	o.Status, o.UpdatedAt, o.Note = to, now, why
@@ -1036,6 +1049,26 @@ func (s *Service) openWritten(id int64, o Order, ok bool) {
 		}
 		s.open[id] = oo
 	}
+}
+
+// errCreditInDoubt refuses to close an order whose credit may still land.
+var errCreditInDoubt = errors.New("pay: the order's credit is in doubt (the wallet settles it): not closed")
+
+// setCreditDoubt marks (or clears) open order id's credit as in doubt.
+func (s *Service) setCreditDoubt(id int64, doubt bool) {
+	s.openMu.Lock()
+	defer s.openMu.Unlock()
+	if oo, found := s.open[id]; found {
+		oo.creditDoubt = doubt
+		s.open[id] = oo
+	}
+}
+
+// creditInDoubt reports whether open order id's credit is in doubt.
+func (s *Service) creditInDoubt(id int64) bool {
+	s.openMu.Lock()
+	defer s.openMu.Unlock()
+	return s.open[id].creditDoubt
 }
 
 func (s *Service) closeOpen(id int64) {
@@ -1108,11 +1141,15 @@ type creditPush struct {
 // may not come at all (the order was PAYED by the op's own records).
 func (s *Service) onSettled(st persist.Settled) {
 	orderID, ok := strings.CutPrefix(st.ReqID, "pay:")
-	if !ok || !st.Ran || len(st.Result.Balances) == 0 || len(st.Postings) == 0 {
+	if !ok {
 		return
 	}
 	id, err := strconv.ParseInt(orderID, 10, 64)
 	if err != nil {
+		return
+	}
+	if !st.Ran || len(st.Result.Balances) == 0 || len(st.Postings) == 0 {
+		s.setCreditDoubt(id, false) // it did not land: the order may close
 		return
 	}
 	s.closeOpen(id) // PAYED by the op's records

@@ -2,6 +2,7 @@ package pay_test
 
 import (
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -84,5 +85,79 @@ func TestPaymentInDoubtPushedWhenTheWalletSettlesIt(t *testing.T) {
 	}
 	if b, err := w.Balance(7); err != nil || b != o.Coins {
 		t.Fatalf("balance %d (%v), want %d: credited once", b, err, o.Coins)
+	}
+}
+
+// An order whose credit is in doubt is not closed by its timeout (nor by a
+// FAILED event) until the wallet settles the credit: closed first, the late
+// credit still landed (with the order's PAYED record) and a redelivered
+// payment on the closed order was refunded on top — coins credited and a
+// refund owed for the same payment.
+func TestOrderWithACreditInDoubtIsNotClosed(t *testing.T) {
+	rs := redistest.Start(t)
+	px := redistest.StartProxy(t, rs.Addr)
+	st, w := persisttest.OpenSharedWallet(t, px.Addr, persist.SharedConfig{Node: "a", CallTimeout: time.Second})
+	if _, err := w.Apply(persist.Op{User: 1, ReqID: "warm", Postings: []persist.Posting{{User: 1, Delta: 1, Reason: persist.ReasonDev}}}); err != nil {
+		t.Fatal(err)
+	}
+	var off atomic.Int64
+	clock := func() time.Time { return time.Now().Add(time.Duration(off.Load())) }
+	const secret = "settle-test-secret-0123456789abcdef"
+	svc, err := pay.New(st, w, router.NewLocal("a", router.LocalConfig{}), pay.Config{Node: "a", Secrets: []string{secret},
+		OrderTimeout: time.Minute, ReconcileAfter: time.Second, ReconcileEvery: time.Hour, Now: clock})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(svc.Close)
+	o, err := svc.CreateOrder(7, pay.CreateReq{ProductID: 1, Channel: "mock", ReqID: "r1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, _ := pay.ParseOrderID(o.OrderID)
+	notify := func(ev, status string) int {
+		body, _ := proto.Marshal(pay.Event{EventID: ev, OrderID: o.OrderID, Amount: o.Amount, Status: status, PaidAt: clock().UnixMilli()})
+		code, _ := svc.Notify("mock", pay.Sign(secret, clock(), body), body)
+		return code
+	}
+	px.LoseReply("le:seq:trade", 3*time.Second) // the credit ran in Redis; its reply is lost
+	if code := notify("ev1", "SUCCESS"); code != pay.NotifyRetry {
+		t.Fatalf("notify with the credit's reply lost: %d, want retry", code)
+	}
+	off.Store(int64(10 * time.Minute)) // past the timeout; no provider to ask: "not paid"
+	svc.Reconcile()
+	time.Sleep(200 * time.Millisecond) // the reconciler's worker
+	if cur, err := svc.Get(id); err != nil || !pay.OpenStatus(cur.Status) {
+		t.Fatalf("order %+v (%v) closed while its credit is in doubt", cur, err)
+	}
+	if code := notify("ev2", "FAILED"); code != pay.NotifyRetry {
+		t.Fatalf("FAILED while the credit is in doubt: %d, want retry", code)
+	}
+	if code := notify("ev1", "SUCCESS"); code == pay.NotifyOK {
+		if cur, _ := svc.Get(id); cur.Status != pay.StatusPayed {
+			t.Fatalf("redelivery answered OK with the order %s", cur.Status)
+		}
+	}
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		cur, err := svc.Get(id)
+		if err == nil && cur.Status == pay.StatusPayed {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the credit never settled: order %+v %v", cur, err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if code := notify("ev1", "SUCCESS"); code != pay.NotifyOK {
+		t.Fatalf("redelivery after the settle: %d", code)
+	}
+	if b, err := w.Balance(7); err != nil || b != o.Coins {
+		t.Fatalf("balance %d (%v), want %d", b, err, o.Coins)
+	}
+	if _, err := st.Get(persist.Key([]byte("rec/refund/"), uint64(id))); err == nil {
+		t.Fatal("a refund is recorded for the payment that was credited")
+	}
+	if cur, _ := svc.Get(id); cur.Status != pay.StatusPayed {
+		t.Fatalf("order %s, want PAYED", cur.Status)
 	}
 }
