@@ -98,6 +98,10 @@ type SharedWallet struct {
 	// it ran; the watcher settles them (as a restart would).
 	unsettledMu sync.Mutex
 	unsettled   map[uint64]unsettledOp
+	// nUnsettled counts the intents left to the watcher (in unsettled, or
+	// being retried); maxUnsettled bounds it.
+	nUnsettled   atomic.Int64
+	maxUnsettled int64
 	// busy are the requests (user, req_id) this node is applying, or whose
 	// outcome is unsettled (under unsettledMu): a duplicate meanwhile waits
 	// for the first to be answered (up to dupWait) and then replays it, or
@@ -184,6 +188,11 @@ const minClaimTTL = 15 * time.Second
 // nil: claimed now. (SET NX GET does this in one command, from Redis 7.0.)
 var claimScript = rueidis.NewLuaScript(luaScript("claim"))
 
+// DefaultMaxUnsettled is SharedConfig.MaxUnsettled's default: ops whose
+// outcome a node waits to learn (an op holds its postings and records, ~1
+// KB, and an intent row); past it new ops are refused as unavailable.
+const DefaultMaxUnsettled = 4096
+
 // SharedConfig configures a SharedWallet.
 type SharedConfig struct {
 	Node  string   // this node's id
@@ -194,6 +203,9 @@ type SharedConfig struct {
 	// CallTimeout bounds the Redis calls of one Apply (zero: 5 s); an
 	// outcome still unknown then is settled by the watcher (ErrInProgress).
 	CallTimeout time.Duration
+	// MaxUnsettled bounds the ops whose outcome this node waits to learn
+	// (zero: DefaultMaxUnsettled); see SharedWallet.Apply.
+	MaxUnsettled int
 	// Contribute, if set, adds more of this node's durable state to a
 	// rebuilding generation, after its ledger, through add (ops as in
 	// contribScript; "hset" for a hash field), in batches numbered apart from
@@ -248,7 +260,10 @@ func NewSharedWallet(store *Store, rdb rueidis.Client, cfg SharedConfig) (*Share
 	if cfg.CallTimeout <= 0 {
 		cfg.CallTimeout = defaultCallTimeout
 	}
-	w := &SharedWallet{store: store, rdb: rdb, node: cfg.Node, nodes: cfg.Nodes, log: cfg.Log,
+	if cfg.MaxUnsettled <= 0 {
+		cfg.MaxUnsettled = DefaultMaxUnsettled
+	}
+	w := &SharedWallet{maxUnsettled: int64(cfg.MaxUnsettled), store: store, rdb: rdb, node: cfg.Node, nodes: cfg.Nodes, log: cfg.Log,
 		now: cfg.Now, ttl: DefaultIdemTTL, dupWait: defaultDupWait, callTimeout: cfg.CallTimeout, extra: cfg.Contribute,
 		unsettled: map[uint64]unsettledOp{}, busy: map[busyKey]*busyReq{}, asyncSlots: make(chan struct{}, maxAsyncApplies)}
 	// Intent numbers are never reused (le:applied:<node> is keyed by them):
@@ -461,6 +476,13 @@ func (w *SharedWallet) Apply(op Op) (Result, error) {
 	if gen == nil || *gen == "" {
 		return Result{}, ErrWalletUnavailable
 	}
+	if w.nUnsettled.Load() >= w.maxUnsettled {
+		// Redis has been unreachable for long under load: every op left
+		// its intent and its records here for the watcher. Refused before
+		// anything is written (nothing moved), so memory and the intents
+		// on disk stay bounded until the watcher settles what is waiting.
+		return Result{}, ErrWalletUnavailable
+	}
 	in := intent{User: op.User, ReqID: op.ReqID, Gen: *gen, At: w.now().UnixMilli(),
 		Postings: op.Postings, Tallies: op.Tallies, Static: op.Static}
 	if in.ReqID == "" {
@@ -551,6 +573,7 @@ func (w *SharedWallet) Apply(op Op) (Result, error) {
 			return Result{}, ErrWalletUnavailable
 		}
 		w.log.Error("shared wallet: outcome unknown, the watcher will settle it", "intent", no, "err", err, "resolve_err", rerr)
+		w.nUnsettled.Add(1)
 		w.unsettle(unsettledOp{no: no, in: in, records: op.Records, doubt: true})
 		return Result{}, ErrInDoubt
 	case status == "gen":
@@ -585,6 +608,7 @@ func (w *SharedWallet) Apply(op Op) (Result, error) {
 		// the outcome is settled later (by the watcher or a restart), so the
 		// caller is told to retry with the same req_id, never "failed".
 		w.log.Error("shared wallet: ledger write failed after the script ran, will retry", "intent", no, "err", err)
+		w.nUnsettled.Add(1)
 		w.unsettle(unsettledOp{no: no, in: in, records: op.Records, doubt: true})
 		return Result{}, ErrInDoubt
 	}
@@ -594,6 +618,7 @@ func (w *SharedWallet) Apply(op Op) (Result, error) {
 	if err := w.markDone(ctx, no, in, payload); err != nil {
 		// Durable already: the caller gets its ok; the watcher retries.
 		w.log.Warn("shared wallet: marking a request done failed, will retry", "intent", no, "err", err)
+		w.nUnsettled.Add(1)
 		w.unsettle(unsettledOp{no: no, in: in})
 	}
 	return r, nil
@@ -819,6 +844,7 @@ func (w *SharedWallet) retryUnsettled() {
 			w.unsettle(u)
 		default:
 			w.log.Info("shared wallet: intent settled", "intent", no, "ran", out == outcomeDone)
+			w.nUnsettled.Add(-1)
 			done = append(done, u.in)
 			if u.doubt {
 				r.Replayed = true

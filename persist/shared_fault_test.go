@@ -560,6 +560,44 @@ func TestSharedRollbackWithAFailedResetStaysOutOfService(t *testing.T) {
 	}
 }
 
+// With Redis unreachable, every op leaves its intent on disk and its
+// records in memory for the watcher (its outcome unknown): past
+// MaxUnsettled they are refused before anything is written — as
+// unavailable, nothing moved — so a long outage under load does not grow
+// them without bound (it did: one per request, for as long as it lasted).
+// Once Redis is back the watcher settles what waits, and ops run again.
+func TestSharedUnsettledOpsAreBounded(t *testing.T) {
+	rs := redistest.Start(t)
+	px := redistest.StartProxy(t, rs.Addr)
+	st, w := persisttest.OpenSharedWallet(t, px.Addr, persist.SharedConfig{Node: "a", CallTimeout: 200 * time.Millisecond, MaxUnsettled: 3})
+	op := func(req string) persist.Op {
+		return persist.Op{User: 7, ReqID: req, Postings: []persist.Posting{{User: 7, Delta: 10, Reason: persist.ReasonDev}}}
+	}
+	if _, err := w.Apply(op("warm")); err != nil {
+		t.Fatal(err)
+	}
+	px.LoseReply("EVALSHA", 3*time.Second) // the next script's reply lost; then Redis refuses connections
+	doubt, refused := 0, 0
+	for i := range 8 {
+		_, err := w.Apply(op(fmt.Sprint("r", i)))
+		switch {
+		case errors.Is(err, persist.ErrWalletUnavailable):
+			refused++
+		case err != nil:
+			doubt++
+		default:
+			t.Fatalf("op %d applied with Redis unreachable", i)
+		}
+	}
+	if n := intents(t, st); doubt > 3 || n > 3 || refused < 5 {
+		t.Fatalf("%d ops left in doubt, %d intents on disk, %d refused: want at most 3 waiting", doubt, n, refused)
+	}
+	waitFor(t, "the watcher to settle what waits once Redis is back", func() bool { return intents(t, st) == 0 })
+	if _, err := w.Apply(op("after")); err != nil {
+		t.Fatalf("an op once Redis is back: %v", err)
+	}
+}
+
 func idemRows(t *testing.T, st *persist.Store) (reqs []string) {
 	t.Helper()
 	if err := st.Scan(persist.PrefixIdem, func(k, _ []byte) error {
