@@ -86,9 +86,10 @@ type Contest struct {
 	EndsAt time.Time
 	Over   bool
 
-	live   bool // recorded and announced (a reserved contest is not yet)
-	ending bool // its final record is being written: scores are frozen
-	timer  *time.Timer
+	live    bool // recorded and announced (a reserved contest is not yet)
+	closing bool // its time is up: no new PK gift; those in flight still score (endGrace)
+	ending  bool // its final record is being written: scores are frozen
+	timer   *time.Timer
 }
 
 // Progress is the d of biz 5558.
@@ -139,6 +140,7 @@ type Service struct {
 	tallies Tallies
 	log     *slog.Logger
 	keep    time.Duration // how long an ended contest stays (keepOver; tests shorten it)
+	grace   time.Duration // from a contest's end time to its final score (endGrace; tests change it)
 	ttl     time.Duration // invitation TTL (0 = InviteTTL; tests shorten it)
 	sh      *shared       // cluster mode (NewShared): the state is in Redis
 
@@ -160,7 +162,7 @@ func New(r router.Router, isOpen func(int64) bool, st Store, tallies Tallies, lo
 	if log == nil {
 		log = slog.Default()
 	}
-	return &Service{router: r, isOpen: isOpen, store: st, tallies: tallies, log: log, keep: keepOver,
+	return &Service{router: r, isOpen: isOpen, store: st, tallies: tallies, log: log, keep: keepOver, grace: endGrace,
 		byRoom: map[int64]*Contest{}, contests: map[string]*Contest{},
 		invites: map[string]*Invitation{}, invitesN: map[int64]int{},
 		inviteRate: limit.New(InvitesPerMinute, time.Minute, InviteBurst, nil)}
@@ -459,7 +461,7 @@ func (s *Service) Running(room int64) (id, tally string, ok bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	c := s.byRoom[room]
-	if c == nil || !c.live || c.Over || c.ending {
+	if c == nil || !c.live || c.Over || c.ending || c.closing {
 		return "", "", false
 	}
 	return c.ID, TallyName(c.ID), true
@@ -517,19 +519,62 @@ func (s *Service) Get(id string) (Contest, bool) {
 	return *c, true
 }
 
-// end finishes c exactly once: its scores freeze, its final record is made
-// durable, then the final push goes out. If the record cannot be written the
-// end is retried (scores stay frozen, no push) until it can, or the service
-// closes (a restart then ends the contest).
-func (s *Service) end(c *Contest) { s.finish(c, false) }
+// endGrace is how long after a contest's end time its final score is taken:
+// from the end time no gift joins the contest (Running says no), and the
+// gifts already on their way — debited in a group commit or a Redis call
+// when the time came — still score meanwhile. The final score is also never
+// below the contest's durable tallies (a PK gift debited whose score was
+// never added — slower than the grace, or its node died — still counts).
+// Before, a PK gift sent in the contest's last milliseconds was debited and
+// tallied but left out of the result.
+const endGrace = time.Second
 
+// end closes c at its end time (no new PK gift) and finishes it endGrace
+// later.
+func (s *Service) end(c *Contest) {
+	s.mu.Lock()
+	if c.Over || s.closed || c.ending || c.closing {
+		s.mu.Unlock()
+		return
+	}
+	c.closing = true
+	if s.grace > 0 {
+		c.timer = time.AfterFunc(s.grace, func() { s.finish(c, false) })
+		s.mu.Unlock()
+		return
+	}
+	s.mu.Unlock()
+	s.finish(c, false)
+}
+
+// finish finishes c exactly once: its scores freeze (raised to its durable
+// tallies), its final record is made durable, then the final push goes
+// out. If the record cannot be written the end is retried (scores stay
+// frozen, no push) until it can, or the service closes (a restart then
+// ends the contest).
 func (s *Service) finish(c *Contest, retry bool) {
+	var t [2]int64
+	tallied := s.tallies != nil && !retry
+	for i := range c.Rooms {
+		if !tallied {
+			break
+		}
+		v, err := s.tallies(TallyName(c.ID), c.Rooms[i])
+		if err != nil {
+			s.log.Warn("pk: final score without the tallies", "pk_id", c.ID, "err", err)
+			tallied = false
+		}
+		t[i] = v
+	}
 	s.mu.Lock()
 	if c.Over || s.closed || (c.ending && !retry) {
 		s.mu.Unlock()
 		return
 	}
 	c.ending = true
+	if tallied {
+		c.Scores[0], c.Scores[1] = max(c.Scores[0], t[0]), max(c.Scores[1], t[1])
+	}
 	rec := c.record()
 	rec.Seq++ // the final push's
 	s.writes.Add(1)

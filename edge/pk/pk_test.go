@@ -61,6 +61,7 @@ func TestEndRetriedUntilDurableAndPushedOnce(t *testing.T) {
 	}
 	noTallies := func(string, int64) (int64, error) { return 0, nil }
 	s := New(rt, func(int64) bool { return true }, fs, noTallies, nil)
+	s.grace = 0 // the final score at the end time: this test is about its record's retries
 	c, err := s.Start(1, 2, time.Second)
 	if err != nil {
 		t.Fatal(err)
@@ -161,6 +162,7 @@ func TestEndedContestForgotten(t *testing.T) {
 	rt.OpenRoom(2)
 	s := New(rt, func(int64) bool { return true }, st, func(string, int64) (int64, error) { return 0, nil }, nil)
 	s.keep = 200 * time.Millisecond
+	s.grace = 0 // ended at its end time: this test is about forgetting it
 	defer s.Close()
 	c, err := s.Start(1, 2, time.Second)
 	if err != nil {
@@ -184,5 +186,58 @@ func TestEndedContestForgotten(t *testing.T) {
 	}
 	if _, ok := s.Get(c.ID); ok {
 		t.Fatal("forgotten contest still readable")
+	}
+}
+
+// A PK gift on its way when the contest's time is up — past Running, its
+// debit in the group commit — still scores: from the end time no gift
+// joins (Running says no), and the final score is taken endGrace later,
+// never below the contest's durable tallies (a PK gift whose score was
+// never added still counts). Before, the timer froze the scores at the
+// end time: the last-second gift was debited and tallied, and left out.
+func TestGiftOnItsWayAtTheEndStillScores(t *testing.T) {
+	rt := router.NewLocal("t", router.LocalConfig{})
+	rt.OpenRoom(1)
+	rt.OpenRoom(2)
+	v := &routertest.Recorder{SessionID: 1, User: 1000}
+	if _, err := rt.Join(1, v); err != nil {
+		t.Fatal(err)
+	}
+	var tally atomic.Int64 // room 2's durable tally (the wallet's)
+	tallies := func(name string, room int64) (int64, error) {
+		if room == 2 {
+			return tally.Load(), nil
+		}
+		return 0, nil
+	}
+	s := New(rt, func(int64) bool { return true }, nil, tallies, nil)
+	s.grace = 400 * time.Millisecond
+	c, err := s.Start(1, 2, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, _, ok := s.Running(1) // a PK gift to room 1 sets off
+	if !ok || id != c.ID {
+		t.Fatalf("running %q %v", id, ok)
+	}
+	time.Sleep(time.Until(c.EndsAt) + 50*time.Millisecond) // the end time passes while it is in the commit
+	if _, _, ok := s.Running(1); ok {
+		t.Fatal("a new PK gift joins after the contest's end time")
+	}
+	s.AddScore(1, c.ID, 20) // its debit is durable now
+	tally.Store(7)          // room 2: a PK gift debited whose score was never added
+	var final *Progress
+	for deadline := time.Now().Add(3 * time.Second); final == nil && time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		for _, p := range progress(v) {
+			if p.Over {
+				final = &p
+			}
+		}
+	}
+	if final == nil {
+		t.Fatal("no final push")
+	}
+	if final.Scores["1"] != 20 || final.Scores["2"] != 7 || final.Winner != 1 {
+		t.Fatalf("final %+v, want 20:7 won by room 1", *final)
 	}
 }

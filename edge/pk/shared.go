@@ -96,6 +96,7 @@ type running struct {
 	pending  [2]int64 // PK gifts not yet added in Redis
 	flushing bool
 	ended    bool // over (here or elsewhere): this node adds and pushes nothing more
+	closing  bool // its time is up here: no new PK gift (endGrace before end.lua)
 	// ending: an end attempt of this replica is in flight; another one
 	// waits for its outcome instead.
 	ending bool
@@ -264,8 +265,21 @@ func (s *Service) adopt(c Contest) *running {
 	r := &running{c: c, token: hex.EncodeToString(tok[:])}
 	s.sh.byID[c.ID] = r
 	s.sh.byRoom[c.Rooms[0]], s.sh.byRoom[c.Rooms[1]] = r, r
-	r.timer = time.AfterFunc(max(0, time.Until(c.EndsAt)), func() { s.endShared(r) })
+	r.timer = time.AfterFunc(max(0, time.Until(c.EndsAt)), func() { s.closeAtEnd(r) })
 	return r
+}
+
+// closeAtEnd closes r at its end time on this node (no new PK gift) and
+// ends it cluster-wide endGrace later: the gifts debited meanwhile — their
+// tallies are in Redis with their debits — count in end.lua's scores.
+func (s *Service) closeAtEnd(r *running) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed || r.ended || r.closing {
+		return
+	}
+	r.closing = true
+	r.timer = time.AfterFunc(s.grace, func() { s.endShared(r) })
 }
 
 // forget drops r from the replica (it is over).
@@ -385,7 +399,7 @@ func (s *Service) runningShared(room int64) (string, string, bool) {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if r.ended {
+	if r.ended || r.closing || !time.Now().Before(r.c.EndsAt) {
 		return "", "", false
 	}
 	return r.c.ID, TallyName(r.c.ID), true
