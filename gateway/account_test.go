@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/liveedge/liveedge/edge/gift"
+	"github.com/liveedge/liveedge/edge/redpacket"
 	"github.com/liveedge/liveedge/gateway"
 	"github.com/liveedge/liveedge/gateway/nodetest"
 	"github.com/liveedge/liveedge/gateway/proto"
@@ -157,4 +158,74 @@ func TestFrozenAccountMovesNothing(t *testing.T) {
 	if cr != 1000 || db != 20 { // the dev credit, the one gift
 		t.Fatalf("credits %d debits %d", cr, db)
 	}
+}
+
+// A frozen account moves no coins through tickets or red packets either:
+// a ticket order (provider-paid or with coins) is refused with 20004 and
+// leaves neither an order nor a pay order; a frozen anchor's rain is not
+// prepared (its debit) and a frozen viewer grabs nothing (its credit).
+// Before, only gifts and POST /pay/orders checked the freeze.
+func TestFrozenAccountBuysNoTicketsAndMovesNoRain(t *testing.T) {
+	cfg := rpConfig(t)
+	n := nodetest.Start(t, cfg)
+	admin := nodetest.Token(t, n, 9000, gateway.RoleAdmin)
+	const buyer, anchor, viewer = 60, 61, 62
+	devCredit(t, n, buyer, 1000)
+	devCredit(t, n, anchor, 1000)
+	var prog struct {
+		Code int `json:"code"`
+		Data struct {
+			ProgramID int64 `json:"program_id"`
+		} `json:"data"`
+	}
+	if st := nodetest.DoJSON(t, "POST", nodetest.HTTPURL(n)+"/api/v1/admin/programs", admin, programBody, &prog); st != 200 || prog.Code != 0 {
+		t.Fatalf("program: %d %+v", st, prog)
+	}
+	for _, u := range []int64{buyer, anchor, viewer} {
+		if st, _ := setStatus(t, n, admin, u, `{"status":2}`); st != 200 {
+			t.Fatalf("freeze %d: %d", u, st)
+		}
+	}
+	for _, pay := range []string{"mock", "coins"} {
+		var out struct {
+			Code int `json:"code"`
+		}
+		body := fmt.Sprintf(`{"program_id":%d,"category_id":1,"count":1,"req_id":"f-%s","pay":%q}`, prog.Data.ProgramID, pay, pay)
+		if st := nodetest.DoJSON(t, "POST", nodetest.HTTPURL(n)+"/api/v1/tickets/orders", nodetest.Token(t, n, buyer, gateway.RoleViewer), body, &out); st != 403 || out.Code != proto.CodeAccountFrozen {
+			t.Fatalf("frozen buyer's %s ticket order: %d %d, want 403 %d", pay, st, out.Code, proto.CodeAccountFrozen)
+		}
+	}
+	if v, err := n.Tickets.Program(prog.Data.ProgramID); err != nil || v.Categories[0].Remaining != 10 {
+		t.Fatalf("seats after the refused orders: %+v %v", v, err)
+	}
+	room := nodetest.OpenRoom(t, n, anchor, 0)
+	st, r := rpCall(t, n, anchor, "POST", fmt.Sprintf("/rooms/%d/redpackets", room), `{"total_amount":100,"total_count":2,"duration_s":30}`)
+	if st != 200 || r.Code != 0 {
+		t.Fatalf("create rain: %d %+v", st, r)
+	}
+	code := r.Data.Code
+	if st, r := rpCall(t, n, anchor, "POST", "/redpackets/"+code+"/prepare", ""); st != 403 || r.Code != proto.CodeAccountFrozen {
+		t.Fatalf("frozen anchor's prepare: %d %+v", st, r)
+	}
+	if b, _ := n.Ledger.Balance(anchor); b != 1000 {
+		t.Fatalf("frozen anchor's balance %d", b)
+	}
+	if st, _ := setStatus(t, n, admin, anchor, `{"status":1}`); st != 200 {
+		t.Fatalf("unfreeze: %d", st)
+	}
+	if st, r := rpCall(t, n, anchor, "POST", "/redpackets/"+code+"/prepare", ""); st != 200 || r.Data.State != redpacket.StatePrepared {
+		t.Fatalf("prepare once unfrozen: %d %+v", st, r)
+	}
+	if st, r := rpCall(t, n, anchor, "POST", "/redpackets/"+code+"/start", ""); st != 200 || r.Data.State != redpacket.StateRunning {
+		t.Fatalf("start: %d %+v", st, r)
+	}
+	var log pushLog
+	c := joinedViewer(t, n, viewer, room, &log)
+	if _, err := c.Grab(context.Background(), code); nodetest.CodeOf(err) != proto.CodeAccountFrozen {
+		t.Fatalf("frozen viewer's grab: %v, want %d", err, proto.CodeAccountFrozen)
+	}
+	if b, _ := n.Ledger.Balance(viewer); b != 0 {
+		t.Fatalf("frozen viewer's balance %d", b)
+	}
+	persisttest.CheckConservation(t, n.Ledger)
 }

@@ -339,7 +339,7 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 	}
 	n.Tickets, err = ticket.New(n.Store, n.Wallet, n.Pay, n.Router, ticket.Config{
 		PayTimeout: cfg.Tickets.PayTimeout.D(), OrdersPerMinute: cfg.Tickets.OrdersPerMinute, MaxPrograms: cfg.Tickets.MaxPrograms, MaxSeats: cfg.Tickets.MaxSeats, Log: log,
-		NextProgramID: n.nextProgramID(), Coupons: cstore, SharedPlaces: places})
+		NextProgramID: n.nextProgramID(), Coupons: cstore, SharedPlaces: places, Frozen: n.Accounts.Frozen})
 	if err != nil {
 		return nil, err
 	}

@@ -42,7 +42,7 @@ func (n *Node) newRedPackets() (err error) {
 	n.RedPackets, err = redpacket.New(n.Store, n.Wallet, n.Router, redpacket.Config{
 		Peers: peers, Claim: claim, Unclaim: unclaim, RoomRun: roomRun, RoomDone: roomDone,
 		Node: n.Config.Node.ID, Pool: pool,
-		AnchorOf: n.Rooms.AnchorOf, InRoom: n.Router.UserInRoom,
+		AnchorOf: n.Rooms.AnchorOf, InRoom: n.Router.UserInRoom, Frozen: n.Accounts.Frozen,
 		MaxCount: cfg.MaxCount, MaxTotal: cfg.MaxTotal, MaxDuration: cfg.MaxDuration.D(),
 		MaxPerAnchor: cfg.MaxPerAnchor, OnePerUser: cfg.OnePerUser,
 		PrepareInterval: cfg.PrepareInterval.D(), StartInterval: cfg.StartInterval.D(),

@@ -97,6 +97,9 @@ func (s *Service) CreateBizOrder(r BizOrderReq, extra ...persist.Record) (Order,
 	if r.Biz == "" || r.Biz == BizCoins || s.business(r.Biz) == nil {
 		return Order{}, errors.New("pay: CreateBizOrder of an unregistered business " + r.Biz)
 	}
+	if err := s.refuseFrozen(r.User); err != nil {
+		return Order{}, err
+	}
 	now := s.cfg.Now().UnixMilli()
 	o := Order{OrderID: strconv.FormatInt(r.ID, 10), UserID: r.User, Amount: r.Amount, Channel: r.Channel,
 		Biz: r.Biz, Status: StatusPaying, ReqID: r.ReqID, CreatedAt: now, UpdatedAt: now, ExpiresAt: r.ExpiresAt}

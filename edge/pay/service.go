@@ -512,6 +512,21 @@ var Channels = map[string]bool{"mock": true}
 // KnownChannel reports whether channel is one of Channels.
 func KnownChannel(channel string) bool { return Channels[channel] }
 
+// refuseFrozen answers 20004 for a frozen user (Config.Frozen).
+func (s *Service) refuseFrozen(user int64) error {
+	if s.cfg.Frozen == nil {
+		return nil
+	}
+	frozen, err := s.cfg.Frozen(user)
+	if err != nil {
+		return err
+	}
+	if frozen {
+		return proto.Errorf(proto.CodeAccountFrozen, "account frozen: no orders can be created")
+	}
+	return nil
+}
+
 // CreateOrder creates (idempotently per user and req_id) an order in PAYING
 // with its pay_url.
 func (s *Service) CreateOrder(user int64, r CreateReq) (Order, error) {
@@ -531,14 +546,8 @@ func (s *Service) CreateOrder(user int64, r CreateReq) (Order, error) {
 	if !ok || !p.Valid {
 		return Order{}, proto.Errorf(proto.CodeProductNotFound, "product not found")
 	}
-	if s.cfg.Frozen != nil {
-		frozen, err := s.cfg.Frozen(user)
-		if err != nil {
-			return Order{}, err
-		}
-		if frozen {
-			return Order{}, proto.Errorf(proto.CodeAccountFrozen, "account frozen: no orders can be created")
-		}
+	if err := s.refuseFrozen(user); err != nil {
+		return Order{}, err
 	}
 	if s.cfg.WorkerHeld != nil && !s.cfg.WorkerHeld() {
 		return Order{}, errors.New("pay: order-id worker lease not held; refusing to make order ids")

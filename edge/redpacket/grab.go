@@ -68,6 +68,10 @@ func (s *Service) GrabAsync(user int64, code string, done func(GrabReply, *proto
 		done(GrabReply{}, proto.ErrRateLimited)
 		return
 	}
+	if perr := s.frozen(user); perr != nil {
+		done(GrabReply{}, perr)
+		return
+	}
 	claimed, perr := s.claim(code, user, endsAt)
 	if perr != nil {
 		done(GrabReply{}, perr)

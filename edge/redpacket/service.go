@@ -39,6 +39,10 @@ type Config struct {
 	// InRoom reports whether user is in room (the node: a session of the
 	// user joined the room on this node). A grab from anyone else is 10003.
 	InRoom func(room, user int64) bool
+	// Frozen tells whether a user's account is frozen (edge/account): a
+	// frozen anchor prepares no rain (its debit) and a frozen viewer grabs
+	// nothing (its credit): 20004, nothing moves. nil = none is.
+	Frozen func(user int64) (bool, error)
 
 	MaxCount    int           // packets per rain (0 = DefaultMaxCount, ≤ MaxCount)
 	MaxTotal    int64         // coins per rain (0 = DefaultMaxTotal, ≤ MaxTotal)
@@ -568,6 +572,12 @@ func (s *Service) prepare(anchor int64, code string, limited bool) (View, error)
 			s.idle(r)
 			return View{}, perr
 		}
+		if rec.Pending == "" { // a new prepare (one in doubt is settled whatever)
+			if perr := s.frozen(anchor); perr != nil {
+				s.idle(r)
+				return View{}, perr
+			}
+		}
 	}
 	prepared := rec
 	prepared.State, prepared.PreparedAt, prepared.Pending = StatePrepared, s.cfg.Now().UnixMilli(), ""
@@ -878,6 +888,26 @@ func inDoubt(err error) bool {
 	var pe *proto.Error
 	return !errors.Is(err, persist.ErrWalletUnavailable) && !errors.Is(err, persist.ErrInsufficient) &&
 		!errors.Is(err, persist.ErrClosed) && !errors.Is(err, errNotSent) && !errors.As(err, &pe)
+}
+
+// errFrozen refuses a frozen account's prepare or grab.
+var errFrozen = proto.Errorf(proto.CodeAccountFrozen, "account frozen: no coins move to or from it")
+
+// frozen answers errFrozen for a frozen user (Config.Frozen), an internal
+// error when the status cannot be read (nothing moved).
+func (s *Service) frozen(user int64) *proto.Error {
+	if s.cfg.Frozen == nil {
+		return nil
+	}
+	fr, err := s.cfg.Frozen(user)
+	if err != nil {
+		s.log.Warn("red packet: account status not read", "user", user, "err", err)
+		return proto.ErrInternal
+	}
+	if fr {
+		return errFrozen
+	}
+	return nil
 }
 
 // errNotSent wraps a failure before a wallet op was sent.

@@ -1028,6 +1028,9 @@ func (s *Service) grabVia(owner string, user int64, code string) (GrabReply, *pr
 	case !s.grabLimit.Allow(s.grabKey(user, code)):
 		return GrabReply{}, proto.ErrRateLimited, false
 	}
+	if perr := s.frozen(user); perr != nil {
+		return GrabReply{}, perr, false
+	}
 	claimed, perr := s.claim(code, user, endsAt)
 	if perr != nil {
 		return GrabReply{}, perr, false

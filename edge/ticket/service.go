@@ -39,6 +39,10 @@ type Config struct {
 	// Coupons keeps the coupons (nil = this node's Pebble, PebbleCoupons; a
 	// cluster: SharedCoupons in Redis, usable through every node).
 	Coupons CouponStore
+	// Frozen tells whether a user's account is frozen (edge/account): a
+	// frozen user places no order (20004; a replay of a req_id still
+	// answers its order). nil = none is.
+	Frozen func(user int64) (bool, error)
 
 	// Hook, in tests only (nil in production), is called at the saga's
 	// named points: "fail:<step>" before a step (an error fails the step)
@@ -355,6 +359,13 @@ func (s *Service) place(user int64, r PlaceReq) (Order, error) {
 		return s.replay(int64(persist.DecodeUint64(v)))
 	} else if !errors.Is(err, persist.ErrNotFound) {
 		return Order{}, err
+	}
+	if s.cfg.Frozen != nil {
+		if frozen, err := s.cfg.Frozen(user); err != nil {
+			return Order{}, err
+		} else if frozen {
+			return Order{}, proto.Errorf(proto.CodeAccountFrozen, "account frozen: no orders can be placed")
+		}
 	}
 	if perr := limit.Both(s.placeLimit, s.cfg.SharedPlaces, uint64(user), s.tooMany, s.cfg.Log); perr != nil {
 		return Order{}, perr
