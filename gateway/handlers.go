@@ -166,6 +166,11 @@ func (s *Server) leave(c *Conn, f *proto.ClientFrame) (any, *proto.Error) {
 	return nil, nil
 }
 
+// chatPeekFactor: a user's chats with a req_id are looked up (peek) at most
+// this many times the chat rate; beyond it they are refused (10429) without
+// a lookup.
+const chatPeekFactor = 4
+
 type chatReply struct {
 	Mid string `json:"mid"`
 }
@@ -182,6 +187,12 @@ func (s *Server) chatMsg(c *Conn, f *proto.ClientFrame) (any, *proto.Error) {
 	// retry takes no token) by a read that changes nothing; only a chat the
 	// limit lets through claims its req_id (a refused one costs no write).
 	if r.ReqID != "" {
+		if !s.chatPeeks.Allow(uint64(c.ident.UserID)) {
+			// Retries are few; a flood of fresh req_ids would otherwise
+			// cost a Redis read each (in a cluster) however many the chat
+			// limit then refuses.
+			return nil, proto.ErrRateLimited
+		}
 		if mid, perr := s.chatOnce.peek(c.ident.UserID, r.ReqID); perr != nil || mid != "" {
 			if perr != nil {
 				return nil, perr

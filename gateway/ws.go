@@ -29,12 +29,15 @@ type Server struct {
 	// is queued (where its writer may already have written it).
 	afterEnqueue func(c *Conn, f *router.Frame)
 
-	cfg        configs.Config
-	log        *slog.Logger
-	auth       *Auth
-	router     router.Router
-	metrics    *metrics
-	chat       *limit.Keyed
+	cfg     configs.Config
+	log     *slog.Logger
+	auth    *Auth
+	router  router.Router
+	metrics *metrics
+	chat    *limit.Keyed
+	// chatPeeks bounds the chats with a req_id looked up before the chat
+	// limit (a Redis read in a cluster): chatPeekFactor × the chat rate.
+	chatPeeks  *limit.Keyed
 	chatShared *limit.Shared                // the chat limit across a cluster's nodes (nil: off)
 	elsewhere  func(user int64) (int, bool) // ServerDeps.SessionsElsewhere
 	joins      *limit.Keyed                 // JoinsPerSecond per connection
@@ -105,6 +108,9 @@ func newServer(d ServerDeps) *Server {
 		chat: d.ChatLimit, chatShared: d.ChatShared, joins: limit.New(JoinsPerSecond, time.Second, max(JoinBurst, 2*d.Config.WS.MaxRoomsPerConn), nil), gifts: d.Gifts, roomOpen: d.RoomOpen, rp: d.RedPackets, grab: d.Grab, elsewhere: d.SessionsElsewhere, stop: make(chan struct{}), writerq: make(chan *Conn)}
 	if s.chatOnce = d.ChatOnce; s.chatOnce == nil {
 		s.chatOnce = newMemChatOnce()
+	}
+	if n := d.Config.Limits.ChatPerSecond; n > 0 {
+		s.chatPeeks = limit.New(chatPeekFactor*n, time.Second, chatPeekFactor*n, nil)
 	}
 	for i := range s.shards {
 		s.shards[i].conns = map[uint64]*Conn{}
