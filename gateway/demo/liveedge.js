@@ -248,7 +248,12 @@ var LiveClient = class _LiveClient {
     if (o?.reqId) d.req_id = o.reqId;
     return this.request("chat", d, o);
   }
-  /** Sends a gift; reqId makes it idempotent (a retry with the same reqId moves nothing again); pk scores it in the room's PK. */
+  /**
+   * Sends a gift; reqId makes it idempotent (a retry with the same reqId moves nothing again); pk
+   * scores it in the room's PK. Without a reqId one is made: a failed call's error carries it as
+   * `reqId` — retry with it, never with a new one (a gift whose answer was lost may have been
+   * debited, and a new reqId debits again).
+   */
   gift(g, o) {
     const d = {
       room_id: g.roomId,
@@ -258,7 +263,10 @@ var LiveClient = class _LiveClient {
       req_id: g.reqId ?? randomId()
     };
     if (g.pk) d.pk = true;
-    return this.request("gift", d, o);
+    return this.request("gift", d, o).catch((e) => {
+      if (e instanceof Error) Object.assign(e, { reqId: d.req_id });
+      throw e;
+    });
   }
   /**
    * Grabs a packet of the red-packet rain `code` (biz 5560); you must be in its
@@ -375,16 +383,12 @@ var LiveClient = class _LiveClient {
         const s = sinceOf(r);
         if (s && st.since === sent && (!sent || r.recovered === false || s.ep !== sent.ep)) st.since = s;
       } catch (e) {
-        if (e instanceof ReplyError && (e.code === 5e4 || e.code === 10429)) {
+        if (!(e instanceof ReplyError) || e.code === 5e4 || e.code === 10429) {
           transient = true;
           return;
         }
-        if (e instanceof ReplyError) {
-          this.rooms.delete(room);
-          this.emitState({ state: "room_dropped", room, error: e });
-          return;
-        }
-        throw e;
+        this.rooms.delete(room);
+        this.emitState({ state: "room_dropped", room, error: e });
       }
     });
     await Promise.all(joins);

@@ -381,7 +381,12 @@ export class LiveClient {
     if (o?.reqId) d.req_id = o.reqId;
     return this.request("chat", d, o);
   }
-  /** Sends a gift; reqId makes it idempotent (a retry with the same reqId moves nothing again); pk scores it in the room's PK. */
+  /**
+   * Sends a gift; reqId makes it idempotent (a retry with the same reqId moves nothing again); pk
+   * scores it in the room's PK. Without a reqId one is made: a failed call's error carries it as
+   * `reqId` — retry with it, never with a new one (a gift whose answer was lost may have been
+   * debited, and a new reqId debits again).
+   */
   gift(
     g: { roomId: number; giftId: number; receiverId: number; count?: number; reqId?: string; pk?: boolean },
     o?: { timeout?: number },
@@ -394,7 +399,10 @@ export class LiveClient {
       req_id: g.reqId ?? randomId(),
     };
     if (g.pk) d.pk = true;
-    return this.request("gift", d, o);
+    return this.request("gift", d, o).catch((e: unknown) => {
+      if (e instanceof Error) Object.assign(e, { reqId: d.req_id });
+      throw e;
+    });
   }
   /**
    * Grabs a packet of the red-packet rain `code` (biz 5560); you must be in its
@@ -526,19 +534,19 @@ export class LiveClient {
         const s = sinceOf(r);
         if (s && st.since === sent && (!sent || r.recovered === false || s.ep !== sent.ep)) st.since = s;
       } catch (e) {
-        if (e instanceof ReplyError && (e.code === 50000 || e.code === 10429)) {
-          // Not a refusal of the room (a Redis or NATS blip in the node's
-          // join, or its rate): this connection is given up below and the
-          // client reconnects with its back-off, the room kept.
+        if (!(e instanceof ReplyError) || e.code === 50000 || e.code === 10429) {
+          // Not a refusal of the room: no answer in time (a late reply,
+          // maybe recovered:false, would be thrown away: its gap never
+          // reported), the connection dropped, or a Redis or NATS blip in
+          // the node's join, or its rate. This connection is given up below
+          // and the client reconnects with its back-off, the room kept and
+          // joined again with the same since (as the Go SDK does) — never
+          // "connected" with a room the node may not have joined.
           transient = true;
           return;
         }
-        if (e instanceof ReplyError) {
-          this.rooms.delete(room);
-          this.emitState({ state: "room_dropped", room, error: e });
-          return;
-        }
-        throw e;
+        this.rooms.delete(room);
+        this.emitState({ state: "room_dropped", room, error: e });
       }
     });
     await Promise.all(joins);

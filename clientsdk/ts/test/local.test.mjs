@@ -227,6 +227,46 @@ test("a re-join answered 50000 keeps the room: the client reconnects with its ba
   assert.deepEqual([...c.joinedRooms().keys()], [9]);
 });
 
+test("a re-join not answered in time is not taken for a join: the client reconnects and joins the room again", async () => {
+  const srv = await server((conn, n) => {
+    if (n === 1) {
+      conn.onFrame = (f) => {
+        // Answered, but after the request timeout (a slow node): too late.
+        if (f.t === "join") setTimeout(() => conn.send({ t: "reply", id: f.id, code: 0, msg: "ok", d: { room_id: 9, online: 1 } }), 600);
+      };
+    } else {
+      answer(conn);
+    }
+  });
+  const c = await collect({ urls: srv.url, token: "t", requestTimeoutMs: 300 });
+  await c.join(9);
+  srv.conns[0].ws.close(1001, "going away");
+  await eventually(() => srv.conns.length >= 3 && srv.conns[2].frames.some((f) => f.t === "join" && f.d.room_id === 9), 5000, "room 9 joined on a third connection");
+  await eventually(() => c.ev.states.filter((s) => s.state === "connected").length === 2, 5000, "connected again");
+  const connected = c.ev.states.filter((s) => s.state === "connected").length;
+  assert.equal(connected, 2, "connected reported for the connection whose re-join timed out");
+  assert.deepEqual([...c.joinedRooms().keys()], [9]);
+});
+
+test("a gift without a reqId that fails carries the reqId it was sent with: its retry moves nothing twice", async () => {
+  const srv = await server((conn) => {
+    let gifts = 0;
+    conn.onFrame = (f) => {
+      if (f.t !== "gift") return;
+      if (gifts++ === 0) return; // the first answer is lost
+      conn.send({ t: "reply", id: f.id, code: 0, msg: "ok", d: { order_id: "1", balance: 5 } });
+    };
+  });
+  const c = await collect({ urls: srv.url, token: "t", requestTimeoutMs: 300 });
+  const err = await c.gift({ roomId: 9, giftId: 1, receiverId: 2 }).catch((e) => e);
+  assert.equal(err.name, "TimeoutError");
+  const sent = srv.conns[0].frames.filter((f) => f.t === "gift");
+  assert.ok(err.reqId && err.reqId === sent[0].d.req_id, `the error carries the gift's req_id (${err.reqId})`);
+  await c.gift({ roomId: 9, giftId: 1, receiverId: 2, reqId: err.reqId });
+  const all = srv.conns[0].frames.filter((f) => f.t === "gift");
+  assert.equal(all[1].d.req_id, all[0].d.req_id, "the retry is the same gift");
+});
+
 test("a request whose connection drops before it is written waits for the next connection (not DisconnectedError)", async () => {
   const srv = await server((conn) => answer(conn));
   const c = await collect({ urls: srv.url, token: "t" });
