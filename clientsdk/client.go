@@ -51,6 +51,10 @@ type Client struct {
 	stopped    bool
 
 	events chan event // reader/run loop → dispatcher; closed by the run loop
+	// undelivered are the reliable pushes queued for OnPush and not yet
+	// handed to it (at most the queue's size): acked only once delivered,
+	// and a resend of one meanwhile is neither queued again nor acked.
+	undelivered map[string]struct{} // under mu
 
 	cbMu         sync.Mutex
 	cbRunning    bool
@@ -114,6 +118,7 @@ var startIndex = func(n int) int { return rand.IntN(n) }
 
 type event struct {
 	push  Push
+	ack   bool // push is reliable: ack it once OnPush returned
 	state *StateEvent
 }
 
@@ -136,6 +141,7 @@ func Dial(ctx context.Context, cfg Config) (*Client, error) {
 		readyCh:      make(chan struct{}),
 		rooms:        make(map[int64]*roomPos),
 		events:       make(chan event, cfg.EventBuffer),
+		undelivered:  map[string]struct{}{},
 		dispatchDone: make(chan struct{}),
 	}
 	c.ctx, c.cancel = context.WithCancel(context.Background())
@@ -869,9 +875,15 @@ func (c *Client) emit(ev event) bool {
 	}
 }
 
-// dispatch is the one goroutine that calls OnPush and OnState.
+// dispatch is the one goroutine that calls OnPush and OnState. A reliable
+// push is acked once OnPush has returned (acks gathered while more events
+// wait, sent on the current connection): one queued and never delivered —
+// the client closed first — is not acked, so the node hands it on to the
+// user's next connection instead of taking it as delivered.
 func (c *Client) dispatch() {
 	defer close(c.dispatchDone)
+	var acks []string
+	defer func() { c.ackDelivered(acks) }()
 	for ev := range c.events {
 		c.cbMu.Lock()
 		if c.cbStopped {
@@ -885,6 +897,16 @@ func (c *Client) dispatch() {
 			c.cfg.OnState(*ev.state)
 		} else {
 			c.cfg.OnPush(ev.push)
+			if ev.ack {
+				c.mu.Lock()
+				delete(c.undelivered, ev.push.Mid)
+				c.mu.Unlock()
+				acks = append(acks, ev.push.Mid)
+			}
+		}
+		if len(acks) > 0 && (len(c.events) == 0 || len(acks) >= proto.MaxAckMids) {
+			c.ackDelivered(acks)
+			acks = acks[:0]
 		}
 
 		c.cbMu.Lock()
@@ -895,4 +917,27 @@ func (c *Client) dispatch() {
 			return
 		}
 	}
+}
+
+// ackDelivered acks delivered reliable pushes on the current connection (on
+// none while reconnecting: the node resends them to the next one, where
+// they are acked as duplicates, not delivered again).
+func (c *Client) ackDelivered(mids []string) {
+	if len(mids) == 0 {
+		return
+	}
+	c.mu.Lock()
+	s := c.sess
+	c.mu.Unlock()
+	if s != nil {
+		s.sendAcks(mids)
+	}
+}
+
+// queuedUndelivered reports whether reliable push mid waits in the queue.
+func (c *Client) queuedUndelivered(mid string) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	_, ok := c.undelivered[mid]
+	return ok
 }

@@ -58,11 +58,15 @@
 //     ErrDisconnected; it is never resent, because requests need not be
 //     idempotent. A request issued while reconnecting waits for the connection,
 //     bounded by its context or Config.RequestTimeout.
-//   - Push handling: every push with "ack":true is acknowledged (the acks of
-//     one received frame, a batch included, go out as one ack frame), and
-//     pushes are de-duplicated by mid across reconnects within a bounded window
-//     (Config.DedupWindow mids). A duplicate is acknowledged again, since the
-//     server may have missed the first ack, but is not delivered again.
+//   - Push handling: every push with "ack":true is acknowledged once OnPush
+//     has returned for it (the acks gathered while more events wait go out as
+//     one ack frame): one still queued when the client closes is never
+//     delivered and not acknowledged, so the server hands it on to the user's
+//     next connection. Pushes are de-duplicated by mid across reconnects
+//     within a bounded window (Config.DedupWindow mids). A duplicate is
+//     acknowledged again at once, since the server may have missed the first
+//     ack, but is not delivered again — unless its first copy still waits for
+//     OnPush: that one's ack covers both.
 //
 // # Concurrency
 //

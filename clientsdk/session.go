@@ -318,14 +318,21 @@ func (s *session) handle(f *proto.ServerFrame, acks []string) []string {
 		cl.ch <- reply{code: f.Code, msg: f.Msg, d: append([]byte(nil), f.D...)}
 	case proto.TypePush:
 		c.stats.pushes.Add(1)
-		if f.Ack && f.Mid != "" {
-			acks = append(acks, f.Mid)
+		reliable := f.Ack && f.Mid != ""
+		// A duplicate is acked here (delivered before, or dropped), unless
+		// its first copy still waits in the queue: that one is acked once
+		// OnPush has it (dispatch), not before.
+		dupAck := func() []string {
+			if reliable && !c.queuedUndelivered(f.Mid) {
+				return append(acks, f.Mid)
+			}
+			return acks
 		}
 		if f.Room != 0 && f.Off > 0 {
 			deliver, gap, prev := c.advance(f.Room, f.Off, f.Ep)
 			if !deliver {
 				c.stats.offDups.Add(1)
-				return acks
+				return dupAck()
 			}
 			if gap {
 				// Pushes between the last seen and this one are lost on
@@ -342,14 +349,26 @@ func (s *session) handle(f *proto.ServerFrame, acks []string) []string {
 		// push a user push's mid out of it before its resend arrives.
 		if f.Mid != "" && (f.Room == 0 || f.Off == 0 || f.Ack) && c.dedup.seen(f.Mid) {
 			c.stats.dups.Add(1)
-			return acks
+			return dupAck()
 		}
 		if c.cfg.OnPush == nil {
+			if reliable {
+				acks = append(acks, f.Mid) // nobody to deliver to: received is all
+			}
 			return acks
 		}
 		p := Push{Mid: f.Mid, Biz: f.Biz, Room: f.Room, Off: f.Off, Ep: f.Ep, Ack: f.Ack, Data: append([]byte(nil), f.D...)}
-		if c.emit(event{push: p}) {
+		if reliable {
+			c.mu.Lock()
+			c.undelivered[f.Mid] = struct{}{}
+			c.mu.Unlock()
+		}
+		if c.emit(event{push: p, ack: reliable}) {
 			c.stats.delivered.Add(1)
+		} else if reliable {
+			c.mu.Lock()
+			delete(c.undelivered, f.Mid) // not queued: the client stopped; not acked
+			c.mu.Unlock()
 		}
 	default:
 		c.log.Debug("clientsdk: ignoring server frame", "t", f.T)
