@@ -223,6 +223,10 @@ type RedPacket struct {
 	PrepareInterval Duration `yaml:"prepare_interval"`
 	StartInterval   Duration `yaml:"start_interval"`
 	GrabInterval    Duration `yaml:"grab_interval"` // one grab per user per code per interval
+	// GrabsPerSecond bounds a user's grabs on a node over every code (a
+	// grab of a code no rain has still costs a lookup, in a cluster a NATS
+	// request); more → 10429 (0 = off).
+	GrabsPerSecond int `yaml:"grabs_per_second"`
 }
 
 // Tickets configures ticket sales (edge/ticket).

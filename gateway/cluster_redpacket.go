@@ -113,6 +113,10 @@ func replyData(v any, err error) ([]byte, *proto.Error) {
 // other nodes (a lease, a reclaim round, a forward): on a goroutine of its
 // own, bounded by the connection's in-flight limit.
 func (n *Node) grabAsync(user int64, code string, done func(any, *proto.Error)) {
+	if !n.grabs.Allow(uint64(user)) {
+		done(nil, proto.ErrRateLimited)
+		return
+	}
 	if owner, err := n.rainOwner(code); err == nil && owner == "" && !n.shardedRains() {
 		n.RedPackets.GrabAsync(user, code, func(rep redpacket.GrabReply, perr *proto.Error) {
 			if perr != nil {

@@ -56,7 +56,12 @@ func (a *API) rainOp(c *app.RequestContext, op string) {
 		a.fail(c, proto.BadRequest("code must be 1..%d bytes", proto.MaxRedPacketCodeLen))
 		return
 	}
-	b, perr := a.node.redPacket(op, identOf(c).UserID, code)
+	user := identOf(c).UserID
+	if op == "rp.grab" && !a.node.grabs.Allow(uint64(user)) {
+		a.fail(c, proto.ErrRateLimited)
+		return
+	}
+	b, perr := a.node.redPacket(op, user, code)
 	a.jsonReply(c, b, perr)
 }
 

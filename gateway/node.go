@@ -65,6 +65,11 @@ type Node struct {
 	rains atomic.Pointer[redpacket.Service]
 	// owners are the nodes last seen holding the worker leases (workerOwner).
 	owners ownersSeen
+	// grabs bounds a user's grabs over every code (redpacket.grabs_per_second): the
+	// rain's own limit is per (user, code), and a grab of a code no rain has
+	// still costs a lookup — in a cluster a NATS request to the node its
+	// worker id names.
+	grabs *limit.Keyed
 
 	// Accounts holds account statuses (frozen users): Pebble in local
 	// mode, Redis in shared mode.

@@ -39,6 +39,7 @@ func (n *Node) newRedPackets() (err error) {
 		prepares = limit.NewShared(n.Redis, "rpprep", 1, cfg.PrepareInterval.D(), 1)
 		starts = limit.NewShared(n.Redis, "rpstart", 1, cfg.StartInterval.D(), 1)
 	}
+	n.grabs = limit.New(cfg.GrabsPerSecond, time.Second, max(1, cfg.GrabsPerSecond), nil)
 	n.RedPackets, err = redpacket.New(n.Store, n.Wallet, n.Router, redpacket.Config{
 		Peers: peers, Claim: claim, Unclaim: unclaim, RoomRun: roomRun, RoomDone: roomDone,
 		Node: n.Config.Node.ID, Pool: pool,

@@ -716,3 +716,45 @@ func TestRedPacketCancelSurvivesRestart(t *testing.T) {
 		t.Fatalf("audit %d %d %d %v", cr, db, bal, err)
 	}
 }
+
+// A user's grabs over every code are bounded (redpacket.grabs_per_second):
+// the rain's own limit is per (user, code), and a grab of a code no rain has
+// still cost a lookup — in a cluster a NATS request to the node its worker
+// id names — so a client cycling made-up codes was bounded only by its
+// frames in flight.
+func TestGrabsOfMadeUpCodesAreRateLimitedPerUser(t *testing.T) {
+	cfg := rpConfig(t)
+	cfg.RedPacket.GrabsPerSecond = 20
+	n := nodetest.Start(t, cfg)
+	r := dial(t, n, 50, nodetest.RawOptions{})
+	const grabs = 200
+	for i := range grabs {
+		if err := r.Send(fmt.Sprintf(`{"t":"grab","id":%d,"d":{"code":"nosuchcode%04d"}}`, 100+i, i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	limited := 0
+	for got := 0; got < grabs; {
+		f := r.Next(10 * time.Second)
+		if f.T == "" {
+			t.Fatalf("%d of %d replies", got, grabs)
+		}
+		if f.ID < 100 {
+			continue
+		}
+		got++
+		if f.Code == proto.CodeRateLimited {
+			limited++
+		}
+	}
+	if limited < grabs-60 {
+		t.Fatalf("%d of %d grabs of made-up codes refused 10429: want all but about a second's worth", limited, grabs)
+	}
+	// HTTP counts toward the same bound.
+	var out struct {
+		Code int `json:"code"`
+	}
+	if st := nodetest.DoJSON(t, "POST", nodetest.HTTPURL(n)+"/api/v1/redpackets/nosuchcode/grab", nodetest.Token(t, n, 50, gateway.RoleViewer), "", &out); st != 429 || out.Code != proto.CodeRateLimited {
+		t.Fatalf("an HTTP grab right after: %d %d, want 429", st, out.Code)
+	}
+}

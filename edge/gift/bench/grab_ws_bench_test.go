@@ -103,6 +103,7 @@ func startLiveEdgeGrab(b testing.TB, k knobs, batch bool) (*gateway.Node, client
 	cfg.Log.Level = "warn"
 	cfg.RedPacket.OnePerUser = false
 	cfg.RedPacket.GrabInterval = configs.Duration(0)
+	cfg.RedPacket.GrabsPerSecond = 0 // every connection grabs again and again, as fast as it can
 	cfg.RedPacket.PrepareInterval, cfg.RedPacket.StartInterval = 0, 0
 	cfg.RedPacket.MaxCount = 1_000_000
 	node := nodetest.Start(b, cfg)
