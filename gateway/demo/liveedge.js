@@ -103,9 +103,6 @@ var Dedup = class {
   }
 };
 var OPEN = 1;
-function sleep(ms) {
-  return new Promise((r) => setTimeout(r, ms));
-}
 var STABLE_AFTER_MS = 3e4;
 var LiveClient = class _LiveClient {
   constructor(opts) {
@@ -316,8 +313,16 @@ var LiveClient = class _LiveClient {
       }, this.o.requestTimeoutMs);
       const fail = (e) => {
         clearTimeout(timer);
+        this.connecting = void 0;
         ws.onmessage = ws.onclose = ws.onerror = null;
         reject(e);
+      };
+      this.connecting = () => {
+        fail(new ClosedError(this.closeCause));
+        try {
+          ws.close(Close.Normal);
+        } catch {
+        }
       };
       ws.onerror = (ev) => {
         errMsg = String(ev?.message ?? ev?.error?.message ?? "");
@@ -338,6 +343,7 @@ var LiveClient = class _LiveClient {
         const i = frames.findIndex((x) => x && x.t === "hello");
         if (i < 0) return;
         clearTimeout(timer);
+        this.connecting = void 0;
         const hello2 = frames[i].d;
         this.helloFrame = hello2;
         this.ws = ws;
@@ -433,7 +439,7 @@ var LiveClient = class _LiveClient {
       const cap = Math.min(this.o.reconnectMaxMs, this.o.reconnectMinMs * 2 ** Math.min(n - 1 + floor, 30));
       const delayMs = Math.floor(Math.random() * cap);
       this.emitState({ state: "reconnecting", attempt: n, delayMs });
-      await sleep(delayMs);
+      await this.backoff(delayMs);
       if (this.closed) return;
       try {
         await this.attempt(reason, n);
@@ -455,11 +461,27 @@ var LiveClient = class _LiveClient {
       }
     }
   }
+  /** Waits ms before a reconnect attempt; close() ends the wait at once. */
+  backoff(ms) {
+    return new Promise((resolve) => {
+      const t = setTimeout(() => {
+        this.wake = void 0;
+        resolve();
+      }, ms);
+      this.wake = () => {
+        clearTimeout(t);
+        this.wake = void 0;
+        resolve();
+      };
+    });
+  }
   terminate(cause) {
     this.closed = true;
     this.closeCause = cause;
     this.ready = false;
     this.stopHeartbeat();
+    this.wake?.();
+    this.connecting?.();
     const ws = this.ws;
     this.ws = null;
     if (ws) {

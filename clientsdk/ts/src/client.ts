@@ -207,9 +207,6 @@ interface Waiter {
 
 const OPEN = 1;
 
-function sleep(ms: number): Promise<void> {
-  return new Promise((r) => setTimeout(r, ms));
-}
 
 /** How long a connection must last for its reconnect to start the backoff afresh. */
 const STABLE_AFTER_MS = 30_000;
@@ -242,6 +239,10 @@ export class LiveClient {
   private joining = new Map<number, RoomState>();
   private dedup: Dedup;
   private hb: ReturnType<typeof setInterval> | undefined;
+  /** Ends the reconnect back-off's wait (close()). */
+  private wake: (() => void) | undefined;
+  /** Closes the socket waiting for its hello (close()). */
+  private connecting: (() => void) | undefined;
   private lastSend = 0;
   private pushListeners = new Set<(p: Push) => void>();
   private stateListeners = new Set<(e: StateEvent) => void>();
@@ -459,8 +460,19 @@ export class LiveClient {
       }, this.o.requestTimeoutMs);
       const fail = (e: Error) => {
         clearTimeout(timer);
+        this.connecting = undefined;
         ws.onmessage = ws.onclose = ws.onerror = null;
         reject(e);
+      };
+      // close() while this socket waits for its hello: closed at once, its
+      // timer cleared (nothing keeps a Node process alive after close()).
+      this.connecting = () => {
+        fail(new ClosedError(this.closeCause));
+        try {
+          ws.close(Close.Normal);
+        } catch {
+          /* not open yet */
+        }
       };
       ws.onerror = (ev: any) => {
         errMsg = String(ev?.message ?? ev?.error?.message ?? "");
@@ -482,6 +494,7 @@ export class LiveClient {
         const i = frames.findIndex((x) => x && x.t === "hello");
         if (i < 0) return;
         clearTimeout(timer);
+        this.connecting = undefined;
         const hello = (frames[i] as { d: Hello }).d;
         // Switch to the session's handlers now, not after an await: frames
         // that follow the hello in the same read are dispatched at once.
@@ -595,7 +608,7 @@ export class LiveClient {
       const cap = Math.min(this.o.reconnectMaxMs, this.o.reconnectMinMs * 2 ** Math.min(n - 1 + floor, 30));
       const delayMs = Math.floor(Math.random() * cap);
       this.emitState({ state: "reconnecting", attempt: n, delayMs });
-      await sleep(delayMs);
+      await this.backoff(delayMs);
       if (this.closed) return;
       try {
         await this.attempt(reason, n);
@@ -618,11 +631,28 @@ export class LiveClient {
     }
   }
 
+  /** Waits ms before a reconnect attempt; close() ends the wait at once. */
+  private backoff(ms: number): Promise<void> {
+    return new Promise((resolve) => {
+      const t = setTimeout(() => {
+        this.wake = undefined;
+        resolve();
+      }, ms);
+      this.wake = () => {
+        clearTimeout(t);
+        this.wake = undefined;
+        resolve();
+      };
+    });
+  }
+
   private terminate(cause: Error | undefined): void {
     this.closed = true;
     this.closeCause = cause;
     this.ready = false;
     this.stopHeartbeat();
+    this.wake?.();
+    this.connecting?.();
     const ws = this.ws;
     this.ws = null;
     if (ws) {

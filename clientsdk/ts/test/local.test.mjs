@@ -267,6 +267,19 @@ test("a gift without a reqId that fails carries the reqId it was sent with: its 
   assert.equal(all[1].d.req_id, all[0].d.req_id, "the retry is the same gift");
 });
 
+test("close() while reconnecting leaves no timer or socket behind", async () => {
+  const timers = () => process.getActiveResourcesInfo().filter((r) => r === "Timeout").length;
+  const srv = await server((conn) => answer(conn), (n) => n > 0); // later upgrades refused: it keeps reconnecting
+  const before = timers();
+  const c = await connect({ urls: srv.url, token: "t", reconnectMinMs: 2000, reconnectMaxMs: 4000, heartbeatMs: 60000 });
+  srv.conns[0].ws.close(1001, "going away");
+  await eventually(() => srv.conns.length === 1, 1000, "dropped");
+  await new Promise((r) => setTimeout(r, 150)); // in its back-off (or an attempt)
+  c.close();
+  await new Promise((r) => setTimeout(r, 50));
+  assert.ok(timers() <= before, `timers left after close(): ${timers()} (before connect: ${before})`);
+});
+
 test("a request whose connection drops before it is written waits for the next connection (not DisconnectedError)", async () => {
   const srv = await server((conn) => answer(conn));
   const c = await collect({ urls: srv.url, token: "t" });
