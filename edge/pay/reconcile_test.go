@@ -1,8 +1,10 @@
 package pay_test
 
 import (
+	"fmt"
 	"net/http"
 	"net/http/httptest"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -112,6 +114,82 @@ func TestReconcileClosesOnlyOnAnAnswer(t *testing.T) {
 	reconcile(closedFn(o2))
 	if s := status(o2); s != pay.StatusInvalid {
 		t.Fatalf("expired order the provider says is unpaid: %s, want %s", s, pay.StatusInvalid)
+	}
+	persisttest.CheckConservation(t, l)
+}
+
+// An order the provider reports paid, but not as the order (another
+// amount), is never credited; past two timeouts it is closed and the
+// payment recorded as refunded — it stayed PAYING for ever, queried every
+// run and holding one of the user's open-order places.
+func TestReconcileRefundsAPaymentNotAsTheOrder(t *testing.T) {
+	var mu sync.Mutex
+	now := time.Date(2026, 12, 1, 12, 0, 0, 0, time.UTC)
+	clock := func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
+	advance := func(d time.Duration) { mu.Lock(); now = now.Add(d); mu.Unlock() }
+	var amount atomic.Int64
+	provider := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		b, _ := proto.Marshal(pay.Event{EventID: "ev-short", OrderID: r.URL.Query().Get("order_id"), Status: "SUCCESS",
+			Amount: amount.Load(), PaidAt: clock().UnixMilli()})
+		w.Header().Set(pay.SignatureHeader, pay.Sign(reconcileSecret, clock(), b))
+		_, _ = w.Write(b)
+	}))
+	defer provider.Close()
+	st, err := persist.Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	l, err := persist.NewLedger(st, clock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	const timeout = 15 * time.Minute
+	svc, err := pay.New(st, l, router.NewLocal("rec", router.LocalConfig{}), pay.Config{Node: "rec",
+		Secrets: []string{reconcileSecret}, ProviderURL: provider.URL, OrderTimeout: timeout,
+		ReconcileAfter: time.Minute, ReconcileEvery: time.Hour, Now: clock})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer svc.Close()
+	o, err := svc.CreateOrder(7, pay.CreateReq{ProductID: 1, Channel: "mock", ReqID: "r1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, _ := pay.ParseOrderID(o.OrderID)
+	amount.Store(o.Amount - 1) // paid one cent short
+	status := func() string {
+		cur, err := svc.Get(id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return cur.Status
+	}
+	run := func() {
+		for range 20 {
+			svc.Reconcile()
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	advance(timeout + time.Second)
+	run()
+	if s := status(); s != pay.StatusPaying {
+		t.Fatalf("after one timeout: %s, want still %s", s, pay.StatusPaying)
+	}
+	advance(timeout)
+	deadline := time.Now().Add(10 * time.Second)
+	for status() != pay.StatusPayBack {
+		if time.Now().After(deadline) {
+			t.Fatalf("after two timeouts: %s, want %s", status(), pay.StatusPayBack)
+		}
+		run()
+	}
+	if b, _ := l.Balance(7); b != 0 {
+		t.Fatalf("credited %d for a payment not as the order", b)
+	}
+	if v, err := st.Get(persist.Key([]byte("rec/refund/"), uint64(id))); err != nil || !strings.Contains(string(v), fmt.Sprint(o.Amount-1)) {
+		t.Fatalf("refund record %s (%v), want one of %d", v, err, o.Amount-1)
 	}
 	persisttest.CheckConservation(t, l)
 }

@@ -885,13 +885,43 @@ func (s *Service) apply(channel string, ev Event) (int, string) {
 	}
 }
 
+// refundMismatch closes open order id, which the provider reports paid but
+// not as the order (msg: how), as refunded: PAY_BACK and a refund record of
+// the amount the provider reports, never credited; the business (a ticket
+// order) closes its own first.
+func (s *Service) refundMismatch(id int64, ev Event, msg string) {
+	defer s.orders.Lock(id)()
+	o, err := s.Get(id)
+	if err != nil || !OpenStatus(o.Status) {
+		return
+	}
+	if b := s.business(o.Biz); b != nil {
+		if err := b.Refunded(o); err != nil {
+			s.cfg.Log.Warn("pay: business refund of a mismatched payment", "order", o.OrderID, "err", err)
+			return // next run
+		}
+	}
+	now := s.cfg.Now().UnixMilli()
+	evRec := persist.Record{Key: eventKey(ev.EventID)}
+	evRec.Value, _ = proto.Marshal(eventRecord{Event: ev, StatusBefore: o.Status, At: now})
+	if st, _ := s.refundPayment(o, id, ev, evRec, now, "paid not as the order ("+msg+"): refunded", ev.Amount); st == NotifyOK {
+		s.cfg.Log.Warn("pay: payment not as the order refunded", "order", o.OrderID, "why", msg, "amount", ev.Amount)
+	}
+}
+
 // refundLate records a payment that arrived after its order closed as
 // refunded (PAY_BACK + a refund record + the event), never credited.
 func (s *Service) refundLate(o Order, id int64, ev Event, evRec persist.Record, now int64) (int, string) {
+	return s.refundPayment(o, id, ev, evRec, now, "paid after close: refunded", o.Amount)
+}
+
+// refundPayment records o's payment ev as refunded, never credited: o
+// PAY_BACK (note why), a refund record of amount, the event.
+func (s *Service) refundPayment(o Order, id int64, ev Event, evRec persist.Record, now int64, why string, amount int64) (int, string) {
 	from := o.Status
-	o.Status, o.UpdatedAt, o.EventID, o.Note = StatusPayBack, now, ev.EventID, "paid after close: refunded"
+	o.Status, o.UpdatedAt, o.EventID, o.Note = StatusPayBack, now, ev.EventID, why
 	ov, _ := proto.Marshal(o)
-	rv, _ := proto.Marshal(map[string]any{"order_id": o.OrderID, "amount": o.Amount, "event_id": ev.EventID, "reason": "paid after close", "at": now})
+	rv, _ := proto.Marshal(map[string]any{"order_id": o.OrderID, "amount": amount, "event_id": ev.EventID, "reason": why, "at": now})
 	err := s.store.Apply(func(b *persist.Batch) error {
 		if err := b.Set(orderKey(id), ov, nil); err != nil {
 			return err
@@ -902,7 +932,7 @@ func (s *Service) refundLate(o Order, id int64, ev Event, evRec persist.Record, 
 		if err := b.Set(evRec.Key, evRec.Value, nil); err != nil {
 			return err
 		}
-		return s.logTransition(b, id, from, StatusPayBack, "late payment refunded", now)
+		return s.logTransition(b, id, from, StatusPayBack, why, now)
 	})
 	if err != nil {
 		s.openWritten(id, o, false) // a paying business order's refund may have landed
@@ -1298,10 +1328,22 @@ func (s *Service) reconcileOne(id int64) {
 		return
 	}
 	ev, answer := s.query(o)
+	age, timeout := s.cfg.Now().UnixMilli()-o.CreatedAt, s.cfg.OrderTimeout.Milliseconds()
+	if o.ExpiresAt > o.CreatedAt {
+		timeout = o.ExpiresAt - o.CreatedAt // a business order's own deadline
+	}
 	switch answer {
 	case queryPaid:
-		if st, msg := s.apply(o.Channel, ev); st != NotifyOK {
+		st, msg := s.apply(o.Channel, ev)
+		if st != NotifyOK {
 			s.cfg.Log.Warn("pay: reconcile apply", "order", o.OrderID, "status", st, "msg", msg)
+		}
+		if st == NotifyConflict && age >= 2*timeout {
+			// Paid, says the provider, but not as the order (another
+			// amount or channel): never credited. Past two timeouts the
+			// order stops holding the user's open-order place and being
+			// queried for ever: it is closed and the payment refunded.
+			s.refundMismatch(id, ev, msg)
 		}
 		return
 	case queryUnknown:
@@ -1312,10 +1354,6 @@ func (s *Service) reconcileOne(id int64) {
 	// An expired order closes when the provider says it is not paid; when
 	// the provider cannot tell (down, slow, unverifiable answer) only after
 	// a second timeout (a payment that lands after the close is refunded).
-	age, timeout := s.cfg.Now().UnixMilli()-o.CreatedAt, s.cfg.OrderTimeout.Milliseconds()
-	if o.ExpiresAt > o.CreatedAt {
-		timeout = o.ExpiresAt - o.CreatedAt // a business order's own deadline
-	}
 	if age >= timeout && (answer == queryNotPaid || age >= 2*timeout) {
 		unlock := s.orders.Lock(id)
 		if cur, err := s.Get(id); err == nil && OpenStatus(cur.Status) {
