@@ -6,9 +6,9 @@ import (
 	"strconv"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/liveedge/liveedge/gateway/nodetest"
+	"github.com/liveedge/liveedge/gateway/proto"
 	"github.com/liveedge/liveedge/persist/redistest"
 	"github.com/liveedge/liveedge/router/natstest"
 )
@@ -20,14 +20,7 @@ import (
 // chat rate), the rest refused 10429 without one.
 func TestChatReqIDLookupsBoundedPerUser(t *testing.T) {
 	rds, nats := redistest.Start(t), natstest.Start(t)
-	c := nodetest.Config(t)
-	c.Node.ID = "gw-1"
-	c.Cluster.Enabled = true
-	c.NATS.Embedded = false
-	c.NATS.URL = nats.URL
-	c.Wallet.Mode = "shared"
-	c.Wallet.Nodes = []string{"gw-1"}
-	c.Redis.Addr = rds.Addr
+	c := clusterNodeConfig(t, "gw-1", []string{"gw-1"}, rds, nats)
 	c.Limits.ChatPerSecond = 5
 	n := nodetest.Start(t, c)
 	room := nodetest.OpenRoom(t, n, 1, 0)
@@ -57,20 +50,7 @@ func TestChatReqIDLookupsBoundedPerUser(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	limited := 0
-	for got := 0; got < chats; {
-		f := r.Next(10 * time.Second)
-		if f.T == "" {
-			t.Fatalf("%d of %d replies", got, chats)
-		}
-		if f.ID < 100 {
-			continue // a push
-		}
-		got++
-		if f.Code == 10429 {
-			limited++
-		}
-	}
+	limited := replyCodes(t, r, 100, chats, proto.CodeRateLimited)
 	if d := gets() - before; d > 100 || limited < chats-100 {
 		t.Fatalf("%d chats with fresh req_ids: %d Redis GETs, %d refused; want the lookups bounded", chats, d, limited)
 	}

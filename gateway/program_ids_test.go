@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/liveedge/liveedge/configs"
 	"github.com/liveedge/liveedge/gateway"
@@ -23,14 +24,7 @@ import (
 func TestClusterProgramIDsNeverMadeAgainByTheNextWorkerHolder(t *testing.T) {
 	rds, nats := redistest.Start(t), natstest.Start(t)
 	cfgFor := func(id string) configs.Config {
-		c := nodetest.Config(t)
-		c.Node.ID = id
-		c.Cluster.Enabled = true
-		c.NATS.Embedded = false
-		c.NATS.URL = nats.URL
-		c.Wallet.Mode = "shared"
-		c.Wallet.Nodes = []string{"gw-1", "gw-2"}
-		c.Redis.Addr = rds.Addr
+		c := clusterNodeConfig(t, id, []string{"gw-1", "gw-2"}, rds, nats)
 		c.Pay.WorkerID = 3
 		return c
 	}
@@ -72,4 +66,39 @@ func TestClusterProgramIDsNeverMadeAgainByTheNextWorkerHolder(t *testing.T) {
 	if st := nodetest.DoJSON(t, "GET", nodetest.HTTPURL(b)+fmt.Sprintf("/api/v1/programs/%d", second), nodetest.Token(t, b, 700, gateway.RoleViewer), "", &got); st != 200 || got.Code != 0 {
 		t.Fatalf("GET gw-2's program: status %d code %d", st, got.Code)
 	}
+}
+
+// clusterNodeConfig is node id of a cluster of nodes on one Redis and one
+// NATS (PROTOCOL §8), the shared wallet across them.
+func clusterNodeConfig(t *testing.T, id string, nodes []string, rds *redistest.Server, nats *natstest.Server) configs.Config {
+	c := nodetest.Config(t)
+	c.Node.ID = id
+	c.Cluster.Enabled = true
+	c.NATS.Embedded = false
+	c.NATS.URL = nats.URL
+	c.Wallet.Mode = "shared"
+	c.Wallet.Nodes = nodes
+	c.Redis.Addr = rds.Addr
+	return c
+}
+
+// replyCodes reads the replies to the n frames sent with ids from first on
+// (pushes skipped) and counts those answered code.
+func replyCodes(t *testing.T, r *nodetest.Raw, first int64, n, code int) int {
+	t.Helper()
+	k := 0
+	for got := 0; got < n; {
+		f := r.Next(10 * time.Second)
+		if f.T == "" {
+			t.Fatalf("%d of %d replies", got, n)
+		}
+		if f.ID < first {
+			continue // a push, or an earlier reply
+		}
+		got++
+		if f.Code == code {
+			k++
+		}
+	}
+	return k
 }

@@ -733,20 +733,7 @@ func TestGrabsOfMadeUpCodesAreRateLimitedPerUser(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	limited := 0
-	for got := 0; got < grabs; {
-		f := r.Next(10 * time.Second)
-		if f.T == "" {
-			t.Fatalf("%d of %d replies", got, grabs)
-		}
-		if f.ID < 100 {
-			continue
-		}
-		got++
-		if f.Code == proto.CodeRateLimited {
-			limited++
-		}
-	}
+	limited := replyCodes(t, r, 100, grabs, proto.CodeRateLimited)
 	if limited < grabs-60 {
 		t.Fatalf("%d of %d grabs of made-up codes refused 10429: want all but about a second's worth", limited, grabs)
 	}

@@ -43,24 +43,8 @@ func TestReconcileClosesOnlyOnAnAnswer(t *testing.T) {
 	}))
 	defer provider.Close()
 
-	st, err := persist.Open(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer st.Close()
-	l, err := persist.NewLedger(st, clock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
 	const timeout = 15 * time.Minute
-	svc, err := pay.New(st, l, router.NewLocal("rec", router.LocalConfig{}), pay.Config{Node: "rec",
-		Secrets: []string{reconcileSecret}, ProviderURL: provider.URL, OrderTimeout: timeout,
-		ReconcileAfter: time.Minute, ReconcileEvery: time.Hour, Now: clock})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer svc.Close()
+	svc, _, l := reconcileService(t, provider.URL, timeout, clock)
 
 	// reconcile runs the reconciler until its query of the order is over:
 	// the order was closed, or it was queried a second time (a run queries
@@ -135,24 +119,8 @@ func TestReconcileRefundsAPaymentNotAsTheOrder(t *testing.T) {
 		_, _ = w.Write(b)
 	}))
 	defer provider.Close()
-	st, err := persist.Open(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer st.Close()
-	l, err := persist.NewLedger(st, clock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
 	const timeout = 15 * time.Minute
-	svc, err := pay.New(st, l, router.NewLocal("rec", router.LocalConfig{}), pay.Config{Node: "rec",
-		Secrets: []string{reconcileSecret}, ProviderURL: provider.URL, OrderTimeout: timeout,
-		ReconcileAfter: time.Minute, ReconcileEvery: time.Hour, Now: clock})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer svc.Close()
+	svc, st, l := reconcileService(t, provider.URL, timeout, clock)
 	o, err := svc.CreateOrder(7, pay.CreateReq{ProductID: 1, Channel: "mock", ReqID: "r1"})
 	if err != nil {
 		t.Fatal(err)
@@ -192,4 +160,28 @@ func TestReconcileRefundsAPaymentNotAsTheOrder(t *testing.T) {
 		t.Fatalf("refund record %s (%v), want one of %d", v, err, o.Amount-1)
 	}
 	persisttest.CheckConservation(t, l)
+}
+
+// reconcileService is a pay centre on a fresh Pebble ledger that asks
+// provider (signed with reconcileSecret) about its orders, with clock.
+func reconcileService(t *testing.T, provider string, timeout time.Duration, clock func() time.Time) (*pay.Service, *persist.Store, *persist.Ledger) {
+	t.Helper()
+	st, err := persist.Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = st.Close() })
+	l, err := persist.NewLedger(st, clock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(l.Close)
+	svc, err := pay.New(st, l, router.NewLocal("rec", router.LocalConfig{}), pay.Config{Node: "rec",
+		Secrets: []string{reconcileSecret}, ProviderURL: provider, OrderTimeout: timeout,
+		ReconcileAfter: time.Minute, ReconcileEvery: time.Hour, Now: clock})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(svc.Close)
+	return svc, st, l
 }
