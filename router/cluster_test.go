@@ -100,13 +100,6 @@ func TestLostOffsetSkipsOnlyTheHole(t *testing.T) {
 	c.mu.Lock()
 	st := c.rooms[1]
 	c.mu.Unlock()
-	items := func(n int) []seqItem {
-		out := make([]seqItem, n)
-		for i := range out {
-			out[i].p = proto.Push{Mid: "x", Room: 1, Data: []byte("{}")}
-		}
-		return out
-	}
 	if _, err := c.number(1, items(1)); err != nil { // offset 1: "lost on NATS"
 		t.Fatal(err)
 	}
@@ -152,13 +145,6 @@ func TestStaleEpochBatchNeverSilencesTheRoom(t *testing.T) {
 	c.mu.Lock()
 	st := c.rooms[1]
 	c.mu.Unlock()
-	items := func(n int) []seqItem {
-		out := make([]seqItem, n)
-		for i := range out {
-			out[i].p = proto.Push{Mid: "x", Room: 1, Data: []byte("{}")}
-		}
-		return out
-	}
 	next := func() int64 {
 		t.Helper()
 		b, err := c.number(1, items(1))
@@ -478,4 +464,13 @@ func TestClusterUserPushAcrossANATSRestart(t *testing.T) {
 	if k := a.ClusterStats().HandoffsKept; k != 1 {
 		t.Fatalf("hand-offs kept %d, want 1", k)
 	}
+}
+
+// items is n pushes of room 1 for the sequencer.
+func items(n int) []seqItem {
+	out := make([]seqItem, n)
+	for i := range out {
+		out[i].p = proto.Push{Mid: "x", Room: 1, Data: []byte("{}")}
+	}
+	return out
 }
