@@ -52,9 +52,10 @@ func TestEventsAppliedOncePerOrder(t *testing.T) {
 		{"ev-a", "SUCCESS", a, pay.StatusPayed},
 		{"ev-a", "SUCCESS", a, pay.StatusPayed},  // redelivery
 		{"ev-a2", "SUCCESS", a, pay.StatusPayed}, // a second payment event of a paid order: recorded, no credit
-		{"ev-c", "FAILED", c, pay.StatusInvalid},
-		{"ev-c", "FAILED", c, pay.StatusInvalid},
-		{"ev-a", "SUCCESS", b, pay.StatusPayed}, // ev-a reused for another, open order
+		{"ev-c", "FAILED", c, pay.StatusPaying},  // a declined attempt: recorded, the order stays open
+		{"ev-c", "FAILED", c, pay.StatusPaying},
+		{"ev-c2", "SUCCESS", c, pay.StatusPayed}, // the user pays again: credited (SPEC §4: act on success only)
+		{"ev-a", "SUCCESS", b, pay.StatusPayed},  // ev-a reused for another, open order
 		{"ev-a", "SUCCESS", b, pay.StatusPayed},
 	} {
 		if code := notify(step.ev, step.status, step.o); code != pay.NotifyOK {
@@ -64,8 +65,8 @@ func TestEventsAppliedOncePerOrder(t *testing.T) {
 			t.Fatalf("step %d: order %s, want %s", i, got, step.want)
 		}
 	}
-	if bal, err := l.Balance(7); err != nil || bal != a.Coins+b.Coins {
-		t.Fatalf("balance %d (%v), want %d: each paid order credited once", bal, err, a.Coins+b.Coins)
+	if bal, err := l.Balance(7); err != nil || bal != a.Coins+b.Coins+c.Coins {
+		t.Fatalf("balance %d (%v), want %d: each paid order credited once", bal, err, a.Coins+b.Coins+c.Coins)
 	}
 }
 

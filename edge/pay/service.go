@@ -822,10 +822,10 @@ func (s *Service) apply(channel string, ev Event) (int, string) {
 		}
 		return NotifyRetry, "retry"
 	}
-	// An event of an open order is new: every event applied to an order
-	// (SUCCESS or FAILED, the only ones Notify takes) closed it, and closed
-	// orders never open again — so only an event of a closed order is looked
-	// up (the first look of most notifies, a Pebble read of a key that is
+	// An event of an open order is new — a SUCCESS applied to an order
+	// closed it, and closed orders never open again; a FAILED one is looked
+	// up below before it is recorded — so only an event of a closed order is
+	// looked up (the first look of most notifies, a Pebble read of a key that is
 	// not there, was 9 % of the node's CPU under a webhook storm). The one
 	// difference: a provider reusing an event id for another, open order has
 	// it applied to that order (before: answered as a duplicate, the payment
@@ -872,7 +872,18 @@ func (s *Service) apply(channel string, ev Event) (int, string) {
 		}
 		return s.refundLate(o, id, ev, evRec, now)
 	case ev.Status == "FAILED" && OpenStatus(o.Status):
-		if err := s.moveLocked(&o, id, StatusInvalid, "payment failed", &evRec); err != nil {
+		// SPEC §4: act only on a success status. A declined attempt is
+		// recorded (once: a redelivery keeps the first record) and the
+		// order stays open — the user may pay it again, and a payment that
+		// follows is credited; the timeout closes it otherwise. Before, a
+		// FAILED closed the order, and the user's second, successful
+		// attempt was refunded instead of credited.
+		if _, err := s.store.Get(evRec.Key); err == nil {
+			return NotifyOK, "success"
+		} else if !errors.Is(err, persist.ErrNotFound) {
+			return NotifyRetry, "retry"
+		}
+		if err := s.store.Put(evRec.Key, evRec.Value); err != nil {
 			return NotifyRetry, "retry"
 		}
 		return NotifyOK, "success"
