@@ -31,10 +31,12 @@ const (
 	StatusInvalid    = "IN_VALID"
 )
 
-// allowed lists the legal transitions.
+// allowed lists the legal transitions. An open order goes to PAY_BACK when
+// the provider reports it paid, but not as the order (another amount or
+// channel): refunded, never credited (the reconciler, after two timeouts).
 var allowed = map[string][]string{
-	StatusWaitingPay: {StatusPaying, StatusPayed, StatusInvalid},
-	StatusPaying:     {StatusPayed, StatusInvalid},
+	StatusWaitingPay: {StatusPaying, StatusPayed, StatusInvalid, StatusPayBack},
+	StatusPaying:     {StatusPayed, StatusInvalid, StatusPayBack},
 	StatusPayed:      {StatusPayBack},
 	StatusInvalid:    {StatusPayBack, StatusPayed}, // PAYED: a business order whose business took the payment (ErrBizPaid)
 }

@@ -159,6 +159,41 @@ func TestReconcileRefundsAPaymentNotAsTheOrder(t *testing.T) {
 	if v, err := st.Get(persist.Key([]byte("rec/refund/"), uint64(id))); err != nil || !strings.Contains(string(v), fmt.Sprint(o.Amount-1)) {
 		t.Fatalf("refund record %s (%v), want one of %d", v, err, o.Amount-1)
 	}
+	// The provider's notify of that payment, twice at once, then again
+	// after a restart: a duplicate each time — nothing credited, the order
+	// stays refunded.
+	body, _ := proto.Marshal(pay.Event{EventID: "ev-short", OrderID: o.OrderID, Status: "SUCCESS", Amount: o.Amount - 1, PaidAt: clock().UnixMilli()})
+	notifyTwice := func(svc *pay.Service) {
+		t.Helper()
+		var wg sync.WaitGroup
+		for range 2 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				if code, msg := svc.Notify("mock", pay.Sign(reconcileSecret, clock(), body), body); code != pay.NotifyOK {
+					t.Errorf("redelivered notify: %d %s", code, msg)
+				}
+			}()
+		}
+		wg.Wait()
+	}
+	notifyTwice(svc)
+	svc.Close()
+	svc, err = pay.New(st, l, router.NewLocal("rec", router.LocalConfig{}), pay.Config{Node: "rec",
+		Secrets: []string{reconcileSecret}, ProviderURL: provider.URL, OrderTimeout: timeout,
+		ReconcileAfter: time.Minute, ReconcileEvery: time.Hour, Now: clock})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer svc.Close()
+	notifyTwice(svc)
+	svc.Reconcile()
+	if cur, err := svc.Get(id); err != nil || cur.Status != pay.StatusPayBack {
+		t.Fatalf("after the restart: %+v %v, want %s", cur, err, pay.StatusPayBack)
+	}
+	if b, _ := l.Balance(7); b != 0 {
+		t.Fatalf("credited %d after the redeliveries", b)
+	}
 	persisttest.CheckConservation(t, l)
 }
 

@@ -843,9 +843,8 @@ func (s *Service) apply(channel string, ev Event) (int, string) {
 	if ev.Amount != o.Amount {
 		return NotifyConflict, "amount mismatch"
 	}
-	evRec := persist.Record{Key: eventKey(ev.EventID)}
-	evRec.Value, _ = proto.Marshal(eventRecord{Event: ev, StatusBefore: o.Status, At: s.cfg.Now().UnixMilli()})
 	now := s.cfg.Now().UnixMilli()
+	evRec := eventRec(ev, o.Status, now)
 	switch {
 	case ev.Status == "SUCCESS" && OpenStatus(o.Status):
 		return s.markPaid(o, id, ev, evRec, now)
@@ -913,11 +912,16 @@ func (s *Service) refundMismatch(id int64, ev Event, msg string) {
 		}
 	}
 	now := s.cfg.Now().UnixMilli()
-	evRec := persist.Record{Key: eventKey(ev.EventID)}
-	evRec.Value, _ = proto.Marshal(eventRecord{Event: ev, StatusBefore: o.Status, At: now})
-	if st, _ := s.refundPayment(o, id, ev, evRec, now, "paid not as the order ("+msg+"): refunded", ev.Amount); st == NotifyOK {
+	if st, _ := s.refundPayment(o, id, ev, eventRec(ev, o.Status, now), now, "paid not as the order ("+msg+"): refunded", ev.Amount); st == NotifyOK {
 		s.cfg.Log.Warn("pay: payment not as the order refunded", "order", o.OrderID, "why", msg, "amount", ev.Amount)
 	}
+}
+
+// eventRec is the durable record of event ev applied to an order in status
+// before.
+func eventRec(ev Event, before string, now int64) persist.Record {
+	v, _ := proto.Marshal(eventRecord{Event: ev, StatusBefore: before, At: now})
+	return persist.Record{Key: eventKey(ev.EventID), Value: v}
 }
 
 // refundLate records a payment that arrived after its order closed as
@@ -930,6 +934,9 @@ func (s *Service) refundLate(o Order, id int64, ev Event, evRec persist.Record, 
 // PAY_BACK (note why), a refund record of amount, the event.
 func (s *Service) refundPayment(o Order, id int64, ev Event, evRec persist.Record, now int64, why string, amount int64) (int, string) {
 	from := o.Status
+	if !CanMove(from, StatusPayBack) {
+		return NotifyConflict, "order is " + from + ": cannot be refunded"
+	}
 	o.Status, o.UpdatedAt, o.EventID, o.Note = StatusPayBack, now, ev.EventID, why
 	ov, _ := proto.Marshal(o)
 	rv, _ := proto.Marshal(map[string]any{"order_id": o.OrderID, "amount": amount, "event_id": ev.EventID, "reason": why, "at": now})
