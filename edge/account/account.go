@@ -22,6 +22,24 @@ const (
 // ErrFrozen is the refusal of anything a frozen account may not do.
 var ErrFrozen = &proto.Error{Code: proto.CodeAccountFrozen, Msg: "account frozen"}
 
+// Refuse is the one check of a frozen account before coins would move:
+// frozen (a Statuses' Frozen; nil = no account is) says user is frozen →
+// 20004 "account frozen: " + what; a status it cannot read is its error
+// (nothing moved); nil otherwise.
+func Refuse(frozen func(user int64) (bool, error), user int64, what string) error {
+	if frozen == nil {
+		return nil
+	}
+	fr, err := frozen(user)
+	if err != nil {
+		return err
+	}
+	if fr {
+		return proto.Errorf(proto.CodeAccountFrozen, "account frozen: %s", what)
+	}
+	return nil
+}
+
 // Statuses reads and sets account statuses.
 type Statuses interface {
 	// Status is user's status (StatusNormal for a user never set).

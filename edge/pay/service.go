@@ -20,6 +20,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/liveedge/liveedge/edge/account"
 	"github.com/liveedge/liveedge/edge/limit"
 	"github.com/liveedge/liveedge/gateway/proto"
 	"github.com/liveedge/liveedge/persist"
@@ -514,17 +515,7 @@ func KnownChannel(channel string) bool { return Channels[channel] }
 
 // refuseFrozen answers 20004 for a frozen user (Config.Frozen).
 func (s *Service) refuseFrozen(user int64) error {
-	if s.cfg.Frozen == nil {
-		return nil
-	}
-	frozen, err := s.cfg.Frozen(user)
-	if err != nil {
-		return err
-	}
-	if frozen {
-		return proto.Errorf(proto.CodeAccountFrozen, "account frozen: no orders can be created")
-	}
-	return nil
+	return account.Refuse(s.cfg.Frozen, user, "no orders can be created")
 }
 
 // CreateOrder creates (idempotently per user and req_id) an order in PAYING

@@ -10,6 +10,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/liveedge/liveedge/edge/account"
 	"github.com/liveedge/liveedge/edge/limit"
 	"github.com/liveedge/liveedge/gateway/proto"
 	"github.com/liveedge/liveedge/persist"
@@ -890,24 +891,19 @@ func inDoubt(err error) bool {
 		!errors.Is(err, persist.ErrClosed) && !errors.Is(err, errNotSent) && !errors.As(err, &pe)
 }
 
-// errFrozen refuses a frozen account's prepare or grab.
-var errFrozen = proto.Errorf(proto.CodeAccountFrozen, "account frozen: no coins move to or from it")
-
-// frozen answers errFrozen for a frozen user (Config.Frozen), an internal
-// error when the status cannot be read (nothing moved).
+// frozen refuses (20004) a frozen user's prepare or grab (Config.Frozen);
+// a status that cannot be read is an internal error (nothing moved).
 func (s *Service) frozen(user int64) *proto.Error {
-	if s.cfg.Frozen == nil {
+	err := account.Refuse(s.cfg.Frozen, user, "no coins move to or from it")
+	if err == nil {
 		return nil
 	}
-	fr, err := s.cfg.Frozen(user)
-	if err != nil {
-		s.log.Warn("red packet: account status not read", "user", user, "err", err)
-		return proto.ErrInternal
+	var pe *proto.Error
+	if errors.As(err, &pe) {
+		return pe
 	}
-	if fr {
-		return errFrozen
-	}
-	return nil
+	s.log.Warn("red packet: account status not read", "user", user, "err", err)
+	return proto.ErrInternal
 }
 
 // errNotSent wraps a failure before a wallet op was sent.

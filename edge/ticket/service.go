@@ -3,6 +3,7 @@ package ticket
 import (
 	"encoding/binary"
 	"errors"
+	"github.com/liveedge/liveedge/edge/account"
 	"github.com/liveedge/liveedge/edge/keylock"
 	"github.com/liveedge/liveedge/edge/limit"
 	"log/slog"
@@ -360,12 +361,8 @@ func (s *Service) place(user int64, r PlaceReq) (Order, error) {
 	} else if !errors.Is(err, persist.ErrNotFound) {
 		return Order{}, err
 	}
-	if s.cfg.Frozen != nil {
-		if frozen, err := s.cfg.Frozen(user); err != nil {
-			return Order{}, err
-		} else if frozen {
-			return Order{}, proto.Errorf(proto.CodeAccountFrozen, "account frozen: no orders can be placed")
-		}
+	if err := account.Refuse(s.cfg.Frozen, user, "no orders can be placed"); err != nil {
+		return Order{}, err
 	}
 	if perr := limit.Both(s.placeLimit, s.cfg.SharedPlaces, uint64(user), s.tooMany, s.cfg.Log); perr != nil {
 		return Order{}, perr
