@@ -573,8 +573,7 @@ func (w *SharedWallet) Apply(op Op) (Result, error) {
 			return Result{}, ErrWalletUnavailable
 		}
 		w.log.Error("shared wallet: outcome unknown, the watcher will settle it", "intent", no, "err", err, "resolve_err", rerr)
-		w.nUnsettled.Add(1)
-		w.unsettle(unsettledOp{no: no, in: in, records: op.Records, doubt: true})
+		w.leaveToWatcher(unsettledOp{no: no, in: in, records: op.Records, doubt: true})
 		return Result{}, ErrInDoubt
 	case status == "gen":
 		_ = w.store.Apply(func(b *Batch) error { return b.Delete(ikey, nil) })
@@ -608,8 +607,7 @@ func (w *SharedWallet) Apply(op Op) (Result, error) {
 		// the outcome is settled later (by the watcher or a restart), so the
 		// caller is told to retry with the same req_id, never "failed".
 		w.log.Error("shared wallet: ledger write failed after the script ran, will retry", "intent", no, "err", err)
-		w.nUnsettled.Add(1)
-		w.unsettle(unsettledOp{no: no, in: in, records: op.Records, doubt: true})
+		w.leaveToWatcher(unsettledOp{no: no, in: in, records: op.Records, doubt: true})
 		return Result{}, ErrInDoubt
 	}
 	if w.crashAt != nil && w.crashAt("final") {
@@ -618,8 +616,7 @@ func (w *SharedWallet) Apply(op Op) (Result, error) {
 	if err := w.markDone(ctx, no, in, payload); err != nil {
 		// Durable already: the caller gets its ok; the watcher retries.
 		w.log.Warn("shared wallet: marking a request done failed, will retry", "intent", no, "err", err)
-		w.nUnsettled.Add(1)
-		w.unsettle(unsettledOp{no: no, in: in})
+		w.leaveToWatcher(unsettledOp{no: no, in: in})
 	}
 	return r, nil
 }
@@ -706,6 +703,15 @@ type unsettledOp struct {
 	doubt bool
 }
 
+// leaveToWatcher leaves Apply's intent u, whose outcome it could not
+// settle, to the watcher, counted against maxUnsettled.
+func (w *SharedWallet) leaveToWatcher(u unsettledOp) {
+	w.nUnsettled.Add(1)
+	w.unsettle(u)
+}
+
+// unsettle (re)queues u for the watcher (retryUnsettled puts back those it
+// could not settle yet: already counted).
 func (w *SharedWallet) unsettle(u unsettledOp) {
 	w.unsettledMu.Lock()
 	w.unsettled[u.no] = u

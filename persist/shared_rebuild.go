@@ -61,11 +61,10 @@ func genStart(gen string) time.Time {
 func (w *SharedWallet) ensureGeneration(ctx context.Context) error {
 	w.rebuild.Lock()
 	defer w.rebuild.Unlock()
-	vals, err := initScript.Exec(ctx, w.rdb, []string{keyMeta}, []string{w.newGen(), strconv.Itoa(len(w.nodes))}).AsStrSlice()
+	gen, state, err := w.initGen(ctx)
 	if err != nil {
-		return fmt.Errorf("persist: shared wallet init: %w", err)
+		return err
 	}
-	gen, state := vals[0], vals[1]
 	if c := w.condemned.Load(); c != nil && *c == gen {
 		// This node found gen rolled back and its reset has not happened
 		// (it failed): never ready again; reset it now, then rebuild.
@@ -73,11 +72,10 @@ func (w *SharedWallet) ensureGeneration(ctx context.Context) error {
 		if err := w.resetGen(ctx, gen); err != nil {
 			return fmt.Errorf("persist: reset of a rolled-back generation: %w", err)
 		}
-		vals, err = initScript.Exec(ctx, w.rdb, []string{keyMeta}, []string{w.newGen(), strconv.Itoa(len(w.nodes))}).AsStrSlice()
-		if err != nil {
-			return fmt.Errorf("persist: shared wallet init: %w", err)
+		if gen, state, err = w.initGen(ctx); err != nil {
+			return err
 		}
-		if gen, state = vals[0], vals[1]; gen == *c {
+		if gen == *c {
 			return errors.New("persist: a rolled-back generation is still current")
 		}
 	}
@@ -103,6 +101,16 @@ func (w *SharedWallet) ensureGeneration(ctx context.Context) error {
 		w.readyGen(gen)
 	}
 	return nil
+}
+
+// initGen reads the current generation and its state, creating one (state
+// rebuilding) when Redis has none.
+func (w *SharedWallet) initGen(ctx context.Context) (gen, state string, err error) {
+	vals, err := initScript.Exec(ctx, w.rdb, []string{keyMeta}, []string{w.newGen(), strconv.Itoa(len(w.nodes))}).AsStrSlice()
+	if err != nil {
+		return "", "", fmt.Errorf("persist: shared wallet init: %w", err)
+	}
+	return vals[0], vals[1], nil
 }
 
 // readyGen makes gen, ready in Redis, this node's generation (under
