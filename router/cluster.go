@@ -760,6 +760,14 @@ func (c *Cluster) receive(st *croom, b roomBatch) {
 	st.mu.Unlock()
 }
 
+// switchEpoch moves st to epoch ep, expecting offset next there; where it
+// was (prevEp, prevNext) is kept for a way back. What was buffered belongs
+// to the epoch left. st.mu is held.
+func (st *croom) switchEpoch(ep string, next int64) {
+	st.prevEp, st.prevNext, st.ep, st.next = st.ep, st.next, ep, next
+	st.buf, st.buffered = nil, 0
+}
+
 // acceptLocked delivers b in order, buffers it past a gap, or drops what was
 // already delivered. st.mu is held.
 func (c *Cluster) acceptLocked(st *croom, b roomBatch) {
@@ -779,8 +787,7 @@ func (c *Cluster) acceptLocked(st *croom, b roomBatch) {
 		// anything before it is waited for, then read from the history.
 		// Epochs have no order, so this may be an older one arriving late:
 		// where the room was is kept (prevNext) for the way back.
-		st.prevEp, st.prevNext, st.ep, st.next = st.ep, st.next, b.ep, 1
-		st.buf, st.buffered = nil, 0
+		st.switchEpoch(b.ep, 1)
 	}
 	st.lastAct = time.Now()
 	if b.last() < st.next {
@@ -960,8 +967,7 @@ func (c *Cluster) checkTails(idle time.Duration) {
 				// otherwise every batch of the real epoch would be dropped
 				// as a straggler for as long as the room is busy.
 				c.log.Warn("room left its epoch for a stale one: back", "room", st.id, "stale", st.ep, "to", ep)
-				st.prevEp, st.ep, st.next, st.prevNext = st.ep, ep, st.prevNext, st.next
-				st.buf, st.buffered = nil, 0
+				st.switchEpoch(ep, st.prevNext)
 				if last >= st.next {
 					c.startFill(st, last)
 				}
@@ -969,8 +975,7 @@ func (c *Cluster) checkTails(idle time.Duration) {
 				// A new epoch this node has not heard of (every batch of it
 				// lost on the way): it starts at 1.
 				c.log.Warn("room epoch changed unseen", "room", st.id, "from", st.ep, "to", ep)
-				st.prevEp, st.prevNext, st.ep, st.next = st.ep, st.next, ep, 1
-				st.buf, st.buffered = nil, 0
+				st.switchEpoch(ep, 1)
 				if last >= 1 {
 					c.startFill(st, last)
 				}
