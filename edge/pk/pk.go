@@ -555,16 +555,12 @@ func (s *Service) end(c *Contest) {
 func (s *Service) finish(c *Contest, retry bool) {
 	var t [2]int64
 	tallied := s.tallies != nil && !retry
-	for i := range c.Rooms {
-		if !tallied {
-			break
-		}
-		v, err := s.tallies(TallyName(c.ID), c.Rooms[i])
-		if err != nil {
+	for i := 0; tallied && i < len(t); i++ {
+		var err error
+		if t[i], err = s.tallies(TallyName(c.ID), c.Rooms[i]); err != nil {
 			s.log.Warn("pk: final score without the tallies", "pk_id", c.ID, "err", err)
 			tallied = false
 		}
-		t[i] = v
 	}
 	s.mu.Lock()
 	if c.Over || s.closed || (c.ending && !retry) {
