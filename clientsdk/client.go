@@ -934,6 +934,16 @@ func (c *Client) ackDelivered(mids []string) {
 	}
 }
 
+// dupAck appends the ack of a duplicate push (delivered before, or
+// dropped) when it is reliable — unless its first copy still waits in the
+// queue: that one is acked once OnPush has it (dispatch), not before.
+func (c *Client) dupAck(acks []string, mid string, reliable bool) []string {
+	if reliable && !c.queuedUndelivered(mid) {
+		return append(acks, mid)
+	}
+	return acks
+}
+
 // queuedUndelivered reports whether reliable push mid waits in the queue.
 func (c *Client) queuedUndelivered(mid string) bool {
 	c.mu.Lock()

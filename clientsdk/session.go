@@ -319,20 +319,11 @@ func (s *session) handle(f *proto.ServerFrame, acks []string) []string {
 	case proto.TypePush:
 		c.stats.pushes.Add(1)
 		reliable := f.Ack && f.Mid != ""
-		// A duplicate is acked here (delivered before, or dropped), unless
-		// its first copy still waits in the queue: that one is acked once
-		// OnPush has it (dispatch), not before.
-		dupAck := func() []string {
-			if reliable && !c.queuedUndelivered(f.Mid) {
-				return append(acks, f.Mid)
-			}
-			return acks
-		}
 		if f.Room != 0 && f.Off > 0 {
 			deliver, gap, prev := c.advance(f.Room, f.Off, f.Ep)
 			if !deliver {
 				c.stats.offDups.Add(1)
-				return dupAck()
+				return c.dupAck(acks, f.Mid, reliable)
 			}
 			if gap {
 				// Pushes between the last seen and this one are lost on
@@ -349,7 +340,7 @@ func (s *session) handle(f *proto.ServerFrame, acks []string) []string {
 		// push a user push's mid out of it before its resend arrives.
 		if f.Mid != "" && (f.Room == 0 || f.Off == 0 || f.Ack) && c.dedup.seen(f.Mid) {
 			c.stats.dups.Add(1)
-			return dupAck()
+			return c.dupAck(acks, f.Mid, reliable)
 		}
 		if c.cfg.OnPush == nil {
 			if reliable {
