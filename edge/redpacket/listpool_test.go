@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"io"
 	"log/slog"
+	"sync"
 	"testing"
 	"time"
 
@@ -130,15 +131,23 @@ func TestRedisListRolledBackNeverGrantsAPacketTwice(t *testing.T) {
 	n.stop()
 	n = startListNode(t, dir, rdb) // reloads the list from the grants
 	rollBack()
-	for i := 0; ; i++ {
-		perr := grab()
-		if perr != nil && perr.Code == errEmpty.Code {
-			break
-		}
-		if i > 3*count {
-			t.Fatalf("no end after %d grabs (last %v)", i, perr)
-		}
+	// The rest grabbed at once by eight grabbers, each with users of its own.
+	var wg sync.WaitGroup
+	for g := range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for k := range 3 * count {
+				_, perr := n.svc.Grab(user+1+int64(g*3*count+k), code)
+				if perr != nil && perr.Code == errEmpty.Code {
+					return
+				}
+			}
+			t.Errorf("grabber %d: no end after %d grabs", g, 3*count)
+		}()
 	}
+	wg.Wait()
+	user += 8 * 3 * count
 	var view View
 	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
 		if view, err = n.svc.Get(code); err == nil && view.State == StateFinished {
