@@ -349,6 +349,11 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 		return nil, err
 	}
 	n.Pay.RegisterBusiness(ticket.Biz, n.Tickets) // paid events of ticket orders go to the ticket service
+	if n.shared != nil {
+		// Ops the crash before this start left on their way and that ran:
+		// their gifts' effects and credits' pushes, before any retry.
+		n.shared.TellSettledAtOpen()
+	}
 	n.metrics = newMetrics(cfg.Node.ID, n.Router)
 	labelled := prometheus.WrapRegistererWith(prometheus.Labels{"node": cfg.Node.ID}, n.metrics.reg)
 	if n.Ledger != nil {

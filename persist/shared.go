@@ -113,6 +113,9 @@ type SharedWallet struct {
 	// (under unsettledMu).
 	settleFns []func(Settled)
 	readyFns  []func()
+	// atOpen are the ops ResolveIntents found ran but never answered ok
+	// (settled at this start); TellSettledAtOpen tells them once.
+	atOpen []Settled
 
 	// The applied-op watermark and the audit (shared_audit.go).
 	counts        nodeCounters
@@ -730,6 +733,12 @@ type Settled struct {
 	Postings []Posting // the op's
 	Ran      bool
 	Result   Result
+	// AtOpen: settled when the wallet opened — the op was on its way when
+	// the process before this one stopped (answered in doubt, or not
+	// answered at all) and its share reached this node's ledger only now,
+	// so nothing was sent for it. Always Ran. Its business rebuilds what
+	// it owes from Postings (nothing of it is in memory).
+	AtOpen bool
 }
 
 // SettleNotifier is a Wallet that tells, once it knows, the outcome of the
@@ -738,8 +747,9 @@ type Settled struct {
 // that may never come.
 type SettleNotifier interface {
 	// OnSettled adds fn, called on a goroutine of the wallet's watcher, once
-	// per such op settled while this process runs (one settled at a
-	// restart is not told: nothing in memory owes for it then).
+	// per such op settled while this process runs, and once per op that
+	// ran but was settled only when the wallet opened (Settled.AtOpen; told
+	// when the node calls TellSettledAtOpen, once every business listens).
 	OnSettled(fn func(Settled))
 }
 
@@ -750,6 +760,30 @@ func (w *SharedWallet) OnSettled(fn func(Settled)) {
 	w.unsettledMu.Lock()
 	w.settleFns = append(w.settleFns, fn)
 	w.unsettledMu.Unlock()
+}
+
+// TellSettledAtOpen tells the OnSettled listeners, on a goroutine, the ops
+// settled when the wallet opened (Settled.AtOpen), once: a node calls it
+// when its businesses listen and can send (rooms, PK contests restored),
+// before it serves requests — so that a retry finds the effects sent.
+func (w *SharedWallet) TellSettledAtOpen() {
+	w.unsettledMu.Lock()
+	told, fns := w.atOpen, w.settleFns
+	w.atOpen = nil
+	w.unsettledMu.Unlock()
+	if len(told) == 0 {
+		return
+	}
+	w.log.Info("shared wallet: telling the ops settled at start", "count", len(told))
+	w.stopped.Add(1)
+	go func() {
+		defer w.stopped.Done()
+		for _, st := range told {
+			for _, fn := range fns {
+				fn(st)
+			}
+		}
+	}()
 }
 
 // busyKey is a request of Apply: (user, req_id).
@@ -853,8 +887,7 @@ func (w *SharedWallet) retryUnsettled() {
 			w.nUnsettled.Add(-1)
 			done = append(done, u.in)
 			if u.doubt {
-				r.Replayed = true
-				told = append(told, Settled{User: u.in.User, ReqID: u.in.ReqID, Postings: u.in.Postings, Ran: out == outcomeDone, Result: r})
+				told = append(told, u.in.settled(out == outcomeDone, r, false))
 			}
 		}
 	}
@@ -952,22 +985,11 @@ func (w *SharedWallet) resolve(ctx context.Context, no uint64, in intent, record
 		// le:applied entry (the mark's reply was lost), or Redis lost the
 		// generation after the share was contributed to the rebuild.
 		r, out := Result{}, outcomeNotRun
-		if in.At != 0 {
-			switch v, err := w.store.Get(idemKeyBytes(unixHour(in.At), in.User, in.ReqID)); {
-			case err == nil:
-				rec, err := decodeResult(v)
-				if err != nil {
-					return Result{}, outcomeUnknown, err
-				}
-				// Only this intent's own op: a duplicate's intent (its
-				// script answered "dup", or never ran) finds the first
-				// request's record, made at another time.
-				if rec.At == in.At {
-					r, out = rec, outcomeDone
-				}
-			case !errors.Is(err, ErrNotFound):
-				return Result{}, outcomeUnknown, err
-			}
+		switch rec, ok, err := w.shareOnDisk(in); {
+		case err != nil:
+			return Result{}, outcomeUnknown, err
+		case ok:
+			r, out = rec, outcomeDone
 		}
 		if err := w.store.Apply(func(b *Batch) error { return b.Delete(Key(prefixIntent, no), nil) }); err != nil {
 			return Result{}, outcomeUnknown, err
@@ -1037,7 +1059,38 @@ func (w *SharedWallet) resolve(ctx context.Context, no uint64, in intent, record
 	return r, outcomeDone, nil
 }
 
-// ResolveIntents settles every intent left by a crash.
+// shareOnDisk reports whether intent in's own op has its share in this
+// node's ledger, and its result: its idempotency record at the op's hour,
+// made at the op's time — a duplicate's intent (its script answered "dup",
+// or never ran) finds the first request's record, made at another time.
+// Intents written before At was kept are never found.
+func (w *SharedWallet) shareOnDisk(in intent) (Result, bool, error) {
+	if in.At == 0 {
+		return Result{}, false, nil
+	}
+	v, err := w.store.Get(idemKeyBytes(unixHour(in.At), in.User, in.ReqID))
+	if errors.Is(err, ErrNotFound) {
+		return Result{}, false, nil
+	}
+	if err != nil {
+		return Result{}, false, err
+	}
+	rec, err := decodeResult(v)
+	if err != nil || rec.At != in.At {
+		return Result{}, false, err
+	}
+	return rec, true, nil
+}
+
+// settled is the Settled told for intent in (r: its result if it ran).
+func (in intent) settled(ran bool, r Result, atOpen bool) Settled {
+	r.Replayed = true
+	return Settled{User: in.User, ReqID: in.ReqID, Postings: in.Postings, Ran: ran, Result: r, AtOpen: atOpen}
+}
+
+// ResolveIntents settles every intent left by a crash. The ops that ran
+// and whose share reaches the ledger only now (so that their Apply never
+// answered ok) are kept for TellSettledAtOpen.
 func (w *SharedWallet) ResolveIntents(ctx context.Context) error {
 	w.applying.RLock() // a contribution does not read the ledger meanwhile
 	defer w.applying.RUnlock()
@@ -1058,8 +1111,18 @@ func (w *SharedWallet) ResolveIntents(ctx context.Context) error {
 		return err
 	}
 	for _, p := range ps {
-		if _, out, err := w.resolve(ctx, p.no, p.in, nil); err != nil || out == outcomeUnknown {
+		// Finalized before the stop: its Apply may have answered ok (and
+		// its business sent what it owed) — told nothing, never twice.
+		_, before, err := w.shareOnDisk(p.in)
+		if err != nil {
 			return fmt.Errorf("persist: intent %d unresolved: %v", p.no, err)
+		}
+		r, out, err := w.resolve(ctx, p.no, p.in, nil)
+		if err != nil || out == outcomeUnknown {
+			return fmt.Errorf("persist: intent %d unresolved: %v", p.no, err)
+		}
+		if out == outcomeDone && !before {
+			w.atOpen = append(w.atOpen, p.in.settled(true, r, true))
 		}
 	}
 	if len(ps) > 0 {

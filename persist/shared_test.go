@@ -163,9 +163,12 @@ func TestSharedSameReqIDAcrossNodes(t *testing.T) {
 	auditAcross(t, a.rdb, a.store, b.store)
 }
 
-// Crash points: after the intent (script never ran) and after the script
-// (Pebble never finalized). A restart resolves both: no money lost, none
-// moved twice.
+// Crash points: after the intent (script never ran), after the script
+// (Pebble never finalized) and after the ledger write (the key never marked
+// done). A restart resolves all three: no money lost, none moved twice. Of
+// them, only the op that ran and reached the ledger at the restart is told
+// (Settled.AtOpen): its Apply never answered ok — the one finalized before
+// the stop may have, and is not told (its effects are never sent twice).
 func TestSharedCrashPoints(t *testing.T) {
 	rs := redistest.Start(t)
 	dir := t.TempDir()
@@ -182,25 +185,50 @@ func TestSharedCrashPoints(t *testing.T) {
 	if _, err := n.w.Apply(Op{User: 3, ReqID: "ran", Postings: []Posting{{User: 3, Delta: -20, Reason: ReasonGift}}}); !errors.Is(err, errCrashed) {
 		t.Fatal(err)
 	}
+	n.w.crashAt = func(p string) bool { return p == "final" }
+	if _, err := n.w.Apply(Op{User: 3, ReqID: "written", Postings: []Posting{{User: 3, Delta: -5, Reason: ReasonGift}}}); !errors.Is(err, errCrashed) {
+		t.Fatal(err)
+	}
 	n.stop()
 	n = startShared(t, rs.Addr, dir, "a", nil) // restart: intents resolved
 	waitReady(t, n)
-	if bal, _ := n.w.Balance(3); bal != 80 {
-		t.Fatalf("balance %d, want 80 (the debit that ran is kept, the other is not)", bal)
+	if bal, _ := n.w.Balance(3); bal != 75 {
+		t.Fatalf("balance %d, want 75 (the debits that ran are kept, the other is not)", bal)
 	}
 	if err := n.store.Scan(prefixIntent, func(k, _ []byte) error { return fmt.Errorf("intent left: %x", k) }); err != nil {
 		t.Fatal(err)
 	}
-	// Retrying both requests: "ran" replays, "lost" runs now.
+	told := make(chan Settled, 10)
+	n.w.OnSettled(func(st Settled) { told <- st })
+	n.w.TellSettledAtOpen()
+	n.w.TellSettledAtOpen() // once
+	var st Settled
+	select {
+	case st = <-told:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the op that ran before the stop was not told")
+	}
+	if st.ReqID != "ran" || !st.AtOpen || !st.Ran || len(st.Postings) != 1 || st.Postings[0].Delta != -20 || len(st.Result.TradeIDs) != 1 {
+		t.Fatalf("told %+v, want the op \"ran\" settled at open", st)
+	}
+	select {
+	case more := <-told:
+		t.Fatalf("told %+v as well, want only the op whose share reached the ledger at the restart", more)
+	case <-time.After(200 * time.Millisecond):
+	}
+	// Retrying the requests: "ran" and "written" replay, "lost" runs now.
 	r, err := n.w.Apply(Op{User: 3, ReqID: "ran", Postings: []Posting{{User: 3, Delta: -20, Reason: ReasonGift}}})
-	if err != nil || !r.Replayed {
-		t.Fatalf("ran: %+v %v", r, err)
+	if err != nil || !r.Replayed || r.TradeIDs[0] != st.Result.TradeIDs[0] {
+		t.Fatalf("ran: %+v %v (told trade %v)", r, err, st.Result.TradeIDs)
+	}
+	if r, err := n.w.Apply(Op{User: 3, ReqID: "written", Postings: []Posting{{User: 3, Delta: -5, Reason: ReasonGift}}}); err != nil || !r.Replayed {
+		t.Fatalf("written: %+v %v", r, err)
 	}
 	if _, err := n.w.Apply(Op{User: 3, ReqID: "lost", Postings: []Posting{{User: 3, Delta: -10, Reason: ReasonGift}}}); err != nil {
 		t.Fatal(err)
 	}
-	if bal, _ := n.w.Balance(3); bal != 70 {
-		t.Fatalf("balance %d", bal)
+	if bal, _ := n.w.Balance(3); bal != 65 {
+		t.Fatalf("balance %d, want 65", bal)
 	}
 	auditAcross(t, n.rdb, n.store)
 }

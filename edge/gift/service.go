@@ -195,12 +195,16 @@ type owedGift struct {
 	contest string
 }
 
-// maxDoubted bounds the gifts remembered as answered in doubt;
-// maxSettledEarly the outcomes told before their gift was.
+// maxDoubted bounds the gifts remembered as answered in doubt — above the
+// shared wallet's bound on the ops it waits to settle (each such gift is
+// one, and its settle or replay forgets it), so none is evicted while its
+// effects are owed; maxSettledEarly the outcomes told before their gift was.
 const (
 	maxDoubted      = 10_000
 	maxSettledEarly = 1_000
 )
+
+var _ = [maxDoubted - persist.DefaultMaxUnsettled]struct{}{} // maxDoubted ≥ the wallet's bound
 
 // New returns a gift service.
 func New(w persist.Wallet, r router.Router, cat *Catalogue, cfg Config, log *slog.Logger) *Service {
@@ -445,6 +449,13 @@ func (s *Service) onSettled(st persist.Settled) {
 	if !ok {
 		return
 	}
+	if st.AtOpen {
+		// Settled when this node started: nothing in memory owes for it.
+		if g, id, ok := s.rebuild(st); ok {
+			s.sendEffects(id, g)
+		}
+		return
+	}
 	k := doubtKey{st.User, req}
 	s.doubtMu.Lock()
 	g, owed := s.takeOwedLocked(k)
@@ -455,6 +466,42 @@ func (s *Service) onSettled(st persist.Settled) {
 	if owed && st.Ran && len(st.Result.TradeIDs) > 0 {
 		s.sendEffects(strconv.FormatInt(st.Result.TradeIDs[0], 10), g)
 	}
+}
+
+// rebuild makes the effects a gift settled at the wallet's start owes from
+// its op: the debit's Ref names the gift, count, receiver and room. Not
+// its PK score: that is in the op's durable tally, which a contest's end
+// takes (and a single node's restore reads) — added live as well, it would
+// count twice. False: not a gift's op, or one that did not run.
+func (s *Service) rebuild(st persist.Settled) (owedGift, string, bool) {
+	if !st.Ran || len(st.Result.TradeIDs) == 0 || len(st.Postings) == 0 || st.Postings[0].Delta >= 0 {
+		return owedGift{}, "", false
+	}
+	gift, count, receiver, room, ok := parseRef(st.Postings[0].Ref)
+	if !ok {
+		s.log.Warn("gift settled at start: unreadable ref", "ref", st.Postings[0].Ref, "req_id", st.ReqID)
+		return owedGift{}, "", false
+	}
+	g := owedGift{room: room, amount: -st.Postings[0].Delta,
+		ev: EffectPush{From: st.User, To: receiver, GiftID: gift, Count: count}}
+	if c, ok := s.cat.Get(gift); ok {
+		g.ev.EffectURL = c.SvgaURL
+	}
+	return g, strconv.FormatInt(st.Result.TradeIDs[0], 10), true
+}
+
+// parseRef reads a Ref back: "gift G xN to R in room M[ pk]".
+func parseRef(ref string) (gift int64, count int, receiver, room int64, ok bool) {
+	f := strings.Fields(ref)
+	if len(f) < 8 || f[0] != "gift" || f[3] != "to" || f[5] != "in" || f[6] != "room" || !strings.HasPrefix(f[2], "x") {
+		return 0, 0, 0, 0, false
+	}
+	var e [4]error
+	gift, e[0] = strconv.ParseInt(f[1], 10, 64)
+	count, e[1] = strconv.Atoi(f[2][1:])
+	receiver, e[2] = strconv.ParseInt(f[4], 10, 64)
+	room, e[3] = strconv.ParseInt(f[7], 10, 64)
+	return gift, count, receiver, room, errors.Join(e[:]...) == nil
 }
 
 var errRateLimited = errors.New("gift: rate limited")

@@ -15,7 +15,15 @@ import (
 // and waits until it is ready; all are closed when the test ends.
 func OpenSharedWallet(tb testing.TB, addr string, cfg persist.SharedConfig) (*persist.Store, *persist.SharedWallet) {
 	tb.Helper()
-	st, err := persist.Open(tb.TempDir())
+	return OpenSharedWalletAt(tb, tb.TempDir(), addr, cfg)
+}
+
+// OpenSharedWalletAt is OpenSharedWallet on the store in dir (a restart:
+// close the earlier wallet and store first; closing again at the end is
+// harmless).
+func OpenSharedWalletAt(tb testing.TB, dir, addr string, cfg persist.SharedConfig) (*persist.Store, *persist.SharedWallet) {
+	tb.Helper()
+	st, err := persist.Open(dir)
 	if err != nil {
 		tb.Fatal(err)
 	}
