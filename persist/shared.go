@@ -113,9 +113,10 @@ type SharedWallet struct {
 	// (under unsettledMu).
 	settleFns []func(Settled)
 	readyFns  []func()
-	// atOpen are the ops ResolveIntents found ran but never answered ok
-	// (settled at this start); TellSettledAtOpen tells them once.
-	atOpen []Settled
+	// atOpen are the owed/ rows found at this start (ops that ran and were
+	// never answered ok, their listeners not told); TellSettledAtOpen
+	// tells them once.
+	atOpen []owedAtOpen
 
 	// The applied-op watermark and the audit (shared_audit.go).
 	counts        nodeCounters
@@ -139,7 +140,9 @@ type SharedWallet struct {
 	failResets atomic.Int32
 
 	// crashAt, in tests, stops Apply dead at a named point ("intent",
-	// "script", "final") as if the process had been killed there.
+	// "script", "final") as if the process had been killed there, or
+	// injects a fault where it returns true at "reply" (the script ran, its
+	// reply is lost) and "mark" (marking the key done fails).
 	crashAt func(point string) bool
 }
 
@@ -248,6 +251,19 @@ func recentKey(u int64) string { return "le:trades:{" + strconv.FormatInt(u, 10)
 
 var prefixIntent = []byte("intent/")
 
+// prefixOwed: owed/<intent no> → owedOp, the ops whose share a resolve wrote
+// (their Apply had not answered ok): what the OnSettled listeners are owed,
+// kept until they were told — across restarts (TellSettledAtOpen).
+var prefixOwed = []byte("owed/")
+
+// owedOp is an owed/ row.
+type owedOp struct {
+	User     int64     `json:"user"`
+	ReqID    string    `json:"req_id"`
+	Postings []Posting `json:"postings"`
+	Result   Result    `json:"result"`
+}
+
 // NewSharedWallet opens the shared wallet: it resolves leftover intents and,
 // if Redis has no generation, starts or joins a rebuild.
 func NewSharedWallet(store *Store, rdb rueidis.Client, cfg SharedConfig) (*SharedWallet, error) {
@@ -294,8 +310,13 @@ func NewSharedWallet(store *Store, rdb rueidis.Client, cfg SharedConfig) (*Share
 	return w, nil
 }
 
-// errCrashed is what Apply returns at a test crash point.
-var errCrashed = errors.New("persist: simulated crash")
+// errCrashed is what Apply returns at a test crash point; errReplyLost and
+// errMarkFailed are the faults of the test points "reply" and "mark".
+var (
+	errCrashed    = errors.New("persist: simulated crash")
+	errReplyLost  = errors.New("persist: simulated lost reply")
+	errMarkFailed = errors.New("persist: simulated failure marking the key done")
+)
 
 // watch notices a lost generation (Redis restarted empty) even when this node
 // is idle, so that it contributes to the rebuild the other nodes wait for.
@@ -558,6 +579,9 @@ func (w *SharedWallet) Apply(op Op) (Result, error) {
 		release = false
 		return Result{}, errCrashed
 	}
+	if w.crashAt != nil && err == nil && w.crashAt("reply") {
+		err = errReplyLost
+	}
 	if status == "ok" || status == "dup" || err != nil {
 		release = false // the key holds a result, or resolve releases it
 	}
@@ -571,6 +595,7 @@ func (w *SharedWallet) Apply(op Op) (Result, error) {
 		r, out, rerr := w.resolve(ctx, no, in, op.Records)
 		switch {
 		case rerr == nil && out == outcomeDone:
+			w.forgetOwed(no) // answered ok: the caller sends what it owes
 			return r, nil
 		case rerr == nil && out == outcomeNotRun:
 			return Result{}, ErrWalletUnavailable
@@ -605,7 +630,7 @@ func (w *SharedWallet) Apply(op Op) (Result, error) {
 	if err != nil {
 		return r, err
 	}
-	if err := w.finalize(in, r, op.Records); err != nil {
+	if err := w.finalize(no, in, r, op.Records, false); err != nil {
 		// The money moved in Redis but this node's share is not on disk:
 		// the outcome is settled later (by the watcher or a restart), so the
 		// caller is told to retry with the same req_id, never "failed".
@@ -733,11 +758,11 @@ type Settled struct {
 	Postings []Posting // the op's
 	Ran      bool
 	Result   Result
-	// AtOpen: settled when the wallet opened — the op was on its way when
-	// the process before this one stopped (answered in doubt, or not
-	// answered at all) and its share reached this node's ledger only now,
-	// so nothing was sent for it. Always Ran. Its business rebuilds what
-	// it owes from Postings (nothing of it is in memory).
+	// AtOpen: told at a start (TellSettledAtOpen) — the op was on its way
+	// when a process before this one stopped (answered in doubt, or not
+	// answered at all), a resolve found it ran, and its listeners were
+	// never told, so nothing was sent for it. Always Ran. Its business
+	// rebuilds what it owes from Postings (nothing of it is in memory).
 	AtOpen bool
 }
 
@@ -763,9 +788,11 @@ func (w *SharedWallet) OnSettled(fn func(Settled)) {
 }
 
 // TellSettledAtOpen tells the OnSettled listeners, on a goroutine, the ops
-// settled when the wallet opened (Settled.AtOpen), once: a node calls it
-// when its businesses listen and can send (rooms, PK contests restored),
-// before it serves requests — so that a retry finds the effects sent.
+// owed to them when the wallet opened (Settled.AtOpen), once, and then
+// forgets them (until then they stay owed across restarts): a node calls
+// it when its businesses listen and can send (rooms, PK contests restored),
+// before it serves requests (a retry racing the listeners replays the op
+// and sends nothing itself).
 func (w *SharedWallet) TellSettledAtOpen() {
 	w.unsettledMu.Lock()
 	told, fns := w.atOpen, w.settleFns
@@ -778,10 +805,11 @@ func (w *SharedWallet) TellSettledAtOpen() {
 	w.stopped.Add(1)
 	go func() {
 		defer w.stopped.Done()
-		for _, st := range told {
+		for _, o := range told {
 			for _, fn := range fns {
-				fn(st)
+				fn(o.st)
 			}
+			w.forgetOwed(o.no)
 		}
 	}()
 }
@@ -876,7 +904,7 @@ func (w *SharedWallet) retryUnsettled() {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	var told []Settled
-	var done []intent
+	var done []unsettledOp
 	w.applying.RLock() // a contribution does not read the ledger meanwhile
 	for no, u := range todo {
 		switch r, out, err := w.resolve(ctx, no, u.in, u.records); {
@@ -885,7 +913,7 @@ func (w *SharedWallet) retryUnsettled() {
 		default:
 			w.log.Info("shared wallet: intent settled", "intent", no, "ran", out == outcomeDone)
 			w.nUnsettled.Add(-1)
-			done = append(done, u.in)
+			done = append(done, u)
 			if u.doubt {
 				told = append(told, u.in.settled(out == outcomeDone, r, false))
 			}
@@ -895,10 +923,14 @@ func (w *SharedWallet) retryUnsettled() {
 	w.unsettledMu.Lock()
 	fns := w.settleFns
 	w.unsettledMu.Unlock()
-	if len(told) == 0 || len(fns) == 0 {
-		for _, in := range done {
-			w.settled(in)
+	finish := func() {
+		for _, u := range done {
+			w.forgetOwed(u.no) // told (or nobody listens)
+			w.settled(u.in)
 		}
+	}
+	if len(told) == 0 || len(fns) == 0 {
+		finish()
 		return
 	}
 	// The listeners (pushes: Redis calls in a cluster) run off the
@@ -912,9 +944,7 @@ func (w *SharedWallet) retryUnsettled() {
 				fn(st)
 			}
 		}
-		for _, in := range done {
-			w.settled(in)
-		}
+		finish()
 	}()
 }
 
@@ -953,12 +983,25 @@ func (w *SharedWallet) runScript(ctx context.Context, no uint64, in intent) (sta
 }
 
 // finalize is step 3: the node's durable share of the op (the intent stays
-// until the key is marked done).
-func (w *SharedWallet) finalize(in intent, r Result, records func([]int64) []Record) error {
+// until the key is marked done). owed: written by a resolve, not by the
+// op's Apply on its way to answering ok — its owed/ row goes with it.
+func (w *SharedWallet) finalize(no uint64, in intent, r Result, records func([]int64) []Record, owed bool) error {
 	op := Op{User: in.User, ReqID: in.ReqID, Postings: in.Postings, Tallies: in.Tallies, Static: in.Static, Records: records}
+	var ov []byte
+	if owed {
+		var err error
+		if ov, err = sonic.Marshal(owedOp{User: in.User, ReqID: in.ReqID, Postings: in.Postings, Result: r}); err != nil {
+			return err
+		}
+	}
 	if err := w.store.Apply(func(b *Batch) error {
 		if err := writeOp(b, op, r); err != nil {
 			return err
+		}
+		if owed {
+			if err := b.Set(Key(prefixOwed, no), ov, nil); err != nil {
+				return err
+			}
 		}
 		return writeCounters(b, in)
 	}); err != nil {
@@ -1047,11 +1090,14 @@ func (w *SharedWallet) resolve(ctx context.Context, no uint64, in intent, record
 	// Finalized by us already? (idem record present locally)
 	switch _, err := w.store.Get(idemKeyBytes(unixHour(r.At), in.User, in.ReqID)); {
 	case errors.Is(err, ErrNotFound):
-		if err := w.finalize(in, r, records); err != nil {
+		if err := w.finalize(no, in, r, records, true); err != nil {
 			return r, outcomeUnknown, err
 		}
 	case err != nil:
 		return r, outcomeUnknown, err
+	}
+	if w.crashAt != nil && w.crashAt("mark") {
+		return r, outcomeUnknown, errMarkFailed
 	}
 	if err := w.markDone(ctx, no, in, res); err != nil {
 		return r, outcomeUnknown, err
@@ -1060,7 +1106,7 @@ func (w *SharedWallet) resolve(ctx context.Context, no uint64, in intent, record
 }
 
 // shareOnDisk reports whether intent in's own op has its share in this
-// node's ledger, and its result: its idempotency record at the op's hour,
+// node's ledger (written by its Apply or an earlier resolve), and its result: its idempotency record at the op's hour,
 // made at the op's time — a duplicate's intent (its script answered "dup",
 // or never ran) finds the first request's record, made at another time.
 // Intents written before At was kept are never found.
@@ -1088,9 +1134,10 @@ func (in intent) settled(ran bool, r Result, atOpen bool) Settled {
 	return Settled{User: in.User, ReqID: in.ReqID, Postings: in.Postings, Ran: ran, Result: r, AtOpen: atOpen}
 }
 
-// ResolveIntents settles every intent left by a crash. The ops that ran
-// and whose share reaches the ledger only now (so that their Apply never
-// answered ok) are kept for TellSettledAtOpen.
+// ResolveIntents settles every intent left by a crash, and keeps for
+// TellSettledAtOpen the owed/ rows: ops a resolve found ran (now or before
+// this start) whose Apply never answered ok and whose listeners were never
+// told.
 func (w *SharedWallet) ResolveIntents(ctx context.Context) error {
 	w.applying.RLock() // a contribution does not read the ledger meanwhile
 	defer w.applying.RUnlock()
@@ -1111,24 +1158,39 @@ func (w *SharedWallet) ResolveIntents(ctx context.Context) error {
 		return err
 	}
 	for _, p := range ps {
-		// Finalized before the stop: its Apply may have answered ok (and
-		// its business sent what it owed) — told nothing, never twice.
-		_, before, err := w.shareOnDisk(p.in)
-		if err != nil {
+		if _, out, err := w.resolve(ctx, p.no, p.in, nil); err != nil || out == outcomeUnknown {
 			return fmt.Errorf("persist: intent %d unresolved: %v", p.no, err)
-		}
-		r, out, err := w.resolve(ctx, p.no, p.in, nil)
-		if err != nil || out == outcomeUnknown {
-			return fmt.Errorf("persist: intent %d unresolved: %v", p.no, err)
-		}
-		if out == outcomeDone && !before {
-			w.atOpen = append(w.atOpen, p.in.settled(true, r, true))
 		}
 	}
 	if len(ps) > 0 {
 		w.log.Info("shared wallet: intents resolved", "count", len(ps))
 	}
-	return nil
+	// What the listeners are owed: the ops a resolve settled as run — now
+	// or in a process before this one, whose listeners were never told.
+	return w.store.Scan(prefixOwed, func(k, v []byte) error {
+		var o owedOp
+		if err := sonic.Unmarshal(v, &o); err != nil {
+			return fmt.Errorf("persist: owed op %x: %w", k, err)
+		}
+		in := intent{User: o.User, ReqID: o.ReqID, Postings: o.Postings}
+		w.atOpen = append(w.atOpen, owedAtOpen{no: KeyID(k), st: in.settled(true, o.Result, true)})
+		return nil
+	})
+}
+
+// owedAtOpen is an owed/ row found at the start.
+type owedAtOpen struct {
+	no uint64
+	st Settled
+}
+
+// forgetOwed deletes intent no's owed/ row, if any: its listeners were
+// told, or its Apply answered ok. Without an fsync: a row that comes back
+// is told again (at most once per lost delete).
+func (w *SharedWallet) forgetOwed(no uint64) {
+	if err := w.store.DeleteNoSync(Key(prefixOwed, no)); err != nil {
+		w.log.Warn("shared wallet: owed row not deleted (told again at the next start)", "intent", no, "err", err)
+	}
 }
 
 // Balance implements Wallet: read through rueidis client-side caching (Redis

@@ -233,6 +233,81 @@ func TestSharedCrashPoints(t *testing.T) {
 	auditAcross(t, n.rdb, n.store)
 }
 
+// An op answered in doubt whose share a resolve wrote before the node
+// stopped (the script's reply was lost, the resolve inside Apply wrote the
+// share, marking the key done failed) is owed to the listeners: told once,
+// at the first start that tells at all — not at a start that failed before
+// its businesses were wired — and never again. One whose resolve went
+// through (its Apply answered ok after a lost reply) is never told.
+func TestSharedOwedOpToldOnceAcrossRestarts(t *testing.T) {
+	rs := redistest.Start(t)
+	dir := t.TempDir()
+	n := startShared(t, rs.Addr, dir, "a", nil)
+	waitReady(t, n)
+	if _, err := n.w.Apply(Op{User: 3, ReqID: "seed", Postings: []Posting{{User: 3, Delta: 100, Reason: ReasonDev}}}); err != nil {
+		t.Fatal(err)
+	}
+	told := make(chan Settled, 10)
+	listen := func(n *sharedNode) { n.w.OnSettled(func(st Settled) { told <- st }) }
+	none := func(when string) {
+		t.Helper()
+		select {
+		case st := <-told:
+			t.Fatalf("%s: told %+v", when, st)
+		case <-time.After(300 * time.Millisecond):
+		}
+	}
+	listen(n)
+	var failMark atomic.Bool
+	n.w.crashAt = func(p string) bool { return p == "reply" || p == "mark" && failMark.Load() }
+	okOp := Op{User: 3, ReqID: "answered", Postings: []Posting{{User: 3, Delta: -10, Reason: ReasonGift}}}
+	if r, err := n.w.Apply(okOp); err != nil || r.Balances[0] != 90 {
+		t.Fatalf("lost reply, resolved at once: %+v %v, want ok", r, err)
+	}
+	failMark.Store(true)
+	doubtOp := Op{User: 3, ReqID: "doubt", Postings: []Posting{{User: 3, Delta: -20, Reason: ReasonGift}}}
+	if _, err := n.w.Apply(doubtOp); !errors.Is(err, ErrInDoubt) {
+		t.Fatalf("lost reply, done mark failed: %v, want ErrInDoubt", err)
+	}
+	none("while the watcher cannot mark it done")
+	n.stop()
+
+	n = startShared(t, rs.Addr, dir, "a", nil) // a start that fails before telling
+	waitReady(t, n)
+	n.stop()
+	n = startShared(t, rs.Addr, dir, "a", nil)
+	waitReady(t, n)
+	listen(n)
+	n.w.TellSettledAtOpen()
+	select {
+	case st := <-told:
+		if st.ReqID != "doubt" || !st.AtOpen || !st.Ran || len(st.Postings) != 1 || st.Postings[0].Delta != -20 || st.Result.Balances[0] != 70 {
+			t.Fatalf("told %+v, want the op answered in doubt", st)
+		}
+		r, err := n.w.Apply(doubtOp)
+		if err != nil || !r.Replayed || r.TradeIDs[0] != st.Result.TradeIDs[0] {
+			t.Fatalf("retry: %+v %v, want the replay of trade %v", r, err, st.Result.TradeIDs)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the op answered in doubt was never told")
+	}
+	none("after the owed op")
+	n.stop()
+	n = startShared(t, rs.Addr, dir, "a", nil)
+	waitReady(t, n)
+	listen(n)
+	n.w.TellSettledAtOpen()
+	none("at the start after it was told")
+	if r, err := n.w.Apply(okOp); err != nil || !r.Replayed {
+		t.Fatalf("retry of the op answered ok: %+v %v", r, err)
+	}
+	if bal, _ := n.w.Balance(3); bal != 70 {
+		t.Fatalf("balance %d, want 70", bal)
+	}
+	noIntents(t, n.store)
+	auditAcross(t, n.rdb, n.store)
+}
+
 // Redis restarted empty: the balances, tallies and idempotency records come
 // back from the two nodes' ledgers; until both contributed nothing moves.
 func TestSharedRebuildAfterRedisLoss(t *testing.T) {
