@@ -191,7 +191,11 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 	var coupons *ticket.SharedCoupons // nil: this node's Pebble
 	switch cfg.Wallet.Mode {
 	case "shared":
-		wcfg := persist.SharedConfig{Node: cfg.Node.ID, Nodes: cfg.Wallet.Nodes, Log: log}
+		// Account statuses (freezes) changed through each node are rebuilt
+		// with the wallet from every node's disk.
+		statuses := &account.Shared{Client: n.Redis, Store: n.Store}
+		n.Accounts = statuses
+		wcfg := persist.SharedConfig{Node: cfg.Node.ID, Nodes: cfg.Wallet.Nodes, Log: log, Contribute: statuses.Contribute}
 		if n.Cluster != nil {
 			// Granted and used through any node, once cluster-wide (coupon
 			// ids are unique across nodes: order ids of leased worker ids);
@@ -199,7 +203,7 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 			coupons = ticket.NewSharedCoupons(n.Redis, n.Store)
 			// With them, the payment req_id bindings and the rains'
 			// one-per-user places, from every node's disk.
-			contrib := []func(time.Time, func(...string) error) error{coupons.Contribute, n.contributePayReqs}
+			contrib := []func(time.Time, func(...string) error) error{coupons.Contribute, n.contributePayReqs, statuses.Contribute}
 			if n.shardedRains() && cfg.RedPacket.OnePerUser {
 				contrib = append(contrib, n.contributeRainClaims)
 			}
@@ -272,10 +276,10 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 		return nil, err
 	}
 	n.Gifts.SetScorer(n.PK)
-	if n.shared != nil {
-		n.Accounts = &account.Shared{Client: n.Redis}
-	} else if n.Accounts, err = account.NewLocal(n.Store); err != nil {
-		return nil, err
+	if n.Accounts == nil { // not the shared wallet's (above)
+		if n.Accounts, err = account.NewLocal(n.Store); err != nil {
+			return nil, err
+		}
 	}
 	n.Gifts.SetAccounts(n.Accounts)
 	n.Rooms.SetOpponent(n.PK.Opponent)

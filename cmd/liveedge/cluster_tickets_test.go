@@ -703,3 +703,57 @@ func TestClusterLargeProgramViewedThroughAnyNode(t *testing.T) {
 		t.Fatalf("through gw-2: free %d locked %d sold %d, want 20,000 free", free, locked, sold)
 	}
 }
+
+// Account freezes survive a Redis that lost its data: each change is on the
+// disk of the node that made it and comes back with the wallet's rebuild,
+// the latest change of a user winning whichever node made it — a frozen
+// user stays frozen (on the old code: unfrozen by the restart), one frozen
+// through one node and unfrozen through the other stays unfrozen.
+func TestClusterFreezesSurviveRedisLoss(t *testing.T) {
+	c := startCluster(t, 2)
+	n1, n2 := c.nodes[0], c.nodes[1]
+	admin1, admin2 := devToken(t, n1.http, 9000, "admin"), devToken(t, n2.http, 9000, "admin")
+	set := func(via *sharedNode, admin string, user int64, status int) {
+		t.Helper()
+		url := fmt.Sprintf("http://%s/api/v1/admin/users/%d/status", via.http, user)
+		if st := nodetest.DoJSON(t, "PUT", url, admin, fmt.Sprintf(`{"status":%d}`, status), nil); st != 200 {
+			t.Fatalf("set user %d status %d through %s: %d", user, status, via.http, st)
+		}
+	}
+	status := func(via *sharedNode, admin string, user int64) int {
+		t.Helper()
+		var out struct {
+			Data struct {
+				Status int `json:"status"`
+			} `json:"data"`
+		}
+		if st := nodetest.DoJSON(t, "GET", fmt.Sprintf("http://%s/api/v1/admin/users/%d/status", via.http, user), admin, "", &out); st != 200 {
+			return 0
+		}
+		return out.Data.Status
+	}
+	set(n1, admin1, 731, 2)
+	set(n1, admin1, 732, 2)
+	set(n2, admin2, 732, 1)
+	set(n2, admin2, 733, 2)
+	want := map[int64]int{731: 2, 732: 1, 733: 2, 734: 1}
+
+	c.redis.Restart() // empty
+	pollUntil(t, 30*time.Second, "every status back as it was, through both nodes", func() bool {
+		for _, nd := range []struct {
+			n     *sharedNode
+			admin string
+		}{{n1, admin1}, {n2, admin2}} {
+			for u, w := range want {
+				if status(nd.n, nd.admin, u) != w {
+					return false
+				}
+			}
+		}
+		return true
+	})
+	set(n2, admin2, 731, 1) // and changes go on
+	if s := status(n1, admin1, 731); s != 1 {
+		t.Fatalf("unfrozen after the rebuild: status %d through the other node", s)
+	}
+}

@@ -3,7 +3,9 @@ package account
 import (
 	"context"
 	"errors"
+	"fmt"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -18,6 +20,9 @@ const (
 	StatusNormal = 1
 	StatusFrozen = 2
 )
+
+// errRebuilding: a status change while the shared wallet is rebuilt.
+var errRebuilding = proto.Errorf(proto.CodeInternal, "account statuses are being rebuilt after a Redis data loss; retry")
 
 // ErrFrozen is the refusal of anything a frozen account may not do.
 var ErrFrozen = &proto.Error{Code: proto.CodeAccountFrozen, Msg: "account frozen"}
@@ -132,14 +137,32 @@ func (s *Shared) Frozen(user int64) (bool, error) {
 	return st == StatusFrozen, err
 }
 
-// Shared keeps statuses in Redis: liveedge:acct:status:<user> = "2" for a
-// frozen user, no key otherwise.
+// Shared keeps statuses in Redis, for every node sharing it: key
+// SharedKey(user) holds the user's last status change as at×10+status (at:
+// Redis's clock in ms when it was made, above the previous change's), so
+// that the latest change is the largest value; a user never changed has no
+// key. Each change is also written, fsynced, to the Pebble of the node that
+// made it (rec/acctstatus/<user>, the same value) before it is
+// acknowledged, and Contribute puts every node's changes back into a
+// rebuilding shared wallet generation, the largest winning — a Redis that
+// lost its data does not unfreeze anyone. (A value "2" written before
+// changes carried their time reads as frozen at time 0.)
 type Shared struct {
 	Client rueidis.Client
+	Store  *persist.Store // this node's durable copy of its changes (nil: none)
+	wmu    sync.Mutex     // serializes SetStatus's disk writes in change order
 }
 
 // SharedKey is the Redis key of user's status.
 func SharedKey(user int64) string { return "liveedge:acct:status:" + strconv.FormatInt(user, 10) }
+
+// statusOf is the status a stored value says (StatusNormal for none).
+func statusOf(v int64) int {
+	if v%10 == StatusFrozen {
+		return StatusFrozen
+	}
+	return StatusNormal
+}
 
 // Status implements Statuses (client-side cached, kept coherent by Redis).
 func (s *Shared) Status(user int64) (int, error) {
@@ -152,27 +175,65 @@ func (s *Shared) Status(user int64) (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	if v == StatusFrozen {
-		return StatusFrozen, nil
-	}
-	return StatusNormal, nil
+	return statusOf(v), nil
 }
 
-// SetStatus implements Statuses.
+// setStatusScript stores change ARGV[1] (a status) of KEYS[1] as
+// at×10+status, at = Redis's clock in ms, above the key's last change; it
+// returns the stored value. Refused while the shared wallet (KEYS[2], its
+// meta hash) is not ready: its generation is being rebuilt from the nodes'
+// disks, which must not change meanwhile (persist.SharedConfig.Contribute).
+var setStatusScript = rueidis.NewLuaScript(`
+if redis.call('HGET', KEYS[2], 'state') ~= 'ready' then
+  return redis.error_reply('NOTREADY the shared state is being rebuilt')
+end
+local t = redis.call('TIME')
+local at = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+local last = math.floor(cur / 10)
+if at <= last then at = last + 1 end
+local v = at * 10 + tonumber(ARGV[1])
+redis.call('SET', KEYS[1], string.format('%d', v))
+return v`)
+
+// SetStatus implements Statuses: the change is in Redis and fsynced on this
+// node's disk before it returns.
 func (s *Shared) SetStatus(user int64, status int) error {
 	if err := checkStatus(status); err != nil {
 		return err
 	}
+	s.wmu.Lock()
+	defer s.wmu.Unlock()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
-	var cmd rueidis.Completed
-	if status == StatusFrozen {
-		cmd = s.Client.B().Set().Key(SharedKey(user)).Value(strconv.Itoa(status)).Build()
-	} else {
-		cmd = s.Client.B().Del().Key(SharedKey(user)).Build()
+	v, err := setStatusScript.Exec(ctx, s.Client, []string{SharedKey(user), persist.SharedMetaKey}, []string{strconv.Itoa(status)}).AsInt64()
+	if rerr, ok := rueidis.IsRedisErr(err); ok && strings.HasPrefix(rerr.Error(), "NOTREADY") {
+		return errRebuilding
 	}
-	if err := s.Client.Do(ctx, cmd).Error(); err != nil {
+	if err != nil {
 		return errors.Join(errors.New("account: set status in redis"), err)
 	}
-	return nil
+	if s.Store == nil {
+		return nil
+	}
+	return s.Store.Put(persist.Key(prefix, uint64(user)), strconv.AppendInt(nil, v, 10))
+}
+
+// Contribute adds the status changes made through this node (its disk) to
+// a rebuilding shared wallet generation (persist.SharedConfig.Contribute):
+// each as contrib's "seq" op, which keeps the largest value — the latest
+// change of a user, whichever node made it; none is made meanwhile
+// (SetStatus waits for the wallet to be ready). Its keys are not le:*, which
+// a reset after a detected rollback deletes: a rolled-back value is kept
+// until this raises it to the latest change again.
+func (s *Shared) Contribute(_ time.Time, add func(op ...string) error) error {
+	if s.Store == nil {
+		return nil
+	}
+	return s.Store.Scan(prefix, func(k, v []byte) error {
+		if _, err := strconv.ParseInt(string(v), 10, 64); err != nil {
+			return fmt.Errorf("account: bad status record %x: %q", k, v)
+		}
+		return add("seq", SharedKey(int64(persist.KeyID(k))), string(v))
+	})
 }

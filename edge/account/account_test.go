@@ -1,6 +1,8 @@
 package account_test
 
 import (
+	"context"
+	"strconv"
 	"testing"
 	"time"
 
@@ -68,6 +70,12 @@ func TestSharedSeenByOtherNode(t *testing.T) {
 		return c
 	}
 	a, b := &account.Shared{Client: client()}, &account.Shared{Client: client()}
+	if err := a.SetStatus(5, account.StatusFrozen); err == nil || proto.AsError(err).Code != proto.CodeInternal {
+		t.Fatalf("a change while the shared wallet is not ready: %v, want 50000 (retry)", err)
+	}
+	if err := a.Client.Do(context.Background(), a.Client.B().Hset().Key(persist.SharedMetaKey).FieldValue().FieldValue("state", "ready").Build()).Error(); err != nil {
+		t.Fatal(err)
+	}
 	if f, err := b.Frozen(5); err != nil || f {
 		t.Fatalf("initially frozen %v %v", f, err)
 	}
@@ -93,4 +101,64 @@ func TestSharedSeenByOtherNode(t *testing.T) {
 		t.Fatal(err)
 	}
 	wait(false)
+}
+
+// Shared: each change is also on the disk of the node that made it, as
+// at×10+status with the time above the last change's (so the latest is the
+// largest, whichever node made it), and Contribute hands every one to a
+// rebuild as a "seq" op (keep the largest). A value "2" from before changes
+// carried their time reads as frozen.
+func TestSharedChangesOnDiskLatestLargest(t *testing.T) {
+	srv := redistest.Start(t)
+	rdb := srv.Client(t)
+	if err := rdb.Do(context.Background(), rdb.B().Hset().Key(persist.SharedMetaKey).FieldValue().FieldValue("state", "ready").Build()).Error(); err != nil {
+		t.Fatal(err)
+	}
+	open := func() *account.Shared {
+		st, err := persist.Open(t.TempDir())
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = st.Close() })
+		return &account.Shared{Client: rdb, Store: st}
+	}
+	a, b := open(), open()
+	for _, step := range []struct {
+		via    *account.Shared
+		user   int64
+		status int
+	}{{a, 1, account.StatusFrozen}, {b, 1, account.StatusNormal}, {a, 2, account.StatusNormal}, {b, 2, account.StatusFrozen}} {
+		if err := step.via.SetStatus(step.user, step.status); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ops := map[string]int64{} // key -> the largest contributed value, as contrib.lua's seq keeps it
+	for _, s := range []*account.Shared{a, b} {
+		if err := s.Contribute(time.Time{}, func(op ...string) error {
+			v, err := strconv.ParseInt(op[2], 10, 64)
+			if op[0] != "seq" || len(op) != 3 || err != nil {
+				t.Fatalf("contributed %q", op)
+			}
+			ops[op[1]] = max(ops[op[1]], v)
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for user, want := range map[int64]int{1: account.StatusNormal, 2: account.StatusFrozen} {
+		v, ok := ops[account.SharedKey(user)]
+		if !ok || int(v%10) != want {
+			t.Fatalf("user %d: contributed %d (%v), want the latest change, status %d", user, v, ok, want)
+		}
+		cur, err := rdb.Do(context.Background(), rdb.B().Get().Key(account.SharedKey(user)).Build()).AsInt64()
+		if err != nil || cur != v {
+			t.Fatalf("user %d: Redis holds %d (%v), the disks' largest %d", user, cur, err, v)
+		}
+	}
+	if err := rdb.Do(context.Background(), rdb.B().Set().Key(account.SharedKey(3)).Value("2").Build()).Error(); err != nil {
+		t.Fatal(err)
+	}
+	if f, err := a.Frozen(3); err != nil || !f {
+		t.Fatalf("a frozen user of the old format: frozen=%v %v", f, err)
+	}
 }

@@ -5,9 +5,10 @@
 //
 // Two implementations of Statuses: Local keeps the status in the node's
 // Pebble (fsynced) with the frozen users in memory; Shared keeps it in Redis
-// (one key per frozen user) for every node sharing it, read through
-// rueidis's client-side cache (invalidated by Redis tracking), so a gift
-// costs no round trip. Both are safe for concurrent use. A status change
+// (one key per user whose status changed) for every node sharing it, read
+// through rueidis's client-side cache (invalidated by Redis tracking), so a
+// gift costs no round trip, with each change fsynced on the disk of the node
+// that made it too, from which a Redis that lost its data is rebuilt. Both are safe for concurrent use. A status change
 // applies to requests that check after it; a gift already past the check
 // completes.
 package account
