@@ -110,6 +110,13 @@ func (c *committer) signal() {
 	}
 }
 
+// failed returns why the committer takes no more ops, or nil.
+func (c *committer) failed() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.failedLocked()
+}
+
 // failedLocked returns why the committer takes no more ops, or nil.
 func (c *committer) failedLocked() error {
 	if c.err != nil {

@@ -597,6 +597,14 @@ func (l *Ledger) ApplyAsync(op Op, done func(Result, error)) {
 		return
 	}
 	if found {
+		// Pebble makes a batch readable before its fsync: after a failed
+		// one, what is read here may not be durable (a group whose fsync
+		// failed answered its ops in doubt) — "retry", never ok. A record
+		// the memory index names was inserted only once durable.
+		if err := l.commit.failed(); err != nil {
+			finish(Result{}, err)
+			return
+		}
 		r.Replayed = true
 		finish(r, nil)
 		return
