@@ -166,7 +166,7 @@ type Cluster struct {
 
 type clusterStats struct {
 	batchesOut, batchesIn, pushesSequenced, gapFills, gapsLost, seqErrors, badWire atomic.Int64
-	handoffsKept                                                                   atomic.Int64
+	handoffsKept, epochsForced                                                     atomic.Int64
 }
 
 // croom is a room this node is subscribed to. Invariant: once ready, every
@@ -192,6 +192,10 @@ type croom struct {
 	filling  bool
 	lastAct  time.Time
 	idleFrom time.Time // when the last local member left (zero: members)
+	// suspect: a batch of the room's epoch came with offsets this node had
+	// delivered already — a duplicate, or Redis went back and numbered them
+	// again: the next tail sweep checks the room whatever its activity.
+	suspect bool
 }
 
 type cuser struct {
@@ -703,7 +707,10 @@ func (c *Cluster) startRoom(st *croom) error {
 		_ = sub.Unsubscribe()
 		return ErrUnavailable
 	}
-	ep, last, err := c.position(st.id)
+	// What this node delivered of the room before (a room dropped and
+	// subscribed again): Redis's counter below it in that epoch went back.
+	knownEp, knownLast, _ := c.local.Position(st.id)
+	ep, last, err := c.position(st.id, knownEp, knownLast)
 	if err != nil {
 		_ = sub.Unsubscribe()
 		return ErrUnavailable
@@ -721,12 +728,14 @@ func (c *Cluster) startRoom(st *croom) error {
 }
 
 // position reads a room's epoch and newest offset from Redis, giving the
-// room an epoch first if it has none (position.lua).
-func (c *Cluster) position(id int64) (string, int64, error) {
+// room an epoch first if it has none, or a new one if its counter is below
+// knownLast in epoch knownEp (what this node received: "" and 0 for
+// nothing) — Redis went back (position.lua).
+func (c *Cluster) position(id int64, knownEp string, knownLast int64) (string, int64, error) {
 	ctx, cancel := c.ctx()
 	defer cancel()
 	arr, err := positionScript.Exec(ctx, c.rdb, []string{seqKey(id), epKey(id), histKey(id)},
-		[]string{NewEpoch(), strconv.FormatInt(c.cfg.HistoryTTL.Milliseconds(), 10)}).ToArray()
+		[]string{NewEpoch(), strconv.FormatInt(c.cfg.HistoryTTL.Milliseconds(), 10), knownEp, strconv.FormatInt(max(knownLast, 0), 10)}).ToArray()
 	if err != nil {
 		return "", 0, err
 	}
@@ -789,10 +798,17 @@ func (c *Cluster) acceptLocked(st *croom, b roomBatch) {
 		// where the room was is kept (prevNext) for the way back.
 		st.switchEpoch(b.ep, 1)
 	}
-	st.lastAct = time.Now()
-	if b.last() < st.next {
-		return
+	if b.first < st.next {
+		// Offsets delivered already: a duplicate — or Redis went back and
+		// numbered them again (an older snapshot, and a node that knew
+		// nothing of the room numbered this batch). Not the room's
+		// activity: the tail sweep checks it (checkTails).
+		st.suspect = true
+		if b.last() < st.next {
+			return
+		}
 	}
+	st.lastAct = time.Now()
 	if b.first > st.next {
 		i := len(st.buf)
 		for i > 0 && st.buf[i-1].first > b.first {
@@ -927,6 +943,7 @@ func (c *Cluster) checkTails(idle time.Duration) {
 	c.mu.Unlock()
 	now := time.Now()
 	var check []*croom
+	var regressed []regression
 	for _, st := range rooms {
 		select {
 		case <-st.ready:
@@ -934,7 +951,8 @@ func (c *Cluster) checkTails(idle time.Duration) {
 			continue
 		}
 		st.mu.Lock()
-		if st.err == nil && st.sub != nil && now.Sub(st.lastAct) >= idle && !st.filling {
+		if st.err == nil && st.sub != nil && (now.Sub(st.lastAct) >= idle || st.suspect) && !st.filling {
+			st.suspect = false
 			check = append(check, st)
 		}
 		st.mu.Unlock()
@@ -981,10 +999,35 @@ func (c *Cluster) checkTails(idle time.Duration) {
 				}
 			case ep == st.ep && last >= st.next:
 				c.startFill(st, last)
+			case ep == st.ep && last < st.next-1:
+				// Redis's counter is below what this node delivered in the
+				// same epoch: Redis went back (an older snapshot). Offsets
+				// it hands out again would be dropped here as duplicates —
+				// numbering must restart in a new epoch (position.lua checks
+				// again atomically: the counter only ever grows otherwise).
+				regressed = append(regressed, regression{st, ep, st.next - 1})
 			}
 			st.mu.Unlock()
 		}
 	}
+	for _, r := range regressed {
+		ep, last, err := c.position(r.st.id, r.ep, r.last)
+		if err != nil {
+			continue // the next sweep (the room stays suspect: a duplicate comes again)
+		}
+		if ep != r.ep {
+			c.stats.epochsForced.Add(1)
+			c.log.Error("room counter went back in Redis (data loss): new epoch", "room", r.st.id, "from", r.ep, "delivered", r.last, "to", ep, "at", last)
+		}
+	}
+}
+
+// regression is a room whose counter in Redis is below what this node
+// delivered in epoch ep.
+type regression struct {
+	st   *croom
+	ep   string
+	last int64
 }
 
 // sweepLoop checks idle rooms for lost tails every second and drops the
@@ -1320,7 +1363,10 @@ type ClusterStats struct {
 	BatchesOut, BatchesIn, PushesSequenced, GapFills, GapsLost, SequencerErrors, BadWire int64
 	// HandoffsKept: reliable pushes for users on other nodes that no holder
 	// answered (kept in the offline list, the holders hinted to drain it).
-	HandoffsKept    int64
+	HandoffsKept int64
+	// EpochsForced: rooms whose counter this node found gone back in Redis
+	// (a data loss) and moved to a new epoch.
+	EpochsForced    int64
 	SubscribedRooms int
 }
 
@@ -1333,7 +1379,8 @@ func (c *Cluster) ClusterStats() ClusterStats {
 		BatchesOut: c.stats.batchesOut.Load(), BatchesIn: c.stats.batchesIn.Load(),
 		PushesSequenced: c.stats.pushesSequenced.Load(), GapFills: c.stats.gapFills.Load(),
 		GapsLost: c.stats.gapsLost.Load(), SequencerErrors: c.stats.seqErrors.Load(),
-		BadWire: c.stats.badWire.Load(), HandoffsKept: c.stats.handoffsKept.Load(), SubscribedRooms: n,
+		BadWire: c.stats.badWire.Load(), HandoffsKept: c.stats.handoffsKept.Load(),
+		EpochsForced: c.stats.epochsForced.Load(), SubscribedRooms: n,
 	}
 }
 

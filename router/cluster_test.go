@@ -392,6 +392,67 @@ func TestRoomCounterGoneBackStartsANewEpoch(t *testing.T) {
 	}
 }
 
+// The counter gone back while the room's pushes come from a node with no
+// member of it (a red-packet start, a PK score): that node knows nothing of
+// the room's offsets, so its numbering in the same epoch was never checked,
+// and the member's node dropped every push as a duplicate until the counter
+// passed what it had delivered (here 99 pushes, ~5 s). Now the first
+// duplicate makes the member's node check the counter at its next sweep
+// and move the room to a new epoch: pushes reach the member again within
+// about a second.
+func TestRoomCounterGoneBackUnderAPublisherWithoutMembers(t *testing.T) {
+	env := clusterEnv{nats: natstest.Start(t), redis: redistest.Start(t)}
+	a := newCluster(t, env, "a", ClusterConfig{})
+	c := newCluster(t, env, "c", ClusterConfig{})
+	a.OpenRoom(1)
+	c.OpenRoom(1)
+	s := &offSink{id: 1}
+	if _, err := a.JoinAt(1, s, nil); err != nil {
+		t.Fatal(err)
+	}
+	publish := func(via *Cluster) {
+		t.Helper()
+		if _, err := via.PublishRoomWait(1, proto.Push{Data: []byte("{}")}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ctx := context.Background()
+	publish(a)
+	dump := map[string]string{} // the snapshot: the counter and history after offset 1
+	for _, k := range []string{seqKey(1), histKey(1)} {
+		v, err := a.rdb.Do(ctx, a.rdb.B().Dump().Key(k).Build()).ToString()
+		if err != nil {
+			t.Fatal(err)
+		}
+		dump[k] = v
+	}
+	for range 99 {
+		publish(a)
+	}
+	waitFor(t, func() bool { return len(s.got()) == 100 })
+	for k, v := range dump { // Redis restored from it
+		if err := a.rdb.Do(ctx, a.rdb.B().Restore().Key(k).Ttl(0).SerializedValue(v).Replace().Build()).Error(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	sent := 0
+	for len(s.got()) == 100 {
+		if sent == 150 {
+			t.Fatalf("150 pushes from the node without members after the counter went back, none delivered")
+		}
+		publish(c)
+		sent++
+		time.Sleep(50 * time.Millisecond)
+	}
+	if sent >= 99 {
+		t.Fatalf("the member got a push only once the counter passed what it had (%d pushes sent)", sent)
+	}
+	if n := a.ClusterStats().EpochsForced; n != 1 {
+		t.Fatalf("epochs forced by the member's node: %d, want 1", n)
+	}
+	t.Logf("delivered again after %d pushes", sent)
+}
+
 // A reliable push for a user connected nowhere while Redis is down: the
 // shared offline list cannot take it, so it is kept in this node's offline
 // box and a session here gets it. Before, it was dropped (and when Redis
