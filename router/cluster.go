@@ -819,6 +819,12 @@ func (c *Cluster) acceptLocked(st *croom, b roomBatch) {
 		st.buf[i] = b
 		st.buffered += len(b.msgs)
 		switch {
+		case st.buffered > 2*maxGapBuffer:
+			// The hole could not be read in time (Redis unreachable from
+			// this node, or slow) while the room went on: given up, so
+			// that the buffer stays bounded and the viewers get what came
+			// after it.
+			c.skipHole(st)
 		case st.buffered > maxGapBuffer:
 			c.startFill(st, 0)
 		default:
@@ -828,6 +834,21 @@ func (c *Cluster) acceptLocked(st *croom, b roomBatch) {
 	}
 	c.deliverLocked(st, b)
 	c.drainLocked(st)
+}
+
+// skipHole gives up the hole before the first buffered batch (counted
+// lost, as one gone from the history) and delivers what follows it. A fill
+// of it still on its way finds the room moved on and drains. st.mu is held.
+func (c *Cluster) skipHole(st *croom) {
+	if len(st.buf) == 0 || st.buf[0].first <= st.next {
+		return
+	}
+	c.stats.gapsLost.Add(1)
+	c.log.Warn("room offsets given up: the hole could not be read while the room went on", "room", st.id,
+		"from", st.next, "to", st.buf[0].first-1, "buffered", st.buffered)
+	st.next = st.buf[0].first
+	c.drainLocked(st)
+	c.armGap(st) // a further hole in what is left
 }
 
 func (c *Cluster) deliverLocked(st *croom, b roomBatch) {

@@ -126,6 +126,47 @@ func TestLostOffsetSkipsOnlyTheHole(t *testing.T) {
 	consecutive(t, got, 2, 301)
 }
 
+// A hole this node cannot read (its Redis unreachable) while the room goes
+// on through NATS: what it buffers past the hole is bounded — beyond twice
+// maxGapBuffer the hole is given up (counted lost) and the buffer
+// delivered — instead of growing with every batch for as long as Redis
+// stays away (20,000 pushes here), the viewers getting nothing meanwhile.
+func TestGapBufferBoundedWhileTheHoleCannotBeRead(t *testing.T) {
+	env := clusterEnv{nats: natstest.Start(t), redis: redistest.Start(t)}
+	c := newCluster(t, env, "b", ClusterConfig{GapWait: 10 * time.Millisecond, CallTimeout: 100 * time.Millisecond})
+	c.OpenRoom(1)
+	s := &offSink{id: 1}
+	if _, err := c.JoinAt(1, s, nil); err != nil {
+		t.Fatal(err)
+	}
+	c.mu.Lock()
+	st := c.rooms[1]
+	c.mu.Unlock()
+	b, err := c.number(1, items(1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.receive(st, b) // offset 1
+	c.rdb.Close()    // Redis unreachable from this node from here on
+	most := 0
+	const batches, per = 200, 100
+	for i := range batches { // offset 2 lost on NATS; 3.. arrive
+		first := int64(3 + i*per)
+		c.receive(st, roomBatch{ep: b.ep, first: first, msgs: seqMsgs(b.ep, first, first+per-1)})
+		st.mu.Lock()
+		most = max(most, st.buffered)
+		st.mu.Unlock()
+	}
+	if most > 2*maxGapBuffer+per {
+		t.Fatalf("%d pushes buffered behind a hole this node cannot read, want at most %d", most, 2*maxGapBuffer+per)
+	}
+	last := int64(2 + batches*per)
+	waitFor(t, func() bool { return slices.Contains(s.got(), last) })
+	if n := c.ClusterStats().GapsLost; n == 0 {
+		t.Fatal("the hole given up was not counted")
+	}
+}
+
 // A batch of an older epoch that arrives late — buffered by a publisher's
 // NATS connection while it was away, flushed after the room's history
 // expired and a new epoch began — must not silence the room here. The node
