@@ -474,7 +474,9 @@ func (c *Cluster) enqueue(id int64, p proto.Push, closing bool, done chan error)
 	}
 	sr.mu.Lock()
 	c.mu.Unlock()
-	if len(sr.pending) >= c.local.cfg.MaxPending {
+	if len(sr.pending) >= c.local.cfg.MaxPending && !closing {
+		// (A room's final push is always queued: every node's viewers learn
+		// that the room closed only from it.)
 		sr.mu.Unlock()
 		c.local.dropped.Add(1)
 		return "", ErrRoomBusy
@@ -509,6 +511,9 @@ func (c *Cluster) sequence(id int64, sr *seqRoom) {
 		c.mu.Unlock()
 
 		b, err := c.number(id, items)
+		if err != nil && b.closing {
+			items, b, err = c.retryFinal(id, items, err)
+		}
 		if err != nil {
 			err = fmt.Errorf("%w: %w", ErrUnavailable, err)
 		}
@@ -541,6 +546,35 @@ func (c *Cluster) sequence(id int64, sr *seqRoom) {
 			c.closeLocal(id)
 		}
 	}
+}
+
+// retryFinal numbers the room's final push again, a few times over about
+// a second and a half, after numbering its batch failed with err: every
+// other node's viewers learn the room closed only from it (without it they
+// are dropped by the backstop, untold). The batch's other pushes are
+// answered err now. If a lost reply hid a script that ran, the final push is
+// in the history twice (same mid): a viewer may get it twice, never zero
+// times while Redis comes back in time.
+func (c *Cluster) retryFinal(id int64, items []seqItem, err error) ([]seqItem, roomBatch, error) {
+	var final []seqItem
+	for _, it := range items {
+		switch {
+		case it.closing:
+			final = append(final, it)
+		case it.done != nil:
+			it.done <- fmt.Errorf("%w: %w", ErrUnavailable, err)
+		}
+	}
+	b := roomBatch{closing: true}
+	for wait := 100 * time.Millisecond; err != nil && wait <= 800*time.Millisecond; wait *= 2 {
+		select {
+		case <-c.stop:
+			return final, b, err
+		case <-time.After(wait):
+		}
+		b, err = c.number(id, final)
+	}
+	return final, b, err
 }
 
 // number runs the sequence script for items and encodes them with their

@@ -57,6 +57,7 @@ func TestResubscribeInNewEpochStartsAtZero(t *testing.T) {
 type clusterEnv struct {
 	nats  *natstest.Server
 	redis *redistest.Server
+	via   string // the Redis address the node dials, if not redis's own (a fault proxy)
 }
 
 func newCluster(t *testing.T, env clusterEnv, node string, cfg ClusterConfig, opts ...nats.Option) *Cluster {
@@ -71,7 +72,11 @@ func newCluster(t *testing.T, env clusterEnv, node string, cfg ClusterConfig, op
 		t.Fatal(err)
 	}
 	t.Cleanup(nc.Close)
-	rdb, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{env.redis.Addr}})
+	addr := env.redis.Addr
+	if env.via != "" {
+		addr = env.via
+	}
+	rdb, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{addr}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -165,6 +170,27 @@ func TestGapBufferBoundedWhileTheHoleCannotBeRead(t *testing.T) {
 	if n := c.ClusterStats().GapsLost; n == 0 {
 		t.Fatal("the hole given up was not counted")
 	}
+}
+
+// The room's final push whose numbering failed (the script's reply lost,
+// Redis unreachable for a moment) is numbered again once Redis answers:
+// the other nodes close the room after delivering it. Before, the closing
+// node closed only its own room; the others got the push from the history
+// at their tail sweep but never its closing mark, and kept the room open.
+func TestRoomFinalPushRetriedWhenNumberingFails(t *testing.T) {
+	env := clusterEnv{nats: natstest.Start(t), redis: redistest.Start(t)}
+	px := redistest.StartProxy(t, env.redis.Addr)
+	a := newCluster(t, clusterEnv{nats: env.nats, redis: env.redis, via: px.Addr}, "a", ClusterConfig{CallTimeout: 200 * time.Millisecond})
+	b := newCluster(t, env, "b", ClusterConfig{})
+	a.OpenRoom(1)
+	b.OpenRoom(1)
+	s := &offSink{id: 1}
+	if _, err := b.JoinAt(1, s, nil); err != nil {
+		t.Fatal(err)
+	}
+	px.LoseReply(seqKey(1), 300*time.Millisecond) // the final push's numbering
+	a.CloseRoom(1, &proto.Push{Biz: 5559, Data: []byte(`{"room_id":1}`)})
+	waitFor(t, func() bool { return px.Fired() == 1 && b.local.room(1) == nil })
 }
 
 // A batch of an older epoch that arrives late — buffered by a publisher's
