@@ -439,12 +439,25 @@ func (s *Service) Sync() error {
 		}
 	}
 	s.mu.RUnlock()
+	var missing []Room
 	for _, rm := range gone {
 		// Opened (or learned) after the snapshot was read? Close only what
 		// Redis says is closed.
-		if cur, err := s.shared.load(rm.ID); err == nil && cur.Status == StatusClosed {
+		switch cur, err := s.shared.load(rm.ID); {
+		case err == nil && cur.Status == StatusClosed:
 			s.Apply("closed", cur)
+		case errors.Is(err, proto.ErrNotFound):
+			// Redis has no record of an open room at all (a closed one's
+			// is kept for ClosedRecordTTL): it came back from a snapshot
+			// older than the room. Put it back, as when Redis lost every
+			// room — else it stays open in every replica and no one can
+			// close it (close.lua: unknown room), and its anchor could
+			// open a second one.
+			missing = append(missing, rm)
 		}
+	}
+	if len(missing) > 0 {
+		return s.shared.restore(missing)
 	}
 	return nil
 }

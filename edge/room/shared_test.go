@@ -2,6 +2,7 @@ package room
 
 import (
 	"context"
+	"strconv"
 	"testing"
 
 	"github.com/redis/rueidis"
@@ -96,5 +97,43 @@ func TestClosedRoomRecordExpires(t *testing.T) {
 	}
 	if _, err := s.Get(rm.ID, 2); proto.AsError(err).Code != proto.CodeNotFound {
 		t.Fatalf("GET after the record expired: %v, want 10004", err)
+	}
+}
+
+// Redis back from a snapshot older than an open room (the id counter kept,
+// the room's records gone): the next Sync puts the room back, so that its
+// anchor can close it and cannot open a second one. Before, the room stayed
+// open in every replica, unknown to Redis: its close answered 10004.
+func TestRoomMissingAfterARollbackIsPutBack(t *testing.T) {
+	s, rdb := sharedService(t)
+	if _, err := s.Open(1, 0); err != nil { // in the snapshot, with the counter
+		t.Fatal(err)
+	}
+	rm, err := s.Open(2, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	id := strconv.FormatInt(rm.ID, 10)
+	for _, cmd := range []rueidis.Completed{ // the snapshot had no room rm
+		rdb.B().Hdel().Key(keyOpen).Field(id).Build(),
+		rdb.B().Hdel().Key(keyRecords).Field(id).Build(),
+		rdb.B().Hdel().Key(keyAnchors).Field("2").Build(),
+	} {
+		if err := rdb.Do(ctx, cmd).Error(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	if again, err := s.Open(2, 0); err != nil || again.ID != rm.ID {
+		t.Fatalf("the anchor opening again: %+v %v, want its room %d", again, err, rm.ID)
+	}
+	if err := s.Close(2, rm.ID); err != nil {
+		t.Fatalf("closing the room put back: %v", err)
+	}
+	if s.IsOpen(rm.ID) {
+		t.Fatal("the room is still open")
 	}
 }
