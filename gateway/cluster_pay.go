@@ -360,7 +360,7 @@ func (n *Node) serveForward(req payFwdReq) payFwdRep {
 	case "get", "refund":
 		o, err := n.localOrderOp(req.Op, req.ID)
 		if err != nil {
-			rep.Err = wireError(err)
+			rep.Err = n.wireErr(err)
 		} else {
 			rep.Order = &o
 		}

@@ -3,6 +3,7 @@ package gateway
 import (
 	"context"
 	"errors"
+	"fmt"
 	"strconv"
 	"time"
 
@@ -58,7 +59,7 @@ func (n *Node) redPacket(op string, user int64, code string) ([]byte, *proto.Err
 		if perr != nil {
 			return nil, perr
 		}
-		return replyData(rep, nil)
+		return n.replyData(rep, nil)
 	}
 	rep, err := n.forwardPay(owner, payFwdReq{Op: op, User: user, Code: code})
 	if err != nil {
@@ -91,20 +92,34 @@ func (n *Node) redPacketLocal(op string, user int64, code string) ([]byte, *prot
 	default:
 		return nil, proto.BadRequest("unknown red-packet op")
 	}
-	return replyData(v, err)
+	return n.replyData(v, err)
 }
 
 // replyData is a locally served op's outcome as a reply's d (JSON) or its
 // error, as the forwarding answers it.
-func replyData(v any, err error) ([]byte, *proto.Error) {
+func (n *Node) replyData(v any, err error) ([]byte, *proto.Error) {
 	if err != nil {
-		return nil, wireError(err)
+		return nil, n.wireErr(err)
 	}
 	b, merr := proto.Marshal(v)
 	if merr != nil {
-		return nil, proto.ErrInternal
+		return nil, n.wireErr(merr)
 	}
 	return b, nil
+}
+
+// wireErr is wireError for an op served here: an error that is not one of
+// ours (a disk or Redis failure) is logged with its cause and an id, and
+// answered with that id — the client's 50000 (on whichever node it asked)
+// then names the log line, as HTTP's own failures do.
+func (n *Node) wireErr(err error) *proto.Error {
+	e := wireError(err)
+	if e != proto.ErrInternal {
+		return e
+	}
+	id := n.errIDs.Add(1)
+	n.Log.Error("request failed", "error_id", id, "err", err)
+	return &proto.Error{Code: proto.CodeInternal, Msg: fmt.Sprintf("internal error (node %s, error %d)", n.Config.Node.ID, id)}
 }
 
 // grabAsync serves a grab frame. A rain of this node on a single node (or

@@ -139,5 +139,5 @@ func (n *Node) ticketLocal(op string, user, id int64, body []byte) ([]byte, *pro
 	if pe := proto.AsError(err); err != nil && pe.Code == proto.CodeNotFound && (op == "tix.get" || op == "tix.cancel") && n.madeByEarlierHolder(id) {
 		return nil, errOwnerDown
 	}
-	return replyData(v, err)
+	return n.replyData(v, err)
 }

@@ -38,6 +38,7 @@ import (
 type Node struct {
 	Config configs.Config
 	Log    *slog.Logger
+	errIDs atomic.Uint64 // ids of logged internal errors of ops served here (wireErr)
 
 	Store    *persist.Store
 	Ledger   *persist.Ledger // local wallet mode only
