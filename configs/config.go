@@ -129,9 +129,21 @@ type Auth struct {
 // NATS configures the event bus.
 type NATS struct {
 	Embedded bool   `yaml:"embedded"` // run nats-server in process (JetStream under DataDir/nats)
-	URL      string `yaml:"url"`      // external NATS when not embedded
+	URL      string `yaml:"url"`      // external NATS when not embedded (tls://… for TLS)
 	Listen   string `yaml:"listen"`   // embedded: also listen on this host:port ("" = in-process only)
+	// The external server's credentials (at most one way): User and
+	// Password, a Token, or a CredsFile (a NATS .creds file: JWT and NKey
+	// seed). Nodes of a cluster trust what reaches them through NATS (a
+	// forwarded request names its user), so a production NATS must admit
+	// only them.
+	User      string `yaml:"user"`
+	Password  string `yaml:"password"`
+	Token     string `yaml:"token"`
+	CredsFile string `yaml:"creds_file"`
 }
+
+// Authenticated reports whether NATS credentials are configured.
+func (n NATS) Authenticated() bool { return n.User != "" || n.Token != "" || n.CredsFile != "" }
 
 // Rooms configures living rooms.
 type Rooms struct {
@@ -242,6 +254,14 @@ type Tickets struct {
 // Redis is the shared hot-state store (cluster / shared mode).
 type Redis struct {
 	Addr string `yaml:"addr"` // host:port; "" = no Redis
+	// Username (ACL user; "" = default) and Password (AUTH), or
+	// PasswordFile holding it; TLS dials Redis over TLS (system roots).
+	// Redis holds the cluster's balances: a production Redis must admit
+	// only the nodes.
+	Username     string `yaml:"username"`
+	Password     string `yaml:"password"`
+	PasswordFile string `yaml:"password_file"`
+	TLS          bool   `yaml:"tls"`
 	// MaxFlushDelay holds each pipeline flush of the client back this long
 	// so that concurrent commands share one write (rueidis); 20 µs measured
 	// best for the cluster sequencer (docs/cluster.md).
@@ -323,6 +343,15 @@ func (c *Config) ReadSecretFiles() error {
 			return fmt.Errorf("auth.jwt_secret_file %s: empty", f)
 		}
 	}
+	if f := c.Redis.PasswordFile; f != "" {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			return fmt.Errorf("redis.password_file: %w", err)
+		}
+		if c.Redis.Password = strings.TrimSpace(string(b)); c.Redis.Password == "" {
+			return fmt.Errorf("redis.password_file %s: empty", f)
+		}
+	}
 	if f := c.Pay.SecretsFile; f != "" {
 		b, err := os.ReadFile(f)
 		if err != nil {
@@ -340,6 +369,24 @@ func (c *Config) ReadSecretFiles() error {
 		c.Pay.Secrets = secrets
 	}
 	return nil
+}
+
+// Unprotected lists, for a production node (dev tokens off) that shares
+// Redis or NATS with other nodes, which of them it reaches without
+// credentials: a warning at start (network isolation may be the protection),
+// since a node trusts what other nodes send it through them.
+func (c *Config) Unprotected() []string {
+	if c.Auth.DevTokens {
+		return nil
+	}
+	var out []string
+	if c.Redis.Addr != "" && c.Redis.Password == "" {
+		out = append(out, "redis (no redis.password)")
+	}
+	if c.Cluster.Enabled && !c.NATS.Authenticated() {
+		out = append(out, "nats (no nats.user, token or creds_file)")
+	}
+	return out
 }
 
 // checkSecrets validates the JWT and webhook secrets. With dev tokens on (a
@@ -475,6 +522,14 @@ func (c *Config) Validate() error {
 	check(!c.Cluster.Enabled || c.Redis.Addr != "", "redis.addr is required when cluster.enabled")
 	check(!c.Cluster.Enabled || !c.NATS.Embedded, "cluster.enabled needs an external NATS (nats.embedded: false)")
 	check(!c.Cluster.Enabled || c.Wallet.Mode == "shared", "cluster.enabled needs wallet.mode shared")
+	ways := 0
+	for _, set := range []bool{c.NATS.User != "" || c.NATS.Password != "", c.NATS.Token != "", c.NATS.CredsFile != ""} {
+		if set {
+			ways++
+		}
+	}
+	check(ways <= 1, "nats: set at most one of user/password, token and creds_file")
+	check(c.NATS.Password == "" || c.NATS.User != "", "nats.password needs nats.user")
 	check(c.Rooms.HistorySize >= 0 && c.Rooms.HistorySize <= 100000, "rooms.history_size must be 0..100000")
 	check(c.Wallet.IdemMemoryBytes >= 0, "wallet.idem_memory_bytes must be >= 0")
 	check(c.Pay.WorkerID >= -1 && c.Pay.WorkerID < 32, "pay.worker_id must be -1..31")

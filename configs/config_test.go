@@ -195,3 +195,37 @@ func TestBlockCacheSize(t *testing.T) {
 	c.Node.BlockCacheMB = -1
 	wantErr(t, c.Validate(), "node.block_cache_mb")
 }
+
+// Redis and NATS credentials: taken from env and files, at most one way for
+// NATS; a production cluster node without them is listed as unprotected
+// (a warning at start), a development one is not.
+func TestBackendCredentials(t *testing.T) {
+	secrets := []string{"LIVEEDGE_AUTH_JWT_SECRET=" + goodJWT, "LIVEEDGE_PAY_SECRETS=" + goodPay}
+	c, err := loadCluster(t, secrets...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := c.Unprotected(); len(got) != 2 {
+		t.Fatalf("cluster.yaml without credentials: unprotected %q, want redis and nats", got)
+	}
+	pw := filepath.Join(t.TempDir(), "redis")
+	if err := os.WriteFile(pw, []byte("redis-pw\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	c, err = loadCluster(t, append(secrets, "LIVEEDGE_REDIS_PASSWORD_FILE="+pw, "LIVEEDGE_NATS_TOKEN=nats-token")...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Redis.Password != "redis-pw" || c.NATS.Token != "nats-token" || len(c.Unprotected()) != 0 {
+		t.Fatalf("credentials %q %q, unprotected %q", c.Redis.Password, c.NATS.Token, c.Unprotected())
+	}
+	_, err = loadCluster(t, append(secrets, "LIVEEDGE_NATS_TOKEN=t", "LIVEEDGE_NATS_USER=u", "LIVEEDGE_NATS_PASSWORD=p")...)
+	wantErr(t, err, "at most one of user/password, token and creds_file")
+	_, err = loadCluster(t, append(secrets, "LIVEEDGE_NATS_PASSWORD=p")...)
+	wantErr(t, err, "nats.password needs nats.user")
+	dev := Default()
+	dev.Redis.Addr = "127.0.0.1:6379"
+	if got := dev.Unprotected(); len(got) != 0 {
+		t.Fatalf("a development node: unprotected %q, want none (dev tokens on)", got)
+	}
+}

@@ -2,9 +2,9 @@ package gateway
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
-	"github.com/prometheus/client_golang/prometheus"
 	"log/slog"
 	"net"
 	"path/filepath"
@@ -16,6 +16,7 @@ import (
 
 	natsserver "github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/redis/rueidis"
 
 	"github.com/liveedge/liveedge/configs"
@@ -133,6 +134,9 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 	if log == nil {
 		log = slog.Default()
 	}
+	if bare := cfg.Unprotected(); len(bare) > 0 {
+		log.Warn("shared backends reached without credentials: every node trusts what reaches it through them; protect them (credentials or an isolated network)", "unprotected", bare)
+	}
 	log = log.With("node", cfg.Node.ID)
 	n := &Node{Config: cfg, Log: log, fatal: make(chan error, 1)}
 	defer func() {
@@ -153,8 +157,16 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 	}
 	var onCatalogueInvalidated atomic.Pointer[func()]
 	if cfg.Redis.Addr != "" {
+		var tlsCfg *tls.Config
+		if cfg.Redis.TLS {
+			host, _, _ := net.SplitHostPort(cfg.Redis.Addr)
+			tlsCfg = &tls.Config{ServerName: host, MinVersion: tls.VersionTLS12}
+		}
 		n.Redis, err = rueidis.NewClient(rueidis.ClientOption{
 			InitAddress:   []string{cfg.Redis.Addr},
+			Username:      cfg.Redis.Username,
+			Password:      cfg.Redis.Password,
+			TLSConfig:     tlsCfg,
 			ClientName:    "liveedge-" + cfg.Node.ID,
 			MaxFlushDelay: cfg.Redis.MaxFlushDelay.D(),
 			OnInvalidations: func(msgs []rueidis.RedisMessage) {
@@ -407,6 +419,20 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 	return n, nil
 }
 
+// natsAuth are the options of an external NATS's credentials (none: no
+// option).
+func natsAuth(c configs.NATS) []nats.Option {
+	switch {
+	case c.CredsFile != "":
+		return []nats.Option{nats.UserCredentials(c.CredsFile)}
+	case c.Token != "":
+		return []nats.Option{nats.Token(c.Token)}
+	case c.User != "":
+		return []nats.Option{nats.UserInfo(c.User, c.Password)}
+	}
+	return nil
+}
+
 // startRouter makes the node's router: Local alone, or, with
 // cluster.enabled, Cluster on a NATS connection of its own (NoEcho: a node
 // never receives its own room batches) and the node's Redis client.
@@ -429,12 +455,12 @@ func (n *Node) startRouter() error {
 			c.Reconnected()
 		}
 	}
-	nc, err := nats.Connect(cfg.NATS.URL, nats.Name(cfg.Node.ID+"-router"), nats.NoEcho(),
+	nc, err := nats.Connect(cfg.NATS.URL, append(natsAuth(cfg.NATS), nats.Name(cfg.Node.ID+"-router"), nats.NoEcho(),
 		nats.RetryOnFailedConnect(true), nats.MaxReconnects(-1), nats.ReconnectWait(500*time.Millisecond),
 		nats.ReconnectBufSize(8<<20),
 		// Messages may have been lost while away — or, when NATS was down
 		// at the start, while this node served without it.
-		nats.ReconnectHandler(routerBack), nats.ConnectHandler(routerBack))
+		nats.ReconnectHandler(routerBack), nats.ConnectHandler(routerBack))...)
 	if err != nil {
 		return fmt.Errorf("router nats %s: %w", cfg.NATS.URL, err)
 	}
@@ -506,7 +532,7 @@ func (n *Node) startNATS() error {
 				}
 			}()
 		}
-		nc, err := nats.Connect(cfg.NATS.URL, nats.Name(cfg.Node.ID),
+		nc, err := nats.Connect(cfg.NATS.URL, append(natsAuth(cfg.NATS), nats.Name(cfg.Node.ID),
 			nats.RetryOnFailedConnect(true), nats.MaxReconnects(-1), nats.ReconnectWait(time.Second),
 			nats.ConnectHandler(onConnect),   // the first connect, now or after retries
 			nats.ReconnectHandler(onConnect), // a restarted server may have lost the stream
@@ -514,7 +540,7 @@ func (n *Node) startNATS() error {
 				if err != nil { // nil: closed by us
 					n.Log.Warn("nats disconnected, reconnecting", "url", cfg.NATS.URL, "err", err)
 				}
-			}))
+			}))...)
 		if err != nil {
 			return fmt.Errorf("nats %s: %w", cfg.NATS.URL, err)
 		}

@@ -54,7 +54,13 @@ func (c *testCluster) stopAll() []string {
 
 func startCluster(t *testing.T, n int, extra ...string) *testCluster {
 	t.Helper()
-	c := &testCluster{redis: redistest.Start(t), nats: natstest.Start(t)}
+	return startClusterOn(t, redistest.Start(t), natstest.Start(t), n, extra...)
+}
+
+// startClusterOn is startCluster on the given servers.
+func startClusterOn(t *testing.T, rs *redistest.Server, ns *natstest.Server, n int, extra ...string) *testCluster {
+	t.Helper()
+	c := &testCluster{redis: rs, nats: ns}
 	bin := binary(t)
 	names := make([]string, n)
 	for i := range names {
@@ -1643,4 +1649,38 @@ func upgradeStatus(t *testing.T, wsAddr, tok string) int {
 	}
 	resp.Body.Close()
 	return resp.StatusCode
+}
+
+// A cluster on a Redis that requires a password and a NATS that requires a
+// user: the nodes authenticate (redis.password, nats.user/password) and
+// serve — a credit through one node is the balance through the other. A node
+// with a wrong NATS password never becomes ready. Before, neither server
+// could be protected: the node had no way to send credentials.
+func TestClusterOnAuthenticatedRedisAndNATS(t *testing.T) {
+	const redisPW, natsPW = "redis-secret-for-tests", "nats-secret-for-tests"
+	rs := redistest.StartWith(t, "--requirepass", redisPW)
+	ns := natstest.StartWith(t, "--user", "liveedge", "--pass", natsPW)
+	c := startClusterOn(t, rs, ns, 2, "LIVEEDGE_REDIS_PASSWORD="+redisPW, "LIVEEDGE_NATS_USER=liveedge", "LIVEEDGE_NATS_PASSWORD="+natsPW)
+	n1, n2 := c.nodes[0], c.nodes[1]
+	tixCredit(t, n1, 741, 500, "auth-seed")
+	var out struct {
+		Data struct {
+			Balance int64 `json:"balance"`
+		} `json:"data"`
+	}
+	if st := nodetest.DoJSON(t, "GET", "http://"+n2.http+"/api/v1/wallet", devTokenCached(t, n2.http, 741), "", &out); st != 200 || out.Data.Balance != 500 {
+		t.Fatalf("balance through the other node: %d %+v, want 500", st, out)
+	}
+
+	bad := &sharedNode{http: freeAddr(t), ws: freeAddr(t), data: t.TempDir()}
+	bad.env = nodeEnv(bad.http, bad.ws, bad.data, []string{
+		"LIVEEDGE_NODE_ID=gw-9", "LIVEEDGE_CLUSTER_ENABLED=true", "LIVEEDGE_NATS_EMBEDDED=false", "LIVEEDGE_NATS_URL=" + ns.URL,
+		"LIVEEDGE_WALLET_MODE=shared", "LIVEEDGE_WALLET_NODES=gw-1,gw-2,gw-9", "LIVEEDGE_REDIS_ADDR=" + rs.Addr,
+		"LIVEEDGE_REDIS_PASSWORD=" + redisPW, "LIVEEDGE_NATS_USER=liveedge", "LIVEEDGE_NATS_PASSWORD=wrong",
+	}...)
+	bad.p = start(t, "", bad.env, binary(t))
+	time.Sleep(3 * time.Second)
+	if st := nodetest.DoJSON(t, "GET", "http://"+bad.http+"/readyz", "", "", nil); st == 200 {
+		t.Fatal("a node with a wrong NATS password is ready")
+	}
 }

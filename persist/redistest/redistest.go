@@ -21,9 +21,16 @@ type Server struct {
 // Start starts a redis-server on a free port; it stops when the test ends.
 func Start(tb testing.TB) *Server {
 	tb.Helper()
+	return StartWith(tb)
+}
+
+// StartWith is Start with more redis-server arguments ("--requirepass",
+// "pw"). Clients of Client do not authenticate.
+func StartWith(tb testing.TB, args ...string) *Server {
+	tb.Helper()
 	return &Server{servertest.Start(tb, "redis-server", func(port int) []string {
-		return []string{"--port", strconv.Itoa(port), "--bind", "127.0.0.1",
-			"--save", "", "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"}
+		return append([]string{"--port", strconv.Itoa(port), "--bind", "127.0.0.1",
+			"--save", "", "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"}, args...)
 	})}
 }
 

@@ -21,9 +21,16 @@ type Server struct {
 // Start starts a nats-server on a free port; it stops when the test ends.
 func Start(tb testing.TB) *Server {
 	tb.Helper()
+	return StartWith(tb)
+}
+
+// StartWith is Start with more nats-server arguments ("--user", "u",
+// "--pass", "p").
+func StartWith(tb testing.TB, args ...string) *Server {
+	tb.Helper()
 	dir := tb.TempDir()
 	s := servertest.Start(tb, "nats-server", func(port int) []string {
-		return []string{"-a", "127.0.0.1", "-p", strconv.Itoa(port), "-js", "-sd", dir}
+		return append([]string{"-a", "127.0.0.1", "-p", strconv.Itoa(port), "-js", "-sd", dir}, args...)
 	})
 	return &Server{Server: s, URL: "nats://" + s.Addr}
 }
