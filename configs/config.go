@@ -87,6 +87,11 @@ type HTTP struct {
 	Addr         string `yaml:"addr"`
 	MaxBodyBytes int    `yaml:"max_body_bytes"` // request bodies above this get 413
 	Demo         bool   `yaml:"demo"`           // serve the demo page at /demo/ (off in production configs)
+	// ReadTimeout bounds the read of a whole request, headers and body,
+	// from its first byte (the connection's accept for the first one): past
+	// it the connection is closed — a request trickled in a byte at a time
+	// never holds a handler longer.
+	ReadTimeout Duration `yaml:"read_timeout"`
 }
 
 // WS is the WebSocket listener and per-connection limits.
@@ -550,6 +555,7 @@ func (c *Config) Validate() error {
 	check(c.Gifts.MaxInflight > 0, "gifts.max_inflight must be > 0")
 	check(c.Gifts.RoomEffectsPerSecond >= 0, "gifts.room_effects_per_second must be >= 0")
 	check(c.HTTP.MaxBodyBytes > 0, "http.max_body_bytes must be > 0")
+	check(c.HTTP.ReadTimeout.D() > 0, "http.read_timeout must be > 0")
 	check(c.Shutdown.DrainTimeout.D() > 0, "shutdown.drain_timeout must be > 0")
 	if len(errs) > 0 {
 		return fmt.Errorf("config: %s", strings.Join(errs, "; "))

@@ -17,6 +17,7 @@ import (
 	"github.com/cloudwego/hertz/pkg/app/server"
 	"github.com/cloudwego/hertz/pkg/common/adaptor"
 	"github.com/cloudwego/hertz/pkg/common/hlog"
+	"github.com/cloudwego/hertz/pkg/network/standard"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/liveedge/liveedge/configs"
@@ -66,7 +67,20 @@ func (a *API) Listen() error {
 		server.WithStreamBody(true),
 		server.WithDisablePreParseMultipartForm(true),
 		server.WithHandleMethodNotAllowed(true),
-		server.WithReadTimeout(10*time.Second),
+		// The standard transport: its read timeout is a deadline for the
+		// whole of each keep-alive request from its first bytes, and the
+		// first request's is set at the accept (OnAccept; Hertz sets none
+		// for it). Netpoll's bounds each read only, so a request trickled
+		// in a byte every few seconds held its connection and buffers for as
+		// long as the client liked (headers up to 1 MiB, a body up to
+		// http.max_body_bytes, read before any handler runs). The API is not
+		// on the hot path (WebSocket is).
+		server.WithTransport(standard.NewTransporter),
+		server.WithReadTimeout(a.cfg.HTTP.ReadTimeout.D()),
+		server.WithOnAccept(func(conn net.Conn) context.Context {
+			_ = conn.SetReadDeadline(time.Now().Add(a.cfg.HTTP.ReadTimeout.D()))
+			return context.Background()
+		}),
 		server.WithWriteTimeout(10*time.Second),
 		server.WithIdleTimeout(60*time.Second),
 		server.WithDisablePrintRoute(true),

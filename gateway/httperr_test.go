@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/liveedge/liveedge/configs"
 	"github.com/liveedge/liveedge/edge/pay"
 	"github.com/liveedge/liveedge/edge/room"
 	"github.com/liveedge/liveedge/gateway/nodetest"
@@ -170,5 +171,54 @@ func TestHTTPOutOfRangeInputIs10001(t *testing.T) {
 	}
 	if st := nodetest.DoJSON(t, "POST", base+"/pay/orders", viewer, fmt.Sprintf(`{"product_id":1,"channel":"mock","req_id":"r2","source":%q}`, strings.Repeat("s", pay.MaxSourceBytes)), &out); st != 200 || out.Code != 0 {
 		t.Errorf("an order with the longest source: %d %d", st, out.Code)
+	}
+}
+
+// A request trickled in (a byte every 300 ms, each read well within the
+// read timeout) holds its connection at most http.read_timeout from its
+// first byte, headers or body: then the connection is closed. Before, the
+// timeout bounded each read (Hertz's netpoll transport), so a body of
+// 1,000 bytes sent that way held it for five minutes, and headers for as
+// long as the client liked.
+func TestHTTPRequestTrickledInIsCutOff(t *testing.T) {
+	cfg := nodetest.Config(t)
+	cfg.HTTP.ReadTimeout = configs.Duration(time.Second)
+	n := nodetest.Start(t, cfg)
+	for name, start := range map[string]string{
+		"body":    "POST /api/v1/dev/token HTTP/1.1\r\nHost: liveedge\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{",
+		"headers": "GET /healthz HTTP/1.1\r\nHost: liveedge\r\nX-Slow: ",
+	} {
+		t.Run(name, func(t *testing.T) {
+			conn, err := net.Dial("tcp", n.API.Addr())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			begin := time.Now()
+			if _, err := io.WriteString(conn, start); err != nil {
+				t.Fatal(err)
+			}
+			ended := make(chan time.Time, 1)
+			go func() {
+				_, _ = io.Copy(io.Discard, conn) // until the node closes
+				ended <- time.Now()
+			}()
+			tick := time.NewTicker(300 * time.Millisecond)
+			defer tick.Stop()
+			for {
+				select {
+				case at := <-ended:
+					if d := at.Sub(begin); d > 4*time.Second {
+						t.Fatalf("the connection ended after %v, want about the read timeout (1s)", d)
+					}
+					return
+				case <-tick.C:
+					if time.Since(begin) > 8*time.Second {
+						t.Fatal("a request trickled in held the connection for 8s (read timeout 1s)")
+					}
+					_, _ = conn.Write([]byte("x"))
+				}
+			}
+		})
 	}
 }
