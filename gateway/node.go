@@ -241,7 +241,7 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 			return nil, err
 		}
 		n.Wallet = n.shared
-		catStore = gift.RedisCatalogue{Client: n.Redis}
+		catStore = gift.RedisCatalogue{Client: n.Redis, Mirror: n.Store}
 	default:
 		if n.Ledger, err = persist.OpenLedger(n.Store, persist.LedgerConfig{IdemMemoryBytes: cfg.Wallet.IdemMemoryBytes}); err != nil {
 			return nil, err

@@ -8,6 +8,7 @@ import (
 	"github.com/redis/rueidis"
 
 	"github.com/liveedge/liveedge/gateway/proto"
+	"github.com/liveedge/liveedge/persist"
 )
 
 // RedisCatalogueKey is the Redis hash of the shared catalogue (field = gift id).
@@ -17,7 +18,17 @@ const RedisCatalogueKey = "le:giftcat"
 // use rueidis client-side caching: Redis tracks the key and sends an
 // invalidation when any node changes it; the node's invalidation hook then
 // calls Catalogue.Reload (no polling).
-type RedisCatalogue struct{ Client rueidis.Client }
+//
+// Mirror, if set, is the node's Pebble: every catalogue read is kept there
+// (fsynced; gifts are never deleted, only disabled), and a Redis that lost
+// the catalogue (a restart without persistence) gets it back from there —
+// each gift only if absent, so an admin's write meanwhile wins — instead of
+// every gift failing 20002 until a restart re-seeded the defaults and lost
+// the admins' changes.
+type RedisCatalogue struct {
+	Client rueidis.Client
+	Mirror *persist.Store
+}
 
 // LoadAll implements CatalogueStore.
 func (r RedisCatalogue) LoadAll() ([]Gift, error) {
@@ -27,6 +38,11 @@ func (r RedisCatalogue) LoadAll() ([]Gift, error) {
 	if err != nil {
 		return nil, err
 	}
+	if len(m) == 0 && r.Mirror != nil {
+		if m, err = r.restore(ctx); err != nil {
+			return nil, err
+		}
+	}
 	out := make([]Gift, 0, len(m))
 	for _, v := range m {
 		var g Gift
@@ -35,7 +51,44 @@ func (r RedisCatalogue) LoadAll() ([]Gift, error) {
 		}
 		out = append(out, g)
 	}
+	if r.Mirror != nil && len(out) > 0 {
+		if err := r.Mirror.Apply(func(b *persist.Batch) error {
+			for _, g := range out {
+				if err := b.Set(persist.Key(prefixGiftCat, uint64(g.ID)), []byte(m[strconv.FormatInt(g.ID, 10)]), nil); err != nil {
+					return err
+				}
+			}
+			return nil
+		}); err != nil {
+			return nil, err
+		}
+	}
 	return out, nil
+}
+
+// restore writes the mirrored catalogue back into Redis (HSETNX per gift)
+// and reads it again (uncached: the cached empty hash may not be
+// invalidated yet). Nothing mirrored: the empty catalogue (seeded by
+// NewCatalogue).
+func (r RedisCatalogue) restore(ctx context.Context) (map[string]string, error) {
+	saved, err := PebbleCatalogue{Store: r.Mirror}.LoadAll()
+	if err != nil || len(saved) == 0 {
+		return map[string]string{}, err
+	}
+	cmds := make(rueidis.Commands, 0, len(saved))
+	for _, g := range saved {
+		v, err := proto.Marshal(g)
+		if err != nil {
+			return nil, err
+		}
+		cmds = append(cmds, r.Client.B().Hsetnx().Key(RedisCatalogueKey).Field(strconv.FormatInt(g.ID, 10)).Value(string(v)).Build())
+	}
+	for _, res := range r.Client.DoMulti(ctx, cmds...) {
+		if err := res.Error(); err != nil {
+			return nil, err
+		}
+	}
+	return r.Client.Do(ctx, r.Client.B().Hgetall().Key(RedisCatalogueKey).Build()).AsStrMap()
 }
 
 // Put implements CatalogueStore.
@@ -46,6 +99,12 @@ func (r RedisCatalogue) Put(g Gift) error {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
 	defer cancel()
-	return r.Client.Do(ctx, r.Client.B().Hset().Key(RedisCatalogueKey).FieldValue().
-		FieldValue(strconv.FormatInt(g.ID, 10), string(v)).Build()).Error()
+	if err := r.Client.Do(ctx, r.Client.B().Hset().Key(RedisCatalogueKey).FieldValue().
+		FieldValue(strconv.FormatInt(g.ID, 10), string(v)).Build()).Error(); err != nil {
+		return err
+	}
+	if r.Mirror == nil {
+		return nil
+	}
+	return r.Mirror.Put(persist.Key(prefixGiftCat, uint64(g.ID)), v)
 }
