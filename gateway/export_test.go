@@ -53,3 +53,12 @@ func (s *Server) PendingAcks(user int64) int {
 	}
 	return n
 }
+
+// PanicOnFrame makes s's handler of frames of type t panic, as a bug would.
+func (s *Server) PanicOnFrame(t string) {
+	s.onFrame = func(ft string) {
+		if ft == t {
+			panic("a handler bug (test)")
+		}
+	}
+}

@@ -25,6 +25,9 @@ func (s *Server) dispatch(c *Conn, b []byte) {
 		}
 		return
 	}
+	if s.onFrame != nil {
+		s.onFrame(f.T)
+	}
 	var (
 		d   any
 		err *proto.Error

@@ -277,3 +277,36 @@ func TestJoinLoopIsRateLimited(t *testing.T) {
 		t.Fatalf("another connection's join: %d", f.Code)
 	}
 }
+
+// A frame whose handler panics (a bug) closes its connection with 1011 and
+// nothing else: the node, and every other connection, go on. Before, the
+// panic ended the process (HTTP handlers had a recovery, WebSocket's not).
+func TestFrameHandlerPanicClosesOnlyItsConnection(t *testing.T) {
+	n := nodetest.Start(t, nodetest.Config(t))
+	n.WS.PanicOnFrame(proto.TypeChat)
+	other := nodetest.MustDialRaw(t, nodetest.WSURL(n), nodetest.Token(t, n, 61, gateway.RoleViewer), nodetest.RawOptions{})
+	if h := other.Next(5 * time.Second); h.T != proto.TypeHello {
+		t.Fatalf("first frame %q, want hello", h.T)
+	}
+	r := nodetest.MustDialRaw(t, nodetest.WSURL(n), nodetest.Token(t, n, 62, gateway.RoleViewer), nodetest.RawOptions{})
+	if h := r.Next(5 * time.Second); h.T != proto.TypeHello {
+		t.Fatalf("first frame %q, want hello", h.T)
+	}
+	if err := r.Send(`{"t":"chat","id":1,"d":{"room_id":1,"text":"hi"}}`); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-r.Closed():
+	case <-time.After(5 * time.Second):
+		t.Fatal("the connection whose frame panicked is still open")
+	}
+	if code := r.CloseCode(); code != proto.CloseInternal {
+		t.Fatalf("close code %d, want %d", code, proto.CloseInternal)
+	}
+	if err := other.Send(`{"t":"ping","id":7}`); err != nil {
+		t.Fatal(err)
+	}
+	if f := other.NextOfType(proto.TypeReply, 5*time.Second); f.ID != 7 || f.Code != proto.CodeOK {
+		t.Fatalf("the other connection's ping: %+v", f)
+	}
+}

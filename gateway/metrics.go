@@ -28,6 +28,7 @@ type metrics struct {
 	givenDropped   prometheus.Counter
 	queueDrops     prometheus.Counter
 	slowCloses     prometheus.Counter
+	framePanics    prometheus.Counter
 	closes         *prometheus.CounterVec
 	upgradesDenied *prometheus.CounterVec
 	payNotifies    *prometheus.CounterVec
@@ -54,6 +55,7 @@ func newMetrics(node string, r router.Router) *metrics {
 		resendGiveUps: prometheus.NewCounter(prometheus.CounterOpts(f("resend_giveups_total", "Reliable pushes not resent after the last try (room pushes dropped: the room offsets recover them; user pushes kept and handed on when the connection goes)."))),
 		queueDrops:    prometheus.NewCounter(prometheus.CounterOpts(f("queue_drops_total", "Frames refused because a send queue was full."))),
 		slowCloses:    prometheus.NewCounter(prometheus.CounterOpts(f("slow_consumer_closes_total", "Connections closed with 4408."))),
+		framePanics:   prometheus.NewCounter(prometheus.CounterOpts(f("frame_panics_total", "Frames whose handler panicked (a bug): their connection closed 1011."))),
 		closes: prometheus.NewCounterVec(prometheus.CounterOpts(f("closes_total", "Connections closed by the server, by reason.")),
 			[]string{"reason"}),
 		upgradesDenied: prometheus.NewCounterVec(prometheus.CounterOpts(f("upgrades_denied_total", "WebSocket upgrades refused, by reason.")),
@@ -65,7 +67,7 @@ func newMetrics(node string, r router.Router) *metrics {
 			prometheus.ExponentialBuckets(100e-6, 1.5, 26))), // 100 µs .. ~2.5 s
 	}
 	reg.MustRegister(m.connections, m.framesIn, m.badFrames, m.resends, m.resendGiveUps, m.givenDropped,
-		m.queueDrops, m.slowCloses, m.closes, m.upgradesDenied, m.payNotifies, m.giftSeconds)
+		m.queueDrops, m.slowCloses, m.framePanics, m.closes, m.upgradesDenied, m.payNotifies, m.giftSeconds)
 	stat := func(name, help string, gauge bool, get func(router.Stats) int64) {
 		fn := func() float64 { return float64(get(r.Stats())) }
 		if gauge {

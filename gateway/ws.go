@@ -5,6 +5,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"runtime/debug"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -28,6 +29,9 @@ type Server struct {
 	// afterEnqueue, in tests only, runs in Conn.Send right after the frame
 	// is queued (where its writer may already have written it).
 	afterEnqueue func(c *Conn, f *router.Frame)
+	// onFrame, in tests only, runs in dispatch with each decoded frame's
+	// type (a handler failing there).
+	onFrame func(t string)
 
 	cfg     configs.Config
 	log     *slog.Logger
@@ -416,6 +420,7 @@ func (s *Server) OnMessage(socket *gws.Conn, msg *gws.Message) {
 // serveFrame handles one client message, on the connection's reader
 // goroutine, in order; data is valid during the call only.
 func (s *Server) serveFrame(c *Conn, op gws.Opcode, data []byte) {
+	defer s.recoverFrame(c)
 	c.lastRead.Store(time.Now().UnixNano())
 	s.metrics.framesIn.Inc()
 	if c.cork.closing.Load() {
@@ -426,6 +431,18 @@ func (s *Server) serveFrame(c *Conn, op gws.Opcode, data []byte) {
 		return
 	}
 	s.dispatch(c, data)
+}
+
+// recoverFrame turns a panic while serving one of c's frames (a bug) into
+// c's close with 1011, logged with its stack: the node and its other
+// connections go on (HTTP's handlers have the same recovery). What the
+// handler left half done is c's alone; the close ends it.
+func (s *Server) recoverFrame(c *Conn) {
+	if r := recover(); r != nil {
+		s.metrics.framePanics.Inc()
+		s.log.Error("serving a frame panicked: connection closed 1011", "user", c.ident.UserID, "panic", r, "stack", string(debug.Stack()))
+		c.Close(proto.CloseInternal, false)
+	}
 }
 
 // sweepEvery is how often sweep looks at every connection: a quarter of the

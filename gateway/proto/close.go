@@ -10,6 +10,7 @@ const (
 	CloseNormal    = 1000
 	CloseGoingAway = 1001 // node shutting down; reconnect elsewhere / later
 	CloseTooBig    = 1009 // frame above the hard read cap (ws.max_frame_hard_bytes)
+	CloseInternal  = 1011 // the node failed serving a frame (a bug, logged): reconnect, with backoff
 
 	CloseAbuse            = 4400 // repeated bad frames
 	CloseHeartbeatTimeout = 4402 // silent for 2 × heartbeat
@@ -28,6 +29,8 @@ func CloseReason(code int) string {
 		return "going away"
 	case CloseTooBig:
 		return "frame too big"
+	case CloseInternal:
+		return "internal error"
 	case CloseAbuse:
 		return "too many bad frames"
 	case CloseHeartbeatTimeout:
