@@ -117,15 +117,18 @@ func (d *decoder) uvarint() uint64 {
 	return v
 }
 
-func (d *decoder) string() string {
+func (d *decoder) string() string { return string(d.bytes()) }
+
+// bytes is string without the copy: valid as long as the decoded value.
+func (d *decoder) bytes() []byte {
 	n := d.uvarint()
 	if n > uint64(len(d.b)) {
 		d.fail()
-		return ""
+		return nil
 	}
-	s := string(d.b[:n])
+	b := d.b[:n:n]
 	d.b = d.b[n:]
-	return s
+	return b
 }
 
 func (d *decoder) varints() []int64 {
@@ -158,13 +161,13 @@ func newIdemGroup(capacity int) []byte { return append(make([]byte, 0, capacity)
 
 // scanIdemGroup calls fn for every record of a group row until fn returns
 // false. res aliases v.
-func scanIdemGroup(v []byte, fn func(user int64, req string, res []byte) bool) error {
+func scanIdemGroup(v []byte, fn func(user int64, req, res []byte) bool) error {
 	d := decoder{b: v}
 	if d.byte() != codecV1 {
 		return errCorrupt
 	}
 	for len(d.b) > 0 && d.err == nil {
-		user, req := d.varint(), d.string()
+		user, req := d.varint(), d.bytes()
 		n := d.uvarint()
 		if d.err != nil || n > uint64(len(d.b)) {
 			return errCorrupt

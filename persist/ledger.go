@@ -284,7 +284,8 @@ func (l *Ledger) loadIdem() error {
 			return true, nil
 		}
 		loc := mkLoc(hour, group)
-		err := scanIdemGroup(v, func(user int64, req string, res []byte) bool {
+		err := scanIdemGroup(v, func(user int64, reqB, res []byte) bool {
+			req := string(reqB)
 			if !l.shard(user).done.insert(l.idemHash(user, req), loc) {
 				l.noteOnDisk(spillPeriod(hour), 0)
 				spill = append(spill, row{idemSpillKey(spillPeriod(hour), user, req), bytes.Clone(res)})
@@ -490,26 +491,24 @@ func (l *Ledger) readIdem(loc idemLoc, user int64, req string) (res Result, foun
 		res, err = decodeResult(v)
 		return res, err == nil, err
 	}
-	v, err := l.store.Get(idemGroupKey(loc.hour(), loc.group()))
+	// Read in place: a group row holds up to maxGroupOps records, and a
+	// client may resend one req_id in a loop (a duplicate skips the rate
+	// limits) — a copy of the row and a string per record each time cost
+	// hundreds of KB per duplicate.
+	err = l.store.View(idemGroupKey(loc.hour(), loc.group()), func(v []byte) error {
+		return scanIdemGroup(v, func(u int64, q, r []byte) bool {
+			if u == user && string(q) == req {
+				res, err = decodeResult(r)
+				found = err == nil
+				return false
+			}
+			return true
+		})
+	})
 	if errors.Is(err, ErrNotFound) {
 		return Result{}, false, nil
 	}
-	if err != nil {
-		return Result{}, false, err
-	}
-	var enc []byte
-	err = scanIdemGroup(v, func(u int64, q string, r []byte) bool {
-		if u == user && q == req {
-			enc = r
-			return false
-		}
-		return true
-	})
-	if err != nil || enc == nil {
-		return Result{}, false, err
-	}
-	res, err = decodeResult(enc)
-	return res, err == nil, err
+	return res, found, err
 }
 
 func parseIdemKey(k []byte) (hour int32, user int64, req string, ok bool) {
@@ -937,7 +936,7 @@ func (l *Ledger) ExpireIdem(cutoff time.Time) (int, error) {
 		return 0, err
 	}
 	err = l.store.ScanRange(PrefixIdemG, Key(PrefixIdemG, hour), func(_, v []byte) (bool, error) {
-		return true, scanIdemGroup(v, func(int64, string, []byte) bool { n++; return true })
+		return true, scanIdemGroup(v, func(int64, []byte, []byte) bool { n++; return true })
 	})
 	if err != nil {
 		return 0, err

@@ -125,6 +125,20 @@ func openFS(dir string, blockCache int64, fs vfs.FS) (*Store, error) {
 // ErrNotFound is returned by Get for an absent key.
 var ErrNotFound = errors.New("persist: not found")
 
+// View calls fn with the value at key, valid during the call only (no
+// copy), or returns ErrNotFound; fn's error is View's.
+func (s *Store) View(key []byte, fn func(v []byte) error) error {
+	v, closer, err := s.db.Get(key)
+	if errors.Is(err, pebble.ErrNotFound) {
+		return ErrNotFound
+	}
+	if err != nil {
+		return err
+	}
+	defer closer.Close()
+	return fn(v)
+}
+
 // Get returns a copy of the value at key, or ErrNotFound.
 func (s *Store) Get(key []byte) ([]byte, error) {
 	v, closer, err := s.db.Get(key)
