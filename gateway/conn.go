@@ -73,6 +73,7 @@ type Conn struct {
 	ackSeq  uint64
 	given   int // pending entries given up on (kept for the hand-on at close)
 	timer   *time.Timer
+	timerAt int64 // when timer fires, unix ns
 	done    chan struct{}
 }
 
@@ -482,9 +483,13 @@ func (c *Conn) track(m router.Msg) bool {
 	}
 	after := c.srv.cfg.WS.ResendAfter.D()
 	c.ackSeq++
-	c.pending[m.Mid] = &pendingPush{msg: m, next: time.Now().Add(after), seq: c.ackSeq}
-	if c.timer == nil {
-		c.timer = time.AfterFunc(after, c.resendDue)
+	next := time.Now().Add(after)
+	c.pending[m.Mid] = &pendingPush{msg: m, next: next, seq: c.ackSeq}
+	// The timer runs for the earliest push due: one armed for an older
+	// push's backed-off resend (base << tries) would hold this one's first
+	// resend back as long. (A timer already firing re-arms for it.)
+	if c.timer == nil || (c.timerAt > next.UnixNano() && c.timer.Stop()) {
+		c.timer, c.timerAt = time.AfterFunc(after, c.resendDue), next.UnixNano()
 	}
 	c.ackMu.Unlock()
 	return true
@@ -567,7 +572,7 @@ func (c *Conn) resendDue() {
 	}
 	c.dropOldestGiven()
 	if !next.IsZero() {
-		c.timer = time.AfterFunc(time.Until(next), c.resendDue)
+		c.timer, c.timerAt = time.AfterFunc(time.Until(next), c.resendDue), next.UnixNano()
 	}
 	c.ackMu.Unlock()
 	if len(due) > 0 {

@@ -185,3 +185,33 @@ func nodeCounter(t *testing.T, n *gateway.Node, name string) float64 {
 	}
 	return -1
 }
+
+// A new reliable push's first resend comes one resend_after after it, even
+// while an older unacked push's backed-off resend is far away: the timer
+// was armed only when none was, for the older push's next try (here 1.6 s
+// away) — the new push waited that long too.
+func TestNewPushResentOnTimeBesideABackedOffOne(t *testing.T) {
+	n, r := resendingNode(t, 50*time.Millisecond, 8, 0, 501)
+	old, _ := n.Router.SendUser(501, proto.Push{Biz: proto.BizWalletCredit, Data: []byte(`{"balance":1,"delta":1,"reason":"dev"}`), Ack: true})
+	for i := 0; i < 6; i++ { // delivered, then resent 50, 100, 200, 400, 800 ms apart: the next in 1.6 s
+		if f := r.NextOfType(proto.TypePush, 5*time.Second); f.Mid != old {
+			t.Fatalf("push %+v, want %s", f, old)
+		}
+	}
+	mid, _ := n.Router.SendUser(501, proto.Push{Biz: proto.BizOrderStatus, Data: []byte(`{}`), Ack: true})
+	first := time.Time{}
+	for {
+		f := r.NextOfType(proto.TypePush, 5*time.Second)
+		if f.Mid != mid {
+			continue // the old one's resend
+		}
+		if first.IsZero() {
+			first = time.Now()
+			continue
+		}
+		if d := time.Since(first); d > 600*time.Millisecond {
+			t.Fatalf("the new push's first resend came %v after it (resend_after 50ms)", d)
+		}
+		return
+	}
+}
