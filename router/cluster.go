@@ -677,6 +677,45 @@ func (c *Cluster) readHistory(id int64, ep string, from, to int64) ([]Msg, error
 	return msgs, nil
 }
 
+// readTail reads what the shared history still has of offsets from..to for
+// a gap: the run of consecutive kept offsets that ends at the newest kept
+// one, from its first offset — whatever their age (a live viewer who missed
+// them is better served late than never; readHistory's age rule is for
+// joins, whose recovered:true must mean "everything since"). errNotKept
+// when nothing is kept (or the epoch changed).
+func (c *Cluster) readTail(id int64, ep string, from, to int64) (int64, []Msg, error) {
+	ctx, cancel := c.ctx()
+	defer cancel()
+	entries, err := historyScript.Exec(ctx, c.rdb, []string{epKey(id), histKey(id)},
+		[]string{ep, strconv.FormatInt(from, 10), strconv.FormatInt(to, 10)}).AsXRange()
+	if rueidis.IsRedisNil(err) {
+		return 0, nil, errNotKept
+	}
+	if err != nil {
+		return 0, nil, err
+	}
+	offs := make([]int64, len(entries))
+	for i, e := range entries {
+		off, _, _ := strings.Cut(e.ID, "-")
+		offs[i], _ = strconv.ParseInt(off, 10, 64)
+	}
+	start := len(entries) - 1
+	for start > 0 && offs[start-1] == offs[start]-1 {
+		start--
+	}
+	if start < 0 || offs[start] < from {
+		return 0, nil, errNotKept
+	}
+	msgs := make([]Msg, 0, len(entries)-start)
+	for i, e := range entries[start:] {
+		biz, _ := strconv.Atoi(e.FieldValues["b"])
+		p := proto.Push{Mid: e.FieldValues["m"], Biz: biz, Room: id, Ack: e.FieldValues["a"] == "1",
+			Data: []byte(e.FieldValues["d"]), Off: offs[start+i], Ep: ep}
+		msgs = append(msgs, encodeMsg(&p))
+	}
+	return offs[start], msgs, nil
+}
+
 // subscribe returns the room's subscription state, starting it if needed:
 // subscribe on NATS, flush (the server has the interest), then read the
 // room's position from Redis. A push numbered after the read arrives through
@@ -949,7 +988,7 @@ func (c *Cluster) startFill(st *croom, upTo int64) {
 	c.wg.Add(1)
 	go func() {
 		defer c.wg.Done()
-		msgs, err := c.readHistory(st.id, ep, from, upTo)
+		first, msgs, err := c.readTail(st.id, ep, from, upTo)
 		st.mu.Lock()
 		defer st.mu.Unlock()
 		st.filling = false
@@ -962,9 +1001,23 @@ func (c *Cluster) startFill(st *croom, upTo int64) {
 		}
 		switch {
 		case err == nil:
-			c.log.Debug("room gap filled", "room", st.id, "from", from, "to", upTo)
-			c.stats.gapFills.Add(1)
-			c.deliverLocked(st, roomBatch{ep: ep, first: from, msgs: msgs})
+			if first > from {
+				// The start of the hole is gone from the history (trimmed):
+				// skipped, up to what is kept or buffered — delivered.
+				to := first - 1
+				if len(st.buf) > 0 && st.buf[0].first > from && st.buf[0].first <= to {
+					to = st.buf[0].first - 1
+				}
+				c.stats.gapsLost.Add(1)
+				c.log.Warn("room offsets lost", "room", st.id, "from", from, "to", to)
+				st.next = to + 1
+				c.drainLocked(st)
+			}
+			if b := (roomBatch{ep: ep, first: first, msgs: msgs}); b.first <= st.next && b.last() >= st.next {
+				c.log.Debug("room gap filled", "room", st.id, "from", st.next, "to", b.last())
+				c.stats.gapFills.Add(1)
+				c.deliverLocked(st, b)
+			}
 		case errors.Is(err, errNotKept):
 			// Gone from the history: skip the hole only — what is buffered
 			// past it is delivered (a later hole is read again). Clients that

@@ -131,6 +131,42 @@ func TestLostOffsetSkipsOnlyTheHole(t *testing.T) {
 	consecutive(t, got, 2, 301)
 }
 
+// A gap whose start the shared history no longer has (trimmed) while its
+// rest is still kept: the kept rest is delivered, only the lost start
+// skipped. Before, the whole read failed ("not all of it kept") and every
+// offset of the gap was skipped — here 7 pushes Redis still held.
+func TestGapFillDeliversWhatTheHistoryStillHas(t *testing.T) {
+	env := clusterEnv{nats: natstest.Start(t), redis: redistest.Start(t)}
+	c := newCluster(t, env, "b", ClusterConfig{GapWait: 20 * time.Millisecond})
+	c.OpenRoom(1)
+	s := &offSink{id: 1}
+	if _, err := c.JoinAt(1, s, nil); err != nil {
+		t.Fatal(err)
+	}
+	c.mu.Lock()
+	st := c.rooms[1]
+	c.mu.Unlock()
+	if _, err := c.number(1, items(10)); err != nil { // offsets 1..10: lost on NATS
+		t.Fatal(err)
+	}
+	for _, id := range []string{"1-0", "2-0", "3-0"} { // and 1..3 trimmed from the history
+		if err := c.rdb.Do(context.Background(), c.rdb.B().Xdel().Key(histKey(1)).Id(id).Build()).Error(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	b, err := c.number(1, items(1)) // offset 11 arrives
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.receive(st, b)
+	waitFor(t, func() bool { return slices.Contains(s.got(), 11) })
+	got := s.got()
+	if len(got) != 8 {
+		t.Fatalf("delivered %v, want 4..11 (what the history kept, and the push that arrived)", got)
+	}
+	consecutive(t, got, 4, 11)
+}
+
 // A hole this node cannot read (its Redis unreachable) while the room goes
 // on through NATS: what it buffers past the hole is bounded — beyond twice
 // maxGapBuffer the hole is given up (counted lost) and the buffer
