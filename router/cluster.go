@@ -878,6 +878,12 @@ func (c *Cluster) acceptLocked(st *croom, b roomBatch) {
 		// activity: the tail sweep checks it (checkTails).
 		st.suspect = true
 		if b.last() < st.next {
+			if b.closing {
+				// The room's final push, delivered already from the history
+				// (which does not carry the closing mark): the room closes
+				// now, not at the closed event's backstop.
+				go c.closeLocal(st.id)
+			}
 			return
 		}
 	}

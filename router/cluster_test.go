@@ -167,6 +167,35 @@ func TestGapFillDeliversWhatTheHistoryStillHas(t *testing.T) {
 	consecutive(t, got, 4, 11)
 }
 
+// The room's final push delivered from the history first (its batch late:
+// a gap fill got there before it) still closes the room when its batch
+// comes: the history does not carry the closing mark, and the batch was
+// dropped as a duplicate — the room stayed open here until the closed
+// event's 3 s backstop.
+func TestFinalPushFilledFromHistoryStillClosesTheRoom(t *testing.T) {
+	env := clusterEnv{nats: natstest.Start(t), redis: redistest.Start(t)}
+	c := newCluster(t, env, "b", ClusterConfig{GapWait: 10 * time.Millisecond})
+	c.OpenRoom(1)
+	s := &offSink{id: 1}
+	if _, err := c.JoinAt(1, s, nil); err != nil {
+		t.Fatal(err)
+	}
+	c.mu.Lock()
+	st := c.rooms[1]
+	c.mu.Unlock()
+	final := []seqItem{{p: proto.Push{Mid: "f", Room: 1, Biz: 5559, Data: []byte("{}")}, closing: true}}
+	fb, err := c.number(1, final) // offset 1, the final push: its batch late
+	if err != nil {
+		t.Fatal(err)
+	}
+	st.mu.Lock()
+	c.startFill(st, 1) // a gap fill reads it from the history first
+	st.mu.Unlock()
+	waitFor(t, func() bool { return slices.Contains(s.got(), 1) })
+	c.receive(st, fb)
+	waitFor(t, func() bool { return c.local.room(1) == nil })
+}
+
 // A hole this node cannot read (its Redis unreachable) while the room goes
 // on through NATS: what it buffers past the hole is bounded — beyond twice
 // maxGapBuffer the hole is given up (counted lost) and the buffer
