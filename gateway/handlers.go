@@ -49,12 +49,14 @@ func (s *Server) dispatch(c *Conn, b []byte) {
 			c.begin()
 			s.gifts.SendAsync(user, inRoom, r, func(rep gift.Reply, err *proto.Error) {
 				defer c.end()
+				// Timed before the reply is queued: a client that has its
+				// answer finds it counted.
+				s.metrics.giftSeconds.Observe(time.Since(start).Seconds())
 				if err != nil {
 					c.reply(proto.EncodeErrorReply(id, err))
 				} else {
 					c.reply(proto.EncodeReply(id, proto.CodeOK, "ok", rep))
 				}
-				s.metrics.giftSeconds.Observe(time.Since(start).Seconds())
 			})
 			return
 		}
