@@ -495,11 +495,12 @@ func (l *Ledger) readIdem(loc idemLoc, user int64, req string) (res Result, foun
 	// client may resend one req_id in a loop (a duplicate skips the rate
 	// limits) — a copy of the row and a string per record each time cost
 	// hundreds of KB per duplicate.
+	var derr error
 	err = l.store.View(idemGroupKey(loc.hour(), loc.group()), func(v []byte) error {
 		return scanIdemGroup(v, func(u int64, q, r []byte) bool {
 			if u == user && string(q) == req {
-				res, err = decodeResult(r)
-				found = err == nil
+				res, derr = decodeResult(r)
+				found = derr == nil
 				return false
 			}
 			return true
@@ -507,6 +508,9 @@ func (l *Ledger) readIdem(loc idemLoc, user int64, req string) (res Result, foun
 	})
 	if errors.Is(err, ErrNotFound) {
 		return Result{}, false, nil
+	}
+	if err == nil {
+		err = derr // a record that does not decode is an error, never "absent"
 	}
 	return res, found, err
 }
