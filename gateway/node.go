@@ -208,6 +208,13 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 		// with the wallet from every node's disk.
 		statuses := &account.Shared{Client: n.Redis, Store: n.Store}
 		n.Accounts = statuses
+		bctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		if k, err := statuses.Backfill(bctx); err != nil {
+			log.Warn("account statuses not copied to this node's disk yet (next start tries again)", "err", err)
+		} else if k > 0 {
+			log.Info("account statuses copied to this node's disk", "statuses", k)
+		}
+		cancel()
 		wcfg := persist.SharedConfig{Node: cfg.Node.ID, Nodes: cfg.Wallet.Nodes, Log: log, Contribute: statuses.Contribute}
 		if n.Cluster != nil {
 			// Granted and used through any node, once cluster-wide (coupon

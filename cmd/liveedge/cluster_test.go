@@ -1679,8 +1679,19 @@ func TestClusterOnAuthenticatedRedisAndNATS(t *testing.T) {
 		"LIVEEDGE_REDIS_PASSWORD=" + redisPW, "LIVEEDGE_NATS_USER=liveedge", "LIVEEDGE_NATS_PASSWORD=wrong",
 	}...)
 	bad.p = start(t, "", bad.env, binary(t))
-	time.Sleep(3 * time.Second)
-	if st := nodetest.DoJSON(t, "GET", "http://"+bad.http+"/readyz", "", "", nil); st == 200 {
-		t.Fatal("a node with a wrong NATS password is ready")
+	readyz := func() int {
+		resp, err := http.Get("http://" + bad.http + "/readyz")
+		if err != nil {
+			return 0 // not listening yet
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	pollUntil(t, 30*time.Second, "the node with a wrong NATS password answering /readyz", func() bool { return readyz() != 0 })
+	for range 10 {
+		if st := readyz(); st == 200 {
+			t.Fatal("a node with a wrong NATS password is ready")
+		}
+		time.Sleep(200 * time.Millisecond)
 	}
 }

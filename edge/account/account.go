@@ -81,8 +81,16 @@ var (
 // NewLocal loads the frozen users from store.
 func NewLocal(store *persist.Store) (*Local, error) {
 	l := &Local{store: store, frozen: map[int64]bool{}}
-	err := store.Scan(prefix, func(k, _ []byte) error {
-		l.frozen[int64(persist.KeyID(k))] = true
+	err := store.Scan(prefix, func(k, v []byte) error {
+		// "2" (Local's), or at×10+status (Shared's, a node that ran in
+		// shared mode before).
+		n, err := strconv.ParseInt(string(v), 10, 64)
+		if err != nil {
+			return fmt.Errorf("account: bad status record %x: %q", k, v)
+		}
+		if statusOf(n) == StatusFrozen {
+			l.frozen[int64(persist.KeyID(k))] = true
+		}
 		return nil
 	})
 	return l, err
@@ -153,8 +161,11 @@ type Shared struct {
 	wmu    sync.Mutex     // serializes SetStatus's disk writes in change order
 }
 
+// sharedKeyPrefix begins every status key.
+const sharedKeyPrefix = "liveedge:acct:status:"
+
 // SharedKey is the Redis key of user's status.
-func SharedKey(user int64) string { return "liveedge:acct:status:" + strconv.FormatInt(user, 10) }
+func SharedKey(user int64) string { return sharedKeyPrefix + strconv.FormatInt(user, 10) }
 
 // statusOf is the status a stored value says (StatusNormal for none).
 func statusOf(v int64) int {
@@ -219,6 +230,56 @@ func (s *Shared) SetStatus(user int64, status int) error {
 	return s.Store.Put(persist.Key(prefix, uint64(user)), strconv.AppendInt(nil, v, 10))
 }
 
+// Backfill copies to this node's disk the statuses Redis holds under a key
+// its disk has nothing (or less) for — the freezes made before changes were
+// kept on disk ("2"), by a node that is gone, or through another node (a
+// Redis that loses its data later gets them back from any node that copied
+// them). Run at every start (cheap: one SCAN of the status keys; users
+// whose status ever changed).
+func (s *Shared) Backfill(ctx context.Context) (int, error) {
+	if s.Store == nil {
+		return 0, nil
+	}
+	s.wmu.Lock()
+	defer s.wmu.Unlock()
+	copied := 0
+	var cursor uint64
+	for {
+		e, err := s.Client.Do(ctx, s.Client.B().Scan().Cursor(cursor).Match(sharedKeyPrefix+"*").Count(1000).Build()).AsScanEntry()
+		if err != nil {
+			return copied, err
+		}
+		for _, key := range e.Elements {
+			user, err := strconv.ParseInt(strings.TrimPrefix(key, sharedKeyPrefix), 10, 64)
+			if err != nil || user <= 0 {
+				continue
+			}
+			v, err := s.Client.Do(ctx, s.Client.B().Get().Key(key).Build()).AsInt64()
+			if rueidis.IsRedisNil(err) {
+				continue
+			}
+			if err != nil {
+				return copied, err
+			}
+			k := persist.Key(prefix, uint64(user))
+			if cur, err := s.Store.Get(k); err == nil {
+				if n, perr := strconv.ParseInt(string(cur), 10, 64); perr == nil && n >= v {
+					continue
+				}
+			} else if !errors.Is(err, persist.ErrNotFound) {
+				return copied, err
+			}
+			if err := s.Store.Put(k, strconv.AppendInt(nil, v, 10)); err != nil {
+				return copied, err
+			}
+			copied++
+		}
+		if cursor = e.Cursor; cursor == 0 {
+			return copied, nil
+		}
+	}
+}
+
 // Contribute adds the status changes made through this node (its disk) to
 // a rebuilding shared wallet generation (persist.SharedConfig.Contribute):
 // each as contrib's "seq" op, which keeps the largest value — the latest
@@ -230,6 +291,11 @@ func (s *Shared) Contribute(_ time.Time, add func(op ...string) error) error {
 	if s.Store == nil {
 		return nil
 	}
+	// After a change whose script ran before Redis was lost and whose disk
+	// write is on its way: the scan includes it (and sees the same rows at
+	// every attempt).
+	s.wmu.Lock()
+	defer s.wmu.Unlock()
 	return s.Store.Scan(prefix, func(k, v []byte) error {
 		if _, err := strconv.ParseInt(string(v), 10, 64); err != nil {
 			return fmt.Errorf("account: bad status record %x: %q", k, v)

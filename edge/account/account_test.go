@@ -162,3 +162,66 @@ func TestSharedChangesOnDiskLatestLargest(t *testing.T) {
 		t.Fatalf("a frozen user of the old format: frozen=%v %v", f, err)
 	}
 }
+
+// Backfill copies to the node's disk the statuses Redis holds that its disk
+// lacks — a freeze made before changes were kept on disk ("2"), or through
+// another node — so that a later Redis data loss gets them back from this
+// disk too; a newer change on the disk is kept. A node back in local mode
+// reads the shared mode's rows by their status (an unfreeze is not a
+// freeze).
+func TestSharedBackfillAndLocalReadsSharedRows(t *testing.T) {
+	srv := redistest.Start(t)
+	rdb := srv.Client(t)
+	ctx := context.Background()
+	if err := rdb.Do(ctx, rdb.B().Hset().Key(persist.SharedMetaKey).FieldValue().FieldValue("state", "ready").Build()).Error(); err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	st, err := persist.Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := &account.Shared{Client: rdb, Store: st}
+	if err := rdb.Do(ctx, rdb.B().Set().Key(account.SharedKey(11)).Value("2").Build()).Error(); err != nil { // an old freeze
+		t.Fatal(err)
+	}
+	if err := s.SetStatus(12, account.StatusFrozen); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.SetStatus(12, account.StatusNormal); err != nil { // on the disk: the unfreeze
+		t.Fatal(err)
+	}
+	if err := rdb.Do(ctx, rdb.B().Set().Key(account.SharedKey(12)).Value("2").Build()).Error(); err != nil { // Redis older than the disk
+		t.Fatal(err)
+	}
+	if n, err := s.Backfill(ctx); err != nil || n != 1 {
+		t.Fatalf("backfill: %d %v, want 1 copied (user 11)", n, err)
+	}
+	got := map[string]string{}
+	if err := s.Contribute(time.Time{}, func(op ...string) error { got[op[1]] = op[2]; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	if got[account.SharedKey(11)] != "2" {
+		t.Fatalf("contributed %q for the old freeze, want \"2\"", got[account.SharedKey(11)])
+	}
+	if v, _ := strconv.ParseInt(got[account.SharedKey(12)], 10, 64); v%10 != account.StatusNormal {
+		t.Fatalf("contributed %q for user 12, want the disk's newer unfreeze", got[account.SharedKey(12)])
+	}
+	if err := st.Close(); err != nil {
+		t.Fatal(err)
+	}
+	st, err = persist.Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	l, err := account.NewLocal(st)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for user, want := range map[int64]bool{11: true, 12: false} {
+		if f, err := l.Frozen(user); err != nil || f != want {
+			t.Fatalf("local mode reading user %d: frozen=%v %v, want %v", user, f, err, want)
+		}
+	}
+}
