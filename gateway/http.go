@@ -42,7 +42,8 @@ type API struct {
 	h  *server.Hertz
 	ln net.Listener
 
-	reqID atomic.Uint64
+	reqID    atomic.Uint64
+	stopping atomic.Bool // Shutdown began: requests still arriving are turned away
 }
 
 func init() { hlog.SetLevel(hlog.LevelWarn) }
@@ -81,7 +82,7 @@ func (a *API) Listen() error {
 			_ = conn.SetReadDeadline(time.Now().Add(a.cfg.HTTP.ReadTimeout.D()))
 			return context.Background()
 		}),
-		server.WithWriteTimeout(10*time.Second),
+		server.WithWriteTimeout(httpWriteTimeout),
 		server.WithIdleTimeout(60*time.Second),
 		server.WithDisablePrintRoute(true),
 		server.WithExitWaitTime(time.Second),
@@ -98,12 +99,19 @@ func (a *API) Listen() error {
 // Addr is the bound HTTP address.
 func (a *API) Addr() string { return a.ln.Addr().String() }
 
-// Shutdown stops the HTTP server.
+// Shutdown stops the HTTP server. A request that still arrives on a
+// kept-alive connection (the standard transport does not close idle ones)
+// is answered "going away" with the connection closed: the node's backends
+// are closing behind it.
 func (a *API) Shutdown(ctx context.Context) {
+	a.stopping.Store(true)
 	if a.h != nil {
 		_ = a.h.Shutdown(ctx)
 	}
 }
+
+// httpWriteTimeout bounds a request's handling and answer (limitBody).
+const httpWriteTimeout = 10 * time.Second
 
 func (a *API) routes() {
 	h := a.h
@@ -233,6 +241,16 @@ func envelope(c *app.RequestContext, status int, e *proto.Error) {
 // most http.max_body_bytes; a larger one is answered 413 in the envelope and
 // the connection is closed (the rest of the body is never read).
 func (a *API) limitBody(ctx context.Context, c *app.RequestContext) {
+	if a.stopping.Load() {
+		c.SetConnectionClose()
+		envelope(c, http.StatusServiceUnavailable, proto.Errorf(proto.CodeInternal, "node shutting down; retry on another node"))
+		c.Abort()
+		return
+	}
+	// The answer within WriteTimeout of the request's start (the standard
+	// transport sets no write deadline): a client that stops reading a
+	// large answer does not hold its handler for ever.
+	_ = c.GetConn().SetWriteDeadline(time.Now().Add(httpWriteTimeout))
 	limit := a.cfg.HTTP.MaxBodyBytes
 	tooLarge := func() {
 		c.SetConnectionClose()

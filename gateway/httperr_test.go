@@ -2,6 +2,7 @@ package gateway_test
 
 import (
 	"bufio"
+	"context"
 	"fmt"
 	"io"
 	"net"
@@ -221,4 +222,46 @@ func TestHTTPRequestTrickledInIsCutOff(t *testing.T) {
 			}
 		})
 	}
+}
+
+// A request that arrives on a kept-alive connection once the API is shutting
+// down is answered 503 in the envelope with the connection closed — the
+// standard transport keeps idle connections, and a request served then
+// would run while the node's backends close.
+func TestHTTPRequestDuringShutdownTurnedAway(t *testing.T) {
+	n := nodetest.Start(t, nodetest.Config(t))
+	conn, err := net.Dial("tcp", n.API.Addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
+	br := bufio.NewReader(conn)
+	get := func() *http.Response {
+		t.Helper()
+		if _, err := io.WriteString(conn, "GET /healthz HTTP/1.1\r\nHost: liveedge\r\n\r\n"); err != nil {
+			t.Fatal(err)
+		}
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, _ = io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		return resp
+	}
+	if r := get(); r.StatusCode != 200 {
+		t.Fatalf("before the shutdown: %d", r.StatusCode)
+	}
+	done := make(chan struct{})
+	go func() {
+		n.API.Shutdown(context.Background())
+		close(done)
+	}()
+	time.Sleep(100 * time.Millisecond) // the shutdown has begun
+	r := get()
+	if r.StatusCode != 503 || !r.Close {
+		t.Fatalf("during the shutdown: %d close=%v, want 503 and the connection closed", r.StatusCode, r.Close)
+	}
+	<-done
 }
