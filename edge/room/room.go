@@ -424,7 +424,7 @@ func (s *Service) Sync() error {
 		if len(known) == 0 {
 			return nil
 		}
-		return s.shared.restore(known)
+		return s.putBack(known)
 	}
 	now := make(map[int64]Room, len(rooms))
 	for _, rm := range rooms {
@@ -457,9 +457,20 @@ func (s *Service) Sync() error {
 		}
 	}
 	if len(missing) > 0 {
-		return s.shared.restore(missing)
+		return s.putBack(missing)
 	}
 	return nil
+}
+
+// putBack writes rooms back into Redis (shared.restore); one whose anchor
+// opened another room meanwhile closes here (the other nodes close it at
+// their Sync: it is not in Redis, and its anchor has another room).
+func (s *Service) putBack(rooms []Room) error {
+	closed, err := s.shared.restore(rooms)
+	for _, rm := range closed {
+		s.Apply("closed", rm)
+	}
+	return err
 }
 
 // EnsureOpen reports whether room id is open, asking Redis (shared mode) when

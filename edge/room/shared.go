@@ -167,31 +167,50 @@ func (sh *Shared) openRooms() (rooms []Room, lost bool, err error) {
 
 // restore writes open rooms a node still knows back into a Redis that lost
 // them (each only if absent), and lifts the id counter above them, so ids
-// stay unique and the rooms stay open.
-func (sh *Shared) restore(rooms []Room) error {
+// stay unique and the rooms stay open. A room whose anchor has another open
+// room in Redis now (opened after the loss) is not put back: it is
+// returned, closed — its anchor keeps one open room, and the room would be
+// unclosable (close.lua: not that anchor's room).
+func (sh *Shared) restore(rooms []Room) (closed []Room, err error) {
 	ctx, cancel := sh.ctx()
 	defer cancel()
-	cmds := make([]rueidis.Completed, 0, 3*len(rooms)+1)
+	cmds := make([]rueidis.Completed, 0, len(rooms)+1)
 	var top int64
 	for _, rm := range rooms {
 		v, err := proto.Marshal(rm)
 		if err != nil {
-			return err
+			return nil, err
 		}
-		id := strconv.FormatInt(rm.ID, 10)
-		cmds = append(cmds,
-			sh.Client.B().Hsetnx().Key(keyOpen).Field(id).Value(string(v)).Build(),
-			sh.Client.B().Hsetnx().Key(keyAnchors).Field(strconv.FormatInt(rm.AnchorID, 10)).Value(id).Build(),
-			sh.Client.B().Hsetnx().Key(keyRecords).Field(id).Value(string(v)).Build())
+		cmds = append(cmds, restoreScript(sh.Client, rm, string(v)))
 		top = max(top, rm.ID)
 	}
 	cmds = append(cmds, raiseScript(sh.Client, top))
-	for _, r := range sh.Client.DoMulti(ctx, cmds...) {
+	res := sh.Client.DoMulti(ctx, cmds...)
+	for i, r := range res {
 		if err := r.Error(); err != nil {
-			return err
+			return nil, err
+		}
+		if i < len(rooms) {
+			if n, _ := r.AsInt64(); n == 0 {
+				rm := rooms[i]
+				rm.Status = StatusClosed
+				closed = append(closed, rm)
+			}
 		}
 	}
-	return nil
+	return closed, nil
+}
+
+// restoreScript puts room rm (record v) back unless its anchor has another
+// open room (0 then, else 1); EVAL of a few lines, as raiseScript.
+func restoreScript(c rueidis.Client, rm Room, v string) rueidis.Completed {
+	return c.B().Eval().Script(`local a = redis.call('HGET', KEYS[2], ARGV[2])
+if a and a ~= ARGV[1] then return 0 end
+redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[3])
+redis.call('HSETNX', KEYS[2], ARGV[2], ARGV[1])
+redis.call('HSETNX', KEYS[3], ARGV[1], ARGV[3])
+return 1`).Numkeys(3).Key(keyOpen, keyAnchors, keyRecords).
+		Arg(strconv.FormatInt(rm.ID, 10), strconv.FormatInt(rm.AnchorID, 10), v).Build()
 }
 
 // raiseScript sets the id counter to at least top (EVAL of a one-liner: the

@@ -137,3 +137,42 @@ func TestRoomMissingAfterARollbackIsPutBack(t *testing.T) {
 		t.Fatal("the room is still open")
 	}
 }
+
+// The same rollback, but the anchor opened a new room before the next Sync:
+// the room Redis lost is not put back (its anchor would hold two open rooms,
+// and the old one could not be closed: not that anchor's room in Redis) —
+// it closes.
+func TestRoomMissingAfterARollbackClosesWhenItsAnchorOpenedAnother(t *testing.T) {
+	s, rdb := sharedService(t)
+	rm, err := s.Open(2, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	id := strconv.FormatInt(rm.ID, 10)
+	for _, cmd := range []rueidis.Completed{
+		rdb.B().Hdel().Key(keyOpen).Field(id).Build(),
+		rdb.B().Hdel().Key(keyRecords).Field(id).Build(),
+		rdb.B().Hdel().Key(keyAnchors).Field("2").Build(),
+	} {
+		if err := rdb.Do(ctx, cmd).Error(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	again, err := s.Open(2, 0)
+	if err != nil || again.ID == rm.ID {
+		t.Fatalf("the anchor's new room: %+v %v", again, err)
+	}
+	if err := s.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	if s.IsOpen(rm.ID) {
+		t.Fatalf("room %d, lost by Redis, still open beside its anchor's new room %d", rm.ID, again.ID)
+	}
+	if !s.IsOpen(again.ID) {
+		t.Fatal("the anchor's new room is closed")
+	}
+	if err := s.Close(2, again.ID); err != nil {
+		t.Fatalf("closing the anchor's new room: %v", err)
+	}
+}
