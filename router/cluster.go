@@ -548,8 +548,8 @@ func (c *Cluster) sequence(id int64, sr *seqRoom) {
 	}
 }
 
-// retryFinal numbers the room's final push again, a few times over about
-// a second and a half, after numbering its batch failed with err: every
+// retryFinal numbers the room's final push again, a few times within
+// closeGrace/2 (1.5 s), after numbering its batch failed with err: every
 // other node's viewers learn the room closed only from it (without it they
 // are dropped by the backstop, untold). The batch's other pushes are
 // answered err now. If a lost reply hid a script that ran, the final push is
@@ -566,7 +566,13 @@ func (c *Cluster) retryFinal(id int64, items []seqItem, err error) ([]seqItem, r
 		}
 	}
 	b := roomBatch{closing: true}
-	for wait := 100 * time.Millisecond; err != nil && wait <= 800*time.Millisecond; wait *= 2 {
+	// No attempt starts after half the other nodes' backstop (closeGrace):
+	// a Redis that hangs costs CallTimeout per attempt, not one per wait.
+	until := time.Now().Add(closeGrace / 2)
+	for wait := 100 * time.Millisecond; err != nil; wait *= 2 {
+		if time.Now().Add(wait).After(until) {
+			break
+		}
 		select {
 		case <-c.stop:
 			return final, b, err
