@@ -91,12 +91,11 @@ func newCluster(t *testing.T, env clusterEnv, node string, cfg ClusterConfig, op
 	return c
 }
 
-// One lost NATS batch (offset 1) while the next 300 pushes arrive and are
-// buffered; the history no longer has offset 1: only offset 1 is skipped,
-// the 300 buffered pushes are delivered.
-func TestLostOffsetSkipsOnlyTheHole(t *testing.T) {
-	env := clusterEnv{nats: natstest.Start(t), redis: redistest.Start(t)}
-	c := newCluster(t, env, "b", ClusterConfig{HistorySize: 8, GapWait: 50 * time.Millisecond})
+// roomMember is node's cluster router on a NATS and a Redis of its own, with
+// one member (s) joined to its room 1, and that room's state (st).
+func roomMember(t *testing.T, node string, cfg ClusterConfig) (*Cluster, *offSink, *croom) {
+	t.Helper()
+	c := newCluster(t, clusterEnv{nats: natstest.Start(t), redis: redistest.Start(t)}, node, cfg)
 	c.OpenRoom(1)
 	s := &offSink{id: 1}
 	if _, err := c.JoinAt(1, s, nil); err != nil {
@@ -105,6 +104,14 @@ func TestLostOffsetSkipsOnlyTheHole(t *testing.T) {
 	c.mu.Lock()
 	st := c.rooms[1]
 	c.mu.Unlock()
+	return c, s, st
+}
+
+// One lost NATS batch (offset 1) while the next 300 pushes arrive and are
+// buffered; the history no longer has offset 1: only offset 1 is skipped,
+// the 300 buffered pushes are delivered.
+func TestLostOffsetSkipsOnlyTheHole(t *testing.T) {
+	c, s, st := roomMember(t, "b", ClusterConfig{HistorySize: 8, GapWait: 50 * time.Millisecond})
 	if _, err := c.number(1, items(1)); err != nil { // offset 1: "lost on NATS"
 		t.Fatal(err)
 	}
@@ -136,16 +143,7 @@ func TestLostOffsetSkipsOnlyTheHole(t *testing.T) {
 // skipped. Before, the whole read failed ("not all of it kept") and every
 // offset of the gap was skipped — here 7 pushes Redis still held.
 func TestGapFillDeliversWhatTheHistoryStillHas(t *testing.T) {
-	env := clusterEnv{nats: natstest.Start(t), redis: redistest.Start(t)}
-	c := newCluster(t, env, "b", ClusterConfig{GapWait: 20 * time.Millisecond})
-	c.OpenRoom(1)
-	s := &offSink{id: 1}
-	if _, err := c.JoinAt(1, s, nil); err != nil {
-		t.Fatal(err)
-	}
-	c.mu.Lock()
-	st := c.rooms[1]
-	c.mu.Unlock()
+	c, s, st := roomMember(t, "b", ClusterConfig{GapWait: 20 * time.Millisecond})
 	if _, err := c.number(1, items(10)); err != nil { // offsets 1..10: lost on NATS
 		t.Fatal(err)
 	}
@@ -173,16 +171,7 @@ func TestGapFillDeliversWhatTheHistoryStillHas(t *testing.T) {
 // dropped as a duplicate — the room stayed open here until the closed
 // event's 3 s backstop.
 func TestFinalPushFilledFromHistoryStillClosesTheRoom(t *testing.T) {
-	env := clusterEnv{nats: natstest.Start(t), redis: redistest.Start(t)}
-	c := newCluster(t, env, "b", ClusterConfig{GapWait: 10 * time.Millisecond})
-	c.OpenRoom(1)
-	s := &offSink{id: 1}
-	if _, err := c.JoinAt(1, s, nil); err != nil {
-		t.Fatal(err)
-	}
-	c.mu.Lock()
-	st := c.rooms[1]
-	c.mu.Unlock()
+	c, s, st := roomMember(t, "b", ClusterConfig{GapWait: 10 * time.Millisecond})
 	final := []seqItem{{p: proto.Push{Mid: "f", Room: 1, Biz: 5559, Data: []byte("{}")}, closing: true}}
 	fb, err := c.number(1, final) // offset 1, the final push: its batch late
 	if err != nil {
@@ -202,16 +191,7 @@ func TestFinalPushFilledFromHistoryStillClosesTheRoom(t *testing.T) {
 // delivered — instead of growing with every batch for as long as Redis
 // stays away (20,000 pushes here), the viewers getting nothing meanwhile.
 func TestGapBufferBoundedWhileTheHoleCannotBeRead(t *testing.T) {
-	env := clusterEnv{nats: natstest.Start(t), redis: redistest.Start(t)}
-	c := newCluster(t, env, "b", ClusterConfig{GapWait: 10 * time.Millisecond, CallTimeout: 100 * time.Millisecond})
-	c.OpenRoom(1)
-	s := &offSink{id: 1}
-	if _, err := c.JoinAt(1, s, nil); err != nil {
-		t.Fatal(err)
-	}
-	c.mu.Lock()
-	st := c.rooms[1]
-	c.mu.Unlock()
+	c, s, st := roomMember(t, "b", ClusterConfig{GapWait: 10 * time.Millisecond, CallTimeout: 100 * time.Millisecond})
 	b, err := c.number(1, items(1))
 	if err != nil {
 		t.Fatal(err)
@@ -267,16 +247,7 @@ func TestRoomFinalPushRetriedWhenNumberingFails(t *testing.T) {
 // never looked). Now the sweep finds Redis on the epoch the node left and
 // takes it back there, reading what was dropped from the history.
 func TestStaleEpochBatchNeverSilencesTheRoom(t *testing.T) {
-	env := clusterEnv{nats: natstest.Start(t), redis: redistest.Start(t)}
-	c := newCluster(t, env, "d", ClusterConfig{GapWait: 20 * time.Millisecond})
-	c.OpenRoom(1)
-	s := &offSink{id: 1}
-	if _, err := c.JoinAt(1, s, nil); err != nil {
-		t.Fatal(err)
-	}
-	c.mu.Lock()
-	st := c.rooms[1]
-	c.mu.Unlock()
+	c, s, st := roomMember(t, "d", ClusterConfig{GapWait: 20 * time.Millisecond})
 	next := func() int64 {
 		t.Helper()
 		b, err := c.number(1, items(1))

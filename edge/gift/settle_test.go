@@ -20,14 +20,7 @@ import (
 func TestGiftInDoubtGetsItsEffectsWhenTheWalletSettlesIt(t *testing.T) {
 	rs := redistest.Start(t)
 	px := redistest.StartProxy(t, rs.Addr)
-	st, w := persisttest.OpenSharedWallet(t, px.Addr, persist.SharedConfig{Node: "a", CallTimeout: time.Second})
-	if _, err := w.Apply(persist.Op{User: 100, ReqID: "seed", Postings: []persist.Posting{{User: 100, Delta: 10_000, Reason: persist.ReasonDev}}}); err != nil {
-		t.Fatal(err)
-	}
-	cat, err := NewCatalogue(PebbleCatalogue{Store: st})
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, w, cat := giftWallet(t, t.TempDir(), px.Addr, true)
 	g, _ := cat.Get(24)
 	rt := router.NewLocal("t", router.LocalConfig{})
 	rt.OpenRoom(7)
@@ -83,15 +76,7 @@ func TestGiftInDoubtAtAStopGetsItsEffectsAtTheNextStart(t *testing.T) {
 	rs := redistest.Start(t)
 	px := redistest.StartProxy(t, rs.Addr)
 	dir := t.TempDir()
-	cfg := persist.SharedConfig{Node: "a", CallTimeout: time.Second}
-	st, w := persisttest.OpenSharedWalletAt(t, dir, px.Addr, cfg)
-	if _, err := w.Apply(persist.Op{User: 100, ReqID: "seed", Postings: []persist.Posting{{User: 100, Delta: 10_000, Reason: persist.ReasonDev}}}); err != nil {
-		t.Fatal(err)
-	}
-	cat, err := NewCatalogue(PebbleCatalogue{Store: st})
-	if err != nil {
-		t.Fatal(err)
-	}
+	st, w, cat := giftWallet(t, dir, px.Addr, true)
 	g, _ := cat.Get(24)
 	s := New(w, router.NewLocal("t", router.LocalConfig{}), cat, Config{}, nil)
 	px.LoseReply("le:seq:trade", time.Minute) // the apply script's reply; Redis unreachable after it
@@ -104,11 +89,7 @@ func TestGiftInDoubtAtAStopGetsItsEffectsAtTheNextStart(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	st, w = persisttest.OpenSharedWalletAt(t, dir, rs.Addr, cfg)
-	cat, err = NewCatalogue(PebbleCatalogue{Store: st})
-	if err != nil {
-		t.Fatal(err)
-	}
+	st, w, cat = giftWallet(t, dir, rs.Addr, false)
 	rt := router.NewLocal("t", router.LocalConfig{})
 	rt.OpenRoom(7)
 	receiver := &routertest.Recorder{SessionID: 2, User: 200}
@@ -162,4 +143,22 @@ func TestGiftInDoubtAtAStopGetsItsEffectsAtTheNextStart(t *testing.T) {
 		t.Fatal(err)
 	}
 	persisttest.CheckSharedConservation(t, rs.Addr, dir)
+}
+
+// giftWallet opens node "a"'s shared wallet on the store in dir, with a
+// Redis client to addr (a fault proxy, or Redis), and the catalogue on that
+// store; seed credits user 100 with 10,000 coins.
+func giftWallet(t *testing.T, dir, addr string, seed bool) (*persist.Store, *persist.SharedWallet, *Catalogue) {
+	t.Helper()
+	st, w := persisttest.OpenSharedWalletAt(t, dir, addr, persist.SharedConfig{Node: "a", CallTimeout: time.Second})
+	if seed {
+		if _, err := w.Apply(persist.Op{User: 100, ReqID: "seed", Postings: []persist.Posting{{User: 100, Delta: 10_000, Reason: persist.ReasonDev}}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cat, err := NewCatalogue(PebbleCatalogue{Store: st})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st, w, cat
 }
