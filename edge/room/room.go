@@ -85,7 +85,16 @@ type Service struct {
 	open     map[int64]*Room
 	byAnchor map[int64]int64 // anchor → open room id (0 = an open is in flight)
 	seq      int64
+	// closedAt are the rooms closed here in the last recentClose (shared
+	// mode): room ids are never reused, so an "opened" for one of them is
+	// stale — a Sync that read the open rooms just before the close, or a
+	// Redis back from a snapshot taken before it — and is ignored.
+	closedAt map[int64]time.Time
 }
+
+// recentClose is how long a closed room is remembered (closedAt): a dozen
+// Syncs.
+const recentClose = time.Minute
 
 var errReserved = errors.New("room: open in flight")
 
@@ -222,6 +231,7 @@ func (s *Service) Close(anchor, id int64) error {
 		if s.byAnchor[anchor] == id {
 			delete(s.byAnchor, anchor)
 		}
+		s.noteClosedLocked(id)
 		s.mu.Unlock()
 		d, _ := proto.Marshal(proto.RoomClosedPush{RoomID: id, Reason: "closed by anchor"})
 		s.router.CloseRoom(id, &proto.Push{Biz: proto.BizRoomClosed, Data: d, Ack: false})
@@ -382,6 +392,10 @@ func (s *Service) Apply(kind string, rm Room) {
 			s.mu.Unlock()
 			return
 		}
+		if _, ok := s.closedAt[rm.ID]; ok {
+			s.mu.Unlock()
+			return // closed already: a stale "opened"
+		}
 		r := rm
 		s.open[rm.ID] = &r
 		s.byAnchor[rm.AnchorID] = rm.ID
@@ -393,6 +407,7 @@ func (s *Service) Apply(kind string, rm Room) {
 		if s.byAnchor[rm.AnchorID] == rm.ID {
 			delete(s.byAnchor, rm.AnchorID)
 		}
+		s.noteClosedLocked(rm.ID)
 		s.mu.Unlock()
 		if ok {
 			s.router.CloseRoom(rm.ID, nil)
@@ -400,6 +415,25 @@ func (s *Service) Apply(kind string, rm Room) {
 	default:
 		s.mu.Unlock()
 	}
+}
+
+// noteClosedLocked remembers room id as closed for recentClose, and
+// forgets what is older (s.mu held; shared mode only: a single node's
+// replica is its own).
+func (s *Service) noteClosedLocked(id int64) {
+	if s.shared == nil {
+		return
+	}
+	now := s.now()
+	if s.closedAt == nil {
+		s.closedAt = map[int64]time.Time{}
+	}
+	for k, at := range s.closedAt {
+		if now.Sub(at) > recentClose {
+			delete(s.closedAt, k)
+		}
+	}
+	s.closedAt[id] = now
 }
 
 // Sync replaces the replica with the open rooms in Redis (shared mode): at
@@ -488,5 +522,5 @@ func (s *Service) EnsureOpen(id int64) bool {
 		return false
 	}
 	s.Apply("opened", rm)
-	return true
+	return s.IsOpen(id) // not a room closed here a moment ago
 }

@@ -176,3 +176,33 @@ func TestRoomMissingAfterARollbackClosesWhenItsAnchorOpenedAnother(t *testing.T)
 		t.Fatalf("closing the anchor's new room: %v", err)
 	}
 }
+
+// A room closed a moment ago is not opened again by a stale "opened": a
+// Sync that read the open rooms just before the close (here: Redis still
+// lists it, as from a snapshot taken before the close) or a late event —
+// room ids are never reused. Before, it came back in the list until the
+// next Sync (or for good, after a rollback).
+func TestClosedRoomNotReopenedByAStaleOpened(t *testing.T) {
+	s, rdb := sharedService(t)
+	rm, err := s.Open(3, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v, err := rdb.Do(context.Background(), rdb.B().Hget().Key(keyOpen).Field(strconv.FormatInt(rm.ID, 10)).Build()).ToString()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Close(3, rm.ID); err != nil {
+		t.Fatal(err)
+	}
+	s.Apply("opened", rm) // a late event
+	if err := rdb.Do(context.Background(), rdb.B().Hset().Key(keyOpen).FieldValue().FieldValue(strconv.FormatInt(rm.ID, 10), v).Build()).Error(); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	if s.IsOpen(rm.ID) || s.EnsureOpen(rm.ID) {
+		t.Fatalf("room %d, closed here, open again after a stale opened", rm.ID)
+	}
+}
