@@ -417,7 +417,10 @@ func (c *Cluster) UserInRoom(id, user int64) bool {
 	if err != nil {
 		return false
 	}
-	alive := c.aliveBoots(ctx, fields)
+	alive, err := c.aliveBoots(ctx, fields)
+	if err != nil {
+		return false
+	}
 	for node, v := range fields {
 		boot, rooms, _ := strings.Cut(v, "|")
 		if node == c.cfg.Node || alive[node] != boot {
@@ -1402,7 +1405,10 @@ func (c *Cluster) onlineElsewhere(user int64) (online, known bool) {
 	if err != nil {
 		return false, false
 	}
-	alive := c.aliveBoots(ctx, fields)
+	alive, err := c.aliveBoots(ctx, fields)
+	if err != nil {
+		return false, false
+	}
 	for node, v := range fields {
 		boot, _, _ := strings.Cut(v, "|")
 		if node != c.cfg.Node && alive[node] == boot {
@@ -1606,7 +1612,19 @@ func (c *Cluster) flushPresence() {
 		for _, r := range res {
 			if err := r.Error(); err != nil {
 				c.log.Warn("presence not written; retrying", "err", err)
-				c.markAll() // rewrite everything on the next tick
+				// Rewrite everything on the next tick — and what this flush
+				// was to write: a room or user no longer here is not in
+				// markAll's list, and its delete would be lost (the user's
+				// sessions counted elsewhere for good while this node lives).
+				c.markAll()
+				c.dirtyMu.Lock()
+				for id := range rooms {
+					c.dirtyRooms[id] = struct{}{}
+				}
+				for u := range users {
+					c.dirtyUsers[u] = struct{}{}
+				}
+				c.dirtyMu.Unlock()
 				return
 			}
 		}
@@ -1642,7 +1660,10 @@ func (c *Cluster) countElsewhere(key string) (n int, known bool) {
 	if err != nil {
 		return 0, false
 	}
-	alive := c.aliveBoots(ctx, fields)
+	alive, err := c.aliveBoots(ctx, fields)
+	if err != nil {
+		return 0, false
+	}
 	for node, v := range fields {
 		if node == c.cfg.Node {
 			continue
@@ -1696,7 +1717,7 @@ var hdelIfScript = rueidis.NewLuaScript(`if redis.call('HGET', KEYS[1], ARGV[1])
 
 // aliveBoots returns the boot of each node named in fields that is alive
 // (client-side cached; Redis invalidates on change and on expiry).
-func (c *Cluster) aliveBoots(ctx context.Context, fields map[string]string) map[string]string {
+func (c *Cluster) aliveBoots(ctx context.Context, fields map[string]string) (map[string]string, error) {
 	nodes := make([]string, 0, len(fields))
 	cmds := make([]rueidis.CacheableTTL, 0, len(fields))
 	for node := range fields {
@@ -1708,12 +1729,18 @@ func (c *Cluster) aliveBoots(ctx context.Context, fields map[string]string) map[
 	}
 	out := make(map[string]string, len(nodes))
 	if len(cmds) == 0 {
-		return out
+		return out, nil
 	}
 	for i, r := range c.rdb.DoMultiCache(ctx, cmds...) {
-		if v, err := r.ToString(); err == nil {
+		v, err := r.ToString()
+		switch {
+		case err == nil:
 			out[nodes[i]] = v
+		case !rueidis.IsRedisNil(err):
+			// Not "no such key": Redis could not tell — never taken for a
+			// dead node (whose fields would be dropped).
+			return nil, err
 		}
 	}
-	return out
+	return out, nil
 }

@@ -185,6 +185,32 @@ func TestFinalPushFilledFromHistoryStillClosesTheRoom(t *testing.T) {
 	waitFor(t, func() bool { return c.local.room(1) == nil })
 }
 
+// A user's last session leaves this node while its presence write fails
+// (Redis unreachable): the delete of its presence fields stays queued for
+// the next flush. Before, a failed flush re-marked only the
+// rooms and users still here, so the fields stayed for as long as this node
+// lived — the other nodes counted the user's 8 sessions for good (every
+// connection refused by ws.max_conns_per_user).
+func TestPresenceOfAUserWhoLeftRetriedAfterAFailedFlush(t *testing.T) {
+	env := clusterEnv{nats: natstest.Start(t), redis: redistest.Start(t)}
+	px := redistest.StartProxy(t, env.redis.Addr)
+	a := newCluster(t, clusterEnv{nats: env.nats, redis: env.redis, via: px.Addr}, "a", ClusterConfig{CallTimeout: 200 * time.Millisecond})
+	px.Close()     // Redis unreachable from a from here on
+	a.markUser(77) // a user's last session here left: the next flushes fail
+	time.Sleep(3 * presenceEvery) // a first flush failed (200 ms each)
+	for deadline := time.Now().Add(3 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		a.dirtyMu.Lock()
+		_, kept := a.dirtyUsers[77] // queued again (between two failing flushes)
+		a.dirtyMu.Unlock()
+		if kept {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the delete of a departed user's presence was dropped with the failed flush")
+		}
+	}
+}
+
 // A hole this node cannot read (its Redis unreachable) while the room goes
 // on through NATS: what it buffers past the hole is bounded — beyond twice
 // maxGapBuffer the hole is given up (counted lost) and the buffer
