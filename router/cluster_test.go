@@ -195,8 +195,8 @@ func TestPresenceOfAUserWhoLeftRetriedAfterAFailedFlush(t *testing.T) {
 	env := clusterEnv{nats: natstest.Start(t), redis: redistest.Start(t)}
 	px := redistest.StartProxy(t, env.redis.Addr)
 	a := newCluster(t, clusterEnv{nats: env.nats, redis: env.redis, via: px.Addr}, "a", ClusterConfig{CallTimeout: 200 * time.Millisecond})
-	px.Close()     // Redis unreachable from a from here on
-	a.markUser(77) // a user's last session here left: the next flushes fail
+	px.Close()                    // Redis unreachable from a from here on
+	a.markUser(77)                // a user's last session here left: the next flushes fail
 	time.Sleep(3 * presenceEvery) // a first flush failed (200 ms each)
 	for deadline := time.Now().Add(3 * time.Second); ; time.Sleep(5 * time.Millisecond) {
 		a.dirtyMu.Lock()
