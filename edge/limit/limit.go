@@ -15,13 +15,14 @@ type Keyed struct {
 	interval time.Duration // emission interval = 1s / rate
 	burst    time.Duration // tolerance = interval × (burst-1)
 	now      func() time.Time
+	base     time.Time // tats count from here, on the monotonic clock (a wall-clock step back would refuse every recent key for as long)
 	maxKeys  int
 	shards   [shards]shard
 }
 
 type shard struct {
 	mu  sync.Mutex
-	tat map[uint64]int64 // theoretical arrival time, unix ns
+	tat map[uint64]int64 // theoretical arrival time, ns since Keyed.base
 }
 
 // New returns a limiter of rate events per interval per key with the given
@@ -37,7 +38,7 @@ func New(rate int, per time.Duration, burst int, now func() time.Time) *Keyed {
 		now = time.Now
 	}
 	iv := per / time.Duration(rate)
-	k := &Keyed{interval: iv, burst: iv * time.Duration(burst-1), now: now, maxKeys: 1 << 16}
+	k := &Keyed{interval: iv, burst: iv * time.Duration(burst-1), now: now, base: now(), maxKeys: 1 << 16}
 	for i := range k.shards {
 		k.shards[i].tat = map[uint64]int64{}
 	}
@@ -56,7 +57,7 @@ func (k *Keyed) allow(key uint64) (bool, int64) {
 	if k == nil {
 		return true, 0
 	}
-	now := k.now().UnixNano()
+	now := k.nanos()
 	s := &k.shards[key%shards]
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -74,6 +75,10 @@ func (k *Keyed) allow(key uint64) (bool, int64) {
 	return true, tat + int64(k.interval)
 }
 
+// nanos is now in ns since k.base: time.Now's monotonic reading when both
+// have one (time.Time.Sub), so that a step of the wall clock moves nothing.
+func (k *Keyed) nanos() int64 { return int64(k.now().Sub(k.base)) }
+
 // undo gives back the event allow recorded for key as recorded (its
 // caller did not go through with it): what is left of it now, at most one
 // interval — an event that has already drained gives nothing back, so a
@@ -82,7 +87,7 @@ func (k *Keyed) undo(key uint64, recorded int64) {
 	if k == nil {
 		return
 	}
-	left := min(int64(k.interval), recorded-k.now().UnixNano())
+	left := min(int64(k.interval), recorded-k.nanos())
 	if left <= 0 {
 		return
 	}

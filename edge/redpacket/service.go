@@ -472,6 +472,15 @@ func (s *Service) Create(anchor, room, total int64, count int, duration time.Dur
 	} else if a != anchor {
 		return View{}, errNotAnch
 	}
+	// Over max_per_anchor is refused before the cluster-wide rate is
+	// counted (and checked again below, under the lock): a refused create
+	// must not spend the anchor's next real one.
+	s.mu.Lock()
+	full := s.perAnchor[anchor] >= s.cfg.MaxPerAnchor
+	s.mu.Unlock()
+	if full {
+		return View{}, proto.Errorf(proto.CodeConflict, "at most %d red-packet rains not finished per anchor", s.cfg.MaxPerAnchor)
+	}
 	if perr := s.cfg.SharedCreates.Check(uint64(anchor), s.tooManyRains, s.log); perr != nil {
 		return View{}, perr
 	}
