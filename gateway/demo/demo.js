@@ -158,10 +158,24 @@ async function loadGifts() {
   }
 }
 
+// The last gift whose outcome is unknown (timed out, the connection dropped,
+// 10409 in progress, 50000 retry): the next click on the same gift retries it
+// with its req_id, so that it moves coins at most once.
+let giftRetry = null;
+
 async function sendGift(g) {
   const pk = !$("pk").hidden; // the room is in a PK: the gift scores for it
-  const r = await s.client.gift({ roomId: s.room, giftId: g.gift_id, receiverId: s.anchor, count: 1, reqId: randomId(), pk });
-  $("balance").textContent = r.balance;
+  const key = `${s.room}/${g.gift_id}/${s.anchor}/${pk}`;
+  const reqId = giftRetry?.key === key ? giftRetry.reqId : randomId();
+  try {
+    const r = await s.client.gift({ roomId: s.room, giftId: g.gift_id, receiverId: s.anchor, count: 1, reqId, pk });
+    giftRetry = null;
+    $("balance").textContent = r.balance;
+  } catch (e) {
+    const unknown = typeof e?.code !== "number" || e.code === 10409 || e.code === 50000;
+    giftRetry = unknown ? { key, reqId } : null;
+    throw e;
+  }
 }
 
 async function loadProducts() {

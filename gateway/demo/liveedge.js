@@ -129,6 +129,16 @@ var LiveClient = class _LiveClient {
     this.joining = /* @__PURE__ */ new Map();
     this.lastSend = 0;
     this.pushListeners = /* @__PURE__ */ new Set();
+    // Pushes that arrived before connect() resolved while no push listener
+    // was registered (a user's waiting pushes come with the hello): held,
+    // neither delivered nor acked, until the app had its turn to call
+    // on("push") after `await connect()` (released one macrotask later).
+    this.held = [];
+    // onFrames is handling a message of this socket: a close() from a push
+    // handler leaves its closing to onFrames, after the acks of what was
+    // delivered.
+    this.inFrames = null;
+    this.closeAfterFrames = false;
     this.stateListeners = /* @__PURE__ */ new Set();
     this.stats_ = {
       reconnects: 0,
@@ -171,6 +181,7 @@ var LiveClient = class _LiveClient {
     for (let i = 0; i < c.urls.length; i++) {
       try {
         await c.attempt("connect", 0);
+        setTimeout(() => c.releaseHeld(), 0);
         return c;
       } catch (e) {
         last = e;
@@ -288,9 +299,15 @@ var LiveClient = class _LiveClient {
     const ms = this.o.requestTimeoutMs;
     let timer;
     const late = new Promise((_, reject) => {
-      timer = setTimeout(() => reject(new Error(`getToken did not answer within ${ms} ms`)), ms);
+      timer = this.tokenTimer = setTimeout(() => reject(new Error(`getToken did not answer within ${ms} ms`)), ms);
     });
     return Promise.race([Promise.resolve(this.opts.getToken(reason)), late]).finally(() => clearTimeout(timer));
+  }
+  /** Delivers (and acks) the pushes held until connect() resolved. */
+  releaseHeld() {
+    const held = this.held;
+    this.held = null;
+    if (held && held.length > 0 && this.ws && !this.closed) this.onFrames(this.ws, held);
   }
   /** One connection attempt to the current URL: dial, hello, re-join, ready. */
   async attempt(reason, attemptNo) {
@@ -482,13 +499,19 @@ var LiveClient = class _LiveClient {
     this.stopHeartbeat();
     this.wake?.();
     this.connecting?.();
+    clearTimeout(this.tokenTimer);
+    this.held = null;
     const ws = this.ws;
     this.ws = null;
     if (ws) {
       ws.onmessage = ws.onclose = ws.onerror = null;
-      try {
-        ws.close(Close.Normal);
-      } catch {
+      if (this.inFrames === ws) {
+        this.closeAfterFrames = true;
+      } else {
+        try {
+          ws.close(Close.Normal);
+        } catch {
+        }
       }
     }
     for (const [, p] of this.pending) {
@@ -580,7 +603,15 @@ var LiveClient = class _LiveClient {
   /** Handles the frames of one received message, then acks its pushes in one frame. */
   onFrames(ws, frames) {
     const acks = [];
-    for (const x of frames) this.handle(x, acks);
+    this.inFrames = ws;
+    try {
+      for (const x of frames) {
+        if (this.closed) break;
+        this.handle(x, acks);
+      }
+    } finally {
+      this.inFrames = null;
+    }
     for (let i = 0; i < acks.length; i += MaxAckMids) {
       const mids = acks.slice(i, i + MaxAckMids);
       try {
@@ -588,7 +619,14 @@ var LiveClient = class _LiveClient {
         this.lastSend = Date.now();
         this.stats_.acksSent += mids.length;
       } catch {
-        return;
+        break;
+      }
+    }
+    if (this.closeAfterFrames) {
+      this.closeAfterFrames = false;
+      try {
+        ws.close(Close.Normal);
+      } catch {
       }
     }
   }
@@ -599,8 +637,12 @@ var LiveClient = class _LiveClient {
         this.onReply(f);
         return;
       case "push":
+        if (this.held && this.pushListeners.size === 0) {
+          if (this.held.length < 4096) this.held.push(f);
+          return;
+        }
         this.onPush(f);
-        if (f.ack && typeof f.mid === "string") acks.push(f.mid);
+        if (f.ack && typeof f.mid === "string" && f.mid !== "") acks.push(f.mid);
         return;
       case "hello":
         this.helloFrame = f.d;

@@ -32,8 +32,10 @@ export const options = {
     checks: ["rate>0.99"],
     le_errors: ["rate<0.01"],
     "le_reply_ms{type:grab}": [`p(95)<${k.p95}`, `p(99)<${k.p99}`],
-    le_granted_amount: [`count<=${TOTAL_AMOUNT}`],
-    le_granted_count: [`count<=${TOTAL_COUNT}`],
+    // Never more than the totals — and something granted at all: a run in
+    // which every grab is refused (30001, 30003) must not pass.
+    le_granted_amount: [`count<=${TOTAL_AMOUNT}`, "count>0"],
+    le_granted_count: [`count<=${TOTAL_COUNT}`, "count>0"],
     http_req_failed: ["rate<0.01"],
   },
 };
@@ -127,5 +129,8 @@ export async function teardown(data) {
     "stats: code 0": (x) => x.code === 0,
     "stats: granted_amount ≤ total_amount": (x) => Number(x.data.granted_amount) <= TOTAL_AMOUNT,
     "stats: granted_count ≤ total_count": (x) => Number(x.data.granted_count) <= TOTAL_COUNT,
+    // Every packet granted when there were at least as many grabbers.
+    "stats: granted_count > 0 (all when VUS ≥ total_count)": (x) =>
+      Number(x.data.granted_count) > 0 && (k.vus < TOTAL_COUNT || Number(x.data.granted_count) === TOTAL_COUNT),
   });
 }

@@ -245,6 +245,17 @@ export class LiveClient {
   private connecting: (() => void) | undefined;
   private lastSend = 0;
   private pushListeners = new Set<(p: Push) => void>();
+  // Pushes that arrived before connect() resolved while no push listener
+  // was registered (a user's waiting pushes come with the hello): held,
+  // neither delivered nor acked, until the app had its turn to call
+  // on("push") after `await connect()` (released one macrotask later).
+  private held: ServerFrame[] | null = [];
+  // onFrames is handling a message of this socket: a close() from a push
+  // handler leaves its closing to onFrames, after the acks of what was
+  // delivered.
+  private inFrames: WebSocketLike | null = null;
+  private closeAfterFrames = false;
+  private tokenTimer: ReturnType<typeof setTimeout> | undefined;
   private stateListeners = new Set<(e: StateEvent) => void>();
   private helloFrame: Hello | undefined;
   private lastClose: { code: number; reason: string } | undefined;
@@ -292,6 +303,7 @@ export class LiveClient {
     for (let i = 0; i < c.urls.length; i++) {
       try {
         await c.attempt("connect", 0);
+        setTimeout(() => c.releaseHeld(), 0);
         return c;
       } catch (e) {
         last = e as Error;
@@ -429,13 +441,20 @@ export class LiveClient {
   private token(reason: TokenReason): Promise<string> {
     if (!this.opts.getToken) return Promise.resolve(this.opts.token!);
     // Bounded like a request: a callback that never settles (a hung fetch)
-    // must not stop the reconnect loop for good.
+    // must not stop the reconnect loop for good. close() clears the timer.
     const ms = this.o.requestTimeoutMs;
     let timer: ReturnType<typeof setTimeout> | undefined;
     const late = new Promise<string>((_, reject) => {
-      timer = setTimeout(() => reject(new Error(`getToken did not answer within ${ms} ms`)), ms);
+      timer = this.tokenTimer = setTimeout(() => reject(new Error(`getToken did not answer within ${ms} ms`)), ms);
     });
     return Promise.race([Promise.resolve(this.opts.getToken(reason)), late]).finally(() => clearTimeout(timer));
+  }
+
+  /** Delivers (and acks) the pushes held until connect() resolved. */
+  private releaseHeld(): void {
+    const held = this.held;
+    this.held = null;
+    if (held && held.length > 0 && this.ws && !this.closed) this.onFrames(this.ws, held);
   }
 
   /** One connection attempt to the current URL: dial, hello, re-join, ready. */
@@ -653,14 +672,20 @@ export class LiveClient {
     this.stopHeartbeat();
     this.wake?.();
     this.connecting?.();
+    clearTimeout(this.tokenTimer);
+    this.held = null;
     const ws = this.ws;
     this.ws = null;
     if (ws) {
       ws.onmessage = ws.onclose = ws.onerror = null;
-      try {
-        ws.close(Close.Normal);
-      } catch {
-        /* already closed */
+      if (this.inFrames === ws) {
+        this.closeAfterFrames = true; // a push handler closed: acks first (onFrames)
+      } else {
+        try {
+          ws.close(Close.Normal);
+        } catch {
+          /* already closed */
+        }
       }
     }
     for (const [, p] of this.pending) {
@@ -763,7 +788,15 @@ export class LiveClient {
   /** Handles the frames of one received message, then acks its pushes in one frame. */
   private onFrames(ws: WebSocketLike, frames: ServerFrame[]): void {
     const acks: string[] = [];
-    for (const x of frames) this.handle(x, acks);
+    this.inFrames = ws;
+    try {
+      for (const x of frames) {
+        if (this.closed) break; // close() from a push handler: nothing more is delivered
+        this.handle(x, acks);
+      }
+    } finally {
+      this.inFrames = null;
+    }
     for (let i = 0; i < acks.length; i += MaxAckMids) {
       const mids = acks.slice(i, i + MaxAckMids);
       try {
@@ -771,7 +804,15 @@ export class LiveClient {
         this.lastSend = Date.now();
         this.stats_.acksSent += mids.length;
       } catch {
-        return; // closing: the connection's unacked pushes die with it
+        break; // closing: the connection's unacked pushes die with it
+      }
+    }
+    if (this.closeAfterFrames) {
+      this.closeAfterFrames = false;
+      try {
+        ws.close(Close.Normal);
+      } catch {
+        /* already closed */
       }
     }
   }
@@ -783,8 +824,12 @@ export class LiveClient {
         this.onReply(f);
         return;
       case "push":
+        if (this.held && this.pushListeners.size === 0) {
+          if (this.held.length < 4096) this.held.push(f); // beyond: not acked, resent by the node
+          return;
+        }
         this.onPush(f);
-        if (f.ack && typeof f.mid === "string") acks.push(f.mid);
+        if (f.ack && typeof f.mid === "string" && f.mid !== "") acks.push(f.mid);
         return;
       case "hello":
         this.helloFrame = f.d;

@@ -387,3 +387,43 @@ test("a push without a mid is delivered (as the Go SDK does), not taken for a du
   assert.deepEqual(c.ev.pushes.map((p) => [p.mid, p.d.text]), [["", "no mid"], ["", "no mid again"]]);
   assert.equal(c.stats.duplicates, 0);
 });
+
+test("pushes that come with the hello reach a listener registered right after `await connect()`, and are acked only then", async () => {
+  const srv = await server((conn) => {
+    answer(conn);
+    conn.send(push("waiting-1", { from: 1, text: "kept for you" }, { room: 0 }));
+    conn.send(push("waiting-2", { from: 1, text: "and this" }, { room: 0 }));
+  });
+  const c = await connect({ urls: srv.url, token: "t" });
+  cleanup.push(async () => c.close());
+  const got = [];
+  c.on("push", (p) => got.push(p.mid));
+  await eventually(() => got.length === 2, 3000, "both waiting pushes");
+  assert.deepEqual(got, ["waiting-1", "waiting-2"]);
+  const acked = () => srv.conns[0].frames.filter((f) => f.t === "ack").flatMap((f) => f.d.mids);
+  await eventually(() => acked().length === 2, 3000, "their acks");
+});
+
+test("close() from a push handler: the rest of the message is not delivered; what was is acked before the socket closes", async () => {
+  const srv = await server((conn) => {
+    answer(conn);
+    setTimeout(() => conn.send({ t: "batch", d: [push("c1", { text: "a" }), push("c2", { text: "b" }), push("c3", { text: "c" })] }), 20);
+  });
+  const got = [];
+  let c;
+  c = await connect({
+    urls: srv.url,
+    token: "t",
+    onPush: (p) => {
+      got.push(p.mid);
+      c.close();
+    },
+  });
+  cleanup.push(async () => c.close());
+  await eventually(() => got.length > 0, 3000, "the first push");
+  const acked = () => srv.conns[0].frames.filter((f) => f.t === "ack").flatMap((f) => f.d.mids);
+  await eventually(() => acked().length === 1, 3000, "its ack");
+  await new Promise((r) => setTimeout(r, 100));
+  assert.deepEqual(got, ["c1"]);
+  assert.deepEqual(acked(), ["c1"]);
+});
