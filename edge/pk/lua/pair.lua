@@ -3,15 +3,19 @@
 -- [2] their expiries (zset id -> unix ms), [3] pending per inviter (hash
 -- inviter -> count), [4] rooms in a contest (hash room -> contest id),
 -- [5] running contests (hash id -> record), [6] the contest's hash.
--- ARGV: [1] mode (invite | accept | decline | start), [2] id, [3] now (unix ms),
--- then per mode:
+-- ARGV: [1] mode (invite | accept | decline | start), [2] id, [3] the caller's
+-- clock (unix ms; unused: expiries go by Redis's clock, the one every node
+-- shares — a node whose clock runs ahead dropped the others' invitations
+-- early and kept its own too long), then per mode:
 --   invite: [4] inviter, [5] room a, [6] room b, [7] ttl ms, [8] invitation json,
 --           [9] max per inviter, [10] max in all
 --   accept: [4] room a, [5] room b, [6] contest record
 --   start:  [4] room a, [5] room b, [6] contest record
 -- Returns {0} done, {1} a room is in a contest, {2} inviter's limit,
 -- {3} the cluster's limit, {4} no such pending invitation.
-local mode, id, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local mode, id = ARGV[1], ARGV[2]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
 local function drop(inv)
   local v = redis.call('HGET', KEYS[1], inv)
