@@ -156,3 +156,29 @@ func TestCreateRateCountedAcrossNodes(t *testing.T) {
 		}
 	}
 }
+
+// An anchor at max_per_anchor whose creates are refused (10409) does not
+// spend the cluster-wide creation rate: once a rain ends, its next create
+// goes through. Before, each refused retry spent a token, and after a few
+// the real create got 10429 for up to a minute.
+func TestRefusedCreatesSpendNoClusterRate(t *testing.T) {
+	rdb := redistest.Start(t).Client(t)
+	c := newClusterLimited(t, limit.NewShared(rdb, "rpnew", DefaultCreatesPerMinute, time.Minute, CreateBurst), "n1")
+	m := c.nodes["n1"]
+	m.svc.cfg.MaxPerAnchor = 1
+	v, err := m.svc.Create(shardAnchor, shardRoom, 100, 10, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 2*CreateBurst; i++ {
+		if _, err := m.svc.Create(shardAnchor, shardRoom, 100, 10, time.Hour); proto.AsError(err).Code != proto.CodeConflict {
+			t.Fatalf("create %d over max_per_anchor: %v, want 10409", i+2, err)
+		}
+	}
+	if _, err := m.svc.Cancel(shardAnchor, v.Code); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.svc.Create(shardAnchor, shardRoom, 100, 10, time.Hour); err != nil {
+		t.Fatalf("the create once the rain is over: %v, want ok (the refused ones spent nothing)", err)
+	}
+}
