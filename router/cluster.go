@@ -650,40 +650,63 @@ func (c *Cluster) history(id int64, ep string, from, to int64) ([]Msg, bool) {
 // the room's epoch changed; asking again will not help.
 var errNotKept = errors.New("router: not in the room's history")
 
-// readHistory is history with the reason of a failure: errNotKept, or a
-// Redis error (worth retrying).
-func (c *Cluster) readHistory(id int64, ep string, from, to int64) ([]Msg, error) {
+// historyRange reads offsets from..to of room id in epoch ep from the
+// shared history (history.lua: errNotKept if the room is in another epoch),
+// with each entry's offset.
+func (c *Cluster) historyRange(id int64, ep string, from, to int64) ([]rueidis.XRangeEntry, []int64, error) {
 	ctx, cancel := c.ctx()
 	defer cancel()
 	entries, err := historyScript.Exec(ctx, c.rdb, []string{epKey(id), histKey(id)},
 		[]string{ep, strconv.FormatInt(from, 10), strconv.FormatInt(to, 10)}).AsXRange()
 	if rueidis.IsRedisNil(err) { // another epoch (or none)
-		return nil, errNotKept
+		return nil, nil, errNotKept
 	}
+	if err != nil {
+		return nil, nil, err
+	}
+	offs := make([]int64, len(entries))
+	for i, e := range entries {
+		off, _, _ := strings.Cut(e.ID, "-")
+		offs[i], _ = strconv.ParseInt(off, 10, 64)
+	}
+	return entries, offs, nil
+}
+
+// historyMsgs encodes history entries (their offsets offs) as room id's
+// pushes of epoch ep.
+func historyMsgs(id int64, ep string, entries []rueidis.XRangeEntry, offs []int64) []Msg {
+	msgs := make([]Msg, 0, len(entries))
+	for i, e := range entries {
+		biz, _ := strconv.Atoi(e.FieldValues["b"])
+		p := proto.Push{Mid: e.FieldValues["m"], Biz: biz, Room: id, Ack: e.FieldValues["a"] == "1",
+			Data: []byte(e.FieldValues["d"]), Off: offs[i], Ep: ep}
+		msgs = append(msgs, encodeMsg(&p))
+	}
+	return msgs
+}
+
+// readHistory is history with the reason of a failure: errNotKept (not all
+// of from..to kept, or its first push older than HistoryTTL), or a Redis
+// error (worth retrying).
+func (c *Cluster) readHistory(id int64, ep string, from, to int64) ([]Msg, error) {
+	entries, offs, err := c.historyRange(id, ep, from, to)
 	if err != nil {
 		return nil, err
 	}
 	if int64(len(entries)) != to-from+1 {
 		return nil, errNotKept
 	}
-	notBefore := time.Now().Add(-c.cfg.HistoryTTL).UnixMilli()
-	msgs := make([]Msg, 0, len(entries))
-	for i, e := range entries {
-		off, _, _ := strings.Cut(e.ID, "-")
-		if o, _ := strconv.ParseInt(off, 10, 64); o != from+int64(i) {
+	for i, o := range offs {
+		if o != from+int64(i) {
 			return nil, errNotKept
 		}
-		if i == 0 {
-			if t, _ := strconv.ParseInt(e.FieldValues["t"], 10, 64); t < notBefore {
-				return nil, errNotKept
-			}
-		}
-		biz, _ := strconv.Atoi(e.FieldValues["b"])
-		p := proto.Push{Mid: e.FieldValues["m"], Biz: biz, Room: id, Ack: e.FieldValues["a"] == "1",
-			Data: []byte(e.FieldValues["d"]), Off: from + int64(i), Ep: ep}
-		msgs = append(msgs, encodeMsg(&p))
 	}
-	return msgs, nil
+	if len(entries) > 0 {
+		if t, _ := strconv.ParseInt(entries[0].FieldValues["t"], 10, 64); t < time.Now().Add(-c.cfg.HistoryTTL).UnixMilli() {
+			return nil, errNotKept
+		}
+	}
+	return historyMsgs(id, ep, entries, offs), nil
 }
 
 // readTail reads what the shared history still has of offsets from..to for
@@ -693,20 +716,9 @@ func (c *Cluster) readHistory(id int64, ep string, from, to int64) ([]Msg, error
 // joins, whose recovered:true must mean "everything since"). errNotKept
 // when nothing is kept (or the epoch changed).
 func (c *Cluster) readTail(id int64, ep string, from, to int64) (int64, []Msg, error) {
-	ctx, cancel := c.ctx()
-	defer cancel()
-	entries, err := historyScript.Exec(ctx, c.rdb, []string{epKey(id), histKey(id)},
-		[]string{ep, strconv.FormatInt(from, 10), strconv.FormatInt(to, 10)}).AsXRange()
-	if rueidis.IsRedisNil(err) {
-		return 0, nil, errNotKept
-	}
+	entries, offs, err := c.historyRange(id, ep, from, to)
 	if err != nil {
 		return 0, nil, err
-	}
-	offs := make([]int64, len(entries))
-	for i, e := range entries {
-		off, _, _ := strings.Cut(e.ID, "-")
-		offs[i], _ = strconv.ParseInt(off, 10, 64)
 	}
 	start := len(entries) - 1
 	for start > 0 && offs[start-1] == offs[start]-1 {
@@ -715,14 +727,7 @@ func (c *Cluster) readTail(id int64, ep string, from, to int64) (int64, []Msg, e
 	if start < 0 || offs[start] < from {
 		return 0, nil, errNotKept
 	}
-	msgs := make([]Msg, 0, len(entries)-start)
-	for i, e := range entries[start:] {
-		biz, _ := strconv.Atoi(e.FieldValues["b"])
-		p := proto.Push{Mid: e.FieldValues["m"], Biz: biz, Room: id, Ack: e.FieldValues["a"] == "1",
-			Data: []byte(e.FieldValues["d"]), Off: offs[start+i], Ep: ep}
-		msgs = append(msgs, encodeMsg(&p))
-	}
-	return offs[start], msgs, nil
+	return offs[start], historyMsgs(id, ep, entries[start:], offs[start:]), nil
 }
 
 // subscribe returns the room's subscription state, starting it if needed:
