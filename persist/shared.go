@@ -806,12 +806,17 @@ func (w *SharedWallet) TellSettledAtOpen() {
 	go func() {
 		defer w.stopped.Done()
 		for _, o := range told {
-			for _, fn := range fns {
-				fn(o.st)
-			}
+			tell(fns, o.st)
 			w.forgetOwed(o.no)
 		}
 	}()
+}
+
+// tell runs every OnSettled listener fns for st.
+func tell(fns []func(Settled), st Settled) {
+	for _, fn := range fns {
+		fn(st)
+	}
 }
 
 // busyKey is a request of Apply: (user, req_id).
@@ -940,9 +945,7 @@ func (w *SharedWallet) retryUnsettled() {
 	go func() {
 		defer w.stopped.Done()
 		for _, st := range told {
-			for _, fn := range fns {
-				fn(st)
-			}
+			tell(fns, st)
 		}
 		finish()
 	}()
