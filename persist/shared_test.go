@@ -170,13 +170,7 @@ func TestSharedSameReqIDAcrossNodes(t *testing.T) {
 // (Settled.AtOpen): its Apply never answered ok — the one finalized before
 // the stop may have, and is not told (its effects are never sent twice).
 func TestSharedCrashPoints(t *testing.T) {
-	rs := redistest.Start(t)
-	dir := t.TempDir()
-	n := startShared(t, rs.Addr, dir, "a", nil)
-	waitReady(t, n)
-	if _, err := n.w.Apply(Op{User: 3, ReqID: "seed", Postings: []Posting{{User: 3, Delta: 100, Reason: ReasonDev}}}); err != nil {
-		t.Fatal(err)
-	}
+	rs, dir, n := seededNode(t)
 	n.w.crashAt = func(p string) bool { return p == "intent" }
 	if _, err := n.w.Apply(Op{User: 3, ReqID: "lost", Postings: []Posting{{User: 3, Delta: -10, Reason: ReasonGift}}}); !errors.Is(err, errCrashed) {
 		t.Fatal(err)
@@ -240,13 +234,7 @@ func TestSharedCrashPoints(t *testing.T) {
 // its businesses were wired — and never again. One whose resolve went
 // through (its Apply answered ok after a lost reply) is never told.
 func TestSharedOwedOpToldOnceAcrossRestarts(t *testing.T) {
-	rs := redistest.Start(t)
-	dir := t.TempDir()
-	n := startShared(t, rs.Addr, dir, "a", nil)
-	waitReady(t, n)
-	if _, err := n.w.Apply(Op{User: 3, ReqID: "seed", Postings: []Posting{{User: 3, Delta: 100, Reason: ReasonDev}}}); err != nil {
-		t.Fatal(err)
-	}
+	rs, dir, n := seededNode(t)
 	told := make(chan Settled, 10)
 	listen := func(n *sharedNode) { n.w.OnSettled(func(st Settled) { told <- st }) }
 	none := func(when string) {
@@ -913,4 +901,18 @@ func TestOnReadyRunsAfterARebuild(t *testing.T) {
 	if c := calls.Load(); c != 1 {
 		t.Fatalf("OnReady ran %d times for one rebuild", c)
 	}
+}
+
+// seededNode starts node "a" (alone) on a fresh Redis and dir, ready, with
+// user 3 credited 100 (req_id "seed").
+func seededNode(t *testing.T) (*redistest.Server, string, *sharedNode) {
+	t.Helper()
+	rs := redistest.Start(t)
+	dir := t.TempDir()
+	n := startShared(t, rs.Addr, dir, "a", nil)
+	waitReady(t, n)
+	if _, err := n.w.Apply(Op{User: 3, ReqID: "seed", Postings: []Posting{{User: 3, Delta: 100, Reason: ReasonDev}}}); err != nil {
+		t.Fatal(err)
+	}
+	return rs, dir, n
 }

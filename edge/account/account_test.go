@@ -73,9 +73,7 @@ func TestSharedSeenByOtherNode(t *testing.T) {
 	if err := a.SetStatus(5, account.StatusFrozen); err == nil || proto.AsError(err).Code != proto.CodeInternal {
 		t.Fatalf("a change while the shared wallet is not ready: %v, want 50000 (retry)", err)
 	}
-	if err := a.Client.Do(context.Background(), a.Client.B().Hset().Key(persist.SharedMetaKey).FieldValue().FieldValue("state", "ready").Build()).Error(); err != nil {
-		t.Fatal(err)
-	}
+	walletReady(t, a.Client)
 	if f, err := b.Frozen(5); err != nil || f {
 		t.Fatalf("initially frozen %v %v", f, err)
 	}
@@ -111,9 +109,7 @@ func TestSharedSeenByOtherNode(t *testing.T) {
 func TestSharedChangesOnDiskLatestLargest(t *testing.T) {
 	srv := redistest.Start(t)
 	rdb := srv.Client(t)
-	if err := rdb.Do(context.Background(), rdb.B().Hset().Key(persist.SharedMetaKey).FieldValue().FieldValue("state", "ready").Build()).Error(); err != nil {
-		t.Fatal(err)
-	}
+	walletReady(t, rdb)
 	open := func() *account.Shared {
 		st, err := persist.Open(t.TempDir())
 		if err != nil {
@@ -173,9 +169,7 @@ func TestSharedBackfillAndLocalReadsSharedRows(t *testing.T) {
 	srv := redistest.Start(t)
 	rdb := srv.Client(t)
 	ctx := context.Background()
-	if err := rdb.Do(ctx, rdb.B().Hset().Key(persist.SharedMetaKey).FieldValue().FieldValue("state", "ready").Build()).Error(); err != nil {
-		t.Fatal(err)
-	}
+	walletReady(t, rdb)
 	dir := t.TempDir()
 	st, err := persist.Open(dir)
 	if err != nil {
@@ -223,5 +217,14 @@ func TestSharedBackfillAndLocalReadsSharedRows(t *testing.T) {
 		if f, err := l.Frozen(user); err != nil || f != want {
 			t.Fatalf("local mode reading user %d: frozen=%v %v, want %v", user, f, err, want)
 		}
+	}
+}
+
+// walletReady marks the shared wallet's generation ready in Redis, as a
+// wallet does once built: status changes are refused before.
+func walletReady(t *testing.T, rdb rueidis.Client) {
+	t.Helper()
+	if err := rdb.Do(context.Background(), rdb.B().Hset().Key(persist.SharedMetaKey).FieldValue().FieldValue("state", "ready").Build()).Error(); err != nil {
+		t.Fatal(err)
 	}
 }
