@@ -331,7 +331,9 @@ var LiveClient = class _LiveClient {
       const fail = (e) => {
         clearTimeout(timer);
         this.connecting = void 0;
-        ws.onmessage = ws.onclose = ws.onerror = null;
+        ws.onmessage = ws.onclose = null;
+        ws.onerror = () => {
+        };
         reject(e);
       };
       this.connecting = () => {
@@ -504,7 +506,9 @@ var LiveClient = class _LiveClient {
     const ws = this.ws;
     this.ws = null;
     if (ws) {
-      ws.onmessage = ws.onclose = ws.onerror = null;
+      ws.onmessage = ws.onclose = null;
+      ws.onerror = () => {
+      };
       if (this.inFrames === ws) {
         this.closeAfterFrames = true;
       } else {

@@ -480,7 +480,10 @@ export class LiveClient {
       const fail = (e: Error) => {
         clearTimeout(timer);
         this.connecting = undefined;
-        ws.onmessage = ws.onclose = ws.onerror = null;
+        ws.onmessage = ws.onclose = null;
+        // Not null: closing a socket still connecting makes Node's ws emit
+        // an error, which with no listener is an uncaught exception.
+        ws.onerror = () => {};
         reject(e);
       };
       // close() while this socket waits for its hello: closed at once, its
@@ -677,7 +680,8 @@ export class LiveClient {
     const ws = this.ws;
     this.ws = null;
     if (ws) {
-      ws.onmessage = ws.onclose = ws.onerror = null;
+      ws.onmessage = ws.onclose = null;
+      ws.onerror = () => {}; // see attempt's fail
       if (this.inFrames === ws) {
         this.closeAfterFrames = true; // a push handler closed: acks first (onFrames)
       } else {
