@@ -101,6 +101,14 @@ func TestBigRoomFanoutSharedAmongWorkers(t *testing.T) {
 	if len(seen) != members {
 		t.Fatalf("%d sessions visited, want %d", len(seen), members)
 	}
+	// The counters are added once a frame's whole fan-out returns, a little
+	// after the sinks saw it (direct before fanned): wait until they cover
+	// every frame handed out.
+	frames := int64(0)
+	for _, s := range sinks {
+		frames += int64(s.frames)
+	}
+	waitFor(t, func() bool { st := l.Stats(); return st.FramesFanned >= frames })
 	if st := l.Stats(); st.SessionsGone != 0 || st.FramesDirect != st.FramesFanned {
 		t.Fatalf("sessions gone %d; frames written directly %d of %d", st.SessionsGone, st.FramesDirect, st.FramesFanned)
 	}
