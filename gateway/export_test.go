@@ -1,6 +1,9 @@
 package gateway
 
-import "github.com/liveedge/liveedge/router"
+import (
+	"github.com/liveedge/liveedge/gateway/proto"
+	"github.com/liveedge/liveedge/router"
+)
 
 // ConnUsers is the number of users holding a connection slot (the per-user
 // count map's size), for tests that check the map stays bounded.
@@ -61,4 +64,18 @@ func (s *Server) PanicOnFrame(t string) {
 			panic("a handler bug (test)")
 		}
 	}
+}
+
+// FailChatClaims makes every chat claim of s fail with perr after the
+// chat's rate was checked, as a cluster's Redis that stopped answering
+// between the two would. Set before any connection.
+func (s *Server) FailChatClaims(perr *proto.Error) { s.chatOnce = failingClaims{s.chatOnce, perr} }
+
+type failingClaims struct {
+	chatOnce
+	perr *proto.Error
+}
+
+func (f failingClaims) claim(int64, string) (string, func(string), *proto.Error) {
+	return "", nil, f.perr
 }

@@ -209,7 +209,8 @@ func (s *Server) chatMsg(c *Conn, f *proto.ClientFrame) (any, *proto.Error) {
 	// several): one Redis call, beside the sequencer's that the chat makes
 	// anyway; Redis not answering is "retry", as the chat itself would be
 	// (and spends none of the user's rate).
-	if perr := limit.Both(s.chat, s.chatShared, uint64(c.ident.UserID), proto.ErrRateLimited, s.log); perr != nil {
+	spent, perr := limit.Take(s.chat, s.chatShared, uint64(c.ident.UserID), proto.ErrRateLimited, s.log)
+	if perr != nil {
 		return nil, perr
 	}
 	d, merr := proto.Marshal(proto.ChatPush{From: c.ident.UserID, Text: r.Text})
@@ -220,6 +221,7 @@ func (s *Server) chatMsg(c *Conn, f *proto.ClientFrame) (any, *proto.Error) {
 	if r.ReqID != "" {
 		mid, st, perr := s.chatOnce.claim(c.ident.UserID, r.ReqID)
 		if perr != nil {
+			spent.GiveBack() // nothing sent (Redis did not answer, or 10409): no rate spent
 			return nil, perr
 		}
 		if mid != "" {

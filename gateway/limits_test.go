@@ -310,3 +310,31 @@ func TestFrameHandlerPanicClosesOnlyItsConnection(t *testing.T) {
 		t.Fatalf("the other connection's ping: %+v", f)
 	}
 }
+
+// A chat whose req_id claim fails after its rate was checked (a cluster's
+// Redis that stops answering between the two) sent nothing and spends none
+// of the user's rate (protocol.md: a Redis failure spends none): the next
+// chat goes out at once. Before, it was 10429 until the rate refilled.
+func TestChatNotSentSpendsNoRate(t *testing.T) {
+	cfg := nodetest.Config(t)
+	cfg.Limits.ChatPerSecond = 1 // one a second, no burst
+	n := nodetest.Start(t, cfg)
+	n.WS.FailChatClaims(proto.Errorf(proto.CodeInternal, "temporarily unavailable, retry"))
+	room := nodetest.OpenRoom(t, n, 1, 3)
+	c := sdkDial(t, n, 10, nil, nil)
+	ctx := context.Background()
+	if _, err := c.Join(ctx, room); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 3 {
+		if _, err := c.ChatOnce(ctx, room, "hi", fmt.Sprintf("r%d", i)); proto.AsError(err) == nil || proto.AsError(err).Code != proto.CodeInternal {
+			t.Fatalf("claim %d failing: %v, want 50000", i, err)
+		}
+	}
+	if _, err := c.Chat(ctx, room, "after"); err != nil {
+		t.Fatalf("a chat after the ones not sent: %v, want sent (no rate spent)", err)
+	}
+	if _, err := c.Chat(ctx, room, "again"); proto.AsError(err) == nil || proto.AsError(err).Code != proto.CodeRateLimited {
+		t.Fatalf("a second chat within the second: %v, want 10429 (the rate still holds)", err)
+	}
+}

@@ -344,6 +344,7 @@ func (s *Service) send(sender int64, inRoom bool, r Req, done func(Reply, *sendE
 	}
 	amount := g.Price * int64(r.Count)
 	var contest string
+	var spent limit.Spent // the rate event, given back when nothing was debited
 	op := persist.Op{
 		User:  sender,
 		ReqID: "gift:" + r.ReqID,
@@ -368,7 +369,8 @@ func (s *Service) send(sender int64, inRoom bool, r Req, done func(Reply, *sendE
 			if err := s.checkFrozen(sender, r.ReceiverID); err != nil {
 				return refusal{err}
 			}
-			switch perr := limit.Both(s.limit, s.shared, uint64(sender), proto.ErrRateLimited, s.log); {
+			var perr *proto.Error
+			switch spent, perr = limit.Take(s.limit, s.shared, uint64(sender), proto.ErrRateLimited, s.log); {
 			case perr == proto.ErrRateLimited:
 				return errRateLimited
 			case perr != nil: // Redis did not answer: nothing moved, retry
@@ -396,6 +398,7 @@ func (s *Service) send(sender int64, inRoom bool, r Req, done func(Reply, *sendE
 				e = fail(proto.CodeRateLimited, "too many gifts, slow down")
 			case errors.Is(err, persist.ErrWalletUnavailable):
 				e = fail(proto.CodeInternal, "wallet temporarily unavailable, nothing was debited; retry with the same req_id")
+				spent.GiveBack() // an outage spends none of the sender's rate
 			case errors.Is(err, persist.ErrInProgress):
 				e = fail(proto.CodeConflict, "a gift with this req_id is still being processed; retry with the same req_id")
 			default:

@@ -89,13 +89,43 @@ var errUnchecked = proto.Errorf(proto.CodeInternal, "could not check a rate limi
 // rate. A refusal across the cluster keeps the local event (it throttles a
 // flood before it reaches Redis).
 func Both(local *Keyed, shared *Shared, key uint64, refused *proto.Error, log *slog.Logger) *proto.Error {
+	_, perr := Take(local, shared, key, refused, log)
+	return perr
+}
+
+// Take is Both, and the event it recorded on the node: a step after the
+// rate that fails on a dependency (Redis, the wallet) with nothing done
+// gives it back (Spent.GiveBack), as Both does for its own Redis call.
+func Take(local *Keyed, shared *Shared, key uint64, refused *proto.Error, log *slog.Logger) (Spent, *proto.Error) {
 	ok, recorded := local.allow(key)
 	if !ok {
-		return refused
+		return Spent{}, refused
 	}
 	perr := shared.Check(key, refused, log)
 	if perr != nil && perr != refused {
 		local.undo(key, recorded)
 	}
-	return perr
+	if perr != nil {
+		return Spent{}, perr
+	}
+	return Spent{k: local, key: key, at: recorded}, nil
+}
+
+// Spent is one event Take recorded on the node (the zero Spent: none).
+// The cluster-wide count keeps it: giving it back there would be another
+// Redis call just after one failed (protocol.md: "spends none of the node's
+// count").
+type Spent struct {
+	k   *Keyed
+	key uint64
+	at  int64
+}
+
+// GiveBack returns the event to the node's count, once; an event already
+// drained (its interval passed) gives nothing back.
+func (s *Spent) GiveBack() {
+	if s.k != nil {
+		s.k.undo(s.key, s.at)
+		s.k = nil
+	}
 }

@@ -101,3 +101,28 @@ func TestBothGivesBackTheLocalEventWhenRedisDoesNotAnswer(t *testing.T) {
 		t.Fatal("undoing a drained event gave back a later one")
 	}
 }
+
+// Take's Spent gives its event back once, however often GiveBack is called;
+// a refused or unchecked Take has nothing to give back.
+func TestTakeGivesBackItsEventOnce(t *testing.T) {
+	local := New(2, time.Hour, 2, nil) // two an hour
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	refused := proto.Errorf(proto.CodeRateLimited, "slow down")
+	a, perr := Take(local, nil, 1, refused, log)
+	if perr != nil {
+		t.Fatal(perr)
+	}
+	if _, perr := Take(local, nil, 1, refused, log); perr != nil {
+		t.Fatal(perr)
+	}
+	none, perr := Take(local, nil, 1, refused, log)
+	if perr != refused {
+		t.Fatalf("third: %v, want refused", perr)
+	}
+	none.GiveBack() // nothing recorded: gives nothing
+	a.GiveBack()
+	a.GiveBack() // once only
+	if !local.Allow(1) || local.Allow(1) {
+		t.Fatal("GiveBack did not give back exactly one event")
+	}
+}

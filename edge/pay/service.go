@@ -595,13 +595,17 @@ func (s *Service) CreateOrder(user int64, r CreateReq) (Order, error) {
 		release()
 		return Order{}, s.tooManyOpen
 	}
-	if perr := limit.Both(s.createLimit, s.cfg.SharedCreates, uint64(user), s.tooMany, s.cfg.Log); perr != nil {
+	spent, perr := limit.Take(s.createLimit, s.cfg.SharedCreates, uint64(user), s.tooMany, s.cfg.Log)
+	if perr != nil {
 		release()
 		return Order{}, perr
 	}
 	// Last: a refusal above leaves no place to give back. (Check drops a
 	// place whose Take's reply was lost itself.)
 	if perr := s.cfg.SharedOpen.Check(uint64(user), item, s.openHold(), s.tooManyOpen); perr != nil {
+		if perr != s.tooManyOpen {
+			spent.GiveBack() // Redis did not answer: no order, no rate spent
+		}
 		release()
 		return Order{}, perr
 	}
