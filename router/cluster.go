@@ -265,7 +265,8 @@ func NewCluster(cfg ClusterConfig) (*Cluster, error) {
 		return nil, err
 	}
 	c.heartbeat(true)
-	c.wg.Add(3)
+	c.wg.Add(4)
+	go c.heartbeatLoop()
 	go c.presenceLoop()
 	go c.sweepLoop()
 	go c.keeper()
@@ -1553,20 +1554,34 @@ func (c *Cluster) markAll() {
 	c.dirtyMu.Unlock()
 }
 
-func (c *Cluster) presenceLoop() {
+// heartbeatLoop refreshes the alive key every third of PresenceTTL, on a
+// goroutine of its own: a big flush (a start, the 6 h rewrite) on a slow
+// Redis takes many pipelines and must not hold it back past the TTL (the
+// other nodes would take this one for dead and drop its entries).
+func (c *Cluster) heartbeatLoop() {
 	defer c.wg.Done()
-	t := time.NewTicker(presenceEvery)
+	t := time.NewTicker(max(c.cfg.PresenceTTL/3, time.Millisecond))
 	defer t.Stop()
-	beat, rewrite := time.Now(), time.Now()
 	for {
 		select {
 		case <-c.stop:
 			return
 		case <-t.C:
 		}
-		if time.Since(beat) >= c.cfg.PresenceTTL/3 {
-			c.heartbeat(false)
-			beat = time.Now()
+		c.heartbeat(false)
+	}
+}
+
+func (c *Cluster) presenceLoop() {
+	defer c.wg.Done()
+	t := time.NewTicker(presenceEvery)
+	defer t.Stop()
+	rewrite := time.Now()
+	for {
+		select {
+		case <-c.stop:
+			return
+		case <-t.C:
 		}
 		if time.Since(rewrite) >= presenceRewrite {
 			c.markAll() // keeps the hashes' expiry ahead
@@ -1634,6 +1649,11 @@ func (c *Cluster) flushPresence() {
 			}
 		}
 		cmds = cmds[n:]
+		select {
+		case <-c.stop: // Close withdraws every entry of this node anyway
+			return
+		default:
+		}
 	}
 }
 

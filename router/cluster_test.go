@@ -211,6 +211,39 @@ func TestPresenceOfAUserWhoLeftRetriedAfterAFailedFlush(t *testing.T) {
 	}
 }
 
+// A big presence flush on a slow Redis (here 16 pipelines of deletes, each
+// held 300 ms on the wire: ~5 s) does not hold the heartbeat back: the
+// alive key never lapses (TTL 1.5 s), so the other nodes never take this
+// node for dead and drop its entries. Before, the heartbeat ran on the
+// flush's goroutine and waited for the whole flush: the key expired.
+func TestHeartbeatNotHeldBackByABigPresenceFlush(t *testing.T) {
+	env := clusterEnv{nats: natstest.Start(t), redis: redistest.Start(t)}
+	px := redistest.StartProxy(t, env.redis.Addr)
+	a := newCluster(t, clusterEnv{nats: env.nats, redis: env.redis, via: px.Addr}, "a", ClusterConfig{PresenceTTL: 1500 * time.Millisecond})
+	direct := env.redis.Client(t)
+	px.Slow("HDEL", 300*time.Millisecond)
+	defer px.Slow("", 0)
+	for u := range 8000 { // users whose sessions left: two deletes each
+		a.markUser(int64(u + 1))
+	}
+	ctx := context.Background()
+	for end := time.Now().Add(4 * time.Second); time.Now().Before(end); time.Sleep(20 * time.Millisecond) {
+		n, err := direct.Do(ctx, direct.B().Exists().Key(aliveKey("a")).Build()).AsInt64()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if n == 0 {
+			t.Fatal("the alive key lapsed during a big presence flush")
+		}
+	}
+	a.dirtyMu.Lock()
+	left := len(a.dirtyUsers)
+	a.dirtyMu.Unlock()
+	if left != 0 {
+		t.Fatalf("%d users left marked: the flush was not taken", left)
+	}
+}
+
 // A hole this node cannot read (its Redis unreachable) while the room goes
 // on through NATS: what it buffers past the hole is bounded — beyond twice
 // maxGapBuffer the hole is given up (counted lost) and the buffer

@@ -24,6 +24,8 @@ type Proxy struct {
 	pattern     []byte        // armed: lose the reply of the first command containing it
 	refuseFor   time.Duration // and then refuse connections this long
 	fired       int
+	slow        []byte        // every client write containing it waits slowFor
+	slowFor     time.Duration // before it is passed on (a slow network, an overloaded Redis)
 	wg          sync.WaitGroup
 }
 
@@ -49,6 +51,18 @@ func StartProxy(tb testing.TB, target string) *Proxy {
 func (p *Proxy) LoseReply(pattern string, refuse time.Duration) {
 	p.mu.Lock()
 	p.pattern, p.refuseFor = []byte(pattern), refuse
+	p.mu.Unlock()
+}
+
+// Slow holds every client write that contains pattern d before passing it
+// on, until Slow("", 0): a Redis (or network) slow for those commands. The
+// writes behind a held one on its connection wait too, as on a real socket.
+func (p *Proxy) Slow(pattern string, d time.Duration) {
+	p.mu.Lock()
+	p.slow, p.slowFor = []byte(pattern), d
+	if pattern == "" {
+		p.slow = nil
+	}
 	p.mu.Unlock()
 }
 
@@ -123,7 +137,12 @@ func (p *Proxy) clientToServer(c, s net.Conn) {
 			p.fired++
 			p.refuseUntil = time.Now().Add(p.refuseFor)
 		}
+		var wait time.Duration
+		if p.slow != nil && bytes.Contains(buf[:n], p.slow) {
+			wait = p.slowFor
+		}
 		p.mu.Unlock()
+		time.Sleep(wait)
 		if hit {
 			// The client's side goes first, so the reply has nowhere to go;
 			// the server's side stays open until Redis has answered (it has
