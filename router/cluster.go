@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -514,9 +515,15 @@ func (c *Cluster) sequence(id int64, sr *seqRoom) {
 		sr.mu.Unlock()
 		c.mu.Unlock()
 
-		b, err := c.number(id, items)
+		// A batch with the room's final push is numbered within
+		// closeGrace/2, retries included (retryFinal).
+		var until time.Time
+		if slices.ContainsFunc(items, func(it seqItem) bool { return it.closing }) {
+			until = time.Now().Add(closeGrace / 2)
+		}
+		b, err := c.numberBy(id, items, until)
 		if err != nil && b.closing {
-			items, b, err = c.retryFinal(id, items, err)
+			items, b, err = c.retryFinal(id, items, err, until)
 		}
 		if err != nil {
 			err = fmt.Errorf("%w: %w", ErrUnavailable, err)
@@ -552,14 +559,15 @@ func (c *Cluster) sequence(id int64, sr *seqRoom) {
 	}
 }
 
-// retryFinal numbers the room's final push again, a few times within
-// closeGrace/2 (1.5 s), after numbering its batch failed with err: every
+// retryFinal numbers the room's final push again, a few times until until
+// (closeGrace/2 after the first attempt began), after numbering its batch
+// failed with err: every
 // other node's viewers learn the room closed only from it (without it they
 // are dropped by the backstop, untold). The batch's other pushes are
 // answered err now. If a lost reply hid a script that ran, the final push is
 // in the history twice (same mid): a viewer may get it twice, never zero
 // times while Redis comes back in time.
-func (c *Cluster) retryFinal(id int64, items []seqItem, err error) ([]seqItem, roomBatch, error) {
+func (c *Cluster) retryFinal(id int64, items []seqItem, err error, until time.Time) ([]seqItem, roomBatch, error) {
 	var final []seqItem
 	for _, it := range items {
 		switch {
@@ -570,9 +578,8 @@ func (c *Cluster) retryFinal(id int64, items []seqItem, err error) ([]seqItem, r
 		}
 	}
 	b := roomBatch{closing: true}
-	// No attempt starts after half the other nodes' backstop (closeGrace):
-	// a Redis that hangs costs CallTimeout per attempt, not one per wait.
-	until := time.Now().Add(closeGrace / 2)
+	// No attempt starts, or lasts, after half the other nodes' backstop
+	// (closeGrace): a Redis that hangs cuts the attempt under way then.
 	for wait := 100 * time.Millisecond; err != nil; wait *= 2 {
 		if time.Now().Add(wait).After(until) {
 			break
@@ -582,7 +589,7 @@ func (c *Cluster) retryFinal(id int64, items []seqItem, err error) ([]seqItem, r
 			return final, b, err
 		case <-time.After(wait):
 		}
-		b, err = c.number(id, final)
+		b, err = c.numberBy(id, final, until)
 	}
 	return final, b, err
 }
@@ -590,6 +597,12 @@ func (c *Cluster) retryFinal(id int64, items []seqItem, err error) ([]seqItem, r
 // number runs the sequence script for items and encodes them with their
 // offsets.
 func (c *Cluster) number(id int64, items []seqItem) (roomBatch, error) {
+	return c.numberBy(id, items, time.Time{})
+}
+
+// numberBy is number with its Redis call cut at until as well (zero: only
+// CallTimeout).
+func (c *Cluster) numberBy(id int64, items []seqItem, until time.Time) (roomBatch, error) {
 	// What this node has received of the room: Redis's counter below it in
 	// the same epoch lost data (the script starts a new epoch then).
 	var ep string
@@ -612,6 +625,11 @@ func (c *Cluster) number(id int64, items []seqItem) (roomBatch, error) {
 	}
 	ctx, cancel := c.ctx()
 	defer cancel()
+	if !until.IsZero() {
+		var cut context.CancelFunc
+		ctx, cut = context.WithDeadline(ctx, until)
+		defer cut()
+	}
 	arr, err := sequenceScript.Exec(ctx, c.rdb, []string{seqKey(id), epKey(id), histKey(id)}, args).ToArray()
 	if err != nil {
 		return roomBatch{closing: closing}, err

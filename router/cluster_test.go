@@ -297,6 +297,27 @@ func TestRoomFinalPushRetriedWhenNumberingFails(t *testing.T) {
 	waitFor(t, func() bool { return px.Fired() == 1 && b.local.room(1) == nil })
 }
 
+// A Redis that hangs (every numbering held 3 s on the wire, CallTimeout
+// 2 s) while the room's final push is numbered: the node gives up within
+// closeGrace/2 of the first attempt and closes its room, the attempt under
+// way cut then. Before, the first attempt took CallTimeout, and the retry
+// started 100 ms later took CallTimeout more: ~4.1 s, past the other nodes'
+// backstop.
+func TestRoomFinalPushGivenUpWithinHalfTheGrace(t *testing.T) {
+	env := clusterEnv{nats: natstest.Start(t), redis: redistest.Start(t)}
+	px := redistest.StartProxy(t, env.redis.Addr)
+	a := newCluster(t, clusterEnv{nats: env.nats, redis: env.redis, via: px.Addr}, "a", ClusterConfig{CallTimeout: 2 * time.Second})
+	a.OpenRoom(1)
+	px.Slow(seqKey(1), 3*time.Second)
+	defer px.Slow("", 0)
+	start := time.Now()
+	a.CloseRoom(1, &proto.Push{Biz: 5559, Data: []byte(`{"room_id":1}`)})
+	waitFor(t, func() bool { return a.local.room(1) == nil })
+	if took := time.Since(start); took > closeGrace/2+500*time.Millisecond {
+		t.Fatalf("the final push given up after %v, want within %v", took, closeGrace/2)
+	}
+}
+
 // A batch of an older epoch that arrives late — buffered by a publisher's
 // NATS connection while it was away, flushed after the room's history
 // expired and a new epoch began — must not silence the room here. The node
