@@ -37,6 +37,11 @@ type Client struct {
 	// come before the join's reply, and its position is kept here (else the
 	// reply's older position made the next push look like a gap).
 	joining map[int64]*roomPos
+	// left are the rooms Leave left on this connection (not joined since):
+	// a push of one, fanned out before the leave took effect, is dropped.
+	// Rooms joined with a raw Request are neither here nor in rooms: their
+	// pushes pass. At most maxLeft; cleared at each (re)connect.
+	left    map[int64]struct{}
 	urlIdx  int       // index in cfg.urls of the current (or last) connection
 	upSince time.Time // when the current (or last) connection became active
 	// shortLived counts the connections in a row that ended within
@@ -64,7 +69,7 @@ type Client struct {
 	wg sync.WaitGroup // every goroutine but the dispatcher
 
 	stats struct {
-		reconnects, pushes, delivered, dups, offDups, acks, requests atomic.Int64
+		reconnects, pushes, delivered, dups, offDups, notJoined, acks, requests atomic.Int64
 	}
 }
 
@@ -283,6 +288,7 @@ func (c *Client) Stats() Stats {
 		PushesDelivered:  c.stats.delivered.Load(),
 		Duplicates:       c.stats.dups.Load(),
 		OffsetDuplicates: c.stats.offDups.Load(),
+		NotJoined:        c.stats.notJoined.Load(),
 		AcksSent:         c.stats.acks.Load(),
 		Requests:         c.stats.requests.Load(),
 	}
@@ -295,8 +301,27 @@ func (c *Client) Stats() Stats {
 // the client reconnects. A request in flight when the connection drops fails
 // with ErrDisconnected and is not resent.
 func (c *Client) Request(ctx context.Context, typ string, d any) ([]byte, error) {
+	if typ == proto.TypeJoin {
+		// A room joined raw after Leave: its pushes are the app's again.
+		var r proto.RoomReq
+		switch v := d.(type) {
+		case proto.RoomReq:
+			r = v
+		case *proto.RoomReq:
+			r = *v
+		case []byte:
+			_ = proto.Unmarshal(v, &r)
+		}
+		c.mu.Lock()
+		delete(c.left, r.RoomID)
+		c.mu.Unlock()
+	}
 	return c.request(ctx, typ, d, nil)
 }
+
+// maxLeft bounds Client.left (rooms left on one connection); beyond it the
+// set starts again empty (a push of a room left earlier then passes).
+const maxLeft = 4096
 
 func (c *Client) request(ctx context.Context, typ string, d any, onOK func(d []byte)) ([]byte, error) {
 	if _, ok := ctx.Deadline(); !ok {
@@ -363,6 +388,7 @@ func (c *Client) JoinInfo(ctx context.Context, roomID int64) (JoinResult, error)
 	var jr joinReply
 	var perr error
 	c.mu.Lock()
+	delete(c.left, roomID)
 	early := c.joining[roomID]
 	if early == nil && c.rooms[roomID] == nil {
 		early = &roomPos{}
@@ -413,6 +439,10 @@ func (c *Client) JoinInfo(ctx context.Context, roomID int64) (JoinResult, error)
 func (c *Client) Leave(ctx context.Context, roomID int64) error {
 	c.mu.Lock()
 	delete(c.rooms, roomID)
+	if c.left == nil || len(c.left) >= maxLeft {
+		c.left = map[int64]struct{}{}
+	}
+	c.left[roomID] = struct{}{}
 	c.mu.Unlock()
 	_, err := c.request(ctx, proto.TypeLeave, proto.RoomReq{RoomID: roomID}, nil)
 	return err
@@ -547,6 +577,7 @@ func (c *Client) connect(ctx context.Context, i int) (*session, error) {
 // unusable (the caller closes it).
 func (c *Client) activate(s *session, attempt, i int) error {
 	c.mu.Lock()
+	c.left = nil // a new connection is in no room it was not re-joined to
 	rooms := c.roomsLocked()
 	sinces := make([]*proto.Position, len(rooms))
 	for k, r := range rooms {

@@ -376,6 +376,45 @@ func TestPushBeforeJoinReplyIsNoGap(t *testing.T) {
 	}
 }
 
+// A room push that arrives after the room's leave reply (the node fanned it
+// out before the leave took effect) is not the app's: dropped, acked if
+// reliable, counted; a re-join's pushes are delivered again, and so are
+// those of a room joined with a raw Request. Before, the late push was
+// delivered after Leave returned.
+func TestPushAfterLeaveNotDelivered(t *testing.T) {
+	ts, r, c := numberedRooms(t)
+	ctx := context.Background()
+	if _, err := c.Join(ctx, 5); err != nil {
+		t.Fatal(err)
+	}
+	tc := ts.conn(0)
+	tc.send(t, offPush("m11", false, 5, 11, "e1", "11"))
+	waitFor(t, 5*time.Second, "m11", func() bool { return r.hasMid("m11") })
+	ts.mu.Lock()
+	ts.afterLeave[5] = [][]byte{offPush("m12", true, 5, 12, "e1", "12, after the leave")}
+	ts.pos[5] = proto.Position{Off: 12, Ep: "e1"}
+	ts.mu.Unlock()
+	if err := c.Leave(ctx, 5); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 5*time.Second, "the late push acked", func() bool { return ts.ackCount("m12") == 1 })
+	if _, err := c.Join(ctx, 5); err != nil {
+		t.Fatal(err)
+	}
+	tc.send(t, offPush("m13", false, 5, 13, "e1", "13, joined again"))
+	if _, err := c.Request(ctx, proto.TypeJoin, proto.RoomReq{RoomID: 9}); err != nil {
+		t.Fatal(err)
+	}
+	tc.send(t, offPush("x1", false, 9, 1, "e9", "a raw-joined room's"))
+	waitFor(t, 5*time.Second, "x1", func() bool { return r.hasMid("x1") })
+	if got := r.mids(); !slices.Equal(got, []string{"m11", "m13", "x1"}) {
+		t.Fatalf("delivered %v, want m11 m13 x1 (not the push after the leave)", got)
+	}
+	if n := c.Stats().NotJoined; n != 1 {
+		t.Fatalf("NotJoined %d, want 1", n)
+	}
+}
+
 // A re-join that could not recover, whose room's live push reached the
 // client before the reply (a new epoch), is reported once: by the push's
 // gap — not again by the reply.

@@ -28,18 +28,19 @@ type tServer struct {
 	delay      atomic.Int64 // nanoseconds to hold each upgrade (simulates a slow node)
 	kick       atomic.Int32 // a close code sent right after hello (0: none)
 
-	mu        sync.Mutex
-	conns     []*tConn
-	ackFrames [][]string
-	joins     []tJoin
-	refuse    map[int64]bool           // join of these rooms replies 10004
-	flaky     map[int64]int            // the next joins of these rooms (this many) reply 50000
-	pos       map[int64]proto.Position // the room position a join reply gives (off/ep; none when absent)
-	lost      map[int64]bool           // a join with since of these rooms replies recovered:false
-	replay    map[int64][][]byte       // frames sent before the reply to a recovered join with since
-	before    map[int64][][]byte       // frames sent before the reply to a join without since (pushes racing it)
-	typeCount map[string]int
-	echoes    sync.WaitGroup
+	mu         sync.Mutex
+	conns      []*tConn
+	ackFrames  [][]string
+	joins      []tJoin
+	refuse     map[int64]bool           // join of these rooms replies 10004
+	flaky      map[int64]int            // the next joins of these rooms (this many) reply 50000
+	pos        map[int64]proto.Position // the room position a join reply gives (off/ep; none when absent)
+	lost       map[int64]bool           // a join with since of these rooms replies recovered:false
+	replay     map[int64][][]byte       // frames sent before the reply to a recovered join with since
+	before     map[int64][][]byte       // frames sent before the reply to a join without since (pushes racing it)
+	afterLeave map[int64][][]byte       // frames sent right after the reply to a leave (a fan-out under way)
+	typeCount  map[string]int
+	echoes     sync.WaitGroup
 }
 
 type tJoin struct {
@@ -57,7 +58,7 @@ type tConn struct {
 
 func newTServer(t *testing.T) *tServer {
 	ts := &tServer{t: t, heartbeatS: 30, refuse: map[int64]bool{}, flaky: map[int64]int{}, pos: map[int64]proto.Position{},
-		lost: map[int64]bool{}, replay: map[int64][][]byte{}, before: map[int64][][]byte{}, typeCount: map[string]int{}}
+		lost: map[int64]bool{}, replay: map[int64][][]byte{}, before: map[int64][][]byte{}, afterLeave: map[int64][][]byte{}, typeCount: map[string]int{}}
 	ts.token.Store("good")
 	ts.up = gws.NewUpgrader(ts, &gws.ServerOption{})
 	ts.hs = httptest.NewServer(ts)
@@ -147,6 +148,12 @@ func (ts *tServer) OnMessage(ws *gws.Conn, m *gws.Message) {
 		}
 		if f.T == proto.TypeLeave {
 			reply(proto.EncodeReply(f.ID, 0, "", nil))
+			ts.mu.Lock()
+			late := ts.afterLeave[rr.RoomID]
+			ts.mu.Unlock()
+			for _, b := range late {
+				reply(b)
+			}
 			return
 		}
 		ts.mu.Lock()

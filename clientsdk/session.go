@@ -320,7 +320,15 @@ func (s *session) handle(f *proto.ServerFrame, acks []string) []string {
 		c.stats.pushes.Add(1)
 		reliable := f.Ack && f.Mid != ""
 		if f.Room != 0 && f.Off > 0 {
-			deliver, gap, prev := c.advance(f.Room, f.Off, f.Ep)
+			deliver, gap, prev, joined := c.advance(f.Room, f.Off, f.Ep)
+			if !joined {
+				// The room was left: a push the node
+				// fanned out before the leave took effect is not the app's
+				// any more — a re-join with a since of its own would see
+				// it twice.
+				c.stats.notJoined.Add(1)
+				return c.dupAck(acks, f.Mid, reliable)
+			}
 			if !deliver {
 				c.stats.offDups.Add(1)
 				return c.dupAck(acks, f.Mid, reliable)
@@ -370,27 +378,29 @@ func (s *session) handle(f *proto.ServerFrame, acks []string) []string {
 // advance is the offset guard of a joined room's push at (off, ep): false
 // when the room already saw off or a later offset in the same epoch (a
 // replay overlapping what was delivered), else it moves the room's position
-// to the push's. A push of a room not (yet) in the joined set passes.
+// to the push's. A push of a room not (yet) in the joined set passes
+// (joined with a raw Request), unless Leave left it: joined false.
 // gap: the push is not the next one after the position known (an offset
 // skipped in the same epoch, or another epoch) — pushes were missed; prev is
 // that position then.
-func (c *Client) advance(room, off int64, ep string) (deliver, gap bool, prev proto.Position) {
+func (c *Client) advance(room, off int64, ep string) (deliver, gap bool, prev proto.Position, joined bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	p := c.rooms[room]
 	if p == nil {
 		if p = c.joining[room]; p == nil {
-			return true, false, prev
+			_, left := c.left[room]
+			return !left, false, prev, !left
 		}
 	}
 	if p.known && ep == p.ep && off <= p.off {
-		return false, false, prev
+		return false, false, prev, true
 	}
 	fresh := p.off == 0 && p.ep == "" // numbered, nothing pushed yet: any epoch starts at 1
 	gap = p.known && !(fresh && off == 1) && (ep != p.ep || off > p.off+1)
 	prev = proto.Position{Off: p.off, Ep: p.ep}
 	p.off, p.ep, p.known = off, ep, true
-	return true, gap, prev
+	return true, gap, prev, true
 }
 
 type ackFrame struct {

@@ -142,6 +142,10 @@ type Stats struct {
 	// not after the last one seen in the room in the same epoch (a replay
 	// overlapping what was delivered; acked again if ack:true).
 	OffsetDuplicates int64
-	AcksSent         int64 // mids acknowledged
-	Requests         int64 // request frames written
+	// NotJoined counts room pushes dropped because their room is not joined
+	// here: one the node fanned out before the leave took effect, arriving
+	// after Leave (acked if ack:true).
+	NotJoined int64
+	AcksSent  int64 // mids acknowledged
+	Requests  int64 // request frames written
 }

@@ -103,6 +103,7 @@ var Dedup = class {
   }
 };
 var OPEN = 1;
+var MaxLeft = 4096;
 var STABLE_AFTER_MS = 3e4;
 var LiveClient = class _LiveClient {
   constructor(opts) {
@@ -127,6 +128,12 @@ var LiveClient = class _LiveClient {
      * position made the next push look like a gap).
      */
     this.joining = /* @__PURE__ */ new Map();
+    /**
+     * Rooms leave() left on this connection (not joined since): a push of one, fanned out before
+     * the leave took effect, is dropped. Rooms joined with a raw request() are in neither set: their
+     * pushes pass. At most MaxLeft; cleared at each (re)connect.
+     */
+    this.left = /* @__PURE__ */ new Set();
     this.lastSend = 0;
     this.pushListeners = /* @__PURE__ */ new Set();
     // Pushes that arrived before connect() resolved while no push listener
@@ -146,6 +153,7 @@ var LiveClient = class _LiveClient {
       pushesDelivered: 0,
       duplicates: 0,
       offsetDuplicates: 0,
+      notJoined: 0,
       acksSent: 0,
       requests: 0
     };
@@ -212,6 +220,10 @@ var LiveClient = class _LiveClient {
     return new Map([...this.rooms].map(([r, s]) => [r, s.since]));
   }
   async request(type, data, o) {
+    if (type === "join") {
+      const room = data?.room_id;
+      if (typeof room === "number") this.left.delete(room);
+    }
     const timeout = o?.timeout ?? this.o.requestTimeoutMs;
     const deadline = Date.now() + timeout;
     for (; ; ) {
@@ -222,6 +234,7 @@ var LiveClient = class _LiveClient {
   }
   /** Joins a room; it is re-joined after every reconnect until leave(). */
   async join(roomId, o) {
+    this.left.delete(roomId);
     let early = this.joining.get(roomId);
     const mine = !early && !this.rooms.has(roomId);
     if (mine) {
@@ -244,6 +257,8 @@ var LiveClient = class _LiveClient {
   }
   async leave(roomId, o) {
     this.rooms.delete(roomId);
+    if (this.left.size >= MaxLeft) this.left.clear();
+    this.left.add(roomId);
     await this.request("leave", { room_id: roomId }, o);
   }
   /**
@@ -366,6 +381,7 @@ var LiveClient = class _LiveClient {
         const hello2 = frames[i].d;
         this.helloFrame = hello2;
         this.ws = ws;
+        this.left.clear();
         this.lastSend = Date.now();
         ws.onmessage = (e) => this.onMessage(ws, e.data);
         ws.onclose = (e) => this.dropped(ws, e.code, e.reason);
@@ -666,6 +682,10 @@ var LiveClient = class _LiveClient {
     const numbered = typeof f.off === "number" && f.off > 0 && !!f.room;
     if (numbered) {
       const st = this.rooms.get(f.room) ?? this.joining.get(f.room);
+      if (!st && this.left.has(f.room)) {
+        this.stats_.notJoined++;
+        return;
+      }
       if (st) {
         const off = f.off;
         const ep = f.ep ?? "";

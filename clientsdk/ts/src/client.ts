@@ -170,6 +170,11 @@ export interface Stats {
   duplicates: number;
   /** Numbered room pushes dropped by the offset guard (at or before the room's position). */
   offsetDuplicates: number;
+  /**
+   * Room pushes dropped because leave() left their room (the node fanned them out before the
+   * leave took effect; acked if ack:true).
+   */
+  notJoined: number;
   acksSent: number;
   requests: number;
 }
@@ -208,6 +213,9 @@ interface Waiter {
 const OPEN = 1;
 
 
+/** Bounds Client.left (rooms left on one connection); beyond it the set starts again empty. */
+const MaxLeft = 4096;
+
 /** How long a connection must last for its reconnect to start the backoff afresh. */
 const STABLE_AFTER_MS = 30_000;
 
@@ -237,6 +245,12 @@ export class LiveClient {
    * position made the next push look like a gap).
    */
   private joining = new Map<number, RoomState>();
+  /**
+   * Rooms leave() left on this connection (not joined since): a push of one, fanned out before
+   * the leave took effect, is dropped. Rooms joined with a raw request() are in neither set: their
+   * pushes pass. At most MaxLeft; cleared at each (re)connect.
+   */
+  private left = new Set<number>();
   private dedup: Dedup;
   private hb: ReturnType<typeof setInterval> | undefined;
   /** Ends the reconnect back-off's wait (close()). */
@@ -265,6 +279,7 @@ export class LiveClient {
     pushesDelivered: 0,
     duplicates: 0,
     offsetDuplicates: 0,
+    notJoined: 0,
     acksSent: 0,
     requests: 0,
   };
@@ -347,6 +362,11 @@ export class LiveClient {
   request<T extends keyof Requests>(type: T, data: Requests[T][0], o?: { timeout?: number }): Promise<Requests[T][1]>;
   request(type: string, data: unknown, o?: { timeout?: number }): Promise<unknown>;
   async request(type: string, data: unknown, o?: { timeout?: number }): Promise<unknown> {
+    if (type === "join") {
+      // A room joined raw after leave(): its pushes are the app's again.
+      const room = (data as { room_id?: unknown } | null)?.room_id;
+      if (typeof room === "number") this.left.delete(room);
+    }
     const timeout = o?.timeout ?? this.o.requestTimeoutMs;
     const deadline = Date.now() + timeout;
     for (;;) {
@@ -360,6 +380,7 @@ export class LiveClient {
 
   /** Joins a room; it is re-joined after every reconnect until leave(). */
   async join(roomId: number, o?: { timeout?: number }): Promise<JoinReply> {
+    this.left.delete(roomId);
     let early = this.joining.get(roomId);
     const mine = !early && !this.rooms.has(roomId);
     if (mine) {
@@ -382,6 +403,8 @@ export class LiveClient {
   }
   async leave(roomId: number, o?: { timeout?: number }): Promise<void> {
     this.rooms.delete(roomId);
+    if (this.left.size >= MaxLeft) this.left.clear();
+    this.left.add(roomId);
     await this.request("leave", { room_id: roomId }, o);
   }
   /**
@@ -522,6 +545,7 @@ export class LiveClient {
         // that follow the hello in the same read are dispatched at once.
         this.helloFrame = hello;
         this.ws = ws;
+        this.left.clear(); // a new connection is in no room it was not re-joined to
         this.lastSend = Date.now();
         ws.onmessage = (e) => this.onMessage(ws, e.data);
         ws.onclose = (e) => this.dropped(ws, e.code, e.reason);
@@ -855,6 +879,13 @@ export class LiveClient {
     const numbered = typeof f.off === "number" && f.off > 0 && !!f.room;
     if (numbered) {
       const st = this.rooms.get(f.room) ?? this.joining.get(f.room);
+      if (!st && this.left.has(f.room)) {
+        // The room was left: a push the node fanned out before the leave
+        // took effect is not the app's any more (a re-join with a since of
+        // its own would see it twice). Acked if reliable (handle).
+        this.stats_.notJoined++;
+        return;
+      }
       if (st) {
         const off = f.off!;
         const ep = f.ep ?? "";

@@ -427,3 +427,27 @@ test("close() from a push handler: the rest of the message is not delivered; wha
   assert.deepEqual(got, ["c1"]);
   assert.deepEqual(acked(), ["c1"]);
 });
+
+test("a room push after leave()'s reply is dropped (acked), counted; a re-join's and a raw join's pushes are delivered", async () => {
+  const srv = await server((conn) => {
+    conn.onFrame = (f) => {
+      if (f.t === "ack") return;
+      const d = f.t === "join" ? { room_id: f.d.room_id, online: 1, off: 10, ep: "e1" } : {};
+      conn.send({ t: "reply", id: f.id, code: 0, msg: "ok", d });
+      // A fan-out under way when the leave took effect: its push follows the reply.
+      if (f.t === "leave") conn.send(push("late", { from: 1, text: "late" }, { off: 11, ep: "e1" }));
+    };
+  });
+  const c = await collect({ urls: srv.url, token: "t" });
+  await c.join(9);
+  await c.leave(9);
+  const acked = () => srv.conns[0].frames.filter((f) => f.t === "ack").flatMap((f) => f.d.mids);
+  await eventually(() => acked().includes("late"), 3000, "the late push acked");
+  await c.join(9);
+  srv.conns[0].send(push("again", { from: 1, text: "joined again" }, { off: 12, ep: "e1" }));
+  await c.request("join", { room_id: 5 });
+  srv.conns[0].send(push("raw", { from: 1, text: "raw" }, { room: 5, off: 1, ep: "e5" }));
+  await eventually(() => c.ev.pushes.length === 2, 3000, "2 pushes");
+  assert.deepEqual(c.ev.pushes.map((p) => p.mid), ["again", "raw"]);
+  assert.equal(c.stats.notJoined, 1);
+});
