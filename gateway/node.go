@@ -208,13 +208,7 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 		// with the wallet from every node's disk.
 		statuses := &account.Shared{Client: n.Redis, Store: n.Store}
 		n.Accounts = statuses
-		bctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-		if k, err := statuses.Backfill(bctx); err != nil {
-			log.Warn("account statuses not copied to this node's disk yet (next start tries again)", "err", err)
-		} else if k > 0 {
-			log.Info("account statuses copied to this node's disk", "statuses", k)
-		}
-		cancel()
+		backfill(log, "account statuses", statuses.Backfill)
 		wcfg := persist.SharedConfig{Node: cfg.Node.ID, Nodes: cfg.Wallet.Nodes, Log: log, Contribute: statuses.Contribute}
 		if n.Cluster != nil {
 			// Granted and used through any node, once cluster-wide (coupon
@@ -235,13 +229,7 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 				}
 				return nil
 			}
-			bctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-			if k, err := coupons.Backfill(bctx); err != nil {
-				log.Warn("coupons not copied to this node's disk yet (next start tries again)", "err", err)
-			} else if k > 0 {
-				log.Info("coupons copied to this node's disk (once)", "coupons", k)
-			}
-			cancel()
+			backfill(log, "coupons", coupons.Backfill)
 		}
 		n.shared, err = persist.NewSharedWallet(n.Store, n.Redis, wcfg)
 		if err != nil {
@@ -854,4 +842,17 @@ func (a roomAudience) CanReceive(roomID, user int64) bool {
 		return true
 	}
 	return a.router.UserInRoom(roomID, user)
+}
+
+// backfill copies what Redis holds of what (account statuses, coupons) to
+// this node's disk at a start, within a minute; a failure is logged and the
+// next start tries again.
+func backfill(log *slog.Logger, what string, copy func(context.Context) (int, error)) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if k, err := copy(ctx); err != nil {
+		log.Warn(what+" not copied to this node's disk yet (next start tries again)", "err", err)
+	} else if k > 0 {
+		log.Info(what+" copied to this node's disk", "count", k)
+	}
 }
