@@ -2,6 +2,7 @@ package clientsdk
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -303,20 +304,37 @@ func (c *Client) Stats() Stats {
 func (c *Client) Request(ctx context.Context, typ string, d any) ([]byte, error) {
 	if typ == proto.TypeJoin {
 		// A room joined raw after Leave: its pushes are the app's again.
-		var r proto.RoomReq
-		switch v := d.(type) {
-		case proto.RoomReq:
-			r = v
-		case *proto.RoomReq:
-			r = *v
-		case []byte:
-			_ = proto.Unmarshal(v, &r)
+		if room, ok := roomOf(d); ok {
+			c.mu.Lock()
+			delete(c.left, room)
+			c.mu.Unlock()
 		}
-		c.mu.Lock()
-		delete(c.left, r.RoomID)
-		c.mu.Unlock()
 	}
 	return c.request(ctx, typ, d, nil)
+}
+
+// roomOf is the room_id of a request's d, whatever form the app gave it in
+// (encoded as the request would be).
+func roomOf(d any) (int64, bool) {
+	var b []byte
+	switch v := d.(type) {
+	case proto.RoomReq:
+		return v.RoomID, true
+	case []byte:
+		b = v
+	case json.RawMessage:
+		b = v
+	default:
+		var err error
+		if b, err = proto.Marshal(d); err != nil {
+			return 0, false
+		}
+	}
+	var r proto.RoomReq
+	if proto.Unmarshal(b, &r) != nil {
+		return 0, false
+	}
+	return r.RoomID, true
 }
 
 // maxLeft bounds Client.left (rooms left on one connection); beyond it the

@@ -2,7 +2,9 @@ package clientsdk
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
+	"fmt"
 	"net"
 	"slices"
 	"strings"
@@ -407,8 +409,20 @@ func TestPushAfterLeaveNotDelivered(t *testing.T) {
 	}
 	tc.send(t, offPush("x1", false, 9, 1, "e9", "a raw-joined room's"))
 	waitFor(t, 5*time.Second, "x1", func() bool { return r.hasMid("x1") })
-	if got := r.mids(); !slices.Equal(got, []string{"m11", "m13", "x1"}) {
-		t.Fatalf("delivered %v, want m11 m13 x1 (not the push after the leave)", got)
+	// Left, then joined raw in any form the request takes: its pushes pass.
+	for i, d := range []any{json.RawMessage(`{"room_id":9}`), map[string]any{"room_id": 9}, []byte(`{"room_id":9}`), &proto.RoomReq{RoomID: 9}} {
+		if err := c.Leave(ctx, 9); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := c.Request(ctx, proto.TypeJoin, d); err != nil {
+			t.Fatal(err)
+		}
+		mid := fmt.Sprintf("y%d", i)
+		tc.send(t, offPush(mid, false, 9, int64(2+i), "e9", "joined raw again"))
+		waitFor(t, 5*time.Second, mid, func() bool { return r.hasMid(mid) })
+	}
+	if got := r.mids(); !slices.Equal(got, []string{"m11", "m13", "x1", "y0", "y1", "y2", "y3"}) {
+		t.Fatalf("delivered %v, want m11 m13 x1 y0..y3 (not the push after the leave)", got)
 	}
 	if n := c.Stats().NotJoined; n != 1 {
 		t.Fatalf("NotJoined %d, want 1", n)

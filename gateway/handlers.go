@@ -225,7 +225,8 @@ func (s *Server) chatMsg(c *Conn, f *proto.ClientFrame) (any, *proto.Error) {
 			return nil, perr
 		}
 		if mid != "" {
-			return chatReply{Mid: mid}, nil // sent meanwhile
+			spent.GiveBack() // sent meanwhile, by the first request: this one sent nothing
+			return chatReply{Mid: mid}, nil
 		}
 		settle = st
 	}

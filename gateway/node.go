@@ -208,7 +208,7 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 		// with the wallet from every node's disk.
 		statuses := &account.Shared{Client: n.Redis, Store: n.Store}
 		n.Accounts = statuses
-		backfill(log, "account statuses", statuses.Backfill)
+		backfill(log, "account statuses", "statuses", "", statuses.Backfill)
 		wcfg := persist.SharedConfig{Node: cfg.Node.ID, Nodes: cfg.Wallet.Nodes, Log: log, Contribute: statuses.Contribute}
 		if n.Cluster != nil {
 			// Granted and used through any node, once cluster-wide (coupon
@@ -229,7 +229,7 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 				}
 				return nil
 			}
-			backfill(log, "coupons", coupons.Backfill)
+			backfill(log, "coupons", "coupons", " (once)", coupons.Backfill)
 		}
 		n.shared, err = persist.NewSharedWallet(n.Store, n.Redis, wcfg)
 		if err != nil {
@@ -847,12 +847,12 @@ func (a roomAudience) CanReceive(roomID, user int64) bool {
 // backfill copies what Redis holds of what (account statuses, coupons) to
 // this node's disk at a start, within a minute; a failure is logged and the
 // next start tries again.
-func backfill(log *slog.Logger, what string, copy func(context.Context) (int, error)) {
+func backfill(log *slog.Logger, what, attr, note string, fill func(context.Context) (int, error)) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	if k, err := copy(ctx); err != nil {
+	if k, err := fill(ctx); err != nil {
 		log.Warn(what+" not copied to this node's disk yet (next start tries again)", "err", err)
 	} else if k > 0 {
-		log.Info(what+" copied to this node's disk", "count", k)
+		log.Info(what+" copied to this node's disk"+note, attr, k)
 	}
 }

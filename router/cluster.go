@@ -515,15 +515,16 @@ func (c *Cluster) sequence(id int64, sr *seqRoom) {
 		sr.mu.Unlock()
 		c.mu.Unlock()
 
-		// A batch with the room's final push is numbered within
-		// closeGrace/2, retries included (retryFinal).
-		var until time.Time
+		// A batch with the room's final push: retries start within
+		// closeGrace/2 of the first attempt, and every attempt ends by
+		// finalCut, before the other nodes' backstop (retryFinal).
+		var start time.Time
 		if slices.ContainsFunc(items, func(it seqItem) bool { return it.closing }) {
-			until = time.Now().Add(closeGrace / 2)
+			start = time.Now()
 		}
-		b, err := c.numberBy(id, items, until)
+		b, err := c.numberBy(id, items, cutAt(start))
 		if err != nil && b.closing {
-			items, b, err = c.retryFinal(id, items, err, until)
+			items, b, err = c.retryFinal(id, items, err, start)
 		}
 		if err != nil {
 			err = fmt.Errorf("%w: %w", ErrUnavailable, err)
@@ -559,15 +560,28 @@ func (c *Cluster) sequence(id int64, sr *seqRoom) {
 	}
 }
 
-// retryFinal numbers the room's final push again, a few times until until
-// (closeGrace/2 after the first attempt began), after numbering its batch
-// failed with err: every
+// finalCut is when, after its first attempt began, the numbering of a room's
+// final push is given up: 0.5 s before the other nodes' backstop
+// (closeGrace) closes the room without it.
+const finalCut = closeGrace - 500*time.Millisecond
+
+// cutAt is the deadline of a final push's attempt (zero start: none).
+func cutAt(start time.Time) time.Time {
+	if start.IsZero() {
+		return start
+	}
+	return start.Add(finalCut)
+}
+
+// retryFinal numbers the room's final push again, a few times within
+// closeGrace/2 of start (its first attempt), each attempt ending by
+// start+finalCut, after numbering its batch failed with err: every
 // other node's viewers learn the room closed only from it (without it they
 // are dropped by the backstop, untold). The batch's other pushes are
 // answered err now. If a lost reply hid a script that ran, the final push is
 // in the history twice (same mid): a viewer may get it twice, never zero
 // times while Redis comes back in time.
-func (c *Cluster) retryFinal(id int64, items []seqItem, err error, until time.Time) ([]seqItem, roomBatch, error) {
+func (c *Cluster) retryFinal(id int64, items []seqItem, err error, start time.Time) ([]seqItem, roomBatch, error) {
 	var final []seqItem
 	for _, it := range items {
 		switch {
@@ -578,8 +592,9 @@ func (c *Cluster) retryFinal(id int64, items []seqItem, err error, until time.Ti
 		}
 	}
 	b := roomBatch{closing: true}
-	// No attempt starts, or lasts, after half the other nodes' backstop
-	// (closeGrace): a Redis that hangs cuts the attempt under way then.
+	// No attempt starts after half the other nodes' backstop (closeGrace),
+	// so each has at least a second; none lasts past finalCut.
+	until := start.Add(closeGrace / 2)
 	for wait := 100 * time.Millisecond; err != nil; wait *= 2 {
 		if time.Now().Add(wait).After(until) {
 			break
@@ -589,7 +604,7 @@ func (c *Cluster) retryFinal(id int64, items []seqItem, err error, until time.Ti
 			return final, b, err
 		case <-time.After(wait):
 		}
-		b, err = c.numberBy(id, final, until)
+		b, err = c.numberBy(id, final, cutAt(start))
 	}
 	return final, b, err
 }
@@ -1578,7 +1593,7 @@ func (c *Cluster) markAll() {
 // other nodes would take this one for dead and drop its entries).
 func (c *Cluster) heartbeatLoop() {
 	defer c.wg.Done()
-	t := time.NewTicker(max(c.cfg.PresenceTTL/3, time.Millisecond))
+	t := time.NewTicker(max(c.cfg.PresenceTTL/3, 10*time.Millisecond))
 	defer t.Stop()
 	for {
 		select {
@@ -1668,7 +1683,7 @@ func (c *Cluster) flushPresence() {
 		}
 		cmds = cmds[n:]
 		select {
-		case <-c.stop: // Close withdraws every entry of this node anyway
+		case <-c.stop: // Close deletes the alive key: what is left here stops counting
 			return
 		default:
 		}
