@@ -35,10 +35,21 @@ func (n *Node) nextProgramID() func(last int64) (int64, error) {
 	}
 	w := int64(n.worker.ID())
 	return func(last int64) (int64, error) {
+		if !n.worker.Held() {
+			// Cut off from Redis past the lease: a node started meanwhile
+			// may hold this worker id and make the same ids (as order ids).
+			return 0, errWorkerNotHeld
+		}
 		t := max(last>>programWorkerBits+1, time.Now().UnixMilli()-programEpoch.UnixMilli())
 		return t<<programWorkerBits | w, nil
 	}
 }
+
+var errWorkerNotHeld = proto.Errorf(proto.CodeInternal, "this node cannot make ids right now (its worker lease is not held), retry")
+
+// errTicketNotAnswered answers a ticket order placed or cancelled through
+// another node that did not answer in time: it may have been done there.
+var errTicketNotAnswered = proto.Errorf(proto.CodeInternal, "the program's node did not answer in time; it may have been done: retry with the same req_id")
 
 // errProgramOwnerDown answers a program this node's worker id names but an
 // earlier holder of the id made (its node is elsewhere, or down).
@@ -103,6 +114,11 @@ func (n *Node) ticketOp(op string, user, id int64, body []byte) ([]byte, *proto.
 	}
 	rep, err := n.forwardPay(owner, payFwdReq{Op: op, User: user, ID: id, Body: body})
 	if err != nil {
+		if op == "tix.place" || op == "tix.cancel" {
+			// Unanswered is not "nothing done": a retry must carry the
+			// same req_id (a new one may buy twice).
+			return nil, errTicketNotAnswered
+		}
 		return nil, proto.AsError(err)
 	}
 	return rep.Data, rep.Err

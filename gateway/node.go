@@ -337,16 +337,6 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 	if err = n.newRedPackets(); err != nil {
 		return nil, err
 	}
-	if n.Cluster != nil {
-		if err = n.servePayForwards(); err != nil {
-			return nil, err
-		}
-		if n.shardedRains() {
-			if err = n.serveRedPacketShards(); err != nil {
-				return nil, err
-			}
-		}
-	}
 	var cstore ticket.CouponStore
 	var places *limit.Shared
 	if coupons != nil {
@@ -361,6 +351,20 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 		return nil, err
 	}
 	n.Pay.RegisterBusiness(ticket.Biz, n.Tickets) // paid events of ticket orders go to the ticket service
+	if n.Cluster != nil {
+		// Only now: a forwarded ticket op, or a ticket order's paid event,
+		// needs the ticket service (its start reads every order and settles
+		// interrupted sagas: seconds, while the other nodes already forward
+		// here again under this node's worker id).
+		if err = n.servePayForwards(); err != nil {
+			return nil, err
+		}
+		if n.shardedRains() {
+			if err = n.serveRedPacketShards(); err != nil {
+				return nil, err
+			}
+		}
+	}
 	if n.shared != nil {
 		// Ops the crash before this start left on their way and that ran:
 		// their gifts' effects and credits' pushes, before any retry.

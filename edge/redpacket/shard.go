@@ -793,6 +793,15 @@ func (s *Service) closeHolders(r *rain) ([]NodeSplit, error) {
 	}
 	wg.Wait()
 	for i, err := range errs {
+		if err != nil && hs[i].out == 0 && hs[i].base == 0 {
+			// It has nothing out: it asked for a lease when none was left
+			// (or gave every packet back), so it granted nothing of this
+			// rain. Gone (scaled down, renamed), it must not hold the
+			// settlement — and the anchor's refund — for ever.
+			s.log.Info("red packet holder with nothing out not closed, settled without it", "code", code, "node", hs[i].node, "err", err)
+			out[i] = NodeSplit{Node: hs[i].node}
+			continue
+		}
 		if err != nil {
 			return nil, errors.New("holder " + hs[i].node + " not closed: " + err.Error())
 		}

@@ -401,3 +401,33 @@ func TestReopenedRainReachesHolders(t *testing.T) {
 		t.Fatalf("finished %+v, want the one packet granted", v)
 	}
 }
+
+// A node that asked for a lease when none could be given (the pool empty,
+// the only other holder unreachable) and then went for good has nothing
+// out: the rain settles without it once the real holder is back. Before,
+// every settlement asked it to close and failed: the anchor's refund and
+// the room's next rain waited for ever.
+func TestGoneHolderWithNothingOutDoesNotBlockTheSettlement(t *testing.T) {
+	c := newCluster(t, "n1", "n2", "n3")
+	const count, total = 100, 10_000
+	code := c.rain(t, "n1", total, count, time.Second)
+	if _, perr := c.grab("n2", "n1", 1, code); perr != nil { // n2 leases its slice
+		t.Fatal(perr)
+	}
+	c.takePool(t, code, 1000) // the owner's viewers take its pool
+	m2 := c.kill("n2")
+	if _, perr := c.grab("n3", "n1", 5000, code); perr == nil {
+		t.Fatal("n3 granted a packet with the pool empty and n2 unreachable")
+	}
+	m3 := c.kill("n3") // gone: it never had a packet
+	c.start(t, "n2", m2.dir)
+	deadline := time.Now().Add(15 * time.Second)
+	for v, _ := c.svc("n1").Get(code); v.State != StateFinished; v, _ = c.svc("n1").Get(code) {
+		if time.Now().After(deadline) {
+			t.Fatalf("not settled with n3 gone: %+v", v)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	c.start(t, "n3", m3.dir) // for the conservation check: its disk has no grant
+	c.conserve(t, "n1", code, total)
+}
