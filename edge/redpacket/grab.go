@@ -5,6 +5,7 @@ import (
 	"errors"
 	"hash/maphash"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/liveedge/liveedge/gateway/proto"
@@ -221,10 +222,30 @@ func (s *Service) applyGrant(user int64, code string, p Packet, done func(persis
 		}
 		done(res, err, op)
 		if err == nil && !res.Replayed {
-			d, _ := proto.Marshal(CreditPush{Balance: res.Balances[0], Delta: p.Amount, Reason: persist.ReasonRedPacket})
-			s.router.SendUser(user, proto.Push{Biz: proto.BizWalletCredit, Data: d, Ack: true})
+			s.creditPush(op, res)
 		}
 	})
+}
+
+// creditPush sends biz 5570 for op, a grant or a refund whose credit res
+// moved (the op's first posting).
+func (s *Service) creditPush(op persist.Op, res persist.Result) {
+	if len(op.Postings) == 0 || len(res.Balances) == 0 || op.Postings[0].Delta <= 0 {
+		return
+	}
+	p := op.Postings[0]
+	d, _ := proto.Marshal(CreditPush{Balance: res.Balances[0], Delta: p.Delta, Reason: p.Reason})
+	s.router.SendUser(p.User, proto.Push{Biz: proto.BizWalletCredit, Data: d, Ack: true})
+}
+
+// onSettled sends the 5570 of a grant or refund of this service answered in
+// doubt (or not answered, before a restart: AtOpen) that the wallet then
+// found ran.
+func (s *Service) onSettled(st persist.Settled) {
+	if !st.Ran || !(strings.HasPrefix(st.ReqID, "rp:") || strings.HasPrefix(st.ReqID, "rp-end:")) {
+		return
+	}
+	s.creditPush(persist.Op{Postings: st.Postings}, st.Result)
 }
 
 // grabFailed undoes a grab's reservation; empty: the pool had nothing left,

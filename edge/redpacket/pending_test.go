@@ -5,6 +5,7 @@ import (
 	"io"
 	"log/slog"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -587,5 +588,89 @@ func TestPrepareRateUncheckedIsRetry(t *testing.T) {
 	}
 	if v, err := n.svc.Get(code); err != nil || v.State != StateWait {
 		t.Fatalf("rain after the refused prepare: %+v %v, want WAIT", v, err)
+	}
+}
+
+// asyncLate is lateWallet for the grants too (they go through ApplyAsync).
+type asyncLate struct{ *lateWallet }
+
+func (w asyncLate) ApplyAsync(op persist.Op, done func(persist.Result, error)) {
+	res, err := w.Apply(op)
+	done(res, err)
+}
+
+// pushSink records the pushes sent to one user.
+type pushSink struct {
+	user int64
+	mu   sync.Mutex
+	got  []string
+}
+
+func (s *pushSink) ID() uint64    { return 1 }
+func (s *pushSink) UserID() int64 { return s.user }
+func (s *pushSink) Send(f *router.Frame) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, m := range f.Msgs {
+		s.got = append(s.got, string(m.Bytes))
+	}
+	return true
+}
+
+func (s *pushSink) credits() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var c []string
+	for _, g := range s.got {
+		if strings.Contains(g, `"biz":5570`) {
+			c = append(c, g)
+		}
+	}
+	return c
+}
+
+// A grant answered in doubt (the grabber got 50000) that the settlement's
+// re-apply then runs: the grabber is credited and gets its 5570 once.
+// Before, the re-apply's result was dropped: credited, never told.
+func TestGrantInDoubtLandingAtTheSettlementIsPushed(t *testing.T) {
+	n := newPendingNode(t)
+	w := asyncLate{&lateWallet{Ledger: n.l, prefix: "rp:"}}
+	rt := router.NewLocal("n1", router.LocalConfig{})
+	rt.OpenRoom(shardRoom)
+	sink := &pushSink{user: 42}
+	rt.Register(sink)
+	svc, err := New(n.st, w, rt, Config{Node: "n1", CodeTag: -1,
+		AnchorOf: func(int64) (int64, bool) { return shardAnchor, true },
+		InRoom:   func(room, user int64) bool { return room == shardRoom },
+	}, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	n.svc = svc
+	code := n.create(t, 1000, 10)
+	if _, err := svc.Prepare(shardAnchor, code); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := svc.Start(shardAnchor, code); err != nil {
+		t.Fatal(err)
+	}
+	if _, perr := svc.Grab(42, code); perr == nil || w.held == nil {
+		t.Fatalf("grab: %v, want it in doubt", perr)
+	}
+	for u := int64(100); ; u++ { // the others take the rest: the rain ends
+		if _, perr := svc.Grab(u, code); perr != nil {
+			break
+		}
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for len(sink.credits()) == 0 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	time.Sleep(100 * time.Millisecond) // a second one would come meanwhile
+	if c := sink.credits(); len(c) != 1 {
+		t.Fatalf("user 42 got %d credit pushes %q, want 1 (its grant landed at the settlement)", len(c), c)
+	}
+	if bal, _ := n.l.Balance(42); bal <= 0 {
+		t.Fatalf("user 42's balance %d: the grant did not land", bal)
 	}
 }

@@ -62,7 +62,11 @@ func (s *Service) settle(r *rain) {
 	r.mu.Unlock()
 	var err error
 	for len(doubt) > 0 && err == nil {
-		if _, err = s.wallet.Apply(doubt[0]); err == nil {
+		var res persist.Result
+		if res, err = s.wallet.Apply(doubt[0]); err == nil {
+			if !res.Replayed { // it runs only now: nothing was sent for it
+				s.creditPush(doubt[0], res)
+			}
 			doubt = doubt[1:]
 		}
 	}
@@ -184,8 +188,7 @@ func (s *Service) settleOnce(rec record, others []NodeSplit) (record, error) {
 		s.log.Warn("red packet record not moved", "code", rec.Code, "err", err) // restore moves it
 	}
 	if fin.Refunded > 0 && !res.Replayed {
-		d, _ := proto.Marshal(CreditPush{Balance: res.Balances[0], Delta: fin.Refunded, Reason: persist.ReasonRefund})
-		s.router.SendUser(rec.Anchor, proto.Push{Biz: proto.BizWalletCredit, Data: d, Ack: true})
+		s.creditPush(op, res)
 	}
 	return fin, nil
 }
