@@ -264,3 +264,43 @@ func BenchmarkTicketPlaceDurable_512Buyers(b *testing.B) {
 	b.ReportMetric(float64(p99.Microseconds()), "p99_µs")
 	b.ReportMetric(float64(cpu.Nanoseconds())/float64(b.N)/1e3, "cpu_µs/order")
 }
+
+// The timeout sweep after a flash sale: 2,000 unpaid orders (one seat each,
+// placed within a second) fall due together; CloseExpired closes them all
+// (each: the ticket order and its pay order, two fsynced writes) and the
+// seats are free again. Reported: closes/s.
+//
+//	go test -run '^$' -bench CloseExpired -benchtime 1x ./edge/ticket/
+func BenchmarkCloseExpired_2000(b *testing.B) {
+	const orders = 2000
+	for i := 0; i < b.N; i++ {
+		b.StopTimer()
+		e := newEnv(b, Config{})
+		prog := e.program([]CategoryDef{{ID: 1, Name: "A", Price: 100, Rows: 40, Cols: orders / 40}}, 1, 1)
+		var wg sync.WaitGroup
+		for g := range 32 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for u := g; u < orders; u += 32 {
+					if _, err := e.svc.Place(int64(1000+u), PlaceReq{ProgramID: prog, CategoryID: 1, Count: 1, ReqID: "r"}); err != nil {
+						b.Error(err)
+						return
+					}
+				}
+			}()
+		}
+		wg.Wait()
+		e.clock.advance(time.Hour)
+		b.StartTimer()
+		start := time.Now()
+		closed := e.svc.CloseExpired()
+		took := time.Since(start)
+		b.StopTimer()
+		if free, locked, sold := e.counts(prog); closed != orders || free != orders || locked != 0 || sold != 0 {
+			b.Fatalf("closed %d; free %d locked %d sold %d", closed, free, locked, sold)
+		}
+		b.ReportMetric(float64(orders)/took.Seconds(), "closes/s")
+		e.close()
+	}
+}

@@ -332,6 +332,10 @@ const (
 	doubtWaitMin   = 2 * time.Second
 	doubtWaitMax   = time.Minute
 	doubtsPerSweep = 16
+	// stuckPerSweep bounds the stuck sagas (in doubt or not) one sweep
+	// resumes; it stops at the first that fails again (its store or
+	// wallet is failing: each would wait for a timeout).
+	stuckPerSweep = 32
 )
 
 func (s *Service) debitInDoubt(id int64) bool {
@@ -372,8 +376,10 @@ func (s *Service) debitDoubtful(id int64, err error) bool {
 }
 
 // resumeStuck retries the settlement of a saga a storage error stopped.
-func (s *Service) resumeStuck(id int64) {
-	if err := s.recoverSaga(id); err != nil {
+func (s *Service) resumeStuck(id int64) error {
+	err := s.recoverSaga(id)
+	if err != nil {
 		s.cfg.Log.Error("ticket: resume saga", "order", id, "err", err)
 	}
+	return err
 }
