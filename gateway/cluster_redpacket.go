@@ -41,6 +41,11 @@ func (n *Node) rainOwner(code string) (string, error) {
 	if !ok {
 		return "", nil
 	}
+	if n.RedPackets != nil && n.RedPackets.Owns(code) {
+		// Made here under a worker id this node no longer holds (it came
+		// back under another): its anchor can still start or cancel it here.
+		return "", nil
+	}
 	return n.workerOwner(tag)
 }
 

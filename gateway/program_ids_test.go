@@ -102,3 +102,37 @@ func replyCodes(t *testing.T, r *nodetest.Raw, first int64, n, code int) int {
 	}
 	return k
 }
+
+// A node that comes back under another worker id (its old one taken, or
+// set so) still serves the rains it made before: its anchor cancels a
+// prepared rain through it and gets the total back. Before, the rain's code
+// named the old worker id, whose lease nobody held: 50000 "unreachable",
+// the anchor's coins held by a rain no node would serve.
+func TestRainOfAnEarlierWorkerIDServedByItsNode(t *testing.T) {
+	rds, nats := redistest.Start(t), natstest.Start(t)
+	cfg := clusterNodeConfig(t, "gw-1", []string{"gw-1"}, rds, nats)
+	cfg.Pay.WorkerID = 3
+	n1 := nodetest.Start(t, cfg)
+	const anchor = 1
+	room := nodetest.OpenRoom(t, n1, anchor, 0)
+	devCredit(t, n1, anchor, 100)
+	st, r := rpCall(t, n1, anchor, "POST", fmt.Sprintf("/rooms/%d/redpackets", room), `{"total_amount":100,"total_count":5,"duration_s":10}`)
+	if st != 200 {
+		t.Fatalf("create: %d", st)
+	}
+	code := r.Data.Code
+	if st, _ := rpCall(t, n1, anchor, "POST", "/redpackets/"+code+"/prepare", ""); st != 200 {
+		t.Fatalf("prepare: %d", st)
+	}
+	if err := n1.Shutdown(context.Background()); err != nil { // its worker lease released
+		t.Fatal(err)
+	}
+	cfg.Pay.WorkerID = 5
+	n2 := nodetest.Start(t, cfg)
+	if st, c := rpCall(t, n2, anchor, "POST", "/redpackets/"+code+"/cancel", ""); st != 200 || !c.Data.Cancelled || c.Data.Refunded != 100 {
+		t.Fatalf("cancel through its node, now worker 5: %d %+v", st, c)
+	}
+	if b, _ := n2.Wallet.Balance(anchor); b != 100 {
+		t.Fatalf("anchor balance %d, want 100", b)
+	}
+}

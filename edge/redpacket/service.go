@@ -412,6 +412,11 @@ func viewOf(rec record, v View) View {
 	return v
 }
 
+// Owns reports whether code is a rain of this node not finished yet —
+// whatever worker id its code carries (the node may hold another one since
+// a restart).
+func (s *Service) Owns(code string) bool { return s.get(code) != nil }
+
 func (s *Service) get(code string) *rain {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
