@@ -8,7 +8,6 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -66,6 +65,11 @@ type payFwdRep struct {
 // not a cluster).
 func (n *Node) payOwner(id int64) (string, error) {
 	if n.Cluster == nil || n.worker == nil {
+		return "", nil
+	}
+	if n.Pay.Has(id) || (n.Tickets != nil && n.Tickets.Has(id)) {
+		// Made here, perhaps under a worker id this node no longer holds
+		// (it came back under another, its old one taken meanwhile).
 		return "", nil
 	}
 	return n.workerOwner(pay.WorkerOf(id))
@@ -436,7 +440,7 @@ func (n *Node) notify(channel, sig string, body []byte) (int, string) {
 		}
 		var ev pay.Event
 		if proto.Unmarshal(body, &ev) == nil {
-			if id, ok := pay.ParseOrderID(strings.TrimSpace(ev.OrderID)); ok {
+			if id, ok := pay.ParseOrderID(ev.OrderID); ok {
 				owner, err := n.payOwner(id)
 				if err != nil {
 					return http.StatusServiceUnavailable, err.Error()
@@ -462,12 +466,13 @@ func (n *Node) notify(channel, sig string, body []byte) (int, string) {
 }
 
 // madeByEarlierHolder: order id carries this node's worker id but was made
-// before this node took the lease — by another node that held the id then.
-// Its order is not here: "retry" (503), never "unknown order" (404), which a
-// provider may take as final.
+// before this node took the lease — by another node that held the id then —
+// or this node has lost its lease (another may hold the id now and have
+// made it). Its order is not here: "retry" (503), never "unknown order"
+// (404), which a provider may take as final.
 func (n *Node) madeByEarlierHolder(id int64) bool {
 	return n.Cluster != nil && n.worker != nil && pay.WorkerOf(id) == n.worker.ID() &&
-		pay.TimeOf(id).Before(n.worker.Since())
+		(pay.TimeOf(id).Before(n.worker.Since()) || !n.worker.Held())
 }
 
 func (n *Node) localOrderOp(op string, id int64) (pay.Order, error) {
@@ -489,7 +494,7 @@ func (n *Node) localNotify(channel, sig string, body []byte) (int, string) {
 	if status == pay.NotifyNotFound {
 		var ev pay.Event
 		if proto.Unmarshal(body, &ev) == nil {
-			if id, ok := pay.ParseOrderID(strings.TrimSpace(ev.OrderID)); ok && n.madeByEarlierHolder(id) {
+			if id, ok := pay.ParseOrderID(ev.OrderID); ok && n.madeByEarlierHolder(id) {
 				return http.StatusServiceUnavailable, errOwnerDown.Msg
 			}
 		}

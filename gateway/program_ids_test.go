@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/liveedge/liveedge/configs"
+	"github.com/liveedge/liveedge/edge/pay"
 	"github.com/liveedge/liveedge/gateway"
 	"github.com/liveedge/liveedge/gateway/nodetest"
 	"github.com/liveedge/liveedge/persist/redistest"
@@ -134,5 +135,34 @@ func TestRainOfAnEarlierWorkerIDServedByItsNode(t *testing.T) {
 	}
 	if b, _ := n2.Wallet.Balance(anchor); b != 100 {
 		t.Fatalf("anchor balance %d, want 100", b)
+	}
+}
+
+// A payment order made by a node that came back under another worker id is
+// still served by that node (it is on its disk): GET through it answers the
+// order. Before, the order's worker id routed it to the id's lease, held by
+// nobody: 50000 "unreachable" for good (and a webhook the same).
+func TestOrderOfAnEarlierWorkerIDServedByItsNode(t *testing.T) {
+	rds, nats := redistest.Start(t), natstest.Start(t)
+	cfg := clusterNodeConfig(t, "gw-1", []string{"gw-1"}, rds, nats)
+	cfg.Pay.WorkerID = 3
+	n1 := nodetest.Start(t, cfg)
+	const user = 77
+	o, err := n1.Pay.CreateOrder(user, pay.CreateReq{ProductID: 1, Channel: "mock", ReqID: "w"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := n1.Shutdown(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	cfg.Pay.WorkerID = 5
+	n2 := nodetest.Start(t, cfg)
+	var got struct {
+		Code int       `json:"code"`
+		Msg  string    `json:"msg"`
+		Data pay.Order `json:"data"`
+	}
+	if st := nodetest.DoJSON(t, "GET", nodetest.HTTPURL(n2)+"/api/v1/pay/orders/"+o.OrderID, nodetest.Token(t, n2, user, gateway.RoleViewer), "", &got); st != 200 || got.Data.OrderID != o.OrderID {
+		t.Fatalf("GET the order through its node, now worker 5: %d %+v", st, got)
 	}
 }

@@ -703,6 +703,20 @@ func ParseOrderID(s string) (int64, bool) {
 	return id, err == nil && id > 0
 }
 
+// Has reports whether order id was made here (it is on this node's disk or
+// being written): a cluster serves it here whatever node holds its worker
+// id now.
+func (s *Service) Has(id int64) bool {
+	s.openMu.Lock()
+	_, open := s.open[id]
+	s.openMu.Unlock()
+	if open {
+		return true
+	}
+	_, err := s.store.Get(orderKey(id))
+	return err == nil
+}
+
 // Get returns order id: an open order from memory (its last durable
 // write), any other from the store.
 func (s *Service) Get(id int64) (Order, error) {

@@ -466,6 +466,13 @@ func (s *Service) withPayURL(o Order) Order {
 }
 
 // load1 reads order id from Pebble.
+// Has reports whether ticket order id was made here (it is on this node's
+// disk).
+func (s *Service) Has(id int64) bool {
+	_, err := s.store.Get(orderKey(id))
+	return err == nil
+}
+
 func (s *Service) load1(id int64) (*Order, error) {
 	v, err := s.store.Get(orderKey(id))
 	if errors.Is(err, persist.ErrNotFound) {
