@@ -268,6 +268,34 @@ func TestReconcileLostNotify(t *testing.T) {
 	persisttest.CheckConservation(t, e.node.Ledger)
 }
 
+// A payment of another amount for an order already IN_VALID (a user who
+// paid late, and not the order's price): refunded as the provider reports
+// it, recorded once (a redelivery is a duplicate), nothing credited. Before,
+// it was 409 at every delivery: the money neither credited nor refunded.
+func TestLateMismatchedPaymentIsRefunded(t *testing.T) {
+	e := startPay(t, mockpay.Config{Lost: true}, func(c *configs.Config) {
+		c.Pay.OrderTimeout = configs.Duration(150 * time.Millisecond)
+		c.Pay.ReconcileAfter = configs.Duration(100 * time.Millisecond)
+		c.Pay.ReconcileEvery = configs.Duration(50 * time.Millisecond)
+	})
+	const user = 605
+	o := e.createOrder(t, user, 1, "late-other")
+	nodetest.Eventually(t, 5*time.Second, func() bool { return e.order(t, o.OrderID).Status == pay.StatusInvalid }, "not closed")
+	body, sig := signedEvent(e, o, "evt-late-other", o.Amount+1)
+	for range 2 { // and its redelivery
+		if st, b := e.post(t, sig, body); st != 200 || b != "success" {
+			t.Fatalf("late notify of another amount: %d %q", st, b)
+		}
+	}
+	if got := e.order(t, o.OrderID); got.Status != pay.StatusPayBack || !strings.Contains(got.Note, "amount mismatch") {
+		t.Fatalf("order %+v, want PAY_BACK noting the amount mismatch", got)
+	}
+	if b := e.balance(t, user); b != 0 {
+		t.Fatalf("credited %d for a closed order", b)
+	}
+	persisttest.CheckConservation(t, e.node.Ledger)
+}
+
 // A notify for an order already IN_VALID: the refund is recorded and pushed,
 // nothing is credited.
 func TestNotifyForClosedOrderIsRefunded(t *testing.T) {

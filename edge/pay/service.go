@@ -846,11 +846,18 @@ func (s *Service) apply(channel string, ev Event) (int, string) {
 			return NotifyRetry, "retry"
 		}
 	}
-	if o.Channel != channel {
-		return NotifyConflict, "channel mismatch"
+	mismatch := ""
+	switch {
+	case o.Channel != channel:
+		mismatch = "channel mismatch"
+	case ev.Amount != o.Amount:
+		mismatch = "amount mismatch"
 	}
-	if ev.Amount != o.Amount {
-		return NotifyConflict, "amount mismatch"
+	lateSuccess := ev.Status == "SUCCESS" && o.Status == StatusInvalid
+	if mismatch != "" && !lateSuccess {
+		// An open order's is refunded by the reconciler after two
+		// timeouts (refundMismatch); a settled one's changes nothing.
+		return NotifyConflict, mismatch
 	}
 	now := s.cfg.Now().UnixMilli()
 	evRec := eventRec(ev, o.Status, now)
@@ -868,6 +875,9 @@ func (s *Service) apply(channel string, ev Event) (int, string) {
 		}
 		if b != nil {
 			switch err := b.Refunded(o); {
+			case errors.Is(err, ErrBizPaid) && mismatch != "":
+				// Not this payment's (it is not as the order): left as it was.
+				return NotifyConflict, mismatch
 			case errors.Is(err, ErrBizPaid):
 				// The business took this payment before the order was
 				// closed here (a crash or a failed write between its Paid
@@ -877,6 +887,12 @@ func (s *Service) apply(channel string, ev Event) (int, string) {
 				s.cfg.Log.Error("pay: business refund", "order", o.OrderID, "biz", o.Biz, "err", err)
 				return NotifyRetry, "retry"
 			}
+		}
+		if mismatch != "" {
+			// Paid after the close and not as the order (another amount
+			// or channel): refunded as the provider reports it. Before,
+			// 409 at every delivery: neither credited nor refunded.
+			return s.refundPayment(o, id, ev, evRec, now, "paid after close, not as the order ("+mismatch+"): refunded", ev.Amount)
 		}
 		return s.refundLate(o, id, ev, evRec, now)
 	case ev.Status == "FAILED" && OpenStatus(o.Status):
