@@ -996,6 +996,11 @@ func (s *Service) markPaid(o Order, id int64, ev Event, evRec persist.Record, no
 	from := o.Status
 	o.Status, o.UpdatedAt, o.PaidAt, o.EventID = StatusPayed, now, ev.PaidAt, ev.EventID
 	ov, _ := proto.Marshal(o)
+	// In doubt from before the call: the wallet may tell its outcome
+	// (onSettled, which clears the mark when it did not run) before Apply
+	// returns — a mark set after would then stay for good, and the order
+	// never close.
+	s.setCreditDoubt(id, true)
 	res, err := s.wallet.Apply(persist.Op{
 		User:     o.UserID,
 		ReqID:    "pay:" + o.OrderID,
@@ -1008,8 +1013,8 @@ func (s *Service) markPaid(o Order, id int64, ev Event, evRec persist.Record, no
 	})
 	if err != nil {
 		s.openWritten(id, o, false)
-		if !errors.Is(err, persist.ErrWalletUnavailable) { // else nothing moved
-			s.setCreditDoubt(id, true)
+		if errors.Is(err, persist.ErrWalletUnavailable) { // nothing moved
+			s.setCreditDoubt(id, false)
 		}
 		s.cfg.Log.Error("pay: credit failed", "order", o.OrderID, "err", err)
 		return NotifyRetry, "retry"
