@@ -229,3 +229,36 @@ func TestFrozenAccountBuysNoTicketsAndMovesNoRain(t *testing.T) {
 	}
 	persisttest.CheckConservation(t, n.Ledger)
 }
+
+// A retry of a payment order made before its user was frozen answers that
+// order (the same req_id is the same order), as the protocol's idempotency
+// says; only a new order is refused. Before, the retry was 20004.
+func TestOrderRetryAfterAFreezeAnswersTheOrder(t *testing.T) {
+	n := nodetest.Start(t, nodetest.Config(t))
+	const user = 51
+	admin := nodetest.Token(t, n, 9000, gateway.RoleAdmin)
+	create := func(req string) (int, int, string) {
+		var out struct {
+			Code int `json:"code"`
+			Data struct {
+				OrderID string `json:"order_id"`
+			} `json:"data"`
+		}
+		st := nodetest.DoJSON(t, "POST", nodetest.HTTPURL(n)+"/api/v1/pay/orders", nodetest.Token(t, n, user, gateway.RoleViewer),
+			fmt.Sprintf(`{"product_id":1,"channel":"mock","req_id":%q}`, req), &out)
+		return st, out.Code, out.Data.OrderID
+	}
+	st, code, first := create("before")
+	if st != 200 || code != 0 || first == "" {
+		t.Fatalf("order: %d %d", st, code)
+	}
+	if st, _ := setStatus(t, n, admin, user, `{"status":2}`); st != 200 {
+		t.Fatalf("freeze: %d", st)
+	}
+	if st, code, again := create("before"); st != 200 || code != 0 || again != first {
+		t.Fatalf("the retry after the freeze: %d %d %q, want the first order %q", st, code, again, first)
+	}
+	if st, code, _ := create("after"); st != 403 || code != proto.CodeAccountFrozen {
+		t.Fatalf("a new order after the freeze: %d %d, want 20004", st, code)
+	}
+}

@@ -533,16 +533,6 @@ func (s *Service) CreateOrder(user int64, r CreateReq) (Order, error) {
 	if !KnownChannel(r.Channel) {
 		return Order{}, proto.BadRequest("unknown channel %q (known: mock)", r.Channel)
 	}
-	p, ok := s.products[r.ProductID]
-	if !ok || !p.Valid {
-		return Order{}, proto.Errorf(proto.CodeProductNotFound, "product not found")
-	}
-	if err := s.refuseFrozen(user); err != nil {
-		return Order{}, err
-	}
-	if s.cfg.WorkerHeld != nil && !s.cfg.WorkerHeld() {
-		return Order{}, errors.New("pay: order-id worker lease not held; refusing to make order ids")
-	}
 	// Idempotency: one lock per (user) shard serializes creation per user.
 	defer s.users.Lock(user)()
 	claims := s.cfg.ReqClaims
@@ -565,6 +555,19 @@ func (s *Service) CreateOrder(user int64, r CreateReq) (Order, error) {
 		return s.Get(id)
 	} else if !errors.Is(err, persist.ErrNotFound) {
 		return Order{}, err
+	}
+	// The rules that may have changed since a first request (the product
+	// withdrawn, the account frozen) refuse only a new order: a retry of
+	// one made here got it back above.
+	p, ok := s.products[r.ProductID]
+	if !ok || !p.Valid {
+		return Order{}, proto.Errorf(proto.CodeProductNotFound, "product not found")
+	}
+	if err := s.refuseFrozen(user); err != nil {
+		return Order{}, err
+	}
+	if s.cfg.WorkerHeld != nil && !s.cfg.WorkerHeld() {
+		return Order{}, errors.New("pay: order-id worker lease not held; refusing to make order ids")
 	}
 	id := s.ids.Next(user)
 	if claims != nil {
