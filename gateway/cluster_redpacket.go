@@ -31,6 +31,8 @@ import (
 // grabber-in-room check uses the cluster-wide presence; the 5570 credit and
 // the 5560/5561 room pushes reach users on every node through the router.
 
+var errGrabNoOwner = proto.Errorf(proto.CodeRedPacketNotFound, "red packet not found or not started")
+
 // rainOwner returns the node that serves code ("" = this node, a single
 // node, or not a code: answered here).
 func (n *Node) rainOwner(code string) (string, error) {
@@ -54,6 +56,12 @@ func (n *Node) rainOwner(code string) (string, error) {
 func (n *Node) redPacket(op string, user int64, code string) ([]byte, *proto.Error) {
 	owner, err := n.rainOwner(code)
 	if err != nil {
+		if op == "rp.grab" && errors.Is(err, errOwnerDown) {
+			// No node holds the code's worker id (a made-up code, or its
+			// node gone longer than a lease): nothing to grab — not
+			// "retry", which a client would do for ever.
+			return nil, errGrabNoOwner
+		}
 		return nil, proto.AsError(err)
 	}
 	if owner == "" {

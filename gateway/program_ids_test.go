@@ -3,6 +3,7 @@ package gateway_test
 import (
 	"context"
 	"fmt"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -11,6 +12,7 @@ import (
 	"github.com/liveedge/liveedge/edge/pay"
 	"github.com/liveedge/liveedge/gateway"
 	"github.com/liveedge/liveedge/gateway/nodetest"
+	"github.com/liveedge/liveedge/gateway/proto"
 	"github.com/liveedge/liveedge/persist/redistest"
 	"github.com/liveedge/liveedge/router/natstest"
 )
@@ -135,6 +137,14 @@ func TestRainOfAnEarlierWorkerIDServedByItsNode(t *testing.T) {
 	}
 	if b, _ := n2.Wallet.Balance(anchor); b != 100 {
 		t.Fatalf("anchor balance %d, want 100", b)
+	}
+	// A code of worker 3 that no rain has (its first character kept, the
+	// rest reversed): no node holds worker 3 now, and a grab is "not
+	// found", not a "retry" a client would repeat for ever.
+	made := []byte(code)
+	slices.Reverse(made[1:])
+	if st, g := rpCall(t, n2, 300, "POST", "/redpackets/"+string(made)+"/grab", ""); g.Code != proto.CodeRedPacketNotFound {
+		t.Fatalf("grab of a made-up code of an unheld worker id: %d %+v, want 30001", st, g)
 	}
 }
 
