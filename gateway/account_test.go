@@ -262,3 +262,35 @@ func TestOrderRetryAfterAFreezeAnswersTheOrder(t *testing.T) {
 		t.Fatalf("a new order after the freeze: %d %d, want 20004", st, code)
 	}
 }
+
+// A dev credit to a frozen account is refused (a frozen account moves
+// nothing); the retry of one made before the freeze replays it. Before,
+// the dev credit ignored the freeze.
+func TestDevCreditRefusedToAFrozenAccount(t *testing.T) {
+	n := nodetest.Start(t, nodetest.Config(t))
+	const user = 52
+	admin := nodetest.Token(t, n, 9000, gateway.RoleAdmin)
+	credit := func(req string) (int, int) {
+		var out struct {
+			Code int `json:"code"`
+		}
+		st := nodetest.DoJSON(t, "POST", nodetest.HTTPURL(n)+"/api/v1/dev/credit", "",
+			fmt.Sprintf(`{"user_id":%d,"amount":10,"req_id":%q}`, user, req), &out)
+		return st, out.Code
+	}
+	if st, code := credit("c1"); st != 200 || code != 0 {
+		t.Fatalf("credit: %d %d", st, code)
+	}
+	if st, _ := setStatus(t, n, admin, user, `{"status":2}`); st != 200 {
+		t.Fatalf("freeze: %d", st)
+	}
+	if st, code := credit("c1"); st != 200 || code != 0 {
+		t.Fatalf("the retry of a credit made before the freeze: %d %d, want its replay", st, code)
+	}
+	if st, code := credit("c2"); st != 403 || code != proto.CodeAccountFrozen {
+		t.Fatalf("a new credit to a frozen account: %d %d, want 20004", st, code)
+	}
+	if b, _ := n.Wallet.Balance(user); b != 10 {
+		t.Fatalf("balance %d, want 10", b)
+	}
+}

@@ -9,6 +9,7 @@ import (
 
 	"github.com/cloudwego/hertz/pkg/app"
 
+	"github.com/liveedge/liveedge/edge/account"
 	"github.com/liveedge/liveedge/edge/gift"
 	"github.com/liveedge/liveedge/edge/pk"
 	"github.com/liveedge/liveedge/gateway/proto"
@@ -42,7 +43,10 @@ func (a *API) devCredit(_ context.Context, c *app.RequestContext) {
 		r.ReqID = hex.EncodeToString(b[:])
 	}
 	res, err := a.node.Wallet.Apply(persist.Op{User: r.UserID, ReqID: "dev:" + r.ReqID,
-		Postings: []persist.Posting{{User: r.UserID, Delta: r.Amount, Reason: persist.ReasonDev, Ref: "dev credit"}}})
+		Postings: []persist.Posting{{User: r.UserID, Delta: r.Amount, Reason: persist.ReasonDev, Ref: "dev credit"}},
+		// A frozen account moves nothing (a retry of a credit made before
+		// the freeze replays it: Check runs for new requests only).
+		Check: func() error { return account.Refuse(a.node.Accounts.Frozen, r.UserID, "no coins can be credited") }})
 	if err != nil {
 		a.fail(c, err)
 		return
