@@ -112,10 +112,7 @@ func replyCodes(t *testing.T, r *nodetest.Raw, first int64, n, code int) int {
 // named the old worker id, whose lease nobody held: 50000 "unreachable",
 // the anchor's coins held by a rain no node would serve.
 func TestRainOfAnEarlierWorkerIDServedByItsNode(t *testing.T) {
-	rds, nats := redistest.Start(t), natstest.Start(t)
-	cfg := clusterNodeConfig(t, "gw-1", []string{"gw-1"}, rds, nats)
-	cfg.Pay.WorkerID = 3
-	n1 := nodetest.Start(t, cfg)
+	n1, cfg := workerNode(t, 3)
 	const anchor = 1
 	room := nodetest.OpenRoom(t, n1, anchor, 0)
 	devCredit(t, n1, anchor, 100)
@@ -153,10 +150,7 @@ func TestRainOfAnEarlierWorkerIDServedByItsNode(t *testing.T) {
 // order. Before, the order's worker id routed it to the id's lease, held by
 // nobody: 50000 "unreachable" for good (and a webhook the same).
 func TestOrderOfAnEarlierWorkerIDServedByItsNode(t *testing.T) {
-	rds, nats := redistest.Start(t), natstest.Start(t)
-	cfg := clusterNodeConfig(t, "gw-1", []string{"gw-1"}, rds, nats)
-	cfg.Pay.WorkerID = 3
-	n1 := nodetest.Start(t, cfg)
+	n1, cfg := workerNode(t, 3)
 	const user = 77
 	o, err := n1.Pay.CreateOrder(user, pay.CreateReq{ProductID: 1, Channel: "mock", ReqID: "w"})
 	if err != nil {
@@ -175,4 +169,13 @@ func TestOrderOfAnEarlierWorkerIDServedByItsNode(t *testing.T) {
 	if st := nodetest.DoJSON(t, "GET", nodetest.HTTPURL(n2)+"/api/v1/pay/orders/"+o.OrderID, nodetest.Token(t, n2, user, gateway.RoleViewer), "", &got); st != 200 || got.Data.OrderID != o.OrderID {
 		t.Fatalf("GET the order through its node, now worker 5: %d %+v", st, got)
 	}
+}
+
+// workerNode starts a one-node cluster (its own Redis and NATS) on worker
+// id worker, and returns its config to restart it with.
+func workerNode(t *testing.T, worker int) (*gateway.Node, configs.Config) {
+	t.Helper()
+	cfg := clusterNodeConfig(t, "gw-1", []string{"gw-1"}, redistest.Start(t), natstest.Start(t))
+	cfg.Pay.WorkerID = worker
+	return nodetest.Start(t, cfg), cfg
 }
