@@ -379,7 +379,7 @@ func (s *Service) send(sender int64, inRoom bool, r Req, done func(Reply, *sendE
 			return nil
 		},
 	}
-	if r.PK && s.scorer != nil {
+	if r.PK && inRoom && s.scorer != nil { // (not in the room: refused by Check; no lookup of a client-chosen room)
 		if id, tally, ok := s.scorer.Running(r.RoomID); ok {
 			contest = id
 			op.Tallies = append(op.Tallies, persist.Tally{Name: tally, User: r.RoomID, Delta: amount})
