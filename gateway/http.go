@@ -430,5 +430,8 @@ func (a *API) closeRoom(_ context.Context, c *app.RequestContext) {
 		a.fail(c, err)
 		return
 	}
+	if a.node.PK != nil {
+		a.node.PK.EndRoom(id) // its contest ends with it
+	}
 	ok(c, map[string]any{"room_id": id, "status": room.StatusClosed})
 }

@@ -191,3 +191,32 @@ func TestPKScoresOneShape(t *testing.T) {
 	}
 	persisttest.CheckConservation(t, n.Ledger)
 }
+
+// A room closed during its PK ends the contest: the other room's viewers
+// get the final result at once (not after the contest's hour), and the
+// other room can be paired again. Before, the contest ran on against a
+// closed room and the other room was refused 10409 "already in a PK".
+func TestPKEndsWhenItsRoomCloses(t *testing.T) {
+	n := giftConfig(t)
+	ra := nodetest.OpenRoom(t, n, 1, 0)
+	rb := nodetest.OpenRoom(t, n, 2, 0)
+	rc := nodetest.OpenRoom(t, n, 3, 0)
+	var logB pushLog
+	vb := sdkDial(t, n, 60, &logB, nil)
+	if _, err := vb.Join(context.Background(), rb); err != nil {
+		t.Fatal(err)
+	}
+	id := invitePKAccepted(t, n, 1, 2, ra, rb, 3600)
+	var out struct {
+		Code int `json:"code"`
+	}
+	if st := nodetest.DoJSON(t, "DELETE", nodetest.HTTPURL(n)+fmt.Sprintf("/api/v1/rooms/%d", ra), nodetest.Token(t, n, 1, gateway.RoleAnchor), "", &out); st != 200 {
+		t.Fatalf("close room a: %d %d", st, out.Code)
+	}
+	nodetest.Eventually(t, 5*time.Second, func() bool {
+		p := pkPushes(&logB, id)
+		return len(p) > 0 && p[len(p)-1].Over
+	}, "no final PK push in room b after room a closed")
+	checkPKEndsOnce(t, pkPushes(&logB, id))
+	invitePKAccepted(t, n, 2, 3, rb, rc, 60) // room b is free again
+}

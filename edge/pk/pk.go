@@ -488,6 +488,39 @@ func (s *Service) AddScore(room int64, id string, amount int64) {
 	s.publish(c)
 }
 
+// EndRoom ends now the contest room is in (its room closed): the result
+// goes out as at its end time (endGrace later, the gifts in flight scored),
+// and the other room can be paired again. Before, the contest ran on for
+// its duration against a room that was gone.
+func (s *Service) EndRoom(room int64) {
+	if s.sh != nil {
+		r := s.lookup(room)
+		if r == nil {
+			return
+		}
+		s.mu.Lock()
+		if r.closing || r.ended {
+			s.mu.Unlock()
+			return // ending already
+		}
+		if r.timer != nil {
+			r.timer.Stop() // its end-time timer: closeAtEnd arms the end's
+		}
+		s.mu.Unlock()
+		s.closeAtEnd(r)
+		return
+	}
+	s.mu.Lock()
+	c := s.byRoom[room]
+	if c != nil && c.timer != nil && !c.closing {
+		c.timer.Stop()
+	}
+	s.mu.Unlock()
+	if c != nil {
+		s.end(c)
+	}
+}
+
 // Opponent returns the room room is contesting against (0 = none).
 func (s *Service) Opponent(room int64) int64 {
 	if s.sh != nil {

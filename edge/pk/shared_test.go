@@ -388,3 +388,22 @@ func TestInviteRateCountedAcrossNodes(t *testing.T) {
 		}
 	}
 }
+
+// A room closed during its contest (EndRoom on the node where it closed)
+// ends the contest cluster-wide at once: one final push, and the other room
+// can be paired again through any node.
+func TestSharedPKEndsWhenItsRoomCloses(t *testing.T) {
+	rdb, w := newRedis(t), &fakeWallet{}
+	n1, n2 := newNode(t, rdb, w, 1, 2, 3), newNode(t, rdb, w, 1, 2, 3)
+	c, err := n1.s.Start(1, 2, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	poll(t, 2*time.Second, "the start seen on node 2", func() bool { _, _, ok := n2.s.Running(2); return ok })
+	n2.s.EndRoom(1)
+	poll(t, 5*time.Second, "one final push to room 2", func() bool { return len(finals(pushes(c.ID, 2, n1, n2))) == 1 })
+	poll(t, 5*time.Second, "room 2 paired again", func() bool { _, err := n1.s.Start(2, 3, time.Minute); return err == nil })
+	if f := finals(pushes(c.ID, 2, n1, n2)); len(f) != 1 {
+		t.Fatalf("finals %+v, want one", f)
+	}
+}
