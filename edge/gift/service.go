@@ -113,10 +113,11 @@ type FailedPush struct {
 
 // Scorer receives PK gifts (the PK service); nil = PK off.
 type Scorer interface {
-	// Running returns the contest room is in and the wallet tally that keeps
-	// its score (ok false: none). A PK gift's op adds its value to that tally,
-	// atomically with the debit.
-	Running(room int64) (contest, tally string, ok bool)
+	// Enter returns the contest room is in and the wallet tally that keeps
+	// its score (ok false: none), and counts a PK gift in flight until leave
+	// is called (its debit answered): the contest's end waits for it. A PK
+	// gift's op adds its value to that tally, atomically with the debit.
+	Enter(room int64) (contest, tally string, leave func(), ok bool)
 	// AddScore adds a durable PK gift to contest's running score.
 	AddScore(room int64, contest string, amount int64)
 }
@@ -345,6 +346,7 @@ func (s *Service) send(sender int64, inRoom bool, r Req, done func(Reply, *sendE
 	amount := g.Price * int64(r.Count)
 	var contest string
 	var spent limit.Spent // the rate event, given back when nothing was debited
+	var leave func()      // the PK gift's exit from its contest's in-flight count
 	op := persist.Op{
 		User:  sender,
 		ReqID: "gift:" + r.ReqID,
@@ -380,12 +382,15 @@ func (s *Service) send(sender int64, inRoom bool, r Req, done func(Reply, *sendE
 		},
 	}
 	if r.PK && inRoom && s.scorer != nil { // (not in the room: refused by Check; no lookup of a client-chosen room)
-		if id, tally, ok := s.scorer.Running(r.RoomID); ok {
-			contest = id
+		if id, tally, l, ok := s.scorer.Enter(r.RoomID); ok {
+			contest, leave = id, l
 			op.Tallies = append(op.Tallies, persist.Tally{Name: tally, User: r.RoomID, Delta: amount})
 		}
 	}
 	s.wallet.ApplyAsync(op, func(res persist.Result, err error) {
+		if leave != nil {
+			defer leave() // after its score was added (sendEffects), or its failure
+		}
 		if err != nil {
 			e := fail(proto.CodeInternal, "internal error")
 			var refused refusal

@@ -90,6 +90,10 @@ type Contest struct {
 	closing bool // its time is up: no new PK gift; those in flight still score (endGrace)
 	ending  bool // its final record is being written: scores are frozen
 	timer   *time.Timer
+	// inflight are the PK gifts that entered (Enter) and whose debit is not
+	// answered yet: the end waits for them, until waitUntil.
+	inflight  int
+	waitUntil time.Time
 }
 
 // Progress is the d of biz 5558.
@@ -141,6 +145,7 @@ type Service struct {
 	log     *slog.Logger
 	keep    time.Duration // how long an ended contest stays (keepOver; tests shorten it)
 	grace   time.Duration // from a contest's end time to its final score (endGrace; tests change it)
+	endWait time.Duration // how long past grace an end waits for PK gifts in flight (maxEndWait; tests change it)
 	ttl     time.Duration // invitation TTL (0 = InviteTTL; tests shorten it)
 	sh      *shared       // cluster mode (NewShared): the state is in Redis
 
@@ -162,7 +167,7 @@ func New(r router.Router, isOpen func(int64) bool, st Store, tallies Tallies, lo
 	if log == nil {
 		log = slog.Default()
 	}
-	return &Service{router: r, isOpen: isOpen, store: st, tallies: tallies, log: log, keep: keepOver, grace: endGrace,
+	return &Service{router: r, isOpen: isOpen, store: st, tallies: tallies, log: log, keep: keepOver, grace: endGrace, endWait: maxEndWait,
 		byRoom: map[int64]*Contest{}, contests: map[string]*Contest{},
 		invites: map[string]*Invitation{}, invitesN: map[int64]int{},
 		inviteRate: limit.New(InvitesPerMinute, time.Minute, InviteBurst, nil)}
@@ -467,6 +472,36 @@ func (s *Service) Running(room int64) (id, tally string, ok bool) {
 	return c.ID, TallyName(c.ID), true
 }
 
+// maxEndWait bounds how long past endGrace a contest's end waits for the PK
+// gifts in flight (Enter): longer than a shared wallet's call (5 s).
+const maxEndWait = 6 * time.Second
+
+// Enter is Running for a PK gift about to be debited (gift.Scorer): the
+// gift is counted in flight until leave is called — once its debit is
+// answered, whatever the outcome — and the contest's end waits for the gifts
+// in flight (at most maxEndWait past endGrace), so a debit that lands late
+// still scores: its tally would otherwise grow after the end read it.
+func (s *Service) Enter(room int64) (id, tally string, leave func(), ok bool) {
+	if s.sh != nil {
+		return s.enterShared(room)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	c := s.byRoom[room]
+	if c == nil || !c.live || c.Over || c.ending || c.closing {
+		return "", "", nil, false
+	}
+	c.inflight++
+	var once sync.Once
+	return c.ID, TallyName(c.ID), func() {
+		once.Do(func() {
+			s.mu.Lock()
+			c.inflight--
+			s.mu.Unlock()
+		})
+	}, true
+}
+
 // AddScore adds amount to room's side of contest id, if that contest is
 // still running (gift.Scorer). The gift's debit, with its tally, is durable.
 func (s *Service) AddScore(room int64, id string, amount int64) {
@@ -562,6 +597,9 @@ func (s *Service) Get(id string) (Contest, bool) {
 // tallied but left out of the result.
 const endGrace = time.Second
 
+// endPoll is how often an end waiting for PK gifts in flight looks again.
+const endPoll = 20 * time.Millisecond
+
 // end closes c at its end time (no new PK gift) and finishes it endGrace
 // later.
 func (s *Service) end(c *Contest) {
@@ -571,6 +609,7 @@ func (s *Service) end(c *Contest) {
 		return
 	}
 	c.closing = true
+	c.waitUntil = time.Now().Add(s.grace + s.endWait)
 	if s.grace > 0 {
 		c.timer = time.AfterFunc(s.grace, func() { s.finish(c, false) })
 		s.mu.Unlock()
@@ -586,6 +625,14 @@ func (s *Service) end(c *Contest) {
 // frozen, no push) until it can, or the service closes (a restart then
 // ends the contest).
 func (s *Service) finish(c *Contest, retry bool) {
+	s.mu.Lock()
+	if !retry && c.inflight > 0 && time.Now().Before(c.waitUntil) && !c.Over && !c.ending && !s.closed {
+		// PK gifts still being debited: their tallies are not final yet.
+		c.timer = time.AfterFunc(endPoll, func() { s.finish(c, false) })
+		s.mu.Unlock()
+		return
+	}
+	s.mu.Unlock()
 	var t [2]int64
 	tallied := s.tallies != nil && !retry
 	for i := 0; tallied && i < len(t); i++ {

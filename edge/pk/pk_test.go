@@ -241,3 +241,73 @@ func TestGiftOnItsWayAtTheEndStillScores(t *testing.T) {
 		t.Fatalf("final %+v, want 20:7 won by room 1", *final)
 	}
 }
+
+// A PK gift whose debit takes longer than endGrace (a shared wallet's slow
+// call) still scores: the end waits for the gifts that entered (Enter) and
+// are not answered yet, then reads the tallies. Before, the end read them
+// after endGrace and the late debit's tally grew after it: charged, never
+// scored.
+func TestPKEndWaitsForGiftsInFlight(t *testing.T) {
+	rt := router.NewLocal("t", router.LocalConfig{})
+	rt.OpenRoom(1)
+	rt.OpenRoom(2)
+	v := &routertest.Recorder{SessionID: 1, User: 1000}
+	if _, err := rt.Join(1, v); err != nil {
+		t.Fatal(err)
+	}
+	var tally atomic.Int64 // room 1's durable tally (the wallet's)
+	tallies := func(name string, room int64) (int64, error) {
+		if room == 1 {
+			return tally.Load(), nil
+		}
+		return 0, nil
+	}
+	s := New(rt, func(int64) bool { return true }, nil, tallies, nil)
+	s.grace = 100 * time.Millisecond
+	c, err := s.Start(1, 2, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, _, leave, ok := s.Enter(1) // a PK gift to room 1 sets off
+	if !ok || id != c.ID {
+		t.Fatalf("enter %q %v", id, ok)
+	}
+	time.Sleep(time.Until(c.EndsAt) + s.grace + 300*time.Millisecond) // past the grace, still in the wallet
+	for _, p := range progress(v) {
+		if p.Over {
+			t.Fatalf("final push %+v while a PK gift was still being debited", p)
+		}
+	}
+	tally.Store(20) // its debit lands, with its tally
+	leave()
+	var final *Progress
+	for deadline := time.Now().Add(3 * time.Second); final == nil && time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		for _, p := range progress(v) {
+			if p.Over {
+				final = &p
+			}
+		}
+	}
+	if final == nil || final.Scores["1"] != 20 || final.Winner != 1 {
+		t.Fatalf("final %+v, want room 1's late gift (20) scored", final)
+	}
+	// Bounded: a gift that never answers holds the end endWait at most.
+	s.endWait = 500 * time.Millisecond
+	c2, err := s.Start(1, 2, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, _, ok := s.Enter(1); !ok {
+		t.Fatal("enter")
+	}
+	deadline := c2.EndsAt.Add(s.grace + s.endWait + time.Second)
+	for {
+		if got, _ := s.Get(c2.ID); got.Over {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("an unanswered PK gift held the end past endWait")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}

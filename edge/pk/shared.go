@@ -108,6 +108,11 @@ type running struct {
 	// pub is held across a script that numbers a push and the push's publish:
 	// this node's pushes of the contest leave in seq order.
 	pub sync.Mutex
+	// inflight: this node's PK gifts being debited (Enter); its end waits
+	// for them until waitUntil (other nodes' ends do not: each waits for
+	// its own, and the first end.lua call ends the contest).
+	inflight  int
+	waitUntil time.Time
 }
 
 func (sh *shared) ctx() (context.Context, context.CancelFunc) {
@@ -279,6 +284,7 @@ func (s *Service) closeAtEnd(r *running) {
 		return
 	}
 	r.closing = true
+	r.waitUntil = time.Now().Add(s.grace + s.endWait)
 	r.timer = time.AfterFunc(s.grace, func() { s.endShared(r) })
 }
 
@@ -405,6 +411,29 @@ func (s *Service) runningShared(room int64) (string, string, bool) {
 	return r.c.ID, TallyName(r.c.ID), true
 }
 
+// enterShared is Enter in a cluster: the gift counts in flight on this
+// node's replica of the contest.
+func (s *Service) enterShared(room int64) (string, string, func(), bool) {
+	r := s.lookup(room)
+	if r == nil {
+		return "", "", nil, false
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if r.ended || r.closing || !time.Now().Before(r.c.EndsAt) {
+		return "", "", nil, false
+	}
+	r.inflight++
+	var once sync.Once
+	return r.c.ID, TallyName(r.c.ID), func() {
+		once.Do(func() {
+			s.mu.Lock()
+			r.inflight--
+			s.mu.Unlock()
+		})
+	}, true
+}
+
 // addScoreShared queues a PK gift for the contest's next score.lua call from
 // this node: one call (and one push) carries every gift queued meanwhile.
 func (s *Service) addScoreShared(room int64, id string, amount int64) {
@@ -461,6 +490,13 @@ func (s *Service) flush(r *running) {
 func (s *Service) endShared(r *running) {
 	s.mu.Lock()
 	if s.closed || r.ended || r.ending {
+		s.mu.Unlock()
+		return
+	}
+	if r.inflight > 0 && time.Now().Before(r.waitUntil) {
+		// This node's PK gifts still being debited: their tallies are not
+		// in Redis yet.
+		r.timer = time.AfterFunc(endPoll, func() { s.endShared(r) })
 		s.mu.Unlock()
 		return
 	}

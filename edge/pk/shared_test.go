@@ -407,3 +407,28 @@ func TestSharedPKEndsWhenItsRoomCloses(t *testing.T) {
 		t.Fatalf("finals %+v, want one", f)
 	}
 }
+
+// In a cluster, a node's end waits for its own PK gifts still being debited
+// (Enter), so a debit that lands after endGrace still scores.
+func TestSharedPKEndWaitsForGiftsInFlight(t *testing.T) {
+	rdb, w := newRedis(t), &fakeWallet{}
+	n1 := newNode(t, rdb, w, 1, 2)
+	c, err := n1.s.Start(1, 2, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, _, leave, ok := n1.s.Enter(2)
+	if !ok || id != c.ID {
+		t.Fatalf("enter %q %v", id, ok)
+	}
+	time.Sleep(time.Until(c.EndsAt) + n1.s.grace + 300*time.Millisecond)
+	if f := finals(pushes(c.ID, 2, n1)); len(f) != 0 {
+		t.Fatalf("final %+v while a PK gift was still being debited", f)
+	}
+	w.add(TallyName(c.ID), 2, 9) // its debit lands
+	leave()
+	poll(t, 5*time.Second, "the final push", func() bool { return len(finals(pushes(c.ID, 2, n1))) == 1 })
+	if f := finals(pushes(c.ID, 2, n1)); f[0].Scores["2"] != 9 || f[0].Winner != 2 {
+		t.Fatalf("final %+v, want room 2's late gift (9) scored", f[0])
+	}
+}
