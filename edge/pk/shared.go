@@ -46,6 +46,13 @@ var (
 	pairScript  = rueidis.NewLuaScript(pairLua)
 	scoreScript = rueidis.NewLuaScript(scoreLua)
 	endScript   = rueidis.NewLuaScript(endLua)
+	// waitScript marks a replica's PK gifts in flight at the end time in the
+	// contest's hash (w:<token> = Redis's now + ARGV[2] ms), if it runs.
+	waitScript = rueidis.NewLuaScript(`
+if redis.call('HGET', KEYS[1], 'state') ~= 'run' then return 0 end
+local t = redis.call('TIME')
+redis.call('HSET', KEYS[1], 'w:' .. ARGV[1], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[2]))
+return 1`)
 )
 
 // SyncEvery is how often a cluster node reads the running contests from Redis
@@ -113,6 +120,10 @@ type running struct {
 	// its own, and the first end.lua call ends the contest).
 	inflight  int
 	waitUntil time.Time
+	// waitMu orders markWait and clearWait; marked: this replica's w: field
+	// is (or may be) in Redis.
+	waitMu sync.Mutex
+	marked bool
 }
 
 func (sh *shared) ctx() (context.Context, context.CancelFunc) {
@@ -279,13 +290,55 @@ func (s *Service) adopt(c Contest) *running {
 // tallies are in Redis with their debits — count in end.lua's scores.
 func (s *Service) closeAtEnd(r *running) {
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	if s.closed || r.ended || r.closing {
+		s.mu.Unlock()
 		return
 	}
 	r.closing = true
 	r.waitUntil = time.Now().Add(s.grace + s.endWait)
 	r.timer = time.AfterFunc(s.grace, func() { s.endShared(r) })
+	busy := r.inflight > 0
+	s.mu.Unlock()
+	if busy {
+		// Every node's end (end.lua) waits for this one's PK gifts still
+		// being debited, not only this node's.
+		s.markWait(r)
+	}
+}
+
+// markWait writes r's wait mark (its PK gifts in flight at the end time)
+// unless they were answered meanwhile.
+func (s *Service) markWait(r *running) {
+	r.waitMu.Lock()
+	defer r.waitMu.Unlock()
+	s.mu.Lock()
+	busy := r.inflight > 0
+	s.mu.Unlock()
+	if !busy {
+		return
+	}
+	ctx, cancel := s.sh.ctx()
+	defer cancel()
+	r.marked = true // also if the call fails: its HSET may have run
+	if err := waitScript.Exec(ctx, s.sh.rdb, []string{contestKey(r.c.ID)}, []string{r.token, i64((s.grace + s.endWait).Milliseconds())}).Error(); err != nil {
+		s.log.Warn("pk: gifts in flight not marked (the end may not wait for them)", "pk_id", r.c.ID, "err", err)
+	}
+}
+
+// clearWait deletes r's wait mark once its PK gifts are answered.
+func (s *Service) clearWait(r *running) {
+	r.waitMu.Lock()
+	defer r.waitMu.Unlock()
+	if !r.marked {
+		return
+	}
+	ctx, cancel := s.sh.ctx()
+	defer cancel()
+	if err := s.sh.rdb.Do(ctx, s.sh.rdb.B().Hdel().Key(contestKey(r.c.ID)).Field("w:"+r.token).Build()).Error(); err != nil {
+		s.log.Warn("pk: wait mark not deleted (the end waits until it lapses)", "pk_id", r.c.ID, "err", err)
+		return
+	}
+	r.marked = false
 }
 
 // forget drops r from the replica (it is over).
@@ -429,7 +482,11 @@ func (s *Service) enterShared(room int64) (string, string, func(), bool) {
 		once.Do(func() {
 			s.mu.Lock()
 			r.inflight--
+			last := r.inflight == 0 && r.closing
 			s.mu.Unlock()
+			if last {
+				go s.clearWait(r) // (called on a wallet goroutine: never block it)
+			}
 		})
 	}, true
 }
@@ -504,10 +561,17 @@ func (s *Service) endShared(r *running) {
 	s.writes.Add(1)
 	s.mu.Unlock()
 	defer s.writes.Done()
-	res, err := s.endScript(r)
+	res, wait, err := s.endScript(r)
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	r.ending = false
+	if err == nil && wait {
+		// Another node's PK gifts are still being debited (its mark).
+		if !s.closed && !r.ended {
+			r.timer = time.AfterFunc(5*endPoll, func() { s.endShared(r) })
+		}
+		return
+	}
 	if err != nil {
 		s.log.Error("pk: end contest, retrying", "pk_id", r.c.ID, "err", err)
 		if !s.closed && !r.ended {
@@ -522,12 +586,13 @@ func (s *Service) endShared(r *running) {
 }
 
 // endScript runs end.lua with the wallet's tallies; ended: this call ended
-// the contest (and pushed its result).
-func (s *Service) endScript(r *running) (ended bool, err error) {
+// the contest (and pushed its result); wait: a node's PK gifts are still
+// being debited (its mark), try again shortly.
+func (s *Service) endScript(r *running) (ended, wait bool, err error) {
 	var t [2]int64
 	for i, room := range r.c.Rooms {
 		if t[i], err = s.tallies(TallyName(r.c.ID), room); err != nil {
-			return false, err
+			return false, false, err
 		}
 	}
 	r.pub.Lock()
@@ -537,13 +602,16 @@ func (s *Service) endScript(r *running) (ended bool, err error) {
 	arr, err := endScript.Exec(ctx, s.sh.rdb, []string{contestKey(r.c.ID), keyRooms, keyRunning},
 		[]string{r.c.ID, i64(r.c.Rooms[0]), i64(r.c.Rooms[1]), i64(t[0]), i64(t[1]), i64(s.keep.Milliseconds()), r.token}).AsIntSlice()
 	if err != nil {
-		return false, err
+		return false, false, err
+	}
+	if len(arr) == 1 && arr[0] == 2 {
+		return false, true, nil
 	}
 	if len(arr) != 4 || arr[0] != 1 {
-		return false, nil
+		return false, false, nil
 	}
 	s.publishShared(r.c, [2]int64{arr[1], arr[2]}, arr[3], true)
-	return true, nil
+	return true, false, nil
 }
 
 // publishShared pushes a contest's state (numbered in Redis) to both rooms.

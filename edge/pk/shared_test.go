@@ -351,7 +351,7 @@ func TestSharedPKEndReplyLostStillPushed(t *testing.T) {
 	r2 := n2.s.sh.byID[c.ID]
 	n2.s.mu.Unlock()
 	if r2 != nil {
-		if ended, err := n2.s.endScript(r2); err != nil || ended {
+		if ended, _, err := n2.s.endScript(r2); err != nil || ended {
 			t.Fatalf("another node's end after it: ended %v, %v", ended, err)
 		}
 	}
@@ -429,6 +429,34 @@ func TestSharedPKEndWaitsForGiftsInFlight(t *testing.T) {
 	leave()
 	poll(t, 5*time.Second, "the final push", func() bool { return len(finals(pushes(c.ID, 2, n1))) == 1 })
 	if f := finals(pushes(c.ID, 2, n1)); f[0].Scores["2"] != 9 || f[0].Winner != 2 {
+		t.Fatalf("final %+v, want room 2's late gift (9) scored", f[0])
+	}
+}
+
+// The other nodes' ends wait too: a PK gift still being debited on node 2
+// at the end time marks the contest in Redis, and node 1's end (end.lua)
+// waits for the mark to go; the late gift scores.
+func TestSharedPKEndWaitsForAnotherNodesGifts(t *testing.T) {
+	rdb, w := newRedis(t), &fakeWallet{}
+	n1, n2 := newNode(t, rdb, w, 1, 2), newNode(t, rdb, w, 1, 2)
+	c, err := n1.s.Start(1, 2, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var leave func()
+	poll(t, 2*time.Second, "the contest on node 2", func() bool {
+		var ok bool
+		_, _, leave, ok = n2.s.Enter(2)
+		return ok
+	})
+	time.Sleep(time.Until(c.EndsAt) + n1.s.grace + 300*time.Millisecond)
+	if f := finals(pushes(c.ID, 2, n1, n2)); len(f) != 0 {
+		t.Fatalf("final %+v while node 2's PK gift was still being debited", f)
+	}
+	w.add(TallyName(c.ID), 2, 9) // its debit lands
+	leave()
+	poll(t, 5*time.Second, "the final push", func() bool { return len(finals(pushes(c.ID, 2, n1, n2))) == 1 })
+	if f := finals(pushes(c.ID, 2, n1, n2)); f[0].Scores["2"] != 9 || f[0].Winner != 2 {
 		t.Fatalf("final %+v, want room 2's late gift (9) scored", f[0])
 	}
 }

@@ -8,13 +8,22 @@
 -- token (one per node's copy of the contest).
 -- Returns {1, score 0, score 1, seq} (ended here — also to a retry by the
 -- replica that ended it, whose first reply was lost, so it still pushes the
--- result), or {0} (not running: ended by another replica, or unknown).
+-- result), {0} (not running: ended by another replica, or unknown), or {2}
+-- (a node's PK gifts are still being debited: retry shortly).
 local state = redis.call('HGET', KEYS[1], 'state')
 if state == 'over' and redis.call('HGET', KEYS[1], 'ender') == ARGV[7] then
   local r = redis.call('HMGET', KEYS[1], 's0', 's1', 'seq')
   return {1, tonumber(r[1]), tonumber(r[2]), tonumber(r[3])}
 end
 if state ~= 'run' then return {0} end
+-- A node still debiting PK gifts of the contest marked it (w:<token> = the
+-- mark's deadline, by this clock): the end waits for it (returns {2}: retry).
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local f = redis.call('HGETALL', KEYS[1])
+for i = 1, #f, 2 do
+  if string.sub(f[i], 1, 2) == 'w:' and tonumber(f[i + 1]) > now then return {2} end
+end
 local s0 = math.max(tonumber(redis.call('HGET', KEYS[1], 's0') or '0'), tonumber(ARGV[4]))
 local s1 = math.max(tonumber(redis.call('HGET', KEYS[1], 's1') or '0'), tonumber(ARGV[5]))
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
