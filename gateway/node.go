@@ -276,7 +276,11 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 		RoomEffectsPerSecond: cfg.Gifts.RoomEffectsPerSecond,
 	}, log)
 	if n.Cluster != nil {
-		n.PK = pk.NewShared(n.Router, n.Rooms.EnsureOpen, n.Redis, n.Wallet.Tally, log) // a room opened through another node may not be replicated here yet
+		tallies := n.Wallet.Tally
+		if n.shared != nil {
+			tallies = n.shared.TallyFresh // the end's scores: not from a cache another node's write may not have reached
+		}
+		n.PK = pk.NewShared(n.Router, n.Rooms.EnsureOpen, n.Redis, tallies, log) // a room opened through another node may not be replicated here yet
 	} else {
 		n.PK = pk.New(n.Router, n.Rooms.IsOpen, n.Store, n.Wallet.Tally, log)
 	}

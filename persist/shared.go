@@ -1219,6 +1219,19 @@ func (w *SharedWallet) Tally(name string, user int64) (int64, error) {
 	return v, err
 }
 
+// TallyFresh is Tally read from Redis itself, not the client-side cache
+// (whose invalidation may lag a write by another node): for a reading that
+// decides, such as a PK contest's final scores.
+func (w *SharedWallet) TallyFresh(name string, user int64) (int64, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	defer cancel()
+	v, err := w.rdb.Do(ctx, w.rdb.B().Get().Key(tallyRKey(name, user)).Build()).AsInt64()
+	if rueidis.IsRedisNil(err) {
+		return 0, nil
+	}
+	return v, err
+}
+
 // Trades implements Wallet from the user's recent trades in Redis (the last
 // 1,000, from every node), newest first, ids below before.
 func (w *SharedWallet) Trades(user int64, before int64, limit int) ([]Trade, error) {

@@ -547,13 +547,15 @@ func (s *Service) EndRoom(room int64) {
 	}
 	s.mu.Lock()
 	c := s.byRoom[room]
-	if c != nil && c.timer != nil && !c.closing {
+	if c == nil || !c.live || c.closing {
+		s.mu.Unlock()
+		return // none, not started yet (its start answers the closed room), or ending
+	}
+	if c.timer != nil {
 		c.timer.Stop()
 	}
 	s.mu.Unlock()
-	if c != nil {
-		s.end(c)
-	}
+	s.end(c)
 }
 
 // Opponent returns the room room is contesting against (0 = none).

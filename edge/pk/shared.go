@@ -408,6 +408,15 @@ func (s *Service) syncShared() error {
 			s.adopt(c)
 		}
 	}
+	// A replica whose contest is no longer running ended elsewhere (before
+	// its end time: its room closed, EndRoom): no more PK gifts join it.
+	s.mu.Lock()
+	for id, r := range s.sh.byID {
+		if _, running := m[id]; !running && !r.ending && !r.ended {
+			s.forgetLocked(r)
+		}
+	}
+	s.mu.Unlock()
 	return nil
 }
 

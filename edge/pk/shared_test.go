@@ -402,6 +402,8 @@ func TestSharedPKEndsWhenItsRoomCloses(t *testing.T) {
 	poll(t, 2*time.Second, "the start seen on node 2", func() bool { _, _, ok := n2.s.Running(2); return ok })
 	n2.s.EndRoom(1)
 	poll(t, 5*time.Second, "one final push to room 2", func() bool { return len(finals(pushes(c.ID, 2, n1, n2))) == 1 })
+	// Node 1's replica learns it ended (its sync): no PK gift joins it.
+	poll(t, 5*time.Second, "node 1 forgets the ended contest", func() bool { _, _, _, ok := n1.s.Enter(2); return !ok })
 	poll(t, 5*time.Second, "room 2 paired again", func() bool { _, err := n1.s.Start(2, 3, time.Minute); return err == nil })
 	if f := finals(pushes(c.ID, 2, n1, n2)); len(f) != 1 {
 		t.Fatalf("finals %+v, want one", f)

@@ -17,12 +17,13 @@ if state == 'over' and redis.call('HGET', KEYS[1], 'ender') == ARGV[7] then
 end
 if state ~= 'run' then return {0} end
 -- A node still debiting PK gifts of the contest marked it (w:<token> = the
--- mark's deadline, by this clock): the end waits for it (returns {2}: retry).
+-- mark's deadline, by this clock): the end waits for it (returns {2}: retry)
+-- — not for the caller's own mark (it waited for its gifts itself).
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local f = redis.call('HGETALL', KEYS[1])
 for i = 1, #f, 2 do
-  if string.sub(f[i], 1, 2) == 'w:' and tonumber(f[i + 1]) > now then return {2} end
+  if string.sub(f[i], 1, 2) == 'w:' and f[i] ~= 'w:' .. ARGV[7] and tonumber(f[i + 1]) > now then return {2} end
 end
 local s0 = math.max(tonumber(redis.call('HGET', KEYS[1], 's0') or '0'), tonumber(ARGV[4]))
 local s1 = math.max(tonumber(redis.call('HGET', KEYS[1], 's1') or '0'), tonumber(ARGV[5]))
