@@ -124,6 +124,9 @@ type running struct {
 	// is (or may be) in Redis.
 	waitMu sync.Mutex
 	marked bool
+	// adopted: when this replica was made (a sync's read from before it
+	// may not list the contest yet).
+	adopted time.Time
 }
 
 func (sh *shared) ctx() (context.Context, context.CancelFunc) {
@@ -278,7 +281,7 @@ func (s *Service) adopt(c Contest) *running {
 	}
 	var tok [8]byte
 	_, _ = rand.Read(tok[:])
-	r := &running{c: c, token: hex.EncodeToString(tok[:])}
+	r := &running{c: c, token: hex.EncodeToString(tok[:]), adopted: time.Now()}
 	s.sh.byID[c.ID] = r
 	s.sh.byRoom[c.Rooms[0]], s.sh.byRoom[c.Rooms[1]] = r, r
 	r.timer = time.AfterFunc(max(0, time.Until(c.EndsAt)), func() { s.closeAtEnd(r) })
@@ -399,6 +402,7 @@ func decodeRunning(v string) (Contest, bool) {
 func (s *Service) syncShared() error {
 	ctx, cancel := s.sh.ctx()
 	defer cancel()
+	readAt := time.Now() // replicas adopted after this may be missing from m (started meanwhile)
 	m, err := s.sh.rdb.Do(ctx, s.sh.rdb.B().Hgetall().Key(keyRunning).Build()).AsStrMap()
 	if err != nil {
 		return err
@@ -412,7 +416,7 @@ func (s *Service) syncShared() error {
 	// its end time: its room closed, EndRoom): no more PK gifts join it.
 	s.mu.Lock()
 	for id, r := range s.sh.byID {
-		if _, running := m[id]; !running && !r.ending && !r.ended {
+		if _, running := m[id]; !running && !r.ending && !r.ended && r.adopted.Before(readAt) {
 			s.forgetLocked(r)
 		}
 	}
