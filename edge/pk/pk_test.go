@@ -196,21 +196,7 @@ func TestEndedContestForgotten(t *testing.T) {
 // never added still counts). Before, the timer froze the scores at the
 // end time: the last-second gift was debited and tallied, and left out.
 func TestGiftOnItsWayAtTheEndStillScores(t *testing.T) {
-	rt := router.NewLocal("t", router.LocalConfig{})
-	rt.OpenRoom(1)
-	rt.OpenRoom(2)
-	v := &routertest.Recorder{SessionID: 1, User: 1000}
-	if _, err := rt.Join(1, v); err != nil {
-		t.Fatal(err)
-	}
-	var tally atomic.Int64 // room 2's durable tally (the wallet's)
-	tallies := func(name string, room int64) (int64, error) {
-		if room == 2 {
-			return tally.Load(), nil
-		}
-		return 0, nil
-	}
-	s := New(rt, func(int64) bool { return true }, nil, tallies, nil)
+	s, v, tally := tallied(t, 2) // room 2's durable tally (the wallet's)
 	s.grace = 400 * time.Millisecond
 	c, err := s.Start(1, 2, time.Second)
 	if err != nil {
@@ -248,21 +234,7 @@ func TestGiftOnItsWayAtTheEndStillScores(t *testing.T) {
 // after endGrace and the late debit's tally grew after it: charged, never
 // scored.
 func TestPKEndWaitsForGiftsInFlight(t *testing.T) {
-	rt := router.NewLocal("t", router.LocalConfig{})
-	rt.OpenRoom(1)
-	rt.OpenRoom(2)
-	v := &routertest.Recorder{SessionID: 1, User: 1000}
-	if _, err := rt.Join(1, v); err != nil {
-		t.Fatal(err)
-	}
-	var tally atomic.Int64 // room 1's durable tally (the wallet's)
-	tallies := func(name string, room int64) (int64, error) {
-		if room == 1 {
-			return tally.Load(), nil
-		}
-		return 0, nil
-	}
-	s := New(rt, func(int64) bool { return true }, nil, tallies, nil)
+	s, v, tally := tallied(t, 1) // room 1's durable tally (the wallet's)
 	s.grace = 100 * time.Millisecond
 	c, err := s.Start(1, 2, time.Second)
 	if err != nil {
@@ -310,4 +282,25 @@ func TestPKEndWaitsForGiftsInFlight(t *testing.T) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+}
+
+// tallied is a single node's PK service of rooms 1 and 2, a watcher in room
+// 1, and the durable tally of room tallyRoom (the wallet's; the other's 0).
+func tallied(t *testing.T, tallyRoom int64) (*Service, *routertest.Recorder, *atomic.Int64) {
+	t.Helper()
+	rt := router.NewLocal("t", router.LocalConfig{})
+	rt.OpenRoom(1)
+	rt.OpenRoom(2)
+	v := &routertest.Recorder{SessionID: 1, User: 1000}
+	if _, err := rt.Join(1, v); err != nil {
+		t.Fatal(err)
+	}
+	tally := new(atomic.Int64)
+	tallies := func(name string, room int64) (int64, error) {
+		if room == tallyRoom {
+			return tally.Load(), nil
+		}
+		return 0, nil
+	}
+	return New(rt, func(int64) bool { return true }, nil, tallies, nil), v, tally
 }
