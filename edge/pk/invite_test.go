@@ -106,3 +106,44 @@ func TestInviteWithdrawLoopIsRateLimited(t *testing.T) {
 		t.Fatalf("another inviter: %v", err)
 	}
 }
+
+// An accept that cannot start the contest now (a room busy in another PK)
+// leaves the invitation standing: accepted again once the room is free, it
+// starts. Before, the failed accept consumed it and the retry was 10004.
+func TestFailedAcceptKeepsTheInvitation(t *testing.T) {
+	rt := router.NewLocal("t", router.LocalConfig{})
+	for _, r := range []int64{1, 2, 3} {
+		rt.OpenRoom(r)
+	}
+	noTallies := func(string, int64) (int64, error) { return 0, nil }
+	s := New(rt, func(int64) bool { return true }, nil, noTallies, nil)
+	t.Cleanup(s.Close)
+	inv, err := s.Invite(7, 1, 2, time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	busy, err := s.Start(2, 3, time.Minute) // room 2 pairs with room 3 first
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Accept(inv.ID); proto.AsError(err).Code != proto.CodeConflict {
+		t.Fatalf("accept while room 2 is busy: %v, want 10409", err)
+	}
+	if _, ok := s.Invitation(inv.ID); !ok {
+		t.Fatal("the failed accept consumed the invitation")
+	}
+	s.EndRoom(3) // room 3 closes: its contest ends, room 2 is free
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		if c, ok := s.Get(busy.ID); ok && c.Over {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("room 3's contest did not end")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if c, err := s.Accept(inv.ID); err != nil || c.ID != inv.ID {
+		t.Fatalf("accept again: %+v %v", c, err)
+	}
+}

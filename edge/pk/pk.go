@@ -395,7 +395,35 @@ func (s *Service) Accept(id string) (Contest, error) {
 	if err != nil {
 		return Contest{}, err
 	}
-	return s.start(inv.ID, inv.Rooms[0], inv.Rooms[1], inv.Duration)
+	c, err := s.start(inv.ID, inv.Rooms[0], inv.Rooms[1], inv.Duration)
+	if err != nil && proto.AsError(err).Code != proto.CodeNotFound {
+		// A room busy in another PK, or the record not written: nothing
+		// started, and the invitation stands (until it expires) — the
+		// anchor's retry is not "not found". A closed room ends it.
+		s.restoreInvite(inv)
+	}
+	return c, err
+}
+
+// restoreInvite puts back invitation inv that take removed, unless it
+// expired or the service closed meanwhile.
+func (s *Service) restoreInvite(inv Invitation) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	left := time.Until(inv.ExpiresAt)
+	if s.closed || left <= 0 || s.invites[inv.ID] != nil {
+		return
+	}
+	p := &inv
+	s.invites[p.ID] = p
+	s.invitesN[p.Inviter]++
+	p.timer = time.AfterFunc(left, func() {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		if s.invites[p.ID] == p {
+			s.dropInviteLocked(p)
+		}
+	})
 }
 
 // Decline drops invitation id; no contest starts.
