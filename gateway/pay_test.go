@@ -273,37 +273,55 @@ func TestReconcileLostNotify(t *testing.T) {
 // it, recorded once (a redelivery is a duplicate), nothing credited. Before,
 // it was 409 at every delivery: the money neither credited nor refunded.
 func TestLateMismatchedPaymentIsRefunded(t *testing.T) {
-	e := startPay(t, mockpay.Config{Lost: true}, func(c *configs.Config) {
-		c.Pay.OrderTimeout = configs.Duration(150 * time.Millisecond)
-		c.Pay.ReconcileAfter = configs.Duration(100 * time.Millisecond)
-		c.Pay.ReconcileEvery = configs.Duration(50 * time.Millisecond)
-	})
+	e := startClosingPay(t)
 	const user = 605
 	o := e.createOrder(t, user, 1, "late-other")
 	nodetest.Eventually(t, 5*time.Second, func() bool { return e.order(t, o.OrderID).Status == pay.StatusInvalid }, "not closed")
 	body, sig := signedEvent(e, o, "evt-late-other", o.Amount+1)
-	for range 2 { // and its redelivery
-		if st, b := e.post(t, sig, body); st != 200 || b != "success" {
-			t.Fatalf("late notify of another amount: %d %q", st, b)
+	var wg sync.WaitGroup
+	for range 4 { // the delivery and its redeliveries, at once
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if st, b := e.post(t, sig, body); st != 200 || b != "success" {
+				t.Errorf("late notify of another amount: %d %q", st, b)
+			}
+		}()
+	}
+	wg.Wait()
+	check := func(when string) {
+		t.Helper()
+		if got := e.order(t, o.OrderID); got.Status != pay.StatusPayBack || !strings.Contains(got.Note, "amount mismatch") {
+			t.Fatalf("%s: order %+v, want PAY_BACK noting the amount mismatch", when, got)
 		}
+		if b := e.balance(t, user); b != 0 {
+			t.Fatalf("%s: credited %d for a closed order", when, b)
+		}
+		persisttest.CheckConservation(t, e.node.Ledger)
 	}
-	if got := e.order(t, o.OrderID); got.Status != pay.StatusPayBack || !strings.Contains(got.Note, "amount mismatch") {
-		t.Fatalf("order %+v, want PAY_BACK noting the amount mismatch", got)
+	check("after the deliveries")
+	e.restart(t)
+	if st, b := e.post(t, sig, body); st != 200 || b != "success" { // a redelivery after a restart: a duplicate
+		t.Fatalf("redelivery after the restart: %d %q", st, b)
 	}
-	if b := e.balance(t, user); b != 0 {
-		t.Fatalf("credited %d for a closed order", b)
-	}
-	persisttest.CheckConservation(t, e.node.Ledger)
+	check("after the restart")
+}
+
+// startClosingPay is a payment node whose unpaid orders close within a few
+// hundred milliseconds (the provider loses its notifies).
+func startClosingPay(t *testing.T) *payEnv {
+	t.Helper()
+	return startPay(t, mockpay.Config{Lost: true}, func(c *configs.Config) {
+		c.Pay.OrderTimeout = configs.Duration(150 * time.Millisecond)
+		c.Pay.ReconcileAfter = configs.Duration(100 * time.Millisecond)
+		c.Pay.ReconcileEvery = configs.Duration(50 * time.Millisecond)
+	})
 }
 
 // A notify for an order already IN_VALID: the refund is recorded and pushed,
 // nothing is credited.
 func TestNotifyForClosedOrderIsRefunded(t *testing.T) {
-	e := startPay(t, mockpay.Config{Lost: true}, func(c *configs.Config) {
-		c.Pay.OrderTimeout = configs.Duration(150 * time.Millisecond)
-		c.Pay.ReconcileAfter = configs.Duration(100 * time.Millisecond)
-		c.Pay.ReconcileEvery = configs.Duration(50 * time.Millisecond)
-	})
+	e := startClosingPay(t)
 	const user = 604
 	var got pushLog
 	sdkDial(t, e.node, user, &got, nil)

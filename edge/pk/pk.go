@@ -486,18 +486,13 @@ func (s *Service) start(id string, a, b int64, d time.Duration) (Contest, error)
 }
 
 // Running returns the live contest room is in and the wallet tally that
-// keeps its score (gift.Scorer).
+// keeps its score: Enter, without a gift in flight.
 func (s *Service) Running(room int64) (id, tally string, ok bool) {
-	if s.sh != nil {
-		return s.runningShared(room)
+	id, tally, leave, ok := s.Enter(room)
+	if ok {
+		leave()
 	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	c := s.byRoom[room]
-	if c == nil || !c.live || c.Over || c.ending || c.closing {
-		return "", "", false
-	}
-	return c.ID, TallyName(c.ID), true
+	return id, tally, ok
 }
 
 // maxEndWait bounds how long past endGrace a contest's end waits for the PK

@@ -464,19 +464,6 @@ func (s *Service) closeShared() {
 	s.mu.Unlock()
 }
 
-func (s *Service) runningShared(room int64) (string, string, bool) {
-	r := s.lookup(room)
-	if r == nil {
-		return "", "", false
-	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if r.ended || r.closing || !time.Now().Before(r.c.EndsAt) {
-		return "", "", false
-	}
-	return r.c.ID, TallyName(r.c.ID), true
-}
-
 // enterShared is Enter in a cluster: the gift counts in flight on this
 // node's replica of the contest.
 func (s *Service) enterShared(room int64) (string, string, func(), bool) {
