@@ -613,7 +613,7 @@ func (s *Service) Get(id string) (Contest, bool) {
 }
 
 // endGrace is how long after a contest's end time its final score is taken:
-// from the end time no gift joins the contest (Running says no), and the
+// from the end time no gift joins the contest (Enter says no), and the
 // gifts already on their way — debited in a group commit or a Redis call
 // when the time came — still score meanwhile. The final score is also never
 // below the contest's durable tallies (a PK gift debited whose score was

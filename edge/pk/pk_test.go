@@ -191,7 +191,7 @@ func TestEndedContestForgotten(t *testing.T) {
 
 // A PK gift on its way when the contest's time is up — past Running, its
 // debit in the group commit — still scores: from the end time no gift
-// joins (Running says no), and the final score is taken endGrace later,
+// joins (Enter says no), and the final score is taken endGrace later,
 // never below the contest's durable tallies (a PK gift whose score was
 // never added still counts). Before, the timer froze the scores at the
 // end time: the last-second gift was debited and tallied, and left out.
