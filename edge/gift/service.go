@@ -150,18 +150,33 @@ type Config struct {
 	RoomEffectsPerSecond int
 }
 
+// AttemptFactor: a sender's gift requests reach the wallet at most this many
+// times Config.PerSecond a second (per node); beyond it they are answered
+// 10429 at once — "retry with the same req_id", since such a request may be
+// the retry of a gift that went through (whose retry then replays it) — and
+// without a 5557 push (nothing is known to have failed). A gift this node
+// answered in doubt is never refused so.
+const AttemptFactor = 4
+
 // Service sends gifts. Safe for concurrent use; Send blocks until the debit
 // is durable (or refused) and never on pushes.
 type Service struct {
-	wallet  persist.Wallet
-	router  router.Router
-	cat     *Catalogue
-	limit   *limit.Keyed
-	shared  *limit.Shared // the limit across a cluster (nil: off)
-	effects *effects
-	log     *slog.Logger
-	scorer  Scorer
-	recv    Receivers
+	wallet persist.Wallet
+	router router.Router
+	cat    *Catalogue
+	limit  *limit.Keyed
+	shared *limit.Shared // the limit across a cluster (nil: off)
+	// attempts bounds a sender's gift requests that reach the wallet at all
+	// (AttemptFactor × PerSecond a second on this node): the rules and the
+	// rate are checked only after the wallet claimed the req_id — with a
+	// shared wallet two Redis scripts for a refused gift — so without it a
+	// flood of fresh req_ids (not in the room, over the rate) was never
+	// refused before costing them.
+	attempts *limit.Keyed
+	effects  *effects
+	log      *slog.Logger
+	scorer   Scorer
+	recv     Receivers
 
 	accounts Accounts // frozen accounts (SetAccounts); nil = none
 
@@ -213,7 +228,8 @@ func New(w persist.Wallet, r router.Router, cat *Catalogue, cfg Config, log *slo
 		cfg.EffectWindow = 100 * time.Millisecond
 	}
 	s := &Service{wallet: w, router: r, cat: cat, log: log, recv: cfg.Receivers,
-		limit: limit.New(cfg.PerSecond, time.Second, max(1, cfg.PerSecond), nil), shared: cfg.SharedRate}
+		limit: limit.New(cfg.PerSecond, time.Second, max(1, cfg.PerSecond), nil), shared: cfg.SharedRate,
+		attempts: limit.New(AttemptFactor*cfg.PerSecond, time.Second, AttemptFactor*max(1, cfg.PerSecond), nil)}
 	s.effects = newEffects(r, cfg.EffectWindow, cfg.RoomEffectsPerSecond)
 	s.doubted, _ = simplelru.NewLRU[doubtKey, owedGift](maxDoubted, nil)
 	s.settledEarly, _ = simplelru.NewLRU[doubtKey, persist.Settled](maxSettledEarly, nil)
@@ -239,6 +255,17 @@ func (s *Service) doubt(k doubtKey, g owedGift) {
 	if early && st.Ran && len(st.Result.TradeIDs) > 0 {
 		s.sendEffects(strconv.FormatInt(st.Result.TradeIDs[0], 10), g)
 	}
+}
+
+// isDoubted reports whether gift k was answered in doubt here and is not
+// settled yet.
+func (s *Service) isDoubted(k doubtKey) bool {
+	if s.nDoubted.Load() == 0 {
+		return false
+	}
+	s.doubtMu.Lock()
+	defer s.doubtMu.Unlock()
+	return s.doubted.Contains(k)
 }
 
 // owed reports and forgets whether gift k, which succeeded, was answered in
@@ -341,6 +368,12 @@ func (s *Service) send(sender int64, inRoom bool, r Req, done func(Reply, *sendE
 	g, ok := s.cat.Get(r.GiftID)
 	if !ok {
 		done(Reply{}, fail(proto.CodeGiftUnavailable, "gift not found or disabled"))
+		return
+	}
+	if s.attempts != nil && !s.attempts.Allow(uint64(sender)) && !s.isDoubted(doubtKey{sender, r.ReqID}) {
+		e := fail(proto.CodeRateLimited, "too many gift requests, slow down; retry with the same req_id")
+		e.quiet = true
+		done(Reply{}, e)
 		return
 	}
 	amount := g.Price * int64(r.Count)

@@ -1,6 +1,7 @@
 package gift
 
 import (
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -132,5 +133,76 @@ func TestGiftAnsweredInDoubtGetsItsEffectsOnRetry(t *testing.T) {
 	}
 	if b, _ := led.Balance(100); b >= 10_000 {
 		t.Fatalf("balance %d: not debited", b)
+	}
+}
+
+// countingWallet is landsLateWallet counting the ops that reach it.
+type countingWallet struct {
+	landsLateWallet
+	ops int
+}
+
+func (w *countingWallet) ApplyAsync(op persist.Op, done func(persist.Result, error)) {
+	w.ops++
+	w.landsLateWallet.ApplyAsync(op, done)
+}
+
+// A sender's gift requests reach the wallet at most AttemptFactor × the gift
+// rate a second: a flood of fresh req_ids to a room the sender is not in
+// (refused by the rules only after the wallet claimed each req_id — two
+// Redis scripts each with a shared wallet) is answered 10429 beyond it,
+// without a 5557 push. A gift answered in doubt still gets its retry
+// through (its replay, not a 10429), and the money moved once.
+func TestGiftAttemptsBoundedBeforeTheWallet(t *testing.T) {
+	st, led := openLedger(t)
+	if _, err := led.Apply(persist.Op{User: 100, ReqID: "seed", Postings: []persist.Posting{{User: 100, Delta: 10_000, Reason: persist.ReasonDev}}}); err != nil {
+		t.Fatal(err)
+	}
+	cat, err := NewCatalogue(PebbleCatalogue{Store: st})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rt := router.NewLocal("t", router.LocalConfig{})
+	rt.OpenRoom(7)
+	sender := &routertest.Recorder{SessionID: 1, User: 100}
+	rt.Register(sender)
+	w := &countingWallet{landsLateWallet: landsLateWallet{Ledger: led}}
+	const rate = 5
+	s := New(w, rt, cat, Config{PerSecond: rate}, nil)
+
+	late := Req{RoomID: 7, GiftID: 24, ReceiverID: 200, Count: 1, ReqID: "late"}
+	if _, e := s.Send(100, true, late); e == nil || e.Code != proto.CodeConflict {
+		t.Fatalf("first answer: %+v, want %d (in doubt)", e, proto.CodeConflict)
+	}
+	codes := map[int]int{}
+	for i := range 100 {
+		req := Req{RoomID: 9, GiftID: 24, ReceiverID: 200, Count: 1, ReqID: "flood" + strconv.Itoa(i)}
+		_, e := s.Send(100, false, req)
+		if e == nil {
+			t.Fatalf("gift %d to a room the sender is not in went through", i)
+		}
+		codes[e.Code]++
+	}
+	if reached := w.ops - 1; reached > AttemptFactor*rate+2 || codes[proto.CodeRateLimited] < 100-AttemptFactor*rate-2 {
+		t.Fatalf("%d of 100 requests reached the wallet, answers %v: want at most %d (%d× the rate) there, the rest 10429", reached, codes, AttemptFactor*rate, AttemptFactor)
+	}
+	// The gift answered in doubt: its retry is its replay, limit or not.
+	rep, e := s.Send(100, true, late)
+	if e != nil || rep.OrderID == "" {
+		t.Fatalf("retry of the gift answered in doubt, over the attempts: %+v %+v", rep, e)
+	}
+	time.Sleep(50 * time.Millisecond)
+	failed := 0
+	for _, r := range sender.Received() {
+		if strings.Contains(string(r.Bytes), `"biz":5557`) {
+			failed++
+		}
+	}
+	if want := 100 - codes[proto.CodeRateLimited]; failed != want {
+		t.Fatalf("%d biz 5557 pushes, want %d (one per request refused by the rules; none for a 10429 before the wallet)", failed, want)
+	}
+	g, _ := cat.Get(24)
+	if b, _ := led.Balance(100); b != 10_000-g.Price {
+		t.Fatalf("balance %d, want %d: one gift debited once", b, 10_000-g.Price)
 	}
 }
