@@ -249,7 +249,7 @@ func (s *Service) startShared(mode, id string, a, b int64, d time.Duration) (Con
 	if err != nil {
 		return Contest{}, err
 	}
-	if err := s.pair(mode, id, i64(a), i64(b), string(rec)); err != nil {
+	if err := s.pair(mode, id, i64(a), i64(b), string(rec)); err != nil && (err != errUnavailable || !s.startedUnseen(id)) {
 		return Contest{}, err
 	}
 	r := s.adopt(c)
@@ -261,6 +261,37 @@ func (s *Service) startShared(mode, id string, a, b int64, d time.Duration) (Con
 	c.Seq = 1
 	return c, nil
 }
+
+// startedUnseen reports whether contest id runs: pair.lua's reply was lost
+// (a timeout, a cut connection), and the script may have started it — then
+// it is this call's (ids are new per invitation or pairing), and answering
+// "retry" would leave it unannounced here (no start push) and its retry
+// "not found". Asked a few times within startCheckFor: the connection that
+// lost the reply may take a moment to come back.
+func (s *Service) startedUnseen(id string) bool {
+	deadline := time.Now().Add(startCheckFor)
+	for {
+		ctx, cancel := s.sh.ctx()
+		ok, err := s.sh.rdb.Do(ctx, s.sh.rdb.B().Hexists().Key(keyRunning).Field(id).Build()).AsBool()
+		cancel()
+		if err == nil {
+			if ok {
+				s.log.Warn("pk: contest started though its pairing's reply was lost", "pk_id", id)
+			}
+			return ok
+		}
+		if time.Now().Add(startCheckEvery).After(deadline) {
+			return false
+		}
+		time.Sleep(startCheckEvery)
+	}
+}
+
+// startCheckFor bounds startedUnseen; startCheckEvery spaces its reads.
+const (
+	startCheckFor   = 2 * time.Second
+	startCheckEvery = 200 * time.Millisecond
+)
 
 func (s *Service) isClosed() bool {
 	s.mu.Lock()

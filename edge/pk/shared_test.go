@@ -462,3 +462,71 @@ func TestSharedPKEndWaitsForAnotherNodesGifts(t *testing.T) {
 		t.Fatalf("final %+v, want room 2's late gift (9) scored", f[0])
 	}
 }
+
+// In a cluster an accept that cannot start its contest (a room busy in
+// another PK) leaves the invitation standing, as on one node: the anchor's
+// accept, through any node, once the room is free, starts it. Before,
+// pair.lua dropped the invitation before its check: "not found" then.
+func TestSharedFailedAcceptKeepsTheInvitation(t *testing.T) {
+	rdb, w := newRedis(t), &fakeWallet{}
+	n1, n2 := newNode(t, rdb, w, 1, 2, 3), newNode(t, rdb, w, 1, 2, 3)
+	inv, err := n1.s.Invite(7, 1, 2, time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	busy, err := n1.s.Start(2, 3, time.Hour) // room 2 pairs with room 3 first
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := n2.s.Accept(inv.ID); proto.AsError(err).Code != proto.CodeConflict {
+		t.Fatalf("accept while room 2 is busy: %v, want 10409", err)
+	}
+	if _, ok := n1.s.Invitation(inv.ID); !ok {
+		t.Fatal("the failed accept consumed the invitation")
+	}
+	n2.s.EndRoom(3) // room 3 closes: its contest ends, room 2 is free
+	poll(t, 5*time.Second, "room 3's contest over", func() bool { c, ok := n1.s.Get(busy.ID); return ok && c.Over })
+	c, err := n2.s.Accept(inv.ID)
+	if err != nil || c.ID != inv.ID {
+		t.Fatalf("accept again: %+v %v", c, err)
+	}
+	poll(t, 2*time.Second, "the start push", func() bool { return len(pushes(c.ID, 1, n1, n2)) > 0 })
+	if p := pushes(c.ID, 1, n1, n2); len(p) != 1 || p[0].Seq != 1 {
+		t.Fatalf("start pushes: %+v", p)
+	}
+}
+
+// A shared accept whose pair.lua ran in Redis but whose reply was lost (the
+// connection cut) started the contest: the node finds it (startedUnseen)
+// and answers the contest, with its start push — not "retry", whose retry
+// was "not found" with the contest running unannounced.
+func TestSharedAcceptWhoseReplyWasLost(t *testing.T) {
+	srv := redistest.Start(t)
+	px := redistest.StartProxy(t, srv.Addr)
+	rdb, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{px.Addr}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(rdb.Close)
+	w := &fakeWallet{}
+	n1 := newNode(t, rdb, w, 1, 2)
+	inv, err := n1.s.Invite(7, 1, 2, time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	px.LoseReply("accept", 500*time.Millisecond) // pair.lua's accept runs; its reply is lost
+	c, err := n1.s.Accept(inv.ID)
+	if px.Fired() != 1 {
+		t.Fatalf("the fault fired %d times", px.Fired())
+	}
+	if err != nil || c.ID != inv.ID || c.Seq != 1 {
+		t.Fatalf("accept whose reply was lost: %+v %v, want the contest", c, err)
+	}
+	if id, _, ok := n1.s.Running(1); !ok || id != inv.ID {
+		t.Fatalf("running: %q %v", id, ok)
+	}
+	poll(t, 2*time.Second, "the start push", func() bool { return len(pushes(c.ID, 1, n1)) > 0 })
+	if p := pushes(c.ID, 1, n1); len(p) != 1 || p[0].Seq != 1 {
+		t.Fatalf("start pushes: %+v", p)
+	}
+}

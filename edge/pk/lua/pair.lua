@@ -57,9 +57,13 @@ end
 if mode == 'accept' or mode == 'decline' then
   local exp = redis.call('ZSCORE', KEYS[2], id)
   if not exp or tonumber(exp) <= now or redis.call('HEXISTS', KEYS[1], id) == 0 then return {4} end
+  if mode == 'accept' and busy(ARGV[4], ARGV[5]) then
+    -- Nothing starts, and the invitation stands until it expires: the
+    -- anchor's retry, once the room is free, is not "not found".
+    return {1}
+  end
   drop(id)
   if mode == 'decline' then return {0} end
-  if busy(ARGV[4], ARGV[5]) then return {1} end
   begin(ARGV[4], ARGV[5], ARGV[6])
   return {0}
 end
