@@ -215,7 +215,7 @@ type Pay struct {
 	PublicURL      string   `yaml:"public_url"`      // how the provider reaches this node ("" = http://<http.addr>)
 	ReconcileAfter Duration `yaml:"reconcile_after"` // PAYING longer than this → active query
 	ReconcileEvery Duration `yaml:"reconcile_every"` // reconciler period
-	WorkerID       int      `yaml:"worker_id"`       // snowflake worker 0..31 (-1 = derived: local mode fnv(node.id) % 32; shared mode the first free id leased in Redis); shared mode refuses to start when another node holds it
+	WorkerID       int      `yaml:"worker_id"`       // snowflake worker 0..31 (-1 = derived: local mode fnv(node.id) % 32; shared mode leased in Redis: the id it held last, else one no node ever held); shared mode refuses to start when another node holds it
 	// MaxOpenOrdersPerUser bounds a user's unpaid orders (WAITING_PAY /
 	// PAYING): one more → 10429 (0 = no bound).
 	MaxOpenOrdersPerUser int `yaml:"max_open_orders_per_user"`

@@ -8,6 +8,7 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -16,6 +17,7 @@ import (
 
 	"github.com/liveedge/liveedge/edge/pay"
 	"github.com/liveedge/liveedge/gateway/proto"
+	"github.com/liveedge/liveedge/persist"
 )
 
 // Payment orders in a cluster live in the Pebble of the node that made them
@@ -73,6 +75,25 @@ func (n *Node) payOwner(id int64) (string, error) {
 		return "", nil
 	}
 	return n.workerOwner(pay.WorkerOf(id))
+}
+
+// keyLastWorker is where a cluster node keeps the order-id worker id it
+// leased last: it asks for that one first when it starts again (the ids it
+// made carry it, and the cluster routes them by its lease), even if Redis
+// lost the ids' owners meanwhile.
+var keyLastWorker = []byte("rec/payworker")
+
+// lastWorker returns the worker id st says this node leased last, or -1.
+func lastWorker(st *persist.Store) int {
+	v, err := st.Get(keyLastWorker)
+	if err != nil {
+		return -1
+	}
+	w, err := strconv.Atoi(string(v))
+	if err != nil || w < 0 || w >= pay.MaxWorkers {
+		return -1
+	}
+	return w
 }
 
 // workerOwner returns the node holding worker id w's lease ("" = this node).

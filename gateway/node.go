@@ -313,12 +313,15 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 		n.payOpen = limit.NewHeld(n.Redis, "payopen", cfg.Pay.MaxOpenOrdersPerUser, log)
 		// Nodes sharing Redis never share an order-id worker id.
 		lctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		n.worker, err = pay.LeaseWorker(lctx, n.Redis, cfg.Node.ID, cfg.Pay.WorkerID, 0, log)
+		n.worker, err = pay.LeaseWorker(lctx, n.Redis, cfg.Node.ID, cfg.Pay.WorkerID, lastWorker(n.Store), 0, log)
 		cancel()
 		if err != nil {
 			return nil, err
 		}
 		workerID, workerHeld = n.worker.ID(), n.worker.Held
+		if err = n.Store.Put(keyLastWorker, []byte(strconv.Itoa(workerID))); err != nil {
+			return nil, err
+		}
 	}
 	n.Pay, err = pay.New(n.Store, n.Wallet, n.Router, pay.Config{
 		Node: cfg.Node.ID, WorkerID: workerID, WorkerHeld: workerHeld, Secrets: cfg.Pay.Secrets,

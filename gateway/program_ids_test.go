@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -178,4 +179,57 @@ func workerNode(t *testing.T, worker int) (*gateway.Node, configs.Config) {
 	cfg := clusterNodeConfig(t, "gw-1", []string{"gw-1"}, redistest.Start(t), natstest.Start(t))
 	cfg.Pay.WorkerID = worker
 	return nodetest.Start(t, cfg), cfg
+}
+
+// A node away (a restart, an outage) keeps its worker id: gw-1 and gw-23 both
+// start from id 1 (their hash); gw-1 holds it, gw-23 takes the next. With
+// gw-1 down, gw-23 restarts: it takes its own id again, not gw-1's free one;
+// gw-1 comes back to 1, and the order it made is reached through gw-23
+// (forwarded by the id's lease). Before, gw-23 restarting took id 1, gw-1
+// came back under another, and the order was routed to gw-23, which does
+// not have it.
+func TestWorkerIDKeptWhileItsNodeIsAway(t *testing.T) {
+	rds, nats := redistest.Start(t), natstest.Start(t)
+	peers := []string{"gw-1", "gw-23"}
+	cfg1, cfg23 := clusterNodeConfig(t, "gw-1", peers, rds, nats), clusterNodeConfig(t, "gw-23", peers, rds, nats)
+	n1 := nodetest.Start(t, cfg1)
+	n23 := nodetest.Start(t, cfg23)
+	const user = 77
+	o, err := n1.Pay.CreateOrder(user, pay.CreateReq{ProductID: 1, Channel: "mock", ReqID: "w"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if w := pay.WorkerOf(mustID(t, o.OrderID)); w != 1 {
+		t.Fatalf("gw-1's order has worker %d, want its hash's 1", w)
+	}
+	for _, n := range []*gateway.Node{n1, n23} { // gw-1 away; gw-23 restarts meanwhile
+		if err := n.Shutdown(context.Background()); err != nil { // its lease released
+			t.Fatal(err)
+		}
+	}
+	n23 = nodetest.Start(t, cfg23)
+	n1 = nodetest.Start(t, cfg1)
+	var got struct {
+		Code int       `json:"code"`
+		Msg  string    `json:"msg"`
+		Data pay.Order `json:"data"`
+	}
+	if st := nodetest.DoJSON(t, "GET", nodetest.HTTPURL(n23)+"/api/v1/pay/orders/"+o.OrderID, nodetest.Token(t, n23, user, gateway.RoleViewer), "", &got); st != 200 || got.Data.OrderID != o.OrderID {
+		t.Fatalf("GET gw-1's order through gw-23: %d %+v", st, got)
+	}
+	// Each node makes new orders under its own id.
+	for _, n := range []*gateway.Node{n1, n23} {
+		if _, err := n.Pay.CreateOrder(user+1, pay.CreateReq{ProductID: 1, Channel: "mock", ReqID: "x" + n.Config.Node.ID}); err != nil {
+			t.Fatalf("%s: %v", n.Config.Node.ID, err)
+		}
+	}
+}
+
+func mustID(t *testing.T, s string) int64 {
+	t.Helper()
+	id, err := strconv.ParseInt(s, 10, 64)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return id
 }

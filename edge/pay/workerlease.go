@@ -26,6 +26,14 @@ const refreshMax = time.Second
 // holding node's id.
 func WorkerLeaseKey(id int) string { return "liveedge:pay:worker:" + strconv.Itoa(id) }
 
+// WorkerOwnerKey is the Redis key naming the node that last held worker id's
+// lease; it has no TTL: the id stays that node's — its orders, programs and
+// rains carry the id, and the cluster routes them by it — while the node is
+// away (a restart, an outage), and a node choosing an id (-1) takes one no
+// node owns before another node's.
+// (Its hash tag is the lease key: one slot for the claim script's two keys.)
+func WorkerOwnerKey(id int) string { return "{" + WorkerLeaseKey(id) + "}:owner" }
+
 // WorkerLease is an order-id worker id held in Redis, so that the nodes of a
 // cluster (which share Redis) never generate ids with the same worker bits:
 // the key WorkerLeaseKey(id) names the holder (SET with a TTL, only when
@@ -60,11 +68,13 @@ type WorkerLease struct {
 }
 
 // claimScript takes KEYS[1] for node ARGV[1] for ARGV[2] ms when it is free
-// or already the node's: 1 taken, 0 another node holds it.
+// or already the node's, and names the node in KEYS[2] (the id's owner, no
+// TTL): 1 taken, 0 another node holds it.
 var claimScript = rueidis.NewLuaScript(`
 local v = redis.call('GET', KEYS[1])
 if v == false or v == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  redis.call('SET', KEYS[2], ARGV[1])
   return 1
 end
 return 0`)
@@ -75,10 +85,14 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0`)
 
 // LeaseWorker takes a worker id for node: want ≥ 0 takes exactly that id (an
-// error when another node holds it); want < 0 takes the first free id,
-// starting from a hash of node (an error when all MaxWorkers are held).
-// ttl ≤ 0 means DefaultLeaseTTL.
-func LeaseWorker(ctx context.Context, client rueidis.Client, node string, want int, ttl time.Duration, log *slog.Logger) (*WorkerLease, error) {
+// error when another node holds it); want < 0 takes a free id — prefer (the
+// id the node held last, from its own disk; < 0 = none) if free and no other
+// node owns it now (Redis may have lost the owners), then an id
+// the node owns (WorkerOwnerKey), then one no node owns, starting from a hash
+// of node, and only then one another node owns (its lease free: that node is
+// away; logged) — an error when all MaxWorkers are held. ttl ≤ 0 means
+// DefaultLeaseTTL.
+func LeaseWorker(ctx context.Context, client rueidis.Client, node string, want, prefer int, ttl time.Duration, log *slog.Logger) (*WorkerLease, error) {
 	if ttl <= 0 {
 		ttl = DefaultLeaseTTL
 	}
@@ -90,13 +104,11 @@ func LeaseWorker(ctx context.Context, client rueidis.Client, node string, want i
 	}
 	l := &WorkerLease{client: client, node: node, ttl: ttl, log: log, stop: make(chan struct{}), base: time.Now()}
 	candidates := []int{want}
+	owners := make([]string, MaxWorkers)
 	if want < 0 {
-		h := fnv.New32a()
-		h.Write([]byte(node))
-		start := int(h.Sum32() % MaxWorkers)
-		candidates = candidates[:0]
-		for i := 0; i < MaxWorkers; i++ {
-			candidates = append(candidates, (start+i)%MaxWorkers)
+		var err error
+		if candidates, owners, err = workerCandidates(ctx, client, node, prefer); err != nil {
+			return nil, fmt.Errorf("pay: lease worker id: %w", err)
 		}
 	}
 	for _, id := range candidates {
@@ -106,6 +118,10 @@ func LeaseWorker(ctx context.Context, client rueidis.Client, node string, want i
 			return nil, fmt.Errorf("pay: lease worker id: %w", err)
 		}
 		if ok {
+			if o := owners[id]; o != "" && o != node {
+				log.Warn("pay: took over the worker id of another node (every id has an owner): its orders, programs and rains made under it are routed here until it is back under another id",
+					"worker_id", id, "owner", o)
+			}
 			l.id = id
 			l.lastOK.Store(sent)
 			l.wg.Add(1)
@@ -120,8 +136,50 @@ func LeaseWorker(ctx context.Context, client rueidis.Client, node string, want i
 	return nil, fmt.Errorf("pay: all %d worker ids are held by other nodes", MaxWorkers)
 }
 
+// workerCandidates orders the ids node may take (want < 0): prefer, the
+// ids node owns, the ids no node owns, the other nodes' — each group from a
+// hash of node on — and returns the owners read.
+func workerCandidates(ctx context.Context, client rueidis.Client, node string, prefer int) ([]int, []string, error) {
+	cmds := make(rueidis.Commands, MaxWorkers)
+	for i := range cmds {
+		cmds[i] = client.B().Get().Key(WorkerOwnerKey(i)).Build()
+	}
+	owners := make([]string, MaxWorkers)
+	for i, r := range client.DoMulti(ctx, cmds...) {
+		v, err := r.ToString()
+		if err != nil && !rueidis.IsRedisNil(err) {
+			return nil, nil, err
+		}
+		owners[i] = v // "" = no owner
+	}
+	h := fnv.New32a()
+	h.Write([]byte(node))
+	start := int(h.Sum32() % MaxWorkers)
+	if prefer >= 0 && prefer < MaxWorkers && owners[prefer] != "" && owners[prefer] != node {
+		prefer = -1 // taken over by another node since: its ids are that node's now
+	}
+	var mine, free, others []int
+	for i := range MaxWorkers {
+		id := (start + i) % MaxWorkers
+		switch {
+		case id == prefer:
+		case owners[id] == node:
+			mine = append(mine, id)
+		case owners[id] == "":
+			free = append(free, id)
+		default:
+			others = append(others, id)
+		}
+	}
+	var out []int
+	if prefer >= 0 && prefer < MaxWorkers {
+		out = append(out, prefer)
+	}
+	return append(append(append(out, mine...), free...), others...), owners, nil
+}
+
 func (l *WorkerLease) claim(ctx context.Context, id int) (bool, error) {
-	n, err := claimScript.Exec(ctx, l.client, []string{WorkerLeaseKey(id)},
+	n, err := claimScript.Exec(ctx, l.client, []string{WorkerLeaseKey(id), WorkerOwnerKey(id)},
 		[]string{l.node, strconv.FormatInt(l.ttl.Milliseconds(), 10)}).AsInt64()
 	return n == 1, err
 }

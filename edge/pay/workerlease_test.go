@@ -35,7 +35,7 @@ func TestWorkerLeaseUnique(t *testing.T) {
 	var leases []*pay.WorkerLease
 	for i := 0; i < pay.MaxWorkers; i++ {
 		node := fmt.Sprintf("gw-%d", i)
-		l, err := pay.LeaseWorker(ctx, c, node, -1, time.Minute, nil)
+		l, err := pay.LeaseWorker(ctx, c, node, -1, -1, time.Minute, nil)
 		if err != nil {
 			t.Fatalf("%s: %v", node, err)
 		}
@@ -48,22 +48,22 @@ func TestWorkerLeaseUnique(t *testing.T) {
 		}
 		leases = append(leases, l)
 	}
-	if _, err := pay.LeaseWorker(ctx, c, "gw-extra", -1, time.Minute, nil); err == nil {
+	if _, err := pay.LeaseWorker(ctx, c, "gw-extra", -1, -1, time.Minute, nil); err == nil {
 		t.Fatal("a node beyond MaxWorkers got a worker id")
 	}
 	// An explicit id another node holds.
-	if _, err := pay.LeaseWorker(ctx, c, "gw-extra", leases[3].ID(), time.Minute, nil); err == nil || !strings.Contains(err.Error(), "gw-3") {
+	if _, err := pay.LeaseWorker(ctx, c, "gw-extra", leases[3].ID(), -1, time.Minute, nil); err == nil || !strings.Contains(err.Error(), "gw-3") {
 		t.Fatalf("explicit id held by gw-3: %v", err)
 	}
 	// The same node restarting (its lease still in Redis) takes it back.
-	again, err := pay.LeaseWorker(ctx, c, "gw-5", leases[5].ID(), time.Minute, nil)
+	again, err := pay.LeaseWorker(ctx, c, "gw-5", leases[5].ID(), -1, time.Minute, nil)
 	if err != nil || again.ID() != leases[5].ID() {
 		t.Fatalf("gw-5 restarting: %v", err)
 	}
 	// Shutdown releases: the id is free for another node.
 	freed := leases[7].ID()
 	leases[7].Close()
-	l, err := pay.LeaseWorker(ctx, c, "gw-new", freed, time.Minute, nil)
+	l, err := pay.LeaseWorker(ctx, c, "gw-new", freed, -1, time.Minute, nil)
 	if err != nil || l.ID() != freed {
 		t.Fatalf("released id %d not free: %v", freed, err)
 	}
@@ -82,7 +82,7 @@ func TestWorkerLeaseRefreshAndLoss(t *testing.T) {
 	c := leaseClient(t)
 	ctx := context.Background()
 	const ttl = 300 * time.Millisecond
-	l, err := pay.LeaseWorker(ctx, c, "gw-a", 4, ttl, nil)
+	l, err := pay.LeaseWorker(ctx, c, "gw-a", 4, -1, ttl, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -126,7 +126,7 @@ func TestWorkerLeaseBackAfterRedisLoss(t *testing.T) {
 	}
 	defer c.Close()
 	ctx := context.Background()
-	l, err := pay.LeaseWorker(ctx, c, "gw-a", 7, pay.DefaultLeaseTTL, nil)
+	l, err := pay.LeaseWorker(ctx, c, "gw-a", 7, -1, pay.DefaultLeaseTTL, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -145,4 +145,66 @@ func TestWorkerLeaseBackAfterRedisLoss(t *testing.T) {
 	if !l.Held() {
 		t.Fatal("lease not held after the key came back")
 	}
+}
+
+// A worker id stays its node's while the node is away: a node choosing an id
+// (-1) takes one no node owns before one another node owned, even when its
+// hash starts at that one (gw-1 and gw-23 both start at 1). The node comes
+// back to its own id; after Redis lost the owners, to the id its disk
+// remembers (prefer), unless another node owns that one now. Only when every
+// id has an owner is another node's taken over (its lease free).
+func TestWorkerIDStaysItsNodes(t *testing.T) {
+	c := leaseClient(t)
+	ctx := context.Background()
+	take := func(node string, prefer int) *pay.WorkerLease {
+		t.Helper()
+		l, err := pay.LeaseWorker(ctx, c, node, -1, prefer, time.Minute, nil)
+		if err != nil {
+			t.Fatalf("%s: %v", node, err)
+		}
+		return l
+	}
+	a := take("gw-1", -1)
+	if a.ID() != 1 {
+		t.Fatalf("gw-1 took %d, want its hash's 1", a.ID())
+	}
+	a.Close() // a restart, an outage: the lease is free
+	b := take("gw-23", -1)
+	if b.ID() == 1 {
+		t.Fatal("gw-23 took gw-1's worker id while gw-1 was away")
+	}
+	if a = take("gw-1", -1); a.ID() != 1 {
+		t.Fatalf("gw-1 back: worker %d, want 1", a.ID())
+	}
+	a.Close()
+	b.Close()
+	// Redis restarted empty: the owners are gone; the disks remember.
+	if err := c.Do(ctx, c.B().Flushall().Build()).Error(); err != nil {
+		t.Fatal(err)
+	}
+	if b = take("gw-23", 2); b.ID() != 2 {
+		t.Fatalf("gw-23 preferring 2 took %d", b.ID())
+	}
+	if a = take("gw-1", 1); a.ID() != 1 {
+		t.Fatalf("gw-1 preferring 1 took %d", a.ID())
+	}
+	a.Close()
+	b.Close()
+	// A stale preference (another node owns it now) is not taken.
+	if l := take("gw-7", 2); l.ID() == 2 {
+		t.Fatal("gw-7 took gw-23's id 2 by a stale preference")
+	} else {
+		l.Close()
+	}
+	// Every id owned (and free): a new node takes one over.
+	for i := range pay.MaxWorkers {
+		if err := c.Do(ctx, c.B().Set().Key(pay.WorkerOwnerKey(i)).Value(fmt.Sprintf("old-%d", i)).Build()).Error(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	l := take("gw-new", -1)
+	if v, _ := c.Do(ctx, c.B().Get().Key(pay.WorkerOwnerKey(l.ID())).Build()).ToString(); v != "gw-new" {
+		t.Fatalf("owner of %d: %q, want gw-new", l.ID(), v)
+	}
+	l.Close()
 }
