@@ -68,6 +68,10 @@ func (a *API) Listen() error {
 		server.WithStreamBody(true),
 		server.WithDisablePreParseMultipartForm(true),
 		server.WithHandleMethodNotAllowed(true),
+		// A path that differs from a route by a trailing slash is an
+		// unknown path (404 10004 in the envelope), not Hertz's redirect
+		// (301/307 without the envelope, before any middleware).
+		server.WithRedirectTrailingSlash(false),
 		// The standard transport: its read timeout is a deadline for the
 		// whole of each keep-alive request from its first bytes, and the
 		// first request's is set at the accept (OnAccept; Hertz sets none

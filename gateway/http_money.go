@@ -196,6 +196,11 @@ func (a *API) startPK(_ context.Context, c *app.RequestContext) {
 		ok(c, contestView(ct))
 		return
 	}
+	if r.RoomA <= 0 || r.RoomB <= 0 {
+		// 10001 as for an admin (pk's checks), not room_a's lookup's 10004.
+		a.fail(c, proto.BadRequest("room_a and room_b must be room ids"))
+		return
+	}
 	info, err := a.rooms.Get(r.RoomA, ident.UserID)
 	if err != nil {
 		a.fail(c, err)

@@ -100,6 +100,8 @@ func TestHTTPErrorsUseEnvelope(t *testing.T) {
 		{"unknown route", "GET", "/api/v1/nope", "", false, 404, proto.CodeNotFound},
 		{"unknown route outside the API", "GET", "/nope", "", false, 404, proto.CodeNotFound},
 		{"unknown method", "DELETE", "/api/v1/gifts", "", false, 405, proto.CodeBadRequest},
+		{"a route with a trailing slash", "GET", "/api/v1/gifts/", "", false, 404, proto.CodeNotFound},
+		{"a POST route with a trailing slash", "POST", "/api/v1/rooms/", "{}", false, 404, proto.CodeNotFound},
 		{"unknown method on a webhook", "GET", "/api/v1/pay/notify/mock", "", false, 405, proto.CodeBadRequest},
 		{"body too large", "POST", "/api/v1/dev/token", big, false, 413, proto.CodeBadRequest},
 		{"chunked body too large", "POST", "/api/v1/dev/token", big, true, 413, proto.CodeBadRequest},

@@ -220,3 +220,17 @@ func TestPKEndsWhenItsRoomCloses(t *testing.T) {
 	checkPKEndsOnce(t, pkPushes(&logB, id))
 	invitePKAccepted(t, n, 2, 3, rb, rc, 60) // room b is free again
 }
+
+// POST /pk without a room (or with 0, a negative id) is 10001 for an anchor
+// as for an admin; it was room_a's lookup's 10004 for an anchor.
+func TestPKInviteWithoutRoomsIsABadRequest(t *testing.T) {
+	n := giftConfig(t)
+	ra := nodetest.OpenRoom(t, n, 1, 0)
+	for _, body := range []string{`{"room_b":5,"duration_s":60}`, `{"room_a":0,"room_b":5,"duration_s":60}`, `{"room_a":-3,"room_b":5,"duration_s":60}`, fmt.Sprintf(`{"room_a":%d,"duration_s":60}`, ra)} {
+		for _, role := range []string{gateway.RoleAnchor, gateway.RoleAdmin} {
+			if st, out := pkCall(t, n, "POST", "", 1, role, body); st != 400 || out.Code != proto.CodeBadRequest {
+				t.Errorf("%s %s: %d %d, want 400 10001", role, body, st, out.Code)
+			}
+		}
+	}
+}
