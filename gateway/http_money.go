@@ -150,17 +150,11 @@ func (a *API) updateGift(_ context.Context, c *app.RequestContext) {
 	if !okID {
 		return
 	}
-	g, found := a.node.Gifts.Catalogue().Get(id)
-	if !found {
-		a.fail(c, proto.ErrNotFound)
-		return
-	}
-	if err := bind(c, &g); err != nil { // fields absent from the body keep their value
-		a.fail(c, err)
-		return
-	}
-	g.ID = id
-	if err := a.node.Gifts.Catalogue().Update(g); err != nil {
+	// Fields absent from the body keep their value — the stored one, read
+	// in the same compare-and-set as the write (this node's copy may lag a
+	// change made through another node).
+	g, err := a.node.Gifts.Catalogue().Update(id, func(g *gift.Gift) error { return bind(c, g) })
+	if err != nil {
 		a.fail(c, err)
 		return
 	}

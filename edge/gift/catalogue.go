@@ -5,6 +5,8 @@
 package gift
 
 import (
+	"bytes"
+	"errors"
 	"sort"
 	"strconv"
 	"sync"
@@ -74,8 +76,18 @@ var prefixGiftCat = append(append([]byte{}, persist.PrefixRec...), "giftcat/"...
 // single-node mode, Redis in shared mode.
 type CatalogueStore interface {
 	LoadAll() ([]Gift, error)
-	Put(g Gift) error
+	// Get returns gift id as stored now (never a cached copy) and its
+	// stored bytes.
+	Get(id int64) (g Gift, raw []byte, found bool, err error)
+	// Swap stores g if gift g.ID is stored as raw (nil: absent), and
+	// reports whether it did: a compare-and-set, so that two admins'
+	// writes through two nodes never undo each other.
+	Swap(raw []byte, g Gift) (bool, error)
 }
+
+// maxUpdateTries bounds Update's compare-and-set rounds against writers on
+// other nodes.
+const maxUpdateTries = 8
 
 // Catalogue serves the gift list from memory (an immutable snapshot swapped
 // atomically); writes go to the store and then replace the snapshot. Reload
@@ -100,7 +112,9 @@ func NewCatalogue(store CatalogueStore) (*Catalogue, error) {
 	}
 	if len(all) == 0 {
 		for _, g := range Seed {
-			if err := store.Put(g); err != nil {
+			// Only where absent: a node seeding concurrently with an
+			// admin's first write elsewhere does not undo it.
+			if _, err := store.Swap(nil, g); err != nil {
 				return nil, err
 			}
 		}
@@ -143,52 +157,84 @@ func (c *Catalogue) List(all bool) []Gift {
 	return out
 }
 
-// Create adds g (10409 if the id exists).
+// Create adds g (10409 if the id exists in the store, whichever node wrote
+// it).
 func (c *Catalogue) Create(g Gift) error {
-	return c.write(g, func(exists bool) error {
-		if exists {
-			return proto.Errorf(proto.CodeConflict, "gift %d exists", g.ID)
-		}
-		return nil
-	})
-}
-
-// Update replaces g (10004 if unknown).
-func (c *Catalogue) Update(g Gift) error {
-	return c.write(g, func(exists bool) error {
-		if !exists {
-			return proto.ErrNotFound
-		}
-		return nil
-	})
-}
-
-func (c *Catalogue) write(g Gift, check func(exists bool) error) error {
 	if err := g.Validate(); err != nil {
 		return err
 	}
 	c.mu.Lock()
+	done, err := c.store.Swap(nil, g)
+	if err == nil && !done {
+		err = proto.Errorf(proto.CodeConflict, "gift %d exists", g.ID)
+	}
+	if err != nil {
+		c.mu.Unlock()
+		return err
+	}
+	c.putLocked(g)
+	c.mu.Unlock()
+	c.changed()
+	return nil
+}
+
+// Update changes gift id by patch, applied to the gift as stored now (not
+// this node's snapshot, which may lag another node's write), and stores the
+// result only if nobody changed the gift meanwhile (else it reads and
+// patches again): 10004 if unknown, patch's error, or 10409 after
+// maxUpdateTries lost races. It returns the gift written.
+func (c *Catalogue) Update(id int64, patch func(*Gift) error) (Gift, error) {
+	c.mu.Lock()
+	for range maxUpdateTries {
+		g, raw, found, err := c.store.Get(id)
+		if err != nil {
+			c.mu.Unlock()
+			return Gift{}, err
+		}
+		if !found {
+			c.mu.Unlock()
+			return Gift{}, proto.ErrNotFound
+		}
+		if err := patch(&g); err != nil {
+			c.mu.Unlock()
+			return Gift{}, err
+		}
+		g.ID = id
+		if err := g.Validate(); err != nil {
+			c.mu.Unlock()
+			return Gift{}, err
+		}
+		done, err := c.store.Swap(raw, g)
+		if err != nil {
+			c.mu.Unlock()
+			return Gift{}, err
+		}
+		if done {
+			c.putLocked(g)
+			c.mu.Unlock()
+			c.changed()
+			return g, nil
+		}
+	}
+	c.mu.Unlock()
+	return Gift{}, proto.Errorf(proto.CodeConflict, "gift %d is being changed concurrently, retry", id)
+}
+
+// putLocked puts g into the snapshot (c.mu held).
+func (c *Catalogue) putLocked(g Gift) {
 	old := *c.snap.Load()
-	_, exists := old[g.ID]
-	if err := check(exists); err != nil {
-		c.mu.Unlock()
-		return err
-	}
-	if err := c.store.Put(g); err != nil {
-		c.mu.Unlock()
-		return err
-	}
 	m := make(map[int64]Gift, len(old)+1)
 	for k, v := range old {
 		m[k] = v
 	}
 	m[g.ID] = g
 	c.snap.Store(&m)
-	c.mu.Unlock()
+}
+
+func (c *Catalogue) changed() {
 	if c.OnChange != nil {
 		c.OnChange()
 	}
-	return nil
 }
 
 // PebbleCatalogue stores the catalogue in the node's Pebble.
@@ -208,11 +254,32 @@ func (p PebbleCatalogue) LoadAll() ([]Gift, error) {
 	return out, err
 }
 
-// Put implements CatalogueStore.
-func (p PebbleCatalogue) Put(g Gift) error {
+// Get implements CatalogueStore.
+func (p PebbleCatalogue) Get(id int64) (Gift, []byte, bool, error) {
+	v, err := p.Store.Get(persist.Key(prefixGiftCat, uint64(id)))
+	if errors.Is(err, persist.ErrNotFound) {
+		return Gift{}, nil, false, nil
+	}
+	if err != nil {
+		return Gift{}, nil, false, err
+	}
+	var g Gift
+	if err := proto.Unmarshal(v, &g); err != nil {
+		return Gift{}, nil, false, err
+	}
+	return g, v, true, nil
+}
+
+// Swap implements CatalogueStore. The node's own store: its writers are
+// serialized by Catalogue.mu, so a read and a write are a compare-and-set.
+func (p PebbleCatalogue) Swap(raw []byte, g Gift) (bool, error) {
+	_, cur, found, err := p.Get(g.ID)
+	if err != nil || found != (raw != nil) || !bytes.Equal(cur, raw) {
+		return false, err
+	}
 	v, err := proto.Marshal(g)
 	if err != nil {
-		return err
+		return false, err
 	}
-	return p.Store.Put(persist.Key(prefixGiftCat, uint64(g.ID)), v)
+	return true, p.Store.Put(persist.Key(prefixGiftCat, uint64(g.ID)), v)
 }

@@ -91,20 +91,55 @@ func (r RedisCatalogue) restore(ctx context.Context) (map[string]string, error) 
 	return r.Client.Do(ctx, r.Client.B().Hgetall().Key(RedisCatalogueKey).Build()).AsStrMap()
 }
 
-// Put implements CatalogueStore.
-func (r RedisCatalogue) Put(g Gift) error {
+// Get implements CatalogueStore (uncached: a compare-and-set's read).
+func (r RedisCatalogue) Get(id int64) (Gift, []byte, bool, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	defer cancel()
+	v, err := r.Client.Do(ctx, r.Client.B().Hget().Key(RedisCatalogueKey).Field(strconv.FormatInt(id, 10)).Build()).AsBytes()
+	if rueidis.IsRedisNil(err) {
+		return Gift{}, nil, false, nil
+	}
+	if err != nil {
+		return Gift{}, nil, false, err
+	}
+	var g Gift
+	if err := proto.Unmarshal(v, &g); err != nil {
+		return Gift{}, nil, false, err
+	}
+	return g, v, true, nil
+}
+
+// swapScript sets field ARGV[1] of KEYS[1] to ARGV[4] if it is absent
+// (ARGV[2] "0") or holds ARGV[3] (ARGV[2] "1"): 1 set, 0 not.
+var swapScript = rueidis.NewLuaScript(`
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if ARGV[2] == '0' then
+  if cur then return 0 end
+elseif cur ~= ARGV[3] then
+  return 0
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[4])
+return 1`)
+
+// Swap implements CatalogueStore: one script, whichever node writes.
+func (r RedisCatalogue) Swap(raw []byte, g Gift) (bool, error) {
 	v, err := proto.Marshal(g)
 	if err != nil {
-		return err
+		return false, err
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
 	defer cancel()
-	if err := r.Client.Do(ctx, r.Client.B().Hset().Key(RedisCatalogueKey).FieldValue().
-		FieldValue(strconv.FormatInt(g.ID, 10), string(v)).Build()).Error(); err != nil {
-		return err
+	present := "0"
+	if raw != nil {
+		present = "1"
+	}
+	n, err := swapScript.Exec(ctx, r.Client, []string{RedisCatalogueKey},
+		[]string{strconv.FormatInt(g.ID, 10), present, string(raw), string(v)}).AsInt64()
+	if err != nil || n != 1 {
+		return false, err
 	}
 	if r.Mirror == nil {
-		return nil
+		return true, nil
 	}
-	return r.Mirror.Put(persist.Key(prefixGiftCat, uint64(g.ID)), v)
+	return true, r.Mirror.Put(persist.Key(prefixGiftCat, uint64(g.ID)), v)
 }

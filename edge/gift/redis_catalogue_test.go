@@ -4,6 +4,7 @@ import (
 	"context"
 	"testing"
 
+	"github.com/liveedge/liveedge/gateway/proto"
 	"github.com/liveedge/liveedge/persist"
 	"github.com/liveedge/liveedge/persist/redistest"
 )
@@ -32,8 +33,7 @@ func TestSharedCatalogueComesBackFromTheMirror(t *testing.T) {
 	if !ok {
 		t.Fatal("seeded catalogue has no gift 24")
 	}
-	g.Price, g.Status = 777, StatusDisabled
-	if err := cat.Update(g); err != nil {
+	if _, err := cat.Update(g.ID, func(g *Gift) error { g.Price, g.Status = 777, StatusDisabled; return nil }); err != nil {
 		t.Fatal(err)
 	}
 	custom := Gift{ID: 9001, Name: "comet", Price: 4242, Status: StatusEnabled}
@@ -59,5 +59,59 @@ func TestSharedCatalogueComesBackFromTheMirror(t *testing.T) {
 	}
 	if got, ok := other.Get(9001); !ok || got.Price != 4242 {
 		t.Fatalf("another node reading the catalogue put back: %+v %v", got, ok)
+	}
+}
+
+// Two admins' writes through two nodes never undo each other: node 2, whose
+// copy of the catalogue has not seen node 1's price change yet, disables
+// the gift — the price stays node 1's (before, node 2 wrote its stale row
+// back whole: the gift charged the old price again). A gift created through
+// both nodes at once is created once; the second is 10409.
+func TestCatalogueWritesThroughTwoNodes(t *testing.T) {
+	rs := redistest.Start(t)
+	node := func() *Catalogue {
+		st, err := persist.Open(t.TempDir())
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = st.Close() })
+		cat, err := NewCatalogue(RedisCatalogue{Client: rs.Client(t), Mirror: st})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return cat
+	}
+	n1, n2 := node(), node() // neither reloads: node 2's copy lags node 1's writes
+	if _, err := n1.Update(25, func(g *Gift) error { g.Price = 5000; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	if stale, _ := n2.Get(25); stale.Price != 500 {
+		t.Fatalf("node 2's copy: %+v, want the old price (not reloaded)", stale)
+	}
+	got, err := n2.Update(25, func(g *Gift) error { g.Status = StatusDisabled; return nil })
+	if err != nil || got.Price != 5000 || got.Status != StatusDisabled {
+		t.Fatalf("node 2's update: %+v %v, want price 5000 disabled", got, err)
+	}
+	if err := n1.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	if g, _ := n1.Get(25); g.Price != 5000 || g.Status != StatusDisabled {
+		t.Fatalf("gift 25 in the store: %+v, want both changes", g)
+	}
+	if err := n1.Create(Gift{ID: 99, Name: "a", Price: 1, Status: StatusEnabled}); err != nil {
+		t.Fatal(err)
+	}
+	err = n2.Create(Gift{ID: 99, Name: "b", Price: 2, Status: StatusEnabled})
+	if pe, ok := err.(*proto.Error); !ok || pe.Code != proto.CodeConflict {
+		t.Fatalf("second create of gift 99 through node 2: %v, want 10409", err)
+	}
+	if err := n2.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	if g, _ := n2.Get(99); g.Name != "a" {
+		t.Fatalf("gift 99: %+v, want node 1's", g)
+	}
+	if _, err := n2.Update(12345, func(*Gift) error { return nil }); err != proto.ErrNotFound {
+		t.Fatalf("update of an unknown gift: %v", err)
 	}
 }
