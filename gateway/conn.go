@@ -53,10 +53,15 @@ type Conn struct {
 	queued       int
 	writingBytes int // the batch being written (see the invariants)
 	writing      bool
-	closeCode    int  // != 0: closing with this code
-	drain        bool // write what is queued before the close frame
-	badCount     int
-	badWindow    time.Time
+	closeCode    int // != 0: closing with this code
+	// closing is closeCode != 0, read without mu: the reader serves no
+	// frame read after the close was decided (its reply could not be
+	// queued: a request run then — a chat posted, a gift debited — would
+	// go unanswered while the writer drains or waits out a stalled write).
+	closing   atomic.Bool
+	drain     bool // write what is queued before the close frame
+	badCount  int
+	badWindow time.Time
 
 	// sem bounds async requests in flight; made by the first (begin, on
 	// the reader goroutine), as most connections never send one.
@@ -277,6 +282,7 @@ func (c *Conn) Close(code int, drain bool) {
 		return
 	}
 	c.closeCode, c.drain = code, drain
+	c.closing.Store(true)
 	if !drain {
 		c.queue, c.queued = nil, 0
 	}
@@ -364,6 +370,7 @@ func (c *Conn) lost() {
 	if c.closeCode == 0 {
 		c.closeCode = proto.CloseGoingAway
 	}
+	c.closing.Store(true)
 	c.mu.Unlock()
 }
 

@@ -367,6 +367,7 @@ func (s *Server) OnClose(socket *gws.Conn, err error) {
 	if c.closeCode == 0 {
 		c.closeCode = proto.CloseNormal // closed by the client or the network
 	}
+	c.closing.Store(true)
 	c.queue, c.queued = nil, 0
 	c.mu.Unlock()
 	unacked := c.stopAcks()
@@ -423,8 +424,11 @@ func (s *Server) serveFrame(c *Conn, op gws.Opcode, data []byte) {
 	defer s.recoverFrame(c)
 	c.lastRead.Store(time.Now().UnixNano())
 	s.metrics.framesIn.Inc()
-	if c.cork.closing.Load() {
-		return // read while lingering after the close frame: not served
+	if c.closing.Load() || c.cork.closing.Load() {
+		// Read after the node decided to close the connection (4501 at the
+		// token's expiry, 4408, shutdown…; its reply could not be queued),
+		// or while lingering after the close frame: not served.
+		return
 	}
 	if op != gws.OpcodeText {
 		c.badFrame(0, proto.ErrBinaryFrame)

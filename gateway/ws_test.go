@@ -122,22 +122,30 @@ func TestBadFramesGet10001AndConnectionSurvives(t *testing.T) {
 }
 
 func TestRepeatedAbuseClosesWith4400(t *testing.T) {
+	// Not JSON, and JSON without `t` (docs/protocol.md: unparsable too;
+	// it was answered 10001 without counting).
+	for _, garbage := range []string{`garbage`, `{}`, `{"id":1}`, `{"t":"","id":2}`} {
+		repeatedAbuseClosesWith4400(t, garbage)
+	}
+}
+
+func repeatedAbuseClosesWith4400(t *testing.T, garbage string) {
 	cfg := nodetest.Config(t)
 	cfg.WS.AbuseLimit = 5
 	n := nodetest.Start(t, cfg)
 	r := dial(t, n, 100, nodetest.RawOptions{})
 	for i := 0; i < 20; i++ {
-		if err := r.Send(`garbage`); err != nil {
+		if err := r.Send(garbage); err != nil {
 			break
 		}
 	}
 	select {
 	case <-r.Closed():
 	case <-time.After(5 * time.Second):
-		t.Fatal("not closed after repeated abuse")
+		t.Fatalf("not closed after repeated %s", garbage)
 	}
 	if c := r.CloseCode(); c != proto.CloseAbuse {
-		t.Fatalf("close code %d, want 4400", c)
+		t.Fatalf("%s: close code %d, want 4400", garbage, c)
 	}
 	// The node still serves others.
 	r2 := dial(t, n, 101, nodetest.RawOptions{})
@@ -427,4 +435,74 @@ func jsonInt(b []byte, key string) (int64, bool) {
 	}
 	v, err := strconv.ParseInt(string(b[j:k]), 10, 64)
 	return v, err == nil
+}
+
+// A frame read after the node decided to close its connection is not served:
+// at its token's expiry the node closes a connection with 4501 after what
+// is queued for it (a drain), and while the writer waits on a client that
+// stopped reading, the chat that client sends is not posted — its reply
+// could not be queued any more, so it went out unanswered (an app's retry
+// of it: posted twice; a gift: debited under an expired token). The same
+// holds for 4408 and a shutdown's drain.
+func TestNoFrameServedAfterTheCloseIsDecided(t *testing.T) {
+	cfg := nodetest.Config(t)
+	cfg.WS.SendQueueBytes = 64 << 10
+	cfg.WS.SocketSendBuffer = 16 << 10
+	cfg.WS.WriteTimeout = configsDuration(10 * time.Second) // the drain waits on the stalled client
+	n := nodetest.Start(t, cfg)
+	room := nodetest.OpenRoom(t, n, 1, 0)
+	join := fmt.Sprintf(`{"t":"join","id":1,"d":{"room_id":%d}}`, room)
+	tok, err := n.Auth.Issue(2001, gateway.RoleViewer, 2*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ident, err := n.Auth.Verify(tok)
+	if err != nil {
+		t.Fatal(err)
+	}
+	victim := nodetest.MustDialRaw(t, nodetest.WSURL(n), tok, nodetest.RawOptions{RcvBuf: 4 << 10})
+	if h := victim.Next(5 * time.Second); h.T != proto.TypeHello {
+		t.Fatalf("first frame %q, want hello", h.T)
+	}
+	watcher := dial(t, n, 2002, nodetest.RawOptions{})
+	for _, c := range []*nodetest.Raw{victim, watcher} {
+		if f := request(t, c, 1, join); f.Code != 0 {
+			t.Fatalf("join: %+v", f)
+		}
+	}
+	victim.Pause()
+	pad := `{"pad":"` + strings.Repeat("x", 8<<10) + `"}`
+	for range 6 { // 48 KiB: past the socket buffers, within the queue
+		if _, err := n.Router.PublishRoom(room, proto.Push{Biz: 9999, Data: []byte(pad)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	select { // the token expires: 4501 decided, its drain stalled
+	case <-victim.Closed():
+		t.Fatalf("victim closed (%d) before its drain could stall", victim.CloseCode())
+	case <-time.After(time.Until(ident.Expires) + 1500*time.Millisecond):
+	}
+	if err := victim.Send(fmt.Sprintf(`{"t":"chat","id":2,"d":{"room_id":%d,"text":"after the close"}}`, room)); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.After(1500 * time.Millisecond)
+	for {
+		select {
+		case f := <-watcher.Frames():
+			if f.T == proto.TypePush && strings.Contains(string(f.D), "after the close") {
+				t.Fatalf("the chat sent after the close was decided was posted: %s", f.D)
+			}
+		case <-deadline:
+			victim.Resume()
+			select {
+			case <-victim.Closed():
+			case <-time.After(5 * time.Second):
+				t.Fatal("victim not closed after reading again")
+			}
+			if code := victim.CloseCode(); code != proto.CloseTokenExpired {
+				t.Fatalf("close code %d, want %d", code, proto.CloseTokenExpired)
+			}
+			return
+		}
+	}
 }

@@ -49,21 +49,24 @@ type ClientFrame struct {
 	D  sonic.NoCopyRawMessage `json:"d"`
 }
 
-// Errors of frames that are not JSON text frames at all. Only these count
-// towards ws.abuse_limit (IsMalformed); every other 10001 — a well-formed
-// frame with a missing, mistyped or out-of-range field, or of an unknown
-// type — is answered and nothing more.
+// Errors of frames that are not frames of the protocol at all: binary,
+// oversized, not JSON, or without `t` (docs/protocol.md, "Bad input"). Only
+// these count towards ws.abuse_limit (IsMalformed); every other 10001 — a
+// frame with a `t` and a missing, mistyped or out-of-range field, or of an
+// unknown type — is answered and nothing more.
 var (
 	ErrFrameTooLarge = BadRequest("frame larger than %d bytes", MaxFrameBytes)
 	ErrNotJSONObject = BadRequest("frame is not a JSON object")
 	ErrBadJSON       = BadRequest("bad JSON")
 	ErrBinaryFrame   = BadRequest("binary frames are not supported")
+	ErrMissingType   = BadRequest("missing field t")
 )
 
 // IsMalformed reports whether e is the error of a frame that is binary,
-// oversized or not parsable as JSON (as opposed to a validation error).
+// oversized, not parsable as JSON or without `t` (as opposed to a
+// validation error).
 func IsMalformed(e *Error) bool {
-	return e == ErrFrameTooLarge || e == ErrNotJSONObject || e == ErrBadJSON || e == ErrBinaryFrame
+	return e == ErrFrameTooLarge || e == ErrNotJSONObject || e == ErrBadJSON || e == ErrBinaryFrame || e == ErrMissingType
 }
 
 // DecodeClientFrame parses and validates the envelope of a client frame.
@@ -93,7 +96,7 @@ func DecodeClientFrame(b []byte) (ClientFrame, *Error) {
 		return f, e
 	}
 	if f.T == "" {
-		return f, BadRequest("missing field t")
+		return f, ErrMissingType
 	}
 	if f.ID < 0 {
 		return f, BadRequest("id must be >= 0")
