@@ -675,9 +675,8 @@ func pushData(d []byte) []byte {
 
 // history reads offsets from..to of room in epoch ep from the shared
 // history (Local.History).
-func (c *Cluster) history(id int64, ep string, from, to int64) ([]Msg, bool) {
-	msgs, err := c.readHistory(id, ep, from, to)
-	return msgs, err == nil
+func (c *Cluster) history(id int64, ep string, from, to int64) ([]Msg, error) {
+	return c.readHistory(id, ep, from, to)
 }
 
 // errNotKept: the shared history no longer has (all of) what was asked, or

@@ -2,6 +2,8 @@ package router
 
 import (
 	"cmp"
+	"errors"
+	"fmt"
 	"runtime"
 	"slices"
 	"sync"
@@ -29,8 +31,11 @@ type LocalConfig struct {
 	Sequenced bool
 	// History, if set, is asked for the pushes from..to of a room in epoch
 	// ep when the node's own ring no longer holds them (the cluster's shared
-	// history). ok = false: not kept anywhere.
-	History func(room int64, ep string, from, to int64) (msgs []Msg, ok bool)
+	// history). An error errNotKept: not kept anywhere (the join answers
+	// recovered:false); any other (Redis did not answer): the join fails
+	// with ErrUnavailable — the pushes may well be there, and the client
+	// retries its join rather than re-syncing.
+	History func(room int64, ep string, from, to int64) (msgs []Msg, err error)
 	// OfflineMax reliable pushes are kept per user who has no session, for
 	// OfflineTTL, and delivered when they connect (defaults 64, 10 minutes;
 	// negative OfflineMax = none kept). At most OfflineUsers users (100k).
@@ -323,10 +328,15 @@ func (l *Local) JoinAt(id int64, s Session, since *proto.Position) (Joined, erro
 			r.mu.Unlock()
 			r.fanMu.Unlock()
 			reads++
-			if msgs, ok := l.cfg.History(id, ep, needFrom, needTo); ok {
+			msgs, err := l.cfg.History(id, ep, needFrom, needTo)
+			switch {
+			case err == nil:
 				read, readEp, readTo = append(read, msgs...), ep, needTo
-			} else {
+			case errors.Is(err, errNotKept):
 				readFailed = true // not recovered; not tried again
+			default:
+				l.forget(s, id)
+				return Joined{}, fmt.Errorf("%w: reading the room's history: %w", ErrUnavailable, err)
 			}
 			continue
 		}

@@ -1,6 +1,7 @@
 package router
 
 import (
+	"errors"
 	"strconv"
 	"sync"
 	"testing"
@@ -146,14 +147,14 @@ func TestJoinSinceUnderConcurrentPublish(t *testing.T) {
 func TestJoinHistoryReadDoesNotStallTheRoom(t *testing.T) {
 	release := make(chan struct{})
 	reading := make(chan struct{}, 1)
-	l := NewLocal("gw-1", LocalConfig{HistorySize: 100, History: func(room int64, ep string, from, to int64) ([]Msg, bool) {
+	l := NewLocal("gw-1", LocalConfig{HistorySize: 100, History: func(room int64, ep string, from, to int64) ([]Msg, error) {
 		reading <- struct{}{}
 		<-release
 		var out []Msg
 		for o := from; o <= to; o++ {
 			out = append(out, Msg{Off: o, Bytes: []byte(`{}`)})
 		}
-		return out, true
+		return out, nil
 	}})
 	l.OpenRoom(1)
 	l.SetPosition(1, "E1", 100) // as a cluster node that just subscribed: nothing in the ring
@@ -226,4 +227,43 @@ func TestJoinReplayTooBigForTheQueueIsNotRecovered(t *testing.T) {
 		t.Fatalf("a replay that fits: %+v %v", j3, err)
 	}
 	consecutive(t, roomy.got(), 6, 10)
+}
+
+// A join with since whose pushes must be read from the shared history, when
+// that read fails (Redis did not answer), is ErrUnavailable (50000: the
+// client joins again) and leaves the session out of the room — not
+// recovered:false, which sends the app to a full re-sync though the pushes
+// are still kept. Only "not kept" (errNotKept) is recovered:false.
+func TestJoinHistoryReadFailureIsUnavailable(t *testing.T) {
+	var fail error
+	l := NewLocal("gw-1", LocalConfig{HistorySize: 100, History: func(room int64, ep string, from, to int64) ([]Msg, error) {
+		if fail != nil {
+			return nil, fail
+		}
+		var out []Msg
+		for o := from; o <= to; o++ {
+			out = append(out, Msg{Off: o, Bytes: []byte(`{}`)})
+		}
+		return out, nil
+	}})
+	l.OpenRoom(1)
+	l.SetPosition(1, "E1", 100) // as a cluster node that just subscribed: nothing in the ring
+	s := &offSink{id: 1}
+	since := &proto.Position{Off: 90, Ep: "E1"}
+	fail = errors.New("redis: i/o timeout")
+	if _, err := l.JoinAt(1, s, since); !errors.Is(err, ErrUnavailable) {
+		t.Fatalf("join while the history read fails: %v, want ErrUnavailable", err)
+	}
+	if l.IsMember(1, s) {
+		t.Fatal("the failed join left the session in the room")
+	}
+	fail = nil
+	if j, err := l.JoinAt(1, s, since); err != nil || !j.Recovered || j.Off != 100 {
+		t.Fatalf("the join again: %+v %v, want recovered at 100", j, err)
+	}
+	fail = errNotKept
+	s2 := &offSink{id: 2}
+	if j, err := l.JoinAt(1, s2, since); err != nil || j.Recovered {
+		t.Fatalf("join whose pushes are not kept: %+v %v, want joined, not recovered", j, err)
+	}
 }
