@@ -1290,7 +1290,7 @@ func (c *Cluster) Register(s Session) {
 				// got it there: that node is subscribed too — or, if it is
 				// away from NATS, a hand-off is not answered here: its
 				// sender keeps it for them.)
-				if c.keepAway(u, msg) {
+				if c.keepAway(u, true, msg) {
 					return
 				}
 			}
@@ -1327,8 +1327,10 @@ func (c *Cluster) Register(s Session) {
 // session here drains it (before, they were dropped; a session on another
 // node then misses them, a session on a node that had them gets them).
 // elsewhere: the user is connected on another node (their pushes are
-// handed off there, handOff).
-func (c *Cluster) keepAway(user int64, ms ...Msg) (elsewhere bool) {
+// handed off there, handOff). redrain: drain the list again if a session
+// of the user is here by then (false when called from a drain, whose
+// pushes a closing session refused: that would go round).
+func (c *Cluster) keepAway(user int64, redrain bool, ms ...Msg) (elsewhere bool) {
 	online, known := c.onlineElsewhere(user)
 	switch {
 	case !known:
@@ -1336,6 +1338,11 @@ func (c *Cluster) keepAway(user int64, ms ...Msg) (elsewhere bool) {
 	case !online:
 		if !c.storeOffline(user, ms...) {
 			c.local.keepHere(user, ms)
+		} else if redrain && c.local.userSessions(user) > 0 {
+			// A session registered here since no session took them: it
+			// may have drained the list before they were stored, and this
+			// node does not get its own publish (NoEcho) — drained again.
+			c.drainOffline(user)
 		}
 	}
 	return known && online
@@ -1378,16 +1385,16 @@ func (c *Cluster) Keep(user int64, msgs []Msg) {
 			away = append(away, m)
 		}
 	}
-	c.handOn(user, msgs, away)
+	c.handOn(user, msgs, away, true)
 }
 
 // handOn publishes msgs to the user's sessions on the other nodes and keeps
 // away (those no session here took) in the offline list when the user is
 // connected nowhere; connected elsewhere, the reliable ones of away are
 // handed off (answered, handOff).
-func (c *Cluster) handOn(user int64, msgs, away []Msg) {
+func (c *Cluster) handOn(user int64, msgs, away []Msg, redrain bool) {
 	var handed map[string]bool
-	if len(away) > 0 && c.keepAway(user, away...) {
+	if len(away) > 0 && c.keepAway(user, redrain, away...) {
 		handed = make(map[string]bool, len(away))
 		for _, m := range away {
 			handed[m.Mid] = m.Ack
@@ -1420,7 +1427,7 @@ func (c *Cluster) drainOffline(user int64) {
 	if len(away) > 0 {
 		// Taken from the list but refused here (the session is closing
 		// already): handed on like a closing connection's unacked pushes.
-		c.handOn(user, away, away)
+		c.handOn(user, away, away, false)
 	}
 }
 
@@ -1508,7 +1515,7 @@ func (c *Cluster) SendUser(user int64, p proto.Push) (string, int) {
 	if p.Ack && n == 0 {
 		// Stored before it is published: a node that subscribes for the
 		// user after the publish drains the list after subscribing.
-		if c.keepAway(user, m) {
+		if c.keepAway(user, true, m) {
 			c.handOff(user, m)
 			return p.Mid, n
 		}

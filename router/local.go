@@ -773,10 +773,10 @@ func (l *Local) SendUser(user int64, p proto.Push) (string, int) {
 	}
 	if n == 0 && p.Ack && !l.cfg.Sequenced {
 		// Every session of the user was closing: kept like a push to a
-		// user connected nowhere.
-		us.mu.RLock()
-		l.keepOfflineLocked(user, m)
-		us.mu.RUnlock()
+		// user connected nowhere — unless a session registered since the
+		// targets were read (it drained the box already): keepHere sends
+		// it there.
+		l.keepHere(user, []Msg{m})
 	}
 	l.userPushes.Add(1)
 	return p.Mid, n

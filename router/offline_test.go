@@ -2,10 +2,13 @@ package router
 
 import (
 	"slices"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/liveedge/liveedge/gateway/proto"
+	"github.com/liveedge/liveedge/persist/redistest"
+	"github.com/liveedge/liveedge/router/natstest"
 )
 
 // A reliable push to a user with no session is kept and delivered, once, by
@@ -76,5 +79,54 @@ func TestOfflinePushKeptBesideAClosingSessionReachesTheNextOne(t *testing.T) {
 	l.Unregister(closing)
 	if got := s.got(); !slices.Equal(got, []string{mid}) {
 		t.Fatalf("next session got %v, want [%s]", got, mid)
+	}
+}
+
+// registersOnSend is a closing session (it refuses every push) that
+// registers the user's next session while the first push is offered to it:
+// the next session registers — and drains the offline box, empty then —
+// between the sender's "no session took it" and its keeping the push.
+type registersOnSend struct {
+	sink
+	once sync.Once
+	then func()
+}
+
+func (s *registersOnSend) Send(*Frame) bool {
+	s.once.Do(s.then)
+	return false
+}
+
+// A reliable push that no session took reaches a session that registered
+// meanwhile (it drained the box before the push was kept there): before, it
+// waited in the box for the user's next connect, the session connected the
+// whole time.
+func TestOfflinePushReachesASessionRegisteredWhileItWasKept(t *testing.T) {
+	l := NewLocal("gw-1", LocalConfig{OfflineMax: 8, OfflineTTL: time.Minute})
+	next := &sink{id: 2, user: 7}
+	closing := &registersOnSend{sink: sink{id: 1, user: 7}, then: func() { l.Register(next) }}
+	l.Register(closing)
+	mid, _ := l.SendUser(7, proto.Push{Biz: proto.BizGift, Ack: true, Data: []byte(`{}`)})
+	if got := next.got(); !slices.Equal(got, []string{mid}) {
+		t.Fatalf("the session registered meanwhile got %v, want [%s]", got, mid)
+	}
+}
+
+// Cluster: the same — this node does not get its own publish on the user's
+// subject (NoEcho), so the push stored in the shared list after the new
+// session drained it waited there.
+func TestClusterOfflinePushReachesASessionRegisteredWhileItWasKept(t *testing.T) {
+	env := clusterEnv{nats: natstest.Start(t), redis: redistest.Start(t)}
+	c := newCluster(t, env, "a", ClusterConfig{Local: LocalConfig{OfflineMax: 8, OfflineTTL: time.Minute}})
+	next := &sink{id: 2, user: 7}
+	closing := &registersOnSend{sink: sink{id: 1, user: 7}, then: func() { c.Register(next) }}
+	c.Register(closing)
+	mid, _ := c.SendUser(7, proto.Push{Biz: proto.BizGift, Ack: true, Data: []byte(`{}`)})
+	deadline := time.Now().Add(3 * time.Second)
+	for len(next.got()) == 0 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if got := next.got(); !slices.Equal(got, []string{mid}) {
+		t.Fatalf("the session registered meanwhile got %v, want [%s]", got, mid)
 	}
 }
