@@ -89,6 +89,7 @@ func newMetrics(node string, r router.Router) *metrics {
 		false, func(s router.Stats) int64 { return s.FramesDirect })
 	stat("fanout_frames_total", "Frames handed to sessions by fan-out.", false, func(s router.Stats) int64 { return s.FramesFanned })
 	stat("room_queue_drops_total", "Pushes refused because a room queue was full.", false, func(s router.Stats) int64 { return s.RoomDropped })
+	stat("room_queue_overruns_total", "Cluster room pushes dropped from a room's queue on this node, oldest first, because its fan-out fell 8,192 pushes behind (members see a gap and re-sync).", false, func(s router.Stats) int64 { return s.RoomOverrun })
 	if c, ok := r.(*router.Cluster); ok {
 		cstat := func(name, help string, gauge bool, get func(router.ClusterStats) int64) {
 			fn := func() float64 { return float64(get(c.ClusterStats())) }

@@ -15,7 +15,7 @@ import (
 
 // LocalConfig configures Local. Zero values take the defaults below.
 type LocalConfig struct {
-	MaxPending     int // pushes queued per room before PublishRoom fails (default 8192)
+	MaxPending     int // pushes queued per room before PublishRoom fails (default 8192); Deliver drops the oldest beyond it
 	MaxFrameMsgs   int // pushes merged into one frame (default 64)
 	MaxFrameBytes  int // bytes merged into one frame (default 32 KiB)
 	MaxRoomsPerSes int // rooms one session may join (default 16)
@@ -89,9 +89,9 @@ type Local struct {
 	shards [roomShards]roomShard
 	users  [roomShards]userShard
 
-	roomPushes, userPushes, fanned, dropped, gone atomic.Int64
-	direct                                        atomic.Int64
-	members                                       atomic.Int64
+	roomPushes, userPushes, fanned, dropped, gone, overrun atomic.Int64
+	direct                                                 atomic.Int64
+	members                                                atomic.Int64
 
 	memberOf sync.Map // session id → *sesRooms
 
@@ -502,6 +502,15 @@ func (l *Local) Deliver(id int64, ep string, msgs []Msg) bool {
 	}
 	r.last = msgs[len(msgs)-1].Off
 	r.pending = append(r.pending, msgs...)
+	if over := len(r.pending) - l.cfg.MaxPending; over > 0 {
+		// The room's fan-out here is MaxPending behind what the cluster
+		// publishes (this node's CPU, not a slow client: those are cut off
+		// on their own): the oldest queued pushes go, so a node that cannot
+		// keep up holds a bounded queue. Its members see a gap in the
+		// offsets and re-sync; a joiner still finds them in the history.
+		r.pending = r.pending[over:]
+		l.overrun.Add(int64(over))
+	}
 	start := !r.pumping
 	r.pumping = true
 	r.mu.Unlock()
@@ -845,6 +854,7 @@ func (l *Local) Stats() Stats {
 		FramesFanned:  l.fanned.Load(),
 		FramesDirect:  l.direct.Load(),
 		RoomDropped:   l.dropped.Load(),
+		RoomOverrun:   l.overrun.Load(),
 		SessionsGone:  l.gone.Load(),
 		MembersOnline: l.members.Load(),
 	}

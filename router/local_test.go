@@ -187,3 +187,31 @@ func TestMidSourceJSONSafe(t *testing.T) {
 		}
 	}
 }
+
+// A cluster node whose fan-out of a room falls behind what the other nodes
+// publish holds at most MaxPending of the room's pushes queued: the oldest
+// go (counted), its members see the gap. It queued every push before.
+func TestDeliverBoundedPerRoom(t *testing.T) {
+	l := NewLocal("gw-1", LocalConfig{MaxPending: 16, Sequenced: true})
+	l.OpenRoom(1)
+	l.SetPosition(1, "E1", 0)
+	block := make(chan struct{})
+	s := &blockSink{sink: sink{id: 1}, block: block}
+	if _, err := l.Join(1, s); err != nil {
+		t.Fatal(err)
+	}
+	l.Deliver(1, "E1", seqMsgs("E1", 1, 1)) // the pump takes it and blocks in its fan-out
+	waitFor(t, func() bool { r := l.room(1); r.mu.Lock(); defer r.mu.Unlock(); return len(r.pending) == 0 })
+	for o := int64(2); o <= 1001; o += 10 {
+		l.Deliver(1, "E1", seqMsgs("E1", o, o+9))
+	}
+	r := l.room(1)
+	r.mu.Lock()
+	queued := len(r.pending)
+	r.mu.Unlock()
+	if queued > 16 || l.Stats().RoomOverrun != 1000-16 {
+		t.Fatalf("%d pushes queued, %d overrun: want at most 16 queued, the other %d dropped", queued, l.Stats().RoomOverrun, 1000-16)
+	}
+	close(block)
+	waitFor(t, func() bool { got := s.got(); return len(got) == 17 })
+}

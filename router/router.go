@@ -105,12 +105,16 @@ type Joined struct {
 
 // Stats are cumulative counters and gauges of a Router.
 type Stats struct {
-	Rooms         int64 // open rooms (gauge)
-	RoomPushes    int64 // pushes published to rooms
-	UserPushes    int64 // pushes sent to users
-	FramesFanned  int64 // frames handed to sessions
-	FramesDirect  int64 // of those, written at once by the fan-out (DirectSession)
-	RoomDropped   int64 // pushes refused because a room queue was full
+	Rooms        int64 // open rooms (gauge)
+	RoomPushes   int64 // pushes published to rooms
+	UserPushes   int64 // pushes sent to users
+	FramesFanned int64 // frames handed to sessions
+	FramesDirect int64 // of those, written at once by the fan-out (DirectSession)
+	RoomDropped  int64 // pushes refused because a room queue was full
+	// RoomOverrun: pushes numbered by the cluster dropped from a room's
+	// queue here, the oldest first, because the room's fan-out on this
+	// node fell MaxPending behind (its members see a gap and re-sync).
+	RoomOverrun   int64
 	SessionsGone  int64 // sends refused by a closing session
 	MembersOnline int64 // room memberships (gauge)
 }
