@@ -545,7 +545,7 @@ func (c *Conn) acked(mids []string) {
 // timer for the next one.
 func (c *Conn) resendDue() {
 	now := time.Now()
-	var due []router.Msg
+	var due []*pendingPush
 	c.ackMu.Lock()
 	if c.ackDone {
 		c.ackMu.Unlock()
@@ -571,7 +571,7 @@ func (c *Conn) resendDue() {
 			}
 			p.tries++
 			p.next = now.Add(base << min(p.tries, maxResendShift))
-			due = append(due, p.msg)
+			due = append(due, p)
 		}
 		if next.IsZero() || p.next.Before(next) {
 			next = p.next
@@ -581,12 +581,34 @@ func (c *Conn) resendDue() {
 	if !next.IsZero() {
 		c.timer, c.timerAt = time.AfterFunc(time.Until(next), c.resendDue), next.UnixNano()
 	}
+	// In the order they were first sent (the map's is random: two order
+	// status pushes resent swapped would show a client its order going
+	// back), and in frames of at most resendFrameBytes: one frame of
+	// thousands of pushes could not be queued whole.
+	slices.SortFunc(due, func(a, b *pendingPush) int { return cmp.Compare(a.seq, b.seq) })
+	msgs := make([]router.Msg, len(due))
+	for i, p := range due {
+		msgs[i] = p.msg
+	}
 	c.ackMu.Unlock()
-	if len(due) > 0 {
-		c.srv.metrics.resends.Add(float64(len(due)))
-		c.enqueue(router.NewFrame(due...))
+	if len(msgs) > 0 {
+		c.srv.metrics.resends.Add(float64(len(msgs)))
+	}
+	for len(msgs) > 0 {
+		n, size := 1, len(msgs[0].Bytes)
+		for n < len(msgs) && size+len(msgs[n].Bytes) <= resendFrameBytes {
+			size += len(msgs[n].Bytes)
+			n++
+		}
+		if !c.enqueue(router.NewFrame(msgs[:n:n]...)) {
+			return
+		}
+		msgs = msgs[n:]
 	}
 }
+
+// resendFrameBytes bounds the pushes of one resend frame.
+const resendFrameBytes = 64 << 10
 
 // stopAcks drops the resend state when the connection is gone.
 // stopAcks stops the resends and returns the reliable user pushes not

@@ -1,8 +1,10 @@
 package gateway_test
 
 import (
+	"fmt"
 	"io"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -213,5 +215,35 @@ func TestNewPushResentOnTimeBesideABackedOffOne(t *testing.T) {
 			t.Fatalf("the new push's first resend came %v after it (resend_after 50ms)", d)
 		}
 		return
+	}
+}
+
+// Reliable pushes not acked are resent in the order they were first sent
+// (two order status pushes resent swapped show the client its order going
+// back): they were resent in the order of a map.
+func TestReliablePushesResentInOrder(t *testing.T) {
+	n, r := resendingNode(t, 100*time.Millisecond, 3, 0, 502)
+	var mids []string
+	for i := range 30 {
+		mid, reached := n.Router.SendUser(502, proto.Push{Biz: proto.BizWalletCredit, Data: []byte(fmt.Sprintf(`{"balance":%d,"delta":1,"reason":"dev"}`, i+1)), Ack: true})
+		if reached != 1 {
+			t.Fatalf("reached %d sessions", reached)
+		}
+		mids = append(mids, mid)
+	}
+	var got []string
+	deadline := time.After(5 * time.Second)
+	for len(got) < 2*len(mids) { // the first deliveries, then the first resends
+		select {
+		case f := <-r.Frames():
+			if f.T == proto.TypePush {
+				got = append(got, f.Mid)
+			}
+		case <-deadline:
+			t.Fatalf("%d pushes of %d", len(got), 2*len(mids))
+		}
+	}
+	if !slices.Equal(got[:len(mids)], mids) || !slices.Equal(got[len(mids):], mids) {
+		t.Fatalf("pushes in order %v, then resent in order %v; want %v both times", got[:len(mids)], got[len(mids):], mids)
 	}
 }
