@@ -284,6 +284,16 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 	} else {
 		n.PK = pk.New(n.Router, n.Rooms.IsOpen, n.Store, n.Wallet.Tally, log)
 	}
+	if d, ok := n.Wallet.(persist.TallyDropper); ok {
+		// An ended contest's two tallies go once its scores are final.
+		n.PK.SetTallyDrop(func(name string, rooms [2]int64) {
+			for _, room := range rooms {
+				if err := d.DropTally(name, room); err != nil {
+					log.Warn("pk: contest tally not dropped (kept: harmless)", "tally", name, "room", room, "err", err)
+				}
+			}
+		})
+	}
 	if err = n.PK.Restore(time.Now()); err != nil {
 		return nil, err
 	}

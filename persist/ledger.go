@@ -909,6 +909,20 @@ func (l *Ledger) Tally(name string, user int64) (int64, error) {
 	return DecodeInt64(v), err
 }
 
+// TallyDropper is a wallet that can drop a tally no op adds to any more (a
+// PK contest's, once its final scores are recorded).
+type TallyDropper interface {
+	DropTally(name string, user int64) error
+}
+
+var _ TallyDropper = (*Ledger)(nil)
+
+// DropTally deletes tally name of user. An op still adding to it after
+// this (none should) starts it again from its own delta.
+func (l *Ledger) DropTally(name string, user int64) error {
+	return l.store.Delete(TallyKey(name, user))
+}
+
 // Trades returns user's trades newest first, with ids below before (0 = from
 // the newest), at most limit.
 func (l *Ledger) Trades(user int64, before int64, limit int) ([]Trade, error) {

@@ -1219,6 +1219,20 @@ func (w *SharedWallet) Tally(name string, user int64) (int64, error) {
 	return v, err
 }
 
+var _ TallyDropper = (*SharedWallet)(nil)
+
+// DropTally deletes tally name of user in Redis and this node's share of it
+// on its disk (what a rebuild of Redis would add back). Every node that
+// added to it drops its own share.
+func (w *SharedWallet) DropTally(name string, user int64) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	defer cancel()
+	if err := w.rdb.Do(ctx, w.rdb.B().Del().Key(tallyRKey(name, user)).Build()).Error(); err != nil {
+		return err
+	}
+	return w.store.Delete(TallyKey(name, user))
+}
+
 // TallyFresh is Tally read from Redis itself, not the client-side cache
 // (whose invalidation may lag a write by another node): for a reading that
 // decides, such as a PK contest's final scores.

@@ -916,3 +916,30 @@ func seededNode(t *testing.T) (*redistest.Server, string, *sharedNode) {
 	}
 	return rs, dir, n
 }
+
+// DropTally deletes a tally in Redis and the node's share of it on disk (a
+// rebuild of Redis from the disks does not bring it back).
+func TestSharedDropTally(t *testing.T) {
+	rs := redistest.Start(t)
+	n := startShared(t, rs.Addr, t.TempDir(), "a", nil)
+	waitReady(t, n)
+	if _, err := n.w.Apply(Op{User: 5, ReqID: "pk", Postings: []Posting{{User: 5, Delta: 10, Reason: ReasonDev}},
+		Tallies: []Tally{{Name: "pk:x", User: 7, Delta: 30}, {Name: "recv", User: 7, Delta: 30}}}); err != nil {
+		t.Fatal(err)
+	}
+	if v, _ := n.w.TallyFresh("pk:x", 7); v != 30 {
+		t.Fatalf("tally %d, want 30", v)
+	}
+	if err := n.w.DropTally("pk:x", 7); err != nil {
+		t.Fatal(err)
+	}
+	if v, _ := n.w.TallyFresh("pk:x", 7); v != 0 {
+		t.Fatalf("tally %d after the drop", v)
+	}
+	if _, err := n.store.Get(TallyKey("pk:x", 7)); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("the disk's share still there: %v", err)
+	}
+	if v, _ := n.w.TallyFresh("recv", 7); v != 30 {
+		t.Fatalf("another tally changed: %d", v)
+	}
+}

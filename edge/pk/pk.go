@@ -148,6 +148,9 @@ type Service struct {
 	endWait time.Duration // how long past grace an end waits for PK gifts in flight (maxEndWait; tests change it)
 	ttl     time.Duration // invitation TTL (0 = InviteTTL; tests shorten it)
 	sh      *shared       // cluster mode (NewShared): the state is in Redis
+	// dropTallies, if set, drops a contest's two tallies once this node is
+	// done with the ended contest (SetTallyDrop).
+	dropTallies func(name string, rooms [2]int64)
 
 	mu       sync.Mutex
 	closed   bool
@@ -195,6 +198,26 @@ func (s *Service) save(r record) error {
 	return s.store.Put(recordKey(r.ID), b)
 }
 
+// SetTallyDrop sets fn, called (on its own goroutine, waited for by Close)
+// once this node is done with an ended contest — its final scores are in
+// its record, and no end reads its tallies again — to drop the wallet's
+// tallies of it (TallyName(id) for each room): two per contest, kept for
+// good before. Set it before Restore.
+func (s *Service) SetTallyDrop(fn func(name string, rooms [2]int64)) { s.dropTallies = fn }
+
+// dropTalliesOf runs dropTallies for contest id in the background (callers
+// may hold s.mu); Close waits for it.
+func (s *Service) dropTalliesOf(id string, rooms [2]int64) {
+	if s.dropTallies == nil {
+		return
+	}
+	s.writes.Add(1)
+	go func() {
+		defer s.writes.Done()
+		s.dropTallies(TallyName(id), rooms)
+	}()
+}
+
 // Restore loads the contests of earlier runs: a running one resumes with its
 // scores read from the wallet's tallies (every acknowledged PK gift) and
 // ends at its time — at once if that has passed while the node was down; an
@@ -206,15 +229,14 @@ func (s *Service) Restore(now time.Time) error {
 	if s.store == nil {
 		return nil
 	}
-	var recs []record
-	var stale [][]byte
+	var recs, stale []record
 	err := s.store.Scan(keyPrefix, func(k, v []byte) error {
 		var r record
 		if err := proto.Unmarshal(v, &r); err != nil || r.ID == "" {
 			return fmt.Errorf("pk: bad record %q: %v", k, err)
 		}
 		if r.Over && now.Sub(time.UnixMilli(r.EndsAt)) > s.keep {
-			stale = append(stale, append([]byte{}, k...))
+			stale = append(stale, r)
 			return nil
 		}
 		recs = append(recs, r)
@@ -223,10 +245,11 @@ func (s *Service) Restore(now time.Time) error {
 	if err != nil {
 		return err
 	}
-	for _, k := range stale {
-		if err := s.store.Delete(k); err != nil {
+	for _, r := range stale {
+		if err := s.store.Delete(recordKey(r.ID)); err != nil {
 			return err
 		}
+		s.dropTalliesOf(r.ID, r.Rooms) // (again, if its drop was done before the restart: harmless)
 	}
 	for _, r := range recs {
 		c := &Contest{ID: r.ID, Rooms: r.Rooms, EndsAt: time.UnixMilli(r.EndsAt), Over: r.Over,
@@ -720,8 +743,10 @@ func (s *Service) forgetLater(c *Contest, after time.Duration) {
 		if s.store != nil {
 			if err := s.store.Delete(recordKey(c.ID)); err != nil {
 				s.log.Warn("pk: forget contest record", "pk_id", c.ID, "err", err)
+				return // its tallies go with it, at a later start
 			}
 		}
+		s.dropTalliesOf(c.ID, c.Rooms)
 	})
 }
 

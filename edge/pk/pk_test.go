@@ -2,12 +2,14 @@ package pk
 
 import (
 	"errors"
+	"strconv"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/liveedge/liveedge/gateway/proto"
 	"github.com/liveedge/liveedge/persist"
+	"github.com/liveedge/liveedge/persist/persisttest"
 	"github.com/liveedge/liveedge/router"
 	"github.com/liveedge/liveedge/router/routertest"
 )
@@ -303,4 +305,87 @@ func tallied(t *testing.T, tallyRoom int64) (*Service, *routertest.Recorder, *at
 		return 0, nil
 	}
 	return New(rt, func(int64) bool { return true }, nil, tallies, nil), v, tally
+}
+
+// An ended contest's tallies go with its record (SetTallyDrop: the wallet's
+// tally rows, two per contest, stayed on disk for good): the scores are
+// final in the record by then. A restart drops the tallies of the records
+// it drops as stale.
+func TestEndedContestsTalliesDropped(t *testing.T) {
+	st, led := persisttest.OpenLedger(t)
+	rt := router.NewLocal("t", router.LocalConfig{})
+	rt.OpenRoom(1)
+	rt.OpenRoom(2)
+	rows := func(id string) int {
+		n := 0
+		for _, room := range []int64{1, 2} {
+			if v, _ := led.Tally(TallyName(id), room); v != 0 {
+				n++
+			}
+		}
+		return n
+	}
+	start := func(keep time.Duration) (*Service, string) {
+		s := New(rt, func(int64) bool { return true }, st, led.Tally, nil)
+		s.keep, s.grace = keep, 0
+		s.SetTallyDrop(func(name string, rooms [2]int64) {
+			for _, room := range rooms {
+				if err := led.DropTally(name, room); err != nil {
+					t.Error(err)
+				}
+			}
+		})
+		if err := s.Restore(time.Now()); err != nil {
+			t.Fatal(err)
+		}
+		c, err := s.Start(1, 2, time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i, room := range c.Rooms { // PK gifts' debits add to the tallies
+			if _, err := led.Apply(persist.Op{User: 500, ReqID: c.ID + strconv.Itoa(i), Postings: []persist.Posting{{User: 500, Delta: 10, Reason: persist.ReasonDev}},
+				Tallies: []persist.Tally{{Name: TallyName(c.ID), User: room, Delta: 10 * int64(i+1)}}}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		return s, c.ID
+	}
+	s, id := start(200 * time.Millisecond)
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		got, ok := s.Get(id)
+		if !ok && rows(id) == 0 {
+			break
+		}
+		if ok && got.Over && (got.Scores != [2]int64{10, 20}) {
+			t.Fatalf("final scores %v, want the tallies [10 20]", got.Scores)
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("contest forgotten: %v; tally rows left: %d", !ok, rows(id))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	s.Close()
+	// Ended, then the node stops before its keep period is over: the next
+	// start drops the stale record and its tallies.
+	s, id = start(time.Hour)
+	time.Sleep(1200 * time.Millisecond)
+	if got, ok := s.Get(id); !ok || !got.Over || rows(id) != 2 {
+		t.Fatalf("ended: %+v %v, %d tally rows (kept for the keep period)", got, ok, rows(id))
+	}
+	s.Close()
+	s = New(rt, func(int64) bool { return true }, st, led.Tally, nil)
+	s.keep = 0
+	s.SetTallyDrop(func(name string, rooms [2]int64) {
+		for _, room := range rooms {
+			_ = led.DropTally(name, room)
+		}
+	})
+	if err := s.Restore(time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	s.Close() // waits for the drops
+	if n := rows(id); n != 0 {
+		t.Fatalf("%d tally rows of a stale contest left after a restart", n)
+	}
 }

@@ -449,6 +449,7 @@ func (s *Service) syncShared() error {
 	for id, r := range s.sh.byID {
 		if _, running := m[id]; !running && !r.ending && !r.ended && r.adopted.Before(readAt) {
 			s.forgetLocked(r)
+			s.dropTalliesOf(r.c.ID, r.c.Rooms) // ended by end.lua: its scores are final
 		}
 	}
 	s.mu.Unlock()
@@ -614,6 +615,7 @@ func (s *Service) endShared(r *running) {
 		s.log.Info("pk contest ended", "pk_id", r.c.ID, "rooms", r.c.Rooms)
 	}
 	s.forgetLocked(r)
+	s.dropTalliesOf(r.c.ID, r.c.Rooms) // its final scores are in its hash now
 }
 
 // endScript runs end.lua with the wallet's tallies; ended: this call ended

@@ -530,3 +530,40 @@ func TestSharedAcceptWhoseReplyWasLost(t *testing.T) {
 		t.Fatalf("start pushes: %+v", p)
 	}
 }
+
+// In a cluster every node drops its share of an ended contest's tallies
+// once end.lua has made the scores final: the node that ended it, and the
+// others when they learn it ended.
+func TestSharedEndedContestsTalliesDropped(t *testing.T) {
+	rdb, w := newRedis(t), &fakeWallet{}
+	n1, n2 := newNode(t, rdb, w, 1, 2), newNode(t, rdb, w, 1, 2)
+	var mu sync.Mutex
+	dropped := map[*node][]string{}
+	for _, n := range []*node{n1, n2} {
+		n.s.SetTallyDrop(func(name string, rooms [2]int64) {
+			mu.Lock()
+			defer mu.Unlock()
+			dropped[n] = append(dropped[n], fmt.Sprint(name, rooms))
+		})
+	}
+	c, err := n1.s.Start(1, 2, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := fmt.Sprint(TallyName(c.ID), [2]int64{1, 2})
+	poll(t, 10*time.Second, "both nodes drop the contest's tallies", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(dropped[n1]) == 1 && len(dropped[n2]) == 1
+	})
+	if f := finals(pushes(c.ID, 1, n1, n2)); len(f) != 1 {
+		t.Fatalf("finals %+v, want one", f)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	for _, n := range []*node{n1, n2} {
+		if dropped[n][0] != want {
+			t.Fatalf("dropped %v, want [%s]", dropped[n], want)
+		}
+	}
+}
