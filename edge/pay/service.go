@@ -119,11 +119,17 @@ type Service struct {
 	bizMu sync.RWMutex
 	biz   map[string]Business // business → where its paid events go (RegisterBusiness)
 
-	openMu   sync.Mutex
-	open     map[int64]openOrder // orders in WAITING_PAY / PAYING
-	openOf   map[int64]int       // user → number of their open orders
-	inflight map[int64]bool      // open orders the reconciler is querying now
-	workers  chan struct{}       // reconciler worker slots (ReconcileWorkers)
+	openMu sync.Mutex
+	open   map[int64]openOrder // orders in WAITING_PAY / PAYING
+	// making are the orders whose creating write is in flight: Pebble makes
+	// a batch readable before its fsync, so Get must not answer one from
+	// the store yet — in a cluster another node fetches the order of a
+	// pending req_id binding and hands it out (a crash before the fsync:
+	// an order paid for that no disk has).
+	making   map[int64]struct{}
+	openOf   map[int64]int  // user → number of their open orders
+	inflight map[int64]bool // open orders the reconciler is querying now
+	workers  chan struct{}  // reconciler worker slots (ReconcileWorkers)
 
 	ctx    context.Context // cancelled by Close: ends provider queries in flight
 	rekeep chan struct{}   // cap 1: keeper keeps the open orders' places (nil: no SharedOpen)
@@ -619,6 +625,12 @@ func (s *Service) CreateOrder(user int64, r CreateReq) (Order, error) {
 		CreatedAt: now, UpdatedAt: now}
 	o.PayURL = s.payURL(&o)
 	v, _ := proto.Marshal(o)
+	s.openMu.Lock()
+	if s.making == nil {
+		s.making = map[int64]struct{}{}
+	}
+	s.making[id] = struct{}{}
+	s.openMu.Unlock()
 	err := s.store.Apply(func(b *persist.Batch) error {
 		if err := b.Set(orderKey(id), v, nil); err != nil {
 			return err
@@ -637,10 +649,12 @@ func (s *Service) CreateOrder(user int64, r CreateReq) (Order, error) {
 		return nil
 	})
 	if err != nil {
+		s.madeOrNot(id)
 		release()
 		return Order{}, err
 	}
 	s.addOpen(id, o, true)
+	s.madeOrNot(id) // durable, and in open: Get answers it from memory
 	if claims != nil {
 		// Confirmed: still this order (a superseded one is an error here).
 		if err := s.confirmReq(claims, user, r.ReqID, id); err != nil {
@@ -720,14 +734,26 @@ func (s *Service) Has(id int64) bool {
 	return err == nil
 }
 
+// madeOrNot ends order id's creating write (making).
+func (s *Service) madeOrNot(id int64) {
+	s.openMu.Lock()
+	delete(s.making, id)
+	s.openMu.Unlock()
+}
+
 // Get returns order id: an open order from memory (its last durable
-// write), any other from the store.
+// write), any other from the store — "not found" while its creating write
+// is in flight (making).
 func (s *Service) Get(id int64) (Order, error) {
 	s.openMu.Lock()
 	if oo, ok := s.open[id]; ok && oo.order != nil {
 		o := *oo.order
 		s.openMu.Unlock()
 		return o, nil
+	}
+	if _, ok := s.making[id]; ok {
+		s.openMu.Unlock()
+		return Order{}, proto.Errorf(proto.CodeNotFound, "order not found")
 	}
 	s.openMu.Unlock()
 	var o Order
