@@ -124,13 +124,15 @@ func TestDemoPageInChromium(t *testing.T) {
 		t.Fatalf("anchor page: room %q anchor %q", room, anchor.text("#anchor-id"))
 	}
 
-	// Two viewers join it (one types the room id, one picks it from the list).
+	// Two viewers join it (one types the room id, one picks it from the list
+	// and clicks twice: one connection, not two — online 3 below).
 	v1, v2 := newPage("viewer 501"), newPage("viewer 502")
 	v1.joinRoom(base, 501, room)
-	v2.run("join from the room list", chromedp.Navigate(base+"?user=502"),
+	v2.run("the room list", chromedp.Navigate(base+"?user=502"),
 		chromedp.WaitVisible(chromedp.CSS(`body[data-ready="1"]`)),
-		chromedp.Click(chromedp.CSS(fmt.Sprintf(`#rooms button[data-room="%s"]`, room))),
-		chromedp.WaitVisible(chromedp.CSS("#live")))
+		chromedp.WaitVisible(chromedp.CSS(fmt.Sprintf(`#rooms button[data-room="%s"]`, room))))
+	v2.eval(fmt.Sprintf(`(() => { const b = document.querySelector('#rooms button[data-room="%s"]'); b.click(); b.click(); return "clicked twice"; })()`, room))
+	v2.run("join from the room list", chromedp.WaitVisible(chromedp.CSS("#live")))
 	for _, p := range []*tab{anchor, v1, v2} {
 		p.waitJS("online 3", `document.getElementById('online').textContent === '3'`)
 		p.waitJS("connected", `document.getElementById('state').textContent.startsWith('connected')`)

@@ -88,7 +88,19 @@ async function joinAsViewer() {
 
 // ---- the room ----
 
+// enterRoom runs once at a time: a double click (or a room button, then
+// Join) made two clients, the first never closed — every chat shown twice.
 async function enterRoom(room) {
+  if (s.entering) throw new Error("already entering a room");
+  s.entering = true;
+  try {
+    await enterRoomOnce(room);
+  } finally {
+    s.entering = false;
+  }
+}
+
+async function enterRoomOnce(room) {
   const info = await api("GET", `/rooms/${room}`);
   s.room = room;
   s.anchor = info.anchor_id;
@@ -118,12 +130,19 @@ async function enterRoom(room) {
   $("online").textContent = j.online;
   $("pk-start").hidden = s.role !== "anchor";
   $("rain-start").hidden = s.role !== "anchor";
-  await Promise.all([loadGifts(), loadProducts(), refreshWallet()]);
-  if (info.pk_opponent) $("pk").hidden = false;
-  if (info.redpacket_code) joinRunningRain(info.redpacket_code).catch(() => {});
   clearInterval(s.refresh);
   s.refresh = setInterval(refreshOnline, 2000);
+  if (info.pk_opponent) $("pk").hidden = false;
+  if (info.redpacket_code) joinRunningRain(info.redpacket_code).catch(() => {});
   system(`joined room ${room} as ${s.role}`);
+  // In the room now: a failure loading its panels is shown there (the
+  // lobby's error line is hidden), and the rest still loads.
+  const loads = await Promise.allSettled([loadGifts(), loadProducts(), refreshWallet()]);
+  const failed = loads.find((r) => r.status === "rejected");
+  if (failed) {
+    const e = failed.reason;
+    $("gift-error").textContent = e instanceof ReplyError ? `${e.code}: ${e.msg}` : String(e?.message ?? e);
+  }
 }
 
 async function refreshOnline() {
@@ -499,7 +518,12 @@ function guard(errEl, fn) {
 }
 
 async function main() {
-  s.cfg = (await (await fetch("config.json")).json()).data;
+  try {
+    s.cfg = (await (await fetch("config.json")).json()).data;
+  } catch (e) {
+    $("lobby-error").textContent = `the node's config could not be loaded: ${e.message}; reload the page`;
+    return;
+  }
   const q = new URLSearchParams(location.search);
   $("user").value = q.get("user") ?? String(1000 + Math.floor(Math.random() * 9000));
   if (q.get("role")) $("role").value = q.get("role");

@@ -195,6 +195,7 @@ var LiveClient = class _LiveClient {
         last = e;
         c.urlIndex++;
         if (e instanceof UnauthorizedError && opts.token !== void 0) break;
+        if (e instanceof CloseError && !reconnectable(e.code)) break;
       }
     }
     c.closed = true;
@@ -385,7 +386,8 @@ var LiveClient = class _LiveClient {
         this.lastSend = Date.now();
         ws.onmessage = (e) => this.onMessage(ws, e.data);
         ws.onclose = (e) => this.dropped(ws, e.code, e.reason);
-        ws.onerror = null;
+        ws.onerror = () => {
+        };
         if (i + 1 < frames.length) this.onFrames(ws, frames.slice(i + 1));
         resolve(hello2);
       };
@@ -419,10 +421,10 @@ var LiveClient = class _LiveClient {
       if (sent) d.since = sent;
       try {
         const r = await this.send(ws, "join", d, this.o.requestTimeoutMs);
-        if (sent && r.recovered === false && st.since === sent)
+        if (sent && r.recovered !== true && st.since === sent)
           this.emitState({ state: "room_resync", room, since: sent, at: { off: r.off ?? 0, ep: r.ep ?? "" } });
         const s = sinceOf(r);
-        if (s && st.since === sent && (!sent || r.recovered === false || s.ep !== sent.ep)) st.since = s;
+        if (s && st.since === sent && (!sent || r.recovered !== true || s.ep !== sent.ep)) st.since = s;
       } catch (e) {
         if (!(e instanceof ReplyError) || e.code === 5e4 || e.code === 10429) {
           transient = true;
@@ -445,7 +447,9 @@ var LiveClient = class _LiveClient {
     this.ws = null;
     this.ready = false;
     this.lastClose = { code, reason };
-    ws.onmessage = ws.onclose = ws.onerror = null;
+    ws.onmessage = ws.onclose = null;
+    ws.onerror = () => {
+    };
     this.stopHeartbeat();
     for (const [, p] of this.pending) {
       clearTimeout(p.timer);
@@ -657,7 +661,7 @@ var LiveClient = class _LiveClient {
         this.onReply(f);
         return;
       case "push":
-        if (this.held && this.pushListeners.size === 0) {
+        if (this.held && (this.pushListeners.size === 0 || this.held.length > 0)) {
           if (this.held.length < 4096) this.held.push(f);
           return;
         }

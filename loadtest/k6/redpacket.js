@@ -8,6 +8,7 @@
 // the totals (thresholds on the summed grabs, and the stats in teardown).
 import { check } from "k6";
 import { Counter } from "k6/metrics";
+import { setInterval, clearInterval } from "k6/timers";
 import { Biz, Code, LIMITS, int, common, num, pick, replyChecks, req, runUserBase, userId } from "./lib/liveedge.js";
 import { apiFor, connect, errors, sleepMs, track } from "./lib/k6.js";
 
@@ -77,6 +78,8 @@ export async function startRain(data) {
 
 /** One viewer: join, wait for the rain, grab until done. @param {Data} data */
 export async function viewer(data) {
+  /** @type {ReturnType<typeof setInterval> | undefined} */
+  let beat;
   try {
     const api = apiFor(k.baseUrls, __VU);
     const token = await api.devToken(userId(data.userBase, __VU, 0));
@@ -96,6 +99,14 @@ export async function viewer(data) {
       return;
     }
     const t0 = Date.now();
+    // Silent until the rain: a heartbeat every half period, or the node
+    // closes the connection (4402) before a long START_AFTER is over.
+    const beatMs = conn.hello.heartbeat_ms || conn.hello.heartbeat_s * 1000;
+    beat = setInterval(() => {
+      track(conn.session.request("ping", req.ping())).then((r) => {
+        if (r) check(r, replyChecks.ping);
+      });
+    }, beatMs / 2);
     // Told by push 5560; a viewer that joined late starts on its own after START_AFTER + 5 s.
     while (!started && Date.now() - t0 < (START_AFTER + 5) * 1000) await sleepMs(100);
     check(started, { "rain: 5560 pushed to the room": (s) => s });
@@ -118,6 +129,8 @@ export async function viewer(data) {
   } catch (e) {
     errors.add(1, { op: "session" });
     console.warn(`redpacket VU ${__VU}: ${e}`);
+  } finally {
+    if (beat !== undefined) clearInterval(beat);
   }
 }
 

@@ -324,6 +324,7 @@ export class LiveClient {
         last = e as Error;
         c.urlIndex++;
         if (e instanceof UnauthorizedError && opts.token !== undefined) break;
+        if (e instanceof CloseError && !reconnectable(e.code)) break; // terminal (as the Go SDK's)
       }
     }
     c.closed = true;
@@ -549,7 +550,9 @@ export class LiveClient {
         this.lastSend = Date.now();
         ws.onmessage = (e) => this.onMessage(ws, e.data);
         ws.onclose = (e) => this.dropped(ws, e.code, e.reason);
-        ws.onerror = null;
+        // Not null: an 'error' without a listener is an uncaught exception on
+        // Node's ws (a peer's bad frame); the close that follows reconnects.
+        ws.onerror = () => {};
         if (i + 1 < frames.length) this.onFrames(ws, frames.slice(i + 1));
         resolve(hello);
       };
@@ -587,11 +590,11 @@ export class LiveClient {
         const r = (await this.send(ws, "join", d, this.o.requestTimeoutMs)) as JoinReply;
         // Not recovered: report it — unless a live push that came before
         // the reply moved the position on (onPush reported its gap then).
-        if (sent && r.recovered === false && st.since === sent)
+        if (sent && r.recovered !== true && st.since === sent)
           this.emitState({ state: "room_resync", room, since: sent, at: { off: r.off ?? 0, ep: r.ep ?? "" } });
         // Pushes read meanwhile (after the reply) already moved since on.
         const s = sinceOf(r);
-        if (s && st.since === sent && (!sent || r.recovered === false || s.ep !== sent.ep)) st.since = s;
+        if (s && st.since === sent && (!sent || r.recovered !== true || s.ep !== sent.ep)) st.since = s;
       } catch (e) {
         if (!(e instanceof ReplyError) || e.code === 50000 || e.code === 10429) {
           // Not a refusal of the room: no answer in time (a late reply,
@@ -622,7 +625,8 @@ export class LiveClient {
     this.ws = null;
     this.ready = false;
     this.lastClose = { code, reason };
-    ws.onmessage = ws.onclose = ws.onerror = null;
+    ws.onmessage = ws.onclose = null;
+    ws.onerror = () => {}; // (see attempt: never an uncaught 'error')
     this.stopHeartbeat();
     for (const [, p] of this.pending) {
       clearTimeout(p.timer);
@@ -852,7 +856,10 @@ export class LiveClient {
         this.onReply(f);
         return;
       case "push":
-        if (this.held && this.pushListeners.size === 0) {
+        // Held while nobody listens — and, once some are held, every later
+        // one too until they are released (a listener added meanwhile must
+        // not get a newer push before the held older ones).
+        if (this.held && (this.pushListeners.size === 0 || this.held.length > 0)) {
           if (this.held.length < 4096) this.held.push(f); // beyond: not acked, resent by the node
           return;
         }

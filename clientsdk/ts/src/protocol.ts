@@ -96,6 +96,21 @@ export interface PKProgressPush {
   pk_id: string;
   scores: Record<string, number>;
   seq: number;
+  /** When the contest ends (unix ms). */
+  ends_at?: number;
+  /** The end: comes once, with the winner. */
+  over?: boolean;
+  /** With over: the winning room, 0 = a draw. */
+  winner?: number;
+}
+/** Extension: a PK invitation, to the invited room's anchor. */
+export interface PKInvitePush {
+  pk_id: string;
+  status: "invited";
+  rooms: [number, number];
+  inviter: number;
+  duration_s: number;
+  expires_at: number;
 }
 export interface RoomClosedPush {
   room_id: number;
@@ -132,6 +147,7 @@ export interface PushData {
   5559: RoomClosedPush;
   5560: RainStartedPush;
   5561: RainFinishedPush;
+  5562: PKInvitePush;
   5570: WalletCreditPush;
   5580: OrderStatusPush;
 }

@@ -451,3 +451,58 @@ test("a room push after leave()'s reply is dropped (acked), counted; a re-join's
   assert.deepEqual(c.ev.pushes.map((p) => p.mid), ["again", "raw"]);
   assert.equal(c.stats.notJoined, 1);
 });
+
+test("a push read after `await connect()` while pushes that came with the hello are still held waits behind them (a newer balance never overtaken by an older one)", async () => {
+  const srv = await server((conn) => {
+    answer(conn);
+    conn.send(push("older", { from: 1, text: "kept for you" }, { room: 0 }));
+  });
+  const c = await connect({ urls: srv.url, token: "t" });
+  cleanup.push(async () => c.close());
+  const got = [];
+  c.on("push", (p) => got.push(p.mid));
+  // A frame read before the held ones are released (the same poll phase):
+  // as the socket would hand it to the client.
+  c["onFrames"](c["ws"], [push("newer", { from: 1, text: "now" }, { room: 0 })]);
+  await eventually(() => got.length === 2, 3000, "both pushes");
+  assert.deepEqual(got, ["older", "newer"]);
+});
+
+test("connect() stops at a terminal close code (as the Go SDK), not trying the other URLs", async () => {
+  const urls = [];
+  let upgrades = 0;
+  for (let i = 0; i < 2; i++) {
+    const wss = new WebSocketServer({ host: "127.0.0.1", port: 0 });
+    await new Promise((r) => wss.on("listening", r));
+    wss.on("connection", (ws) => {
+      upgrades++;
+      ws.close(4503, "terminal");
+    });
+    cleanup.push(() => new Promise((r) => wss.close(r)));
+    urls.push(`ws://127.0.0.1:${wss.address().port}/ws`);
+  }
+  await assert.rejects(connect({ urls, token: "t", preferFirstUrl: true }), (e) => e instanceof CloseError && e.code === 4503);
+  assert.equal(upgrades, 1);
+});
+
+test("a re-join whose reply does not say recovered is reported as room_resync (as the Go SDK)", async () => {
+  const srv = await server((conn, n) => {
+    answer(conn, (f) => (n === 0 ? { room_id: f.d.room_id, online: 1, off: 5, ep: "e1" } : { room_id: f.d.room_id, online: 1, off: 9, ep: "e1" }));
+  });
+  const c = await collect({ urls: srv.url, token: "t" });
+  await c.join(9);
+  srv.conns[0].ws.close(1001, "going away");
+  await eventually(() => c.ev.states.some((s) => s.state === "room_resync"), 5000, "room_resync");
+  assert.deepEqual(c.ev.states.find((s) => s.state === "room_resync"), { state: "room_resync", room: 9, since: { off: 5, ep: "e1" }, at: { off: 9, ep: "e1" } });
+  assert.deepEqual(c.joinedRooms().get(9), { off: 9, ep: "e1" });
+});
+
+test("a bad frame from the peer on a live connection (RSV bits set) is a drop and a reconnect, not an uncaught 'error' that ends the process", async () => {
+  const srv = await server((conn, n) => {
+    answer(conn);
+    if (n === 0) setTimeout(() => conn.ws._socket.write(Buffer.from([0xc1, 0x00])), 20);
+  });
+  const c = await collect({ urls: srv.url, token: "t" });
+  await eventually(() => c.ev.states.filter((s) => s.state === "connected").length === 2, 5000, "reconnected");
+  await c.ping();
+});

@@ -770,9 +770,10 @@ export class Session {
     /** @type {Map<string, true>} */
     this.seen = new Map();
     this.closed = false;
+    this.closedWhy = "";
     /** @type {SessionStats} */
     this.stats = { requests: 0, replies: 0, timeouts: 0, pushes: 0, duplicates: 0, acks: 0, bad: 0 };
-    /** @type {((h: Hello) => void)[]} */
+    /** @type {((h: Hello | null, err?: Error) => void)[]} */
     this.helloWaiters = [];
   }
 
@@ -783,11 +784,13 @@ export class Session {
   waitHello() {
     const h = this.hello;
     if (h) return Promise.resolve(h);
+    if (this.closed) return Promise.reject(new Error(`no hello: ${this.closedWhy}`));
     return new Promise((resolve, reject) => {
       const cancel = this.after(() => reject(new Error(`no hello within ${this.timeoutMs} ms`)), this.timeoutMs);
-      this.helloWaiters.push((hello) => {
+      this.helloWaiters.push((hello, err) => {
         cancel();
-        resolve(hello);
+        if (hello) resolve(hello);
+        else reject(err);
       });
     });
   }
@@ -886,6 +889,13 @@ export class Session {
    */
   close(why = "closed") {
     this.closed = true;
+    this.closedWhy = why;
+    // A connection closed before its hello (an upgrade refused: 429, 503, a
+    // close code) fails its waiters now, with the cause — not after the
+    // timeout as "no hello".
+    const ws = this.helloWaiters;
+    this.helloWaiters = [];
+    for (const w of ws) w(null, new Error(`no hello: ${why}`));
     for (const [id, p] of this.pending) {
       p.cancel();
       p.reject(new Error(`${p.type} #${id}: ${why}`));

@@ -87,6 +87,16 @@ describe("protocol module, no node", () => {
     assert.deepEqual(parseFrames(frame("x", 1, {})), [{ t: "x", id: 1, d: {} }]);
   });
 
+  test("Session: a connection closed before its hello (an upgrade refused) fails waitHello at once, with the cause", async () => {
+    const s = new Session({ send: () => {}, after: afterMs, now: () => 0, timeoutMs: 60_000 });
+    const hello = s.waitHello();
+    const t0 = Date.now();
+    s.close("socket closed");
+    await assert.rejects(hello, /no hello: socket closed/);
+    assert.ok(Date.now() - t0 < 1000, "rejected only after the timeout");
+    await assert.rejects(s.waitHello(), /no hello: socket closed/);
+  });
+
   test("checks: failing replies are named", () => {
     const bad = { type: "gift", id: 1, code: Code.InsufficientBalance, msg: "", d: {}, ms: 1 };
     assert.deepEqual(failedChecks(replyChecks.gift, bad), ["gift: code 0", "gift: has order_id", "gift: balance ≥ 0"]);
