@@ -470,6 +470,11 @@ func TestNoFrameServedAfterTheCloseIsDecided(t *testing.T) {
 			t.Fatalf("join: %+v", f)
 		}
 	}
+	// A reliable push it got and has not acked yet.
+	mid, reached := n.Router.SendUser(2001, proto.Push{Biz: proto.BizWalletCredit, Data: []byte(`{"balance":1,"delta":1,"reason":"dev"}`), Ack: true})
+	if reached != 1 || victim.NextOfType(proto.TypePush, 5*time.Second).Mid != mid {
+		t.Fatalf("the reliable push not delivered (reached %d)", reached)
+	}
 	victim.Pause()
 	pad := `{"pad":"` + strings.Repeat("x", 8<<10) + `"}`
 	for range 6 { // 48 KiB: past the socket buffers, within the queue
@@ -485,6 +490,12 @@ func TestNoFrameServedAfterTheCloseIsDecided(t *testing.T) {
 	if err := victim.Send(fmt.Sprintf(`{"t":"chat","id":2,"d":{"room_id":%d,"text":"after the close"}}`, room)); err != nil {
 		t.Fatal(err)
 	}
+	// Its ack is still taken (no reply to queue): the push is not handed
+	// on at the close as unacked.
+	if err := victim.Send(fmt.Sprintf(`{"t":"ack","d":{"mids":[%q]}}`, mid)); err != nil {
+		t.Fatal(err)
+	}
+	nodetest.Eventually(t, 3*time.Second, func() bool { return n.WS.PendingAcks(2001) == 0 }, "the ack sent while closing taken")
 	deadline := time.After(1500 * time.Millisecond)
 	for {
 		select {

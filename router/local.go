@@ -276,7 +276,8 @@ func (l *Local) JoinAt(id int64, s Session, since *proto.Position) (Joined, erro
 	v, _ := l.memberOf.LoadOrStore(s.ID(), &sesRooms{})
 	sr := v.(*sesRooms)
 	sr.mu.Lock()
-	if !sr.has(id) {
+	added := !sr.has(id) // false: a join again of a room the session is in
+	if added {
 		if len(sr.rooms) >= l.cfg.MaxRoomsPerSes {
 			sr.mu.Unlock()
 			return Joined{}, ErrTooManyRooms
@@ -335,7 +336,9 @@ func (l *Local) JoinAt(id int64, s Session, since *proto.Position) (Joined, erro
 			case errors.Is(err, errNotKept):
 				readFailed = true // not recovered; not tried again
 			default:
-				l.forget(s, id)
+				if added { // a member already stays one (its Unregister leaves the room)
+					l.forget(s, id)
+				}
 				return Joined{}, fmt.Errorf("%w: reading the room's history: %w", ErrUnavailable, err)
 			}
 			continue

@@ -266,4 +266,18 @@ func TestJoinHistoryReadFailureIsUnavailable(t *testing.T) {
 	if j, err := l.JoinAt(1, s2, since); err != nil || j.Recovered {
 		t.Fatalf("join whose pushes are not kept: %+v %v, want joined, not recovered", j, err)
 	}
+	// A join again of a room the session is in, failing so: it stays a
+	// member, and its Unregister still takes it out of the room.
+	fail = errors.New("redis: i/o timeout")
+	if _, err := l.JoinAt(1, s, since); !errors.Is(err, ErrUnavailable) {
+		t.Fatalf("a join again while the read fails: %v", err)
+	}
+	if !l.IsMember(1, s) {
+		t.Fatal("a member's failed join again took it out of the room")
+	}
+	l.Unregister(s)
+	l.Unregister(s2)
+	if l.IsMember(1, s) || l.Online(1) != 0 {
+		t.Fatalf("after Unregister: member %v, online %d", l.IsMember(1, s), l.Online(1))
+	}
 }

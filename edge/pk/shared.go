@@ -249,7 +249,7 @@ func (s *Service) startShared(mode, id string, a, b int64, d time.Duration) (Con
 	if err != nil {
 		return Contest{}, err
 	}
-	if err := s.pair(mode, id, i64(a), i64(b), string(rec)); err != nil && (err != errUnavailable || !s.startedUnseen(id)) {
+	if err := s.pair(mode, id, i64(a), i64(b), string(rec)); err != nil && (err != errUnavailable || !s.startedUnseen(id, string(rec))) {
 		return Contest{}, err
 	}
 	r := s.adopt(c)
@@ -262,19 +262,22 @@ func (s *Service) startShared(mode, id string, a, b int64, d time.Duration) (Con
 	return c, nil
 }
 
-// startedUnseen reports whether contest id runs: pair.lua's reply was lost
-// (a timeout, a cut connection), and the script may have started it — then
-// it is this call's (ids are new per invitation or pairing), and answering
-// "retry" would leave it unannounced here (no start push) and its retry
-// "not found". Asked a few times within startCheckFor: the connection that
-// lost the reply may take a moment to come back.
-func (s *Service) startedUnseen(id string) bool {
+// startedUnseen reports whether contest id runs with record rec — the one
+// this call wrote: pair.lua's reply was lost (a timeout, a cut connection),
+// and the script may have started it; answering "retry" would leave it
+// unannounced here (no start push) and its retry "not found". (Another
+// accept of the same invitation — a double click, a retry through another
+// node — that started it wrote a record of its own, with its own end time:
+// not this call's.) Asked a few times within startCheckFor: the connection
+// that lost the reply may take a moment to come back.
+func (s *Service) startedUnseen(id, rec string) bool {
 	deadline := time.Now().Add(startCheckFor)
 	for {
 		ctx, cancel := s.sh.ctx()
-		ok, err := s.sh.rdb.Do(ctx, s.sh.rdb.B().Hexists().Key(keyRunning).Field(id).Build()).AsBool()
+		got, err := s.sh.rdb.Do(ctx, s.sh.rdb.B().Hget().Key(keyRunning).Field(id).Build()).ToString()
 		cancel()
-		if err == nil {
+		if err == nil || rueidis.IsRedisNil(err) {
+			ok := err == nil && got == rec
 			if ok {
 				s.log.Warn("pk: contest started though its pairing's reply was lost", "pk_id", id)
 			}

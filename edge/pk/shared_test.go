@@ -567,3 +567,47 @@ func TestSharedEndedContestsTalliesDropped(t *testing.T) {
 		}
 	}
 }
+
+// Two accepts of one invitation through two nodes, the first one's reply
+// lost: the contest the second started is not the first one's — the first
+// answers "retry" (its retry: "not found"), not the contest with a start
+// push and an end time of its own. Before, startedUnseen saw the contest
+// running and took it for the first accept's.
+func TestSharedLostAcceptDoesNotClaimAnotherAcceptsContest(t *testing.T) {
+	srv := redistest.Start(t)
+	px := redistest.StartProxy(t, srv.Addr)
+	via, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{px.Addr}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(via.Close)
+	direct, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{srv.Addr}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(direct.Close)
+	w := &fakeWallet{}
+	n1, n2 := newNode(t, via, w, 1, 2), newNode(t, direct, w, 1, 2)
+	inv, err := n2.s.Invite(7, 1, 2, time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	px.Slow("accept", 500*time.Millisecond)
+	px.LoseReply("accept", 200*time.Millisecond)
+	first := make(chan error, 1)
+	go func() { _, err := n1.s.Accept(inv.ID); first <- err }()
+	time.Sleep(150 * time.Millisecond) // node 1's accept is on its way
+	px.Slow("", 0)
+	c, err := n2.s.Accept(inv.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := <-first; err == nil || proto.AsError(err).Code != proto.CodeInternal {
+		t.Fatalf("the accept whose reply was lost: %v, want 50000 (retry)", err)
+	}
+	poll(t, 2*time.Second, "the start push", func() bool { return len(pushes(c.ID, 1, n1, n2)) > 0 })
+	time.Sleep(100 * time.Millisecond)
+	if p := pushes(c.ID, 1, n1, n2); len(p) != 1 {
+		t.Fatalf("start pushes %+v, want one (the accept that started it)", p)
+	}
+}
