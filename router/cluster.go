@@ -134,12 +134,13 @@ var _ Router = (*Cluster)(nil)
 // made under Cluster.mu; croom.mu is held across Local.Deliver (which only
 // queues) but never across I/O.
 type Cluster struct {
-	cfg   ClusterConfig
-	local *Local
-	nc    *nats.Conn
-	rdb   rueidis.Client
-	log   *slog.Logger
-	boot  string
+	cfg    ClusterConfig
+	local  *Local
+	nc     *nats.Conn
+	rdb    rueidis.Client
+	log    *slog.Logger
+	boot   string
+	regSeq atomic.Uint64 // marks of Register calls (cuser.lastReg)
 
 	mu    sync.Mutex
 	rooms map[int64]*croom   // rooms this node is subscribed to
@@ -203,7 +204,22 @@ type cuser struct {
 	sub         *nats.Subscription
 	subscribing bool
 	sessions    int
-	gen         int // bumped when the last session leaves; the linger timer checks it
+	gen         int    // bumped when the last session leaves; the linger timer checks it
+	lastReg     uint64 // Cluster.regSeq at the user's latest Register here
+}
+
+// noRedrain: keepAway from a drain (see keepAway).
+const noRedrain = ^uint64(0)
+
+// regsOf is the mark of user's latest Register here (0: none known): a
+// session registered since an earlier reading changes it.
+func (c *Cluster) regsOf(user int64) uint64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if cu := c.users[user]; cu != nil {
+		return cu.lastReg
+	}
+	return 0
 }
 
 // userLinger keeps a user's subscription after their last session here left,
@@ -1260,6 +1276,7 @@ func (c *Cluster) Register(s Session) {
 		c.users[u] = cu
 	}
 	cu.sessions++
+	cu.lastReg = c.regSeq.Add(1)
 	first := cu.sessions == 1
 	subscribed := cu.sub != nil || cu.subscribing
 	if first && !subscribed {
@@ -1284,13 +1301,14 @@ func (c *Cluster) Register(s Session) {
 				c.stats.badWire.Add(1)
 				return
 			}
+			regs := c.regsOf(u)
 			if c.local.sendMsg(u, msg) == 0 && msg.Ack {
 				// The user left this node meanwhile: kept for their next
 				// connect if they are nowhere else. (Online elsewhere, they
 				// got it there: that node is subscribed too — or, if it is
 				// away from NATS, a hand-off is not answered here: its
 				// sender keeps it for them.)
-				if c.keepAway(u, true, msg) {
+				if c.keepAway(u, regs, msg) {
 					return
 				}
 			}
@@ -1327,10 +1345,12 @@ func (c *Cluster) Register(s Session) {
 // session here drains it (before, they were dropped; a session on another
 // node then misses them, a session on a node that had them gets them).
 // elsewhere: the user is connected on another node (their pushes are
-// handed off there, handOff). redrain: drain the list again if a session
-// of the user is here by then (false when called from a drain, whose
-// pushes a closing session refused: that would go round).
-func (c *Cluster) keepAway(user int64, redrain bool, ms ...Msg) (elsewhere bool) {
+// handed off there, handOff). regs: regsOf(user) read before no session
+// here took ms — a session registered since may have drained the list
+// before ms were stored, and this node never gets its own publish (NoEcho):
+// the list is drained again (noRedrain: called from a drain, whose pushes a
+// closing session refused; a closing session alone is no reason either).
+func (c *Cluster) keepAway(user int64, regs uint64, ms ...Msg) (elsewhere bool) {
 	online, known := c.onlineElsewhere(user)
 	switch {
 	case !known:
@@ -1338,11 +1358,8 @@ func (c *Cluster) keepAway(user int64, redrain bool, ms ...Msg) (elsewhere bool)
 	case !online:
 		if !c.storeOffline(user, ms...) {
 			c.local.keepHere(user, ms)
-		} else if redrain && c.local.userSessions(user) > 0 {
-			// A session registered here since no session took them: it
-			// may have drained the list before they were stored, and this
-			// node does not get its own publish (NoEcho) — drained again.
-			c.drainOffline(user)
+		} else if regs != noRedrain && c.regsOf(user) != regs {
+			c.drainOffline(user) // a session registered since (see above)
 		}
 	}
 	return known && online
@@ -1379,22 +1396,23 @@ func (c *Cluster) storeOffline(user int64, ms ...Msg) bool {
 // connected nowhere.
 func (c *Cluster) Keep(user int64, msgs []Msg) {
 	msgs = c.local.newest(msgs)
+	regs := c.regsOf(user)
 	var away []Msg
 	for _, m := range msgs {
 		if c.local.sendMsg(user, m) == 0 {
 			away = append(away, m)
 		}
 	}
-	c.handOn(user, msgs, away, true)
+	c.handOn(user, msgs, away, regs)
 }
 
 // handOn publishes msgs to the user's sessions on the other nodes and keeps
 // away (those no session here took) in the offline list when the user is
 // connected nowhere; connected elsewhere, the reliable ones of away are
 // handed off (answered, handOff).
-func (c *Cluster) handOn(user int64, msgs, away []Msg, redrain bool) {
+func (c *Cluster) handOn(user int64, msgs, away []Msg, regs uint64) {
 	var handed map[string]bool
-	if len(away) > 0 && c.keepAway(user, redrain, away...) {
+	if len(away) > 0 && c.keepAway(user, regs, away...) {
 		handed = make(map[string]bool, len(away))
 		for _, m := range away {
 			handed[m.Mid] = m.Ack
@@ -1427,7 +1445,7 @@ func (c *Cluster) drainOffline(user int64) {
 	if len(away) > 0 {
 		// Taken from the list but refused here (the session is closing
 		// already): handed on like a closing connection's unacked pushes.
-		c.handOn(user, away, away, false)
+		c.handOn(user, away, away, noRedrain)
 	}
 }
 
@@ -1511,11 +1529,12 @@ func (c *Cluster) SendUser(user int64, p proto.Push) (string, int) {
 		p.Mid = c.local.mids.Next()
 	}
 	m := encodeMsg(&p)
+	regs := c.regsOf(user)
 	n := c.local.sendMsg(user, m)
 	if p.Ack && n == 0 {
 		// Stored before it is published: a node that subscribes for the
 		// user after the publish drains the list after subscribing.
-		if c.keepAway(user, true, m) {
+		if c.keepAway(user, regs, m) {
 			c.handOff(user, m)
 			return p.Mid, n
 		}
