@@ -930,6 +930,9 @@ func TestSharedDropTally(t *testing.T) {
 	if v, _ := n.w.TallyFresh("pk:x", 7); v != 30 {
 		t.Fatalf("tally %d, want 30", v)
 	}
+	if v, err := n.store.Get(TallyKey("pk:x", 7)); err != nil || DecodeInt64(v) != 30 {
+		t.Fatalf("the disk's share before the drop: %v %v, want 30", v, err)
+	}
 	if err := n.w.DropTally("pk:x", 7); err != nil {
 		t.Fatal(err)
 	}
