@@ -6,8 +6,11 @@
 package configs
 
 import (
+	"bytes"
 	_ "embed"
+	"errors"
 	"fmt"
+	"io"
 	"os"
 	"reflect"
 	"strconv"
@@ -301,7 +304,7 @@ func Load(path string) (Config, error) {
 		if err != nil {
 			return c, err
 		}
-		if err := yaml.Unmarshal(b, &c); err != nil {
+		if err := decodeStrict(b, &c); err != nil {
 			return c, fmt.Errorf("%s: %w", path, err)
 		}
 	}
@@ -312,6 +315,18 @@ func Load(path string) (Config, error) {
 		return c, err
 	}
 	return c, c.Validate()
+}
+
+// decodeStrict decodes a config file over c, refusing a key no setting has
+// (a misspelt one — `cluster: {enable: true}` — was ignored: the node
+// started with the default, unclustered).
+func decodeStrict(b []byte, c *Config) error {
+	d := yaml.NewDecoder(bytes.NewReader(b))
+	d.KnownFields(true)
+	if err := d.Decode(c); err != nil && !errors.Is(err, io.EOF) {
+		return err
+	}
+	return nil
 }
 
 // MinSecretBytes is the shortest JWT or webhook secret a node with dev tokens
@@ -527,6 +542,17 @@ func (c *Config) Validate() error {
 	check(!c.Cluster.Enabled || c.Redis.Addr != "", "redis.addr is required when cluster.enabled")
 	check(!c.Cluster.Enabled || !c.NATS.Embedded, "cluster.enabled needs an external NATS (nats.embedded: false)")
 	check(!c.Cluster.Enabled || c.Wallet.Mode == "shared", "cluster.enabled needs wallet.mode shared")
+	if c.Wallet.Mode == "shared" {
+		// The shared wallet's rebuild after a Redis loss waits for this many
+		// nodes' ledgers: a list without this node, or with a name twice,
+		// finished a rebuild without a node's money — or never.
+		seen := map[string]bool{}
+		for _, n := range c.Wallet.Nodes {
+			check(n != "" && !seen[n], fmt.Sprintf("wallet.nodes: %q is empty or listed twice", n))
+			seen[n] = true
+		}
+		check(seen[c.Node.ID], fmt.Sprintf("wallet.nodes must list every node of the cluster, this one (node.id %q) included", c.Node.ID))
+	}
 	ways := 0
 	for _, set := range []bool{c.NATS.User != "" || c.NATS.Password != "", c.NATS.Token != "", c.NATS.CredsFile != ""} {
 		if set {
@@ -535,7 +561,7 @@ func (c *Config) Validate() error {
 	}
 	check(ways <= 1, "nats: set at most one of user/password, token and creds_file")
 	check(c.NATS.Password == "" || c.NATS.User != "", "nats.password needs nats.user")
-	check(c.Rooms.HistorySize >= 0 && c.Rooms.HistorySize <= 100000, "rooms.history_size must be 0..100000")
+	check(c.Rooms.HistorySize >= 1 && c.Rooms.HistorySize <= 100000, "rooms.history_size must be 1..100000 (the room offsets and since need a history)")
 	check(c.Wallet.IdemMemoryBytes >= 0, "wallet.idem_memory_bytes must be >= 0")
 	check(c.Pay.WorkerID >= -1 && c.Pay.WorkerID < 32, "pay.worker_id must be -1..31")
 	check(c.Pay.MaxOpenOrdersPerUser >= 0, "pay.max_open_orders_per_user must be >= 0")

@@ -229,3 +229,44 @@ func TestBackendCredentials(t *testing.T) {
 		t.Fatalf("a development node: unprotected %q, want none (dev tokens on)", got)
 	}
 }
+
+// Settings that broke a node quietly are refused at start: a config file's
+// misspelt key (ignored: `cluster: {enable: true}` started an unclustered
+// node), a shared wallet's node list without this node or with a name twice
+// (a rebuild after a Redis loss finished without a node's ledger, or never),
+// rooms.history_size 0 (taken for the default 256).
+func TestMisconfigurationsRefused(t *testing.T) {
+	dir := t.TempDir()
+	bad := filepath.Join(dir, "bad.yaml")
+	if err := os.WriteFile(bad, []byte("cluster:\n  enable: true\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	_, err := Load(bad)
+	wantErr(t, err, "enable")
+	secrets := []string{"LIVEEDGE_AUTH_JWT_SECRET=" + goodJWT, "LIVEEDGE_PAY_SECRETS=" + goodPay}
+	_, err = loadCluster(t, append(secrets, "LIVEEDGE_NODE_ID=gw-3")...)
+	wantErr(t, err, "wallet.nodes", "gw-3")
+	_, err = loadCluster(t, append(secrets, "LIVEEDGE_WALLET_NODES=gw-1,gw-1,gw-2")...)
+	wantErr(t, err, "wallet.nodes", "twice")
+	c := Default()
+	c.Rooms.HistorySize = 0
+	wantErr(t, c.Validate(), "rooms.history_size")
+}
+
+// Every shipped config file has only known keys (Load refuses others).
+func TestShippedConfigsStrict(t *testing.T) {
+	files, err := filepath.Glob("*.yaml")
+	if err != nil || len(files) == 0 {
+		t.Fatalf("config files: %v %v", files, err)
+	}
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c := Default()
+		if err := decodeStrict(b, &c); err != nil {
+			t.Errorf("%s: %v", f, err)
+		}
+	}
+}
