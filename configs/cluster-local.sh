@@ -11,20 +11,26 @@ DATA=${DATA:-data/cluster}
 NODES=${NODES:-3}
 mkdir -p "$DATA/nats" "$DATA/redis"
 case $DATA in /*) ABS=$DATA ;; *) ABS=$PWD/$DATA ;; esac
-pids=()
+pids=() # NATS, Redis, then the nodes
 cleanup() {
 	trap - INT TERM EXIT
 	echo "stopping the cluster..."
-	for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+	# The nodes first, waited for: their graceful stop still uses NATS and
+	# Redis (unacked pushes kept in Redis, presence removed, leases given
+	# back); then NATS and Redis. (The backends run in sessions of their
+	# own, so a terminal's Ctrl-C does not stop them under the nodes.)
+	for p in "${pids[@]:2}"; do kill -TERM "$p" 2>/dev/null || true; done
+	for p in "${pids[@]:2}"; do wait "$p" 2>/dev/null || true; done
+	for p in "${pids[@]:0:2}"; do kill -TERM "$p" 2>/dev/null || true; done
 	wait 2>/dev/null || true
 }
 trap cleanup INT TERM EXIT
 
 prefix() { sed -u "s/^/[$1] /"; }
 
-nats-server -a 127.0.0.1 -p 14222 -js -sd "$ABS/nats" > >(prefix nats) 2>&1 &
+setsid nats-server -a 127.0.0.1 -p 14222 -js -sd "$ABS/nats" > >(prefix nats) 2>&1 &
 pids+=($!)
-redis-server --bind 127.0.0.1 --port 16379 --dir "$ABS/redis" --appendonly yes \
+setsid redis-server --bind 127.0.0.1 --port 16379 --dir "$ABS/redis" --appendonly yes \
 	--appendfsync everysec --save "" --maxmemory-policy noeviction > >(prefix redis) 2>&1 &
 pids+=($!)
 for _ in $(seq 100); do
