@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"strconv"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -42,8 +43,13 @@ type API struct {
 	h  *server.Hertz
 	ln net.Listener
 
-	reqID    atomic.Uint64
-	stopping atomic.Bool // Shutdown began: requests still arriving are turned away
+	reqID atomic.Uint64
+	// stopping: Shutdown began, requests still arriving are turned away;
+	// handling counts the requests being handled (Shutdown waits for them
+	// before the node closes what they use). Both under stopMu.
+	stopMu   sync.Mutex
+	stopping bool
+	handling sync.WaitGroup
 }
 
 func init() { hlog.SetLevel(hlog.LevelWarn) }
@@ -108,9 +114,29 @@ func (a *API) Addr() string { return a.ln.Addr().String() }
 // is answered "going away" with the connection closed: the node's backends
 // are closing behind it.
 func (a *API) Shutdown(ctx context.Context) {
-	a.stopping.Store(true)
+	a.stopMu.Lock()
+	a.stopping = true
+	a.stopMu.Unlock()
 	if a.h != nil {
 		_ = a.h.Shutdown(ctx)
+	}
+}
+
+// WaitHandlers waits, until ctx ends, for the requests still being handled
+// (a webhook's credit, a forwarded order op, a ticket saga): the node closes
+// the services, NATS, Redis and Pebble they use only after. Hertz's own
+// shutdown waits a second for the connections to go idle, not for handlers.
+func (a *API) WaitHandlers(ctx context.Context) bool {
+	done := make(chan struct{})
+	go func() {
+		a.handling.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+		return true
+	case <-ctx.Done():
+		return false
 	}
 }
 
@@ -245,12 +271,17 @@ func envelope(c *app.RequestContext, status int, e *proto.Error) {
 // most http.max_body_bytes; a larger one is answered 413 in the envelope and
 // the connection is closed (the rest of the body is never read).
 func (a *API) limitBody(ctx context.Context, c *app.RequestContext) {
-	if a.stopping.Load() {
+	a.stopMu.Lock()
+	if a.stopping {
+		a.stopMu.Unlock()
 		c.SetConnectionClose()
 		envelope(c, http.StatusServiceUnavailable, proto.Errorf(proto.CodeInternal, "node shutting down; retry on another node"))
 		c.Abort()
 		return
 	}
+	a.handling.Add(1)
+	a.stopMu.Unlock()
+	defer a.handling.Done()
 	// The answer within WriteTimeout of the request's start (the standard
 	// transport sets no write deadline): a client that stops reading a
 	// large answer does not hold its handler for ever.

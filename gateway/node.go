@@ -773,9 +773,25 @@ func (n *Node) Shutdown(ctx context.Context) error {
 	hctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	n.API.Shutdown(hctx)
 	cancel()
+	// The HTTP requests still being handled finish first (bounded by the
+	// drain's ctx, at least 5 s: the calls they wait on are bounded so): closing
+	// the services and stores under them failed them half done.
+	wctx, cancel := context.WithTimeout(context.Background(), max(5*time.Second, time.Until(deadlineOf(ctx))))
+	if !n.API.WaitHandlers(wctx) {
+		n.Log.Warn("HTTP requests still running at shutdown: their backends close under them")
+	}
+	cancel()
 	err := n.closeBackends()
 	n.Log.Info("liveedge node stopped", "took", time.Since(start).Round(time.Millisecond), "err", err)
 	return err
+}
+
+// deadlineOf is ctx's deadline, or now when it has none.
+func deadlineOf(ctx context.Context) time.Time {
+	if d, ok := ctx.Deadline(); ok {
+		return d
+	}
+	return time.Now()
 }
 
 func (n *Node) closeBackends() error {
