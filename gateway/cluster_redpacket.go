@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -205,8 +206,13 @@ type rpShardRep struct {
 // answers after its caller has given up.
 func (n *Node) serveRedPacketShards() error {
 	sem := make(chan struct{}, rpShardWorkers)
-	_, err := n.NC.Subscribe(rpSubject(n.Config.Node.ID), func(m *nats.Msg) {
+	sub, err := n.NC.Subscribe(rpSubject(n.Config.Node.ID), func(m *nats.Msg) {
 		arrived := time.Now()
+		if !n.rpWork.enter() { // stopping: RedPackets and the store close next
+			respond(m, rpShardRep{Err: errShardBusy})
+			return
+		}
+		defer n.rpWork.leave()
 		var req rpShardReq
 		if err := proto.Unmarshal(m.Data, &req); err != nil {
 			respond(m, rpShardRep{Err: proto.BadRequest("bad red-packet shard request")})
@@ -223,8 +229,10 @@ func (n *Node) serveRedPacketShards() error {
 			respond(m, rpShardRep{Err: errShardBusy})
 			return
 		}
+		n.rpWork.also() // its goroutine's, while this callback's holds the gate
 		go func() {
 			defer func() { <-sem }()
+			defer n.rpWork.leave()
 			var rep rpShardRep
 			switch {
 			case req.Op == "lease" && req.Lease != nil:
@@ -252,7 +260,39 @@ func (n *Node) serveRedPacketShards() error {
 			respond(m, rep)
 		}()
 	})
+	n.rpSub = sub
 	return err
+}
+
+// workGate counts work in flight that must end before what it uses closes:
+// enter refuses once stop began, stop waits for the work entered.
+type workGate struct {
+	mu      sync.Mutex
+	stopped bool
+	wg      sync.WaitGroup
+}
+
+func (g *workGate) enter() bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.stopped {
+		return false
+	}
+	g.wg.Add(1)
+	return true
+}
+
+func (g *workGate) leave() { g.wg.Done() }
+
+// also enters more work on behalf of work entered and not left yet (stop is
+// still waiting for it: never refused).
+func (g *workGate) also() { g.wg.Add(1) }
+
+func (g *workGate) stop() {
+	g.mu.Lock()
+	g.stopped = true
+	g.mu.Unlock()
+	g.wg.Wait()
 }
 
 // shardFailure is err as a shard answer: a protocol error, or a failure

@@ -89,6 +89,10 @@ type Node struct {
 	stopIdem  chan struct{}
 	payFwd    *payForwards // le.pay.<node> requests: stopped first at close
 	payFwdSub *nats.Subscription
+	// rpSub serves the other nodes' red-packet shard requests (le.rp.<node>);
+	// rpWork counts them: they end before RedPackets and the store close.
+	rpSub  *nats.Subscription
+	rpWork workGate
 	// redisProbe is the last Redis ping of /readyz (redisReachable).
 	redisProbe struct {
 		mu  sync.Mutex
@@ -823,6 +827,12 @@ func (n *Node) closeBackends() error {
 	if n.PK != nil {
 		n.PK.Close()
 	}
+	if n.rpSub != nil {
+		// Other nodes' leases, closes and recoveries end first (each
+		// bounded): none runs on a closed service or store.
+		_ = n.rpSub.Unsubscribe()
+	}
+	n.rpWork.stop()
 	if n.RedPackets != nil {
 		n.RedPackets.Close() // before the wallet closes: settlements in progress finish
 	}
