@@ -150,11 +150,7 @@ func TestJoinHistoryReadDoesNotStallTheRoom(t *testing.T) {
 	l := NewLocal("gw-1", LocalConfig{HistorySize: 100, History: func(room int64, ep string, from, to int64) ([]Msg, error) {
 		reading <- struct{}{}
 		<-release
-		var out []Msg
-		for o := from; o <= to; o++ {
-			out = append(out, Msg{Off: o, Bytes: []byte(`{}`)})
-		}
-		return out, nil
+		return keptPushes(from, to), nil
 	}})
 	l.OpenRoom(1)
 	l.SetPosition(1, "E1", 100) // as a cluster node that just subscribed: nothing in the ring
@@ -240,11 +236,7 @@ func TestJoinHistoryReadFailureIsUnavailable(t *testing.T) {
 		if fail != nil {
 			return nil, fail
 		}
-		var out []Msg
-		for o := from; o <= to; o++ {
-			out = append(out, Msg{Off: o, Bytes: []byte(`{}`)})
-		}
-		return out, nil
+		return keptPushes(from, to), nil
 	}})
 	l.OpenRoom(1)
 	l.SetPosition(1, "E1", 100) // as a cluster node that just subscribed: nothing in the ring
@@ -280,4 +272,13 @@ func TestJoinHistoryReadFailureIsUnavailable(t *testing.T) {
 	if l.IsMember(1, s) || l.Online(1) != 0 {
 		t.Fatalf("after Unregister: member %v, online %d", l.IsMember(1, s), l.Online(1))
 	}
+}
+
+// keptPushes are pushes from..to as a shared history keeps them.
+func keptPushes(from, to int64) []Msg {
+	var out []Msg
+	for o := from; o <= to; o++ {
+		out = append(out, Msg{Off: o, Bytes: []byte(`{}`)})
+	}
+	return out
 }

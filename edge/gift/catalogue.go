@@ -257,17 +257,23 @@ func (p PebbleCatalogue) LoadAll() ([]Gift, error) {
 // Get implements CatalogueStore.
 func (p PebbleCatalogue) Get(id int64) (Gift, []byte, bool, error) {
 	v, err := p.Store.Get(persist.Key(prefixGiftCat, uint64(id)))
-	if errors.Is(err, persist.ErrNotFound) {
+	return storedGift(v, errors.Is(err, persist.ErrNotFound), err)
+}
+
+// storedGift is a store's Get answer from its read of raw (absent: no such
+// gift; err: the read's other error).
+func storedGift(raw []byte, absent bool, err error) (Gift, []byte, bool, error) {
+	if absent {
 		return Gift{}, nil, false, nil
 	}
 	if err != nil {
 		return Gift{}, nil, false, err
 	}
 	var g Gift
-	if err := proto.Unmarshal(v, &g); err != nil {
+	if err := proto.Unmarshal(raw, &g); err != nil {
 		return Gift{}, nil, false, err
 	}
-	return g, v, true, nil
+	return g, raw, true, nil
 }
 
 // Swap implements CatalogueStore. The node's own store: its writers are

@@ -96,17 +96,7 @@ func (r RedisCatalogue) Get(id int64) (Gift, []byte, bool, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
 	defer cancel()
 	v, err := r.Client.Do(ctx, r.Client.B().Hget().Key(RedisCatalogueKey).Field(strconv.FormatInt(id, 10)).Build()).AsBytes()
-	if rueidis.IsRedisNil(err) {
-		return Gift{}, nil, false, nil
-	}
-	if err != nil {
-		return Gift{}, nil, false, err
-	}
-	var g Gift
-	if err := proto.Unmarshal(v, &g); err != nil {
-		return Gift{}, nil, false, err
-	}
-	return g, v, true, nil
+	return storedGift(v, rueidis.IsRedisNil(err), err)
 }
 
 // swapScript sets field ARGV[1] of KEYS[1] to ARGV[4] if it is absent

@@ -84,11 +84,10 @@ func (w *landsLateWallet) ApplyAsync(op persist.Op, done func(persist.Result, er
 	w.Ledger.ApplyAsync(op, done)
 }
 
-// A gift answered "still being processed" whose debit landed anyway gets its
-// effects when its retry replays it — once: the receiver's biz 5556 (it was
-// never sent: a replay was taken for a gift whose effects went out the
-// first time).
-func TestGiftAnsweredInDoubtGetsItsEffectsOnRetry(t *testing.T) {
+// seededRoom is a ledger where user 100 has 10,000 coins, the seed
+// catalogue, and a router with room 7 open.
+func seededRoom(t *testing.T) (*persist.Ledger, *Catalogue, *router.Local) {
+	t.Helper()
 	st, led := openLedger(t)
 	if _, err := led.Apply(persist.Op{User: 100, ReqID: "seed", Postings: []persist.Posting{{User: 100, Delta: 10_000, Reason: persist.ReasonDev}}}); err != nil {
 		t.Fatal(err)
@@ -99,6 +98,15 @@ func TestGiftAnsweredInDoubtGetsItsEffectsOnRetry(t *testing.T) {
 	}
 	rt := router.NewLocal("t", router.LocalConfig{})
 	rt.OpenRoom(7)
+	return led, cat, rt
+}
+
+// A gift answered "still being processed" whose debit landed anyway gets its
+// effects when its retry replays it — once: the receiver's biz 5556 (it was
+// never sent: a replay was taken for a gift whose effects went out the
+// first time).
+func TestGiftAnsweredInDoubtGetsItsEffectsOnRetry(t *testing.T) {
+	led, cat, rt := seededRoom(t)
 	receiver := &routertest.Recorder{SessionID: 2, User: 200}
 	rt.Register(receiver)
 	s := New(&landsLateWallet{Ledger: led}, rt, cat, Config{}, nil)
@@ -154,16 +162,7 @@ func (w *countingWallet) ApplyAsync(op persist.Op, done func(persist.Result, err
 // without a 5557 push. A gift answered in doubt still gets its retry
 // through (its replay, not a 10429), and the money moved once.
 func TestGiftAttemptsBoundedBeforeTheWallet(t *testing.T) {
-	st, led := openLedger(t)
-	if _, err := led.Apply(persist.Op{User: 100, ReqID: "seed", Postings: []persist.Posting{{User: 100, Delta: 10_000, Reason: persist.ReasonDev}}}); err != nil {
-		t.Fatal(err)
-	}
-	cat, err := NewCatalogue(PebbleCatalogue{Store: st})
-	if err != nil {
-		t.Fatal(err)
-	}
-	rt := router.NewLocal("t", router.LocalConfig{})
-	rt.OpenRoom(7)
+	led, cat, rt := seededRoom(t)
 	sender := &routertest.Recorder{SessionID: 1, User: 100}
 	rt.Register(sender)
 	w := &countingWallet{landsLateWallet: landsLateWallet{Ledger: led}}
