@@ -443,6 +443,32 @@ func (c *Config) checkSecrets(check func(bool, string)) {
 	}
 }
 
+// otherEnv are the LIVEEDGE_ names a node reads that are no setting
+// (cmd/liveedge: profiling).
+var otherEnv = map[string]bool{"LIVEEDGE_PPROF_ADDR": true, "LIVEEDGE_MEMPROFILERATE": true}
+
+// UnknownEnv lists the LIVEEDGE_ names in env that are no setting (and no
+// other name a node reads): a misspelt override does nothing, so a node
+// warns of them at start.
+func UnknownEnv(env []string) []string {
+	known := map[string]bool{}
+	rt := reflect.TypeOf(Config{})
+	for i := 0; i < rt.NumField(); i++ {
+		sec := rt.Field(i)
+		for j := 0; j < sec.Type.NumField(); j++ {
+			known["LIVEEDGE_"+strings.ToUpper(sec.Tag.Get("yaml")+"_"+sec.Type.Field(j).Tag.Get("yaml"))] = true
+		}
+	}
+	var out []string
+	for _, kv := range env {
+		k, _, _ := strings.Cut(kv, "=")
+		if strings.HasPrefix(k, "LIVEEDGE_") && !known[k] && !otherEnv[k] {
+			out = append(out, k)
+		}
+	}
+	return out
+}
+
 // ApplyEnv applies LIVEEDGE_<SECTION>_<KEY>=value overrides from env.
 func ApplyEnv(c *Config, env []string) error {
 	vals := map[string]string{}

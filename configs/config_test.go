@@ -270,3 +270,12 @@ func TestShippedConfigsStrict(t *testing.T) {
 		}
 	}
 }
+
+// A misspelt environment override is reported (it changes nothing); the
+// settings' own names and the profiling ones are not.
+func TestUnknownEnv(t *testing.T) {
+	got := UnknownEnv([]string{"LIVEEDGE_CLUSTER_ENABLE=true", "LIVEEDGE_CLUSTER_ENABLED=true", "LIVEEDGE_WS_ADDR=x", "LIVEEDGE_PPROF_ADDR=x", "PATH=/bin", "LIVEEDGE_WALLET_NODE=gw-1"})
+	if strings.Join(got, ",") != "LIVEEDGE_CLUSTER_ENABLE,LIVEEDGE_WALLET_NODE" {
+		t.Fatalf("unknown names %v", got)
+	}
+}

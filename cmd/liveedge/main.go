@@ -41,6 +41,9 @@ func run(path string) error {
 		return fmt.Errorf("log.level: %w", err)
 	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	if unknown := configs.UnknownEnv(os.Environ()); len(unknown) > 0 {
+		log.Warn("environment names that are no setting (misspelt? they change nothing)", "names", unknown)
+	}
 	node, err := gateway.New(cfg, log)
 	if err != nil {
 		return err
