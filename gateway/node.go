@@ -485,6 +485,15 @@ func (n *Node) startRouter() error {
 		return fmt.Errorf("router nats %s: %w", cfg.NATS.URL, err)
 	}
 	n.routerNC = nc
+	// Two processes under one node.id share its worker lease, its
+	// forwarded requests (le.pay.<id>) and its shared-wallet records: the
+	// second is refused (a crash's restart waits a heartbeat period first).
+	ictx, cancel := context.WithTimeout(context.Background(), cfg.Cluster.PresenceTTL.D()+5*time.Second)
+	inUse := router.NodeIDInUse(ictx, n.Redis, cfg.Node.ID, cfg.Cluster.PresenceTTL.D())
+	cancel()
+	if inUse {
+		return fmt.Errorf("node.id %q is in use by another running node (its presence is refreshed in Redis): give every node its own node.id", cfg.Node.ID)
+	}
 	c, err := router.NewCluster(router.ClusterConfig{
 		Node: cfg.Node.ID, Local: lc, NATS: nc, Redis: n.Redis,
 		GapWait: cfg.Cluster.GapWait.D(), PresenceTTL: cfg.Cluster.PresenceTTL.D(), Linger: cfg.Cluster.Linger.D(),

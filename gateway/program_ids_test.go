@@ -233,3 +233,28 @@ func mustID(t *testing.T, s string) int64 {
 	}
 	return id
 }
+
+// A second process started under a node.id another running node holds is
+// refused (its presence keeps being refreshed): the two would share the
+// worker lease, the forwarded requests of le.pay.<id> and the shared
+// wallet's records of the id. Once the first stops (gracefully: its presence
+// goes), the id is free. Before, the second started.
+func TestNodeIDInUseRefused(t *testing.T) {
+	rds, nats := redistest.Start(t), natstest.Start(t)
+	cfg := func() configs.Config {
+		c := clusterNodeConfig(t, "gw-1", []string{"gw-1"}, rds, nats)
+		c.Cluster.PresenceTTL = configsDuration(time.Second)
+		return c
+	}
+	first := nodetest.Start(t, cfg())
+	if n, err := gateway.New(cfg(), nil); err == nil || !strings.Contains(err.Error(), "in use") {
+		if n != nil {
+			_ = n.Shutdown(context.Background())
+		}
+		t.Fatalf("a second node gw-1: %v, want refused", err)
+	}
+	if err := first.Shutdown(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	nodetest.Start(t, cfg())
+}

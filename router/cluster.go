@@ -56,6 +56,36 @@ func userKey(user int64) string   { return "le:up:{" + strconv.FormatInt(user, 1
 func connsKey(user int64) string  { return "le:uc:{" + strconv.FormatInt(user, 10) + "}" }
 func aliveKey(node string) string { return "le:alive:" + node }
 
+// NodeIDInUse reports whether another running process holds node's alive key:
+// watched for one heartbeat period (ttl/3, and some slack), it is refreshed.
+// A key left by a process of this node.id that died (kill -9) is not — the
+// start goes on, after that wait; a graceful stop deletes the key (no wait).
+// Redis not answering: false (the start's next steps report it).
+func NodeIDInUse(ctx context.Context, rdb rueidis.Client, node string, ttl time.Duration) bool {
+	if ttl <= 0 {
+		ttl = 10 * time.Second
+	}
+	deadline := time.Now().Add(ttl/3 + 500*time.Millisecond)
+	last := int64(-1)
+	for {
+		pttl, err := rdb.Do(ctx, rdb.B().Pttl().Key(aliveKey(node)).Build()).AsInt64()
+		switch {
+		case err != nil || pttl < 0: // unreachable, or no such key
+			return false
+		case last >= 0 && pttl > last+50: // refreshed meanwhile
+			return true
+		case time.Now().After(deadline):
+			return false
+		}
+		last = pttl
+		select {
+		case <-ctx.Done():
+			return false
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
 func roomSubject(room int64) string { return "le.r." + strconv.FormatInt(room, 10) }
 func userSubject(user int64) string { return "le.u." + strconv.FormatInt(user, 10) }
 
