@@ -164,13 +164,12 @@ var _ Router = (*Cluster)(nil)
 // made under Cluster.mu; croom.mu is held across Local.Deliver (which only
 // queues) but never across I/O.
 type Cluster struct {
-	cfg    ClusterConfig
-	local  *Local
-	nc     *nats.Conn
-	rdb    rueidis.Client
-	log    *slog.Logger
-	boot   string
-	regSeq atomic.Uint64 // marks of Register calls (cuser.lastReg)
+	cfg   ClusterConfig
+	local *Local
+	nc    *nats.Conn
+	rdb   rueidis.Client
+	log   *slog.Logger
+	boot  string
 
 	mu    sync.Mutex
 	rooms map[int64]*croom   // rooms this node is subscribed to
@@ -234,23 +233,16 @@ type cuser struct {
 	sub         *nats.Subscription
 	subscribing bool
 	sessions    int
-	gen         int    // bumped when the last session leaves; the linger timer checks it
-	lastReg     uint64 // Cluster.regSeq at the user's latest Register here
+	gen         int // bumped when the last session leaves; the linger timer checks it
 }
 
 // noRedrain: keepAway from a drain (see keepAway).
 const noRedrain = ^uint64(0)
 
-// regsOf is the mark of user's latest Register here (0: none known): a
-// session registered since an earlier reading changes it.
-func (c *Cluster) regsOf(user int64) uint64 {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if cu := c.users[user]; cu != nil {
-		return cu.lastReg
-	}
-	return 0
-}
+// regsOf is Local.regsOf: read before a send that no session took, it
+// changed if a session (of this user, or another of its shard) registered
+// since — an atomic load, not the cluster's lock, on every user push.
+func (c *Cluster) regsOf(user int64) uint64 { return c.local.regsOf(user) }
 
 // userLinger keeps a user's subscription after their last session here left,
 // so a push already on its way (the sender's presence read was older than the
@@ -1306,7 +1298,6 @@ func (c *Cluster) Register(s Session) {
 		c.users[u] = cu
 	}
 	cu.sessions++
-	cu.lastReg = c.regSeq.Add(1)
 	first := cu.sessions == 1
 	subscribed := cu.sub != nil || cu.subscribing
 	if first && !subscribed {
@@ -1388,7 +1379,7 @@ func (c *Cluster) keepAway(user int64, regs uint64, ms ...Msg) (elsewhere bool) 
 	case !online:
 		if !c.storeOffline(user, ms...) {
 			c.local.keepHere(user, ms)
-		} else if regs != noRedrain && c.regsOf(user) != regs {
+		} else if regs != noRedrain && c.regsOf(user) != regs && c.local.userSessions(user) > 0 {
 			c.drainOffline(user) // a session registered since (see above)
 		}
 	}

@@ -109,6 +109,10 @@ type userShard struct {
 	// A user's sessions: a few at most (ws.max_conns_per_user), usually
 	// one, so a slice (16 bytes each) rather than a map per user.
 	users map[int64][]Session
+	// regs counts the Registers of this shard's users: a reading taken
+	// before a send and compared after tells whether a session may have
+	// registered meanwhile (Cluster.keepAway), without a lock.
+	regs atomic.Uint64
 }
 
 // sesRooms are the rooms a session joined: at most MaxRoomsPerSes, usually
@@ -702,6 +706,9 @@ func (l *Local) sendChunks(msgs []Msg, s Session) []Msg {
 
 func (l *Local) userShard(u int64) *userShard { return &l.users[uint64(u)%roomShards] }
 
+// regsOf is the count of Registers of user's shard (see userShard.regs).
+func (l *Local) regsOf(user int64) uint64 { return l.userShard(user).regs.Load() }
+
 // Register implements Router.
 func (l *Local) Register(s Session) {
 	us := l.userShard(s.UserID())
@@ -711,6 +718,7 @@ func (l *Local) Register(s Session) {
 		m = append(m, s)
 		us.users[s.UserID()] = m
 	}
+	us.regs.Add(1)
 	us.mu.Unlock()
 	// The box is drained by every session, not only a user's first: a push
 	// kept while the user's only other session was closing (it refused
