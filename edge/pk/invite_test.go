@@ -17,9 +17,7 @@ func TestInvitationExpires(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = st.Close() })
-	rt := router.NewLocal("t", router.LocalConfig{})
-	rt.OpenRoom(1)
-	rt.OpenRoom(2)
+	rt, _ := twoRooms(t)
 	noTallies := func(string, int64) (int64, error) { return 0, nil }
 	s := New(rt, func(int64) bool { return true }, st, noTallies, nil)
 	t.Cleanup(s.Close)
@@ -83,9 +81,7 @@ func TestInvitationExpires(t *testing.T) {
 // anchor an unbounded stream of reliable 5562 pushes: past InviteBurst
 // invitations in a minute, 10429.
 func TestInviteWithdrawLoopIsRateLimited(t *testing.T) {
-	rt := router.NewLocal("t", router.LocalConfig{})
-	rt.OpenRoom(1)
-	rt.OpenRoom(2)
+	rt, _ := twoRooms(t)
 	noTallies := func(string, int64) (int64, error) { return 0, nil }
 	s := New(rt, func(int64) bool { return true }, nil, noTallies, nil)
 	t.Cleanup(s.Close)

@@ -54,13 +54,7 @@ func TestEndRetriedUntilDurableAndPushedOnce(t *testing.T) {
 		t.Fatal(err)
 	}
 	fs := &flakyStore{Store: st}
-	rt := router.NewLocal("t", router.LocalConfig{})
-	rt.OpenRoom(1)
-	rt.OpenRoom(2)
-	v := &routertest.Recorder{SessionID: 1, User: 1000}
-	if _, err := rt.Join(1, v); err != nil {
-		t.Fatal(err)
-	}
+	rt, v := twoRooms(t)
 	noTallies := func(string, int64) (int64, error) { return 0, nil }
 	s := New(rt, func(int64) bool { return true }, fs, noTallies, nil)
 	s.grace = 0 // the final score at the end time: this test is about its record's retries
@@ -159,9 +153,7 @@ func TestEndedContestForgotten(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer st.Close()
-	rt := router.NewLocal("t", router.LocalConfig{})
-	rt.OpenRoom(1)
-	rt.OpenRoom(2)
+	rt, _ := twoRooms(t)
 	s := New(rt, func(int64) bool { return true }, st, func(string, int64) (int64, error) { return 0, nil }, nil)
 	s.keep = 200 * time.Millisecond
 	s.grace = 0 // ended at its end time: this test is about forgetting it
@@ -290,13 +282,7 @@ func TestPKEndWaitsForGiftsInFlight(t *testing.T) {
 // 1, and the durable tally of room tallyRoom (the wallet's; the other's 0).
 func tallied(t *testing.T, tallyRoom int64) (*Service, *routertest.Recorder, *atomic.Int64) {
 	t.Helper()
-	rt := router.NewLocal("t", router.LocalConfig{})
-	rt.OpenRoom(1)
-	rt.OpenRoom(2)
-	v := &routertest.Recorder{SessionID: 1, User: 1000}
-	if _, err := rt.Join(1, v); err != nil {
-		t.Fatal(err)
-	}
+	rt, v := twoRooms(t)
 	tally := new(atomic.Int64)
 	tallies := func(name string, room int64) (int64, error) {
 		if room == tallyRoom {
@@ -313,9 +299,7 @@ func tallied(t *testing.T, tallyRoom int64) (*Service, *routertest.Recorder, *at
 // it drops as stale.
 func TestEndedContestsTalliesDropped(t *testing.T) {
 	st, led := persisttest.OpenLedger(t)
-	rt := router.NewLocal("t", router.LocalConfig{})
-	rt.OpenRoom(1)
-	rt.OpenRoom(2)
+	rt, _ := twoRooms(t)
 	rows := func(id string) int {
 		n := 0
 		for _, room := range []int64{1, 2} {
@@ -388,4 +372,17 @@ func TestEndedContestsTalliesDropped(t *testing.T) {
 	if n := rows(id); n != 0 {
 		t.Fatalf("%d tally rows of a stale contest left after a restart", n)
 	}
+}
+
+// twoRooms is a router with rooms 1 and 2 open and a watcher joined to room 1.
+func twoRooms(t *testing.T) (*router.Local, *routertest.Recorder) {
+	t.Helper()
+	rt := router.NewLocal("t", router.LocalConfig{})
+	rt.OpenRoom(1)
+	rt.OpenRoom(2)
+	v := &routertest.Recorder{SessionID: 1, User: 1000}
+	if _, err := rt.Join(1, v); err != nil {
+		t.Fatal(err)
+	}
+	return rt, v
 }
