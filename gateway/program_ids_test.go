@@ -162,12 +162,7 @@ func TestOrderOfAnEarlierWorkerIDServedByItsNode(t *testing.T) {
 	}
 	cfg.Pay.WorkerID = 5
 	n2 := nodetest.Start(t, cfg)
-	var got struct {
-		Code int       `json:"code"`
-		Msg  string    `json:"msg"`
-		Data pay.Order `json:"data"`
-	}
-	if st := nodetest.DoJSON(t, "GET", nodetest.HTTPURL(n2)+"/api/v1/pay/orders/"+o.OrderID, nodetest.Token(t, n2, user, gateway.RoleViewer), "", &got); st != 200 || got.Data.OrderID != o.OrderID {
+	if st, got := orderThrough(t, n2, user, o.OrderID); st != 200 || got.Data.OrderID != o.OrderID {
 		t.Fatalf("GET the order through its node, now worker 5: %d %+v", st, got)
 	}
 }
@@ -209,12 +204,7 @@ func TestWorkerIDKeptWhileItsNodeIsAway(t *testing.T) {
 	}
 	n23 = nodetest.Start(t, cfg23)
 	n1 = nodetest.Start(t, cfg1)
-	var got struct {
-		Code int       `json:"code"`
-		Msg  string    `json:"msg"`
-		Data pay.Order `json:"data"`
-	}
-	if st := nodetest.DoJSON(t, "GET", nodetest.HTTPURL(n23)+"/api/v1/pay/orders/"+o.OrderID, nodetest.Token(t, n23, user, gateway.RoleViewer), "", &got); st != 200 || got.Data.OrderID != o.OrderID {
+	if st, got := orderThrough(t, n23, user, o.OrderID); st != 200 || got.Data.OrderID != o.OrderID {
 		t.Fatalf("GET gw-1's order through gw-23: %d %+v", st, got)
 	}
 	// Each node makes new orders under its own id.
@@ -257,4 +247,19 @@ func TestNodeIDInUseRefused(t *testing.T) {
 		t.Fatal(err)
 	}
 	nodetest.Start(t, cfg())
+}
+
+// orderReply is the envelope of GET /pay/orders/{id}.
+type orderReply struct {
+	Code int       `json:"code"`
+	Msg  string    `json:"msg"`
+	Data pay.Order `json:"data"`
+}
+
+// orderThrough GETs order id as user through node n.
+func orderThrough(t *testing.T, n *gateway.Node, user int64, id string) (int, orderReply) {
+	t.Helper()
+	var got orderReply
+	st := nodetest.DoJSON(t, "GET", nodetest.HTTPURL(n)+"/api/v1/pay/orders/"+id, nodetest.Token(t, n, user, gateway.RoleViewer), "", &got)
+	return st, got
 }
