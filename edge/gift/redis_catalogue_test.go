@@ -2,6 +2,8 @@ package gift
 
 import (
 	"context"
+	"sync"
+	"sync/atomic"
 	"testing"
 
 	"github.com/liveedge/liveedge/gateway/proto"
@@ -113,5 +115,51 @@ func TestCatalogueWritesThroughTwoNodes(t *testing.T) {
 	}
 	if _, err := n2.Update(12345, func(*Gift) error { return nil }); err != proto.ErrNotFound {
 		t.Fatalf("update of an unknown gift: %v", err)
+	}
+}
+
+// Concurrent price changes through two nodes, each a read-modify-write of
+// the stored gift (+1): every one that succeeded is in the final price —
+// none undone by another — and the ones that lost every round are 10409.
+func TestCatalogueConcurrentUpdatesThroughTwoNodes(t *testing.T) {
+	rs := redistest.Start(t)
+	node := func() *Catalogue {
+		st, err := persist.Open(t.TempDir())
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = st.Close() })
+		cat, err := NewCatalogue(RedisCatalogue{Client: rs.Client(t), Mirror: st})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return cat
+	}
+	nodes := []*Catalogue{node(), node()}
+	const writers = 24
+	var ok, conflict atomic.Int64
+	var wg sync.WaitGroup
+	for i := range writers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			_, err := nodes[i%2].Update(25, func(g *Gift) error { g.Price++; return nil })
+			switch pe, _ := err.(*proto.Error); {
+			case err == nil:
+				ok.Add(1)
+			case pe != nil && pe.Code == proto.CodeConflict:
+				conflict.Add(1)
+			default:
+				t.Error(err)
+			}
+		}()
+	}
+	wg.Wait()
+	g, _, found, err := nodes[0].store.Get(25)
+	if err != nil || !found {
+		t.Fatal(found, err)
+	}
+	if g.Price != 500+ok.Load() || ok.Load()+conflict.Load() != writers || ok.Load() == 0 {
+		t.Fatalf("price %d after %d successful +1s (%d conflicts), want %d", g.Price, ok.Load(), conflict.Load(), 500+ok.Load())
 	}
 }
