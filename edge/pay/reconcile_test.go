@@ -220,3 +220,58 @@ func reconcileService(t *testing.T, provider string, timeout time.Duration, cloc
 	t.Cleanup(svc.Close)
 	return svc, st, l
 }
+
+// One reconciler run queries every order due, however many there are: its
+// ReconcileWorkers bound how many queries run at once, not how many a run
+// makes. (A run holding the open-orders lock while it started workers that
+// needed that lock to begin capped a run at ReconcileWorkers orders: 8 of 40
+// expired orders closed per run, one run every 10 s by default.)
+func TestReconcileRunReachesEveryDueOrder(t *testing.T) {
+	var mu sync.Mutex
+	now := time.Date(2026, 12, 1, 12, 0, 0, 0, time.UTC)
+	clock := func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
+	var queries atomic.Int64
+	provider := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		queries.Add(1)
+		time.Sleep(5 * time.Millisecond) // a provider's round trip
+		b, _ := proto.Marshal(pay.Event{OrderID: r.URL.Query().Get("order_id"), Status: "WAITING"})
+		w.Header().Set(pay.SignatureHeader, pay.Sign(reconcileSecret, clock(), b))
+		_, _ = w.Write(b)
+	}))
+	defer provider.Close()
+	const timeout = 15 * time.Minute
+	svc, _, l := reconcileService(t, provider.URL, timeout, clock)
+	const orders = 5 * pay.DefaultReconcileWorkers
+	ids := make([]int64, orders)
+	for i := range ids {
+		o, err := svc.CreateOrder(int64(100+i), pay.CreateReq{ProductID: 1, Channel: "mock", ReqID: fmt.Sprint("r", i)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids[i], _ = pay.ParseOrderID(o.OrderID)
+	}
+	mu.Lock()
+	now = now.Add(timeout + time.Second)
+	mu.Unlock()
+	svc.Reconcile() // one run
+	deadline := time.Now().Add(10 * time.Second)
+	for _, id := range ids {
+		for {
+			o, err := svc.Get(id)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if o.Status == pay.StatusInvalid {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("order %d still %s after one run (%d of %d orders queried)", id, o.Status, queries.Load(), orders)
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+	if q := queries.Load(); q != orders {
+		t.Fatalf("%d queries for %d orders in one run", q, orders)
+	}
+	persisttest.CheckConservation(t, l)
+}

@@ -1,6 +1,7 @@
 package pay
 
 import (
+	"cmp"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -1350,25 +1351,37 @@ func (s *Service) loop() {
 	}
 }
 
-// Reconcile starts the provider query of every order PAYING longer than
+// Reconcile queries the provider about every order PAYING longer than
 // ReconcileAfter (notifies get lost) that is not being queried already, on
-// at most ReconcileWorkers goroutines: an order that finds no free worker
-// waits for the next run, and an order whose query hangs (until its
-// QueryTimeout) holds only its own worker. What the query learns is
-// applied; an order past OrderTimeout that the provider does not know as
-// paid is closed. Reconcile does not wait for the queries it starts.
+// at most ReconcileWorkers goroutines, those due to close first (an order
+// past its timeout is closed when the provider does not know it as paid),
+// then the rest by their deadlines. It returns once every such order has
+// its query started (waiting for a worker as they free up: a run is not
+// bounded at ReconcileWorkers orders, and an order whose query hangs, until
+// its QueryTimeout, holds only its own worker); it does not wait for the
+// last queries to end. What a query learns is applied.
 func (s *Service) Reconcile() {
+	type due struct{ id, at int64 }
 	now := s.cfg.Now().UnixMilli()
 	s.openMu.Lock()
-	defer s.openMu.Unlock()
+	var list []due
 	for id, o := range s.open {
 		if s.inflight[id] || now-o.created < s.cfg.ReconcileAfter.Milliseconds() {
 			continue
 		}
+		at := o.created + s.cfg.OrderTimeout.Milliseconds()
+		if o.order != nil && o.order.ExpiresAt > o.order.CreatedAt {
+			at = o.order.ExpiresAt // a business order's own deadline
+		}
+		list = append(list, due{id, at})
+	}
+	s.openMu.Unlock()
+	slices.SortFunc(list, func(a, b due) int { return cmp.Compare(a.at, b.at) })
+	for _, d := range list {
 		select {
 		case s.workers <- struct{}{}:
-		default:
-			return // every worker is busy: the rest wait for the next run
+		case <-s.stop:
+			return
 		}
 		select {
 		case <-s.stop:
@@ -1376,16 +1389,23 @@ func (s *Service) Reconcile() {
 			return
 		default:
 		}
-		s.inflight[id] = true
+		s.openMu.Lock()
+		if _, open := s.open[d.id]; !open || s.inflight[d.id] {
+			s.openMu.Unlock()
+			<-s.workers // closed or being queried since the list was made
+			continue
+		}
+		s.inflight[d.id] = true
 		s.wg.Add(1)
-		go func() {
+		s.openMu.Unlock()
+		go func(id int64) {
 			defer s.wg.Done()
 			s.reconcileOne(id)
 			s.openMu.Lock()
 			delete(s.inflight, id)
 			s.openMu.Unlock()
 			<-s.workers
-		}()
+		}(d.id)
 	}
 }
 
