@@ -459,14 +459,22 @@ func (s *Service) Get(code string) (View, error) {
 }
 
 // ActiveCode is the code room info shows: the room's RUNNING rain, else its
-// latest PREPARED one ("" = none).
+// latest PREPARED one ("" = none) — of the rains this node owns (Codes).
 func (s *Service) ActiveCode(room int64) string {
+	running, prepared := s.Codes(room)
+	if running != "" {
+		return running
+	}
+	return prepared
+}
+
+// Codes returns the room's RUNNING rain and its latest PREPARED one among
+// the rains this node owns ("" = none). (In a cluster another node may own
+// the room's running rain: Config.RoomRun names it cluster-wide.)
+func (s *Service) Codes(room int64) (running, prepared string) {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
-	if c, ok := s.running[room]; ok {
-		return c
-	}
-	return s.prepared[room]
+	return s.running[room], s.prepared[room]
 }
 
 // Create makes a rain (WAIT) of total coins in count packets lasting
@@ -616,11 +624,22 @@ func (s *Service) prepare(anchor int64, code string, limited bool) (View, error)
 		s.idle(r)
 		return View{}, err
 	}
-	res, err := s.wallet.Apply(persist.Op{User: anchor, ReqID: prepareReqID(code, rec.PrepTry),
-		Postings: []persist.Posting{{User: anchor, Delta: -rec.Total, Reason: persist.ReasonRedPacket, Ref: "redpacket " + code}},
-		Static:   []persist.Record{storeRecord(rainKey(code), b), storeRecord(splitKey(code), encodeSplit(split))},
-	})
-	if err == nil && res.Replayed {
+	landed := false
+	if !fresh {
+		// A retry of a prepare answered in doubt: if the wallet found since
+		// that it ran (and wrote its split), it is adopted, never sent
+		// again — its req id's idempotency record expires (a day), and
+		// the op would then debit T a second time.
+		landed, err = s.stored(splitKey(code))
+	}
+	var res persist.Result
+	if err == nil && !landed {
+		res, err = s.wallet.Apply(persist.Op{User: anchor, ReqID: prepareReqID(code, rec.PrepTry),
+			Postings: []persist.Posting{{User: anchor, Delta: -rec.Total, Reason: persist.ReasonRedPacket, Ref: "redpacket " + code}},
+			Static:   []persist.Record{storeRecord(rainKey(code), b), storeRecord(splitKey(code), encodeSplit(split))},
+		})
+	}
+	if err == nil && (landed || res.Replayed) {
 		// An earlier attempt landed: its record (and split) are on disk,
 		// not this attempt's.
 		prepared, err = s.loadRecord(code)
@@ -890,6 +909,15 @@ func (s *Service) opFailed(r *rain, rec record, err error, settled bool) {
 	r.mu.Lock()
 	r.rec = rec
 	r.mu.Unlock()
+}
+
+// stored reports whether key is in the store.
+func (s *Service) stored(key []byte) (bool, error) {
+	err := s.store.View(key, func([]byte) error { return nil })
+	if errors.Is(err, persist.ErrNotFound) {
+		return false, nil
+	}
+	return err == nil, err
 }
 
 // putRecord durably writes rec, a rain not FINISHED (rec/rp/).

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"time"
 
@@ -62,11 +63,7 @@ func (s *Service) settle(r *rain) {
 	r.mu.Unlock()
 	var err error
 	for len(doubt) > 0 && err == nil {
-		var res persist.Result
-		if res, err = s.wallet.Apply(doubt[0]); err == nil {
-			if !res.Replayed { // it runs only now: nothing was sent for it
-				s.creditPush(doubt[0], res)
-			}
+		if err = s.applyDoubtful(doubt[0]); err == nil {
 			doubt = doubt[1:]
 		}
 	}
@@ -128,9 +125,42 @@ func (s *Service) settle(r *rain) {
 	}
 }
 
+// applyDoubtful applies op, a grant answered in doubt, before its rain
+// settles — unless the wallet found since that it ran (its grant row is
+// written): then it is not sent again, as its req id's idempotency record
+// expires (a day; a settlement retried that long, an owner away that long)
+// and it would then credit twice.
+func (s *Service) applyDoubtful(op persist.Op) error {
+	landed, err := s.stored(op.Static[0].Key)
+	if err != nil || landed {
+		return err
+	}
+	res, err := s.wallet.Apply(op)
+	if err == nil && !res.Replayed { // it runs only now: nothing was sent for it
+		s.creditPush(op, res)
+	}
+	return err
+}
+
 // settleOnce writes the settlement of rec, whose other holders granted
 // others, and returns the final record.
 func (s *Service) settleOnce(rec record, others []NodeSplit) (record, error) {
+	// A retry of a settlement answered in doubt that the wallet found ran
+	// since (and wrote its records): its final record is answered, the op
+	// never sent again — its req id's idempotency record expires (a day),
+	// and the refund would then be paid twice.
+	if b, err := s.store.Get(doneKey(rec.Code)); err == nil {
+		var fin record
+		if err := proto.Unmarshal(b, &fin); err != nil {
+			return rec, fmt.Errorf("%w: %w", errNotSent, err)
+		}
+		if err := s.store.DeleteNoSync(rainKey(rec.Code)); err != nil {
+			s.log.Warn("red packet record not moved", "code", rec.Code, "err", err) // restore moves it
+		}
+		return fin, nil
+	} else if !errors.Is(err, persist.ErrNotFound) {
+		return rec, fmt.Errorf("%w: %w", errNotSent, err)
+	}
 	var n int
 	var sum, top int64
 	err := s.store.Scan(grantPrefix(rec.Code), func(_, v []byte) error {

@@ -1268,12 +1268,8 @@ func (s *Service) ServeClose(code string) (ShardTotals, error) {
 	doubt := sh.doubt
 	sh.mu.Unlock()
 	for len(doubt) > 0 {
-		res, err := s.wallet.Apply(doubt[0])
-		if err != nil {
+		if err := s.applyDoubtful(doubt[0]); err != nil {
 			return ShardTotals{}, err
-		}
-		if !res.Replayed { // it runs only now: nothing was sent for it
-			s.creditPush(doubt[0], res)
 		}
 		doubt = doubt[1:]
 		sh.mu.Lock()

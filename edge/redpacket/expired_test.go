@@ -1,0 +1,183 @@
+package redpacket
+
+import (
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/liveedge/liveedge/persist"
+)
+
+// forgetfulWallet answers the first op whose request id starts with prefix
+// "in progress" without applying it, and keeps it (the shared wallet's
+// watcher lands it later: land). Once forget is set, every later op with
+// that prefix reaches the ledger under a request id it never saw: the
+// original's idempotency record has expired (a day later).
+type forgetfulWallet struct {
+	*persist.Ledger
+	prefix string
+
+	mu     sync.Mutex
+	held   *persist.Op
+	forget bool
+}
+
+func (w *forgetfulWallet) take(op *persist.Op) (hold bool) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if !strings.HasPrefix(op.ReqID, w.prefix) {
+		return false
+	}
+	if w.held == nil {
+		w.held = op
+		return true
+	}
+	if w.forget {
+		op.ReqID += "/after-its-idempotency-expired"
+	}
+	return false
+}
+
+func (w *forgetfulWallet) Apply(op persist.Op) (persist.Result, error) {
+	if w.take(&op) {
+		return persist.Result{}, persist.ErrInProgress
+	}
+	return w.Ledger.Apply(op)
+}
+
+func (w *forgetfulWallet) ApplyAsync(op persist.Op, done func(persist.Result, error)) {
+	if w.take(&op) {
+		done(persist.Result{}, persist.ErrInProgress)
+		return
+	}
+	w.Ledger.ApplyAsync(op, done)
+}
+
+// land applies the held op (the watcher found it ran) and makes the wallet
+// forget its request id from then on.
+func (w *forgetfulWallet) land(t *testing.T) {
+	t.Helper()
+	w.mu.Lock()
+	op := w.held
+	w.forget = true
+	w.mu.Unlock()
+	if op == nil {
+		t.Fatal("no op held")
+	}
+	if _, err := w.Ledger.Apply(*op); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// An op of a rain answered in doubt that the wallet then found ran is not
+// sent again when it is retried later — by then (a day) its request id's
+// idempotency record may be gone, and the op would run a second time: the
+// anchor's T debited twice by a retried prepare, refunded twice by a
+// retried cancel, a grabber credited twice by a grant in doubt re-applied
+// at the rain's end. Each case checks the balances and the ledger's audit.
+func TestOpsInDoubtThatRanAreNotSentAgain(t *testing.T) {
+	t.Run("prepare", func(t *testing.T) {
+		n := newPendingNode(t) // the anchor has 1,000
+		fund(t, n, 1000)
+		w := &forgetfulWallet{Ledger: n.l, prefix: "rp-prep:"}
+		n.start(t, w)
+		code := n.create(t, 1000, 10)
+		if _, err := n.svc.Prepare(shardAnchor, code); err == nil {
+			t.Fatal("prepare answered ok, want it in doubt")
+		}
+		w.land(t)
+		v, err := n.svc.Prepare(shardAnchor, code)
+		if err != nil || v.State != StatePrepared {
+			t.Fatalf("retried prepare: %+v %v", v, err)
+		}
+		if b := n.balance(t); b != 1000 {
+			t.Fatalf("anchor balance %d after the retried prepare, want 1000 (T debited once)", b)
+		}
+		if fin, err := n.svc.Cancel(shardAnchor, code); err != nil || fin.Refunded != 1000 {
+			t.Fatalf("cancel: %+v %v", fin, err)
+		}
+		if b := n.balance(t); b != 2000 {
+			t.Fatalf("anchor balance %d after the cancel, want 2000", b)
+		}
+	})
+	t.Run("cancel", func(t *testing.T) {
+		n := newPendingNode(t)
+		w := &forgetfulWallet{Ledger: n.l, prefix: "rp-end:"}
+		n.start(t, w)
+		code := n.create(t, 1000, 10)
+		if _, err := n.svc.Prepare(shardAnchor, code); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := n.svc.Cancel(shardAnchor, code); err == nil {
+			t.Fatal("cancel answered ok, want it in doubt")
+		}
+		w.land(t)
+		fin, err := n.svc.Cancel(shardAnchor, code)
+		if err != nil || fin.State != StateFinished || fin.Refunded != 1000 {
+			t.Fatalf("retried cancel: %+v %v", fin, err)
+		}
+		if b := n.balance(t); b != 1000 {
+			t.Fatalf("anchor balance %d after the retried cancel, want 1000 (T refunded once)", b)
+		}
+	})
+	t.Run("grant", func(t *testing.T) {
+		n := newPendingNode(t)
+		w := &forgetfulWallet{Ledger: n.l, prefix: "rp:"}
+		n.start(t, w)
+		v, err := n.svc.Create(shardAnchor, shardRoom, 200, 2, time.Second) // ends with a grant in doubt
+		if err != nil {
+			t.Fatal(err)
+		}
+		code := v.Code
+		if _, err := n.svc.Prepare(shardAnchor, code); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := n.svc.Start(shardAnchor, code); err != nil {
+			t.Fatal(err)
+		}
+		if _, perr := n.svc.Grab(100, code); perr == nil {
+			t.Fatal("first grab answered ok, want it in doubt")
+		}
+		w.land(t)
+		if _, perr := n.svc.Grab(101, code); perr != nil {
+			t.Fatal(perr)
+		}
+		var fin View
+		for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+			v, err := n.svc.Get(code)
+			if err == nil && v.State == StateFinished {
+				fin = v
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("not settled: %+v %v", v, err)
+			}
+		}
+		if fin.GrantedCount != 2 || fin.GrantedAmount != 200 || fin.Refunded != 0 {
+			t.Fatalf("finished %+v", fin)
+		}
+		var users int64
+		for _, u := range []int64{100, 101} {
+			b, err := n.l.Balance(u)
+			if err != nil {
+				t.Fatal(err)
+			}
+			users += b
+		}
+		if users != 200 {
+			t.Fatalf("grabbers hold %d, want the rain's 200 (each packet credited once)", users)
+		}
+		if b := n.balance(t); b != 800 {
+			t.Fatalf("anchor balance %d, want 800", b)
+		}
+	})
+}
+
+// fund credits the anchor amount more.
+func fund(t *testing.T, n *pendingNode, amount int64) {
+	t.Helper()
+	if _, err := n.l.Apply(persist.Op{Postings: []persist.Posting{{User: shardAnchor, Delta: amount, Reason: persist.ReasonDev}}}); err != nil {
+		t.Fatal(err)
+	}
+}
