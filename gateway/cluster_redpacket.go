@@ -32,7 +32,10 @@ import (
 // grabber-in-room check uses the cluster-wide presence; the 5570 credit and
 // the 5560/5561 room pushes reach users on every node through the router.
 
-var errGrabNoOwner = proto.Errorf(proto.CodeRedPacketNotFound, "red packet not found or not started")
+var (
+	errGrabNoOwner = proto.Errorf(proto.CodeRedPacketNotFound, "red packet not found or not started")
+	errRainNoOwner = proto.Errorf(proto.CodeNotFound, "red packet rain not found")
+)
 
 // rainOwner returns the node that serves code ("" = this node, a single
 // node, or not a code: answered here).
@@ -57,11 +60,16 @@ func (n *Node) rainOwner(code string) (string, error) {
 func (n *Node) redPacket(op string, user int64, code string) ([]byte, *proto.Error) {
 	owner, err := n.rainOwner(code)
 	if err != nil {
-		if op == "rp.grab" && errors.Is(err, errOwnerDown) {
+		if errors.Is(err, errOwnerDown) {
 			// No node holds the code's worker id (a made-up code, or its
-			// node gone longer than a lease): nothing to grab — not
-			// "retry", which a client would do for ever.
-			return nil, errGrabNoOwner
+			// node gone longer than a lease): nothing to grab or show —
+			// not "retry", which a client would do for ever.
+			switch op {
+			case "rp.grab":
+				return nil, errGrabNoOwner
+			case "rp.get":
+				return nil, errRainNoOwner
+			}
 		}
 		return nil, proto.AsError(err)
 	}

@@ -1,6 +1,7 @@
 package gateway
 
 import (
+	"cmp"
 	"context"
 	"strconv"
 	"time"
@@ -53,7 +54,7 @@ func (n *Node) newRedPackets() (err error) {
 	if err != nil {
 		return err
 	}
-	n.Rooms.SetRedPacket(n.RedPackets.ActiveCode)
+	n.Rooms.SetRedPacket(n.activeRain)
 	n.rains.Store(n.RedPackets)
 	return nil
 }
@@ -80,6 +81,27 @@ var rainRunScript = rueidis.NewLuaScript(`local v = redis.call('GET', KEYS[1])
 if v and v ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'PXAT', ARGV[2])
 return 1`)
+
+// activeRain is the rain code room info shows: the room's running rain,
+// else this node's latest prepared one. In a cluster the running rain may
+// be another node's: when this node runs none there, it is read from the
+// room's running-rain key (cached on this node, invalidated by Redis when
+// it changes, at most a second old) — a viewer of another node joining
+// after the rain's 5560 learns its code there as on the owner's node.
+func (n *Node) activeRain(room int64) string {
+	running, prepared := n.RedPackets.Codes(room)
+	if running != "" || n.Cluster == nil {
+		return cmp.Or(running, prepared)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	if code, err := n.Redis.DoCache(ctx, n.Redis.B().Get().Key(rainRoomKey(room)).Cache(), time.Second).ToString(); err == nil && code != "" {
+		return code
+	} else if err != nil && !rueidis.IsRedisNil(err) {
+		n.Log.Debug("room info: running rain not read", "room", room, "err", err)
+	}
+	return prepared
+}
 
 func (n *Node) runRainInRoom(ctx context.Context, room int64, code string, until int64) (bool, error) {
 	ok, err := rainRunScript.Exec(ctx, n.Redis, []string{rainRoomKey(room)}, []string{code, strconv.FormatInt(until, 10)}).AsInt64()

@@ -3,6 +3,7 @@ package gateway_test
 import (
 	"context"
 	"fmt"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -16,6 +17,7 @@ import (
 	"github.com/liveedge/liveedge/persist"
 	"github.com/liveedge/liveedge/persist/persisttest"
 	"github.com/liveedge/liveedge/persist/redistest"
+	"github.com/liveedge/liveedge/router/natstest"
 )
 
 // rpConfig is the test node's config: no red-packet rate limits unless a
@@ -743,5 +745,56 @@ func TestGrabsOfMadeUpCodesAreRateLimitedPerUser(t *testing.T) {
 	}
 	if st := nodetest.DoJSON(t, "POST", nodetest.HTTPURL(n)+"/api/v1/redpackets/nosuchcode/grab", nodetest.Token(t, n, 50, gateway.RoleViewer), "", &out); st != 429 || out.Code != proto.CodeRateLimited {
 		t.Fatalf("an HTTP grab right after: %d %d, want 429", st, out.Code)
+	}
+}
+
+// In a cluster, room info through any node shows the room's running rain,
+// whichever node owns it: a viewer of another node who joins after the
+// 5560 learns the code there (before: only on the rain's own node — the
+// 128-bit code out of reach for every other node's late joiners). A GET of a
+// made-up code whose worker id no node holds is 10004, as protocol.md says
+// (before: 50000 "retry", for ever).
+func TestClusterRoomInfoShowsAnotherNodesRain(t *testing.T) {
+	rds, nats := redistest.Start(t), natstest.Start(t)
+	peers := []string{"gw-1", "gw-2"}
+	n1 := nodetest.Start(t, clusterNodeConfig(t, "gw-1", peers, rds, nats))
+	n2 := nodetest.Start(t, clusterNodeConfig(t, "gw-2", peers, rds, nats))
+	const anchor = 1
+	room := nodetest.OpenRoom(t, n1, anchor, 0)
+	fund := persist.Op{User: anchor, ReqID: "fund", Postings: []persist.Posting{{User: anchor, Delta: 100, Reason: persist.ReasonDev}}}
+	nodetest.Eventually(t, 10*time.Second, func() bool { _, err := n1.Wallet.Apply(fund); return err == nil },
+		"the shared wallet not ready") // its first generation, with both nodes up
+	code := startRain(t, n1, anchor, room, 100, 5, 30)
+	codeThrough := func(n *gateway.Node) string {
+		var info struct {
+			Data struct {
+				Code string `json:"redpacket_code"`
+			} `json:"data"`
+		}
+		nodetest.DoJSON(t, "GET", fmt.Sprintf("%s/api/v1/rooms/%d", nodetest.HTTPURL(n), room), nodetest.Token(t, n, 100, gateway.RoleViewer), "", &info)
+		return info.Data.Code
+	}
+	for i, n := range []*gateway.Node{n1, n2} {
+		if got := codeThrough(n); got != code {
+			t.Fatalf("room info through gw-%d: red packet code %q, want %q", i+1, got, code)
+		}
+	}
+	// A code whose worker id neither node holds (gw-2's: the tag of a rain
+	// made there).
+	room2 := nodetest.OpenRoom(t, n2, 2, 0)
+	st, r2 := rpCall(t, n2, 2, "POST", fmt.Sprintf("/rooms/%d/redpackets", room2), `{"total_amount":10,"total_count":1,"duration_s":10}`)
+	if st != 200 {
+		t.Fatalf("create on gw-2: %d %+v", st, r2)
+	}
+	made := []byte(code)
+	for _, c := range []byte("abc") {
+		if c != code[0] && c != r2.Data.Code[0] {
+			made[0] = c
+			break
+		}
+	}
+	slices.Reverse(made[1:])
+	if st, r := rpCall(t, n2, 100, "GET", "/redpackets/"+string(made), ""); r.Code != proto.CodeNotFound {
+		t.Fatalf("GET of a made-up code: %d %+v, want 10004", st, r)
 	}
 }
