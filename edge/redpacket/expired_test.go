@@ -1,6 +1,7 @@
 package redpacket
 
 import (
+	"context"
 	"strings"
 	"sync"
 	"testing"
@@ -179,5 +180,29 @@ func fund(t *testing.T, n *pendingNode, amount int64) {
 	t.Helper()
 	if _, err := n.l.Apply(persist.Op{Postings: []persist.Posting{{User: shardAnchor, Delta: amount, Reason: persist.ReasonDev}}}); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// A rain still RUNNING past its end (its settlement waits for a holder
+// that is down) keeps its room: each renewal's claim lasts roomKeep past
+// the renewal, not past the rain's end — which, once passed, let the claim
+// lapse and another rain start in the room.
+func TestRoomClaimRenewedPastTheEnd(t *testing.T) {
+	n := newPendingNode(t)
+	now := time.Now()
+	var until int64
+	n.startWith(t, n.l, func(c *Config) {
+		c.Now = func() time.Time { return now }
+		c.RoomRun = func(_ context.Context, _ int64, _ string, u int64) (bool, error) { until = u; return true, nil }
+	})
+	rec := record{Code: "c", Room: shardRoom, EndsAt: now.UnixMilli()}
+	for _, late := range []time.Duration{0, time.Hour} {
+		now = time.UnixMilli(rec.EndsAt).Add(late)
+		if err := n.svc.roomRun(context.Background(), rec); err != nil {
+			t.Fatal(err)
+		}
+		if want := now.Add(roomKeep).UnixMilli(); until != want {
+			t.Fatalf("%v past the end: claimed until %v, want %v", late, time.UnixMilli(until), time.UnixMilli(want))
+		}
 	}
 }

@@ -978,19 +978,26 @@ func (s *Service) runInRoom(rec record) *proto.Error {
 
 var errRoomTaken = proto.Errorf(proto.CodeConflict, "another red-packet rain is running in this room")
 
-// roomRun is Config.RoomRun for rec, until 10 minutes after its end
-// (errRoomTaken: another rain holds the room).
+// roomRun is Config.RoomRun for rec, until 10 minutes after its end — or
+// after now, for a rain still running past its end (its settlement waits
+// for a holder): the room stays its own until it is FINISHED (errRoomTaken:
+// another rain holds the room).
 func (s *Service) roomRun(ctx context.Context, rec record) error {
+	now := s.cfg.Now().UnixMilli()
 	end := rec.EndsAt
 	if end == 0 { // being started
-		end = s.cfg.Now().UnixMilli() + rec.DurationMS
+		end = now + rec.DurationMS
 	}
-	ok, err := s.cfg.RoomRun(ctx, rec.Room, rec.Code, end+int64(10*time.Minute/time.Millisecond))
+	ok, err := s.cfg.RoomRun(ctx, rec.Room, rec.Code, max(end, now)+int64(roomKeep/time.Millisecond))
 	if err == nil && !ok {
 		return errRoomTaken
 	}
 	return err
 }
+
+// roomKeep is how long a running rain's room claim outlives its end (or its
+// last renewal, past the end).
+const roomKeep = 10 * time.Minute
 
 // roomRenew is how often the owner of a running rain writes it again as its
 // room's running rain (roomRun): a Redis that lost the key (restarted empty,
