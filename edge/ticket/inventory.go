@@ -342,25 +342,30 @@ func (m *memInventory) Restore(program, order int64, seats []Seat, status uint8)
 }
 
 // View returns the program's snapshot: cached while no seat changed, else
-// rebuilt by one caller while concurrent callers wait for it. The slices
-// of a View are shared between callers: read-only.
+// rebuilt by one caller while concurrent callers wait for it — and take it
+// if it was begun after they arrived (it shows every change made before
+// their call), so that under a steady stream of orders a crowd of viewers
+// costs one rebuild per build time, not one each. The slices of a View are
+// shared between callers: read-only.
 func (m *memInventory) View(program int64) (View, bool) {
 	p := m.program(program)
 	if p == nil {
 		return View{}, false
 	}
+	arrived := p.version.Load()
 	p.viewMu.Lock()
 	defer p.viewMu.Unlock()
-	ver := p.version.Load() // before the build: a change during it makes the next call rebuild
-	if p.view != nil && p.viewVer == ver {
+	if p.view != nil && p.viewVer >= arrived {
 		return *p.view, true
 	}
+	ver := p.version.Load() // before the build: a change during it makes the next call rebuild
 	v := p.build()
 	p.view, p.viewVer = &v, ver
 	return v, true
 }
 
-// build copies the program's state, one category lock at a time.
+// build copies the program's state, one category lock at a time, held only
+// to copy the category's counts and statuses (orders wait for no more).
 func (p *memProgram) build() View {
 	total := 0
 	for _, c := range p.cats {
@@ -368,16 +373,18 @@ func (p *memProgram) build() View {
 	}
 	v := View{ProgramID: p.def.ID, Name: p.def.Name, PerOrderMax: p.def.PerOrderMax, PerUserMax: p.def.PerUserMax,
 		Seats: make([]SeatView, 0, total)}
+	status := make([]uint8, 0, total)
 	for _, id := range p.ids {
 		c := p.cats[id]
 		c.mu.Lock()
 		v.Categories = append(v.Categories, CategoryView{ID: id, Name: c.def.Name, Price: c.def.Price,
 			Rows: c.def.Rows, Cols: c.def.Cols, Remaining: c.free, Locked: c.locked, Sold: c.sold})
-		for i, st := range c.status {
+		status = append(status[:0], c.status...)
+		c.mu.Unlock()
+		for i, st := range status {
 			r, col := i/c.def.Cols+1, i%c.def.Cols+1
 			v.Seats = append(v.Seats, SeatView{SeatID: Seat{id, r, col}.String(), CategoryID: id, Row: r, Col: col, Status: st})
 		}
-		c.mu.Unlock()
 	}
 	return v
 }

@@ -198,13 +198,13 @@ func (s *Service) compensate(o *Order, cause error) (Order, error) {
 	cur, err := s.load1(o.id)
 	if err != nil {
 		s.markStuck(o.id)
-		return Order{}, e
+		return Order{}, errSettling
 	}
 	cur.Saga, cur.FailCode, cur.FailMsg, cur.UpdatedAt = SagaCompensating, e.Code, e.Msg, s.cfg.Now().UnixMilli()
 	r := cur.record()
 	if err := s.store.Put(r.Key, r.Value); err != nil {
 		s.markStuck(o.id)
-		return Order{}, e
+		return Order{}, errSettling
 	}
 	if err := s.undo(cur); err != nil {
 		s.cfg.Log.Error("ticket: compensation stopped, the sweep resumes it", "order", o.OrderID, "err", err)
@@ -214,7 +214,10 @@ func (s *Service) compensate(o *Order, cause error) (Order, error) {
 	if cur.Saga == SagaCompensated {
 		return Order{}, finalFailure(cur.FailCode, cur.FailMsg) // undone: its final answer
 	}
-	return Order{}, e
+	// Not undone yet (the sweep resumes it): not the failed step's error,
+	// whatever it was — "insufficient balance" says every earlier step is
+	// undone, while the seats and the coupon are still held.
+	return Order{}, errSettling
 }
 
 // undo runs the compensations of a COMPENSATING order not done yet, in
@@ -243,6 +246,9 @@ func (s *Service) undo(o *Order) error {
 	// but the order never recorded (a crash or a failed write in between)
 	// is found by asking the store who holds the coupon.
 	if o.CouponID != "" && !o.Steps.CouponBack {
+		if err := s.hook("fail:coupon_back"); err != nil {
+			return err
+		}
 		did, err := s.giveBackCoupon(o)
 		if err != nil {
 			return err

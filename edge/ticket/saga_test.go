@@ -204,6 +204,51 @@ func TestSagaCompensationResumedBySweep(t *testing.T) {
 	e.audit()
 }
 
+// A saga refused by a business rule (too few coins) whose compensation
+// then stops (the coupon's give-back fails) answers "being settled, retry
+// with the same req_id", not the refusal: the refusal says every earlier
+// step is undone, while the coupon and the seat are still held. The retry
+// answers the order PLACING until the sweep settles it, then the refusal.
+func TestSagaRefusalWithAStoppedCompensation(t *testing.T) {
+	for _, shared := range []bool{false, true} {
+		t.Run(map[bool]string{false: "pebble-coupons", true: "shared-coupons"}[shared], func(t *testing.T) {
+			mk := newEnv
+			if shared {
+				mk = newSharedEnv
+			}
+			f := &failAt{points: map[string]int{"fail:coupon_back": 1}}
+			e := mk(t, Config{Hook: f.hook})
+			e.credit(2, 10) // a seat costs 100, 70 with the coupon
+			prog := e.program([]CategoryDef{{ID: 1, Name: "A", Price: 100, Rows: 1, Cols: 4}}, 4, 8)
+			c, _ := e.svc.CreateCoupon(2, 30)
+			req := PlaceReq{ProgramID: prog, CategoryID: 1, Count: 1, ReqID: "s", Pay: PayCoins, CouponID: c.ID}
+			_, err := e.svc.Place(2, req)
+			wantCode(t, err, proto.CodeInternal)
+			if free, locked, _ := e.counts(prog); free != 3 || locked != 1 {
+				t.Fatalf("free %d locked %d while the compensation is stopped", free, locked)
+			}
+			o, err := e.svc.Place(2, req)
+			if err != nil || o.Status != StatusPlacing {
+				t.Fatalf("retry before the sweep: %+v %v, want the order PLACING", o, err)
+			}
+			e.svc.CloseExpired() // the sweep
+			_, err = e.svc.Place(2, req)
+			wantCode(t, err, proto.CodeInsufficientBalance)
+			if cur, err := e.svc.Coupon(c.ID); err != nil || cur.UsedBy != "" {
+				t.Fatalf("coupon after the sweep: %+v %v", cur, err)
+			}
+			if free, locked, sold := e.counts(prog); free != 4 || locked != 0 || sold != 0 {
+				t.Fatalf("seats after the sweep: free %d locked %d sold %d", free, locked, sold)
+			}
+			if b := e.balance(2); b != 10 {
+				t.Fatalf("balance %d", b)
+			}
+			e.conservation()
+			e.audit()
+		})
+	}
+}
+
 // The coins saga that succeeds: PAID, coins debited once, coupon used,
 // seats sold; the same req_id returns the same order and debits nothing.
 func TestSagaCoinsSuccess(t *testing.T) { testSagaCoinsSuccess(t, newEnv) }

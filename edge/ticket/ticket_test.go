@@ -575,6 +575,40 @@ func TestTicketProgramViewCache(t *testing.T) {
 	}
 }
 
+// Viewers waiting while a snapshot is rebuilt take that snapshot even when
+// seats changed during the rebuild: it was begun after they arrived, so it
+// shows everything before their call. (Before, each waiter found the
+// version moved and rebuilt again, one after another — under a flash sale's
+// steady orders, a rebuild per viewer, each holding the category's lock.)
+func TestTicketViewWaitersShareTheRebuild(t *testing.T) {
+	e := newEnv(t, Config{})
+	prog := e.program([]CategoryDef{{ID: 1, Name: "A", Price: 1, Rows: 10, Cols: 10}}, 2, 2)
+	p := e.svc.inv.(*memInventory).program(prog)
+	p.viewMu.Lock() // a rebuild in progress
+	const waiters = 8
+	views := make(chan View, waiters)
+	for range waiters {
+		go func() { v, _ := e.svc.Program(prog); views <- v }()
+	}
+	time.Sleep(100 * time.Millisecond) // the waiters arrive and wait for the rebuild
+	ver := p.version.Load()
+	built := p.build()
+	p.view, p.viewVer = &built, ver
+	// A seat changes while the rebuild finishes.
+	if _, err := e.svc.Place(1, PlaceReq{ProgramID: prog, SeatIDs: []string{"1-1-1"}, ReqID: "a"}); err != nil {
+		t.Fatal(err)
+	}
+	p.viewMu.Unlock()
+	for range waiters {
+		if v := <-views; &v.Seats[0] != &built.Seats[0] {
+			t.Fatal("a viewer waiting for the rebuild rebuilt again")
+		}
+	}
+	if v, _ := e.svc.Program(prog); v.Seats[0].Status != SeatLocked {
+		t.Fatalf("a viewer arriving after the change: seat 1-1-1 %v, want locked", v.Seats[0].Status)
+	}
+}
+
 // A payment, the buyer's cancel and the timeout racing on the same orders:
 // each order ends exactly one way — PAID with its seats sold, or closed
 // (CANCELLED, or REFUNDED when the payment lost the race) with its seats
