@@ -300,7 +300,7 @@ func (s *Service) Place(user int64, r PlaceReq) (o Order, err error) {
 	return s.place(user, r)
 }
 
-func (s *Service) place(user int64, r PlaceReq) (Order, error) {
+func (s *Service) place(user int64, r PlaceReq) (_ Order, err error) {
 	if r.ReqID == "" || len(r.ReqID) > maxReqIDLen {
 		return Order{}, proto.BadRequest("req_id must be 1..%d bytes", maxReqIDLen)
 	}
@@ -364,9 +364,21 @@ func (s *Service) place(user int64, r PlaceReq) (Order, error) {
 	if err := account.Refuse(s.cfg.Frozen, user, "no orders can be placed"); err != nil {
 		return Order{}, err
 	}
-	if perr := limit.Both(s.placeLimit, s.cfg.SharedPlaces, uint64(user), s.tooMany, s.cfg.Log); perr != nil {
+	spent, perr := limit.Take(s.placeLimit, s.cfg.SharedPlaces, uint64(user), s.tooMany, s.cfg.Log)
+	if perr != nil {
 		return Order{}, perr
 	}
+	defer func() {
+		// An attempt a dependency stopped before it recorded an order
+		// (the worker lease, the coupon store, the disk) spends none of
+		// the node's count (protocol.md); refusals — seats taken, limits,
+		// a coupon not usable — do.
+		if err != nil && proto.AsError(err).Code == proto.CodeInternal {
+			if _, gerr := s.store.Get(orderReqKey(user, r.ReqID)); errors.Is(gerr, persist.ErrNotFound) {
+				spent.GiveBack()
+			}
+		}
+	}()
 	// The guard makes this check-then-reserve safe: no other order of this
 	// user for this program is being placed.
 	p.mu.Lock()

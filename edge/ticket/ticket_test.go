@@ -710,6 +710,36 @@ func TestTicketOrdersPerMinute(t *testing.T) {
 	e.conservation()
 }
 
+// An attempt stopped by an internal failure before any order was recorded
+// spends none of the per-minute count (protocol.md): two such failures and
+// then two orders fit a rate of two a minute. A refusal (the per-user limit)
+// still counts.
+func TestTicketOrdersPerMinuteSpareFailedAttempts(t *testing.T) {
+	f := &failAt{points: map[string]int{"fail:lock": 2}}
+	e := newEnv(t, Config{OrdersPerMinute: 2, Hook: f.hook})
+	e.credit(7, 1000)
+	prog := e.program([]CategoryDef{{ID: 1, Name: "A", Price: 100, Rows: 1, Cols: 10}}, 1, 2)
+	place := func(req string) error {
+		_, err := e.svc.Place(7, PlaceReq{ProgramID: prog, CategoryID: 1, Count: 1, ReqID: req, Pay: PayCoins})
+		return err
+	}
+	for _, req := range []string{"x", "y"} {
+		wantCode(t, place(req), proto.CodeInternal)
+	}
+	for _, req := range []string{"a", "b"} {
+		if err := place(req); err != nil {
+			t.Fatalf("order %s after two attempts that failed inside: %v", req, err)
+		}
+	}
+	wantCode(t, place("c"), proto.CodeRateLimited)
+	e.clock.advance(time.Minute)
+	wantCode(t, place("d"), proto.CodeTicketLimit) // per_user_max 2: a refusal, counted
+	wantCode(t, place("e"), proto.CodeTicketLimit)
+	wantCode(t, place("f"), proto.CodeRateLimited)
+	e.conservation()
+	e.audit()
+}
+
 // A payment the ticket order took (Paid ran: seats sold) whose pay order
 // was closed before it recorded PAYED (a crash or a failed write in
 // between, then the reconciler's close at the deadline): the provider's
