@@ -138,8 +138,15 @@ func (n *Node) createOrder(user int64, r pay.CreateReq) (pay.Order, error) {
 	case err == nil && o.UserID == user:
 		// Written: confirmed here too (its node may have died before
 		// confirming; the binding would lapse and a retry make another).
-		if _, cerr := (payReqClaims{rdb: n.Redis}).Confirm(user, r.ReqID, el.ID); cerr != nil {
+		cur, cerr := (payReqClaims{rdb: n.Redis}).Confirm(user, r.ReqID, el.ID)
+		if cerr != nil {
 			n.Log.Warn("pay: confirming a req_id failed", "user", user, "err", cerr)
+		} else if cur != el.ID {
+			// The binding lapsed meanwhile (its order's write took longer
+			// than payReqPending) and a retry claimed it for another
+			// order: this one is closed by its node (superseded), so it is
+			// not handed out — the retry answers the order it names.
+			return pay.Order{}, errOrderBeingMade
 		}
 		return o, nil
 	case err == nil:
