@@ -62,6 +62,13 @@ type Client struct {
 	// and a resend of one meanwhile is neither queued again nor acked.
 	undelivered map[string]struct{} // under mu
 
+	// acks are the reliable pushes OnPush has returned from, not acked yet
+	// (gathered while more events wait), the oldest delivered at ackSince.
+	ackMu    sync.Mutex
+	acks     []string
+	ackSince time.Time
+	flushMu  sync.Mutex // held while held acks are sent (a close waits for them)
+
 	cbMu         sync.Mutex
 	cbRunning    bool
 	cbStopped    bool
@@ -753,6 +760,11 @@ func (c *Client) run(s *session) {
 		select {
 		case <-s.done:
 		case <-c.ctx.Done():
+			// The acks of pushes OnPush has had go out before the close
+			// frame (the client's context is done: a context of their own).
+			actx, cancel := context.WithTimeout(context.Background(), time.Second)
+			c.flushAcks(actx)
+			cancel()
 			s.closeWith(proto.CloseNormal, nil)
 			<-s.done
 		}
@@ -926,13 +938,18 @@ func (c *Client) emit(ev event) bool {
 
 // dispatch is the one goroutine that calls OnPush and OnState. A reliable
 // push is acked once OnPush has returned (acks gathered while more events
-// wait, sent on the current connection): one queued and never delivered —
-// the client closed first — is not acked, so the node hands it on to the
-// user's next connection instead of taking it as delivered.
+// wait, at most ackHold, sent on the current connection; those gathered
+// when the client closes go out before its close frame). One queued and
+// not delivered when the client closes is not delivered, nor acked: the
+// node hands it on to the user's next connection instead of taking it as
+// delivered.
 func (c *Client) dispatch() {
 	defer close(c.dispatchDone)
-	var acks []string
-	defer func() { c.ackDelivered(acks) }()
+	// Its flushes are not cut short by the client's context (a write waits
+	// no longer than the session, and RequestTimeout): a close waits for
+	// one under way (flushMu) and then sends the rest before its frame.
+	flush := context.Background()
+	defer c.flushAcks(flush)
 	for ev := range c.events {
 		c.cbMu.Lock()
 		if c.cbStopped {
@@ -942,20 +959,22 @@ func (c *Client) dispatch() {
 		c.cbRunning = true
 		c.cbMu.Unlock()
 
-		if ev.state != nil {
+		switch {
+		case ev.state != nil:
 			c.cfg.OnState(*ev.state)
-		} else {
+		case ev.ack && c.ctx.Err() != nil:
+			// Closing: not delivered (nor acked), handed on by the node.
+		default:
 			c.cfg.OnPush(ev.push)
 			if ev.ack {
 				c.mu.Lock()
 				delete(c.undelivered, ev.push.Mid)
 				c.mu.Unlock()
-				acks = append(acks, ev.push.Mid)
+				c.holdAck(ev.push.Mid)
 			}
 		}
-		if len(acks) > 0 && (len(c.events) == 0 || len(acks) >= proto.MaxAckMids) {
-			c.ackDelivered(acks)
-			acks = acks[:0]
+		if c.acksDue(len(c.events) == 0) {
+			c.flushAcks(flush)
 		}
 
 		c.cbMu.Lock()
@@ -968,10 +987,39 @@ func (c *Client) dispatch() {
 	}
 }
 
-// ackDelivered acks delivered reliable pushes on the current connection (on
-// none while reconnecting: the node resends them to the next one, where
-// they are acked as duplicates, not delivered again).
-func (c *Client) ackDelivered(mids []string) {
+// ackHold is the longest a delivered reliable push waits for its ack while
+// more events keep the queue busy.
+const ackHold = 100 * time.Millisecond
+
+// holdAck adds delivered reliable push mid to the acks to send.
+func (c *Client) holdAck(mid string) {
+	c.ackMu.Lock()
+	if len(c.acks) == 0 {
+		c.ackSince = time.Now()
+	}
+	c.acks = append(c.acks, mid)
+	c.ackMu.Unlock()
+}
+
+// acksDue reports whether the held acks go out now: the queue is empty, a
+// frame's worth is held, or the oldest has waited ackHold.
+func (c *Client) acksDue(idle bool) bool {
+	c.ackMu.Lock()
+	defer c.ackMu.Unlock()
+	n := len(c.acks)
+	return n > 0 && (idle || n >= proto.MaxAckMids || time.Since(c.ackSince) >= ackHold)
+}
+
+// flushAcks sends the held acks on the current connection (on none while
+// reconnecting: the node resends those pushes to the next one, where they
+// are acked as duplicates, not delivered again).
+func (c *Client) flushAcks(ctx context.Context) {
+	c.flushMu.Lock()
+	defer c.flushMu.Unlock()
+	c.ackMu.Lock()
+	mids := c.acks
+	c.acks = nil
+	c.ackMu.Unlock()
 	if len(mids) == 0 {
 		return
 	}
@@ -979,7 +1027,7 @@ func (c *Client) ackDelivered(mids []string) {
 	s := c.sess
 	c.mu.Unlock()
 	if s != nil {
-		s.sendAcks(mids)
+		s.sendAcks(ctx, mids)
 	}
 }
 

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"runtime"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -512,6 +513,63 @@ func TestReliablePushAckedOnlyOnceDelivered(t *testing.T) {
 			if !delivered[mid] {
 				t.Fatalf("push %s acked but never handed to OnPush (delivered %d)", mid, len(delivered))
 			}
+		}
+	}
+}
+
+// Every reliable push OnPush has returned from is acked, also when the
+// app closes the client while more wait in the queue: the acks gathered
+// meanwhile go out before the close frame. Before, they waited for the
+// queue to empty and were lost with the connection — the node handed those
+// pushes on to the user's next connection, which showed them again.
+func TestDeliveredPushesAckedAtClose(t *testing.T) {
+	ts := newTServer(t)
+	r := &rec{}
+	inTenth, release := make(chan struct{}), make(chan struct{})
+	c := dial(t, ts, nil, func(cfg *Config) {
+		cfg.OnPush = func(p Push) {
+			r.onPush(p)
+			if p.Mid == "u10" {
+				close(inTenth)
+				<-release // the app is busy with this one when it closes
+			}
+		}
+	})
+	tc := ts.conn(0)
+	for i := range 50 {
+		tc.send(t, pushFrame(fmt.Sprint("u", i), true, 0, "credit"))
+	}
+	<-inTenth
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+	close(release)
+	acked := func() map[string]bool {
+		m := map[string]bool{}
+		for _, f := range ts.acks() {
+			for _, mid := range f {
+				m[mid] = true
+			}
+		}
+		return m
+	}
+	allAcked := func() bool {
+		m := acked()
+		for i := range 10 {
+			if !m[fmt.Sprint("u", i)] {
+				return false
+			}
+		}
+		return true
+	}
+	for deadline := time.Now().Add(2 * time.Second); !allAcked(); time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) { // the server reads what was sent before the close
+			t.Fatalf("pushes delivered before the close and never acked (acked: %v)", acked())
+		}
+	}
+	for _, mid := range r.mids() {
+		if n, _ := strconv.Atoi(mid[1:]); n > 10 {
+			t.Fatalf("push %s delivered after the close", mid)
 		}
 	}
 }

@@ -60,9 +60,11 @@
 //     bounded by its context or Config.RequestTimeout.
 //   - Push handling: every push with "ack":true is acknowledged once OnPush
 //     has returned for it (the acks gathered while more events wait go out as
-//     one ack frame): one still queued when the client closes is never
-//     delivered and not acknowledged, so the server hands it on to the user's
-//     next connection. Pushes are de-duplicated by mid across reconnects
+//     one ack frame, at most 100 ms later; those gathered when the client
+//     closes go out before its close frame): one still queued when the client
+//     closes is never delivered and not acknowledged, so the server hands it
+//     on to the user's next connection (as it may one whose OnPush is running
+//     when Close is called). Pushes are de-duplicated by mid across reconnects
 //     within a bounded window (Config.DedupWindow mids). A duplicate is
 //     acknowledged again at once, since the server may have missed the first
 //     ack, but is not delivered again — unless its first copy still waits for

@@ -294,7 +294,7 @@ func (s *session) OnMessage(_ *gws.Conn, m *gws.Message) {
 		acks = s.handle(&f, acks)
 	}
 	if len(acks) > 0 {
-		s.sendAcks(acks)
+		s.sendAcks(s.c.ctx, acks)
 	}
 }
 
@@ -408,7 +408,7 @@ type ackFrame struct {
 	D proto.AckReq `json:"d"`
 }
 
-func (s *session) sendAcks(mids []string) {
+func (s *session) sendAcks(ctx context.Context, mids []string) {
 	for len(mids) > 0 {
 		n := min(len(mids), proto.MaxAckMids)
 		b, err := proto.Marshal(ackFrame{T: proto.TypeAck, D: proto.AckReq{Mids: mids[:n]}})
@@ -416,7 +416,7 @@ func (s *session) sendAcks(mids []string) {
 			s.c.log.Error("clientsdk: encode ack", "err", err)
 			return
 		}
-		if err := s.write(s.c.ctx, b); err != nil {
+		if err := s.write(ctx, b); err != nil {
 			s.c.log.Debug("clientsdk: ack not sent", "err", err)
 			return
 		}
