@@ -206,3 +206,44 @@ func TestRoomClaimRenewedPastTheEnd(t *testing.T) {
 		}
 	}
 }
+
+// A holder that gave back every packet it was leased and granted none is
+// forgotten some time after the rain's end even when its close never came
+// (the owner settles without it: it has nothing out there). Before, it was
+// looked at again every minute for the life of the process.
+func TestEmptiedShardForgottenWithoutItsClose(t *testing.T) {
+	n := newPendingNode(t)
+	now := time.Now()
+	n.startWith(t, n.l, func(c *Config) { c.Now = func() time.Time { return now } })
+	sh := n.svc.shardOf("emptied", "n2")
+	sh.mu.Lock()
+	sh.ready, sh.held, sh.endsAt = true, true, now.UnixMilli()
+	sh.mu.Unlock()
+	forgotten := func() bool {
+		n.svc.sweepShard(sh)
+		n.svc.mu.Lock()
+		defer n.svc.mu.Unlock()
+		return n.svc.shards["emptied"] == nil
+	}
+	if forgotten() {
+		t.Fatal("forgotten at the rain's end, before its close could come")
+	}
+	now = now.Add(tombstoneTTL)
+	if !forgotten() {
+		t.Fatal("an emptied holder never closed is kept after the tombstone time")
+	}
+	// One still holding a packet (or with grants: the same index bits) is
+	// kept until its close.
+	sh2 := n.svc.shardOf("holding", "n2")
+	sh2.mu.Lock()
+	sh2.ready, sh2.held, sh2.endsAt = true, true, now.Add(-tombstoneTTL).UnixMilli()
+	sh2.mine.set(3)
+	sh2.mu.Unlock()
+	n.svc.sweepShard(sh2)
+	n.svc.mu.Lock()
+	kept := n.svc.shards["holding"] != nil
+	n.svc.mu.Unlock()
+	if !kept {
+		t.Fatal("a holder with a packet forgotten before its close")
+	}
+}

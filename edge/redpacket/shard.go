@@ -877,16 +877,20 @@ func (s *Service) armSweep(sh *shard, d time.Duration) {
 }
 
 // sweepShard forgets sh once nothing can still depend on it: no grab in
-// flight, no grant in doubt, and either its close has reported its totals
-// or it never held packets and its rain is over. Otherwise it looks again
-// a minute later.
+// flight, no grant in doubt, and either its close has reported its totals,
+// or it never held packets and its rain is over, or it holds none now (every
+// one given back, none granted here: the owner settles without its close,
+// which may then never come) and the rain ended a tombstoneTTL ago.
+// Otherwise it looks again a minute later.
 func (s *Service) sweepShard(sh *shard) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	sh.mu.Lock()
 	defer sh.mu.Unlock()
 	idle := sh.inflight == 0 && len(sh.doubt) == 0 && sh.leasing == nil
-	done := sh.closedOK || !sh.held && s.cfg.Now().UnixMilli() >= sh.endsAt
+	now := s.cfg.Now().UnixMilli()
+	done := sh.closedOK || !sh.held && now >= sh.endsAt ||
+		sh.mine.n == 0 && len(sh.free) == 0 && now >= sh.endsAt+tombstoneTTL.Milliseconds()
 	if !idle || !done {
 		if !s.closed {
 			s.armSweep(sh, time.Minute)
