@@ -85,6 +85,11 @@ func (n *Node) programOwner(id int64) (string, error) {
 	if n.Cluster == nil || id <= 0 {
 		return "", nil
 	}
+	if n.Tickets != nil && n.Tickets.HasProgram(id) {
+		// Made here, perhaps under a worker id this node no longer holds
+		// (it came back under another, its old one taken meanwhile).
+		return "", nil
+	}
 	return n.workerOwner(int(id & (1<<programWorkerBits - 1)))
 }
 

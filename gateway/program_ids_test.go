@@ -167,6 +167,35 @@ func TestOrderOfAnEarlierWorkerIDServedByItsNode(t *testing.T) {
 	}
 }
 
+// A program made by a node that came back under another worker id is still
+// served by that node (it holds the program): GET and an order through it
+// work. Before, the program id's worker bits routed it to the old id's
+// lease, held by nobody: 50000 "unreachable" for as long as the ids stayed
+// swapped — the show could neither be viewed nor sold.
+func TestProgramOfAnEarlierWorkerIDServedByItsNode(t *testing.T) {
+	n1, cfg := workerNode(t, 3)
+	var made struct {
+		Data struct {
+			ProgramID int64 `json:"program_id"`
+		} `json:"data"`
+	}
+	if st := nodetest.DoJSON(t, "POST", nodetest.HTTPURL(n1)+"/api/v1/admin/programs", nodetest.Token(t, n1, 1, gateway.RoleAdmin), programBody, &made); st != 200 || made.Data.ProgramID&31 != 3 {
+		t.Fatalf("create program: %d %+v", st, made)
+	}
+	if err := n1.Shutdown(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	cfg.Pay.WorkerID = 5
+	n2 := nodetest.Start(t, cfg)
+	var got struct {
+		Code int    `json:"code"`
+		Msg  string `json:"msg"`
+	}
+	if st := nodetest.DoJSON(t, "GET", nodetest.HTTPURL(n2)+fmt.Sprintf("/api/v1/programs/%d", made.Data.ProgramID), nodetest.Token(t, n2, 700, gateway.RoleViewer), "", &got); st != 200 || got.Code != 0 {
+		t.Fatalf("GET the program through its node, now worker 5: %d %+v", st, got)
+	}
+}
+
 // workerNode starts a one-node cluster (its own Redis and NATS) on worker
 // id worker, and returns its config to restart it with.
 func workerNode(t *testing.T, worker int) (*gateway.Node, configs.Config) {

@@ -477,7 +477,6 @@ func (s *Service) withPayURL(o Order) Order {
 	return o
 }
 
-// load1 reads order id from Pebble.
 // Has reports whether ticket order id was made here (it is on this node's
 // disk).
 func (s *Service) Has(id int64) bool {
@@ -485,6 +484,10 @@ func (s *Service) Has(id int64) bool {
 	return err == nil
 }
 
+// HasProgram reports whether program id is served here (made on this node).
+func (s *Service) HasProgram(id int64) bool { return s.program(id) != nil }
+
+// load1 reads order id from Pebble.
 func (s *Service) load1(id int64) (*Order, error) {
 	v, err := s.store.Get(orderKey(id))
 	if errors.Is(err, persist.ErrNotFound) {
