@@ -184,13 +184,11 @@ func (s *session) await(ctx context.Context, typ string, id int64, cl *call) ([]
 		}
 		return nil, fmt.Errorf("%w: %s id %d in flight", ErrDisconnected, typ, id)
 	case <-ctx.Done():
-		s.forget(id)
-		// A reply the reader delivered meanwhile (its hook has run: a join
-		// is tracked) is the answer, not the timeout.
-		select {
-		case r := <-cl.ch:
-			return r.result()
-		default:
+		if !s.forget(id) {
+			// The reader took the reply meanwhile: its hook runs (a join
+			// is then tracked) and it is sent at once — the answer, not
+			// the timeout.
+			return (<-cl.ch).result()
 		}
 		return nil, fmt.Errorf("clientsdk: %s id %d: %w", typ, id, ctx.Err())
 	case <-s.c.ctx.Done():
@@ -209,10 +207,14 @@ func (r reply) result() ([]byte, error) {
 	return r.d, nil
 }
 
-func (s *session) forget(id int64) {
+// forget drops pending request id; false if the reader took it first (its
+// reply is being handled: it is sent on the call's channel next).
+func (s *session) forget(id int64) bool {
 	s.c.mu.Lock()
+	defer s.c.mu.Unlock()
+	_, ok := s.pending[id]
 	delete(s.pending, id)
-	s.c.mu.Unlock()
+	return ok
 }
 
 // --- gws.Event ---
