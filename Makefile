@@ -15,7 +15,7 @@ TESTFLAGS ?= -race -p 1 -timeout 25m
 TIMING_TESTS := ^TestSlowConsumerClosedRoomUnaffected$$
 CONFIG    ?= configs/single.yaml
 
-.PHONY: run build test ts-test k6-check tools vet fmt-check fuzz bench bench-go bench-loadgen bench-webhook bench-idle-large bench-report loadtest clean cluster
+.PHONY: run build test ts-test k6-check tools vet fmt-check fuzz bench bench-go bench-loadgen bench-webhook bench-idle-large bench-report clean cluster
 
 run: build
 	./$(BIN)/liveedge -config $(CONFIG)
