@@ -500,12 +500,14 @@ func (s *Service) start(id string, a, b int64, d time.Duration) (Contest, error)
 		return Contest{}, proto.Errorf(proto.CodeInternal, "internal error")
 	}
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	c.live = true
 	s.contests[c.ID] = c
 	c.timer = time.AfterFunc(d, func() { s.end(c) })
 	s.publish(c)
-	return *c, nil
+	out := *c
+	s.mu.Unlock()
+	s.endIfRoomClosed(a, b)
+	return out, nil
 }
 
 // Running returns the live contest room is in and the wallet tally that
@@ -595,7 +597,7 @@ func (s *Service) EndRoom(room int64) {
 	c := s.byRoom[room]
 	if c == nil || !c.live || c.closing {
 		s.mu.Unlock()
-		return // none, not started yet (its start answers the closed room), or ending
+		return // none, not started yet (its start ends it once live: endIfRoomClosed), or ending
 	}
 	if c.timer != nil {
 		c.timer.Stop()

@@ -386,3 +386,58 @@ func twoRooms(t *testing.T) (*router.Local, *routertest.Recorder) {
 	}
 	return rt, v
 }
+
+// closingStore closes a room (as DELETE /rooms does: the room service
+// first, then EndRoom) while a contest's start record is being written.
+type closingStore struct {
+	*persist.Store
+	open  atomic.Bool // room 2's state
+	onPut func()
+}
+
+func (s *closingStore) Put(k, v []byte) error {
+	if f := s.onPut; f != nil {
+		s.onPut = nil
+		f()
+	}
+	return s.Store.Put(k, v)
+}
+
+// A room closed while its contest's start was being recorded ends the
+// contest once it is live: the close's EndRoom found it not live yet and
+// left it to the start. Before, the contest ran its whole duration against
+// the closed room (and the open one could not be paired again).
+func TestContestStartedAsItsRoomClosedEnds(t *testing.T) {
+	st, err := persist.Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = st.Close() })
+	cs := &closingStore{Store: st}
+	cs.open.Store(true)
+	rt, v := twoRooms(t)
+	var s *Service
+	s = New(rt, func(room int64) bool { return room != 2 || cs.open.Load() }, cs, func(string, int64) (int64, error) { return 0, nil }, nil)
+	s.grace = 0
+	cs.onPut = func() { cs.open.Store(false); s.EndRoom(2) }
+	if _, err := s.Start(1, 2, time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		over := false
+		for _, p := range progress(v) {
+			over = over || p.Over
+		}
+		if over {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("a contest whose room closed as it started runs on (no final push)")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if _, _, ok := s.Running(1); ok {
+		t.Fatal("room 1 still in the contest")
+	}
+}

@@ -107,6 +107,11 @@ type running struct {
 	// ending: an end attempt of this replica is in flight; another one
 	// waits for its outcome instead.
 	ending bool
+	// endUnknown: an end attempt of this replica got no answer — it may
+	// have ended the contest, and only its retry learns so (end.lua answers
+	// the replica that ended it the result again) and pushes the result:
+	// the sync leaves the replica to that retry.
+	endUnknown bool
 	// token names this replica's end attempts: end.lua answers a retry of
 	// them (its first reply lost) with the result again, so the retry still
 	// pushes it; any other replica — another node's, or this node's adopted
@@ -259,7 +264,21 @@ func (s *Service) startShared(mode, id string, a, b int64, d time.Duration) (Con
 		r.pub.Unlock()
 	}
 	c.Seq = 1
+	s.endIfRoomClosed(a, b)
 	return c, nil
+}
+
+// endIfRoomClosed ends now the contest of rooms a and b, just started, if
+// either closed meanwhile: the close's EndRoom ran before the contest was
+// live (or known here) and found nothing to end — the contest would run
+// its whole duration against a room that is gone.
+func (s *Service) endIfRoomClosed(a, b int64) {
+	for _, room := range [2]int64{a, b} {
+		if !s.isOpen(room) {
+			s.EndRoom(room)
+			return
+		}
+	}
 }
 
 // startedUnseen reports whether contest id runs with record rec — the one
@@ -450,7 +469,7 @@ func (s *Service) syncShared() error {
 	// its end time: its room closed, EndRoom): no more PK gifts join it.
 	s.mu.Lock()
 	for id, r := range s.sh.byID {
-		if _, running := m[id]; !running && !r.ending && !r.ended && r.adopted.Before(readAt) {
+		if _, running := m[id]; !running && !r.ending && !r.endUnknown && !r.ended && r.adopted.Before(readAt) {
 			s.forgetLocked(r)
 			s.dropTalliesOf(r.c.ID, r.c.Rooms) // ended by end.lua: its scores are final
 		}
@@ -609,6 +628,7 @@ func (s *Service) endShared(r *running) {
 	}
 	if err != nil {
 		s.log.Error("pk: end contest, retrying", "pk_id", r.c.ID, "err", err)
+		r.endUnknown = true
 		if !s.closed && !r.ended {
 			r.timer = time.AfterFunc(time.Second, func() { s.endShared(r) })
 		}

@@ -2,6 +2,7 @@ package pk
 
 import (
 	"context"
+	"crypto/sha1"
 	"fmt"
 	"sort"
 	"sync"
@@ -609,5 +610,41 @@ func TestSharedLostAcceptDoesNotClaimAnotherAcceptsContest(t *testing.T) {
 	time.Sleep(100 * time.Millisecond)
 	if p := pushes(c.ID, 1, n1, n2); len(p) != 1 {
 		t.Fatalf("start pushes %+v, want one (the accept that started it)", p)
+	}
+}
+
+// A contest's end whose end.lua reply was lost (the script ran: the contest
+// is over in Redis, ended by this replica) is still announced: the retry
+// learns it ended the contest and pushes the result. Before, the next sync
+// saw the contest no longer running and forgot the replica first — the
+// retry never ran, and no node pushed the final 5558.
+func TestSharedEndWhoseReplyWasLost(t *testing.T) {
+	srv := redistest.Start(t)
+	px := redistest.StartProxy(t, srv.Addr)
+	rdb, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{px.Addr}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(rdb.Close)
+	// end.lua loaded, so that its first call is the EVALSHA the fault hits.
+	if err := rdb.Do(context.Background(), rdb.B().ScriptLoad().Script(endLua).Build()).Error(); err != nil {
+		t.Fatal(err)
+	}
+	n1 := newNode(t, rdb, &fakeWallet{}, 1, 2)
+	c, err := n1.s.Start(1, 2, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	px.LoseReply(fmt.Sprintf("%x", sha1.Sum([]byte(endLua))), 200*time.Millisecond)
+	poll(t, 10*time.Second, "the final push", func() bool {
+		for _, p := range pushes(c.ID, 1, n1) {
+			if p.Over {
+				return true
+			}
+		}
+		return false
+	})
+	if px.Fired() != 1 {
+		t.Fatalf("the fault fired %d times", px.Fired())
 	}
 }
