@@ -309,6 +309,11 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 	}
 	n.Gifts.SetAccounts(n.Accounts)
 	n.Rooms.SetOpponent(n.PK.Opponent)
+	// A room closed through another node ends its contest here too: this
+	// node's copy stops taking PK gifts and writes its wait mark, as at the
+	// contest's end time (else gifts it took until end.lua would be
+	// debited as PK gifts and never scored).
+	n.Rooms.SetOnClosed(n.PK.EndRoom)
 	if err = n.watchCatalogue(cat); err != nil {
 		return nil, err
 	}

@@ -11,6 +11,8 @@ import (
 	"github.com/liveedge/liveedge/gateway/nodetest"
 	"github.com/liveedge/liveedge/gateway/proto"
 	"github.com/liveedge/liveedge/persist/persisttest"
+	"github.com/liveedge/liveedge/persist/redistest"
+	"github.com/liveedge/liveedge/router/natstest"
 )
 
 type pkView struct {
@@ -233,4 +235,31 @@ func TestPKInviteWithoutRoomsIsABadRequest(t *testing.T) {
 			}
 		}
 	}
+}
+
+// In a cluster, a room closed through one node ends its contest on every
+// node at once: each node's copy stops taking PK gifts when it learns of
+// the close (not only the closing node's, the others' a second or more later
+// when end.lua ran — PK gifts they took meanwhile were debited as PK gifts
+// and never scored).
+func TestClusterRoomCloseEndsItsContestEverywhere(t *testing.T) {
+	rds, nats := redistest.Start(t), natstest.Start(t)
+	peers := []string{"gw-1", "gw-2"}
+	n1 := nodetest.Start(t, clusterNodeConfig(t, "gw-1", peers, rds, nats))
+	n2 := nodetest.Start(t, clusterNodeConfig(t, "gw-2", peers, rds, nats))
+	ra := nodetest.OpenRoom(t, n1, 1, 0)
+	rb := nodetest.OpenRoom(t, n1, 2, 0)
+	invitePKAccepted(t, n1, 1, 2, ra, rb, 60)
+	nodetest.Eventually(t, 5*time.Second, func() bool { _, _, ok := n2.PK.Running(rb); return ok },
+		"gw-2 does not know the contest")
+	var out struct {
+		Code int `json:"code"`
+	}
+	if st := nodetest.DoJSON(t, "DELETE", fmt.Sprintf("%s/api/v1/rooms/%d", nodetest.HTTPURL(n1), ra), nodetest.Token(t, n1, 1, gateway.RoleAnchor), "", &out); st != 200 || out.Code != 0 {
+		t.Fatalf("close room: %d %+v", st, out)
+	}
+	// Well inside the contest's end grace (1 s), after which end.lua ends it
+	// in Redis for every node anyway.
+	nodetest.Eventually(t, 800*time.Millisecond, func() bool { _, _, ok := n2.PK.Running(rb); return !ok },
+		"gw-2 still takes PK gifts for the contest of a closed room")
 }

@@ -68,6 +68,11 @@ func (s *Service) SetOpponent(f func(room int64) int64) { s.opponent.Store(&f) }
 // active red-packet code).
 func (s *Service) SetRedPacket(f func(room int64) string) { s.redPacket.Store(&f) }
 
+// SetOnClosed sets f, called (on the caller's goroutine, no lock held) when
+// the replica learns that an open room was closed through another node
+// (Apply, Sync): the PK service ends the room's contest here too.
+func (s *Service) SetOnClosed(f func(room int64)) { s.onClosed.Store(&f) }
+
 // Service manages rooms.
 type Service struct {
 	store    *persist.Store
@@ -80,6 +85,8 @@ type Service struct {
 	opponent atomic.Pointer[func(int64) int64]
 	// redPacket is the room's active red-packet code (SetRedPacket).
 	redPacket atomic.Pointer[func(int64) string]
+	// onClosed is told of rooms closed through other nodes (SetOnClosed).
+	onClosed atomic.Pointer[func(int64)]
 
 	mu       sync.RWMutex
 	open     map[int64]*Room
@@ -411,6 +418,9 @@ func (s *Service) Apply(kind string, rm Room) {
 		s.mu.Unlock()
 		if ok {
 			s.router.CloseRoom(rm.ID, nil)
+			if f := s.onClosed.Load(); f != nil {
+				(*f)(rm.ID)
+			}
 		}
 	default:
 		s.mu.Unlock()
