@@ -424,15 +424,13 @@ func (s *Server) serveFrame(c *Conn, op gws.Opcode, data []byte) {
 	defer s.recoverFrame(c)
 	c.lastRead.Store(time.Now().UnixNano())
 	s.metrics.framesIn.Inc()
-	if c.cork.closing.Load() {
-		return // read while lingering after the close frame: not served
-	}
-	if c.closing.Load() {
+	if c.closing.Load() || c.cork.closing.Load() {
 		// Read after the node decided to close the connection (4501 at the
-		// token's expiry, 4408, shutdown…): no request is served (its reply
-		// could not be queued) — but an ack still is (it has no reply): the
-		// pushes a drain writes and the client acks are not handed on as
-		// unacked.
+		// token's expiry, 4408, shutdown…), or while lingering after its
+		// close frame: no request is served (its reply could not be queued)
+		// — but an ack still is (it has no reply): the pushes a drain wrote
+		// just before the close frame, acked by the client after it, are
+		// not handed on as unacked.
 		if f, perr := proto.DecodeClientFrame(data); perr == nil && f.T == proto.TypeAck && op == gws.OpcodeText {
 			s.dispatch(c, data)
 		}

@@ -517,3 +517,58 @@ func TestNoFrameServedAfterTheCloseIsDecided(t *testing.T) {
 		}
 	}
 }
+
+// An ack the client sends after the node's close frame — for a reliable
+// push written just before it — is taken while the node lingers for the
+// client's close: the push is not handed on to the user's next session as
+// unacked. (The client acks only after the push arrives, so after a
+// drained close's frame the ack always comes late; before, it was dropped
+// and the next session got the push again.)
+func TestAckAfterTheCloseFrameTaken(t *testing.T) {
+	n := nodetest.Start(t, nodetest.Config(t))
+	tok, err := n.Auth.Issue(2001, gateway.RoleViewer, 2*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ident, err := n.Auth.Verify(tok)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := nodetest.MustDialRaw(t, nodetest.WSURL(n), tok, nodetest.RawOptions{})
+	if h := c.Next(5 * time.Second); h.T != proto.TypeHello {
+		t.Fatalf("first frame %q, want hello", h.T)
+	}
+	mid, reached := n.Router.SendUser(2001, proto.Push{Biz: proto.BizWalletCredit, Data: []byte(`{"balance":1,"delta":1,"reason":"dev"}`), Ack: true})
+	if reached != 1 || c.NextOfType(proto.TypePush, 5*time.Second).Mid != mid {
+		t.Fatalf("the reliable push not delivered (reached %d)", reached)
+	}
+	// The client's reader stops at the next frame, so the close frame
+	// that follows it stays unread (the node writes it and lingers).
+	c.Pause()
+	n.Router.SendUser(2001, proto.Push{Biz: 9999, Data: []byte(`{}`)})
+	time.Sleep(time.Until(ident.Expires) + time.Second) // 4501 decided, drained, its frame written
+	if err := c.Send(fmt.Sprintf(`{"t":"ack","d":{"mids":[%q]}}`, mid)); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(200 * time.Millisecond)
+	c.Resume()
+	select {
+	case <-c.Closed():
+	case <-time.After(5 * time.Second):
+		t.Fatal("not closed")
+	}
+	if code := c.CloseCode(); code != proto.CloseTokenExpired {
+		t.Fatalf("close code %d, want %d", code, proto.CloseTokenExpired)
+	}
+	next := dial(t, n, 2001, nodetest.RawOptions{})
+	for deadline := time.After(time.Second); ; {
+		select {
+		case f := <-next.Frames():
+			if f.T == proto.TypePush && f.Mid == mid {
+				t.Fatal("the push acked after the close frame was handed on to the next session")
+			}
+		case <-deadline:
+			return
+		}
+	}
+}
