@@ -259,10 +259,13 @@ func (s *Server) chatMsg(c *Conn, f *proto.ClientFrame) (any, *proto.Error) {
 		return nil, proto.Errorf(proto.CodeRateLimited, "room is busy, retry")
 	case errors.Is(err, router.ErrUnavailable): // cluster: Redis unreachable, or no answer in time
 		s.log.Warn("chat not confirmed", "room", r.RoomID, "err", err)
-		if settle != nil {
+		switch {
+		case settle != nil:
 			return nil, errChatInDoubt
+		case errors.Is(err, router.ErrUnconfirmed):
+			return nil, errChatUnconfirmed
 		}
-		return nil, errUnavailable
+		return nil, errUnavailable // never sent
 	case err != nil:
 		return nil, s.internal("chat", err, "room", r.RoomID)
 	}
@@ -280,6 +283,11 @@ func (s *Server) internal(what string, err error, kv ...any) *proto.Error {
 // errChatInDoubt answers a chat with a req_id whose push the cluster did not
 // confirm in time: it may still go out; its req_id is held meanwhile.
 var errChatInDoubt = proto.Errorf(proto.CodeInternal, "the chat was not confirmed in time and may still be sent; retry with the same req_id")
+
+// errChatUnconfirmed answers a chat without a req_id whose push the
+// cluster took but did not confirm in time: it may still go out (a retry
+// may post it twice: a req_id makes retries safe).
+var errChatUnconfirmed = proto.Errorf(proto.CodeInternal, "the chat was not confirmed in time and may still be sent (a req_id makes a retry safe)")
 
 // errUnavailable: a shared dependency (Redis, NATS) is unreachable; nothing
 // was done and the client may retry.

@@ -260,7 +260,18 @@ type seqItem struct {
 	p       proto.Push
 	closing bool
 	done    chan error // nil: nobody waits
+	// state, when a caller waits (PublishRoomWait): itemQueued, then
+	// itemTaken once the sequencer took it into a batch, or itemAbandoned
+	// by a caller that stopped waiting first (then it is never sent).
+	state *atomic.Int32
 }
+
+// The states of a waited-for seqItem.
+const (
+	itemQueued int32 = iota
+	itemTaken
+	itemAbandoned
+)
 
 // NewCluster starts the cluster router. Close stops its loops.
 func NewCluster(cfg ClusterConfig) (*Cluster, error) {
@@ -482,17 +493,26 @@ func (c *Cluster) PublishRoom(id int64, p proto.Push) (string, error) {
 }
 
 // PublishRoomWait is PublishRoom that waits until the push is numbered and
-// handed to NATS (or failed): for a client that is told "sent".
+// handed to NATS (or failed): for a client that is told "sent". A push it
+// stops waiting for before the sequencer took it is never sent
+// (ErrUnavailable); one the sequencer took whose numbering failed or did not
+// end in time may still go out (ErrUnconfirmed: the script may have run
+// and its reply been lost — the nodes then fill it from the history).
 func (c *Cluster) PublishRoomWait(id int64, p proto.Push) (string, error) {
 	done := make(chan error, 1)
-	mid, err := c.enqueue(id, p, false, done)
+	state := new(atomic.Int32)
+	mid, err := c.enqueueItem(id, seqItem{p: p, done: done, state: state})
 	if err != nil {
 		return "", err
 	}
 	select {
 	case err = <-done:
 	case <-time.After(2 * c.cfg.CallTimeout):
-		err = ErrUnavailable
+		if state.CompareAndSwap(itemQueued, itemAbandoned) {
+			err = ErrUnavailable // never taken: never sent
+		} else {
+			err = ErrUnconfirmed
+		}
 	}
 	return mid, err
 }
@@ -501,7 +521,18 @@ func (c *Cluster) PublishRoomWait(id int64, p proto.Push) (string, error) {
 // reached; the push was not sent.
 var ErrUnavailable = errors.New("router: cluster sequencer unavailable")
 
+// ErrUnconfirmed (an ErrUnavailable): the push was not confirmed in time and
+// may still go out.
+var ErrUnconfirmed = fmt.Errorf("%w: the push was not confirmed in time and may still be sent", ErrUnavailable)
+
 func (c *Cluster) enqueue(id int64, p proto.Push, closing bool, done chan error) (string, error) {
+	return c.enqueueItem(id, seqItem{p: p, closing: closing, done: done})
+}
+
+// enqueueItem queues it (its push given a mid and the room) for the room's
+// sequencer.
+func (c *Cluster) enqueueItem(id int64, it seqItem) (string, error) {
+	p, closing := it.p, it.closing
 	if c.local.room(id) == nil {
 		return "", ErrNoRoom
 	}
@@ -509,6 +540,7 @@ func (c *Cluster) enqueue(id int64, p proto.Push, closing bool, done chan error)
 		p.Mid = c.local.mids.Next()
 	}
 	p.Room = id
+	it.p = p
 	c.mu.Lock()
 	sr := c.seqs[id]
 	if sr == nil {
@@ -524,7 +556,7 @@ func (c *Cluster) enqueue(id int64, p proto.Push, closing bool, done chan error)
 		c.local.dropped.Add(1)
 		return "", ErrRoomBusy
 	}
-	sr.pending = append(sr.pending, seqItem{p: p, closing: closing, done: done})
+	sr.pending = append(sr.pending, it)
 	start := !sr.running
 	sr.running = true
 	sr.mu.Unlock()
@@ -548,10 +580,18 @@ func (c *Cluster) sequence(id int64, sr *seqRoom) {
 			return
 		}
 		n := min(len(sr.pending), maxSeqBatch)
-		items := append([]seqItem(nil), sr.pending[:n]...)
+		items := make([]seqItem, 0, n)
+		for _, it := range sr.pending[:n] {
+			if it.state == nil || it.state.CompareAndSwap(itemQueued, itemTaken) {
+				items = append(items, it)
+			} // else its caller stopped waiting: never sent
+		}
 		sr.pending = append(sr.pending[:0], sr.pending[n:]...)
 		sr.mu.Unlock()
 		c.mu.Unlock()
+		if len(items) == 0 {
+			continue
+		}
 
 		// A batch with the room's final push: retries start within
 		// closeGrace/2 of the first attempt, and every attempt ends by
@@ -565,7 +605,9 @@ func (c *Cluster) sequence(id int64, sr *seqRoom) {
 			items, b, err = c.retryFinal(id, items, err, start)
 		}
 		if err != nil {
-			err = fmt.Errorf("%w: %w", ErrUnavailable, err)
+			// The script may have run (its reply lost): the pushes may be
+			// numbered and in the history, and go out.
+			err = fmt.Errorf("%w: %w", ErrUnconfirmed, err)
 		}
 		for _, it := range items {
 			if it.done != nil {

@@ -2,6 +2,7 @@ package router
 
 import (
 	"context"
+	"errors"
 	"runtime"
 	"slices"
 	"strconv"
@@ -740,4 +741,47 @@ func items(n int) []seqItem {
 		out[i].p = proto.Push{Mid: "x", Room: 1, Data: []byte("{}")}
 	}
 	return out
+}
+
+// A chat's PublishRoomWait that gives up before the room's sequencer took
+// its push (Redis slow: earlier batches hold the sequencer) answers
+// ErrUnavailable, and that push is never sent — so "nothing sent" is true;
+// one the sequencer took and could not confirm is ErrUnconfirmed (it may
+// still go out). Before, a push given up on stayed queued and went out
+// once Redis answered, while its client had been told nothing was sent.
+func TestPublishRoomWaitGivenUpIsNeverSent(t *testing.T) {
+	env := clusterEnv{nats: natstest.Start(t), redis: redistest.Start(t)}
+	px := redistest.StartProxy(t, env.redis.Addr)
+	a := newCluster(t, clusterEnv{nats: env.nats, redis: env.redis, via: px.Addr}, "a", ClusterConfig{CallTimeout: 100 * time.Millisecond})
+	a.OpenRoom(1)
+	px.Slow(seqKey(1), 300*time.Millisecond) // every numbering outlasts CallTimeout
+	for range 6 * maxSeqBatch {              // six batches ahead: ≥ 600 ms of sequencer work
+		if _, err := a.PublishRoom(1, proto.Push{Data: []byte("{}")}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	mid, err := a.PublishRoomWait(1, proto.Push{Data: []byte(`{"text":"given up"}`)})
+	if !errors.Is(err, ErrUnavailable) || errors.Is(err, ErrUnconfirmed) {
+		t.Fatalf("a push given up before it was taken: %v, want ErrUnavailable (not sent)", err)
+	}
+	// Redis is fast again while the sequencer still has batches ahead of
+	// the push given up on: they are numbered and sent, it is not.
+	px.Slow("", 0)
+	if _, err := a.PublishRoomWait(1, proto.Push{Data: []byte("{}")}); err != nil {
+		t.Fatalf("after Redis recovered: %v", err)
+	}
+	rdb, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{env.redis.Addr}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rdb.Close()
+	entries, err := rdb.Do(context.Background(), rdb.B().Xrange().Key(histKey(1)).Start("-").End("+").Build()).AsXRange()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range entries {
+		if e.FieldValues["m"] == mid {
+			t.Fatalf("the push given up on was numbered (offset %s) and sent", e.ID)
+		}
+	}
 }
