@@ -171,6 +171,11 @@ type Cluster struct {
 	log   *slog.Logger
 	boot  string
 
+	// fillMu guards stopping: once Close began, no gap fill starts (its
+	// wg.Add would race Close's wg.Wait). A leaf lock (taken under a room's).
+	fillMu   sync.Mutex
+	stopping bool
+
 	mu    sync.Mutex
 	rooms map[int64]*croom   // rooms this node is subscribed to
 	seqs  map[int64]*seqRoom // rooms with pushes being numbered here
@@ -330,6 +335,9 @@ func (c *Cluster) Close() {
 		return
 	default:
 	}
+	c.fillMu.Lock()
+	c.stopping = true
+	c.fillMu.Unlock()
 	close(c.stop)
 	c.wg.Wait()
 	_ = c.handoffs.sub.Unsubscribe()
@@ -1114,6 +1122,11 @@ func (c *Cluster) startFill(st *croom, upTo int64) {
 	}
 	if upTo < st.next {
 		return
+	}
+	c.fillMu.Lock()
+	defer c.fillMu.Unlock()
+	if c.stopping {
+		return // closing: no fill starts (wg.Wait is under way)
 	}
 	st.filling = true
 	from, ep := st.next, st.ep
