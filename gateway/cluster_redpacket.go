@@ -389,7 +389,11 @@ func (p rpPeers) Recover(ctx context.Context, holder string, req redpacket.Recov
 
 // rainClaimKey is the set of users who have a packet of rain code (one per
 // user, shared by every node).
-func rainClaimKey(code string) string { return "le:rpu:{" + code + "}" }
+func rainClaimKey(code string) string { return rainClaimPrefix + "{" + code + "}" }
+
+// rainClaimPrefix is the prefix of the rains' one-per-user sets (rebuilt
+// with the shared wallet: persist.SharedConfig.ContributedPrefixes).
+const rainClaimPrefix = "le:rpu:"
 
 // claimScript adds a user to a rain's set and sets the set's expiry in one
 // step: 1 if the user was not in it, 0 if they were, -1 while the shared

@@ -222,8 +222,12 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 			// With them, the payment req_id bindings and the rains'
 			// one-per-user places, from every node's disk.
 			contrib := []func(time.Time, func(...string) error) error{coupons.Contribute, n.contributePayReqs, statuses.Contribute}
+			// (The bindings and the statuses are outside le:*: a reset
+			// leaves them, and adding them again gives the same state.)
+			wcfg.ContributedPrefixes = []string{ticket.SharedCouponPrefix}
 			if n.shardedRains() && cfg.RedPacket.OnePerUser {
 				contrib = append(contrib, n.contributeRainClaims)
+				wcfg.ContributedPrefixes = append(wcfg.ContributedPrefixes, rainClaimPrefix)
 			}
 			wcfg.Contribute = func(since time.Time, add func(op ...string) error) error {
 				for _, f := range contrib {

@@ -59,13 +59,15 @@ import (
 // detected by the applied-op counts and rebuilt the same way
 // (shared_audit.go).
 type SharedWallet struct {
-	store *Store
-	rdb   rueidis.Client
-	node  string
-	nodes []string
-	log   *slog.Logger
-	now   func() time.Time
-	ttl   time.Duration
+	// extraKeys: SharedConfig.ContributedPrefixes (deleted at a reset).
+	extraKeys []string
+	store     *Store
+	rdb       rueidis.Client
+	node      string
+	nodes     []string
+	log       *slog.Logger
+	now       func() time.Time
+	ttl       time.Duration
 
 	gen      atomic.Pointer[string]
 	intentNo atomic.Uint64
@@ -219,12 +221,17 @@ type SharedConfig struct {
 	// same ops every time for the same disk (batches are applied once each,
 	// by number): the state it reads must not change while the generation is
 	// not ready — e.g. the cluster's coupons (edge/ticket), refused while it
-	// rebuilds. Keys it adds must be le:* (a reset after a detected loss
-	// deletes them, so it rebuilds them too). since is when the generation
+	// rebuilds. Keys it adds under le:* must have one of ContributedPrefixes
+	// (a reset after a detected loss deletes them, so it rebuilds them
+	// too); keys outside le:* survive a reset, so ops on them must give the
+	// same state when added again. since is when the generation
 	// began (by the clock of the node that began it; zero if unknown): the
 	// same on every attempt, so a cut-off derived from it keeps the ops the
 	// same.
 	Contribute func(since time.Time, add func(op ...string) error) error
+	// ContributedPrefixes are the prefixes (each "le:…") of the keys
+	// Contribute writes under le:*, deleted with the wallet's own at a reset.
+	ContributedPrefixes []string
 }
 
 // SharedMetaKey is the shared wallet's generation hash in Redis (fields gen
@@ -283,7 +290,7 @@ func NewSharedWallet(store *Store, rdb rueidis.Client, cfg SharedConfig) (*Share
 		cfg.MaxUnsettled = DefaultMaxUnsettled
 	}
 	w := &SharedWallet{maxUnsettled: int64(cfg.MaxUnsettled), store: store, rdb: rdb, node: cfg.Node, nodes: cfg.Nodes, log: cfg.Log,
-		now: cfg.Now, ttl: DefaultIdemTTL, dupWait: defaultDupWait, callTimeout: cfg.CallTimeout, extra: cfg.Contribute,
+		now: cfg.Now, ttl: DefaultIdemTTL, dupWait: defaultDupWait, callTimeout: cfg.CallTimeout, extra: cfg.Contribute, extraKeys: cfg.ContributedPrefixes,
 		unsettled: map[uint64]unsettledOp{}, busy: map[busyKey]*busyReq{}, asyncSlots: make(chan struct{}, maxAsyncApplies)}
 	// Intent numbers are never reused (le:applied:<node> is keyed by them):
 	// the highest ever used is kept in seq/intent.

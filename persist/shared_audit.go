@@ -199,12 +199,20 @@ func (w *SharedWallet) DataLosses() int64 { return w.dataLosses.Load() }
 
 // resetScript starts a new generation in place of ARGV[1] (if that is still
 // the current one; otherwise another node did already): it deletes the
-// wallet's keys — every le:* key but the gift catalogue le:giftcat, in one
-// SCAN pass, so that the rebuild's sums start from zero — and writes le:meta
-// anew in state rebuilding. ARGV: expected gen, new gen,
-// number of nodes. It runs as one script, so no Apply sees a half-deleted
-// wallet; it takes time proportional to the wallet's keys (a recovery, rare).
+// wallet's keys and those its contributors rebuild (le:* keys with one of
+// the prefixes ARGV[4…], in one SCAN pass), so that the rebuild's sums start
+// from zero, and writes le:meta anew in state rebuilding — leaving every
+// other le:* key as it is (rooms, their offsets and history, presence, PK
+// contests, offline pushes, red-packet pools, rates: each handles a rolled
+// back Redis itself; deleting them turned a rollback into a total loss).
+// ARGV: expected gen, new gen, number of nodes, the prefixes. It runs as one
+// script, so no Apply sees a half-deleted wallet; it takes time proportional
+// to the le:* keys (a recovery, rare).
 var resetScript = rueidis.NewLuaScript(luaScript("reset"))
+
+// walletPrefixes are the prefixes of the wallet's own keys in Redis (all
+// rebuilt from the ledgers; le:meta and le:seq:trade are reset by name).
+var walletPrefixes = []string{"le:bal:", "le:tally:", "le:idem:", "le:trades:", "le:node:", "le:applied:", "le:contrib:"}
 
 // dataLost handles a detected loss in generation gen: log, count, reset the
 // generation (once, whichever node gets there first) and rebuild. Apply is
@@ -238,8 +246,8 @@ func (w *SharedWallet) resetGen(ctx context.Context, gen string) error {
 	if w.failResets.Load() > 0 && w.failResets.Add(-1) >= 0 {
 		return errors.New("persist: reset failed (test)")
 	}
-	return resetScript.Exec(ctx, w.rdb, []string{keyMeta, keySeqTrade},
-		[]string{gen, w.newGen(), strconv.Itoa(len(w.nodes))}).Error()
+	args := append([]string{gen, w.newGen(), strconv.Itoa(len(w.nodes))}, walletPrefixes...)
+	return resetScript.Exec(ctx, w.rdb, []string{keyMeta, keySeqTrade}, append(args, w.extraKeys...)).Error()
 }
 
 // expireEvery is how often the watcher expires idem/ rows.

@@ -418,6 +418,15 @@ func TestSharedRedisRollbackDetectedAndRebuilt(t *testing.T) {
 	if b := redisBalance(t, direct, u1); b != 90 {
 		t.Fatalf("after the restore Redis says %d, want the snapshot's 90", b)
 	}
+	// State of other subsystems in the rolled-back Redis, which handle a
+	// rollback themselves: the wallet's reset leaves it (it deleted every
+	// le:* key, which turned a rollback into a total loss for them).
+	others := []string{"le:r:{7}:seq", "le:{pk}:run", "le:off:{40}", "le:rp:somecode"}
+	for _, k := range others {
+		if err := direct.Do(context.Background(), direct.B().Set().Key(k).Value("kept").Build()).Error(); err != nil {
+			t.Fatal(err)
+		}
+	}
 	// No debit is checked against the rolled-back balance, even before the
 	// watcher has noticed: the apply script itself compares the counts.
 	if r, err := a.w.Apply(persist.Op{User: u1, ReqID: "probe", Postings: []persist.Posting{{User: u1, Delta: -1, Reason: persist.ReasonGift}}}); !errors.Is(err, persist.ErrWalletUnavailable) {
@@ -433,6 +442,11 @@ func TestSharedRedisRollbackDetectedAndRebuilt(t *testing.T) {
 	waitFor(t, "the audits to pass again (liveedge_wallet_audit_mismatch 0)", func() bool {
 		return metric(t, a.w, "wallet_audit_mismatch") == 0 && metric(t, b.w, "wallet_audit_mismatch") == 0
 	})
+	for _, k := range others {
+		if v, err := direct.Do(context.Background(), direct.B().Get().Key(k).Build()).ToString(); err != nil || v != "kept" {
+			t.Fatalf("%s after the wallet's reset: %q %v, want it kept", k, v, err)
+		}
+	}
 	for _, u := range []int64{u1, u2} {
 		if got, want := redisBalance(t, direct, u), ledgerSum(t, u, a.store, b.store); got != want {
 			t.Fatalf("user %d: Redis %d, ledgers %d", u, got, want)

@@ -79,7 +79,11 @@ func NewSharedCoupons(rdb rueidis.Client, store *persist.Store) *SharedCoupons {
 	return &SharedCoupons{rdb: rdb, store: store, timeout: 2 * time.Second}
 }
 
-func sharedCouponKey(id string) string { return "le:tcoupon:{" + id + "}" }
+func sharedCouponKey(id string) string { return SharedCouponPrefix + "{" + id + "}" }
+
+// SharedCouponPrefix is the prefix of the cluster's coupon keys (rebuilt
+// with the shared wallet: persist.SharedConfig.ContributedPrefixes).
+const SharedCouponPrefix = "le:tcoupon:"
 
 var errCouponsUnavailable = proto.Errorf(proto.CodeInternal, "coupons temporarily unavailable, retry")
 

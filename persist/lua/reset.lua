@@ -5,7 +5,12 @@ repeat
   cur = r[1]
   local del = {}
   for _, k in ipairs(r[2]) do
-    if k ~= 'le:giftcat' then del[#del + 1] = k end
+    for i = 4, #ARGV do
+      if string.sub(k, 1, #ARGV[i]) == ARGV[i] then
+        del[#del + 1] = k
+        break
+      end
+    end
   end
   if #del > 0 then redis.call('UNLINK', unpack(del)) end
 until cur == '0'
