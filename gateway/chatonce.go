@@ -128,7 +128,8 @@ type redisChatOnce struct {
 }
 
 // chatReqKey is outside le:* (the shared wallet's reset after a data loss
-// deletes those).
+// deletes the le:* families it rebuilds; this one is kept whatever they
+// become).
 func chatReqKey(user int64, req string) string {
 	return "liveedge:chatreq:{" + strconv.FormatInt(user, 10) + "}:" + req
 }

@@ -27,7 +27,8 @@ const payReqPending = time.Minute
 
 // payReqClaims is pay.ReqClaims in Redis: liveedge:payreq:{<user>}:<req_id>
 // holds "p<order id>" while pending, "<order id>" once confirmed (outside
-// le:*, which the shared wallet's reset after a data loss deletes). Redis
+// le:*: the shared wallet's reset after a data loss deletes the le:*
+// families it rebuilds, and leaves these). Redis
 // restarted empty: the confirmed bindings are rebuilt with the shared
 // wallet from the orders on every node's disk (contributePayReqs); until the
 // wallet is ready again, bindings are neither made nor confirmed ("retry").

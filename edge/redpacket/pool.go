@@ -229,8 +229,9 @@ return redis.call('RPUSH', KEYS[1], ARGV[1])`)
 // put-back comes within a grab's timeout).
 const redisListDroppedTTL = time.Hour
 
-// redisListDroppedKey is outside le:* (the shared wallet's reset after a
-// data loss deletes those, and a late put-back would then make the list anew).
+// redisListDroppedKey is outside le:* (kept whatever the shared wallet's
+// reset after a data loss deletes: a late put-back must never make the list
+// anew).
 func redisListDroppedKey(code string) string { return "liveedge:rpgone:" + code }
 
 // Push implements Pool: into the list, also one its last pop emptied, but
