@@ -716,3 +716,21 @@ func TestSharedIntentResolvedAfterIdemKeyExpired(t *testing.T) {
 		t.Fatalf("credits %d debits %d", c, d)
 	}
 }
+
+// A user id of 15 digits or more (a snowflake id from an app's accounts)
+// comes back exact in the shared wallet's trade list: the apply script
+// wrote it as a Lua number (a double, printed with 14 digits), and the
+// listing failed to decode "1.2345678901235e+17".
+func TestSharedTradesOfABigUserID(t *testing.T) {
+	rs := redistest.Start(t)
+	a := openWalletNode(t, rs.Addr, t.TempDir(), persist.SharedConfig{Node: "a", Nodes: []string{"a"}})
+	waitWalletsReady(t, a)
+	const user = int64(123456789012345678) // > 2^53 too
+	if _, err := a.w.Apply(persist.Op{User: user, ReqID: "big", Postings: []persist.Posting{{User: user, Delta: 7, Reason: persist.ReasonDev}}}); err != nil {
+		t.Fatal(err)
+	}
+	trades, err := a.w.Trades(user, 0, 10)
+	if err != nil || len(trades) != 1 || trades[0].User != user || trades[0].Delta != 7 {
+		t.Fatalf("trades of user %d: %+v %v", user, trades, err)
+	}
+}

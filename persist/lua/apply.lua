@@ -31,9 +31,11 @@ for i = 1, n do
   bals[i] = redis.call('INCRBY', KEYS[4 + i], d)
   ids[i] = redis.call('INCR', KEYS[2])
   local user = string.match(KEYS[4 + i], '{(%d+)}')
-  local t = cjson.encode({trade_id = ids[i], user_id = tonumber(user), delta = tonumber(d),
+  -- user_id goes in as the key's digits: a Lua number (a double, printed
+  -- with 14 digits) would mangle an id of 15 digits or more.
+  local t = string.gsub(cjson.encode({trade_id = ids[i], user_id = 0, delta = tonumber(d),
     reason = ARGV[5 + 3 * i + 1], ref = ARGV[5 + 3 * i + 2], balance = bals[i], at = now,
-    req_id = (user == ARGV[6]) and ARGV[7] or nil})
+    req_id = (user == ARGV[6]) and ARGV[7] or nil}), '"user_id":0', '"user_id":' .. user, 1)
   local lk = 'le:trades:{' .. user .. '}'
   redis.call('ZADD', lk, ids[i], t)
   redis.call('ZREMRANGEBYRANK', lk, 0, -${RECENT_DROP_FROM})
