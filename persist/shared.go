@@ -1232,6 +1232,16 @@ var _ TallyDropper = (*SharedWallet)(nil)
 // on its disk (what a rebuild of Redis would add back). Every node that
 // added to it drops its own share.
 func (w *SharedWallet) DropTally(name string, user int64) error {
+	// Not while a generation rebuilds (its contribution scans this disk in
+	// numbered batches: a row deleted between two attempts would shift the
+	// rows after it out of a batch already applied) — the tally is kept.
+	if !w.rebuild.TryLock() {
+		return errors.New("persist: tally not dropped: the shared wallet is being rebuilt")
+	}
+	defer w.rebuild.Unlock()
+	if !w.Ready() {
+		return errors.New("persist: tally not dropped: the shared wallet is not ready")
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
 	defer cancel()
 	if err := w.rdb.Do(ctx, w.rdb.B().Del().Key(tallyRKey(name, user)).Build()).Error(); err != nil {
