@@ -88,6 +88,10 @@ type SharedWallet struct {
 	extra   func(since time.Time, add func(op ...string) error) error
 	stop    chan struct{}
 	stopped sync.WaitGroup
+	// bgMu guards closing (and stop's making): background's Add never
+	// races Close's Wait.
+	bgMu    sync.Mutex
+	closing bool
 
 	// dupWait bounds how long a duplicate waits for a pending first request.
 	dupWait time.Duration
@@ -311,7 +315,9 @@ func NewSharedWallet(store *Store, rdb rueidis.Client, cfg SharedConfig) (*Share
 	if err := w.ResolveIntents(ctx); err != nil {
 		return nil, err
 	}
+	w.bgMu.Lock()
 	w.stop = make(chan struct{})
+	w.bgMu.Unlock()
 	w.stopped.Add(1)
 	go w.watch()
 	return w, nil
@@ -324,6 +330,23 @@ var (
 	errReplyLost  = errors.New("persist: simulated lost reply")
 	errMarkFailed = errors.New("persist: simulated failure marking the key done")
 )
+
+// rebuildUntilStopped is onGenerationLost on the watcher's goroutine, for
+// at most a minute, cut short by Close.
+func (w *SharedWallet) rebuildUntilStopped() {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	done := make(chan struct{})
+	defer close(done)
+	go func() {
+		select {
+		case <-w.stop:
+			cancel()
+		case <-done:
+		}
+	}()
+	w.onGenerationLost(ctx)
+}
 
 // watch notices a lost generation (Redis restarted empty) even when this node
 // is idle, so that it contributes to the rebuild the other nodes wait for.
@@ -349,7 +372,7 @@ func (w *SharedWallet) watch() {
 			cur := w.gen.Load()
 			if state != "ready" || cur == nil || *cur != gen {
 				cancel()
-				w.onGenerationLost()
+				w.rebuildUntilStopped()
 				continue
 			}
 			w.audit(ctx, gen)
@@ -360,11 +383,47 @@ func (w *SharedWallet) watch() {
 
 // Close stops the background watcher (the store and client belong to the caller).
 func (w *SharedWallet) Close() {
-	if w.stop != nil {
-		close(w.stop)
+	w.bgMu.Lock()
+	stop, was := w.stop, w.closing
+	w.closing = true
+	w.bgMu.Unlock()
+	if stop != nil && !was {
+		close(stop)
 		w.stopped.Wait()
-		w.stop = nil
 	}
+}
+
+// background runs fn on a goroutine Close waits for, with a context of
+// timeout that Close cancels — not once Close has begun (or before the
+// watcher started: then untracked, as at the start).
+func (w *SharedWallet) background(timeout time.Duration, fn func(ctx context.Context)) {
+	w.bgMu.Lock()
+	if w.closing {
+		w.bgMu.Unlock()
+		return
+	}
+	stop := w.stop
+	if stop != nil {
+		w.stopped.Add(1)
+	}
+	w.bgMu.Unlock()
+	go func() {
+		if stop != nil {
+			defer w.stopped.Done()
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), timeout)
+		defer cancel()
+		if stop != nil {
+			go func() {
+				select {
+				case <-stop:
+					cancel()
+				case <-ctx.Done():
+				}
+			}()
+		}
+		fn(ctx)
+	}()
 }
 
 type intent struct {
@@ -612,7 +671,7 @@ func (w *SharedWallet) Apply(op Op) (Result, error) {
 		return Result{}, ErrInDoubt
 	case status == "gen":
 		_ = w.store.Apply(func(b *Batch) error { return b.Delete(ikey, nil) })
-		go w.onGenerationLost()
+		w.background(time.Minute, w.onGenerationLost)
 		return Result{}, ErrWalletUnavailable
 	case status == "lost":
 		// Redis has fewer of this node's ops than its ledger: it lost data

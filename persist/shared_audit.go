@@ -228,16 +228,16 @@ func (w *SharedWallet) dataLost(gen, why string) {
 	}
 	w.dataLosses.Add(1) // counted once no Apply can start against it
 	w.log.Error("shared wallet: Redis lost data, rebuilding from the ledgers", "generation", gen, "why", why)
-	go func() {
+	w.background(2*time.Minute, func(ctx context.Context) {
 		defer w.resetting.Store(false)
-		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		rctx, cancel := context.WithTimeout(ctx, time.Minute)
 		defer cancel()
-		if err := w.resetGen(ctx, gen); err != nil {
+		if err := w.resetGen(rctx, gen); err != nil {
 			w.log.Error("shared wallet: reset after data loss", "err", err)
 			return // the watcher tries again (ensureGeneration: gen is condemned)
 		}
-		w.onGenerationLost()
-	}()
+		w.onGenerationLost(ctx)
+	})
 }
 
 // resetGen resets generation gen (found rolled back) to a new one in state

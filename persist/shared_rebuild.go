@@ -158,9 +158,7 @@ func (w *SharedWallet) WaitReady(ctx context.Context) error {
 	return nil
 }
 
-func (w *SharedWallet) onGenerationLost() {
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
+func (w *SharedWallet) onGenerationLost(ctx context.Context) {
 	if err := w.ensureGeneration(ctx); err != nil {
 		w.log.Error("shared wallet: rebuild", "err", err)
 	}
