@@ -661,7 +661,13 @@ func (w *SharedWallet) Apply(op Op) (Result, error) {
 		r, out, rerr := w.resolve(ctx, no, in, op.Records)
 		switch {
 		case rerr == nil && out == outcomeDone:
-			w.forgetOwed(no) // answered ok: the caller sends what it owes
+			// Answered ok: the caller sends what it owes — so the owed row
+			// goes durably first (a crash that kept it would tell the op at
+			// the next start too: its effects twice). A rare path (a reply
+			// lost and found at once): one fsync.
+			if err := w.store.Delete(Key(prefixOwed, no)); err != nil {
+				w.log.Warn("shared wallet: owed row not deleted (told again at the next start)", "intent", no, "err", err)
+			}
 			return r, nil
 		case rerr == nil && out == outcomeNotRun:
 			return Result{}, ErrWalletUnavailable
