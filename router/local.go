@@ -514,7 +514,11 @@ func (l *Local) Deliver(id int64, ep string, msgs []Msg) bool {
 		// publishes (this node's CPU, not a slow client: those are cut off
 		// on their own): the oldest queued pushes go, so a node that cannot
 		// keep up holds a bounded queue. Its members see a gap in the
-		// offsets and re-sync; a joiner still finds them in the history.
+		// offsets and re-sync; a joiner still finds them in the history —
+		// they count as taken, so a join replays them (a join from before
+		// them was answered recovered with nothing replayed, and the pump
+		// never brought them).
+		r.taken = max(r.taken, r.pending[over-1].Off)
 		r.pending = r.pending[over:]
 		l.overrun.Add(int64(over))
 	}

@@ -1,6 +1,7 @@
 package router
 
 import (
+	"errors"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -214,4 +215,56 @@ func TestDeliverBoundedPerRoom(t *testing.T) {
 	}
 	close(block)
 	waitFor(t, func() bool { got := s.got(); return len(got) == 17 })
+}
+
+// Pushes a node drops from a room's queue when its fan-out falls behind
+// count as taken: a join from before them gets them replayed from the
+// history and then the rest from the pump — every offset once. Before, a
+// join between two pump rounds found "nothing missed" at the pump's last
+// take (recovered, no replay) and the dropped pushes never reached it (the
+// end-to-end run below passes either way when the pump wins the lock; the
+// taken offset is what decides).
+func TestJoinDuringAnOverrunReplaysTheDropped(t *testing.T) {
+	l := NewLocal("gw-1", LocalConfig{MaxPending: 16, Sequenced: true, HistorySize: 2000, HistoryTTL: time.Hour})
+	l.OpenRoom(1)
+	l.SetPosition(1, "E1", 0)
+	block := make(chan struct{})
+	s := &blockSink{sink: sink{id: 1}, block: block}
+	if _, err := l.Join(1, s); err != nil {
+		t.Fatal(err)
+	}
+	l.Deliver(1, "E1", seqMsgs("E1", 1, 1)) // the pump takes it and blocks in its fan-out
+	waitFor(t, func() bool { r := l.room(1); r.mu.Lock(); defer r.mu.Unlock(); return len(r.pending) == 0 })
+	for o := int64(2); o <= 1001; o += 10 {
+		l.Deliver(1, "E1", seqMsgs("E1", o, o+9)) // 2..985 dropped
+	}
+	// What a join now compares its since with: past the dropped pushes (a
+	// join from before them replays them), not the pump's last take (1).
+	r := l.room(1)
+	r.mu.Lock()
+	taken := r.taken
+	r.mu.Unlock()
+	if taken != 985 {
+		t.Fatalf("after dropping 2..985 the room's taken offset is %d, want 985", taken)
+	}
+	joiner := &offSink{id: 2}
+	joined := make(chan error, 1)
+	go func() {
+		j, err := l.JoinAt(1, joiner, &proto.Position{Off: 1, Ep: "E1"})
+		if err == nil && !j.Recovered {
+			err = errors.New("not recovered")
+		}
+		joined <- err
+	}()
+	// The join waits for the fan-out; waiting over a millisecond, it gets
+	// the room's lock before the pump's next round (the mutex hands it to
+	// a long waiter).
+	time.Sleep(50 * time.Millisecond)
+	close(block)
+	if err := <-joined; err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, func() bool { return len(joiner.got()) >= 1000 })
+	time.Sleep(20 * time.Millisecond)
+	consecutive(t, joiner.got(), 2, 1001)
 }
