@@ -126,7 +126,8 @@ type SharedWallet struct {
 
 	// The applied-op watermark and the audit (shared_audit.go).
 	counts        nodeCounters
-	auditMismatch atomic.Bool // the last audit found Redis behind this node's ledger
+	auditMismatch atomic.Bool  // the last audit found Redis behind this node's ledger
+	audits        atomic.Int64 // audits run (every repairEvery-th one also runs repairDone)
 	// peersSeen is the highest applied-op count of each other node this
 	// node has read in Redis in generation peersGen (written by the watcher
 	// only; peersMu for readers).
@@ -1144,6 +1145,7 @@ func (w *SharedWallet) resolve(ctx context.Context, no uint64, in intent, record
 	// drop the intent. Intents written before the entries existed (no At)
 	// are resolved from the idempotency key, as they were then.
 	res, err := w.rdb.Do(ctx, w.rdb.B().Hget().Key(appliedRKey(w.node)).Field(strconv.FormatUint(no, 10)).Build()).ToString()
+	res, _, _ = strings.Cut(res, "#") // "#<its idempotency key>" (entries written before have none)
 	if rueidis.IsRedisNil(err) && in.At != 0 {
 		return drop()
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -148,7 +149,66 @@ func (w *SharedWallet) audit(ctx context.Context, gen string) {
 			return
 		}
 		w.auditMismatch.Store(false)
+		if w.audits.Add(1)%repairEvery == 0 {
+			w.repairDone(ctx)
+		}
 	}
+}
+
+// repairEvery: one audit in so many (200 ms apart) looks for done marks a
+// rollback lost (repairDone).
+const repairEvery = 25
+
+// repairDone mends what a Redis rollback can leave when it keeps an op's
+// script but loses its done mark (an AOF or a replica a few writes behind,
+// at a quiet moment: the counts still agree, so no rebuild): the op's
+// entry in le:applied:<node> and its idempotency key still pending — every
+// retry of the op would answer "in progress" until the key expires, a day
+// later. An entry whose intent this node no longer has was finalized here
+// (the intent goes only after its share is durable and the done script
+// ran): its done script runs again, checked against the op's idempotency
+// row on this disk.
+func (w *SharedWallet) repairDone(ctx context.Context) {
+	entries, err := w.rdb.Do(ctx, w.rdb.B().Hgetall().Key(appliedRKey(w.node)).Build()).AsStrMap()
+	if err != nil {
+		return
+	}
+	for field, v := range entries {
+		res, key, ok := strings.Cut(v, "#")
+		no, err := strconv.ParseUint(field, 10, 64)
+		if !ok || err != nil {
+			continue // written before entries named their key
+		}
+		if _, err := w.store.Get(Key(prefixIntent, no)); !errors.Is(err, ErrNotFound) {
+			continue // in flight (or unreadable): its own path marks it done
+		}
+		user, req, ok := parseIdemRKey(key)
+		r, perr := parseResult(res)
+		if !ok || perr != nil {
+			continue
+		}
+		if _, err := w.store.Get(idemKeyBytes(unixHour(r.At), user, req)); err != nil {
+			continue // not finalized here: left alone
+		}
+		if err := doneScript.Exec(ctx, w.rdb, []string{key, appliedRKey(w.node)}, []string{res, field}).Error(); err != nil {
+			return
+		}
+		w.log.Warn("shared wallet: an op's done mark was lost (a Redis rollback?), marked again", "user", user, "req_id", req)
+	}
+}
+
+// parseIdemRKey is idemRKey's inverse.
+func parseIdemRKey(k string) (user int64, req string, ok bool) {
+	rest, ok := strings.CutPrefix(k, "le:idem:{")
+	if !ok {
+		return 0, "", false
+	}
+	u, req, ok := strings.Cut(rest, "}:")
+	if !ok {
+		return 0, "", false
+	}
+	user, err := strconv.ParseInt(u, 10, 64)
+	return user, req, err == nil
 }
 
 // auditPeers reads the other nodes' applied-op counts in Redis and compares

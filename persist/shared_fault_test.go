@@ -734,3 +734,51 @@ func TestSharedTradesOfABigUserID(t *testing.T) {
 		t.Fatalf("trades of user %d: %+v %v", user, trades, err)
 	}
 }
+
+// A Redis rollback that keeps an op's script but loses its done mark (an
+// AOF or a replica a few writes behind, at a quiet moment: the counts agree,
+// nothing is rebuilt) left the op's idempotency key pending and its
+// le:applied entry behind: every retry answered "in progress" until the key
+// expired, a day later. The watcher now marks it done again from the entry
+// (its intent is gone: the op was finalized here), and a retry replays.
+func TestSharedDoneMarkLostToARollbackMended(t *testing.T) {
+	rs := redistest.Start(t)
+	direct := directClient(t, rs.Addr)
+	a := openWalletNode(t, rs.Addr, t.TempDir(), persist.SharedConfig{Node: "a", Nodes: []string{"a"}})
+	waitWalletsReady(t, a)
+	op := persist.Op{User: 50, ReqID: "r1", Postings: []persist.Posting{{User: 50, Delta: 9, Reason: persist.ReasonDev}}}
+	first, err := a.w.Apply(op)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	key := "le:idem:{50}:r1"
+	res, err := direct.Do(ctx, direct.B().Get().Key(key).Build()).ToString()
+	if err != nil || strings.HasPrefix(res, "~") {
+		t.Fatalf("the op's key %q %v, want its result, done", res, err)
+	}
+	// The rollback: the key pending again, the entry back (under an intent
+	// number this node has no intent of).
+	if err := direct.Do(ctx, direct.B().Set().Key(key).Value("~"+res).Keepttl().Build()).Error(); err != nil {
+		t.Fatal(err)
+	}
+	if err := direct.Do(ctx, direct.B().Hset().Key("le:applied:a").FieldValue().FieldValue("999999", res+"#"+key).Build()).Error(); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		r, err := a.w.Apply(op)
+		if err == nil {
+			if !r.Replayed || r.TradeIDs[0] != first.TradeIDs[0] {
+				t.Fatalf("retry: %+v, want a replay of %+v", r, first)
+			}
+			break
+		}
+		if !errors.Is(err, persist.ErrInProgress) || time.Now().After(deadline) {
+			t.Fatalf("retry after the rollback: %v (want a replay once mended)", err)
+		}
+	}
+	if n, err := direct.Do(ctx, direct.B().Hlen().Key("le:applied:a").Build()).AsInt64(); err != nil || n != 0 {
+		t.Fatalf("le:applied:a has %d entries (%v), want none", n, err)
+	}
+}

@@ -45,5 +45,7 @@ local res = table.concat(ids, ',') .. '|' .. table.concat(bals, ',') .. '|' .. A
 redis.call('SET', KEYS[3], '${PENDING_MARK}' .. res, 'PX', ARGV[4])
 redis.call('HINCRBY', nk, 'n', 1)
 redis.call('HINCRBY', nk, 'sum', ARGV[base + 3])
-redis.call('HSET', ak, ARGV[base + 2], res)
+-- The entry names the op's idempotency key too: a rollback that keeps this
+-- script's writes but loses the done mark is mended from it (repairDone).
+redis.call('HSET', ak, ARGV[base + 2], res .. '#' .. KEYS[3])
 return {'ok', res}
