@@ -93,6 +93,8 @@ type Node struct {
 	// rpWork counts them: they end before RedPackets and the store close.
 	rpSub  *nats.Subscription
 	rpWork workGate
+	// catWork: catalogue reloads started by Redis's invalidations.
+	catWork workGate
 	// redisProbe is the last Redis ping of /readyz (redisReachable).
 	redisProbe struct {
 		mu  sync.Mutex
@@ -180,8 +182,15 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 						hit = true
 					}
 				}
-				if f := onCatalogueInvalidated.Load(); hit && f != nil {
-					go (*f)()
+				if f := onCatalogueInvalidated.Load(); hit && f != nil && n.catWork.enter() {
+					// Waited for before the store closes (a reload writes
+					// the catalogue to it): an invalidation during the
+					// shutdown — Redis closing flushes the cache — ran one
+					// on a closed store (a Pebble panic).
+					go func() {
+						defer n.catWork.leave()
+						(*f)()
+					}()
 				}
 			},
 		})
@@ -317,7 +326,9 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 	// node's copy stops taking PK gifts and writes its wait mark, as at the
 	// contest's end time (else gifts it took until end.lua would be
 	// debited as PK gifts and never scored).
-	n.Rooms.SetOnClosed(n.PK.EndRoom)
+	// (On its own goroutine: it may read Redis, and the room events'
+	// subscription delivers one event at a time.)
+	n.Rooms.SetOnClosed(func(room int64) { go n.PK.EndRoom(room) })
 	if err = n.watchCatalogue(cat); err != nil {
 		return nil, err
 	}
@@ -883,6 +894,7 @@ func (n *Node) closeBackends() error {
 		n.natsSrv.Shutdown()
 		n.natsSrv.WaitForShutdown()
 	}
+	n.catWork.stop() // after Redis: its close may start one more (refused now)
 	if n.Store != nil {
 		if err := n.Store.Close(); err != nil {
 			errs = append(errs, err)
