@@ -60,8 +60,9 @@
 //     bounded by its context or Config.RequestTimeout.
 //   - Push handling: every push with "ack":true is acknowledged once OnPush
 //     has returned for it (the acks gathered while more events wait go out as
-//     one ack frame, at most 100 ms later; those gathered when the client
-//     closes go out before its close frame): one still queued when the client
+//     one ack frame when the queue is empty, or after the next callback once
+//     the oldest has waited 100 ms; those gathered when the client closes go
+//     out before its close frame): one still queued when the client
 //     closes is never delivered and not acknowledged, so the server hands it
 //     on to the user's next connection (as it may one whose OnPush is running
 //     when Close is called). Pushes are de-duplicated by mid across reconnects

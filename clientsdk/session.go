@@ -187,8 +187,19 @@ func (s *session) await(ctx context.Context, typ string, id int64, cl *call) ([]
 		if !s.forget(id) {
 			// The reader took the reply meanwhile: its hook runs (a join
 			// is then tracked) and it is sent at once — the answer, not
-			// the timeout.
-			return (<-cl.ch).result()
+			// the timeout. (Or the connection ended and dropped every
+			// pending call: the reader sends no reply after that.)
+			select {
+			case r := <-cl.ch:
+				return r.result()
+			case <-s.done:
+				select {
+				case r := <-cl.ch:
+					return r.result()
+				default:
+				}
+				return nil, fmt.Errorf("%w: %s id %d in flight", ErrDisconnected, typ, id)
+			}
 		}
 		return nil, fmt.Errorf("clientsdk: %s id %d: %w", typ, id, ctx.Err())
 	case <-s.c.ctx.Done():
