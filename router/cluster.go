@@ -676,7 +676,9 @@ func (c *Cluster) retryFinal(id int64, items []seqItem, err error, start time.Ti
 		case it.closing:
 			final = append(final, it)
 		case it.done != nil:
-			it.done <- fmt.Errorf("%w: %w", ErrUnavailable, err)
+			// The first attempt's script may have run (its reply lost):
+			// these may be numbered and go out.
+			it.done <- fmt.Errorf("%w: %w", ErrUnconfirmed, err)
 		}
 	}
 	b := roomBatch{closing: true}

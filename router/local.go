@@ -145,6 +145,7 @@ type room struct {
 	snap    []Session // members as a slice, rebuilt when dirty
 	dirty   bool
 	pending []Msg
+	epFrom  int // index in pending of the current epoch's first push (older ones before it)
 	pumping bool
 	ep      string   // the room's epoch ("" until known, when Sequenced)
 	last    int64    // newest offset numbered or delivered
@@ -502,6 +503,7 @@ func (l *Local) Deliver(id int64, ep string, msgs []Msg) bool {
 		// one still pending), so a joiner now is at their start.
 		r.ep = ep
 		r.taken = msgs[0].Off - 1
+		r.epFrom = len(r.pending)
 		r.hist.reset()
 	}
 	for _, m := range msgs {
@@ -518,7 +520,10 @@ func (l *Local) Deliver(id int64, ep string, msgs []Msg) bool {
 		// they count as taken, so a join replays them (a join from before
 		// them was answered recovered with nothing replayed, and the pump
 		// never brought them).
-		r.taken = max(r.taken, r.pending[over-1].Off)
+		if over-1 >= r.epFrom { // the last dropped is of this epoch (not an older one's offset)
+			r.taken = max(r.taken, r.pending[over-1].Off)
+		}
+		r.epFrom = max(0, r.epFrom-over)
 		r.pending = r.pending[over:]
 		l.overrun.Add(int64(over))
 	}
@@ -557,6 +562,7 @@ func (l *Local) SetPosition(id int64, ep string, last int64) {
 		// Another epoch: positions of the old one mean nothing here (a
 		// taken left from it would make a joiner skip the new one's start).
 		r.ep, r.last, r.taken = ep, last, last
+		r.epFrom = len(r.pending)
 		r.hist.reset()
 	case r.last < last:
 		r.last = last
@@ -581,7 +587,7 @@ func (l *Local) pump(r *room) {
 			return
 		}
 		msgs := r.pending
-		r.pending = spare[:0]
+		r.pending, r.epFrom = spare[:0], 0
 		if off := msgs[len(msgs)-1].Off; off > 0 {
 			r.taken = off
 		}

@@ -268,3 +268,30 @@ func TestJoinDuringAnOverrunReplaysTheDropped(t *testing.T) {
 	time.Sleep(20 * time.Millisecond)
 	consecutive(t, joiner.got(), 2, 1001)
 }
+
+// Pushes of an older epoch dropped in an overrun right after the room moved
+// to a new epoch leave the room's taken offset in the new epoch (a join
+// compares its since with it): an old epoch's offset there would make a
+// joiner of the new epoch skip its start.
+func TestOverrunOfAnOldEpochKeepsTheNewEpochsPosition(t *testing.T) {
+	l := NewLocal("gw-1", LocalConfig{MaxPending: 16, Sequenced: true, HistorySize: 100})
+	l.OpenRoom(1)
+	l.SetPosition(1, "E1", 0)
+	block := make(chan struct{})
+	defer close(block)
+	s := &blockSink{sink: sink{id: 1}, block: block}
+	if _, err := l.Join(1, s); err != nil {
+		t.Fatal(err)
+	}
+	l.Deliver(1, "E1", seqMsgs("E1", 1, 1)) // the pump takes it and blocks in its fan-out
+	waitFor(t, func() bool { r := l.room(1); r.mu.Lock(); defer r.mu.Unlock(); return len(r.pending) == 0 })
+	l.Deliver(1, "E1", seqMsgs("E1", 500, 509))
+	l.Deliver(1, "E2", seqMsgs("E2", 1, 10)) // 20 queued: E1's 500..503 dropped
+	r := l.room(1)
+	r.mu.Lock()
+	ep, taken, queued := r.ep, r.taken, len(r.pending)
+	r.mu.Unlock()
+	if ep != "E2" || taken != 0 || queued != 16 {
+		t.Fatalf("epoch %s, taken %d, %d queued: want E2, 0 (its start), 16", ep, taken, queued)
+	}
+}
