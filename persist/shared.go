@@ -1295,20 +1295,31 @@ func (w *SharedWallet) Tally(name string, user int64) (int64, error) {
 
 var _ TallyDropper = (*SharedWallet)(nil)
 
+// dropWait is how long DropTally waits for the wallet to be ready and not
+// rebuilding.
+const dropWait = 2 * time.Second
+
 // DropTally deletes tally name of user in Redis and this node's share of it
 // on its disk (what a rebuild of Redis would add back). Every node that
 // added to it drops its own share.
 func (w *SharedWallet) DropTally(name string, user int64) error {
 	// Not while a generation rebuilds (its contribution scans this disk in
 	// numbered batches: a row deleted between two attempts would shift the
-	// rows after it out of a batch already applied) — the tally is kept.
-	if !w.rebuild.TryLock() {
-		return errors.New("persist: tally not dropped: the shared wallet is being rebuilt")
+	// rows after it out of a batch already applied). The watcher holds the
+	// lock briefly every 200 ms too: tried again for up to dropWait, then
+	// the tally is kept (harmless).
+	for deadline := time.Now().Add(dropWait); ; time.Sleep(50 * time.Millisecond) {
+		if w.rebuild.TryLock() {
+			if w.Ready() {
+				break
+			}
+			w.rebuild.Unlock()
+		}
+		if time.Now().After(deadline) {
+			return errors.New("persist: tally not dropped: the shared wallet is being rebuilt or not ready")
+		}
 	}
 	defer w.rebuild.Unlock()
-	if !w.Ready() {
-		return errors.New("persist: tally not dropped: the shared wallet is not ready")
-	}
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
 	defer cancel()
 	if err := w.rdb.Do(ctx, w.rdb.B().Del().Key(tallyRKey(name, user)).Build()).Error(); err != nil {
