@@ -546,7 +546,7 @@ func TestAckAfterTheCloseFrameTaken(t *testing.T) {
 	// that follows it stays unread (the node writes it and lingers).
 	c.Pause()
 	n.Router.SendUser(2001, proto.Push{Biz: 9999, Data: []byte(`{}`)})
-	time.Sleep(time.Until(ident.Expires) + time.Second) // 4501 decided, drained, its frame written
+	time.Sleep(time.Until(ident.Expires) + 2*time.Second) // 4501 decided (the sweep: within a second), drained, its frame written
 	if err := c.Send(fmt.Sprintf(`{"t":"ack","d":{"mids":[%q]}}`, mid)); err != nil {
 		t.Fatal(err)
 	}

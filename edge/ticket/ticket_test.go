@@ -590,7 +590,7 @@ func TestTicketViewWaitersShareTheRebuild(t *testing.T) {
 	for range waiters {
 		go func() { v, _ := e.svc.Program(prog); views <- v }()
 	}
-	time.Sleep(100 * time.Millisecond) // the waiters arrive and wait for the rebuild
+	time.Sleep(300 * time.Millisecond) // the waiters arrive and wait for the rebuild
 	ver := p.version.Load()
 	built := p.build()
 	p.view, p.viewVer = &built, ver
