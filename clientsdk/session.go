@@ -176,13 +176,7 @@ func (s *session) await(ctx context.Context, typ string, id int64, cl *call) ([]
 	case r := <-cl.ch:
 		return r.result()
 	case <-s.done:
-		// The reader delivers a reply before it closes done: prefer the reply.
-		select {
-		case r := <-cl.ch:
-			return r.result()
-		default:
-		}
-		return nil, fmt.Errorf("%w: %s id %d in flight", ErrDisconnected, typ, id)
+		return s.lastReply(typ, id, cl)
 	case <-ctx.Done():
 		if !s.forget(id) {
 			// The reader took the reply meanwhile: its hook runs (a join
@@ -193,12 +187,7 @@ func (s *session) await(ctx context.Context, typ string, id int64, cl *call) ([]
 			case r := <-cl.ch:
 				return r.result()
 			case <-s.done:
-				select {
-				case r := <-cl.ch:
-					return r.result()
-				default:
-				}
-				return nil, fmt.Errorf("%w: %s id %d in flight", ErrDisconnected, typ, id)
+				return s.lastReply(typ, id, cl)
 			}
 		}
 		return nil, fmt.Errorf("clientsdk: %s id %d: %w", typ, id, ctx.Err())
@@ -206,6 +195,18 @@ func (s *session) await(ctx context.Context, typ string, id int64, cl *call) ([]
 		s.forget(id)
 		return nil, s.c.closedErr()
 	}
+}
+
+// lastReply is cl's reply once the session is done: the reader delivers a
+// reply before it closes done, so one sent is preferred; none is
+// ErrDisconnected.
+func (s *session) lastReply(typ string, id int64, cl *call) ([]byte, error) {
+	select {
+	case r := <-cl.ch:
+		return r.result()
+	default:
+	}
+	return nil, fmt.Errorf("%w: %s id %d in flight", ErrDisconnected, typ, id)
 }
 
 func (r reply) result() ([]byte, error) {

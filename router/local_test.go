@@ -193,16 +193,7 @@ func TestMidSourceJSONSafe(t *testing.T) {
 // publish holds at most MaxPending of the room's pushes queued: the oldest
 // go (counted), its members see the gap. It queued every push before.
 func TestDeliverBoundedPerRoom(t *testing.T) {
-	l := NewLocal("gw-1", LocalConfig{MaxPending: 16, Sequenced: true})
-	l.OpenRoom(1)
-	l.SetPosition(1, "E1", 0)
-	block := make(chan struct{})
-	s := &blockSink{sink: sink{id: 1}, block: block}
-	if _, err := l.Join(1, s); err != nil {
-		t.Fatal(err)
-	}
-	l.Deliver(1, "E1", seqMsgs("E1", 1, 1)) // the pump takes it and blocks in its fan-out
-	waitFor(t, func() bool { r := l.room(1); r.mu.Lock(); defer r.mu.Unlock(); return len(r.pending) == 0 })
+	l, s, block := pumpBlocked(t, LocalConfig{MaxPending: 16, Sequenced: true})
 	for o := int64(2); o <= 1001; o += 10 {
 		l.Deliver(1, "E1", seqMsgs("E1", o, o+9))
 	}
@@ -225,16 +216,7 @@ func TestDeliverBoundedPerRoom(t *testing.T) {
 // end-to-end run below passes either way when the pump wins the lock; the
 // taken offset is what decides).
 func TestJoinDuringAnOverrunReplaysTheDropped(t *testing.T) {
-	l := NewLocal("gw-1", LocalConfig{MaxPending: 16, Sequenced: true, HistorySize: 2000, HistoryTTL: time.Hour})
-	l.OpenRoom(1)
-	l.SetPosition(1, "E1", 0)
-	block := make(chan struct{})
-	s := &blockSink{sink: sink{id: 1}, block: block}
-	if _, err := l.Join(1, s); err != nil {
-		t.Fatal(err)
-	}
-	l.Deliver(1, "E1", seqMsgs("E1", 1, 1)) // the pump takes it and blocks in its fan-out
-	waitFor(t, func() bool { r := l.room(1); r.mu.Lock(); defer r.mu.Unlock(); return len(r.pending) == 0 })
+	l, _, block := pumpBlocked(t, LocalConfig{MaxPending: 16, Sequenced: true, HistorySize: 2000, HistoryTTL: time.Hour})
 	for o := int64(2); o <= 1001; o += 10 {
 		l.Deliver(1, "E1", seqMsgs("E1", o, o+9)) // 2..985 dropped
 	}
@@ -274,17 +256,8 @@ func TestJoinDuringAnOverrunReplaysTheDropped(t *testing.T) {
 // compares its since with it): an old epoch's offset there would make a
 // joiner of the new epoch skip its start.
 func TestOverrunOfAnOldEpochKeepsTheNewEpochsPosition(t *testing.T) {
-	l := NewLocal("gw-1", LocalConfig{MaxPending: 16, Sequenced: true, HistorySize: 100})
-	l.OpenRoom(1)
-	l.SetPosition(1, "E1", 0)
-	block := make(chan struct{})
+	l, _, block := pumpBlocked(t, LocalConfig{MaxPending: 16, Sequenced: true, HistorySize: 100})
 	defer close(block)
-	s := &blockSink{sink: sink{id: 1}, block: block}
-	if _, err := l.Join(1, s); err != nil {
-		t.Fatal(err)
-	}
-	l.Deliver(1, "E1", seqMsgs("E1", 1, 1)) // the pump takes it and blocks in its fan-out
-	waitFor(t, func() bool { r := l.room(1); r.mu.Lock(); defer r.mu.Unlock(); return len(r.pending) == 0 })
 	l.Deliver(1, "E1", seqMsgs("E1", 500, 509))
 	l.Deliver(1, "E2", seqMsgs("E2", 1, 10)) // 20 queued: E1's 500..503 dropped
 	r := l.room(1)
@@ -294,4 +267,22 @@ func TestOverrunOfAnOldEpochKeepsTheNewEpochsPosition(t *testing.T) {
 	if ep != "E2" || taken != 0 || queued != 16 {
 		t.Fatalf("epoch %s, taken %d, %d queued: want E2, 0 (its start), 16", ep, taken, queued)
 	}
+}
+
+// pumpBlocked is a Sequenced router (cfg) with room 1 at E1/0 and member s,
+// whose pump has taken offset 1 and is blocked in s's Send until block is
+// closed.
+func pumpBlocked(t *testing.T, cfg LocalConfig) (*Local, *blockSink, chan struct{}) {
+	t.Helper()
+	l := NewLocal("gw-1", cfg)
+	l.OpenRoom(1)
+	l.SetPosition(1, "E1", 0)
+	block := make(chan struct{})
+	s := &blockSink{sink: sink{id: 1}, block: block}
+	if _, err := l.Join(1, s); err != nil {
+		t.Fatal(err)
+	}
+	l.Deliver(1, "E1", seqMsgs("E1", 1, 1)) // the pump takes it and blocks in its fan-out
+	waitFor(t, func() bool { r := l.room(1); r.mu.Lock(); defer r.mu.Unlock(); return len(r.pending) == 0 })
+	return l, s, block
 }

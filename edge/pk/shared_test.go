@@ -502,13 +502,7 @@ func TestSharedFailedAcceptKeepsTheInvitation(t *testing.T) {
 // and answers the contest, with its start push — not "retry", whose retry
 // was "not found" with the contest running unannounced.
 func TestSharedAcceptWhoseReplyWasLost(t *testing.T) {
-	srv := redistest.Start(t)
-	px := redistest.StartProxy(t, srv.Addr)
-	rdb, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{px.Addr}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(rdb.Close)
+	px, rdb := proxiedRedis(t)
 	w := &fakeWallet{}
 	n1 := newNode(t, rdb, w, 1, 2)
 	inv, err := n1.s.Invite(7, 1, 2, time.Minute)
@@ -619,13 +613,7 @@ func TestSharedLostAcceptDoesNotClaimAnotherAcceptsContest(t *testing.T) {
 // saw the contest no longer running and forgot the replica first — the
 // retry never ran, and no node pushed the final 5558.
 func TestSharedEndWhoseReplyWasLost(t *testing.T) {
-	srv := redistest.Start(t)
-	px := redistest.StartProxy(t, srv.Addr)
-	rdb, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{px.Addr}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(rdb.Close)
+	px, rdb := proxiedRedis(t)
 	// end.lua loaded, so that its first call is the EVALSHA the fault hits.
 	if err := rdb.Do(context.Background(), rdb.B().ScriptLoad().Script(endLua).Build()).Error(); err != nil {
 		t.Fatal(err)
@@ -647,4 +635,18 @@ func TestSharedEndWhoseReplyWasLost(t *testing.T) {
 	if px.Fired() != 1 {
 		t.Fatalf("the fault fired %d times", px.Fired())
 	}
+}
+
+// proxiedRedis is a throwaway Redis reached through a fault proxy, and a
+// client of it through the proxy.
+func proxiedRedis(t *testing.T) (*redistest.Proxy, rueidis.Client) {
+	t.Helper()
+	srv := redistest.Start(t)
+	px := redistest.StartProxy(t, srv.Addr)
+	rdb, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{px.Addr}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(rdb.Close)
+	return px, rdb
 }
