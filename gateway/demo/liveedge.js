@@ -167,9 +167,11 @@ var LiveClient = class _LiveClient {
       urls: this.urls,
       WebSocket: WS,
       batch: opts.batch ?? true,
-      requestTimeoutMs: opts.requestTimeoutMs ?? 1e4,
-      reconnectMinMs: opts.reconnectMinMs ?? 100,
-      reconnectMaxMs: Math.max(opts.reconnectMaxMs ?? 5e3, opts.reconnectMinMs ?? 100),
+      // Zero or less means the default, as in the Go SDK (0 ms would time
+      // out every request, or reconnect in a tight loop).
+      requestTimeoutMs: positive(opts.requestTimeoutMs, 1e4),
+      reconnectMinMs: positive(opts.reconnectMinMs, 100),
+      reconnectMaxMs: Math.max(positive(opts.reconnectMaxMs, 5e3), positive(opts.reconnectMinMs, 100)),
       dedupWindow: opts.dedupWindow && opts.dedupWindow > 0 ? opts.dedupWindow : 16384,
       heartbeatMs: opts.heartbeatMs
     };
@@ -317,7 +319,8 @@ var LiveClient = class _LiveClient {
     const late = new Promise((_, reject) => {
       timer = this.tokenTimer = setTimeout(() => reject(new Error(`getToken did not answer within ${ms} ms`)), ms);
     });
-    return Promise.race([Promise.resolve(this.opts.getToken(reason)), late]).finally(() => clearTimeout(timer));
+    const getToken = this.opts.getToken;
+    return Promise.race([Promise.resolve().then(() => getToken(reason)), late]).finally(() => clearTimeout(timer));
   }
   /** Delivers (and acks) the pushes held until connect() resolved. */
   releaseHeld() {
@@ -757,6 +760,9 @@ function randomId() {
   const c = globalThis.crypto;
   if (c?.randomUUID) return c.randomUUID();
   return Date.now().toString(36) + "-" + Math.random().toString(36).slice(2, 12);
+}
+function positive(v, def) {
+  return v !== void 0 && v > 0 ? v : def;
 }
 
 // src/index.ts

@@ -295,9 +295,11 @@ export class LiveClient {
       urls: this.urls,
       WebSocket: WS,
       batch: opts.batch ?? true,
-      requestTimeoutMs: opts.requestTimeoutMs ?? 10000,
-      reconnectMinMs: opts.reconnectMinMs ?? 100,
-      reconnectMaxMs: Math.max(opts.reconnectMaxMs ?? 5000, opts.reconnectMinMs ?? 100),
+      // Zero or less means the default, as in the Go SDK (0 ms would time
+      // out every request, or reconnect in a tight loop).
+      requestTimeoutMs: positive(opts.requestTimeoutMs, 10000),
+      reconnectMinMs: positive(opts.reconnectMinMs, 100),
+      reconnectMaxMs: Math.max(positive(opts.reconnectMaxMs, 5000), positive(opts.reconnectMinMs, 100)),
       dedupWindow: opts.dedupWindow && opts.dedupWindow > 0 ? opts.dedupWindow : 16384,
       heartbeatMs: opts.heartbeatMs,
     };
@@ -471,7 +473,11 @@ export class LiveClient {
     const late = new Promise<string>((_, reject) => {
       timer = this.tokenTimer = setTimeout(() => reject(new Error(`getToken did not answer within ${ms} ms`)), ms);
     });
-    return Promise.race([Promise.resolve(this.opts.getToken(reason)), late]).finally(() => clearTimeout(timer));
+    // Called inside the chain: a callback that throws at once rejects this
+    // attempt (its timer cleared), not leaves a timer whose rejection nobody
+    // hears (an unhandled rejection ends a Node process).
+    const getToken = this.opts.getToken;
+    return Promise.race([Promise.resolve().then(() => getToken(reason)), late]).finally(() => clearTimeout(timer));
   }
 
   /** Delivers (and acks) the pushes held until connect() resolved. */
@@ -983,4 +989,9 @@ export function randomId(): string {
   const c = (globalThis as any).crypto;
   if (c?.randomUUID) return c.randomUUID();
   return Date.now().toString(36) + "-" + Math.random().toString(36).slice(2, 12);
+}
+
+/** v if it is a positive number, else def. */
+function positive(v: number | undefined, def: number): number {
+  return v !== undefined && v > 0 ? v : def;
 }

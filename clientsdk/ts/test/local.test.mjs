@@ -506,3 +506,22 @@ test("a bad frame from the peer on a live connection (RSV bits set) is a drop an
   await eventually(() => c.ev.states.filter((s) => s.state === "connected").length === 2, 5000, "reconnected");
   await c.ping();
 });
+
+test("a getToken that throws at once fails the attempt and leaves no timer (not a late rejection nobody hears, which ends a Node process)", async () => {
+  const timers = () => process.getActiveResourcesInfo().filter((r) => r === "Timeout").length;
+  const srv = await server((conn) => answer(conn));
+  const before = timers();
+  await assert.rejects(
+    connect({ urls: srv.url, getToken: () => { throw new Error("no token here"); }, requestTimeoutMs: 200 }),
+    /no token here/,
+  );
+  await new Promise((r) => setTimeout(r, 400)); // past requestTimeoutMs: an orphaned timer would have fired
+  assert.ok(timers() <= before, `timers left: ${timers()} (before: ${before})`);
+});
+
+test("zero or negative timing options mean the defaults (as the Go SDK), not a 0 ms timeout or back-off", async () => {
+  const srv = await server((conn) => answer(conn));
+  const c = await collect({ urls: srv.url, token: "t", requestTimeoutMs: 0, reconnectMinMs: 0, reconnectMaxMs: -5 });
+  const r = await c.request("ping", {});
+  assert.ok(r.ts > 0, "a request with requestTimeoutMs 0 was answered");
+});
