@@ -421,3 +421,25 @@ func TestProviderRetriesThroughFaults(t *testing.T) {
 		t.Fatalf("balance %d", b)
 	}
 }
+
+// A declined payment attempt (FAILED) leaves the order open, and the
+// user's next attempt pays it — through the mock provider, as with a real
+// one (the provider answered the first FAILED event to every later
+// attempt, so the order could only time out).
+func TestDeclinedAttemptThenPaid(t *testing.T) {
+	e := startPay(t, mockpay.Config{}, nil)
+	const user = 607
+	o := e.createOrder(t, user, 2, "declined-then-paid")
+	e.prov.Pay(o.OrderID, o.Amount, e.notifyURL(), "FAILED")
+	nodetest.Eventually(t, 10*time.Second, func() bool { return e.prov.Delivered.Load() == 1 }, "the declined attempt not delivered")
+	if got := e.order(t, o.OrderID); got.Status != pay.StatusPaying {
+		t.Fatalf("after a declined attempt: %s, want still %s", got.Status, pay.StatusPaying)
+	}
+	if ev := e.prov.Pay(o.OrderID, o.Amount, e.notifyURL(), "SUCCESS"); ev.Status != "SUCCESS" {
+		t.Fatalf("the second attempt: %+v, want a SUCCESS event", ev)
+	}
+	nodetest.Eventually(t, 10*time.Second, func() bool { return e.order(t, o.OrderID).Status == pay.StatusPayed }, "the second attempt not credited")
+	if b := e.balance(t, user); b != 500 {
+		t.Fatalf("balance %d", b)
+	}
+}

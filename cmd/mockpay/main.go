@@ -2,7 +2,7 @@
 // signs and delivers notifies to LiveEdge's webhook with Alipay's retry rhythm
 // and answers active status queries. See edge/pay/mockpay.
 //
-//	mockpay -addr 127.0.0.1:8090 -secret liveedge-dev-pay-secret -factor 0.001
+//	mockpay -addr 127.0.0.1:8090 -secret liveedge-dev-pay-secret-change-me -factor 0.001
 package main
 
 import (

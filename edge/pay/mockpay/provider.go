@@ -101,13 +101,15 @@ func randomID() string {
 }
 
 // Pay records a payment of amount for order and starts notifying notifyURL.
-// status is "SUCCESS" (default) or "FAILED". Paying an order twice is a no-op.
+// status is "SUCCESS" (default) or "FAILED". Paying an order paid already is
+// a no-op (its payment is returned); after a declined attempt (FAILED) the
+// user may try again, as with a real provider: a new attempt, a new event.
 func (p *Provider) Pay(orderID string, amount int64, notifyURL, status string) pay.Event {
 	if status == "" {
 		status = "SUCCESS"
 	}
 	p.mu.Lock()
-	if old, ok := p.payments[orderID]; ok {
+	if old, ok := p.payments[orderID]; ok && old.ev.Status != "FAILED" {
 		p.mu.Unlock()
 		return old.ev
 	}
