@@ -157,7 +157,9 @@ func TestDemoPageInChromium(t *testing.T) {
 	if b := v1.text("#balance"); b != "0" {
 		t.Fatalf("viewer balance before recharge: %q", b)
 	}
-	v1.run("recharge", chromedp.SetValue(chromedp.CSS("#product"), "1"), chromedp.Click(chromedp.CSS("#recharge")))
+	// Clicked twice: one order, paid once (the second click while the first
+	// runs is ignored).
+	v1.run("recharge", chromedp.SetValue(chromedp.CSS("#product"), "1"), chromedp.Click(chromedp.CSS("#recharge")), chromedp.Click(chromedp.CSS("#recharge")))
 	v1.waitJS("balance 300 after the provider's webhook", `document.getElementById('balance').textContent === '300'`)
 	if note := v1.text("#credit-note"); !strings.Contains(note, "+300 coins (recharge)") {
 		t.Errorf("credit note: %q", note)
@@ -167,6 +169,10 @@ func TestDemoPageInChromium(t *testing.T) {
 	v1.waitJS("the recharge's note", `document.getElementById('pay-note').dataset.path !== undefined`)
 	if via := v1.eval(`document.getElementById('pay-note').dataset.path`); via != "provider" {
 		t.Errorf("recharge went through %q, want the mock provider", via)
+	}
+	time.Sleep(time.Second) // a second order's webhook would have come by now
+	if b := v1.text("#balance"); b != "300" {
+		t.Fatalf("viewer balance after a double click on Recharge: %s, want 300 (one order)", b)
 	}
 
 	// A gift (皇冠, 20 coins): every page shows the effect; the sender's balance

@@ -506,13 +506,21 @@ function showPK(d) {
 // ---- wiring ----
 
 function guard(errEl, fn) {
+  let busy = false;
   return async (ev) => {
     ev?.preventDefault?.();
+    // One at a time: a second click while the first runs is ignored (two
+    // clicks on Recharge made two orders and paid both; on "Make it rain",
+    // a stray rain).
+    if (busy) return;
+    busy = true;
     errEl.textContent = "";
     try {
       await fn();
     } catch (e) {
       errEl.textContent = e instanceof ReplyError ? `${e.code}: ${e.msg}` : e.message;
+    } finally {
+      busy = false;
     }
   };
 }
@@ -534,8 +542,12 @@ async function main() {
   $("chat-form").onsubmit = guard($("gift-error"), async () => {
     const text = $("chat-input").value.trim();
     if (!text) return;
-    $("chat-input").value = "";
-    await s.client.chat(s.room, text);
+    // The text stays in the box until it is sent, and a retry of the same
+    // text (after a timeout, a reconnect) carries the same req_id: posted once.
+    if (s.chatPending?.text !== text) s.chatPending = { text, reqId: randomId() };
+    await s.client.chat(s.room, text, { reqId: s.chatPending.reqId });
+    s.chatPending = null;
+    if ($("chat-input").value.trim() === text) $("chat-input").value = "";
   });
   $("recharge").onclick = guard($("pay-note"), recharge);
   $("pk-go").onclick = guard($("gift-error"), startPK);
