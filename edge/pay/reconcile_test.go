@@ -24,10 +24,7 @@ const reconcileSecret = "reconcile-test-secret-0123456789abcdef"
 // any, is still credited when the notify comes); a verified "not paid"
 // closes it at once.
 func TestReconcileClosesOnlyOnAnAnswer(t *testing.T) {
-	var mu sync.Mutex
-	now := time.Date(2026, 12, 1, 12, 0, 0, 0, time.UTC)
-	clock := func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
-	advance := func(d time.Duration) { mu.Lock(); now = now.Add(d); mu.Unlock() }
+	clock, advance := testClock()
 
 	var failing atomic.Bool
 	var queries atomic.Int64
@@ -37,9 +34,7 @@ func TestReconcileClosesOnlyOnAnAnswer(t *testing.T) {
 			http.Error(w, "unavailable", http.StatusServiceUnavailable)
 			return
 		}
-		b, _ := proto.Marshal(pay.Event{OrderID: r.URL.Query().Get("order_id"), Status: "WAITING"})
-		w.Header().Set(pay.SignatureHeader, pay.Sign(reconcileSecret, clock(), b))
-		_, _ = w.Write(b)
+		answer(w, clock, pay.Event{OrderID: r.URL.Query().Get("order_id"), Status: "WAITING"})
 	}))
 	defer provider.Close()
 
@@ -107,16 +102,11 @@ func TestReconcileClosesOnlyOnAnAnswer(t *testing.T) {
 // payment recorded as refunded — it stayed PAYING for ever, queried every
 // run and holding one of the user's open-order places.
 func TestReconcileRefundsAPaymentNotAsTheOrder(t *testing.T) {
-	var mu sync.Mutex
-	now := time.Date(2026, 12, 1, 12, 0, 0, 0, time.UTC)
-	clock := func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
-	advance := func(d time.Duration) { mu.Lock(); now = now.Add(d); mu.Unlock() }
+	clock, advance := testClock()
 	var amount atomic.Int64
 	provider := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		b, _ := proto.Marshal(pay.Event{EventID: "ev-short", OrderID: r.URL.Query().Get("order_id"), Status: "SUCCESS",
+		answer(w, clock, pay.Event{EventID: "ev-short", OrderID: r.URL.Query().Get("order_id"), Status: "SUCCESS",
 			Amount: amount.Load(), PaidAt: clock().UnixMilli()})
-		w.Header().Set(pay.SignatureHeader, pay.Sign(reconcileSecret, clock(), b))
-		_, _ = w.Write(b)
 	}))
 	defer provider.Close()
 	const timeout = 15 * time.Minute
@@ -227,16 +217,12 @@ func reconcileService(t *testing.T, provider string, timeout time.Duration, cloc
 // needed that lock to begin capped a run at ReconcileWorkers orders: 8 of 40
 // expired orders closed per run, one run every 10 s by default.)
 func TestReconcileRunReachesEveryDueOrder(t *testing.T) {
-	var mu sync.Mutex
-	now := time.Date(2026, 12, 1, 12, 0, 0, 0, time.UTC)
-	clock := func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
+	clock, advance := testClock()
 	var queries atomic.Int64
 	provider := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		queries.Add(1)
 		time.Sleep(5 * time.Millisecond) // a provider's round trip
-		b, _ := proto.Marshal(pay.Event{OrderID: r.URL.Query().Get("order_id"), Status: "WAITING"})
-		w.Header().Set(pay.SignatureHeader, pay.Sign(reconcileSecret, clock(), b))
-		_, _ = w.Write(b)
+		answer(w, clock, pay.Event{OrderID: r.URL.Query().Get("order_id"), Status: "WAITING"})
 	}))
 	defer provider.Close()
 	const timeout = 15 * time.Minute
@@ -250,9 +236,7 @@ func TestReconcileRunReachesEveryDueOrder(t *testing.T) {
 		}
 		ids[i], _ = pay.ParseOrderID(o.OrderID)
 	}
-	mu.Lock()
-	now = now.Add(timeout + time.Second)
-	mu.Unlock()
+	advance(timeout + time.Second)
 	svc.Reconcile() // one run
 	deadline := time.Now().Add(10 * time.Second)
 	for _, id := range ids {
@@ -274,4 +258,20 @@ func TestReconcileRunReachesEveryDueOrder(t *testing.T) {
 		t.Fatalf("%d queries for %d orders in one run", q, orders)
 	}
 	persisttest.CheckConservation(t, l)
+}
+
+// testClock is a settable clock for the reconciler's tests: clock reads it,
+// advance moves it on.
+func testClock() (clock func() time.Time, advance func(time.Duration)) {
+	var mu sync.Mutex
+	now := time.Date(2026, 12, 1, 12, 0, 0, 0, time.UTC)
+	return func() time.Time { mu.Lock(); defer mu.Unlock(); return now },
+		func(d time.Duration) { mu.Lock(); now = now.Add(d); mu.Unlock() }
+}
+
+// answer writes ev as the provider's signed answer to a query.
+func answer(w http.ResponseWriter, clock func() time.Time, ev pay.Event) {
+	b, _ := proto.Marshal(ev)
+	w.Header().Set(pay.SignatureHeader, pay.Sign(reconcileSecret, clock(), b))
+	_, _ = w.Write(b)
 }
