@@ -452,14 +452,7 @@ func TestNoFrameServedAfterTheCloseIsDecided(t *testing.T) {
 	n := nodetest.Start(t, cfg)
 	room := nodetest.OpenRoom(t, n, 1, 0)
 	join := fmt.Sprintf(`{"t":"join","id":1,"d":{"room_id":%d}}`, room)
-	tok, err := n.Auth.Issue(2001, gateway.RoleViewer, 2*time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ident, err := n.Auth.Verify(tok)
-	if err != nil {
-		t.Fatal(err)
-	}
+	tok, expires := shortToken(t, n, 2001, 2*time.Second)
 	victim := nodetest.MustDialRaw(t, nodetest.WSURL(n), tok, nodetest.RawOptions{RcvBuf: 4 << 10})
 	if h := victim.Next(5 * time.Second); h.T != proto.TypeHello {
 		t.Fatalf("first frame %q, want hello", h.T)
@@ -485,7 +478,7 @@ func TestNoFrameServedAfterTheCloseIsDecided(t *testing.T) {
 	select { // the token expires: 4501 decided, its drain stalled
 	case <-victim.Closed():
 		t.Fatalf("victim closed (%d) before its drain could stall", victim.CloseCode())
-	case <-time.After(time.Until(ident.Expires) + 1500*time.Millisecond):
+	case <-time.After(time.Until(expires) + 1500*time.Millisecond):
 	}
 	if err := victim.Send(fmt.Sprintf(`{"t":"chat","id":2,"d":{"room_id":%d,"text":"after the close"}}`, room)); err != nil {
 		t.Fatal(err)
@@ -504,15 +497,7 @@ func TestNoFrameServedAfterTheCloseIsDecided(t *testing.T) {
 				t.Fatalf("the chat sent after the close was decided was posted: %s", f.D)
 			}
 		case <-deadline:
-			victim.Resume()
-			select {
-			case <-victim.Closed():
-			case <-time.After(5 * time.Second):
-				t.Fatal("victim not closed after reading again")
-			}
-			if code := victim.CloseCode(); code != proto.CloseTokenExpired {
-				t.Fatalf("close code %d, want %d", code, proto.CloseTokenExpired)
-			}
+			resumedUntilClosed(t, victim, proto.CloseTokenExpired)
 			return
 		}
 	}
@@ -526,14 +511,7 @@ func TestNoFrameServedAfterTheCloseIsDecided(t *testing.T) {
 // and the next session got the push again.)
 func TestAckAfterTheCloseFrameTaken(t *testing.T) {
 	n := nodetest.Start(t, nodetest.Config(t))
-	tok, err := n.Auth.Issue(2001, gateway.RoleViewer, 2*time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ident, err := n.Auth.Verify(tok)
-	if err != nil {
-		t.Fatal(err)
-	}
+	tok, expires := shortToken(t, n, 2001, 2*time.Second)
 	c := nodetest.MustDialRaw(t, nodetest.WSURL(n), tok, nodetest.RawOptions{})
 	if h := c.Next(5 * time.Second); h.T != proto.TypeHello {
 		t.Fatalf("first frame %q, want hello", h.T)
@@ -546,20 +524,12 @@ func TestAckAfterTheCloseFrameTaken(t *testing.T) {
 	// that follows it stays unread (the node writes it and lingers).
 	c.Pause()
 	n.Router.SendUser(2001, proto.Push{Biz: 9999, Data: []byte(`{}`)})
-	time.Sleep(time.Until(ident.Expires) + 2*time.Second) // 4501 decided (the sweep: within a second), drained, its frame written
+	time.Sleep(time.Until(expires) + 2*time.Second) // 4501 decided (the sweep: within a second), drained, its frame written
 	if err := c.Send(fmt.Sprintf(`{"t":"ack","d":{"mids":[%q]}}`, mid)); err != nil {
 		t.Fatal(err)
 	}
 	time.Sleep(200 * time.Millisecond)
-	c.Resume()
-	select {
-	case <-c.Closed():
-	case <-time.After(5 * time.Second):
-		t.Fatal("not closed")
-	}
-	if code := c.CloseCode(); code != proto.CloseTokenExpired {
-		t.Fatalf("close code %d, want %d", code, proto.CloseTokenExpired)
-	}
+	resumedUntilClosed(t, c, proto.CloseTokenExpired)
 	next := dial(t, n, 2001, nodetest.RawOptions{})
 	for deadline := time.After(time.Second); ; {
 		select {
@@ -571,4 +541,33 @@ func TestAckAfterTheCloseFrameTaken(t *testing.T) {
 			return
 		}
 	}
+}
+
+// resumedUntilClosed lets paused c read again and waits for the node's
+// close, which must carry code.
+func resumedUntilClosed(t *testing.T, c *nodetest.Raw, code int) {
+	t.Helper()
+	c.Resume()
+	select {
+	case <-c.Closed():
+	case <-time.After(5 * time.Second):
+		t.Fatal("not closed after reading again")
+	}
+	if got := c.CloseCode(); got != code {
+		t.Fatalf("close code %d, want %d", got, code)
+	}
+}
+
+// shortToken issues user a viewer token that expires in ttl, and when.
+func shortToken(t *testing.T, n *gateway.Node, user int64, ttl time.Duration) (string, time.Time) {
+	t.Helper()
+	tok, err := n.Auth.Issue(user, gateway.RoleViewer, ttl)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ident, err := n.Auth.Verify(tok)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tok, ident.Expires
 }
