@@ -126,17 +126,7 @@ func TestOpsInDoubtThatRanAreNotSentAgain(t *testing.T) {
 		n := newPendingNode(t)
 		w := &forgetfulWallet{Ledger: n.l, prefix: "rp:"}
 		n.start(t, w)
-		v, err := n.svc.Create(shardAnchor, shardRoom, 200, 2, time.Second) // ends with a grant in doubt
-		if err != nil {
-			t.Fatal(err)
-		}
-		code := v.Code
-		if _, err := n.svc.Prepare(shardAnchor, code); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := n.svc.Start(shardAnchor, code); err != nil {
-			t.Fatal(err)
-		}
+		code := n.running(t, 200, 2, time.Second) // ends with a grant in doubt
 		if _, perr := n.svc.Grab(100, code); perr == nil {
 			t.Fatal("first grab answered ok, want it in doubt")
 		}
@@ -144,18 +134,7 @@ func TestOpsInDoubtThatRanAreNotSentAgain(t *testing.T) {
 		if _, perr := n.svc.Grab(101, code); perr != nil {
 			t.Fatal(perr)
 		}
-		var fin View
-		for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
-			v, err := n.svc.Get(code)
-			if err == nil && v.State == StateFinished {
-				fin = v
-				break
-			}
-			if time.Now().After(deadline) {
-				t.Fatalf("not settled: %+v %v", v, err)
-			}
-		}
-		if fin.GrantedCount != 2 || fin.GrantedAmount != 200 || fin.Refunded != 0 {
+		if fin := n.finished(t, code); fin.GrantedCount != 2 || fin.GrantedAmount != 200 || fin.Refunded != 0 {
 			t.Fatalf("finished %+v", fin)
 		}
 		var users int64

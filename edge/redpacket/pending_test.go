@@ -322,15 +322,8 @@ func TestCancelRetryUnavailableStaysPending(t *testing.T) {
 // arrives once, whether or not the first attempt lands later.
 func TestPendingCancelCompletedAtStart(t *testing.T) {
 	n, w, code := cancelledInDoubt(t)
-	n.start(t, n.l) // restart: the held refund has not landed
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
-		if v, err := n.svc.Get(code); err == nil && v.State == StateFinished {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the pending cancel was not completed at start")
-		}
-	}
+	n.start(t, n.l)     // restart: the held refund has not landed
+	n.finished(t, code) // the pending cancel completed at start
 	if b := n.balance(t); b != 1000 {
 		t.Fatalf("anchor balance %d, want 1000 (refunded once)", b)
 	}
@@ -367,13 +360,7 @@ func TestUnavailableGrantPutsThePacketBack(t *testing.T) {
 	w := &unavailableOnce{Ledger: n.l, prefix: "rp:"}
 	n.start(t, w)
 	const count = 5
-	code := n.create(t, 500, count)
-	if _, err := n.svc.Prepare(shardAnchor, code); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := n.svc.Start(shardAnchor, code); err != nil {
-		t.Fatal(err)
-	}
+	code := n.running(t, 500, count, time.Minute)
 	if _, perr := n.svc.Grab(100, code); perr == nil || !w.done {
 		t.Fatalf("first grab: %v (want the wallet unavailable)", perr)
 	}
@@ -391,17 +378,8 @@ func TestUnavailableGrantPutsThePacketBack(t *testing.T) {
 	if got != count {
 		t.Fatalf("%d of %d packets granted after an unavailable grant", got, count)
 	}
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
-		fin, err := n.svc.Get(code)
-		if err == nil && fin.State == StateFinished {
-			if fin.GrantedCount != count || fin.GrantedAmount != 500 || fin.Refunded != 0 {
-				t.Fatalf("finished %+v", fin)
-			}
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("not settled")
-		}
+	if fin := n.finished(t, code); fin.GrantedCount != count || fin.GrantedAmount != 500 || fin.Refunded != 0 {
+		t.Fatalf("finished %+v", fin)
 	}
 	if b := n.balance(t); b != 500 { // 1,000 − the rain's 500 (all granted)
 		t.Fatalf("anchor balance %d, want 500", b)
@@ -454,13 +432,7 @@ func lastPacketRefused(t *testing.T) (*pendingNode, string) {
 	n := newPendingNode(t)
 	w := &heldWallet{Ledger: n.l, prefix: "rp:", arrived: make(chan struct{}), release: make(chan error)}
 	n.start(t, w)
-	code := n.create(t, 200, refusedCount)
-	if _, err := n.svc.Prepare(shardAnchor, code); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := n.svc.Start(shardAnchor, code); err != nil {
-		t.Fatal(err)
-	}
+	code := n.running(t, 200, refusedCount, time.Minute)
 	first := make(chan *proto.Error, 1)
 	n.svc.GrabAsync(100, code, func(_ GrabReply, perr *proto.Error) { first <- perr })
 	<-w.arrived // one packet out, its grant held
@@ -484,17 +456,8 @@ func (n *pendingNode) grabsTheRest(t *testing.T, code string) {
 	if _, perr := n.svc.Grab(103, code); perr != nil {
 		t.Fatalf("the packet put back was not granted: %v", perr)
 	}
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
-		fin, err := n.svc.Get(code)
-		if err == nil && fin.State == StateFinished {
-			if fin.GrantedCount != refusedCount || fin.GrantedAmount != 200 || fin.Refunded != 0 {
-				t.Fatalf("finished %+v", fin)
-			}
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("not settled")
-		}
+	if fin := n.finished(t, code); fin.GrantedCount != refusedCount || fin.GrantedAmount != 200 || fin.Refunded != 0 {
+		t.Fatalf("finished %+v", fin)
 	}
 	if b := n.balance(t); b != 800 { // 1,000 − the rain's 200 (all granted)
 		t.Fatalf("anchor balance %d, want 800", b)
@@ -673,4 +636,35 @@ func TestGrantInDoubtLandingAtTheSettlementIsPushed(t *testing.T) {
 	if bal, _ := n.l.Balance(42); bal <= 0 {
 		t.Fatalf("user 42's balance %d: the grant did not land", bal)
 	}
+}
+
+// finished waits (10 s at most) for rain code to be FINISHED and returns it.
+func (n *pendingNode) finished(t *testing.T, code string) View {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		v, err := n.svc.Get(code)
+		if err == nil && v.State == StateFinished {
+			return v
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("rain %s not finished: %+v %v", code, v, err)
+		}
+	}
+}
+
+// running creates, prepares and starts a rain of total coins in count
+// packets lasting d, and returns its code.
+func (n *pendingNode) running(t *testing.T, total int64, count int, d time.Duration) string {
+	t.Helper()
+	v, err := n.svc.Create(shardAnchor, shardRoom, total, count, d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := n.svc.Prepare(shardAnchor, v.Code); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := n.svc.Start(shardAnchor, v.Code); err != nil {
+		t.Fatal(err)
+	}
+	return v.Code
 }
