@@ -179,7 +179,7 @@ func (w *SharedWallet) repairDone(ctx context.Context) {
 		if !ok || err != nil {
 			continue // written before entries named their key
 		}
-		if _, err := w.store.Get(Key(prefixIntent, no)); !errors.Is(err, ErrNotFound) {
+		if has, err := w.store.Has(Key(prefixIntent, no)); has || err != nil {
 			continue // in flight (or unreadable): its own path marks it done
 		}
 		user, req, ok := parseIdemRKey(key)
@@ -187,7 +187,7 @@ func (w *SharedWallet) repairDone(ctx context.Context) {
 		if !ok || perr != nil {
 			continue
 		}
-		if _, err := w.store.Get(idemKeyBytes(unixHour(r.At), user, req)); err != nil {
+		if has, _ := w.store.Has(idemKeyBytes(unixHour(r.At), user, req)); !has {
 			continue // not finalized here: left alone
 		}
 		if err := doneScript.Exec(ctx, w.rdb, []string{key, appliedRKey(w.node)}, []string{res, field}).Error(); err != nil {

@@ -139,6 +139,15 @@ func (s *Store) View(key []byte, fn func(v []byte) error) error {
 	return fn(v)
 }
 
+// Has reports whether key is in the store (without copying its value).
+func (s *Store) Has(key []byte) (bool, error) {
+	err := s.View(key, func([]byte) error { return nil })
+	if errors.Is(err, ErrNotFound) {
+		return false, nil
+	}
+	return err == nil, err
+}
+
 // Get returns a copy of the value at key, or ErrNotFound.
 func (s *Store) Get(key []byte) ([]byte, error) {
 	v, closer, err := s.db.Get(key)

@@ -731,8 +731,8 @@ func (s *Service) Has(id int64) bool {
 	if open {
 		return true
 	}
-	_, err := s.store.Get(orderKey(id))
-	return err == nil
+	has, _ := s.store.Has(orderKey(id))
+	return has
 }
 
 // madeOrNot ends order id's creating write (making).

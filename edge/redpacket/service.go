@@ -630,7 +630,7 @@ func (s *Service) prepare(anchor int64, code string, limited bool) (View, error)
 		// that it ran (and wrote its split), it is adopted, never sent
 		// again — its req id's idempotency record expires (a day), and
 		// the op would then debit T a second time.
-		landed, err = s.stored(splitKey(code))
+		landed, err = s.store.Has(splitKey(code))
 	}
 	var res persist.Result
 	if err == nil && !landed {
@@ -909,15 +909,6 @@ func (s *Service) opFailed(r *rain, rec record, err error, settled bool) {
 	r.mu.Lock()
 	r.rec = rec
 	r.mu.Unlock()
-}
-
-// stored reports whether key is in the store.
-func (s *Service) stored(key []byte) (bool, error) {
-	err := s.store.View(key, func([]byte) error { return nil })
-	if errors.Is(err, persist.ErrNotFound) {
-		return false, nil
-	}
-	return err == nil, err
 }
 
 // putRecord durably writes rec, a rain not FINISHED (rec/rp/).

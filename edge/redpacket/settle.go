@@ -131,7 +131,7 @@ func (s *Service) settle(r *rain) {
 // expires (a day; a settlement retried that long, an owner away that long)
 // and it would then credit twice.
 func (s *Service) applyDoubtful(op persist.Op) error {
-	landed, err := s.stored(op.Static[0].Key)
+	landed, err := s.store.Has(op.Static[0].Key)
 	if err != nil || landed {
 		return err
 	}

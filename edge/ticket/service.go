@@ -480,8 +480,8 @@ func (s *Service) withPayURL(o Order) Order {
 // Has reports whether ticket order id was made here (it is on this node's
 // disk).
 func (s *Service) Has(id int64) bool {
-	_, err := s.store.Get(orderKey(id))
-	return err == nil
+	has, _ := s.store.Has(orderKey(id))
+	return has
 }
 
 // HasProgram reports whether program id is served here (made on this node).
