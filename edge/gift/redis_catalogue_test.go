@@ -71,18 +71,7 @@ func TestSharedCatalogueComesBackFromTheMirror(t *testing.T) {
 // both nodes at once is created once; the second is 10409.
 func TestCatalogueWritesThroughTwoNodes(t *testing.T) {
 	rs := redistest.Start(t)
-	node := func() *Catalogue {
-		st, err := persist.Open(t.TempDir())
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { _ = st.Close() })
-		cat, err := NewCatalogue(RedisCatalogue{Client: rs.Client(t), Mirror: st})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return cat
-	}
+	node := func() *Catalogue { return redisCatalogueNode(t, rs) }
 	n1, n2 := node(), node() // neither reloads: node 2's copy lags node 1's writes
 	if _, err := n1.Update(25, func(g *Gift) error { g.Price = 5000; return nil }); err != nil {
 		t.Fatal(err)
@@ -123,18 +112,7 @@ func TestCatalogueWritesThroughTwoNodes(t *testing.T) {
 // none undone by another — and the ones that lost every round are 10409.
 func TestCatalogueConcurrentUpdatesThroughTwoNodes(t *testing.T) {
 	rs := redistest.Start(t)
-	node := func() *Catalogue {
-		st, err := persist.Open(t.TempDir())
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { _ = st.Close() })
-		cat, err := NewCatalogue(RedisCatalogue{Client: rs.Client(t), Mirror: st})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return cat
-	}
+	node := func() *Catalogue { return redisCatalogueNode(t, rs) }
 	nodes := []*Catalogue{node(), node()}
 	const writers = 24
 	var ok, conflict atomic.Int64
@@ -162,4 +140,20 @@ func TestCatalogueConcurrentUpdatesThroughTwoNodes(t *testing.T) {
 	if g.Price != 500+ok.Load() || ok.Load()+conflict.Load() != writers || ok.Load() == 0 {
 		t.Fatalf("price %d after %d successful +1s (%d conflicts), want %d", g.Price, ok.Load(), conflict.Load(), 500+ok.Load())
 	}
+}
+
+// redisCatalogueNode is one node's catalogue on the shared Redis rs, with a
+// Pebble mirror of its own.
+func redisCatalogueNode(t *testing.T, rs *redistest.Server) *Catalogue {
+	t.Helper()
+	st, err := persist.Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = st.Close() })
+	cat, err := NewCatalogue(RedisCatalogue{Client: rs.Client(t), Mirror: st})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cat
 }

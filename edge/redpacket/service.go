@@ -458,16 +458,6 @@ func (s *Service) Get(code string) (View, error) {
 	return viewOf(rec, View{}), nil
 }
 
-// ActiveCode is the code room info shows: the room's RUNNING rain, else its
-// latest PREPARED one ("" = none) — of the rains this node owns (Codes).
-func (s *Service) ActiveCode(room int64) string {
-	running, prepared := s.Codes(room)
-	if running != "" {
-		return running
-	}
-	return prepared
-}
-
 // Codes returns the room's RUNNING rain and its latest PREPARED one among
 // the rains this node owns ("" = none). (In a cluster another node may own
 // the room's running rain: Config.RoomRun names it cluster-wide.)
