@@ -11,8 +11,10 @@ import (
 
 // Closing unpaid orders: by the buyer (Cancel) or the timeout sweep.
 
-// Cancel cancels user's PENDING_PAY order id (anything else → 40002) and
-// releases its seats.
+// Cancel cancels user's PENDING_PAY order id and releases its seats. An
+// order already CANCELLED (a retried cancel whose answer was lost, or the
+// timeout first) is answered as it is, nothing done again; PAID or
+// REFUNDED → 40002.
 func (s *Service) Cancel(user, id int64) (Order, error) {
 	o, err := s.close(id, user, "cancelled by the buyer", false)
 	if err != nil {
@@ -36,6 +38,10 @@ func (s *Service) close(id, user int64, why string, onlyExpired bool) (*Order, e
 	if user != 0 && o.UserID != user {
 		unlock()
 		return nil, proto.Errorf(proto.CodeNotFound, "order not found")
+	}
+	if user != 0 && o.Status == StatusCancelled {
+		unlock()
+		return o, nil
 	}
 	if o.Status != StatusPendingPay {
 		unlock()
