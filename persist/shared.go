@@ -561,7 +561,14 @@ func (w *SharedWallet) Apply(op Op) (Result, error) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), w.callTimeout)
 	defer cancel()
-	w.applying.RLock()
+	// A contribution clears the generation, then waits here for the
+	// Applies under way (up to their Redis calls' timeout): an Apply that
+	// came meanwhile would queue behind that barrier only to find no
+	// generation. TryRLock fails only while the barrier waits: it answers
+	// at once, as with the generation cleared.
+	if !w.applying.TryRLock() {
+		return Result{}, ErrWalletUnavailable
+	}
 	defer w.applying.RUnlock()
 	gen := w.gen.Load()
 	if gen == nil || *gen == "" {

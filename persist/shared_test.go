@@ -681,6 +681,73 @@ func TestRebuildWaitsForAppliesUnderWay(t *testing.T) {
 	}
 }
 
+// An Apply that comes while a rebuild waits for the Applies under way is
+// answered "unavailable" at once: it queued behind the rebuild's barrier
+// (for as long as the slowest Apply under way took in Redis, up to its
+// call timeout) only to find no generation.
+func TestApplyDuringTheRebuildBarrierFailsFast(t *testing.T) {
+	addr := redistest.Start(t).Addr
+	n := startShared(t, addr, t.TempDir(), "a", []string{"a"})
+	waitReady(t, n)
+	for _, u := range []int64{1, 2} {
+		if _, err := n.w.Apply(Op{User: u, ReqID: "seed", Postings: []Posting{{User: u, Delta: 100, Reason: ReasonDev}}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	inScript, release := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	n.w.crashAt = func(p string) bool {
+		if p == "script" {
+			once.Do(func() {
+				close(inScript)
+				<-release
+			})
+		}
+		return false
+	}
+	done := make(chan error, 1)
+	go func() {
+		_, err := n.w.Apply(Op{User: 1, ReqID: "spend", Postings: []Posting{{User: 1, Delta: -60, Reason: ReasonGift}}})
+		done <- err
+	}()
+	<-inScript // user 1's debit is under way (held between its script and its ledger write)
+	if err := n.rdb.Do(context.Background(), n.rdb.B().Flushall().Build()).Error(); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(500 * time.Millisecond) // the watcher notices the loss; its rebuild waits for the debit
+	if n.w.Ready() {
+		t.Fatal("no rebuild under way")
+	}
+	other := make(chan error, 1)
+	go func() {
+		_, err := n.w.Apply(Op{User: 2, ReqID: "other", Postings: []Posting{{User: 2, Delta: -10, Reason: ReasonGift}}})
+		other <- err
+	}()
+	select {
+	case err := <-other:
+		close(release)
+		if !errors.Is(err, ErrWalletUnavailable) {
+			t.Fatalf("an Apply during the rebuild's barrier: %v, want ErrWalletUnavailable", err)
+		}
+	case <-time.After(time.Second):
+		close(release)
+		t.Fatalf("an Apply during the rebuild's barrier still waits after 1 s (answered after the debit under way: %v)", <-other)
+	}
+	if err := <-done; err != nil {
+		t.Fatalf("the debit under way: %v", err)
+	}
+	waitReady(t, n)
+	if _, err := n.w.Apply(Op{User: 2, ReqID: "other", Postings: []Posting{{User: 2, Delta: -10, Reason: ReasonGift}}}); err != nil {
+		t.Fatalf("retried after the rebuild: %v", err)
+	}
+	if b1, b2 := redisBalanceOf(t, n, 1), redisBalanceOf(t, n, 2); b1 != 40 || b2 != 90 {
+		t.Fatalf("balances %d, %d; want 40, 90", b1, b2)
+	}
+	if _, _, _, err := AuditShared(func(u int64) (int64, error) { return RedisBalance(n.rdb, u) }, n.store); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // redisBalanceOf reads user's balance from Redis itself (Balance may answer
 // from the client-side cache before its invalidation arrives).
 func redisBalanceOf(t *testing.T, n *sharedNode, user int64) int64 {
