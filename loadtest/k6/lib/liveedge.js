@@ -1023,11 +1023,44 @@ export function seatTally(p) {
   return t;
 }
 
-/** Checks of a ticket order answer in a rush: sold, or sold out — never anything else. */
-export const ticketChecks = Object.freeze({
-  /** @param {ApiResult} r */
-  "ticket: PAID / PENDING_PAY or sold out": (r) =>
-    (r.code === 0 && (r.data.status === "PAID" || r.data.status === "PENDING_PAY")) || r.code === Code.SoldOut,
-  /** @param {ApiResult} r */
-  "ticket: seats as asked": (r) => r.code !== 0 || (Array.isArray(r.data.seat_ids) && r.data.seat_ids.length > 0),
-});
+/**
+ * Whether `got` (an order's seat_ids) are the seats `asked` (the
+ * POST /tickets/orders body) asked for: distinct ids, exactly as many as
+ * asked — the very ids of a manual order (`seat_ids`, in any order), or
+ * `count` seats of `category_id` ("<category_id>-<row>-<col>"). Ids are
+ * compared as strings: the node takes only canonical ones (no leading
+ * zeros) and answers them as given.
+ * @param {Record<string, unknown>} asked
+ * @param {unknown} got
+ * @returns {boolean}
+ */
+export function seatsAsAsked(asked, got) {
+  if (!Array.isArray(got) || !got.every((id) => typeof id === "string")) return false;
+  const ids = new Set(got);
+  if (ids.size !== got.length) return false;
+  if (Array.isArray(asked.seat_ids) && asked.seat_ids.length > 0) {
+    const want = asked.seat_ids;
+    return got.length === want.length && want.every((id) => ids.has(id));
+  }
+  const count = Number(asked.count);
+  const category = Number(asked.category_id);
+  if (!Number.isSafeInteger(count) || count <= 0 || !Number.isSafeInteger(category) || category <= 0) return false;
+  const ofCategory = new RegExp(`^${category}-[1-9][0-9]*-[1-9][0-9]*$`);
+  return got.length === count && got.every((id) => ofCategory.test(id));
+}
+
+/**
+ * Checks of the answer to the ticket order `asked` (its request body) in a
+ * rush: sold, or sold out — never anything else; and sold means the seats
+ * asked for (seatsAsAsked), no fewer, no more.
+ * @param {Record<string, unknown>} asked
+ */
+export function ticketChecks(asked) {
+  return Object.freeze({
+    /** @param {ApiResult} r */
+    "ticket: PAID / PENDING_PAY or sold out": (r) =>
+      (r.code === 0 && (r.data.status === "PAID" || r.data.status === "PENDING_PAY")) || r.code === Code.SoldOut,
+    /** @param {ApiResult} r */
+    "ticket: seats as asked": (r) => r.code !== 0 || seatsAsAsked(asked, r.data.seat_ids),
+  });
+}

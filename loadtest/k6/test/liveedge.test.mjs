@@ -108,6 +108,26 @@ describe("protocol module, no node", () => {
     });
     assert.deepEqual(t, { unsold: 1, locked: 1, sold: 1, other: 0, remainingMismatch: 0 });
   });
+
+  test("ticket checks: an order holds exactly the seats asked for (count, category, named ids), distinct", () => {
+    const order = (seat_ids) => ({ status: 200, code: 0, msg: "ok", data: { status: "PAID", seat_ids }, raw: "" });
+    const seats = "ticket: seats as asked";
+    const byCount = ticketChecks({ program_id: 1, category_id: 1, count: 2, req_id: "r" });
+    assert.deepEqual(failedChecks(byCount, order(["1-3-4", "1-3-5"])), []);
+    assert.deepEqual(failedChecks(byCount, order(["1-3-4"])), [seats], "fewer seats than asked");
+    assert.deepEqual(failedChecks(byCount, order(["1-3-4", "1-3-5", "1-3-6"])), [seats], "more seats than asked");
+    assert.deepEqual(failedChecks(byCount, order(["1-3-4", "1-3-4"])), [seats], "a seat twice");
+    assert.deepEqual(failedChecks(byCount, order(["2-3-4", "2-3-5"])), [seats], "another category");
+    assert.deepEqual(failedChecks(byCount, order(["1-3-4", 7])), [seats], "not a seat id");
+    assert.deepEqual(failedChecks(byCount, order(undefined)), [seats], "no seat_ids");
+    const soldOut = { status: 409, code: Code.SoldOut, msg: "sold out", data: {}, raw: "" };
+    assert.deepEqual(failedChecks(byCount, soldOut), []);
+    const byIds = ticketChecks({ program_id: 1, seat_ids: ["1-3-4", "1-3-5"], req_id: "r" });
+    assert.deepEqual(failedChecks(byIds, order(["1-3-5", "1-3-4"])), []);
+    assert.deepEqual(failedChecks(byIds, order(["1-3-4"])), [seats], "fewer seats than named");
+    assert.deepEqual(failedChecks(byIds, order(["1-3-4", "1-3-6"])), [seats], "not the seats named");
+    assert.deepEqual(failedChecks(byIds, order(["1-3-4", "1-3-4"])), [seats], "a seat twice");
+  });
 });
 
 describe("protocol module against a real node", () => {
@@ -260,7 +280,7 @@ describe("protocol module against a real node", () => {
     const token = await api.devToken(buyer);
     const body = { program_id: programId, category_id: 1, count: 2, req_id: "k6-t-1", pay: "coins" };
     const o = await api.ticketOrder(token, body);
-    assert.deepEqual(failedChecks(ticketChecks, o), [], o.raw);
+    assert.deepEqual(failedChecks(ticketChecks(body), o), [], o.raw);
     const again = await api.ticketOrder(token, body);
     assert.equal(again.data.order_id, o.data.order_id);
     const p = await api.program(token, programId);
