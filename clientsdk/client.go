@@ -191,6 +191,7 @@ func (c *Client) dialAny(ctx context.Context) (*session, error) {
 			}
 			s.closeWith(proto.CloseNormal, nil)
 			<-s.done
+			s.endWrites()
 		}
 		errs = append(errs, err)
 		c.log.Info("clientsdk: connect failed", "url", c.cfg.redactedURL(i), "err", err)
@@ -304,10 +305,16 @@ func (c *Client) Stats() Stats {
 
 // Request sends {"t":typ,"id":N,"d":d} and returns the raw JSON d of the reply
 // (a copy). d may be nil ({}), raw JSON ([]byte) or any value to encode.
-// A reply with a non-zero code returns a *proto.Error. If ctx has no deadline,
-// Config.RequestTimeout applies; it includes waiting for a connection while
-// the client reconnects. A request in flight when the connection drops fails
-// with ErrDisconnected and is not resent.
+// A reply with a non-zero code returns a *proto.Error. ctx bounds the whole
+// request: waiting for a connection while the client reconnects, writing its
+// frame and waiting for the reply; if ctx has no deadline,
+// Config.RequestTimeout applies. When ctx ends while the frame is being
+// written (a server that reads nothing), Request returns ctx's error at once
+// but the frame is not cut: it is written whole in the background, so the
+// request may still reach the server and run, as one whose reply came too
+// late (a write that never ends closes the connection at RequestTimeout,
+// see Config.RequestTimeout). A request in flight when the connection drops
+// fails with ErrDisconnected and is not resent.
 func (c *Client) Request(ctx context.Context, typ string, d any) ([]byte, error) {
 	if typ == proto.TypeJoin {
 		// A room joined raw after Leave: its pushes are the app's again.
@@ -768,6 +775,7 @@ func (c *Client) run(s *session) {
 			s.closeWith(proto.CloseNormal, nil)
 			<-s.done
 		}
+		s.endWrites()
 		code, reason, err := s.closeCode, s.closeReason, s.closeErr
 		c.mu.Lock()
 		c.lastCode, c.lastReason = code, reason
@@ -843,6 +851,7 @@ func (c *Client) reconnect() *session {
 			}
 			s.closeWith(proto.CloseNormal, nil)
 			<-s.done
+			s.endWrites()
 		}
 		if c.ctx.Err() != nil {
 			c.emitState(StateEvent{State: StateClosed, Err: c.Err()})

@@ -268,6 +268,81 @@ func TestRequestTimeout(t *testing.T) {
 	}
 }
 
+// A request's context bounds the write of its own frame too: with a node
+// that reads nothing (its socket buffers full), a request whose frame is
+// larger than they hold returns when its context ends, not after
+// RequestTimeout. The frame is not cut: its write goes on in the background
+// and, once the node reads again, arrives whole on the same connection. A
+// write that never ends fails at RequestTimeout and ends the connection (a
+// frame cut half-way cannot be followed by another): the client reconnects.
+func TestRequestContextBoundsItsWrite(t *testing.T) {
+	// More than the loopback socket buffers hold (a few MB each way), less
+	// than gws's 16 MiB frame limit. Encoding it takes up to a second under
+	// -race: the contexts leave room for that, the frame must be under way
+	// when they end.
+	big := map[string]string{"pad": strings.Repeat("x", 15<<20)}
+	bigFrame, err := encodeRequest("noreply", 1, big)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const ctxTimeout = 2 * time.Second
+	// stuck sends big on c while ts reads nothing and returns how long the
+	// request took; it must fail with its context.
+	stuck := func(t *testing.T, c *Client, ts *tServer) time.Duration {
+		t.Helper()
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		_, _ = c.Request(ctx, "stall", nil) // written; its reply never comes
+		cancel()
+		waitFor(t, 5*time.Second, "stall at server", func() bool { return ts.count("stall") == 1 })
+		ctx, cancel = context.WithTimeout(context.Background(), ctxTimeout)
+		defer cancel()
+		start := time.Now()
+		_, err := c.Request(ctx, "noreply", big)
+		d := time.Since(start)
+		t.Logf("request with a stuck write: %v after %v", err, d)
+		if !errors.Is(err, context.DeadlineExceeded) {
+			t.Fatalf("err = %v, want deadline exceeded (its context's)", err)
+		}
+		return d
+	}
+
+	t.Run("the node reads again", func(t *testing.T) {
+		const requestTimeout = 10 * time.Second
+		ts := newTServer(t)
+		c := dial(t, ts, nil, func(cfg *Config) { cfg.RequestTimeout = requestTimeout })
+		if d := stuck(t, c, ts); d > ctxTimeout+2*time.Second {
+			t.Fatalf("request with a stuck write returned after %v, want about its context's %v (RequestTimeout %v)", d, ctxTimeout, requestTimeout)
+		}
+		ts.resume()
+		// Received whole: its size is the frame's (the id's digits aside).
+		waitFor(t, 10*time.Second, "the big frame at the server", func() bool { return len(ts.large()) == 1 })
+		if got, want := ts.large()[0], len(bigFrame); got < want || got > want+20 {
+			t.Fatalf("big frame received: %d bytes, want %d (+ id digits)", got, want)
+		}
+		if err := c.Ping(context.Background()); err != nil {
+			t.Fatalf("Ping after the abandoned write: %v", err)
+		}
+		if n := ts.connCount(); n != 1 {
+			t.Fatalf("connections = %d, want 1 (the abandoned write cost the connection)", n)
+		}
+	})
+
+	t.Run("the node never reads again", func(t *testing.T) {
+		const requestTimeout = 4 * time.Second
+		ts := newTServer(t)
+		r := &rec{}
+		c := dial(t, ts, r, func(cfg *Config) { cfg.RequestTimeout = requestTimeout })
+		stuck(t, c, ts)
+		// The write goes on after the request returned, and fails at
+		// RequestTimeout: the connection ends, the client reconnects.
+		waitFor(t, 2*requestTimeout, "disconnected", func() bool { return r.hasState(StateDisconnected) })
+		waitFor(t, 5*time.Second, "reconnected", func() bool { return ts.connCount() == 2 })
+		if err := c.Ping(context.Background()); err != nil {
+			t.Fatalf("Ping after reconnecting: %v", err)
+		}
+	})
+}
+
 // A re-join answered 50000 (a Redis or NATS blip in the node's join) does
 // not drop the room: the client gives that connection up and reconnects
 // with its back-off, and the room is joined again. (It was dropped, as if

@@ -62,10 +62,13 @@ type Config struct {
 
 	// RequestTimeout bounds a request whose context has no deadline (including
 	// the wait for a connection), each connection attempt (dial, upgrade and
-	// hello) and each frame write — also a request's own, whatever its
-	// context: a write cut off half-way ends the connection, so a short
-	// context does not shorten it (a write blocks only while the server
-	// reads nothing). Zero means DefaultRequestTimeout (10 s).
+	// hello) and each frame write. A request returns when its context ends,
+	// even while its frame is being written (a write blocks only while the
+	// server reads nothing), but the write itself goes on in the background:
+	// a frame cut off half-way would end the connection, so a short context
+	// does not cut it. A frame not written within RequestTimeout fails, and
+	// the connection is closed (the client reconnects). Zero means
+	// DefaultRequestTimeout (10 s).
 	RequestTimeout time.Duration
 
 	// ReconnectMin and ReconnectMax bound the reconnect backoff. Reconnect

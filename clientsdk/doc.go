@@ -57,7 +57,10 @@
 //     matched by id. A request in flight when its connection drops fails with
 //     ErrDisconnected; it is never resent, because requests need not be
 //     idempotent. A request issued while reconnecting waits for the connection,
-//     bounded by its context or Config.RequestTimeout.
+//     bounded by its context or Config.RequestTimeout. Its context bounds the
+//     write of its frame too: given up half-way, the frame is finished in the
+//     background (a cut frame would end the connection), so a request that
+//     returned with its context's error may still have been executed.
 //   - Push handling: every push with "ack":true is acknowledged once OnPush
 //     has returned for it (the acks gathered while more events wait go out as
 //     one ack frame when the queue is empty, or after the next callback once

@@ -4,6 +4,7 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -40,6 +41,8 @@ type tServer struct {
 	before     map[int64][][]byte       // frames sent before the reply to a join without since (pushes racing it)
 	afterLeave map[int64][][]byte       // frames sent right after the reply to a leave (a fan-out under way)
 	typeCount  map[string]int
+	stalls     chan struct{} // a "stall" request holds its read loop until resume closes this
+	largeBytes []int         // the sizes of the frames received over proto.MaxFrameBytes (answered 10001)
 	echoes     sync.WaitGroup
 }
 
@@ -58,11 +61,13 @@ type tConn struct {
 
 func newTServer(t *testing.T) *tServer {
 	ts := &tServer{t: t, heartbeatS: 30, refuse: map[int64]bool{}, flaky: map[int64]int{}, pos: map[int64]proto.Position{},
-		lost: map[int64]bool{}, replay: map[int64][][]byte{}, before: map[int64][][]byte{}, afterLeave: map[int64][][]byte{}, typeCount: map[string]int{}}
+		lost: map[int64]bool{}, replay: map[int64][][]byte{}, before: map[int64][][]byte{}, afterLeave: map[int64][][]byte{}, typeCount: map[string]int{},
+		stalls: make(chan struct{})}
 	ts.token.Store("good")
 	ts.up = gws.NewUpgrader(ts, &gws.ServerOption{})
 	ts.hs = httptest.NewServer(ts)
 	t.Cleanup(func() {
+		ts.resume()
 		ts.mu.Lock()
 		conns := ts.conns
 		ts.mu.Unlock()
@@ -129,6 +134,11 @@ func (ts *tServer) OnMessage(ws *gws.Conn, m *gws.Message) {
 	v, _ := ws.Session().Load("c")
 	tc := v.(*tConn)
 	f, perr := proto.DecodeClientFrame(m.Bytes())
+	if n := m.Data.Len(); n > proto.MaxFrameBytes {
+		ts.mu.Lock()
+		ts.largeBytes = append(ts.largeBytes, n)
+		ts.mu.Unlock()
+	}
 	if perr != nil {
 		_ = ws.WriteMessage(gws.OpcodeText, proto.EncodeErrorReply(f.ID, perr))
 		return
@@ -215,10 +225,24 @@ func (ts *tServer) OnMessage(ws *gws.Conn, m *gws.Message) {
 		}()
 	case "fail":
 		reply(proto.EncodeErrorReply(f.ID, proto.ErrForbidden))
+	case "stall": // read nothing more (no reply) until resume: the client's writes fill the socket buffers
+		ts.mu.Lock()
+		ch := ts.stalls
+		ts.mu.Unlock()
+		<-ch
 	case "noreply":
 	default:
 		reply(proto.EncodeErrorReply(f.ID, proto.BadRequest("unknown type %q", f.T)))
 	}
+}
+
+// resume lets the read loops held by "stall" requests read again; the next
+// "stall" holds its loop anew.
+func (ts *tServer) resume() {
+	ts.mu.Lock()
+	close(ts.stalls)
+	ts.stalls = make(chan struct{})
+	ts.mu.Unlock()
 }
 
 // conn returns connection n, waiting for it to exist.
@@ -235,6 +259,13 @@ func (ts *tServer) conn(n int) *tConn {
 		return false
 	})
 	return tc
+}
+
+// large returns the sizes of the frames received over proto.MaxFrameBytes.
+func (ts *tServer) large() []int {
+	ts.mu.Lock()
+	defer ts.mu.Unlock()
+	return slices.Clone(ts.largeBytes)
 }
 
 func (ts *tServer) connCount() int {

@@ -19,6 +19,10 @@ import (
 // request can safely wait for the next connection.
 var errNotSent = errors.New("clientsdk: not sent")
 
+// errWriteUnderWay: the caller's context ended while its frame was being
+// written; the write goes on in the background (see session.write).
+var errWriteUnderWay = errors.New("frame still being written")
+
 // session is one WebSocket connection: its gws event handler, writer lock and
 // pending requests. It never reconnects; the Client replaces it.
 type session struct {
@@ -92,9 +96,23 @@ func (s *session) closeError() error {
 	return &CloseError{Code: s.closeCode, Reason: s.closeReason}
 }
 
-// write sends one text frame. It returns errNotSent when the session ended
-// (or ctx expired: ctx.Err()) before the frame could be written, and the
-// write error otherwise.
+// write sends one text frame (b is the write's until it ends). It returns
+// errNotSent when the session ended, or ctx.Err() when ctx ended, before
+// the frame was started (nothing written); an error wrapping
+// errWriteUnderWay and ctx.Err() when ctx ended while the frame was being
+// written; the write error otherwise.
+//
+// ctx bounds the call, the frame's own write included, but it cannot cut
+// that write short: a WebSocket frame stopped half-way leaves the stream
+// unreadable for the server, and the connection with it — one request's
+// context must not cost every other request its connection. So the frame is
+// written by a goroutine of its own, under the write deadline
+// (RequestTimeout); when ctx ends first, write returns and the frame goes on
+// in the background, holding the write lock (frames after it wait: each is
+// written whole, in order). A frame still not through at RequestTimeout
+// fails, and gws closes the connection on a failed write (nothing follows
+// the cut frame): the session ends and the client reconnects, as when the
+// caller waited for that write itself.
 func (s *session) write(ctx context.Context, b []byte) error {
 	select {
 	case s.wsem <- struct{}{}:
@@ -103,13 +121,47 @@ func (s *session) write(ctx context.Context, b []byte) error {
 	case <-ctx.Done():
 		return ctx.Err()
 	}
-	defer func() { <-s.wsem }()
 	select {
 	case <-s.done:
+		<-s.wsem
 		return errNotSent
 	default:
 	}
 	_ = s.conn.SetWriteDeadline(time.Now().Add(s.c.cfg.RequestTimeout))
+	if ctx.Done() == nil { // a context that never ends: no goroutine needed
+		defer func() { <-s.wsem }()
+		return s.writeFrame(b)
+	}
+	res := make(chan error, 1)
+	go func() {
+		defer func() { <-s.wsem }()
+		res <- s.writeFrame(b)
+	}()
+	select {
+	case err := <-res:
+		return err
+	case <-ctx.Done():
+		select {
+		case err := <-res: // done meanwhile: its outcome, not the context's
+			return err
+		default:
+		}
+		return fmt.Errorf("%w: %w", errWriteUnderWay, ctx.Err())
+	}
+}
+
+// endWrites, once the session is done, waits for a frame write whose caller
+// gave up on it (write): closing the socket fails it at once (the
+// connection is over), and then holding the write lock for good keeps any
+// other from starting. So no writer goroutine outlives its session in the
+// run loop, nor Close.
+func (s *session) endWrites() {
+	_ = s.conn.NetConn().Close()
+	s.wsem <- struct{}{}
+}
+
+// writeFrame writes b under the write lock and the deadline write set.
+func (s *session) writeFrame(b []byte) error {
 	if err := s.conn.WriteMessage(gws.OpcodeText, b); err != nil {
 		return err
 	}
@@ -160,6 +212,11 @@ func (s *session) send(ctx context.Context, typ string, d any, onOK func(d []byt
 		switch {
 		case errors.Is(err, errNotSent):
 			return 0, nil, errNotSent
+		case errors.Is(err, errWriteUnderWay):
+			// Given up while its frame was going out: the request may
+			// still reach the server and run, as after a timeout waiting
+			// for its reply (which, if one comes, finds no pending call).
+			return 0, nil, fmt.Errorf("clientsdk: %s id %d: %w", typ, id, err)
 		case ctx.Err() != nil && errors.Is(err, ctx.Err()):
 			return 0, nil, fmt.Errorf("clientsdk: %s: %w", typ, err)
 		}

@@ -147,5 +147,5 @@ type Stats struct {
 	// after Leave (acked if ack:true).
 	NotJoined int64
 	AcksSent  int64 // mids acknowledged
-	Requests  int64 // request frames written
+	Requests  int64 // request frames written (not those whose request gave up while they were being written)
 }
