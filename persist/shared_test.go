@@ -644,31 +644,8 @@ func TestContribBatchCheckedBeforeWriting(t *testing.T) {
 // the barrier its debit was read as never made, and the rebuilt balance kept
 // the coins.
 func TestRebuildWaitsForAppliesUnderWay(t *testing.T) {
-	addr := redistest.Start(t).Addr
-	n := startShared(t, addr, t.TempDir(), "a", []string{"a"})
-	waitReady(t, n)
-	if _, err := n.w.Apply(Op{User: 1, ReqID: "seed", Postings: []Posting{{User: 1, Delta: 100, Reason: ReasonDev}}}); err != nil {
-		t.Fatal(err)
-	}
-	inScript, release := make(chan struct{}), make(chan struct{})
-	n.w.crashAt = func(p string) bool {
-		if p == "script" {
-			close(inScript)
-			<-release
-		}
-		return false
-	}
-	done := make(chan error, 1)
-	go func() {
-		_, err := n.w.Apply(Op{User: 1, ReqID: "spend", Postings: []Posting{{User: 1, Delta: -60, Reason: ReasonGift}}})
-		done <- err
-	}()
-	<-inScript // the debit ran in Redis; its ledger share is not written yet
-	if err := n.rdb.Do(context.Background(), n.rdb.B().Flushall().Build()).Error(); err != nil {
-		t.Fatal(err)
-	}
-	time.Sleep(500 * time.Millisecond) // the watcher notices the loss and starts a rebuild
-	close(release)
+	n, done, release := rebuildWaitingForADebit(t, 1)
+	release()
 	if err := <-done; err != nil {
 		t.Fatalf("the debit under way: %v", err)
 	}
@@ -681,40 +658,51 @@ func TestRebuildWaitsForAppliesUnderWay(t *testing.T) {
 	}
 }
 
+// rebuildWaitingForADebit is a one-node shared wallet whose users are
+// credited 100 each, with user 1's debit of 60 held between its script and
+// its ledger write (release lets it go on; done gets its outcome) while
+// Redis lost its data: the watcher has noticed, and its rebuild waits for
+// that debit.
+func rebuildWaitingForADebit(t *testing.T, users ...int64) (n *sharedNode, done <-chan error, release func()) {
+	t.Helper()
+	n = startShared(t, redistest.Start(t).Addr, t.TempDir(), "a", []string{"a"})
+	waitReady(t, n)
+	for _, u := range users {
+		if _, err := n.w.Apply(Op{User: u, ReqID: "seed", Postings: []Posting{{User: u, Delta: 100, Reason: ReasonDev}}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	inScript, held := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	n.w.crashAt = func(p string) bool {
+		if p == "script" {
+			once.Do(func() { // the debit's; not the Applies that come after it
+				close(inScript)
+				<-held
+			})
+		}
+		return false
+	}
+	out := make(chan error, 1)
+	go func() {
+		_, err := n.w.Apply(Op{User: 1, ReqID: "spend", Postings: []Posting{{User: 1, Delta: -60, Reason: ReasonGift}}})
+		out <- err
+	}()
+	<-inScript // the debit ran in Redis; its ledger share is not written yet
+	if err := n.rdb.Do(context.Background(), n.rdb.B().Flushall().Build()).Error(); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(500 * time.Millisecond) // the watcher notices the loss and starts a rebuild
+	var releaseOnce sync.Once
+	return n, out, func() { releaseOnce.Do(func() { close(held) }) }
+}
+
 // An Apply that comes while a rebuild waits for the Applies under way is
 // answered "unavailable" at once: it queued behind the rebuild's barrier
 // (for as long as the slowest Apply under way took in Redis, up to its
 // call timeout) only to find no generation.
 func TestApplyDuringTheRebuildBarrierFailsFast(t *testing.T) {
-	addr := redistest.Start(t).Addr
-	n := startShared(t, addr, t.TempDir(), "a", []string{"a"})
-	waitReady(t, n)
-	for _, u := range []int64{1, 2} {
-		if _, err := n.w.Apply(Op{User: u, ReqID: "seed", Postings: []Posting{{User: u, Delta: 100, Reason: ReasonDev}}}); err != nil {
-			t.Fatal(err)
-		}
-	}
-	inScript, release := make(chan struct{}), make(chan struct{})
-	var once sync.Once
-	n.w.crashAt = func(p string) bool {
-		if p == "script" {
-			once.Do(func() {
-				close(inScript)
-				<-release
-			})
-		}
-		return false
-	}
-	done := make(chan error, 1)
-	go func() {
-		_, err := n.w.Apply(Op{User: 1, ReqID: "spend", Postings: []Posting{{User: 1, Delta: -60, Reason: ReasonGift}}})
-		done <- err
-	}()
-	<-inScript // user 1's debit is under way (held between its script and its ledger write)
-	if err := n.rdb.Do(context.Background(), n.rdb.B().Flushall().Build()).Error(); err != nil {
-		t.Fatal(err)
-	}
-	time.Sleep(500 * time.Millisecond) // the watcher notices the loss; its rebuild waits for the debit
+	n, done, release := rebuildWaitingForADebit(t, 1, 2)
 	if n.w.Ready() {
 		t.Fatal("no rebuild under way")
 	}
@@ -725,12 +713,12 @@ func TestApplyDuringTheRebuildBarrierFailsFast(t *testing.T) {
 	}()
 	select {
 	case err := <-other:
-		close(release)
+		release()
 		if !errors.Is(err, ErrWalletUnavailable) {
 			t.Fatalf("an Apply during the rebuild's barrier: %v, want ErrWalletUnavailable", err)
 		}
 	case <-time.After(time.Second):
-		close(release)
+		release()
 		t.Fatalf("an Apply during the rebuild's barrier still waits after 1 s (answered after the debit under way: %v)", <-other)
 	}
 	if err := <-done; err != nil {
