@@ -298,6 +298,13 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 			tallies = n.shared.TallyFresh // the end's scores: not from a cache another node's write may not have reached
 		}
 		n.PK = pk.NewShared(n.Router, n.Rooms.EnsureOpen, n.Redis, tallies, log) // a room opened through another node may not be replicated here yet
+		if n.shared != nil {
+			// Redis lost its data: the running contests this node holds go
+			// back once the wallet (and so the contests' tallies) is rebuilt;
+			// their ends wait for it.
+			n.PK.SetWalletReady(n.shared.Ready)
+			n.shared.OnReady(n.PK.RestoreLost)
+		}
 	} else {
 		n.PK = pk.New(n.Router, n.Rooms.IsOpen, n.Store, n.Wallet.Tally, log)
 	}

@@ -42,10 +42,13 @@ var (
 	//go:embed lua/score.lua
 	scoreLua string
 	//go:embed lua/end.lua
-	endLua      string
-	pairScript  = rueidis.NewLuaScript(pairLua)
-	scoreScript = rueidis.NewLuaScript(scoreLua)
-	endScript   = rueidis.NewLuaScript(endLua)
+	endLua string
+	//go:embed lua/restore.lua
+	restoreLua    string
+	pairScript    = rueidis.NewLuaScript(pairLua)
+	scoreScript   = rueidis.NewLuaScript(scoreLua)
+	endScript     = rueidis.NewLuaScript(endLua)
+	restoreScript = rueidis.NewLuaScript(restoreLua)
 	// waitScript marks a replica's PK gifts in flight at the end time in the
 	// contest's hash (w:<token> = Redis's now + ARGV[2] ms), if it runs.
 	waitScript = rueidis.NewLuaScript(`
@@ -74,9 +77,36 @@ const SyncEvery = time.Second
 func NewShared(r router.Router, isOpen func(int64) bool, rdb rueidis.Client, tallies Tallies, log *slog.Logger) *Service {
 	s := New(r, isOpen, nil, tallies, log)
 	s.sh = &shared{rdb: rdb, byID: map[string]*running{}, byRoom: map[int64]*running{}, every: SyncEvery,
+		over: map[string]*tomb{}, quit: make(chan struct{}), restoreDelay: restoreDelay, lostWait: lostWait,
 		invites: limit.NewShared(rdb, "pkinv", InvitesPerMinute, time.Minute, InviteBurst)}
 	return s
 }
+
+// Redis losing its data (edge/pk/shared.go, docs/wallet.md "PK in a
+// cluster"): restoreDelay is how long after the wallet is ready again a node
+// writes back its running contests (the ended ones it knows go at once, so
+// that a contest another node ended is over before a node that missed its
+// end writes it back running); lostWait is how long a contest must have
+// been gone from Redis, with the wallet ready all along, before a node
+// writes it back without the wallet's signal (its loss was the {pk} keys
+// alone).
+const (
+	restoreDelay = time.Second
+	lostWait     = 10 * time.Second
+)
+
+// SetWalletReady sets ready, which tells whether the wallet's tallies can be
+// read (persist.SharedWallet.Ready: false while a rebuild after a Redis data
+// loss is under way — the tallies are rebuilt then). A contest's end, and
+// its write-back after a loss, wait for it. Set it before Restore; call
+// RestoreLost each time the wallet is ready again (SharedWallet.OnReady).
+func (s *Service) SetWalletReady(ready func() bool) {
+	if s.sh != nil {
+		s.sh.ready = ready
+	}
+}
+
+func (s *Service) walletReady() bool { return s.sh.ready == nil || s.sh.ready() }
 
 // shared is the cluster state of a Service (nil on a single node).
 type shared struct {
@@ -90,10 +120,28 @@ type shared struct {
 	done    chan struct{}
 	// closeOnce stops the Sync loop once (Close may be called twice).
 	closeOnce sync.Once
+	// quit is closed by Close (a write-back's wait ends).
+	quit chan struct{}
+	// ready: SetWalletReady (nil: always).
+	ready func() bool
+	// restoreDelay, lostWait: the constants (tests shorten them).
+	restoreDelay, lostWait time.Duration
 
 	// Under Service.mu.
 	byID   map[string]*running
 	byRoom map[int64]*running
+	// over are the contests this node knows ended (it ended them, or read
+	// them over), kept keepOver: written back after a Redis data loss, so
+	// that no node's write-back revives one, and never adopted again.
+	over map[string]*tomb
+	// readyAt: when RestoreLost last ran (the wallet ready again).
+	readyAt time.Time
+}
+
+// tomb is an ended contest this node knows: its final state.
+type tomb struct {
+	c  Contest // ID, Rooms, EndsAt, Scores, Seq
+	at time.Time
 }
 
 // running is this node's replica of a running contest.
@@ -132,6 +180,16 @@ type running struct {
 	// adopted: when this replica was made (a sync's read from before it
 	// may not list the contest yet).
 	adopted time.Time
+	// lost: the contest is gone from Redis, not over (Redis lost its data):
+	// kept — its end waits — until written back (RestoreLost, or the sync
+	// after lostWait); lostAt: since when.
+	lost   bool
+	lostAt time.Time
+	// seen, seq: the highest scores and seq this node pushed (seq also the
+	// epoch base of a written-back record): a write-back's scores are at
+	// least these, and its seq goes above every seq pushed before.
+	seen [2]int64
+	seq  int64
 }
 
 func (sh *shared) ctx() (context.Context, context.CancelFunc) {
@@ -261,6 +319,9 @@ func (s *Service) startShared(mode, id string, a, b int64, d time.Duration) (Con
 	if r != nil {
 		r.pub.Lock()
 		s.publishShared(c, [2]int64{}, 1, false)
+		s.mu.Lock()
+		s.sawLocked(r, [2]int64{}, 1)
+		s.mu.Unlock()
 		r.pub.Unlock()
 	}
 	c.Seq = 1
@@ -326,15 +387,16 @@ func (s *Service) isClosed() bool {
 func (s *Service) adopt(c Contest) *running {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.closed {
-		return nil
+	if s.closed || s.sh.over[c.ID] != nil {
+		return nil // (known over here: a stale read, or a write-back that missed its end)
 	}
 	if r := s.sh.byID[c.ID]; r != nil {
+		r.seq = max(r.seq, c.Seq)
 		return r
 	}
 	var tok [8]byte
 	_, _ = rand.Read(tok[:])
-	r := &running{c: c, token: hex.EncodeToString(tok[:]), adopted: time.Now()}
+	r := &running{c: c, token: hex.EncodeToString(tok[:]), adopted: time.Now(), seq: c.Seq}
 	s.sh.byID[c.ID] = r
 	s.sh.byRoom[c.Rooms[0]], s.sh.byRoom[c.Rooms[1]] = r, r
 	r.timer = time.AfterFunc(max(0, time.Until(c.EndsAt)), func() { s.closeAtEnd(r) })
@@ -446,7 +508,8 @@ func decodeRunning(v string) (Contest, bool) {
 	if proto.Unmarshal([]byte(v), &rec) != nil || rec.ID == "" {
 		return Contest{}, false
 	}
-	return Contest{ID: rec.ID, Rooms: rec.Rooms, EndsAt: time.UnixMilli(rec.EndsAt)}, true
+	// Seq: the epoch's base (a record written back after a data loss).
+	return Contest{ID: rec.ID, Rooms: rec.Rooms, EndsAt: time.UnixMilli(rec.EndsAt), Seq: rec.Epoch << 32}, true
 }
 
 // syncShared adopts every running contest in Redis this node does not know
@@ -462,20 +525,226 @@ func (s *Service) syncShared() error {
 	}
 	for _, v := range m {
 		if c, ok := decodeRunning(v); ok {
-			s.adopt(c)
+			if r := s.adopt(c); r != nil {
+				s.mu.Lock()
+				r.lost = false // (written back)
+				s.mu.Unlock()
+			}
 		}
 	}
 	// A replica whose contest is no longer running ended elsewhere (before
-	// its end time: its room closed, EndRoom): no more PK gifts join it.
+	// its end time: its room closed, EndRoom) — or Redis lost it: its hash
+	// tells which.
+	var gone []*running
+	now := time.Now()
 	s.mu.Lock()
 	for id, r := range s.sh.byID {
 		if _, running := m[id]; !running && !r.ending && !r.endUnknown && !r.ended && r.adopted.Before(readAt) {
-			s.forgetLocked(r)
-			s.dropTalliesOf(r.c.ID, r.c.Rooms) // ended by end.lua: its scores are final
+			gone = append(gone, r)
+		}
+	}
+	for id, t := range s.sh.over {
+		if now.Sub(t.at) > s.keep {
+			delete(s.sh.over, id)
 		}
 	}
 	s.mu.Unlock()
+	for _, r := range gone {
+		s.checkGone(ctx, r)
+	}
 	return nil
+}
+
+// checkGone reads the hash of r's contest, missing from the running ones:
+// over, r is dropped (no more PK gifts join it); gone too, Redis lost it —
+// r is kept, its end waits, until it is written back: by RestoreLost once
+// the wallet is ready again, or here once it has been lost lostWait with
+// the wallet ready all along (no rebuild: Redis lost the {pk} keys alone).
+// Before, a contest missing from the running ones was forgotten: after a
+// Redis data loss every node forgot its running contests, and none ended.
+func (s *Service) checkGone(ctx context.Context, r *running) {
+	vals, err := s.sh.rdb.Do(ctx, s.sh.rdb.B().Hmget().Key(contestKey(r.c.ID)).Field("state", "s0", "s1", "seq").Build()).ToArray()
+	if err != nil || len(vals) != 4 {
+		return // (the next sync)
+	}
+	state, _ := vals[0].ToString()
+	if state == "over" {
+		var sc [2]int64
+		sc[0], _ = vals[1].AsInt64()
+		sc[1], _ = vals[2].AsInt64()
+		seq, _ := vals[3].AsInt64()
+		s.mu.Lock()
+		if !r.ended && !r.ending && !r.endUnknown {
+			s.forgetLocked(r)
+			s.tombLocked(r.c, sc, seq)
+			s.dropTalliesOf(r.c.ID, r.c.Rooms) // ended by end.lua: its scores are final
+		}
+		s.mu.Unlock()
+		return
+	}
+	now := time.Now()
+	s.mu.Lock()
+	if r.ended {
+		s.mu.Unlock()
+		return
+	}
+	if !r.lost {
+		r.lost, r.lostAt = true, now
+		s.log.Warn("pk: running contest gone from Redis (its data lost?): kept, written back once the wallet is ready", "pk_id", r.c.ID, "rooms", r.c.Rooms)
+	}
+	late := now.Sub(r.lostAt) > s.sh.lostWait && now.Sub(s.sh.readyAt) > s.sh.lostWait
+	s.mu.Unlock()
+	if late && s.walletReady() {
+		s.writeTombs()
+		s.restoreRunning(r)
+	}
+}
+
+// tombLocked records contest c over, with its final scores and seq.
+func (s *Service) tombLocked(c Contest, scores [2]int64, seq int64) {
+	c.Scores, c.Seq, c.Over = scores, seq, true
+	s.sh.over[c.ID] = &tomb{c: c, at: time.Now()}
+}
+
+// RestoreLost writes back to Redis what this node knows of the PK state
+// after Redis lost its data: call it each time the shared wallet is ready
+// again after a rebuild (persist.SharedWallet.OnReady) — the tallies, and
+// so the scores, are back then. The contests it knows ended go first (their
+// final state, so that they stay over), its running contests restoreDelay
+// later: restore.lua puts each back once — scores at least the tallies and
+// what this node pushed, seq in a new epoch above every push before — or
+// ends it at once if one of its rooms was paired again meanwhile. Each then
+// ends at its end time, with its result pushed. Contests no node holds
+// (pending invitations, or a contest every node lost) are not restored.
+func (s *Service) RestoreLost() {
+	if s.sh == nil {
+		return
+	}
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return
+	}
+	s.sh.readyAt = time.Now()
+	s.writes.Add(1)
+	s.mu.Unlock()
+	go func() {
+		defer s.writes.Done()
+		s.writeTombs()
+		select {
+		case <-s.sh.quit:
+			return
+		case <-time.After(s.sh.restoreDelay):
+		}
+		s.mu.Lock()
+		rs := make([]*running, 0, len(s.sh.byID))
+		for _, r := range s.sh.byID {
+			if !r.ended {
+				rs = append(rs, r)
+			}
+		}
+		s.mu.Unlock()
+		for _, r := range rs {
+			s.restoreRunning(r)
+		}
+	}()
+}
+
+// writeTombs writes back the contests this node knows ended (restore.lua's
+// "over": over is final, also over a running write-back).
+func (s *Service) writeTombs() {
+	s.mu.Lock()
+	ts := make([]tomb, 0, len(s.sh.over))
+	for _, t := range s.sh.over {
+		ts = append(ts, *t)
+	}
+	s.mu.Unlock()
+	for _, t := range ts {
+		left := t.at.Add(s.keep).Sub(time.Now())
+		if left <= 0 {
+			continue
+		}
+		rec, err := proto.Marshal(record{ID: t.c.ID, Rooms: t.c.Rooms, EndsAt: t.c.EndsAt.UnixMilli(), Over: true, Scores: t.c.Scores, Seq: t.c.Seq})
+		if err != nil {
+			continue
+		}
+		ctx, cancel := s.sh.ctx()
+		err = restoreScript.Exec(ctx, s.sh.rdb, []string{contestKey(t.c.ID), keyRooms, keyRunning},
+			[]string{"over", t.c.ID, i64(t.c.Rooms[0]), i64(t.c.Rooms[1]), string(rec), i64(t.c.Scores[0]), i64(t.c.Scores[1]),
+				i64(t.c.Seq), i64(max(1, left.Milliseconds())), ""}).Error()
+		cancel()
+		if err != nil {
+			s.log.Warn("pk: ended contest not written back", "pk_id", t.c.ID, "err", err)
+		}
+	}
+}
+
+// restoreRunning writes r's contest back (restore.lua's "run"), if the
+// wallet is ready: its scores are at least the tallies (every acknowledged
+// PK gift, rebuilt with the wallet) and what this node pushed.
+func (s *Service) restoreRunning(r *running) {
+	s.mu.Lock()
+	if s.closed || r.ended {
+		s.mu.Unlock()
+		return
+	}
+	seen, seq := r.seen, r.seq
+	s.mu.Unlock()
+	if !s.walletReady() {
+		return // (the next RestoreLost, or the sync)
+	}
+	var t [2]int64
+	for i, room := range r.c.Rooms {
+		var err error
+		if t[i], err = s.tallies(TallyName(r.c.ID), room); err != nil {
+			s.log.Warn("pk: contest not written back: tallies unread", "pk_id", r.c.ID, "err", err)
+			return
+		}
+	}
+	sc := [2]int64{max(seen[0], t[0]), max(seen[1], t[1])}
+	epoch := seq>>32 + 1
+	rec, err := proto.Marshal(record{ID: r.c.ID, Rooms: r.c.Rooms, EndsAt: r.c.EndsAt.UnixMilli(), Epoch: epoch})
+	if err != nil {
+		return
+	}
+	r.pub.Lock()
+	ctx, cancel := s.sh.ctx()
+	arr, err := restoreScript.Exec(ctx, s.sh.rdb, []string{contestKey(r.c.ID), keyRooms, keyRunning},
+		[]string{"run", r.c.ID, i64(r.c.Rooms[0]), i64(r.c.Rooms[1]), string(rec), i64(sc[0]), i64(sc[1]),
+			i64(epoch << 32), i64(s.keep.Milliseconds()), r.token}).AsIntSlice()
+	cancel()
+	if err == nil && len(arr) == 4 && (arr[0] == 2 || arr[0] == 3) {
+		s.publishShared(r.c, [2]int64{arr[1], arr[2]}, arr[3], arr[0] == 3)
+	}
+	r.pub.Unlock()
+	if err != nil || len(arr) == 0 {
+		s.log.Warn("pk: contest not written back", "pk_id", r.c.ID, "err", err)
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	switch {
+	case arr[0] == 1:
+		r.lost = false
+	case arr[0] == 2 && len(arr) == 4:
+		s.log.Warn("pk: running contest written back after a Redis data loss", "pk_id", r.c.ID, "scores", sc, "seq", arr[3])
+		r.lost = false
+		s.sawLocked(r, [2]int64{arr[1], arr[2]}, arr[3])
+	case (arr[0] == 0 || arr[0] == 3) && len(arr) == 4:
+		if arr[0] == 3 {
+			s.log.Warn("pk: contest lost with Redis's data ended at once: a room of it is in another contest", "pk_id", r.c.ID)
+		}
+		if !r.ended {
+			s.forgetLocked(r)
+			s.tombLocked(r.c, [2]int64{arr[1], arr[2]}, arr[3])
+			s.dropTalliesOf(r.c.ID, r.c.Rooms)
+		}
+	}
+}
+
+// sawLocked notes scores and seq pushed for r.
+func (s *Service) sawLocked(r *running, scores [2]int64, seq int64) {
+	r.seen[0], r.seen[1], r.seq = max(r.seen[0], scores[0]), max(r.seen[1], scores[1]), max(r.seq, seq)
 }
 
 func (s *Service) restoreShared() error {
@@ -506,6 +775,7 @@ func (s *Service) closeShared() {
 	s.closed = true // no contest is adopted, ended or scored from here on
 	s.mu.Unlock()
 	s.sh.closeOnce.Do(func() {
+		close(s.sh.quit)
 		if s.sh.stop != nil {
 			close(s.sh.stop)
 			<-s.sh.done
@@ -586,6 +856,9 @@ func (s *Service) flush(r *running) {
 		cancel()
 		if err == nil && len(arr) == 4 && arr[0] == 1 {
 			s.publishShared(r.c, [2]int64{arr[1], arr[2]}, arr[3], false)
+			s.mu.Lock()
+			s.sawLocked(r, [2]int64{arr[1], arr[2]}, arr[3])
+			s.mu.Unlock()
 		}
 		r.pub.Unlock()
 		if err != nil {
@@ -604,6 +877,13 @@ func (s *Service) endShared(r *running) {
 		s.mu.Unlock()
 		return
 	}
+	if r.lost {
+		// Redis lost the contest: it ends once written back (RestoreLost,
+		// or the sync), with its result pushed — not forgotten unended.
+		r.timer = time.AfterFunc(time.Second, func() { s.endShared(r) })
+		s.mu.Unlock()
+		return
+	}
 	if r.inflight > 0 && time.Now().Before(r.waitUntil) {
 		// This node's PK gifts still being debited: their tallies are not
 		// in Redis yet.
@@ -619,6 +899,16 @@ func (s *Service) endShared(r *running) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	r.ending = false
+	if errors.Is(err, errContestLost) {
+		if !r.lost {
+			r.lost, r.lostAt = true, time.Now()
+			s.log.Warn("pk: contest to end gone from Redis (its data lost?): it ends once written back", "pk_id", r.c.ID)
+		}
+		if !s.closed && !r.ended {
+			r.timer = time.AfterFunc(time.Second, func() { s.endShared(r) })
+		}
+		return
+	}
 	if err == nil && wait {
 		// Another node's PK gifts are still being debited (its mark).
 		if !s.closed && !r.ended {
@@ -641,10 +931,18 @@ func (s *Service) endShared(r *running) {
 	s.dropTalliesOf(r.c.ID, r.c.Rooms) // its final scores are in its hash now
 }
 
+// errContestLost: end.lua found no such contest (Redis lost its data).
+var errContestLost = errors.New("pk: contest gone from Redis")
+
 // endScript runs end.lua with the wallet's tallies; ended: this call ended
 // the contest (and pushed its result); wait: a node's PK gifts are still
-// being debited (its mark), try again shortly.
+// being debited (its mark), or the wallet is not ready (rebuilding after a
+// Redis data loss: its tallies are not all back), try again shortly;
+// errContestLost: Redis lost the contest.
 func (s *Service) endScript(r *running) (ended, wait bool, err error) {
+	if !s.walletReady() {
+		return false, true, nil
+	}
 	var t [2]int64
 	for i, room := range r.c.Rooms {
 		if t[i], err = s.tallies(TallyName(r.c.ID), room); err != nil {
@@ -663,11 +961,19 @@ func (s *Service) endScript(r *running) (ended, wait bool, err error) {
 	if len(arr) == 1 && arr[0] == 2 {
 		return false, true, nil
 	}
-	if len(arr) != 4 || arr[0] != 1 {
+	if len(arr) == 1 && arr[0] == 3 {
+		return false, false, errContestLost
+	}
+	if len(arr) != 4 || (arr[0] != 0 && arr[0] != 1) {
 		return false, false, nil
 	}
-	s.publishShared(r.c, [2]int64{arr[1], arr[2]}, arr[3], true)
-	return true, false, nil
+	if arr[0] == 1 {
+		s.publishShared(r.c, [2]int64{arr[1], arr[2]}, arr[3], true)
+	}
+	s.mu.Lock()
+	s.tombLocked(r.c, [2]int64{arr[1], arr[2]}, arr[3])
+	s.mu.Unlock()
+	return arr[0] == 1, false, nil
 }
 
 // publishShared pushes a contest's state (numbered in Redis) to both rooms.

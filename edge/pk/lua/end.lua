@@ -8,14 +8,20 @@
 -- token (one per node's copy of the contest).
 -- Returns {1, score 0, score 1, seq} (ended here — also to a retry by the
 -- replica that ended it, whose first reply was lost, so it still pushes the
--- result), {0} (not running: ended by another replica, or unknown), or {2}
--- (a node's PK gifts are still being debited: retry shortly).
+-- result), {0, score 0, score 1, seq} (over: ended by another replica), {3}
+-- (no such contest: Redis lost it — the replica keeps it until it is written
+-- back, restore.lua), or {2} (a node's PK gifts are still being debited:
+-- retry shortly).
 local state = redis.call('HGET', KEYS[1], 'state')
 if state == 'over' and redis.call('HGET', KEYS[1], 'ender') == ARGV[7] then
   local r = redis.call('HMGET', KEYS[1], 's0', 's1', 'seq')
   return {1, tonumber(r[1]), tonumber(r[2]), tonumber(r[3])}
 end
-if state ~= 'run' then return {0} end
+if state == 'over' then
+  local r = redis.call('HMGET', KEYS[1], 's0', 's1', 'seq')
+  return {0, tonumber(r[1]) or 0, tonumber(r[2]) or 0, tonumber(r[3]) or 0}
+end
+if state ~= 'run' then return {3} end
 -- A node still debiting PK gifts of the contest marked it (w:<token> = the
 -- mark's deadline, by this clock): the end waits for it (returns {2}: retry)
 -- — not for the caller's own mark (it waited for its gifts itself).

@@ -1,0 +1,243 @@
+package pk
+
+import (
+	"context"
+	"sort"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/redis/rueidis"
+
+	"github.com/liveedge/liveedge/persist"
+	"github.com/liveedge/liveedge/persist/redistest"
+	"github.com/liveedge/liveedge/router"
+	"github.com/liveedge/liveedge/router/routertest"
+)
+
+// openWallets opens the shared wallets of nodes n1 and n2 (one rebuild set)
+// on fresh stores, and waits until they are ready.
+func openWallets(t *testing.T, addr string) (*persist.SharedWallet, *persist.SharedWallet) {
+	t.Helper()
+	var ws []*persist.SharedWallet
+	for _, name := range []string{"n1", "n2"} {
+		st, err := persist.Open(t.TempDir())
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = st.Close() })
+		rdb, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{addr}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(rdb.Close)
+		w, err := persist.NewSharedWallet(st, rdb, persist.SharedConfig{Node: name, Nodes: []string{"n1", "n2"}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(w.Close) // (before the store closes: cleanups run last first)
+		ws = append(ws, w)
+	}
+	for _, w := range ws {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		err := w.WaitReady(ctx)
+		cancel()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	return ws[0], ws[1]
+}
+
+// walletNode is a cluster node's PK service wired to its shared wallet as
+// the gateway wires it: tallies read fresh, its ends wait for the wallet to
+// be ready, and the wallet's OnReady writes its PK state back.
+func walletNode(t *testing.T, addr string, w *persist.SharedWallet, syncEvery time.Duration, rooms ...int64) *node {
+	t.Helper()
+	rdb, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{addr}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(rdb.Close)
+	rt := router.NewLocal("t", router.LocalConfig{})
+	n := &node{watchers: map[int64]*routertest.Recorder{}}
+	for i, room := range rooms {
+		rt.OpenRoom(room)
+		v := &routertest.Recorder{SessionID: uint64(i + 1), User: 1000 + int64(i)}
+		if _, err := rt.Join(room, v); err != nil {
+			t.Fatal(err)
+		}
+		n.watchers[room] = v
+	}
+	n.s = NewShared(rt, func(int64) bool { return true }, rdb, w.TallyFresh, nil)
+	n.s.sh.every = syncEvery
+	n.s.grace = 200 * time.Millisecond
+	n.s.SetWalletReady(w.Ready)
+	w.OnReady(n.s.RestoreLost)
+	if err := n.s.Restore(time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(n.s.Close)
+	return n
+}
+
+// Redis loses its data (FLUSHALL) while a contest runs, with PK gifts
+// scored through two nodes: the wallets rebuild the tallies from the nodes'
+// ledgers, the nodes write the contest back (RestoreLost, on the wallet's
+// OnReady), a gift after that scores on top, and the contest ends at its
+// end time with one final push per room carrying every gift — a seq above
+// every push before the loss. A contest that had ended (on node 1; node 2,
+// whose sync is off, still held it as running) is not revived: its final
+// state is written back by node 1, node 2 drops its copy, no second final.
+// After a second loss, with both ended, nothing comes back running.
+// Before, every node's sync found the running contests gone and forgot
+// them: no final push, ever.
+func TestSharedPKSurvivesRedisDataLoss(t *testing.T) {
+	srv := redistest.Start(t)
+	w1, w2 := openWallets(t, srv.Addr)
+	n1 := walletNode(t, srv.Addr, w1, 50*time.Millisecond, 1, 2, 3, 4)
+	n2 := walletNode(t, srv.Addr, w2, time.Hour, 1, 2, 3, 4) // learns of the loss from its wallet only
+	const giver = 77
+	if _, err := w1.Apply(persist.Op{User: giver, ReqID: "credit", Postings: []persist.Posting{{User: giver, Delta: 1000}}}); err != nil {
+		t.Fatal(err)
+	}
+	var gifts sync.Mutex
+	no := 0
+	// gift debits a PK gift through wallet w, then (unless unscored: its
+	// node died first) scores it through n.
+	gift := func(w *persist.SharedWallet, n *node, id string, room, v int64, scored bool) {
+		t.Helper()
+		gifts.Lock()
+		no++
+		req := "g" + i64(int64(no))
+		gifts.Unlock()
+		if _, err := w.Apply(persist.Op{User: giver, ReqID: req, Postings: []persist.Posting{{User: giver, Delta: -v}},
+			Tallies: []persist.Tally{{Name: TallyName(id), User: room, Delta: v}}}); err != nil {
+			t.Fatal(err)
+		}
+		if scored {
+			n.s.AddScore(room, id, v)
+		}
+	}
+	a, err := n1.s.Start(1, 2, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := n1.s.Start(3, 4, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, room := range []int64{1, 3} {
+		if _, _, ok := n2.s.Running(room); !ok {
+			t.Fatalf("room %d's contest not running through node 2", room)
+		}
+	}
+	gift(w1, n1, a.ID, 1, 5, true)
+	gift(w2, n2, a.ID, 2, 7, true)
+	gift(w1, n1, a.ID, 2, 3, true)
+	gift(w2, n2, a.ID, 1, 4, false) // debited, never scored: only its tally has it
+	poll(t, 3*time.Second, "the score pushes", func() bool {
+		for _, p := range pushes(a.ID, 1, n1, n2) {
+			if p.Scores["1"] == 5 && p.Scores["2"] == 10 {
+				return true
+			}
+		}
+		return false
+	})
+	var seqBefore int64
+	for _, p := range pushes(a.ID, 1, n1, n2) {
+		seqBefore = max(seqBefore, p.Seq)
+	}
+	// Contest b ends on node 1 (its room closed); node 2 has not learnt it.
+	n1.s.EndRoom(3)
+	poll(t, 3*time.Second, "b's final push", func() bool { return len(finals(pushes(b.ID, 4, n1, n2))) == 1 })
+	n2.s.mu.Lock()
+	held := n2.s.sh.byID[b.ID] != nil
+	n2.s.mu.Unlock()
+	if !held {
+		t.Fatal("node 2 already dropped b (the test needs it to miss b's end)")
+	}
+
+	flush := func() {
+		t.Helper()
+		c := srv.Client(t)
+		if err := c.Do(context.Background(), c.B().Flushall().Build()).Error(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	flush()
+	t.Logf("FLUSHALL at %v before a's end", time.Until(a.EndsAt).Round(time.Millisecond))
+	poll(t, 4*time.Second, "a written back to Redis", func() bool {
+		c := srv.Client(t)
+		ok, _ := c.Do(context.Background(), c.B().Hexists().Key(keyRunning).Field(a.ID).Build()).AsBool()
+		return ok
+	})
+	if time.Now().After(a.EndsAt) {
+		t.Fatal("the write-back came after a's end time (the test needs it before)")
+	}
+	if _, _, ok := n1.s.Running(1); !ok {
+		t.Fatal("a not running through node 1 after its write-back")
+	}
+	gift(w2, n2, a.ID, 1, 2, true) // after the write-back: scores on top
+	for _, room := range []int64{1, 2} {
+		poll(t, time.Until(a.EndsAt)+5*time.Second, "a's final push", func() bool { return len(finals(pushes(a.ID, room, n1, n2))) > 0 })
+	}
+	time.Sleep(300 * time.Millisecond) // a second final, if any, would be here by now
+	for _, room := range []int64{1, 2} {
+		ps := pushes(a.ID, room, n1, n2)
+		f := finals(ps)
+		if len(f) != 1 {
+			t.Fatalf("room %d: %d final pushes of a, want 1: %+v", room, len(f), f)
+		}
+		t.Logf("room %d: a's final push %+v (seq before the loss ≤ %d)", room, f[0], seqBefore)
+		if f[0].Scores["1"] != 11 || f[0].Scores["2"] != 10 || f[0].Winner != 1 {
+			t.Fatalf("room %d: a's final %+v, want 11:10, room 1 winning", room, f[0])
+		}
+		if f[0].Seq <= seqBefore {
+			t.Fatalf("room %d: a's final seq %d not above the pushes before the loss (%d)", room, f[0].Seq, seqBefore)
+		}
+		sort.Slice(ps, func(x, y int) bool { return ps[x].Seq < ps[y].Seq })
+		if last := ps[len(ps)-1]; !last.Over {
+			t.Fatalf("room %d: a's highest seq is not the final: %+v", room, last)
+		}
+	}
+	if time.Now().Before(a.EndsAt) {
+		t.Fatal("a ended before its end time")
+	}
+	// b stayed ended: one final, over in Redis, node 2's copy gone.
+	if f := finals(pushes(b.ID, 4, n1, n2)); len(f) != 1 {
+		t.Fatalf("b's finals %+v, want the one from before the loss", f)
+	}
+	if got, ok := n2.s.Get(b.ID); !ok || !got.Over {
+		t.Fatalf("b through node 2: %+v %v, want over", got, ok)
+	}
+	for i, n := range []*node{n1, n2} {
+		for _, room := range []int64{1, 3} {
+			if _, _, ok := n.s.Running(room); ok {
+				t.Fatalf("room %d's contest still running through node %d", room, i+1)
+			}
+		}
+	}
+
+	// A second loss, both contests ended: nothing comes back running.
+	pushed := len(pushes(a.ID, 1, n1, n2)) + len(pushes(b.ID, 4, n1, n2))
+	flush()
+	time.Sleep(3 * time.Second) // the rebuild, the write-backs and a few syncs
+	c := srv.Client(t)
+	if run, err := c.Do(context.Background(), c.B().Hlen().Key(keyRunning).Build()).AsInt64(); err != nil || run != 0 {
+		t.Fatalf("running contests after the second loss: %d %v, want none", run, err)
+	}
+	if got, ok := n2.s.Get(a.ID); !ok || !got.Over || got.Scores != [2]int64{11, 10} {
+		t.Fatalf("a after the second loss: %+v %v, want over 11:10", got, ok)
+	}
+	if p := len(pushes(a.ID, 1, n1, n2)) + len(pushes(b.ID, 4, n1, n2)); p != pushed {
+		t.Fatalf("%d pushes after the second loss, want none", p-pushed)
+	}
+	for i, n := range []*node{n1, n2} {
+		for _, room := range []int64{1, 3} {
+			if _, _, ok := n.s.Running(room); ok {
+				t.Fatalf("room %d's contest running again through node %d", room, i+1)
+			}
+		}
+	}
+}
