@@ -241,3 +241,110 @@ func TestSharedPKSurvivesRedisDataLoss(t *testing.T) {
 		}
 	}
 }
+
+// Two contests lost with Redis's data: a's end time passes while Redis is
+// empty and the wallets rebuild — its end waits (the contest gone, then
+// the tallies not back) and comes once a is written back, with every gift;
+// c's room 4 is paired again (with room 5) before c is written back — c
+// ends at once, its final push carrying its scores, and the new contest
+// runs on.
+func TestSharedPKLostContestEndsLateOrAtOnce(t *testing.T) {
+	srv := redistest.Start(t)
+	w1, w2 := openWallets(t, srv.Addr)
+	n1 := walletNode(t, srv.Addr, w1, 50*time.Millisecond, 1, 2, 3, 4, 5)
+	n2 := walletNode(t, srv.Addr, w2, 50*time.Millisecond, 1, 2, 3, 4, 5)
+	const giver = 77
+	if _, err := w1.Apply(persist.Op{User: giver, ReqID: "credit", Postings: []persist.Posting{{User: giver, Delta: 1000}}}); err != nil {
+		t.Fatal(err)
+	}
+	gift := func(w *persist.SharedWallet, n *node, id string, room, v int64, req string) {
+		t.Helper()
+		if _, err := w.Apply(persist.Op{User: giver, ReqID: req, Postings: []persist.Posting{{User: giver, Delta: -v}},
+			Tallies: []persist.Tally{{Name: TallyName(id), User: room, Delta: v}}}); err != nil {
+			t.Fatal(err)
+		}
+		n.s.AddScore(room, id, v)
+	}
+	a, err := n1.s.Start(1, 2, 1500*time.Millisecond)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := n2.s.Start(3, 4, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	poll(t, 2*time.Second, "both contests on both nodes", func() bool {
+		_, _, ok1 := n1.s.Running(4)
+		_, _, ok2 := n2.s.Running(1)
+		return ok1 && ok2
+	})
+	gift(w1, n1, a.ID, 2, 6, "a1")
+	gift(w2, n2, a.ID, 1, 4, "a2")
+	gift(w2, n2, c.ID, 3, 8, "c1")
+	poll(t, 3*time.Second, "the score pushes", func() bool {
+		return len(pushes(a.ID, 1, n1, n2)) >= 3 && len(pushes(c.ID, 3, n1, n2)) >= 2
+	})
+	time.Sleep(time.Until(a.EndsAt) - 100*time.Millisecond)
+	cl := srv.Client(t)
+	if err := cl.Do(context.Background(), cl.B().Flushall().Build()).Error(); err != nil {
+		t.Fatal(err)
+	}
+	// Room 4 paired again before the write-back (the room index is empty).
+	d, err := n1.s.Start(4, 5, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []struct {
+		id     string
+		room   int64
+		scores map[string]int64
+	}{{a.ID, 1, map[string]int64{"1": 4, "2": 6}}, {c.ID, 3, map[string]int64{"3": 8, "4": 0}}} {
+		poll(t, 8*time.Second, "the final push", func() bool { return len(finals(pushes(want.id, want.room, n1, n2))) > 0 })
+		time.Sleep(200 * time.Millisecond)
+		f := finals(pushes(want.id, want.room, n1, n2))
+		t.Logf("final %+v", f)
+		if len(f) != 1 || f[0].Scores[i64(want.room)] != want.scores[i64(want.room)] || len(f[0].Scores) != 2 {
+			t.Fatalf("finals %+v, want one with %v", f, want.scores)
+		}
+		for r, v := range want.scores {
+			if f[0].Scores[r] != v {
+				t.Fatalf("final %+v, want scores %v", f[0], want.scores)
+			}
+		}
+	}
+	if id, _, ok := n2.s.Running(4); !ok || id != d.ID {
+		t.Fatalf("room 4 through node 2: %q %v, want the new contest %s", id, ok, d.ID)
+	}
+	if _, _, ok := n2.s.Running(3); ok {
+		t.Fatal("c still running")
+	}
+}
+
+// Redis loses the {pk} keys alone (the wallet's are there: no rebuild, no
+// OnReady): a node whose sync finds its running contest gone keeps it, and
+// after lostWait writes it back itself; it ends at its time with its score.
+func TestSharedPKKeysAloneLostWrittenBack(t *testing.T) {
+	rdb, w := newRedis(t), &fakeWallet{}
+	n1 := newNode(t, rdb, w, 1, 2)
+	n1.s.mu.Lock()
+	n1.s.sh.lostWait = 300 * time.Millisecond
+	n1.s.mu.Unlock()
+	c, err := n1.s.Start(1, 2, 2*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.add(TallyName(c.ID), 2, 9)
+	n1.s.AddScore(2, c.ID, 9)
+	poll(t, 2*time.Second, "the score push", func() bool { return len(pushes(c.ID, 2, n1)) == 2 })
+	if err := rdb.Do(context.Background(), rdb.B().Del().Key(keyRunning, keyRooms, contestKey(c.ID)).Build()).Error(); err != nil {
+		t.Fatal(err)
+	}
+	poll(t, 3*time.Second, "written back", func() bool {
+		ok, _ := rdb.Do(context.Background(), rdb.B().Hexists().Key(keyRunning).Field(c.ID).Build()).AsBool()
+		return ok
+	})
+	poll(t, 5*time.Second, "the final push", func() bool { return len(finals(pushes(c.ID, 1, n1))) == 1 })
+	if f := finals(pushes(c.ID, 1, n1)); f[0].Scores["2"] != 9 || f[0].Winner != 2 || f[0].Seq < 1<<32 {
+		t.Fatalf("final %+v, want room 2 winning 9:0 in a new epoch", f[0])
+	}
+}
