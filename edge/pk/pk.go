@@ -22,7 +22,8 @@
 //
 // In a cluster (NewShared, shared.go) invitations, contests, scores and the
 // pushes' seq live in Redis instead, and any node's timer ends a contest,
-// once.
+// once. If Redis loses its data, the nodes write back the contests they hold
+// once the shared wallet has rebuilt the tallies (RestoreLost).
 //
 // On a single node, state is in memory behind one mutex; pushes are queued under it (Publish
 // never blocks), so both rooms see a contest's pushes in sequence order and
