@@ -185,9 +185,16 @@ type running struct {
 	// after lostWait); lostAt: since when.
 	lost   bool
 	lostAt time.Time
-	// seen, seq: the highest scores and seq this node pushed (seq also the
-	// epoch base of a written-back record): a write-back's scores are at
-	// least these, and its seq goes above every seq pushed before.
+	// rewrite: a write-back of this replica (restoreRunning) got no answer,
+	// or could not run (the wallet not ready, its tallies unread): the
+	// sync tries again (restore.lua answers a retry as the first call).
+	rewrite bool
+	// seen: the highest sums of gifts added (score.lua's s0/s1, never the
+	// tallies' floor) this node read; seq: the highest seq it pushed (also
+	// the epoch base of a written-back record). A write-back's sums are
+	// these — gifts not in them (their score.lua call lost) count through
+	// the floor from the tallies — and its seq goes above every seq pushed
+	// before.
 	seen [2]int64
 	seq  int64
 }
@@ -525,22 +532,24 @@ func (s *Service) syncShared() error {
 	}
 	for _, v := range m {
 		if c, ok := decodeRunning(v); ok {
-			if r := s.adopt(c); r != nil {
-				s.mu.Lock()
-				r.lost = false // (written back)
-				s.mu.Unlock()
-			}
+			s.adopt(c)
 		}
 	}
 	// A replica whose contest is no longer running ended elsewhere (before
 	// its end time: its room closed, EndRoom) — or Redis lost it: its hash
-	// tells which.
-	var gone []*running
+	// tells which. So does it for a replica found lost (listed or not: the
+	// running list and the hash can be lost apart, e.g. evicted), which
+	// stays lost until its hash says it runs; a replica whose write-back is
+	// to be tried again goes to restore.lua straight.
+	var check []*running
 	now := time.Now()
 	s.mu.Lock()
 	for id, r := range s.sh.byID {
-		if _, running := m[id]; !running && !r.ending && !r.endUnknown && !r.ended && r.adopted.Before(readAt) {
-			gone = append(gone, r)
+		if r.ended {
+			continue
+		}
+		if _, listed := m[id]; r.lost || r.rewrite || !listed && !r.ending && !r.endUnknown && r.adopted.Before(readAt) {
+			check = append(check, r)
 		}
 	}
 	for id, t := range s.sh.over {
@@ -549,26 +558,63 @@ func (s *Service) syncShared() error {
 		}
 	}
 	s.mu.Unlock()
-	for _, r := range gone {
-		s.checkGone(ctx, r)
+	var restore []*running
+	for _, r := range check {
+		if s.quitting() {
+			return nil
+		}
+		if s.checkGone(ctx, r) {
+			restore = append(restore, r)
+		}
+	}
+	if len(restore) > 0 && s.walletReady() {
+		s.writeTombs() // (once per pass: the contests known ended go first)
+		for _, r := range restore {
+			if s.quitting() {
+				return nil
+			}
+			s.restoreRunning(r)
+		}
 	}
 	return nil
 }
 
-// checkGone reads the hash of r's contest, missing from the running ones:
-// over, r is dropped (no more PK gifts join it); gone too, Redis lost it —
-// r is kept, its end waits, until it is written back: by RestoreLost once
-// the wallet is ready again, or here once it has been lost lostWait with
-// the wallet ready all along (no rebuild: Redis lost the {pk} keys alone).
-// Before, a contest missing from the running ones was forgotten: after a
-// Redis data loss every node forgot its running contests, and none ended.
-func (s *Service) checkGone(ctx context.Context, r *running) {
+func (s *Service) quitting() bool {
+	select {
+	case <-s.sh.quit:
+		return true
+	default:
+		return false
+	}
+}
+
+// checkGone reads the hash of r's contest, missing from the running ones
+// (or r found lost): over, r is dropped (no more PK gifts join it);
+// running, r is not lost (written back, by any node — also between the
+// sync's two reads); gone, Redis lost it — r is kept, its end waits, until
+// it is written back: by RestoreLost once the wallet is ready again, or,
+// reported here (restore), once it has been lost lostWait and the wallet
+// has been ready lostWait (no rebuild: Redis lost the {pk} keys alone; or
+// one that came after the last rebuild, or whose write-back missed it).
+// Every lost replica is written back within lostWait of the wallet being
+// ready: its end never waits for ever. A replica whose write-back is to be
+// tried again (rewrite) is reported at once, unread. Before, a contest
+// missing from the running ones was forgotten: after a Redis data loss
+// every node forgot its running contests, and none ended.
+func (s *Service) checkGone(ctx context.Context, r *running) (restore bool) {
+	s.mu.Lock()
+	rewrite := r.rewrite
+	s.mu.Unlock()
+	if rewrite {
+		return true // (restore.lua answers an earlier call whose reply was lost as that call)
+	}
 	vals, err := s.sh.rdb.Do(ctx, s.sh.rdb.B().Hmget().Key(contestKey(r.c.ID)).Field("state", "s0", "s1", "seq").Build()).ToArray()
 	if err != nil || len(vals) != 4 {
-		return // (the next sync)
+		return false // (the next sync)
 	}
 	state, _ := vals[0].ToString()
-	if state == "over" {
+	switch state {
+	case "over":
 		var sc [2]int64
 		sc[0], _ = vals[1].AsInt64()
 		sc[1], _ = vals[2].AsInt64()
@@ -580,24 +626,24 @@ func (s *Service) checkGone(ctx context.Context, r *running) {
 			s.dropTalliesOf(r.c.ID, r.c.Rooms) // ended by end.lua: its scores are final
 		}
 		s.mu.Unlock()
-		return
+		return false
+	case "run":
+		s.mu.Lock()
+		r.lost = false
+		s.mu.Unlock()
+		return false
 	}
 	now := time.Now()
 	s.mu.Lock()
+	defer s.mu.Unlock()
 	if r.ended {
-		s.mu.Unlock()
-		return
+		return false
 	}
 	if !r.lost {
 		r.lost, r.lostAt = true, now
 		s.log.Warn("pk: running contest gone from Redis (its data lost?): kept, written back once the wallet is ready", "pk_id", r.c.ID, "rooms", r.c.Rooms)
 	}
-	late := now.Sub(r.lostAt) > s.sh.lostWait && now.Sub(s.sh.readyAt) > s.sh.lostWait
-	s.mu.Unlock()
-	if late && s.walletReady() {
-		s.writeTombs()
-		s.restoreRunning(r)
-	}
+	return now.Sub(r.lostAt) > s.sh.lostWait && now.Sub(s.sh.readyAt) > s.sh.lostWait
 }
 
 // tombLocked records contest c over, with its final scores and seq.
@@ -611,10 +657,11 @@ func (s *Service) tombLocked(c Contest, scores [2]int64, seq int64) {
 // again after a rebuild (persist.SharedWallet.OnReady) — the tallies, and
 // so the scores, are back then. The contests it knows ended go first (their
 // final state, so that they stay over), its running contests restoreDelay
-// later: restore.lua puts each back once — scores at least the tallies and
-// what this node pushed, seq in a new epoch above every push before — or
-// ends it at once if one of its rooms was paired again meanwhile. Each then
-// ends at its end time, with its result pushed. Contests no node holds
+// later: restore.lua puts each back once — its sums of gifts as this node
+// read them, the tallies as a floor, seq in a new epoch above every push
+// before — or ends it at once if one of its rooms was paired again
+// meanwhile. Each then ends at its end time, with its result pushed. A
+// write-back that fails is tried again by the sync. Contests no node holds
 // (pending invitations, or a contest every node lost) are not restored.
 func (s *Service) RestoreLost() {
 	if s.sh == nil {
@@ -645,20 +692,31 @@ func (s *Service) RestoreLost() {
 		}
 		s.mu.Unlock()
 		for _, r := range rs {
+			if s.quitting() {
+				return
+			}
 			s.restoreRunning(r)
 		}
 	}()
 }
 
 // writeTombs writes back the contests this node knows ended (restore.lua's
-// "over": over is final, also over a running write-back).
+// "over": over is final, also over a running write-back), in one pipeline.
+// One written over a running write-back — a node that had missed its end
+// wrote it back first, and it may have pushed scores since — gets its
+// final pushed again, with a seq above that write-back's pushes.
 func (s *Service) writeTombs() {
+	if s.quitting() {
+		return
+	}
 	s.mu.Lock()
 	ts := make([]tomb, 0, len(s.sh.over))
 	for _, t := range s.sh.over {
 		ts = append(ts, *t)
 	}
 	s.mu.Unlock()
+	execs := make([]rueidis.LuaExec, 0, len(ts))
+	kept := ts[:0]
 	for _, t := range ts {
 		left := t.at.Add(s.keep).Sub(time.Now())
 		if left <= 0 {
@@ -668,20 +726,50 @@ func (s *Service) writeTombs() {
 		if err != nil {
 			continue
 		}
-		ctx, cancel := s.sh.ctx()
-		err = restoreScript.Exec(ctx, s.sh.rdb, []string{contestKey(t.c.ID), keyRooms, keyRunning},
-			[]string{"over", t.c.ID, i64(t.c.Rooms[0]), i64(t.c.Rooms[1]), string(rec), i64(t.c.Scores[0]), i64(t.c.Scores[1]),
-				i64(t.c.Seq), i64(max(1, left.Milliseconds())), ""}).Error()
-		cancel()
+		kept = append(kept, t)
+		execs = append(execs, rueidis.LuaExec{Keys: []string{contestKey(t.c.ID), keyRooms, keyRunning},
+			Args: []string{"over", t.c.ID, i64(t.c.Rooms[0]), i64(t.c.Rooms[1]), string(rec), i64(t.c.Scores[0]), i64(t.c.Scores[1]),
+				i64(t.c.Seq), i64(max(1, left.Milliseconds())), ""}})
+	}
+	if len(execs) == 0 {
+		return
+	}
+	ctx, cancel := s.sh.ctx()
+	res := restoreScript.ExecMulti(ctx, s.sh.rdb, execs...)
+	cancel()
+	failed := 0
+	var lastErr error
+	for i, rr := range res {
+		arr, err := rr.AsIntSlice()
 		if err != nil {
-			s.log.Warn("pk: ended contest not written back", "pk_id", t.c.ID, "err", err)
+			failed, lastErr = failed+1, err
+			continue
 		}
+		if len(arr) == 4 && arr[0] == 2 {
+			t := kept[i]
+			s.log.Warn("pk: ended contest written back over a running write-back: its final pushed again", "pk_id", t.c.ID, "seq", arr[3])
+			s.publishShared(t.c, [2]int64{arr[1], arr[2]}, arr[3], true)
+			s.mu.Lock()
+			if x := s.sh.over[t.c.ID]; x != nil {
+				x.c.Seq = max(x.c.Seq, arr[3])
+			}
+			s.mu.Unlock()
+		}
+	}
+	if failed > 0 {
+		s.log.Warn("pk: ended contests not written back", "count", failed, "err", lastErr)
 	}
 }
 
 // restoreRunning writes r's contest back (restore.lua's "run"), if the
-// wallet is ready: its scores are at least the tallies (every acknowledged
-// PK gift, rebuilt with the wallet) and what this node pushed.
+// wallet is ready: its sums of gifts are the highest this node read
+// (score.lua's, never the tallies: gifts keep being added onto the sums,
+// and one counted in a tally whose score is added after the write-back —
+// its score.lua call queued, or its debit answered in doubt and settled
+// later — would count twice), its floor the tallies (every acknowledged PK
+// gift, rebuilt with the wallet: those whose score.lua call was lost). A
+// call without an answer, or that could not run, is tried again by the
+// sync (rewrite).
 func (s *Service) restoreRunning(r *running) {
 	s.mu.Lock()
 	if s.closed || r.ended {
@@ -690,47 +778,61 @@ func (s *Service) restoreRunning(r *running) {
 	}
 	seen, seq := r.seen, r.seq
 	s.mu.Unlock()
+	retry := func() {
+		s.mu.Lock()
+		r.rewrite = !r.ended
+		s.mu.Unlock()
+	}
 	if !s.walletReady() {
-		return // (the next RestoreLost, or the sync)
+		retry()
+		return
 	}
 	var t [2]int64
 	for i, room := range r.c.Rooms {
 		var err error
 		if t[i], err = s.tallies(TallyName(r.c.ID), room); err != nil {
 			s.log.Warn("pk: contest not written back: tallies unread", "pk_id", r.c.ID, "err", err)
+			retry()
 			return
 		}
 	}
-	sc := [2]int64{max(seen[0], t[0]), max(seen[1], t[1])}
 	epoch := seq>>32 + 1
 	rec, err := proto.Marshal(record{ID: r.c.ID, Rooms: r.c.Rooms, EndsAt: r.c.EndsAt.UnixMilli(), Epoch: epoch})
 	if err != nil {
 		return
 	}
 	r.pub.Lock()
+	defer r.pub.Unlock()
+	s.mu.Lock()
+	done := r.ended || s.sh.over[r.c.ID] != nil // (its end's retry pushed the result meanwhile: endScript)
+	s.mu.Unlock()
+	if done {
+		return
+	}
 	ctx, cancel := s.sh.ctx()
 	arr, err := restoreScript.Exec(ctx, s.sh.rdb, []string{contestKey(r.c.ID), keyRooms, keyRunning},
-		[]string{"run", r.c.ID, i64(r.c.Rooms[0]), i64(r.c.Rooms[1]), string(rec), i64(sc[0]), i64(sc[1]),
-			i64(epoch << 32), i64(s.keep.Milliseconds()), r.token}).AsIntSlice()
+		[]string{"run", r.c.ID, i64(r.c.Rooms[0]), i64(r.c.Rooms[1]), string(rec), i64(seen[0]), i64(seen[1]),
+			i64(epoch << 32), i64(s.keep.Milliseconds()), r.token, i64(t[0]), i64(t[1])}).AsIntSlice()
 	cancel()
-	if err == nil && len(arr) == 4 && (arr[0] == 2 || arr[0] == 3) {
-		s.publishShared(r.c, [2]int64{arr[1], arr[2]}, arr[3], arr[0] == 3)
-	}
-	r.pub.Unlock()
-	if err != nil || len(arr) == 0 {
-		s.log.Warn("pk: contest not written back", "pk_id", r.c.ID, "err", err)
+	if err != nil || len(arr) == 0 || (arr[0] != 1 && len(arr) != 4) {
+		s.log.Warn("pk: contest not written back, retrying", "pk_id", r.c.ID, "err", err)
+		retry()
 		return
+	}
+	if arr[0] == 2 || arr[0] == 3 {
+		s.publishShared(r.c, [2]int64{arr[1], arr[2]}, arr[3], arr[0] == 3)
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	switch {
-	case arr[0] == 1:
+	r.rewrite = false
+	switch arr[0] {
+	case 1:
 		r.lost = false
-	case arr[0] == 2 && len(arr) == 4:
-		s.log.Warn("pk: running contest written back after a Redis data loss", "pk_id", r.c.ID, "scores", sc, "seq", arr[3])
+	case 2:
+		s.log.Warn("pk: running contest written back after a Redis data loss", "pk_id", r.c.ID, "sums", seen, "tallies", t, "seq", arr[3])
 		r.lost = false
-		s.sawLocked(r, [2]int64{arr[1], arr[2]}, arr[3])
-	case (arr[0] == 0 || arr[0] == 3) && len(arr) == 4:
+		s.sawLocked(r, seen, arr[3])
+	case 0, 3:
 		if arr[0] == 3 {
 			s.log.Warn("pk: contest lost with Redis's data ended at once: a room of it is in another contest", "pk_id", r.c.ID)
 		}
@@ -742,7 +844,7 @@ func (s *Service) restoreRunning(r *running) {
 	}
 }
 
-// sawLocked notes scores and seq pushed for r.
+// sawLocked notes the sums of gifts read and the seq pushed for r.
 func (s *Service) sawLocked(r *running, scores [2]int64, seq int64) {
 	r.seen[0], r.seen[1], r.seq = max(r.seen[0], scores[0]), max(r.seen[1], scores[1]), max(r.seq, seq)
 }
@@ -854,10 +956,10 @@ func (s *Service) flush(r *running) {
 		ctx, cancel := s.sh.ctx()
 		arr, err := scoreScript.Exec(ctx, s.sh.rdb, []string{contestKey(r.c.ID)}, []string{i64(p[0]), i64(p[1])}).AsIntSlice()
 		cancel()
-		if err == nil && len(arr) == 4 && arr[0] == 1 {
+		if err == nil && len(arr) == 6 && arr[0] == 1 {
 			s.publishShared(r.c, [2]int64{arr[1], arr[2]}, arr[3], false)
 			s.mu.Lock()
-			s.sawLocked(r, [2]int64{arr[1], arr[2]}, arr[3])
+			s.sawLocked(r, [2]int64{arr[4], arr[5]}, arr[3])
 			s.mu.Unlock()
 		}
 		r.pub.Unlock()
@@ -900,6 +1002,10 @@ func (s *Service) endShared(r *running) {
 	defer s.mu.Unlock()
 	r.ending = false
 	if errors.Is(err, errContestLost) {
+		// Not ended by an earlier attempt of this replica whose reply was
+		// lost (end.lua would answer it {1}): nothing to learn from a
+		// retry, and the sync must see the replica (its write-back).
+		r.endUnknown = false
 		if !r.lost {
 			r.lost, r.lostAt = true, time.Now()
 			s.log.Warn("pk: contest to end gone from Redis (its data lost?): it ends once written back", "pk_id", r.c.ID)
@@ -951,6 +1057,12 @@ func (s *Service) endScript(r *running) (ended, wait bool, err error) {
 	}
 	r.pub.Lock()
 	defer r.pub.Unlock()
+	s.mu.Lock()
+	known := s.sh.over[r.c.ID] != nil // (its write-back's retry ended it and pushed the result: restoreRunning)
+	s.mu.Unlock()
+	if known {
+		return false, false, nil
+	}
 	ctx, cancel := s.sh.ctx()
 	defer cancel()
 	arr, err := endScript.Exec(ctx, s.sh.rdb, []string{contestKey(r.c.ID), keyRooms, keyRunning},
@@ -1005,8 +1117,11 @@ func (s *Service) getShared(id string) (Contest, bool) {
 	if !ok {
 		return Contest{}, false
 	}
-	c.Scores[0], _ = strconv.ParseInt(m["s0"], 10, 64)
-	c.Scores[1], _ = strconv.ParseInt(m["s1"], 10, 64)
+	for i, k := range [2]string{"0", "1"} {
+		sum, _ := strconv.ParseInt(m["s"+k], 10, 64)
+		floor, _ := strconv.ParseInt(m["f"+k], 10, 64) // (a written-back contest's: score.lua)
+		c.Scores[i] = max(sum, floor)
+	}
 	c.Seq, _ = strconv.ParseInt(m["seq"], 10, 64)
 	c.Over = m["state"] == "over"
 	return c, true

@@ -2,6 +2,8 @@ package pk
 
 import (
 	"context"
+	"crypto/sha1"
+	"fmt"
 	"sort"
 	"sync"
 	"testing"
@@ -346,5 +348,248 @@ func TestSharedPKKeysAloneLostWrittenBack(t *testing.T) {
 	poll(t, 5*time.Second, "the final push", func() bool { return len(finals(pushes(c.ID, 1, n1))) == 1 })
 	if f := finals(pushes(c.ID, 1, n1)); f[0].Scores["2"] != 9 || f[0].Winner != 2 || f[0].Seq < 1<<32 {
 		t.Fatalf("final %+v, want room 2 winning 9:0 in a new epoch", f[0])
+	}
+}
+
+// loseKeys deletes the {pk} keys of contest id (Redis lost them).
+func loseKeys(t *testing.T, rdb rueidis.Client, keys ...string) {
+	t.Helper()
+	if err := rdb.Do(context.Background(), rdb.B().Del().Key(keys...).Build()).Error(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// listed tells whether contest id is in the running contests in Redis.
+func listed(rdb rueidis.Client, id string) bool {
+	ok, _ := rdb.Do(context.Background(), rdb.B().Hexists().Key(keyRunning).Field(id).Build()).AsBool()
+	return ok
+}
+
+// settled waits until no node holds contest id: none can push it again.
+func settled(t *testing.T, d time.Duration, id string, nodes ...*node) {
+	t.Helper()
+	poll(t, d, "no node holding "+id, func() bool {
+		for _, n := range nodes {
+			n.s.mu.Lock()
+			held := n.s.sh.byID[id] != nil
+			n.s.mu.Unlock()
+			if held {
+				return false
+			}
+		}
+		return true
+	})
+}
+
+// A gift counted in a tally when its contest is written back, whose score
+// is added after the write-back (its score.lua call queued meanwhile, or its
+// debit answered in doubt and settled later), counts once: the write-back
+// puts the sums of gifts added (5) and the tallies as a floor (9), and the
+// gift's 4 goes onto the sums. Before, the write-back put max(sums,
+// tallies) = 9 into the sums and the gift's 4 went on top: 13.
+func TestSharedPKWriteBackCountsEachGiftOnce(t *testing.T) {
+	rdb, w := newRedis(t), &fakeWallet{}
+	n1 := newNode(t, rdb, w, 1, 2)
+	n1.s.sh.restoreDelay = 0
+	c, err := n1.s.Start(1, 2, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.add(TallyName(c.ID), 1, 5)
+	n1.s.AddScore(1, c.ID, 5)
+	poll(t, 5*time.Second, "the score push", func() bool { return len(pushes(c.ID, 1, n1)) == 2 })
+	w.add(TallyName(c.ID), 1, 4) // debited; its score comes after the write-back
+	loseKeys(t, rdb, keyRunning, keyRooms, contestKey(c.ID))
+	n1.s.RestoreLost()
+	poll(t, 5*time.Second, "written back", func() bool { return listed(rdb, c.ID) })
+	n1.s.AddScore(1, c.ID, 4)
+	w.add(TallyName(c.ID), 2, 3)
+	n1.s.AddScore(2, c.ID, 3)
+	poll(t, 5*time.Second, "the score pushes", func() bool {
+		for _, p := range pushes(c.ID, 1, n1) {
+			if p.Scores["2"] == 3 {
+				return true
+			}
+		}
+		return false
+	})
+	n1.s.EndRoom(1)
+	poll(t, 10*time.Second, "the final push", func() bool { return len(finals(pushes(c.ID, 1, n1))) > 0 })
+	for _, p := range pushes(c.ID, 1, n1) {
+		if p.Scores["1"] > 9 {
+			t.Fatalf("push %+v: room 1 above its 9 in gifts", p)
+		}
+	}
+	if f := finals(pushes(c.ID, 1, n1)); len(f) != 1 || f[0].Scores["1"] != 9 || f[0].Scores["2"] != 3 {
+		t.Fatalf("finals %+v, want one at 9:3", f)
+	}
+}
+
+// A write-back that ends its contest at once (a room of it paired again)
+// whose reply is lost (Redis unreachable right after it ran): the sync
+// tries it again, and restore.lua answers the retry of the replica that
+// ended it with the result, which is pushed. Before, the retry never came
+// (the sync found the contest over and dropped it): no final push.
+func TestSharedPKWriteBackEndedAtOnceReplyLost(t *testing.T) {
+	px, rdb := proxiedRedis(t)
+	if err := rdb.Do(context.Background(), rdb.B().ScriptLoad().Script(restoreLua).Build()).Error(); err != nil {
+		t.Fatal(err)
+	}
+	w := &fakeWallet{}
+	n1 := newNode(t, rdb, w, 3, 4, 5)
+	n1.s.sh.restoreDelay = 0
+	c, err := n1.s.Start(3, 4, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.add(TallyName(c.ID), 3, 6)
+	loseKeys(t, rdb, keyRunning, keyRooms, contestKey(c.ID))
+	if _, err := n1.s.Start(4, 5, time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	px.LoseReply(fmt.Sprintf("%x", sha1.Sum([]byte(restoreLua))), 200*time.Millisecond)
+	n1.s.RestoreLost()
+	poll(t, 10*time.Second, "the final push", func() bool { return len(finals(pushes(c.ID, 3, n1))) > 0 })
+	if px.Fired() != 1 {
+		t.Fatalf("the fault fired %d times", px.Fired())
+	}
+	settled(t, 5*time.Second, c.ID, n1)
+	if f := finals(pushes(c.ID, 3, n1)); len(f) != 1 || f[0].Scores["3"] != 6 || f[0].Winner != 3 {
+		t.Fatalf("finals %+v, want one with room 3 winning 6:0", f)
+	}
+}
+
+// The end fails while Redis is unreachable, and Redis comes back without
+// the {pk} keys (no wallet rebuild, no OnReady): the end's retry finds no
+// contest; the sync writes it back after lostWait and it ends with its
+// score. Before, the replica stayed "end unknown", which the sync skips:
+// the end was retried for ever, the rooms stayed in the contest.
+func TestSharedPKLostWhileItsEndFailed(t *testing.T) {
+	srv := redistest.Start(t)
+	px := redistest.StartProxy(t, srv.Addr)
+	rdb, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{px.Addr}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(rdb.Close)
+	direct := srv.Client(t)
+	w := &fakeWallet{}
+	n1 := newNode(t, rdb, w, 1, 2)
+	n1.s.grace = 50 * time.Millisecond
+	n1.s.mu.Lock()
+	n1.s.sh.lostWait = 300 * time.Millisecond
+	n1.s.mu.Unlock()
+	c, err := n1.s.Start(1, 2, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.add(TallyName(c.ID), 2, 9)
+	n1.s.AddScore(2, c.ID, 9)
+	poll(t, 5*time.Second, "the score push", func() bool { return len(pushes(c.ID, 2, n1)) == 2 })
+	n1.s.mu.Lock()
+	r := n1.s.sh.byID[c.ID]
+	n1.s.mu.Unlock()
+	// Redis unreachable for 3 s (this command's reply is lost, connections
+	// refused), and empty when it comes back.
+	px.LoseReply("pk-test-cut", 3*time.Second)
+	_ = rdb.Do(context.Background(), rdb.B().Echo().Message("pk-test-cut").Build()).Error()
+	loseKeys(t, direct, keyRunning, keyRooms, contestKey(c.ID))
+	n1.s.EndRoom(1)
+	poll(t, 2500*time.Millisecond, "the end failing (Redis unreachable)", func() bool {
+		n1.s.mu.Lock()
+		defer n1.s.mu.Unlock()
+		return r.endUnknown
+	})
+	poll(t, 15*time.Second, "the final push", func() bool { return len(finals(pushes(c.ID, 1, n1))) > 0 })
+	settled(t, 5*time.Second, c.ID, n1)
+	if f := finals(pushes(c.ID, 1, n1)); len(f) != 1 || f[0].Scores["2"] != 9 || f[0].Winner != 2 {
+		t.Fatalf("finals %+v, want one with room 2 winning 9:0", f)
+	}
+}
+
+// Redis loses a running contest's hash but not its entry in the running
+// contests (e.g. evicted): the end finds no contest, the sync keeps the
+// replica lost (its hash is gone, listed or not) and writes it back after
+// lostWait; it ends with its score and its rooms are free. Before, each sync
+// took "listed" for "written back", and the end found no contest for ever.
+func TestSharedPKHashAloneLost(t *testing.T) {
+	rdb, w := newRedis(t), &fakeWallet{}
+	n1 := newNode(t, rdb, w, 1, 2)
+	n1.s.grace = 50 * time.Millisecond
+	n1.s.mu.Lock()
+	n1.s.sh.lostWait = 300 * time.Millisecond
+	n1.s.mu.Unlock()
+	c, err := n1.s.Start(1, 2, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.add(TallyName(c.ID), 2, 9)
+	n1.s.AddScore(2, c.ID, 9)
+	poll(t, 5*time.Second, "the score push", func() bool { return len(pushes(c.ID, 2, n1)) == 2 })
+	loseKeys(t, rdb, contestKey(c.ID))
+	n1.s.EndRoom(1)
+	poll(t, 15*time.Second, "the final push", func() bool { return len(finals(pushes(c.ID, 1, n1))) > 0 })
+	settled(t, 5*time.Second, c.ID, n1)
+	if f := finals(pushes(c.ID, 1, n1)); len(f) != 1 || f[0].Scores["2"] != 9 || f[0].Seq < 1<<32 {
+		t.Fatalf("finals %+v, want one with room 2 winning 9:0 in a new epoch", f)
+	}
+	if busy, _ := rdb.Do(context.Background(), rdb.B().Hexists().Key(keyRooms).Field("1").Build()).AsBool(); busy || listed(rdb, c.ID) {
+		t.Fatal("room 1 still in the contest")
+	}
+}
+
+// Redis loses a running contest's entry in the running contests alone: its
+// hash still says run, so the contest is not lost, and its end is not held
+// back. Before, a hash saying run was taken for lost (its end waited
+// lostWait, for a write-back).
+func TestSharedPKListAloneLostNotLost(t *testing.T) {
+	rdb, w := newRedis(t), &fakeWallet{}
+	n1 := newNode(t, rdb, w, 1, 2)
+	n1.s.grace = 50 * time.Millisecond
+	n1.s.mu.Lock()
+	n1.s.sh.lostWait = time.Minute
+	n1.s.mu.Unlock()
+	c, err := n1.s.Start(1, 2, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	loseKeys(t, rdb, keyRunning)
+	time.Sleep(200 * time.Millisecond) // a few syncs (50 ms)
+	n1.s.EndRoom(1)
+	poll(t, 10*time.Second, "the final push", func() bool { return len(finals(pushes(c.ID, 1, n1))) > 0 })
+}
+
+// A contest ended on node 1, held running by node 2 (which missed the end),
+// is written back running by node 2 before node 1 writes back its end (its
+// wallet ready later): node 1's write-back of the end overrides it and
+// pushes the final again, with a seq above node 2's push. Before, the
+// contest ended silently: the rooms' last push said it was running.
+func TestSharedPKEndWrittenBackOverARunningWriteBack(t *testing.T) {
+	rdb, w := newRedis(t), &fakeWallet{}
+	n1 := newNode(t, rdb, w, 1, 2)
+	n2 := newNodeEvery(t, rdb, w, time.Hour, 1, 2)
+	n1.s.sh.restoreDelay, n2.s.sh.restoreDelay = 0, 0
+	c, err := n1.s.Start(1, 2, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, ok := n2.s.Running(1); !ok { // (read through node 2: it holds the contest)
+		t.Fatal("not running through node 2")
+	}
+	w.add(TallyName(c.ID), 1, 4)
+	n1.s.AddScore(1, c.ID, 4)
+	n1.s.EndRoom(1)
+	poll(t, 10*time.Second, "the final push", func() bool { return len(finals(pushes(c.ID, 1, n1))) > 0 })
+	settled(t, 5*time.Second, c.ID, n1)
+	loseKeys(t, rdb, keyRunning, keyRooms, contestKey(c.ID))
+	n2.s.RestoreLost()
+	poll(t, 5*time.Second, "written back running by node 2", func() bool { return listed(rdb, c.ID) })
+	n1.s.RestoreLost()
+	poll(t, 5*time.Second, "over again", func() bool { got, ok := n1.s.Get(c.ID); return ok && got.Over })
+	poll(t, 5*time.Second, "the final pushed again", func() bool { return len(finals(pushes(c.ID, 1, n1, n2))) == 2 })
+	ps := pushes(c.ID, 1, n1, n2)
+	sort.Slice(ps, func(x, y int) bool { return ps[x].Seq < ps[y].Seq })
+	if last := ps[len(ps)-1]; !last.Over || last.Scores["1"] != 4 {
+		t.Fatalf("the highest push %+v, want the final, 4:0", last)
 	}
 }

@@ -59,6 +59,12 @@ func newRedis(t *testing.T) rueidis.Client {
 
 func newNode(t *testing.T, rdb rueidis.Client, w *fakeWallet, rooms ...int64) *node {
 	t.Helper()
+	return newNodeEvery(t, rdb, w, 50*time.Millisecond, rooms...)
+}
+
+// newNodeEvery is newNode with its sync every every.
+func newNodeEvery(t *testing.T, rdb rueidis.Client, w *fakeWallet, every time.Duration, rooms ...int64) *node {
+	t.Helper()
 	rt := router.NewLocal("t", router.LocalConfig{})
 	n := &node{watchers: map[int64]*routertest.Recorder{}}
 	for i, room := range rooms {
@@ -70,7 +76,7 @@ func newNode(t *testing.T, rdb rueidis.Client, w *fakeWallet, rooms ...int64) *n
 		n.watchers[room] = v
 	}
 	n.s = NewShared(rt, func(int64) bool { return true }, rdb, w.tally, nil)
-	n.s.sh.every = 50 * time.Millisecond
+	n.s.sh.every = every
 	if err := n.s.Restore(time.Now()); err != nil {
 		t.Fatal(err)
 	}

@@ -31,8 +31,10 @@ local f = redis.call('HGETALL', KEYS[1])
 for i = 1, #f, 2 do
   if string.sub(f[i], 1, 2) == 'w:' and f[i] ~= 'w:' .. ARGV[7] and tonumber(f[i + 1]) > now then return {2} end
 end
-local s0 = math.max(tonumber(redis.call('HGET', KEYS[1], 's0') or '0'), tonumber(ARGV[4]))
-local s1 = math.max(tonumber(redis.call('HGET', KEYS[1], 's1') or '0'), tonumber(ARGV[5]))
+-- (f0/f1: a written-back contest's floor from the tallies, score.lua.)
+local v = redis.call('HMGET', KEYS[1], 's0', 's1', 'f0', 'f1')
+local s0 = math.max(tonumber(v[1] or '0'), tonumber(v[3] or '0'), tonumber(ARGV[4]))
+local s1 = math.max(tonumber(v[2] or '0'), tonumber(v[4] or '0'), tonumber(ARGV[5]))
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 redis.call('HSET', KEYS[1], 'state', 'over', 's0', s0, 's1', s1, 'ender', ARGV[7])
 for _, room in ipairs({ARGV[2], ARGV[3]}) do
