@@ -622,3 +622,26 @@ func TestSharedPKEndWrittenBackOverARunningWriteBack(t *testing.T) {
 		t.Fatalf("the highest push %+v, want the final, 4:0", last)
 	}
 }
+
+// Close does not wait for the write-back of many ended contests to a Redis
+// that does not answer: they go in one pipeline, and the write-back stops
+// on Close. Before, each was one call with its own 2 s timeout: Close
+// waited about 2 s per contest.
+func TestSharedPKCloseDuringWriteBackToASlowRedis(t *testing.T) {
+	px, rdb := proxiedRedis(t)
+	n1 := newNode(t, rdb, &fakeWallet{}, 1, 2)
+	n1.s.mu.Lock()
+	for i := int64(0); i < 10; i++ {
+		n1.s.tombLocked(Contest{ID: fmt.Sprintf("ended%d", i), Rooms: [2]int64{100 + 2*i, 101 + 2*i}, EndsAt: time.Now()}, [2]int64{1, 0}, 2)
+	}
+	n1.s.mu.Unlock()
+	px.Slow("EVALSHA", 3*time.Second)
+	t.Cleanup(func() { px.Slow("", 0) })
+	n1.s.RestoreLost()
+	time.Sleep(100 * time.Millisecond) // (the write-back under way)
+	start := time.Now()
+	n1.s.Close()
+	if d := time.Since(start); d > 8*time.Second {
+		t.Fatalf("Close took %v", d)
+	}
+}
