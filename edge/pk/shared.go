@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/redis/rueidis"
@@ -78,6 +79,7 @@ func NewShared(r router.Router, isOpen func(int64) bool, rdb rueidis.Client, tal
 	s := New(r, isOpen, nil, tallies, log)
 	s.sh = &shared{rdb: rdb, byID: map[string]*running{}, byRoom: map[int64]*running{}, every: SyncEvery,
 		over: map[string]*tomb{}, quit: make(chan struct{}), restoreDelay: restoreDelay, lostWait: lostWait,
+		tombKeep: tombKeep, maxTombs: maxTombs, readOK: time.Now(),
 		invites: limit.NewShared(rdb, "pkinv", InvitesPerMinute, time.Minute, InviteBurst)}
 	return s
 }
@@ -93,6 +95,29 @@ func NewShared(r router.Router, isOpen func(int64) bool, rdb rueidis.Client, tal
 const (
 	restoreDelay = time.Second
 	lostWait     = 10 * time.Second
+)
+
+// tombKeep is how long a node keeps a contest it knows ended (a tomb), and
+// maxTombs how many at most (the oldest go first). A tomb is what stops a
+// node that missed the end from writing the contest back running after a
+// Redis data loss, and what frees a contest a rolled-back Redis lists as
+// running again (syncShared). A node misses an end only until its next sync
+// that reads Redis (SyncEvery) or its own end timer; the tomb matters when
+// Redis loses its data before then — it was lost, or unreachable, right at
+// the end — and until the write-back that follows (the wallet's rebuild,
+// then RestoreLost). Tombs are dropped only by a sync that read Redis with
+// the wallet ready, once both the tomb and that run of good syncs are
+// tombKeep old: an outage or a rebuild, however long, does not age them
+// out, and 10 min of a Redis answering covers the write-back with a wide
+// margin (minutes, not the 24 h an ended contest stays readable). 50000
+// tombs (a few hundred bytes each) are ~80 ends a second for 10 min, far
+// above the expected rate: the cap only bounds memory if that is exceeded.
+const (
+	tombKeep = 10 * time.Minute
+	maxTombs = 50000
+	// tombChunk is how many tombs go in one pipeline (writeTombs): Close
+	// waits for one chunk at most.
+	tombChunk = 500
 )
 
 // SetWalletReady sets ready, which tells whether the wallet's tallies can be
@@ -124,18 +149,34 @@ type shared struct {
 	quit chan struct{}
 	// ready: SetWalletReady (nil: always).
 	ready func() bool
-	// restoreDelay, lostWait: the constants (tests shorten them).
+	// restoreDelay, lostWait, tombKeep, maxTombs: the constants (tests
+	// change them; restoreDelay and lostWait under Service.mu).
 	restoreDelay, lostWait time.Duration
+	tombKeep               time.Duration
+	maxTombs               int
+	// passes counts the sync's completed passes (tests wait on it).
+	passes atomic.Int64
 
 	// Under Service.mu.
 	byID   map[string]*running
 	byRoom map[int64]*running
 	// over are the contests this node knows ended (it ended them, or read
-	// them over), kept keepOver: written back after a Redis data loss, so
-	// that no node's write-back revives one, and never adopted again.
-	over map[string]*tomb
+	// them over), kept tombKeep (at most maxTombs): written back after a
+	// Redis data loss, so that no node's write-back revives one, and never
+	// adopted again. overQ holds them oldest first (pruned from the front:
+	// no walk of the whole map).
+	over  map[string]*tomb
+	overQ []*tomb
 	// readyAt: when RestoreLost last ran (the wallet ready again).
 	readyAt time.Time
+	// readOK: since when the sync has read Redis without a failure
+	// (syncFailed: its last read failed).
+	readOK     time.Time
+	syncFailed bool
+	// tombsAt: when the last writeTombs that wrote every tomb began;
+	// tombsFailed: the last one did not (the sync tries again).
+	tombsAt     time.Time
+	tombsFailed bool
 }
 
 // tomb is an ended contest this node knows: its final state.
@@ -528,6 +569,9 @@ func (s *Service) syncShared() error {
 	readAt := time.Now() // replicas adopted after this may be missing from m (started meanwhile)
 	m, err := s.sh.rdb.Do(ctx, s.sh.rdb.B().Hgetall().Key(keyRunning).Build()).AsStrMap()
 	if err != nil {
+		s.mu.Lock()
+		s.sh.syncFailed = true
+		s.mu.Unlock()
 		return err
 	}
 	for _, v := range m {
@@ -542,8 +586,12 @@ func (s *Service) syncShared() error {
 	// stays lost until its hash says it runs; a replica whose write-back is
 	// to be tried again goes to restore.lua straight.
 	var check []*running
+	ready := s.walletReady()
 	now := time.Now()
 	s.mu.Lock()
+	if s.sh.syncFailed {
+		s.sh.syncFailed, s.sh.readOK = false, now
+	}
 	for id, r := range s.sh.byID {
 		if r.ended {
 			continue
@@ -552,10 +600,8 @@ func (s *Service) syncShared() error {
 			check = append(check, r)
 		}
 	}
-	for id, t := range s.sh.over {
-		if now.Sub(t.at) > s.keep {
-			delete(s.sh.over, id)
-		}
+	if ready {
+		s.pruneTombsLocked(now)
 	}
 	s.mu.Unlock()
 	var restore []*running
@@ -567,8 +613,10 @@ func (s *Service) syncShared() error {
 			restore = append(restore, r)
 		}
 	}
-	if len(restore) > 0 && s.walletReady() {
-		s.writeTombs() // (once per pass: the contests known ended go first)
+	if ready && s.tombsDue(restore) {
+		s.writeTombs() // (the contests known ended go first)
+	}
+	if len(restore) > 0 && ready {
 		for _, r := range restore {
 			if s.quitting() {
 				return nil
@@ -576,7 +624,31 @@ func (s *Service) syncShared() error {
 			s.restoreRunning(r)
 		}
 	}
+	s.sh.passes.Add(1)
 	return nil
+}
+
+// tombsDue tells whether the sync writes the tombs back: the last pass of
+// writeTombs failed, or a contest to write back (restore) was lost since the
+// last one that wrote them all (its loss was the {pk} keys alone: no
+// RestoreLost wrote them). Not every pass: a write-back that waits for its
+// retry would send every tomb each second.
+func (s *Service) tombsDue(restore []*running) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.sh.tombsFailed {
+		return true
+	}
+	for _, r := range restore {
+		since := s.sh.readyAt
+		if r.lost {
+			since = r.lostAt
+		}
+		if !s.sh.tombsAt.After(since) {
+			return true
+		}
+	}
+	return false
 }
 
 func (s *Service) quitting() bool {
@@ -646,10 +718,40 @@ func (s *Service) checkGone(ctx context.Context, r *running) (restore bool) {
 	return now.Sub(r.lostAt) > s.sh.lostWait && now.Sub(s.sh.readyAt) > s.sh.lostWait
 }
 
-// tombLocked records contest c over, with its final scores and seq.
+// tombLocked records contest c over, with its final scores and seq (once:
+// the end is final), dropping the oldest tombs beyond maxTombs.
 func (s *Service) tombLocked(c Contest, scores [2]int64, seq int64) {
+	if s.sh.over[c.ID] != nil {
+		return
+	}
 	c.Scores, c.Seq, c.Over = scores, seq, true
-	s.sh.over[c.ID] = &tomb{c: c, at: time.Now()}
+	t := &tomb{c: c, at: time.Now()}
+	s.sh.over[c.ID] = t
+	s.sh.overQ = append(s.sh.overQ, t)
+	for len(s.sh.overQ) > s.sh.maxTombs {
+		s.popTombLocked()
+	}
+}
+
+// popTombLocked drops the oldest tomb.
+func (s *Service) popTombLocked() {
+	t := s.sh.overQ[0]
+	s.sh.overQ[0] = nil
+	s.sh.overQ = s.sh.overQ[1:]
+	if s.sh.over[t.c.ID] == t {
+		delete(s.sh.over, t.c.ID)
+	}
+}
+
+// pruneTombsLocked drops the tombs tombKeep old, from the oldest, once Redis
+// has answered the sync for tombKeep (see tombKeep).
+func (s *Service) pruneTombsLocked(now time.Time) {
+	if now.Sub(s.sh.readOK) <= s.sh.tombKeep {
+		return
+	}
+	for len(s.sh.overQ) > 0 && now.Sub(s.sh.overQ[0].at) > s.sh.tombKeep {
+		s.popTombLocked()
+	}
 }
 
 // RestoreLost writes back to Redis what this node knows of the PK state
@@ -673,6 +775,7 @@ func (s *Service) RestoreLost() {
 		return
 	}
 	s.sh.readyAt = time.Now()
+	delay := s.sh.restoreDelay
 	s.writes.Add(1)
 	s.mu.Unlock()
 	go func() {
@@ -681,7 +784,7 @@ func (s *Service) RestoreLost() {
 		select {
 		case <-s.sh.quit:
 			return
-		case <-time.After(s.sh.restoreDelay):
+		case <-time.After(delay):
 		}
 		s.mu.Lock()
 		rs := make([]*running, 0, len(s.sh.byID))
@@ -701,22 +804,52 @@ func (s *Service) RestoreLost() {
 }
 
 // writeTombs writes back the contests this node knows ended (restore.lua's
-// "over": over is final, also over a running write-back), in one pipeline.
-// One written over a running write-back — a node that had missed its end
-// wrote it back first, and it may have pushed scores since — gets its
-// final pushed again, with a seq above that write-back's pushes.
+// "over": over is final, also over a running write-back), oldest first, in
+// pipelines of tombChunk; it stops at Close, or at a chunk that fails (the
+// sync tries again: tombsFailed). Called by RestoreLost, and by the sync
+// when tombsDue — not on every pass.
 func (s *Service) writeTombs() {
 	if s.quitting() {
 		return
 	}
+	began := time.Now()
 	s.mu.Lock()
-	ts := make([]tomb, 0, len(s.sh.over))
-	for _, t := range s.sh.over {
+	ts := make([]tomb, 0, len(s.sh.overQ))
+	for _, t := range s.sh.overQ {
 		ts = append(ts, *t)
 	}
 	s.mu.Unlock()
+	ok := s.writeTombList(ts)
+	s.mu.Lock()
+	if s.sh.tombsFailed = !ok; ok {
+		s.sh.tombsAt = began
+	}
+	s.mu.Unlock()
+}
+
+// writeTombList writes ts back, tombChunk to a pipeline, checking Close
+// between chunks; ok: every one was written (or found over).
+func (s *Service) writeTombList(ts []tomb) (ok bool) {
+	for len(ts) > 0 {
+		if s.quitting() {
+			return false
+		}
+		n := min(len(ts), tombChunk)
+		if !s.writeTombChunk(ts[:n]) {
+			return false
+		}
+		ts = ts[n:]
+	}
+	return true
+}
+
+// writeTombChunk writes ts back in one pipeline. One written over a running
+// write-back — a node that had missed its end wrote it back first, and it
+// may have pushed scores since — gets its final pushed again (the same
+// result), with a seq above that write-back's pushes.
+func (s *Service) writeTombChunk(ts []tomb) (ok bool) {
 	execs := make([]rueidis.LuaExec, 0, len(ts))
-	kept := ts[:0]
+	kept := make([]tomb, 0, len(ts))
 	for _, t := range ts {
 		left := t.at.Add(s.keep).Sub(time.Now())
 		if left <= 0 {
@@ -732,7 +865,7 @@ func (s *Service) writeTombs() {
 				i64(t.c.Seq), i64(max(1, left.Milliseconds())), ""}})
 	}
 	if len(execs) == 0 {
-		return
+		return true
 	}
 	ctx, cancel := s.sh.ctx()
 	res := restoreScript.ExecMulti(ctx, s.sh.rdb, execs...)
@@ -759,6 +892,7 @@ func (s *Service) writeTombs() {
 	if failed > 0 {
 		s.log.Warn("pk: ended contests not written back", "count", failed, "err", lastErr)
 	}
+	return failed == 0
 }
 
 // restoreRunning writes r's contest back (restore.lua's "run"), if the

@@ -624,24 +624,83 @@ func TestSharedPKEndWrittenBackOverARunningWriteBack(t *testing.T) {
 }
 
 // Close does not wait for the write-back of many ended contests to a Redis
-// that does not answer: they go in one pipeline, and the write-back stops
-// on Close. Before, each was one call with its own 2 s timeout: Close
-// waited about 2 s per contest.
+// that does not answer: they go in pipelines of tombChunk, and the
+// write-back stops on Close (between chunks). Before, each was one call with
+// its own 2 s timeout: Close waited about 2 s per contest.
 func TestSharedPKCloseDuringWriteBackToASlowRedis(t *testing.T) {
 	px, rdb := proxiedRedis(t)
 	n1 := newNode(t, rdb, &fakeWallet{}, 1, 2)
 	n1.s.mu.Lock()
-	for i := int64(0); i < 10; i++ {
+	for i := int64(0); i < 3*tombChunk; i++ {
 		n1.s.tombLocked(Contest{ID: fmt.Sprintf("ended%d", i), Rooms: [2]int64{100 + 2*i, 101 + 2*i}, EndsAt: time.Now()}, [2]int64{1, 0}, 2)
 	}
 	n1.s.mu.Unlock()
 	px.Slow("EVALSHA", 3*time.Second)
 	t.Cleanup(func() { px.Slow("", 0) })
 	n1.s.RestoreLost()
-	time.Sleep(100 * time.Millisecond) // (the write-back under way)
+	poll(t, 10*time.Second, "the write-back under way (held by the proxy)", func() bool { return px.Slowed() > 0 })
 	start := time.Now()
 	n1.s.Close()
 	if d := time.Since(start); d > 8*time.Second {
 		t.Fatalf("Close took %v", d)
 	}
+}
+
+// Tombs (the contests a node knows ended) are bounded: beyond maxTombs the
+// oldest go at once, and a sync that reads Redis with the wallet ready drops
+// those older than tombKeep from the front of their queue (no walk of them
+// all). writeTombs writes more than one pipeline's worth (tombChunk) back,
+// every one over. Before, every node kept each ended contest 24 h and the
+// sync walked them all every second.
+func TestSharedPKTombsBounded(t *testing.T) {
+	rdb := newRedis(t)
+	n1 := newNode(t, rdb, &fakeWallet{}, 1, 2)
+	tomb := func(id string) {
+		n1.s.mu.Lock()
+		n1.s.tombLocked(Contest{ID: id, Rooms: [2]int64{1, 2}, EndsAt: time.Now()}, [2]int64{1, 0}, 2)
+		n1.s.mu.Unlock()
+	}
+	held := func() (int, int) {
+		n1.s.mu.Lock()
+		defer n1.s.mu.Unlock()
+		return len(n1.s.sh.over), len(n1.s.sh.overQ)
+	}
+	n1.s.mu.Lock()
+	n1.s.sh.maxTombs = 3
+	n1.s.mu.Unlock()
+	for i := 0; i < 5; i++ {
+		tomb(fmt.Sprint("t", i))
+	}
+	n1.s.mu.Lock()
+	_, old := n1.s.sh.over["t1"]
+	_, last := n1.s.sh.over["t4"]
+	n1.s.mu.Unlock()
+	if m, q := held(); m != 3 || q != 3 || old || !last {
+		t.Fatalf("tombs %d (queue %d), t1 kept %v, t4 kept %v: want the newest 3", m, q, old, last)
+	}
+	// Written back, more than a pipeline's worth.
+	n1.s.mu.Lock()
+	n1.s.sh.maxTombs = maxTombs
+	n1.s.mu.Unlock()
+	for i := 0; i < tombChunk+20; i++ {
+		tomb(fmt.Sprint("w", i))
+	}
+	n1.s.writeTombs()
+	for _, id := range []string{"w0", fmt.Sprint("w", tombChunk), fmt.Sprint("w", tombChunk+19)} {
+		if got, ok := n1.s.Get(id); !ok || !got.Over {
+			t.Fatalf("%s after writeTombs: %+v %v, want over", id, got, ok)
+		}
+	}
+	n1.s.mu.Lock()
+	failed, at := n1.s.sh.tombsFailed, n1.s.sh.tombsAt
+	n1.s.mu.Unlock()
+	if failed || at.IsZero() {
+		t.Fatalf("tombsFailed %v, tombsAt %v after a full write-back", failed, at)
+	}
+	// Aged out by the sync.
+	n1.s.mu.Lock()
+	n1.s.sh.tombKeep = 100 * time.Millisecond
+	n1.s.sh.readOK = time.Now().Add(-time.Second)
+	n1.s.mu.Unlock()
+	poll(t, 10*time.Second, "the tombs aged out", func() bool { m, q := held(); return m == 0 && q == 0 })
 }

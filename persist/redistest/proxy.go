@@ -26,6 +26,7 @@ type Proxy struct {
 	fired       int
 	slow        []byte        // every client write containing it waits slowFor
 	slowFor     time.Duration // before it is passed on (a slow network, an overloaded Redis)
+	slowed      int           // writes held
 	wg          sync.WaitGroup
 }
 
@@ -64,6 +65,13 @@ func (p *Proxy) Slow(pattern string, d time.Duration) {
 		p.slow = nil
 	}
 	p.mu.Unlock()
+}
+
+// Slowed tells how many client writes Slow has held (or is holding).
+func (p *Proxy) Slowed() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.slowed
 }
 
 // Fired tells how many times an armed fault has been injected.
@@ -140,6 +148,7 @@ func (p *Proxy) clientToServer(c, s net.Conn) {
 		var wait time.Duration
 		if p.slow != nil && bytes.Contains(buf[:n], p.slow) {
 			wait = p.slowFor
+			p.slowed++
 		}
 		p.mu.Unlock()
 		time.Sleep(wait)
