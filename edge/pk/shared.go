@@ -563,6 +563,10 @@ func decodeRunning(v string) (Contest, bool) {
 // syncShared adopts every running contest in Redis this node does not know
 // (started through another node, or before this node restarted). Contests
 // ended elsewhere leave the replica when their timer here finds them over.
+// A listed contest this node knows ended (a tomb) — Redis rolled back to an
+// older snapshot, or failed over to a lagging replica — is written back over
+// (restore.lua's "over"), which frees its rooms: no node adopts it again
+// (each knows it ended), so nothing else would end it.
 func (s *Service) syncShared() error {
 	ctx, cancel := s.sh.ctx()
 	defer cancel()
@@ -586,6 +590,7 @@ func (s *Service) syncShared() error {
 	// stays lost until its hash says it runs; a replica whose write-back is
 	// to be tried again goes to restore.lua straight.
 	var check []*running
+	var revived []tomb
 	ready := s.walletReady()
 	now := time.Now()
 	s.mu.Lock()
@@ -600,10 +605,21 @@ func (s *Service) syncShared() error {
 			check = append(check, r)
 		}
 	}
+	for id := range m {
+		if t := s.sh.over[id]; t != nil && s.sh.byID[id] == nil {
+			revived = append(revived, *t)
+		}
+	}
 	if ready {
 		s.pruneTombsLocked(now)
 	}
 	s.mu.Unlock()
+	if len(revived) > 0 {
+		// (Or a read from just before this node ended it: over already,
+		// restore.lua leaves it.)
+		s.log.Warn("pk: contests known ended listed as running (Redis rolled back?): their end written back", "count", len(revived))
+		s.writeTombList(revived)
+	}
 	var restore []*running
 	for _, r := range check {
 		if s.quitting() {
@@ -846,7 +862,10 @@ func (s *Service) writeTombList(ts []tomb) (ok bool) {
 // writeTombChunk writes ts back in one pipeline. One written over a running
 // write-back — a node that had missed its end wrote it back first, and it
 // may have pushed scores since — gets its final pushed again (the same
-// result), with a seq above that write-back's pushes.
+// result), with a seq above that write-back's pushes; one written over a
+// running state a rolled-back Redis brought back (older than the end: its
+// seq below the final's) gets the very same final pushed again (a client
+// that had it drops it by seq).
 func (s *Service) writeTombChunk(ts []tomb) (ok bool) {
 	execs := make([]rueidis.LuaExec, 0, len(ts))
 	kept := make([]tomb, 0, len(ts))
@@ -880,7 +899,7 @@ func (s *Service) writeTombChunk(ts []tomb) (ok bool) {
 		}
 		if len(arr) == 4 && arr[0] == 2 {
 			t := kept[i]
-			s.log.Warn("pk: ended contest written back over a running write-back: its final pushed again", "pk_id", t.c.ID, "seq", arr[3])
+			s.log.Warn("pk: ended contest written back over a running state: its final pushed again", "pk_id", t.c.ID, "seq", arr[3])
 			s.publishShared(t.c, [2]int64{arr[1], arr[2]}, arr[3], true)
 			s.mu.Lock()
 			if x := s.sh.over[t.c.ID]; x != nil {

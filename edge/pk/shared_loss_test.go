@@ -704,3 +704,97 @@ func TestSharedPKTombsBounded(t *testing.T) {
 	n1.s.mu.Unlock()
 	poll(t, 10*time.Second, "the tombs aged out", func() bool { m, q := held(); return m == 0 && q == 0 })
 }
+
+// Redis rolled back (an older snapshot, a failover to a lagging replica)
+// after a contest ended: its hash, its running entry and its room index say
+// it runs again. Every node knows it ended (a tomb) and adopts it no more;
+// a node's sync writes its end back over (restore.lua's "over"), which frees
+// the rooms, with the final pushed again — the same push: its scores and its
+// seq (above the rolled-back state's), which a client that had it drops as a
+// duplicate. Before, no node held it and nothing ended it: its
+// rooms stayed "already in a PK".
+func TestSharedPKEndedContestRolledBackRunningFreed(t *testing.T) {
+	rdb, w := newRedis(t), &fakeWallet{}
+	n1 := newNode(t, rdb, w, 1, 2, 3)
+	n2 := newNode(t, rdb, w, 1, 2, 3)
+	c, err := n1.s.Start(1, 2, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	poll(t, 10*time.Second, "the contest on node 2", func() bool { _, _, ok := n2.s.Running(1); return ok })
+	w.add(TallyName(c.ID), 2, 6)
+	n1.s.AddScore(2, c.ID, 6)
+	poll(t, 10*time.Second, "the score push", func() bool {
+		for _, p := range pushes(c.ID, 2, n1, n2) {
+			if p.Scores["2"] == 6 {
+				return true
+			}
+		}
+		return false
+	})
+	// The snapshot: the running state's keys as they are now.
+	ctx := context.Background()
+	hash, err := rdb.Do(ctx, rdb.B().Hgetall().Key(contestKey(c.ID)).Build()).AsStrMap()
+	if err != nil || hash["state"] != "run" {
+		t.Fatalf("the contest's hash %v %v", hash, err)
+	}
+	rec, err := rdb.Do(ctx, rdb.B().Hget().Key(keyRunning).Field(c.ID).Build()).ToString()
+	if err != nil {
+		t.Fatal(err)
+	}
+	n1.s.EndRoom(1)
+	poll(t, 10*time.Second, "the final push", func() bool { return len(finals(pushes(c.ID, 1, n1, n2))) > 0 })
+	settled(t, 10*time.Second, c.ID, n1, n2)
+	first := finals(pushes(c.ID, 1, n1, n2))[0]
+	// The rollback.
+	fields := []string{}
+	for k, v := range hash {
+		fields = append(fields, k, v)
+	}
+	for _, cmd := range []rueidis.Completed{
+		rdb.B().Del().Key(contestKey(c.ID)).Build(),
+		rdb.B().Arbitrary("HSET").Keys(contestKey(c.ID)).Args(fields...).Build(),
+		rdb.B().Hset().Key(keyRunning).FieldValue().FieldValue(c.ID, rec).Build(),
+		rdb.B().Hset().Key(keyRooms).FieldValue().FieldValue("1", c.ID).FieldValue("2", c.ID).Build(),
+	} {
+		if err := rdb.Do(ctx, cmd).Error(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got, ok := n1.s.Get(c.ID); !ok || got.Over {
+		t.Fatalf("after the rollback: %+v %v, want running", got, ok)
+	}
+	poll(t, 10*time.Second, "freed again (over, unlisted, rooms free)", func() bool {
+		got, ok := n1.s.Get(c.ID)
+		busy, _ := rdb.Do(ctx, rdb.B().Hexists().Key(keyRooms).Field("1").Build()).AsBool()
+		return ok && got.Over && !busy && !listed(rdb, c.ID)
+	})
+	if _, err := n2.s.Start(1, 3, time.Hour); err != nil {
+		t.Fatalf("room 1 paired again: %v", err)
+	}
+	poll(t, 10*time.Second, "the final pushed again", func() bool { return len(finals(pushes(c.ID, 1, n1, n2))) == 2 })
+	for _, room := range []int64{1, 2} {
+		ps := pushes(c.ID, room, n1, n2)
+		f := finals(ps)
+		if len(f) != 2 {
+			t.Fatalf("room %d: finals %+v, want the final and its one re-push", room, f)
+		}
+		for _, x := range f {
+			if x.Scores["1"] != 0 || x.Scores["2"] != 6 || x.Winner != 2 {
+				t.Fatalf("room %d: final %+v, want room 2 winning 6:0", room, x)
+			}
+		}
+		sort.Slice(ps, func(x, y int) bool { return ps[x].Seq < ps[y].Seq })
+		if last := ps[len(ps)-1]; !last.Over || last.Seq != first.Seq {
+			t.Fatalf("room %d: highest push %+v, want the final again (seq %d)", room, last, first.Seq)
+		}
+	}
+	for i, n := range []*node{n1, n2} {
+		n.s.mu.Lock()
+		held := n.s.sh.byID[c.ID] != nil
+		n.s.mu.Unlock()
+		if held {
+			t.Fatalf("node %d adopted the rolled-back contest", i+1)
+		}
+	}
+}
