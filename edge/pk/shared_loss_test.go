@@ -89,7 +89,10 @@ func walletNode(t *testing.T, addr string, w *persist.SharedWallet, syncEvery ti
 // ledgers, the nodes write the contest back (RestoreLost, on the wallet's
 // OnReady), a gift after that scores on top, and the contest ends at its
 // end time with one final push per room carrying every gift — a seq above
-// every push before the loss. A contest that had ended (on node 1; node 2,
+// every push before the loss. (On a machine so slow that the write-back
+// comes less than 2 s before the end time, or after it, the gift on top is
+// left out: the contest's end waits for the write-back, then it ends with
+// every gift before the loss.) A contest that had ended (on node 1; node 2,
 // whose sync is off, still held it as running) is not revived: its final
 // state is written back by node 1, node 2 drops its copy, no second final.
 // After a second loss, with both ended, nothing comes back running.
@@ -139,7 +142,7 @@ func TestSharedPKSurvivesRedisDataLoss(t *testing.T) {
 	gift(w2, n2, a.ID, 2, 7, true)
 	gift(w1, n1, a.ID, 2, 3, true)
 	gift(w2, n2, a.ID, 1, 4, false) // debited, never scored: only its tally has it
-	poll(t, 3*time.Second, "the score pushes", func() bool {
+	poll(t, 10*time.Second, "the score pushes", func() bool {
 		for _, p := range pushes(a.ID, 1, n1, n2) {
 			if p.Scores["1"] == 5 && p.Scores["2"] == 10 {
 				return true
@@ -153,7 +156,7 @@ func TestSharedPKSurvivesRedisDataLoss(t *testing.T) {
 	}
 	// Contest b ends on node 1 (its room closed); node 2 has not learnt it.
 	n1.s.EndRoom(3)
-	poll(t, 3*time.Second, "b's final push", func() bool { return len(finals(pushes(b.ID, 4, n1, n2))) == 1 })
+	poll(t, 10*time.Second, "b's final push", func() bool { return len(finals(pushes(b.ID, 4, n1, n2))) == 1 })
 	n2.s.mu.Lock()
 	held := n2.s.sh.byID[b.ID] != nil
 	n2.s.mu.Unlock()
@@ -170,17 +173,21 @@ func TestSharedPKSurvivesRedisDataLoss(t *testing.T) {
 	}
 	flush()
 	t.Logf("FLUSHALL at %v before a's end", time.Until(a.EndsAt).Round(time.Millisecond))
-	rc := srv.Client(t)
-	poll(t, time.Until(a.EndsAt), "a written back to Redis (before its end time, which the test needs)", func() bool { return listed(rc, a.ID) })
-	if time.Now().After(a.EndsAt) {
-		t.Fatal("the write-back came after a's end time (the test needs it before)")
+	// Written back: its hash is there again (running, or over at once if
+	// its end time passed meanwhile).
+	poll(t, time.Until(a.EndsAt)+30*time.Second, "a written back to Redis", func() bool { _, ok := n1.s.Get(a.ID); return ok })
+	want := [2]int64{11, 10} // every gift, and one on top after the write-back
+	if left := time.Until(a.EndsAt); left > 2*time.Second {
+		if _, _, ok := n1.s.Running(1); !ok {
+			t.Fatal("a not running through node 1 after its write-back")
+		}
+		gift(w2, n2, a.ID, 1, 2, true) // after the write-back: scores on top
+	} else {
+		want = [2]int64{9, 10}
+		t.Logf("a written back %v before its end time: no gift on top (its end waited for the write-back)", left.Round(time.Millisecond))
 	}
-	if _, _, ok := n1.s.Running(1); !ok {
-		t.Fatal("a not running through node 1 after its write-back")
-	}
-	gift(w2, n2, a.ID, 1, 2, true) // after the write-back: scores on top
 	for _, room := range []int64{1, 2} {
-		poll(t, time.Until(a.EndsAt)+5*time.Second, "a's final push", func() bool { return len(finals(pushes(a.ID, room, n1, n2))) > 0 })
+		poll(t, time.Until(a.EndsAt)+30*time.Second, "a's final push", func() bool { return len(finals(pushes(a.ID, room, n1, n2))) > 0 })
 	}
 	settled(t, 10*time.Second, a.ID, n1, n2) // (no second final can come after)
 	for _, room := range []int64{1, 2} {
@@ -190,8 +197,8 @@ func TestSharedPKSurvivesRedisDataLoss(t *testing.T) {
 			t.Fatalf("room %d: %d final pushes of a, want 1: %+v", room, len(f), f)
 		}
 		t.Logf("room %d: a's final push %+v (seq before the loss ≤ %d)", room, f[0], seqBefore)
-		if f[0].Scores["1"] != 11 || f[0].Scores["2"] != 10 || f[0].Winner != 1 {
-			t.Fatalf("room %d: a's final %+v, want 11:10, room 1 winning", room, f[0])
+		if f[0].Scores["1"] != want[0] || f[0].Scores["2"] != want[1] || f[0].Winner != winner(want) {
+			t.Fatalf("room %d: a's final %+v, want %d:%d", room, f[0], want[0], want[1])
 		}
 		if f[0].Seq <= seqBefore {
 			t.Fatalf("room %d: a's final seq %d not above the pushes before the loss (%d)", room, f[0].Seq, seqBefore)
@@ -208,7 +215,7 @@ func TestSharedPKSurvivesRedisDataLoss(t *testing.T) {
 	// final from before the loss — or, had node 2's wallet been ready more
 	// than restoreDelay before node 1's (node 2 wrote b back running first),
 	// that final pushed again above node 2's push.
-	poll(t, 5*time.Second, "b over through node 2", func() bool { got, ok := n2.s.Get(b.ID); return ok && got.Over })
+	poll(t, 20*time.Second, "b over through node 2", func() bool { got, ok := n2.s.Get(b.ID); return ok && got.Over })
 	settled(t, 10*time.Second, b.ID, n1, n2)
 	bf := finals(pushes(b.ID, 4, n1, n2))
 	if len(bf) > 1 {
@@ -237,7 +244,7 @@ func TestSharedPKSurvivesRedisDataLoss(t *testing.T) {
 	flush()
 	// The rebuild and both nodes' write-backs of the ended contests; the
 	// nodes hold no running one, so none can come back after.
-	poll(t, 20*time.Second, "both contests written back over", func() bool {
+	poll(t, 30*time.Second, "both contests written back over", func() bool {
 		ga, oka := n2.s.Get(a.ID)
 		gb, okb := n2.s.Get(b.ID)
 		return w1.Ready() && w2.Ready() && oka && ga.Over && okb && gb.Over
@@ -254,8 +261,8 @@ func TestSharedPKSurvivesRedisDataLoss(t *testing.T) {
 	if run, err := c.Do(context.Background(), c.B().Hlen().Key(keyRunning).Build()).AsInt64(); err != nil || run != 0 {
 		t.Fatalf("running contests after the second loss: %d %v, want none", run, err)
 	}
-	if got, ok := n2.s.Get(a.ID); !ok || !got.Over || got.Scores != [2]int64{11, 10} {
-		t.Fatalf("a after the second loss: %+v %v, want over 11:10", got, ok)
+	if got, ok := n2.s.Get(a.ID); !ok || !got.Over || got.Scores != want {
+		t.Fatalf("a after the second loss: %+v %v, want over %v", got, ok, want)
 	}
 	if p := len(pushes(a.ID, 1, n1, n2)) + len(pushes(b.ID, 4, n1, n2)); p != pushed {
 		t.Fatalf("%d pushes after the second loss, want none", p-pushed)
@@ -280,6 +287,14 @@ func TestSharedPKLostContestEndsLateOrAtOnce(t *testing.T) {
 	w1, w2 := openWallets(t, srv.Addr)
 	n1 := walletNode(t, srv.Addr, w1, 50*time.Millisecond, 1, 2, 3, 4, 5)
 	n2 := walletNode(t, srv.Addr, w2, 50*time.Millisecond, 1, 2, 3, 4, 5)
+	for _, n := range []*node{n1, n2} {
+		// Room 4 is paired again right after the loss: no node may write c
+		// back before that (its write-back comes restoreDelay after the
+		// rebuild; the {pk}-alone path waits lostWait, 10 s).
+		n.s.mu.Lock()
+		n.s.sh.restoreDelay = 3 * time.Second
+		n.s.mu.Unlock()
+	}
 	const giver = 77
 	if _, err := w1.Apply(persist.Op{User: giver, ReqID: "credit", Postings: []persist.Posting{{User: giver, Delta: 1000}}}); err != nil {
 		t.Fatal(err)
@@ -300,7 +315,7 @@ func TestSharedPKLostContestEndsLateOrAtOnce(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	poll(t, 2*time.Second, "both contests on both nodes", func() bool {
+	poll(t, 10*time.Second, "both contests on both nodes", func() bool {
 		_, _, ok1 := n1.s.Running(4)
 		_, _, ok2 := n2.s.Running(1)
 		return ok1 && ok2
@@ -308,7 +323,7 @@ func TestSharedPKLostContestEndsLateOrAtOnce(t *testing.T) {
 	gift(w1, n1, a.ID, 2, 6, "a1")
 	gift(w2, n2, a.ID, 1, 4, "a2")
 	gift(w2, n2, c.ID, 3, 8, "c1")
-	poll(t, 3*time.Second, "the score pushes", func() bool {
+	poll(t, 10*time.Second, "the score pushes", func() bool {
 		return len(pushes(a.ID, 1, n1, n2)) >= 3 && len(pushes(c.ID, 3, n1, n2)) >= 2
 	})
 	if d := time.Until(a.EndsAt) - 100*time.Millisecond; d > 0 {
@@ -323,14 +338,14 @@ func TestSharedPKLostContestEndsLateOrAtOnce(t *testing.T) {
 	// Room 4 paired again before the write-back (the room index is empty).
 	d, err := n1.s.Start(4, 5, time.Hour)
 	if err != nil {
-		t.Fatal(err)
+		t.Fatalf("room 4 paired again after the loss: %v", err)
 	}
 	for _, want := range []struct {
 		id     string
 		room   int64
 		scores map[string]int64
 	}{{a.ID, 1, map[string]int64{"1": 4, "2": 6}}, {c.ID, 3, map[string]int64{"3": 8, "4": 0}}} {
-		poll(t, 20*time.Second, "the final push", func() bool { return len(finals(pushes(want.id, want.room, n1, n2))) > 0 })
+		poll(t, 30*time.Second, "the final push", func() bool { return len(finals(pushes(want.id, want.room, n1, n2))) > 0 })
 		settled(t, 10*time.Second, want.id, n1, n2) // (no second final can come after)
 		f := finals(pushes(want.id, want.room, n1, n2))
 		t.Logf("final %+v", f)
@@ -343,9 +358,7 @@ func TestSharedPKLostContestEndsLateOrAtOnce(t *testing.T) {
 			}
 		}
 	}
-	if id, _, ok := n2.s.Running(4); !ok || id != d.ID {
-		t.Fatalf("room 4 through node 2: %q %v, want the new contest %s", id, ok, d.ID)
-	}
+	poll(t, 10*time.Second, "room 4 in the new contest through node 2", func() bool { id, _, ok := n2.s.Running(4); return ok && id == d.ID })
 	if _, _, ok := n2.s.Running(3); ok {
 		t.Fatal("c still running")
 	}
@@ -366,18 +379,25 @@ func TestSharedPKKeysAloneLostWrittenBack(t *testing.T) {
 	}
 	w.add(TallyName(c.ID), 2, 9)
 	n1.s.AddScore(2, c.ID, 9)
-	poll(t, 2*time.Second, "the score push", func() bool { return len(pushes(c.ID, 2, n1)) == 2 })
+	poll(t, 10*time.Second, "the score push", func() bool { return len(pushes(c.ID, 2, n1)) == 2 })
 	if err := rdb.Do(context.Background(), rdb.B().Del().Key(keyRunning, keyRooms, contestKey(c.ID)).Build()).Error(); err != nil {
 		t.Fatal(err)
 	}
-	poll(t, 3*time.Second, "written back", func() bool {
-		ok, _ := rdb.Do(context.Background(), rdb.B().Hexists().Key(keyRunning).Field(c.ID).Build()).AsBool()
-		return ok
-	})
-	poll(t, 5*time.Second, "the final push", func() bool { return len(finals(pushes(c.ID, 1, n1))) == 1 })
+	// Written back: its hash is there again (running, or over if its end,
+	// which waited for the write-back, came since).
+	poll(t, 10*time.Second, "written back", func() bool { _, ok := n1.s.Get(c.ID); return ok })
+	poll(t, 15*time.Second, "the final push", func() bool { return len(finals(pushes(c.ID, 1, n1))) == 1 })
 	if f := finals(pushes(c.ID, 1, n1)); f[0].Scores["2"] != 9 || f[0].Winner != 2 || f[0].Seq < 1<<32 {
 		t.Fatalf("final %+v, want room 2 winning 9:0 in a new epoch", f[0])
 	}
+}
+
+// winner is the room 1 (1) or 2 (2) wins with scores sc of rooms 1 and 2.
+func winner(sc [2]int64) int64 {
+	if sc[0] > sc[1] {
+		return 1
+	}
+	return 2
 }
 
 // loseKeys deletes the {pk} keys of contest id (Redis lost them).
@@ -426,15 +446,15 @@ func TestSharedPKWriteBackCountsEachGiftOnce(t *testing.T) {
 	}
 	w.add(TallyName(c.ID), 1, 5)
 	n1.s.AddScore(1, c.ID, 5)
-	poll(t, 5*time.Second, "the score push", func() bool { return len(pushes(c.ID, 1, n1)) == 2 })
+	poll(t, 10*time.Second, "the score push", func() bool { return len(pushes(c.ID, 1, n1)) == 2 })
 	w.add(TallyName(c.ID), 1, 4) // debited; its score comes after the write-back
 	loseKeys(t, rdb, keyRunning, keyRooms, contestKey(c.ID))
 	n1.s.RestoreLost()
-	poll(t, 5*time.Second, "written back", func() bool { return listed(rdb, c.ID) })
+	poll(t, 10*time.Second, "written back", func() bool { return listed(rdb, c.ID) })
 	n1.s.AddScore(1, c.ID, 4)
 	w.add(TallyName(c.ID), 2, 3)
 	n1.s.AddScore(2, c.ID, 3)
-	poll(t, 5*time.Second, "the score pushes", func() bool {
+	poll(t, 10*time.Second, "the score pushes", func() bool {
 		for _, p := range pushes(c.ID, 1, n1) {
 			if p.Scores["2"] == 3 {
 				return true
@@ -482,7 +502,7 @@ func TestSharedPKWriteBackEndedAtOnceReplyLost(t *testing.T) {
 	if px.Fired() != 1 {
 		t.Fatalf("the fault fired %d times", px.Fired())
 	}
-	settled(t, 5*time.Second, c.ID, n1)
+	settled(t, 10*time.Second, c.ID, n1)
 	if f := finals(pushes(c.ID, 3, n1)); len(f) != 1 || f[0].Scores["3"] != 6 || f[0].Winner != 3 {
 		t.Fatalf("finals %+v, want one with room 3 winning 6:0", f)
 	}
@@ -514,23 +534,23 @@ func TestSharedPKLostWhileItsEndFailed(t *testing.T) {
 	}
 	w.add(TallyName(c.ID), 2, 9)
 	n1.s.AddScore(2, c.ID, 9)
-	poll(t, 5*time.Second, "the score push", func() bool { return len(pushes(c.ID, 2, n1)) == 2 })
+	poll(t, 10*time.Second, "the score push", func() bool { return len(pushes(c.ID, 2, n1)) == 2 })
 	n1.s.mu.Lock()
 	r := n1.s.sh.byID[c.ID]
 	n1.s.mu.Unlock()
-	// Redis unreachable for 3 s (this command's reply is lost, connections
+	// Redis unreachable for 6 s (this command's reply is lost, connections
 	// refused), and empty when it comes back.
-	px.LoseReply("pk-test-cut", 3*time.Second)
+	px.LoseReply("pk-test-cut", 6*time.Second)
 	_ = rdb.Do(context.Background(), rdb.B().Echo().Message("pk-test-cut").Build()).Error()
 	loseKeys(t, direct, keyRunning, keyRooms, contestKey(c.ID))
 	n1.s.EndRoom(1)
-	poll(t, 2500*time.Millisecond, "the end failing (Redis unreachable)", func() bool {
+	poll(t, 5*time.Second, "the end failing (Redis unreachable)", func() bool {
 		n1.s.mu.Lock()
 		defer n1.s.mu.Unlock()
 		return r.endUnknown
 	})
-	poll(t, 15*time.Second, "the final push", func() bool { return len(finals(pushes(c.ID, 1, n1))) > 0 })
-	settled(t, 5*time.Second, c.ID, n1)
+	poll(t, 30*time.Second, "the final push", func() bool { return len(finals(pushes(c.ID, 1, n1))) > 0 })
+	settled(t, 10*time.Second, c.ID, n1)
 	if f := finals(pushes(c.ID, 1, n1)); len(f) != 1 || f[0].Scores["2"] != 9 || f[0].Winner != 2 {
 		t.Fatalf("finals %+v, want one with room 2 winning 9:0", f)
 	}
@@ -554,11 +574,11 @@ func TestSharedPKHashAloneLost(t *testing.T) {
 	}
 	w.add(TallyName(c.ID), 2, 9)
 	n1.s.AddScore(2, c.ID, 9)
-	poll(t, 5*time.Second, "the score push", func() bool { return len(pushes(c.ID, 2, n1)) == 2 })
+	poll(t, 10*time.Second, "the score push", func() bool { return len(pushes(c.ID, 2, n1)) == 2 })
 	loseKeys(t, rdb, contestKey(c.ID))
 	n1.s.EndRoom(1)
 	poll(t, 15*time.Second, "the final push", func() bool { return len(finals(pushes(c.ID, 1, n1))) > 0 })
-	settled(t, 5*time.Second, c.ID, n1)
+	settled(t, 10*time.Second, c.ID, n1)
 	if f := finals(pushes(c.ID, 1, n1)); len(f) != 1 || f[0].Scores["2"] != 9 || f[0].Seq < 1<<32 {
 		t.Fatalf("finals %+v, want one with room 2 winning 9:0 in a new epoch", f)
 	}
@@ -583,7 +603,16 @@ func TestSharedPKListAloneLostNotLost(t *testing.T) {
 		t.Fatal(err)
 	}
 	loseKeys(t, rdb, keyRunning)
-	time.Sleep(200 * time.Millisecond) // a few syncs (50 ms)
+	// Two sync passes done after the loss: the second began after it, so
+	// it read the hash (run: not lost).
+	passes := n1.s.sh.passes.Load()
+	poll(t, 10*time.Second, "two syncs after the loss", func() bool { return n1.s.sh.passes.Load() >= passes+2 })
+	n1.s.mu.Lock()
+	lost := n1.s.sh.byID[c.ID].lost
+	n1.s.mu.Unlock()
+	if lost {
+		t.Fatal("a contest whose hash says run taken for lost")
+	}
 	n1.s.EndRoom(1)
 	poll(t, 10*time.Second, "the final push", func() bool { return len(finals(pushes(c.ID, 1, n1))) > 0 })
 }
@@ -609,13 +638,13 @@ func TestSharedPKEndWrittenBackOverARunningWriteBack(t *testing.T) {
 	n1.s.AddScore(1, c.ID, 4)
 	n1.s.EndRoom(1)
 	poll(t, 10*time.Second, "the final push", func() bool { return len(finals(pushes(c.ID, 1, n1))) > 0 })
-	settled(t, 5*time.Second, c.ID, n1)
+	settled(t, 10*time.Second, c.ID, n1)
 	loseKeys(t, rdb, keyRunning, keyRooms, contestKey(c.ID))
 	n2.s.RestoreLost()
-	poll(t, 5*time.Second, "written back running by node 2", func() bool { return listed(rdb, c.ID) })
+	poll(t, 10*time.Second, "written back running by node 2", func() bool { return listed(rdb, c.ID) })
 	n1.s.RestoreLost()
-	poll(t, 5*time.Second, "over again", func() bool { got, ok := n1.s.Get(c.ID); return ok && got.Over })
-	poll(t, 5*time.Second, "the final pushed again", func() bool { return len(finals(pushes(c.ID, 1, n1, n2))) == 2 })
+	poll(t, 10*time.Second, "over again", func() bool { got, ok := n1.s.Get(c.ID); return ok && got.Over })
+	poll(t, 10*time.Second, "the final pushed again", func() bool { return len(finals(pushes(c.ID, 1, n1, n2))) == 2 })
 	ps := pushes(c.ID, 1, n1, n2)
 	sort.Slice(ps, func(x, y int) bool { return ps[x].Seq < ps[y].Seq })
 	if last := ps[len(ps)-1]; !last.Over || last.Scores["1"] != 4 {
