@@ -195,7 +195,7 @@ func TestSharedPKEndsOnceAcrossRacingNodes(t *testing.T) {
 		}
 		ids[i] = c.ID
 	}
-	poll(t, 2*time.Second, "node 2 knows every contest (sync)", func() bool {
+	poll(t, 10*time.Second, "node 2 knows every contest (sync)", func() bool {
 		n2.s.mu.Lock()
 		defer n2.s.mu.Unlock()
 		return len(n2.s.sh.byID) == contests
@@ -318,7 +318,7 @@ func TestSharedPKRestartedNodeEndsRunningContest(t *testing.T) {
 	}
 	w.add(TallyName(c.ID), 2, 9)
 	n1.s.AddScore(2, c.ID, 9)
-	poll(t, 2*time.Second, "the score push", func() bool { return len(pushes(c.ID, 2, n1)) == 2 })
+	poll(t, 10*time.Second, "the score push", func() bool { return len(pushes(c.ID, 2, n1)) == 2 })
 	n1.s.Close() // the node stops; its timer with it
 	n2 := newNode(t, rdb, w, 1, 2)
 	poll(t, 5*time.Second, "the final push from the restarted node, to both rooms", func() bool {
@@ -364,7 +364,7 @@ func TestSharedPKEndReplyLostStillPushed(t *testing.T) {
 	}
 	n1.s.endShared(r) // the retry
 	for _, room := range []int64{1, 2} {
-		poll(t, 2*time.Second, "the final push", func() bool { return len(finals(pushes(c.ID, room, n1, n2))) > 0 })
+		poll(t, 10*time.Second, "the final push", func() bool { return len(finals(pushes(c.ID, room, n1, n2))) > 0 })
 		time.Sleep(50 * time.Millisecond) // a second final, if any, would be here by now
 		f := finals(pushes(c.ID, room, n1, n2))
 		if len(f) != 1 || f[0].Scores["1"] != 7 || f[0].Winner != 1 {
@@ -406,7 +406,7 @@ func TestSharedPKEndsWhenItsRoomCloses(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	poll(t, 2*time.Second, "the start seen on node 2", func() bool { _, _, ok := n2.s.Running(2); return ok })
+	poll(t, 10*time.Second, "the start seen on node 2", func() bool { _, _, ok := n2.s.Running(2); return ok })
 	n2.s.EndRoom(1)
 	poll(t, 5*time.Second, "one final push to room 2", func() bool { return len(finals(pushes(c.ID, 2, n1, n2))) == 1 })
 	// Node 1's replica learns it ended (its sync): no PK gift joins it.
@@ -453,7 +453,7 @@ func TestSharedPKEndWaitsForAnotherNodesGifts(t *testing.T) {
 		t.Fatal(err)
 	}
 	var leave func()
-	poll(t, 2*time.Second, "the contest on node 2", func() bool {
+	poll(t, 10*time.Second, "the contest on node 2", func() bool {
 		var ok bool
 		_, _, leave, ok = n2.s.Enter(2)
 		return ok
@@ -497,7 +497,7 @@ func TestSharedFailedAcceptKeepsTheInvitation(t *testing.T) {
 	if err != nil || c.ID != inv.ID {
 		t.Fatalf("accept again: %+v %v", c, err)
 	}
-	poll(t, 2*time.Second, "the start push", func() bool { return len(pushes(c.ID, 1, n1, n2)) > 0 })
+	poll(t, 10*time.Second, "the start push", func() bool { return len(pushes(c.ID, 1, n1, n2)) > 0 })
 	if p := pushes(c.ID, 1, n1, n2); len(p) != 1 || p[0].Seq != 1 {
 		t.Fatalf("start pushes: %+v", p)
 	}
@@ -526,7 +526,7 @@ func TestSharedAcceptWhoseReplyWasLost(t *testing.T) {
 	if id, _, ok := n1.s.Running(1); !ok || id != inv.ID {
 		t.Fatalf("running: %q %v", id, ok)
 	}
-	poll(t, 2*time.Second, "the start push", func() bool { return len(pushes(c.ID, 1, n1)) > 0 })
+	poll(t, 10*time.Second, "the start push", func() bool { return len(pushes(c.ID, 1, n1)) > 0 })
 	if p := pushes(c.ID, 1, n1); len(p) != 1 || p[0].Seq != 1 {
 		t.Fatalf("start pushes: %+v", p)
 	}
@@ -597,7 +597,7 @@ func TestSharedLostAcceptDoesNotClaimAnotherAcceptsContest(t *testing.T) {
 	px.LoseReply("accept", 200*time.Millisecond)
 	first := make(chan error, 1)
 	go func() { _, err := n1.s.Accept(inv.ID); first <- err }()
-	time.Sleep(150 * time.Millisecond) // node 1's accept is on its way
+	poll(t, 10*time.Second, "node 1's accept on its way (held by the proxy)", func() bool { return px.Slowed() > 0 })
 	px.Slow("", 0)
 	c, err := n2.s.Accept(inv.ID)
 	if err != nil {
@@ -606,7 +606,7 @@ func TestSharedLostAcceptDoesNotClaimAnotherAcceptsContest(t *testing.T) {
 	if err := <-first; err == nil || proto.AsError(err).Code != proto.CodeInternal {
 		t.Fatalf("the accept whose reply was lost: %v, want 50000 (retry)", err)
 	}
-	poll(t, 2*time.Second, "the start push", func() bool { return len(pushes(c.ID, 1, n1, n2)) > 0 })
+	poll(t, 10*time.Second, "the start push", func() bool { return len(pushes(c.ID, 1, n1, n2)) > 0 })
 	time.Sleep(100 * time.Millisecond)
 	if p := pushes(c.ID, 1, n1, n2); len(p) != 1 {
 		t.Fatalf("start pushes %+v, want one (the accept that started it)", p)
