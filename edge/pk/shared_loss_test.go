@@ -13,8 +13,6 @@ import (
 
 	"github.com/liveedge/liveedge/persist"
 	"github.com/liveedge/liveedge/persist/redistest"
-	"github.com/liveedge/liveedge/router"
-	"github.com/liveedge/liveedge/router/routertest"
 )
 
 // openWallets opens the shared wallets of nodes n1 and n2 (one rebuild set)
@@ -61,16 +59,7 @@ func walletNode(t *testing.T, addr string, w *persist.SharedWallet, syncEvery ti
 		t.Fatal(err)
 	}
 	t.Cleanup(rdb.Close)
-	rt := router.NewLocal("t", router.LocalConfig{})
-	n := &node{watchers: map[int64]*routertest.Recorder{}}
-	for i, room := range rooms {
-		rt.OpenRoom(room)
-		v := &routertest.Recorder{SessionID: uint64(i + 1), User: 1000 + int64(i)}
-		if _, err := rt.Join(room, v); err != nil {
-			t.Fatal(err)
-		}
-		n.watchers[room] = v
-	}
+	rt, n := watchedNode(t, rooms...)
 	n.s = NewShared(rt, func(int64) bool { return true }, rdb, w.TallyFresh, nil)
 	n.s.sh.every = syncEvery
 	n.s.grace = 200 * time.Millisecond
@@ -523,18 +512,7 @@ func TestSharedPKLostWhileItsEndFailed(t *testing.T) {
 	t.Cleanup(rdb.Close)
 	direct := srv.Client(t)
 	w := &fakeWallet{}
-	n1 := newNode(t, rdb, w, 1, 2)
-	n1.s.grace = 50 * time.Millisecond
-	n1.s.mu.Lock()
-	n1.s.sh.lostWait = 300 * time.Millisecond
-	n1.s.mu.Unlock()
-	c, err := n1.s.Start(1, 2, time.Hour)
-	if err != nil {
-		t.Fatal(err)
-	}
-	w.add(TallyName(c.ID), 2, 9)
-	n1.s.AddScore(2, c.ID, 9)
-	poll(t, 10*time.Second, "the score push", func() bool { return len(pushes(c.ID, 2, n1)) == 2 })
+	n1, c := scoredLostWaitNode(t, rdb, w)
 	n1.s.mu.Lock()
 	r := n1.s.sh.byID[c.ID]
 	n1.s.mu.Unlock()
@@ -556,6 +534,25 @@ func TestSharedPKLostWhileItsEndFailed(t *testing.T) {
 	}
 }
 
+// scoredLostWaitNode is one node (rooms 1 and 2, lostWait 300 ms) running
+// a contest of rooms 1 and 2 for an hour, room 2 scored 9 (its push seen).
+func scoredLostWaitNode(t *testing.T, rdb rueidis.Client, w *fakeWallet) (*node, Contest) {
+	t.Helper()
+	n := newNode(t, rdb, w, 1, 2)
+	n.s.grace = 50 * time.Millisecond
+	n.s.mu.Lock()
+	n.s.sh.lostWait = 300 * time.Millisecond
+	n.s.mu.Unlock()
+	c, err := n.s.Start(1, 2, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.add(TallyName(c.ID), 2, 9)
+	n.s.AddScore(2, c.ID, 9)
+	poll(t, 10*time.Second, "the score push", func() bool { return len(pushes(c.ID, 2, n)) == 2 })
+	return n, c
+}
+
 // Redis loses a running contest's hash but not its entry in the running
 // contests (e.g. evicted): the end finds no contest, the sync keeps the
 // replica lost (its hash is gone, listed or not) and writes it back after
@@ -563,18 +560,7 @@ func TestSharedPKLostWhileItsEndFailed(t *testing.T) {
 // took "listed" for "written back", and the end found no contest for ever.
 func TestSharedPKHashAloneLost(t *testing.T) {
 	rdb, w := newRedis(t), &fakeWallet{}
-	n1 := newNode(t, rdb, w, 1, 2)
-	n1.s.grace = 50 * time.Millisecond
-	n1.s.mu.Lock()
-	n1.s.sh.lostWait = 300 * time.Millisecond
-	n1.s.mu.Unlock()
-	c, err := n1.s.Start(1, 2, time.Hour)
-	if err != nil {
-		t.Fatal(err)
-	}
-	w.add(TallyName(c.ID), 2, 9)
-	n1.s.AddScore(2, c.ID, 9)
-	poll(t, 10*time.Second, "the score push", func() bool { return len(pushes(c.ID, 2, n1)) == 2 })
+	n1, c := scoredLostWaitNode(t, rdb, w)
 	loseKeys(t, rdb, contestKey(c.ID))
 	n1.s.EndRoom(1)
 	poll(t, 15*time.Second, "the final push", func() bool { return len(finals(pushes(c.ID, 1, n1))) > 0 })

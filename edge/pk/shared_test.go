@@ -62,8 +62,9 @@ func newNode(t *testing.T, rdb rueidis.Client, w *fakeWallet, rooms ...int64) *n
 	return newNodeEvery(t, rdb, w, 50*time.Millisecond, rooms...)
 }
 
-// newNodeEvery is newNode with its sync every every.
-func newNodeEvery(t *testing.T, rdb rueidis.Client, w *fakeWallet, every time.Duration, rooms ...int64) *node {
+// watchedNode is a node whose router has rooms open, each watched by a
+// viewer of its own (the node's service is the caller's to make).
+func watchedNode(t *testing.T, rooms ...int64) (*router.Local, *node) {
 	t.Helper()
 	rt := router.NewLocal("t", router.LocalConfig{})
 	n := &node{watchers: map[int64]*routertest.Recorder{}}
@@ -75,6 +76,13 @@ func newNodeEvery(t *testing.T, rdb rueidis.Client, w *fakeWallet, every time.Du
 		}
 		n.watchers[room] = v
 	}
+	return rt, n
+}
+
+// newNodeEvery is newNode with its sync every every.
+func newNodeEvery(t *testing.T, rdb rueidis.Client, w *fakeWallet, every time.Duration, rooms ...int64) *node {
+	t.Helper()
+	rt, n := watchedNode(t, rooms...)
 	n.s = NewShared(rt, func(int64) bool { return true }, rdb, w.tally, nil)
 	n.s.sh.every = every
 	if err := n.s.Restore(time.Now()); err != nil {
