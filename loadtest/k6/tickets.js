@@ -4,7 +4,7 @@
 // VUS and each asks for SEATS adjacent seats of a random category, paid with
 // coins (PAY=coins: the saga, after dev credit) or by the provider (PAY=mock:
 // PENDING_PAY), and asks again with the same req_id (same order). Every answer
-// must be an order of exactly the SEATS asked (distinct, of the category) or
+// must be an order of exactly the SEATS asked (distinct, adjacent in one row of the category) or
 // sold out (40003); never more seats sold than exist
 // (threshold), and in teardown every seat's status adds up.
 import { check } from "k6";

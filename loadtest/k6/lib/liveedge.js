@@ -1027,9 +1027,9 @@ export function seatTally(p) {
  * Whether `got` (an order's seat_ids) are the seats `asked` (the
  * POST /tickets/orders body) asked for: distinct ids, exactly as many as
  * asked — the very ids of a manual order (`seat_ids`, in any order), or
- * `count` seats of `category_id` ("<category_id>-<row>-<col>"). Ids are
- * compared as strings: the node takes only canonical ones (no leading
- * zeros) and answers them as given.
+ * `count` adjacent seats of `category_id` ("<category_id>-<row>-<col>": one
+ * row, consecutive columns). Ids are compared as strings: the node takes
+ * only canonical ones (no leading zeros) and answers them as given.
  * @param {Record<string, unknown>} asked
  * @param {unknown} got
  * @returns {boolean}
@@ -1045,8 +1045,18 @@ export function seatsAsAsked(asked, got) {
   const count = Number(asked.count);
   const category = Number(asked.category_id);
   if (!Number.isSafeInteger(count) || count <= 0 || !Number.isSafeInteger(category) || category <= 0) return false;
-  const ofCategory = new RegExp(`^${category}-[1-9][0-9]*-[1-9][0-9]*$`);
-  return got.length === count && got.every((id) => ofCategory.test(id));
+  const ofCategory = new RegExp(`^${category}-([1-9][0-9]*)-([1-9][0-9]*)$`);
+  if (got.length !== count) return false;
+  /** @type {{row: number, col: number}[]} */
+  const places = [];
+  for (const id of got) {
+    const m = ofCategory.exec(id);
+    if (!m) return false;
+    places.push({ row: Number(m[1]), col: Number(m[2]) });
+  }
+  // Adjacent: one row, consecutive columns (in any order in the answer).
+  places.sort((a, b) => a.col - b.col);
+  return places.every((p, i) => p.row === places[0].row && p.col === places[0].col + i);
 }
 
 /**

@@ -109,7 +109,7 @@ describe("protocol module, no node", () => {
     assert.deepEqual(t, { unsold: 1, locked: 1, sold: 1, other: 0, remainingMismatch: 0 });
   });
 
-  test("ticket checks: an order holds exactly the seats asked for (count, category, named ids), distinct", () => {
+  test("ticket checks: an order holds exactly the seats asked for (count adjacent in one row of the category, or the named ids), distinct", () => {
     const order = (seat_ids) => ({ status: 200, code: 0, msg: "ok", data: { status: "PAID", seat_ids }, raw: "" });
     const seats = "ticket: seats as asked";
     const byCount = ticketChecks({ program_id: 1, category_id: 1, count: 2, req_id: "r" });
@@ -120,6 +120,9 @@ describe("protocol module, no node", () => {
     assert.deepEqual(failedChecks(byCount, order(["2-3-4", "2-3-5"])), [seats], "another category");
     assert.deepEqual(failedChecks(byCount, order(["1-3-4", 7])), [seats], "not a seat id");
     assert.deepEqual(failedChecks(byCount, order(undefined)), [seats], "no seat_ids");
+    assert.deepEqual(failedChecks(byCount, order(["1-3-5", "1-3-4"])), [], "adjacent, in any order");
+    assert.deepEqual(failedChecks(byCount, order(["1-3-4", "1-3-6"])), [seats], "not adjacent");
+    assert.deepEqual(failedChecks(byCount, order(["1-3-4", "1-4-5"])), [seats], "two rows");
     const soldOut = { status: 409, code: Code.SoldOut, msg: "sold out", data: {}, raw: "" };
     assert.deepEqual(failedChecks(byCount, soldOut), []);
     const byIds = ticketChecks({ program_id: 1, seat_ids: ["1-3-4", "1-3-5"], req_id: "r" });
