@@ -72,14 +72,19 @@ type Conn struct {
 	// Reliable pushes awaiting an ack: pending is made by the first one
 	// (most connections have none), ackDone is set once the connection is
 	// gone (nothing more is tracked).
-	ackMu   sync.Mutex
-	pending map[string]*pendingPush
-	ackDone bool
-	ackSeq  uint64
-	given   int // pending entries given up on (kept for the hand-on at close)
-	timer   *time.Timer
-	timerAt int64 // when timer fires, unix ns
-	done    chan struct{}
+	ackMu sync.Mutex
+	// resendMu makes resend passes one at a time, from choosing what is
+	// due to queuing it: a pass re-arms the timer before it queues its
+	// pushes, and the next pass (pushes due a moment later) would
+	// otherwise queue its own ahead of them — resent out of order.
+	resendMu sync.Mutex
+	pending  map[string]*pendingPush
+	ackDone  bool
+	ackSeq   uint64
+	given    int // pending entries given up on (kept for the hand-on at close)
+	timer    *time.Timer
+	timerAt  int64 // when timer fires, unix ns
+	done     chan struct{}
 }
 
 type pendingPush struct {
@@ -544,6 +549,8 @@ func (c *Conn) acked(mids []string) {
 // resendDue resends every due push (backoff doubles per try) and re-arms the
 // timer for the next one.
 func (c *Conn) resendDue() {
+	c.resendMu.Lock()
+	defer c.resendMu.Unlock()
 	now := time.Now()
 	var due []*pendingPush
 	c.ackMu.Lock()
