@@ -632,13 +632,8 @@ func (s *Service) syncShared() error {
 	if ready && s.tombsDue(restore) {
 		s.writeTombs() // (the contests known ended go first)
 	}
-	if len(restore) > 0 && ready {
-		for _, r := range restore {
-			if s.quitting() {
-				return nil
-			}
-			s.restoreRunning(r)
-		}
+	if ready {
+		s.restoreAll(restore)
 	}
 	s.sh.passes.Add(1)
 	return nil
@@ -709,9 +704,7 @@ func (s *Service) checkGone(ctx context.Context, r *running) (restore bool) {
 		seq, _ := vals[3].AsInt64()
 		s.mu.Lock()
 		if !r.ended && !r.ending && !r.endUnknown {
-			s.forgetLocked(r)
-			s.tombLocked(r.c, sc, seq)
-			s.dropTalliesOf(r.c.ID, r.c.Rooms) // ended by end.lua: its scores are final
+			s.buryLocked(r, sc, seq) // ended by end.lua: its scores are final
 		}
 		s.mu.Unlock()
 		return false
@@ -727,11 +720,35 @@ func (s *Service) checkGone(ctx context.Context, r *running) (restore bool) {
 	if r.ended {
 		return false
 	}
+	s.markLostLocked(r, now, "pk: running contest gone from Redis (its data lost?): kept, written back once the wallet is ready")
+	return now.Sub(r.lostAt) > s.sh.lostWait && now.Sub(s.sh.readyAt) > s.sh.lostWait
+}
+
+// restoreAll writes replicas rs back (restoreRunning), one after another,
+// until the service closes.
+func (s *Service) restoreAll(rs []*running) {
+	for _, r := range rs {
+		if s.quitting() {
+			return
+		}
+		s.restoreRunning(r)
+	}
+}
+
+// markLostLocked notes, once, that r's contest is gone from Redis (at now).
+func (s *Service) markLostLocked(r *running, now time.Time, why string) {
 	if !r.lost {
 		r.lost, r.lostAt = true, now
-		s.log.Warn("pk: running contest gone from Redis (its data lost?): kept, written back once the wallet is ready", "pk_id", r.c.ID, "rooms", r.c.Rooms)
+		s.log.Warn(why, "pk_id", r.c.ID, "rooms", r.c.Rooms)
 	}
-	return now.Sub(r.lostAt) > s.sh.lostWait && now.Sub(s.sh.readyAt) > s.sh.lostWait
+}
+
+// buryLocked forgets replica r of a contest that ended elsewhere, with its
+// final scores and seq: its tomb recorded, its tallies dropped.
+func (s *Service) buryLocked(r *running, scores [2]int64, seq int64) {
+	s.forgetLocked(r)
+	s.tombLocked(r.c, scores, seq)
+	s.dropTalliesOf(r.c.ID, r.c.Rooms)
 }
 
 // tombLocked records contest c over, with its final scores and seq (once:
@@ -810,12 +827,7 @@ func (s *Service) RestoreLost() {
 			}
 		}
 		s.mu.Unlock()
-		for _, r := range rs {
-			if s.quitting() {
-				return
-			}
-			s.restoreRunning(r)
-		}
+		s.restoreAll(rs)
 	}()
 }
 
@@ -990,9 +1002,7 @@ func (s *Service) restoreRunning(r *running) {
 			s.log.Warn("pk: contest lost with Redis's data ended at once: a room of it is in another contest", "pk_id", r.c.ID)
 		}
 		if !r.ended {
-			s.forgetLocked(r)
-			s.tombLocked(r.c, [2]int64{arr[1], arr[2]}, arr[3])
-			s.dropTalliesOf(r.c.ID, r.c.Rooms)
+			s.buryLocked(r, [2]int64{arr[1], arr[2]}, arr[3])
 		}
 	}
 }
@@ -1159,10 +1169,7 @@ func (s *Service) endShared(r *running) {
 		// lost (end.lua would answer it {1}): nothing to learn from a
 		// retry, and the sync must see the replica (its write-back).
 		r.endUnknown = false
-		if !r.lost {
-			r.lost, r.lostAt = true, time.Now()
-			s.log.Warn("pk: contest to end gone from Redis (its data lost?): it ends once written back", "pk_id", r.c.ID)
-		}
+		s.markLostLocked(r, time.Now(), "pk: contest to end gone from Redis (its data lost?): it ends once written back")
 		if !s.closed && !r.ended {
 			r.timer = time.AfterFunc(time.Second, func() { s.endShared(r) })
 		}

@@ -13,13 +13,9 @@
 -- back, restore.lua), or {2} (a node's PK gifts are still being debited:
 -- retry shortly).
 local state = redis.call('HGET', KEYS[1], 'state')
-if state == 'over' and redis.call('HGET', KEYS[1], 'ender') == ARGV[7] then
-  local r = redis.call('HMGET', KEYS[1], 's0', 's1', 'seq')
-  return {1, tonumber(r[1]), tonumber(r[2]), tonumber(r[3])}
-end
 if state == 'over' then
-  local r = redis.call('HMGET', KEYS[1], 's0', 's1', 'seq')
-  return {0, tonumber(r[1]) or 0, tonumber(r[2]) or 0, tonumber(r[3]) or 0}
+  local r = redis.call('HMGET', KEYS[1], 's0', 's1', 'seq', 'ender')
+  return {r[4] == ARGV[7] and 1 or 0, tonumber(r[1]) or 0, tonumber(r[2]) or 0, tonumber(r[3]) or 0}
 end
 if state ~= 'run' then return {3} end
 -- A node still debiting PK gifts of the contest marked it (w:<token> = the
