@@ -67,7 +67,9 @@ type Client struct {
 	ackMu    sync.Mutex
 	acks     []string
 	ackSince time.Time
-	flushMu  sync.Mutex // held while held acks are sent (a close waits for them)
+	// flushing holds a token while held acks are sent: a close waits for
+	// a flush under way, but no longer than its own context.
+	flushing chan struct{}
 
 	cbMu         sync.Mutex
 	cbRunning    bool
@@ -156,6 +158,7 @@ func Dial(ctx context.Context, cfg Config) (*Client, error) {
 		events:       make(chan event, cfg.EventBuffer),
 		undelivered:  map[string]struct{}{},
 		dispatchDone: make(chan struct{}),
+		flushing:     make(chan struct{}, 1),
 	}
 	c.ctx, c.cancel = context.WithCancel(context.Background())
 	go c.dispatch()
@@ -956,7 +959,8 @@ func (c *Client) dispatch() {
 	defer close(c.dispatchDone)
 	// Its flushes are not cut short by the client's context (a write waits
 	// no longer than the session, and RequestTimeout): a close waits for
-	// one under way (flushMu) and then sends the rest before its frame.
+	// one under way (flushAcks) — for a second at most — and then sends
+	// the rest before its frame.
 	flush := context.Background()
 	defer c.flushAcks(flush)
 	for ev := range c.events {
@@ -1023,8 +1027,15 @@ func (c *Client) acksDue(idle bool) bool {
 // reconnecting: the node resends those pushes to the next one, where they
 // are acked as duplicates, not delivered again).
 func (c *Client) flushAcks(ctx context.Context) {
-	c.flushMu.Lock()
-	defer c.flushMu.Unlock()
+	select {
+	case c.flushing <- struct{}{}:
+	case <-ctx.Done():
+		// A flush under way is stuck (its write waits behind a frame the
+		// node does not read): these acks stay held; the pushes are sent
+		// again on the next connection, and dropped there as duplicates.
+		return
+	}
+	defer func() { <-c.flushing }()
 	c.ackMu.Lock()
 	mids := c.acks
 	c.acks = nil

@@ -278,14 +278,18 @@ func TestRequestTimeout(t *testing.T) {
 func TestRequestContextBoundsItsWrite(t *testing.T) {
 	// More than the loopback socket buffers hold (a few MB each way), less
 	// than gws's 16 MiB frame limit. Encoding it takes up to a second under
-	// -race: the contexts leave room for that, the frame must be under way
-	// when they end.
+	// -race, and seconds on a busy machine: the contexts leave room for
+	// three times what it took here (the frame must be under way when they
+	// end — a context that ends first leaves nothing stuck to test), and
+	// the RequestTimeouts are counted from them.
 	big := map[string]string{"pad": strings.Repeat("x", 15<<20)}
+	encStart := time.Now()
 	bigFrame, err := encodeRequest("noreply", 1, big)
 	if err != nil {
 		t.Fatal(err)
 	}
-	const ctxTimeout = 2 * time.Second
+	ctxTimeout := 2*time.Second + 3*time.Since(encStart)
+	t.Logf("encoding the big frame took %v: request contexts of %v", time.Since(encStart), ctxTimeout)
 	// stuck sends big on c while ts reads nothing and returns how long the
 	// request took; it must fail with its context.
 	stuck := func(t *testing.T, c *Client, ts *tServer) time.Duration {
@@ -307,7 +311,7 @@ func TestRequestContextBoundsItsWrite(t *testing.T) {
 	}
 
 	t.Run("the node reads again", func(t *testing.T) {
-		const requestTimeout = 10 * time.Second
+		requestTimeout := ctxTimeout + 8*time.Second
 		ts := newTServer(t)
 		c := dial(t, ts, nil, func(cfg *Config) { cfg.RequestTimeout = requestTimeout })
 		if d := stuck(t, c, ts); d > ctxTimeout+2*time.Second {
@@ -328,7 +332,7 @@ func TestRequestContextBoundsItsWrite(t *testing.T) {
 	})
 
 	t.Run("the node never reads again", func(t *testing.T) {
-		const requestTimeout = 4 * time.Second
+		requestTimeout := ctxTimeout + 2*time.Second
 		ts := newTServer(t)
 		r := &rec{}
 		c := dial(t, ts, r, func(cfg *Config) { cfg.RequestTimeout = requestTimeout })
@@ -339,6 +343,41 @@ func TestRequestContextBoundsItsWrite(t *testing.T) {
 		waitFor(t, 5*time.Second, "reconnected", func() bool { return ts.connCount() == 2 })
 		if err := c.Ping(context.Background()); err != nil {
 			t.Fatalf("Ping after reconnecting: %v", err)
+		}
+	})
+
+	t.Run("Close while the write is stuck", func(t *testing.T) {
+		// The close frame cannot go out before the stuck frame: Close
+		// gives the write a moment, then closes the socket — it no longer
+		// waits out RequestTimeout (closeWith pushed the stuck write's
+		// deadline back to a full RequestTimeout and queued behind it).
+		requestTimeout := ctxTimeout + 8*time.Second
+		ts := newTServer(t)
+		c := dial(t, ts, nil, func(cfg *Config) { cfg.RequestTimeout = requestTimeout })
+		stuck(t, c, ts)
+		start := time.Now()
+		_ = c.Close()
+		if d := time.Since(start); d > 3*time.Second {
+			t.Fatalf("Close with a stuck write took %v, want about a second (RequestTimeout %v)", d, requestTimeout)
+		}
+	})
+
+	t.Run("Close while an ack flush waits behind the stuck write", func(t *testing.T) {
+		// The dispatcher's flush of a delivered push's ack waits for the
+		// write lock (held by the stuck frame); Close's own flush waited
+		// for that one (the flush lock) before closing: up to RequestTimeout.
+		requestTimeout := ctxTimeout + 8*time.Second
+		ts := newTServer(t)
+		r := &rec{}
+		c := dial(t, ts, r, func(cfg *Config) { cfg.RequestTimeout = requestTimeout })
+		stuck(t, c, ts)
+		ts.conn(0).send(t, pushFrame("a1", true, 1, "hello"))
+		waitFor(t, 5*time.Second, "the push delivered", func() bool { return r.hasMid("a1") })
+		time.Sleep(100 * time.Millisecond) // its ack flush under way
+		start := time.Now()
+		_ = c.Close()
+		if d := time.Since(start); d > 4*time.Second {
+			t.Fatalf("Close with an ack flush behind a stuck write took %v, want about two seconds (RequestTimeout %v)", d, requestTimeout)
 		}
 	})
 }

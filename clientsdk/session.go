@@ -80,13 +80,36 @@ func (s *session) closeWith(code int, cause error) {
 		s.local, s.localCode, s.localErr = true, code, cause
 	}
 	s.closeMu.Unlock()
-	if s.conn != nil {
-		// Its own deadline: the last write's may have passed long ago (an
-		// idle client closed without its close frame).
-		_ = s.conn.SetWriteDeadline(time.Now().Add(s.c.cfg.RequestTimeout))
+	if s.conn == nil {
+		return
+	}
+	wait := min(s.c.cfg.RequestTimeout, closeWait)
+	t := time.NewTimer(wait)
+	defer t.Stop()
+	select {
+	case s.wsem <- struct{}{}:
+		// No frame under way: the close frame goes out under a deadline of
+		// its own (the last write's may have passed long ago: an idle
+		// client closed without its close frame), and gws closes the socket.
+		_ = s.conn.SetWriteDeadline(time.Now().Add(wait))
 		_ = s.conn.WriteClose(uint16(code), nil)
+		<-s.wsem
+	case <-s.done:
+		// Ended meanwhile: nothing to close (and endWrites may hold the
+		// write lock for good).
+	case <-t.C:
+		// A frame has been under way for that long (a node that does not
+		// read): the close frame could only follow it, up to its
+		// RequestTimeout deadline. The socket is closed instead — the
+		// stuck write fails at once and the read loop ends (the node sees
+		// the connection drop, not a close frame).
+		_ = s.conn.NetConn().Close()
 	}
 }
+
+// closeWait bounds how long closing waits for a frame under way before it
+// closes the socket without a close frame (at most RequestTimeout).
+const closeWait = time.Second
 
 // closeError is why the session ended (valid after done is closed).
 func (s *session) closeError() error {
