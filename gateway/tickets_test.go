@@ -93,6 +93,13 @@ func TestTicketHTTPFlow(t *testing.T) {
 	if st != 200 || o.Data.Status != "PENDING_PAY" || o.Data.PayURL == "" || o.Data.Amount != 760 || len(o.Data.SeatIDs) != 2 {
 		t.Fatalf("place: %d %+v", st, o)
 	}
+	// The provider is asked for the price in cents (760 coins = 76 元):
+	// pay_amount, the pay order and its pay_url agree.
+	var payOrder ticketReply[pay.Order]
+	if st := nodetest.DoJSON(t, "GET", nodetest.HTTPURL(e.node)+"/api/v1/pay/orders/"+o.Data.OrderID, buyer, "", &payOrder); st != 200 ||
+		payOrder.Data.Amount != 760*pay.CentsPerCoin || o.Data.PayAmount != payOrder.Data.Amount || !strings.Contains(o.Data.PayURL, "amount=7600&") {
+		t.Fatalf("pay order of a 760-coin ticket order: %d %+v, pay_amount %d, pay_url %s", st, payOrder.Data, o.Data.PayAmount, o.Data.PayURL)
+	}
 	if _, again := place(buyer, fmt.Sprintf(`{"program_id":%d,"category_id":1,"count":2,"req_id":"h1"}`, prog)); again.Data.OrderID != o.Data.OrderID {
 		t.Fatalf("same req_id gave %+v", again)
 	}
@@ -120,7 +127,12 @@ func TestTicketHTTPFlow(t *testing.T) {
 	// A second order paid by a signed notify delivered twice.
 	_, o2 := place(buyer, fmt.Sprintf(`{"program_id":%d,"seat_ids":["2-1-1"],"req_id":"h2"}`, prog))
 	po := pay.Order{OrderID: o2.Data.OrderID}
-	body, sig := signedEvent(e, po, "tkt-evt-1", o2.Data.Amount)
+	// Its coin amount is not what the provider charged: refused, nothing sold.
+	body, sig := signedEvent(e, po, "tkt-evt-coins", o2.Data.Amount)
+	if st, b := e.post(t, sig, body); st != 409 || !strings.Contains(b, "10409") {
+		t.Fatalf("notify of the coin amount: %d %s", st, b)
+	}
+	body, sig = signedEvent(e, po, "tkt-evt-1", o2.Data.PayAmount)
 	for k := 0; k < 2; k++ {
 		if st, b := e.post(t, sig, body); st != 200 || b != "success" {
 			t.Fatalf("notify: %d %s", st, b)
@@ -287,7 +299,7 @@ func TestTicketHTTPTimeoutThenLatePayment(t *testing.T) {
 	}
 	nodetest.Eventually(t, 10*time.Second, func() bool { return status() == "CANCELLED" }, "unpaid order not closed")
 	nodetest.Eventually(t, 5*time.Second, func() bool { return remaining() == 4 }, "seats not released")
-	body, sig := signedEvent(e, pay.Order{OrderID: o.Data.OrderID}, "late-evt", o.Data.Amount)
+	body, sig := signedEvent(e, pay.Order{OrderID: o.Data.OrderID}, "late-evt", o.Data.PayAmount)
 	for k := 0; k < 2; k++ {
 		if st, b := e.post(t, sig, body); st != 200 || b != "success" {
 			t.Fatalf("late notify %d %s", st, b)

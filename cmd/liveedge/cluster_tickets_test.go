@@ -28,12 +28,13 @@ type tixReply struct {
 	Code int    `json:"code"`
 	Msg  string `json:"msg"`
 	Data struct {
-		OrderID  string   `json:"order_id"`
-		Status   string   `json:"status"`
-		SeatIDs  []string `json:"seat_ids"`
-		Amount   int64    `json:"amount"`
-		Discount int64    `json:"discount"`
-		CouponID string   `json:"coupon_id"`
+		OrderID   string   `json:"order_id"`
+		Status    string   `json:"status"`
+		SeatIDs   []string `json:"seat_ids"`
+		Amount    int64    `json:"amount"`     // coins
+		PayAmount int64    `json:"pay_amount"` // cents: what a provider-paid order's notify carries
+		Discount  int64    `json:"discount"`
+		CouponID  string   `json:"coupon_id"`
 	} `json:"data"`
 }
 
@@ -620,7 +621,7 @@ func TestClusterTicketsTenThousandBuyers(t *testing.T) {
 		w := toPay[i]
 		for k := 0; k < 2; k++ {
 			nd := c.nodes[(i+k)%3]
-			if st, raw, err := notify(nd, w.order.Data.OrderID, "ev-"+w.order.Data.OrderID, w.order.Data.Amount); err != nil || st != 200 || raw != "success" {
+			if st, raw, err := notify(nd, w.order.Data.OrderID, "ev-"+w.order.Data.OrderID, w.order.Data.PayAmount); err != nil || st != 200 || raw != "success" {
 				fail("notify %s through %s: %d %s %v", w.order.Data.OrderID, nd.http, st, raw, err)
 			}
 		}
@@ -675,7 +676,7 @@ func TestClusterTicketsTenThousandBuyers(t *testing.T) {
 	// A payment after the close is refunded, not sold.
 	if len(left) > 0 {
 		late := left[0].order.Data
-		if st, raw, err := notify(c.nodes[2], late.OrderID, "late-"+late.OrderID, late.Amount); err != nil || st != 200 || raw != "success" {
+		if st, raw, err := notify(c.nodes[2], late.OrderID, "late-"+late.OrderID, late.PayAmount); err != nil || st != 200 || raw != "success" {
 			t.Fatalf("late notify: %d %s %v", st, raw, err)
 		}
 		var r tixReply

@@ -78,7 +78,7 @@ type BizOrderReq struct {
 	ID        int64 // from NewOrderID: the business order and the pay order share it
 	User      int64
 	Biz       string // a registered business
-	Amount    int64
+	Amount    int64  // cents, as every pay order's (goods priced in coins: × CentsPerCoin)
 	Channel   string // "" = mock
 	ReqID     string
 	ExpiresAt int64 // unix ms: the reconciler closes the pay order after it (0 = OrderTimeout)

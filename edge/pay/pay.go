@@ -66,6 +66,13 @@ type Product struct {
 	Biz   string `json:"biz"` // business the payment belongs to ("coins")
 }
 
+// CentsPerCoin is the rate between money and coins: SPEC §4's seed products
+// sell 30 元 (3,000 cents) for 300 coins … 100 元 for 1,000, so a coin costs
+// 10 cents (every product of Products is priced so). A pay order's Amount is
+// cents; a business that prices its goods in coins (tickets) asks the
+// provider for coins × CentsPerCoin.
+const CentsPerCoin = 10
+
 // Products is the seed catalogue (SPEC §4: 30 元 → 300 coins … 100 元 → 1000 coins).
 var Products = []Product{
 	{ID: 1, Name: "300 coins", Price: 3000, Coins: 300, Type: 1, Valid: true, Biz: "coins"},

@@ -1,6 +1,7 @@
 package ticket
 
 import (
+	"github.com/liveedge/liveedge/edge/pay"
 	"github.com/liveedge/liveedge/gateway/proto"
 )
 
@@ -9,7 +10,8 @@ import (
 //   - every seat of a PENDING_PAY / PLACING order is locked by that order,
 //     every seat of a PAID order sold to it; no other seat is taken;
 //   - a program's per-user counts are the seats of its users' live orders;
-//   - a coupon is used by exactly the live order that records using it.
+//   - a coupon is used by exactly the live order that records using it;
+//   - a provider-paid order's pay order asks its amount × pay.CentsPerCoin.
 func (e *env) audit() {
 	e.t.Helper()
 	s := e.svc
@@ -53,6 +55,20 @@ func (e *env) audit() {
 				held[o.ProgramID] = map[int64]int{}
 			}
 			held[o.ProgramID][o.UserID] += len(o.seats)
+		}
+		if o.Pay == PayMock {
+			// A provider-paid order's pay order asks its amount in cents.
+			po, err := e.pay.Get(o.id)
+			switch {
+			case err == nil:
+				if po.Amount != o.Amount*pay.CentsPerCoin || o.PayAmount != po.Amount {
+					e.t.Fatalf("order %s: amount %d coins, pay_amount %d; its pay order asks %d cents", o.OrderID, o.Amount, o.PayAmount, po.Amount)
+				}
+			case proto.AsError(err).Code != proto.CodeNotFound:
+				e.t.Fatal(err)
+			case o.PayAmount != 0:
+				e.t.Fatalf("order %s: pay_amount %d and no pay order", o.OrderID, o.PayAmount)
+			}
 		}
 		if o.CouponID != "" {
 			named[o.CouponID] = true

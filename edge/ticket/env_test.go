@@ -203,7 +203,8 @@ func (e *env) counts(program int64) (free, locked, sold int) {
 }
 
 // notify delivers a signed provider event for order id through the pay
-// centre's webhook handler.
+// centre's webhook handler; amount is cents, as the pay order's (a ticket
+// order's PayAmount, not its Amount in coins).
 func (e *env) notify(orderID, eventID string, amount int64) int {
 	e.t.Helper()
 	body, _ := proto.Marshal(pay.Event{EventID: eventID, OrderID: orderID, Amount: amount, Status: "SUCCESS", PaidAt: e.clock.now().UnixMilli()})

@@ -132,8 +132,9 @@ type Order struct {
 	UserID    int64    `json:"user_id"`
 	ProgramID int64    `json:"program_id"`
 	SeatIDs   []string `json:"seat_ids"`
-	Total     int64    `json:"total"`  // the seats' prices
-	Amount    int64    `json:"amount"` // to pay: Total − Discount
+	Total     int64    `json:"total"`                // the seats' prices
+	Amount    int64    `json:"amount"`               // to pay: Total − Discount (coins, as prices)
+	PayAmount int64    `json:"pay_amount,omitempty"` // what the provider charges (cents: Amount × pay.CentsPerCoin, its pay order's); 0 = no pay order
 	CouponID  string   `json:"coupon_id,omitempty"`
 	Discount  int64    `json:"discount,omitempty"`
 	Pay       string   `json:"pay"`

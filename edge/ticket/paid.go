@@ -34,8 +34,8 @@ func (s *Service) Paid(po pay.Order) error {
 	case StatusPaid:
 		return nil
 	case StatusPendingPay:
-		if po.Amount != o.Amount {
-			return errors.New("ticket: paid amount differs from the order's")
+		if po.Amount != payAmount(o.Amount) {
+			return errors.New("ticket: paid amount (cents) differs from the order's")
 		}
 		o.Status, o.UpdatedAt, o.Note = StatusPaid, s.cfg.Now().UnixMilli(), "paid"
 		if err := s.store.Put(o.record().Key, o.record().Value); err != nil {

@@ -596,9 +596,12 @@ func (s *Service) commitMock(o *Order, extra []persist.Record) (Order, error) {
 		s.push(o)
 		return *o, nil
 	}
-	o.Status, o.ExpiresAt = StatusPendingPay, now+s.cfg.PayTimeout.Milliseconds()
+	// The order's amount is coins; its pay order's is cents, what the
+	// provider charges (before, the coins were asked as cents: a tenth of
+	// the price).
+	o.Status, o.ExpiresAt, o.PayAmount = StatusPendingPay, now+s.cfg.PayTimeout.Milliseconds(), payAmount(o.Amount)
 	recs = append(recs, o.record())
-	po, err := s.pay.CreateBizOrder(pay.BizOrderReq{ID: o.id, User: o.UserID, Biz: Biz, Amount: o.Amount,
+	po, err := s.pay.CreateBizOrder(pay.BizOrderReq{ID: o.id, User: o.UserID, Biz: Biz, Amount: o.PayAmount,
 		ReqID: "ticket:" + o.ReqID, ExpiresAt: o.ExpiresAt}, recs...)
 	if err != nil {
 		return Order{}, err
@@ -610,6 +613,14 @@ func (s *Service) commitMock(o *Order, extra []persist.Record) (Order, error) {
 	s.push(o)
 	return *o, nil
 }
+
+// payAmount is the provider's charge, in cents, of an order amount in coins.
+func payAmount(coins int64) int64 { return coins * pay.CentsPerCoin }
+
+// The dearest order, MaxPerOrder seats at maxPrice coins, costs 2·10⁹ cents:
+// no overflow, and a number a browser reads exactly (below 2⁵³). This does
+// not compile if the bounds or the rate grow past that.
+const _ = uint64(1<<53 - MaxPerOrder*maxPrice*pay.CentsPerCoin)
 
 func setAll(b *persist.Batch, recs []persist.Record) error {
 	for _, r := range recs {

@@ -101,7 +101,7 @@ func TestTicketTenThousandBuyersThousandSeats(t *testing.T) {
 		switch i % 3 {
 		case 0:
 			for k := 0; k < 2; k++ {
-				if st := e.notify(w.order.OrderID, "ev-"+w.order.OrderID, w.order.Amount); st != pay.NotifyOK {
+				if st := e.notify(w.order.OrderID, "ev-"+w.order.OrderID, w.order.PayAmount); st != pay.NotifyOK {
 					t.Fatalf("notify %d", st)
 				}
 			}
@@ -260,6 +260,58 @@ func TestTicketLimitsGuardAndIdempotency(t *testing.T) {
 	}
 }
 
+// A provider-paid order asks the provider for its amount in cents: its pay
+// order (and pay_url) carry amount × pay.CentsPerCoin, the reply says so in
+// pay_amount, and a notify of the coin amount is refused (409), nothing
+// sold. Before, the coins were asked as cents: a seat of 380 coins (38 元)
+// cost 3.80 元 through the provider, and a notify of 380 sold it.
+func TestTicketPayOrderChargesCents(t *testing.T) {
+	e := newEnv(t, Config{})
+	prog := e.program([]CategoryDef{{ID: 1, Name: "A", Price: 380, Rows: 1, Cols: 10}}, 4, 8)
+	c, err := e.svc.CreateCoupon(1, 30)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		req   PlaceReq
+		coins int64
+	}{
+		{PlaceReq{ProgramID: prog, CategoryID: 1, Count: 2, ReqID: "two"}, 760},
+		{PlaceReq{ProgramID: prog, CategoryID: 1, Count: 1, ReqID: "coupon", CouponID: c.ID}, 350},
+	} {
+		o, err := e.svc.Place(1, tc.req)
+		if err != nil || o.Status != StatusPendingPay || o.Amount != tc.coins {
+			t.Fatalf("%s: %+v %v", tc.req.ReqID, o, err)
+		}
+		cents := tc.coins * pay.CentsPerCoin
+		po, err := e.pay.Get(mustID(t, o.OrderID))
+		if err != nil || po.Amount != cents || o.PayAmount != cents || !strings.Contains(o.PayURL, "amount="+strconv.FormatInt(cents, 10)+"&") {
+			t.Fatalf("%s: order of %d coins, pay_amount %d, pay_url %s; its pay order asks %d (%v), want %d cents",
+				tc.req.ReqID, o.Amount, o.PayAmount, o.PayURL, po.Amount, err, cents)
+		}
+		if st := e.notify(o.OrderID, "coins-"+o.OrderID, o.Amount); st != pay.NotifyConflict {
+			t.Fatalf("%s: a notify of the coin amount answered %d, want %d", tc.req.ReqID, st, pay.NotifyConflict)
+		}
+		if got := e.order(o.OrderID); got.Status != StatusPendingPay {
+			t.Fatalf("%s: after the coin-amount notify: %+v", tc.req.ReqID, got)
+		}
+		if st := e.notify(o.OrderID, "cents-"+o.OrderID, cents); st != pay.NotifyOK {
+			t.Fatalf("%s: a notify of the cents amount answered %d", tc.req.ReqID, st)
+		}
+		if got := e.order(o.OrderID); got.Status != StatusPaid || got.PayAmount != cents {
+			t.Fatalf("%s: after the payment: %+v", tc.req.ReqID, got)
+		}
+		if got, err := e.pay.Get(mustID(t, o.OrderID)); err != nil || got.Status != pay.StatusPayed {
+			t.Fatalf("%s: pay order %+v %v", tc.req.ReqID, got, err)
+		}
+	}
+	if free, locked, sold := e.counts(prog); free != 7 || locked != 0 || sold != 3 {
+		t.Fatalf("seats: free %d locked %d sold %d", free, locked, sold)
+	}
+	e.audit()
+	e.conservation()
+}
+
 // An unpaid order closes after the pay timeout and releases its seats
 // once; a payment that lands after the close is refunded, not sold; cancel
 // releases; only the buyer sees and cancels an order, only PENDING_PAY.
@@ -288,10 +340,10 @@ func TestTicketTimeoutLatePaymentAndCancel(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if st := e.notify(o.OrderID, "late-1", o.Amount); st != pay.NotifyOK {
+	if st := e.notify(o.OrderID, "late-1", o.PayAmount); st != pay.NotifyOK {
 		t.Fatalf("late notify %d", st)
 	}
-	if st := e.notify(o.OrderID, "late-1", o.Amount); st != pay.NotifyOK {
+	if st := e.notify(o.OrderID, "late-1", o.PayAmount); st != pay.NotifyOK {
 		t.Fatalf("duplicate late notify %d", st)
 	}
 	if got := e.order(o.OrderID); got.Status != StatusRefunded {
@@ -319,7 +371,7 @@ func TestTicketTimeoutLatePaymentAndCancel(t *testing.T) {
 	_ = e.store.Put(r.Key, r.Value)
 	e.svc.release(cur)
 	unlock()
-	if st := e.notify(o3.OrderID, "race-1", o3.Amount); st != pay.NotifyOK {
+	if st := e.notify(o3.OrderID, "race-1", o3.PayAmount); st != pay.NotifyOK {
 		t.Fatalf("racing notify %d", st)
 	}
 	if got := e.order(o3.OrderID); got.Status != StatusRefunded {
@@ -335,7 +387,7 @@ func TestTicketTimeoutLatePaymentAndCancel(t *testing.T) {
 	if err := e.pay.CloseBizOrder(mustID(t, o5.OrderID), "reconciler: unpaid at its deadline"); err != nil {
 		t.Fatal(err)
 	}
-	if st := e.notify(o5.OrderID, "after-pay-close", o5.Amount); st != pay.NotifyOK {
+	if st := e.notify(o5.OrderID, "after-pay-close", o5.PayAmount); st != pay.NotifyOK {
 		t.Fatalf("notify after the pay order closed: %d", st)
 	}
 	if got := e.order(o5.OrderID); got.Status != StatusRefunded || !got.Steps.Released {
@@ -359,7 +411,7 @@ func TestTicketTimeoutLatePaymentAndCancel(t *testing.T) {
 		t.Fatalf("after cancel free %d locked %d", free, locked)
 	}
 	// A payment of a cancelled order is refunded too.
-	if st := e.notify(o2.OrderID, "late-2", o2.Amount); st != pay.NotifyOK {
+	if st := e.notify(o2.OrderID, "late-2", o2.PayAmount); st != pay.NotifyOK {
 		t.Fatalf("notify %d", st)
 	}
 	if got := e.order(o2.OrderID); got.Status != StatusRefunded {
@@ -375,7 +427,7 @@ func TestTicketTimeoutLatePaymentAndCancel(t *testing.T) {
 		t.Fatal(err)
 	}
 	for k := 0; k < 2; k++ {
-		if st := e.notify(o4.OrderID, fmt.Sprint("pay-", k), o4.Amount); st != pay.NotifyOK {
+		if st := e.notify(o4.OrderID, fmt.Sprint("pay-", k), o4.PayAmount); st != pay.NotifyOK {
 			t.Fatalf("notify %d", st)
 		}
 	}
@@ -466,7 +518,7 @@ func testCouponRules(t *testing.T, newEnv func(testing.TB, Config) *env) {
 	if len(usedAtPush) != 1 || usedAtPush[0] != "" {
 		t.Fatalf("the CANCELLED push came with the coupon used by %q (pushes %d), want it back first", usedAtPush, len(usedAtPush))
 	}
-	if st := e.notify(o3.OrderID, "late-e", 70); st != 200 {
+	if st := e.notify(o3.OrderID, "late-e", o3.PayAmount); st != 200 {
 		t.Fatalf("late notify: %d", st)
 	}
 	if got := e.order(o3.OrderID); got.Status != StatusRefunded || !got.Steps.CouponBack {
@@ -632,7 +684,7 @@ func TestTicketPayCancelTimeoutRace(t *testing.T) {
 	var wg sync.WaitGroup
 	for i, o := range orders {
 		wg.Add(3)
-		go func() { defer wg.Done(); e.notify(o.OrderID, "race-"+o.OrderID, o.Amount) }()
+		go func() { defer wg.Done(); e.notify(o.OrderID, "race-"+o.OrderID, o.PayAmount) }()
 		go func() { defer wg.Done(); _, _ = e.svc.Cancel(int64(i+1), mustID(t, o.OrderID)) }()
 		go func() { defer wg.Done(); e.svc.CloseExpired() }()
 	}
@@ -672,7 +724,7 @@ func TestTicketPayCancelTimeoutRace(t *testing.T) {
 func TestPayRefundOfATicketOrderRefused(t *testing.T) {
 	e := newEnv(t, Config{})
 	prog, o, id := e.mockOrder(2)
-	if st := e.notify(o.OrderID, "ev-1", o.Amount); st != pay.NotifyOK {
+	if st := e.notify(o.OrderID, "ev-1", o.PayAmount); st != pay.NotifyOK {
 		t.Fatalf("notify %d", st)
 	}
 	_, err := e.pay.Refund(id)
@@ -762,7 +814,7 @@ func TestTicketPaidBeforeItsPayOrderClosed(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, ev := range []string{"ev-1", "ev-1", "ev-2"} { // redelivered, and a second event
-		if st := e.notify(o.OrderID, ev, o.Amount); st != pay.NotifyOK {
+		if st := e.notify(o.OrderID, ev, o.PayAmount); st != pay.NotifyOK {
 			t.Fatalf("notify %s: %d", ev, st)
 		}
 	}
@@ -782,11 +834,11 @@ func TestLatePaymentWaitsForItsBusiness(t *testing.T) {
 	e.close()
 	e.noBiz = true
 	e.open()
-	if st := e.notify(o.OrderID, "ev-1", o.Amount); st != pay.NotifyRetry {
+	if st := e.notify(o.OrderID, "ev-1", o.PayAmount); st != pay.NotifyRetry {
 		t.Fatalf("notify before the business is registered: %d, want retry", st)
 	}
 	e.pay.RegisterBusiness(Biz, e.svc)
-	if st := e.notify(o.OrderID, "ev-1", o.Amount); st != pay.NotifyOK {
+	if st := e.notify(o.OrderID, "ev-1", o.PayAmount); st != pay.NotifyOK {
 		t.Fatalf("notify: %d", st)
 	}
 	e.payAndSeats(id, pay.StatusPayBack, StatusRefunded, prog, 4, 0, 0)
