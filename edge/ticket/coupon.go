@@ -113,6 +113,10 @@ func (p *PebbleCoupons) GiveBack(id string, _ int64, order string, commit func(b
 
 var errCouponUnusable = proto.Errorf(proto.CodeCouponUnusable, "coupon not usable")
 
+// errCouponOnFreeOrder refuses a coupon on an order whose seats cost
+// nothing: it would take nothing off and be used up.
+var errCouponOnFreeOrder = proto.Errorf(proto.CodeCouponUnusable, "coupon not usable: the order costs nothing, a coupon would take nothing off it")
+
 // errCouponIDTaken: Grant found a coupon with the new one's id (ids are made
 // from the clock: one set back may make an id again).
 var errCouponIDTaken = errors.New("ticket: coupon id taken")

@@ -404,6 +404,14 @@ func (s *Service) place(user int64, r PlaceReq) (_ Order, err error) {
 		o.Total += p.prices[seat.Cat]
 	}
 	o.Amount = o.Total
+	if o.CouponID != "" && o.Total == 0 {
+		// A coupon is one use taken off the order's amount: an order that
+		// costs nothing would use it up for nothing (before, it held it
+		// with a discount of 0, never given back). Refused before anything
+		// is written, like a coupon not the buyer's; the seats go back.
+		s.release(o)
+		return Order{}, errCouponOnFreeOrder
+	}
 	if r.Pay == PayCoins {
 		return s.placeCoins(o)
 	}

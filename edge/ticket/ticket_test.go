@@ -563,6 +563,78 @@ func testCouponRules(t *testing.T, newEnv func(testing.TB, Config) *env) {
 	}
 }
 
+// A coupon is not used on an order that costs nothing (price 0 seats): it
+// would take nothing off. Such an order with a coupon is refused with 40005
+// for a provider order and a coins order alike, nothing written (the req_id
+// stays free), no seat kept, the coupon still usable; without the coupon
+// the order goes through. Before, the order took the coupon with a
+// discount of 0, for good.
+func TestCouponNotUsedOnAFreeOrder(t *testing.T) { testCouponNotUsedOnAFreeOrder(t, newEnv) }
+
+// TestCouponNotUsedOnAFreeOrderSharedCoupons: the same with a cluster's
+// coupons (Redis).
+func TestCouponNotUsedOnAFreeOrderSharedCoupons(t *testing.T) {
+	testCouponNotUsedOnAFreeOrder(t, newSharedEnv)
+}
+
+func testCouponNotUsedOnAFreeOrder(t *testing.T, newEnv func(testing.TB, Config) *env) {
+	for _, kind := range []string{PayMock, PayCoins} {
+		t.Run(kind, func(t *testing.T) {
+			e := newEnv(t, Config{})
+			prog := e.program([]CategoryDef{{ID: 1, Name: "Free", Price: 0, Rows: 1, Cols: 4}, {ID: 2, Name: "A", Price: 100, Rows: 1, Cols: 4}}, 2, 4)
+			c, err := e.svc.CreateCoupon(1, 30)
+			if err != nil {
+				t.Fatal(err)
+			}
+			e.credit(1, 1000)
+			sold := 0 // seats sold by the orders without the coupon
+			for _, r := range []PlaceReq{
+				{ProgramID: prog, CategoryID: 1, Count: 2, ReqID: "count"},
+				{ProgramID: prog, SeatIDs: []string{"1-1-3"}, ReqID: "seats"},
+			} {
+				r.Pay, r.CouponID = kind, c.ID
+				o, err := e.svc.Place(1, r)
+				wantCode(t, err, proto.CodeCouponUnusable)
+				if !strings.Contains(err.Error(), "costs nothing") {
+					t.Fatalf("%s: refused as %q, want it said why", r.ReqID, err)
+				}
+				if got, _ := e.svc.Coupon(c.ID); got.UsedBy != "" {
+					t.Fatalf("%s: coupon used by %q (order %+v)", r.ReqID, got.UsedBy, o)
+				}
+				if f, l, s := e.counts(prog); f != 8-sold || l != 0 || s != sold {
+					t.Fatalf("%s: seats free %d locked %d sold %d after the refusal, want %d sold", r.ReqID, f, l, s, sold)
+				}
+				e.audit()
+				// Nothing recorded: the same req_id without the coupon is a
+				// new order, sold at once (nothing to pay).
+				r.CouponID = ""
+				o, err = e.svc.Place(1, r)
+				if err != nil || o.Status != StatusPaid || o.Amount != 0 || o.CouponID != "" {
+					t.Fatalf("%s without the coupon: %+v %v", r.ReqID, o, err)
+				}
+				sold += len(o.SeatIDs)
+			}
+			// The coupon is still the buyer's to use, on an order it takes
+			// something off (per_user_max 4: the refusals kept no count).
+			o, err := e.svc.Place(1, PlaceReq{ProgramID: prog, CategoryID: 2, Count: 1, ReqID: "priced", Pay: kind, CouponID: c.ID})
+			if err != nil || o.Discount != 30 || o.Amount != 70 {
+				t.Fatalf("priced order with the coupon: %+v %v", o, err)
+			}
+			if got, _ := e.svc.Coupon(c.ID); got.UsedBy != o.OrderID {
+				t.Fatalf("coupon used by %q, want %s", got.UsedBy, o.OrderID)
+			}
+			if free, locked, sold := e.counts(prog); free != 4 || sold+locked != 4 {
+				t.Fatalf("seats free %d locked %d sold %d", free, locked, sold)
+			}
+			if want := map[string]int64{PayMock: 1000, PayCoins: 930}[kind]; e.balance(1) != want {
+				t.Fatalf("balance %d, want %d", e.balance(1), want)
+			}
+			e.audit()
+			e.conservation()
+		})
+	}
+}
+
 // flakyCoupons fails GiveBack while failBack is set; backs counts the calls.
 type flakyCoupons struct {
 	CouponStore
