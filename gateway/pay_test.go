@@ -16,6 +16,7 @@ import (
 	"github.com/liveedge/liveedge/gateway"
 	"github.com/liveedge/liveedge/gateway/nodetest"
 	"github.com/liveedge/liveedge/gateway/proto"
+	"github.com/liveedge/liveedge/persist"
 	"github.com/liveedge/liveedge/persist/persisttest"
 )
 
@@ -270,25 +271,33 @@ func TestReconcileLostNotify(t *testing.T) {
 
 // A payment of another amount for an order already IN_VALID (a user who
 // paid late, and not the order's price): refunded as the provider reports
-// it, recorded once (a redelivery is a duplicate), nothing credited. Before,
-// it was 409 at every delivery: the money neither credited nor refunded.
+// it, nothing credited, and answered 409 as any payment not as its order
+// (PROTOCOL.md: "Amount mismatch with the order: 409, nothing credited"; it
+// was 200 success). The provider retries a 409: each copy — at once, and
+// after a restart — is a duplicate, 409 again, the refund recorded once
+// (one refund record, one PAY_BACK row in the order's log, unchanged).
 func TestLateMismatchedPaymentIsRefunded(t *testing.T) {
 	e := startClosingPay(t)
 	const user = 605
 	o := e.createOrder(t, user, 1, "late-other")
+	id, _ := pay.ParseOrderID(o.OrderID)
 	nodetest.Eventually(t, 5*time.Second, func() bool { return e.order(t, o.OrderID).Status == pay.StatusInvalid }, "not closed")
 	body, sig := signedEvent(e, o, "evt-late-other", o.Amount+1)
+	deliver := func(when string) {
+		if st, b := e.post(t, sig, body); st != 409 || !strings.Contains(b, fmt.Sprint(proto.CodeConflict)) {
+			t.Errorf("%s: late notify of another amount: %d %q, want 409 (%d)", when, st, b, proto.CodeConflict)
+		}
+	}
 	var wg sync.WaitGroup
 	for range 4 { // the delivery and its redeliveries, at once
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			if st, b := e.post(t, sig, body); st != 200 || b != "success" {
-				t.Errorf("late notify of another amount: %d %q", st, b)
-			}
+			deliver("at once")
 		}()
 	}
 	wg.Wait()
+	var refund []byte
 	check := func(when string) {
 		t.Helper()
 		if got := e.order(t, o.OrderID); got.Status != pay.StatusPayBack || !strings.Contains(got.Note, "amount mismatch") {
@@ -297,13 +306,29 @@ func TestLateMismatchedPaymentIsRefunded(t *testing.T) {
 		if b := e.balance(t, user); b != 0 {
 			t.Fatalf("%s: credited %d for a closed order", when, b)
 		}
+		v, err := e.node.Store.Get(persist.Key([]byte("rec/refund/"), uint64(id)))
+		if err != nil || !strings.Contains(string(v), fmt.Sprintf(`"amount":%d`, o.Amount+1)) {
+			t.Fatalf("%s: refund record %s (%v), want one of %d", when, v, err, o.Amount+1)
+		}
+		if refund == nil {
+			refund = v
+		} else if string(v) != string(refund) {
+			t.Fatalf("%s: refund record rewritten: %s, first %s", when, v, refund)
+		}
+		refunds := 0
+		if err := e.node.Store.Scan(persist.Key([]byte("rec/orderlog/"), uint64(id)), func(_, v []byte) error {
+			if strings.Contains(string(v), `"to":"`+pay.StatusPayBack+`"`) {
+				refunds++
+			}
+			return nil
+		}); err != nil || refunds != 1 {
+			t.Fatalf("%s: %d PAY_BACK rows in the order's log (%v), want 1", when, refunds, err)
+		}
 		persisttest.CheckConservation(t, e.node.Ledger)
 	}
 	check("after the deliveries")
 	e.restart(t)
-	if st, b := e.post(t, sig, body); st != 200 || b != "success" { // a redelivery after a restart: a duplicate
-		t.Fatalf("redelivery after the restart: %d %q", st, b)
-	}
+	deliver("after the restart") // the provider's retry of a 409
 	check("after the restart")
 }
 

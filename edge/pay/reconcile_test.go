@@ -150,8 +150,8 @@ func TestReconcileRefundsAPaymentNotAsTheOrder(t *testing.T) {
 		t.Fatalf("refund record %s (%v), want one of %d", v, err, o.Amount-1)
 	}
 	// The provider's notify of that payment, twice at once, then again
-	// after a restart: a duplicate each time — nothing credited, the order
-	// stays refunded.
+	// after a restart: a duplicate each time — 409 as any payment not as
+	// its order, nothing credited, the order stays refunded.
 	body, _ := proto.Marshal(pay.Event{EventID: "ev-short", OrderID: o.OrderID, Status: "SUCCESS", Amount: o.Amount - 1, PaidAt: clock().UnixMilli()})
 	notifyTwice := func(svc *pay.Service) {
 		t.Helper()
@@ -160,7 +160,7 @@ func TestReconcileRefundsAPaymentNotAsTheOrder(t *testing.T) {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				if code, msg := svc.Notify("mock", pay.Sign(reconcileSecret, clock(), body), body); code != pay.NotifyOK {
+				if code, msg := svc.Notify("mock", pay.Sign(reconcileSecret, clock(), body), body); code != pay.NotifyConflict {
 					t.Errorf("redelivered notify: %d %s", code, msg)
 				}
 			}()

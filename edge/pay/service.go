@@ -869,19 +869,25 @@ func (s *Service) apply(channel string, ev Event) (int, string) {
 	// difference: a provider reusing an event id for another, open order has
 	// it applied to that order (before: answered as a duplicate, the payment
 	// never credited).
-	if !OpenStatus(o.Status) {
-		if _, err := s.store.Get(eventKey(ev.EventID)); err == nil {
-			return NotifyOK, "success" // duplicate event: changes nothing
-		} else if !errors.Is(err, persist.ErrNotFound) {
-			return NotifyRetry, "retry"
-		}
-	}
 	mismatch := ""
 	switch {
 	case o.Channel != channel:
 		mismatch = "channel mismatch"
 	case ev.Amount != o.Amount:
 		mismatch = "amount mismatch"
+	}
+	if !OpenStatus(o.Status) {
+		switch _, err := s.store.Get(eventKey(ev.EventID)); {
+		case err == nil && mismatch != "":
+			// A duplicate of a payment not as the order (recorded when it
+			// was refunded): changes nothing, answered 409 as its first
+			// copy was — the provider retries a 409.
+			return NotifyConflict, mismatch
+		case err == nil:
+			return NotifyOK, "success" // duplicate event: changes nothing
+		case !errors.Is(err, persist.ErrNotFound):
+			return NotifyRetry, "retry"
+		}
 	}
 	lateSuccess := ev.Status == "SUCCESS" && o.Status == StatusInvalid
 	if mismatch != "" && !lateSuccess {
@@ -920,9 +926,14 @@ func (s *Service) apply(channel string, ev Event) (int, string) {
 		}
 		if mismatch != "" {
 			// Paid after the close and not as the order (another amount
-			// or channel): refunded as the provider reports it. Before,
-			// 409 at every delivery: neither credited nor refunded.
-			return s.refundPayment(o, id, ev, evRec, now, "paid after close, not as the order ("+mismatch+"): refunded", ev.Amount)
+			// or channel): refunded as the provider reports it (before,
+			// neither credited nor refunded), and answered 409 as any
+			// payment not as its order (PROTOCOL.md) once the refund is
+			// recorded; the provider's retries are duplicates.
+			if st, msg := s.refundPayment(o, id, ev, evRec, now, "paid after close, not as the order ("+mismatch+"): refunded", ev.Amount); st != NotifyOK {
+				return st, msg
+			}
+			return NotifyConflict, mismatch
 		}
 		return s.refundLate(o, id, ev, evRec, now)
 	case ev.Status == "FAILED" && OpenStatus(o.Status):
