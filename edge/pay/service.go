@@ -971,7 +971,16 @@ func (s *Service) refundMismatch(id int64, ev Event, msg string) {
 	if err != nil || !OpenStatus(o.Status) {
 		return
 	}
-	if b := s.business(o.Biz); b != nil {
+	b := s.business(o.Biz)
+	if b == nil && !o.coins() {
+		// Its business is not registered yet (the node is starting: the
+		// reconciler runs from New): it must record the refund first, or
+		// its order would close CANCELLED beside a PAY_BACK — next run, as
+		// apply answers a late payment "retry".
+		s.cfg.Log.Warn("pay: mismatched payment of a business not registered yet", "order", o.OrderID, "biz", o.Biz)
+		return
+	}
+	if b != nil {
 		if err := b.Refunded(o); err != nil {
 			s.cfg.Log.Warn("pay: business refund of a mismatched payment", "order", o.OrderID, "err", err)
 			return // next run

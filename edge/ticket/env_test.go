@@ -1,6 +1,7 @@
 package ticket
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"io"
@@ -42,6 +43,8 @@ type env struct {
 	noBiz  bool           // open leaves the service unregistered with the pay centre (a node starting)
 	rdb    rueidis.Client // with redis: the client, reopened with the node
 	router *router.Local  // the pushes' router, reopened with the node
+
+	provider string // the pay centre's provider ("" = none: its queries fail)
 }
 
 func quietLog() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
@@ -108,7 +111,7 @@ func (e *env) open() {
 	r := router.NewLocal("t", router.LocalConfig{})
 	e.router = r
 	if e.pay, err = pay.New(e.store, e.ledger, r, pay.Config{Node: "t", WorkerID: 1, Secrets: []string{testSecret},
-		ProviderURL: "http://provider.invalid", NotifyURL: "http://node.invalid/api/v1/pay/notify",
+		ProviderURL: cmp.Or(e.provider, "http://provider.invalid"), NotifyURL: "http://node.invalid/api/v1/pay/notify",
 		ReconcileEvery: time.Hour, Now: e.clock.now, Log: quietLog()}); err != nil {
 		e.t.Fatal(err)
 	}
