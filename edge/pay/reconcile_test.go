@@ -187,6 +187,92 @@ func TestReconcileRefundsAPaymentNotAsTheOrder(t *testing.T) {
 	persisttest.CheckConservation(t, l)
 }
 
+// A payment not as its order that the query reported, on an order then
+// closed otherwise than by its refund — here by the reconciler itself, past
+// two timeouts with the provider no longer answering (a ticket order's
+// sweep: edge/ticket TestQueriedMismatchRefundedOnceTheSweepClosed) — is
+// refunded at the next run, once. Before, the closed order was never
+// queried again: the payment was neither credited nor refunded.
+func TestReconcileRefundsAReportedMismatchOnceClosed(t *testing.T) {
+	clock, advance := testClock()
+	var failing atomic.Bool
+	var amount, queries atomic.Int64
+	provider := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		defer queries.Add(1)
+		if failing.Load() {
+			http.Error(w, "unavailable", http.StatusServiceUnavailable)
+			return
+		}
+		answer(w, clock, pay.Event{EventID: "ev-short", OrderID: r.URL.Query().Get("order_id"), Status: "SUCCESS",
+			Amount: amount.Load(), PaidAt: clock().UnixMilli()})
+	}))
+	defer provider.Close()
+	const timeout = 15 * time.Minute
+	svc, st, l := reconcileService(t, provider.URL, timeout, clock)
+	o, err := svc.CreateOrder(7, pay.CreateReq{ProductID: 1, Channel: "mock", ReqID: "r1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, _ := pay.ParseOrderID(o.OrderID)
+	amount.Store(o.Amount - 1)
+	status := func() string {
+		cur, err := svc.Get(id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return cur.Status
+	}
+	// reconcile runs the reconciler until the order is closed or its
+	// query of the order is over (queried a second time).
+	reconcile := func() {
+		start := queries.Load()
+		deadline := time.Now().Add(10 * time.Second)
+		for pay.OpenStatus(status()) && queries.Load() < start+2 {
+			if time.Now().After(deadline) {
+				t.Fatal("reconciler did not query the provider")
+			}
+			svc.Reconcile()
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+	advance(timeout + time.Second)
+	reconcile() // reported paid, one cent short: 409
+	if s := status(); s != pay.StatusPaying {
+		t.Fatalf("after one timeout: %s, want still %s", s, pay.StatusPaying)
+	}
+	failing.Store(true)
+	advance(timeout)
+	reconcile() // no answer past two timeouts: closed
+	svc.Reconcile()
+	if s := status(); s != pay.StatusPayBack {
+		t.Fatalf("closed order whose payment the query reported: %s, want %s", s, pay.StatusPayBack)
+	}
+	refund, err := st.Get(persist.Key([]byte("rec/refund/"), uint64(id)))
+	if err != nil || !strings.Contains(string(refund), fmt.Sprintf(`"amount":%d`, o.Amount-1)) {
+		t.Fatalf("refund record %s (%v), want one of %d", refund, err, o.Amount-1)
+	}
+	body, _ := proto.Marshal(pay.Event{EventID: "ev-short", OrderID: o.OrderID, Status: "SUCCESS", Amount: o.Amount - 1, PaidAt: clock().UnixMilli()})
+	if code, msg := svc.Notify("mock", pay.Sign(reconcileSecret, clock(), body), body); code != pay.NotifyConflict {
+		t.Fatalf("the lost notify: %d %s, want 409", code, msg)
+	}
+	svc.Reconcile()
+	if v, err := st.Get(persist.Key([]byte("rec/refund/"), uint64(id))); err != nil || string(v) != string(refund) {
+		t.Fatalf("refund record %s (%v), want it unchanged: %s", v, err, refund)
+	}
+	if s := status(); s != pay.StatusPayBack {
+		t.Fatalf("at the end: %s, want %s", s, pay.StatusPayBack)
+	}
+	if err := st.Scan([]byte("rec/paymismatch/"), func(k, _ []byte) error {
+		return fmt.Errorf("the report %x kept after its refund", k)
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if b, _ := l.Balance(7); b != 0 {
+		t.Fatalf("credited %d for a payment not as the order", b)
+	}
+	persisttest.CheckConservation(t, l)
+}
+
 // reconcileService is a pay centre on a fresh Pebble ledger that asks
 // provider (signed with reconcileSecret) about its orders, with clock.
 func reconcileService(t *testing.T, provider string, timeout time.Duration, clock func() time.Time) (*pay.Service, *persist.Store, *persist.Ledger) {

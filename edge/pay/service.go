@@ -176,6 +176,10 @@ var (
 	prefixOrderLog = recPrefix("orderlog/")
 	prefixEvent    = recPrefix("payevent/")
 	prefixRefund   = recPrefix("refund/")
+	// prefixMismatch: rec/paymismatch/<id> → the event of a payment the
+	// provider's verified query answer reported for open order id, not as
+	// the order (rememberMismatch), until the order is settled.
+	prefixMismatch = recPrefix("paymismatch/")
 	// prefixReqBound: rec/reqbound/<created ms>/<id> → {user, req}, the
 	// orders whose req_id binding was confirmed (ReqClaims), by creation
 	// time: the bindings are rebuilt from them (ReqBindingsOnDisk).
@@ -992,6 +996,78 @@ func (s *Service) refundMismatch(id int64, ev Event, msg string) {
 	}
 }
 
+// rememberMismatch records durably that the provider's query reported ev, a
+// payment of open order id not as the order, so that it is refunded
+// whatever closes the order first (refundReported) — not only by
+// refundMismatch past two timeouts: a ticket order's sweep closes its pay
+// order at the deadline (CloseBizOrder), this reconciler closes an order
+// the provider stops answering about, and a closed order is never queried
+// again (its notifies may all be lost).
+func (s *Service) rememberMismatch(id int64, ev Event) {
+	key := persist.Key(prefixMismatch, uint64(id))
+	if has, err := s.store.Has(key); err == nil && has {
+		return // reported at an earlier run
+	}
+	v, _ := proto.Marshal(ev)
+	if err := s.store.Put(key, v); err != nil {
+		// The next query of the order reports it again.
+		s.cfg.Log.Warn("pay: payment not as the order not remembered", "order", id, "err", err)
+	}
+}
+
+// refundReported refunds each payment rememberMismatch recorded whose order
+// has closed (IN_VALID) as a late payment not as its order is (apply: its
+// business records the refund first, then PAY_BACK with a refund record and
+// the event — once: a redelivery is a duplicate), and forgets those whose
+// order is settled. An open order's is left to its queries
+// (refundMismatch); one whose refund must wait (its business not
+// registered yet, a store error) is tried again at the next run.
+func (s *Service) refundReported() {
+	type reported struct {
+		id int64
+		ev Event
+	}
+	var list []reported
+	err := s.store.Scan(prefixMismatch, func(k, v []byte) error {
+		var ev Event
+		if err := proto.Unmarshal(v, &ev); err != nil {
+			s.cfg.Log.Error("pay: unreadable record of a payment not as the order", "key", k, "err", err)
+			return nil
+		}
+		list = append(list, reported{int64(persist.KeyID(k)), ev})
+		return nil
+	})
+	if err != nil {
+		s.cfg.Log.Warn("pay: payments not as the order not read, next run", "err", err)
+		return
+	}
+	for _, r := range list {
+		o, err := s.Get(r.id)
+		if err == nil && o.Status == StatusInvalid {
+			st, msg := s.apply(o.Channel, r.ev)
+			if o, err = s.Get(r.id); err == nil && o.Status == StatusInvalid {
+				s.cfg.Log.Warn("pay: payment not as the order not refunded yet, next run", "order", o.OrderID, "status", st, "msg", msg)
+				continue
+			}
+		}
+		switch {
+		case err != nil && proto.AsError(err).Code != proto.CodeNotFound:
+			continue // a store error: next run
+		case err == nil && OpenStatus(o.Status):
+			continue
+		case err == nil && o.Status == StatusPayed:
+			// Paid as the order by another event after the query had
+			// reported this one: an order has one refund record, and the
+			// payment it took stands — this one is for an operator.
+			s.cfg.Log.Error("pay: a paid order's payment not as the order was not refunded", "order", o.OrderID,
+				"event", r.ev.EventID, "amount", r.ev.Amount)
+		}
+		if err := s.store.DeleteNoSync(persist.Key(prefixMismatch, uint64(r.id))); err != nil {
+			s.cfg.Log.Warn("pay: record of a payment not as the order not dropped, next run", "order", r.id, "err", err)
+		}
+	}
+}
+
 // eventRec is the durable record of event ev applied to an order in status
 // before.
 func eventRec(ev Event, before string, now int64) persist.Record {
@@ -1379,8 +1455,11 @@ func (s *Service) loop() {
 // its query started (waiting for a worker as they free up: a run is not
 // bounded at ReconcileWorkers orders, and an order whose query hangs, until
 // its QueryTimeout, holds only its own worker); it does not wait for the
-// last queries to end. What a query learns is applied.
+// last queries to end. What a query learns is applied. First, the payments
+// not as their order that a query reported are refunded if their order has
+// closed since (refundReported).
 func (s *Service) Reconcile() {
+	s.refundReported()
 	type due struct{ id, at int64 }
 	now := s.cfg.Now().UnixMilli()
 	s.openMu.Lock()
@@ -1454,6 +1533,9 @@ func (s *Service) reconcileOne(id int64) {
 		st, msg := s.apply(o.Channel, ev)
 		if st != NotifyOK {
 			s.cfg.Log.Warn("pay: reconcile apply", "order", o.OrderID, "status", st, "msg", msg)
+		}
+		if st == NotifyConflict && ev.Amount != o.Amount {
+			s.rememberMismatch(id, ev)
 		}
 		if st == NotifyConflict && age >= 2*timeout {
 			// Paid, says the provider, but not as the order (another

@@ -18,6 +18,54 @@ import (
 // Payments the provider reports, by its answer to the pay centre's query
 // alone (the notifies lost), for another amount than the order's.
 
+// A ticket payment of another amount that only the query reports is
+// refunded whatever closes its order first: the ticket sweep closes the pay
+// order at the deadline (CloseBizOrder: IN_VALID), after which the
+// reconciler never asked the provider again — the buyer's money was neither
+// sold nor refunded. The query's report is remembered, and the
+// reconciler's next run after the close refunds it: the ticket order
+// REFUNDED, its pay order PAY_BACK with one refund record of what was paid,
+// nothing credited. More runs, the lost notify arriving at last (409) and a
+// restart change nothing.
+func TestQueriedMismatchRefundedOnceTheSweepClosed(t *testing.T) {
+	e, p := newQueriedEnv(t)
+	prog, o, id := e.mockOrder(2)
+	po, err := e.pay.Get(id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.pay(o.OrderID, po.Amount+1)
+	e.clock.advance(2 * time.Minute) // due for a query (pay.Config.ReconcileAfter), before the deadline
+	e.reconcile(p, func() bool { return false })
+	e.payAndSeats(id, pay.StatusPaying, StatusPendingPay, prog, 2, 2, 0) // 409: nothing sold, nothing credited
+	e.clock.advance(DefaultPayTimeout)
+	if n := e.svc.CloseExpired(); n != 1 {
+		t.Fatalf("the sweep closed %d orders, want 1", n)
+	}
+	e.payAndSeats(id, pay.StatusInvalid, StatusCancelled, prog, 4, 0, 0)
+	e.clock.advance(DefaultPayTimeout) // past two deadlines too
+	e.pay.Reconcile()
+	e.payAndSeats(id, pay.StatusPayBack, StatusRefunded, prog, 4, 0, 0)
+	rec := e.refunded(id, po.Amount+1)
+	check := func(when string) {
+		t.Helper()
+		e.pay.Reconcile()
+		if st := e.notify(o.OrderID, "ev-q", po.Amount+1); st != pay.NotifyConflict {
+			t.Fatalf("%s: the lost notify: %d, want 409", when, st)
+		}
+		e.payAndSeats(id, pay.StatusPayBack, StatusRefunded, prog, 4, 0, 0)
+		if v := e.refunded(id, po.Amount+1); string(v) != string(rec) {
+			t.Fatalf("%s: refund record rewritten: %s, first %s", when, v, rec)
+		}
+		if b := e.balance(7); b != 0 {
+			t.Fatalf("%s: credited %d", when, b)
+		}
+	}
+	check("again")
+	e.reopen()
+	check("after a restart")
+}
+
 // A payment not as its order that the query reports is refunded past two
 // deadlines by the reconciler — which pay.New starts before ticket.New
 // registers the ticket service (a node starting). Until its business is
