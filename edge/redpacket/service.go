@@ -643,12 +643,17 @@ func (s *Service) prepare(anchor int64, code string, limited bool) (View, error)
 		s.idle(r)
 		return View{}, err
 	}
+	// The room's prepared rain is set in the same step that ends the
+	// prepare: a start or cancel that sees the rain PREPARED and not busy
+	// finds it there too (set after, it could land on a rain that the start
+	// or cancel had already taken out of prepared: room info then showed a
+	// finished rain).
+	s.mu.Lock()
 	r.mu.Lock()
 	r.busy = false
 	r.rec = prepared
-	r.mu.Unlock()
-	s.mu.Lock()
 	s.prepared[rec.Room] = code
+	r.mu.Unlock()
 	s.mu.Unlock()
 	return s.view(r), nil
 }
