@@ -715,6 +715,12 @@ func (s *Service) Start(anchor int64, code string) (View, error) {
 		if perr = s.allow("start", anchor); perr != nil {
 			s.roomDone(rec)
 		}
+	} else if perr != errRoomTaken {
+		// Redis did not answer: the room's key may name this rain now
+		// (its reply lost), which does not run — every other rain's start
+		// in the room would be 10409 until the key lapsed (its end plus
+		// roomKeep). Released where it still names this rain.
+		s.roomDone(rec)
 	}
 	if perr != nil {
 		s.mu.Lock()
@@ -1069,16 +1075,62 @@ func (r *rain) running() bool {
 	return r.rec.State == StateRunning
 }
 
-// roomDone ends rec's claim on its room (runInRoom).
+// roomDone ends rec's claim on its room (runInRoom), where rec still holds
+// it. A release Redis did not answer is retried in the background
+// (roomRetry apart, backing off to roomRetryMax) until it is answered, the
+// rain holds its room again on this node (a start retried), the key has
+// lapsed by itself (roomKeep past the rain's end), or Close: only logged,
+// the room stayed closed to every other rain until then (10409).
 func (s *Service) roomDone(rec record) {
 	if s.cfg.RoomDone == nil {
 		return
 	}
+	err := s.roomDoneOnce(rec)
+	if err == nil {
+		return
+	}
+	s.log.Warn("red packet room release, retrying", "code", rec.Code, "err", err)
+	end := rec.EndsAt
+	if end == 0 { // a start that failed: the key was asked until now + duration
+		end = s.cfg.Now().UnixMilli() + rec.DurationMS
+	}
+	lapse := time.UnixMilli(max(end, s.cfg.Now().UnixMilli()) + roomKeep.Milliseconds())
+	s.spawn(func() {
+		t := time.NewTimer(roomRetry)
+		defer t.Stop()
+		for wait := roomRetry; ; wait = min(2*wait, roomRetryMax) {
+			select {
+			case <-s.quit:
+				return
+			case <-t.C:
+			}
+			s.mu.RLock()
+			again := s.running[rec.Room] == rec.Code
+			s.mu.RUnlock()
+			if again || s.cfg.Now().After(lapse) {
+				return
+			}
+			if err := s.roomDoneOnce(rec); err == nil {
+				s.log.Info("red packet room released", "code", rec.Code)
+				return
+			}
+			t.Reset(wait)
+		}
+	})
+}
+
+// roomRetry and roomRetryMax space the retries of a room release that
+// failed (roomDone).
+const (
+	roomRetry    = 100 * time.Millisecond
+	roomRetryMax = 5 * time.Second
+)
+
+// roomDoneOnce is one Config.RoomDone call for rec.
+func (s *Service) roomDoneOnce(rec record) error {
 	ctx, cancel := context.WithTimeout(context.Background(), poolTimeout)
 	defer cancel()
-	if err := s.cfg.RoomDone(ctx, rec.Room, rec.Code); err != nil {
-		s.log.Warn("red packet room release", "code", rec.Code, "err", err)
-	}
+	return s.cfg.RoomDone(ctx, rec.Room, rec.Code)
 }
 
 // loadPool loads rec's split minus the granted indexes (and, sharded, minus
