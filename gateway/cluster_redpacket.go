@@ -391,34 +391,58 @@ func (p rpPeers) Recover(ctx context.Context, holder string, req redpacket.Recov
 // user, shared by every node).
 func rainClaimKey(code string) string { return rainClaimPrefix + "{" + code + "}" }
 
+// rainTokenKey is the hash of rain code's places taken by a grab: user →
+// the token of the grab attempt that took it (redpacket.Config.Claim). A
+// member of the set with no token here (rebuilt from a grant, or taken by
+// a node of an older version) is held for good. Under rainClaimPrefix, so a
+// wallet reset deletes it with the sets; nothing rebuilds it.
+func rainTokenKey(code string) string { return rainClaimKey(code) + ":tok" }
+
 // rainClaimPrefix is the prefix of the rains' one-per-user sets (rebuilt
 // with the shared wallet: persist.SharedConfig.ContributedPrefixes).
 const rainClaimPrefix = "le:rpu:"
 
-// claimScript adds a user to a rain's set and sets the set's expiry in one
-// step: 1 if the user was not in it, 0 if they were, -1 while the shared
-// wallet is not ready (Redis lost its data: the sets are being rebuilt from
-// the nodes' grants with the wallet, contributeRainClaims). KEYS set, meta.
-var claimScript = rueidis.NewLuaScript(`if redis.call('HGET', KEYS[2], 'state') ~= 'ready' then return -1 end
-local added = redis.call('SADD', KEYS[1], ARGV[1])
+// claimScript gives a user a place in a rain's set for a grab attempt (its
+// token) and sets the keys' expiry in one step: 1 if the user was not in
+// it, or their place was held by ARGV[4] (a grab of the same node known to
+// have granted nothing: its reply lost, its release not answered), which
+// the token now replaces; 0 if another attempt holds it; -1 while the
+// shared wallet is not ready (Redis lost its data: the sets are being
+// rebuilt from the nodes' grants with the wallet, contributeRainClaims).
+// KEYS set, tokens, meta; ARGV user, expiry, token, the attempt it may
+// replace ("" none).
+var claimScript = rueidis.NewLuaScript(`if redis.call('HGET', KEYS[3], 'state') ~= 'ready' then return -1 end
+if redis.call('SADD', KEYS[1], ARGV[1]) == 0 then
+  local holder = redis.call('HGET', KEYS[2], ARGV[1])
+  if not holder or (holder ~= ARGV[3] and (ARGV[4] == '' or holder ~= ARGV[4])) then return 0 end
+end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
 redis.call('PEXPIREAT', KEYS[1], ARGV[2])
-return added`)
+redis.call('PEXPIREAT', KEYS[2], ARGV[2])
+return 1`)
+
+// unclaimScript gives a user's place back if the grab attempt ARGV[2] still
+// holds it (a later attempt that took it back keeps it). KEYS set, tokens.
+var unclaimScript = rueidis.NewLuaScript(`if redis.call('HGET', KEYS[2], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('SREM', KEYS[1], ARGV[1])
+return 1`)
 
 // rainClaimSlack is how long a rain's set outlives the rain's end.
 const rainClaimSlack = time.Hour
 
 // claimRain and unclaimRain keep redpacket's one-per-user places in Redis.
-func (n *Node) claimRain(ctx context.Context, code string, user int64, until int64) (bool, error) {
-	added, err := claimScript.Exec(ctx, n.Redis, []string{rainClaimKey(code), persist.SharedMetaKey},
-		[]string{strconv.FormatInt(user, 10), strconv.FormatInt(until+rainClaimSlack.Milliseconds(), 10)}).AsInt64()
+func (n *Node) claimRain(ctx context.Context, code string, user int64, until int64, token, prev string) (bool, error) {
+	added, err := claimScript.Exec(ctx, n.Redis, []string{rainClaimKey(code), rainTokenKey(code), persist.SharedMetaKey},
+		[]string{strconv.FormatInt(user, 10), strconv.FormatInt(until+rainClaimSlack.Milliseconds(), 10), token, prev}).AsInt64()
 	if err == nil && added < 0 {
 		return false, redpacket.ErrClaimsUnavailable
 	}
 	return added == 1, err
 }
 
-func (n *Node) unclaimRain(ctx context.Context, code string, user int64) error {
-	return n.Redis.Do(ctx, n.Redis.B().Srem().Key(rainClaimKey(code)).Member(strconv.FormatInt(user, 10)).Build()).Error()
+func (n *Node) unclaimRain(ctx context.Context, code string, user int64, token string) error {
+	return unclaimScript.Exec(ctx, n.Redis, []string{rainClaimKey(code), rainTokenKey(code)}, []string{strconv.FormatInt(user, 10), token}).Error()
 }
 
 // contributeRainClaims adds the one-per-user places of this node's grants to

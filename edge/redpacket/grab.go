@@ -73,7 +73,7 @@ func (s *Service) GrabAsync(user int64, code string, done func(GrabReply, *proto
 		done(GrabReply{}, perr)
 		return
 	}
-	claimed, perr := s.claim(code, user, endsAt)
+	pl, perr := s.claim(code, user, endsAt)
 	if perr != nil {
 		done(GrabReply{}, perr)
 		return
@@ -81,8 +81,8 @@ func (s *Service) GrabAsync(user int64, code string, done func(GrabReply, *proto
 	r.mu.Lock()
 	if r.ending || r.rec.State != StateRunning {
 		r.mu.Unlock()
-		if claimed {
-			s.unclaim(code, user)
+		if pl != nil {
+			s.unclaim(pl)
 		}
 		done(GrabReply{}, errEmpty)
 		return
@@ -116,7 +116,7 @@ func (s *Service) GrabAsync(user int64, code string, done func(GrabReply, *proto
 				r.mu.Unlock()
 			}
 		} else if unsure {
-			s.grabFailed(r, code, user, false, false) // a holder did not answer: not over
+			s.grabFailed(r, pl, user, false, false) // a holder did not answer: not over
 			done(GrabReply{}, errUnsure)
 			return
 		}
@@ -124,7 +124,7 @@ func (s *Service) GrabAsync(user int64, code string, done func(GrabReply, *proto
 		s.watchEnd(r) // this may have been the last packet anywhere
 	}
 	if err != nil || !ok {
-		s.grabFailed(r, code, user, !ok && err == nil, false)
+		s.grabFailed(r, pl, user, !ok && err == nil, false)
 		if err != nil {
 			s.log.Error("red packet pool", "code", code, "err", err)
 			done(GrabReply{}, proto.ErrInternal)
@@ -143,7 +143,7 @@ func (s *Service) GrabAsync(user int64, code string, done func(GrabReply, *proto
 					if s.pushBack(r, code, p) {
 						s.reopen(r)
 					}
-					s.grabFailed(r, code, user, false, false)
+					s.grabFailed(r, pl, user, false, false)
 					done(GrabReply{}, proto.ErrInternal)
 				}()
 				return
@@ -151,7 +151,7 @@ func (s *Service) GrabAsync(user int64, code string, done func(GrabReply, *proto
 			r.mu.Lock()
 			r.doubt = append(r.doubt, op)
 			r.mu.Unlock()
-			s.grabFailed(r, code, user, false, true)
+			s.grabFailed(r, pl, user, false, true)
 			done(GrabReply{}, proto.ErrInternal)
 			return
 		}
@@ -248,13 +248,15 @@ func (s *Service) onSettled(st persist.Settled) {
 	s.creditPush(persist.Op{Postings: st.Postings}, st.Result)
 }
 
-// grabFailed undoes a grab's reservation; empty: the pool had nothing left,
-// so the rain ends; keepUser: the grant may still land, so the user keeps
-// their one-per-user place.
-func (s *Service) grabFailed(r *rain, code string, user int64, empty, keepUser bool) {
+// grabFailed undoes a grab's reservation (pl: its shared place, if any);
+// empty: the pool had nothing left, so the rain ends; keepUser: the grant
+// may still land, so the user keeps their one-per-user place.
+func (s *Service) grabFailed(r *rain, pl *place, user int64, empty, keepUser bool) {
 	if s.cfg.OnePerUser && !keepUser {
 		if s.cfg.Claim != nil {
-			go s.unclaim(code, user) // may run on a ledger goroutine: never block it
+			if pl != nil {
+				s.unclaim(pl) // never blocks: this may run on a ledger goroutine
+			}
 		} else {
 			r.mu.Lock()
 			delete(r.users, user)

@@ -6,6 +6,7 @@ import (
 	"hash/maphash"
 	"log/slog"
 	"math/rand/v2"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -82,12 +83,15 @@ type Config struct {
 	// across the nodes whose viewers grab (shard.go): other nodes lease
 	// slices of this node's rains and this node grabs from theirs (GrabVia).
 	Peers Peers
-	// Claim and Unclaim, if set, keep OnePerUser in a set every node shares
-	// (a sharded rain is grabbed on many nodes): Claim true = the user had
-	// no place in rain code and now has one (kept until after until, a Unix
-	// ms time); Unclaim gives it back.
-	Claim   func(ctx context.Context, code string, user int64, until int64) (bool, error)
-	Unclaim func(ctx context.Context, code string, user int64) error
+	// Claim and Unclaim, if set, keep OnePerUser in places every node shares
+	// (a sharded rain is grabbed on many nodes), each held by the grab
+	// attempt (token) that took it. Claim true = the user had no place in
+	// rain code, or had one held by prev (an attempt of this node that
+	// granted nothing for sure; "" none), and token holds it now (kept
+	// until after until, a Unix ms time); false: another attempt holds it.
+	// Unclaim gives the place back if token still holds it.
+	Claim   func(ctx context.Context, code string, user int64, until int64, token, prev string) (bool, error)
+	Unclaim func(ctx context.Context, code string, user int64, token string) error
 	// RoomRun and RoomDone, if set, keep "one running rain per room" in a
 	// place every node shares (a room's rains may be owned by different
 	// nodes): RoomRun true = code is now the room's running rain (until a
@@ -145,6 +149,19 @@ type Service struct {
 	prepared  map[int64]string  // room → its latest PREPARED rain
 	shards    map[string]*shard // slices of other nodes' rains (sharded)
 	settles   sync.WaitGroup
+
+	// Shared one-per-user places (Config.Claim): tokenBase and tokens name
+	// this process's grab attempts; lost holds, per (rain, user), the last
+	// attempt of this node that may hold the user's place and granted
+	// nothing for sure (its claim's reply was lost, or its release is being
+	// retried: unclaim) — the user's next grab here takes the place back
+	// from it at once. An entry goes when its release is answered, the
+	// place is taken back, or the rain is over. placesMu is a leaf: nothing
+	// else is locked under it.
+	tokenBase string
+	tokens    atomic.Uint64
+	placesMu  sync.Mutex
+	lost      map[placeKey]string
 }
 
 // rain is one rain not FINISHED, in memory.
@@ -230,7 +247,8 @@ func New(store *persist.Store, w persist.Wallet, r router.Router, cfg Config, lo
 	}
 	s := &Service{cfg: cfg, store: store, wallet: w, router: r, pool: cfg.Pool, log: log.With("svc", "redpacket"),
 		seed: maphash.MakeSeed(), rains: map[string]*rain{}, perAnchor: map[int64]int{},
-		running: map[int64]string{}, prepared: map[int64]string{}, shards: map[string]*shard{}, quit: make(chan struct{})}
+		running: map[int64]string{}, prepared: map[int64]string{}, shards: map[string]*shard{}, quit: make(chan struct{}),
+		tokenBase: cfg.Node + ":" + strconv.FormatUint(rand.Uint64(), 36), lost: map[placeKey]string{}}
 	if m, ok := cfg.Pool.(*MemoryPool); ok && cfg.Peers != nil {
 		s.mem = m
 	}

@@ -1044,14 +1044,14 @@ func (s *Service) grabVia(owner string, user int64, code string) (GrabReply, *pr
 	if perr := s.frozen(user); perr != nil {
 		return GrabReply{}, perr, false
 	}
-	claimed, perr := s.claim(code, user, endsAt)
+	pl, perr := s.claim(code, user, endsAt)
 	if perr != nil {
 		return GrabReply{}, perr, false
 	}
 	p, err := s.popShard(sh)
 	if err != nil {
-		if claimed {
-			s.unclaim(code, user)
+		if pl != nil {
+			s.unclaim(pl)
 		}
 		if errors.Is(err, errShardGone) {
 			return GrabReply{}, nil, true
@@ -1078,8 +1078,8 @@ func (s *Service) grabVia(owner string, user int64, code string) (GrabReply, *pr
 		sh.mu.Unlock()
 		if err != nil {
 			out = proto.ErrInternal
-			if claimed && errors.Is(err, persist.ErrWalletUnavailable) {
-				go s.unclaim(code, user)
+			if pl != nil && errors.Is(err, persist.ErrWalletUnavailable) {
+				s.unclaim(pl) // nothing moved
 			}
 		} else {
 			rep = grabReply(p.Amount)
@@ -1302,27 +1302,62 @@ func (s *Service) ServeClose(code string) (ShardTotals, error) {
 	return t, err
 }
 
-// claim takes user's one place in rain code (OnePerUser): in the Redis set
-// every node shares (Config.Claim), else in memory on the caller's side
-// (false: not claimed here — the owner's path keeps its own set).
-func (s *Service) claim(code string, user int64, endsAt int64) (bool, *proto.Error) {
+// place is a grab attempt's one-per-user place in a rain (Config.Claim):
+// the token that names the attempt, and until when the place is needed
+// (the rain's end).
+type place struct {
+	code  string
+	user  int64
+	token string
+	until int64
+}
+
+// placeKey is a user's place in a rain (Service.lost).
+type placeKey struct {
+	code string
+	user int64
+}
+
+// claim takes user's one place in rain code (OnePerUser) for a new grab
+// attempt: in the places every node shares (Config.Claim), else in memory on
+// the caller's side (nil: not claimed here — the owner's path keeps its own
+// set). A place held by an attempt of this node that granted nothing for
+// sure (lost) is taken back. A claim whose reply is lost may have taken the
+// place: its attempt grants nothing, so it is given back (unclaim) — before,
+// it stayed, and every later grab of the user was 30002 with nothing
+// granted.
+func (s *Service) claim(code string, user int64, endsAt int64) (*place, *proto.Error) {
 	if !s.cfg.OnePerUser || s.cfg.Claim == nil {
-		return false, nil
+		return nil, nil
 	}
+	p := &place{code: code, user: user, until: endsAt,
+		token: s.tokenBase + ":" + strconv.FormatUint(s.tokens.Add(1), 36)}
+	k := placeKey{code, user}
+	s.placesMu.Lock()
+	prev := s.lost[k]
+	s.placesMu.Unlock()
 	ctx, cancel := context.WithTimeout(context.Background(), poolTimeout)
 	defer cancel()
-	ok, err := s.cfg.Claim(ctx, code, user, endsAt)
+	ok, err := s.cfg.Claim(ctx, code, user, endsAt, p.token, prev)
 	if errors.Is(err, ErrClaimsUnavailable) {
-		return false, errClaimsUnavailable
+		return nil, errClaimsUnavailable // refused before anything was taken
 	}
 	if err != nil {
 		s.log.Error("red packet one-per-user claim", "code", code, "err", err)
-		return false, proto.ErrInternal
+		s.unclaim(p)
+		return nil, proto.ErrInternal
 	}
 	if !ok {
-		return false, errTaken
+		return nil, errTaken
 	}
-	return true, nil
+	if prev != "" {
+		s.placesMu.Lock()
+		if s.lost[k] == prev { // prev holds nothing now
+			delete(s.lost, k)
+		}
+		s.placesMu.Unlock()
+	}
+	return p, nil
 }
 
 // ErrClaimsUnavailable is Config.Claim's answer while the shared places
@@ -1331,11 +1366,57 @@ var ErrClaimsUnavailable = errors.New("redpacket: one-per-user places unavailabl
 
 var errClaimsUnavailable = proto.Errorf(proto.CodeInternal, "red packets are briefly unavailable (being restored), retry")
 
-// unclaim gives user's place back (a grab that granted nothing for sure).
-func (s *Service) unclaim(code string, user int64) {
-	ctx, cancel := context.WithTimeout(context.Background(), poolTimeout)
-	defer cancel()
-	if err := s.cfg.Unclaim(ctx, code, user); err != nil {
-		s.log.Warn("red packet one-per-user release", "code", code, "user", user, "err", err)
-	}
+// unclaim gives p back: its grab granted nothing, for sure (never on a grant
+// that may still land: that place stays). It does not block (callers
+// include ledger goroutines): the release runs on a goroutine of its own,
+// and one that Redis does not answer is retried (placeRetry apart, backing
+// off to placeRetryMax) until it is answered, the rain is over or Close.
+// Meanwhile the user's next grab on this node takes the place back at once
+// (lost); on another node it is 30002 until the release lands. Before, a
+// failed release was only logged: the user was 30002 for the whole rain
+// with nothing granted.
+func (s *Service) unclaim(p *place) {
+	k := placeKey{p.code, p.user}
+	s.placesMu.Lock()
+	s.lost[k] = p.token
+	s.placesMu.Unlock()
+	s.spawn(func() {
+		defer func() {
+			s.placesMu.Lock()
+			if s.lost[k] == p.token {
+				delete(s.lost, k)
+			}
+			s.placesMu.Unlock()
+		}()
+		t := time.NewTimer(0)
+		defer t.Stop()
+		for wait := placeRetry; ; wait = min(2*wait, placeRetryMax) {
+			select {
+			case <-s.quit:
+				return
+			case <-t.C:
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), poolTimeout)
+			err := s.cfg.Unclaim(ctx, p.code, p.user, p.token)
+			cancel()
+			if err == nil {
+				return
+			}
+			if s.cfg.Now().UnixMilli() >= p.until {
+				s.log.Warn("red packet one-per-user release not answered; the rain is over", "code", p.code, "user", p.user, "err", err)
+				return
+			}
+			if wait == placeRetry {
+				s.log.Warn("red packet one-per-user release, retrying", "code", p.code, "user", p.user, "err", err)
+			}
+			t.Reset(wait)
+		}
+	})
 }
+
+// placeRetry and placeRetryMax space the retries of a one-per-user release
+// that failed (unclaim).
+const (
+	placeRetry    = 100 * time.Millisecond
+	placeRetryMax = 5 * time.Second
+)

@@ -25,7 +25,7 @@ type cluster struct {
 	mu     sync.Mutex
 	nodes  map[string]*member
 	down   map[string]bool
-	claims map[string]bool // one-per-user places, shared like the Redis set
+	claims map[string]string // one-per-user places (user → the attempt's token), shared like the Redis ones
 	// creates, when set before the nodes start, is their shared creation
 	// limit (Config.SharedCreates).
 	creates *limit.Shared
@@ -120,7 +120,7 @@ func newCluster(t *testing.T, names ...string) *cluster {
 
 // newClusterLimited is newCluster with a shared creation limit.
 func newClusterLimited(t *testing.T, creates *limit.Shared, names ...string) *cluster {
-	c := &cluster{nodes: map[string]*member{}, down: map[string]bool{}, claims: map[string]bool{}, creates: creates}
+	c := &cluster{nodes: map[string]*member{}, down: map[string]bool{}, claims: map[string]string{}, creates: creates}
 	for _, n := range names {
 		c.start(t, n, t.TempDir())
 	}
@@ -154,19 +154,21 @@ func (c *cluster) start(t *testing.T, name, dir string) {
 	svc, err := New(st, l, r, Config{Node: name, Peers: peers{c, name}, OnePerUser: true,
 		AnchorOf: func(int64) (int64, bool) { return shardAnchor, true },
 		InRoom:   func(room, user int64) bool { return room == shardRoom },
-		Claim: func(_ context.Context, code string, user, _ int64) (bool, error) {
+		Claim: func(_ context.Context, code string, user, _ int64, token, prev string) (bool, error) {
 			c.mu.Lock()
 			defer c.mu.Unlock()
 			k := code + "/" + strconv.FormatInt(user, 10)
-			if c.claims[k] {
+			if h, held := c.claims[k]; held && h != token && (prev == "" || h != prev) {
 				return false, nil
 			}
-			c.claims[k] = true
+			c.claims[k] = token
 			return true, nil
 		},
-		Unclaim: func(_ context.Context, code string, user int64) error {
+		Unclaim: func(_ context.Context, code string, user int64, token string) error {
 			c.mu.Lock()
-			delete(c.claims, code+"/"+strconv.FormatInt(user, 10))
+			if k := code + "/" + strconv.FormatInt(user, 10); c.claims[k] == token {
+				delete(c.claims, k)
+			}
 			c.mu.Unlock()
 			return nil
 		},
