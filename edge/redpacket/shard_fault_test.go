@@ -431,3 +431,41 @@ func TestGoneHolderWithNothingOutDoesNotBlockTheSettlement(t *testing.T) {
 	c.start(t, "n3", m3.dir) // for the conservation check: its disk has no grant
 	c.conserve(t, "n1", code, total)
 }
+
+// On a holder, a grab whose one-per-user claim was taken but whose reply
+// was lost fails and grants nothing; the user's next grab there gets a
+// packet (the place taken back from that attempt), and none more on any
+// node.
+func TestShardedGrabAfterALostClaimReply(t *testing.T) {
+	c := newCluster(t, "n1", "n2")
+	const total, count, user = 1000, 10, 50
+	code := c.rain(t, "n1", total, count, time.Second)
+	h := c.svc("n2")
+	claim := h.cfg.Claim
+	var lost sync.Once
+	h.cfg.Claim = func(ctx context.Context, code string, u, until int64, token, prev string) (bool, error) {
+		ok, err := claim(ctx, code, u, until, token, prev)
+		drop := false
+		if u == user {
+			lost.Do(func() { drop = true })
+		}
+		if drop && err == nil {
+			return false, context.DeadlineExceeded // taken; its reply lost
+		}
+		return ok, err
+	}
+	if _, perr := c.grab("n2", "n1", user, code); perr == nil || perr.Code != proto.CodeInternal {
+		t.Fatalf("grab with its claim's reply lost: %v, want 50000", perr)
+	}
+	if _, perr := c.grab("n2", "n1", user, code); perr != nil {
+		t.Fatalf("the user's next grab: %v, want a packet", perr)
+	}
+	for _, n := range []string{"n1", "n2"} {
+		if _, perr := c.grab(n, "n1", user, code); perr == nil || perr.Code != proto.CodeRedPacketTaken {
+			t.Fatalf("a second packet for the user on %s: %v, want 30002", n, perr)
+		}
+	}
+	if v := c.conserve(t, "n1", code, total); v.GrantedCount != 1 {
+		t.Fatalf("view %+v, want one grant", v)
+	}
+}
