@@ -1487,7 +1487,7 @@ func (c *Cluster) Keep(user int64, msgs []Msg) {
 // handOn publishes msgs to the user's sessions on the other nodes and keeps
 // away (those no session here took) in the offline list when the user is
 // connected nowhere; connected elsewhere, the reliable ones of away are
-// handed off (answered, handOff).
+// handed off (answered, handOff). regs: as keepAway's.
 func (c *Cluster) handOn(user int64, msgs, away []Msg, regs uint64) {
 	var handed map[string]bool
 	if len(away) > 0 && c.keepAway(user, regs, away...) {
@@ -1498,7 +1498,7 @@ func (c *Cluster) handOn(user int64, msgs, away []Msg, regs uint64) {
 	}
 	for _, m := range msgs {
 		if handed[m.Mid] {
-			c.handOff(user, m)
+			c.handOff(user, m, regs)
 		} else if err := c.nc.Publish(userSubject(user), appendUserPush(nil, m)); err != nil {
 			c.log.Warn("user push not published", "user", user, "err", err)
 		}
@@ -1613,7 +1613,7 @@ func (c *Cluster) SendUser(user int64, p proto.Push) (string, int) {
 		// Stored before it is published: a node that subscribes for the
 		// user after the publish drains the list after subscribing.
 		if c.keepAway(user, regs, m) {
-			c.handOff(user, m)
+			c.handOff(user, m, regs)
 			return p.Mid, n
 		}
 	}

@@ -20,6 +20,9 @@ import (
 // the user's subject: a holder subscribed by then drains the list on the
 // hint; one that subscribes later drains it after its reconnect
 // (Reconnected: subscriptions first, a flush, then every local user's list).
+// The sender drains the list itself when a session of the user registered
+// there since the push found none: it drained the list before the push was
+// kept, and the hint never reaches it (its own publish, NoEcho).
 // The hint is published again every second for hintFor (a NATS cluster: the
 // holder's interest may reach the sender's server later, and a holder that
 // never lost its connection does not drain on its own). A holder that took
@@ -59,6 +62,7 @@ type handoff struct {
 	user int64
 	msg  Msg
 	at   time.Time
+	regs uint64 // regsOf(user) before no session here took msg (keepAway)
 }
 
 // startHandoffs subscribes to this node's reply subjects.
@@ -77,17 +81,18 @@ func (c *Cluster) startHandoffs() error {
 }
 
 // handOff sends m to the user's sessions on the other nodes, answered.
-func (c *Cluster) handOff(user int64, m Msg) {
+// regs: as keepAway's.
+func (c *Cluster) handOff(user int64, m Msg, regs uint64) {
 	h := &c.handoffs
 	h.mu.Lock()
 	if len(h.pending) >= maxHandoffs {
 		h.mu.Unlock()
-		c.keepLater(handoff{user: user, msg: m})
+		c.keepLater(handoff{user: user, msg: m, regs: regs})
 		return
 	}
 	h.next++
 	tok := h.next
-	h.pending[tok] = handoff{user: user, msg: m, at: time.Now()}
+	h.pending[tok] = handoff{user: user, msg: m, at: time.Now(), regs: regs}
 	h.mu.Unlock()
 	if err := c.nc.PublishRequest(userSubject(user), h.prefix+strconv.FormatUint(tok, 10), appendUserPush(nil, m)); err != nil {
 		c.log.Warn("user push not handed off", "user", user, "err", err)
@@ -157,7 +162,7 @@ func (c *Cluster) keepLater(ho handoff) {
 	select {
 	case c.handoffs.keep <- ho:
 	default:
-		c.keepForHolder(ho.user, ho.msg)
+		c.keepForHolder(ho)
 	}
 }
 
@@ -169,7 +174,7 @@ func (c *Cluster) keeper() {
 		case <-c.stop:
 			return
 		case ho := <-c.handoffs.keep:
-			c.keepForHolder(ho.user, ho.msg)
+			c.keepForHolder(ho)
 		}
 	}
 }
@@ -200,18 +205,28 @@ func (c *Cluster) keepUnanswered() {
 			c.log.Warn("unanswered user pushes not kept at close", "pushes", len(left)-i)
 			return
 		}
-		c.keepForHolder(ho.user, ho.msg)
+		c.keepForHolder(ho)
 	}
 }
 
-// keepForHolder keeps m in the user's offline list (this node's box if Redis
-// does not take it) and hints the holders to drain the list, now and for
-// hintFor.
-func (c *Cluster) keepForHolder(user int64, m Msg) {
+// keepForHolder keeps the push in the user's offline list (this node's box
+// if Redis does not take it) and hints the holders to drain the list, now
+// and for hintFor — drained here too if a session of the user registered
+// here since the push found none (see keepAway).
+func (c *Cluster) keepForHolder(ho handoff) {
 	c.stats.handoffsKept.Add(1)
-	if !c.storeOffline(user, m) {
-		c.local.keepHere(user, []Msg{m})
+	user := ho.user
+	if !c.storeOffline(user, ho.msg) {
+		c.local.keepHere(user, []Msg{ho.msg})
 		return
+	}
+	if ho.regs != noRedrain && c.regsOf(user) != ho.regs && c.local.userSessions(user) > 0 {
+		// Read after the push was stored: a session registering later
+		// drains the list itself (Register), one before is drained for
+		// here — it drained the list before the push was kept, and the
+		// hint below never reaches this node (NoEcho). The list is taken
+		// whole by one drain: no second copy.
+		c.drainOffline(user)
 	}
 	h := &c.handoffs
 	h.mu.Lock()

@@ -1,0 +1,93 @@
+package router
+
+import (
+	"context"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+
+	"github.com/liveedge/liveedge/gateway/proto"
+	"github.com/liveedge/liveedge/persist/redistest"
+	"github.com/liveedge/liveedge/router/natstest"
+)
+
+// A reliable push handed off to user 7's node b that nobody answers, while
+// the user reconnects to the sending node a itself: a keeps it in the
+// offline list after the user's new session there drained the list (empty
+// then), and its drain hint never reaches a's own subscription (NoEcho).
+// Before, the push waited in le:off:{7} while the user was connected to a
+// (lost after offline_ttl); now a drains the list itself when a session of
+// the user registered there since the push found none.
+func TestHandoffKeptReachesASessionRegisteredOnTheSender(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		// b is in the presence but off NATS. old: a subscriber to the
+		// user's subject never answers (a node without hand-offs), the
+		// hand-off times out; else NATS says "no responders" at once, and
+		// a's keeper is held back (a slow Redis write) until the new
+		// session has drained the list.
+		old bool
+	}{{"unanswered", true}, {"no responders", false}} {
+		t.Run(tc.name, func(t *testing.T) {
+			env := clusterEnv{nats: natstest.Start(t), redis: redistest.Start(t)}
+			px := redistest.StartProxy(t, env.redis.Addr)
+			cfg := ClusterConfig{Local: LocalConfig{OfflineMax: 8, OfflineTTL: time.Minute}}
+			a := newCluster(t, clusterEnv{nats: env.nats, redis: env.redis, via: px.Addr}, "a", cfg)
+			b := newCluster(t, env, "b", cfg)
+			b.Register(&sink{id: 1, user: 7})
+			waitFor(t, func() bool { on, known := a.onlineElsewhere(7); return on && known })
+			b.nc.Close() // b holds user 7 (presence) but answers nothing
+			if tc.old {
+				nc, err := nats.Connect(env.nats.URL)
+				if err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(nc.Close)
+				if _, err := nc.SubscribeSync(userSubject(7)); err != nil {
+					t.Fatal(err)
+				}
+				if err := nc.Flush(); err != nil {
+					t.Fatal(err)
+				}
+			} else {
+				// Another push waits to be kept, its Redis write held 1 s:
+				// the keeper is busy when "no responders" comes for 7's.
+				a.onlineElsewhere(7) // presence read from the cache below, not behind the held write
+				px.Slow("le:off:{99}", time.Second)
+				a.keepLater(handoff{user: 99, msg: encodeMsg(&proto.Push{Mid: "x", Biz: proto.BizGift, Ack: true, Data: []byte(`{}`)})})
+				waitFor(t, func() bool { return px.Slowed() > 0 })
+			}
+			mid, n := a.SendUser(7, proto.Push{Biz: proto.BizGift, Ack: true, Data: []byte(`{}`)})
+			if n != 0 {
+				t.Fatalf("a reached %d sessions of user 7 (none there)", n)
+			}
+			s := &sink{id: 2, user: 7}
+			a.Register(s) // the user reconnects to a: the list is drained, empty
+			px.Slow("", 0)
+			deadline := time.Now().Add(handoffWait + 4*time.Second)
+			for len(s.got()) == 0 && time.Now().Before(deadline) {
+				time.Sleep(10 * time.Millisecond)
+			}
+			time.Sleep(200 * time.Millisecond) // a second copy, if any
+			kept, err := a.rdb.Do(context.Background(), a.rdb.B().Llen().Key(offlineKey(7)).Build()).AsInt64()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := s.got(); !slices.Equal(got, []string{mid}) {
+				t.Fatalf("the session on a got %v, want [%s] (the offline list holds %d)", got, mid, kept)
+			}
+			if kept != 0 {
+				t.Fatalf("the offline list still holds %d pushes", kept)
+			}
+			want := int64(1)
+			if !tc.old {
+				want = 2 // and 99's
+			}
+			if k := a.ClusterStats().HandoffsKept; k != want {
+				t.Fatalf("hand-offs kept %d, want %d (the test did not take its path)", k, want)
+			}
+		})
+	}
+}
