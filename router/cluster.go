@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math/rand/v2"
 	"slices"
 	"strconv"
 	"strings"
@@ -171,8 +172,9 @@ type Cluster struct {
 	log   *slog.Logger
 	boot  string
 
-	// fillMu guards stopping: once Close began, no gap fill starts (its
-	// wg.Add would race Close's wg.Wait). A leaf lock (taken under a room's).
+	// fillMu guards stopping: once Close began, no gap fill or drain retry
+	// starts (its wg.Add would race Close's wg.Wait). A leaf lock (taken
+	// under a room's, and under redrainMu).
 	fillMu   sync.Mutex
 	stopping bool
 
@@ -193,6 +195,12 @@ type Cluster struct {
 	// handoffs are reliable pushes sent to the user's other nodes, waiting
 	// for a holder's answer (handoff.go).
 	handoffs handoffs
+
+	// redrains are the users whose offline list is drained again, a drain
+	// having failed (redrain): true when another failed since the retry's
+	// attempt began.
+	redrainMu sync.Mutex
+	redrains  map[int64]bool
 
 	stop chan struct{}
 	wg   sync.WaitGroup
@@ -312,7 +320,7 @@ func NewCluster(cfg ClusterConfig) (*Cluster, error) {
 		cfg: cfg, nc: cfg.NATS, rdb: cfg.Redis, log: cfg.Log, boot: NewEpoch(),
 		rooms: map[int64]*croom{}, seqs: map[int64]*seqRoom{}, users: map[int64]*cuser{},
 		dirtyRooms: map[int64]struct{}{}, dirtyUsers: map[int64]struct{}{},
-		staleDrops: map[staleField]struct{}{}, stop: make(chan struct{}),
+		staleDrops: map[staleField]struct{}{}, redrains: map[int64]bool{}, stop: make(chan struct{}),
 	}
 	c.local = local
 	c.local.cfg.History = c.history
@@ -1505,14 +1513,88 @@ func (c *Cluster) handOn(user int64, msgs, away []Msg, regs uint64) {
 	}
 }
 
-// drainOffline delivers the user's offline pushes to their sessions here.
+// drainOffline delivers the user's offline pushes to their sessions here;
+// a drain Redis did not answer is retried in the background (redrain).
 func (c *Cluster) drainOffline(user int64) {
+	if err := c.drainOnce(user); err != nil {
+		c.log.Warn("offline pushes not read; retrying", "user", user, "err", err)
+		c.redrain(user)
+	}
+}
+
+// A failed drain is retried after redrainFirst, then twice as long each
+// time, up to redrainMax, each wait up to half as long again at random:
+// when Redis was down or overloaded, every user who connected meanwhile is
+// retried — not all at once, and at most one call per user every
+// redrainMax while it stays so (the pushes are kept for offline_ttl).
+const (
+	redrainFirst = 250 * time.Millisecond
+	redrainMax   = 30 * time.Second
+)
+
+// redrain drains the user's offline list again in the background until
+// Redis answers, while a session of theirs is here and the router is open:
+// a session drains the list when it registers (then on a hint or a NATS
+// reconnect only), so what was kept for the user waited until their next
+// connect — lost after offline_ttl if they stayed connected. One goroutine
+// per user at most: a drain failing meanwhile makes it go on.
+func (c *Cluster) redrain(user int64) {
+	c.redrainMu.Lock()
+	defer c.redrainMu.Unlock()
+	if _, on := c.redrains[user]; on {
+		c.redrains[user] = true
+		return
+	}
+	c.fillMu.Lock()
+	defer c.fillMu.Unlock()
+	if c.stopping {
+		return // closing: its sessions go too (wg.Wait is under way)
+	}
+	c.redrains[user] = false
+	c.wg.Add(1)
+	go c.redrainLoop(user)
+}
+
+func (c *Cluster) redrainLoop(user int64) {
+	defer c.wg.Done()
+	t := time.NewTimer(redrainFirst + rand.N(redrainFirst/2))
+	defer t.Stop()
+	for wait := redrainFirst; ; t.Reset(wait + rand.N(wait/2)) {
+		select {
+		case <-c.stop:
+			return
+		case <-t.C:
+		}
+		c.redrainMu.Lock()
+		c.redrains[user] = false
+		c.redrainMu.Unlock()
+		if c.local.userSessions(user) > 0 && c.drainOnce(user) != nil {
+			wait = min(2*wait, redrainMax) // still not answered
+			continue
+		}
+		// Drained, or the user left: done — unless a drain failed since
+		// this attempt began (it may have missed what was kept then).
+		c.redrainMu.Lock()
+		again := c.redrains[user]
+		if !again {
+			delete(c.redrains, user)
+		}
+		c.redrainMu.Unlock()
+		if !again {
+			return
+		}
+		wait = redrainFirst
+	}
+}
+
+// drainOnce is one drain of the user's offline list (an error: Redis did
+// not answer).
+func (c *Cluster) drainOnce(user int64) error {
 	ctx, cancel := c.ctx()
 	defer cancel()
 	vals, err := drainScript.Exec(ctx, c.rdb, []string{offlineKey(user)}, nil).AsStrSlice()
 	if err != nil {
-		c.log.Warn("offline pushes not read", "user", user, "err", err)
-		return
+		return err
 	}
 	var away []Msg
 	for _, v := range vals {
@@ -1525,6 +1607,7 @@ func (c *Cluster) drainOffline(user int64) {
 		// already): handed on like a closing connection's unacked pushes.
 		c.handOn(user, away, away, noRedrain)
 	}
+	return nil
 }
 
 // SessionsElsewhere reports how many sessions of user the other live nodes

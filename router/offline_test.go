@@ -1,6 +1,7 @@
 package router
 
 import (
+	"context"
 	"slices"
 	"sync"
 	"testing"
@@ -128,5 +129,78 @@ func TestClusterOfflinePushReachesASessionRegisteredWhileItWasKept(t *testing.T)
 	}
 	if got := next.got(); !slices.Equal(got, []string{mid}) {
 		t.Fatalf("the session registered meanwhile got %v, want [%s]", got, mid)
+	}
+}
+
+// Redis does not answer while the user connects: the offline list's drain
+// fails. Before, it was never retried — what was kept for the user waited
+// in le:off:{7} until their next connect (lost after offline_ttl if they
+// stayed connected); now it is retried in the background.
+func TestClusterOfflineDrainRetriedWhenRedisDidNotAnswer(t *testing.T) {
+	env := clusterEnv{nats: natstest.Start(t), redis: redistest.Start(t)}
+	px := redistest.StartProxy(t, env.redis.Addr)
+	a := newCluster(t, clusterEnv{nats: env.nats, redis: env.redis, via: px.Addr}, "a",
+		ClusterConfig{CallTimeout: 300 * time.Millisecond, Local: LocalConfig{OfflineMax: 8, OfflineTTL: time.Minute}})
+	m := encodeMsg(&proto.Push{Mid: "kept", Biz: proto.BizGift, Ack: true, Data: []byte(`{}`)})
+	if !a.storeOffline(7, m) {
+		t.Fatal("not stored")
+	}
+	// Redis unreachable from a for 1.5 s: every connection cut, new ones
+	// refused (the GET runs; its reply is lost).
+	px.LoseReply("le:cut", 1500*time.Millisecond)
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	_ = a.rdb.Do(ctx, a.rdb.B().Get().Key("le:cut").Build()).Error()
+	cancel()
+	if px.Fired() != 1 {
+		t.Fatal("the proxy did not cut Redis off")
+	}
+	s := &sink{id: 1, user: 7}
+	a.Register(s) // its drain fails
+	if got := s.got(); len(got) != 0 {
+		t.Fatalf("drained while Redis was unreachable: %v", got)
+	}
+	deadline := time.Now().Add(6 * time.Second)
+	for len(s.got()) == 0 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if got := s.got(); !slices.Equal(got, []string{"kept"}) {
+		t.Fatalf("the session got %v, want [kept] once Redis answered again", got)
+	}
+}
+
+// The drain retried while Redis stays unreachable ends when the user's last
+// session here leaves, and at Close.
+func TestClusterOfflineDrainRetryEndsWithTheSessionOrAtClose(t *testing.T) {
+	env := clusterEnv{nats: natstest.Start(t), redis: redistest.Start(t)}
+	px := redistest.StartProxy(t, env.redis.Addr)
+	a := newCluster(t, clusterEnv{nats: env.nats, redis: env.redis, via: px.Addr}, "a",
+		ClusterConfig{CallTimeout: 200 * time.Millisecond, Local: LocalConfig{OfflineMax: 8, OfflineTTL: time.Minute}})
+	px.Close() // Redis unreachable from a from here on
+	retrying := func(user int64) bool {
+		a.redrainMu.Lock()
+		defer a.redrainMu.Unlock()
+		_, on := a.redrains[user]
+		return on
+	}
+	s := &sink{id: 1, user: 7}
+	a.Register(s)
+	a.Register(&sink{id: 2, user: 7}) // its drain fails too: still one retry
+	a.Register(&sink{id: 3, user: 8})
+	if !retrying(7) || !retrying(8) {
+		t.Fatal("failed drains not retried")
+	}
+	a.Unregister(s)
+	time.Sleep(time.Second)
+	if !retrying(7) {
+		t.Fatal("the retry ended while a session of the user is still here")
+	}
+	a.Unregister(&sink{id: 2, user: 7})
+	waitFor(t, func() bool { return !retrying(7) })
+	done := make(chan struct{})
+	go func() { a.Close(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(3 * time.Second):
+		t.Fatal("Close waits for the retry")
 	}
 }
