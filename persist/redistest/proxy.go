@@ -55,6 +55,18 @@ func (p *Proxy) LoseReply(pattern string, refuse time.Duration) {
 	p.mu.Unlock()
 }
 
+// Refuse cuts every connection and refuses new ones for d: Redis
+// unreachable for a while, no command in flight reaching it (unlike
+// LoseReply, nothing runs).
+func (p *Proxy) Refuse(d time.Duration) {
+	p.mu.Lock()
+	p.refuseUntil = time.Now().Add(d)
+	for c := range p.conns {
+		_ = c.Close()
+	}
+	p.mu.Unlock()
+}
+
 // Slow holds every client write that contains pattern d before passing it
 // on, until Slow("", 0): a Redis (or network) slow for those commands. The
 // writes behind a held one on its connection wait too, as on a real socket.
