@@ -88,7 +88,7 @@ func newMetrics(node string, r router.Router) *metrics {
 	stat("frames_direct_total", "WebSocket data frames a room's fan-out wrote itself to a connection with nothing queued (also in frames_out_total).",
 		false, func(s router.Stats) int64 { return s.FramesDirect })
 	stat("fanout_frames_total", "Frames handed to sessions by fan-out.", false, func(s router.Stats) int64 { return s.FramesFanned })
-	stat("room_queue_drops_total", "Pushes refused because a room queue was full.", false, func(s router.Stats) int64 { return s.RoomDropped })
+	stat("room_queue_drops_total", "Pushes refused because a room queue was full (in a cluster also: queued pushes that are not reliable, dropped for reliable ones while Redis did not answer).", false, func(s router.Stats) int64 { return s.RoomDropped })
 	stat("room_queue_overruns_total", "Cluster room pushes dropped from a room's queue on this node, oldest first, because its fan-out fell 8,192 pushes behind (members see a gap and re-sync).", false, func(s router.Stats) int64 { return s.RoomOverrun })
 	if c, ok := r.(*router.Cluster); ok {
 		cstat := func(name, help string, gauge bool, get func(router.ClusterStats) int64) {
@@ -109,8 +109,10 @@ func newMetrics(node string, r router.Router) *metrics {
 			func(s router.ClusterStats) int64 { return s.GapFills })
 		cstat("cluster_gaps_lost_total", "Missing room offsets no longer in the shared history (skipped).", false,
 			func(s router.ClusterStats) int64 { return s.GapsLost })
-		cstat("cluster_sequencer_errors_total", "Room push batches not sent because Redis failed.", false,
+		cstat("cluster_sequencer_errors_total", "Room push batches whose numbering in Redis failed (retried until Redis answers or the room closes).", false,
 			func(s router.ClusterStats) int64 { return s.SequencerErrors })
+		cstat("cluster_room_pushes_given_up_total", "Room pushes made on this node never numbered: Redis did not answer before the room closed here (or the node stopped).", false,
+			func(s router.ClusterStats) int64 { return s.PushesGivenUp })
 		cstat("cluster_user_handoffs_kept_total", "Reliable pushes for users on other nodes that no node answered for (kept in the offline list, the holders told to drain it).", false,
 			func(s router.ClusterStats) int64 { return s.HandoffsKept })
 		cstat("cluster_subscribed_rooms", "Rooms this node is subscribed to on NATS.", true,

@@ -52,6 +52,7 @@ type ClusterConfig struct {
 func seqKey(room int64) string    { return "le:r:{" + strconv.FormatInt(room, 10) + "}:seq" }
 func epKey(room int64) string     { return "le:r:{" + strconv.FormatInt(room, 10) + "}:ep" }
 func histKey(room int64) string   { return "le:r:{" + strconv.FormatInt(room, 10) + "}:h" }
+func batchKey(room int64) string  { return "le:r:{" + strconv.FormatInt(room, 10) + "}:nb" }
 func onlineKey(room int64) string { return "le:on:{" + strconv.FormatInt(room, 10) + "}" }
 func userKey(user int64) string   { return "le:up:{" + strconv.FormatInt(user, 10) + "}" }
 func connsKey(user int64) string  { return "le:uc:{" + strconv.FormatInt(user, 10) + "}" }
@@ -120,6 +121,16 @@ const closeGrace = 3 * time.Second
 const minSharedHistory = 4 * maxSeqBatch
 
 const (
+	// maxPendingBytes bounds the bytes of a room's pushes waiting for the
+	// sequencer (with MaxPending, their count): pushes wait while Redis
+	// does not answer (roomForLocked: what happens at the bound).
+	maxPendingBytes = 8 << 20
+	// maxSeqRetryWait caps the backoff between numbering attempts of a
+	// batch Redis did not answer (100 ms, doubled).
+	maxSeqRetryWait = time.Second
+)
+
+const (
 	maxSeqBatch   = 256  // pushes numbered by one script call
 	maxGapBuffer  = 4096 // pushes held while a gap is open; beyond, it is filled now
 	maxStash      = 4096 // pushes held while a room's subscription starts
@@ -149,7 +160,10 @@ var _ Router = (*Cluster)(nil)
 // GapWait for the missing ones, then they are read from the history stream;
 // a tail loss is found by a sweep comparing the room's counter with the last
 // offset delivered (and at once after a NATS reconnect). The order is thus the
-// counter's: the same on every node.
+// counter's: the same on every node. A batch whose numbering fails (Redis
+// unreachable, slow past CallTimeout) is retried whole, with the same batch
+// number, until Redis answers or the room closes here; the room's later
+// pushes wait behind it, bounded (retryBatch, roomForLocked).
 //
 // Users: each node subscribes le.u.<user> for the users it holds; SendUser
 // delivers locally and publishes once to that subject. Reliable pushes are
@@ -205,12 +219,17 @@ type Cluster struct {
 	stop chan struct{}
 	wg   sync.WaitGroup
 
+	// batchNo numbers this process's sequencer batches (sequence.lua
+	// numbers each once).
+	batchNo atomic.Uint64
+
 	stats clusterStats
 }
 
 type clusterStats struct {
 	batchesOut, batchesIn, pushesSequenced, gapFills, gapsLost, seqErrors, badWire atomic.Int64
 	handoffsKept, epochsForced                                                     atomic.Int64
+	pushesGivenUp                                                                  atomic.Int64
 }
 
 // croom is a room this node is subscribed to. Invariant: once ready, every
@@ -266,13 +285,21 @@ const userLinger = 2 * time.Second
 type seqRoom struct {
 	mu      sync.Mutex
 	pending []seqItem
+	bytes   int // of pending (seqItem.size)
 	running bool
+	// closingAt: when the room's final push, pending, was queued (zero:
+	// none is) — a batch retried ahead of it gives up in time for it.
+	closingAt time.Time
+	evicted   int       // pushes dropped from pending for a reliable one (logged, then zeroed)
+	loggedAt  time.Time // when evictions were last logged
 }
 
 type seqItem struct {
 	p       proto.Push
 	closing bool
+	at      time.Time  // when a closing item was queued
 	done    chan error // nil: nobody waits
+	size    int        // pushSize
 	// state, when a caller waits (PublishRoomWait): itemQueued, then
 	// itemTaken once the sequencer took it into a batch, or itemAbandoned
 	// by a caller that stopped waiting first (then it is never sent).
@@ -503,7 +530,9 @@ func (c *Cluster) UserInRoom(id, user int64) bool {
 }
 
 // PublishRoom implements Router: the push is queued for the room's
-// sequencer; it is numbered and sent within a Redis round trip or two.
+// sequencer; it is numbered and sent within a Redis round trip or two — or,
+// while Redis does not answer, once it does (retryBatch): it is lost only if
+// the room closes here first (or the node stops), counted PushesGivenUp.
 func (c *Cluster) PublishRoom(id int64, p proto.Push) (string, error) {
 	return c.enqueue(id, p, false, nil)
 }
@@ -513,7 +542,8 @@ func (c *Cluster) PublishRoom(id int64, p proto.Push) (string, error) {
 // stops waiting for before the sequencer took it is never sent
 // (ErrUnavailable); one the sequencer took whose numbering failed or did not
 // end in time may still go out (ErrUnconfirmed: the script may have run
-// and its reply been lost — the nodes then fill it from the history).
+// and its reply been lost — the nodes then fill it from the history — and
+// the sequencer retries it until Redis answers or the room closes).
 func (c *Cluster) PublishRoomWait(id int64, p proto.Push) (string, error) {
 	done := make(chan error, 1)
 	state := new(atomic.Int32)
@@ -565,14 +595,22 @@ func (c *Cluster) enqueueItem(id int64, it seqItem) (string, error) {
 	}
 	sr.mu.Lock()
 	c.mu.Unlock()
-	if len(sr.pending) >= c.local.cfg.MaxPending && !closing {
+	it.size = pushSize(&it.p)
+	if !closing && !c.roomForLocked(sr, it) {
 		// (A room's final push is always queued: every node's viewers learn
 		// that the room closed only from it.)
 		sr.mu.Unlock()
 		c.local.dropped.Add(1)
 		return "", ErrRoomBusy
 	}
+	if closing {
+		it.at = time.Now()
+		if sr.closingAt.IsZero() {
+			sr.closingAt = it.at
+		}
+	}
 	sr.pending = append(sr.pending, it)
+	sr.bytes += it.size
 	start := !sr.running
 	sr.running = true
 	sr.mu.Unlock()
@@ -580,6 +618,61 @@ func (c *Cluster) enqueueItem(id int64, it seqItem) (string, error) {
 		go c.sequence(id, sr)
 	}
 	return p.Mid, nil
+}
+
+// pushSize is what a queued push counts against maxPendingBytes.
+func pushSize(p *proto.Push) int { return 64 + len(p.Mid) + len(p.Data) }
+
+// roomForLocked tells whether it fits in the room's queue (MaxPending
+// pushes, maxPendingBytes) — the queue fills when the pushes wait for Redis
+// (down, unreachable, slow: the sequencer retries the batch ahead). At the
+// bound a push that is not reliable is refused (ErrRoomBusy, its caller
+// told); a reliable one (ack: a rain's start or end, a PK result) makes
+// room by dropping the oldest pushes queued that are not reliable and that
+// nobody waits for — effects, progress — counted (RoomDropped) and logged:
+// it is refused only when the queue holds nothing else. Order is kept: what
+// stays goes out in the order it was queued. sr.mu is held.
+func (c *Cluster) roomForLocked(sr *seqRoom, it seqItem) bool {
+	queued := len(sr.pending)
+	fits := func() bool {
+		return queued < c.local.cfg.MaxPending && sr.bytes+it.size <= maxPendingBytes
+	}
+	if fits() {
+		return true
+	}
+	if !it.p.Ack {
+		return false
+	}
+	dropped := 0
+	keep := sr.pending[:0]
+	for _, q := range sr.pending {
+		switch {
+		case fits() || q.closing || q.p.Ack:
+			keep = append(keep, q)
+			continue
+		case q.state != nil && !q.state.CompareAndSwap(itemQueued, itemAbandoned):
+			// its caller gave up on it already: never sent anyway
+		case q.done != nil:
+			q.done <- ErrRoomBusy // never sent: its caller may send it again
+			dropped++
+		default:
+			dropped++
+		}
+		sr.bytes -= q.size
+		queued--
+	}
+	clear(sr.pending[len(keep):])
+	sr.pending = keep
+	if dropped > 0 {
+		c.local.dropped.Add(int64(dropped))
+		sr.evicted += dropped
+		if time.Since(sr.loggedAt) >= time.Second {
+			c.log.Warn("room pushes dropped from a full queue for reliable ones (Redis not answering?)",
+				"room", it.p.Room, "dropped", sr.evicted, "queued", len(sr.pending))
+			sr.evicted, sr.loggedAt = 0, time.Now()
+		}
+	}
+	return fits()
 }
 
 // sequence numbers the room's pending pushes, batch by batch, until none are
@@ -598,32 +691,45 @@ func (c *Cluster) sequence(id int64, sr *seqRoom) {
 		n := min(len(sr.pending), maxSeqBatch)
 		items := make([]seqItem, 0, n)
 		for _, it := range sr.pending[:n] {
+			sr.bytes -= it.size
+			if it.closing {
+				sr.closingAt = time.Time{}
+			}
 			if it.state == nil || it.state.CompareAndSwap(itemQueued, itemTaken) {
 				items = append(items, it)
 			} // else its caller stopped waiting: never sent
 		}
-		sr.pending = append(sr.pending[:0], sr.pending[n:]...)
+		rest := copy(sr.pending, sr.pending[n:])
+		clear(sr.pending[rest:])
+		sr.pending = sr.pending[:rest]
 		sr.mu.Unlock()
 		c.mu.Unlock()
 		if len(items) == 0 {
 			continue
 		}
 
-		// A batch with the room's final push: retries start within
-		// closeGrace/2 of the first attempt, and every attempt ends by
-		// finalCut, before the other nodes' backstop (retryFinal).
+		// A batch with the room's final push: its attempts end by finalCut
+		// after the push was queued, before the other nodes' backstop.
 		var start time.Time
-		if slices.ContainsFunc(items, func(it seqItem) bool { return it.closing }) {
-			start = time.Now()
+		if i := slices.IndexFunc(items, func(it seqItem) bool { return it.closing }); i >= 0 {
+			start = items[i].at
 		}
-		b, err := c.numberBy(id, items, cutAt(start))
-		if err != nil && b.closing {
-			items, b, err = c.retryFinal(id, items, err, start)
-		}
+		no := c.batchNo.Add(1)
+		b, err := c.numberBy(id, items, no, cutAt(start))
 		if err != nil {
-			// The script may have run (its reply lost): the pushes may be
-			// numbered and in the history, and go out.
-			err = fmt.Errorf("%w: %w", ErrUnconfirmed, err)
+			c.stats.seqErrors.Add(1)
+			// Its waiters are answered now (the script may have run, its
+			// reply lost: the pushes may be numbered and go out — and they
+			// will, once Redis answers a retry).
+			unconfirmed := fmt.Errorf("%w: %w", ErrUnconfirmed, err)
+			for i := range items {
+				if items[i].done != nil {
+					items[i].done <- unconfirmed
+					items[i].done = nil
+				}
+			}
+			c.log.Warn("room pushes not numbered yet: retrying", "room", id, "pushes", len(items), "err", err)
+			b, err = c.retryBatch(id, sr, items, no, err, start)
 		}
 		for _, it := range items {
 			if it.done != nil {
@@ -631,8 +737,14 @@ func (c *Cluster) sequence(id int64, sr *seqRoom) {
 			}
 		}
 		if err != nil {
-			c.stats.seqErrors.Add(1)
-			c.log.Warn("room pushes not sent: sequencer failed", "room", id, "pushes", len(items), "err", err)
+			c.stats.pushesGivenUp.Add(int64(len(items)))
+			reliable := 0
+			for _, it := range items {
+				if it.p.Ack {
+					reliable++
+				}
+			}
+			c.log.Error("room pushes given up: not numbered", "room", id, "pushes", len(items), "reliable", reliable, "err", err)
 			if b.closing {
 				c.closeLocal(id)
 			}
@@ -656,9 +768,9 @@ func (c *Cluster) sequence(id int64, sr *seqRoom) {
 	}
 }
 
-// finalCut is when, after its first attempt began, the numbering of a room's
-// final push is given up: 0.5 s before the other nodes' backstop
-// (closeGrace) closes the room without it.
+// finalCut is when, after it was queued, the numbering of a room's final
+// push is given up: 0.5 s before the other nodes' backstop (closeGrace)
+// closes the room without it.
 const finalCut = closeGrace - 500*time.Millisecond
 
 // cutAt is the deadline of a final push's attempt (zero start: none).
@@ -669,53 +781,65 @@ func cutAt(start time.Time) time.Time {
 	return start.Add(finalCut)
 }
 
-// retryFinal numbers the room's final push again, a few times within
-// closeGrace/2 of start (its first attempt), each attempt ending by
-// start+finalCut, after numbering its batch failed with err: every
-// other node's viewers learn the room closed only from it (without it they
-// are dropped by the backstop, untold). The batch's other pushes are
-// answered err now. If a lost reply hid a script that ran, the final push is
-// in the history twice (same mid): a viewer may get it twice, never zero
-// times while Redis comes back in time.
-func (c *Cluster) retryFinal(id int64, items []seqItem, err error, start time.Time) ([]seqItem, roomBatch, error) {
-	var final []seqItem
-	for _, it := range items {
-		switch {
-		case it.closing:
-			final = append(final, it)
-		case it.done != nil:
-			// The first attempt's script may have run (its reply lost):
-			// these may be numbered and go out.
-			it.done <- fmt.Errorf("%w: %w", ErrUnconfirmed, err)
+// errRoomGone: a batch retried until its room closed on this node.
+var errRoomGone = errors.New("router: the room closed before its pushes were numbered")
+
+// errSuperseded: sequence.lua found a later batch of this process numbered
+// (not expected: a batch is retried until numbered or given up).
+var errSuperseded = errors.New("router: sequence script: a later batch was numbered")
+
+// retryBatch numbers a batch again, whole and in order, after numbering it
+// failed with err — with the same batch number (no), so that a retry after
+// a lost reply (the script ran) gets the offsets the batch was given
+// instead of numbering it twice (sequence.lua). The room's later pushes wait
+// behind it: offsets promise order. Attempts back off from 100 ms to
+// maxSeqRetryWait, for as long as Redis does not answer, until:
+//   - the room closes on this node (its pushes have nobody to go to);
+//   - the node stops;
+//   - the room's final push is in the batch or queued behind it (start, or
+//     the queue's closingAt): no attempt starts after half the other nodes'
+//     backstop (closeGrace) from when it was queued, so each has at least a
+//     second, and none lasts past finalCut (every other node's viewers learn
+//     the room closed only from it; without it they are dropped by the
+//     backstop, untold).
+//
+// What is given up is counted (ClusterStats.PushesGivenUp) and logged by the
+// caller.
+func (c *Cluster) retryBatch(id int64, sr *seqRoom, items []seqItem, no uint64, err error, start time.Time) (roomBatch, error) {
+	b := roomBatch{closing: slices.ContainsFunc(items, func(it seqItem) bool { return it.closing })}
+	for wait := 100 * time.Millisecond; err != nil && !errors.Is(err, errSuperseded); wait = min(2*wait, maxSeqRetryWait) {
+		final := start
+		if final.IsZero() {
+			sr.mu.Lock()
+			final = sr.closingAt
+			sr.mu.Unlock()
 		}
-	}
-	b := roomBatch{closing: true}
-	// No attempt starts after half the other nodes' backstop (closeGrace),
-	// so each has at least a second; none lasts past finalCut.
-	until := start.Add(closeGrace / 2)
-	for wait := 100 * time.Millisecond; err != nil; wait *= 2 {
-		if time.Now().Add(wait).After(until) {
+		if !final.IsZero() && time.Now().Add(wait).After(final.Add(closeGrace/2)) {
 			break
 		}
 		select {
 		case <-c.stop:
-			return final, b, err
+			return b, err
 		case <-time.After(wait):
 		}
-		b, err = c.numberBy(id, final, cutAt(start))
+		if !b.closing && c.local.room(id) == nil {
+			return b, fmt.Errorf("%w (last error: %w)", errRoomGone, err)
+		}
+		b, err = c.numberBy(id, items, no, cutAt(final))
 	}
-	return final, b, err
+	return b, err
 }
 
-// number runs the sequence script for items and encodes them with their
-// offsets.
+// number runs the sequence script for items (a new batch) and encodes them
+// with their offsets.
 func (c *Cluster) number(id int64, items []seqItem) (roomBatch, error) {
-	return c.numberBy(id, items, time.Time{})
+	return c.numberBy(id, items, c.batchNo.Add(1), time.Time{})
 }
 
-// numberBy is number with its Redis call cut at until as well (zero: only
-// CallTimeout).
-func (c *Cluster) numberBy(id int64, items []seqItem, until time.Time) (roomBatch, error) {
+// numberBy is number for batch no of this process (the same for each attempt
+// of a batch: sequence.lua numbers it once), with its Redis call cut at until
+// as well (zero: only CallTimeout).
+func (c *Cluster) numberBy(id int64, items []seqItem, no uint64, until time.Time) (roomBatch, error) {
 	// What this node has received of the room: Redis's counter below it in
 	// the same epoch lost data (the script starts a new epoch then).
 	var ep string
@@ -728,9 +852,10 @@ func (c *Cluster) numberBy(id int64, items []seqItem, until time.Time) (roomBatc
 		ep, last = st.ep, st.next-1
 		st.mu.Unlock()
 	}
-	args := make([]string, 0, 7+4*len(items))
+	args := make([]string, 0, 9+4*len(items))
 	args = append(args, strconv.Itoa(c.cfg.HistorySize), strconv.FormatInt(c.cfg.HistoryTTL.Milliseconds(), 10),
-		NewEpoch(), strconv.FormatInt(time.Now().UnixMilli(), 10), strconv.Itoa(len(items)), ep, strconv.FormatInt(max(last, 0), 10))
+		NewEpoch(), strconv.FormatInt(time.Now().UnixMilli(), 10), strconv.Itoa(len(items)), ep, strconv.FormatInt(max(last, 0), 10),
+		c.boot, strconv.FormatUint(no, 10))
 	closing := false
 	for _, it := range items {
 		args = append(args, it.p.Mid, strconv.Itoa(it.p.Biz), string(rune('0'+boolByte(it.p.Ack))), string(pushData(it.p.Data)))
@@ -743,17 +868,24 @@ func (c *Cluster) numberBy(id int64, items []seqItem, until time.Time) (roomBatc
 		ctx, cut = context.WithDeadline(ctx, until)
 		defer cut()
 	}
-	arr, err := sequenceScript.Exec(ctx, c.rdb, []string{seqKey(id), epKey(id), histKey(id)}, args).ToArray()
+	arr, err := sequenceScript.Exec(ctx, c.rdb, []string{seqKey(id), epKey(id), histKey(id), batchKey(id)}, args).ToArray()
 	if err != nil {
 		return roomBatch{closing: closing}, err
 	}
-	if len(arr) != 2 {
+	if len(arr) != 2 && len(arr) != 3 {
 		return roomBatch{closing: closing}, errors.New("router: sequence script: bad reply")
 	}
 	first, err1 := arr[0].AsInt64()
 	ep, err2 := arr[1].ToString()
 	if err := errors.Join(err1, err2); err != nil {
 		return roomBatch{closing: closing}, err
+	}
+	if len(arr) == 3 {
+		if again, _ := arr[2].AsInt64(); again == 2 || first <= 0 {
+			return roomBatch{closing: closing}, errSuperseded
+		}
+		// Numbered by an attempt whose reply was lost: its offsets.
+		c.log.Info("room pushes numbered by an earlier attempt (its reply was lost)", "room", id, "first", first, "pushes", len(items))
 	}
 	b := roomBatch{ep: ep, first: first, closing: closing, msgs: make([]Msg, len(items))}
 	for i := range items {
@@ -1717,7 +1849,12 @@ type ClusterStats struct {
 	HandoffsKept int64
 	// EpochsForced: rooms whose counter this node found gone back in Redis
 	// (a data loss) and moved to a new epoch.
-	EpochsForced    int64
+	EpochsForced int64
+	// PushesGivenUp: room pushes made on this node whose numbering failed
+	// and was retried until the room closed here (or its final push's
+	// window passed, or the node stopped) — lost, unless an attempt whose
+	// reply was lost had numbered them.
+	PushesGivenUp   int64
 	SubscribedRooms int
 }
 
@@ -1731,7 +1868,7 @@ func (c *Cluster) ClusterStats() ClusterStats {
 		PushesSequenced: c.stats.pushesSequenced.Load(), GapFills: c.stats.gapFills.Load(),
 		GapsLost: c.stats.gapsLost.Load(), SequencerErrors: c.stats.seqErrors.Load(),
 		BadWire: c.stats.badWire.Load(), HandoffsKept: c.stats.handoffsKept.Load(),
-		EpochsForced: c.stats.epochsForced.Load(), SubscribedRooms: n,
+		EpochsForced: c.stats.epochsForced.Load(), PushesGivenUp: c.stats.pushesGivenUp.Load(), SubscribedRooms: n,
 	}
 }
 

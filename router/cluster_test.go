@@ -765,8 +765,14 @@ func TestPublishRoomWaitGivenUpIsNeverSent(t *testing.T) {
 		t.Fatalf("a push given up before it was taken: %v, want ErrUnavailable (not sent)", err)
 	}
 	// Redis is fast again while the sequencer still has batches ahead of
-	// the push given up on: they are numbered and sent, it is not.
+	// the push given up on: they are numbered and sent (retried until Redis
+	// answers: none is dropped), it is not.
 	px.Slow("", 0)
+	for deadline := time.Now().Add(15 * time.Second); a.ClusterStats().PushesSequenced < 6*maxSeqBatch; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d of the %d pushes ahead numbered once Redis answered", a.ClusterStats().PushesSequenced, 6*maxSeqBatch)
+		}
+	}
 	if _, err := a.PublishRoomWait(1, proto.Push{Data: []byte("{}")}); err != nil {
 		t.Fatalf("after Redis recovered: %v", err)
 	}
