@@ -235,3 +235,47 @@ func TestRoomQueueBoundedWhileRedisIsUnreachable(t *testing.T) {
 	}
 	consecutive(t, offs, 1, int64(len(want)))
 }
+
+// A batch retried while Redis does not answer is given up when the room
+// closes on this node (the closed event's backstop, here at once): its
+// pushes have nobody left to go to. Counted, and the sequencer stops.
+func TestRoomPushGivenUpWhenTheRoomClosesFirst(t *testing.T) {
+	a, _, px, _, _ := twoNodes(t, ClusterConfig{CallTimeout: 200 * time.Millisecond})
+	px.Refuse(time.Minute)
+	if _, err := a.PublishRoom(1, proto.Push{Biz: proto.BizGift, Data: []byte(`{}`)}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, func() bool { return a.ClusterStats().SequencerErrors > 0 })
+	if a.ClusterStats().PushesGivenUp != 0 {
+		t.Fatal("given up while the room is open")
+	}
+	a.closeLocal(1) // closed through another node
+	waitFor(t, func() bool { return a.ClusterStats().PushesGivenUp == 1 })
+	waitFor(t, func() bool {
+		a.mu.Lock()
+		defer a.mu.Unlock()
+		return a.seqs[1] == nil
+	})
+}
+
+// The room's final push queued behind a batch being retried (Redis not
+// answering) keeps its window: the batch ahead is given up in time, the
+// final push's attempts end by finalCut after CloseRoom, and the room
+// closes on this node — not held open by a retry that never ends.
+func TestFinalPushBehindARetriedBatchKeepsItsWindow(t *testing.T) {
+	a, _, px, _, _ := twoNodes(t, ClusterConfig{CallTimeout: 200 * time.Millisecond})
+	px.Refuse(time.Minute)
+	if _, err := a.PublishRoom(1, proto.Push{Biz: proto.BizGift, Data: []byte(`{}`)}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, func() bool { return a.ClusterStats().SequencerErrors > 0 })
+	start := time.Now()
+	a.CloseRoom(1, &proto.Push{Biz: 5559, Data: []byte(`{"room_id":1}`)})
+	waitFor(t, func() bool { return a.local.room(1) == nil })
+	if took := time.Since(start); took > finalCut+300*time.Millisecond {
+		t.Fatalf("the room closed %v after CloseRoom, want by %v", took, finalCut)
+	}
+	if n := a.ClusterStats().PushesGivenUp; n != 2 {
+		t.Fatalf("PushesGivenUp %d, want 2 (the batch ahead and the final push)", n)
+	}
+}
