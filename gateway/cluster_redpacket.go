@@ -404,17 +404,22 @@ const rainClaimPrefix = "le:rpu:"
 
 // claimScript gives a user a place in a rain's set for a grab attempt (its
 // token) and sets the keys' expiry in one step: 1 if the user was not in
-// it, or their place was held by ARGV[4] (a grab of the same node known to
-// have granted nothing: its reply lost, its release not answered), which
-// the token now replaces; 0 if another attempt holds it; -1 while the
-// shared wallet is not ready (Redis lost its data: the sets are being
-// rebuilt from the nodes' grants with the wallet, contributeRainClaims).
-// KEYS set, tokens, meta; ARGV user, expiry, token, the attempt it may
-// replace ("" none).
+// it, or their place was held by one of ARGV[4…] (grabs of the same node
+// known to have granted nothing: a claim's reply lost, a release not
+// answered), which the token now replaces; 0 if another attempt holds it;
+// -1 while the shared wallet is not ready (Redis lost its data: the sets
+// are being rebuilt from the nodes' grants with the wallet,
+// contributeRainClaims). KEYS set, tokens, meta; ARGV user, expiry, token,
+// then the attempts it may replace.
 var claimScript = rueidis.NewLuaScript(`if redis.call('HGET', KEYS[3], 'state') ~= 'ready' then return -1 end
 if redis.call('SADD', KEYS[1], ARGV[1]) == 0 then
   local holder = redis.call('HGET', KEYS[2], ARGV[1])
-  if not holder or (holder ~= ARGV[3] and (ARGV[4] == '' or holder ~= ARGV[4])) then return 0 end
+  if not holder then return 0 end
+  local mine = holder == ARGV[3]
+  for i = 4, #ARGV do
+    if holder == ARGV[i] then mine = true end
+  end
+  if not mine then return 0 end
 end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
 redis.call('PEXPIREAT', KEYS[1], ARGV[2])
@@ -432,9 +437,9 @@ return 1`)
 const rainClaimSlack = time.Hour
 
 // claimRain and unclaimRain keep redpacket's one-per-user places in Redis.
-func (n *Node) claimRain(ctx context.Context, code string, user int64, until int64, token, prev string) (bool, error) {
-	added, err := claimScript.Exec(ctx, n.Redis, []string{rainClaimKey(code), rainTokenKey(code), persist.SharedMetaKey},
-		[]string{strconv.FormatInt(user, 10), strconv.FormatInt(until+rainClaimSlack.Milliseconds(), 10), token, prev}).AsInt64()
+func (n *Node) claimRain(ctx context.Context, code string, user int64, until int64, token string, prev []string) (bool, error) {
+	args := append([]string{strconv.FormatInt(user, 10), strconv.FormatInt(until+rainClaimSlack.Milliseconds(), 10), token}, prev...)
+	added, err := claimScript.Exec(ctx, n.Redis, []string{rainClaimKey(code), rainTokenKey(code), persist.SharedMetaKey}, args).AsInt64()
 	if err == nil && added < 0 {
 		return false, redpacket.ErrClaimsUnavailable
 	}

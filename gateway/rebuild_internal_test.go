@@ -31,7 +31,7 @@ func TestClaimsAndBindingsWaitForTheRebuild(t *testing.T) {
 		if s != "" {
 			state(s)
 		}
-		if _, err := n.claimRain(ctx, "CODE", 7, until, "n1:a:1", ""); !errors.Is(err, redpacket.ErrClaimsUnavailable) {
+		if _, err := n.claimRain(ctx, "CODE", 7, until, "n1:a:1", nil); !errors.Is(err, redpacket.ErrClaimsUnavailable) {
 			t.Fatalf("a rain place with the wallet %q: %v, want unavailable", s, err)
 		}
 		if _, err := binds.Claim(7, "req", 100); err == nil {
@@ -42,10 +42,10 @@ func TestClaimsAndBindingsWaitForTheRebuild(t *testing.T) {
 		}
 	}
 	state("ready")
-	if ok, err := n.claimRain(ctx, "CODE", 7, until, "n1:a:1", ""); !ok || err != nil {
+	if ok, err := n.claimRain(ctx, "CODE", 7, until, "n1:a:1", nil); !ok || err != nil {
 		t.Fatalf("a rain place once ready: %v %v", ok, err)
 	}
-	if ok, err := n.claimRain(ctx, "CODE", 7, until, "n1:a:2", ""); ok || err != nil {
+	if ok, err := n.claimRain(ctx, "CODE", 7, until, "n1:a:2", nil); ok || err != nil {
 		t.Fatalf("the same place again: %v %v, want taken", ok, err)
 	}
 	if prev, err := binds.Claim(7, "req", 100); prev != 0 || err != nil {

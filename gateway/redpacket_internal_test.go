@@ -253,7 +253,7 @@ func TestGrabAfterALostClaimReply(t *testing.T) {
 	lose.Store(int64(u), true)
 	lose.Store(int64(w), true)
 	p := startRPNode(t, nil, func(n *Node, c *redpacket.Config) {
-		c.Claim = func(ctx context.Context, code string, user, until int64, token, prev string) (bool, error) {
+		c.Claim = func(ctx context.Context, code string, user, until int64, token string, prev []string) (bool, error) {
 			ok, err := n.claimRain(ctx, code, user, until, token, prev)
 			if _, l := lose.LoadAndDelete(user); l && err == nil {
 				return false, context.DeadlineExceeded // ran; its reply lost
@@ -359,7 +359,7 @@ func TestRainPlacesHeldByTheirAttempt(t *testing.T) {
 	p := startRPNode(t, nil, nil)
 	ctx, n := context.Background(), p.n
 	until := time.Now().Add(time.Minute).UnixMilli()
-	claim := func(token, prev string) bool {
+	claim := func(token string, prev ...string) bool {
 		t.Helper()
 		ok, err := n.claimRain(ctx, "CODE", 7, until, token, prev)
 		if err != nil {
@@ -367,26 +367,29 @@ func TestRainPlacesHeldByTheirAttempt(t *testing.T) {
 		}
 		return ok
 	}
-	if !claim("a:1", "") {
+	if !claim("a:1") {
 		t.Fatal("a free place not taken")
 	}
-	if claim("b:1", "") || claim("b:2", "b:1") {
+	if claim("b:1") || claim("b:2", "b:1") {
 		t.Fatal("a place held by another attempt taken")
 	}
 	if !claim("a:2", "a:1") {
 		t.Fatal("a place not taken back from the attempt named")
 	}
+	if !claim("a:3", "x:9", "a:2") {
+		t.Fatal("a place not taken back from one of the attempts named")
+	}
 	if err := n.unclaimRain(ctx, "CODE", 7, "a:1"); err != nil || !p.placed(t, "CODE", 7) {
 		t.Fatalf("a release by an attempt that no longer holds the place: %v, placed %v", err, p.placed(t, "CODE", 7))
 	}
-	if err := n.unclaimRain(ctx, "CODE", 7, "a:2"); err != nil || p.placed(t, "CODE", 7) {
+	if err := n.unclaimRain(ctx, "CODE", 7, "a:3"); err != nil || p.placed(t, "CODE", 7) {
 		t.Fatalf("a release by its holder: %v, placed %v", err, p.placed(t, "CODE", 7))
 	}
 	// Rebuilt from a grant (contributeRainClaims: the set, no attempt).
 	if err := p.rdb.Do(ctx, p.rdb.B().Sadd().Key(rainClaimKey("CODE")).Member("7").Build()).Error(); err != nil {
 		t.Fatal(err)
 	}
-	if claim("c:1", "") || claim("c:2", "a:2") {
+	if claim("c:1") || claim("c:2", "a:2") {
 		t.Fatal("a rebuilt place taken")
 	}
 }

@@ -86,11 +86,11 @@ type Config struct {
 	// Claim and Unclaim, if set, keep OnePerUser in places every node shares
 	// (a sharded rain is grabbed on many nodes), each held by the grab
 	// attempt (token) that took it. Claim true = the user had no place in
-	// rain code, or had one held by prev (an attempt of this node that
-	// granted nothing for sure; "" none), and token holds it now (kept
-	// until after until, a Unix ms time); false: another attempt holds it.
-	// Unclaim gives the place back if token still holds it.
-	Claim   func(ctx context.Context, code string, user int64, until int64, token, prev string) (bool, error)
+	// rain code, or had one held by one of prev (attempts of this node that
+	// granted nothing for sure), and token holds it now (kept until after
+	// until, a Unix ms time); false: another attempt holds it. Unclaim
+	// gives the place back if token still holds it.
+	Claim   func(ctx context.Context, code string, user int64, until int64, token string, prev []string) (bool, error)
 	Unclaim func(ctx context.Context, code string, user int64, token string) error
 	// RoomRun and RoomDone, if set, keep "one running rain per room" in a
 	// place every node shares (a room's rains may be owned by different
@@ -151,17 +151,18 @@ type Service struct {
 	settles   sync.WaitGroup
 
 	// Shared one-per-user places (Config.Claim): tokenBase and tokens name
-	// this process's grab attempts; lost holds, per (rain, user), the last
-	// attempt of this node that may hold the user's place and granted
-	// nothing for sure (its claim's reply was lost, or its release is being
-	// retried: unclaim) — the user's next grab here takes the place back
-	// from it at once. An entry goes when its release is answered, the
-	// place is taken back, or the rain is over. placesMu is a leaf: nothing
-	// else is locked under it.
+	// this process's grab attempts; lost holds, per (rain, user), the
+	// attempts of this node that may hold the user's place and granted
+	// nothing for sure (a claim's reply lost, a release not answered:
+	// unclaim), each released by one loop per entry (releaseLoop) — the
+	// user's next grab here takes the place back from any of them at once.
+	// A token goes when its release is answered or the place is taken back,
+	// the entry when it has none or the rain is over. placesMu is a leaf:
+	// nothing else is locked under it.
 	tokenBase string
 	tokens    atomic.Uint64
 	placesMu  sync.Mutex
-	lost      map[placeKey]string
+	lost      map[placeKey]*lostPlace
 }
 
 // rain is one rain not FINISHED, in memory.
@@ -248,7 +249,7 @@ func New(store *persist.Store, w persist.Wallet, r router.Router, cfg Config, lo
 	s := &Service{cfg: cfg, store: store, wallet: w, router: r, pool: cfg.Pool, log: log.With("svc", "redpacket"),
 		seed: maphash.MakeSeed(), rains: map[string]*rain{}, perAnchor: map[int64]int{},
 		running: map[int64]string{}, prepared: map[int64]string{}, shards: map[string]*shard{}, quit: make(chan struct{}),
-		tokenBase: cfg.Node + ":" + strconv.FormatUint(rand.Uint64(), 36), lost: map[placeKey]string{}}
+		tokenBase: cfg.Node + ":" + strconv.FormatUint(rand.Uint64(), 36), lost: map[placeKey]*lostPlace{}}
 	if m, ok := cfg.Pool.(*MemoryPool); ok && cfg.Peers != nil {
 		s.mem = m
 	}
@@ -729,16 +730,17 @@ func (s *Service) Start(anchor int64, code string) (View, error) {
 	// a cluster each is a Redis round trip), and the limit only for a start
 	// that would happen.
 	perr = s.runInRoom(rec)
+	release := false
 	if perr == nil {
 		if perr = s.allow("start", anchor); perr != nil {
-			s.roomDone(rec)
+			release = true
 		}
 	} else if perr != errRoomTaken {
 		// Redis did not answer: the room's key may name this rain now
 		// (its reply lost), which does not run — every other rain's start
 		// in the room would be 10409 until the key lapsed (its end plus
 		// roomKeep). Released where it still names this rain.
-		s.roomDone(rec)
+		release = true
 	}
 	if perr != nil {
 		s.mu.Lock()
@@ -747,6 +749,12 @@ func (s *Service) Start(anchor int64, code string) (View, error) {
 		delete(s.running, rec.Room)
 		r.mu.Unlock()
 		s.mu.Unlock()
+		if release {
+			// Once it is no longer this node's running rain: roomDone's
+			// retries stop when it is again (a later start of it), and
+			// would stop at once if it still were.
+			s.roomDone(rec)
+		}
 		return View{}, perr
 	}
 

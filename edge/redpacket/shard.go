@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -1318,6 +1319,23 @@ type placeKey struct {
 	user int64
 }
 
+// lostPlace is a user's place in a rain as this node knows it (Service.lost):
+// the attempts that may hold it and granted nothing for sure, and until
+// when it matters (the rain's end).
+type lostPlace struct {
+	tokens []string
+	until  int64
+	loop   bool // releaseLoop runs for it
+}
+
+// maxLostTokens bounds the attempts kept per user and rain (lostPlace): a
+// user's grabs are spaced by the grab limit, but Redis can stay away for
+// the whole rain. Beyond it the user's grabs here are answered "retry"
+// without a claim until releases are answered.
+const maxLostTokens = 16
+
+var errPlacesBusy = proto.Errorf(proto.CodeInternal, "red packets are briefly unavailable, retry")
+
 // claim takes user's one place in rain code (OnePerUser) for a new grab
 // attempt: in the places every node shares (Config.Claim), else in memory on
 // the caller's side (nil: not claimed here — the owner's path keeps its own
@@ -1333,8 +1351,15 @@ func (s *Service) claim(code string, user int64, endsAt int64) (*place, *proto.E
 	p := &place{code: code, user: user, until: endsAt,
 		token: s.tokenBase + ":" + strconv.FormatUint(s.tokens.Add(1), 36)}
 	k := placeKey{code, user}
+	var prev []string
 	s.placesMu.Lock()
-	prev := s.lost[k]
+	if lp := s.lost[k]; lp != nil {
+		if len(lp.tokens) >= maxLostTokens {
+			s.placesMu.Unlock()
+			return nil, errPlacesBusy
+		}
+		prev = slices.Clone(lp.tokens)
+	}
 	s.placesMu.Unlock()
 	ctx, cancel := context.WithTimeout(context.Background(), poolTimeout)
 	defer cancel()
@@ -1350,10 +1375,12 @@ func (s *Service) claim(code string, user int64, endsAt int64) (*place, *proto.E
 	if !ok {
 		return nil, errTaken
 	}
-	if prev != "" {
+	if len(prev) > 0 {
+		// None of prev holds the place now: this attempt took it (from
+		// one of them, or free). Their entry goes with its loop.
 		s.placesMu.Lock()
-		if s.lost[k] == prev { // prev holds nothing now
-			delete(s.lost, k)
+		if lp := s.lost[k]; lp != nil {
+			lp.tokens = slices.DeleteFunc(lp.tokens, func(t string) bool { return slices.Contains(prev, t) })
 		}
 		s.placesMu.Unlock()
 	}
@@ -1368,50 +1395,86 @@ var errClaimsUnavailable = proto.Errorf(proto.CodeInternal, "red packets are bri
 
 // unclaim gives p back: its grab granted nothing, for sure (never on a grant
 // that may still land: that place stays). It does not block (callers
-// include ledger goroutines): the release runs on a goroutine of its own,
-// and one that Redis does not answer is retried (placeRetry apart, backing
-// off to placeRetryMax) until it is answered, the rain is over or Close.
-// Meanwhile the user's next grab on this node takes the place back at once
-// (lost); on another node it is 30002 until the release lands. Before, a
-// failed release was only logged: the user was 30002 for the whole rain
-// with nothing granted.
+// include ledger goroutines): p joins the user's lost place, whose one loop
+// (releaseLoop) releases every attempt in it, retrying what Redis does not
+// answer (placeRetry apart, backing off to placeRetryMax) until it is
+// answered or the rain is over. Meanwhile the user's next grab on this node
+// takes the place back at once; on another node it is 30002 until the
+// release lands. Before, a failed release was only logged: the user was
+// 30002 for the whole rain with nothing granted.
 func (s *Service) unclaim(p *place) {
 	k := placeKey{p.code, p.user}
 	s.placesMu.Lock()
-	s.lost[k] = p.token
+	lp := s.lost[k]
+	if lp == nil {
+		lp = &lostPlace{}
+		s.lost[k] = lp
+	}
+	lp.tokens = append(lp.tokens, p.token)
+	lp.until = max(lp.until, p.until)
+	start := !lp.loop
+	lp.loop = true
 	s.placesMu.Unlock()
-	s.spawn(func() {
-		defer func() {
-			s.placesMu.Lock()
-			if s.lost[k] == p.token {
-				delete(s.lost, k)
-			}
-			s.placesMu.Unlock()
-		}()
-		t := time.NewTimer(0)
-		defer t.Stop()
-		for wait := placeRetry; ; wait = min(2*wait, placeRetryMax) {
-			select {
-			case <-s.quit:
-				return
-			case <-t.C:
-			}
-			ctx, cancel := context.WithTimeout(context.Background(), poolTimeout)
-			err := s.cfg.Unclaim(ctx, p.code, p.user, p.token)
-			cancel()
-			if err == nil {
-				return
-			}
-			if s.cfg.Now().UnixMilli() >= p.until {
-				s.log.Warn("red packet one-per-user release not answered; the rain is over", "code", p.code, "user", p.user, "err", err)
-				return
-			}
-			if wait == placeRetry {
-				s.log.Warn("red packet one-per-user release, retrying", "code", p.code, "user", p.user, "err", err)
-			}
-			t.Reset(wait)
+	if start {
+		s.spawn(func() { s.releaseLoop(k, lp) })
+	}
+}
+
+// releaseLoop releases the attempts of lost place lp (key k) until none is
+// left or the rain is over; at Close it tries once more, briefly (a node
+// restarting does not know its old attempts: their places would stay
+// taken for the rest of the rain).
+func (s *Service) releaseLoop(k placeKey, lp *lostPlace) {
+	t := time.NewTimer(0)
+	defer t.Stop()
+	wait := placeRetry
+	for {
+		closing := false
+		select {
+		case <-s.quit:
+			closing = true
+		case <-t.C:
 		}
-	})
+		s.placesMu.Lock()
+		toks := slices.Clone(lp.tokens)
+		s.placesMu.Unlock()
+		// One deadline for the pass: a Redis away fails the rest at once.
+		ctx, cancel := context.WithTimeout(context.Background(), poolTimeout)
+		var err error
+		for _, tok := range toks {
+			if e := s.cfg.Unclaim(ctx, k.code, k.user, tok); e != nil {
+				err = e
+				continue
+			}
+			s.placesMu.Lock()
+			lp.tokens = slices.DeleteFunc(lp.tokens, func(t string) bool { return t == tok })
+			s.placesMu.Unlock()
+		}
+		cancel()
+		s.placesMu.Lock()
+		over := s.cfg.Now().UnixMilli() >= lp.until
+		if len(lp.tokens) == 0 || over || closing {
+			left := len(lp.tokens)
+			delete(s.lost, k)
+			s.placesMu.Unlock()
+			if left > 0 {
+				s.log.Warn("red packet one-per-user places not released", "code", k.code, "user", k.user,
+					"attempts", left, "rain_over", over, "err", err)
+			}
+			return
+		}
+		s.placesMu.Unlock()
+		if err == nil {
+			wait = placeRetry
+			t.Reset(0) // attempts added meanwhile
+			continue
+		}
+		if wait == placeRetry {
+			s.log.Warn("red packet one-per-user release, retrying", "code", k.code, "user", k.user, "err", err)
+		}
+		t.Reset(wait)
+		wait = min(2*wait, placeRetryMax)
+	}
 }
 
 // placeRetry and placeRetryMax space the retries of a one-per-user release

@@ -2,9 +2,12 @@ package redpacket
 
 import (
 	"context"
+	"errors"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -443,7 +446,7 @@ func TestShardedGrabAfterALostClaimReply(t *testing.T) {
 	h := c.svc("n2")
 	claim := h.cfg.Claim
 	var lost sync.Once
-	h.cfg.Claim = func(ctx context.Context, code string, u, until int64, token, prev string) (bool, error) {
+	h.cfg.Claim = func(ctx context.Context, code string, u, until int64, token string, prev []string) (bool, error) {
 		ok, err := claim(ctx, code, u, until, token, prev)
 		drop := false
 		if u == user {
@@ -460,6 +463,83 @@ func TestShardedGrabAfterALostClaimReply(t *testing.T) {
 	if _, perr := c.grab("n2", "n1", user, code); perr != nil {
 		t.Fatalf("the user's next grab: %v, want a packet", perr)
 	}
+	for _, n := range []string{"n1", "n2"} {
+		if _, perr := c.grab(n, "n1", user, code); perr == nil || perr.Code != proto.CodeRedPacketTaken {
+			t.Fatalf("a second packet for the user on %s: %v, want 30002", n, perr)
+		}
+	}
+	if v := c.conserve(t, "n1", code, total); v.GrantedCount != 1 {
+		t.Fatalf("view %+v, want one grant", v)
+	}
+}
+
+// Attempts that granted nothing pile up while Redis misbehaves: A's claim
+// took the place (its reply lost) and A's release is not answered; B's
+// claim never reached Redis (its release is answered: B held nothing). The
+// user's next grab takes the place back from A all the same — the node
+// remembered only the last attempt, B, whose answered release forgot it:
+// 30002 with nothing granted. And the failed attempts share one release
+// loop per user, not a goroutine each until the rain's end.
+func TestShardedGrabAfterStackedLostAttempts(t *testing.T) {
+	c := newCluster(t, "n1", "n2")
+	const total, count, user = 1000, 10, 50
+	code := c.rain(t, "n1", total, count, 5*time.Second)
+	h := c.svc("n2")
+	claim, unclaim := h.cfg.Claim, h.cfg.Unclaim
+	var calls atomic.Int32
+	var first atomic.Value // A's token
+	var refuseA atomic.Bool
+	refuseA.Store(true)
+	h.cfg.Claim = func(ctx context.Context, code string, u, until int64, token string, prev []string) (bool, error) {
+		if u != user {
+			return claim(ctx, code, u, until, token, prev)
+		}
+		switch calls.Add(1) {
+		case 1: // A: taken, its reply lost
+			first.Store(token)
+			if _, err := claim(ctx, code, u, until, token, prev); err != nil {
+				return false, err
+			}
+			return false, context.DeadlineExceeded
+		case 2, 3, 4, 5, 6: // B…: never reached Redis
+			return false, errors.New("dial tcp: connection refused")
+		}
+		return claim(ctx, code, u, until, token, prev)
+	}
+	h.cfg.Unclaim = func(ctx context.Context, code string, u int64, token string) error {
+		if u == user && refuseA.Load() && token == first.Load() {
+			return errors.New("dial tcp: connection refused")
+		}
+		return unclaim(ctx, code, u, token)
+	}
+	for i := range 6 {
+		if _, perr := c.grab("n2", "n1", user, code); perr == nil || perr.Code != proto.CodeInternal {
+			t.Fatalf("grab %d with Redis misbehaving: %v, want 50000", i+1, perr)
+		}
+	}
+	var (
+		entries int
+		held    []string
+	)
+	for deadline := time.Now().Add(3 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		h.placesMu.Lock()
+		lp := h.lost[placeKey{code, user}]
+		entries, held = len(h.lost), nil
+		if lp != nil {
+			held = slices.Clone(lp.tokens)
+		}
+		h.placesMu.Unlock()
+		if (entries == 1 && len(held) == 1) || time.Now().After(deadline) {
+			break
+		}
+	}
+	if entries != 1 || len(held) != 1 || held[0] != first.Load() {
+		t.Fatalf("after six failed attempts: %d lost places, attempts %v; want one place, the first attempt's (%v) — one release loop", entries, held, first.Load())
+	}
+	if _, perr := c.grab("n2", "n1", user, code); perr != nil {
+		t.Fatalf("the user's next grab: %v, want a packet (the place taken back from the first attempt)", perr)
+	}
+	refuseA.Store(false)
 	for _, n := range []string{"n1", "n2"} {
 		if _, perr := c.grab(n, "n1", user, code); perr == nil || perr.Code != proto.CodeRedPacketTaken {
 			t.Fatalf("a second packet for the user on %s: %v, want 30002", n, perr)

@@ -6,6 +6,7 @@ import (
 	"io"
 	"log/slog"
 	"math/rand/v2"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -154,11 +155,11 @@ func (c *cluster) start(t *testing.T, name, dir string) {
 	svc, err := New(st, l, r, Config{Node: name, Peers: peers{c, name}, OnePerUser: true,
 		AnchorOf: func(int64) (int64, bool) { return shardAnchor, true },
 		InRoom:   func(room, user int64) bool { return room == shardRoom },
-		Claim: func(_ context.Context, code string, user, _ int64, token, prev string) (bool, error) {
+		Claim: func(_ context.Context, code string, user, _ int64, token string, prev []string) (bool, error) {
 			c.mu.Lock()
 			defer c.mu.Unlock()
 			k := code + "/" + strconv.FormatInt(user, 10)
-			if h, held := c.claims[k]; held && h != token && (prev == "" || h != prev) {
+			if h, held := c.claims[k]; held && h != token && !slices.Contains(prev, h) {
 				return false, nil
 			}
 			c.claims[k] = token
