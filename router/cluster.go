@@ -554,13 +554,25 @@ func (c *Cluster) PublishRoomWait(id int64, p proto.Push) (string, error) {
 	select {
 	case err = <-done:
 	case <-time.After(2 * c.cfg.CallTimeout):
-		if state.CompareAndSwap(itemQueued, itemAbandoned) {
-			err = ErrUnavailable // never taken: never sent
-		} else {
-			err = ErrUnconfirmed
-		}
+		err = waitTimedOut(state, done)
 	}
 	return mid, err
+}
+
+// waitTimedOut is PublishRoomWait's answer when its wait ran out: a push the
+// sequencer never took is abandoned (never sent: ErrUnavailable); one
+// dropped from a full queue meanwhile (roomForLocked: abandoned, then
+// answered ErrRoomBusy on done) is not sent either — that answer, not
+// "unconfirmed"; one taken may still go out (ErrUnconfirmed).
+func waitTimedOut(state *atomic.Int32, done chan error) error {
+	switch {
+	case state.CompareAndSwap(itemQueued, itemAbandoned):
+		return ErrUnavailable
+	case state.Load() == itemAbandoned:
+		return <-done // sent right after the state changed, under the room's lock
+	default:
+		return ErrUnconfirmed
+	}
 }
 
 // ErrUnavailable: the shared state a cluster push needs (Redis) could not be

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -277,5 +278,33 @@ func TestFinalPushBehindARetriedBatchKeepsItsWindow(t *testing.T) {
 	}
 	if n := a.ClusterStats().PushesGivenUp; n != 2 {
 		t.Fatalf("PushesGivenUp %d, want 2 (the batch ahead and the final push)", n)
+	}
+}
+
+// A waited push dropped from a full queue (a reliable one made room) whose
+// wait runs out at that moment is answered "not sent" (the queue's
+// ErrRoomBusy), never "unconfirmed, may still be sent": it never will be,
+// and a chat answered unconfirmed holds its req_id for minutes.
+func TestWaitTimedOutAnswers(t *testing.T) {
+	cases := []struct {
+		name  string
+		state int32
+		done  error
+		want  error
+	}{
+		{"never taken", itemQueued, nil, ErrUnavailable},
+		{"taken", itemTaken, nil, ErrUnconfirmed},
+		{"dropped from a full queue", itemAbandoned, ErrRoomBusy, ErrRoomBusy},
+	}
+	for _, tc := range cases {
+		state := new(atomic.Int32)
+		state.Store(tc.state)
+		done := make(chan error, 1)
+		if tc.done != nil {
+			done <- tc.done
+		}
+		if got := waitTimedOut(state, done); !errors.Is(got, tc.want) || (tc.want == ErrUnavailable && errors.Is(got, ErrUnconfirmed)) {
+			t.Errorf("%s: %v, want %v", tc.name, got, tc.want)
+		}
 	}
 }
