@@ -103,27 +103,9 @@ func TestReconcileClosesOnlyOnAnAnswer(t *testing.T) {
 // run and holding one of the user's open-order places.
 func TestReconcileRefundsAPaymentNotAsTheOrder(t *testing.T) {
 	clock, advance := testClock()
-	var amount atomic.Int64
-	provider := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		answer(w, clock, pay.Event{EventID: "ev-short", OrderID: r.URL.Query().Get("order_id"), Status: "SUCCESS",
-			Amount: amount.Load(), PaidAt: clock().UnixMilli()})
-	}))
-	defer provider.Close()
 	const timeout = 15 * time.Minute
-	svc, st, l := reconcileService(t, provider.URL, timeout, clock)
-	o, err := svc.CreateOrder(7, pay.CreateReq{ProductID: 1, Channel: "mock", ReqID: "r1"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	id, _ := pay.ParseOrderID(o.OrderID)
-	amount.Store(o.Amount - 1) // paid one cent short
-	status := func() string {
-		cur, err := svc.Get(id)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return cur.Status
-	}
+	sp := newShortPayment(t, timeout, clock)
+	svc, st, l, o, id, status := sp.svc, sp.st, sp.l, sp.o, sp.id, sp.status
 	run := func() {
 		for range 20 {
 			svc.Reconcile()
@@ -169,8 +151,8 @@ func TestReconcileRefundsAPaymentNotAsTheOrder(t *testing.T) {
 	}
 	notifyTwice(svc)
 	svc.Close()
-	svc, err = pay.New(st, l, router.NewLocal("rec", router.LocalConfig{}), pay.Config{Node: "rec",
-		Secrets: []string{reconcileSecret}, ProviderURL: provider.URL, OrderTimeout: timeout,
+	svc, err := pay.New(st, l, router.NewLocal("rec", router.LocalConfig{}), pay.Config{Node: "rec",
+		Secrets: []string{reconcileSecret}, ProviderURL: sp.url, OrderTimeout: timeout,
 		ReconcileAfter: time.Minute, ReconcileEvery: time.Hour, Now: clock})
 	if err != nil {
 		t.Fatal(err)
@@ -195,33 +177,10 @@ func TestReconcileRefundsAPaymentNotAsTheOrder(t *testing.T) {
 // queried again: the payment was neither credited nor refunded.
 func TestReconcileRefundsAReportedMismatchOnceClosed(t *testing.T) {
 	clock, advance := testClock()
-	var failing atomic.Bool
-	var amount, queries atomic.Int64
-	provider := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		defer queries.Add(1)
-		if failing.Load() {
-			http.Error(w, "unavailable", http.StatusServiceUnavailable)
-			return
-		}
-		answer(w, clock, pay.Event{EventID: "ev-short", OrderID: r.URL.Query().Get("order_id"), Status: "SUCCESS",
-			Amount: amount.Load(), PaidAt: clock().UnixMilli()})
-	}))
-	defer provider.Close()
 	const timeout = 15 * time.Minute
-	svc, st, l := reconcileService(t, provider.URL, timeout, clock)
-	o, err := svc.CreateOrder(7, pay.CreateReq{ProductID: 1, Channel: "mock", ReqID: "r1"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	id, _ := pay.ParseOrderID(o.OrderID)
-	amount.Store(o.Amount - 1)
-	status := func() string {
-		cur, err := svc.Get(id)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return cur.Status
-	}
+	sp := newShortPayment(t, timeout, clock)
+	svc, st, l, o, id, status := sp.svc, sp.st, sp.l, sp.o, sp.id, sp.status
+	failing, queries := &sp.failing, &sp.queries
 	// reconcile runs the reconciler until the order is closed or its
 	// query of the order is over (queried a second time).
 	reconcile := func() {
@@ -360,4 +319,52 @@ func answer(w http.ResponseWriter, clock func() time.Time, ev pay.Event) {
 	b, _ := proto.Marshal(ev)
 	w.Header().Set(pay.SignatureHeader, pay.Sign(reconcileSecret, clock(), b))
 	_, _ = w.Write(b)
+}
+
+// shortPayment is a recharge order whose provider's verified query reports
+// it paid one cent short (503 while failing is set; queries counts the
+// queries answered), with its service.
+type shortPayment struct {
+	svc     *pay.Service
+	st      *persist.Store
+	l       *persist.Ledger
+	o       pay.Order
+	id      int64
+	url     string // the provider's
+	failing atomic.Bool
+	queries atomic.Int64
+	t       *testing.T
+}
+
+func newShortPayment(t *testing.T, timeout time.Duration, clock func() time.Time) *shortPayment {
+	sp := &shortPayment{t: t}
+	var amount atomic.Int64
+	provider := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		defer sp.queries.Add(1)
+		if sp.failing.Load() {
+			http.Error(w, "unavailable", http.StatusServiceUnavailable)
+			return
+		}
+		answer(w, clock, pay.Event{EventID: "ev-short", OrderID: r.URL.Query().Get("order_id"), Status: "SUCCESS",
+			Amount: amount.Load(), PaidAt: clock().UnixMilli()})
+	}))
+	t.Cleanup(provider.Close)
+	sp.url = provider.URL
+	sp.svc, sp.st, sp.l = reconcileService(t, provider.URL, timeout, clock)
+	var err error
+	if sp.o, err = sp.svc.CreateOrder(7, pay.CreateReq{ProductID: 1, Channel: "mock", ReqID: "r1"}); err != nil {
+		t.Fatal(err)
+	}
+	sp.id, _ = pay.ParseOrderID(sp.o.OrderID)
+	amount.Store(sp.o.Amount - 1) // paid one cent short
+	return sp
+}
+
+// status is the order's status now.
+func (sp *shortPayment) status() string {
+	cur, err := sp.svc.Get(sp.id)
+	if err != nil {
+		sp.t.Fatal(err)
+	}
+	return cur.Status
 }
