@@ -1103,7 +1103,7 @@ func (r *rain) running() bool {
 
 // roomDone ends rec's claim on its room (runInRoom), where rec still holds
 // it. A release Redis did not answer is retried in the background
-// (roomRetry apart, backing off to roomRetryMax) until it is answered, the
+// (releaseRetry apart, backing off to releaseRetryMax) until it is answered, the
 // rain holds its room again on this node (a start retried), the key has
 // lapsed by itself (roomKeep past the rain's end), or Close: only logged,
 // the room stayed closed to every other rain until then (10409).
@@ -1122,9 +1122,9 @@ func (s *Service) roomDone(rec record) {
 	}
 	lapse := time.UnixMilli(max(end, s.cfg.Now().UnixMilli()) + roomKeep.Milliseconds())
 	s.spawn(func() {
-		t := time.NewTimer(roomRetry)
+		t := time.NewTimer(releaseRetry)
 		defer t.Stop()
-		for wait := roomRetry; ; wait = min(2*wait, roomRetryMax) {
+		for wait := releaseRetry; ; wait = min(2*wait, releaseRetryMax) {
 			select {
 			case <-s.quit:
 				return
@@ -1144,13 +1144,6 @@ func (s *Service) roomDone(rec record) {
 		}
 	})
 }
-
-// roomRetry and roomRetryMax space the retries of a room release that
-// failed (roomDone).
-const (
-	roomRetry    = 100 * time.Millisecond
-	roomRetryMax = 5 * time.Second
-)
 
 // roomDoneOnce is one Config.RoomDone call for rec.
 func (s *Service) roomDoneOnce(rec record) error {

@@ -1397,7 +1397,7 @@ var errClaimsUnavailable = proto.Errorf(proto.CodeInternal, "red packets are bri
 // that may still land: that place stays). It does not block (callers
 // include ledger goroutines): p joins the user's lost place, whose one loop
 // (releaseLoop) releases every attempt in it, retrying what Redis does not
-// answer (placeRetry apart, backing off to placeRetryMax) until it is
+// answer (releaseRetry apart, backing off to releaseRetryMax) until it is
 // answered or the rain is over. Meanwhile the user's next grab on this node
 // takes the place back at once; on another node it is 30002 until the
 // release lands. Before, a failed release was only logged: the user was
@@ -1427,7 +1427,7 @@ func (s *Service) unclaim(p *place) {
 func (s *Service) releaseLoop(k placeKey, lp *lostPlace) {
 	t := time.NewTimer(0)
 	defer t.Stop()
-	wait := placeRetry
+	wait := releaseRetry
 	for {
 		closing := false
 		select {
@@ -1465,21 +1465,21 @@ func (s *Service) releaseLoop(k placeKey, lp *lostPlace) {
 		}
 		s.placesMu.Unlock()
 		if err == nil {
-			wait = placeRetry
+			wait = releaseRetry
 			t.Reset(0) // attempts added meanwhile
 			continue
 		}
-		if wait == placeRetry {
+		if wait == releaseRetry {
 			s.log.Warn("red packet one-per-user release, retrying", "code", k.code, "user", k.user, "err", err)
 		}
 		t.Reset(wait)
-		wait = min(2*wait, placeRetryMax)
+		wait = min(2*wait, releaseRetryMax)
 	}
 }
 
-// placeRetry and placeRetryMax space the retries of a one-per-user release
-// that failed (unclaim).
+// releaseRetry and releaseRetryMax space the retries of a release Redis did
+// not answer: a one-per-user place (releaseLoop), a room (roomDone).
 const (
-	placeRetry    = 100 * time.Millisecond
-	placeRetryMax = 5 * time.Second
+	releaseRetry    = 100 * time.Millisecond
+	releaseRetryMax = 5 * time.Second
 )
