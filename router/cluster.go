@@ -106,7 +106,16 @@ var drainLua string
 
 var drainScript = rueidis.NewLuaScript(drainLua)
 
+//go:embed lua/release.lua
+var releaseLua string
+
+var releaseScript = rueidis.NewLuaScript(releaseLua)
+
 func offlineKey(user int64) string { return "le:off:{" + strconv.FormatInt(user, 10) + "}" }
+
+// leaseKey holds the user's offline pushes taken by drains not yet
+// released (drain.lua).
+func leaseKey(user int64) string { return "le:off:{" + strconv.FormatInt(user, 10) + "}:l" }
 
 //go:embed lua/position.lua
 var positionLua string
@@ -222,6 +231,8 @@ type Cluster struct {
 	// batchNo numbers this process's sequencer batches (sequence.lua
 	// numbers each once).
 	batchNo atomic.Uint64
+	// drainNo numbers this process's offline drains (their lease tokens).
+	drainNo atomic.Uint64
 
 	stats clusterStats
 }
@@ -1658,9 +1669,15 @@ func (c *Cluster) handOn(user int64, msgs, away []Msg, regs uint64) {
 }
 
 // drainOffline delivers the user's offline pushes to their sessions here;
-// a drain Redis did not answer is retried in the background (redrain).
+// a drain Redis did not answer is retried in the background (redrain), as
+// is one that found pushes leased to another drain (drainOnce).
 func (c *Cluster) drainOffline(user int64) {
-	if err := c.drainOnce(user); err != nil {
+	err := c.drainOnce(user)
+	var held leased
+	switch {
+	case errors.As(err, &held):
+		c.redrain(user)
+	case err != nil:
 		c.log.Warn("offline pushes not read; retrying", "user", user, "err", err)
 		c.redrain(user)
 	}
@@ -1670,18 +1687,22 @@ func (c *Cluster) drainOffline(user int64) {
 // time, up to redrainMax, each wait up to half as long again at random:
 // when Redis was down or overloaded, every user who connected meanwhile is
 // retried — not all at once, and at most one call per user every
-// redrainMax while it stays so (the pushes are kept for offline_ttl).
+// redrainMax while it stays so (the pushes are kept for offline_ttl). A
+// drain that found pushes leased to another is retried the same way, but
+// no later than leaseSlack after that lease runs out.
 const (
 	redrainFirst = 250 * time.Millisecond
 	redrainMax   = 30 * time.Second
+	leaseSlack   = 50 * time.Millisecond
 )
 
 // redrain drains the user's offline list again in the background until
-// Redis answers, while a session of theirs is here and the router is open:
-// a session drains the list when it registers (then on a hint or a NATS
-// reconnect only), so what was kept for the user waited until their next
-// connect — lost after offline_ttl if they stayed connected. One goroutine
-// per user at most: a drain failing meanwhile makes it go on.
+// Redis answers and no push is leased to another drain, while a session of
+// theirs is here and the router is open: a session drains the list when it
+// registers (then on a hint or a NATS reconnect only), so what was kept for
+// the user waited until their next connect — lost after offline_ttl if they
+// stayed connected. One goroutine per user at most: a drain failing
+// meanwhile makes it go on.
 func (c *Cluster) redrain(user int64) {
 	c.redrainMu.Lock()
 	defer c.redrainMu.Unlock()
@@ -1701,9 +1722,10 @@ func (c *Cluster) redrain(user int64) {
 
 func (c *Cluster) redrainLoop(user int64) {
 	defer c.wg.Done()
-	t := time.NewTimer(redrainFirst + rand.N(redrainFirst/2))
+	wait := redrainFirst
+	t := time.NewTimer(wait + rand.N(wait/2))
 	defer t.Stop()
-	for wait := redrainFirst; ; t.Reset(wait + rand.N(wait/2)) {
+	for {
 		select {
 		case <-c.stop:
 			return
@@ -1712,9 +1734,20 @@ func (c *Cluster) redrainLoop(user int64) {
 		c.redrainMu.Lock()
 		c.redrains[user] = false
 		c.redrainMu.Unlock()
-		if c.local.userSessions(user) > 0 && c.drainOnce(user) != nil {
-			wait = min(2*wait, redrainMax) // still not answered
-			continue
+		if c.local.userSessions(user) > 0 {
+			if err := c.drainOnce(user); err != nil {
+				// Still not answered, or some pushes still leased to
+				// another drain: that one may have lost its release's
+				// reply, or died — taken back here once the lease ran out.
+				wait = min(2*wait, redrainMax)
+				next := wait + rand.N(wait/2)
+				var held leased
+				if errors.As(err, &held) {
+					next = min(next, held.left+leaseSlack)
+				}
+				t.Reset(next)
+				continue
+			}
 		}
 		// Drained, or the user left: done — unless a drain failed since
 		// this attempt began (it may have missed what was kept then).
@@ -1728,21 +1761,60 @@ func (c *Cluster) redrainLoop(user int64) {
 			return
 		}
 		wait = redrainFirst
+		t.Reset(wait + rand.N(wait/2))
 	}
 }
 
-// drainOnce is one drain of the user's offline list (an error: Redis did
-// not answer).
+// drainLease is how long a drain's pushes stay its own (leased, drain.lua)
+// before a later drain may take them back: as long as a node that is alive
+// needs to get the script's reply (within CallTimeout of asking), deliver
+// them (a refused one handed on: two calls more) and release the lease
+// (one call), and one CallTimeout to spare. Only a drain whose reply was
+// lost, whose release was lost or late, or whose node died leaves its
+// pushes to a later one: at least once, and twice only then (the second
+// copy dropped by the SDKs, by mid).
+func (c *Cluster) drainLease() time.Duration { return 5 * c.cfg.CallTimeout }
+
+// leased is drainOnce's answer when some of the user's offline pushes are
+// leased to another drain for left still: delivered by it, or taken back
+// by a drain after that.
+type leased struct{ left time.Duration }
+
+func (e leased) Error() string {
+	return "router: offline pushes leased to another drain for " + e.left.String()
+}
+
+// drainOnce is one drain of the user's offline list: its pushes — and those
+// of drains whose lease ran out — are leased to this drain (drain.lua),
+// delivered to the user's sessions here, and the lease released. An error:
+// Redis did not answer (nothing delivered; what the script may have taken
+// waits, leased, until the lease runs out), or leased (what it took was
+// delivered; some pushes are another drain's still).
 func (c *Cluster) drainOnce(user int64) error {
 	ctx, cancel := c.ctx()
 	defer cancel()
-	vals, err := drainScript.Exec(ctx, c.rdb, []string{offlineKey(user)}, nil).AsStrSlice()
+	tok := c.boot + ":" + strconv.FormatUint(c.drainNo.Add(1), 10)
+	cfg := c.local.cfg
+	arr, err := drainScript.Exec(ctx, c.rdb, []string{offlineKey(user), leaseKey(user)}, []string{tok,
+		strconv.FormatInt(c.drainLease().Milliseconds(), 10), strconv.Itoa(max(cfg.OfflineMax, 0)),
+		strconv.FormatInt(cfg.OfflineTTL.Milliseconds(), 10)}).ToArray()
+	if err != nil {
+		return err
+	}
+	if len(arr) == 0 {
+		return errors.New("router: empty offline drain reply")
+	}
+	left, err := arr[0].AsInt64()
 	if err != nil {
 		return err
 	}
 	var away []Msg
-	for _, v := range vals {
-		if m, err := decodeUserPush([]byte(v)); err == nil && c.local.sendMsg(user, m) == 0 {
+	for _, v := range arr[1:] {
+		b, err := v.ToString()
+		if err != nil {
+			continue
+		}
+		if m, err := decodeUserPush([]byte(b)); err == nil && c.local.sendMsg(user, m) == 0 {
 			away = append(away, m)
 		}
 	}
@@ -1751,7 +1823,24 @@ func (c *Cluster) drainOnce(user int64) error {
 		// already): handed on like a closing connection's unacked pushes.
 		c.handOn(user, away, away, noRedrain)
 	}
+	if len(arr) > 1 {
+		c.release(user, tok)
+	}
+	if left >= 0 {
+		return leased{left: time.Duration(left) * time.Millisecond}
+	}
 	return nil
+}
+
+// release ends a drain's lease, its pushes delivered (handed on, for those
+// refused). Not answered: the lease runs out and the next drain delivers
+// them again — a second copy, never none.
+func (c *Cluster) release(user int64, tok string) {
+	ctx, cancel := c.ctx()
+	defer cancel()
+	if err := releaseScript.Exec(ctx, c.rdb, []string{leaseKey(user)}, []string{tok}).Error(); err != nil {
+		c.log.Warn("offline drain not released; its pushes may be delivered again", "user", user, "err", err)
+	}
 }
 
 // SessionsElsewhere reports how many sessions of user the other live nodes

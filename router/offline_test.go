@@ -3,6 +3,7 @@ package router
 import (
 	"context"
 	"slices"
+	"strconv"
 	"sync"
 	"testing"
 	"time"
@@ -202,5 +203,181 @@ func TestClusterOfflineDrainRetryEndsWithTheSessionOrAtClose(t *testing.T) {
 	case <-done:
 	case <-time.After(3 * time.Second):
 		t.Fatal("Close waits for the retry")
+	}
+}
+
+// keepFor stores reliable pushes mids for user in the shared offline list.
+func keepFor(t *testing.T, c *Cluster, user int64, mids ...string) {
+	t.Helper()
+	for _, mid := range mids {
+		if !c.storeOffline(user, encodeMsg(&proto.Push{Mid: mid, Biz: proto.BizGift, Ack: true, Data: []byte(`{}`)})) {
+			t.Fatal("not stored")
+		}
+	}
+}
+
+// offlineKeys lists what Redis keeps of user's offline pushes (the list and
+// any key beside it).
+func offlineKeys(t *testing.T, env clusterEnv, user int64) []string {
+	t.Helper()
+	rdb := env.redis.Client(t)
+	keys, err := rdb.Do(context.Background(), rdb.B().Keys().Pattern(offlineKey(user)+"*").Build()).AsStrSlice()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return keys
+}
+
+// A drain whose reply is lost after Redis ran it (the connection cut right
+// after, Redis unreachable a moment) had taken the pushes off the list:
+// they were never delivered. Now they are leased to that drain, and the
+// retry takes them back once the lease ran out: delivered, in order, once,
+// and nothing is left in Redis after.
+func TestClusterOfflineDrainWhoseReplyWasLostDeliversLater(t *testing.T) {
+	env := clusterEnv{nats: natstest.Start(t), redis: redistest.Start(t)}
+	px := redistest.StartProxy(t, env.redis.Addr)
+	a := newCluster(t, clusterEnv{nats: env.nats, redis: env.redis, via: px.Addr}, "a",
+		ClusterConfig{CallTimeout: 300 * time.Millisecond, Local: LocalConfig{OfflineMax: 8, OfflineTTL: time.Minute}})
+	// Another user's session first: the drain script is loaded (the reply
+	// lost below is the script's, not a NOSCRIPT's).
+	a.Register(&sink{id: 9, user: 8})
+	keepFor(t, a, 7, "p1", "p2")
+	px.LoseReply(offlineKey(7), 500*time.Millisecond)
+	s := &sink{id: 1, user: 7}
+	a.Register(s) // its drain runs in Redis; its reply is lost
+	if px.Fired() != 1 {
+		t.Fatal("the proxy did not lose the drain's reply")
+	}
+	if got := s.got(); len(got) != 0 {
+		t.Fatalf("delivered from a drain whose reply was lost: %v", got)
+	}
+	deadline := time.Now().Add(6 * time.Second)
+	for len(s.got()) < 2 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	time.Sleep(300 * time.Millisecond) // a second copy would be on its way
+	if got := s.got(); !slices.Equal(got, []string{"p1", "p2"}) {
+		t.Fatalf("the session got %v, want [p1 p2] (taken back by a later drain)", got)
+	}
+	waitFor(t, func() bool { return len(offlineKeys(t, env, 7)) == 0 })
+}
+
+// Pushes leased to a drain whose reply was lost on node a are not taken by
+// node b's drains while the lease runs (two drains never both get a push),
+// a push kept after that drain is b's at once, and once the lease ran out
+// the leased pushes are delivered by one drain, a's or b's: each push once.
+func TestClusterOfflinePushesLeasedToALostDrainDeliveredOnce(t *testing.T) {
+	env := clusterEnv{nats: natstest.Start(t), redis: redistest.Start(t)}
+	px := redistest.StartProxy(t, env.redis.Addr)
+	cfg := ClusterConfig{CallTimeout: 300 * time.Millisecond, Local: LocalConfig{OfflineMax: 8, OfflineTTL: time.Minute}}
+	a := newCluster(t, clusterEnv{nats: env.nats, redis: env.redis, via: px.Addr}, "a", cfg)
+	b := newCluster(t, env, "b", cfg)
+	a.Register(&sink{id: 9, user: 8}) // the drain script loaded for a
+	keepFor(t, b, 7, "p1", "p2")
+	// Redis unreachable from a for a second after: a's retries do not
+	// take p3 before b's drain.
+	px.LoseReply(offlineKey(7), time.Second)
+	sa := &sink{id: 1, user: 7}
+	a.Register(sa) // its drain's reply is lost: p1, p2 leased to it
+	if px.Fired() != 1 {
+		t.Fatal("the proxy did not lose the drain's reply")
+	}
+	// a's drain answered already (its connection cut), its script maybe
+	// not run yet: p3 is kept after it ran.
+	waitFor(t, func() bool { return !slices.Contains(offlineKeys(t, env, 7), offlineKey(7)) })
+	keepFor(t, b, 7, "p3")
+	sb := &sink{id: 2, user: 7}
+	b.Register(sb)
+	if got := sb.got(); !slices.Equal(got, []string{"p3"}) {
+		t.Fatalf("b's drain got %v, want [p3] (p1, p2 leased to a's)", got)
+	}
+	deadline := time.Now().Add(6 * time.Second)
+	for len(sa.got())+len(sb.got()) < 3 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	time.Sleep(300 * time.Millisecond) // a second copy would be on its way
+	ga, gb := sa.got(), sb.got()
+	if !(slices.Equal(ga, []string{"p1", "p2"}) && slices.Equal(gb, []string{"p3"})) &&
+		!(len(ga) == 0 && slices.Equal(gb, []string{"p3", "p1", "p2"})) {
+		t.Fatalf("a's session got %v, b's %v: want p1, p2 once, in order, on either, and p3 on b", ga, gb)
+	}
+	waitFor(t, func() bool { return len(offlineKeys(t, env, 7)) == 0 })
+}
+
+// drain.lua and release.lua on a real Redis: a live lease is nobody else's;
+// leases that ran out are taken back before the list, oldest first, the
+// whole bounded to the newest max; a lease lives no longer than its pushes
+// would have in the list; a release is by token (a lease taken back is
+// another's) and the last one leaves nothing behind.
+func TestOfflineDrainLeases(t *testing.T) {
+	env := clusterEnv{nats: natstest.Start(t), redis: redistest.Start(t)}
+	a := newCluster(t, env, "a", ClusterConfig{Local: LocalConfig{OfflineMax: 4, OfflineTTL: time.Minute}})
+	rdb := env.redis.Client(t)
+	ctx := context.Background()
+	keys := []string{offlineKey(7), leaseKey(7)}
+	drain := func(tok string, lease time.Duration) (left int64, mids []string) {
+		t.Helper()
+		arr, err := drainScript.Exec(ctx, rdb, keys, []string{tok, strconv.FormatInt(lease.Milliseconds(), 10), "4", "60000"}).ToArray()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if left, err = arr[0].AsInt64(); err != nil {
+			t.Fatal(err)
+		}
+		for _, v := range arr[1:] {
+			b, _ := v.ToString()
+			m, err := decodeUserPush([]byte(b))
+			if err != nil {
+				t.Fatal(err)
+			}
+			mids = append(mids, m.Mid)
+		}
+		return left, mids
+	}
+	release := func(tok string) {
+		t.Helper()
+		if err := releaseScript.Exec(ctx, rdb, []string{leaseKey(7)}, []string{tok}).Error(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	pttl := func(k string) int64 {
+		t.Helper()
+		v, err := rdb.Do(ctx, rdb.B().Pttl().Key(k).Build()).AsInt64()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return v
+	}
+
+	keepFor(t, a, 7, "p1", "p2")
+	rdb.Do(ctx, rdb.B().Pexpire().Key(offlineKey(7)).Milliseconds(30_000).Build()) // kept a while ago
+	if left, mids := drain("t1", 300*time.Millisecond); left != -1 || !slices.Equal(mids, []string{"p1", "p2"}) {
+		t.Fatalf("first drain: %d %v, want -1 [p1 p2]", left, mids)
+	}
+	if p := pttl(leaseKey(7)); p <= 0 || p > 30_000 {
+		t.Fatalf("the lease's TTL is %d ms, want at most the list's 30 s", p)
+	}
+	keepFor(t, a, 7, "p3", "p4")
+	if left, mids := drain("t2", 300*time.Millisecond); left <= 0 || left > 300 || !slices.Equal(mids, []string{"p3", "p4"}) {
+		t.Fatalf("second drain: %d %v, want t1's time left and [p3 p4] only", left, mids)
+	}
+	if p := pttl(leaseKey(7)); p <= 30_000 || p > 60_000 {
+		t.Fatalf("the lease's TTL is %d ms, want the newer list's (up to 60 s)", p)
+	}
+	if left, mids := drain("t3", time.Minute); left <= 0 || len(mids) != 0 {
+		t.Fatalf("a drain while both leases run: %d %v, want their time left and nothing", left, mids)
+	}
+	time.Sleep(400 * time.Millisecond) // both leases run out
+	keepFor(t, a, 7, "p5")
+	if left, mids := drain("t4", time.Minute); left != -1 || !slices.Equal(mids, []string{"p2", "p3", "p4", "p5"}) {
+		t.Fatalf("a drain after the leases ran out: %d %v, want -1 [p2 p3 p4 p5] (t1's, t2's, the list's; the newest 4)", left, mids)
+	}
+	release("t1") // taken back: not t4's lease
+	if left, mids := drain("t5", time.Minute); left <= 0 || len(mids) != 0 {
+		t.Fatalf("t4's lease released by t1: %d %v", left, mids)
+	}
+	release("t4")
+	if keys := offlineKeys(t, env, 7); len(keys) != 0 {
+		t.Fatalf("left in Redis after the last release: %v", keys)
 	}
 }
