@@ -253,10 +253,16 @@ func answerHandoff(m *nats.Msg) {
 
 // drainAfterReconnect drains every local user's offline list once the
 // subscriptions made again after a reconnect are in place (hand-offs kept
-// while this node was away).
+// while this node was away). A flush that fails (NATS away again, or slow)
+// leaves every list to the background retry (redrain) — they were left
+// undrained until each user's next connect before; a push kept after such
+// a drain, before the subscription is in place, is hinted for hintFor.
 func (c *Cluster) drainAfterReconnect() {
 	if err := c.nc.FlushTimeout(c.cfg.CallTimeout); err != nil {
-		c.log.Warn("offline lists not drained after the reconnect", "err", err)
+		c.log.Warn("offline lists drained in the background: NATS flush after the reconnect failed", "err", err)
+		for _, u := range c.local.userIDs() {
+			c.redrain(u)
+		}
 		return
 	}
 	users := c.local.userIDs()

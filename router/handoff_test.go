@@ -91,3 +91,26 @@ func TestHandoffKeptReachesASessionRegisteredOnTheSender(t *testing.T) {
 		})
 	}
 }
+
+// The drain after a NATS reconnect whose flush fails (NATS away again, or
+// slower than CallTimeout) gave up on every local user: a push kept for
+// them while the node was away waited in their list until their next
+// connect (lost after offline_ttl if they stayed). Now each list is
+// drained by the background retry.
+func TestDrainAfterReconnectRetriedWhenTheFlushFails(t *testing.T) {
+	env := clusterEnv{nats: natstest.Start(t), redis: redistest.Start(t)}
+	a := newCluster(t, env, "a", ClusterConfig{CallTimeout: 300 * time.Millisecond,
+		Local: LocalConfig{OfflineMax: 8, OfflineTTL: time.Minute}})
+	s := &sink{id: 1, user: 7}
+	a.Register(s)
+	keepFor(t, a, 7, "kept") // as a hand-off kept while a was away
+	env.nats.Stop()
+	a.drainAfterReconnect() // its flush fails
+	deadline := time.Now().Add(3 * time.Second)
+	for len(s.got()) == 0 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if got := s.got(); !slices.Equal(got, []string{"kept"}) {
+		t.Fatalf("the session got %v, want [kept]", got)
+	}
+}
