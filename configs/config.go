@@ -95,6 +95,15 @@ type HTTP struct {
 	// it the connection is closed — a request trickled in a byte at a time
 	// never holds a handler longer.
 	ReadTimeout Duration `yaml:"read_timeout"`
+	// MaxHeaderBytes bounds a request's headers (request line included):
+	// more gets the connection closed before any handler. Hertz's own
+	// default is 1 MiB, read (and buffered several times over) before a
+	// token is looked at.
+	MaxHeaderBytes int `yaml:"max_header_bytes"`
+	// MaxConns bounds the API's open connections: beyond it a new one
+	// waits in the listen backlog until one closes (each holds buffers
+	// for its headers and body; the WebSocket listener has ws.max_conns).
+	MaxConns int `yaml:"max_conns"`
 }
 
 // WS is the WebSocket listener and per-connection limits.
@@ -608,6 +617,8 @@ func (c *Config) Validate() error {
 	check(c.Gifts.RoomEffectsPerSecond >= 0, "gifts.room_effects_per_second must be >= 0")
 	check(c.HTTP.MaxBodyBytes > 0, "http.max_body_bytes must be > 0")
 	check(c.HTTP.ReadTimeout.D() > 0, "http.read_timeout must be > 0")
+	check(c.HTTP.MaxHeaderBytes >= 1024, "http.max_header_bytes must be >= 1024")
+	check(c.HTTP.MaxConns > 0, "http.max_conns must be > 0")
 	check(c.Shutdown.DrainTimeout.D() > 0, "shutdown.drain_timeout must be > 0")
 	if len(errs) > 0 {
 		return fmt.Errorf("config: %s", strings.Join(errs, "; "))

@@ -64,10 +64,13 @@ func (a *API) Listen() error {
 	if err != nil {
 		return err
 	}
-	a.ln = ln
+	a.ln = newAPIListener(ln, a.cfg.HTTP.MaxConns, a.log)
 	a.h = server.New(
-		server.WithListener(ln),
+		server.WithListener(a.ln),
 		server.WithMaxRequestBodySize(a.cfg.HTTP.MaxBodyBytes),
+		// Headers are read and buffered before any handler (the token
+		// check included): bounded as the WebSocket upgrade's are.
+		server.WithMaxHeaderBytes(a.cfg.HTTP.MaxHeaderBytes),
 		// Bodies are streamed and read by limitBody, so that one over the
 		// limit gets the JSON envelope (Hertz's own 413 is plain text);
 		// multipart bodies are not pre-read (that would bypass the limit).

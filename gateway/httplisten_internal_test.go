@@ -1,0 +1,71 @@
+package gateway
+
+import (
+	"errors"
+	"log/slog"
+	"net"
+	"os"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// failingOnce is a listener whose first Accept fails as when the process is
+// out of files.
+type failingOnce struct {
+	net.Listener
+	failed bool
+}
+
+func (l *failingOnce) Accept() (net.Conn, error) {
+	if !l.failed {
+		l.failed = true
+		return nil, &net.OpError{Op: "accept", Net: "tcp", Err: os.NewSyscallError("accept4", syscall.EMFILE)}
+	}
+	return l.Listener.Accept()
+}
+
+// A failed accept (out of files) is retried, not handed to Hertz (whose
+// standard transport stops serving for good on any Accept error but one
+// saying "closed"); a closed listener ends Accept, also while it waits for a
+// slot, and a connection gives its slot back once.
+func TestAPIListener(t *testing.T) {
+	inner, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := newAPIListener(&failingOnce{Listener: inner}, 1, slog.New(slog.DiscardHandler))
+	defer l.Close()
+	go func() {
+		if c, err := net.Dial("tcp", inner.Addr().String()); err == nil {
+			defer c.Close()
+			time.Sleep(time.Second)
+		}
+	}()
+	c, err := l.Accept()
+	if err != nil {
+		t.Fatalf("Accept after an EMFILE: %v, want the connection", err)
+	}
+	if l.open() != 1 {
+		t.Fatalf("open %d, want 1", l.open())
+	}
+	c.Close()
+	c.Close()
+	if l.open() != 0 {
+		t.Fatalf("open %d after two Closes, want 0", l.open())
+	}
+
+	l.slots <- struct{}{} // full: the next Accept waits for a slot
+	ended := make(chan error, 1)
+	go func() { _, err := l.Accept(); ended <- err }()
+	time.Sleep(50 * time.Millisecond)
+	l.Close()
+	select {
+	case err := <-ended:
+		if !errors.Is(err, net.ErrClosed) {
+			t.Fatalf("Accept waiting for a slot, listener closed: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Accept waiting for a slot did not end when the listener closed")
+	}
+}
