@@ -141,6 +141,11 @@ type Auth struct {
 	// white space trimmed) replaces JWTSecret; Load reads it.
 	JWTSecretFile string `yaml:"jwt_secret_file"`
 	DevTokens     bool   `yaml:"dev_tokens"` // enables /api/v1/dev/token (off in cluster.yaml, on in cluster-local.yaml)
+	// MaxTokenTTL refuses a token whose exp is further than this from now
+	// (0 = any exp): a leaked long-lived token, an admin's above all, would
+	// otherwise stay good for as long as its issuer wrote (there is no
+	// revocation list).
+	MaxTokenTTL Duration `yaml:"max_token_ttl"`
 }
 
 // NATS configures the event bus.
@@ -619,6 +624,7 @@ func (c *Config) Validate() error {
 	check(c.HTTP.ReadTimeout.D() > 0, "http.read_timeout must be > 0")
 	check(c.HTTP.MaxHeaderBytes >= 1024, "http.max_header_bytes must be >= 1024")
 	check(c.HTTP.MaxConns > 0, "http.max_conns must be > 0")
+	check(c.Auth.MaxTokenTTL.D() >= 0, "auth.max_token_ttl must be >= 0")
 	check(c.Shutdown.DrainTimeout.D() > 0, "shutdown.drain_timeout must be > 0")
 	if len(errs) > 0 {
 		return fmt.Errorf("config: %s", strings.Join(errs, "; "))

@@ -29,7 +29,8 @@ type Identity struct {
 // Auth issues and verifies HS256 JWTs (PROTOCOL.md §1).
 type Auth struct {
 	secret []byte
-	parser *jwt.Parser // its options are read-only after construction: shared by every Verify
+	maxTTL time.Duration // auth.max_token_ttl (0 = any exp); set before the first Verify
+	parser *jwt.Parser   // its options are read-only after construction: shared by every Verify
 	key    jwt.Keyfunc
 }
 
@@ -61,6 +62,16 @@ func (a *Auth) Issue(user int64, role string, ttl time.Duration) (string, error)
 
 var errBadToken = errors.New("bad token")
 
+// SetMaxTTL refuses, from now on, tokens whose exp is further than d from
+// the time of the check (0 = any exp). Not safe beside Verify: set it
+// before the node serves.
+func (a *Auth) SetMaxTTL(d time.Duration) { a.maxTTL = d }
+
+// issuerSkew is how far an issuer's clock may run ahead of the node's: a
+// token issued (iat) further in the future, or whose exp is further than
+// maxTTL + issuerSkew away, is refused.
+const issuerSkew = time.Minute
+
 // Verify parses and checks a token.
 func (a *Auth) Verify(tok string) (Identity, error) {
 	var c claims
@@ -73,6 +84,13 @@ func (a *Auth) Verify(tok string) (Identity, error) {
 		return Identity{}, errBadToken
 	}
 	exp := c.ExpiresAt.Time
+	now := time.Now()
+	if a.maxTTL > 0 && exp.Sub(now) > a.maxTTL+issuerSkew {
+		return Identity{}, errBadToken
+	}
+	if c.IssuedAt != nil && c.IssuedAt.Sub(now) > issuerSkew {
+		return Identity{}, errBadToken
+	}
 	if exp.After(maxExpires) {
 		exp = maxExpires // past 2262 its UnixNano (the heartbeat sweep's clock) wraps negative: "expired"
 	}

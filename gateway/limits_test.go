@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/golang-jwt/jwt/v5"
+
 	"github.com/liveedge/liveedge/clientsdk"
 	"github.com/liveedge/liveedge/gateway"
 	"github.com/liveedge/liveedge/gateway/nodetest"
@@ -213,6 +215,7 @@ func TestSDKTokenFuncRenewsAfter4501(t *testing.T) {
 func TestFarFutureTokenIsNotExpired(t *testing.T) {
 	cfg := nodetest.Config(t)
 	cfg.WS.Heartbeat = configsDuration(200 * time.Millisecond)
+	cfg.Auth.MaxTokenTTL = 0 // any exp (the default refuses one this far away: TestTokenLifetimeBounded)
 	n := nodetest.Start(t, cfg)
 	tok, err := n.Auth.Issue(7, gateway.RoleViewer, 250*365*24*time.Hour)
 	if err != nil {
@@ -336,5 +339,44 @@ func TestChatNotSentSpendsNoRate(t *testing.T) {
 	}
 	if _, err := c.Chat(ctx, room, "again"); proto.AsError(err) == nil || proto.AsError(err).Code != proto.CodeRateLimited {
 		t.Fatalf("a second chat within the second: %v, want 10429 (the rate still holds)", err)
+	}
+}
+
+// auth.max_token_ttl: a token whose exp is further than that from now, or
+// whose iat is more than a minute ahead of the node's clock, is refused —
+// an admin token an issuer wrote for 170 years was good until 2200.
+func TestTokenLifetimeBounded(t *testing.T) {
+	cfg := nodetest.Config(t)
+	cfg.Auth.MaxTokenTTL = configsDuration(24 * time.Hour)
+	n := nodetest.Start(t, cfg)
+	sign := func(claims jwt.MapClaims) string {
+		tok, err := jwt.NewWithClaims(jwt.SigningMethodHS256, claims).SignedString([]byte(cfg.Auth.JWTSecret))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return tok
+	}
+	now := time.Now()
+	for _, tc := range []struct {
+		name   string
+		claims jwt.MapClaims
+		ok     bool
+	}{
+		{"within the bound", jwt.MapClaims{"sub": "42", "role": "admin", "exp": now.Add(23 * time.Hour).Unix()}, true},
+		{"within the bound, iat now", jwt.MapClaims{"sub": "42", "role": "admin", "iat": now.Unix(), "exp": now.Add(time.Hour).Unix()}, true},
+		{"exp beyond the bound", jwt.MapClaims{"sub": "42", "role": "admin", "exp": now.Add(170 * 365 * 24 * time.Hour).Unix()}, false},
+		{"exp just beyond the bound", jwt.MapClaims{"sub": "42", "role": "admin", "exp": now.Add(25 * time.Hour).Unix()}, false},
+		{"iat in the future", jwt.MapClaims{"sub": "42", "role": "admin", "iat": now.Add(100 * 24 * time.Hour).Unix(), "exp": now.Add(time.Hour).Unix()}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			status := nodetest.DoJSON(t, "GET", nodetest.HTTPURL(n)+"/api/v1/wallet", sign(tc.claims), "", nil)
+			if got := status != http.StatusUnauthorized; got != tc.ok {
+				t.Fatalf("GET /api/v1/wallet: %d, want accepted %v", status, tc.ok)
+			}
+			_, resp, err := nodetest.DialRaw(t, nodetest.WSURL(n), sign(tc.claims), nodetest.RawOptions{})
+			if got := err == nil; got != tc.ok {
+				t.Fatalf("upgrade: %v (response %v), want accepted %v", err, resp, tc.ok)
+			}
+		})
 	}
 }

@@ -434,6 +434,7 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 		labelled.MustRegister(c)
 	}
 	auth := NewAuth(cfg.Auth.JWTSecret)
+	auth.SetMaxTTL(cfg.Auth.MaxTokenTTL.D())
 	n.Auth = auth
 	deps := ServerDeps{
 		Config: cfg, Log: log, Auth: auth, Router: n.Router, Metrics: n.metrics, RedPackets: n.RedPackets,
