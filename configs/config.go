@@ -184,6 +184,12 @@ type Cluster struct {
 	GapWait     Duration `yaml:"gap_wait"`     // wait for a missing room offset before reading it from history
 	PresenceTTL Duration `yaml:"presence_ttl"` // a dead node's presence stops counting within this
 	Linger      Duration `yaml:"linger"`       // a room's subscription outlives its last local member by this
+	// TrustedNetwork lets a production node (dev tokens off) reach a shared
+	// Redis or NATS without credentials, for a network that alone keeps
+	// everyone else out of them: every node runs what reaches it through
+	// them (a forwarded refund, a rain started as any anchor, pushes to any
+	// room). Off, such a node refuses to start.
+	TrustedNetwork bool `yaml:"trusted_network"`
 }
 
 // Limits are per-user rate limits (PROTOCOL.md §6); 0 turns a limit off.
@@ -407,8 +413,9 @@ func (c *Config) ReadSecretFiles() error {
 
 // Unprotected lists, for a production node (dev tokens off) that shares
 // Redis or NATS with other nodes, which of them it reaches without
-// credentials: a warning at start (network isolation may be the protection),
-// since a node trusts what other nodes send it through them.
+// credentials, since a node trusts what other nodes send it through them:
+// refused at start unless cluster.trusted_network says the network alone
+// protects them (then a warning).
 func (c *Config) Unprotected() []string {
 	if c.Auth.DevTokens {
 		return nil
@@ -625,6 +632,10 @@ func (c *Config) Validate() error {
 	check(c.HTTP.MaxHeaderBytes >= 1024, "http.max_header_bytes must be >= 1024")
 	check(c.HTTP.MaxConns > 0, "http.max_conns must be > 0")
 	check(c.Auth.MaxTokenTTL.D() >= 0, "auth.max_token_ttl must be >= 0")
+	if bare := c.Unprotected(); len(bare) > 0 && !c.Cluster.TrustedNetwork {
+		check(false, "shared backends without credentials: "+strings.Join(bare, ", ")+
+			" — every node trusts what reaches it through them; give the credentials, or set cluster.trusted_network: true where the network alone keeps others out")
+	}
 	check(c.Shutdown.DrainTimeout.D() > 0, "shutdown.drain_timeout must be > 0")
 	if len(errs) > 0 {
 		return fmt.Errorf("config: %s", strings.Join(errs, "; "))

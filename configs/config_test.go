@@ -14,6 +14,10 @@ const (
 	goodPay = "0123456789abcdef0123456789abcdef-pay"
 )
 
+// backendCreds are what a production cluster node needs besides its
+// secrets: credentials of the shared Redis and NATS (TestBackendCredentials).
+var backendCreds = []string{"LIVEEDGE_REDIS_PASSWORD=redis-pw", "LIVEEDGE_NATS_TOKEN=nats-token"}
+
 // loadCluster loads cluster.yaml with env as the whole environment override.
 func loadCluster(t *testing.T, env ...string) (Config, error) {
 	t.Helper()
@@ -61,7 +65,7 @@ func TestClusterConfigNeedsSecrets(t *testing.T) {
 	if c.Auth.DevTokens {
 		t.Fatal("cluster.yaml must have dev tokens off")
 	}
-	if _, err := loadCluster(t, "LIVEEDGE_AUTH_JWT_SECRET="+goodJWT, "LIVEEDGE_PAY_SECRETS="+goodPay); err != nil {
+	if _, err := loadCluster(t, append(backendCreds, "LIVEEDGE_AUTH_JWT_SECRET="+goodJWT, "LIVEEDGE_PAY_SECRETS="+goodPay)...); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -127,7 +131,7 @@ func TestSecretsRejectedWithDevTokensOff(t *testing.T) {
 }
 
 func TestSecretsFromEnv(t *testing.T) {
-	c, err := loadCluster(t, "LIVEEDGE_AUTH_JWT_SECRET="+goodJWT, "LIVEEDGE_PAY_SECRETS="+goodPay+"-new, "+goodPay+"-old")
+	c, err := loadCluster(t, append(backendCreds, "LIVEEDGE_AUTH_JWT_SECRET="+goodJWT, "LIVEEDGE_PAY_SECRETS="+goodPay+"-new, "+goodPay+"-old")...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -147,7 +151,7 @@ func TestSecretsFromFiles(t *testing.T) {
 	if err := os.WriteFile(payFile, []byte("# current first\n"+goodPay+"-new\n\n  "+goodPay+"-old  \n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	c, err := loadCluster(t, "LIVEEDGE_AUTH_JWT_SECRET_FILE="+jwtFile, "LIVEEDGE_PAY_SECRETS_FILE="+payFile)
+	c, err := loadCluster(t, append(backendCreds, "LIVEEDGE_AUTH_JWT_SECRET_FILE="+jwtFile, "LIVEEDGE_PAY_SECRETS_FILE="+payFile)...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -197,16 +201,23 @@ func TestBlockCacheSize(t *testing.T) {
 }
 
 // Redis and NATS credentials: taken from env and files, at most one way for
-// NATS; a production cluster node without them is listed as unprotected
-// (a warning at start), a development one is not.
+// NATS; a production cluster node without them is refused (every node runs
+// what reaches it through them: a forwarded refund, a rain started as any
+// anchor) unless cluster.trusted_network says the network alone protects
+// them — then it is listed as unprotected (a warning at start); a
+// development one is neither.
 func TestBackendCredentials(t *testing.T) {
 	secrets := []string{"LIVEEDGE_AUTH_JWT_SECRET=" + goodJWT, "LIVEEDGE_PAY_SECRETS=" + goodPay}
-	c, err := loadCluster(t, secrets...)
+	_, err := loadCluster(t, secrets...)
+	wantErr(t, err, "without credentials", "redis", "nats", "cluster.trusted_network")
+	_, err = loadCluster(t, append(secrets, "LIVEEDGE_NATS_TOKEN=nats-token")...)
+	wantErr(t, err, "without credentials", "redis (no redis.password)")
+	c, err := loadCluster(t, append(secrets, "LIVEEDGE_CLUSTER_TRUSTED_NETWORK=true")...)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if got := c.Unprotected(); len(got) != 2 {
-		t.Fatalf("cluster.yaml without credentials: unprotected %q, want redis and nats", got)
+		t.Fatalf("cluster.yaml without credentials on a trusted network: unprotected %q, want redis and nats", got)
 	}
 	pw := filepath.Join(t.TempDir(), "redis")
 	if err := os.WriteFile(pw, []byte("redis-pw\n"), 0o600); err != nil {
@@ -243,7 +254,7 @@ func TestMisconfigurationsRefused(t *testing.T) {
 	}
 	_, err := Load(bad)
 	wantErr(t, err, "enable")
-	secrets := []string{"LIVEEDGE_AUTH_JWT_SECRET=" + goodJWT, "LIVEEDGE_PAY_SECRETS=" + goodPay}
+	secrets := append([]string{"LIVEEDGE_AUTH_JWT_SECRET=" + goodJWT, "LIVEEDGE_PAY_SECRETS=" + goodPay}, backendCreds...)
 	_, err = loadCluster(t, append(secrets, "LIVEEDGE_NODE_ID=gw-3")...)
 	wantErr(t, err, "wallet.nodes", "gw-3")
 	_, err = loadCluster(t, append(secrets, "LIVEEDGE_WALLET_NODES=gw-1,gw-1,gw-2")...)
