@@ -105,6 +105,7 @@ var Dedup = class {
 var OPEN = 1;
 var MaxLeft = 4096;
 var STABLE_AFTER_MS = 3e4;
+var MaxHeld = 4096;
 var LiveClient = class _LiveClient {
   constructor(opts) {
     this.opts = opts;
@@ -136,10 +137,14 @@ var LiveClient = class _LiveClient {
     this.left = /* @__PURE__ */ new Set();
     this.lastSend = 0;
     this.pushListeners = /* @__PURE__ */ new Set();
-    // Pushes that arrived before connect() resolved while no push listener
-    // was registered (a user's waiting pushes come with the hello): held,
-    // neither delivered nor acked, until the app had its turn to call
-    // on("push") after `await connect()` (released one macrotask later).
+    // Pushes read while no push listener was registered (a user's waiting
+    // pushes come with the hello, before the app's on("push") after `await
+    // connect()`; or the app has none yet): held, neither delivered nor acked
+    // — an ack tells the node the push was had — until the next on("push")
+    // (released in a microtask). Once some are held every later one is too
+    // until they are released (never a newer push before the held older
+    // ones). At most MaxHeld; after a reconnect the node resends those
+    // reliable ones, and the de-duplication delivers each mid once.
     this.held = [];
     // onFrames is handling a message of this socket: a close() from a push
     // handler leaves its closing to onFrames, after the acks of what was
@@ -155,7 +160,8 @@ var LiveClient = class _LiveClient {
       offsetDuplicates: 0,
       notJoined: 0,
       acksSent: 0,
-      requests: 0
+      requests: 0,
+      pushesNotHeld: 0
     };
     const WS = opts.WebSocket ?? globalThis.WebSocket;
     if (!WS) throw new Error("liveedge: no WebSocket implementation (pass options.WebSocket)");
@@ -191,7 +197,6 @@ var LiveClient = class _LiveClient {
     for (let i = 0; i < c.urls.length; i++) {
       try {
         await c.attempt("connect", 0);
-        setTimeout(() => c.releaseHeld(), 0);
         return c;
       } catch (e) {
         last = e;
@@ -206,6 +211,7 @@ var LiveClient = class _LiveClient {
   on(ev, fn) {
     const set = ev === "push" ? this.pushListeners : this.stateListeners;
     set.add(fn);
+    if (ev === "push" && this.held.length > 0) queueMicrotask(() => this.releaseHeld());
     return () => set.delete(fn);
   }
   /** The hello of the current (or last) connection. */
@@ -322,11 +328,17 @@ var LiveClient = class _LiveClient {
     const getToken = this.opts.getToken;
     return Promise.race([Promise.resolve().then(() => getToken(reason)), late]).finally(() => clearTimeout(timer));
   }
-  /** Delivers (and acks) the pushes held until connect() resolved. */
+  /**
+   * Delivers the pushes held while nobody listened, and acks them on the
+   * current connection (none while reconnecting: the node resends the
+   * reliable ones, acked then as duplicates). A listener gone meanwhile
+   * leaves them held.
+   */
   releaseHeld() {
+    if (this.closed || this.held.length === 0 || this.pushListeners.size === 0) return;
     const held = this.held;
-    this.held = null;
-    if (held && held.length > 0 && this.ws && !this.closed) this.onFrames(this.ws, held);
+    this.held = [];
+    this.onFrames(this.ws, held);
   }
   /** One connection attempt to the current URL: dial, hello, re-join, ready. */
   async attempt(reason, attemptNo) {
@@ -525,7 +537,7 @@ var LiveClient = class _LiveClient {
     this.wake?.();
     this.connecting?.();
     clearTimeout(this.tokenTimer);
-    this.held = null;
+    this.held = [];
     const ws = this.ws;
     this.ws = null;
     if (ws) {
@@ -627,7 +639,10 @@ var LiveClient = class _LiveClient {
     }
     this.onFrames(ws, f.t === "batch" ? Array.isArray(f.d) ? f.d : [] : [f]);
   }
-  /** Handles the frames of one received message, then acks its pushes in one frame. */
+  /**
+   * Handles the frames of one received message (or the held pushes), then
+   * acks its pushes in one frame on ws (none when ws is null: reconnecting).
+   */
   onFrames(ws, frames) {
     const acks = [];
     this.inFrames = ws;
@@ -639,7 +654,7 @@ var LiveClient = class _LiveClient {
     } finally {
       this.inFrames = null;
     }
-    for (let i = 0; i < acks.length; i += MaxAckMids) {
+    for (let i = 0; ws && i < acks.length; i += MaxAckMids) {
       const mids = acks.slice(i, i + MaxAckMids);
       try {
         ws.send(JSON.stringify({ t: "ack", d: { mids } }));
@@ -652,7 +667,7 @@ var LiveClient = class _LiveClient {
     if (this.closeAfterFrames) {
       this.closeAfterFrames = false;
       try {
-        ws.close(Close.Normal);
+        ws?.close(Close.Normal);
       } catch {
       }
     }
@@ -664,8 +679,9 @@ var LiveClient = class _LiveClient {
         this.onReply(f);
         return;
       case "push":
-        if (this.held && (this.pushListeners.size === 0 || this.held.length > 0)) {
-          if (this.held.length < 4096) this.held.push(f);
+        if (this.pushListeners.size === 0 || this.held.length > 0) {
+          if (this.held.length < MaxHeld) this.held.push(f);
+          else this.stats_.pushesNotHeld++;
           return;
         }
         this.onPush(f);

@@ -14,15 +14,17 @@
 //     (an offset skipped, or a new epoch) is delivered after a "room_resync"
 //     event, as after a re-join that could not recover;
 //   - every push with ack:true is acknowledged (one ack frame per received
-//     frame, a batch included) and the others are de-duplicated by mid
-//     within a bounded window, across reconnects; a duplicate is acked again
-//     but not delivered again;
+//     frame, a batch included) once a push listener had it — while there is
+//     none, pushes are held (at most MaxHeld, beyond that neither delivered
+//     nor acked: the node resends them) and delivered to the first listener
+//     added; pushes are de-duplicated by mid within a bounded window, across
+//     reconnects; a duplicate is acked again but not delivered again;
 //   - a request in flight when its connection drops fails with
 //     DisconnectedError and is never resent (requests need not be idempotent).
 //
 // Memory is bounded: the de-duplication window, the pending-request table
-// (one entry per request in flight) and the joined rooms are the only
-// collections.
+// (one entry per request in flight), the held pushes (MaxHeld) and the
+// joined rooms are the only collections.
 
 import {
   Close,
@@ -177,6 +179,11 @@ export interface Stats {
   notJoined: number;
   acksSent: number;
   requests: number;
+  /**
+   * Pushes read while no push listener existed and MaxHeld were held already:
+   * neither delivered nor acked (a reliable one is resent by the node).
+   */
+  pushesNotHeld: number;
 }
 
 /** A bounded set of recent mids: the oldest is forgotten first. */
@@ -219,6 +226,14 @@ const MaxLeft = 4096;
 /** How long a connection must last for its reconnect to start the backoff afresh. */
 const STABLE_AFTER_MS = 30_000;
 
+/**
+ * Pushes held while no push listener exists (LiveClient.held). Beyond it a
+ * push is neither delivered nor acked: the node keeps and resends it — it
+ * keeps as many unacked per connection (the gateway's maxPendingAcks) before
+ * it closes the connection 4408.
+ */
+const MaxHeld = 4096;
+
 export class LiveClient {
   private readonly o: Required<Omit<ClientOptions, "token" | "getToken" | "onPush" | "onState" | "heartbeatMs" | "preferFirstUrl">> & {
     heartbeatMs?: number;
@@ -259,11 +274,15 @@ export class LiveClient {
   private connecting: (() => void) | undefined;
   private lastSend = 0;
   private pushListeners = new Set<(p: Push) => void>();
-  // Pushes that arrived before connect() resolved while no push listener
-  // was registered (a user's waiting pushes come with the hello): held,
-  // neither delivered nor acked, until the app had its turn to call
-  // on("push") after `await connect()` (released one macrotask later).
-  private held: ServerFrame[] | null = [];
+  // Pushes read while no push listener was registered (a user's waiting
+  // pushes come with the hello, before the app's on("push") after `await
+  // connect()`; or the app has none yet): held, neither delivered nor acked
+  // — an ack tells the node the push was had — until the next on("push")
+  // (released in a microtask). Once some are held every later one is too
+  // until they are released (never a newer push before the held older
+  // ones). At most MaxHeld; after a reconnect the node resends those
+  // reliable ones, and the de-duplication delivers each mid once.
+  private held: ServerFrame[] = [];
   // onFrames is handling a message of this socket: a close() from a push
   // handler leaves its closing to onFrames, after the acks of what was
   // delivered.
@@ -282,6 +301,7 @@ export class LiveClient {
     notJoined: 0,
     acksSent: 0,
     requests: 0,
+    pushesNotHeld: 0,
   };
 
   private constructor(private readonly opts: ClientOptions) {
@@ -320,7 +340,6 @@ export class LiveClient {
     for (let i = 0; i < c.urls.length; i++) {
       try {
         await c.attempt("connect", 0);
-        setTimeout(() => c.releaseHeld(), 0);
         return c;
       } catch (e) {
         last = e as Error;
@@ -339,6 +358,9 @@ export class LiveClient {
   on(ev: "push" | "state", fn: (x: any) => void): () => void {
     const set: Set<(x: any) => void> = ev === "push" ? this.pushListeners : this.stateListeners;
     set.add(fn);
+    // The pushes held while nobody listened go to it — after the caller's
+    // synchronous code (its other listeners), before any later frame.
+    if (ev === "push" && this.held.length > 0) queueMicrotask(() => this.releaseHeld());
     return () => set.delete(fn);
   }
 
@@ -480,11 +502,17 @@ export class LiveClient {
     return Promise.race([Promise.resolve().then(() => getToken(reason)), late]).finally(() => clearTimeout(timer));
   }
 
-  /** Delivers (and acks) the pushes held until connect() resolved. */
+  /**
+   * Delivers the pushes held while nobody listened, and acks them on the
+   * current connection (none while reconnecting: the node resends the
+   * reliable ones, acked then as duplicates). A listener gone meanwhile
+   * leaves them held.
+   */
   private releaseHeld(): void {
+    if (this.closed || this.held.length === 0 || this.pushListeners.size === 0) return;
     const held = this.held;
-    this.held = null;
-    if (held && held.length > 0 && this.ws && !this.closed) this.onFrames(this.ws, held);
+    this.held = [];
+    this.onFrames(this.ws, held);
   }
 
   /** One connection attempt to the current URL: dial, hello, re-join, ready. */
@@ -710,7 +738,7 @@ export class LiveClient {
     this.wake?.();
     this.connecting?.();
     clearTimeout(this.tokenTimer);
-    this.held = null;
+    this.held = [];
     const ws = this.ws;
     this.ws = null;
     if (ws) {
@@ -823,8 +851,11 @@ export class LiveClient {
     this.onFrames(ws, f.t === "batch" ? (Array.isArray(f.d) ? f.d : []) : [f]);
   }
 
-  /** Handles the frames of one received message, then acks its pushes in one frame. */
-  private onFrames(ws: WebSocketLike, frames: ServerFrame[]): void {
+  /**
+   * Handles the frames of one received message (or the held pushes), then
+   * acks its pushes in one frame on ws (none when ws is null: reconnecting).
+   */
+  private onFrames(ws: WebSocketLike | null, frames: ServerFrame[]): void {
     const acks: string[] = [];
     this.inFrames = ws;
     try {
@@ -835,7 +866,7 @@ export class LiveClient {
     } finally {
       this.inFrames = null;
     }
-    for (let i = 0; i < acks.length; i += MaxAckMids) {
+    for (let i = 0; ws && i < acks.length; i += MaxAckMids) {
       const mids = acks.slice(i, i + MaxAckMids);
       try {
         ws.send(JSON.stringify({ t: "ack", d: { mids } }));
@@ -848,7 +879,7 @@ export class LiveClient {
     if (this.closeAfterFrames) {
       this.closeAfterFrames = false;
       try {
-        ws.close(Close.Normal);
+        ws?.close(Close.Normal);
       } catch {
         /* already closed */
       }
@@ -864,9 +895,11 @@ export class LiveClient {
       case "push":
         // Held while nobody listens — and, once some are held, every later
         // one too until they are released (a listener added meanwhile must
-        // not get a newer push before the held older ones).
-        if (this.held && (this.pushListeners.size === 0 || this.held.length > 0)) {
-          if (this.held.length < 4096) this.held.push(f); // beyond: not acked, resent by the node
+        // not get a newer push before the held older ones). Never acked
+        // here: an ack tells the node the push was had.
+        if (this.pushListeners.size === 0 || this.held.length > 0) {
+          if (this.held.length < MaxHeld) this.held.push(f);
+          else this.stats_.pushesNotHeld++; // not acked: the node resends a reliable one
           return;
         }
         this.onPush(f);

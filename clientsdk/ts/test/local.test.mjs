@@ -525,3 +525,61 @@ test("zero or negative timing options mean the defaults (as the Go SDK), not a 0
   const r = await c.request("ping", {});
   assert.ok(r.ts > 0, "a request with requestTimeoutMs 0 was answered");
 });
+
+const acked = (conn) => conn.frames.filter((f) => f.t === "ack").flatMap((f) => f.d.mids);
+
+test("a push read while no push listener exists is held, never acked, until the first on(\"push\") — however late; its resend is delivered once", async () => {
+  const credit = (mid) => ({ t: "push", mid, biz: Biz.WalletCredit, room: 0, d: { balance: 100, delta: 100, reason: "recharge" }, ack: true });
+  const srv = await server((conn) => {
+    answer(conn);
+    conn.send(credit("credit-1")); // with the hello (the user's offline box)
+  });
+  const c = await connect({ urls: srv.url, token: "t" });
+  cleanup.push(async () => c.close());
+  await c.ping(); // the app awaits something (a join, say) before it listens
+  srv.conns[0].send(credit("credit-2")); // read on the live connection, still nobody listening
+  srv.conns[0].send(credit("credit-1")); // the node's resend of the first
+  await c.ping();
+  await new Promise((r) => setTimeout(r, 100));
+  assert.deepEqual(acked(srv.conns[0]), [], "pushes acked that no listener had");
+  const got = [];
+  const off = c.on("push", (p) => got.push(p.mid));
+  await eventually(() => got.length === 2, 3000, "the held pushes");
+  await eventually(() => acked(srv.conns[0]).length === 3, 3000, "their acks (the resend's too)");
+  assert.deepEqual(got, ["credit-1", "credit-2"]);
+  assert.equal(c.stats.duplicates, 1);
+  // The app stops listening: what comes meanwhile waits for its next listener.
+  off();
+  srv.conns[0].send(credit("credit-3"));
+  await c.ping();
+  assert.deepEqual(acked(srv.conns[0]).length, 3, "a push acked while nobody listened");
+  c.on("push", (p) => got.push(p.mid));
+  await eventually(() => got.length === 3, 3000, "credit-3");
+  await eventually(() => acked(srv.conns[0]).includes("credit-3"), 3000, "its ack");
+});
+
+test("beyond 4096 held pushes, a push read while nobody listens is neither delivered nor acked (the node resends it), counted", async () => {
+  const n = 4096 + 10;
+  const srv = await server((conn) => {
+    answer(conn);
+    for (let i = 0; i < n; i += 500) {
+      const d = [];
+      for (let j = i; j < Math.min(n, i + 500); j++) d.push(push("h" + j, { from: 1, text: String(j) }, { room: 0 }));
+      conn.send({ t: "batch", d });
+    }
+  });
+  const c = await connect({ urls: srv.url, token: "t" });
+  cleanup.push(async () => c.close());
+  await c.ping(); // after every batch: the server sent them first
+  assert.equal(acked(srv.conns[0]).length, 0, "pushes acked that no listener had");
+  assert.equal(c.stats.pushesNotHeld, 10);
+  const got = [];
+  c.on("push", (p) => got.push(p.mid));
+  await eventually(() => acked(srv.conns[0]).length === 4096, 3000, "the held pushes acked");
+  assert.equal(got.length, 4096);
+  assert.equal(got[4095], "h4095");
+  // The node resends the ten it had no ack for: delivered now.
+  srv.conns[0].send({ t: "batch", d: Array.from({ length: 10 }, (_, k) => push("h" + (4096 + k), { from: 1, text: "again" }, { room: 0 })) });
+  await eventually(() => got.length === n, 3000, "the resent ten");
+  assert.equal(c.stats.duplicates, 0);
+});
