@@ -106,6 +106,7 @@ var OPEN = 1;
 var MaxLeft = 4096;
 var STABLE_AFTER_MS = 3e4;
 var MaxHeld = 4096;
+var MaxBufferedBytes = 1 << 20;
 var LiveClient = class _LiveClient {
   constructor(opts) {
     this.opts = opts;
@@ -136,6 +137,10 @@ var LiveClient = class _LiveClient {
      */
     this.left = /* @__PURE__ */ new Set();
     this.lastSend = 0;
+    /** When the current connection last read a frame (the liveness check: see startHeartbeat). */
+    this.lastRead = 0;
+    /** Since when the socket has held more than MaxBufferedBytes unsent (0: not now). */
+    this.bufferedSince = 0;
     this.pushListeners = /* @__PURE__ */ new Set();
     // Pushes read while no push listener was registered (a user's waiting
     // pushes come with the hello, before the app's on("push") after `await
@@ -398,7 +403,7 @@ var LiveClient = class _LiveClient {
         this.helloFrame = hello2;
         this.ws = ws;
         this.left.clear();
-        this.lastSend = Date.now();
+        this.lastSend = this.lastRead = Date.now();
         ws.onmessage = (e) => this.onMessage(ws, e.data);
         ws.onclose = (e) => this.dropped(ws, e.code, e.reason);
         ws.onerror = () => {
@@ -562,24 +567,56 @@ var LiveClient = class _LiveClient {
     this.waiters = [];
     this.emitState({ state: "closed", error: cause });
   }
+  /**
+   * Checks ws every half interval: a ping (probe) when nothing was written
+   * for the interval — the node must hear from the client within its
+   * heartbeat — or nothing was read for it: writes alone prove nothing (a
+   * wedged or half-open node takes them and answers none), so an app that
+   * keeps sending would otherwise stay on a dead connection. And the send
+   * buffer: above MaxBufferedBytes for longer than the request timeout, the
+   * node is not reading — the connection is left.
+   */
   startHeartbeat(ws, hello) {
     this.stopHeartbeat();
+    this.bufferedSince = 0;
     let every = this.o.heartbeatMs;
     if (every === void 0 || every === 0) every = (hello.heartbeat_ms ?? hello.heartbeat_s * 1e3) / 2;
     if (!(every > 0)) return;
     this.hb = setInterval(() => {
-      if (this.ws !== ws || Date.now() - this.lastSend < every) return;
-      this.send(ws, "ping", {}, this.o.requestTimeoutMs).catch((e) => {
-        if (e instanceof TimeoutError) {
-          try {
-            ws.close();
-          } catch {
-          }
-          this.dropped(ws, Close.Abnormal, "ping timeout");
-        }
-      });
+      if (this.ws !== ws) return;
+      const now = Date.now();
+      const buffered = ws.bufferedAmount ?? 0;
+      if (buffered <= MaxBufferedBytes) this.bufferedSince = 0;
+      else if (this.bufferedSince === 0) this.bufferedSince = now;
+      else if (now - this.bufferedSince >= this.o.requestTimeoutMs) {
+        this.abandon(ws, `send buffer above ${MaxBufferedBytes} bytes for ${now - this.bufferedSince} ms`);
+        return;
+      }
+      if (now - this.lastSend >= every || now - this.lastRead >= every) this.probe(ws);
     }, Math.max(10, Math.floor(every / 2)));
     this.hb.unref?.();
+  }
+  /**
+   * Pings ws (one such ping in flight at a time): unanswered within the
+   * request timeout, the connection is dead even if no close came, and is
+   * left (the client reconnects).
+   */
+  probe(ws) {
+    if (this.probing === ws || this.ws !== ws) return;
+    this.probing = ws;
+    this.send(ws, "ping", {}, this.o.requestTimeoutMs).catch((e) => {
+      if (e instanceof TimeoutError) this.abandon(ws, "ping timeout");
+    }).finally(() => {
+      if (this.probing === ws) this.probing = void 0;
+    });
+  }
+  /** Leaves a connection found dead (its close handshake is not waited for). */
+  abandon(ws, why) {
+    try {
+      ws.close();
+    } catch {
+    }
+    this.dropped(ws, Close.Abnormal, why);
   }
   stopHeartbeat() {
     if (this.hb !== void 0) clearInterval(this.hb);
@@ -614,6 +651,7 @@ var LiveClient = class _LiveClient {
       const timer = setTimeout(() => {
         this.pending.delete(id);
         reject(new TimeoutError(type));
+        this.probe(ws);
       }, timeout);
       this.pending.set(id, { resolve, reject, timer });
       try {
@@ -631,6 +669,7 @@ var LiveClient = class _LiveClient {
   // ---- frames ----
   onMessage(ws, raw) {
     if (this.ws !== ws) return;
+    this.lastRead = Date.now();
     let f;
     try {
       f = JSON.parse(String(raw));
@@ -794,6 +833,7 @@ export {
   GrabError,
   LiveClient,
   MaxAckMids,
+  MaxBufferedBytes,
   ReplyError,
   TimeoutError,
   UnauthorizedError,

@@ -6,6 +6,10 @@
 //   - reconnect with exponential backoff and full jitter after any close whose
 //     code is below 4500; 45xx is terminal, except 4501 (token expired) when a
 //     token callback can fetch a new token;
+//   - a connection is left (and another made) when a ping goes unanswered:
+//     one goes out when nothing was written or nothing was read for the
+//     heartbeat interval, and at once when a request times out; and when the
+//     socket keeps more than MaxBufferedBytes unsent past the request timeout;
 //   - joined rooms are re-joined after a reconnect, before "connected" is
 //     reported and before waiting requests go out; a room whose pushes carried
 //     offsets is re-joined with since {off, ep} (PROTOCOL §3);
@@ -47,6 +51,8 @@ export interface WebSocketLike {
   onmessage: ((ev: { data: any }) => void) | null;
   onclose: ((ev: { code: number; reason: string }) => void) | null;
   onerror: ((ev: any) => void) | null;
+  /** Bytes written but not yet sent (browsers and ws have it; without it the send-buffer check is off). */
+  readonly bufferedAmount?: number;
   send(data: string): void;
   close(code?: number, reason?: string): void;
 }
@@ -79,7 +85,12 @@ export interface ClientOptions {
   reconnectMaxMs?: number;
   /** How many recent push mids are remembered for de-duplication. Default 16384. */
   dedupWindow?: number;
-  /** Ping when nothing was sent for this long. Default half the hello's heartbeat; negative disables. */
+  /**
+   * Ping when nothing was sent, or nothing was read, for this long; a ping
+   * unanswered within requestTimeoutMs closes the connection (and the client
+   * reconnects). Default half the hello's heartbeat; negative disables these
+   * pings and the send-buffer check (a request that times out still pings).
+   */
   heartbeatMs?: number;
   onPush?: (p: Push) => void;
   onState?: (e: StateEvent) => void;
@@ -234,6 +245,14 @@ const STABLE_AFTER_MS = 30_000;
  */
 const MaxHeld = 4096;
 
+/**
+ * Unsent bytes (ws.bufferedAmount) a connection may keep for longer than the
+ * request timeout before it counts as dead: a node that stopped reading while
+ * it still sends (its pushes keep the connection from looking silent, their
+ * acks pile up here). 1 MiB is thousands of requests or ack frames.
+ */
+export const MaxBufferedBytes = 1 << 20;
+
 export class LiveClient {
   private readonly o: Required<Omit<ClientOptions, "token" | "getToken" | "onPush" | "onState" | "heartbeatMs" | "preferFirstUrl">> & {
     heartbeatMs?: number;
@@ -273,6 +292,12 @@ export class LiveClient {
   /** Closes the socket waiting for its hello (close()). */
   private connecting: (() => void) | undefined;
   private lastSend = 0;
+  /** When the current connection last read a frame (the liveness check: see startHeartbeat). */
+  private lastRead = 0;
+  /** The socket a liveness ping is in flight on (one at a time). */
+  private probing: WebSocketLike | undefined;
+  /** Since when the socket has held more than MaxBufferedBytes unsent (0: not now). */
+  private bufferedSince = 0;
   private pushListeners = new Set<(p: Push) => void>();
   // Pushes read while no push listener was registered (a user's waiting
   // pushes come with the hello, before the app's on("push") after `await
@@ -581,7 +606,7 @@ export class LiveClient {
         this.helloFrame = hello;
         this.ws = ws;
         this.left.clear(); // a new connection is in no room it was not re-joined to
-        this.lastSend = Date.now();
+        this.lastSend = this.lastRead = Date.now();
         ws.onmessage = (e) => this.onMessage(ws, e.data);
         ws.onclose = (e) => this.dropped(ws, e.code, e.reason);
         // Not null: an 'error' without a listener is an uncaught exception on
@@ -764,26 +789,61 @@ export class LiveClient {
     this.emitState({ state: "closed", error: cause });
   }
 
+  /**
+   * Checks ws every half interval: a ping (probe) when nothing was written
+   * for the interval — the node must hear from the client within its
+   * heartbeat — or nothing was read for it: writes alone prove nothing (a
+   * wedged or half-open node takes them and answers none), so an app that
+   * keeps sending would otherwise stay on a dead connection. And the send
+   * buffer: above MaxBufferedBytes for longer than the request timeout, the
+   * node is not reading — the connection is left.
+   */
   private startHeartbeat(ws: WebSocketLike, hello: Hello): void {
     this.stopHeartbeat();
+    this.bufferedSince = 0;
     let every = this.o.heartbeatMs;
     if (every === undefined || every === 0) every = (hello.heartbeat_ms ?? hello.heartbeat_s * 1000) / 2;
     if (!(every > 0)) return;
     this.hb = setInterval(() => {
-      if (this.ws !== ws || Date.now() - this.lastSend < every!) return;
-      this.send(ws, "ping", {}, this.o.requestTimeoutMs).catch((e) => {
-        if (e instanceof TimeoutError) {
-          // An unanswered ping: the connection is dead even if no close came.
-          try {
-            ws.close();
-          } catch {
-            /* ignore */
-          }
-          this.dropped(ws, Close.Abnormal, "ping timeout");
-        }
-      });
+      if (this.ws !== ws) return;
+      const now = Date.now();
+      const buffered = ws.bufferedAmount ?? 0;
+      if (buffered <= MaxBufferedBytes) this.bufferedSince = 0;
+      else if (this.bufferedSince === 0) this.bufferedSince = now;
+      else if (now - this.bufferedSince >= this.o.requestTimeoutMs) {
+        this.abandon(ws, `send buffer above ${MaxBufferedBytes} bytes for ${now - this.bufferedSince} ms`);
+        return;
+      }
+      if (now - this.lastSend >= every! || now - this.lastRead >= every!) this.probe(ws);
     }, Math.max(10, Math.floor(every / 2)));
     (this.hb as any).unref?.();
+  }
+
+  /**
+   * Pings ws (one such ping in flight at a time): unanswered within the
+   * request timeout, the connection is dead even if no close came, and is
+   * left (the client reconnects).
+   */
+  private probe(ws: WebSocketLike): void {
+    if (this.probing === ws || this.ws !== ws) return;
+    this.probing = ws;
+    this.send(ws, "ping", {}, this.o.requestTimeoutMs)
+      .catch((e) => {
+        if (e instanceof TimeoutError) this.abandon(ws, "ping timeout");
+      })
+      .finally(() => {
+        if (this.probing === ws) this.probing = undefined;
+      });
+  }
+
+  /** Leaves a connection found dead (its close handshake is not waited for). */
+  private abandon(ws: WebSocketLike, why: string): void {
+    try {
+      ws.close();
+    } catch {
+      /* ignore */
+    }
+    this.dropped(ws, Close.Abnormal, why);
   }
 
   private stopHeartbeat(): void {
@@ -823,6 +883,9 @@ export class LiveClient {
       const timer = setTimeout(() => {
         this.pending.delete(id);
         reject(new TimeoutError(type));
+        // No answer in time: a slow request, or a node that answers nothing
+        // any more — a ping tells which (unanswered, the connection is left).
+        this.probe(ws);
       }, timeout);
       this.pending.set(id, { resolve, reject, timer });
       try {
@@ -842,6 +905,7 @@ export class LiveClient {
 
   private onMessage(ws: WebSocketLike, raw: unknown): void {
     if (this.ws !== ws) return;
+    this.lastRead = Date.now();
     let f: ServerFrame;
     try {
       f = JSON.parse(String(raw));

@@ -5,7 +5,7 @@
 // reconnect backoff bounds.
 import { test, afterEach } from "node:test";
 import assert from "node:assert/strict";
-import { WebSocketServer } from "ws";
+import WS, { WebSocketServer } from "ws";
 import { connect, CloseError, Biz } from "../dist/node.js";
 import { eventually } from "./node.mjs";
 
@@ -17,13 +17,19 @@ afterEach(async () => {
 /**
  * A scripted server: script(conn, n) runs for the n-th connection (0-based);
  * conn.frames holds what the client sent, conn.url its request URL.
+ * refuse(n) refuses the n-th upgrade: true with 503, or with the HTTP status
+ * it returns; hello is merged into the hello's d.
  */
-async function server(script, refuse = () => false) {
+async function server(script, refuse = () => false, hello = {}) {
   let upgrades = 0;
   const wss = new WebSocketServer({
     host: "127.0.0.1",
     port: 0,
-    verifyClient: (_info, cb) => (refuse(upgrades++) ? cb(false, 503) : cb(true)),
+    verifyClient: (_info, cb) => {
+      const r = refuse(upgrades++);
+      if (r) cb(false, r === true ? 503 : r);
+      else cb(true);
+    },
   });
   await new Promise((r) => wss.on("listening", r));
   const conns = [];
@@ -37,7 +43,7 @@ async function server(script, refuse = () => false) {
     });
     const send = (f) => ws.send(JSON.stringify(f));
     conn.send = send;
-    send({ t: "hello", d: { user_id: 7, node: "fake", heartbeat_s: 30, heartbeat_ms: 30000, batch: true } });
+    send({ t: "hello", d: { user_id: 7, node: "fake", heartbeat_s: 30, heartbeat_ms: 30000, batch: true, ...hello } });
     script(conn, conn.n);
   });
   cleanup.push(() => new Promise((r) => {
@@ -582,4 +588,64 @@ test("beyond 4096 held pushes, a push read while nobody listens is neither deliv
   srv.conns[0].send({ t: "batch", d: Array.from({ length: 10 }, (_, k) => push("h" + (4096 + k), { from: 1, text: "again" }, { room: 0 })) });
   await eventually(() => got.length === n, 3000, "the resent ten");
   assert.equal(c.stats.duplicates, 0);
+});
+
+test("a node that takes requests and answers nothing is left although the app keeps sending: a ping goes out when nothing was read", async () => {
+  const srv = await server((conn, n) => {
+    if (n > 0) answer(conn); // the first node is wedged after its hello
+  }, () => false, { heartbeat_s: 1, heartbeat_ms: 400 });
+  const c = await collect({ urls: srv.url, token: "t", requestTimeoutMs: 300 });
+  // The app writes every 50 ms (so the heartbeat never finds the connection
+  // idle for writing); none of its requests times out within the test.
+  const sending = setInterval(() => c.request("chat", { room_id: 1, text: "x" }, { timeout: 10000 }).catch(() => {}), 50);
+  cleanup.push(async () => clearInterval(sending));
+  // Nothing read for 200 ms: a ping, unanswered within 300 ms: left.
+  await eventually(() => srv.conns.length >= 2, 2000, "left the wedged connection");
+  clearInterval(sending);
+  const d = c.ev.states.find((s) => s.state === "disconnected");
+  assert.equal(d.reason, "ping timeout");
+  await c.request("chat", { room_id: 1, text: "x" });
+});
+
+test("a request that times out pings at once: the connection is left when the ping is not answered either, kept when it is", async () => {
+  let answering = true;
+  const srv = await server((conn) => {
+    conn.onFrame = (f) => {
+      if (f.t === "ack" || !answering) return;
+      if (f.t === "chat") return; // a slow request: never answered
+      conn.send({ t: "reply", id: f.id, code: 0, msg: "ok", d: { ts: Date.now() } });
+    };
+  }); // heartbeat 30 s: no ping of the heartbeat's within the test
+  const c = await collect({ urls: srv.url, token: "t", requestTimeoutMs: 300 });
+  await assert.rejects(c.chat(9, "slow"), { name: "TimeoutError" });
+  await eventually(() => srv.conns[0].frames.some((f) => f.t === "ping"), 1000, "a ping after the timeout");
+  await new Promise((r) => setTimeout(r, 400));
+  assert.equal(srv.conns.length, 1, "a live node that is slow to answer one request was left");
+  answering = false; // now wedged: takes everything, answers nothing
+  await assert.rejects(c.chat(9, "lost"), { name: "TimeoutError" });
+  await eventually(() => srv.conns.length === 2, 2000, "left after its ping went unanswered");
+  answering = true;
+  await c.ping();
+});
+
+test("a node that stops reading while it keeps pushing is left once the send buffer stays above MaxBufferedBytes past the request timeout", async () => {
+  const mid = (i) => "m" + i + "-" + "x".repeat(2000);
+  let flood;
+  const srv = await server((conn, n) => {
+    answer(conn);
+    if (n > 0) return;
+    conn.ws._socket.pause(); // reads nothing more: the client's acks pile up
+    let i = 0;
+    flood = setInterval(() => {
+      if (conn.ws.readyState !== WS.OPEN) return clearInterval(flood);
+      conn.send({ t: "batch", d: Array.from({ length: 50 }, () => push(mid(i++), { from: 1, text: "x" }, { room: 0 })) });
+    }, 5);
+  });
+  cleanup.push(async () => clearInterval(flood));
+  const c = await collect({ urls: srv.url, token: "t", requestTimeoutMs: 500, heartbeatMs: 200 });
+  await eventually(() => srv.conns.length === 2, 8000, "left the connection whose node does not read");
+  clearInterval(flood);
+  const d = c.ev.states.find((s) => s.state === "disconnected");
+  assert.match(d.reason, /send buffer/);
+  await c.ping();
 });
