@@ -79,8 +79,8 @@ var CloseError = class extends Error {
   }
 };
 var UnauthorizedError = class extends Error {
-  constructor() {
-    super("liveedge: unauthorized (HTTP 401)");
+  constructor(why = "HTTP 401") {
+    super(`liveedge: unauthorized (${why})`);
     this.name = "UnauthorizedError";
   }
 };
@@ -385,6 +385,7 @@ var LiveClient = class _LiveClient {
       };
       ws.onclose = (ev) => {
         if (ev.code >= 4e3) fail(new CloseError(ev.code, ev.reason));
+        else if (this.staticTokenExpired()) fail(new UnauthorizedError(`token expired at ${new Date(tokenExpiry(tok) * 1e3).toISOString()}`));
         else fail(new Error(`liveedge: connect to ${redact(url)} failed (${ev.code}${errMsg ? " " + errMsg : ""})`));
       };
       ws.onmessage = (ev) => {
@@ -459,6 +460,19 @@ var LiveClient = class _LiveClient {
       this.dropped(ws, Close.Normal, "re-join failed, retrying");
       ws.close(Close.Normal);
     }
+  }
+  /**
+   * Whether the static token's exp has passed by this machine's clock. A
+   * browser cannot see the HTTP 401 that refuses an expired token (only a
+   * failed connection), so an attempt that fails once the token expired is
+   * taken for it: terminal, as the 401 is on Node — not retried forever.
+   * Checked after a failed attempt, not before: a clock running ahead never
+   * keeps the client from a node that still takes the token.
+   */
+  staticTokenExpired() {
+    if (this.opts.getToken || this.opts.token === void 0) return false;
+    const exp = tokenExpiry(this.opts.token);
+    return exp !== void 0 && Date.now() >= exp * 1e3;
   }
   /** The connection ws ended (close frame, network error or heartbeat failure). */
   dropped(ws, code, reason) {
@@ -811,6 +825,17 @@ function redact(url) {
     return "?";
   }
 }
+function tokenExpiry(tok) {
+  const parts = tok.split(".");
+  if (parts.length !== 3) return void 0;
+  try {
+    const b64 = parts[1].replace(/-/g, "+").replace(/_/g, "/");
+    const payload = JSON.parse(atob(b64 + "=".repeat((4 - b64.length % 4) % 4)));
+    return typeof payload?.exp === "number" && Number.isFinite(payload.exp) ? payload.exp : void 0;
+  } catch {
+    return void 0;
+  }
+}
 function randomId() {
   const c = globalThis.crypto;
   if (c?.randomUUID) return c.randomUUID();
@@ -840,5 +865,6 @@ export {
   connect,
   isBiz,
   randomId,
-  reconnectable
+  reconnectable,
+  tokenExpiry
 };

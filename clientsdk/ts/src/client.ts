@@ -5,7 +5,9 @@
 //     attempt) and ?batch=1; several node URLs are tried in turn;
 //   - reconnect with exponential backoff and full jitter after any close whose
 //     code is below 4500; 45xx is terminal, except 4501 (token expired) when a
-//     token callback can fetch a new token;
+//     token callback can fetch a new token; a static token refused (HTTP 401,
+//     or in a browser a failed attempt once the token's JWT exp has passed)
+//     is terminal too;
 //   - a connection is left (and another made) when a ping goes unanswered:
 //     one goes out when nothing was written or nothing was read for the
 //     heartbeat interval, and at once when a request times out; and when the
@@ -70,7 +72,12 @@ export interface ClientOptions {
   urls: string | string[];
   /** Start at urls[0] (a node nearer than the others, say); the rest are the fallback. Default false. */
   preferFirstUrl?: boolean;
-  /** A static token. With it, a 45xx close (4501 included) is terminal. */
+  /**
+   * A static token. With it, a 45xx close (4501 included) and an HTTP 401 on
+   * the upgrade are terminal (UnauthorizedError). Browsers do not show the
+   * 401: there, a connection attempt that fails once the token's JWT `exp`
+   * (read, not verified) has passed by this machine's clock is taken for it.
+   */
   token?: string;
   /** Asked before every connection attempt; on 4501 the client reconnects with its next answer. */
   getToken?: (reason: TokenReason) => string | Promise<string>;
@@ -168,10 +175,14 @@ export class CloseError extends Error {
     this.name = "CloseError";
   }
 }
-/** The upgrade was refused with HTTP 401 (seen on Node; browsers only see a failed connection). */
+/**
+ * The upgrade was refused with HTTP 401 (seen on Node), or — browsers only see
+ * a failed connection — an attempt with a static token failed after the
+ * token's exp.
+ */
 export class UnauthorizedError extends Error {
-  constructor() {
-    super("liveedge: unauthorized (HTTP 401)");
+  constructor(why = "HTTP 401") {
+    super(`liveedge: unauthorized (${why})`);
     this.name = "UnauthorizedError";
   }
 }
@@ -585,6 +596,7 @@ export class LiveClient {
       };
       ws.onclose = (ev) => {
         if (ev.code >= 4000) fail(new CloseError(ev.code, ev.reason));
+        else if (this.staticTokenExpired()) fail(new UnauthorizedError(`token expired at ${new Date(tokenExpiry(tok)! * 1000).toISOString()}`));
         else fail(new Error(`liveedge: connect to ${redact(url)} failed (${ev.code}${errMsg ? " " + errMsg : ""})`));
       };
       ws.onmessage = (ev) => {
@@ -675,6 +687,20 @@ export class LiveClient {
       this.dropped(ws, Close.Normal, "re-join failed, retrying");
       ws.close(Close.Normal);
     }
+  }
+
+  /**
+   * Whether the static token's exp has passed by this machine's clock. A
+   * browser cannot see the HTTP 401 that refuses an expired token (only a
+   * failed connection), so an attempt that fails once the token expired is
+   * taken for it: terminal, as the 401 is on Node — not retried forever.
+   * Checked after a failed attempt, not before: a clock running ahead never
+   * keeps the client from a node that still takes the token.
+   */
+  private staticTokenExpired(): boolean {
+    if (this.opts.getToken || this.opts.token === undefined) return false;
+    const exp = tokenExpiry(this.opts.token);
+    return exp !== undefined && Date.now() >= exp * 1000;
   }
 
   /** The connection ws ended (close frame, network error or heartbeat failure). */
@@ -1078,6 +1104,23 @@ function redact(url: string): string {
     return u.toString();
   } catch {
     return "?";
+  }
+}
+
+/**
+ * The exp (unix seconds) of a JWT — the node's tokens are HS256 JWTs with
+ * exp (PROTOCOL §1) — read from its payload, not verified; undefined when tok
+ * is not a JWT with a numeric exp.
+ */
+export function tokenExpiry(tok: string): number | undefined {
+  const parts = tok.split(".");
+  if (parts.length !== 3) return undefined;
+  try {
+    const b64 = parts[1].replace(/-/g, "+").replace(/_/g, "/");
+    const payload = JSON.parse(atob(b64 + "=".repeat((4 - (b64.length % 4)) % 4)));
+    return typeof payload?.exp === "number" && Number.isFinite(payload.exp) ? payload.exp : undefined;
+  } catch {
+    return undefined;
   }
 }
 

@@ -6,7 +6,7 @@
 import { test, afterEach } from "node:test";
 import assert from "node:assert/strict";
 import WS, { WebSocketServer } from "ws";
-import { connect, CloseError, Biz } from "../dist/node.js";
+import { connect, CloseError, UnauthorizedError, Biz } from "../dist/node.js";
 import { eventually } from "./node.mjs";
 
 const cleanup = [];
@@ -648,4 +648,49 @@ test("a node that stops reading while it keeps pushing is left once the send buf
   const d = c.ev.states.find((s) => s.state === "disconnected");
   assert.match(d.reason, /send buffer/);
   await c.ping();
+});
+
+// A browser's WebSocket, as far as the client can tell: the failed upgrade's
+// error event carries no message (browsers do not expose the HTTP status),
+// the close is 1006.
+class BrowserWS {
+  constructor(url) {
+    this.ws = new WS(url);
+    this.onopen = this.onmessage = this.onclose = this.onerror = null;
+    this.ws.on("error", () => this.onerror?.({ type: "error" }));
+    this.ws.on("close", (code, reason) => this.onclose?.({ code, reason: String(reason) }));
+    this.ws.on("message", (d) => this.onmessage?.({ data: String(d) }));
+    this.ws.on("open", () => this.onopen?.({}));
+  }
+  get readyState() {
+    return this.ws.readyState;
+  }
+  send(d) {
+    this.ws.send(d);
+  }
+  close(c, r) {
+    this.ws.close(c, r);
+  }
+}
+
+/** An unsigned JWT (the client never verifies one) whose exp is expSec. */
+const jwt = (expSec) => ["{\"alg\":\"HS256\",\"typ\":\"JWT\"}", JSON.stringify({ sub: "7", role: "viewer", exp: expSec })].map((x) => Buffer.from(x).toString("base64url")).join(".") + ".sig";
+
+test("in a browser, a static token refused (401, unseen) once its JWT exp passed ends the client with UnauthorizedError, not reconnects forever", async () => {
+  let refuse = false;
+  const srv = await server((conn) => answer(conn), () => (refuse ? 401 : false));
+  const exp = Math.ceil(Date.now() / 1000) + 1;
+  const c = await collect({ urls: srv.url, token: jwt(exp), WebSocket: BrowserWS, reconnectMinMs: 10, reconnectMaxMs: 40 });
+  refuse = true; // the node refuses the token from now on (a browser sees only failures)
+  srv.conns[0].ws.close(1001, "going away");
+  await eventually(() => c.ev.states.some((s) => s.state === "closed"), 5000, "closed");
+  const closedAt = Date.now();
+  const closed = c.ev.states.find((s) => s.state === "closed");
+  assert.ok(closed.error instanceof UnauthorizedError, String(closed.error));
+  assert.match(closed.error.message, /expired/);
+  assert.ok(closedAt >= exp * 1000, "ended before the token expired");
+  assert.ok(c.ev.states.some((s) => s.state === "reconnecting" && s.attempt > 1), "attempts before the expiry were retried");
+  await assert.rejects(c.ping(), /client closed/);
+  // connect() with it rejects with UnauthorizedError too (not after every URL and a generic error).
+  await assert.rejects(connect({ urls: [srv.url, srv.url], token: jwt(exp), WebSocket: BrowserWS }), (e) => e instanceof UnauthorizedError);
 });
