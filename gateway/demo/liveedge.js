@@ -508,10 +508,11 @@ var LiveClient = class _LiveClient {
     else this.shortLived = 0;
     if (this.urls.length > 1) this.urlIndex++;
     const floor = this.shortLived;
+    let error;
     for (let n = 1; !this.closed; n++) {
       const cap = Math.min(this.o.reconnectMaxMs, this.o.reconnectMinMs * 2 ** Math.min(n - 1 + floor, 30));
       const delayMs = Math.floor(Math.random() * cap);
-      this.emitState({ state: "reconnecting", attempt: n, delayMs });
+      this.emitState(error ? { state: "reconnecting", attempt: n, delayMs, error } : { state: "reconnecting", attempt: n, delayMs });
       await this.backoff(delayMs);
       if (this.closed) return;
       try {
@@ -519,6 +520,7 @@ var LiveClient = class _LiveClient {
         return;
       } catch (e) {
         if (this.closed) return;
+        error = e instanceof Error ? e : new Error(String(e));
         if (e instanceof UnauthorizedError && !this.opts.getToken) {
           this.terminate(e);
           return;

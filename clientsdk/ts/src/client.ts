@@ -122,6 +122,7 @@ export function isBiz<B extends keyof PushData>(p: Push, biz: B): p is Push<B> {
 export type StateEvent =
   | { state: "connected"; hello: Hello; url: string; attempt: number }
   | { state: "disconnected"; code: number; reason: string }
+  /** About to wait delayMs, then make attempt; error is why the previous attempt failed (none before the first). */
   | { state: "reconnecting"; attempt: number; delayMs: number; error?: Error }
   | { state: "room_dropped"; room: number; error: Error }
   /**
@@ -739,10 +740,11 @@ export class LiveClient {
     // is draining spread over the others rather than retry it.
     if (this.urls.length > 1) this.urlIndex++;
     const floor = this.shortLived;
+    let error: Error | undefined; // why the previous attempt failed
     for (let n = 1; !this.closed; n++) {
       const cap = Math.min(this.o.reconnectMaxMs, this.o.reconnectMinMs * 2 ** Math.min(n - 1 + floor, 30));
       const delayMs = Math.floor(Math.random() * cap);
-      this.emitState({ state: "reconnecting", attempt: n, delayMs });
+      this.emitState(error ? { state: "reconnecting", attempt: n, delayMs, error } : { state: "reconnecting", attempt: n, delayMs });
       await this.backoff(delayMs);
       if (this.closed) return;
       try {
@@ -750,6 +752,7 @@ export class LiveClient {
         return;
       } catch (e) {
         if (this.closed) return;
+        error = e instanceof Error ? e : new Error(String(e));
         if (e instanceof UnauthorizedError && !this.opts.getToken) {
           this.terminate(e);
           return;

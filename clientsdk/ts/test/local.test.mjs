@@ -694,3 +694,19 @@ test("in a browser, a static token refused (401, unseen) once its JWT exp passed
   // connect() with it rejects with UnauthorizedError too (not after every URL and a generic error).
   await assert.rejects(connect({ urls: [srv.url, srv.url], token: jwt(exp), WebSocket: BrowserWS }), (e) => e instanceof UnauthorizedError);
 });
+
+test("the reconnecting event names why the previous attempt failed", async () => {
+  const srv = await server(
+    (conn, n) => {
+      answer(conn);
+      if (n === 0) setTimeout(() => conn.ws.close(1001, "bye"), 20);
+    },
+    (u) => u === 1 || u === 2,
+  );
+  const c = await collect({ urls: srv.url, token: "t", reconnectMinMs: 10, reconnectMaxMs: 40 });
+  await eventually(() => c.ev.states.filter((s) => s.state === "connected").length === 2, 5000, "reconnected");
+  const waits = c.ev.states.filter((s) => s.state === "reconnecting");
+  assert.equal(waits.length, 3);
+  assert.equal(waits[0].error, undefined, "no attempt failed before the first");
+  for (const w of waits.slice(1)) assert.match(String(w.error?.message), /503/, `attempt ${w.attempt}: ${w.error}`);
+});
