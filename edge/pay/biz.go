@@ -131,8 +131,11 @@ func (s *Service) CreateBizOrder(r BizOrderReq, extra ...persist.Record) (Order,
 }
 
 // CloseBizOrder closes a business's unpaid pay order (PAYING → IN_VALID):
-// the business closed its order. A payment that arrives later is refunded.
-// Closing a closed or settled order changes nothing.
+// the business closed its order. A payment that arrives later is refunded —
+// also one whose notifies are all lost: the order is closed without the
+// provider's word, so the reconciler queries it after the close
+// (rec/payunasked, in the closing batch; reconcileClosed). Closing a closed
+// or settled order changes nothing.
 func (s *Service) CloseBizOrder(id int64, why string) error {
 	defer s.orders.Lock(id)()
 	o, err := s.Get(id)
@@ -145,5 +148,41 @@ func (s *Service) CloseBizOrder(id int64, why string) error {
 	if !OpenStatus(o.Status) {
 		return nil
 	}
-	return s.moveLocked(&o, id, StatusInvalid, why, nil)
+	return s.moveLocked(&o, id, StatusInvalid, why, unaskedRecord(id))
+}
+
+// AskBeforeClose asks the provider about business order id before its
+// business closes it unpaid at its deadline, as real payment systems do: a
+// payment made just before the deadline whose notifies were all lost is
+// found before the close, not after it (then only refunded). A payment the
+// provider reports is applied as its notify would be: as the order, the
+// business takes it (Paid; its order is then not closed); not as the order,
+// it is remembered and refunded once the order is closed (rememberMismatch,
+// as the reconciler's queries do). closable is false only when the provider
+// reports a payment that could not be applied now (a store error, its
+// business not registered yet): the business keeps its order open and asks
+// again later. answered is false when the provider gave no verified answer:
+// the order may close all the same — CloseBizOrder has it queried after the
+// close — and the business need not wait QueryTimeout on each of its other
+// due orders.
+func (s *Service) AskBeforeClose(id int64) (closable, answered bool) {
+	o, err := s.Get(id)
+	if err != nil || !OpenStatus(o.Status) {
+		return true, true // nothing to ask: CloseBizOrder does what is left
+	}
+	ev, answer := s.query(o)
+	switch answer {
+	case queryUnknown:
+		return true, false
+	case queryNotPaid:
+		return true, true
+	}
+	st, msg := s.apply(o.Channel, ev)
+	if st == NotifyConflict && ev.Amount != o.Amount {
+		s.rememberMismatch(id, ev)
+	}
+	if st != NotifyOK {
+		s.cfg.Log.Warn("pay: payment found before its order's close", "order", o.OrderID, "status", st, "msg", msg)
+	}
+	return st != NotifyRetry, true
 }

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/liveedge/liveedge/edge/pay"
+	"github.com/liveedge/liveedge/edge/pay/mockpay"
 	"github.com/liveedge/liveedge/gateway/proto"
 	"github.com/liveedge/liveedge/persist"
 	"github.com/liveedge/liveedge/persist/persisttest"
@@ -228,6 +229,83 @@ func TestReconcileRefundsAReportedMismatchOnceClosed(t *testing.T) {
 	}
 	if b, _ := l.Balance(7); b != 0 {
 		t.Fatalf("credited %d for a payment not as the order", b)
+	}
+	persisttest.CheckConservation(t, l)
+}
+
+// A recharge paid at the provider whose notifies are all lost, while the
+// provider answers no query: past two timeouts the reconciler closes the
+// order without the provider's word (IN_VALID), and keeps it to be queried
+// after its close (rec/payunasked). Once the provider answers, the payment
+// is refunded as a late one (PAY_BACK, one refund record of what was paid),
+// never credited. Before, a closed order was never queried again: the money
+// stayed at the provider. The lost notify arriving at last changes nothing.
+func TestReconcileQueriesAnOrderItClosedWithoutAnAnswer(t *testing.T) {
+	clock, advance := testClock()
+	prov := mockpay.New(mockpay.Config{Secret: reconcileSecret, Lost: true, Now: clock})
+	defer prov.Close()
+	var failing atomic.Bool
+	var queries atomic.Int64
+	h := prov.Handler()
+	provider := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		defer queries.Add(1)
+		if failing.Load() {
+			http.Error(w, "unavailable", http.StatusServiceUnavailable)
+			return
+		}
+		h.ServeHTTP(w, r)
+	}))
+	defer provider.Close()
+	const timeout = 15 * time.Minute
+	svc, st, l := reconcileService(t, provider.URL, timeout, clock)
+	o, err := svc.CreateOrder(7, pay.CreateReq{ProductID: 1, Channel: "mock", ReqID: "r1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, _ := pay.ParseOrderID(o.OrderID)
+	ev := prov.Pay(o.OrderID, o.Amount, "", "")
+	status := func(want string) func() bool {
+		return func() bool { cur, err := svc.Get(id); return err == nil && cur.Status == want }
+	}
+	reconcile := func(done func() bool) {
+		start := queries.Load()
+		deadline := time.Now().Add(10 * time.Second)
+		for !done() && queries.Load() < start+2 {
+			if time.Now().After(deadline) {
+				t.Fatal("reconciler did not query the provider")
+			}
+			svc.Reconcile()
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+	failing.Store(true)
+	advance(2*timeout + time.Second)
+	reconcile(status(pay.StatusInvalid))
+	if !status(pay.StatusInvalid)() {
+		t.Fatal("an order past two timeouts without an answer not closed")
+	}
+	failing.Store(false)
+	reconcile(status(pay.StatusPayBack))
+	if !status(pay.StatusPayBack)() {
+		t.Fatal("the payment of the closed order not refunded")
+	}
+	refund, err := st.Get(persist.Key([]byte("rec/refund/"), uint64(id)))
+	if err != nil || !strings.Contains(string(refund), fmt.Sprintf(`"amount":%d`, o.Amount)) {
+		t.Fatalf("refund record %s (%v), want one of %d", refund, err, o.Amount)
+	}
+	body, _ := proto.Marshal(ev)
+	if code, msg := svc.Notify("mock", pay.Sign(reconcileSecret, clock(), body), body); code != pay.NotifyOK {
+		t.Fatalf("the lost notify: %d %s", code, msg)
+	}
+	svc.Reconcile()
+	if v, err := st.Get(persist.Key([]byte("rec/refund/"), uint64(id))); err != nil || string(v) != string(refund) || !status(pay.StatusPayBack)() {
+		t.Fatalf("refund record %s (%v), want it unchanged: %s", v, err, refund)
+	}
+	if has, err := st.Has(persist.Key([]byte("rec/payunasked/"), uint64(id))); err != nil || has {
+		t.Fatalf("the refunded order is still to be queried (%v)", err)
+	}
+	if b, _ := l.Balance(7); b != 0 {
+		t.Fatalf("credited %d for a payment after the close", b)
 	}
 	persisttest.CheckConservation(t, l)
 }

@@ -131,6 +131,9 @@ type Service struct {
 	openOf   map[int64]int  // user → number of their open orders
 	inflight map[int64]bool // open orders the reconciler is querying now
 	workers  chan struct{}  // reconciler worker slots (ReconcileWorkers)
+	// unaskedFrom: the id the reconciler's next run lists rec/payunasked
+	// from (unasked).
+	unaskedFrom atomic.Int64
 
 	ctx    context.Context // cancelled by Close: ends provider queries in flight
 	rekeep chan struct{}   // cap 1: keeper keeps the open orders' places (nil: no SharedOpen)
@@ -180,6 +183,16 @@ var (
 	// provider's verified query answer reported for open order id, not as
 	// the order (rememberMismatch), until the order is settled.
 	prefixMismatch = recPrefix("paymismatch/")
+	// prefixUnasked: rec/payunasked/<id> → "" for each order closed
+	// (IN_VALID) without the provider's word that it is not paid — a
+	// business's pay order its business closed (CloseBizOrder), an order
+	// the reconciler closed while the provider did not answer. Written in
+	// the closing batch; the reconciler queries the order after its close
+	// (reconcileClosed) until the provider answers, and a payment it
+	// reports is refunded as a late one. Without it a payment whose
+	// notifies were all lost stayed at the provider, neither sold nor
+	// refunded: a closed order was never queried again.
+	prefixUnasked = recPrefix("payunasked/")
 	// prefixReqBound: rec/reqbound/<created ms>/<id> → {user, req}, the
 	// orders whose req_id binding was confirmed (ReqClaims), by creation
 	// time: the bindings are rebuilt from them (ReqBindingsOnDisk).
@@ -1457,10 +1470,14 @@ func (s *Service) loop() {
 // its QueryTimeout, holds only its own worker); it does not wait for the
 // last queries to end. What a query learns is applied. First, the payments
 // not as their order that a query reported are refunded if their order has
-// closed since (refundReported).
+// closed since (refundReported); last, up to unaskedPerRun orders closed
+// without the provider's word are queried (reconcileClosed).
 func (s *Service) Reconcile() {
 	s.refundReported()
-	type due struct{ id, at int64 }
+	type due struct {
+		id, at int64
+		closed bool // rec/payunasked: a closed order (reconcileClosed)
+	}
 	now := s.cfg.Now().UnixMilli()
 	s.openMu.Lock()
 	var list []due
@@ -1472,10 +1489,13 @@ func (s *Service) Reconcile() {
 		if o.order != nil && o.order.ExpiresAt > o.order.CreatedAt {
 			at = o.order.ExpiresAt // a business order's own deadline
 		}
-		list = append(list, due{id, at})
+		list = append(list, due{id: id, at: at})
 	}
 	s.openMu.Unlock()
 	slices.SortFunc(list, func(a, b due) int { return cmp.Compare(a.at, b.at) })
+	for _, id := range s.unasked() {
+		list = append(list, due{id: id, closed: true})
+	}
 	for _, d := range list {
 		select {
 		case s.workers <- struct{}{}:
@@ -1489,7 +1509,7 @@ func (s *Service) Reconcile() {
 		default:
 		}
 		s.openMu.Lock()
-		if _, open := s.open[d.id]; !open || s.inflight[d.id] {
+		if _, open := s.open[d.id]; (!open && !d.closed) || s.inflight[d.id] {
 			s.openMu.Unlock()
 			<-s.workers // closed or being queried since the list was made
 			continue
@@ -1497,15 +1517,110 @@ func (s *Service) Reconcile() {
 		s.inflight[d.id] = true
 		s.wg.Add(1)
 		s.openMu.Unlock()
-		go func(id int64) {
+		go func(d due) {
 			defer s.wg.Done()
-			s.reconcileOne(id)
+			if d.closed {
+				s.reconcileClosed(d.id)
+			} else {
+				s.reconcileOne(d.id)
+			}
 			s.openMu.Lock()
-			delete(s.inflight, id)
+			delete(s.inflight, d.id)
 			s.openMu.Unlock()
 			<-s.workers
-		}(d.id)
+		}(d)
 	}
+}
+
+// unaskedPerRun bounds the closed orders one reconciler run queries
+// (reconcileClosed): a flash sale's sweep closes thousands at once, and a
+// provider that does not answer holds a worker QueryTimeout for each. The
+// next run goes on after the last one listed, so an order the provider
+// never answers about does not keep the others from their queries.
+const unaskedPerRun = 128
+
+// unasked lists up to unaskedPerRun orders of rec/payunasked, from after
+// the last run's.
+func (s *Service) unasked() []int64 {
+	from := s.unaskedFrom.Load()
+	var ids []int64
+	add := func(k, _ []byte) (bool, error) {
+		ids = append(ids, int64(persist.KeyID(k)))
+		return len(ids) < unaskedPerRun, nil
+	}
+	err := s.store.ScanRange(persist.Key(prefixUnasked, uint64(from)), persist.PrefixEnd(prefixUnasked), add)
+	if err == nil && len(ids) < unaskedPerRun && from > 0 {
+		err = s.store.ScanRange(prefixUnasked, persist.Key(prefixUnasked, uint64(from)), add) // around
+	}
+	if err != nil {
+		s.cfg.Log.Warn("pay: closed orders to query not read, next run", "err", err)
+	}
+	next := int64(0)
+	if len(ids) == unaskedPerRun {
+		next = ids[len(ids)-1] + 1
+	}
+	s.unaskedFrom.Store(next)
+	return ids
+}
+
+// unaskedRecord is rec/payunasked/<id>: order id, closed now without the
+// provider's word that it is not paid, is queried after its close.
+func unaskedRecord(id int64) *persist.Record {
+	return &persist.Record{Key: persist.Key(prefixUnasked, uint64(id)), Value: []byte{}}
+}
+
+// reconcileClosed queries the provider about order id, closed (IN_VALID)
+// without its word that it was not paid (rec/payunasked). A payment it
+// reports is applied as its notify would be — a late payment: refunded
+// once, its business told first (or, one the business took before the
+// close, PAYED) — and the record is dropped once the order is settled or
+// the provider's verified answer says it is not paid. No answer, or a
+// payment that could not be applied yet (its business not registered, a
+// store error): the next run asks again.
+func (s *Service) reconcileClosed(id int64) {
+	key := persist.Key(prefixUnasked, uint64(id))
+	forget := func() {
+		if err := s.store.DeleteNoSync(key); err != nil {
+			s.cfg.Log.Warn("pay: record of a closed order to query not dropped, next run", "order", id, "err", err)
+		}
+	}
+	o, err := s.Get(id)
+	switch {
+	case err != nil && proto.AsError(err).Code == proto.CodeNotFound:
+		forget()
+		return
+	case err != nil:
+		return // a store error: next run
+	case o.Status != StatusInvalid:
+		forget() // settled since (a late notify), or open again (never: a record of a failed close)
+		return
+	}
+	ev, answer := s.query(o)
+	switch answer {
+	case queryUnknown:
+		return
+	case queryNotPaid:
+		forget()
+		return
+	}
+	st, msg := s.apply(o.Channel, ev)
+	cur, err := s.Get(id)
+	switch {
+	case err != nil:
+		return
+	case cur.Status == StatusInvalid && st == NotifyConflict:
+		// Not as the order, and its business took another payment of it
+		// (apply: ErrBizPaid): this one is for an operator, as a paid
+		// order's is (refundReported).
+		s.cfg.Log.Error("pay: a closed order's payment not as the order was not refunded: its business took another", "order", o.OrderID,
+			"event", ev.EventID, "amount", ev.Amount)
+	case cur.Status == StatusInvalid:
+		s.cfg.Log.Warn("pay: payment of a closed order not applied yet, next run", "order", o.OrderID, "status", st, "msg", msg)
+		return
+	}
+	s.cfg.Log.Warn("pay: payment of a closed order found by a query", "order", o.OrderID, "event", ev.EventID,
+		"amount", ev.Amount, "status", cur.Status)
+	forget()
 }
 
 // reconcileOne queries the provider about open order id and acts on it.
@@ -1554,9 +1669,13 @@ func (s *Service) reconcileOne(id int64) {
 	// the provider cannot tell (down, slow, unverifiable answer) only after
 	// a second timeout (a payment that lands after the close is refunded).
 	if age >= timeout && (answer == queryNotPaid || age >= 2*timeout) {
+		var unasked *persist.Record
+		if answer != queryNotPaid {
+			unasked = unaskedRecord(id) // queried after its close
+		}
 		unlock := s.orders.Lock(id)
 		if cur, err := s.Get(id); err == nil && OpenStatus(cur.Status) {
-			if err := s.moveLocked(&cur, id, StatusInvalid, "unpaid timeout", nil); err != nil {
+			if err := s.moveLocked(&cur, id, StatusInvalid, "unpaid timeout", unasked); err != nil {
 				s.cfg.Log.Error("pay: close expired order", "order", o.OrderID, "err", err)
 			}
 		}

@@ -4,6 +4,7 @@ import (
 	"maps"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/liveedge/liveedge/gateway/proto"
@@ -197,12 +198,19 @@ func (s *Service) closeDue(due []int64) []int64 {
 		closed []int64
 		wg     sync.WaitGroup
 	)
+	// unanswered: a query of this sweep went unanswered (the provider is
+	// down or slow): the rest close without asking, each would wait its
+	// QueryTimeout — the pay centre queries them after their close.
+	var unanswered atomic.Bool
 	next := make(chan int64)
 	for range min(closeWorkers, len(due)) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			for id := range next {
+				if !s.askBeforeClose(id, &unanswered) {
+					continue // paid, says the provider, not applied yet: next sweep
+				}
 				o, err := s.close(id, 0, "unpaid timeout", true)
 				switch {
 				case err == nil && o.Status == StatusCancelled:
@@ -221,6 +229,28 @@ func (s *Service) closeDue(due []int64) []int64 {
 	close(next)
 	wg.Wait()
 	return closed
+}
+
+// askBeforeClose asks the pay centre about due order id's provider payment
+// before the sweep closes it (pay.Service.AskBeforeClose): a payment made
+// before the deadline whose notifies were all lost is applied as its notify
+// would have been — the order sold (Paid), not closed — instead of being
+// found (if ever) after the close. false: the provider reports a payment
+// not applied yet, the order stays open until the next sweep. The order is
+// read without its lock: close decides under it.
+func (s *Service) askBeforeClose(id int64, unanswered *atomic.Bool) bool {
+	if unanswered.Load() {
+		return true
+	}
+	o, err := s.load1(id)
+	if err != nil || o.Status != StatusPendingPay || o.Pay != PayMock || s.cfg.Now().UnixMilli() < o.ExpiresAt {
+		return true
+	}
+	closable, answered := s.pay.AskBeforeClose(id)
+	if !answered {
+		unanswered.Store(true)
+	}
+	return closable
 }
 
 // pushIfCancelled pushes order id's status to its buyer if it is still

@@ -36,7 +36,7 @@ func TestQueriedMismatchRefundedOnceTheSweepClosed(t *testing.T) {
 	}
 	p.pay(o.OrderID, po.Amount+1)
 	e.clock.advance(2 * time.Minute) // due for a query (pay.Config.ReconcileAfter), before the deadline
-	e.reconcile(p, func() bool { return false })
+	e.reconcile(&p.queries, func() bool { return false })
 	e.payAndSeats(id, pay.StatusPaying, StatusPendingPay, prog, 2, 2, 0) // 409: nothing sold, nothing credited
 	e.clock.advance(DefaultPayTimeout)
 	if n := e.svc.CloseExpired(); n != 1 {
@@ -88,10 +88,10 @@ func TestQueriedMismatchWaitsForItsBusiness(t *testing.T) {
 	payStatus := func(want string) func() bool {
 		return func() bool { cur, err := e.pay.Get(id); return err == nil && cur.Status == want }
 	}
-	e.reconcile(p, payStatus(pay.StatusPayBack))
+	e.reconcile(&p.queries, payStatus(pay.StatusPayBack))
 	e.payAndSeats(id, pay.StatusPaying, StatusPendingPay, prog, 3, 1, 0)
 	e.pay.RegisterBusiness(Biz, e.svc)
-	e.reconcile(p, payStatus(pay.StatusPayBack))
+	e.reconcile(&p.queries, payStatus(pay.StatusPayBack))
 	e.payAndSeats(id, pay.StatusPayBack, StatusRefunded, prog, 4, 0, 0)
 	e.refunded(id, po.Amount+1)
 }
@@ -144,11 +144,11 @@ func newQueriedEnv(t *testing.T) (*env, *queryProvider) {
 // reconcile runs the pay centre's reconciler until done, or until the
 // provider has answered two more queries: the first one's answer was acted
 // on (an order is queried again only once its last query is over).
-func (e *env) reconcile(p *queryProvider, done func() bool) {
+func (e *env) reconcile(queries *atomic.Int64, done func() bool) {
 	e.t.Helper()
-	start := p.queries.Load()
+	start := queries.Load()
 	deadline := time.Now().Add(10 * time.Second)
-	for !done() && p.queries.Load() < start+2 {
+	for !done() && queries.Load() < start+2 {
 		if time.Now().After(deadline) {
 			e.t.Fatal("the reconciler did not query the provider")
 		}

@@ -67,6 +67,7 @@ type Payments interface {
 	OrderIDsAbove(id int64)
 	CreateBizOrder(r pay.BizOrderReq, extra ...persist.Record) (pay.Order, error)
 	CloseBizOrder(id int64, why string) error
+	AskBeforeClose(id int64) (closable, answered bool)
 	Get(id int64) (pay.Order, error)
 }
 

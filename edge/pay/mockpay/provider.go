@@ -39,6 +39,9 @@ type Config struct {
 	Reorder    bool          // random extra delay (0..Factor×4 min) per attempt, so payments overtake each other
 	Lost       bool          // never deliver notifies (only the active query tells)
 	Client     *http.Client
+	// Now is the provider's clock (signatures, paid_at): a test's injected
+	// clock, so that the merchant verifies what it signs. nil = time.Now.
+	Now func() time.Time
 }
 
 // Provider is the mock provider.
@@ -66,6 +69,9 @@ type payment struct {
 func New(cfg Config) *Provider {
 	if cfg.Factor <= 0 {
 		cfg.Factor = 1
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
 	}
 	if cfg.Client == nil {
 		cfg.Client = &http.Client{Timeout: 5 * time.Second}
@@ -114,7 +120,7 @@ func (p *Provider) Pay(orderID string, amount int64, notifyURL, status string) p
 		return old.ev
 	}
 	pm := &payment{ev: pay.Event{EventID: "evt_" + randomID(), OrderID: orderID, Amount: amount, Status: status,
-		PaidAt: time.Now().UnixMilli()}, notifyURL: notifyURL}
+		PaidAt: p.cfg.Now().UnixMilli()}, notifyURL: notifyURL}
 	p.payments[orderID] = pm
 	p.mu.Unlock()
 	if !p.cfg.Lost && notifyURL != "" {
@@ -125,7 +131,7 @@ func (p *Provider) Pay(orderID string, amount int64, notifyURL, status string) p
 }
 
 // Sign signs body as the provider does (for tests that forge deliveries).
-func (p *Provider) Sign(body []byte) string { return pay.Sign(p.cfg.Secret, time.Now(), body) }
+func (p *Provider) Sign(body []byte) string { return pay.Sign(p.cfg.Secret, p.cfg.Now(), body) }
 
 func (p *Provider) scaled(d time.Duration) time.Duration {
 	return time.Duration(float64(d) * p.cfg.Factor)
@@ -147,9 +153,9 @@ func (p *Provider) deliver(pm *payment) {
 		case <-time.After(wait):
 		}
 		wait = 0
-		sig := pay.Sign(p.cfg.Secret, time.Now(), body)
+		sig := pay.Sign(p.cfg.Secret, p.cfg.Now(), body)
 		if attempt < p.cfg.BadSigs {
-			sig = pay.Sign(p.cfg.Secret+"-wrong", time.Now(), body)
+			sig = pay.Sign(p.cfg.Secret+"-wrong", p.cfg.Now(), body)
 		}
 		var acked atomic.Bool
 		var wg sync.WaitGroup
@@ -235,7 +241,7 @@ func (p *Provider) Handler() http.Handler {
 		p.mu.Unlock()
 		b, _ := proto.Marshal(ev)
 		w.Header().Set("Content-Type", "application/json")
-		w.Header().Set(pay.SignatureHeader, pay.Sign(p.cfg.Secret, time.Now(), b))
+		w.Header().Set(pay.SignatureHeader, pay.Sign(p.cfg.Secret, p.cfg.Now(), b))
 		_, _ = w.Write(b)
 	})
 	mux.HandleFunc("/stats", func(w http.ResponseWriter, _ *http.Request) {
