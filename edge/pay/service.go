@@ -1056,11 +1056,20 @@ func (s *Service) refundReported() {
 	}
 	for _, r := range list {
 		o, err := s.Get(r.id)
+		bizPaid := false
 		if err == nil && o.Status == StatusInvalid {
 			st, msg := s.apply(o.Channel, r.ev)
 			if o, err = s.Get(r.id); err == nil && o.Status == StatusInvalid {
-				s.cfg.Log.Warn("pay: payment not as the order not refunded yet, next run", "order", o.OrderID, "status", st, "msg", msg)
-				continue
+				if st != NotifyConflict {
+					s.cfg.Log.Warn("pay: payment not as the order not refunded yet, next run", "order", o.OrderID, "status", st, "msg", msg)
+					continue
+				}
+				// 409 leaves a closed order as it was only when its
+				// business took another payment of it (Refunded answered
+				// ErrBizPaid: its PAYED write was lost before the close):
+				// as a PAYED order's, below. (Kept, it was tried and
+				// warned about at every run, for good.)
+				bizPaid = true
 			}
 		}
 		switch {
@@ -1068,7 +1077,7 @@ func (s *Service) refundReported() {
 			continue // a store error: next run
 		case err == nil && OpenStatus(o.Status):
 			continue
-		case err == nil && o.Status == StatusPayed:
+		case err == nil && (o.Status == StatusPayed || bizPaid):
 			// Paid as the order by another event after the query had
 			// reported this one: an order has one refund record, and the
 			// payment it took stands — this one is for an operator.

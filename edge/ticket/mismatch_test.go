@@ -176,3 +176,42 @@ func (e *env) refunded(id, amount int64) []byte {
 	}
 	return v
 }
+
+// A ticket order PAID on a payment as the order (Paid ran; its pay order's
+// PAYED write was lost and the pay order closed: IN_VALID, as in
+// TestTicketPaidBeforeItsPayOrderClosed) whose query had reported another
+// payment, not as the order: that one is left to an operator (logged), as a
+// PAYED order's is, and forgotten. Before, its rec/paymismatch record was
+// kept — applied at every reconciler run (409: the business took another
+// payment) and warned about, for good. Nothing is refunded, the seats stay
+// sold.
+func TestQueriedMismatchOfATicketPaidBeforeItsPayOrderClosed(t *testing.T) {
+	e, p := newQueriedEnv(t)
+	prog, o, id := e.mockOrder(2)
+	po, err := e.pay.Get(id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.pay(o.OrderID, po.Amount+1)
+	e.clock.advance(2 * time.Minute) // due for a query, before the deadline
+	e.reconcile(&p.queries, func() bool { return false })
+	mismatch := persist.Key([]byte("rec/paymismatch/"), uint64(id))
+	if has, err := e.store.Has(mismatch); err != nil || !has {
+		t.Fatalf("the reported payment not remembered (%v)", err)
+	}
+	if err := e.svc.Paid(po); err != nil { // the pay centre's markBizPaid, up to its crash
+		t.Fatal(err)
+	}
+	if err := e.pay.CloseBizOrder(id, "unpaid timeout"); err != nil {
+		t.Fatal(err)
+	}
+	e.pay.Reconcile()
+	e.payAndSeats(id, pay.StatusInvalid, StatusPaid, prog, 2, 0, 2)
+	if has, err := e.store.Has(mismatch); err != nil || has {
+		t.Fatalf("the reported payment of a paid ticket order still kept (%v)", err)
+	}
+	e.noRefund(id)
+	if b := e.balance(7); b != 0 {
+		t.Fatalf("credited %d", b)
+	}
+}
