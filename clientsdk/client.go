@@ -65,7 +65,7 @@ type Client struct {
 	// acks are the reliable pushes OnPush has returned from, not acked yet
 	// (gathered while more events wait), the oldest delivered at ackSince.
 	ackMu    sync.Mutex
-	acks     []string
+	acks     []heldAck
 	ackSince time.Time
 	// flushing holds a token while held acks are sent: a close waits for
 	// a flush under way, but no longer than its own context.
@@ -133,8 +133,15 @@ var startIndex = func(n int) int { return rand.IntN(n) }
 
 type event struct {
 	push  Push
-	ack   bool // push is reliable: ack it once OnPush returned
+	ack   bool     // push is reliable: ack it once OnPush returned
+	from  *session // the connection push came on (its ack goes there)
 	state *StateEvent
+}
+
+// heldAck is a delivered reliable push to ack and the connection it came on.
+type heldAck struct {
+	mid  string
+	from *session
 }
 
 // Dial connects to one of cfg's URLs and waits for the server's hello,
@@ -983,7 +990,7 @@ func (c *Client) dispatch() {
 				c.mu.Lock()
 				delete(c.undelivered, ev.push.Mid)
 				c.mu.Unlock()
-				c.holdAck(ev.push.Mid)
+				c.holdAck(ev.push.Mid, ev.from)
 			}
 		}
 		if c.acksDue(len(c.events) == 0) {
@@ -1004,13 +1011,14 @@ func (c *Client) dispatch() {
 // more events keep the queue busy.
 const ackHold = 100 * time.Millisecond
 
-// holdAck adds delivered reliable push mid to the acks to send.
-func (c *Client) holdAck(mid string) {
+// holdAck adds delivered reliable push mid, which came on from, to the
+// acks to send.
+func (c *Client) holdAck(mid string, from *session) {
 	c.ackMu.Lock()
 	if len(c.acks) == 0 {
 		c.ackSince = time.Now()
 	}
-	c.acks = append(c.acks, mid)
+	c.acks = append(c.acks, heldAck{mid, from})
 	c.ackMu.Unlock()
 }
 
@@ -1023,9 +1031,13 @@ func (c *Client) acksDue(idle bool) bool {
 	return n > 0 && (idle || n >= proto.MaxAckMids || time.Since(c.ackSince) >= ackHold)
 }
 
-// flushAcks sends the held acks on the current connection (on none while
-// reconnecting: the node resends those pushes to the next one, where they
-// are acked as duplicates, not delivered again).
+// flushAcks sends each held ack on the connection its push came on while
+// that one lives — also while it is not ready yet: a push the node sends
+// right after the hello (the user's offline box) is delivered while the
+// rooms are being re-joined, and an ack kept from that connection made the
+// node resend it. An ack whose connection ended goes on the current one (on
+// none while reconnecting: the node resends those pushes to the next one,
+// where they are acked as duplicates, not delivered again).
 func (c *Client) flushAcks(ctx context.Context) {
 	select {
 	case c.flushing <- struct{}{}:
@@ -1037,17 +1049,32 @@ func (c *Client) flushAcks(ctx context.Context) {
 	}
 	defer func() { <-c.flushing }()
 	c.ackMu.Lock()
-	mids := c.acks
+	held := c.acks
 	c.acks = nil
 	c.ackMu.Unlock()
-	if len(mids) == 0 {
+	if len(held) == 0 {
 		return
 	}
+	// Grouped by connection, in order (almost always one group).
+	var to []*session
+	mids := map[*session][]string{}
 	c.mu.Lock()
-	s := c.sess
+	for _, h := range held {
+		s := h.from
+		if s == nil || s.dead {
+			s = c.sess
+		}
+		if s == nil {
+			continue
+		}
+		if _, ok := mids[s]; !ok {
+			to = append(to, s)
+		}
+		mids[s] = append(mids[s], h.mid)
+	}
 	c.mu.Unlock()
-	if s != nil {
-		s.sendAcks(ctx, mids)
+	for _, s := range to {
+		s.sendAcks(ctx, mids[s])
 	}
 }
 

@@ -843,3 +843,32 @@ func TestShortLivedConnectionsBackOff(t *testing.T) {
 		t.Fatalf("%d connections in 2 s with every one closed at once", n)
 	}
 }
+
+// A reliable push that reaches a reconnected client while its rooms are
+// being re-joined (a node sends the user's offline box right after the
+// hello) is acked on the connection it came on. Before, the ack went to the
+// ready session only — none until the re-joins were answered — and was
+// dropped: the node resent every such push (resend_after), twice the push
+// traffic of a mass failover.
+func TestPushAckedWhileRejoining(t *testing.T) {
+	ts := newTServer(t)
+	ts.pos[5] = proto.Position{Off: 3, Ep: "e"}
+	r := &rec{}
+	c := dial(t, ts, r, nil)
+	if _, err := c.Join(context.Background(), 5); err != nil {
+		t.Fatal(err)
+	}
+	ts.joinDelay.Store(int64(time.Second))
+	ts.conn(0).close(proto.CloseGoingAway)
+	waitFor(t, 5*time.Second, "the re-join of room 5 at the node", func() bool { return slices.Contains(ts.joinsOn(1), 5) })
+	ts.conn(1).send(t, pushFrame("box-1", true, 0, "offline box"))
+	waitFor(t, 5*time.Second, "box-1 delivered", func() bool { return r.hasMid("box-1") })
+	if c.Stats().Reconnects != 0 {
+		t.Fatal("the re-join was answered before box-1 was delivered: nothing tested")
+	}
+	waitFor(t, 5*time.Second, "connected again", func() bool { return c.Stats().Reconnects == 1 })
+	waitFor(t, 5*time.Second, "the ack of box-1", func() bool { return ts.ackCount("box-1") > 0 })
+	if n := ts.ackCount("box-1"); n != 1 {
+		t.Fatalf("box-1 acked %d times, want once", n)
+	}
+}

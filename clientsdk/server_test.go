@@ -28,6 +28,7 @@ type tServer struct {
 	heartbeatS int
 	delay      atomic.Int64 // nanoseconds to hold each upgrade (simulates a slow node)
 	kick       atomic.Int32 // a close code sent right after hello (0: none)
+	joinDelay  atomic.Int64 // nanoseconds to hold the reply to a join with since (a slow re-join)
 
 	mu         sync.Mutex
 	conns      []*tConn
@@ -175,6 +176,9 @@ func (ts *tServer) OnMessage(ws *gws.Conn, m *gws.Message) {
 		pos, numbered := ts.pos[rr.RoomID]
 		lost, replay, before := ts.lost[rr.RoomID], ts.replay[rr.RoomID], ts.before[rr.RoomID]
 		ts.mu.Unlock()
+		if d := time.Duration(ts.joinDelay.Load()); d > 0 && rr.Since != nil {
+			time.Sleep(d) // recorded (joinList), answered late: holds this connection's read loop, as a slow node would
+		}
 		if refused {
 			reply(proto.EncodeErrorReply(f.ID, proto.ErrNotFound))
 			return

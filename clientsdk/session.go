@@ -456,7 +456,7 @@ func (s *session) handle(f *proto.ServerFrame, acks []string) []string {
 			c.undelivered[f.Mid] = struct{}{}
 			c.mu.Unlock()
 		}
-		if c.emit(event{push: p, ack: reliable}) {
+		if c.emit(event{push: p, ack: reliable, from: s}) {
 			c.stats.delivered.Add(1)
 		} else if reliable {
 			c.mu.Lock()
