@@ -323,7 +323,8 @@ func (c *Client) Stats() Stats {
 // but the frame is not cut: it is written whole in the background, so the
 // request may still reach the server and run, as one whose reply came too
 // late (a write that never ends closes the connection at RequestTimeout,
-// see Config.RequestTimeout). A request in flight when the connection drops
+// see Config.RequestTimeout). A request that times out makes the client
+// ping the node at once (see Config.HeartbeatInterval). A request in flight when the connection drops
 // fails with ErrDisconnected and is not resent.
 func (c *Client) Request(ctx context.Context, typ string, d any) ([]byte, error) {
 	if typ == proto.TypeJoin {
@@ -380,10 +381,17 @@ func (c *Client) request(ctx context.Context, typ string, d any, onOK func(d []b
 		if errors.Is(err, errNotSent) {
 			continue // the connection went away before we wrote: wait for the next one
 		}
-		if err != nil {
-			return nil, err
+		if err == nil {
+			var raw []byte
+			raw, err = s.await(ctx, typ, id, cl)
+			if err == nil {
+				return raw, nil
+			}
 		}
-		return s.await(ctx, typ, id, cl)
+		if errors.Is(err, context.DeadlineExceeded) {
+			s.suspect()
+		}
+		return nil, err
 	}
 }
 
@@ -700,10 +708,8 @@ func (c *Client) activate(s *session, attempt, i int) error {
 	case hello.HeartbeatS > 0:
 		every = time.Duration(hello.HeartbeatS) * time.Second / 2
 	}
-	if every > 0 {
-		c.wg.Add(1)
-		go c.heartbeat(s, every)
-	}
+	c.wg.Add(1)
+	go c.heartbeat(s, every)
 	return nil
 }
 
@@ -734,23 +740,34 @@ func (c *Client) rejoined(room int64, since *proto.Position) func(d []byte) {
 	}
 }
 
-// heartbeat pings when nothing was written for half an interval, so the
-// gateway never sees the client silent for 2 × heartbeat; a ping without a
-// reply closes the connection (the run loop reconnects).
+// heartbeat checks that s's node is alive. Every interval (none when every
+// <= 0) it pings when nothing was written for half an interval, so the
+// gateway never sees the client silent for 2 × heartbeat, or when nothing
+// was read for as long — whatever was written: a node that keeps the TCP
+// connection but answers nothing (wedged, half-open) is left even while the
+// app keeps sending requests. It also pings at once when a request timed
+// out (session.suspect). A ping without a reply within RequestTimeout
+// closes the connection (the run loop reconnects).
 func (c *Client) heartbeat(s *session, every time.Duration) {
 	defer c.wg.Done()
-	t := time.NewTicker(every)
-	defer t.Stop()
+	var tick <-chan time.Time
+	if every > 0 {
+		t := time.NewTicker(every)
+		defer t.Stop()
+		tick = t.C
+	}
 	for {
 		select {
-		case <-t.C:
+		case <-tick:
+			if time.Since(time.Unix(0, s.lastWrite.Load())) < every/2 &&
+				time.Since(time.Unix(0, s.lastRead.Load())) < every/2 {
+				continue
+			}
+		case <-s.probe:
 		case <-s.done:
 			return
 		case <-c.ctx.Done():
 			return
-		}
-		if time.Since(time.Unix(0, s.lastWrite.Load())) < every/2 {
-			continue
 		}
 		ctx, cancel := context.WithTimeout(c.ctx, c.cfg.RequestTimeout)
 		id, cl, err := s.send(ctx, proto.TypePing, nil, nil)

@@ -872,3 +872,77 @@ func TestPushAckedWhileRejoining(t *testing.T) {
 		t.Fatalf("box-1 acked %d times, want once", n)
 	}
 }
+
+// A node that keeps the TCP connection up but answers nothing (wedged, or
+// half-open) is left by the heartbeat while the app keeps writing: it pings
+// when nothing was read for half an interval, whatever was written. Before,
+// it pinged only when nothing was written, so a client sending a request
+// every 50 ms never pinged and stayed on the node for good (every request
+// timed out).
+func TestWedgedNodeLeftWhileTheAppWrites(t *testing.T) {
+	ts := newTServer(t)
+	c := dial(t, ts, nil, func(cfg *Config) {
+		cfg.HeartbeatInterval = 400 * time.Millisecond // a write every 50 ms is well within its half
+		cfg.RequestTimeout = 300 * time.Millisecond    // the ping's timeout
+	})
+	ts.conn(0).mute.Store(true)
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	// Requests that outlive the test's wait: none times out meanwhile,
+	// only the heartbeat can see the node is gone.
+	for deadline := time.Now().Add(3 * time.Second); c.Stats().Reconnects == 0; time.Sleep(50 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("still on the wedged node after 3 s: %d connection(s), %d ping(s) sent to it", ts.connCount(), ts.count(proto.TypePing))
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			_, _ = c.Request(ctx, "echo", nil)
+		}()
+	}
+	if _, err := c.Request(context.Background(), "echo", nil); err != nil {
+		t.Fatalf("request on the new connection: %v", err)
+	}
+}
+
+// A request that times out makes the client ping at once, whatever the
+// heartbeat: a node that answers nothing is left within the ping's timeout
+// (RequestTimeout); one that answers the ping is kept (the request was
+// merely slow).
+func TestRequestTimeoutProbesTheConnection(t *testing.T) {
+	ts := newTServer(t)
+	c := dial(t, ts, nil, func(cfg *Config) {
+		cfg.HeartbeatInterval = time.Minute // no heartbeat ping within the test
+		cfg.RequestTimeout = 300 * time.Millisecond
+	})
+	ts.conn(0).mute.Store(true)
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	_, err := c.Request(ctx, "echo", nil)
+	cancel()
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("request to the wedged node: %v, want a timeout", err)
+	}
+	waitFor(t, 3*time.Second, "a reconnect after the ping unanswered", func() bool { return c.Stats().Reconnects == 1 })
+	if n := ts.count(proto.TypePing); n != 1 {
+		t.Fatalf("%d pings sent to the wedged node, want 1", n)
+	}
+
+	// The new node answers pings, not "noreply": the request times out,
+	// the ping is answered, the client stays.
+	ctx, cancel = context.WithTimeout(context.Background(), 50*time.Millisecond)
+	_, err = c.Request(ctx, "noreply", nil)
+	cancel()
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("noreply: %v, want a timeout", err)
+	}
+	waitFor(t, 3*time.Second, "the ping after the timeout", func() bool { return ts.count(proto.TypePing) == 2 })
+	time.Sleep(400 * time.Millisecond) // past the ping's timeout
+	if n := ts.connCount(); n != 2 || c.Stats().Reconnects != 1 {
+		t.Fatalf("%d connections, %d reconnects after an answered ping, want 2 and 1", n, c.Stats().Reconnects)
+	}
+	if _, err := c.Request(context.Background(), "echo", nil); err != nil {
+		t.Fatal(err)
+	}
+}

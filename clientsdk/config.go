@@ -104,10 +104,13 @@ type Config struct {
 
 	// HeartbeatInterval is how often the client makes sure it has sent
 	// something (a ping request when idle) so that the gateway does not close
-	// it as silent. Zero means half the heartbeat_s of the server's hello (no
-	// heartbeat if the hello has none); a negative value disables heartbeats.
-	// A ping unanswered within RequestTimeout closes the connection (and the
-	// client reconnects).
+	// it as silent, and that it has read something: it pings too when nothing
+	// came from the node for half an interval, however much it wrote (a node
+	// that keeps the TCP connection but answers nothing is left). Zero means
+	// half the heartbeat_s of the server's hello (no heartbeat if the hello
+	// has none); a negative value disables heartbeats. Whatever this is, a
+	// request that times out makes the client ping at once. A ping unanswered
+	// within RequestTimeout closes the connection (and the client reconnects).
 	HeartbeatInterval time.Duration
 
 	// LocalAddr, when set, is the local address every connection is dialed

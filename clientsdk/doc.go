@@ -20,8 +20,11 @@
 //     connection is not hit ten times a second). Client.URL and the URL of
 //     StateConnected / StateReconnecting tell which node.
 //   - Keeping that connection alive: heartbeat pings (Config.HeartbeatInterval,
-//     by default half the hello's heartbeat_ms, else heartbeat_s), and reconnecting with
-//     exponential backoff and full jitter after any disconnect whose close
+//     by default half the hello's heartbeat_ms, else heartbeat_s) when nothing
+//     was written or nothing was read for half an interval, and a ping at once
+//     after a request timed out: a node that answers nothing is left when a
+//     ping goes unanswered for RequestTimeout, however busy the app is.
+//     Reconnecting with exponential backoff and full jitter after any disconnect whose close
 //     code is reconnectable (proto.Reconnectable: below 4500) or after a
 //     network error. A terminal close code (>= 4500), or an HTTP 401 on
 //     reconnect with a static Token, stops the client for good (Closed fires);

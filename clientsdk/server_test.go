@@ -58,6 +58,9 @@ type tConn struct {
 	batch  bool
 	ws     *gws.Conn
 	closed chan struct{}
+	// mute makes the connection a wedged node's: TCP up, every frame read
+	// (and counted) but none answered, no ack recorded.
+	mute atomic.Bool
 }
 
 func newTServer(t *testing.T) *tServer {
@@ -147,6 +150,9 @@ func (ts *tServer) OnMessage(ws *gws.Conn, m *gws.Message) {
 	ts.mu.Lock()
 	ts.typeCount[f.T]++
 	ts.mu.Unlock()
+	if tc.mute.Load() {
+		return
+	}
 	reply := func(b []byte) { _ = ws.WriteMessage(gws.OpcodeText, b) }
 	switch f.T {
 	case proto.TypePing:

@@ -31,6 +31,10 @@ type session struct {
 
 	wsem      chan struct{} // one-slot write lock that a context can abandon
 	lastWrite atomic.Int64  // unix nanos of the last successful write
+	lastRead  atomic.Int64  // unix nanos of the last frame read
+	// probe asks the heartbeat for a ping at once (buffered 1): a request
+	// on this connection went unanswered for its whole context.
+	probe chan struct{}
 
 	helloCh  chan proto.Hello // buffered 1; the hello, once
 	gotHello bool             // reader goroutine only
@@ -67,6 +71,7 @@ func newSession(c *Client) *session {
 		c:       c,
 		wsem:    make(chan struct{}, 1),
 		helloCh: make(chan proto.Hello, 1),
+		probe:   make(chan struct{}, 1),
 		pending: make(map[int64]*call),
 		done:    make(chan struct{}),
 	}
@@ -299,6 +304,16 @@ func (r reply) result() ([]byte, error) {
 	return r.d, nil
 }
 
+// suspect has the heartbeat ping at once (one ping at a time): a request
+// timed out, and a node that answers nothing at all must be left within the
+// ping's timeout, not after every request the app makes timed out.
+func (s *session) suspect() {
+	select {
+	case s.probe <- struct{}{}:
+	default:
+	}
+}
+
 // forget drops pending request id; false if the reader took it first (its
 // reply is being handled: it is sent on the call's channel next).
 func (s *session) forget(id int64) bool {
@@ -358,6 +373,7 @@ func (s *session) OnClose(_ *gws.Conn, err error) {
 
 func (s *session) OnMessage(_ *gws.Conn, m *gws.Message) {
 	defer m.Close()
+	s.lastRead.Store(time.Now().UnixNano())
 	log := s.c.log
 	if m.Opcode != gws.OpcodeText {
 		log.Warn("clientsdk: ignoring non-text frame", "opcode", m.Opcode)
