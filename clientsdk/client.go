@@ -2,6 +2,7 @@ package clientsdk
 
 import (
 	"context"
+	crand "crypto/rand"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -519,6 +520,61 @@ func (c *Client) ChatOnce(ctx context.Context, roomID int64, text, reqID string)
 		return "", fmt.Errorf("clientsdk: chat reply: %w", err)
 	}
 	return r.Mid, nil
+}
+
+// GiftReq is a gift to send (PROTOCOL.md §3 gift).
+type GiftReq struct {
+	RoomID     int64
+	GiftID     int64
+	ReceiverID int64
+	Count      int    // 0 means 1
+	ReqID      string // ≤ 64 bytes; "" makes one (see Client.Gift)
+	PK         bool   // extension: count the gift towards the room's PK score
+}
+
+// GiftResult is the reply of a successful gift: its order and the sender's
+// balance after it.
+type GiftResult struct {
+	OrderID string `json:"order_id"`
+	Balance int64  `json:"balance"`
+}
+
+// Gift sends a gift. Its req_id makes it idempotent (PROTOCOL.md §5): sent
+// again with the same one — through any node, within 24 h — it moves nothing
+// again and answers the first result. Without g.ReqID one is made, and every
+// error is a *GiftError that carries the req_id sent: after a failure that
+// is not a refusal (ErrDisconnected, a timeout: the gift may have been
+// debited; or 10409 still being processed, 50000, 10429, whose message says
+// so) retry with that req_id, never with a new one, which would debit again.
+// A reply error is a *proto.Error wrapped in it (errors.As finds it).
+func (c *Client) Gift(ctx context.Context, g GiftReq) (GiftResult, error) {
+	var r GiftResult
+	if g.ReqID == "" {
+		g.ReqID = crand.Text()
+	}
+	if g.Count == 0 {
+		g.Count = 1
+	}
+	raw, err := c.request(ctx, proto.TypeGift, giftFrame{g.RoomID, g.GiftID, g.ReceiverID, g.Count, g.ReqID, g.PK}, nil)
+	if err == nil {
+		if err = proto.Unmarshal(raw, &r); err != nil {
+			err = fmt.Errorf("clientsdk: gift reply: %w", err)
+		}
+	}
+	if err != nil {
+		return r, &GiftError{ReqID: g.ReqID, Err: err}
+	}
+	return r, nil
+}
+
+// giftFrame is the d of a gift request.
+type giftFrame struct {
+	RoomID     int64  `json:"room_id"`
+	GiftID     int64  `json:"gift_id"`
+	ReceiverID int64  `json:"receiver_id"`
+	Count      int    `json:"count"`
+	ReqID      string `json:"req_id"`
+	PK         bool   `json:"pk,omitempty"`
 }
 
 // GrabResult is the reply of a successful grab: the amount credited (the

@@ -20,6 +20,17 @@ var (
 	ErrUnauthorized = errors.New("clientsdk: unauthorized (HTTP 401)")
 )
 
+// GiftError is a failed Client.Gift: Err, and the req_id the gift was sent
+// with — retry with it (see Client.Gift).
+type GiftError struct {
+	ReqID string
+	Err   error
+}
+
+func (e *GiftError) Error() string { return fmt.Sprintf("%v (gift req_id %s)", e.Err, e.ReqID) }
+
+func (e *GiftError) Unwrap() error { return e.Err }
+
 // CloseError is the close frame the server sent: its code (gateway/proto
 // close.go) and reason.
 type CloseError struct {

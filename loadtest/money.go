@@ -10,6 +10,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/liveedge/liveedge/clientsdk"
 	"github.com/liveedge/liveedge/gateway/proto"
 )
 
@@ -207,8 +208,8 @@ func (r *run) sendGift(s *lconn, seq int64, at time.Time, timed bool) {
 	r.m.requests.Add(1)
 	rctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	_, err := s.c.Request(rctx, proto.TypeGift, map[string]any{"room_id": r.room, "gift_id": r.cfg.GiftID,
-		"receiver_id": r.m.receiver, "count": 1, "req_id": "lg-" + strconv.FormatInt(s.user, 10) + "-" + strconv.FormatInt(seq, 10)})
+	_, err := s.c.Gift(rctx, clientsdk.GiftReq{RoomID: r.room, GiftID: r.cfg.GiftID, ReceiverID: r.m.receiver, Count: 1,
+		ReqID: "lg-" + strconv.FormatInt(s.user, 10) + "-" + strconv.FormatInt(seq, 10)})
 	var pe *proto.Error
 	if timed && (err == nil || errors.As(err, &pe)) {
 		r.lat.Record(time.Since(at))
