@@ -18,13 +18,15 @@ import (
 // nothing — a client's retry after a timeout or a reconnect, on any node of
 // a cluster. One still being sent, or not confirmed (a cluster's sequencer
 // that did not answer in time: the push may still go out), is answered
-// 10409 until its claim expires. A chat refused (rate limit, room busy or
-// gone) leaves no trace: its retry is sent.
+// 10409 until its fate is known (its mid then kept, or its claim released:
+// router.PublishRoomBy) or its claim expires — after its chat can no longer
+// go out (chatSendBy). A chat refused (rate limit, room busy or gone)
+// leaves no trace: its retry is sent.
 const (
 	chatOnceTTL = 2 * time.Minute
 	// chatInFlightTTL bounds a claim whose chat is being sent or was not
-	// confirmed (its node may have died meanwhile): longer than a push can
-	// wait in a full room queue (~1 min).
+	// confirmed (its node may have died meanwhile). Its chat is numbered
+	// within the first half of it or never (chatSendBy).
 	chatInFlightTTL = 2 * time.Minute
 	// chatOnceMax bounds the (user, req_id) pairs one node remembers
 	// (memChatOnce, ~200 B each): 100k, ~830 chats/s with a req_id for 2
@@ -42,7 +44,17 @@ type chatOnce interface {
 	// errChatInFlight, or neither.
 	peek(user int64, req string) (mid string, err *proto.Error)
 	claim(user int64, req string) (mid string, settle func(mid string), err *proto.Error)
+	// inFlight is how long a claim holds while its chat is being sent.
+	inFlight() time.Duration
 }
+
+// chatSendBy is how long after its claim (inFlight) a chat may still be
+// numbered — after that a cluster's sequencer still retrying its batch has
+// Redis refuse it (router.PublishRoomBy): the claim outlives it, by as
+// much again, so the chat cannot go out once a retry may claim its req_id
+// anew and post it. The other half covers the node's and Redis's clocks
+// apart and the late settle of a chat numbered just in time.
+func chatSendBy(inFlight time.Duration) time.Duration { return inFlight / 2 }
 
 var errChatInFlight = proto.Errorf(proto.CodeConflict, "a chat with this req_id is still being sent; retry with the same req_id")
 
@@ -72,6 +84,8 @@ func newMemChatOnceSize(n int) *memChatOnce {
 	l, _ := simplelru.NewLRU[chatKey, chatSent](n, nil) // only a size ≤ 0 fails
 	return &memChatOnce{lru: l, now: time.Now}
 }
+
+func (m *memChatOnce) inFlight() time.Duration { return chatInFlightTTL }
 
 func (m *memChatOnce) peek(user int64, req string) (string, *proto.Error) {
 	m.mu.Lock()
@@ -125,6 +139,14 @@ type redisChatOnce struct {
 	node    string
 	n       atomic.Uint64
 	timeout time.Duration
+	ttl     time.Duration // of a claim in flight (zero: chatInFlightTTL; tests shorten it)
+}
+
+func (r *redisChatOnce) inFlight() time.Duration {
+	if r.ttl > 0 {
+		return r.ttl
+	}
+	return chatInFlightTTL
 }
 
 // chatReqKey is outside le:* (the shared wallet's reset after a data loss
@@ -173,7 +195,7 @@ func (r *redisChatOnce) claim(user int64, req string) (string, func(string), *pr
 	ctx, cancel := context.WithTimeout(context.Background(), r.timeout)
 	defer cancel()
 	v, err := setIfAbsentScript.Exec(ctx, r.rdb, []string{key},
-		[]string{token, strconv.FormatInt(chatInFlightTTL.Milliseconds(), 10)}).ToString()
+		[]string{token, strconv.FormatInt(r.inFlight().Milliseconds(), 10)}).ToString()
 	settle := func(mid string) error {
 		ctx, cancel := context.WithTimeout(context.Background(), r.timeout)
 		defer cancel()

@@ -1,6 +1,8 @@
 package gateway
 
 import (
+	"time"
+
 	"github.com/liveedge/liveedge/gateway/proto"
 	"github.com/liveedge/liveedge/router"
 )
@@ -65,6 +67,11 @@ func (s *Server) PanicOnFrame(t string) {
 		}
 	}
 }
+
+// ShortenChatClaims makes s's chat claims in flight (a cluster's, in Redis)
+// last d instead of chatInFlightTTL — and their chats numbered within half
+// of it or never. Set before any connection.
+func (s *Server) ShortenChatClaims(d time.Duration) { s.chatOnce.(*redisChatOnce).ttl = d }
 
 // FailChatClaims makes every chat claim of s fail with perr after the
 // chat's rate was checked, as a cluster's Redis that stopped answering

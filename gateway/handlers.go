@@ -218,7 +218,9 @@ func (s *Server) chatMsg(c *Conn, f *proto.ClientFrame) (any, *proto.Error) {
 		return nil, s.internal("chat encode", merr)
 	}
 	var settle func(string)
+	var by time.Time // the chat is numbered by then or never (a claim's)
 	if r.ReqID != "" {
+		by = time.Now().Add(chatSendBy(s.chatOnce.inFlight())) // before the claim: its TTL runs from later
 		mid, st, perr := s.chatOnce.claim(c.ident.UserID, r.ReqID)
 		if perr != nil {
 			spent.GiveBack() // nothing sent (Redis did not answer, or 10409): no rate spent
@@ -234,10 +236,19 @@ func (s *Server) chatMsg(c *Conn, f *proto.ClientFrame) (any, *proto.Error) {
 	var err error
 	push := proto.Push{Biz: proto.BizChat, Data: d}
 	if w, ok := s.router.(interface {
-		PublishRoomWait(int64, proto.Push) (string, error)
+		PublishRoomBy(int64, proto.Push, time.Time, func(string)) (string, error)
 	}); ok {
-		// A cluster numbers the push in Redis first: "sent" only once it is.
-		mid, err = w.PublishRoomWait(r.RoomID, push)
+		// A cluster numbers the push in Redis first: "sent" only once it
+		// is. One answered in doubt settles its claim once its fate is
+		// known (late: on the sequencer, which must not wait for Redis
+		// here) — its mid kept, so a retry after the claim's TTL is not
+		// posted again; never numbered after by, so the claim cannot lapse
+		// before a late push goes out.
+		var late func(string)
+		if settle != nil {
+			late = func(mid string) { go settle(mid) }
+		}
+		mid, err = w.PublishRoomBy(r.RoomID, push, by, late)
 	} else {
 		mid, err = s.router.PublishRoom(r.RoomID, push)
 	}
@@ -249,8 +260,9 @@ func (s *Server) chatMsg(c *Conn, f *proto.ClientFrame) (any, *proto.Error) {
 			settle("") // not queued: its retry is sent
 		}
 		// Otherwise in doubt (a cluster's sequencer did not answer in time:
-		// the push may still go out): the claim stays until it expires,
-		// retries meanwhile are 10409, so a late push is not doubled.
+		// the push may still go out): the claim stays until late settles it
+		// or it expires, retries meanwhile are 10409, so a late push is not
+		// doubled.
 	}
 	switch {
 	case errors.Is(err, router.ErrNoRoom):

@@ -313,8 +313,16 @@ type seqItem struct {
 	size    int        // pushSize
 	// state, when a caller waits (PublishRoomWait): itemQueued, then
 	// itemTaken once the sequencer took it into a batch, or itemAbandoned
-	// by a caller that stopped waiting first (then it is never sent).
+	// by a caller that stopped waiting first (then it is never sent);
+	// itemUnwaited once a caller stopped waiting for a push taken.
 	state *atomic.Int32
+	// by: numbered by then or never (PublishRoomBy; zero: no bound).
+	by time.Time
+	// late is told the push's fate when its caller was answered before it
+	// was known (PublishRoomBy); doubted: the sequencer answered it
+	// "unconfirmed".
+	late    func(mid string)
+	doubted bool
 }
 
 // The states of a waited-for seqItem.
@@ -322,7 +330,27 @@ const (
 	itemQueued int32 = iota
 	itemTaken
 	itemAbandoned
+	itemUnwaited
 )
+
+// tell answers the push's waiter err, if it still waits.
+func (it *seqItem) tell(err error) {
+	if it.done != nil {
+		it.done <- err
+		it.done = nil
+	}
+}
+
+// settle tells late the push's fate once known, after tell: its mid
+// (numbered) or "" (never sent) — when its caller was answered
+// "unconfirmed" or stopped waiting (an answer sent meanwhile may have gone
+// unread: late then repeats it). A push given up after a failed attempt
+// has no known fate: late is not called.
+func (it *seqItem) settle(mid string) {
+	if it.late != nil && (it.doubted || it.state.Load() == itemUnwaited) {
+		it.late(mid)
+	}
+}
 
 // NewCluster starts the cluster router. Close stops its loops.
 func NewCluster(cfg ClusterConfig) (*Cluster, error) {
@@ -556,9 +584,26 @@ func (c *Cluster) PublishRoom(id int64, p proto.Push) (string, error) {
 // and its reply been lost — the nodes then fill it from the history — and
 // the sequencer retries it until Redis answers or the room closes).
 func (c *Cluster) PublishRoomWait(id int64, p proto.Push) (string, error) {
+	return c.PublishRoomBy(id, p, time.Time{}, nil)
+}
+
+// PublishRoomBy is PublishRoomWait for a push that is numbered by by or
+// never (zero: no bound) — a chat whose req_id is held until a while after
+// by: held no longer than its push may go out, its retry once the req_id
+// is free is never doubled by the first push going out late. Redis decides
+// by its own clock (sequence.lua), so a late attempt of its batch —
+// retried, or held on a slow link — is refused too; a batch refused so
+// numbers its other pushes at once, and the push is "not sent" (an
+// ErrRoomBusy). When the wait's answer was ErrUnconfirmed (or a wait that
+// ended as the answer came), late, if not nil, is told the push's fate once
+// known: its mid once numbered, "" once it never will be; not if its batch
+// is given up (the room closed here, the node stopped: Redis can no longer
+// tell; by still holds). late runs on the room's sequencer: it must not
+// block.
+func (c *Cluster) PublishRoomBy(id int64, p proto.Push, by time.Time, late func(mid string)) (string, error) {
 	done := make(chan error, 1)
 	state := new(atomic.Int32)
-	mid, err := c.enqueueItem(id, seqItem{p: p, done: done, state: state})
+	mid, err := c.enqueueItem(id, seqItem{p: p, done: done, state: state, by: by, late: late})
 	if err != nil {
 		return "", err
 	}
@@ -574,13 +619,21 @@ func (c *Cluster) PublishRoomWait(id int64, p proto.Push) (string, error) {
 // sequencer never took is abandoned (never sent: ErrUnavailable); one
 // dropped from a full queue meanwhile (roomForLocked: abandoned, then
 // answered ErrRoomBusy on done) is not sent either — that answer, not
-// "unconfirmed"; one taken may still go out (ErrUnconfirmed).
+// "unconfirmed"; one taken may still go out (ErrUnconfirmed) — unless it
+// was answered as the wait ran out (then that answer: the sequencer, which
+// answers before it reads the state, tells a late callback only when it
+// finds the caller gone).
 func waitTimedOut(state *atomic.Int32, done chan error) error {
 	switch {
 	case state.CompareAndSwap(itemQueued, itemAbandoned):
 		return ErrUnavailable
 	case state.Load() == itemAbandoned:
 		return <-done // sent right after the state changed, under the room's lock
+	}
+	state.CompareAndSwap(itemTaken, itemUnwaited)
+	select {
+	case err := <-done:
+		return err
 	default:
 		return ErrUnconfirmed
 	}
@@ -738,7 +791,7 @@ func (c *Cluster) sequence(id int64, sr *seqRoom) {
 			start = items[i].at
 		}
 		no := c.batchNo.Add(1)
-		b, err := c.numberBy(id, items, no, cutAt(start))
+		b, err := c.numberDue(id, &items, &no, cutAt(start))
 		if err != nil {
 			c.stats.seqErrors.Add(1)
 			// Its waiters are answered now (the script may have run, its
@@ -747,17 +800,15 @@ func (c *Cluster) sequence(id int64, sr *seqRoom) {
 			unconfirmed := fmt.Errorf("%w: %w", ErrUnconfirmed, err)
 			for i := range items {
 				if items[i].done != nil {
-					items[i].done <- unconfirmed
-					items[i].done = nil
+					items[i].tell(unconfirmed)
+					items[i].doubted = true
 				}
 			}
 			c.log.Warn("room pushes not numbered yet: retrying", "room", id, "pushes", len(items), "err", err)
-			b, err = c.retryBatch(id, sr, items, no, err, start)
+			b, err = c.retryBatch(id, sr, &items, &no, err, start)
 		}
-		for _, it := range items {
-			if it.done != nil {
-				it.done <- err
-			}
+		for i := range items {
+			items[i].tell(err)
 		}
 		if err != nil {
 			c.stats.pushesGivenUp.Add(int64(len(items)))
@@ -772,6 +823,12 @@ func (c *Cluster) sequence(id int64, sr *seqRoom) {
 				c.closeLocal(id)
 			}
 			continue
+		}
+		for i := range items {
+			items[i].settle(items[i].p.Mid)
+		}
+		if len(items) == 0 {
+			continue // every push past its deadline (numberDue answered them)
 		}
 		if err := c.nc.Publish(roomSubject(id), appendRoomBatch(nil, &b)); err != nil {
 			// Numbered and in the history: other nodes fill it from there.
@@ -826,10 +883,14 @@ var errSuperseded = errors.New("router: sequence script: a later batch was numbe
 //     the room closed only from it; without it they are dropped by the
 //     backstop, untold).
 //
+// A push with a deadline (PublishRoomBy: a chat whose req_id is held) is
+// not held past it: once Redis answers, it refuses the batch if that
+// passed and the others go on at once (numberDue).
+//
 // What is given up is counted (ClusterStats.PushesGivenUp) and logged by the
 // caller.
-func (c *Cluster) retryBatch(id int64, sr *seqRoom, items []seqItem, no uint64, err error, start time.Time) (roomBatch, error) {
-	b := roomBatch{closing: slices.ContainsFunc(items, func(it seqItem) bool { return it.closing })}
+func (c *Cluster) retryBatch(id int64, sr *seqRoom, items *[]seqItem, no *uint64, err error, start time.Time) (roomBatch, error) {
+	b := roomBatch{closing: slices.ContainsFunc(*items, func(it seqItem) bool { return it.closing })}
 	for wait := 100 * time.Millisecond; err != nil && !errors.Is(err, errSuperseded); wait = min(2*wait, maxSeqRetryWait) {
 		final := start
 		if final.IsZero() {
@@ -848,9 +909,48 @@ func (c *Cluster) retryBatch(id int64, sr *seqRoom, items []seqItem, no uint64, 
 		if !b.closing && c.local.room(id) == nil {
 			return b, fmt.Errorf("%w (last error: %w)", errRoomGone, err)
 		}
-		b, err = c.numberBy(id, items, no, cutAt(final))
+		b, err = c.numberDue(id, items, no, cutAt(final))
 	}
 	return b, err
+}
+
+// errPastDue answers a push not numbered by its deadline (PublishRoomBy):
+// never sent.
+var errPastDue = fmt.Errorf("%w: not numbered by its deadline", ErrRoomBusy)
+
+// pastDue: sequence.lua refused a batch holding a push past its deadline
+// (seqItem.by), at now by Redis's clock: not numbered, nor will it be.
+type pastDue struct{ now int64 }
+
+func (e *pastDue) Error() string { return "router: sequence script: a push's deadline passed" }
+
+// numberDue is numberBy for *items, batch *no, that answers the pushes of a
+// batch refused for their deadline "not sent" (errPastDue, and late with
+// "") and numbers the others at once as a new batch (*items and *no then
+// change; none left: an empty batch, no error).
+func (c *Cluster) numberDue(id int64, items *[]seqItem, no *uint64, until time.Time) (roomBatch, error) {
+	for {
+		b, err := c.numberBy(id, *items, *no, until)
+		var due *pastDue
+		if !errors.As(err, &due) {
+			return b, err
+		}
+		keep := (*items)[:0]
+		for _, it := range *items {
+			if !it.by.IsZero() && it.by.UnixMilli() < due.now {
+				it.tell(errPastDue)
+				it.settle("")
+				continue
+			}
+			keep = append(keep, it)
+		}
+		clear((*items)[len(keep):])
+		*items = keep
+		if len(keep) == 0 {
+			return roomBatch{}, nil
+		}
+		*no = c.batchNo.Add(1)
+	}
 }
 
 // number runs the sequence script for items (a new batch) and encodes them
@@ -875,10 +975,17 @@ func (c *Cluster) numberBy(id int64, items []seqItem, no uint64, until time.Time
 		ep, last = st.ep, st.next-1
 		st.mu.Unlock()
 	}
-	args := make([]string, 0, 9+4*len(items))
+	// The batch's deadline: its earliest push's (0: none).
+	var by int64
+	for _, it := range items {
+		if !it.by.IsZero() && (by == 0 || it.by.UnixMilli() < by) {
+			by = it.by.UnixMilli()
+		}
+	}
+	args := make([]string, 0, 10+4*len(items))
 	args = append(args, strconv.Itoa(c.cfg.HistorySize), strconv.FormatInt(c.cfg.HistoryTTL.Milliseconds(), 10),
 		NewEpoch(), strconv.FormatInt(time.Now().UnixMilli(), 10), strconv.Itoa(len(items)), ep, strconv.FormatInt(max(last, 0), 10),
-		c.boot, strconv.FormatUint(no, 10))
+		c.boot, strconv.FormatUint(no, 10), strconv.FormatInt(by, 10))
 	closing := false
 	for _, it := range items {
 		args = append(args, it.p.Mid, strconv.Itoa(it.p.Biz), string(rune('0'+boolByte(it.p.Ack))), string(pushData(it.p.Data)))
@@ -895,13 +1002,20 @@ func (c *Cluster) numberBy(id int64, items []seqItem, no uint64, until time.Time
 	if err != nil {
 		return roomBatch{closing: closing}, err
 	}
-	if len(arr) != 2 && len(arr) != 3 {
+	if len(arr) < 2 || len(arr) > 4 {
 		return roomBatch{closing: closing}, errors.New("router: sequence script: bad reply")
 	}
 	first, err1 := arr[0].AsInt64()
 	ep, err2 := arr[1].ToString()
 	if err := errors.Join(err1, err2); err != nil {
 		return roomBatch{closing: closing}, err
+	}
+	if len(arr) == 4 {
+		now, err := arr[3].AsInt64()
+		if err != nil {
+			return roomBatch{closing: closing}, err
+		}
+		return roomBatch{closing: closing}, &pastDue{now: now}
 	}
 	if len(arr) == 3 {
 		if again, _ := arr[2].AsInt64(); again == 2 || first <= 0 {

@@ -50,7 +50,7 @@ func BenchmarkSequenceMaxFlushDelay(b *testing.B) {
 						err := sequenceScript.Exec(context.Background(), rdb,
 							[]string{seqKey(room), epKey(room), histKey(room), batchKey(room)},
 							[]string{"256", "120000", "ep", strconv.FormatInt(time.Now().UnixMilli(), 10), "1", "", "0",
-								"g" + strconv.Itoa(g), strconv.Itoa(i + 1), "m" + strconv.Itoa(i), "5555", "0", `{"from":1,"text":"hello"}`}).Error()
+								"g" + strconv.Itoa(g), strconv.Itoa(i + 1), "0", "m" + strconv.Itoa(i), "5555", "0", `{"from":1,"text":"hello"}`}).Error()
 						if err != nil {
 							b.Error(err)
 							return

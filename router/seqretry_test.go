@@ -284,27 +284,37 @@ func TestFinalPushBehindARetriedBatchKeepsItsWindow(t *testing.T) {
 // A waited push dropped from a full queue (a reliable one made room) whose
 // wait runs out at that moment is answered "not sent" (the queue's
 // ErrRoomBusy), never "unconfirmed, may still be sent": it never will be,
-// and a chat answered unconfirmed holds its req_id for minutes.
+// and a chat answered unconfirmed holds its req_id for minutes. A push
+// taken and numbered as the wait runs out is answered sent (its answer was
+// there), not "unconfirmed"; one still unanswered is marked unwaited (its
+// fate then goes to its late callback).
 func TestWaitTimedOutAnswers(t *testing.T) {
 	cases := []struct {
-		name  string
-		state int32
-		done  error
-		want  error
+		name     string
+		state    int32
+		answered bool
+		done     error
+		want     error
+		after    int32
 	}{
-		{"never taken", itemQueued, nil, ErrUnavailable},
-		{"taken", itemTaken, nil, ErrUnconfirmed},
-		{"dropped from a full queue", itemAbandoned, ErrRoomBusy, ErrRoomBusy},
+		{"never taken", itemQueued, false, nil, ErrUnavailable, itemAbandoned},
+		{"taken", itemTaken, false, nil, ErrUnconfirmed, itemUnwaited},
+		{"taken and numbered meanwhile", itemTaken, true, nil, nil, itemUnwaited},
+		{"dropped from a full queue", itemAbandoned, true, ErrRoomBusy, ErrRoomBusy, itemAbandoned},
 	}
 	for _, tc := range cases {
 		state := new(atomic.Int32)
 		state.Store(tc.state)
 		done := make(chan error, 1)
-		if tc.done != nil {
+		if tc.answered {
 			done <- tc.done
 		}
-		if got := waitTimedOut(state, done); !errors.Is(got, tc.want) || (tc.want == ErrUnavailable && errors.Is(got, ErrUnconfirmed)) {
+		got := waitTimedOut(state, done)
+		if (tc.want == nil) != (got == nil) || !errors.Is(got, tc.want) || (tc.want == ErrUnavailable && errors.Is(got, ErrUnconfirmed)) {
 			t.Errorf("%s: %v, want %v", tc.name, got, tc.want)
+		}
+		if s := state.Load(); s != tc.after {
+			t.Errorf("%s: state %d, want %d", tc.name, s, tc.after)
 		}
 	}
 }

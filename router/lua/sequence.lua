@@ -8,11 +8,15 @@
 -- the highest offset the calling node has received ("" and 0: none), ARGV[8]
 -- the calling process (its boot id) and ARGV[9] the batch's number there
 -- (increasing: a process sends batch k+1 of a room only once batch k was
--- numbered, or given up), then 4 values per push: mid, biz, ack (0/1), d.
+-- numbered, or given up), ARGV[10] the batch's deadline in ms (0: none),
+-- then 4 values per push: mid, biz, ack (0/1), d.
 -- Returns {first offset, epoch}; {first offset, epoch, 1} when the batch was
 -- numbered already (a retry after a lost reply: the same offsets, nothing
 -- numbered twice); {0, epoch, 2} for a batch older than the last one this
--- process had numbered (an attempt given up, arriving late): not numbered.
+-- process had numbered (an attempt given up, arriving late): not numbered;
+-- {0, epoch, 3, now in ms} for a batch not numbered by its deadline (by
+-- Redis's clock): not numbered — nor will it be, every attempt of the batch
+-- carries the same deadline.
 local ep = redis.call('GET', KEYS[2])
 local seq = tonumber(redis.call('GET', KEYS[1]) or '-1')
 if (not ep) or seq < 0 or (ep == ARGV[6] and seq < tonumber(ARGV[7])) then
@@ -37,11 +41,19 @@ if done then
     end
   end
 end
+local by = tonumber(ARGV[10])
+if by > 0 then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  if now > by then
+    return {0, ep, 3, now}
+  end
+end
 local n = tonumber(ARGV[5])
 local last = redis.call('INCRBY', KEYS[1], n)
 local first = last - n + 1
 for i = 0, n - 1 do
-  local b = 10 + 4 * i
+  local b = 11 + 4 * i
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[1], (first + i) .. '-0',
     'm', ARGV[b], 'b', ARGV[b + 1], 'a', ARGV[b + 2], 'd', ARGV[b + 3], 't', ARGV[4])
 end
