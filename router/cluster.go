@@ -195,9 +195,9 @@ type Cluster struct {
 	log   *slog.Logger
 	boot  string
 
-	// fillMu guards stopping: once Close began, no gap fill or drain retry
-	// starts (its wg.Add would race Close's wg.Wait). A leaf lock (taken
-	// under a room's, and under redrainMu).
+	// fillMu guards stopping: once Close began, no gap fill, drain retry
+	// or room sequencer starts (its wg.Add would race Close's wg.Wait). A
+	// leaf lock (taken under a room's, a seqRoom's, and under redrainMu).
 	fillMu   sync.Mutex
 	stopping bool
 
@@ -403,6 +403,9 @@ func NewCluster(cfg ClusterConfig) (*Cluster, error) {
 }
 
 // Close stops the loops and withdraws this node's presence (best effort).
+// The rooms' sequencers end first: what they hold is numbered while Redis
+// answers, given up from the first batch it does not (sequence) — none
+// tries after Close returns.
 func (c *Cluster) Close() {
 	select {
 	case <-c.stop:
@@ -679,6 +682,22 @@ func (c *Cluster) enqueueItem(id int64, it seqItem) (string, error) {
 		c.local.dropped.Add(1)
 		return "", ErrRoomBusy
 	}
+	// The sequencers are Close's goroutines: once Close began none starts
+	// and nothing more is queued (what is, Close flushes while Redis
+	// answers).
+	start := !sr.running
+	stopping := c.closed()
+	if start && !stopping {
+		c.fillMu.Lock()
+		if stopping = c.stopping; !stopping {
+			c.wg.Add(1)
+		}
+		c.fillMu.Unlock()
+	}
+	if stopping {
+		sr.mu.Unlock()
+		return "", ErrUnavailable
+	}
 	if closing {
 		it.at = time.Now()
 		if sr.closingAt.IsZero() {
@@ -687,7 +706,6 @@ func (c *Cluster) enqueueItem(id int64, it seqItem) (string, error) {
 	}
 	sr.pending = append(sr.pending, it)
 	sr.bytes += it.size
-	start := !sr.running
 	sr.running = true
 	sr.mu.Unlock()
 	if start {
@@ -752,16 +770,26 @@ func (c *Cluster) roomForLocked(sr *seqRoom, it seqItem) bool {
 }
 
 // sequence numbers the room's pending pushes, batch by batch, until none are
-// left. One runs per room and node.
+// left. One runs per room and node, one of Close's goroutines: once Close
+// began, a batch whose numbering fails is given up, and so is every push
+// queued behind it (Close flushes what Redis still answers, no more).
 func (c *Cluster) sequence(id int64, sr *seqRoom) {
+	defer c.wg.Done()
+	stopped := false // a batch was given up as the node stopped
 	for {
 		c.mu.Lock()
 		sr.mu.Lock()
+		var rest []seqItem
+		if stopped {
+			rest = sr.pending
+			sr.pending, sr.bytes, sr.closingAt = nil, 0, time.Time{}
+		}
 		if len(sr.pending) == 0 {
 			sr.running = false
 			delete(c.seqs, id)
 			sr.mu.Unlock()
 			c.mu.Unlock()
+			c.giveUpQueued(id, rest)
 			return
 		}
 		n := min(len(sr.pending), maxSeqBatch)
@@ -775,9 +803,9 @@ func (c *Cluster) sequence(id int64, sr *seqRoom) {
 				items = append(items, it)
 			} // else its caller stopped waiting: never sent
 		}
-		rest := copy(sr.pending, sr.pending[n:])
-		clear(sr.pending[rest:])
-		sr.pending = sr.pending[:rest]
+		left := copy(sr.pending, sr.pending[n:])
+		clear(sr.pending[left:])
+		sr.pending = sr.pending[:left]
 		sr.mu.Unlock()
 		c.mu.Unlock()
 		if len(items) == 0 {
@@ -811,6 +839,7 @@ func (c *Cluster) sequence(id int64, sr *seqRoom) {
 			items[i].tell(err)
 		}
 		if err != nil {
+			stopped = c.closed()
 			c.stats.pushesGivenUp.Add(int64(len(items)))
 			reliable := 0
 			for _, it := range items {
@@ -845,6 +874,41 @@ func (c *Cluster) sequence(id int64, sr *seqRoom) {
 		} else if b.closing {
 			c.closeLocal(id)
 		}
+	}
+}
+
+// closed tells whether Close began.
+func (c *Cluster) closed() bool {
+	select {
+	case <-c.stop:
+		return true
+	default:
+		return false
+	}
+}
+
+// giveUpQueued gives up pushes queued behind a batch given up as the node
+// stopped: never tried, so never sent — their waiters are told so
+// (ErrUnavailable). Counted and logged as any push given up; a final push
+// among them closes the room here.
+func (c *Cluster) giveUpQueued(id int64, items []seqItem) {
+	if len(items) == 0 {
+		return
+	}
+	closing, n := false, 0
+	for i := range items {
+		it := &items[i]
+		if it.state != nil && !it.state.CompareAndSwap(itemQueued, itemAbandoned) {
+			continue // its caller stopped waiting: never sent anyway
+		}
+		it.tell(ErrUnavailable)
+		closing = closing || it.closing
+		n++
+	}
+	c.stats.pushesGivenUp.Add(int64(n))
+	c.log.Error("room pushes given up: the node stopped", "room", id, "pushes", n)
+	if closing {
+		c.closeLocal(id)
 	}
 }
 

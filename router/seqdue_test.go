@@ -127,3 +127,33 @@ func TestRoomPushWithADeadlineLearnsItsFate(t *testing.T) {
 	}
 	consecutive(t, offs, 1, 2)
 }
+
+// The rooms' sequencers are Close's goroutines: Close waits for a batch
+// being retried (an attempt in flight), gives it up, and the pushes queued
+// behind it, counted; no attempt is made after Close returns. Before, Close
+// returned at once and the sequencer went on to the next batch.
+func TestNoSequencerAttemptAfterClose(t *testing.T) {
+	a, _, px, _, _ := twoNodes(t, ClusterConfig{CallTimeout: 200 * time.Millisecond})
+	px.Slow(seqKey(1), 300*time.Millisecond) // every attempt times out
+	if _, err := a.PublishRoom(1, proto.Push{Biz: proto.BizGift, Data: []byte(`{}`)}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, func() bool { return a.ClusterStats().SequencerErrors > 0 })
+	if _, err := a.PublishRoom(1, proto.Push{Biz: proto.BizGift, Data: []byte(`{}`)}); err != nil {
+		t.Fatal(err) // queued behind the batch being retried
+	}
+	n := px.Slowed()
+	waitFor(t, func() bool { return px.Slowed() > n }) // a retry in flight
+	a.Close()
+	tried := px.Slowed()
+	if g := a.ClusterStats().PushesGivenUp; g != 2 {
+		t.Fatalf("PushesGivenUp %d when Close returned, want 2", g)
+	}
+	time.Sleep(time.Second) // the old code's next attempt: 200 ms at most
+	if k := px.Slowed(); k != tried {
+		t.Fatalf("%d attempts after Close returned", k-tried)
+	}
+	if _, err := a.PublishRoom(1, proto.Push{Biz: proto.BizGift, Data: []byte(`{}`)}); !errors.Is(err, ErrUnavailable) {
+		t.Fatalf("PublishRoom after Close: %v, want ErrUnavailable", err)
+	}
+}
