@@ -1008,6 +1008,7 @@ func (c *Cluster) numberDue(id int64, items *[]seqItem, no *uint64, until time.T
 			}
 			keep = append(keep, it)
 		}
+		c.log.Warn("room pushes not numbered: past their deadline", "room", id, "pushes", len(*items)-len(keep))
 		clear((*items)[len(keep):])
 		*items = keep
 		if len(keep) == 0 {
