@@ -100,9 +100,10 @@ type HTTP struct {
 	// default is 1 MiB, read (and buffered several times over) before a
 	// token is looked at.
 	MaxHeaderBytes int `yaml:"max_header_bytes"`
-	// MaxConns bounds the API's open connections: beyond it a new one
-	// waits in the listen backlog until one closes (each holds buffers
-	// for its headers and body; the WebSocket listener has ws.max_conns).
+	// MaxConns bounds the API's open connections (each holds buffers for
+	// its headers and body; the WebSocket listener has ws.max_conns): at
+	// the bound the one idle longest makes room (closed), and when none is
+	// idle a new one waits in the listen backlog.
 	MaxConns int `yaml:"max_conns"`
 }
 

@@ -55,7 +55,9 @@ func TestAPIListener(t *testing.T) {
 		t.Fatalf("open %d after two Closes, want 0", l.open())
 	}
 
-	l.slots <- struct{}{} // full: the next Accept waits for a slot
+	l.mu.Lock()
+	l.n = l.max // full, none idle: the next Accept waits for a slot
+	l.mu.Unlock()
 	ended := make(chan error, 1)
 	go func() { _, err := l.Accept(); ended <- err }()
 	time.Sleep(50 * time.Millisecond)
