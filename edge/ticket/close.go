@@ -198,17 +198,14 @@ func (s *Service) closeDue(due []int64) []int64 {
 		closed []int64
 		wg     sync.WaitGroup
 	)
-	// unanswered: a query of this sweep went unanswered (the provider is
-	// down or slow): the rest close without asking, each would wait its
-	// QueryTimeout — the pay centre queries them after their close.
-	var unanswered atomic.Bool
+	ask := asking{until: s.cfg.Now().Add(s.cfg.AskBudget)}
 	next := make(chan int64)
 	for range min(closeWorkers, len(due)) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			for id := range next {
-				if !s.askBeforeClose(id, &unanswered) {
+				if !s.askBeforeClose(id, &ask) {
 					continue // paid, says the provider, not applied yet: next sweep
 				}
 				o, err := s.close(id, 0, "unpaid timeout", true)
@@ -228,7 +225,26 @@ func (s *Service) closeDue(due []int64) []int64 {
 	}
 	close(next)
 	wg.Wait()
+	if n := ask.skipped.Load(); n > 0 {
+		s.cfg.Log.Warn("ticket: due orders not asked about before their close, queried after it",
+			"orders", n, "unanswered", ask.unanswered.Load(), "budget", s.cfg.AskBudget)
+	}
 	return closed
+}
+
+// asking is one sweep's asking the provider (askBeforeClose). It stops
+// when a query goes unanswered (the provider is down or slow: each of the
+// rest would wait its QueryTimeout) or at until (AskBudget: a provider that
+// answers slowly would hold the sweep orders/closeWorkers × its latency,
+// every due order's seats locked meanwhile); the rest close without
+// asking — the pay centre queries them after their close
+// (rec/payunasked). A query started before until may end after it: a sweep
+// asks for at most AskBudget plus one query's time (≤ QueryTimeout).
+type asking struct {
+	until      time.Time
+	stopped    atomic.Bool
+	unanswered atomic.Bool  // stopped by a query unanswered (else by until)
+	skipped    atomic.Int64 // orders that would have been asked
 }
 
 // askBeforeClose asks the pay centre about due order id's provider payment
@@ -238,17 +254,20 @@ func (s *Service) closeDue(due []int64) []int64 {
 // found (if ever) after the close. false: the provider reports a payment
 // not applied yet, the order stays open until the next sweep. The order is
 // read without its lock: close decides under it.
-func (s *Service) askBeforeClose(id int64, unanswered *atomic.Bool) bool {
-	if unanswered.Load() {
-		return true
-	}
+func (s *Service) askBeforeClose(id int64, ask *asking) bool {
 	o, err := s.load1(id)
 	if err != nil || o.Status != StatusPendingPay || o.Pay != PayMock || s.cfg.Now().UnixMilli() < o.ExpiresAt {
 		return true
 	}
+	if ask.stopped.Load() || !s.cfg.Now().Before(ask.until) {
+		ask.stopped.Store(true)
+		ask.skipped.Add(1)
+		return true
+	}
 	closable, answered := s.pay.AskBeforeClose(id)
 	if !answered {
-		unanswered.Store(true)
+		ask.unanswered.Store(true)
+		ask.stopped.Store(true)
 	}
 	return closable
 }

@@ -23,6 +23,13 @@ type Config struct {
 	MaxPrograms int           // programs kept (0 = DefaultMaxPrograms); one more → 10001
 	MaxSeats    int           // seats of one program (0 = DefaultMaxSeats); more → 10001
 	SweepEvery  time.Duration // how often expired orders are looked for (0 = min(PayTimeout/4, 1 s))
+	// AskBudget bounds one sweep's asking the provider before it closes
+	// its due orders (0 = DefaultAskBudget): past it, the sweep's other due
+	// orders close without asking, their pay orders queried after the close
+	// (rec/payunasked). A slow provider that still answers would hold every
+	// due order's seats for orders/closeWorkers × its latency (10,000 at
+	// 2 s: 21 min).
+	AskBudget time.Duration
 	// OrdersPerMinute bounds the orders a user places (on this node; a
 	// replay of a req_id is free): more → 10429 (0 = no bound). Cancelled
 	// orders free their seats (per_user_max), not their records.
@@ -57,6 +64,10 @@ const (
 	DefaultPayTimeout  = 15 * time.Minute
 	DefaultMaxPrograms = 1000
 	DefaultMaxSeats    = 20000
+	// DefaultAskBudget: seconds next to the pay timeout's minutes, and at
+	// a provider's usual 50-200 ms an answer, hundreds of due orders asked
+	// (closeWorkers at a time) — all of an ordinary sweep's.
+	DefaultAskBudget = 3 * time.Second
 )
 
 // Payments is what the ticket service needs from the pay centre
@@ -166,6 +177,9 @@ func New(store *persist.Store, w persist.Wallet, p Payments, r router.Router, cf
 	}
 	if cfg.SweepEvery <= 0 {
 		cfg.SweepEvery = min(cfg.PayTimeout/4, time.Second)
+	}
+	if cfg.AskBudget <= 0 {
+		cfg.AskBudget = DefaultAskBudget
 	}
 	if cfg.Now == nil {
 		cfg.Now = time.Now
