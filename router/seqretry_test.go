@@ -140,7 +140,10 @@ func TestRoomPushRetriedAfterALostReplyNumberedOnce(t *testing.T) {
 	waitFor(t, func() bool { return px.Fired() == 1 && a.ClusterStats().SequencerErrors > 0 })
 	waitFor(t, func() bool { return s.has(rain) })                           // b's tail sweep, or the retry
 	waitFor(t, func() bool { return a.ClusterStats().PushesSequenced == 2 }) // the retry answered
-	chat, err := a.PublishRoomWait(1, proto.Push{Biz: proto.BizChat, Data: []byte(`{"text":"hi"}`)})
+	// Queued, not waited for: the lost reply cut a's Redis connection, and
+	// on a loaded machine its reconnect could outlast a wait of CallTimeout
+	// (300 ms): "not confirmed" (it flaked so in a CI run at load 20).
+	chat, err := a.PublishRoom(1, proto.Push{Biz: proto.BizChat, Data: []byte(`{"text":"hi"}`)})
 	if err != nil {
 		t.Fatal(err)
 	}
