@@ -224,6 +224,11 @@ type Cluster struct {
 	// attempt began.
 	redrainMu sync.Mutex
 	redrains  map[int64]bool
+	// reconnDraining: every local user's list is being drained after a
+	// NATS reconnect (drainAfterReconnect); reconnAgain: NATS reconnected
+	// again since its attempt began, reconnKick wakes its wait for that.
+	reconnDraining, reconnAgain bool
+	reconnKick                  chan struct{}
 
 	stop chan struct{}
 	wg   sync.WaitGroup
@@ -386,7 +391,8 @@ func NewCluster(cfg ClusterConfig) (*Cluster, error) {
 		cfg: cfg, nc: cfg.NATS, rdb: cfg.Redis, log: cfg.Log, boot: NewEpoch(),
 		rooms: map[int64]*croom{}, seqs: map[int64]*seqRoom{}, users: map[int64]*cuser{},
 		dirtyRooms: map[int64]struct{}{}, dirtyUsers: map[int64]struct{}{},
-		staleDrops: map[staleField]struct{}{}, redrains: map[int64]bool{}, stop: make(chan struct{}),
+		staleDrops: map[staleField]struct{}{}, redrains: map[int64]bool{}, reconnKick: make(chan struct{}, 1),
+		stop: make(chan struct{}),
 	}
 	c.local = local
 	c.local.cfg.History = c.history
@@ -444,7 +450,7 @@ func (c *Cluster) Close() {
 // node while it was away).
 func (c *Cluster) Reconnected() {
 	go c.checkTails(0)
-	go c.drainAfterReconnect()
+	c.drainAfterReconnect()
 }
 
 // Local is the node-local part (for metrics and tests).

@@ -1,6 +1,7 @@
 package router
 
 import (
+	"math/rand/v2"
 	"strconv"
 	"strings"
 	"sync"
@@ -253,18 +254,108 @@ func answerHandoff(m *nats.Msg) {
 
 // drainAfterReconnect drains every local user's offline list once the
 // subscriptions made again after a reconnect are in place (hand-offs kept
-// while this node was away). A flush that fails (NATS away again, or slow)
-// leaves every list to the background retry (redrain) — they were left
-// undrained until each user's next connect before; a push kept after such
-// a drain, before the subscription is in place, is hinted for hintFor.
+// while this node was away), in the background: one task for the node
+// (reconnectDrainLoop), which a reconnect while it runs makes go on rather
+// than start another — two drains of every user at once find each other's
+// pushes leased and leave each user to a retry of its own (redrain).
 func (c *Cluster) drainAfterReconnect() {
-	if err := c.nc.FlushTimeout(c.cfg.CallTimeout); err != nil {
-		c.log.Warn("offline lists drained in the background: NATS flush after the reconnect failed", "err", err)
-		for _, u := range c.local.userIDs() {
-			c.redrain(u)
+	c.redrainMu.Lock()
+	defer c.redrainMu.Unlock()
+	if c.reconnDraining {
+		c.reconnAgain = true
+		select {
+		case c.reconnKick <- struct{}{}:
+		default:
 		}
 		return
 	}
+	c.fillMu.Lock()
+	defer c.fillMu.Unlock()
+	if c.stopping {
+		return // closing: its sessions go too (wg.Wait is under way)
+	}
+	c.reconnDraining, c.reconnAgain = true, false
+	c.wg.Add(1)
+	go c.reconnectDrainLoop()
+}
+
+// reconnectDrainLoop flushes the NATS connection (the subscriptions in
+// place) and drains every local user's list (drainUsers). A flush that
+// fails (NATS away again, or slow) is retried after redrainFirst, then
+// twice as long each time up to redrainMax, each wait up to half as long
+// again at random — at once on a reconnect; every list is drained after
+// the first attempt whatever its flush (what was kept while this node was
+// away is in Redis: they were left undrained until each user's next
+// connect before), and again once a flush went through (a push kept before
+// the subscription was in place, its hint lost). Before, a failed flush
+// left each user to a retry of its own (redrain): with 100k users here,
+// 100k goroutines and drain scripts within 125 ms against the shared
+// Redis, from every node that lost NATS at once.
+func (c *Cluster) reconnectDrainLoop() {
+	defer c.wg.Done()
+	var t *time.Timer
+	defer func() {
+		if t != nil {
+			t.Stop()
+		}
+	}()
+	wait := redrainFirst
+	drained := false // since the last reconnect
+	for {
+		select {
+		case <-c.reconnKick: // this attempt is the one asked for
+		default:
+		}
+		c.redrainMu.Lock()
+		if c.reconnAgain {
+			drained = false // what was kept while NATS was away again
+		}
+		c.reconnAgain = false
+		c.redrainMu.Unlock()
+		err := c.nc.FlushTimeout(c.cfg.CallTimeout)
+		if err != nil {
+			c.log.Warn("NATS flush after a reconnect failed; offline lists drained again once it goes through", "err", err)
+		}
+		if err == nil || !drained {
+			c.drainUsers()
+			drained = true
+		}
+		if err == nil {
+			// Done — unless NATS reconnected since this attempt began.
+			c.redrainMu.Lock()
+			again := c.reconnAgain
+			if !again {
+				c.reconnDraining = false
+			}
+			c.redrainMu.Unlock()
+			if !again {
+				return
+			}
+			wait = redrainFirst
+			continue
+		}
+		next := wait + rand.N(wait/2)
+		wait = min(2*wait, redrainMax)
+		if t == nil {
+			t = time.NewTimer(next)
+		} else {
+			t.Reset(next)
+		}
+		select {
+		case <-c.stop:
+			return // closing: its sessions go too
+		case <-c.reconnKick:
+			wait = redrainFirst
+		case <-t.C:
+		}
+	}
+}
+
+// drainUsers drains every local user's offline list, 8 at a time: not a
+// node's worth of drain scripts (100k users) at once against the shared
+// Redis. A drain Redis does not answer is retried for its user
+// (drainOffline).
+func (c *Cluster) drainUsers() {
 	users := c.local.userIDs()
 	work := make(chan int64)
 	var wg sync.WaitGroup

@@ -1,8 +1,12 @@
 package router
 
 import (
+	"bytes"
 	"context"
+	"runtime"
 	"slices"
+	"strconv"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -112,5 +116,81 @@ func TestDrainAfterReconnectRetriedWhenTheFlushFails(t *testing.T) {
 	}
 	if got := s.got(); !slices.Equal(got, []string{"kept"}) {
 		t.Fatalf("the session got %v, want [kept]", got)
+	}
+}
+
+// The same with 3000 users here, its flush failing twice (a second
+// reconnect while NATS stays away): each user's list was left to a retry
+// goroutine of its own (redrain), all sending their first drain within
+// 250–375 ms — with 100k users, 100k goroutines and drain scripts at once
+// against the shared Redis, from every node that lost NATS. Now one task
+// drains them 8 at a time: the goroutines stay a few whatever the users,
+// and every user's kept push is delivered once NATS is back.
+func TestDrainAfterReconnectFailedFlushIsOneTask(t *testing.T) {
+	env := clusterEnv{nats: natstest.Start(t), redis: redistest.Start(t)}
+	a := newCluster(t, env, "a", ClusterConfig{CallTimeout: 300 * time.Millisecond,
+		Local: LocalConfig{OfflineMax: 8, OfflineTTL: time.Minute}},
+		nats.MaxReconnects(-1), nats.ReconnectWait(20*time.Millisecond))
+	const n = 3000
+	sinks := make([]*sink, n)
+	for i := range sinks {
+		sinks[i] = &sink{id: uint64(i + 1), user: int64(1000 + i)}
+		a.Register(sinks[i]) // its drain done: the list is empty
+	}
+	for _, s := range sinks {
+		keepFor(t, a, s.user, "kept-"+strconv.FormatInt(s.user, 10))
+	}
+	g0 := runtime.NumGoroutine()
+	var peak atomic.Int64
+	done, sampled := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(sampled)
+		for {
+			peak.Store(max(peak.Load(), int64(runtime.NumGoroutine())))
+			select {
+			case <-done:
+				return
+			case <-time.After(time.Millisecond):
+			}
+		}
+	}()
+	env.nats.Stop()
+	a.drainAfterReconnect() // its flush fails
+	a.drainAfterReconnect() // and again, the first retry still waiting
+	stacks := make([]byte, 1<<20)
+	for runtime.Stack(stacks, true) == len(stacks) {
+		stacks = make([]byte, 2*len(stacks))
+	}
+	if k := bytes.Count(stacks, []byte(".redrainLoop(")); k > 0 {
+		t.Errorf("%d per-user retries for %d users", k, n)
+	}
+	if k := bytes.Count(stacks, []byte(".drainLaterLoop(")); k > 1 {
+		t.Errorf("%d background drains of every user, want 1", k)
+	}
+	time.Sleep(redrainFirst + redrainFirst/2) // past every old retry's first drain
+	env.nats.Restart()
+	waitFor(t, a.nc.IsConnected)
+	left := func() int {
+		k := 0
+		for _, s := range sinks {
+			if len(s.got()) == 0 {
+				k++
+			}
+		}
+		return k
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	for left() > 0 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	close(done)
+	<-sampled
+	if grew := peak.Load() - int64(g0); grew > 50 {
+		t.Fatalf("goroutines grew by %d for %d users (from %d)", grew, n, g0)
+	}
+	for _, s := range sinks {
+		if got, want := s.got(), []string{"kept-" + strconv.FormatInt(s.user, 10)}; !slices.Equal(got, want) {
+			t.Fatalf("user %d's session got %v, want %v (%d of %d sessions got nothing)", s.user, got, want, left(), n)
+		}
 	}
 }
