@@ -303,6 +303,8 @@ func (c *Cluster) reconnectDrainLoop() {
 	drained := false // since the last reconnect
 	for {
 		select {
+		case <-c.stop:
+			return // closing: its sessions go too
 		case <-c.reconnKick: // this attempt is the one asked for
 		default:
 		}
