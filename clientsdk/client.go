@@ -803,7 +803,13 @@ func (c *Client) rejoined(room int64, since *proto.Position) func(d []byte) {
 // connection but answers nothing (wedged, half-open) is left even while the
 // app keeps sending requests. It also pings at once when a request timed
 // out (session.suspect). A ping without a reply within RequestTimeout
-// closes the connection (the run loop reconnects).
+// closes the connection (the run loop reconnects) — unless a frame was read
+// since the ping went out: a wedged node sends nothing, while one applying
+// backpressure (the gateway stops reading a connection with
+// gifts.max_inflight gifts in flight) answers the ping late but keeps
+// sending replies and pushes meanwhile. Leaving it would fail every request
+// in flight with ErrDisconnected (ambiguous for a gift); it is kept, and
+// pinged again if it falls silent (the tick, or the next request timed out).
 func (c *Client) heartbeat(s *session, every time.Duration) {
 	defer c.wg.Done()
 	var tick <-chan time.Time
@@ -826,6 +832,9 @@ func (c *Client) heartbeat(s *session, every time.Duration) {
 			return
 		}
 		ctx, cancel := context.WithTimeout(c.ctx, c.cfg.RequestTimeout)
+		// Taken before the write: a write held by a node that does not
+		// read (TCP buffers full) is part of the wait.
+		pinged := time.Now().UnixNano()
 		id, cl, err := s.send(ctx, proto.TypePing, nil, nil)
 		if err == nil {
 			_, err = s.await(ctx, proto.TypePing, id, cl)
@@ -833,6 +842,10 @@ func (c *Client) heartbeat(s *session, every time.Duration) {
 		cancel()
 		var pe *proto.Error
 		if err != nil && !errors.As(err, &pe) && errors.Is(err, context.DeadlineExceeded) {
+			if s.lastRead.Load() > pinged {
+				c.log.Info("clientsdk: heartbeat ping answered late but frames still come, keeping connection")
+				continue
+			}
 			c.log.Warn("clientsdk: heartbeat ping unanswered, closing connection")
 			s.closeWith(proto.CloseNormal, fmt.Errorf("clientsdk: heartbeat ping unanswered: %w", err))
 			return

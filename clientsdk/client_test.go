@@ -946,3 +946,63 @@ func TestRequestTimeoutProbesTheConnection(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// A node applying backpressure (the gateway stops reading a connection with
+// gifts.max_inflight gifts in flight) answers a ping late but keeps sending
+// the replies of what it took: the client stays. Before, a request timed
+// out, the ping waited behind the held frames, the connection was closed
+// after RequestTimeout and every request in flight failed ErrDisconnected.
+func TestBackpressuredNodeKept(t *testing.T) {
+	ts := newTServer(t)
+	c := dial(t, ts, nil, func(cfg *Config) {
+		cfg.HeartbeatInterval = time.Minute // no heartbeat ping within the test
+		cfg.RequestTimeout = 300 * time.Millisecond
+	})
+	// Requests the node took, answered over the next 550 ms while it reads
+	// nothing more (held by "stall" for some 600 ms).
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	errs := make(chan error, 5)
+	for i := range 5 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			_, err := c.Request(ctx, "slow", map[string]int{"ms": 150 + 100*i})
+			errs <- err
+		}()
+	}
+	waitFor(t, 5*time.Second, "the slow requests at the node", func() bool { return ts.count("slow") == 5 })
+	stallCtx, stallCancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer stallCancel()
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		_, _ = c.Request(stallCtx, "stall", nil) // holds the node's read loop until resume
+	}()
+	waitFor(t, 5*time.Second, "stall at the node", func() bool { return ts.count("stall") == 1 })
+
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	_, err := c.Request(ctx, "echo", nil) // queued behind the stall: times out, the client pings
+	cancel()
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("echo behind the stall: %v, want a timeout", err)
+	}
+	time.Sleep(500 * time.Millisecond) // past the ping's timeout (RequestTimeout)
+	ts.resume()
+	for range 5 {
+		if err := <-errs; err != nil {
+			t.Errorf("a request the node answered while it read nothing: %v", err)
+		}
+	}
+	waitFor(t, 3*time.Second, "the ping read after the stall", func() bool { return ts.count(proto.TypePing) >= 1 })
+	ctx, cancel = context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if _, err := c.Request(ctx, "echo", nil); err != nil {
+		t.Fatal(err)
+	}
+	if n := ts.connCount(); n != 1 || c.Stats().Reconnects != 0 {
+		t.Fatalf("%d connections, %d reconnects to a node that kept replying, want 1 and 0", n, c.Stats().Reconnects)
+	}
+}

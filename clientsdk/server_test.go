@@ -17,9 +17,9 @@ import (
 	"github.com/liveedge/liveedge/gateway/proto"
 )
 
-// tServer is a minimal test-only gateway speaking PROTOCOL.md §3: hello, replies
-// to ping/join/leave/chat (plus test types echo, noreply, fail), records acks,
-// and lets the test push frames and close connections.
+// tServer is a minimal test-only gateway speaking PROTOCOL.md §3: hello,
+// replies to ping/join/leave/chat (plus test types echo, slow, stall, noreply,
+// fail), records acks, and lets the test push frames and close connections.
 type tServer struct {
 	t          *testing.T
 	hs         *httptest.Server
@@ -232,6 +232,18 @@ func (ts *tServer) OnMessage(ws *gws.Conn, m *gws.Message) {
 				b = proto.AppendBatch(nil, [][]byte{b})
 			}
 			reply(b)
+		}()
+	case "slow": // reply after d.ms milliseconds, whatever the read loop does meanwhile (a gift in flight)
+		var sd struct {
+			MS int `json:"ms"`
+		}
+		_ = proto.Unmarshal(f.D, &sd)
+		id := f.ID
+		ts.echoes.Add(1)
+		go func() {
+			defer ts.echoes.Done()
+			time.Sleep(time.Duration(sd.MS) * time.Millisecond)
+			reply(proto.EncodeReply(id, 0, "", nil))
 		}()
 	case "fail":
 		reply(proto.EncodeErrorReply(f.ID, proto.ErrForbidden))
