@@ -110,7 +110,9 @@ type Config struct {
 	// half the heartbeat_s of the server's hello (no heartbeat if the hello
 	// has none); a negative value disables heartbeats. Whatever this is, a
 	// request that times out makes the client ping at once. A ping unanswered
-	// within RequestTimeout closes the connection (and the client reconnects).
+	// within RequestTimeout closes the connection (and the client reconnects)
+	// unless a frame was read since it went out (a node applying
+	// backpressure answers late but keeps replying: it is kept).
 	HeartbeatInterval time.Duration
 
 	// LocalAddr, when set, is the local address every connection is dialed

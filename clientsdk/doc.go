@@ -23,7 +23,9 @@
 //     by default half the hello's heartbeat_ms, else heartbeat_s) when nothing
 //     was written or nothing was read for half an interval, and a ping at once
 //     after a request timed out: a node that answers nothing is left when a
-//     ping goes unanswered for RequestTimeout, however busy the app is.
+//     ping goes unanswered for RequestTimeout with nothing read meanwhile,
+//     however busy the app is (a node that answers late but keeps replying,
+//     under backpressure, is kept).
 //     Reconnecting with exponential backoff and full jitter after any disconnect whose close
 //     code is reconnectable (proto.Reconnectable: below 4500) or after a
 //     network error. A terminal close code (>= 4500), or an HTTP 401 on
