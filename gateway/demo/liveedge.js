@@ -107,6 +107,7 @@ var MaxLeft = 4096;
 var STABLE_AFTER_MS = 3e4;
 var MaxHeld = 4096;
 var MaxBufferedBytes = 1 << 20;
+var MinFailsForExpiry = 3;
 var LiveClient = class _LiveClient {
   constructor(opts) {
     this.opts = opts;
@@ -139,6 +140,8 @@ var LiveClient = class _LiveClient {
     this.lastSend = 0;
     /** When the current connection last read a frame (the liveness check: see startHeartbeat). */
     this.lastRead = 0;
+    /** Connection attempts in a row that failed before their hello (see staticTokenExpired). */
+    this.failsBeforeHello = 0;
     /** Since when the socket has held more than MaxBufferedBytes unsent (0: not now). */
     this.bufferedSince = 0;
     this.pushListeners = /* @__PURE__ */ new Set();
@@ -184,7 +187,8 @@ var LiveClient = class _LiveClient {
       reconnectMinMs: positive(opts.reconnectMinMs, 100),
       reconnectMaxMs: Math.max(positive(opts.reconnectMaxMs, 5e3), positive(opts.reconnectMinMs, 100)),
       dedupWindow: opts.dedupWindow && opts.dedupWindow > 0 ? opts.dedupWindow : 16384,
-      heartbeatMs: opts.heartbeatMs
+      heartbeatMs: opts.heartbeatMs,
+      tokenExpiryGraceMs: opts.tokenExpiryGraceMs !== void 0 && opts.tokenExpiryGraceMs >= 0 ? opts.tokenExpiryGraceMs : 3e5
     };
     this.dedup = new Dedup(this.o.dedupWindow);
     if (opts.onPush) this.pushListeners.add(opts.onPush);
@@ -384,8 +388,9 @@ var LiveClient = class _LiveClient {
         if (/\b401\b/.test(errMsg)) fail(new UnauthorizedError());
       };
       ws.onclose = (ev) => {
+        this.failsBeforeHello++;
         if (ev.code >= 4e3) fail(new CloseError(ev.code, ev.reason));
-        else if (this.staticTokenExpired()) fail(new UnauthorizedError(`token expired at ${new Date(tokenExpiry(tok) * 1e3).toISOString()}`));
+        else if (this.staticTokenExpired(ws)) fail(new UnauthorizedError(`token expired at ${new Date(tokenExpiry(tok) * 1e3).toISOString()}`));
         else fail(new Error(`liveedge: connect to ${redact(url)} failed (${ev.code}${errMsg ? " " + errMsg : ""})`));
       };
       ws.onmessage = (ev) => {
@@ -400,6 +405,7 @@ var LiveClient = class _LiveClient {
         if (i < 0) return;
         clearTimeout(timer);
         this.connecting = void 0;
+        this.failsBeforeHello = 0;
         const hello2 = frames[i].d;
         this.helloFrame = hello2;
         this.ws = ws;
@@ -462,17 +468,24 @@ var LiveClient = class _LiveClient {
     }
   }
   /**
-   * Whether the static token's exp has passed by this machine's clock. A
-   * browser cannot see the HTTP 401 that refuses an expired token (only a
-   * failed connection), so an attempt that fails once the token expired is
-   * taken for it: terminal, as the 401 is on Node — not retried forever.
-   * Checked after a failed attempt, not before: a clock running ahead never
-   * keeps the client from a node that still takes the token.
+   * Whether a failed attempt on ws is taken for the HTTP 401 that refuses an
+   * expired static token. A browser cannot see that 401 (only a failed
+   * connection), so without this it would retry forever; Node's ws shows it
+   * (an EventEmitter whose error names the status: matched in attempt), so
+   * there only the 401 counts — a 503 or a 1006 while a node restarts is
+   * never taken for it. In a browser, the token's exp must have passed by
+   * this machine's clock by tokenExpiryGraceMs (a clock running ahead, as
+   * device clocks do, must not end a client whose node still takes the
+   * token) and MinFailsForExpiry attempts in a row have failed before the
+   * hello (one node restart is not a refusal). Checked after a failed
+   * attempt, never before one.
    */
-  staticTokenExpired() {
+  staticTokenExpired(ws) {
     if (this.opts.getToken || this.opts.token === void 0) return false;
+    if (typeof ws.on === "function") return false;
+    if (this.failsBeforeHello < MinFailsForExpiry) return false;
     const exp = tokenExpiry(this.opts.token);
-    return exp !== void 0 && Date.now() >= exp * 1e3;
+    return exp !== void 0 && Date.now() >= exp * 1e3 + this.o.tokenExpiryGraceMs;
   }
   /** The connection ws ended (close frame, network error or heartbeat failure). */
   dropped(ws, code, reason) {
@@ -614,14 +627,21 @@ var LiveClient = class _LiveClient {
   }
   /**
    * Pings ws (one such ping in flight at a time): unanswered within the
-   * request timeout, the connection is dead even if no close came, and is
-   * left (the client reconnects).
+   * request timeout, and nothing read since it was sent, the connection is
+   * dead even if no close came, and is left (the client reconnects). A
+   * frame read meanwhile keeps it: a wedged node sends nothing, while one
+   * applying backpressure (the gateway stops reading a connection with
+   * gifts.max_inflight gifts in flight) answers the ping late but keeps
+   * replying — leaving it would fail every request in flight (ambiguous for
+   * a gift). It is pinged again if it falls silent (the heartbeat, or the
+   * next request that times out).
    */
   probe(ws) {
     if (this.probing === ws || this.ws !== ws) return;
     this.probing = ws;
+    const pinged = Date.now();
     this.send(ws, "ping", {}, this.o.requestTimeoutMs).catch((e) => {
-      if (e instanceof TimeoutError) this.abandon(ws, "ping timeout");
+      if (e instanceof TimeoutError && !(this.lastRead > pinged)) this.abandon(ws, "ping timeout");
     }).finally(() => {
       if (this.probing === ws) this.probing = void 0;
     });
@@ -861,6 +881,7 @@ export {
   LiveClient,
   MaxAckMids,
   MaxBufferedBytes,
+  MinFailsForExpiry,
   ReplyError,
   TimeoutError,
   UnauthorizedError,

@@ -75,10 +75,19 @@ export interface ClientOptions {
   /**
    * A static token. With it, a 45xx close (4501 included) and an HTTP 401 on
    * the upgrade are terminal (UnauthorizedError). Browsers do not show the
-   * 401: there, a connection attempt that fails once the token's JWT `exp`
-   * (read, not verified) has passed by this machine's clock is taken for it.
+   * 401: there (a WebSocket other than Node's ws), once the token's JWT `exp`
+   * (read, not verified) has passed by this machine's clock by
+   * tokenExpiryGraceMs and MinFailsForExpiry attempts in a row failed before
+   * the hello, the failure is taken for it. On Node's ws, only the 401 is.
    */
   token?: string;
+  /**
+   * How long past a static token's exp by this machine's clock a browser's
+   * failed attempts may be taken for the unseen 401 (see token): a device
+   * clock running ahead must not end a client whose node still takes the
+   * token. Default 300000 (5 minutes).
+   */
+  tokenExpiryGraceMs?: number;
   /** Asked before every connection attempt; on 4501 the client reconnects with its next answer. */
   getToken?: (reason: TokenReason) => string | Promise<string>;
   /** WebSocket implementation; default globalThis.WebSocket (the Node entry passes ws). */
@@ -265,9 +274,17 @@ const MaxHeld = 4096;
  */
 export const MaxBufferedBytes = 1 << 20;
 
+/**
+ * Attempts in a row that failed before their hello before a browser's failure
+ * may be taken for the unseen 401 of an expired static token (see
+ * ClientOptions.token): one node restart (a 503, a 1006) is not a refusal.
+ */
+export const MinFailsForExpiry = 3;
+
 export class LiveClient {
   private readonly o: Required<Omit<ClientOptions, "token" | "getToken" | "onPush" | "onState" | "heartbeatMs" | "preferFirstUrl">> & {
     heartbeatMs?: number;
+    tokenExpiryGraceMs: number;
   };
   private readonly urls: string[];
   private urlIndex = 0;
@@ -306,6 +323,8 @@ export class LiveClient {
   private lastSend = 0;
   /** When the current connection last read a frame (the liveness check: see startHeartbeat). */
   private lastRead = 0;
+  /** Connection attempts in a row that failed before their hello (see staticTokenExpired). */
+  private failsBeforeHello = 0;
   /** The socket a liveness ping is in flight on (one at a time). */
   private probing: WebSocketLike | undefined;
   /** Since when the socket has held more than MaxBufferedBytes unsent (0: not now). */
@@ -359,6 +378,7 @@ export class LiveClient {
       reconnectMaxMs: Math.max(positive(opts.reconnectMaxMs, 5000), positive(opts.reconnectMinMs, 100)),
       dedupWindow: opts.dedupWindow && opts.dedupWindow > 0 ? opts.dedupWindow : 16384,
       heartbeatMs: opts.heartbeatMs,
+      tokenExpiryGraceMs: opts.tokenExpiryGraceMs !== undefined && opts.tokenExpiryGraceMs >= 0 ? opts.tokenExpiryGraceMs : 300000,
     };
     this.dedup = new Dedup(this.o.dedupWindow);
     if (opts.onPush) this.pushListeners.add(opts.onPush);
@@ -596,8 +616,9 @@ export class LiveClient {
         if (/\b401\b/.test(errMsg)) fail(new UnauthorizedError());
       };
       ws.onclose = (ev) => {
+        this.failsBeforeHello++;
         if (ev.code >= 4000) fail(new CloseError(ev.code, ev.reason));
-        else if (this.staticTokenExpired()) fail(new UnauthorizedError(`token expired at ${new Date(tokenExpiry(tok)! * 1000).toISOString()}`));
+        else if (this.staticTokenExpired(ws)) fail(new UnauthorizedError(`token expired at ${new Date(tokenExpiry(tok)! * 1000).toISOString()}`));
         else fail(new Error(`liveedge: connect to ${redact(url)} failed (${ev.code}${errMsg ? " " + errMsg : ""})`));
       };
       ws.onmessage = (ev) => {
@@ -613,6 +634,7 @@ export class LiveClient {
         if (i < 0) return;
         clearTimeout(timer);
         this.connecting = undefined;
+        this.failsBeforeHello = 0;
         const hello = (frames[i] as { d: Hello }).d;
         // Switch to the session's handlers now, not after an await: frames
         // that follow the hello in the same read are dispatched at once.
@@ -691,17 +713,24 @@ export class LiveClient {
   }
 
   /**
-   * Whether the static token's exp has passed by this machine's clock. A
-   * browser cannot see the HTTP 401 that refuses an expired token (only a
-   * failed connection), so an attempt that fails once the token expired is
-   * taken for it: terminal, as the 401 is on Node — not retried forever.
-   * Checked after a failed attempt, not before: a clock running ahead never
-   * keeps the client from a node that still takes the token.
+   * Whether a failed attempt on ws is taken for the HTTP 401 that refuses an
+   * expired static token. A browser cannot see that 401 (only a failed
+   * connection), so without this it would retry forever; Node's ws shows it
+   * (an EventEmitter whose error names the status: matched in attempt), so
+   * there only the 401 counts — a 503 or a 1006 while a node restarts is
+   * never taken for it. In a browser, the token's exp must have passed by
+   * this machine's clock by tokenExpiryGraceMs (a clock running ahead, as
+   * device clocks do, must not end a client whose node still takes the
+   * token) and MinFailsForExpiry attempts in a row have failed before the
+   * hello (one node restart is not a refusal). Checked after a failed
+   * attempt, never before one.
    */
-  private staticTokenExpired(): boolean {
+  private staticTokenExpired(ws: WebSocketLike): boolean {
     if (this.opts.getToken || this.opts.token === undefined) return false;
+    if (typeof (ws as { on?: unknown }).on === "function") return false; // Node's ws: the 401 is seen
+    if (this.failsBeforeHello < MinFailsForExpiry) return false;
     const exp = tokenExpiry(this.opts.token);
-    return exp !== undefined && Date.now() >= exp * 1000;
+    return exp !== undefined && Date.now() >= exp * 1000 + this.o.tokenExpiryGraceMs;
   }
 
   /** The connection ws ended (close frame, network error or heartbeat failure). */
@@ -850,15 +879,22 @@ export class LiveClient {
 
   /**
    * Pings ws (one such ping in flight at a time): unanswered within the
-   * request timeout, the connection is dead even if no close came, and is
-   * left (the client reconnects).
+   * request timeout, and nothing read since it was sent, the connection is
+   * dead even if no close came, and is left (the client reconnects). A
+   * frame read meanwhile keeps it: a wedged node sends nothing, while one
+   * applying backpressure (the gateway stops reading a connection with
+   * gifts.max_inflight gifts in flight) answers the ping late but keeps
+   * replying — leaving it would fail every request in flight (ambiguous for
+   * a gift). It is pinged again if it falls silent (the heartbeat, or the
+   * next request that times out).
    */
   private probe(ws: WebSocketLike): void {
     if (this.probing === ws || this.ws !== ws) return;
     this.probing = ws;
+    const pinged = Date.now();
     this.send(ws, "ping", {}, this.o.requestTimeoutMs)
       .catch((e) => {
-        if (e instanceof TimeoutError) this.abandon(ws, "ping timeout");
+        if (e instanceof TimeoutError && !(this.lastRead > pinged)) this.abandon(ws, "ping timeout");
       })
       .finally(() => {
         if (this.probing === ws) this.probing = undefined;
