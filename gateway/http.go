@@ -249,6 +249,8 @@ func wireError(err error) *proto.Error {
 	switch {
 	case errors.Is(err, persist.ErrInsufficient):
 		return &proto.Error{Code: proto.CodeInsufficientBalance, Msg: "insufficient balance"}
+	case errors.Is(err, persist.ErrBalanceLimit):
+		return &proto.Error{Code: proto.CodeBadRequest, Msg: balanceLimitMsg}
 	case errors.Is(err, persist.ErrWalletUnavailable):
 		return &proto.Error{Code: proto.CodeInternal, Msg: walletUnavailableMsg}
 	case errors.Is(err, persist.ErrInProgress):
@@ -256,6 +258,10 @@ func wireError(err error) *proto.Error {
 	}
 	return proto.AsError(err)
 }
+
+// balanceLimitMsg answers an op refused by persist.ErrBalanceLimit (nothing
+// moved): an amount out of range for the balance it goes to.
+const balanceLimitMsg = "amount out of range: a balance would exceed its maximum"
 
 const walletUnavailableMsg = "wallet temporarily unavailable, nothing moved; retry with the same req_id"
 

@@ -31,7 +31,17 @@ const DefaultIdemTTL = 25 * time.Hour
 var (
 	ErrInsufficient = errors.New("persist: insufficient balance")
 	ErrBadOp        = errors.New("persist: bad ledger op")
+	// ErrBalanceLimit (an ErrBadOp) refuses an op that would take a balance
+	// above MaxBalance, or whose delta is beyond ±MaxBalance; nothing moved.
+	// Answered 10001 (bad request: out of range).
+	ErrBalanceLimit = fmt.Errorf("%w: a balance would exceed %d", ErrBadOp, MaxBalance)
 )
+
+// MaxBalance is the largest balance either wallet keeps: 2^53 - 1, the
+// largest integer the shared wallet's Lua scripts (doubles) hold exactly —
+// the same bound in single-node mode, whose balances a shared wallet's
+// rebuild takes over, and far from int64's wrap-around.
+const MaxBalance = 1<<53 - 1
 
 // Trade is one append-only ledger row: a coin movement of one user.
 type Trade struct {
@@ -753,6 +763,13 @@ func (l *Ledger) reserveAndCommit(op Op, spill bool, done func(Result, error)) {
 			if op.Postings[j].User == p.User {
 				b = res.Balances[j]
 			}
+		}
+		if p.Delta > MaxBalance || p.Delta < -MaxBalance || p.Delta > 0 && b > MaxBalance-p.Delta {
+			// int64 would wrap long before a credit is refused by anything
+			// else (a balance of MaxInt64 plus 1 is negative).
+			l.unlock(locked)
+			done(Result{}, ErrBalanceLimit)
+			return
 		}
 		b += p.Delta
 		if b < 0 {

@@ -3,6 +3,7 @@ package persist_test
 import (
 	"errors"
 	"fmt"
+	"math"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -292,4 +293,36 @@ func TestApplyAfterCloseRefused(t *testing.T) {
 	if _, err := l.Apply(debitOp(1, 1, "late")); !errors.Is(err, persist.ErrClosed) {
 		t.Fatalf("after close: %v", err)
 	}
+}
+
+// A credit that would take a balance past MaxBalance is refused
+// (ErrBalanceLimit, nothing moved): int64 wrapped it to a negative balance
+// that the ledger then kept, and Lua doubles in the shared wallet lose such
+// a balance's last digits. A balance at the bound still takes debits.
+func TestBalanceAboveTheBoundRefused(t *testing.T) {
+	_, l := openLedger(t, t.TempDir())
+	credit(t, l, 1, persist.MaxBalance-1, "c1")
+	credit(t, l, 1, 1, "c2") // exactly at the bound
+	for i, d := range []int64{1, math.MaxInt64} {
+		_, err := l.Apply(persist.Op{User: 1, ReqID: fmt.Sprint("over", i), Postings: []persist.Posting{{User: 1, Delta: d, Reason: persist.ReasonDev}}})
+		if !errors.Is(err, persist.ErrBalanceLimit) || !errors.Is(err, persist.ErrBadOp) {
+			t.Fatalf("credit %d on a balance of %d: %v, want ErrBalanceLimit", d, int64(persist.MaxBalance), err)
+		}
+	}
+	// One op whose second posting would pass the bound moves nothing.
+	_, err := l.Apply(persist.Op{User: 2, ReqID: "pair", Postings: []persist.Posting{
+		{User: 2, Delta: 5, Reason: persist.ReasonDev}, {User: 1, Delta: 5, Reason: persist.ReasonDev}}})
+	if !errors.Is(err, persist.ErrBalanceLimit) {
+		t.Fatalf("op past the bound: %v", err)
+	}
+	if _, err := l.Apply(debitOp(1, 7, "d")); err != nil {
+		t.Fatal(err)
+	}
+	if b, _ := l.Balance(1); b != persist.MaxBalance-7 {
+		t.Fatalf("balance %d, want %d", b, int64(persist.MaxBalance-7))
+	}
+	if b, _ := l.Balance(2); b != 0 {
+		t.Fatalf("user 2 balance %d after a refused op", b)
+	}
+	persisttest.CheckConservation(t, l)
 }

@@ -453,18 +453,21 @@ type intent struct {
 // then m deltas, then the node's durable applied count, the intent number,
 // the op's Σ deltas and its claim ("" for none; else the key must hold it;
 // "?" + claim: it may hold it, or nothing).
-// Replies: {"ok", result} | {"dup", result} | {"poor"} | {"gen", gen, state}
+// Replies: {"ok", result} | {"dup", result} | {"poor"}
+// | {"big"} (a balance would pass MaxBalance: ErrBalanceLimit)
+// | {"gen", gen, state}
 // | {"lost", count} (Redis has fewer of this node's ops than its ledger)
 // | {"claim"} (the op's claim is gone: expired, or released by a resolve)
 // | {"fenced"} (a resolve of this node's intent of this number or a later
 // one concluded by now that its script had not run: see fenceScript).
 // A key holding another request's claim (this op's own expired, and a retry
 // claimed it since) is a "dup" too: the caller waits for that one.
-// result = "id1,id2|bal1,bal2|at" (integers below 1e14 print exactly).
+// result = "id1,id2|bal1,bal2|at" (every number written with %d).
 // Besides the idempotency key (25 h), the result is kept under the intent
 // number in le:applied:<node> with no expiry until the node has settled it
 // (doneScript), so an intent is resolved however long it waits.
-var applyScript = rueidis.NewLuaScript(luaScript("apply", "RECENT_DROP_FROM", strconv.Itoa(recentMax+1), "PENDING_MARK", pendingMark))
+var applyScript = rueidis.NewLuaScript(luaScript("apply", "RECENT_DROP_FROM", strconv.Itoa(recentMax+1), "PENDING_MARK", pendingMark,
+	"MAX_BALANCE", strconv.FormatInt(MaxBalance, 10)))
 
 // fenceScript raises this node's fence (le:node:<node>, KEYS[1], field
 // fence) to intent number ARGV[1]: from then on no script of an intent
@@ -696,6 +699,9 @@ func (w *SharedWallet) Apply(op Op) (Result, error) {
 	case status == "poor":
 		_ = w.store.Apply(func(b *Batch) error { return b.Delete(ikey, nil) })
 		return Result{}, ErrInsufficient
+	case status == "big":
+		_ = w.store.Apply(func(b *Batch) error { return b.Delete(ikey, nil) })
+		return Result{}, ErrBalanceLimit
 	case status == "claim" || status == "fenced":
 		// The claim expired before the script ran (this Apply stalled for
 		// claimTTL), or a resolve of a later intent fenced this one off:
@@ -708,7 +714,12 @@ func (w *SharedWallet) Apply(op Op) (Result, error) {
 	}
 	r, err := parseResult(payload)
 	if err != nil {
-		return r, err
+		// The money moved in Redis: a reply this node cannot read is an
+		// unknown outcome (the watcher's resolve reads it again from
+		// le:applied), never "failed".
+		w.log.Error("shared wallet: unreadable result after the script ran, the watcher will settle it", "intent", no, "result", payload, "err", err)
+		w.leaveToWatcher(unsettledOp{no: no, in: in, records: op.Records, doubt: true})
+		return Result{}, ErrInDoubt
 	}
 	if err := w.finalize(no, in, r, op.Records, false); err != nil {
 		// The money moved in Redis but this node's share is not on disk:

@@ -782,3 +782,143 @@ func TestSharedDoneMarkLostToARollbackMended(t *testing.T) {
 		t.Fatalf("le:applied:a has %d entries (%v), want none", n, err)
 	}
 }
+
+// Balances of 15 digits and more come back exact, from Apply, a replay,
+// the trade list and a restart: the apply script wrote its result with
+// table.concat, which prints a Lua number with 14 significant digits
+// ("1.0000000000001e+14"), so once a balance reached 1e14 Apply failed
+// after the money moved in Redis — a plain error ("gift failed") for a
+// debit that stood, nothing in the ledger, the key pending for 25 h — and
+// the trade's JSON balance had the same flaw (its listing failed).
+func TestSharedBalancesOfFifteenDigits(t *testing.T) {
+	rs := redistest.Start(t)
+	direct := directClient(t, rs.Addr)
+	a := openWalletNode(t, rs.Addr, t.TempDir(), persist.SharedConfig{Node: "a", Nodes: []string{"a"}})
+	waitWalletsReady(t, a)
+	const user = 40
+	apply := func(req string, delta, want int64) persist.Result {
+		t.Helper()
+		r, err := a.w.Apply(persist.Op{User: user, ReqID: req, Postings: []persist.Posting{{User: user, Delta: delta, Reason: persist.ReasonDev}}})
+		if err != nil || len(r.Balances) != 1 || r.Balances[0] != want {
+			t.Fatalf("%s (%+d): %+v %v, want balance %d", req, delta, r, err, want)
+		}
+		return r
+	}
+	apply("c1", 99_999_999_999_990, 99_999_999_999_990)
+	apply("c2", 20, 100_000_000_000_010)
+	apply("c3", 123_456_789_012_345, 223_456_789_012_355)
+	g := apply("g", -5, 223_456_789_012_350)
+	if r := apply("g", -5, 223_456_789_012_350); !r.Replayed || r.TradeIDs[0] != g.TradeIDs[0] {
+		t.Fatalf("retry: %+v, want the replay of %+v", r, g)
+	}
+	if b := redisBalance(t, direct, user); b != 223_456_789_012_350 {
+		t.Fatalf("Redis balance %d", b)
+	}
+	list, err := a.w.Trades(user, 0, 10)
+	if err != nil || len(list) != 4 {
+		t.Fatalf("trades: %+v %v", list, err)
+	}
+	if tr := list[1]; tr.Delta != 123_456_789_012_345 || tr.Balance != 223_456_789_012_355 {
+		t.Fatalf("trade c3 listed as %+v", tr)
+	}
+	rows := trades(t, a.store, user)
+	if len(rows) != 4 || rows[3].Balance != 223_456_789_012_350 || intents(t, a.store) != 0 {
+		t.Fatalf("ledger rows %+v, %d intents left", rows, intents(t, a.store))
+	}
+	// A restart (every intent resolved) opens.
+	a.close()
+	a = openWalletNode(t, rs.Addr, a.dir, persist.SharedConfig{Node: "a", Nodes: []string{"a"}})
+	waitWalletsReady(t, a)
+	a.close()
+	if c, d, _ := persisttest.CheckSharedConservation(t, rs.Addr, a.dir); c != 223_456_789_012_355 || d != 5 {
+		t.Fatalf("credits %d debits %d", c, d)
+	}
+}
+
+// An op that would take a balance past MaxBalance (2^53 - 1, the largest
+// integer a Lua number holds exactly) is refused by the script with nothing
+// written (ErrBalanceLimit), and a retry is refused again; a balance at the
+// bound is exact and takes debits.
+func TestSharedBalanceAboveTheBoundRefused(t *testing.T) {
+	rs := redistest.Start(t)
+	direct := directClient(t, rs.Addr)
+	a := openWalletNode(t, rs.Addr, t.TempDir(), persist.SharedConfig{Node: "a", Nodes: []string{"a"}})
+	waitWalletsReady(t, a)
+	const user = 41
+	op := func(req string, ps ...persist.Posting) persist.Op {
+		return persist.Op{User: user, ReqID: req, Postings: ps}
+	}
+	dev := func(u, d int64) persist.Posting { return persist.Posting{User: u, Delta: d, Reason: persist.ReasonDev} }
+	if _, err := a.w.Apply(op("c1", dev(user, persist.MaxBalance-1))); err != nil {
+		t.Fatal(err)
+	}
+	if r, err := a.w.Apply(op("c2", dev(user, 1))); err != nil || r.Balances[0] != persist.MaxBalance {
+		t.Fatalf("credit to the bound: %+v %v", r, err)
+	}
+	for i := 0; i < 2; i++ { // the retry too
+		if r, err := a.w.Apply(op("over", dev(user, 1))); !errors.Is(err, persist.ErrBalanceLimit) {
+			t.Fatalf("credit past the bound (try %d): %+v %v, want ErrBalanceLimit", i, r, err)
+		}
+	}
+	// A delta past the bound itself, and an op whose other posting is fine:
+	// nothing of either moves.
+	if _, err := a.w.Apply(op("huge", dev(user+1, persist.MaxBalance+1))); !errors.Is(err, persist.ErrBalanceLimit) {
+		t.Fatalf("credit of MaxBalance+1: %v", err)
+	}
+	if _, err := a.w.Apply(op("pair", dev(user+1, 5), dev(user, 5))); !errors.Is(err, persist.ErrBalanceLimit) {
+		t.Fatalf("op with a posting past the bound: %v", err)
+	}
+	if r, err := a.w.Apply(op("d", persist.Posting{User: user, Delta: -7, Reason: persist.ReasonGift})); err != nil || r.Balances[0] != persist.MaxBalance-7 {
+		t.Fatalf("debit at the bound: %+v %v", r, err)
+	}
+	if b, b2 := redisBalance(t, direct, user), redisBalance(t, direct, user+1); b != persist.MaxBalance-7 || b2 != 0 {
+		t.Fatalf("Redis balances %d and %d", b, b2)
+	}
+	if n := intents(t, a.store); n != 0 {
+		t.Fatalf("%d intents left", n)
+	}
+	a.close()
+	persisttest.CheckSharedConservation(t, rs.Addr, a.dir)
+}
+
+// A script's "ok" whose result this node cannot read (here the reply is
+// mangled on the wire; before the script wrote numbers with %d, a balance
+// of 1e14) means the money moved: Apply answers ErrInDoubt and leaves the
+// op to the watcher, which settles it from Redis and tells the listeners —
+// it answered that plain parse error, which callers tell as "failed",
+// and nothing settled the op.
+func TestSharedUnreadableResultIsInDoubt(t *testing.T) {
+	rs := redistest.Start(t)
+	px := redistest.StartProxy(t, rs.Addr)
+	n := openWalletNode(t, px.Addr, t.TempDir(), persist.SharedConfig{Node: "a", Nodes: []string{"a"}, CallTimeout: time.Second})
+	waitWalletsReady(t, n)
+	settled := make(chan persist.Settled, 1)
+	n.w.OnSettled(func(st persist.Settled) { settled <- st })
+	const user = 42
+	op := persist.Op{User: user, ReqID: "c", Postings: []persist.Posting{{User: user, Delta: 77, Reason: persist.ReasonDev}}}
+	px.MangleReply("|77|", "|7x|") // "<trade id>|<balance>|<at>"
+	r, err := n.w.Apply(op)
+	if px.Fired() != 1 {
+		t.Fatalf("the fault was not injected (fired %d)", px.Fired())
+	}
+	if !errors.Is(err, persist.ErrInDoubt) {
+		t.Fatalf("Apply with an unreadable result: %+v %v, want ErrInDoubt", r, err)
+	}
+	select {
+	case st := <-settled:
+		if !st.Ran || st.ReqID != "c" || st.Result.Balances[0] != 77 {
+			t.Fatalf("settled %+v, want ran to 77", st)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the watcher never settled the op")
+	}
+	r, err = n.w.Apply(op)
+	if err != nil || !r.Replayed || r.Balances[0] != 77 {
+		t.Fatalf("retry: %+v %v, want a replay to 77", r, err)
+	}
+	if rows := trades(t, n.store, user); len(rows) != 1 || intents(t, n.store) != 0 {
+		t.Fatalf("ledger rows %+v", rows)
+	}
+	n.close()
+	persisttest.CheckSharedConservation(t, rs.Addr, n.dir)
+}

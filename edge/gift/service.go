@@ -432,6 +432,8 @@ func (s *Service) send(sender int64, inRoom bool, r Req, done func(Reply, *sendE
 				e = refused.e
 			case errors.Is(err, persist.ErrInsufficient):
 				e = fail(proto.CodeInsufficientBalance, "insufficient balance")
+			case errors.Is(err, persist.ErrBalanceLimit): // an amount past the wallet's bound; nothing moved
+				e = fail(proto.CodeBadRequest, "amount out of range")
 			case errors.Is(err, errRateLimited):
 				e = fail(proto.CodeRateLimited, "too many gifts, slow down")
 			case errors.Is(err, persist.ErrWalletUnavailable):

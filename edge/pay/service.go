@@ -1161,7 +1161,7 @@ func (s *Service) markPaid(o Order, id int64, ev Event, evRec persist.Record, no
 	})
 	if err != nil {
 		s.openWritten(id, o, false)
-		if errors.Is(err, persist.ErrWalletUnavailable) { // nothing moved
+		if errors.Is(err, persist.ErrWalletUnavailable) || errors.Is(err, persist.ErrBalanceLimit) { // nothing moved
 			s.setCreditDoubt(id, false)
 		}
 		s.cfg.Log.Error("pay: credit failed", "order", o.OrderID, "err", err)

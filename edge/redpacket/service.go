@@ -949,11 +949,12 @@ func (s *Service) putRecord(rec record) error {
 
 // inDoubt reports whether a wallet op that failed with err may still land:
 // every failure but those that moved nothing ("unavailable", a closed
-// ledger, an op never sent) and refusals (the balance, a protocol error such
-// as a frozen account).
+// ledger, an op never sent) and refusals (the balance, its upper bound, a
+// protocol error such as a frozen account).
 func inDoubt(err error) bool {
 	var pe *proto.Error
 	return !errors.Is(err, persist.ErrWalletUnavailable) && !errors.Is(err, persist.ErrInsufficient) &&
+		!errors.Is(err, persist.ErrBalanceLimit) &&
 		!errors.Is(err, persist.ErrClosed) && !errors.Is(err, errNotSent) && !errors.As(err, &pe)
 }
 

@@ -16,26 +16,39 @@ if claim ~= '' and v ~= claim then
   if not opt then return {'claim'} end
 end
 if claim == '' and v then return {'dup', v} end
+-- Lua numbers are doubles: exact up to 2^53 - 1 (${MAX_BALANCE}), beyond
+-- which a balance read or returned here would be wrong. An op that would
+-- take a balance past it is refused before anything is written.
 local after = {}
 for i = 1, n do
   local k = KEYS[4 + i]
+  local d = tonumber(ARGV[5 + 3 * i - 2 + 2])
   local b = after[k] or tonumber(redis.call('GET', k) or '0')
-  b = b + tonumber(ARGV[5 + 3 * i - 2 + 2])
+  b = b + d
   if b < 0 then return {'poor'} end
+  if d > 0 and b > ${MAX_BALANCE} or d < -${MAX_BALANCE} then return {'big'} end
   after[k] = b
 end
+-- Every number in a reply or a trade is written with %d: Lua prints a
+-- number with 14 significant digits (1e14 as 1e+14), which the node
+-- could not parse back after the money moved.
+local function int(x) return string.format('%d', x) end
 local ids, bals = {}, {}
-local now = tonumber(ARGV[5])
 for i = 1, n do
   local d = ARGV[5 + 3 * i]
-  bals[i] = redis.call('INCRBY', KEYS[4 + i], d)
-  ids[i] = redis.call('INCR', KEYS[2])
+  bals[i] = int(redis.call('INCRBY', KEYS[4 + i], d))
+  ids[i] = int(redis.call('INCR', KEYS[2]))
   local user = string.match(KEYS[4 + i], '{(%d+)}')
-  -- user_id goes in as the key's digits: a Lua number (a double, printed
-  -- with 14 digits) would mangle an id of 15 digits or more.
-  local t = string.gsub(cjson.encode({trade_id = ids[i], user_id = 0, delta = tonumber(d),
-    reason = ARGV[5 + 3 * i + 1], ref = ARGV[5 + 3 * i + 2], balance = bals[i], at = now,
-    req_id = (user == ARGV[6]) and ARGV[7] or nil}), '"user_id":0', '"user_id":' .. user, 1)
+  -- The numbers go in as digits in place of zeros cjson wrote (the user_id
+  -- as the key's digits, the delta and the time as the node sent them).
+  local t = cjson.encode({trade_id = 0, user_id = 0, delta = 0,
+    reason = ARGV[5 + 3 * i + 1], ref = ARGV[5 + 3 * i + 2], balance = 0, at = 0,
+    req_id = (user == ARGV[6]) and ARGV[7] or nil})
+  t = string.gsub(t, '"trade_id":0', '"trade_id":' .. ids[i], 1)
+  t = string.gsub(t, '"user_id":0', '"user_id":' .. user, 1)
+  t = string.gsub(t, '"delta":0', '"delta":' .. d, 1)
+  t = string.gsub(t, '"balance":0', '"balance":' .. bals[i], 1)
+  t = string.gsub(t, '"at":0', '"at":' .. ARGV[5], 1)
   local lk = 'le:trades:{' .. user .. '}'
   redis.call('ZADD', lk, ids[i], t)
   redis.call('ZREMRANGEBYRANK', lk, 0, -${RECENT_DROP_FROM})

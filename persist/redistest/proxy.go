@@ -27,6 +27,8 @@ type Proxy struct {
 	slow        []byte        // every client write containing it waits slowFor
 	slowFor     time.Duration // before it is passed on (a slow network, an overloaded Redis)
 	slowed      int           // writes held
+	mangle      []byte        // armed: the first reply containing it gets mangleTo
+	mangleTo    []byte        // in its place (same length: the RESP framing holds)
 	wg          sync.WaitGroup
 }
 
@@ -52,6 +54,19 @@ func StartProxy(tb testing.TB, target string) *Proxy {
 func (p *Proxy) LoseReply(pattern string, refuse time.Duration) {
 	p.mu.Lock()
 	p.pattern, p.refuseFor = []byte(pattern), refuse
+	p.mu.Unlock()
+}
+
+// MangleReply arms the proxy: the first reply from Redis that contains
+// from reaches the client with to (of the same length, so the reply's
+// framing holds) in its place — Redis ran the command, the client reads a
+// reply it may not understand.
+func (p *Proxy) MangleReply(from, to string) {
+	if len(from) != len(to) {
+		p.tb.Fatalf("redistest: MangleReply %q → %q: lengths differ", from, to)
+	}
+	p.mu.Lock()
+	p.mangle, p.mangleTo = []byte(from), []byte(to)
 	p.mu.Unlock()
 }
 
@@ -201,6 +216,13 @@ func (p *Proxy) serverToClient(c, s net.Conn) {
 			p.drop(c, s)
 			return
 		}
+		p.mu.Lock()
+		if i := bytes.Index(buf[:n], p.mangle); p.mangle != nil && i >= 0 {
+			copy(buf[i:], p.mangleTo)
+			p.mangle = nil
+			p.fired++
+		}
+		p.mu.Unlock()
 		if _, err := c.Write(buf[:n]); err != nil {
 			p.drop(c, s) // the reply is lost
 			return
