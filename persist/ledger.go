@@ -594,7 +594,7 @@ func (l *Ledger) ApplyAsync(op Op, done func(Result, error)) {
 		// A hash hit: read the record (rarely a hash collision, then absent).
 		r, found, err := l.readIdem(loc, op.User, op.ReqID)
 		if err != nil {
-			finish(Result{}, err)
+			finish(Result{}, lookupFailed(err))
 			return
 		}
 		if found {
@@ -606,7 +606,7 @@ func (l *Ledger) ApplyAsync(op Op, done func(Result, error)) {
 	// Not in memory: absent, unless it is where memory does not reach.
 	r, found, err := l.readOnDisk(op.User, op.ReqID)
 	if err != nil {
-		finish(Result{}, err)
+		finish(Result{}, lookupFailed(err))
 		return
 	}
 	if found {
@@ -629,6 +629,14 @@ func (l *Ledger) ApplyAsync(op Op, done func(Result, error)) {
 	c.reserved = sh.done.reserve()
 	sh.mu.Unlock()
 	l.checkAndCommit(op, !c.reserved, finish)
+}
+
+// lookupFailed is the answer to a request whose earlier record could not be
+// read (a read error, a record that does not decode): the request may have
+// run — its debit may be durable — so it is ErrInProgress ("retry with the
+// same req_id"), never a failure the caller would tell as "nothing moved".
+func lookupFailed(err error) error {
+	return fmt.Errorf("%w: its earlier result could not be read: %v", ErrInProgress, err)
 }
 
 // checkAndCommit runs op.Check (a request that is not a duplicate), then

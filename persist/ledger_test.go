@@ -1,6 +1,7 @@
 package persist_test
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"math"
@@ -325,4 +326,55 @@ func TestBalanceAboveTheBoundRefused(t *testing.T) {
 		t.Fatalf("user 2 balance %d after a refused op", b)
 	}
 	persisttest.CheckConservation(t, l)
+}
+
+// A duplicate whose earlier result cannot be read (an unreadable group row
+// or spill row: a bad block, a record that does not decode) is answered
+// ErrInProgress ("retry with the same req_id": the first may have debited),
+// never that plain error, which callers tell as "failed"; nothing moves
+// twice, and the next retry whose record reads again replays.
+func TestUnreadableDuplicateIsInProgress(t *testing.T) {
+	for _, c := range []struct {
+		name   string
+		budget int64 // 1: every record goes to a spill row (read on disk)
+		prefix []byte
+	}{{"group row", 0, persist.PrefixIdemG}, {"spill row", 1, persist.PrefixIdemSpill}} {
+		t.Run(c.name, func(t *testing.T) {
+			st, l := openBudgetLedger(t, t.TempDir(), c.budget)
+			defer st.Close()
+			defer l.Close()
+			credit(t, l, 1, 10, "c")
+			first, err := l.Apply(debitOp(1, 4, "d"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			var keys, vals [][]byte
+			if err := st.Scan(c.prefix, func(k, v []byte) error {
+				keys, vals = append(keys, bytes.Clone(k)), append(vals, bytes.Clone(v))
+				return nil
+			}); err != nil || len(keys) == 0 {
+				t.Fatalf("no %s rows (%v)", c.name, err)
+			}
+			for _, k := range keys {
+				if err := st.Put(k, []byte{1, 0x80}); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if _, err := l.Apply(debitOp(1, 4, "d")); !errors.Is(err, persist.ErrInProgress) {
+				t.Fatalf("duplicate with an unreadable record: %v, want ErrInProgress", err)
+			}
+			for i, k := range keys {
+				if err := st.Put(k, vals[i]); err != nil {
+					t.Fatal(err)
+				}
+			}
+			r, err := l.Apply(debitOp(1, 4, "d"))
+			if err != nil || !r.Replayed || r.TradeIDs[0] != first.TradeIDs[0] {
+				t.Fatalf("retry: %+v %v, want the first's replay %+v", r, err, first)
+			}
+			if b, _ := l.Balance(1); b != 6 {
+				t.Fatalf("balance %d, want 6 (debited once)", b)
+			}
+		})
+	}
 }

@@ -161,7 +161,8 @@ var ErrWalletUnavailable = errors.New("persist: shared wallet unavailable")
 
 // ErrInProgress means an earlier request with the same req_id is still being
 // made durable (or its node went down in the middle and has not come back):
-// its outcome is not known yet; retry with the same req_id.
+// its outcome is not known yet; retry with the same req_id. Either wallet
+// also answers it to a duplicate whose earlier result it could not read.
 var ErrInProgress = errors.New("persist: a request with this req_id is still in progress")
 
 // ErrInDoubt is ErrInProgress (errors.Is matches both) for this call's own
@@ -770,8 +771,14 @@ func (w *SharedWallet) replay(ctx context.Context, in intent, v string) (Result,
 		}
 	}
 	r, err := parseResult(res)
+	if err != nil {
+		// The first request ran (its key holds a result): "failed" would be
+		// false. Its outcome is not known here; a retry reads it again.
+		w.log.Error("shared wallet: a duplicate's stored result is unreadable", "user", in.User, "req_id", in.ReqID, "result", res, "err", err)
+		return Result{}, ErrInProgress
+	}
 	r.Replayed = true
-	return r, err
+	return r, nil
 }
 
 // claimArg is in's claim as the script takes it.

@@ -922,3 +922,26 @@ func TestSharedUnreadableResultIsInDoubt(t *testing.T) {
 	n.close()
 	persisttest.CheckSharedConservation(t, rs.Addr, n.dir)
 }
+
+// A duplicate whose first request's stored result cannot be read (one a
+// script before this fix wrote for a balance of 1e14) ran: it is answered
+// ErrInProgress ("retry with the same req_id"), not a plain parse error
+// that callers tell as "failed".
+func TestSharedUnreadableStoredResultIsInProgress(t *testing.T) {
+	rs := redistest.Start(t)
+	direct := directClient(t, rs.Addr)
+	a := openWalletNode(t, rs.Addr, t.TempDir(), persist.SharedConfig{Node: "a", Nodes: []string{"a"}})
+	waitWalletsReady(t, a)
+	const user = 43
+	ctx := context.Background()
+	if err := direct.Do(ctx, direct.B().Set().Key(fmt.Sprintf("le:idem:{%d}:g", user)).Value("9|1.0000000000001e+14|1765000000000").Build()).Error(); err != nil {
+		t.Fatal(err)
+	}
+	_, err := a.w.Apply(persist.Op{User: user, ReqID: "g", Postings: []persist.Posting{{User: user, Delta: -5, Reason: persist.ReasonGift}}})
+	if !errors.Is(err, persist.ErrInProgress) {
+		t.Fatalf("duplicate of an unreadable result: %v, want ErrInProgress", err)
+	}
+	if b := redisBalance(t, direct, user); b != 0 || intents(t, a.store) != 0 {
+		t.Fatalf("balance %d, %d intents: the duplicate moved something", b, intents(t, a.store))
+	}
+}

@@ -1,6 +1,7 @@
 package gift
 
 import (
+	"log/slog"
 	"strconv"
 	"strings"
 	"testing"
@@ -63,6 +64,50 @@ func TestInProgressIsNotAFailure(t *testing.T) {
 	}
 	if len(failed) != 1 {
 		t.Fatalf("biz 5557 pushes %q, want exactly one (for the insufficient balance)", failed)
+	}
+}
+
+// A retried gift whose first debit's record cannot be read (an unreadable
+// idempotency row) is answered 10409 "retry with the same req_id", without
+// a biz 5557: the debit stands. The ledger's read error was answered as
+// is, which the service told as a failure (50000 and a 5557).
+func TestGiftWhoseRecordIsUnreadableIsNotAFailure(t *testing.T) {
+	st, led := openLedger(t)
+	cat, err := NewCatalogue(PebbleCatalogue{Store: st})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rt := router.NewLocal("t", router.LocalConfig{})
+	rt.OpenRoom(7)
+	sender := &routertest.Recorder{SessionID: 1, User: 100}
+	rt.Register(sender)
+	s := New(led, rt, cat, Config{}, slog.Default())
+	if _, err := led.Apply(persist.Op{User: 100, ReqID: "c", Postings: []persist.Posting{{User: 100, Delta: 10, Reason: persist.ReasonDev}}}); err != nil {
+		t.Fatal(err)
+	}
+	req := Req{RoomID: 7, GiftID: 24, ReceiverID: 200, Count: 1, ReqID: "g1"}
+	if _, e := s.Send(100, true, req); e != nil {
+		t.Fatal(e)
+	}
+	before, _ := led.Balance(100)
+	var keys [][]byte
+	if err := st.Scan(persist.PrefixIdemG, func(k, _ []byte) error { keys = append(keys, append([]byte(nil), k...)); return nil }); err != nil {
+		t.Fatal(err)
+	}
+	for _, k := range keys { // a bad block: the group rows no longer decode
+		if err := st.Put(k, []byte{1, 0x80}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, e := s.Send(100, true, req); e == nil || e.Code != proto.CodeConflict {
+		t.Fatalf("retry with an unreadable record: %+v, want code %d", e, proto.CodeConflict)
+	}
+	time.Sleep(50 * time.Millisecond) // pushes are queued synchronously; this is slack
+	if got := sender.Received(); len(got) != 0 {
+		t.Fatalf("pushes to the sender %q, want none (no biz 5557)", got[0].Bytes)
+	}
+	if b, _ := led.Balance(100); b != before || before >= 10 {
+		t.Fatalf("balance %d → %d, want debited once", before, b)
 	}
 }
 
