@@ -63,7 +63,8 @@ type committer struct {
 	// there would) at named points: "reserved" (an op's reservation is
 	// done and it is queued; entries is the op), "wait" (a group is built
 	// and waits for an earlier group to enter the WAL), "write" (a group is
-	// about to enter the WAL). Set it before the first op.
+	// about to enter the WAL), "loaded" (an op read a balance from Pebble,
+	// before it keeps it in memory). Set it before the first op.
 	crashAt func(point string, entries []*commitEntry)
 
 	commitSeconds prometheus.Histogram // one group's batch write + fsync

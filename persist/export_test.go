@@ -153,3 +153,15 @@ func WriteIdemLayout(st *Store, n int, budget int64) error {
 	}
 	return flush(true)
 }
+
+// BalancesInMemory is how many users' balances l keeps in memory.
+func BalancesInMemory(l *Ledger) int {
+	n := 0
+	for i := range l.shards {
+		sh := &l.shards[i]
+		sh.mu.Lock()
+		n += len(sh.bal)
+		sh.mu.Unlock()
+	}
+	return n
+}

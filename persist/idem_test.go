@@ -1,6 +1,7 @@
 package persist
 
 import (
+	"errors"
 	"fmt"
 	"reflect"
 	"sync"
@@ -178,5 +179,71 @@ func TestIdemGroupMissIsNotFound(t *testing.T) {
 	}
 	if _, found, err := l.readIdem(mkLoc(loc.hour(), loc.group()+100), 3, "a"); err != nil || found {
 		t.Fatalf("absent group row: %v %v", found, err)
+	}
+}
+
+// A balance read from Pebble while another op of the same user commits and
+// its balance is then dropped from memory is stale: it is read again, never
+// kept (the op would check a debit against coins already spent).
+func TestDroppedBalanceNotKeptStale(t *testing.T) {
+	st, err := Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	l, err := OpenLedger(st, LedgerConfig{Balances: ledgerShards}) // one per shard
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	const u, v = 1, 1 + ledgerShards // one shard
+	var mu sync.Mutex
+	armed := false
+	loaded, resume := make(chan struct{}), make(chan struct{})
+	l.commit.crashAt = func(point string, _ []*commitEntry) {
+		mu.Lock()
+		stop := point == "loaded" && armed
+		armed = armed && !stop
+		mu.Unlock()
+		if stop {
+			close(loaded)
+			<-resume // u's balance read (100), not kept yet
+		}
+	}
+	credit := func(user int64, req string, d int64) error {
+		_, err := l.Apply(Op{User: user, ReqID: req, Postings: []Posting{{User: user, Delta: d, Reason: ReasonDev}}})
+		return err
+	}
+	if err := credit(u, "c", 100); err != nil {
+		t.Fatal(err)
+	}
+	if err := credit(v, "v1", 1); err != nil { // drops u's balance
+		t.Fatal(err)
+	}
+	mu.Lock()
+	armed = true
+	mu.Unlock()
+	var calls sync.WaitGroup
+	calls.Add(1)
+	var errA error
+	go func() {
+		defer calls.Done()
+		errA = credit(u, "a", -100)
+	}()
+	<-loaded
+	// Meanwhile another debit of u's 100 commits, and u's balance is dropped.
+	if err := credit(u, "b", -100); err != nil {
+		t.Fatal(err)
+	}
+	if err := credit(v, "v2", 1); err != nil {
+		t.Fatal(err)
+	}
+	close(resume)
+	calls.Wait()
+	if !errors.Is(errA, ErrInsufficient) {
+		t.Fatalf("second debit of 100 from a balance of 100: %v, want ErrInsufficient", errA)
+	}
+	if b, err := l.loadBalance(u); b != 0 || err != nil {
+		t.Fatalf("durable balance %d (%v), want 0", b, err)
 	}
 }

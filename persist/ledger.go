@@ -146,6 +146,12 @@ const ledgerShards = 64
 //   - the in-memory balance of u == durable balance + Σ deltas of ops that
 //     reserved and are committing; a debit is reserved only if the
 //     in-memory balance stays ≥ 0, so the durable balance never goes below 0.
+//   - a user's in-memory balance is dropped only while no op of theirs is
+//     committing (busy), i.e. when it equals the durable one, and only to
+//     keep about LedgerConfig.Balances of them: the next op reads it from
+//     Pebble again. A balance read from Pebble is kept only if no balance of
+//     its shard was dropped meanwhile (it may predate an op that committed
+//     and was dropped since).
 //   - at most one Apply per (user, req_id) moves money: concurrent duplicates
 //     wait for the first and get its result; later ones read it back. The
 //     records of one group commit share one row (idxg/<hour>/<group>),
@@ -186,6 +192,9 @@ type Ledger struct {
 type ledgerShard struct {
 	mu      sync.Mutex
 	bal     map[int64]int64
+	busy    map[int64]int32   // postings reserved and committing, per user (absent: none)
+	maxBal  int               // bal's bound: beyond it, balances not busy are dropped
+	dropped uint64            // how many times balances were dropped (see Ledger)
 	pending map[idemKey]*call // in flight, or recently finished (failures only)
 	done    idemTable         // hash(user, req_id) → where its durable idempotency record is
 }
@@ -218,7 +227,16 @@ type LedgerConfig struct {
 	// about IdemMemoryBytes/21 requests. Requests beyond it are checked on
 	// disk (exactly once still holds, duplicate checks are slower).
 	IdemMemoryBytes int64
+	// Balances bounds how many users' balances are kept in memory (0 =
+	// DefaultLedgerBalances): beyond it, those with no op committing are
+	// dropped, and read from Pebble again by their next op.
+	Balances int
 }
+
+// DefaultLedgerBalances is LedgerConfig.Balances' default: about 40 MiB of
+// map entries. Beyond it, an op of a user whose balance was dropped costs
+// one Pebble read more.
+const DefaultLedgerBalances = 1 << 20
 
 // NewLedger is OpenLedger with the default configuration and clock now.
 func NewLedger(store *Store, now func() time.Time) (*Ledger, error) {
@@ -240,8 +258,14 @@ func OpenLedger(store *Store, cfg LedgerConfig) (*Ledger, error) {
 	}
 	l := &Ledger{store: store, now: now, idemTTL: DefaultIdemTTL, seed: maphash.MakeSeed()}
 	l.disk.Store(&idemDisk{})
+	maxBal := cfg.Balances
+	if maxBal <= 0 {
+		maxBal = DefaultLedgerBalances
+	}
 	for i := range l.shards {
 		l.shards[i].bal = map[int64]int64{}
+		l.shards[i].busy = map[int64]int32{}
+		l.shards[i].maxBal = max(1, maxBal/ledgerShards)
 		l.shards[i].pending = map[idemKey]*call{}
 		l.shards[i].done = newIdemTable(budget / ledgerShards)
 	}
@@ -737,32 +761,25 @@ func (l *Ledger) reserveAndCommit(op Op, spill bool, done func(Result, error)) {
 		}
 		users = append(users, p.User)
 	}
-	// Load balances not yet in memory (I/O outside the locks).
-	for _, u := range users {
-		sh := l.shard(u)
-		sh.mu.Lock()
-		_, ok := sh.bal[u]
-		sh.mu.Unlock()
-		if ok {
-			continue
-		}
-		b, err := l.loadBalance(u)
-		if err != nil {
-			done(Result{}, err)
-			return
-		}
-		sh.mu.Lock()
-		if _, ok := sh.bal[u]; !ok {
-			sh.bal[u] = b
-		}
-		sh.mu.Unlock()
-	}
 	at := l.now().UnixMilli()
 	spill = spill && op.ReqID != ""
 	if spill {
 		l.noteOnDisk(spillPeriod(unixHour(at)), 0) // before any duplicate can look
 	}
-	locked := l.lockUsers(users)
+	// Load balances not yet in memory (I/O outside the locks); one dropped
+	// meanwhile is loaded again.
+	var locked []int
+	for {
+		if err := l.loadBalances(users); err != nil {
+			done(Result{}, err)
+			return
+		}
+		locked = l.lockUsers(users)
+		if l.haveBalances(users) {
+			break
+		}
+		l.unlock(locked)
+	}
 	res := Result{TradeIDs: make([]int64, len(op.Postings)), Balances: make([]int64, len(op.Postings)), At: at}
 	// Check every posting against the running balance first, then apply.
 	for i, p := range op.Postings {
@@ -788,7 +805,9 @@ func (l *Ledger) reserveAndCommit(op Op, spill bool, done func(Result, error)) {
 		res.Balances[i] = b
 	}
 	for i, p := range op.Postings {
-		l.shard(p.User).bal[p.User] += p.Delta
+		sh := l.shard(p.User)
+		sh.bal[p.User] += p.Delta
+		sh.busy[p.User]++
 		res.TradeIDs[i] = l.seq.Add(1)
 	}
 	// The op is queued before the locks are released: an op that reserves
@@ -812,10 +831,17 @@ func (l *Ledger) reserveAndCommit(op Op, spill bool, done func(Result, error)) {
 			locked := l.lockUsers(users)
 			for _, p := range op.Postings {
 				l.shard(p.User).bal[p.User] -= p.Delta
+				l.shard(p.User).settled(p.User)
 			}
 			l.unlock(locked)
 			done(Result{}, err)
 			return
+		}
+		for _, p := range op.Postings { // durable: memory == Pebble for them once none is busy
+			sh := l.shard(p.User)
+			sh.mu.Lock()
+			sh.settled(p.User)
+			sh.mu.Unlock()
 		}
 		res.loc = e.loc
 		done(res, nil)
@@ -823,6 +849,7 @@ func (l *Ledger) reserveAndCommit(op Op, spill bool, done func(Result, error)) {
 	if err := l.commit.add(e); err != nil {
 		for _, p := range op.Postings { // refused (closed or failed): nothing queued
 			l.shard(p.User).bal[p.User] -= p.Delta
+			l.shard(p.User).settled(p.User)
 		}
 		l.unlock(locked)
 		done(Result{}, err)
@@ -831,6 +858,70 @@ func (l *Ledger) reserveAndCommit(op Op, spill bool, done func(Result, error)) {
 	l.unlock(locked)
 	if hook := l.commit.crashAt; hook != nil {
 		hook("reserved", []*commitEntry{e})
+	}
+}
+
+// loadBalances reads from Pebble the balances of users not in memory and
+// keeps each unless a balance of its shard was dropped while it was read.
+func (l *Ledger) loadBalances(users []int64) error {
+	for _, u := range users {
+		sh := l.shard(u)
+		sh.mu.Lock()
+		_, ok := sh.bal[u]
+		dropped := sh.dropped
+		sh.mu.Unlock()
+		if ok {
+			continue
+		}
+		b, err := l.loadBalance(u)
+		if err != nil {
+			return err
+		}
+		if hook := l.commit.crashAt; hook != nil {
+			hook("loaded", nil)
+		}
+		sh.mu.Lock()
+		if _, ok := sh.bal[u]; !ok && sh.dropped == dropped {
+			sh.keepBalance(u, b)
+		}
+		sh.mu.Unlock()
+	}
+	return nil
+}
+
+// haveBalances reports whether every user's balance is in memory (their
+// shards locked).
+func (l *Ledger) haveBalances(users []int64) bool {
+	for _, u := range users {
+		if _, ok := l.shard(u).bal[u]; !ok {
+			return false
+		}
+	}
+	return true
+}
+
+// keepBalance adds u's balance b, read from Pebble, to memory; at the bound
+// it first drops the balances of users with no op committing, down to 3/4
+// of it (a map sweep, once per quarter of the bound added). With sh.mu.
+func (sh *ledgerShard) keepBalance(u, b int64) {
+	if len(sh.bal) >= sh.maxBal {
+		for v := range sh.bal {
+			if len(sh.bal) <= sh.maxBal*3/4 {
+				break
+			}
+			if sh.busy[v] == 0 {
+				delete(sh.bal, v)
+			}
+		}
+		sh.dropped++
+	}
+	sh.bal[u] = b
+}
+
+// settled counts one posting of u's as no longer committing. With sh.mu.
+func (sh *ledgerShard) settled(u int64) {
+	if sh.busy[u]--; sh.busy[u] <= 0 {
+		delete(sh.busy, u)
 	}
 }
 

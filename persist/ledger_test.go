@@ -378,3 +378,79 @@ func TestUnreadableDuplicateIsInProgress(t *testing.T) {
 		})
 	}
 }
+
+// The balances kept in memory stay about LedgerConfig.Balances however many
+// users the node touches (every one was kept for good: ~24 B each, growing
+// with uptime), and dropping them keeps every answer exact: concurrent
+// credits and debits over many more users than the bound, each user's
+// balance then read back, transfers between users whose balances were
+// dropped, and a restart.
+func TestLedgerBalancesInMemoryBounded(t *testing.T) {
+	dir := t.TempDir()
+	st, err := persist.Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const bound, users, rounds = 128, 600, 2
+	l, err := persist.OpenLedger(st, persist.LedgerConfig{Balances: bound})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	for w := 0; w < 8; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for r := 0; r < rounds; r++ {
+				for u := int64(1 + w); u <= users; u += 8 {
+					if _, err := l.Apply(persist.Op{User: u, ReqID: fmt.Sprint("c", r), Postings: []persist.Posting{{User: u, Delta: 10, Reason: persist.ReasonDev}}}); err != nil {
+						t.Error(err)
+						return
+					}
+					if _, err := l.Apply(debitOp(u, 3, fmt.Sprint("d", r))); err != nil {
+						t.Error(err)
+						return
+					}
+					// A transfer to a user another worker is busy with.
+					if _, err := l.Apply(persist.Op{User: u, ReqID: fmt.Sprint("t", r), Postings: []persist.Posting{
+						{User: u, Delta: -1, Reason: persist.ReasonGift}, {User: u%users + 1, Delta: 1, Reason: persist.ReasonGift}}}); err != nil {
+						t.Error(err)
+						return
+					}
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	if n := persist.BalancesInMemory(l); n > bound {
+		t.Fatalf("%d balances in memory, bound %d", n, bound)
+	}
+	check := func(l *persist.Ledger) {
+		t.Helper()
+		for u := int64(1); u <= users; u++ {
+			if b, err := l.Balance(u); err != nil || b != rounds*7 {
+				t.Fatalf("user %d balance %d (%v), want %d", u, b, err, rounds*7)
+			}
+		}
+		// A debit of the whole balance of each: exact, or it would be
+		// refused (too little in memory) or overdraw (too much).
+		for u := int64(1); u <= users; u++ {
+			if r, err := l.Apply(debitOp(u, rounds*7, "all")); err != nil || r.Balances[0] != 0 {
+				t.Fatalf("user %d debit of %d: %+v %v", u, rounds*7, r, err)
+			}
+		}
+		persisttest.CheckConservation(t, l)
+	}
+	check(l)
+	l.Close()
+	if err := st.Close(); err != nil {
+		t.Fatal(err)
+	}
+	_, l = openLedger(t, dir)
+	for u := int64(1); u <= users; u++ {
+		if b, _ := l.Balance(u); b != 0 {
+			t.Fatalf("user %d balance %d after a restart, want 0", u, b)
+		}
+	}
+	persisttest.CheckConservation(t, l)
+}
