@@ -304,10 +304,10 @@ func TestBalanceAboveTheBoundRefused(t *testing.T) {
 	_, l := openLedger(t, t.TempDir())
 	credit(t, l, 1, persist.MaxBalance-1, "c1")
 	credit(t, l, 1, 1, "c2") // exactly at the bound
-	for i, d := range []int64{1, math.MaxInt64} {
+	for i, d := range []int64{1, math.MaxInt64, math.MinInt64 + 1} {
 		_, err := l.Apply(persist.Op{User: 1, ReqID: fmt.Sprint("over", i), Postings: []persist.Posting{{User: 1, Delta: d, Reason: persist.ReasonDev}}})
 		if !errors.Is(err, persist.ErrBalanceLimit) || !errors.Is(err, persist.ErrBadOp) {
-			t.Fatalf("credit %d on a balance of %d: %v, want ErrBalanceLimit", d, int64(persist.MaxBalance), err)
+			t.Fatalf("delta %d on a balance of %d: %v, want ErrBalanceLimit", d, int64(persist.MaxBalance), err)
 		}
 	}
 	// One op whose second posting would pass the bound moves nothing.

@@ -862,8 +862,10 @@ func TestSharedBalanceAboveTheBoundRefused(t *testing.T) {
 	}
 	// A delta past the bound itself, and an op whose other posting is fine:
 	// nothing of either moves.
-	if _, err := a.w.Apply(op("huge", dev(user+1, persist.MaxBalance+1))); !errors.Is(err, persist.ErrBalanceLimit) {
-		t.Fatalf("credit of MaxBalance+1: %v", err)
+	for _, d := range []int64{persist.MaxBalance + 1, -persist.MaxBalance - 1} { // as the Pebble ledger
+		if _, err := a.w.Apply(op(fmt.Sprint("huge", d), dev(user+1, d))); !errors.Is(err, persist.ErrBalanceLimit) {
+			t.Fatalf("delta %d: %v", d, err)
+		}
 	}
 	if _, err := a.w.Apply(op("pair", dev(user+1, 5), dev(user, 5))); !errors.Is(err, persist.ErrBalanceLimit) {
 		t.Fatalf("op with a posting past the bound: %v", err)

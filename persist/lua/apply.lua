@@ -23,10 +23,11 @@ local after = {}
 for i = 1, n do
   local k = KEYS[4 + i]
   local d = tonumber(ARGV[5 + 3 * i - 2 + 2])
+  if d > ${MAX_BALANCE} or d < -${MAX_BALANCE} then return {'big'} end
   local b = after[k] or tonumber(redis.call('GET', k) or '0')
   b = b + d
   if b < 0 then return {'poor'} end
-  if d > 0 and b > ${MAX_BALANCE} or d < -${MAX_BALANCE} then return {'big'} end
+  if d > 0 and b > ${MAX_BALANCE} then return {'big'} end
   after[k] = b
 end
 -- Every number in a reply or a trade is written with %d: Lua prints a
