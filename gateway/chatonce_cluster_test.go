@@ -162,3 +162,57 @@ func TestChatReqIDNumberedLateKeepsItsMid(t *testing.T) {
 		t.Fatalf("room chats %v, want %v: the req_id's chat once", chats, want)
 	}
 }
+
+// A chat with a req_id given up before its room's sequencer took it (queued
+// behind a batch Redis is slow to number, past its wait) was never sent: it
+// is answered "retry" and its claim released, so a retry through another
+// node posts it at once — once. Before, it was answered "may still be sent"
+// and its req_id held (10409) until the claim lapsed.
+func TestChatReqIDNeverQueuedReleasesItsClaim(t *testing.T) {
+	const ttl = time.Minute
+	n1, px, room, a, b, got := chatNodes(t, ttl)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	c := sdkDial(t, n1, 12, nil, nil) // the blocker's sender (a's reader is held with its chat)
+	if _, err := c.Join(ctx, room); err != nil {
+		t.Fatal(err)
+	}
+	// The chat is held right after its claim (Redis answering at once)
+	// until the room's sequencer is stuck on a blocker's batch, Redis slow
+	// for it; and once its wait ended, until Redis is fast again for its
+	// claim's release.
+	blocked := make(chan error, 1)
+	n1.WS.PauseChat("r3", func() {
+		px.Slow(fmt.Sprintf("le:r:{%d}:seq", room), 2500*time.Millisecond) // past the 2 s call timeout
+		go func() {
+			_, err := c.Chat(ctx, room, "blocker")
+			blocked <- err
+		}()
+		// Answered once its batch, taken, timed out: the sequencer
+		// retries it meanwhile.
+		if err := <-blocked; proto.AsError(err) == nil || proto.AsError(err).Code != proto.CodeInternal {
+			t.Errorf("the blocker: %v, want 50000 not confirmed", err)
+		}
+	}, func() { px.Slow("", 0) })
+	_, err := a.ChatOnce(ctx, room, "once", "r3") // queued behind the blocker's retries: given up
+	if e := proto.AsError(err); e == nil || e.Code != proto.CodeInternal || e.Msg != "temporarily unavailable, retry" {
+		t.Fatalf("the chat through gw-1: %v, want 50000 temporarily unavailable (never sent)", err)
+	}
+	mid, err := b.ChatOnce(ctx, room, "once", "r3")
+	if err != nil {
+		t.Fatalf("the retry through gw-2 at once: %v, want it sent (its claim released)", err)
+	}
+	chats := settled(t, a, room, got)
+	var once, blockers []string
+	for _, c := range chats {
+		switch c.text {
+		case "once":
+			once = append(once, c.mid)
+		case "blocker":
+			blockers = append(blockers, c.mid)
+		}
+	}
+	if !slices.Equal(once, []string{mid}) || len(blockers) != 1 {
+		t.Fatalf("room chats %v: want the req_id's chat once (%q) and the blocker once", chats, mid)
+	}
+}

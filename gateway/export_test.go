@@ -86,3 +86,19 @@ type failingClaims struct {
 func (f failingClaims) claim(int64, string) (string, func(string), *proto.Error) {
 	return "", nil, f.perr
 }
+
+// PauseChat holds the chats with req_id req at two steps: right after its
+// claim was taken, until claimed returns; right after its publish
+// returned, before its claim is settled, until published returns.
+func (s *Server) PauseChat(req string, claimed, published func()) {
+	f := func(r string, done bool) {
+		switch {
+		case r != req:
+		case done:
+			published()
+		default:
+			claimed()
+		}
+	}
+	s.chatStep.Store(&f)
+}

@@ -231,6 +231,9 @@ func (s *Server) chatMsg(c *Conn, f *proto.ClientFrame) (any, *proto.Error) {
 			return chatReply{Mid: mid}, nil
 		}
 		settle = st
+		if f := s.chatStep.Load(); f != nil {
+			(*f)(r.ReqID, false)
+		}
 	}
 	var mid string
 	var err error
@@ -253,11 +256,17 @@ func (s *Server) chatMsg(c *Conn, f *proto.ClientFrame) (any, *proto.Error) {
 		mid, err = s.router.PublishRoom(r.RoomID, push)
 	}
 	if settle != nil {
+		if f := s.chatStep.Load(); f != nil {
+			(*f)(r.ReqID, true)
+		}
 		switch {
 		case err == nil:
 			settle(mid)
-		case errors.Is(err, router.ErrNoRoom) || errors.Is(err, router.ErrRoomBusy):
-			settle("") // not queued: its retry is sent
+		case errors.Is(err, router.ErrNoRoom) || errors.Is(err, router.ErrRoomBusy),
+			errors.Is(err, router.ErrUnavailable) && !errors.Is(err, router.ErrUnconfirmed):
+			// Never sent (not queued, or given up before the sequencer
+			// took it): its retry is sent, at once.
+			settle("")
 		}
 		// Otherwise in doubt (a cluster's sequencer did not answer in time:
 		// the push may still go out): the claim stays until late settles it
@@ -272,12 +281,12 @@ func (s *Server) chatMsg(c *Conn, f *proto.ClientFrame) (any, *proto.Error) {
 	case errors.Is(err, router.ErrUnavailable): // cluster: Redis unreachable, or no answer in time
 		s.log.Warn("chat not confirmed", "room", r.RoomID, "err", err)
 		switch {
+		case !errors.Is(err, router.ErrUnconfirmed):
+			return nil, errUnavailable // never sent
 		case settle != nil:
 			return nil, errChatInDoubt
-		case errors.Is(err, router.ErrUnconfirmed):
-			return nil, errChatUnconfirmed
 		}
-		return nil, errUnavailable // never sent
+		return nil, errChatUnconfirmed
 	case err != nil:
 		return nil, s.internal("chat", err, "room", r.RoomID)
 	}

@@ -29,6 +29,10 @@ type Server struct {
 	// afterEnqueue, in tests only, runs in Conn.Send right after the frame
 	// is queued (where its writer may already have written it).
 	afterEnqueue func(c *Conn, f *router.Frame)
+	// chatStep, in tests only, runs in a chat with a req_id right after
+	// its claim was taken (published false) and right after its publish
+	// returned, before its claim is settled (true).
+	chatStep atomic.Pointer[func(req string, published bool)]
 	// onFrame, in tests only, runs in dispatch with each decoded frame's
 	// type (a handler failing there).
 	onFrame func(t string)
