@@ -803,13 +803,15 @@ func (c *Client) rejoined(room int64, since *proto.Position) func(d []byte) {
 // connection but answers nothing (wedged, half-open) is left even while the
 // app keeps sending requests. It also pings at once when a request timed
 // out (session.suspect). A ping without a reply within RequestTimeout
-// closes the connection (the run loop reconnects) — unless a frame was read
-// since the ping went out: a wedged node sends nothing, while one applying
-// backpressure (the gateway stops reading a connection with
+// closes the connection (the run loop reconnects) — unless a reply was read
+// since the ping went out: a wedged node answers nothing, while one
+// applying backpressure (the gateway stops reading a connection with
 // gifts.max_inflight gifts in flight) answers the ping late but keeps
-// sending replies and pushes meanwhile. Leaving it would fail every request
-// in flight with ErrDisconnected (ambiguous for a gift); it is kept, and
-// pinged again if it falls silent (the tick, or the next request timed out).
+// sending the replies of what it took meanwhile. Leaving it would fail
+// every request in flight with ErrDisconnected (ambiguous for a gift); it is
+// kept, and pinged again if it falls silent (the tick, or the next request
+// timed out). Pushes do not count: a node whose reading of this connection
+// died keeps fanning room pushes out to it, yet answers no request.
 func (c *Client) heartbeat(s *session, every time.Duration) {
 	defer c.wg.Done()
 	var tick <-chan time.Time
@@ -842,8 +844,8 @@ func (c *Client) heartbeat(s *session, every time.Duration) {
 		cancel()
 		var pe *proto.Error
 		if err != nil && !errors.As(err, &pe) && errors.Is(err, context.DeadlineExceeded) {
-			if s.lastRead.Load() > pinged {
-				c.log.Info("clientsdk: heartbeat ping answered late but frames still come, keeping connection")
+			if s.repliedAt.Load() > pinged {
+				c.log.Info("clientsdk: heartbeat ping answered late but replies still come, keeping connection")
 				continue
 			}
 			c.log.Warn("clientsdk: heartbeat ping unanswered, closing connection")

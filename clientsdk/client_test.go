@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/liveedge/liveedge/gateway/proto"
+	"github.com/lxzan/gws"
 )
 
 // rec records what the callbacks saw.
@@ -944,6 +945,47 @@ func TestRequestTimeoutProbesTheConnection(t *testing.T) {
 	}
 	if _, err := c.Request(context.Background(), "echo", nil); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// A node whose reading of the connection died (nothing answered) while it
+// keeps fanning room pushes out to it is left once a request timed out and
+// the ping went unanswered: pushes do not show that the node reads. Before,
+// any frame read after the ping kept the connection, and every request of
+// the app timed out for as long as the room was busy.
+func TestNodeAnsweringNothingLeftWhilePushesFlow(t *testing.T) {
+	ts := newTServer(t)
+	c := dial(t, ts, nil, func(cfg *Config) {
+		cfg.HeartbeatInterval = time.Minute // no heartbeat ping within the test
+		cfg.RequestTimeout = 300 * time.Millisecond
+	})
+	tc := ts.conn(0)
+	tc.mute.Store(true)
+	stop := make(chan struct{})
+	pushed := make(chan struct{})
+	go func() { // a busy room: a push every 20 ms until the client left
+		defer close(pushed)
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				return
+			case <-tc.closed:
+				return
+			case <-time.After(20 * time.Millisecond):
+			}
+			_ = tc.ws.WriteMessage(gws.OpcodeText, pushFrame("p"+strconv.Itoa(i), false, 1, "busy"))
+		}
+	}()
+	defer func() { close(stop); <-pushed }()
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	_, err := c.Request(ctx, "echo", nil)
+	cancel()
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("request to the node answering nothing: %v, want a timeout", err)
+	}
+	waitFor(t, 5*time.Second, "a reconnect after the ping unanswered while pushes flow", func() bool { return c.Stats().Reconnects == 1 })
+	if _, err := c.Request(context.Background(), "echo", nil); err != nil {
+		t.Fatalf("request on the new connection: %v", err)
 	}
 }
 

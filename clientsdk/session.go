@@ -32,6 +32,7 @@ type session struct {
 	wsem      chan struct{} // one-slot write lock that a context can abandon
 	lastWrite atomic.Int64  // unix nanos of the last successful write
 	lastRead  atomic.Int64  // unix nanos of the last frame read
+	repliedAt atomic.Int64  // unix nanos of the last reply read (the node reads our frames)
 	// probe asks the heartbeat for a ping at once (buffered 1): a request
 	// on this connection went unanswered for its whole context.
 	probe chan struct{}
@@ -414,6 +415,7 @@ func (s *session) handle(f *proto.ServerFrame, acks []string) []string {
 	c := s.c
 	switch f.T {
 	case proto.TypeReply:
+		s.repliedAt.Store(time.Now().UnixNano())
 		c.mu.Lock()
 		cl := s.pending[f.ID]
 		delete(s.pending, f.ID)
