@@ -140,6 +140,8 @@ var LiveClient = class _LiveClient {
     this.lastSend = 0;
     /** When the current connection last read a frame (the liveness check: see startHeartbeat). */
     this.lastRead = 0;
+    /** When the last reply was read: the node reads this connection. */
+    this.lastReply = 0;
     /** Connection attempts in a row that failed before their hello (see staticTokenExpired). */
     this.failsBeforeHello = 0;
     /** Since when the socket has held more than MaxBufferedBytes unsent (0: not now). */
@@ -627,21 +629,23 @@ var LiveClient = class _LiveClient {
   }
   /**
    * Pings ws (one such ping in flight at a time): unanswered within the
-   * request timeout, and nothing read since it was sent, the connection is
+   * request timeout, and no reply read since it was sent, the connection is
    * dead even if no close came, and is left (the client reconnects). A
-   * frame read meanwhile keeps it: a wedged node sends nothing, while one
+   * reply read meanwhile keeps it: a wedged node answers nothing, while one
    * applying backpressure (the gateway stops reading a connection with
    * gifts.max_inflight gifts in flight) answers the ping late but keeps
    * replying — leaving it would fail every request in flight (ambiguous for
    * a gift). It is pinged again if it falls silent (the heartbeat, or the
-   * next request that times out).
+   * next request that times out). Pushes do not count: a node whose reading
+   * of this connection died keeps fanning room pushes out to it, yet
+   * answers no request.
    */
   probe(ws) {
     if (this.probing === ws || this.ws !== ws) return;
     this.probing = ws;
     const pinged = Date.now();
     this.send(ws, "ping", {}, this.o.requestTimeoutMs).catch((e) => {
-      if (e instanceof TimeoutError && !(this.lastRead > pinged)) this.abandon(ws, "ping timeout");
+      if (e instanceof TimeoutError && !(this.lastReply > pinged)) this.abandon(ws, "ping timeout");
     }).finally(() => {
       if (this.probing === ws) this.probing = void 0;
     });
@@ -751,6 +755,7 @@ var LiveClient = class _LiveClient {
     if (!f || typeof f !== "object") return;
     switch (f.t) {
       case "reply":
+        this.lastReply = Date.now();
         this.onReply(f);
         return;
       case "push":

@@ -656,6 +656,27 @@ test("a back-pressured node (it reads nothing for 500 ms but keeps replying) is 
   await c.ping();
 });
 
+test("a node that answers nothing while it keeps fanning room pushes out is left once a request timed out: pushes do not answer a ping", async () => {
+  let pushing;
+  const srv = await server((conn, n) => {
+    if (n > 0) return answer(conn);
+    conn.onFrame = () => {}; // its reading of this connection died: nothing answered
+    let i = 0;
+    pushing = setInterval(() => {
+      if (conn.ws.readyState !== WS.OPEN) return clearInterval(pushing);
+      conn.send(push("busy" + i++, { from: 1, text: "x" }, { room: 0 }));
+    }, 20);
+  }); // heartbeat 30 s: no ping of the heartbeat's within the test
+  cleanup.push(async () => clearInterval(pushing));
+  const c = await collect({ urls: srv.url, token: "t", requestTimeoutMs: 300 });
+  await assert.rejects(c.request("chat", { room_id: 9, text: "x" }, { timeout: 100 }), { name: "TimeoutError" }); // then the client pings
+  await eventually(() => srv.conns.length === 2, 3000, "left the node that answered nothing while it pushed");
+  clearInterval(pushing);
+  const d = c.ev.states.find((s) => s.state === "disconnected");
+  assert.equal(d.reason, "ping timeout");
+  await c.ping();
+});
+
 test("a node that stops reading while it keeps pushing is left once the send buffer stays above MaxBufferedBytes past the request timeout", async () => {
   const mid = (i) => "m" + i + "-" + "x".repeat(2000);
   let flood;
