@@ -105,6 +105,16 @@ type HTTP struct {
 	// the bound the one idle longest makes room (closed), and when none is
 	// idle a new one waits in the listen backlog.
 	MaxConns int `yaml:"max_conns"`
+	// MetricsToken, when set, is a bearer token that reads /metrics (a
+	// Prometheus scraper's bearer token), beside an admin's JWT. With dev
+	// tokens off /metrics answers no one else: its counts (rooms,
+	// connections, errors) are the node's internals. With dev tokens on it
+	// is open (make run, the tests, the load tools). Dev tokens off, a token
+	// must be at least MinSecretBytes long and not a published value.
+	MetricsToken string `yaml:"metrics_token"`
+	// MetricsTokenFile, when set, names a file whose content (surrounding
+	// white space trimmed) replaces MetricsToken; Load reads it.
+	MetricsTokenFile string `yaml:"metrics_token_file"`
 }
 
 // WS is the WebSocket listener and per-connection limits.
@@ -371,9 +381,10 @@ func DevSecret(s string) bool {
 	return devSecrets[s] || strings.Contains(strings.ToLower(s), "change-me")
 }
 
-// ReadSecretFiles replaces Auth.JWTSecret and Pay.Secrets by the content of
-// Auth.JWTSecretFile and Pay.SecretsFile where those are set. A file that
-// cannot be read or holds no secret is an error.
+// ReadSecretFiles replaces Auth.JWTSecret, HTTP.MetricsToken,
+// Redis.Password and Pay.Secrets by the content of Auth.JWTSecretFile,
+// HTTP.MetricsTokenFile, Redis.PasswordFile and Pay.SecretsFile where those
+// are set. A file that cannot be read or holds no secret is an error.
 func (c *Config) ReadSecretFiles() error {
 	if f := c.Auth.JWTSecretFile; f != "" {
 		b, err := os.ReadFile(f)
@@ -382,6 +393,15 @@ func (c *Config) ReadSecretFiles() error {
 		}
 		if c.Auth.JWTSecret = strings.TrimSpace(string(b)); c.Auth.JWTSecret == "" {
 			return fmt.Errorf("auth.jwt_secret_file %s: empty", f)
+		}
+	}
+	if f := c.HTTP.MetricsTokenFile; f != "" {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			return fmt.Errorf("http.metrics_token_file: %w", err)
+		}
+		if c.HTTP.MetricsToken = strings.TrimSpace(string(b)); c.HTTP.MetricsToken == "" {
+			return fmt.Errorf("http.metrics_token_file %s: empty", f)
 		}
 	}
 	if f := c.Redis.PasswordFile; f != "" {
@@ -462,6 +482,16 @@ func (c *Config) checkSecrets(check func(bool, string)) {
 		case len(s) < MinSecretBytes:
 			check(false, fmt.Sprintf("pay.secrets[%d] must be at least %d bytes with auth.dev_tokens off", i, MinSecretBytes)+payHow)
 		}
+	}
+	// The metrics token is optional (an admin's JWT reads /metrics too);
+	// one that is set guards the node's internals as the others do.
+	const metricsHow = " (set LIVEEDGE_HTTP_METRICS_TOKEN or http.metrics_token_file)"
+	switch m := c.HTTP.MetricsToken; {
+	case m == "":
+	case DevSecret(m):
+		check(false, "http.metrics_token is a published development value; with auth.dev_tokens off use a private one"+metricsHow)
+	case len(m) < MinSecretBytes:
+		check(false, fmt.Sprintf("http.metrics_token must be at least %d bytes with auth.dev_tokens off", MinSecretBytes)+metricsHow)
 	}
 }
 

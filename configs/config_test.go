@@ -114,6 +114,8 @@ func TestSecretsRejectedWithDevTokensOff(t *testing.T) {
 		{"pay none", func(c *Config) { c.Pay.Secrets = nil }, "pay.secrets needs at least one secret"},
 		{"pay empty", func(c *Config) { c.Pay.Secrets = []string{""} }, "pay.secrets[0] is empty"},
 		{"pay short", func(c *Config) { c.Pay.Secrets = []string{"short-secret"} }, "pay.secrets[0] must be at least 32 bytes"},
+		{"metrics token short", func(c *Config) { c.HTTP.MetricsToken = "scrape-me" }, "http.metrics_token must be at least 32 bytes"},
+		{"metrics token change-me", func(c *Config) { c.HTTP.MetricsToken = "change-me-metrics-token-0123456789abcdef" }, "http.metrics_token is a published"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -140,6 +142,22 @@ func TestSecretsFromEnv(t *testing.T) {
 	}
 	_, err = loadCluster(t, "LIVEEDGE_AUTH_JWT_SECRET=too-short", "LIVEEDGE_PAY_SECRETS="+goodPay)
 	wantErr(t, err, "auth.jwt_secret must be at least 32 bytes")
+
+	// The metrics token (optional) from the environment or a file.
+	c, err = loadCluster(t, append(backendCreds, "LIVEEDGE_AUTH_JWT_SECRET="+goodJWT, "LIVEEDGE_PAY_SECRETS="+goodPay,
+		"LIVEEDGE_HTTP_METRICS_TOKEN="+goodPay+"-metrics")...)
+	if err != nil || c.HTTP.MetricsToken != goodPay+"-metrics" {
+		t.Fatalf("metrics token from env: %q, %v", c.HTTP.MetricsToken, err)
+	}
+	f := filepath.Join(t.TempDir(), "metrics")
+	if err := os.WriteFile(f, []byte(goodPay+"-file\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	c, err = loadCluster(t, append(backendCreds, "LIVEEDGE_AUTH_JWT_SECRET="+goodJWT, "LIVEEDGE_PAY_SECRETS="+goodPay,
+		"LIVEEDGE_HTTP_METRICS_TOKEN_FILE="+f)...)
+	if err != nil || c.HTTP.MetricsToken != goodPay+"-file" {
+		t.Fatalf("metrics token from a file: %q, %v", c.HTTP.MetricsToken, err)
+	}
 }
 
 func TestSecretsFromFiles(t *testing.T) {

@@ -2,6 +2,8 @@ package gateway
 
 import (
 	"context"
+	"crypto/sha256"
+	"crypto/subtle"
 	"errors"
 	"fmt"
 	"io"
@@ -39,6 +41,9 @@ type API struct {
 	rooms   *room.Service
 	metrics *metrics
 	ready   func() error
+	// metricsToken is the SHA-256 of http.metrics_token (nil: none), for
+	// a comparison in constant time whatever the length presented.
+	metricsToken []byte
 
 	h  *server.Hertz
 	ln net.Listener
@@ -55,7 +60,12 @@ type API struct {
 func init() { hlog.SetLevel(hlog.LevelWarn) }
 
 func newAPI(n *Node, auth *Auth) *API {
-	return &API{cfg: n.Config, log: n.Log, auth: auth, node: n, rooms: n.Rooms, metrics: n.metrics, ready: n.ready}
+	a := &API{cfg: n.Config, log: n.Log, auth: auth, node: n, rooms: n.Rooms, metrics: n.metrics, ready: n.ready}
+	if t := n.Config.HTTP.MetricsToken; t != "" {
+		sum := sha256.Sum256([]byte(t))
+		a.metricsToken = sum[:]
+	}
+	return a
 }
 
 // Listen binds the HTTP address and serves in the background.
@@ -176,7 +186,7 @@ func (a *API) routes() {
 		}
 		c.String(200, "ready")
 	})
-	h.GET("/metrics", adaptor.HertzHandler(promhttp.HandlerFor(a.metrics.reg, promhttp.HandlerOpts{})))
+	h.GET("/metrics", a.metricsAuth, adaptor.HertzHandler(promhttp.HandlerFor(a.metrics.reg, promhttp.HandlerOpts{})))
 	if a.cfg.HTTP.Demo {
 		a.demoRoutes()
 	}
@@ -346,6 +356,39 @@ func (a *API) authenticate(ctx context.Context, c *app.RequestContext) {
 	}
 	c.Set(identKey, ident)
 	c.Next(ctx)
+}
+
+// metricsAuth guards /metrics outside development (auth.dev_tokens off):
+// its counts (rooms, connections, error rates) are the node's internals,
+// for its operators only. It takes http.metrics_token (what a Prometheus
+// scraper sends as its bearer token) or an admin's JWT; anything else is
+// 401 10002 (no or a bad token) or 403 10003 (a token of another role).
+// With dev tokens on (make run, the tests, the load tools) it is open: such
+// a node mints admin tokens for anyone anyway.
+func (a *API) metricsAuth(ctx context.Context, c *app.RequestContext) {
+	if a.cfg.Auth.DevTokens {
+		c.Next(ctx)
+		return
+	}
+	tok := BearerToken(string(c.GetHeader("Authorization")))
+	if a.metricsToken != nil && tok != "" {
+		sum := sha256.Sum256([]byte(tok))
+		if subtle.ConstantTimeCompare(sum[:], a.metricsToken) == 1 {
+			c.Next(ctx)
+			return
+		}
+	}
+	ident, err := a.auth.Verify(tok)
+	switch {
+	case err != nil:
+		a.fail(c, proto.Errorf(proto.CodeUnauthenticated, "missing or bad token (an admin token or http.metrics_token)"))
+		c.Abort()
+	case ident.Role != RoleAdmin:
+		a.fail(c, proto.Errorf(proto.CodeForbidden, "metrics are for admins"))
+		c.Abort()
+	default:
+		c.Next(ctx)
+	}
 }
 
 func identOf(c *app.RequestContext) Identity {
