@@ -96,9 +96,9 @@ type HTTP struct {
 	// never holds a handler longer.
 	ReadTimeout Duration `yaml:"read_timeout"`
 	// MaxHeaderBytes bounds a request's headers (request line included):
-	// more gets the connection closed before any handler. Hertz's own
-	// default is 1 MiB, read (and buffered several times over) before a
-	// token is looked at.
+	// more is answered 431 (10001) and the connection closed, before any
+	// handler. Hertz's own default is 1 MiB, read (and buffered several
+	// times over) before a token is looked at.
 	MaxHeaderBytes int `yaml:"max_header_bytes"`
 	// MaxConns bounds the API's open connections (each holds buffers for
 	// its headers and body; the WebSocket listener has ws.max_conns): at

@@ -21,6 +21,7 @@ import (
 	"github.com/cloudwego/hertz/pkg/common/adaptor"
 	"github.com/cloudwego/hertz/pkg/common/hlog"
 	"github.com/cloudwego/hertz/pkg/network/standard"
+	"github.com/cloudwego/hertz/pkg/protocol/suite"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/liveedge/liveedge/configs"
@@ -110,6 +111,9 @@ func (a *API) Listen() error {
 		server.WithDisablePrintRoute(true),
 		server.WithExitWaitTime(time.Second),
 	)
+	// Hertz's own answers to requests it cannot read, in the envelope
+	// (httpproto.go).
+	a.h.AddProtocol(suite.HTTP1, envelopeHTTP1{engine: a.h.Engine, maxBody: a.cfg.HTTP.MaxBodyBytes, maxHeader: a.cfg.HTTP.MaxHeaderBytes})
 	a.routes()
 	go func() {
 		if err := a.h.Run(); err != nil {
@@ -278,12 +282,17 @@ const walletUnavailableMsg = "wallet temporarily unavailable, nothing moved; ret
 // envelope writes the error envelope {"code":C,"msg":"...","data":{}} with
 // status.
 func envelope(c *app.RequestContext, status int, e *proto.Error) {
+	c.Data(status, "application/json", envelopeBytes(e))
+}
+
+// envelopeBytes is the error envelope of e.
+func envelopeBytes(e *proto.Error) []byte {
 	b, _ := proto.Marshal(struct {
 		Code int      `json:"code"`
 		Msg  string   `json:"msg"`
 		Data struct{} `json:"data"`
 	}{Code: e.Code, Msg: e.Msg})
-	c.Data(status, "application/json", b)
+	return b
 }
 
 // limitBody reads the request body (streamed by the server) into memory, at
@@ -330,6 +339,13 @@ func (a *API) limitBody(ctx context.Context, c *app.RequestContext) {
 		c.Request.SetBody(body)
 	}
 	c.Next(ctx)
+	// A request Hertz read but cannot route — HTTP/1.1 without a Host
+	// header, a target that is no path — it answers 400 itself after the
+	// middlewares (route.serveError), in plain text unless they wrote a
+	// body.
+	if c.Response.StatusCode() == http.StatusBadRequest && len(c.Response.Body()) == 0 && !c.Response.IsBodyStream() {
+		envelope(c, http.StatusBadRequest, proto.BadRequest("malformed request: no Host header, or a target that is not a path"))
+	}
 }
 
 // bind decodes the JSON body into v.
