@@ -4,7 +4,11 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"io"
+	"io/fs"
 	"net/http"
+	"os"
+	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 
@@ -117,5 +121,73 @@ func TestMetricsOpenWithDevTokens(t *testing.T) {
 	n := nodetest.Start(t, nodetest.Config(t))
 	if st, _, body := getMetrics(t, n, ""); st != 200 || !strings.Contains(body, "liveedge_connections") {
 		t.Fatalf("dev node /metrics without a token: %d %q", st, body[:min(len(body), 200)])
+	}
+}
+
+// metricRegistration finds the names the node's code registers metrics
+// under: liveedge_<name> with Namespace "liveedge" (edge/, persist/), and
+// through gateway's opts helpers f, stat, cstat and opts.
+var (
+	metricNamespaced = regexp.MustCompile(`Namespace:\s*"liveedge",\s*Name:\s*"([a-z0-9_]+)"`)
+	metricGateway    = regexp.MustCompile(`\b(?:f|stat|cstat|opts)\(\s*"([a-z0-9_]+)"`)
+	metricFamily     = regexp.MustCompile(`(?m)^# TYPE (liveedge_[a-z0-9_]+) `)
+)
+
+// README's metrics table lists every liveedge_ metric the node registers:
+// the names registered in the code (counters with labels and the cluster's
+// and shared wallet's, which a single node's scrape does not show), and
+// every family a dev node's /metrics shows (whatever code registered it).
+func TestREADMEListsEveryMetric(t *testing.T) {
+	readme, err := os.ReadFile("../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	registered := map[string]bool{}
+	err = filepath.WalkDir("..", func(path string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if d.IsDir() && (d.Name() == "node_modules" || strings.HasPrefix(d.Name(), ".")) && path != ".." {
+			return filepath.SkipDir
+		}
+		if d.IsDir() || !strings.HasSuffix(path, ".go") || strings.HasSuffix(path, "_test.go") {
+			return nil
+		}
+		src, err := os.ReadFile(path)
+		if err != nil || !strings.Contains(string(src), "prometheus") {
+			return err
+		}
+		for _, m := range metricNamespaced.FindAllStringSubmatch(string(src), -1) {
+			registered["liveedge_"+m[1]] = true
+		}
+		if filepath.Dir(path) == filepath.Join("..", "gateway") {
+			for _, m := range metricGateway.FindAllStringSubmatch(string(src), -1) {
+				registered["liveedge_"+m[1]] = true
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(registered) < 30 || !registered["liveedge_cluster_subscribed_rooms"] || !registered["liveedge_ticket_orders_total"] {
+		t.Fatalf("the scan of the code found %d metrics (%v): it no longer matches how they are registered", len(registered), registered)
+	}
+	n := nodetest.Start(t, nodetest.Config(t))
+	_, _, body := getMetrics(t, n, "")
+	scraped := metricFamily.FindAllStringSubmatch(body, -1)
+	if len(scraped) < 20 {
+		t.Fatalf("a dev node's /metrics shows %d liveedge_ families", len(scraped))
+	}
+	for _, m := range scraped {
+		if !registered[m[1]] {
+			t.Errorf("%s is on /metrics but the scan of the code did not find it: extend the scan", m[1])
+		}
+		registered[m[1]] = true
+	}
+	for name := range registered {
+		if !strings.Contains(string(readme), "`"+name+"`") && !strings.Contains(string(readme), "`"+name+"{") {
+			t.Errorf("README.md does not list the metric %s", name)
+		}
 	}
 }
