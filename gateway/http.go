@@ -41,7 +41,13 @@ type API struct {
 	node    *Node
 	rooms   *room.Service
 	metrics *metrics
-	ready   func() error
+	ready   func() *notReady
+	// readyLog is the last not-ready cause logged by /readyz (readyz).
+	readyLog struct {
+		sync.Mutex
+		dep string
+		at  time.Time
+	}
 	// metricsToken is the SHA-256 of http.metrics_token (nil: none), for
 	// a comparison in constant time whatever the length presented.
 	metricsToken []byte
@@ -176,20 +182,7 @@ func (a *API) routes() {
 		envelope(c, http.StatusMethodNotAllowed, proto.BadRequest("method %s not allowed here", truncate(string(c.Method()), 16)))
 	})
 	h.GET("/healthz", func(_ context.Context, c *app.RequestContext) { c.String(200, "ok") })
-	h.GET("/readyz", func(_ context.Context, c *app.RequestContext) {
-		if err := a.ready(); err != nil {
-			b, _ := proto.Marshal(struct {
-				Code int    `json:"code"`
-				Msg  string `json:"msg"`
-				Data struct {
-					Ready bool `json:"ready"`
-				} `json:"data"`
-			}{Code: proto.CodeInternal, Msg: "not ready: " + err.Error()})
-			c.Data(503, "application/json", b)
-			return
-		}
-		c.String(200, "ready")
-	})
+	h.GET("/readyz", a.readyz)
 	h.GET("/metrics", a.metricsAuth, adaptor.HertzHandler(promhttp.HandlerFor(a.metrics.reg, promhttp.HandlerOpts{})))
 	if a.cfg.HTTP.Demo {
 		a.demoRoutes()
@@ -223,6 +216,50 @@ func (a *API) routes() {
 	authed.POST("/rooms", a.openRoom)
 	authed.DELETE("/rooms/:id", a.closeRoom)
 	a.redPacketRoutes(authed)
+}
+
+// readyz answers 200 "ready", or 503 with the envelope: 50000, "not ready:
+// <reason>" and data {"ready":false,"dependency":<dep>} — fixed words
+// naming what is missing (load balancers and anyone else may call it). The
+// details behind it (a Redis or NATS error with its address, the store's
+// failure) are logged, once per cause and at most every readyLogEvery, not
+// answered.
+func (a *API) readyz(_ context.Context, c *app.RequestContext) {
+	nr := a.ready()
+	a.logReadiness(nr)
+	if nr == nil {
+		c.String(200, "ready")
+		return
+	}
+	type notReadyData struct {
+		Ready      bool   `json:"ready"`
+		Dependency string `json:"dependency"`
+	}
+	b, _ := proto.Marshal(struct {
+		Code int          `json:"code"`
+		Msg  string       `json:"msg"`
+		Data notReadyData `json:"data"`
+	}{Code: proto.CodeInternal, Msg: "not ready: " + nr.Reason, Data: notReadyData{Dependency: nr.Dep}})
+	c.Data(503, "application/json", b)
+}
+
+// readyLogEvery bounds how often /readyz logs the same not-ready cause (a
+// load balancer polls it every few seconds).
+const readyLogEvery = 30 * time.Second
+
+func (a *API) logReadiness(nr *notReady) {
+	l := &a.readyLog
+	l.Lock()
+	defer l.Unlock()
+	if nr == nil {
+		l.dep = ""
+		return
+	}
+	if nr.Dep == l.dep && time.Since(l.at) < readyLogEvery {
+		return
+	}
+	l.dep, l.at = nr.Dep, time.Now()
+	a.log.Warn("not ready", "dependency", nr.Dep, "reason", nr.Reason, "err", nr.Err)
 }
 
 // ok writes the success envelope.

@@ -763,23 +763,32 @@ func (n *Node) Start() error {
 //     and catalogue announcements on it are best effort (the room record in
 //     Pebble is the truth; shared mode's catalogue is invalidated through
 //     Redis), so NATS being down does not make the node unready.
-func (n *Node) ready() error {
+func (n *Node) ready() *notReady {
 	switch {
 	case n.draining.Load():
-		return errors.New("draining")
+		return &notReady{Dep: "node", Reason: "draining"}
 	case n.Store.Failed() != nil:
-		return errors.New("storage failed: restarting")
+		return &notReady{Dep: "store", Reason: "storage failed: restarting", Err: n.Store.Failed()}
 	case n.Cluster != nil && !n.routerNC.IsConnected():
-		return errors.New("NATS unreachable (cluster routing)")
+		return &notReady{Dep: "nats", Reason: "NATS unreachable (cluster routing)", Err: n.routerNC.LastError()}
 	case n.shared != nil:
 		if err := n.redisReachable(); err != nil {
-			return errors.New("Redis unreachable")
+			return &notReady{Dep: "redis", Reason: "Redis unreachable", Err: err}
 		}
 		if !n.shared.Ready() {
-			return errors.New("shared wallet not ready (rebuilding)")
+			return &notReady{Dep: "wallet", Reason: "shared wallet not ready (rebuilding)"}
 		}
 	}
 	return nil
+}
+
+// notReady is why a node is not ready. /readyz answers anyone Dep and
+// Reason, fixed words naming what is missing; Err, the details (addresses,
+// a driver's message), goes to the log only.
+type notReady struct {
+	Dep    string // node (draining), store, nats, redis, wallet
+	Reason string
+	Err    error
 }
 
 // redisProbeEvery bounds how often /readyz pings Redis: answers within it

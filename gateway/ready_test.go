@@ -24,6 +24,8 @@ type readyz struct {
 	status int
 	code   int
 	msg    string
+	dep    string // data.dependency
+	body   string
 }
 
 func getReadyz(t *testing.T, n *gateway.Node) readyz {
@@ -40,6 +42,10 @@ func getReadyz(t *testing.T, n *gateway.Node) readyz {
 	var env struct {
 		Code int    `json:"code"`
 		Msg  string `json:"msg"`
+		Data struct {
+			Ready      *bool  `json:"ready"`
+			Dependency string `json:"dependency"`
+		} `json:"data"`
 	}
 	if ct := resp.Header.Get("Content-Type"); !strings.HasPrefix(ct, "application/json") {
 		t.Fatalf("/readyz %d with Content-Type %q, want a JSON envelope", r.status, ct)
@@ -51,7 +57,10 @@ func getReadyz(t *testing.T, n *gateway.Node) readyz {
 	if err := proto.Unmarshal(body, &env); err != nil {
 		t.Fatalf("/readyz %d: body is not a JSON envelope: %v", r.status, err)
 	}
-	r.code, r.msg = env.Code, env.Msg
+	if env.Data.Ready == nil || *env.Data.Ready {
+		t.Fatalf("/readyz %d: data.ready %v, want false: %s", r.status, env.Data.Ready, body)
+	}
+	r.code, r.msg, r.dep, r.body = env.Code, env.Msg, env.Data.Dependency, string(body)
 	return r
 }
 
@@ -72,6 +81,12 @@ func TestReadyzFollowsRedisInSharedMode(t *testing.T) {
 		"/readyz still %d with Redis stopped", r.status)
 	if r.code != proto.CodeInternal || !strings.Contains(r.msg, "Redis") {
 		t.Fatalf("/readyz envelope code %d msg %q, want %d naming Redis", r.code, r.msg, proto.CodeInternal)
+	}
+	// The dependency by name, nothing of the driver's error (Redis's
+	// address, "connection refused"): that is logged, not answered.
+	_, port, _ := net.SplitHostPort(rs.Addr)
+	if r.dep != "redis" || strings.Contains(r.body, port) || strings.Contains(r.body, "refused") || strings.Contains(r.body, "dial") {
+		t.Fatalf("/readyz data.dependency %q, body %s: want \"redis\" and no error details", r.dep, r.body)
 	}
 
 	rs.Restart()
