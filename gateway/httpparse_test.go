@@ -131,4 +131,17 @@ func TestHTTPMalformedRequestsGetTheEnvelope(t *testing.T) {
 	if resp.StatusCode != 200 || !strings.Contains(string(raw), `"token"`) {
 		t.Fatalf("after 100 Continue: %s %q", resp.Status, raw)
 	}
+	// A malformed request after those, on the same connection: the
+	// envelope.
+	if _, err := io.WriteString(conn, "HELLO\r\n\r\n"); err != nil {
+		t.Fatal(err)
+	}
+	if resp, err = http.ReadResponse(br, nil); err != nil {
+		t.Fatal(err)
+	}
+	raw, _ = io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 400 || !resp.Close || !strings.HasPrefix(resp.Header.Get("Content-Type"), "application/json") || !strings.Contains(string(raw), `"code":10001`) {
+		t.Fatalf("a malformed request on a kept-alive connection: %s close=%v %q", resp.Status, resp.Close, raw)
+	}
 }

@@ -32,7 +32,8 @@ import (
 // own for HTTP/1.1 (Engine.AddProtocol, a suite.ServerFactory). envelopeHTTP1
 // is Hertz's own HTTP/1.1 server inside one that
 //   - tells, on the connection, when Hertz is in a handler (the Core's
-//     ServeHTTP) or writing the answer of one (until its flush);
+//     ServeHTTP) or writing the answer of one (until Hertz reads the
+//     connection again: a streamed answer may be flushed several times);
 //   - drops what Hertz writes outside those — its error answer — save the
 //     "100 Continue" interim answer;
 //   - and, when Hertz's Serve returns with the error it answered, writes
@@ -104,7 +105,7 @@ func (m markCore) ServeHTTP(c context.Context, ctx *app.RequestContext) {
 	m.Core.ServeHTTP(c, ctx)
 	if ec != nil {
 		ec.inHandler = false
-		ec.answering = true // until the answer's flush
+		ec.answering = true // until the connection is read again
 		if ctx.GetHijackHandler() != nil {
 			ec.hijacked = true // the handler owns the connection after the answer
 		}
@@ -161,7 +162,7 @@ var continue100 = []byte("HTTP/1.1 100 Continue\r\n\r\n")
 type envelopeConn struct {
 	network.Conn
 	inHandler bool // in the Core's ServeHTTP
-	answering bool // writing a handler's answer, until its flush
+	answering bool // writing a handler's answer: from the handler's return to the next read
 	hijacked  bool // a handler took the connection over
 	dropping  bool // bytes dropped since the last flush
 	refused   bool // Hertz's own answer was dropped
@@ -194,6 +195,22 @@ func (c *envelopeConn) Flush() error {
 		c.dropping, c.refused = false, true
 		return nil
 	}
-	c.answering = false
 	return c.Conn.Flush()
 }
+
+// read ends a handler's answer: Hertz reads the connection again (what is
+// left of the request's body, the next request) only once the answer is
+// written whole. (Release is not a read: Hertz calls it before the
+// answer's flush.)
+func (c *envelopeConn) read() {
+	if !c.inHandler {
+		c.answering = false
+	}
+}
+
+func (c *envelopeConn) Peek(n int) ([]byte, error)       { c.read(); return c.Conn.Peek(n) }
+func (c *envelopeConn) Skip(n int) error                 { c.read(); return c.Conn.Skip(n) }
+func (c *envelopeConn) Len() int                         { c.read(); return c.Conn.Len() }
+func (c *envelopeConn) ReadByte() (byte, error)          { c.read(); return c.Conn.ReadByte() }
+func (c *envelopeConn) ReadBinary(n int) ([]byte, error) { c.read(); return c.Conn.ReadBinary(n) }
+func (c *envelopeConn) Read(p []byte) (int, error)       { c.read(); return c.Conn.Read(p) }
