@@ -1,6 +1,7 @@
 // Command mockpay runs a mock payment provider for demos and load tests: it
-// signs and delivers notifies to LiveEdge's webhook with Alipay's retry rhythm
-// and answers active status queries. See edge/pay/mockpay.
+// signs and delivers notifies to LiveEdge's webhook with Alipay's retry rhythm,
+// answers active status queries and closes unpaid orders at LiveEdge's signed
+// request (a closed order can no longer be paid). See edge/pay/mockpay.
 //
 //	mockpay -addr 127.0.0.1:8090 -secret liveedge-dev-pay-secret-change-me -factor 0.001
 package main
@@ -17,7 +18,7 @@ import (
 
 func main() {
 	addr := flag.String("addr", "127.0.0.1:8090", "listen address")
-	secret := flag.String("secret", "liveedge-dev-pay-secret-change-me", "webhook signing secret (LiveEdge pay.secrets)")
+	secret := flag.String("secret", "liveedge-dev-pay-secret-change-me", "signing secret of notifies, answers and closes (LiveEdge pay.secrets)")
 	factor := flag.Float64("factor", 0.001, "retry schedule factor (1 = Alipay's real 25 h rhythm)")
 	dup := flag.Int("dup", 0, "extra concurrent copies of every delivery")
 	badsig := flag.Int("badsig", 0, "first N attempts per payment signed wrongly")

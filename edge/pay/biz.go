@@ -130,12 +130,15 @@ func (s *Service) CreateBizOrder(r BizOrderReq, extra ...persist.Record) (Order,
 	return o, nil
 }
 
-// CloseBizOrder closes a business's unpaid pay order (PAYING → IN_VALID):
-// the business closed its order. A payment that arrives later is refunded —
-// also one whose notifies are all lost: the order is closed without the
-// provider's word, so the reconciler queries it after the close
-// (rec/payunasked, in the closing batch; reconcileClosed). Closing a closed
-// or settled order changes nothing.
+// CloseBizOrder closes a business's unpaid pay order (PAYING → IN_VALID)
+// here only, without asking the provider: the business closed its order
+// and could not wait for the provider (a sweep past its AskBudget, or
+// whose provider did not answer). A payment that arrives later is refunded
+// — also one whose notifies are all lost: the order is closed without the
+// provider's word, so the reconciler closes it at the provider after the
+// close (rec/payunasked, in the closing batch; reconcileClosed), which
+// answers a payment made meanwhile. Closing a closed or settled order
+// changes nothing.
 func (s *Service) CloseBizOrder(id int64, why string) error {
 	defer s.orders.Lock(id)()
 	o, err := s.Get(id)
@@ -151,10 +154,63 @@ func (s *Service) CloseBizOrder(id int64, why string) error {
 	return s.moveLocked(&o, id, StatusInvalid, why, unaskedRecord(id))
 }
 
-// AskBeforeClose asks the provider about business order id before its
-// business closes it unpaid at its deadline, as real payment systems do: a
-// payment made just before the deadline whose notifies were all lost is
-// found before the close, not after it (then only refunded). A payment the
+// CloseBizOrderAtProvider closes a business's unpaid pay order after its
+// business closed its own (a buyer's cancel), asking the provider to close
+// it first (closeAtProvider, one request of at most QueryTimeout, outside
+// every lock): closed there, the pay order is closed for good (IN_VALID,
+// nothing left to ask: the buyer can no longer pay it, so no payment can
+// escape); already paid there, the payment is applied as its notify would
+// be — the business's order closed, a late payment refunded once (as the
+// order or not); no answer, it is closed as CloseBizOrder closes it, and
+// the reconciler closes it at the provider later (rec/payunasked).
+func (s *Service) CloseBizOrderAtProvider(id int64, why string) error {
+	o, err := s.Get(id)
+	if err != nil {
+		if proto.AsError(err).Code == proto.CodeNotFound {
+			return nil
+		}
+		return err
+	}
+	if !OpenStatus(o.Status) {
+		return nil
+	}
+	ev, answer := s.closeAtProvider(o)
+	switch answer {
+	case queryClosed:
+		defer s.orders.Lock(id)()
+		cur, err := s.Get(id)
+		if err != nil || !OpenStatus(cur.Status) {
+			return err
+		}
+		return s.moveLocked(&cur, id, StatusInvalid, why+" (closed at the provider)", nil)
+	case queryPaid:
+		s.applyFound(o, id, ev, "pay: payment found by the close of a closed business order")
+	}
+	return s.CloseBizOrder(id, why) // nothing if the payment settled it
+}
+
+// applyFound applies ev, a payment of open order o the provider reported
+// (to a query or a close), as its notify would be; one not as the order is
+// remembered, to be refunded once the order is closed (rememberMismatch).
+// It returns the notify status.
+func (s *Service) applyFound(o Order, id int64, ev Event, what string) int {
+	st, msg := s.apply(o.Channel, ev)
+	if st == NotifyConflict && ev.Amount != o.Amount {
+		s.rememberMismatch(id, ev)
+	}
+	if st != NotifyOK {
+		s.cfg.Log.Warn(what, "order", o.OrderID, "status", st, "msg", msg)
+	}
+	return st
+}
+
+// AskBeforeClose asks the provider to close business order id before its
+// business closes it unpaid at its deadline (closeAtProvider), as real
+// payment systems do: closed there, nobody can pay it any more, so the
+// business closes its order with no payment left to escape, and the pay
+// order is closed here at once (IN_VALID, nothing left to ask); a payment
+// made just before the deadline whose notifies were all lost is found
+// before the close, not after it (then only refunded). A payment the
 // provider reports is applied as its notify would be: as the order, the
 // business takes it (Paid; its order is then not closed); not as the order,
 // it is remembered and refunded once the order is closed (rememberMismatch,
@@ -162,27 +218,32 @@ func (s *Service) CloseBizOrder(id int64, why string) error {
 // reports a payment that could not be applied now (a store error, its
 // business not registered yet): the business keeps its order open and asks
 // again later. answered is false when the provider gave no verified answer:
-// the order may close all the same — CloseBizOrder has it queried after the
-// close — and the business need not wait QueryTimeout on each of its other
-// due orders.
+// the order may close all the same — CloseBizOrder has it closed at the
+// provider after the close — and the business need not wait QueryTimeout
+// on each of its other due orders.
 func (s *Service) AskBeforeClose(id int64) (closable, answered bool) {
 	o, err := s.Get(id)
 	if err != nil || !OpenStatus(o.Status) {
 		return true, true // nothing to ask: CloseBizOrder does what is left
 	}
-	ev, answer := s.query(o)
+	ev, answer := s.closeAtProvider(o)
 	switch answer {
 	case queryUnknown:
 		return true, false
-	case queryNotPaid:
+	case queryClosed, queryNotPaid:
+		// Closed there: ours is closed here now, before its business
+		// closes its own (CloseBizOrder then finds it closed). Should the
+		// business not close its order (a store error), nothing can pay
+		// it meanwhile, and its next sweep closes it.
+		unlock := s.orders.Lock(id)
+		if cur, err := s.Get(id); err == nil && OpenStatus(cur.Status) {
+			if err := s.moveLocked(&cur, id, StatusInvalid, "unpaid timeout (closed at the provider)", nil); err != nil {
+				s.cfg.Log.Warn("pay: order closed at the provider not closed here, its business closes it", "order", o.OrderID, "err", err)
+			}
+		}
+		unlock()
 		return true, true
 	}
-	st, msg := s.apply(o.Channel, ev)
-	if st == NotifyConflict && ev.Amount != o.Amount {
-		s.rememberMismatch(id, ev)
-	}
-	if st != NotifyOK {
-		s.cfg.Log.Warn("pay: payment found before its order's close", "order", o.OrderID, "status", st, "msg", msg)
-	}
+	st := s.applyFound(o, id, ev, "pay: payment found before its order's close")
 	return st != NotifyRetry, true
 }

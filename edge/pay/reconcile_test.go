@@ -21,9 +21,9 @@ import (
 const reconcileSecret = "reconcile-test-secret-0123456789abcdef"
 
 // A provider that cannot tell (down, failing) is not a "not paid": an expired
-// order it was asked about stays open for a second timeout (its payment, if
-// any, is still credited when the notify comes); a verified "not paid"
-// closes it at once.
+// order it was asked to close stays open for a second timeout (its payment,
+// if any, is still credited when the notify comes); the provider's verified
+// "closed" closes it at once.
 func TestReconcileClosesOnlyOnAnAnswer(t *testing.T) {
 	clock, advance := testClock()
 
@@ -37,7 +37,7 @@ func TestReconcileClosesOnlyOnAnAnswer(t *testing.T) {
 			http.Error(w, "unavailable", http.StatusServiceUnavailable)
 			return
 		}
-		answer(w, clock, pay.Event{OrderID: id, Status: "WAITING"})
+		answer(w, clock, unpaid(r))
 	}))
 	defer provider.Close()
 	queried := func(o pay.Order) int { mu.Lock(); defer mu.Unlock(); return queries[o.OrderID] }
@@ -362,7 +362,7 @@ func TestReconcileRunReachesEveryDueOrder(t *testing.T) {
 	provider := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		queries.Add(1)
 		time.Sleep(5 * time.Millisecond) // a provider's round trip
-		answer(w, clock, pay.Event{OrderID: r.URL.Query().Get("order_id"), Status: "WAITING"})
+		answer(w, clock, unpaid(r))
 	}))
 	defer provider.Close()
 	const timeout = 15 * time.Minute
@@ -409,7 +409,17 @@ func testClock() (clock func() time.Time, advance func(time.Duration)) {
 		func(d time.Duration) { mu.Lock(); now = now.Add(d); mu.Unlock() }
 }
 
-// answer writes ev as the provider's signed answer to a query.
+// unpaid is the provider's answer about an order it has no payment of: to
+// a query WAITING, to a close (POST /close?order_id=) CLOSED.
+func unpaid(r *http.Request) pay.Event {
+	ev := pay.Event{OrderID: r.URL.Query().Get("order_id"), Status: "WAITING"}
+	if r.URL.Path == "/close" {
+		ev.Status = mockpay.StatusClosed
+	}
+	return ev
+}
+
+// answer writes ev as the provider's signed answer to a query or a close.
 func answer(w http.ResponseWriter, clock func() time.Time, ev pay.Event) {
 	b, _ := proto.Marshal(ev)
 	w.Header().Set(pay.SignatureHeader, pay.Sign(reconcileSecret, clock(), b))

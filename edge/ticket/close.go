@@ -26,7 +26,9 @@ func (s *Service) Cancel(user, id int64) (Order, error) {
 
 // close moves order id from PENDING_PAY to CANCELLED (closeLocked under
 // the order's lock), then closes its pay order — after the order's lock:
-// the lock order is pay → ticket. user 0 = the timeout (no owner check);
+// the lock order is pay → ticket; a cancel's at the provider too
+// (CloseBizOrderAtProvider: a payment the buyer makes after it is refused
+// there; one made before it is refunded once). user 0 = the timeout (no owner check);
 // onlyExpired refuses an order that is not expired yet (a timeout racing a
 // payment).
 func (s *Service) close(id, user int64, why string, onlyExpired bool) (*Order, error) {
@@ -68,7 +70,16 @@ func (s *Service) close(id, user int64, why string, onlyExpired bool) (*Order, e
 	if !onlyExpired {
 		s.push(o) // a sweep's closes are pushed once their coupons are back (CloseExpired)
 	}
-	if err := s.pay.CloseBizOrder(id, why); err != nil {
+	// The pay order: a buyer's cancel has it closed at the provider first
+	// (one request, nobody can pay it after); the sweep asked the provider
+	// to close it already (askBeforeClose, within its budget: then it is
+	// closed), or could not, and leaves that to the pay centre's
+	// reconciler (rec/payunasked).
+	closePay := s.pay.CloseBizOrder
+	if user != 0 {
+		closePay = s.pay.CloseBizOrderAtProvider
+	}
+	if err := closePay(id, why); err != nil {
 		// A payment that still lands is refused by Paid (the order is
 		// closed) and refunded; pay's reconciler closes the pay order later.
 		s.cfg.Log.Warn("ticket: pay order not closed", "order", o.OrderID, "err", err)
@@ -226,20 +237,21 @@ func (s *Service) closeDue(due []int64) []int64 {
 	close(next)
 	wg.Wait()
 	if n := ask.skipped.Load(); n > 0 {
-		s.cfg.Log.Warn("ticket: due orders not asked about before their close, queried after it",
+		s.cfg.Log.Warn("ticket: due orders not closed at the provider before their close, closed there after it",
 			"orders", n, "unanswered", ask.unanswered.Load(), "budget", s.cfg.AskBudget)
 	}
 	return closed
 }
 
-// asking is one sweep's asking the provider (askBeforeClose). It stops
-// when a query goes unanswered (the provider is down or slow: each of the
-// rest would wait its QueryTimeout) or at until (AskBudget: a provider that
-// answers slowly would hold the sweep orders/closeWorkers × its latency,
-// every due order's seats locked meanwhile); the rest close without
-// asking — the pay centre queries them after their close
-// (rec/payunasked). A query started before until may end after it: a sweep
-// asks for at most AskBudget plus one query's time (≤ QueryTimeout).
+// asking is one sweep's asking the provider to close its due orders
+// (askBeforeClose). It stops when a close goes unanswered (the provider is
+// down or slow: each of the rest would wait its QueryTimeout) or at until
+// (AskBudget: a provider that answers slowly would hold the sweep
+// orders/closeWorkers × its latency, every due order's seats locked
+// meanwhile); the rest close here without asking — the pay centre's
+// reconciler closes them at the provider after their close
+// (rec/payunasked). A close started before until may end after it: a sweep
+// asks for at most AskBudget plus one request's time (≤ QueryTimeout).
 type asking struct {
 	until      time.Time
 	stopped    atomic.Bool
@@ -247,13 +259,16 @@ type asking struct {
 	skipped    atomic.Int64 // orders that would have been asked
 }
 
-// askBeforeClose asks the pay centre about due order id's provider payment
-// before the sweep closes it (pay.Service.AskBeforeClose): a payment made
-// before the deadline whose notifies were all lost is applied as its notify
-// would have been — the order sold (Paid), not closed — instead of being
-// found (if ever) after the close. false: the provider reports a payment
-// not applied yet, the order stays open until the next sweep. The order is
-// read without its lock: close decides under it.
+// askBeforeClose has the pay centre close due order id's pay order at the
+// provider before the sweep closes it (pay.Service.AskBeforeClose): closed
+// there, its buyer can no longer pay it — no payment can come after the
+// seats are released (the pay order is closed then, nothing left to ask);
+// a payment made before the deadline whose notifies were all lost is
+// answered instead, and applied as its notify would have been — the order
+// sold (Paid), not closed — instead of being found (if ever) after the
+// close. false: the provider reports a payment not applied yet, the order
+// stays open until the next sweep. The order is read without its lock:
+// close decides under it.
 func (s *Service) askBeforeClose(id int64, ask *asking) bool {
 	o, err := s.load1(id)
 	if err != nil || o.Status != StatusPendingPay || o.Pay != PayMock || s.cfg.Now().UnixMilli() < o.ExpiresAt {

@@ -4,7 +4,6 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -19,9 +18,9 @@ import (
 // money is at the provider, and only the pay centre's query can tell.
 
 // lostProvider is the mock provider with every notify lost (mockpay.Lost),
-// signing with the env's clock; down makes it answer no query (503), slow
-// answer each query after that long; queries counts the queries it was
-// sent, asked those of each order.
+// signing with the env's clock; down makes it answer no query or close
+// (503), slow answer each after that long; queries counts the queries and
+// closes it was sent, asked those of each order.
 type lostProvider struct {
 	*mockpay.Provider
 	srv     *httptest.Server
@@ -47,10 +46,11 @@ func newLostEnvWith(t *testing.T, cfg Config) (*env, *lostProvider) {
 	p := &lostProvider{Provider: mockpay.New(mockpay.Config{Secret: testSecret, Lost: true, Now: c.now}), asked: map[string]int{}}
 	h := p.Handler()
 	p.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if strings.HasPrefix(r.URL.Path, "/query") {
+		if r.URL.Path == "/query" || r.URL.Path == "/close" {
 			defer p.queries.Add(1)
+			id := r.URL.Query().Get("order_id")
 			p.mu.Lock()
-			p.asked[r.URL.Query().Get("order_id")]++
+			p.asked[id]++
 			p.mu.Unlock()
 			time.Sleep(time.Duration(p.slow.Load()))
 			defer func() {

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/liveedge/liveedge/edge/pay"
+	"github.com/liveedge/liveedge/edge/pay/mockpay"
 	"github.com/liveedge/liveedge/gateway/proto"
 	"github.com/liveedge/liveedge/persist"
 )
@@ -97,8 +98,9 @@ func TestQueriedMismatchWaitsForItsBusiness(t *testing.T) {
 }
 
 // queryProvider is a provider whose signed answer to the pay centre's
-// query reports the payment set by pay (SUCCESS, event "ev-q") for its
-// order, "WAITING" for any other; queries counts the answers.
+// query or close reports the payment set by pay (SUCCESS, event "ev-q")
+// for its order; for any other, "WAITING" to a query and "CLOSED" to a
+// close; queries counts the answers.
 type queryProvider struct {
 	srv     *httptest.Server
 	queries atomic.Int64
@@ -125,6 +127,9 @@ func newQueriedEnv(t *testing.T) (*env, *queryProvider) {
 		defer p.queries.Add(1)
 		id := r.URL.Query().Get("order_id")
 		ev := pay.Event{OrderID: id, Status: "WAITING"}
+		if r.URL.Path == "/close" {
+			ev.Status = mockpay.StatusClosed
+		}
 		p.mu.Lock()
 		if id == p.order {
 			ev = pay.Event{EventID: "ev-q", OrderID: id, Amount: p.amount, Status: "SUCCESS", PaidAt: c.now().UnixMilli()}

@@ -23,9 +23,10 @@ type Config struct {
 	MaxPrograms int           // programs kept (0 = DefaultMaxPrograms); one more → 10001
 	MaxSeats    int           // seats of one program (0 = DefaultMaxSeats); more → 10001
 	SweepEvery  time.Duration // how often expired orders are looked for (0 = min(PayTimeout/4, 1 s))
-	// AskBudget bounds one sweep's asking the provider before it closes
-	// its due orders (0 = DefaultAskBudget): past it, the sweep's other due
-	// orders close without asking, their pay orders queried after the close
+	// AskBudget bounds one sweep's asking the provider to close its due
+	// orders before it closes them (0 = DefaultAskBudget): past it, the
+	// sweep's other due orders close without asking, their pay orders
+	// closed at the provider by the pay centre's reconciler after the close
 	// (rec/payunasked). A slow provider that still answers would hold every
 	// due order's seats for orders/closeWorkers × its latency (10,000 at
 	// 2 s: 21 min).
@@ -78,6 +79,7 @@ type Payments interface {
 	OrderIDsAbove(id int64)
 	CreateBizOrder(r pay.BizOrderReq, extra ...persist.Record) (pay.Order, error)
 	CloseBizOrder(id int64, why string) error
+	CloseBizOrderAtProvider(id int64, why string) error
 	AskBeforeClose(id int64) (closable, answered bool)
 	Get(id int64) (pay.Order, error)
 }
