@@ -254,6 +254,13 @@ type Pay struct {
 	// PAYING): one more → 10429 (0 = no bound).
 	MaxOpenOrdersPerUser int `yaml:"max_open_orders_per_user"`
 	OrdersPerMinute      int `yaml:"orders_per_minute"` // order creations per user per minute, more → 10429 (0 = no bound)
+	// UnaskedRetention bounds how long an order closed here without being
+	// closed at the provider (the provider not answering; rec/payunasked)
+	// is asked to close there after its close: past it (by the order's
+	// close time), still unanswered, it is logged for an operator (warn,
+	// its order id), counted (liveedge_pay_unasked_dropped_total) and
+	// dropped.
+	UnaskedRetention Duration `yaml:"unasked_retention"`
 }
 
 // RedPacket configures red-packet rains (edge/redpacket). Zero numbers mean
@@ -288,6 +295,12 @@ type Tickets struct {
 	OrdersPerMinute int `yaml:"orders_per_minute"`
 	MaxPrograms     int `yaml:"max_programs"` // programs kept in memory; one more → 10001
 	MaxSeats        int `yaml:"max_seats"`    // seats of one program (Σ rows × cols); more → 10001
+	// AskBudget bounds one sweep's asking the provider to close its due
+	// provider-paid orders before it closes them (edge/ticket
+	// Config.AskBudget): past it the sweep's other due orders close without
+	// asking, the pay centre's reconciler closing them at the provider
+	// after (rec/payunasked).
+	AskBudget Duration `yaml:"ask_budget"`
 }
 
 // Redis is the shared hot-state store (cluster / shared mode).
@@ -648,6 +661,8 @@ func (c *Config) Validate() error {
 	check(c.Tickets.OrdersPerMinute >= 0, "tickets.orders_per_minute must be >= 0")
 	check(c.Tickets.MaxPrograms > 0, "tickets.max_programs must be > 0")
 	check(c.Tickets.MaxSeats > 0 && c.Tickets.MaxSeats <= 1_000_000, "tickets.max_seats must be 1..1000000")
+	check(c.Tickets.AskBudget.D() > 0 && c.Tickets.AskBudget.D() <= time.Minute, "tickets.ask_budget must be > 0 and <= 1m")
+	check(c.Pay.UnaskedRetention.D() >= time.Hour, "pay.unasked_retention must be >= 1h")
 	check(c.Node.GOGC >= 0, "node.gogc must be >= 0")
 	check(c.Node.IdleRelease.D() >= 0, "node.idle_release must be >= 0")
 	check(c.Node.BlockCacheMB >= 0 && c.Node.BlockCacheMB <= 1<<20, "node.block_cache_mb must be between 0 and 1048576")

@@ -5,6 +5,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"gopkg.in/yaml.v3"
 )
@@ -307,4 +308,38 @@ func TestUnknownEnv(t *testing.T) {
 	if strings.Join(got, ",") != "LIVEEDGE_CLUSTER_ENABLE,LIVEEDGE_WALLET_NODE" {
 		t.Fatalf("unknown names %v", got)
 	}
+}
+
+// tickets.ask_budget (the ticket sweep's asking the provider to close its
+// due orders, edge/ticket Config.AskBudget) and pay.unasked_retention (how
+// long an order the provider did not answer the close of is asked again)
+// are settings: defaults 3s and 72h, set in a file or the environment,
+// out-of-range values refused. Before, ask_budget was no key at all — a
+// file setting it was refused as unknown, the budget fixed at 3 s.
+func TestAskBudgetAndUnaskedRetentionSettings(t *testing.T) {
+	c := Default()
+	if c.Tickets.AskBudget.D() != 3*time.Second || c.Pay.UnaskedRetention.D() != 72*time.Hour {
+		t.Fatalf("defaults: ask_budget %v, unasked_retention %v; want 3s, 72h", c.Tickets.AskBudget.D(), c.Pay.UnaskedRetention.D())
+	}
+	f := filepath.Join(t.TempDir(), "c.yaml")
+	if err := os.WriteFile(f, []byte("tickets:\n  ask_budget: 500ms\npay:\n  unasked_retention: 24h\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	c, err := Load(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Tickets.AskBudget.D() != 500*time.Millisecond || c.Pay.UnaskedRetention.D() != 24*time.Hour {
+		t.Fatalf("from the file: ask_budget %v, unasked_retention %v; want 500ms, 24h", c.Tickets.AskBudget.D(), c.Pay.UnaskedRetention.D())
+	}
+	c = Default()
+	if err := ApplyEnv(&c, []string{"LIVEEDGE_TICKETS_ASK_BUDGET=1s"}); err != nil || c.Tickets.AskBudget.D() != time.Second {
+		t.Fatalf("from the environment: %v %v", c.Tickets.AskBudget.D(), err)
+	}
+	c = Default()
+	c.Tickets.AskBudget = 0
+	wantErr(t, c.Validate(), "tickets.ask_budget")
+	c = Default()
+	c.Pay.UnaskedRetention = Duration(time.Minute)
+	wantErr(t, c.Validate(), "pay.unasked_retention")
 }

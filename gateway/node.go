@@ -369,7 +369,7 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 		OrderTimeout: cfg.Pay.OrderTimeout.D(), ProviderURL: cfg.Pay.ProviderURL,
 		NotifyURL:      public + "/api/v1/pay/notify",
 		ReconcileAfter: cfg.Pay.ReconcileAfter.D(), ReconcileEvery: cfg.Pay.ReconcileEvery.D(), Log: log,
-		MaxOpenPerUser: cfg.Pay.MaxOpenOrdersPerUser, OrdersPerMinute: cfg.Pay.OrdersPerMinute,
+		MaxOpenPerUser: cfg.Pay.MaxOpenOrdersPerUser, OrdersPerMinute: cfg.Pay.OrdersPerMinute, UnaskedRetention: cfg.Pay.UnaskedRetention.D(),
 		Frozen: n.Accounts.Frozen, ReqClaims: reqClaims, SharedCreates: sharedOrders, SharedOpen: n.payOpen,
 	})
 	if err != nil {
@@ -393,7 +393,7 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 		places = limit.NewShared(n.Redis, "tkorder", cfg.Tickets.OrdersPerMinute, time.Minute, max(1, cfg.Tickets.OrdersPerMinute))
 	}
 	n.Tickets, err = ticket.New(n.Store, n.Wallet, n.Pay, n.Router, ticket.Config{
-		PayTimeout: cfg.Tickets.PayTimeout.D(), OrdersPerMinute: cfg.Tickets.OrdersPerMinute, MaxPrograms: cfg.Tickets.MaxPrograms, MaxSeats: cfg.Tickets.MaxSeats, Log: log,
+		PayTimeout: cfg.Tickets.PayTimeout.D(), OrdersPerMinute: cfg.Tickets.OrdersPerMinute, MaxPrograms: cfg.Tickets.MaxPrograms, MaxSeats: cfg.Tickets.MaxSeats, AskBudget: cfg.Tickets.AskBudget.D(), Log: log,
 		NextProgramID: n.nextProgramID(), Coupons: cstore, SharedPlaces: places, Frozen: n.Accounts.Frozen})
 	if err != nil {
 		return nil, err
@@ -431,6 +431,9 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 		}
 	}
 	for _, c := range n.Tickets.Collectors() {
+		labelled.MustRegister(c)
+	}
+	for _, c := range n.Pay.Collectors() {
 		labelled.MustRegister(c)
 	}
 	auth := NewAuth(cfg.Auth.JWTSecret)

@@ -230,7 +230,7 @@ func (s *Service) AskBeforeClose(id int64) (closable, answered bool) {
 	switch answer {
 	case queryUnknown:
 		return true, false
-	case queryClosed, queryNotPaid:
+	case queryClosed:
 		// Closed there: ours is closed here now, before its business
 		// closes its own (CloseBizOrder then finds it closed). Should the
 		// business not close its order (a store error), nothing can pay

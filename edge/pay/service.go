@@ -1659,7 +1659,7 @@ func (s *Service) reconcileClosed(id int64) {
 			s.unaskedDropped.Inc()
 		}
 		return
-	case queryClosed, queryNotPaid:
+	case queryClosed:
 		forget()
 		return
 	}
