@@ -4,12 +4,15 @@ import (
 	"encoding/json"
 	"io"
 	"net/http"
+	"net/http/httptest"
+	"net/url"
 	"strconv"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/liveedge/liveedge/edge/pay"
+	"github.com/liveedge/liveedge/edge/pay/mockpay"
 	"github.com/liveedge/liveedge/persist"
 )
 
@@ -291,4 +294,116 @@ func TestProviderDownAtTheCloseClosedThereLater(t *testing.T) {
 	if _, isPaid := p.Paid(o2.OrderID); isPaid {
 		t.Fatal("the provider has a payment of the order it closed")
 	}
+}
+
+// Buyers paying at the deadline while the sweep closes their orders at the
+// provider (10 ms a close, the payments spread over 40 ms; the
+// notifies delivered, each in three copies at once, through the pay
+// centre's webhook): every order ends settled exactly once — paid at the
+// provider and sold (PAID, its seats sold, the pay order PAYED, nothing
+// refunded), or refused by the provider (409: closed there first) and
+// closed (CANCELLED, seats free, the pay order IN_VALID, nothing left to
+// ask). No payment is refunded: each was made before its order's close at
+// the provider, which answered it. Seats and coins are conserved.
+func TestPaymentsRacingTheCloseSettledOnce(t *testing.T) {
+	c := &clock{}
+	p := mockpay.New(mockpay.Config{Secret: testSecret, Duplicates: 2, Factor: 0.001, Now: c.now})
+	h := p.Handler()
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/close" {
+			time.Sleep(10 * time.Millisecond) // a provider's round trip: the sweep's closes spread over the payments
+		}
+		h.ServeHTTP(w, r)
+	}))
+	t.Cleanup(p.Close)
+	t.Cleanup(srv.Close)
+	e := &env{t: t, dir: t.TempDir(), clock: c, provider: srv.URL}
+	e.open()
+	t.Cleanup(e.close)
+	webhook := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body, _ := io.ReadAll(r.Body)
+		st, msg := e.pay.Notify("mock", r.Header.Get(pay.SignatureHeader), body)
+		w.WriteHeader(st)
+		_, _ = io.WriteString(w, msg)
+	}))
+	t.Cleanup(webhook.Close)
+	const n = 40
+	prog := e.program([]CategoryDef{{ID: 1, Name: "A", Price: 100, Rows: 5, Cols: 8}}, 4, 8)
+	ids := make([]int64, n)
+	for i := range ids {
+		o, err := e.svc.Place(int64(100+i), PlaceReq{ProgramID: prog, CategoryID: 1, Count: 1, ReqID: "r" + strconv.Itoa(i)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids[i] = mustID(t, o.OrderID)
+	}
+	e.clock.advance(DefaultPayTimeout)
+	status := make([]int, n)
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		e.svc.CloseExpired()
+	}()
+	for i, id := range ids {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			time.Sleep(time.Duration(i) * time.Millisecond) // some before their order's close, some after
+			po, err := e.pay.Get(id)
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			u := srv.URL + "/pay?order_id=" + po.OrderID + "&amount=" + strconv.FormatInt(po.Amount, 10) +
+				"&notify_url=" + url.QueryEscape(webhook.URL+"/mock")
+			resp, err := http.Post(u, "", nil)
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			resp.Body.Close()
+			status[i] = resp.StatusCode
+		}()
+	}
+	wg.Wait()
+	paid := 0
+	for i, id := range ids {
+		_, atProvider := p.Paid(strconv.FormatInt(id, 10))
+		if (status[i] == http.StatusOK) != atProvider || (status[i] != http.StatusOK && status[i] != http.StatusConflict) {
+			t.Fatalf("order %d: the buyer's payment answered %d, the provider has it: %v", id, status[i], atProvider)
+		}
+		if atProvider {
+			paid++
+		}
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	for p.Delivered.Load() < int64(paid) {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d of %d payments' notifies acknowledged", p.Delivered.Load(), paid)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	e.runs()
+	for i, id := range ids {
+		po, err := e.pay.Get(id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		o := e.order(po.OrderID)
+		switch {
+		case status[i] == http.StatusOK && (po.Status != pay.StatusPayed || o.Status != StatusPaid):
+			t.Fatalf("order %d paid at the provider: pay order %s, ticket order %s; want %s, %s", id, po.Status, o.Status, pay.StatusPayed, StatusPaid)
+		case status[i] != http.StatusOK && (po.Status != pay.StatusInvalid || o.Status != StatusCancelled || e.unasked(id)):
+			t.Fatalf("order %d refused by the provider: pay order %s, ticket order %s, to be asked %v; want %s, %s, false",
+				id, po.Status, o.Status, e.unasked(id), pay.StatusInvalid, StatusCancelled)
+		}
+		e.noRefund(id)
+	}
+	if free, locked, sold := e.counts(prog); sold != paid || locked != 0 || free != n-paid {
+		t.Fatalf("free %d locked %d sold %d, want %d 0 %d", free, locked, sold, n-paid, paid)
+	}
+	t.Logf("%d of %d buyers paid before the close, the others refused", paid, n)
+	e.conservation()
+	e.audit()
 }
