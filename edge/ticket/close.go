@@ -28,9 +28,9 @@ func (s *Service) Cancel(user, id int64) (Order, error) {
 // the order's lock), then closes its pay order — after the order's lock:
 // the lock order is pay → ticket; a cancel's at the provider too
 // (CloseBizOrderAtProvider: a payment the buyer makes after it is refused
-// there; one made before it is refunded once). user 0 = the timeout (no owner check);
-// onlyExpired refuses an order that is not expired yet (a timeout racing a
-// payment).
+// there; one made before it is refunded once). user 0 = the timeout (no
+// owner check); onlyExpired refuses an order that is not expired yet (a
+// timeout racing a payment).
 func (s *Service) close(id, user int64, why string, onlyExpired bool) (*Order, error) {
 	unlock := s.orders.Lock(id)
 	o, err := s.load1(id)

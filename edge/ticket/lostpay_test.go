@@ -190,9 +190,9 @@ func TestLostPaymentFoundAfterTheSweepRefundedOnce(t *testing.T) {
 	}
 }
 
-// A buyer who paid and then cancelled (the notifies lost): the pay order
-// closed by the cancel is queried after its close too, and the payment
-// refunded once.
+// A buyer who paid and then cancelled (the notifies lost): the cancel's
+// close of the pay order at the provider answers the payment (a provider
+// not answering: the reconciler's close after it), refunded once.
 func TestLostPaymentBeforeACancelRefundedOnce(t *testing.T) {
 	e, p := newLostEnv(t)
 	prog, _, id := e.mockOrder(1)
@@ -206,12 +206,12 @@ func TestLostPaymentBeforeACancelRefundedOnce(t *testing.T) {
 	e.audit()
 }
 
-// A slow provider that still answers (each query 100 ms, "not paid") holds
-// a sweep about its AskBudget, not orders/closeWorkers × its latency: past
+// A slow provider that still answers (each close 100 ms, "closed") holds a
+// sweep about its AskBudget, not orders/closeWorkers × its latency: past
 // the budget the sweep's other due orders close without asking, every one
-// CANCELLED and its seats free, and the pay centre queries those after
-// their close (rec/payunasked) — a payment found then is refunded once
-// (TestLostPaymentFoundAfterTheSweepRefundedOnce). Before, the sweep asked
+// CANCELLED and its seats free, and the pay centre closes those at the
+// provider after their close (rec/payunasked) — a payment found then is
+// refunded once (TestLostPaymentFoundAfterTheSweepRefundedOnce). Before, the sweep asked
 // about every order (the shortcut took only an unanswered query): 256
 // orders took 16 rounds of 100 ms, 10,000 at 2 s an answer 21 min, their
 // seats locked meanwhile.
@@ -272,8 +272,8 @@ func TestSweepAsksTheProviderWithinItsBudget(t *testing.T) {
 		t.Fatalf("free %d locked %d sold %d, want %d 0 0", free, locked, sold, n)
 	}
 	e.conservation()
-	// The reconciler queries each order closed without asking, and forgets
-	// it on the provider's "not paid".
+	// The reconciler closes each order closed without asking at the
+	// provider, and forgets it on the provider's "closed".
 	p.slow.Store(0)
 	deadline := time.Now().Add(20 * time.Second)
 	for left := len(unasked); left > 0; {
