@@ -902,9 +902,15 @@ func (l *Ledger) haveBalances(users []int64) bool {
 
 // keepBalance adds u's balance b, read from Pebble, to memory; at the bound
 // it first drops the balances of users with no op committing, down to 3/4
-// of it (a map sweep, once per quarter of the bound added). With sh.mu.
+// of it (a map sweep, once per quarter of the bound added). Busy balances
+// cannot go: the sweep waits until a quarter of the bound can — with every
+// balance busy, each load swept the whole map for nothing (loads quadratic
+// in the ops in flight) and counted a drop, which made every balance read
+// meanwhile be read again. The map then holds at most the busy balances and
+// a quarter of the bound more. With sh.mu.
 func (sh *ledgerShard) keepBalance(u, b int64) {
-	if len(sh.bal) >= sh.maxBal {
+	if len(sh.bal) >= sh.maxBal && len(sh.bal)-len(sh.busy) >= max(1, sh.maxBal/4) {
+		n := len(sh.bal)
 		for v := range sh.bal {
 			if len(sh.bal) <= sh.maxBal*3/4 {
 				break
@@ -913,7 +919,9 @@ func (sh *ledgerShard) keepBalance(u, b int64) {
 				delete(sh.bal, v)
 			}
 		}
-		sh.dropped++
+		if len(sh.bal) < n {
+			sh.dropped++
+		}
 	}
 	sh.bal[u] = b
 }
