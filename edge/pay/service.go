@@ -1787,9 +1787,12 @@ func (s *Service) query(o Order) (Event, queryAnswer) {
 }
 
 // closeReq is the body of a close at the provider (POST
-// <provider>/close?order_id=, the id again in the body, which is signed with
-// the first of Config.Secrets as the provider signs a notify).
+// <provider>/close?order_id=, the id again in the body), signed as a
+// merchant's request (SignRequest: with each of Config.Secrets, so a
+// rotation never leaves the provider unable to verify it; never as an
+// answer is, so no signed answer replayed can close an order).
 type closeReq struct {
+	Op      string `json:"op"` // "close"
 	OrderID string `json:"order_id"`
 }
 
@@ -1807,7 +1810,7 @@ func (s *Service) closeAtProvider(o Order) (Event, queryAnswer) {
 	if s.cfg.ProviderURL == "" {
 		return Event{}, queryClosed
 	}
-	body, _ := proto.Marshal(closeReq{OrderID: o.OrderID})
+	body, _ := proto.Marshal(closeReq{Op: "close", OrderID: o.OrderID})
 	ev, ok := s.ask(o, http.MethodPost, "/close?order_id="+url.QueryEscape(o.OrderID), body)
 	switch {
 	case !ok:
@@ -1835,7 +1838,7 @@ func (s *Service) ask(o Order, method, path string, body []byte) (Event, bool) {
 	}
 	if body != nil {
 		req.Header.Set("Content-Type", "application/json")
-		req.Header.Set(SignatureHeader, Sign(s.cfg.Secrets[0], s.cfg.Now(), body))
+		req.Header.Set(SignatureHeader, SignRequest(s.cfg.Secrets, s.cfg.Now(), body))
 	}
 	resp, err := s.client.Do(req)
 	if err != nil {
@@ -1843,7 +1846,17 @@ func (s *Service) ask(o Order, method, path string, body []byte) (Event, bool) {
 	}
 	defer resp.Body.Close()
 	answer, err := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
-	if err != nil || resp.StatusCode != http.StatusOK {
+	if err != nil {
+		return Event{}, false
+	}
+	if resp.StatusCode != http.StatusOK {
+		if resp.StatusCode >= 400 && resp.StatusCode < 500 {
+			// Not the provider being down: a request it refuses (our
+			// signature, a secret rotated at one end only) stays
+			// unanswered until an operator acts — say so.
+			s.cfg.Log.Warn("pay: provider refused the request", "order", o.OrderID, "path", path, "status", resp.StatusCode,
+				"answer", string(answer[:min(len(answer), 200)]))
+		}
 		return Event{}, false
 	}
 	if err := Verify(resp.Header.Get(SignatureHeader), answer, s.cfg.Secrets, s.cfg.Now(), s.cfg.Tolerance); err != nil {

@@ -31,10 +31,40 @@ func Sign(secret string, t time.Time, body []byte) string {
 	return "t=" + ts + ",v1=" + hex.EncodeToString(mac(secret, ts, body))
 }
 
-func mac(secret, ts string, body []byte) []byte {
+// requestContext prefixes what a merchant's request signature covers
+// (SignRequest): the same secrets sign the provider's answers and notifies,
+// over "<t>.<body>", and anyone may have one of those (a query answer
+// about any order) — replayed as a request, it must not verify. An
+// answer's MAC input starts with a digit, a request's with this.
+const requestContext = "request."
+
+// SignRequest returns the header value for a merchant's request body (a
+// close at the provider) at t: one signature per secret, up to 4 (during
+// a rotation the provider holds either), over requestContext, so that it
+// never verifies as an answer nor an answer as a request.
+func SignRequest(secrets []string, t time.Time, body []byte) string {
+	ts := strconv.FormatInt(t.Unix(), 10)
+	var b strings.Builder
+	b.WriteString("t=" + ts)
+	for _, secret := range secrets[:min(len(secrets), 4)] {
+		b.WriteString(",v1=" + hex.EncodeToString(macIn(secret, requestContext, ts, body)))
+	}
+	return b.String()
+}
+
+// VerifyRequest is Verify for a merchant's request signed by SignRequest.
+func VerifyRequest(header string, body []byte, secrets []string, now time.Time, tolerance time.Duration) error {
+	return verify(requestContext, header, body, secrets, now, tolerance)
+}
+
+func mac(secret, ts string, body []byte) []byte { return macIn(secret, "", ts, body) }
+
+// macIn is the HMAC of "<context><ts>.<body>" with secret.
+func macIn(secret, context, ts string, body []byte) []byte {
 	pool := macPool(secret)
 	m := pool.Get().(hash.Hash)
 	m.Reset()
+	m.Write([]byte(context))
 	m.Write([]byte(ts))
 	m.Write([]byte{'.'})
 	m.Write(body)
@@ -61,6 +91,10 @@ func macPool(secret string) *sync.Pool {
 // trusted. Any of secrets may have signed (rotation); comparisons are
 // constant-time; t must be within tolerance of now.
 func Verify(header string, body []byte, secrets []string, now time.Time, tolerance time.Duration) error {
+	return verify("", header, body, secrets, now, tolerance)
+}
+
+func verify(context, header string, body []byte, secrets []string, now time.Time, tolerance time.Duration) error {
 	var ts string
 	var sigs [][]byte
 	for _, part := range strings.Split(header, ",") {
@@ -88,7 +122,7 @@ func Verify(header string, body []byte, secrets []string, now time.Time, toleran
 		return ErrStale
 	}
 	for _, secret := range secrets {
-		want := mac(secret, ts, body)
+		want := macIn(secret, context, ts, body)
 		for _, s := range sigs {
 			if hmac.Equal(want, s) {
 				return nil

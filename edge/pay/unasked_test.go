@@ -15,6 +15,7 @@ import (
 	dto "github.com/prometheus/client_model/go"
 
 	"github.com/liveedge/liveedge/edge/pay"
+	"github.com/liveedge/liveedge/edge/pay/mockpay"
 	"github.com/liveedge/liveedge/persist"
 	"github.com/liveedge/liveedge/persist/persisttest"
 	"github.com/liveedge/liveedge/router"
@@ -158,6 +159,63 @@ func TestUnaskedDroppedPastTheRetentionWithAWarning(t *testing.T) {
 	}
 	if b, _ := l.Balance(7); b != 0 {
 		t.Fatalf("credited %d", b)
+	}
+	persisttest.CheckConservation(t, l)
+}
+
+// During a rotation of the shared secret (the node holds the new one first,
+// the provider still the old one) an order at its deadline is closed at the
+// provider all the same: the close is signed with every secret the node
+// holds, and a refused one is logged. Before, it was signed with the first
+// only: refused (401), taken for "provider down" — the order closed only
+// after a second timeout, without the provider's word, and its buyer could
+// still pay it meanwhile.
+func TestCloseAtTheProviderDuringASecretRotation(t *testing.T) {
+	clock, advance := testClock()
+	provider := mockpay.New(mockpay.Config{Secret: reconcileSecret, Lost: true, Now: clock})
+	defer provider.Close()
+	srv := httptest.NewServer(provider.Handler())
+	defer srv.Close()
+	const timeout = 15 * time.Minute
+	st, err := persist.Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = st.Close() }()
+	l, err := persist.NewLedger(st, clock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	svc, err := pay.New(st, l, router.NewLocal("rot", router.LocalConfig{}), pay.Config{Node: "rot",
+		Secrets: []string{"the-new-secret-0123456789abcdef-0123456789", reconcileSecret}, ProviderURL: srv.URL, OrderTimeout: timeout,
+		ReconcileAfter: time.Minute, ReconcileEvery: time.Hour, Now: clock})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer svc.Close()
+	o, err := svc.CreateOrder(7, pay.CreateReq{ProductID: 1, Channel: "mock", ReqID: "r1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, _ := pay.ParseOrderID(o.OrderID)
+	advance(timeout + time.Second)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if cur, err := svc.Get(id); err == nil && cur.Status == pay.StatusInvalid {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the order past its deadline not closed at the provider (its close refused?)")
+		}
+		svc.Reconcile()
+		time.Sleep(5 * time.Millisecond)
+	}
+	if _, err := provider.TryPay(o.OrderID, o.Amount, "", ""); err != mockpay.ErrOrderClosed {
+		t.Fatalf("the buyer's payment after the close: %v, want refused (closed at the provider)", err)
+	}
+	if has, _ := st.Has(persist.Key([]byte("rec/payunasked/"), uint64(id))); has {
+		t.Fatal("closed at the provider, yet kept to be asked about")
 	}
 	persisttest.CheckConservation(t, l)
 }

@@ -16,6 +16,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"io"
 	"math/big"
@@ -186,9 +187,13 @@ func (p *Provider) Paid(orderID string) (pay.Event, bool) {
 }
 
 // CloseReq is the body of the merchant's POST /close?order_id=, signed in
-// pay.SignatureHeader with the shared secret as a notify is (the URL's
-// order_id must be the body's: only the body is signed).
+// pay.SignatureHeader by pay.SignRequest with the shared secret — never
+// as an answer or a notify is, so that a signed answer (anyone may query
+// an order) replayed here does not verify. Its op must be "close", no
+// other field is taken, and the URL's order_id must be the body's (only
+// the body is signed).
 type CloseReq struct {
+	Op      string `json:"op"`
 	OrderID string `json:"order_id"`
 }
 
@@ -341,15 +346,18 @@ func (p *Provider) Handler() http.Handler {
 			http.Error(w, "body not read", http.StatusBadRequest)
 			return
 		}
-		// The merchant's request is signed as a notify is: nobody else
-		// may close an order (its buyer could no longer pay it).
-		if err := pay.Verify(r.Header.Get(pay.SignatureHeader), body, []string{p.cfg.Secret}, p.cfg.Now(), pay.DefaultTolerance); err != nil {
+		// The merchant's request is signed as a request (never as an
+		// answer): nobody else may close an order (its buyer could no
+		// longer pay it).
+		if err := pay.VerifyRequest(r.Header.Get(pay.SignatureHeader), body, []string{p.cfg.Secret}, p.cfg.Now(), pay.DefaultTolerance); err != nil {
 			http.Error(w, err.Error(), http.StatusUnauthorized)
 			return
 		}
 		var req CloseReq
-		if err := proto.Unmarshal(body, &req); err != nil || req.OrderID == "" || req.OrderID != r.URL.Query().Get("order_id") {
-			http.Error(w, "order_id required, the same in the URL and the signed body", http.StatusBadRequest)
+		dec := json.NewDecoder(bytes.NewReader(body))
+		dec.DisallowUnknownFields()
+		if err := dec.Decode(&req); err != nil || req.Op != "close" || req.OrderID == "" || req.OrderID != r.URL.Query().Get("order_id") {
+			http.Error(w, `op "close" and order_id required (no other field), the order_id the same in the URL and the signed body`, http.StatusBadRequest)
 			return
 		}
 		if p.hangIfAsked(r, req.OrderID) {

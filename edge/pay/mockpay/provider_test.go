@@ -21,9 +21,15 @@ const secret = "mockpay-test-secret-0123456789abcdef"
 // answer.
 func closeAt(t *testing.T, srv *httptest.Server, order, urlOrder, key string) (int, pay.Event) {
 	t.Helper()
-	body, _ := json.Marshal(mockpay.CloseReq{OrderID: order})
+	body, _ := json.Marshal(mockpay.CloseReq{Op: "close", OrderID: order})
+	return postClose(t, srv, urlOrder, body, pay.SignRequest([]string{key}, time.Now(), body))
+}
+
+// postClose posts body to /close?order_id=urlOrder with signature sig.
+func postClose(t *testing.T, srv *httptest.Server, urlOrder string, body []byte, sig string) (int, pay.Event) {
+	t.Helper()
 	req, _ := http.NewRequest(http.MethodPost, srv.URL+"/close?order_id="+urlOrder, strings.NewReader(string(body)))
-	req.Header.Set(pay.SignatureHeader, pay.Sign(key, time.Now(), body))
+	req.Header.Set(pay.SignatureHeader, sig)
 	return answer(t, req)
 }
 
@@ -140,16 +146,67 @@ func TestHangQueryHangsCloses(t *testing.T) {
 	srv := httptest.NewServer(p.Handler())
 	defer srv.Close()
 	p.HangQuery("o1")
-	body, _ := json.Marshal(mockpay.CloseReq{OrderID: "o1"})
+	body, _ := json.Marshal(mockpay.CloseReq{Op: "close", OrderID: "o1"})
 	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
 	defer cancel()
 	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, srv.URL+"/close?order_id=o1", strings.NewReader(string(body)))
-	req.Header.Set(pay.SignatureHeader, pay.Sign(secret, time.Now(), body))
+	req.Header.Set(pay.SignatureHeader, pay.SignRequest([]string{secret}, time.Now(), body))
 	if resp, err := http.DefaultClient.Do(req); err == nil {
 		resp.Body.Close()
 		t.Fatalf("a hanging close answered %d", resp.StatusCode)
 	}
 	if _, err := p.TryPay("o1", 100, "", ""); err != nil {
 		t.Fatalf("an order whose close never answered is not closed: %v", err)
+	}
+}
+
+// Only the merchant's request closes an order: a signed answer of the
+// provider's — anyone may query an order, and the same secret signs both —
+// replayed to /close does not verify (requests are signed over another
+// context), nor does a close signed as an answer, a body without op
+// "close", or one with fields of its own. Before, the query's signed
+// WAITING answer posted back to /close closed the buyer's order: nobody
+// could pay it.
+func TestCloseNotForgedFromASignedAnswer(t *testing.T) {
+	p := mockpay.New(mockpay.Config{Secret: secret, Lost: true})
+	defer p.Close()
+	srv := httptest.NewServer(p.Handler())
+	defer srv.Close()
+	resp, err := http.Get(srv.URL + "/query?order_id=victim")
+	if err != nil {
+		t.Fatal(err)
+	}
+	answerBody, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if st, _ := postClose(t, srv, "victim", answerBody, resp.Header.Get(pay.SignatureHeader)); st != http.StatusUnauthorized {
+		t.Fatalf("a query's signed answer replayed as a close: %d, want 401", st)
+	}
+	body, _ := json.Marshal(mockpay.CloseReq{Op: "close", OrderID: "victim"})
+	if st, _ := postClose(t, srv, "victim", body, pay.Sign(secret, time.Now(), body)); st != http.StatusUnauthorized {
+		t.Fatalf("a close signed as an answer: %d, want 401", st)
+	}
+	for _, b := range []string{`{"order_id":"victim"}`, `{"op":"close","order_id":"victim","status":"WAITING"}`} {
+		if st, _ := postClose(t, srv, "victim", []byte(b), pay.SignRequest([]string{secret}, time.Now(), []byte(b))); st != http.StatusBadRequest {
+			t.Fatalf("close body %s: %d, want 400", b, st)
+		}
+	}
+	if st := payAt(t, srv, "victim", ""); st != http.StatusOK {
+		t.Fatalf("the buyer's payment after the forged closes: %d, want 200", st)
+	}
+}
+
+// During a rotation of the shared secret the merchant signs its close with
+// each secret it holds: the provider verifies it whichever it has. Before,
+// only the first was used — every close refused (401) while the two ends
+// held different first secrets.
+func TestCloseSignedWithEverySecret(t *testing.T) {
+	p := mockpay.New(mockpay.Config{Secret: secret, Lost: true})
+	defer p.Close()
+	srv := httptest.NewServer(p.Handler())
+	defer srv.Close()
+	body, _ := json.Marshal(mockpay.CloseReq{Op: "close", OrderID: "o1"})
+	sig := pay.SignRequest([]string{"the-new-secret-not-at-the-provider-yet", secret}, time.Now(), body)
+	if st, ev := postClose(t, srv, "o1", body, sig); st != http.StatusOK || ev.Status != mockpay.StatusClosed {
+		t.Fatalf("a close signed with the new and the old secret: %d %+v, want CLOSED", st, ev)
 	}
 }
