@@ -810,8 +810,11 @@ func (c *Client) rejoined(room int64, since *proto.Position) func(d []byte) {
 // sending the replies of what it took meanwhile. Leaving it would fail
 // every request in flight with ErrDisconnected (ambiguous for a gift); it is
 // kept, and pinged again if it falls silent (the tick, or the next request
-// timed out). Pushes do not count: a node whose reading of this connection
-// died keeps fanning room pushes out to it, yet answers no request.
+// timed out). Pushes alone buy time, not the verdict: a viewer on a slow
+// link gets its replies behind the room's pushes the node queued first, so
+// while pushes come the client waits for a reply up to probeGrace ×
+// RequestTimeout from the ping — but a node whose reading of this
+// connection died keeps fanning room pushes out to it and never answers.
 func (c *Client) heartbeat(s *session, every time.Duration) {
 	defer c.wg.Done()
 	var tick <-chan time.Time
@@ -844,8 +847,8 @@ func (c *Client) heartbeat(s *session, every time.Duration) {
 		cancel()
 		var pe *proto.Error
 		if err != nil && !errors.As(err, &pe) && errors.Is(err, context.DeadlineExceeded) {
-			if s.repliedAt.Load() > pinged {
-				c.log.Info("clientsdk: heartbeat ping answered late but replies still come, keeping connection")
+			if s.repliedAt.Load() > pinged || (s.lastRead.Load() > pinged && s.replyWithin(pinged, probeGrace*c.cfg.RequestTimeout)) {
+				c.log.Info("clientsdk: heartbeat ping answered late but the node still replies, keeping connection")
 				continue
 			}
 			c.log.Warn("clientsdk: heartbeat ping unanswered, closing connection")
@@ -853,6 +856,30 @@ func (c *Client) heartbeat(s *session, every time.Duration) {
 			return
 		}
 	}
+}
+
+// probeGrace × RequestTimeout is how long after a ping a client still
+// reading pushes waits for a reply before it leaves the node (heartbeat).
+const probeGrace = 3
+
+// replyWithin reports whether a reply is read before pinged (unix ns) +
+// wait, or the session ends first (nothing to leave then).
+func (s *session) replyWithin(pinged int64, wait time.Duration) bool {
+	t := time.NewTicker(min(wait/20, 50*time.Millisecond) + time.Millisecond)
+	defer t.Stop()
+	for s.repliedAt.Load() <= pinged {
+		if time.Since(time.Unix(0, pinged)) >= wait {
+			return false
+		}
+		select {
+		case <-t.C:
+		case <-s.done:
+			return true
+		case <-s.c.ctx.Done():
+			return true
+		}
+	}
+	return true
 }
 
 // run owns the connection after Dial: it waits for the session to end,

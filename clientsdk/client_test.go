@@ -989,6 +989,51 @@ func TestNodeAnsweringNothingLeftWhilePushesFlow(t *testing.T) {
 	}
 }
 
+// A viewer on a slow link gets the node's replies behind the room pushes it
+// queued first: a ping answered later than RequestTimeout while pushes keep
+// coming is waited for (up to probeGrace × RequestTimeout), and the
+// connection kept. Leaving it would reconnect in a loop, every request in
+// flight failing ErrDisconnected.
+func TestSlowLinkKeptWhilePushesFlow(t *testing.T) {
+	ts := newTServer(t)
+	c := dial(t, ts, nil, func(cfg *Config) {
+		cfg.HeartbeatInterval = time.Minute // no heartbeat ping within the test
+		cfg.RequestTimeout = 300 * time.Millisecond
+	})
+	tc := ts.conn(0)
+	ts.pingDelay.Store(int64(600 * time.Millisecond)) // twice the request timeout
+	stop := make(chan struct{})
+	pushed := make(chan struct{})
+	go func() { // a busy room: a push every 20 ms
+		defer close(pushed)
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				return
+			case <-time.After(20 * time.Millisecond):
+			}
+			_ = tc.ws.WriteMessage(gws.OpcodeText, pushFrame("p"+strconv.Itoa(i), false, 1, "busy"))
+		}
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	_, err := c.Request(ctx, "noreply", nil)
+	cancel()
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("noreply: %v, want a timeout", err)
+	}
+	waitFor(t, 3*time.Second, "the ping after the timeout", func() bool { return ts.count(proto.TypePing) == 1 })
+	time.Sleep(1200 * time.Millisecond) // past the late reply, within the grace
+	close(stop)
+	<-pushed
+	if n := ts.connCount(); n != 1 || c.Stats().Reconnects != 0 {
+		t.Fatalf("%d connections, %d reconnects: a node answering late behind its pushes was left", n, c.Stats().Reconnects)
+	}
+	ts.pingDelay.Store(0)
+	if _, err := c.Request(context.Background(), "echo", nil); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // A node applying backpressure (the gateway stops reading a connection with
 // gifts.max_inflight gifts in flight) answers a ping late but keeps sending
 // the replies of what it took: the client stays. Before, a request timed

@@ -29,6 +29,7 @@ type tServer struct {
 	delay      atomic.Int64 // nanoseconds to hold each upgrade (simulates a slow node)
 	kick       atomic.Int32 // a close code sent right after hello (0: none)
 	joinDelay  atomic.Int64 // nanoseconds to hold the reply to a join with since (a slow re-join)
+	pingDelay  atomic.Int64 // nanoseconds to hold the reply to a ping (0: at once)
 
 	mu         sync.Mutex
 	conns      []*tConn
@@ -156,6 +157,16 @@ func (ts *tServer) OnMessage(ws *gws.Conn, m *gws.Message) {
 	reply := func(b []byte) { _ = ws.WriteMessage(gws.OpcodeText, b) }
 	switch f.T {
 	case proto.TypePing:
+		if d := time.Duration(ts.pingDelay.Load()); d > 0 { // its reply behind a slow link's queued pushes
+			id := f.ID
+			ts.echoes.Add(1)
+			go func() {
+				defer ts.echoes.Done()
+				time.Sleep(d)
+				reply(proto.EncodeReply(id, 0, "", map[string]int64{"ts": time.Now().UnixMilli()}))
+			}()
+			return
+		}
 		reply(proto.EncodeReply(f.ID, 0, "", map[string]int64{"ts": time.Now().UnixMilli()}))
 	case proto.TypeJoin, proto.TypeLeave:
 		var rr proto.RoomReq

@@ -107,6 +107,7 @@ var MaxLeft = 4096;
 var STABLE_AFTER_MS = 3e4;
 var MaxHeld = 4096;
 var MaxBufferedBytes = 1 << 20;
+var ProbeGrace = 3;
 var MinFailsForExpiry = 3;
 var LiveClient = class _LiveClient {
   constructor(opts) {
@@ -636,18 +637,32 @@ var LiveClient = class _LiveClient {
    * gifts.max_inflight gifts in flight) answers the ping late but keeps
    * replying — leaving it would fail every request in flight (ambiguous for
    * a gift). It is pinged again if it falls silent (the heartbeat, or the
-   * next request that times out). Pushes do not count: a node whose reading
-   * of this connection died keeps fanning room pushes out to it, yet
-   * answers no request.
+   * next request that times out). Pushes alone buy time, not the verdict:
+   * a viewer on a slow link gets its replies behind the room's pushes the
+   * node queued first, so while pushes come the client waits for a reply
+   * up to ProbeGrace × the request timeout from the ping — but a node whose
+   * reading of this connection died keeps fanning room pushes out to it
+   * and never answers.
    */
   probe(ws) {
     if (this.probing === ws || this.ws !== ws) return;
     this.probing = ws;
     const pinged = Date.now();
-    this.send(ws, "ping", {}, this.o.requestTimeoutMs).catch((e) => {
-      if (e instanceof TimeoutError && !(this.lastReply > pinged)) this.abandon(ws, "ping timeout");
-    }).finally(() => {
+    const done = () => {
       if (this.probing === ws) this.probing = void 0;
+    };
+    this.send(ws, "ping", {}, this.o.requestTimeoutMs).then(done, (e) => {
+      if (!(e instanceof TimeoutError) || this.lastReply > pinged) return done();
+      if (!(this.lastRead > pinged)) {
+        done();
+        return this.abandon(ws, "ping timeout");
+      }
+      const wait = pinged + ProbeGrace * this.o.requestTimeoutMs - Date.now();
+      const t = setTimeout(() => {
+        done();
+        if (this.ws === ws && !(this.lastReply > pinged)) this.abandon(ws, "ping timeout");
+      }, Math.max(0, wait));
+      t.unref?.();
     });
   }
   /** Leaves a connection found dead (its close handshake is not waited for). */
@@ -887,6 +902,7 @@ export {
   MaxAckMids,
   MaxBufferedBytes,
   MinFailsForExpiry,
+  ProbeGrace,
   ReplyError,
   TimeoutError,
   UnauthorizedError,

@@ -275,6 +275,13 @@ const MaxHeld = 4096;
 export const MaxBufferedBytes = 1 << 20;
 
 /**
+ * How many request timeouts after a ping a client still reading pushes waits
+ * for a reply before it leaves the node (a slow link's replies come behind
+ * the pushes the node queued first).
+ */
+export const ProbeGrace = 3;
+
+/**
  * Attempts in a row that failed before their hello before a browser's failure
  * may be taken for the unseen 401 of an expired static token (see
  * ClientOptions.token): one node restart (a 503, a 1006) is not a refusal.
@@ -888,21 +895,33 @@ export class LiveClient {
    * gifts.max_inflight gifts in flight) answers the ping late but keeps
    * replying — leaving it would fail every request in flight (ambiguous for
    * a gift). It is pinged again if it falls silent (the heartbeat, or the
-   * next request that times out). Pushes do not count: a node whose reading
-   * of this connection died keeps fanning room pushes out to it, yet
-   * answers no request.
+   * next request that times out). Pushes alone buy time, not the verdict:
+   * a viewer on a slow link gets its replies behind the room's pushes the
+   * node queued first, so while pushes come the client waits for a reply
+   * up to ProbeGrace × the request timeout from the ping — but a node whose
+   * reading of this connection died keeps fanning room pushes out to it
+   * and never answers.
    */
   private probe(ws: WebSocketLike): void {
     if (this.probing === ws || this.ws !== ws) return;
     this.probing = ws;
     const pinged = Date.now();
-    this.send(ws, "ping", {}, this.o.requestTimeoutMs)
-      .catch((e) => {
-        if (e instanceof TimeoutError && !(this.lastReply > pinged)) this.abandon(ws, "ping timeout");
-      })
-      .finally(() => {
-        if (this.probing === ws) this.probing = undefined;
-      });
+    const done = () => {
+      if (this.probing === ws) this.probing = undefined;
+    };
+    this.send(ws, "ping", {}, this.o.requestTimeoutMs).then(done, (e) => {
+      if (!(e instanceof TimeoutError) || this.lastReply > pinged) return done();
+      if (!(this.lastRead > pinged)) {
+        done();
+        return this.abandon(ws, "ping timeout");
+      }
+      const wait = pinged + ProbeGrace * this.o.requestTimeoutMs - Date.now();
+      const t = setTimeout(() => {
+        done();
+        if (this.ws === ws && !(this.lastReply > pinged)) this.abandon(ws, "ping timeout");
+      }, Math.max(0, wait));
+      (t as any).unref?.();
+    });
   }
 
   /** Leaves a connection found dead (its close handshake is not waited for). */

@@ -677,6 +677,31 @@ test("a node that answers nothing while it keeps fanning room pushes out is left
   await c.ping();
 });
 
+test("a slow link's late ping reply behind the room's pushes is waited for (up to 3 request timeouts while pushes come): the connection is kept", async () => {
+  let pushing;
+  const srv = await server((conn) => {
+    conn.onFrame = (f) => {
+      if (f.t === "ack" || f.t === "chat") return; // a chat: a slow request, never answered
+      const reply = () => conn.send({ t: "reply", id: f.id, code: 0, msg: "ok", d: { ts: Date.now() } });
+      if (f.t === "ping") setTimeout(reply, 600); // behind the pushes queued first
+      else reply();
+    };
+    let i = 0;
+    pushing = setInterval(() => {
+      if (conn.ws.readyState !== WS.OPEN) return clearInterval(pushing);
+      conn.send(push("slow" + i++, { from: 1, text: "x" }, { room: 0 }));
+    }, 20);
+  }); // heartbeat 30 s: no ping of the heartbeat's within the test
+  cleanup.push(async () => clearInterval(pushing));
+  const c = await collect({ urls: srv.url, token: "t", requestTimeoutMs: 300 });
+  await assert.rejects(c.request("chat", { room_id: 9, text: "x" }, { timeout: 100 }), { name: "TimeoutError" }); // then the client pings
+  await eventually(() => srv.conns[0].frames.some((f) => f.t === "ping"), 1000, "a ping after the timeout");
+  await new Promise((r) => setTimeout(r, 1200)); // past the late reply, within the grace
+  clearInterval(pushing);
+  assert.equal(srv.conns.length, 1, "a node answering late behind its pushes was left");
+  assert.equal(c.ev.states.find((s) => s.state === "disconnected"), undefined);
+});
+
 test("a node that stops reading while it keeps pushing is left once the send buffer stays above MaxBufferedBytes past the request timeout", async () => {
   const mid = (i) => "m" + i + "-" + "x".repeat(2000);
   let flood;
