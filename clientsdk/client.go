@@ -57,7 +57,10 @@ type Client struct {
 	stopErr    error // why the client stopped (nil: Close)
 	stopped    bool
 
-	events chan event // reader/run loop → dispatcher; closed by the run loop
+	// events: reader/run loop → dispatcher; closed by the run loop. Of
+	// pointers: a queue of EventBuffer events by value (some 110 KiB) was
+	// most of an idle client's memory.
+	events chan *event
 	// undelivered are the reliable pushes queued for OnPush and not yet
 	// handed to it (at most the queue's size): acked only once delivered,
 	// and a resend of one meanwhile is neither queued again nor acked.
@@ -163,7 +166,7 @@ func Dial(ctx context.Context, cfg Config) (*Client, error) {
 		dedup:        newDedup(cfg.DedupWindow),
 		readyCh:      make(chan struct{}),
 		rooms:        make(map[int64]*roomPos),
-		events:       make(chan event, cfg.EventBuffer),
+		events:       make(chan *event, cfg.EventBuffer),
 		undelivered:  map[string]struct{}{},
 		dispatchDone: make(chan struct{}),
 		flushing:     make(chan struct{}, 1),
@@ -845,8 +848,12 @@ func (c *Client) heartbeat(s *session, every time.Duration) {
 			_, err = s.await(ctx, proto.TypePing, id, cl)
 		}
 		cancel()
+		if err == nil {
+			c.log.Debug("clientsdk: ping answered", "rtt", time.Since(time.Unix(0, pinged)))
+			continue
+		}
 		var pe *proto.Error
-		if err != nil && !errors.As(err, &pe) && errors.Is(err, context.DeadlineExceeded) {
+		if !errors.As(err, &pe) && errors.Is(err, context.DeadlineExceeded) {
 			if s.repliedAt.Load() > pinged || (s.lastRead.Load() > pinged && s.replyWithin(pinged, probeGrace*c.cfg.RequestTimeout)) {
 				c.log.Info("clientsdk: heartbeat ping answered late but the node still replies, keeping connection")
 				continue
@@ -1058,12 +1065,12 @@ func (c *Client) emitState(ev StateEvent) {
 // queue is still full.
 func (c *Client) emit(ev event) bool {
 	select {
-	case c.events <- ev:
+	case c.events <- &ev:
 		return true
 	default:
 	}
 	select {
-	case c.events <- ev:
+	case c.events <- &ev:
 		return true
 	case <-c.ctx.Done():
 		return false

@@ -83,12 +83,15 @@ type Config struct {
 	ReconnectMax time.Duration
 
 	// DedupWindow is how many recent push mids are remembered for
-	// de-duplication. Zero means DefaultDedupWindow (16384).
+	// de-duplication. Zero means DefaultDedupWindow (16384). The memory
+	// grows with the mids seen, up to the window (an idle client holds
+	// none of it).
 	DedupWindow int
 
 	// EventBuffer is the capacity of the queue between the connection's reader
 	// and the callback goroutine. Zero means DefaultEventBuffer (1024). When it
-	// is full the reader blocks (see the package documentation).
+	// is full the reader blocks (see the package documentation). An empty
+	// slot costs a pointer (8 KiB for 1024).
 	EventBuffer int
 
 	// OnPush receives each push once, from one goroutine, in arrival order.
