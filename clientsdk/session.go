@@ -156,7 +156,6 @@ func (s *session) write(ctx context.Context, b []byte) error {
 		return errNotSent
 	default:
 	}
-	_ = s.conn.SetWriteDeadline(time.Now().Add(s.c.cfg.RequestTimeout))
 	if ctx.Done() == nil { // a context that never ends: no goroutine needed
 		defer func() { <-s.wsem }()
 		return s.writeFrame(b)
@@ -189,8 +188,13 @@ func (s *session) endWrites() {
 	s.wsem <- struct{}{}
 }
 
-// writeFrame writes b under the write lock and the deadline write set.
+// writeFrame writes b under the write lock, its deadline RequestTimeout
+// from now — set here, on the goroutine that writes, not before it ran: a
+// starved process (a collection, a loaded machine) could start the write
+// past a deadline set earlier, fail it at once and close a healthy
+// connection.
 func (s *session) writeFrame(b []byte) error {
+	_ = s.conn.SetWriteDeadline(time.Now().Add(s.c.cfg.RequestTimeout))
 	if err := s.conn.WriteMessage(gws.OpcodeText, b); err != nil {
 		return err
 	}
