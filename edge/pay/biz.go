@@ -141,17 +141,24 @@ func (s *Service) CreateBizOrder(r BizOrderReq, extra ...persist.Record) (Order,
 // changes nothing.
 func (s *Service) CloseBizOrder(id int64, why string) error {
 	defer s.orders.Lock(id)()
-	o, err := s.Get(id)
-	if err != nil {
-		if proto.AsError(err).Code == proto.CodeNotFound {
-			return nil
-		}
+	o, open, err := s.openBizOrder(id)
+	if !open {
 		return err
 	}
-	if !OpenStatus(o.Status) {
-		return nil
-	}
 	return s.moveLocked(&o, id, StatusInvalid, why, unaskedRecord(id))
+}
+
+// openBizOrder reads order id; open is false when it is gone (no error
+// then) or no longer open.
+func (s *Service) openBizOrder(id int64) (o Order, open bool, err error) {
+	o, err = s.Get(id)
+	if err != nil {
+		if proto.AsError(err).Code == proto.CodeNotFound {
+			err = nil
+		}
+		return o, false, err
+	}
+	return o, OpenStatus(o.Status), nil
 }
 
 // CloseBizOrderAtProvider closes a business's unpaid pay order after its
@@ -164,15 +171,9 @@ func (s *Service) CloseBizOrder(id int64, why string) error {
 // order or not); no answer, it is closed as CloseBizOrder closes it, and
 // the reconciler closes it at the provider later (rec/payunasked).
 func (s *Service) CloseBizOrderAtProvider(id int64, why string) error {
-	o, err := s.Get(id)
-	if err != nil {
-		if proto.AsError(err).Code == proto.CodeNotFound {
-			return nil
-		}
+	o, open, err := s.openBizOrder(id)
+	if !open {
 		return err
-	}
-	if !OpenStatus(o.Status) {
-		return nil
 	}
 	ev, answer := s.closeAtProvider(o)
 	switch answer {
