@@ -114,8 +114,10 @@ type Config struct {
 	// has none); a negative value disables heartbeats. Whatever this is, a
 	// request that times out makes the client ping at once. A ping unanswered
 	// within RequestTimeout closes the connection (and the client reconnects)
-	// unless a frame was read since it went out (a node applying
-	// backpressure answers late but keeps replying: it is kept).
+	// unless a reply was read since it went out (a node applying
+	// backpressure answers late but keeps replying: it is kept); while only
+	// pushes come, a reply is waited for up to 3 × RequestTimeout from the
+	// ping (a slow link's replies come behind the room's queued pushes).
 	HeartbeatInterval time.Duration
 
 	// LocalAddr, when set, is the local address every connection is dialed
