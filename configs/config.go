@@ -72,6 +72,12 @@ type Node struct {
 	// BlockCacheMB is the ledger's (Pebble's) cache for table blocks, in
 	// MiB, beside its two 32 MiB memtables (0 = 128).
 	BlockCacheMB int `yaml:"block_cache_mb"`
+	// WALMinSync is the least time between two fsyncs of the ledger's WAL
+	// (0 = each as soon as asked, up to 10ms): a commit asked for sooner
+	// waits and shares the next fsync — fewer fsyncs and hand-offs per gift
+	// for up to that much more latency (docs/performance.md, session 25).
+	// An op is still answered only once its fsync is done.
+	WALMinSync Duration `yaml:"wal_min_sync"`
 	// IdleRelease: once the garbage collector has not run for this long (the
 	// node is idle) and a collection could give back ≥ 4 MiB and ≥ a quarter
 	// of the live heap (at most what was allocated since the last one, plus
@@ -666,6 +672,7 @@ func (c *Config) Validate() error {
 	check(c.Node.GOGC >= 0, "node.gogc must be >= 0")
 	check(c.Node.IdleRelease.D() >= 0, "node.idle_release must be >= 0")
 	check(c.Node.BlockCacheMB >= 0 && c.Node.BlockCacheMB <= 1<<20, "node.block_cache_mb must be between 0 and 1048576")
+	check(c.Node.WALMinSync >= 0 && c.Node.WALMinSync.D() <= 10*time.Millisecond, "node.wal_min_sync must be between 0 and 10ms")
 	check(c.RedPacket.Pool == "memory" || c.RedPacket.Pool == "redis-list", "redpacket.pool must be memory or redis-list")
 	check(c.RedPacket.Pool != "redis-list" || c.Redis.Addr != "", "redis.addr is required when redpacket.pool is redis-list")
 	check(c.RedPacket.MaxCount >= 0 && c.RedPacket.MaxCount <= 1_000_000, "redpacket.max_count must be 0..1000000")

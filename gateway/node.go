@@ -151,7 +151,7 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 			n.closeBackends()
 		}
 	}()
-	if n.Store, err = persist.OpenSized(cfg.Node.DataDir, int64(cfg.Node.BlockCacheMB)<<20); err != nil {
+	if n.Store, err = persist.OpenWith(cfg.Node.DataDir, persist.Options{BlockCacheBytes: int64(cfg.Node.BlockCacheMB) << 20, WALMinSync: cfg.Node.WALMinSync.D()}); err != nil {
 		return nil, err
 	}
 	n.Store.OnFatal(func(err error) {

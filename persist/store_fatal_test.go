@@ -23,7 +23,7 @@ func TestStoreWALFailureIsFatal(t *testing.T) {
 		}
 		return nil
 	}))
-	st, err := openFS(t.TempDir(), 0, fs)
+	st, err := openFS(t.TempDir(), Options{}, fs)
 	if err != nil {
 		t.Fatal(err)
 	}
