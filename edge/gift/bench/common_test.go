@@ -27,6 +27,7 @@ import (
 //	LIVEEDGE_GIFTBENCH_WINDOW   requests in flight per connection, closed loop (default 8)
 //	LIVEEDGE_GIFTBENCH_ROOMS    rooms the WebSocket senders are spread over (default 20)
 //	LIVEEDGE_GIFTBENCH_EFFECTS  the node's gifts.room_effects_per_second (default: the node default)
+//	LIVEEDGE_GIFTBENCH_WAL_MIN_SYNC_MS  the node's node.wal_min_sync in ms (default: the node default)
 //	LIVEEDGE_GIFTBENCH_RATE     offered gifts/s of the _half phases when the closed loops are not run
 //	LIVEEDGE_GIFTBENCH_CLIENT   where BenchmarkGiftWS's clients run: proc (a child process, default) or inproc
 type knobs struct {

@@ -15,6 +15,7 @@ import (
 
 	"github.com/lxzan/gws"
 
+	"github.com/liveedge/liveedge/configs"
 	"github.com/liveedge/liveedge/gateway"
 	"github.com/liveedge/liveedge/gateway/nodetest"
 	"github.com/liveedge/liveedge/persist"
@@ -251,6 +252,9 @@ func startLiveEdgeWSWallet(b testing.TB, k knobs, batch bool, w persist.Wallet) 
 	cfg.Log.Level = "warn"
 	if v := envFloat("LIVEEDGE_GIFTBENCH_EFFECTS", 0); v > 0 {
 		cfg.Gifts.RoomEffectsPerSecond = int(v)
+	}
+	if v := envFloat("LIVEEDGE_GIFTBENCH_WAL_MIN_SYNC_MS", -1); v >= 0 {
+		cfg.Node.WALMinSync = configs.Duration(time.Duration(v * float64(time.Millisecond)))
 	}
 	node := nodetest.Start(b, cfg)
 	if w != nil {
