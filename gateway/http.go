@@ -64,7 +64,24 @@ type API struct {
 	handling sync.WaitGroup
 }
 
-func init() { hlog.SetLevel(hlog.LevelWarn) }
+// Hertz logs at warn and above; its log of each connection it could not
+// serve (a malformed request, with the client's bytes, at error level) is
+// muted: a flood of bad requests must not flood the log. Those requests are
+// counted (liveedge_http_refused_total) and logged at debug without their
+// bytes (API.refused).
+func init() {
+	hlog.SetLevel(hlog.LevelWarn)
+	hlog.SetSilentMode(true)
+}
+
+// refused counts a request Hertz could not read (it was answered with the
+// envelope and its connection closed).
+func (a *API) refused(reason string, remote net.Addr, err error) {
+	a.metrics.httpRefused.WithLabelValues(reason).Inc()
+	if a.log.Enabled(context.Background(), slog.LevelDebug) {
+		a.log.Debug("http: request refused", "reason", reason, "remote", remote.String(), "err_type", fmt.Sprintf("%T", err))
+	}
+}
 
 func newAPI(n *Node, auth *Auth) *API {
 	a := &API{cfg: n.Config, log: n.Log, auth: auth, node: n, rooms: n.Rooms, metrics: n.metrics, ready: n.ready}
@@ -119,7 +136,7 @@ func (a *API) Listen() error {
 	)
 	// Hertz's own answers to requests it cannot read, in the envelope
 	// (httpproto.go).
-	a.h.AddProtocol(suite.HTTP1, envelopeHTTP1{engine: a.h.Engine, maxBody: a.cfg.HTTP.MaxBodyBytes, maxHeader: a.cfg.HTTP.MaxHeaderBytes})
+	a.h.AddProtocol(suite.HTTP1, envelopeHTTP1{engine: a.h.Engine, maxBody: a.cfg.HTTP.MaxBodyBytes, maxHeader: a.cfg.HTTP.MaxHeaderBytes, refused: a.refused})
 	a.routes()
 	go func() {
 		if err := a.h.Run(); err != nil {

@@ -2,13 +2,18 @@ package gateway_test
 
 import (
 	"bufio"
+	"bytes"
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
+
+	"github.com/cloudwego/hertz/pkg/common/hlog"
 
 	"github.com/liveedge/liveedge/configs"
 	"github.com/liveedge/liveedge/gateway/nodetest"
@@ -144,4 +149,69 @@ func TestHTTPMalformedRequestsGetTheEnvelope(t *testing.T) {
 	if resp.StatusCode != 400 || !resp.Close || !strings.HasPrefix(resp.Header.Get("Content-Type"), "application/json") || !strings.Contains(string(raw), `"code":10001`) {
 		t.Fatalf("a malformed request on a kept-alive connection: %s close=%v %q", resp.Status, resp.Close, raw)
 	}
+}
+
+// A flood of requests Hertz cannot read does not flood the log: Hertz's own
+// error log of each (with the client's bytes) is muted; each is counted by
+// reason in liveedge_http_refused_total.
+func TestMalformedRequestsCountedNotLogged(t *testing.T) {
+	var logged syncBuffer
+	hlog.SetOutput(&logged)
+	defer hlog.SetOutput(os.Stderr)
+	cfg := nodetest.Config(t)
+	n := nodetest.Start(t, cfg)
+	const floods = 20
+	for i := range floods {
+		req := "HELLO-CLIENT-BYTES-" + strconv.Itoa(i) + "\r\n\r\n"
+		if st, code, _, raw := rawEnvelope(t, n.API.Addr(), req); st != 400 || code != proto.CodeBadRequest {
+			t.Fatalf("answer %q", raw)
+		}
+	}
+	big := "GET /healthz HTTP/1.1\r\nHost: liveedge\r\nX-Pad: " + strings.Repeat("x", 2*cfg.HTTP.MaxHeaderBytes) + "\r\n\r\n"
+	if st, _, _, raw := rawEnvelope(t, n.API.Addr(), big); st != 431 {
+		t.Fatalf("answer %q", raw)
+	}
+	refused := func(reason string) float64 {
+		resp, err := http.Get(nodetest.HTTPURL(n) + "/metrics")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		for _, line := range strings.Split(string(b), "\n") {
+			if strings.HasPrefix(line, "liveedge_http_refused_total{") && strings.Contains(line, `reason="`+reason+`"`) {
+				f := strings.Fields(line)
+				v, _ := strconv.ParseFloat(f[len(f)-1], 64)
+				return v
+			}
+		}
+		return 0
+	}
+	if got := refused("malformed"); got != floods {
+		t.Errorf("refused malformed = %v, want %d", got, floods)
+	}
+	if got := refused("headers_too_large"); got != 1 {
+		t.Errorf("refused headers_too_large = %v, want 1", got)
+	}
+	if s := logged.String(); strings.Contains(s, "HELLO-CLIENT-BYTES") || strings.Contains(s, "xxxxxxxx") {
+		t.Errorf("the client's bytes were logged:\n%.2000s", s)
+	}
+}
+
+// syncBuffer is a bytes.Buffer safe for concurrent writers.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }

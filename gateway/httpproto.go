@@ -48,6 +48,9 @@ type envelopeHTTP1 struct {
 	engine    *route.Engine
 	maxBody   int // http.max_body_bytes and http.max_header_bytes, for the messages
 	maxHeader int
+	// refused is told of each request Hertz refused (reason: a bounded
+	// label) and of the connection it came on.
+	refused func(reason string, remote net.Addr, err error)
 }
 
 var _ suite.ServerFactory = envelopeHTTP1{}
@@ -58,7 +61,7 @@ func (f envelopeHTTP1) New(core suite.Core) (protocol.Server, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &envelopeServer{inner: inner, maxBody: f.maxBody, maxHeader: f.maxHeader}, nil
+	return &envelopeServer{inner: inner, maxBody: f.maxBody, maxHeader: f.maxHeader, refused: f.refused}, nil
 }
 
 // http1OptionOf is the option Hertz's engine gives its built-in HTTP/1.1
@@ -116,13 +119,17 @@ type envelopeServer struct {
 	inner     protocol.Server
 	maxBody   int
 	maxHeader int
+	refused   func(reason string, remote net.Addr, err error)
 }
 
 func (s *envelopeServer) Serve(c context.Context, conn network.Conn) error {
 	ec := &envelopeConn{Conn: conn}
 	err := s.inner.Serve(c, ec)
 	if err != nil && ec.refused {
-		status, e := s.refusal(err)
+		status, reason, e := s.refusal(err)
+		if s.refused != nil {
+			s.refused(reason, conn.RemoteAddr(), err)
+		}
 		var r protocol.Response
 		r.SetStatusCode(status)
 		r.Header.SetContentType("application/json")
@@ -136,19 +143,19 @@ func (s *envelopeServer) Serve(c context.Context, conn network.Conn) error {
 	return err
 }
 
-// refusal is the status and envelope of a request Hertz refused with err:
-// Hertz's own status (its defaultErrorHandler), code 10001.
-func (s *envelopeServer) refusal(err error) (int, *proto.Error) {
+// refusal is the status, a reason label and the envelope of a request Hertz
+// refused with err: Hertz's own status (its defaultErrorHandler), code 10001.
+func (s *envelopeServer) refusal(err error) (int, string, *proto.Error) {
 	var ne *net.OpError
 	switch {
 	case errors.As(err, &ne) && ne.Timeout():
-		return http.StatusRequestTimeout, proto.BadRequest("request not read whole within http.read_timeout")
+		return http.StatusRequestTimeout, "timeout", proto.BadRequest("request not read whole within http.read_timeout")
 	case errors.Is(err, errs.ErrBodyTooLarge):
-		return http.StatusRequestEntityTooLarge, proto.BadRequest("body larger than %d bytes", s.maxBody)
+		return http.StatusRequestEntityTooLarge, "body_too_large", proto.BadRequest("body larger than %d bytes", s.maxBody)
 	case errors.Is(err, errs.ErrHeaderTooLarge):
-		return http.StatusRequestHeaderFieldsTooLarge, proto.BadRequest("request line and headers larger than %d bytes", s.maxHeader)
+		return http.StatusRequestHeaderFieldsTooLarge, "headers_too_large", proto.BadRequest("request line and headers larger than %d bytes", s.maxHeader)
 	}
-	return http.StatusBadRequest, proto.BadRequest("malformed HTTP request")
+	return http.StatusBadRequest, "malformed", proto.BadRequest("malformed HTTP request")
 }
 
 // continue100 is the interim answer Hertz writes itself, before the body of

@@ -33,6 +33,7 @@ type metrics struct {
 	upgradesDenied *prometheus.CounterVec
 	payNotifies    *prometheus.CounterVec
 	giftSeconds    prometheus.Histogram
+	httpRefused    *prometheus.CounterVec
 }
 
 // opts names a metric of this node: liveedge_<name>{node=...}.
@@ -62,12 +63,15 @@ func newMetrics(node string, r router.Router) *metrics {
 			[]string{"reason"}),
 		payNotifies: prometheus.NewCounterVec(prometheus.CounterOpts(f("pay_notifies_total", "Payment webhook deliveries, by outcome.")),
 			[]string{"outcome"}),
+		httpRefused: prometheus.NewCounterVec(prometheus.CounterOpts(f("http_refused_total",
+			"HTTP requests the API server could not read, answered with an error envelope and the connection closed, by reason.")),
+			[]string{"reason"}),
 		giftSeconds: prometheus.NewHistogram(histOpts(f("gift_seconds",
 			"Time from a gift frame read to its reply queued (debit durable or refused)."),
 			prometheus.ExponentialBuckets(100e-6, 1.5, 26))), // 100 µs .. ~2.5 s
 	}
 	reg.MustRegister(m.connections, m.framesIn, m.badFrames, m.resends, m.resendGiveUps, m.givenDropped,
-		m.queueDrops, m.slowCloses, m.framePanics, m.closes, m.upgradesDenied, m.payNotifies, m.giftSeconds)
+		m.queueDrops, m.slowCloses, m.framePanics, m.closes, m.upgradesDenied, m.payNotifies, m.giftSeconds, m.httpRefused)
 	stat := func(name, help string, gauge bool, get func(router.Stats) int64) {
 		fn := func() float64 { return float64(get(r.Stats())) }
 		if gauge {

@@ -7,6 +7,7 @@ import (
 	dto "github.com/prometheus/client_model/go"
 	"net"
 	"net/http"
+	"os"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -253,7 +254,7 @@ func startLiveEdgeWSWallet(b testing.TB, k knobs, batch bool, w persist.Wallet) 
 	if v := envFloat("LIVEEDGE_GIFTBENCH_EFFECTS", 0); v > 0 {
 		cfg.Gifts.RoomEffectsPerSecond = int(v)
 	}
-	if v := envFloat("LIVEEDGE_GIFTBENCH_WAL_MIN_SYNC_MS", -1); v >= 0 {
+	if v, err := strconv.ParseFloat(os.Getenv("LIVEEDGE_GIFTBENCH_WAL_MIN_SYNC_MS"), 64); err == nil && v >= 0 {
 		cfg.Node.WALMinSync = configs.Duration(time.Duration(v * float64(time.Millisecond)))
 	}
 	node := nodetest.Start(b, cfg)
