@@ -146,6 +146,10 @@ type WS struct {
 	// its socket waits in the node's epoll until bytes arrive (Linux;
 	// 0 = a reader goroutine for the connection's whole life).
 	ReadParkAfter Duration `yaml:"read_park_after"`
+	// HandshakeTimeout bounds the reading of an upgrade request's line and
+	// headers from its first byte's wait (and the writing of a refusal): a
+	// client slower than this is answered 408 and closed.
+	HandshakeTimeout Duration `yaml:"handshake_timeout"`
 }
 
 // Auth configures tokens.
@@ -624,6 +628,7 @@ func (c *Config) Validate() error {
 	check(c.WS.SendQueueBytes >= 4096, "ws.send_queue_bytes must be >= 4096")
 	check(c.WS.WriteTimeout.D() > 0, "ws.write_timeout must be > 0")
 	check(c.WS.ReadParkAfter.D() >= 0, "ws.read_park_after must be >= 0")
+	check(c.WS.HandshakeTimeout.D() >= 100*time.Millisecond && c.WS.HandshakeTimeout.D() <= time.Minute, "ws.handshake_timeout must be between 100ms and 1m")
 	check(c.WS.MaxFrameHardBytes >= 64<<10, "ws.max_frame_hard_bytes must be >= 65536")
 	check(c.WS.AbuseLimit > 0, "ws.abuse_limit must be > 0")
 	check(c.WS.ResendAfter.D() > 0, "ws.resend_after must be > 0")

@@ -21,10 +21,7 @@ import (
 // read through a pooled reader that goes back to the pool once the
 // connection is upgraded (the bytes a client sent early are copied out first)
 // or answered.
-const (
-	handshakeTimeout = 5 * time.Second // the request line and headers (was ReadHeaderTimeout)
-	maxHeaderBytes   = 16 << 10        // request line and headers (was MaxHeaderBytes)
-)
+const maxHeaderBytes = 16 << 10 // request line and headers (was MaxHeaderBytes)
 
 var handshakeReaders = sync.Pool{New: func() any { return bufio.NewReaderSize(nil, 4096) }}
 
@@ -51,7 +48,8 @@ func (s *Server) accept(ln net.Listener) {
 // handshake reads one request from nc and serves it with ServeHTTP; anything
 // but an upgrade is answered and the connection closed (no keep-alive).
 func (s *Server) handshake(nc net.Conn) {
-	_ = nc.SetReadDeadline(time.Now().Add(handshakeTimeout))
+	timeout := s.cfg.WS.HandshakeTimeout.D() // ws.handshake_timeout (was ReadHeaderTimeout)
+	_ = nc.SetReadDeadline(time.Now().Add(timeout))
 	lr := &io.LimitedReader{R: nc, N: maxHeaderBytes}
 	br := handshakeReaders.Get().(*bufio.Reader)
 	br.Reset(lr)
@@ -62,11 +60,15 @@ func (s *Server) handshake(nc net.Conn) {
 	r, err := http.ReadRequest(br)
 	if err != nil {
 		status := http.StatusBadRequest
-		if lr.N <= 0 {
+		var ne net.Error
+		switch {
+		case lr.N <= 0:
 			status = http.StatusRequestHeaderFieldsTooLarge
+		case errors.As(err, &ne) && ne.Timeout():
+			status = http.StatusRequestTimeout
 		}
 		if !errors.Is(err, io.EOF) {
-			w := &handshakeResponse{conn: nc, header: http.Header{}}
+			w := &handshakeResponse{conn: nc, header: http.Header{}, timeout: timeout}
 			http.Error(w, http.StatusText(status), status)
 			w.finish()
 		}
@@ -76,7 +78,7 @@ func (s *Server) handshake(nc net.Conn) {
 	_ = nc.SetReadDeadline(time.Time{})
 	r.RemoteAddr = nc.RemoteAddr().String()
 	lr.N = 1 << 62 // from here the reader only holds bytes already read
-	w := &handshakeResponse{conn: nc, header: http.Header{}, br: br}
+	w := &handshakeResponse{conn: nc, header: http.Header{}, br: br, timeout: timeout}
 	s.ServeHTTP(w, r)
 	if !w.hijacked {
 		w.finish()
@@ -89,6 +91,7 @@ func (s *Server) handshake(nc net.Conn) {
 // hands the connection to the upgrade.
 type handshakeResponse struct {
 	conn     net.Conn
+	timeout  time.Duration // ws.handshake_timeout: bounds the answer's write
 	br       *bufio.Reader
 	header   http.Header
 	status   int
@@ -133,7 +136,7 @@ func (w *handshakeResponse) finish() {
 	_ = w.header.Write(&b)
 	b.WriteString("\r\n")
 	b.Write(w.buf.Bytes())
-	_ = w.conn.SetWriteDeadline(time.Now().Add(handshakeTimeout))
+	_ = w.conn.SetWriteDeadline(time.Now().Add(w.timeout))
 	_, _ = w.conn.Write(b.Bytes())
 }
 

@@ -163,3 +163,29 @@ func TestHandshakeRefusals(t *testing.T) {
 		})
 	}
 }
+
+// An upgrade request not read whole within ws.handshake_timeout is answered
+// 408 and closed, at that bound (not a fixed one).
+func TestHandshakeTimeoutConfigured(t *testing.T) {
+	cfg := nodetest.Config(t)
+	cfg.WS.HandshakeTimeout = configsDuration(300 * time.Millisecond)
+	n := nodetest.Start(t, cfg)
+	c, err := net.Dial("tcp", n.WS.Addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	start := time.Now()
+	if _, err := io.WriteString(c, "GET /ws HTTP/1.1\r\nHost: liveedge\r\nX-Slow: "); err != nil {
+		t.Fatal(err)
+	}
+	_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if took := time.Since(start); resp.StatusCode != http.StatusRequestTimeout || took > 3*time.Second {
+		t.Fatalf("a slow upgrade request: %s after %v, want 408 after ~300ms", resp.Status, took)
+	}
+}
