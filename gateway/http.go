@@ -83,6 +83,13 @@ func (a *API) refused(reason string, remote net.Addr, err error) {
 	}
 }
 
+// ended logs, at debug, a connection Hertz stopped serving with an error
+// other than a refusal (a reset, a write timeout): Hertz's own log of it is
+// muted with the refusals'.
+func (a *API) ended(remote net.Addr, err error) {
+	a.log.Debug("http: connection ended", "remote", remote.String(), "err", err)
+}
+
 func newAPI(n *Node, auth *Auth) *API {
 	a := &API{cfg: n.Config, log: n.Log, auth: auth, node: n, rooms: n.Rooms, metrics: n.metrics, ready: n.ready}
 	if t := n.Config.HTTP.MetricsToken; t != "" {
@@ -136,7 +143,7 @@ func (a *API) Listen() error {
 	)
 	// Hertz's own answers to requests it cannot read, in the envelope
 	// (httpproto.go).
-	a.h.AddProtocol(suite.HTTP1, envelopeHTTP1{engine: a.h.Engine, maxBody: a.cfg.HTTP.MaxBodyBytes, maxHeader: a.cfg.HTTP.MaxHeaderBytes, refused: a.refused})
+	a.h.AddProtocol(suite.HTTP1, envelopeHTTP1{engine: a.h.Engine, maxBody: a.cfg.HTTP.MaxBodyBytes, maxHeader: a.cfg.HTTP.MaxHeaderBytes, refused: a.refused, ended: a.ended})
 	a.routes()
 	go func() {
 		if err := a.h.Run(); err != nil {

@@ -49,8 +49,10 @@ type envelopeHTTP1 struct {
 	maxBody   int // http.max_body_bytes and http.max_header_bytes, for the messages
 	maxHeader int
 	// refused is told of each request Hertz refused (reason: a bounded
-	// label) and of the connection it came on.
+	// label) and of the connection it came on; ended, of a connection that
+	// ended with any other error (Hertz's own log of both is muted).
 	refused func(reason string, remote net.Addr, err error)
+	ended   func(remote net.Addr, err error)
 }
 
 var _ suite.ServerFactory = envelopeHTTP1{}
@@ -61,7 +63,7 @@ func (f envelopeHTTP1) New(core suite.Core) (protocol.Server, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &envelopeServer{inner: inner, maxBody: f.maxBody, maxHeader: f.maxHeader, refused: f.refused}, nil
+	return &envelopeServer{inner: inner, maxBody: f.maxBody, maxHeader: f.maxHeader, refused: f.refused, ended: f.ended}, nil
 }
 
 // http1OptionOf is the option Hertz's engine gives its built-in HTTP/1.1
@@ -120,6 +122,7 @@ type envelopeServer struct {
 	maxBody   int
 	maxHeader int
 	refused   func(reason string, remote net.Addr, err error)
+	ended     func(remote net.Addr, err error)
 }
 
 func (s *envelopeServer) Serve(c context.Context, conn network.Conn) error {
@@ -139,6 +142,8 @@ func (s *envelopeServer) Serve(c context.Context, conn network.Conn) error {
 		if resp.Write(&r, conn) == nil {
 			_ = conn.Flush()
 		}
+	} else if err != nil && s.ended != nil {
+		s.ended(conn.RemoteAddr(), err)
 	}
 	return err
 }
