@@ -349,6 +349,13 @@ func (s *Server) OnOpen(socket *gws.Conn) {
 	// router: a push to this user (a credit, a gift received) that arrived
 	// in between went out before the hello, and clients refuse a first frame
 	// that is not one (seen as a TestSharedWalletTwoNodeProcesses flake).
+	// And it is written only once the connection is registered: a client
+	// that has its hello is reachable (a push sent to it meanwhile reached
+	// nobody). The writer role is held until then, so the hello and
+	// whatever is queued behind it wait for the writer started here.
+	c.mu.Lock()
+	c.writing = true
+	c.mu.Unlock()
 	hb := s.cfg.WS.Heartbeat.D()
 	c.reply(proto.EncodeHello(proto.Hello{
 		UserID: c.ident.UserID, Node: s.cfg.Node.ID,
@@ -356,6 +363,7 @@ func (s *Server) OnOpen(socket *gws.Conn) {
 		Batch: c.batch, SessionID: strconv.FormatUint(c.id, 10),
 	}))
 	s.router.Register(c)
+	s.startWriter(c)
 	if s.draining.Load() {
 		c.Close(proto.CloseGoingAway, true)
 	}

@@ -571,3 +571,19 @@ func shortToken(t *testing.T, n *gateway.Node, user int64, ttl time.Duration) (s
 	}
 	return tok, ident.Expires
 }
+
+// A client that has its hello is reachable: a push sent to its user right
+// after the hello reached it reaches the connection (the hello was written
+// before the connection was registered with the router, and a push in
+// between reached nobody).
+func TestReachableOnceTheHelloIsRead(t *testing.T) {
+	n := nodetest.Start(t, nodetest.Config(t))
+	for i := range 300 {
+		user := int64(5000 + i)
+		c := dial(t, n, user, nodetest.RawOptions{})
+		if _, reached := n.Router.SendUser(user, proto.Push{Biz: proto.BizChat, Data: []byte(`{}`)}); reached != 1 {
+			t.Fatalf("dial %d: a push right after the hello reached %d sessions, want 1", i, reached)
+		}
+		c.Close()
+	}
+}
