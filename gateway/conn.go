@@ -45,6 +45,9 @@ type Conn struct {
 	// what followed it (a push kept for the user while they were away
 	// is queued right behind it). Writer goroutine only.
 	helloOut bool
+	// held: the writer role (writing) is held since the upgrade, until the
+	// connection is registered with the router (Attached).
+	held atomic.Bool
 
 	lastRead atomic.Int64 // unix ns of the last frame read
 
@@ -248,6 +251,14 @@ func (c *Conn) QueueRoom() int {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.srv.cfg.WS.SendQueueBytes - c.queued - c.writingBytes
+}
+
+// Attached implements router.Attached: the connection is registered, the
+// writer role held since the upgrade goes to a writer (once).
+func (c *Conn) Attached() {
+	if c.held.CompareAndSwap(true, false) {
+		c.srv.startWriter(c)
+	}
 }
 
 // reply queues a reply frame.

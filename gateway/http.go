@@ -79,15 +79,24 @@ func init() {
 func (a *API) refused(reason string, remote net.Addr, err error) {
 	a.metrics.httpRefused.WithLabelValues(reason).Inc()
 	if a.log.Enabled(context.Background(), slog.LevelDebug) {
-		a.log.Debug("http: request refused", "reason", reason, "remote", remote.String(), "err_type", fmt.Sprintf("%T", err))
+		a.log.Debug("http: request refused", "reason", reason, "remote", addrString(remote), "err_type", fmt.Sprintf("%T", err))
 	}
+}
+
+func addrString(a net.Addr) string {
+	if a == nil {
+		return ""
+	}
+	return a.String()
 }
 
 // ended logs, at debug, a connection Hertz stopped serving with an error
 // other than a refusal (a reset, a write timeout): Hertz's own log of it is
 // muted with the refusals'.
 func (a *API) ended(remote net.Addr, err error) {
-	a.log.Debug("http: connection ended", "remote", remote.String(), "err", err)
+	if a.log.Enabled(context.Background(), slog.LevelDebug) {
+		a.log.Debug("http: connection ended", "remote", addrString(remote), "err", err)
+	}
 }
 
 func newAPI(n *Node, auth *Auth) *API {

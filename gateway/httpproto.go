@@ -142,10 +142,17 @@ func (s *envelopeServer) Serve(c context.Context, conn network.Conn) error {
 		if resp.Write(&r, conn) == nil {
 			_ = conn.Flush()
 		}
-	} else if err != nil && s.ended != nil {
+	} else if err != nil && s.ended != nil && !quietEnd(err) {
 		s.ended(conn.RemoteAddr(), err)
 	}
 	return err
+}
+
+// quietEnd: err is how every kept-alive connection ends (closed by the
+// client, idle past the timeout) or a hijack — what Hertz itself does not
+// log either (route.logError).
+func quietEnd(err error) bool {
+	return errors.Is(err, errs.ErrShortConnection) || errors.Is(err, errs.ErrIdleTimeout) || errors.Is(err, errs.ErrHijacked)
 }
 
 // refusal is the status, a reason label and the envelope of a request Hertz

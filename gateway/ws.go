@@ -238,7 +238,12 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		id: s.nextID.Add(1), ident: ident, ws: socket, srv: s, cork: cc,
 		batch: q.Get("batch") == "1",
 		done:  make(chan struct{}),
+		// The writer role is held until the connection is registered
+		// (OnOpen, Attached): nothing is written before the hello, and the
+		// hello not before the client is reachable.
+		writing: true,
 	}
+	c.held.Store(true)
 	c.rd = newWSReader(c, netConn, early)
 	cc.kick, cc.framed = c.rd.kick, true
 	c.lastRead.Store(time.Now().UnixNano())
@@ -351,11 +356,11 @@ func (s *Server) OnOpen(socket *gws.Conn) {
 	// that is not one (seen as a TestSharedWalletTwoNodeProcesses flake).
 	// And it is written only once the connection is registered: a client
 	// that has its hello is reachable (a push sent to it meanwhile reached
-	// nobody). The writer role is held until then, so the hello and
-	// whatever is queued behind it wait for the writer started here.
-	c.mu.Lock()
-	c.writing = true
-	c.mu.Unlock()
+	// nobody). The writer role is held since the upgrade: the hello and
+	// whatever is queued behind it wait for the writer the router starts
+	// (Attached) as soon as SendUser finds the connection, before it sends
+	// the user's offline pushes — the writer drains the queue while they
+	// are queued, as before.
 	hb := s.cfg.WS.Heartbeat.D()
 	c.reply(proto.EncodeHello(proto.Hello{
 		UserID: c.ident.UserID, Node: s.cfg.Node.ID,
@@ -363,7 +368,7 @@ func (s *Server) OnOpen(socket *gws.Conn) {
 		Batch: c.batch, SessionID: strconv.FormatUint(c.id, 10),
 	}))
 	s.router.Register(c)
-	s.startWriter(c)
+	c.Attached() // a router that did not tell it
 	if s.draining.Load() {
 		c.Close(proto.CloseGoingAway, true)
 	}

@@ -730,6 +730,9 @@ func (l *Local) Register(s Session) {
 	}
 	us.regs.Add(1)
 	us.mu.Unlock()
+	if a, ok := s.(Attached); ok {
+		a.Attached()
+	}
 	// The box is drained by every session, not only a user's first: a push
 	// kept while the user's only other session was closing (it refused
 	// it, still registered) is taken by the next one even if that one

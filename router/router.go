@@ -83,6 +83,14 @@ type Router interface {
 	Stats() Stats
 }
 
+// Attached is a Session told when Register has made it reachable (SendUser
+// finds it), before the user's offline pushes are sent to it: the gateway
+// writes nothing to the connection, its hello first, until then, so a client
+// that has its hello is reachable.
+type Attached interface {
+	Attached()
+}
+
 // Keeper is a Router that can hand a user's reliable pushes on again. The
 // gateway gives it the user pushes a closing connection had not seen
 // acked (queued, or written and not acked): they were "sent", so SendUser
