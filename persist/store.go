@@ -78,17 +78,13 @@ func (s *Store) fail(err error) {
 
 // Open opens (creating if needed) the store under dir/pebble, with the
 // default block cache.
-func Open(dir string) (*Store, error) { return OpenSized(dir, DefaultBlockCacheBytes) }
-
-// OpenSized is Open with blockCache bytes of cache for blocks (≤ 0: the
-// default); the two memtables' reservation comes on top of it.
-func OpenSized(dir string, blockCache int64) (*Store, error) {
-	return OpenWith(dir, Options{BlockCacheBytes: blockCache})
-}
+func Open(dir string) (*Store, error) { return OpenWith(dir, Options{}) }
 
 // Options of OpenWith.
 type Options struct {
-	BlockCacheBytes int64 // 0 = DefaultBlockCacheBytes
+	// BlockCacheBytes is the cache for table blocks (≤ 0: the default,
+	// DefaultBlockCacheBytes); the two memtables' reservation comes on top.
+	BlockCacheBytes int64
 	// WALMinSync is the least time between two fsyncs of the WAL (0: each
 	// fsync as soon as a write asks for one). A sync asked for sooner waits
 	// for it, and the writes that arrive meanwhile share it: fewer fsyncs,

@@ -57,12 +57,12 @@ func TestBlockCacheHoldsBlocksBesideMemtables(t *testing.T) {
 	t.Logf("block cache: %d blocks, %d bytes, hits %d misses %d", m.BlockCache.Count, m.BlockCache.Size, m.BlockCache.Hits, m.BlockCache.Misses)
 }
 
-// OpenSized sizes the block cache (the memtables' reservation on top): a
+// OpenWith sizes the block cache (the memtables' reservation on top): a
 // store opened with 8 MiB works and holds no more blocks than that (give or
 // take the slack of the cache's shards) of the ~40 MB it read, where the
 // default cache would hold them all.
-func TestOpenSizedBlockCache(t *testing.T) {
-	s, err := OpenSized(t.TempDir(), 8<<20)
+func TestOpenWithBlockCache(t *testing.T) {
+	s, err := OpenWith(t.TempDir(), Options{BlockCacheBytes: 8 << 20})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -52,6 +52,25 @@ func TestWALMinSyncOpsDurable(t *testing.T) {
 				t.Fatalf("user %d: %d trades after a reopen (%v), want 25", 1+w, len(trades), err)
 			}
 		}
+		// After the restart every op is a duplicate: replayed, nothing
+		// moves again; each balance is the sum of its trades.
+		l, err = NewLedger(st, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer l.Close()
+		for w := range 8 {
+			u := int64(1 + w)
+			for i := range 25 {
+				r, err := l.Apply(Op{User: u, ReqID: fmt.Sprint("c", i), Postings: []Posting{{User: u, Delta: 1, Reason: ReasonDev}}})
+				if err != nil || !r.Replayed {
+					t.Fatalf("user %d op %d again after the restart: %+v %v, want replayed", u, i, r, err)
+				}
+			}
+			if b, err := l.Balance(u); err != nil || b != 25 {
+				t.Fatalf("user %d: balance %d (%v) after the duplicates, want 25", u, b, err)
+			}
+		}
 		return took
 	}
 	t.Logf("200 ops, 8 at a time: %v with a %v minimum between fsyncs, %v without", run(interval), interval, run(0))
