@@ -171,26 +171,10 @@ func TestMalformedRequestsCountedNotLogged(t *testing.T) {
 	if st, _, _, raw := rawEnvelope(t, n.API.Addr(), big); st != 431 {
 		t.Fatalf("answer %q", raw)
 	}
-	refused := func(reason string) float64 {
-		resp, err := http.Get(nodetest.HTTPURL(n) + "/metrics")
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer resp.Body.Close()
-		b, _ := io.ReadAll(resp.Body)
-		for _, line := range strings.Split(string(b), "\n") {
-			if strings.HasPrefix(line, "liveedge_http_refused_total{") && strings.Contains(line, `reason="`+reason+`"`) {
-				f := strings.Fields(line)
-				v, _ := strconv.ParseFloat(f[len(f)-1], 64)
-				return v
-			}
-		}
-		return 0
-	}
-	if got := refused("malformed"); got != floods {
+	if got := metricValue(t, n, "liveedge_http_refused_total", `reason="malformed"`); got != floods {
 		t.Errorf("refused malformed = %v, want %d", got, floods)
 	}
-	if got := refused("headers_too_large"); got != 1 {
+	if got := metricValue(t, n, "liveedge_http_refused_total", `reason="headers_too_large"`); got != 1 {
 		t.Errorf("refused headers_too_large = %v, want 1", got)
 	}
 	if s := logged.String(); strings.Contains(s, "HELLO-CLIENT-BYTES") || strings.Contains(s, "xxxxxxxx") {

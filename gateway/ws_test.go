@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -394,10 +395,11 @@ func TestSendQueueBoundCountsTheBatchBeingWritten(t *testing.T) {
 
 func configsDuration(d time.Duration) configs.Duration { return configs.Duration(d) }
 
-// metricValue reads one unlabelled-by-test metric of n from /metrics.
-func metricValue(t *testing.T, n *gateway.Node, name string) float64 {
+// metricValue reads one metric of n from /metrics: the first series of name
+// whose labels include every one of labels (each written `key="value"`).
+func metricValue(t *testing.T, n *gateway.Node, name string, labels ...string) float64 {
 	t.Helper()
-	v, err := metricValueErr(n, name)
+	v, err := metricValueErr(n, name, labels...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -405,7 +407,7 @@ func metricValue(t *testing.T, n *gateway.Node, name string) float64 {
 }
 
 // metricValueErr is metricValue for goroutines other than the test's.
-func metricValueErr(n *gateway.Node, name string) (float64, error) {
+func metricValueErr(n *gateway.Node, name string, labels ...string) (float64, error) {
 	resp, err := http.Get(nodetest.HTTPURL(n) + "/metrics")
 	if err != nil {
 		return 0, err
@@ -413,7 +415,8 @@ func metricValueErr(n *gateway.Node, name string) (float64, error) {
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(resp.Body)
 	for _, line := range strings.Split(string(b), "\n") {
-		if strings.HasPrefix(line, name+"{") || strings.HasPrefix(line, name+" ") {
+		if (strings.HasPrefix(line, name+"{") || strings.HasPrefix(line, name+" ")) &&
+			!slices.ContainsFunc(labels, func(l string) bool { return !strings.Contains(line, l) }) {
 			f := strings.Fields(line)
 			v, _ := strconv.ParseFloat(f[len(f)-1], 64)
 			return v, nil
