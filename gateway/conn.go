@@ -61,10 +61,15 @@ type Conn struct {
 	// frame read after the close was decided (its reply could not be
 	// queued: a request run then — a chat posted, a gift debited — would
 	// go unanswered while the writer drains or waits out a stalled write).
-	closing   atomic.Bool
-	drain     bool // write what is queued before the close frame
-	badCount  int
-	badWindow time.Time
+	closing atomic.Bool
+	drain   bool // write what is queued before the close frame
+	// backlog: frames of pushes owed from before (SendBacklog) waiting
+	// for room in the queue; the writer moves them in as it drains it
+	// (moveBacklog). backlogMsgs counts their pushes (≤ maxPendingAcks).
+	backlog     []*router.Frame
+	backlogMsgs int
+	badCount    int
+	badWindow   time.Time
 
 	// sem bounds async requests in flight; made by the first (begin, on
 	// the reader goroutine), as most connections never send one.
@@ -104,6 +109,7 @@ type pendingPush struct {
 var (
 	_ router.Session       = (*Conn)(nil)
 	_ router.DirectSession = (*Conn)(nil)
+	_ router.Backlogged    = (*Conn)(nil)
 )
 
 // ID implements router.Session.
@@ -149,6 +155,102 @@ func (c *Conn) trackAll(f *router.Frame) bool {
 		}
 	}
 	return ok
+}
+
+// SendBacklog implements router.Backlogged: f waits behind the queue and the
+// writer moves it in once there is room for it (into an empty queue, always),
+// so a client owed more than ws.send_queue_bytes when it connects (its
+// offline pushes, those handed on from its other connection) takes them as
+// fast as it reads instead of being closed 4408 for them. Its reliable
+// pushes are tracked when moved. At most maxPendingAcks pushes wait so: more
+// closes the connection as a slow consumer (they are handed on with the
+// unacked ones, as are those that wait when it closes). False: closed, f's
+// pushes not taken.
+func (c *Conn) SendBacklog(f *router.Frame) bool {
+	c.ackMu.Lock()
+	if c.ackDone {
+		c.ackMu.Unlock()
+		return false
+	}
+	c.mu.Lock()
+	if c.closeCode != 0 && !slices.ContainsFunc(f.Msgs, func(m router.Msg) bool { return m.Ack }) {
+		c.mu.Unlock()
+		c.ackMu.Unlock()
+		return false // nothing in f the close would hand on
+	}
+	c.backlog = append(c.backlog, f)
+	c.backlogMsgs += len(f.Msgs)
+	over := c.backlogMsgs > maxPendingAcks
+	start := !c.writing && c.closeCode == 0
+	if start {
+		c.writing = true
+	}
+	c.mu.Unlock()
+	c.ackMu.Unlock()
+	switch {
+	case over:
+		c.srv.metrics.queueDrops.Inc()
+		c.Close(proto.CloseSlowConsumer, false)
+	case start:
+		c.srv.startWriter(c)
+	}
+	return true
+}
+
+// moveBacklog moves the backlog's first frames into the queue while they fit
+// (the first one always when the queue is empty) and tracks their reliable
+// pushes, under ackMu: a close's stopAcks finds each of them either still
+// waiting or pending. Writer only (nothing it moves is written before it
+// returns).
+func (c *Conn) moveBacklog() {
+	c.ackMu.Lock()
+	if c.ackDone {
+		c.ackMu.Unlock()
+		return
+	}
+	c.mu.Lock()
+	room := c.srv.cfg.WS.SendQueueBytes - c.queued - c.writingBytes
+	n, msgs := 0, 0
+	for n < len(c.backlog) {
+		size := c.backlog[n].Size()
+		if size > room && (n > 0 || c.queued+c.writingBytes > 0) {
+			break
+		}
+		room -= size
+		msgs += len(c.backlog[n].Msgs)
+		n++
+	}
+	over := len(c.pending)-c.given+msgs > maxPendingAcks
+	if n == 0 || c.closeCode != 0 || over {
+		c.mu.Unlock()
+		c.ackMu.Unlock()
+		if over && n > 0 {
+			// As track: the client lets too many pile up unacked. What
+			// waits is handed on by the close.
+			c.srv.metrics.queueDrops.Inc()
+			c.Close(proto.CloseSlowConsumer, false)
+		}
+		return
+	}
+	moved := slices.Clone(c.backlog[:n])
+	c.queue = append(c.queue, moved...)
+	for _, f := range moved {
+		c.queued += f.Size()
+	}
+	c.backlogMsgs -= msgs
+	c.backlog = slices.Delete(c.backlog, 0, n)
+	if len(c.backlog) == 0 {
+		c.backlog = nil
+	}
+	c.mu.Unlock()
+	for _, f := range moved {
+		for i := range f.Msgs {
+			if f.Msgs[i].Ack {
+				c.trackLocked(f.Msgs[i])
+			}
+		}
+	}
+	c.ackMu.Unlock()
 }
 
 // SendNow implements router.DirectSession: when nothing is queued or being
@@ -328,6 +430,11 @@ func (c *Conn) writeLoop() {
 	for {
 		c.mu.Lock()
 		c.writingBytes = 0 // the last batch is written
+		if len(c.backlog) > 0 && c.closeCode == 0 {
+			c.mu.Unlock()
+			c.moveBacklog()
+			c.mu.Lock()
+		}
 		code, drain := c.closeCode, c.drain
 		if len(c.queue) == 0 || (code != 0 && !drain) {
 			if code == 0 {
@@ -492,17 +599,23 @@ func (c *Conn) track(m router.Msg) bool {
 		c.ackMu.Unlock()
 		return false // closed
 	}
+	if _, ok := c.pending[m.Mid]; !ok && len(c.pending)-c.given >= maxPendingAcks {
+		c.ackMu.Unlock()
+		c.Close(proto.CloseSlowConsumer, false)
+		return false
+	}
+	c.trackLocked(m)
+	c.ackMu.Unlock()
+	return true
+}
+
+// trackLocked is track without its checks (ackMu held, not closed).
+func (c *Conn) trackLocked(m router.Msg) {
 	if c.pending == nil {
 		c.pending = map[string]*pendingPush{}
 	}
 	if _, ok := c.pending[m.Mid]; ok {
-		c.ackMu.Unlock()
-		return true
-	}
-	if len(c.pending)-c.given >= maxPendingAcks {
-		c.ackMu.Unlock()
-		c.Close(proto.CloseSlowConsumer, false)
-		return false
+		return
 	}
 	after := c.srv.cfg.WS.ResendAfter.D()
 	c.ackSeq++
@@ -514,8 +627,6 @@ func (c *Conn) track(m router.Msg) bool {
 	if c.timer == nil || (c.timerAt > next.UnixNano() && c.timer.Stop()) {
 		c.timer, c.timerAt = time.AfterFunc(after, c.resendDue), next.UnixNano()
 	}
-	c.ackMu.Unlock()
-	return true
 }
 
 // dropOldestGiven keeps at most ws.offline_max given-up pushes (0: offline
@@ -628,10 +739,10 @@ func (c *Conn) resendDue() {
 // resendFrameBytes bounds the pushes of one resend frame.
 const resendFrameBytes = 64 << 10
 
-// stopAcks drops the resend state when the connection is gone.
-// stopAcks stops the resends and returns the reliable user pushes not
-// acked (room pushes, Off > 0, are recovered by the room's offsets), in
-// the order they were sent.
+// stopAcks stops the resends when the connection is gone and returns the
+// reliable user pushes not acked (room pushes, Off > 0, are recovered by the
+// room's offsets), in the order they were sent, then those still waiting in
+// the backlog.
 func (c *Conn) stopAcks() []router.Msg {
 	c.ackMu.Lock()
 	if c.timer != nil {
@@ -645,11 +756,22 @@ func (c *Conn) stopAcks() []router.Msg {
 		}
 	}
 	c.pending, c.ackDone = nil, true
+	c.mu.Lock()
+	waiting := c.backlog
+	c.backlog, c.backlogMsgs = nil, 0
+	c.mu.Unlock()
 	c.ackMu.Unlock()
 	slices.SortFunc(kept, func(a, b *pendingPush) int { return cmp.Compare(a.seq, b.seq) })
-	unacked := make([]router.Msg, len(kept))
+	unacked := make([]router.Msg, len(kept), len(kept)+len(waiting))
 	for i, p := range kept {
 		unacked[i] = p.msg
+	}
+	for _, f := range waiting {
+		for _, m := range f.Msgs {
+			if m.Ack && m.Off == 0 {
+				unacked = append(unacked, m)
+			}
+		}
 	}
 	return unacked
 }

@@ -10,12 +10,16 @@
 // most one writer goroutine, started when the send queue becomes non-empty
 // and gone when it is drained. gws does the handshake and the writes. The queue is bounded in
 // bytes (ws.send_queue_bytes); a connection that overflows it is closed with
-// 4408 and nothing it was sent delays anyone else. Reliable pushes (ack:true)
+// 4408 and nothing it was sent delays anyone else. Pushes owed from before
+// the connection (the user's offline box, pushes handed on from their other
+// connection) wait behind the queue in a backlog bounded in pushes, and the
+// writer moves them in as the queue drains (Conn.SendBacklog). Reliable pushes (ack:true)
 // are resent with doubling backoff until acked or ws.resend_max_tries.
 //
 // Close codes and reply codes each live in one table, in gateway/proto.
 //
-// Lock order: Server shard mu → nothing; Conn.mu and Conn.ackMu are never held
-// together nor across a socket write; the router's locks are never held while
-// a Conn lock is taken (router calls Send outside its own locks).
+// Lock order: Server shard mu → nothing; Conn.ackMu → Conn.mu (only where a
+// backlog frame moves: SendBacklog, moveBacklog, stopAcks), neither held
+// across a socket write; the router's locks are never held while a Conn lock
+// is taken (router calls Send outside its own locks).
 package gateway

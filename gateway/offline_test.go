@@ -2,6 +2,9 @@ package gateway_test
 
 import (
 	"context"
+	"fmt"
+	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -77,4 +80,80 @@ func TestUnackedPushKeptWhenTheConnectionCloses(t *testing.T) {
 		got := again()
 		return len(got) == 1 && got[0].Mid == push.Mid
 	}, "the unacked credit push delivered again")
+}
+
+// A client owed more offline pushes than its send queue holds
+// (ws.send_queue_bytes) gets them all, in order, as fast as it reads: they
+// were all queued at its connect, and the connection closed 4408 as a slow
+// consumer (at every reconnect — the box drained each time again).
+func TestOfflineBacklogLargerThanTheSendQueue(t *testing.T) {
+	cfg := nodetest.Config(t)
+	cfg.WS.SendQueueBytes = 8 << 10
+	cfg.WS.OfflineMax = 40
+	n := nodetest.Start(t, cfg)
+	const user = 79
+	pad := strings.Repeat("x", 1000)
+	var mids []string
+	for i := range 40 { // ~40 KiB: five queues' worth
+		mid, reached := n.Router.SendUser(user, proto.Push{Biz: proto.BizOrderStatus,
+			Data: []byte(fmt.Sprintf(`{"i":%d,"pad":%q}`, i, pad)), Ack: true})
+		if reached != 0 {
+			t.Fatalf("reached %d sessions of an offline user", reached)
+		}
+		mids = append(mids, mid)
+	}
+	r := dial(t, n, user, nodetest.RawOptions{Batch: true})
+	var got []string
+	for len(got) < len(mids) {
+		select {
+		case f := <-r.Frames():
+			if f.T == proto.TypePush && !slices.Contains(got, f.Mid) {
+				got = append(got, f.Mid)
+			}
+		case <-r.Closed():
+			t.Fatalf("closed %d after %d of %d pushes", r.CloseCode(), len(got), len(mids))
+		case <-time.After(5 * time.Second):
+			t.Fatalf("%d of %d pushes", len(got), len(mids))
+		}
+	}
+	if !slices.Equal(got, mids) {
+		t.Fatalf("pushes out of order:\n got %v\nwant %v", got, mids)
+	}
+	if d := nodeCounter(t, n, "liveedge_queue_drops_total"); d > 0 {
+		t.Fatalf("%v send queue drops", d)
+	}
+}
+
+// Offline pushes still waiting for room in the queue (the backlog) when the
+// connection closes are kept with its unacked ones: the user's next session
+// gets every one of them, in order.
+func TestOfflineBacklogKeptWhenTheConnectionCloses(t *testing.T) {
+	cfg := nodetest.Config(t)
+	cfg.WS.SendQueueBytes = 8 << 10
+	cfg.WS.OfflineMax = 40
+	n := nodetest.Start(t, cfg)
+	const user = 80
+	pad := strings.Repeat("x", 256<<10)
+	var mids []string
+	for i := range 40 { // 10 MiB: more than the socket buffers hold
+		mid, _ := n.Router.SendUser(user, proto.Push{Biz: proto.BizOrderStatus,
+			Data: []byte(fmt.Sprintf(`{"i":%d,"pad":%q}`, i, pad)), Ack: true})
+		mids = append(mids, mid)
+	}
+	r := nodetest.MustDialRaw(t, nodetest.WSURL(n), nodetest.Token(t, n, user, gateway.RoleViewer), nodetest.RawOptions{Batch: true, RcvBuf: 4096})
+	r.NextOfType(proto.TypeHello, 5*time.Second)
+	r.Pause() // nothing acked; the writer stalls on the full socket
+	time.Sleep(200 * time.Millisecond)
+	r.Drop()
+	<-r.Closed()
+	next := dial(t, n, user, nodetest.RawOptions{Batch: true})
+	var got []string
+	for len(got) < len(mids) {
+		if f := next.Next(5 * time.Second); f.T == proto.TypePush && !slices.Contains(got, f.Mid) {
+			got = append(got, f.Mid)
+		}
+	}
+	if !slices.Equal(got, mids) {
+		t.Fatalf("the next session got\n %v\nwant\n %v", got, mids)
+	}
 }

@@ -1728,7 +1728,7 @@ func (c *Cluster) Register(s Session) {
 				return
 			}
 			regs := c.regsOf(u)
-			if c.local.sendMsg(u, msg) == 0 && msg.Ack {
+			if c.local.sendMsg(u, msg, false) == 0 && msg.Ack {
 				// The user left this node meanwhile: kept for their next
 				// connect if they are nowhere else. (Online elsewhere, they
 				// got it there: that node is subscribed too — or, if it is
@@ -1825,7 +1825,7 @@ func (c *Cluster) Keep(user int64, msgs []Msg) {
 	regs := c.regsOf(user)
 	var away []Msg
 	for _, m := range msgs {
-		if c.local.sendMsg(user, m) == 0 {
+		if c.local.sendMsg(user, m, true) == 0 {
 			away = append(away, m)
 		}
 	}
@@ -1999,7 +1999,7 @@ func (c *Cluster) drainOnce(user int64) error {
 		if err != nil {
 			continue
 		}
-		if m, err := decodeUserPush([]byte(b)); err == nil && c.local.sendMsg(user, m) == 0 {
+		if m, err := decodeUserPush([]byte(b)); err == nil && c.local.sendMsg(user, m, true) == 0 {
 			away = append(away, m)
 		}
 	}
@@ -2109,7 +2109,7 @@ func (c *Cluster) SendUser(user int64, p proto.Push) (string, int) {
 	}
 	m := encodeMsg(&p)
 	regs := c.regsOf(user)
-	n := c.local.sendMsg(user, m)
+	n := c.local.sendMsg(user, m, false)
 	if p.Ack && n == 0 {
 		// Stored before it is published: a node that subscribes for the
 		// user after the publish drains the list after subscribing.

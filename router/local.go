@@ -362,7 +362,7 @@ func (l *Local) JoinAt(id int64, s Session, since *proto.Position) (Joined, erro
 			replay, j.Recovered = nil, false
 		}
 		if len(replay) > 0 {
-			l.sendChunks(replay, s)
+			l.sendChunks(replay, s, false)
 		}
 		r.fanMu.Unlock()
 		return j, nil
@@ -696,16 +696,18 @@ func bytesOf(msgs []Msg) int {
 	return n
 }
 
-// sendChunks hands msgs to one session in frames of the usual size; it
-// returns those the session refused (it is closing), from the first.
-func (l *Local) sendChunks(msgs []Msg, s Session) []Msg {
+// sendChunks hands msgs to one session in frames of the usual size (owed:
+// as pushes owed from before, sendOwed); it returns those the session
+// refused (it is closing), from the first.
+func (l *Local) sendChunks(msgs []Msg, s Session, owed bool) []Msg {
 	for len(msgs) > 0 {
 		n, size := 0, 0
 		for n < len(msgs) && n < l.cfg.MaxFrameMsgs && (n == 0 || size+len(msgs[n].Bytes) <= l.cfg.MaxFrameBytes) {
 			size += len(msgs[n].Bytes)
 			n++
 		}
-		if !s.Send(NewFrame(append([]Msg(nil), msgs[:n]...)...)) {
+		f := NewFrame(append([]Msg(nil), msgs[:n]...)...)
+		if (owed && !sendOwed(s, f)) || (!owed && !s.Send(f)) {
 			l.gone.Add(1)
 			return msgs
 		}
@@ -739,7 +741,7 @@ func (l *Local) Register(s Session) {
 	// registered before the closing one left. Empty, it costs one lookup.
 	// (Under a cluster the box holds what Redis could not take.)
 	if msgs := l.offline.take(s.UserID(), time.Now()); len(msgs) > 0 {
-		if rest := l.sendChunks(msgs, s); len(rest) > 0 {
+		if rest := l.sendChunks(msgs, s, true); len(rest) > 0 {
 			// The session was closing already: the pushes it refused go
 			// back to the box (or to a session that came meanwhile).
 			l.keepHere(s.UserID(), rest)
@@ -830,7 +832,7 @@ func (l *Local) keepHere(user int64, msgs []Msg) {
 	msgs = l.newest(msgs)
 	us := l.userShard(user)
 	for _, m := range msgs {
-		for try := 0; l.sendMsg(user, m) == 0; try++ {
+		for try := 0; l.sendMsg(user, m, true) == 0; try++ {
 			// No session took it: kept, under the shard lock (a first
 			// Register drains the box before or after this, never
 			// during) — unless a session registered meanwhile: once more.
@@ -884,8 +886,9 @@ func (l *Local) Stats() Stats {
 	}
 }
 
-// sendMsg hands an encoded push to every session of user on this node.
-func (l *Local) sendMsg(user int64, m Msg) int {
+// sendMsg hands an encoded push to every session of user on this node (owed:
+// a push owed from before, sendOwed).
+func (l *Local) sendMsg(user int64, m Msg, owed bool) int {
 	us := l.userShard(user)
 	us.mu.RLock()
 	targets := make([]Session, 0, len(us.users[user]))
@@ -899,7 +902,7 @@ func (l *Local) sendMsg(user int64, m Msg) int {
 	f := NewFrame(m)
 	n := 0
 	for _, s := range targets {
-		if s.Send(f) {
+		if (owed && sendOwed(s, f)) || (!owed && s.Send(f)) {
 			n++
 		} else {
 			l.gone.Add(1)

@@ -381,3 +381,67 @@ func TestOfflineDrainLeases(t *testing.T) {
 		t.Fatalf("left in Redis after the last release: %v", keys)
 	}
 }
+
+// owedSink is a sink that takes owed pushes apart (Backlogged).
+type owedSink struct {
+	sink
+	owedMu sync.Mutex
+	owed   []string
+}
+
+func (s *owedSink) SendBacklog(f *Frame) bool {
+	s.owedMu.Lock()
+	defer s.owedMu.Unlock()
+	for _, m := range f.Msgs {
+		s.owed = append(s.owed, m.Mid)
+	}
+	return true
+}
+
+func (s *owedSink) gotOwed() []string {
+	s.owedMu.Lock()
+	defer s.owedMu.Unlock()
+	return append([]string(nil), s.owed...)
+}
+
+// Pushes owed from before — the offline box, pushes handed on from the
+// user's closed session — go to a Backlogged session as such (the gateway
+// queues them behind its send queue, not all at once: a backlog larger than
+// the queue closed the connection 4408 at every connect); a live push is
+// sent as before. Single node and cluster.
+func TestOwedPushesSentAsABacklog(t *testing.T) {
+	check := func(t *testing.T, r interface {
+		Router
+		Keeper
+	}) {
+		var kept []string
+		for range 3 {
+			mid, _ := r.SendUser(7, proto.Push{Biz: proto.BizGift, Ack: true, Data: []byte(`{}`)})
+			kept = append(kept, mid)
+		}
+		s := &owedSink{sink: sink{id: 1, user: 7}}
+		r.Register(s)
+		waitFor(t, func() bool { return len(s.gotOwed()) == len(kept) })
+		if got := s.gotOwed(); !slices.Equal(got, kept) {
+			t.Fatalf("owed %v, want %v", got, kept)
+		}
+		live, _ := r.SendUser(7, proto.Push{Biz: proto.BizGift, Ack: true, Data: []byte(`{}`)})
+		waitFor(t, func() bool { return len(s.got()) == 1 })
+		if got := s.got(); got[0] != live {
+			t.Fatalf("sent %v, want the live push %s", got, live)
+		}
+		handed := Msg{Mid: "closed-1", Ack: true, Bytes: []byte(`{"t":"push","mid":"closed-1","biz":1,"ack":true,"d":{}}`)}
+		r.Keep(7, []Msg{handed}) // a closed session's unacked push
+		waitFor(t, func() bool { return len(s.gotOwed()) == len(kept)+1 })
+		if got := s.gotOwed(); got[len(kept)] != handed.Mid || len(s.got()) != 1 {
+			t.Fatalf("owed %v, sent %v: the handed-on push not owed", got, s.got())
+		}
+	}
+	t.Run("local", func(t *testing.T) {
+		check(t, NewLocal("gw-1", LocalConfig{OfflineMax: 8, OfflineTTL: time.Minute}))
+	})
+	t.Run("cluster", func(t *testing.T) {
+		env := clusterEnv{nats: natstest.Start(t), redis: redistest.Start(t)}
+		check(t, newCluster(t, env, "a", ClusterConfig{Local: LocalConfig{OfflineMax: 8, OfflineTTL: time.Minute}}))
+	})
+}

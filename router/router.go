@@ -91,6 +91,24 @@ type Attached interface {
 	Attached()
 }
 
+// Backlogged is a Session that takes pushes owed from before — a user's
+// offline pushes, those handed on from their closed sessions — behind its
+// send queue, moving them in as the queue drains, rather than all at once: a
+// backlog larger than the queue's bound does not close it as a slow
+// consumer. False: the session is closing and did not take f (the caller
+// keeps its pushes).
+type Backlogged interface {
+	SendBacklog(f *Frame) bool
+}
+
+// sendOwed hands s a frame of owed pushes (see Backlogged).
+func sendOwed(s Session, f *Frame) bool {
+	if b, ok := s.(Backlogged); ok {
+		return b.SendBacklog(f)
+	}
+	return s.Send(f)
+}
+
 // Keeper is a Router that can hand a user's reliable pushes on again. The
 // gateway gives it the user pushes a closing connection had not seen
 // acked (queued, or written and not acked): they were "sent", so SendUser

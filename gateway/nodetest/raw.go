@@ -223,3 +223,10 @@ func (r *Raw) Close() {
 	r.Resume()
 	_ = r.conn.WriteClose(1000, nil)
 }
+
+// Drop closes the socket without a close frame, as a client that went away
+// (whatever it had not read is lost with it).
+func (r *Raw) Drop() {
+	_ = r.conn.NetConn().Close()
+	r.Resume()
+}
