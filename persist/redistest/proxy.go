@@ -3,6 +3,7 @@ package redistest
 import (
 	"bytes"
 	"net"
+	"strconv"
 	"sync"
 	"testing"
 	"time"
@@ -156,44 +157,109 @@ func (p *Proxy) drop(c, s net.Conn) {
 	p.mu.Unlock()
 }
 
+// clientToServer passes the client's commands on, whole: LoseReply looks at
+// one command at a time (a command split over two reads, or sharing one
+// with others, is matched as itself), and a lost reply's command reaches
+// Redis entire, with the commands before it and none after it. Slow holds
+// what one read brought whole, as a slow network would.
 func (p *Proxy) clientToServer(c, s net.Conn) {
 	defer p.wg.Done()
-	buf := make([]byte, 64<<10)
+	buf := make([]byte, 0, 64<<10)
+	chunk := make([]byte, 64<<10)
 	for {
-		n, err := c.Read(buf)
+		n, err := c.Read(chunk)
 		if err != nil {
 			p.drop(c, s)
 			return
 		}
+		buf = append(buf, chunk[:n]...)
+		whole, hit := 0, -1 // bytes of whole commands; the end of the one whose reply is lost
 		p.mu.Lock()
-		hit := p.pattern != nil && bytes.Contains(buf[:n], p.pattern)
-		if hit {
-			p.pattern = nil
-			p.fired++
-			p.refuseUntil = time.Now().Add(p.refuseFor)
+		for {
+			end := commandEnd(buf[whole:])
+			if end < 0 {
+				break
+			}
+			if p.pattern != nil && bytes.Contains(buf[whole:whole+end], p.pattern) {
+				p.pattern = nil
+				p.fired++
+				p.refuseUntil = time.Now().Add(p.refuseFor)
+				hit = whole + end
+			}
+			whole += end
+			if hit >= 0 {
+				break
+			}
 		}
 		var wait time.Duration
-		if p.slow != nil && bytes.Contains(buf[:n], p.slow) {
+		if p.slow != nil && bytes.Contains(buf[:whole], p.slow) {
 			wait = p.slowFor
 			p.slowed++
 		}
 		p.mu.Unlock()
 		time.Sleep(wait)
-		if hit {
+		if hit >= 0 {
 			// The client's side goes first, so the reply has nowhere to go;
 			// the server's side stays open until Redis has answered (it has
 			// run the command), then serverToClient drops it.
 			_ = c.Close()
 			p.cutOthers(c, s)
 		}
-		if _, err := s.Write(buf[:n]); err != nil {
-			p.drop(c, s)
+		if whole > 0 {
+			if _, err := s.Write(buf[:whole]); err != nil {
+				p.drop(c, s)
+				return
+			}
+		}
+		if hit >= 0 {
 			return
 		}
-		if hit {
-			return
+		buf = append(buf[:0], buf[whole:]...)
+	}
+}
+
+// commandEnd is the length of the first whole command in b (RESP: an array
+// of bulk strings, or an inline command ending in a newline), -1 when b
+// holds only part of one. Bytes that are not RESP count as an inline line.
+func commandEnd(b []byte) int {
+	line := func(from int) int { // the index after from's line, -1: incomplete
+		if i := bytes.IndexByte(b[from:], '\n'); i >= 0 {
+			return from + i + 1
+		}
+		return -1
+	}
+	if len(b) == 0 {
+		return -1
+	}
+	if b[0] != '*' {
+		return line(0)
+	}
+	at := line(0)
+	if at < 0 {
+		return -1
+	}
+	count, err := strconv.Atoi(string(bytes.TrimSpace(b[1:at])))
+	if err != nil || count < 0 {
+		return at // not RESP: passed on as a line, Redis answers it
+	}
+	for range count {
+		next := line(at)
+		if next < 0 {
+			return -1
+		}
+		if b[at] != '$' {
+			return next
+		}
+		size, err := strconv.Atoi(string(bytes.TrimSpace(b[at+1 : next])))
+		if err != nil || size < 0 {
+			return next
+		}
+		at = next + size + 2 // the bulk string and its CRLF
+		if at > len(b) {
+			return -1
 		}
 	}
+	return at
 }
 
 // cutOthers closes every connection but the pair (c, s).
