@@ -28,7 +28,9 @@ const maxWriteBytes = 256<<10 - 8<<10
 //
 // Invariants (under mu): queued == Σ size of queue; writingBytes is the size
 // of the batch the writer took (or of a direct write's rest), until its
-// write returns; queued + writingBytes ≤ ws.send_queue_bytes, give or take
+// write returns; of those, owedQueued and owedWriting are frames moved from
+// the backlog, bounded apart (moveBacklog); the rest, queued - owedQueued +
+// writingBytes - owedWriting ≤ ws.send_queue_bytes, give or take
 // the one frame of a direct write (more closes the connection 4408: a
 // stalled client holds about that many unsent bytes here, not a full queue
 // beside a batch blocked in its write); once closeCode != 0 nothing
@@ -64,10 +66,17 @@ type Conn struct {
 	closing atomic.Bool
 	drain   bool // write what is queued before the close frame
 	// backlog: frames of pushes owed from before (SendBacklog) waiting
-	// for room in the queue; the writer moves them in as it drains it
-	// (moveBacklog). backlogMsgs counts their pushes (≤ maxPendingAcks).
+	// for room; the writer moves them into the queue as it drains it
+	// (moveBacklog). backlogMsgs counts their pushes (≤ maxBacklog);
+	// backlogged is len(backlog) > 0, read without mu. owedQueued and
+	// owedWriting are the bytes of moved frames in queued and writingBytes:
+	// they have a budget of their own (ws.send_queue_bytes again), so what
+	// a client is owed never leaves its live traffic without room.
 	backlog     []*router.Frame
 	backlogMsgs int
+	backlogged  atomic.Bool
+	owedQueued  int
+	owedWriting int
 	badCount    int
 	badWindow   time.Time
 
@@ -123,6 +132,11 @@ func (c *Conn) UserID() int64 { return c.ident.UserID }
 // ack that came before the tracking was lost — the push resent, then handed
 // on at close as unacked (a duplicate on the user's next connection).
 func (c *Conn) Send(f *router.Frame) bool {
+	if c.backlogged.Load() && userPushes(f) {
+		// Behind the older ones the client is still owed (an order's
+		// status must not go back).
+		return c.SendBacklog(f)
+	}
 	if !c.trackAll(f) {
 		return false
 	}
@@ -157,15 +171,16 @@ func (c *Conn) trackAll(f *router.Frame) bool {
 	return ok
 }
 
-// SendBacklog implements router.Backlogged: f waits behind the queue and the
-// writer moves it in once there is room for it (into an empty queue, always),
-// so a client owed more than ws.send_queue_bytes when it connects (its
-// offline pushes, those handed on from its other connection) takes them as
-// fast as it reads instead of being closed 4408 for them. Its reliable
-// pushes are tracked when moved. At most maxPendingAcks pushes wait so: more
-// closes the connection as a slow consumer (they are handed on with the
-// unacked ones, as are those that wait when it closes). False: closed, f's
-// pushes not taken.
+// SendBacklog implements router.Backlogged: f waits in the backlog and the
+// writer moves it into the queue once there is room for it, on a budget of
+// its own (moveBacklog), so a client owed more than ws.send_queue_bytes when
+// it connects (its offline pushes, those handed on from its other
+// connection) takes them as fast as it reads instead of being closed 4408
+// for them, and its live traffic keeps its room. Its reliable pushes are
+// tracked when moved; live user pushes sent meanwhile wait behind it (Send).
+// At most maxBacklog pushes wait so: more closes the connection as a slow
+// consumer (they are handed on with the unacked ones, as are those that
+// wait when it closes). False: closed, f's pushes not taken.
 func (c *Conn) SendBacklog(f *router.Frame) bool {
 	c.ackMu.Lock()
 	if c.ackDone {
@@ -180,8 +195,9 @@ func (c *Conn) SendBacklog(f *router.Frame) bool {
 	}
 	c.backlog = append(c.backlog, f)
 	c.backlogMsgs += len(f.Msgs)
-	over := c.backlogMsgs > maxPendingAcks
-	start := !c.writing && c.closeCode == 0
+	c.backlogged.Store(true)
+	over := c.closeCode == 0 && c.backlogMsgs > c.maxBacklog()
+	start := !over && !c.writing && c.closeCode == 0
 	if start {
 		c.writing = true
 	}
@@ -197,50 +213,82 @@ func (c *Conn) SendBacklog(f *router.Frame) bool {
 	return true
 }
 
-// moveBacklog moves the backlog's first frames into the queue while they fit
-// (the first one always when the queue is empty) and tracks their reliable
-// pushes, under ackMu: a close's stopAcks finds each of them either still
-// waiting or pending. Writer only (nothing it moves is written before it
-// returns).
-func (c *Conn) moveBacklog() {
-	c.ackMu.Lock()
-	if c.ackDone {
-		c.ackMu.Unlock()
+// maxBacklog bounds the pushes waiting in a backlog: what a connection may
+// hold unacked, or a whole offline box if that is more.
+func (c *Conn) maxBacklog() int { return max(maxPendingAcks, c.srv.cfg.WS.OfflineMax) }
+
+// userPushes reports whether f holds reliable user pushes only (what a
+// backlog holds).
+func userPushes(f *router.Frame) bool {
+	for i := range f.Msgs {
+		if !f.Msgs[i].Ack || f.Msgs[i].Off != 0 {
+			return false
+		}
+	}
+	return len(f.Msgs) > 0
+}
+
+// kickBacklog starts a writer for a backlog left waiting on acks
+// (moveBacklog) once some came.
+func (c *Conn) kickBacklog() {
+	if !c.backlogged.Load() {
 		return
 	}
 	c.mu.Lock()
-	room := c.srv.cfg.WS.SendQueueBytes - c.queued - c.writingBytes
-	n, msgs := 0, 0
+	start := len(c.backlog) > 0 && !c.writing && c.closeCode == 0
+	if start {
+		c.writing = true
+	}
+	c.mu.Unlock()
+	if start {
+		c.srv.startWriter(c)
+	}
+}
+
+// moveBacklog moves the backlog's first frames into the queue while the
+// moved bytes not yet written stay within ws.send_queue_bytes (the first
+// frame always, when there are none) and the pushes awaiting an ack within
+// maxPendingAcks (beyond, the backlog waits for acks: kickBacklog), and
+// tracks their reliable pushes — under ackMu, so that a close's stopAcks
+// finds each of them either still waiting or pending. Writer only (nothing
+// it moves is written before it returns).
+func (c *Conn) moveBacklog() {
+	c.ackMu.Lock()
+	defer c.ackMu.Unlock()
+	if c.ackDone {
+		return
+	}
+	c.mu.Lock()
+	if c.closeCode != 0 {
+		c.mu.Unlock()
+		return
+	}
+	inFlight := c.owedQueued + c.owedWriting
+	room := c.srv.cfg.WS.SendQueueBytes - inFlight
+	acks := maxPendingAcks - (len(c.pending) - c.given)
+	n, msgs, size := 0, 0, 0
 	for n < len(c.backlog) {
-		size := c.backlog[n].Size()
-		if size > room && (n > 0 || c.queued+c.writingBytes > 0) {
+		f := c.backlog[n]
+		if (f.Size() > room-size && (n > 0 || inFlight > 0)) || len(f.Msgs) > acks-msgs {
 			break
 		}
-		room -= size
-		msgs += len(c.backlog[n].Msgs)
+		size += f.Size()
+		msgs += len(f.Msgs)
 		n++
 	}
-	over := len(c.pending)-c.given+msgs > maxPendingAcks
-	if n == 0 || c.closeCode != 0 || over {
+	if n == 0 {
 		c.mu.Unlock()
-		c.ackMu.Unlock()
-		if over && n > 0 {
-			// As track: the client lets too many pile up unacked. What
-			// waits is handed on by the close.
-			c.srv.metrics.queueDrops.Inc()
-			c.Close(proto.CloseSlowConsumer, false)
-		}
 		return
 	}
 	moved := slices.Clone(c.backlog[:n])
 	c.queue = append(c.queue, moved...)
-	for _, f := range moved {
-		c.queued += f.Size()
-	}
+	c.queued += size
+	c.owedQueued += size
 	c.backlogMsgs -= msgs
 	c.backlog = slices.Delete(c.backlog, 0, n)
 	if len(c.backlog) == 0 {
 		c.backlog = nil
+		c.backlogged.Store(false)
 	}
 	c.mu.Unlock()
 	for _, f := range moved {
@@ -250,7 +298,6 @@ func (c *Conn) moveBacklog() {
 			}
 		}
 	}
-	c.ackMu.Unlock()
 }
 
 // SendNow implements router.DirectSession: when nothing is queued or being
@@ -296,7 +343,7 @@ func (c *Conn) SendNow(f *router.Frame) (ok, direct bool) {
 		return true, false
 	}
 	c.mu.Lock()
-	if !left && len(c.queue) == 0 && c.closeCode == 0 {
+	if !left && len(c.queue) == 0 && len(c.backlog) == 0 && c.closeCode == 0 {
 		c.writing = false
 		c.mu.Unlock()
 		return true, true
@@ -352,7 +399,7 @@ func (c *Conn) end() {
 func (c *Conn) QueueRoom() int {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return c.srv.cfg.WS.SendQueueBytes - c.queued - c.writingBytes
+	return c.srv.cfg.WS.SendQueueBytes - (c.queued - c.owedQueued) - (c.writingBytes - c.owedWriting)
 }
 
 // Attached implements router.Attached: the connection is registered, the
@@ -374,7 +421,7 @@ func (c *Conn) enqueue(f *router.Frame) bool {
 		c.mu.Unlock()
 		return false
 	}
-	if c.queued+c.writingBytes+f.Size() > c.srv.cfg.WS.SendQueueBytes {
+	if c.queued-c.owedQueued+c.writingBytes-c.owedWriting+f.Size() > c.srv.cfg.WS.SendQueueBytes {
 		c.mu.Unlock()
 		c.srv.metrics.queueDrops.Inc()
 		c.Close(proto.CloseSlowConsumer, false)
@@ -402,7 +449,7 @@ func (c *Conn) Close(code int, drain bool) {
 	c.closeCode, c.drain = code, drain
 	c.closing.Store(true)
 	if !drain {
-		c.queue, c.queued = nil, 0
+		c.queue, c.queued, c.owedQueued = nil, 0, 0
 	}
 	start := !c.writing
 	c.writing = true
@@ -429,7 +476,7 @@ func (c *Conn) writeLoop() {
 	}
 	for {
 		c.mu.Lock()
-		c.writingBytes = 0 // the last batch is written
+		c.writingBytes, c.owedWriting = 0, 0 // the last batch is written
 		if len(c.backlog) > 0 && c.closeCode == 0 {
 			c.mu.Unlock()
 			c.moveBacklog()
@@ -442,7 +489,7 @@ func (c *Conn) writeLoop() {
 				c.mu.Unlock()
 				return
 			}
-			c.queue, c.queued = nil, 0
+			c.queue, c.queued, c.owedQueued = nil, 0, 0
 			c.mu.Unlock()
 			// The close frame sits behind what the kernel still holds for
 			// the client (for 4408, a full socket buffer): it gets a whole
@@ -456,8 +503,8 @@ func (c *Conn) writeLoop() {
 			return
 		}
 		frames := c.queue
-		c.writingBytes = c.queued
-		c.queue, c.queued = spare[:0], 0
+		c.writingBytes, c.owedWriting = c.queued, c.owedQueued
+		c.queue, c.queued, c.owedQueued = spare[:0], 0, 0
 		c.mu.Unlock()
 
 		corked := c.needsCork(frames)
@@ -489,7 +536,7 @@ func (c *Conn) writeLoop() {
 // dropped); its read loop ends on the closed socket and OnClose cleans up.
 func (c *Conn) lost() {
 	c.mu.Lock()
-	c.queue, c.queued, c.writingBytes = nil, 0, 0
+	c.queue, c.queued, c.writingBytes, c.owedQueued, c.owedWriting = nil, 0, 0, 0, 0
 	if c.closeCode == 0 {
 		c.closeCode = proto.CloseGoingAway
 	}
@@ -666,6 +713,7 @@ func (c *Conn) acked(mids []string) {
 		}
 	}
 	c.ackMu.Unlock()
+	c.kickBacklog()
 }
 
 // resendDue resends every due push (backoff doubles per try) and re-arms the
@@ -681,14 +729,26 @@ func (c *Conn) resendDue() {
 		return
 	}
 	c.timer = nil
+	// While pushes moved from the backlog are still queued or being
+	// written, the round is put off: a resend would go out ahead of pushes
+	// not written yet, and what was sent is still on its way. (A backlog
+	// waiting on acks has none in flight: the round runs, and gives up on
+	// pushes — which makes room for it.)
+	c.mu.Lock()
+	owing := c.owedQueued+c.owedWriting > 0
+	c.mu.Unlock()
 	var next time.Time
+	freed := false // a push given up on: room for a waiting backlog
 	base := c.srv.cfg.WS.ResendAfter.D()
 	for mid, p := range c.pending {
 		if p.given {
 			continue
 		}
-		if !p.next.After(now) {
+		if !p.next.After(now) && owing {
+			p.next = now.Add(base)
+		} else if !p.next.After(now) {
 			if p.tries >= c.srv.cfg.WS.ResendMaxTries {
+				freed = true
 				c.srv.metrics.resendGiveUps.Inc()
 				if p.msg.Off > 0 {
 					delete(c.pending, mid) // a room push: recovered by the room's offsets
@@ -720,12 +780,16 @@ func (c *Conn) resendDue() {
 		msgs[i] = p.msg
 	}
 	c.ackMu.Unlock()
+	if freed {
+		c.kickBacklog()
+	}
 	if len(msgs) > 0 {
 		c.srv.metrics.resends.Add(float64(len(msgs)))
 	}
+	frameBytes := min(resendFrameBytes, c.srv.cfg.WS.SendQueueBytes/4)
 	for len(msgs) > 0 {
 		n, size := 1, len(msgs[0].Bytes)
-		for n < len(msgs) && size+len(msgs[n].Bytes) <= resendFrameBytes {
+		for n < len(msgs) && size+len(msgs[n].Bytes) <= frameBytes {
 			size += len(msgs[n].Bytes)
 			n++
 		}
@@ -736,7 +800,8 @@ func (c *Conn) resendDue() {
 	}
 }
 
-// resendFrameBytes bounds the pushes of one resend frame.
+// resendFrameBytes bounds the pushes of one resend frame (and a quarter of
+// ws.send_queue_bytes: a resend of many pushes does not fill the queue).
 const resendFrameBytes = 64 << 10
 
 // stopAcks stops the resends when the connection is gone and returns the
@@ -759,6 +824,7 @@ func (c *Conn) stopAcks() []router.Msg {
 	c.mu.Lock()
 	waiting := c.backlog
 	c.backlog, c.backlogMsgs = nil, 0
+	c.backlogged.Store(false)
 	c.mu.Unlock()
 	c.ackMu.Unlock()
 	slices.SortFunc(kept, func(a, b *pendingPush) int { return cmp.Compare(a.seq, b.seq) })

@@ -102,3 +102,18 @@ func (s *Server) PauseChat(req string, claimed, published func()) {
 	}
 	s.chatStep.Store(&f)
 }
+
+// Backlogged is the number of pushes waiting in the backlogs of user's
+// connections (SendBacklog).
+func (s *Server) Backlogged(user int64) int {
+	n := 0
+	for _, c := range s.snapshot() {
+		if c.ident.UserID != user {
+			continue
+		}
+		c.mu.Lock()
+		n += c.backlogMsgs
+		c.mu.Unlock()
+	}
+	return n
+}

@@ -87,10 +87,7 @@ func TestUnackedPushKeptWhenTheConnectionCloses(t *testing.T) {
 // were all queued at its connect, and the connection closed 4408 as a slow
 // consumer (at every reconnect — the box drained each time again).
 func TestOfflineBacklogLargerThanTheSendQueue(t *testing.T) {
-	cfg := nodetest.Config(t)
-	cfg.WS.SendQueueBytes = 8 << 10
-	cfg.WS.OfflineMax = 40
-	n := nodetest.Start(t, cfg)
+	n := backlogNode(t)
 	const user = 79
 	pad := strings.Repeat("x", 1000)
 	var mids []string
@@ -128,10 +125,7 @@ func TestOfflineBacklogLargerThanTheSendQueue(t *testing.T) {
 // connection closes are kept with its unacked ones: the user's next session
 // gets every one of them, in order.
 func TestOfflineBacklogKeptWhenTheConnectionCloses(t *testing.T) {
-	cfg := nodetest.Config(t)
-	cfg.WS.SendQueueBytes = 8 << 10
-	cfg.WS.OfflineMax = 40
-	n := nodetest.Start(t, cfg)
+	n := backlogNode(t)
 	const user = 80
 	pad := strings.Repeat("x", 256<<10)
 	var mids []string
@@ -143,7 +137,8 @@ func TestOfflineBacklogKeptWhenTheConnectionCloses(t *testing.T) {
 	r := nodetest.MustDialRaw(t, nodetest.WSURL(n), nodetest.Token(t, n, user, gateway.RoleViewer), nodetest.RawOptions{Batch: true, RcvBuf: 4096})
 	r.NextOfType(proto.TypeHello, 5*time.Second)
 	r.Pause() // nothing acked; the writer stalls on the full socket
-	time.Sleep(200 * time.Millisecond)
+	nodetest.Eventually(t, 5*time.Second, func() bool { return n.WS.Backlogged(user) > 0 && n.WS.WriterTook(user) },
+		"the writer stalled with pushes waiting in the backlog")
 	r.Drop()
 	<-r.Closed()
 	next := dial(t, n, user, nodetest.RawOptions{Batch: true})
@@ -155,5 +150,169 @@ func TestOfflineBacklogKeptWhenTheConnectionCloses(t *testing.T) {
 	}
 	if !slices.Equal(got, mids) {
 		t.Fatalf("the next session got\n %v\nwant\n %v", got, mids)
+	}
+}
+
+// backlogNode is a node with an 8 KiB send queue, room for 40 offline
+// pushes per user, and resends far off (the raw clients do not ack).
+func backlogNode(t *testing.T) *gateway.Node {
+	cfg := nodetest.Config(t)
+	cfg.WS.SendQueueBytes = 8 << 10
+	cfg.WS.OfflineMax = 40
+	cfg.WS.ResendAfter = configsDuration(time.Minute)
+	return nodetest.Start(t, cfg)
+}
+
+// While a client takes what it is owed, a push made for it meanwhile comes
+// after the owed ones (not ahead of an older status of the same order), and
+// its live traffic keeps the queue's room: a reply is answered, not closed
+// 4408 behind a queue filled with the backlog.
+func TestLivePushWaitsBehindTheBacklog(t *testing.T) {
+	n := backlogNode(t)
+	const user = 81
+	pad := strings.Repeat("x", 256<<10) // 10 MiB in all: more than the socket buffers hold
+	var mids []string
+	for i := range 40 {
+		mid, _ := n.Router.SendUser(user, proto.Push{Biz: proto.BizOrderStatus,
+			Data: []byte(fmt.Sprintf(`{"i":%d,"pad":%q}`, i, pad)), Ack: true})
+		mids = append(mids, mid)
+	}
+	r := nodetest.MustDialRaw(t, nodetest.WSURL(n), nodetest.Token(t, n, user, gateway.RoleViewer), nodetest.RawOptions{Batch: true, RcvBuf: 4096})
+	r.NextOfType(proto.TypeHello, 5*time.Second)
+	r.Pause()
+	nodetest.Eventually(t, 5*time.Second, func() bool { return n.WS.Backlogged(user) > 0 }, "pushes waiting in the backlog")
+	live, _ := n.Router.SendUser(user, proto.Push{Biz: proto.BizOrderStatus, Data: []byte(`{"live":true}`), Ack: true})
+	mids = append(mids, live)
+	if err := r.Send(`{"t":"ping","id":7,"d":{}}`); err != nil {
+		t.Fatal(err)
+	}
+	r.Resume()
+	var got []string
+	replied := false
+	for len(got) < len(mids) || !replied {
+		select {
+		case f := <-r.Frames():
+			switch {
+			case f.T == proto.TypePush && !slices.Contains(got, f.Mid):
+				got = append(got, f.Mid)
+			case f.ID == 7:
+				replied = true
+			}
+		case <-r.Closed():
+			t.Fatalf("closed %d after %d of %d pushes", r.CloseCode(), len(got), len(mids))
+		case <-time.After(5 * time.Second):
+			t.Fatalf("%d of %d pushes, replied %v", len(got), len(mids), replied)
+		}
+	}
+	if !slices.Equal(got, mids) {
+		t.Fatalf("pushes out of order:\n got %v\nwant %v", got, mids)
+	}
+}
+
+// A box larger than the pushes a connection may hold unacked (4,096; here
+// ws.offline_max 5,000) is delivered whole to a client that acks: the
+// backlog waits for acks rather than closing the connection 4408.
+func TestOfflineBoxOverTheAckBoundDelivered(t *testing.T) {
+	cfg := nodetest.Config(t)
+	cfg.WS.OfflineMax = 5000
+	n := nodetest.Start(t, cfg)
+	const user = 82
+	for i := range 5000 {
+		n.Router.SendUser(user, proto.Push{Biz: proto.BizOrderStatus, Data: []byte(fmt.Sprintf(`{"i":%d}`, i)), Ack: true})
+	}
+	var mu sync.Mutex
+	seen := map[string]bool{}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := clientsdk.Dial(ctx, clientsdk.Config{URL: nodetest.WSURL(n), Token: nodetest.Token(t, n, user, gateway.RoleViewer),
+		OnPush: func(p clientsdk.Push) {
+			mu.Lock()
+			seen[p.Mid] = true
+			mu.Unlock()
+		}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = c.Close() })
+	nodetest.Eventually(t, 20*time.Second, func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(seen) == 5000
+	}, "every push of the box")
+	if d := nodeCounter(t, n, "liveedge_queue_drops_total"); d > 0 {
+		t.Fatalf("%v send queue drops", d)
+	}
+}
+
+// Reliable pushes made while the user's connections come and go — each
+// dropped after reading a few frames, never acking, with an 8 KiB queue
+// and pushes of 2 KB, so that what is owed waits in backlogs, is handed on
+// from one connection to the next and to the box — all reach the user's
+// last connection: nothing is lost on the way.
+func TestOwedPushesSurviveConnectionChurn(t *testing.T) {
+	cfg := nodetest.Config(t)
+	cfg.WS.SendQueueBytes = 8 << 10
+	cfg.WS.OfflineMax = 1000
+	cfg.WS.ResendAfter = configsDuration(time.Minute)
+	n := nodetest.Start(t, cfg)
+	const user, pushes = 83, 300
+	pad := strings.Repeat("y", 2000)
+	sent := make(chan []string, 1)
+	go func() {
+		var mids []string
+		for i := range pushes {
+			mid, _ := n.Router.SendUser(user, proto.Push{Biz: proto.BizOrderStatus,
+				Data: []byte(fmt.Sprintf(`{"i":%d,"pad":%q}`, i, pad)), Ack: true})
+			mids = append(mids, mid)
+			time.Sleep(time.Duration(i%7) * time.Millisecond)
+		}
+		sent <- mids
+	}()
+	for cycle := range 12 {
+		r := nodetest.MustDialRaw(t, nodetest.WSURL(n), nodetest.Token(t, n, user, gateway.RoleViewer), nodetest.RawOptions{Batch: true, RcvBuf: 4096})
+		r.NextOfType(proto.TypeHello, 5*time.Second)
+		for range cycle * 3 {
+			select {
+			case <-r.Frames():
+			case <-time.After(50 * time.Millisecond):
+			}
+		}
+		r.Pause()
+		time.Sleep(time.Duration(cycle%4) * 10 * time.Millisecond)
+		r.Drop()
+		<-r.Closed()
+	}
+	mids := <-sent
+	var mu sync.Mutex
+	seen := map[string]bool{}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := clientsdk.Dial(ctx, clientsdk.Config{URL: nodetest.WSURL(n), Token: nodetest.Token(t, n, user, gateway.RoleViewer),
+		OnPush: func(p clientsdk.Push) {
+			mu.Lock()
+			seen[p.Mid] = true
+			mu.Unlock()
+		}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = c.Close() })
+	missing := func() []string {
+		mu.Lock()
+		defer mu.Unlock()
+		var out []string
+		for _, m := range mids {
+			if !seen[m] {
+				out = append(out, m)
+			}
+		}
+		return out
+	}
+	deadline := time.Now().Add(15 * time.Second)
+	for len(missing()) > 0 && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	if m := missing(); len(m) > 0 {
+		t.Fatalf("%d of %d pushes never reached the last connection: %v", len(m), len(mids), m[:min(len(m), 5)])
 	}
 }

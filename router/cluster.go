@@ -1728,7 +1728,7 @@ func (c *Cluster) Register(s Session) {
 				return
 			}
 			regs := c.regsOf(u)
-			if c.local.sendMsg(u, msg, false) == 0 && msg.Ack {
+			if c.local.sendMsg(u, msg, m.Header.Get(owedHeader) != "") == 0 && msg.Ack {
 				// The user left this node meanwhile: kept for their next
 				// connect if they are nowhere else. (Online elsewhere, they
 				// got it there: that node is subscribed too — or, if it is
@@ -1846,11 +1846,26 @@ func (c *Cluster) handOn(user int64, msgs, away []Msg, regs uint64) {
 	}
 	for _, m := range msgs {
 		if handed[m.Mid] {
-			c.handOff(user, m, regs)
-		} else if err := c.nc.Publish(userSubject(user), appendUserPush(nil, m)); err != nil {
+			c.handOff(user, m, regs, true)
+		} else if err := c.nc.PublishMsg(userPushMsg(user, "", m, true)); err != nil {
 			c.log.Warn("user push not published", "user", user, "err", err)
 		}
 	}
+}
+
+// owedHeader marks a user push owed from before (handed on from a closed
+// session, drained from the offline list but refused here): the receiving
+// node sends it as such (Backlogged), behind the session's queue. A node
+// that does not know the header sends it as a live push.
+const owedHeader = "Le-Owed"
+
+// userPushMsg is m on user's subject (reply: a hand-off's inbox, or "").
+func userPushMsg(user int64, reply string, m Msg, owed bool) *nats.Msg {
+	msg := &nats.Msg{Subject: userSubject(user), Reply: reply, Data: appendUserPush(nil, m)}
+	if owed {
+		msg.Header = nats.Header{owedHeader: []string{"1"}}
+	}
+	return msg
 }
 
 // drainOffline delivers the user's offline pushes to their sessions here;
@@ -2114,7 +2129,7 @@ func (c *Cluster) SendUser(user int64, p proto.Push) (string, int) {
 		// Stored before it is published: a node that subscribes for the
 		// user after the publish drains the list after subscribing.
 		if c.keepAway(user, regs, m) {
-			c.handOff(user, m, regs)
+			c.handOff(user, m, regs, false)
 			return p.Mid, n
 		}
 	}

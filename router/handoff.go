@@ -82,8 +82,8 @@ func (c *Cluster) startHandoffs() error {
 }
 
 // handOff sends m to the user's sessions on the other nodes, answered.
-// regs: as keepAway's.
-func (c *Cluster) handOff(user int64, m Msg, regs uint64) {
+// regs: as keepAway's; owed: m is owed from before (userPushMsg).
+func (c *Cluster) handOff(user int64, m Msg, regs uint64, owed bool) {
 	h := &c.handoffs
 	h.mu.Lock()
 	if len(h.pending) >= maxHandoffs {
@@ -95,7 +95,7 @@ func (c *Cluster) handOff(user int64, m Msg, regs uint64) {
 	tok := h.next
 	h.pending[tok] = handoff{user: user, msg: m, at: time.Now(), regs: regs}
 	h.mu.Unlock()
-	if err := c.nc.PublishRequest(userSubject(user), h.prefix+strconv.FormatUint(tok, 10), appendUserPush(nil, m)); err != nil {
+	if err := c.nc.PublishMsg(userPushMsg(user, h.prefix+strconv.FormatUint(tok, 10), m, owed)); err != nil {
 		c.log.Warn("user push not handed off", "user", user, "err", err)
 		if ho, ok := c.takeHandoff(tok); ok {
 			c.keepLater(ho)

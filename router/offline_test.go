@@ -444,4 +444,22 @@ func TestOwedPushesSentAsABacklog(t *testing.T) {
 		env := clusterEnv{nats: natstest.Start(t), redis: redistest.Start(t)}
 		check(t, newCluster(t, env, "a", ClusterConfig{Local: LocalConfig{OfflineMax: 8, OfflineTTL: time.Minute}}))
 	})
+	// Handed on from a session that closed on another node: owed there
+	// too (the Le-Owed header); a live push from that node is not.
+	t.Run("across nodes", func(t *testing.T) {
+		env := clusterEnv{nats: natstest.Start(t), redis: redistest.Start(t)}
+		cfg := ClusterConfig{Local: LocalConfig{OfflineMax: 8, OfflineTTL: time.Minute}}
+		a, b := newCluster(t, env, "a", cfg), newCluster(t, env, "b", cfg)
+		s := &owedSink{sink: sink{id: 1, user: 7}}
+		b.Register(s)
+		waitFor(t, func() bool { on, known := a.onlineElsewhere(7); return on && known })
+		handed := Msg{Mid: "closed-2", Ack: true, Bytes: []byte(`{"t":"push","mid":"closed-2","biz":1,"ack":true,"d":{}}`)}
+		a.Keep(7, []Msg{handed})
+		waitFor(t, func() bool { return len(s.gotOwed()) == 1 })
+		live, _ := a.SendUser(7, proto.Push{Biz: proto.BizGift, Ack: true, Data: []byte(`{}`)})
+		waitFor(t, func() bool { return len(s.got()) == 1 })
+		if s.gotOwed()[0] != handed.Mid || s.got()[0] != live {
+			t.Fatalf("owed %v, sent %v: want %s owed, %s sent", s.gotOwed(), s.got(), handed.Mid, live)
+		}
+	})
 }
