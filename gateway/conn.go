@@ -77,8 +77,11 @@ type Conn struct {
 	backlogged  atomic.Bool
 	owedQueued  int
 	owedWriting int
-	badCount    int
-	badWindow   time.Time
+	// kicked: acks came (kickBacklog) while the writer ran; it looks at
+	// the backlog again before it leaves, whatever it found before them.
+	kicked    bool
+	badCount  int
+	badWindow time.Time
 
 	// sem bounds async requests in flight; made by the first (begin, on
 	// the reader goroutine), as most connections never send one.
@@ -239,6 +242,7 @@ func (c *Conn) kickBacklog() {
 	if start {
 		c.writing = true
 	}
+	c.kicked = c.writing && !start
 	c.mu.Unlock()
 	if start {
 		c.srv.startWriter(c)
@@ -248,7 +252,9 @@ func (c *Conn) kickBacklog() {
 // moveBacklog moves the backlog's first frames into the queue while the
 // moved bytes not yet written stay within ws.send_queue_bytes (the first
 // frame always, when there are none) and the pushes awaiting an ack within
-// maxPendingAcks (beyond, the backlog waits for acks: kickBacklog), and
+// half of maxPendingAcks (beyond, the backlog waits for acks: kickBacklog;
+// the other half is left to live reliable pushes, which close the
+// connection at the bound), and
 // tracks their reliable pushes — under ackMu, so that a close's stopAcks
 // finds each of them either still waiting or pending. Writer only (nothing
 // it moves is written before it returns).
@@ -265,7 +271,7 @@ func (c *Conn) moveBacklog() {
 	}
 	inFlight := c.owedQueued + c.owedWriting
 	room := c.srv.cfg.WS.SendQueueBytes - inFlight
-	acks := maxPendingAcks - (len(c.pending) - c.given)
+	acks := maxPendingAcks/2 - (len(c.pending) - c.given)
 	n, msgs, size := 0, 0, 0
 	for n < len(c.backlog) {
 		f := c.backlog[n]
@@ -478,12 +484,17 @@ func (c *Conn) writeLoop() {
 		c.mu.Lock()
 		c.writingBytes, c.owedWriting = 0, 0 // the last batch is written
 		if len(c.backlog) > 0 && c.closeCode == 0 {
+			c.kicked = false
 			c.mu.Unlock()
 			c.moveBacklog()
 			c.mu.Lock()
 		}
 		code, drain := c.closeCode, c.drain
 		if len(c.queue) == 0 || (code != 0 && !drain) {
+			if code == 0 && c.kicked && len(c.backlog) > 0 {
+				c.mu.Unlock()
+				continue // acks came since moveBacklog looked
+			}
 			if code == 0 {
 				c.writing = false
 				c.mu.Unlock()
@@ -733,36 +744,55 @@ func (c *Conn) resendDue() {
 	// written, the round is put off: a resend would go out ahead of pushes
 	// not written yet, and what was sent is still on its way. (A backlog
 	// waiting on acks has none in flight: the round runs, and gives up on
-	// pushes — which makes room for it.)
+	// pushes — which makes room for it.) A round queues at most half the
+	// room the queue has now: the rest is put off one resend_after, not
+	// counted as a try — a slow reader's resends wait for room rather
+	// than overflow its queue (4408).
 	c.mu.Lock()
 	owing := c.owedQueued+c.owedWriting > 0
+	live := c.queued - c.owedQueued + c.writingBytes - c.owedWriting
+	room := (c.srv.cfg.WS.SendQueueBytes - live) / 2
 	c.mu.Unlock()
-	var next time.Time
 	freed := false // a push given up on: room for a waiting backlog
 	base := c.srv.cfg.WS.ResendAfter.D()
+	var cand []*pendingPush
 	for mid, p := range c.pending {
-		if p.given {
+		switch {
+		case p.given || p.next.After(now):
+		case owing:
+			p.next = now.Add(base)
+		case p.tries >= c.srv.cfg.WS.ResendMaxTries:
+			freed = true
+			c.srv.metrics.resendGiveUps.Inc()
+			if p.msg.Off > 0 {
+				delete(c.pending, mid) // a room push: recovered by the room's offsets
+			} else {
+				p.given = true // a user push: handed on at close
+				c.given++
+			}
+		default:
+			cand = append(cand, p)
+		}
+	}
+	// In the order they were first sent (the map's is random: two order
+	// status pushes resent swapped would show a client its order going
+	// back); once one is put off, so are those after it.
+	slices.SortFunc(cand, func(a, b *pendingPush) int { return cmp.Compare(a.seq, b.seq) })
+	for _, p := range cand {
+		size := len(p.msg.Bytes)
+		if room < 0 || (size > room && (len(due) > 0 || live > 0)) {
+			p.next = now.Add(base)
+			room = -1 // those after it wait too
 			continue
 		}
-		if !p.next.After(now) && owing {
-			p.next = now.Add(base)
-		} else if !p.next.After(now) {
-			if p.tries >= c.srv.cfg.WS.ResendMaxTries {
-				freed = true
-				c.srv.metrics.resendGiveUps.Inc()
-				if p.msg.Off > 0 {
-					delete(c.pending, mid) // a room push: recovered by the room's offsets
-				} else {
-					p.given = true // a user push: handed on at close
-					c.given++
-				}
-				continue
-			}
-			p.tries++
-			p.next = now.Add(base << min(p.tries, maxResendShift))
-			due = append(due, p)
-		}
-		if next.IsZero() || p.next.Before(next) {
+		room -= size
+		p.tries++
+		p.next = now.Add(base << min(p.tries, maxResendShift))
+		due = append(due, p)
+	}
+	var next time.Time
+	for _, p := range c.pending {
+		if !p.given && (next.IsZero() || p.next.Before(next)) {
 			next = p.next
 		}
 	}
@@ -770,11 +800,8 @@ func (c *Conn) resendDue() {
 	if !next.IsZero() {
 		c.timer, c.timerAt = time.AfterFunc(time.Until(next), c.resendDue), next.UnixNano()
 	}
-	// In the order they were first sent (the map's is random: two order
-	// status pushes resent swapped would show a client its order going
-	// back), and in frames of at most resendFrameBytes: one frame of
-	// thousands of pushes could not be queued whole.
-	slices.SortFunc(due, func(a, b *pendingPush) int { return cmp.Compare(a.seq, b.seq) })
+	// In frames of at most resendFrameBytes: one frame of thousands of
+	// pushes could not be queued whole.
 	msgs := make([]router.Msg, len(due))
 	for i, p := range due {
 		msgs[i] = p.msg

@@ -316,3 +316,88 @@ func TestOwedPushesSurviveConnectionChurn(t *testing.T) {
 		t.Fatalf("%d of %d pushes never reached the last connection: %v", len(m), len(mids), m[:min(len(m), 5)])
 	}
 }
+
+// Owed pushes take at most half of the pushes a connection may hold unacked
+// (4,096): a live reliable push — here a room's — still has room beside a
+// box that the client has not acked yet. The backlog took them all, and the
+// next reliable push closed the connection 4408.
+func TestLiveReliablePushBesideAnUnackedBacklog(t *testing.T) {
+	cfg := nodetest.Config(t)
+	cfg.WS.OfflineMax = 5000
+	cfg.WS.ResendAfter = configsDuration(time.Minute)
+	n := nodetest.Start(t, cfg)
+	const user = 84
+	for i := range 5000 {
+		n.Router.SendUser(user, proto.Push{Biz: proto.BizOrderStatus, Data: []byte(fmt.Sprintf(`{"i":%d}`, i)), Ack: true})
+	}
+	room := nodetest.OpenRoom(t, n, 1, 0)
+	r := nodetest.MustDialRaw(t, nodetest.WSURL(n), nodetest.Token(t, n, user, gateway.RoleViewer), nodetest.RawOptions{Batch: true, Buf: 100000})
+	if f := request(t, r, 1, fmt.Sprintf(`{"t":"join","id":1,"d":{"room_id":%d}}`, room)); f.Code != 0 {
+		t.Fatalf("join: %+v", f)
+	}
+	nodetest.Eventually(t, 5*time.Second, func() bool { return n.WS.PendingAcks(user) == 2048 && n.WS.Backlogged(user) > 0 },
+		"half the ack bound pending, the rest of the box waiting")
+	mid, err := n.Router.PublishRoom(room, proto.Push{Biz: proto.BizRainStarted, Room: room, Data: []byte(`{}`), Ack: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for {
+		select {
+		case f := <-r.Frames():
+			if f.Mid == mid {
+				return
+			}
+		case <-r.Closed():
+			t.Fatalf("closed %d by a live reliable room push beside the backlog", r.CloseCode())
+		case <-time.After(5 * time.Second):
+			t.Fatal("the room push never came")
+		}
+	}
+}
+
+// A client that reads but does not ack is resent what it was sent within
+// the queue's room (a round takes half of it; the rest waits for the next):
+// a resend round of 80 KB to an 8 KiB queue closed it 4408 (resend frames
+// of up to 64 KiB, queued at once).
+func TestResendsWithinTheQueueRoom(t *testing.T) {
+	cfg := nodetest.Config(t)
+	cfg.WS.SendQueueBytes = 8 << 10
+	cfg.WS.OfflineMax = 40
+	cfg.WS.ResendAfter = configsDuration(100 * time.Millisecond)
+	cfg.WS.ResendMaxTries = 3
+	n := nodetest.Start(t, cfg)
+	const user = 85
+	pad := strings.Repeat("z", 2000)
+	var mids []string
+	for i := range 40 {
+		mid, _ := n.Router.SendUser(user, proto.Push{Biz: proto.BizOrderStatus, Data: []byte(fmt.Sprintf(`{"i":%d,"pad":%q}`, i, pad)), Ack: true})
+		mids = append(mids, mid)
+	}
+	r := dial(t, n, user, nodetest.RawOptions{Batch: true})
+	seen := map[string]int{}
+	for end := time.After(1500 * time.Millisecond); ; {
+		select {
+		case f := <-r.Frames():
+			if f.T == proto.TypePush {
+				seen[f.Mid]++
+			}
+			continue
+		case <-r.Closed():
+			t.Fatalf("closed %d while resending (%d of %d pushes seen)", r.CloseCode(), len(seen), len(mids))
+		case <-end:
+		}
+		break
+	}
+	resent := 0
+	for _, m := range mids {
+		if seen[m] == 0 {
+			t.Fatalf("push %s never came (%v)", m, seen)
+		}
+		if seen[m] > 1 {
+			resent++
+		}
+	}
+	if resent == 0 {
+		t.Fatal("nothing resent")
+	}
+}
