@@ -3,6 +3,7 @@ package gateway_test
 import (
 	"context"
 	"fmt"
+	"maps"
 	"slices"
 	"strings"
 	"sync"
@@ -220,25 +221,8 @@ func TestOfflineBoxOverTheAckBoundDelivered(t *testing.T) {
 	for i := range 5000 {
 		n.Router.SendUser(user, proto.Push{Biz: proto.BizOrderStatus, Data: []byte(fmt.Sprintf(`{"i":%d}`, i)), Ack: true})
 	}
-	var mu sync.Mutex
-	seen := map[string]bool{}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	c, err := clientsdk.Dial(ctx, clientsdk.Config{URL: nodetest.WSURL(n), Token: nodetest.Token(t, n, user, gateway.RoleViewer),
-		OnPush: func(p clientsdk.Push) {
-			mu.Lock()
-			seen[p.Mid] = true
-			mu.Unlock()
-		}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = c.Close() })
-	nodetest.Eventually(t, 20*time.Second, func() bool {
-		mu.Lock()
-		defer mu.Unlock()
-		return len(seen) == 5000
-	}, "every push of the box")
+	seen := dialSeeing(t, n, user)
+	nodetest.Eventually(t, 20*time.Second, func() bool { return len(seen()) == 5000 }, "every push of the box")
 	if d := nodeCounter(t, n, "liveedge_queue_drops_total"); d > 0 {
 		t.Fatalf("%v send queue drops", d)
 	}
@@ -283,26 +267,12 @@ func TestOwedPushesSurviveConnectionChurn(t *testing.T) {
 		<-r.Closed()
 	}
 	mids := <-sent
-	var mu sync.Mutex
-	seen := map[string]bool{}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	c, err := clientsdk.Dial(ctx, clientsdk.Config{URL: nodetest.WSURL(n), Token: nodetest.Token(t, n, user, gateway.RoleViewer),
-		OnPush: func(p clientsdk.Push) {
-			mu.Lock()
-			seen[p.Mid] = true
-			mu.Unlock()
-		}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = c.Close() })
+	seen := dialSeeing(t, n, user)
 	missing := func() []string {
-		mu.Lock()
-		defer mu.Unlock()
+		got := seen()
 		var out []string
 		for _, m := range mids {
-			if !seen[m] {
+			if !got[m] {
 				out = append(out, m)
 			}
 		}
@@ -399,5 +369,30 @@ func TestResendsWithinTheQueueRoom(t *testing.T) {
 	}
 	if resent == 0 {
 		t.Fatal("nothing resent")
+	}
+}
+
+// dialSeeing connects user with the Go SDK (it acks every push) and returns
+// the mids of the pushes it has received so far.
+func dialSeeing(t *testing.T, n *gateway.Node, user int64) func() map[string]bool {
+	t.Helper()
+	var mu sync.Mutex
+	seen := map[string]bool{}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := clientsdk.Dial(ctx, clientsdk.Config{URL: nodetest.WSURL(n), Token: nodetest.Token(t, n, user, gateway.RoleViewer),
+		OnPush: func(p clientsdk.Push) {
+			mu.Lock()
+			seen[p.Mid] = true
+			mu.Unlock()
+		}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = c.Close() })
+	return func() map[string]bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return maps.Clone(seen)
 	}
 }
