@@ -14,6 +14,8 @@ import (
 	"github.com/liveedge/liveedge/gateway"
 	"github.com/liveedge/liveedge/gateway/nodetest"
 	"github.com/liveedge/liveedge/gateway/proto"
+	"github.com/liveedge/liveedge/persist/redistest"
+	"github.com/liveedge/liveedge/router/natstest"
 )
 
 // A credit made while the user is connected nowhere (a reliable 5570) is
@@ -151,6 +153,47 @@ func TestOfflineBacklogKeptWhenTheConnectionCloses(t *testing.T) {
 	}
 	if !slices.Equal(got, mids) {
 		t.Fatalf("the next session got\n %v\nwant\n %v", got, mids)
+	}
+}
+
+// Cluster: a box kept in Redis, larger than the send queue, drained by
+// another node at the user's connect, reaches the client whole and in
+// order (the drain hands each push to the connection's backlog).
+func TestClusterOfflineBacklogLargerThanTheSendQueue(t *testing.T) {
+	rds, nats := redistest.Start(t), natstest.Start(t)
+	peers := []string{"gw-1", "gw-2"}
+	var nodes []*gateway.Node
+	for _, id := range peers {
+		cfg := clusterNodeConfig(t, id, peers, rds, nats)
+		cfg.WS.SendQueueBytes = 8 << 10
+		cfg.WS.OfflineMax = 40
+		cfg.WS.ResendAfter = configsDuration(time.Minute)
+		nodes = append(nodes, nodetest.Start(t, cfg))
+	}
+	const user = 86
+	pad := strings.Repeat("x", 1000)
+	var mids []string
+	for i := range 40 {
+		mid, _ := nodes[0].Router.SendUser(user, proto.Push{Biz: proto.BizOrderStatus,
+			Data: []byte(fmt.Sprintf(`{"i":%d,"pad":%q}`, i, pad)), Ack: true})
+		mids = append(mids, mid)
+	}
+	r := dial(t, nodes[1], user, nodetest.RawOptions{Batch: true})
+	var got []string
+	for len(got) < len(mids) {
+		select {
+		case f := <-r.Frames():
+			if f.T == proto.TypePush && !slices.Contains(got, f.Mid) {
+				got = append(got, f.Mid)
+			}
+		case <-r.Closed():
+			t.Fatalf("closed %d after %d of %d pushes", r.CloseCode(), len(got), len(mids))
+		case <-time.After(10 * time.Second):
+			t.Fatalf("%d of %d pushes", len(got), len(mids))
+		}
+	}
+	if !slices.Equal(got, mids) {
+		t.Fatalf("pushes out of order:\n got %v\nwant %v", got, mids)
 	}
 }
 
