@@ -715,16 +715,20 @@ const maxResendShift = 16
 // acked forgets acknowledged pushes.
 func (c *Conn) acked(mids []string) {
 	c.ackMu.Lock()
+	forgot := false
 	for _, mid := range mids {
 		if p, ok := c.pending[mid]; ok {
 			if p.given {
 				c.given--
 			}
 			delete(c.pending, mid)
+			forgot = true
 		}
 	}
 	c.ackMu.Unlock()
-	c.kickBacklog()
+	if forgot {
+		c.kickBacklog()
+	}
 }
 
 // resendDue resends every due push (backoff doubles per try) and re-arms the
@@ -745,9 +749,9 @@ func (c *Conn) resendDue() {
 	// not written yet, and what was sent is still on its way. (A backlog
 	// waiting on acks has none in flight: the round runs, and gives up on
 	// pushes — which makes room for it.) A round queues at most half the
-	// room the queue has now: the rest is put off one resend_after, not
-	// counted as a try — a slow reader's resends wait for room rather
-	// than overflow its queue (4408).
+	// room the queue has now (the first due push, the whole queue when
+	// nothing else is in it): the rest waits for the next try — a slow
+	// reader's resends wait for room rather than overflow its queue (4408).
 	c.mu.Lock()
 	owing := c.owedQueued+c.owedWriting > 0
 	live := c.queued - c.owedQueued + c.writingBytes - c.owedWriting
@@ -778,17 +782,21 @@ func (c *Conn) resendDue() {
 	// status pushes resent swapped would show a client its order going
 	// back); once one is put off, so are those after it.
 	slices.SortFunc(cand, func(a, b *pendingPush) int { return cmp.Compare(a.seq, b.seq) })
+	queue := c.srv.cfg.WS.SendQueueBytes
 	for _, p := range cand {
 		size := len(p.msg.Bytes)
-		if room < 0 || (size > room && (len(due) > 0 || live > 0)) {
-			p.next = now.Add(base)
+		fits := room >= 0 && (size <= room || (len(due) == 0 && live == 0 && size <= queue))
+		if !fits {
 			room = -1 // those after it wait too
-			continue
+		} else {
+			room -= size
+			due = append(due, p)
 		}
-		room -= size
+		// A push put off for room counts the try all the same: one that
+		// never fits (the queue never empties, or it is larger than the
+		// queue) is given up on after resend_max_tries, as one not acked.
 		p.tries++
 		p.next = now.Add(base << min(p.tries, maxResendShift))
-		due = append(due, p)
 	}
 	var next time.Time
 	for _, p := range c.pending {

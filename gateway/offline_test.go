@@ -439,3 +439,27 @@ func dialSeeing(t *testing.T, n *gateway.Node, user int64) func() map[string]boo
 		return maps.Clone(seen)
 	}
 }
+
+// A push owed from before that is larger than the send queue reaches the
+// client (the backlog moves a frame whole into an empty queue) but is never
+// resent: a resend could only overflow the queue. It is given up on after
+// ws.resend_max_tries, as one not acked, and the connection stays.
+func TestOwedPushLargerThanTheQueueGivenUpNotResent(t *testing.T) {
+	cfg := nodetest.Config(t)
+	cfg.WS.SendQueueBytes = 8 << 10
+	cfg.WS.ResendAfter = configsDuration(20 * time.Millisecond)
+	cfg.WS.ResendMaxTries = 3
+	n := nodetest.Start(t, cfg)
+	const user = 87
+	mid, _ := n.Router.SendUser(user, proto.Push{Biz: proto.BizOrderStatus,
+		Data: []byte(fmt.Sprintf(`{"pad":%q}`, strings.Repeat("x", 20000))), Ack: true})
+	r := dial(t, n, user, nodetest.RawOptions{Batch: true})
+	if f := r.NextOfType(proto.TypePush, 5*time.Second); f.Mid != mid {
+		t.Fatalf("push %+v, want %s", f, mid)
+	}
+	nodetest.Eventually(t, 5*time.Second, func() bool { return nodeCounter(t, n, "liveedge_resend_giveups_total") == 1 },
+		"the push not given up on")
+	if k := countPushes(r, mid, 100*time.Millisecond); k != 0 || r.CloseCode() != 0 {
+		t.Fatalf("resent %d times, close code %d", k, r.CloseCode())
+	}
+}
