@@ -103,22 +103,7 @@ func TestOfflineBacklogLargerThanTheSendQueue(t *testing.T) {
 		mids = append(mids, mid)
 	}
 	r := dial(t, n, user, nodetest.RawOptions{Batch: true})
-	var got []string
-	for len(got) < len(mids) {
-		select {
-		case f := <-r.Frames():
-			if f.T == proto.TypePush && !slices.Contains(got, f.Mid) {
-				got = append(got, f.Mid)
-			}
-		case <-r.Closed():
-			t.Fatalf("closed %d after %d of %d pushes", r.CloseCode(), len(got), len(mids))
-		case <-time.After(5 * time.Second):
-			t.Fatalf("%d of %d pushes", len(got), len(mids))
-		}
-	}
-	if !slices.Equal(got, mids) {
-		t.Fatalf("pushes out of order:\n got %v\nwant %v", got, mids)
-	}
+	readInOrder(t, r, mids)
 	if d := nodeCounter(t, n, "liveedge_queue_drops_total"); d > 0 {
 		t.Fatalf("%v send queue drops", d)
 	}
@@ -179,22 +164,7 @@ func TestClusterOfflineBacklogLargerThanTheSendQueue(t *testing.T) {
 		mids = append(mids, mid)
 	}
 	r := dial(t, nodes[1], user, nodetest.RawOptions{Batch: true})
-	var got []string
-	for len(got) < len(mids) {
-		select {
-		case f := <-r.Frames():
-			if f.T == proto.TypePush && !slices.Contains(got, f.Mid) {
-				got = append(got, f.Mid)
-			}
-		case <-r.Closed():
-			t.Fatalf("closed %d after %d of %d pushes", r.CloseCode(), len(got), len(mids))
-		case <-time.After(10 * time.Second):
-			t.Fatalf("%d of %d pushes", len(got), len(mids))
-		}
-	}
-	if !slices.Equal(got, mids) {
-		t.Fatalf("pushes out of order:\n got %v\nwant %v", got, mids)
-	}
+	readInOrder(t, r, mids)
 }
 
 // backlogNode is a node with an 8 KiB send queue, room for 40 offline
@@ -461,5 +431,28 @@ func TestOwedPushLargerThanTheQueueGivenUpNotResent(t *testing.T) {
 		"the push not given up on")
 	if k := countPushes(r, mid, 100*time.Millisecond); k != 0 || r.CloseCode() != 0 {
 		t.Fatalf("resent %d times, close code %d", k, r.CloseCode())
+	}
+}
+
+// readInOrder reads r's pushes until it has had every one of mids (each
+// read again is skipped), failing on a close, a quiet of 10 s, or another
+// order.
+func readInOrder(t *testing.T, r *nodetest.Raw, mids []string) {
+	t.Helper()
+	var got []string
+	for len(got) < len(mids) {
+		select {
+		case f := <-r.Frames():
+			if f.T == proto.TypePush && !slices.Contains(got, f.Mid) {
+				got = append(got, f.Mid)
+			}
+		case <-r.Closed():
+			t.Fatalf("closed %d after %d of %d pushes", r.CloseCode(), len(got), len(mids))
+		case <-time.After(10 * time.Second):
+			t.Fatalf("%d of %d pushes", len(got), len(mids))
+		}
+	}
+	if !slices.Equal(got, mids) {
+		t.Fatalf("pushes out of order:\n got %v\nwant %v", got, mids)
 	}
 }
