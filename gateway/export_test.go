@@ -47,16 +47,11 @@ func (s *Server) AckRightAfterEnqueue() {
 // PendingAcks is the number of reliable pushes user's connections wait an
 // ack for.
 func (s *Server) PendingAcks(user int64) int {
-	n := 0
-	for _, c := range s.snapshot() {
-		if c.ident.UserID != user {
-			continue
-		}
+	return s.sumOver(user, func(c *Conn) int {
 		c.ackMu.Lock()
-		n += len(c.pending)
-		c.ackMu.Unlock()
-	}
-	return n
+		defer c.ackMu.Unlock()
+		return len(c.pending)
+	})
 }
 
 // PanicOnFrame makes s's handler of frames of type t panic, as a bug would.
@@ -106,14 +101,20 @@ func (s *Server) PauseChat(req string, claimed, published func()) {
 // Backlogged is the number of pushes waiting in the backlogs of user's
 // connections (SendBacklog).
 func (s *Server) Backlogged(user int64) int {
+	return s.sumOver(user, func(c *Conn) int {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		return c.backlogMsgs
+	})
+}
+
+// sumOver sums f over user's connections.
+func (s *Server) sumOver(user int64, f func(c *Conn) int) int {
 	n := 0
 	for _, c := range s.snapshot() {
-		if c.ident.UserID != user {
-			continue
+		if c.ident.UserID == user {
+			n += f(c)
 		}
-		c.mu.Lock()
-		n += c.backlogMsgs
-		c.mu.Unlock()
 	}
 	return n
 }

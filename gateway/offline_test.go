@@ -104,7 +104,7 @@ func TestOfflineBacklogLargerThanTheSendQueue(t *testing.T) {
 	}
 	r := dial(t, n, user, nodetest.RawOptions{Batch: true})
 	readInOrder(t, r, mids)
-	if d := nodeCounter(t, n, "liveedge_queue_drops_total"); d > 0 {
+	if d := metricValue(t, n, "liveedge_queue_drops_total"); d > 0 {
 		t.Fatalf("%v send queue drops", d)
 	}
 }
@@ -236,7 +236,7 @@ func TestOfflineBoxOverTheAckBoundDelivered(t *testing.T) {
 	}
 	seen := dialSeeing(t, n, user)
 	nodetest.Eventually(t, 20*time.Second, func() bool { return len(seen()) == 5000 }, "every push of the box")
-	if d := nodeCounter(t, n, "liveedge_queue_drops_total"); d > 0 {
+	if d := metricValue(t, n, "liveedge_queue_drops_total"); d > 0 {
 		t.Fatalf("%v send queue drops", d)
 	}
 }
@@ -427,7 +427,7 @@ func TestOwedPushLargerThanTheQueueGivenUpNotResent(t *testing.T) {
 	if f := r.NextOfType(proto.TypePush, 5*time.Second); f.Mid != mid {
 		t.Fatalf("push %+v, want %s", f, mid)
 	}
-	nodetest.Eventually(t, 5*time.Second, func() bool { return nodeCounter(t, n, "liveedge_resend_giveups_total") == 1 },
+	nodetest.Eventually(t, 5*time.Second, func() bool { return metricValue(t, n, "liveedge_resend_giveups_total") == 1 },
 		"the push not given up on")
 	if k := countPushes(r, mid, 100*time.Millisecond); k != 0 || r.CloseCode() != 0 {
 		t.Fatalf("resent %d times, close code %d", k, r.CloseCode())

@@ -2,11 +2,7 @@ package gateway_test
 
 import (
 	"fmt"
-	"io"
-	"net/http"
 	"slices"
-	"strconv"
-	"strings"
 	"testing"
 	"time"
 
@@ -127,7 +123,7 @@ func TestReliablePushGivenUpIsHandedOnAtClose(t *testing.T) {
 	if reached != 1 {
 		t.Fatalf("reached %d sessions", reached)
 	}
-	nodetest.Eventually(t, 15*time.Second, func() bool { return nodeCounter(t, n, "liveedge_resend_giveups_total") == 1 },
+	nodetest.Eventually(t, 15*time.Second, func() bool { return metricValue(t, n, "liveedge_resend_giveups_total") == 1 },
 		"the push not given up on")
 	if k := countPushes(r, mid, 300*time.Millisecond); k != 4 { // the first delivery and three resends, then none
 		t.Fatalf("push sent %d times, want 4", k)
@@ -150,7 +146,7 @@ func TestGivenUpPushesKeptUpToOfflineMax(t *testing.T) {
 		mids = append(mids, mid)
 	}
 	// Dropped by the connection itself (not only by the hand-on's bound).
-	nodetest.Eventually(t, 15*time.Second, func() bool { return nodeCounter(t, n, "liveedge_resend_given_dropped_total") == 2 },
+	nodetest.Eventually(t, 15*time.Second, func() bool { return metricValue(t, n, "liveedge_resend_given_dropped_total") == 2 },
 		"the two oldest given-up pushes not dropped")
 	r.Close()
 	next := dial(t, n, 502, nodetest.RawOptions{Batch: true})
@@ -164,28 +160,6 @@ func TestGivenUpPushesKeptUpToOfflineMax(t *testing.T) {
 	if k := countPushes(next, mids[0], 500*time.Millisecond) + countPushes(next, mids[1], 10*time.Millisecond); k != 0 {
 		t.Fatalf("an older given-up push came too (%d)", k)
 	}
-}
-
-// nodeCounter reads counter name of node n (gw-1) from /metrics (-1: absent).
-func nodeCounter(t *testing.T, n *gateway.Node, name string) float64 {
-	t.Helper()
-	resp, err := http.Get(nodetest.HTTPURL(n) + "/metrics")
-	if err != nil {
-		t.Fatal(err)
-	}
-	m, _ := io.ReadAll(resp.Body)
-	resp.Body.Close()
-	prefix := name + `{node="gw-1"} `
-	for _, line := range strings.Split(string(m), "\n") {
-		if v, ok := strings.CutPrefix(line, prefix); ok {
-			f, err := strconv.ParseFloat(v, 64)
-			if err != nil {
-				t.Fatal(err)
-			}
-			return f
-		}
-	}
-	return -1
 }
 
 // A new reliable push's first resend comes one resend_after after it, even
