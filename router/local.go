@@ -697,7 +697,7 @@ func bytesOf(msgs []Msg) int {
 }
 
 // sendChunks hands msgs to one session in frames of the usual size (owed:
-// as pushes owed from before, sendOwed); it returns those the session
+// as pushes owed from before, see Backlogged); it returns those the session
 // refused (it is closing), from the first.
 func (l *Local) sendChunks(msgs []Msg, s Session, owed bool) []Msg {
 	for len(msgs) > 0 {
@@ -707,7 +707,7 @@ func (l *Local) sendChunks(msgs []Msg, s Session, owed bool) []Msg {
 			n++
 		}
 		f := NewFrame(append([]Msg(nil), msgs[:n]...)...)
-		if (owed && !sendOwed(s, f)) || (!owed && !s.Send(f)) {
+		if !send(s, f, owed) {
 			l.gone.Add(1)
 			return msgs
 		}
@@ -887,7 +887,7 @@ func (l *Local) Stats() Stats {
 }
 
 // sendMsg hands an encoded push to every session of user on this node (owed:
-// a push owed from before, sendOwed).
+// a push owed from before, see Backlogged).
 func (l *Local) sendMsg(user int64, m Msg, owed bool) int {
 	us := l.userShard(user)
 	us.mu.RLock()
@@ -902,7 +902,7 @@ func (l *Local) sendMsg(user int64, m Msg, owed bool) int {
 	f := NewFrame(m)
 	n := 0
 	for _, s := range targets {
-		if (owed && sendOwed(s, f)) || (!owed && s.Send(f)) {
+		if send(s, f, owed) {
 			n++
 		} else {
 			l.gone.Add(1)

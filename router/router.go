@@ -101,9 +101,9 @@ type Backlogged interface {
 	SendBacklog(f *Frame) bool
 }
 
-// sendOwed hands s a frame of owed pushes (see Backlogged).
-func sendOwed(s Session, f *Frame) bool {
-	if b, ok := s.(Backlogged); ok {
+// send hands s frame f; owed: of pushes owed from before (see Backlogged).
+func send(s Session, f *Frame, owed bool) bool {
+	if b, ok := s.(Backlogged); ok && owed {
 		return b.SendBacklog(f)
 	}
 	return s.Send(f)
