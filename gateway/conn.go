@@ -68,15 +68,22 @@ type Conn struct {
 	// backlog: frames of pushes owed from before (SendBacklog) waiting
 	// for room; the writer moves them into the queue as it drains it
 	// (moveBacklog). backlogMsgs counts their pushes (≤ maxBacklog);
-	// backlogged is len(backlog) > 0, read without mu. owedQueued and
-	// owedWriting are the bytes of moved frames in queued and writingBytes:
-	// they have a budget of their own (ws.send_queue_bytes again), so what
-	// a client is owed never leaves its live traffic without room.
+	// backlogged is len(backlog) > 0 || draining > 0, read without mu.
+	// owedQueued and owedWriting are the bytes of moved frames in queued
+	// and writingBytes: they have a budget of their own
+	// (ws.send_queue_bytes again), so what a client is owed never leaves
+	// its live traffic without room.
 	backlog     []*router.Frame
 	backlogMsgs int
 	backlogged  atomic.Bool
 	owedQueued  int
 	owedWriting int
+	// draining counts the router's drains under way (DrainStart); while
+	// it is > 0 the backlog's first owedEnd frames are the owed ones, the
+	// rest live user pushes (Send) that wait behind every owed push given
+	// until the drain is done — only those first ones move.
+	draining int
+	owedEnd  int
 	// kicked: acks came (kickBacklog) while the writer ran; it looks at
 	// the backlog again before it leaves, whatever it found before them.
 	kicked    bool
@@ -138,7 +145,7 @@ func (c *Conn) Send(f *router.Frame) bool {
 	if c.backlogged.Load() && userPushes(f) {
 		// Behind the older ones the client is still owed (an order's
 		// status must not go back).
-		return c.SendBacklog(f)
+		return c.sendBacklog(f, false)
 	}
 	if !c.trackAll(f) {
 		return false
@@ -184,7 +191,12 @@ func (c *Conn) trackAll(f *router.Frame) bool {
 // At most maxBacklog pushes wait so: more closes the connection as a slow
 // consumer (they are handed on with the unacked ones, as are those that
 // wait when it closes). False: closed, f's pushes not taken.
-func (c *Conn) SendBacklog(f *router.Frame) bool {
+func (c *Conn) SendBacklog(f *router.Frame) bool { return c.sendBacklog(f, true) }
+
+// sendBacklog puts f in the backlog: at its end, or, owed while the router
+// drains (DrainStart), behind the owed frames only — ahead of the live
+// pushes that came meanwhile.
+func (c *Conn) sendBacklog(f *router.Frame, owed bool) bool {
 	c.ackMu.Lock()
 	if c.ackDone {
 		c.ackMu.Unlock()
@@ -196,11 +208,16 @@ func (c *Conn) SendBacklog(f *router.Frame) bool {
 		c.ackMu.Unlock()
 		return false // nothing in f the close would hand on
 	}
-	c.backlog = append(c.backlog, f)
+	if owed && c.draining > 0 {
+		c.backlog = slices.Insert(c.backlog, c.owedEnd, f)
+		c.owedEnd++
+	} else {
+		c.backlog = append(c.backlog, f)
+	}
 	c.backlogMsgs += len(f.Msgs)
 	c.backlogged.Store(true)
 	over := c.closeCode == 0 && c.backlogMsgs > c.maxBacklog()
-	start := !over && !c.writing && c.closeCode == 0
+	start := !over && !c.writing && c.closeCode == 0 && c.movable()
 	if start {
 		c.writing = true
 	}
@@ -214,6 +231,45 @@ func (c *Conn) SendBacklog(f *router.Frame) bool {
 		c.srv.startWriter(c)
 	}
 	return true
+}
+
+// DrainStart implements router.Draining: until DrainDone, live reliable
+// user pushes wait in the backlog behind the owed ones.
+func (c *Conn) DrainStart() {
+	c.mu.Lock()
+	c.draining++
+	c.backlogged.Store(true)
+	c.mu.Unlock()
+}
+
+// DrainDone implements router.Draining: the live pushes that waited move
+// behind the owed ones.
+func (c *Conn) DrainDone() {
+	c.mu.Lock()
+	c.draining--
+	if c.draining > 0 {
+		c.mu.Unlock()
+		return
+	}
+	c.owedEnd = 0
+	if len(c.backlog) == 0 {
+		c.backlog = nil
+		c.backlogged.Store(false)
+	}
+	start := len(c.backlog) > 0 && !c.writing && c.closeCode == 0
+	if start {
+		c.writing = true
+	}
+	c.mu.Unlock()
+	if start {
+		c.srv.startWriter(c)
+	}
+}
+
+// movable reports whether the backlog holds frames the writer may move
+// (while the router drains, the owed ones only). mu held.
+func (c *Conn) movable() bool {
+	return len(c.backlog) > 0 && (c.draining == 0 || c.owedEnd > 0)
 }
 
 // maxBacklog bounds the pushes waiting in a backlog: what a connection may
@@ -238,7 +294,7 @@ func (c *Conn) kickBacklog() {
 		return
 	}
 	c.mu.Lock()
-	start := len(c.backlog) > 0 && !c.writing && c.closeCode == 0
+	start := c.movable() && !c.writing && c.closeCode == 0
 	if start {
 		c.writing = true
 	}
@@ -272,8 +328,12 @@ func (c *Conn) moveBacklog() {
 	inFlight := c.owedQueued + c.owedWriting
 	room := c.srv.cfg.WS.SendQueueBytes - inFlight
 	acks := maxPendingAcks/2 - (len(c.pending) - c.given)
+	limit := len(c.backlog)
+	if c.draining > 0 {
+		limit = c.owedEnd // the live pushes behind wait for the drain's end
+	}
 	n, msgs, size := 0, 0, 0
-	for n < len(c.backlog) {
+	for n < limit {
 		f := c.backlog[n]
 		if (f.Size() > room-size && (n > 0 || inFlight > 0)) || len(f.Msgs) > acks-msgs {
 			break
@@ -292,9 +352,12 @@ func (c *Conn) moveBacklog() {
 	c.owedQueued += size
 	c.backlogMsgs -= msgs
 	c.backlog = slices.Delete(c.backlog, 0, n)
+	if c.draining > 0 {
+		c.owedEnd -= n
+	}
 	if len(c.backlog) == 0 {
 		c.backlog = nil
-		c.backlogged.Store(false)
+		c.backlogged.Store(c.draining > 0)
 	}
 	c.mu.Unlock()
 	for _, f := range moved {
@@ -349,7 +412,7 @@ func (c *Conn) SendNow(f *router.Frame) (ok, direct bool) {
 		return true, false
 	}
 	c.mu.Lock()
-	if !left && len(c.queue) == 0 && len(c.backlog) == 0 && c.closeCode == 0 {
+	if !left && len(c.queue) == 0 && !c.movable() && c.closeCode == 0 {
 		c.writing = false
 		c.mu.Unlock()
 		return true, true
@@ -413,6 +476,9 @@ func (c *Conn) QueueRoom() int {
 func (c *Conn) Attached() {
 	if c.held.CompareAndSwap(true, false) {
 		c.srv.startWriter(c)
+	}
+	if c.srv.afterAttached != nil {
+		c.srv.afterAttached(c)
 	}
 }
 
@@ -483,7 +549,7 @@ func (c *Conn) writeLoop() {
 	for {
 		c.mu.Lock()
 		c.writingBytes, c.owedWriting = 0, 0 // the last batch is written
-		if len(c.backlog) > 0 && c.closeCode == 0 {
+		if c.movable() && c.closeCode == 0 {
 			c.kicked = false
 			c.mu.Unlock()
 			c.moveBacklog()
@@ -491,7 +557,7 @@ func (c *Conn) writeLoop() {
 		}
 		code, drain := c.closeCode, c.drain
 		if len(c.queue) == 0 || (code != 0 && !drain) {
-			if code == 0 && c.kicked && len(c.backlog) > 0 {
+			if code == 0 && c.kicked && c.movable() {
 				c.mu.Unlock()
 				continue // acks came since moveBacklog looked
 			}
@@ -858,7 +924,7 @@ func (c *Conn) stopAcks() []router.Msg {
 	c.pending, c.ackDone = nil, true
 	c.mu.Lock()
 	waiting := c.backlog
-	c.backlog, c.backlogMsgs = nil, 0
+	c.backlog, c.backlogMsgs, c.owedEnd = nil, 0, 0
 	c.backlogged.Store(false)
 	c.mu.Unlock()
 	c.ackMu.Unlock()

@@ -13,13 +13,15 @@
 // 4408 and nothing it was sent delays anyone else. Pushes owed from before
 // the connection (the user's offline box, pushes handed on from their other
 // connection) wait behind the queue in a backlog bounded in pushes, and the
-// writer moves them in as the queue drains (Conn.SendBacklog). Reliable pushes (ack:true)
+// writer moves them in as the queue drains (Conn.SendBacklog); live reliable
+// user pushes wait behind them, and while the router still drains what the
+// user is owed (Conn.DrainStart) behind everything that drain gives. Reliable pushes (ack:true)
 // are resent with doubling backoff until acked or ws.resend_max_tries.
 //
 // Close codes and reply codes each live in one table, in gateway/proto.
 //
 // Lock order: Server shard mu → nothing; Conn.ackMu → Conn.mu (only where a
-// backlog frame moves: SendBacklog, moveBacklog, stopAcks), neither held
+// backlog frame moves: sendBacklog, moveBacklog, stopAcks), neither held
 // across a socket write; the router's locks are never held while a Conn lock
 // is taken (router calls Send outside its own locks).
 package gateway

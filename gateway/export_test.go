@@ -44,6 +44,13 @@ func (s *Server) AckRightAfterEnqueue() {
 	}
 }
 
+// OnAttached makes s run f with the user of each connection the router has
+// just made reachable, before what the user is owed is given to it. Set
+// before any connection.
+func (s *Server) OnAttached(f func(user int64)) {
+	s.afterAttached = func(c *Conn) { f(c.ident.UserID) }
+}
+
 // PendingAcks is the number of reliable pushes user's connections wait an
 // ack for.
 func (s *Server) PendingAcks(user int64) int {

@@ -167,6 +167,61 @@ func TestClusterOfflineBacklogLargerThanTheSendQueue(t *testing.T) {
 	readInOrder(t, r, mids)
 }
 
+// A reliable push made for a user whose connection has just become
+// reachable, before what they were owed is given to it, comes after the owed
+// pushes (an order's newer status never overtakes an older one kept for
+// them): on one node (the offline box) and in a cluster (the shared list in
+// Redis, drained after the subscription).
+func TestLivePushDuringTheOfflineDrainComesAfterIt(t *testing.T) {
+	t.Run("node", func(t *testing.T) {
+		n := backlogNode(t)
+		livePushDuringTheDrain(t, n, n)
+	})
+	t.Run("cluster", func(t *testing.T) {
+		rds, nats := redistest.Start(t), natstest.Start(t)
+		peers := []string{"gw-1", "gw-2"}
+		var nodes []*gateway.Node
+		for _, id := range peers {
+			cfg := clusterNodeConfig(t, id, peers, rds, nats)
+			cfg.WS.OfflineMax = 40
+			cfg.WS.ResendAfter = configsDuration(time.Minute)
+			nodes = append(nodes, nodetest.Start(t, cfg))
+		}
+		livePushDuringTheDrain(t, nodes[0], nodes[1])
+	})
+}
+
+// livePushDuringTheDrain keeps 10 pushes for a user through from, then
+// connects them to at, which makes one more push for them the moment their
+// connection is reachable; all 11 must arrive in the order they were made.
+func livePushDuringTheDrain(t *testing.T, from, at *gateway.Node) {
+	const user = 88
+	var mids []string
+	for i := range 10 {
+		mid, _ := from.Router.SendUser(user, proto.Push{Biz: proto.BizOrderStatus,
+			Data: []byte(fmt.Sprintf(`{"i":%d}`, i)), Ack: true})
+		mids = append(mids, mid)
+	}
+	live := make(chan string, 1)
+	var once sync.Once
+	at.WS.OnAttached(func(u int64) {
+		if u == user {
+			once.Do(func() {
+				mid, _ := at.Router.SendUser(user, proto.Push{Biz: proto.BizOrderStatus, Data: []byte(`{"live":true}`), Ack: true})
+				live <- mid
+			})
+		}
+	})
+	r := dial(t, at, user, nodetest.RawOptions{Batch: true})
+	select {
+	case mid := <-live:
+		mids = append(mids, mid)
+	case <-time.After(5 * time.Second):
+		t.Fatal("no live push made at the attach")
+	}
+	readInOrder(t, r, mids)
+}
+
 // backlogNode is a node with an 8 KiB send queue, room for 40 offline
 // pushes per user, and resends far off (the raw clients do not ack).
 func backlogNode(t *testing.T) *gateway.Node {

@@ -29,6 +29,9 @@ type Server struct {
 	// afterEnqueue, in tests only, runs in Conn.Send right after the frame
 	// is queued (where its writer may already have written it).
 	afterEnqueue func(c *Conn, f *router.Frame)
+	// afterAttached, in tests only, runs in Conn.Attached: the connection
+	// is reachable, what its user is owed not yet given to it.
+	afterAttached func(c *Conn)
 	// chatStep, in tests only, runs in a chat with a req_id right after
 	// its claim was taken (published false) and right after its publish
 	// returned, before its claim is settled (true).

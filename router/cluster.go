@@ -1694,6 +1694,9 @@ func (c *Cluster) dropIdle() {
 // Register implements Router: the node subscribes to the user's subject with
 // its first session.
 func (c *Cluster) Register(s Session) {
+	// Until the shared list is drained too, live pushes wait behind what
+	// it held (Draining; Local.Register's own drain nests in this one).
+	defer drainStart(s)()
 	c.local.Register(s)
 	u := s.UserID()
 	c.mu.Lock()

@@ -723,6 +723,9 @@ func (l *Local) regsOf(user int64) uint64 { return l.userShard(user).regs.Load()
 
 // Register implements Router.
 func (l *Local) Register(s Session) {
+	// Live pushes sent to s from the moment it is reachable wait behind
+	// the box's (Draining).
+	defer drainStart(s)()
 	us := l.userShard(s.UserID())
 	us.mu.Lock()
 	m := us.users[s.UserID()]

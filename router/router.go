@@ -101,6 +101,26 @@ type Backlogged interface {
 	SendBacklog(f *Frame) bool
 }
 
+// Draining is a Backlogged session told while Register gathers the pushes
+// owed to its user (the offline box; in a cluster, then the shared list):
+// from DrainStart to DrainDone the live reliable user pushes sent to it wait
+// behind every owed push it is given, even one given after them — a push
+// made while the user was reconnecting never overtakes an older one kept for
+// them (an order's status never goes back). Calls nest.
+type Draining interface {
+	DrainStart()
+	DrainDone()
+}
+
+// drainStart starts s's drain (Draining) and returns what ends it.
+func drainStart(s Session) (done func()) {
+	if d, ok := s.(Draining); ok {
+		d.DrainStart()
+		return d.DrainDone
+	}
+	return func() {}
+}
+
 // send hands s frame f; owed: of pushes owed from before (see Backlogged).
 func send(s Session, f *Frame, owed bool) bool {
 	if b, ok := s.(Backlogged); ok && owed {
