@@ -860,13 +860,25 @@ func (l *Local) keepOfflineLocked(user int64, m Msg) {
 }
 
 // newest is the last OfflineMax of msgs (the offline box keeps no more; a
-// closing connection may hand on up to 4,096).
+// closing connection may hand on its unacked pushes and those still waiting
+// in its backlog, 4,096 and more) — with the boxes off, the last MaxHandOn,
+// what a session takes at once (more would close the one it goes to as a
+// slow consumer).
 func (l *Local) newest(msgs []Msg) []Msg {
-	if m := l.cfg.OfflineMax; m > 0 && len(msgs) > m {
+	m := l.cfg.OfflineMax
+	if m <= 0 {
+		m = MaxHandOn
+	}
+	if len(msgs) > m {
 		return msgs[len(msgs)-m:]
 	}
 	return msgs
 }
+
+// MaxHandOn bounds the pushes handed on from a closing session when no
+// offline box bounds them: a gateway connection holds at most this many
+// waiting (its backlog's bound when ws.offline_max is below it).
+const MaxHandOn = 4096
 
 // Stats implements Router.
 func (l *Local) Stats() Stats {

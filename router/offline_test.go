@@ -463,3 +463,23 @@ func TestOwedPushesSentAsABacklog(t *testing.T) {
 		}
 	})
 }
+
+// With the offline boxes off, what a closing session hands on (its unacked
+// pushes and its backlog: more than a session takes at once) is cut to the
+// newest MaxHandOn: the session it goes to is not closed as a slow consumer
+// for it.
+func TestHandOnBoundedWithTheBoxesOff(t *testing.T) {
+	l := NewLocal("gw-1", LocalConfig{OfflineMax: -1})
+	s := &owedSink{sink: sink{id: 1, user: 7}}
+	l.Register(s)
+	msgs := make([]Msg, MaxHandOn+100)
+	for i := range msgs {
+		mid := "closed-" + strconv.Itoa(i)
+		msgs[i] = Msg{Mid: mid, Ack: true, Bytes: []byte(`{"t":"push","mid":"` + mid + `","biz":1,"ack":true,"d":{}}`)}
+	}
+	l.Keep(7, msgs)
+	got := s.gotOwed()
+	if len(got) != MaxHandOn || got[0] != msgs[100].Mid || got[len(got)-1] != msgs[len(msgs)-1].Mid {
+		t.Fatalf("%d handed on (first %v), want the newest %d", len(got), got[:1], MaxHandOn)
+	}
+}
