@@ -84,6 +84,10 @@ type Conn struct {
 	// until the drain is done — only those first ones move.
 	draining int
 	owedEnd  int
+	// ackWait: the backlog's first frame waits for acks (moveBacklog moved
+	// nothing for the bound on unacked pushes); only kickBacklog, or a new
+	// first frame, makes it movable again.
+	ackWait bool
 	// kicked: acks came (kickBacklog) while the writer ran; it looks at
 	// the backlog again before it leaves, whatever it found before them.
 	kicked    bool
@@ -129,6 +133,7 @@ var (
 	_ router.Session       = (*Conn)(nil)
 	_ router.DirectSession = (*Conn)(nil)
 	_ router.Backlogged    = (*Conn)(nil)
+	_ router.Draining      = (*Conn)(nil)
 )
 
 // ID implements router.Session.
@@ -208,11 +213,14 @@ func (c *Conn) sendBacklog(f *router.Frame, owed bool) bool {
 		c.ackMu.Unlock()
 		return false // nothing in f the close would hand on
 	}
+	at := len(c.backlog)
 	if owed && c.draining > 0 {
-		c.backlog = slices.Insert(c.backlog, c.owedEnd, f)
+		at = c.owedEnd
 		c.owedEnd++
-	} else {
-		c.backlog = append(c.backlog, f)
+	}
+	c.backlog = slices.Insert(c.backlog, at, f)
+	if at == 0 {
+		c.ackWait = false // a new first frame: it may fit where the last did not
 	}
 	c.backlogMsgs += len(f.Msgs)
 	c.backlogged.Store(true)
@@ -267,14 +275,15 @@ func (c *Conn) DrainDone() {
 }
 
 // movable reports whether the backlog holds frames the writer may move
-// (while the router drains, the owed ones only). mu held.
+// (not while its first waits for acks; while the router drains, the owed
+// ones only). mu held.
 func (c *Conn) movable() bool {
-	return len(c.backlog) > 0 && (c.draining == 0 || c.owedEnd > 0)
+	return len(c.backlog) > 0 && !c.ackWait && (c.draining == 0 || c.owedEnd > 0)
 }
 
 // maxBacklog bounds the pushes waiting in a backlog: what a connection may
 // hold unacked, or a whole offline box if that is more.
-func (c *Conn) maxBacklog() int { return max(maxPendingAcks, c.srv.cfg.WS.OfflineMax) }
+func (c *Conn) maxBacklog() int { return max(router.MaxHandOn, c.srv.cfg.WS.OfflineMax) }
 
 // userPushes reports whether f holds reliable user pushes only (what a
 // backlog holds).
@@ -294,6 +303,7 @@ func (c *Conn) kickBacklog() {
 		return
 	}
 	c.mu.Lock()
+	c.ackWait = false
 	start := c.movable() && !c.writing && c.closeCode == 0
 	if start {
 		c.writing = true
@@ -335,7 +345,11 @@ func (c *Conn) moveBacklog() {
 	n, msgs, size := 0, 0, 0
 	for n < limit {
 		f := c.backlog[n]
-		if (f.Size() > room-size && (n > 0 || inFlight > 0)) || len(f.Msgs) > acks-msgs {
+		if len(f.Msgs) > acks-msgs {
+			c.ackWait = n == 0
+			break
+		}
+		if f.Size() > room-size && (n > 0 || inFlight > 0) {
 			break
 		}
 		size += f.Size()
@@ -351,7 +365,8 @@ func (c *Conn) moveBacklog() {
 	c.queued += size
 	c.owedQueued += size
 	c.backlogMsgs -= msgs
-	c.backlog = slices.Delete(c.backlog, 0, n)
+	clear(c.backlog[:n]) // the moved frames are not kept alive by the backlog
+	c.backlog = c.backlog[n:]
 	if c.draining > 0 {
 		c.owedEnd -= n
 	}
@@ -521,7 +536,7 @@ func (c *Conn) Close(code int, drain bool) {
 	c.closeCode, c.drain = code, drain
 	c.closing.Store(true)
 	if !drain {
-		c.queue, c.queued, c.owedQueued = nil, 0, 0
+		c.dropQueue()
 	}
 	start := !c.writing
 	c.writing = true
@@ -566,7 +581,7 @@ func (c *Conn) writeLoop() {
 				c.mu.Unlock()
 				return
 			}
-			c.queue, c.queued, c.owedQueued = nil, 0, 0
+			c.dropQueue()
 			c.mu.Unlock()
 			// The close frame sits behind what the kernel still holds for
 			// the client (for 4408, a full socket buffer): it gets a whole
@@ -608,12 +623,17 @@ func (c *Conn) writeLoop() {
 	}
 }
 
+// dropQueue discards what is queued (closing: nothing more is written but
+// the close frame). mu held.
+func (c *Conn) dropQueue() { c.queue, c.queued, c.owedQueued = nil, 0, 0 }
+
 // lost gives up on a connection whose socket failed a write: nothing more
 // is queued or written (the writer role stays taken, the queue is
 // dropped); its read loop ends on the closed socket and OnClose cleans up.
 func (c *Conn) lost() {
 	c.mu.Lock()
-	c.queue, c.queued, c.writingBytes, c.owedQueued, c.owedWriting = nil, 0, 0, 0, 0
+	c.dropQueue()
+	c.writingBytes, c.owedWriting = 0, 0
 	if c.closeCode == 0 {
 		c.closeCode = proto.CloseGoingAway
 	}
@@ -924,7 +944,7 @@ func (c *Conn) stopAcks() []router.Msg {
 	c.pending, c.ackDone = nil, true
 	c.mu.Lock()
 	waiting := c.backlog
-	c.backlog, c.backlogMsgs, c.owedEnd = nil, 0, 0
+	c.backlog, c.backlogMsgs, c.owedEnd, c.ackWait = nil, 0, 0, false
 	c.backlogged.Store(false)
 	c.mu.Unlock()
 	c.ackMu.Unlock()

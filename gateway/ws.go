@@ -388,7 +388,7 @@ func (s *Server) OnClose(socket *gws.Conn, err error) {
 		c.closeCode = proto.CloseNormal // closed by the client or the network
 	}
 	c.closing.Store(true)
-	c.queue, c.queued, c.owedQueued = nil, 0, 0
+	c.dropQueue()
 	c.mu.Unlock()
 	unacked := c.stopAcks()
 	s.router.Unregister(c)
