@@ -35,7 +35,15 @@ func (s *Service) Paid(po pay.Order) error {
 		return nil
 	case StatusPendingPay:
 		if po.Amount != payAmount(o.Amount) {
-			return errors.New("ticket: paid amount (cents) differs from the order's")
+			// Placed before the cents upgrade: its pay order asked the
+			// coins as cents. Not sold on that payment: closed now, its
+			// seats back on sale, the payment refunded as a late one. (Left
+			// open, it never closed: the sweep asks the provider before a
+			// close, and the provider answers paid.)
+			if err := s.closeLocked(o, "paid amount differs from the order's", true); err != nil {
+				return err
+			}
+			return s.refundedLocked(o)
 		}
 		o.Status, o.UpdatedAt, o.Note = StatusPaid, s.cfg.Now().UnixMilli(), "paid"
 		if err := s.store.Put(o.record().Key, o.record().Value); err != nil {

@@ -1128,3 +1128,61 @@ func testCouponIDMadeAgain(t *testing.T, newEnv func(testing.TB, Config) *env) {
 	}
 	e.conservation()
 }
+
+// An order placed before the cents upgrade (its pay order asks the coins as
+// cents, no pay_amount recorded) and paid so is not sold: it closes at once,
+// its seats go back on sale, and the payment is refunded as a late one. It
+// waited for its timeout before — where the sweep asks the provider first,
+// which answers paid, so it stayed PENDING_PAY with its seats locked.
+func TestPreUpgradeOrderPaidAsCoinsIsRefundedAndReleased(t *testing.T) {
+	e := newEnv(t, Config{PayTimeout: time.Minute})
+	prog := e.program([]CategoryDef{{ID: 1, Name: "A", Price: 380, Rows: 1, Cols: 10}}, 4, 8)
+	o, err := e.svc.Place(7, PlaceReq{ProgramID: prog, CategoryID: 1, Count: 2, ReqID: "old"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := mustID(t, o.OrderID)
+	// As the version before the upgrade wrote them.
+	old := e.order(o.OrderID)
+	old.PayAmount = 0
+	if r := old.record(); e.store.Put(r.Key, r.Value) != nil {
+		t.Fatal("order not rewritten")
+	}
+	poKey := persist.Key(append(append([]byte{}, persist.PrefixRec...), "order/"...), uint64(id))
+	var po map[string]any
+	if v, err := e.store.Get(poKey); err != nil || proto.Unmarshal(v, &po) != nil {
+		t.Fatalf("pay order record: %v", err)
+	}
+	po["amount"] = o.Amount
+	if v, _ := proto.Marshal(po); e.store.Put(poKey, v) != nil {
+		t.Fatal("pay order not rewritten")
+	}
+	e.reopen()
+	if got, err := e.pay.Get(id); err != nil || got.Amount != o.Amount {
+		t.Fatalf("pay order %+v %v, want one asking %d", got, err, o.Amount)
+	}
+
+	if st := e.notify(o.OrderID, "paid-old", o.Amount); st != pay.NotifyOK {
+		t.Fatalf("notify answered %d", st)
+	}
+	if got := e.order(o.OrderID); got.Status != StatusRefunded {
+		t.Fatalf("order %s after the payment, want REFUNDED", got.Status)
+	}
+	if got, err := e.pay.Get(id); err != nil || got.Status != pay.StatusPayBack {
+		t.Fatalf("pay order %+v %v, want PAY_BACK", got, err)
+	}
+	if free, locked, sold := e.counts(prog); free != 10 || locked != 0 || sold != 0 {
+		t.Fatalf("seats: free %d locked %d sold %d", free, locked, sold)
+	}
+	// Its seats sell again; a redelivery changes nothing.
+	if _, err := e.svc.Place(8, PlaceReq{ProgramID: prog, SeatIDs: o.SeatIDs, ReqID: "new"}); err != nil {
+		t.Fatalf("its seats not on sale again: %v", err)
+	}
+	if st := e.notify(o.OrderID, "paid-old", o.Amount); st != pay.NotifyOK {
+		t.Fatalf("redelivery answered %d", st)
+	}
+	if got := e.order(o.OrderID); got.Status != StatusRefunded {
+		t.Fatalf("order %s after the redelivery", got.Status)
+	}
+	e.conservation()
+}
