@@ -135,8 +135,11 @@ func (s *Service) GrabAsync(user int64, code string, done func(GrabReply, *proto
 	}
 	s.applyGrant(user, code, p, func(res persist.Result, err error, op persist.Op) {
 		if err != nil {
-			if errors.Is(err, persist.ErrWalletUnavailable) {
-				// Nothing moved: the packet goes back before the grab
+			if !inDoubt(err) {
+				// Nothing moved (the wallet unavailable, or a definite
+				// refusal such as the balance's upper bound: kept in doubt,
+				// its retry at the end failed the same way and the rain
+				// never settled): the packet goes back before the grab
 				// counts out (a Redis call for the list pool: not on the
 				// ledger's goroutine).
 				go func() {

@@ -668,3 +668,55 @@ func (n *pendingNode) running(t *testing.T, total int64, count int, d time.Durat
 	}
 	return v.Code
 }
+
+// A grab whose credit the wallet refuses outright (the grabber's balance
+// would pass persist.MaxBalance: nothing moved) puts its packet back: the
+// next grabbers get every packet and the rain settles with all of it
+// granted. Kept in doubt before, the packet was out of the pool, and the
+// settlement's retry of the grant was refused the same way every time —
+// the rain never settled, the anchor's rest never refunded.
+func TestGrantRefusedOutrightPutsThePacketBack(t *testing.T) {
+	n := newPendingNode(t)
+	const rich = 300
+	if _, err := n.l.Apply(persist.Op{Postings: []persist.Posting{{User: rich, Delta: persist.MaxBalance, Reason: persist.ReasonDev}}}); err != nil {
+		t.Fatal(err)
+	}
+	n.start(t, n.l)
+	code := n.running(t, 200, refusedCount, time.Minute)
+	if _, perr := n.svc.Grab(rich, code); perr == nil {
+		t.Fatal("a grab past the balance bound answered ok")
+	}
+	if b, err := n.l.Balance(rich); err != nil || b != persist.MaxBalance {
+		t.Fatalf("refused grabber's balance %d %v", b, err)
+	}
+	for _, u := range []int64{101, 102} {
+		if _, perr := n.svc.Grab(u, code); perr != nil {
+			t.Fatalf("grab of user %d: %v (the refused packet not back)", u, perr)
+		}
+	}
+	if fin := n.finished(t, code); fin.GrantedCount != refusedCount || fin.GrantedAmount != 200 || fin.Refunded != 0 {
+		t.Fatalf("finished %+v", fin)
+	}
+	if b := n.balance(t); b != 800 {
+		t.Fatalf("anchor balance %d, want 800", b)
+	}
+}
+
+// A cancel whose refund is in doubt is completed by the node on its own,
+// without a restart or another cancel from the anchor: the refund lands
+// once, and the first attempt landing late is a replay. Before, only the
+// next start (or the anchor cancelling again) completed it: the anchor's
+// total stayed debited and the rain unstartable meanwhile.
+func TestCancelInDoubtCompletedInTheBackground(t *testing.T) {
+	n, w, code := cancelledInDoubt(t)
+	n.finished(t, code)
+	if b := n.balance(t); b != 1000 {
+		t.Fatalf("anchor balance %d, want 1000 (refunded once)", b)
+	}
+	if _, err := n.l.Apply(*w.held); err != nil { // the first attempt lands late: a replay
+		t.Fatal(err)
+	}
+	if b := n.balance(t); b != 1000 {
+		t.Fatalf("anchor balance %d after the late first attempt, want 1000", b)
+	}
+}

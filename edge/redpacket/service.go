@@ -167,17 +167,20 @@ type Service struct {
 
 // rain is one rain not FINISHED, in memory.
 type rain struct {
-	mu       sync.Mutex
-	rec      record
-	busy     bool // a prepare, start or cancel is in progress (see also rec.Pending)
-	granted  int  // grants durable in this process's view
-	amount   int64
-	maxGrant int64
-	inflight int                // grabs between Pop and their ledger outcome
-	users    map[int64]struct{} // OnePerUser: users granted or grabbing
-	timer    *time.Timer
-	ending   bool // no more grabs; settles once inflight is 0
-	settling bool
+	mu   sync.Mutex
+	rec  record
+	busy bool // a prepare, start or cancel is in progress (see also rec.Pending)
+	// cancelling: a cancel left pending (in doubt) is retried in the
+	// background until it completes (goCancel), once per rain.
+	cancelling bool
+	granted    int // grants durable in this process's view
+	amount     int64
+	maxGrant   int64
+	inflight   int                // grabs between Pop and their ledger outcome
+	users      map[int64]struct{} // OnePerUser: users granted or grabbing
+	timer      *time.Timer
+	ending     bool // no more grabs; settles once inflight is 0
+	settling   bool
 	// final: the rain's end is for good (its time is up, or a settlement
 	// began); otherwise an ending found "the pool is empty" and is undone
 	// when a packet goes back to it (reopen).
@@ -852,7 +855,16 @@ func (s *Service) Cancel(anchor int64, code string) (View, error) {
 	r.mu.Lock()
 	r.busy = false
 	if err != nil {
+		// A refund that may still land (its op pending): completed in the
+		// background, as a start does for one left by a crash — not left
+		// for the anchor's next cancel or the node's next start (the
+		// anchor's total debited meanwhile, the rain unstartable).
+		retry := r.rec.Pending == pendingCancel && !r.cancelling
+		r.cancelling = r.cancelling || retry
 		r.mu.Unlock()
+		if retry {
+			s.retryCancel(anchor, code)
+		}
 		return View{}, err
 	}
 	r.rec = out

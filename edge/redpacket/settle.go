@@ -350,12 +350,23 @@ func (s *Service) restore() error {
 // service closes: the anchor asked for it, and the rain can neither start
 // nor be cancelled another way meanwhile.
 func (s *Service) goCancel(anchor int64, code string) {
+	if r := s.get(code); r != nil {
+		r.mu.Lock()
+		r.cancelling = true // this loop retries it: Cancel starts no other
+		r.mu.Unlock()
+	}
 	s.spawn(func() {
 		if _, err := s.Cancel(anchor, code); err != nil {
 			s.log.Warn("red packet pending cancel not completed, retrying", "code", code, "err", err, "retry_in", settleRetry)
 			time.AfterFunc(settleRetry, func() { s.goCancel(anchor, code) })
 		}
 	})
+}
+
+// retryCancel completes a cancel left pending in this process (Cancel) after
+// settleRetry, then as goCancel does.
+func (s *Service) retryCancel(anchor int64, code string) {
+	time.AfterFunc(settleRetry, func() { s.goCancel(anchor, code) })
 }
 
 // Close stops the rains' timers and waits for settlements in progress. A

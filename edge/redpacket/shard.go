@@ -1071,7 +1071,7 @@ func (s *Service) grabVia(owner string, user int64, code string) (GrabReply, *pr
 			sh.granted++
 			sh.amount += p.Amount
 			sh.top = max(sh.top, p.Amount)
-		} else if errors.Is(err, persist.ErrWalletUnavailable) {
+		} else if !inDoubt(err) {
 			sh.free = append(sh.free, p) // nothing moved: the packet is still this node's to grant
 		} else {
 			sh.doubt = append(sh.doubt, op) // may still land: applied again at close
@@ -1079,7 +1079,7 @@ func (s *Service) grabVia(owner string, user int64, code string) (GrabReply, *pr
 		sh.mu.Unlock()
 		if err != nil {
 			out = proto.ErrInternal
-			if pl != nil && errors.Is(err, persist.ErrWalletUnavailable) {
+			if pl != nil && !inDoubt(err) {
 				s.unclaim(pl) // nothing moved
 			}
 		} else {

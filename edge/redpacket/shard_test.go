@@ -539,3 +539,45 @@ func TestShardedRainWaitsForDeadHolder(t *testing.T) {
 	}
 	c.conserve(t, "n1", code, total)
 }
+
+// A grab on a holder whose credit the wallet refuses outright (the
+// grabber's balance would pass persist.MaxBalance: nothing moved) puts the
+// packet back in the holder's slice and gives back the user's one-per-user
+// place: the next grabbers get every packet and the rain settles in full.
+// Kept in doubt before, the packet was out of every slice and the close
+// retried its grant, refused the same way each time.
+func TestHolderGrantRefusedOutrightPutsThePacketBack(t *testing.T) {
+	c := newCluster(t, "n1", "n2")
+	const rich = 300
+	h := c.nodes["n2"].ledger
+	if _, err := h.Apply(persist.Op{Postings: []persist.Posting{{User: rich, Delta: persist.MaxBalance, Reason: persist.ReasonDev}}}); err != nil {
+		t.Fatal(err)
+	}
+	code := c.rain(t, "n1", 200, 2, time.Hour)
+	if _, perr := c.grab("n2", "n1", rich, code); perr == nil {
+		t.Fatal("a grab past the balance bound answered ok")
+	}
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		c.mu.Lock()
+		_, placed := c.claims[code+"/"+strconv.Itoa(rich)]
+		c.mu.Unlock()
+		if !placed {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the refused grabber keeps their one-per-user place")
+		}
+	}
+	for _, u := range []int64{101, 102} {
+		if _, perr := c.grab("n2", "n1", u, code); perr != nil {
+			t.Fatalf("grab of user %d: %v (the refused packet not back)", u, perr)
+		}
+	}
+	// The test's own credit out again, for the conservation check below.
+	if _, err := h.Apply(persist.Op{Postings: []persist.Posting{{User: rich, Delta: -persist.MaxBalance, Reason: persist.ReasonDev}}}); err != nil {
+		t.Fatal(err)
+	}
+	if v := c.conserve(t, "n1", code, 200); v.GrantedCount != 2 || v.Refunded != 0 {
+		t.Fatalf("finished %+v", v)
+	}
+}
