@@ -167,24 +167,24 @@ type Service struct {
 
 // rain is one rain not FINISHED, in memory.
 type rain struct {
-	mu   sync.Mutex
-	rec  record
-	busy bool // a prepare, start or cancel is in progress (see also rec.Pending)
-	// cancelling: a cancel left pending (in doubt) is retried in the
-	// background until it completes (goCancel), once per rain.
-	cancelling bool
-	granted    int // grants durable in this process's view
-	amount     int64
-	maxGrant   int64
-	inflight   int                // grabs between Pop and their ledger outcome
-	users      map[int64]struct{} // OnePerUser: users granted or grabbing
-	timer      *time.Timer
-	ending     bool // no more grabs; settles once inflight is 0
-	settling   bool
+	mu       sync.Mutex
+	rec      record
+	busy     bool // a prepare, start or cancel is in progress (see also rec.Pending)
+	granted  int  // grants durable in this process's view
+	amount   int64
+	maxGrant int64
+	inflight int                // grabs between Pop and their ledger outcome
+	users    map[int64]struct{} // OnePerUser: users granted or grabbing
+	timer    *time.Timer
+	ending   bool // no more grabs; settles once inflight is 0
+	settling bool
 	// final: the rain's end is for good (its time is up, or a settlement
 	// began); otherwise an ending found "the pool is empty" and is undone
 	// when a packet goes back to it (reopen).
 	final bool
+	// cancelling: a cancel left pending (in doubt) is retried in the
+	// background until it completes (goCancel), once per rain.
+	cancelling bool
 	// doubt are grant ops whose outcome the wallet could not tell (the
 	// shared wallet's ErrInProgress: it may still land). Settlement applies
 	// each again first (same request id: it lands once), so the refund never
