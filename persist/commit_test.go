@@ -120,7 +120,13 @@ func commitFailedInTheWAL(t *testing.T, spill bool) {
 	storeFailed(t, st, fatal)
 	// Refused from now on, nothing reserved: "retry" (its retry included —
 	// "failed" would misreport it), not in doubt itself.
-	for _, op := range []Op{debit, {User: 2, ReqID: "x", Postings: []Posting{{User: 2, Delta: 5, Reason: ReasonDev}}}} {
+	// Nor is a retry refused by its checks or the balance (nothing moved)
+	// while its first attempt may be durable: a gift's check (rate, room)
+	// refusing its retry, a balance lowered by a rollback.
+	checked := debit
+	checked.Check = func() error { return errors.New("refused by its check") }
+	poor := Op{User: 1, ReqID: "p", Postings: []Posting{{User: 1, Delta: -1000, Reason: ReasonGift}}}
+	for _, op := range []Op{debit, checked, poor, {User: 2, ReqID: "x", Postings: []Posting{{User: 2, Delta: 5, Reason: ReasonDev}}}} {
 		if _, err := l.Apply(op); !errors.Is(err, ErrInProgress) || errors.Is(err, ErrInDoubt) {
 			t.Fatalf("op after the failure: %v", err)
 		}

@@ -666,6 +666,15 @@ func lookupFailed(err error) error {
 // checkAndCommit runs op.Check (a request that is not a duplicate), then
 // reserves and commits.
 func (l *Ledger) checkAndCommit(op Op, spill bool, done func(Result, error)) {
+	// After a failed commit (the node must restart) a request may be the
+	// retry of an op answered in doubt whose record no lookup finds (a
+	// group row is indexed only once durable): "retry" — never its check's
+	// or the balance's refusal, which says nothing moved while its first
+	// attempt may be durable.
+	if err := l.commit.store.Failed(); err != nil {
+		done(Result{}, fmt.Errorf("%w (%w)", err, ErrInProgress))
+		return
+	}
 	if op.Check != nil {
 		if err := op.Check(); err != nil {
 			done(Result{}, err)
