@@ -606,6 +606,9 @@ func (w *SharedWallet) Apply(op Op) (Result, error) {
 		claim := claimMark + w.node + ":" + strconv.FormatUint(w.claimNo.Add(1), 36) + ":" + strconv.FormatUint(rand.Uint64(), 36)
 		v, err := claimScript.Exec(ctx, w.rdb, []string{idemRKey(op.User, in.ReqID)},
 			[]string{claim, strconv.FormatInt(w.claimTTL().Milliseconds(), 10)}).ToString()
+		if w.crashAt != nil && w.crashAt("claimreply") {
+			err = errReplyLost // the claim script ran; its reply is lost
+		}
 		if err == nil {
 			return w.replay(ctx, in, v)
 		}
@@ -683,6 +686,9 @@ func (w *SharedWallet) Apply(op Op) (Result, error) {
 			return r, nil
 		case rerr == nil && out == outcomeNotRun:
 			return Result{}, ErrWalletUnavailable
+		case rerr == nil && out == outcomeElsewhere:
+			// Its retry replays the first request's result.
+			return Result{}, fmt.Errorf("%w: a request with this req_id ran before", ErrInProgress)
 		}
 		w.log.Error("shared wallet: outcome unknown, the watcher will settle it", "intent", no, "err", err, "resolve_err", rerr)
 		w.leaveToWatcher(unsettledOp{no: no, in: in, records: op.Records, doubt: true})
@@ -1119,6 +1125,10 @@ const (
 	outcomeUnknown outcome = iota // Redis could not tell; the intent stays
 	outcomeDone                   // the script ran; the node's share is durable and the key done
 	outcomeNotRun                 // the script did not run (or its effect is gone with Redis); intent dropped
+	// outcomeElsewhere: as outcomeNotRun, but the req_id's key holds
+	// another request's result (the script answered "dup", its reply
+	// lost): the req_id did move money — "retry", never "nothing moved".
+	outcomeElsewhere
 )
 
 // resolve settles intent no from Redis.
@@ -1172,7 +1182,15 @@ func (w *SharedWallet) resolve(ctx context.Context, no uint64, in intent, record
 	res, err := w.rdb.Do(ctx, w.rdb.B().Hget().Key(appliedRKey(w.node)).Field(strconv.FormatUint(no, 10)).Build()).ToString()
 	res, _, _ = strings.Cut(res, "#") // "#<its idempotency key>" (entries written before have none)
 	if rueidis.IsRedisNil(err) && in.At != 0 {
-		return drop()
+		v, gerr := w.rdb.Do(ctx, w.rdb.B().Get().Key(idemRKey(in.User, in.ReqID)).Build()).ToString()
+		if gerr != nil && !rueidis.IsRedisNil(gerr) {
+			return Result{}, outcomeUnknown, gerr
+		}
+		r, out, err := drop()
+		if err == nil && out == outcomeNotRun && gerr == nil && !strings.HasPrefix(v, claimMark) {
+			out = outcomeElsewhere
+		}
+		return r, out, err
 	}
 	if rueidis.IsRedisNil(err) {
 		var v string

@@ -913,7 +913,9 @@ func TestSharedResolveFindsTheOpInTheLedger(t *testing.T) {
 
 	// A duplicate's intent (same req_id, later: its script answered "dup"
 	// or never ran) is not this record's op: not run — else a business
-	// would be told its duplicate ran and send the effects again.
+	// would be told its duplicate ran and send the effects again — though
+	// the req_id ran (outcomeElsewhere: its caller is told "retry", never
+	// "nothing moved").
 	dup := in
 	dup.At = r.At + 1
 	no = n.w.intentNo.Add(1)
@@ -921,8 +923,8 @@ func TestSharedResolveFindsTheOpInTheLedger(t *testing.T) {
 	if err := n.store.Apply(func(b *Batch) error { return b.Set(Key(prefixIntent, no), iv, nil) }); err != nil {
 		t.Fatal(err)
 	}
-	if got, out, err := n.w.resolve(context.Background(), no, dup, nil); err != nil || out != outcomeNotRun {
-		t.Fatalf("resolve of a duplicate's intent: %+v %v %v, want not run", got, out, err)
+	if got, out, err := n.w.resolve(context.Background(), no, dup, nil); err != nil || out != outcomeElsewhere {
+		t.Fatalf("resolve of a duplicate's intent: %+v %v %v, want not run here, run elsewhere", got, out, err)
 	}
 }
 
@@ -1000,4 +1002,30 @@ func TestSharedDropTally(t *testing.T) {
 	if v, _ := n.w.TallyFresh("recv", 7); v != 30 {
 		t.Fatalf("another tally changed: %d", v)
 	}
+}
+
+// A duplicate through another node whose script answered "dup" (the first
+// request ran there) and whose reply was lost is told "in progress, retry
+// with the same req_id" — never "unavailable, nothing moved", which a client
+// would take as leave to pay again under a new req_id. Its retry replays the
+// first result.
+func TestSharedDuplicateWithALostReplyIsNotNothingMoved(t *testing.T) {
+	_, _, a, b := twoNodesCredited(t, 6, 100)
+	op := Op{User: 6, ReqID: "x", Postings: []Posting{{User: 6, Delta: -10, Reason: ReasonGift}}}
+	first, err := a.w.Apply(op)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b.w.crashAt = func(p string) bool { return p == "claimreply" || p == "reply" }
+	if _, err := b.w.Apply(op); errors.Is(err, ErrWalletUnavailable) || !errors.Is(err, ErrInProgress) {
+		t.Fatalf("duplicate whose reply was lost: %v, want ErrInProgress", err)
+	}
+	b.w.crashAt = nil
+	if r, err := b.w.Apply(op); err != nil || !r.Replayed || r.TradeIDs[0] != first.TradeIDs[0] {
+		t.Fatalf("retry: %+v %v, want the replay of trade %v", r, err, first.TradeIDs)
+	}
+	if bal, _ := b.w.Balance(6); bal != 90 {
+		t.Fatalf("balance %d, want 90", bal)
+	}
+	noIntents(t, b.store)
 }
