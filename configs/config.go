@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"reflect"
 	"strconv"
@@ -474,6 +475,21 @@ func (c *Config) Unprotected() []string {
 	return out
 }
 
+// Loopback reports whether addr (host:port) listens on this machine only:
+// a loopback IP or "localhost" (an empty host or 0.0.0.0 is every
+// interface).
+func Loopback(addr string) bool {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return false
+	}
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}
+
 // checkSecrets validates the JWT and webhook secrets. With dev tokens on (a
 // development node, which mints tokens for anyone anyway) the published dev
 // values are fine; with dev tokens off every secret must be long and private.
@@ -482,6 +498,15 @@ func (c *Config) checkSecrets(check func(bool, string)) {
 	const payHow = " (set LIVEEDGE_PAY_SECRETS or pay.secrets_file)"
 	check(len(c.Pay.Secrets) > 0, "pay.secrets needs at least one secret"+payHow)
 	if c.Auth.DevTokens {
+		// Dev tokens let anyone mint an admin token and credit coins: a
+		// development node listens on this machine only — a config that
+		// opens a port to others without turning them off is refused, not
+		// started as an open bank.
+		for _, a := range []struct{ name, addr string }{{"http.addr", c.HTTP.Addr}, {"ws.addr", c.WS.Addr}} {
+			check(a.addr == "" || Loopback(a.addr), a.name+" "+a.addr+" is not a loopback address while auth.dev_tokens is on "+
+				"(anyone who reaches it could mint admin tokens and credit coins): turn auth.dev_tokens off with a private auth.jwt_secret"+how+
+				", or listen on 127.0.0.1")
+		}
 		check(len(c.Auth.JWTSecret) >= 16, "auth.jwt_secret must be at least 16 bytes")
 		for _, s := range c.Pay.Secrets {
 			check(s != "", "pay.secrets has an empty secret")

@@ -343,3 +343,35 @@ func TestAskBudgetAndUnaskedRetentionSettings(t *testing.T) {
 	c.Pay.UnaskedRetention = Duration(time.Minute)
 	wantErr(t, c.Validate(), "pay.unasked_retention")
 }
+
+// Dev tokens (anyone mints an admin token, credits coins) on a port others
+// can reach are refused: the shipped default is a development node on
+// 127.0.0.1, and a config or environment that opens its ports without
+// turning dev tokens off no longer starts one as an open bank.
+func TestDevTokensOnlyOnLoopback(t *testing.T) {
+	for _, addr := range []string{"127.0.0.1:8080", "localhost:8080", "[::1]:8080", "127.0.0.2:9"} {
+		c := Default()
+		c.HTTP.Addr, c.WS.Addr = addr, addr
+		if err := c.Validate(); err != nil {
+			t.Errorf("%s: %v", addr, err)
+		}
+	}
+	for _, addr := range []string{":8080", "0.0.0.0:8080", "[::]:8080", "10.0.0.5:8080", "example.com:8080", "8080"} {
+		for _, field := range []string{"http.addr", "ws.addr"} {
+			c := Default()
+			if field == "http.addr" {
+				c.HTTP.Addr = addr
+			} else {
+				c.WS.Addr = addr
+			}
+			wantErr(t, c.Validate(), field+" "+addr+" is not a loopback address while auth.dev_tokens is on")
+		}
+	}
+	// Off, with private secrets: any address.
+	c := Default()
+	c.HTTP.Addr, c.WS.Addr = "0.0.0.0:8080", ":8081"
+	c.Auth.DevTokens, c.Auth.JWTSecret, c.Pay.Secrets = false, goodJWT, []string{goodPay}
+	if err := c.Validate(); err != nil {
+		t.Fatalf("dev tokens off on every interface: %v", err)
+	}
+}
