@@ -125,3 +125,6 @@ func (s *Server) sumOver(user int64, f func(c *Conn) int) int {
 	}
 	return n
 }
+
+// MaxHandshakes is the bound on upgrade requests read at once.
+const MaxHandshakes = maxHandshakes

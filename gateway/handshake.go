@@ -25,13 +25,22 @@ const maxHeaderBytes = 16 << 10 // request line and headers (was MaxHeaderBytes)
 
 var handshakeReaders = sync.Pool{New: func() any { return bufio.NewReaderSize(nil, 4096) }}
 
+// maxHandshakes bounds the upgrade requests read at once. ws.max_conns and
+// the per-user bound count only connections past their token: without this,
+// sockets that send nothing (or trickle headers) until ws.handshake_timeout
+// each held a goroutine, a reader and a file, as many as a client opened.
+// Beyond it, new connections wait in the listen backlog.
+const maxHandshakes = 1024
+
 // accept serves ln until it is closed; a failed Accept (out of files) is
 // retried after a growing pause, as net/http does.
 func (s *Server) accept(ln net.Listener) {
 	var pause time.Duration
 	for {
+		s.handshakes <- struct{}{} // a slot first (maxHandshakes)
 		nc, err := ln.Accept()
 		if err != nil {
+			<-s.handshakes
 			if errors.Is(err, net.ErrClosed) {
 				return
 			}
@@ -41,7 +50,10 @@ func (s *Server) accept(ln net.Listener) {
 			continue
 		}
 		pause = 0
-		go s.handshake(nc)
+		go func() {
+			defer func() { <-s.handshakes }()
+			s.handshake(nc)
+		}()
 	}
 }
 
