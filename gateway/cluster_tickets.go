@@ -137,10 +137,14 @@ func (n *Node) ticketLocal(op string, user, id int64, body []byte) ([]byte, *pro
 	var err error
 	switch op {
 	case "tix.program":
-		v, err = n.Tickets.Program(id)
+		b, err := n.Tickets.ProgramJSON(id) // encoded once per change of the program
 		if err != nil && proto.AsError(err).Code == proto.CodeNotFound && n.programMadeByEarlierHolder(id) {
 			return nil, errProgramOwnerDown
 		}
+		if err != nil {
+			return nil, n.wireErr(err)
+		}
+		return b, nil
 	case "tix.place":
 		var r ticket.PlaceReq
 		if uerr := proto.Unmarshal(body, &r); uerr != nil {

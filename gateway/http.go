@@ -25,6 +25,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/liveedge/liveedge/configs"
+	"github.com/liveedge/liveedge/edge/limit"
 	"github.com/liveedge/liveedge/edge/room"
 	"github.com/liveedge/liveedge/gateway/proto"
 	"github.com/liveedge/liveedge/persist"
@@ -51,6 +52,9 @@ type API struct {
 	// metricsToken is the SHA-256 of http.metrics_token (nil: none), for
 	// a comparison in constant time whatever the length presented.
 	metricsToken []byte
+	// programReads bounds each user's GET /programs/{id} (a view of a big
+	// program is a megabyte or more to send, and to gzip between nodes).
+	programReads *limit.Keyed
 
 	h  *server.Hertz
 	ln net.Listener
@@ -100,7 +104,8 @@ func (a *API) ended(remote net.Addr, err error) {
 }
 
 func newAPI(n *Node, auth *Auth) *API {
-	a := &API{cfg: n.Config, log: n.Log, auth: auth, node: n, rooms: n.Rooms, metrics: n.metrics, ready: n.ready}
+	a := &API{cfg: n.Config, log: n.Log, auth: auth, node: n, rooms: n.Rooms, metrics: n.metrics, ready: n.ready,
+		programReads: limit.New(ProgramReadsPerSecond, time.Second, ProgramReadBurst, nil)}
 	if t := n.Config.HTTP.MetricsToken; t != "" {
 		sum := sha256.Sum256([]byte(t))
 		a.metricsToken = sum[:]
@@ -293,6 +298,18 @@ func (a *API) logReadiness(nr *notReady) {
 	}
 	l.dep, l.at = nr.Dep, time.Now()
 	a.log.Warn("not ready", "dependency", nr.Dep, "reason", nr.Reason, "err", nr.Err)
+}
+
+// okRaw writes the success envelope around d, JSON already encoded (ours:
+// a reply built here or by another node), without encoding it again.
+func okRaw(c *app.RequestContext, d []byte) {
+	if len(d) == 0 {
+		d = []byte("null")
+	}
+	const head, tail = `{"code":0,"msg":"ok","data":`, `}`
+	b := make([]byte, 0, len(head)+len(d)+len(tail))
+	b = append(append(append(b, head...), d...), tail...)
+	c.Data(200, "application/json", b)
 }
 
 // ok writes the success envelope.

@@ -2,7 +2,6 @@ package gateway
 
 import (
 	"context"
-	"encoding/json"
 	"time"
 
 	"github.com/cloudwego/hertz/pkg/app"
@@ -72,7 +71,7 @@ func (a *API) jsonReply(c *app.RequestContext, d []byte, perr *proto.Error) {
 		a.fail(c, perr)
 		return
 	}
-	ok(c, json.RawMessage(d))
+	okRaw(c, d)
 }
 
 func (a *API) prepareRain(_ context.Context, c *app.RequestContext) { a.rainOp(c, "rp.prepare") }

@@ -39,13 +39,26 @@ func (a *API) createProgram(_ context.Context, c *app.RequestContext) {
 	ok(c, map[string]int64{"program_id": id})
 }
 
+// A user reads program views at most ProgramReadsPerSecond a second
+// (bursts of ProgramReadBurst): a seat map polled during a sale, not a
+// megabyte-per-request loop.
+const (
+	ProgramReadsPerSecond = 5
+	ProgramReadBurst      = 10
+)
+
 func (a *API) getProgram(_ context.Context, c *app.RequestContext) {
 	id, err := pathID(c)
 	if err != nil {
 		a.fail(c, err)
 		return
 	}
-	b, perr := a.node.ticketOp("tix.program", identOf(c).UserID, id, nil)
+	user := identOf(c).UserID
+	if !a.programReads.Allow(uint64(user)) {
+		a.fail(c, proto.Errorf(proto.CodeRateLimited, "at most %d program reads a second", ProgramReadsPerSecond))
+		return
+	}
+	b, perr := a.node.ticketOp("tix.program", user, id, nil)
 	a.jsonReply(c, b, perr)
 }
 

@@ -15,6 +15,7 @@ import (
 	"github.com/liveedge/liveedge/edge/ticket"
 	"github.com/liveedge/liveedge/gateway"
 	"github.com/liveedge/liveedge/gateway/nodetest"
+	"github.com/liveedge/liveedge/gateway/proto"
 	"github.com/liveedge/liveedge/persist/persisttest"
 )
 
@@ -66,6 +67,10 @@ func TestTicketHTTPFlow(t *testing.T) {
 	view := func() ticket.View {
 		t.Helper()
 		st, r := ticketCall[ticket.View](t, e, "GET", fmt.Sprintf("/programs/%d", prog), buyer, "")
+		for st == 429 && r.Code == proto.CodeRateLimited { // polled faster than a client may read it
+			time.Sleep(time.Second / gateway.ProgramReadsPerSecond)
+			st, r = ticketCall[ticket.View](t, e, "GET", fmt.Sprintf("/programs/%d", prog), buyer, "")
+		}
 		if st != 200 {
 			t.Fatalf("get program: %d %+v", st, r)
 		}
@@ -313,5 +318,41 @@ func TestTicketHTTPTimeoutThenLatePayment(t *testing.T) {
 	}
 	if r := remaining(); r != 4 {
 		t.Fatalf("a late payment took seats: remaining %d", r)
+	}
+}
+
+// A user reads program views at most gateway.ProgramReadsPerSecond a second
+// (bursts of gateway.ProgramReadBurst): beyond, 429 10429 — a viewer
+// looping on a big program's megabyte of seats costs the node nothing more
+// (it sent and, between nodes, gzipped a megabyte per request). Another
+// user is not held back by it.
+func TestProgramReadsRateLimitedPerUser(t *testing.T) {
+	e := startPay(t, mockpay.Config{}, nil)
+	admin := nodetest.Token(t, e.node, 1, gateway.RoleAdmin)
+	looper := nodetest.Token(t, e.node, 710, gateway.RoleViewer)
+	other := nodetest.Token(t, e.node, 711, gateway.RoleViewer)
+	st, pr := ticketCall[struct {
+		ProgramID int64 `json:"program_id"`
+	}](t, e, "POST", "/admin/programs", admin, programBody)
+	if st != 200 {
+		t.Fatalf("create program: %d %+v", st, pr)
+	}
+	path := fmt.Sprintf("/programs/%d", pr.Data.ProgramID)
+	limited := 0
+	for range gateway.ProgramReadBurst + 5 {
+		st, r := ticketCall[ticket.View](t, e, "GET", path, looper, "")
+		switch {
+		case st == 200 && len(r.Data.Seats) == 14:
+		case st == 429 && r.Code == proto.CodeRateLimited:
+			limited++
+		default:
+			t.Fatalf("read: %d %+v", st, r)
+		}
+	}
+	if limited == 0 {
+		t.Fatalf("%d reads in a row, none limited", gateway.ProgramReadBurst+5)
+	}
+	if st, r := ticketCall[ticket.View](t, e, "GET", path, other, ""); st != 200 || len(r.Data.Seats) != 14 {
+		t.Fatalf("another user's read: %d %+v", st, r)
 	}
 }

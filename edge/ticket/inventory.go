@@ -32,6 +32,10 @@ type Inventory interface {
 	Restore(program, order int64, seats []Seat, status uint8) error
 	// View is the program's current state.
 	View(program int64) (View, bool)
+	// ViewJSON is View as JSON, built once per change of the program (a
+	// read costs no encoding: a view of 20,000 seats is ~1.3 MB). The
+	// bytes are shared: never written to.
+	ViewJSON(program int64) ([]byte, bool)
 }
 
 // Want is what an order asks Reserve for: Seats, or Count adjacent seats
@@ -95,10 +99,11 @@ type memProgram struct {
 	// version counts seat changes of the program; View rebuilds its
 	// snapshot only when it moved, one caller at a time (the others wait
 	// for that snapshot: no stampede of rebuilds on a hot program).
-	version atomic.Uint64
-	viewMu  sync.Mutex
-	view    *View
-	viewVer uint64
+	version  atomic.Uint64
+	viewMu   sync.Mutex
+	view     *View
+	viewJSON []byte // view encoded, made by the first ViewJSON after a rebuild
+	viewVer  uint64
 }
 
 // memCategory is one category's seat grid.
@@ -355,13 +360,40 @@ func (m *memInventory) View(program int64) (View, bool) {
 	arrived := p.version.Load()
 	p.viewMu.Lock()
 	defer p.viewMu.Unlock()
+	return *p.current(arrived), true
+}
+
+// ViewJSON implements Inventory.
+func (m *memInventory) ViewJSON(program int64) ([]byte, bool) {
+	p := m.program(program)
+	if p == nil {
+		return nil, false
+	}
+	arrived := p.version.Load()
+	p.viewMu.Lock()
+	defer p.viewMu.Unlock()
+	v := p.current(arrived)
+	if p.viewJSON == nil {
+		b, err := proto.Marshal(v)
+		if err != nil {
+			return nil, false // a View always encodes
+		}
+		p.viewJSON = b
+	}
+	return p.viewJSON, true
+}
+
+// current is the program's view, rebuilt if seats changed since it was
+// built, as of arrived: the version when the caller came — callers that
+// waited for a rebuild begun after they came take it (viewMu held).
+func (p *memProgram) current(arrived uint64) *View {
 	if p.view != nil && p.viewVer >= arrived {
-		return *p.view, true
+		return p.view
 	}
 	ver := p.version.Load() // before the build: a change during it makes the next call rebuild
 	v := p.build()
-	p.view, p.viewVer = &v, ver
-	return v, true
+	p.view, p.viewJSON, p.viewVer = &v, nil, ver
+	return p.view
 }
 
 // build copies the program's state, one category lock at a time, held only

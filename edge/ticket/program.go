@@ -96,6 +96,16 @@ func (s *Service) validProgram(d *ProgramDef) error {
 	return nil
 }
 
+// ProgramJSON is Program encoded, shared by every read until the program's
+// seats change (never write to it).
+func (s *Service) ProgramJSON(id int64) ([]byte, error) {
+	b, ok := s.inv.ViewJSON(id)
+	if !ok {
+		return nil, proto.Errorf(proto.CodeNotFound, "program not found")
+	}
+	return b, nil
+}
+
 // Program is GET /programs/{id}, served from memory.
 func (s *Service) Program(id int64) (View, error) {
 	v, ok := s.inv.View(id)
