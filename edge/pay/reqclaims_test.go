@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/liveedge/liveedge/edge/pay"
+	"github.com/liveedge/liveedge/persist"
 	"github.com/liveedge/liveedge/persist/persisttest"
 	"github.com/liveedge/liveedge/router"
 )
@@ -66,8 +67,15 @@ func TestOrderSupersededWhenItsReqIDWasTakenOver(t *testing.T) {
 	claims.mu.Lock()
 	claims.other = 0
 	claims.mu.Unlock()
-	if o, err := svc.CreateOrder(7, pay.CreateReq{ProductID: 1, ReqID: "r1"}); err != nil || o.Status != pay.StatusInvalid {
+	o, err := svc.CreateOrder(7, pay.CreateReq{ProductID: 1, ReqID: "r1"})
+	if err != nil || o.Status != pay.StatusInvalid {
 		t.Fatalf("this node's order: %+v %v, want INVALID", o, err)
+	}
+	// Closed without the provider's word (its pay_url may have gone out):
+	// the reconciler asks the provider about it after the close.
+	id, _ := pay.ParseOrderID(o.OrderID)
+	if _, err := st.Get(persist.Key(append(append([]byte{}, persist.PrefixRec...), "payunasked/"...), uint64(id))); err != nil {
+		t.Fatalf("the superseded order has no rec/payunasked record: %v", err)
 	}
 	// Over the per-minute limit: refused, the binding given back.
 	if _, err := svc.CreateOrder(7, pay.CreateReq{ProductID: 1, ReqID: "r2"}); err == nil {

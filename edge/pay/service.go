@@ -732,7 +732,7 @@ func (s *Service) confirmReq(claims ReqClaims, user int64, req string, id int64)
 		return err
 	}
 	if OpenStatus(o.Status) {
-		if err := s.moveLocked(&o, id, StatusInvalid, "superseded by order "+strconv.FormatInt(bound, 10)+" (same req_id)", nil); err != nil {
+		if err := s.moveLocked(&o, id, StatusInvalid, "superseded by order "+strconv.FormatInt(bound, 10)+" (same req_id)", unaskedRecord(id)); err != nil {
 			return err
 		}
 	}
