@@ -54,13 +54,15 @@ var claimReqScript = rueidis.NewLuaScript(notReadyLua + setIfAbsentLua)
 // confirmScript makes KEYS[1] name order ARGV[1] for ARGV[2] ms if it is
 // pending for it, confirmed for it, or gone; it returns what it names.
 // KEYS[2]: the meta hash (notReadyLua).
-var confirmScript = rueidis.NewLuaScript(notReadyLua + `
+var confirmScript = rueidis.NewLuaScript(confirmLua)
+
+const confirmLua = notReadyLua + `
 local v = redis.call('GET', KEYS[1])
 if (not v) or v == ARGV[1] or v == 'p' .. ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
   return ARGV[1]
 end
-return v`)
+return v`
 
 // unbindScript deletes KEYS[1] if it names order ARGV[1].
 var unbindScript = rueidis.NewLuaScript(`
@@ -122,6 +124,8 @@ func (n *Node) contributePayReqs(since time.Time, add func(op ...string) error) 
 	})
 }
 
+var errReqNotConfirmed = proto.Errorf(proto.CodeInternal, "could not confirm the order of this req_id; retry with the same req_id")
+
 var errOrderBeingMade = proto.Errorf(proto.CodeConflict, "the order of this req_id is being created; retry with the same req_id")
 
 // createOrder creates user's order r, or answers with the order its req_id
@@ -141,8 +145,14 @@ func (n *Node) createOrder(user int64, r pay.CreateReq) (pay.Order, error) {
 		// confirming; the binding would lapse and a retry make another).
 		cur, cerr := (payReqClaims{rdb: n.Redis}).Confirm(user, r.ReqID, el.ID)
 		if cerr != nil {
+			// Not handed out unconfirmed (pay.confirmReq's rule): its
+			// binding, if still pending, lapses, a later request makes
+			// another order — and the user holds two payable orders of
+			// one req_id. The retry confirms it.
 			n.Log.Warn("pay: confirming a req_id failed", "user", user, "err", cerr)
-		} else if cur != el.ID {
+			return pay.Order{}, errReqNotConfirmed
+		}
+		if cur != el.ID {
 			// The binding lapsed meanwhile (its order's write took longer
 			// than payReqPending) and a retry claimed it for another
 			// order: this one is closed by its node (superseded), so it is

@@ -1,6 +1,8 @@
 package gateway
 
 import (
+	"crypto/sha1"
+	"fmt"
 	"time"
 
 	"github.com/liveedge/liveedge/gateway/proto"
@@ -128,3 +130,7 @@ func (s *Server) sumOver(user int64, f func(c *Conn) int) int {
 
 // MaxHandshakes is the bound on upgrade requests read at once.
 const MaxHandshakes = maxHandshakes
+
+// ConfirmReqSHA is the SHA-1 of the script that confirms a req_id's order
+// binding (a fault proxy's pattern for its EVALSHA).
+var ConfirmReqSHA = fmt.Sprintf("%x", sha1.Sum([]byte(confirmLua)))
