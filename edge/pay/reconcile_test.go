@@ -473,3 +473,57 @@ func (sp *shortPayment) status() string {
 	}
 	return cur.Status
 }
+
+// A provider that reuses an event id — a declined attempt (FAILED) while
+// the order was open, the same id reporting the payment (SUCCESS) after the
+// order closed unpaid — has the payment refunded as a late one: the id's
+// record is of another status, not a duplicate of this notify. Before, it
+// was answered as a duplicate: the payment neither credited nor refunded.
+func TestEventIDReusedForASuccessAfterAFailureIsRefunded(t *testing.T) {
+	clock, advance := testClock()
+	provider := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		answer(w, clock, unpaid(r))
+	}))
+	defer provider.Close()
+	const timeout = 15 * time.Minute
+	svc, _, l := reconcileService(t, provider.URL, timeout, clock)
+	o, err := svc.CreateOrder(7, pay.CreateReq{ProductID: 1, Channel: "mock", ReqID: "r1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := mustID(t, o.OrderID)
+	notify := func(status string) int {
+		body, _ := proto.Marshal(pay.Event{EventID: "ev-reused", OrderID: o.OrderID, Amount: o.Amount, Status: status, PaidAt: clock().UnixMilli()})
+		code, _ := svc.Notify("mock", pay.Sign(reconcileSecret, clock(), body), body)
+		return code
+	}
+	status := func() string {
+		cur, err := svc.Get(id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return cur.Status
+	}
+	if code := notify("FAILED"); code != pay.NotifyOK || status() != pay.StatusPaying {
+		t.Fatalf("declined attempt: %d, order %s", code, status())
+	}
+	advance(timeout + time.Second)
+	for deadline := time.Now().Add(10 * time.Second); status() != pay.StatusInvalid; time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("expired order not closed: %s", status())
+		}
+		svc.Reconcile()
+	}
+	for range 2 { // and its redelivery: a duplicate now
+		if code := notify("SUCCESS"); code != pay.NotifyOK {
+			t.Fatalf("the payment under the reused id: %d", code)
+		}
+		if s := status(); s != pay.StatusPayBack {
+			t.Fatalf("order %s after the payment under the reused id, want %s (refunded)", s, pay.StatusPayBack)
+		}
+	}
+	if bal, err := l.Balance(7); err != nil || bal != 0 {
+		t.Fatalf("balance %d %v: a payment after the close is refunded, never credited", bal, err)
+	}
+	persisttest.CheckConservation(t, l)
+}

@@ -920,7 +920,14 @@ func (s *Service) apply(channel string, ev Event) (int, string) {
 		mismatch = "amount mismatch"
 	}
 	if !OpenStatus(o.Status) {
-		switch _, err := s.store.Get(eventKey(ev.EventID)); {
+		prev, err := s.store.Get(eventKey(ev.EventID))
+		if err == nil && paidAfterDeclined(prev, ev) {
+			// The id reused: a declined attempt's, now reporting the
+			// payment — not a duplicate of this notify (answered as one,
+			// the payment was neither credited nor refunded).
+			err = persist.ErrNotFound
+		}
+		switch {
 		case err == nil && mismatch != "":
 			// A duplicate of a payment not as the order (recorded when it
 			// was refunded): changes nothing, answered 409 as its first
@@ -1118,6 +1125,13 @@ func (s *Service) refundReported() {
 
 // eventRec is the durable record of event ev applied to an order in status
 // before.
+// paidAfterDeclined reports whether ev, a SUCCESS, comes under the id of a
+// recorded FAILED event (prev, its record).
+func paidAfterDeclined(prev []byte, ev Event) bool {
+	var rec eventRecord
+	return ev.Status == "SUCCESS" && proto.Unmarshal(prev, &rec) == nil && rec.Event.Status == "FAILED"
+}
+
 func eventRec(ev Event, before string, now int64) persist.Record {
 	v, _ := proto.Marshal(eventRecord{Event: ev, StatusBefore: before, At: now})
 	return persist.Record{Key: eventKey(ev.EventID), Value: v}
