@@ -128,8 +128,17 @@ func (s *Server) sumOver(user int64, f func(c *Conn) int) int {
 	return n
 }
 
-// MaxHandshakes is the bound on upgrade requests read at once.
-const MaxHandshakes = maxHandshakes
+// SetHandshakeBounds sets the bounds on upgrade requests read at once, in
+// all and per address, for the servers started after it; restore puts the
+// defaults back.
+func SetHandshakeBounds(all, perIP int) (restore func()) {
+	a, p := maxHandshakes, maxHandshakesPerIP
+	maxHandshakes, maxHandshakesPerIP = all, perIP
+	return func() { maxHandshakes, maxHandshakesPerIP = a, p }
+}
+
+// HandshakesReading is the number of upgrade requests s is reading.
+func (s *Server) HandshakesReading() int { return s.handshakes.reading() }
 
 // ConfirmReqSHA is the SHA-1 of the script that confirms a req_id's order
 // binding (a fault proxy's pattern for its EVALSHA).

@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/netip"
 	"strconv"
 	"sync"
 	"time"
@@ -25,22 +26,75 @@ const maxHeaderBytes = 16 << 10 // request line and headers (was MaxHeaderBytes)
 
 var handshakeReaders = sync.Pool{New: func() any { return bufio.NewReaderSize(nil, 4096) }}
 
-// maxHandshakes bounds the upgrade requests read at once. ws.max_conns and
-// the per-user bound count only connections past their token: without this,
-// sockets that send nothing (or trickle headers) until ws.handshake_timeout
-// each held a goroutine, a reader and a file, as many as a client opened.
-// Beyond it, new connections wait in the listen backlog.
-const maxHandshakes = 1024
+// Upgrade requests whose line and headers are being read are bounded:
+// maxHandshakes in all, maxHandshakesPerIP from one address. ws.max_conns
+// and the per-user bound count only connections past their token: without
+// this, sockets that send nothing (or trickle headers) until
+// ws.handshake_timeout each held a goroutine, a reader and a file, as many
+// as a client opened. A connection over a bound is closed at once (counted
+// in liveedge_upgrades_denied_total{reason="handshakes"}), never waited for:
+// accepting goes on, so one address's idle sockets cannot hold the door
+// shut for everyone (a slot is held only while the request is read, not
+// while it is served). Variables for the tests.
+var (
+	maxHandshakes      = 8192
+	maxHandshakesPerIP = 1024
+)
+
+// handshakeGate counts the upgrade requests being read, in all and per
+// remote address (a map of the addresses with one in flight: at most
+// maxHandshakes entries).
+type handshakeGate struct {
+	mu       sync.Mutex
+	n        int
+	perIP    map[netip.Addr]int
+	max, per int
+}
+
+func newHandshakeGate() *handshakeGate {
+	return &handshakeGate{perIP: map[netip.Addr]int{}, max: maxHandshakes, per: maxHandshakesPerIP}
+}
+
+// admit takes a slot for a connection from addr, or reports false.
+func (g *handshakeGate) admit(addr net.Addr) (netip.Addr, bool) {
+	var ip netip.Addr
+	if ta, ok := addr.(*net.TCPAddr); ok {
+		ip = ta.AddrPort().Addr().Unmap()
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.n >= g.max || g.perIP[ip] >= g.per {
+		return ip, false
+	}
+	g.n++
+	g.perIP[ip]++
+	return ip, true
+}
+
+// done gives back the slot admit took for ip.
+func (g *handshakeGate) done(ip netip.Addr) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.n--
+	if g.perIP[ip]--; g.perIP[ip] <= 0 {
+		delete(g.perIP, ip)
+	}
+}
+
+// reading is the number of upgrade requests being read.
+func (g *handshakeGate) reading() int {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.n
+}
 
 // accept serves ln until it is closed; a failed Accept (out of files) is
 // retried after a growing pause, as net/http does.
 func (s *Server) accept(ln net.Listener) {
 	var pause time.Duration
 	for {
-		s.handshakes <- struct{}{} // a slot first (maxHandshakes)
 		nc, err := ln.Accept()
 		if err != nil {
-			<-s.handshakes
 			if errors.Is(err, net.ErrClosed) {
 				return
 			}
@@ -50,16 +104,21 @@ func (s *Server) accept(ln net.Listener) {
 			continue
 		}
 		pause = 0
-		go func() {
-			defer func() { <-s.handshakes }()
-			s.handshake(nc)
-		}()
+		ip, ok := s.handshakes.admit(nc.RemoteAddr())
+		if !ok {
+			s.metrics.upgradesDenied.WithLabelValues("handshakes").Inc()
+			_ = nc.Close()
+			continue
+		}
+		go s.handshake(nc, ip)
 	}
 }
 
 // handshake reads one request from nc and serves it with ServeHTTP; anything
 // but an upgrade is answered and the connection closed (no keep-alive).
-func (s *Server) handshake(nc net.Conn) {
+func (s *Server) handshake(nc net.Conn, ip netip.Addr) {
+	read := sync.OnceFunc(func() { s.handshakes.done(ip) }) // the request is read
+	defer read()
 	timeout := s.cfg.WS.HandshakeTimeout.D() // ws.handshake_timeout (was ReadHeaderTimeout)
 	_ = nc.SetReadDeadline(time.Now().Add(timeout))
 	lr := &io.LimitedReader{R: nc, N: maxHeaderBytes}
@@ -70,6 +129,7 @@ func (s *Server) handshake(nc net.Conn) {
 		handshakeReaders.Put(br)
 	}()
 	r, err := http.ReadRequest(br)
+	read()
 	if err != nil {
 		status := http.StatusBadRequest
 		var ne net.Error

@@ -92,6 +92,7 @@ func newMetrics(node string, r router.Router) *metrics {
 	stat("frames_direct_total", "WebSocket data frames a room's fan-out wrote itself to a connection with nothing queued (also in frames_out_total).",
 		false, func(s router.Stats) int64 { return s.FramesDirect })
 	stat("fanout_frames_total", "Frames handed to sessions by fan-out.", false, func(s router.Stats) int64 { return s.FramesFanned })
+	stat("offline_dropped_total", "Reliable user pushes dropped for the bounds of what is kept for a user: its offline box full (ws.offline_max), or a closing connection's hand-on cut to its newest (ws.offline_max; 4,096 with the boxes off).", false, func(s router.Stats) int64 { return s.OfflineDropped })
 	stat("room_queue_drops_total", "Pushes refused because a room queue was full (in a cluster also: queued pushes that are not reliable, dropped for reliable ones while Redis did not answer).", false, func(s router.Stats) int64 { return s.RoomDropped })
 	stat("room_queue_overruns_total", "Cluster room pushes dropped from a room's queue on this node, oldest first, because its fan-out fell 8,192 pushes behind (members see a gap and re-sync).", false, func(s router.Stats) int64 { return s.RoomOverrun })
 	if c, ok := r.(*router.Cluster); ok {

@@ -29,8 +29,8 @@ type Server struct {
 	// afterEnqueue, in tests only, runs in Conn.Send right after the frame
 	// is queued (where its writer may already have written it).
 	afterEnqueue func(c *Conn, f *router.Frame)
-	// handshakes holds a slot per upgrade request being read (accept).
-	handshakes chan struct{}
+	// handshakes bounds the upgrade requests being read (accept).
+	handshakes *handshakeGate
 	// afterAttached, in tests only, runs in Conn.Attached: the connection
 	// is reachable, what its user is owed not yet given to it.
 	afterAttached func(c *Conn)
@@ -118,7 +118,7 @@ type ServerDeps struct {
 
 func newServer(d ServerDeps) *Server {
 	s := &Server{cfg: d.Config, log: d.Log, auth: d.Auth, router: d.Router, metrics: d.Metrics,
-		chat: d.ChatLimit, chatShared: d.ChatShared, joins: limit.New(JoinsPerSecond, time.Second, max(JoinBurst, 2*d.Config.WS.MaxRoomsPerConn), nil), gifts: d.Gifts, roomOpen: d.RoomOpen, rp: d.RedPackets, grab: d.Grab, elsewhere: d.SessionsElsewhere, stop: make(chan struct{}), writerq: make(chan *Conn), handshakes: make(chan struct{}, maxHandshakes)}
+		chat: d.ChatLimit, chatShared: d.ChatShared, joins: limit.New(JoinsPerSecond, time.Second, max(JoinBurst, 2*d.Config.WS.MaxRoomsPerConn), nil), gifts: d.Gifts, roomOpen: d.RoomOpen, rp: d.RedPackets, grab: d.Grab, elsewhere: d.SessionsElsewhere, stop: make(chan struct{}), writerq: make(chan *Conn), handshakes: newHandshakeGate()}
 	if s.chatOnce = d.ChatOnce; s.chatOnce == nil {
 		s.chatOnce = newMemChatOnce()
 	}

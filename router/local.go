@@ -870,6 +870,7 @@ func (l *Local) newest(msgs []Msg) []Msg {
 		m = MaxHandOn
 	}
 	if len(msgs) > m {
+		l.offlineDropped.Add(int64(len(msgs) - m))
 		return msgs[len(msgs)-m:]
 	}
 	return msgs
@@ -889,15 +890,16 @@ func (l *Local) Stats() Stats {
 		l.shards[i].mu.RUnlock()
 	}
 	return Stats{
-		Rooms:         rooms,
-		RoomPushes:    l.roomPushes.Load(),
-		UserPushes:    l.userPushes.Load(),
-		FramesFanned:  l.fanned.Load(),
-		FramesDirect:  l.direct.Load(),
-		RoomDropped:   l.dropped.Load(),
-		RoomOverrun:   l.overrun.Load(),
-		SessionsGone:  l.gone.Load(),
-		MembersOnline: l.members.Load(),
+		Rooms:          rooms,
+		RoomPushes:     l.roomPushes.Load(),
+		UserPushes:     l.userPushes.Load(),
+		FramesFanned:   l.fanned.Load(),
+		FramesDirect:   l.direct.Load(),
+		RoomDropped:    l.dropped.Load(),
+		OfflineDropped: l.offlineDropped.Load(),
+		RoomOverrun:    l.overrun.Load(),
+		SessionsGone:   l.gone.Load(),
+		MembersOnline:  l.members.Load(),
 	}
 }
 

@@ -482,4 +482,7 @@ func TestHandOnBoundedWithTheBoxesOff(t *testing.T) {
 	if len(got) != MaxHandOn || got[0] != msgs[100].Mid || got[len(got)-1] != msgs[len(msgs)-1].Mid {
 		t.Fatalf("%d handed on (first %v), want the newest %d", len(got), got[:1], MaxHandOn)
 	}
+	if d := l.Stats().OfflineDropped; d != 100 {
+		t.Fatalf("%d counted dropped, want the 100 oldest", d)
+	}
 }

@@ -160,9 +160,13 @@ type Stats struct {
 	// RoomOverrun: pushes numbered by the cluster dropped from a room's
 	// queue here, the oldest first, because the room's fan-out on this
 	// node fell MaxPending behind (its members see a gap and re-sync).
-	RoomOverrun   int64
-	SessionsGone  int64 // sends refused by a closing session
-	MembersOnline int64 // room memberships (gauge)
+	RoomOverrun  int64
+	SessionsGone int64 // sends refused by a closing session
+	// OfflineDropped: reliable user pushes dropped for the bounds of what
+	// is kept for a user (the offline box full, the newest of a hand-on
+	// kept).
+	OfflineDropped int64
+	MembersOnline  int64 // room memberships (gauge)
 }
 
 // Msg is one encoded server frame inside a Frame.
