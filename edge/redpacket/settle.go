@@ -346,10 +346,18 @@ func (s *Service) restore() error {
 
 // goCancel completes a cancel that was pending when the node stopped (its
 // refund may or may not have landed: the same op lands it once), on a
-// goroutine of its own, retried every settleRetry until it is done or the
-// service closes: the anchor asked for it, and the rain can neither start
-// nor be cancelled another way meanwhile.
-func (s *Service) goCancel(anchor int64, code string) {
+// goroutine of its own, retried after settleRetry, then twice as long each
+// time up to cancelRetryMax, until it is done or the service closes: the
+// anchor asked for it, and the rain can neither start nor be cancelled
+// another way meanwhile.
+func (s *Service) goCancel(anchor int64, code string) { s.cancelLoop(anchor, code, settleRetry) }
+
+// cancelRetryMax bounds the wait between two tries of a pending cancel (one
+// refused every time — the anchor's balance at its bound — is tried and
+// logged that often, not every settleRetry for the process's life).
+const cancelRetryMax = 5 * time.Minute
+
+func (s *Service) cancelLoop(anchor int64, code string, wait time.Duration) {
 	if r := s.get(code); r != nil {
 		r.mu.Lock()
 		r.cancelling = true // this loop retries it: Cancel starts no other
@@ -357,8 +365,8 @@ func (s *Service) goCancel(anchor int64, code string) {
 	}
 	s.spawn(func() {
 		if _, err := s.Cancel(anchor, code); err != nil {
-			s.log.Warn("red packet pending cancel not completed, retrying", "code", code, "err", err, "retry_in", settleRetry)
-			time.AfterFunc(settleRetry, func() { s.goCancel(anchor, code) })
+			s.log.Warn("red packet pending cancel not completed, retrying", "code", code, "err", err, "retry_in", wait)
+			time.AfterFunc(wait, func() { s.cancelLoop(anchor, code, min(2*wait, cancelRetryMax)) })
 		}
 	})
 }
@@ -366,7 +374,7 @@ func (s *Service) goCancel(anchor int64, code string) {
 // retryCancel completes a cancel left pending in this process (Cancel) after
 // settleRetry, then as goCancel does.
 func (s *Service) retryCancel(anchor int64, code string) {
-	time.AfterFunc(settleRetry, func() { s.goCancel(anchor, code) })
+	time.AfterFunc(settleRetry, func() { s.cancelLoop(anchor, code, 2*settleRetry) })
 }
 
 // Close stops the rains' timers and waits for settlements in progress. A
