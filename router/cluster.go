@@ -17,6 +17,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/redis/rueidis"
 
+	"github.com/liveedge/liveedge/edge/keylock"
 	"github.com/liveedge/liveedge/gateway/proto"
 )
 
@@ -224,10 +225,8 @@ type Cluster struct {
 	// attempt began.
 	redrainMu sync.Mutex
 	redrains  map[int64]bool
-	// drainGates: one drain of a user's list at a time on this node
-	// (lockDrain); an entry lives while a drain holds or waits for it.
-	drainGatesMu sync.Mutex
-	drainGates   map[int64]*drainGate
+	// drains: one drain of a user's list at a time on this node (drainOnce).
+	drains keylock.Map[int64]
 	// reconnDraining: every local user's list is being drained after a
 	// NATS reconnect (drainAfterReconnect); reconnAgain: NATS reconnected
 	// again since its attempt began, reconnKick wakes its wait for that.
@@ -395,7 +394,7 @@ func NewCluster(cfg ClusterConfig) (*Cluster, error) {
 		cfg: cfg, nc: cfg.NATS, rdb: cfg.Redis, log: cfg.Log, boot: NewEpoch(),
 		rooms: map[int64]*croom{}, seqs: map[int64]*seqRoom{}, users: map[int64]*cuser{},
 		dirtyRooms: map[int64]struct{}{}, dirtyUsers: map[int64]struct{}{},
-		staleDrops: map[staleField]struct{}{}, redrains: map[int64]bool{}, drainGates: map[int64]*drainGate{}, reconnKick: make(chan struct{}, 1),
+		staleDrops: map[staleField]struct{}{}, redrains: map[int64]bool{}, reconnKick: make(chan struct{}, 1),
 		stop: make(chan struct{}),
 	}
 	c.local = local
@@ -2002,7 +2001,7 @@ func (c *Cluster) drainOnce(user int64) error {
 	// on the subscription) delivers its pushes before a Register's own
 	// drain returns — while that session still puts live pushes behind
 	// them (Draining) — instead of the second finding them leased.
-	defer c.lockDrain(user)()
+	defer c.drains.Lock(user)()
 	ctx, cancel := c.ctx()
 	defer cancel()
 	tok := c.boot + ":" + strconv.FormatUint(c.drainNo.Add(1), 10)
@@ -2042,32 +2041,6 @@ func (c *Cluster) drainOnce(user int64) error {
 		return leased{left: time.Duration(left) * time.Millisecond}
 	}
 	return nil
-}
-
-type drainGate struct {
-	mu    sync.Mutex
-	users int // drains holding or waiting for mu
-}
-
-// lockDrain takes user's drain gate and returns what gives it back.
-func (c *Cluster) lockDrain(user int64) (unlock func()) {
-	c.drainGatesMu.Lock()
-	g := c.drainGates[user]
-	if g == nil {
-		g = &drainGate{}
-		c.drainGates[user] = g
-	}
-	g.users++
-	c.drainGatesMu.Unlock()
-	g.mu.Lock()
-	return func() {
-		g.mu.Unlock()
-		c.drainGatesMu.Lock()
-		if g.users--; g.users == 0 {
-			delete(c.drainGates, user)
-		}
-		c.drainGatesMu.Unlock()
-	}
 }
 
 // release ends a drain's lease, its pushes delivered (handed on, for those
