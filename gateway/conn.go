@@ -87,10 +87,7 @@ type Conn struct {
 	// ackWait: the backlog's first frame waits for acks (moveBacklog moved
 	// nothing for the bound on unacked pushes); only kickBacklog, or a new
 	// first frame, makes it movable again.
-	ackWait bool
-	// kicked: acks came (kickBacklog) while the writer ran; it looks at
-	// the backlog again before it leaves, whatever it found before them.
-	kicked    bool
+	ackWait   bool
 	badCount  int
 	badWindow time.Time
 
@@ -303,12 +300,11 @@ func (c *Conn) kickBacklog() {
 		return
 	}
 	c.mu.Lock()
-	c.ackWait = false
+	c.ackWait = false // a writer running sees it before it leaves (writeLoop)
 	start := c.movable() && !c.writing && c.closeCode == 0
 	if start {
 		c.writing = true
 	}
-	c.kicked = c.writing && !start
 	c.mu.Unlock()
 	if start {
 		c.srv.startWriter(c)
@@ -565,16 +561,18 @@ func (c *Conn) writeLoop() {
 		c.mu.Lock()
 		c.writingBytes, c.owedWriting = 0, 0 // the last batch is written
 		if c.movable() && c.closeCode == 0 {
-			c.kicked = false
 			c.mu.Unlock()
 			c.moveBacklog()
 			c.mu.Lock()
 		}
 		code, drain := c.closeCode, c.drain
 		if len(c.queue) == 0 || (code != 0 && !drain) {
-			if code == 0 && c.kicked && c.movable() {
+			if code == 0 && c.movable() {
+				// Acks came since moveBacklog looked (kickBacklog cleared
+				// ackWait): with nothing queued, the next move takes at
+				// least the first frame, or finds the acks short again.
 				c.mu.Unlock()
-				continue // acks came since moveBacklog looked
+				continue
 			}
 			if code == 0 {
 				c.writing = false
