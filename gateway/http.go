@@ -317,17 +317,12 @@ func ok(c *app.RequestContext, data any) {
 	if data == nil {
 		data = struct{}{}
 	}
-	b, err := proto.Marshal(struct {
-		Code int    `json:"code"`
-		Msg  string `json:"msg"`
-		Data any    `json:"data"`
-	}{0, "ok", data})
+	b, err := proto.Marshal(data)
 	if err != nil {
-		b = []byte(`{"code":50000,"msg":"internal error","data":{}}`)
-		c.Data(500, "application/json", b)
+		c.Data(500, "application/json", []byte(`{"code":50000,"msg":"internal error","data":{}}`))
 		return
 	}
-	c.Data(200, "application/json", b)
+	okRaw(c, b)
 }
 
 // fail writes the error envelope; non-*proto.Error errors are logged with a

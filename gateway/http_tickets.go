@@ -53,13 +53,12 @@ func (a *API) getProgram(_ context.Context, c *app.RequestContext) {
 		a.fail(c, err)
 		return
 	}
-	id0 := identOf(c)
-	user := id0.UserID
-	if id0.Role != RoleAdmin && !a.programReads.Allow(uint64(user)) { // an operator's dashboard polls
+	who := identOf(c)
+	if who.Role != RoleAdmin && !a.programReads.Allow(uint64(who.UserID)) { // an operator's dashboard polls
 		a.fail(c, proto.Errorf(proto.CodeRateLimited, "at most %d program reads a second", ProgramReadsPerSecond))
 		return
 	}
-	b, perr := a.node.ticketOp("tix.program", user, id, nil)
+	b, perr := a.node.ticketOp("tix.program", who.UserID, id, nil)
 	a.jsonReply(c, b, perr)
 }
 
