@@ -486,7 +486,7 @@ func TestEventIDReusedForASuccessAfterAFailureIsRefunded(t *testing.T) {
 	}))
 	defer provider.Close()
 	const timeout = 15 * time.Minute
-	svc, _, l := reconcileService(t, provider.URL, timeout, clock)
+	svc, st, l := reconcileService(t, provider.URL, timeout, clock)
 	o, err := svc.CreateOrder(7, pay.CreateReq{ProductID: 1, Channel: "mock", ReqID: "r1"})
 	if err != nil {
 		t.Fatal(err)
@@ -514,13 +514,24 @@ func TestEventIDReusedForASuccessAfterAFailureIsRefunded(t *testing.T) {
 		}
 		svc.Reconcile()
 	}
-	for range 2 { // and its redelivery: a duplicate now
-		if code := notify("SUCCESS"); code != pay.NotifyOK {
-			t.Fatalf("the payment under the reused id: %d", code)
+	// The notify and its redeliveries at once: one refund.
+	var wg sync.WaitGroup
+	codes := make([]int, 4)
+	for i := range codes {
+		wg.Add(1)
+		go func() { defer wg.Done(); codes[i] = notify("SUCCESS") }()
+	}
+	wg.Wait()
+	for i, code := range codes {
+		if code != pay.NotifyOK {
+			t.Fatalf("the payment under the reused id (%d): %d", i, code)
 		}
-		if s := status(); s != pay.StatusPayBack {
-			t.Fatalf("order %s after the payment under the reused id, want %s (refunded)", s, pay.StatusPayBack)
-		}
+	}
+	if s := status(); s != pay.StatusPayBack {
+		t.Fatalf("order %s after the payment under the reused id, want %s (refunded)", s, pay.StatusPayBack)
+	}
+	if v, err := st.Get(persist.Key([]byte("rec/refund/"), uint64(id))); err != nil || !strings.Contains(string(v), fmt.Sprintf(`"amount":%d`, o.Amount)) {
+		t.Fatalf("refund record %s (%v), want one of %d", v, err, o.Amount)
 	}
 	if bal, err := l.Balance(7); err != nil || bal != 0 {
 		t.Fatalf("balance %d %v: a payment after the close is refunded, never credited", bal, err)

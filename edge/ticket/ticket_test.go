@@ -1177,12 +1177,24 @@ func TestPreUpgradeOrderPaidAsCoinsIsRefundedAndReleased(t *testing.T) {
 		t.Fatalf("pay order %+v %v, want one asking %d", got, err, o.Amount)
 	}
 
-	if st := e.notify(o.OrderID, "paid-old", o.Amount); st != pay.NotifyOK {
-		t.Fatalf("notify answered %d", st)
+	// The provider's notify and its redeliveries, at once: one refund.
+	var wg sync.WaitGroup
+	codes := make([]int, 6)
+	for i := range codes {
+		wg.Add(1)
+		go func() { defer wg.Done(); codes[i] = e.notify(o.OrderID, "paid-old", o.Amount) }()
+	}
+	wg.Wait()
+	for i, st := range codes {
+		if st != pay.NotifyOK {
+			t.Fatalf("notify %d answered %d", i, st)
+		}
 	}
 	if got := e.order(o.OrderID); got.Status != StatusRefunded {
 		t.Fatalf("order %s after the payment, want REFUNDED", got.Status)
 	}
+	e.refunded(id, o.Amount)
+	e.reopen() // a restart keeps all of it
 	if got, err := e.pay.Get(id); err != nil || got.Status != pay.StatusPayBack {
 		t.Fatalf("pay order %+v %v, want PAY_BACK", got, err)
 	}
@@ -1199,5 +1211,6 @@ func TestPreUpgradeOrderPaidAsCoinsIsRefundedAndReleased(t *testing.T) {
 	if got := e.order(o.OrderID); got.Status != StatusRefunded {
 		t.Fatalf("order %s after the redelivery", got.Status)
 	}
+	e.refunded(id, o.Amount)
 	e.conservation()
 }
