@@ -475,19 +475,21 @@ func (c *Config) Unprotected() []string {
 	return out
 }
 
-// Loopback reports whether addr (host:port) listens on this machine only:
-// a loopback IP or "localhost" (an empty host or 0.0.0.0 is every
-// interface).
-func Loopback(addr string) bool {
-	host, _, err := net.SplitHostPort(addr)
-	if err != nil {
-		return false
-	}
+// LoopbackHost reports whether host (no port) is this machine only: a
+// loopback IP (127.0.0.0/8, ::1) or "localhost" — an empty host or 0.0.0.0
+// is every interface. (The load generator's targets are held to it too.)
+func LoopbackHost(host string) bool {
 	if host == "localhost" {
 		return true
 	}
 	ip := net.ParseIP(host)
 	return ip != nil && ip.IsLoopback()
+}
+
+// loopbackAddr reports whether addr (host:port) listens on this machine only.
+func loopbackAddr(addr string) bool {
+	host, _, err := net.SplitHostPort(addr)
+	return err == nil && LoopbackHost(host)
 }
 
 // checkSecrets validates the JWT and webhook secrets. With dev tokens on (a
@@ -503,7 +505,7 @@ func (c *Config) checkSecrets(check func(bool, string)) {
 		// opens a port to others without turning them off is refused, not
 		// started as an open bank.
 		for _, a := range []struct{ name, addr string }{{"http.addr", c.HTTP.Addr}, {"ws.addr", c.WS.Addr}} {
-			check(a.addr == "" || Loopback(a.addr), a.name+" "+a.addr+" is not a loopback address while auth.dev_tokens is on "+
+			check(a.addr == "" || loopbackAddr(a.addr), a.name+" "+a.addr+" is not a loopback address while auth.dev_tokens is on "+
 				"(anyone who reaches it could mint admin tokens and credit coins): turn auth.dev_tokens off with a private auth.jwt_secret"+how+
 				", or listen on 127.0.0.1")
 		}

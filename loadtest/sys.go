@@ -3,13 +3,14 @@ package loadtest
 import (
 	"bufio"
 	"fmt"
-	"net"
 	"net/url"
 	"os"
 	"strconv"
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/liveedge/liveedge/configs"
 )
 
 // RaiseFileLimit raises RLIMIT_NOFILE's soft limit to its hard limit and
@@ -69,11 +70,7 @@ func CheckLoopback(raw string) error {
 	if host == "" {
 		return fmt.Errorf("loadtest: URL %q has no host", raw)
 	}
-	if host == "localhost" {
-		return nil
-	}
-	ip := net.ParseIP(host)
-	if ip == nil || !ip.IsLoopback() {
+	if !configs.LoopbackHost(host) {
 		return fmt.Errorf("loadtest: %q is not a loopback address (refused: loopback only)", host)
 	}
 	return nil
