@@ -68,7 +68,7 @@ type Conn struct {
 	// backlog: frames of pushes owed from before (SendBacklog) waiting
 	// for room; the writer moves them into the queue as it drains it
 	// (moveBacklog). backlogMsgs counts their pushes (≤ maxBacklog);
-	// backlogged is len(backlog) > 0 || draining > 0, read without mu.
+	// backlogged is len(backlog) > 0 || draining, read without mu.
 	// owedQueued and owedWriting are the bytes of moved frames in queued
 	// and writingBytes: they have a budget of their own
 	// (ws.send_queue_bytes again), so what a client is owed never leaves
@@ -78,11 +78,11 @@ type Conn struct {
 	backlogged  atomic.Bool
 	owedQueued  int
 	owedWriting int
-	// draining counts the router's drains under way (DrainStart); while
-	// it is > 0 the backlog's first owedEnd frames are the owed ones, the
-	// rest live user pushes (Send) that wait behind every owed push given
-	// until the drain is done — only those first ones move.
-	draining int
+	// draining: the router is draining what the user is owed
+	// (DrainStart); meanwhile the backlog's first owedEnd frames are the
+	// owed ones, the rest live user pushes (Send) that wait behind every
+	// owed push given until the drain is done — only those first ones move.
+	draining bool
 	owedEnd  int
 	// ackWait: the backlog's first frame waits for acks (moveBacklog moved
 	// nothing for the bound on unacked pushes); only kickBacklog, or a new
@@ -211,7 +211,7 @@ func (c *Conn) sendBacklog(f *router.Frame, owed bool) bool {
 		return false // nothing in f the close would hand on
 	}
 	at := len(c.backlog)
-	if owed && c.draining > 0 {
+	if owed && c.draining {
 		at = c.owedEnd
 		c.owedEnd++
 	}
@@ -242,7 +242,7 @@ func (c *Conn) sendBacklog(f *router.Frame, owed bool) bool {
 // user pushes wait in the backlog behind the owed ones.
 func (c *Conn) DrainStart() {
 	c.mu.Lock()
-	c.draining++
+	c.draining = true
 	c.backlogged.Store(true)
 	c.mu.Unlock()
 }
@@ -251,17 +251,12 @@ func (c *Conn) DrainStart() {
 // behind the owed ones.
 func (c *Conn) DrainDone() {
 	c.mu.Lock()
-	c.draining--
-	if c.draining > 0 {
-		c.mu.Unlock()
-		return
-	}
-	c.owedEnd = 0
+	c.draining, c.owedEnd = false, 0
 	if len(c.backlog) == 0 {
 		c.backlog = nil
 		c.backlogged.Store(false)
 	}
-	start := len(c.backlog) > 0 && !c.writing && c.closeCode == 0
+	start := c.movable() && !c.writing && c.closeCode == 0
 	if start {
 		c.writing = true
 	}
@@ -275,7 +270,7 @@ func (c *Conn) DrainDone() {
 // (not while its first waits for acks; while the router drains, the owed
 // ones only). mu held.
 func (c *Conn) movable() bool {
-	return len(c.backlog) > 0 && !c.ackWait && (c.draining == 0 || c.owedEnd > 0)
+	return len(c.backlog) > 0 && !c.ackWait && (!c.draining || c.owedEnd > 0)
 }
 
 // maxBacklog bounds the pushes waiting in a backlog: what a connection may
@@ -335,7 +330,7 @@ func (c *Conn) moveBacklog() {
 	room := c.srv.cfg.WS.SendQueueBytes - inFlight
 	acks := maxPendingAcks/2 - (len(c.pending) - c.given)
 	limit := len(c.backlog)
-	if c.draining > 0 {
+	if c.draining {
 		limit = c.owedEnd // the live pushes behind wait for the drain's end
 	}
 	n, msgs, size := 0, 0, 0
@@ -363,12 +358,12 @@ func (c *Conn) moveBacklog() {
 	c.backlogMsgs -= msgs
 	clear(c.backlog[:n]) // the moved frames are not kept alive by the backlog
 	c.backlog = c.backlog[n:]
-	if c.draining > 0 {
+	if c.draining {
 		c.owedEnd -= n
 	}
 	if len(c.backlog) == 0 {
 		c.backlog = nil
-		c.backlogged.Store(c.draining > 0)
+		c.backlogged.Store(c.draining)
 	}
 	c.mu.Unlock()
 	for _, f := range moved {

@@ -1698,9 +1698,9 @@ func (c *Cluster) dropIdle() {
 // its first session.
 func (c *Cluster) Register(s Session) {
 	// Until the shared list is drained too, live pushes wait behind what
-	// it held (Draining; Local.Register's own drain nests in this one).
+	// it held, as behind the node's box (Draining).
 	defer drainStart(s)()
-	c.local.Register(s)
+	c.local.register(s)
 	u := s.UserID()
 	c.mu.Lock()
 	cu := c.users[u]

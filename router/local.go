@@ -726,6 +726,12 @@ func (l *Local) Register(s Session) {
 	// Live pushes sent to s from the moment it is reachable wait behind
 	// the box's (Draining).
 	defer drainStart(s)()
+	l.register(s)
+}
+
+// register makes s reachable and gives it the user's offline box (Register
+// without the drain's bracket: a Cluster's spans its shared list too).
+func (l *Local) register(s Session) {
 	us := l.userShard(s.UserID())
 	us.mu.Lock()
 	m := us.users[s.UserID()]

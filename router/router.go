@@ -106,7 +106,7 @@ type Backlogged interface {
 // from DrainStart to DrainDone the live reliable user pushes sent to it wait
 // behind every owed push it is given, even one given after them — a push
 // made while the user was reconnecting never overtakes an older one kept for
-// them (an order's status never goes back). Calls nest.
+// them (an order's status never goes back). Once per session.
 type Draining interface {
 	DrainStart()
 	DrainDone()
