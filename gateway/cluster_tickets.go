@@ -22,10 +22,10 @@ import (
 // node's highest id's, whichever is greater) above programWorkerBits of
 // worker id — unique across nodes without a shared counter: the worker
 // leases keep a worker id to one node at a time, and the node that takes a
-// worker id over makes its ids after it took the lease, so after every id
-// of the id's earlier holder (the lease sits free for its TTL, 30 s, before
-// it moves). The owner is read back from the id, so nothing is lost with
-// Redis. The id stays below 2^53 (a JSON number a browser reads exactly)
+// worker id over makes its ids after it took the lease and after the high
+// mark its earlier holders left in Redis (pay.WorkerHighKey), so after every
+// id of theirs, whatever the clocks say. The owner is read back from the
+// id, so nothing is lost with Redis. The id stays below 2^53 (a JSON number a browser reads exactly)
 // for thousands of years. Before, the next id was the node's own highest
 // plus one step: a node taking over a worker id made its earlier holder's
 // program ids again, and requests for them reached a different show.
@@ -40,7 +40,10 @@ func (n *Node) nextProgramID() func(last int64) (int64, error) {
 			// may hold this worker id and make the same ids (as order ids).
 			return 0, errWorkerNotHeld
 		}
-		t := max(last>>programWorkerBits+1, time.Now().UnixMilli()-programEpoch.UnixMilli())
+		// After the node's last id, now, and every id the worker id's
+		// earlier holders could have made (a clock behind theirs).
+		t := max(last>>programWorkerBits+1, time.Now().UnixMilli()-programEpoch.UnixMilli(),
+			n.worker.Since().UnixMilli()-programEpoch.UnixMilli()+1)
 		return t<<programWorkerBits | w, nil
 	}
 }

@@ -375,6 +375,11 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 	if err != nil {
 		return nil, err
 	}
+	if n.worker != nil {
+		// Ids made from now on are after every id this worker id's
+		// earlier holders could have made, whatever this clock says.
+		n.Pay.OrderIDsAbove(pay.FirstIDAt(n.worker.Since()))
+	}
 	if n.shared != nil && n.payOpen != nil {
 		// Redis lost its data and was rebuilt: the unpaid orders' places
 		// are not in the rebuild (they live in Redis only).

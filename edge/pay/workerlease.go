@@ -34,6 +34,15 @@ func WorkerLeaseKey(id int) string { return "liveedge:pay:worker:" + strconv.Ito
 // (Its hash tag is the lease key: one slot for the claim script's two keys.)
 func WorkerOwnerKey(id int) string { return "{" + WorkerLeaseKey(id) + "}:owner" }
 
+// WorkerHighKey is the Redis key of the highest time (unix ms) worker id's
+// holders may have put in an id: each claim and refresh raises it to the
+// holder's clock plus the lease's TTL (the holder makes no id once a TTL
+// has passed without a refresh). It has no TTL: a node taking the id over
+// makes its ids after it (WorkerLease.Since), whatever its own clock says,
+// so a clock more than the TTL behind the earlier holder's cannot make that
+// holder's ids again.
+func WorkerHighKey(id int) string { return "{" + WorkerLeaseKey(id) + "}:high" }
+
 // WorkerLease is an order-id worker id held in Redis, so that the nodes of a
 // cluster (which share Redis) never generate ids with the same worker bits:
 // the key WorkerLeaseKey(id) names the holder (SET with a TTL, only when
@@ -61,6 +70,8 @@ type WorkerLease struct {
 	lastOK atomic.Int64
 	base   time.Time
 	lost   atomic.Bool // another node holds the key
+	now    func() time.Time
+	since  time.Time // Since: base, or the earlier holders' high mark if later
 
 	stop chan struct{}
 	once sync.Once
@@ -68,16 +79,17 @@ type WorkerLease struct {
 }
 
 // claimScript takes KEYS[1] for node ARGV[1] for ARGV[2] ms when it is free
-// or already the node's, and names the node in KEYS[2] (the id's owner, no
-// TTL): 1 taken, 0 another node holds it.
+// or already the node's, names the node in KEYS[2] (the id's owner, no TTL)
+// and raises KEYS[3] (the high mark) to ARGV[3]: the high mark before (≥ 0)
+// when taken, -1 when another node holds it.
 var claimScript = rueidis.NewLuaScript(`
 local v = redis.call('GET', KEYS[1])
-if v == false or v == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  redis.call('SET', KEYS[2], ARGV[1])
-  return 1
-end
-return 0`)
+if v ~= false and v ~= ARGV[1] then return -1 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('SET', KEYS[2], ARGV[1])
+local h = tonumber(redis.call('GET', KEYS[3]) or '0') or 0
+if tonumber(ARGV[3]) > h then redis.call('SET', KEYS[3], ARGV[3]) end
+return h`)
 
 // releaseScript deletes KEYS[1] only when it is still node ARGV[1]'s.
 var releaseScript = rueidis.NewLuaScript(`
@@ -93,6 +105,11 @@ return 0`)
 // away; logged) — an error when all MaxWorkers are held. ttl ≤ 0 means
 // DefaultLeaseTTL.
 func LeaseWorker(ctx context.Context, client rueidis.Client, node string, want, prefer int, ttl time.Duration, log *slog.Logger) (*WorkerLease, error) {
+	return leaseWorker(ctx, client, node, want, prefer, ttl, log, time.Now)
+}
+
+// leaseWorker is LeaseWorker with the wall clock the high marks are read from.
+func leaseWorker(ctx context.Context, client rueidis.Client, node string, want, prefer int, ttl time.Duration, log *slog.Logger, now func() time.Time) (*WorkerLease, error) {
 	if ttl <= 0 {
 		ttl = DefaultLeaseTTL
 	}
@@ -102,7 +119,7 @@ func LeaseWorker(ctx context.Context, client rueidis.Client, node string, want, 
 	if want >= MaxWorkers {
 		return nil, fmt.Errorf("pay: worker id %d out of range 0..%d", want, MaxWorkers-1)
 	}
-	l := &WorkerLease{client: client, node: node, ttl: ttl, log: log, stop: make(chan struct{}), base: time.Now()}
+	l := &WorkerLease{client: client, node: node, ttl: ttl, log: log, stop: make(chan struct{}), base: time.Now(), now: now}
 	candidates := []int{want}
 	owners := make([]string, MaxWorkers)
 	if want < 0 {
@@ -113,7 +130,7 @@ func LeaseWorker(ctx context.Context, client rueidis.Client, node string, want, 
 	}
 	for _, id := range candidates {
 		sent := l.sinceBase()
-		ok, err := l.claim(ctx, id)
+		ok, high, err := l.claim(ctx, id)
 		if err != nil {
 			return nil, fmt.Errorf("pay: lease worker id: %w", err)
 		}
@@ -123,6 +140,17 @@ func LeaseWorker(ctx context.Context, client rueidis.Client, node string, want, 
 					"worker_id", id, "owner", o)
 			}
 			l.id = id
+			l.since = l.now()
+			if h := time.UnixMilli(high); h.After(l.since) {
+				// The earlier holder (this node itself before a restart
+				// within a TTL, or another whose clock is ahead of this
+				// one's) may have made ids up to h: new ones start after.
+				if h.Sub(l.since) > ttl {
+					log.Warn("pay: the worker id's earlier holder had a clock ahead of this one's; new ids start after its last possible one",
+						"worker_id", id, "ahead", h.Sub(l.since)-ttl)
+				}
+				l.since = h
+			}
 			l.lastOK.Store(sent)
 			l.wg.Add(1)
 			go l.refreshLoop()
@@ -178,10 +206,12 @@ func workerCandidates(ctx context.Context, client rueidis.Client, node string, p
 	return append(append(append(out, mine...), free...), others...), owners, nil
 }
 
-func (l *WorkerLease) claim(ctx context.Context, id int) (bool, error) {
-	n, err := claimScript.Exec(ctx, l.client, []string{WorkerLeaseKey(id), WorkerOwnerKey(id)},
-		[]string{l.node, strconv.FormatInt(l.ttl.Milliseconds(), 10)}).AsInt64()
-	return n == 1, err
+// claim takes or refreshes id's lease: ok, and the high mark it found.
+func (l *WorkerLease) claim(ctx context.Context, id int) (ok bool, high int64, err error) {
+	mark := l.now().Add(l.ttl).UnixMilli()
+	n, err := claimScript.Exec(ctx, l.client, []string{WorkerLeaseKey(id), WorkerOwnerKey(id), WorkerHighKey(id)},
+		[]string{l.node, strconv.FormatInt(l.ttl.Milliseconds(), 10), strconv.FormatInt(mark, 10)}).AsInt64()
+	return err == nil && n >= 0, n, err
 }
 
 // ID is the leased worker id.
@@ -208,7 +238,7 @@ func (l *WorkerLease) refreshLoop() {
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), l.ttl/3)
 		sent := l.sinceBase()
-		ok, err := l.claim(ctx, l.id)
+		ok, _, err := l.claim(ctx, l.id)
 		cancel()
 		switch {
 		case err != nil:
@@ -237,6 +267,8 @@ func (l *WorkerLease) Close() {
 	})
 }
 
-// Since is when this node took the lease: an order id with this worker id
-// made before then was made by an earlier holder (another node).
-func (l *WorkerLease) Since() time.Time { return l.base }
+// Since is when this node took the lease, or the high mark its earlier
+// holders left (WorkerHighKey) if that is later: an id with this worker id
+// and an earlier time was made by an earlier holder (another node, or this
+// one before a restart), and the ids this node makes must be after it.
+func (l *WorkerLease) Since() time.Time { return l.since }

@@ -208,3 +208,69 @@ func TestWorkerIDStaysItsNodes(t *testing.T) {
 	}
 	l.Close()
 }
+
+// A node taking over an absent node's worker id with its clock more than the
+// lease's TTL behind makes its ids after every id the absent node could have
+// made (the high mark in Redis), not at its own clock's time: it would make
+// the absent node's ids again, and madeByEarlierHolder would not know them
+// as the earlier holder's.
+func TestWorkerTakenOverByASlowClockStartsAfterTheEarlierHolder(t *testing.T) {
+	srv := redistest.Start(t)
+	client := func() rueidis.Client {
+		c, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{srv.Addr}, DisableCache: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(c.Close)
+		return c
+	}
+	ctx := context.Background()
+	const ttl = 400 * time.Millisecond
+	const worker = 9
+	ca := client()
+	a, err := pay.LeaseWorkerAt(ctx, ca, "gw-a", worker, -1, ttl, nil, time.Now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	genA := pay.NewIDGen("gw-a", worker, time.Now)
+	var lastA int64
+	for end := time.Now().Add(3 * ttl); time.Now().Before(end) && a.Held(); time.Sleep(5 * time.Millisecond) {
+		lastA = genA.Next(42) // refreshed meanwhile: the mark follows
+	}
+	// gw-a dies: its Redis client gone, its lease runs out (not released).
+	ca.Close()
+	cb := client()
+	for {
+		n, err := cb.Do(ctx, cb.B().Exists().Key(pay.WorkerLeaseKey(worker)).Build()).AsInt64()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if n == 0 {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	behind := func() time.Time { return time.Now().Add(-time.Minute) }
+	b, err := pay.LeaseWorkerAt(ctx, cb, "gw-b", worker, -1, ttl, nil, behind)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	defer a.Close()
+	if !pay.TimeOf(lastA).Before(b.Since()) {
+		t.Fatalf("gw-b (clock a minute behind) took the id over since %v; gw-a made an id at %v", b.Since(), pay.TimeOf(lastA))
+	}
+	if first := pay.FirstIDAt(b.Since()); first <= lastA {
+		t.Fatalf("gw-b's ids may start at %d, not above gw-a's %d", first, lastA)
+	}
+	// Taking it back (gw-b gone too) keeps the mark: it never goes down.
+	b.Close()
+	c, err := pay.LeaseWorkerAt(ctx, client(), "gw-c", worker, -1, ttl, nil, func() time.Time { return time.Now().Add(-time.Hour) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if c.Since().Before(b.Since()) {
+		t.Fatalf("gw-c since %v, before gw-b's %v", c.Since(), b.Since())
+	}
+}
