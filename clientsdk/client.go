@@ -626,7 +626,7 @@ func (c *Client) connect(ctx context.Context, i int) (*session, error) {
 		}
 		token = t
 	}
-	addr, err := c.cfg.dialURL(i, token)
+	addr, err := c.cfg.dialURL(i)
 	if err != nil {
 		return nil, fmt.Errorf("clientsdk: URL: %w", err)
 	}
@@ -639,6 +639,7 @@ func (c *Client) connect(ctx context.Context, i int) (*session, error) {
 	dialer := &ctxDialer{ctx: ctx, local: c.cfg.LocalAddr}
 	conn, resp, err := gws.NewClient(s, &gws.ClientOption{
 		Addr:             addr,
+		RequestHeader:    http.Header{"Authorization": {"Bearer " + token}},
 		HandshakeTimeout: handshake,
 		NewDialer:        func() (gws.Dialer, error) { return dialer, nil },
 	})

@@ -840,12 +840,12 @@ func TestConfigDefaults(t *testing.T) {
 		cfg.ReconnectMax != 5*time.Second || cfg.DedupWindow != 16384 {
 		t.Fatalf("defaults %+v", cfg)
 	}
-	u, _ := cfg.dialURL(0, "t o")
-	if u != "ws://h:1/ws?batch=1&token=t+o&x=1" {
+	u, _ := cfg.dialURL(0)
+	if u != "ws://h:1/ws?batch=1&x=1" {
 		t.Fatalf("dial URL %s", u)
 	}
 	cfg.NoBatch = true
-	if u, _ := cfg.dialURL(0, "t"); strings.Contains(u, "batch") {
+	if u, _ := cfg.dialURL(0); strings.Contains(u, "batch") {
 		t.Fatalf("NoBatch URL %s", u)
 	}
 	c := &Client{cfg: cfg}

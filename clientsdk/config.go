@@ -24,8 +24,8 @@ const (
 // URLs) is usable.
 type Config struct {
 	// URL of the gateway's WebSocket endpoint: "ws://host:port/ws" (wss works
-	// too). Query parameters already in it are kept; token and batch are set by
-	// the client. URL alone is the same as URLs with one entry.
+	// too). Query parameters already in it are kept; batch is set by the
+	// client (the token goes in an Authorization header, never in the URL). URL alone is the same as URLs with one entry.
 	URL string
 
 	// URLs are the WebSocket endpoints of several nodes of one cluster (each
@@ -43,7 +43,8 @@ type Config struct {
 	// the next URL in the list.
 	PreferURL bool
 
-	// Token is sent as ?token= at every (re)connect. Ignored when TokenFunc is
+	// Token is sent in the upgrade request's Authorization header (not in
+	// the URL, which access logs keep) at every (re)connect. Ignored when TokenFunc is
 	// set. With a static Token an HTTP 401 on reconnect is terminal.
 	Token string
 
@@ -179,14 +180,15 @@ func (cfg Config) withDefaults() (Config, error) {
 	return cfg, nil
 }
 
-// dialURL is URL i of the list with the token and batch parameters set.
-func (cfg *Config) dialURL(i int, token string) (string, error) {
+// dialURL is URL i of the list with the batch parameter set (a token put in
+// it by hand is dropped: the token is the Authorization header's).
+func (cfg *Config) dialURL(i int) (string, error) {
 	u, err := url.Parse(cfg.urls[i])
 	if err != nil {
 		return "", err
 	}
 	q := u.Query()
-	q.Set("token", token)
+	q.Del("token")
 	if cfg.NoBatch {
 		q.Del("batch")
 	} else {
@@ -196,8 +198,8 @@ func (cfg *Config) dialURL(i int, token string) (string, error) {
 	return u.String(), nil
 }
 
-// redactedURL is URL i of the list without its query (which carries the
-// token), for errors, logs and state events.
+// redactedURL is URL i of the list without its query (which may carry a
+// token put there by hand), for errors, logs and state events.
 func (cfg *Config) redactedURL(i int) string {
 	u, err := url.Parse(cfg.urls[i])
 	if err != nil {

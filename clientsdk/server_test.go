@@ -99,7 +99,8 @@ func (ts *tServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
-	if r.URL.Query().Get("token") != ts.token.Load().(string) {
+	// The token comes in the Authorization header, never in the URL.
+	if r.Header.Get("Authorization") != "Bearer "+ts.token.Load().(string) || r.URL.Query().Has("token") {
 		http.Error(w, "unauthorized", http.StatusUnauthorized)
 		return
 	}

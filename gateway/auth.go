@@ -97,6 +97,43 @@ func (a *Auth) Verify(tok string) (Identity, error) {
 	return Identity{UserID: uid, Role: c.Role, Expires: exp}, nil
 }
 
+// WSSubprotocol is the WebSocket subprotocol a client offers beside its
+// token (WSBearerPrefix + token) in Sec-WebSocket-Protocol: a browser cannot
+// set an Authorization header on a WebSocket, and a token in the URL's query
+// ends up in access logs, proxies' logs and browser history. The node
+// answers with this one (a browser fails a connection whose answer names
+// none of the offered ones), never the token.
+const WSSubprotocol = "liveedge.v1"
+
+// WSBearerPrefix starts the subprotocol that carries a token.
+const WSBearerPrefix = "liveedge.bearer."
+
+// offersSubprotocol reports whether a Sec-WebSocket-Protocol header's values
+// offer WSSubprotocol.
+func offersSubprotocol(values []string) bool {
+	for _, v := range values {
+		for p := range strings.SplitSeq(v, ",") {
+			if strings.TrimSpace(p) == WSSubprotocol {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// SubprotocolToken is the token a Sec-WebSocket-Protocol header's values
+// carry (WSBearerPrefix + token), or "".
+func SubprotocolToken(values []string) string {
+	for _, v := range values {
+		for p := range strings.SplitSeq(v, ",") {
+			if p = strings.TrimSpace(p); len(p) > len(WSBearerPrefix) && strings.HasPrefix(p, WSBearerPrefix) {
+				return p[len(WSBearerPrefix):]
+			}
+		}
+	}
+	return ""
+}
+
 // BearerToken extracts the token of an "Authorization: Bearer <t>" header value.
 func BearerToken(h string) string {
 	if len(h) > 7 && strings.EqualFold(h[:7], "bearer ") {

@@ -63,7 +63,11 @@ type Server struct {
 	inflight   sync.WaitGroup // async requests (gifts, grabs) still running
 
 	up *gws.Upgrader
-	ln net.Listener // accept and handshake serve it (handshake.go)
+	// upSub is up answering WSSubprotocol, for a request that offers it (gws
+	// refuses a request that offers none of an upgrader's subprotocols, so
+	// up, which names none, serves the others as before).
+	upSub *gws.Upgrader
+	ln    net.Listener // accept and handshake serve it (handshake.go)
 
 	nextID atomic.Uint64
 	// count is the number of connection slots taken: reserved by ServeHTTP
@@ -128,13 +132,17 @@ func newServer(d ServerDeps) *Server {
 	for i := range s.shards {
 		s.shards[i].conns = map[uint64]*Conn{}
 	}
-	s.up = gws.NewUpgrader(s, &gws.ServerOption{
+	opt := gws.ServerOption{
 		ReadMaxPayloadSize: d.Config.WS.MaxFrameHardBytes,
 		CheckUtf8Enabled:   false, // bad text is answered with 10001, not a close
 		HandshakeTimeout:   5 * time.Second,
 		// One pointer per connection instead of gws's map and mutex.
 		NewSession: func() gws.SessionStorage { return new(connSession) },
-	})
+	}
+	sub := opt
+	s.up = gws.NewUpgrader(s, &opt)
+	sub.SubProtocols = []string{WSSubprotocol} // the token's is never answered
+	s.upSub = gws.NewUpgrader(s, &sub)
 	return s
 }
 
@@ -166,7 +174,13 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	q := r.URL.Query() // parsed once (a map and its strings per parse)
+	// The token: an Authorization header (non-browser clients), else the
+	// subprotocol that carries it (browsers: WSSubprotocol), else ?token=
+	// (the first form; it ends up in access logs).
 	tok := BearerToken(r.Header.Get("Authorization"))
+	if tok == "" {
+		tok = SubprotocolToken(r.Header.Values("Sec-WebSocket-Protocol"))
+	}
 	if tok == "" {
 		tok = q.Get("token")
 	}
@@ -231,7 +245,11 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if n := rw.Reader.Buffered(); n > 0 {
 		early, _ = rw.Reader.Peek(n)
 	}
-	socket, err := s.up.UpgradeFromConn(cc, nil, r)
+	up := s.up
+	if offersSubprotocol(r.Header.Values("Sec-WebSocket-Protocol")) {
+		up = s.upSub
+	}
+	socket, err := up.UpgradeFromConn(cc, nil, r)
 	if err != nil {
 		// gws answered the handshake error and called cc.Close, which only
 		// half-closes (the linger of a WebSocket close); no reader will

@@ -590,3 +590,48 @@ func TestReachableOnceTheHelloIsRead(t *testing.T) {
 		c.Close()
 	}
 }
+
+// A browser cannot set an Authorization header on a WebSocket, and a token in
+// the query ends up in access logs: the token may come as a subprotocol
+// (liveedge.bearer.<token>) offered beside liveedge.v1, which the node
+// answers — never the token's. Clients offering no subprotocol are upgraded
+// as before; a bad token that way is refused with 401.
+func TestTokenAsASubprotocol(t *testing.T) {
+	n := nodetest.Start(t, nodetest.Config(t))
+	tok := nodetest.Token(t, n, 77, gateway.RoleViewer)
+	offer := func(v string) http.Header { return http.Header{"Sec-Websocket-Protocol": {v}} }
+	for _, c := range []struct {
+		name, token string
+		header      http.Header
+		answer      string
+	}{
+		{"token as a subprotocol", "", offer(gateway.WSSubprotocol + ", " + gateway.WSBearerPrefix + tok), gateway.WSSubprotocol},
+		{"token as a subprotocol, in two headers", "", http.Header{"Sec-Websocket-Protocol": {gateway.WSSubprotocol, gateway.WSBearerPrefix + tok}}, gateway.WSSubprotocol},
+		{"query token, liveedge.v1 offered", tok, offer(gateway.WSSubprotocol), gateway.WSSubprotocol},
+		{"query token, no subprotocol", tok, nil, ""},
+		{"Authorization header", "", http.Header{"Authorization": {"Bearer " + tok}}, ""},
+	} {
+		r, resp, err := nodetest.DialRaw(t, nodetest.WSURL(n), c.token, nodetest.RawOptions{Header: c.header})
+		if err != nil {
+			t.Fatalf("%s: %v (%v)", c.name, err, resp)
+		}
+		if got := resp.Header.Values("Sec-Websocket-Protocol"); strings.Join(got, ",") != c.answer {
+			t.Fatalf("%s: answered subprotocol %q, want %q", c.name, got, c.answer)
+		}
+		h := r.Next(5 * time.Second)
+		if h.T != proto.TypeHello || !strings.Contains(string(h.D), `"user_id":77`) {
+			t.Fatalf("%s: first frame %s %s", c.name, h.T, h.D)
+		}
+		r.Close()
+	}
+	for name, h := range map[string]http.Header{
+		"bad token":    offer(gateway.WSSubprotocol + ", " + gateway.WSBearerPrefix + "x.y.z"),
+		"other secret": offer(gateway.WSSubprotocol + ", " + gateway.WSBearerPrefix + otherSecretToken(t)),
+		"empty token":  offer(gateway.WSSubprotocol + ", " + gateway.WSBearerPrefix),
+	} {
+		_, resp, err := nodetest.DialRaw(t, nodetest.WSURL(n), "", nodetest.RawOptions{Header: h})
+		if err == nil || resp == nil || resp.StatusCode != http.StatusUnauthorized {
+			t.Fatalf("%s: want 401, got %v (%v)", name, resp, err)
+		}
+	}
+}

@@ -36,6 +36,10 @@ type RawOptions struct {
 	Buf    int  // frames buffered before reading blocks (default 1024)
 	RcvBuf int  // socket receive buffer in bytes (0 = kernel default)
 	SndBuf int  // socket send buffer in bytes (0 = kernel default)
+	// Header is sent with the upgrade request (Authorization,
+	// Sec-WebSocket-Protocol, ...); an empty token is then left out of the
+	// query.
+	Header http.Header
 }
 
 // DialRaw connects to url with token (query). Beyond o.Buf unread frames,
@@ -48,10 +52,13 @@ func DialRaw(tb testing.TB, url, token string, o RawOptions) (*Raw, *http.Respon
 	r := &Raw{tb: tb, frames: make(chan proto.ServerFrame, o.Buf), gate: make(chan struct{}), closed: make(chan struct{})}
 	close(r.gate)
 	u := url + "?token=" + token
+	if token == "" && o.Header != nil {
+		u = url + "?"
+	}
 	if o.Batch {
 		u += "&batch=1"
 	}
-	opt := &gws.ClientOption{Addr: u, ReadMaxPayloadSize: 64 << 20}
+	opt := &gws.ClientOption{Addr: u, ReadMaxPayloadSize: 64 << 20, RequestHeader: o.Header}
 	if o.RcvBuf > 0 || o.SndBuf > 0 {
 		opt.NewDialer = func() (gws.Dialer, error) {
 			return &net.Dialer{Timeout: 5 * time.Second, Control: func(_, _ string, c syscall.RawConn) error {
