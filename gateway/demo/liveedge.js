@@ -40,6 +40,8 @@ function reconnectable(code) {
 var MaxAckMids = 1024;
 
 // src/client.ts
+var Subprotocol = "liveedge.v1";
+var TokenSubprotocolPrefix = "liveedge.bearer.";
 function isBiz(p, biz) {
   return p.biz === biz;
 }
@@ -358,10 +360,10 @@ var LiveClient = class _LiveClient {
     const tok = await this.token(reason);
     if (this.closed) throw new ClosedError(this.closeCause);
     const u = new URL(url);
-    u.searchParams.set("token", tok);
+    u.searchParams.delete("token");
     if (this.o.batch) u.searchParams.set("batch", "1");
     else u.searchParams.delete("batch");
-    const ws = new this.o.WebSocket(u.toString());
+    const ws = new this.o.WebSocket(u.toString(), [Subprotocol, TokenSubprotocolPrefix + tok]);
     const hello = await new Promise((resolve, reject) => {
       let errMsg = "";
       const timer = setTimeout(() => {
@@ -904,7 +906,9 @@ export {
   MinFailsForExpiry,
   ProbeGrace,
   ReplyError,
+  Subprotocol,
   TimeoutError,
+  TokenSubprotocolPrefix,
   UnauthorizedError,
   connect,
   isBiz,

@@ -1,8 +1,9 @@
 // LiveClient: one WebSocket connection at a time to a LiveEdge node, kept
 // alive across disconnects. The behaviour mirrors the Go SDK (clientsdk/):
 //
-//   - connect with ?token= (a static token or a callback asked before every
-//     attempt) and ?batch=1; several node URLs are tried in turn;
+//   - connect with the token as a subprotocol (a static token or a callback
+//     asked before every attempt; never in the URL) and ?batch=1; several
+//     node URLs are tried in turn;
 //   - reconnect with exponential backoff and full jitter after any close whose
 //     code is below 4500; 45xx is terminal, except 4501 (token expired) when a
 //     token callback can fetch a new token; a static token refused (HTTP 401,
@@ -58,7 +59,20 @@ export interface WebSocketLike {
   send(data: string): void;
   close(code?: number, reason?: string): void;
 }
-export type WebSocketCtor = new (url: string) => WebSocketLike;
+/**
+ * A WebSocket constructor; protocols carries the token (see
+ * TokenSubprotocolPrefix), so one that ignores it is refused (401).
+ */
+export type WebSocketCtor = new (url: string, protocols?: string | string[]) => WebSocketLike;
+
+/** The subprotocol the client offers, which the node answers. */
+export const Subprotocol = "liveedge.v1";
+/**
+ * The token travels as the subprotocol TokenSubprotocolPrefix + token offered
+ * beside Subprotocol: a browser cannot set an Authorization header on a
+ * WebSocket, and a token in the URL ends up in access logs and history.
+ */
+export const TokenSubprotocolPrefix = "liveedge.bearer.";
 
 /** Why the token callback is asked. */
 export type TokenReason = "connect" | "reconnect" | "expired";
@@ -587,10 +601,10 @@ export class LiveClient {
     const tok = await this.token(reason);
     if (this.closed) throw new ClosedError(this.closeCause);
     const u = new URL(url);
-    u.searchParams.set("token", tok);
+    u.searchParams.delete("token"); // the token is the subprotocol's, never the URL's
     if (this.o.batch) u.searchParams.set("batch", "1");
     else u.searchParams.delete("batch");
-    const ws = new this.o.WebSocket(u.toString());
+    const ws = new this.o.WebSocket(u.toString(), [Subprotocol, TokenSubprotocolPrefix + tok]);
     const hello = await new Promise<Hello>((resolve, reject) => {
       let errMsg = "";
       const timer = setTimeout(() => {

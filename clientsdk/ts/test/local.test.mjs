@@ -34,7 +34,10 @@ async function server(script, refuse = () => false, hello = {}) {
   await new Promise((r) => wss.on("listening", r));
   const conns = [];
   wss.on("connection", (ws, req) => {
-    const conn = { ws, url: new URL(req.url, "http://x"), frames: [], n: conns.length };
+    // The token: the subprotocol liveedge.bearer.<token> offered beside liveedge.v1 (answered).
+    const offered = String(req.headers["sec-websocket-protocol"] ?? "").split(",").map((p) => p.trim());
+    const token = offered.find((p) => p.startsWith("liveedge.bearer."))?.slice("liveedge.bearer.".length);
+    const conn = { ws, url: new URL(req.url, "http://x"), token, protocol: ws.protocol, frames: [], n: conns.length };
     conns.push(conn);
     ws.on("message", (b) => {
       const f = JSON.parse(String(b));
@@ -86,7 +89,9 @@ test("batch frames: pushes inside are delivered once each in order; duplicates a
   });
   const c = await collect({ urls: srv.url, token: "t" });
   assert.equal(srv.conns[0].url.searchParams.get("batch"), "1");
-  assert.equal(srv.conns[0].url.searchParams.get("token"), "t");
+  assert.equal(srv.conns[0].token, "t");
+  assert.equal(srv.conns[0].protocol, "liveedge.v1", "the subprotocol answered is liveedge.v1, not the token's");
+  assert.equal(srv.conns[0].url.searchParams.get("token"), null, "no token in the URL");
   await eventually(() => c.ev.pushes.length === 3, 3000, "3 pushes");
   assert.deepEqual(c.ev.pushes.map((p) => p.mid), ["m1", "m2", "m3"]);
   const acks = () => srv.conns[0].frames.filter((f) => f.t === "ack").map((f) => f.d.mids);
@@ -153,7 +158,7 @@ test("4501 with a token callback: a new token is fetched and the client reconnec
   srv.conns[0].onJoinedClose();
   await eventually(() => c.ev.states.some((s) => s.state === "connected" && s.attempt > 0), 5000, "reconnected");
   assert.deepEqual(reasons, ["connect", "expired"]);
-  assert.equal(srv.conns[1].url.searchParams.get("token"), "tok1");
+  assert.equal(srv.conns[1].token, "tok1");
   assert.ok(srv.conns[1].frames.some((f) => f.t === "join" && f.d.room_id === 9));
   await c.ping();
 });
@@ -728,8 +733,8 @@ test("a node that stops reading while it keeps pushing is left once the send buf
 // error event carries no message (browsers do not expose the HTTP status),
 // the close is 1006.
 class BrowserWS {
-  constructor(url) {
-    this.ws = new WS(url);
+  constructor(url, protocols) {
+    this.ws = new WS(url, protocols);
     this.onopen = this.onmessage = this.onclose = this.onerror = null;
     this.ws.on("error", () => this.onerror?.({ type: "error" }));
     this.ws.on("close", (code, reason) => this.onclose?.({ code, reason: String(reason) }));

@@ -24,8 +24,8 @@ after(async () => {
 /** A ws WebSocket that records every frame sent and received (batches flattened). */
 function spySocket(log) {
   return class extends WebSocket {
-    constructor(url) {
-      super(url);
+    constructor(url, protocols) {
+      super(url, protocols);
       this.on("message", (b) => {
         const f = JSON.parse(String(b));
         for (const x of f.t === "batch" ? f.d : [f]) log.received.push(x);
