@@ -176,17 +176,33 @@ func statusOf(v int64) int {
 }
 
 // Status implements Statuses (client-side cached, kept coherent by Redis).
+// It fails closed: while the shared state is not ready (Redis lost its data
+// and the nodes are putting it back, Contribute), a user whose key is
+// missing, or says normal, may have a freeze on some node's disk not put
+// back yet — errRebuilding (retry), never "normal"; a freeze already back
+// is answered.
 func (s *Shared) Status(user int64) (int, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
-	v, err := s.Client.DoCache(ctx, s.Client.B().Get().Key(SharedKey(user)).Cache(), time.Minute).AsInt64()
-	if rueidis.IsRedisNil(err) {
-		return StatusNormal, nil
-	}
-	if err != nil {
+	r := s.Client.DoMultiCache(ctx,
+		rueidis.CT(s.Client.B().Get().Key(SharedKey(user)).Cache(), time.Minute),
+		rueidis.CT(s.Client.B().Hget().Key(persist.SharedMetaKey).Field("state").Cache(), time.Minute))
+	st := StatusNormal
+	v, err := r[0].AsInt64()
+	switch {
+	case err == nil:
+		st = statusOf(v)
+	case !rueidis.IsRedisNil(err):
 		return 0, err
 	}
-	return statusOf(v), nil
+	state, err := r[1].ToString()
+	if err != nil && !rueidis.IsRedisNil(err) {
+		return 0, err
+	}
+	if state != "ready" && st != StatusFrozen {
+		return 0, errRebuilding
+	}
+	return st, nil
 }
 
 // setStatusScript stores change ARGV[1] (a status) of KEYS[1] as

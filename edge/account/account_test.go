@@ -228,3 +228,82 @@ func walletReady(t *testing.T, rdb rueidis.Client) {
 		t.Fatal(err)
 	}
 }
+
+// Shared: after Redis lost its data, a frozen user is not read as normal
+// while the nodes put the statuses back (the shared state not ready): the
+// read answers "retry" (50000) until the freeze is back or the state is
+// ready; a user never frozen reads normal again once it is.
+func TestSharedFreezeNotForgottenWhileRebuilt(t *testing.T) {
+	srv := redistest.Start(t)
+	client := func() rueidis.Client {
+		c, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{srv.Addr}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(c.Close)
+		return c
+	}
+	st, err := persist.Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	a, b := &account.Shared{Client: client(), Store: st}, &account.Shared{Client: client()}
+	walletReady(t, a.Client)
+	if err := a.SetStatus(5, account.StatusFrozen); err != nil {
+		t.Fatal(err)
+	}
+	for _, u := range []int64{5, 6} { // b's cache holds both
+		if _, err := b.Frozen(u); err != nil {
+			t.Fatal(err)
+		}
+	}
+	srv.Restart() // empty: no status keys, no shared state
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		f, err := b.Frozen(5)
+		if err == nil && !f {
+			t.Fatal("the frozen user read as normal while Redis had lost the statuses")
+		}
+		if err != nil {
+			if proto.AsError(err).Code != proto.CodeInternal {
+				t.Fatalf("while rebuilt: %v, want 50000 (retry)", err)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the freeze still answered from the cache 5 s after Redis lost it")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if _, err := b.Frozen(6); err == nil || proto.AsError(err).Code != proto.CodeInternal {
+		t.Fatalf("a user never frozen, while rebuilt: %v, want 50000 (retry)", err)
+	}
+	// The rebuild: a's disk gives the freeze back, then the state is ready.
+	rdb := srv.Client(t)
+	if err := rdb.Do(context.Background(), rdb.B().Hset().Key(persist.SharedMetaKey).FieldValue().FieldValue("state", "rebuilding").Build()).Error(); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Contribute(time.Time{}, func(op ...string) error {
+		return rdb.Do(context.Background(), rdb.B().Set().Key(op[1]).Value(op[2]).Build()).Error()
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if f, err := b.Frozen(5); err != nil || !f {
+		t.Fatalf("the freeze put back, state still rebuilding: frozen=%v %v", f, err)
+	}
+	walletReady(t, rdb)
+	for u, want := range map[int64]bool{5: true, 6: false} {
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			f, err := b.Frozen(u)
+			if err == nil && f == want {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("user %d once ready: frozen=%v %v, want %v", u, f, err, want)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+}
