@@ -466,20 +466,28 @@ func (c *Client) JoinInfo(ctx context.Context, roomID int64) (JoinResult, error)
 		jr = joinReply{}
 		perr = proto.Unmarshal(d, &jr)
 		c.mu.Lock()
+		defer c.mu.Unlock()
 		p := c.rooms[roomID]
 		if p == nil {
-			p = &roomPos{}
-			if e := c.joining[roomID]; e != nil {
-				*p = *e // pushes that came before the reply
+			e := c.joining[roomID]
+			if e == nil {
+				// A Leave came after this Join was sent (it dropped the
+				// room from joining): the node runs the leave after the
+				// join, so the room is not re-joined.
+				return
 			}
+			p = &roomPos{}
+			*p = *e // pushes that came before the reply
 			c.rooms[roomID] = p
 		}
 		if jr.Ep != nil {
 			p.merge(jr.Off, *jr.Ep)
 		}
-		c.mu.Unlock()
 	})
 	if err != nil {
+		if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) {
+			c.undoJoin(roomID, early)
+		}
 		return JoinResult{}, err
 	}
 	if perr != nil {
@@ -488,11 +496,46 @@ func (c *Client) JoinInfo(ctx context.Context, roomID int64) (JoinResult, error)
 	return JoinResult{RoomID: roomID, Online: jr.Online, Off: jr.Off, Ep: jr.ep()}, nil
 }
 
+// undoJoin leaves a room whose join went unanswered (its context ended):
+// the node may have joined it while the client does not track it — its
+// pushes would come until the next reconnect, and then stop without a word.
+// The leave is written before Join returns, so a Join retried after it comes
+// after the leave; a room joined or being joined by another call meanwhile
+// is kept.
+func (c *Client) undoJoin(roomID int64, mine *roomPos) {
+	c.mu.Lock()
+	if j := c.joining[roomID]; c.rooms[roomID] != nil || (j != nil && j != mine) {
+		c.mu.Unlock()
+		return
+	}
+	if c.left == nil || len(c.left) >= maxLeft {
+		c.left = map[int64]struct{}{}
+	}
+	c.left[roomID] = struct{}{}
+	s := c.sess
+	c.mu.Unlock()
+	if s == nil {
+		return // no connection: the one the join went on is gone, and its rooms with it
+	}
+	ctx, cancel := context.WithTimeout(c.ctx, c.cfg.RequestTimeout)
+	id, cl, err := s.send(ctx, proto.TypeLeave, proto.RoomReq{RoomID: roomID}, nil)
+	if err != nil {
+		cancel()
+		return
+	}
+	go func() { // its reply, bounded by RequestTimeout
+		defer cancel()
+		_, _ = s.await(ctx, proto.TypeLeave, id, cl)
+	}()
+}
+
 // Leave leaves a room. The room leaves the re-join set at once, whatever the
-// outcome of the request.
+// outcome of the request (a Join of it still waiting for its reply does not
+// put it back).
 func (c *Client) Leave(ctx context.Context, roomID int64) error {
 	c.mu.Lock()
 	delete(c.rooms, roomID)
+	delete(c.joining, roomID)
 	if c.left == nil || len(c.left) >= maxLeft {
 		c.left = map[int64]struct{}{}
 	}
@@ -785,10 +828,14 @@ func (c *Client) rejoined(room int64, since *proto.Position) func(d []byte) {
 		}
 		c.mu.Lock()
 		p := c.rooms[room]
+		if p == nil {
+			c.mu.Unlock()
+			return // left while it was re-joined: nothing to re-sync
+		}
 		// A live push that came before the reply moved the position on:
 		// advance reported its gap, if it had one.
-		moved := p != nil && since != nil && (p.off != since.Off || p.ep != since.Ep)
-		if p != nil && jr.Ep != nil {
+		moved := since != nil && (p.off != since.Off || p.ep != since.Ep)
+		if jr.Ep != nil {
 			p.merge(jr.Off, *jr.Ep)
 		}
 		c.mu.Unlock()

@@ -474,3 +474,49 @@ func numberedRooms(t *testing.T) (*tServer, *rec, *Client) {
 	ts.mu.Unlock()
 	return ts, r, c
 }
+
+// A Leave while the room's Join waits for its reply: the node runs the
+// leave after the join, so the room is not joined — and the client does not
+// re-join it after a reconnect. A Join whose reply does not come in time is
+// undone by a leave written before Join returns (the node may have joined
+// it; the client does not track it), and its pushes are not the app's.
+// Before, the first was re-joined at every reconnect and the second's
+// pushes were delivered until the next reconnect, then stopped silently.
+func TestJoinOverlappedByLeaveOrTimedOutIsNotJoined(t *testing.T) {
+	ts, r, c := numberedRooms(t)
+	ctx := context.Background()
+	ts.firstDelay.Store(int64(300 * time.Millisecond))
+	joined := make(chan error, 1)
+	go func() { _, err := c.Join(ctx, 5); joined <- err }()
+	waitFor(t, 5*time.Second, "the join read", func() bool { return len(ts.joinsOn(0)) == 1 })
+	if err := c.Leave(ctx, 5); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-joined; err != nil {
+		t.Fatal(err)
+	}
+	short, cancel := context.WithTimeout(ctx, 100*time.Millisecond)
+	_, err := c.Join(short, 7)
+	cancel()
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("join with its reply late: %v, want a timeout", err)
+	}
+	waitFor(t, 5*time.Second, "the timed-out join undone", func() bool { return ts.count(proto.TypeLeave) == 2 })
+	ts.firstDelay.Store(0)
+	tc := ts.conn(0)
+	tc.send(t, offPush("p7", false, 7, 1, "e7", "the undone room's"))
+	if _, err := c.Join(ctx, 9); err != nil {
+		t.Fatal(err)
+	}
+	tc.send(t, offPush("p9", false, 9, 1, "e9", "a joined room's"))
+	waitFor(t, 5*time.Second, "p9", func() bool { return r.hasMid("p9") })
+	if r.hasMid("p7") {
+		t.Fatal("a push of the room whose join timed out (and was undone) was delivered")
+	}
+	tc.close(proto.CloseGoingAway)
+	waitFor(t, 5*time.Second, "reconnected", func() bool { return c.Stats().Reconnects == 1 && len(ts.joinsOn(1)) >= 1 })
+	time.Sleep(100 * time.Millisecond)
+	if got := ts.joinsOn(1); !slices.Equal(got, []int64{9}) {
+		t.Fatalf("re-joined %v after the reconnect, want only room 9", got)
+	}
+}

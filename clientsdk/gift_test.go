@@ -42,14 +42,17 @@ func TestGiftReqIDForARetry(t *testing.T) {
 	}
 	porsche := clientsdk.GiftReq{RoomID: room, GiftID: 25, ReceiverID: 1}
 	// gift retries g while the node says the first copy is still being
-	// processed (10409), as an app does.
+	// processed (10409), as an app does: with the req_id the first try sent
+	// (a new one would debit again).
 	gift := func(g clientsdk.GiftReq) (clientsdk.GiftResult, error) {
 		for {
 			r, err := c.Gift(ctx, g)
 			var pe *proto.Error
-			if !errors.As(err, &pe) || pe.Code != proto.CodeConflict || ctx.Err() != nil {
+			var ge *clientsdk.GiftError
+			if !errors.As(err, &pe) || pe.Code != proto.CodeConflict || ctx.Err() != nil || !errors.As(err, &ge) {
 				return r, err
 			}
+			g.ReqID = ge.ReqID
 			time.Sleep(10 * time.Millisecond)
 		}
 	}

@@ -30,6 +30,7 @@ type tServer struct {
 	kick       atomic.Int32 // a close code sent right after hello (0: none)
 	joinDelay  atomic.Int64 // nanoseconds to hold the reply to a join with since (a slow re-join)
 	pingDelay  atomic.Int64 // nanoseconds to hold the reply to a ping (0: at once)
+	firstDelay atomic.Int64 // nanoseconds to hold the reply to a join without since (a slow first join)
 
 	mu         sync.Mutex
 	conns      []*tConn
@@ -194,6 +195,9 @@ func (ts *tServer) OnMessage(ws *gws.Conn, m *gws.Message) {
 		pos, numbered := ts.pos[rr.RoomID]
 		lost, replay, before := ts.lost[rr.RoomID], ts.replay[rr.RoomID], ts.before[rr.RoomID]
 		ts.mu.Unlock()
+		if d := time.Duration(ts.firstDelay.Load()); d > 0 && rr.Since == nil {
+			time.Sleep(d) // recorded, answered late, holding the read loop: a leave sent meanwhile runs after
+		}
 		if d := time.Duration(ts.joinDelay.Load()); d > 0 && rr.Since != nil {
 			time.Sleep(d) // recorded (joinList), answered late: holds this connection's read loop, as a slow node would
 		}
