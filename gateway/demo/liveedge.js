@@ -216,7 +216,7 @@ var LiveClient = class _LiveClient {
         last = e;
         c.urlIndex++;
         if (e instanceof UnauthorizedError && opts.token !== void 0) break;
-        if (e instanceof CloseError && !reconnectable(e.code)) break;
+        if (e instanceof CloseError && !reconnectable(e.code) && !(e.code === Close.TokenExpired && opts.getToken)) break;
       }
     }
     c.closed = true;
@@ -265,10 +265,18 @@ var LiveClient = class _LiveClient {
       this.joining.set(roomId, early);
     }
     try {
-      const r = await this.request("join", { room_id: roomId }, o);
+      let r;
+      try {
+        r = await this.request("join", { room_id: roomId }, o);
+      } catch (e) {
+        if (e instanceof TimeoutError) this.undoJoin(roomId, early);
+        throw e;
+      }
       let st = this.rooms.get(roomId);
       if (!st) {
-        st = { since: early?.since };
+        const e = this.joining.get(roomId);
+        if (!e) return r;
+        st = { since: e.since };
         this.rooms.set(roomId, st);
       }
       const s = sinceOf(r);
@@ -278,8 +286,25 @@ var LiveClient = class _LiveClient {
       if (mine && this.joining.get(roomId) === early) this.joining.delete(roomId);
     }
   }
+  /**
+   * Leaves a room whose join went unanswered in time: the node may have
+   * joined it while the client does not track it (its pushes would come
+   * until the next reconnect, then stop without a word). The leave is written
+   * before join() rejects, so a join retried after it comes after the leave;
+   * a room joined or being joined by another call meanwhile is kept.
+   */
+  undoJoin(roomId, mine) {
+    const j = this.joining.get(roomId);
+    if (this.rooms.has(roomId) || j !== void 0 && j !== mine) return;
+    if (this.left.size >= MaxLeft) this.left.clear();
+    this.left.add(roomId);
+    const ws = this.ws;
+    if (ws && ws.readyState === OPEN) this.send(ws, "leave", { room_id: roomId }, this.o.requestTimeoutMs).catch(() => {
+    });
+  }
   async leave(roomId, o) {
     this.rooms.delete(roomId);
+    this.joining.delete(roomId);
     if (this.left.size >= MaxLeft) this.left.clear();
     this.left.add(roomId);
     await this.request("leave", { room_id: roomId }, o);
@@ -296,17 +321,20 @@ var LiveClient = class _LiveClient {
   }
   /**
    * Sends a gift; reqId makes it idempotent (a retry with the same reqId moves nothing again); pk
-   * scores it in the room's PK. Without a reqId one is made: a failed call's error carries it as
-   * `reqId` — retry with it, never with a new one (a gift whose answer was lost may have been
-   * debited, and a new reqId debits again).
+   * scores it in the room's PK. Without a reqId one is made and written into g (so a retry with
+   * the same g sends it again), and a failed call's error carries it as `reqId` — retry with it,
+   * never with a new one (a gift whose answer was lost may have been debited, and a new reqId
+   * debits again).
    */
   gift(g, o) {
     const d = {
       room_id: g.roomId,
       gift_id: g.giftId,
       receiver_id: g.receiverId,
-      count: g.count ?? 1,
-      req_id: g.reqId ?? randomId()
+      count: g.count || 1,
+      // 0 means 1, as in the Go SDK
+      req_id: g.reqId || (g.reqId = randomId())
+      // written back: a retry with the same g sends the same req_id
     };
     if (g.pk) d.pk = true;
     return this.request("gift", d, o).catch((e) => {
@@ -453,6 +481,7 @@ var LiveClient = class _LiveClient {
       if (sent) d.since = sent;
       try {
         const r = await this.send(ws, "join", d, this.o.requestTimeoutMs);
+        if (this.rooms.get(room) !== st) return;
         if (sent && r.recovered !== true && st.since === sent)
           this.emitState({ state: "room_resync", room, since: sent, at: { off: r.off ?? 0, ep: r.ep ?? "" } });
         const s = sinceOf(r);

@@ -425,7 +425,8 @@ export class LiveClient {
         last = e as Error;
         c.urlIndex++;
         if (e instanceof UnauthorizedError && opts.token !== undefined) break;
-        if (e instanceof CloseError && !reconnectable(e.code)) break; // terminal (as the Go SDK's)
+        // Terminal (as the Go SDK's) — but 4501 (token expired) with a token callback: the next URL asks it again.
+        if (e instanceof CloseError && !reconnectable(e.code) && !(e.code === Close.TokenExpired && opts.getToken)) break;
       }
     }
     c.closed = true;
@@ -493,10 +494,20 @@ export class LiveClient {
       this.joining.set(roomId, early);
     }
     try {
-      const r = await this.request("join", { room_id: roomId }, o);
+      let r: JoinReply;
+      try {
+        r = await this.request("join", { room_id: roomId }, o);
+      } catch (e) {
+        if (e instanceof TimeoutError) this.undoJoin(roomId, early);
+        throw e;
+      }
       let st = this.rooms.get(roomId);
       if (!st) {
-        st = { since: early?.since }; // pushes that came before the reply
+        // A leave() after this join was sent dropped the room from joining:
+        // the node ran the leave after the join, so the room is not joined.
+        const e = this.joining.get(roomId);
+        if (!e) return r;
+        st = { since: e.since }; // pushes that came before the reply
         this.rooms.set(roomId, st);
       }
       const s = sinceOf(r);
@@ -506,8 +517,24 @@ export class LiveClient {
       if (mine && this.joining.get(roomId) === early) this.joining.delete(roomId);
     }
   }
+  /**
+   * Leaves a room whose join went unanswered in time: the node may have
+   * joined it while the client does not track it (its pushes would come
+   * until the next reconnect, then stop without a word). The leave is written
+   * before join() rejects, so a join retried after it comes after the leave;
+   * a room joined or being joined by another call meanwhile is kept.
+   */
+  private undoJoin(roomId: number, mine: RoomState | undefined): void {
+    const j = this.joining.get(roomId);
+    if (this.rooms.has(roomId) || (j !== undefined && j !== mine)) return;
+    if (this.left.size >= MaxLeft) this.left.clear();
+    this.left.add(roomId);
+    const ws = this.ws;
+    if (ws && ws.readyState === OPEN) this.send(ws, "leave", { room_id: roomId }, this.o.requestTimeoutMs).catch(() => {});
+  }
   async leave(roomId: number, o?: { timeout?: number }): Promise<void> {
     this.rooms.delete(roomId);
+    this.joining.delete(roomId); // a join still waiting for its reply does not put it back
     if (this.left.size >= MaxLeft) this.left.clear();
     this.left.add(roomId);
     await this.request("leave", { room_id: roomId }, o);
@@ -524,9 +551,10 @@ export class LiveClient {
   }
   /**
    * Sends a gift; reqId makes it idempotent (a retry with the same reqId moves nothing again); pk
-   * scores it in the room's PK. Without a reqId one is made: a failed call's error carries it as
-   * `reqId` — retry with it, never with a new one (a gift whose answer was lost may have been
-   * debited, and a new reqId debits again).
+   * scores it in the room's PK. Without a reqId one is made and written into g (so a retry with
+   * the same g sends it again), and a failed call's error carries it as `reqId` — retry with it,
+   * never with a new one (a gift whose answer was lost may have been debited, and a new reqId
+   * debits again).
    */
   gift(
     g: { roomId: number; giftId: number; receiverId: number; count?: number; reqId?: string; pk?: boolean },
@@ -536,8 +564,8 @@ export class LiveClient {
       room_id: g.roomId,
       gift_id: g.giftId,
       receiver_id: g.receiverId,
-      count: g.count ?? 1,
-      req_id: g.reqId ?? randomId(),
+      count: g.count || 1, // 0 means 1, as in the Go SDK
+      req_id: (g.reqId ||= randomId()), // written back: a retry with the same g sends the same req_id
     };
     if (g.pk) d.pk = true;
     return this.request("gift", d, o).catch((e: unknown) => {
@@ -705,6 +733,7 @@ export class LiveClient {
       if (sent) d.since = sent;
       try {
         const r = (await this.send(ws, "join", d, this.o.requestTimeoutMs)) as JoinReply;
+        if (this.rooms.get(room) !== st) return; // left while it was re-joined: nothing to re-sync
         // Not recovered: report it — unless a live push that came before
         // the reply moved the position on (onPush reported its gap then).
         if (sent && r.recovered !== true && st.since === sent)

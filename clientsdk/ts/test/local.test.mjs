@@ -6,7 +6,7 @@
 import { test, afterEach } from "node:test";
 import assert from "node:assert/strict";
 import WS, { WebSocketServer } from "ws";
-import { connect, CloseError, UnauthorizedError, Biz } from "../dist/node.js";
+import { connect, CloseError, UnauthorizedError, TimeoutError, Biz } from "../dist/node.js";
 import { eventually } from "./node.mjs";
 
 const cleanup = [];
@@ -806,4 +806,69 @@ test("the reconnecting event names why the previous attempt failed", async () =>
   assert.equal(waits.length, 3);
   assert.equal(waits[0].error, undefined, "no attempt failed before the first");
   for (const w of waits.slice(1)) assert.match(String(w.error?.message), /503/, `attempt ${w.attempt}: ${w.error}`);
+});
+
+// A leave() while the room's join waits for its reply: the node runs the leave after the join, so
+// the room is not joined and not re-joined after a reconnect. A join whose reply did not come in time
+// is undone by a leave written before join() rejects, and its room's pushes are not the app's.
+// Before, the first was re-joined at every reconnect and the second's pushes were delivered until the
+// next reconnect, then stopped without a word.
+test("a join overlapped by a leave, or timed out, leaves the room out: not re-joined, its pushes dropped", async () => {
+  const srv = await server((conn) => {
+    let chain = Promise.resolve(); // the node answers a connection's frames in order
+    conn.onFrame = (f) => {
+      if (f.t === "ack") return;
+      const slow = conn.n === 0 && f.t === "join" && (f.d.room_id === 5 || f.d.room_id === 7);
+      chain = chain
+        .then(() => new Promise((r) => setTimeout(r, slow ? 200 : 0)))
+        .then(() => conn.send({ t: "reply", id: f.id, code: 0, msg: "ok", d: f.t === "join" ? { room_id: f.d.room_id, online: 1 } : {} }));
+    };
+  });
+  const c = await collect({ urls: srv.url, token: "t" });
+  const joined = c.join(5);
+  await eventually(() => srv.conns[0].frames.some((f) => f.t === "join" && f.d.room_id === 5), 3000, "join 5 sent");
+  await c.leave(5);
+  await joined;
+  await assert.rejects(c.join(7, { timeout: 50 }), (e) => e instanceof TimeoutError);
+  await eventually(() => srv.conns[0].frames.some((f) => f.t === "leave" && f.d.room_id === 7), 3000, "the timed-out join undone");
+  await c.join(9);
+  srv.conns[0].send(push("p7", { from: 1, text: "the undone room's" }, { room: 7, ack: false, off: 1, ep: "e7" }));
+  srv.conns[0].send(push("p9", { from: 1, text: "a joined room's" }, { ack: false, off: 1, ep: "e9" }));
+  await eventually(() => c.ev.pushes.some((p) => p.mid === "p9"), 3000, "p9");
+  assert.ok(!c.ev.pushes.some((p) => p.mid === "p7"), "a push of the room whose join timed out was delivered");
+  srv.conns[0].ws.close(1001, "going away");
+  await eventually(() => srv.conns.length === 2 && srv.conns[1].frames.some((f) => f.t === "join"), 5000, "re-joined");
+  await new Promise((r) => setTimeout(r, 100));
+  assert.deepEqual(srv.conns[1].frames.filter((f) => f.t === "join").map((f) => f.d.room_id), [9]);
+});
+
+test("gift: a reqId made is written into g, so a retry with the same g sends the same req_id; count 0 is 1", async () => {
+  const srv = await server((conn) => {
+    conn.onFrame = (f) => {
+      if (f.t === "gift") conn.send({ t: "reply", id: f.id, code: 10409, msg: "still being processed; retry with the same req_id" });
+    };
+  });
+  const c = await collect({ urls: srv.url, token: "t" });
+  const g = { roomId: 9, giftId: 1, receiverId: 2, count: 0 };
+  for (let i = 0; i < 2; i++) await assert.rejects(c.gift(g), (e) => e.code === 10409 && e.reqId === g.reqId);
+  const sent = srv.conns[0].frames.filter((f) => f.t === "gift").map((f) => f.d);
+  assert.equal(sent.length, 2);
+  assert.ok(sent[0].req_id && g.reqId === sent[0].req_id && sent[1].req_id === sent[0].req_id, JSON.stringify(sent));
+  assert.equal(sent[0].count, 1);
+});
+
+test("connect: a first node closing 4501 (token expired) with a token callback moves on to the next URL", async () => {
+  const wss = new WebSocketServer({ host: "127.0.0.1", port: 0 });
+  await new Promise((r) => wss.on("listening", r));
+  wss.on("connection", (ws) => ws.close(4501, "token expired"));
+  cleanup.push(() => new Promise((r) => wss.close(r)));
+  const good = await server((conn) => answer(conn));
+  let asked = 0;
+  const c = await collect({
+    urls: [`ws://127.0.0.1:${wss.address().port}/ws`, good.url],
+    preferFirstUrl: true,
+    getToken: () => "t" + asked++,
+  });
+  await c.ping();
+  assert.equal(asked, 2, "the token callback asked again for the next URL");
 });
