@@ -1762,9 +1762,16 @@ func (c *Cluster) Register(s Session) {
 				c.lingerUser(u, cu)
 			}
 			c.mu.Unlock()
-			// Subscribed first, then drained: a push stored before the
-			// sender published is in the list; one published after
-			// arrives through the subscription.
+			// Subscribed first — the server has the interest once the
+			// flush comes back: Subscribe only buffers it, and a push
+			// published before the server has it is dropped — then
+			// drained: a push stored before the sender published is in
+			// the list; one published after arrives through the
+			// subscription. (A flush that fails: NATS is away, and its
+			// reconnect drains every user's list again.)
+			if err := c.nc.FlushTimeout(c.cfg.CallTimeout); err != nil {
+				c.log.Debug("NATS flush after a user subscription failed", "user", u, "err", err)
+			}
 			c.drainOffline(u)
 		}
 	}

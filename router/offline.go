@@ -16,6 +16,12 @@ type offlineBox struct {
 
 	mu    sync.Mutex
 	users map[int64][]offlineMsg
+	// freeAt: no user's pushes expire before it (the last sweep's earliest
+	// newest push): a full box is not swept again until then — a push for
+	// one more user is refused at once, not after a scan of every user
+	// under mu (a settlement crediting 100,000 users gone).
+	freeAt int64
+	sweeps int // sweeps run (tests)
 }
 
 type offlineMsg struct {
@@ -36,7 +42,9 @@ func (b *offlineBox) put(user int64, m Msg, now time.Time) bool {
 	defer b.mu.Unlock()
 	q, ok := b.users[user]
 	if !ok && len(b.users) >= b.maxUsers {
-		b.sweepLocked(now.UnixNano())
+		if now.UnixNano() >= b.freeAt {
+			b.sweepLocked(now.UnixNano())
+		}
 		if len(b.users) >= b.maxUsers {
 			return false
 		}
@@ -64,9 +72,13 @@ func (b *offlineBox) take(user int64, now time.Time) []Msg {
 }
 
 func (b *offlineBox) sweepLocked(now int64) {
+	b.sweeps++
+	b.freeAt = 0
 	for u, q := range b.users {
 		if len(q) == 0 || q[len(q)-1].expires <= now {
 			delete(b.users, u)
+		} else if e := q[len(q)-1].expires; b.freeAt == 0 || e < b.freeAt {
+			b.freeAt = e
 		}
 	}
 }

@@ -1,12 +1,16 @@
 package router
 
 import (
+	"bytes"
 	"context"
+	"net"
 	"slices"
 	"strconv"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/nats-io/nats.go"
 
 	"github.com/liveedge/liveedge/gateway/proto"
 	"github.com/liveedge/liveedge/persist/redistest"
@@ -484,5 +488,84 @@ func TestHandOnBoundedWithTheBoxesOff(t *testing.T) {
 	}
 	if d := l.Stats().OfflineDropped; d != 100 {
 		t.Fatalf("%d counted dropped, want the 100 oldest", d)
+	}
+}
+
+// subSlowDialer dials NATS through a connection whose writes carrying a
+// user subscription are held for d: the server gets the interest late, as
+// under a reconnect storm's backlog.
+type subSlowDialer struct{ d time.Duration }
+
+func (s subSlowDialer) Dial(network, addr string) (net.Conn, error) {
+	c, err := net.Dial(network, addr)
+	if err != nil {
+		return nil, err
+	}
+	return &subSlowConn{Conn: c, d: s.d}, nil
+}
+
+type subSlowConn struct {
+	net.Conn
+	d time.Duration
+}
+
+func (c *subSlowConn) Write(b []byte) (int, error) {
+	if bytes.Contains(b, []byte("SUB "+userSubject(7))) {
+		time.Sleep(c.d)
+	}
+	return c.Conn.Write(b)
+}
+
+// A session registering on node b drains the user's offline list only once
+// NATS has its subscription: a reliable push stored (the user not yet in the
+// presence) and published between the two is in the list or arrives through
+// the subscription. Before, the drain ran while the subscription was still
+// in b's write buffer: the push was stored after the drain, its publish
+// found no interest, and it waited in the list while the user was connected.
+func TestClusterPushStoredWhileTheSubscriptionIsOnItsWayIsDelivered(t *testing.T) {
+	env := clusterEnv{nats: natstest.Start(t), redis: redistest.Start(t)}
+	cfg := ClusterConfig{Local: LocalConfig{OfflineMax: 8, OfflineTTL: time.Minute}}
+	a := newCluster(t, env, "a", cfg)
+	b := newCluster(t, env, "b", cfg, nats.SetCustomDialer(subSlowDialer{300 * time.Millisecond}))
+	s := &sink{id: 1, user: 7}
+	b.Register(s)
+	// (The presence is written every 200 ms: a has not seen user 7 on b
+	// yet, so the push is stored in the offline list and published.)
+	mid, _ := a.SendUser(7, proto.Push{Biz: proto.BizGift, Ack: true, Data: []byte(`{}`)})
+	for deadline := time.Now().Add(5 * time.Second); len(s.got()) == 0; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the push stored while b's subscription was on its way not delivered to the connected user")
+		}
+	}
+	if got := s.got(); !slices.Equal(got, []string{mid}) {
+		t.Fatalf("got %v, want [%s]", got, mid)
+	}
+}
+
+// A full offline box (maxUsers users whose pushes have not expired) refuses
+// a push for one more user without scanning every user each time: one sweep
+// until the earliest of them can expire, then a push finds the place freed.
+func TestFullOfflineBoxRefusesWithoutARescan(t *testing.T) {
+	b := newOfflineBox(4, 1000, time.Minute)
+	now := time.Now()
+	for u := range int64(1000) {
+		if !b.put(u, Msg{Mid: "m"}, now.Add(time.Duration(u)*time.Millisecond)) {
+			t.Fatalf("user %d refused below the bound", u)
+		}
+	}
+	for u := int64(1000); u < 11000; u++ {
+		if b.put(u, Msg{Mid: "m"}, now.Add(time.Second)) {
+			t.Fatalf("user %d kept in a full box", u)
+		}
+	}
+	if b.sweeps != 1 {
+		t.Fatalf("%d sweeps for 10,000 refused pushes, want 1 (nothing expires before a minute)", b.sweeps)
+	}
+	// User 0's push expires first: the next push finds its place.
+	if !b.put(20000, Msg{Mid: "m"}, now.Add(time.Minute+time.Millisecond/2)) {
+		t.Fatal("a push refused after the earliest user's pushes expired")
+	}
+	if got := b.take(0, now); len(got) != 0 {
+		t.Fatalf("user 0 still has %d pushes", len(got))
 	}
 }

@@ -1,6 +1,7 @@
 package router
 
 import (
+	"context"
 	"errors"
 	"slices"
 	"sync/atomic"
@@ -155,5 +156,31 @@ func TestNoSequencerAttemptAfterClose(t *testing.T) {
 	}
 	if _, err := a.PublishRoom(1, proto.Push{Biz: proto.BizGift, Data: []byte(`{}`)}); !errors.Is(err, ErrUnavailable) {
 		t.Fatalf("PublishRoom after Close: %v, want ErrUnavailable", err)
+	}
+}
+
+// A batch refused for its deadline on a room Redis has no state of (a new
+// room, or after a data loss) leaves the new epoch and its counter with
+// their TTL: before, the epoch key was set without one and the counter
+// deleted — a key kept forever, and a state the tails check skips.
+func TestRefusedFirstBatchLeavesKeysThatExpire(t *testing.T) {
+	env := clusterEnv{nats: natstest.Start(t), redis: redistest.Start(t)}
+	c := newCluster(t, env, "a", ClusterConfig{})
+	c.OpenRoom(2)
+	late := seqItem{p: proto.Push{Mid: "c1", Room: 2, Biz: proto.BizChat, Data: []byte(`{}`)}}
+	late.state, late.by, late.doubted = new(atomic.Int32), time.Now().Add(-time.Second), true
+	late.state.Store(itemTaken)
+	late.late = func(string) {}
+	items := []seqItem{late}
+	no := c.batchNo.Add(1)
+	if _, err := c.numberDue(2, &items, &no, time.Time{}); err != nil {
+		t.Fatal(err)
+	}
+	rdb := env.redis.Client(t)
+	for _, k := range []string{epKey(2), seqKey(2)} {
+		ttl, err := rdb.Do(context.Background(), rdb.B().Pttl().Key(k).Build()).AsInt64()
+		if err != nil || ttl <= 0 {
+			t.Fatalf("%s: PTTL %d (%v), want a TTL (-1 none, -2 gone)", k, ttl, err)
+		}
 	}
 }

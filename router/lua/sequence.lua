@@ -25,9 +25,12 @@ if (not ep) or seq < 0 or (ep == ARGV[6] and seq < tonumber(ARGV[7])) then
   -- snapshot): numbering restarts, so the epoch must change and old history
   -- go — offsets handed out again in the same epoch would be dropped as
   -- duplicates by every node that had them.
+  -- Both keys set with their TTL at once: a batch refused below (its
+  -- deadline) leaves a state that expires, not an epoch forever.
   ep = ARGV[3]
-  redis.call('SET', KEYS[2], ep)
-  redis.call('DEL', KEYS[1], KEYS[3], KEYS[4])
+  redis.call('SET', KEYS[2], ep, 'PX', ARGV[2])
+  redis.call('SET', KEYS[1], 0, 'PX', ARGV[2])
+  redis.call('DEL', KEYS[3], KEYS[4])
 end
 local k = tonumber(ARGV[9])
 local done = redis.call('HGET', KEYS[4], ARGV[8])
