@@ -105,8 +105,9 @@ func (a *API) cancelTicketOrder(_ context.Context, c *app.RequestContext) {
 }
 
 type couponReq struct {
-	UserID int64 `json:"user_id"`
-	Amount int64 `json:"amount"`
+	UserID int64  `json:"user_id"`
+	Amount int64  `json:"amount"`
+	ReqID  string `json:"req_id"` // optional: a grant sent again with it answers the first coupon
 }
 
 func (a *API) createCoupon(_ context.Context, c *app.RequestContext) {
@@ -118,7 +119,7 @@ func (a *API) createCoupon(_ context.Context, c *app.RequestContext) {
 		a.fail(c, err)
 		return
 	}
-	cp, err := a.node.Tickets.CreateCoupon(r.UserID, r.Amount)
+	cp, err := a.node.Tickets.GrantCoupon(identOf(c).UserID, r.ReqID, r.UserID, r.Amount)
 	if err != nil {
 		a.fail(c, err)
 		return

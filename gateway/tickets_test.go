@@ -188,6 +188,14 @@ func TestTicketHTTPFlow(t *testing.T) {
 	if cp.Data.ID == "" {
 		t.Fatalf("coupon %+v", cp)
 	}
+	// With a req_id: sent again, the first coupon; another amount, 10409.
+	_, g1 := ticketCall[ticket.Coupon](t, e, "POST", "/admin/coupons", admin, `{"user_id":701,"amount":5,"req_id":"grant-1"}`)
+	if _, g2 := ticketCall[ticket.Coupon](t, e, "POST", "/admin/coupons", admin, `{"user_id":701,"amount":5,"req_id":"grant-1"}`); g1.Data.ID == "" || g2.Data != g1.Data {
+		t.Fatalf("a grant sent twice: %+v then %+v", g1, g2)
+	}
+	if st, r := ticketCall[struct{}](t, e, "POST", "/admin/coupons", admin, `{"user_id":701,"amount":6,"req_id":"grant-1"}`); st != 409 || r.Code != 10409 {
+		t.Fatalf("the req_id again for another amount: %d %+v", st, r)
+	}
 	if st, r := place(other, fmt.Sprintf(`{"program_id":%d,"seat_ids":["1-2-5"],"req_id":"k1","pay":"coins","coupon_id":%q}`, prog, cp.Data.ID)); st != 409 || r.Code != 20001 {
 		t.Fatalf("coins without coins: %d %+v", st, r)
 	}

@@ -1,6 +1,8 @@
 package ticket
 
 import (
+	"crypto/sha256"
+	"encoding/binary"
 	"errors"
 	"strconv"
 
@@ -149,6 +151,45 @@ func (s *Service) CreateCoupon(user, amount int64) (Coupon, error) {
 		return c, nil
 	}
 	return Coupon{}, proto.Errorf(proto.CodeInternal, "internal error: no free coupon id, retry")
+}
+
+// GrantCoupon is CreateCoupon made idempotent by the granting admin's
+// reqID (≤ 64 bytes; "" = CreateCoupon): the coupon's id is derived from
+// (admin, reqID), so a grant sent again — its reply lost, through any node —
+// finds its coupon and answers it instead of granting a second one; the
+// same reqID for another user or amount is a conflict (10409).
+func (s *Service) GrantCoupon(admin int64, reqID string, user, amount int64) (Coupon, error) {
+	if reqID == "" {
+		return s.CreateCoupon(user, amount)
+	}
+	if len(reqID) > 64 {
+		return Coupon{}, proto.BadRequest("req_id must be at most 64 bytes")
+	}
+	if user <= 0 || amount <= 0 || amount > maxCouponValue {
+		return Coupon{}, proto.BadRequest("user_id > 0 and 0 < amount <= %d", maxCouponValue)
+	}
+	c := Coupon{ID: grantCouponID(admin, reqID), UserID: user, Amount: amount, CreatedAt: s.cfg.Now().UnixMilli()}
+	err := s.cstore.Grant(c)
+	if !errors.Is(err, errCouponIDTaken) {
+		return c, err
+	}
+	had, err := s.cstore.Get(c.ID)
+	if err != nil {
+		return Coupon{}, err
+	}
+	if had.UserID != user || had.Amount != amount {
+		return Coupon{}, proto.Errorf(proto.CodeConflict, "req_id %q already granted a coupon of %d to user %d", reqID, had.Amount, had.UserID)
+	}
+	return had, nil
+}
+
+// grantCouponID is the coupon id of admin's grant reqID: "c" and 62 bits of
+// a hash of the two — the form of the other coupon ids (which carry a time
+// in their high bits: the two meet with a chance of about one in 2^62 per
+// pair).
+func grantCouponID(admin int64, reqID string) string {
+	h := sha256.Sum256([]byte("liveedge coupon grant\x00" + strconv.FormatInt(admin, 10) + "\x00" + reqID))
+	return "c" + strconv.FormatUint(binary.BigEndian.Uint64(h[:8])>>2, 10)
 }
 
 // Coupon reads coupon id (tests and ops).

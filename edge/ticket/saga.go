@@ -58,9 +58,15 @@ func (s *Service) placeCoins(o *Order) (Order, error) {
 	if o.CouponID != "" {
 		// A coupon store that cannot answer now (Redis unreachable, or
 		// rebuilt after a loss) refuses before the order is written: its
-		// req_id stays free for the retry.
-		if _, err := s.cstore.Get(o.CouponID); err != nil && proto.AsError(err).Code != proto.CodeCouponUnusable {
+		// req_id stays free for the retry. So does a coupon that is not
+		// the buyer's, or not there, or used (as placeMockCoupon): no
+		// order names a coupon id a client made up or read elsewhere — a
+		// rebuild marks the coupon of every cancelled order (Contribute).
+		if c, err := s.cstore.Get(o.CouponID); err != nil || c.UserID != o.UserID || c.UsedBy != "" {
 			s.release(o)
+			if err == nil || proto.AsError(err).Code == proto.CodeCouponUnusable {
+				err = errCouponUnusable
+			}
 			return Order{}, err
 		}
 	}

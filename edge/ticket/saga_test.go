@@ -84,7 +84,10 @@ func testSagaFailureAtEachStep(t *testing.T, newEnv func(testing.TB, Config) *en
 		// error, retry with the same req_id for the final state" — and the
 		// retry said that again, for ever.
 		{name: "coupon", fail: map[string]int{"fail:coupon": 1}, code: proto.CodeOrderState, durable: true},
-		{name: "coupon-not-theirs", coupon: "other", code: proto.CodeCouponUnusable, durable: true},
+		// Another user's coupon: refused before the order is recorded (as a
+		// provider-paid order's), so no order names a coupon id not the
+		// buyer's — a rebuild would mark that coupon for it.
+		{name: "coupon-not-theirs", coupon: "other", code: proto.CodeCouponUnusable},
 		{name: "coupon-write", fail: map[string]int{"fail:coupon_write": 1}, code: proto.CodeOrderState, durable: true, unrecorded: true},
 		{name: "debit", fail: map[string]int{"fail:debit": 1}, code: proto.CodeOrderState, durable: true, couponHit: true},
 		{name: "debit-insufficient", user: 2, code: proto.CodeInsufficientBalance, durable: true, couponHit: true},

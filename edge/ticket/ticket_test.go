@@ -1214,3 +1214,64 @@ func TestPreUpgradeOrderPaidAsCoinsIsRefundedAndReleased(t *testing.T) {
 	e.refunded(id, o.Amount)
 	e.conservation()
 }
+
+// An admin's coupon grant with a req_id is granted once: sent again (its
+// reply lost), at once from several goroutines, or after a restart, it
+// answers the first coupon; the same req_id for another user or amount is a
+// conflict (10409); another admin's same req_id is its own grant. Before,
+// every retry granted one more coupon.
+func TestCouponGrantIdempotentByReqID(t *testing.T) { testCouponGrantIdempotent(t, newEnv) }
+
+func TestCouponGrantIdempotentByReqIDSharedCoupons(t *testing.T) {
+	testCouponGrantIdempotent(t, newSharedEnv)
+}
+
+func testCouponGrantIdempotent(t *testing.T, newEnv func(testing.TB, Config) *env) {
+	e := newEnv(t, Config{PayTimeout: time.Minute})
+	const admin = 900
+	var wg sync.WaitGroup
+	got := make([]Coupon, 8)
+	for i := range got {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c, err := e.svc.GrantCoupon(admin, "grant-1", 42, 500)
+			if err != nil {
+				t.Error(err)
+			}
+			got[i] = c
+		}()
+	}
+	wg.Wait()
+	for _, c := range got[1:] {
+		if c.ID != got[0].ID || c.UserID != 42 || c.Amount != 500 || c.CreatedAt != got[0].CreatedAt {
+			t.Fatalf("grants of one req_id answered %+v and %+v", got[0], c)
+		}
+	}
+	e.reopen()
+	if c, err := e.svc.GrantCoupon(admin, "grant-1", 42, 500); err != nil || c.ID != got[0].ID {
+		t.Fatalf("after a restart: %+v %v, want %s", c, err, got[0].ID)
+	}
+	_, err := e.svc.GrantCoupon(admin, "grant-1", 42, 600)
+	wantCode(t, err, proto.CodeConflict)
+	_, err = e.svc.GrantCoupon(admin, "grant-1", 43, 500)
+	wantCode(t, err, proto.CodeConflict)
+	_, err = e.svc.GrantCoupon(admin, strings.Repeat("x", 65), 42, 500)
+	wantCode(t, err, proto.CodeBadRequest)
+	other, err := e.svc.GrantCoupon(admin+1, "grant-1", 42, 500)
+	if err != nil || other.ID == got[0].ID {
+		t.Fatalf("another admin's grant-1: %+v %v, want a coupon of its own", other, err)
+	}
+	// Two coupons for user 42, each usable once.
+	prog := e.program([]CategoryDef{{ID: 1, Name: "A", Price: 1000, Rows: 1, Cols: 10}}, 4, 8)
+	for i, id := range []string{got[0].ID, other.ID, got[0].ID} {
+		_, err := e.svc.Place(42, PlaceReq{ProgramID: prog, CategoryID: 1, Count: 1, ReqID: fmt.Sprint("p", i), CouponID: id})
+		if i < 2 && err != nil {
+			t.Fatalf("coupon %s: %v", id, err)
+		}
+		if i == 2 {
+			wantCode(t, err, proto.CodeCouponUnusable)
+		}
+	}
+	e.conservation()
+}
