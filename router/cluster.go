@@ -196,6 +196,18 @@ type Cluster struct {
 	log   *slog.Logger
 	boot  string
 
+	// userq are the user subscriptions' queues (userShards, a user's always
+	// the same one): their messages are handled by one goroutine per
+	// queue, not by one per subscription — nats.go gives each async
+	// subscription a goroutine, ~3 KB (stack and state) per connected user.
+	userq []chan *nats.Msg
+	// lanes hold the messages of users with one waiting for Redis (a
+	// drain hint, a push kept for a user who left): each user's in order
+	// on a goroutine of its own while it has any, so a slow Redis holds
+	// that user's messages, never a queue's other users'.
+	lanesMu sync.Mutex
+	lanes   map[int64][]*nats.Msg
+
 	// fillMu guards stopping: once Close began, no gap fill, drain retry
 	// or room sequencer starts (its wg.Add would race Close's wg.Wait). A
 	// leaf lock (taken under a room's, a seqRoom's, and under redrainMu).
@@ -401,6 +413,13 @@ func NewCluster(cfg ClusterConfig) (*Cluster, error) {
 	c.local.cfg.History = c.history
 	if err := c.startHandoffs(); err != nil {
 		return nil, err
+	}
+	c.lanes = map[int64][]*nats.Msg{}
+	c.userq = make([]chan *nats.Msg, userShards)
+	for i := range c.userq {
+		c.userq[i] = make(chan *nats.Msg, userShardCap)
+		c.wg.Add(1)
+		go c.userLoop(c.userq[i])
 	}
 	c.heartbeat(true)
 	c.wg.Add(4)
@@ -1723,29 +1742,7 @@ func (c *Cluster) Register(s Session) {
 		// was closing waits there otherwise.
 		c.drainOffline(u)
 	default:
-		sub, err := c.nc.Subscribe(userSubject(u), func(m *nats.Msg) {
-			if len(m.Data) == 0 { // a drain hint (handoff.go)
-				c.drainOffline(u)
-				return
-			}
-			msg, err := decodeUserPush(m.Data)
-			if err != nil {
-				c.stats.badWire.Add(1)
-				return
-			}
-			regs := c.regsOf(u)
-			if c.local.sendMsg(u, msg, m.Header.Get(owedHeader) != "") == 0 && msg.Ack {
-				// The user left this node meanwhile: kept for their next
-				// connect if they are nowhere else. (Online elsewhere, they
-				// got it there: that node is subscribed too — or, if it is
-				// away from NATS, a hand-off is not answered here: its
-				// sender keeps it for them.)
-				if c.keepAway(u, regs, msg) {
-					return
-				}
-			}
-			answerHandoff(m)
-		})
+		sub, err := c.nc.ChanSubscribe(userSubject(u), c.userq[uint64(u)%userShards])
 		c.mu.Lock()
 		cu.subscribing = false
 		if err != nil || c.users[u] != cu {
@@ -1776,6 +1773,126 @@ func (c *Cluster) Register(s Session) {
 		}
 	}
 	c.markUser(u)
+}
+
+// userShards is the number of user-subscription queues (Cluster.userq).
+const userShards = 64
+
+// userShardCap bounds the messages waiting in one user queue: past it NATS
+// drops a message (a slow consumer, counted by NATS's error handler) — a
+// hand-off then goes unanswered and its sender keeps the push in the user's
+// offline list and hints the holders, a hint is sent again, and a push
+// without ack is lost as an unreliable push may be.
+const userShardCap = 4096
+
+// userLoop handles one user queue's messages in order.
+func (c *Cluster) userLoop(q chan *nats.Msg) {
+	defer c.wg.Done()
+	for {
+		select {
+		case <-c.stop:
+			return
+		case m := <-q:
+			c.onUserMsg(m)
+		}
+	}
+}
+
+// onUserMsg handles a message on a user's subject, on its queue's
+// goroutine: a push for the user's sessions here is given to them and a
+// hand-off answered; what needs Redis (a drain hint, a reliable push no
+// session here took) goes to the user's lane, and so does every later
+// message of the user while the lane has any (their order kept).
+func (c *Cluster) onUserMsg(m *nats.Msg) {
+	u, err := strconv.ParseInt(strings.TrimPrefix(m.Subject, "le.u."), 10, 64)
+	if err != nil {
+		c.stats.badWire.Add(1)
+		return
+	}
+	c.lanesMu.Lock()
+	if q, busy := c.lanes[u]; busy {
+		if len(q) < laneCap {
+			c.lanes[u] = append(q, m)
+		} // else dropped, as by a full queue (userShardCap)
+		c.lanesMu.Unlock()
+		return
+	}
+	c.lanesMu.Unlock()
+	if len(m.Data) == 0 { // a drain hint (handoff.go)
+		c.toLane(u, m)
+		return
+	}
+	msg, err := decodeUserPush(m.Data)
+	if err != nil {
+		c.stats.badWire.Add(1)
+		return
+	}
+	if c.local.sendMsg(u, msg, m.Header.Get(owedHeader) != "") == 0 && msg.Ack {
+		c.toLane(u, m) // kept there (keepAway), unless a session took it meanwhile
+		return
+	}
+	answerHandoff(m)
+}
+
+// laneCap bounds the messages waiting in one user's lane.
+const laneCap = 1024
+
+// toLane starts user's lane with m (none is running: onUserMsg checked).
+func (c *Cluster) toLane(u int64, m *nats.Msg) {
+	c.fillMu.Lock()
+	defer c.fillMu.Unlock()
+	if c.stopping {
+		return // closing: a hand-off unanswered is kept by its sender
+	}
+	c.lanesMu.Lock()
+	c.lanes[u] = []*nats.Msg{m}
+	c.lanesMu.Unlock()
+	c.wg.Add(1)
+	go c.laneLoop(u)
+}
+
+// laneLoop handles user's lane until it is empty.
+func (c *Cluster) laneLoop(u int64) {
+	defer c.wg.Done()
+	for {
+		c.lanesMu.Lock()
+		q := c.lanes[u]
+		if len(q) == 0 {
+			delete(c.lanes, u)
+			c.lanesMu.Unlock()
+			return
+		}
+		m := q[0]
+		q[0] = nil
+		c.lanes[u] = q[1:]
+		c.lanesMu.Unlock()
+		c.onUserMsgSlow(u, m)
+	}
+}
+
+// onUserMsgSlow handles a message of user's lane (the per-subscription
+// handler it was before the queues).
+func (c *Cluster) onUserMsgSlow(u int64, m *nats.Msg) {
+	if len(m.Data) == 0 { // a drain hint (handoff.go)
+		c.drainOffline(u)
+		return
+	}
+	msg, err := decodeUserPush(m.Data)
+	if err != nil {
+		c.stats.badWire.Add(1)
+		return
+	}
+	regs := c.regsOf(u)
+	if c.local.sendMsg(u, msg, m.Header.Get(owedHeader) != "") == 0 && msg.Ack {
+		// The user left this node meanwhile: kept for their next connect
+		// if they are nowhere else. (Online elsewhere, they got it there:
+		// that node is subscribed too — or, if it is away from NATS, a
+		// hand-off is not answered here: its sender keeps it for them.)
+		if c.keepAway(u, regs, msg) {
+			return
+		}
+	}
+	answerHandoff(m)
 }
 
 // keepAway keeps reliable pushes no session here took: in the shared

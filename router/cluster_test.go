@@ -791,3 +791,48 @@ func TestPublishRoomWaitGivenUpIsNeverSent(t *testing.T) {
 		}
 	}
 }
+
+// A node's user subscriptions hold no goroutine each (nats.go gives every
+// async subscription one, ~3 KB with its state, per connected user): 500
+// users connected here add a handful of goroutines, and their pushes still
+// arrive, in order, through the shared queues.
+func TestUserSubscriptionsHoldNoGoroutineEach(t *testing.T) {
+	env := clusterEnv{nats: natstest.Start(t), redis: redistest.Start(t)}
+	cfg := ClusterConfig{Local: LocalConfig{OfflineMax: 8, OfflineTTL: time.Minute}}
+	a := newCluster(t, env, "a", cfg)
+	b := newCluster(t, env, "b", cfg)
+	before := runtime.NumGoroutine()
+	const users = 500
+	sinks := make([]*sink, users)
+	for i := range sinks {
+		sinks[i] = &sink{id: uint64(i + 1), user: int64(1000 + i)}
+		b.Register(sinks[i])
+	}
+	if n := runtime.NumGoroutine() - before; n > users/20 {
+		t.Fatalf("%d users registered added %d goroutines", users, n)
+	}
+	for u := range users {
+		on := false
+		for deadline := time.Now().Add(5 * time.Second); !on; time.Sleep(10 * time.Millisecond) {
+			if on, _ = a.onlineElsewhere(int64(1000 + u)); !on && time.Now().After(deadline) {
+				t.Fatalf("user %d not seen on b", 1000+u)
+			}
+		}
+	}
+	var mids [][2]string
+	for u := range users {
+		m1, _ := a.SendUser(int64(1000+u), proto.Push{Biz: proto.BizGift, Ack: true, Data: []byte(`{}`)})
+		m2, _ := a.SendUser(int64(1000+u), proto.Push{Biz: proto.BizGift, Data: []byte(`{}`)})
+		mids = append(mids, [2]string{m1, m2})
+	}
+	for u, s := range sinks {
+		for deadline := time.Now().Add(10 * time.Second); len(s.got()) < 2; time.Sleep(10 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("user %d got %v", 1000+u, s.got())
+			}
+		}
+		if got := s.got(); !slices.Equal(got, mids[u][:]) {
+			t.Fatalf("user %d got %v, want %v in order", 1000+u, got, mids[u])
+		}
+	}
+}
