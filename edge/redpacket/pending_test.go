@@ -723,3 +723,44 @@ func TestCancelInDoubtCompletedInTheBackground(t *testing.T) {
 		t.Fatalf("anchor balance %d after the late first attempt, want 1000", b)
 	}
 }
+
+// A grant answered in doubt whose retry at the settlement is refused as new
+// (the grabber's balance reached its upper bound meanwhile): it did not land
+// and cannot land later, so the rain settles without it, its packet refunded
+// with the rest — once, however often the settlement is retried. Before,
+// the settlement failed on it every time: the rain never settled and the
+// anchor's rest was never refunded.
+func TestGrantInDoubtRefusedAtTheSettlementIsRefunded(t *testing.T) {
+	n := newPendingNode(t)
+	w := asyncLate{&lateWallet{Ledger: n.l, prefix: "rp:"}}
+	n.start(t, w)
+	code := n.running(t, 1000, 10, time.Minute)
+	if _, perr := n.svc.Grab(42, code); perr == nil || w.held == nil {
+		t.Fatalf("grab: %v, want it in doubt", perr)
+	}
+	held := w.held.Postings[0].Delta
+	// Meanwhile user 42's balance reaches the bound: the grant's retry is
+	// refused (nothing moved).
+	if _, err := n.l.Apply(persist.Op{Postings: []persist.Posting{{User: 42, Delta: persist.MaxBalance, Reason: persist.ReasonDev}}}); err != nil {
+		t.Fatal(err)
+	}
+	for u := int64(100); ; u++ { // the others take the rest: the rain ends
+		if _, perr := n.svc.Grab(u, code); perr != nil {
+			break
+		}
+	}
+	fin := n.finished(t, code)
+	if fin.GrantedCount != 9 || fin.GrantedAmount != 1000-held || fin.Refunded != held {
+		t.Fatalf("finished %+v, want 9 granted and the refused grant's %d refunded", fin, held)
+	}
+	if b := n.balance(t); b != held {
+		t.Fatalf("anchor balance %d, want %d (1,000 prepared, the refused grant refunded)", b, held)
+	}
+	if b, _ := n.l.Balance(42); b != persist.MaxBalance {
+		t.Fatalf("user 42's balance %d, want the bound (not credited)", b)
+	}
+	n.start(t, n.l) // a restart: the settled rain stays settled, nothing paid again
+	if b := n.balance(t); b != held {
+		t.Fatalf("anchor balance %d after a restart, want %d", b, held)
+	}
+}

@@ -970,6 +970,18 @@ func inDoubt(err error) bool {
 		!errors.Is(err, persist.ErrClosed) && !errors.Is(err, errNotSent) && !errors.As(err, &pe)
 }
 
+// refusedOutright reports whether a wallet op that failed with err was
+// refused as a new request: the balance, its upper bound, a rule of its
+// Check (a frozen account) — not a failure that says "retry" (a proto error
+// of code 50000, 10409 or 10429: a status that could not be read, a rate).
+func refusedOutright(err error) bool {
+	if errors.Is(err, persist.ErrInsufficient) || errors.Is(err, persist.ErrBalanceLimit) {
+		return true
+	}
+	var pe *proto.Error
+	return errors.As(err, &pe) && pe.Code != proto.CodeInternal && pe.Code != proto.CodeConflict && pe.Code != proto.CodeRateLimited
+}
+
 // frozen refuses (20004) a frozen user's prepare or grab (Config.Frozen);
 // a status that cannot be read is an internal error (nothing moved).
 func (s *Service) frozen(user int64) *proto.Error {

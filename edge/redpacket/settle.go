@@ -139,6 +139,19 @@ func (s *Service) applyDoubtful(op persist.Op) error {
 	if err == nil && !res.Replayed { // it runs only now: nothing was sent for it
 		s.creditPush(op, res)
 	}
+	if err != nil && refusedOutright(err) {
+		// Refused as new: both wallets look a request's req id up before
+		// its rules and the balance (a first attempt that landed would be
+		// replayed), and a first attempt cannot land after its retry ran
+		// (the ledger: one process, its index rebuilt at the restart a
+		// failed commit needs; the shared wallet: the retry's claim and the
+		// fence of the resolve that freed it). Not granted: its packet is
+		// refunded with the rest. Before, the settlement failed on it for
+		// good — the anchor's rest never refunded.
+		s.log.Warn("red packet grant in doubt refused on its retry: not granted, refunded with the rest",
+			"req_id", op.ReqID, "user", op.User, "err", err)
+		return nil
+	}
 	return err
 }
 
