@@ -377,8 +377,12 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 	}
 	if n.worker != nil {
 		// Ids made from now on are after every id this worker id's
-		// earlier holders could have made, whatever this clock says.
-		n.Pay.OrderIDsAbove(pay.FirstIDAt(n.worker.Since()))
+		// earlier holders could have made, whatever this clock says —
+		// also those of a holder that took it while this node's lease
+		// had lapsed (program ids read Since each time).
+		p := n.Pay
+		n.worker.SetOnSince(func(t time.Time) { p.OrderIDsAbove(pay.FirstIDAt(t)) })
+		p.OrderIDsAbove(pay.FirstIDAt(n.worker.Since()))
 	}
 	if n.shared != nil && n.payOpen != nil {
 		// Redis lost its data and was rebuilt: the unpaid orders' places

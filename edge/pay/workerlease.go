@@ -71,7 +71,13 @@ type WorkerLease struct {
 	base   time.Time
 	lost   atomic.Bool // another node holds the key
 	now    func() time.Time
-	since  time.Time // Since: base, or the earlier holders' high mark if later
+	// since is Since in unix ms: when this node took the lease, or the high
+	// mark its earlier holders left if later (adopt raises it).
+	since atomic.Int64
+	// lastMark is the high mark as this node's last claim left it (unix
+	// ms): a claim that finds it higher met another holder's.
+	lastMark atomic.Int64
+	onSince  atomic.Pointer[func(time.Time)]
 
 	stop chan struct{}
 	once sync.Once
@@ -80,21 +86,42 @@ type WorkerLease struct {
 
 // claimScript takes KEYS[1] for node ARGV[1] for ARGV[2] ms when it is free
 // or already the node's, names the node in KEYS[2] (the id's owner, no TTL)
-// and raises KEYS[3] (the high mark) to ARGV[3]: the high mark before (≥ 0)
-// when taken, -1 when another node holds it.
+// and raises KEYS[3] (the high mark) to ARGV[3] — to the mark found plus a
+// TTL when that is above ARGV[4], the mark the node's last claim left: then
+// another holder's ids reach up to it, and this node's start after it —
+// never more than ARGV[5] ms past Redis's clock (a node whose clock is far
+// ahead cannot push every later holder's ids into the future). Returns
+// {the mark found, the mark left} when taken, {-1} when another node holds
+// the key.
 var claimScript = rueidis.NewLuaScript(`
 local v = redis.call('GET', KEYS[1])
-if v ~= false and v ~= ARGV[1] then return -1 end
+if v ~= false and v ~= ARGV[1] then return {-1} end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('SET', KEYS[2], ARGV[1])
 local h = tonumber(redis.call('GET', KEYS[3]) or '0') or 0
-if tonumber(ARGV[3]) > h then redis.call('SET', KEYS[3], ARGV[3]) end
-return h`)
+local m = tonumber(ARGV[3])
+if h > tonumber(ARGV[4]) then m = math.max(m, h + tonumber(ARGV[2])) end
+local t = redis.call('TIME')
+m = math.min(m, tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[5]))
+if m > h then
+  redis.call('SET', KEYS[3], string.format('%d', m))
+  return {h, m}
+end
+return {h, h}`)
 
-// releaseScript deletes KEYS[1] only when it is still node ARGV[1]'s.
+// markAhead bounds how far past Redis's clock a high mark may be set.
+const markAhead = time.Hour
+
+// releaseScript deletes KEYS[1] only when it is still node ARGV[1]'s, and
+// sets the high mark KEYS[2] down to ARGV[3] — the latest time the node's
+// ids carry, it makes no more — when it is still ARGV[2], the mark the
+// node's last claim left (no other holder raised it since): restarts do
+// not push the mark a TTL further into the future each time.
 var releaseScript = rueidis.NewLuaScript(`
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0`)
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+if redis.call('GET', KEYS[2]) == ARGV[2] then redis.call('SET', KEYS[2], ARGV[3]) end
+return 1`)
 
 // LeaseWorker takes a worker id for node: want ≥ 0 takes exactly that id (an
 // error when another node holds it); want < 0 takes a free id — prefer (the
@@ -120,6 +147,7 @@ func leaseWorker(ctx context.Context, client rueidis.Client, node string, want, 
 		return nil, fmt.Errorf("pay: worker id %d out of range 0..%d", want, MaxWorkers-1)
 	}
 	l := &WorkerLease{client: client, node: node, ttl: ttl, log: log, stop: make(chan struct{}), base: time.Now(), now: now}
+	l.since.Store(now().UnixMilli())
 	candidates := []int{want}
 	owners := make([]string, MaxWorkers)
 	if want < 0 {
@@ -130,7 +158,7 @@ func leaseWorker(ctx context.Context, client rueidis.Client, node string, want, 
 	}
 	for _, id := range candidates {
 		sent := l.sinceBase()
-		ok, high, err := l.claim(ctx, id)
+		ok, err := l.claim(ctx, id)
 		if err != nil {
 			return nil, fmt.Errorf("pay: lease worker id: %w", err)
 		}
@@ -140,17 +168,6 @@ func leaseWorker(ctx context.Context, client rueidis.Client, node string, want, 
 					"worker_id", id, "owner", o)
 			}
 			l.id = id
-			l.since = l.now()
-			if h := time.UnixMilli(high); h.After(l.since) {
-				// The earlier holder (this node itself before a restart
-				// within a TTL, or another whose clock is ahead of this
-				// one's) may have made ids up to h: new ones start after.
-				if h.Sub(l.since) > ttl {
-					log.Warn("pay: the worker id's earlier holder had a clock ahead of this one's; new ids start after its last possible one",
-						"worker_id", id, "ahead", h.Sub(l.since)-ttl)
-				}
-				l.since = h
-			}
 			l.lastOK.Store(sent)
 			l.wg.Add(1)
 			go l.refreshLoop()
@@ -206,13 +223,58 @@ func workerCandidates(ctx context.Context, client rueidis.Client, node string, p
 	return append(append(append(out, mine...), free...), others...), owners, nil
 }
 
-// claim takes or refreshes id's lease: ok, and the high mark it found.
-func (l *WorkerLease) claim(ctx context.Context, id int) (ok bool, high int64, err error) {
-	mark := l.now().Add(l.ttl).UnixMilli()
-	n, err := claimScript.Exec(ctx, l.client, []string{WorkerLeaseKey(id), WorkerOwnerKey(id), WorkerHighKey(id)},
-		[]string{l.node, strconv.FormatInt(l.ttl.Milliseconds(), 10), strconv.FormatInt(mark, 10)}).AsInt64()
-	return err == nil && n >= 0, n, err
+// claim takes or refreshes id's lease (ok), raising the high mark to the
+// latest time this node's ids can carry until its next claim: its clock,
+// or Since if later (ids start after it), plus the TTL. A mark found above
+// the one this node's last claim left is another holder's (the first
+// claim, or a lease lost and taken again): Since is raised to it (adopt).
+func (l *WorkerLease) claim(ctx context.Context, id int) (bool, error) {
+	last := l.lastMark.Load()
+	mark := max(l.now().UnixMilli(), l.since.Load()) + l.ttl.Milliseconds()
+	vs, err := claimScript.Exec(ctx, l.client, []string{WorkerLeaseKey(id), WorkerOwnerKey(id), WorkerHighKey(id)},
+		[]string{l.node, strconv.FormatInt(l.ttl.Milliseconds(), 10), strconv.FormatInt(mark, 10),
+			strconv.FormatInt(last, 10), strconv.FormatInt(markAhead.Milliseconds(), 10)}).AsIntSlice()
+	if err != nil || len(vs) == 0 || vs[0] < 0 {
+		return false, err
+	}
+	if len(vs) != 2 {
+		return false, fmt.Errorf("pay: worker lease claim answered %v", vs)
+	}
+	if vs[0] > last {
+		l.adopt(id, vs[0])
+	}
+	l.lastMark.Store(vs[1])
+	return true, nil
 }
+
+// adopt raises Since to high, another holder's mark: its ids may reach it
+// (this node's own before a restart within a TTL, or another's whose clock
+// is ahead of this one's, or that held the id while this node's lease had
+// lapsed), so this node's start after it (OnSince).
+func (l *WorkerLease) adopt(id int, high int64) {
+	now := l.now().UnixMilli()
+	for {
+		cur := l.since.Load()
+		if high <= cur {
+			return
+		}
+		if l.since.CompareAndSwap(cur, high) {
+			break
+		}
+	}
+	if ahead := time.Duration(high-now) * time.Millisecond; ahead > l.ttl {
+		l.log.Warn("pay: the worker id's earlier holder had a clock ahead of this one's; new ids start after its last possible one",
+			"worker_id", id, "ahead", ahead-l.ttl)
+	}
+	if fn := l.onSince.Load(); fn != nil {
+		(*fn)(time.UnixMilli(high))
+	}
+}
+
+// SetOnSince sets fn, called with the new Since each time it is raised
+// after this call (a lease lost and taken again after another holder's);
+// call it before any id is made.
+func (l *WorkerLease) SetOnSince(fn func(time.Time)) { l.onSince.Store(&fn) }
 
 // ID is the leased worker id.
 func (l *WorkerLease) ID() int { return l.id }
@@ -238,7 +300,7 @@ func (l *WorkerLease) refreshLoop() {
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), l.ttl/3)
 		sent := l.sinceBase()
-		ok, _, err := l.claim(ctx, l.id)
+		ok, err := l.claim(ctx, l.id)
 		cancel()
 		switch {
 		case err != nil:
@@ -261,7 +323,9 @@ func (l *WorkerLease) Close() {
 		l.wg.Wait()
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 		defer cancel()
-		if err := releaseScript.Exec(ctx, l.client, []string{WorkerLeaseKey(l.id)}, []string{l.node}).Error(); err != nil {
+		upTo := max(l.now().UnixMilli(), l.since.Load())
+		if err := releaseScript.Exec(ctx, l.client, []string{WorkerLeaseKey(l.id), WorkerHighKey(l.id)},
+			[]string{l.node, strconv.FormatInt(l.lastMark.Load(), 10), strconv.FormatInt(upTo, 10)}).Error(); err != nil {
 			l.log.Warn("pay: worker lease not released (expires by itself)", "worker_id", l.id, "err", err)
 		}
 	})
@@ -271,4 +335,4 @@ func (l *WorkerLease) Close() {
 // holders left (WorkerHighKey) if that is later: an id with this worker id
 // and an earlier time was made by an earlier holder (another node, or this
 // one before a restart), and the ids this node makes must be after it.
-func (l *WorkerLease) Since() time.Time { return l.since }
+func (l *WorkerLease) Since() time.Time { return time.UnixMilli(l.since.Load()) }

@@ -239,9 +239,9 @@ func TestWorkerTakenOverByASlowClockStartsAfterTheEarlierHolder(t *testing.T) {
 	}
 	// gw-a dies: its Redis client gone, its lease runs out (not released).
 	ca.Close()
-	cb := client()
+	c0 := client()
 	for {
-		n, err := cb.Do(ctx, cb.B().Exists().Key(pay.WorkerLeaseKey(worker)).Build()).AsInt64()
+		n, err := c0.Do(ctx, c0.B().Exists().Key(pay.WorkerLeaseKey(worker)).Build()).AsInt64()
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -251,11 +251,11 @@ func TestWorkerTakenOverByASlowClockStartsAfterTheEarlierHolder(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 	behind := func() time.Time { return time.Now().Add(-time.Minute) }
+	cb := client()
 	b, err := pay.LeaseWorkerAt(ctx, cb, "gw-b", worker, -1, ttl, nil, behind)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer b.Close()
 	defer a.Close()
 	if !pay.TimeOf(lastA).Before(b.Since()) {
 		t.Fatalf("gw-b (clock a minute behind) took the id over since %v; gw-a made an id at %v", b.Since(), pay.TimeOf(lastA))
@@ -263,14 +263,86 @@ func TestWorkerTakenOverByASlowClockStartsAfterTheEarlierHolder(t *testing.T) {
 	if first := pay.FirstIDAt(b.Since()); first <= lastA {
 		t.Fatalf("gw-b's ids may start at %d, not above gw-a's %d", first, lastA)
 	}
-	// Taking it back (gw-b gone too) keeps the mark: it never goes down.
-	b.Close()
-	c, err := pay.LeaseWorkerAt(ctx, client(), "gw-c", worker, -1, ttl, nil, func() time.Time { return time.Now().Add(-time.Hour) })
+	// gw-b makes ids after the mark (its clock still behind), for a while
+	// (refreshed meanwhile), then dies too: gw-c, as far behind, starts
+	// after gw-b's ids — the mark gw-b left covers them, not its own clock.
+	genB := pay.NewIDGen("gw-b", worker, behind)
+	genB.NotBelow(pay.FirstIDAt(b.Since()))
+	var lastB int64
+	for end := time.Now().Add(3 * ttl); time.Now().Before(end) && b.Held(); time.Sleep(5 * time.Millisecond) {
+		lastB = genB.Next(42)
+	}
+	cb.Close()
+	for {
+		n, err := c0.Do(ctx, c0.B().Exists().Key(pay.WorkerLeaseKey(worker)).Build()).AsInt64()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if n == 0 {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	defer b.Close()
+	c, err := pay.LeaseWorkerAt(ctx, client(), "gw-c", worker, -1, ttl, nil, behind)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	if c.Since().Before(b.Since()) {
-		t.Fatalf("gw-c since %v, before gw-b's %v", c.Since(), b.Since())
+	if first := pay.FirstIDAt(c.Since()); first <= lastB || first <= lastA {
+		t.Fatalf("gw-c's ids may start at %d, not above gw-b's %d (gw-a's %d)", first, lastB, lastA)
+	}
+}
+
+// A node whose lease lapsed (Redis out of its reach past the TTL) while
+// another node held the id and made ids with a clock ahead of its own takes
+// the id back with its next refresh: it starts after that node's ids
+// (Since raised, OnSince called to floor the order ids), not at its own
+// clock. Before, it went on with its old Since and ids.
+func TestWorkerLeaseRetakenAfterAnotherHolderStartsAfterIt(t *testing.T) {
+	srv := redistest.Start(t)
+	rdb := srv.Client(t)
+	ctx := context.Background()
+	const ttl = 300 * time.Millisecond
+	const worker = 11
+	a, err := pay.LeaseWorker(ctx, rdb, "gw-a", worker, -1, ttl, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	raised := make(chan time.Time, 4)
+	a.SetOnSince(func(t time.Time) { raised <- t })
+	// The lease lapses (as if gw-a were cut off) and gw-b, its clock ten
+	// minutes ahead, takes the id at once and makes ids, then goes.
+	if err := rdb.Do(ctx, rdb.B().Del().Key(pay.WorkerLeaseKey(worker)).Build()).Error(); err != nil {
+		t.Fatal(err)
+	}
+	ahead := func() time.Time { return time.Now().Add(10 * time.Minute) }
+	b, err := pay.LeaseWorkerAt(ctx, rdb, "gw-b", worker, -1, ttl, nil, ahead)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lastB := pay.NewIDGen("gw-b", worker, ahead).Next(42)
+	for deadline := time.Now().Add(5 * time.Second); a.Held(); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("gw-a's lease still held while gw-b holds the key")
+		}
+	}
+	b.Close()
+	for deadline := time.Now().Add(5 * time.Second); !a.Held(); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("gw-a did not take its lease back")
+		}
+	}
+	if first := pay.FirstIDAt(a.Since()); first <= lastB {
+		t.Fatalf("gw-a back since %v: its ids may start at %d, not above gw-b's %d", a.Since(), first, lastB)
+	}
+	select {
+	case got := <-raised:
+		if pay.FirstIDAt(got) <= lastB {
+			t.Fatalf("OnSince told %v, not after gw-b's ids", got)
+		}
+	default:
+		t.Fatal("OnSince not called when the lease was taken back")
 	}
 }
