@@ -321,10 +321,10 @@ var LiveClient = class _LiveClient {
   }
   /**
    * Sends a gift; reqId makes it idempotent (a retry with the same reqId moves nothing again); pk
-   * scores it in the room's PK. Without a reqId one is made and written into g (so a retry with
-   * the same g sends it again), and a failed call's error carries it as `reqId` — retry with it,
-   * never with a new one (a gift whose answer was lost may have been debited, and a new reqId
-   * debits again).
+   * scores it in the room's PK. Without a reqId one is made (g is not changed: an object reused
+   * for every tap sends a gift each time); the result and a failed call's error carry it as
+   * `reqId` — retry a failure with it, never with a new one (a gift whose answer was lost may have
+   * been debited, and a new reqId debits again).
    */
   gift(g, o) {
     const d = {
@@ -333,14 +333,16 @@ var LiveClient = class _LiveClient {
       receiver_id: g.receiverId,
       count: g.count || 1,
       // 0 means 1, as in the Go SDK
-      req_id: g.reqId || (g.reqId = randomId())
-      // written back: a retry with the same g sends the same req_id
+      req_id: g.reqId || randomId()
     };
     if (g.pk) d.pk = true;
-    return this.request("gift", d, o).catch((e) => {
-      if (e instanceof Error) Object.assign(e, { reqId: d.req_id });
-      throw e;
-    });
+    return this.request("gift", d, o).then(
+      (r) => Object.assign(r, { reqId: d.req_id }),
+      (e) => {
+        if (e instanceof Error) Object.assign(e, { reqId: d.req_id });
+        throw e;
+      }
+    );
   }
   /**
    * Grabs a packet of the red-packet rain `code` (biz 5560); you must be in its

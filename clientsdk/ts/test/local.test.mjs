@@ -842,18 +842,27 @@ test("a join overlapped by a leave, or timed out, leaves the room out: not re-jo
   assert.deepEqual(srv.conns[1].frames.filter((f) => f.t === "join").map((f) => f.d.room_id), [9]);
 });
 
-test("gift: a reqId made is written into g, so a retry with the same g sends the same req_id; count 0 is 1", async () => {
+test("gift: the reqId made is on the error (retry with it) and on the result, g not changed (reused, it sends a new gift); count 0 is 1", async () => {
+  let first = true;
   const srv = await server((conn) => {
     conn.onFrame = (f) => {
-      if (f.t === "gift") conn.send({ t: "reply", id: f.id, code: 10409, msg: "still being processed; retry with the same req_id" });
+      if (f.t !== "gift") return;
+      if (first) conn.send({ t: "reply", id: f.id, code: 10409, msg: "still being processed; retry with the same req_id" });
+      else conn.send({ t: "reply", id: f.id, code: 0, msg: "ok", d: { order_id: "o" + f.id, balance: 1 } });
+      first = false;
     };
   });
   const c = await collect({ urls: srv.url, token: "t" });
-  const g = { roomId: 9, giftId: 1, receiverId: 2, count: 0 };
-  for (let i = 0; i < 2; i++) await assert.rejects(c.gift(g), (e) => e.code === 10409 && e.reqId === g.reqId);
+  const g = Object.freeze({ roomId: 9, giftId: 1, receiverId: 2, count: 0 });
+  let reqId;
+  await assert.rejects(c.gift(g), (e) => e.code === 10409 && typeof (reqId = e.reqId) === "string" && reqId !== "");
+  const retried = await c.gift({ ...g, reqId });
+  assert.equal(retried.reqId, reqId);
+  const again = await c.gift(g); // the same template, another tap: another gift
   const sent = srv.conns[0].frames.filter((f) => f.t === "gift").map((f) => f.d);
-  assert.equal(sent.length, 2);
-  assert.ok(sent[0].req_id && g.reqId === sent[0].req_id && sent[1].req_id === sent[0].req_id, JSON.stringify(sent));
+  assert.deepEqual(sent.map((d) => d.req_id), [reqId, reqId, again.reqId]);
+  assert.notEqual(again.reqId, reqId);
+  assert.equal(g.reqId, undefined);
   assert.equal(sent[0].count, 1);
 });
 
