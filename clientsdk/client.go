@@ -39,6 +39,11 @@ type Client struct {
 	// come before the join's reply, and its position is kept here (else the
 	// reply's older position made the next push look like a gap).
 	joining map[int64]*roomPos
+	// joinsPending counts the Joins of each room waiting for their reply
+	// (joining is dropped when the last ends); undoing holds a room's new
+	// Joins until the leave of one that timed out is written (undoJoin).
+	joinsPending map[int64]int
+	undoing      map[int64]chan struct{}
 	// left are the rooms Leave left on this connection (not joined since):
 	// a push of one, fanned out before the leave took effect, is dropped.
 	// Rooms joined with a raw Request are neither here nor in rooms: their
@@ -442,19 +447,32 @@ func (c *Client) JoinInfo(ctx context.Context, roomID int64) (JoinResult, error)
 	var jr joinReply
 	var perr error
 	c.mu.Lock()
+	for c.undoing[roomID] != nil { // a timed-out Join's leave goes first
+		ch := c.undoing[roomID]
+		c.mu.Unlock()
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return JoinResult{}, fmt.Errorf("clientsdk: join: %w", ctx.Err())
+		}
+		c.mu.Lock()
+	}
 	delete(c.left, roomID)
-	early := c.joining[roomID]
-	if early == nil && c.rooms[roomID] == nil {
-		early = &roomPos{}
+	if c.joinsPending == nil {
+		c.joinsPending = map[int64]int{}
+	}
+	c.joinsPending[roomID]++
+	if c.joining[roomID] == nil && c.rooms[roomID] == nil {
 		if c.joining == nil {
 			c.joining = map[int64]*roomPos{}
 		}
-		c.joining[roomID] = early
+		c.joining[roomID] = &roomPos{}
 	}
 	c.mu.Unlock()
 	defer func() {
 		c.mu.Lock()
-		if early != nil && c.joining[roomID] == early {
+		if c.joinsPending[roomID]--; c.joinsPending[roomID] <= 0 {
+			delete(c.joinsPending, roomID)
 			delete(c.joining, roomID)
 		}
 		c.mu.Unlock()
@@ -486,7 +504,7 @@ func (c *Client) JoinInfo(ctx context.Context, roomID int64) (JoinResult, error)
 	})
 	if err != nil {
 		if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) {
-			c.undoJoin(roomID, early)
+			c.undoJoin(roomID)
 		}
 		return JoinResult{}, err
 	}
@@ -499,12 +517,13 @@ func (c *Client) JoinInfo(ctx context.Context, roomID int64) (JoinResult, error)
 // undoJoin leaves a room whose join went unanswered (its context ended):
 // the node may have joined it while the client does not track it — its
 // pushes would come until the next reconnect, and then stop without a word.
-// The leave is written before Join returns, so a Join retried after it comes
-// after the leave; a room joined or being joined by another call meanwhile
-// is kept.
-func (c *Client) undoJoin(roomID int64, mine *roomPos) {
+// The leave is written before Join returns, and a Join of the room started
+// meanwhile waits for it (undoing), so a Join after it comes after the
+// leave; a room joined, or whose other Join still waits for its reply (that
+// reply decides), is kept.
+func (c *Client) undoJoin(roomID int64) {
 	c.mu.Lock()
-	if j := c.joining[roomID]; c.rooms[roomID] != nil || (j != nil && j != mine) {
+	if c.rooms[roomID] != nil || c.joinsPending[roomID] > 1 {
 		c.mu.Unlock()
 		return
 	}
@@ -513,12 +532,22 @@ func (c *Client) undoJoin(roomID int64, mine *roomPos) {
 	}
 	c.left[roomID] = struct{}{}
 	s := c.sess
-	c.mu.Unlock()
 	if s == nil {
+		c.mu.Unlock()
 		return // no connection: the one the join went on is gone, and its rooms with it
 	}
+	done := make(chan struct{})
+	if c.undoing == nil {
+		c.undoing = map[int64]chan struct{}{}
+	}
+	c.undoing[roomID] = done
+	c.mu.Unlock()
 	ctx, cancel := context.WithTimeout(c.ctx, c.cfg.RequestTimeout)
 	id, cl, err := s.send(ctx, proto.TypeLeave, proto.RoomReq{RoomID: roomID}, nil)
+	c.mu.Lock()
+	delete(c.undoing, roomID)
+	c.mu.Unlock()
+	close(done)
 	if err != nil {
 		cancel()
 		return

@@ -520,3 +520,37 @@ func TestJoinOverlappedByLeaveOrTimedOutIsNotJoined(t *testing.T) {
 		t.Fatalf("re-joined %v after the reconnect, want only room 9", got)
 	}
 }
+
+// Two Joins of one room at once, the first timing out: its undo waits for
+// the second's reply, which decides — joined and tracked, no leave sent.
+// Before, the first's undo left the room and its cleanup dropped the shared
+// joining entry: the second answered success for a room the node had left.
+func TestJoinTimedOutBesideAnotherJoinOfTheRoom(t *testing.T) {
+	ts, r, c := numberedRooms(t)
+	ctx := context.Background()
+	ts.firstDelay.Store(int64(200 * time.Millisecond))
+	second := make(chan error, 1)
+	short, cancel := context.WithTimeout(ctx, 100*time.Millisecond)
+	defer cancel()
+	first := make(chan error, 1)
+	go func() { _, err := c.Join(short, 7); first <- err }()
+	waitFor(t, 5*time.Second, "the first join read", func() bool { return len(ts.joinsOn(0)) == 1 })
+	go func() { _, err := c.Join(ctx, 7); second <- err }()
+	if err := <-first; !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("first join: %v, want a timeout", err)
+	}
+	if err := <-second; err != nil {
+		t.Fatal(err)
+	}
+	if n := ts.count(proto.TypeLeave); n != 0 {
+		t.Fatalf("%d leaves sent; the second join's reply decides (joined)", n)
+	}
+	ts.firstDelay.Store(0)
+	ts.conn(0).send(t, offPush("p7", false, 7, 1, "e7", "joined"))
+	waitFor(t, 5*time.Second, "p7", func() bool { return r.hasMid("p7") })
+	ts.conn(0).close(proto.CloseGoingAway)
+	waitFor(t, 5*time.Second, "re-joined", func() bool { return len(ts.joinsOn(1)) == 1 })
+	if got := ts.joinsOn(1); got[0] != 7 {
+		t.Fatalf("re-joined %v, want room 7", got)
+	}
+}

@@ -134,6 +134,8 @@ var LiveClient = class _LiveClient {
      * position made the next push look like a gap).
      */
     this.joining = /* @__PURE__ */ new Map();
+    /** The joins of each room waiting for their reply (joining is dropped when the last ends). */
+    this.joinsPending = /* @__PURE__ */ new Map();
     /**
      * Rooms leave() left on this connection (not joined since): a push of one, fanned out before
      * the leave took effect, is dropped. Rooms joined with a raw request() are in neither set: their
@@ -258,18 +260,14 @@ var LiveClient = class _LiveClient {
   /** Joins a room; it is re-joined after every reconnect until leave(). */
   async join(roomId, o) {
     this.left.delete(roomId);
-    let early = this.joining.get(roomId);
-    const mine = !early && !this.rooms.has(roomId);
-    if (mine) {
-      early = {};
-      this.joining.set(roomId, early);
-    }
+    this.joinsPending.set(roomId, (this.joinsPending.get(roomId) ?? 0) + 1);
+    if (!this.joining.has(roomId) && !this.rooms.has(roomId)) this.joining.set(roomId, {});
     try {
       let r;
       try {
         r = await this.request("join", { room_id: roomId }, o);
       } catch (e) {
-        if (e instanceof TimeoutError) this.undoJoin(roomId, early);
+        if (e instanceof TimeoutError) this.undoJoin(roomId);
         throw e;
       }
       let st = this.rooms.get(roomId);
@@ -283,7 +281,12 @@ var LiveClient = class _LiveClient {
       if (s) merge(st, s);
       return r;
     } finally {
-      if (mine && this.joining.get(roomId) === early) this.joining.delete(roomId);
+      const n = (this.joinsPending.get(roomId) ?? 1) - 1;
+      if (n > 0) this.joinsPending.set(roomId, n);
+      else {
+        this.joinsPending.delete(roomId);
+        this.joining.delete(roomId);
+      }
     }
   }
   /**
@@ -291,11 +294,11 @@ var LiveClient = class _LiveClient {
    * joined it while the client does not track it (its pushes would come
    * until the next reconnect, then stop without a word). The leave is written
    * before join() rejects, so a join retried after it comes after the leave;
-   * a room joined or being joined by another call meanwhile is kept.
+   * a room joined, or whose other join still waits for its reply (that
+   * reply decides), is kept.
    */
-  undoJoin(roomId, mine) {
-    const j = this.joining.get(roomId);
-    if (this.rooms.has(roomId) || j !== void 0 && j !== mine) return;
+  undoJoin(roomId) {
+    if (this.rooms.has(roomId) || (this.joinsPending.get(roomId) ?? 0) > 1) return;
     if (this.left.size >= MaxLeft) this.left.clear();
     this.left.add(roomId);
     const ws = this.ws;

@@ -329,6 +329,8 @@ export class LiveClient {
    * position made the next push look like a gap).
    */
   private joining = new Map<number, RoomState>();
+  /** The joins of each room waiting for their reply (joining is dropped when the last ends). */
+  private joinsPending = new Map<number, number>();
   /**
    * Rooms leave() left on this connection (not joined since): a push of one, fanned out before
    * the leave took effect, is dropped. Rooms joined with a raw request() are in neither set: their
@@ -487,18 +489,14 @@ export class LiveClient {
   /** Joins a room; it is re-joined after every reconnect until leave(). */
   async join(roomId: number, o?: { timeout?: number }): Promise<JoinReply> {
     this.left.delete(roomId);
-    let early = this.joining.get(roomId);
-    const mine = !early && !this.rooms.has(roomId);
-    if (mine) {
-      early = {};
-      this.joining.set(roomId, early);
-    }
+    this.joinsPending.set(roomId, (this.joinsPending.get(roomId) ?? 0) + 1);
+    if (!this.joining.has(roomId) && !this.rooms.has(roomId)) this.joining.set(roomId, {});
     try {
       let r: JoinReply;
       try {
         r = await this.request("join", { room_id: roomId }, o);
       } catch (e) {
-        if (e instanceof TimeoutError) this.undoJoin(roomId, early);
+        if (e instanceof TimeoutError) this.undoJoin(roomId);
         throw e;
       }
       let st = this.rooms.get(roomId);
@@ -514,7 +512,12 @@ export class LiveClient {
       if (s) merge(st, s);
       return r;
     } finally {
-      if (mine && this.joining.get(roomId) === early) this.joining.delete(roomId);
+      const n = (this.joinsPending.get(roomId) ?? 1) - 1;
+      if (n > 0) this.joinsPending.set(roomId, n);
+      else {
+        this.joinsPending.delete(roomId);
+        this.joining.delete(roomId);
+      }
     }
   }
   /**
@@ -522,11 +525,11 @@ export class LiveClient {
    * joined it while the client does not track it (its pushes would come
    * until the next reconnect, then stop without a word). The leave is written
    * before join() rejects, so a join retried after it comes after the leave;
-   * a room joined or being joined by another call meanwhile is kept.
+   * a room joined, or whose other join still waits for its reply (that
+   * reply decides), is kept.
    */
-  private undoJoin(roomId: number, mine: RoomState | undefined): void {
-    const j = this.joining.get(roomId);
-    if (this.rooms.has(roomId) || (j !== undefined && j !== mine)) return;
+  private undoJoin(roomId: number): void {
+    if (this.rooms.has(roomId) || (this.joinsPending.get(roomId) ?? 0) > 1) return;
     if (this.left.size >= MaxLeft) this.left.clear();
     this.left.add(roomId);
     const ws = this.ws;

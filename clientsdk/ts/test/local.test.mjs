@@ -842,6 +842,30 @@ test("a join overlapped by a leave, or timed out, leaves the room out: not re-jo
   assert.deepEqual(srv.conns[1].frames.filter((f) => f.t === "join").map((f) => f.d.room_id), [9]);
 });
 
+test("two joins of a room at once, the first timing out: the second's reply decides (joined, no leave)", async () => {
+  const srv = await server((conn) => {
+    let chain = Promise.resolve();
+    conn.onFrame = (f) => {
+      if (f.t === "ack") return;
+      const slow = conn.n === 0 && f.t === "join";
+      chain = chain
+        .then(() => new Promise((r) => setTimeout(r, slow ? 150 : 0)))
+        .then(() => conn.send({ t: "reply", id: f.id, code: 0, msg: "ok", d: f.t === "join" ? { room_id: f.d.room_id, online: 1 } : {} }));
+    };
+  });
+  const c = await collect({ urls: srv.url, token: "t" });
+  const first = c.join(7, { timeout: 50 });
+  const second = c.join(7);
+  await assert.rejects(first, (e) => e instanceof TimeoutError);
+  await second;
+  assert.equal(srv.conns[0].frames.filter((f) => f.t === "leave").length, 0, "a leave was sent");
+  srv.conns[0].send(push("p7", { from: 1, text: "joined" }, { room: 7, ack: false, off: 1, ep: "e7" }));
+  await eventually(() => c.ev.pushes.some((p) => p.mid === "p7"), 3000, "p7");
+  srv.conns[0].ws.close(1001, "going away");
+  await eventually(() => srv.conns.length === 2 && srv.conns[1].frames.some((f) => f.t === "join"), 5000, "re-joined");
+  assert.deepEqual(srv.conns[1].frames.filter((f) => f.t === "join").map((f) => f.d.room_id), [7]);
+});
+
 test("gift: the reqId made is on the error (retry with it) and on the result, g not changed (reused, it sends a new gift); count 0 is 1", async () => {
   let first = true;
   const srv = await server((conn) => {
