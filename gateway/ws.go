@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"runtime/debug"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -246,8 +247,11 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		early, _ = rw.Reader.Peek(n)
 	}
 	up := s.up
-	if offersSubprotocol(r.Header.Values("Sec-WebSocket-Protocol")) {
+	if offers := r.Header.Values("Sec-WebSocket-Protocol"); offersSubprotocol(offers) {
 		up = s.upSub
+		// gws reads the first header line only: lines merged, as HTTP
+		// allows, so an offer on a later line is answered too.
+		r.Header.Set("Sec-WebSocket-Protocol", strings.Join(offers, ", "))
 	}
 	socket, err := up.UpgradeFromConn(cc, nil, r)
 	if err != nil {

@@ -1,9 +1,11 @@
 package gateway_test
 
 import (
+	"bufio"
 	"bytes"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"slices"
 	"strconv"
@@ -623,6 +625,20 @@ func TestTokenAsASubprotocol(t *testing.T) {
 			t.Fatalf("%s: first frame %s %s", c.name, h.T, h.D)
 		}
 		r.Close()
+	}
+	// The offers on two header lines, the token's first (gws's client
+	// reads one line: a raw handshake here): answered liveedge.v1.
+	conn, err := net.Dial("tcp", strings.TrimSuffix(strings.TrimPrefix(nodetest.WSURL(n), "ws://"), "/ws"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	fmt.Fprintf(conn, "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"+
+		"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Protocol: %s%s\r\nSec-WebSocket-Protocol: %s\r\n\r\n",
+		gateway.WSBearerPrefix, tok, gateway.WSSubprotocol)
+	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+	if err != nil || resp.StatusCode != http.StatusSwitchingProtocols || resp.Header.Get("Sec-Websocket-Protocol") != gateway.WSSubprotocol {
+		t.Fatalf("offers on two lines, the token's first: %v %v", resp, err)
 	}
 	for name, h := range map[string]http.Header{
 		"bad token":    offer(gateway.WSSubprotocol + ", " + gateway.WSBearerPrefix + "x.y.z"),

@@ -1766,8 +1766,12 @@ func (c *Cluster) Register(s Session) {
 			// the list; one published after arrives through the
 			// subscription. (A flush that fails: NATS is away, and its
 			// reconnect drains every user's list again.)
-			if err := c.nc.FlushTimeout(c.cfg.CallTimeout); err != nil {
-				c.log.Debug("NATS flush after a user subscription failed", "user", u, "err", err)
+			// (NATS away: its reconnect drains every user's list again,
+			// and a flush would hold this session's hello CallTimeout.)
+			if c.nc.IsConnected() {
+				if err := c.nc.FlushTimeout(c.cfg.CallTimeout); err != nil {
+					c.log.Debug("NATS flush after a user subscription failed", "user", u, "err", err)
+				}
 			}
 			c.drainOffline(u)
 		}

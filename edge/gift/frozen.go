@@ -1,6 +1,10 @@
 package gift
 
-import "github.com/liveedge/liveedge/gateway/proto"
+import (
+	"errors"
+
+	"github.com/liveedge/liveedge/gateway/proto"
+)
 
 // Accounts tells whether an account is frozen (edge/account): a frozen
 // account can neither send nor receive (SPEC §2). nil = no account is.
@@ -20,7 +24,13 @@ func (s *Service) checkFrozen(sender, receiver int64) *sendErr {
 	for _, u := range [2]int64{sender, receiver} {
 		frozen, err := s.accounts.Frozen(u)
 		if err != nil {
-			s.log.Error("gift: account status", "user", u, "err", err)
+			if pe := (*proto.Error)(nil); errors.As(err, &pe) {
+				// A known "retry" (statuses being rebuilt after a Redis
+				// loss): every gift meanwhile gets it, not an error each.
+				s.log.Debug("gift: account status", "user", u, "err", err)
+			} else {
+				s.log.Error("gift: account status", "user", u, "err", err)
+			}
 			return fail(proto.CodeInternal, "account status unavailable, nothing moved; retry with the same req_id")
 		}
 		if frozen {

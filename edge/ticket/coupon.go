@@ -180,6 +180,14 @@ func (s *Service) GrantCoupon(admin int64, reqID string, user, amount int64) (Co
 	if had.UserID != user || had.Amount != amount {
 		return Coupon{}, proto.Errorf(proto.CodeConflict, "req_id %q already granted a coupon of %d to user %d", reqID, had.Amount, had.UserID)
 	}
+	if k, ok := s.cstore.(interface{ KeepGrant(Coupon) error }); ok {
+		// The first grant's node may have died between Redis and its
+		// disk: this one keeps the grant before answering, so a Redis
+		// that loses its data gets the coupon back from a disk.
+		if err := k.KeepGrant(had); err != nil {
+			return Coupon{}, err
+		}
+	}
 	return had, nil
 }
 

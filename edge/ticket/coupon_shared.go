@@ -116,6 +116,15 @@ func (r *SharedCoupons) Grant(c Coupon) error {
 	return r.store.Put(rec.Key, rec.Value)
 }
 
+// KeepGrant writes coupon c's grant (not its use) to this node's disk, as
+// Grant does after Redis took it: a grant answered through this node is on
+// a disk, whichever node wrote it to Redis.
+func (r *SharedCoupons) KeepGrant(c Coupon) error {
+	c.UsedBy = ""
+	rec := c.record()
+	return r.store.Put(rec.Key, rec.Value)
+}
+
 // couponFillKey marks that this node copied the coupons Redis held at its
 // start to its disk (Backfill).
 var couponFillKey = recPrefix("tcouponfill")
