@@ -361,20 +361,26 @@ func Ref(room, gift int64, count int, receiver int64, pk bool) string {
 }
 
 func (s *Service) send(sender int64, inRoom bool, r Req, done func(Reply, *sendErr)) {
+	// The attempts' rate first: a gift to oneself is refused (with its
+	// 5557) no more often than any other.
+	if s.attempts != nil && !s.attempts.Allow(uint64(sender)) && !s.isDoubted(doubtKey{sender, r.ReqID}) {
+		e := fail(proto.CodeRateLimited, "too many gift requests, slow down; retry with the same req_id")
+		e.quiet = true
+		done(Reply{}, e)
+		return
+	}
 	if r.ReceiverID == sender {
 		done(Reply{}, fail(proto.CodeGiftToSelf, "cannot send a gift to yourself"))
 		return
 	}
 	g, ok := s.cat.Get(r.GiftID)
 	if !ok {
-		done(Reply{}, fail(proto.CodeGiftUnavailable, "gift not found or disabled"))
-		return
-	}
-	if s.attempts != nil && !s.attempts.Allow(uint64(sender)) && !s.isDoubted(doubtKey{sender, r.ReqID}) {
-		e := fail(proto.CodeRateLimited, "too many gift requests, slow down; retry with the same req_id")
-		e.quiet = true
-		done(Reply{}, e)
-		return
+		// Not in this node's catalogue (removed, or not loaded here yet):
+		// refused by Check below — only if the req_id is new. A retry of a
+		// gift debited through another node replays its result; refused
+		// here at once it was told "failed, nothing moved" and paid again
+		// under a new req_id.
+		g = Gift{ID: r.GiftID, Status: StatusDisabled}
 	}
 	amount := g.Price * int64(r.Count)
 	var contest string

@@ -250,3 +250,49 @@ func TestGiftAttemptsBoundedBeforeTheWallet(t *testing.T) {
 		t.Fatalf("balance %d, want %d: one gift debited once", b, 10_000-g.Price)
 	}
 }
+
+// A retry of a gift debited through another node whose catalogue has the
+// gift, reaching a node whose catalogue does not (not loaded there yet, or
+// lost), replays the first result: refused at once before the wallet's
+// req_id lookup, it was told "gift not found, nothing moved" (with a 5557)
+// and paid again under a new req_id. A new request for that gift is still
+// refused (20002). Gifts to oneself, like unknown ones, are refused no more
+// often than the attempts' rate allows (10429 beyond, no 5557).
+func TestGiftRetryReplayedWhereTheCatalogueLacksIt(t *testing.T) {
+	led, cat, rt := seededRoom(t)
+	sender := &routertest.Recorder{SessionID: 1, User: 100}
+	rt.Register(sender)
+	if err := cat.Create(Gift{ID: 500, Name: "new", Price: 70, Status: StatusEnabled}); err != nil {
+		t.Fatal(err)
+	}
+	a := New(led, rt, cat, Config{}, nil)
+	req := Req{RoomID: 7, GiftID: 500, ReceiverID: 200, Count: 1, ReqID: "r1"}
+	first, e := a.Send(100, true, req)
+	if e != nil {
+		t.Fatal(e)
+	}
+	st2, _ := openLedger(t)
+	other, err := NewCatalogue(PebbleCatalogue{Store: st2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := New(led, rt, other, Config{PerSecond: 5}, nil)
+	if rep, e := b.Send(100, true, req); e != nil || rep.OrderID != first.OrderID {
+		t.Fatalf("the retry where the catalogue lacks the gift: %+v %+v, want the first result %+v", rep, e, first)
+	}
+	req.ReqID = "r2"
+	if _, e := b.Send(100, true, req); e == nil || e.Code != proto.CodeGiftUnavailable {
+		t.Fatalf("a new gift the catalogue lacks: %+v, want %d", e, proto.CodeGiftUnavailable)
+	}
+	if bal, _ := led.Balance(100); bal != 10_000-70 {
+		t.Fatalf("balance %d, want %d: debited once", bal, 10_000-70)
+	}
+	codes := map[int]int{}
+	for i := range 100 {
+		_, e := b.Send(100, true, Req{RoomID: 7, GiftID: 24, ReceiverID: 100, Count: 1, ReqID: "self" + strconv.Itoa(i)})
+		codes[e.Code]++
+	}
+	if codes[proto.CodeGiftToSelf] > AttemptFactor*5+2 {
+		t.Fatalf("gifts to oneself answered %v: want at most %d refused (with a 5557), the rest 10429", codes, AttemptFactor*5)
+	}
+}
