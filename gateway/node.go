@@ -858,6 +858,9 @@ func deadlineOf(ctx context.Context) time.Time {
 
 func (n *Node) closeBackends() error {
 	var errs []error
+	if n.Gifts != nil {
+		n.Gifts.FlushEffects() // the last gifts' room effects, before the router closes
+	}
 	if n.payFwdSub != nil {
 		// Forwarded requests end first: those running finish, the rest are
 		// answered "busy", none runs after the services below close.

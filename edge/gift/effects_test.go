@@ -121,3 +121,32 @@ func waitFor(t *testing.T, cond func() bool) {
 		time.Sleep(5 * time.Millisecond)
 	}
 }
+
+// A node stopping sends every room's waiting effects at once (FlushEffects):
+// before, those still waiting for their pace were dropped with the node —
+// gifts answered ok missing from their room's display on the other nodes.
+func TestRoomEffectsFlushedAtStop(t *testing.T) {
+	rt := router.NewLocal("t", router.LocalConfig{})
+	rt.OpenRoom(7)
+	v := &routertest.Recorder{SessionID: 1, User: 1000}
+	if _, err := rt.Join(7, v); err != nil {
+		t.Fatal(err)
+	}
+	s := &Service{effects: newEffects(rt, time.Hour, 1)} // no tick during the test
+	for from := int64(1); from <= 50; from++ {
+		s.effects.add(7, EffectPush{From: from, To: 99, GiftID: 1, Count: 1})
+	}
+	s.FlushEffects()
+	waitFor(t, func() bool { got, _ := effectPushes(v); return len(got) == 50 })
+	got, _ := effectPushes(v)
+	for i, p := range got {
+		if p.From != int64(i+1) {
+			t.Fatalf("effect %d: %+v, want from %d (first arrival first)", i, p, i+1)
+		}
+	}
+	s.effects.flush(7) // a tick after the flush finds nothing
+	time.Sleep(20 * time.Millisecond)
+	if got, _ := effectPushes(v); len(got) != 50 {
+		t.Fatalf("%d effects after a late tick, want 50", len(got))
+	}
+}

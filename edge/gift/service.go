@@ -652,6 +652,24 @@ func (e *effects) publish(room int64, effects []*EffectPush) {
 	}
 }
 
+// flushAll sends every room's waiting effects at once, unpaced (a node
+// stopping: its rooms' viewers on other nodes still see them).
+func (e *effects) flushAll() {
+	e.mu.Lock()
+	rooms := e.rooms
+	e.rooms = map[int64]*roomEffects{} // the rooms' ticks find nothing left
+	e.mu.Unlock()
+	for room, re := range rooms {
+		e.publish(room, re.take(len(re.order)))
+	}
+}
+
+// FlushEffects sends the room effects still waiting for their pace, at
+// once: call it when the node stops, after the last gift was answered and
+// before the router closes — a gift answered ok is not missing from its
+// room's display on the other nodes.
+func (s *Service) FlushEffects() { s.effects.flushAll() }
+
 // flush is a room's tick: it sends the room's share of its waiting effects
 // and schedules the next tick while any are left.
 func (e *effects) flush(room int64) {
