@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/liveedge/liveedge/gateway/proto"
 	"github.com/liveedge/liveedge/persist"
@@ -30,7 +31,16 @@ type Gift struct {
 	Status      int    `json:"status"`
 	CoverImgURL string `json:"cover_img_url"`
 	SvgaURL     string `json:"svga_url"`
+	// V orders a gift's versions (a Redis that lost the catalogue merges
+	// the nodes' copies back, the highest winning): an admin's write is
+	// its time in ms, above the version it replaced; the seeded defaults
+	// are SeedVersion, below any write; rows from before versions read 0.
+	V int64 `json:"v,omitempty"`
 }
+
+// SeedVersion is the version of the seeded defaults: every admin's write,
+// and every row from before versions (0), is newer.
+const SeedVersion = -1
 
 // Validate checks an admin-supplied row.
 func (g *Gift) Validate() *proto.Error {
@@ -64,6 +74,7 @@ func init() {
 	for i := range Seed {
 		g := &Seed[i]
 		g.Status = StatusEnabled
+		g.V = SeedVersion
 		id := strconv.FormatInt(g.ID, 10)
 		g.CoverImgURL = "https://static.liveedge.example/gifts/" + id + ".png"
 		g.SvgaURL = "https://static.liveedge.example/gifts/" + id + ".svga"
@@ -163,6 +174,7 @@ func (c *Catalogue) Create(g Gift) error {
 	if err := g.Validate(); err != nil {
 		return err
 	}
+	g.V = max(1, time.Now().UnixMilli())
 	c.mu.Lock()
 	done, err := c.store.Swap(nil, g)
 	if err == nil && !done {
@@ -195,11 +207,12 @@ func (c *Catalogue) Update(id int64, patch func(*Gift) error) (Gift, error) {
 			c.mu.Unlock()
 			return Gift{}, proto.ErrNotFound
 		}
+		was := g.V
 		if err := patch(&g); err != nil {
 			c.mu.Unlock()
 			return Gift{}, err
 		}
-		g.ID = id
+		g.ID, g.V = id, max(was+1, time.Now().UnixMilli())
 		if err := g.Validate(); err != nil {
 			c.mu.Unlock()
 			return Gift{}, err

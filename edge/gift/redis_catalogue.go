@@ -19,29 +19,80 @@ const RedisCatalogueKey = "le:giftcat"
 // invalidation when any node changes it; the node's invalidation hook then
 // calls Catalogue.Reload (no polling).
 //
-// Mirror, if set, is the node's Pebble: every catalogue read is kept there
-// (fsynced; gifts are never deleted, only disabled), and a Redis that lost
-// the catalogue (a restart without persistence) gets it back from there —
-// each gift only if absent, so an admin's write meanwhile wins — instead of
-// every gift failing 20002 until a restart re-seeded the defaults and lost
-// the admins' changes.
+// Mirror, if set, is the node's Pebble: every gift read is kept there
+// (fsynced; gifts are never deleted, only disabled) unless the copy there is
+// newer (Gift.V), and every load first merges the mirror into Redis — a
+// gift written where absent or older than the mirror's copy — so a Redis
+// that lost the catalogue (a restart without persistence, a rollback to an
+// older snapshot) gets every gift's latest version back from the nodes, even
+// when a node seeded the defaults or an admin created a gift into the
+// emptied hash first. (Before, only an empty hash was restored: after such
+// a first write the admins' gifts were gone and the defaults' prices back,
+// on every node and in every mirror.)
 type RedisCatalogue struct {
 	Client rueidis.Client
 	Mirror *persist.Store
 }
 
+// mergeScript writes each gift ARGV[3i+1] (id) = ARGV[3i+2] (its JSON) of
+// version ARGV[3i+3] into hash KEYS[1] where it is absent or of an older
+// version: 1 if it wrote any.
+var mergeScript = rueidis.NewLuaScript(`
+local wrote = 0
+for i = 1, #ARGV, 3 do
+  local cur = redis.call('HGET', KEYS[1], ARGV[i])
+  local write = not cur
+  if cur then
+    local ok, g = pcall(cjson.decode, cur)
+    write = ok and type(g) == 'table' and tonumber(ARGV[i + 2]) > (tonumber(g.v) or 0)
+  end
+  if write then
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+    wrote = 1
+  end
+end
+return wrote`)
+
 // LoadAll implements CatalogueStore.
 func (r RedisCatalogue) LoadAll() ([]Gift, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
 	defer cancel()
-	m, err := r.Client.DoCache(ctx, r.Client.B().Hgetall().Key(RedisCatalogueKey).Cache(), time.Hour).AsStrMap()
-	if err != nil {
-		return nil, err
-	}
-	if len(m) == 0 && r.Mirror != nil {
-		if m, err = r.restore(ctx); err != nil {
+	var mirrored map[int64]Gift
+	merged := false
+	if r.Mirror != nil {
+		saved, err := PebbleCatalogue{Store: r.Mirror}.LoadAll()
+		if err != nil {
 			return nil, err
 		}
+		mirrored = make(map[int64]Gift, len(saved))
+		args := make([]string, 0, 3*len(saved))
+		for _, g := range saved {
+			mirrored[g.ID] = g
+			v, err := proto.Marshal(g)
+			if err != nil {
+				return nil, err
+			}
+			args = append(args, strconv.FormatInt(g.ID, 10), string(v), strconv.FormatInt(g.V, 10))
+		}
+		if len(args) > 0 {
+			wrote, err := mergeScript.Exec(ctx, r.Client, []string{RedisCatalogueKey}, args).AsInt64()
+			if err != nil {
+				return nil, err
+			}
+			merged = wrote == 1
+		}
+	}
+	// Cached, unless this node's copy was just written back (the
+	// invalidation of the cached hash may not have come yet): read anew.
+	var m map[string]string
+	var err error
+	if merged {
+		m, err = r.Client.Do(ctx, r.Client.B().Hgetall().Key(RedisCatalogueKey).Build()).AsStrMap()
+	} else {
+		m, err = r.Client.DoCache(ctx, r.Client.B().Hgetall().Key(RedisCatalogueKey).Cache(), time.Hour).AsStrMap()
+	}
+	if err != nil {
+		return nil, err
 	}
 	out := make([]Gift, 0, len(m))
 	for _, v := range m {
@@ -54,6 +105,9 @@ func (r RedisCatalogue) LoadAll() ([]Gift, error) {
 	if r.Mirror != nil && len(out) > 0 {
 		if err := r.Mirror.Apply(func(b *persist.Batch) error {
 			for _, g := range out {
+				if had, ok := mirrored[g.ID]; ok && had.V > g.V {
+					continue // the mirror's is newer: merged back above, read before it landed
+				}
 				if err := b.Set(persist.Key(prefixGiftCat, uint64(g.ID)), []byte(m[strconv.FormatInt(g.ID, 10)]), nil); err != nil {
 					return err
 				}
@@ -64,31 +118,6 @@ func (r RedisCatalogue) LoadAll() ([]Gift, error) {
 		}
 	}
 	return out, nil
-}
-
-// restore writes the mirrored catalogue back into Redis (HSETNX per gift)
-// and reads it again (uncached: the cached empty hash may not be
-// invalidated yet). Nothing mirrored: the empty catalogue (seeded by
-// NewCatalogue).
-func (r RedisCatalogue) restore(ctx context.Context) (map[string]string, error) {
-	saved, err := PebbleCatalogue{Store: r.Mirror}.LoadAll()
-	if err != nil || len(saved) == 0 {
-		return map[string]string{}, err
-	}
-	cmds := make(rueidis.Commands, 0, len(saved))
-	for _, g := range saved {
-		v, err := proto.Marshal(g)
-		if err != nil {
-			return nil, err
-		}
-		cmds = append(cmds, r.Client.B().Hsetnx().Key(RedisCatalogueKey).Field(strconv.FormatInt(g.ID, 10)).Value(string(v)).Build())
-	}
-	for _, res := range r.Client.DoMulti(ctx, cmds...) {
-		if err := res.Error(); err != nil {
-			return nil, err
-		}
-	}
-	return r.Client.Do(ctx, r.Client.B().Hgetall().Key(RedisCatalogueKey).Build()).AsStrMap()
 }
 
 // Get implements CatalogueStore (uncached: a compare-and-set's read).

@@ -157,3 +157,84 @@ func redisCatalogueNode(t *testing.T, rs *redistest.Server) *Catalogue {
 	}
 	return cat
 }
+
+// A Redis that lost the catalogue, where a write lands before any node
+// reloads — a new node (no mirror) seeding the defaults, an admin creating
+// a gift — still gets every gift's latest version back from the nodes'
+// mirrors at their next load: the admins' gifts and prices, not the seeded
+// defaults; and so after a rollback to an older snapshot (the hash not
+// empty, a row older than a mirror's). Before, only an empty hash was
+// restored: the defaults' prices came back on every node and in every
+// mirror, the admins' gifts were gone (20002), and a disabled gift was on
+// sale again.
+func TestSharedCatalogueMergedBackAfterAWriteIntoTheEmptiedHash(t *testing.T) {
+	rs := redistest.Start(t)
+	open := func() *persist.Store {
+		st, err := persist.Open(t.TempDir())
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = st.Close() })
+		return st
+	}
+	a, err := NewCatalogue(RedisCatalogue{Client: rs.Client(t), Mirror: open()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.Update(24, func(g *Gift) error { g.Price = 777; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.Update(25, func(g *Gift) error { g.Status = StatusDisabled; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Create(Gift{ID: 9001, Name: "comet", Price: 4242, Status: StatusEnabled}); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Reload(); err != nil { // the mirror holds what Redis holds
+		t.Fatal(err)
+	}
+	rdb := rs.Client(t)
+	if err := rdb.Do(context.Background(), rdb.B().Flushall().Build()).Error(); err != nil {
+		t.Fatal(err)
+	}
+	// Before a reloads: a new node seeds the defaults, an admin creates one.
+	c, err := NewCatalogue(RedisCatalogue{Client: rs.Client(t), Mirror: open()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Create(Gift{ID: 9002, Name: "star", Price: 5, Status: StatusEnabled}); err != nil {
+		t.Fatal(err)
+	}
+	check := func(who string, cat *Catalogue) {
+		t.Helper()
+		if err := cat.Reload(); err != nil {
+			t.Fatal(err)
+		}
+		if g, ok := cat.Get(24); !ok || g.Price != 777 {
+			t.Fatalf("%s: gift 24 %+v %v, want the admin's price 777", who, g, ok)
+		}
+		if g, ok := cat.Get(25); !ok || g.Status != StatusDisabled {
+			t.Fatalf("%s: gift 25 %+v %v, want disabled", who, g, ok)
+		}
+		for id, price := range map[int64]int64{9001: 4242, 9002: 5} {
+			if g, ok := cat.Get(id); !ok || g.Price != price {
+				t.Fatalf("%s: gift %d %+v %v", who, id, g, ok)
+			}
+		}
+	}
+	check("the node with the mirror", a)
+	check("the new node", c)
+	// A rollback: gift 24's row an older version than the mirrors'.
+	old := Seed[0]
+	for _, g := range Seed {
+		if g.ID == 24 {
+			old = g
+		}
+	}
+	raw, _ := proto.Marshal(old)
+	if err := rdb.Do(context.Background(), rdb.B().Hset().Key(RedisCatalogueKey).FieldValue().FieldValue("24", string(raw)).Build()).Error(); err != nil {
+		t.Fatal(err)
+	}
+	check("after a rollback, the node with the mirror", a)
+	check("after a rollback, the new node", c)
+}
