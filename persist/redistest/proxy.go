@@ -21,6 +21,7 @@ type Proxy struct {
 
 	mu          sync.Mutex
 	conns       map[net.Conn]struct{} // both sides of every proxied connection
+	muted       map[net.Conn]bool     // client sides whose replies go nowhere (a lost reply's)
 	refuseUntil time.Time
 	pattern     []byte        // armed: lose the reply of the first command containing it
 	refuseFor   time.Duration // and then refuse connections this long
@@ -41,7 +42,7 @@ func StartProxy(tb testing.TB, target string) *Proxy {
 	if err != nil {
 		tb.Fatal(err)
 	}
-	p := &Proxy{Addr: ln.Addr().String(), target: target, ln: ln, tb: tb, conns: map[net.Conn]struct{}{}}
+	p := &Proxy{Addr: ln.Addr().String(), target: target, ln: ln, tb: tb, conns: map[net.Conn]struct{}{}, muted: map[net.Conn]bool{}}
 	p.wg.Add(1)
 	go p.accept()
 	tb.Cleanup(p.Close)
@@ -154,6 +155,7 @@ func (p *Proxy) drop(c, s net.Conn) {
 	p.mu.Lock()
 	delete(p.conns, c)
 	delete(p.conns, s)
+	delete(p.muted, c)
 	p.mu.Unlock()
 }
 
@@ -199,20 +201,30 @@ func (p *Proxy) clientToServer(c, s net.Conn) {
 		p.mu.Unlock()
 		time.Sleep(wait)
 		if hit >= 0 {
-			// The client's side goes first, so the reply has nowhere to go;
-			// the server's side stays open until Redis has answered (it has
-			// run the command), then serverToClient drops it.
+			// The reply has nowhere to go (muted), and the command is on
+			// its way to Redis before the client sees its connection end:
+			// what the client sends next on another connection (a claim's
+			// release, a resolve) comes after it, as when a reply is lost
+			// on the wire. The server's side stays open (its replies read
+			// and thrown away) until the proxy closes. (Closing the
+			// client's side first let a command sent after the cut
+			// overtake the lost one.)
+			p.mu.Lock()
+			p.muted[c] = true
+			p.mu.Unlock()
+			_, err := s.Write(buf[:whole])
 			_ = c.Close()
 			p.cutOthers(c, s)
+			if err != nil {
+				p.drop(c, s)
+			}
+			return
 		}
 		if whole > 0 {
 			if _, err := s.Write(buf[:whole]); err != nil {
 				p.drop(c, s)
 				return
 			}
-		}
-		if hit >= 0 {
-			return
 		}
 		buf = append(buf[:0], buf[whole:]...)
 	}
@@ -283,12 +295,16 @@ func (p *Proxy) serverToClient(c, s net.Conn) {
 			return
 		}
 		p.mu.Lock()
+		muted := p.muted[c]
 		if i := bytes.Index(buf[:n], p.mangle); p.mangle != nil && i >= 0 {
 			copy(buf[i:], p.mangleTo)
 			p.mangle = nil
 			p.fired++
 		}
 		p.mu.Unlock()
+		if muted {
+			continue // a lost reply (or one before it): read and thrown away
+		}
 		if _, err := c.Write(buf[:n]); err != nil {
 			p.drop(c, s) // the reply is lost
 			return
