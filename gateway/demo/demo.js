@@ -107,6 +107,7 @@ async function enterRoomOnce(room) {
   const proto = location.protocol === "https:" ? "wss:" : "ws:";
   const url = `${proto}//${location.hostname}:${s.cfg.ws_port}${s.cfg.ws_path}`;
   s.client?.close(); // a retry from the lobby: one connection, not one per try
+  s.client = null; // until this connect succeeds: no request goes to the closed one
   s.client = await connect({
     urls: [url],
     getToken: (reason) => (reason === "connect" ? s.token : devToken()),
@@ -133,6 +134,7 @@ async function enterRoomOnce(room) {
   clearInterval(s.refresh);
   s.refresh = setInterval(refreshOnline, 2000);
   if (info.pk_opponent) $("pk").hidden = false;
+  s.pkLive = !!info.pk_opponent;
   if (info.redpacket_code) joinRunningRain(info.redpacket_code).catch(() => {});
   system(`joined room ${room} as ${s.role}`);
   // In the room now: a failure loading its panels is shown there (the
@@ -177,22 +179,25 @@ async function loadGifts() {
   }
 }
 
-// The last gift whose outcome is unknown (timed out, the connection dropped,
-// 10409 in progress, 50000 retry): the next click on the same gift retries it
-// with its req_id, so that it moves coins at most once.
-let giftRetry = null;
+// The gifts whose outcome is unknown (timed out, the connection dropped,
+// 10409 in progress, 50000 retry, 10429 too fast — which does not say nothing
+// was debited), by gift: the next click on the same gift retries it with its
+// req_id, so that it moves coins at most once; another gift's outcome leaves
+// it be.
+const giftRetry = new Map();
 
 async function sendGift(g) {
-  const pk = !$("pk").hidden; // the room is in a PK: the gift scores for it
+  const pk = s.pkLive; // the room is in a PK: the gift scores for it
   const key = `${s.room}/${g.gift_id}/${s.anchor}/${pk}`;
-  const reqId = giftRetry?.key === key ? giftRetry.reqId : randomId();
+  const reqId = giftRetry.get(key) ?? randomId();
   try {
     const r = await s.client.gift({ roomId: s.room, giftId: g.gift_id, receiverId: s.anchor, count: 1, reqId, pk });
-    giftRetry = null;
+    giftRetry.delete(key);
     $("balance").textContent = r.balance;
   } catch (e) {
-    const unknown = typeof e?.code !== "number" || e.code === 10409 || e.code === 50000;
-    giftRetry = unknown ? { key, reqId } : null;
+    const unknown = typeof e?.code !== "number" || e.code === 10409 || e.code === 50000 || e.code === 10429;
+    if (unknown) giftRetry.set(key, reqId);
+    else giftRetry.delete(key);
     throw e;
   }
 }
@@ -212,21 +217,30 @@ async function loadProducts() {
 
 // Recharge through the mock provider (cmd/mockpay) when it answers: an order,
 // then the provider's pay_url; the balance moves when its webhook reaches the
-// node (biz 5570). Without a provider: dev credit, and the page says so.
+// node (biz 5570). Without a provider: dev credit, and the page says so. The
+// order's req_id is kept until the recharge went through, so a press after a
+// failure (a timeout, a 5xx) finds the same order rather than making another;
+// the dev credit's req_id is the order's, so it credits once per order.
+let recharging = null; // { product, reqId }
+
 async function recharge() {
   const opt = $("product").selectedOptions[0];
   const note = $("pay-note");
-  let order;
+  const product = Number(opt.value);
+  if (recharging?.product !== product) recharging = { product, reqId: randomId() };
+  const order = await api("POST", "/pay/orders", { product_id: product, channel: "mock", req_id: recharging.reqId });
   try {
-    order = await api("POST", "/pay/orders", { product_id: Number(opt.value), channel: "mock", req_id: randomId() });
     if (!order.pay_url) throw new Error("no pay_url: the node has no pay.provider_url");
     await fetch(order.pay_url, { method: "POST", mode: "no-cors" });
+    recharging = null;
     note.textContent = `order ${order.order_id}: paid at the mock provider, waiting for its webhook…`;
     note.dataset.path = "provider";
-    return;
   } catch (e) {
-    const why = order ? "the mock provider is not running" : e.message;
-    const d = await api("POST", "/dev/credit", { user_id: s.user, amount: Number(opt.dataset.coins), req_id: randomId() });
+    // (dev only: dev credit needs auth.dev_tokens; the provider refusing
+    // the connection did not pay.)
+    const why = order.pay_url ? "the mock provider is not running" : e.message;
+    const d = await api("POST", "/dev/credit", { user_id: s.user, amount: Number(opt.dataset.coins), req_id: `demo-recharge-${order.order_id}` });
+    recharging = null;
     $("balance").textContent = d.balance;
     note.textContent = `${why}: credited ${opt.dataset.coins} coins with dev credit instead.`;
     note.dataset.path = "dev";
@@ -276,21 +290,31 @@ async function makeRain() {
   let code;
   if (pending && JSON.stringify(pending.want) === JSON.stringify(want)) code = pending.code;
   else {
+    if (pending) {
+      // Other numbers: the rain left behind is cancelled first (its coins
+      // back if it was prepared), or this press stops here.
+      await api("POST", `/redpackets/${pending.code}/cancel`, {});
+      s.pendingRain = null;
+      await refreshWallet();
+    }
     code = (await api("POST", `/rooms/${s.room}/redpackets`, want)).code;
     s.pendingRain = { code, want };
   }
   note.dataset.code = code;
   try {
-    await api("POST", `/redpackets/${code}/prepare`, {});
+    await api("POST", `/redpackets/${code}/prepare`, {}); // again for a prepared rain: its answer, nothing debited twice
   } catch (e) {
     if (e instanceof ReplyError && e.code === 20001) {
       throw new Error(`not enough coins for a ${want.total_amount}-coin rain: recharge, then press again`);
     }
     throw e;
   }
-  s.pendingRain = null;
   await refreshWallet(); // the debit has no push: read the balance
+  // Pending until it started: a start refused (another rain running) or
+  // unanswered is tried again with this rain by the next press, never a new
+  // rain prepared (debited) on top of it.
   const r = await api("POST", `/redpackets/${code}/start`, {});
+  s.pendingRain = null;
   note.dataset.state = r.state;
   note.textContent = `raining: ${want.total_count} packets, ${want.total_amount} coins, ${want.duration_s} s`;
 }
@@ -419,7 +443,10 @@ function onPush(p) {
   else if (isBiz(p, Biz.PKInvite)) showInvite(p.d);
   else if (isBiz(p, Biz.RainStarted) && p.room === s.room) startRain(p.d);
   else if (isBiz(p, Biz.RainFinished) && p.room === s.room) finishRain(p.d);
-  else if (isBiz(p, Biz.RoomClosed)) system(`the room was closed (${p.d.reason})`);
+  else if (isBiz(p, Biz.RoomClosed) && p.d.room_id === s.room) {
+    clearInterval(s.refresh); // nothing to poll in a closed room
+    system(`the room was closed (${p.d.reason})`);
+  }
 }
 
 function onState(e) {
@@ -445,6 +472,7 @@ async function resync() {
   const info = await api("GET", `/rooms/${s.room}`);
   $("online").textContent = info.online;
   if (info.pk_opponent) $("pk").hidden = false;
+  s.pkLive = !!info.pk_opponent;
   if (info.redpacket_code) await joinRunningRain(info.redpacket_code).catch(() => {});
   await refreshWallet();
 }
@@ -493,6 +521,7 @@ function showPK(d) {
     pkSeq.set(d.pk_id, d.seq);
   }
   $("pk").hidden = false;
+  s.pkLive = !d.over; // the bar keeps the final score; gifts after it do not claim the PK
   if (d.pk_id === $("pk-note").dataset.pkId) $("pk-note").textContent = d.over ? "PK over" : "PK running";
   const ours = d.scores[String(s.room)] ?? 0;
   const other = Object.entries(d.scores).find(([r]) => r !== String(s.room));
