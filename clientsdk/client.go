@@ -469,13 +469,13 @@ func (c *Client) JoinInfo(ctx context.Context, roomID int64) (JoinResult, error)
 		c.joining[roomID] = &roomPos{}
 	}
 	c.mu.Unlock()
+	counted := true // this Join is in joinsPending (undoJoin takes it out itself)
 	defer func() {
-		c.mu.Lock()
-		if c.joinsPending[roomID]--; c.joinsPending[roomID] <= 0 {
-			delete(c.joinsPending, roomID)
-			delete(c.joining, roomID)
+		if counted {
+			c.mu.Lock()
+			c.joinEndLocked(roomID)
+			c.mu.Unlock()
 		}
-		c.mu.Unlock()
 	}()
 	_, err := c.request(ctx, proto.TypeJoin, proto.RoomReq{RoomID: roomID}, func(d []byte) {
 		// Run by the reader on success, before this connection can be seen
@@ -504,6 +504,7 @@ func (c *Client) JoinInfo(ctx context.Context, roomID int64) (JoinResult, error)
 	})
 	if err != nil {
 		if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) {
+			counted = false
 			c.undoJoin(roomID)
 		}
 		return JoinResult{}, err
@@ -523,7 +524,10 @@ func (c *Client) JoinInfo(ctx context.Context, roomID int64) (JoinResult, error)
 // reply decides), is kept.
 func (c *Client) undoJoin(roomID int64) {
 	c.mu.Lock()
-	if c.rooms[roomID] != nil || c.joinsPending[roomID] > 1 {
+	// This Join ends here, under the same lock as the decision: of two
+	// Joins timing out together, the last one out leaves.
+	last := c.joinEndLocked(roomID)
+	if c.rooms[roomID] != nil || !last {
 		c.mu.Unlock()
 		return
 	}
@@ -556,6 +560,17 @@ func (c *Client) undoJoin(roomID int64) {
 		defer cancel()
 		_, _ = s.await(ctx, proto.TypeLeave, id, cl)
 	}()
+}
+
+// joinEndLocked takes a Join of roomID out of joinsPending (c.mu held) and
+// reports whether it was the last: then joining is dropped too.
+func (c *Client) joinEndLocked(roomID int64) (last bool) {
+	if c.joinsPending[roomID]--; c.joinsPending[roomID] > 0 {
+		return false
+	}
+	delete(c.joinsPending, roomID)
+	delete(c.joining, roomID)
+	return true
 }
 
 // Leave leaves a room. The room leaves the re-join set at once, whatever the

@@ -554,3 +554,28 @@ func TestJoinTimedOutBesideAnotherJoinOfTheRoom(t *testing.T) {
 		t.Fatalf("re-joined %v, want room 7", got)
 	}
 }
+
+// Two Joins of one room timing out together (one context): the last one
+// out leaves the room, once. Before, each could see the other still
+// pending and neither left: the node kept the session in a room the
+// client did not track.
+func TestJoinsTimingOutTogetherLeaveOnce(t *testing.T) {
+	ts, _, c := numberedRooms(t)
+	ts.firstDelay.Store(int64(300 * time.Millisecond))
+	short, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	errs := make(chan error, 2)
+	for range 2 {
+		go func() { _, err := c.Join(short, 7); errs <- err }()
+	}
+	for range 2 {
+		if err := <-errs; !errors.Is(err, context.DeadlineExceeded) {
+			t.Fatalf("join: %v, want a timeout", err)
+		}
+	}
+	waitFor(t, 5*time.Second, "the room left", func() bool { return ts.count(proto.TypeLeave) >= 1 })
+	time.Sleep(100 * time.Millisecond)
+	if n := ts.count(proto.TypeLeave); n != 1 {
+		t.Fatalf("%d leaves, want 1", n)
+	}
+}

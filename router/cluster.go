@@ -1861,7 +1861,13 @@ func (c *Cluster) laneLoop(u int64) {
 	for {
 		c.lanesMu.Lock()
 		q := c.lanes[u]
-		if len(q) == 0 {
+		stopping := false
+		select {
+		case <-c.stop:
+			stopping = true // the rest dropped: an unanswered hand-off is kept by its sender
+		default:
+		}
+		if len(q) == 0 || stopping {
 			delete(c.lanes, u)
 			c.lanesMu.Unlock()
 			return

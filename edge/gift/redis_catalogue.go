@@ -36,7 +36,9 @@ type RedisCatalogue struct {
 
 // mergeScript writes each gift ARGV[3i+1] (id) = ARGV[3i+2] (its JSON) of
 // version ARGV[3i+3] into hash KEYS[1] where it is absent or of an older
-// version: 1 if it wrote any.
+// version: 1 if it wrote any. A row without a version (written by a node
+// from before versions, during a rolling upgrade) is kept: it may be the
+// latest write.
 var mergeScript = rueidis.NewLuaScript(`
 local wrote = 0
 for i = 1, #ARGV, 3 do
@@ -44,7 +46,7 @@ for i = 1, #ARGV, 3 do
   local write = not cur
   if cur then
     local ok, g = pcall(cjson.decode, cur)
-    write = ok and type(g) == 'table' and tonumber(ARGV[i + 2]) > (tonumber(g.v) or 0)
+    write = ok and type(g) == 'table' and tonumber(g.v) ~= nil and tonumber(ARGV[i + 2]) > tonumber(g.v)
   end
   if write then
     redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
@@ -105,7 +107,7 @@ func (r RedisCatalogue) LoadAll() ([]Gift, error) {
 	if r.Mirror != nil && len(out) > 0 {
 		if err := r.Mirror.Apply(func(b *persist.Batch) error {
 			for _, g := range out {
-				if had, ok := mirrored[g.ID]; ok && had.V > g.V {
+				if had, ok := mirrored[g.ID]; ok && g.V != 0 && had.V > g.V {
 					continue // the mirror's is newer: merged back above, read before it landed
 				}
 				if err := b.Set(persist.Key(prefixGiftCat, uint64(g.ID)), []byte(m[strconv.FormatInt(g.ID, 10)]), nil); err != nil {

@@ -238,3 +238,42 @@ func TestSharedCatalogueMergedBackAfterAWriteIntoTheEmptiedHash(t *testing.T) {
 	check("after a rollback, the node with the mirror", a)
 	check("after a rollback, the new node", c)
 }
+
+// During a rolling upgrade a node from before versions writes rows without
+// one: a merge keeps such a row (it may be the latest write) and the mirror
+// takes it — before, the newer node's older copy (with a version) was
+// written back over it and the admin's latest price reverted.
+func TestCatalogueRowWithoutAVersionIsKept(t *testing.T) {
+	rs := redistest.Start(t)
+	st, err := persist.Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	a, err := NewCatalogue(RedisCatalogue{Client: rs.Client(t), Mirror: st})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.Update(24, func(g *Gift) error { g.Price = 100; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	g, _ := a.Get(24)
+	old := g
+	old.Price, old.V = 200, 0 // an old node's write: no "v"
+	raw, _ := proto.Marshal(old)
+	rdb := rs.Client(t)
+	if err := rdb.Do(context.Background(), rdb.B().Hset().Key(RedisCatalogueKey).FieldValue().FieldValue("24", string(raw)).Build()).Error(); err != nil {
+		t.Fatal(err)
+	}
+	for range 2 {
+		if err := a.Reload(); err != nil {
+			t.Fatal(err)
+		}
+		if g, _ := a.Get(24); g.Price != 200 {
+			t.Fatalf("gift 24 price %d after the old node's write, want 200", g.Price)
+		}
+	}
+}

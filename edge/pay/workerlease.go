@@ -112,16 +112,12 @@ return {h, h}`)
 // markAhead bounds how far past Redis's clock a high mark may be set.
 const markAhead = time.Hour
 
-// releaseScript deletes KEYS[1] only when it is still node ARGV[1]'s, and
-// sets the high mark KEYS[2] down to ARGV[3] — the latest time the node's
-// ids carry, it makes no more — when it is still ARGV[2], the mark the
-// node's last claim left (no other holder raised it since): restarts do
-// not push the mark a TTL further into the future each time.
+// releaseScript deletes KEYS[1] only when it is still node ARGV[1]'s. (The
+// high mark stays: the node's ids may reach it — after an adopted mark they
+// start past it and borrow milliseconds ahead of any clock.)
 var releaseScript = rueidis.NewLuaScript(`
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1])
-if redis.call('GET', KEYS[2]) == ARGV[2] then redis.call('SET', KEYS[2], ARGV[3]) end
-return 1`)
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0`)
 
 // LeaseWorker takes a worker id for node: want ≥ 0 takes exactly that id (an
 // error when another node holds it); want < 0 takes a free id — prefer (the
@@ -231,6 +227,12 @@ func workerCandidates(ctx context.Context, client rueidis.Client, node string, p
 func (l *WorkerLease) claim(ctx context.Context, id int) (bool, error) {
 	last := l.lastMark.Load()
 	mark := max(l.now().UnixMilli(), l.since.Load()) + l.ttl.Milliseconds()
+	if last > 0 {
+		// Counted as left before the answer: a claim whose reply is lost
+		// may have set it, and the next must not take this node's own
+		// mark for another holder's.
+		l.lastMark.Store(max(last, mark))
+	}
 	vs, err := claimScript.Exec(ctx, l.client, []string{WorkerLeaseKey(id), WorkerOwnerKey(id), WorkerHighKey(id)},
 		[]string{l.node, strconv.FormatInt(l.ttl.Milliseconds(), 10), strconv.FormatInt(mark, 10),
 			strconv.FormatInt(last, 10), strconv.FormatInt(markAhead.Milliseconds(), 10)}).AsIntSlice()
@@ -243,7 +245,7 @@ func (l *WorkerLease) claim(ctx context.Context, id int) (bool, error) {
 	if vs[0] > last {
 		l.adopt(id, vs[0])
 	}
-	l.lastMark.Store(vs[1])
+	l.lastMark.Store(max(l.lastMark.Load(), vs[1]))
 	return true, nil
 }
 
@@ -323,9 +325,7 @@ func (l *WorkerLease) Close() {
 		l.wg.Wait()
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 		defer cancel()
-		upTo := max(l.now().UnixMilli(), l.since.Load())
-		if err := releaseScript.Exec(ctx, l.client, []string{WorkerLeaseKey(l.id), WorkerHighKey(l.id)},
-			[]string{l.node, strconv.FormatInt(l.lastMark.Load(), 10), strconv.FormatInt(upTo, 10)}).Error(); err != nil {
+		if err := releaseScript.Exec(ctx, l.client, []string{WorkerLeaseKey(l.id)}, []string{l.node}).Error(); err != nil {
 			l.log.Warn("pay: worker lease not released (expires by itself)", "worker_id", l.id, "err", err)
 		}
 	})
