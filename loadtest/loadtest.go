@@ -235,9 +235,12 @@ func (cfg *Config) Normalize() error {
 
 // Result holds a run's figures (the -json file).
 type Result struct {
-	Scenario    string  `json:"scenario"`
-	Client      string  `json:"client,omitempty"` // "raw": the minimal idle client (empty: the Go SDK)
-	Procs       int     `json:"procs"`
+	Scenario string `json:"scenario"`
+	Client   string `json:"client,omitempty"` // "raw": the minimal idle client (empty: the Go SDK)
+	Procs    int    `json:"procs"`
+	// FailedProcs: -procs children that ended without a result (left out
+	// of the figures: a partial run, loadgen exits 1).
+	FailedProcs int     `json:"failed_procs,omitempty"`
 	Conns       int64   `json:"connections"` // connected and joined
 	ConnErrors  int64   `json:"connect_errors"`
 	Viewers     int64   `json:"viewers"`

@@ -156,6 +156,12 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "loadgen: the money check failed:", res.ConservationNote)
 		return 1
 	}
+	if res.FailedProcs > 0 {
+		// Their connections are not in the figures (an RSS per connection
+		// over fewer connections, deliveries short): not a result.
+		fmt.Fprintf(stderr, "loadgen: %d of %d processes failed: the figures above are partial\n", res.FailedProcs, res.Procs)
+		return 1
+	}
 	return 0
 }
 
@@ -360,7 +366,7 @@ func runProcs(ctx context.Context, fs *flag.FlagSet, cfg loadtest.Config, procs 
 		return nil, fmt.Errorf("every process failed")
 	}
 	res := loadtest.Merge(ok, nodeBefore, nodePeak, nodeEnd)
-	res.Procs = procs
+	res.Procs, res.FailedProcs = procs, missing
 	if money {
 		totals.Check(ctx, res, ok, missing)
 	}

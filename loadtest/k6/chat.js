@@ -66,7 +66,7 @@ export default async function (data) {
         if (sent > 0) pushMs.add(Date.now() - sent);
       },
     });
-    const joined = await track(conn.session.request("join", req.join(data.room)));
+    const joined = await track(conn.session.request("join", req.join(data.room)), undefined, "join");
     if (!joined || !check(joined, replyChecks.join)) {
       conn.close();
       return;
@@ -76,7 +76,7 @@ export default async function (data) {
       intervals.push(
         setInterval(() => {
           const text = stampedText(Date.now(), `vu${__VU}`);
-          track(conn.session.request("chat", req.chat(data.room, text))).then((r) => {
+          track(conn.session.request("chat", req.chat(data.room, text)), undefined, "chat").then((r) => {
             if (r) check(r, replyChecks.chat);
           });
         }, 1000 / CHAT_RATE),

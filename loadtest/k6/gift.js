@@ -62,7 +62,7 @@ export default async function (data) {
     await api.devCredit(me, need, `k6-credit-${runTag}`);
     const token = await api.devToken(me);
     const conn = await connect(pick(k.wsUrls, __VU - 1), token, { timeoutMs: k.timeoutMs });
-    const joined = await track(conn.session.request("join", req.join(data.room)));
+    const joined = await track(conn.session.request("join", req.join(data.room)), undefined, "join");
     if (!joined || !check(joined, replyChecks.join)) {
       conn.close();
       return;
@@ -71,11 +71,11 @@ export default async function (data) {
     const timer = setInterval(() => {
       const d = req.gift(data.room, GIFT_ID, data.anchor, COUNT, `k6-${runTag}-${n++}`);
       const dup = DUP_EVERY > 0 && n % DUP_EVERY === 0;
-      track(giftSettled(conn.session, d, sleepMs)).then(async (r) => {
+      track(giftSettled(conn.session, d, sleepMs), undefined, "gift").then(async (r) => {
         if (!r) return;
         check(r, replyChecks.gift);
         if (dup && r.code === Code.OK) {
-          const again = await track(conn.session.request("gift", d));
+          const again = await track(conn.session.request("gift", d), undefined, "gift");
           if (again) check(again, { "gift: same req_id, same order": (a) => a.code === 0 && a.d.order_id === r.d.order_id });
         }
       });

@@ -93,7 +93,7 @@ export async function viewer(data) {
         if (p.biz === Biz.RainFinished) finished = true;
       },
     });
-    const joined = await track(conn.session.request("join", req.join(data.room)));
+    const joined = await track(conn.session.request("join", req.join(data.room)), undefined, "join");
     if (!joined || !check(joined, replyChecks.join)) {
       conn.close();
       return;
@@ -112,7 +112,7 @@ export async function viewer(data) {
     check(started, { "rain: 5560 pushed to the room": (s) => s });
     const deadline = t0 + (START_AFTER + RAIN_S + 5) * 1000;
     while (!finished && Date.now() < deadline) {
-      const r = await track(conn.session.request("grab", req.grab(data.code)), (x) => replyChecks.grab["grab: amount or none left"](x));
+      const r = await track(conn.session.request("grab", req.grab(data.code)), (x) => replyChecks.grab["grab: amount or none left"](x), "grab");
       if (r) {
         check(r, replyChecks.grab);
         if (r.code === 0) {

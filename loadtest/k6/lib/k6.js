@@ -120,19 +120,25 @@ export function connect(url, token, o = {}) {
 
 /**
  * Records a reply (time, check outcome) and returns it; a rejected request
- * (timeout, closed socket) counts as an error and resolves to null.
+ * (timeout, closed socket) counts as an error and resolves to null — and,
+ * given its type, is charged the time it took (a timeout its whole wait) in
+ * that type's le_reply_ms: left out, a node stalling some requests past the
+ * timeout would show the percentiles of the ones it answered.
  * @param {Promise<import("./liveedge.js").Reply>} p
  * @param {(r: import("./liveedge.js").Reply) => boolean} [ok] what counts as success (code 0)
+ * @param {string} [type] the request's type, for the time of a rejected one
  * @returns {Promise<import("./liveedge.js").Reply | null>}
  */
-export async function track(p, ok) {
+export async function track(p, ok, type) {
+  const t0 = Date.now();
   try {
     const r = await p;
     replyMs.add(r.ms, { type: r.type });
     errors.add(ok ? !ok(r) : r.code !== 0, { op: r.type });
     return r;
   } catch (e) {
-    errors.add(1, { op: "request" });
+    if (type) replyMs.add(Date.now() - t0, { type });
+    errors.add(1, { op: type ?? "request" });
     console.warn(String(e));
     return null;
   }
