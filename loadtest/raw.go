@@ -8,11 +8,10 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net"
-	"net/url"
+	"net/http"
 	"runtime"
 	"runtime/debug"
 	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -127,13 +126,7 @@ func (r *run) runRaw(ctx context.Context, res *Result) {
 	rc := &rawClient{r: r, conns: make([]rawConn, cfg.Conns), dialq: make(chan int32, cfg.Conns),
 		stop: make(chan struct{}), reasons: map[string]int64{}}
 	rc.join = []byte(`{"t":"join","id":` + strconv.Itoa(rawJoinID) + `,"d":{"room_id":` + strconv.FormatInt(r.room, 10) + `}}`)
-	for _, w := range cfg.WS {
-		sep := "?"
-		if strings.Contains(w, "?") {
-			sep = "&"
-		}
-		rc.bases = append(rc.bases, w+sep+"token=")
-	}
+	rc.bases = cfg.WS // the token goes in an Authorization header, never in the URL
 	for i := range max(cfg.SrcIPs, 1) {
 		d := &net.Dialer{Timeout: 10 * time.Second, KeepAlive: -1} // the heartbeat is the keep-alive
 		if cfg.SrcIPs > 1 {
@@ -312,7 +305,8 @@ func (rc *rawClient) dial(ctx context.Context, c *rawConn) {
 	node := (int(c.idx) + int(c.tries.Load())) % len(rc.bases)
 	dialer := rc.dialers[int(c.idx)%len(rc.dialers)]
 	ws, resp, err := gws.NewClient(c, &gws.ClientOption{
-		Addr:             rc.bases[node] + url.QueryEscape(c.token),
+		Addr:             rc.bases[node],
+		RequestHeader:    http.Header{"Authorization": {"Bearer " + c.token}},
 		HandshakeTimeout: 10 * time.Second,
 		ReadBufferSize:   rawReadBuffer,
 		ParallelGolimit:  1,
