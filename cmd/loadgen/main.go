@@ -269,18 +269,25 @@ func runProcs(ctx context.Context, fs *flag.FlagSet, cfg loadtest.Config, procs 
 	} else {
 		close(sampleDone)
 	}
+	offset := 0 // the users of the children before: each child's are the next share of the run's
 	for i := range procs {
 		share := cfg.Conns / procs
 		if i < cfg.Conns%procs {
 			share++
 		}
+		base := cfg.UserBase + int64(offset)
+		offset += share
 		out := filepath.Join(dir, strconv.Itoa(i)+".json")
 		args := append([]string{}, common...)
 		args = append(args,
 			"-conns="+strconv.Itoa(share),
 			"-ramp="+strconv.Itoa(max(cfg.Ramp/procs, 1)),
 			"-room="+strconv.FormatInt(room, 10),
-			"-user-base="+strconv.FormatInt(cfg.UserBase+int64(i)*10_000_000, 10),
+			// Within the run's block of users (a million from UserBase, one
+			// block per second of the start): 10,000,000 apart they fell in
+			// the block of a run started ten seconds later, whose users then
+			// replayed these ones' credits and gifts.
+			"-user-base="+strconv.FormatInt(base, 10),
 			"-start-at="+strconv.FormatInt(start.UnixMilli(), 10),
 			"-json="+out, "-q", "-published="+filepath.Join(dir, "published.json"))
 		if cfg.Trace != "" {
