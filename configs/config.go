@@ -690,6 +690,30 @@ func (c *Config) Validate() error {
 	}
 	check(ways <= 1, "nats: set at most one of user/password, token and creds_file")
 	check(c.NATS.Password == "" || c.NATS.User != "", "nats.password needs nats.user")
+	if c.NATS.Embedded && c.NATS.Listen != "" && !loopbackAddr(c.NATS.Listen) {
+		// Reachable by other machines: anyone there could purge the room
+		// events stream, flood the subjects the node trusts, or fill the
+		// disk the ledger shares with streams of their own.
+		check(c.NATS.User != "" && c.NATS.Password != "" || c.NATS.Token != "",
+			"nats.listen "+c.NATS.Listen+" is not a loopback address: set nats.user and nats.password, or nats.token "+
+				"(the embedded server then requires them), or listen on 127.0.0.1")
+	}
+	// Limits where 0 means off: a negative is a typo, never "off" by accident.
+	for _, v := range []struct {
+		name string
+		ok   bool
+	}{
+		{"rooms.open_close_interval", c.Rooms.OpenCloseInterval.D() >= 0},
+		{"limits.chat_per_second", c.Limits.ChatPerSecond >= 0},
+		{"limits.gift_per_second", c.Limits.GiftPerSecond >= 0},
+		{"cluster.presence_ttl", c.Cluster.PresenceTTL.D() >= 0},
+	} {
+		check(v.ok, v.name+" must be >= 0")
+	}
+	// A production node bounds how often an anchor opens and closes a room:
+	// each cycle leaves a record (a Pebble row, or a Redis key for a week).
+	check(c.Auth.DevTokens || c.Rooms.OpenCloseInterval.D() >= time.Second,
+		"rooms.open_close_interval must be >= 1s with auth.dev_tokens off (each open/close leaves a record)")
 	check(c.Rooms.HistorySize >= 1 && c.Rooms.HistorySize <= 100000, "rooms.history_size must be 1..100000 (the room offsets and since need a history)")
 	check(c.Wallet.IdemMemoryBytes >= 0, "wallet.idem_memory_bytes must be >= 0")
 	check(c.Pay.WorkerID >= -1 && c.Pay.WorkerID < 32, "pay.worker_id must be -1..31")

@@ -375,3 +375,39 @@ func TestDevTokensOnlyOnLoopback(t *testing.T) {
 		t.Fatalf("dev tokens off on every interface: %v", err)
 	}
 }
+
+// The embedded NATS listening beyond loopback needs credentials (anyone
+// reaching it could purge the room events stream or fill the ledger's disk);
+// limits where 0 is off refuse a negative; a production node bounds the
+// rooms an anchor opens and closes.
+func TestEmbeddedNATSListenAndLimits(t *testing.T) {
+	c := Default()
+	c.NATS.Listen = "0.0.0.0:4222"
+	wantErr(t, c.Validate(), "nats.listen 0.0.0.0:4222 is not a loopback address")
+	c.NATS.Token = "a-token-of-some-length"
+	if err := c.Validate(); err != nil {
+		t.Fatalf("with a token: %v", err)
+	}
+	c = Default()
+	c.NATS.Listen = "127.0.0.1:4222"
+	if err := c.Validate(); err != nil {
+		t.Fatalf("loopback: %v", err)
+	}
+	for _, edit := range []struct {
+		name string
+		set  func(*Config)
+	}{
+		{"rooms.open_close_interval", func(c *Config) { c.Rooms.OpenCloseInterval = Duration(-time.Second) }},
+		{"limits.chat_per_second", func(c *Config) { c.Limits.ChatPerSecond = -1 }},
+		{"limits.gift_per_second", func(c *Config) { c.Limits.GiftPerSecond = -1 }},
+		{"cluster.presence_ttl", func(c *Config) { c.Cluster.PresenceTTL = Duration(-10 * time.Second) }},
+	} {
+		c := Default()
+		edit.set(&c)
+		wantErr(t, c.Validate(), edit.name+" must be >= 0")
+	}
+	c = Default()
+	c.Auth.DevTokens, c.Auth.JWTSecret, c.Pay.Secrets = false, goodJWT, []string{goodPay}
+	c.Rooms.OpenCloseInterval = 0
+	wantErr(t, c.Validate(), "rooms.open_close_interval must be >= 1s")
+}

@@ -11,6 +11,7 @@ import (
 	"regexp"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/liveedge/liveedge/configs"
 	"github.com/liveedge/liveedge/gateway"
@@ -36,6 +37,7 @@ func productionConfig(t *testing.T) configs.Config {
 	cfg.HTTP.Demo = false
 	cfg.Auth.JWTSecret = privateSecret(t)
 	cfg.Pay.Secrets = []string{privateSecret(t)}
+	cfg.Rooms.OpenCloseInterval = configsDuration(time.Second) // bounded on a production node
 	return cfg
 }
 

@@ -127,6 +127,8 @@ const RoomEventsStream = "LIVEEDGE_ROOMS"
 const (
 	RoomEventsMaxMsgs  = 1_000_000
 	RoomEventsMaxBytes = 256 << 20
+	// embeddedNATSMaxStore bounds the embedded NATS server's JetStream disk.
+	embeddedNATSMaxStore = 4 * RoomEventsMaxBytes
 )
 
 // New builds a node from cfg. Nothing listens until Start.
@@ -624,9 +626,19 @@ func (n *Node) startNATS() error {
 		ServerName: cfg.Node.ID,
 		JetStream:  true,
 		StoreDir:   filepath.Join(cfg.Node.DataDir, "nats"),
-		NoLog:      true,
-		NoSigs:     true,
-		DontListen: cfg.NATS.Listen == "",
+		// The streams' disk, shared with the ledger, is bounded whatever
+		// a client with access creates (the room events stream takes a
+		// quarter of it).
+		JetStreamMaxStore: embeddedNATSMaxStore,
+		NoLog:             true,
+		NoSigs:            true,
+		DontListen:        cfg.NATS.Listen == "",
+		// nats.user/password or nats.token, when set, are required of
+		// every client, this node's own in-process one included (a
+		// listener beyond loopback needs them: configs).
+		Username:      cfg.NATS.User,
+		Password:      cfg.NATS.Password,
+		Authorization: cfg.NATS.Token,
 	}
 	if cfg.NATS.Listen != "" {
 		host, port, err := net.SplitHostPort(cfg.NATS.Listen)
@@ -647,7 +659,13 @@ func (n *Node) startNATS() error {
 	if !ns.ReadyForConnections(10 * time.Second) {
 		return errors.New("embedded nats: not ready after 10s")
 	}
-	nc, err := nats.Connect("", nats.InProcessServer(ns), nats.Name(cfg.Node.ID))
+	copts := []nats.Option{nats.InProcessServer(ns), nats.Name(cfg.Node.ID)}
+	if cfg.NATS.User != "" {
+		copts = append(copts, nats.UserInfo(cfg.NATS.User, cfg.NATS.Password))
+	} else if cfg.NATS.Token != "" {
+		copts = append(copts, nats.Token(cfg.NATS.Token))
+	}
+	nc, err := nats.Connect("", copts...)
 	if err != nil {
 		return fmt.Errorf("embedded nats connect: %w", err)
 	}

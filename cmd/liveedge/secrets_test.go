@@ -70,7 +70,8 @@ func TestNodeRefusesDevSecretsWithDevTokensOff(t *testing.T) {
 	}
 	httpAddr, wsAddr = freeAddr(t), freeAddr(t)
 	p = start(t, "", nodeEnv(httpAddr, wsAddr, t.TempDir(), "LIVEEDGE_AUTH_DEV_TOKENS=false",
-		"LIVEEDGE_AUTH_JWT_SECRET_FILE="+jwtFile, "LIVEEDGE_PAY_SECRETS="+strings.Repeat("p", 32)), bin)
+		"LIVEEDGE_AUTH_JWT_SECRET_FILE="+jwtFile, "LIVEEDGE_PAY_SECRETS="+strings.Repeat("p", 32),
+		"LIVEEDGE_ROOMS_OPEN_CLOSE_INTERVAL=1s"), bin) // (a production node bounds it)
 	waitReady(t, p, httpAddr)
 	if st := nodetest.DoJSON(t, "POST", "http://"+httpAddr+"/api/v1/dev/token", "", `{"user_id":1,"role":"admin"}`, nil); st != 404 {
 		t.Fatalf("dev token with dev tokens off: %d, want 404", st)
