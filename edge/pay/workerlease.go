@@ -74,9 +74,9 @@ type WorkerLease struct {
 	// since is Since in unix ms: when this node took the lease, or the high
 	// mark its earlier holders left if later (adopt raises it).
 	since atomic.Int64
-	// lastMark is the high mark as this node's last claim left it (unix
-	// ms): a claim that finds it higher met another holder's.
-	lastMark atomic.Int64
+	// claimed: a claim of this process succeeded (the next are refreshes:
+	// a mark is adopted only when another node held the id since).
+	claimed atomic.Bool
 	onSince  atomic.Pointer[func(time.Time)]
 
 	stop chan struct{}
@@ -86,28 +86,35 @@ type WorkerLease struct {
 
 // claimScript takes KEYS[1] for node ARGV[1] for ARGV[2] ms when it is free
 // or already the node's, names the node in KEYS[2] (the id's owner, no TTL)
-// and raises KEYS[3] (the high mark) to ARGV[3] — to the mark found plus a
-// TTL when that is above ARGV[4], the mark the node's last claim left: then
-// another holder's ids reach up to it, and this node's start after it —
-// never more than ARGV[5] ms past Redis's clock (a node whose clock is far
-// ahead cannot push every later holder's ids into the future). Returns
-// {the mark found, the mark left} when taken, {-1} when another node holds
-// the key.
+// and raises KEYS[3] (the high mark) to ARGV[3]. When the mark found is an
+// earlier holder's — ARGV[4] "1" (the process's first claim: its own before
+// a restart, or another node's) or KEYS[2] named another node (it held the
+// id since this node's last claim) — this node's ids start after it, so the
+// mark is raised a TTL past it instead. Never more than ARGV[5] ms past
+// Redis's clock (a node whose clock is far ahead cannot push every later
+// holder's ids into the future). Returns {the mark found, the mark left,
+// 1 if the mark found is an earlier holder's} when taken, {-1} when another
+// node holds the key.
 var claimScript = rueidis.NewLuaScript(`
 local v = redis.call('GET', KEYS[1])
 if v ~= false and v ~= ARGV[1] then return {-1} end
+local owner = redis.call('GET', KEYS[2])
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('SET', KEYS[2], ARGV[1])
 local h = tonumber(redis.call('GET', KEYS[3]) or '0') or 0
 local m = tonumber(ARGV[3])
-if h > tonumber(ARGV[4]) then m = math.max(m, h + tonumber(ARGV[2])) end
+local earlier = 0
+if ARGV[4] == '1' or (owner and owner ~= ARGV[1]) then
+  earlier = 1
+  m = math.max(m, h + tonumber(ARGV[2]))
+end
 local t = redis.call('TIME')
 m = math.min(m, tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[5]))
 if m > h then
   redis.call('SET', KEYS[3], string.format('%d', m))
-  return {h, m}
+  return {h, m, earlier}
 end
-return {h, h}`)
+return {h, h, earlier}`)
 
 // markAhead bounds how far past Redis's clock a high mark may be set.
 const markAhead = time.Hour
@@ -221,31 +228,30 @@ func workerCandidates(ctx context.Context, client rueidis.Client, node string, p
 
 // claim takes or refreshes id's lease (ok), raising the high mark to the
 // latest time this node's ids can carry until its next claim: its clock,
-// or Since if later (ids start after it), plus the TTL. A mark found above
-// the one this node's last claim left is another holder's (the first
-// claim, or a lease lost and taken again): Since is raised to it (adopt).
+// or Since if later (ids start after it), plus the TTL. A mark that is an
+// earlier holder's (the process's first claim, or another node held the id
+// since this node's last claim — the owner key says so, whatever the
+// clocks) raises Since to it (adopt). (A claim whose reply was lost left
+// this node's own mark, which the next claim does not take for another's.)
 func (l *WorkerLease) claim(ctx context.Context, id int) (bool, error) {
-	last := l.lastMark.Load()
-	mark := max(l.now().UnixMilli(), l.since.Load()) + l.ttl.Milliseconds()
-	if last > 0 {
-		// Counted as left before the answer: a claim whose reply is lost
-		// may have set it, and the next must not take this node's own
-		// mark for another holder's.
-		l.lastMark.Store(max(last, mark))
+	first := "0"
+	if !l.claimed.Load() {
+		first = "1"
 	}
+	mark := max(l.now().UnixMilli(), l.since.Load()) + l.ttl.Milliseconds()
 	vs, err := claimScript.Exec(ctx, l.client, []string{WorkerLeaseKey(id), WorkerOwnerKey(id), WorkerHighKey(id)},
 		[]string{l.node, strconv.FormatInt(l.ttl.Milliseconds(), 10), strconv.FormatInt(mark, 10),
-			strconv.FormatInt(last, 10), strconv.FormatInt(markAhead.Milliseconds(), 10)}).AsIntSlice()
+			first, strconv.FormatInt(markAhead.Milliseconds(), 10)}).AsIntSlice()
 	if err != nil || len(vs) == 0 || vs[0] < 0 {
 		return false, err
 	}
-	if len(vs) != 2 {
+	if len(vs) != 3 {
 		return false, fmt.Errorf("pay: worker lease claim answered %v", vs)
 	}
-	if vs[0] > last {
+	l.claimed.Store(true)
+	if vs[2] == 1 {
 		l.adopt(id, vs[0])
 	}
-	l.lastMark.Store(max(l.lastMark.Load(), vs[1]))
 	return true, nil
 }
 

@@ -300,6 +300,14 @@ func TestWorkerTakenOverByASlowClockStartsAfterTheEarlierHolder(t *testing.T) {
 // (Since raised, OnSince called to floor the order ids), not at its own
 // clock. Before, it went on with its old Since and ids.
 func TestWorkerLeaseRetakenAfterAnotherHolderStartsAfterIt(t *testing.T) {
+	// gw-b ten minutes ahead, or half a lease (its mark then below the
+	// time gw-a's own failed refreshes would have marked).
+	for _, skew := range []time.Duration{10 * time.Minute, 150 * time.Millisecond} {
+		t.Run(skew.String(), func(t *testing.T) { testWorkerLeaseRetaken(t, skew) })
+	}
+}
+
+func testWorkerLeaseRetaken(t *testing.T, skew time.Duration) {
 	srv := redistest.Start(t)
 	rdb := srv.Client(t)
 	ctx := context.Background()
@@ -317,12 +325,17 @@ func TestWorkerLeaseRetakenAfterAnotherHolderStartsAfterIt(t *testing.T) {
 	if err := rdb.Do(ctx, rdb.B().Del().Key(pay.WorkerLeaseKey(worker)).Build()).Error(); err != nil {
 		t.Fatal(err)
 	}
-	ahead := func() time.Time { return time.Now().Add(10 * time.Minute) }
+	ahead := func() time.Time { return time.Now().Add(skew) }
 	b, err := pay.LeaseWorkerAt(ctx, rdb, "gw-b", worker, -1, ttl, nil, ahead)
 	if err != nil {
 		t.Fatal(err)
 	}
-	lastB := pay.NewIDGen("gw-b", worker, ahead).Next(42)
+	genB := pay.NewIDGen("gw-b", worker, ahead)
+	genB.NotBelow(pay.FirstIDAt(b.Since()))
+	var lastB int64
+	for end := time.Now().Add(2 * ttl); time.Now().Before(end) && b.Held(); time.Sleep(5 * time.Millisecond) {
+		lastB = genB.Next(42)
+	}
 	for deadline := time.Now().Add(5 * time.Second); a.Held(); time.Sleep(10 * time.Millisecond) {
 		if time.Now().After(deadline) {
 			t.Fatal("gw-a's lease still held while gw-b holds the key")

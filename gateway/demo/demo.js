@@ -187,16 +187,17 @@ async function loadGifts() {
 const giftRetry = new Map();
 
 async function sendGift(g) {
-  const pk = s.pkLive; // the room is in a PK: the gift scores for it
-  const key = `${s.room}/${g.gift_id}/${s.anchor}/${pk}`;
-  const reqId = giftRetry.get(key) ?? randomId();
+  const key = `${s.room}/${g.gift_id}/${s.anchor}`;
+  const retry = giftRetry.get(key); // retried as it was first sent (the wallet replays by req_id alone)
+  const pk = retry ? retry.pk : !!s.pkLive; // the room is in a PK: the gift scores for it
+  const reqId = retry ? retry.reqId : randomId();
   try {
     const r = await s.client.gift({ roomId: s.room, giftId: g.gift_id, receiverId: s.anchor, count: 1, reqId, pk });
     giftRetry.delete(key);
     $("balance").textContent = r.balance;
   } catch (e) {
     const unknown = typeof e?.code !== "number" || e.code === 10409 || e.code === 50000 || e.code === 10429;
-    if (unknown) giftRetry.set(key, reqId);
+    if (unknown) giftRetry.set(key, { reqId, pk });
     else giftRetry.delete(key);
     throw e;
   }
@@ -228,18 +229,23 @@ async function recharge() {
   const note = $("pay-note");
   const product = Number(opt.value);
   if (recharging?.product !== product) recharging = { product, reqId: randomId() };
-  const order = await api("POST", "/pay/orders", { product_id: product, channel: "mock", req_id: recharging.reqId });
+  let order = null;
   try {
+    order = await api("POST", "/pay/orders", { product_id: product, channel: "mock", req_id: recharging.reqId });
     if (!order.pay_url) throw new Error("no pay_url: the node has no pay.provider_url");
     await fetch(order.pay_url, { method: "POST", mode: "no-cors" });
     recharging = null;
     note.textContent = `order ${order.order_id}: paid at the mock provider, waiting for its webhook…`;
     note.dataset.path = "provider";
   } catch (e) {
-    // (dev only: dev credit needs auth.dev_tokens; the provider refusing
-    // the connection did not pay.)
-    const why = order.pay_url ? "the mock provider is not running" : e.message;
-    const d = await api("POST", "/dev/credit", { user_id: s.user, amount: Number(opt.dataset.coins), req_id: `demo-recharge-${order.order_id}` });
+    // An order whose outcome is unknown (a timeout, a 5xx): press again,
+    // the same order. Else dev credit (dev only: it needs auth.dev_tokens;
+    // a provider refusing the connection did not pay; an order refused —
+    // too many unpaid ones while no provider runs — was not made), once per
+    // recharge (its req_id).
+    if (!order && !(e instanceof ReplyError && e.code !== 50000)) throw e;
+    const why = order?.pay_url ? "the mock provider is not running" : e.message;
+    const d = await api("POST", "/dev/credit", { user_id: s.user, amount: Number(opt.dataset.coins), req_id: `demo-recharge-${recharging.reqId}` });
     recharging = null;
     $("balance").textContent = d.balance;
     note.textContent = `${why}: credited ${opt.dataset.coins} coins with dev credit instead.`;
@@ -292,8 +298,14 @@ async function makeRain() {
   else {
     if (pending) {
       // Other numbers: the rain left behind is cancelled first (its coins
-      // back if it was prepared), or this press stops here.
-      await api("POST", `/redpackets/${pending.code}/cancel`, {});
+      // back if it was prepared) — unless it started after all (its start's
+      // reply lost) or is over.
+      try {
+        await api("POST", `/redpackets/${pending.code}/cancel`, {});
+      } catch (e) {
+        const v = await api("GET", `/redpackets/${encodeURIComponent(pending.code)}`);
+        if (v.state !== "RUNNING" && v.state !== "FINISHED") throw e;
+      }
       s.pendingRain = null;
       await refreshWallet();
     }
@@ -316,6 +328,10 @@ async function makeRain() {
   const r = await api("POST", `/redpackets/${code}/start`, {});
   s.pendingRain = null;
   note.dataset.state = r.state;
+  if (r.state !== "RUNNING") {
+    note.textContent = `the rain is ${r.state.toLowerCase()} (cancelled or over elsewhere)`;
+    return;
+  }
   note.textContent = `raining: ${want.total_count} packets, ${want.total_amount} coins, ${want.duration_s} s`;
 }
 

@@ -137,7 +137,8 @@ export async function track(p, ok, type) {
     errors.add(ok ? !ok(r) : r.code !== 0, { op: r.type });
     return r;
   } catch (e) {
-    if (type) replyMs.add(Date.now() - t0, { type });
+    // Sent and unanswered (a timeout, a close with it in flight): charged.
+    if (type && !(/** @type {{notSent?: boolean}} */ (e)).notSent) replyMs.add(Date.now() - t0, { type });
     errors.add(1, { op: type ?? "request" });
     console.warn(String(e));
     return null;

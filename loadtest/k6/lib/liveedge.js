@@ -803,7 +803,8 @@ export class Session {
    * @returns {Promise<Reply>}
    */
   request(type, d) {
-    if (this.closed) return Promise.reject(new Error(`${type}: session closed`));
+    // (notSent: the request never left — no reply time to charge it)
+    if (this.closed) return Promise.reject(Object.assign(new Error(`${type}: session closed`), { notSent: true }));
     const id = this.nextId++;
     return new Promise((resolve, reject) => {
       const cancel = this.after(() => {
