@@ -77,7 +77,7 @@ type WorkerLease struct {
 	// claimed: a claim of this process succeeded (the next are refreshes:
 	// a mark is adopted only when another node held the id since).
 	claimed atomic.Bool
-	onSince  atomic.Pointer[func(time.Time)]
+	onSince atomic.Pointer[func(time.Time)]
 
 	stop chan struct{}
 	once sync.Once
