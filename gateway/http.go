@@ -611,7 +611,12 @@ func (a *API) closeRoom(_ context.Context, c *app.RequestContext) {
 		a.fail(c, err)
 		return
 	}
-	if err := a.rooms.Close(identOf(c).UserID, id); err != nil {
+	ident := identOf(c)
+	closeRoom := func() error { return a.rooms.Close(ident.UserID, id) }
+	if ident.Role == RoleAdmin {
+		closeRoom = func() error { return a.rooms.CloseByAdmin(id) }
+	}
+	if err := closeRoom(); err != nil {
 		a.fail(c, err)
 		return
 	}

@@ -651,3 +651,51 @@ func TestTokenAsASubprotocol(t *testing.T) {
 		}
 	}
 }
+
+// An admin closes any room (a moderator ending a stream): its viewers get
+// biz 5559 "closed by an admin"; a viewer or another anchor is refused
+// (10003). A former member's chat in the closed room is 10004 (the room
+// closed), not 10003. Before, an admin got 10003 — no one but the anchor
+// could end a stream — and the chat 10003.
+func TestAdminClosesARoomAndChatThereIs10004(t *testing.T) {
+	n := nodetest.Start(t, nodetest.Config(t))
+	room := nodetest.OpenRoom(t, n, 610, 1)
+	v := dial(t, n, 611, nodetest.RawOptions{})
+	if f := request(t, v, 1, fmt.Sprintf(`{"t":"join","id":1,"d":{"room_id":%d}}`, room)); f.Code != 0 {
+		t.Fatalf("join: %+v", f)
+	}
+	url := fmt.Sprintf("%s/api/v1/rooms/%d", nodetest.HTTPURL(n), room)
+	var out struct {
+		Code int `json:"code"`
+	}
+	for _, who := range []struct {
+		user int64
+		role string
+	}{{611, gateway.RoleViewer}, {612, gateway.RoleAnchor}} {
+		if st := nodetest.DoJSON(t, "DELETE", url, nodetest.Token(t, n, who.user, who.role), "", &out); st != 403 || out.Code != proto.CodeForbidden {
+			t.Fatalf("%s %d closes the room: %d %+v", who.role, who.user, st, out)
+		}
+	}
+	if st := nodetest.DoJSON(t, "DELETE", url, nodetest.Token(t, n, 1, gateway.RoleAdmin), "", &out); st != 200 || out.Code != 0 {
+		t.Fatalf("admin closes the room: %d %+v", st, out)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		f := v.Next(time.Until(deadline))
+		if f.T == proto.TypePush && f.Biz == proto.BizRoomClosed {
+			if !strings.Contains(string(f.D), "closed by an admin") {
+				t.Fatalf("5559 %s", f.D)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("no 5559")
+		}
+	}
+	if f := request(t, v, 2, fmt.Sprintf(`{"t":"chat","id":2,"d":{"room_id":%d,"text":"hi"}}`, room)); f.Code != proto.CodeNotFound {
+		t.Fatalf("chat in the closed room: %+v, want %d", f, proto.CodeNotFound)
+	}
+	if st := nodetest.DoJSON(t, "DELETE", url, nodetest.Token(t, n, 1, gateway.RoleAdmin), "", &out); st != 404 {
+		t.Fatalf("admin closes the closed room: %d %+v", st, out)
+	}
+}

@@ -103,7 +103,9 @@ type Service struct {
 // Syncs.
 const recentClose = time.Minute
 
-var errReserved = errors.New("room: open in flight")
+// errReserved: the anchor's room was closed between the open's look-up and
+// its read (a close in flight): retry.
+var errReserved = proto.Errorf(proto.CodeConflict, "the anchor's room is being closed, retry")
 
 // New loads rooms from store and re-opens the open ones in r.
 func New(store *persist.Store, r router.Router, cfg Config) (*Service, error) {
@@ -227,7 +229,20 @@ func (s *Service) mustGetOpen(id int64) (Room, error) {
 
 // Close closes room id on behalf of anchor: its viewers get biz 5559 and are
 // removed; later joins fail with 10004.
-func (s *Service) Close(anchor, id int64) error {
+func (s *Service) Close(anchor, id int64) error { return s.closeAs(anchor, id, "closed by anchor") }
+
+// CloseByAdmin closes room id whoever its anchor (a moderator ending a
+// stream): as its anchor would, the reason "closed by an admin"; 10004 when
+// the room is not open (as known here).
+func (s *Service) CloseByAdmin(id int64) error {
+	anchor, ok := s.AnchorOf(id)
+	if !ok {
+		return proto.ErrNotFound
+	}
+	return s.closeAs(anchor, id, "closed by an admin")
+}
+
+func (s *Service) closeAs(anchor, id int64, reason string) error {
 	if s.shared != nil {
 		closed, err := s.shared.close(anchor, id, s.now(), s.interval)
 		if err != nil {
@@ -240,7 +255,7 @@ func (s *Service) Close(anchor, id int64) error {
 		}
 		s.noteClosedLocked(id)
 		s.mu.Unlock()
-		d, _ := proto.Marshal(proto.RoomClosedPush{RoomID: id, Reason: "closed by anchor"})
+		d, _ := proto.Marshal(proto.RoomClosedPush{RoomID: id, Reason: reason})
 		s.router.CloseRoom(id, &proto.Push{Biz: proto.BizRoomClosed, Data: d, Ack: false})
 		s.events("closed", closed)
 		return nil
@@ -278,7 +293,7 @@ func (s *Service) Close(anchor, id int64) error {
 	}
 	delete(s.byAnchor, anchor)
 	s.mu.Unlock()
-	d, _ := proto.Marshal(proto.RoomClosedPush{RoomID: id, Reason: "closed by anchor"})
+	d, _ := proto.Marshal(proto.RoomClosedPush{RoomID: id, Reason: reason})
 	s.router.CloseRoom(id, &proto.Push{Biz: proto.BizRoomClosed, Data: d, Ack: false})
 	s.events("closed", closed)
 	return nil
