@@ -255,6 +255,11 @@ func (s *Service) closeAs(anchor, id int64, reason string) error {
 		}
 		s.noteClosedLocked(id)
 		s.mu.Unlock()
+		// Open here first (a no-op when it is): a node that had not learnt
+		// of the room yet (its list ~5 s behind) sent no final push — the
+		// router refuses a push for a room it does not know — and the
+		// members on the other nodes were removed without biz 5559.
+		s.router.OpenRoom(id)
 		d, _ := proto.Marshal(proto.RoomClosedPush{RoomID: id, Reason: reason})
 		s.router.CloseRoom(id, &proto.Push{Biz: proto.BizRoomClosed, Data: d, Ack: false})
 		s.events("closed", closed)
