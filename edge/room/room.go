@@ -400,10 +400,20 @@ func (s *Service) List(typ, page, pageSize int, viewer int64) ([]Info, int, erro
 		return []Info{}, total, nil
 	}
 	to := min(from+pageSize, total)
-	out := make([]Info, 0, to-from)
-	for _, r := range rooms[from:to] {
-		out = append(out, s.info(r, viewer))
+	// Each room's info may ask Redis (its online count elsewhere, a running
+	// rain), each call bounded: asked together, a page waits as long as its
+	// slowest room, not as long as all of them in turn (a Redis that stopped
+	// answering held one request for minutes).
+	out := make([]Info, to-from)
+	var wg sync.WaitGroup
+	for i, r := range rooms[from:to] {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			out[i] = s.info(r, viewer)
+		}()
 	}
+	wg.Wait()
 	return out, total, nil
 }
 
