@@ -651,8 +651,11 @@ func (c *Config) Validate() error {
 	check(c.Node.DataDir != "", "node.data_dir is empty")
 	check(c.HTTP.Addr != "", "http.addr is empty")
 	check(c.WS.Addr != "", "ws.addr is empty")
-	check(c.WS.Heartbeat.D() >= 100*time.Millisecond, "ws.heartbeat must be >= 100ms")
-	check(c.WS.SendQueueBytes >= 4096, "ws.send_queue_bytes must be >= 4096")
+	check(c.WS.Heartbeat.D() >= 100*time.Millisecond && c.WS.Heartbeat.D() <= 10*time.Minute, "ws.heartbeat must be 100ms..10m")
+	check(c.WS.SendQueueBytes >= 4096 && c.WS.SendQueueBytes <= 64<<20, "ws.send_queue_bytes must be 4096..67108864 (each connection may hold it)")
+	// Every Redis write waits up to it: a typo (20ms for 20us) slows every
+	// call, a second or more times them all out.
+	check(c.Redis.MaxFlushDelay.D() >= 0 && c.Redis.MaxFlushDelay.D() <= time.Millisecond, "redis.max_flush_delay must be 0..1ms")
 	check(c.WS.WriteTimeout.D() > 0, "ws.write_timeout must be > 0")
 	check(c.WS.ReadParkAfter.D() >= 0, "ws.read_park_after must be >= 0")
 	check(c.WS.HandshakeTimeout.D() >= 100*time.Millisecond && c.WS.HandshakeTimeout.D() <= time.Minute, "ws.handshake_timeout must be between 100ms and 1m")
