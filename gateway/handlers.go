@@ -186,7 +186,7 @@ func (s *Server) chatMsg(c *Conn, f *proto.ClientFrame) (any, *proto.Error) {
 		return nil, err
 	}
 	if !s.router.IsMember(r.RoomID, c) {
-		if s.roomKnownOpen != nil && !s.roomKnownOpen(r.RoomID) {
+		if s.roomKnownClosed != nil && s.roomKnownClosed(r.RoomID) {
 			return nil, proto.Errorf(proto.CodeNotFound, "room closed or unknown")
 		}
 		return nil, proto.Errorf(proto.CodeForbidden, "not in room")

@@ -453,7 +453,7 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 	deps := ServerDeps{
 		Config: cfg, Log: log, Auth: auth, Router: n.Router, Metrics: n.metrics, RedPackets: n.RedPackets,
 		ChatLimit: limit.New(cfg.Limits.ChatPerSecond, time.Second, max(1, cfg.Limits.ChatPerSecond), nil),
-		Gifts:     n.Gifts, RoomOpen: n.Rooms.EnsureOpen, RoomKnownOpen: n.Rooms.IsOpen, Grab: n.grabAsync,
+		Gifts:     n.Gifts, RoomOpen: n.Rooms.EnsureOpen, RoomKnownClosed: n.Rooms.KnownClosed, Grab: n.grabAsync,
 	}
 	if n.Cluster != nil && n.Redis != nil {
 		// A chat's retry may reach another node: its req_id is kept in Redis.

@@ -59,11 +59,11 @@ type Server struct {
 	chatOnce   chatOnce
 	gifts      *gift.Service
 	roomOpen   func(room int64) bool
-	// roomKnownOpen: Deps.RoomKnownOpen.
-	roomKnownOpen func(room int64) bool
-	rp            *redpacket.Service
-	grab          func(user int64, code string, done func(any, *proto.Error))
-	inflight      sync.WaitGroup // async requests (gifts, grabs) still running
+	// roomKnownClosed: Deps.RoomKnownClosed.
+	roomKnownClosed func(room int64) bool
+	rp              *redpacket.Service
+	grab            func(user int64, code string, done func(any, *proto.Error))
+	inflight        sync.WaitGroup // async requests (gifts, grabs) still running
 
 	up *gws.Upgrader
 	// upSub is up answering WSSubprotocol, for a request that offers it (gws
@@ -112,9 +112,9 @@ type ServerDeps struct {
 	// RoomOpen, if set, is asked about a room the router does not know
 	// (in a cluster, an open through another node not yet replicated here).
 	RoomOpen func(room int64) bool
-	// RoomKnownOpen, if set, says whether a room is open as this node knows
-	// it, without asking anyone (a chat from a non-member: closed, 10004).
-	RoomKnownOpen func(room int64) bool
+	// RoomKnownClosed, if set, says whether a room is known here not to be
+	// open, without asking anyone (a chat from a non-member: 10004).
+	RoomKnownClosed func(room int64) bool
 	// RedPackets serves grab frames.
 	RedPackets *redpacket.Service
 	// Grab, if set, serves grab frames instead (a cluster forwards a grab
@@ -128,7 +128,7 @@ type ServerDeps struct {
 
 func newServer(d ServerDeps) *Server {
 	s := &Server{cfg: d.Config, log: d.Log, auth: d.Auth, router: d.Router, metrics: d.Metrics,
-		chat: d.ChatLimit, chatShared: d.ChatShared, joins: limit.New(JoinsPerSecond, time.Second, max(JoinBurst, 2*d.Config.WS.MaxRoomsPerConn), nil), gifts: d.Gifts, roomOpen: d.RoomOpen, roomKnownOpen: d.RoomKnownOpen, rp: d.RedPackets, grab: d.Grab, elsewhere: d.SessionsElsewhere, stop: make(chan struct{}), writerq: make(chan *Conn), handshakes: newHandshakeGate()}
+		chat: d.ChatLimit, chatShared: d.ChatShared, joins: limit.New(JoinsPerSecond, time.Second, max(JoinBurst, 2*d.Config.WS.MaxRoomsPerConn), nil), gifts: d.Gifts, roomOpen: d.RoomOpen, roomKnownClosed: d.RoomKnownClosed, rp: d.RedPackets, grab: d.Grab, elsewhere: d.SessionsElsewhere, stop: make(chan struct{}), writerq: make(chan *Conn), handshakes: newHandshakeGate()}
 	if s.chatOnce = d.ChatOnce; s.chatOnce == nil {
 		s.chatOnce = newMemChatOnce()
 	}

@@ -229,22 +229,35 @@ func (s *Service) mustGetOpen(id int64) (Room, error) {
 
 // Close closes room id on behalf of anchor: its viewers get biz 5559 and are
 // removed; later joins fail with 10004.
-func (s *Service) Close(anchor, id int64) error { return s.closeAs(anchor, id, "closed by anchor") }
+func (s *Service) Close(anchor, id int64) error {
+	return s.closeAs(anchor, id, "closed by anchor", true)
+}
 
 // CloseByAdmin closes room id whoever its anchor (a moderator ending a
-// stream): as its anchor would, the reason "closed by an admin"; 10004 when
-// the room is not open (as known here).
+// stream): as its anchor would, the reason "closed by an admin", outside
+// the anchor's open/close rate (a stream ended right after it began); 10004
+// when the room is not open (asked of Redis in a cluster, as a join is: this
+// node's list may not have it yet).
 func (s *Service) CloseByAdmin(id int64) error {
+	if !s.EnsureOpen(id) {
+		return proto.ErrNotFound
+	}
 	anchor, ok := s.AnchorOf(id)
 	if !ok {
 		return proto.ErrNotFound
 	}
-	return s.closeAs(anchor, id, "closed by an admin")
+	return s.closeAs(anchor, id, "closed by an admin", false)
 }
 
-func (s *Service) closeAs(anchor, id int64, reason string) error {
+// closeAs closes room id of anchor, pushing reason; limited: counted in the
+// anchor's open/close rate.
+func (s *Service) closeAs(anchor, id int64, reason string, limited bool) error {
+	interval := s.interval
+	if !limited {
+		interval = 0
+	}
 	if s.shared != nil {
-		closed, err := s.shared.close(anchor, id, s.now(), s.interval)
+		closed, err := s.shared.close(anchor, id, s.now(), interval)
 		if err != nil {
 			return err
 		}
@@ -278,7 +291,7 @@ func (s *Service) closeAs(anchor, id int64, reason string) error {
 		s.mu.Unlock()
 		return proto.Errorf(proto.CodeForbidden, "not the room's anchor")
 	}
-	if !s.limit.Allow(uint64(anchor)) {
+	if limited && !s.limit.Allow(uint64(anchor)) {
 		s.mu.Unlock()
 		return proto.ErrRateLimited
 	}
@@ -366,6 +379,22 @@ func (s *Service) AnchorOf(id int64) (anchor int64, ok bool) {
 		return rm.AnchorID, true
 	}
 	return 0, false
+}
+
+// KnownClosed reports whether room id is known here not to be open: on a
+// single node any room not open; in a cluster one closed here or through
+// another node lately (this node's list of open rooms may lag an open).
+func (s *Service) KnownClosed(id int64) bool {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	if _, open := s.open[id]; open {
+		return false
+	}
+	if s.shared == nil {
+		return true
+	}
+	_, closed := s.closedAt[id]
+	return closed
 }
 
 // IsOpen reports whether room id is open.
