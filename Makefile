@@ -14,6 +14,8 @@ TESTFLAGS ?= -race -p 1 -timeout 25m
 # (they skip the bound under -race): run once more in a normal build.
 TIMING_TESTS := ^TestSlowConsumerClosedRoomUnaffected$$
 CONFIG    ?= configs/single.yaml
+# Debian puts nats-server in /usr/sbin, off a normal user's PATH.
+export PATH := $(PATH):/usr/sbin:/sbin
 
 .PHONY: run build test ts-test k6-check tools vet fmt-check fuzz bench bench-go bench-loadgen bench-webhook bench-idle-large bench-report clean cluster
 
@@ -23,6 +25,7 @@ run: build
 # A real local cluster (PROTOCOL §8): nats-server :14222, redis-server :16379
 # (AOF), gw-1..gw-3 on 8080/8081, 8082/8083, 8084/8085, data under
 # ./data/cluster, logs prefixed by process; Ctrl-C stops everything.
+cluster: TOOLS := git:git curl:curl nats-server:nats-server redis-server:redis-server
 cluster: tools build
 	bash configs/cluster-local.sh
 
@@ -47,26 +50,27 @@ test: tools vet fmt-check
 # and a check that the committed browser bundle (gateway/demo/liveedge.js,
 # embedded by go build) is the one its sources build.
 ts-test: build
-	cd clientsdk/ts && { [ -d node_modules ] || npm ci --no-audit --no-fund; } && \
+	cd clientsdk/ts && { [ node_modules/.package-lock.json -nt package-lock.json ] || npm ci --no-audit --no-fund; } && \
 	  npm run --silent check-bundle && LIVEEDGE_BIN=$(CURDIR)/$(BIN)/liveedge npm test
 
 # The k6 scenarios (loadtest/k6; k6 itself is not installed here, see its
 # README): type-checked against the pinned @types/k6, and their protocol
 # module (lib/liveedge.js) run by node's test runner against the real binary.
 k6-check: build
-	cd loadtest/k6 && { [ -d node_modules ] || npm ci --no-audit --no-fund; } && \
+	cd loadtest/k6 && { [ node_modules/.package-lock.json -nt package-lock.json ] || npm ci --no-audit --no-fund; } && \
 	  npx --no-install tsc --checkJs --noEmit -p . && \
 	  LIVEEDGE_BIN=$(CURDIR)/$(BIN)/liveedge node --test test/*.test.mjs
 
 # Tools the tests shell out to (a fresh Debian machine may lack them), as
-# command:package (chromium drives the demo page test; node and npm the TS SDK's).
-TOOLS := git:git curl:curl make:make redis-server:redis-server nats-server:nats-server chromium:chromium node:nodejs npm:npm wrk:wrk
+# command:package (chromium drives the demo page test; node and npm the TS SDK's;
+# gcc the race detector's cgo). Go itself is a prerequisite (README).
+TOOLS := git:git curl:curl make:make gcc:gcc redis-server:redis-server nats-server:nats-server chromium:chromium node:nodejs npm:npm wrk:wrk
 tools:
 	@missing=""; for tp in $(TOOLS); do command -v $${tp%%:*} >/dev/null 2>&1 || missing="$$missing $${tp#*:}"; done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
 	$(GO) mod download
 

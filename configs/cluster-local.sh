@@ -6,6 +6,7 @@
 # ./data/cluster, every log line prefixed with its process.
 set -euo pipefail
 cd "$(dirname "$0")/.."  # the repository root
+PATH=$PATH:/usr/sbin:/sbin # Debian's nats-server
 BIN=${BIN:-bin/liveedge}
 DATA=${DATA:-data/cluster}
 NODES=${NODES:-3}
@@ -26,7 +27,25 @@ cleanup() {
 }
 trap cleanup INT TERM EXIT
 
-prefix() { sed -u "s/^/[$1] /"; }
+# The prefixers ignore Ctrl-C: killed with the terminal's process group,
+# they broke the nodes' log pipes, and a node writing its "shutting down"
+# line died of SIGPIPE instead of stopping gracefully.
+prefix() {
+	trap '' INT
+	exec sed -u "s/^/[$1] /"
+}
+
+# Every port free first: a stray server (a cluster left by a second Ctrl-C,
+# `make run` on 8080) would be taken for this cluster's.
+ports="14222 16379"
+for i in $(seq "$NODES"); do ports="$ports $((8080 + 2 * (i - 1))) $((8081 + 2 * (i - 1)))"; done
+for port in $ports; do
+	if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+		echo "port $port on 127.0.0.1 is in use: stop what listens there (a cluster left running, make run) first" >&2
+		trap - INT TERM EXIT
+		exit 1
+	fi
+done
 
 setsid nats-server -a 127.0.0.1 -p 14222 -js -sd "$ABS/nats" > >(prefix nats) 2>&1 &
 pids+=($!)
@@ -47,6 +66,17 @@ for i in $(seq "$NODES"); do
 		"$BIN" -config configs/cluster-local.yaml > >(prefix "gw-$i") 2>&1 &
 	pids+=($!)
 	echo "gw-$i: http://127.0.0.1:$http  ws://127.0.0.1:$ws/ws"
+done
+for p in "${pids[@]:0:2}"; do
+	kill -0 "$p" 2>/dev/null || { echo "NATS or Redis did not start (see its log above)" >&2; exit 1; }
+done
+for i in $(seq "$NODES"); do
+	http=$((8080 + 2 * (i - 1)))
+	for _ in $(seq 300); do
+		curl -fsS -o /dev/null "http://127.0.0.1:$http/readyz" 2>/dev/null && break
+		kill -0 "${pids[$((i + 1))]}" 2>/dev/null || { echo "gw-$i exited (see its log above)" >&2; exit 1; }
+		sleep 0.1
+	done
 done
 echo "cluster up: NATS 127.0.0.1:14222, Redis 127.0.0.1:16379 (AOF in $DATA/redis); Ctrl-C stops everything"
 # A node that dies (e.g. killed to watch its clients fail over) leaves the
