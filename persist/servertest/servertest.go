@@ -3,10 +3,16 @@
 // cleanup; persist/redistest and router/natstest build on it. A port taken by
 // another process between choosing it and binding it (test packages run in
 // parallel) is detected — the server exits — and another port is tried.
+// Ports come from below the kernel's ephemeral range (32768–60999 by
+// default), and from another block than cmd/liveedge's node ports: a port
+// from that range can be taken meanwhile by any outgoing connection — then a
+// Restart on the same port failed. The server dies with the test process
+// (Linux: a parent-death signal), also when a timeout panics past cleanup.
 package servertest
 
 import (
 	"fmt"
+	"math/rand/v2"
 	"net"
 	"os/exec"
 	"strconv"
@@ -38,7 +44,7 @@ func Start(tb testing.TB, name string, args func(port int) []string) *Server {
 	s := &Server{name: bin, args: args, tb: tb}
 	tb.Cleanup(s.Stop)
 	for attempt := 1; ; attempt++ {
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		ln, err := listenFree()
 		if err != nil {
 			tb.Fatal(err)
 		}
@@ -54,10 +60,26 @@ func Start(tb testing.TB, name string, args func(port int) []string) *Server {
 	}
 }
 
+// listenFree listens on a free 127.0.0.1 port of 10000–19999, tried from a
+// random one on.
+func listenFree() (net.Listener, error) {
+	const from, n = 10000, 10000
+	start := rand.IntN(n)
+	var err error
+	for i := range 200 {
+		var ln net.Listener
+		if ln, err = net.Listen("tcp", "127.0.0.1:"+strconv.Itoa(from+(start+i)%n)); err == nil {
+			return ln, nil
+		}
+	}
+	return nil, fmt.Errorf("servertest: no free port in %d..%d: %w", from, from+n-1, err)
+}
+
 // start runs the server on s.port and waits until it serves; an error if it
 // exits first (e.g. the port is taken) or does not come up.
 func (s *Server) start() error {
 	s.cmd = exec.Command(s.name, s.args(s.port)...)
+	s.cmd.SysProcAttr = dieWithParent()
 	if err := s.cmd.Start(); err != nil {
 		return fmt.Errorf("servertest: start %s: %w", s.name, err)
 	}
