@@ -744,6 +744,9 @@ func (c *Config) Validate() error {
 	check(c.HTTP.MaxHeaderBytes >= 1024, "http.max_header_bytes must be >= 1024")
 	check(c.HTTP.MaxConns > 0, "http.max_conns must be > 0")
 	check(c.Auth.MaxTokenTTL.D() >= 0, "auth.max_token_ttl must be >= 0")
+	// 0 (any exp) only for development: a leaked token, an admin's above
+	// all, would stay good as long as its issuer wrote — no revocation list.
+	check(c.Auth.DevTokens || c.Auth.MaxTokenTTL.D() > 0, "auth.max_token_ttl must be > 0 with auth.dev_tokens off")
 	if bare := c.Unprotected(); len(bare) > 0 && !c.Cluster.TrustedNetwork {
 		check(false, "shared backends without credentials: "+strings.Join(bare, ", ")+
 			" — every node trusts what reaches it through them; give the credentials, or set cluster.trusted_network: true where the network alone keeps others out")

@@ -410,4 +410,7 @@ func TestEmbeddedNATSListenAndLimits(t *testing.T) {
 	c.Auth.DevTokens, c.Auth.JWTSecret, c.Pay.Secrets = false, goodJWT, []string{goodPay}
 	c.Rooms.OpenCloseInterval = 0
 	wantErr(t, c.Validate(), "rooms.open_close_interval must be >= 1s")
+	c.Rooms.OpenCloseInterval = Duration(time.Second)
+	c.Auth.MaxTokenTTL = 0
+	wantErr(t, c.Validate(), "auth.max_token_ttl must be > 0 with auth.dev_tokens off")
 }
