@@ -407,6 +407,14 @@ func (s *Service) send(sender int64, inRoom bool, r Req, done func(Reply, *sendE
 			if g.Status != StatusEnabled {
 				return refusal{fail(proto.CodeGiftUnavailable, "gift not found or disabled")}
 			}
+			// Read again now, right before the debit: the request may have
+			// waited (a wallet slot, a duplicate's first, the claim) while
+			// an admin disabled or repriced the gift.
+			if now, ok := s.cat.Get(g.ID); !ok || now.Status != StatusEnabled {
+				return refusal{fail(proto.CodeGiftUnavailable, "gift not found or disabled")}
+			} else if now.Price != g.Price {
+				return refusal{fail(proto.CodeConflict, "the gift's price changed meanwhile, nothing was debited; retry")}
+			}
 			if err := s.checkFrozen(sender, r.ReceiverID); err != nil {
 				return refusal{err}
 			}

@@ -296,3 +296,46 @@ func TestGiftRetryReplayedWhereTheCatalogueLacksIt(t *testing.T) {
 		t.Fatalf("gifts to oneself answered %v: want at most %d refused (with a 5557), the rest 10429", codes, AttemptFactor*5)
 	}
 }
+
+// changeWallet changes the catalogue (as an admin meanwhile) before the
+// request reaches the ledger.
+type changeWallet struct {
+	*persist.Ledger
+	change func()
+}
+
+func (w changeWallet) ApplyAsync(op persist.Op, done func(persist.Result, error)) {
+	w.change()
+	w.Ledger.ApplyAsync(op, done)
+}
+
+// A gift disabled or repriced while its request waited for the wallet is
+// refused, nothing debited (20002; 10409 for a new price: retry) — before,
+// the price and status read at arrival were charged.
+func TestGiftChangedWhileWaitingIsNotDebitedAtTheOldTerms(t *testing.T) {
+	for _, c := range []struct {
+		name  string
+		patch func(*Gift)
+		code  int
+	}{
+		{"disabled", func(g *Gift) { g.Status = StatusDisabled }, proto.CodeGiftUnavailable},
+		{"repriced", func(g *Gift) { g.Price *= 3 }, proto.CodeConflict},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			led, cat, rt := seededRoom(t)
+			w := changeWallet{Ledger: led, change: func() {
+				if _, err := cat.Update(24, func(g *Gift) error { c.patch(g); return nil }); err != nil {
+					t.Error(err)
+				}
+			}}
+			s := New(w, rt, cat, Config{}, nil)
+			_, e := s.Send(100, true, Req{RoomID: 7, GiftID: 24, ReceiverID: 200, Count: 1, ReqID: "c"})
+			if e == nil || e.Code != c.code {
+				t.Fatalf("%+v, want %d", e, c.code)
+			}
+			if b, _ := led.Balance(100); b != 10_000 {
+				t.Fatalf("balance %d, want 10000 (nothing debited)", b)
+			}
+		})
+	}
+}
