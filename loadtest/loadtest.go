@@ -250,7 +250,11 @@ type Result struct {
 
 	PushesSent int64 `json:"pushes_sent"`
 	SendErrors int64 `json:"send_errors"`
-	Deliveries int64 `json:"deliveries"` // viewers' pushes, each once
+	// SkippedSends: publish slots skipped because a chat's reply came after
+	// the next slot (the schedule goes on from then, afterNext): pushes
+	// not sent, so not measured — a stall shows here, not in the latency.
+	SkippedSends int64 `json:"skipped_sends,omitempty"`
+	Deliveries   int64 `json:"deliveries"` // viewers' pushes, each once
 	// Delivery accounting (deliveries.go): Published chats the room numbered
 	// (seen by their publisher; also one whose reply was lost); each viewer is
 	// expected to receive those numbered after it joined (Expected, summed
@@ -357,7 +361,7 @@ type run struct {
 
 	conns, connErrs, deliveries, gaps, dups, resyncs, epochs atomic.Int64
 	disconnects, reconnects, reconnAfterKill, errs           atomic.Int64
-	sent, sendErrs, sdkDups                                  atomic.Int64
+	sent, sendErrs, sdkDups, skipped                         atomic.Int64
 
 	errMu   sync.Mutex
 	samples []string
@@ -825,6 +829,9 @@ func (r *run) publish(ctx context.Context, p *lconn, k int) {
 		t0 := time.Now()
 		_, err := p.c.Chat(sctx, r.room, chatText(k, seq, r.cfg.Payload))
 		cancel()
+		if now := time.Now(); now.After(next) {
+			r.skipped.Add(int64(now.Sub(next) / every))
+		}
 		next = afterNext(next, time.Now())
 		if r.cfg.Trace != "" {
 			cl := chatLog{Pub: k, Seq: seq, SentMS: t0.UnixMilli(), RepMS: time.Now().UnixMilli()}
@@ -874,7 +881,7 @@ func (r *run) kill(ctx context.Context) {
 
 func (r *run) fill(res *Result) {
 	res.Conns, res.ConnErrors = r.conns.Load(), r.connErrs.Load()
-	res.PushesSent, res.SendErrors = r.sent.Load(), r.sendErrs.Load()
+	res.PushesSent, res.SendErrors, res.SkippedSends = r.sent.Load(), r.sendErrs.Load(), r.skipped.Load()
 	res.Deliveries = r.deliveries.Load()
 	res.Gaps, res.Duplicates, res.Resyncs, res.EpochChanges = r.gaps.Load(), r.dups.Load(), r.resyncs.Load(), r.epochs.Load()
 	res.Disconnects, res.Reconnects, res.Errors = r.disconnects.Load(), r.reconnects.Load(), r.errs.Load()

@@ -52,8 +52,8 @@ func (res *Result) WriteSummary(w io.Writer) {
 			fmt.Fprintf(w, "  conservation  %v: %s\n", *res.Conserved, res.ConservationNote)
 		}
 	} else if res.PushesSent > 0 || res.SendErrors > 0 || res.Published > 0 {
-		fmt.Fprintf(w, "  pushes        %d sent (%d failed), %d numbered by the room, over %.1f s; %d delivered (%.0f/s)\n",
-			res.PushesSent, res.SendErrors, res.Published, res.RunSeconds, res.Deliveries, res.DeliveriesPerSec)
+		fmt.Fprintf(w, "  pushes        %d sent (%d failed, %d slots skipped behind a late reply), %d numbered by the room, over %.1f s; %d delivered (%.0f/s)\n",
+			res.PushesSent, res.SendErrors, res.SkippedSends, res.Published, res.RunSeconds, res.Deliveries, res.DeliveriesPerSec)
 		fmt.Fprintf(w, "  deliveries    %d expected, %d lost (%d viewers); %d not expected (%d numbered before the viewer joined, %d skipped by a resync)\n",
 			res.Expected, res.Missing, res.LostViewers, res.NotExpected, res.NotExpectedBeforeJoin, res.NotExpectedResync)
 		fmt.Fprintf(w, "  latency       p50 %.2f ms, p99 %.2f ms, max %.2f ms\n", res.P50Ms, res.P99Ms, res.MaxMs)
@@ -125,6 +125,7 @@ func Merge(parts []*Result, nodeBefore, nodeAfter, nodeEnd int64) *Result {
 		out.RunSeconds = max(out.RunSeconds, p.RunSeconds)
 		out.PushesSent += p.PushesSent
 		out.SendErrors += p.SendErrors
+		out.SkippedSends += p.SkippedSends
 		out.Deliveries += p.Deliveries
 		out.Published = max(out.Published, p.Published) // every process accounts the same record
 		out.Expected += p.Expected

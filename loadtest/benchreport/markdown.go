@@ -153,7 +153,7 @@ func (rep *Report) Markdown(w io.Writer) {
 			fmt.Fprintf(w, "The run failed: %s\n\n", wh.Error)
 		}
 		fmt.Fprintf(w, "wrk, %d threads, %d connections, %s pre-signed bodies of real orders rotated by a Lua script\n", wh.Threads, wh.Conns, thousands(float64(wh.Orders)))
-		fmt.Fprintf(w, "(each order notified once): **%s notifies/s** (%s requests in %.2f s; latency p50 %.2f ms, p99 %.2f ms;\n",
+		fmt.Fprintf(w, "(each order notified once): **%s notifies/s** (%s requests in %.2f s; latency of all requests — the notifies and, once the orders run out, `GET /healthz` fillers — p50 %.2f ms, p99 %.2f ms;\n",
 			thousands(wh.NotifiesPerS), thousands(float64(wh.Requests)), wh.Seconds, wh.LatencyP50Ms, wh.LatencyP99Ms)
 		fmt.Fprintf(w, "non-2xx %d, socket errors %d). After the run %s of %s orders PAYED; coins credited %s, expected %s: exactly once **%v**.\n",
 			wh.Non2xx, wh.SocketErrors, thousands(float64(wh.Paid)), thousands(float64(wh.Orders)), thousands(float64(wh.CreditedCoins)), thousands(float64(wh.ExpectedCoins)), wh.ExactlyOnce)
