@@ -21,15 +21,25 @@ export function binary() {
   return built;
 }
 
-export function freePort() {
-  return new Promise((resolve, reject) => {
-    const s = createServer();
-    s.on("error", reject);
-    s.listen(0, "127.0.0.1", () => {
-      const { port } = s.address();
-      s.close(() => resolve(port));
+/**
+ * A free 127.0.0.1 port below the kernel's ephemeral range (32768–60999 by
+ * default): a port from that range (listen on 0) can be taken meanwhile by
+ * any outgoing connection — a node restarted on its ports, or a server
+ * started on one, then finds it in use.
+ */
+export async function freePort() {
+  const from = 12000, n = 20000;
+  const start = Math.floor(Math.random() * n);
+  for (let i = 0; i < 200; i++) {
+    const port = from + ((start + i) % n);
+    const ok = await new Promise((resolve) => {
+      const s = createServer();
+      s.once("error", () => resolve(false));
+      s.listen(port, "127.0.0.1", () => s.close(() => resolve(true)));
     });
-  });
+    if (ok) return port;
+  }
+  throw new Error("no free port");
 }
 
 /** Polls cond (sync or async) every 10 ms until it is truthy or timeoutMs passes. */
@@ -183,6 +193,18 @@ class Service {
     this.out = "";
   }
   async start() {
+    // A port taken between choosing and binding it: the server exits, and
+    // another port is tried.
+    for (let attempt = 1; ; attempt++) {
+      try {
+        return await this.startOnce();
+      } catch (e) {
+        if (attempt === 3) throw e;
+        await this.stop();
+      }
+    }
+  }
+  async startOnce() {
     this.port = await freePort();
     this.dir = mkdtempSync(join(tmpdir(), `liveedge-${this.name}-`));
     const p = spawn(this.name, this.args(this), { stdio: ["ignore", "pipe", "pipe"] });
