@@ -25,7 +25,10 @@ cleanup() {
 	for p in "${pids[@]:0:2}"; do kill -TERM "$p" 2>/dev/null || true; done
 	wait 2>/dev/null || true
 }
-trap cleanup INT TERM EXIT
+# Ctrl-C (or a TERM) stops everything and ends the script at once — it
+# must not go on starting nodes after the cleanup.
+trap 'cleanup; exit 130' INT TERM
+trap cleanup EXIT
 
 # The prefixers ignore Ctrl-C: killed with the terminal's process group,
 # they broke the nodes' log pipes, and a node writing its "shutting down"
@@ -72,11 +75,13 @@ for p in "${pids[@]:0:2}"; do
 done
 for i in $(seq "$NODES"); do
 	http=$((8080 + 2 * (i - 1)))
+	ready=""
 	for _ in $(seq 300); do
-		curl -fsS -o /dev/null "http://127.0.0.1:$http/readyz" 2>/dev/null && break
+		curl -fsS -m 2 -o /dev/null "http://127.0.0.1:$http/readyz" 2>/dev/null && { ready=1; break; }
 		kill -0 "${pids[$((i + 1))]}" 2>/dev/null || { echo "gw-$i exited (see its log above)" >&2; exit 1; }
 		sleep 0.1
 	done
+	[ -n "$ready" ] || { echo "gw-$i not ready within 30 s (see its log above)" >&2; exit 1; }
 done
 echo "cluster up: NATS 127.0.0.1:14222, Redis 127.0.0.1:16379 (AOF in $DATA/redis); Ctrl-C stops everything"
 # A node that dies (e.g. killed to watch its clients fail over) leaves the

@@ -829,7 +829,7 @@ func (r *run) publish(ctx context.Context, p *lconn, k int) {
 		t0 := time.Now()
 		_, err := p.c.Chat(sctx, r.room, chatText(k, seq, r.cfg.Payload))
 		cancel()
-		if now := time.Now(); now.After(next) {
+		if now := time.Now(); now.After(next) && every > 0 {
 			r.skipped.Add(int64(now.Sub(next) / every))
 		}
 		next = afterNext(next, time.Now())

@@ -413,7 +413,10 @@ func (s *Service) send(sender int64, inRoom bool, r Req, done func(Reply, *sendE
 			if now, ok := s.cat.Get(g.ID); !ok || now.Status != StatusEnabled {
 				return refusal{fail(proto.CodeGiftUnavailable, "gift not found or disabled")}
 			} else if now.Price != g.Price {
-				return refusal{fail(proto.CodeConflict, "the gift's price changed meanwhile, nothing was debited; retry")}
+				// A definite refusal (with its 5557), not 10409's "retry with
+				// the same req_id": the sender sees the new price and sends
+				// anew if they still want it.
+				return refusal{fail(proto.CodeGiftPriceChanged, "the gift's price changed meanwhile, nothing was debited")}
 			}
 			if err := s.checkFrozen(sender, r.ReceiverID); err != nil {
 				return refusal{err}

@@ -310,7 +310,7 @@ func (w changeWallet) ApplyAsync(op persist.Op, done func(persist.Result, error)
 }
 
 // A gift disabled or repriced while its request waited for the wallet is
-// refused, nothing debited (20002; 10409 for a new price: retry) — before,
+// refused, nothing debited (20002; 20005 for a new price) — before,
 // the price and status read at arrival were charged.
 func TestGiftChangedWhileWaitingIsNotDebitedAtTheOldTerms(t *testing.T) {
 	for _, c := range []struct {
@@ -319,7 +319,7 @@ func TestGiftChangedWhileWaitingIsNotDebitedAtTheOldTerms(t *testing.T) {
 		code  int
 	}{
 		{"disabled", func(g *Gift) { g.Status = StatusDisabled }, proto.CodeGiftUnavailable},
-		{"repriced", func(g *Gift) { g.Price *= 3 }, proto.CodeConflict},
+		{"repriced", func(g *Gift) { g.Price *= 3 }, proto.CodeGiftPriceChanged},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			led, cat, rt := seededRoom(t)

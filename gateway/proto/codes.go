@@ -21,6 +21,7 @@ const (
 	CodeGiftUnavailable     = 20002
 	CodeGiftToSelf          = 20003
 	CodeAccountFrozen       = 20004 // extension: the sender's or receiver's account is frozen (HTTP 403)
+	CodeGiftPriceChanged    = 20005 // extension: the gift was repriced while the request waited; nothing debited (HTTP 409)
 
 	CodeRedPacketNotFound = 30001
 	CodeRedPacketTaken    = 30002
@@ -86,7 +87,7 @@ func HTTPStatus(code int) int {
 	case CodeNotFound, CodeProductNotFound, CodeRedPacketNotFound:
 		return http.StatusNotFound
 	case CodeConflict, CodeOrderState, CodeSoldOut, CodeRedPacketTaken, CodeRedPacketEmpty,
-		CodeInsufficientBalance:
+		CodeInsufficientBalance, CodeGiftPriceChanged:
 		return http.StatusConflict
 	case CodeRateLimited:
 		return http.StatusTooManyRequests

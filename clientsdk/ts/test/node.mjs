@@ -70,7 +70,8 @@ export class Node {
   async start() {
     if (!this.httpPort) {
       this.httpPort = await freePort();
-      this.wsPort = await freePort();
+      do this.wsPort = await freePort();
+      while (this.wsPort === this.httpPort);
     }
     this.http = `http://127.0.0.1:${this.httpPort}`;
     this.ws = `ws://127.0.0.1:${this.wsPort}/ws`;
@@ -194,12 +195,12 @@ class Service {
   }
   async start() {
     // A port taken between choosing and binding it: the server exits, and
-    // another port is tried.
+    // another port is tried (a binary that cannot be run is not retried).
     for (let attempt = 1; ; attempt++) {
       try {
         return await this.startOnce();
       } catch (e) {
-        if (attempt === 3) throw e;
+        if (attempt === 3 || e.spawnFailed) throw e;
         await this.stop();
       }
     }
@@ -212,17 +213,32 @@ class Service {
     p.stdout.on("data", (b) => (this.out += b));
     p.stderr.on("data", (b) => (this.out += b));
     let dead = false;
-    this.exited = new Promise((r) => p.on("exit", () => r((dead = true))));
-    p.on("error", (e) => (this.out += String(e)));
-    await eventually(
-      async () => {
-        if (dead) throw new Error(`${this.name} exited:\n${this.out}`);
-        return canConnect(this.port);
-      },
-      10000,
-      `${this.name} listening`,
-    );
-    return this;
+    let spawnErr;
+    this.exited = new Promise((r) => {
+      p.on("exit", () => r((dead = true)));
+      // Not started (ENOENT...): no "exit" follows an "error" then.
+      p.on("error", (e) => {
+        this.out += String(e);
+        spawnErr = e;
+        r((dead = true));
+      });
+    });
+    const deadline = Date.now() + 10000;
+    for (;;) {
+      if (dead) {
+        const e = new Error(`${this.name} exited:\n${this.out}`);
+        e.spawnFailed = !!spawnErr;
+        throw e;
+      }
+      if (await canConnect(this.port)) {
+        // The listener may be another process's: ours must still run.
+        await new Promise((r) => setTimeout(r, 100));
+        if (!dead) return this;
+        continue;
+      }
+      if (Date.now() > deadline) throw new Error(`${this.name} not listening on ${this.port} within 10 s:\n${this.out}`);
+      await new Promise((r) => setTimeout(r, 20));
+    }
   }
   async stop() {
     if (this.proc) {
