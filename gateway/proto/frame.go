@@ -79,7 +79,9 @@ func DecodeClientFrame(b []byte) (ClientFrame, *Error) {
 	if len(b) > MaxFrameBytes {
 		return f, ErrFrameTooLarge
 	}
-	if len(b) == 0 || b[0] != '{' && !isSpace(b[0]) {
+	if i := firstNonSpace(b); i == len(b) || b[i] != '{' {
+		// Not an object, leading spaces or not ("  1" counts as malformed
+		// for the abuse limit as "1" does).
 		return f, ErrNotJSONObject
 	}
 	if err := jsonAPI.Unmarshal(b, &f); err != nil {
@@ -105,6 +107,31 @@ func DecodeClientFrame(b []byte) (ClientFrame, *Error) {
 }
 
 func isSpace(c byte) bool { return c == ' ' || c == '\t' || c == '\n' || c == '\r' }
+
+// firstNonSpace is the index of b's first byte that is not JSON whitespace.
+func firstNonSpace(b []byte) int {
+	i := 0
+	for i < len(b) && isSpace(b[i]) {
+		i++
+	}
+	return i
+}
+
+// ValidText reports whether s is text a client may send for others to see:
+// valid UTF-8 without control characters (C0 but tab and newline, DEL, C1)
+// — a NUL or an escape sequence broadcast to a room reaches every viewer's
+// display.
+func ValidText(s string) bool {
+	if !utf8.ValidString(s) {
+		return false
+	}
+	for _, r := range s {
+		if r < 0x20 && r != '\t' && r != '\n' || r >= 0x7f && r <= 0x9f {
+			return false
+		}
+	}
+	return true
+}
 
 // DecodeData parses the frame's d into v; an absent d is an error for types
 // that need one. A field of the wrong type is named with the type it must
@@ -226,6 +253,9 @@ func (r *ChatReq) Validate() *Error {
 	}
 	if !utf8.ValidString(r.Text) {
 		return BadRequest("text is not valid UTF-8")
+	}
+	if !ValidText(r.Text) {
+		return BadRequest("text has control characters")
 	}
 	if utf8.RuneCountInString(r.Text) > MaxChatRunes {
 		return BadRequest("text longer than %d characters", MaxChatRunes)

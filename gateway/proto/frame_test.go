@@ -20,6 +20,8 @@ func decodeAll(b []byte) *Error {
 		v = &ChatReq{}
 	case TypeAck:
 		v = &AckReq{}
+	case TypeGrab:
+		v = &GrabReq{}
 	case TypePing:
 		return nil
 	default:
@@ -96,7 +98,9 @@ func TestEncodeRoundTrip(t *testing.T) {
 // well-formed frame with a mistyped field is a validation error that names
 // the field.
 func TestMalformedVersusInvalid(t *testing.T) {
-	for _, in := range []string{`{not json`, `garbage`, `{"t":"ping","id":1,"d":{}`, ""} {
+	// Not an object, with leading whitespace too (it escaped the abuse
+	// limit: answered "frame: must be an object", not counted).
+	for _, in := range []string{`{not json`, `garbage`, `{"t":"ping","id":1,"d":{}`, "", ` 1`, ` []`, "\n\"x\"", "   "} {
 		if _, err := DecodeClientFrame([]byte(in)); err == nil || !IsMalformed(err) {
 			t.Errorf("%q: %v, want a malformed-frame error", in, err)
 		}
@@ -115,5 +119,22 @@ func TestMalformedVersusInvalid(t *testing.T) {
 	var r RoomReq
 	if e := f.DecodeData(&r); e == nil || IsMalformed(e) || e.Msg != "room_id: must be an integer" {
 		t.Errorf("mistyped room_id: %v", e)
+	}
+}
+
+// Chat text that others see has no control characters (a NUL, an escape
+// sequence, C1): 10001; tabs, newlines and any other text pass.
+func TestChatTextWithoutControlCharacters(t *testing.T) {
+	for _, text := range []string{"a\u0000b", "\u001b[2J", "x\u007f", "\u0085"} {
+		r := ChatReq{RoomID: 7, Text: text}
+		if e := r.Validate(); e == nil || e.Code != CodeBadRequest {
+			t.Errorf("%q: %v, want 10001", text, e)
+		}
+	}
+	for _, text := range []string{"hi", "line 1\nline 2\tend", "你好 👋", "مرحبا"} {
+		r := ChatReq{RoomID: 7, Text: text}
+		if e := r.Validate(); e != nil {
+			t.Errorf("%q: %v", text, e)
+		}
 	}
 }
