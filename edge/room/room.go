@@ -92,10 +92,11 @@ type Service struct {
 	open     map[int64]*Room
 	byAnchor map[int64]int64 // anchor → open room id (0 = an open is in flight)
 	seq      int64
-	// closedAt are the rooms closed here in the last recentClose (shared
-	// mode): room ids are never reused, so an "opened" for one of them is
-	// stale — a Sync that read the open rooms just before the close, or a
-	// Redis back from a snapshot taken before it — and is ignored.
+	// closedAt are the rooms closed in the last recentClose: room ids are
+	// never reused, so (shared mode) an "opened" for one of them is stale —
+	// a Sync that read the open rooms just before the close, or a Redis
+	// back from a snapshot taken before it — and is ignored; and a chat to
+	// one from a former member is told 10004 (KnownClosed).
 	closedAt map[int64]time.Time
 }
 
@@ -310,6 +311,7 @@ func (s *Service) closeAs(anchor, id int64, reason string, limited bool) error {
 		return err
 	}
 	delete(s.byAnchor, anchor)
+	s.noteClosedLocked(id)
 	s.mu.Unlock()
 	d, _ := proto.Marshal(proto.RoomClosedPush{RoomID: id, Reason: reason})
 	s.router.CloseRoom(id, &proto.Push{Biz: proto.BizRoomClosed, Data: d, Ack: false})
@@ -381,17 +383,14 @@ func (s *Service) AnchorOf(id int64) (anchor int64, ok bool) {
 	return 0, false
 }
 
-// KnownClosed reports whether room id is known here not to be open: on a
-// single node any room not open; in a cluster one closed here or through
-// another node lately (this node's list of open rooms may lag an open).
+// KnownClosed reports whether room id was closed lately (recentClose), here
+// or — in a cluster — through another node: a room never opened, or one
+// this node's list has not caught up with, is not.
 func (s *Service) KnownClosed(id int64) bool {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
 	if _, open := s.open[id]; open {
 		return false
-	}
-	if s.shared == nil {
-		return true
 	}
 	_, closed := s.closedAt[id]
 	return closed
@@ -490,9 +489,6 @@ func (s *Service) Apply(kind string, rm Room) {
 // forgets what is older (s.mu held; shared mode only: a single node's
 // replica is its own).
 func (s *Service) noteClosedLocked(id int64) {
-	if s.shared == nil {
-		return
-	}
 	now := s.now()
 	if s.closedAt == nil {
 		s.closedAt = map[int64]time.Time{}
