@@ -464,12 +464,12 @@ func (n *Node) notify(channel, sig string, body []byte) (int, string) {
 			if id, ok := pay.ParseOrderID(ev.OrderID); ok {
 				owner, err := n.payOwner(id)
 				if err != nil {
-					return http.StatusServiceUnavailable, err.Error()
+					return http.StatusServiceUnavailable, proto.AsError(err).Msg
 				}
 				if owner != "" {
 					rep, err := n.forwardPay(owner, payFwdReq{Op: "notify", Channel: channel, Sig: sig, Body: body})
 					if err != nil {
-						return http.StatusServiceUnavailable, err.Error()
+						return http.StatusServiceUnavailable, proto.AsError(err).Msg
 					}
 					if rep.Err != nil || rep.Status == 0 { // busy, or not run: the provider retries
 						msg := "retry"

@@ -410,7 +410,13 @@ func (a *API) limitBody(ctx context.Context, c *app.RequestContext) {
 		body, err := io.ReadAll(io.LimitReader(c.Request.BodyStream(), int64(limit)+1))
 		if err != nil {
 			c.SetConnectionClose()
-			envelope(c, http.StatusBadRequest, proto.BadRequest("could not read the body"))
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				// Not read whole within http.read_timeout: 408, as documented.
+				envelope(c, http.StatusRequestTimeout, proto.BadRequest("the request was not read within %s", a.cfg.HTTP.ReadTimeout.D()))
+			} else {
+				envelope(c, http.StatusBadRequest, proto.BadRequest("could not read the body"))
+			}
 			c.Abort()
 			return
 		}

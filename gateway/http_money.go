@@ -138,9 +138,13 @@ func (a *API) createGift(_ context.Context, c *app.RequestContext) {
 		a.fail(c, err)
 		return
 	}
-	if err := a.node.Gifts.Catalogue().Create(g); err != nil {
+	cat := a.node.Gifts.Catalogue()
+	if err := cat.Create(g); err != nil {
 		a.fail(c, err)
 		return
+	}
+	if stored, found := cat.Get(g.ID); found {
+		g = stored // as stored: its version is the write's, not the body's
 	}
 	ok(c, g)
 }

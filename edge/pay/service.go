@@ -581,7 +581,7 @@ func (s *Service) CreateOrder(user int64, r CreateReq) (Order, error) {
 		r.Channel = "mock"
 	}
 	if !KnownChannel(r.Channel) {
-		return Order{}, proto.BadRequest("unknown channel %q (known: mock)", r.Channel)
+		return Order{}, proto.BadRequest("unknown channel (known: mock)") // not echoed: any length, any bytes
 	}
 	// Idempotency: one lock per (user) shard serializes creation per user.
 	defer s.users.Lock(user)()
