@@ -1,6 +1,7 @@
 package gateway
 
 import (
+	"cmp"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -239,7 +240,11 @@ func invitationView(inv pk.Invitation) map[string]any {
 // pkInvitationFor returns invitation id if the caller may answer it: room_b's
 // anchor (accept or decline), the inviter (decline only: withdraw), an admin.
 func (a *API) pkInvitationFor(c *app.RequestContext, accept bool) (pk.Invitation, bool) {
-	inv, found := a.node.PK.Invitation(c.Param("id"))
+	inv, found, err := a.node.PK.FindInvitation(c.Param("id"))
+	if err != nil {
+		a.fail(c, err) // could not be read: retry, not "not found"
+		return inv, false
+	}
 	if !found {
 		a.fail(c, proto.Errorf(proto.CodeNotFound, "PK invitation not found or expired"))
 		return inv, false
@@ -248,8 +253,13 @@ func (a *API) pkInvitationFor(c *app.RequestContext, accept bool) (pk.Invitation
 	if ident.Role == RoleAdmin || (!accept && ident.UserID == inv.Inviter) {
 		return inv, true
 	}
-	if info, err := a.rooms.Get(inv.Rooms[1], ident.UserID); err == nil && info.IsAnchor {
+	info, err := a.rooms.Get(inv.Rooms[1], ident.UserID)
+	if err == nil && info.IsAnchor {
 		return inv, true
+	}
+	if err != nil && proto.AsError(err).Code != proto.CodeNotFound {
+		a.fail(c, err) // the room could not be read: retry, not "forbidden"
+		return inv, false
 	}
 	a.fail(c, proto.Errorf(proto.CodeForbidden, "only room_b's anchor answers this PK invitation"))
 	return inv, false
@@ -283,12 +293,18 @@ func (a *API) declinePK(_ context.Context, c *app.RequestContext) {
 // getPK answers a contest (scores keyed by room id, as in biz 5558) or a
 // pending invitation ("status":"invited").
 func (a *API) getPK(_ context.Context, c *app.RequestContext) {
-	if ct, found := a.node.PK.Get(c.Param("id")); found {
+	ct, found, err := a.node.PK.Find(c.Param("id"))
+	if err == nil && found {
 		ok(c, contestView(ct))
 		return
 	}
-	if inv, found := a.node.PK.Invitation(c.Param("id")); found {
+	inv, foundInv, errInv := a.node.PK.FindInvitation(c.Param("id"))
+	if errInv == nil && foundInv {
 		ok(c, invitationView(inv))
+		return
+	}
+	if err = cmp.Or(err, errInv); err != nil {
+		a.fail(c, err) // could not be read: retry, not "not found"
 		return
 	}
 	a.fail(c, proto.ErrNotFound)

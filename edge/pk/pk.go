@@ -384,6 +384,13 @@ func (s *Service) dropInviteLocked(inv *Invitation) {
 
 // Invitation returns pending invitation id (not expired).
 func (s *Service) Invitation(id string) (Invitation, bool) {
+	inv, ok, _ := s.FindInvitation(id)
+	return inv, ok
+}
+
+// FindInvitation is Invitation telling "not found" (false, nil) from "could
+// not be read" (an error: the shared state unreachable — retry).
+func (s *Service) FindInvitation(id string) (Invitation, bool, error) {
 	if s.sh != nil {
 		return s.invitationShared(id)
 	}
@@ -391,9 +398,9 @@ func (s *Service) Invitation(id string) (Invitation, bool) {
 	defer s.mu.Unlock()
 	inv, ok := s.invites[id]
 	if !ok || !time.Now().Before(inv.ExpiresAt) {
-		return Invitation{}, false
+		return Invitation{}, false, nil
 	}
-	return *inv, true
+	return *inv, true, nil
 }
 
 // take removes pending invitation id: 10004 when there is none (expired,
@@ -626,6 +633,13 @@ func (s *Service) Opponent(room int64) int64 {
 
 // Get returns contest id.
 func (s *Service) Get(id string) (Contest, bool) {
+	c, ok, _ := s.Find(id)
+	return c, ok
+}
+
+// Find is Get telling "not found" (false, nil) from "could not be read" (an
+// error: the shared state unreachable — retry).
+func (s *Service) Find(id string) (Contest, bool, error) {
 	if s.sh != nil {
 		return s.getShared(id)
 	}
@@ -633,9 +647,9 @@ func (s *Service) Get(id string) (Contest, bool) {
 	defer s.mu.Unlock()
 	c, ok := s.contests[id]
 	if !ok {
-		return Contest{}, false
+		return Contest{}, false, nil
 	}
-	return *c, true
+	return *c, true, nil
 }
 
 // endGrace is how long after a contest's end time its final score is taken:

@@ -310,31 +310,38 @@ func (s *Service) inviteShared(inviter, a, b int64, d time.Duration) (Invitation
 	return inv, nil
 }
 
-func (s *Service) invitationShared(id string) (Invitation, bool) {
+func (s *Service) invitationShared(id string) (Invitation, bool, error) {
 	ctx, cancel := s.sh.ctx()
 	defer cancel()
 	v, err := s.sh.rdb.Do(ctx, s.sh.rdb.B().Hget().Key(keyInvites).Field(id).Build()).ToString()
+	if rueidis.IsRedisNil(err) {
+		return Invitation{}, false, nil
+	}
 	if err != nil {
-		if !rueidis.IsRedisNil(err) {
-			s.log.Warn("pk: read invitation", "pk_id", id, "err", err)
-		}
-		return Invitation{}, false
+		s.log.Warn("pk: read invitation", "pk_id", id, "err", err)
+		return Invitation{}, false, errUnreadable
 	}
 	parts := strings.SplitN(v, "|", 3)
 	var r invitation
 	if len(parts) != 3 || proto.Unmarshal([]byte(parts[2]), &r) != nil {
-		return Invitation{}, false
+		return Invitation{}, false, nil
 	}
 	inv := Invitation{ID: r.ID, Rooms: r.Rooms, Inviter: r.Inviter, Duration: time.Duration(r.Duration) * time.Millisecond,
 		ExpiresAt: time.UnixMilli(r.ExpiresAt)}
 	if !time.Now().Before(inv.ExpiresAt) {
-		return Invitation{}, false
+		return Invitation{}, false, nil
 	}
-	return inv, true
+	return inv, true, nil
 }
 
+// errUnreadable: the shared PK state could not be read (Redis); retry.
+var errUnreadable = proto.Errorf(proto.CodeInternal, "PK state temporarily unavailable, retry")
+
 func (s *Service) acceptShared(id string) (Contest, error) {
-	inv, ok := s.invitationShared(id)
+	inv, ok, err := s.invitationShared(id)
+	if err != nil {
+		return Contest{}, err
+	}
 	if !ok {
 		return Contest{}, proto.Errorf(proto.CodeNotFound, "PK invitation not found or expired")
 	}
@@ -1263,19 +1270,20 @@ func (s *Service) publishShared(c Contest, scores [2]int64, seq int64, over bool
 	}
 }
 
-func (s *Service) getShared(id string) (Contest, bool) {
+func (s *Service) getShared(id string) (Contest, bool, error) {
 	ctx, cancel := s.sh.ctx()
 	defer cancel()
 	m, err := s.sh.rdb.Do(ctx, s.sh.rdb.B().Hgetall().Key(contestKey(id)).Build()).AsStrMap()
-	if err != nil || m["rec"] == "" {
-		if err != nil {
-			s.log.Warn("pk: read contest", "pk_id", id, "err", err)
-		}
-		return Contest{}, false
+	if err != nil {
+		s.log.Warn("pk: read contest", "pk_id", id, "err", err)
+		return Contest{}, false, errUnreadable
+	}
+	if m["rec"] == "" {
+		return Contest{}, false, nil
 	}
 	c, ok := decodeRunning(m["rec"])
 	if !ok {
-		return Contest{}, false
+		return Contest{}, false, nil
 	}
 	for i, k := range [2]string{"0", "1"} {
 		sum, _ := strconv.ParseInt(m["s"+k], 10, 64)
@@ -1284,7 +1292,7 @@ func (s *Service) getShared(id string) (Contest, bool) {
 	}
 	c.Seq, _ = strconv.ParseInt(m["seq"], 10, 64)
 	c.Over = m["state"] == "over"
-	return c, true
+	return c, true, nil
 }
 
 func (s *Service) opponentShared(room int64) int64 {

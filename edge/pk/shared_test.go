@@ -664,3 +664,32 @@ func proxiedRedis(t *testing.T) (*redistest.Proxy, rueidis.Client) {
 	t.Cleanup(rdb.Close)
 	return px, rdb
 }
+
+// A contest or invitation whose shared state cannot be read (Redis gone) is
+// an error (50000, retry), not "not found" — which a client takes as final.
+func TestSharedPKUnreadableIsNotNotFound(t *testing.T) {
+	srv := redistest.Start(t)
+	rdb, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{srv.Addr}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(rdb.Close)
+	n := newNode(t, rdb, &fakeWallet{}, 1, 2)
+	inv, err := n.s.Invite(7, 1, 2, time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, found, err := n.s.FindInvitation(inv.ID); !found || err != nil {
+		t.Fatalf("invitation: %v %v", found, err)
+	}
+	if _, found, err := n.s.Find("no-such-pk"); found || err != nil {
+		t.Fatalf("unknown contest: %v %v, want not found", found, err)
+	}
+	srv.Stop()
+	if _, _, err := n.s.FindInvitation(inv.ID); err == nil || proto.AsError(err).Code != proto.CodeInternal {
+		t.Fatalf("invitation with Redis gone: %v, want 50000", err)
+	}
+	if _, _, err := n.s.Find(inv.ID); err == nil || proto.AsError(err).Code != proto.CodeInternal {
+		t.Fatalf("contest with Redis gone: %v, want 50000", err)
+	}
+}
