@@ -19,14 +19,7 @@ import (
 // others put back.
 func TestSharedCatalogueComesBackFromTheMirror(t *testing.T) {
 	rs := redistest.Start(t)
-	open := func() *persist.Store {
-		st, err := persist.Open(t.TempDir())
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { _ = st.Close() })
-		return st
-	}
+	open := func() *persist.Store { return mirrorStore(t) }
 	cat, err := NewCatalogue(RedisCatalogue{Client: rs.Client(t), Mirror: open()})
 	if err != nil {
 		t.Fatal(err)
@@ -169,14 +162,7 @@ func redisCatalogueNode(t *testing.T, rs *redistest.Server) *Catalogue {
 // sale again.
 func TestSharedCatalogueMergedBackAfterAWriteIntoTheEmptiedHash(t *testing.T) {
 	rs := redistest.Start(t)
-	open := func() *persist.Store {
-		st, err := persist.Open(t.TempDir())
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { _ = st.Close() })
-		return st
-	}
+	open := func() *persist.Store { return mirrorStore(t) }
 	a, err := NewCatalogue(RedisCatalogue{Client: rs.Client(t), Mirror: open()})
 	if err != nil {
 		t.Fatal(err)
@@ -276,4 +262,15 @@ func TestCatalogueRowWithoutAVersionIsKept(t *testing.T) {
 			t.Fatalf("gift 24 price %d after the old node's write, want 200", g.Price)
 		}
 	}
+}
+
+// mirrorStore is a node's Pebble for its catalogue mirror, closed at the end.
+func mirrorStore(t *testing.T) *persist.Store {
+	t.Helper()
+	st, err := persist.Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = st.Close() })
+	return st
 }

@@ -240,16 +240,7 @@ func TestWorkerTakenOverByASlowClockStartsAfterTheEarlierHolder(t *testing.T) {
 	// gw-a dies: its Redis client gone, its lease runs out (not released).
 	ca.Close()
 	c0 := client()
-	for {
-		n, err := c0.Do(ctx, c0.B().Exists().Key(pay.WorkerLeaseKey(worker)).Build()).AsInt64()
-		if err != nil {
-			t.Fatal(err)
-		}
-		if n == 0 {
-			break
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	waitLeaseGone(t, c0, worker)
 	behind := func() time.Time { return time.Now().Add(-time.Minute) }
 	cb := client()
 	b, err := pay.LeaseWorkerAt(ctx, cb, "gw-b", worker, -1, ttl, nil, behind)
@@ -273,16 +264,7 @@ func TestWorkerTakenOverByASlowClockStartsAfterTheEarlierHolder(t *testing.T) {
 		lastB = genB.Next(42)
 	}
 	cb.Close()
-	for {
-		n, err := c0.Do(ctx, c0.B().Exists().Key(pay.WorkerLeaseKey(worker)).Build()).AsInt64()
-		if err != nil {
-			t.Fatal(err)
-		}
-		if n == 0 {
-			break
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	waitLeaseGone(t, c0, worker)
 	defer b.Close()
 	c, err := pay.LeaseWorkerAt(ctx, client(), "gw-c", worker, -1, ttl, nil, behind)
 	if err != nil {
@@ -357,5 +339,21 @@ func testWorkerLeaseRetaken(t *testing.T, skew time.Duration) {
 		}
 	default:
 		t.Fatal("OnSince not called when the lease was taken back")
+	}
+}
+
+// waitLeaseGone waits until worker's lease key has expired (its holder gone
+// without releasing it).
+func waitLeaseGone(t *testing.T, c rueidis.Client, worker int) {
+	t.Helper()
+	for {
+		n, err := c.Do(context.Background(), c.B().Exists().Key(pay.WorkerLeaseKey(worker)).Build()).AsInt64()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if n == 0 {
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 }
