@@ -329,6 +329,7 @@ type Result struct {
 	TotalAmount      int64         `json:"total_amount,omitempty"`   // grab: the rain's total_amount
 	GrantedAmount    int64         `json:"granted_amount,omitempty"` // grab: Σ amounts the grabbers were told
 	Ambiguous        int64         `json:"ambiguous,omitempty"`      // sent, outcome unknown (timeout, disconnect)
+	MissedSlots      int64         `json:"missed_slots,omitempty"`   // gift: due before the end, never sent (the sender's 32 in flight)
 	UsersCoins       int64         `json:"users_coins,omitempty"`    // through the HTTP API after the run: gift Σ senders' debits, grab Σ grabbers' balances
 	StormSeconds     float64       `json:"storm_seconds,omitempty"`  // what replies_per_sec is over
 	Conserved        *bool         `json:"conserved,omitempty"`

@@ -38,6 +38,7 @@ type money struct {
 	bal0      int64 // grab: the anchor's balance after its credit, before prepare
 
 	requests, replies, refused, ambiguous atomic.Int64
+	missed                                atomic.Int64 // gift: slots due before the end, never sent (behind 32 in flight)
 	spent                                 atomic.Int64 // gift: coins the replies say were debited
 	granted                               atomic.Int64 // grab: Σ amounts told to grabbers
 	users                                 int64        // gift: Σ senders' debits; grab: Σ grabbers' balances (after the run)
@@ -182,13 +183,25 @@ func (r *run) gift(ctx context.Context, senders []*lconn) {
 			for seq := int64(1); ; seq++ {
 				select {
 				case <-ctx.Done():
+					// Slots already due, never sent (the sender's 32 in
+					// flight held them): a stall at the end would go
+					// unmeasured — counted.
+					if late := time.Since(next); late > 0 {
+						r.m.missed.Add(int64(late/every) + 1)
+					}
 					gw.Wait()
 					return
 				case <-time.After(time.Until(next)):
 				}
 				at := next
 				next = next.Add(every)
-				inflight <- struct{}{}
+				select {
+				case inflight <- struct{}{}:
+				case <-ctx.Done():
+					r.m.missed.Add(int64(time.Since(at)/every) + 1) // this slot and those due behind it
+					gw.Wait()
+					return
+				}
 				gw.Add(1)
 				go func() {
 					defer gw.Done()
@@ -510,6 +523,7 @@ func (r *run) fillMoney(res *Result) {
 	}
 	if r.cfg.Scenario == Gift || r.cfg.Scenario == Grab {
 		res.StormSeconds, res.Ambiguous, res.UsersCoins = secs, m.ambiguous.Load(), m.users
+		res.MissedSlots = m.missed.Load()
 	}
 	if r.cfg.Scenario == Gift {
 		res.OfferedRate, res.WarmupSeconds = r.cfg.Rate, r.cfg.Warmup.Seconds()

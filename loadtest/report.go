@@ -48,6 +48,9 @@ func (res *Result) WriteSummary(w io.Writer) {
 		}
 		fmt.Fprintf(w, "  %-13s %d sent (%s), %d answered OK (%.0f/s), %d refused %v\n", what, res.Requests, offered, res.Replies, res.RepliesPerSec, res.Refused, res.RefusedCodes)
 		fmt.Fprintf(w, "  reply latency p50 %.2f ms, p99 %.2f ms, max %.2f ms\n", res.P50Ms, res.P99Ms, res.MaxMs)
+		if res.MissedSlots > 0 {
+			fmt.Fprintf(w, "  missed        %d slots due before the end never sent (32 in flight per sender): not in the latency\n", res.MissedSlots)
+		}
 		if res.Conserved != nil {
 			fmt.Fprintf(w, "  conservation  %v: %s\n", *res.Conserved, res.ConservationNote)
 		}
@@ -163,6 +166,7 @@ func Merge(parts []*Result, nodeBefore, nodeAfter, nodeEnd int64) *Result {
 			out.RefusedCodes[c] += n
 		}
 		out.Ambiguous += p.Ambiguous
+		out.MissedSlots += p.MissedSlots
 		out.UsersCoins += p.UsersCoins
 		out.GrantedAmount += p.GrantedAmount
 		out.OfferedRate += p.OfferedRate
