@@ -118,7 +118,7 @@ func firstNonSpace(b []byte) int {
 }
 
 // ValidText reports whether s is text a client may send for others to see:
-// valid UTF-8 without control characters (C0 but tab and newline, DEL, C1)
+// valid UTF-8 without control characters (C0 but tab, CR and LF; DEL; C1)
 // — a NUL or an escape sequence broadcast to a room reaches every viewer's
 // display.
 func ValidText(s string) bool {
@@ -126,7 +126,7 @@ func ValidText(s string) bool {
 		return false
 	}
 	for _, r := range s {
-		if r < 0x20 && r != '\t' && r != '\n' || r >= 0x7f && r <= 0x9f {
+		if r < 0x20 && r != '\t' && r != '\n' && r != '\r' || r >= 0x7f && r <= 0x9f {
 			return false
 		}
 	}

@@ -131,7 +131,7 @@ func TestChatTextWithoutControlCharacters(t *testing.T) {
 			t.Errorf("%q: %v, want 10001", text, e)
 		}
 	}
-	for _, text := range []string{"hi", "line 1\nline 2\tend", "你好 👋", "مرحبا"} {
+	for _, text := range []string{"hi", "line 1\nline 2\tend", "crlf\r\n", "你好 👋", "مرحبا", "e\u0301", "👩‍👩‍👧"} {
 		r := ChatReq{RoomID: 7, Text: text}
 		if e := r.Validate(); e != nil {
 			t.Errorf("%q: %v", text, e)
