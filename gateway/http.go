@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"os"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -19,6 +20,7 @@ import (
 	"github.com/cloudwego/hertz/pkg/app/middlewares/server/recovery"
 	"github.com/cloudwego/hertz/pkg/app/server"
 	"github.com/cloudwego/hertz/pkg/common/adaptor"
+	errs "github.com/cloudwego/hertz/pkg/common/errors"
 	"github.com/cloudwego/hertz/pkg/common/hlog"
 	"github.com/cloudwego/hertz/pkg/network/standard"
 	"github.com/cloudwego/hertz/pkg/protocol/suite"
@@ -411,7 +413,8 @@ func (a *API) limitBody(ctx context.Context, c *app.RequestContext) {
 		if err != nil {
 			c.SetConnectionClose()
 			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
+			if errors.As(err, &ne) && ne.Timeout() || errors.Is(err, os.ErrDeadlineExceeded) || errors.Is(err, errs.ErrTimeout) {
+				// (a chunked body's read loses the net.Error in Hertz)
 				// Not read whole within http.read_timeout: 408, as documented.
 				envelope(c, http.StatusRequestTimeout, proto.BadRequest("the request was not read within %s", a.cfg.HTTP.ReadTimeout.D()))
 			} else {

@@ -139,13 +139,10 @@ func (a *API) createGift(_ context.Context, c *app.RequestContext) {
 		a.fail(c, err)
 		return
 	}
-	cat := a.node.Gifts.Catalogue()
-	if err := cat.Create(g); err != nil {
+	g, err := a.node.Gifts.Catalogue().Create(g) // as stored: its version is the write's, not the body's
+	if err != nil {
 		a.fail(c, err)
 		return
-	}
-	if stored, found := cat.Get(g.ID); found {
-		g = stored // as stored: its version is the write's, not the body's
 	}
 	ok(c, g)
 }

@@ -186,7 +186,7 @@ func (r *run) gift(ctx context.Context, senders []*lconn) {
 					// Slots already due, never sent (the sender's 32 in
 					// flight held them): a stall at the end would go
 					// unmeasured — counted.
-					if late := time.Since(next); late > 0 {
+					if late := time.Since(next); late > 0 && every > 0 {
 						r.m.missed.Add(int64(late/every) + 1)
 					}
 					gw.Wait()
@@ -198,7 +198,9 @@ func (r *run) gift(ctx context.Context, senders []*lconn) {
 				select {
 				case inflight <- struct{}{}:
 				case <-ctx.Done():
-					r.m.missed.Add(int64(time.Since(at)/every) + 1) // this slot and those due behind it
+					if every > 0 {
+						r.m.missed.Add(int64(time.Since(at)/every) + 1) // this slot and those due behind it
+					}
 					gw.Wait()
 					return
 				}

@@ -424,10 +424,11 @@ func TestMakeRunFromCleanClone(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := exec.Command("git", "-C", root, "rev-parse", "--git-dir").Run(); err != nil {
-		// A tarball of the tree: there is no clone to make (and what is
-		// tested is what git holds, not uncommitted edits).
-		t.Skip("not a git checkout: make run from a clean clone needs one")
+	if !gitTop(root) {
+		// A tarball of the tree (perhaps unpacked inside another
+		// repository): there is no clone of it to make (and what is tested
+		// is what git holds, not uncommitted edits).
+		t.Skip("not the top of a git checkout: make run from a clean clone needs one")
 	}
 	clone := filepath.Join(t.TempDir(), "liveedge")
 	if out, err := exec.Command("git", "clone", "-q", "--no-hardlinks", root, clone).CombinedOutput(); err != nil {
@@ -527,4 +528,15 @@ func TestMakeRunFromCleanClone(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(clone, "data", "pebble")); err != nil {
 		t.Fatalf("no Pebble data under ./data: %v", err)
 	}
+}
+
+// gitTop reports whether dir is the top of a git checkout.
+func gitTop(dir string) bool {
+	top, err := exec.Command("git", "-C", dir, "rev-parse", "--show-toplevel").Output()
+	if err != nil {
+		return false
+	}
+	a, errA := filepath.EvalSymlinks(strings.TrimSpace(string(top)))
+	b, errB := filepath.EvalSymlinks(dir)
+	return errA == nil && errB == nil && a == b
 }

@@ -169,10 +169,10 @@ func (c *Catalogue) List(all bool) []Gift {
 }
 
 // Create adds g (10409 if the id exists in the store, whichever node wrote
-// it).
-func (c *Catalogue) Create(g Gift) error {
+// it) and returns it as stored (its version).
+func (c *Catalogue) Create(g Gift) (Gift, error) {
 	if err := g.Validate(); err != nil {
-		return err
+		return Gift{}, err
 	}
 	g.V = max(1, time.Now().UnixMilli())
 	c.mu.Lock()
@@ -182,12 +182,12 @@ func (c *Catalogue) Create(g Gift) error {
 	}
 	if err != nil {
 		c.mu.Unlock()
-		return err
+		return Gift{}, err
 	}
 	c.putLocked(g)
 	c.mu.Unlock()
 	c.changed()
-	return nil
+	return g, nil
 }
 
 // Update changes gift id by patch, applied to the gift as stored now (not

@@ -32,7 +32,7 @@ func TestSharedCatalogueComesBackFromTheMirror(t *testing.T) {
 		t.Fatal(err)
 	}
 	custom := Gift{ID: 9001, Name: "comet", Price: 4242, Status: StatusEnabled}
-	if err := cat.Create(custom); err != nil {
+	if _, err := cat.Create(custom); err != nil {
 		t.Fatal(err)
 	}
 	rdb := rs.Client(t)
@@ -82,10 +82,10 @@ func TestCatalogueWritesThroughTwoNodes(t *testing.T) {
 	if g, _ := n1.Get(25); g.Price != 5000 || g.Status != StatusDisabled {
 		t.Fatalf("gift 25 in the store: %+v, want both changes", g)
 	}
-	if err := n1.Create(Gift{ID: 99, Name: "a", Price: 1, Status: StatusEnabled}); err != nil {
+	if _, err := n1.Create(Gift{ID: 99, Name: "a", Price: 1, Status: StatusEnabled}); err != nil {
 		t.Fatal(err)
 	}
-	err = n2.Create(Gift{ID: 99, Name: "b", Price: 2, Status: StatusEnabled})
+	_, err = n2.Create(Gift{ID: 99, Name: "b", Price: 2, Status: StatusEnabled})
 	if pe, ok := err.(*proto.Error); !ok || pe.Code != proto.CodeConflict {
 		t.Fatalf("second create of gift 99 through node 2: %v, want 10409", err)
 	}
@@ -173,7 +173,7 @@ func TestSharedCatalogueMergedBackAfterAWriteIntoTheEmptiedHash(t *testing.T) {
 	if _, err := a.Update(25, func(g *Gift) error { g.Status = StatusDisabled; return nil }); err != nil {
 		t.Fatal(err)
 	}
-	if err := a.Create(Gift{ID: 9001, Name: "comet", Price: 4242, Status: StatusEnabled}); err != nil {
+	if _, err := a.Create(Gift{ID: 9001, Name: "comet", Price: 4242, Status: StatusEnabled}); err != nil {
 		t.Fatal(err)
 	}
 	if err := a.Reload(); err != nil { // the mirror holds what Redis holds
@@ -188,7 +188,7 @@ func TestSharedCatalogueMergedBackAfterAWriteIntoTheEmptiedHash(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := c.Create(Gift{ID: 9002, Name: "star", Price: 5, Status: StatusEnabled}); err != nil {
+	if _, err := c.Create(Gift{ID: 9002, Name: "star", Price: 5, Status: StatusEnabled}); err != nil {
 		t.Fatal(err)
 	}
 	check := func(who string, cat *Catalogue) {

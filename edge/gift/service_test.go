@@ -262,7 +262,7 @@ func TestGiftRetryReplayedWhereTheCatalogueLacksIt(t *testing.T) {
 	led, cat, rt := seededRoom(t)
 	sender := &routertest.Recorder{SessionID: 1, User: 100}
 	rt.Register(sender)
-	if err := cat.Create(Gift{ID: 500, Name: "new", Price: 70, Status: StatusEnabled}); err != nil {
+	if _, err := cat.Create(Gift{ID: 500, Name: "new", Price: 70, Status: StatusEnabled}); err != nil {
 		t.Fatal(err)
 	}
 	a := New(led, rt, cat, Config{}, nil)

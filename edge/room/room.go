@@ -383,14 +383,18 @@ func (s *Service) AnchorOf(id int64) (anchor int64, ok bool) {
 	return 0, false
 }
 
-// KnownClosed reports whether room id was closed lately (recentClose), here
-// or — in a cluster — through another node: a room never opened, or one
-// this node's list has not caught up with, is not.
+// KnownClosed reports whether room id is known closed: on a single node
+// any id it gave out that is not open (ids are never reused); in a cluster
+// one closed lately (recentClose), here or through another node — a room
+// this node's list has not caught up with is not.
 func (s *Service) KnownClosed(id int64) bool {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
 	if _, open := s.open[id]; open {
 		return false
+	}
+	if s.shared == nil {
+		return id > 0 && id <= s.seq
 	}
 	_, closed := s.closedAt[id]
 	return closed
