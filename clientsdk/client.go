@@ -518,9 +518,8 @@ func (c *Client) JoinInfo(ctx context.Context, roomID int64) (JoinResult, error)
 // undoJoin leaves a room whose join went unanswered (its context ended):
 // the node may have joined it while the client does not track it — its
 // pushes would come until the next reconnect, and then stop without a word.
-// The leave is written before Join returns, and a Join of the room started
-// meanwhile waits for it (undoing), so a Join after it comes after the
-// leave; a room joined, or whose other Join still waits for its reply (that
+// A Join of the room started meanwhile waits until the leave is written
+// (undoing), so a Join after it comes after the leave; a room joined, or whose other Join still waits for its reply (that
 // reply decides), is kept.
 func (c *Client) undoJoin(roomID int64) {
 	c.mu.Lock()
@@ -546,19 +545,21 @@ func (c *Client) undoJoin(roomID int64) {
 	}
 	c.undoing[roomID] = done
 	c.mu.Unlock()
-	ctx, cancel := context.WithTimeout(c.ctx, c.cfg.RequestTimeout)
-	id, cl, err := s.send(ctx, proto.TypeLeave, proto.RoomReq{RoomID: roomID}, nil)
-	c.mu.Lock()
-	delete(c.undoing, roomID)
-	c.mu.Unlock()
-	close(done)
-	if err != nil {
-		cancel()
-		return
-	}
-	go func() { // its reply, bounded by RequestTimeout
+	// Sent on a goroutine, bounded by RequestTimeout: the Join returns when
+	// its context says (a connection whose writes are stuck would hold it
+	// RequestTimeout more), and a Join of the room started meanwhile waits
+	// for done — the leave goes out first all the same.
+	go func() {
+		ctx, cancel := context.WithTimeout(c.ctx, c.cfg.RequestTimeout)
 		defer cancel()
-		_, _ = s.await(ctx, proto.TypeLeave, id, cl)
+		id, cl, err := s.send(ctx, proto.TypeLeave, proto.RoomReq{RoomID: roomID}, nil)
+		c.mu.Lock()
+		delete(c.undoing, roomID)
+		c.mu.Unlock()
+		close(done)
+		if err == nil {
+			_, _ = s.await(ctx, proto.TypeLeave, id, cl)
+		}
 	}()
 }
 

@@ -312,6 +312,12 @@ func (l *WorkerLease) refreshLoop() {
 		cancel()
 		switch {
 		case err != nil:
+			// Its reply lost, the claim may have run — and found another
+			// holder's mark, which the next claim would then take for this
+			// node's own (the owner key names this node now): the next is
+			// a first claim again, adopting whatever mark it finds (this
+			// node's own: its ids start a TTL later, harmless).
+			l.claimed.Store(false)
 			l.log.Warn("pay: worker lease not refreshed", "worker_id", l.id, "err", err)
 		case !ok:
 			if !l.lost.Swap(true) {

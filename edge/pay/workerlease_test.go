@@ -3,6 +3,7 @@ package pay_test
 import (
 	"context"
 	"fmt"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -355,5 +356,49 @@ func waitLeaseGone(t *testing.T, c rueidis.Client, worker int) {
 			return
 		}
 		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// A refresh that takes the id back after another holder, whose reply is
+// lost, has set the owner key to this node: the next claim is a first claim
+// again and adopts the mark it finds. Before, the next refresh saw its own
+// name as owner and kept its old Since — under the other holder's ids.
+func TestWorkerLeaseRetakeWithItsReplyLostStillAdopts(t *testing.T) {
+	srv := redistest.Start(t)
+	px := redistest.StartProxy(t, srv.Addr)
+	c, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{px.Addr}, DisableCache: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c.Close)
+	ctx := context.Background()
+	const ttl = 300 * time.Millisecond
+	const worker = 13
+	a, err := pay.LeaseWorker(ctx, c, "gw-a", worker, -1, ttl, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	// gw-b held the id meanwhile (a's lease lapsed), ten minutes ahead, and
+	// went: its name as owner, its mark.
+	rdb := srv.Client(t)
+	bMark := time.Now().Add(10 * time.Minute).UnixMilli()
+	for _, cmd := range []rueidis.Completed{
+		rdb.B().Del().Key(pay.WorkerLeaseKey(worker)).Build(),
+		rdb.B().Set().Key(pay.WorkerOwnerKey(worker)).Value("gw-b").Build(),
+		rdb.B().Set().Key(pay.WorkerHighKey(worker)).Value(strconv.FormatInt(bMark, 10)).Build(),
+	} {
+		if err := rdb.Do(ctx, cmd).Error(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	px.LoseReply("liveedge:pay:worker:13", 50*time.Millisecond) // a's next claim runs, its reply lost
+	for deadline := time.Now().Add(10 * time.Second); a.Since().UnixMilli() < bMark; time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("gw-a since %v, not after gw-b's mark %v (lost reply fired %d)", a.Since(), time.UnixMilli(bMark), px.Fired())
+		}
+	}
+	if px.Fired() != 1 {
+		t.Fatalf("the lost reply fired %d times", px.Fired())
 	}
 }
