@@ -108,30 +108,21 @@ const WSSubprotocol = "liveedge.v1"
 // WSBearerPrefix starts the subprotocol that carries a token.
 const WSBearerPrefix = "liveedge.bearer."
 
-// offersSubprotocol reports whether a Sec-WebSocket-Protocol header's values
-// offer WSSubprotocol.
-func offersSubprotocol(values []string) bool {
+// subprotocols reads a Sec-WebSocket-Protocol header's values: whether they
+// offer WSSubprotocol, and the token one carries (WSBearerPrefix + token, or
+// "").
+func subprotocols(values []string) (offered bool, token string) {
 	for _, v := range values {
 		for p := range strings.SplitSeq(v, ",") {
-			if strings.TrimSpace(p) == WSSubprotocol {
-				return true
+			switch p = strings.TrimSpace(p); {
+			case p == WSSubprotocol:
+				offered = true
+			case token == "" && len(p) > len(WSBearerPrefix) && strings.HasPrefix(p, WSBearerPrefix):
+				token = p[len(WSBearerPrefix):]
 			}
 		}
 	}
-	return false
-}
-
-// SubprotocolToken is the token a Sec-WebSocket-Protocol header's values
-// carry (WSBearerPrefix + token), or "".
-func SubprotocolToken(values []string) string {
-	for _, v := range values {
-		for p := range strings.SplitSeq(v, ",") {
-			if p = strings.TrimSpace(p); len(p) > len(WSBearerPrefix) && strings.HasPrefix(p, WSBearerPrefix) {
-				return p[len(WSBearerPrefix):]
-			}
-		}
-	}
-	return ""
+	return offered, token
 }
 
 // BearerToken extracts the token of an "Authorization: Bearer <t>" header value.

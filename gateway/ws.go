@@ -183,9 +183,11 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	// The token: an Authorization header (non-browser clients), else the
 	// subprotocol that carries it (browsers: WSSubprotocol), else ?token=
 	// (the first form; it ends up in access logs).
+	offers := r.Header.Values("Sec-WebSocket-Protocol")
+	offered, subTok := subprotocols(offers)
 	tok := BearerToken(r.Header.Get("Authorization"))
 	if tok == "" {
-		tok = SubprotocolToken(r.Header.Values("Sec-WebSocket-Protocol"))
+		tok = subTok
 	}
 	if tok == "" {
 		tok = q.Get("token")
@@ -252,7 +254,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		early, _ = rw.Reader.Peek(n)
 	}
 	up := s.up
-	if offers := r.Header.Values("Sec-WebSocket-Protocol"); offersSubprotocol(offers) {
+	if offered {
 		up = s.upSub
 		// gws reads the first header line only: lines merged, as HTTP
 		// allows, so an offer on a later line is answered too.

@@ -319,7 +319,7 @@ func (s *Service) invitationShared(id string) (Invitation, bool, error) {
 	}
 	if err != nil {
 		s.log.Warn("pk: read invitation", "pk_id", id, "err", err)
-		return Invitation{}, false, errUnreadable
+		return Invitation{}, false, errUnavailable
 	}
 	parts := strings.SplitN(v, "|", 3)
 	var r invitation
@@ -334,8 +334,6 @@ func (s *Service) invitationShared(id string) (Invitation, bool, error) {
 	return inv, true, nil
 }
 
-// errUnreadable: the shared PK state could not be read (Redis); retry.
-var errUnreadable = proto.Errorf(proto.CodeInternal, "PK state temporarily unavailable, retry")
 
 func (s *Service) acceptShared(id string) (Contest, error) {
 	inv, ok, err := s.invitationShared(id)
@@ -1276,7 +1274,7 @@ func (s *Service) getShared(id string) (Contest, bool, error) {
 	m, err := s.sh.rdb.Do(ctx, s.sh.rdb.B().Hgetall().Key(contestKey(id)).Build()).AsStrMap()
 	if err != nil {
 		s.log.Warn("pk: read contest", "pk_id", id, "err", err)
-		return Contest{}, false, errUnreadable
+		return Contest{}, false, errUnavailable
 	}
 	if m["rec"] == "" {
 		return Contest{}, false, nil
