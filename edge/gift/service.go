@@ -404,12 +404,10 @@ func (s *Service) send(sender int64, inRoom bool, r Req, done func(Reply, *sendE
 			if s.recv != nil && !s.recv.CanReceive(r.RoomID, r.ReceiverID) {
 				return refusal{fail(proto.CodeForbidden, "receiver is not the room's anchor or in the room")}
 			}
-			if g.Status != StatusEnabled {
-				return refusal{fail(proto.CodeGiftUnavailable, "gift not found or disabled")}
-			}
-			// Read again now, right before the debit: the request may have
-			// waited (a wallet slot, a duplicate's first, the claim) while
-			// an admin disabled or repriced the gift.
+			// Read now, right before the debit (not only at arrival: the
+			// request may have waited — a wallet slot, a duplicate's first,
+			// the claim — while an admin disabled or repriced the gift; a
+			// gift unknown here at arrival is refused so too).
 			if now, ok := s.cat.Get(g.ID); !ok || now.Status != StatusEnabled {
 				return refusal{fail(proto.CodeGiftUnavailable, "gift not found or disabled")}
 			} else if now.Price != g.Price {
