@@ -204,9 +204,9 @@ type Cluster struct {
 	// lanes hold the messages of users with one waiting for Redis (a
 	// drain hint, a push kept for a user who left): each user's in order
 	// on a goroutine of its own while it has any, so a slow Redis holds
-	// that user's messages, never a queue's other users'.
-	lanesMu sync.Mutex
-	lanes   map[int64][]*nats.Msg
+	// that user's messages, never a queue's other users'. One set per
+	// queue (a user's with the queue's), so queues share no lock per message.
+	lanes []userLanes
 
 	// fillMu guards stopping: once Close began, no gap fill, drain retry
 	// or room sequencer starts (its wg.Add would race Close's wg.Wait). A
@@ -414,7 +414,10 @@ func NewCluster(cfg ClusterConfig) (*Cluster, error) {
 	if err := c.startHandoffs(); err != nil {
 		return nil, err
 	}
-	c.lanes = map[int64][]*nats.Msg{}
+	c.lanes = make([]userLanes, userShards)
+	for i := range c.lanes {
+		c.lanes[i].m = map[int64][]*nats.Msg{}
+	}
 	c.userq = make([]chan *nats.Msg, userShards)
 	for i := range c.userq {
 		c.userq[i] = make(chan *nats.Msg, userShardCap)
@@ -1813,15 +1816,16 @@ func (c *Cluster) onUserMsg(m *nats.Msg) {
 		c.stats.badWire.Add(1)
 		return
 	}
-	c.lanesMu.Lock()
-	if q, busy := c.lanes[u]; busy {
+	ln := c.lanesOf(u)
+	ln.mu.Lock()
+	if q, busy := ln.m[u]; busy {
 		if len(q) < laneCap {
-			c.lanes[u] = append(q, m)
+			ln.m[u] = append(q, m)
 		} // else dropped, as by a full queue (userShardCap)
-		c.lanesMu.Unlock()
+		ln.mu.Unlock()
 		return
 	}
-	c.lanesMu.Unlock()
+	ln.mu.Unlock()
 	if len(m.Data) == 0 { // a drain hint (handoff.go)
 		c.toLane(u, m)
 		return
@@ -1838,6 +1842,15 @@ func (c *Cluster) onUserMsg(m *nats.Msg) {
 	answerHandoff(m)
 }
 
+// userLanes are one user queue's lanes.
+type userLanes struct {
+	mu sync.Mutex
+	m  map[int64][]*nats.Msg
+}
+
+// lanesOf is the lanes of user u's queue.
+func (c *Cluster) lanesOf(u int64) *userLanes { return &c.lanes[uint64(u)%userShards] }
+
 // laneCap bounds the messages waiting in one user's lane.
 const laneCap = 1024
 
@@ -1848,9 +1861,10 @@ func (c *Cluster) toLane(u int64, m *nats.Msg) {
 	if c.stopping {
 		return // closing: a hand-off unanswered is kept by its sender
 	}
-	c.lanesMu.Lock()
-	c.lanes[u] = []*nats.Msg{m}
-	c.lanesMu.Unlock()
+	ln := c.lanesOf(u)
+	ln.mu.Lock()
+	ln.m[u] = []*nats.Msg{m}
+	ln.mu.Unlock()
 	c.wg.Add(1)
 	go c.laneLoop(u)
 }
@@ -1859,8 +1873,9 @@ func (c *Cluster) toLane(u int64, m *nats.Msg) {
 func (c *Cluster) laneLoop(u int64) {
 	defer c.wg.Done()
 	for {
-		c.lanesMu.Lock()
-		q := c.lanes[u]
+		ln := c.lanesOf(u)
+		ln.mu.Lock()
+		q := ln.m[u]
 		stopping := false
 		select {
 		case <-c.stop:
@@ -1868,14 +1883,14 @@ func (c *Cluster) laneLoop(u int64) {
 		default:
 		}
 		if len(q) == 0 || stopping {
-			delete(c.lanes, u)
-			c.lanesMu.Unlock()
+			delete(ln.m, u)
+			ln.mu.Unlock()
 			return
 		}
 		m := q[0]
 		q[0] = nil
-		c.lanes[u] = q[1:]
-		c.lanesMu.Unlock()
+		ln.m[u] = q[1:]
+		ln.mu.Unlock()
 		c.onUserMsgSlow(u, m)
 	}
 }
