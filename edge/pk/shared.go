@@ -334,7 +334,6 @@ func (s *Service) invitationShared(id string) (Invitation, bool, error) {
 	return inv, true, nil
 }
 
-
 func (s *Service) acceptShared(id string) (Contest, error) {
 	inv, ok, err := s.invitationShared(id)
 	if err != nil {
