@@ -1,10 +1,12 @@
 package gift
 
 import (
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/bytedance/sonic"
+	"github.com/liveedge/liveedge/gateway/proto"
 	"github.com/liveedge/liveedge/router"
 	"github.com/liveedge/liveedge/router/routertest"
 )
@@ -148,5 +150,62 @@ func TestRoomEffectsFlushedAtStop(t *testing.T) {
 	time.Sleep(20 * time.Millisecond)
 	if got, _ := effectPushes(v); len(got) != 50 {
 		t.Fatalf("%d effects after a late tick, want 50", len(got))
+	}
+}
+
+// gatedRouter holds the first PublishRoom until release is closed.
+type gatedRouter struct {
+	router.Router
+	once    sync.Once
+	held    chan struct{} // closed when the first publish is held
+	release chan struct{}
+}
+
+func (g *gatedRouter) PublishRoom(room int64, p proto.Push) (string, error) {
+	first := false
+	g.once.Do(func() { first = true })
+	if first {
+		close(g.held)
+		<-g.release
+	}
+	return g.Router.PublishRoom(room, p)
+}
+
+// A room's effects reach the router in the order they left its queue: a
+// stop's flush while a tick is still publishing its share waits behind it
+// (it once published its own at once, ahead of the tick's) and returns
+// only when both are out.
+func TestRoomEffectsFlushedAtStopKeepOrderBehindATick(t *testing.T) {
+	rt := router.NewLocal("t", router.LocalConfig{})
+	rt.OpenRoom(7)
+	v := &routertest.Recorder{SessionID: 1, User: 1000}
+	if _, err := rt.Join(7, v); err != nil {
+		t.Fatal(err)
+	}
+	g := &gatedRouter{Router: rt, held: make(chan struct{}), release: make(chan struct{})}
+	s := &Service{effects: newEffects(g, time.Millisecond, 1)} // one effect a tick, a tick a second
+	for from := int64(1); from <= 5; from++ {
+		s.effects.add(7, EffectPush{From: from, To: 99, GiftID: 1, Count: 1})
+	}
+	go s.effects.flush(7) // sends from 1, held in the router
+	<-g.held
+	flushed := make(chan struct{})
+	go func() { s.FlushEffects(); close(flushed) }()
+	select {
+	case <-flushed:
+		t.Fatal("the stop's flush returned while the tick's effect was still held")
+	case <-time.After(100 * time.Millisecond):
+	}
+	if got, _ := effectPushes(v); len(got) != 0 {
+		t.Fatalf("%d effects published ahead of the held one: %+v", len(got), got)
+	}
+	close(g.release)
+	<-flushed
+	waitFor(t, func() bool { got, _ := effectPushes(v); return len(got) == 5 })
+	got, _ := effectPushes(v)
+	for i, p := range got {
+		if p.From != int64(i+1) {
+			t.Fatalf("effect %d from %d, want %d (the order they left the queue)", i, p.From, i+1)
+		}
 	}
 }

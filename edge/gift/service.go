@@ -588,6 +588,16 @@ type effects struct {
 
 	mu    sync.Mutex
 	rooms map[int64]*roomEffects // rooms with effects waiting (each has its tick scheduled)
+	out   map[int64]*roomOut     // rooms whose effects are being published
+}
+
+// roomOut is a room's effects taken from the queue and not yet published:
+// one caller publishes them (in the order taken) while the others — a tick,
+// an add past the bound, a stop's flush — append and go on, so a room's
+// effects reach the router in the order they left its queue.
+type roomOut struct {
+	q    []*EffectPush
+	done chan struct{} // closed when q is drained
 }
 
 type roomEffects struct {
@@ -606,7 +616,7 @@ func newEffects(r router.Router, window time.Duration, perSecond int) *effects {
 	if window <= 0 {
 		window = 100 * time.Millisecond
 	}
-	e := &effects{router: r, tick: window, rooms: map[int64]*roomEffects{}}
+	e := &effects{router: r, tick: window, rooms: map[int64]*roomEffects{}, out: map[int64]*roomOut{}}
 	if perSecond > 0 {
 		e.tick = max(window, time.Second/time.Duration(perSecond))
 		e.quota = max(1, int(int64(perSecond)*int64(e.tick)/int64(time.Second)))
@@ -633,12 +643,11 @@ func (e *effects) add(room int64, ev EffectPush) {
 	ev.Combo = 1
 	re.acc[k] = &ev
 	re.order = append(re.order, k)
-	var over []*EffectPush
 	if len(re.order) > maxEffectKeys {
-		over = re.take(1)
+		e.send(room, re.take(1))
+		return
 	}
 	e.mu.Unlock()
-	e.publish(room, over)
 }
 
 // take removes the n effects that waited longest and returns them: no
@@ -654,22 +663,61 @@ func (re *roomEffects) take(n int) []*EffectPush {
 	return out
 }
 
-// publish pushes effects to the room, in order.
-func (e *effects) publish(room int64, effects []*EffectPush) {
-	for _, ev := range effects {
-		_, _ = e.router.PublishRoom(room, proto.Push{Biz: proto.BizGift, Data: ev.encode()})
+// send publishes batch, taken from room's queue, after what the room has
+// taken before it; called with e.mu held, which it releases. When another
+// caller is publishing the room's effects it appends batch for that caller
+// and returns at once, with a channel closed once they are all published;
+// otherwise it publishes them itself (encoded and pushed outside e.mu,
+// which every room's gifts share) and returns nil.
+func (e *effects) send(room int64, batch []*EffectPush) <-chan struct{} {
+	if o := e.out[room]; o != nil {
+		o.q = append(o.q, batch...)
+		e.mu.Unlock()
+		return o.done
 	}
+	if len(batch) == 0 {
+		e.mu.Unlock()
+		return nil
+	}
+	o := &roomOut{q: batch, done: make(chan struct{})}
+	e.out[room] = o
+	for len(o.q) > 0 {
+		q := o.q
+		o.q = nil
+		e.mu.Unlock()
+		for _, ev := range q {
+			_, _ = e.router.PublishRoom(room, proto.Push{Biz: proto.BizGift, Data: ev.encode()})
+		}
+		e.mu.Lock()
+	}
+	delete(e.out, room)
+	close(o.done)
+	e.mu.Unlock()
+	return nil
 }
 
 // flushAll sends every room's waiting effects at once, unpaced (a node
-// stopping: its rooms' viewers on other nodes still see them).
+// stopping: its rooms' viewers on other nodes still see them), and returns
+// once they are published.
 func (e *effects) flushAll() {
 	e.mu.Lock()
 	rooms := e.rooms
 	e.rooms = map[int64]*roomEffects{} // the rooms' ticks find nothing left
 	e.mu.Unlock()
 	for room, re := range rooms {
-		e.publish(room, re.take(len(re.order)))
+		e.mu.Lock()
+		if done := e.send(room, re.take(len(re.order))); done != nil {
+			<-done
+		}
+	}
+	e.mu.Lock() // and what ticks took before and still publish
+	var busy []chan struct{}
+	for _, o := range e.out {
+		busy = append(busy, o.done)
+	}
+	e.mu.Unlock()
+	for _, done := range busy {
+		<-done
 	}
 }
 
@@ -698,6 +746,5 @@ func (e *effects) flush(room int64) {
 	} else {
 		time.AfterFunc(e.tick, func() { e.flush(room) })
 	}
-	e.mu.Unlock()
-	e.publish(room, batch)
+	e.send(room, batch)
 }
