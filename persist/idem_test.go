@@ -247,3 +247,63 @@ func TestDroppedBalanceNotKeptStale(t *testing.T) {
 		t.Fatalf("durable balance %d (%v), want 0", b, err)
 	}
 }
+
+// A balance read while a credit commits does not show the credit until it
+// is durable (a crash before the fsync takes it back after it was shown),
+// while a debit committing is shown spent at once (it cannot be spent
+// twice meanwhile).
+func TestBalanceShowsNoCreditBeforeItIsDurable(t *testing.T) {
+	st, err := Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	l, err := OpenLedger(st, LedgerConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	const u = 7
+	apply := func(req string, d int64) chan error {
+		ch := make(chan error, 1)
+		l.ApplyAsync(Op{User: u, ReqID: req, Postings: []Posting{{User: u, Delta: d, Reason: ReasonDev}}}, func(_ Result, err error) { ch <- err })
+		return ch
+	}
+	if <-apply("first", 50) != nil {
+		t.Fatal("first credit failed")
+	}
+	var mu sync.Mutex
+	armed := true
+	held, resume := make(chan struct{}), make(chan struct{})
+	var release sync.Once
+	defer release.Do(func() { close(resume) }) // a failed check does not leave the committer held
+	l.commit.crashAt = func(point string, _ []*commitEntry) {
+		mu.Lock()
+		stop := point == "write" && armed
+		armed = armed && !stop
+		mu.Unlock()
+		if stop {
+			close(held)
+			<-resume // the group is not written yet
+		}
+	}
+	credit := apply("credit", 100)
+	<-held
+	if b, err := l.Balance(u); err != nil || b != 50 {
+		t.Fatalf("balance %d (%v) while a credit of 100 waits for its write, want 50", b, err)
+	}
+	debit := apply("debit", -30) // queued behind the held group
+	if b, err := l.Balance(u); err != nil || b != 20 {
+		t.Fatalf("balance %d (%v) with a debit of 30 committing, want 20 (spent at once, the credit not shown)", b, err)
+	}
+	release.Do(func() { close(resume) })
+	if err := <-credit; err != nil {
+		t.Fatal(err)
+	}
+	if err := <-debit; err != nil {
+		t.Fatal(err)
+	}
+	if b, err := l.Balance(u); err != nil || b != 120 {
+		t.Fatalf("balance %d (%v) once both are durable, want 120", b, err)
+	}
+}

@@ -22,7 +22,7 @@ func TestKeepBalanceAllBusySweepsNothing(t *testing.T) {
 		t.Fatalf("%d drops counted with every balance busy, want 0", sh.dropped)
 	}
 	for u := int64(1); u <= users; u++ {
-		sh.settled(u)
+		sh.settled(u, 0)
 	}
 	sh.keepBalance(users+1, 0)
 	if n := len(sh.bal); n > bound*3/4+1 || sh.dropped != 1 {

@@ -193,6 +193,7 @@ type ledgerShard struct {
 	mu      sync.Mutex
 	bal     map[int64]int64
 	busy    map[int64]int32   // postings reserved and committing, per user (absent: none)
+	credit  map[int64]int64   // the credits among them, summed (absent: none): not durable yet
 	maxBal  int               // bal's bound: beyond it, balances not busy are dropped
 	dropped uint64            // how many times balances were dropped (see Ledger)
 	pending map[idemKey]*call // in flight, or recently finished (failures only)
@@ -265,6 +266,7 @@ func OpenLedger(store *Store, cfg LedgerConfig) (*Ledger, error) {
 	for i := range l.shards {
 		l.shards[i].bal = map[int64]int64{}
 		l.shards[i].busy = map[int64]int32{}
+		l.shards[i].credit = map[int64]int64{}
 		l.shards[i].maxBal = max(1, maxBal/ledgerShards)
 		l.shards[i].pending = map[idemKey]*call{}
 		l.shards[i].done = newIdemTable(budget / ledgerShards)
@@ -557,11 +559,15 @@ func parseIdemKey(k []byte) (hour int32, user int64, req string, ok bool) {
 	return int32(binary.BigEndian.Uint64(rest)), int64(binary.BigEndian.Uint64(rest[8:])), string(rest[16:]), true
 }
 
-// Balance returns user's coin balance.
+// Balance returns user's coin balance: what is durable, less the debits
+// committing (they may still fail and be given back: shown spent meanwhile,
+// never spendable twice), never a credit not yet durable (a crash would
+// take it back after it was shown).
 func (l *Ledger) Balance(user int64) (int64, error) {
 	sh := l.shard(user)
 	sh.mu.Lock()
 	b, ok := sh.bal[user]
+	b -= sh.credit[user]
 	sh.mu.Unlock()
 	if ok {
 		return b, nil
@@ -817,6 +823,9 @@ func (l *Ledger) reserveAndCommit(op Op, spill bool, done func(Result, error)) {
 		sh := l.shard(p.User)
 		sh.bal[p.User] += p.Delta
 		sh.busy[p.User]++
+		if p.Delta > 0 {
+			sh.credit[p.User] += p.Delta
+		}
 		res.TradeIDs[i] = l.seq.Add(1)
 	}
 	// The op is queued before the locks are released: an op that reserves
@@ -840,7 +849,7 @@ func (l *Ledger) reserveAndCommit(op Op, spill bool, done func(Result, error)) {
 			locked := l.lockUsers(users)
 			for _, p := range op.Postings {
 				l.shard(p.User).bal[p.User] -= p.Delta
-				l.shard(p.User).settled(p.User)
+				l.shard(p.User).settled(p.User, p.Delta)
 			}
 			l.unlock(locked)
 			done(Result{}, err)
@@ -849,7 +858,7 @@ func (l *Ledger) reserveAndCommit(op Op, spill bool, done func(Result, error)) {
 		for _, p := range op.Postings { // durable: memory == Pebble for them once none is busy
 			sh := l.shard(p.User)
 			sh.mu.Lock()
-			sh.settled(p.User)
+			sh.settled(p.User, p.Delta)
 			sh.mu.Unlock()
 		}
 		res.loc = e.loc
@@ -858,7 +867,7 @@ func (l *Ledger) reserveAndCommit(op Op, spill bool, done func(Result, error)) {
 	if err := l.commit.add(e); err != nil {
 		for _, p := range op.Postings { // refused (closed or failed): nothing queued
 			l.shard(p.User).bal[p.User] -= p.Delta
-			l.shard(p.User).settled(p.User)
+			l.shard(p.User).settled(p.User, p.Delta)
 		}
 		l.unlock(locked)
 		done(Result{}, err)
@@ -935,10 +944,16 @@ func (sh *ledgerShard) keepBalance(u, b int64) {
 	sh.bal[u] = b
 }
 
-// settled counts one posting of u's as no longer committing. With sh.mu.
-func (sh *ledgerShard) settled(u int64) {
+// settled counts one posting of u's, of delta, as no longer committing.
+// With sh.mu.
+func (sh *ledgerShard) settled(u, delta int64) {
 	if sh.busy[u]--; sh.busy[u] <= 0 {
 		delete(sh.busy, u)
+	}
+	if delta > 0 {
+		if sh.credit[u] -= delta; sh.credit[u] <= 0 {
+			delete(sh.credit, u)
+		}
 	}
 }
 
