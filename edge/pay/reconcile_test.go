@@ -538,3 +538,69 @@ func TestEventIDReusedForASuccessAfterAFailureIsRefunded(t *testing.T) {
 	}
 	persisttest.CheckConservation(t, l)
 }
+
+// A provider reusing an event id: the late payment of a closed order under
+// the id of another order's payment is refunded (it was answered as that
+// payment's duplicate — neither credited nor refunded, and the provider
+// stopped retrying); the redeliveries of both change nothing.
+func TestLatePaymentUnderAnotherOrdersEventIDIsRefunded(t *testing.T) {
+	clock, advance := testClock()
+	provider := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		answer(w, clock, unpaid(r))
+	}))
+	defer provider.Close()
+	const timeout = 15 * time.Minute
+	svc, st, l := reconcileService(t, provider.URL, timeout, clock)
+	a, err := svc.CreateOrder(7, pay.CreateReq{ProductID: 1, Channel: "mock", ReqID: "a"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := svc.CreateOrder(8, pay.CreateReq{ProductID: 1, Channel: "mock", ReqID: "b"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	notify := func(o pay.Order) {
+		t.Helper()
+		body, _ := proto.Marshal(pay.Event{EventID: "ev-shared", OrderID: o.OrderID, Amount: o.Amount, Status: "SUCCESS", PaidAt: clock().UnixMilli()})
+		if code, msg := svc.Notify("mock", pay.Sign(reconcileSecret, clock(), body), body); code != pay.NotifyOK {
+			t.Fatalf("notify of %s: %d %s", o.OrderID, code, msg)
+		}
+	}
+	status := func(o pay.Order) string {
+		cur, err := svc.Get(mustID(t, o.OrderID))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return cur.Status
+	}
+	notify(a)
+	advance(timeout + time.Second)
+	for deadline := time.Now().Add(10 * time.Second); status(b) != pay.StatusInvalid; time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("b not closed past its timeout: %s", status(b))
+		}
+		svc.Reconcile()
+	}
+	notify(b) // paid after its close, under a's event id
+	if s := status(b); s != pay.StatusPayBack {
+		t.Fatalf("b paid after its close under a reused event id: %s, want %s (refunded)", s, pay.StatusPayBack)
+	}
+	refund, err := st.Get(persist.Key([]byte("rec/refund/"), uint64(mustID(t, b.OrderID))))
+	if err != nil {
+		t.Fatalf("no refund record of b: %v", err)
+	}
+	notify(b)
+	notify(a)
+	if v, err := st.Get(persist.Key([]byte("rec/refund/"), uint64(mustID(t, b.OrderID)))); err != nil || string(v) != string(refund) {
+		t.Fatalf("b's refund record changed by a redelivery: %s (%v)", v, err)
+	}
+	if status(a) != pay.StatusPayed || status(b) != pay.StatusPayBack {
+		t.Fatalf("after the redeliveries: a %s, b %s", status(a), status(b))
+	}
+	for user, want := range map[int64]int64{7: a.Coins, 8: 0} {
+		if bal, err := l.Balance(user); err != nil || bal != want {
+			t.Fatalf("user %d balance %d (%v), want %d", user, bal, err, want)
+		}
+	}
+	persisttest.CheckConservation(t, l)
+}

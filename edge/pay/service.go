@@ -921,10 +921,11 @@ func (s *Service) apply(channel string, ev Event) (int, string) {
 	}
 	if !OpenStatus(o.Status) {
 		prev, err := s.store.Get(eventKey(ev.EventID))
-		if err == nil && paidAfterDeclined(prev, ev) {
+		if err == nil && (paidAfterDeclined(prev, ev) || !eventOfOrder(prev, id)) {
 			// The id reused: a declined attempt's, now reporting the
-			// payment — not a duplicate of this notify (answered as one,
-			// the payment was neither credited nor refunded).
+			// payment, or another order's (a provider reusing event ids)
+			// — not a duplicate of this notify (answered as one, the
+			// payment was neither credited nor refunded).
 			err = persist.ErrNotFound
 		}
 		switch {
@@ -1130,6 +1131,17 @@ func (s *Service) refundReported() {
 func paidAfterDeclined(prev []byte, ev Event) bool {
 	var rec eventRecord
 	return ev.Status == "SUCCESS" && proto.Unmarshal(prev, &rec) == nil && rec.Event.Status == "FAILED"
+}
+
+// eventOfOrder reports whether the recorded event prev is order id's (a
+// record that does not decode counts as id's: a duplicate, as before).
+func eventOfOrder(prev []byte, id int64) bool {
+	var rec eventRecord
+	if proto.Unmarshal(prev, &rec) != nil {
+		return true
+	}
+	of, ok := ParseOrderID(rec.Event.OrderID)
+	return !ok || of == id
 }
 
 func eventRec(ev Event, before string, now int64) persist.Record {
