@@ -84,6 +84,17 @@ func (s *Service) close(id, user int64, why string, onlyExpired bool) (*Order, e
 		// closed) and refunded; pay's reconciler closes the pay order later.
 		s.cfg.Log.Warn("ticket: pay order not closed", "order", o.OrderID, "err", err)
 	}
+	if user != 0 {
+		// The buyer is answered the order as it is now: closing at the
+		// provider may have found a payment made before the cancel and
+		// refunded the order (REFUNDED, not the CANCELLED written above).
+		unlock := s.orders.Lock(id)
+		cur, err := s.load1(id)
+		unlock()
+		if err == nil {
+			return cur, nil
+		}
+	}
 	return o, nil
 }
 

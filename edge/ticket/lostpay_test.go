@@ -197,8 +197,12 @@ func TestLostPaymentBeforeACancelRefundedOnce(t *testing.T) {
 	e, p := newLostEnv(t)
 	prog, _, id := e.mockOrder(1)
 	ev := p.pays(t, e, id)
-	if _, err := e.svc.Cancel(7, id); err != nil {
+	got, err := e.svc.Cancel(7, id)
+	if err != nil {
 		t.Fatal(err)
+	}
+	if now, err := e.svc.Get(7, id); err != nil || got.Status != now.Status {
+		t.Fatalf("the cancel answered %s, the order is %s (%v) right after", got.Status, now.Status, err)
 	}
 	e.reconcile(&p.queries, func() bool { cur, err := e.pay.Get(id); return err == nil && cur.Status == pay.StatusPayBack })
 	e.payAndSeats(id, pay.StatusPayBack, StatusRefunded, prog, 4, 0, 0)
