@@ -48,7 +48,7 @@ func (n *Node) newRedPackets() (err error) {
 		MaxCount: cfg.MaxCount, MaxTotal: cfg.MaxTotal, MaxDuration: cfg.MaxDuration.D(),
 		MaxPerAnchor: cfg.MaxPerAnchor, OnePerUser: cfg.OnePerUser,
 		PrepareInterval: cfg.PrepareInterval.D(), StartInterval: cfg.StartInterval.D(),
-		GrabInterval: cfg.GrabInterval.D(), CodeTag: n.codeTag(),
+		GrabInterval: cfg.GrabInterval.D(), CodeTag: n.codeTag(), TagHeld: n.codeTagHeld(),
 		SharedCreates: creates, SharedPrepares: prepares, SharedStarts: starts,
 	}, n.Log)
 	if err != nil {
@@ -66,6 +66,15 @@ func (n *Node) codeTag() int {
 		return -1
 	}
 	return n.worker.ID()
+}
+
+// codeTagHeld reports whether this node holds its code tag's worker id
+// now (nil on a single node: always).
+func (n *Node) codeTagHeld() func() bool {
+	if n.Cluster == nil || n.worker == nil {
+		return nil
+	}
+	return n.worker.Held
 }
 
 // rainRoomKey holds the code of room's running rain (a cluster: the room's

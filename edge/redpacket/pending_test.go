@@ -764,3 +764,21 @@ func TestGrantInDoubtRefusedAtTheSettlementIsRefunded(t *testing.T) {
 		t.Fatalf("anchor balance %d after a restart, want %d", b, held)
 	}
 }
+
+// A node that does not hold its code tag (its worker lease lapsed: another
+// node may hold the worker id) creates no rain — every other node would
+// send the rain's requests to that holder — and creates again once it
+// holds it.
+func TestNoRainCreatedWithoutTheCodeTagHeld(t *testing.T) {
+	n := newPendingNode(t)
+	var held atomic.Bool
+	n.startWith(t, n.l, func(c *Config) { c.CodeTag, c.TagHeld = 3, held.Load })
+	if _, err := n.svc.Create(shardAnchor, shardRoom, 100, 10, time.Minute); proto.AsError(err).Code != proto.CodeInternal {
+		t.Fatalf("create without the tag held: %v, want 50000 (retry)", err)
+	}
+	held.Store(true)
+	code := n.create(t, 100, 10)
+	if tag, ok := CodeTag(code); !ok || tag != 3 {
+		t.Fatalf("code %s: tag %d %v, want 3", code, tag, ok)
+	}
+}

@@ -79,6 +79,11 @@ type Config struct {
 	// cluster: the node's worker id, so other nodes route the rain's
 	// requests to it; CodeTag reads it back). Use -1 for none.
 	CodeTag int
+	// TagHeld, if set, reports whether this node holds CodeTag now (a
+	// cluster: its worker lease). A rain is not created while it does not:
+	// another node may hold the worker id, and every other node would send
+	// the new rain's requests there.
+	TagHeld func() bool
 	// Peers, if set (a cluster with the memory pool), shards running rains
 	// across the nodes whose viewers grab (shard.go): other nodes lease
 	// slices of this node's rains and this node grabs from theirs (GrabVia).
@@ -491,6 +496,9 @@ func (s *Service) Codes(room int64) (running, prepared string) {
 
 // Create makes a rain (WAIT) of total coins in count packets lasting
 // duration in room, on behalf of anchor, who must be the room's anchor.
+// errTagNotHeld refuses a rain while this node does not hold its code tag.
+var errTagNotHeld = proto.Errorf(proto.CodeInternal, "this node cannot make rain codes right now (its worker lease is not held), retry")
+
 func (s *Service) Create(anchor, room, total int64, count int, duration time.Duration) (View, error) {
 	if err := checkSize(total, count, s.cfg.MaxTotal, s.cfg.MaxCount); err != nil {
 		return View{}, err
@@ -502,6 +510,9 @@ func (s *Service) Create(anchor, room, total int64, count int, duration time.Dur
 		return View{}, proto.Errorf(proto.CodeNotFound, "room not found or closed")
 	} else if a != anchor {
 		return View{}, errNotAnch
+	}
+	if s.cfg.TagHeld != nil && !s.cfg.TagHeld() {
+		return View{}, errTagNotHeld
 	}
 	// Over max_per_anchor is refused before the cluster-wide rate is
 	// counted (and checked again below, under the lock): a refused create

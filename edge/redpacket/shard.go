@@ -164,6 +164,10 @@ type holder struct {
 	top     int64     // last reported
 	sentAt  time.Time // when the last lease to it was answered
 	leases  uint64    // lease answers built for it (a recovery compares it before and after)
+	// recovers counts the recoveries asked of it (each moves its fence: a
+	// lease it asked for before one is dropped there, so ServeLease keeps
+	// the packets of such a lease instead of sending them).
+	recovers uint64
 	// base: packets out with it that an earlier process of that node
 	// durably granted — out, but never in its Held again (recoverFrom).
 	base      int
@@ -300,7 +304,7 @@ func (s *Service) ServeLease(req LeaseReq, arrived time.Time) (LeaseRep, error) 
 	r.lastAsk = arrived
 	h := r.holders[hi]
 	h.granted, h.amount, h.top = max(h.granted, req.Granted), max(h.amount, req.Amount), max(h.top, req.Max)
-	holders := len(r.holders)
+	holders, recovers := len(r.holders), h.recovers
 	r.mu.Unlock()
 
 	budget := time.Duration(req.BudgetMS) * time.Millisecond
@@ -328,6 +332,21 @@ func (s *Service) ServeLease(req LeaseReq, arrived time.Time) (LeaseRep, error) 
 		s.mem.add(req.Code, pk) // the holder is giving up: not handed over
 		s.finishInflight(r, false)
 		return LeaseRep{}, errUnsure
+	}
+	r.mu.Lock()
+	fenced := h.recovers != recovers
+	r.mu.Unlock()
+	if fenced {
+		// The holder was asked what it has (recoverFrom, most often in
+		// the reclaim round of this very lease, which put its missing
+		// packets back into the pool) after it asked for this lease: it
+		// would drop these packets as fenced, and they would be missing
+		// there again until the next recovery (seconds later, repeated
+		// at every lease while only its viewers grab). Kept; an answer
+		// without packets makes it lease again at once.
+		s.mem.add(req.Code, pk)
+		s.finishInflight(r, false)
+		return LeaseRep{Room: rec.Room, EndsAt: rec.EndsAt, LeftMS: time.Until(time.UnixMilli(rec.EndsAt)).Milliseconds()}, nil
 	}
 	if err := s.logLease(r, req.Node, false, pk); err != nil {
 		s.mem.add(req.Code, pk) // not handed over
@@ -700,6 +719,9 @@ func (s *Service) recoverFrom(r *rain, hi int, held int, deadline time.Time) (n 
 	if wait < 10*time.Millisecond {
 		return 0, false
 	}
+	r.mu.Lock()
+	h.recovers++ // before the holder's fence moves: a lease served from now on is checked
+	r.mu.Unlock()
 	ctx, cancel := context.WithTimeout(context.Background(), wait)
 	rep, err := s.cfg.Peers.Recover(ctx, h.node, RecoverReq{Code: code, Count: count})
 	cancel()
@@ -825,7 +847,7 @@ type shard struct {
 	held     bool          // packets were leased to this node: the owner will close it
 	leasing  chan struct{} // a lease request in flight
 	lastErr  error         // the last lease's refusal
-	dry      bool          // a lease ahead found the owner empty: no more leases ahead
+	dry      bool          // a lease ahead found the owner empty: none ahead until a lease brings packets
 	overAt   time.Time     // the owner had none left anywhere then (isOver)
 	closed   bool          // the owner settled (or is settling) the rain
 	closedOK bool          // a close reported this node's totals
@@ -975,7 +997,9 @@ func (s *Service) refill(sh *shard) error {
 			sh.mine.set(p.Index)
 		}
 		if len(rep.Packets) > 0 {
-			sh.last, sh.held = len(rep.Packets), true
+			// The owner had packets again (back from other holders): lease
+			// ahead again, not only when the last one is popped.
+			sh.last, sh.held, sh.dry = len(rep.Packets), true, false
 		}
 		if first {
 			s.armSweep(sh, time.Duration(max(0, rep.LeftMS))*time.Millisecond+tombstoneTTL)

@@ -581,3 +581,43 @@ func TestHolderGrantRefusedOutrightPutsThePacketBack(t *testing.T) {
 		t.Fatalf("finished %+v", v)
 	}
 }
+
+// A holder whose packets went missing (it restarted with a slice) and whose
+// viewers alone grab gets every packet: the recovery its own lease's reclaim
+// round makes puts the missing packets back into the owner's pool, and that
+// lease — asked for before the recovery moved the holder's fence — is not
+// answered with them (the holder dropped them as fenced, they were missing
+// again, recovered seconds later in the next lease's round, and so on: 199
+// of 200 granted in 20 s, the last refunded at the end).
+func TestRecoveredPacketsReachTheHolderWhoseLeaseRecoveredThem(t *testing.T) {
+	c := newCluster(t, "n1", "n2")
+	const count, total = 200, 20_000
+	code := c.rain(t, "n1", total, count, time.Hour)
+	for u := int64(1); u <= 10; u++ {
+		if _, err := c.grab("n2", "n1", u, code); err != nil {
+			t.Fatal(err)
+		}
+	}
+	m := c.kill("n2") // its unused slice is lost with its memory
+	c.start(t, "n2", m.dir)
+	got, user, retries := 10, int64(100), 0
+	for deadline := time.Now().Add(20 * time.Second); got < count && time.Now().Before(deadline); {
+		switch _, err := c.grab("n2", "n1", user, code); {
+		case err == nil:
+			got++
+			user++
+		case err.Code == proto.CodeInternal, err.Code == proto.CodeRedPacketEmpty:
+			retries++
+			time.Sleep(20 * time.Millisecond)
+		default:
+			t.Fatalf("grab: %v", err)
+		}
+	}
+	t.Logf("%d of %d granted on the holder, %d retries", got, count, retries)
+	if got != count {
+		t.Fatalf("%d of %d granted while the holder's viewers kept grabbing for 20 s", got, count)
+	}
+	if v := c.conserve(t, "n1", code, total); v.GrantedCount != count || v.Refunded != 0 {
+		t.Fatalf("settled %+v: want every packet granted, nothing refunded", v)
+	}
+}
