@@ -58,6 +58,14 @@ func (n *Node) rainOwner(code string) (string, error) {
 // redPacket runs op (rp.prepare | rp.start | rp.grab | rp.get) for user on
 // the rain's node and returns the reply's d as JSON.
 func (n *Node) redPacket(op string, user int64, code string) ([]byte, *proto.Error) {
+	if op == "rp.grab" && n.shardedRains() {
+		if owner, ok := n.RedPackets.ShardOwner(code); ok {
+			// A slice of it here: grabbed from it, the owner asked only
+			// for more (docs/redpacket.md: while the owner is down, its
+			// holders keep granting from their slices).
+			return n.grabVia(owner, user, code)
+		}
+	}
 	owner, err := n.rainOwner(code)
 	if err != nil {
 		if errors.Is(err, errOwnerDown) {
@@ -77,17 +85,22 @@ func (n *Node) redPacket(op string, user int64, code string) ([]byte, *proto.Err
 		return n.redPacketLocal(op, user, code)
 	}
 	if op == "rp.grab" && n.shardedRains() {
-		rep, perr := n.RedPackets.GrabVia(owner, user, code)
-		if perr != nil {
-			return nil, perr
-		}
-		return n.replyData(rep, nil)
+		return n.grabVia(owner, user, code)
 	}
 	rep, err := n.forwardPay(owner, payFwdReq{Op: op, User: user, Code: code})
 	if err != nil {
 		return nil, proto.AsError(err)
 	}
 	return rep.Data, rep.Err
+}
+
+// grabVia grabs a packet of code, run by owner, from this node's slice.
+func (n *Node) grabVia(owner string, user int64, code string) ([]byte, *proto.Error) {
+	rep, perr := n.RedPackets.GrabVia(owner, user, code)
+	if perr != nil {
+		return nil, perr
+	}
+	return n.replyData(rep, nil)
 }
 
 func (n *Node) redPacketLocal(op string, user int64, code string) ([]byte, *proto.Error) {
@@ -154,7 +167,9 @@ func (n *Node) grabAsync(user int64, code string, done func(any, *proto.Error)) 
 		done(nil, proto.ErrRateLimited)
 		return
 	}
-	if owner, err := n.rainOwner(code); err == nil && owner == "" && !n.shardedRains() {
+	// Only what memory tells is asked here, on the connection's reader:
+	// who runs the rain may be a Redis read (up to its timeout).
+	if n.Cluster == nil || n.RedPackets.Owns(code) && !n.shardedRains() {
 		n.RedPackets.GrabAsync(user, code, func(rep redpacket.GrabReply, perr *proto.Error) {
 			if perr != nil {
 				done(nil, perr)

@@ -143,3 +143,12 @@ func (s *Server) HandshakesReading() int { return s.handshakes.reading() }
 // ConfirmReqSHA is the SHA-1 of the script that confirms a req_id's order
 // binding (a fault proxy's pattern for its EVALSHA).
 var ConfirmReqSHA = fmt.Sprintf("%x", sha1.Sum([]byte(confirmLua)))
+
+// RainOwner is who this node asks for code's rain (rainOwner), with the
+// owners it saw first forgotten (as past their lease's TTL).
+func (n *Node) RainOwner(code string) (string, error) {
+	n.owners.mu.Lock()
+	n.owners.m = nil
+	n.owners.mu.Unlock()
+	return n.rainOwner(code)
+}

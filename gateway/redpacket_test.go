@@ -869,3 +869,35 @@ func TestClusterRoomInfoShowsAnotherNodesRain(t *testing.T) {
 		t.Fatalf("GET of a made-up code: %d %+v, want 10004", st, r)
 	}
 }
+
+// A holder keeps granting from its slice while the rain's owner is down
+// past its worker lease (docs/redpacket.md): before, every grab there asked
+// first who runs the rain, found no lease, and answered 30001 "not found"
+// to a rain running with packets in this node's slice.
+func TestClusterHolderGrantsFromItsSliceWithTheOwnerGone(t *testing.T) {
+	rds, nats := redistest.Start(t), natstest.Start(t)
+	peers := []string{"gw-1", "gw-2"}
+	n1 := nodetest.Start(t, clusterNodeConfig(t, "gw-1", peers, rds, nats))
+	n2 := nodetest.Start(t, clusterNodeConfig(t, "gw-2", peers, rds, nats))
+	const anchor = 1
+	room := nodetest.OpenRoom(t, n1, anchor, 0)
+	fund := persist.Op{User: anchor, ReqID: "fund", Postings: []persist.Posting{{User: anchor, Delta: 1000, Reason: persist.ReasonDev}}}
+	nodetest.Eventually(t, 10*time.Second, func() bool { _, err := n1.Wallet.Apply(fund); return err == nil },
+		"the shared wallet not ready")
+	code := startRain(t, n1, anchor, room, 1000, 100, 60)
+	ctx := context.Background()
+	first := joinedViewer(t, n2, 100, room, nil)
+	if _, err := first.Grab(ctx, code); err != nil { // n2 leases a slice
+		t.Fatal(err)
+	}
+	if err := n1.Shutdown(ctx); err != nil { // its worker lease released
+		t.Fatal(err)
+	}
+	nodetest.Eventually(t, 15*time.Second, func() bool { _, err := n2.RainOwner(code); return err != nil },
+		"gw-2 still finds the rain's owner")
+	for u := int64(101); u <= 103; u++ {
+		if g, err := joinedViewer(t, n2, u, room, nil).Grab(ctx, code); err != nil || g.Amount < 1 {
+			t.Fatalf("grab of user %d on the holder, the owner gone: %+v %v", u, g, err)
+		}
+	}
+}

@@ -1012,6 +1012,20 @@ func (s *Service) refill(sh *shard) error {
 	return err
 }
 
+// ShardOwner returns the owner of code's slice on this node (ok false: no
+// slice of it here): its grabs go through GrabVia with that owner without
+// asking who runs the rain — while the owner is down, or its worker lease
+// lapsed, the slice still grants.
+func (s *Service) ShardOwner(code string) (owner string, ok bool) {
+	s.mu.RLock()
+	sh := s.shards[code]
+	s.mu.RUnlock()
+	if sh == nil {
+		return "", false
+	}
+	return sh.owner, true
+}
+
 // GrabVia grabs a packet of code, a rain that owner runs, on this node: from
 // this node's slice, leased from owner as needed. It blocks (a lease, the
 // one-per-user check): call it on a goroutine of its own.
