@@ -114,6 +114,19 @@ func (c payReqClaims) Release(user int64, req string, id int64) error {
 	return unbindScript.Exec(ctx, c.rdb, []string{payReqKey(user, req)}, []string{strconv.FormatInt(id, 10)}).Error()
 }
 
+func (c payReqClaims) Bound(user int64, req string) (int64, error) {
+	ctx, cancel := c.ctx()
+	defer cancel()
+	v, err := c.rdb.Do(ctx, c.rdb.B().Get().Key(payReqKey(user, req)).Build()).ToString()
+	if rueidis.IsRedisNil(err) {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, err
+	}
+	return payReqID(v)
+}
+
 // contributePayReqs adds the confirmed req_id bindings of this node's orders
 // to a rebuilding wallet generation (persist.SharedConfig.Contribute). The
 // records do not change meanwhile: a binding is confirmed only while the

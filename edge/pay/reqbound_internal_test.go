@@ -1,6 +1,7 @@
 package pay
 
 import (
+	"errors"
 	"log/slog"
 	"slices"
 	"strconv"
@@ -82,6 +83,45 @@ func (c *confirmAll) Confirm(user int64, req string, id int64) (int64, error) {
 }
 
 func (c *confirmAll) Release(int64, string, int64) error { return nil }
+
+func (c *confirmAll) Bound(user int64, req string) (int64, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.bound[strconv.FormatInt(user, 10)+"/"+req], nil
+}
+
+// A retry of an order made through another node is pointed at that order
+// even where a new order would be refused now (here: this node's worker
+// lease not held; the account frozen or the product withdrawn since the
+// same): before, the answer to one req_id depended on the node asked —
+// the order through the first, 50000 or 20004 through another.
+func TestRetryThroughAnotherNodeNotRefusedByNewOrderRules(t *testing.T) {
+	claims := &confirmAll{bound: map[string]int64{}}
+	open := func(node string, held bool) *Service {
+		st, l := persisttest.OpenLedger(t)
+		svc, err := New(st, l, router.NewLocal(node, router.LocalConfig{}), Config{Node: node,
+			Secrets: []string{"bound-test-secret-0123456789abcdef"}, ReconcileEvery: time.Hour, ReqClaims: claims,
+			WorkerHeld: func() bool { return held }})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(svc.Close)
+		return svc
+	}
+	a, b := open("a", true), open("b", false)
+	o, err := a.CreateOrder(7, CreateReq{ProductID: 1, ReqID: "r1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = b.CreateOrder(7, CreateReq{ProductID: 1, ReqID: "r1"})
+	var el *OrderElsewhere
+	if !errors.As(err, &el) || strconv.FormatInt(el.ID, 10) != o.OrderID {
+		t.Fatalf("the retry through the other node: %v, want order %s (made through the first)", err, o.OrderID)
+	}
+	if _, err := b.CreateOrder(7, CreateReq{ProductID: 1, ReqID: "r2"}); err == nil || errors.As(err, &el) {
+		t.Fatalf("a new order through a node without its worker lease: %v, want refused", err)
+	}
+}
 
 // A crash between the confirm of an order's req_id and its disk record (the
 // record a rebuild restores the binding from): the node restarts, and

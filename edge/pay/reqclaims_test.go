@@ -32,6 +32,11 @@ func (c *takenOver) Confirm(_ int64, _ string, id int64) (int64, error) {
 	}
 	return id, nil
 }
+func (c *takenOver) Bound(int64, string) (int64, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.other, nil
+}
 func (c *takenOver) Release(_ int64, _ string, id int64) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()

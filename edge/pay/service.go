@@ -95,6 +95,24 @@ type ReqClaims interface {
 	Confirm(user int64, req string, id int64) (bound int64, err error)
 	// Release unbinds (user, req) if it is still bound to id.
 	Release(user int64, req string, id int64) error
+	// Bound returns the order (user, req) is bound to (0: none).
+	Bound(user int64, req string) (int64, error)
+}
+
+// newOrderRules checks what a new order of user for product must pass and
+// returns the product.
+func (s *Service) newOrderRules(user int64, product int64) (Product, error) {
+	p, ok := s.products[product]
+	if !ok || !p.Valid {
+		return Product{}, proto.Errorf(proto.CodeProductNotFound, "product not found")
+	}
+	if err := s.refuseFrozen(user); err != nil {
+		return Product{}, err
+	}
+	if s.cfg.WorkerHeld != nil && !s.cfg.WorkerHeld() {
+		return Product{}, errors.New("pay: order-id worker lease not held; refusing to make order ids")
+	}
+	return p, nil
 }
 
 // OrderElsewhere is CreateOrder's answer when the req_id is bound to an
@@ -608,16 +626,16 @@ func (s *Service) CreateOrder(user int64, r CreateReq) (Order, error) {
 	}
 	// The rules that may have changed since a first request (the product
 	// withdrawn, the account frozen) refuse only a new order: a retry of
-	// one made here got it back above.
-	p, ok := s.products[r.ProductID]
-	if !ok || !p.Valid {
-		return Order{}, proto.Errorf(proto.CodeProductNotFound, "product not found")
-	}
-	if err := s.refuseFrozen(user); err != nil {
+	// one made here got it back above, one made through another node is
+	// pointed at it (the req_id's binding) rather than refused.
+	p, err := s.newOrderRules(user, r.ProductID)
+	if err != nil {
+		if claims != nil {
+			if prev, berr := claims.Bound(user, r.ReqID); berr == nil && prev != 0 {
+				return Order{}, &OrderElsewhere{ID: prev}
+			}
+		}
 		return Order{}, err
-	}
-	if s.cfg.WorkerHeld != nil && !s.cfg.WorkerHeld() {
-		return Order{}, errors.New("pay: order-id worker lease not held; refusing to make order ids")
 	}
 	id := s.ids.Next(user)
 	if claims != nil {
@@ -675,7 +693,7 @@ func (s *Service) CreateOrder(user int64, r CreateReq) (Order, error) {
 	}
 	s.making[id] = struct{}{}
 	s.openMu.Unlock()
-	err := s.store.Apply(func(b *persist.Batch) error {
+	err = s.store.Apply(func(b *persist.Batch) error {
 		if err := b.Set(orderKey(id), v, nil); err != nil {
 			return err
 		}
