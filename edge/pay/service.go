@@ -1454,7 +1454,16 @@ func (s *Service) onSettled(st persist.Settled) {
 		return
 	}
 	if !st.Ran || len(st.Result.Balances) == 0 || len(st.Postings) == 0 {
-		s.setCreditDoubt(id, false) // it did not land: the order may close
+		// It did not land: the order may close. Under the order's lock: a
+		// redelivery's markPaid holds it from marking its own attempt in
+		// doubt until its Apply returned — cleared in between, the mark of
+		// a second attempt (one that can start once this one's request is
+		// released, right after this) would be lost, and the order closed
+		// while a credit of it may still land. markPaid's Apply does not
+		// wait for this request meanwhile (it is unsettled: ErrInProgress
+		// at once), so the lock is never held against this.
+		defer s.orders.Lock(id)()
+		s.setCreditDoubt(id, false)
 		return
 	}
 	s.closeOpen(id) // PAYED by the op's records
