@@ -819,6 +819,26 @@ func TestGrabsOfMadeUpCodesAreRateLimitedPerUser(t *testing.T) {
 	}
 }
 
+// rainAnchor is the anchor of clusterPairWithAnchor's room.
+const rainAnchor = 1
+
+// clusterPairWithAnchor starts two cluster nodes (gw-1, gw-2) on one Redis
+// and NATS, opens a room of rainAnchor on gw-1 and credits the anchor
+// coins (once the shared wallet is ready: its first generation, with both
+// nodes up).
+func clusterPairWithAnchor(t *testing.T, coins int64) (n1, n2 *gateway.Node, room int64) {
+	t.Helper()
+	rds, nats := redistest.Start(t), natstest.Start(t)
+	peers := []string{"gw-1", "gw-2"}
+	n1 = nodetest.Start(t, clusterNodeConfig(t, "gw-1", peers, rds, nats))
+	n2 = nodetest.Start(t, clusterNodeConfig(t, "gw-2", peers, rds, nats))
+	room = nodetest.OpenRoom(t, n1, rainAnchor, 0)
+	fund := persist.Op{User: rainAnchor, ReqID: "fund", Postings: []persist.Posting{{User: rainAnchor, Delta: coins, Reason: persist.ReasonDev}}}
+	nodetest.Eventually(t, 10*time.Second, func() bool { _, err := n1.Wallet.Apply(fund); return err == nil },
+		"the shared wallet not ready")
+	return n1, n2, room
+}
+
 // In a cluster, room info through any node shows the room's running rain,
 // whichever node owns it: a viewer of another node who joins after the
 // 5560 learns the code there (before: only on the rain's own node — the
@@ -826,16 +846,8 @@ func TestGrabsOfMadeUpCodesAreRateLimitedPerUser(t *testing.T) {
 // made-up code whose worker id no node holds is 10004, as protocol.md says
 // (before: 50000 "retry", for ever).
 func TestClusterRoomInfoShowsAnotherNodesRain(t *testing.T) {
-	rds, nats := redistest.Start(t), natstest.Start(t)
-	peers := []string{"gw-1", "gw-2"}
-	n1 := nodetest.Start(t, clusterNodeConfig(t, "gw-1", peers, rds, nats))
-	n2 := nodetest.Start(t, clusterNodeConfig(t, "gw-2", peers, rds, nats))
-	const anchor = 1
-	room := nodetest.OpenRoom(t, n1, anchor, 0)
-	fund := persist.Op{User: anchor, ReqID: "fund", Postings: []persist.Posting{{User: anchor, Delta: 100, Reason: persist.ReasonDev}}}
-	nodetest.Eventually(t, 10*time.Second, func() bool { _, err := n1.Wallet.Apply(fund); return err == nil },
-		"the shared wallet not ready") // its first generation, with both nodes up
-	code := startRain(t, n1, anchor, room, 100, 5, 30)
+	n1, n2, room := clusterPairWithAnchor(t, 100)
+	code := startRain(t, n1, rainAnchor, room, 100, 5, 30)
 	codeThrough := func(n *gateway.Node) string {
 		var info struct {
 			Data struct {
@@ -875,16 +887,8 @@ func TestClusterRoomInfoShowsAnotherNodesRain(t *testing.T) {
 // first who runs the rain, found no lease, and answered 30001 "not found"
 // to a rain running with packets in this node's slice.
 func TestClusterHolderGrantsFromItsSliceWithTheOwnerGone(t *testing.T) {
-	rds, nats := redistest.Start(t), natstest.Start(t)
-	peers := []string{"gw-1", "gw-2"}
-	n1 := nodetest.Start(t, clusterNodeConfig(t, "gw-1", peers, rds, nats))
-	n2 := nodetest.Start(t, clusterNodeConfig(t, "gw-2", peers, rds, nats))
-	const anchor = 1
-	room := nodetest.OpenRoom(t, n1, anchor, 0)
-	fund := persist.Op{User: anchor, ReqID: "fund", Postings: []persist.Posting{{User: anchor, Delta: 1000, Reason: persist.ReasonDev}}}
-	nodetest.Eventually(t, 10*time.Second, func() bool { _, err := n1.Wallet.Apply(fund); return err == nil },
-		"the shared wallet not ready")
-	code := startRain(t, n1, anchor, room, 1000, 100, 60)
+	n1, n2, room := clusterPairWithAnchor(t, 1000)
+	code := startRain(t, n1, rainAnchor, room, 1000, 100, 60)
 	ctx := context.Background()
 	first := joinedViewer(t, n2, 100, room, nil)
 	if _, err := first.Grab(ctx, code); err != nil { // n2 leases a slice
