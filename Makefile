@@ -17,7 +17,7 @@ CONFIG    ?= configs/single.yaml
 # Debian puts nats-server in /usr/sbin, off a normal user's PATH.
 export PATH := $(PATH):/usr/sbin:/sbin
 
-.PHONY: run build test ts-test k6-check tools vet fmt-check fuzz bench bench-go bench-loadgen bench-webhook bench-idle-large bench-report clean cluster
+.PHONY: run build test ts-test k6-check tools cluster-tools vet fmt-check fuzz bench bench-go bench-loadgen bench-webhook bench-idle-large bench-report clean cluster
 
 run: build
 	./$(BIN)/liveedge -config $(CONFIG)
@@ -25,8 +25,7 @@ run: build
 # A real local cluster (PROTOCOL §8): nats-server :14222, redis-server :16379
 # (AOF), gw-1..gw-3 on 8080/8081, 8082/8083, 8084/8085, data under
 # ./data/cluster, logs prefixed by process; Ctrl-C stops everything.
-cluster: TOOLS := git:git curl:curl nats-server:nats-server redis-server:redis-server
-cluster: tools build
+cluster: cluster-tools build
 	bash configs/cluster-local.sh
 
 build:
@@ -64,15 +63,24 @@ k6-check: build
 # Tools the tests shell out to (a fresh Debian machine may lack them), as
 # command:package (chromium drives the demo page test; node and npm the TS SDK's;
 # gcc the race detector's cgo). Go itself is a prerequisite (README).
+# make cluster needs only its servers: its own target, so that `make cluster
+# test` still installs everything the tests need (a target-specific TOOLS on
+# cluster once narrowed the one `tools` run both share).
 TOOLS := git:git curl:curl make:make gcc:gcc redis-server:redis-server nats-server:nats-server chromium:chromium node:nodejs npm:npm wrk:wrk
-tools:
-	@missing=""; for tp in $(TOOLS); do command -v $${tp%%:*} >/dev/null 2>&1 || missing="$$missing $${tp#*:}"; done; \
+CLUSTER_TOOLS := git:git curl:curl nats-server:nats-server redis-server:redis-server
+define install-tools
+	@missing=""; for tp in $(1); do command -v $${tp%%:*} >/dev/null 2>&1 || missing="$$missing $${tp#*:}"; done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
 	$(GO) mod download
+endef
+tools:
+	$(call install-tools,$(TOOLS))
+cluster-tools:
+	$(call install-tools,$(CLUSTER_TOOLS))
 
 vet:
 	$(GO) vet ./...
