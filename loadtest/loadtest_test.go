@@ -511,3 +511,24 @@ func TestMintTokenVerifies(t *testing.T) {
 		t.Fatal("verified with another secret")
 	}
 }
+
+// A chat rate past the node's per-user chat limit is refused before any
+// connection (its chats would be refused as 10429, not measured), for every
+// scenario with a publisher, unless the node runs without the limit.
+func TestChatRateAboveTheLimitRefused(t *testing.T) {
+	for _, c := range []loadtest.Config{
+		{Scenario: loadtest.Fanout, Rate: 50},
+		{Scenario: loadtest.Chat, ChatRate: 10},
+		{Scenario: loadtest.ReconnectStorm, KillPID: 999999, Rate: 10},
+	} {
+		c.Conns = 10
+		refused := c
+		if err := refused.Normalize(); err == nil || !strings.Contains(err.Error(), "LIVEEDGE_LIMITS_CHAT_PER_SECOND=0") {
+			t.Errorf("%s at %.0f/s: %v, want refused at the chat limit", c.Scenario, max(c.Rate, c.ChatRate), err)
+		}
+		c.NoChatLimit = true
+		if err := c.Normalize(); err != nil {
+			t.Errorf("%s at %.0f/s with NoChatLimit: %v", c.Scenario, max(c.Rate, c.ChatRate), err)
+		}
+	}
+}

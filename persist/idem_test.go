@@ -306,4 +306,26 @@ func TestBalanceShowsNoCreditBeforeItIsDurable(t *testing.T) {
 	if b, err := l.Balance(u); err != nil || b != 120 {
 		t.Fatalf("balance %d (%v) once both are durable, want 120", b, err)
 	}
+	// A debit of the whole held credit, reserved against it: nothing shown
+	// (never a negative balance) until both are durable.
+	mu.Lock()
+	armed, held, resume = true, make(chan struct{}), make(chan struct{})
+	release = sync.Once{}
+	mu.Unlock()
+	credit = apply("credit2", 100)
+	<-held
+	debit = apply("debit2", -220)
+	if b, err := l.Balance(u); err != nil || b != 0 {
+		t.Fatalf("balance %d (%v) with 120 durable, +100 and −220 committing, want 0", b, err)
+	}
+	release.Do(func() { close(resume) })
+	if err := <-credit; err != nil {
+		t.Fatal(err)
+	}
+	if err := <-debit; err != nil {
+		t.Fatal(err)
+	}
+	if b, err := l.Balance(u); err != nil || b != 0 {
+		t.Fatalf("balance %d (%v) once both are durable, want 0", b, err)
+	}
 }

@@ -567,7 +567,9 @@ func (l *Ledger) Balance(user int64) (int64, error) {
 	sh := l.shard(user)
 	sh.mu.Lock()
 	b, ok := sh.bal[user]
-	b -= sh.credit[user]
+	// A debit may have reserved against a credit still committing (it
+	// commits after it): durable 0, +100 and −100 committing shows 0.
+	b = max(0, b-sh.credit[user])
 	sh.mu.Unlock()
 	if ok {
 		return b, nil
