@@ -156,19 +156,60 @@ func TestRoomEffectsFlushedAtStop(t *testing.T) {
 // gatedRouter holds the first PublishRoom until release is closed.
 type gatedRouter struct {
 	router.Router
-	once    sync.Once
-	held    chan struct{} // closed when the first publish is held
-	release chan struct{}
+	once     sync.Once
+	held     chan struct{} // closed when the first publish is held
+	heldRoom int64         // its room (set before held is closed)
+	release  chan struct{}
 }
 
 func (g *gatedRouter) PublishRoom(room int64, p proto.Push) (string, error) {
 	first := false
 	g.once.Do(func() { first = true })
 	if first {
+		g.heldRoom = room
 		close(g.held)
 		<-g.release
 	}
 	return g.Router.PublishRoom(room, p)
+}
+
+// A stop's flush takes every room's effects at once: an effect added to a
+// room while the flush still publishes another room (a new queue, ticked)
+// goes out behind that room's older ones — it once went first, the room's
+// older effects not yet handed to the publisher.
+func TestRoomEffectsAddedDuringTheStopsFlushGoOutBehind(t *testing.T) {
+	rt := router.NewLocal("t", router.LocalConfig{})
+	viewers := map[int64]*routertest.Recorder{}
+	for _, room := range []int64{7, 8} {
+		rt.OpenRoom(room)
+		viewers[room] = &routertest.Recorder{SessionID: uint64(room), User: 1000 + room}
+		if _, err := rt.Join(room, viewers[room]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	g := &gatedRouter{Router: rt, held: make(chan struct{}), release: make(chan struct{})}
+	s := &Service{effects: newEffects(g, time.Hour, 0)} // ticks only when called
+	for _, room := range []int64{7, 8} {
+		for from := int64(1); from <= 3; from++ {
+			s.effects.add(room, EffectPush{From: from, To: 99, GiftID: 1, Count: 1})
+		}
+	}
+	flushed := make(chan struct{})
+	go func() { s.FlushEffects(); close(flushed) }()
+	<-g.held
+	other := map[int64]int64{7: 8, 8: 7}[g.heldRoom]
+	s.effects.add(other, EffectPush{From: 4, To: 99, GiftID: 1, Count: 1})
+	go s.effects.flush(other) // its tick, while the flush is held on the first room
+	time.Sleep(100 * time.Millisecond)
+	close(g.release)
+	<-flushed
+	waitFor(t, func() bool { got, _ := effectPushes(viewers[other]); return len(got) == 4 })
+	got, _ := effectPushes(viewers[other])
+	for i, p := range got {
+		if p.From != int64(i+1) {
+			t.Fatalf("room %d effect %d from %d, want %d (the new one behind the flushed ones)", other, i, p.From, i+1)
+		}
+	}
 }
 
 // A room's effects reach the router in the order they left its queue: a

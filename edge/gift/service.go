@@ -667,8 +667,7 @@ func (re *roomEffects) take(n int) []*EffectPush {
 // taken before it; called with e.mu held, which it releases. When another
 // caller is publishing the room's effects it appends batch for that caller
 // and returns at once, with a channel closed once they are all published;
-// otherwise it publishes them itself (encoded and pushed outside e.mu,
-// which every room's gifts share) and returns nil.
+// otherwise it publishes them itself and returns nil.
 func (e *effects) send(room int64, batch []*EffectPush) <-chan struct{} {
 	if o := e.out[room]; o != nil {
 		o.q = append(o.q, batch...)
@@ -681,6 +680,15 @@ func (e *effects) send(room int64, batch []*EffectPush) <-chan struct{} {
 	}
 	o := &roomOut{q: batch, done: make(chan struct{})}
 	e.out[room] = o
+	e.drain(room, o)
+	return nil
+}
+
+// drain publishes o's queue — and what is appended meanwhile — in order
+// (encoded and pushed outside e.mu, which every room's gifts share), then
+// drops it; called with e.mu held by the caller that registered o, which
+// it releases.
+func (e *effects) drain(room int64, o *roomOut) {
 	for len(o.q) > 0 {
 		q := o.q
 		o.q = nil
@@ -693,30 +701,44 @@ func (e *effects) send(room int64, batch []*EffectPush) <-chan struct{} {
 	delete(e.out, room)
 	close(o.done)
 	e.mu.Unlock()
-	return nil
 }
 
 // flushAll sends every room's waiting effects at once, unpaced (a node
 // stopping: its rooms' viewers on other nodes still see them), and returns
-// once they are published.
+// once they and what ticks took before are published. Every room's batch
+// is registered for publishing in the same hold of e.mu as the rooms are
+// taken, so an effect added meanwhile (a new queue, ticked while this
+// publishes another room) goes out behind the room's older ones.
 func (e *effects) flushAll() {
 	e.mu.Lock()
 	rooms := e.rooms
 	e.rooms = map[int64]*roomEffects{} // the rooms' ticks find nothing left
-	e.mu.Unlock()
+	type mine struct {
+		room int64
+		o    *roomOut
+	}
+	var own []mine
+	var wait []chan struct{}
+	for _, o := range e.out { // published by ticks: appended to below, or waited for
+		wait = append(wait, o.done)
+	}
 	for room, re := range rooms {
-		e.mu.Lock()
-		if done := e.send(room, re.take(len(re.order))); done != nil {
-			<-done
+		batch := re.take(len(re.order))
+		switch o := e.out[room]; {
+		case o != nil:
+			o.q = append(o.q, batch...)
+		case len(batch) > 0:
+			o := &roomOut{q: batch, done: make(chan struct{})}
+			e.out[room] = o
+			own = append(own, mine{room, o})
 		}
 	}
-	e.mu.Lock() // and what ticks took before and still publish
-	var busy []chan struct{}
-	for _, o := range e.out {
-		busy = append(busy, o.done)
-	}
 	e.mu.Unlock()
-	for _, done := range busy {
+	for _, m := range own {
+		e.mu.Lock()
+		e.drain(m.room, m.o)
+	}
+	for _, done := range wait {
 		<-done
 	}
 }
