@@ -114,8 +114,10 @@ func (c payReqClaims) Release(user int64, req string, id int64) error {
 	return unbindScript.Exec(ctx, c.rdb, []string{payReqKey(user, req)}, []string{strconv.FormatInt(id, 10)}).Error()
 }
 
+// Bound is asked only when a new order would be refused (pay.CreateOrder),
+// often while Redis is away (a worker lease not held): its wait is short.
 func (c payReqClaims) Bound(user int64, req string) (int64, error) {
-	ctx, cancel := c.ctx()
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
 	defer cancel()
 	v, err := c.rdb.Do(ctx, c.rdb.B().Get().Key(payReqKey(user, req)).Build()).ToString()
 	if rueidis.IsRedisNil(err) {

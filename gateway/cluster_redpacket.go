@@ -63,7 +63,16 @@ func (n *Node) redPacket(op string, user int64, code string) ([]byte, *proto.Err
 			// A slice of it here: grabbed from it, the owner asked only
 			// for more (docs/redpacket.md: while the owner is down, its
 			// holders keep granting from their slices).
-			return n.grabVia(owner, user, code)
+			b, perr := n.grabVia(owner, user, code)
+			if perr != nil && perr.Code == proto.CodeInternal {
+				// The slice is out and the owner did not answer: gone
+				// past its worker lease, it is "not found" as below, not
+				// a retry a client would make until the rain's end.
+				if _, err := n.rainOwner(code); errors.Is(err, errOwnerDown) {
+					return nil, errGrabNoOwner
+				}
+			}
+			return b, perr
 		}
 	}
 	owner, err := n.rainOwner(code)

@@ -494,11 +494,11 @@ func (s *Service) Codes(room int64) (running, prepared string) {
 	return s.running[room], s.prepared[room]
 }
 
-// Create makes a rain (WAIT) of total coins in count packets lasting
-// duration in room, on behalf of anchor, who must be the room's anchor.
 // errTagNotHeld refuses a rain while this node does not hold its code tag.
 var errTagNotHeld = proto.Errorf(proto.CodeInternal, "this node cannot make rain codes right now (its worker lease is not held), retry")
 
+// Create makes a rain (WAIT) of total coins in count packets lasting
+// duration in room, on behalf of anchor, who must be the room's anchor.
 func (s *Service) Create(anchor, room, total int64, count int, duration time.Duration) (View, error) {
 	if err := checkSize(total, count, s.cfg.MaxTotal, s.cfg.MaxCount); err != nil {
 		return View{}, err
