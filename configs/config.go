@@ -186,8 +186,11 @@ type NATS struct {
 	CredsFile string `yaml:"creds_file"`
 }
 
-// Authenticated reports whether NATS credentials are configured.
-func (n NATS) Authenticated() bool { return n.User != "" || n.Token != "" || n.CredsFile != "" }
+// Authenticated reports whether NATS credentials are configured (a user
+// needs its password: a server without authorization admits any user name).
+func (n NATS) Authenticated() bool {
+	return n.User != "" && n.Password != "" || n.Token != "" || n.CredsFile != ""
+}
 
 // Rooms configures living rooms.
 type Rooms struct {
@@ -470,7 +473,7 @@ func (c *Config) Unprotected() []string {
 		out = append(out, "redis (no redis.password)")
 	}
 	if c.Cluster.Enabled && !c.NATS.Authenticated() {
-		out = append(out, "nats (no nats.user, token or creds_file)")
+		out = append(out, "nats (no nats.user/password, token or creds_file)")
 	}
 	return out
 }
@@ -693,6 +696,7 @@ func (c *Config) Validate() error {
 	}
 	check(ways <= 1, "nats: set at most one of user/password, token and creds_file")
 	check(c.NATS.Password == "" || c.NATS.User != "", "nats.password needs nats.user")
+	check(c.NATS.User == "" || c.NATS.Password != "", "nats.user needs nats.password")
 	if c.NATS.Embedded && c.NATS.Listen != "" && !loopbackAddr(c.NATS.Listen) {
 		// Reachable by other machines: anyone there could purge the room
 		// events stream, flood the subjects the node trusts, or fill the

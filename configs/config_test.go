@@ -253,6 +253,13 @@ func TestBackendCredentials(t *testing.T) {
 	wantErr(t, err, "at most one of user/password, token and creds_file")
 	_, err = loadCluster(t, append(secrets, "LIVEEDGE_NATS_PASSWORD=p")...)
 	wantErr(t, err, "nats.password needs nats.user")
+	// A user without its password: a NATS server without authorization
+	// admits any user name, so this is no credential (it once passed).
+	_, err = loadCluster(t, append(secrets, "LIVEEDGE_NATS_USER=u")...)
+	wantErr(t, err, "nats.user needs nats.password")
+	if (NATS{User: "u"}).Authenticated() {
+		t.Fatal("a NATS user without a password counted as credentials")
+	}
 	dev := Default()
 	dev.Redis.Addr = "127.0.0.1:6379"
 	if got := dev.Unprotected(); len(got) != 0 {

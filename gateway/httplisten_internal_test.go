@@ -5,6 +5,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -69,5 +70,19 @@ func TestAPIListener(t *testing.T) {
 		}
 	case <-time.After(5 * time.Second):
 		t.Fatal("Accept waiting for a slot did not end when the listener closed")
+	}
+}
+
+// A NATS URL with credentials in it is logged without them.
+func TestRedactURL(t *testing.T) {
+	for in, want := range map[string]string{
+		"nats://127.0.0.1:4222":                  "nats://127.0.0.1:4222",
+		"nats://user:secret@10.0.0.1:4222":       "nats://redacted@10.0.0.1:4222",
+		"nats://a:1@h1:4222, nats://tok@h2:4222": "nats://redacted@h1:4222,nats://redacted@h2:4222",
+		"tls://u:p%zz@h:4222":                    "(unparsable URL with credentials)",
+	} {
+		if got := redactURL(in); got != want || strings.Contains(got, "secret") {
+			t.Errorf("redactURL(%q) = %q, want %q", in, got, want)
+		}
 	}
 }

@@ -7,9 +7,11 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/url"
 	"path/filepath"
 	"runtime/debug"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -524,7 +526,7 @@ func (n *Node) startRouter() error {
 		// at the start, while this node served without it.
 		nats.ReconnectHandler(routerBack), nats.ConnectHandler(routerBack))...)
 	if err != nil {
-		return fmt.Errorf("router nats %s: %w", cfg.NATS.URL, err)
+		return fmt.Errorf("router nats %s: %w", redactURL(cfg.NATS.URL), err)
 	}
 	n.routerNC = nc
 	// Two processes under one node.id share its worker lease, its
@@ -609,15 +611,15 @@ func (n *Node) startNATS() error {
 			nats.ReconnectHandler(onConnect), // a restarted server may have lost the stream
 			nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
 				if err != nil { // nil: closed by us
-					n.Log.Warn("nats disconnected, reconnecting", "url", cfg.NATS.URL, "err", err)
+					n.Log.Warn("nats disconnected, reconnecting", "url", redactURL(cfg.NATS.URL), "err", err)
 				}
 			}))...)
 		if err != nil {
-			return fmt.Errorf("nats %s: %w", cfg.NATS.URL, err)
+			return fmt.Errorf("nats %s: %w", redactURL(cfg.NATS.URL), err)
 		}
 		n.NC = nc
 		if !nc.IsConnected() {
-			n.Log.Warn("nats not reachable yet, retrying in the background", "url", cfg.NATS.URL)
+			n.Log.Warn("nats not reachable yet, retrying in the background", "url", redactURL(cfg.NATS.URL))
 			return nil
 		}
 		return ensureStreams(nc) // reachable now: a stream that cannot be made fails the start
@@ -982,4 +984,19 @@ func backfill(log *slog.Logger, what, attr, note string, fill func(context.Conte
 	} else if k > 0 {
 		log.Info(what+" copied to this node's disk"+note, attr, k)
 	}
+}
+
+// redactURL is a server URL (or a comma-separated list) as it can be
+// logged: credentials written into it (nats://user:pass@host) replaced.
+func redactURL(raw string) string {
+	parts := strings.Split(raw, ",")
+	for i, p := range parts {
+		if u, err := url.Parse(strings.TrimSpace(p)); err == nil && u.User != nil {
+			u.User = url.User("redacted")
+			parts[i] = u.String()
+		} else if err != nil && strings.Contains(p, "@") {
+			parts[i] = "(unparsable URL with credentials)"
+		}
+	}
+	return strings.Join(parts, ",")
 }
