@@ -92,13 +92,19 @@ redis.call('SET', KEYS[1], ARGV[1], 'PXAT', ARGV[2])
 return 1`)
 
 // activeRain is the rain code room info shows: the room's running rain,
-// else this node's latest prepared one. In a cluster the running rain may
+// else — to its anchor — this node's latest prepared one. In a cluster the running rain may
 // be another node's: when this node runs none there, it is read from the
 // room's running-rain key (cached on this node, invalidated by Redis when
 // it changes, at most a second old) — a viewer of another node joining
 // after the rain's 5560 learns its code there as on the owner's node.
-func (n *Node) activeRain(room int64) string {
+func (n *Node) activeRain(room int64, anchor bool) string {
 	running, prepared := n.RedPackets.Codes(room)
+	if !anchor {
+		// A rain not started yet is the anchor's: shown to viewers, a bot
+		// polling room info learnt its code (and size) before the 5560
+		// and grabbed the moment it started, ahead of everyone it was for.
+		prepared = ""
+	}
 	if running != "" || n.Cluster == nil {
 		return cmp.Or(running, prepared)
 	}

@@ -917,3 +917,43 @@ func TestClusterHolderGrantsFromItsSliceWithTheOwnerGone(t *testing.T) {
 		granted++
 	}
 }
+
+// Room info names a prepared rain only to its anchor: shown to viewers, a
+// bot polling it learnt the code (and the rain's size) before the start and
+// grabbed the moment it began, ahead of the viewers waiting for the 5560.
+// A running rain is named to everyone (a late joiner learns it there).
+func TestPreparedRainCodeShownOnlyToTheAnchor(t *testing.T) {
+	n := nodetest.Start(t, nodetest.Config(t))
+	const anchor = 1
+	room := nodetest.OpenRoom(t, n, anchor, 0)
+	devCredit(t, n, anchor, 100)
+	st, r := rpCall(t, n, anchor, "POST", fmt.Sprintf("/rooms/%d/redpackets", room), `{"total_amount":100,"total_count":5,"duration_s":10}`)
+	if st != 200 {
+		t.Fatalf("create: %d %+v", st, r)
+	}
+	code := r.Data.Code
+	if st, _ := rpCall(t, n, anchor, "POST", "/redpackets/"+code+"/prepare", ""); st != 200 {
+		t.Fatalf("prepare: %d", st)
+	}
+	codeFor := func(user int64, role string) string {
+		var info struct {
+			Data struct {
+				Code string `json:"redpacket_code"`
+			} `json:"data"`
+		}
+		nodetest.DoJSON(t, "GET", fmt.Sprintf("%s/api/v1/rooms/%d", nodetest.HTTPURL(n), room), nodetest.Token(t, n, user, role), "", &info)
+		return info.Data.Code
+	}
+	if got := codeFor(100, gateway.RoleViewer); got != "" {
+		t.Fatalf("a viewer sees the prepared rain's code %q", got)
+	}
+	if got := codeFor(anchor, gateway.RoleAnchor); got != code {
+		t.Fatalf("the anchor sees %q, want its prepared rain %q", got, code)
+	}
+	if st, _ := rpCall(t, n, anchor, "POST", "/redpackets/"+code+"/start", ""); st != 200 {
+		t.Fatalf("start: %d", st)
+	}
+	if got := codeFor(100, gateway.RoleViewer); got != code {
+		t.Fatalf("a viewer sees %q of the running rain, want %q", got, code)
+	}
+}

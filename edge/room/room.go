@@ -65,8 +65,9 @@ type Config struct {
 func (s *Service) SetOpponent(f func(room int64) int64) { s.opponent.Store(&f) }
 
 // SetRedPacket connects the red-packet service (room info shows the room's
-// active red-packet code).
-func (s *Service) SetRedPacket(f func(room int64) string) { s.redPacket.Store(&f) }
+// active red-packet code; f is told whether the caller is the room's
+// anchor).
+func (s *Service) SetRedPacket(f func(room int64, anchor bool) string) { s.redPacket.Store(&f) }
 
 // SetOnClosed sets f, called (on the caller's goroutine, no lock held) when
 // the replica learns that an open room was closed through another node
@@ -84,7 +85,7 @@ type Service struct {
 	events   func(kind string, r Room)
 	opponent atomic.Pointer[func(int64) int64]
 	// redPacket is the room's active red-packet code (SetRedPacket).
-	redPacket atomic.Pointer[func(int64) string]
+	redPacket atomic.Pointer[func(int64, bool) string]
 	// onClosed is told of rooms closed through other nodes (SetOnClosed).
 	onClosed atomic.Pointer[func(int64)]
 
@@ -367,7 +368,7 @@ func (s *Service) info(r Room, viewer int64) Info {
 			in.PKOpponent = (*f)(r.ID)
 		}
 		if f := s.redPacket.Load(); f != nil {
-			in.RedPacketCode = (*f)(r.ID)
+			in.RedPacketCode = (*f)(r.ID, in.IsAnchor)
 		}
 	}
 	return in
