@@ -41,6 +41,13 @@ func (n *Node) newRedPackets() (err error) {
 		starts = limit.NewShared(n.Redis, "rpstart", 1, cfg.StartInterval.D(), 1)
 	}
 	n.grabs = limit.New(cfg.GrabsPerSecond, time.Second, max(1, cfg.GrabsPerSecond), nil)
+	var grabs *limit.Shared
+	if n.Cluster != nil && !cfg.OnePerUser {
+		// One grab per grab_interval per user and rain across the nodes:
+		// with one packet per user, the user's Redis place bounds it
+		// already; without, each node counted only its own grabs.
+		grabs = limit.NewShared(n.Redis, "rpgrab", 1, cfg.GrabInterval.D(), 1)
+	}
 	n.RedPackets, err = redpacket.New(n.Store, n.Wallet, n.Router, redpacket.Config{
 		Peers: peers, Claim: claim, Unclaim: unclaim, RoomRun: roomRun, RoomDone: roomDone,
 		Node: n.Config.Node.ID, Pool: pool,
@@ -49,7 +56,7 @@ func (n *Node) newRedPackets() (err error) {
 		MaxPerAnchor: cfg.MaxPerAnchor, OnePerUser: cfg.OnePerUser,
 		PrepareInterval: cfg.PrepareInterval.D(), StartInterval: cfg.StartInterval.D(),
 		GrabInterval: cfg.GrabInterval.D(), CodeTag: n.codeTag(), TagHeld: n.codeTagHeld(),
-		SharedCreates: creates, SharedPrepares: prepares, SharedStarts: starts,
+		SharedCreates: creates, SharedPrepares: prepares, SharedStarts: starts, SharedGrabs: grabs,
 	}, n.Log)
 	if err != nil {
 		return err

@@ -823,15 +823,21 @@ func TestGrabsOfMadeUpCodesAreRateLimitedPerUser(t *testing.T) {
 const rainAnchor = 1
 
 // clusterPairWithAnchor starts two cluster nodes (gw-1, gw-2) on one Redis
-// and NATS, opens a room of rainAnchor on gw-1 and credits the anchor
-// coins (once the shared wallet is ready: its first generation, with both
-// nodes up).
-func clusterPairWithAnchor(t *testing.T, coins int64) (n1, n2 *gateway.Node, room int64) {
+// and NATS (their configs changed by edit), opens a room of rainAnchor on
+// gw-1 and credits the anchor coins (once the shared wallet is ready: its
+// first generation, with both nodes up).
+func clusterPairWithAnchor(t *testing.T, coins int64, edit ...func(*configs.Config)) (n1, n2 *gateway.Node, room int64) {
 	t.Helper()
 	rds, nats := redistest.Start(t), natstest.Start(t)
 	peers := []string{"gw-1", "gw-2"}
-	n1 = nodetest.Start(t, clusterNodeConfig(t, "gw-1", peers, rds, nats))
-	n2 = nodetest.Start(t, clusterNodeConfig(t, "gw-2", peers, rds, nats))
+	cfg := func(id string) configs.Config {
+		c := clusterNodeConfig(t, id, peers, rds, nats)
+		for _, e := range edit {
+			e(&c)
+		}
+		return c
+	}
+	n1, n2 = nodetest.Start(t, cfg("gw-1")), nodetest.Start(t, cfg("gw-2"))
 	room = nodetest.OpenRoom(t, n1, rainAnchor, 0)
 	fund := persist.Op{User: rainAnchor, ReqID: "fund", Postings: []persist.Posting{{User: rainAnchor, Delta: coins, Reason: persist.ReasonDev}}}
 	nodetest.Eventually(t, 10*time.Second, func() bool { _, err := n1.Wallet.Apply(fund); return err == nil },
@@ -955,5 +961,28 @@ func TestPreparedRainCodeShownOnlyToTheAnchor(t *testing.T) {
 	}
 	if got := codeFor(100, gateway.RoleViewer); got != code {
 		t.Fatalf("a viewer sees %q of the running rain, want %q", got, code)
+	}
+}
+
+// Without one packet per user, a user's grab_interval holds across the
+// nodes: joined through both, a grab on one and at once on the other is
+// 10429 (each node counted only its own grabs: a user on N nodes grabbed N
+// times as often as the interval allows).
+func TestClusterGrabIntervalAcrossNodes(t *testing.T) {
+	n1, n2, room := clusterPairWithAnchor(t, 1000, func(c *configs.Config) {
+		c.RedPacket.OnePerUser = false
+		c.RedPacket.GrabInterval = configs.Duration(time.Minute)
+	})
+	code := startRain(t, n1, rainAnchor, room, 1000, 100, 60)
+	ctx := context.Background()
+	on1, on2 := joinedViewer(t, n1, 100, room, nil), joinedViewer(t, n2, 100, room, nil)
+	if _, err := on1.Grab(ctx, code); err != nil {
+		t.Fatal(err)
+	}
+	if g, err := on2.Grab(ctx, code); nodetest.CodeOf(err) != proto.CodeRateLimited {
+		t.Fatalf("a second grab through the other node within the interval: %+v %v, want 10429", g, err)
+	}
+	if g, err := joinedViewer(t, n2, 101, room, nil).Grab(ctx, code); err != nil || g.Amount < 1 {
+		t.Fatalf("another user's grab there: %+v %v", g, err)
 	}
 }

@@ -2,7 +2,9 @@ package redpacket
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
+	"hash/fnv"
 	"hash/maphash"
 	"strconv"
 	"strings"
@@ -23,6 +25,21 @@ func (s *Service) grabKey(user int64, code string) uint64 {
 	}
 	_, _ = h.Write(b[:])
 	return h.Sum64()
+}
+
+// sharedGrabLimit is GrabInterval across the nodes (Config.SharedGrabs;
+// nil: not set, or allowed), keyed by a hash of (user, code) every node
+// computes alike.
+func (s *Service) sharedGrabLimit(user int64, code string) *proto.Error {
+	if s.cfg.SharedGrabs == nil {
+		return nil
+	}
+	h := fnv.New64a()
+	_, _ = h.Write([]byte(code))
+	var b [8]byte
+	binary.BigEndian.PutUint64(b[:], uint64(user))
+	_, _ = h.Write(b[:])
+	return s.cfg.SharedGrabs.Check(h.Sum64(), proto.ErrRateLimited, s.log)
 }
 
 // Grab grabs a packet of rain code for user and returns once the grant (with
@@ -67,6 +84,10 @@ func (s *Service) GrabAsync(user int64, code string, done func(GrabReply, *proto
 		return
 	case !s.grabLimit.Allow(s.grabKey(user, code)):
 		done(GrabReply{}, proto.ErrRateLimited)
+		return
+	}
+	if perr := s.sharedGrabLimit(user, code); perr != nil {
+		done(GrabReply{}, perr)
 		return
 	}
 	if perr := s.frozen(user); perr != nil {

@@ -75,6 +75,10 @@ type Config struct {
 	// every node shares (limit.Shared: an anchor's rains may live on
 	// different nodes). Redis not answering: refused.
 	SharedPrepares, SharedStarts *limit.Shared
+	// SharedGrabs, if set, counts GrabInterval across the nodes too (a
+	// cluster without OnePerUser: a rain's slices are on every node, and a
+	// user joined through several grabbed on each at its own pace).
+	SharedGrabs *limit.Shared
 	// CodeTag, if ≥ 0, is put in every new code's first character (a
 	// cluster: the node's worker id, so other nodes route the rain's
 	// requests to it; CodeTag reads it back). Use -1 for none.

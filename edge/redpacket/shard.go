@@ -1080,6 +1080,9 @@ func (s *Service) grabVia(owner string, user int64, code string) (GrabReply, *pr
 	case !s.grabLimit.Allow(s.grabKey(user, code)):
 		return GrabReply{}, proto.ErrRateLimited, false
 	}
+	if perr := s.sharedGrabLimit(user, code); perr != nil {
+		return GrabReply{}, perr, false
+	}
 	if perr := s.frozen(user); perr != nil {
 		return GrabReply{}, perr, false
 	}
