@@ -456,12 +456,21 @@ func wsTextFrame(p []byte) []byte {
 // begin counts one asynchronous request (a gift waiting for its durable
 // debit) in; at most cap(sem) are in flight per connection, beyond that the
 // reader waits (backpressure on this client only). end counts it out.
-func (c *Conn) begin() {
+// false: the node decided to close the connection (or stops) while the
+// reader waited — the request is not served (its reply could not be
+// queued; a debit could start after Shutdown's wait), nothing to end. It is
+// counted before it waits, so Shutdown's wait covers a reader that waits.
+func (c *Conn) begin() bool {
 	if c.sem == nil {
 		c.sem = make(chan struct{}, c.srv.cfg.Gifts.MaxInflight)
 	}
-	c.sem <- struct{}{}
 	c.srv.inflight.Add(1)
+	c.sem <- struct{}{}
+	if c.closing.Load() || c.srv.draining.Load() {
+		c.end()
+		return false
+	}
+	return true
 }
 
 func (c *Conn) end() {

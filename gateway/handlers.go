@@ -46,7 +46,9 @@ func (s *Server) dispatch(c *Conn, b []byte) {
 		if err = decodeValid(&f, &r); err == nil {
 			inRoom := s.router.IsMember(r.RoomID, c)
 			id, user, start := f.ID, c.ident.UserID, time.Now()
-			c.begin()
+			if !c.begin() {
+				return
+			}
 			s.gifts.SendAsync(user, inRoom, r, func(rep gift.Reply, err *proto.Error) {
 				defer c.end()
 				// Timed before the reply is queued: a client that has its
@@ -64,7 +66,9 @@ func (s *Server) dispatch(c *Conn, b []byte) {
 		var r proto.GrabReq
 		if err = decodeValid(&f, &r); err == nil {
 			id := f.ID
-			c.begin()
+			if !c.begin() {
+				return
+			}
 			reply := func(rep any, err *proto.Error) {
 				defer c.end()
 				if err != nil {
