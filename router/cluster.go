@@ -237,6 +237,10 @@ type Cluster struct {
 	// attempt began.
 	redrainMu sync.Mutex
 	redrains  map[int64]bool
+	// redrainWaits are the drains (DrainDone) of sessions that registered
+	// while their user's list could not be drained: their live pushes wait
+	// behind what a retry delivers, up to redrainHold (redrainMu).
+	redrainWaits map[int64][]func()
 	// drains: one drain of a user's list at a time on this node (drainOnce).
 	drains keylock.Map[int64]
 	// reconnDraining: every local user's list is being drained after a
@@ -406,7 +410,7 @@ func NewCluster(cfg ClusterConfig) (*Cluster, error) {
 		cfg: cfg, nc: cfg.NATS, rdb: cfg.Redis, log: cfg.Log, boot: NewEpoch(),
 		rooms: map[int64]*croom{}, seqs: map[int64]*seqRoom{}, users: map[int64]*cuser{},
 		dirtyRooms: map[int64]struct{}{}, dirtyUsers: map[int64]struct{}{},
-		staleDrops: map[staleField]struct{}{}, redrains: map[int64]bool{}, reconnKick: make(chan struct{}, 1),
+		staleDrops: map[staleField]struct{}{}, redrains: map[int64]bool{}, redrainWaits: map[int64][]func(){}, reconnKick: make(chan struct{}, 1),
 		stop: make(chan struct{}),
 	}
 	c.local = local
@@ -1720,8 +1724,16 @@ func (c *Cluster) dropIdle() {
 // its first session.
 func (c *Cluster) Register(s Session) {
 	// Until the shared list is drained too, live pushes wait behind what
-	// it held, as behind the node's box (Draining).
-	defer drainStart(s)()
+	// it held, as behind the node's box (Draining) — and behind what a
+	// retried drain delivers, when Redis did not answer this one, up to
+	// redrainHold.
+	done := drainStart(s)
+	held := false
+	defer func() {
+		if !held {
+			done()
+		}
+	}()
 	c.local.register(s)
 	u := s.UserID()
 	c.mu.Lock()
@@ -1743,7 +1755,7 @@ func (c *Cluster) Register(s Session) {
 		// linger). Every session drains the list, not only the first (as
 		// Local.Register): a push kept while the user's other session here
 		// was closing waits there otherwise.
-		c.drainOffline(u)
+		held = c.drainOffline(u) && c.holdDrain(u, done)
 	default:
 		sub, err := c.nc.ChanSubscribe(userSubject(u), c.userq[uint64(u)%userShards])
 		c.mu.Lock()
@@ -1776,10 +1788,42 @@ func (c *Cluster) Register(s Session) {
 					c.log.Debug("NATS flush after a user subscription failed", "user", u, "err", err)
 				}
 			}
-			c.drainOffline(u)
+			held = c.drainOffline(u) && c.holdDrain(u, done)
 		}
 	}
 	c.markUser(u)
+}
+
+// redrainHold bounds how long a registering session's live pushes wait
+// behind a retried drain of its user's list (Redis did not answer the
+// first): past it they go, and what the retry still delivers comes after
+// them.
+const redrainHold = 2 * time.Second
+
+// holdDrain ends a registering session's drain (done) when the retried
+// drain of user's list has delivered, or after redrainHold, whichever
+// comes first; false: no retry is under way (end it now).
+func (c *Cluster) holdDrain(user int64, done func()) bool {
+	var once sync.Once
+	end := func() { once.Do(done) }
+	c.redrainMu.Lock()
+	if _, on := c.redrains[user]; !on {
+		c.redrainMu.Unlock()
+		return false
+	}
+	c.redrainWaits[user] = append(c.redrainWaits[user], end)
+	c.redrainMu.Unlock()
+	time.AfterFunc(redrainHold, end)
+	return true
+}
+
+// endDrainWaits ends the drains held behind user's retried drain. With
+// redrainMu.
+func (c *Cluster) endDrainWaits(user int64) {
+	for _, end := range c.redrainWaits[user] {
+		end()
+	}
+	delete(c.redrainWaits, user)
 }
 
 // userShards is the number of user-subscription queues (Cluster.userq).
@@ -2025,8 +2069,9 @@ func userPushMsg(user int64, reply string, m Msg, owed bool) *nats.Msg {
 
 // drainOffline delivers the user's offline pushes to their sessions here;
 // a drain Redis did not answer is retried in the background (redrain), as
-// is one that found pushes leased to another drain (drainOnce).
-func (c *Cluster) drainOffline(user int64) {
+// is one that found pushes leased to another drain (drainOnce). It reports
+// whether it left a retry to do.
+func (c *Cluster) drainOffline(user int64) bool {
 	err := c.drainOnce(user)
 	var held leased
 	switch {
@@ -2035,7 +2080,10 @@ func (c *Cluster) drainOffline(user int64) {
 	case err != nil:
 		c.log.Warn("offline pushes not read; retrying", "user", user, "err", err)
 		c.redrain(user)
+	default:
+		return false
 	}
+	return true
 }
 
 // A failed drain is retried after redrainFirst, then twice as long each
@@ -2083,6 +2131,9 @@ func (c *Cluster) redrainLoop(user int64) {
 	for {
 		select {
 		case <-c.stop:
+			c.redrainMu.Lock()
+			c.endDrainWaits(user)
+			c.redrainMu.Unlock()
 			return
 		case <-t.C:
 		}
@@ -2110,6 +2161,7 @@ func (c *Cluster) redrainLoop(user int64) {
 		again := c.redrains[user]
 		if !again {
 			delete(c.redrains, user)
+			c.endDrainWaits(user)
 		}
 		c.redrainMu.Unlock()
 		if !again {

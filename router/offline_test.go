@@ -569,3 +569,87 @@ func TestFullOfflineBoxRefusesWithoutARescan(t *testing.T) {
 		t.Fatalf("user 0 still has %d pushes", len(got))
 	}
 }
+
+// drainSink is a Draining session that keeps the order its client would
+// see: owed pushes at once, live ones held while it drains and released
+// behind them at DrainDone (the gateway's backlog, in small).
+type drainSink struct {
+	user     int64
+	mu       sync.Mutex
+	draining bool
+	held     []string
+	seen     []string
+}
+
+func (s *drainSink) ID() uint64    { return 1 }
+func (s *drainSink) UserID() int64 { return s.user }
+func (s *drainSink) Send(f *Frame) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, m := range f.Msgs {
+		if s.draining {
+			s.held = append(s.held, m.Mid)
+		} else {
+			s.seen = append(s.seen, m.Mid)
+		}
+	}
+	return true
+}
+func (s *drainSink) SendBacklog(f *Frame) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, m := range f.Msgs {
+		s.seen = append(s.seen, m.Mid)
+	}
+	return true
+}
+func (s *drainSink) DrainStart() { s.mu.Lock(); s.draining = true; s.mu.Unlock() }
+func (s *drainSink) DrainDone() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.draining = false
+	s.seen, s.held = append(s.seen, s.held...), nil
+}
+func (s *drainSink) order() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]string(nil), s.seen...)
+}
+
+// A push kept for the user arrives before a live one made while the user
+// reconnected even when Redis did not answer the first drain: the session's
+// live pushes wait behind the retried drain (up to redrainHold). Before,
+// the retry delivered the kept push after the live one (an order's status
+// could go back).
+func TestClusterRetriedDrainKeepsOwedPushesFirst(t *testing.T) {
+	env := clusterEnv{nats: natstest.Start(t), redis: redistest.Start(t)}
+	px := redistest.StartProxy(t, env.redis.Addr)
+	a := newCluster(t, clusterEnv{nats: env.nats, redis: env.redis, via: px.Addr}, "a",
+		ClusterConfig{CallTimeout: 300 * time.Millisecond, Local: LocalConfig{OfflineMax: 8, OfflineTTL: time.Minute}})
+	keepFor(t, a, 7, "kept")
+	px.LoseReply("le:cut", time.Second) // Redis unreachable from a for a second
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	_ = a.rdb.Do(ctx, a.rdb.B().Get().Key("le:cut").Build()).Error()
+	cancel()
+	s := &drainSink{user: 7}
+	a.Register(s) // its drain fails: retried
+	live := Msg{Mid: "live", Ack: true, Bytes: []byte(`{"t":"push","mid":"live","biz":1,"ack":true,"d":{}}`)}
+	a.local.sendMsg(7, live, false) // a live push while the retry waits
+	waitFor(t, func() bool { return len(s.order()) == 2 })
+	if got := s.order(); !slices.Equal(got, []string{"kept", "live"}) {
+		t.Fatalf("the session saw %v, want [kept live]", got)
+	}
+	// Redis away for good: the live pushes wait redrainHold, no longer.
+	px.Close()
+	s8 := &drainSink{user: 8}
+	start := time.Now()
+	a.Register(s8)
+	a.local.sendMsg(8, live, false)
+	deadline := time.Now().Add(redrainHold + 3*time.Second)
+	for len(s8.order()) == 0 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if got, took := s8.order(), time.Since(start); len(got) != 1 || took < redrainHold-100*time.Millisecond {
+		t.Fatalf("with Redis away the live push came %v after the connect (%v), want after about %v", took, got, redrainHold)
+	}
+}
