@@ -64,7 +64,10 @@ type Conn struct {
 	// queued: a request run then — a chat posted, a gift debited — would
 	// go unanswered while the writer drains or waits out a stalled write).
 	closing atomic.Bool
-	drain   bool // write what is queued before the close frame
+	// registered: made reachable through the router (OnOpen), so OnClose
+	// unregisters it — not one refused at a shutdown before that.
+	registered atomic.Bool
+	drain      bool // write what is queued before the close frame
 	// backlog: frames of pushes owed from before (SendBacklog) waiting
 	// for room; the writer moves them into the queue as it drains it
 	// (moveBacklog). backlogMsgs counts their pushes (≤ maxBacklog);

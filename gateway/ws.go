@@ -401,6 +401,16 @@ func (s *Server) OnOpen(socket *gws.Conn) {
 		HeartbeatS: max(1, int(hb/time.Second)), HeartbeatMS: hb.Milliseconds(),
 		Batch: c.batch, SessionID: strconv.FormatUint(c.id, 10),
 	}))
+	if s.draining.Load() {
+		// Stopping: not made reachable. Registered, it would gather its
+		// user's kept pushes into a connection Shutdown may not wait for
+		// (upgraded after its snapshot), and hand them on while the
+		// backends close — into memory lost at exit. They stay kept.
+		c.Attached()
+		c.Close(proto.CloseGoingAway, true)
+		return
+	}
+	c.registered.Store(true)
 	s.router.Register(c)
 	c.Attached() // a router that did not tell it
 	if s.draining.Load() {
@@ -422,7 +432,9 @@ func (s *Server) OnClose(socket *gws.Conn, err error) {
 	c.dropQueue()
 	c.mu.Unlock()
 	unacked := c.stopAcks()
-	s.router.Unregister(c)
+	if c.registered.Load() {
+		s.router.Unregister(c)
+	}
 	if k, ok := s.router.(router.Keeper); ok && len(unacked) > 0 {
 		// Sent again to the user's other sessions, or kept for the next
 		// connect — before done: a graceful shutdown waits for done, then
