@@ -11,6 +11,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/redis/rueidis"
 
+	"github.com/liveedge/liveedge/edge/pay"
 	"github.com/liveedge/liveedge/edge/redpacket"
 	"github.com/liveedge/liveedge/gateway/proto"
 	"github.com/liveedge/liveedge/persist"
@@ -55,6 +56,19 @@ func (n *Node) rainOwner(code string) (string, error) {
 	return n.workerOwner(tag)
 }
 
+// rainOwnerGone reports whether Redis answers that no node holds the
+// worker id of code's tag — not when Redis could not tell (then a grab is
+// "retry", never "not found", which a client takes as final).
+func (n *Node) rainOwnerGone(code string) bool {
+	tag, ok := redpacket.CodeTag(code)
+	if !ok || n.Redis == nil {
+		return false
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
+	defer cancel()
+	return rueidis.IsRedisNil(n.Redis.Do(ctx, n.Redis.B().Get().Key(pay.WorkerLeaseKey(tag)).Build()).Error())
+}
+
 // redPacket runs op (rp.prepare | rp.start | rp.grab | rp.get) for user on
 // the rain's node and returns the reply's d as JSON.
 func (n *Node) redPacket(op string, user int64, code string) ([]byte, *proto.Error) {
@@ -64,13 +78,12 @@ func (n *Node) redPacket(op string, user int64, code string) ([]byte, *proto.Err
 			// for more (docs/redpacket.md: while the owner is down, its
 			// holders keep granting from their slices).
 			b, perr := n.grabVia(owner, user, code)
-			if perr != nil && perr.Code == proto.CodeInternal {
+			if redpacket.OwnerUnreachable(perr) && n.rainOwnerGone(code) {
 				// The slice is out and the owner did not answer: gone
-				// past its worker lease, it is "not found" as below, not
-				// a retry a client would make until the rain's end.
-				if _, err := n.rainOwner(code); errors.Is(err, errOwnerDown) {
-					return nil, errGrabNoOwner
-				}
+				// past its worker lease (Redis says so), it is "not
+				// found" as below, not a retry a client would make until
+				// the rain's end.
+				return nil, errGrabNoOwner
 			}
 			return b, perr
 		}

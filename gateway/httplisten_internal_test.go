@@ -9,6 +9,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/nats-io/nats.go"
 )
 
 // failingOnce is a listener whose first Accept fails as when the process is
@@ -80,9 +82,20 @@ func TestRedactURL(t *testing.T) {
 		"nats://user:secret@10.0.0.1:4222":       "nats://redacted@10.0.0.1:4222",
 		"nats://a:1@h1:4222, nats://tok@h2:4222": "nats://redacted@h1:4222,nats://redacted@h2:4222",
 		"tls://u:p%zz@h:4222":                    "(unparsable URL with credentials)",
+		"u:secret@h:4222":                        "nats://redacted@h:4222",
 	} {
 		if got := redactURL(in); got != want || strings.Contains(got, "secret") {
 			t.Errorf("redactURL(%q) = %q, want %q", in, got, want)
+		}
+	}
+	// The client's own error quotes the URL it was given.
+	for _, raw := range []string{"tls://u:secret%zz@h:4222", "nats://u:secret@127.0.0.1:1", "u:secret@127.0.0.1:1"} {
+		_, err := nats.Connect(raw, nats.Timeout(200*time.Millisecond))
+		if err == nil {
+			t.Fatalf("connected to %s", raw)
+		}
+		if got := natsErr("nats", raw, err).Error(); strings.Contains(got, "secret") {
+			t.Errorf("the error of %s names its credentials: %s", raw, got)
 		}
 	}
 }

@@ -526,7 +526,7 @@ func (n *Node) startRouter() error {
 		// at the start, while this node served without it.
 		nats.ReconnectHandler(routerBack), nats.ConnectHandler(routerBack))...)
 	if err != nil {
-		return fmt.Errorf("router nats %s: %w", redactURL(cfg.NATS.URL), err)
+		return natsErr("router nats", cfg.NATS.URL, err)
 	}
 	n.routerNC = nc
 	// Two processes under one node.id share its worker lease, its
@@ -615,7 +615,7 @@ func (n *Node) startNATS() error {
 				}
 			}))...)
 		if err != nil {
-			return fmt.Errorf("nats %s: %w", redactURL(cfg.NATS.URL), err)
+			return natsErr("nats", cfg.NATS.URL, err)
 		}
 		n.NC = nc
 		if !nc.IsConnected() {
@@ -987,11 +987,17 @@ func backfill(log *slog.Logger, what, attr, note string, fill func(context.Conte
 }
 
 // redactURL is a server URL (or a comma-separated list) as it can be
-// logged: credentials written into it (nats://user:pass@host) replaced.
+// logged: credentials written into it (nats://user:pass@host, or
+// user:pass@host, which the client takes as nats://) replaced.
 func redactURL(raw string) string {
 	parts := strings.Split(raw, ",")
 	for i, p := range parts {
-		if u, err := url.Parse(strings.TrimSpace(p)); err == nil && u.User != nil {
+		p = strings.TrimSpace(p)
+		full := p
+		if !strings.Contains(p, "://") {
+			full = "nats://" + p
+		}
+		if u, err := url.Parse(full); err == nil && u.User != nil {
 			u.User = url.User("redacted")
 			parts[i] = u.String()
 		} else if err != nil && strings.Contains(p, "@") {
@@ -999,4 +1005,28 @@ func redactURL(raw string) string {
 		}
 	}
 	return strings.Join(parts, ",")
+}
+
+// natsErr is err of a connection to raw: as it is when raw carries no
+// credentials, else its text without them (the client's errors quote the
+// URL it was given).
+func natsErr(what, raw string, err error) error {
+	red := redactURL(raw)
+	if red == raw {
+		return fmt.Errorf("%s %s: %w", what, raw, err)
+	}
+	msg := err.Error()
+	for _, p := range strings.Split(raw, ",") {
+		if p = strings.TrimSpace(p); p != "" {
+			msg = strings.ReplaceAll(msg, p, redactURL(p))
+		}
+		if at := strings.LastIndex(p, "@"); at >= 0 {
+			if from := strings.Index(p, "://"); from >= 0 && from+3 <= at {
+				msg = strings.ReplaceAll(msg, p[from+3:at], "redacted")
+			} else {
+				msg = strings.ReplaceAll(msg, p[:at], "redacted")
+			}
+		}
+	}
+	return fmt.Errorf("%s %s: %s", what, red, msg)
 }

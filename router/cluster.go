@@ -240,7 +240,7 @@ type Cluster struct {
 	// redrainWaits are the drains (DrainDone) of sessions that registered
 	// while their user's list could not be drained: their live pushes wait
 	// behind what a retry delivers, up to redrainHold (redrainMu).
-	redrainWaits map[int64][]func()
+	redrainWaits map[int64][]*drainWait
 	// drains: one drain of a user's list at a time on this node (drainOnce).
 	drains keylock.Map[int64]
 	// reconnDraining: every local user's list is being drained after a
@@ -410,7 +410,7 @@ func NewCluster(cfg ClusterConfig) (*Cluster, error) {
 		cfg: cfg, nc: cfg.NATS, rdb: cfg.Redis, log: cfg.Log, boot: NewEpoch(),
 		rooms: map[int64]*croom{}, seqs: map[int64]*seqRoom{}, users: map[int64]*cuser{},
 		dirtyRooms: map[int64]struct{}{}, dirtyUsers: map[int64]struct{}{},
-		staleDrops: map[staleField]struct{}{}, redrains: map[int64]bool{}, redrainWaits: map[int64][]func(){}, reconnKick: make(chan struct{}, 1),
+		staleDrops: map[staleField]struct{}{}, redrains: map[int64]bool{}, redrainWaits: map[int64][]*drainWait{}, reconnKick: make(chan struct{}, 1),
 		stop: make(chan struct{}),
 	}
 	c.local = local
@@ -1804,24 +1804,41 @@ const redrainHold = 2 * time.Second
 // drain of user's list has delivered, or after redrainHold, whichever
 // comes first; false: no retry is under way (end it now).
 func (c *Cluster) holdDrain(user int64, done func()) bool {
-	var once sync.Once
-	end := func() { once.Do(done) }
+	w := &drainWait{done: done}
 	c.redrainMu.Lock()
 	if _, on := c.redrains[user]; !on {
 		c.redrainMu.Unlock()
 		return false
 	}
-	c.redrainWaits[user] = append(c.redrainWaits[user], end)
+	// Those that ended by their time are dropped as others come: a user
+	// reconnecting in a loop through a long outage leaves at most
+	// redrainHold's worth of them.
+	waits := slices.DeleteFunc(c.redrainWaits[user], func(o *drainWait) bool { return o.ended.Load() })
+	c.redrainWaits[user] = append(waits, w)
 	c.redrainMu.Unlock()
-	time.AfterFunc(redrainHold, end)
+	time.AfterFunc(redrainHold, w.end)
 	return true
+}
+
+// drainWait is a session's drain held behind a retried drain (holdDrain).
+type drainWait struct {
+	once  sync.Once
+	ended atomic.Bool
+	done  func()
+}
+
+func (w *drainWait) end() {
+	w.once.Do(func() {
+		w.ended.Store(true)
+		w.done()
+	})
 }
 
 // endDrainWaits ends the drains held behind user's retried drain. With
 // redrainMu.
 func (c *Cluster) endDrainWaits(user int64) {
-	for _, end := range c.redrainWaits[user] {
-		end()
+	for _, w := range c.redrainWaits[user] {
+		w.end()
 	}
 	delete(c.redrainWaits, user)
 }

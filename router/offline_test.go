@@ -627,7 +627,7 @@ func TestClusterRetriedDrainKeepsOwedPushesFirst(t *testing.T) {
 	a := newCluster(t, clusterEnv{nats: env.nats, redis: env.redis, via: px.Addr}, "a",
 		ClusterConfig{CallTimeout: 300 * time.Millisecond, Local: LocalConfig{OfflineMax: 8, OfflineTTL: time.Minute}})
 	keepFor(t, a, 7, "kept")
-	px.LoseReply("le:cut", time.Second) // Redis unreachable from a for a second
+	px.LoseReply("le:cut", 500*time.Millisecond) // Redis unreachable from a for half a second
 	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
 	_ = a.rdb.Do(ctx, a.rdb.B().Get().Key("le:cut").Build()).Error()
 	cancel()
@@ -651,5 +651,21 @@ func TestClusterRetriedDrainKeepsOwedPushesFirst(t *testing.T) {
 	}
 	if got, took := s8.order(), time.Since(start); len(got) != 1 || took < redrainHold-100*time.Millisecond {
 		t.Fatalf("with Redis away the live push came %v after the connect (%v), want after about %v", took, got, redrainHold)
+	}
+	// A user reconnecting in a loop through the outage: the held drains
+	// that ended by their time are not kept.
+	for i := range 5 {
+		si := &drainSink{user: 8}
+		a.Register(si)
+		a.Unregister(si)
+		if i == 0 {
+			time.Sleep(redrainHold + 200*time.Millisecond)
+		}
+	}
+	a.redrainMu.Lock()
+	n := len(a.redrainWaits[8])
+	a.redrainMu.Unlock()
+	if n > 4 {
+		t.Fatalf("%d held drains kept for the user, want the 4 not ended yet (those ended dropped)", n)
 	}
 }

@@ -5,41 +5,33 @@ import (
 	"encoding/binary"
 	"errors"
 	"hash/fnv"
-	"hash/maphash"
 	"strconv"
 	"strings"
 	"time"
 
+	"github.com/liveedge/liveedge/edge/limit"
 	"github.com/liveedge/liveedge/gateway/proto"
 	"github.com/liveedge/liveedge/persist"
 )
 
-// grabKey is the rate-limit key of (user, code).
-func (s *Service) grabKey(user int64, code string) uint64 {
-	var h maphash.Hash
-	h.SetSeed(s.seed)
-	_, _ = h.WriteString(code)
-	var b [8]byte
-	for i := range b {
-		b[i] = byte(user >> (8 * i))
-	}
-	_, _ = h.Write(b[:])
-	return h.Sum64()
-}
-
-// sharedGrabLimit is GrabInterval across the nodes (Config.SharedGrabs;
-// nil: not set, or allowed), keyed by a hash of (user, code) every node
-// computes alike.
-func (s *Service) sharedGrabLimit(user int64, code string) *proto.Error {
-	if s.cfg.SharedGrabs == nil {
-		return nil
-	}
+// grabKey is the rate-limit key of (user, code): the same on every node
+// (Config.SharedGrabs counts it across them). Codes reaching a limit are
+// rains' (a made-up code is refused before), so its keys are not chosen
+// by clients.
+func grabKey(user int64, code string) uint64 {
 	h := fnv.New64a()
 	_, _ = h.Write([]byte(code))
 	var b [8]byte
 	binary.BigEndian.PutUint64(b[:], uint64(user))
 	_, _ = h.Write(b[:])
-	return s.cfg.SharedGrabs.Check(h.Sum64(), proto.ErrRateLimited, s.log)
+	return h.Sum64()
+}
+
+// grabRate checks GrabInterval for (user, code) on this node and, with
+// Config.SharedGrabs, across the nodes: nil, 10429, or 50000 when Redis
+// did not answer (the node's count then given back).
+func (s *Service) grabRate(user int64, code string) *proto.Error {
+	return limit.Both(s.grabLimit, s.cfg.SharedGrabs, grabKey(user, code), proto.ErrRateLimited, s.log)
 }
 
 // Grab grabs a packet of rain code for user and returns once the grant (with
@@ -82,11 +74,8 @@ func (s *Service) GrabAsync(user int64, code string, done func(GrabReply, *proto
 	case ending || state == StateFinished:
 		done(GrabReply{}, errEmpty)
 		return
-	case !s.grabLimit.Allow(s.grabKey(user, code)):
-		done(GrabReply{}, proto.ErrRateLimited)
-		return
 	}
-	if perr := s.sharedGrabLimit(user, code); perr != nil {
+	if perr := s.grabRate(user, code); perr != nil {
 		done(GrabReply{}, perr)
 		return
 	}

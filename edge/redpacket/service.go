@@ -3,7 +3,6 @@ package redpacket
 import (
 	"context"
 	"errors"
-	"hash/maphash"
 	"log/slog"
 	"math/rand/v2"
 	"strconv"
@@ -142,7 +141,6 @@ type Service struct {
 
 	prepLimit, startLimit, grabLimit, createLimit *limit.Keyed
 	tooManyRains                                  *proto.Error // createLimit's refusal (10429)
-	seed                                          maphash.Seed
 
 	// keepStop ends keepRooms (nil: no shared room check); keepDone is
 	// closed when it has. Set once in New.
@@ -259,7 +257,7 @@ func New(store *persist.Store, w persist.Wallet, r router.Router, cfg Config, lo
 		log = slog.Default()
 	}
 	s := &Service{cfg: cfg, store: store, wallet: w, router: r, pool: cfg.Pool, log: log.With("svc", "redpacket"),
-		seed: maphash.MakeSeed(), rains: map[string]*rain{}, perAnchor: map[int64]int{},
+		rains: map[string]*rain{}, perAnchor: map[int64]int{},
 		running: map[int64]string{}, prepared: map[int64]string{}, shards: map[string]*shard{}, quit: make(chan struct{}),
 		tokenBase: cfg.Node + ":" + strconv.FormatUint(rand.Uint64(), 36), lost: map[placeKey]*lostPlace{}}
 	if m, ok := cfg.Pool.(*MemoryPool); ok && cfg.Peers != nil {

@@ -1077,10 +1077,8 @@ func (s *Service) grabVia(owner string, user int64, code string) (GrabReply, *pr
 		return GrabReply{}, errEmpty, false
 	case !s.cfg.InRoom(room, user):
 		return GrabReply{}, errNotInRm, false
-	case !s.grabLimit.Allow(s.grabKey(user, code)):
-		return GrabReply{}, proto.ErrRateLimited, false
 	}
-	if perr := s.sharedGrabLimit(user, code); perr != nil {
+	if perr := s.grabRate(user, code); perr != nil {
 		return GrabReply{}, perr, false
 	}
 	if perr := s.frozen(user); perr != nil {
@@ -1131,6 +1129,10 @@ func (s *Service) grabVia(owner string, user int64, code string) (GrabReply, *pr
 	<-done
 	return rep, out, false
 }
+
+// OwnerUnreachable reports whether perr, a GrabVia answer, is a lease
+// that got no answer from the rain's owner (its slice here is out).
+func OwnerUnreachable(perr *proto.Error) bool { return perr == errOwnerGone }
 
 // refusal is a lease error as a grab's answer.
 func refusal(err error) *proto.Error {
