@@ -56,17 +56,31 @@ func (n *Node) rainOwner(code string) (string, error) {
 	return n.workerOwner(tag)
 }
 
-// rainOwnerGone reports whether Redis answers that no node holds the
-// worker id of code's tag — not when Redis could not tell (then a grab is
-// "retry", never "not found", which a client takes as final).
+// rainOwnerGone reports whether code's node is gone past its worker
+// lease: Redis answers that no node holds the worker id of code's tag, and
+// no node was seen holding it within a lease's time (a node that stopped
+// gracefully released it and may be back at once) — not when Redis could
+// not tell (then a grab is "retry", never "not found", which a client
+// takes as final).
 func (n *Node) rainOwnerGone(code string) bool {
 	tag, ok := redpacket.CodeTag(code)
 	if !ok || n.Redis == nil {
 		return false
 	}
+	if _, seen := n.owners.get(tag, time.Now()); seen {
+		return false
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
 	defer cancel()
 	return rueidis.IsRedisNil(n.Redis.Do(ctx, n.Redis.B().Get().Key(pay.WorkerLeaseKey(tag)).Build()).Error())
+}
+
+// sawRainOwner notes owner as holding code's worker id now (a grab from
+// its slice succeeded: it leased lately).
+func (n *Node) sawRainOwner(code, owner string) {
+	if tag, ok := redpacket.CodeTag(code); ok {
+		n.owners.put(tag, owner, time.Now())
+	}
 }
 
 // redPacket runs op (rp.prepare | rp.start | rp.grab | rp.get) for user on
@@ -78,6 +92,9 @@ func (n *Node) redPacket(op string, user int64, code string) ([]byte, *proto.Err
 			// for more (docs/redpacket.md: while the owner is down, its
 			// holders keep granting from their slices).
 			b, perr := n.grabVia(owner, user, code)
+			if perr == nil {
+				n.sawRainOwner(code, owner) // its lease answered lately (or the slice lasted)
+			}
 			if redpacket.OwnerUnreachable(perr) && n.rainOwnerGone(code) {
 				// The slice is out and the owner did not answer: gone
 				// past its worker lease (Redis says so), it is "not
@@ -90,10 +107,11 @@ func (n *Node) redPacket(op string, user int64, code string) ([]byte, *proto.Err
 	}
 	owner, err := n.rainOwner(code)
 	if err != nil {
-		if errors.Is(err, errOwnerDown) {
+		if errors.Is(err, errOwnerDown) && n.rainOwnerGone(code) {
 			// No node holds the code's worker id (a made-up code, or its
 			// node gone longer than a lease): nothing to grab or show —
-			// not "retry", which a client would do for ever.
+			// not "retry", which a client would do for ever. (Redis not
+			// answering is a retry: it could not tell.)
 			switch op {
 			case "rp.grab":
 				return nil, errGrabNoOwner

@@ -1015,6 +1015,11 @@ func natsErr(what, raw string, err error) error {
 	if red == raw {
 		return fmt.Errorf("%s %s: %w", what, raw, err)
 	}
+	if ue := (*url.Error)(nil); errors.As(err, &ue) {
+		// The parser quotes pieces of the URL (a cut copy, an escape, a
+		// "port" that is the password's start): none of it is shown.
+		return fmt.Errorf("%s %s: the URL does not parse", what, red)
+	}
 	msg := err.Error()
 	for _, p := range strings.Split(raw, ",") {
 		if p = strings.TrimSpace(p); p != "" {

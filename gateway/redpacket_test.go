@@ -892,7 +892,8 @@ func TestClusterRoomInfoShowsAnotherNodesRain(t *testing.T) {
 // past its worker lease (docs/redpacket.md): before, every grab there asked
 // first who runs the rain, found no lease, and answered 30001 "not found"
 // to a rain running with packets in this node's slice. Once the slice is
-// out, the answer is that 30001.
+// out, the answer is that 30001 — once the owner was seen by no node for a
+// lease's time (before that, "retry": it may be restarting).
 func TestClusterHolderGrantsFromItsSliceWithTheOwnerGone(t *testing.T) {
 	n1, n2, room := clusterPairWithAnchor(t, 1000)
 	code := startRain(t, n1, rainAnchor, room, 1000, 100, 60)
@@ -910,10 +911,16 @@ func TestClusterHolderGrantsFromItsSliceWithTheOwnerGone(t *testing.T) {
 	for u := int64(101); ; u++ {
 		g, err := joinedViewer(t, n2, u, room, nil).Grab(ctx, code)
 		if err != nil {
-			// The slice used up, with the owner gone past its lease: "not
-			// found", not a 50000 retry until the rain's end.
-			if nodetest.CodeOf(err) != proto.CodeRedPacketNotFound || granted < 3 {
-				t.Fatalf("grab of user %d on the holder, the owner gone, %d granted there: %v (want grants, then 30001 once the slice is out)", u, granted, err)
+			// The slice used up: within a lease's time of its last grant
+			// the owner may be restarting (a graceful stop released its
+			// lease) — "retry"; seen by no node for longer, it is gone:
+			// "not found", not a 50000 retry until the rain's end.
+			if nodetest.CodeOf(err) != proto.CodeInternal || granted < 3 {
+				t.Fatalf("grab of user %d on the holder, the owner just gone, %d granted there: %v (want grants, then 50000 once the slice is out)", u, granted, err)
+			}
+			n2.RainOwner(code) // the owner seen lately forgotten: past its lease
+			if _, err := joinedViewer(t, n2, u+1, room, nil).Grab(ctx, code); nodetest.CodeOf(err) != proto.CodeRedPacketNotFound {
+				t.Fatalf("grab on the holder, its slice out, the owner gone past its lease: %v, want 30001", err)
 			}
 			break
 		}
@@ -984,5 +991,34 @@ func TestClusterGrabIntervalAcrossNodes(t *testing.T) {
 	}
 	if g, err := joinedViewer(t, n2, 101, room, nil).Grab(ctx, code); err != nil || g.Amount < 1 {
 		t.Fatalf("another user's grab there: %+v %v", g, err)
+	}
+}
+
+// A node that cannot reach Redis cannot tell who runs a rain: a GET or a
+// grab of a running rain through it is 50000 "retry" — it was 10004 /
+// 30001, "not found", which a client takes as final.
+func TestClusterRainNotFoundOnlyWhenRedisSaysSo(t *testing.T) {
+	rds, nats := redistest.Start(t), natstest.Start(t)
+	px := redistest.StartProxy(t, rds.Addr)
+	peers := []string{"gw-1", "gw-2"}
+	n1 := nodetest.Start(t, clusterNodeConfig(t, "gw-1", peers, rds, nats))
+	c2 := clusterNodeConfig(t, "gw-2", peers, rds, nats)
+	c2.Redis.Addr = px.Addr
+	n2 := nodetest.Start(t, c2)
+	room := nodetest.OpenRoom(t, n1, rainAnchor, 0)
+	fund := persist.Op{User: rainAnchor, ReqID: "fund", Postings: []persist.Posting{{User: rainAnchor, Delta: 100, Reason: persist.ReasonDev}}}
+	nodetest.Eventually(t, 10*time.Second, func() bool { _, err := n1.Wallet.Apply(fund); return err == nil },
+		"the shared wallet not ready")
+	code := startRain(t, n1, rainAnchor, room, 100, 5, 60)
+	px.Refuse(time.Minute) // gw-2 cut off from Redis, its connections dropped
+	if st, r := rpCall(t, n2, 100, "GET", "/redpackets/"+code, ""); r.Code != proto.CodeInternal {
+		t.Fatalf("GET of a running rain through a node without Redis: %d %+v, want 50000", st, r)
+	}
+	var hg struct {
+		Code int `json:"code"`
+	}
+	nodetest.DoJSON(t, "POST", nodetest.HTTPURL(n2)+"/api/v1/redpackets/"+code+"/grab", nodetest.Token(t, n2, 100, gateway.RoleViewer), "", &hg)
+	if hg.Code == proto.CodeRedPacketNotFound {
+		t.Fatalf("grab of a running rain through a node without Redis: %d, want a retry, never 30001", hg.Code)
 	}
 }

@@ -29,9 +29,10 @@ func grabKey(user int64, code string) uint64 {
 
 // grabRate checks GrabInterval for (user, code) on this node and, with
 // Config.SharedGrabs, across the nodes: nil, 10429, or 50000 when Redis
-// did not answer (the node's count then given back).
-func (s *Service) grabRate(user int64, code string) *proto.Error {
-	return limit.Both(s.grabLimit, s.cfg.SharedGrabs, grabKey(user, code), proto.ErrRateLimited, s.log)
+// did not answer (the node's count then given back). A later step that
+// fails on a dependency gives the node's count back (Spent.GiveBack).
+func (s *Service) grabRate(user int64, code string) (limit.Spent, *proto.Error) {
+	return limit.Take(s.grabLimit, s.cfg.SharedGrabs, grabKey(user, code), proto.ErrRateLimited, s.log)
 }
 
 // Grab grabs a packet of rain code for user and returns once the grant (with
@@ -75,7 +76,8 @@ func (s *Service) GrabAsync(user int64, code string, done func(GrabReply, *proto
 		done(GrabReply{}, errEmpty)
 		return
 	}
-	if perr := s.grabRate(user, code); perr != nil {
+	spent, perr := s.grabRate(user, code)
+	if perr != nil {
 		done(GrabReply{}, perr)
 		return
 	}
@@ -85,6 +87,9 @@ func (s *Service) GrabAsync(user int64, code string, done func(GrabReply, *proto
 	}
 	pl, perr := s.claim(code, user, endsAt)
 	if perr != nil {
+		if perr.Code == proto.CodeInternal {
+			spent.GiveBack() // Redis did not answer: the retry is not 10429
+		}
 		done(GrabReply{}, perr)
 		return
 	}

@@ -1078,7 +1078,8 @@ func (s *Service) grabVia(owner string, user int64, code string) (GrabReply, *pr
 	case !s.cfg.InRoom(room, user):
 		return GrabReply{}, errNotInRm, false
 	}
-	if perr := s.grabRate(user, code); perr != nil {
+	spent, perr := s.grabRate(user, code)
+	if perr != nil {
 		return GrabReply{}, perr, false
 	}
 	if perr := s.frozen(user); perr != nil {
@@ -1086,6 +1087,9 @@ func (s *Service) grabVia(owner string, user int64, code string) (GrabReply, *pr
 	}
 	pl, perr := s.claim(code, user, endsAt)
 	if perr != nil {
+		if perr.Code == proto.CodeInternal {
+			spent.GiveBack() // Redis did not answer: the retry is not 10429
+		}
 		return GrabReply{}, perr, false
 	}
 	p, err := s.popShard(sh)
@@ -1094,9 +1098,14 @@ func (s *Service) grabVia(owner string, user int64, code string) (GrabReply, *pr
 			s.unclaim(pl)
 		}
 		if errors.Is(err, errShardGone) {
+			spent.GiveBack() // tried again at once, on a fresh shard
 			return GrabReply{}, nil, true
 		}
-		return GrabReply{}, refusal(err), false
+		out := refusal(err)
+		if out.Code == proto.CodeInternal {
+			spent.GiveBack() // the owner did not answer: the retry is not 10429
+		}
+		return GrabReply{}, out, false
 	}
 	var (
 		rep GrabReply
