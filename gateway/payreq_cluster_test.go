@@ -7,8 +7,6 @@ import (
 	"github.com/liveedge/liveedge/edge/pay"
 	"github.com/liveedge/liveedge/gateway"
 	"github.com/liveedge/liveedge/gateway/nodetest"
-	"github.com/liveedge/liveedge/persist/redistest"
-	"github.com/liveedge/liveedge/router/natstest"
 )
 
 // A retry of an order's creation through another node whose confirmation
@@ -17,13 +15,7 @@ import (
 // makes a second payable order of the same req_id. The retry once Redis
 // answers gets the first order.
 func TestClusterOrderNotHandedOutUnconfirmed(t *testing.T) {
-	rds, nats := redistest.Start(t), natstest.Start(t)
-	px := redistest.StartProxy(t, rds.Addr)
-	peers := []string{"gw-1", "gw-2"}
-	n1 := nodetest.Start(t, clusterNodeConfig(t, "gw-1", peers, rds, nats))
-	c2 := clusterNodeConfig(t, "gw-2", peers, rds, nats)
-	c2.Redis.Addr = px.Addr
-	n2 := nodetest.Start(t, c2)
+	n1, n2, px := clusterPairViaProxy(t)
 	const user = 42
 	body := `{"product_id":1,"channel":"mock","req_id":"r1"}`
 	create := func(n *gateway.Node) (int, int, pay.Order) {

@@ -86,6 +86,19 @@ func clusterNodeConfig(t *testing.T, id string, nodes []string, rds *redistest.S
 	return c
 }
 
+// clusterPairViaProxy starts two cluster nodes (gw-1, gw-2) on one Redis and
+// NATS, gw-2 reaching Redis through the returned proxy (a test cuts it off).
+func clusterPairViaProxy(t *testing.T) (n1, n2 *gateway.Node, px *redistest.Proxy) {
+	t.Helper()
+	rds, nats := redistest.Start(t), natstest.Start(t)
+	px = redistest.StartProxy(t, rds.Addr)
+	peers := []string{"gw-1", "gw-2"}
+	n1 = nodetest.Start(t, clusterNodeConfig(t, "gw-1", peers, rds, nats))
+	c2 := clusterNodeConfig(t, "gw-2", peers, rds, nats)
+	c2.Redis.Addr = px.Addr
+	return n1, nodetest.Start(t, c2), px
+}
+
 // replyCodes reads the replies to the n frames sent with ids from first on
 // (pushes skipped) and counts those answered code.
 func replyCodes(t *testing.T, r *nodetest.Raw, first int64, n, code int) int {

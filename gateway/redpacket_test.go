@@ -838,11 +838,19 @@ func clusterPairWithAnchor(t *testing.T, coins int64, edit ...func(*configs.Conf
 		return c
 	}
 	n1, n2 = nodetest.Start(t, cfg("gw-1")), nodetest.Start(t, cfg("gw-2"))
-	room = nodetest.OpenRoom(t, n1, rainAnchor, 0)
+	return n1, n2, anchorRoomWithCoins(t, n1, coins)
+}
+
+// anchorRoomWithCoins opens a room of rainAnchor on cluster node n and
+// credits the anchor coins, once the shared wallet is ready (its first
+// generation, with every node up); it returns the room.
+func anchorRoomWithCoins(t *testing.T, n *gateway.Node, coins int64) int64 {
+	t.Helper()
+	room := nodetest.OpenRoom(t, n, rainAnchor, 0)
 	fund := persist.Op{User: rainAnchor, ReqID: "fund", Postings: []persist.Posting{{User: rainAnchor, Delta: coins, Reason: persist.ReasonDev}}}
-	nodetest.Eventually(t, 10*time.Second, func() bool { _, err := n1.Wallet.Apply(fund); return err == nil },
+	nodetest.Eventually(t, 10*time.Second, func() bool { _, err := n.Wallet.Apply(fund); return err == nil },
 		"the shared wallet not ready")
-	return n1, n2, room
+	return room
 }
 
 // In a cluster, room info through any node shows the room's running rain,
@@ -998,17 +1006,8 @@ func TestClusterGrabIntervalAcrossNodes(t *testing.T) {
 // grab of a running rain through it is 50000 "retry" — it was 10004 /
 // 30001, "not found", which a client takes as final.
 func TestClusterRainNotFoundOnlyWhenRedisSaysSo(t *testing.T) {
-	rds, nats := redistest.Start(t), natstest.Start(t)
-	px := redistest.StartProxy(t, rds.Addr)
-	peers := []string{"gw-1", "gw-2"}
-	n1 := nodetest.Start(t, clusterNodeConfig(t, "gw-1", peers, rds, nats))
-	c2 := clusterNodeConfig(t, "gw-2", peers, rds, nats)
-	c2.Redis.Addr = px.Addr
-	n2 := nodetest.Start(t, c2)
-	room := nodetest.OpenRoom(t, n1, rainAnchor, 0)
-	fund := persist.Op{User: rainAnchor, ReqID: "fund", Postings: []persist.Posting{{User: rainAnchor, Delta: 100, Reason: persist.ReasonDev}}}
-	nodetest.Eventually(t, 10*time.Second, func() bool { _, err := n1.Wallet.Apply(fund); return err == nil },
-		"the shared wallet not ready")
+	n1, n2, px := clusterPairViaProxy(t)
+	room := anchorRoomWithCoins(t, n1, 100)
 	code := startRain(t, n1, rainAnchor, room, 100, 5, 60)
 	px.Refuse(time.Minute) // gw-2 cut off from Redis, its connections dropped
 	if st, r := rpCall(t, n2, 100, "GET", "/redpackets/"+code, ""); r.Code != proto.CodeInternal {
