@@ -144,6 +144,16 @@ func (o *ownersSeen) put(w int, node string, now time.Time) {
 	o.m[w] = ownerSeen{node: node, at: now}
 }
 
+// touch renews when node was seen holding w's lease, if it is the one seen
+// last (never inserts: only Redis's answers name a holder).
+func (o *ownersSeen) touch(w int, node string, now time.Time) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if s, ok := o.m[w]; ok && s.node == node {
+		o.m[w] = ownerSeen{node: node, at: now}
+	}
+}
+
 // get returns the node seen holding w's lease within the lease's TTL.
 func (o *ownersSeen) get(w int, now time.Time) (string, bool) {
 	o.mu.Lock()

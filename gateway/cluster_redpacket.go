@@ -75,11 +75,13 @@ func (n *Node) rainOwnerGone(code string) bool {
 	return rueidis.IsRedisNil(n.Redis.Do(ctx, n.Redis.B().Get().Key(pay.WorkerLeaseKey(tag)).Build()).Error())
 }
 
-// sawRainOwner notes owner as holding code's worker id now (a grab from
-// its slice succeeded: it leased lately).
+// sawRainOwner renews owner as seen holding code's worker id (a grab from
+// its slice succeeded) — only if Redis named it the holder last: a slice
+// of a rain whose node came back under another worker id names a node
+// that no longer holds this one.
 func (n *Node) sawRainOwner(code, owner string) {
 	if tag, ok := redpacket.CodeTag(code); ok {
-		n.owners.put(tag, owner, time.Now())
+		n.owners.touch(tag, owner, time.Now())
 	}
 }
 

@@ -145,10 +145,13 @@ func (s *Server) HandshakesReading() int { return s.handshakes.reading() }
 var ConfirmReqSHA = fmt.Sprintf("%x", sha1.Sum([]byte(confirmLua)))
 
 // RainOwner is who this node asks for code's rain (rainOwner), with the
-// owners it saw first forgotten (as past their lease's TTL).
+// owners it saw first aged past their lease's TTL.
 func (n *Node) RainOwner(code string) (string, error) {
 	n.owners.mu.Lock()
-	n.owners.m = nil
+	for w, o := range n.owners.m {
+		o.at = time.Time{}
+		n.owners.m[w] = o
+	}
 	n.owners.mu.Unlock()
 	return n.rainOwner(code)
 }

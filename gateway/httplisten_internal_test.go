@@ -100,3 +100,24 @@ func TestRedactURL(t *testing.T) {
 		}
 	}
 }
+
+// A grab from a slice renews the rain's owner as seen only if Redis named
+// it the worker id's holder last: the slice of a rain whose node came back
+// under another worker id names a node that holds it no more.
+func TestSliceGrantRenewsOnlyTheOwnerRedisNamed(t *testing.T) {
+	var o ownersSeen
+	then := time.Now().Add(-time.Hour)
+	o.touch(3, "gw-1", time.Now()) // never seen: not inserted
+	if _, ok := o.get(3, time.Now()); ok {
+		t.Fatal("touch inserted an owner Redis never named")
+	}
+	o.put(3, "gw-3", then)
+	o.touch(3, "gw-1", time.Now())
+	if _, ok := o.get(3, time.Now()); ok {
+		t.Fatal("another node's touch renewed gw-3's sighting (or replaced it)")
+	}
+	o.touch(3, "gw-3", time.Now())
+	if node, ok := o.get(3, time.Now()); !ok || node != "gw-3" {
+		t.Fatalf("gw-3's own touch: %q %v, want it renewed", node, ok)
+	}
+}

@@ -88,7 +88,7 @@ func (s *Service) GrabAsync(user int64, code string, done func(GrabReply, *proto
 	pl, perr := s.claim(code, user, endsAt)
 	if perr != nil {
 		if perr.Code == proto.CodeInternal {
-			spent.GiveBack() // Redis did not answer: the retry is not 10429
+			spent.GiveBack() // Redis did not answer: the node's count back (one_per_user: no shared count)
 		}
 		done(GrabReply{}, perr)
 		return

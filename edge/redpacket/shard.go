@@ -10,6 +10,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/liveedge/liveedge/edge/limit"
 	"github.com/liveedge/liveedge/gateway/proto"
 	"github.com/liveedge/liveedge/persist"
 )
@@ -1030,8 +1031,8 @@ func (s *Service) ShardOwner(code string) (owner string, ok bool) {
 // this node's slice, leased from owner as needed. It blocks (a lease, the
 // one-per-user check): call it on a goroutine of its own.
 func (s *Service) GrabVia(owner string, user int64, code string) (GrabReply, *proto.Error) {
-	for {
-		rep, perr, gone := s.grabVia(owner, user, code)
+	for rated := false; ; rated = true {
+		rep, perr, gone := s.grabVia(owner, user, code, rated)
 		if !gone {
 			return rep, perr
 		}
@@ -1039,8 +1040,9 @@ func (s *Service) GrabVia(owner string, user int64, code string) (GrabReply, *pr
 }
 
 // grabVia is one attempt of GrabVia; gone: the shard it took was forgotten
-// meanwhile (another grab found the rain not running), so take a fresh one.
-func (s *Service) grabVia(owner string, user int64, code string) (GrabReply, *proto.Error, bool) {
+// meanwhile (another grab found the rain not running), so take a fresh one
+// — rated: the grab's rate was counted by the attempt before.
+func (s *Service) grabVia(owner string, user int64, code string, rated bool) (GrabReply, *proto.Error, bool) {
 	if s.cfg.Peers == nil || !wellFormed(code) {
 		return GrabReply{}, errGrabNone, false
 	}
@@ -1078,9 +1080,12 @@ func (s *Service) grabVia(owner string, user int64, code string) (GrabReply, *pr
 	case !s.cfg.InRoom(room, user):
 		return GrabReply{}, errNotInRm, false
 	}
-	spent, perr := s.grabRate(user, code)
-	if perr != nil {
-		return GrabReply{}, perr, false
+	var spent limit.Spent
+	if !rated {
+		var perr *proto.Error
+		if spent, perr = s.grabRate(user, code); perr != nil {
+			return GrabReply{}, perr, false
+		}
 	}
 	if perr := s.frozen(user); perr != nil {
 		return GrabReply{}, perr, false
@@ -1088,7 +1093,7 @@ func (s *Service) grabVia(owner string, user int64, code string) (GrabReply, *pr
 	pl, perr := s.claim(code, user, endsAt)
 	if perr != nil {
 		if perr.Code == proto.CodeInternal {
-			spent.GiveBack() // Redis did not answer: the retry is not 10429
+			spent.GiveBack() // Redis did not answer: the node's count back (one_per_user: no shared count)
 		}
 		return GrabReply{}, perr, false
 	}
@@ -1098,12 +1103,14 @@ func (s *Service) grabVia(owner string, user int64, code string) (GrabReply, *pr
 			s.unclaim(pl)
 		}
 		if errors.Is(err, errShardGone) {
-			spent.GiveBack() // tried again at once, on a fresh shard
-			return GrabReply{}, nil, true
+			return GrabReply{}, nil, true // tried again at once on a fresh shard, counted once
 		}
 		out := refusal(err)
 		if out.Code == proto.CodeInternal {
-			spent.GiveBack() // the owner did not answer: the retry is not 10429
+			// The owner did not answer: the node's count given back (a
+			// cluster-wide one, SharedGrabs, keeps it: a retry within the
+			// interval may be 10429 there).
+			spent.GiveBack()
 		}
 		return GrabReply{}, out, false
 	}
