@@ -939,11 +939,9 @@ func (s *Service) apply(channel string, ev Event) (int, string) {
 	}
 	if !OpenStatus(o.Status) {
 		prev, err := s.store.Get(eventKey(ev.EventID))
-		if err == nil && (paidAfterDeclined(prev, ev) || !eventOfOrder(prev, id)) {
-			// The id reused: a declined attempt's, now reporting the
-			// payment, or another order's (a provider reusing event ids)
-			// — not a duplicate of this notify (answered as one, the
-			// payment was neither credited nor refunded).
+		if err == nil && !sameEvent(prev, ev, id) {
+			// The id reused — not a duplicate of this notify (answered as
+			// one, the payment was neither credited nor refunded).
 			err = persist.ErrNotFound
 		}
 		switch {
@@ -1142,26 +1140,25 @@ func (s *Service) refundReported() {
 	}
 }
 
-// eventRec is the durable record of event ev applied to an order in status
-// before.
-// paidAfterDeclined reports whether ev, a SUCCESS, comes under the id of a
-// recorded FAILED event (prev, its record).
-func paidAfterDeclined(prev []byte, ev Event) bool {
-	var rec eventRecord
-	return ev.Status == "SUCCESS" && proto.Unmarshal(prev, &rec) == nil && rec.Event.Status == "FAILED"
-}
-
-// eventOfOrder reports whether the recorded event prev is order id's (a
-// record that does not decode counts as id's: a duplicate, as before).
-func eventOfOrder(prev []byte, id int64) bool {
+// sameEvent reports whether prev, the record of an event with ev's id, is
+// ev's own — a duplicate of this notify for order id — and not the id
+// reused: a declined attempt's (FAILED) now reporting the payment, or
+// another order's (a provider reusing event ids). A record that does not
+// decode counts as ev's (a duplicate, as before).
+func sameEvent(prev []byte, ev Event, id int64) bool {
 	var rec eventRecord
 	if proto.Unmarshal(prev, &rec) != nil {
 		return true
+	}
+	if ev.Status == "SUCCESS" && rec.Event.Status == "FAILED" {
+		return false
 	}
 	of, ok := ParseOrderID(rec.Event.OrderID)
 	return !ok || of == id
 }
 
+// eventRec is the durable record of event ev applied to an order in status
+// before.
 func eventRec(ev Event, before string, now int64) persist.Record {
 	v, _ := proto.Marshal(eventRecord{Event: ev, StatusBefore: before, At: now})
 	return persist.Record{Key: eventKey(ev.EventID), Value: v}
