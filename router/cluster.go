@@ -1755,7 +1755,8 @@ func (c *Cluster) Register(s Session) {
 		// linger). Every session drains the list, not only the first (as
 		// Local.Register): a push kept while the user's other session here
 		// was closing waits there otherwise.
-		held = c.drainOffline(u) && c.holdDrain(u, done)
+		c.drainOffline(u)
+		held = c.holdDrain(u, done)
 	default:
 		sub, err := c.nc.ChanSubscribe(userSubject(u), c.userq[uint64(u)%userShards])
 		c.mu.Lock()
@@ -1788,7 +1789,8 @@ func (c *Cluster) Register(s Session) {
 					c.log.Debug("NATS flush after a user subscription failed", "user", u, "err", err)
 				}
 			}
-			held = c.drainOffline(u) && c.holdDrain(u, done)
+			c.drainOffline(u)
+			held = c.holdDrain(u, done)
 		}
 	}
 	c.markUser(u)
@@ -1801,8 +1803,10 @@ func (c *Cluster) Register(s Session) {
 const redrainHold = 2 * time.Second
 
 // holdDrain ends a registering session's drain (done) when the retried
-// drain of user's list has delivered, or after redrainHold, whichever
-// comes first; false: no retry is under way (end it now).
+// drain of user's list has delivered (its own drain's retry, or one under
+// way already that may deliver what this one missed), or after
+// redrainHold, whichever comes first; false: no retry is under way (end
+// it now).
 func (c *Cluster) holdDrain(user int64, done func()) bool {
 	w := &drainWait{done: done}
 	c.redrainMu.Lock()
@@ -2086,9 +2090,8 @@ func userPushMsg(user int64, reply string, m Msg, owed bool) *nats.Msg {
 
 // drainOffline delivers the user's offline pushes to their sessions here;
 // a drain Redis did not answer is retried in the background (redrain), as
-// is one that found pushes leased to another drain (drainOnce). It reports
-// whether it left a retry to do.
-func (c *Cluster) drainOffline(user int64) bool {
+// is one that found pushes leased to another drain (drainOnce).
+func (c *Cluster) drainOffline(user int64) {
 	err := c.drainOnce(user)
 	var held leased
 	switch {
@@ -2097,10 +2100,7 @@ func (c *Cluster) drainOffline(user int64) bool {
 	case err != nil:
 		c.log.Warn("offline pushes not read; retrying", "user", user, "err", err)
 		c.redrain(user)
-	default:
-		return false
 	}
-	return true
 }
 
 // A failed drain is retried after redrainFirst, then twice as long each
