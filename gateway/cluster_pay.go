@@ -5,6 +5,7 @@ import (
 	"compress/gzip"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
@@ -14,6 +15,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/redis/rueidis"
 
 	"github.com/liveedge/liveedge/edge/pay"
 	"github.com/liveedge/liveedge/gateway/proto"
@@ -37,6 +39,11 @@ const payForwardTimeout = 5 * time.Second
 const payForwardWorkers = 64
 
 var errOwnerDown = proto.Errorf(proto.CodeInternal, "the order's node is unreachable, retry")
+
+// errLeaseGone is errOwnerDown when Redis answered: no node holds the
+// worker id, and none was seen holding it within a lease's time — the
+// one case a request for it can be told "not found" rather than "retry".
+var errLeaseGone = fmt.Errorf("%w (no node holds its worker id)", errOwnerDown)
 
 func paySubject(node string) string { return "le.pay." + node }
 
@@ -109,10 +116,13 @@ func (n *Node) workerOwner(w int) (string, error) {
 	defer cancel()
 	owner, err := n.Redis.DoCache(ctx, n.Redis.B().Get().Key(pay.WorkerLeaseKey(w)).Cache(), 10*time.Second).ToString()
 	if err != nil {
-		if seen, ok := n.owners.get(w, time.Now()); ok {
+		switch seen, ok := n.owners.get(w, time.Now()); {
+		case ok:
 			owner = seen
-		} else {
-			return "", errOwnerDown // no lease: its node is gone for longer than the lease
+		case rueidis.IsRedisNil(err):
+			return "", errLeaseGone // no lease: its node is gone for longer than the lease
+		default:
+			return "", errOwnerDown // Redis could not tell
 		}
 	} else {
 		n.owners.put(w, owner, time.Now())

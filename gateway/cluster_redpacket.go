@@ -11,7 +11,6 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/redis/rueidis"
 
-	"github.com/liveedge/liveedge/edge/pay"
 	"github.com/liveedge/liveedge/edge/redpacket"
 	"github.com/liveedge/liveedge/gateway/proto"
 	"github.com/liveedge/liveedge/persist"
@@ -56,25 +55,6 @@ func (n *Node) rainOwner(code string) (string, error) {
 	return n.workerOwner(tag)
 }
 
-// rainOwnerGone reports whether code's node is gone past its worker
-// lease: Redis answers that no node holds the worker id of code's tag, and
-// no node was seen holding it within a lease's time (a node that stopped
-// gracefully released it and may be back at once) — not when Redis could
-// not tell (then a grab is "retry", never "not found", which a client
-// takes as final).
-func (n *Node) rainOwnerGone(code string) bool {
-	tag, ok := redpacket.CodeTag(code)
-	if !ok || n.Redis == nil {
-		return false
-	}
-	if _, seen := n.owners.get(tag, time.Now()); seen {
-		return false
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
-	defer cancel()
-	return rueidis.IsRedisNil(n.Redis.Do(ctx, n.Redis.B().Get().Key(pay.WorkerLeaseKey(tag)).Build()).Error())
-}
-
 // sawRainOwner renews owner as seen holding code's worker id (a grab from
 // its slice succeeded) — only if Redis named it the holder last: a slice
 // of a rain whose node came back under another worker id names a node
@@ -97,19 +77,21 @@ func (n *Node) redPacket(op string, user int64, code string) ([]byte, *proto.Err
 			if perr == nil {
 				n.sawRainOwner(code, owner) // its lease answered lately (or the slice lasted)
 			}
-			if redpacket.OwnerUnreachable(perr) && n.rainOwnerGone(code) {
+			if redpacket.OwnerUnreachable(perr) {
 				// The slice is out and the owner did not answer: gone
-				// past its worker lease (Redis says so), it is "not
-				// found" as below, not a retry a client would make until
-				// the rain's end.
-				return nil, errGrabNoOwner
+				// past its worker lease (Redis says so, errLeaseGone), it
+				// is "not found" as below, not a retry a client would
+				// make until the rain's end.
+				if _, err := n.rainOwner(code); errors.Is(err, errLeaseGone) {
+					return nil, errGrabNoOwner
+				}
 			}
 			return b, perr
 		}
 	}
 	owner, err := n.rainOwner(code)
 	if err != nil {
-		if errors.Is(err, errOwnerDown) && n.rainOwnerGone(code) {
+		if errors.Is(err, errLeaseGone) {
 			// No node holds the code's worker id (a made-up code, or its
 			// node gone longer than a lease): nothing to grab or show —
 			// not "retry", which a client would do for ever. (Redis not
