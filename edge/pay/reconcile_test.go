@@ -540,9 +540,10 @@ func TestEventIDReusedForASuccessAfterAFailureIsRefunded(t *testing.T) {
 }
 
 // A provider reusing an event id: the late payment of a closed order under
-// the id of another order's payment is refunded (it was answered as that
-// payment's duplicate — neither credited nor refunded, and the provider
-// stopped retrying); the redeliveries of both change nothing.
+// the id of another order's payment is refunded once, however many copies
+// arrive at once (it was answered as that payment's duplicate — neither
+// credited nor refunded, and the provider stopped retrying); after a
+// restart the redeliveries of both change nothing.
 func TestLatePaymentUnderAnotherOrdersEventIDIsRefunded(t *testing.T) {
 	clock, advance := testClock()
 	provider := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -559,11 +560,17 @@ func TestLatePaymentUnderAnotherOrdersEventIDIsRefunded(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	notify := func(o pay.Order) {
-		t.Helper()
+	deliver := func(o pay.Order) error {
 		body, _ := proto.Marshal(pay.Event{EventID: "ev-shared", OrderID: o.OrderID, Amount: o.Amount, Status: "SUCCESS", PaidAt: clock().UnixMilli()})
 		if code, msg := svc.Notify("mock", pay.Sign(reconcileSecret, clock(), body), body); code != pay.NotifyOK {
-			t.Fatalf("notify of %s: %d %s", o.OrderID, code, msg)
+			return fmt.Errorf("notify of %s: %d %s", o.OrderID, code, msg)
+		}
+		return nil
+	}
+	notify := func(o pay.Order) {
+		t.Helper()
+		if err := deliver(o); err != nil {
+			t.Fatal(err)
 		}
 	}
 	status := func(o pay.Order) string {
@@ -581,7 +588,17 @@ func TestLatePaymentUnderAnotherOrdersEventIDIsRefunded(t *testing.T) {
 		}
 		svc.Reconcile()
 	}
-	notify(b) // paid after its close, under a's event id
+	var wg sync.WaitGroup // paid after its close, under a's event id: delivered 8 times at once
+	for range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := deliver(b); err != nil {
+				t.Error(err)
+			}
+		}()
+	}
+	wg.Wait()
 	if s := status(b); s != pay.StatusPayBack {
 		t.Fatalf("b paid after its close under a reused event id: %s, want %s (refunded)", s, pay.StatusPayBack)
 	}
@@ -589,6 +606,15 @@ func TestLatePaymentUnderAnotherOrdersEventIDIsRefunded(t *testing.T) {
 	if err != nil {
 		t.Fatalf("no refund record of b: %v", err)
 	}
+	// A restart, then redeliveries of both: nothing changes.
+	svc.Close()
+	svc, err = pay.New(st, l, router.NewLocal("rec", router.LocalConfig{}), pay.Config{Node: "rec",
+		Secrets: []string{reconcileSecret}, ProviderURL: provider.URL, OrderTimeout: timeout,
+		ReconcileAfter: time.Minute, ReconcileEvery: time.Hour, Now: clock})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(svc.Close)
 	notify(b)
 	notify(a)
 	if v, err := st.Get(persist.Key([]byte("rec/refund/"), uint64(mustID(t, b.OrderID)))); err != nil || string(v) != string(refund) {
