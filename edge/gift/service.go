@@ -713,11 +713,7 @@ func (e *effects) flushAll() {
 	e.mu.Lock()
 	rooms := e.rooms
 	e.rooms = map[int64]*roomEffects{} // the rooms' ticks find nothing left
-	type mine struct {
-		room int64
-		o    *roomOut
-	}
-	var own []mine
+	own := map[int64]*roomOut{}        // registered here: published by this call
 	var wait []chan struct{}
 	for _, o := range e.out { // published by ticks: appended to below, or waited for
 		wait = append(wait, o.done)
@@ -728,15 +724,14 @@ func (e *effects) flushAll() {
 		case o != nil:
 			o.q = append(o.q, batch...)
 		case len(batch) > 0:
-			o := &roomOut{q: batch, done: make(chan struct{})}
-			e.out[room] = o
-			own = append(own, mine{room, o})
+			own[room] = &roomOut{q: batch, done: make(chan struct{})}
+			e.out[room] = own[room]
 		}
 	}
 	e.mu.Unlock()
-	for _, m := range own {
+	for room, o := range own {
 		e.mu.Lock()
-		e.drain(m.room, m.o)
+		e.drain(room, o)
 	}
 	for _, done := range wait {
 		<-done
