@@ -194,13 +194,23 @@ func (n *Node) grabAsync(user int64, code string, done func(any, *proto.Error)) 
 	// Only what memory tells is asked here, on the connection's reader:
 	// who runs the rain may be a Redis read (up to its timeout).
 	if n.Cluster == nil || n.RedPackets.Owns(code) && !n.shardedRains() {
-		n.RedPackets.GrabAsync(user, code, func(rep redpacket.GrabReply, perr *proto.Error) {
-			if perr != nil {
-				done(nil, perr)
-				return
-			}
-			done(rep, nil)
-		})
+		grab := func() {
+			n.RedPackets.GrabAsync(user, code, func(rep redpacket.GrabReply, perr *proto.Error) {
+				if perr != nil {
+					done(nil, perr)
+					return
+				}
+				done(rep, nil)
+			})
+		}
+		if n.Redis == nil {
+			grab()
+			return
+		}
+		// The grab's checks may ask Redis (the rain's packets in a Redis
+		// list, the user's place in it, the shared grab count, a frozen
+		// account): not on the reader, whose pongs would wait.
+		go grab()
 		return
 	}
 	go func() {

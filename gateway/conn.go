@@ -95,10 +95,15 @@ type Conn struct {
 	badWindow time.Time
 
 	// sem bounds async requests in flight; made by the first (begin, on
-	// the reader goroutine), as most connections never send one.
-	sem  chan struct{}
-	cork *corkConn // the socket's net.Conn
-	rd   *wsReader // reads the socket, runs the handlers
+	// the goroutine serving requests: the reader or the lane), as most
+	// connections never send one.
+	sem chan struct{}
+	// laneOn: a lane serves the connection's requests (lane.go); lane is
+	// made by the first (on the reader).
+	laneOn atomic.Bool
+	lane   *connLane
+	cork   *corkConn // the socket's net.Conn
+	rd     *wsReader // reads the socket, runs the handlers
 
 	// Reliable pushes awaiting an ack: pending is made by the first one
 	// (most connections have none), ackDone is set once the connection is

@@ -5,6 +5,8 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/lxzan/gws"
+
 	"github.com/liveedge/liveedge/edge/gift"
 	"github.com/liveedge/liveedge/edge/limit"
 	"github.com/liveedge/liveedge/edge/redpacket"
@@ -36,10 +38,16 @@ func (s *Server) dispatch(c *Conn, b []byte) {
 	case proto.TypePing:
 		d = map[string]int64{"ts": time.Now().UnixMilli()}
 	case proto.TypeJoin:
+		if s.roomOpsWait && c.offload(gws.OpcodeText, b) {
+			return // may wait on Redis: served on the lane
+		}
 		d, err = s.join(c, &f)
 	case proto.TypeLeave:
 		d, err = s.leave(c, &f)
 	case proto.TypeChat:
+		if s.roomOpsWait && c.offload(gws.OpcodeText, b) {
+			return
+		}
 		d, err = s.chatMsg(c, &f)
 	case proto.TypeGift:
 		var r gift.Req

@@ -63,7 +63,9 @@ type Server struct {
 	roomKnownClosed func(room int64) bool
 	rp              *redpacket.Service
 	grab            func(user int64, code string, done func(any, *proto.Error))
-	inflight        sync.WaitGroup // async requests (gifts, grabs) still running
+	// roomOpsWait: ServerDeps.RoomOpsWait.
+	roomOpsWait bool
+	inflight    sync.WaitGroup // async requests (gifts, grabs) still running
 
 	up *gws.Upgrader
 	// upSub is up answering WSSubprotocol, for a request that offers it (gws
@@ -120,6 +122,9 @@ type ServerDeps struct {
 	// Grab, if set, serves grab frames instead (a cluster forwards a grab
 	// to the rain's node); done gets the reply's d.
 	Grab func(user int64, code string, done func(any, *proto.Error))
+	// RoomOpsWait: a join or a chat may wait on Redis (a cluster): they
+	// are served on the connection's lane, off its reader (lane.go).
+	RoomOpsWait bool
 	// SessionsElsewhere, in a cluster, reports a user's sessions on the
 	// other nodes (known false: could not tell), so ws.max_conns_per_user
 	// bounds them all; nil = this node's only.
@@ -128,7 +133,7 @@ type ServerDeps struct {
 
 func newServer(d ServerDeps) *Server {
 	s := &Server{cfg: d.Config, log: d.Log, auth: d.Auth, router: d.Router, metrics: d.Metrics,
-		chat: d.ChatLimit, chatShared: d.ChatShared, joins: limit.New(JoinsPerSecond, time.Second, max(JoinBurst, 2*d.Config.WS.MaxRoomsPerConn), nil), gifts: d.Gifts, roomOpen: d.RoomOpen, roomKnownClosed: d.RoomKnownClosed, rp: d.RedPackets, grab: d.Grab, elsewhere: d.SessionsElsewhere, stop: make(chan struct{}), writerq: make(chan *Conn), handshakes: newHandshakeGate()}
+		chat: d.ChatLimit, chatShared: d.ChatShared, joins: limit.New(JoinsPerSecond, time.Second, max(JoinBurst, 2*d.Config.WS.MaxRoomsPerConn), nil), gifts: d.Gifts, roomOpen: d.RoomOpen, roomKnownClosed: d.RoomKnownClosed, rp: d.RedPackets, grab: d.Grab, roomOpsWait: d.RoomOpsWait, elsewhere: d.SessionsElsewhere, stop: make(chan struct{}), writerq: make(chan *Conn), handshakes: newHandshakeGate()}
 	if s.chatOnce = d.ChatOnce; s.chatOnce == nil {
 		s.chatOnce = newMemChatOnce()
 	}
@@ -482,11 +487,20 @@ func (s *Server) OnMessage(socket *gws.Conn, msg *gws.Message) {
 }
 
 // serveFrame handles one client message, on the connection's reader
-// goroutine, in order; data is valid during the call only.
+// goroutine, in order; data is valid during the call only. Behind a
+// request served on the connection's lane it is queued there (lane.go).
 func (s *Server) serveFrame(c *Conn, op gws.Opcode, data []byte) {
-	defer s.recoverFrame(c)
 	c.lastRead.Store(time.Now().UnixNano())
 	s.metrics.framesIn.Inc()
+	if c.queueBehindLane(op, data) {
+		return
+	}
+	s.serveMessage(c, op, data)
+}
+
+// serveMessage serves one client message, on the reader or the lane.
+func (s *Server) serveMessage(c *Conn, op gws.Opcode, data []byte) {
+	defer s.recoverFrame(c)
 	if c.closing.Load() || c.cork.closing.Load() {
 		// Read after the node decided to close the connection (4501 at the
 		// token's expiry, 4408, shutdown…), or while lingering after its

@@ -44,7 +44,8 @@ type wsReader struct {
 	// waitUntil is the read deadline (unix ns) the last wait set, 0 none
 	// (reader goroutine only).
 	waitUntil int64
-	max       int // ws.max_frame_hard_bytes: a frame or message above → 1009
+	max       int    // ws.max_frame_hard_bytes: a frame or message above → 1009
+	answer    uint16 // the close code answering the client's close frame (peerClose)
 
 	// emit takes each whole message and control frame (r.serve; tests
 	// record them).
@@ -477,8 +478,9 @@ func (r *wsReader) serve(op gws.Opcode, p []byte) error {
 	return nil
 }
 
-// peerClose answers the client's close frame as gws does: its code echoed
-// when it may be sent, 1002 for one that may not, 1000 for none.
+// peerClose takes the client's close frame: end answers it as gws does,
+// its code echoed when it may be sent, 1002 for one that may not, 1000 for
+// none.
 func (r *wsReader) peerClose(p []byte) error {
 	var code, answer uint16
 	switch len(p) {
@@ -498,7 +500,7 @@ func (r *wsReader) peerClose(p []byte) error {
 			answer = code
 		}
 	}
-	_ = r.c.ws.WriteClose(answer, nil)
+	r.answer = answer
 	reason := []byte(nil)
 	if len(p) > 2 {
 		reason = append(reason, p[2:]...)
@@ -507,20 +509,31 @@ func (r *wsReader) peerClose(p []byte) error {
 }
 
 // end finishes the connection after err and calls OnClose: a refused frame
-// is answered with its close code; the client's close frame was answered by
-// peerClose; end of stream, a reset or a closed socket get gws's 1000 (a
-// no-op when a close frame went out already).
+// is answered with its close code; the client's close frame as peerClose
+// decided; end of stream, a reset or a closed socket get gws's 1000 (a
+// no-op when a close frame went out already). While the connection's lane
+// serves requests read before the end, the close frame and OnClose wait
+// for them (as on the reader, the replies precede the close).
 func (r *wsReader) end(err error) {
-	if ce := refusal(err); ce != nil {
-		_ = r.c.ws.WriteClose(ce.Code, ce.Reason)
-	} else if !errors.As(err, new(*gws.CloseError)) {
-		_ = r.c.ws.WriteClose(1000, nil)
-	}
 	if pp := parkPoller(); pp != nil {
 		pp.forget(r)
 	}
 	r.part, r.cont = nil, nil
-	r.c.srv.OnClose(r.c.ws, err)
+	c, answer := r.c, r.answer
+	fin := func() {
+		switch ce := refusal(err); {
+		case ce != nil:
+			_ = c.ws.WriteClose(ce.Code, ce.Reason)
+		case answer != 0:
+			_ = c.ws.WriteClose(answer, nil)
+		case !errors.As(err, new(*gws.CloseError)):
+			_ = c.ws.WriteClose(1000, nil)
+		}
+		c.srv.OnClose(c.ws, err)
+	}
+	if !c.afterLane(fin) {
+		fin()
+	}
 }
 
 // refusal is err when it is one of the reader's refusals of a frame.

@@ -1,0 +1,134 @@
+package gateway
+
+import (
+	"sync"
+
+	"github.com/lxzan/gws"
+)
+
+// A connection's requests are served in the order they arrive, on its
+// reader — until one may wait on Redis (in a cluster: a join, whose room
+// and history may be read there; a chat, numbered there). That one and
+// every message after it go to the connection's lane: a goroutine that
+// serves them in order, while the reader reads on and answers control
+// frames at once (a ping's pong, a close) — a request waiting on Redis no
+// longer delays them. Once the lane has served what it was given it ends
+// and the reader serves again. At most one lane per connection; the reader
+// queues at most laneBytes of messages (copies) behind it and then waits,
+// unread bytes staying in the socket (the client's own backpressure). The
+// connection's end (OnClose) comes after every message read before it is
+// served, as on the reader.
+type connLane struct {
+	mu    sync.Mutex
+	q     []laneMsg
+	bytes int
+	// space, when the reader waits for room in q, is closed (and cleared)
+	// by the lane at its next message.
+	space chan struct{}
+	// onEnd: the reader's end of the connection, run by the lane once q
+	// is served.
+	onEnd func()
+}
+
+type laneMsg struct {
+	op gws.Opcode
+	p  []byte
+}
+
+// laneBytes bounds the bytes of messages queued behind a lane's request
+// (one message is always taken, whatever its size).
+const laneBytes = 64 << 10
+
+// offload starts c's lane with the message b (a copy), unless the caller
+// is the lane already (then false: the caller serves b itself). Only the
+// reader starts a lane, and only while none runs (the reader queues behind
+// a running one instead).
+func (c *Conn) offload(op gws.Opcode, b []byte) bool {
+	if c.laneOn.Load() {
+		return false
+	}
+	if c.lane == nil {
+		c.lane = &connLane{}
+	}
+	l := c.lane
+	l.mu.Lock()
+	l.q = append(l.q, laneMsg{op: op, p: append([]byte(nil), b...)})
+	l.bytes += len(b)
+	c.laneOn.Store(true)
+	l.mu.Unlock()
+	go c.srv.runLane(c)
+	return true
+}
+
+// queueBehindLane, on the reader, queues a copy of b behind c's lane if one runs
+// (false: none does, the reader serves b). With laneBytes queued already it
+// waits for the lane to take some.
+func (c *Conn) queueBehindLane(op gws.Opcode, b []byte) bool {
+	if !c.laneOn.Load() {
+		return false
+	}
+	l := c.lane
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for c.laneOn.Load() && len(l.q) > 0 && l.bytes+len(b) > laneBytes {
+		if l.space == nil {
+			l.space = make(chan struct{})
+		}
+		ch := l.space
+		l.mu.Unlock()
+		<-ch
+		l.mu.Lock()
+	}
+	if !c.laneOn.Load() {
+		return false
+	}
+	l.q = append(l.q, laneMsg{op: op, p: append([]byte(nil), b...)})
+	l.bytes += len(b)
+	return true
+}
+
+// afterLane, on the reader at the connection's end, hands end to c's lane
+// if one runs: it runs end once every message queued is served (false:
+// none runs, the reader runs end).
+func (c *Conn) afterLane(end func()) bool {
+	if !c.laneOn.Load() {
+		return false
+	}
+	l := c.lane
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if !c.laneOn.Load() {
+		return false
+	}
+	l.onEnd = end
+	return true
+}
+
+// runLane serves c's lane until it is empty, then the reader's end if it
+// was handed over.
+func (s *Server) runLane(c *Conn) {
+	l := c.lane
+	for {
+		l.mu.Lock()
+		if len(l.q) == 0 {
+			c.laneOn.Store(false)
+			end := l.onEnd
+			l.q, l.bytes, l.onEnd = nil, 0, nil
+			l.mu.Unlock()
+			if end != nil {
+				end()
+			}
+			return
+		}
+		m := l.q[0]
+		l.q[0] = laneMsg{}
+		l.q = l.q[1:]
+		l.bytes -= len(m.p)
+		if l.space != nil {
+			close(l.space)
+			l.space = nil
+		}
+		l.mu.Unlock()
+		s.serveMessage(c, m.op, m.p)
+	}
+}

@@ -1,0 +1,49 @@
+package gateway
+
+import (
+	"testing"
+	"time"
+
+	"github.com/lxzan/gws"
+)
+
+// The reader queues at most laneBytes behind a connection's lane (one
+// message whatever its size) and then waits until the lane takes some; the
+// end handed to the lane runs after the messages queued before it.
+func TestLaneQueueBoundHoldsTheReader(t *testing.T) {
+	c := &Conn{srv: &Server{}, lane: &connLane{}}
+	c.closing.Store(true) // the lane serves nothing (no server behind it): only the queue is tested
+	c.laneOn.Store(true)
+	if !c.queueBehindLane(gws.OpcodeText, make([]byte, 2*laneBytes)) {
+		t.Fatal("a message bigger than the bound refused by an empty queue")
+	}
+	queued := make(chan bool, 1)
+	go func() { queued <- c.queueBehindLane(gws.OpcodeText, []byte(`{"t":"ping","id":1}`)) }()
+	select {
+	case <-queued:
+		t.Fatal("queued past the bound")
+	case <-time.After(100 * time.Millisecond):
+	}
+	ended := make(chan int, 1)
+	if !c.afterLane(func() {
+		c.lane.mu.Lock()
+		ended <- len(c.lane.q)
+		c.lane.mu.Unlock()
+	}) {
+		t.Fatal("the end not handed to a running lane")
+	}
+	done := make(chan struct{})
+	go func() { c.srv.runLane(c); close(done) }()
+	select {
+	case <-queued: // taken behind the lane, or served by the reader once the lane ended
+	case <-time.After(5 * time.Second):
+		t.Fatal("the reader still waits once the lane took the big message")
+	}
+	<-done
+	if n := <-ended; n != 0 {
+		t.Fatalf("the end ran with %d messages still queued", n)
+	}
+	if c.laneOn.Load() || c.afterLane(func() {}) {
+		t.Fatal("the lane still on after it ended")
+	}
+}

@@ -1,0 +1,137 @@
+package gateway_test
+
+import (
+	"encoding/binary"
+	"encoding/json"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/liveedge/liveedge/gateway/nodetest"
+)
+
+// wsEvent is a frame a tcpWS client read: a reply (its id and code), a
+// pong, or the server's close frame.
+type wsEvent struct {
+	what string // "reply", "pong", "close"
+	id   int64
+	code int
+	at   time.Duration
+}
+
+// events reads frames until stop says the last one is enough (pushes
+// skipped), within timeout.
+func (w *tcpWS) events(start time.Time, timeout time.Duration, stop func(wsEvent) bool) []wsEvent {
+	w.t.Helper()
+	deadline := time.Now().Add(timeout)
+	var out []wsEvent
+	for {
+		op, p, err := w.read(time.Until(deadline))
+		if err != nil {
+			w.t.Fatalf("after %v: %v", out, err)
+		}
+		var e wsEvent
+		switch op {
+		case opPong:
+			e.what = "pong"
+		case opClose:
+			e.what = "close"
+			if len(p) >= 2 {
+				e.code = int(binary.BigEndian.Uint16(p))
+			}
+		case opText:
+			var f struct {
+				T    string `json:"t"`
+				ID   int64  `json:"id"`
+				Code int    `json:"code"`
+			}
+			if err := json.Unmarshal(p, &f); err != nil {
+				w.t.Fatalf("frame %q: %v", p, err)
+			}
+			if f.T != "reply" {
+				continue
+			}
+			e.what, e.id, e.code = "reply", f.ID, f.Code
+		default:
+			continue
+		}
+		e.at = time.Since(start)
+		out = append(out, e)
+		if stop(e) {
+			return out
+		}
+	}
+}
+
+// In a cluster a chat waits on Redis (the shared chat count, its number in
+// the room): a ping sent behind it gets its pong at once, not once Redis
+// answers; the requests behind the chat are answered after it, in the
+// order sent; and a close frame behind a chat is answered once the chat is
+// served (the chat is posted, as when it was served on the reader). Before,
+// the chat was served on the connection's reader, and the pong waited.
+func TestPongNotBehindAChatWaitingOnRedis(t *testing.T) {
+	_, n2, px := clusterPairViaProxy(t)
+	room := nodetest.OpenRoom(t, n2, 1, 0)
+	other := dial(t, n2, 200, nodetest.RawOptions{})
+	if f := request(t, other, 1, fmt.Sprintf(`{"t":"join","id":1,"d":{"room_id":%d}}`, room)); f.Code != 0 {
+		t.Fatalf("join: %+v", f)
+	}
+	w := dialTCPWS(t, n2, 100)
+	send := func(s string) {
+		t.Helper()
+		if err := w.write(opText, []byte(s)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	send(fmt.Sprintf(`{"t":"join","id":1,"d":{"room_id":%d}}`, room))
+	// A chat first: the sequencer's script is loaded into Redis (else the
+	// held chat's would be held twice, EVALSHA and then EVAL).
+	send(fmt.Sprintf(`{"t":"chat","id":2,"d":{"room_id":%d,"text":"first"}}`, room))
+	ev := w.events(time.Now(), 10*time.Second, func(e wsEvent) bool { return e.id == 2 })
+	if len(ev) != 2 || ev[0].code != 0 || ev[1].code != 0 {
+		t.Fatalf("join and a chat: %+v", ev)
+	}
+
+	// The room's sequencer (a Redis script on its key, which numbers the
+	// chat) held, within its 2 s timeout.
+	const hold = time.Second
+	px.Slow("}:seq", hold)
+	t.Cleanup(func() { px.Slow("", 0) })
+	start := time.Now()
+	send(fmt.Sprintf(`{"t":"chat","id":3,"d":{"room_id":%d,"text":"slow"}}`, room))
+	send(`{"t":"ping","id":4,"d":{}}`)
+	if err := w.write(opPing, []byte("p1")); err != nil {
+		t.Fatal(err)
+	}
+	ev = w.events(start, 20*time.Second, func(e wsEvent) bool { return e.id == 4 })
+	if len(ev) != 3 || ev[0].what != "pong" || ev[1].id != 3 || ev[2].id != 4 {
+		t.Fatalf("events %+v, want the pong, then the chat's reply, then the ping's", ev)
+	}
+	if ev[1].code != 0 || ev[2].code != 0 {
+		t.Fatalf("replies %+v, want both ok", ev)
+	}
+	if ev[1].at < hold {
+		t.Fatalf("the chat answered after %v: Redis was not held (%d writes held)", ev[1].at, px.Slowed())
+	}
+
+	start = time.Now()
+	send(fmt.Sprintf(`{"t":"chat","id":5,"d":{"room_id":%d,"text":"then close"}}`, room))
+	if err := w.write(opClose, binary.BigEndian.AppendUint16(nil, 1000)); err != nil {
+		t.Fatal(err)
+	}
+	ev = w.events(start, 20*time.Second, func(e wsEvent) bool { return e.what == "close" })
+	if last := ev[len(ev)-1]; last.code != 1000 || last.at < hold {
+		t.Fatalf("events %+v, want the close echo 1000 once the chat was served", ev)
+	}
+	// The chat read before the close was served: the other member has it.
+	for {
+		f := other.NextOfType("push", 10*time.Second)
+		if f.T == "" {
+			t.Fatal("the chat sent before the close never reached the room")
+		}
+		if strings.Contains(string(f.D), "then close") {
+			break
+		}
+	}
+}
