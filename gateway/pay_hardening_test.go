@@ -17,7 +17,6 @@ import (
 	"github.com/liveedge/liveedge/gateway"
 	"github.com/liveedge/liveedge/gateway/nodetest"
 	"github.com/liveedge/liveedge/gateway/proto"
-	"github.com/liveedge/liveedge/persist"
 	"github.com/liveedge/liveedge/persist/persisttest"
 	"github.com/liveedge/liveedge/persist/redistest"
 )
@@ -109,7 +108,11 @@ func TestNotifyDuplicateEventKeepsFirstRecord(t *testing.T) {
 	if paid.Status != pay.StatusPayed || paid.EventID != "evt-same" {
 		t.Fatalf("order %+v", paid)
 	}
-	v, err := e.node.Store.Get(append(append([]byte{}, persist.PrefixRec...), "payevent/evt-same"...))
+	id, ok := pay.ParseOrderID(o.OrderID)
+	if !ok {
+		t.Fatalf("order id %q", o.OrderID)
+	}
+	v, err := e.node.Store.Get(pay.EventRecordKey(id, "evt-same"))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,6 +1,7 @@
 package pay_test
 
 import (
+	"errors"
 	"fmt"
 	"net/http"
 	"net/http/httptest"
@@ -623,10 +624,70 @@ func TestLatePaymentUnderAnotherOrdersEventIDIsRefunded(t *testing.T) {
 	if status(a) != pay.StatusPayed || status(b) != pay.StatusPayBack {
 		t.Fatalf("after the redeliveries: a %s, b %s", status(a), status(b))
 	}
+	// Each order keeps the record of its own payment (b's no longer
+	// overwrote a's: the audit of a's payment was lost).
+	for o, before := range map[pay.Order]string{a: pay.StatusPaying, b: pay.StatusInvalid} {
+		v, err := st.Get(pay.EventRecordKey(mustID(t, o.OrderID), "ev-shared"))
+		var rec struct {
+			Event        pay.Event `json:"event"`
+			StatusBefore string    `json:"order_status_before"`
+		}
+		if err != nil || proto.Unmarshal(v, &rec) != nil || rec.Event.OrderID != o.OrderID || rec.StatusBefore != before {
+			t.Fatalf("order %s's event record %s (%v), want its own payment applied to a %s order", o.OrderID, v, err, before)
+		}
+	}
 	for user, want := range map[int64]int64{7: a.Coins, 8: 0} {
 		if bal, err := l.Balance(user); err != nil || bal != want {
 			t.Fatalf("user %d balance %d (%v), want %d", user, bal, err, want)
 		}
+	}
+	persisttest.CheckConservation(t, l)
+}
+
+// An event recorded before events were kept per order (rec/payevent/<event
+// id>, an earlier version's data directory, no longer read): its
+// redeliveries change nothing — the settled order answers them by its
+// status — the order credited once and not refunded.
+func TestEventRecordedUnderTheEarlierKeyStillADuplicate(t *testing.T) {
+	clock, _ := testClock()
+	provider := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		answer(w, clock, unpaid(r))
+	}))
+	defer provider.Close()
+	svc, st, l := reconcileService(t, provider.URL, 15*time.Minute, clock)
+	a, err := svc.CreateOrder(7, pay.CreateReq{ProductID: 1, Channel: "mock", ReqID: "a"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := proto.Marshal(pay.Event{EventID: "ev-old", OrderID: a.OrderID, Amount: a.Amount, Status: "SUCCESS", PaidAt: clock().UnixMilli()})
+	notify := func() {
+		t.Helper()
+		if code, msg := svc.Notify("mock", pay.Sign(reconcileSecret, clock(), body), body); code != pay.NotifyOK || msg != "success" {
+			t.Fatalf("notify: %d %s", code, msg)
+		}
+	}
+	notify()
+	// The record moved where the earlier version kept it.
+	key := pay.EventRecordKey(mustID(t, a.OrderID), "ev-old")
+	v, err := st.Get(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := st.Delete(key); err != nil {
+		t.Fatal(err)
+	}
+	if err := st.Put([]byte("rec/payevent/ev-old"), v); err != nil {
+		t.Fatal(err)
+	}
+	notify()
+	if o, err := svc.Get(mustID(t, a.OrderID)); err != nil || o.Status != pay.StatusPayed {
+		t.Fatalf("order after the redelivery: %+v (%v), want %s", o, err, pay.StatusPayed)
+	}
+	if _, err := st.Get(persist.Key([]byte("rec/refund/"), uint64(mustID(t, a.OrderID)))); !errors.Is(err, persist.ErrNotFound) {
+		t.Fatalf("a refund record for a redelivery: %v", err)
+	}
+	if bal, err := l.Balance(7); err != nil || bal != a.Coins {
+		t.Fatalf("balance %d (%v), want %d", bal, err, a.Coins)
 	}
 	persisttest.CheckConservation(t, l)
 }

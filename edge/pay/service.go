@@ -208,8 +208,15 @@ var (
 	prefixOrder    = recPrefix("order/")
 	prefixOrderReq = recPrefix("orderreq/")
 	prefixOrderLog = recPrefix("orderlog/")
-	prefixEvent    = recPrefix("payevent/")
-	prefixRefund   = recPrefix("refund/")
+	// rec/payevent/<event id> held events before prefixOrderEvent; no
+	// longer read or written: a settled order answers its events' copies
+	// by its status without them (Notify's last cases).
+	// prefixOrderEvent: rec/orderevent/<order id><event id> →
+	// eventRecord, the record of a provider event applied to an order —
+	// one per order and event id: a provider reusing an event id for
+	// another order no longer overwrites the first order's record.
+	prefixOrderEvent = recPrefix("orderevent/")
+	prefixRefund     = recPrefix("refund/")
 	// prefixMismatch: rec/paymismatch/<id> → the event of a payment the
 	// provider's verified query answer reported for open order id, not as
 	// the order (rememberMismatch), until the order is settled.
@@ -343,7 +350,11 @@ func (s *Service) pruneBound() {
 	}
 }
 
-func eventKey(id string) []byte { return append(append([]byte{}, prefixEvent...), id...) }
+// EventRecordKey is where the record of provider event eventID applied to
+// order is kept (JSON: the event, the order's status before it, when).
+func EventRecordKey(order int64, eventID string) []byte {
+	return append(persist.Key(prefixOrderEvent, uint64(order)), eventID...)
+}
 
 // New builds the service and loads open orders.
 func New(store *persist.Store, w persist.Wallet, r router.Router, cfg Config) (*Service, error) {
@@ -938,10 +949,11 @@ func (s *Service) apply(channel string, ev Event) (int, string) {
 		mismatch = "amount mismatch"
 	}
 	if !OpenStatus(o.Status) {
-		prev, err := s.store.Get(eventKey(ev.EventID))
-		if err == nil && !sameEvent(prev, ev, id) {
-			// The id reused — not a duplicate of this notify (answered as
-			// one, the payment was neither credited nor refunded).
+		prev, err := s.store.Get(EventRecordKey(id, ev.EventID))
+		if err == nil && !sameEvent(prev, ev) {
+			// The id of a declined attempt reused for the payment — not a
+			// duplicate of this notify (answered as one, the payment was
+			// neither credited nor refunded).
 			err = persist.ErrNotFound
 		}
 		switch {
@@ -963,7 +975,7 @@ func (s *Service) apply(channel string, ev Event) (int, string) {
 		return NotifyConflict, mismatch
 	}
 	now := s.cfg.Now().UnixMilli()
-	evRec := eventRec(ev, o.Status, now)
+	evRec := eventRec(id, ev, o.Status, now)
 	switch {
 	case ev.Status == "SUCCESS" && OpenStatus(o.Status):
 		return s.markPaid(o, id, ev, evRec, now)
@@ -1054,7 +1066,7 @@ func (s *Service) refundMismatch(id int64, ev Event, msg string) {
 		}
 	}
 	now := s.cfg.Now().UnixMilli()
-	if st, _ := s.refundPayment(o, id, ev, eventRec(ev, o.Status, now), now, "paid not as the order ("+msg+"): refunded", ev.Amount); st == NotifyOK {
+	if st, _ := s.refundPayment(o, id, ev, eventRec(id, ev, o.Status, now), now, "paid not as the order ("+msg+"): refunded", ev.Amount); st == NotifyOK {
 		s.cfg.Log.Warn("pay: payment not as the order refunded", "order", o.OrderID, "why", msg, "amount", ev.Amount)
 	}
 }
@@ -1140,28 +1152,24 @@ func (s *Service) refundReported() {
 	}
 }
 
-// sameEvent reports whether prev, the record of an event with ev's id, is
-// ev's own — a duplicate of this notify for order id — and not the id
-// reused: a declined attempt's (FAILED) now reporting the payment, or
-// another order's (a provider reusing event ids). A record that does not
-// decode counts as ev's (a duplicate, as before).
-func sameEvent(prev []byte, ev Event, id int64) bool {
+// sameEvent reports whether prev, the order's record of an event with ev's
+// id, is ev's own — a duplicate of this notify — and not the id reused by a
+// declined attempt (FAILED) now reporting the payment. (Records are per
+// order: another order's use of the id is not seen here.) A record that
+// does not decode counts as ev's (a duplicate, as before).
+func sameEvent(prev []byte, ev Event) bool {
 	var rec eventRecord
 	if proto.Unmarshal(prev, &rec) != nil {
 		return true
 	}
-	if ev.Status == "SUCCESS" && rec.Event.Status == "FAILED" {
-		return false
-	}
-	of, ok := ParseOrderID(rec.Event.OrderID)
-	return !ok || of == id
+	return ev.Status != "SUCCESS" || rec.Event.Status != "FAILED"
 }
 
-// eventRec is the durable record of event ev applied to an order in status
+// eventRec is the durable record of event ev applied to order id in status
 // before.
-func eventRec(ev Event, before string, now int64) persist.Record {
+func eventRec(id int64, ev Event, before string, now int64) persist.Record {
 	v, _ := proto.Marshal(eventRecord{Event: ev, StatusBefore: before, At: now})
-	return persist.Record{Key: eventKey(ev.EventID), Value: v}
+	return persist.Record{Key: EventRecordKey(id, ev.EventID), Value: v}
 }
 
 // refundLate records a payment that arrived after its order closed as
