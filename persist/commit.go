@@ -63,8 +63,9 @@ type committer struct {
 	// there would) at named points: "reserved" (an op's reservation is
 	// done and it is queued; entries is the op), "wait" (a group is built
 	// and waits for an earlier group to enter the WAL), "write" (a group is
-	// about to enter the WAL), "loaded" (an op read a balance from Pebble,
-	// before it keeps it in memory). Set it before the first op.
+	// about to enter the WAL), "sync" (a group is in the WAL, readable, its
+	// fsync not done), "loaded" (an op read a balance from Pebble, before
+	// it keeps it in memory). Set it before the first op.
 	crashAt func(point string, entries []*commitEntry)
 
 	commitSeconds prometheus.Histogram // one group's batch write + fsync
@@ -144,6 +145,18 @@ func (c *committer) close() {
 	c.mu.Unlock()
 	close(c.stop)
 	c.wg.Wait()
+}
+
+// durable waits until every group taken so far is durable (and so the
+// groups before it): what a read of Pebble saw of the ledger's writes is
+// then durable too — each group it could see was taken before. An error: a
+// group failed (the node stops).
+func (c *committer) durable() error {
+	c.mu.Lock()
+	t := c.last
+	c.mu.Unlock()
+	<-t.durable
+	return t.err
 }
 
 // groupTurn orders the group commits: a group enters Pebble's WAL only
@@ -294,6 +307,9 @@ func (c *committer) write(group []*commitEntry, prev, turn *groupTurn, hook func
 		return err
 	}
 	enter(true)
+	if hook != nil {
+		hook("sync", group)
+	}
 	if err := b.SyncWait(); err != nil {
 		return err
 	}

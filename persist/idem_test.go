@@ -329,3 +329,63 @@ func TestBalanceShowsNoCreditBeforeItIsDurable(t *testing.T) {
 		t.Fatalf("balance %d (%v) once both are durable, want 0", b, err)
 	}
 }
+
+// A trade is listed, and a tally read, only once its group is durable: a
+// read of Pebble that saw a group waiting for its fsync waits for it (a
+// crash before the fsync would take back a trade already listed). Before,
+// both were answered from the group still waiting.
+func TestTradesAndTalliesShownOnlyOnceDurable(t *testing.T) {
+	st, err := Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	l, err := OpenLedger(st, LedgerConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	const u = 7
+	held, resume := make(chan struct{}), make(chan struct{})
+	var once, release sync.Once
+	defer release.Do(func() { close(resume) })
+	l.commit.crashAt = func(point string, _ []*commitEntry) {
+		if point == "sync" {
+			once.Do(func() {
+				close(held)
+				<-resume // in the WAL, readable; its fsync not done
+			})
+		}
+	}
+	credit := make(chan error, 1)
+	l.ApplyAsync(Op{User: u, ReqID: "c", Postings: []Posting{{User: u, Delta: 100, Reason: ReasonDev}},
+		Tallies: []Tally{{Name: "recv", User: u, Delta: 100}}}, func(_ Result, err error) { credit <- err })
+	<-held
+	type read struct {
+		trades int
+		tally  int64
+		err    error
+	}
+	got := make(chan read, 1)
+	go func() {
+		ts, err := l.Trades(u, 0, 10)
+		if err != nil {
+			got <- read{err: err}
+			return
+		}
+		v, err := l.Tally("recv", u)
+		got <- read{len(ts), v, err}
+	}()
+	select {
+	case r := <-got:
+		t.Fatalf("read %+v while the credit's group waits for its fsync", r)
+	case <-time.After(200 * time.Millisecond):
+	}
+	release.Do(func() { close(resume) })
+	if err := <-credit; err != nil {
+		t.Fatal(err)
+	}
+	if r := <-got; r.err != nil || r.trades != 1 || r.tally != 100 {
+		t.Fatalf("once durable: %+v, want the trade and the tally of 100", r)
+	}
+}

@@ -1050,13 +1050,20 @@ func TallyKey(name string, user int64) []byte {
 	return binary.BigEndian.AppendUint64(k, uint64(user))
 }
 
-// Tally returns the value of tally name for user.
+// Tally returns the value of tally name for user, once what it read of
+// Pebble is durable (a crash would take back a sum shown before its fsync).
 func (l *Ledger) Tally(name string, user int64) (int64, error) {
 	v, err := l.store.Get(TallyKey(name, user))
 	if errors.Is(err, ErrNotFound) {
-		return 0, nil
+		v, err = nil, nil
 	}
-	return DecodeInt64(v), err
+	if err != nil {
+		return 0, err
+	}
+	if err := l.commit.durable(); err != nil {
+		return 0, err
+	}
+	return DecodeInt64(v), nil
 }
 
 // TallyDropper is a wallet that can drop a tally no op adds to any more (a
@@ -1090,7 +1097,15 @@ func (l *Ledger) Trades(user int64, before int64, limit int) ([]Trade, error) {
 		out = append(out, t)
 		return len(out) < limit, nil
 	})
-	return out, err
+	if err != nil {
+		return nil, err
+	}
+	// Listed once durable: a crash would take back a trade listed before
+	// its group's fsync.
+	if err := l.commit.durable(); err != nil {
+		return nil, err
+	}
+	return out, nil
 }
 
 // ExpireIdem deletes the idempotency records of the hours before cutoff's
