@@ -11,13 +11,13 @@ import (
 // and history may be read there; a chat, numbered there). That one and
 // every message after it go to the connection's lane: a goroutine that
 // serves them in order, while the reader reads on and answers control
-// frames at once (a ping's pong, a close) — a request waiting on Redis no
+// frames at once (a ping's pong) — a request waiting on Redis no
 // longer delays them. Once the lane has served what it was given it ends
 // and the reader serves again. At most one lane per connection; the reader
 // queues at most laneBytes of messages (copies) behind it and then waits,
 // unread bytes staying in the socket (the client's own backpressure). The
-// connection's end (OnClose) comes after every message read before it is
-// served, as on the reader.
+// connection's end (the answer to a close frame, OnClose) comes after every
+// message read before it is served, as on the reader.
 type connLane struct {
 	mu    sync.Mutex
 	q     []laneMsg
@@ -35,9 +35,14 @@ type laneMsg struct {
 	p  []byte
 }
 
-// laneBytes bounds the bytes of messages queued behind a lane's request
-// (one message is always taken, whatever its size).
-const laneBytes = 64 << 10
+// laneBytes bounds what is queued behind a lane's request: each message
+// costs its bytes and laneMsgCost (an empty frame is 6 bytes on the wire, a
+// queue entry is more), so at most laneBytes/laneMsgCost messages; one
+// message is always taken, whatever its size.
+const (
+	laneBytes   = 64 << 10
+	laneMsgCost = 64
+)
 
 // offload starts c's lane with the message b (a copy), unless the caller
 // is the lane already (then false: the caller serves b itself). Only the
@@ -53,7 +58,7 @@ func (c *Conn) offload(op gws.Opcode, b []byte) bool {
 	l := c.lane
 	l.mu.Lock()
 	l.q = append(l.q, laneMsg{op: op, p: append([]byte(nil), b...)})
-	l.bytes += len(b)
+	l.bytes += len(b) + laneMsgCost
 	c.laneOn.Store(true)
 	l.mu.Unlock()
 	go c.srv.runLane(c)
@@ -70,7 +75,7 @@ func (c *Conn) queueBehindLane(op gws.Opcode, b []byte) bool {
 	l := c.lane
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	for c.laneOn.Load() && len(l.q) > 0 && l.bytes+len(b) > laneBytes {
+	for c.laneOn.Load() && len(l.q) > 0 && l.bytes+len(b)+laneMsgCost > laneBytes {
 		if l.space == nil {
 			l.space = make(chan struct{})
 		}
@@ -83,7 +88,7 @@ func (c *Conn) queueBehindLane(op gws.Opcode, b []byte) bool {
 		return false
 	}
 	l.q = append(l.q, laneMsg{op: op, p: append([]byte(nil), b...)})
-	l.bytes += len(b)
+	l.bytes += len(b) + laneMsgCost
 	return true
 }
 
@@ -123,7 +128,7 @@ func (s *Server) runLane(c *Conn) {
 		m := l.q[0]
 		l.q[0] = laneMsg{}
 		l.q = l.q[1:]
-		l.bytes -= len(m.p)
+		l.bytes -= len(m.p) + laneMsgCost
 		if l.space != nil {
 			close(l.space)
 			l.space = nil

@@ -24,6 +24,28 @@ func TestLaneQueueBoundHoldsTheReader(t *testing.T) {
 		t.Fatal("queued past the bound")
 	case <-time.After(100 * time.Millisecond):
 	}
+	// Empty messages count too (a queue entry each): a flood of them from a
+	// client stops the reader as bytes do.
+	c2 := &Conn{srv: &Server{}, lane: &connLane{}}
+	c2.laneOn.Store(true)
+	flooded := make(chan int, 1)
+	go func() {
+		n := 0
+		for c2.queueBehindLane(gws.OpcodeText, nil) {
+			n++
+		}
+		flooded <- n
+	}()
+	time.Sleep(100 * time.Millisecond)
+	c2.lane.mu.Lock()
+	if n := len(c2.lane.q); n > laneBytes/laneMsgCost {
+		t.Fatalf("%d empty messages queued, at most %d", n, laneBytes/laneMsgCost)
+	}
+	c2.lane.mu.Unlock()
+	c2.closing.Store(true)
+	go c2.srv.runLane(c2) // lets the reader on: once the lane ends, it serves the message itself
+	<-flooded
+
 	ended := make(chan int, 1)
 	if !c.afterLane(func() {
 		c.lane.mu.Lock()

@@ -513,7 +513,8 @@ func (r *wsReader) peerClose(p []byte) error {
 // decided; end of stream, a reset or a closed socket get gws's 1000 (a
 // no-op when a close frame went out already). While the connection's lane
 // serves requests read before the end, the close frame and OnClose wait
-// for them (as on the reader, the replies precede the close).
+// for them: they are served, as on the reader (their replies, queued for
+// the writer, may be dropped by the close, as before).
 func (r *wsReader) end(err error) {
 	if pp := parkPoller(); pp != nil {
 		pp.forget(r)
