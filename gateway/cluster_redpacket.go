@@ -194,23 +194,14 @@ func (n *Node) grabAsync(user int64, code string, done func(any, *proto.Error)) 
 	// Only what memory tells is asked here, on the connection's reader:
 	// who runs the rain may be a Redis read (up to its timeout).
 	if n.Cluster == nil || n.RedPackets.Owns(code) && !n.shardedRains() {
-		grab := func() {
-			n.RedPackets.GrabAsync(user, code, func(rep redpacket.GrabReply, perr *proto.Error) {
-				if perr != nil {
-					done(nil, perr)
-					return
-				}
-				done(rep, nil)
-			})
-		}
-		if n.Redis == nil {
-			grab()
-			return
-		}
-		// The grab's checks may ask Redis (the rain's packets in a Redis
-		// list, the user's place in it, the shared grab count, a frozen
-		// account): not on the reader, whose pongs would wait.
-		go grab()
+		// With Redis in use (grabWaits) the connection's lane runs this.
+		n.RedPackets.GrabAsync(user, code, func(rep redpacket.GrabReply, perr *proto.Error) {
+			if perr != nil {
+				done(nil, perr)
+				return
+			}
+			done(rep, nil)
+		})
 		return
 	}
 	go func() {
@@ -221,6 +212,14 @@ func (n *Node) grabAsync(user int64, code string, done func(any, *proto.Error)) 
 		}
 		done(b, nil)
 	}()
+}
+
+// grabWaits reports whether a grab of code may wait on Redis where it is
+// served (grabAsync's first branch with Redis in use: the rain's packets in
+// a Redis list, the user's place there, the shared grab count, an account's
+// status): the gateway serves it on the connection's lane, off its reader.
+func (n *Node) grabWaits(code string) bool {
+	return n.Redis != nil && (n.Cluster == nil || n.RedPackets.Owns(code) && !n.shardedRains())
 }
 
 // shardedRains reports whether grabs are served from slices on every node (a

@@ -73,6 +73,9 @@ func (s *Server) dispatch(c *Conn, b []byte) {
 	case proto.TypeGrab:
 		var r proto.GrabReq
 		if err = decodeValid(&f, &r); err == nil {
+			if s.grabWaits != nil && s.grabWaits(r.Code) && c.offload(gws.OpcodeText, b) {
+				return // may wait on Redis: served on the lane
+			}
 			id := f.ID
 			if !c.begin() {
 				return

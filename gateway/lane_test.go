@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/liveedge/liveedge/gateway/nodetest"
+	"github.com/liveedge/liveedge/persist/redistest"
 )
 
 // wsEvent is a frame a tcpWS client read: a reply (its id and code), a
@@ -133,5 +134,51 @@ func TestPongNotBehindAChatWaitingOnRedis(t *testing.T) {
 		if strings.Contains(string(f.D), "then close") {
 			break
 		}
+	}
+}
+
+// With a rain's packets in a Redis list a grab waits on Redis (its RPOP)
+// where it is served: a ping behind it gets its pong at once, and a request
+// sent behind it is served after the grab's Redis part (its reply may come
+// first: the grant is durable later).
+func TestPongNotBehindAGrabWaitingOnRedis(t *testing.T) {
+	px := redistest.StartProxy(t, redistest.Start(t).Addr)
+	cfg := rpConfig(t)
+	cfg.Redis.Addr = px.Addr
+	cfg.RedPacket.Pool = "redis-list"
+	n := nodetest.Start(t, cfg)
+	room := nodetest.OpenRoom(t, n, 1, 0)
+	devCredit(t, n, 1, 100)
+	code := startRain(t, n, 1, room, 100, 10, 120)
+	w := dialTCPWS(t, n, 100)
+	send := func(s string) {
+		t.Helper()
+		if err := w.write(opText, []byte(s)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	send(fmt.Sprintf(`{"t":"join","id":1,"d":{"room_id":%d}}`, room))
+	if ev := w.events(time.Now(), 10*time.Second, func(e wsEvent) bool { return e.id == 1 }); ev[len(ev)-1].code != 0 {
+		t.Fatalf("join: %+v", ev)
+	}
+	const hold = time.Second
+	px.Slow("RPOP", hold)
+	t.Cleanup(func() { px.Slow("", 0) })
+	start := time.Now()
+	send(fmt.Sprintf(`{"t":"grab","id":2,"d":{"code":%q}}`, code))
+	send(`{"t":"ping","id":3,"d":{}}`)
+	if err := w.write(opPing, []byte("p1")); err != nil {
+		t.Fatal(err)
+	}
+	got := map[int64]wsEvent{}
+	ev := w.events(start, 20*time.Second, func(e wsEvent) bool {
+		got[e.id] = e
+		return len(got) == 3 && got[2].what != "" && got[3].what != ""
+	})
+	if ev[0].what != "pong" || ev[0].at >= hold {
+		t.Fatalf("events %+v, want the pong first, before the grab's Redis answers", ev)
+	}
+	if got[2].code != 0 || got[3].code != 0 || got[3].at < hold {
+		t.Fatalf("events %+v, want the grab granted and the ping answered after the grab's RPOP (%d held)", ev, px.Slowed())
 	}
 }

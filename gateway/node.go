@@ -465,7 +465,7 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 		// A user's connections are bounded on every node together.
 		deps.SessionsElsewhere = n.Cluster.SessionsElsewhere
 	}
-	deps.RoomOpsWait = n.Cluster != nil
+	deps.RoomOpsWait, deps.GrabWaits = n.Cluster != nil, n.grabWaits
 	n.WS = newServer(deps)
 	n.API = newAPI(n, auth)
 	n.stopIdem, n.idemDone = make(chan struct{}), make(chan struct{})

@@ -63,8 +63,9 @@ type Server struct {
 	roomKnownClosed func(room int64) bool
 	rp              *redpacket.Service
 	grab            func(user int64, code string, done func(any, *proto.Error))
-	// roomOpsWait: ServerDeps.RoomOpsWait.
+	// roomOpsWait, grabWaits: ServerDeps.RoomOpsWait, GrabWaits.
 	roomOpsWait bool
+	grabWaits   func(code string) bool
 	inflight    sync.WaitGroup // async requests (gifts, grabs) still running
 
 	up *gws.Upgrader
@@ -125,6 +126,9 @@ type ServerDeps struct {
 	// RoomOpsWait: a join or a chat may wait on Redis (a cluster): they
 	// are served on the connection's lane, off its reader (lane.go).
 	RoomOpsWait bool
+	// GrabWaits, if set, tells whether a grab of a rain may wait on Redis
+	// where it is served: then it is served on the connection's lane.
+	GrabWaits func(code string) bool
 	// SessionsElsewhere, in a cluster, reports a user's sessions on the
 	// other nodes (known false: could not tell), so ws.max_conns_per_user
 	// bounds them all; nil = this node's only.
@@ -133,7 +137,7 @@ type ServerDeps struct {
 
 func newServer(d ServerDeps) *Server {
 	s := &Server{cfg: d.Config, log: d.Log, auth: d.Auth, router: d.Router, metrics: d.Metrics,
-		chat: d.ChatLimit, chatShared: d.ChatShared, joins: limit.New(JoinsPerSecond, time.Second, max(JoinBurst, 2*d.Config.WS.MaxRoomsPerConn), nil), gifts: d.Gifts, roomOpen: d.RoomOpen, roomKnownClosed: d.RoomKnownClosed, rp: d.RedPackets, grab: d.Grab, roomOpsWait: d.RoomOpsWait, elsewhere: d.SessionsElsewhere, stop: make(chan struct{}), writerq: make(chan *Conn), handshakes: newHandshakeGate()}
+		chat: d.ChatLimit, chatShared: d.ChatShared, joins: limit.New(JoinsPerSecond, time.Second, max(JoinBurst, 2*d.Config.WS.MaxRoomsPerConn), nil), gifts: d.Gifts, roomOpen: d.RoomOpen, roomKnownClosed: d.RoomKnownClosed, rp: d.RedPackets, grab: d.Grab, roomOpsWait: d.RoomOpsWait, grabWaits: d.GrabWaits, elsewhere: d.SessionsElsewhere, stop: make(chan struct{}), writerq: make(chan *Conn), handshakes: newHandshakeGate()}
 	if s.chatOnce = d.ChatOnce; s.chatOnce == nil {
 		s.chatOnce = newMemChatOnce()
 	}
