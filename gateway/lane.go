@@ -61,6 +61,7 @@ func (c *Conn) offload(op gws.Opcode, b []byte) bool {
 	l.bytes += len(b) + laneMsgCost
 	c.laneOn.Store(true)
 	l.mu.Unlock()
+	c.srv.metrics.lanes.Add(1)
 	go c.srv.runLane(c)
 	return true
 }
@@ -120,6 +121,7 @@ func (s *Server) runLane(c *Conn) {
 			end := l.onEnd
 			l.q, l.bytes, l.onEnd = nil, 0, nil
 			l.mu.Unlock()
+			s.metrics.lanes.Add(-1)
 			if end != nil {
 				end()
 			}

@@ -11,7 +11,7 @@ import (
 // message whatever its size) and then waits until the lane takes some; the
 // end handed to the lane runs after the messages queued before it.
 func TestLaneQueueBoundHoldsTheReader(t *testing.T) {
-	c := &Conn{srv: &Server{}, lane: &connLane{}}
+	c := &Conn{srv: &Server{metrics: &metrics{}}, lane: &connLane{}}
 	c.closing.Store(true) // the lane serves nothing (no server behind it): only the queue is tested
 	c.laneOn.Store(true)
 	if !c.queueBehindLane(gws.OpcodeText, make([]byte, 2*laneBytes)) {
@@ -26,7 +26,7 @@ func TestLaneQueueBoundHoldsTheReader(t *testing.T) {
 	}
 	// Empty messages count too (a queue entry each): a flood of them from a
 	// client stops the reader as bytes do.
-	c2 := &Conn{srv: &Server{}, lane: &connLane{}}
+	c2 := &Conn{srv: &Server{metrics: &metrics{}}, lane: &connLane{}}
 	c2.laneOn.Store(true)
 	flooded := make(chan int, 1)
 	go func() {

@@ -21,7 +21,9 @@ type metrics struct {
 	// metric adds those a room's fan-out wrote directly (router stats).
 	framesOut atomic.Int64
 	// readers counts the connections whose reader goroutine runs (wsReader).
-	readers        atomic.Int64
+	readers atomic.Int64
+	// lanes counts the connections whose requests a lane serves (lane.go).
+	lanes          atomic.Int64
 	badFrames      prometheus.Counter
 	resends        prometheus.Counter
 	resendGiveUps  prometheus.Counter
@@ -89,6 +91,9 @@ func newMetrics(node string, r router.Router) *metrics {
 	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts(f("ws_readers_running",
 		"Connections with a reader goroutine (reading or waiting up to ws.read_park_after); the others wait in epoll with none.")),
 		func() float64 { return float64(m.readers.Load()) }))
+	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts(f("ws_lanes_running",
+		"Connections whose requests are served off their reader, behind one that may wait on Redis (a cluster's join or chat, a grab with Redis in use).")),
+		func() float64 { return float64(m.lanes.Load()) }))
 	stat("frames_direct_total", "WebSocket data frames a room's fan-out wrote itself to a connection with nothing queued (also in frames_out_total).",
 		false, func(s router.Stats) int64 { return s.FramesDirect })
 	stat("fanout_frames_total", "Frames handed to sessions by fan-out.", false, func(s router.Stats) int64 { return s.FramesFanned })
