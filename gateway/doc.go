@@ -6,8 +6,10 @@
 // Per connection (Conn): one reader (wsReader parses the client's frames and
 // runs the handlers, in frame order, on a goroutine that exists only while
 // the client sends: after ws.read_park_after without input the socket waits
-// in the process's epoll instance with no goroutine and no buffer) and at
-// most one writer goroutine, started when the send queue becomes non-empty
+// in the process's epoll instance with no goroutine and no buffer; a request
+// that may wait on Redis, and those behind it, go to the connection's lane,
+// a goroutine that serves them in order while the reader answers pings:
+// lane.go) and at most one writer goroutine, started when the send queue becomes non-empty
 // and gone when it is drained. gws does the handshake and the writes. The queue is bounded in
 // bytes (ws.send_queue_bytes); a connection that overflows it is closed with
 // 4408 and nothing it was sent delays anyone else. Pushes owed from before
@@ -20,7 +22,7 @@
 //
 // Close codes and reply codes each live in one table, in gateway/proto.
 //
-// Lock order: Server shard mu → nothing; Conn.ackMu → Conn.mu (only where a
+// Lock order: Server shard mu → nothing; connLane.mu → nothing; Conn.ackMu → Conn.mu (only where a
 // backlog frame moves: sendBacklog, moveBacklog, stopAcks), neither held
 // across a socket write; the router's locks are never held while a Conn lock
 // is taken (router calls Send outside its own locks).
