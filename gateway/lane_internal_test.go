@@ -69,3 +69,23 @@ func TestLaneQueueBoundHoldsTheReader(t *testing.T) {
 		t.Fatal("the lane still on after it ended")
 	}
 }
+
+// Behind a lane an ack is served at once by the reader (it answers pushes
+// already received, has no reply): the push is forgotten, nothing queued;
+// any other message is queued.
+func TestAckNotQueuedBehindALane(t *testing.T) {
+	c := &Conn{srv: &Server{metrics: newMetrics("t", nil)}, lane: &connLane{}, cork: &corkConn{}}
+	c.pending = map[string]*pendingPush{"m1": {}}
+	c.laneOn.Store(true)
+	c.srv.serveFrame(c, gws.OpcodeText, []byte(`{"t":"ack","d":{"mids":["m1"]}}`))
+	c.ackMu.Lock()
+	_, still := c.pending["m1"]
+	c.ackMu.Unlock()
+	if still || len(c.lane.q) != 0 {
+		t.Fatalf("ack behind a lane: push still pending %v, %d queued", still, len(c.lane.q))
+	}
+	c.srv.serveFrame(c, gws.OpcodeText, []byte(`{"t":"ping","id":1}`))
+	if len(c.lane.q) != 1 {
+		t.Fatalf("a request behind a lane: %d queued, want 1", len(c.lane.q))
+	}
+}

@@ -496,10 +496,23 @@ func (s *Server) OnMessage(socket *gws.Conn, msg *gws.Message) {
 func (s *Server) serveFrame(c *Conn, op gws.Opcode, data []byte) {
 	c.lastRead.Store(time.Now().UnixNano())
 	s.metrics.framesIn.Inc()
+	if c.laneOn.Load() && op == gws.OpcodeText && isAck(data) {
+		// An ack is of pushes already received and has no reply: served
+		// at once, never behind a request waiting on Redis (the pushes
+		// would be resent meanwhile, and owed ones waiting for acks held).
+		s.serveMessage(c, op, data)
+		return
+	}
 	if c.queueBehindLane(op, data) {
 		return
 	}
 	s.serveMessage(c, op, data)
+}
+
+// isAck reports whether data is an ack frame.
+func isAck(data []byte) bool {
+	f, perr := proto.DecodeClientFrame(data)
+	return perr == nil && f.T == proto.TypeAck
 }
 
 // serveMessage serves one client message, on the reader or the lane.
@@ -512,7 +525,7 @@ func (s *Server) serveMessage(c *Conn, op gws.Opcode, data []byte) {
 		// — but an ack still is (it has no reply): the pushes a drain wrote
 		// just before the close frame, acked by the client after it, are
 		// not handed on as unacked.
-		if f, perr := proto.DecodeClientFrame(data); perr == nil && f.T == proto.TypeAck && op == gws.OpcodeText {
+		if op == gws.OpcodeText && isAck(data) {
 			s.dispatch(c, data)
 		}
 		return
