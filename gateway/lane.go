@@ -4,6 +4,8 @@ import (
 	"sync"
 
 	"github.com/lxzan/gws"
+
+	"github.com/liveedge/liveedge/gateway/proto"
 )
 
 // A connection's requests are served in the order they arrive, on its
@@ -30,15 +32,30 @@ type connLane struct {
 	onEnd func()
 }
 
+// laneMsg is a message queued behind a lane. One refused whatever it holds
+// (binary, or text over proto.MaxFrameBytes) keeps no payload, only its
+// refusal: what is queued holds at most a request's bytes each.
 type laneMsg struct {
-	op gws.Opcode
-	p  []byte
+	op      gws.Opcode
+	p       []byte
+	refused *proto.Error
+}
+
+// newLaneMsg is b's entry (a copy, or its refusal).
+func newLaneMsg(op gws.Opcode, b []byte) laneMsg {
+	switch {
+	case op != gws.OpcodeText:
+		return laneMsg{op: op, refused: proto.ErrBinaryFrame}
+	case len(b) > proto.MaxFrameBytes:
+		return laneMsg{op: op, refused: proto.ErrFrameTooLarge}
+	}
+	return laneMsg{op: op, p: append([]byte(nil), b...)}
 }
 
 // laneBytes bounds what is queued behind a lane's request: each message
 // costs its bytes and laneMsgCost (an empty frame is 6 bytes on the wire, a
 // queue entry is more), so at most laneBytes/laneMsgCost messages; one
-// message is always taken, whatever its size.
+// message is always taken (at most proto.MaxFrameBytes kept).
 const (
 	laneBytes   = 64 << 10
 	laneMsgCost = 64
@@ -57,8 +74,9 @@ func (c *Conn) offload(op gws.Opcode, b []byte) bool {
 	}
 	l := c.lane
 	l.mu.Lock()
-	l.q = append(l.q, laneMsg{op: op, p: append([]byte(nil), b...)})
-	l.bytes += len(b) + laneMsgCost
+	m := newLaneMsg(op, b)
+	l.q = append(l.q, m)
+	l.bytes += len(m.p) + laneMsgCost
 	c.laneOn.Store(true)
 	l.mu.Unlock()
 	c.srv.metrics.lanes.Add(1)
@@ -74,9 +92,10 @@ func (c *Conn) queueBehindLane(op gws.Opcode, b []byte) bool {
 		return false
 	}
 	l := c.lane
+	m := newLaneMsg(op, b)
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	for c.laneOn.Load() && len(l.q) > 0 && l.bytes+len(b)+laneMsgCost > laneBytes {
+	for c.laneOn.Load() && len(l.q) > 0 && l.bytes+len(m.p)+laneMsgCost > laneBytes {
 		if l.space == nil {
 			l.space = make(chan struct{})
 		}
@@ -88,8 +107,8 @@ func (c *Conn) queueBehindLane(op gws.Opcode, b []byte) bool {
 	if !c.laneOn.Load() {
 		return false
 	}
-	l.q = append(l.q, laneMsg{op: op, p: append([]byte(nil), b...)})
-	l.bytes += len(b) + laneMsgCost
+	l.q = append(l.q, m)
+	l.bytes += len(m.p) + laneMsgCost
 	return true
 }
 
@@ -136,6 +155,10 @@ func (s *Server) runLane(c *Conn) {
 			l.space = nil
 		}
 		l.mu.Unlock()
-		s.serveMessage(c, m.op, m.p)
+		if m.refused != nil {
+			s.refuseMessage(c, m.refused)
+		} else {
+			s.serveMessage(c, m.op, m.p)
+		}
 	}
 }

@@ -5,6 +5,8 @@ import (
 	"time"
 
 	"github.com/lxzan/gws"
+
+	"github.com/liveedge/liveedge/gateway/proto"
 )
 
 // The reader queues at most laneBytes behind a connection's lane (one
@@ -14,7 +16,7 @@ func TestLaneQueueBoundHoldsTheReader(t *testing.T) {
 	c := &Conn{srv: &Server{metrics: &metrics{}}, lane: &connLane{}}
 	c.closing.Store(true) // the lane serves nothing (no server behind it): only the queue is tested
 	c.laneOn.Store(true)
-	if !c.queueBehindLane(gws.OpcodeText, make([]byte, 2*laneBytes)) {
+	if !c.queueBehindLane(gws.OpcodeText, make([]byte, proto.MaxFrameBytes)) {
 		t.Fatal("a message bigger than the bound refused by an empty queue")
 	}
 	queued := make(chan bool, 1)
@@ -87,5 +89,26 @@ func TestAckNotQueuedBehindALane(t *testing.T) {
 	c.srv.serveFrame(c, gws.OpcodeText, []byte(`{"t":"ping","id":1}`))
 	if len(c.lane.q) != 1 {
 		t.Fatalf("a request behind a lane: %d queued, want 1", len(c.lane.q))
+	}
+}
+
+// A frame refused whatever it holds (binary, or text over
+// proto.MaxFrameBytes) is queued behind a lane without its payload: a big
+// frame behind a request waiting on Redis holds no copy of itself.
+func TestRefusedFramesQueuedWithoutPayload(t *testing.T) {
+	c := &Conn{srv: &Server{metrics: &metrics{}}, lane: &connLane{}}
+	c.laneOn.Store(true)
+	big := make([]byte, 1<<20)
+	if !c.queueBehindLane(gws.OpcodeBinary, big) || !c.queueBehindLane(gws.OpcodeText, big) {
+		t.Fatal("not queued behind the lane")
+	}
+	l := c.lane
+	if len(l.q) != 2 || l.bytes != 2*laneMsgCost {
+		t.Fatalf("%d queued, %d bytes counted, want 2 and %d", len(l.q), l.bytes, 2*laneMsgCost)
+	}
+	for i, want := range []*proto.Error{proto.ErrBinaryFrame, proto.ErrFrameTooLarge} {
+		if m := l.q[i]; m.p != nil || m.refused != want {
+			t.Fatalf("entry %d: %d bytes kept, refusal %v, want none and %v", i, len(m.p), m.refused, want)
+		}
 	}
 }

@@ -1,6 +1,7 @@
 package gateway
 
 import (
+	"bytes"
 	"context"
 	"log/slog"
 	"net"
@@ -509,8 +510,12 @@ func (s *Server) serveFrame(c *Conn, op gws.Opcode, data []byte) {
 	s.serveMessage(c, op, data)
 }
 
-// isAck reports whether data is an ack frame.
+// isAck reports whether data is an ack frame (decoded only if it holds
+// "ack").
 func isAck(data []byte) bool {
+	if !bytes.Contains(data, []byte(`"ack"`)) {
+		return false
+	}
 	f, perr := proto.DecodeClientFrame(data)
 	return perr == nil && f.T == proto.TypeAck
 }
@@ -535,6 +540,15 @@ func (s *Server) serveMessage(c *Conn, op gws.Opcode, data []byte) {
 		return
 	}
 	s.dispatch(c, data)
+}
+
+// refuseMessage answers a message refused whatever it held (queued behind
+// a lane without its payload) as serveMessage would have.
+func (s *Server) refuseMessage(c *Conn, e *proto.Error) {
+	if c.closing.Load() || c.cork.closing.Load() {
+		return
+	}
+	c.badFrame(0, e)
 }
 
 // recoverFrame turns a panic while serving one of c's frames (a bug) into

@@ -53,6 +53,8 @@ type committer struct {
 	wg   sync.WaitGroup
 
 	last *groupTurn // the turn of the group taken last
+	// durableWait bounds durable's wait (durableWait; tests set it).
+	durableWait time.Duration
 
 	// failWrite, in tests, makes the next group commits fail as a disk would.
 	failWrite error
@@ -73,7 +75,7 @@ type committer struct {
 }
 
 func newCommitter(store *Store, workers int, groups *atomic.Int64) *committer {
-	c := &committer{store: store, groups: groups, wake: make(chan struct{}, 1), stop: make(chan struct{}), last: doneTurn(),
+	c := &committer{store: store, groups: groups, wake: make(chan struct{}, 1), stop: make(chan struct{}), last: doneTurn(), durableWait: durableWait,
 		commitSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Namespace: "liveedge", Name: "ledger_commit_seconds",
 			Help:    "Time to write and fsync one group commit of the ledger.",
@@ -149,15 +151,32 @@ func (c *committer) close() {
 
 // durable waits until every group taken so far is durable (and so the
 // groups before it): what a read of Pebble saw of the ledger's writes is
-// then durable too — each group it could see was taken before. An error: a
-// group failed (the node stops).
+// then durable too — each group it could see was taken before. It waits at
+// most durableWait (a stalled disk does not pile up readers); then, or when
+// a group failed (the node stops), ErrWalletUnavailable: retry.
 func (c *committer) durable() error {
 	c.mu.Lock()
-	t := c.last
+	t, d := c.last, c.durableWait
 	c.mu.Unlock()
-	<-t.durable
-	return t.err
+	select {
+	case <-t.durable:
+	default:
+		wait := time.NewTimer(d)
+		defer wait.Stop()
+		select {
+		case <-t.durable:
+		case <-wait.C:
+			return fmt.Errorf("%w: the ledger's writes not durable within %v", ErrWalletUnavailable, d)
+		}
+	}
+	if t.err != nil {
+		return fmt.Errorf("%w: %w", ErrWalletUnavailable, t.err)
+	}
+	return nil
 }
+
+// durableWait bounds durable's wait (committer.durableWait: tests change it).
+const durableWait = 5 * time.Second
 
 // groupTurn orders the group commits: a group enters Pebble's WAL only
 // after the group taken before it has (one WAL order, the order groups were

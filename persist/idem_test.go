@@ -381,6 +381,18 @@ func TestTradesAndTalliesShownOnlyOnceDurable(t *testing.T) {
 		t.Fatalf("read %+v while the credit's group waits for its fsync", r)
 	case <-time.After(200 * time.Millisecond):
 	}
+	// A read that cannot be shown durable in time is refused ("retry"),
+	// not held for as long as the disk stalls.
+	setWait := func(d time.Duration) {
+		l.commit.mu.Lock()
+		l.commit.durableWait = d
+		l.commit.mu.Unlock()
+	}
+	setWait(50 * time.Millisecond)
+	if _, err := l.Trades(u, 0, 10); !errors.Is(err, ErrWalletUnavailable) {
+		t.Fatalf("trades with the fsync stalled past the wait: %v, want ErrWalletUnavailable", err)
+	}
+	setWait(durableWait)
 	release.Do(func() { close(resume) })
 	if err := <-credit; err != nil {
 		t.Fatal(err)

@@ -156,7 +156,8 @@ type SharedWallet struct {
 var _ Wallet = (*SharedWallet)(nil)
 
 // ErrWalletUnavailable means the shared wallet cannot move money right now
-// (Redis unreachable or being rebuilt); nothing moved; retry later.
+// (Redis unreachable or being rebuilt); nothing moved; retry later. The
+// ledger answers it to a read that could not be shown durable in time.
 var ErrWalletUnavailable = errors.New("persist: shared wallet unavailable")
 
 // ErrInProgress means an earlier request with the same req_id is still being
