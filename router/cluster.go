@@ -34,6 +34,12 @@ type ClusterConfig struct {
 	// Local.HistoryTTL, counted from the room's last push).
 	HistorySize int
 	HistoryTTL  time.Duration
+	// EpochTTL is how long a room's epoch and counter stay in Redis after
+	// its last push or join (default 24 h, at least HistoryTTL): a room
+	// quiet for less keeps its epoch — its next push follows the offsets
+	// its viewers have, not a new epoch that every one of them would
+	// re-sync from. Its history still ages out after HistoryTTL.
+	EpochTTL time.Duration
 	// GapWait is how long a node waits for a missing offset before it reads
 	// it from the shared history (default 100 ms).
 	GapWait time.Duration
@@ -47,6 +53,9 @@ type ClusterConfig struct {
 	CallTimeout time.Duration
 	Log         *slog.Logger
 }
+
+// defaultEpochTTL is ClusterConfig.EpochTTL's default.
+const defaultEpochTTL = 24 * time.Hour
 
 // Redis keys (one hash tag per room or user, so every script touches one
 // Redis Cluster slot).
@@ -391,6 +400,10 @@ func NewCluster(cfg ClusterConfig) (*Cluster, error) {
 	if cfg.HistoryTTL <= 0 {
 		cfg.HistoryTTL = local.cfg.HistoryTTL
 	}
+	if cfg.EpochTTL <= 0 {
+		cfg.EpochTTL = defaultEpochTTL
+	}
+	cfg.EpochTTL = max(cfg.EpochTTL, cfg.HistoryTTL)
 	if cfg.GapWait <= 0 {
 		cfg.GapWait = 100 * time.Millisecond
 	}
@@ -1082,10 +1095,10 @@ func (c *Cluster) numberBy(id int64, items []seqItem, no uint64, until time.Time
 			by = it.by.UnixMilli()
 		}
 	}
-	args := make([]string, 0, 10+4*len(items))
+	args := make([]string, 0, 11+4*len(items))
 	args = append(args, strconv.Itoa(c.cfg.HistorySize), strconv.FormatInt(c.cfg.HistoryTTL.Milliseconds(), 10),
 		NewEpoch(), strconv.FormatInt(time.Now().UnixMilli(), 10), strconv.Itoa(len(items)), ep, strconv.FormatInt(max(last, 0), 10),
-		c.boot, strconv.FormatUint(no, 10), strconv.FormatInt(by, 10))
+		c.boot, strconv.FormatUint(no, 10), strconv.FormatInt(by, 10), strconv.FormatInt(c.cfg.EpochTTL.Milliseconds(), 10))
 	closing := false
 	for _, it := range items {
 		args = append(args, it.p.Mid, strconv.Itoa(it.p.Biz), string(rune('0'+boolByte(it.p.Ack))), string(pushData(it.p.Data)))
@@ -1322,7 +1335,7 @@ func (c *Cluster) position(id int64, knownEp string, knownLast int64) (string, i
 	ctx, cancel := c.ctx()
 	defer cancel()
 	arr, err := positionScript.Exec(ctx, c.rdb, []string{seqKey(id), epKey(id), histKey(id)},
-		[]string{NewEpoch(), strconv.FormatInt(c.cfg.HistoryTTL.Milliseconds(), 10), knownEp, strconv.FormatInt(max(knownLast, 0), 10)}).ToArray()
+		[]string{NewEpoch(), strconv.FormatInt(c.cfg.EpochTTL.Milliseconds(), 10), knownEp, strconv.FormatInt(max(knownLast, 0), 10)}).ToArray()
 	if err != nil {
 		return "", 0, err
 	}

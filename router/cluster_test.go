@@ -836,3 +836,50 @@ func TestUserSubscriptionsHoldNoGoroutineEach(t *testing.T) {
 		}
 	}
 }
+
+// A room quiet for longer than its history's TTL keeps its epoch: a join
+// after the lull (another node's, reading Redis) is in the epoch of the
+// join before it, recovered with nothing missed, and the next push follows
+// the offsets the viewers have in that epoch. Before, the epoch and the
+// counter expired with the history: after each lull of history_ttl (2
+// minutes by default) the next push started a new epoch and every viewer
+// re-synced. The pushes themselves still age out.
+func TestQuietRoomKeepsItsEpoch(t *testing.T) {
+	env := clusterEnv{nats: natstest.Start(t), redis: redistest.Start(t)}
+	const ttl = 300 * time.Millisecond
+	a := newCluster(t, env, "a", ClusterConfig{HistoryTTL: ttl})
+	a.OpenRoom(1)
+	s := &offSink{id: 1}
+	j, err := a.JoinAt(1, s, nil)
+	if err != nil || j.Ep == "" {
+		t.Fatalf("join: %+v %v", j, err)
+	}
+	if _, err := a.PublishRoom(1, proto.Push{Biz: proto.BizChat}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, func() bool { return len(s.got()) == 1 })
+	time.Sleep(3 * ttl) // quiet: past the history's TTL
+	b := newCluster(t, env, "b", ClusterConfig{HistoryTTL: ttl})
+	b.OpenRoom(1)
+	s2 := &offSink{id: 2}
+	j2, err := b.JoinAt(1, s2, &proto.Position{Off: 1, Ep: j.Ep})
+	if err != nil || j2.Ep != j.Ep || j2.Off != 1 || !j2.Recovered {
+		t.Fatalf("join after the lull: %+v %v, want epoch %s at offset 1, recovered", j2, err, j.Ep)
+	}
+	if _, err := b.PublishRoom(1, proto.Push{Biz: proto.BizChat}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, func() bool { return len(s.got()) == 2 && len(s2.got()) == 1 })
+	if got := s.got(); got[1] != 2 {
+		t.Fatalf("the first member got offsets %v, want 1, 2 in one epoch", got)
+	}
+	ep, err := a.rdb.Do(context.Background(), a.rdb.B().Get().Key(epKey(1)).Build()).ToString()
+	if err != nil || ep != j.Ep {
+		t.Fatalf("epoch in Redis %q (%v), want %q", ep, err, j.Ep)
+	}
+	// A join from before the first push is not recovered past the TTL.
+	time.Sleep(3 * ttl)
+	if j3, err := b.JoinAt(1, &offSink{id: 3}, &proto.Position{Off: 0, Ep: j.Ep}); err != nil || j3.Recovered || j3.Ep != j.Ep {
+		t.Fatalf("join since offset 0 after the pushes aged out: %+v %v, want not recovered, same epoch", j3, err)
+	}
+}

@@ -1,6 +1,7 @@
 -- A room's position, giving it an epoch if it has none yet, so that a client
 -- joining before the first push already has the epoch its later pushes use.
--- KEYS as sequence.lua. ARGV[1] a fresh epoch, ARGV[2] key TTL in ms, ARGV[3]
+-- KEYS as sequence.lua. ARGV[1] a fresh epoch, ARGV[2] the epoch's TTL in ms
+-- (sequence.lua's ARGV[11]; renewed here: a room joined keeps it), ARGV[3]
 -- and ARGV[4] the epoch and the highest offset the calling node has received
 -- ("" and 0: none).
 -- Returns {epoch, newest offset}.
@@ -16,5 +17,8 @@ if (not ep) or seq < 0 or (ep == ARGV[3] and seq < tonumber(ARGV[4])) then
   redis.call('SET', KEYS[2], ep, 'PX', ARGV[2])
   redis.call('SET', KEYS[1], 0, 'PX', ARGV[2])
   redis.call('DEL', KEYS[3])
+else
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
 end
 return {ep, tonumber(redis.call('GET', KEYS[1]))}
