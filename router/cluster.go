@@ -35,7 +35,8 @@ type ClusterConfig struct {
 	HistorySize int
 	HistoryTTL  time.Duration
 	// EpochTTL is how long a room's epoch and counter stay in Redis after
-	// its last push or join (default 24 h, at least HistoryTTL): a room
+	// its last push, or a node's subscribing to it (default 24 h, at least
+	// HistoryTTL): a room
 	// quiet for less keeps its epoch — its next push follows the offsets
 	// its viewers have, not a new epoch that every one of them would
 	// re-sync from. Its history still ages out after HistoryTTL.

@@ -1,7 +1,7 @@
 -- A room's position, giving it an epoch if it has none yet, so that a client
 -- joining before the first push already has the epoch its later pushes use.
 -- KEYS as sequence.lua. ARGV[1] a fresh epoch, ARGV[2] the epoch's TTL in ms
--- (sequence.lua's ARGV[11]; renewed here: a room joined keeps it), ARGV[3]
+-- (sequence.lua's ARGV[11]; renewed here: a node subscribing keeps it), ARGV[3]
 -- and ARGV[4] the epoch and the highest offset the calling node has received
 -- ("" and 0: none).
 -- Returns {epoch, newest offset}.

@@ -10,7 +10,7 @@
 -- (increasing: a process sends batch k+1 of a room only once batch k was
 -- numbered, or given up), ARGV[10] the batch's deadline in ms (0: none),
 -- ARGV[11] the TTL in ms of the epoch, the counter and the batches numbered
--- (a room quiet for less keeps its epoch; position.lua renews it at joins),
+-- (a room quiet for less keeps its epoch; position.lua renews it too),
 -- then 4 values per push: mid, biz, ack (0/1), d.
 -- Returns {first offset, epoch}; {first offset, epoch, 1} when the batch was
 -- numbered already (a retry after a lost reply: the same offsets, nothing
