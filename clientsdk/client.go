@@ -140,6 +140,12 @@ func (r *joinReply) ep() string {
 // startIndex picks the URL Dial tries first (random; tests replace it).
 var startIndex = func(n int) int { return rand.IntN(n) }
 
+// reconnectOffset picks how far after the URL of the connection that ended a
+// reconnect starts, among the n URLs (n > 1: random in [1, n-1], another
+// URL: the clients of a node that died or is draining spread over the others,
+// rather than all move to the next one; tests replace it).
+var reconnectOffset = func(n int) int { return 1 + rand.IntN(n-1) }
+
 type event struct {
 	push  Push
 	ack   bool     // push is reliable: ack it once OnPush returned
@@ -1034,7 +1040,8 @@ func (c *Client) reconnectable(code int) bool {
 
 // reconnect retries until a session is active (returned) or the client stops
 // (nil, after reporting StateClosed). Attempts go round the URL list starting
-// after the URL of the connection that ended; each round starts with the
+// at another URL than the connection that ended, chosen at random
+// (reconnectOffset); each round starts with the
 // exponential backoff with full jitter (round n: random [0, min(max,
 // min·2^(n-1))]), and within a round the next URL is tried after a short
 // random pause in [min/2, min] (see Config.ReconnectMin).
@@ -1049,9 +1056,13 @@ func (c *Client) reconnect() *session {
 	}
 	floor := c.shortLived // backoff rounds already spent on short-lived connections
 	c.mu.Unlock()
+	off := 1
+	if n > 1 {
+		off = reconnectOffset(n)
+	}
 	var lastErr error
 	for attempt := 1; ; attempt++ {
-		i := (from + attempt) % n
+		i := (from + off + attempt - 1) % n
 		var delay time.Duration
 		if k := attempt - 1; k%n == 0 {
 			delay = c.backoff(k/n + 1 + floor)

@@ -32,15 +32,15 @@ type Config struct {
 	// ws:// or wss://, like URL). When both are set, URL comes first in the
 	// list; duplicates are ignored. Dial tries them in turn, starting at a
 	// random one, until one connects; after a disconnect the client moves on
-	// to the next URL in the list (so the clients of a node that went away
-	// spread over the others), see ReconnectMin.
+	// to another URL chosen at random, then round the list (so the clients
+	// of a node that went away spread over the others), see ReconnectMin.
 	URLs []string
 
 	// PreferURL makes Dial try URL first, then URLs in list order, instead
 	// of starting at a random one: a client that prefers one node (the
 	// nearest, or the one a load balancer or a test assigned) and falls
 	// back on the others. After a disconnect the client still moves on to
-	// the next URL in the list.
+	// another URL, as without it.
 	PreferURL bool
 
 	// Token is sent in the upgrade request's Authorization header (not in

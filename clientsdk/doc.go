@@ -10,8 +10,9 @@
 //   - Several nodes: Config.URLs lists the nodes of a cluster (Config.URL alone
 //     is a list of one). Dial tries them in turn from a random one (from
 //     Config.URL with Config.PreferURL); after a
-//     disconnect the client tries the next URL first, so the clients of a
-//     node that died or went away spread over the others. Reconnect attempts
+//     disconnect the client tries another URL first, chosen at random, so the
+//     clients of a node that died or went away spread over the others (not
+//     all onto the next one). Reconnect attempts
 //     go in rounds over the list: exponential backoff with full jitter before
 //     each round, a short random pause in [ReconnectMin/2, ReconnectMin]
 //     between the URLs of a round (see Config.ReconnectMin). A reconnect

@@ -367,6 +367,8 @@ var LiveClient = class _LiveClient {
   // ---- connection ----
   token(reason) {
     if (!this.opts.getToken) return Promise.resolve(this.opts.token);
+    const exp = this.lastToken === void 0 ? void 0 : tokenExpiry(this.lastToken);
+    if (reason === "reconnect" && exp !== void 0 && Date.now() >= exp * 1e3) reason = "expired";
     const ms = this.o.requestTimeoutMs;
     let timer;
     const late = new Promise((_, reject) => {
@@ -391,6 +393,7 @@ var LiveClient = class _LiveClient {
   async attempt(reason, attemptNo) {
     const url = this.urls[this.urlIndex % this.urls.length];
     const tok = await this.token(reason);
+    this.lastToken = tok;
     if (this.closed) throw new ClosedError(this.closeCause);
     const u = new URL(url);
     u.searchParams.delete("token");
@@ -558,7 +561,7 @@ var LiveClient = class _LiveClient {
   async reconnectLoop(reason) {
     if (this.upSince > 0 && Date.now() - this.upSince < STABLE_AFTER_MS) this.shortLived = Math.min(this.shortLived + 1, 32);
     else this.shortLived = 0;
-    if (this.urls.length > 1) this.urlIndex++;
+    if (this.urls.length > 1) this.urlIndex += 1 + Math.floor(Math.random() * (this.urls.length - 1));
     const floor = this.shortLived;
     let error;
     for (let n = 1; !this.closed; n++) {
@@ -573,9 +576,12 @@ var LiveClient = class _LiveClient {
       } catch (e) {
         if (this.closed) return;
         error = e instanceof Error ? e : new Error(String(e));
-        if (e instanceof UnauthorizedError && !this.opts.getToken) {
-          this.terminate(e);
-          return;
+        if (e instanceof UnauthorizedError) {
+          if (!this.opts.getToken) {
+            this.terminate(e);
+            return;
+          }
+          reason = "expired";
         }
         if (e instanceof CloseError && !reconnectable(e.code)) {
           if (!(e.code === Close.TokenExpired && this.opts.getToken)) {

@@ -309,6 +309,8 @@ export class LiveClient {
   };
   private readonly urls: string[];
   private urlIndex = 0;
+  /** The token of the last attempt (its exp tells a reconnect's reason). */
+  private lastToken: string | undefined;
   private ws: WebSocketLike | null = null;
   private ready = false;
   // When the current (or last) connection became ready, and how many in a
@@ -602,6 +604,11 @@ export class LiveClient {
 
   private token(reason: TokenReason): Promise<string> {
     if (!this.opts.getToken) return Promise.resolve(this.opts.token!);
+    // A token whose exp has passed is "expired" whatever ended the last
+    // connection (a machine that slept past it sees no 4501; a browser sees
+    // no 401).
+    const exp = this.lastToken === undefined ? undefined : tokenExpiry(this.lastToken);
+    if (reason === "reconnect" && exp !== undefined && Date.now() >= exp * 1000) reason = "expired";
     // Bounded like a request: a callback that never settles (a hung fetch)
     // must not stop the reconnect loop for good. close() clears the timer.
     const ms = this.o.requestTimeoutMs;
@@ -633,6 +640,7 @@ export class LiveClient {
   private async attempt(reason: TokenReason, attemptNo: number): Promise<void> {
     const url = this.urls[this.urlIndex % this.urls.length];
     const tok = await this.token(reason);
+    this.lastToken = tok;
     if (this.closed) throw new ClosedError(this.closeCause);
     const u = new URL(url);
     u.searchParams.delete("token"); // the token is the subprotocol's, never the URL's
@@ -823,9 +831,10 @@ export class LiveClient {
   private async reconnectLoop(reason: TokenReason): Promise<void> {
     if (this.upSince > 0 && Date.now() - this.upSince < STABLE_AFTER_MS) this.shortLived = Math.min(this.shortLived + 1, 32);
     else this.shortLived = 0;
-    // The next node first (as the Go SDK): the clients of a node that died or
-    // is draining spread over the others rather than retry it.
-    if (this.urls.length > 1) this.urlIndex++;
+    // Another node first, chosen at random (as the Go SDK): the clients of a
+    // node that died or is draining spread over the others rather than retry
+    // it — or all move to the same next one.
+    if (this.urls.length > 1) this.urlIndex += 1 + Math.floor(Math.random() * (this.urls.length - 1));
     const floor = this.shortLived;
     let error: Error | undefined; // why the previous attempt failed
     for (let n = 1; !this.closed; n++) {
@@ -840,9 +849,12 @@ export class LiveClient {
       } catch (e) {
         if (this.closed) return;
         error = e instanceof Error ? e : new Error(String(e));
-        if (e instanceof UnauthorizedError && !this.opts.getToken) {
-          this.terminate(e);
-          return;
+        if (e instanceof UnauthorizedError) {
+          if (!this.opts.getToken) {
+            this.terminate(e);
+            return;
+          }
+          reason = "expired"; // refused: the callback is told, not asked for the same token again
         }
         if (e instanceof CloseError && !reconnectable(e.code)) {
           if (!(e.code === Close.TokenExpired && this.opts.getToken)) {

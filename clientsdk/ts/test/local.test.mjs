@@ -385,6 +385,45 @@ test("several URLs: clients start at a random one (spread over the nodes); prefe
   assert.equal(a.conns.length, onA + 10, "preferFirstUrl clients all on the first URL");
 });
 
+test("a reconnect starts at another URL chosen at random: the clients of a node spread over the others, none retries it first", async () => {
+  const a = await server((conn) => {
+    answer(conn);
+    setTimeout(() => conn.ws.close(1001, "going away"), 20);
+  });
+  const b = await server((conn) => answer(conn));
+  const d = await server((conn) => answer(conn));
+  for (let i = 0; i < 24; i++) await collect({ urls: [a.url, b.url, d.url], token: "t", preferFirstUrl: true });
+  await eventually(() => b.conns.length + d.conns.length === 24, 10000, "every client reconnected");
+  // All 24 on one of the two by chance: 2 in 2^24 (each used to go to the next URL, b).
+  assert.ok(b.conns.length > 0 && d.conns.length > 0, `spread ${b.conns.length} / ${d.conns.length}`);
+  assert.equal(a.conns.length, 24, "a node's clients retried it first");
+});
+
+test("getToken is told \"expired\" after an upgrade refused 401, and when the last token's exp has passed", async () => {
+  const srv = await server(
+    (conn, n) => {
+      answer(conn);
+      if (n === 0) setTimeout(() => conn.ws.close(1001, "going away"), 20);
+    },
+    (u) => (u === 1 ? 401 : false),
+  );
+  const reasons = [];
+  const c = await collect({ urls: srv.url, getToken: (reason) => (reasons.push(reason), "t") });
+  await eventually(() => c.ev.states.filter((s) => s.state === "connected").length === 2, 5000, "reconnected");
+  assert.deepEqual(reasons, ["connect", "reconnect", "expired"]);
+
+  const b64 = (o) => Buffer.from(JSON.stringify(o)).toString("base64url");
+  const stale = `${b64({ alg: "HS256" })}.${b64({ exp: Math.floor(Date.now() / 1000) - 60 })}.sig`;
+  const srv2 = await server((conn, n) => {
+    answer(conn);
+    if (n === 0) setTimeout(() => conn.ws.close(1001, "going away"), 20);
+  });
+  const reasons2 = [];
+  const c2 = await collect({ urls: srv2.url, getToken: (reason) => (reasons2.push(reason), reasons2.length === 1 ? stale : "fresh") });
+  await eventually(() => c2.ev.states.filter((s) => s.state === "connected").length === 2, 5000, "reconnected");
+  assert.deepEqual(reasons2, ["connect", "expired"]);
+});
+
 test("a push without a mid is delivered (as the Go SDK does), not taken for a duplicate", async () => {
   const srv = await server((conn) => {
     answer(conn);
