@@ -820,10 +820,13 @@ func (c *Client) activate(s *session, attempt, i int) error {
 				return fmt.Errorf("clientsdk: re-join room %d: %w", sc.room, pe)
 			case errors.As(err, &pe):
 				c.mu.Lock()
+				_, still := c.rooms[sc.room] // not left by the app meanwhile
 				delete(c.rooms, sc.room)
 				c.mu.Unlock()
-				c.log.Info("clientsdk: room dropped: re-join refused", "room", sc.room, "code", pe.Code)
-				c.emitState(StateEvent{State: StateRoomDropped, Room: sc.room, Err: pe})
+				if still {
+					c.log.Info("clientsdk: room dropped: re-join refused", "room", sc.room, "code", pe.Code)
+					c.emitState(StateEvent{State: StateRoomDropped, Room: sc.room, Err: pe})
+				}
 			case errors.Is(err, ErrDisconnected):
 				<-s.done
 				return s.closeError()

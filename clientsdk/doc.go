@@ -5,7 +5,8 @@
 // # What it owns
 //
 //   - One WebSocket connection at a time to the gateway (github.com/lxzan/gws),
-//     opened with ?token=TOKEN and, unless Config.NoBatch, ?batch=1 so the
+//     opened with the token in an Authorization header (never in the URL)
+//     and, unless Config.NoBatch, ?batch=1 so the
 //     server may coalesce replies and pushes into "batch" frames.
 //   - Several nodes: Config.URLs lists the nodes of a cluster (Config.URL alone
 //     is a list of one). Dial tries them in turn from a random one (from

@@ -499,8 +499,7 @@ var LiveClient = class _LiveClient {
           transient = true;
           return;
         }
-        this.rooms.delete(room);
-        this.emitState({ state: "room_dropped", room, error: e });
+        if (this.rooms.delete(room)) this.emitState({ state: "room_dropped", room, error: e });
       }
     });
     await Promise.all(joins);

@@ -767,8 +767,8 @@ export class LiveClient {
           transient = true;
           return;
         }
-        this.rooms.delete(room);
-        this.emitState({ state: "room_dropped", room, error: e });
+        // Reported only if the app did not leave it meanwhile.
+        if (this.rooms.delete(room)) this.emitState({ state: "room_dropped", room, error: e });
       }
     });
     await Promise.all(joins);
