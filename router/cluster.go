@@ -1536,6 +1536,7 @@ func (c *Cluster) startFill(st *croom, upTo int64) {
 		}
 		if st.ep != ep || st.next != from {
 			c.drainLocked(st)
+			c.armGap(st) // a hole left behind: its own timer (the one that fired found this fill under way)
 			return
 		}
 		switch {
@@ -1712,14 +1713,20 @@ func (c *Cluster) dropIdle() {
 			continue
 		}
 		st.mu.Lock()
+		dropped := false
 		if st.idleFrom.IsZero() {
 			st.idleFrom = now
 		} else if now.Sub(st.idleFrom) >= c.cfg.Linger {
-			st.dead = true
+			st.dead, dropped = true, true
 			drop = append(drop, st)
 			delete(c.rooms, id)
 		}
 		st.mu.Unlock()
+		if dropped {
+			// Under c.mu: a join subscribing anew (and filling the ring
+			// again) comes after.
+			c.local.ForgetHistory(id)
+		}
 	}
 	c.mu.Unlock()
 	for _, st := range drop {

@@ -883,3 +883,37 @@ func TestQuietRoomKeepsItsEpoch(t *testing.T) {
 		t.Fatalf("join since offset 0 after the pushes aged out: %+v %v, want not recovered, same epoch", j3, err)
 	}
 }
+
+// A room this node stops receiving (no member here for its linger) drops
+// the pushes it kept in memory: they could not serve a join any more (a
+// join subscribes anew and reads Redis), and every node that ever had a
+// member kept up to rooms.history_size pushes for as long as the room
+// stayed open. Its position stays.
+func TestDroppedRoomForgetsItsRing(t *testing.T) {
+	c := newCluster(t, clusterEnv{nats: natstest.Start(t), redis: redistest.Start(t)}, "a", ClusterConfig{Linger: 50 * time.Millisecond})
+	c.OpenRoom(1)
+	s := &offSink{id: 1}
+	if _, err := c.JoinAt(1, s, nil); err != nil {
+		t.Fatal(err)
+	}
+	for range 5 {
+		if _, err := c.PublishRoom(1, proto.Push{Biz: proto.BizChat}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitFor(t, func() bool { return len(s.got()) == 5 })
+	r := c.local.room(1)
+	kept := func() int {
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		return r.hist.n
+	}
+	if kept() != 5 {
+		t.Fatalf("%d pushes kept, want 5", kept())
+	}
+	c.Leave(1, s)
+	waitFor(t, func() bool { return kept() == 0 })
+	if ep, last, _ := c.local.Position(1); ep == "" || last != 5 {
+		t.Fatalf("position after the drop: %q %d, want the epoch at 5", ep, last)
+	}
+}

@@ -548,6 +548,19 @@ func (l *Local) Position(id int64) (ep string, last int64, ok bool) {
 	return r.ep, r.last, true
 }
 
+// ForgetHistory drops room id's recent pushes kept in memory (its position
+// stays): the cluster router calls it when it stops receiving the room's
+// pushes (no member here for its linger), after which they could not serve
+// a join anyway — a pushed-to room joined once on every node kept up to
+// rooms.history_size pushes on each of them for as long as it stayed open.
+func (l *Local) ForgetHistory(id int64) {
+	if r := l.room(id); r != nil {
+		r.mu.Lock()
+		r.hist.reset()
+		r.mu.Unlock()
+	}
+}
+
 // SetPosition starts a Sequenced room at (ep, last) before any Deliver: the
 // cluster router calls it once it has subscribed and read the room's newest
 // offset, so that a later join knows where the room stands.
