@@ -1590,7 +1590,15 @@ func (c *Cluster) checkTails(idle time.Duration) {
 	}
 	c.mu.Unlock()
 	now := time.Now()
-	var check []*croom
+	// Each room with its epoch when it was picked: one that moved to
+	// another before Redis's answer is compared with it at the next sweep
+	// (an answer read before a new epoch's first batch arrived would send
+	// the room back to the epoch it just left).
+	type tail struct {
+		st *croom
+		ep string
+	}
+	var check []tail
 	var regressed []regression
 	for _, st := range rooms {
 		select {
@@ -1601,7 +1609,7 @@ func (c *Cluster) checkTails(idle time.Duration) {
 		st.mu.Lock()
 		if st.err == nil && st.sub != nil && (now.Sub(st.lastAct) >= idle || st.suspect) && !st.filling {
 			st.suspect = false
-			check = append(check, st)
+			check = append(check, tail{st, st.ep})
 		}
 		st.mu.Unlock()
 	}
@@ -1610,19 +1618,25 @@ func (c *Cluster) checkTails(idle time.Duration) {
 		part := check[:n]
 		check = check[n:]
 		cmds := make(rueidis.Commands, 0, 2*n)
-		for _, st := range part {
-			cmds = append(cmds, c.rdb.B().Get().Key(epKey(st.id)).Build(), c.rdb.B().Get().Key(seqKey(st.id)).Build())
+		for _, tl := range part {
+			cmds = append(cmds, c.rdb.B().Get().Key(epKey(tl.st.id)).Build(), c.rdb.B().Get().Key(seqKey(tl.st.id)).Build())
 		}
 		ctx, cancel := c.ctx()
 		res := c.rdb.DoMulti(ctx, cmds...)
 		cancel()
-		for i, st := range part {
+		for i, tl := range part {
 			ep, err1 := res[2*i].ToString()
 			last, err2 := res[2*i+1].AsInt64()
 			if err1 != nil || err2 != nil {
 				continue
 			}
+			st := tl.st
 			st.mu.Lock()
+			if st.ep != tl.ep {
+				st.suspect = true // moved meanwhile: looked at again next sweep
+				st.mu.Unlock()
+				continue
+			}
 			switch {
 			case ep != st.ep && ep != "" && ep == st.prevEp:
 				// The room's epoch in Redis is the one this node left: the
