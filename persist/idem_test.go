@@ -335,15 +335,8 @@ func TestBalanceShowsNoCreditBeforeItIsDurable(t *testing.T) {
 // crash before the fsync would take back a trade already listed). Before,
 // both were answered from the group still waiting.
 func TestTradesAndTalliesShownOnlyOnceDurable(t *testing.T) {
-	st, err := Open(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
+	st, l := openTestLedger(t, t.TempDir())
 	defer st.Close()
-	l, err := OpenLedger(st, LedgerConfig{})
-	if err != nil {
-		t.Fatal(err)
-	}
 	defer l.Close()
 	const u = 7
 	held, resume := make(chan struct{}), make(chan struct{})
