@@ -1096,14 +1096,22 @@ func (c *Cluster) numberBy(id int64, items []seqItem, no uint64, until time.Time
 			by = it.by.UnixMilli()
 		}
 	}
+	closing := false
+	for _, it := range items {
+		closing = closing || it.closing
+	}
+	// A room's ids are never reused: the batch that closes it leaves its
+	// epoch and counter to expire with its history, not a day later.
+	epochTTL := c.cfg.EpochTTL
+	if closing {
+		epochTTL = c.cfg.HistoryTTL
+	}
 	args := make([]string, 0, 11+4*len(items))
 	args = append(args, strconv.Itoa(c.cfg.HistorySize), strconv.FormatInt(c.cfg.HistoryTTL.Milliseconds(), 10),
 		NewEpoch(), strconv.FormatInt(time.Now().UnixMilli(), 10), strconv.Itoa(len(items)), ep, strconv.FormatInt(max(last, 0), 10),
-		c.boot, strconv.FormatUint(no, 10), strconv.FormatInt(by, 10), strconv.FormatInt(c.cfg.EpochTTL.Milliseconds(), 10))
-	closing := false
+		c.boot, strconv.FormatUint(no, 10), strconv.FormatInt(by, 10), strconv.FormatInt(epochTTL.Milliseconds(), 10))
 	for _, it := range items {
 		args = append(args, it.p.Mid, strconv.Itoa(it.p.Biz), string(rune('0'+boolByte(it.p.Ack))), string(pushData(it.p.Data)))
-		closing = closing || it.closing
 	}
 	ctx, cancel := c.ctx()
 	defer cancel()

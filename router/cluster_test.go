@@ -917,3 +917,35 @@ func TestDroppedRoomForgetsItsRing(t *testing.T) {
 		t.Fatalf("position after the drop: %q %d, want the epoch at 5", ep, last)
 	}
 }
+
+// A room's ids are never reused: the batch that closes it leaves its epoch
+// and counter to expire with its history (history_ttl), not a day later —
+// closed rooms do not fill Redis with keys for a day.
+func TestClosedRoomsKeysExpireWithItsHistory(t *testing.T) {
+	env := clusterEnv{nats: natstest.Start(t), redis: redistest.Start(t)}
+	a := newCluster(t, env, "a", ClusterConfig{HistoryTTL: time.Minute})
+	a.OpenRoom(1)
+	if _, err := a.JoinAt(1, &offSink{id: 1}, nil); err != nil {
+		t.Fatal(err)
+	}
+	ttl := func(k string) time.Duration {
+		ms, err := a.rdb.Do(context.Background(), a.rdb.B().Pttl().Key(k).Build()).AsInt64()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return time.Duration(ms) * time.Millisecond
+	}
+	if _, err := a.PublishRoom(1, proto.Push{Biz: proto.BizChat}); err != nil {
+		t.Fatal(err)
+	}
+	if d := ttl(epKey(1)); d <= time.Hour {
+		t.Fatalf("an open room's epoch expires in %v, want the epoch's TTL (24 h)", d)
+	}
+	a.CloseRoom(1, &proto.Push{Biz: 5559, Data: []byte(`{"room_id":1}`)})
+	waitFor(t, func() bool { return a.local.room(1) == nil })
+	for _, k := range []string{epKey(1), seqKey(1), batchKey(1)} {
+		if d := ttl(k); d <= 0 || d > time.Minute {
+			t.Fatalf("%s of a closed room expires in %v, want within history_ttl (1m)", k, d)
+		}
+	}
+}
