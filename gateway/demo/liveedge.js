@@ -212,7 +212,8 @@ var LiveClient = class _LiveClient {
     let last;
     for (let i = 0; i < c.urls.length; i++) {
       try {
-        await c.attempt("connect", 0);
+        const refused = last instanceof UnauthorizedError || last instanceof CloseError && last.code === Close.TokenExpired;
+        await c.attempt(refused ? "expired" : "connect", 0);
         return c;
       } catch (e) {
         last = e;
@@ -368,7 +369,7 @@ var LiveClient = class _LiveClient {
   token(reason) {
     if (!this.opts.getToken) return Promise.resolve(this.opts.token);
     const exp = this.lastToken === void 0 ? void 0 : tokenExpiry(this.lastToken);
-    if (reason === "reconnect" && exp !== void 0 && Date.now() >= exp * 1e3) reason = "expired";
+    if (reason !== "expired" && exp !== void 0 && Date.now() >= exp * 1e3) reason = "expired";
     const ms = this.o.requestTimeoutMs;
     let timer;
     const late = new Promise((_, reject) => {

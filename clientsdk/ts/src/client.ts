@@ -423,7 +423,9 @@ export class LiveClient {
     let last: Error | undefined;
     for (let i = 0; i < c.urls.length; i++) {
       try {
-        await c.attempt("connect", 0);
+        // A token refused on the URL before (401, 4501): "expired" for the next.
+        const refused = last instanceof UnauthorizedError || (last instanceof CloseError && last.code === Close.TokenExpired);
+        await c.attempt(refused ? "expired" : "connect", 0);
         return c;
       } catch (e) {
         last = e as Error;
@@ -608,7 +610,7 @@ export class LiveClient {
     // connection (a machine that slept past it sees no 4501; a browser sees
     // no 401).
     const exp = this.lastToken === undefined ? undefined : tokenExpiry(this.lastToken);
-    if (reason === "reconnect" && exp !== undefined && Date.now() >= exp * 1000) reason = "expired";
+    if (reason !== "expired" && exp !== undefined && Date.now() >= exp * 1000) reason = "expired";
     // Bounded like a request: a callback that never settles (a hung fetch)
     // must not stop the reconnect loop for good. close() clears the timer.
     const ms = this.o.requestTimeoutMs;

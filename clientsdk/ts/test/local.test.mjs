@@ -422,6 +422,13 @@ test("getToken is told \"expired\" after an upgrade refused 401, and when the la
   const c2 = await collect({ urls: srv2.url, getToken: (reason) => (reasons2.push(reason), reasons2.length === 1 ? stale : "fresh") });
   await eventually(() => c2.ev.states.filter((s) => s.state === "connected").length === 2, 5000, "reconnected");
   assert.deepEqual(reasons2, ["connect", "expired"]);
+
+  // connect(): a token refused by the first URL (401) is "expired" for the next.
+  const refusing = await server(() => {}, () => 401);
+  const ok = await server((conn) => answer(conn));
+  const reasons3 = [];
+  await collect({ urls: [refusing.url, ok.url], preferFirstUrl: true, getToken: (reason) => (reasons3.push(reason), "t") });
+  assert.deepEqual(reasons3, ["connect", "expired"]);
 });
 
 test("a push without a mid is delivered (as the Go SDK does), not taken for a duplicate", async () => {
