@@ -960,6 +960,11 @@ func (c *Client) heartbeat(s *session, every time.Duration) {
 				c.log.Info("clientsdk: heartbeat ping answered late but the node still replies, keeping connection")
 				continue
 			}
+			if s.appHeld.Load() {
+				// The reply may be read: the reader waits for OnPush.
+				c.log.Info("clientsdk: heartbeat ping not read yet, the reader waits for a slow OnPush: keeping connection")
+				continue
+			}
 			c.log.Warn("clientsdk: heartbeat ping unanswered, closing connection")
 			s.closeWith(proto.CloseNormal, fmt.Errorf("clientsdk: heartbeat ping unanswered: %w", err))
 			return

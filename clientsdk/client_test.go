@@ -594,6 +594,44 @@ func TestHeartbeat(t *testing.T) {
 	waitFor(t, 5*time.Second, "Stats().Requests >= 3", func() bool { return c.Stats().Requests >= 3 })
 }
 
+// A slow OnPush holds the reader (the event queue full): the heartbeat's
+// ping is not read meanwhile, and that is the app's delay, not the node's —
+// the client keeps the connection, and every push is delivered once the app
+// catches up. Before, the client's own heartbeat closed the healthy
+// connection and reconnected.
+func TestSlowOnPushDoesNotDropTheConnection(t *testing.T) {
+	ts := newTServer(t)
+	ts.heartbeatS = 1 // a heartbeat ping every half second without traffic
+	r := &rec{}
+	release := make(chan struct{})
+	c := dial(t, ts, nil, func(cfg *Config) {
+		cfg.EventBuffer = 1
+		cfg.RequestTimeout = 200 * time.Millisecond
+		cfg.OnState = r.onState
+		cfg.OnPush = func(p Push) {
+			r.onPush(p)
+			if p.Mid == "s0" {
+				<-release // the app is slow
+			}
+		}
+	})
+	tc := ts.conn(0)
+	for i := range 5 {
+		tc.send(t, pushFrame(fmt.Sprint("s", i), false, 0, "chat"))
+	}
+	waitFor(t, 5*time.Second, "the first push in OnPush", func() bool { return r.hasMid("s0") })
+	time.Sleep(2 * time.Second) // four heartbeat periods with the reader held
+	close(release)
+	waitFor(t, 5*time.Second, "every push delivered", func() bool { return len(r.mids()) == 5 })
+	time.Sleep(500 * time.Millisecond) // a close decided while held completes once the reader is free
+	if r.hasState(StateDisconnected) {
+		t.Fatal("the client disconnected from a node that was serving")
+	}
+	if n := c.Stats().Reconnects; n != 0 || ts.connCount() != 1 {
+		t.Fatalf("%d reconnects, %d connections: the client left a node that was serving", n, ts.connCount())
+	}
+}
+
 // A reliable push is acked once OnPush has it, not when it is queued: the
 // app closes the client while its OnPush is slow and pushes wait in the
 // queue — those are never delivered (no callback after Close), so they must

@@ -92,7 +92,9 @@
 // callbacks are slower than the server and the queue fills up, the connection's
 // reader blocks: nothing more is read, acks stop, and the gateway's bounded
 // send queue for this connection fills in turn, so the gateway will close the
-// connection with 4408 (slow consumer) and the client will reconnect. Keep the
+// connection with 4408 (slow consumer) and the client will reconnect (the
+// client's own heartbeat does not leave the node meanwhile: an unread ping
+// reply is the app's delay, not the node's). Keep the
 // callbacks fast, or hand work off to your own goroutines. In particular a
 // callback that waits for a reply (Request, Join, ...) while the queue is full
 // waits in vain, since the reply sits behind the blocked reader: it ends with

@@ -33,6 +33,10 @@ type session struct {
 	lastWrite atomic.Int64  // unix nanos of the last successful write
 	lastRead  atomic.Int64  // unix nanos of the last frame read
 	repliedAt atomic.Int64  // unix nanos of the last reply read (the node reads our frames)
+	// appHeld: the reader waits for room in the event queue (the app's
+	// OnPush is slow) — what it does not read is the app's delay, not the
+	// node's: the heartbeat does not leave the node for it.
+	appHeld atomic.Bool
 	// probe asks the heartbeat for a ping at once (buffered 1): a request
 	// on this connection went unanswered for its whole context.
 	probe chan struct{}
@@ -478,7 +482,10 @@ func (s *session) handle(f *proto.ServerFrame, acks []string) []string {
 			c.undelivered[f.Mid] = struct{}{}
 			c.mu.Unlock()
 		}
-		if c.emit(event{push: p, ack: reliable, from: s}) {
+		s.appHeld.Store(true)
+		queued := c.emit(event{push: p, ack: reliable, from: s})
+		s.appHeld.Store(false)
+		if queued {
 			c.stats.delivered.Add(1)
 		} else if reliable {
 			c.mu.Lock()
