@@ -889,11 +889,18 @@ func (c *Client) rejoined(room int64, since *proto.Position) func(d []byte) {
 		// A live push that came before the reply moved the position on:
 		// advance reported its gap, if it had one.
 		moved := since != nil && (p.off != since.Off || p.ep != since.Ep)
-		if jr.Ep != nil {
+		notRecovered := since != nil && !moved && (jr.Recovered == nil || !*jr.Recovered)
+		switch {
+		case jr.Ep != nil && notRecovered:
+			// Re-synced from here: the reply's position, even below the
+			// one the client had (a cluster whose Redis went back numbers
+			// the next pushes from there: kept, they would be dropped).
+			p.off, p.ep, p.known = jr.Off, *jr.Ep, true
+		case jr.Ep != nil:
 			p.merge(jr.Off, *jr.Ep)
 		}
 		c.mu.Unlock()
-		if since != nil && !moved && (jr.Recovered == nil || !*jr.Recovered) {
+		if notRecovered {
 			c.log.Info("clientsdk: room history not recovered, re-sync needed", "room", room,
 				"since_off", since.Off, "since_ep", since.Ep, "off", jr.Off, "ep", jr.ep())
 			c.emitState(StateEvent{State: StateRoomResync, Room: room, Off: jr.Off, Ep: jr.ep(), Since: since})

@@ -613,3 +613,32 @@ func TestJoinsTimingOutTogetherLeaveOnce(t *testing.T) {
 		t.Fatalf("%d leaves, want 1", n)
 	}
 }
+
+// A re-join answered recovered:false takes the reply's position, even below
+// the one the client had: a cluster whose Redis came back from an older
+// snapshot numbers the next pushes from there, in the same epoch — kept at
+// its own position, the client dropped them as duplicates. (The room is
+// reported for re-sync, as any re-join not recovered.)
+func TestRejoinNotRecoveredTakesTheRepliesPositionBelowItsOwn(t *testing.T) {
+	ts, r, c := numberedRooms(t)
+	if _, err := c.Join(context.Background(), 5); err != nil {
+		t.Fatal(err)
+	}
+	tc := ts.conn(0)
+	for off := int64(11); off <= 15; off++ {
+		tc.send(t, offPush(fmt.Sprint("m", off), false, 5, off, "e1", "before"))
+	}
+	waitFor(t, 5*time.Second, "m15", func() bool { return r.hasMid("m15") })
+	ts.mu.Lock()
+	ts.pos[5] = proto.Position{Off: 12, Ep: "e1"} // Redis went back to 12
+	ts.lost[5] = true
+	ts.mu.Unlock()
+	tc.close(proto.CloseGoingAway)
+	tc1 := ts.conn(1)
+	waitFor(t, 5*time.Second, "room_resync", func() bool { return r.hasState(StateRoomResync) })
+	tc1.send(t, offPush("n13", false, 5, 13, "e1", "numbered again"))
+	waitFor(t, 5*time.Second, "n13", func() bool { return r.hasMid("n13") })
+	if p, ok := c.RoomPosition(5); !ok || p != (proto.Position{Off: 13, Ep: "e1"}) {
+		t.Fatalf("position %+v, want e1:13", p)
+	}
+}

@@ -565,6 +565,15 @@ func (c *Cluster) JoinAt(id int64, s Session, since *proto.Position) (Joined, er
 	if err != nil {
 		return j, err
 	}
+	if j.Recovered && since.Ep == j.Ep && since.Off > j.Off && c.behindSince(id, since.Off) {
+		// The client has offsets Redis never handed out in this epoch:
+		// Redis came back from an older snapshot, and the next pushes
+		// reuse offsets the client has (it would drop them). Not
+		// recovered: it re-syncs and takes this reply's position. (Never
+		// a new epoch on a client's word: any client could force one.)
+		c.log.Warn("join since beyond the room's counter in Redis: Redis went back; not recovered", "room", id, "since", since.Off, "at", j.Off)
+		j.Recovered = false
+	}
 	st.mu.Lock()
 	st.idleFrom = time.Time{}
 	st.mu.Unlock()
@@ -572,6 +581,16 @@ func (c *Cluster) JoinAt(id int64, s Session, since *proto.Position) (Joined, er
 	c.markUser(s.UserID())
 	j.Online = c.clusterOnline(id)
 	return j, nil
+}
+
+// behindSince reports whether Redis's counter of room id is below off (a
+// client's position in the room's current epoch): off was handed out before
+// Redis went back. Redis not answering: false (nothing known).
+func (c *Cluster) behindSince(id, off int64) bool {
+	ctx, cancel := c.ctx()
+	defer cancel()
+	seq, err := c.rdb.Do(ctx, c.rdb.B().Get().Key(seqKey(id)).Build()).AsInt64()
+	return err == nil && seq < off
 }
 
 // Leave implements Router.

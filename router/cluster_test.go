@@ -949,3 +949,39 @@ func TestClosedRoomsKeysExpireWithItsHistory(t *testing.T) {
 		}
 	}
 }
+
+// Redis came back from an older snapshot (the room's counter below what
+// clients have, its epoch the same) and no node remembers the room (every
+// one restarted): a join whose since is ahead of the counter is not
+// recovered — the next pushes reuse offsets the client has, which it would
+// drop as duplicates; told, it re-syncs and takes the reply's position. A
+// since within the counter is recovered as before. Before, both were.
+func TestJoinSinceAheadOfARolledBackCounterNotRecovered(t *testing.T) {
+	env := clusterEnv{nats: natstest.Start(t), redis: redistest.Start(t)}
+	a := newCluster(t, env, "a", ClusterConfig{})
+	a.OpenRoom(1)
+	s := &offSink{id: 1}
+	j, err := a.JoinAt(1, s, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 5 {
+		if _, err := a.PublishRoom(1, proto.Push{Biz: proto.BizChat}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitFor(t, func() bool { return len(s.got()) == 5 })
+	// The snapshot: the counter back at 2, the epoch kept.
+	if err := a.rdb.Do(context.Background(), a.rdb.B().Set().Key(seqKey(1)).Value("2").Build()).Error(); err != nil {
+		t.Fatal(err)
+	}
+	b := newCluster(t, env, "b", ClusterConfig{}) // a node that never had the room
+	b.OpenRoom(1)
+	j2, err := b.JoinAt(1, &offSink{id: 2}, &proto.Position{Off: 5, Ep: j.Ep})
+	if err != nil || j2.Recovered || j2.Ep != j.Ep || j2.Off != 2 {
+		t.Fatalf("join since 5 with Redis's counter at 2: %+v %v, want not recovered at %s:2", j2, err, j.Ep)
+	}
+	if j3, err := b.JoinAt(1, &offSink{id: 3}, &proto.Position{Off: 2, Ep: j.Ep}); err != nil || !j3.Recovered {
+		t.Fatalf("join since 2: %+v %v, want recovered", j3, err)
+	}
+}
