@@ -1646,7 +1646,19 @@ func (c *Cluster) checkTails(idle time.Duration) {
 		}
 		st.mu.Unlock()
 	}
+	// One pass takes at most CallTimeout of Redis (the sweep's drops and
+	// hand-offs come after it on the same goroutine): rooms not looked at
+	// by then stay suspect for the next.
+	passEnd := time.Now().Add(c.cfg.CallTimeout)
 	for len(check) > 0 {
+		if time.Now().After(passEnd) {
+			for _, tl := range check {
+				tl.st.mu.Lock()
+				tl.st.suspect = true
+				tl.st.mu.Unlock()
+			}
+			break
+		}
 		n := min(len(check), 256)
 		part := check[:n]
 		check = check[n:]
@@ -1654,7 +1666,7 @@ func (c *Cluster) checkTails(idle time.Duration) {
 		for _, tl := range part {
 			cmds = append(cmds, c.rdb.B().Get().Key(epKey(tl.st.id)).Build(), c.rdb.B().Get().Key(seqKey(tl.st.id)).Build())
 		}
-		ctx, cancel := c.ctx()
+		ctx, cancel := context.WithDeadline(context.Background(), passEnd)
 		res := c.rdb.DoMulti(ctx, cmds...)
 		cancel()
 		for i, tl := range part {
@@ -1706,6 +1718,9 @@ func (c *Cluster) checkTails(idle time.Duration) {
 		}
 	}
 	for _, r := range regressed {
+		if time.Now().After(passEnd) {
+			break // the next sweep (the room stays suspect: a duplicate comes again)
+		}
 		ep, last, err := c.position(r.st.id, r.ep, r.last)
 		if err != nil {
 			continue // the next sweep (the room stays suspect: a duplicate comes again)
