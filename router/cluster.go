@@ -1191,6 +1191,10 @@ func (c *Cluster) history(id int64, ep string, from, to int64) ([]Msg, error) {
 // the room's epoch changed; asking again will not help.
 var errNotKept = errors.New("router: not in the room's history")
 
+// errOtherEpoch: the room is in another epoch in Redis than the one asked
+// (an errNotKept too: nothing of that epoch can be read).
+var errOtherEpoch = fmt.Errorf("%w: the room is in another epoch", errNotKept)
+
 // historyRange reads offsets from..to of room id in epoch ep from the
 // shared history (history.lua: errNotKept if the room is in another epoch),
 // with each entry's offset.
@@ -1200,7 +1204,7 @@ func (c *Cluster) historyRange(id int64, ep string, from, to int64) ([]rueidis.X
 	entries, err := historyScript.Exec(ctx, c.rdb, []string{epKey(id), histKey(id)},
 		[]string{ep, strconv.FormatInt(from, 10), strconv.FormatInt(to, 10)}).AsXRange()
 	if rueidis.IsRedisNil(err) { // another epoch (or none)
-		return nil, nil, errNotKept
+		return nil, nil, errOtherEpoch
 	}
 	if err != nil {
 		return nil, nil, err
@@ -1591,6 +1595,15 @@ func (c *Cluster) startFill(st *croom, upTo int64) {
 				c.stats.gapFills.Add(1)
 				c.deliverLocked(st, b)
 			}
+		case errors.Is(err, errOtherEpoch):
+			// Redis is in another epoch than this room here (a late batch
+			// of an older epoch moved it, or Redis lost the room): what is
+			// buffered of this one is not delivered as if only a hole were
+			// lost — the tail sweep takes the room to Redis's epoch.
+			c.log.Warn("room gap in an epoch Redis is not in: buffered pushes dropped, the sweep adopts Redis's", "room", st.id, "ep", ep, "buffered", st.buffered)
+			st.buf, st.buffered = nil, 0
+			st.suspect = true
+			return
 		case errors.Is(err, errNotKept):
 			// Gone from the history: skip the hole only — what is buffered
 			// past it is delivered (a later hole is read again). Clients that
