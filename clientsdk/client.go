@@ -889,9 +889,14 @@ func (c *Client) rejoined(room int64, since *proto.Position) func(d []byte) {
 		// A live push that came before the reply moved the position on:
 		// advance reported its gap, if it had one.
 		moved := since != nil && (p.off != since.Off || p.ep != since.Ep)
-		notRecovered := since != nil && !moved && (jr.Recovered == nil || !*jr.Recovered)
+		notRecovered := since != nil && (jr.Recovered == nil || !*jr.Recovered)
+		// Below the position sent, in its epoch: the room's numbering went
+		// back (a cluster's Redis) — pushes read before the reply may have
+		// been dropped as duplicates and a later one moved the position on
+		// without a gap: reported even then.
+		wentBack := notRecovered && jr.Ep != nil && *jr.Ep == since.Ep && jr.Off < since.Off
 		switch {
-		case jr.Ep != nil && notRecovered:
+		case jr.Ep != nil && notRecovered && !moved:
 			// Re-synced from here: the reply's position, even below the
 			// one the client had (a cluster whose Redis went back numbers
 			// the next pushes from there: kept, they would be dropped).
@@ -900,7 +905,7 @@ func (c *Client) rejoined(room int64, since *proto.Position) func(d []byte) {
 			p.merge(jr.Off, *jr.Ep)
 		}
 		c.mu.Unlock()
-		if notRecovered {
+		if notRecovered && (!moved || wentBack) {
 			c.log.Info("clientsdk: room history not recovered, re-sync needed", "room", room,
 				"since_off", since.Off, "since_ep", since.Ep, "off", jr.Off, "ep", jr.ep())
 			c.emitState(StateEvent{State: StateRoomResync, Room: room, Off: jr.Off, Ep: jr.ep(), Since: since})

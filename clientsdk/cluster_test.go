@@ -642,3 +642,33 @@ func TestRejoinNotRecoveredTakesTheRepliesPositionBelowItsOwn(t *testing.T) {
 		t.Fatalf("position %+v, want e1:13", p)
 	}
 }
+
+// The same, with live pushes read before the reply: those numbered again
+// at or below the client's position are dropped as duplicates and the next
+// moves it on with no gap — the reply below the position sent in its epoch
+// is still reported for re-sync (before, "moved" hid it: the pushes were
+// lost silently).
+func TestRejoinGoneBackReportedThoughAPushMovedThePosition(t *testing.T) {
+	ts, r, c := numberedRooms(t)
+	if _, err := c.Join(context.Background(), 5); err != nil {
+		t.Fatal(err)
+	}
+	tc := ts.conn(0)
+	for off := int64(11); off <= 15; off++ {
+		tc.send(t, offPush(fmt.Sprint("m", off), false, 5, off, "e1", "before"))
+	}
+	waitFor(t, 5*time.Second, "m15", func() bool { return r.hasMid("m15") })
+	ts.mu.Lock()
+	ts.pos[5] = proto.Position{Off: 12, Ep: "e1"} // Redis went back to 12; 13..16 numbered again before the reply went out
+	ts.lost[5] = true
+	ts.before[5] = [][]byte{
+		offPush("n13", false, 5, 13, "e1", "again"),
+		offPush("n14", false, 5, 14, "e1", "again"),
+		offPush("n15", false, 5, 15, "e1", "again"),
+		offPush("n16", false, 5, 16, "e1", "new"),
+	}
+	ts.mu.Unlock()
+	tc.close(proto.CloseGoingAway)
+	waitFor(t, 5*time.Second, "n16", func() bool { return r.hasMid("n16") })
+	waitFor(t, 5*time.Second, "room_resync", func() bool { return r.hasState(StateRoomResync) })
+}

@@ -205,6 +205,9 @@ type Cluster struct {
 	rdb   rueidis.Client
 	log   *slog.Logger
 	boot  string
+	// behindLogged: when a join whose since was ahead of Redis's counter
+	// was last logged (unix ns).
+	behindLogged atomic.Int64
 
 	// userq are the user subscriptions' queues (userShards, a user's always
 	// the same one): their messages are handled by one goroutine per
@@ -565,13 +568,16 @@ func (c *Cluster) JoinAt(id int64, s Session, since *proto.Position) (Joined, er
 	if err != nil {
 		return j, err
 	}
-	if j.Recovered && since.Ep == j.Ep && since.Off > j.Off && c.behindSince(id, since.Off) {
+	if j.Recovered && since.Ep == j.Ep && since.Off > j.Off && c.behindSince(id, since) {
 		// The client has offsets Redis never handed out in this epoch:
 		// Redis came back from an older snapshot, and the next pushes
 		// reuse offsets the client has (it would drop them). Not
 		// recovered: it re-syncs and takes this reply's position. (Never
 		// a new epoch on a client's word: any client could force one.)
-		c.log.Warn("join since beyond the room's counter in Redis: Redis went back; not recovered", "room", id, "since", since.Off, "at", j.Off)
+		if now := time.Now().UnixNano(); now-c.behindLogged.Load() > int64(time.Second) {
+			c.behindLogged.Store(now) // one line a second, not one per viewer reconnecting
+			c.log.Warn("join since beyond the room's counter in Redis: Redis went back; not recovered", "room", id, "since", since.Off, "at", j.Off)
+		}
 		j.Recovered = false
 	}
 	st.mu.Lock()
@@ -583,14 +589,20 @@ func (c *Cluster) JoinAt(id int64, s Session, since *proto.Position) (Joined, er
 	return j, nil
 }
 
-// behindSince reports whether Redis's counter of room id is below off (a
-// client's position in the room's current epoch): off was handed out before
-// Redis went back. Redis not answering: false (nothing known).
-func (c *Cluster) behindSince(id, off int64) bool {
+// behindSince reports whether Redis's counter of room id, in since's
+// epoch, is below since's offset: that offset was handed out before Redis
+// went back. Redis in another epoch (the room moved on: the client re-syncs
+// at its first push) or not answering: false.
+func (c *Cluster) behindSince(id int64, since *proto.Position) bool {
 	ctx, cancel := c.ctx()
 	defer cancel()
-	seq, err := c.rdb.Do(ctx, c.rdb.B().Get().Key(seqKey(id)).Build()).AsInt64()
-	return err == nil && seq < off
+	vals, err := c.rdb.Do(ctx, c.rdb.B().Mget().Key(epKey(id), seqKey(id)).Build()).ToArray()
+	if err != nil || len(vals) != 2 {
+		return false
+	}
+	ep, err1 := vals[0].ToString()
+	seq, err2 := vals[1].AsInt64()
+	return err1 == nil && err2 == nil && ep == since.Ep && seq < since.Off
 }
 
 // Leave implements Router.

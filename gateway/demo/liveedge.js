@@ -218,7 +218,7 @@ var LiveClient = class _LiveClient {
       } catch (e) {
         last = e;
         c.urlIndex++;
-        if (e instanceof UnauthorizedError && opts.token !== void 0) break;
+        if (e instanceof UnauthorizedError && !opts.getToken) break;
         if (e instanceof CloseError && !reconnectable(e.code) && !(e.code === Close.TokenExpired && opts.getToken)) break;
       }
     }
@@ -491,7 +491,8 @@ var LiveClient = class _LiveClient {
       try {
         const r = await this.send(ws, "join", d, this.o.requestTimeoutMs);
         if (this.rooms.get(room) !== st) return;
-        if (sent && r.recovered !== true && st.since === sent)
+        const wentBack = sent !== void 0 && r.recovered !== true && r.ep === sent.ep && (r.off ?? 0) < sent.off;
+        if (sent && r.recovered !== true && (st.since === sent || wentBack))
           this.emitState({ state: "room_resync", room, since: sent, at: { off: r.off ?? 0, ep: r.ep ?? "" } });
         const s = sinceOf(r);
         if (s && st.since === sent && (!sent || r.recovered !== true || s.ep !== sent.ep)) st.since = s;
@@ -576,6 +577,7 @@ var LiveClient = class _LiveClient {
       } catch (e) {
         if (this.closed) return;
         error = e instanceof Error ? e : new Error(String(e));
+        reason = "reconnect";
         if (e instanceof UnauthorizedError) {
           if (!this.opts.getToken) {
             this.terminate(e);

@@ -430,7 +430,7 @@ export class LiveClient {
       } catch (e) {
         last = e as Error;
         c.urlIndex++;
-        if (e instanceof UnauthorizedError && opts.token !== undefined) break;
+        if (e instanceof UnauthorizedError && !opts.getToken) break;
         // Terminal (as the Go SDK's) — but 4501 (token expired) with a token callback: the next URL asks it again.
         if (e instanceof CloseError && !reconnectable(e.code) && !(e.code === Close.TokenExpired && opts.getToken)) break;
       }
@@ -751,8 +751,12 @@ export class LiveClient {
         const r = (await this.send(ws, "join", d, this.o.requestTimeoutMs)) as JoinReply;
         if (this.rooms.get(room) !== st) return; // left while it was re-joined: nothing to re-sync
         // Not recovered: report it — unless a live push that came before
-        // the reply moved the position on (onPush reported its gap then).
-        if (sent && r.recovered !== true && st.since === sent)
+        // the reply moved the position on (onPush reported its gap then),
+        // but not when the reply is below the position sent in its epoch:
+        // the room's numbering went back (a cluster's Redis), pushes read
+        // before the reply may have been dropped as duplicates with no gap.
+        const wentBack = sent !== undefined && r.recovered !== true && r.ep === sent.ep && (r.off ?? 0) < sent.off;
+        if (sent && r.recovered !== true && (st.since === sent || wentBack))
           this.emitState({ state: "room_resync", room, since: sent, at: { off: r.off ?? 0, ep: r.ep ?? "" } });
         // Pushes read meanwhile (after the reply) already moved since on.
         const s = sinceOf(r);
@@ -851,12 +855,16 @@ export class LiveClient {
       } catch (e) {
         if (this.closed) return;
         error = e instanceof Error ? e : new Error(String(e));
+        // The next attempt's reason: "expired" after a refused token (the
+        // callback is told, not asked for the same token again), else
+        // "reconnect" — a later 503 or 1006 is no reason to refresh.
+        reason = "reconnect";
         if (e instanceof UnauthorizedError) {
           if (!this.opts.getToken) {
             this.terminate(e);
             return;
           }
-          reason = "expired"; // refused: the callback is told, not asked for the same token again
+          reason = "expired";
         }
         if (e instanceof CloseError && !reconnectable(e.code)) {
           if (!(e.code === Close.TokenExpired && this.opts.getToken)) {
