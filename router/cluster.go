@@ -296,13 +296,18 @@ type croom struct {
 	prevEp   string
 	prevNext int64 // next in prevEp when the room left it (checkTails may go back)
 	next     int64
-	buf      []roomBatch
-	buffered int
-	stash    []roomBatch // batches that arrived before ready
-	gapArmed bool
-	filling  bool
-	lastAct  time.Time
-	idleFrom time.Time // when the last local member left (zero: members)
+	// seqRead, seqReadEp: the room's counter in Redis as a join last read
+	// it (behindSince), in that epoch: a join whose since is within it
+	// needs no read.
+	seqRead   int64
+	seqReadEp string
+	buf       []roomBatch
+	buffered  int
+	stash     []roomBatch // batches that arrived before ready
+	gapArmed  bool
+	filling   bool
+	lastAct   time.Time
+	idleFrom  time.Time // when the last local member left (zero: members)
 	// suspect: a batch of the room's epoch came with offsets this node had
 	// delivered already — a duplicate, or Redis went back and numbered them
 	// again: the next tail sweep checks the room whatever its activity.
@@ -568,7 +573,7 @@ func (c *Cluster) JoinAt(id int64, s Session, since *proto.Position) (Joined, er
 	if err != nil {
 		return j, err
 	}
-	if j.Recovered && since.Ep == j.Ep && since.Off > j.Off && c.behindSince(id, since) {
+	if j.Recovered && since.Ep == j.Ep && since.Off > j.Off && c.behindSince(st, since) {
 		// The client has offsets Redis never handed out in this epoch:
 		// Redis came back from an older snapshot, and the next pushes
 		// reuse offsets the client has (it would drop them). Not
@@ -589,20 +594,37 @@ func (c *Cluster) JoinAt(id int64, s Session, since *proto.Position) (Joined, er
 	return j, nil
 }
 
-// behindSince reports whether Redis's counter of room id, in since's
+// behindSince reports whether Redis's counter of room st, in since's
 // epoch, is below since's offset: that offset was handed out before Redis
 // went back. Redis in another epoch (the room moved on: the client re-syncs
-// at its first push) or not answering: false.
-func (c *Cluster) behindSince(id int64, since *proto.Position) bool {
+// at its first push) or not answering: false. A counter read before is
+// enough for a since within it (the counter only grows in an epoch, and a
+// node that has the room sees it go back itself): a node's viewers moving
+// here after their node died cost one read, not one each.
+func (c *Cluster) behindSince(st *croom, since *proto.Position) bool {
+	st.mu.Lock()
+	known := st.seqReadEp == since.Ep && since.Off <= st.seqRead
+	st.mu.Unlock()
+	if known {
+		return false
+	}
 	ctx, cancel := c.ctx()
 	defer cancel()
-	vals, err := c.rdb.Do(ctx, c.rdb.B().Mget().Key(epKey(id), seqKey(id)).Build()).ToArray()
+	vals, err := c.rdb.Do(ctx, c.rdb.B().Mget().Key(epKey(st.id), seqKey(st.id)).Build()).ToArray()
 	if err != nil || len(vals) != 2 {
 		return false
 	}
 	ep, err1 := vals[0].ToString()
 	seq, err2 := vals[1].AsInt64()
-	return err1 == nil && err2 == nil && ep == since.Ep && seq < since.Off
+	if err1 != nil || err2 != nil || ep != since.Ep {
+		return false
+	}
+	st.mu.Lock()
+	if st.seqReadEp != ep || st.seqRead < seq {
+		st.seqRead, st.seqReadEp = seq, ep
+	}
+	st.mu.Unlock()
+	return seq < since.Off
 }
 
 // Leave implements Router.
