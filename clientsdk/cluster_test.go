@@ -614,12 +614,10 @@ func TestJoinsTimingOutTogetherLeaveOnce(t *testing.T) {
 	}
 }
 
-// A re-join answered recovered:false takes the reply's position, even below
-// the one the client had: a cluster whose Redis came back from an older
-// snapshot numbers the next pushes from there, in the same epoch — kept at
-// its own position, the client dropped them as duplicates. (The room is
-// reported for re-sync, as any re-join not recovered.)
-func TestRejoinNotRecoveredTakesTheRepliesPositionBelowItsOwn(t *testing.T) {
+// atFifteen is a client joined to room 5 that received its pushes up to
+// e1:15 on ts's first connection.
+func atFifteen(t *testing.T) (*tServer, *rec, *Client, *tConn) {
+	t.Helper()
 	ts, r, c := numberedRooms(t)
 	if _, err := c.Join(context.Background(), 5); err != nil {
 		t.Fatal(err)
@@ -629,6 +627,16 @@ func TestRejoinNotRecoveredTakesTheRepliesPositionBelowItsOwn(t *testing.T) {
 		tc.send(t, offPush(fmt.Sprint("m", off), false, 5, off, "e1", "before"))
 	}
 	waitFor(t, 5*time.Second, "m15", func() bool { return r.hasMid("m15") })
+	return ts, r, c, tc
+}
+
+// A re-join answered recovered:false takes the reply's position, even below
+// the one the client had: a cluster whose Redis came back from an older
+// snapshot numbers the next pushes from there, in the same epoch — kept at
+// its own position, the client dropped them as duplicates. (The room is
+// reported for re-sync, as any re-join not recovered.)
+func TestRejoinNotRecoveredTakesTheRepliesPositionBelowItsOwn(t *testing.T) {
+	ts, r, c, tc := atFifteen(t)
 	ts.mu.Lock()
 	ts.pos[5] = proto.Position{Off: 12, Ep: "e1"} // Redis went back to 12
 	ts.lost[5] = true
@@ -649,15 +657,7 @@ func TestRejoinNotRecoveredTakesTheRepliesPositionBelowItsOwn(t *testing.T) {
 // is still reported for re-sync (before, "moved" hid it: the pushes were
 // lost silently).
 func TestRejoinGoneBackReportedThoughAPushMovedThePosition(t *testing.T) {
-	ts, r, c := numberedRooms(t)
-	if _, err := c.Join(context.Background(), 5); err != nil {
-		t.Fatal(err)
-	}
-	tc := ts.conn(0)
-	for off := int64(11); off <= 15; off++ {
-		tc.send(t, offPush(fmt.Sprint("m", off), false, 5, off, "e1", "before"))
-	}
-	waitFor(t, 5*time.Second, "m15", func() bool { return r.hasMid("m15") })
+	ts, r, _, tc := atFifteen(t)
 	ts.mu.Lock()
 	ts.pos[5] = proto.Position{Off: 12, Ep: "e1"} // Redis went back to 12; 13..16 numbered again before the reply went out
 	ts.lost[5] = true
