@@ -193,7 +193,7 @@ func (n *Node) grabAsync(user int64, code string, done func(any, *proto.Error)) 
 	}
 	// Only what memory tells is asked here, on the connection's reader:
 	// who runs the rain may be a Redis read (up to its timeout).
-	if n.Cluster == nil || n.RedPackets.Owns(code) && !n.shardedRains() {
+	if n.grabsHere(code) {
 		// With Redis in use (grabWaits) the connection's lane runs this.
 		n.RedPackets.GrabAsync(user, code, func(rep redpacket.GrabReply, perr *proto.Error) {
 			if perr != nil {
@@ -218,8 +218,13 @@ func (n *Node) grabAsync(user int64, code string, done func(any, *proto.Error)) 
 // served (grabAsync's first branch with Redis in use: the rain's packets in
 // a Redis list, the user's place there, the shared grab count, an account's
 // status): the gateway serves it on the connection's lane, off its reader.
-func (n *Node) grabWaits(code string) bool {
-	return n.Redis != nil && (n.Cluster == nil || n.RedPackets.Owns(code) && !n.shardedRains())
+func (n *Node) grabWaits(code string) bool { return n.Redis != nil && n.grabsHere(code) }
+
+// grabsHere reports whether a grab of code is served by this node's red
+// packet service where it arrives (a single node, or the rain's own node
+// with its packets in a Redis list), not forwarded to the rain's node.
+func (n *Node) grabsHere(code string) bool {
+	return n.Cluster == nil || n.RedPackets.Owns(code) && !n.shardedRains()
 }
 
 // shardedRains reports whether grabs are served from slices on every node (a

@@ -52,6 +52,15 @@ func newLaneMsg(op gws.Opcode, b []byte) laneMsg {
 	return laneMsg{op: op, p: append([]byte(nil), b...)}
 }
 
+// cost is what m counts against laneBytes.
+func (m laneMsg) cost() int { return len(m.p) + laneMsgCost }
+
+// push queues m (l.mu held).
+func (l *connLane) push(m laneMsg) {
+	l.q = append(l.q, m)
+	l.bytes += m.cost()
+}
+
 // laneBytes bounds what is queued behind a lane's request: each message
 // costs its bytes and laneMsgCost (an empty frame is 6 bytes on the wire, a
 // queue entry is more), so at most laneBytes/laneMsgCost messages; one
@@ -74,9 +83,7 @@ func (c *Conn) offload(op gws.Opcode, b []byte) bool {
 	}
 	l := c.lane
 	l.mu.Lock()
-	m := newLaneMsg(op, b)
-	l.q = append(l.q, m)
-	l.bytes += len(m.p) + laneMsgCost
+	l.push(newLaneMsg(op, b))
 	c.laneOn.Store(true)
 	l.mu.Unlock()
 	c.srv.metrics.lanes.Add(1)
@@ -95,7 +102,7 @@ func (c *Conn) queueBehindLane(op gws.Opcode, b []byte) bool {
 	m := newLaneMsg(op, b)
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	for c.laneOn.Load() && len(l.q) > 0 && l.bytes+len(m.p)+laneMsgCost > laneBytes {
+	for c.laneOn.Load() && len(l.q) > 0 && l.bytes+m.cost() > laneBytes {
 		if l.space == nil {
 			l.space = make(chan struct{})
 		}
@@ -107,8 +114,7 @@ func (c *Conn) queueBehindLane(op gws.Opcode, b []byte) bool {
 	if !c.laneOn.Load() {
 		return false
 	}
-	l.q = append(l.q, m)
-	l.bytes += len(m.p) + laneMsgCost
+	l.push(m)
 	return true
 }
 
@@ -149,7 +155,7 @@ func (s *Server) runLane(c *Conn) {
 		m := l.q[0]
 		l.q[0] = laneMsg{}
 		l.q = l.q[1:]
-		l.bytes -= len(m.p) + laneMsgCost
+		l.bytes -= m.cost()
 		if l.space != nil {
 			close(l.space)
 			l.space = nil

@@ -21,6 +21,14 @@ type wsEvent struct {
 	at   time.Duration
 }
 
+// sendText writes one text frame.
+func (w *tcpWS) sendText(s string) {
+	w.t.Helper()
+	if err := w.write(opText, []byte(s)); err != nil {
+		w.t.Fatal(err)
+	}
+}
+
 // events reads frames until stop says the last one is enough (pushes
 // skipped), within timeout.
 func (w *tcpWS) events(start time.Time, timeout time.Duration, stop func(wsEvent) bool) []wsEvent {
@@ -79,16 +87,10 @@ func TestPongNotBehindAChatWaitingOnRedis(t *testing.T) {
 		t.Fatalf("join: %+v", f)
 	}
 	w := dialTCPWS(t, n2, 100)
-	send := func(s string) {
-		t.Helper()
-		if err := w.write(opText, []byte(s)); err != nil {
-			t.Fatal(err)
-		}
-	}
-	send(fmt.Sprintf(`{"t":"join","id":1,"d":{"room_id":%d}}`, room))
+	w.sendText(fmt.Sprintf(`{"t":"join","id":1,"d":{"room_id":%d}}`, room))
 	// A chat first: the sequencer's script is loaded into Redis (else the
 	// held chat's would be held twice, EVALSHA and then EVAL).
-	send(fmt.Sprintf(`{"t":"chat","id":2,"d":{"room_id":%d,"text":"first"}}`, room))
+	w.sendText(fmt.Sprintf(`{"t":"chat","id":2,"d":{"room_id":%d,"text":"first"}}`, room))
 	ev := w.events(time.Now(), 10*time.Second, func(e wsEvent) bool { return e.id == 2 })
 	if len(ev) != 2 || ev[0].code != 0 || ev[1].code != 0 {
 		t.Fatalf("join and a chat: %+v", ev)
@@ -100,8 +102,8 @@ func TestPongNotBehindAChatWaitingOnRedis(t *testing.T) {
 	px.Slow("}:seq", hold)
 	t.Cleanup(func() { px.Slow("", 0) })
 	start := time.Now()
-	send(fmt.Sprintf(`{"t":"chat","id":3,"d":{"room_id":%d,"text":"slow"}}`, room))
-	send(`{"t":"ping","id":4,"d":{}}`)
+	w.sendText(fmt.Sprintf(`{"t":"chat","id":3,"d":{"room_id":%d,"text":"slow"}}`, room))
+	w.sendText(`{"t":"ping","id":4,"d":{}}`)
 	if err := w.write(opPing, []byte("p1")); err != nil {
 		t.Fatal(err)
 	}
@@ -117,7 +119,7 @@ func TestPongNotBehindAChatWaitingOnRedis(t *testing.T) {
 	}
 
 	start = time.Now()
-	send(fmt.Sprintf(`{"t":"chat","id":5,"d":{"room_id":%d,"text":"then close"}}`, room))
+	w.sendText(fmt.Sprintf(`{"t":"chat","id":5,"d":{"room_id":%d,"text":"then close"}}`, room))
 	if err := w.write(opClose, binary.BigEndian.AppendUint16(nil, 1000)); err != nil {
 		t.Fatal(err)
 	}
@@ -151,13 +153,7 @@ func TestPongNotBehindAGrabWaitingOnRedis(t *testing.T) {
 	devCredit(t, n, 1, 100)
 	code := startRain(t, n, 1, room, 100, 10, 120)
 	w := dialTCPWS(t, n, 100)
-	send := func(s string) {
-		t.Helper()
-		if err := w.write(opText, []byte(s)); err != nil {
-			t.Fatal(err)
-		}
-	}
-	send(fmt.Sprintf(`{"t":"join","id":1,"d":{"room_id":%d}}`, room))
+	w.sendText(fmt.Sprintf(`{"t":"join","id":1,"d":{"room_id":%d}}`, room))
 	if ev := w.events(time.Now(), 10*time.Second, func(e wsEvent) bool { return e.id == 1 }); ev[len(ev)-1].code != 0 {
 		t.Fatalf("join: %+v", ev)
 	}
@@ -165,8 +161,8 @@ func TestPongNotBehindAGrabWaitingOnRedis(t *testing.T) {
 	px.Slow("RPOP", hold)
 	t.Cleanup(func() { px.Slow("", 0) })
 	start := time.Now()
-	send(fmt.Sprintf(`{"t":"grab","id":2,"d":{"code":%q}}`, code))
-	send(`{"t":"ping","id":3,"d":{}}`)
+	w.sendText(fmt.Sprintf(`{"t":"grab","id":2,"d":{"code":%q}}`, code))
+	w.sendText(`{"t":"ping","id":3,"d":{}}`)
 	if err := w.write(opPing, []byte("p1")); err != nil {
 		t.Fatal(err)
 	}

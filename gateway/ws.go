@@ -523,7 +523,7 @@ func isAck(data []byte) bool {
 // serveMessage serves one client message, on the reader or the lane.
 func (s *Server) serveMessage(c *Conn, op gws.Opcode, data []byte) {
 	defer s.recoverFrame(c)
-	if c.closing.Load() || c.cork.closing.Load() {
+	if c.readAfterClose() {
 		// Read after the node decided to close the connection (4501 at the
 		// token's expiry, 4408, shutdown…), or while lingering after its
 		// close frame: no request is served (its reply could not be queued)
@@ -545,11 +545,15 @@ func (s *Server) serveMessage(c *Conn, op gws.Opcode, data []byte) {
 // refuseMessage answers a message refused whatever it held (queued behind
 // a lane without its payload) as serveMessage would have.
 func (s *Server) refuseMessage(c *Conn, e *proto.Error) {
-	if c.closing.Load() || c.cork.closing.Load() {
-		return
+	if !c.readAfterClose() {
+		c.badFrame(0, e)
 	}
-	c.badFrame(0, e)
 }
+
+// readAfterClose reports whether a message is served after the node decided
+// to close c, or while it lingers after its close frame: no request is
+// served then (its reply could not be queued), only acks.
+func (c *Conn) readAfterClose() bool { return c.closing.Load() || c.cork.closing.Load() }
 
 // recoverFrame turns a panic while serving one of c's frames (a bug) into
 // c's close with 1011, logged with its stack: the node and its other
