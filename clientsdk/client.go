@@ -209,7 +209,7 @@ func (c *Client) dialAny(ctx context.Context) (*session, error) {
 	var errs []error
 	for k := range n {
 		i := (start + k) % n
-		s, err := c.connect(ctx, i)
+		s, err := c.connect(ctx, i, TokenConnect)
 		if err == nil {
 			if err = c.activate(s, 0, i); err == nil {
 				return s, nil
@@ -709,16 +709,12 @@ func (c *Client) Ping(ctx context.Context) error {
 
 // connect opens one connection and waits for its hello, bounded by ctx and
 // RequestTimeout. On error nothing of the attempt is left running.
-func (c *Client) connect(ctx context.Context, i int) (*session, error) {
+func (c *Client) connect(ctx context.Context, i int, reason string) (*session, error) {
 	ctx, cancel := context.WithTimeout(ctx, c.cfg.RequestTimeout)
 	defer cancel()
-	token := c.cfg.Token
-	if c.cfg.TokenFunc != nil {
-		t, err := c.cfg.TokenFunc(ctx)
-		if err != nil {
-			return nil, fmt.Errorf("clientsdk: token: %w", err)
-		}
-		token = t
+	token, err := c.token(ctx, reason)
+	if err != nil {
+		return nil, err
 	}
 	addr, err := c.cfg.dialURL(i)
 	if err != nil {
@@ -867,6 +863,12 @@ func (c *Client) activate(s *session, attempt, i int) error {
 	}
 	c.wg.Add(1)
 	go c.heartbeat(s, every)
+	if c.cfg.TokenFunc != nil && hello.ExpiresInMS > 0 {
+		if left := leftOf(hello.ExpiresInMS); left <= maxRefreshLeft {
+			c.wg.Add(1)
+			go c.refreshes(s, left, s.helloAt)
+		}
+	}
 	return nil
 }
 
@@ -1075,6 +1077,10 @@ func (c *Client) reconnect() *session {
 		c.shortLived = 0
 	}
 	floor := c.shortLived // backoff rounds already spent on short-lived connections
+	reason := TokenReconnect
+	if c.lastCode == proto.CloseTokenExpired {
+		reason = TokenExpired
+	}
 	c.mu.Unlock()
 	off := 1
 	if n > 1 {
@@ -1100,7 +1106,7 @@ func (c *Client) reconnect() *session {
 			c.emitState(StateEvent{State: StateClosed, Err: c.Err()})
 			return nil
 		}
-		s, err := c.connect(c.ctx, i)
+		s, err := c.connect(c.ctx, i, reason)
 		if err == nil {
 			if err = c.activate(s, attempt, i); err == nil {
 				return s
@@ -1122,6 +1128,12 @@ func (c *Client) reconnect() *session {
 		if errors.Is(err, ErrUnauthorized) && c.cfg.TokenFunc == nil {
 			c.terminate(0, "", err)
 			return nil
+		}
+		// The next attempt's token: a refused or ended one asks for a new
+		// one; a 503 or a dropped attempt is no reason to.
+		reason = TokenReconnect
+		if errors.Is(err, ErrUnauthorized) || (errors.As(err, &ce) && ce.Code == proto.CloseTokenExpired) {
+			reason = TokenExpired
 		}
 		lastErr = err
 	}

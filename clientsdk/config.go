@@ -55,6 +55,12 @@ type Config struct {
 	// TokenFunc a close 4501 (the gateway closes a connection when its token
 	// expires) is not terminal either: the client reconnects, asking
 	// TokenFunc for a new token. With a static Token 4501 stops the client.
+	// It is also called shortly before an open connection's token ends (a
+	// minute, or a quarter of a shorter token's life): the new token is
+	// handed to the node in a refresh request and the connection goes on.
+	// TokenReason(ctx) says why it is called (connect, reconnect, expired:
+	// the last token was refused or ended, refresh). It may run beside the
+	// app's own calls: make it safe for concurrent use.
 	TokenFunc func(ctx context.Context) (string, error)
 
 	// NoBatch, when true, does not ask for batch frames. The zero value asks

@@ -44,6 +44,7 @@ type session struct {
 
 	helloCh  chan proto.Hello // buffered 1; the hello, once
 	gotHello bool             // reader goroutine only
+	helloAt  time.Time        // when the hello was read (before it is sent on helloCh)
 
 	// Guarded by c.mu (so that "dead" and c.sess change together).
 	dead    bool
@@ -402,6 +403,7 @@ func (s *session) OnMessage(_ *gws.Conn, m *gws.Message) {
 			return
 		}
 		s.gotHello = true
+		s.helloAt = time.Now()
 		s.helloCh <- h
 		return
 	}

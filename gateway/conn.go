@@ -52,6 +52,9 @@ type Conn struct {
 	held atomic.Bool
 
 	lastRead atomic.Int64 // unix ns of the last frame read
+	// expires is when the connection's token ends (unix ns): the upgrade's
+	// token's exp (ident.Expires), moved on by each refresh request.
+	expires atomic.Int64
 
 	mu           sync.Mutex
 	queue        []*router.Frame

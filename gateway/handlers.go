@@ -95,6 +95,11 @@ func (s *Server) dispatch(c *Conn, b []byte) {
 			}
 			return
 		}
+	case proto.TypeRefresh:
+		var r proto.RefreshReq
+		if err = decodeValid(&f, &r); err == nil {
+			d, err = s.refresh(c, r.Token)
+		}
 	case proto.TypeAck:
 		var r proto.AckReq
 		if err = decodeValid(&f, &r); err == nil {
@@ -112,6 +117,25 @@ func (s *Server) dispatch(c *Conn, b []byte) {
 		return
 	}
 	c.reply(proto.EncodeReply(f.ID, proto.CodeOK, "ok", d))
+}
+
+// refresh hands c a new token (extension): the same user's and role's,
+// verified as at the upgrade. c then lives until the new token's exp — later
+// or earlier than the one it had. A connection whose token already ended
+// is not revived: it is closed 4501 at the next sweep.
+func (s *Server) refresh(c *Conn, tok string) (any, *proto.Error) {
+	if c.expires.Load() <= time.Now().UnixNano() {
+		return nil, proto.Errorf(proto.CodeUnauthenticated, "the connection's token has expired")
+	}
+	ident, err := s.auth.Verify(tok)
+	if err != nil {
+		return nil, proto.Errorf(proto.CodeUnauthenticated, "token refused")
+	}
+	if ident.UserID != c.ident.UserID || ident.Role != c.ident.Role {
+		return nil, proto.Errorf(proto.CodeForbidden, "the token is not for this connection's user and role")
+	}
+	c.expires.Store(ident.Expires.UnixNano())
+	return proto.RefreshReply{ExpiresInMS: max(1, time.Until(ident.Expires).Milliseconds())}, nil
 }
 
 type validator interface{ Validate() *proto.Error }

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -158,18 +160,120 @@ func TestTokenExpiryCloses4501(t *testing.T) {
 	}
 }
 
+// A refresh request hands an open connection a later token: it outlives
+// the one it was opened with, and the hello and the reply say how long the
+// token has left. A token of another user or role, or one that does not
+// verify, is refused with its code and changes nothing: that connection is
+// closed 4501 at its first token's exp.
+func TestRefreshKeepsTheConnectionPastItsToken(t *testing.T) {
+	n := nodetest.Start(t, nodetest.Config(t))
+	tok, exp := shortToken(t, n, 7, 2*time.Second)
+	dial := func() *nodetest.Raw {
+		r := nodetest.MustDialRaw(t, nodetest.WSURL(n), tok, nodetest.RawOptions{})
+		h := r.Next(5 * time.Second)
+		if h.T != proto.TypeHello {
+			t.Fatalf("first frame %q, want hello", h.T)
+		}
+		var hello proto.Hello
+		if err := proto.Unmarshal(h.D, &hello); err != nil {
+			t.Fatal(err)
+		}
+		if hello.ExpiresInMS <= 0 || hello.ExpiresInMS > 2000 {
+			t.Fatalf("hello expires_in_ms %d, want within (0, 2000]", hello.ExpiresInMS)
+		}
+		return r
+	}
+	refresh := func(r *nodetest.Raw, id int, tok string) proto.ServerFrame {
+		t.Helper()
+		if err := r.Send(`{"t":"refresh","id":` + strconv.Itoa(id) + `,"d":{"token":"` + tok + `"}}`); err != nil {
+			t.Fatal(err)
+		}
+		f := r.NextOfType(proto.TypeReply, 5*time.Second)
+		if f.ID != int64(id) {
+			t.Fatalf("reply to %d, want %d", f.ID, id)
+		}
+		return f
+	}
+	issue := func(user int64, role string, ttl time.Duration) string {
+		tk, err := n.Auth.Issue(user, role, ttl)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return tk
+	}
+	otherSecret, err := gateway.NewAuth(strings.Repeat("k", 32)).Issue(7, gateway.RoleViewer, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kept, refused := dial(), dial()
+	for i, c := range []struct {
+		tok  string
+		code int
+	}{
+		{issue(8, gateway.RoleViewer, time.Hour), proto.CodeForbidden},
+		{issue(7, gateway.RoleAnchor, time.Hour), proto.CodeForbidden},
+		{"not.a.token", proto.CodeUnauthenticated},
+		{otherSecret, proto.CodeUnauthenticated},
+	} {
+		if f := refresh(refused, i+1, c.tok); f.Code != c.code {
+			t.Fatalf("refresh %d answered %d %q, want %d", i+1, f.Code, f.Msg, c.code)
+		}
+	}
+	f := refresh(kept, 9, issue(7, gateway.RoleViewer, time.Hour))
+	var rep proto.RefreshReply
+	if err := proto.Unmarshal(f.D, &rep); f.Code != proto.CodeOK || err != nil {
+		t.Fatalf("refresh answered %d %q (%v)", f.Code, f.Msg, err)
+	}
+	if rep.ExpiresInMS < 3_500_000 || rep.ExpiresInMS > 3_600_000 {
+		t.Fatalf("refresh reply expires_in_ms %d, want about an hour", rep.ExpiresInMS)
+	}
+	select {
+	case <-refused.Closed():
+	case <-time.After(time.Until(exp) + 10*time.Second):
+		t.Fatal("connection refused its refreshes still open 10 s after its token expired")
+	}
+	if code := refused.CloseCode(); code != proto.CloseTokenExpired {
+		t.Fatalf("close code %d, want %d", code, proto.CloseTokenExpired)
+	}
+	time.Sleep(2 * time.Second) // two sweeps more (one a second at most)
+	select {
+	case <-kept.Closed():
+		t.Fatalf("refreshed connection closed %d", kept.CloseCode())
+	default:
+	}
+	if err := kept.Send(`{"t":"ping","id":10,"d":{}}`); err != nil {
+		t.Fatal(err)
+	}
+	if f := kept.NextOfType(proto.TypeReply, 5*time.Second); f.ID != 10 || f.Code != proto.CodeOK {
+		t.Fatalf("ping on the refreshed connection answered %d %d", f.ID, f.Code)
+	}
+}
+
 // The SDK with a TokenFunc treats 4501 as "get a new token and reconnect": it
-// asks for a fresh token and is connected again with it, rooms re-joined.
+// asks for a fresh token and is connected again with it, rooms re-joined —
+// here its refreshes before the token's end fail (TokenFunc refuses them),
+// as with a token issuer that is down for the token's last minute.
 // With a static token 4501 stays terminal.
 func TestSDKTokenFuncRenewsAfter4501(t *testing.T) {
 	n := nodetest.Start(t, nodetest.Config(t))
 	room := nodetest.OpenRoom(t, n, 1, 0)
-	var calls atomic.Int32
+	var (
+		calls, refreshes atomic.Int32
+		mu               sync.Mutex
+		reasons          []string
+	)
 	c := sdkDial(t, n, 8, nil, func(cfg *clientsdk.Config) {
-		cfg.TokenFunc = func(context.Context) (string, error) {
+		cfg.TokenFunc = func(ctx context.Context) (string, error) {
+			if clientsdk.TokenReason(ctx) == clientsdk.TokenRefresh {
+				refreshes.Add(1)
+				return "", errors.New("token issuer down")
+			}
+			mu.Lock()
+			reasons = append(reasons, clientsdk.TokenReason(ctx))
+			mu.Unlock()
 			ttl := time.Hour
 			if calls.Add(1) == 1 {
-				ttl = 2 * time.Second // the first token expires while connected
+				ttl = 3 * time.Second // the first token expires while connected
 			}
 			return n.Auth.Issue(8, gateway.RoleViewer, ttl)
 		}
@@ -183,7 +287,16 @@ func TestSDKTokenFuncRenewsAfter4501(t *testing.T) {
 		t.Fatalf("last close %d, want %d", code, proto.CloseTokenExpired)
 	}
 	if got := calls.Load(); got != 2 {
-		t.Fatalf("TokenFunc called %d times, want 2", got)
+		t.Fatalf("TokenFunc called %d times for a connection, want 2", got)
+	}
+	mu.Lock()
+	got := strings.Join(reasons, ",")
+	mu.Unlock()
+	if got != clientsdk.TokenConnect+","+clientsdk.TokenExpired {
+		t.Fatalf("TokenFunc reasons %s, want connect then expired", got)
+	}
+	if refreshes.Load() == 0 {
+		t.Fatal("no refresh tried before the token ended")
 	}
 	if err := c.Ping(context.Background()); err != nil {
 		t.Fatalf("ping on the renewed connection: %v", err)
@@ -206,6 +319,44 @@ func TestSDKTokenFuncRenewsAfter4501(t *testing.T) {
 	var ce *clientsdk.CloseError
 	if !errors.As(s.Err(), &ce) || ce.Code != proto.CloseTokenExpired {
 		t.Fatalf("static-token client stopped with %v, want close %d", s.Err(), proto.CloseTokenExpired)
+	}
+}
+
+// With a TokenFunc the SDK refreshes the connection's token before it ends:
+// tokens of 3 s, the connection lasts through several of them without a
+// 4501 or a reconnect, its room kept.
+func TestSDKRefreshesItsTokenBeforeItEnds(t *testing.T) {
+	n := nodetest.Start(t, nodetest.Config(t))
+	room := nodetest.OpenRoom(t, n, 1, 0)
+	var refreshes atomic.Int32
+	var drops atomic.Int32
+	c := sdkDial(t, n, 8, nil, func(cfg *clientsdk.Config) {
+		cfg.TokenFunc = func(ctx context.Context) (string, error) {
+			if clientsdk.TokenReason(ctx) == clientsdk.TokenRefresh {
+				refreshes.Add(1)
+			}
+			return n.Auth.Issue(8, gateway.RoleViewer, 3*time.Second)
+		}
+		cfg.OnState = func(ev clientsdk.StateEvent) {
+			if ev.State == clientsdk.StateDisconnected {
+				drops.Add(1)
+			}
+		}
+	})
+	if _, err := c.Join(context.Background(), room); err != nil {
+		t.Fatal(err)
+	}
+	nodetest.Eventually(t, 30*time.Second, func() bool { return refreshes.Load() >= 4 },
+		"refreshes %d", refreshes.Load())
+	if r, d := c.Stats().Reconnects, drops.Load(); r != 0 || d != 0 {
+		code, reason := c.LastClose()
+		t.Fatalf("%d reconnects, %d disconnects (last close %d %s) with refreshed tokens", r, d, code, reason)
+	}
+	if err := c.Ping(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if rooms := c.Rooms(); len(rooms) != 1 || rooms[0] != room {
+		t.Fatalf("rooms: %v", rooms)
 	}
 }
 

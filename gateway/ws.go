@@ -291,6 +291,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	c.rd = newWSReader(c, netConn, early)
 	cc.kick, cc.framed = c.rd.kick, true
 	c.lastRead.Store(time.Now().UnixNano())
+	c.expires.Store(ident.Expires.UnixNano())
 	socket.Session().Store("c", c)
 	upgraded = true // the reader calls OnOpen, then OnClose, which releases
 	go c.rd.run(true)
@@ -410,6 +411,7 @@ func (s *Server) OnOpen(socket *gws.Conn) {
 		UserID: c.ident.UserID, Node: s.cfg.Node.ID,
 		HeartbeatS: max(1, int(hb/time.Second)), HeartbeatMS: hb.Milliseconds(),
 		Batch: c.batch, SessionID: strconv.FormatUint(c.id, 10),
+		ExpiresInMS: max(1, time.Until(time.Unix(0, c.expires.Load())).Milliseconds()),
 	}))
 	if s.draining.Load() {
 		// Stopping: not made reachable. Registered, it would gather its
@@ -599,7 +601,7 @@ func (s *Server) sweep() {
 				sh.mu.Lock()
 				for _, c := range sh.conns {
 					switch {
-					case c.ident.Expires.UnixNano() <= nowNS:
+					case c.expires.Load() <= nowNS:
 						expired = append(expired, c)
 					case c.lastRead.Load() < limit:
 						silent = append(silent, c)
@@ -608,7 +610,9 @@ func (s *Server) sweep() {
 				sh.mu.Unlock()
 			}
 			for _, c := range expired {
-				c.Close(proto.CloseTokenExpired, true)
+				if c.expires.Load() <= nowNS { // not refreshed meanwhile
+					c.Close(proto.CloseTokenExpired, true)
+				}
 			}
 			for _, c := range silent {
 				c.Close(proto.CloseHeartbeatTimeout, false)

@@ -111,6 +111,9 @@ var MaxHeld = 4096;
 var MaxBufferedBytes = 1 << 20;
 var ProbeGrace = 3;
 var MinFailsForExpiry = 3;
+var RefreshLeadMs = 6e4;
+var RefreshRetryFloorMs = 2e3;
+var MaxTimerMs = 2 ** 31 - 1;
 var LiveClient = class _LiveClient {
   constructor(opts) {
     this.opts = opts;
@@ -166,6 +169,8 @@ var LiveClient = class _LiveClient {
     // delivered.
     this.inFrames = null;
     this.closeAfterFrames = false;
+    /** getToken's time limits running (close() clears them). */
+    this.tokenTimers = /* @__PURE__ */ new Set();
     this.stateListeners = /* @__PURE__ */ new Set();
     this.stats_ = {
       reconnects: 0,
@@ -373,10 +378,14 @@ var LiveClient = class _LiveClient {
     const ms = this.o.requestTimeoutMs;
     let timer;
     const late = new Promise((_, reject) => {
-      timer = this.tokenTimer = setTimeout(() => reject(new Error(`getToken did not answer within ${ms} ms`)), ms);
+      timer = setTimeout(() => reject(new Error(`getToken did not answer within ${ms} ms`)), ms);
+      this.tokenTimers.add(timer);
     });
     const getToken = this.opts.getToken;
-    return Promise.race([Promise.resolve().then(() => getToken(reason)), late]).finally(() => clearTimeout(timer));
+    return Promise.race([Promise.resolve().then(() => getToken(reason)), late]).finally(() => {
+      clearTimeout(timer);
+      this.tokenTimers.delete(timer);
+    });
   }
   /**
    * Delivers the pushes held while nobody listened, and acks them on the
@@ -468,6 +477,8 @@ var LiveClient = class _LiveClient {
       throw new ClosedError(this.closeCause);
     }
     this.startHeartbeat(ws, hello);
+    const left = hello.expires_in_ms;
+    if (left !== void 0 && left > 0) this.scheduleRefresh(ws, Date.now() + left);
     await this.rejoin(ws).catch(() => void 0);
     if (this.ws !== ws) {
       const lc = this.lastClose;
@@ -617,7 +628,8 @@ var LiveClient = class _LiveClient {
     this.stopHeartbeat();
     this.wake?.();
     this.connecting?.();
-    clearTimeout(this.tokenTimer);
+    for (const t of this.tokenTimers) clearTimeout(t);
+    this.tokenTimers.clear();
     this.held = [];
     const ws = this.ws;
     this.ws = null;
@@ -717,9 +729,62 @@ var LiveClient = class _LiveClient {
     }
     this.dropped(ws, Close.Abnormal, why);
   }
+  /**
+   * With getToken, arranges the refresh of ws's token, which ends at end (ms
+   * by this machine's clock): RefreshLeadMs before it (a quarter of the time
+   * left for a shorter one), less a random part of half as much, so that
+   * clients given tokens at once do not all ask at once.
+   */
+  scheduleRefresh(ws, end) {
+    if (this.refreshTimer !== void 0) clearTimeout(this.refreshTimer);
+    this.refreshTimer = void 0;
+    if (!this.opts.getToken || this.ws !== ws) return;
+    const left = end - Date.now();
+    const lead = Math.min(RefreshLeadMs, left / 4);
+    this.armRefresh(ws, end, end - lead - Math.random() * lead / 2);
+  }
+  /** Runs refresh(ws, end) at the time at (timers longer than setTimeout's limit are chained). */
+  armRefresh(ws, end, at) {
+    const wait = at - Date.now();
+    this.refreshTimer = setTimeout(
+      () => {
+        this.refreshTimer = void 0;
+        if (this.ws !== ws) return;
+        if (Date.now() < at) this.armRefresh(ws, end, at);
+        else void this.refresh(ws, end);
+      },
+      Math.max(0, Math.min(wait, MaxTimerMs))
+    );
+    this.refreshTimer.unref?.();
+  }
+  /**
+   * Asks getToken for a token ("refresh") and hands it to ws's node. On
+   * failure (getToken's, a refused token, no reply) it is tried again when
+   * half the time left has passed, while more than RefreshRetryFloorMs is
+   * left; then the node closes 4501 and the client reconnects ("expired").
+   */
+  async refresh(ws, end) {
+    try {
+      const tok = await this.token("refresh");
+      if (this.ws !== ws) return;
+      const r = await this.send(ws, "refresh", { token: tok }, this.o.requestTimeoutMs);
+      if (this.ws !== ws) return;
+      if (!(typeof r?.expires_in_ms === "number" && r.expires_in_ms > 0)) throw new Error("refresh reply without expires_in_ms");
+      this.lastToken = tok;
+      this.scheduleRefresh(ws, Date.now() + r.expires_in_ms);
+    } catch {
+      if (this.ws !== ws || this.closed) return;
+      const rest = end - Date.now();
+      if (rest < RefreshRetryFloorMs) return;
+      this.armRefresh(ws, end, Date.now() + rest / 2);
+    }
+  }
+  /** Stops the heartbeat and the token refresh of the connection that ended. */
   stopHeartbeat() {
     if (this.hb !== void 0) clearInterval(this.hb);
     this.hb = void 0;
+    if (this.refreshTimer !== void 0) clearTimeout(this.refreshTimer);
+    this.refreshTimer = void 0;
   }
   waitReady(timeout, what) {
     if (this.closed) return Promise.reject(new ClosedError(this.closeCause));
@@ -947,6 +1012,8 @@ export {
   MaxBufferedBytes,
   MinFailsForExpiry,
   ProbeGrace,
+  RefreshLeadMs,
+  RefreshRetryFloorMs,
   ReplyError,
   Subprotocol,
   TimeoutError,

@@ -24,6 +24,9 @@ const (
 	TypeAck   = "ack"
 	TypeGift  = "gift"
 	TypeGrab  = "grab"
+	// TypeRefresh (extension) hands an open connection a new token before
+	// the one it was opened with expires (RefreshReq).
+	TypeRefresh = "refresh"
 )
 
 // Limits of client frames.
@@ -282,6 +285,29 @@ func (r *AckReq) Validate() *Error {
 	return nil
 }
 
+// MaxTokenLen bounds a token in a refresh request.
+const MaxTokenLen = 4096
+
+// RefreshReq is the d of refresh (extension): a new token for the open
+// connection, the same user's.
+type RefreshReq struct {
+	Token string `json:"token"`
+}
+
+// Validate checks the fields.
+func (r *RefreshReq) Validate() *Error {
+	if r.Token == "" || len(r.Token) > MaxTokenLen {
+		return BadRequest("token must be 1..%d bytes", MaxTokenLen)
+	}
+	return nil
+}
+
+// RefreshReply is the d of a refresh's reply: how long the connection's
+// token now has left.
+type RefreshReply struct {
+	ExpiresInMS int64 `json:"expires_in_ms"`
+}
+
 // Push is one server push before encoding. Data is the JSON of d.
 type Push struct {
 	Mid  string
@@ -400,6 +426,10 @@ type Hello struct {
 	HeartbeatMS int64  `json:"heartbeat_ms,omitempty"` // extension: exact heartbeat (tests use sub-second ones)
 	Batch       bool   `json:"batch,omitempty"`        // extension: server may send "batch" frames
 	SessionID   string `json:"session_id,omitempty"`
+	// ExpiresInMS (extension) is how long the connection's token has left
+	// when the hello is written: at its end the node closes the connection
+	// 4501 unless a refresh request has handed it a later token.
+	ExpiresInMS int64 `json:"expires_in_ms,omitempty"`
 }
 
 // EncodeHello encodes {"t":"hello","d":{...}}.

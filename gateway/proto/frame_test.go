@@ -22,6 +22,8 @@ func decodeAll(b []byte) *Error {
 		v = &AckReq{}
 	case TypeGrab:
 		v = &GrabReq{}
+	case TypeRefresh:
+		v = &RefreshReq{}
 	case TypePing:
 		return nil
 	default:
@@ -47,6 +49,10 @@ func TestDecodeClientFrame(t *testing.T) {
 		{`{"t":"join","id":2,"d":{"room_id":"x"}}`, CodeBadRequest}, // wrong type
 		{`{"t":"chat","id":3,"d":{"room_id":7,"text":""}}`, CodeBadRequest},
 		{`{"t":"chat","id":3,"d":{"room_id":7,"text":"` + strings.Repeat("字", 501) + `"}}`, CodeBadRequest},
+		{`{"t":"refresh","id":5,"d":{"token":"a.b.c"}}`, 0},
+		{`{"t":"refresh","id":5,"d":{"token":""}}`, CodeBadRequest},
+		{`{"t":"refresh","id":5,"d":{"token":"` + strings.Repeat("a", MaxTokenLen+1) + `"}}`, CodeBadRequest},
+		{`{"t":"refresh","id":5,"d":{"token":7}}`, CodeBadRequest},
 		{`{"t":"nope","id":4,"d":{}}`, CodeBadRequest},
 		{`{"id":4}`, CodeBadRequest},
 		{`not json`, CodeBadRequest},

@@ -12,6 +12,7 @@ func FuzzDecodeClientFrame(f *testing.F) {
 		`{"t":"chat","id":3,"d":{"room_id":7,"text":"你好"}}`,
 		`{"t":"ack","d":{"mids":["gw-1.a.1","gw-1.a.2"]}}`,
 		`{"t":"leave","id":9,"d":{"room_id":1}}`,
+		`{"t":"refresh","id":10,"d":{"token":"eyJhbGciOiJIUzI1NiJ9.e30.x"}}`,
 		`{"t":"chat","id":3,"d":{"room_id":7,"text":"\ud800"}}`,
 		`{"t":"join","id":99999999999999999999,"d":{"room_id":7}}`,
 		`{"t":"join","id":1,"d":{"room_id":1e3}}`,

@@ -41,6 +41,7 @@ import {
   type JoinReply,
   type PushData,
   type PushFrame,
+  type RefreshReply,
   type ReplyFrame,
   type Requests,
   type ServerFrame,
@@ -75,7 +76,7 @@ export const Subprotocol = "liveedge.v1";
 export const TokenSubprotocolPrefix = "liveedge.bearer.";
 
 /** Why the token callback is asked. */
-export type TokenReason = "connect" | "reconnect" | "expired";
+export type TokenReason = "connect" | "reconnect" | "expired" | "refresh";
 
 export interface ClientOptions {
   /**
@@ -102,7 +103,14 @@ export interface ClientOptions {
    * token. Default 300000 (5 minutes).
    */
   tokenExpiryGraceMs?: number;
-  /** Asked before every connection attempt; on 4501 the client reconnects with its next answer. */
+  /**
+   * Asked before every connection attempt; on 4501 the client reconnects with
+   * its next answer ("expired"). Also asked ("refresh") shortly before the open
+   * connection's token ends (a minute, or a quarter of a shorter token's life,
+   * by the hello's expires_in_ms): the answer is handed to the node in a
+   * refresh request and the connection goes on. A refresh that fails is tried
+   * again while time is left; after that the node closes 4501 as above.
+   */
   getToken?: (reason: TokenReason) => string | Promise<string>;
   /** WebSocket implementation; default globalThis.WebSocket (the Node entry passes ws). */
   WebSocket?: WebSocketCtor;
@@ -302,6 +310,15 @@ export const ProbeGrace = 3;
  */
 export const MinFailsForExpiry = 3;
 
+/** How long before the connection's token ends the client refreshes it (getToken("refresh")). */
+export const RefreshLeadMs = 60_000;
+
+/** With less than this left, a failed refresh is not tried again (the node is about to close 4501). */
+export const RefreshRetryFloorMs = 2_000;
+
+/** setTimeout's longest delay (a longer one fires at once). */
+const MaxTimerMs = 2 ** 31 - 1;
+
 export class LiveClient {
   private readonly o: Required<Omit<ClientOptions, "token" | "getToken" | "onPush" | "onState" | "heartbeatMs" | "preferFirstUrl">> & {
     heartbeatMs?: number;
@@ -371,7 +388,10 @@ export class LiveClient {
   // delivered.
   private inFrames: WebSocketLike | null = null;
   private closeAfterFrames = false;
-  private tokenTimer: ReturnType<typeof setTimeout> | undefined;
+  /** getToken's time limits running (close() clears them). */
+  private tokenTimers = new Set<ReturnType<typeof setTimeout>>();
+  /** The refresh of the current connection's token (cleared with the heartbeat). */
+  private refreshTimer: ReturnType<typeof setTimeout> | undefined;
   private stateListeners = new Set<(e: StateEvent) => void>();
   private helloFrame: Hello | undefined;
   private lastClose: { code: number; reason: string } | undefined;
@@ -616,13 +636,17 @@ export class LiveClient {
     const ms = this.o.requestTimeoutMs;
     let timer: ReturnType<typeof setTimeout> | undefined;
     const late = new Promise<string>((_, reject) => {
-      timer = this.tokenTimer = setTimeout(() => reject(new Error(`getToken did not answer within ${ms} ms`)), ms);
+      timer = setTimeout(() => reject(new Error(`getToken did not answer within ${ms} ms`)), ms);
+      this.tokenTimers.add(timer);
     });
     // Called inside the chain: a callback that throws at once rejects this
     // attempt (its timer cleared), not leaves a timer whose rejection nobody
     // hears (an unhandled rejection ends a Node process).
     const getToken = this.opts.getToken;
-    return Promise.race([Promise.resolve().then(() => getToken(reason)), late]).finally(() => clearTimeout(timer));
+    return Promise.race([Promise.resolve().then(() => getToken(reason)), late]).finally(() => {
+      clearTimeout(timer);
+      this.tokenTimers.delete(timer!);
+    });
   }
 
   /**
@@ -725,6 +749,8 @@ export class LiveClient {
       throw new ClosedError(this.closeCause);
     }
     this.startHeartbeat(ws, hello);
+    const left = hello.expires_in_ms;
+    if (left !== undefined && left > 0) this.scheduleRefresh(ws, Date.now() + left);
     await this.rejoin(ws).catch(() => undefined);
     if (this.ws !== ws) {
       // Dropped while re-joining: the caller's loop tries again.
@@ -900,7 +926,8 @@ export class LiveClient {
     this.stopHeartbeat();
     this.wake?.();
     this.connecting?.();
-    clearTimeout(this.tokenTimer);
+    for (const t of this.tokenTimers) clearTimeout(t);
+    this.tokenTimers.clear();
     this.held = [];
     const ws = this.ws;
     this.ws = null;
@@ -1005,9 +1032,65 @@ export class LiveClient {
     this.dropped(ws, Close.Abnormal, why);
   }
 
+  /**
+   * With getToken, arranges the refresh of ws's token, which ends at end (ms
+   * by this machine's clock): RefreshLeadMs before it (a quarter of the time
+   * left for a shorter one), less a random part of half as much, so that
+   * clients given tokens at once do not all ask at once.
+   */
+  private scheduleRefresh(ws: WebSocketLike, end: number): void {
+    if (this.refreshTimer !== undefined) clearTimeout(this.refreshTimer);
+    this.refreshTimer = undefined;
+    if (!this.opts.getToken || this.ws !== ws) return;
+    const left = end - Date.now();
+    const lead = Math.min(RefreshLeadMs, left / 4);
+    this.armRefresh(ws, end, end - lead - (Math.random() * lead) / 2);
+  }
+
+  /** Runs refresh(ws, end) at the time at (timers longer than setTimeout's limit are chained). */
+  private armRefresh(ws: WebSocketLike, end: number, at: number): void {
+    const wait = at - Date.now();
+    this.refreshTimer = setTimeout(
+      () => {
+        this.refreshTimer = undefined;
+        if (this.ws !== ws) return;
+        if (Date.now() < at) this.armRefresh(ws, end, at);
+        else void this.refresh(ws, end);
+      },
+      Math.max(0, Math.min(wait, MaxTimerMs)),
+    );
+    (this.refreshTimer as any).unref?.();
+  }
+
+  /**
+   * Asks getToken for a token ("refresh") and hands it to ws's node. On
+   * failure (getToken's, a refused token, no reply) it is tried again when
+   * half the time left has passed, while more than RefreshRetryFloorMs is
+   * left; then the node closes 4501 and the client reconnects ("expired").
+   */
+  private async refresh(ws: WebSocketLike, end: number): Promise<void> {
+    try {
+      const tok = await this.token("refresh");
+      if (this.ws !== ws) return;
+      const r = (await this.send(ws, "refresh", { token: tok }, this.o.requestTimeoutMs)) as RefreshReply;
+      if (this.ws !== ws) return;
+      if (!(typeof r?.expires_in_ms === "number" && r.expires_in_ms > 0)) throw new Error("refresh reply without expires_in_ms");
+      this.lastToken = tok;
+      this.scheduleRefresh(ws, Date.now() + r.expires_in_ms);
+    } catch {
+      if (this.ws !== ws || this.closed) return;
+      const rest = end - Date.now();
+      if (rest < RefreshRetryFloorMs) return;
+      this.armRefresh(ws, end, Date.now() + rest / 2);
+    }
+  }
+
+  /** Stops the heartbeat and the token refresh of the connection that ended. */
   private stopHeartbeat(): void {
     if (this.hb !== undefined) clearInterval(this.hb);
     this.hb = undefined;
+    if (this.refreshTimer !== undefined) clearTimeout(this.refreshTimer);
+    this.refreshTimer = undefined;
   }
 
   private waitReady(timeout: number, what: string): Promise<void> {

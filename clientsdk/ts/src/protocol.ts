@@ -12,6 +12,11 @@ export interface Hello {
   /** Extension: the server will send batch frames. */
   batch?: boolean;
   session_id?: string;
+  /**
+   * Extension: how long the connection's token had left when the hello was
+   * written (a refresh request hands it a later one).
+   */
+  expires_in_ms?: number;
 }
 
 /** Client → server: {"t":TYPE,"id":N,"d":{...}}. */
@@ -202,6 +207,13 @@ export interface Requests {
   /** pk (extension): count the gift towards the room's running PK score. */
   gift: [{ room_id: number; gift_id: number; receiver_id: number; count: number; req_id: string; pk?: boolean }, GiftReply];
   grab: [{ code: string }, GrabReply];
+  /** Extension: a new token for the open connection (the clients send it themselves with getToken). */
+  refresh: [{ token: string }, RefreshReply];
+}
+
+/** Reply d of refresh: how long the connection's token now has left. */
+export interface RefreshReply {
+  expires_in_ms: number;
 }
 
 /** WebSocket close codes (gateway/proto/close.go). */

@@ -231,9 +231,16 @@ test("node restart: the SDK reconnects, re-joins its room, a request made meanwh
 });
 
 test("token expiry on the real node: close 4501, then a new token from the callback", async (t) => {
+  // The refresh before the end fails (a token issuer down for the token's
+  // last moments): the node closes 4501 and the client reconnects.
   const reasons = [];
+  let refreshes = 0;
   const c = await client(601, {
     getToken: (reason) => {
+      if (reason === "refresh") {
+        refreshes++;
+        throw new Error("token issuer down");
+      }
       reasons.push(reason);
       return jwt(601, reasons.length === 1 ? 2 : 3600);
     },
@@ -252,5 +259,29 @@ test("token expiry on the real node: close 4501, then a new token from the callb
   assert.equal(disc.code, 4501, `close ${disc.code} ${disc.reason}`);
   await eventually(() => c.events.states.some((s) => s.state === "connected" && s.attempt > 0), 10000, "reconnected");
   assert.deepEqual(reasons.slice(0, 2), ["connect", "expired"]);
+  assert.ok(refreshes >= 1, "no refresh tried before the token ended");
   await c.ping();
+});
+
+test("token refresh on the real node: 3 s tokens, the connection outlives several of them", async () => {
+  const reasons = [];
+  const room = await node.openRoom(610);
+  const c = await client(611, {
+    getToken: (reason) => {
+      reasons.push(reason);
+      return jwt(611, 3);
+    },
+  });
+  assert.ok(c.hello.expires_in_ms > 0 && c.hello.expires_in_ms <= 3000, `hello expires_in_ms ${c.hello.expires_in_ms}`);
+  await c.join(room);
+  await eventually(() => reasons.filter((r) => r === "refresh").length >= 4, 20000, "four refreshes");
+  assert.deepEqual(
+    c.events.states.filter((s) => s.state !== "connected").map((s) => s.state),
+    [],
+    "the connection dropped",
+  );
+  assert.equal(reasons[0], "connect");
+  assert.ok(reasons.slice(1).every((r) => r === "refresh"), `reasons ${reasons}`);
+  await c.ping();
+  assert.ok(c.joinedRooms().has(room));
 });
