@@ -47,6 +47,9 @@ func FuzzNotify(f *testing.F) {
 	f.Add("", []byte(`[]`), true)
 	f.Add("", []byte(`{"event_id":"e4","order_id":"99999999999999999999","amount":1,"status":"SUCCESS"}`), true)
 	f.Add("t=99999999999999999999,v1=zz,v1=", []byte("{}"), false)
+	f.Add("", []byte(fmt.Sprintf(`{"event_id":"e5","txn_id":"t5","order_id":%q,"amount":%d,"status":"SUCCESS"}`, o.OrderID, o.Amount)), true)
+	f.Add("", []byte(fmt.Sprintf(`{"event_id":"e6","txn_id":"t6","order_id":%q,"amount":%d,"status":"SUCCESS"}`, o.OrderID, o.Amount)), true)
+	f.Add("", []byte(fmt.Sprintf(`{"event_id":"e7","txn_id":7,"order_id":%q,"amount":1,"status":"SUCCESS"}`, o.OrderID)), true)
 	f.Fuzz(func(t *testing.T, header string, body []byte, sign bool) {
 		if sign {
 			header = pay.Sign(fuzzSecret, time.Now(), body)

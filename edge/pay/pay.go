@@ -95,6 +95,9 @@ type Order struct {
 	ReqID     string `json:"req_id"`
 	PayURL    string `json:"pay_url,omitempty"`
 	EventID   string `json:"event_id,omitempty"`
+	// TxnID is the provider's transaction id of the payment that settled
+	// the order (paid, or refunded), when its event carried one.
+	TxnID     string `json:"txn_id,omitempty"`
 	CreatedAt int64  `json:"created_at"` // unix ms
 	UpdatedAt int64  `json:"updated_at"`
 	PaidAt    int64  `json:"paid_at,omitempty"`

@@ -691,3 +691,103 @@ func TestEventRecordedUnderTheEarlierKeyStillADuplicate(t *testing.T) {
 	}
 	persisttest.CheckConservation(t, l)
 }
+
+// A second payment of an order already paid — the provider's transaction id
+// (txn_id) differs from the one that paid it — is recorded for refund once
+// per transaction (its redeliveries, concurrent and after a restart, and
+// another event of the same transaction change nothing); the order stays
+// PAYED, credited once. The first payment re-sent under a new event id (the
+// same txn_id), and a SUCCESS without txn_id, are recorded only. Before,
+// every one of them was recorded only: the second payment was neither
+// credited nor refunded.
+func TestSecondPaymentOfAPaidOrderIsRefundedOnce(t *testing.T) {
+	clock, _ := testClock()
+	provider := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		answer(w, clock, unpaid(r))
+	}))
+	defer provider.Close()
+	svc, st, l := reconcileService(t, provider.URL, 15*time.Minute, clock)
+	a, err := svc.CreateOrder(7, pay.CreateReq{ProductID: 1, Channel: "mock", ReqID: "a"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := mustID(t, a.OrderID)
+	deliver := func(event, txn string) error {
+		body, _ := proto.Marshal(pay.Event{EventID: event, TxnID: txn, OrderID: a.OrderID, Amount: a.Amount, Status: "SUCCESS", PaidAt: clock().UnixMilli()})
+		if code, msg := svc.Notify("mock", pay.Sign(reconcileSecret, clock(), body), body); code != pay.NotifyOK || msg != "success" {
+			return fmt.Errorf("notify %s/%s: %d %s", event, txn, code, msg)
+		}
+		return nil
+	}
+	notify := func(event, txn string) {
+		t.Helper()
+		if err := deliver(event, txn); err != nil {
+			t.Fatal(err)
+		}
+	}
+	notify("ev-1", "txn-1")
+	notify("ev-1b", "txn-1") // the same payment under another event id
+	notify("ev-nt", "")      // no txn_id: cannot be told apart, recorded only
+	var wg sync.WaitGroup    // the second payment, delivered 8 times at once
+	for range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := deliver("ev-2", "txn-2"); err != nil {
+				t.Error(err)
+			}
+		}()
+	}
+	wg.Wait()
+	notify("ev-2b", "txn-2") // another event of the second payment
+	refund, err := st.Get(pay.SecondPaymentKey(id, "txn-2"))
+	if err != nil {
+		t.Fatalf("no refund record of the second payment: %v", err)
+	}
+	var rec struct {
+		Amount int64  `json:"amount"`
+		Event  string `json:"event_id"`
+		Txn    string `json:"txn_id"`
+	}
+	if err := proto.Unmarshal(refund, &rec); err != nil || rec.Amount != a.Amount || rec.Event != "ev-2" || rec.Txn != "txn-2" {
+		t.Fatalf("second payment's refund record %s (%v)", refund, err)
+	}
+	for _, txn := range []string{"txn-1", ""} {
+		if has, err := st.Has(pay.SecondPaymentKey(id, txn)); err != nil || has {
+			t.Fatalf("refund record under txn %q: %v %v", txn, has, err)
+		}
+	}
+	// A restart, then redeliveries of everything: nothing changes.
+	svc.Close()
+	svc, err = pay.New(st, l, router.NewLocal("rec", router.LocalConfig{}), pay.Config{Node: "rec",
+		Secrets: []string{reconcileSecret}, ProviderURL: provider.URL, OrderTimeout: 15 * time.Minute,
+		ReconcileAfter: time.Minute, ReconcileEvery: time.Hour, Now: clock})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(svc.Close)
+	for _, e := range [][2]string{{"ev-1", "txn-1"}, {"ev-2", "txn-2"}, {"ev-2c", "txn-2"}, {"ev-1c", "txn-1"}} {
+		notify(e[0], e[1])
+	}
+	if v, err := st.Get(pay.SecondPaymentKey(id, "txn-2")); err != nil || string(v) != string(refund) {
+		t.Fatalf("the second payment's refund record changed by a redelivery: %s (%v)", v, err)
+	}
+	n := 0
+	if err := st.Scan([]byte("rec/refundsecond/"), func(k, v []byte) error { n++; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	if n != 1 {
+		t.Fatalf("%d second-payment refund records, want 1", n)
+	}
+	if has, err := st.Has(persist.Key([]byte("rec/refund/"), uint64(id))); err != nil || has {
+		t.Fatalf("the order's own payment refunded: %v %v", has, err)
+	}
+	cur, err := svc.Get(id)
+	if err != nil || cur.Status != pay.StatusPayed || cur.TxnID != "txn-1" {
+		t.Fatalf("order %+v (%v), want PAYED by txn-1", cur, err)
+	}
+	if bal, err := l.Balance(7); err != nil || bal != a.Coins {
+		t.Fatalf("balance %d (%v), want %d: credited once", bal, err, a.Coins)
+	}
+	persisttest.CheckConservation(t, l)
+}

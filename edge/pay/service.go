@@ -217,6 +217,10 @@ var (
 	// another order no longer overwrites the first order's record.
 	prefixOrderEvent = recPrefix("orderevent/")
 	prefixRefund     = recPrefix("refund/")
+	// prefixSecondPay: rec/refundsecond/<order id><txn id> → the refund
+	// record of a second payment of a settled order (secondPayment): one
+	// per transaction, beside the order's own refund record.
+	prefixSecondPay = recPrefix("refundsecond/")
 	// prefixMismatch: rec/paymismatch/<id> → the event of a payment the
 	// provider's verified query answer reported for open order id, not as
 	// the order (rememberMismatch), until the order is settled.
@@ -847,6 +851,11 @@ type Event struct {
 	Amount  int64  `json:"amount"`
 	Status  string `json:"status"` // SUCCESS | FAILED
 	PaidAt  int64  `json:"paid_at"`
+	// TxnID (extension, optional) is the provider's id of the payment
+	// itself, the same in every event about it: a SUCCESS of an order
+	// already paid (or refunded) by another transaction is a second
+	// payment, recorded for refund (secondPayment).
+	TxnID string `json:"txn_id,omitempty"`
 }
 
 // eventRecord is the durable record of a processed provider event.
@@ -885,7 +894,7 @@ func (s *Service) Notify(channel, sigHeader string, body []byte) (int, string) {
 	if err := proto.Unmarshal(body, &ev); err != nil {
 		return NotifyBadRequest, "bad JSON"
 	}
-	if ev.EventID == "" || len(ev.EventID) > 128 || ev.OrderID == "" || (ev.Status != "SUCCESS" && ev.Status != "FAILED") {
+	if ev.EventID == "" || len(ev.EventID) > 128 || len(ev.TxnID) > 128 || ev.OrderID == "" || (ev.Status != "SUCCESS" && ev.Status != "FAILED") {
 		return NotifyBadRequest, "missing or bad fields"
 	}
 	return s.apply(channel, ev)
@@ -1031,6 +1040,8 @@ func (s *Service) apply(channel string, ev Event) (int, string) {
 			return NotifyRetry, "retry"
 		}
 		return NotifyOK, "success"
+	case ev.Status == "SUCCESS" && secondPayment(o, ev):
+		return s.refundSecond(o, id, ev, evRec, now)
 	default:
 		// Already settled (PAYED, PAY_BACK, or FAILED after the fact): record, change nothing.
 		if err := s.store.Put(evRec.Key, evRec.Value); err != nil {
@@ -1172,6 +1183,59 @@ func eventRec(id int64, ev Event, before string, now int64) persist.Record {
 	return persist.Record{Key: EventRecordKey(id, ev.EventID), Value: v}
 }
 
+// secondPayment reports whether SUCCESS ev, as settled order o (amount and
+// channel), is another payment than the one that settled it: both carry the
+// provider's transaction id, and they differ. Without both ids a second
+// payment cannot be told from the same one re-sent under a new event id
+// (a paid-by-query order's "query:" event is one): it is recorded only.
+func secondPayment(o Order, ev Event) bool {
+	return (o.Status == StatusPayed || o.Status == StatusPayBack) &&
+		ev.TxnID != "" && o.TxnID != "" && ev.TxnID != o.TxnID
+}
+
+// SecondPaymentKey is where the refund record of transaction txn, a second
+// payment of order, is kept (JSON: order_id, amount, event_id, txn_id,
+// reason, at).
+func SecondPaymentKey(order int64, txn string) []byte {
+	return append(persist.Key(prefixSecondPay, uint64(order)), txn...)
+}
+
+// refundSecond records ev, a second payment of settled order o, for refund:
+// a refund record of its amount under its transaction id, the event, a row
+// of the order's log; the order keeps its status and its first payment
+// (credited, or refunded, as it was). Once per transaction: another event
+// of the same transaction is recorded only.
+func (s *Service) refundSecond(o Order, id int64, ev Event, evRec persist.Record, now int64) (int, string) {
+	key := SecondPaymentKey(id, ev.TxnID)
+	has, err := s.store.Has(key)
+	if err != nil {
+		return NotifyRetry, "retry"
+	}
+	why := "second payment " + ev.TxnID + ": refunded"
+	rv, _ := proto.Marshal(map[string]any{"order_id": o.OrderID, "amount": ev.Amount, "event_id": ev.EventID,
+		"txn_id": ev.TxnID, "reason": why, "at": now})
+	err = s.store.Apply(func(b *persist.Batch) error {
+		if err := b.Set(evRec.Key, evRec.Value, nil); err != nil {
+			return err
+		}
+		if has {
+			return nil
+		}
+		if err := b.Set(key, rv, nil); err != nil {
+			return err
+		}
+		return s.logTransition(b, id, o.Status, o.Status, why, now)
+	})
+	if err != nil {
+		return NotifyRetry, "retry"
+	}
+	if !has {
+		s.cfg.Log.Warn("pay: second payment of a settled order recorded for refund", "order", o.OrderID,
+			"txn", ev.TxnID, "first_txn", o.TxnID, "amount", ev.Amount)
+	}
+	return NotifyOK, "success"
+}
+
 // refundLate records a payment that arrived after its order closed as
 // refunded (PAY_BACK + a refund record + the event), never credited.
 func (s *Service) refundLate(o Order, id int64, ev Event, evRec persist.Record, now int64) (int, string) {
@@ -1185,7 +1249,7 @@ func (s *Service) refundPayment(o Order, id int64, ev Event, evRec persist.Recor
 	if !CanMove(from, StatusPayBack) {
 		return NotifyConflict, "order is " + from + ": cannot be refunded"
 	}
-	o.Status, o.UpdatedAt, o.EventID, o.Note = StatusPayBack, now, ev.EventID, why
+	o.Status, o.UpdatedAt, o.EventID, o.TxnID, o.Note = StatusPayBack, now, ev.EventID, ev.TxnID, why
 	ov, _ := proto.Marshal(o)
 	rv, _ := proto.Marshal(map[string]any{"order_id": o.OrderID, "amount": amount, "event_id": ev.EventID, "reason": why, "at": now})
 	err := s.store.Apply(func(b *persist.Batch) error {
@@ -1217,7 +1281,7 @@ func (s *Service) markPaid(o Order, id int64, ev Event, evRec persist.Record, no
 		return s.markBizPaid(o, id, ev, evRec, now)
 	}
 	from := o.Status
-	o.Status, o.UpdatedAt, o.PaidAt, o.EventID = StatusPayed, now, ev.PaidAt, ev.EventID
+	o.Status, o.UpdatedAt, o.PaidAt, o.EventID, o.TxnID = StatusPayed, now, ev.PaidAt, ev.EventID, ev.TxnID
 	ov, _ := proto.Marshal(o)
 	// In doubt from before the call: the wallet may tell its outcome
 	// (onSettled, which clears the mark when it did not run) before Apply
@@ -1276,7 +1340,7 @@ func (s *Service) markBizPaid(o Order, id int64, ev Event, evRec persist.Record,
 // business having taken the payment.
 func (s *Service) recordBizPaid(o Order, id int64, ev Event, evRec persist.Record, now int64) (int, string) {
 	from := o.Status
-	o.Status, o.UpdatedAt, o.PaidAt, o.EventID = StatusPayed, now, ev.PaidAt, ev.EventID
+	o.Status, o.UpdatedAt, o.PaidAt, o.EventID, o.TxnID = StatusPayed, now, ev.PaidAt, ev.EventID, ev.TxnID
 	ov, _ := proto.Marshal(o)
 	err := s.store.Apply(func(bt *persist.Batch) error {
 		if err := bt.Set(orderKey(id), ov, nil); err != nil {
