@@ -690,6 +690,26 @@ func TestEventRecordedUnderTheEarlierKeyStillADuplicate(t *testing.T) {
 		t.Fatalf("balance %d (%v), want %d", bal, err, a.Coins)
 	}
 	persisttest.CheckConservation(t, l)
+	// A start drops such records (nothing reads them), and a redelivery
+	// after it is still a duplicate.
+	svc.Close()
+	svc, err = pay.New(st, l, router.NewLocal("rec", router.LocalConfig{}), pay.Config{Node: "rec",
+		Secrets: []string{reconcileSecret}, ProviderURL: provider.URL, OrderTimeout: 15 * time.Minute,
+		ReconcileAfter: time.Minute, ReconcileEvery: time.Hour, Now: clock})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(svc.Close)
+	if has, err := st.Has([]byte("rec/payevent/ev-old")); err != nil || has {
+		t.Fatalf("the earlier version's event record kept past a start: %v %v", has, err)
+	}
+	notify()
+	if bal, err := l.Balance(7); err != nil || bal != a.Coins {
+		t.Fatalf("balance %d (%v), want %d", bal, err, a.Coins)
+	}
+	if _, err := st.Get(persist.Key([]byte("rec/refund/"), uint64(mustID(t, a.OrderID)))); !errors.Is(err, persist.ErrNotFound) {
+		t.Fatalf("a refund record for a redelivery: %v", err)
+	}
 }
 
 // A second payment of an order already paid — the provider's transaction id

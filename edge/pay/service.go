@@ -208,9 +208,11 @@ var (
 	prefixOrder    = recPrefix("order/")
 	prefixOrderReq = recPrefix("orderreq/")
 	prefixOrderLog = recPrefix("orderlog/")
-	// rec/payevent/<event id> held events before prefixOrderEvent; no
-	// longer read or written: a settled order answers its events' copies
-	// by its status without them (Notify's last cases).
+	// prefixOldEvent: rec/payevent/<event id> held events before
+	// prefixOrderEvent; no longer read or written (a settled order answers
+	// its events' copies by its status without them: Notify's last cases),
+	// dropped at start (New).
+	prefixOldEvent = recPrefix("payevent/")
 	// prefixOrderEvent: rec/orderevent/<order id><event id> →
 	// eventRecord, the record of a provider event applied to an order —
 	// one per order and event id: a provider reusing an event id for
@@ -411,6 +413,12 @@ func New(store *persist.Store, w persist.Wallet, r router.Router, cfg Config) (*
 	s.SetNotifyURL(cfg.NotifyURL)
 	if err := s.loadOpen(); err != nil {
 		return nil, err
+	}
+	// Event records of an earlier version, never read now: dropped (one
+	// range deletion; a crash before it is flushed leaves them to the next
+	// start).
+	if err := s.store.DeletePrefixNoSync(prefixOldEvent); err != nil {
+		s.cfg.Log.Warn("pay: event records of an earlier version not dropped, next start", "err", err)
 	}
 	s.wg.Add(1)
 	go s.loop()
