@@ -84,6 +84,11 @@ type Client struct {
 	cbRunning    bool
 	cbStopped    bool
 	dispatchDone chan struct{}
+	// emitWaiting counts the emits waiting for room in the event queue now
+	// (the app's callbacks are slow); emitWaited is when one last stopped
+	// waiting (unix ns): see appHeldSince.
+	emitWaiting atomic.Int32
+	emitWaited  atomic.Int64
 
 	wg sync.WaitGroup // every goroutine but the dispatcher
 
@@ -974,7 +979,7 @@ func (c *Client) heartbeat(s *session, every time.Duration) {
 				c.log.Info("clientsdk: heartbeat ping answered late but the node still replies, keeping connection")
 				continue
 			}
-			if s.appHeld.Load() {
+			if c.appHeldSince(pinged) {
 				// The reply may be read: the reader waits for OnPush.
 				c.log.Info("clientsdk: heartbeat ping not read yet, the reader waits for a slow OnPush: keeping connection")
 				continue
@@ -984,6 +989,15 @@ func (c *Client) heartbeat(s *session, every time.Duration) {
 			return
 		}
 	}
+}
+
+// appHeldSince reports whether an event waited for room in the queue (the
+// app's callbacks slow) at some time since pinged (unix ns): the reader — it
+// emits the pushes and the state events it reads — may have been held then,
+// not only at the moment asked (between two held pushes it is free for a
+// moment, and a ping reply behind them is still unread).
+func (c *Client) appHeldSince(pinged int64) bool {
+	return c.emitWaiting.Load() > 0 || c.emitWaited.Load() > pinged
 }
 
 // probeGrace × RequestTimeout is how long after a ping a client still
@@ -1130,10 +1144,13 @@ func (c *Client) reconnect() *session {
 			return nil
 		}
 		// The next attempt's token: a refused or ended one asks for a new
-		// one; a 503 or a dropped attempt is no reason to.
-		reason = TokenReconnect
-		if errors.Is(err, ErrUnauthorized) || (errors.As(err, &ce) && ce.Code == proto.CloseTokenExpired) {
+		// one; a 503 or a dropped attempt is no reason to; TokenFunc's own
+		// failure leaves the reason as it was.
+		switch {
+		case errors.Is(err, ErrUnauthorized) || (errors.As(err, &ce) && ce.Code == proto.CloseTokenExpired):
 			reason = TokenExpired
+		case !errors.Is(err, errTokenFunc):
+			reason = TokenReconnect
 		}
 		lastErr = err
 	}
@@ -1205,6 +1222,13 @@ func (c *Client) emit(ev event) bool {
 		return true
 	default:
 	}
+	// Held by the app (its callbacks are slow): what the reader does not
+	// read meanwhile is the app's delay, not the node's (heartbeat).
+	c.emitWaiting.Add(1)
+	defer func() {
+		c.emitWaited.Store(time.Now().UnixNano())
+		c.emitWaiting.Add(-1)
+	}()
 	select {
 	case c.events <- &ev:
 		return true

@@ -56,11 +56,15 @@ type Config struct {
 	// expires) is not terminal either: the client reconnects, asking
 	// TokenFunc for a new token. With a static Token 4501 stops the client.
 	// It is also called shortly before an open connection's token ends (a
-	// minute, or a quarter of a shorter token's life): the new token is
-	// handed to the node in a refresh request and the connection goes on.
+	// minute, or a quarter of a shorter token's life, with jitter): the
+	// new token — newly issued, ending later than the last — is handed to
+	// the node in a refresh request and the connection goes on; a refresh
+	// that fails (or ends no later) is tried again at half the time left
+	// while at least 2 s are left, then the node closes 4501 as above.
 	// TokenReason(ctx) says why it is called (connect, reconnect, expired:
 	// the last token was refused or ended, refresh). It may run beside the
-	// app's own calls: make it safe for concurrent use.
+	// app's own calls: make it safe for concurrent use, and return when
+	// ctx ends (Close waits for a call under way).
 	TokenFunc func(ctx context.Context) (string, error)
 
 	// NoBatch, when true, does not ask for batch frames. The zero value asks

@@ -38,8 +38,9 @@
 //     token ends (the hello's expires_in_ms) the client asks TokenFunc for a
 //     new one (TokenReason TokenRefresh) and hands it to the node in a refresh
 //     request: the connection, its rooms and its requests in flight go on. A
-//     failed refresh is tried again while time is left; after that the node
-//     closes 4501 and the client reconnects as above.
+//     failed refresh is tried again at half the time left while at least
+//     2 s are left; after that the node closes 4501 and the client
+//     reconnects as above.
 //   - The set of joined rooms: rooms joined with Join are re-joined after every
 //     reconnect, before the client reports StateConnected and before queued
 //     requests are sent. A room whose re-join is refused by the server (for

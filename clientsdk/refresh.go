@@ -42,10 +42,16 @@ func (c *Client) token(ctx context.Context, reason string) (string, error) {
 	}
 	t, err := c.cfg.TokenFunc(context.WithValue(ctx, tokenReasonKey{}, reason))
 	if err != nil {
-		return "", fmt.Errorf("clientsdk: token: %w", err)
+		return "", fmt.Errorf("%w: %w", errTokenFunc, err)
 	}
 	return t, nil
 }
+
+// errTokenFunc wraps TokenFunc's errors.
+var errTokenFunc = errors.New("clientsdk: token")
+
+// errNotExtended: a refresh's token ends no later than the one it replaces.
+var errNotExtended = errors.New("clientsdk: the refreshed token ends no later than the one it replaces (TokenFunc must issue a new token for TokenRefresh)")
 
 // refreshLead is how long before the connection's token ends the client asks
 // TokenFunc for the next one (a quarter of the time left for a token that
@@ -62,10 +68,11 @@ const maxRefreshLeft = 100 * 365 * 24 * time.Hour
 // Shortly before the end it asks TokenFunc for a token (TokenRefresh) and
 // sends it in a refresh request; the reply says how long the new one has
 // left, and so on. A refresh that fails (TokenFunc's error, a refused token,
-// no reply) is tried again when half the time left has passed, while more
-// than refreshRetryFloor is left; after that the node closes the connection
-// 4501 and the client reconnects with a new token (TokenExpired), as it does
-// with a node that does not know refresh.
+// no reply, a token that ends no later than the last) is tried again when
+// half the time left has passed, while at least refreshRetryFloor is left;
+// after that the node closes the connection 4501 and the client reconnects
+// with a new token (TokenExpired), as it does with a node that does not
+// know refresh.
 func (c *Client) refreshes(s *session, left time.Duration, from time.Time) {
 	defer c.wg.Done()
 	end := from.Add(left)
@@ -84,12 +91,17 @@ func (c *Client) refreshes(s *session, left time.Duration, from time.Time) {
 		at := time.Now()
 		got, err := c.refresh(s)
 		switch {
-		case err == nil && got <= maxRefreshLeft:
+		case err == nil && got > maxRefreshLeft:
+			return
+		case err == nil && at.Add(got).After(end.Add(time.Second)):
 			end, next = at.Add(got), refreshAt(at, got)
 			c.log.Debug("clientsdk: token refreshed", "left", got)
 			continue
 		case err == nil:
-			return
+			// The same token again (a TokenFunc that caches it): tried
+			// again as a failure is, not at a quarter of what is left —
+			// a burst of refreshes towards the end.
+			end, err = at.Add(got), errNotExtended
 		case errors.Is(err, errNotSent) || errors.Is(err, ErrDisconnected):
 			return // the session ended: the next one has its own
 		}

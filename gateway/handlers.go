@@ -123,9 +123,14 @@ func (s *Server) dispatch(c *Conn, b []byte) {
 // verified as at the upgrade. c then lives until the new token's exp — later
 // or earlier than the one it had. A connection whose token already ended
 // is not revived: it is closed 4501 at the next sweep.
+//
+// The swap is atomic with the sweep's (expireConn): a refresh either lands
+// before the sweep looks — and the connection lives on — or finds it
+// expired and is refused; never answered OK and then closed 4501.
 func (s *Server) refresh(c *Conn, tok string) (any, *proto.Error) {
+	expired := proto.Errorf(proto.CodeUnauthenticated, "the connection's token has expired")
 	if c.expires.Load() <= time.Now().UnixNano() {
-		return nil, proto.Errorf(proto.CodeUnauthenticated, "the connection's token has expired")
+		return nil, expired
 	}
 	ident, err := s.auth.Verify(tok)
 	if err != nil {
@@ -134,8 +139,15 @@ func (s *Server) refresh(c *Conn, tok string) (any, *proto.Error) {
 	if ident.UserID != c.ident.UserID || ident.Role != c.ident.Role {
 		return nil, proto.Errorf(proto.CodeForbidden, "the token is not for this connection's user and role")
 	}
-	c.expires.Store(ident.Expires.UnixNano())
-	return proto.RefreshReply{ExpiresInMS: max(1, time.Until(ident.Expires).Milliseconds())}, nil
+	for {
+		old := c.expires.Load()
+		if old <= time.Now().UnixNano() {
+			return nil, expired
+		}
+		if c.expires.CompareAndSwap(old, ident.Expires.UnixNano()) {
+			return proto.RefreshReply{ExpiresInMS: max(1, time.Until(ident.Expires).Milliseconds())}, nil
+		}
+	}
 }
 
 type validator interface{ Validate() *proto.Error }

@@ -610,13 +610,27 @@ func (s *Server) sweep() {
 				sh.mu.Unlock()
 			}
 			for _, c := range expired {
-				if c.expires.Load() <= nowNS { // not refreshed meanwhile
+				if expireConn(c, nowNS) {
 					c.Close(proto.CloseTokenExpired, true)
 				}
 			}
 			for _, c := range silent {
 				c.Close(proto.CloseHeartbeatTimeout, false)
 			}
+		}
+	}
+}
+
+// expireConn marks c's token ended (expires 0, which no refresh moves on)
+// unless a refresh gave it one that ends after now (unix ns) meanwhile.
+func expireConn(c *Conn, now int64) bool {
+	for {
+		v := c.expires.Load()
+		if v > now {
+			return false
+		}
+		if v == 0 || c.expires.CompareAndSwap(v, 0) {
+			return true
 		}
 	}
 }

@@ -759,9 +759,10 @@ var LiveClient = class _LiveClient {
   }
   /**
    * Asks getToken for a token ("refresh") and hands it to ws's node. On
-   * failure (getToken's, a refused token, no reply) it is tried again when
-   * half the time left has passed, while more than RefreshRetryFloorMs is
-   * left; then the node closes 4501 and the client reconnects ("expired").
+   * failure (getToken's, a refused token, no reply, a token that ends no
+   * later than the last) it is tried again when half the time left has
+   * passed, while at least RefreshRetryFloorMs is left; then the node
+   * closes 4501 and the client reconnects ("expired").
    */
   async refresh(ws, end) {
     try {
@@ -771,7 +772,9 @@ var LiveClient = class _LiveClient {
       if (this.ws !== ws) return;
       if (!(typeof r?.expires_in_ms === "number" && r.expires_in_ms > 0)) throw new Error("refresh reply without expires_in_ms");
       this.lastToken = tok;
-      this.scheduleRefresh(ws, Date.now() + r.expires_in_ms);
+      const next = Date.now() + r.expires_in_ms;
+      if (next <= end + 1e3) throw new Error("the refreshed token ends no later than the one it replaces");
+      this.scheduleRefresh(ws, next);
     } catch {
       if (this.ws !== ws || this.closed) return;
       const rest = end - Date.now();

@@ -427,8 +427,9 @@ type Hello struct {
 	Batch       bool   `json:"batch,omitempty"`        // extension: server may send "batch" frames
 	SessionID   string `json:"session_id,omitempty"`
 	// ExpiresInMS (extension) is how long the connection's token has left
-	// when the hello is written: at its end the node closes the connection
-	// 4501 unless a refresh request has handed it a later token.
+	// when the hello is made (just before it is written): at its end the
+	// node closes the connection 4501 unless a refresh request has handed
+	// it a later token.
 	ExpiresInMS int64 `json:"expires_in_ms,omitempty"`
 }
 

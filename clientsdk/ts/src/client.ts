@@ -107,9 +107,12 @@ export interface ClientOptions {
    * Asked before every connection attempt; on 4501 the client reconnects with
    * its next answer ("expired"). Also asked ("refresh") shortly before the open
    * connection's token ends (a minute, or a quarter of a shorter token's life,
-   * by the hello's expires_in_ms): the answer is handed to the node in a
-   * refresh request and the connection goes on. A refresh that fails is tried
-   * again while time is left; after that the node closes 4501 as above.
+   * by the hello's expires_in_ms): the answer — a newly issued token, one
+   * that ends later — is handed to the node in a refresh request and the
+   * connection goes on. A refresh that fails is tried again at half the time
+   * left while at least 2 s are left; after that the node closes 4501 as
+   * above. (With this machine's clock past the last token's JWT exp the
+   * reason is "expired" instead.)
    */
   getToken?: (reason: TokenReason) => string | Promise<string>;
   /** WebSocket implementation; default globalThis.WebSocket (the Node entry passes ws). */
@@ -1064,9 +1067,10 @@ export class LiveClient {
 
   /**
    * Asks getToken for a token ("refresh") and hands it to ws's node. On
-   * failure (getToken's, a refused token, no reply) it is tried again when
-   * half the time left has passed, while more than RefreshRetryFloorMs is
-   * left; then the node closes 4501 and the client reconnects ("expired").
+   * failure (getToken's, a refused token, no reply, a token that ends no
+   * later than the last) it is tried again when half the time left has
+   * passed, while at least RefreshRetryFloorMs is left; then the node
+   * closes 4501 and the client reconnects ("expired").
    */
   private async refresh(ws: WebSocketLike, end: number): Promise<void> {
     try {
@@ -1076,7 +1080,12 @@ export class LiveClient {
       if (this.ws !== ws) return;
       if (!(typeof r?.expires_in_ms === "number" && r.expires_in_ms > 0)) throw new Error("refresh reply without expires_in_ms");
       this.lastToken = tok;
-      this.scheduleRefresh(ws, Date.now() + r.expires_in_ms);
+      const next = Date.now() + r.expires_in_ms;
+      // The same token again (a getToken that caches it): tried again as
+      // a failure is, not at a quarter of what is left — a burst of
+      // refreshes towards the end.
+      if (next <= end + 1000) throw new Error("the refreshed token ends no later than the one it replaces");
+      this.scheduleRefresh(ws, next);
     } catch {
       if (this.ws !== ws || this.closed) return;
       const rest = end - Date.now();

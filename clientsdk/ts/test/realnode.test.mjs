@@ -263,18 +263,19 @@ test("token expiry on the real node: close 4501, then a new token from the callb
   await c.ping();
 });
 
-test("token refresh on the real node: 3 s tokens, the connection outlives several of them", async () => {
+test("token refresh on the real node: 8 s tokens, the connection outlives two of them", async () => {
   const reasons = [];
   const room = await node.openRoom(610);
   const c = await client(611, {
     getToken: (reason) => {
       reasons.push(reason);
-      return jwt(611, 3);
+      return jwt(611, 8);
     },
   });
-  assert.ok(c.hello.expires_in_ms > 0 && c.hello.expires_in_ms <= 3000, `hello expires_in_ms ${c.hello.expires_in_ms}`);
+  assert.ok(c.hello.expires_in_ms > 0 && c.hello.expires_in_ms <= 8000, `hello expires_in_ms ${c.hello.expires_in_ms}`);
   await c.join(room);
-  await eventually(() => reasons.filter((r) => r === "refresh").length >= 4, 20000, "four refreshes");
+  const start = Date.now();
+  await eventually(() => reasons.filter((r) => r === "refresh").length >= 2 && Date.now() - start > 9000, 60000, "two refreshes, past the first token");
   assert.deepEqual(
     c.events.states.filter((s) => s.state !== "connected").map((s) => s.state),
     [],
