@@ -112,3 +112,28 @@ func TestRefusedFramesQueuedWithoutPayload(t *testing.T) {
 		}
 	}
 }
+
+// A refresh is served at once behind a lane, as an ack is: it depends on
+// nothing sent before it, and it is judged by the connection's token when
+// served — held behind requests waiting on Redis, one read before the
+// token's end could be refused and the connection closed 4501.
+func TestRefreshNotQueuedBehindALane(t *testing.T) {
+	auth := NewAuth("lane-refresh-test-secret-0123456789")
+	srv := &Server{metrics: newMetrics("t", nil), auth: auth}
+	srv.cfg.WS.SendQueueBytes = 1 << 20
+	c := &Conn{srv: srv, lane: &connLane{}, cork: &corkConn{}, ident: Identity{UserID: 7, Role: RoleViewer}}
+	c.writing = true // the writer role held: the reply stays queued
+	c.expires.Store(time.Now().Add(time.Minute).UnixNano())
+	c.laneOn.Store(true)
+	tok, err := auth.Issue(7, RoleViewer, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.srv.serveFrame(c, gws.OpcodeText, []byte(`{"t":"refresh","id":3,"d":{"token":"`+tok+`"}}`))
+	if len(c.lane.q) != 0 || len(c.queue) != 1 {
+		t.Fatalf("refresh behind a lane: %d queued behind it, %d replies", len(c.lane.q), len(c.queue))
+	}
+	if left := time.Until(time.Unix(0, c.expires.Load())); left < 50*time.Minute {
+		t.Fatalf("token left %v after the refresh, want about an hour", left)
+	}
+}

@@ -499,10 +499,13 @@ func (s *Server) OnMessage(socket *gws.Conn, msg *gws.Message) {
 func (s *Server) serveFrame(c *Conn, op gws.Opcode, data []byte) {
 	c.lastRead.Store(time.Now().UnixNano())
 	s.metrics.framesIn.Inc()
-	if c.laneOn.Load() && op == gws.OpcodeText && isAck(data) {
+	if c.laneOn.Load() && op == gws.OpcodeText && isAckOrRefresh(data) {
 		// An ack is of pushes already received and has no reply: served
 		// at once, never behind a request waiting on Redis (the pushes
 		// would be resent meanwhile, and owed ones waiting for acks held).
+		// A refresh depends on nothing sent before it, and is judged by
+		// the connection's token when served: held behind requests waiting
+		// on Redis, one read before the token's end could be refused.
 		s.serveMessage(c, op, data)
 		return
 	}
@@ -520,6 +523,16 @@ func isAck(data []byte) bool {
 	}
 	f, perr := proto.DecodeClientFrame(data)
 	return perr == nil && f.T == proto.TypeAck
+}
+
+// isAckOrRefresh reports whether data is an ack or a refresh frame (decoded
+// only if it holds either name).
+func isAckOrRefresh(data []byte) bool {
+	if !bytes.Contains(data, []byte(`"ack"`)) && !bytes.Contains(data, []byte(`"refresh"`)) {
+		return false
+	}
+	f, perr := proto.DecodeClientFrame(data)
+	return perr == nil && (f.T == proto.TypeAck || f.T == proto.TypeRefresh)
 }
 
 // serveMessage serves one client message, on the reader or the lane.
