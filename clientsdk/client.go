@@ -168,7 +168,8 @@ type heldAck struct {
 // bounded by ctx and, per attempt, cfg.RequestTimeout. It tries each URL once,
 // in list order starting at a random one (URL with PreferURL), until one connects; the error
 // joins those of every attempt. An HTTP 401 yields an error wrapping
-// ErrUnauthorized (at once: the token is the same for every node). Once Dial
+// ErrUnauthorized — at once with a static Token (the same for every node);
+// with a TokenFunc once every URL refused the tokens it gave. Once Dial
 // has returned, the client keeps itself connected until Close or a terminal
 // close code.
 func Dial(ctx context.Context, cfg Config) (*Client, error) {
@@ -204,7 +205,8 @@ func Dial(ctx context.Context, cfg Config) (*Client, error) {
 }
 
 // dialAny makes Dial's attempts: each URL once, from a random one (the
-// first with PreferURL).
+// first with PreferURL). An HTTP 401 ends them at once with a static Token;
+// with a TokenFunc the next URL is tried with a new token (TokenExpired).
 func (c *Client) dialAny(ctx context.Context) (*session, error) {
 	n := len(c.cfg.urls)
 	start := 0
@@ -212,9 +214,10 @@ func (c *Client) dialAny(ctx context.Context) (*session, error) {
 		start = startIndex(n)
 	}
 	var errs []error
+	reason := TokenConnect
 	for k := range n {
 		i := (start + k) % n
-		s, err := c.connect(ctx, i, TokenConnect)
+		s, err := c.connect(ctx, i, reason)
 		if err == nil {
 			if err = c.activate(s, 0, i); err == nil {
 				return s, nil
@@ -226,9 +229,14 @@ func (c *Client) dialAny(ctx context.Context) (*session, error) {
 		errs = append(errs, err)
 		c.log.Info("clientsdk: connect failed", "url", c.cfg.redactedURL(i), "err", err)
 		var ce *CloseError
-		if errors.Is(err, ErrUnauthorized) || ctx.Err() != nil ||
+		if (errors.Is(err, ErrUnauthorized) && c.cfg.TokenFunc == nil) || ctx.Err() != nil ||
 			(errors.As(err, &ce) && !c.reconnectable(ce.Code)) {
 			break
+		}
+		// A token refused (401) or ended (4501): the next URL is tried with
+		// a new one (TokenExpired), as the TypeScript SDK does.
+		if errors.Is(err, ErrUnauthorized) || (errors.As(err, &ce) && ce.Code == proto.CloseTokenExpired) {
+			reason = TokenExpired
 		}
 	}
 	if len(errs) == 1 {

@@ -8,6 +8,7 @@ import (
 	"net"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -227,6 +228,37 @@ func TestDialAllURLsDead(t *testing.T) {
 	_, err = Dial(context.Background(), Config{URLs: []string{ts.url(), d1}, Token: "bad"})
 	if !errors.Is(err, ErrUnauthorized) || strings.Contains(err.Error(), strings.TrimPrefix(d1, "ws://")) {
 		t.Fatalf("Dial with a bad token: %v", err)
+	}
+}
+
+// With a TokenFunc a 401 on Dial's first URL is not the end: the next URL is
+// tried with a new token, asked as TokenExpired (as the TypeScript SDK's
+// connect does). Before, Dial failed at the first 401.
+func TestDialTokenFuncRefusedTriesTheNextURLWithANewToken(t *testing.T) {
+	a, b := newTServer(t), newTServer(t)
+	firstURL(t, 0)
+	var mu sync.Mutex
+	var reasons []string
+	c, err := Dial(context.Background(), Config{URLs: []string{a.url(), b.url()}, TokenFunc: func(ctx context.Context) (string, error) {
+		mu.Lock()
+		defer mu.Unlock()
+		reasons = append(reasons, TokenReason(ctx))
+		if len(reasons) == 1 {
+			return "stale", nil
+		}
+		return a.token.Load().(string), nil
+	}})
+	if err != nil {
+		t.Fatalf("Dial: %v", err)
+	}
+	defer c.Close()
+	mu.Lock()
+	defer mu.Unlock()
+	if got := strings.Join(reasons, ","); got != TokenConnect+","+TokenExpired {
+		t.Fatalf("TokenFunc reasons %s, want connect then expired", got)
+	}
+	if b.connCount() != 1 {
+		t.Fatalf("%d connections to the second URL, want 1", b.connCount())
 	}
 }
 

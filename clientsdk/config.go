@@ -51,7 +51,9 @@ type Config struct {
 	// TokenFunc, when set, is called before every (re)connect for a fresh
 	// token; an error from it counts as a failed connection attempt. With a
 	// TokenFunc an HTTP 401 on reconnect is retried with backoff (the next call
-	// may return a valid token); on the first connect it fails Dial. With a
+	// may return a valid token); on the first connect the next URL is tried
+	// with a new token (TokenExpired), and Dial fails once every URL
+	// refused. With a
 	// TokenFunc a close 4501 (the gateway closes a connection when its token
 	// expires) is not terminal either: the client reconnects, asking
 	// TokenFunc for a new token. With a static Token 4501 stops the client.

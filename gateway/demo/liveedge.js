@@ -668,7 +668,10 @@ var LiveClient = class _LiveClient {
     this.stopHeartbeat();
     this.bufferedSince = 0;
     let every = this.o.heartbeatMs;
-    if (every === void 0 || every === 0) every = (hello.heartbeat_ms ?? hello.heartbeat_s * 1e3) / 2;
+    if (every === void 0 || every === 0) {
+      const ms = hello.heartbeat_ms !== void 0 && hello.heartbeat_ms > 0 ? hello.heartbeat_ms : hello.heartbeat_s * 1e3;
+      every = ms / 2;
+    }
     if (!(every > 0)) return;
     this.hb = setInterval(() => {
       if (this.ws !== ws) return;

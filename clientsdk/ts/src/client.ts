@@ -970,7 +970,11 @@ export class LiveClient {
     this.stopHeartbeat();
     this.bufferedSince = 0;
     let every = this.o.heartbeatMs;
-    if (every === undefined || every === 0) every = (hello.heartbeat_ms ?? hello.heartbeat_s * 1000) / 2;
+    if (every === undefined || every === 0) {
+      // heartbeat_ms when it is there and positive (exact), else heartbeat_s.
+      const ms = hello.heartbeat_ms !== undefined && hello.heartbeat_ms > 0 ? hello.heartbeat_ms : hello.heartbeat_s * 1000;
+      every = ms / 2;
+    }
     if (!(every > 0)) return;
     this.hb = setInterval(() => {
       if (this.ws !== ws) return;

@@ -951,3 +951,29 @@ test("connect: a first node closing 4501 (token expired) with a token callback m
   await c.ping();
   assert.equal(asked, 2, "the token callback asked again for the next URL");
 });
+
+test("heartbeat_ms 0 in the hello falls back to heartbeat_s (it disabled the heartbeat)", async () => {
+  const srv = await server((conn) => answer(conn), () => false, { heartbeat_s: 1, heartbeat_ms: 0 });
+  await collect({ urls: srv.url, token: "t" });
+  await eventually(() => srv.conns[0].frames.some((f) => f.t === "ping"), 3000, "a heartbeat ping");
+});
+
+test("token refresh: asked as \"refresh\" a quarter of expires_in_ms before the end, sent in a refresh request, again after each reply", async () => {
+  const srv = await server((conn) => {
+    conn.onFrame = (f) => {
+      if (f.t === "refresh") conn.send({ t: "reply", id: f.id, code: 0, msg: "ok", d: { expires_in_ms: 2400 } });
+      else if (f.t !== "ack") conn.send({ t: "reply", id: f.id, code: 0, msg: "ok", d: {} });
+    };
+  }, () => false, { expires_in_ms: 2400 });
+  const reasons = [];
+  const start = Date.now();
+  const c = await collect({ urls: srv.url, getToken: (reason) => (reasons.push(reason), "tok" + reasons.length) });
+  await eventually(() => srv.conns[0].frames.filter((f) => f.t === "refresh").length >= 2, 8000, "two refreshes");
+  const refreshes = srv.conns[0].frames.filter((f) => f.t === "refresh");
+  assert.deepEqual(refreshes.map((f) => f.d.token), ["tok2", "tok3"]);
+  assert.deepEqual(reasons.slice(0, 3), ["connect", "refresh", "refresh"]);
+  // The first at 2400 − 600 − [0, 300) ms after the hello, not earlier.
+  assert.ok(Date.now() - start >= 1500, `two refreshes within ${Date.now() - start} ms`);
+  assert.equal(srv.conns.length, 1);
+  assert.ok(!c.ev.states.some((s) => s.state === "disconnected"));
+});
