@@ -84,11 +84,6 @@ type Client struct {
 	cbRunning    bool
 	cbStopped    bool
 	dispatchDone chan struct{}
-	// emitWaiting counts the emits waiting for room in the event queue now
-	// (the app's callbacks are slow); emitWaited is when one last stopped
-	// waiting (unix ns): see appHeldSince.
-	emitWaiting atomic.Int32
-	emitWaited  atomic.Int64
 
 	wg sync.WaitGroup // every goroutine but the dispatcher
 
@@ -987,7 +982,7 @@ func (c *Client) heartbeat(s *session, every time.Duration) {
 				c.log.Info("clientsdk: heartbeat ping answered late but the node still replies, keeping connection")
 				continue
 			}
-			if c.appHeldSince(pinged) {
+			if s.appHeld.Load() {
 				// The reply may be read: the reader waits for OnPush.
 				c.log.Info("clientsdk: heartbeat ping not read yet, the reader waits for a slow OnPush: keeping connection")
 				continue
@@ -997,15 +992,6 @@ func (c *Client) heartbeat(s *session, every time.Duration) {
 			return
 		}
 	}
-}
-
-// appHeldSince reports whether an event waited for room in the queue (the
-// app's callbacks slow) at some time since pinged (unix ns): the reader — it
-// emits the pushes and the state events it reads — may have been held then,
-// not only at the moment asked (between two held pushes it is free for a
-// moment, and a ping reply behind them is still unread).
-func (c *Client) appHeldSince(pinged int64) bool {
-	return c.emitWaiting.Load() > 0 || c.emitWaited.Load() > pinged
 }
 
 // probeGrace × RequestTimeout is how long after a ping a client still
@@ -1230,13 +1216,6 @@ func (c *Client) emit(ev event) bool {
 		return true
 	default:
 	}
-	// Held by the app (its callbacks are slow): what the reader does not
-	// read meanwhile is the app's delay, not the node's (heartbeat).
-	c.emitWaiting.Add(1)
-	defer func() {
-		c.emitWaited.Store(time.Now().UnixNano())
-		c.emitWaiting.Add(-1)
-	}()
 	select {
 	case c.events <- &ev:
 		return true

@@ -33,6 +33,11 @@ type session struct {
 	lastWrite atomic.Int64  // unix nanos of the last successful write
 	lastRead  atomic.Int64  // unix nanos of the last frame read
 	repliedAt atomic.Int64  // unix nanos of the last reply read (the node reads our frames)
+	// appHeld: the reader may wait for room in the event queue (the app's
+	// callbacks are slow: a push, or a state event it emits) — what it does
+	// not read meanwhile is the app's delay, not the node's: the heartbeat
+	// does not leave the node for it.
+	appHeld atomic.Bool
 	// probe asks the heartbeat for a ping at once (buffered 1): a request
 	// on this connection went unanswered for its whole context.
 	probe chan struct{}
@@ -431,7 +436,10 @@ func (s *session) handle(f *proto.ServerFrame, acks []string) []string {
 			return acks
 		}
 		if f.Code == proto.CodeOK && cl.onOK != nil {
-			cl.onOK(f.D) // a re-join's hook may emit a state event: held like a push
+			// A re-join's hook may emit a state event: held like a push.
+			s.appHeld.Store(true)
+			cl.onOK(f.D)
+			s.appHeld.Store(false)
 		}
 		cl.ch <- reply{code: f.Code, msg: f.Msg, d: append([]byte(nil), f.D...)}
 	case proto.TypePush:
@@ -457,7 +465,9 @@ func (s *session) handle(f *proto.ServerFrame, acks []string) []string {
 				// room's numbering restarted): the app re-syncs, as after
 				// a re-join that could not recover.
 				c.log.Info("clientsdk: room pushes missed, re-sync needed", "room", f.Room, "off", f.Off, "ep", f.Ep)
+				s.appHeld.Store(true)
 				c.emitState(StateEvent{State: StateRoomResync, Room: f.Room, Off: f.Off - 1, Ep: f.Ep, Since: &prev})
+				s.appHeld.Store(false)
 			}
 		}
 		// Numbered room pushes are guarded by their offset above: only the
@@ -480,7 +490,9 @@ func (s *session) handle(f *proto.ServerFrame, acks []string) []string {
 			c.undelivered[f.Mid] = struct{}{}
 			c.mu.Unlock()
 		}
+		s.appHeld.Store(true)
 		queued := c.emit(event{push: p, ack: reliable, from: s})
+		s.appHeld.Store(false)
 		if queued {
 			c.stats.delivered.Add(1)
 		} else if reliable {
