@@ -733,7 +733,7 @@ func TestSecondPaymentOfAPaidOrderIsRefundedOnce(t *testing.T) {
 	}
 	id := mustID(t, a.OrderID)
 	deliver := func(event, txn string) error {
-		body, _ := proto.Marshal(pay.Event{EventID: event, TxnID: txn, OrderID: a.OrderID, Amount: a.Amount, Status: "SUCCESS", PaidAt: clock().UnixMilli()})
+		body, _ := proto.Marshal(pay.Event{EventID: event, TxnID: pay.TxnID(txn), OrderID: a.OrderID, Amount: a.Amount, Status: "SUCCESS", PaidAt: clock().UnixMilli()})
 		if code, msg := svc.Notify("mock", pay.Sign(reconcileSecret, clock(), body), body); code != pay.NotifyOK || msg != "success" {
 			return fmt.Errorf("notify %s/%s: %d %s", event, txn, code, msg)
 		}
@@ -808,6 +808,158 @@ func TestSecondPaymentOfAPaidOrderIsRefundedOnce(t *testing.T) {
 	}
 	if bal, err := l.Balance(7); err != nil || bal != a.Coins {
 		t.Fatalf("balance %d (%v), want %d: credited once", bal, err, a.Coins)
+	}
+	persisttest.CheckConservation(t, l)
+}
+
+// The second payments a notify cannot make plain: one not as the order
+// (another amount) on a paid order — recorded for refund of what it reports
+// and answered 409, its redeliveries 409 with nothing more; one of an order
+// refunded already (a late payment, then another); one the provider's
+// query reported not as the order before another transaction paid it (the
+// reconciler records it when it drops the report). And txn_id in other
+// forms: a number is its text, an object or an over-long string is none —
+// the notify still applied (its payment credited), never refused.
+func TestSecondPaymentsNotAsTheOrderRefundedOnce(t *testing.T) {
+	clock, advance := testClock()
+	var shortOf atomic.Value // order id the provider reports paid one cent short under txn-short
+	shortOf.Store("")
+	var amounts sync.Map // order id → amount
+	provider := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		id := r.URL.Query().Get("order_id")
+		if a, ok := amounts.Load(id); ok && id == shortOf.Load().(string) && r.URL.Path != "/close" {
+			answer(w, clock, pay.Event{EventID: "ev-short", TxnID: "txn-short", OrderID: id, Status: "SUCCESS",
+				Amount: a.(int64) - 1, PaidAt: clock().UnixMilli()})
+			return
+		}
+		answer(w, clock, unpaid(r))
+	}))
+	defer provider.Close()
+	const timeout = 15 * time.Minute
+	svc, st, l := reconcileService(t, provider.URL, timeout, clock)
+	order := func(user int64, req string) (pay.Order, int64) {
+		t.Helper()
+		o, err := svc.CreateOrder(user, pay.CreateReq{ProductID: 1, Channel: "mock", ReqID: req})
+		if err != nil {
+			t.Fatal(err)
+		}
+		amounts.Store(o.OrderID, o.Amount)
+		return o, mustID(t, o.OrderID)
+	}
+	notifyRaw := func(body []byte) (int, string) {
+		return svc.Notify("mock", pay.Sign(reconcileSecret, clock(), body), body)
+	}
+	notify := func(o pay.Order, event, txn string, amount int64, want int) {
+		t.Helper()
+		body, _ := proto.Marshal(pay.Event{EventID: event, TxnID: pay.TxnID(txn), OrderID: o.OrderID, Amount: amount, Status: "SUCCESS", PaidAt: clock().UnixMilli()})
+		if code, msg := notifyRaw(body); code != want {
+			t.Fatalf("notify %s/%s of %d: %d %s, want %d", event, txn, amount, code, msg, want)
+		}
+	}
+	refundOf := func(id int64, txn string) int64 {
+		t.Helper()
+		v, err := st.Get(pay.SecondPaymentKey(id, txn))
+		if errors.Is(err, persist.ErrNotFound) {
+			return 0
+		}
+		var rec struct {
+			Amount int64 `json:"amount"`
+		}
+		if err != nil || proto.Unmarshal(v, &rec) != nil {
+			t.Fatalf("second payment record %s: %v", v, err)
+		}
+		return rec.Amount
+	}
+	status := func(id int64) pay.Order {
+		t.Helper()
+		o, err := svc.Get(id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return o
+	}
+
+	// A paid order, then another transaction of another amount.
+	a, aid := order(7, "a")
+	notify(a, "ev-a", "txn-a", a.Amount, pay.NotifyOK)
+	for range 3 {
+		notify(a, "ev-a2", "txn-a2", a.Amount+5, pay.NotifyConflict)
+	}
+	if got := refundOf(aid, "txn-a2"); got != a.Amount+5 {
+		t.Fatalf("second payment not as the order: refund record of %d, want %d", got, a.Amount+5)
+	}
+
+	// Refunded as paid after its close, then paid again.
+	b, bid := order(8, "b")
+	advance(timeout + time.Second)
+	for deadline := time.Now().Add(10 * time.Second); status(bid).Status != pay.StatusInvalid; time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("b not closed past its timeout: %s", status(bid).Status)
+		}
+		svc.Reconcile()
+	}
+	notify(b, "ev-b1", "txn-b1", b.Amount, pay.NotifyOK)
+	notify(b, "ev-b2", "txn-b2", b.Amount, pay.NotifyOK)
+	if o := status(bid); o.Status != pay.StatusPayBack || o.TxnID != "txn-b1" || refundOf(bid, "txn-b2") != b.Amount || refundOf(bid, "txn-b1") != 0 {
+		t.Fatalf("b: %s by %q, second payment refund %d", o.Status, o.TxnID, refundOf(bid, "txn-b2"))
+	}
+
+	// Reported short by the query while open, then paid by another
+	// transaction: the reconciler records the short one for refund.
+	c, cid := order(9, "c")
+	shortOf.Store(c.OrderID)
+	advance(2 * time.Minute)
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		if has, _ := st.Has(persist.Key([]byte("rec/paymismatch/"), uint64(cid))); has {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the short payment the query reported was not remembered")
+		}
+		svc.Reconcile()
+	}
+	notify(c, "ev-c", "txn-c", c.Amount, pay.NotifyOK)
+	for deadline := time.Now().Add(10 * time.Second); refundOf(cid, "txn-short") == 0; time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the reported short payment of an order paid by another transaction not recorded for refund")
+		}
+		svc.Reconcile()
+	}
+	if got := refundOf(cid, "txn-short"); got != c.Amount-1 {
+		t.Fatalf("reported short payment: refund record of %d, want %d", got, c.Amount-1)
+	}
+	if has, _ := st.Has(persist.Key([]byte("rec/paymismatch/"), uint64(cid))); has {
+		t.Fatal("the report kept after its refund was recorded")
+	}
+
+	// txn_id in other forms.
+	d, did := order(10, "d")
+	if code, msg := notifyRaw([]byte(fmt.Sprintf(`{"event_id":"ev-d","txn_id":12345,"order_id":%q,"amount":%d,"status":"SUCCESS"}`, d.OrderID, d.Amount))); code != pay.NotifyOK {
+		t.Fatalf("numeric txn_id: %d %s", code, msg)
+	}
+	e, eid := order(11, "e")
+	if code, msg := notifyRaw([]byte(fmt.Sprintf(`{"event_id":"ev-e","txn_id":{"id":1},"order_id":%q,"amount":%d,"status":"SUCCESS"}`, e.OrderID, e.Amount))); code != pay.NotifyOK {
+		t.Fatalf("txn_id object: %d %s", code, msg)
+	}
+	f, fid := order(12, "f")
+	notify(f, "ev-f", strings.Repeat("x", pay.MaxTxnIDLen+1), f.Amount, pay.NotifyOK)
+	for id, want := range map[int64]string{did: "12345", eid: "", fid: ""} {
+		if o := status(id); o.Status != pay.StatusPayed || o.TxnID != want {
+			t.Fatalf("order %d: %s by %q, want PAYED by %q", id, o.Status, o.TxnID, want)
+		}
+	}
+
+	n := 0
+	if err := st.Scan([]byte("rec/refundsecond/"), func(k, v []byte) error { n++; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	if n != 3 {
+		t.Fatalf("%d second-payment refund records, want 3", n)
+	}
+	for user, want := range map[int64]int64{7: a.Coins, 8: 0, 9: c.Coins, 10: d.Coins, 11: e.Coins, 12: f.Coins} {
+		if bal, err := l.Balance(user); err != nil || bal != want {
+			t.Fatalf("user %d balance %d (%v), want %d", user, bal, err, want)
+		}
 	}
 	persisttest.CheckConservation(t, l)
 }

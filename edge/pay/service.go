@@ -863,7 +863,32 @@ type Event struct {
 	// itself, the same in every event about it: a SUCCESS of an order
 	// already paid (or refunded) by another transaction is a second
 	// payment, recorded for refund (secondPayment).
-	TxnID string `json:"txn_id,omitempty"`
+	TxnID TxnID `json:"txn_id,omitempty"`
+}
+
+// MaxTxnIDLen bounds a transaction id kept (a longer one is ignored).
+const MaxTxnIDLen = 128
+
+// TxnID is a provider's transaction id as an event carries it: a JSON
+// string, or a number taken as its text (a provider may send one). Any other
+// value, or a string over MaxTxnIDLen bytes, reads as none: an optional
+// field in an unexpected form never refuses the event (its payment is
+// still credited; it is only not told apart from a second one).
+type TxnID string
+
+// UnmarshalJSON implements json.Unmarshaler.
+func (t *TxnID) UnmarshalJSON(b []byte) error {
+	*t = ""
+	switch {
+	case len(b) > 0 && b[0] == '"':
+		var v string
+		if err := proto.Unmarshal(b, &v); err == nil && len(v) <= MaxTxnIDLen {
+			*t = TxnID(v)
+		}
+	case len(b) > 0 && len(b) <= MaxTxnIDLen && (b[0] == '-' || (b[0] >= '0' && b[0] <= '9')):
+		*t = TxnID(b)
+	}
+	return nil
 }
 
 // eventRecord is the durable record of a processed provider event.
@@ -902,7 +927,7 @@ func (s *Service) Notify(channel, sigHeader string, body []byte) (int, string) {
 	if err := proto.Unmarshal(body, &ev); err != nil {
 		return NotifyBadRequest, "bad JSON"
 	}
-	if ev.EventID == "" || len(ev.EventID) > 128 || len(ev.TxnID) > 128 || ev.OrderID == "" || (ev.Status != "SUCCESS" && ev.Status != "FAILED") {
+	if ev.EventID == "" || len(ev.EventID) > 128 || ev.OrderID == "" || (ev.Status != "SUCCESS" && ev.Status != "FAILED") {
 		return NotifyBadRequest, "missing or bad fields"
 	}
 	return s.apply(channel, ev)
@@ -986,13 +1011,21 @@ func (s *Service) apply(channel string, ev Event) (int, string) {
 		}
 	}
 	lateSuccess := ev.Status == "SUCCESS" && o.Status == StatusInvalid
-	if mismatch != "" && !lateSuccess {
-		// An open order's is refunded by the reconciler after two
-		// timeouts (refundMismatch); a settled one's changes nothing.
-		return NotifyConflict, mismatch
-	}
 	now := s.cfg.Now().UnixMilli()
 	evRec := eventRec(id, ev, o.Status, now)
+	if mismatch != "" && !lateSuccess {
+		// An open order's is refunded by the reconciler after two
+		// timeouts (refundMismatch); a settled one's changes nothing —
+		// unless it is a second payment (another transaction): recorded
+		// for refund of the amount it reports, and answered 409 all the
+		// same (its redeliveries are duplicates: 409, nothing more).
+		if ev.Status == "SUCCESS" && secondPayment(o, ev) {
+			if st, msg := s.refundSecond(o, id, ev, evRec, now); st != NotifyOK {
+				return st, msg
+			}
+		}
+		return NotifyConflict, mismatch
+	}
 	switch {
 	case ev.Status == "SUCCESS" && OpenStatus(o.Status):
 		return s.markPaid(o, id, ev, evRec, now)
@@ -1158,10 +1191,19 @@ func (s *Service) refundReported() {
 			continue // a store error: next run
 		case err == nil && OpenStatus(o.Status):
 			continue
+		case err == nil && secondPayment(o, r.ev):
+			// Settled by another transaction after the query had reported
+			// this one: a second payment, recorded for refund of the
+			// amount reported (once per transaction; next run on a
+			// failure).
+			if !s.refundSecondReported(r.id, r.ev) {
+				continue
+			}
 		case err == nil && (o.Status == StatusPayed || bizPaid):
 			// Paid as the order by another event after the query had
-			// reported this one: an order has one refund record, and the
-			// payment it took stands — this one is for an operator.
+			// reported this one, and the two not told apart (no txn_id on
+			// one of them): the payment it took stands — this one is for
+			// an operator.
 			s.cfg.Log.Error("pay: a paid order's payment not as the order was not refunded", "order", o.OrderID,
 				"event", r.ev.EventID, "amount", r.ev.Amount)
 		}
@@ -1198,7 +1240,32 @@ func eventRec(id int64, ev Event, before string, now int64) persist.Record {
 // (a paid-by-query order's "query:" event is one): it is recorded only.
 func secondPayment(o Order, ev Event) bool {
 	return (o.Status == StatusPayed || o.Status == StatusPayBack) &&
-		ev.TxnID != "" && o.TxnID != "" && ev.TxnID != o.TxnID
+		ev.TxnID != "" && o.TxnID != "" && string(ev.TxnID) != o.TxnID
+}
+
+// refundSecondReported records for refund ev, a payment not as its order
+// that a query reported for order id (rememberMismatch), now that another
+// transaction settled the order — under the event's and the order's locks,
+// as a notify of it would be. False: not done, try again (a store error).
+func (s *Service) refundSecondReported(id int64, ev Event) bool {
+	defer s.events.Lock(eventLockKey(ev.EventID))()
+	defer s.orders.Lock(id)()
+	o, err := s.Get(id)
+	if err != nil {
+		return false
+	}
+	if ev.Status != "SUCCESS" || !secondPayment(o, ev) {
+		return true
+	}
+	switch has, err := s.store.Has(EventRecordKey(id, ev.EventID)); {
+	case err != nil:
+		return false
+	case has:
+		return true // applied by a notify meanwhile (its record is never replaced)
+	}
+	now := s.cfg.Now().UnixMilli()
+	st, _ := s.refundSecond(o, id, ev, eventRec(id, ev, o.Status, now), now)
+	return st == NotifyOK
 }
 
 // SecondPaymentKey is where the refund record of transaction txn, a second
@@ -1214,12 +1281,12 @@ func SecondPaymentKey(order int64, txn string) []byte {
 // (credited, or refunded, as it was). Once per transaction: another event
 // of the same transaction is recorded only.
 func (s *Service) refundSecond(o Order, id int64, ev Event, evRec persist.Record, now int64) (int, string) {
-	key := SecondPaymentKey(id, ev.TxnID)
+	key := SecondPaymentKey(id, string(ev.TxnID))
 	has, err := s.store.Has(key)
 	if err != nil {
 		return NotifyRetry, "retry"
 	}
-	why := "second payment " + ev.TxnID + ": refunded"
+	why := "second payment " + string(ev.TxnID) + ": refunded"
 	rv, _ := proto.Marshal(map[string]any{"order_id": o.OrderID, "amount": ev.Amount, "event_id": ev.EventID,
 		"txn_id": ev.TxnID, "reason": why, "at": now})
 	err = s.store.Apply(func(b *persist.Batch) error {
@@ -1257,7 +1324,7 @@ func (s *Service) refundPayment(o Order, id int64, ev Event, evRec persist.Recor
 	if !CanMove(from, StatusPayBack) {
 		return NotifyConflict, "order is " + from + ": cannot be refunded"
 	}
-	o.Status, o.UpdatedAt, o.EventID, o.TxnID, o.Note = StatusPayBack, now, ev.EventID, ev.TxnID, why
+	o.Status, o.UpdatedAt, o.EventID, o.TxnID, o.Note = StatusPayBack, now, ev.EventID, string(ev.TxnID), why
 	ov, _ := proto.Marshal(o)
 	rv, _ := proto.Marshal(map[string]any{"order_id": o.OrderID, "amount": amount, "event_id": ev.EventID, "reason": why, "at": now})
 	err := s.store.Apply(func(b *persist.Batch) error {
@@ -1289,7 +1356,7 @@ func (s *Service) markPaid(o Order, id int64, ev Event, evRec persist.Record, no
 		return s.markBizPaid(o, id, ev, evRec, now)
 	}
 	from := o.Status
-	o.Status, o.UpdatedAt, o.PaidAt, o.EventID, o.TxnID = StatusPayed, now, ev.PaidAt, ev.EventID, ev.TxnID
+	o.Status, o.UpdatedAt, o.PaidAt, o.EventID, o.TxnID = StatusPayed, now, ev.PaidAt, ev.EventID, string(ev.TxnID)
 	ov, _ := proto.Marshal(o)
 	// In doubt from before the call: the wallet may tell its outcome
 	// (onSettled, which clears the mark when it did not run) before Apply
@@ -1348,7 +1415,7 @@ func (s *Service) markBizPaid(o Order, id int64, ev Event, evRec persist.Record,
 // business having taken the payment.
 func (s *Service) recordBizPaid(o Order, id int64, ev Event, evRec persist.Record, now int64) (int, string) {
 	from := o.Status
-	o.Status, o.UpdatedAt, o.PaidAt, o.EventID, o.TxnID = StatusPayed, now, ev.PaidAt, ev.EventID, ev.TxnID
+	o.Status, o.UpdatedAt, o.PaidAt, o.EventID, o.TxnID = StatusPayed, now, ev.PaidAt, ev.EventID, string(ev.TxnID)
 	ov, _ := proto.Marshal(o)
 	err := s.store.Apply(func(bt *persist.Batch) error {
 		if err := bt.Set(orderKey(id), ov, nil); err != nil {

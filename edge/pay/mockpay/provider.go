@@ -149,7 +149,7 @@ func (p *Provider) TryPay(orderID string, amount int64, notifyURL, status string
 		p.mu.Unlock()
 		return old.ev, nil
 	}
-	pm := &payment{ev: pay.Event{EventID: "evt_" + randomID(), TxnID: "txn_" + randomID(), OrderID: orderID, Amount: amount, Status: status,
+	pm := &payment{ev: pay.Event{EventID: "evt_" + randomID(), TxnID: pay.TxnID("txn_" + randomID()), OrderID: orderID, Amount: amount, Status: status,
 		PaidAt: p.cfg.Now().UnixMilli()}, notifyURL: notifyURL}
 	p.payments[orderID] = pm
 	p.mu.Unlock()
