@@ -576,9 +576,17 @@ var LiveClient = class _LiveClient {
     if (this.urls.length > 1) this.urlIndex += 1 + Math.floor(Math.random() * (this.urls.length - 1));
     const floor = this.shortLived;
     let error;
+    const urls = this.urls.length;
     for (let n = 1; !this.closed; n++) {
-      const cap = Math.min(this.o.reconnectMaxMs, this.o.reconnectMinMs * 2 ** Math.min(n - 1 + floor, 30));
-      const delayMs = Math.floor(Math.random() * cap);
+      let delayMs;
+      if ((n - 1) % urls === 0) {
+        const round = Math.floor((n - 1) / urls) + 1;
+        const cap = Math.min(this.o.reconnectMaxMs, this.o.reconnectMinMs * 2 ** Math.min(round - 1 + floor, 30));
+        delayMs = Math.floor(Math.random() * cap);
+      } else {
+        const half = this.o.reconnectMinMs / 2;
+        delayMs = Math.floor(half + Math.random() * half);
+      }
       this.emitState(error ? { state: "reconnecting", attempt: n, delayMs, error } : { state: "reconnecting", attempt: n, delayMs });
       await this.backoff(delayMs);
       if (this.closed) return;

@@ -121,7 +121,11 @@ export interface ClientOptions {
   batch?: boolean;
   /** Default timeout of a request, including its wait for a connection, and of a connection attempt. Default 10000. */
   requestTimeoutMs?: number;
-  /** Reconnect backoff bounds: attempt n waits random [0, min(max, min·2^(n-1))]. Defaults 100 and 5000. */
+  /**
+   * Reconnect backoff bounds: reconnect attempts go round the URL list; round k
+   * starts after a random wait in [0, min(max, min·2^(k-1))], the next URL of a
+   * round is tried after [min/2, min]. Defaults 100 and 5000.
+   */
   reconnectMinMs?: number;
   reconnectMaxMs?: number;
   /** How many recent push mids are remembered for de-duplication. Default 16384. */
@@ -872,9 +876,22 @@ export class LiveClient {
     if (this.urls.length > 1) this.urlIndex += 1 + Math.floor(Math.random() * (this.urls.length - 1));
     const floor = this.shortLived;
     let error: Error | undefined; // why the previous attempt failed
+    const urls = this.urls.length;
     for (let n = 1; !this.closed; n++) {
-      const cap = Math.min(this.o.reconnectMaxMs, this.o.reconnectMinMs * 2 ** Math.min(n - 1 + floor, 30));
-      const delayMs = Math.floor(Math.random() * cap);
+      // Rounds of the URL list, as the Go SDK: each round starts with the
+      // backoff (round k: random [0, min(max, min·2^(k-1))]), and within a
+      // round the next URL is tried after a short pause in [min/2, min] — a
+      // dead node's clients reach a live one at once, not after a wait
+      // that doubles with each URL tried.
+      let delayMs: number;
+      if ((n - 1) % urls === 0) {
+        const round = Math.floor((n - 1) / urls) + 1;
+        const cap = Math.min(this.o.reconnectMaxMs, this.o.reconnectMinMs * 2 ** Math.min(round - 1 + floor, 30));
+        delayMs = Math.floor(Math.random() * cap);
+      } else {
+        const half = this.o.reconnectMinMs / 2;
+        delayMs = Math.floor(half + Math.random() * half);
+      }
       this.emitState(error ? { state: "reconnecting", attempt: n, delayMs, error } : { state: "reconnecting", attempt: n, delayMs });
       await this.backoff(delayMs);
       if (this.closed) return;

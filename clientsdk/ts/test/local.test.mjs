@@ -205,6 +205,30 @@ test("reconnect backoff: full jitter within min(max, min·2^(n-1)); a failed con
   assert.equal(c.stats.reconnects, 1);
 });
 
+test("reconnect rounds: the other URLs of a round are tried after [min/2, min], each round starts with the backoff (as the Go SDK)", async () => {
+  // The first connection is closed with 1001; the next 6 upgrades are refused (503): two rounds of 3 URLs.
+  const srv = await server(
+    (conn, n) => {
+      answer(conn);
+      if (n === 0) setTimeout(() => conn.ws.close(1001, "bye"), 20);
+    },
+    (u) => u >= 1 && u <= 6,
+  );
+  const c = await collect({ urls: [srv.url, srv.url, srv.url], token: "t", reconnectMinMs: 40, reconnectMaxMs: 10000 });
+  await eventually(() => c.ev.states.filter((s) => s.state === "connected").length === 2, 10000, "reconnected");
+  const waits = c.ev.states.filter((s) => s.state === "reconnecting");
+  assert.ok(waits.length >= 7, `${waits.length} attempts`);
+  waits.forEach((s, i) => {
+    if (i % 3 === 0) {
+      // Round i/3+1, one round up (the first connection lasted under 30 s).
+      const cap = 40 * 2 ** (i / 3 + 1);
+      assert.ok(s.delayMs >= 0 && s.delayMs <= cap, `attempt ${s.attempt}: ${s.delayMs} > ${cap}`);
+    } else {
+      assert.ok(s.delayMs >= 20 && s.delayMs <= 40, `attempt ${s.attempt} within a round: ${s.delayMs} not in [20, 40]`);
+    }
+  });
+});
+
 test("connections closed right after they open back off further each time (not ten reconnects a second)", async () => {
   const srv = await server((conn) => {
     answer(conn);
