@@ -21,7 +21,9 @@ func (n *Node) newRedPackets() (err error) {
 	cfg := n.Config.RedPacket
 	var pool redpacket.Pool = redpacket.NewMemoryPool()
 	if cfg.Pool == "redis-list" {
-		pool = &redpacket.RedisListPool{Client: n.Redis}
+		// A list outlives its rain by an hour at most (its longest duration,
+		// then the settlement's time) when nothing dropped it.
+		pool = &redpacket.RedisListPool{Client: n.Redis, TTL: cfg.MaxDuration.D() + time.Hour}
 	}
 	var peers redpacket.Peers
 	var claim func(context.Context, string, int64, int64, string, []string) (bool, error)
@@ -51,7 +53,7 @@ func (n *Node) newRedPackets() (err error) {
 	n.RedPackets, err = redpacket.New(n.Store, n.Wallet, n.Router, redpacket.Config{
 		Peers: peers, Claim: claim, Unclaim: unclaim, RoomRun: roomRun, RoomDone: roomDone,
 		Node: n.Config.Node.ID, Pool: pool,
-		AnchorOf: n.Rooms.AnchorOf, InRoom: n.Router.UserInRoom, Frozen: n.Accounts.Frozen,
+		AnchorOf: n.Rooms.AnchorOf, InRoom: n.userInRoom, Frozen: n.Accounts.Frozen,
 		MaxCount: cfg.MaxCount, MaxTotal: cfg.MaxTotal, MaxDuration: cfg.MaxDuration.D(),
 		MaxPerAnchor: cfg.MaxPerAnchor, OnePerUser: cfg.OnePerUser,
 		PrepareInterval: cfg.PrepareInterval.D(), StartInterval: cfg.StartInterval.D(),
@@ -132,4 +134,16 @@ func (n *Node) runRainInRoom(ctx context.Context, room int64, code string, until
 
 func (n *Node) rainDoneInRoom(ctx context.Context, room int64, code string) error {
 	return rainDoneScript.Exec(ctx, n.Redis, []string{rainRoomKey(room)}, []string{code}).Error()
+}
+
+// userInRoom reports whether user has a session joined to room (in a
+// cluster on any live node), or the error of a presence that could not be
+// read (a red-packet grab then answers 50000 "retry", not 10003).
+func (n *Node) userInRoom(room, user int64) (bool, error) {
+	if c, ok := n.Router.(interface {
+		UserInRoomChecked(id, user int64) (bool, error)
+	}); ok {
+		return c.UserInRoomChecked(room, user)
+	}
+	return n.Router.UserInRoom(room, user), nil
 }

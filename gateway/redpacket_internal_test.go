@@ -50,7 +50,7 @@ func startRPNode(t *testing.T, wallet func(*persist.Ledger) persist.Wallet, edit
 	rt.OpenRoom(rpRoom)
 	cfg := redpacket.Config{Node: "n1", CodeTag: -1, OnePerUser: true,
 		AnchorOf: func(int64) (int64, bool) { return rpAnchor, true },
-		InRoom:   func(room, _ int64) bool { return room == rpRoom },
+		InRoom:   func(room, _ int64) (bool, error) { return room == rpRoom, nil },
 		Claim:    n.claimRain, Unclaim: n.unclaimRain, RoomRun: n.runRainInRoom, RoomDone: n.rainDoneInRoom,
 	}
 	if edit != nil {

@@ -644,20 +644,28 @@ func (c *Cluster) IsMember(id int64, s Session) bool { return c.local.IsMember(i
 func (c *Cluster) Online(id int64) int { return c.clusterOnline(id) }
 
 // UserInRoom implements Router: a session of user joined room on any live
-// node.
+// node (false too when the presence could not be read: UserInRoomChecked
+// tells).
 func (c *Cluster) UserInRoom(id, user int64) bool {
+	in, _ := c.UserInRoomChecked(id, user)
+	return in
+}
+
+// UserInRoomChecked is UserInRoom with the error of a presence that could not
+// be read (Redis did not answer) — unknown, not "not in the room".
+func (c *Cluster) UserInRoomChecked(id, user int64) (bool, error) {
 	if c.local.UserInRoom(id, user) {
-		return true
+		return true, nil
 	}
 	ctx, cancel := c.ctx()
 	defer cancel()
 	fields, err := c.rdb.DoCache(ctx, c.rdb.B().Hgetall().Key(userKey(user)).Cache(), 5*time.Second).AsStrMap()
 	if err != nil {
-		return false
+		return false, err
 	}
 	alive, err := c.aliveBoots(ctx, fields)
 	if err != nil {
-		return false
+		return false, err
 	}
 	for node, v := range fields {
 		boot, rooms, _ := strings.Cut(v, "|")
@@ -666,11 +674,11 @@ func (c *Cluster) UserInRoom(id, user int64) bool {
 		}
 		for _, r := range strings.Split(rooms, ",") {
 			if r == strconv.FormatInt(id, 10) {
-				return true
+				return true, nil
 			}
 		}
 	}
-	return false
+	return false, nil
 }
 
 // PublishRoom implements Router: the push is queued for the room's

@@ -65,14 +65,15 @@ func (s *Service) GrabAsync(user int64, code string, done func(GrabReply, *proto
 	r.mu.Lock()
 	state, room, ending, endsAt := r.rec.State, r.rec.Room, r.ending, r.rec.EndsAt
 	r.mu.Unlock()
-	switch {
-	case state == StateWait || state == StatePrepared:
+	if state == StateWait || state == StatePrepared {
 		done(GrabReply{}, errGrabNone)
 		return
-	case !s.cfg.InRoom(room, user):
-		done(GrabReply{}, errNotInRm)
+	}
+	if perr := s.roomRefusal(room, user); perr != nil {
+		done(GrabReply{}, perr)
 		return
-	case ending || state == StateFinished:
+	}
+	if ending || state == StateFinished {
 		done(GrabReply{}, errEmpty)
 		return
 	}

@@ -85,7 +85,7 @@ func (n *pendingNode) startWith(t *testing.T, w persist.Wallet, edit func(*Confi
 	rt.OpenRoom(shardRoom)
 	cfg := Config{Node: "n1", CodeTag: -1,
 		AnchorOf: func(int64) (int64, bool) { return shardAnchor, true },
-		InRoom:   func(room, user int64) bool { return room == shardRoom },
+		InRoom:   func(room, user int64) (bool, error) { return room == shardRoom, nil },
 	}
 	if edit != nil {
 		edit(&cfg)
@@ -604,7 +604,7 @@ func TestGrantInDoubtLandingAtTheSettlementIsPushed(t *testing.T) {
 	rt.Register(sink)
 	svc, err := New(n.st, w, rt, Config{Node: "n1", CodeTag: -1,
 		AnchorOf: func(int64) (int64, bool) { return shardAnchor, true },
-		InRoom:   func(room, user int64) bool { return room == shardRoom },
+		InRoom:   func(room, user int64) (bool, error) { return room == shardRoom, nil },
 	}, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	if err != nil {
 		t.Fatal(err)

@@ -171,6 +171,12 @@ func (m *MemoryPool) Drop(_ context.Context, code string) error {
 // would hand out its packets twice — a cluster uses a sharded pool).
 type RedisListPool struct {
 	Client rueidis.Client
+	// TTL, when set, expires each list TTL after its Load (a put-back
+	// renews it): a list its rain's settlement did not drop (a crash
+	// before it, a failed Drop, a rolled-back Redis) does not stay in
+	// Redis for good. It must outlast a rain (its longest duration and
+	// its settlement); a list reloaded at a restart starts again.
+	TTL time.Duration
 }
 
 // redisListChunk is how many packets one RPUSH carries (the seed's 100).
@@ -195,6 +201,9 @@ func (r *RedisListPool) Load(ctx context.Context, code string, left []Packet) er
 		cmds = append(cmds, r.Client.B().Rpush().Key(key).Element(vals...).Build())
 		shuffled = shuffled[n:]
 	}
+	if r.TTL > 0 && len(left) > 0 {
+		cmds = append(cmds, r.Client.B().Pexpire().Key(key).Milliseconds(r.TTL.Milliseconds()).Build())
+	}
 	cmds = append(cmds, r.Client.B().Exec().Build())
 	for _, res := range r.Client.DoMulti(ctx, cmds...) {
 		if err := res.Error(); err != nil {
@@ -218,12 +227,15 @@ func (r *RedisListPool) Pop(ctx context.Context, code string) (Packet, bool, err
 }
 
 // redisListPush puts a packet back unless the code was dropped: KEYS[1] the
-// list, KEYS[2] its dropped mark; ARGV[1] the element. Redis deletes a list
-// its last pop emptied, so the list's absence cannot tell "emptied" (put the
-// packet back, as the memory pool does) from "dropped" (not again).
+// list, KEYS[2] its dropped mark; ARGV[1] the element, ARGV[2] the list's
+// TTL in ms (0: none). Redis deletes a list its last pop emptied, so the
+// list's absence cannot tell "emptied" (put the packet back, as the memory
+// pool does) from "dropped" (not again).
 var redisListPush = rueidis.NewLuaScript(`
 if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
-return redis.call('RPUSH', KEYS[1], ARGV[1])`)
+local n = redis.call('RPUSH', KEYS[1], ARGV[1])
+if tonumber(ARGV[2]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return n`)
 
 // redisListDroppedTTL is how long a dropped code's mark is kept (a late
 // put-back comes within a grab's timeout).
@@ -238,7 +250,7 @@ func redisListDroppedKey(code string) string { return "liveedge:rpgone:" + code 
 // not after Drop.
 func (r *RedisListPool) Push(ctx context.Context, code string, p Packet) error {
 	return redisListPush.Exec(ctx, r.Client, []string{redisListKey(code), redisListDroppedKey(code)},
-		[]string{encodePacket(p)}).Error()
+		[]string{encodePacket(p), strconv.FormatInt(r.TTL.Milliseconds(), 10)}).Error()
 }
 
 // Len implements Pool.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/redis/rueidis"
 
@@ -147,5 +148,64 @@ func TestCodesAndRecords(t *testing.T) {
 		if _, err := decodePacket(s); err == nil {
 			t.Fatalf("element %q accepted", s)
 		}
+	}
+}
+
+// A Redis list pool with a TTL expires a list nothing dropped (its rain's
+// settlement never ran: a crash, a failed Drop, a rolled-back Redis), and a
+// put-back into a list its last pop emptied has the TTL again; without a
+// TTL a list stays.
+func TestRedisListPoolTTL(t *testing.T) {
+	rdb, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{redistest.Start(t).Addr}, DisableCache: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rdb.Close()
+	ctx := context.Background()
+	pttl := func(code string) int64 {
+		t.Helper()
+		n, err := rdb.Do(ctx, rdb.B().Pttl().Key(redisListKey(code)).Build()).AsInt64()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	p := &RedisListPool{Client: rdb, TTL: time.Hour}
+	if err := p.Load(ctx, "ttl", []Packet{{Index: 0, Amount: 5}}); err != nil {
+		t.Fatal(err)
+	}
+	if ms := pttl("ttl"); ms <= 0 || ms > time.Hour.Milliseconds() {
+		t.Fatalf("loaded list's PTTL %d ms, want within an hour", ms)
+	}
+	pk, ok, err := p.Pop(ctx, "ttl")
+	if err != nil || !ok {
+		t.Fatalf("pop: %v %v", ok, err)
+	}
+	if err := p.Push(ctx, "ttl", pk); err != nil {
+		t.Fatal(err)
+	}
+	if ms := pttl("ttl"); ms <= 0 || ms > time.Hour.Milliseconds() {
+		t.Fatalf("list a put-back made again: PTTL %d ms, want within an hour", ms)
+	}
+	short := &RedisListPool{Client: rdb, TTL: 50 * time.Millisecond}
+	if err := short.Load(ctx, "gone", []Packet{{Index: 0, Amount: 5}}); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		if n, err := short.Len(ctx, "gone"); err == nil && n == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("a list past its TTL still in Redis")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	none := &RedisListPool{Client: rdb}
+	if err := none.Load(ctx, "kept", []Packet{{Index: 0, Amount: 5}}); err != nil {
+		t.Fatal(err)
+	}
+	if ms := pttl("kept"); ms != -1 {
+		t.Fatalf("list without a TTL: PTTL %d, want -1 (none)", ms)
 	}
 }

@@ -37,9 +37,11 @@ type Config struct {
 	Pool Pool
 	// AnchorOf returns the anchor of an open room (ok false: not open).
 	AnchorOf func(room int64) (anchor int64, ok bool)
-	// InRoom reports whether user is in room (the node: a session of the
-	// user joined the room on this node). A grab from anyone else is 10003.
-	InRoom func(room, user int64) bool
+	// InRoom reports whether user is in room (a session of the user joined
+	// the room: on this node, or in a cluster on any live node). A grab
+	// from anyone else is 10003; an error (the cluster's presence could not
+	// be read) is 50000 "retry", nothing done.
+	InRoom func(room, user int64) (bool, error)
 	// Frozen tells whether a user's account is frozen (edge/account): a
 	// frozen anchor prepares no rain (its debit) and a frozen viewer grabs
 	// nothing (its credit): 20004, nothing moves. nil = none is.
@@ -251,7 +253,7 @@ func New(store *persist.Store, w persist.Wallet, r router.Router, cfg Config, lo
 		cfg.AnchorOf = func(int64) (int64, bool) { return 0, false }
 	}
 	if cfg.InRoom == nil {
-		cfg.InRoom = func(int64, int64) bool { return false }
+		cfg.InRoom = func(int64, int64) (bool, error) { return false, nil }
 	}
 	if log == nil {
 		log = slog.Default()
@@ -386,12 +388,13 @@ type CreditPush struct {
 }
 
 var (
-	errNotFound = &proto.Error{Code: proto.CodeNotFound, Msg: "red packet rain not found"}
-	errNotAnch  = &proto.Error{Code: proto.CodeForbidden, Msg: "only the room's anchor manages its red packets"}
-	errGrabNone = &proto.Error{Code: proto.CodeRedPacketNotFound, Msg: "red packet not found or not started"}
-	errEmpty    = &proto.Error{Code: proto.CodeRedPacketEmpty, Msg: "红包已派发完毕 (red packets all gone)"}
-	errTaken    = &proto.Error{Code: proto.CodeRedPacketTaken, Msg: "you already grabbed a red packet of this rain"}
-	errNotInRm  = &proto.Error{Code: proto.CodeForbidden, Msg: "not in the red packet's room"}
+	errNotFound    = &proto.Error{Code: proto.CodeNotFound, Msg: "red packet rain not found"}
+	errNotAnch     = &proto.Error{Code: proto.CodeForbidden, Msg: "only the room's anchor manages its red packets"}
+	errGrabNone    = &proto.Error{Code: proto.CodeRedPacketNotFound, Msg: "red packet not found or not started"}
+	errEmpty       = &proto.Error{Code: proto.CodeRedPacketEmpty, Msg: "红包已派发完毕 (red packets all gone)"}
+	errTaken       = &proto.Error{Code: proto.CodeRedPacketTaken, Msg: "you already grabbed a red packet of this rain"}
+	errNotInRm     = &proto.Error{Code: proto.CodeForbidden, Msg: "not in the red packet's room"}
+	errInRmUnknown = proto.Errorf(proto.CodeInternal, "could not check the room's members, retry")
 )
 
 func (s *Service) view(r *rain) View {
@@ -1012,6 +1015,20 @@ func (s *Service) frozen(user int64) *proto.Error {
 
 // errNotSent wraps a failure before a wallet op was sent.
 var errNotSent = errors.New("redpacket: op not sent")
+
+// roomRefusal is nil when user is in room, else why the grab is refused:
+// 10003, or 50000 "retry" when the room's members could not be read.
+func (s *Service) roomRefusal(room, user int64) *proto.Error {
+	in, err := s.cfg.InRoom(room, user)
+	switch {
+	case err != nil:
+		s.log.Warn("red packet grab: room members not read", "room", room, "user", user, "err", err)
+		return errInRmUnknown
+	case !in:
+		return errNotInRm
+	}
+	return nil
+}
 
 // runInRoom makes rec the running rain of its room where every node sees
 // it (Config.RoomRun; nothing on a single node, where s.running is enough).

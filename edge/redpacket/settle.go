@@ -331,6 +331,14 @@ func (s *Service) restore() error {
 				if err := s.replayLeases(r); err != nil {
 					return err
 				}
+			} else if leased, err := s.hasLeases(rec.Code); err != nil {
+				return err
+			} else if leased {
+				// Its packets were handed out to other nodes (a memory
+				// pool in a cluster): without their lease log this node
+				// would put those packets back in its pool and never count
+				// what the holders granted — more than T paid out.
+				return fmt.Errorf("redpacket: rain %s is running with its packets sharded across the cluster (redpacket.pool: memory, cluster on): start this node with that configuration until the rain has ended", rec.Code)
 			}
 			if err := s.loadPool(r, rec, granted); err != nil {
 				return err

@@ -227,6 +227,22 @@ func (s *Service) logLease(r *rain, node string, back bool, pk []Packet) error {
 }
 
 // replayLeases restores r's holders and where each index is (restore).
+// hasLeases reports whether rain code's lease log has a row: some of its
+// packets were handed to another node.
+func (s *Service) hasLeases(code string) (bool, error) {
+	found := false
+	err := s.store.Scan(leasePrefix(code), func(_, _ []byte) error {
+		found = true
+		return errStopScan
+	})
+	if errors.Is(err, errStopScan) {
+		err = nil
+	}
+	return found, err
+}
+
+var errStopScan = errors.New("stop")
+
 func (s *Service) replayLeases(r *rain) error {
 	r.where = make([]uint16, r.rec.Count)
 	err := s.store.Scan(leasePrefix(r.rec.Code), func(k, v []byte) error {
@@ -1074,11 +1090,11 @@ func (s *Service) grabVia(owner string, user int64, code string, rated bool) (Gr
 	sh.mu.Lock()
 	room, endsAt, closed := sh.room, sh.endsAt, sh.closed
 	sh.mu.Unlock()
-	switch {
-	case closed || s.cfg.Now().UnixMilli() >= endsAt:
+	if closed || s.cfg.Now().UnixMilli() >= endsAt {
 		return GrabReply{}, errEmpty, false
-	case !s.cfg.InRoom(room, user):
-		return GrabReply{}, errNotInRm, false
+	}
+	if perr := s.roomRefusal(room, user); perr != nil {
+		return GrabReply{}, perr, false
 	}
 	var spent limit.Spent
 	if !rated {

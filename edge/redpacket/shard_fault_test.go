@@ -118,7 +118,7 @@ func TestMetaShardForgottenAfterTheRain(t *testing.T) {
 	c := newCluster(t, "n1", "n2")
 	code := c.rain(t, "n1", 100, 1, time.Second)
 	h := c.svc("n2")
-	h.cfg.InRoom = func(int64, int64) bool { return false }
+	h.cfg.InRoom = func(int64, int64) (bool, error) { return false, nil }
 	if _, perr := h.GrabVia("n1", 5, code); perr == nil || perr.Code != proto.CodeForbidden {
 		t.Fatalf("want 10003, got %v", perr)
 	}
@@ -548,4 +548,30 @@ func TestShardedGrabAfterStackedLostAttempts(t *testing.T) {
 	if v := c.conserve(t, "n1", code, total); v.GrantedCount != 1 {
 		t.Fatalf("view %+v, want one grant", v)
 	}
+}
+
+// A grab whose room's members cannot be read (the cluster's presence in
+// Redis did not answer) is 50000 "retry", on the owner and through a slice —
+// not 10003 "not in the room", which a client does not retry.
+func TestGrabWithPresenceUnreadableIsRetry(t *testing.T) {
+	c := newCluster(t, "n1", "n2")
+	code := c.rain(t, "n1", 100, 2, time.Hour)
+	for _, n := range []string{"n1", "n2"} {
+		c.svc(n).cfg.InRoom = func(int64, int64) (bool, error) { return false, errors.New("redis: timeout") }
+	}
+	for _, n := range []string{"n1", "n2"} {
+		if _, perr := c.grab(n, "n1", 5, code); perr == nil || perr.Code != proto.CodeInternal {
+			t.Fatalf("grab on %s with presence unreadable: %v, want 50000", n, perr)
+		}
+	}
+	for _, n := range []string{"n1", "n2"} {
+		c.svc(n).cfg.InRoom = func(room, user int64) (bool, error) { return room == shardRoom, nil }
+	}
+	if _, perr := c.grab("n2", "n1", 5, code); perr != nil {
+		t.Fatalf("the retry once presence is read: %v", perr)
+	}
+	if got := c.drain(t, "n1", code, []string{"n1", "n2"}, 6); got != 1 {
+		t.Fatalf("%d more packets granted, want the 1 left", got)
+	}
+	c.conserve(t, "n1", code, 100)
 }

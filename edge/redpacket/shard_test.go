@@ -8,6 +8,7 @@ import (
 	"math/rand/v2"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -142,6 +143,15 @@ func (m *member) stop() {
 // start runs node name on the store in dir.
 func (c *cluster) start(t *testing.T, name, dir string) {
 	t.Helper()
+	if err := c.startWith(t, name, dir, nil); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// startWith is start with mod applied to the node's Config: New's error
+// (its store and ledger closed then).
+func (c *cluster) startWith(t *testing.T, name, dir string, mod func(*Config)) error {
+	t.Helper()
 	st, err := persist.Open(dir)
 	if err != nil {
 		t.Fatal(err)
@@ -152,9 +162,9 @@ func (c *cluster) start(t *testing.T, name, dir string) {
 	}
 	r := router.NewLocal(name, router.LocalConfig{})
 	r.OpenRoom(shardRoom)
-	svc, err := New(st, l, r, Config{Node: name, Peers: peers{c, name}, OnePerUser: true,
+	cfg := Config{Node: name, Peers: peers{c, name}, OnePerUser: true,
 		AnchorOf: func(int64) (int64, bool) { return shardAnchor, true },
-		InRoom:   func(room, user int64) bool { return room == shardRoom },
+		InRoom:   func(room, user int64) (bool, error) { return room == shardRoom, nil },
 		Claim: func(_ context.Context, code string, user, _ int64, token string, prev []string) (bool, error) {
 			c.mu.Lock()
 			defer c.mu.Unlock()
@@ -174,14 +184,54 @@ func (c *cluster) start(t *testing.T, name, dir string) {
 			return nil
 		},
 		MaxDuration: time.Hour, CodeTag: -1, SharedCreates: c.creates,
-	}, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	}
+	if mod != nil {
+		mod(&cfg)
+	}
+	svc, err := New(st, l, r, cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	if err != nil {
-		t.Fatal(err)
+		l.Close()
+		_ = st.Close()
+		return err
 	}
 	c.mu.Lock()
 	c.nodes[name] = &member{svc: svc, ledger: l, store: st, dir: dir}
 	delete(c.down, name)
 	c.mu.Unlock()
+	return nil
+}
+
+// An owner restarted without sharding (redpacket.pool: redis-list, or the
+// cluster off) while a rain whose packets it handed to other nodes runs
+// refuses to start: without the lease log it would put the holders'
+// packets back in its pool and never count their grants — more than T paid
+// out. Started as it was, it resumes the rain and conservation holds.
+func TestShardedRainOwnerRestartedUnshardedRefusesToStart(t *testing.T) {
+	c := newCluster(t, "n1", "n2")
+	const count, total = 50, 5_000
+	code := c.rain(t, "n1", total, count, time.Hour)
+	for user := int64(100); user < 105; user++ {
+		if _, err := c.grab("n2", "n1", user, code); err != nil {
+			t.Fatal(err)
+		}
+	}
+	m := c.kill("n1")
+	err := c.startWith(t, "n1", m.dir, func(cfg *Config) { cfg.Peers = nil })
+	if err == nil || !strings.Contains(err.Error(), code) {
+		t.Fatalf("owner restarted without sharding during a sharded rain: %v, want a refusal naming the rain", err)
+	}
+	c.start(t, "n1", m.dir)
+	for user := int64(200); ; user++ {
+		if _, err := c.grab([]string{"n1", "n2"}[user%2], "n1", user, code); err != nil {
+			if err.Code != proto.CodeRedPacketEmpty {
+				t.Fatal(err)
+			}
+			break
+		}
+	}
+	if v := c.conserve(t, "n1", code, total); v.GrantedCount != count {
+		t.Fatalf("granted %d of %d", v.GrantedCount, count)
+	}
 }
 
 // kill stops node name as a crash would (its memory lost, its store kept)

@@ -52,7 +52,7 @@ func newLiveEdge(tb testing.TB, pool redpacket.Pool) *liveEdge {
 	r.OpenRoom(room)
 	svc, err := redpacket.New(st, l, r, redpacket.Config{Node: "bench", Pool: pool,
 		AnchorOf: func(int64) (int64, bool) { return anchor, true },
-		InRoom:   func(int64, int64) bool { return true },
+		InRoom:   func(int64, int64) (bool, error) { return true, nil },
 		MaxTotal: redpacket.MaxTotal, MaxDuration: time.Hour, MaxPerAnchor: 1000,
 	}, quiet)
 	if err != nil {
