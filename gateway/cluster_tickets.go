@@ -50,9 +50,13 @@ func (n *Node) nextProgramID() func(last int64) (int64, error) {
 
 var errWorkerNotHeld = proto.Errorf(proto.CodeInternal, "this node cannot make ids right now (its worker lease is not held), retry")
 
-// errTicketNotAnswered answers a ticket order placed or cancelled through
-// another node that did not answer in time: it may have been done there.
+// errTicketNotAnswered answers a ticket order placed through another node
+// that did not answer in time: it may have been done there.
 var errTicketNotAnswered = proto.Errorf(proto.CodeInternal, "the program's node did not answer in time; it may have been done: retry with the same req_id")
+
+// errCancelNotAnswered is errTicketNotAnswered for a cancel (it has no
+// req_id; a retry of a cancel done answers the order as it is).
+var errCancelNotAnswered = proto.Errorf(proto.CodeInternal, "the order's node did not answer in time; it may have been done: retry")
 
 // errProgramOwnerDown answers a program this node's worker id names but an
 // earlier holder of the id made (its node is elsewhere, or down).
@@ -122,10 +126,13 @@ func (n *Node) ticketOp(op string, user, id int64, body []byte) ([]byte, *proto.
 	}
 	rep, err := n.forwardPay(owner, payFwdReq{Op: op, User: user, ID: id, Body: body})
 	if err != nil {
-		if op == "tix.place" || op == "tix.cancel" {
+		switch op {
+		case "tix.place":
 			// Unanswered is not "nothing done": a retry must carry the
 			// same req_id (a new one may buy twice).
 			return nil, errTicketNotAnswered
+		case "tix.cancel":
+			return nil, errCancelNotAnswered
 		}
 		return nil, proto.AsError(err)
 	}

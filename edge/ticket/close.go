@@ -42,7 +42,10 @@ func (s *Service) close(id, user int64, why string, onlyExpired bool) (*Order, e
 		unlock()
 		return nil, proto.Errorf(proto.CodeNotFound, "order not found")
 	}
-	if user != 0 && o.Status == StatusCancelled {
+	if user != 0 && (o.Status == StatusCancelled || o.Status == StatusRefunded) {
+		// Closed already (a retry, or the timeout first) — REFUNDED is a
+		// closed order whose payment came after the close, as a first
+		// cancel may answer it: its retry gets the same, not 40002.
 		unlock()
 		return o, nil
 	}

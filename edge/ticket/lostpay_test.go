@@ -206,6 +206,13 @@ func TestLostPaymentBeforeACancelRefundedOnce(t *testing.T) {
 	}
 	e.reconcile(&p.queries, func() bool { cur, err := e.pay.Get(id); return err == nil && cur.Status == pay.StatusPayBack })
 	e.payAndSeats(id, pay.StatusPayBack, StatusRefunded, prog, 4, 0, 0)
+	// The cancel retried (its answer lost): the order as it is, REFUNDED —
+	// as a first cancel may answer it — not 40002; nothing moves again.
+	again, err := e.svc.Cancel(7, id)
+	if err != nil || again.Status != StatusRefunded {
+		t.Fatalf("a retried cancel of a REFUNDED order: %+v %v", again, err)
+	}
+	e.payAndSeats(id, pay.StatusPayBack, StatusRefunded, prog, 4, 0, 0)
 	e.refunded(id, ev.Amount)
 	e.audit()
 }

@@ -300,9 +300,7 @@ func (s *Service) recoverSaga(id int64) error {
 	case o.Pay == PayMock:
 		// A provider order with a coupon, stopped between its PLACING record
 		// and its PENDING_PAY batch: the coupon may be held, nothing is paid.
-		_, _ = s.compensate(o, proto.Errorf(proto.CodeOrderState,
-			"the order was interrupted by a restart and undone; place it again with a new req_id"))
-		return nil
+		return notSettled(s.compensate(o, errInterrupted))
 	case (o.CouponID == "" || o.Steps.CouponUsed) && (o.Amount == 0 || o.Steps.Debited || s.debitInDoubt(id)):
 		// Every step done — or the debit in doubt: the same op again
 		// (applied at most once) says whether it landed, and the saga goes
@@ -311,12 +309,28 @@ func (s *Service) recoverSaga(id int64) error {
 		if err == nil {
 			s.unstuck(id)
 		}
-		return nil // a failed confirm compensates (or is marked stuck) inside forward
+		// A failed confirm compensates (or is marked stuck) inside forward.
+		return notSettled(Order{}, err)
 	default:
-		_, _ = s.compensate(o, proto.Errorf(proto.CodeOrderState,
-			"the order was interrupted by a restart and undone; place it again with a new req_id"))
-		return nil
+		return notSettled(s.compensate(o, errInterrupted))
 	}
+}
+
+var errInterrupted = proto.Errorf(proto.CodeOrderState,
+	"the order was interrupted by a restart and undone; place it again with a new req_id")
+
+// errNotSettled: a recovered saga is neither through nor undone (a step or
+// a compensation failed: the store, the wallet or the coupon store); it is
+// marked stuck, the sweep resumes it.
+var errNotSettled = errors.New("ticket: saga not settled, the sweep resumes it")
+
+// notSettled is errNotSettled when a saga's answer says it is still being
+// settled (errSettling), else nil: through, or undone with its final answer.
+func notSettled(_ Order, err error) error {
+	if err == errSettling { //nolint:errorlint // the sentinel itself, never wrapped
+		return errNotSettled
+	}
+	return nil
 }
 
 func (s *Service) markStuck(id int64) {

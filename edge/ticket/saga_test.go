@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -410,4 +411,49 @@ func TestSagaDebitRefusedAsRetryIsUndone(t *testing.T) {
 		t.Fatalf("free %d, balance %d", free, e.balance(1))
 	}
 	e.conservation()
+}
+
+// Start-up recovery stops at the first saga it cannot settle (the wallet,
+// the store or the coupon store failing) and leaves it and the rest to the
+// sweep: each would wait as long (a hanging coupon store: its timeout per
+// order, minutes before the node serves). Before, it tried every one. The
+// sweep then settles them all once the failure is gone.
+func TestStartupRecoveryStopsAtTheFirstFailure(t *testing.T) {
+	f := &failAt{points: map[string]int{"fail:confirm": 3, "fail:refund": 3}}
+	var refunds atomic.Int32
+	hook := func(p string) error {
+		if p == "fail:refund" {
+			refunds.Add(1)
+		}
+		return f.hook(p)
+	}
+	e := newEnv(t, Config{Hook: hook})
+	prog := e.program([]CategoryDef{{ID: 1, Name: "A", Price: 100, Rows: 1, Cols: 8}}, 4, 8)
+	for user := int64(1); user <= 3; user++ {
+		e.credit(user, 500)
+		_, err := e.svc.Place(user, PlaceReq{ProgramID: prog, CategoryID: 1, Count: 2, ReqID: "s", Pay: PayCoins})
+		wantCode(t, err, proto.CodeInternal) // its compensation stopped at the refund
+	}
+	f.mu.Lock()
+	f.points["fail:refund"] = 1000 // the wallet keeps failing through the restart
+	f.mu.Unlock()
+	refunds.Store(0)
+	e.reopen()
+	if n := refunds.Load(); n != 1 {
+		t.Fatalf("start-up tried %d refunds with the wallet failing, want 1 (then the rest left to the sweep)", n)
+	}
+	f.mu.Lock()
+	f.points["fail:refund"] = 0
+	f.mu.Unlock()
+	e.svc.CloseExpired()
+	for user := int64(1); user <= 3; user++ {
+		if b := e.balance(user); b != 500 {
+			t.Fatalf("user %d balance %d after the sweep, want 500 (refunded)", user, b)
+		}
+	}
+	if free, _, _ := e.counts(prog); free != 8 {
+		t.Fatalf("free %d after the sweep, want 8", free)
+	}
+	e.conservation()
+	e.audit()
 }

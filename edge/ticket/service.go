@@ -267,10 +267,19 @@ func (s *Service) load() error {
 	// No order id is made again, whatever the clock did since (an order
 	// paid with coins has no pay order to keep its id).
 	s.pay.OrderIDsAbove(last)
-	for _, o := range interrupted {
+	for i, o := range interrupted {
 		if err := s.recoverSaga(o.id); err != nil {
-			s.cfg.Log.Error("ticket: interrupted saga not settled, the sweep retries", "order", o.OrderID, "err", err)
-			s.markStuck(o.id)
+			// The store, the wallet or the coupon store is failing: the
+			// rest would each wait as long (a coupon store that hangs: its
+			// timeout per order, minutes before the node serves) — this
+			// one and the rest are left to the sweep, which stops at the
+			// first failure too.
+			s.cfg.Log.Error("ticket: interrupted saga not settled: it and the rest left to the sweep", "order", o.OrderID,
+				"left", len(interrupted)-i, "err", err)
+			for _, rest := range interrupted[i:] {
+				s.markStuck(rest.id)
+			}
+			break
 		}
 	}
 	s.settleOwed()
