@@ -849,7 +849,8 @@ func (s *Service) Get(id int64) (Order, error) {
 	if err != nil {
 		return o, err
 	}
-	return o, proto.Unmarshal(v, &o)
+	err = proto.Unmarshal(v, &o) // before o is read: the order of a return's operands is not the spec's
+	return o, err
 }
 
 // Event is a provider's notify body.

@@ -333,7 +333,8 @@ func (s *Service) load(id int64) (Room, error) {
 	if err != nil {
 		return rm, err
 	}
-	return rm, proto.Unmarshal(v, &rm)
+	err = proto.Unmarshal(v, &rm) // before rm is read: the order of a return's operands is not the spec's
+	return rm, err
 }
 
 // Get returns room id as seen by viewer (open or closed); 10004 if unknown.

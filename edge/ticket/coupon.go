@@ -82,7 +82,8 @@ func (p *PebbleCoupons) Get(id string) (Coupon, error) {
 	if err != nil {
 		return c, err
 	}
-	return c, proto.Unmarshal(v, &c)
+	err = proto.Unmarshal(v, &c) // before c is read: the order of a return's operands is not the spec's
+	return c, err
 }
 
 // Use implements CouponStore: the coupon's use is in commit's batch.
