@@ -99,6 +99,7 @@ func (s *Server) dispatch(c *Conn, b []byte) {
 		var r proto.RefreshReq
 		if err = decodeValid(&f, &r); err == nil {
 			d, err = s.refresh(c, r.Token)
+			s.metrics.refreshes.WithLabelValues(refreshOutcome(err)).Inc()
 		}
 	case proto.TypeAck:
 		var r proto.AckReq
@@ -148,6 +149,17 @@ func (s *Server) refresh(c *Conn, tok string) (any, *proto.Error) {
 			return proto.RefreshReply{ExpiresInMS: max(1, time.Until(ident.Expires).Milliseconds())}, nil
 		}
 	}
+}
+
+// refreshOutcome is a refresh's label in liveedge_token_refreshes_total.
+func refreshOutcome(err *proto.Error) string {
+	switch {
+	case err == nil:
+		return "ok"
+	case err.Code == proto.CodeForbidden:
+		return "forbidden"
+	}
+	return "refused"
 }
 
 type validator interface{ Validate() *proto.Error }

@@ -227,6 +227,11 @@ func TestRefreshKeepsTheConnectionPastItsToken(t *testing.T) {
 	if rep.ExpiresInMS < 3_500_000 || rep.ExpiresInMS > 3_600_000 {
 		t.Fatalf("refresh reply expires_in_ms %d, want about an hour", rep.ExpiresInMS)
 	}
+	for outcome, want := range map[string]float64{"ok": 1, "forbidden": 2, "refused": 2} {
+		if got := metricValue(t, n, "liveedge_token_refreshes_total", `outcome="`+outcome+`"`); got != want {
+			t.Fatalf("liveedge_token_refreshes_total{outcome=%q} %v, want %v", outcome, got, want)
+		}
+	}
 	// Past exp a refresh does not revive a connection: refused, or the
 	// connection already closed 4501 by the sweep.
 	time.Sleep(time.Until(exp) + 20*time.Millisecond)

@@ -36,6 +36,7 @@ type metrics struct {
 	payNotifies    *prometheus.CounterVec
 	giftSeconds    prometheus.Histogram
 	httpRefused    *prometheus.CounterVec
+	refreshes      *prometheus.CounterVec
 }
 
 // opts names a metric of this node: liveedge_<name>{node=...}.
@@ -68,12 +69,16 @@ func newMetrics(node string, r router.Router) *metrics {
 		httpRefused: prometheus.NewCounterVec(prometheus.CounterOpts(f("http_refused_total",
 			"HTTP requests the API server could not read, answered with an error envelope and the connection closed, by reason.")),
 			[]string{"reason"}),
+		refreshes: prometheus.NewCounterVec(prometheus.CounterOpts(f("token_refreshes_total",
+			"WebSocket refresh requests, by outcome: ok, refused (10002: a token that does not verify, or the connection's own already ended), forbidden (10003: another user's or role's).")),
+			[]string{"outcome"}),
 		giftSeconds: prometheus.NewHistogram(histOpts(f("gift_seconds",
 			"Time from a gift frame read to its reply queued (debit durable or refused)."),
 			prometheus.ExponentialBuckets(100e-6, 1.5, 26))), // 100 µs .. ~2.5 s
 	}
 	reg.MustRegister(m.connections, m.framesIn, m.badFrames, m.resends, m.resendGiveUps, m.givenDropped,
-		m.queueDrops, m.slowCloses, m.framePanics, m.closes, m.upgradesDenied, m.payNotifies, m.giftSeconds, m.httpRefused)
+		m.queueDrops, m.slowCloses, m.framePanics, m.closes, m.upgradesDenied, m.payNotifies, m.giftSeconds, m.httpRefused,
+		m.refreshes)
 	stat := func(name, help string, gauge bool, get func(router.Stats) int64) {
 		fn := func() float64 { return float64(get(r.Stats())) }
 		if gauge {
