@@ -229,9 +229,13 @@ func (c *Client) dialAny(ctx context.Context) (*session, error) {
 			break
 		}
 		// A token refused (401) or ended (4501): the next URL is tried with
-		// a new one (TokenExpired), as the TypeScript SDK does.
-		if errors.Is(err, ErrUnauthorized) || (errors.As(err, &ce) && ce.Code == proto.CloseTokenExpired) {
+		// a new one (TokenExpired); after another failure, as a connect —
+		// as the TypeScript SDK does. TokenFunc's own failure leaves it.
+		switch {
+		case errors.Is(err, ErrUnauthorized) || (errors.As(err, &ce) && ce.Code == proto.CloseTokenExpired):
 			reason = TokenExpired
+		case !errors.Is(err, errTokenFunc):
+			reason = TokenConnect
 		}
 	}
 	if len(errs) == 1 {

@@ -42,7 +42,8 @@ func sendGift(ctx context.Context, c *clientsdk.Client, d map[string]any) (gift.
 	if err != nil {
 		return rep, err
 	}
-	return rep, proto.Unmarshal(b, &rep)
+	err = proto.Unmarshal(b, &rep)
+	return rep, err
 }
 
 func giftConfig(t *testing.T) *gateway.Node {

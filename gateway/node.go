@@ -967,11 +967,11 @@ type roomAudience struct {
 
 var _ gift.Receivers = roomAudience{}
 
-func (a roomAudience) CanReceive(roomID, user int64) bool {
+func (a roomAudience) CanReceive(roomID, user int64) (bool, error) {
 	if anchor, ok := a.rooms.AnchorOf(roomID); ok && anchor == user {
-		return true
+		return true, nil
 	}
-	return a.router.UserInRoom(roomID, user)
+	return userInRoom(a.router, roomID, user)
 }
 
 // backfill copies what Redis holds of what (account statuses, coupons) to

@@ -63,7 +63,8 @@ func TestPayForwardsQueueBusyAndExpiry(t *testing.T) {
 			return payFwdRep{}, err
 		}
 		var rep payFwdRep
-		return rep, proto.Unmarshal(m.Data, &rep)
+		err = proto.Unmarshal(m.Data, &rep)
+		return rep, err
 	}
 	// workers take a request each and block; queue more wait; one more is busy.
 	var wg sync.WaitGroup

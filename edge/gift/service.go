@@ -128,8 +128,10 @@ type Scorer interface {
 // room on this node; a cluster-wide presence can replace it behind this
 // interface.
 type Receivers interface {
-	// CanReceive reports whether user may receive a gift in room.
-	CanReceive(room, user int64) bool
+	// CanReceive reports whether user may receive a gift in room; an
+	// error: it could not tell (a cluster's presence unread) — the gift is
+	// refused 50000 "retry", nothing moved.
+	CanReceive(room, user int64) (bool, error)
 }
 
 // Config configures Service.
@@ -226,6 +228,9 @@ var _ = [maxDoubted - persist.DefaultMaxUnsettled]struct{}{} // maxDoubted ≥ t
 func New(w persist.Wallet, r router.Router, cat *Catalogue, cfg Config, log *slog.Logger) *Service {
 	if cfg.EffectWindow <= 0 {
 		cfg.EffectWindow = 100 * time.Millisecond
+	}
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
 	}
 	s := &Service{wallet: w, router: r, cat: cat, log: log, recv: cfg.Receivers,
 		limit: limit.New(cfg.PerSecond, time.Second, max(1, cfg.PerSecond), nil), shared: cfg.SharedRate,
@@ -401,8 +406,14 @@ func (s *Service) send(sender int64, inRoom bool, r Req, done func(Reply, *sendE
 			if !inRoom {
 				return refusal{fail(proto.CodeForbidden, "not in room")}
 			}
-			if s.recv != nil && !s.recv.CanReceive(r.RoomID, r.ReceiverID) {
-				return refusal{fail(proto.CodeForbidden, "receiver is not the room's anchor or in the room")}
+			if s.recv != nil {
+				switch ok, err := s.recv.CanReceive(r.RoomID, r.ReceiverID); {
+				case err != nil:
+					s.log.Debug("gift: room members unread", "room", r.RoomID, "receiver", r.ReceiverID, "err", err)
+					return refusal{fail(proto.CodeInternal, "the room's members could not be read, nothing moved; retry with the same req_id")}
+				case !ok:
+					return refusal{fail(proto.CodeForbidden, "receiver is not the room's anchor or in the room")}
+				}
 			}
 			// Read now, right before the debit (not only at arrival: the
 			// request may have waited — a wallet slot, a duplicate's first,

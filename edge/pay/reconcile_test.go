@@ -822,14 +822,21 @@ func TestSecondPaymentOfAPaidOrderIsRefundedOnce(t *testing.T) {
 // the notify still applied (its payment credited), never refused.
 func TestSecondPaymentsNotAsTheOrderRefundedOnce(t *testing.T) {
 	clock, advance := testClock()
-	var shortOf atomic.Value // order id the provider reports paid one cent short under txn-short
+	// The order the provider's query reports paid: one cent short under
+	// txn-short, then (paid) as the order under txn-c — neither answer with
+	// an event_id (both applied as "query:<order>").
+	var shortOf atomic.Value
 	shortOf.Store("")
+	var paid atomic.Bool
 	var amounts sync.Map // order id → amount
 	provider := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		id := r.URL.Query().Get("order_id")
 		if a, ok := amounts.Load(id); ok && id == shortOf.Load().(string) && r.URL.Path != "/close" {
-			answer(w, clock, pay.Event{EventID: "ev-short", TxnID: "txn-short", OrderID: id, Status: "SUCCESS",
-				Amount: a.(int64) - 1, PaidAt: clock().UnixMilli()})
+			ev := pay.Event{TxnID: "txn-short", OrderID: id, Status: "SUCCESS", Amount: a.(int64) - 1, PaidAt: clock().UnixMilli()}
+			if paid.Load() {
+				ev.TxnID, ev.Amount = "txn-c", a.(int64)
+			}
+			answer(w, clock, ev)
 			return
 		}
 		answer(w, clock, unpaid(r))
@@ -918,7 +925,7 @@ func TestSecondPaymentsNotAsTheOrderRefundedOnce(t *testing.T) {
 		}
 		svc.Reconcile()
 	}
-	notify(c, "ev-c", "txn-c", c.Amount, pay.NotifyOK)
+	paid.Store(true) // its notify lost: the next query finds it, under the same "query:" event id
 	for deadline := time.Now().Add(10 * time.Second); refundOf(cid, "txn-short") == 0; time.Sleep(5 * time.Millisecond) {
 		if time.Now().After(deadline) {
 			t.Fatal("the reported short payment of an order paid by another transaction not recorded for refund")
@@ -930,6 +937,9 @@ func TestSecondPaymentsNotAsTheOrderRefundedOnce(t *testing.T) {
 	}
 	if has, _ := st.Has(persist.Key([]byte("rec/paymismatch/"), uint64(cid))); has {
 		t.Fatal("the report kept after its refund was recorded")
+	}
+	if o := status(cid); o.Status != pay.StatusPayed || o.TxnID != "txn-c" {
+		t.Fatalf("c: %s by %q, want PAYED by txn-c", o.Status, o.TxnID)
 	}
 
 	// txn_id in other forms.

@@ -1258,14 +1258,22 @@ func (s *Service) refundSecondReported(id int64, ev Event) bool {
 	if ev.Status != "SUCCESS" || !secondPayment(o, ev) {
 		return true
 	}
-	switch has, err := s.store.Has(EventRecordKey(id, ev.EventID)); {
-	case err != nil:
+	// The event id may have a record already: a notify of this payment
+	// applied meanwhile (its refund then recorded, once per transaction),
+	// or another payment's under the same id (a query's answers without an
+	// event_id are all "query:<order>") — that record is never replaced,
+	// and this transaction's refund is recorded all the same.
+	has, err := s.store.Has(EventRecordKey(id, ev.EventID))
+	if err != nil {
 		return false
-	case has:
-		return true // applied by a notify meanwhile (its record is never replaced)
 	}
 	now := s.cfg.Now().UnixMilli()
-	st, _ := s.refundSecond(o, id, ev, eventRec(id, ev, o.Status, now), now)
+	var evRec *persist.Record
+	if !has {
+		r := eventRec(id, ev, o.Status, now)
+		evRec = &r
+	}
+	st, _ := s.refundSecondWith(o, id, ev, evRec, now)
 	return st == NotifyOK
 }
 
@@ -1282,17 +1290,29 @@ func SecondPaymentKey(order int64, txn string) []byte {
 // (credited, or refunded, as it was). Once per transaction: another event
 // of the same transaction is recorded only.
 func (s *Service) refundSecond(o Order, id int64, ev Event, evRec persist.Record, now int64) (int, string) {
+	return s.refundSecondWith(o, id, ev, &evRec, now)
+}
+
+// refundSecondWith is refundSecond writing the event's record evRec only
+// when it is given (nil: the event id has a record already — never
+// replaced).
+func (s *Service) refundSecondWith(o Order, id int64, ev Event, evRec *persist.Record, now int64) (int, string) {
 	key := SecondPaymentKey(id, string(ev.TxnID))
 	has, err := s.store.Has(key)
 	if err != nil {
 		return NotifyRetry, "retry"
 	}
+	if has && evRec == nil {
+		return NotifyOK, "success" // recorded already, nothing to write
+	}
 	why := "second payment " + string(ev.TxnID) + ": refunded"
 	rv, _ := proto.Marshal(map[string]any{"order_id": o.OrderID, "amount": ev.Amount, "event_id": ev.EventID,
 		"txn_id": ev.TxnID, "reason": why, "at": now})
 	err = s.store.Apply(func(b *persist.Batch) error {
-		if err := b.Set(evRec.Key, evRec.Value, nil); err != nil {
-			return err
+		if evRec != nil {
+			if err := b.Set(evRec.Key, evRec.Value, nil); err != nil {
+				return err
+			}
 		}
 		if has {
 			return nil

@@ -475,7 +475,8 @@ func (s *Service) loadRecord(code string) (record, error) {
 	if err != nil {
 		return rec, err
 	}
-	return rec, proto.Unmarshal(b, &rec)
+	err = proto.Unmarshal(b, &rec) // before rec is read: the order of a return's operands is not the spec's
+	return rec, err
 }
 
 // Get returns the rain code (10004 if unknown).
@@ -1022,7 +1023,9 @@ func (s *Service) roomRefusal(room, user int64) *proto.Error {
 	in, err := s.cfg.InRoom(room, user)
 	switch {
 	case err != nil:
-		s.log.Warn("red packet grab: room members not read", "room", room, "user", user, "err", err)
+		// Debug: one line per grab while Redis is out would flood the
+		// log (the router reports Redis's failures).
+		s.log.Debug("red packet grab: room members not read", "room", room, "user", user, "err", err)
 		return errInRmUnknown
 	case !in:
 		return errNotInRm

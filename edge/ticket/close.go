@@ -13,9 +13,10 @@ import (
 // Closing unpaid orders: by the buyer (Cancel) or the timeout sweep.
 
 // Cancel cancels user's PENDING_PAY order id and releases its seats. An
-// order already CANCELLED (a retried cancel whose answer was lost, or the
-// timeout first) is answered as it is, nothing done again; PAID or
-// REFUNDED → 40002.
+// order already CANCELLED or REFUNDED (a retried cancel whose answer was
+// lost — a cancel that found a payment made before it answers REFUNDED —
+// or the timeout first) is answered as it is, nothing done again; PAID →
+// 40002.
 func (s *Service) Cancel(user, id int64) (Order, error) {
 	o, err := s.close(id, user, "cancelled by the buyer", false)
 	if err != nil {

@@ -310,6 +310,12 @@ func (s *Service) recoverSaga(id int64) error {
 			s.unstuck(id)
 		}
 		// A failed confirm compensates (or is marked stuck) inside forward.
+		if s.debitInDoubt(id) {
+			// Still in doubt (the wallet's "in progress": it answers at
+			// once): retried with its back-off, not a failing store — the
+			// sweep goes on to the others.
+			return nil
+		}
 		return notSettled(Order{}, err)
 	default:
 		return notSettled(s.compensate(o, errInterrupted))

@@ -183,7 +183,7 @@ test("4501 with a static token, and any other 45xx: terminal, no reconnect", asy
   }
 });
 
-test("reconnect backoff: full jitter within min(max, min·2^(n-1)); a failed connection is retried on the next URL", async () => {
+test("reconnect backoff: full jitter within min(max, min·2^(k-1)) for round k (bounds each attempt); a failed connection is retried on the next URL", async () => {
   // The first connection is closed with 1001; the next 4 upgrades are refused (503).
   const srv = await server(
     (conn, n) => {
