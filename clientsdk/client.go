@@ -229,8 +229,9 @@ func (c *Client) dialAny(ctx context.Context) (*session, error) {
 			break
 		}
 		// A token refused (401) or ended (4501): the next URL is tried with
-		// a new one (TokenExpired); after another failure, as a connect —
-		// as the TypeScript SDK does. TokenFunc's own failure leaves it.
+		// a new one (TokenExpired); after another failure, as a connect
+		// (as the TypeScript SDK does) — but TokenFunc's own failure leaves
+		// the reason as it was (TS: "connect" then).
 		switch {
 		case errors.Is(err, ErrUnauthorized) || (errors.As(err, &ce) && ce.Code == proto.CloseTokenExpired):
 			reason = TokenExpired

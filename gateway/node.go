@@ -956,10 +956,9 @@ func (n *Node) closeBackends() error {
 	return errors.Join(errs...)
 }
 
-// roomAudience is gift.Receivers for one node: a gift may go to the room's
-// anchor or to a user with a session joined to the room. Membership is what
-// this node's router knows (users joined through another node are not seen);
-// a cluster-wide presence replaces it behind gift.Receivers.
+// roomAudience is gift.Receivers: a gift may go to the room's anchor or to
+// a user with a session joined to the room — in a cluster on any live node
+// (userInRoom: the cluster's presence; an error when it could not be read).
 type roomAudience struct {
 	rooms  *room.Service
 	router router.Router

@@ -125,8 +125,8 @@ type Scorer interface {
 // Receivers decides who may receive a gift in a room. A gift to anyone else
 // is refused with 10003 before anything is debited. The node's
 // implementation (gateway) accepts the room's anchor and users joined to the
-// room on this node; a cluster-wide presence can replace it behind this
-// interface.
+// room (in a cluster on any live node; a presence it could not read is an
+// error: 50000 "retry").
 type Receivers interface {
 	// CanReceive reports whether user may receive a gift in room; an
 	// error: it could not tell (a cluster's presence unread) — the gift is

@@ -1207,6 +1207,11 @@ func (s *Service) refundReported() {
 			// an operator.
 			s.cfg.Log.Error("pay: a paid order's payment not as the order was not refunded", "order", o.OrderID,
 				"event", r.ev.EventID, "amount", r.ev.Amount)
+		case err == nil && o.Status == StatusPayBack && o.EventID != r.ev.EventID:
+			// Refunded for another payment (a late one, not this report's)
+			// and the two not told apart: this one is for an operator too.
+			s.cfg.Log.Error("pay: a refunded order's payment not as the order was not refunded", "order", o.OrderID,
+				"event", r.ev.EventID, "amount", r.ev.Amount)
 		}
 		if err := s.store.DeleteNoSync(persist.Key(prefixMismatch, uint64(r.id))); err != nil {
 			s.cfg.Log.Warn("pay: record of a payment not as the order not dropped, next run", "order", r.id, "err", err)

@@ -305,15 +305,17 @@ func (s *Service) recoverSaga(id int64) error {
 		// Every step done — or the debit in doubt: the same op again
 		// (applied at most once) says whether it landed, and the saga goes
 		// on, or back if it is refused.
+		s.clearInProgress(id)
 		_, err := s.forward(o)
 		if err == nil {
 			s.unstuck(id)
 		}
 		// A failed confirm compensates (or is marked stuck) inside forward.
-		if s.debitInDoubt(id) {
-			// Still in doubt (the wallet's "in progress": it answers at
-			// once): retried with its back-off, not a failing store — the
-			// sweep goes on to the others.
+		if s.answeredInProgress(id) {
+			// This retry of the debit in doubt was answered "in progress"
+			// (at once: the wallet's first op still unsettled): retried
+			// with its back-off, not a failing store — the sweep goes on
+			// to the others.
 			return nil
 		}
 		return notSettled(Order{}, err)
@@ -356,6 +358,10 @@ func (s *Service) unstuck(id int64) {
 type doubt struct {
 	next int64         // unix ms: the sweep retries it from then
 	wait time.Duration // the back-off after the next retry
+	// inProgress: the last retry's answer was the wallet's "in progress"
+	// (at once: its first op still unsettled), not a failure that took
+	// the call's timeout (recoverSaga).
+	inProgress bool
 }
 
 // Back-off of a debit in doubt's retries (each can hold the sweep up to the
@@ -402,9 +408,30 @@ func (s *Service) debitDoubtful(id int64, err error) bool {
 	}
 	d.wait = min(max(2*d.wait, doubtWaitMin), doubtWaitMax)
 	d.next = s.cfg.Now().Add(d.wait).UnixMilli()
+	d.inProgress = errors.Is(err, persist.ErrInProgress)
 	s.doubt[id] = d
 	s.stuck[id] = true
 	return true
+}
+
+// clearInProgress forgets the last debit retry's "in progress" answer of
+// order id (before another retry: answeredInProgress then tells that one's).
+func (s *Service) clearInProgress(id int64) {
+	s.pendMu.Lock()
+	defer s.pendMu.Unlock()
+	if d, ok := s.doubt[id]; ok {
+		d.inProgress = false
+		s.doubt[id] = d
+	}
+}
+
+// answeredInProgress reports whether order id's debit is in doubt and its
+// last retry was answered "in progress".
+func (s *Service) answeredInProgress(id int64) bool {
+	s.pendMu.Lock()
+	defer s.pendMu.Unlock()
+	d, ok := s.doubt[id]
+	return ok && d.inProgress
 }
 
 // resumeStuck retries the settlement of a saga a storage error stopped.
