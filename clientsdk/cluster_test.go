@@ -253,12 +253,36 @@ func TestDialTokenFuncRefusedTriesTheNextURLWithANewToken(t *testing.T) {
 	}
 	defer c.Close()
 	mu.Lock()
-	defer mu.Unlock()
-	if got := strings.Join(reasons, ","); got != TokenConnect+","+TokenExpired {
+	got := strings.Join(reasons, ",")
+	reasons = nil
+	mu.Unlock()
+	if got != TokenConnect+","+TokenExpired {
 		t.Fatalf("TokenFunc reasons %s, want connect then expired", got)
 	}
 	if b.connCount() != 1 {
 		t.Fatalf("%d connections to the second URL, want 1", b.connCount())
+	}
+
+	// 401, then a URL that does not answer: the third is asked as a
+	// connect again (the failure before it was no token's).
+	c2, err := Dial(context.Background(), Config{URLs: []string{a.url(), deadURL(t), b.url()}, TokenFunc: func(ctx context.Context) (string, error) {
+		mu.Lock()
+		defer mu.Unlock()
+		reasons = append(reasons, TokenReason(ctx))
+		if len(reasons) == 1 {
+			return "stale", nil
+		}
+		return a.token.Load().(string), nil
+	}})
+	if err != nil {
+		t.Fatalf("Dial: %v", err)
+	}
+	defer c2.Close()
+	mu.Lock()
+	got = strings.Join(reasons, ",")
+	mu.Unlock()
+	if got != TokenConnect+","+TokenExpired+","+TokenConnect {
+		t.Fatalf("TokenFunc reasons %s, want connect, expired, connect", got)
 	}
 }
 
