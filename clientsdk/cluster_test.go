@@ -239,7 +239,8 @@ func TestDialTokenFuncRefusedTriesTheNextURLWithANewToken(t *testing.T) {
 	firstURL(t, 0)
 	var mu sync.Mutex
 	var reasons []string
-	c, err := Dial(context.Background(), Config{URLs: []string{a.url(), b.url()}, TokenFunc: func(ctx context.Context) (string, error) {
+	// The first token asked for is stale (refused 401), the rest good.
+	staleFirst := func(ctx context.Context) (string, error) {
 		mu.Lock()
 		defer mu.Unlock()
 		reasons = append(reasons, TokenReason(ctx))
@@ -247,7 +248,8 @@ func TestDialTokenFuncRefusedTriesTheNextURLWithANewToken(t *testing.T) {
 			return "stale", nil
 		}
 		return a.token.Load().(string), nil
-	}})
+	}
+	c, err := Dial(context.Background(), Config{URLs: []string{a.url(), b.url()}, TokenFunc: staleFirst})
 	if err != nil {
 		t.Fatalf("Dial: %v", err)
 	}
@@ -265,15 +267,7 @@ func TestDialTokenFuncRefusedTriesTheNextURLWithANewToken(t *testing.T) {
 
 	// 401, then a URL that does not answer: the third is asked as a
 	// connect again (the failure before it was no token's).
-	c2, err := Dial(context.Background(), Config{URLs: []string{a.url(), deadURL(t), b.url()}, TokenFunc: func(ctx context.Context) (string, error) {
-		mu.Lock()
-		defer mu.Unlock()
-		reasons = append(reasons, TokenReason(ctx))
-		if len(reasons) == 1 {
-			return "stale", nil
-		}
-		return a.token.Load().(string), nil
-	}})
+	c2, err := Dial(context.Background(), Config{URLs: []string{a.url(), deadURL(t), b.url()}, TokenFunc: staleFirst})
 	if err != nil {
 		t.Fatalf("Dial: %v", err)
 	}

@@ -351,31 +351,22 @@ func (r receivers) CanReceive(int64, int64) (bool, error) { return r.err == nil,
 // 10003 "receiver not in the room", a final answer; its retry once the
 // presence is read goes through, debited once.
 func TestGiftReceiverPresenceUnreadableIsRetry(t *testing.T) {
-	st, led := openLedger(t)
-	cat, err := NewCatalogue(PebbleCatalogue{Store: st})
-	if err != nil {
-		t.Fatal(err)
-	}
-	rt := router.NewLocal("t", router.LocalConfig{})
-	rt.OpenRoom(7)
+	led, cat, rt := seededRoom(t)
 	rt.Register(&routertest.Recorder{SessionID: 1, User: 100})
-	if _, err := led.Apply(persist.Op{Postings: []persist.Posting{{User: 100, Delta: 1000, Reason: persist.ReasonDev}}}); err != nil {
-		t.Fatal(err)
-	}
 	recv := &receivers{err: errors.New("redis: timeout")}
 	s := New(led, rt, cat, Config{Receivers: recv}, nil)
 	req := Req{RoomID: 7, GiftID: 24, ReceiverID: 200, Count: 1, ReqID: "r1"}
 	if _, e := s.Send(100, true, req); e == nil || e.Code != proto.CodeInternal {
 		t.Fatalf("presence unread: %+v, want 50000", e)
 	}
-	if b, _ := led.Balance(100); b != 1000 {
-		t.Fatalf("balance %d after a refused gift, want 1000", b)
+	if b, _ := led.Balance(100); b != 10_000 {
+		t.Fatalf("balance %d after a refused gift, want 10000", b)
 	}
 	recv.err = nil
 	if _, e := s.Send(100, true, req); e != nil {
 		t.Fatalf("the retry once the presence is read: %+v", e)
 	}
-	if b, _ := led.Balance(100); b >= 1000 {
+	if b, _ := led.Balance(100); b >= 10_000 {
 		t.Fatalf("balance %d: the retry debited nothing", b)
 	}
 	persisttest.CheckConservation(t, led)

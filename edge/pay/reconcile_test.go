@@ -342,6 +342,12 @@ func reconcileService(t *testing.T, provider string, timeout time.Duration, cloc
 		t.Fatal(err)
 	}
 	t.Cleanup(l.Close)
+	return openReconcileService(t, st, l, provider, timeout, clock), st, l
+}
+
+// openReconcileService is reconcileService's pay service on st and l.
+func openReconcileService(t *testing.T, st *persist.Store, l *persist.Ledger, provider string, timeout time.Duration, clock func() time.Time) *pay.Service {
+	t.Helper()
 	svc, err := pay.New(st, l, router.NewLocal("rec", router.LocalConfig{}), pay.Config{Node: "rec",
 		Secrets: []string{reconcileSecret}, ProviderURL: provider, OrderTimeout: timeout,
 		ReconcileAfter: time.Minute, ReconcileEvery: time.Hour, Now: clock})
@@ -349,7 +355,25 @@ func reconcileService(t *testing.T, provider string, timeout time.Duration, cloc
 		t.Fatal(err)
 	}
 	t.Cleanup(svc.Close)
-	return svc, st, l
+	return svc
+}
+
+// restartReconcileService closes svc and opens its store and ledger again
+// (a restart of the node's pay service).
+func restartReconcileService(t *testing.T, svc *pay.Service, st *persist.Store, l *persist.Ledger, provider string, timeout time.Duration, clock func() time.Time) *pay.Service {
+	t.Helper()
+	svc.Close()
+	return openReconcileService(t, st, l, provider, timeout, clock)
+}
+
+// unpaidProvider is a provider that has no payment of any order (unpaid).
+func unpaidProvider(t *testing.T, clock func() time.Time) *httptest.Server {
+	t.Helper()
+	provider := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		answer(w, clock, unpaid(r))
+	}))
+	t.Cleanup(provider.Close)
+	return provider
 }
 
 // One reconciler run queries every order due, however many there are: its
@@ -482,10 +506,7 @@ func (sp *shortPayment) status() string {
 // was answered as a duplicate: the payment neither credited nor refunded.
 func TestEventIDReusedForASuccessAfterAFailureIsRefunded(t *testing.T) {
 	clock, advance := testClock()
-	provider := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		answer(w, clock, unpaid(r))
-	}))
-	defer provider.Close()
+	provider := unpaidProvider(t, clock)
 	const timeout = 15 * time.Minute
 	svc, st, l := reconcileService(t, provider.URL, timeout, clock)
 	o, err := svc.CreateOrder(7, pay.CreateReq{ProductID: 1, Channel: "mock", ReqID: "r1"})
@@ -547,10 +568,7 @@ func TestEventIDReusedForASuccessAfterAFailureIsRefunded(t *testing.T) {
 // restart the redeliveries of both change nothing.
 func TestLatePaymentUnderAnotherOrdersEventIDIsRefunded(t *testing.T) {
 	clock, advance := testClock()
-	provider := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		answer(w, clock, unpaid(r))
-	}))
-	defer provider.Close()
+	provider := unpaidProvider(t, clock)
 	const timeout = 15 * time.Minute
 	svc, st, l := reconcileService(t, provider.URL, timeout, clock)
 	a, err := svc.CreateOrder(7, pay.CreateReq{ProductID: 1, Channel: "mock", ReqID: "a"})
@@ -608,14 +626,7 @@ func TestLatePaymentUnderAnotherOrdersEventIDIsRefunded(t *testing.T) {
 		t.Fatalf("no refund record of b: %v", err)
 	}
 	// A restart, then redeliveries of both: nothing changes.
-	svc.Close()
-	svc, err = pay.New(st, l, router.NewLocal("rec", router.LocalConfig{}), pay.Config{Node: "rec",
-		Secrets: []string{reconcileSecret}, ProviderURL: provider.URL, OrderTimeout: timeout,
-		ReconcileAfter: time.Minute, ReconcileEvery: time.Hour, Now: clock})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(svc.Close)
+	svc = restartReconcileService(t, svc, st, l, provider.URL, timeout, clock)
 	notify(b)
 	notify(a)
 	if v, err := st.Get(persist.Key([]byte("rec/refund/"), uint64(mustID(t, b.OrderID)))); err != nil || string(v) != string(refund) {
@@ -650,10 +661,7 @@ func TestLatePaymentUnderAnotherOrdersEventIDIsRefunded(t *testing.T) {
 // status — the order credited once and not refunded.
 func TestEventRecordedUnderTheEarlierKeyStillADuplicate(t *testing.T) {
 	clock, _ := testClock()
-	provider := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		answer(w, clock, unpaid(r))
-	}))
-	defer provider.Close()
+	provider := unpaidProvider(t, clock)
 	svc, st, l := reconcileService(t, provider.URL, 15*time.Minute, clock)
 	a, err := svc.CreateOrder(7, pay.CreateReq{ProductID: 1, Channel: "mock", ReqID: "a"})
 	if err != nil {
@@ -692,14 +700,7 @@ func TestEventRecordedUnderTheEarlierKeyStillADuplicate(t *testing.T) {
 	persisttest.CheckConservation(t, l)
 	// A start drops such records (nothing reads them), and a redelivery
 	// after it is still a duplicate.
-	svc.Close()
-	svc, err = pay.New(st, l, router.NewLocal("rec", router.LocalConfig{}), pay.Config{Node: "rec",
-		Secrets: []string{reconcileSecret}, ProviderURL: provider.URL, OrderTimeout: 15 * time.Minute,
-		ReconcileAfter: time.Minute, ReconcileEvery: time.Hour, Now: clock})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(svc.Close)
+	svc = restartReconcileService(t, svc, st, l, provider.URL, 15*time.Minute, clock)
 	if has, err := st.Has([]byte("rec/payevent/ev-old")); err != nil || has {
 		t.Fatalf("the earlier version's event record kept past a start: %v %v", has, err)
 	}
@@ -722,10 +723,7 @@ func TestEventRecordedUnderTheEarlierKeyStillADuplicate(t *testing.T) {
 // credited nor refunded.
 func TestSecondPaymentOfAPaidOrderIsRefundedOnce(t *testing.T) {
 	clock, _ := testClock()
-	provider := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		answer(w, clock, unpaid(r))
-	}))
-	defer provider.Close()
+	provider := unpaidProvider(t, clock)
 	svc, st, l := reconcileService(t, provider.URL, 15*time.Minute, clock)
 	a, err := svc.CreateOrder(7, pay.CreateReq{ProductID: 1, Channel: "mock", ReqID: "a"})
 	if err != nil {
@@ -778,14 +776,7 @@ func TestSecondPaymentOfAPaidOrderIsRefundedOnce(t *testing.T) {
 		}
 	}
 	// A restart, then redeliveries of everything: nothing changes.
-	svc.Close()
-	svc, err = pay.New(st, l, router.NewLocal("rec", router.LocalConfig{}), pay.Config{Node: "rec",
-		Secrets: []string{reconcileSecret}, ProviderURL: provider.URL, OrderTimeout: 15 * time.Minute,
-		ReconcileAfter: time.Minute, ReconcileEvery: time.Hour, Now: clock})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(svc.Close)
+	svc = restartReconcileService(t, svc, st, l, provider.URL, 15*time.Minute, clock)
 	for _, e := range [][2]string{{"ev-1", "txn-1"}, {"ev-2", "txn-2"}, {"ev-2c", "txn-2"}, {"ev-1c", "txn-1"}} {
 		notify(e[0], e[1])
 	}
