@@ -964,3 +964,107 @@ func TestSecondPaymentsNotAsTheOrderRefundedOnce(t *testing.T) {
 	}
 	persisttest.CheckConservation(t, l)
 }
+
+// A payment the query reported not as the order, whose order another
+// transaction then paid by notify: recorded for refund by the reconciler
+// under its own event id (free: its record written then), and not again
+// when the provider's notify of that payment came first (its record and
+// refund already there: nothing more written).
+func TestReportedSecondPaymentRecordedOnceWhicheverComesFirst(t *testing.T) {
+	clock, advance := testClock()
+	var reports sync.Map // order id → the payment the query reports (short, txn "short-<order>")
+	provider := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if ev, ok := reports.Load(r.URL.Query().Get("order_id")); ok && r.URL.Path != "/close" {
+			answer(w, clock, ev.(pay.Event))
+			return
+		}
+		answer(w, clock, unpaid(r))
+	}))
+	t.Cleanup(provider.Close)
+	svc, st, l := reconcileService(t, provider.URL, 15*time.Minute, clock)
+	type order struct {
+		o     pay.Order
+		id    int64
+		short pay.Event
+	}
+	var orders []order
+	for user := int64(7); user <= 8; user++ {
+		o, err := svc.CreateOrder(user, pay.CreateReq{ProductID: 1, Channel: "mock", ReqID: "r"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		short := pay.Event{EventID: "ev-short-" + o.OrderID, TxnID: pay.TxnID("short-" + o.OrderID), OrderID: o.OrderID,
+			Status: "SUCCESS", Amount: o.Amount - 1, PaidAt: clock().UnixMilli()}
+		reports.Store(o.OrderID, short)
+		orders = append(orders, order{o, mustID(t, o.OrderID), short})
+	}
+	advance(2 * time.Minute)
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		a, _ := st.Has(persist.Key([]byte("rec/paymismatch/"), uint64(orders[0].id)))
+		b, _ := st.Has(persist.Key([]byte("rec/paymismatch/"), uint64(orders[1].id)))
+		if a && b {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the short payments the query reported were not remembered")
+		}
+		svc.Reconcile()
+	}
+	notify := func(ev pay.Event, want int) {
+		t.Helper()
+		body, _ := proto.Marshal(ev)
+		if code, msg := svc.Notify("mock", pay.Sign(reconcileSecret, clock(), body), body); code != want {
+			t.Fatalf("notify %s: %d %s, want %d", ev.EventID, code, msg, want)
+		}
+	}
+	for _, o := range orders {
+		notify(pay.Event{EventID: "ev-" + o.o.OrderID, TxnID: pay.TxnID("paid-" + o.o.OrderID), OrderID: o.o.OrderID,
+			Status: "SUCCESS", Amount: o.o.Amount, PaidAt: clock().UnixMilli()}, pay.NotifyOK)
+	}
+	// The second order's short payment notified before the reconciler runs.
+	notify(orders[1].short, pay.NotifyConflict)
+	before, err := st.Get(pay.SecondPaymentKey(orders[1].id, string(orders[1].short.TxnID)))
+	if err != nil {
+		t.Fatalf("the notified short payment not recorded for refund: %v", err)
+	}
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		a, _ := st.Has(persist.Key([]byte("rec/paymismatch/"), uint64(orders[0].id)))
+		b, _ := st.Has(persist.Key([]byte("rec/paymismatch/"), uint64(orders[1].id)))
+		if !a && !b {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the reports were not dropped")
+		}
+		svc.Reconcile()
+	}
+	for _, o := range orders {
+		v, err := st.Get(pay.SecondPaymentKey(o.id, string(o.short.TxnID)))
+		var rec struct {
+			Amount int64  `json:"amount"`
+			Event  string `json:"event_id"`
+		}
+		if err != nil || proto.Unmarshal(v, &rec) != nil || rec.Amount != o.o.Amount-1 || rec.Event != o.short.EventID {
+			t.Fatalf("order %s: second payment's refund record %s (%v)", o.o.OrderID, v, err)
+		}
+		if has, err := st.Has(pay.EventRecordKey(o.id, o.short.EventID)); err != nil || !has {
+			t.Fatalf("order %s: no record of the short payment's event: %v", o.o.OrderID, err)
+		}
+	}
+	if after, err := st.Get(pay.SecondPaymentKey(orders[1].id, string(orders[1].short.TxnID))); err != nil || string(after) != string(before) {
+		t.Fatalf("the notified short payment's refund record rewritten by the reconciler: %s (%v)", after, err)
+	}
+	n := 0
+	if err := st.Scan([]byte("rec/refundsecond/"), func(k, v []byte) error { n++; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	if n != 2 {
+		t.Fatalf("%d second-payment refund records, want 2", n)
+	}
+	for i, o := range orders {
+		if bal, err := l.Balance(int64(7 + i)); err != nil || bal != o.o.Coins {
+			t.Fatalf("user %d balance %d (%v), want %d (credited once)", 7+i, bal, err, o.o.Coins)
+		}
+	}
+	persisttest.CheckConservation(t, l)
+}
