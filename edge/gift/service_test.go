@@ -352,12 +352,19 @@ func (r receivers) CanReceive(int64, int64) (bool, error) { return r.err == nil,
 // presence is read goes through, debited once.
 func TestGiftReceiverPresenceUnreadableIsRetry(t *testing.T) {
 	led, cat, rt := seededRoom(t)
-	rt.Register(&routertest.Recorder{SessionID: 1, User: 100})
+	sender := &routertest.Recorder{SessionID: 1, User: 100}
+	rt.Register(sender)
 	recv := &receivers{err: errors.New("redis: timeout")}
 	s := New(led, rt, cat, Config{Receivers: recv}, nil)
 	req := Req{RoomID: 7, GiftID: 24, ReceiverID: 200, Count: 1, ReqID: "r1"}
 	if _, e := s.Send(100, true, req); e == nil || e.Code != proto.CodeInternal {
 		t.Fatalf("presence unread: %+v, want 50000", e)
+	}
+	// The sender is told (biz 5557, as for the other 50000s of a gift:
+	// an account status unread, the wallet unavailable), with the code.
+	if got := sender.Received(); len(got) != 1 || !strings.Contains(string(got[0].Bytes), `"biz":5557`) ||
+		!strings.Contains(string(got[0].Bytes), "50000") {
+		t.Fatalf("pushes to the sender %d, want one 5557 with 50000", len(got))
 	}
 	if b, _ := led.Balance(100); b != 10_000 {
 		t.Fatalf("balance %d after a refused gift, want 10000", b)
