@@ -958,7 +958,7 @@ func (n *Node) closeBackends() error {
 
 // roomAudience is gift.Receivers: a gift may go to the room's anchor or to
 // a user with a session joined to the room — in a cluster on any live node
-// (userInRoom: the cluster's presence; an error when it could not be read).
+// (router.UserInRoom: the cluster's presence; an error when it could not be read).
 type roomAudience struct {
 	rooms  *room.Service
 	router router.Router
@@ -970,7 +970,7 @@ func (a roomAudience) CanReceive(roomID, user int64) (bool, error) {
 	if anchor, ok := a.rooms.AnchorOf(roomID); ok && anchor == user {
 		return true, nil
 	}
-	return userInRoom(a.router, roomID, user)
+	return a.router.UserInRoom(roomID, user)
 }
 
 // backfill copies what Redis holds of what (account statuses, coupons) to

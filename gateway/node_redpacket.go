@@ -10,12 +10,11 @@ import (
 
 	"github.com/liveedge/liveedge/edge/limit"
 	"github.com/liveedge/liveedge/edge/redpacket"
-	"github.com/liveedge/liveedge/router"
 )
 
 // newRedPackets builds the red-packet service (after the rooms, the wallet
 // and the router) and restores the rains a previous run left unfinished. A
-// grabber must have a session joined to the rain's room (userInRoom: in a
+// grabber must have a session joined to the rain's room (router.UserInRoom: in a
 // cluster on any live node; a presence that could not be read is 50000).
 func (n *Node) newRedPackets() (err error) {
 	cfg := n.Config.RedPacket
@@ -53,7 +52,7 @@ func (n *Node) newRedPackets() (err error) {
 	n.RedPackets, err = redpacket.New(n.Store, n.Wallet, n.Router, redpacket.Config{
 		Peers: peers, Claim: claim, Unclaim: unclaim, RoomRun: roomRun, RoomDone: roomDone,
 		Node: n.Config.Node.ID, Pool: pool,
-		AnchorOf: n.Rooms.AnchorOf, InRoom: func(room, user int64) (bool, error) { return userInRoom(n.Router, room, user) },
+		AnchorOf: n.Rooms.AnchorOf, InRoom: n.Router.UserInRoom,
 		Frozen:   n.Accounts.Frozen,
 		MaxCount: cfg.MaxCount, MaxTotal: cfg.MaxTotal, MaxDuration: cfg.MaxDuration.D(),
 		MaxPerAnchor: cfg.MaxPerAnchor, OnePerUser: cfg.OnePerUser,
@@ -135,16 +134,4 @@ func (n *Node) runRainInRoom(ctx context.Context, room int64, code string, until
 
 func (n *Node) rainDoneInRoom(ctx context.Context, room int64, code string) error {
 	return rainDoneScript.Exec(ctx, n.Redis, []string{rainRoomKey(room)}, []string{code}).Error()
-}
-
-// userInRoom reports whether user has a session joined to room (in a
-// cluster on any live node), or the error of a presence that could not be
-// read (a red-packet grab or a gift then answers 50000 "retry", not 10003).
-func userInRoom(r router.Router, room, user int64) (bool, error) {
-	if c, ok := r.(interface {
-		UserInRoomChecked(id, user int64) (bool, error)
-	}); ok {
-		return c.UserInRoomChecked(room, user)
-	}
-	return r.UserInRoom(room, user), nil
 }

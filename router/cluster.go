@@ -644,17 +644,10 @@ func (c *Cluster) IsMember(id int64, s Session) bool { return c.local.IsMember(i
 func (c *Cluster) Online(id int64) int { return c.clusterOnline(id) }
 
 // UserInRoom implements Router: a session of user joined room on any live
-// node (false too when the presence could not be read: UserInRoomChecked
-// tells).
-func (c *Cluster) UserInRoom(id, user int64) bool {
-	in, _ := c.UserInRoomChecked(id, user)
-	return in
-}
-
-// UserInRoomChecked is UserInRoom with the error of a presence that could not
-// be read (Redis did not answer) — unknown, not "not in the room".
-func (c *Cluster) UserInRoomChecked(id, user int64) (bool, error) {
-	if c.local.UserInRoom(id, user) {
+// node; the error of a presence that could not be read (Redis did not
+// answer).
+func (c *Cluster) UserInRoom(id, user int64) (bool, error) {
+	if c.local.userInRoom(id, user) {
 		return true, nil
 	}
 	ctx, cancel := c.ctx()

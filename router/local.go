@@ -411,9 +411,12 @@ func (l *Local) IsMember(id int64, s Session) bool {
 	return ok
 }
 
-// UserInRoom implements Router: the user's sessions are copied out of the
-// user index first, so no room lock is taken under a user shard's lock.
-func (l *Local) UserInRoom(id, user int64) bool {
+// UserInRoom implements Router (never an error: the node's own memory).
+func (l *Local) UserInRoom(id, user int64) (bool, error) { return l.userInRoom(id, user), nil }
+
+// userInRoom is UserInRoom: the user's sessions are copied out of the user
+// index first, so no room lock is taken under a user shard's lock.
+func (l *Local) userInRoom(id, user int64) bool {
 	var buf [8]Session
 	us := l.userShard(user)
 	us.mu.RLock()

@@ -67,9 +67,11 @@ type Router interface {
 	IsMember(room int64, s Session) bool
 	// Online is the number of sessions in room.
 	Online(room int64) int
-	// UserInRoom reports whether user has a session that joined room (on
-	// this node: membership is per node).
-	UserInRoom(room, user int64) bool
+	// UserInRoom reports whether user has a session that joined room (a
+	// Local: on this node; a Cluster: on any live node). An error: it could
+	// not be read (a cluster's Redis did not answer) — unknown, not "not in
+	// the room".
+	UserInRoom(room, user int64) (bool, error)
 	// PublishRoom queues p for every member of room, in order. A zero Mid is
 	// filled in; the mid is returned.
 	PublishRoom(room int64, p proto.Push) (mid string, err error)
