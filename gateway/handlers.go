@@ -129,10 +129,6 @@ func (s *Server) dispatch(c *Conn, b []byte) {
 // before the sweep looks — and the connection lives on — or finds it
 // expired and is refused; never answered OK and then closed 4501.
 func (s *Server) refresh(c *Conn, tok string) (any, *proto.Error) {
-	expired := proto.Errorf(proto.CodeUnauthenticated, "the connection's token has expired")
-	if c.expires.Load() <= time.Now().UnixNano() {
-		return nil, expired
-	}
 	ident, err := s.auth.Verify(tok)
 	if err != nil {
 		return nil, proto.Errorf(proto.CodeUnauthenticated, "token refused")
@@ -143,13 +139,15 @@ func (s *Server) refresh(c *Conn, tok string) (any, *proto.Error) {
 	for {
 		old := c.expires.Load()
 		if old <= time.Now().UnixNano() {
-			return nil, expired
+			return nil, errConnTokenEnded
 		}
 		if c.expires.CompareAndSwap(old, ident.Expires.UnixNano()) {
 			return proto.RefreshReply{ExpiresInMS: max(1, time.Until(ident.Expires).Milliseconds())}, nil
 		}
 	}
 }
+
+var errConnTokenEnded = proto.Errorf(proto.CodeUnauthenticated, "the connection's token has expired")
 
 // refreshOutcome is a refresh's label in liveedge_token_refreshes_total.
 func refreshOutcome(err *proto.Error) string {

@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/http"
 	"runtime/debug"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -515,24 +516,27 @@ func (s *Server) serveFrame(c *Conn, op gws.Opcode, data []byte) {
 	s.serveMessage(c, op, data)
 }
 
+// The quoted names isAck and isAckOrRefresh look for before they decode.
+var quotedAck, quotedRefresh = []byte(`"` + proto.TypeAck + `"`), []byte(`"` + proto.TypeRefresh + `"`)
+
 // isAck reports whether data is an ack frame (decoded only if it holds
 // "ack").
 func isAck(data []byte) bool {
-	if !bytes.Contains(data, []byte(`"ack"`)) {
-		return false
-	}
-	f, perr := proto.DecodeClientFrame(data)
-	return perr == nil && f.T == proto.TypeAck
+	return bytes.Contains(data, quotedAck) && frameTypeIn(data, proto.TypeAck)
 }
 
 // isAckOrRefresh reports whether data is an ack or a refresh frame (decoded
 // only if it holds either name).
 func isAckOrRefresh(data []byte) bool {
-	if !bytes.Contains(data, []byte(`"ack"`)) && !bytes.Contains(data, []byte(`"refresh"`)) {
-		return false
-	}
+	return (bytes.Contains(data, quotedAck) || bytes.Contains(data, quotedRefresh)) &&
+		frameTypeIn(data, proto.TypeAck, proto.TypeRefresh)
+}
+
+// frameTypeIn decodes data and reports whether it is a client frame of one
+// of types.
+func frameTypeIn(data []byte, types ...string) bool {
 	f, perr := proto.DecodeClientFrame(data)
-	return perr == nil && (f.T == proto.TypeAck || f.T == proto.TypeRefresh)
+	return perr == nil && slices.Contains(types, f.T)
 }
 
 // serveMessage serves one client message, on the reader or the lane.

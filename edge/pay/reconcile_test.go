@@ -783,11 +783,7 @@ func TestSecondPaymentOfAPaidOrderIsRefundedOnce(t *testing.T) {
 	if v, err := st.Get(pay.SecondPaymentKey(id, "txn-2")); err != nil || string(v) != string(refund) {
 		t.Fatalf("the second payment's refund record changed by a redelivery: %s (%v)", v, err)
 	}
-	n := 0
-	if err := st.Scan([]byte("rec/refundsecond/"), func(k, v []byte) error { n++; return nil }); err != nil {
-		t.Fatal(err)
-	}
-	if n != 1 {
+	if n := secondPaymentRecords(t, st); n != 1 {
 		t.Fatalf("%d second-payment refund records, want 1", n)
 	}
 	if has, err := st.Has(persist.Key([]byte("rec/refund/"), uint64(id))); err != nil || has {
@@ -950,11 +946,7 @@ func TestSecondPaymentsNotAsTheOrderRefundedOnce(t *testing.T) {
 		}
 	}
 
-	n := 0
-	if err := st.Scan([]byte("rec/refundsecond/"), func(k, v []byte) error { n++; return nil }); err != nil {
-		t.Fatal(err)
-	}
-	if n != 3 {
+	if n := secondPaymentRecords(t, st); n != 3 {
 		t.Fatalf("%d second-payment refund records, want 3", n)
 	}
 	for user, want := range map[int64]int64{7: a.Coins, 8: 0, 9: c.Coins, 10: d.Coins, 11: e.Coins, 12: f.Coins} {
@@ -1054,11 +1046,7 @@ func TestReportedSecondPaymentRecordedOnceWhicheverComesFirst(t *testing.T) {
 	if after, err := st.Get(pay.SecondPaymentKey(orders[1].id, string(orders[1].short.TxnID))); err != nil || string(after) != string(before) {
 		t.Fatalf("the notified short payment's refund record rewritten by the reconciler: %s (%v)", after, err)
 	}
-	n := 0
-	if err := st.Scan([]byte("rec/refundsecond/"), func(k, v []byte) error { n++; return nil }); err != nil {
-		t.Fatal(err)
-	}
-	if n != 2 {
+	if n := secondPaymentRecords(t, st); n != 2 {
 		t.Fatalf("%d second-payment refund records, want 2", n)
 	}
 	for i, o := range orders {
@@ -1067,4 +1055,14 @@ func TestReportedSecondPaymentRecordedOnceWhicheverComesFirst(t *testing.T) {
 		}
 	}
 	persisttest.CheckConservation(t, l)
+}
+
+// secondPaymentRecords counts the second-payment refund records in st.
+func secondPaymentRecords(t *testing.T, st *persist.Store) int {
+	t.Helper()
+	n := 0
+	if err := st.Scan([]byte("rec/refundsecond/"), func(k, v []byte) error { n++; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	return n
 }

@@ -1021,7 +1021,7 @@ func (s *Service) apply(channel string, ev Event) (int, string) {
 		// for refund of the amount it reports, and answered 409 all the
 		// same (its redeliveries are duplicates: 409, nothing more).
 		if ev.Status == "SUCCESS" && secondPayment(o, ev) {
-			if st, msg := s.refundSecond(o, id, ev, evRec, now); st != NotifyOK {
+			if st, msg := s.refundSecond(o, id, ev, &evRec, now); st != NotifyOK {
 				return st, msg
 			}
 		}
@@ -1083,7 +1083,7 @@ func (s *Service) apply(channel string, ev Event) (int, string) {
 		}
 		return NotifyOK, "success"
 	case ev.Status == "SUCCESS" && secondPayment(o, ev):
-		return s.refundSecond(o, id, ev, evRec, now)
+		return s.refundSecond(o, id, ev, &evRec, now)
 	default:
 		// Already settled (PAYED, PAY_BACK, or FAILED after the fact): record, change nothing.
 		if err := s.store.Put(evRec.Key, evRec.Value); err != nil {
@@ -1278,7 +1278,7 @@ func (s *Service) refundSecondReported(id int64, ev Event) bool {
 		r := eventRec(id, ev, o.Status, now)
 		evRec = &r
 	}
-	st, _ := s.refundSecondWith(o, id, ev, evRec, now)
+	st, _ := s.refundSecond(o, id, ev, evRec, now)
 	return st == NotifyOK
 }
 
@@ -1293,15 +1293,10 @@ func SecondPaymentKey(order int64, txn string) []byte {
 // a refund record of its amount under its transaction id, the event, a row
 // of the order's log; the order keeps its status and its first payment
 // (credited, or refunded, as it was). Once per transaction: another event
-// of the same transaction is recorded only.
-func (s *Service) refundSecond(o Order, id int64, ev Event, evRec persist.Record, now int64) (int, string) {
-	return s.refundSecondWith(o, id, ev, &evRec, now)
-}
-
-// refundSecondWith is refundSecond writing the event's record evRec only
-// when it is given (nil: the event id has a record already — never
+// of the same transaction is recorded only. The event's record evRec is
+// written only when given (nil: the event id has a record already — never
 // replaced).
-func (s *Service) refundSecondWith(o Order, id int64, ev Event, evRec *persist.Record, now int64) (int, string) {
+func (s *Service) refundSecond(o Order, id int64, ev Event, evRec *persist.Record, now int64) (int, string) {
 	key := SecondPaymentKey(id, string(ev.TxnID))
 	has, err := s.store.Has(key)
 	if err != nil {

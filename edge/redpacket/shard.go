@@ -230,18 +230,14 @@ func (s *Service) logLease(r *rain, node string, back bool, pk []Packet) error {
 // hasLeases reports whether rain code's lease log has a row: some of its
 // packets were handed to another node.
 func (s *Service) hasLeases(code string) (bool, error) {
+	p := leasePrefix(code)
 	found := false
-	err := s.store.Scan(leasePrefix(code), func(_, _ []byte) error {
+	err := s.store.ScanRange(p, persist.PrefixEnd(p), func(_, _ []byte) (bool, error) {
 		found = true
-		return errStopScan
+		return false, nil
 	})
-	if errors.Is(err, errStopScan) {
-		err = nil
-	}
 	return found, err
 }
-
-var errStopScan = errors.New("stop")
 
 func (s *Service) replayLeases(r *rain) error {
 	r.where = make([]uint16, r.rec.Count)
