@@ -456,28 +456,30 @@ func rainTokenKey(code string) string { return rainClaimKey(code) + ":tok" }
 const rainClaimPrefix = "le:rpu:"
 
 // claimScript gives a user a place in a rain's set for a grab attempt (its
-// token) and sets the keys' expiry in one step: 1 if the user was not in
-// it, or their place was held by one of ARGV[4…] (grabs of the same node
-// known to have granted nothing: a claim's reply lost, a release not
-// answered), which the token now replaces; 0 if another attempt holds it;
-// -1 while the shared wallet is not ready (Redis lost its data: the sets
-// are being rebuilt from the nodes' grants with the wallet,
-// contributeRainClaims). KEYS set, tokens, meta; ARGV user, expiry, token,
-// then the attempts it may replace.
-var claimScript = rueidis.NewLuaScript(`if redis.call('HGET', KEYS[3], 'state') ~= 'ready' then return -1 end
+// token) and sets the keys' expiry in one step: {1, generation} if the user
+// was not in it, or their place was held by one of ARGV[4…] (grabs of the
+// same node known to have granted nothing: a claim's reply lost, a release
+// not answered), which the token now replaces — the shared wallet's
+// generation the place is in, which the grant is pinned to; {0} if another
+// attempt holds it; {-1} while the shared wallet is not ready (Redis lost
+// its data: the sets are being rebuilt from the nodes' grants with the
+// wallet, contributeRainClaims). KEYS set, tokens, meta; ARGV user, expiry,
+// token, then the attempts it may replace.
+var claimScript = rueidis.NewLuaScript(`local meta = redis.call('HMGET', KEYS[3], 'state', 'gen')
+if meta[1] ~= 'ready' or not meta[2] then return {-1} end
 if redis.call('SADD', KEYS[1], ARGV[1]) == 0 then
   local holder = redis.call('HGET', KEYS[2], ARGV[1])
-  if not holder then return 0 end
+  if not holder then return {0} end
   local mine = holder == ARGV[3]
   for i = 4, #ARGV do
     if holder == ARGV[i] then mine = true end
   end
-  if not mine then return 0 end
+  if not mine then return {0} end
 end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
 redis.call('PEXPIREAT', KEYS[1], ARGV[2])
 redis.call('PEXPIREAT', KEYS[2], ARGV[2])
-return 1`)
+return {1, meta[2]}`)
 
 // unclaimScript gives a user's place back if the grab attempt ARGV[2] still
 // holds it (a later attempt that took it back keeps it). KEYS set, tokens.
@@ -490,13 +492,29 @@ return 1`)
 const rainClaimSlack = time.Hour
 
 // claimRain and unclaimRain keep redpacket's one-per-user places in Redis.
-func (n *Node) claimRain(ctx context.Context, code string, user int64, until int64, token string, prev []string) (bool, error) {
+// A place taken names the wallet generation it is in (claimScript).
+func (n *Node) claimRain(ctx context.Context, code string, user int64, until int64, token string, prev []string) (bool, string, error) {
 	args := append([]string{strconv.FormatInt(user, 10), strconv.FormatInt(until+rainClaimSlack.Milliseconds(), 10), token}, prev...)
-	added, err := claimScript.Exec(ctx, n.Redis, []string{rainClaimKey(code), rainTokenKey(code), persist.SharedMetaKey}, args).AsInt64()
-	if err == nil && added < 0 {
-		return false, redpacket.ErrClaimsUnavailable
+	out, err := claimScript.Exec(ctx, n.Redis, []string{rainClaimKey(code), rainTokenKey(code), persist.SharedMetaKey}, args).ToArray()
+	if err != nil {
+		return false, "", err
 	}
-	return added == 1, err
+	if len(out) == 0 {
+		return false, "", errors.New("red packet claim: empty answer")
+	}
+	switch added, err := out[0].AsInt64(); {
+	case err != nil:
+		return false, "", err
+	case added < 0:
+		return false, "", redpacket.ErrClaimsUnavailable
+	case added == 0:
+		return false, "", nil
+	}
+	if len(out) < 2 {
+		return false, "", errors.New("red packet claim: no generation in the answer")
+	}
+	gen, err := out[1].ToString()
+	return err == nil, gen, err
 }
 
 func (n *Node) unclaimRain(ctx context.Context, code string, user int64, token string) error {

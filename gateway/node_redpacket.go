@@ -25,7 +25,7 @@ func (n *Node) newRedPackets() (err error) {
 		pool = &redpacket.RedisListPool{Client: n.Redis, TTL: cfg.MaxDuration.D() + time.Hour}
 	}
 	var peers redpacket.Peers
-	var claim func(context.Context, string, int64, int64, string, []string) (bool, error)
+	var claim func(context.Context, string, int64, int64, string, []string) (bool, string, error)
 	var unclaim func(context.Context, string, int64, string) error
 	if n.shardedRains() {
 		peers, claim, unclaim = rpPeers{n}, n.claimRain, n.unclaimRain

@@ -41,7 +41,7 @@ func startRPNode(t *testing.T, wallet func(*persist.Ledger) persist.Wallet, edit
 	rdb := redistest.Start(t).Client(t)
 	ctx := context.Background()
 	// The shared wallet's generation is ready (no rebuild under way).
-	if err := rdb.Do(ctx, rdb.B().Hset().Key(persist.SharedMetaKey).FieldValue().FieldValue("state", "ready").Build()).Error(); err != nil {
+	if err := rdb.Do(ctx, rdb.B().Hset().Key(persist.SharedMetaKey).FieldValue().FieldValue("gen", "g1").FieldValue("state", "ready").Build()).Error(); err != nil {
 		t.Fatal(err)
 	}
 	st, l := persisttest.OpenLedger(t)
@@ -253,12 +253,12 @@ func TestGrabAfterALostClaimReply(t *testing.T) {
 	lose.Store(int64(u), true)
 	lose.Store(int64(w), true)
 	p := startRPNode(t, nil, func(n *Node, c *redpacket.Config) {
-		c.Claim = func(ctx context.Context, code string, user, until int64, token string, prev []string) (bool, error) {
-			ok, err := n.claimRain(ctx, code, user, until, token, prev)
+		c.Claim = func(ctx context.Context, code string, user, until int64, token string, prev []string) (bool, string, error) {
+			ok, gen, err := n.claimRain(ctx, code, user, until, token, prev)
 			if _, l := lose.LoadAndDelete(user); l && err == nil {
-				return false, context.DeadlineExceeded // ran; its reply lost
+				return false, "", context.DeadlineExceeded // ran; its reply lost
 			}
-			return ok, err
+			return ok, gen, err
 		}
 	})
 	const total = 1000
@@ -361,9 +361,12 @@ func TestRainPlacesHeldByTheirAttempt(t *testing.T) {
 	until := time.Now().Add(time.Minute).UnixMilli()
 	claim := func(token string, prev ...string) bool {
 		t.Helper()
-		ok, err := n.claimRain(ctx, "CODE", 7, until, token, prev)
+		ok, gen, err := n.claimRain(ctx, "CODE", 7, until, token, prev)
 		if err != nil {
 			t.Fatal(err)
+		}
+		if ok != (gen == "g1") {
+			t.Fatalf("claim %s: %v in generation %q, want g1 when taken", token, ok, gen)
 		}
 		return ok
 	}

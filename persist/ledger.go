@@ -92,6 +92,14 @@ type Op struct {
 	// anything is reserved (e.g. a rate limit); its error is returned as is
 	// and is not remembered as the request's result.
 	Check func() error
+	// Gen, if set, pins the op to a shared wallet generation (SharedWallet:
+	// a state Redis holds since a rebuild, such as a red packet's
+	// one-per-user place, taken in that generation): in any other it is
+	// refused as ErrWalletUnavailable, nothing moved — it would land in a
+	// generation rebuilt without that state. Set it only on an op's first
+	// attempt (a retry of an op that may have run must replay its result).
+	// The single-node Ledger has no generations and ignores it.
+	Gen string
 }
 
 // Result is what Apply did (or, with Replayed, what the first Apply of this

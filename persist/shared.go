@@ -576,7 +576,7 @@ func (w *SharedWallet) Apply(op Op) (Result, error) {
 	}
 	defer w.applying.RUnlock()
 	gen := w.gen.Load()
-	if gen == nil || *gen == "" {
+	if gen == nil || *gen == "" || op.Gen != "" && op.Gen != *gen {
 		return Result{}, ErrWalletUnavailable
 	}
 	if w.nUnsettled.Load() >= w.maxUnsettled {

@@ -1029,3 +1029,71 @@ func TestSharedDuplicateWithALostReplyIsNotNothingMoved(t *testing.T) {
 	}
 	noIntents(t, b.store)
 }
+
+// An op pinned to a generation (Op.Gen) runs only in it: in another —
+// a wrong name, or the generation before Redis lost its data — it is
+// refused as unavailable and nothing moves; its req_id stays free.
+func TestSharedOpPinnedToAGeneration(t *testing.T) {
+	const user = 42
+	rs := redistest.Start(t)
+	n := startShared(t, rs.Addr, t.TempDir(), "a", nil)
+	waitReady(t, n)
+	ctx := context.Background()
+	metaGen := func() string {
+		t.Helper()
+		g, err := n.rdb.Do(ctx, n.rdb.B().Hget().Key(SharedMetaKey).Field("gen").Build()).ToString()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return g
+	}
+	credit := func(req, gen string) (Result, error) {
+		return n.w.Apply(Op{User: user, ReqID: req, Gen: gen, Postings: []Posting{{User: user, Delta: 10, Reason: ReasonDev}}})
+	}
+	balance := func(want int64) {
+		t.Helper()
+		if b, err := n.w.Balance(user); err != nil || b != want {
+			t.Fatalf("balance %d %v, want %d", b, err, want)
+		}
+	}
+	first := metaGen()
+	if _, err := credit("c1", "not-a-generation"); !errors.Is(err, ErrWalletUnavailable) {
+		t.Fatalf("pinned to another generation: %v, want unavailable", err)
+	}
+	balance(0)
+	noIntents(t, n.store)
+	if _, err := credit("c1", first); err != nil {
+		t.Fatalf("pinned to the current generation: %v", err)
+	}
+	balance(10)
+
+	rs.Restart() // Redis empty: a new generation, rebuilt from the ledger
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		_, err := credit("c2", "")
+		if err == nil {
+			break
+		}
+		// The first call may find the old connection reset (its outcome
+		// then settled by the watcher): retried with the same req_id.
+		retry := errors.Is(err, ErrWalletUnavailable) || errors.Is(err, ErrInProgress) || errors.Is(err, ErrInDoubt)
+		if !retry || time.Now().After(deadline) {
+			t.Fatalf("after Redis restart: %v", err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	second := metaGen()
+	if second == first {
+		t.Fatalf("generation %q kept across a Redis restart", first)
+	}
+	if _, err := credit("c3", first); !errors.Is(err, ErrWalletUnavailable) {
+		t.Fatalf("pinned to the generation before the loss: %v, want unavailable", err)
+	}
+	balance(20)
+	if r, err := credit("c3", second); err != nil || r.Replayed {
+		t.Fatalf("c3 in the new generation: %+v %v, want applied once", r, err)
+	}
+	balance(30)
+	noIntents(t, n.store)
+	auditAcross(t, n.rdb, n.store)
+}

@@ -149,7 +149,7 @@ func (s *Service) GrabAsync(user int64, code string, done func(GrabReply, *proto
 		done(GrabReply{}, errEmpty)
 		return
 	}
-	s.applyGrant(user, code, p, func(res persist.Result, err error, op persist.Op) {
+	s.applyGrant(user, code, p, pl.pinned(), func(res persist.Result, err error, op persist.Op) {
 		if err != nil {
 			if !inDoubt(err) {
 				// Nothing moved (the wallet unavailable, or a definite
@@ -223,19 +223,25 @@ func grabReply(amount int64) GrabReply {
 }
 
 // applyGrant grants p of rain code to user: the grant row, the credit and the
-// tally in one ledger op, idempotent by (user, "rp:<code>:<index>"); then
-// done (on a ledger goroutine: quick, never blocking) and, if the credit is
-// new, biz 5570 to the grabber. A packet whose grant failed is not put back
-// (the outcome may be unknown); the settlement refunds whatever has no
-// durable grant.
-func (s *Service) applyGrant(user int64, code string, p Packet, done func(persist.Result, error, persist.Op)) {
+// tally in one ledger op, idempotent by (user, "rp:<code>:<index>"), pinned
+// to wallet generation gen if set (its one-per-user place's: refused,
+// nothing moved, in a generation rebuilt without that place); then done
+// (on a ledger goroutine: quick, never blocking) with the op to apply again
+// if its outcome is in doubt (unpinned: its place is rebuilt from the
+// grants in doubt, InDoubtClaims, and a retry of an op that may have run
+// must replay) and, if the credit is new, biz 5570 to the grabber. A packet
+// whose grant failed is not put back (the outcome may be unknown); the
+// settlement refunds whatever has no durable grant.
+func (s *Service) applyGrant(user int64, code string, p Packet, gen string, done func(persist.Result, error, persist.Op)) {
 	gb, _ := proto.Marshal(grant{User: user, Amount: p.Amount, At: s.cfg.Now().UnixMilli()})
 	op := persist.Op{User: user, ReqID: grantReqID(code, p.Index),
 		Postings: []persist.Posting{{User: user, Delta: p.Amount, Reason: persist.ReasonRedPacket, Ref: "redpacket " + code}},
 		Tallies:  []persist.Tally{{Name: TallyGrabbed, User: user, Delta: p.Amount}},
 		Static:   []persist.Record{storeRecord(grantKey(code, p.Index), gb)},
 	}
-	s.wallet.ApplyAsync(op, func(res persist.Result, err error) {
+	first := op
+	first.Gen = gen
+	s.wallet.ApplyAsync(first, func(res persist.Result, err error) {
 		if err != nil {
 			s.log.Error("red packet grant not recorded", "code", code, "index", p.Index, "user", user, "err", err)
 		}

@@ -99,8 +99,12 @@ type Config struct {
 	// rain code, or had one held by one of prev (attempts of this node that
 	// granted nothing for sure), and token holds it now (kept until after
 	// until, a Unix ms time); false: another attempt holds it. Unclaim
-	// gives the place back if token still holds it.
-	Claim   func(ctx context.Context, code string, user int64, until int64, token string, prev []string) (bool, error)
+	// gives the place back if token still holds it. gen names the shared
+	// wallet generation the place was taken in (persist.Op.Gen): the grant
+	// is pinned to it, so a grant whose place a Redis loss took with it
+	// never lands in the rebuilt generation without its place ("" = not
+	// pinned).
+	Claim   func(ctx context.Context, code string, user int64, until int64, token string, prev []string) (ok bool, gen string, err error)
 	Unclaim func(ctx context.Context, code string, user int64, token string) error
 	// RoomRun and RoomDone, if set, keep "one running rain per room" in a
 	// place every node shares (a room's rains may be owned by different

@@ -1131,7 +1131,7 @@ func (s *Service) grabVia(owner string, user int64, code string, rated bool) (Gr
 		out *proto.Error
 	)
 	done := make(chan struct{})
-	s.applyGrant(user, code, p, func(res persist.Result, err error, op persist.Op) {
+	s.applyGrant(user, code, p, pl.pinned(), func(res persist.Result, err error, op persist.Op) {
 		sh.mu.Lock()
 		sh.inflight--
 		if err == nil {
@@ -1375,13 +1375,15 @@ func (s *Service) ServeClose(code string) (ShardTotals, error) {
 }
 
 // place is a grab attempt's one-per-user place in a rain (Config.Claim):
-// the token that names the attempt, and until when the place is needed
-// (the rain's end).
+// the token that names the attempt, until when the place is needed (the
+// rain's end), and the wallet generation it was taken in (its grant is
+// pinned to it: persist.Op.Gen).
 type place struct {
 	code  string
 	user  int64
 	token string
 	until int64
+	gen   string
 }
 
 // placeKey is a user's place in a rain (Service.lost).
@@ -1434,7 +1436,7 @@ func (s *Service) claim(code string, user int64, endsAt int64) (*place, *proto.E
 	s.placesMu.Unlock()
 	ctx, cancel := context.WithTimeout(context.Background(), poolTimeout)
 	defer cancel()
-	ok, err := s.cfg.Claim(ctx, code, user, endsAt, p.token, prev)
+	ok, gen, err := s.cfg.Claim(ctx, code, user, endsAt, p.token, prev)
 	if errors.Is(err, ErrClaimsUnavailable) {
 		return nil, errClaimsUnavailable // refused before anything was taken
 	}
@@ -1446,6 +1448,7 @@ func (s *Service) claim(code string, user int64, endsAt int64) (*place, *proto.E
 	if !ok {
 		return nil, errTaken
 	}
+	p.gen = gen
 	if len(prev) > 0 {
 		// None of prev holds the place now: this attempt took it (from
 		// one of them, or free). Their entry goes with its loop.
@@ -1554,3 +1557,12 @@ const (
 	releaseRetry    = 100 * time.Millisecond
 	releaseRetryMax = 5 * time.Second
 )
+
+// pinned is the wallet generation p's grant is pinned to ("" for none:
+// no shared place).
+func (p *place) pinned() string {
+	if p == nil {
+		return ""
+	}
+	return p.gen
+}

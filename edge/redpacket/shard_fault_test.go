@@ -446,16 +446,16 @@ func TestShardedGrabAfterALostClaimReply(t *testing.T) {
 	h := c.svc("n2")
 	claim := h.cfg.Claim
 	var lost sync.Once
-	h.cfg.Claim = func(ctx context.Context, code string, u, until int64, token string, prev []string) (bool, error) {
-		ok, err := claim(ctx, code, u, until, token, prev)
+	h.cfg.Claim = func(ctx context.Context, code string, u, until int64, token string, prev []string) (bool, string, error) {
+		ok, gen, err := claim(ctx, code, u, until, token, prev)
 		drop := false
 		if u == user {
 			lost.Do(func() { drop = true })
 		}
 		if drop && err == nil {
-			return false, context.DeadlineExceeded // taken; its reply lost
+			return false, "", context.DeadlineExceeded // taken; its reply lost
 		}
-		return ok, err
+		return ok, gen, err
 	}
 	if _, perr := c.grab("n2", "n1", user, code); perr == nil || perr.Code != proto.CodeInternal {
 		t.Fatalf("grab with its claim's reply lost: %v, want 50000", perr)
@@ -490,19 +490,19 @@ func TestShardedGrabAfterStackedLostAttempts(t *testing.T) {
 	var first atomic.Value // A's token
 	var refuseA atomic.Bool
 	refuseA.Store(true)
-	h.cfg.Claim = func(ctx context.Context, code string, u, until int64, token string, prev []string) (bool, error) {
+	h.cfg.Claim = func(ctx context.Context, code string, u, until int64, token string, prev []string) (bool, string, error) {
 		if u != user {
 			return claim(ctx, code, u, until, token, prev)
 		}
 		switch calls.Add(1) {
 		case 1: // A: taken, its reply lost
 			first.Store(token)
-			if _, err := claim(ctx, code, u, until, token, prev); err != nil {
-				return false, err
+			if _, _, err := claim(ctx, code, u, until, token, prev); err != nil {
+				return false, "", err
 			}
-			return false, context.DeadlineExceeded
+			return false, "", context.DeadlineExceeded
 		case 2, 3, 4, 5, 6: // B…: never reached Redis
-			return false, errors.New("dial tcp: connection refused")
+			return false, "", errors.New("dial tcp: connection refused")
 		}
 		return claim(ctx, code, u, until, token, prev)
 	}

@@ -165,15 +165,15 @@ func (c *cluster) startWith(t *testing.T, name, dir string, mod func(*Config)) e
 	cfg := Config{Node: name, Peers: peers{c, name}, OnePerUser: true,
 		AnchorOf: func(int64) (int64, bool) { return shardAnchor, true },
 		InRoom:   func(room, user int64) (bool, error) { return room == shardRoom, nil },
-		Claim: func(_ context.Context, code string, user, _ int64, token string, prev []string) (bool, error) {
+		Claim: func(_ context.Context, code string, user, _ int64, token string, prev []string) (bool, string, error) {
 			c.mu.Lock()
 			defer c.mu.Unlock()
 			k := code + "/" + strconv.FormatInt(user, 10)
 			if h, held := c.claims[k]; held && h != token && !slices.Contains(prev, h) {
-				return false, nil
+				return false, "", nil
 			}
 			c.claims[k] = token
-			return true, nil
+			return true, "", nil // the nodes' ledgers have no generations
 		},
 		Unclaim: func(_ context.Context, code string, user int64, token string) error {
 			c.mu.Lock()
