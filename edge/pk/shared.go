@@ -218,6 +218,12 @@ type running struct {
 	// is (or may be) in Redis.
 	waitMu sync.Mutex
 	marked bool
+	// clearAfterFlush: the last PK gift in flight at the end was answered
+	// while its score was still queued (flushing): the mark goes once flush
+	// has added it. unscored: a score.lua call failed — the mark stays
+	// until it lapses (an end that read the tallies before that gift's
+	// debit landed waits, then reads them again).
+	clearAfterFlush, unscored bool
 	// adopted: when this replica was made (a sync's read from before it
 	// may not list the contest yet).
 	adopted time.Time
@@ -495,11 +501,15 @@ func (s *Service) markWait(r *running) {
 	}
 }
 
-// clearWait deletes r's wait mark once its PK gifts are answered.
+// clearWait deletes r's wait mark once its PK gifts are answered and
+// their scores added (a score that failed keeps it until it lapses).
 func (s *Service) clearWait(r *running) {
 	r.waitMu.Lock()
 	defer r.waitMu.Unlock()
-	if !r.marked {
+	s.mu.Lock()
+	unscored := r.unscored
+	s.mu.Unlock()
+	if !r.marked || unscored {
 		return
 	}
 	ctx, cancel := s.sh.ctx()
@@ -1076,6 +1086,13 @@ func (s *Service) enterShared(room int64) (string, string, func(), bool) {
 			s.mu.Lock()
 			r.inflight--
 			last := r.inflight == 0 && r.closing
+			if last && r.flushing {
+				// Its score is queued (AddScore comes before leave) and
+				// not in Redis yet: an end that read the tallies before
+				// this debit landed must find it in the sums, so the mark
+				// stays until flush has added it.
+				r.clearAfterFlush, last = true, false
+			}
 			s.mu.Unlock()
 			if last {
 				go s.clearWait(r) // (called on a wallet goroutine: never block it)
@@ -1115,7 +1132,12 @@ func (s *Service) flush(r *running) {
 		r.pending = [2]int64{}
 		if p == ([2]int64{}) || r.ended || s.closed {
 			r.flushing = false
+			clear := r.clearAfterFlush && r.inflight == 0 && !r.ended && !s.closed
+			r.clearAfterFlush = false
 			s.mu.Unlock()
+			if clear {
+				s.clearWait(r)
+			}
 			return
 		}
 		s.mu.Unlock()
@@ -1131,8 +1153,13 @@ func (s *Service) flush(r *running) {
 		}
 		r.pub.Unlock()
 		if err != nil {
-			// The gifts are in the wallet's tallies: the end still counts them.
+			// The gifts are in the wallet's tallies: the end still counts
+			// them — once it reads the tallies after their debits, so this
+			// replica's wait mark, if any, stays until it lapses.
 			s.log.Warn("pk: add score", "pk_id", r.c.ID, "err", err)
+			s.mu.Lock()
+			r.unscored = true
+			s.mu.Unlock()
 		}
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -475,6 +476,83 @@ func TestSharedPKEndWaitsForAnotherNodesGifts(t *testing.T) {
 	poll(t, 5*time.Second, "the final push", func() bool { return len(finals(pushes(c.ID, 2, n1, n2))) == 1 })
 	if f := finals(pushes(c.ID, 2, n1, n2)); f[0].Scores["2"] != 9 || f[0].Winner != 2 {
 		t.Fatalf("final %+v, want room 2's late gift (9) scored", f[0])
+	}
+}
+
+// The last PK gift another node had in flight at the end lands just after
+// this node's end read the tallies, and its score.lua is held up (behind
+// that node's previous push): its node's wait mark stays until the score is
+// in Redis, so the end waits and the final counts the gift. Before, the
+// mark went as soon as the debit was answered (leave), the end ran with
+// the tallies read before the debit, and the score came after "over": a
+// paid, tallied gift missing from the final scores and the winner.
+func TestSharedPKMarkStaysUntilTheLastGiftIsScored(t *testing.T) {
+	rdb, w := newRedis(t), &fakeWallet{}
+	n2 := newNode(t, rdb, w, 1, 2)
+	var (
+		once  sync.Once
+		armed atomic.Int64 // unix ns after which node 1's end reads trip it
+		id    string
+		leave func()
+	)
+	marked := func() bool {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		keys, _ := rdb.Do(ctx, rdb.B().Hkeys().Key(contestKey(id)).Build()).AsStrSlice()
+		for _, k := range keys {
+			if len(k) > 2 && k[:2] == "w:" {
+				return true
+			}
+		}
+		return false
+	}
+	tallies := func(name string, room int64) (int64, error) {
+		v, err := w.tally(name, room)
+		if a := armed.Load(); room == 2 && a != 0 && time.Now().UnixNano() > a {
+			once.Do(func() {
+				n2.s.mu.Lock()
+				r := n2.s.sh.byID[id]
+				n2.s.mu.Unlock()
+				r.pub.Lock()            // node 2's score.lua waits behind its last push
+				w.add(name, 2, 9)       // node 2's debit lands, after this read
+				n2.s.AddScore(2, id, 9) // its gift callback: the score queued…
+				leave()                 // …then the gift answered
+				for end := time.Now().Add(300 * time.Millisecond); marked() && time.Now().Before(end); {
+					time.Sleep(5 * time.Millisecond)
+				}
+				go func() { time.Sleep(500 * time.Millisecond); r.pub.Unlock() }()
+			})
+		}
+		return v, err
+	}
+	rt, n1 := watchedNode(t, 1, 2)
+	n1.s = NewShared(rt, func(int64) bool { return true }, rdb, tallies, nil)
+	n1.s.sh.every = 50 * time.Millisecond
+	if err := n1.s.Restore(time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(n1.s.Close)
+	c, err := n1.s.Start(1, 2, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	id = c.ID
+	poll(t, 10*time.Second, "the contest on node 2", func() bool {
+		var ok bool
+		_, _, leave, ok = n2.s.Enter(2)
+		return ok
+	})
+	// Node 2 marks at the end (a gift in flight); node 1's end waits for
+	// the mark and reads the tallies again each time.
+	armed.Store(c.EndsAt.Add(n1.s.grace + 300*time.Millisecond).UnixNano())
+	poll(t, 15*time.Second, "the final push", func() bool { return len(finals(pushes(c.ID, 2, n1, n2))) >= 1 })
+	f := finals(pushes(c.ID, 2, n1, n2))
+	if f[0].Scores["2"] != 9 || f[0].Winner != 2 {
+		t.Fatalf("final %+v, want room 2's last gift (9, debited and tallied) scored", f[0])
+	}
+	time.Sleep(700 * time.Millisecond) // node 2's held score goes through (the contest over: adds nothing)
+	if g, ok, err := n1.s.Find(c.ID); err != nil || !ok || g.Scores[1] != 9 {
+		t.Fatalf("contest %+v %v %v, want room 2's score 9", g, ok, err)
 	}
 }
 
