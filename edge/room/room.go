@@ -241,9 +241,6 @@ func (s *Service) Close(anchor, id int64) error {
 // when the room is not open (asked of Redis in a cluster, as a join is: this
 // node's list may not have it yet).
 func (s *Service) CloseByAdmin(id int64) error {
-	if !s.EnsureOpen(id) {
-		return proto.ErrNotFound
-	}
 	anchor, ok := s.AnchorOf(id)
 	if !ok {
 		return proto.ErrNotFound
@@ -375,8 +372,20 @@ func (s *Service) info(r Room, viewer int64) Info {
 	return in
 }
 
-// AnchorOf returns the anchor of room id while it is open (ok false: not open).
+// AnchorOf returns the anchor of room id while it is open (ok false: not
+// open). In a cluster a room this node's replica does not have yet (opened
+// through another node a moment ago: its event on its way, the next Sync
+// seconds off) is asked of Redis (EnsureOpen) — before, a rain created
+// through this node right after the room's open elsewhere was 10004.
 func (s *Service) AnchorOf(id int64) (anchor int64, ok bool) {
+	if anchor, ok = s.replicaAnchor(id); ok || !s.EnsureOpen(id) {
+		return anchor, ok
+	}
+	return s.replicaAnchor(id)
+}
+
+// replicaAnchor is AnchorOf from this node's replica only.
+func (s *Service) replicaAnchor(id int64) (int64, bool) {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
 	if rm, open := s.open[id]; open {

@@ -206,3 +206,40 @@ func TestClosedRoomNotReopenedByAStaleOpened(t *testing.T) {
 		t.Fatalf("room %d, closed here, open again after a stale opened", rm.ID)
 	}
 }
+
+// A room opened through another node a moment ago — its "opened" event not
+// here yet — has its anchor all the same (asked of Redis): a rain created
+// through this node right after the open is not refused 10004. A room
+// never opened, or closed, has none.
+func TestAnchorOfARoomOpenedThroughAnotherNode(t *testing.T) {
+	a, rdb := sharedService(t)
+	st, err := persist.Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = st.Close() })
+	b, err := New(st, router.NewLocal("b", router.LocalConfig{}), Config{Shared: &Shared{Client: rdb}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rm, err := a.Open(5, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if anchor, ok := b.AnchorOf(rm.ID); !ok || anchor != 5 {
+		t.Fatalf("room %d opened through a, asked of b: anchor %d %v, want 5", rm.ID, anchor, ok)
+	}
+	if _, ok := b.AnchorOf(rm.ID + 1000); ok {
+		t.Fatal("a room never opened has an anchor")
+	}
+	if err := a.Close(5, rm.ID); err != nil {
+		t.Fatal(err)
+	}
+	c, err := New(st, router.NewLocal("c", router.LocalConfig{}), Config{Shared: &Shared{Client: rdb}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := c.AnchorOf(rm.ID); ok {
+		t.Fatal("a closed room has an anchor")
+	}
+}
