@@ -11,6 +11,8 @@ import (
 	"strconv"
 	"sync"
 	"time"
+
+	"github.com/liveedge/liveedge/gateway/proto"
 )
 
 // The WebSocket listener reads each upgrade request itself (accept,
@@ -131,17 +133,19 @@ func (s *Server) handshake(nc net.Conn, ip netip.Addr) {
 	r, err := http.ReadRequest(br)
 	read()
 	if err != nil {
-		status := http.StatusBadRequest
+		// Answered in the JSON envelope, as the other refusals of this port
+		// and the HTTP API's own (before: a text/plain status line).
+		status, e := http.StatusBadRequest, proto.BadRequest("malformed HTTP request")
 		var ne net.Error
 		switch {
 		case lr.N <= 0:
-			status = http.StatusRequestHeaderFieldsTooLarge
+			status, e = http.StatusRequestHeaderFieldsTooLarge, proto.BadRequest("request line and headers larger than %d bytes", maxHeaderBytes)
 		case errors.As(err, &ne) && ne.Timeout():
-			status = http.StatusRequestTimeout
+			status, e = http.StatusRequestTimeout, proto.BadRequest("upgrade request not read whole within ws.handshake_timeout")
 		}
 		if !errors.Is(err, io.EOF) {
 			w := &handshakeResponse{conn: nc, header: http.Header{}, timeout: timeout}
-			http.Error(w, http.StatusText(status), status)
+			writeJSONError(w, status, e)
 			w.finish()
 		}
 		_ = nc.Close()

@@ -2,6 +2,7 @@ package gateway_test
 
 import (
 	"bufio"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -13,6 +14,7 @@ import (
 
 	"github.com/liveedge/liveedge/gateway"
 	"github.com/liveedge/liveedge/gateway/nodetest"
+	"github.com/liveedge/liveedge/gateway/proto"
 )
 
 // openFDs counts this process's open file descriptors.
@@ -135,23 +137,34 @@ func TestHandshakeFrameSentWithTheRequest(t *testing.T) {
 }
 
 // The WebSocket port answers what is not an upgrade and closes: 404 for
-// another path, 431 for headers over 16 KiB, 400 for a request it cannot parse.
+// another path, 431 for headers over 16 KiB, 400 for a request it cannot
+// parse — each in the JSON envelope (before, the last two were a text/plain
+// status line).
 func TestHandshakeRefusals(t *testing.T) {
 	n := nodetest.Start(t, nodetest.Config(t))
 	for _, tc := range []struct {
 		name, req string
 		status    int
+		code      int
 	}{
-		{"other path", "GET /other HTTP/1.1\r\nHost: x\r\n\r\n", http.StatusNotFound},
+		{"other path", "GET /other HTTP/1.1\r\nHost: x\r\n\r\n", http.StatusNotFound, proto.CodeNotFound},
 		{"huge headers", "GET /ws HTTP/1.1\r\nHost: x\r\nX-Big: " + strings.Repeat("a", 20<<10) + "\r\n\r\n",
-			http.StatusRequestHeaderFieldsTooLarge},
-		{"not HTTP", "HELLO\r\n\r\n", http.StatusBadRequest},
+			http.StatusRequestHeaderFieldsTooLarge, proto.CodeBadRequest},
+		{"not HTTP", "HELLO\r\n\r\n", http.StatusBadRequest, proto.CodeBadRequest},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c, _, resp := rawHandshake(t, n, tc.req, nil)
+			var env struct {
+				Code int    `json:"code"`
+				Msg  string `json:"msg"`
+			}
+			err := json.NewDecoder(resp.Body).Decode(&env)
 			resp.Body.Close()
 			if resp.StatusCode != tc.status {
 				t.Fatalf("status %d, want %d", resp.StatusCode, tc.status)
+			}
+			if err != nil || env.Code != tc.code || env.Msg == "" || resp.Header.Get("Content-Type") != "application/json" {
+				t.Fatalf("body %+v (%v, %s), want the envelope with code %d", env, err, resp.Header.Get("Content-Type"), tc.code)
 			}
 			if !resp.Close {
 				t.Fatal("answer without Connection: close")
