@@ -522,7 +522,11 @@ func (a *API) devToken(_ context.Context, c *app.RequestContext) {
 		a.fail(c, proto.BadRequest("user_id must be > 0 and role one of viewer, anchor, admin"))
 		return
 	}
-	tok, err := a.auth.Issue(r.UserID, r.Role, devTokenTTL)
+	ttl := devTokenTTL
+	if m := a.cfg.Auth.MaxTokenTTL.D(); m > 0 {
+		ttl = min(ttl, m) // a token this node would refuse is no token (auth.max_token_ttl)
+	}
+	tok, err := a.auth.Issue(r.UserID, r.Role, ttl)
 	if err != nil {
 		a.fail(c, err)
 		return
