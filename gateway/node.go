@@ -745,9 +745,10 @@ func (n *Node) watchCatalogue(cat *gift.Catalogue) error {
 	return err
 }
 
-// expireIdemLoop drops idempotency records older than their TTL: once at
-// start (a node restarted more often than hourly would otherwise never
-// expire any), then hourly.
+// expireIdemLoop drops idempotency records older than their TTL, and on a
+// single node the records of rooms closed more than room.ClosedRecordTTL
+// ago (a cluster's Redis expires those): once at start (a node restarted
+// more often than hourly would otherwise never expire any), then hourly.
 func (n *Node) expireIdemLoop() {
 	defer close(n.idemDone)
 	t := time.NewTicker(time.Hour)
@@ -760,6 +761,11 @@ func (n *Node) expireIdemLoop() {
 			} else if k > 0 {
 				n.Log.Info("idempotency records expired", "count", k)
 			}
+		}
+		if k, err := n.Rooms.PruneClosed(now.Add(-room.ClosedRecordTTL)); err != nil {
+			n.Log.Error("closed rooms' records expiry", "err", err)
+		} else if k > 0 {
+			n.Log.Info("closed rooms' records expired", "count", k)
 		}
 		select {
 		case <-n.stopIdem:

@@ -1,6 +1,7 @@
 package room
 
 import (
+	"bytes"
 	"errors"
 	"sort"
 	"sync"
@@ -150,6 +151,44 @@ func New(store *persist.Store, r router.Router, cfg Config) (*Service, error) {
 	}
 	return s, nil
 }
+
+// PruneClosed deletes, on a single node, the records of rooms closed
+// before before (a cluster's Redis expires them itself: ClosedRecordTTL);
+// GET of such a room then answers 10004, as in a cluster. Before, every
+// room ever opened kept its record for good, and every start read them all.
+// A pass deletes at most maxPrunedRooms (the next one goes on); a deletion
+// lost in a crash is made again by the next pass. It returns how many it
+// deleted.
+func (s *Service) PruneClosed(before time.Time) (int, error) {
+	if s.shared != nil {
+		return 0, nil
+	}
+	cut := before.UnixMilli()
+	var keys [][]byte
+	err := s.store.ScanRange(persist.PrefixRoom, persist.PrefixEnd(persist.PrefixRoom), func(k, v []byte) (bool, error) {
+		var rm Room
+		if err := proto.Unmarshal(v, &rm); err != nil {
+			return false, err
+		}
+		if rm.Status == StatusClosed && rm.ClosedAt < cut {
+			keys = append(keys, bytes.Clone(k))
+		}
+		return len(keys) < maxPrunedRooms, nil
+	})
+	if err != nil {
+		return 0, err
+	}
+	for _, k := range keys {
+		if err := s.store.DeleteNoSync(k); err != nil {
+			return 0, err
+		}
+	}
+	return len(keys), nil
+}
+
+// maxPrunedRooms bounds the closed rooms' records one PruneClosed pass
+// deletes (and holds the keys of).
+const maxPrunedRooms = 100_000
 
 func (s *Service) save(rm *Room) error {
 	v, err := proto.Marshal(rm)
