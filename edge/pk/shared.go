@@ -201,6 +201,13 @@ type running struct {
 	// the replica that ended it the result again) and pushes the result:
 	// the sync leaves the replica to that retry.
 	endUnknown bool
+	// mayHaveEnded: an end attempt of this replica went unanswered and its
+	// retry found the contest gone (Redis lost it): that attempt may have
+	// ended it, and then nobody pushed the result (other replicas that
+	// read it over are silent). Whoever of this replica then finds it over
+	// — its write-back, or the sync — pushes the final (the same result and
+	// seq a client may have had).
+	mayHaveEnded bool
 	// token names this replica's end attempts: end.lua answers a retry of
 	// them (its first reply lost) with the result again, so the retry still
 	// pushes it; any other replica — another node's, or this node's adopted
@@ -717,10 +724,17 @@ func (s *Service) checkGone(ctx context.Context, r *running) (restore bool) {
 		sc[1], _ = vals[2].AsInt64()
 		seq, _ := vals[3].AsInt64()
 		s.mu.Lock()
+		push := false
 		if !r.ended && !r.ending && !r.endUnknown {
+			push = r.mayHaveEnded
 			s.buryLocked(r, sc, seq) // ended by end.lua: its scores are final
 		}
 		s.mu.Unlock()
+		if push {
+			r.pub.Lock()
+			s.publishShared(r.c, sc, seq, true)
+			r.pub.Unlock()
+		}
 		return false
 	case "run":
 		s.mu.Lock()
@@ -984,6 +998,7 @@ func (s *Service) restoreRunning(r *running) {
 	defer r.pub.Unlock()
 	s.mu.Lock()
 	done := r.ended || s.sh.over[r.c.ID] != nil // (its end's retry pushed the result meanwhile: endScript)
+	mayHaveEnded := r.mayHaveEnded
 	s.mu.Unlock()
 	if done {
 		return
@@ -998,8 +1013,8 @@ func (s *Service) restoreRunning(r *running) {
 		retry()
 		return
 	}
-	if arr[0] == 2 || arr[0] == 3 {
-		s.publishShared(r.c, [2]int64{arr[1], arr[2]}, arr[3], arr[0] == 3)
+	if arr[0] == 2 || arr[0] == 3 || arr[0] == 0 && mayHaveEnded {
+		s.publishShared(r.c, [2]int64{arr[1], arr[2]}, arr[3], arr[0] != 2)
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -1199,6 +1214,7 @@ func (s *Service) endShared(r *running) {
 		// Not ended by an earlier attempt of this replica whose reply was
 		// lost (end.lua would answer it {1}): nothing to learn from a
 		// retry, and the sync must see the replica (its write-back).
+		r.mayHaveEnded = r.mayHaveEnded || r.endUnknown
 		r.endUnknown = false
 		s.markLostLocked(r, time.Now(), "pk: contest to end gone from Redis (its data lost?): it ends once written back")
 		if !s.closed && !r.ended {
@@ -1250,6 +1266,7 @@ func (s *Service) endScript(r *running) (ended, wait bool, err error) {
 	defer r.pub.Unlock()
 	s.mu.Lock()
 	known := s.sh.over[r.c.ID] != nil // (its write-back's retry ended it and pushed the result: restoreRunning)
+	unsure := r.endUnknown || r.mayHaveEnded
 	s.mu.Unlock()
 	if known {
 		return false, false, nil
@@ -1267,10 +1284,13 @@ func (s *Service) endScript(r *running) (ended, wait bool, err error) {
 	if len(arr) == 1 && arr[0] == 3 {
 		return false, false, errContestLost
 	}
-	if len(arr) != 4 || (arr[0] != 0 && arr[0] != 1) {
+	if len(arr) != 4 || arr[0] < 0 || arr[0] > 4 || arr[0] == 2 || arr[0] == 3 {
 		return false, false, nil
 	}
-	if arr[0] == 1 {
+	if arr[0] == 1 || arr[0] == 4 && unsure {
+		// Ended here; or over with its ender unknown (written back after a
+		// data loss) while an earlier attempt of this replica went
+		// unanswered: it may have ended it, and nobody pushed the result.
 		s.publishShared(r.c, [2]int64{arr[1], arr[2]}, arr[3], true)
 	}
 	s.mu.Lock()

@@ -813,3 +813,82 @@ func TestSharedPKEndedContestRolledBackRunningFreed(t *testing.T) {
 		}
 	}
 }
+
+// Node 1's end runs in Redis but its reply is lost; node 2 reads the
+// contest over and buries it (not the ender: no push); Redis then loses
+// the {pk} keys. Node 1, whose end may have been the one that ran and whose
+// result nobody pushed, pushes it when it finds the contest over: (retry
+// first) its retry finds the contest gone, node 2 writes its end back, and
+// node 1's write-back finds it over; (tomb first) node 2 writes its end
+// back before node 1's retry, which finds it over with no ender. Before,
+// both nodes were silent: the rooms never got over:true.
+func TestSharedPKEndReplyLostThenRedisLossStillPushed(t *testing.T) {
+	t.Run("retry first", func(t *testing.T) { endLostThenRedisLoss(t, false) })
+	t.Run("tomb first", func(t *testing.T) { endLostThenRedisLoss(t, true) })
+}
+
+func endLostThenRedisLoss(t *testing.T, tombFirst bool) {
+	srv := redistest.Start(t)
+	px := redistest.StartProxy(t, srv.Addr)
+	via, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{px.Addr}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(via.Close)
+	direct := srv.Client(t)
+	if err := direct.Do(context.Background(), direct.B().ScriptLoad().Script(endLua).Build()).Error(); err != nil {
+		t.Fatal(err)
+	}
+	w := &fakeWallet{}
+	n1 := newNodeEvery(t, via, w, time.Hour, 1, 2)
+	n2 := newNode(t, direct, w, 1, 2)
+	n1.s.sh.restoreDelay, n2.s.sh.restoreDelay = 0, 0
+	c, err := n1.s.Start(1, 2, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, ok := n2.s.Running(1); !ok {
+		t.Fatal("not running through node 2")
+	}
+	w.add(TallyName(c.ID), 2, 7)
+	n1.s.mu.Lock()
+	r := n1.s.sh.byID[c.ID]
+	n1.s.mu.Unlock()
+	cut := 100 * time.Millisecond
+	if tombFirst {
+		cut = 3 * time.Second // node 1's retries fail meanwhile (connections refused)
+	}
+	px.LoseReply(fmt.Sprintf("%x", sha1.Sum([]byte(endLua))), cut)
+	n1.s.EndRoom(1)
+	poll(t, 5*time.Second, "node 1's end unanswered", func() bool {
+		n1.s.mu.Lock()
+		defer n1.s.mu.Unlock()
+		return r.endUnknown
+	})
+	settled(t, 5*time.Second, c.ID, n2) // node 2 read it over: buried, silent
+	loseKeys(t, direct, keyRunning, keyRooms, contestKey(c.ID))
+	if !tombFirst {
+		poll(t, 10*time.Second, "node 1's retry finding the contest gone", func() bool {
+			n1.s.mu.Lock()
+			defer n1.s.mu.Unlock()
+			return r.lost && !r.endUnknown
+		})
+	}
+	n2.s.RestoreLost()
+	poll(t, 10*time.Second, "node 2's end written back", func() bool { got, ok := n2.s.Get(c.ID); return ok && got.Over })
+	if tombFirst {
+		n1.s.mu.Lock()
+		unknown := r.endUnknown
+		n1.s.mu.Unlock()
+		if !unknown {
+			t.Fatal("node 1's end retried before node 2's write-back")
+		}
+	} else {
+		n1.s.RestoreLost()
+	}
+	poll(t, 10*time.Second, "the final push", func() bool { return len(finals(pushes(c.ID, 1, n1, n2))) > 0 })
+	settled(t, 10*time.Second, c.ID, n1)
+	if f := finals(pushes(c.ID, 1, n1, n2)); len(f) != 1 || f[0].Scores["2"] != 7 || f[0].Winner != 2 {
+		t.Fatalf("finals %+v, want one with room 2 winning 7:0", f)
+	}
+}

@@ -8,14 +8,19 @@
 -- token (one per node's copy of the contest).
 -- Returns {1, score 0, score 1, seq} (ended here — also to a retry by the
 -- replica that ended it, whose first reply was lost, so it still pushes the
--- result), {0, score 0, score 1, seq} (over: ended by another replica), {3}
+-- result), {0, score 0, score 1, seq} (over: ended by another replica),
+-- {4, score 0, score 1, seq} (over, its ender unknown: written back after
+-- Redis lost its data — a replica whose earlier end went unanswered may
+-- have ended it, and pushes the result), {3}
 -- (no such contest: Redis lost it — the replica keeps it until it is written
 -- back, restore.lua), or {2} (a node's PK gifts are still being debited:
 -- retry shortly).
 local state = redis.call('HGET', KEYS[1], 'state')
 if state == 'over' then
   local r = redis.call('HMGET', KEYS[1], 's0', 's1', 'seq', 'ender')
-  return {r[4] == ARGV[7] and 1 or 0, tonumber(r[1]) or 0, tonumber(r[2]) or 0, tonumber(r[3]) or 0}
+  local code = 0
+  if r[4] == ARGV[7] then code = 1 elseif not r[4] then code = 4 end
+  return {code, tonumber(r[1]) or 0, tonumber(r[2]) or 0, tonumber(r[3]) or 0}
 end
 if state ~= 'run' then return {3} end
 -- A node still debiting PK gifts of the contest marked it (w:<token> = the
