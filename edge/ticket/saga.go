@@ -325,7 +325,7 @@ func (s *Service) recoverSaga(id int64) error {
 }
 
 var errInterrupted = proto.Errorf(proto.CodeOrderState,
-	"the order was interrupted by a restart and undone; place it again with a new req_id")
+	"the order was interrupted (a restart, or a step that failed) and undone; place it again with a new req_id")
 
 // errNotSettled: a recovered saga is neither through nor undone (a step or
 // a compensation failed: the store, the wallet or the coupon store); it is
