@@ -2112,6 +2112,14 @@ func (c *Cluster) onUserMsgSlow(u int64, m *nats.Msg) {
 		if c.keepAway(u, regs, msg) {
 			return
 		}
+		// Kept: the other nodes are hinted, as by a hand-off's sender that
+		// kept it (keepForHolder) — this one answers, so its sender does
+		// not. A session that registered on another node, not in the
+		// presence read yet, may have drained the list before the push
+		// was stored (before, it waited there for the user's next connect
+		// while the user stayed connected). SendUser and Keep need none:
+		// they publish the push itself after storing it.
+		c.hintKept(u)
 	}
 	answerHandoff(m)
 }

@@ -229,6 +229,14 @@ func (c *Cluster) keepForHolder(ho handoff) {
 		// whole by one drain: no second copy.
 		c.drainOffline(user)
 	}
+	c.hintKept(user)
+}
+
+// hintKept tells the user's holders to drain the user's offline list, a
+// push just stored there: now, and for hintFor after (the hints loop) — a
+// session registering meanwhile on a node whose subscription this publish
+// misses may have drained the list before the push was stored.
+func (c *Cluster) hintKept(user int64) {
 	h := &c.handoffs
 	h.mu.Lock()
 	if len(h.hints) < maxHandoffs {

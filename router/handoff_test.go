@@ -194,3 +194,38 @@ func TestDrainAfterReconnectFailedFlushIsOneTask(t *testing.T) {
 		}
 	}
 }
+
+// User 7's connection to node b drops (b's subscription to the user's
+// subject lingers) and the user reconnects to node a while c hands a
+// reliable push off to them, still seeing b in the presence: only b gets
+// it, finds no session and — a not in the presence yet — keeps it in the
+// offline list after a's new session drained it (empty then), and answers.
+// b's keep hints the other nodes as a hand-off's sender does, so a drains
+// again and the session gets the push. Before, it waited in le:off:{7}
+// while the user stayed connected to a (lost after offline_ttl).
+func TestHandoffKeptByTheOldHolderReachesTheNewNode(t *testing.T) {
+	env := clusterEnv{nats: natstest.Start(t), redis: redistest.Start(t)}
+	px := redistest.StartProxy(t, env.redis.Addr)
+	cfg := ClusterConfig{Local: LocalConfig{OfflineMax: 8, OfflineTTL: time.Minute}}
+	a := newCluster(t, env, "a", cfg)
+	b := newCluster(t, clusterEnv{nats: env.nats, redis: env.redis, via: px.Addr}, "b", cfg)
+	c := newCluster(t, env, "c", cfg)
+	old := &sink{id: 1, user: 7}
+	b.Register(old)
+	waitFor(t, func() bool { on, known := c.onlineElsewhere(7); return on && known })
+	b.Unregister(old)                           // b's subscription to the user lingers
+	px.Slow("le:off:{7}", 300*time.Millisecond) // b's keep of the push is a little slow
+	m := encodeMsg(&proto.Push{Mid: "gift-1", Biz: proto.BizGift, Ack: true, Data: []byte(`{}`)})
+	c.handOff(7, m, c.regsOf(7), false) // c still sees b holding 7
+	waitFor(t, func() bool { return px.Slowed() > 0 })
+	s := &sink{id: 2, user: 7}
+	a.Register(s) // the user reconnects to a: subscribed, the list drained (empty)
+	waitFor(t, func() bool { return len(s.got()) == 1 })
+	if got := s.got(); got[0] != "gift-1" {
+		t.Fatalf("session on a got %+v, want gift-1", got)
+	}
+	n, err := a.rdb.Do(context.Background(), a.rdb.B().Llen().Key(offlineKey(7)).Build()).AsInt64()
+	if err != nil || n != 0 {
+		t.Fatalf("offline list holds %d (%v), want it drained", n, err)
+	}
+}
