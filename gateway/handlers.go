@@ -203,8 +203,14 @@ func (s *Server) join(c *Conn, f *proto.ClientFrame) (any, *proto.Error) {
 		return nil, proto.Errorf(proto.CodeRateLimited, "too many joins, at most %d a second", JoinsPerSecond)
 	}
 	j, err := s.router.JoinAt(r.RoomID, c, r.Since)
-	if errors.Is(err, router.ErrNoRoom) && s.roomOpen != nil && s.roomOpen(r.RoomID) {
-		j, err = s.router.JoinAt(r.RoomID, c, r.Since) // opened through another node just now
+	if errors.Is(err, router.ErrNoRoom) && s.roomOpen != nil {
+		switch open, oerr := s.roomOpen(r.RoomID); {
+		case oerr != nil:
+			s.log.Warn("join: room not read", "room", r.RoomID, "err", oerr)
+			return nil, errUnavailable // Redis could not say: not "no such room"
+		case open:
+			j, err = s.router.JoinAt(r.RoomID, c, r.Since) // opened through another node just now
+		}
 	}
 	switch {
 	case errors.Is(err, router.ErrNoRoom):

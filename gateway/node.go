@@ -310,7 +310,7 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 			n.shared.OnReady(n.PK.RestoreLost)
 		}
 	} else {
-		n.PK = pk.New(n.Router, n.Rooms.IsOpen, n.Store, n.Wallet.Tally, log)
+		n.PK = pk.New(n.Router, n.Rooms.EnsureOpen, n.Store, n.Wallet.Tally, log)
 	}
 	if d, ok := n.Wallet.(persist.TallyDropper); ok {
 		// An ended contest's two tallies go once its scores are final.
@@ -973,7 +973,9 @@ type roomAudience struct {
 var _ gift.Receivers = roomAudience{}
 
 func (a roomAudience) CanReceive(roomID, user int64) (bool, error) {
-	if anchor, ok := a.rooms.AnchorOf(roomID); ok && anchor == user {
+	if anchor, ok, err := a.rooms.AnchorOf(roomID); err != nil {
+		return false, err // the room could not be read: 50000 retry (gift.Receivers)
+	} else if ok && anchor == user {
 		return true, nil
 	}
 	return a.router.UserInRoom(roomID, user)

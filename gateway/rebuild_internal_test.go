@@ -107,7 +107,7 @@ func TestGrabAcrossARedisLossGetsOnePacket(t *testing.T) {
 	rt := router.NewLocal("n1", router.LocalConfig{})
 	rt.OpenRoom(rpRoom)
 	svc, err := redpacket.New(st, w, rt, redpacket.Config{Node: "n1", CodeTag: -1, OnePerUser: true,
-		AnchorOf: func(int64) (int64, bool) { return rpAnchor, true },
+		AnchorOf: func(int64) (int64, bool, error) { return rpAnchor, true, nil },
 		InRoom:   func(room, _ int64) (bool, error) { return room == rpRoom, nil },
 		Claim: func(ctx context.Context, code string, user, until int64, token string, prev []string) (bool, string, error) {
 			ok, gen, err := n.claimRain(ctx, code, user, until, token, prev)

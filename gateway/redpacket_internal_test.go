@@ -49,7 +49,7 @@ func startRPNode(t *testing.T, wallet func(*persist.Ledger) persist.Wallet, edit
 	rt := router.NewLocal("n1", router.LocalConfig{})
 	rt.OpenRoom(rpRoom)
 	cfg := redpacket.Config{Node: "n1", CodeTag: -1, OnePerUser: true,
-		AnchorOf: func(int64) (int64, bool) { return rpAnchor, true },
+		AnchorOf: func(int64) (int64, bool, error) { return rpAnchor, true, nil },
 		InRoom:   func(room, _ int64) (bool, error) { return room == rpRoom, nil },
 		Claim:    n.claimRain, Unclaim: n.unclaimRain, RoomRun: n.runRainInRoom, RoomDone: n.rainDoneInRoom,
 	}

@@ -60,7 +60,7 @@ type Server struct {
 	reqID      atomic.Uint64                // ids of internal errors (internal)
 	chatOnce   chatOnce
 	gifts      *gift.Service
-	roomOpen   func(room int64) bool
+	roomOpen   func(room int64) (bool, error)
 	// roomKnownClosed: Deps.RoomKnownClosed.
 	roomKnownClosed func(room int64) bool
 	rp              *redpacket.Service
@@ -115,8 +115,9 @@ type ServerDeps struct {
 	ChatOnce chatOnce
 	Gifts    *gift.Service
 	// RoomOpen, if set, is asked about a room the router does not know
-	// (in a cluster, an open through another node not yet replicated here).
-	RoomOpen func(room int64) bool
+	// (in a cluster, an open through another node not yet replicated here);
+	// an error (it could not say) answers the join "retry", not 10004.
+	RoomOpen func(room int64) (bool, error)
 	// RoomKnownClosed, if set, says whether a room is known here not to be
 	// open, without asking anyone (a chat from a non-member: 10004).
 	RoomKnownClosed func(room int64) bool

@@ -19,7 +19,7 @@ func TestInvitationExpires(t *testing.T) {
 	t.Cleanup(func() { _ = st.Close() })
 	rt, _ := twoRooms(t)
 	noTallies := func(string, int64) (int64, error) { return 0, nil }
-	s := New(rt, func(int64) bool { return true }, st, noTallies, nil)
+	s := New(rt, func(int64) (bool, error) { return true, nil }, st, noTallies, nil)
 	t.Cleanup(s.Close)
 	s.ttl = 100 * time.Millisecond
 	var ids []string
@@ -83,7 +83,7 @@ func TestInvitationExpires(t *testing.T) {
 func TestInviteWithdrawLoopIsRateLimited(t *testing.T) {
 	rt, _ := twoRooms(t)
 	noTallies := func(string, int64) (int64, error) { return 0, nil }
-	s := New(rt, func(int64) bool { return true }, nil, noTallies, nil)
+	s := New(rt, func(int64) (bool, error) { return true, nil }, nil, noTallies, nil)
 	t.Cleanup(s.Close)
 	for i := 0; i < InviteBurst; i++ {
 		inv, err := s.Invite(7, 1, 2, time.Minute)
@@ -112,7 +112,7 @@ func TestFailedAcceptKeepsTheInvitation(t *testing.T) {
 		rt.OpenRoom(r)
 	}
 	noTallies := func(string, int64) (int64, error) { return 0, nil }
-	s := New(rt, func(int64) bool { return true }, nil, noTallies, nil)
+	s := New(rt, func(int64) (bool, error) { return true, nil }, nil, noTallies, nil)
 	t.Cleanup(s.Close)
 	inv, err := s.Invite(7, 1, 2, time.Minute)
 	if err != nil {

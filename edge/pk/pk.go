@@ -137,10 +137,29 @@ type record struct {
 	Seq    int64    `json:"seq,omitempty"`
 }
 
+// bothOpen is nil when rooms a and b are open: else 10004, or 50000
+// "retry" when it could not be told (a cluster's Redis not answering) —
+// not "no such room", which a client takes as final.
+func (s *Service) bothOpen(a, b int64) error {
+	for _, room := range [2]int64{a, b} {
+		open, err := s.isOpen(room)
+		if err != nil {
+			s.log.Warn("pk: room not read", "room", room, "err", err)
+			return errRoomsUnread
+		}
+		if !open {
+			return proto.Errorf(proto.CodeNotFound, "room not found or closed")
+		}
+	}
+	return nil
+}
+
+var errRoomsUnread = proto.Errorf(proto.CodeInternal, "rooms are briefly unavailable, retry")
+
 // Service runs contests.
 type Service struct {
 	router  router.Router
-	isOpen  func(room int64) bool
+	isOpen  func(room int64) (bool, error)
 	store   Store // nil: contests live in memory only
 	tallies Tallies
 	log     *slog.Logger
@@ -167,7 +186,7 @@ type Service struct {
 // New returns a PK service; isOpen tells whether a room is open; st and
 // tallies make contests durable (see the package doc): call Restore once
 // before serving.
-func New(r router.Router, isOpen func(int64) bool, st Store, tallies Tallies, log *slog.Logger) *Service {
+func New(r router.Router, isOpen func(int64) (bool, error), st Store, tallies Tallies, log *slog.Logger) *Service {
 	if log == nil {
 		log = slog.Default()
 	}
@@ -324,8 +343,8 @@ func (s *Service) Invite(inviter, a, b int64, d time.Duration) (Invitation, erro
 	if err := checkPair(a, b, d); err != nil {
 		return Invitation{}, err
 	}
-	if !s.isOpen(a) || !s.isOpen(b) {
-		return Invitation{}, proto.Errorf(proto.CodeNotFound, "room not found or closed")
+	if err := s.bothOpen(a, b); err != nil {
+		return Invitation{}, err
 	}
 	var shared *limit.Shared // in a cluster, the rate across the nodes too
 	if s.sh != nil {
@@ -480,8 +499,8 @@ func (s *Service) start(id string, a, b int64, d time.Duration) (Contest, error)
 	if err := checkPair(a, b, d); err != nil {
 		return Contest{}, err
 	}
-	if !s.isOpen(a) || !s.isOpen(b) {
-		return Contest{}, proto.Errorf(proto.CodeNotFound, "room not found or closed")
+	if err := s.bothOpen(a, b); err != nil {
+		return Contest{}, err
 	}
 	s.mu.Lock()
 	if s.closed {

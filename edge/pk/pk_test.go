@@ -56,7 +56,7 @@ func TestEndRetriedUntilDurableAndPushedOnce(t *testing.T) {
 	fs := &flakyStore{Store: st}
 	rt, v := twoRooms(t)
 	noTallies := func(string, int64) (int64, error) { return 0, nil }
-	s := New(rt, func(int64) bool { return true }, fs, noTallies, nil)
+	s := New(rt, func(int64) (bool, error) { return true, nil }, fs, noTallies, nil)
 	s.grace = 0 // the final score at the end time: this test is about its record's retries
 	c, err := s.Start(1, 2, time.Second)
 	if err != nil {
@@ -127,7 +127,7 @@ func TestEndRetriedUntilDurableAndPushedOnce(t *testing.T) {
 	if _, err := rt2.Join(1, v2); err != nil {
 		t.Fatal(err)
 	}
-	s2 := New(rt2, func(int64) bool { return true }, st2, noTallies, nil)
+	s2 := New(rt2, func(int64) (bool, error) { return true, nil }, st2, noTallies, nil)
 	if err := s2.Restore(time.Now()); err != nil {
 		t.Fatal(err)
 	}
@@ -154,7 +154,7 @@ func TestEndedContestForgotten(t *testing.T) {
 	}
 	defer st.Close()
 	rt, _ := twoRooms(t)
-	s := New(rt, func(int64) bool { return true }, st, func(string, int64) (int64, error) { return 0, nil }, nil)
+	s := New(rt, func(int64) (bool, error) { return true, nil }, st, func(string, int64) (int64, error) { return 0, nil }, nil)
 	s.keep = 200 * time.Millisecond
 	s.grace = 0 // ended at its end time: this test is about forgetting it
 	defer s.Close()
@@ -290,7 +290,7 @@ func tallied(t *testing.T, tallyRoom int64) (*Service, *routertest.Recorder, *at
 		}
 		return 0, nil
 	}
-	return New(rt, func(int64) bool { return true }, nil, tallies, nil), v, tally
+	return New(rt, func(int64) (bool, error) { return true, nil }, nil, tallies, nil), v, tally
 }
 
 // An ended contest's tallies go with its record (SetTallyDrop: the wallet's
@@ -310,7 +310,7 @@ func TestEndedContestsTalliesDropped(t *testing.T) {
 		return n
 	}
 	start := func(keep time.Duration) (*Service, string) {
-		s := New(rt, func(int64) bool { return true }, st, led.Tally, nil)
+		s := New(rt, func(int64) (bool, error) { return true, nil }, st, led.Tally, nil)
 		s.keep, s.grace = keep, 0
 		s.SetTallyDrop(func(name string, rooms [2]int64) {
 			for _, room := range rooms {
@@ -358,7 +358,7 @@ func TestEndedContestsTalliesDropped(t *testing.T) {
 		t.Fatalf("ended: %+v %v, %d tally rows (kept for the keep period)", got, ok, rows(id))
 	}
 	s.Close()
-	s = New(rt, func(int64) bool { return true }, st, led.Tally, nil)
+	s = New(rt, func(int64) (bool, error) { return true, nil }, st, led.Tally, nil)
 	s.keep = 0
 	s.SetTallyDrop(func(name string, rooms [2]int64) {
 		for _, room := range rooms {
@@ -417,7 +417,7 @@ func TestContestStartedAsItsRoomClosedEnds(t *testing.T) {
 	cs.open.Store(true)
 	rt, v := twoRooms(t)
 	var s *Service
-	s = New(rt, func(room int64) bool { return room != 2 || cs.open.Load() }, cs, func(string, int64) (int64, error) { return 0, nil }, nil)
+	s = New(rt, func(room int64) (bool, error) { return room != 2 || cs.open.Load(), nil }, cs, func(string, int64) (int64, error) { return 0, nil }, nil)
 	s.grace = 0
 	cs.onPut = func() { cs.open.Store(false); s.EndRoom(2) }
 	if _, err := s.Start(1, 2, time.Hour); err != nil {

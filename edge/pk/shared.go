@@ -75,7 +75,7 @@ const SyncEvery = time.Second
 // (every acknowledged PK gift): the end takes each side's score as at least
 // its tally. Call Restore once before serving (it arms the timers of the
 // running contests, e.g. after a restart).
-func NewShared(r router.Router, isOpen func(int64) bool, rdb rueidis.Client, tallies Tallies, log *slog.Logger) *Service {
+func NewShared(r router.Router, isOpen func(int64) (bool, error), rdb rueidis.Client, tallies Tallies, log *slog.Logger) *Service {
 	s := New(r, isOpen, nil, tallies, log)
 	s.sh = &shared{rdb: rdb, byID: map[string]*running{}, byRoom: map[int64]*running{}, every: SyncEvery,
 		over: map[string]*tomb{}, quit: make(chan struct{}), restoreDelay: restoreDelay, lostWait: lostWait,
@@ -366,8 +366,8 @@ func (s *Service) startShared(mode, id string, a, b int64, d time.Duration) (Con
 	if err := checkPair(a, b, d); err != nil {
 		return Contest{}, err
 	}
-	if !s.isOpen(a) || !s.isOpen(b) {
-		return Contest{}, proto.Errorf(proto.CodeNotFound, "room not found or closed")
+	if err := s.bothOpen(a, b); err != nil {
+		return Contest{}, err
 	}
 	if s.isClosed() {
 		return Contest{}, proto.Errorf(proto.CodeInternal, "shutting down")
@@ -400,7 +400,7 @@ func (s *Service) startShared(mode, id string, a, b int64, d time.Duration) (Con
 // its whole duration against a room that is gone.
 func (s *Service) endIfRoomClosed(a, b int64) {
 	for _, room := range [2]int64{a, b} {
-		if !s.isOpen(room) {
+		if open, err := s.isOpen(room); err == nil && !open { // (unread: the close's EndRoom, or the sync, ends it)
 			s.EndRoom(room)
 			return
 		}

@@ -60,7 +60,7 @@ func walletNode(t *testing.T, addr string, w *persist.SharedWallet, syncEvery ti
 	}
 	t.Cleanup(rdb.Close)
 	rt, n := watchedNode(t, rooms...)
-	n.s = NewShared(rt, func(int64) bool { return true }, rdb, w.TallyFresh, nil)
+	n.s = NewShared(rt, func(int64) (bool, error) { return true, nil }, rdb, w.TallyFresh, nil)
 	n.s.sh.every = syncEvery
 	n.s.grace = 200 * time.Millisecond
 	n.s.sh.restoreDelay = 300 * time.Millisecond // (1 s in production)

@@ -84,7 +84,7 @@ func watchedNode(t *testing.T, rooms ...int64) (*router.Local, *node) {
 func newNodeEvery(t *testing.T, rdb rueidis.Client, w *fakeWallet, every time.Duration, rooms ...int64) *node {
 	t.Helper()
 	rt, n := watchedNode(t, rooms...)
-	n.s = NewShared(rt, func(int64) bool { return true }, rdb, w.tally, nil)
+	n.s = NewShared(rt, func(int64) (bool, error) { return true, nil }, rdb, w.tally, nil)
 	n.s.sh.every = every
 	if err := n.s.Restore(time.Now()); err != nil {
 		t.Fatal(err)
@@ -526,7 +526,7 @@ func TestSharedPKMarkStaysUntilTheLastGiftIsScored(t *testing.T) {
 		return v, err
 	}
 	rt, n1 := watchedNode(t, 1, 2)
-	n1.s = NewShared(rt, func(int64) bool { return true }, rdb, tallies, nil)
+	n1.s = NewShared(rt, func(int64) (bool, error) { return true, nil }, rdb, tallies, nil)
 	n1.s.sh.every = 50 * time.Millisecond
 	if err := n1.s.Restore(time.Now()); err != nil {
 		t.Fatal(err)

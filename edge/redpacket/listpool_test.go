@@ -38,7 +38,7 @@ func startListNode(t *testing.T, dir string, rdb rueidis.Client) *listNode {
 	r := router.NewLocal("n1", router.LocalConfig{})
 	r.OpenRoom(shardRoom)
 	svc, err := New(st, l, r, Config{Node: "n1", Pool: &RedisListPool{Client: rdb},
-		AnchorOf:    func(int64) (int64, bool) { return shardAnchor, true },
+		AnchorOf:    func(int64) (int64, bool, error) { return shardAnchor, true, nil },
 		InRoom:      func(room, user int64) (bool, error) { return room == shardRoom, nil },
 		MaxDuration: time.Hour, CodeTag: -1,
 	}, slog.New(slog.NewTextHandler(io.Discard, nil)))

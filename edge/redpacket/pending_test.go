@@ -84,7 +84,7 @@ func (n *pendingNode) startWith(t *testing.T, w persist.Wallet, edit func(*Confi
 	rt := router.NewLocal("n1", router.LocalConfig{})
 	rt.OpenRoom(shardRoom)
 	cfg := Config{Node: "n1", CodeTag: -1,
-		AnchorOf: func(int64) (int64, bool) { return shardAnchor, true },
+		AnchorOf: func(int64) (int64, bool, error) { return shardAnchor, true, nil },
 		InRoom:   func(room, user int64) (bool, error) { return room == shardRoom, nil },
 	}
 	if edit != nil {
@@ -603,7 +603,7 @@ func TestGrantInDoubtLandingAtTheSettlementIsPushed(t *testing.T) {
 	sink := &pushSink{user: 42}
 	rt.Register(sink)
 	svc, err := New(n.st, w, rt, Config{Node: "n1", CodeTag: -1,
-		AnchorOf: func(int64) (int64, bool) { return shardAnchor, true },
+		AnchorOf: func(int64) (int64, bool, error) { return shardAnchor, true, nil },
 		InRoom:   func(room, user int64) (bool, error) { return room == shardRoom, nil },
 	}, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	if err != nil {

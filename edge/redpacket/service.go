@@ -35,8 +35,9 @@ type Config struct {
 	Node string // this node's id (records, per-node split)
 	// Pool holds running rains' packets (nil = NewMemoryPool()).
 	Pool Pool
-	// AnchorOf returns the anchor of an open room (ok false: not open).
-	AnchorOf func(room int64) (anchor int64, ok bool)
+	// AnchorOf returns the anchor of an open room (ok false: not open; an
+	// error: it could not be told — a create is 50000 "retry").
+	AnchorOf func(room int64) (anchor int64, ok bool, err error)
 	// InRoom reports whether user is in room (a session of the user joined
 	// the room: on this node, or in a cluster on any live node). A grab
 	// from anyone else is 10003; an error (the cluster's presence could not
@@ -254,7 +255,7 @@ func New(store *persist.Store, w persist.Wallet, r router.Router, cfg Config, lo
 		cfg.MaxPerAnchor = DefaultMaxPerAnchor
 	}
 	if cfg.AnchorOf == nil {
-		cfg.AnchorOf = func(int64) (int64, bool) { return 0, false }
+		cfg.AnchorOf = func(int64) (int64, bool, error) { return 0, false, nil }
 	}
 	if cfg.InRoom == nil {
 		cfg.InRoom = func(int64, int64) (bool, error) { return false, nil }
@@ -504,6 +505,10 @@ func (s *Service) Codes(room int64) (running, prepared string) {
 	return s.running[room], s.prepared[room]
 }
 
+// errRoomUnread: whether the room is open could not be told (a cluster's
+// Redis not answering): retry, not 10004.
+var errRoomUnread = proto.Errorf(proto.CodeInternal, "the room could not be read right now, retry")
+
 // errTagNotHeld refuses a rain while this node does not hold its code tag.
 var errTagNotHeld = proto.Errorf(proto.CodeInternal, "this node cannot make rain codes right now (its worker lease is not held), retry")
 
@@ -516,7 +521,10 @@ func (s *Service) Create(anchor, room, total int64, count int, duration time.Dur
 	if duration < s.cfg.MinDuration || duration > s.cfg.MaxDuration {
 		return View{}, proto.BadRequest("duration_s must be %d..%d", int64(s.cfg.MinDuration.Seconds()), int64(s.cfg.MaxDuration.Seconds()))
 	}
-	if a, ok := s.cfg.AnchorOf(room); !ok {
+	if a, ok, err := s.cfg.AnchorOf(room); err != nil {
+		s.log.Warn("red packet create: room not read", "room", room, "err", err)
+		return View{}, errRoomUnread
+	} else if !ok {
 		return View{}, proto.Errorf(proto.CodeNotFound, "room not found or closed")
 	} else if a != anchor {
 		return View{}, errNotAnch

@@ -163,7 +163,7 @@ func (c *cluster) startWith(t *testing.T, name, dir string, mod func(*Config)) e
 	r := router.NewLocal(name, router.LocalConfig{})
 	r.OpenRoom(shardRoom)
 	cfg := Config{Node: name, Peers: peers{c, name}, OnePerUser: true,
-		AnchorOf: func(int64) (int64, bool) { return shardAnchor, true },
+		AnchorOf: func(int64) (int64, bool, error) { return shardAnchor, true, nil },
 		InRoom:   func(room, user int64) (bool, error) { return room == shardRoom, nil },
 		Claim: func(_ context.Context, code string, user, _ int64, token string, prev []string) (bool, string, error) {
 			c.mu.Lock()

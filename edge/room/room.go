@@ -106,6 +106,9 @@ type Service struct {
 // Syncs.
 const recentClose = time.Minute
 
+// errRoomsUnread: Redis could not say whether a room is open (shared mode).
+var errRoomsUnread = proto.Errorf(proto.CodeInternal, "rooms are briefly unavailable, retry")
+
 // errReserved: the anchor's room was closed between the open's look-up and
 // its read (a close in flight): retry.
 var errReserved = proto.Errorf(proto.CodeConflict, "the anchor's room is being closed, retry")
@@ -280,7 +283,10 @@ func (s *Service) Close(anchor, id int64) error {
 // when the room is not open (asked of Redis in a cluster, as a join is: this
 // node's list may not have it yet).
 func (s *Service) CloseByAdmin(id int64) error {
-	anchor, ok := s.AnchorOf(id)
+	anchor, ok, err := s.AnchorOf(id)
+	if err != nil {
+		return errRoomsUnread
+	}
 	if !ok {
 		return proto.ErrNotFound
 	}
@@ -414,13 +420,18 @@ func (s *Service) info(r Room, viewer int64) Info {
 // AnchorOf returns the anchor of room id while it is open (ok false: not
 // open). In a cluster a room this node's replica does not have yet (opened
 // through another node a moment ago: its event on its way, the next Sync
-// seconds off) is asked of Redis (EnsureOpen) — before, a rain created
-// through this node right after the room's open elsewhere was 10004.
-func (s *Service) AnchorOf(id int64) (anchor int64, ok bool) {
-	if anchor, ok = s.replicaAnchor(id); ok || !s.EnsureOpen(id) {
-		return anchor, ok
+// seconds off) is asked of Redis (EnsureOpen: an error when Redis could not
+// say) — before, a rain created through this node right after the room's
+// open elsewhere was 10004.
+func (s *Service) AnchorOf(id int64) (anchor int64, ok bool, err error) {
+	if anchor, ok = s.replicaAnchor(id); ok {
+		return anchor, true, nil
 	}
-	return s.replicaAnchor(id)
+	if open, err := s.EnsureOpen(id); !open || err != nil {
+		return 0, false, err
+	}
+	anchor, ok = s.replicaAnchor(id)
+	return anchor, ok, nil
 }
 
 // replicaAnchor is AnchorOf from this node's replica only.
@@ -628,18 +639,25 @@ func (s *Service) putBack(rooms []Room) error {
 
 // EnsureOpen reports whether room id is open, asking Redis (shared mode) when
 // the replica does not know it yet (an open through another node whose event
-// has not arrived).
-func (s *Service) EnsureOpen(id int64) bool {
+// has not arrived); an error when Redis could not say (the caller answers
+// "retry", not "no such room" — which a client takes as final).
+func (s *Service) EnsureOpen(id int64) (bool, error) {
 	if s.IsOpen(id) {
-		return true
+		return true, nil
 	}
 	if s.shared == nil || id <= 0 {
-		return false
+		return false, nil
 	}
 	rm, err := s.shared.load(id)
-	if err != nil || rm.Status != StatusOpen {
-		return false
+	if errors.Is(err, proto.ErrNotFound) {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	if rm.Status != StatusOpen {
+		return false, nil
 	}
 	s.Apply("opened", rm)
-	return s.IsOpen(id) // not a room closed here a moment ago
+	return s.IsOpen(id), nil // not a room closed here a moment ago
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"strconv"
 	"testing"
+	"time"
 
 	"github.com/redis/rueidis"
 
@@ -202,7 +203,7 @@ func TestClosedRoomNotReopenedByAStaleOpened(t *testing.T) {
 	if err := s.Sync(); err != nil {
 		t.Fatal(err)
 	}
-	if s.IsOpen(rm.ID) || s.EnsureOpen(rm.ID) {
+	if open, err := s.EnsureOpen(rm.ID); s.IsOpen(rm.ID) || open || err != nil {
 		t.Fatalf("room %d, closed here, open again after a stale opened", rm.ID)
 	}
 }
@@ -226,11 +227,11 @@ func TestAnchorOfARoomOpenedThroughAnotherNode(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if anchor, ok := b.AnchorOf(rm.ID); !ok || anchor != 5 {
-		t.Fatalf("room %d opened through a, asked of b: anchor %d %v, want 5", rm.ID, anchor, ok)
+	if anchor, ok, err := b.AnchorOf(rm.ID); !ok || anchor != 5 || err != nil {
+		t.Fatalf("room %d opened through a, asked of b: anchor %d %v %v, want 5", rm.ID, anchor, ok, err)
 	}
-	if _, ok := b.AnchorOf(rm.ID + 1000); ok {
-		t.Fatal("a room never opened has an anchor")
+	if _, ok, err := b.AnchorOf(rm.ID + 1000); ok || err != nil {
+		t.Fatalf("a room never opened: %v %v, want no anchor", ok, err)
 	}
 	if err := a.Close(5, rm.ID); err != nil {
 		t.Fatal(err)
@@ -239,7 +240,54 @@ func TestAnchorOfARoomOpenedThroughAnotherNode(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, ok := c.AnchorOf(rm.ID); ok {
-		t.Fatal("a closed room has an anchor")
+	if _, ok, err := c.AnchorOf(rm.ID); ok || err != nil {
+		t.Fatalf("a closed room: %v %v, want no anchor", ok, err)
+	}
+}
+
+// Whether a room the replica does not have is open cannot be told while
+// Redis does not answer: an error (the caller answers "retry"), not "not
+// open" — a join or a rain create was told 10004, which a client takes as
+// final. A room in the replica is answered without Redis.
+func TestRoomUnreadIsAnErrorNotClosed(t *testing.T) {
+	rs := redistest.Start(t)
+	px := redistest.StartProxy(t, rs.Addr)
+	service := func(node, addr string) *Service {
+		rdb, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{addr}, DisableCache: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(rdb.Close)
+		st, err := persist.Open(t.TempDir())
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = st.Close() })
+		s, err := New(st, router.NewLocal(node, router.LocalConfig{}), Config{Shared: &Shared{Client: rdb}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return s
+	}
+	a, b := service("a", rs.Addr), service("b", px.Addr)
+	known, err := b.Open(6, 0) // in b's replica
+	if err != nil {
+		t.Fatal(err)
+	}
+	rm, err := a.Open(5, 0) // not in b's replica (no events between them here)
+	if err != nil {
+		t.Fatal(err)
+	}
+	px.Refuse(time.Minute)
+	for _, id := range []int64{rm.ID, rm.ID + 1000} {
+		if open, err := b.EnsureOpen(id); open || err == nil {
+			t.Fatalf("room %d with Redis away: open %v, err %v; want an error", id, open, err)
+		}
+		if _, ok, err := b.AnchorOf(id); ok || err == nil {
+			t.Fatalf("anchor of room %d with Redis away: %v %v; want an error", id, ok, err)
+		}
+	}
+	if anchor, ok, err := b.AnchorOf(known.ID); !ok || anchor != 6 || err != nil {
+		t.Fatalf("a room in the replica with Redis away: %d %v %v, want its anchor", anchor, ok, err)
 	}
 }

@@ -51,7 +51,7 @@ func newLiveEdge(tb testing.TB, pool redpacket.Pool) *liveEdge {
 	r := router.NewLocal("bench", router.LocalConfig{})
 	r.OpenRoom(room)
 	svc, err := redpacket.New(st, l, r, redpacket.Config{Node: "bench", Pool: pool,
-		AnchorOf: func(int64) (int64, bool) { return anchor, true },
+		AnchorOf: func(int64) (int64, bool, error) { return anchor, true, nil },
 		InRoom:   func(int64, int64) (bool, error) { return true, nil },
 		MaxTotal: redpacket.MaxTotal, MaxDuration: time.Hour, MaxPerAnchor: 1000,
 	}, quiet)
