@@ -554,21 +554,25 @@ func (c *Client) undoJoin(roomID int64) {
 	}
 	c.left[roomID] = struct{}{}
 	s := c.sess
-	if s == nil {
+	if s == nil || c.stopped {
 		c.mu.Unlock()
-		return // no connection: the one the join went on is gone, and its rooms with it
+		return // no connection (the one the join went on is gone, and its rooms with it), or closing
 	}
 	done := make(chan struct{})
 	if c.undoing == nil {
 		c.undoing = map[int64]chan struct{}{}
 	}
 	c.undoing[roomID] = done
+	// Counted with the client's goroutines (Close waits for it): added
+	// under c.mu while not stopped, so before any Close's Wait.
+	c.wg.Add(1)
 	c.mu.Unlock()
 	// Sent on a goroutine, bounded by RequestTimeout: the Join returns when
 	// its context says (a connection whose writes are stuck would hold it
 	// RequestTimeout more), and a Join of the room started meanwhile waits
 	// for done — the leave goes out first all the same.
 	go func() {
+		defer c.wg.Done()
 		ctx, cancel := context.WithTimeout(c.ctx, c.cfg.RequestTimeout)
 		defer cancel()
 		id, cl, err := s.send(ctx, proto.TypeLeave, proto.RoomReq{RoomID: roomID}, nil)

@@ -499,14 +499,17 @@ var LiveClient = class _LiveClient {
       const sent = st.since;
       const d = { room_id: room };
       if (sent) d.since = sent;
-      try {
-        const r = await this.send(ws, "join", d, this.o.requestTimeoutMs);
+      const onJoined = (rep) => {
+        const r = rep;
         if (this.rooms.get(room) !== st) return;
         const wentBack = sent !== void 0 && r.recovered !== true && r.ep === sent.ep && (r.off ?? 0) < sent.off;
         if (sent && r.recovered !== true && (st.since === sent || wentBack))
           this.emitState({ state: "room_resync", room, since: sent, at: { off: r.off ?? 0, ep: r.ep ?? "" } });
         const s = sinceOf(r);
         if (s && st.since === sent && (!sent || r.recovered !== true || s.ep !== sent.ep)) st.since = s;
+      };
+      try {
+        await this.send(ws, "join", d, this.o.requestTimeoutMs, onJoined);
       } catch (e) {
         if (!(e instanceof ReplyError) || e.code === 5e4 || e.code === 10429) {
           transient = true;
@@ -821,8 +824,12 @@ var LiveClient = class _LiveClient {
       this.waiters.push(w);
     });
   }
-  /** Writes one request on ws and waits for its reply. */
-  send(ws, type, data, timeout) {
+  /**
+   * Writes one request on ws and waits for its reply. onOK, if given, runs
+   * with an OK reply's data as the reply is read — before the frames after
+   * it in its batch (the promise settles only after them, in a microtask).
+   */
+  send(ws, type, data, timeout, onOK) {
     if (this.ws !== ws || ws.readyState !== OPEN) return Promise.reject(new DisconnectedError());
     const id = this.nextId++;
     return new Promise((resolve, reject) => {
@@ -831,7 +838,7 @@ var LiveClient = class _LiveClient {
         reject(new TimeoutError(type));
         this.probe(ws);
       }, timeout);
-      this.pending.set(id, { resolve, reject, timer });
+      this.pending.set(id, { resolve, reject, timer, onOK });
       try {
         ws.send(JSON.stringify({ t: type, id, d: data ?? {} }));
       } catch (e) {
@@ -915,8 +922,12 @@ var LiveClient = class _LiveClient {
     if (!p) return;
     this.pending.delete(f.id);
     clearTimeout(p.timer);
-    if (f.code !== 0) p.reject(new ReplyError(f.code, f.msg));
-    else p.resolve(f.d ?? {});
+    if (f.code !== 0) {
+      p.reject(new ReplyError(f.code, f.msg));
+      return;
+    }
+    p.onOK?.(f.d ?? {});
+    p.resolve(f.d ?? {});
   }
   onPush(f) {
     this.stats_.pushesReceived++;

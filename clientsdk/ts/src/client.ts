@@ -271,6 +271,8 @@ interface Pending {
   resolve: (d: unknown) => void;
   reject: (e: Error) => void;
   timer: ReturnType<typeof setTimeout>;
+  /** Runs on an OK reply as it is read, before the frames after it. */
+  onOK?: (d: unknown) => void;
 }
 
 interface Waiter {
@@ -780,8 +782,13 @@ export class LiveClient {
       const sent = st.since;
       const d: Requests["join"][0] = { room_id: room };
       if (sent) d.since = sent;
-      try {
-        const r = (await this.send(ws, "join", d, this.o.requestTimeoutMs)) as JoinReply;
+      // The reply is taken as it is read (send's onOK), in frame order: the
+      // pushes after it in its batch are checked against the position it
+      // sets. Before, it was taken a microtask later, after them — pushes
+      // numbered from a position that went back were dropped as
+      // duplicates (acked, if reliable: never resent).
+      const onJoined = (rep: unknown): void => {
+        const r = rep as JoinReply;
         if (this.rooms.get(room) !== st) return; // left while it was re-joined: nothing to re-sync
         // Not recovered: report it — unless a live push that came before
         // the reply moved the position on (onPush reported its gap then),
@@ -791,9 +798,12 @@ export class LiveClient {
         const wentBack = sent !== undefined && r.recovered !== true && r.ep === sent.ep && (r.off ?? 0) < sent.off;
         if (sent && r.recovered !== true && (st.since === sent || wentBack))
           this.emitState({ state: "room_resync", room, since: sent, at: { off: r.off ?? 0, ep: r.ep ?? "" } });
-        // Pushes read meanwhile (after the reply) already moved since on.
+        // Pushes read before the reply already moved since on.
         const s = sinceOf(r);
         if (s && st.since === sent && (!sent || r.recovered !== true || s.ep !== sent.ep)) st.since = s;
+      };
+      try {
+        await this.send(ws, "join", d, this.o.requestTimeoutMs, onJoined);
       } catch (e) {
         if (!(e instanceof ReplyError) || e.code === 50000 || e.code === 10429) {
           // Not a refusal of the room: no answer in time (a late reply,
@@ -1147,8 +1157,12 @@ export class LiveClient {
     });
   }
 
-  /** Writes one request on ws and waits for its reply. */
-  private send(ws: WebSocketLike, type: string, data: unknown, timeout: number): Promise<unknown> {
+  /**
+   * Writes one request on ws and waits for its reply. onOK, if given, runs
+   * with an OK reply's data as the reply is read — before the frames after
+   * it in its batch (the promise settles only after them, in a microtask).
+   */
+  private send(ws: WebSocketLike, type: string, data: unknown, timeout: number, onOK?: (d: unknown) => void): Promise<unknown> {
     if (this.ws !== ws || ws.readyState !== OPEN) return Promise.reject(new DisconnectedError());
     const id = this.nextId++;
     return new Promise((resolve, reject) => {
@@ -1159,7 +1173,7 @@ export class LiveClient {
         // any more — a ping tells which (unanswered, the connection is left).
         this.probe(ws);
       }, timeout);
-      this.pending.set(id, { resolve, reject, timer });
+      this.pending.set(id, { resolve, reject, timer, onOK });
       try {
         ws.send(JSON.stringify({ t: type, id, d: data ?? {} }));
       } catch (e) {
@@ -1253,8 +1267,12 @@ export class LiveClient {
     if (!p) return; // timed out already
     this.pending.delete(f.id);
     clearTimeout(p.timer);
-    if (f.code !== 0) p.reject(new ReplyError(f.code, f.msg));
-    else p.resolve(f.d ?? {});
+    if (f.code !== 0) {
+      p.reject(new ReplyError(f.code, f.msg));
+      return;
+    }
+    p.onOK?.(f.d ?? {});
+    p.resolve(f.d ?? {});
   }
 
   private onPush(f: PushFrame): void {

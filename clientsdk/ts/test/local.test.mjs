@@ -397,6 +397,35 @@ test("a re-join that could not recover, whose live push came before the reply, i
   assert.deepEqual(c.joinedRooms().get(9), { off: 3, ep: "e2" });
 });
 
+test("a re-join reply whose position went back, in one batch with the pushes after it: those pushes are delivered, one room_resync", async () => {
+  const srv = await server((conn, n) => {
+    if (n === 0) {
+      answer(conn, (f) => ({ room_id: f.d.room_id, online: 1, off: 100, ep: "E" }));
+      return;
+    }
+    conn.onFrame = (f) => {
+      if (f.t !== "join") return;
+      // A cluster whose Redis went back: the room numbers from 20 again, in
+      // the same epoch; the reply and the next pushes leave in one batch.
+      conn.send({ t: "batch", d: [
+        { t: "reply", id: f.id, code: 0, msg: "ok", d: { room_id: 9, online: 1, off: 20, ep: "E", recovered: false } },
+        push("p21", { from: 1, text: "21" }, { off: 21, ep: "E" }),
+        push("p22", { from: 1, text: "22" }, { off: 22, ep: "E" }),
+      ] });
+      setTimeout(() => conn.send(push("p23", { from: 1, text: "23" }, { off: 23, ep: "E" })), 20);
+    };
+  });
+  const c = await collect({ urls: srv.url, token: "t" });
+  await c.join(9);
+  srv.conns[0].ws.close(1001, "going away");
+  await eventually(() => c.ev.pushes.length === 3, 5000, "p21 p22 p23");
+  assert.deepEqual(c.ev.pushes.map((p) => p.mid), ["p21", "p22", "p23"]);
+  assert.equal(c.stats.offsetDuplicates, 0);
+  const resyncs = c.ev.states.filter((s) => s.state === "room_resync");
+  assert.deepEqual(resyncs, [{ state: "room_resync", room: 9, since: { off: 100, ep: "E" }, at: { off: 20, ep: "E" } }]);
+  assert.deepEqual(c.joinedRooms().get(9), { off: 23, ep: "E" });
+});
+
 test("several URLs: clients start at a random one (spread over the nodes); preferFirstUrl starts at the first", async () => {
   const a = await server((conn) => answer(conn));
   const b = await server((conn) => answer(conn));
