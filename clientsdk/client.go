@@ -997,7 +997,7 @@ func (c *Client) heartbeat(s *session, every time.Duration) {
 				continue
 			}
 			c.log.Warn("clientsdk: heartbeat ping unanswered, closing connection")
-			s.closeWith(proto.CloseNormal, fmt.Errorf("clientsdk: heartbeat ping unanswered: %w", err))
+			s.abandon(fmt.Errorf("clientsdk: heartbeat ping unanswered: %w", err))
 			return
 		}
 	}

@@ -992,10 +992,21 @@ func TestRequestTimeoutProbesTheConnection(t *testing.T) {
 	const pingTimeout = 2 * time.Second
 	ts := newTServer(t)
 	var log logLines
+	var (
+		mu    sync.Mutex
+		drops []StateEvent
+	)
 	c := dial(t, ts, nil, func(cfg *Config) {
 		cfg.HeartbeatInterval = time.Minute // no heartbeat ping within the test
 		cfg.RequestTimeout = pingTimeout
 		cfg.Logger = log.logger()
+		cfg.OnState = func(e StateEvent) {
+			if e.State == StateDisconnected {
+				mu.Lock()
+				drops = append(drops, e)
+				mu.Unlock()
+			}
+		}
 	})
 	ts.conn(0).mute.Store(true)
 	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
@@ -1010,6 +1021,17 @@ func TestRequestTimeoutProbesTheConnection(t *testing.T) {
 	}
 	if n := log.count("clientsdk: heartbeat ping unanswered, closing connection"); n != 1 {
 		t.Fatalf("the wedged node left %d time(s) for an unanswered ping, want once", n)
+	}
+	// Reported as a connection lost (as the TypeScript SDK does), not as
+	// the app's own close: before, 1000 "closed by client".
+	mu.Lock()
+	if len(drops) != 1 || drops[0].Code != 1006 || drops[0].Reason != "ping timeout" || drops[0].Err == nil {
+		mu.Unlock()
+		t.Fatalf("disconnects %+v, want one 1006 \"ping timeout\" with its cause", drops)
+	}
+	mu.Unlock()
+	if code, reason := c.LastClose(); code != 1006 || reason != "ping timeout" {
+		t.Fatalf("LastClose %d %q, want 1006 \"ping timeout\"", code, reason)
 	}
 
 	// The new node answers pings, not "noreply": the request times out,

@@ -27,7 +27,8 @@
 //     after a request timed out: a node that answers nothing is left when a
 //     ping goes unanswered for RequestTimeout with nothing read meanwhile,
 //     however busy the app is (a node that answers late but keeps replying,
-//     under backpressure, is kept).
+//     under backpressure, is kept); that drop is reported as a connection
+//     lost, StateDisconnected 1006 "ping timeout" (as the TypeScript SDK).
 //     Reconnecting with exponential backoff and full jitter after any disconnect whose close
 //     code is reconnectable (proto.Reconnectable: below 4500) or after a
 //     network error. A terminal close code (>= 4500), or an HTTP 401 on

@@ -54,6 +54,7 @@ type session struct {
 	local     bool // we closed it
 	localCode int
 	localErr  error
+	localLost bool // we gave it up (its node stopped answering): reported as lost, 1006
 
 	// Set by OnClose before done is closed.
 	closeCode   int
@@ -86,6 +87,19 @@ func newSession(c *Client) *session {
 
 // closeWith closes the connection from our side with code; cause is what
 // OnClose reports as the error (nil for an orderly close).
+// abandon closes s because its node stopped answering (an unanswered
+// heartbeat ping): reported as a connection lost, 1006 "ping timeout" (as
+// the TypeScript SDK does), not as the app's own close — its close frame
+// still says 1000.
+func (s *session) abandon(cause error) {
+	s.closeMu.Lock()
+	if !s.local {
+		s.local, s.localCode, s.localErr, s.localLost = true, proto.CloseNormal, cause, true
+	}
+	s.closeMu.Unlock()
+	s.closeWith(proto.CloseNormal, cause)
+}
+
 func (s *session) closeWith(code int, cause error) {
 	s.closeMu.Lock()
 	if !s.local {
@@ -351,7 +365,7 @@ func (s *session) OnPong(*gws.Conn, []byte) {}
 
 func (s *session) OnClose(_ *gws.Conn, err error) {
 	s.closeMu.Lock()
-	local, lcode, lerr := s.local, s.localCode, s.localErr
+	local, lcode, lerr, lost := s.local, s.localCode, s.localErr, s.localLost
 	s.closeMu.Unlock()
 	var ce *gws.CloseError
 	switch {
@@ -361,6 +375,8 @@ func (s *session) OnClose(_ *gws.Conn, err error) {
 			s.closeCode = 1005 // close frame without a status code
 		}
 		s.closeErr = &CloseError{Code: s.closeCode, Reason: s.closeReason}
+	case local && lost:
+		s.closeCode, s.closeReason, s.closeErr = 1006, "ping timeout", lerr
 	case local:
 		s.closeCode, s.closeReason, s.closeErr = lcode, "closed by client", lerr
 	default:
