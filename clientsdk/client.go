@@ -83,6 +83,7 @@ type Client struct {
 	cbMu         sync.Mutex
 	cbRunning    bool
 	cbStopped    bool
+	cbDrain      bool // Close waits: the queued state events are still delivered
 	dispatchDone chan struct{}
 
 	wg sync.WaitGroup // every goroutine but the dispatcher
@@ -252,8 +253,17 @@ func (c *Client) Close() error {
 	c.stop(nil)
 	c.wg.Wait()
 	c.cbMu.Lock()
-	c.cbStopped = true
 	running := c.cbRunning
+	if !c.cbStopped {
+		// The first Close, not from a callback: the state events queued by
+		// the end of the connection (StateDisconnected, StateClosed) are
+		// delivered before it returns — before, StateClosed was dropped
+		// whenever the dispatcher had not reached it yet. From a callback
+		// nothing more is delivered (no callback starts after Close has
+		// returned).
+		c.cbDrain = !running
+	}
+	c.cbStopped = true
 	c.cbMu.Unlock()
 	if !running {
 		<-c.dispatchDone
@@ -1250,8 +1260,12 @@ func (c *Client) dispatch() {
 	defer c.flushAcks(flush)
 	for ev := range c.events {
 		c.cbMu.Lock()
-		if c.cbStopped {
+		if c.cbStopped && (!c.cbDrain || ev.state == nil) {
+			drain := c.cbDrain
 			c.cbMu.Unlock()
+			if drain {
+				continue // closed: pushes not delivered (nor acked); state events are, until run's end closed the queue
+			}
 			return
 		}
 		c.cbRunning = true
@@ -1277,9 +1291,9 @@ func (c *Client) dispatch() {
 
 		c.cbMu.Lock()
 		c.cbRunning = false
-		stopped := c.cbStopped
+		stop := c.cbStopped && !c.cbDrain
 		c.cbMu.Unlock()
-		if stopped {
+		if stop {
 			return
 		}
 	}

@@ -757,6 +757,12 @@ func TestCloseStopsEverything(t *testing.T) {
 	default:
 		t.Fatal("Closed not closed after Close")
 	}
+	// Close returned after the app had StateDisconnected and StateClosed
+	// (before, StateClosed was dropped when the dispatcher had not reached
+	// it yet).
+	if ss := r.stateList(); len(ss) < 2 || ss[len(ss)-2] != StateDisconnected || ss[len(ss)-1] != StateClosed {
+		t.Fatalf("states %v, want StateDisconnected then StateClosed last", ss)
+	}
 	if code, _ := c.LastClose(); code != proto.CloseNormal {
 		t.Fatalf("LastClose = %d, want 1000", code)
 	}
