@@ -828,14 +828,7 @@ func TestSharedPKEndReplyLostThenRedisLossStillPushed(t *testing.T) {
 }
 
 func endLostThenRedisLoss(t *testing.T, tombFirst bool) {
-	srv := redistest.Start(t)
-	px := redistest.StartProxy(t, srv.Addr)
-	via, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{px.Addr}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(via.Close)
-	direct := srv.Client(t)
+	px, via, direct := proxiedAndDirect(t)
 	if err := direct.Do(context.Background(), direct.B().ScriptLoad().Script(endLua).Build()).Error(); err != nil {
 		t.Fatal(err)
 	}

@@ -661,18 +661,7 @@ func TestSharedEndedContestsTalliesDropped(t *testing.T) {
 // push and an end time of its own. Before, startedUnseen saw the contest
 // running and took it for the first accept's.
 func TestSharedLostAcceptDoesNotClaimAnotherAcceptsContest(t *testing.T) {
-	srv := redistest.Start(t)
-	px := redistest.StartProxy(t, srv.Addr)
-	via, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{px.Addr}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(via.Close)
-	direct, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{srv.Addr}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(direct.Close)
+	px, via, direct := proxiedAndDirect(t)
 	w := &fakeWallet{}
 	n1, n2 := newNode(t, via, w, 1, 2), newNode(t, direct, w, 1, 2)
 	inv, err := n2.s.Invite(7, 1, 2, time.Minute)
@@ -733,14 +722,22 @@ func TestSharedEndWhoseReplyWasLost(t *testing.T) {
 // client of it through the proxy.
 func proxiedRedis(t *testing.T) (*redistest.Proxy, rueidis.Client) {
 	t.Helper()
+	px, via, _ := proxiedAndDirect(t)
+	return px, via
+}
+
+// proxiedAndDirect is a fresh Redis, a fault proxy before it, a client
+// through the proxy and one straight to Redis.
+func proxiedAndDirect(t *testing.T) (px *redistest.Proxy, via, direct rueidis.Client) {
+	t.Helper()
 	srv := redistest.Start(t)
-	px := redistest.StartProxy(t, srv.Addr)
-	rdb, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{px.Addr}})
+	px = redistest.StartProxy(t, srv.Addr)
+	via, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{px.Addr}})
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(rdb.Close)
-	return px, rdb
+	t.Cleanup(via.Close)
+	return px, via, srv.Client(t)
 }
 
 // A contest or invitation whose shared state cannot be read (Redis gone) is

@@ -18,8 +18,14 @@ import (
 // client of that Redis without client-side caching.
 func sharedService(t *testing.T) (*Service, rueidis.Client) {
 	t.Helper()
-	rs := redistest.Start(t)
-	rdb, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{rs.Addr}, DisableCache: true})
+	return sharedServiceAt(t, "a", redistest.Start(t).Addr)
+}
+
+// sharedServiceAt is node's room Service in cluster mode on the Redis at
+// addr (Redis itself, or a fault proxy before it), and its client.
+func sharedServiceAt(t *testing.T, node, addr string) (*Service, rueidis.Client) {
+	t.Helper()
+	rdb, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{addr}, DisableCache: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -29,7 +35,7 @@ func sharedService(t *testing.T) (*Service, rueidis.Client) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = st.Close() })
-	s, err := New(st, router.NewLocal("a", router.LocalConfig{}), Config{Shared: &Shared{Client: rdb}})
+	s, err := New(st, router.NewLocal(node, router.LocalConfig{}), Config{Shared: &Shared{Client: rdb}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -252,24 +258,8 @@ func TestAnchorOfARoomOpenedThroughAnotherNode(t *testing.T) {
 func TestRoomUnreadIsAnErrorNotClosed(t *testing.T) {
 	rs := redistest.Start(t)
 	px := redistest.StartProxy(t, rs.Addr)
-	service := func(node, addr string) *Service {
-		rdb, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{addr}, DisableCache: true})
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(rdb.Close)
-		st, err := persist.Open(t.TempDir())
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { _ = st.Close() })
-		s, err := New(st, router.NewLocal(node, router.LocalConfig{}), Config{Shared: &Shared{Client: rdb}})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return s
-	}
-	a, b := service("a", rs.Addr), service("b", px.Addr)
+	a, _ := sharedServiceAt(t, "a", rs.Addr)
+	b, _ := sharedServiceAt(t, "b", px.Addr)
 	known, err := b.Open(6, 0) // in b's replica
 	if err != nil {
 		t.Fatal(err)
