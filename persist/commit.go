@@ -67,7 +67,8 @@ type committer struct {
 	// and waits for an earlier group to enter the WAL), "write" (a group is
 	// about to enter the WAL), "sync" (a group is in the WAL, readable, its
 	// fsync not done), "loaded" (an op read a balance from Pebble, before
-	// it keeps it in memory). Set it before the first op.
+	// it keeps it in memory), "balance" (Balance found the user not in
+	// memory, before it reads Pebble). Set it before the first op.
 	crashAt func(point string, entries []*commitEntry)
 
 	commitSeconds prometheus.Histogram // one group's batch write + fsync

@@ -394,3 +394,49 @@ func TestTradesAndTalliesShownOnlyOnceDurable(t *testing.T) {
 		t.Fatalf("once durable: %+v, want the trade and the tally of 100", r)
 	}
 }
+
+// Balance of a user not in memory reads Pebble, which shows a batch before
+// its fsync: a credit of the user whose group entered the log meanwhile
+// (not synced yet) is not shown — answered from memory, where the user is
+// until the credit is durable. Before, it was shown, and a crash then took
+// it back.
+func TestBalanceOfAUserNotInMemoryShowsNoCreditBeforeItIsDurable(t *testing.T) {
+	st, err := Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	l, err := OpenLedger(st, LedgerConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	const u = 9
+	held, resume := make(chan struct{}), make(chan struct{})
+	credited := make(chan error, 1)
+	var release, once sync.Once
+	defer release.Do(func() { close(resume) })
+	l.commit.crashAt = func(point string, _ []*commitEntry) {
+		switch point {
+		case "balance": // Balance found u not in memory: a credit of u starts now
+			once.Do(func() {
+				go l.ApplyAsync(Op{User: u, ReqID: "c", Postings: []Posting{{User: u, Delta: 100, Reason: ReasonDev}}},
+					func(_ Result, err error) { credited <- err })
+				<-held // in the log, readable, not synced
+			})
+		case "sync":
+			close(held)
+			<-resume
+		}
+	}
+	if b, err := l.Balance(u); err != nil || b != 0 {
+		t.Fatalf("balance %d (%v) while a credit of 100 waits for its fsync, want 0", b, err)
+	}
+	release.Do(func() { close(resume) })
+	if err := <-credited; err != nil {
+		t.Fatal(err)
+	}
+	if b, err := l.Balance(u); err != nil || b != 100 {
+		t.Fatalf("balance %d (%v) once the credit is durable, want 100", b, err)
+	}
+}
