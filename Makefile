@@ -96,6 +96,7 @@ fuzz:
 	$(GO) test -run='^$$' -fuzz='^FuzzSplit$$' -fuzztime=$(FUZZ_NOTIFY) ./edge/redpacket
 	$(GO) test -run='^$$' -fuzz='^FuzzReaderSplits$$' -fuzztime=$(FUZZ_NOTIFY) ./gateway
 	$(GO) test -run='^$$' -fuzz='^FuzzGiftFrame$$' -fuzztime=$(FUZZ_NOTIFY) ./edge/gift
+	$(GO) test -run='^$$' -fuzz='^FuzzParseSeat$$' -fuzztime=$(FUZZ_NOTIFY) ./edge/ticket
 
 # Benchmarks and the report: `make bench` runs the Go benchmarks (output in
 # bench.out), the loadgen scenarios and the wrk webhook run (JSON under

@@ -240,7 +240,7 @@ type Wallet struct {
 	Mode string `yaml:"mode"`
 	// Nodes lists every node id whose ledger holds wallet trades (shared
 	// mode): after Redis loses its data, money moves again only when all of
-	// them have contributed. Empty = this node alone.
+	// them have contributed. Required in shared mode (Validate).
 	Nodes []string `yaml:"nodes"`
 	// IdemMemoryBytes bounds the memory of the local ledger's index of the
 	// last 25 h of requests (~21 B per request; beyond it duplicate checks
@@ -705,7 +705,8 @@ func (c *Config) Validate() error {
 			"nats.listen "+c.NATS.Listen+" is not a loopback address: set nats.user and nats.password, or nats.token "+
 				"(the embedded server then requires them), or listen on 127.0.0.1")
 	}
-	// Limits where 0 means off: a negative is a typo, never "off" by accident.
+	// Limits where 0 means off: a negative is a typo, never "off" by
+	// accident (a negative red-packet grab limit turned it off).
 	for _, v := range []struct {
 		name string
 		ok   bool
@@ -714,9 +715,26 @@ func (c *Config) Validate() error {
 		{"limits.chat_per_second", c.Limits.ChatPerSecond >= 0},
 		{"limits.gift_per_second", c.Limits.GiftPerSecond >= 0},
 		{"cluster.presence_ttl", c.Cluster.PresenceTTL.D() >= 0},
+		{"redpacket.prepare_interval", c.RedPacket.PrepareInterval.D() >= 0},
+		{"redpacket.start_interval", c.RedPacket.StartInterval.D() >= 0},
+		{"redpacket.grab_interval", c.RedPacket.GrabInterval.D() >= 0},
+		{"redpacket.grabs_per_second", c.RedPacket.GrabsPerSecond >= 0},
+		// Where 0 means the built-in default: a negative is a typo too,
+		// not the default by accident.
+		{"ws.offline_ttl", c.WS.OfflineTTL.D() >= 0},
+		{"ws.socket_send_buffer", c.WS.SocketSendBuffer >= 0},
+		{"rooms.history_ttl", c.Rooms.HistoryTTL.D() >= 0},
+		{"cluster.gap_wait", c.Cluster.GapWait.D() >= 0},
+		{"cluster.linger", c.Cluster.Linger.D() >= 0},
+		{"pay.order_timeout", c.Pay.OrderTimeout.D() >= 0},
+		{"pay.reconcile_after", c.Pay.ReconcileAfter.D() >= 0},
+		{"pay.reconcile_every", c.Pay.ReconcileEvery.D() >= 0},
+		{"gifts.effect_window", c.Gifts.EffectWindow.D() >= 0},
 	} {
 		check(v.ok, v.name+" must be >= 0")
 	}
+	check(c.RedPacket.MaxDuration.D() == 0 || c.RedPacket.MaxDuration.D() >= time.Second,
+		"redpacket.max_duration must be 0 (the default) or >= 1s (a rain lasts whole seconds)")
 	// A production node bounds how often an anchor opens and closes a room:
 	// each cycle leaves a record (a Pebble row, or a Redis key for a week).
 	check(c.Auth.DevTokens || c.Rooms.OpenCloseInterval.D() >= time.Second,

@@ -408,11 +408,29 @@ func TestEmbeddedNATSListenAndLimits(t *testing.T) {
 		{"limits.chat_per_second", func(c *Config) { c.Limits.ChatPerSecond = -1 }},
 		{"limits.gift_per_second", func(c *Config) { c.Limits.GiftPerSecond = -1 }},
 		{"cluster.presence_ttl", func(c *Config) { c.Cluster.PresenceTTL = Duration(-10 * time.Second) }},
+		// Before, these passed: a negative grab limit was no limit, a
+		// negative duration the built-in default.
+		{"redpacket.prepare_interval", func(c *Config) { c.RedPacket.PrepareInterval = Duration(-time.Second) }},
+		{"redpacket.start_interval", func(c *Config) { c.RedPacket.StartInterval = Duration(-time.Second) }},
+		{"redpacket.grab_interval", func(c *Config) { c.RedPacket.GrabInterval = Duration(-time.Second) }},
+		{"redpacket.grabs_per_second", func(c *Config) { c.RedPacket.GrabsPerSecond = -5 }},
+		{"ws.offline_ttl", func(c *Config) { c.WS.OfflineTTL = Duration(-time.Second) }},
+		{"ws.socket_send_buffer", func(c *Config) { c.WS.SocketSendBuffer = -1 }},
+		{"rooms.history_ttl", func(c *Config) { c.Rooms.HistoryTTL = Duration(-time.Second) }},
+		{"cluster.gap_wait", func(c *Config) { c.Cluster.GapWait = Duration(-time.Second) }},
+		{"cluster.linger", func(c *Config) { c.Cluster.Linger = Duration(-time.Second) }},
+		{"pay.order_timeout", func(c *Config) { c.Pay.OrderTimeout = Duration(-time.Second) }},
+		{"pay.reconcile_after", func(c *Config) { c.Pay.ReconcileAfter = Duration(-time.Second) }},
+		{"pay.reconcile_every", func(c *Config) { c.Pay.ReconcileEvery = Duration(-time.Second) }},
+		{"gifts.effect_window", func(c *Config) { c.Gifts.EffectWindow = Duration(-time.Second) }},
 	} {
 		c := Default()
 		edit.set(&c)
 		wantErr(t, c.Validate(), edit.name+" must be >= 0")
 	}
+	c = Default()
+	c.RedPacket.MaxDuration = Duration(500 * time.Millisecond)
+	wantErr(t, c.Validate(), "redpacket.max_duration must be 0 (the default) or >= 1s")
 	c = Default()
 	c.Auth.DevTokens, c.Auth.JWTSecret, c.Pay.Secrets = false, goodJWT, []string{goodPay}
 	c.Rooms.OpenCloseInterval = 0

@@ -786,11 +786,17 @@ func (c *Conn) trackLocked(m router.Msg) {
 	}
 }
 
-// dropOldestGiven keeps at most ws.offline_max given-up pushes (0: offline
-// boxes off, none) — what the hand-on at close keeps anyway — dropping the
-// oldest; one pass per resend round (ackMu held).
+// dropOldestGiven keeps at most ws.offline_max given-up pushes
+// (router.MaxHandOn with the offline boxes off) — what the hand-on at close
+// keeps anyway (router's newest) — dropping the oldest; one pass per resend
+// round (ackMu held). Before, with the boxes off it kept none: pushes given
+// up on were lost at the close instead of handed on.
 func (c *Conn) dropOldestGiven() {
-	over := c.given - max(c.srv.cfg.WS.OfflineMax, 0)
+	keep := c.srv.cfg.WS.OfflineMax
+	if keep <= 0 {
+		keep = router.MaxHandOn
+	}
+	over := c.given - keep
 	if over <= 0 {
 		return
 	}

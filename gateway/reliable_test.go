@@ -135,6 +135,39 @@ func TestReliablePushGivenUpIsHandedOnAtClose(t *testing.T) {
 	}
 }
 
+// With the offline boxes off (ws.offline_max: 0) a push given up on is still
+// kept by its connection and handed on at its close to the user's other
+// connection (up to router.MaxHandOn, what the hand-on keeps then). Before,
+// the connection dropped every push it gave up on at once: lost.
+func TestGivenUpPushHandedOnWithTheOfflineBoxesOff(t *testing.T) {
+	cfg := nodetest.Config(t)
+	cfg.WS.ResendAfter = configsDuration(20 * time.Millisecond)
+	cfg.WS.ResendMaxTries = 3
+	cfg.WS.OfflineMax = 0
+	n := nodetest.Start(t, cfg)
+	r := dial(t, n, 503, nodetest.RawOptions{Batch: true})
+	if f := request(t, r, 1, `{"t":"ping","id":1,"d":{}}`); f.Code != 0 {
+		t.Fatalf("ping: %+v", f)
+	}
+	mid, reached := n.Router.SendUser(503, proto.Push{Biz: proto.BizWalletCredit, Data: []byte(`{"balance":1,"delta":1,"reason":"dev"}`), Ack: true})
+	if reached != 1 {
+		t.Fatalf("reached %d sessions", reached)
+	}
+	nodetest.Eventually(t, 15*time.Second, func() bool { return metricValue(t, n, "liveedge_resend_giveups_total") == 1 },
+		"the push not given up on")
+	other := dial(t, n, 503, nodetest.RawOptions{Batch: true})
+	if f := request(t, other, 1, `{"t":"ping","id":1,"d":{}}`); f.Code != 0 {
+		t.Fatalf("ping: %+v", f)
+	}
+	r.Close()
+	if f := other.NextOfType(proto.TypePush, 5*time.Second); f.Mid != mid {
+		t.Fatalf("the user's other connection got %+v, want the push given up on (%s)", f, mid)
+	}
+	if v := metricValue(t, n, "liveedge_resend_given_dropped_total"); v != 0 {
+		t.Fatalf("%v given-up pushes dropped, want none", v)
+	}
+}
+
 // A connection keeps at most ws.offline_max pushes it gave up on (what the
 // hand-on keeps anyway), the newest: a client that never acks does not pile
 // them up for its whole session.
