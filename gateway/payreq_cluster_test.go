@@ -1,12 +1,19 @@
 package gateway_test
 
 import (
+	"context"
+	"fmt"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/liveedge/liveedge/edge/pay"
 	"github.com/liveedge/liveedge/gateway"
 	"github.com/liveedge/liveedge/gateway/nodetest"
+	"github.com/liveedge/liveedge/gateway/proto"
+	"github.com/liveedge/liveedge/persist/redistest"
+	"github.com/liveedge/liveedge/router/natstest"
 )
 
 // A retry of an order's creation through another node whose confirmation
@@ -42,5 +49,60 @@ func TestClusterOrderNotHandedOutUnconfirmed(t *testing.T) {
 	}, "the retry through gw-2 never answered")
 	if got.OrderID != first.OrderID {
 		t.Fatalf("retry through gw-2: order %s, want %s", got.OrderID, first.OrderID)
+	}
+}
+
+// A user at the open-order bound costs no Redis script per refused create
+// (the node's count is checked first; one read points a retry of an order
+// made elsewhere at it): before, each refused attempt took a req_id
+// binding and gave it back, two Lua calls, however fast the user sent.
+func TestClusterOrderAtTheOpenBoundRunsNoScript(t *testing.T) {
+	rds, nats := redistest.Start(t), natstest.Start(t)
+	c := clusterNodeConfig(t, "gw-1", []string{"gw-1"}, rds, nats)
+	c.Pay.MaxOpenOrdersPerUser, c.Pay.OrdersPerMinute = 2, 0
+	n := nodetest.Start(t, c)
+	const user = 43
+	create := func(req string) (int, int) {
+		var out struct {
+			Code int `json:"code"`
+		}
+		st := nodetest.DoJSON(t, "POST", nodetest.HTTPURL(n)+"/api/v1/pay/orders", nodetest.Token(t, n, user, gateway.RoleViewer),
+			fmt.Sprintf(`{"product_id":1,"channel":"mock","req_id":%q}`, req), &out)
+		return st, out.Code
+	}
+	for _, req := range []string{"o1", "o2"} {
+		if st, code := create(req); st != 200 || code != 0 {
+			t.Fatalf("order %s: %d %d", req, st, code)
+		}
+	}
+	scripts := func() int64 {
+		t.Helper()
+		rdb := rds.Client(t)
+		info, err := rdb.Do(context.Background(), rdb.B().Info().Section("commandstats").Build()).ToString()
+		if err != nil {
+			t.Fatal(err)
+		}
+		var k int64
+		for _, line := range strings.Split(info, "\r\n") {
+			for _, cmd := range []string{"cmdstat_evalsha:calls=", "cmdstat_eval:calls="} {
+				if rest, ok := strings.CutPrefix(line, cmd); ok {
+					v, _ := strconv.ParseInt(rest[:strings.IndexByte(rest, ',')], 10, 64)
+					k += v
+				}
+			}
+		}
+		return k
+	}
+	before := scripts()
+	for i := range 20 {
+		if st, code := create(fmt.Sprint("over", i)); st != 429 || code != proto.CodeRateLimited {
+			t.Fatalf("create over the bound: %d %d, want 429 10429", st, code)
+		}
+	}
+	if d := scripts() - before; d != 0 {
+		t.Fatalf("%d Redis scripts for 20 creates refused at the bound, want none", d)
+	}
+	if st, code := create("o1"); st != 200 || code != 0 { // a retry of an order made: its order, not refused
+		t.Fatalf("retry of o1 at the bound: %d %d", st, code)
 	}
 }

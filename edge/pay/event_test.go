@@ -78,3 +78,45 @@ func mustID(t *testing.T, s string) int64 {
 	}
 	return id
 }
+
+// A declined attempt (FAILED) whose amount is not the order's — a provider
+// reporting 0 for a decline, say — is recorded and answered 200 like any
+// declined attempt, its redelivery too; the order stays open and the
+// user's payment that follows is credited once. Before, it was answered
+// 409 and never recorded: the provider retried it for its whole schedule.
+func TestDeclinedAttemptOfAnotherAmountRecorded(t *testing.T) {
+	st, l := persisttest.OpenLedger(t)
+	const secret = "event-test-secret-0123456789abcdef"
+	svc, err := pay.New(st, l, router.NewLocal("a", router.LocalConfig{}), pay.Config{Node: "a", Secrets: []string{secret}, ReconcileEvery: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(svc.Close)
+	o, err := svc.CreateOrder(7, pay.CreateReq{ProductID: 1, Channel: "mock", ReqID: "d"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	notify := func(ev, status string, amount int64) int {
+		body, _ := proto.Marshal(pay.Event{EventID: ev, OrderID: o.OrderID, Amount: amount, Status: status, PaidAt: time.Now().UnixMilli()})
+		code, _ := svc.Notify("mock", pay.Sign(secret, time.Now(), body), body)
+		return code
+	}
+	id := mustID(t, o.OrderID)
+	for i := range 2 {
+		if code := notify("ev-declined", "FAILED", 0); code != pay.NotifyOK {
+			t.Fatalf("delivery %d of a declined attempt of 0: %d, want 200", i+1, code)
+		}
+	}
+	if _, err := st.Get(pay.EventRecordKey(id, "ev-declined")); err != nil {
+		t.Fatalf("the declined attempt not recorded: %v", err)
+	}
+	if got, _ := svc.Get(id); got.Status != pay.StatusPaying && got.Status != pay.StatusWaitingPay {
+		t.Fatalf("order %s after a declined attempt, want it open", got.Status)
+	}
+	if code := notify("ev-paid", "SUCCESS", o.Amount); code != pay.NotifyOK {
+		t.Fatalf("the payment: %d", code)
+	}
+	if bal, err := l.Balance(7); err != nil || bal != o.Coins {
+		t.Fatalf("balance %d (%v), want %d", bal, err, o.Coins)
+	}
+}

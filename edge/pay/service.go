@@ -660,6 +660,18 @@ func (s *Service) CreateOrder(user int64, r CreateReq) (Order, error) {
 		}
 		return Order{}, err
 	}
+	if s.atOpenBound(user) {
+		// The node's own count first: a user at the bound costs no Redis
+		// script (before, a req_id binding taken and given back, two Lua
+		// calls per refused attempt) — one read, so that a retry of an
+		// order made through another node is pointed at it, not refused.
+		if claims != nil {
+			if prev, berr := claims.Bound(user, r.ReqID); berr == nil && prev != 0 {
+				return Order{}, &OrderElsewhere{ID: prev}
+			}
+		}
+		return Order{}, s.tooManyOpen
+	}
 	id := s.ids.Next(user)
 	if claims != nil {
 		// Through any node, one order per (user, req_id): bind it before
@@ -685,7 +697,7 @@ func (s *Service) CreateOrder(user int64, r CreateReq) (Order, error) {
 			s.cfg.SharedOpen.Drop(uint64(user), item)
 		}
 	}
-	if m := s.cfg.MaxOpenPerUser; m > 0 && s.openCount(user) >= m {
+	if s.atOpenBound(user) { // (again: an order of the user made here meanwhile)
 		release()
 		return Order{}, s.tooManyOpen
 	}
@@ -984,8 +996,13 @@ func (s *Service) apply(channel string, ev Event) (int, string) {
 	// difference: a provider reusing an event id for another, open order has
 	// it applied to that order (before: answered as a duplicate, the payment
 	// never credited).
+	// Only a payment (SUCCESS) can be not as the order: a declined attempt
+	// (FAILED) of another amount is recorded and changes nothing, as any —
+	// before, it was answered 409 and never recorded, and the provider
+	// retried it for its whole schedule.
 	mismatch := ""
 	switch {
+	case ev.Status != "SUCCESS":
 	case o.Channel != channel:
 		mismatch = "channel mismatch"
 	case ev.Amount != o.Amount:
@@ -1679,9 +1696,13 @@ func (s *Service) Refund(id int64) (Order, error) {
 	now := s.cfg.Now().UnixMilli()
 	o.Status, o.UpdatedAt, o.Note = StatusPayBack, now, "refunded"
 	ov, _ := proto.Marshal(o)
+	// The money owed back is recorded with the coins' debit, as for every
+	// other PAY_BACK (refundPayment): before, an admin refund left no
+	// rec/refund row — the list of payments to give back missed it.
+	rv, _ := proto.Marshal(map[string]any{"order_id": o.OrderID, "amount": o.Amount, "event_id": o.EventID, "reason": "admin refund", "at": now})
 	_, err = s.wallet.Apply(persist.Op{User: o.UserID, ReqID: "refund:" + o.OrderID,
 		Postings: []persist.Posting{{User: o.UserID, Delta: -o.Coins, Reason: persist.ReasonRefund, Ref: "order " + o.OrderID}},
-		Static: []persist.Record{{Key: orderKey(id), Value: ov},
+		Static: []persist.Record{{Key: orderKey(id), Value: ov}, {Key: persist.Key(prefixRefund, uint64(id)), Value: rv},
 			s.transitionRecord(id, StatusPayed, StatusPayBack, "refund", now)}})
 	if errors.Is(err, persist.ErrInsufficient) {
 		return o, proto.Errorf(proto.CodeInsufficientBalance, "the coins were already spent")
@@ -1691,6 +1712,13 @@ func (s *Service) Refund(id int64) (Order, error) {
 	}
 	s.pushStatus(o)
 	return o, nil
+}
+
+// atOpenBound reports whether user has MaxOpenPerUser open orders on this
+// node.
+func (s *Service) atOpenBound(user int64) bool {
+	m := s.cfg.MaxOpenPerUser
+	return m > 0 && s.openCount(user) >= m
 }
 
 // loop reconciles stuck orders and closes expired ones.

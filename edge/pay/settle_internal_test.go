@@ -49,6 +49,16 @@ func TestSettledCreditPushedOnlyWhileTheOrderIsPaid(t *testing.T) {
 	if _, err := s.Refund(id); err != nil {
 		t.Fatal(err)
 	}
+	// The admin refund records the money owed back, as every PAY_BACK
+	// does (before: no rec/refund row for it).
+	var rec struct {
+		OrderID string `json:"order_id"`
+		Amount  int64  `json:"amount"`
+	}
+	if v, err := st.Get(persist.Key(prefixRefund, uint64(id))); err != nil || proto.Unmarshal(v, &rec) != nil ||
+		rec.OrderID != refunded.OrderID || rec.Amount != refunded.Amount {
+		t.Fatalf("refund record %+v (%v), want %s's %d", rec, err, refunded.OrderID, refunded.Amount)
+	}
 	before := len(buyer.Received())
 	s.onSettled(settled(refunded))
 	if n := len(buyer.Received()) - before; n != 0 {
