@@ -6,6 +6,7 @@ import (
 	_ "embed"
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"log/slog"
 	"strconv"
 	"strings"
@@ -712,8 +713,8 @@ func (s *Service) checkGone(ctx context.Context, r *running) (restore bool) {
 	if rewrite {
 		return true // (restore.lua answers an earlier call whose reply was lost as that call)
 	}
-	vals, err := s.sh.rdb.Do(ctx, s.sh.rdb.B().Hmget().Key(contestKey(r.c.ID)).Field("state", "s0", "s1", "seq").Build()).ToArray()
-	if err != nil || len(vals) != 4 {
+	vals, err := s.sh.rdb.Do(ctx, s.sh.rdb.B().Hmget().Key(contestKey(r.c.ID)).Field("state", "s0", "s1", "seq", "ender").Build()).ToArray()
+	if err != nil || len(vals) != 5 {
 		return false // (the next sync)
 	}
 	state, _ := vals[0].ToString()
@@ -723,10 +724,12 @@ func (s *Service) checkGone(ctx context.Context, r *running) (restore bool) {
 		sc[0], _ = vals[1].AsInt64()
 		sc[1], _ = vals[2].AsInt64()
 		seq, _ := vals[3].AsInt64()
+		_, eerr := vals[4].ToString()
+		noEnder := rueidis.IsRedisNil(eerr) // written back over: its ender unknown
 		s.mu.Lock()
 		push := false
 		if !r.ended && !r.ending && !r.endUnknown {
-			push = r.mayHaveEnded
+			push = noEnder && s.claimFinalLocked(r)
 			s.buryLocked(r, sc, seq) // ended by end.lua: its scores are final
 		}
 		s.mu.Unlock()
@@ -739,6 +742,7 @@ func (s *Service) checkGone(ctx context.Context, r *running) (restore bool) {
 	case "run":
 		s.mu.Lock()
 		r.lost = false
+		r.mayHaveEnded = false // running again: its end, by end.lua, names its ender, who pushes
 		s.mu.Unlock()
 		return false
 	}
@@ -998,7 +1002,6 @@ func (s *Service) restoreRunning(r *running) {
 	defer r.pub.Unlock()
 	s.mu.Lock()
 	done := r.ended || s.sh.over[r.c.ID] != nil // (its end's retry pushed the result meanwhile: endScript)
-	mayHaveEnded := r.mayHaveEnded
 	s.mu.Unlock()
 	if done {
 		return
@@ -1013,7 +1016,16 @@ func (s *Service) restoreRunning(r *running) {
 		retry()
 		return
 	}
-	if arr[0] == 2 || arr[0] == 3 || arr[0] == 0 && mayHaveEnded {
+	push := arr[0] == 2 || arr[0] == 3
+	if arr[0] == 4 {
+		// Over, its ender unknown (written back over after the loss): this
+		// replica pushes the final if an end of its went unanswered — once,
+		// whichever of its write-back, its sync and its end finds it.
+		s.mu.Lock()
+		push = !r.ended && s.claimFinalLocked(r)
+		s.mu.Unlock()
+	}
+	if push {
 		s.publishShared(r.c, [2]int64{arr[1], arr[2]}, arr[3], arr[0] != 2)
 	}
 	s.mu.Lock()
@@ -1022,11 +1034,13 @@ func (s *Service) restoreRunning(r *running) {
 	switch arr[0] {
 	case 1:
 		r.lost = false
+		r.mayHaveEnded = false // running: its end, by end.lua, names its ender
 	case 2:
 		s.log.Warn("pk: running contest written back after a Redis data loss", "pk_id", r.c.ID, "sums", seen, "tallies", t, "seq", arr[3])
 		r.lost = false
+		r.mayHaveEnded = false
 		s.sawLocked(r, seen, arr[3])
-	case 0, 3:
+	case 0, 3, 4:
 		if arr[0] == 3 {
 			s.log.Warn("pk: contest lost with Redis's data ended at once: a room of it is in another contest", "pk_id", r.c.ID)
 		}
@@ -1034,6 +1048,15 @@ func (s *Service) restoreRunning(r *running) {
 			s.buryLocked(r, [2]int64{arr[1], arr[2]}, arr[3])
 		}
 	}
+}
+
+// claimFinalLocked takes r's duty to push the final of a contest found over
+// with its ender unknown (s.mu held): true once, if an end of r's went
+// unanswered (mayHaveEnded, or endUnknown still), false after.
+func (s *Service) claimFinalLocked(r *running) bool {
+	may := r.mayHaveEnded || r.endUnknown
+	r.mayHaveEnded = false
+	return may
 }
 
 // sawLocked notes the sums of gifts read and the seq pushed for r.
@@ -1231,7 +1254,9 @@ func (s *Service) endShared(r *running) {
 	}
 	if err != nil {
 		s.log.Error("pk: end contest, retrying", "pk_id", r.c.ID, "err", err)
-		r.endUnknown = true
+		// Unknown only if end.lua was sent (its reply lost): a tallies read
+		// that failed ended nothing.
+		r.endUnknown = r.endUnknown || !errors.Is(err, errEndNotSent)
 		if !s.closed && !r.ended {
 			r.timer = time.AfterFunc(time.Second, func() { s.endShared(r) })
 		}
@@ -1247,6 +1272,10 @@ func (s *Service) endShared(r *running) {
 // errContestLost: end.lua found no such contest (Redis lost its data).
 var errContestLost = errors.New("pk: contest gone from Redis")
 
+// errEndNotSent: an end attempt failed before end.lua was sent (its
+// tallies unread): it ended nothing.
+var errEndNotSent = errors.New("pk: end not sent")
+
 // endScript runs end.lua with the wallet's tallies; ended: this call ended
 // the contest (and pushed its result); wait: a node's PK gifts are still
 // being debited (its mark), or the wallet is not ready (rebuilding after a
@@ -1259,7 +1288,7 @@ func (s *Service) endScript(r *running) (ended, wait bool, err error) {
 	var t [2]int64
 	for i, room := range r.c.Rooms {
 		if t[i], err = s.tallies(TallyName(r.c.ID), room); err != nil {
-			return false, false, err
+			return false, false, fmt.Errorf("%w: %w", errEndNotSent, err)
 		}
 	}
 	r.pub.Lock()
@@ -1286,6 +1315,11 @@ func (s *Service) endScript(r *running) (ended, wait bool, err error) {
 	}
 	if len(arr) != 4 || arr[0] < 0 || arr[0] > 4 || arr[0] == 2 || arr[0] == 3 {
 		return false, false, nil
+	}
+	if arr[0] == 4 && unsure {
+		s.mu.Lock()
+		unsure = s.claimFinalLocked(r)
+		s.mu.Unlock()
 	}
 	if arr[0] == 1 || arr[0] == 4 && unsure {
 		// Ended here; or over with its ender unknown (written back after a

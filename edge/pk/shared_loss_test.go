@@ -885,3 +885,56 @@ func endLostThenRedisLoss(t *testing.T, tombFirst bool) {
 		t.Fatalf("finals %+v, want one with room 2 winning 7:0", f)
 	}
 }
+
+// Node 1's end runs, its reply is lost, and Redis loses the {pk} keys
+// before node 2 (whose replica still runs) learns of the end: node 1's
+// retry finds the contest gone. Node 2 writes it back running and ends it
+// (end.lua names node 2 the ender; node 2 pushes the final). Node 1's
+// write-back then finds it over, ended by another: it pushes nothing — one
+// final per room. (With the first fix for a lost end, node 1 pushed it
+// again: it took "over" for "over, ender unknown".)
+func TestSharedPKFinalNotPushedAgainAfterAnotherNodeEndedIt(t *testing.T) {
+	px, via, direct := proxiedAndDirect(t)
+	if err := direct.Do(context.Background(), direct.B().ScriptLoad().Script(endLua).Build()).Error(); err != nil {
+		t.Fatal(err)
+	}
+	w := &fakeWallet{}
+	n1 := newNodeEvery(t, via, w, time.Hour, 1, 2)
+	n1.s.sh.restoreDelay = 0
+	c, err := n1.s.Start(1, 2, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n2 := newNodeEvery(t, direct, w, time.Hour, 1, 2) // adopts it at its Restore; never syncs again
+	n2.s.sh.restoreDelay = 0
+	if _, _, ok := n2.s.Running(1); !ok {
+		t.Fatal("not running through node 2")
+	}
+	w.add(TallyName(c.ID), 2, 7)
+	n1.s.mu.Lock()
+	r := n1.s.sh.byID[c.ID]
+	n1.s.mu.Unlock()
+	px.LoseReply(fmt.Sprintf("%x", sha1.Sum([]byte(endLua))), 100*time.Millisecond)
+	n1.s.EndRoom(1)
+	poll(t, 5*time.Second, "node 1's end unanswered", func() bool {
+		n1.s.mu.Lock()
+		defer n1.s.mu.Unlock()
+		return r.endUnknown
+	})
+	loseKeys(t, direct, keyRunning, keyRooms, contestKey(c.ID))
+	poll(t, 10*time.Second, "node 1's retry finding the contest gone", func() bool {
+		n1.s.mu.Lock()
+		defer n1.s.mu.Unlock()
+		return r.lost && !r.endUnknown
+	})
+	n2.s.RestoreLost() // node 2 writes it back running
+	poll(t, 10*time.Second, "written back", func() bool { return listed(direct, c.ID) })
+	n2.s.EndRoom(1) // node 2's end (as its timer would)
+	poll(t, 10*time.Second, "node 2's final", func() bool { return len(finals(pushes(c.ID, 1, n2))) == 1 })
+	n1.s.RestoreLost()
+	settled(t, 10*time.Second, c.ID, n1, n2)
+	time.Sleep(300 * time.Millisecond)
+	if f := finals(pushes(c.ID, 1, n1, n2)); len(f) != 1 || f[0].Scores["2"] != 7 {
+		t.Fatalf("finals %+v to room 1, want one with room 2's 7", f)
+	}
+}

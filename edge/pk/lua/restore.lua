@@ -16,7 +16,10 @@
 --         over a running write-back (a node that had missed the end wrote
 --         it back first): the caller pushes the final again, with a seq
 --         above that write-back's pushes;
---   run:  {0, s0, s1, seq} it is over (ended, or known ended by a node),
+--   run:  {0, s0, s1, seq} it is over, ended by another replica,
+--         {4, s0, s1, seq} it is over, its ender unknown (written back
+--         over by a node that knew it ended: a replica whose end went
+--         unanswered may have been the ender, and pushes the result),
 --         {1} it is running already (another node wrote it back first),
 --         {2, s0, s1, seq} written back here: push the scores with seq,
 --         {3, s0, s1, seq} one of its rooms is in another contest now
@@ -51,7 +54,7 @@ if mode ~= 'run' then return redis.error_reply('pk: bad mode') end
 if state == 'over' then
   local r = redis.call('HMGET', KEYS[1], 's0', 's1', 'seq', 'ender')
   local code = 0
-  if r[4] == ARGV[10] then code = 3 end
+  if r[4] == ARGV[10] then code = 3 elseif not r[4] then code = 4 end
   return {code, tonumber(r[1]) or 0, tonumber(r[2]) or 0, tonumber(r[3]) or 0}
 end
 if state == 'run' then
