@@ -254,14 +254,19 @@ func (c *Client) Close() error {
 	c.wg.Wait()
 	c.cbMu.Lock()
 	running := c.cbRunning
-	if !c.cbStopped {
-		// The first Close, not from a callback: the state events queued by
-		// the end of the connection (StateDisconnected, StateClosed) are
-		// delivered before it returns — before, StateClosed was dropped
-		// whenever the dispatcher had not reached it yet. From a callback
-		// nothing more is delivered (no callback starts after Close has
-		// returned).
-		c.cbDrain = !running
+	switch {
+	case running:
+		// A callback runs — this Close may be its own, so it is not waited
+		// for — and nothing queued behind it is delivered (no callback
+		// starts after any Close has returned), also if a Close before
+		// this one is draining.
+		c.cbDrain = false
+	case !c.cbStopped:
+		// No callback runs: the state events queued by the end of the
+		// connection (StateDisconnected, StateClosed) are delivered before
+		// Close returns — before, StateClosed was dropped whenever the
+		// dispatcher had not reached it yet.
+		c.cbDrain = true
 	}
 	c.cbStopped = true
 	c.cbMu.Unlock()

@@ -112,8 +112,10 @@
 // reconnecting, closes the connection with 1000 and waits until every goroutine
 // of the client has returned, except that it does not wait for a callback that
 // is running at that moment (so that Close can be called from a callback); no
-// callback starts after Close has returned. Called from outside a callback,
-// Close returns after the app had StateDisconnected and StateClosed. It returns within about two
+// callback starts after Close has returned. Called when no callback is
+// running, Close returns after the app had StateDisconnected and
+// StateClosed; called while one runs (from it, or beside it) it does not
+// wait for it, and what is queued behind it is not delivered. It returns within about two
 // seconds even when a frame write is stuck (a node that stopped reading): it
 // gives the held acks' flush a second and the close frame another, then
 // closes the socket without it. Memory is bounded: the event queue,
