@@ -116,10 +116,20 @@ func (c payReqClaims) Release(user int64, req string, id int64) error {
 
 // Bound is asked only when a new order would be refused (pay.CreateOrder),
 // often while Redis is away (a worker lease not held): its wait is short.
+// While the shared wallet is not ready the bindings are being put back
+// (contributePayReqs): an error, not "none" — the caller answers "retry".
 func (c payReqClaims) Bound(user int64, req string) (int64, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
 	defer cancel()
-	v, err := c.rdb.Do(ctx, c.rdb.B().Get().Key(payReqKey(user, req)).Build()).ToString()
+	res := c.rdb.DoMulti(ctx, c.rdb.B().Get().Key(payReqKey(user, req)).Build(),
+		c.rdb.B().Hget().Key(persist.SharedMetaKey).Field("state").Build())
+	if state, err := res[1].ToString(); err != nil || state != "ready" {
+		if err == nil || rueidis.IsRedisNil(err) {
+			err = errBindingsNotReady
+		}
+		return 0, err
+	}
+	v, err := res[0].ToString()
 	if rueidis.IsRedisNil(err) {
 		return 0, nil
 	}
@@ -128,6 +138,8 @@ func (c payReqClaims) Bound(user int64, req string) (int64, error) {
 	}
 	return payReqID(v)
 }
+
+var errBindingsNotReady = errors.New("pay: req_id bindings being rebuilt")
 
 // contributePayReqs adds the confirmed req_id bindings of this node's orders
 // to a rebuilding wallet generation (persist.SharedConfig.Contribute). The

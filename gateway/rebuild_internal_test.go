@@ -18,7 +18,7 @@ import (
 
 // While the shared wallet is not ready (Redis lost its data; the rebuild is
 // bringing the rains' one-per-user places and the payment req_id bindings
-// back), neither a place nor a binding is taken or confirmed: "retry" —
+// back), neither a place nor a binding is taken, confirmed or read: "retry" —
 // a claim meanwhile could hand out what the rebuild is about to restore.
 func TestClaimsAndBindingsWaitForTheRebuild(t *testing.T) {
 	rdb := redistest.Start(t).Client(t)
@@ -45,6 +45,11 @@ func TestClaimsAndBindingsWaitForTheRebuild(t *testing.T) {
 		if _, err := binds.Confirm(7, "req", 100); err == nil {
 			t.Fatalf("a req_id confirm with the wallet %q: done", s)
 		}
+		// A read of a binding cannot say "none" either (it may be on its
+		// way back): an order refused at the bound answers "retry".
+		if _, err := binds.Bound(7, "req"); err == nil {
+			t.Fatalf("a req_id binding read with the wallet %q: answered", s)
+		}
 	}
 	state("ready")
 	if ok, gen, err := n.claimRain(ctx, "CODE", 7, until, "n1:a:1", nil); !ok || gen != "g7" || err != nil {
@@ -58,6 +63,12 @@ func TestClaimsAndBindingsWaitForTheRebuild(t *testing.T) {
 	}
 	if bound, err := binds.Confirm(7, "req", 100); bound != 100 || err != nil {
 		t.Fatalf("its confirm: %d %v", bound, err)
+	}
+	if bound, err := binds.Bound(7, "req"); bound != 100 || err != nil {
+		t.Fatalf("its read: %d %v", bound, err)
+	}
+	if bound, err := binds.Bound(7, "other"); bound != 0 || err != nil {
+		t.Fatalf("a req_id never bound: %d %v", bound, err)
 	}
 }
 

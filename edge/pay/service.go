@@ -666,7 +666,13 @@ func (s *Service) CreateOrder(user int64, r CreateReq) (Order, error) {
 		// calls per refused attempt) — one read, so that a retry of an
 		// order made through another node is pointed at it, not refused.
 		if claims != nil {
-			if prev, berr := claims.Bound(user, r.ReqID); berr == nil && prev != 0 {
+			switch prev, berr := claims.Bound(user, r.ReqID); {
+			case berr != nil:
+				// Redis could not say whether this is a retry of an order
+				// made elsewhere: "retry", as the binding's claim answered.
+				s.cfg.Log.Warn("pay: reading a req_id binding failed", "user", user, "err", berr)
+				return Order{}, errClaimUnavailable
+			case prev != 0:
 				return Order{}, &OrderElsewhere{ID: prev}
 			}
 		}
