@@ -121,15 +121,17 @@ func (c payReqClaims) Release(user int64, req string, id int64) error {
 func (c payReqClaims) Bound(user int64, req string) (int64, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
 	defer cancel()
-	res := c.rdb.DoMulti(ctx, c.rdb.B().Get().Key(payReqKey(user, req)).Build(),
-		c.rdb.B().Hget().Key(persist.SharedMetaKey).Field("state").Build())
-	if state, err := res[1].ToString(); err != nil || state != "ready" {
+	// The state first: read "ready", every binding is back by the read
+	// after it (the rebuild flips it last).
+	res := c.rdb.DoMulti(ctx, c.rdb.B().Hget().Key(persist.SharedMetaKey).Field("state").Build(),
+		c.rdb.B().Get().Key(payReqKey(user, req)).Build())
+	if state, err := res[0].ToString(); err != nil || state != "ready" {
 		if err == nil || rueidis.IsRedisNil(err) {
 			err = errBindingsNotReady
 		}
 		return 0, err
 	}
-	v, err := res[0].ToString()
+	v, err := res[1].ToString()
 	if rueidis.IsRedisNil(err) {
 		return 0, nil
 	}

@@ -654,7 +654,13 @@ func (s *Service) CreateOrder(user int64, r CreateReq) (Order, error) {
 	p, err := s.newOrderRules(user, r.ProductID)
 	if err != nil {
 		if claims != nil {
-			if prev, berr := claims.Bound(user, r.ReqID); berr == nil && prev != 0 {
+			switch prev, berr := claims.Bound(user, r.ReqID); {
+			case berr != nil:
+				// It may be a retry of an order made elsewhere: "retry",
+				// not the rule's refusal.
+				s.cfg.Log.Warn("pay: reading a req_id binding failed", "user", user, "err", berr)
+				return Order{}, errClaimUnavailable
+			case prev != 0:
 				return Order{}, &OrderElsewhere{ID: prev}
 			}
 		}

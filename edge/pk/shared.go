@@ -742,7 +742,9 @@ func (s *Service) checkGone(ctx context.Context, r *running) (restore bool) {
 	case "run":
 		s.mu.Lock()
 		r.lost = false
-		r.mayHaveEnded = false // running again: its end, by end.lua, names its ender, who pushes
+		// Running again: no end of this replica's stands (a later one, by
+		// end.lua, names its ender, who pushes).
+		r.mayHaveEnded, r.endUnknown = false, false
 		s.mu.Unlock()
 		return false
 	}
@@ -1034,11 +1036,11 @@ func (s *Service) restoreRunning(r *running) {
 	switch arr[0] {
 	case 1:
 		r.lost = false
-		r.mayHaveEnded = false // running: its end, by end.lua, names its ender
+		r.mayHaveEnded, r.endUnknown = false, false // running: no end of this replica's stands
 	case 2:
 		s.log.Warn("pk: running contest written back after a Redis data loss", "pk_id", r.c.ID, "sums", seen, "tallies", t, "seq", arr[3])
 		r.lost = false
-		r.mayHaveEnded = false
+		r.mayHaveEnded, r.endUnknown = false, false
 		s.sawLocked(r, seen, arr[3])
 	case 0, 3, 4:
 		if arr[0] == 3 {

@@ -938,3 +938,50 @@ func TestSharedPKFinalNotPushedAgainAfterAnotherNodeEndedIt(t *testing.T) {
 		t.Fatalf("finals %+v to room 1, want one with room 2's 7", f)
 	}
 }
+
+// Node 1's end ran (ender node 1) but its reply never came (endUnknown).
+// Node 2 reads the contest over (a tomb, silent); Redis loses the keys;
+// node 1 writes the contest back running, node 2's tomb lands over that
+// and node 2 pushes the final; node 1's end retry then finds it over with
+// no ender: it pushes nothing — its earlier end did not stand once the
+// contest was found running. (Before: a second, identical final.)
+func TestSharedPKEndUnknownClearedByARunningWriteBack(t *testing.T) {
+	_, _, direct := proxiedAndDirect(t)
+	w := &fakeWallet{}
+	n1 := newNodeEvery(t, direct, w, time.Hour, 1, 2)
+	n1.s.sh.restoreDelay = 0
+	c, err := n1.s.Start(1, 2, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n2 := newNodeEvery(t, direct, w, time.Hour, 1, 2)
+	n2.s.sh.restoreDelay = 0
+	w.add(TallyName(c.ID), 2, 7)
+	n1.s.mu.Lock()
+	r := n1.s.sh.byID[c.ID]
+	r.timer.Stop()
+	n1.s.mu.Unlock()
+	// Node 1's end.lua runs; its reply is lost.
+	if err := endScript.Exec(context.Background(), direct, []string{contestKey(c.ID), keyRooms, keyRunning},
+		[]string{c.ID, "1", "2", "0", "7", "600000", r.token}).Error(); err != nil {
+		t.Fatal(err)
+	}
+	n1.s.mu.Lock()
+	r.endUnknown, r.closing = true, true
+	n1.s.mu.Unlock()
+	if err := n2.s.syncShared(); err != nil { // node 2 reads it over: a tomb, silent
+		t.Fatal(err)
+	}
+	settled(t, 5*time.Second, c.ID, n2)
+	loseKeys(t, direct, keyRunning, keyRooms, contestKey(c.ID))
+	n1.s.restoreRunning(r) // written back running: {2}
+	if !listed(direct, c.ID) {
+		t.Fatal("not written back")
+	}
+	n2.s.writeTombs() // over the running write-back: node 2 pushes the final
+	n1.s.endShared(r) // node 1's end retry: over, no ender
+	time.Sleep(200 * time.Millisecond)
+	if f := finals(pushes(c.ID, 1, n1, n2)); len(f) != 1 || f[0].Scores["2"] != 7 {
+		t.Fatalf("finals %+v to room 1, want one with room 2's 7", f)
+	}
+}
