@@ -253,16 +253,7 @@ func TestDroppedBalanceNotKeptStale(t *testing.T) {
 // while a debit committing is shown spent at once (it cannot be spent
 // twice meanwhile).
 func TestBalanceShowsNoCreditBeforeItIsDurable(t *testing.T) {
-	st, err := Open(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer st.Close()
-	l, err := OpenLedger(st, LedgerConfig{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
+	l := freshLedger(t)
 	const u = 7
 	apply := func(req string, d int64) chan error {
 		ch := make(chan error, 1)
@@ -401,16 +392,7 @@ func TestTradesAndTalliesShownOnlyOnceDurable(t *testing.T) {
 // until the credit is durable. Before, it was shown, and a crash then took
 // it back.
 func TestBalanceOfAUserNotInMemoryShowsNoCreditBeforeItIsDurable(t *testing.T) {
-	st, err := Open(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer st.Close()
-	l, err := OpenLedger(st, LedgerConfig{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
+	l := freshLedger(t)
 	const u = 9
 	held, resume := make(chan struct{}), make(chan struct{})
 	credited := make(chan error, 1)
@@ -439,4 +421,20 @@ func TestBalanceOfAUserNotInMemoryShowsNoCreditBeforeItIsDurable(t *testing.T) {
 	if b, err := l.Balance(u); err != nil || b != 100 {
 		t.Fatalf("balance %d (%v) once the credit is durable, want 100", b, err)
 	}
+}
+
+// freshLedger is a ledger on a fresh store, both closed when the test ends.
+func freshLedger(t *testing.T) *Ledger {
+	t.Helper()
+	st, err := Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = st.Close() })
+	l, err := OpenLedger(st, LedgerConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(l.Close)
+	return l
 }

@@ -6,6 +6,7 @@ import (
 
 	"github.com/liveedge/liveedge/edge/pay"
 	"github.com/liveedge/liveedge/gateway/proto"
+	"github.com/liveedge/liveedge/persist"
 	"github.com/liveedge/liveedge/persist/persisttest"
 	"github.com/liveedge/liveedge/router"
 )
@@ -17,13 +18,7 @@ import (
 // reuses an event id for another open order has that order credited too.
 // Conservation: the buyer's balance is exactly the paid orders' coins.
 func TestEventsAppliedOncePerOrder(t *testing.T) {
-	st, l := persisttest.OpenLedger(t)
-	const secret = "event-test-secret-0123456789abcdef"
-	svc, err := pay.New(st, l, router.NewLocal("a", router.LocalConfig{}), pay.Config{Node: "a", Secrets: []string{secret}, ReconcileEvery: time.Hour})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(svc.Close)
+	svc, _, l := eventService(t)
 	order := func(req string) pay.Order {
 		o, err := svc.CreateOrder(7, pay.CreateReq{ProductID: 1, Channel: "mock", ReqID: req})
 		if err != nil {
@@ -33,7 +28,7 @@ func TestEventsAppliedOncePerOrder(t *testing.T) {
 	}
 	notify := func(ev, status string, o pay.Order) int {
 		body, _ := proto.Marshal(pay.Event{EventID: ev, OrderID: o.OrderID, Amount: o.Amount, Status: status, PaidAt: time.Now().UnixMilli()})
-		code, _ := svc.Notify("mock", pay.Sign(secret, time.Now(), body), body)
+		code, _ := svc.Notify("mock", pay.Sign(eventSecret, time.Now(), body), body)
 		return code
 	}
 	status := func(o pay.Order) string {
@@ -85,20 +80,14 @@ func mustID(t *testing.T, s string) int64 {
 // user's payment that follows is credited once. Before, it was answered
 // 409 and never recorded: the provider retried it for its whole schedule.
 func TestDeclinedAttemptOfAnotherAmountRecorded(t *testing.T) {
-	st, l := persisttest.OpenLedger(t)
-	const secret = "event-test-secret-0123456789abcdef"
-	svc, err := pay.New(st, l, router.NewLocal("a", router.LocalConfig{}), pay.Config{Node: "a", Secrets: []string{secret}, ReconcileEvery: time.Hour})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(svc.Close)
+	svc, st, l := eventService(t)
 	o, err := svc.CreateOrder(7, pay.CreateReq{ProductID: 1, Channel: "mock", ReqID: "d"})
 	if err != nil {
 		t.Fatal(err)
 	}
 	notify := func(ev, status string, amount int64) int {
 		body, _ := proto.Marshal(pay.Event{EventID: ev, OrderID: o.OrderID, Amount: amount, Status: status, PaidAt: time.Now().UnixMilli()})
-		code, _ := svc.Notify("mock", pay.Sign(secret, time.Now(), body), body)
+		code, _ := svc.Notify("mock", pay.Sign(eventSecret, time.Now(), body), body)
 		return code
 	}
 	id := mustID(t, o.OrderID)
@@ -119,4 +108,20 @@ func TestDeclinedAttemptOfAnotherAmountRecorded(t *testing.T) {
 	if bal, err := l.Balance(7); err != nil || bal != o.Coins {
 		t.Fatalf("balance %d (%v), want %d", bal, err, o.Coins)
 	}
+}
+
+// eventSecret signs eventService's notifies.
+const eventSecret = "event-test-secret-0123456789abcdef"
+
+// eventService is a pay service on a fresh single-node ledger, its store
+// and ledger; notifies are signed with eventSecret.
+func eventService(t *testing.T) (*pay.Service, *persist.Store, *persist.Ledger) {
+	t.Helper()
+	st, l := persisttest.OpenLedger(t)
+	svc, err := pay.New(st, l, router.NewLocal("a", router.LocalConfig{}), pay.Config{Node: "a", Secrets: []string{eventSecret}, ReconcileEvery: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(svc.Close)
+	return svc, st, l
 }

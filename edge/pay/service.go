@@ -653,36 +653,14 @@ func (s *Service) CreateOrder(user int64, r CreateReq) (Order, error) {
 	// pointed at it (the req_id's binding) rather than refused.
 	p, err := s.newOrderRules(user, r.ProductID)
 	if err != nil {
-		if claims != nil {
-			switch prev, berr := claims.Bound(user, r.ReqID); {
-			case berr != nil:
-				// It may be a retry of an order made elsewhere: "retry",
-				// not the rule's refusal.
-				s.cfg.Log.Warn("pay: reading a req_id binding failed", "user", user, "err", berr)
-				return Order{}, errClaimUnavailable
-			case prev != 0:
-				return Order{}, &OrderElsewhere{ID: prev}
-			}
-		}
-		return Order{}, err
+		return Order{}, s.refusedUnlessElsewhere(claims, user, r.ReqID, err)
 	}
 	if s.atOpenBound(user) {
 		// The node's own count first: a user at the bound costs no Redis
 		// script (before, a req_id binding taken and given back, two Lua
 		// calls per refused attempt) — one read, so that a retry of an
 		// order made through another node is pointed at it, not refused.
-		if claims != nil {
-			switch prev, berr := claims.Bound(user, r.ReqID); {
-			case berr != nil:
-				// Redis could not say whether this is a retry of an order
-				// made elsewhere: "retry", as the binding's claim answered.
-				s.cfg.Log.Warn("pay: reading a req_id binding failed", "user", user, "err", berr)
-				return Order{}, errClaimUnavailable
-			case prev != 0:
-				return Order{}, &OrderElsewhere{ID: prev}
-			}
-		}
-		return Order{}, s.tooManyOpen
+		return Order{}, s.refusedUnlessElsewhere(claims, user, r.ReqID, s.tooManyOpen)
 	}
 	id := s.ids.Next(user)
 	if claims != nil {
@@ -1724,6 +1702,24 @@ func (s *Service) Refund(id int64) (Order, error) {
 	}
 	s.pushStatus(o)
 	return o, nil
+}
+
+// refusedUnlessElsewhere is refusal for a new order of (user, req) — unless
+// the req_id is bound to an order made through another node (a retry of
+// it: pointed at it, OrderElsewhere), or Redis could not say (it may be
+// one: "retry", not the refusal). claims nil: a single node, refusal.
+func (s *Service) refusedUnlessElsewhere(claims ReqClaims, user int64, req string, refusal error) error {
+	if claims == nil {
+		return refusal
+	}
+	switch prev, err := claims.Bound(user, req); {
+	case err != nil:
+		s.cfg.Log.Warn("pay: reading a req_id binding failed", "user", user, "err", err)
+		return errClaimUnavailable
+	case prev != 0:
+		return &OrderElsewhere{ID: prev}
+	}
+	return refusal
 }
 
 // atOpenBound reports whether user has MaxOpenPerUser open orders on this

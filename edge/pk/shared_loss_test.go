@@ -513,9 +513,7 @@ func TestSharedPKLostWhileItsEndFailed(t *testing.T) {
 	direct := srv.Client(t)
 	w := &fakeWallet{}
 	n1, c := scoredLostWaitNode(t, rdb, w)
-	n1.s.mu.Lock()
-	r := n1.s.sh.byID[c.ID]
-	n1.s.mu.Unlock()
+	r := heldReplica(n1, c.ID)
 	// Redis unreachable for 6 s (this command's reply is lost, connections
 	// refused), and empty when it comes back.
 	px.LoseReply("pk-test-cut", 6*time.Second)
@@ -844,9 +842,7 @@ func endLostThenRedisLoss(t *testing.T, tombFirst bool) {
 		t.Fatal("not running through node 2")
 	}
 	w.add(TallyName(c.ID), 2, 7)
-	n1.s.mu.Lock()
-	r := n1.s.sh.byID[c.ID]
-	n1.s.mu.Unlock()
+	r := heldReplica(n1, c.ID)
 	cut := 100 * time.Millisecond
 	if tombFirst {
 		cut = 3 * time.Second // node 1's retries fail meanwhile (connections refused)
@@ -911,9 +907,7 @@ func TestSharedPKFinalNotPushedAgainAfterAnotherNodeEndedIt(t *testing.T) {
 		t.Fatal("not running through node 2")
 	}
 	w.add(TallyName(c.ID), 2, 7)
-	n1.s.mu.Lock()
-	r := n1.s.sh.byID[c.ID]
-	n1.s.mu.Unlock()
+	r := heldReplica(n1, c.ID)
 	px.LoseReply(fmt.Sprintf("%x", sha1.Sum([]byte(endLua))), 100*time.Millisecond)
 	n1.s.EndRoom(1)
 	poll(t, 5*time.Second, "node 1's end unanswered", func() bool {
@@ -984,4 +978,11 @@ func TestSharedPKEndUnknownClearedByARunningWriteBack(t *testing.T) {
 	if f := finals(pushes(c.ID, 1, n1, n2)); len(f) != 1 || f[0].Scores["2"] != 7 {
 		t.Fatalf("finals %+v to room 1, want one with room 2's 7", f)
 	}
+}
+
+// heldReplica is node n's replica of contest id (nil: none).
+func heldReplica(n *node, id string) *running {
+	n.s.mu.Lock()
+	defer n.s.mu.Unlock()
+	return n.s.sh.byID[id]
 }
