@@ -28,21 +28,7 @@ func TestChatReqIDLookupsBoundedPerUser(t *testing.T) {
 	if f := request(t, r, 1, fmt.Sprintf(`{"t":"join","id":1,"d":{"room_id":%d}}`, room)); f.Code != 0 {
 		t.Fatalf("join: %+v", f)
 	}
-	gets := func() int64 {
-		t.Helper()
-		rdb := rds.Client(t)
-		info, err := rdb.Do(context.Background(), rdb.B().Info().Section("commandstats").Build()).ToString()
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, line := range strings.Split(info, "\r\n") {
-			if rest, ok := strings.CutPrefix(line, "cmdstat_get:calls="); ok {
-				v, _ := strconv.ParseInt(rest[:strings.IndexByte(rest, ',')], 10, 64)
-				return v
-			}
-		}
-		return 0
-	}
+	gets := func() int64 { return redisCalls(t, rds, "get") }
 	before := gets()
 	const chats = 300
 	for i := range chats {
@@ -54,4 +40,25 @@ func TestChatReqIDLookupsBoundedPerUser(t *testing.T) {
 	if d := gets() - before; d > 100 || limited < chats-100 {
 		t.Fatalf("%d chats with fresh req_ids: %d Redis GETs, %d refused; want the lookups bounded", chats, d, limited)
 	}
+}
+
+// redisCalls is how many times the Redis at rds has run the commands cmds
+// (lower case: "get", "evalsha"), from its commandstats.
+func redisCalls(t *testing.T, rds *redistest.Server, cmds ...string) int64 {
+	t.Helper()
+	rdb := rds.Client(t)
+	info, err := rdb.Do(context.Background(), rdb.B().Info().Section("commandstats").Build()).ToString()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var k int64
+	for _, line := range strings.Split(info, "\r\n") {
+		for _, cmd := range cmds {
+			if rest, ok := strings.CutPrefix(line, "cmdstat_"+cmd+":calls="); ok {
+				v, _ := strconv.ParseInt(rest[:strings.IndexByte(rest, ',')], 10, 64)
+				k += v
+			}
+		}
+	}
+	return k
 }

@@ -1,10 +1,7 @@
 package gateway_test
 
 import (
-	"context"
 	"fmt"
-	"strconv"
-	"strings"
 	"testing"
 	"time"
 
@@ -75,24 +72,7 @@ func TestClusterOrderAtTheOpenBoundRunsNoScript(t *testing.T) {
 			t.Fatalf("order %s: %d %d", req, st, code)
 		}
 	}
-	scripts := func() int64 {
-		t.Helper()
-		rdb := rds.Client(t)
-		info, err := rdb.Do(context.Background(), rdb.B().Info().Section("commandstats").Build()).ToString()
-		if err != nil {
-			t.Fatal(err)
-		}
-		var k int64
-		for _, line := range strings.Split(info, "\r\n") {
-			for _, cmd := range []string{"cmdstat_evalsha:calls=", "cmdstat_eval:calls="} {
-				if rest, ok := strings.CutPrefix(line, cmd); ok {
-					v, _ := strconv.ParseInt(rest[:strings.IndexByte(rest, ',')], 10, 64)
-					k += v
-				}
-			}
-		}
-		return k
-	}
+	scripts := func() int64 { return redisCalls(t, rds, "evalsha", "eval") }
 	before := scripts()
 	for i := range 20 {
 		if st, code := create(fmt.Sprint("over", i)); st != 429 || code != proto.CodeRateLimited {
