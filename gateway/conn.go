@@ -52,6 +52,11 @@ type Conn struct {
 	held atomic.Bool
 
 	lastRead atomic.Int64 // unix ns of the last frame read
+	// readHeld: the reader holds off reading on purpose (the lane full
+	// behind requests waiting on Redis, or MaxInflight gifts in flight):
+	// the client's frames wait unread, so the silence is not the client's
+	// (the sweep's 4402 skips it; lastRead is moved on when the wait ends).
+	readHeld atomic.Bool
 	// expires is when the connection's token ends (unix ns): the upgrade's
 	// token's exp (ident.Expires), moved on by each refresh request.
 	expires atomic.Int64
@@ -476,12 +481,27 @@ func (c *Conn) begin() bool {
 		c.sem = make(chan struct{}, c.srv.cfg.Gifts.MaxInflight)
 	}
 	c.srv.inflight.Add(1)
-	c.sem <- struct{}{}
+	select {
+	case c.sem <- struct{}{}:
+	default:
+		c.holdReads(func() { c.sem <- struct{}{} })
+	}
 	if c.closing.Load() || c.srv.draining.Load() {
 		c.end()
 		return false
 	}
 	return true
+}
+
+// holdReads runs wait, during which the reader reads nothing on purpose:
+// the sweep does not take the client for silent meanwhile (before, a client
+// that kept sending behind a full lane was closed 4402), and its silence
+// counts from the wait's end.
+func (c *Conn) holdReads(wait func()) {
+	c.readHeld.Store(true)
+	wait()
+	c.lastRead.Store(time.Now().UnixNano())
+	c.readHeld.Store(false)
 }
 
 func (c *Conn) end() {

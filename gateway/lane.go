@@ -108,7 +108,7 @@ func (c *Conn) queueBehindLane(op gws.Opcode, b []byte) bool {
 		}
 		ch := l.space
 		l.mu.Unlock()
-		<-ch
+		c.holdReads(func() { <-ch })
 		l.mu.Lock()
 	}
 	if !c.laneOn.Load() {

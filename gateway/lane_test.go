@@ -10,6 +10,7 @@ import (
 
 	"github.com/liveedge/liveedge/gateway/nodetest"
 	"github.com/liveedge/liveedge/persist/redistest"
+	"github.com/liveedge/liveedge/router/natstest"
 )
 
 // wsEvent is a frame a tcpWS client read: a reply (its id and code), a
@@ -176,5 +177,66 @@ func TestPongNotBehindAGrabWaitingOnRedis(t *testing.T) {
 	}
 	if got[2].code != 0 || got[3].code != 0 || got[3].at < hold {
 		t.Fatalf("events %+v, want the grab granted and the ping answered after the grab's RPOP (%d held)", ev, px.Slowed())
+	}
+}
+
+// A client that keeps sending while the node holds off reading it — its
+// lane full behind a chat waiting on Redis — is not closed 4402 "silent":
+// its frames wait unread in the socket, the silence is the node's. Once the
+// chat is served the lane drains, and every request is answered. Before,
+// the sweep closed it after two heartbeats with nothing read.
+func TestNotSilentWhileTheNodeHoldsOffReading(t *testing.T) {
+	rds, nats := redistest.Start(t), natstest.Start(t)
+	px := redistest.StartProxy(t, rds.Addr)
+	c := clusterNodeConfig(t, "gw-1", []string{"gw-1"}, rds, nats)
+	c.Redis.Addr = px.Addr
+	c.WS.Heartbeat = configsDuration(300 * time.Millisecond) // silent after 600 ms with nothing read
+	n := nodetest.Start(t, c)
+	room := nodetest.OpenRoom(t, n, 1, 0)
+	w := dialTCPWS(t, n, 100)
+	w.sendText(fmt.Sprintf(`{"t":"join","id":1,"d":{"room_id":%d}}`, room))
+	// A chat first: the sequencer's script is loaded (else the held chat's
+	// would be held twice, EVALSHA and then EVAL).
+	w.sendText(fmt.Sprintf(`{"t":"chat","id":2,"d":{"room_id":%d,"text":"first"}}`, room))
+	if ev := w.events(time.Now(), 10*time.Second, func(e wsEvent) bool { return e.id == 2 }); len(ev) != 2 || ev[1].code != 0 {
+		t.Fatalf("join and a chat: %+v", ev)
+	}
+	const hold = 1500 * time.Millisecond // over two heartbeats, within the sequencer's 2 s timeout
+	px.Slow("}:seq", hold)
+	t.Cleanup(func() { px.Slow("", 0) })
+	start := time.Now()
+	pad := strings.Repeat("x", 60<<10)
+	w.sendText(fmt.Sprintf(`{"t":"chat","id":3,"d":{"room_id":%d,"text":"slow"}}`, room))
+	w.sendText(`{"t":"ping","id":4,"d":{"pad":"` + pad + `"}}`) // the lane: the chat, then ~60 KiB
+	w.sendText(`{"t":"ping","id":5,"d":{"pad":"` + pad + `"}}`) // no room: the reader waits for the lane
+	stop := make(chan struct{})
+	pinged := make(chan struct{})
+	go func() { // the client keeps its heartbeat: WebSocket pings, unread meanwhile
+		defer close(pinged)
+		for {
+			select {
+			case <-stop:
+				return
+			case <-time.After(100 * time.Millisecond):
+				if w.write(opPing, []byte("hb")) != nil {
+					return
+				}
+			}
+		}
+	}()
+	ev := w.events(start, 20*time.Second, func(e wsEvent) bool { return e.id == 5 || e.what == "close" })
+	close(stop)
+	<-pinged
+	for _, e := range ev {
+		if e.what == "close" {
+			t.Fatalf("closed %d after %v while the node held off reading (events %+v)", e.code, e.at, ev)
+		}
+	}
+	if ev[len(ev)-1].id != 5 || ev[len(ev)-1].at < hold {
+		t.Fatalf("events %+v, want the replies up to id 5 once the chat was served", ev)
+	}
+	w.sendText(`{"t":"ping","id":6,"d":{}}`)
+	if ev := w.events(time.Now(), 5*time.Second, func(e wsEvent) bool { return e.id == 6 || e.what == "close" }); ev[len(ev)-1].id != 6 {
+		t.Fatalf("after the wait: %+v, want the connection still served", ev)
 	}
 }

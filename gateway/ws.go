@@ -621,7 +621,7 @@ func (s *Server) sweep() {
 					switch {
 					case c.expires.Load() <= nowNS:
 						expired = append(expired, c)
-					case c.lastRead.Load() < limit:
+					case !c.readHeld.Load() && c.lastRead.Load() < limit: // (held first: holdReads moves lastRead before it lets go)
 						silent = append(silent, c)
 					}
 				}
