@@ -425,6 +425,18 @@ func TestRefundPaidOrder(t *testing.T) {
 	if st := e.order(t, o.OrderID).Status; st != pay.StatusPayBack {
 		t.Fatalf("status %s", st)
 	}
+	// The money owed back is recorded once, with the debit, and kept
+	// across the restart (one key per order: 20 refunds, one record).
+	id, _ := pay.ParseOrderID(o.OrderID)
+	var rec struct {
+		OrderID string `json:"order_id"`
+		Amount  int64  `json:"amount"`
+		Reason  string `json:"reason"`
+	}
+	if v, err := e.node.Store.Get(pay.RefundRecordKey(id)); err != nil || proto.Unmarshal(v, &rec) != nil ||
+		rec.OrderID != o.OrderID || rec.Amount != o.Amount || rec.Reason != "admin refund" {
+		t.Fatalf("refund record %+v (%v), want the order's %d", rec, err, o.Amount)
+	}
 	c, d, _ := persisttest.CheckConservation(t, e.node.Ledger)
 	if c != 300 || d != 300 {
 		t.Fatalf("credits %d debits %d", c, d)

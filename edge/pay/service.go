@@ -356,6 +356,18 @@ func (s *Service) pruneBound() {
 	}
 }
 
+// RefundRecordKey is where order's refund record is kept (JSON: the order,
+// the amount owed back in cents, the event, why, when): one per order,
+// written with the order's move to PAY_BACK.
+func RefundRecordKey(order int64) []byte { return persist.Key(prefixRefund, uint64(order)) }
+
+// refundRecord is order o's refund record (RefundRecordKey): amount owed
+// back, the event that paid it, why.
+func refundRecord(o Order, id, amount int64, eventID, why string, now int64) persist.Record {
+	v, _ := proto.Marshal(map[string]any{"order_id": o.OrderID, "amount": amount, "event_id": eventID, "reason": why, "at": now})
+	return persist.Record{Key: RefundRecordKey(id), Value: v}
+}
+
 // EventRecordKey is where the record of provider event eventID applied to
 // order is kept (JSON: the event, the order's status before it, when).
 func EventRecordKey(order int64, eventID string) []byte {
@@ -1354,12 +1366,12 @@ func (s *Service) refundPayment(o Order, id int64, ev Event, evRec persist.Recor
 	}
 	o.Status, o.UpdatedAt, o.EventID, o.TxnID, o.Note = StatusPayBack, now, ev.EventID, string(ev.TxnID), why
 	ov, _ := proto.Marshal(o)
-	rv, _ := proto.Marshal(map[string]any{"order_id": o.OrderID, "amount": amount, "event_id": ev.EventID, "reason": why, "at": now})
+	rr := refundRecord(o, id, amount, ev.EventID, why, now)
 	err := s.store.Apply(func(b *persist.Batch) error {
 		if err := b.Set(orderKey(id), ov, nil); err != nil {
 			return err
 		}
-		if err := b.Set(persist.Key(prefixRefund, uint64(id)), rv, nil); err != nil {
+		if err := b.Set(rr.Key, rr.Value, nil); err != nil {
 			return err
 		}
 		if err := b.Set(evRec.Key, evRec.Value, nil); err != nil {
@@ -1689,10 +1701,9 @@ func (s *Service) Refund(id int64) (Order, error) {
 	// The money owed back is recorded with the coins' debit, as for every
 	// other PAY_BACK (refundPayment): before, an admin refund left no
 	// rec/refund row — the list of payments to give back missed it.
-	rv, _ := proto.Marshal(map[string]any{"order_id": o.OrderID, "amount": o.Amount, "event_id": o.EventID, "reason": "admin refund", "at": now})
 	_, err = s.wallet.Apply(persist.Op{User: o.UserID, ReqID: "refund:" + o.OrderID,
 		Postings: []persist.Posting{{User: o.UserID, Delta: -o.Coins, Reason: persist.ReasonRefund, Ref: "order " + o.OrderID}},
-		Static: []persist.Record{{Key: orderKey(id), Value: ov}, {Key: persist.Key(prefixRefund, uint64(id)), Value: rv},
+		Static: []persist.Record{{Key: orderKey(id), Value: ov}, refundRecord(o, id, o.Amount, o.EventID, "admin refund", now),
 			s.transitionRecord(id, StatusPayed, StatusPayBack, "refund", now)}})
 	if errors.Is(err, persist.ErrInsufficient) {
 		return o, proto.Errorf(proto.CodeInsufficientBalance, "the coins were already spent")

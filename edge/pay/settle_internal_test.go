@@ -55,7 +55,7 @@ func TestSettledCreditPushedOnlyWhileTheOrderIsPaid(t *testing.T) {
 		OrderID string `json:"order_id"`
 		Amount  int64  `json:"amount"`
 	}
-	if v, err := st.Get(persist.Key(prefixRefund, uint64(id))); err != nil || proto.Unmarshal(v, &rec) != nil ||
+	if v, err := st.Get(RefundRecordKey(id)); err != nil || proto.Unmarshal(v, &rec) != nil ||
 		rec.OrderID != refunded.OrderID || rec.Amount != refunded.Amount {
 		t.Fatalf("refund record %+v (%v), want %s's %d", rec, err, refunded.OrderID, refunded.Amount)
 	}
