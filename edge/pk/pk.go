@@ -137,15 +137,15 @@ type record struct {
 	Seq    int64    `json:"seq,omitempty"`
 }
 
-// bothOpen is nil when rooms a and b are open: else 10004, or 50000
-// "retry" when it could not be told (a cluster's Redis not answering) —
-// not "no such room", which a client takes as final.
+// bothOpen is nil when rooms a and b are open: else 10004, or isOpen's
+// error when it could not be told (a cluster's Redis not answering: 50000
+// "retry") — not "no such room", which a client takes as final.
 func (s *Service) bothOpen(a, b int64) error {
 	for _, room := range [2]int64{a, b} {
 		open, err := s.isOpen(room)
 		if err != nil {
 			s.log.Warn("pk: room not read", "room", room, "err", err)
-			return errRoomsUnread
+			return err // the rooms' own "retry" (a cluster's Redis not answering)
 		}
 		if !open {
 			return proto.Errorf(proto.CodeNotFound, "room not found or closed")
@@ -153,8 +153,6 @@ func (s *Service) bothOpen(a, b int64) error {
 	}
 	return nil
 }
-
-var errRoomsUnread = proto.Errorf(proto.CodeInternal, "rooms are briefly unavailable, retry")
 
 // Service runs contests.
 type Service struct {

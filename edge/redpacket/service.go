@@ -505,10 +505,6 @@ func (s *Service) Codes(room int64) (running, prepared string) {
 	return s.running[room], s.prepared[room]
 }
 
-// errRoomUnread: whether the room is open could not be told (a cluster's
-// Redis not answering): retry, not 10004.
-var errRoomUnread = proto.Errorf(proto.CodeInternal, "the room could not be read right now, retry")
-
 // errTagNotHeld refuses a rain while this node does not hold its code tag.
 var errTagNotHeld = proto.Errorf(proto.CodeInternal, "this node cannot make rain codes right now (its worker lease is not held), retry")
 
@@ -523,7 +519,7 @@ func (s *Service) Create(anchor, room, total int64, count int, duration time.Dur
 	}
 	if a, ok, err := s.cfg.AnchorOf(room); err != nil {
 		s.log.Warn("red packet create: room not read", "room", room, "err", err)
-		return View{}, errRoomUnread
+		return View{}, err // the rooms' own "retry"
 	} else if !ok {
 		return View{}, proto.Errorf(proto.CodeNotFound, "room not found or closed")
 	} else if a != anchor {

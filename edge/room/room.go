@@ -3,6 +3,7 @@ package room
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -106,7 +107,9 @@ type Service struct {
 // Syncs.
 const recentClose = time.Minute
 
-// errRoomsUnread: Redis could not say whether a room is open (shared mode).
+// errRoomsUnread: Redis could not say whether a room is open (shared mode):
+// EnsureOpen's and AnchorOf's error wraps it (with Redis's error), so each
+// caller answers it as it is (50000 retry).
 var errRoomsUnread = proto.Errorf(proto.CodeInternal, "rooms are briefly unavailable, retry")
 
 // errReserved: the anchor's room was closed between the open's look-up and
@@ -285,7 +288,7 @@ func (s *Service) Close(anchor, id int64) error {
 func (s *Service) CloseByAdmin(id int64) error {
 	anchor, ok, err := s.AnchorOf(id)
 	if err != nil {
-		return errRoomsUnread
+		return err
 	}
 	if !ok {
 		return proto.ErrNotFound
@@ -653,7 +656,7 @@ func (s *Service) EnsureOpen(id int64) (bool, error) {
 		return false, nil
 	}
 	if err != nil {
-		return false, err
+		return false, fmt.Errorf("%w (%v)", errRoomsUnread, err) // answered as errRoomsUnread (proto.AsError)
 	}
 	if rm.Status != StatusOpen {
 		return false, nil
