@@ -663,7 +663,10 @@ func (c *Conn) dropQueue() { c.queue, c.queued, c.owedQueued = nil, 0, 0 }
 // lost gives up on a connection whose socket failed a write: nothing more
 // is queued or written (the writer role stays taken, the queue is
 // dropped); its read loop ends on the closed socket and OnClose cleans up.
+// No close frame follows (the failed write may have cut a frame short): the
+// client sees 1006, even when a close (4408, say) was already decided.
 func (c *Conn) lost() {
+	c.srv.metrics.closes.WithLabelValues("write_failed").Inc()
 	c.mu.Lock()
 	c.dropQueue()
 	c.writingBytes, c.owedWriting = 0, 0

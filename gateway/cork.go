@@ -1,6 +1,7 @@
 package gateway
 
 import (
+	"errors"
 	"io"
 	"net"
 	"sync"
@@ -35,6 +36,14 @@ import (
 // before any other byte, by the connection's writer — so a slow client never
 // blocks the room and the bytes stay in order.
 //
+// A failed write breaks the stream: a write cut by its deadline may have put
+// part of a frame on the wire, and any byte after it (gws writes a 1001
+// close frame when a write fails) would be read by the client as the rest
+// of that frame. So once a socket write fails nothing more is written (every
+// write is refused) and Close closes the socket at once: a client that
+// stopped reading for longer than the write timeout reads the whole frames
+// it was sent, then the connection's end with no close frame (1006).
+//
 // Closing: the close frame is the last frame of the stream. Close (called
 // by gws right after writing it) first writes what a cork collected — the
 // close frame is among it when gws closed while the writer was corked — so
@@ -66,6 +75,7 @@ type corkConn struct {
 	// the close frame was written or collected (under mu).
 	framed    bool
 	closeSent bool
+	broken    bool // a socket write failed: nothing more is written (under mu)
 
 	stale   atomic.Bool // a deadline was set from outside: refresh on the next write
 	closing atomic.Bool
@@ -95,6 +105,9 @@ func (c *corkConn) Write(p []byte) (int, error) {
 	if c.framed && len(p) > 0 && gws.Opcode(p[0]&0x0f) == gws.OpcodeCloseConnection {
 		c.closeSent = true
 	}
+	if c.broken {
+		return 0, errBrokenStream
+	}
 	if c.corked {
 		c.buf = append(c.buf, p...)
 		return len(p), nil
@@ -103,7 +116,20 @@ func (c *corkConn) Write(p []byte) (int, error) {
 	if err := c.payOwed(); err != nil {
 		return 0, err
 	}
-	return c.Conn.Write(p)
+	return c.send(p)
+}
+
+// errBrokenStream refuses a write after a failed one.
+var errBrokenStream = errors.New("websocket stream broken by a failed write")
+
+// send writes p to the socket (under mu, the deadline set); a failure
+// breaks the stream.
+func (c *corkConn) send(p []byte) (int, error) {
+	n, err := c.Conn.Write(p)
+	if err != nil {
+		c.broken = true
+	}
+	return n, err
 }
 
 // newCorkConn wraps the socket nc.
@@ -123,7 +149,10 @@ func (c *corkConn) payOwed() error {
 	if len(c.owed) == 0 {
 		return nil
 	}
-	_, err := c.Conn.Write(c.owed)
+	if c.broken {
+		return errBrokenStream
+	}
+	_, err := c.send(c.owed)
 	c.owed = emptied(c.owed)
 	return err
 }
@@ -163,6 +192,9 @@ func (c *corkConn) writeNow(b []byte) (left, busy bool, err error) {
 	if c.closeSent {
 		return false, true, nil // nothing goes after the close frame
 	}
+	if c.broken {
+		return false, false, errBrokenStream
+	}
 	if c.corked || len(c.owed) > 0 {
 		c.owed = append(c.owed, b...)
 		return true, false, nil
@@ -172,6 +204,7 @@ func (c *corkConn) writeNow(b []byte) (left, busy bool, err error) {
 	c.freshDeadline()
 	n, err := c.tryWrite(b)
 	if err != nil {
+		c.broken = true
 		return false, false, err
 	}
 	if n < len(b) {
@@ -233,11 +266,16 @@ func (c *corkConn) flushLocked() error {
 	if len(c.buf) == 0 {
 		return nil
 	}
+	if c.broken {
+		c.buf = emptied(c.buf)
+		return errBrokenStream
+	}
 	c.freshDeadline()
 	if err := c.payOwed(); err != nil {
+		c.buf = emptied(c.buf)
 		return err
 	}
-	_, err := c.Conn.Write(c.buf)
+	_, err := c.send(c.buf)
 	c.buf = emptied(c.buf)
 	return err
 }
@@ -258,6 +296,9 @@ func (c *corkConn) Close() error {
 	c.mu.Lock()
 	c.closeSent = true
 	err := c.flushLocked()
+	if err == nil && c.broken {
+		err = errBrokenStream // no FIN after a cut frame: close at once
+	}
 	c.mu.Unlock()
 	if err != nil {
 		_ = c.closeNow()

@@ -4,11 +4,13 @@ import (
 	"bufio"
 	"crypto/rand"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -35,7 +37,24 @@ const (
 
 func dialTCPWS(t *testing.T, n *gateway.Node, user int64) *tcpWS {
 	t.Helper()
-	conn, err := net.DialTimeout("tcp", n.WS.Addr(), 5*time.Second)
+	return dialTCPWSBuf(t, n, user, 0)
+}
+
+// dialTCPWSBuf is dialTCPWS with a socket receive buffer of rcvBuf bytes
+// (0: the kernel's default).
+func dialTCPWSBuf(t *testing.T, n *gateway.Node, user int64, rcvBuf int) *tcpWS {
+	t.Helper()
+	d := net.Dialer{Timeout: 5 * time.Second}
+	if rcvBuf > 0 {
+		d.Control = func(_, _ string, rc syscall.RawConn) error {
+			var serr error
+			err := rc.Control(func(fd uintptr) {
+				serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, rcvBuf)
+			})
+			return errors.Join(err, serr)
+		}
+	}
+	conn, err := d.Dial("tcp", n.WS.Addr())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -219,6 +238,90 @@ func TestCloseEchoBehindABurstOfReplies(t *testing.T) {
 			t.Fatalf("run %d: close code %d (%v), want the echo of 1000", run, code, err)
 		}
 	}
+}
+
+// A client that stops reading for longer than ws.write_timeout is cut off
+// with nothing written after the write that timed out: resuming, it reads
+// whole frames, at most one cut short at the end, then the socket's end —
+// no close frame. (gws wrote a 1001 close frame behind the cut frame, with
+// a fresh deadline: the client read it as the rest of that frame's payload.)
+func TestWriteTimeoutWritesNothingAfterTheCutFrame(t *testing.T) {
+	const wt = time.Second
+	cfg := nodetest.Config(t)
+	cfg.WS.WriteTimeout = configsDuration(wt)
+	cfg.WS.SocketSendBuffer = 16 << 10
+	n := nodetest.Start(t, cfg)
+	w := dialTCPWSBuf(t, n, 100, 4<<10)
+	// 48 KiB of user pushes (within the 1 MiB queue) past the client's 4 KiB
+	// and the node's 16 KiB socket buffers, one at a time: the connection's
+	// writer writes each as one frame through gws, until one write blocks
+	// and passes its deadline.
+	pad := `{"pad":"` + strings.Repeat("x", 8<<10) + `"}`
+	for range 6 {
+		if _, reached := n.Router.SendUser(100, proto.Push{Biz: 9999, Data: []byte(pad)}); reached != 1 {
+			t.Fatalf("push reached %d connections", reached)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	// The client does not read past the write's deadline, then reads again
+	// while a write after the cut one would still be under way.
+	time.Sleep(wt * 3 / 2)
+	_ = w.conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+	rest, err := io.ReadAll(w.br)
+	if err != nil && !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("reading until the socket's end: %v", err)
+	}
+	whole := 0
+	for len(rest) > 0 {
+		op, hdr, size, ok := frameHeader(rest)
+		if ok && op == opClose {
+			t.Fatalf("a close frame after %d whole frames: %q", whole, rest[hdr:min(len(rest), hdr+size)])
+		}
+		if !ok || hdr+size > len(rest) {
+			// The frame the timed-out write cut: what arrived of it is
+			// all there is, and it is text of a push.
+			for _, b := range rest[min(hdr, len(rest)):] {
+				if b < 0x20 || b > 0x7e {
+					t.Fatalf("byte %#x in the cut frame after %d whole frames: something was written behind it", b, whole)
+				}
+			}
+			break
+		}
+		if op != opText {
+			t.Fatalf("frame %d: opcode %d", whole, op)
+		}
+		whole++
+		rest = rest[hdr+size:]
+	}
+	if whole >= 6 {
+		t.Fatalf("all %d pushes arrived: the write never timed out", whole)
+	}
+	if v := metricValue(t, n, "liveedge_closes_total", `reason="write_failed"`); v != 1 {
+		t.Fatalf("closes_total{reason=write_failed} = %v, want 1", v)
+	}
+}
+
+// frameHeader parses the header of the server frame at the start of b: its
+// opcode, the header's length and the payload's; ok is false when b holds
+// less than the header.
+func frameHeader(b []byte) (op byte, hdr, size int, ok bool) {
+	if len(b) < 2 {
+		return 0, len(b), 0, false
+	}
+	op, hdr, n := b[0]&0x0f, 2, uint64(b[1]&0x7f)
+	switch n {
+	case 126:
+		if len(b) < 4 {
+			return op, len(b), 0, false
+		}
+		n, hdr = uint64(binary.BigEndian.Uint16(b[2:])), 4
+	case 127:
+		if len(b) < 10 {
+			return op, len(b), 0, false
+		}
+		n, hdr = binary.BigEndian.Uint64(b[2:]), 10
+	}
+	return op, hdr, int(n), true
 }
 
 // A frame over ws.max_frame_hard_bytes closes with 1009 every time: the
