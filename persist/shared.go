@@ -1315,26 +1315,56 @@ func (w *SharedWallet) forgetOwed(no uint64) {
 }
 
 // Balance implements Wallet: read through rueidis client-side caching (Redis
-// invalidates the cached value when it changes).
+// invalidates the cached value when it changes). Like every read of the
+// wallet's state (readReady), ErrWalletUnavailable while it is not ready.
 func (w *SharedWallet) Balance(user int64) (int64, error) {
+	return w.readReady(balKey(user), true)
+}
+
+// Tally returns a tally (client-side cached).
+func (w *SharedWallet) Tally(name string, user int64) (int64, error) {
+	return w.readReady(tallyRKey(name, user), true)
+}
+
+// readReady reads the integer at key (0 when absent), through the
+// client-side cache when cached, and the generation's state after it: a
+// value read while the wallet is not ready is no answer — being rebuilt
+// from the nodes' ledgers, Redis holds the shares of the nodes that
+// contributed so far (a user's debits without the credit made on a node
+// still down: a negative balance); emptied, every value reads 0 until a
+// node notices — so ErrWalletUnavailable (retry). The state is read after
+// the value: a loss between the two reads shows in the state.
+func (w *SharedWallet) readReady(key string, cached bool) (int64, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
 	defer cancel()
-	v, err := w.rdb.DoCache(ctx, w.rdb.B().Get().Key(balKey(user)).Cache(), time.Minute).AsInt64()
+	var r []rueidis.RedisResult
+	if cached {
+		r = w.rdb.DoMultiCache(ctx,
+			rueidis.CT(w.rdb.B().Get().Key(key).Cache(), time.Minute),
+			rueidis.CT(w.rdb.B().Hget().Key(keyMeta).Field("state").Cache(), time.Minute))
+	} else {
+		r = w.rdb.DoMulti(ctx, w.rdb.B().Get().Key(key).Build(), w.rdb.B().Hget().Key(keyMeta).Field("state").Build())
+	}
+	if err := readyState(r[1]); err != nil {
+		return 0, err
+	}
+	v, err := r[0].AsInt64()
 	if rueidis.IsRedisNil(err) {
 		return 0, nil
 	}
 	return v, err
 }
 
-// Tally returns a tally (client-side cached).
-func (w *SharedWallet) Tally(name string, user int64) (int64, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
-	defer cancel()
-	v, err := w.rdb.DoCache(ctx, w.rdb.B().Get().Key(tallyRKey(name, user)).Cache(), time.Minute).AsInt64()
-	if rueidis.IsRedisNil(err) {
-		return 0, nil
+// readyState is nil when the generation's state read in r is ready.
+func readyState(r rueidis.RedisResult) error {
+	state, err := r.ToString()
+	if err != nil && !rueidis.IsRedisNil(err) {
+		return err
 	}
-	return v, err
+	if state != "ready" {
+		return ErrWalletUnavailable
+	}
+	return nil
 }
 
 var _ TallyDropper = (*SharedWallet)(nil)
@@ -1376,13 +1406,7 @@ func (w *SharedWallet) DropTally(name string, user int64) error {
 // (whose invalidation may lag a write by another node): for a reading that
 // decides, such as a PK contest's final scores.
 func (w *SharedWallet) TallyFresh(name string, user int64) (int64, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
-	defer cancel()
-	v, err := w.rdb.Do(ctx, w.rdb.B().Get().Key(tallyRKey(name, user)).Build()).AsInt64()
-	if rueidis.IsRedisNil(err) {
-		return 0, nil
-	}
-	return v, err
+	return w.readReady(tallyRKey(name, user), false)
 }
 
 // Trades implements Wallet from the user's recent trades in Redis (the last
@@ -1394,8 +1418,13 @@ func (w *SharedWallet) Trades(user int64, before int64, limit int) ([]Trade, err
 	if before > 0 {
 		maxScore = "(" + strconv.FormatInt(before, 10)
 	}
-	vals, err := w.rdb.Do(ctx, w.rdb.B().Zrange().Key(recentKey(user)).Min(maxScore).Max("-inf").
-		Byscore().Rev().Limit(0, int64(limit)).Build()).AsStrSlice()
+	r := w.rdb.DoMulti(ctx, w.rdb.B().Zrange().Key(recentKey(user)).Min(maxScore).Max("-inf").
+		Byscore().Rev().Limit(0, int64(limit)).Build(),
+		w.rdb.B().Hget().Key(keyMeta).Field("state").Build())
+	if err := readyState(r[1]); err != nil {
+		return nil, err // being rebuilt: the list would be partial (readReady)
+	}
+	vals, err := r[0].AsStrSlice()
 	if err != nil {
 		return nil, err
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"reflect"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -945,5 +946,178 @@ func TestSharedUnreadableStoredResultIsInProgress(t *testing.T) {
 	}
 	if b := redisBalance(t, direct, user); b != 0 || intents(t, a.store) != 0 {
 		t.Fatalf("balance %d, %d intents: the duplicate moved something", b, intents(t, a.store))
+	}
+}
+
+// Redis comes back from a snapshot taken while a generation was rebuilding
+// (only node a had contributed then), after it had gone ready and money had
+// moved: the generation is rebuilding again in Redis. A generation never
+// goes back from ready, so the nodes that saw it ready take it for the
+// rollback it is — a new generation, rebuilt from the ledgers — instead of
+// waiting forever for contributions they remember having made (before:
+// never ready again, every Apply 50000, until a node restarted).
+func TestSharedRollbackToAMidRebuildSnapshotRebuilt(t *testing.T) {
+	rs := redistest.Start(t)
+	direct := directClient(t, rs.Addr)
+	nodes := []string{"a", "b"}
+	a := openWalletNode(t, rs.Addr, t.TempDir(), persist.SharedConfig{Node: "a", Nodes: nodes})
+	waitFor(t, "a's contribution", func() bool {
+		n, err := direct.Do(context.Background(), direct.B().Keys().Pattern("le:contrib:*:done").Build()).AsStrSlice()
+		return err == nil && len(n) == 1
+	})
+	if a.w.Ready() {
+		t.Fatal("ready with one of two nodes")
+	}
+	snap := snapshotRedis(t, direct) // rebuilding, a's contribution in
+	b := openWalletNode(t, rs.Addr, t.TempDir(), persist.SharedConfig{Node: "b", Nodes: nodes})
+	waitWalletsReady(t, a, b)
+	credit := func(n *walletNode, req string, amount int64) {
+		t.Helper()
+		if _, err := n.w.Apply(persist.Op{User: 5, ReqID: req, Postings: []persist.Posting{{User: 5, Delta: amount, Reason: persist.ReasonDev}}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	credit(a, "c1", 10)
+	credit(b, "c2", 7)
+	restoreRedis(t, direct, snap)
+	waitFor(t, "the wallet ready again", func() bool {
+		st, err := direct.Do(context.Background(), direct.B().Hget().Key(persist.SharedMetaKey).Field("state").Build()).ToString()
+		return err == nil && st == "ready" && a.w.Ready() && b.w.Ready()
+	})
+	if got, want := redisBalance(t, direct, 5), ledgerSum(t, 5, a.store, b.store); got != want || want != 17 {
+		t.Fatalf("balance in Redis %d, ledgers %d, want 17", got, want)
+	}
+	credit(a, "c3", 1) // money moves again
+	if got := redisBalance(t, direct, 5); got != 18 {
+		t.Fatalf("balance %d after another credit, want 18", got)
+	}
+}
+
+// A node's contribution to a rebuilding generation is lost (Redis, fsyncing
+// its AOF once a second, crashed right after the node's last batch and its
+// done mark): the node contributes again when it finds its mark missing —
+// each batch once (its marker), so nothing is added twice — and the
+// generation goes ready when the last node comes (before: a node took its
+// own memory for the mark, and the rebuild waited forever).
+func TestSharedLostContributionMadeAgain(t *testing.T) {
+	rs := redistest.Start(t)
+	direct := directClient(t, rs.Addr)
+	nodes := []string{"a", "b"}
+	dirB := t.TempDir()
+	a := openWalletNode(t, rs.Addr, t.TempDir(), persist.SharedConfig{Node: "a", Nodes: nodes})
+	b := openWalletNode(t, rs.Addr, dirB, persist.SharedConfig{Node: "b", Nodes: nodes})
+	waitWalletsReady(t, a, b)
+	if _, err := a.w.Apply(persist.Op{User: 5, ReqID: "c1", Postings: []persist.Posting{{User: 5, Delta: 10, Reason: persist.ReasonDev}}}); err != nil {
+		t.Fatal(err)
+	}
+	b.close()
+	ctx := context.Background()
+	if err := direct.Do(ctx, direct.B().Flushall().Build()).Error(); err != nil {
+		t.Fatal(err)
+	}
+	var doneKey string
+	waitFor(t, "a's contribution to the new generation", func() bool {
+		keys, err := direct.Do(ctx, direct.B().Keys().Pattern("le:contrib:*:done").Build()).AsStrSlice()
+		if err != nil || len(keys) != 1 {
+			return false
+		}
+		doneKey = keys[0]
+		return true
+	})
+	// Lost: the done mark (the batches' markers and effects stay).
+	if err := direct.Do(ctx, direct.B().Srem().Key(doneKey).Member("a").Build()).Error(); err != nil {
+		t.Fatal(err)
+	}
+	b = openWalletNode(t, rs.Addr, dirB, persist.SharedConfig{Node: "b", Nodes: nodes})
+	waitWalletsReady(t, a, b)
+	if got := redisBalance(t, direct, 5); got != 10 {
+		t.Fatalf("balance %d after the rebuild, want 10 (a's batches added once)", got)
+	}
+}
+
+// While the wallet is rebuilt after a Redis loss, what Redis holds is only
+// the shares of the nodes that contributed so far: the balance, the tallies
+// and the trade list read then are not answers (a user's debit without the
+// credit made on a node still down read -30) — ErrWalletUnavailable until
+// the generation is ready. The rebuilt trade lists hold every node's recent
+// trades again, as before the loss (they were empty: the rebuild did not
+// contribute them), and a user with more trades than the list keeps gets
+// the newest.
+func TestSharedReadsWaitForTheRebuildAndTradesComeBack(t *testing.T) {
+	rs := redistest.Start(t)
+	direct := directClient(t, rs.Addr)
+	nodes := []string{"a", "b"}
+	a := openWalletNode(t, rs.Addr, t.TempDir(), persist.SharedConfig{Node: "a", Nodes: nodes})
+	b := openWalletNode(t, rs.Addr, t.TempDir(), persist.SharedConfig{Node: "b", Nodes: nodes})
+	waitWalletsReady(t, a, b)
+	const u, busy = 77, 78
+	apply := func(n *walletNode, user int64, req string, delta int64) {
+		t.Helper()
+		op := persist.Op{User: user, ReqID: req, Postings: []persist.Posting{{User: user, Delta: delta, Reason: persist.ReasonDev}}}
+		if delta < 0 {
+			op.Postings[0].Reason = persist.ReasonGift
+		}
+		if _, err := n.w.Apply(op); err != nil {
+			t.Fatal(err)
+		}
+	}
+	apply(b, u, "c1", 100)
+	apply(a, u, "d1", -30)
+	for i := range 1005 { // more than the list keeps, over both nodes
+		apply([]*walletNode{a, b}[i%2], busy, fmt.Sprintf("m%d", i), 1)
+	}
+	listed := func(user int64) []persist.Trade {
+		t.Helper()
+		var all []persist.Trade
+		before := int64(0)
+		for {
+			page, err := a.w.Trades(user, before, 100)
+			if err != nil {
+				t.Fatal(err)
+			}
+			all = append(all, page...)
+			if len(page) < 100 {
+				return all
+			}
+			before = page[len(page)-1].ID
+		}
+	}
+	wantU, wantBusy := listed(u), listed(busy)
+	if len(wantU) != 2 || len(wantBusy) != 1000 {
+		t.Fatalf("listed %d and %d trades before the loss, want 2 and 1000", len(wantU), len(wantBusy))
+	}
+	b.close()
+	if err := direct.Do(context.Background(), direct.B().Flushall().Build()).Error(); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "a's contribution", func() bool {
+		n, err := direct.Do(context.Background(), direct.B().Keys().Pattern("le:contrib:*:done").Build()).AsStrSlice()
+		return err == nil && len(n) == 1
+	})
+	for i := range 2 { // right after the loss, and with a's share in
+		if bal, err := a.w.Balance(u); !errors.Is(err, persist.ErrWalletUnavailable) {
+			t.Fatalf("read %d: balance %d, %v while rebuilding; want ErrWalletUnavailable", i, bal, err)
+		}
+		if v, err := a.w.Tally("received", u); !errors.Is(err, persist.ErrWalletUnavailable) {
+			t.Fatalf("read %d: tally %d, %v while rebuilding; want ErrWalletUnavailable", i, v, err)
+		}
+		if v, err := a.w.TallyFresh("received", u); !errors.Is(err, persist.ErrWalletUnavailable) {
+			t.Fatalf("read %d: fresh tally %d, %v while rebuilding; want ErrWalletUnavailable", i, v, err)
+		}
+		if l, err := a.w.Trades(u, 0, 10); !errors.Is(err, persist.ErrWalletUnavailable) {
+			t.Fatalf("read %d: %d trades, %v while rebuilding; want ErrWalletUnavailable", i, len(l), err)
+		}
+		time.Sleep(300 * time.Millisecond)
+	}
+	b = openWalletNode(t, rs.Addr, b.dir, persist.SharedConfig{Node: "b", Nodes: nodes})
+	waitWalletsReady(t, a, b)
+	if bal, err := a.w.Balance(u); err != nil || bal != 70 {
+		t.Fatalf("balance %d, %v after the rebuild; want 70", bal, err)
+	}
+	for user, want := range map[int64][]persist.Trade{u: wantU, busy: wantBusy} {
+		if got := listed(user); !reflect.DeepEqual(got, want) {
+			t.Fatalf("user %d: %d trades listed after the rebuild, want the %d listed before (first %+v, want %+v)",
+				user, len(got), len(want), got[:min(1, len(got))], want[0])
+		}
 	}
 }

@@ -11,6 +11,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/bytedance/sonic"
 	"github.com/redis/rueidis"
 )
 
@@ -29,10 +30,13 @@ var initScript = rueidis.NewLuaScript(luaScript("init"))
 // with op "incr" (INCRBY), "idem" (SET val until the next arg, a unix ms
 // deadline, if still ahead by Redis's clock), "seq"
 // (raise to at least val), "hincr" (HINCRBY key field val: field is the
-// next arg), "hset" (HSET key field val, likewise) or "sadd" (SADD key
+// next arg), "hset" (HSET key field val, likewise), "sadd" (SADD key
 // member, and the set kept until the next arg, a unix ms deadline — nothing
-// if already past by Redis's clock; an op that may be applied again).
-var contribScript = rueidis.NewLuaScript(luaScript("contrib"))
+// if already past by Redis's clock; an op that may be applied again) or
+// "zadd" (a recent trade: ZADD key score member, the score the next arg,
+// the list cut to its newest recentMax).
+var contribScript = rueidis.NewLuaScript(luaScript("contrib",
+	"RECENT_MAX", strconv.Itoa(recentMax), "RECENT_DROP_FROM", strconv.Itoa(recentMax+1)))
 
 // finishScript marks node done and flips the generation to ready when every
 // node is done. KEYS meta, done set; ARGV gen, node.
@@ -84,8 +88,26 @@ func (w *SharedWallet) ensureGeneration(ctx context.Context) error {
 		return nil
 	}
 	w.gen.Store(nil)
-	if w.contributed == gen {
+	if gen == w.lastReady {
+		// This node saw gen ready, and a generation never goes back to
+		// rebuilding: Redis came back from a snapshot taken before gen was
+		// ready, without what moved since. Reset it and rebuild.
+		w.dataLost(gen, "the generation went back from ready to rebuilding")
 		return nil
+	}
+	if w.contributed == gen {
+		// Contributed — unless Redis came back from a snapshot taken before
+		// this node's contribution was finished: then the rebuild waits for
+		// it forever. Its batches are the same (the ledger does not change
+		// while gen rebuilds) and each is added once (its marker).
+		done, err := w.rdb.Do(ctx, w.rdb.B().Sismember().Key(keyContrib+gen+":done").Member(w.node).Build()).AsBool()
+		if err != nil {
+			return fmt.Errorf("persist: shared wallet contribution check: %w", err)
+		}
+		if done {
+			return nil
+		}
+		w.log.Warn("shared wallet: this node's contribution is missing from Redis (it went back): contributing again", "generation", gen)
 	}
 	// Applies that read the old generation finish writing their ledger
 	// shares first; later ones see none and fail.
@@ -233,6 +255,9 @@ func (w *SharedWallet) contribute(ctx context.Context, gen string) (string, erro
 		})
 	}
 	if err == nil {
+		err = w.contributeTrades(add)
+	}
+	if err == nil {
 		if v, gerr := w.store.Get(SeqKey("trade")); gerr == nil {
 			err = add("seq", keySeqTrade, strconv.FormatInt(DecodeInt64(v), 10))
 		}
@@ -273,3 +298,47 @@ func (w *SharedWallet) contribute(ctx context.Context, gen string) (string, erro
 }
 
 var errStaleGen = errors.New("persist: stale generation")
+
+// contributeTrades adds the newest recentMax trades of each user on this
+// node's disk to the users' recent-trade lists (what GET /wallet/trades
+// lists: without them, every list starts empty after a Redis loss). The
+// rows are scanned in key order — by user, then trade id — keeping each
+// user's newest recentMax at a time.
+func (w *SharedWallet) contributeTrades(add func(a ...string) error) error {
+	var user int64 = -1
+	var keep []Trade
+	emit := func() error {
+		for _, t := range keep[max(0, len(keep)-recentMax):] {
+			b, err := sonic.Marshal(t)
+			if err != nil {
+				return err
+			}
+			if err := add("zadd", recentKey(t.User), string(b), strconv.FormatInt(t.ID, 10)); err != nil {
+				return err
+			}
+		}
+		keep = keep[:0]
+		return nil
+	}
+	err := w.store.Scan(PrefixTrade, func(_, v []byte) error {
+		t, err := decodeTrade(v)
+		if err != nil {
+			return err
+		}
+		if t.User != user {
+			if err := emit(); err != nil {
+				return err
+			}
+			user = t.User
+		}
+		if len(keep) == 2*recentMax {
+			keep = append(keep[:0], keep[recentMax:]...)
+		}
+		keep = append(keep, t)
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	return emit()
+}

@@ -23,6 +23,9 @@ while i <= #ARGV do
   elseif op == 'sadd' then
     if not tonumber(ARGV[i + 3]) then return redis.error_reply('bad deadline for sadd') end
     i = i + 4
+  elseif op == 'zadd' then
+    if not tonumber(ARGV[i + 3]) then return redis.error_reply('bad score for zadd') end
+    i = i + 4
   else return redis.error_reply('bad op ' .. tostring(op)) end
 end
 if i ~= #ARGV + 1 then return redis.error_reply('truncated op') end
@@ -46,6 +49,12 @@ while i <= #ARGV do
       if ttl >= 0 and nowms + ttl < deadline then redis.call('PEXPIREAT', k, deadline)
       elseif ttl == -1 then redis.call('PEXPIREAT', k, deadline) end
     end
+    i = i + 4
+  elseif op == 'zadd' then
+    -- A recent trade (member v, its id the score); the list keeps the
+    -- newest ${RECENT_MAX} of every node's, as apply.lua does.
+    redis.call('ZADD', k, ARGV[i + 3], v)
+    redis.call('ZREMRANGEBYRANK', k, 0, -${RECENT_DROP_FROM})
     i = i + 4
   elseif op == 'seq' then
     if tonumber(redis.call('GET', k) or '0') < tonumber(v) then redis.call('SET', k, v) end
