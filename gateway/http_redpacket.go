@@ -7,6 +7,7 @@ import (
 	"github.com/cloudwego/hertz/pkg/app"
 	"github.com/cloudwego/hertz/pkg/route"
 
+	"github.com/liveedge/liveedge/edge/redpacket"
 	"github.com/liveedge/liveedge/gateway/proto"
 )
 
@@ -61,7 +62,27 @@ func (a *API) rainOp(c *app.RequestContext, op string) {
 		return
 	}
 	b, perr := a.node.redPacket(op, user, code)
+	if op == "rp.get" && perr == nil && identOf(c).Role != RoleAdmin {
+		b, perr = statsOrPublic(b, user)
+	}
 	a.jsonReply(c, b, perr)
+}
+
+// statsOrPublic is the rain's view d for user: whole for its anchor (its
+// stats), what the room's pushes tell everyone for any other user.
+func statsOrPublic(d []byte, user int64) ([]byte, *proto.Error) {
+	var v redpacket.View
+	if err := proto.Unmarshal(d, &v); err != nil {
+		return nil, proto.ErrInternal
+	}
+	if v.AnchorID == user {
+		return d, nil
+	}
+	b, err := proto.Marshal(v.Public())
+	if err != nil {
+		return nil, proto.ErrInternal
+	}
+	return b, nil
 }
 
 // jsonReply answers an op that may have run on another node: its reply's d

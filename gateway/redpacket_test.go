@@ -64,9 +64,11 @@ func startRain(t *testing.T, n *gateway.Node, anchor, room, total int64, count, 
 	return code
 }
 
+// rainView is the rain's whole view (its stats), as an admin reads it.
 func rainView(t *testing.T, n *gateway.Node, code string) redpacket.View {
 	t.Helper()
-	st, r := rpCall(t, n, 999999, "GET", "/redpackets/"+code, "")
+	var r rainReply
+	st := nodetest.DoJSON(t, "GET", nodetest.HTTPURL(n)+"/api/v1/redpackets/"+code, nodetest.Token(t, n, 999999, gateway.RoleAdmin), "", &r)
 	if st != 200 {
 		t.Fatalf("GET rain %s: %d %+v", code, st, r)
 	}
@@ -1019,5 +1021,56 @@ func TestClusterRainNotFoundOnlyWhenRedisSaysSo(t *testing.T) {
 	nodetest.DoJSON(t, "POST", nodetest.HTTPURL(n2)+"/api/v1/redpackets/"+code+"/grab", nodetest.Token(t, n2, 100, gateway.RoleViewer), "", &hg)
 	if hg.Code != proto.CodeInternal {
 		t.Fatalf("grab of a running rain through a node without Redis: %d, want 50000 (a retry, never 30001)", hg.Code)
+	}
+}
+
+// A rain's stats are its anchor's (PROTOCOL §4: "anchor of the room only"):
+// GET /redpackets/{code} shows them whole to its anchor and to admins, and
+// to any other user only what the room's pushes tell everyone — no total,
+// no grants while it runs, no split across nodes; its outcome once it is
+// over, as 5561 announced it. (Every user read the whole view before.)
+func TestRainStatsAreTheAnchors(t *testing.T) {
+	n := nodetest.Start(t, nodetest.Config(t))
+	const anchor = 42
+	room := nodetest.OpenRoom(t, n, anchor, 0)
+	devCredit(t, n, anchor, 1000)
+	code := startRain(t, n, anchor, room, 500, 5, 1)
+	get := func(user int64, role string) map[string]any {
+		t.Helper()
+		var r struct {
+			Code int            `json:"code"`
+			Data map[string]any `json:"data"`
+		}
+		if st := nodetest.DoJSON(t, "GET", nodetest.HTTPURL(n)+"/api/v1/redpackets/"+code, nodetest.Token(t, n, user, role), "", &r); st != 200 || r.Code != 0 {
+			t.Fatalf("GET as %d (%s): %d %+v", user, role, st, r)
+		}
+		return r.Data
+	}
+	for _, who := range []struct {
+		user int64
+		role string
+	}{{anchor, gateway.RoleAnchor}, {7, gateway.RoleAdmin}} {
+		v := get(who.user, who.role)
+		if v["total_amount"] != float64(500) || v["nodes"] == nil || v["granted_count"] == nil {
+			t.Fatalf("%s's view: %v, want the stats", who.role, v)
+		}
+	}
+	for _, who := range []struct {
+		user int64
+		role string
+	}{{100, gateway.RoleViewer}, {43, gateway.RoleAnchor}} {
+		v := get(who.user, who.role)
+		for _, k := range []string{"total_amount", "nodes", "granted_count", "granted_amount", "max_grant", "refunded"} {
+			if _, has := v[k]; has {
+				t.Fatalf("user %d's view of a running rain has %s: %v", who.user, k, v)
+			}
+		}
+		if v["code"] != code || v["state"] != redpacket.StateRunning || v["total_count"] != float64(5) || v["ends_at"] == nil || v["room_id"] != float64(room) {
+			t.Fatalf("user %d's view: %v, want the public part", who.user, v)
+		}
+	}
+	waitFinished(t, n, code)
+	if v := get(100, gateway.RoleViewer); v["granted_count"] != float64(0) || v["refunded"] != float64(500) || v["total_amount"] != nil {
+		t.Fatalf("a viewer's view of the finished rain: %v, want its outcome (5561) and no total", v)
 	}
 }

@@ -782,3 +782,73 @@ func TestNoRainCreatedWithoutTheCodeTagHeld(t *testing.T) {
 		t.Fatalf("code %s: tag %d %v, want 3", code, tag, ok)
 	}
 }
+
+// A node restarting with rains that ended while it was down settles them on
+// goroutines of their own while it resumes the others: the settlements
+// delete from the rains' map the resume was still ranging over (a data race
+// the race detector reported when a settlement's fsync beat the range, and
+// with 400,000 waiting rains "fatal error: concurrent map iteration and map
+// write" at start-up, in a review). Every due rain is settled, its coins back
+// with the anchor. (Whether the race shows depends on timing: here, a
+// regression check under -race, not a deterministic reproduction.)
+func TestRestartSettlesEndedRainsWhileResumingTheOthers(t *testing.T) {
+	n := newPendingNode(t)
+	many := func(c *Config) { c.MaxPerAnchor = 100; c.CreatesPerMinute = -1 }
+	n.startWith(t, n.l, many)
+	var codes []string
+	for i := range 5 {
+		v, err := n.svc.Create(shardAnchor, shardRoom+int64(i), 100, 10, time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := n.svc.Prepare(shardAnchor, v.Code); err != nil {
+			t.Fatal(err)
+		}
+		codes = append(codes, v.Code)
+	}
+	if b, _ := n.l.Balance(shardAnchor); b != 500 {
+		t.Fatalf("anchor's balance %d with 5 rains prepared, want 500", b)
+	}
+	// Running, and ended a second ago: due at the next start.
+	for _, c := range codes {
+		n.svc.mu.Lock()
+		rec := n.svc.rains[c].rec
+		n.svc.mu.Unlock()
+		rec.State, rec.StartedAt, rec.EndsAt = StateRunning, time.Now().Add(-time.Minute).UnixMilli(), time.Now().Add(-time.Second).UnixMilli()
+		if err := n.svc.putRecord(rec); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Rains waiting for their start: the resume ranges over them long
+	// enough for the settlements to run meanwhile.
+	if err := n.svc.store.Apply(func(wb *persist.Batch) error {
+		for i := range 2000 {
+			rec := record{Code: newCode(), Node: "n1", Room: 1000 + int64(i), Anchor: 100 + int64(i/10), Total: 10, Count: 1,
+				DurationMS: 1000, State: StateWait, CreatedAt: 1}
+			b, _ := proto.Marshal(rec)
+			if err := wb.Set(rainKey(rec.Code), b, nil); err != nil {
+				return err
+			}
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	n.startWith(t, n.l, many)
+	deadline := time.Now().Add(10 * time.Second)
+	for _, c := range codes {
+		for {
+			v, err := n.svc.Get(c)
+			if err == nil && v.State == StateFinished {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("rain %s: %+v %v, want settled", c, v, err)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	if b, _ := n.l.Balance(shardAnchor); b != 1000 {
+		t.Fatalf("anchor's balance %d after the settlements, want 1000 (every packet back)", b)
+	}
+}

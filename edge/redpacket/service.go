@@ -354,6 +354,36 @@ type View struct {
 	Nodes         []NodeSplit `json:"nodes"`
 }
 
+// PublicView is a rain as GET /redpackets/{code} shows it to a user other
+// than its anchor: what its pushes tell the room (5560 when it starts, 5561
+// when it ends) — its stats (the total, the grants while it runs, the split
+// across nodes) are its anchor's (PROTOCOL §4).
+type PublicView struct {
+	Code          string `json:"code"`
+	RoomID        int64  `json:"room_id"`
+	AnchorID      int64  `json:"anchor_id"`
+	State         string `json:"state"`
+	TotalCount    int    `json:"total_count"`
+	DurationS     int64  `json:"duration_s"`
+	StartedAt     int64  `json:"started_at,omitempty"`
+	EndsAt        int64  `json:"ends_at,omitempty"`
+	FinishedAt    int64  `json:"finished_at,omitempty"`
+	Cancelled     bool   `json:"cancelled,omitempty"`
+	GrantedCount  *int   `json:"granted_count,omitempty"` // once FINISHED, as 5561
+	GrantedAmount *int64 `json:"granted_amount,omitempty"`
+	Refunded      *int64 `json:"refunded,omitempty"`
+}
+
+// Public is v without its anchor's stats.
+func (v View) Public() PublicView {
+	p := PublicView{Code: v.Code, RoomID: v.RoomID, AnchorID: v.AnchorID, State: v.State, TotalCount: v.TotalCount,
+		DurationS: v.DurationS, StartedAt: v.StartedAt, EndsAt: v.EndsAt, FinishedAt: v.FinishedAt, Cancelled: v.Cancelled}
+	if v.State == StateFinished {
+		p.GrantedCount, p.GrantedAmount, p.Refunded = &v.GrantedCount, &v.GrantedAmount, &v.Refunded
+	}
+	return p
+}
+
 // NodeSplit is one node's share of a rain's pool.
 type NodeSplit struct {
 	Node    string `json:"node"`

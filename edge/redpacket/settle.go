@@ -353,10 +353,18 @@ func (s *Service) restore() error {
 			s.log.Info("red packet rain resumed", "code", rec.Code, "granted", r.granted, "of", rec.Count, "due", now >= rec.EndsAt)
 		}
 	}
+	// The rains resumed, taken before anything runs: a due rain's
+	// settlement and a timer that fires deletes from s.rains.
+	s.mu.Lock()
+	resumed := make([]*rain, 0, len(s.rains))
+	for _, r := range s.rains {
+		resumed = append(resumed, r)
+	}
+	s.mu.Unlock()
 	for _, r := range due {
 		s.goSettle(r)
 	}
-	for _, r := range s.rains {
+	for _, r := range resumed {
 		s.watchEnd(r) // a RUNNING rain with everything out: its holders' last asks may have been lost
 	}
 	for _, rec := range cancels {

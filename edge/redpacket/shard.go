@@ -1066,7 +1066,8 @@ func (s *Service) grabVia(owner string, user int64, code string, rated bool) (Gr
 	ready := sh.ready
 	sh.mu.Unlock()
 	if !ready {
-		if err := s.refill(sh); errors.Is(err, errShardGone) {
+		rerr := s.refill(sh)
+		if errors.Is(rerr, errShardGone) {
 			return GrabReply{}, nil, true
 		}
 		sh.mu.Lock()
@@ -1077,6 +1078,12 @@ func (s *Service) grabVia(owner string, user int64, code string, rated bool) (Gr
 		}
 		if !ready {
 			s.forgetUnready(sh)
+			if err == nil {
+				// refill's own answer: none left, for a slice the owner
+				// closed before this node ever had it ready (a holder
+				// restarted, then closed by the rain's settlement).
+				err = rerr
+			}
 			if err == nil {
 				err = errOwnerGone
 			}

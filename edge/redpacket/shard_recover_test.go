@@ -67,6 +67,34 @@ func TestShardedRainHolderRestartRecovered(t *testing.T) {
 	}
 }
 
+// A holder restarted mid-rain (no slice in its memory) is closed by the
+// rain's settlement, which makes it a closed slice it never had ready: a
+// grab through it answers 30003 "none left", as through any other node —
+// not 50000 "unreachable, retry", which its viewers would retry for the
+// closed slice's 10 minutes.
+func TestRestartedHolderClosedBySettlementAnswersNoneLeft(t *testing.T) {
+	c := newCluster(t, "n1", "n2", "n3")
+	const count, total = 20, 2_000
+	code := c.rain(t, "n1", total, count, 2*time.Second)
+	for u := int64(1); u <= 3; u++ {
+		if _, err := c.grab("n2", "n1", u, code); err != nil {
+			t.Fatal(err)
+		}
+	}
+	m := c.kill("n2")
+	c.start(t, "n2", m.dir)
+	c.conserve(t, "n1", code, total) // waits for FINISHED (ends_at passes)
+	for _, n := range []string{"n2", "n3"} {
+		owner, _ := c.svc(n).ShardOwner(code)
+		if owner == "" {
+			owner = "n1"
+		}
+		if _, perr := c.svc(n).GrabVia(owner, 50, code); perr == nil || perr.Code != proto.CodeRedPacketEmpty {
+			t.Fatalf("grab through %s of the finished rain: %v, want 30003", n, perr)
+		}
+	}
+}
+
 // A lease answer lost on its way to the holder (built and recorded on the
 // owner, the holder's call timed out): once no answer can still arrive, the
 // owner finds those packets missing at the holder and pools them again.
