@@ -413,7 +413,7 @@ func (n *Node) serveForward(req payFwdReq) payFwdRep {
 		rep.Status, rep.Body = n.localNotify(req.Channel, req.Sig, req.Body)
 	case "rp.prepare", "rp.start", "rp.cancel", "rp.grab", "rp.get":
 		rep.Data, rep.Err = n.redPacketLocal(req.Op, req.User, req.Code)
-	case "tix.program", "tix.place", "tix.get", "tix.cancel":
+	case "tix.program", "tix.place", "tix.placed", "tix.get", "tix.cancel":
 		rep.Data, rep.Err = n.ticketLocal(req.Op, req.User, req.ID, req.Body)
 	default:
 		rep.Err = proto.BadRequest("unknown forwarded op")

@@ -1,10 +1,17 @@
 package gateway
 
 import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
 	"time"
+
+	"github.com/redis/rueidis"
 
 	"github.com/liveedge/liveedge/edge/ticket"
 	"github.com/liveedge/liveedge/gateway/proto"
+	"github.com/liveedge/liveedge/persist"
 )
 
 // Ticket programs in a cluster are served by the node that created them: its
@@ -46,6 +53,67 @@ func (n *Node) nextProgramID() func(last int64) (int64, error) {
 			n.worker.Since().UnixMilli()-programEpoch.UnixMilli()+1)
 		return t<<programWorkerBits | w, nil
 	}
+}
+
+// errNoProgram answers a program id no node serves.
+var errNoProgram = proto.Errorf(proto.CodeNotFound, "program not found")
+
+// ticketReqTTL is how long a (user, req_id) of a ticket order names its
+// program through every node (PROTOCOL §5: 24 h).
+const ticketReqTTL = 24 * time.Hour
+
+// ticketReqKey binds a (user, req_id) of a ticket order to the program it
+// was first sent for (outside le:*, as the payment bindings: rebuilt with
+// the shared wallet from the orders on every node's disk, and left by its
+// reset).
+func ticketReqKey(user int64, req string) string {
+	return "liveedge:tixreq:{" + strconv.FormatInt(user, 10) + "}:" + req
+}
+
+// bindTicketReqScript binds KEYS[1] to program ARGV[1] for ARGV[2] ms unless
+// it is bound already, once the shared wallet (KEYS[2]) is ready; it
+// returns the program it names.
+var bindTicketReqScript = rueidis.NewLuaScript(notReadyLua + `
+local v = redis.call('GET', KEYS[1])
+if v then return v end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return ARGV[1]`)
+
+// bindTicketReq returns the program user's req_id names in the cluster,
+// binding it to r's program if it names none yet: a req_id sent again for
+// another program answers the first result (PROTOCOL §5) — each node's
+// idempotency record knows its own orders only, and two programs on two
+// nodes made two orders (and charged twice). A request Place refuses
+// before anything (no program, a bad req_id) binds nothing.
+func (n *Node) bindTicketReq(user int64, r ticket.PlaceReq) (int64, error) {
+	if n.Cluster == nil || r.ProgramID <= 0 || !ticket.ValidReqID(r.ReqID) {
+		return r.ProgramID, nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	v, err := bindTicketReqScript.Exec(ctx, n.Redis, []string{ticketReqKey(user, r.ReqID), persist.SharedMetaKey},
+		[]string{strconv.FormatInt(r.ProgramID, 10), strconv.FormatInt(ticketReqTTL.Milliseconds(), 10)}).ToString()
+	if err != nil {
+		n.Log.Warn("tickets: req_id binding failed", "user", user, "err", err)
+		return 0, errTicketReqUnbound
+	}
+	program, err := strconv.ParseInt(v, 10, 64)
+	if err != nil || program <= 0 {
+		return 0, fmt.Errorf("gateway: malformed ticket req_id binding %q", v)
+	}
+	return program, nil
+}
+
+var errTicketReqUnbound = proto.Errorf(proto.CodeInternal, "could not record this req_id; nothing was placed: retry with the same req_id")
+
+// contributeTicketReqs adds the req_id bindings of this node's ticket orders
+// of the last ticketReqTTL to a rebuilding wallet generation
+// (persist.SharedConfig.Contribute); each expires ticketReqTTL after its
+// order's creation.
+func (n *Node) contributeTicketReqs(since time.Time, add func(op ...string) error) error {
+	return ticket.ReqsOnDisk(n.Store, since.Add(-ticketReqTTL-time.Hour), func(user int64, req string, program, at int64) error {
+		return add("idem", ticketReqKey(user, req), strconv.FormatInt(program, 10), strconv.FormatInt(at+ticketReqTTL.Milliseconds(), 10))
+	})
 }
 
 var errWorkerNotHeld = proto.Errorf(proto.CodeInternal, "this node cannot make ids right now (its worker lease is not held), retry")
@@ -113,10 +181,25 @@ func (n *Node) ticketOp(op string, user, id int64, body []byte) ([]byte, *proto.
 	case "tix.place":
 		var r ticket.PlaceReq
 		if proto.Unmarshal(body, &r) == nil {
-			owner, err = n.programOwner(r.ProgramID)
+			program := r.ProgramID
+			if program, err = n.bindTicketReq(user, r); err == nil {
+				if program != r.ProgramID {
+					// Sent before for another program: its node has the
+					// first result (or is placing it).
+					op = "tix.placed"
+				}
+				owner, err = n.programOwner(program)
+			}
 		}
 	default:
 		owner, err = n.payOwner(id)
+	}
+	if errors.Is(err, errLeaseGone) && (op == "tix.program" || op == "tix.place") {
+		// No node holds the program id's worker id (a made-up id, or its
+		// node gone longer than a lease): nothing to show or sell — not
+		// "retry", which a client would do for ever. (An order's id is
+		// answered "retry": the order may exist, as a payment order's.)
+		return nil, errNoProgram
 	}
 	if err != nil {
 		return nil, proto.AsError(err)
@@ -164,6 +247,12 @@ func (n *Node) ticketLocal(op string, user, id int64, body []byte) ([]byte, *pro
 		if pe := proto.AsError(err); err != nil && pe.Code == proto.CodeNotFound && n.programMadeByEarlierHolder(r.ProgramID) {
 			return nil, errProgramOwnerDown
 		}
+	case "tix.placed":
+		var r ticket.PlaceReq
+		if uerr := proto.Unmarshal(body, &r); uerr != nil {
+			return nil, proto.BadRequest("bad order request")
+		}
+		v, err = n.Tickets.PlacedFor(user, r.ReqID)
 	case "tix.get":
 		v, err = n.Tickets.Get(user, id)
 	case "tix.cancel":

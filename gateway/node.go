@@ -234,7 +234,7 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 			coupons = ticket.NewSharedCoupons(n.Redis, n.Store)
 			// With them, the payment req_id bindings and the rains'
 			// one-per-user places, from every node's disk.
-			contrib := []func(time.Time, func(...string) error) error{coupons.Contribute, n.contributePayReqs, statuses.Contribute}
+			contrib := []func(time.Time, func(...string) error) error{coupons.Contribute, n.contributePayReqs, n.contributeTicketReqs, statuses.Contribute}
 			// (The bindings and the statuses are outside le:*: a reset
 			// leaves them, and adding them again gives the same state.)
 			wcfg.ContributedPrefixes = []string{ticket.SharedCouponPrefix}

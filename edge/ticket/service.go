@@ -339,6 +339,9 @@ func (s *Service) place(user int64, r PlaceReq) (_ Order, err error) {
 	if len(r.CouponID) > 40 {
 		return Order{}, proto.Errorf(proto.CodeCouponUnusable, "coupon not usable")
 	}
+	if r.ProgramID <= 0 {
+		return Order{}, proto.BadRequest("program_id is required")
+	}
 	p := s.program(r.ProgramID)
 	if p == nil {
 		return Order{}, proto.Errorf(proto.CodeNotFound, "program not found")
@@ -500,6 +503,47 @@ func (s *Service) replay(id int64) (Order, error) {
 		return Order{}, finalFailure(o.FailCode, o.FailMsg)
 	}
 	return s.withPayURL(*o), nil
+}
+
+// ValidReqID reports whether req is a req_id Place takes.
+func ValidReqID(req string) bool { return req != "" && len(req) <= maxReqIDLen }
+
+// errReqOfAnotherProgram answers a req_id a cluster bound to another
+// program, where no order of it is (PlacedFor).
+var errReqOfAnotherProgram = proto.Errorf(proto.CodeConflict,
+	"this req_id names an order of another program (being placed, or refused before it was made): retry it for that program, or use a new req_id")
+
+// PlacedFor answers user's order of req_id made here — the first result of
+// a (user, req_id) sent again for another program (PROTOCOL §5: a cluster
+// binds each req_id to the program it was first sent for, whose node holds
+// the order) — or 10409 when none was made here (being placed, or refused
+// before it was made).
+func (s *Service) PlacedFor(user int64, req string) (Order, error) {
+	v, err := s.store.Get(orderReqKey(user, req))
+	if errors.Is(err, persist.ErrNotFound) {
+		return Order{}, errReqOfAnotherProgram
+	}
+	if err != nil {
+		return Order{}, err
+	}
+	return s.replay(int64(persist.DecodeUint64(v)))
+}
+
+// ReqsOnDisk calls fn with the (user, req_id, program, creation time in unix
+// ms) of every order in store made since (the cluster's req_id bindings,
+// put back in Redis after it lost them).
+func ReqsOnDisk(store *persist.Store, since time.Time, fn func(user int64, req string, program, at int64) error) error {
+	from := since.UnixMilli()
+	return store.Scan(prefixOrder, func(_, v []byte) error {
+		o, err := decodeOrder(v)
+		if err != nil {
+			return err
+		}
+		if o.ReqID == "" || o.CreatedAt < from {
+			return nil
+		}
+		return fn(o.UserID, o.ReqID, o.ProgramID, o.CreatedAt)
+	})
 }
 
 func (s *Service) withPayURL(o Order) Order {
