@@ -103,7 +103,7 @@ type Node struct {
 		at  time.Time
 		err error
 	}
-	idemDone chan struct{} // closed when expireIdemLoop has returned
+	idemDone chan struct{} // closed when housekeepingLoop has returned
 	stopSync chan struct{} // cluster: stops the room replica's Sync loop
 	syncDone chan struct{}
 	// stopRelease ends the idle memory release (node.idle_release).
@@ -469,7 +469,7 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 	n.WS = newServer(deps)
 	n.API = newAPI(n, auth)
 	n.stopIdem, n.idemDone = make(chan struct{}), make(chan struct{})
-	go n.expireIdemLoop()
+	go n.housekeepingLoop()
 	if d := cfg.Node.IdleRelease.D(); d > 0 {
 		r := newIdleRelease(d)
 		n.metrics.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts(n.metrics.opts("idle_memory_releases_total",
@@ -745,33 +745,63 @@ func (n *Node) watchCatalogue(cat *gift.Catalogue) error {
 	return err
 }
 
-// expireIdemLoop drops idempotency records older than their TTL, and on a
+// housekeepingLoop drops idempotency records older than their TTL, and on a
 // single node the records of rooms closed more than room.ClosedRecordTTL
 // ago (a cluster's Redis expires those): once at start (a node restarted
 // more often than hourly would otherwise never expire any), then hourly.
-func (n *Node) expireIdemLoop() {
+// With statuses in Redis it also puts back, every account.MendEvery, the
+// changes on this node's disk that Redis lost without losing a wallet op
+// (account.Shared.Mend).
+func (n *Node) housekeepingLoop() {
 	defer close(n.idemDone)
 	t := time.NewTicker(time.Hour)
 	defer t.Stop()
-	now := time.Now()
-	for {
-		if n.Ledger != nil { // shared mode: the SharedWallet's watcher expires its own records
-			if k, err := n.Ledger.ExpireIdem(now.Add(-persist.DefaultIdemTTL)); err != nil {
-				n.Log.Error("idempotency expiry", "err", err)
-			} else if k > 0 {
-				n.Log.Info("idempotency records expired", "count", k)
+	var mend <-chan time.Time
+	statuses, shared := n.Accounts.(*account.Shared)
+	if shared {
+		m := time.NewTicker(account.MendEvery)
+		defer m.Stop()
+		mend = m.C
+	}
+	for now := time.Now(); ; {
+		n.expireRecords(now)
+		for waiting := true; waiting; {
+			select {
+			case <-n.stopIdem:
+				return
+			case now = <-t.C:
+				waiting = false
+			case <-mend:
+				n.mendStatuses(statuses)
 			}
 		}
-		if k, err := n.Rooms.PruneClosed(now.Add(-room.ClosedRecordTTL)); err != nil {
-			n.Log.Error("closed rooms' records expiry", "err", err)
+	}
+}
+
+// expireRecords is housekeepingLoop's hourly pass.
+func (n *Node) expireRecords(now time.Time) {
+	if n.Ledger != nil { // shared mode: the SharedWallet's watcher expires its own records
+		if k, err := n.Ledger.ExpireIdem(now.Add(-persist.DefaultIdemTTL)); err != nil {
+			n.Log.Error("idempotency expiry", "err", err)
 		} else if k > 0 {
-			n.Log.Info("closed rooms' records expired", "count", k)
+			n.Log.Info("idempotency records expired", "count", k)
 		}
-		select {
-		case <-n.stopIdem:
-			return
-		case now = <-t.C:
-		}
+	}
+	if k, err := n.Rooms.PruneClosed(now.Add(-room.ClosedRecordTTL)); err != nil {
+		n.Log.Error("closed rooms' records expiry", "err", err)
+	} else if k > 0 {
+		n.Log.Info("closed rooms' records expired", "count", k)
+	}
+}
+
+// mendStatuses is housekeepingLoop's account.Shared.Mend.
+func (n *Node) mendStatuses(statuses *account.Shared) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if k, err := statuses.Mend(ctx); err != nil {
+		n.Log.Warn("account statuses not checked against Redis", "err", err)
+	} else if k > 0 {
+		n.Log.Error("account status changes Redis had lost put back (it went back to an older state)", "count", k)
 	}
 }
 

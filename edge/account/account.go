@@ -296,6 +296,62 @@ func (s *Shared) Backfill(ctx context.Context) (int, error) {
 	}
 }
 
+// raiseScript raises KEYS[1] to at least ARGV[1] (a status change: the
+// latest is the largest); it returns 1 when it did.
+var raiseScript = rueidis.NewLuaScript(`
+if tonumber(redis.call('GET', KEYS[1]) or '0') < tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[1], ARGV[1])
+  return 1
+end
+return 0`)
+
+// mendBatch is how many status changes one round trip of Mend carries.
+const mendBatch = 256
+
+// Mend puts back into Redis every status change on this node's disk that
+// Redis holds an older one for, or none: a Redis that came back from an
+// older snapshot without losing any wallet op (a quiet moment) rebuilds
+// nothing, and a freeze it lost would stay lost — the user sending and
+// receiving again — until the next loss. Run every mendEvery (a SCAN of
+// this node's few status rows, one pipelined script per mendBatch); it
+// only raises (a later change made elsewhere stays). It returns how many
+// it put back.
+func (s *Shared) Mend(ctx context.Context) (int, error) {
+	if s.Store == nil {
+		return 0, nil
+	}
+	mended := 0
+	var batch []rueidis.LuaExec
+	flush := func() error {
+		for _, r := range raiseScript.ExecMulti(ctx, s.Client, batch...) {
+			n, err := r.AsInt64()
+			if err != nil {
+				return err
+			}
+			mended += int(n)
+		}
+		batch = batch[:0]
+		return nil
+	}
+	err := s.Store.Scan(prefix, func(k, v []byte) error {
+		if _, err := strconv.ParseInt(string(v), 10, 64); err != nil {
+			return fmt.Errorf("account: bad status record %x: %q", k, v)
+		}
+		batch = append(batch, rueidis.LuaExec{Keys: []string{SharedKey(int64(persist.KeyID(k)))}, Args: []string{string(v)}})
+		if len(batch) == mendBatch {
+			return flush()
+		}
+		return nil
+	})
+	if err == nil && len(batch) > 0 {
+		err = flush()
+	}
+	return mended, err
+}
+
+// MendEvery is how often a node runs Mend.
+const MendEvery = 30 * time.Second
+
 // Contribute adds the status changes made through this node (its disk) to
 // a rebuilding shared wallet generation (persist.SharedConfig.Contribute):
 // each as contrib's "seq" op, which keeps the largest value — the latest

@@ -314,3 +314,66 @@ func TestSharedFreezeNotForgottenWhileRebuilt(t *testing.T) {
 		}
 	}
 }
+
+// Redis went back to an older state without losing a wallet op (a quiet
+// moment: nothing is rebuilt): a freeze made since is gone from it, and the
+// user could send and receive again until the next loss. Mend puts back
+// every change on the node's disk that Redis holds an older one for (or
+// none) — and never lowers a later change made through another node.
+func TestSharedMendPutsBackAFreezeRedisLost(t *testing.T) {
+	srv := redistest.Start(t)
+	c, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{srv.Addr}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c.Close)
+	st, err := persist.Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = st.Close() })
+	s := &account.Shared{Client: c, Store: st}
+	walletReady(t, c)
+	ctx := context.Background()
+	for _, u := range []int64{9, 10, 11} {
+		if err := s.SetStatus(u, account.StatusFrozen); err != nil {
+			t.Fatal(err)
+		}
+	}
+	older, err := c.Do(ctx, c.B().Get().Key(account.SharedKey(10)).Build()).ToString()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.SetStatus(10, account.StatusNormal); err != nil {
+		t.Fatal(err)
+	}
+	// The rollback: 9's freeze lost, 10 back at its freeze (its later
+	// unfreeze lost), 11 unfrozen later through another node (no disk).
+	other := &account.Shared{Client: c}
+	if err := other.SetStatus(11, account.StatusNormal); err != nil {
+		t.Fatal(err)
+	}
+	for _, cmd := range []rueidis.Completed{
+		c.B().Del().Key(account.SharedKey(9)).Build(),
+		c.B().Set().Key(account.SharedKey(10)).Value(older).Build(),
+	} {
+		if err := c.Do(ctx, cmd).Error(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if f, err := s.Frozen(9); err != nil || f {
+		t.Fatalf("9 after the rollback: frozen %v %v", f, err)
+	}
+	n, err := s.Mend(ctx)
+	if err != nil || n != 2 {
+		t.Fatalf("mend: %d put back, %v; want 2", n, err)
+	}
+	for u, want := range map[int64]bool{9: true, 10: false, 11: false} {
+		if f, err := s.Frozen(u); err != nil || f != want {
+			t.Fatalf("user %d frozen %v (%v) after the mend, want %v", u, f, err, want)
+		}
+	}
+	if n, err := s.Mend(ctx); err != nil || n != 0 {
+		t.Fatalf("a second mend: %d, %v; want nothing", n, err)
+	}
+}
