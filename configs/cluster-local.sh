@@ -85,5 +85,14 @@ for i in $(seq "$NODES"); do
 done
 echo "cluster up: NATS 127.0.0.1:14222, Redis 127.0.0.1:16379 (AOF in $DATA/redis); Ctrl-C stops everything"
 # A node that dies (e.g. killed to watch its clients fail over) leaves the
-# others running; Ctrl-C (or the end of NATS and Redis) stops everything.
-wait "${pids[0]}" "${pids[1]}" || true
+# others running; Ctrl-C, the end of NATS or Redis, or the end of every node
+# stops everything — the last for a Ctrl-C this script could not trap (bash
+# cannot trap a signal ignored when it started, as under a launcher without
+# job control), which still reaches the nodes.
+while kill -0 "${pids[0]}" 2>/dev/null && kill -0 "${pids[1]}" 2>/dev/null; do
+	alive=""
+	for p in "${pids[@]:2}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+	[ -n "$alive" ] || break
+	sleep 1 &
+	wait $! || true # (a trapped signal interrupts this wait at once)
+done

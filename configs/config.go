@@ -733,6 +733,12 @@ func (c *Config) Validate() error {
 	} {
 		check(v.ok, v.name+" must be >= 0")
 	}
+	// The alive key is refreshed every third of it (at least 10 ms apart) and
+	// set with a whole-millisecond TTL: below a second the key lapses between
+	// refreshes (or Redis refuses PX 0), the node's presence stops counting
+	// and a second process under its node.id is not refused.
+	check(c.Cluster.PresenceTTL.D() == 0 || c.Cluster.PresenceTTL.D() >= time.Second,
+		"cluster.presence_ttl must be 0 (the default, 10s) or >= 1s")
 	check(c.RedPacket.MaxDuration.D() == 0 || c.RedPacket.MaxDuration.D() >= time.Second,
 		"redpacket.max_duration must be 0 (the default) or >= 1s (a rain lasts whole seconds)")
 	// A production node bounds how often an anchor opens and closes a room:

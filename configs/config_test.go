@@ -428,6 +428,11 @@ func TestEmbeddedNATSListenAndLimits(t *testing.T) {
 		edit.set(&c)
 		wantErr(t, c.Validate(), edit.name+" must be >= 0")
 	}
+	for _, ttl := range []time.Duration{500 * time.Microsecond, 5 * time.Millisecond, 999 * time.Millisecond} {
+		c := Default()
+		c.Cluster.PresenceTTL = Duration(ttl)
+		wantErr(t, c.Validate(), "cluster.presence_ttl must be 0 (the default, 10s) or >= 1s")
+	}
 	c = Default()
 	c.RedPacket.MaxDuration = Duration(500 * time.Millisecond)
 	wantErr(t, c.Validate(), "redpacket.max_duration must be 0 (the default) or >= 1s")

@@ -2561,6 +2561,9 @@ func (c *Cluster) heartbeat(force bool) {
 	ctx, cancel := c.ctx()
 	defer cancel()
 	prev, err := c.rdb.Do(ctx, c.rdb.B().Set().Key(aliveKey(c.cfg.Node)).Value(c.boot).Get().Px(c.cfg.PresenceTTL).Build()).ToString()
+	if _, refused := rueidis.IsRedisErr(err); refused && !rueidis.IsRedisNil(err) {
+		c.log.Error("cluster: the node's alive key not written (its presence stops counting elsewhere)", "err", err)
+	}
 	if (err == nil && prev != c.boot) || rueidis.IsRedisNil(err) || force {
 		c.markAll()
 	}
