@@ -5,10 +5,12 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/redis/rueidis"
 
+	"github.com/liveedge/liveedge/edge/pay"
 	"github.com/liveedge/liveedge/edge/ticket"
 	"github.com/liveedge/liveedge/gateway/proto"
 	"github.com/liveedge/liveedge/persist"
@@ -55,56 +57,128 @@ func (n *Node) nextProgramID() func(last int64) (int64, error) {
 	}
 }
 
+// programNeverServed: no node ever held program id's worker id (its owner
+// key, which outlives the lease, names none).
+func (n *Node) programNeverServed(id int64) bool {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	err := n.Redis.Do(ctx, n.Redis.B().Get().Key(pay.WorkerOwnerKey(int(id&(1<<programWorkerBits-1)))).Build()).Error()
+	return rueidis.IsRedisNil(err)
+}
+
 // errNoProgram answers a program id no node serves.
 var errNoProgram = proto.Errorf(proto.CodeNotFound, "program not found")
 
 // ticketReqTTL is how long a (user, req_id) of a ticket order names its
-// program through every node (PROTOCOL §5: 24 h).
-const ticketReqTTL = 24 * time.Hour
+// program through every node once its order is written (PROTOCOL §5: 24 h);
+// ticketReqPending how long a binding made for a request lasts before that
+// (a refused request's binding is deleted at once; one whose node died
+// before answering lapses).
+const (
+	ticketReqTTL     = 24 * time.Hour
+	ticketReqPending = time.Minute
+)
 
 // ticketReqKey binds a (user, req_id) of a ticket order to the program it
-// was first sent for (outside le:*, as the payment bindings: rebuilt with
-// the shared wallet from the orders on every node's disk, and left by its
-// reset).
+// was first sent for: "p<program>" while its request is served, "<program>"
+// once the order is written (outside le:*, as the payment bindings: rebuilt
+// with the shared wallet from the orders on every node's disk, and left by
+// its reset).
 func ticketReqKey(user int64, req string) string {
 	return "liveedge:tixreq:{" + strconv.FormatInt(user, 10) + "}:" + req
 }
 
-// bindTicketReqScript binds KEYS[1] to program ARGV[1] for ARGV[2] ms unless
-// it is bound already, once the shared wallet (KEYS[2]) is ready; it
-// returns the program it names.
-var bindTicketReqScript = rueidis.NewLuaScript(notReadyLua + `
-local v = redis.call('GET', KEYS[1])
-if v then return v end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return ARGV[1]`)
+// claimTicketReqScript: setIfAbsentLua once the shared wallet is ready; KEYS
+// the binding, the meta hash; ARGV "p<program>", ticketReqPending in ms.
+var claimTicketReqScript = rueidis.NewLuaScript(notReadyLua + setIfAbsentLua)
 
-// bindTicketReq returns the program user's req_id names in the cluster,
-// binding it to r's program if it names none yet: a req_id sent again for
-// another program answers the first result (PROTOCOL §5) — each node's
-// idempotency record knows its own orders only, and two programs on two
-// nodes made two orders (and charged twice). A request Place refuses
-// before anything (no program, a bad req_id) binds nothing.
-func (n *Node) bindTicketReq(user int64, r ticket.PlaceReq) (int64, error) {
+// confirmTicketReqScript: confirmLua (the binding names ARGV[1] for ARGV[2]
+// ms if it is pending for it, confirmed for it, or gone).
+var confirmTicketReqScript = rueidis.NewLuaScript(confirmLua)
+
+// releaseTicketReqScript deletes KEYS[1] if it is pending for ARGV[1].
+var releaseTicketReqScript = rueidis.NewLuaScript(`
+if redis.call('GET', KEYS[1]) == 'p' .. ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0`)
+
+var errTicketReqUnbound = proto.Errorf(proto.CodeInternal, "could not record this req_id; nothing was placed: retry with the same req_id")
+
+var errTicketReqNotConfirmed = proto.Errorf(proto.CodeInternal, "could not confirm the order of this req_id; retry with the same req_id")
+
+// boundTicketReq returns the program user's req_id names in the cluster (0:
+// none). A request whose req_id names none is checked first (its program
+// must have a node: ownerOK) and then binds it, pending, to its program —
+// so a req_id sent again for another program answers the first result
+// (PROTOCOL §5: each node's idempotency record knows its own orders only,
+// and two programs on two nodes made two orders, and charged twice). A
+// request Place refuses before anything (no program, a bad req_id) binds
+// nothing.
+func (n *Node) boundTicketReq(user int64, r ticket.PlaceReq) (int64, error) {
 	if n.Cluster == nil || r.ProgramID <= 0 || !ticket.ValidReqID(r.ReqID) {
-		return r.ProgramID, nil
+		return 0, nil
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
-	v, err := bindTicketReqScript.Exec(ctx, n.Redis, []string{ticketReqKey(user, r.ReqID), persist.SharedMetaKey},
-		[]string{strconv.FormatInt(r.ProgramID, 10), strconv.FormatInt(ticketReqTTL.Milliseconds(), 10)}).ToString()
+	key := ticketReqKey(user, r.ReqID)
+	v, err := n.Redis.Do(ctx, n.Redis.B().Get().Key(key).Build()).ToString()
+	if rueidis.IsRedisNil(err) {
+		// A program no node serves binds nothing (a typo must not hold the
+		// req_id): its owner first.
+		if _, oerr := n.programOwner(r.ProgramID); oerr != nil {
+			return 0, oerr
+		}
+		v, err = claimTicketReqScript.Exec(ctx, n.Redis, []string{key, persist.SharedMetaKey},
+			[]string{"p" + strconv.FormatInt(r.ProgramID, 10), strconv.FormatInt(ticketReqPending.Milliseconds(), 10)}).ToString()
+		if rueidis.IsRedisNil(err) {
+			return r.ProgramID, nil // bound now
+		}
+	}
 	if err != nil {
 		n.Log.Warn("tickets: req_id binding failed", "user", user, "err", err)
 		return 0, errTicketReqUnbound
 	}
-	program, err := strconv.ParseInt(v, 10, 64)
+	program, err := strconv.ParseInt(strings.TrimPrefix(v, "p"), 10, 64)
 	if err != nil || program <= 0 {
 		return 0, fmt.Errorf("gateway: malformed ticket req_id binding %q", v)
 	}
 	return program, nil
 }
 
-var errTicketReqUnbound = proto.Errorf(proto.CodeInternal, "could not record this req_id; nothing was placed: retry with the same req_id")
+// settleTicketReq runs on the program's node after a place (or a replay
+// for another program) answered: the binding is confirmed for ticketReqTTL
+// when an order of the req_id is written here, or let go when none is (a
+// refused request leaves the req_id free, as on a single node) — unless
+// another request of it is being placed (10409: that one settles it). An
+// order not confirmed is not handed out (its binding could lapse and a
+// request for another program make a second order): "retry".
+func (n *Node) settleTicketReq(user int64, r ticket.PlaceReq, program int64, placeErr error) error {
+	if n.Cluster == nil || r.ProgramID <= 0 || !ticket.ValidReqID(r.ReqID) {
+		return nil
+	}
+	if pe := proto.AsError(placeErr); placeErr != nil && pe.Code == proto.CodeConflict {
+		return nil
+	}
+	written, err := n.Tickets.HasReq(user, r.ReqID)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	key, val := ticketReqKey(user, r.ReqID), strconv.FormatInt(program, 10)
+	if !written {
+		if err := releaseTicketReqScript.Exec(ctx, n.Redis, []string{key}, []string{val}).Error(); err != nil {
+			n.Log.Warn("tickets: a refused request's req_id binding not let go (it lapses)", "user", user, "err", err)
+		}
+		return nil
+	}
+	cur, err := confirmTicketReqScript.Exec(ctx, n.Redis, []string{key, persist.SharedMetaKey},
+		[]string{val, strconv.FormatInt(ticketReqTTL.Milliseconds(), 10)}).ToString()
+	if err != nil || cur != val {
+		n.Log.Warn("tickets: confirming a req_id failed", "user", user, "names", cur, "err", err)
+		return errTicketReqNotConfirmed
+	}
+	return nil
+}
 
 // contributeTicketReqs adds the req_id bindings of this node's ticket orders
 // of the last ticketReqTTL to a rebuilding wallet generation
@@ -175,18 +249,19 @@ func (n *Node) programOwner(id int64) (string, error) {
 func (n *Node) ticketOp(op string, user, id int64, body []byte) ([]byte, *proto.Error) {
 	var owner string
 	var err error
+	program, bound := id, int64(0)
 	switch op {
 	case "tix.program":
 		owner, err = n.programOwner(id)
 	case "tix.place":
 		var r ticket.PlaceReq
 		if proto.Unmarshal(body, &r) == nil {
-			program := r.ProgramID
-			if program, err = n.bindTicketReq(user, r); err == nil {
-				if program != r.ProgramID {
+			program = r.ProgramID
+			if bound, err = n.boundTicketReq(user, r); err == nil {
+				if bound != 0 && bound != r.ProgramID {
 					// Sent before for another program: its node has the
 					// first result (or is placing it).
-					op = "tix.placed"
+					op, program, id = "tix.placed", bound, bound
 				}
 				owner, err = n.programOwner(program)
 			}
@@ -194,12 +269,16 @@ func (n *Node) ticketOp(op string, user, id int64, body []byte) ([]byte, *proto.
 	default:
 		owner, err = n.payOwner(id)
 	}
-	if errors.Is(err, errLeaseGone) && (op == "tix.program" || op == "tix.place") {
-		// No node holds the program id's worker id (a made-up id, or its
-		// node gone longer than a lease): nothing to show or sell — not
-		// "retry", which a client would do for ever. (An order's id is
-		// answered "retry": the order may exist, as a payment order's.)
-		return nil, errNoProgram
+	if errors.Is(err, errLeaseGone) && op != "tix.get" && op != "tix.cancel" {
+		err = errOwnerDown
+		if bound == 0 && op != "tix.placed" && n.programNeverServed(program) {
+			// No node holds the program id's worker id, and none ever
+			// did (a made-up id): nothing to show or sell — not "retry",
+			// which a client would do for ever. (A program whose node is
+			// away, or a req_id bound to one, whose order may be there:
+			// "retry", as for an order's id.)
+			return nil, errNoProgram
+		}
 	}
 	if err != nil {
 		return nil, proto.AsError(err)
@@ -247,12 +326,20 @@ func (n *Node) ticketLocal(op string, user, id int64, body []byte) ([]byte, *pro
 		if pe := proto.AsError(err); err != nil && pe.Code == proto.CodeNotFound && n.programMadeByEarlierHolder(r.ProgramID) {
 			return nil, errProgramOwnerDown
 		}
+		if serr := n.settleTicketReq(user, r, r.ProgramID, err); serr != nil && err == nil {
+			return nil, proto.AsError(serr)
+		}
 	case "tix.placed":
 		var r ticket.PlaceReq
 		if uerr := proto.Unmarshal(body, &r); uerr != nil {
 			return nil, proto.BadRequest("bad order request")
 		}
+		// id: the program the req_id is bound to, this node's (r names
+		// another).
 		v, err = n.Tickets.PlacedFor(user, r.ReqID)
+		if serr := n.settleTicketReq(user, r, id, err); serr != nil && err == nil {
+			return nil, proto.AsError(serr)
+		}
 	case "tix.get":
 		v, err = n.Tickets.Get(user, id)
 	case "tix.cancel":

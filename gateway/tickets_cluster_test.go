@@ -128,4 +128,24 @@ func TestTicketReqIDNamesOneOrderAcrossTheCluster(t *testing.T) {
 	if st, r := ticketCallAs(t, n1, buyer, gateway.RoleViewer, "POST", "/tickets/orders", `{"category_id":1,"count":1,"req_id":"x"}`); st != 400 || r.Code != proto.CodeBadRequest {
 		t.Fatalf("order without a program_id: %d %+v, want 400 10001", st, r)
 	}
+	// The typo's req_id is not held: sent again for the right program, it
+	// places (it was bound to the unknown id, and answered "retry" for a
+	// day).
+	if st, r := ticketCallAs(t, n2, buyer, gateway.RoleViewer, "POST", "/tickets/orders",
+		fmt.Sprintf(`{"program_id":%d,"category_id":1,"count":1,"req_id":"other"}`, pids[1])); st != 200 || r.Code != 0 || r.Data["program_id"] != float64(pids[1]) {
+		t.Fatalf("the typo's req_id for the right program: %d %+v, want the order placed", st, r)
+	}
+	// Refused requests hold no binding: a user sending many (over the
+	// per-minute bound, past per_user_max) leaves no key a day each.
+	for i := range 40 {
+		ticketCallAs(t, n1, buyer, gateway.RoleViewer, "POST", "/tickets/orders",
+			fmt.Sprintf(`{"program_id":%d,"category_id":1,"count":4,"req_id":"many-%d"}`, pids[i%2], i))
+	}
+	keys, err := c.Do(context.Background(), c.B().Keys().Pattern("liveedge:tixreq:*").Build()).AsStrSlice()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(keys) > 6 {
+		t.Fatalf("%d req_id bindings after 40 mostly refused orders: %v", len(keys), keys)
+	}
 }

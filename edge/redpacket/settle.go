@@ -293,7 +293,7 @@ func (s *Service) restore() error {
 		return err
 	}
 	now := s.cfg.Now().UnixMilli()
-	var due []*rain
+	var due, timed []*rain
 	for _, rec := range recs {
 		r := &rain{rec: rec}
 		s.rains[rec.Code] = r
@@ -348,7 +348,7 @@ func (s *Service) restore() error {
 				r.ending, r.settling = true, true
 				due = append(due, r)
 			} else {
-				r.timer = time.AfterFunc(time.Duration(rec.EndsAt-now)*time.Millisecond, func() { s.end(r) })
+				timed = append(timed, r) // its end armed once the maps are filled
 			}
 			s.log.Info("red packet rain resumed", "code", rec.Code, "granted", r.granted, "of", rec.Count, "due", now >= rec.EndsAt)
 		}
@@ -363,6 +363,13 @@ func (s *Service) restore() error {
 	s.mu.Unlock()
 	for _, r := range due {
 		s.goSettle(r)
+	}
+	for _, r := range timed {
+		// After the loop above: an end that fires settles the rain, which
+		// deletes from the maps the loop fills without the lock.
+		r.mu.Lock()
+		r.timer = time.AfterFunc(time.Duration(r.rec.EndsAt-s.cfg.Now().UnixMilli())*time.Millisecond, func() { s.end(r) })
+		r.mu.Unlock()
 	}
 	for _, r := range resumed {
 		s.watchEnd(r) // a RUNNING rain with everything out: its holders' last asks may have been lost

@@ -529,6 +529,11 @@ func (s *Service) PlacedFor(user int64, req string) (Order, error) {
 	return s.replay(int64(persist.DecodeUint64(v)))
 }
 
+// HasReq reports whether an order of user's req_id was made here.
+func (s *Service) HasReq(user int64, req string) (bool, error) {
+	return s.store.Has(orderReqKey(user, req))
+}
+
 // ReqsOnDisk calls fn with the (user, req_id, program, creation time in unix
 // ms) of every order in store made since (the cluster's req_id bindings,
 // put back in Redis after it lost them).
