@@ -961,10 +961,7 @@ func TestSharedRollbackToAMidRebuildSnapshotRebuilt(t *testing.T) {
 	direct := directClient(t, rs.Addr)
 	nodes := []string{"a", "b"}
 	a := openWalletNode(t, rs.Addr, t.TempDir(), persist.SharedConfig{Node: "a", Nodes: nodes})
-	waitFor(t, "a's contribution", func() bool {
-		n, err := direct.Do(context.Background(), direct.B().Keys().Pattern("le:contrib:*:done").Build()).AsStrSlice()
-		return err == nil && len(n) == 1
-	})
+	doneMarks(t, direct)
 	if a.w.Ready() {
 		t.Fatal("ready with one of two nodes")
 	}
@@ -1015,15 +1012,7 @@ func TestSharedLostContributionMadeAgain(t *testing.T) {
 	if err := direct.Do(ctx, direct.B().Flushall().Build()).Error(); err != nil {
 		t.Fatal(err)
 	}
-	var doneKey string
-	waitFor(t, "a's contribution to the new generation", func() bool {
-		keys, err := direct.Do(ctx, direct.B().Keys().Pattern("le:contrib:*:done").Build()).AsStrSlice()
-		if err != nil || len(keys) != 1 {
-			return false
-		}
-		doneKey = keys[0]
-		return true
-	})
+	doneKey := doneMarks(t, direct)
 	// Lost: the done mark (the batches' markers and effects stay).
 	if err := direct.Do(ctx, direct.B().Srem().Key(doneKey).Member("a").Build()).Error(); err != nil {
 		t.Fatal(err)
@@ -1090,10 +1079,7 @@ func TestSharedReadsWaitForTheRebuildAndTradesComeBack(t *testing.T) {
 	if err := direct.Do(context.Background(), direct.B().Flushall().Build()).Error(); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "a's contribution", func() bool {
-		n, err := direct.Do(context.Background(), direct.B().Keys().Pattern("le:contrib:*:done").Build()).AsStrSlice()
-		return err == nil && len(n) == 1
-	})
+	doneMarks(t, direct)
 	for i := range 2 { // right after the loss, and with a's share in
 		if bal, err := a.w.Balance(u); !errors.Is(err, persist.ErrWalletUnavailable) {
 			t.Fatalf("read %d: balance %d, %v while rebuilding; want ErrWalletUnavailable", i, bal, err)
@@ -1120,4 +1106,20 @@ func TestSharedReadsWaitForTheRebuildAndTradesComeBack(t *testing.T) {
 				user, len(got), len(want), got[:min(1, len(got))], want[0])
 		}
 	}
+}
+
+// doneMarks waits until the one rebuilding generation has a set of done
+// marks (a node has contributed to it) and returns its key.
+func doneMarks(t *testing.T, direct rueidis.Client) string {
+	t.Helper()
+	var key string
+	waitFor(t, "a contribution", func() bool {
+		keys, err := direct.Do(context.Background(), direct.B().Keys().Pattern("le:contrib:*:done").Build()).AsStrSlice()
+		if err != nil || len(keys) != 1 {
+			return false
+		}
+		key = keys[0]
+		return true
+	})
+	return key
 }
