@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
-	"strings"
 	"time"
 
 	"github.com/redis/rueidis"
@@ -59,125 +58,114 @@ func (n *Node) nextProgramID() func(last int64) (int64, error) {
 
 // programNeverServed: no node ever held program id's worker id (its owner
 // key, which outlives the lease, names none).
+// While the shared state is not ready Redis may have lost the owner keys
+// (they come back with the rebuild, contributeWorkerOwner): not "never".
 func (n *Node) programNeverServed(id int64) bool {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
-	err := n.Redis.Do(ctx, n.Redis.B().Get().Key(pay.WorkerOwnerKey(int(id&(1<<programWorkerBits-1)))).Build()).Error()
-	return rueidis.IsRedisNil(err)
+	r := n.Redis.DoMulti(ctx, n.Redis.B().Get().Key(pay.WorkerOwnerKey(int(id&(1<<programWorkerBits-1)))).Build(),
+		n.Redis.B().Hget().Key(persist.SharedMetaKey).Field("state").Build())
+	state, _ := r[1].ToString()
+	return rueidis.IsRedisNil(r[0].Error()) && state == "ready"
 }
 
 // errNoProgram answers a program id no node serves.
 var errNoProgram = proto.Errorf(proto.CodeNotFound, "program not found")
 
 // ticketReqTTL is how long a (user, req_id) of a ticket order names its
-// program through every node once its order is written (PROTOCOL §5: 24 h);
-// ticketReqPending how long a binding made for a request lasts before that
-// (a refused request's binding is deleted at once; one whose node died
-// before answering lapses).
-const (
-	ticketReqTTL     = 24 * time.Hour
-	ticketReqPending = time.Minute
-)
+// program through every node (PROTOCOL §5: 24 h).
+const ticketReqTTL = 24 * time.Hour
 
 // ticketReqKey binds a (user, req_id) of a ticket order to the program it
-// was first sent for: "p<program>" while its request is served, "<program>"
-// once the order is written (outside le:*, as the payment bindings: rebuilt
-// with the shared wallet from the orders on every node's disk, and left by
-// its reset).
+// was placed for (ticket.ReqBinding; outside le:*, as the payment bindings:
+// rebuilt with the shared wallet from the orders on every node's disk, and
+// left by its reset).
 func ticketReqKey(user int64, req string) string {
 	return "liveedge:tixreq:{" + strconv.FormatInt(user, 10) + "}:" + req
 }
 
-// claimTicketReqScript: setIfAbsentLua once the shared wallet is ready; KEYS
-// the binding, the meta hash; ARGV "p<program>", ticketReqPending in ms.
-var claimTicketReqScript = rueidis.NewLuaScript(notReadyLua + setIfAbsentLua)
+// bindTicketReqScript binds KEYS[1] to program ARGV[1] for ARGV[2] ms unless
+// it is bound already, once the shared wallet (KEYS[2]) is ready; it
+// returns the program it names.
+var bindTicketReqScript = rueidis.NewLuaScript(notReadyLua + `
+local v = redis.call('GET', KEYS[1])
+if v then return v end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return ARGV[1]`)
 
-// confirmTicketReqScript: confirmLua (the binding names ARGV[1] for ARGV[2]
-// ms if it is pending for it, confirmed for it, or gone).
-var confirmTicketReqScript = rueidis.NewLuaScript(confirmLua)
-
-// releaseTicketReqScript deletes KEYS[1] if it is pending for ARGV[1].
-var releaseTicketReqScript = rueidis.NewLuaScript(`
-if redis.call('GET', KEYS[1]) == 'p' .. ARGV[1] then return redis.call('DEL', KEYS[1]) end
+// unbindTicketReqScript deletes KEYS[1] if it names program ARGV[1].
+var unbindTicketReqScript = rueidis.NewLuaScript(`
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0`)
 
 var errTicketReqUnbound = proto.Errorf(proto.CodeInternal, "could not record this req_id; nothing was placed: retry with the same req_id")
 
-var errTicketReqNotConfirmed = proto.Errorf(proto.CodeInternal, "could not confirm the order of this req_id; retry with the same req_id")
+// ticketReqs is ticket.ReqBinding in Redis. The program's node binds a
+// request's req_id under its repeat guard, before anything is written, and
+// lets it go when nothing was — so an order never exists without its
+// binding, and a refused request holds none.
+type ticketReqs struct{ n *Node }
 
-// boundTicketReq returns the program user's req_id names in the cluster (0:
-// none). A request whose req_id names none is checked first (its program
-// must have a node: ownerOK) and then binds it, pending, to its program —
-// so a req_id sent again for another program answers the first result
-// (PROTOCOL §5: each node's idempotency record knows its own orders only,
-// and two programs on two nodes made two orders, and charged twice). A
-// request Place refuses before anything (no program, a bad req_id) binds
-// nothing.
-func (n *Node) boundTicketReq(user int64, r ticket.PlaceReq) (int64, error) {
-	if n.Cluster == nil || r.ProgramID <= 0 || !ticket.ValidReqID(r.ReqID) {
-		return 0, nil
-	}
+func (b ticketReqs) Bind(user int64, req string, program int64) (int64, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
-	key := ticketReqKey(user, r.ReqID)
-	v, err := n.Redis.Do(ctx, n.Redis.B().Get().Key(key).Build()).ToString()
-	if rueidis.IsRedisNil(err) {
-		// A program no node serves binds nothing (a typo must not hold the
-		// req_id): its owner first.
-		if _, oerr := n.programOwner(r.ProgramID); oerr != nil {
-			return 0, oerr
-		}
-		v, err = claimTicketReqScript.Exec(ctx, n.Redis, []string{key, persist.SharedMetaKey},
-			[]string{"p" + strconv.FormatInt(r.ProgramID, 10), strconv.FormatInt(ticketReqPending.Milliseconds(), 10)}).ToString()
-		if rueidis.IsRedisNil(err) {
-			return r.ProgramID, nil // bound now
-		}
-	}
+	v, err := bindTicketReqScript.Exec(ctx, b.n.Redis, []string{ticketReqKey(user, req), persist.SharedMetaKey},
+		[]string{strconv.FormatInt(program, 10), strconv.FormatInt(ticketReqTTL.Milliseconds(), 10)}).ToString()
 	if err != nil {
-		n.Log.Warn("tickets: req_id binding failed", "user", user, "err", err)
+		b.n.Log.Warn("tickets: req_id binding failed", "user", user, "err", err)
 		return 0, errTicketReqUnbound
 	}
-	program, err := strconv.ParseInt(strings.TrimPrefix(v, "p"), 10, 64)
+	return parseTicketReq(v)
+}
+
+func (b ticketReqs) Unbind(user int64, req string, program int64) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	if err := unbindTicketReqScript.Exec(ctx, b.n.Redis, []string{ticketReqKey(user, req)}, []string{strconv.FormatInt(program, 10)}).Error(); err != nil {
+		// Kept for its day: the req_id still places for this program, and
+		// answers 10409 for another.
+		b.n.Log.Warn("tickets: a refused request's req_id binding not let go", "user", user, "err", err)
+	}
+}
+
+func parseTicketReq(v string) (int64, error) {
+	program, err := strconv.ParseInt(v, 10, 64)
 	if err != nil || program <= 0 {
 		return 0, fmt.Errorf("gateway: malformed ticket req_id binding %q", v)
 	}
 	return program, nil
 }
 
-// settleTicketReq runs on the program's node after a place (or a replay
-// for another program) answered: the binding is confirmed for ticketReqTTL
-// when an order of the req_id is written here, or let go when none is (a
-// refused request leaves the req_id free, as on a single node) — unless
-// another request of it is being placed (10409: that one settles it). An
-// order not confirmed is not handed out (its binding could lapse and a
-// request for another program make a second order): "retry".
-func (n *Node) settleTicketReq(user int64, r ticket.PlaceReq, program int64, placeErr error) error {
+// boundTicketReq returns the program user's req_id is bound to (0: none),
+// so that a req_id sent again for another program goes to the node with
+// its first result (a binding made meanwhile is found by that node's Bind).
+func (n *Node) boundTicketReq(user int64, r ticket.PlaceReq) (int64, error) {
 	if n.Cluster == nil || r.ProgramID <= 0 || !ticket.ValidReqID(r.ReqID) {
-		return nil
-	}
-	if pe := proto.AsError(placeErr); placeErr != nil && pe.Code == proto.CodeConflict {
-		return nil
-	}
-	written, err := n.Tickets.HasReq(user, r.ReqID)
-	if err != nil {
-		return err
+		return 0, nil
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
-	key, val := ticketReqKey(user, r.ReqID), strconv.FormatInt(program, 10)
-	if !written {
-		if err := releaseTicketReqScript.Exec(ctx, n.Redis, []string{key}, []string{val}).Error(); err != nil {
-			n.Log.Warn("tickets: a refused request's req_id binding not let go (it lapses)", "user", user, "err", err)
-		}
+	v, err := n.Redis.Do(ctx, n.Redis.B().Get().Key(ticketReqKey(user, r.ReqID)).Build()).ToString()
+	if rueidis.IsRedisNil(err) {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, errTicketReqUnbound
+	}
+	return parseTicketReq(v)
+}
+
+// contributeWorkerOwner puts this node's worker id's owner key back in a
+// rebuilding wallet generation (Redis lost it; no TTL, as the lease's claim
+// writes it): a node away when Redis lost its data has its key back once
+// the rebuild — which waits for every node — is done, so its programs are
+// "retry" while it is away, never "not found".
+func (n *Node) contributeWorkerOwner(_ time.Time, add func(op ...string) error) error {
+	if n.worker == nil {
 		return nil
 	}
-	cur, err := confirmTicketReqScript.Exec(ctx, n.Redis, []string{key, persist.SharedMetaKey},
-		[]string{val, strconv.FormatInt(ticketReqTTL.Milliseconds(), 10)}).ToString()
-	if err != nil || cur != val {
-		n.Log.Warn("tickets: confirming a req_id failed", "user", user, "names", cur, "err", err)
-		return errTicketReqNotConfirmed
-	}
-	return nil
+	const forever = 1 << 62 // (ms) the idem op's deadline: none in practice
+	return add("idem", pay.WorkerOwnerKey(n.worker.ID()), n.Config.Node.ID, strconv.FormatInt(forever, 10))
 }
 
 // contributeTicketReqs adds the req_id bindings of this node's ticket orders
@@ -261,7 +249,7 @@ func (n *Node) ticketOp(op string, user, id int64, body []byte) ([]byte, *proto.
 				if bound != 0 && bound != r.ProgramID {
 					// Sent before for another program: its node has the
 					// first result (or is placing it).
-					op, program, id = "tix.placed", bound, bound
+					op, program = "tix.placed", bound
 				}
 				owner, err = n.programOwner(program)
 			}
@@ -326,20 +314,12 @@ func (n *Node) ticketLocal(op string, user, id int64, body []byte) ([]byte, *pro
 		if pe := proto.AsError(err); err != nil && pe.Code == proto.CodeNotFound && n.programMadeByEarlierHolder(r.ProgramID) {
 			return nil, errProgramOwnerDown
 		}
-		if serr := n.settleTicketReq(user, r, r.ProgramID, err); serr != nil && err == nil {
-			return nil, proto.AsError(serr)
-		}
 	case "tix.placed":
 		var r ticket.PlaceReq
 		if uerr := proto.Unmarshal(body, &r); uerr != nil {
 			return nil, proto.BadRequest("bad order request")
 		}
-		// id: the program the req_id is bound to, this node's (r names
-		// another).
 		v, err = n.Tickets.PlacedFor(user, r.ReqID)
-		if serr := n.settleTicketReq(user, r, id, err); serr != nil && err == nil {
-			return nil, proto.AsError(serr)
-		}
 	case "tix.get":
 		v, err = n.Tickets.Get(user, id)
 	case "tix.cancel":

@@ -234,7 +234,7 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 			coupons = ticket.NewSharedCoupons(n.Redis, n.Store)
 			// With them, the payment req_id bindings and the rains'
 			// one-per-user places, from every node's disk.
-			contrib := []func(time.Time, func(...string) error) error{coupons.Contribute, n.contributePayReqs, n.contributeTicketReqs, statuses.Contribute}
+			contrib := []func(time.Time, func(...string) error) error{coupons.Contribute, n.contributePayReqs, n.contributeTicketReqs, n.contributeWorkerOwner, statuses.Contribute}
 			// (The bindings and the statuses are outside le:*: a reset
 			// leaves them, and adding them again gives the same state.)
 			wcfg.ContributedPrefixes = []string{ticket.SharedCouponPrefix}
@@ -405,9 +405,13 @@ func New(cfg configs.Config, log *slog.Logger) (_ *Node, err error) {
 		// A user's ticket orders are counted on every node (as this one's).
 		places = limit.NewShared(n.Redis, "tkorder", cfg.Tickets.OrdersPerMinute, time.Minute, max(1, cfg.Tickets.OrdersPerMinute))
 	}
+	var reqBinding ticket.ReqBinding
+	if n.Cluster != nil {
+		reqBinding = ticketReqs{n: n}
+	}
 	n.Tickets, err = ticket.New(n.Store, n.Wallet, n.Pay, n.Router, ticket.Config{
 		PayTimeout: cfg.Tickets.PayTimeout.D(), OrdersPerMinute: cfg.Tickets.OrdersPerMinute, MaxPrograms: cfg.Tickets.MaxPrograms, MaxSeats: cfg.Tickets.MaxSeats, AskBudget: cfg.Tickets.AskBudget.D(), Log: log,
-		NextProgramID: n.nextProgramID(), Coupons: cstore, SharedPlaces: places, Frozen: n.Accounts.Frozen})
+		NextProgramID: n.nextProgramID(), Coupons: cstore, SharedPlaces: places, Frozen: n.Accounts.Frozen, ReqBinding: reqBinding})
 	if err != nil {
 		return nil, err
 	}

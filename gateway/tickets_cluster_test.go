@@ -3,6 +3,8 @@ package gateway_test
 import (
 	"context"
 	"fmt"
+	"strconv"
+	"sync"
 	"testing"
 	"time"
 
@@ -147,5 +149,78 @@ func TestTicketReqIDNamesOneOrderAcrossTheCluster(t *testing.T) {
 	}
 	if len(keys) > 6 {
 		t.Fatalf("%d req_id bindings after 40 mostly refused orders: %v", len(keys), keys)
+	}
+}
+
+// One (user, req_id) sent at once for a program of each node, and once
+// more refused (more seats than per_order_max): one order at most, paid
+// once, and the req_id bound to its program (none when no order was made).
+// Before, a refused request let go of the binding another request of the
+// req_id was placing under, and a third request placed a second order on
+// the other node (14 of 80 runs charged twice, in a review).
+func TestTicketReqIDRacesPlaceOneOrder(t *testing.T) {
+	rds, nats := redistest.Start(t), natstest.Start(t)
+	peers := []string{"gw-1", "gw-2"}
+	n1 := nodetest.Start(t, clusterNodeConfig(t, "gw-1", peers, rds, nats))
+	n2 := nodetest.Start(t, clusterNodeConfig(t, "gw-2", peers, rds, nats))
+	prog := `{"name":"S","categories":[{"category_id":1,"name":"A","price":10,"rows":40,"cols":40}],"per_order_max":4,"per_user_max":6}`
+	var pids [2]int64
+	for i, n := range []*gateway.Node{n1, n2} {
+		st, r := ticketCallAs(t, n, 1, gateway.RoleAdmin, "POST", "/admin/programs", prog)
+		if st != 200 || r.Code != 0 {
+			t.Fatalf("program through node %d: %d %+v", i+1, st, r)
+		}
+		pids[i] = int64(r.Data["program_id"].(float64))
+	}
+	nodetest.Eventually(t, 20*time.Second, func() bool {
+		return getReadyz(t, n1).status == 200 && getReadyz(t, n2).status == 200
+	}, "the nodes ready")
+	c, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{rds.Addr}, DisableCache: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	runs := 40
+	if raceEnabled {
+		runs = 15
+	}
+	for i := range runs {
+		user := int64(20000 + i)
+		devCredit(t, n1, user, 100)
+		var wg sync.WaitGroup
+		call := func(n *gateway.Node, p int64, count int, delay time.Duration) {
+			defer wg.Done()
+			time.Sleep(delay)
+			ticketCallAs(t, n, user, gateway.RoleViewer, "POST", "/tickets/orders",
+				fmt.Sprintf(`{"program_id":%d,"category_id":1,"count":%d,"req_id":"race","pay":"coins"}`, p, count))
+		}
+		d := time.Duration(i%10) * 200 * time.Microsecond
+		wg.Add(3)
+		go call(n2, pids[0], 5, 0)
+		go call(n1, pids[0], 1, d)
+		go call(n2, pids[1], 1, d+time.Duration(i%7)*300*time.Microsecond)
+		wg.Wait()
+		var made []int64
+		for k, n := range []*gateway.Node{n1, n2} {
+			if o, err := n.Tickets.PlacedFor(user, "race"); err == nil && o.ProgramID == pids[k] {
+				made = append(made, pids[k])
+			}
+		}
+		var w struct {
+			Data struct {
+				Balance int64 `json:"balance"`
+			} `json:"data"`
+		}
+		nodetest.DoJSON(t, "GET", nodetest.HTTPURL(n2)+"/api/v1/wallet", nodetest.Token(t, n2, user, gateway.RoleViewer), "", &w)
+		if len(made) > 1 || w.Data.Balance != 100-10*int64(len(made)) {
+			t.Fatalf("run %d: orders of one req_id on programs %v, balance %d", i, made, w.Data.Balance)
+		}
+		v, err := c.Do(context.Background(), c.B().Get().Key(fmt.Sprintf("liveedge:tixreq:{%d}:race", user)).Build()).ToString()
+		switch {
+		case len(made) == 1 && (err != nil || v != strconv.FormatInt(made[0], 10)):
+			t.Fatalf("run %d: the order's program %d, the binding %q (%v)", i, made[0], v, err)
+		case len(made) == 0 && !rueidis.IsRedisNil(err):
+			t.Fatalf("run %d: no order, the binding %q (%v) kept", i, v, err)
+		}
 	}
 }

@@ -48,6 +48,9 @@ type Config struct {
 	// Coupons keeps the coupons (nil = this node's Pebble, PebbleCoupons; a
 	// cluster: SharedCoupons in Redis, usable through every node).
 	Coupons CouponStore
+	// ReqBinding, in a cluster, makes a (user, req_id) name one program on
+	// every node (nil: a single node, whose disk sees every order).
+	ReqBinding ReqBinding
 	// Frozen tells whether a user's account is frozen (edge/account): a
 	// frozen user places no order (20004; a replay of a req_id still
 	// answers its order). nil = none is.
@@ -416,6 +419,23 @@ func (s *Service) place(user int64, r PlaceReq) (_ Order, err error) {
 	if held+n > p.def.PerUserMax {
 		return Order{}, proto.Errorf(proto.CodeTicketLimit, "at most %d tickets per user for this program (you hold %d)", p.def.PerUserMax, held)
 	}
+	if b := s.cfg.ReqBinding; b != nil {
+		// Bound before anything is written (an order never exists without
+		// its binding), let go when nothing was — under the guard, so no
+		// other request of this req_id runs here meanwhile.
+		bound, berr := b.Bind(user, r.ReqID, r.ProgramID)
+		if berr != nil {
+			return Order{}, berr
+		}
+		if bound != r.ProgramID {
+			return Order{}, errReqOfAnotherProgram
+		}
+		defer func() {
+			if has, herr := s.store.Has(orderReqKey(user, r.ReqID)); herr == nil && !has {
+				b.Unbind(user, r.ReqID, r.ProgramID)
+			}
+		}()
+	}
 	id, err := s.pay.NewOrderID(user)
 	if err != nil {
 		return Order{}, err
@@ -505,6 +525,20 @@ func (s *Service) replay(id int64) (Order, error) {
 	return s.withPayURL(*o), nil
 }
 
+// ReqBinding binds each (user, req_id) of a ticket order to the program it
+// was placed for across the nodes of a cluster: each node's idempotency
+// record knows its own orders only, and the same req_id sent for programs
+// of two nodes made two orders (and charged twice).
+type ReqBinding interface {
+	// Bind binds req to program unless it names another already, and
+	// returns the program it names (a binding to program from an earlier
+	// attempt is taken as is).
+	Bind(user int64, req string, program int64) (int64, error)
+	// Unbind lets the binding go if it names program: its request was
+	// refused before any order of it was written.
+	Unbind(user int64, req string, program int64)
+}
+
 // ValidReqID reports whether req is a req_id Place takes.
 func ValidReqID(req string) bool { return req != "" && len(req) <= maxReqIDLen }
 
@@ -527,11 +561,6 @@ func (s *Service) PlacedFor(user int64, req string) (Order, error) {
 		return Order{}, err
 	}
 	return s.replay(int64(persist.DecodeUint64(v)))
-}
-
-// HasReq reports whether an order of user's req_id was made here.
-func (s *Service) HasReq(user int64, req string) (bool, error) {
-	return s.store.Has(orderReqKey(user, req))
 }
 
 // ReqsOnDisk calls fn with the (user, req_id, program, creation time in unix
