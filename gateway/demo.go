@@ -8,6 +8,8 @@ import (
 	"strconv"
 
 	"github.com/cloudwego/hertz/pkg/app"
+
+	"github.com/liveedge/liveedge/gateway/proto"
 )
 
 // demoFiles is the live-room demo page (http.demo): plain HTML, CSS and JS
@@ -37,7 +39,7 @@ func (a *API) demoFile(c *app.RequestContext, name string) {
 	ct, known := demoTypes[path.Ext(name)]
 	b, err := demoFiles.ReadFile("demo/" + name)
 	if !known || err != nil {
-		c.String(404, "not found")
+		a.fail(c, proto.Errorf(proto.CodeNotFound, "no such demo file"))
 		return
 	}
 	c.Response.Header.Set("Cache-Control", "no-cache")

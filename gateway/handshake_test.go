@@ -177,6 +177,60 @@ func TestHandshakeRefusals(t *testing.T) {
 	}
 }
 
+// A request with a good token that is not a WebSocket upgrade (another
+// method, no Upgrade or Connection header, another version, no key) is
+// refused 400 in the envelope, 10001 naming what is missing — gws answered
+// it in plain text with its own words ("gws: handshake error") — and holds
+// no connection slot of the user. A well-formed upgrade is still taken,
+// with the headers in any case and Connection a list.
+func TestNotAnUpgradeRefusedInTheEnvelope(t *testing.T) {
+	n := nodetest.Start(t, nodetest.Config(t))
+	tok := nodetest.Token(t, n, 100, gateway.RoleViewer)
+	const key = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+	upgrade := func(method, headers string) string {
+		return method + " /ws HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + tok + "\r\n" + headers + "\r\n"
+	}
+	for _, tc := range []struct{ name, req, want string }{
+		{"no upgrade headers", upgrade("GET", ""), "Connection: Upgrade"},
+		{"POST", upgrade("POST", "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"+key), "GET"},
+		{"no Upgrade", upgrade("GET", "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"+key), "Upgrade: websocket"},
+		{"version 8", upgrade("GET", "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 8\r\n"+key), "Version"},
+		{"no key", upgrade("GET", "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"), "Key"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, _, resp := rawHandshake(t, n, tc.req, nil)
+			var env struct {
+				Code int    `json:"code"`
+				Msg  string `json:"msg"`
+			}
+			err := json.NewDecoder(resp.Body).Decode(&env)
+			resp.Body.Close()
+			if resp.StatusCode != http.StatusBadRequest || err != nil || env.Code != proto.CodeBadRequest ||
+				!strings.Contains(env.Msg, tc.want) || resp.Header.Get("Content-Type") != "application/json" {
+				t.Fatalf("%d %s %+v (%v), want 400 and the envelope with 10001 naming %q", resp.StatusCode, resp.Header.Get("Content-Type"), env, err, tc.want)
+			}
+		})
+	}
+	if v := metricValue(t, n, "liveedge_connections"); v != 0 {
+		t.Fatalf("%v connections after the refusals", v)
+	}
+	_, _, resp := rawHandshake(t, n, upgrade("GET", "connection: keep-alive, upgrade\r\nupgrade: WebSocket\r\nsec-websocket-version: 13\r\n"+strings.ToLower(key[:19])+key[19:]), nil)
+	if resp.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatalf("a well-formed upgrade: %s", resp.Status)
+	}
+}
+
+// An unknown file of the demo is 404 in the envelope, as every unknown path.
+func TestUnknownDemoFileIsTheEnvelope(t *testing.T) {
+	n := nodetest.Start(t, nodetest.Config(t))
+	var env struct {
+		Code int `json:"code"`
+	}
+	if st := nodetest.DoJSON(t, "GET", nodetest.HTTPURL(n)+"/demo/nosuch.js", "", "", &env); st != 404 || env.Code != proto.CodeNotFound {
+		t.Fatalf("an unknown demo file: %d %+v, want 404 10004", st, env)
+	}
+}
+
 // An upgrade request not read whole within ws.handshake_timeout is answered
 // 408 and closed, at that bound (not a fixed one).
 func TestHandshakeTimeoutConfigured(t *testing.T) {

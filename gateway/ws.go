@@ -164,6 +164,37 @@ func newServer(d ServerDeps) *Server {
 	return s
 }
 
+// notAnUpgrade says what r lacks of a WebSocket upgrade (RFC 6455 4.2.1,
+// what gws checks), "" when nothing.
+func notAnUpgrade(r *http.Request) string {
+	switch {
+	case r.Method != http.MethodGet:
+		return "the method must be GET"
+	case !headerHasToken(r.Header.Values("Connection"), "upgrade"):
+		return `"Connection: Upgrade" missing`
+	case !strings.EqualFold(r.Header.Get("Upgrade"), "websocket"):
+		return `"Upgrade: websocket" missing`
+	case r.Header.Get("Sec-WebSocket-Version") != "13":
+		return "Sec-WebSocket-Version must be 13"
+	case r.Header.Get("Sec-WebSocket-Key") == "":
+		return "Sec-WebSocket-Key missing"
+	}
+	return ""
+}
+
+// headerHasToken reports whether the comma-separated header values hold
+// token (case-insensitive).
+func headerHasToken(values []string, token string) bool {
+	for _, v := range values {
+		for _, t := range strings.Split(v, ",") {
+			if strings.EqualFold(strings.TrimSpace(t), token) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
 // Listen binds the WebSocket address and serves in the background.
 func (s *Server) Listen() error {
 	ln, err := net.Listen("tcp", s.cfg.WS.Addr)
@@ -208,6 +239,13 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if err != nil {
 		s.metrics.upgradesDenied.WithLabelValues("auth").Inc()
 		writeJSONError(w, http.StatusUnauthorized, proto.Errorf(proto.CodeUnauthenticated, "missing or bad token"))
+		return
+	}
+	if msg := notAnUpgrade(r); msg != "" {
+		// Checked here, not left to gws: it answers in plain text, with
+		// its own words, after the connection is hijacked.
+		s.metrics.upgradesDenied.WithLabelValues("bad_upgrade").Inc()
+		writeJSONError(w, http.StatusBadRequest, proto.BadRequest("not a WebSocket upgrade: %s", msg))
 		return
 	}
 	if !s.reserveConn() {

@@ -310,6 +310,12 @@ func (l *Local) JoinAt(id int64, s Session, since *proto.Position) (Joined, erro
 		if since != nil {
 			switch {
 			case since.Ep != r.ep || r.ep == "":
+			case since.Off > r.taken && !l.cfg.Sequenced:
+				// A position this node never handed out (its counter is the
+				// room's, on a single node): recovered, the client would
+				// drop the room's next pushes as seen. Not recovered: it
+				// takes the reply's position. (In a cluster this node may
+				// trail the room's counter; Cluster.JoinAt asks Redis.)
 			case since.Off >= r.taken: // nothing missed that the pump will not bring
 				j.Recovered = true
 			case r.taken-since.Off > int64(max(l.cfg.HistorySize, 0)):

@@ -93,6 +93,12 @@ func TestRoomPushesNumberedAndReplayedSince(t *testing.T) {
 	if j2, _ := l.JoinAt(1, e, &proto.Position{Off: 171, Ep: j.Ep}); !j2.Recovered || j2.Off != 171 {
 		t.Fatalf("up-to-date join = %+v", j2)
 	}
+	// Ahead of the room (a position it never handed out, in its epoch): not
+	// recovered — the client takes the reply's position; told recovered, it
+	// kept its own and dropped the room's next pushes as seen.
+	if j2, _ := l.JoinAt(1, &offSink{id: 7}, &proto.Position{Off: 1_000_000, Ep: j.Ep}); j2.Recovered || j2.Off != 171 {
+		t.Fatalf("join since a position ahead of the room = %+v, want not recovered at 171", j2)
+	}
 	// A room reopened (node restart) has a new epoch.
 	l.CloseRoom(1, nil)
 	l.OpenRoom(1)
