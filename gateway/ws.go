@@ -241,13 +241,6 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		writeJSONError(w, http.StatusUnauthorized, proto.Errorf(proto.CodeUnauthenticated, "missing or bad token"))
 		return
 	}
-	if msg := notAnUpgrade(r); msg != "" {
-		// Checked here, not left to gws: it answers in plain text, with
-		// its own words, after the connection is hijacked.
-		s.metrics.upgradesDenied.WithLabelValues("bad_upgrade").Inc()
-		writeJSONError(w, http.StatusBadRequest, proto.BadRequest("not a WebSocket upgrade: %s", msg))
-		return
-	}
 	if !s.reserveConn() {
 		s.metrics.upgradesDenied.WithLabelValues("full").Inc()
 		writeJSONError(w, http.StatusServiceUnavailable, proto.Errorf(proto.CodeInternal, "node is full"))
@@ -278,6 +271,14 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			s.releaseConn()
 		}
 	}()
+	if msg := notAnUpgrade(r); msg != "" {
+		// Checked here, not left to gws: it answers in plain text, with
+		// its own words, after the connection is hijacked. (After the
+		// caps: a node or user at its bound answers that first.)
+		s.metrics.upgradesDenied.WithLabelValues("bad_upgrade").Inc()
+		writeJSONError(w, http.StatusBadRequest, proto.BadRequest("not a WebSocket upgrade: %s", msg))
+		return
+	}
 	hj, ok := w.(http.Hijacker)
 	if !ok {
 		writeJSONError(w, http.StatusInternalServerError, proto.ErrInternal)

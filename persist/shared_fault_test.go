@@ -915,7 +915,15 @@ func TestSharedUnreadableResultIsInDoubt(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("the watcher never settled the op")
 	}
-	r, err = n.w.Apply(op)
+	// The request stays busy on this node until its listeners ran (the
+	// watcher tells them, then lets it go): a retry meanwhile is answered
+	// ErrInProgress, "retry with the same req_id", as a client would.
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		r, err = n.w.Apply(op)
+		if !errors.Is(err, persist.ErrInProgress) || time.Now().After(deadline) {
+			break
+		}
+	}
 	if err != nil || !r.Replayed || r.Balances[0] != 77 {
 		t.Fatalf("retry: %+v %v, want a replay to 77", r, err)
 	}
