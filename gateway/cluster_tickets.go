@@ -87,8 +87,11 @@ func ticketReqKey(user int64, req string) string {
 // bindTicketReqScript binds KEYS[1] to program ARGV[1] for ARGV[2] ms unless
 // it is bound already, once the shared wallet (KEYS[2]) is ready; it
 // returns the program it names.
+// A binding to the same program (an attempt that wrote nothing, its
+// binding kept) starts its 24 h again: they count from the order.
 var bindTicketReqScript = rueidis.NewLuaScript(notReadyLua + `
 local v = redis.call('GET', KEYS[1])
+if v == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 if v then return v end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return ARGV[1]`)

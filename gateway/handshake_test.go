@@ -214,9 +214,11 @@ func TestNotAnUpgradeRefusedInTheEnvelope(t *testing.T) {
 	if v := metricValue(t, n, "liveedge_connections"); v != 0 {
 		t.Fatalf("%v connections after the refusals", v)
 	}
-	_, _, resp := rawHandshake(t, n, upgrade("GET", "connection: keep-alive, upgrade\r\nupgrade: WebSocket\r\nsec-websocket-version: 13\r\n"+strings.ToLower(key[:19])+key[19:]), nil)
-	if resp.StatusCode != http.StatusSwitchingProtocols {
-		t.Fatalf("a well-formed upgrade: %s", resp.Status)
+	for _, conn := range []string{"connection: keep-alive, upgrade\r\n", "Connection: keep-alive\r\nConnection: Upgrade\r\n"} {
+		_, _, resp := rawHandshake(t, n, upgrade("GET", conn+"upgrade: WebSocket\r\nsec-websocket-version: 13\r\n"+strings.ToLower(key[:19])+key[19:]), nil)
+		if resp.StatusCode != http.StatusSwitchingProtocols {
+			t.Fatalf("a well-formed upgrade (%q): %s", conn, resp.Status)
+		}
 	}
 }
 

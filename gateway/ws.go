@@ -311,6 +311,8 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		// allows, so an offer on a later line is answered too.
 		r.Header.Set("Sec-WebSocket-Protocol", strings.Join(offers, ", "))
 	}
+	// Likewise Connection (notAnUpgrade found "upgrade" on any line).
+	r.Header.Set("Connection", strings.Join(r.Header.Values("Connection"), ", "))
 	socket, err := up.UpgradeFromConn(cc, nil, r)
 	if err != nil {
 		// gws answered the handshake error and called cc.Close, which only

@@ -405,7 +405,8 @@ func (s *Service) place(user int64, r PlaceReq) (_ Order, err error) {
 		// (the worker lease, the coupon store, the disk) spends none of
 		// the node's count (protocol.md); refusals — seats taken, limits,
 		// a coupon not usable — do.
-		if err != nil && proto.AsError(err).Code == proto.CodeInternal {
+		// (A req_id bound to another program is a replay's answer: free.)
+		if err != nil && (proto.AsError(err).Code == proto.CodeInternal || err == errReqOfAnotherProgram) {
 			if _, gerr := s.store.Get(orderReqKey(user, r.ReqID)); errors.Is(gerr, persist.ErrNotFound) {
 				spent.GiveBack()
 			}
@@ -425,6 +426,9 @@ func (s *Service) place(user int64, r PlaceReq) (_ Order, err error) {
 		// other request of this req_id runs here meanwhile.
 		bound, berr := b.Bind(user, r.ReqID, r.ProgramID)
 		if berr != nil {
+			// Its reply may be lost after the binding was made: let it go
+			// (nothing was written; only a binding to this program goes).
+			b.Unbind(user, r.ReqID, r.ProgramID)
 			return Order{}, berr
 		}
 		if bound != r.ProgramID {
