@@ -26,6 +26,26 @@ func ticketCallAs(t *testing.T, n *gateway.Node, user int64, role, method, path,
 	return st, r
 }
 
+// ticketPair starts two cluster nodes on one Redis and NATS, and a program
+// through each (one category of rows × cols seats at 10 coins; 4 seats an
+// order, 6 a user): pids[i] is node i+1's.
+func ticketPair(t *testing.T, rows, cols int) (n1, n2 *gateway.Node, pids [2]int64, rds *redistest.Server) {
+	t.Helper()
+	rds, nats := redistest.Start(t), natstest.Start(t)
+	peers := []string{"gw-1", "gw-2"}
+	n1 = nodetest.Start(t, clusterNodeConfig(t, "gw-1", peers, rds, nats))
+	n2 = nodetest.Start(t, clusterNodeConfig(t, "gw-2", peers, rds, nats))
+	prog := fmt.Sprintf(`{"name":"S","categories":[{"category_id":1,"name":"A","price":10,"rows":%d,"cols":%d}],"per_order_max":4,"per_user_max":6}`, rows, cols)
+	for i, n := range []*gateway.Node{n1, n2} {
+		st, r := ticketCallAs(t, n, 1, gateway.RoleAdmin, "POST", "/admin/programs", prog)
+		if st != 200 || r.Code != 0 {
+			t.Fatalf("program through node %d: %d %+v", i+1, st, r)
+		}
+		pids[i] = int64(r.Data["program_id"].(float64))
+	}
+	return n1, n2, pids, rds
+}
+
 // PROTOCOL §5 in a cluster: the same (user, req_id) sent for programs of two
 // nodes is one order — each node's idempotency record knew its own orders
 // only, and the second program's node placed (and charged, pay "coins") a
@@ -36,20 +56,8 @@ func ticketCallAs(t *testing.T, n *gateway.Node, user int64, role, method, path,
 // worker id holds is "not found" (10004, it was 50000 "retry" for ever),
 // and an order without a program_id 10001.
 func TestTicketReqIDNamesOneOrderAcrossTheCluster(t *testing.T) {
-	rds, nats := redistest.Start(t), natstest.Start(t)
-	peers := []string{"gw-1", "gw-2"}
-	n1 := nodetest.Start(t, clusterNodeConfig(t, "gw-1", peers, rds, nats))
-	n2 := nodetest.Start(t, clusterNodeConfig(t, "gw-2", peers, rds, nats))
 	const buyer = 900
-	prog := `{"name":"S","categories":[{"category_id":1,"name":"A","price":10,"rows":2,"cols":5}],"per_order_max":4,"per_user_max":6}`
-	var pids [2]int64
-	for i, n := range []*gateway.Node{n1, n2} {
-		st, r := ticketCallAs(t, n, 1, gateway.RoleAdmin, "POST", "/admin/programs", prog)
-		if st != 200 || r.Code != 0 {
-			t.Fatalf("program through node %d: %d %+v", i+1, st, r)
-		}
-		pids[i] = int64(r.Data["program_id"].(float64))
-	}
+	n1, n2, pids, rds := ticketPair(t, 2, 5)
 	walletReady := func(what string) {
 		t.Helper()
 		nodetest.Eventually(t, 20*time.Second, func() bool {
@@ -159,19 +167,7 @@ func TestTicketReqIDNamesOneOrderAcrossTheCluster(t *testing.T) {
 // req_id was placing under, and a third request placed a second order on
 // the other node (14 of 80 runs charged twice, in a review).
 func TestTicketReqIDRacesPlaceOneOrder(t *testing.T) {
-	rds, nats := redistest.Start(t), natstest.Start(t)
-	peers := []string{"gw-1", "gw-2"}
-	n1 := nodetest.Start(t, clusterNodeConfig(t, "gw-1", peers, rds, nats))
-	n2 := nodetest.Start(t, clusterNodeConfig(t, "gw-2", peers, rds, nats))
-	prog := `{"name":"S","categories":[{"category_id":1,"name":"A","price":10,"rows":40,"cols":40}],"per_order_max":4,"per_user_max":6}`
-	var pids [2]int64
-	for i, n := range []*gateway.Node{n1, n2} {
-		st, r := ticketCallAs(t, n, 1, gateway.RoleAdmin, "POST", "/admin/programs", prog)
-		if st != 200 || r.Code != 0 {
-			t.Fatalf("program through node %d: %d %+v", i+1, st, r)
-		}
-		pids[i] = int64(r.Data["program_id"].(float64))
-	}
+	n1, n2, pids, rds := ticketPair(t, 40, 40)
 	nodetest.Eventually(t, 20*time.Second, func() bool {
 		return getReadyz(t, n1).status == 200 && getReadyz(t, n2).status == 200
 	}, "the nodes ready")
