@@ -330,7 +330,7 @@ func (s *Service) Place(user int64, r PlaceReq) (o Order, err error) {
 }
 
 func (s *Service) place(user int64, r PlaceReq) (_ Order, err error) {
-	if r.ReqID == "" || len(r.ReqID) > maxReqIDLen {
+	if !ValidReqID(r.ReqID) {
 		return Order{}, proto.BadRequest("req_id must be 1..%d bytes", maxReqIDLen)
 	}
 	if r.Pay == "" {
